@@ -1,0 +1,103 @@
+"""Error codes, close reasons and exception types shared by every layer.
+
+The numeric values are part of the wire protocol (docs/PROTOCOL.md): they travel
+in SendAck.code, SyncResp.code, Error.code and Close.code.  Never renumber.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = [
+    "ErrorCode",
+    "CloseCode",
+    "PimError",
+    "ProtocolError",
+    "FrameTooLarge",
+    "EncodeError",
+    "StoreError",
+    "AuthError",
+]
+
+
+class ErrorCode(IntEnum):
+    """Why a request failed.  0 means success (used in SendAck.code)."""
+
+    OK = 0
+    # -- framing / protocol (the connection cannot continue) --
+    MALFORMED_FRAME = 1
+    FRAME_TOO_LARGE = 2
+    UNSUPPORTED_VERSION = 3
+    UNKNOWN_FRAME_TYPE = 4
+    UNEXPECTED_FRAME = 5
+    # -- authentication --
+    AUTH_FAILED = 10
+    # -- per-request (the connection stays open) --
+    BAD_REQUEST = 20
+    UNKNOWN_CONVERSATION = 21
+    NOT_MEMBER = 22
+    PAYLOAD_TOO_LARGE = 23
+    DUPLICATE_CONFLICT = 24
+    TOO_MANY_IN_FLIGHT = 25
+    RATE_LIMITED = 26
+    REJECTED = 27
+    # -- server side; the client should retry later with the same local id --
+    STORE_UNAVAILABLE = 30
+    INTERNAL = 31
+
+
+class CloseCode(IntEnum):
+    """Why a connection was closed (sent in the Close frame before hanging up)."""
+
+    NORMAL = 0
+    PROTOCOL_ERROR = 1
+    AUTH_FAILED = 2
+    LOGIN_TIMEOUT = 3
+    IDLE_TIMEOUT = 4
+    REPLACED = 5
+    SLOW_CONSUMER = 6
+    RATE_LIMITED = 7
+    SHUTDOWN = 8
+    INTERNAL = 9
+
+
+class PimError(Exception):
+    """Base class of every error pimcore raises on purpose."""
+
+
+class ProtocolError(PimError):
+    """Bytes that are not a valid frame.
+
+    Raised by the decoder of both backends with the same ``code`` for the same
+    input.  After it, the decoder is poisoned: the stream has lost framing and
+    the connection must be closed with ``CloseCode.PROTOCOL_ERROR``.
+    """
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = ErrorCode(code)
+
+    def __reduce__(self):  # keep pickling (multiprocessing, hypothesis) working
+        return (type(self), (self.code, str(self)))
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame's declared length exceeds the decoder's ``max_frame_size``."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.FRAME_TOO_LARGE) -> None:
+        super().__init__(code, message)
+
+    def __reduce__(self):
+        return (type(self), (str(self),))
+
+
+class EncodeError(PimError, ValueError):
+    """A frame field cannot be encoded (wrong type or out of range)."""
+
+
+class StoreError(PimError):
+    """The store could not complete an operation (disk full, corrupt, closed)."""
+
+
+class AuthError(PimError):
+    """A token was rejected (forged, expired, malformed)."""

@@ -1,0 +1,353 @@
+"""The frames of the PIM wire protocol, as frozen, slotted dataclasses.
+
+One definition serves both codec backends (the Cython fast path and its pure
+Python twin), so "same API" holds by construction: both decode to exactly these
+classes and encode exactly these classes.  The field order below IS the wire
+order of each frame body (docs/PROTOCOL.md is the normative spec).
+
+Field kinds on the wire:
+
+* ``u``     unsigned LEB128 varint, 0 .. 2**64-1
+* ``s``     signed varint, zigzag then LEB128, -2**63 .. 2**63-1
+* ``b``     bytes: ``u`` length then the raw bytes
+* ``t``     text: ``b`` holding UTF-8
+* ``?``     bool: one byte, 0 or 1 (anything else is malformed)
+* ``[X]``   list: ``u`` count then that many X
+
+Times are integers in microseconds since the Unix epoch.  ``server_time`` is the
+broker's hybrid logical clock (strictly increasing per broker, never backwards);
+``client_time`` is the sender's local clock, which may be skewed arbitrarily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import ClassVar, Union
+
+__all__ = [
+    "FrameType",
+    "PROTOCOL_VERSION",
+    "CAP_ZSTD",
+    "Login",
+    "LoginAck",
+    "TimeSyncReq",
+    "TimeSyncResp",
+    "SendReq",
+    "SendAck",
+    "Message",
+    "Push",
+    "PushAck",
+    "Read",
+    "ReadState",
+    "SyncRead",
+    "ReadReceipt",
+    "SyncReq",
+    "SyncResp",
+    "Ping",
+    "Pong",
+    "Error",
+    "Close",
+    "Frame",
+    "FRAME_CLASSES",
+]
+
+PROTOCOL_VERSION = 1
+
+#: Capability bits exchanged in Login.caps / LoginAck.caps.
+CAP_ZSTD = 1 << 0
+
+
+class FrameType(IntEnum):
+    LOGIN = 0x01
+    LOGIN_ACK = 0x02
+    TIME_SYNC_REQ = 0x03
+    TIME_SYNC_RESP = 0x04
+    SEND_REQ = 0x05
+    SEND_ACK = 0x06
+    PUSH = 0x07
+    PUSH_ACK = 0x08
+    READ = 0x09
+    SYNC_READ = 0x0A
+    READ_RECEIPT = 0x0B
+    SYNC_REQ = 0x0C
+    SYNC_RESP = 0x0D
+    PING = 0x0E
+    PONG = 0x0F
+    ERROR = 0x10
+    CLOSE = 0x11
+
+
+# --------------------------------------------------------------- session
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """Client -> broker, first frame on a connection.
+
+    ``position`` is the client's resume cursor: the highest inbox position this
+    device has processed (0 for a fresh install).  The broker resumes delivery
+    after max(position, the device's stored acked position).
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.LOGIN
+    token: bytes  # b
+    device: str  # t
+    client_time: int  # s
+    position: int  # u
+    caps: int  # u
+
+
+@dataclass(frozen=True, slots=True)
+class LoginAck:
+    """Broker -> client.  Delivery resumes after ``position``.
+
+    ``gap`` is true when entries after the client's cursor were already
+    reclaimed (the device was away longer than the retention period): the
+    client should refill its conversations with SyncReq.
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.LOGIN_ACK
+    user: str  # t
+    device: str  # t
+    server_time: int  # u
+    position: int  # u
+    head: int  # u   highest inbox position of the user right now
+    gap: bool  # ?
+    max_frame: int  # u
+    max_payload: int  # u
+    window: int  # u   max SendReqs in flight on this connection
+    heartbeat_ms: int  # u   0 = no heartbeat expected
+    caps: int  # u
+
+
+@dataclass(frozen=True, slots=True)
+class TimeSyncReq:
+    TYPE: ClassVar[FrameType] = FrameType.TIME_SYNC_REQ
+    client_time: int  # s
+
+
+@dataclass(frozen=True, slots=True)
+class TimeSyncResp:
+    TYPE: ClassVar[FrameType] = FrameType.TIME_SYNC_RESP
+    client_time: int  # s   echoed from the request
+    server_time: int  # u
+
+
+# --------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class SendReq:
+    """Client -> broker.  ``local_id`` is chosen by the client, unique per device;
+    a retry MUST reuse it (that is what makes retries safe)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.SEND_REQ
+    local_id: int  # u
+    conv: str  # t
+    client_time: int  # s
+    payload: bytes  # b
+
+
+@dataclass(frozen=True, slots=True)
+class SendAck:
+    """Broker -> client, sent only once the message is durable.
+
+    On success ``code`` is 0 and the rest identifies the stored message (a retry
+    gets exactly the same values).  On failure ``msg_id`` is empty and ``seq``
+    and ``server_time`` are 0.
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.SEND_ACK
+    local_id: int  # u
+    code: int  # u   ErrorCode
+    msg_id: bytes  # b   16 bytes on success
+    seq: int  # u   per-conversation sequence, gap-free from 1
+    server_time: int  # u
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One stored message as delivered (inside Push and SyncResp).
+
+    ``pos`` is the position in the receiving user's inbox (0 in SyncResp).
+    """
+
+    pos: int  # u
+    msg_id: bytes  # b
+    conv: str  # t
+    seq: int  # u
+    sender: str  # t
+    device: str  # t   the sender's device
+    client_time: int  # s
+    server_time: int  # u
+    payload: bytes  # b
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """Broker -> client: a batch of inbox entries.
+
+    Every inbox position <= ``upto`` is covered by this and earlier pushes;
+    positions absent from ``messages`` are entries this device does not need
+    (its own sends).  The client acknowledges cumulatively with PushAck(upto).
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.PUSH
+    upto: int  # u
+    messages: tuple[Message, ...]  # [Message]
+
+
+@dataclass(frozen=True, slots=True)
+class PushAck:
+    """Client -> broker: every inbox position <= ``pos`` is safely processed."""
+
+    TYPE: ClassVar[FrameType] = FrameType.PUSH_ACK
+    pos: int  # u
+
+
+# --------------------------------------------------------------- read state
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """Client -> broker: the user has read ``conv`` up to ``seq``."""
+
+    TYPE: ClassVar[FrameType] = FrameType.READ
+    conv: str  # t
+    seq: int  # u
+
+
+@dataclass(frozen=True, slots=True)
+class ReadState:
+    conv: str  # t
+    read_seq: int  # u   the user's read marker (never decreases)
+    last_seq: int  # u   the conversation's last sequence number
+    unread: int  # u   messages from others after the marker
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRead:
+    """Broker -> the user's devices: read markers (one live, all at login)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.SYNC_READ
+    entries: tuple[ReadState, ...]  # [ReadState]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadReceipt:
+    """Broker -> the peer of a 1:1 chat: ``reader`` has read up to ``seq``."""
+
+    TYPE: ClassVar[FrameType] = FrameType.READ_RECEIPT
+    conv: str  # t
+    reader: str  # t
+    seq: int  # u
+
+
+# --------------------------------------------------------------- history
+
+
+@dataclass(frozen=True, slots=True)
+class SyncReq:
+    """Client -> broker: a page of ``conv``'s history.
+
+    Forward (``backward`` false): seq > ``from_seq`` ascending.  Backward: seq <
+    ``from_seq`` descending, where from_seq 0 means "from the newest".
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.SYNC_REQ
+    req_id: int  # u
+    conv: str  # t
+    from_seq: int  # u
+    limit: int  # u
+    backward: bool  # ?
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResp:
+    TYPE: ClassVar[FrameType] = FrameType.SYNC_RESP
+    req_id: int  # u
+    conv: str  # t
+    code: int  # u   ErrorCode
+    messages: tuple[Message, ...]  # [Message]
+    more: bool  # ?
+
+
+# --------------------------------------------------------------- control
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    TYPE: ClassVar[FrameType] = FrameType.PING
+    nonce: int  # u
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    TYPE: ClassVar[FrameType] = FrameType.PONG
+    nonce: int  # u
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """A request failed but the connection stays open.  ``ref`` names the
+    request when it has an id (SyncReq.req_id), else 0."""
+
+    TYPE: ClassVar[FrameType] = FrameType.ERROR
+    code: int  # u   ErrorCode
+    ref: int  # u
+    reason: str  # t
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """The sender is about to close the connection, and why."""
+
+    TYPE: ClassVar[FrameType] = FrameType.CLOSE
+    code: int  # u   CloseCode
+    reason: str  # t
+
+
+Frame = Union[
+    Login,
+    LoginAck,
+    TimeSyncReq,
+    TimeSyncResp,
+    SendReq,
+    SendAck,
+    Push,
+    PushAck,
+    Read,
+    SyncRead,
+    ReadReceipt,
+    SyncReq,
+    SyncResp,
+    Ping,
+    Pong,
+    Error,
+    Close,
+]
+
+#: type byte -> class, for both decoders and for tests.
+FRAME_CLASSES: dict[int, type] = {
+    cls.TYPE: cls
+    for cls in (
+        Login,
+        LoginAck,
+        TimeSyncReq,
+        TimeSyncResp,
+        SendReq,
+        SendAck,
+        Push,
+        PushAck,
+        Read,
+        SyncRead,
+        ReadReceipt,
+        SyncReq,
+        SyncResp,
+        Ping,
+        Pong,
+        Error,
+        Close,
+    )
+}
