@@ -13,6 +13,7 @@ both backends side by side use :func:`load`.
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
@@ -24,13 +25,9 @@ _ENV = "PIMCORE_BACKEND"
 def load(name: str) -> ModuleType:
     """Import one backend by name (``"cython"`` or ``"pure"``)."""
     if name == "cython":
-        from . import _fastpath
-
-        return _fastpath
+        return importlib.import_module("pimcore._fastpath")
     if name == "pure":
-        from . import _pure
-
-        return _pure
+        return importlib.import_module("pimcore._pure")
     raise ValueError(f"unknown pimcore backend {name!r} (expected 'cython' or 'pure')")
 
 

@@ -646,10 +646,11 @@ class Broker:
             if room <= 0:
                 return  # wait for a PushAck
             entries = self.store.inbox_range(dev.user, dev.sent_upto, min(room, lim.push_batch))
+            msgs: tuple[F.Message, ...] = ()
             if not entries:
                 # Everything left was reclaimed (max age): skip to the head so
                 # the device can ack past it.
-                upto, msgs = head, ()
+                upto = head
             else:
                 upto = entries[-1][0]
                 # The sending device already has its own message (SendAck);

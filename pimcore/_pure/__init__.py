@@ -1,0 +1,8 @@
+"""The pure-Python twin of ``pimcore._fastpath``: same API, same errors."""
+
+from .codec import *  # noqa: F401,F403
+from .codec import __all__ as _codec_all
+from .order import *  # noqa: F401,F403
+from .order import __all__ as _order_all
+
+__all__ = [*_codec_all, *_order_all]

@@ -1,0 +1,29 @@
+"""Shared fixtures.  Keep this file to fixtures every test module may use."""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import pytest
+
+from pimcore import _backend
+
+
+@pytest.fixture(params=["cython", "pure"], scope="session")
+def backend(request: pytest.FixtureRequest) -> ModuleType:
+    """Each fast-path backend in turn.  The compiled one is skipped when it is
+    not built -- unless PIMCORE_BACKEND=cython demands it, then that fails."""
+    name = request.param
+    try:
+        return _backend.load(name)
+    except ImportError as exc:
+        if os.environ.get("PIMCORE_BACKEND", "").strip().lower() == name:
+            pytest.fail(f"PIMCORE_BACKEND={name} but the backend does not import: {exc}")
+        pytest.skip(f"backend {name!r} is not available: {exc}")
+
+
+@pytest.fixture(scope="session")
+def active() -> ModuleType:
+    """The backend PIMCORE_BACKEND selected (what the public modules use)."""
+    return _backend.impl
