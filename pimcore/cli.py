@@ -36,9 +36,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     """Summarise an LMDB data directory: users' inboxes and devices."""
+    from .errors import StoreError
     from .store import LmdbStore
 
-    with LmdbStore(args.data_dir, create=False) as store:
+    try:
+        store = LmdbStore(args.data_dir, create=False)
+    except StoreError as exc:
+        print(f"pimcore: {exc}", file=sys.stderr)
+        return 2
+    with store:
         print(f"node id             {store.node_id().hex()}")
         print(f"last server time    {store.last_server_time()}")
         for user in args.user:
