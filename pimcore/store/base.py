@@ -1,0 +1,523 @@
+"""The store boundary: what the broker core needs from durable storage.
+
+Why this shape
+--------------
+* **Writes are batched and asynchronous to the core.**  The core never calls
+  :meth:`Store.commit` itself: it emits a ``Commit(batch)`` command and is told
+  later (``Broker.batch_committed``) what happened.  The driver decides where
+  the commit runs (a worker thread for LMDB, an await for a networked backend
+  such as the planned Redis Cluster one).  One batch = one transaction = one
+  sync: that is group commit across every connection.
+* **The store is authoritative for everything that must be atomic with the
+  message**: dedupe, the gap-free conversation sequence, the inbox positions of
+  every recipient and the membership check all happen inside the transaction
+  that stores the message.  A retry racing its original therefore can never be
+  stored twice, whatever the core believes.
+* **Reads are synchronous.**  LMDB reads are memory-mapped and take
+  microseconds; a networked backend is expected to serve them from a cache.
+
+Identifiers
+-----------
+* Conversation ids are text.  ``d:<a>:<b>`` is the 1:1 chat of users a and b
+  with ``a < b`` (see :func:`direct_conversation`), so both sides derive the
+  same id; its members are implied by the id and it needs no creation.  Any
+  other id is a group and must be created with :meth:`Store.create_group`.
+* User and device ids are text of 1..64 characters from ``[A-Za-z0-9_.@-]``
+  (so ``:`` can separate the two users of a direct id).
+* Message ids are 16 bytes: the 8-byte big-endian server time followed by the
+  8-byte node id of the broker that accepted it -- unique beyond one process
+  and sortable by time.
+
+Inbox model (the seed's "offline message list", made O(1) for many devices)
+---------------------------------------------------------------------------
+Each user has ONE inbox: an append-only sequence of positions 1, 2, 3, ...,
+each naming a message.  Each device of the user has its own acked position.
+A device's offline list is everything after its position; an ack moves the
+position forward (never back).  Entries at or below the minimum position of
+all known devices are reclaimed.  Devices not seen for ``device_retention``
+are forgotten (they stop holding entries back), and entries older than
+``max_age`` are reclaimed even when no device ever took them.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
+
+from ..errors import ErrorCode, StoreError
+
+__all__ = [
+    "ID_RE",
+    "valid_id",
+    "direct_conversation",
+    "direct_members",
+    "is_direct",
+    "valid_conversation",
+    "check_ids",
+    "malformed",
+    "member_set",
+    "StoredMessage",
+    "NewMessage",
+    "AckPosition",
+    "TouchDevice",
+    "MarkRead",
+    "Reclaim",
+    "Op",
+    "WriteBatch",
+    "Appended",
+    "Duplicate",
+    "Rejected",
+    "Acked",
+    "Touched",
+    "ReadMarked",
+    "Reclaimed",
+    "Result",
+    "DeviceState",
+    "Store",
+    "StoreError",
+]
+
+ID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}\Z")
+#: A conversation id: 1..128 printable characters, no whitespace.
+CONV_RE = re.compile(r"[!-~]{1,128}\Z")
+
+
+def valid_id(value: str) -> bool:
+    """Is ``value`` an acceptable user or device id?"""
+    return isinstance(value, str) and ID_RE.match(value) is not None
+
+
+def direct_conversation(a: str, b: str) -> str:
+    """The id of the 1:1 chat between users ``a`` and ``b`` (symmetric)."""
+    if not (valid_id(a) and valid_id(b)):
+        raise ValueError(f"invalid user id in direct conversation: {a!r}, {b!r}")
+    if a == b:
+        raise ValueError("a direct conversation needs two different users")
+    lo, hi = (a, b) if a < b else (b, a)
+    return f"d:{lo}:{hi}"
+
+
+def is_direct(conv: str) -> bool:
+    return conv.startswith("d:")
+
+
+def direct_members(conv: str) -> Optional[tuple[str, str]]:
+    """The two users of a well-formed direct id, else None."""
+    if not conv.startswith("d:"):
+        return None
+    parts = conv[2:].split(":")
+    if len(parts) != 2:
+        return None
+    a, b = parts
+    if not (valid_id(a) and valid_id(b)) or not a < b:
+        return None
+    return a, b
+
+
+def valid_conversation(conv: str) -> bool:
+    """Well-formed conversation id (a direct id must also be canonical)."""
+    if not isinstance(conv, str) or CONV_RE.match(conv) is None:
+        return False
+    if conv.startswith("d:"):
+        return direct_members(conv) is not None
+    return True
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message as stored (once, however many inboxes name it)."""
+
+    msg_id: bytes
+    conv: str
+    seq: int
+    sender: str
+    device: str
+    local_id: int
+    client_time: int
+    server_time: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    user: str
+    device: str
+    position: int  # highest acked inbox position
+    last_seen: int  # server time (µs) of the last login or ack
+
+
+# ---------------------------------------------------------------- write ops
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """Store a message unless (sender, device, local_id) was seen before.
+
+    In one transaction the store: looks up the dedupe key -- if present with the
+    same ``digest`` the result is :class:`Duplicate` of the original, with a
+    different digest :class:`Rejected` (DUPLICATE_CONFLICT); else checks the
+    conversation (unknown group -> UNKNOWN_CONVERSATION, sender not a member ->
+    NOT_MEMBER); assigns seq = last seq + 1; stores the message; appends it to
+    the inbox of every member (sender included, for the sender's other
+    devices); records the dedupe key; and records the conversation in each
+    member's conversation list.  Result: :class:`Appended`.
+
+    Validation, in this order: fields that are malformed whatever the store
+    holds (see :func:`malformed`) -> Rejected(BAD_REQUEST); the dedupe lookup
+    (so a retry of a stored message is a Duplicate even if the conversation or
+    the membership changed since); a malformed conversation id (including a
+    non-canonical direct id) -> Rejected(BAD_REQUEST); then the conversation
+    and membership checks above.  A ``msg_id`` that is already stored (a
+    broken clock, never a client's doing) -> Rejected(INTERNAL), so only that
+    op fails and the client's retry gets a fresh id.  ``positions`` of the
+    result are sorted by user.
+    """
+
+    msg_id: bytes
+    conv: str
+    sender: str
+    device: str
+    local_id: int
+    client_time: int
+    server_time: int
+    payload: bytes
+    digest: bytes  # identifies (conv, payload) for conflict detection
+
+
+@dataclass(frozen=True, slots=True)
+class AckPosition:
+    """Device acked its inbox up to ``pos``.  Positions only move forward; a
+    ``pos`` beyond the inbox head is clamped to the head.  An unknown device
+    is registered as by :class:`TouchDevice`.  ``last_seen`` becomes
+    ``max(last_seen, now)``.  Invalid ids -> Rejected(BAD_REQUEST).
+    Result: Acked."""
+
+    user: str
+    device: str
+    pos: int
+    now: int
+
+
+@dataclass(frozen=True, slots=True)
+class TouchDevice:
+    """Register the device (at its inbox floor if new) and refresh last_seen.
+    If ``position`` is larger than the stored one, it moves forward (a client's
+    resume cursor may be ahead of a lost ack), clamped to the inbox head like
+    an ack.  ``last_seen`` becomes ``max(last_seen, now)``.  A device that
+    :class:`Reclaim` forgot is new again.  Invalid ids -> Rejected(BAD_REQUEST).
+    Result: Touched."""
+
+    user: str
+    device: str
+    position: int
+    now: int
+
+
+@dataclass(frozen=True, slots=True)
+class MarkRead:
+    """Move the (user, conv) read marker forward to ``seq`` (clamped to the
+    conversation's last seq; never backwards).  Malformed user or conversation
+    id -> Rejected(BAD_REQUEST); unknown group -> Rejected(UNKNOWN_CONVERSATION);
+    a user who neither is a member nor has the conversation in
+    :meth:`Store.conversations` -> Rejected(NOT_MEMBER) (a removed member may
+    still mark what they received).  Result: ReadMarked."""
+
+    user: str
+    conv: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaim:
+    """Forget devices unseen since ``now - device_retention`` and delete inbox
+    entries that every remaining device has acked, or that are older than
+    ``now - max_age`` (by their message's server time).  Result: Reclaimed.
+
+    Precisely: a device is forgotten when ``last_seen < now - device_retention``.
+    Then each inbox loses its longest prefix (above the floor) of entries that
+    are at or below the minimum position of the user's remaining devices, or
+    whose server time is ``< now - max_age``; the floor becomes the last
+    position removed.  Reclamation is a prefix so that "positions <= floor
+    were reclaimed" stays exact (server times along an inbox only grow in
+    practice: they come from one monotonic clock).  A user with no known
+    device has acked nothing: only ``max_age`` reclaims their entries, so
+    messages wait for a user who has never logged in.  ``entries`` counts
+    removed inbox entries, ``devices`` forgotten devices.  Messages themselves
+    (the history) and their dedupe records are never reclaimed."""
+
+    now: int
+    device_retention: int
+    max_age: int
+
+
+Op = Union[NewMessage, AckPosition, TouchDevice, MarkRead, Reclaim]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteBatch:
+    batch_id: int
+    ops: tuple[Op, ...]
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    msg_id: bytes
+    seq: int
+    server_time: int
+    #: (user, inbox position) for every recipient, sender included.
+    positions: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """The dedupe key was already stored: the original message's identity."""
+
+    msg_id: bytes
+    seq: int
+    server_time: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    code: ErrorCode
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    user: str
+    device: str
+    position: int  # the stored position after the op
+
+
+@dataclass(frozen=True, slots=True)
+class Touched:
+    user: str
+    device: str
+    position: int  # the stored position after the op
+    new: bool  # the device was not known before
+
+
+@dataclass(frozen=True, slots=True)
+class ReadMarked:
+    user: str
+    conv: str
+    read_seq: int  # marker after the op
+    last_seq: int
+    unread: int
+    changed: bool  # the marker moved
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaimed:
+    entries: int
+    devices: int
+
+
+Result = Union[Appended, Duplicate, Rejected, Acked, Touched, ReadMarked, Reclaimed]
+
+
+# ---------------------------------------------------------------- interface
+
+
+class Store(ABC):
+    """Durable storage for messages, inboxes, devices and read markers.
+
+    Read methods given an id that is not well-formed return the "nothing
+    there" value (0, None, empty) rather than raising: nothing can be stored
+    under such an id.  Every method but close() raises StoreError once the
+    store is closed.
+    """
+
+    # -- identity and clock ------------------------------------------------
+
+    @abstractmethod
+    def node_id(self) -> bytes:
+        """8 random bytes chosen when the store was created, then fixed."""
+
+    @abstractmethod
+    def last_server_time(self) -> int:
+        """Highest server time of any stored message (0 if none), so a broker
+        restarted on this store never stamps an earlier time."""
+
+    # -- writes ------------------------------------------------------------
+
+    @abstractmethod
+    def commit(self, batch: WriteBatch) -> tuple[Result, ...]:
+        """Apply every op of ``batch`` in ONE transaction and return one result
+        per op, in order.  Returns only after the transaction is durable to
+        the configured durability mode.  Raises :class:`StoreError` if nothing
+        was committed (then no op took effect)."""
+
+    @abstractmethod
+    def create_group(self, conv: str, members: Iterable[str], now: int) -> None:
+        """Create group ``conv`` with ``members`` (ValueError if it exists, the
+        id is a direct id or malformed, or a member id is invalid)."""
+
+    @abstractmethod
+    def add_members(self, conv: str, users: Iterable[str]) -> None:
+        """Add users to an existing group (KeyError if unknown; ValueError for
+        a direct or malformed id or an invalid user id).  New members see
+        messages stored from now on; older ones through history.  Adding a
+        member twice is a no-op."""
+
+    @abstractmethod
+    def remove_members(self, conv: str, users: Iterable[str]) -> None:
+        """Remove users from an existing group (KeyError if unknown;
+        ValueError as for :meth:`add_members`).  Removing a non-member is a
+        no-op."""
+
+    # -- reads -------------------------------------------------------------
+
+    @abstractmethod
+    def conversation_exists(self, conv: str) -> bool:
+        """A created group, or a well-formed direct id."""
+
+    @abstractmethod
+    def members(self, conv: str) -> tuple[str, ...]:
+        """Sorted members (both users for a direct id; () if unknown)."""
+
+    @abstractmethod
+    def is_member(self, conv: str, user: str) -> bool: ...
+
+    @abstractmethod
+    def last_seq(self, conv: str) -> int:
+        """The conversation's last seq (0 if it has no messages)."""
+
+    @abstractmethod
+    def history(
+        self, conv: str, from_seq: int, limit: int, backward: bool = False
+    ) -> list[StoredMessage]:
+        """Forward: seq > from_seq ascending.  Backward: seq < from_seq
+        descending (from_seq <= 0 = from the newest).  At most ``limit``."""
+
+    @abstractmethod
+    def message(self, msg_id: bytes) -> Optional[StoredMessage]: ...
+
+    @abstractmethod
+    def inbox_head(self, user: str) -> int:
+        """Highest position ever assigned in the user's inbox (0 if none)."""
+
+    @abstractmethod
+    def inbox_floor(self, user: str) -> int:
+        """Positions <= floor were reclaimed (0 if nothing was)."""
+
+    @abstractmethod
+    def inbox_range(
+        self, user: str, after: int, limit: int
+    ) -> list[tuple[int, StoredMessage]]:
+        """Entries with position > ``after`` ascending, at most ``limit``."""
+
+    @abstractmethod
+    def device(self, user: str, device: str) -> Optional[DeviceState]: ...
+
+    @abstractmethod
+    def devices(self, user: str) -> list[DeviceState]:
+        """The user's known devices, sorted by device id."""
+
+    @abstractmethod
+    def read_marker(self, user: str, conv: str) -> int:
+        """The user's read marker in ``conv`` (0 if never read)."""
+
+    @abstractmethod
+    def read_positions(self, conv: str) -> dict[str, int]:
+        """Every current member's read marker (0 for members who never read)."""
+
+    @abstractmethod
+    def unread(self, user: str, conv: str) -> int:
+        """Messages from others after the user's marker."""
+
+    @abstractmethod
+    def conversations(self, user: str) -> list[str]:
+        """Conversations the user belongs to or has messages in, sorted.
+
+        That is: groups the user is a member of now, plus every conversation
+        in which a message was appended to the user's inbox (a direct
+        conversation therefore appears with its first message; a group the
+        user was removed from stays if they received messages in it)."""
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the store (idempotent)."""
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_ids(*ids: str) -> None:
+    for value in ids:
+        if not valid_id(value):
+            raise ValueError(f"invalid user or device id: {value!r}")
+
+
+def member_set(users: Iterable[str]) -> frozenset[str]:
+    """``users`` as a set of valid user ids (ValueError otherwise).  A bare
+    string is refused: iterating it would make a group of its characters."""
+    if isinstance(users, str):
+        raise ValueError("members must be an iterable of user ids, not a string")
+    result = frozenset(users)
+    check_ids(*result)
+    return result
+
+
+_U64_END = 1 << 64
+_I64_MIN = -(1 << 63)
+_I64_END = 1 << 63
+
+
+def _int_in(value: object, lo: int, end: int) -> bool:
+    # ``type(...) is int`` on purpose: bool is an int subclass, and a bool
+    # local id or timestamp is a bug upstream, not a value.
+    return type(value) is int and lo <= value < end
+
+
+def malformed(op: Op) -> bool:
+    """Is a field of ``op`` malformed whatever the store holds?
+
+    Such an op gets Rejected(BAD_REQUEST) from every backend.  For
+    :class:`NewMessage` the conversation id is NOT checked here: it is checked
+    after the dedupe lookup (see :class:`NewMessage`).  Ranges are those every
+    backend can store: ``local_id`` is a u64, times are i64 (server time
+    non-negative), ``msg_id`` is 16 bytes.
+    """
+    if isinstance(op, NewMessage):
+        return not (
+            valid_id(op.sender)
+            and valid_id(op.device)
+            and _int_in(op.local_id, 0, _U64_END)
+            and _int_in(op.client_time, _I64_MIN, _I64_END)
+            and _int_in(op.server_time, 0, _I64_END)
+            and isinstance(op.msg_id, bytes)
+            and len(op.msg_id) == 16
+            and isinstance(op.payload, bytes)
+            and isinstance(op.digest, bytes)
+        )
+    if isinstance(op, (AckPosition, TouchDevice)):
+        pos = op.pos if isinstance(op, AckPosition) else op.position
+        return not (
+            valid_id(op.user)
+            and valid_id(op.device)
+            and type(pos) is int
+            and _int_in(op.now, _I64_MIN, _I64_END)
+        )
+    if isinstance(op, MarkRead):
+        return not (valid_id(op.user) and valid_conversation(op.conv) and type(op.seq) is int)
+    if isinstance(op, Reclaim):
+        return not (
+            _int_in(op.now, _I64_MIN, _I64_END)
+            and type(op.device_retention) is int
+            and type(op.max_age) is int
+        )
+    raise TypeError(f"not a store op: {type(op).__name__}")

@@ -1,0 +1,974 @@
+"""The LMDB backend: one environment, named sub-databases, one transaction
+per batch.
+
+Durability
+----------
+``durability="sync"`` (the default) opens LMDB with ``sync=True,
+metasync=True``: :meth:`LmdbStore.commit` returns after the data and the
+meta page are fsynced, so an acked message survives power loss.
+``durability="os"`` opens with ``sync=False, metasync=False``: a commit is
+written to the OS page cache (LMDB writes with ``pwrite``, not through a
+writable map), so it survives a crash of the process but not of the machine;
+a power loss can lose the last commits but never tears a transaction (LMDB's
+copy-on-write B-tree falls back to the previous intact meta page).
+
+Concurrency
+-----------
+One writer and any number of readers.  Writes (``commit`` and the group admin
+calls) are serialised by a process-wide lock on top of LMDB's own writer
+mutex; each read method runs in its own short read transaction.  Growing the
+map (``set_mapsize``) is only allowed while this process has no transaction
+open, so reads pass through a gate that the resizing writer closes and drains
+first (:class:`_Gate`); the gate also makes :meth:`LmdbStore.close` safe
+against in-flight reads.  If another process grew the map (LMDB then answers
+MDB_MAP_RESIZED), the new size is adopted the same way and the transaction
+begun again.  A SIGKILLed process may leave a stale reader slot: it is
+released when the store is next opened (``reader_check``).
+
+Batches
+-------
+A commit is one write transaction; ops run in order against it, so each sees
+the effects of the earlier ones.  The hottest counters (a conversation's last
+seq, an inbox's head and floor) go through a per-batch write-back cache
+(:class:`_Batch`) and are written once at the end of the batch.  If the map
+fills up mid-batch the transaction is aborted, the map doubled and the whole
+batch run again from scratch, so nothing outside the transaction may be
+changed while it runs.
+
+Key layout
+----------
+Notation: ``T(s)`` is a text part: one length byte then the ASCII bytes
+(every id is ASCII by its regex and at most 128 bytes long); ``U64``/``I64``
+are 8-byte big-endian unsigned/signed integers.
+
+Length-prefixing makes each text part self-delimiting: all keys of user
+``al`` start with ``T("al") = b"\\x02al"``, which no key of ``alice`` starts
+with, so one user's (or conversation's) keys are one contiguous range that a
+cursor scans with ``set_range(prefix)``.  Big-endian integers sort
+numerically, so within that range the inbox is in position order and the
+conversation index in seq order.  Across texts the order is by length first,
+so listings whose order is visible (members, devices, conversations) are
+sorted after the scan.
+
+==========  =================================  ======================================
+sub-db      key                                value
+==========  =================================  ======================================
+meta        ``b"node"``                        8 random bytes, created once
+meta        ``b"schema"``                      U64 schema version (:data:`SCHEMA_VERSION`)
+meta        ``b"hwm"``                         U64 highest server time ever stored
+msgs        msg_id (16 bytes)                  message record (below)
+convs       T(conv)                            U64 last seq
+convidx     T(conv) U64(seq)                   msg_id + sender (ASCII)
+groups      T(group)                           I64 created_at
+members     T(group) T(user)                   empty
+userconvs   T(user) T(conv)                    1 byte flags: 1 member, 2 has messages
+inbox       T(user) U64(pos)                   msg_id + I64 server_time
+inboxmeta   T(user)                            U64 head + U64 floor
+devices     T(user) T(device)                  U64 position + I64 last_seen
+dedupe      T(sender) T(device) U64(local_id)  msg_id + U64 seq + I64 server_time + digest
+reads       T(user) T(conv)                    U64 read seq
+==========  =================================  ======================================
+
+The sender in ``convidx`` lets :meth:`LmdbStore.unread` count without
+loading messages; the server time in ``inbox`` lets :class:`Reclaim` apply
+``max_age`` without loading messages; seq and server time in ``dedupe`` let a
+retry be answered with one lookup.
+
+Message record: ``U64 seq, U64 local_id, I64 client_time, I64 server_time``
+(struct ``>QQqq``), then ``T(conv) T(sender) T(device)``, then the payload to
+the end of the value.  Fixed-width integers cost a few bytes over varints but
+decode in one ``unpack_from`` call, which matters more in Python.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
+
+import lmdb
+
+from ..errors import ErrorCode, StoreError
+from .base import (
+    AckPosition,
+    Acked,
+    Appended,
+    DeviceState,
+    Duplicate,
+    MarkRead,
+    NewMessage,
+    Op,
+    ReadMarked,
+    Reclaim,
+    Reclaimed,
+    Rejected,
+    Result,
+    Store,
+    StoredMessage,
+    TouchDevice,
+    Touched,
+    WriteBatch,
+    direct_members,
+    is_direct,
+    malformed,
+    member_set,
+    valid_conversation,
+    valid_id,
+)
+
+__all__ = ["LmdbStore", "SCHEMA_VERSION", "DURABILITY_MODES"]
+
+SCHEMA_VERSION = 1
+DURABILITY_MODES = ("sync", "os")
+
+#: The sub-databases, in the order they are opened.
+_DB_NAMES = (
+    "meta",
+    "msgs",
+    "convs",
+    "convidx",
+    "groups",
+    "members",
+    "userconvs",
+    "inbox",
+    "inboxmeta",
+    "devices",
+    "dedupe",
+    "reads",
+)
+#: Below this LMDB cannot even hold the sub-database catalogue comfortably.
+_MIN_MAP_SIZE = 1 << 20
+
+_U64 = struct.Struct(">Q")
+_I64 = struct.Struct(">q")
+_HEAD_FLOOR = struct.Struct(">QQ")
+_DEVICE = struct.Struct(">Qq")
+_INBOX = struct.Struct(">16sq")
+_DEDUPE = struct.Struct(">16sQq")
+_RECORD = struct.Struct(">QQqq")
+
+_MEMBER = 1
+_HAS_MESSAGES = 2
+_U64_MAX = (1 << 64) - 1
+
+T = TypeVar("T")
+#: A transaction begun with ``buffers=False`` (our only kind): keys and values
+#: are ``bytes``.  lmdb's stubs say ``bytes | memoryview`` for every
+#: transaction, hence Any rather than ``lmdb.Transaction``.
+_Txn = Any
+
+
+@lru_cache(maxsize=1 << 16)
+def _t(text: str) -> bytes:
+    """A length-prefixed text key part (see the key layout).  Cached: the
+    same few ids are encoded several times per message on the hot path."""
+    raw = text.encode("ascii")
+    return bytes((len(raw),)) + raw
+
+
+@lru_cache(maxsize=1 << 14)
+def _conv_info(conv: str) -> Optional[tuple[bytes, Optional[tuple[str, str]]]]:
+    """(T(conv), the two users of a direct id or None for a group), or None
+    if ``conv`` is malformed.  A pure function of the string, so cacheable."""
+    if not valid_conversation(conv):
+        return None
+    return _t(conv), direct_members(conv)
+
+
+def _take_t(buf: bytes, off: int) -> tuple[str, int]:
+    """Decode the text part at ``off``; return it and the offset after it."""
+    end = off + 1 + buf[off]
+    return buf[off + 1 : end].decode("ascii"), end
+
+
+def _encode_record(seq: int, op: NewMessage) -> bytes:
+    return b"".join(
+        (
+            _RECORD.pack(seq, op.local_id, op.client_time, op.server_time),
+            _t(op.conv),
+            _t(op.sender),
+            _t(op.device),
+            op.payload,
+        )
+    )
+
+
+def _decode_record(msg_id: bytes, buf: bytes) -> StoredMessage:
+    seq, local_id, client_time, server_time = _RECORD.unpack_from(buf)
+    conv, off = _take_t(buf, _RECORD.size)
+    sender, off = _take_t(buf, off)
+    device, off = _take_t(buf, off)
+    return StoredMessage(
+        msg_id=msg_id,
+        conv=conv,
+        seq=seq,
+        sender=sender,
+        device=device,
+        local_id=local_id,
+        client_time=client_time,
+        server_time=server_time,
+        payload=buf[off:],
+    )
+
+
+def _abort(txn: _Txn) -> None:
+    try:
+        txn.abort()
+    except lmdb.Error:  # already finished (e.g. by a failed commit)
+        pass
+
+
+class _Gate:
+    """Shared for read transactions, exclusive for ``set_mapsize`` and close.
+
+    A waiting exclusive holder blocks new readers, so a steady stream of reads
+    cannot starve a resize.  Never enter the gate twice from one thread (a
+    public read method calls only txn-taking helpers), or a pending exclusive
+    holder would deadlock against it.
+    """
+
+    __slots__ = ("_cond", "_active", "_exclusive")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0
+        self._exclusive = False
+
+    def enter(self) -> None:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if self._active == 0:
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._exclusive = True
+            while self._active:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+class _Batch:
+    """One commit's write transaction plus a write-back cache of the hot
+    counters: the last seq of each conversation and the head/floor of each
+    inbox.  A batch of N messages in one conversation then reads and writes
+    each counter once instead of N times.  Every handler of the batch reads
+    the counters through this object (so later ops see earlier ones), and
+    :meth:`flush` writes the changed ones into the transaction before it
+    commits -- or before anything scans those databases (:meth:`sync`).
+    """
+
+    __slots__ = ("txn", "_store", "_seqs", "_heads", "_dirty_seqs", "_dirty_heads", "flagged")
+
+    def __init__(self, store: "LmdbStore", txn: _Txn) -> None:
+        self.txn = txn
+        self._store = store
+        self._seqs: dict[bytes, int] = {}  # T(conv) -> last seq
+        self._heads: dict[bytes, tuple[int, int]] = {}  # T(user) -> (head, floor)
+        self._dirty_seqs: set[bytes] = set()
+        self._dirty_heads: set[bytes] = set()
+        #: userconvs keys known to carry the has-messages flag already.
+        self.flagged: set[bytes] = set()
+
+    def last_seq(self, ck: bytes) -> int:
+        seq = self._seqs.get(ck)
+        if seq is None:
+            seq = self._seqs[ck] = self._store._last_seq(self.txn, ck)
+        return seq
+
+    def set_last_seq(self, ck: bytes, seq: int) -> None:
+        self._seqs[ck] = seq
+        self._dirty_seqs.add(ck)
+
+    def head_floor(self, uk: bytes) -> tuple[int, int]:
+        value = self._heads.get(uk)
+        if value is None:
+            value = self._heads[uk] = self._store._head_floor(self.txn, uk)
+        return value
+
+    def set_head_floor(self, uk: bytes, head: int, floor: int) -> None:
+        self._heads[uk] = (head, floor)
+        self._dirty_heads.add(uk)
+
+    def flush(self) -> None:
+        store, txn = self._store, self.txn
+        for ck in self._dirty_seqs:
+            txn.put(ck, _U64.pack(self._seqs[ck]), db=store._convs)
+        for uk in self._dirty_heads:
+            txn.put(uk, _HEAD_FLOOR.pack(*self._heads[uk]), db=store._inboxmeta)
+        self._dirty_seqs.clear()
+        self._dirty_heads.clear()
+
+    def sync(self) -> None:
+        """Flush and forget: for ops that read or write the counters'
+        databases directly."""
+        self.flush()
+        self._seqs.clear()
+        self._heads.clear()
+
+
+class LmdbStore(Store):
+    """Durable :class:`Store` on LMDB; see the module docstring.
+
+    :param path: directory of the environment (created if missing unless
+        ``create=False``, which raises StoreError for a missing store).
+    :param durability: ``"sync"`` or ``"os"`` (module docstring).
+    :param map_size: initial map size in bytes (at least 1 MiB is used); the
+        map doubles transparently when full, up to ``max_map_size``.
+    :param max_readers: LMDB reader slots (concurrent read transactions
+        across all processes using the environment).
+    """
+
+    def __init__(
+        self,
+        path: Union[str, "os.PathLike[str]"],
+        *,
+        durability: str = "sync",
+        map_size: int = 1 << 30,
+        max_map_size: int = 1 << 40,
+        max_readers: int = 256,
+        create: bool = True,
+    ) -> None:
+        if durability not in DURABILITY_MODES:
+            raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
+        if map_size <= 0 or max_map_size < map_size:
+            raise ValueError("need 0 < map_size <= max_map_size")
+        path = os.fspath(path)
+        if create:
+            os.makedirs(path, exist_ok=True)
+        elif not os.path.isfile(os.path.join(path, "data.mdb")):
+            raise StoreError(f"no store at {path!r}")
+        sync = durability == "sync"
+        initial_size = max(map_size, _MIN_MAP_SIZE)
+        self._path = path
+        self._durability = durability
+        self._max_map_size = max(max_map_size, initial_size)
+        self._wlock = threading.Lock()
+        self._gate = _Gate()
+        self._env: Optional[lmdb.Environment] = None
+        try:
+            env = lmdb.open(
+                path,
+                map_size=initial_size,
+                subdir=True,
+                create=create,
+                max_dbs=len(_DB_NAMES),
+                max_readers=max_readers,
+                sync=sync,
+                metasync=sync,
+                lock=True,
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open LMDB store at {path!r}: {exc}") from exc
+        try:
+            # Reader slots of processes that died holding a read transaction
+            # (e.g. SIGKILL) would pin old pages forever: release them.
+            env.reader_check()
+            dbs = [self._open_db(env, name) for name in _DB_NAMES]
+        except lmdb.Error as exc:
+            env.close()
+            raise StoreError(f"cannot open LMDB store at {path!r}: {exc}") from exc
+        except BaseException:
+            env.close()
+            raise
+        (
+            self._meta,
+            self._msgs,
+            self._convs,
+            self._convidx,
+            self._groups,
+            self._members,
+            self._userconvs,
+            self._inbox,
+            self._inboxmeta,
+            self._devices,
+            self._dedupe,
+            self._reads,
+        ) = dbs
+        self._env = env
+        try:
+            self._node: bytes = self._write(lambda txn: self._init_meta(txn, create))
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ plumbing
+
+    def _open_db(self, env: lmdb.Environment, name: str) -> "lmdb._Database":
+        while True:
+            try:
+                return env.open_db(name.encode("ascii"), create=True)
+            except lmdb.MapFullError:
+                self._grow(env)
+
+    def _init_meta(self, txn: _Txn, create: bool) -> bytes:
+        node = txn.get(b"node", db=self._meta)
+        if node is None:
+            if not create:
+                raise StoreError(f"{self._path!r} is not an initialised pimcore store")
+            node = os.urandom(8)
+            txn.put(b"node", node, db=self._meta)
+            txn.put(b"schema", _U64.pack(SCHEMA_VERSION), db=self._meta)
+            txn.put(b"hwm", _U64.pack(0), db=self._meta)
+            return node
+        raw = txn.get(b"schema", db=self._meta)
+        version = _U64.unpack(raw)[0] if raw is not None else None
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"store schema version {version}, this code reads {SCHEMA_VERSION}")
+        return node
+
+    def _grow(self, env: lmdb.Environment) -> None:
+        """Double the map.  Caller holds the write lock (or is __init__), so
+        no write transaction is open; the gate drains the readers."""
+        size = env.info()["map_size"]
+        new = min(size * 2, self._max_map_size)
+        if new <= size:
+            raise StoreError(f"LMDB map full at {size} bytes (max_map_size {self._max_map_size})")
+        with self._gate.exclusive():
+            env.set_mapsize(new)
+
+    def _adopt_map_size(self, env: lmdb.Environment) -> None:
+        """Another process (e.g. ``pimcore inspect`` next to a broker, or the
+        other way round) grew the map past ours: LMDB refuses new transactions
+        until we adopt its size.  Caller holds the write lock and is not
+        inside the gate."""
+        with self._gate.exclusive():
+            env.set_mapsize(0)
+
+    def _write(self, fn: Callable[[_Txn], T]) -> T:
+        """Run ``fn`` in one write transaction and commit it.  ``fn`` must not
+        have effects outside the transaction: when the map is full the
+        transaction is aborted, the map grown and ``fn`` run again."""
+        with self._wlock:
+            env = self._env
+            if env is None:
+                raise StoreError("store is closed")
+            while True:
+                try:
+                    txn = env.begin(write=True)
+                except lmdb.MapResizedError:
+                    self._adopt_map_size(env)
+                    continue
+                except lmdb.Error as exc:
+                    raise StoreError(f"LMDB error: {exc}") from exc
+                try:
+                    result = fn(txn)
+                    txn.commit()
+                    return result
+                except lmdb.MapFullError:
+                    _abort(txn)
+                    self._grow(env)
+                except lmdb.Error as exc:
+                    _abort(txn)
+                    raise StoreError(f"LMDB error: {exc}") from exc
+                except BaseException:
+                    _abort(txn)
+                    raise
+
+    @contextmanager
+    def _read(self) -> Iterator[_Txn]:
+        """A short read transaction, inside the gate."""
+        txn = self._begin_read()
+        try:
+            yield txn
+        except lmdb.Error as exc:
+            raise StoreError(f"LMDB error: {exc}") from exc
+        finally:
+            txn.abort()
+            self._gate.leave()
+
+    def _begin_read(self) -> _Txn:
+        """Enter the gate and begin a read transaction (leaving the gate
+        again if that fails)."""
+        gate = self._gate
+        while True:
+            gate.enter()
+            env = self._env
+            try:
+                if env is None:
+                    raise StoreError("store is closed")
+                return env.begin(buffers=False)
+            except lmdb.MapResizedError:
+                gate.leave()
+                # Write lock first, then the gate: the order _write uses.
+                with self._wlock:
+                    if env is not None and self._env is env:  # not closed meanwhile
+                        self._adopt_map_size(env)
+            except lmdb.Error as exc:
+                gate.leave()
+                raise StoreError(f"LMDB error: {exc}") from exc
+            except BaseException:
+                gate.leave()
+                raise
+
+    @staticmethod
+    def _scan(
+        txn: _Txn, db: "lmdb._Database", prefix: bytes, start: Optional[bytes] = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) pairs of the keys starting with ``prefix``, from
+        ``start`` (default: the prefix itself) in key order."""
+        cur = txn.cursor(db)
+        if not cur.set_range(start if start is not None else prefix):
+            return
+        for key, value in cur:
+            if not key.startswith(prefix):
+                return
+            yield key, value
+
+    def _members_in(self, txn: _Txn, info: tuple[bytes, Optional[tuple[str, str]]]) -> Optional[tuple[str, ...]]:
+        """Sorted members of a well-formed conversation (``info`` from
+        :func:`_conv_info`); None for an unknown group."""
+        ck, pair = info
+        if pair is not None:
+            return pair
+        if txn.get(ck, db=self._groups) is None:
+            return None
+        return tuple(sorted(_take_t(key, len(ck))[0] for key, _ in self._scan(txn, self._members, ck)))
+
+    def _last_seq(self, txn: _Txn, ck: bytes) -> int:
+        raw = txn.get(ck, db=self._convs)
+        return _U64.unpack(raw)[0] if raw is not None else 0
+
+    def _head_floor(self, txn: _Txn, uk: bytes) -> tuple[int, int]:
+        raw = txn.get(uk, db=self._inboxmeta)
+        return _HEAD_FLOOR.unpack(raw) if raw is not None else (0, 0)
+
+    def _flag(self, txn: _Txn, key: bytes, bit: int, on: bool) -> None:
+        raw = txn.get(key, db=self._userconvs)
+        old = raw[0] if raw is not None else 0
+        new = (old | bit) if on else (old & ~bit)
+        if new == old:
+            return
+        if new:
+            txn.put(key, bytes((new,)), db=self._userconvs)
+        else:
+            txn.delete(key, db=self._userconvs)
+
+    def _count_unread(self, txn: _Txn, user: str, ck: bytes, marker: int) -> int:
+        me = user.encode("ascii")
+        start = ck + _U64.pack(marker + 1)
+        # Value = msg_id (16 bytes) + sender: no message load needed.
+        return sum(1 for _, value in self._scan(txn, self._convidx, ck, start) if value[16:] != me)
+
+    def _load(self, txn: _Txn, msg_id: bytes) -> StoredMessage:
+        raw = txn.get(msg_id, db=self._msgs)
+        if raw is None:
+            raise StoreError(f"dangling message id {msg_id.hex()} (store corrupt)")
+        return _decode_record(msg_id, raw)
+
+    # ------------------------------------------------- identity and clock
+
+    def node_id(self) -> bytes:
+        if self._env is None:
+            raise StoreError("store is closed")
+        return self._node
+
+    def last_server_time(self) -> int:
+        with self._read() as txn:
+            return _U64.unpack(txn.get(b"hwm", db=self._meta))[0]
+
+    @property
+    def map_size(self) -> int:
+        """The current LMDB map size in bytes (grows when the map fills)."""
+        with self._read():
+            assert self._env is not None
+            return int(self._env.info()["map_size"])
+
+    @property
+    def durability(self) -> str:
+        return self._durability
+
+    # -------------------------------------------------------------- writes
+
+    def commit(self, batch: WriteBatch) -> tuple[Result, ...]:
+        ops = batch.ops
+
+        def run(txn: _Txn) -> tuple[Result, ...]:
+            # Pure function of the transaction: it is re-run from scratch if
+            # the map has to grow (see _write).
+            w = _Batch(self, txn)
+            stored = hwm = _U64.unpack(txn.get(b"hwm", db=self._meta))[0]
+            results = []
+            for op in ops:
+                result = self._apply(w, op)
+                if type(result) is Appended and result.server_time > hwm:
+                    hwm = result.server_time
+                results.append(result)
+            w.flush()
+            if hwm != stored:
+                txn.put(b"hwm", _U64.pack(hwm), db=self._meta)
+            return tuple(results)
+
+        try:
+            return self._write(run)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"batch {batch.batch_id} not committed: {exc!r}") from exc
+
+    def _apply(self, w: _Batch, op: Op) -> Result:
+        handler = _HANDLERS.get(type(op))
+        if handler is None:
+            raise TypeError(f"not a store op: {type(op).__name__}")
+        if malformed(op):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        return handler(self, w, op)
+
+    def _new_message(self, w: _Batch, op: NewMessage) -> Result:
+        txn = w.txn
+        # Dedupe first: a retry of a stored message is answered with the
+        # original identity whatever happened to the conversation since.
+        dkey = _t(op.sender) + _t(op.device) + _U64.pack(op.local_id)
+        prior = txn.get(dkey, db=self._dedupe)
+        if prior is not None:
+            msg_id, seq, server_time = _DEDUPE.unpack_from(prior)
+            if prior[_DEDUPE.size :] == op.digest:
+                return Duplicate(msg_id, seq, server_time)
+            return Rejected(ErrorCode.DUPLICATE_CONFLICT)
+        info = _conv_info(op.conv)
+        if info is None:
+            return Rejected(ErrorCode.BAD_REQUEST)
+        ck = info[0]
+        members = self._members_in(txn, info)
+        if members is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        if op.sender not in members:
+            return Rejected(ErrorCode.NOT_MEMBER)
+        # Inside the write transaction nobody else can take this seq: the
+        # conversation stays gap-free and strictly increasing.
+        seq = w.last_seq(ck) + 1
+        if not txn.put(op.msg_id, _encode_record(seq, op), db=self._msgs, overwrite=False):
+            return Rejected(ErrorCode.INTERNAL)  # msg_id reused: nothing written yet
+        w.set_last_seq(ck, seq)
+        txn.put(ck + _U64.pack(seq), op.msg_id + op.sender.encode("ascii"), db=self._convidx)
+        entry = _INBOX.pack(op.msg_id, op.server_time)
+        positions = []
+        for user in members:
+            uk = _t(user)
+            head, floor = w.head_floor(uk)
+            head += 1
+            w.set_head_floor(uk, head, floor)
+            txn.put(uk + _U64.pack(head), entry, db=self._inbox)
+            flag_key = uk + ck
+            if flag_key not in w.flagged:
+                self._flag(txn, flag_key, _HAS_MESSAGES, True)
+                w.flagged.add(flag_key)
+            positions.append((user, head))
+        txn.put(dkey, _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest, db=self._dedupe)
+        return Appended(op.msg_id, seq, op.server_time, tuple(positions))
+
+    def _register(self, w: _Batch, user: str, device: str, position: int, now: int) -> tuple[int, bool]:
+        """Shared by Touch and Ack: create at the floor if unknown, move
+        forward to ``position`` clamped to the head, refresh last_seen."""
+        txn = w.txn
+        uk = _t(user)
+        dk = uk + _t(device)
+        head, floor = w.head_floor(uk)
+        raw = txn.get(dk, db=self._devices)
+        if raw is None:
+            old_pos, old_seen, new = floor, now, True
+        else:
+            old_pos, old_seen = _DEVICE.unpack(raw)
+            new = False
+        pos = max(old_pos, min(position, head))
+        txn.put(dk, _DEVICE.pack(pos, max(old_seen, now)), db=self._devices)
+        return pos, new
+
+    def _ack(self, w: _Batch, op: AckPosition) -> Result:
+        pos, _ = self._register(w, op.user, op.device, op.pos, op.now)
+        return Acked(op.user, op.device, pos)
+
+    def _touch(self, w: _Batch, op: TouchDevice) -> Result:
+        pos, new = self._register(w, op.user, op.device, op.position, op.now)
+        return Touched(op.user, op.device, pos, new)
+
+    def _mark_read(self, w: _Batch, op: MarkRead) -> Result:
+        txn = w.txn
+        info = _conv_info(op.conv)
+        assert info is not None  # malformed() checked the id
+        ck = info[0]
+        members = self._members_in(txn, info)
+        if members is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        uk = _t(op.user)
+        if op.user not in members and txn.get(uk + ck, db=self._userconvs) is None:
+            return Rejected(ErrorCode.NOT_MEMBER)
+        last = w.last_seq(ck)
+        rk = uk + ck
+        raw = txn.get(rk, db=self._reads)
+        old = _U64.unpack(raw)[0] if raw is not None else 0
+        new = max(old, min(op.seq, last))
+        if new != old:
+            txn.put(rk, _U64.pack(new), db=self._reads)
+        return ReadMarked(op.user, op.conv, new, last, self._count_unread(txn, op.user, ck, new), new != old)
+
+    def _reclaim(self, w: _Batch, op: Reclaim) -> Result:
+        # Scans and rewrites inboxmeta itself: bring it up to date first.
+        w.sync()
+        txn = w.txn
+        # Pass 1: forget stale devices; remember each user's minimum position
+        # over the devices that remain (keyed by T(user)).
+        seen_cutoff = op.now - op.device_retention
+        stale: list[bytes] = []
+        min_pos: dict[bytes, int] = {}
+        for key, value in txn.cursor(self._devices):
+            pos, last_seen = _DEVICE.unpack(value)
+            if last_seen < seen_cutoff:
+                stale.append(key)
+                continue
+            uk = key[: 1 + key[0]]
+            held = min_pos.get(uk)
+            min_pos[uk] = pos if held is None else min(held, pos)
+        for key in stale:
+            txn.delete(key, db=self._devices)
+
+        # Pass 2: each inbox loses its longest prefix of reclaimable entries.
+        # Entries are exactly floor+1..head, so the prefix is walked in order.
+        age_cutoff = op.now - op.max_age
+        removed = 0
+        new_floors: list[tuple[bytes, int, int]] = []
+        for uk, value in txn.cursor(self._inboxmeta):
+            head, floor = _HEAD_FLOOR.unpack(value)
+            # No device left: nothing was acked by "every device".
+            acked = min_pos.get(uk, floor)
+            pos = floor
+            doomed: list[bytes] = []
+            for key, entry in self._scan(txn, self._inbox, uk, uk + _U64.pack(floor + 1)):
+                if key != uk + _U64.pack(pos + 1):
+                    raise StoreError(f"inbox of {uk[1:]!r} has a hole at {pos + 1} (store corrupt)")
+                if not (pos + 1 <= acked or _INBOX.unpack(entry)[1] < age_cutoff):
+                    break
+                doomed.append(key)
+                pos += 1
+            if pos != floor:
+                for key in doomed:
+                    txn.delete(key, db=self._inbox)
+                new_floors.append((uk, head, pos))
+                removed += pos - floor
+        # Written after the scan: no puts into a database under iteration.
+        for uk, head, floor in new_floors:
+            txn.put(uk, _HEAD_FLOOR.pack(head, floor), db=self._inboxmeta)
+        return Reclaimed(removed, len(stale))
+
+    # ---------------------------------------------------------- group admin
+
+    @staticmethod
+    def _check_group_id(conv: str) -> None:
+        if not valid_conversation(conv) or is_direct(conv):
+            raise ValueError(f"not a group id: {conv!r}")
+
+    def create_group(self, conv: str, members: Iterable[str], now: int) -> None:
+        users = member_set(members)
+        self._check_group_id(conv)
+        if type(now) is not int or not -(1 << 63) <= now < (1 << 63):
+            raise ValueError("now must be a 64-bit int")
+        ck = _t(conv)
+
+        def run(txn: _Txn) -> None:
+            if txn.get(ck, db=self._groups) is not None:
+                raise ValueError(f"group exists: {conv!r}")
+            txn.put(ck, _I64.pack(now), db=self._groups)
+            for user in users:
+                uk = _t(user)
+                txn.put(ck + uk, b"", db=self._members)
+                self._flag(txn, uk + ck, _MEMBER, True)
+
+        self._write(run)
+
+    def _change_members(self, conv: str, users: Iterable[str], add: bool) -> None:
+        wanted = member_set(users)
+        self._check_group_id(conv)
+        ck = _t(conv)
+
+        def run(txn: _Txn) -> None:
+            if txn.get(ck, db=self._groups) is None:
+                raise KeyError(conv)
+            for user in wanted:
+                uk = _t(user)
+                if add:
+                    txn.put(ck + uk, b"", db=self._members)
+                else:
+                    txn.delete(ck + uk, db=self._members)
+                self._flag(txn, uk + ck, _MEMBER, add)
+
+        self._write(run)
+
+    def add_members(self, conv: str, users: Iterable[str]) -> None:
+        self._change_members(conv, users, True)
+
+    def remove_members(self, conv: str, users: Iterable[str]) -> None:
+        self._change_members(conv, users, False)
+
+    # --------------------------------------------------------------- reads
+
+    def conversation_exists(self, conv: str) -> bool:
+        with self._read() as txn:
+            if not valid_conversation(conv):
+                return False
+            return is_direct(conv) or txn.get(_t(conv), db=self._groups) is not None
+
+    def members(self, conv: str) -> tuple[str, ...]:
+        with self._read() as txn:
+            info = _conv_info(conv)
+            return (self._members_in(txn, info) or ()) if info is not None else ()
+
+    def is_member(self, conv: str, user: str) -> bool:
+        with self._read() as txn:
+            if not (valid_conversation(conv) and valid_id(user)):
+                return False
+            pair = direct_members(conv)
+            if pair is not None:
+                return user in pair
+            return txn.get(_t(conv) + _t(user), db=self._members) is not None
+
+    def last_seq(self, conv: str) -> int:
+        with self._read() as txn:
+            if not valid_conversation(conv):
+                return 0
+            return self._last_seq(txn, _t(conv))
+
+    def history(self, conv: str, from_seq: int, limit: int, backward: bool = False) -> list[StoredMessage]:
+        with self._read() as txn:
+            if not valid_conversation(conv) or limit <= 0:
+                return []
+            ck = _t(conv)
+            last = self._last_seq(txn, ck)
+            # Seqs are exactly 1..last (gap-free), so a page is a seq range.
+            if backward:
+                top = last if from_seq <= 0 else min(from_seq - 1, last)
+                seqs = range(top, max(top - limit, 0), -1)
+            else:
+                start = max(from_seq, 0) + 1
+                seqs = range(start, min(last, start + limit - 1) + 1)
+            page = []
+            for seq in seqs:
+                ref = txn.get(ck + _U64.pack(seq), db=self._convidx)
+                if ref is None:
+                    raise StoreError(f"{conv!r} has no seq {seq} (store corrupt)")
+                page.append(self._load(txn, ref[:16]))
+            return page
+
+    def message(self, msg_id: bytes) -> Optional[StoredMessage]:
+        with self._read() as txn:
+            if not isinstance(msg_id, bytes) or len(msg_id) != 16:
+                return None
+            raw = txn.get(msg_id, db=self._msgs)
+            return _decode_record(msg_id, raw) if raw is not None else None
+
+    def inbox_head(self, user: str) -> int:
+        with self._read() as txn:
+            return self._head_floor(txn, _t(user))[0] if valid_id(user) else 0
+
+    def inbox_floor(self, user: str) -> int:
+        with self._read() as txn:
+            return self._head_floor(txn, _t(user))[1] if valid_id(user) else 0
+
+    def inbox_range(self, user: str, after: int, limit: int) -> list[tuple[int, StoredMessage]]:
+        with self._read() as txn:
+            if not valid_id(user) or limit <= 0 or after >= _U64_MAX:
+                return []
+            uk = _t(user)
+            out: list[tuple[int, StoredMessage]] = []
+            for key, entry in self._scan(txn, self._inbox, uk, uk + _U64.pack(max(after, 0) + 1)):
+                out.append((_U64.unpack_from(key, len(uk))[0], self._load(txn, entry[:16])))
+                if len(out) >= limit:
+                    break
+            return out
+
+    def device(self, user: str, device: str) -> Optional[DeviceState]:
+        with self._read() as txn:
+            if not (valid_id(user) and valid_id(device)):
+                return None
+            raw = txn.get(_t(user) + _t(device), db=self._devices)
+            if raw is None:
+                return None
+            pos, last_seen = _DEVICE.unpack(raw)
+            return DeviceState(user, device, pos, last_seen)
+
+    def devices(self, user: str) -> list[DeviceState]:
+        with self._read() as txn:
+            if not valid_id(user):
+                return []
+            uk = _t(user)
+            found = [
+                DeviceState(user, _take_t(key, len(uk))[0], *_DEVICE.unpack(value))
+                for key, value in self._scan(txn, self._devices, uk)
+            ]
+            return sorted(found, key=lambda d: d.device)
+
+    def read_marker(self, user: str, conv: str) -> int:
+        with self._read() as txn:
+            if not (valid_id(user) and valid_conversation(conv)):
+                return 0
+            raw = txn.get(_t(user) + _t(conv), db=self._reads)
+            return _U64.unpack(raw)[0] if raw is not None else 0
+
+    def read_positions(self, conv: str) -> dict[str, int]:
+        with self._read() as txn:
+            info = _conv_info(conv)
+            if info is None:
+                return {}
+            ck = info[0]
+            out = {}
+            for user in self._members_in(txn, info) or ():
+                raw = txn.get(_t(user) + ck, db=self._reads)
+                out[user] = _U64.unpack(raw)[0] if raw is not None else 0
+            return out
+
+    def unread(self, user: str, conv: str) -> int:
+        with self._read() as txn:
+            if not (valid_id(user) and valid_conversation(conv)):
+                return 0
+            ck = _t(conv)
+            raw = txn.get(_t(user) + ck, db=self._reads)
+            marker = _U64.unpack(raw)[0] if raw is not None else 0
+            return self._count_unread(txn, user, ck, marker)
+
+    def conversations(self, user: str) -> list[str]:
+        with self._read() as txn:
+            if not valid_id(user):
+                return []
+            uk = _t(user)
+            return sorted(_take_t(key, len(uk))[0] for key, _ in self._scan(txn, self._userconvs, uk))
+
+    # ----------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        with self._wlock:
+            env = self._env
+            if env is None:
+                return
+            # Exclusive: wait for in-flight reads; later ones see None.
+            with self._gate.exclusive():
+                self._env = None
+                env.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._env is None else self._durability
+        return f"LmdbStore({self._path!r}, {state})"
+
+
+_HANDLERS: dict[type, Callable[[LmdbStore, _Batch, Op], Result]] = {
+    NewMessage: LmdbStore._new_message,  # type: ignore[dict-item]
+    AckPosition: LmdbStore._ack,  # type: ignore[dict-item]
+    TouchDevice: LmdbStore._touch,  # type: ignore[dict-item]
+    MarkRead: LmdbStore._mark_read,  # type: ignore[dict-item]
+    Reclaim: LmdbStore._reclaim,  # type: ignore[dict-item]
+}

@@ -1,0 +1,447 @@
+"""In-memory reference implementation of :class:`~pimcore.store.base.Store`.
+
+Not durable.  It is the oracle the LMDB backend is tested against (the same
+contract tests run on both, and a model-based test compares them op for op),
+so it favours being obviously right over being clever:
+
+* state is a handful of plain dicts, each mirroring one LMDB sub-database;
+* atomicity of :meth:`MemoryStore.commit` comes from an undo log: every
+  mutation inside a commit goes through :meth:`_set` / :meth:`_del`, which
+  record the previous value; if an op raises, the log is replayed backwards
+  and the store is exactly as before the batch;
+* one re-entrant lock serialises every public method, so a commit running in
+  a worker thread is never seen half-applied by a reader.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable, Iterable, Optional
+
+from ..errors import ErrorCode, StoreError
+from .base import (
+    AckPosition,
+    Acked,
+    Appended,
+    DeviceState,
+    Duplicate,
+    MarkRead,
+    NewMessage,
+    Op,
+    ReadMarked,
+    Reclaim,
+    Reclaimed,
+    Rejected,
+    Result,
+    Store,
+    StoredMessage,
+    TouchDevice,
+    Touched,
+    WriteBatch,
+    direct_members,
+    is_direct,
+    malformed,
+    member_set,
+    valid_conversation,
+    valid_id,
+)
+
+__all__ = ["MemoryStore"]
+
+_MISSING: Any = object()
+
+#: Flags of a (user, conv) entry in the conversation list.  Why two: a group
+#: member with no message yet must be listed (MEMBER), and a removed member
+#: keeps the conversations they received messages in (HAS_MESSAGES).
+MEMBER = 1
+HAS_MESSAGES = 2
+
+
+class MemoryStore(Store):
+    """Dict-based :class:`Store`; see the module docstring."""
+
+    def __init__(self, node_id: Optional[bytes] = None) -> None:
+        if node_id is not None and (not isinstance(node_id, bytes) or len(node_id) != 8):
+            raise ValueError("node_id must be 8 bytes")
+        self._node = node_id if node_id is not None else os.urandom(8)
+        self._lock = threading.RLock()
+        self._closed = False
+        #: (table, key, previous value or _MISSING) per mutation, while a
+        #: commit runs; None outside commits (admin calls validate first and
+        #: cannot fail half-way).
+        self._undo: Optional[list[tuple[dict, Any, Any]]] = None
+
+        self._hwm: dict[str, int] = {"server_time": 0}
+        self._msgs: dict[bytes, StoredMessage] = {}
+        self._conv_last: dict[str, int] = {}
+        self._conv_seq: dict[tuple[str, int], bytes] = {}  # (conv, seq) -> msg_id
+        self._groups: dict[str, int] = {}  # conv -> created_at
+        self._members: dict[str, frozenset[str]] = {}  # conv -> members
+        self._userconv: dict[str, dict[str, int]] = {}  # user -> conv -> flags
+        self._inbox: dict[str, dict[int, tuple[bytes, int]]] = {}  # user -> pos -> (msg_id, server_time)
+        self._head: dict[str, int] = {}
+        self._floor: dict[str, int] = {}
+        self._devices: dict[str, dict[str, DeviceState]] = {}
+        self._dedupe: dict[tuple[str, str, int], tuple[bytes, int, int, bytes]] = {}
+        self._reads: dict[tuple[str, str], int] = {}
+
+    # ------------------------------------------------------------ plumbing
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("store is closed")
+
+    def _set(self, table: dict, key: Any, value: Any) -> None:
+        if self._undo is not None:
+            self._undo.append((table, key, table.get(key, _MISSING)))
+        table[key] = value
+
+    def _del(self, table: dict, key: Any) -> None:
+        if self._undo is not None:
+            self._undo.append((table, key, table[key]))
+        del table[key]
+
+    def _sub(self, table: dict, key: Any) -> dict:
+        """The nested dict ``table[key]``, created (undoably) if missing.
+        Replaying the log backwards undoes writes into the nested dict before
+        the creation of the dict itself."""
+        inner = table.get(key)
+        if inner is None:
+            inner = {}
+            self._set(table, key, inner)
+        return inner
+
+    def _rollback(self) -> None:
+        assert self._undo is not None
+        for table, key, old in reversed(self._undo):
+            if old is _MISSING:
+                table.pop(key, None)
+            else:
+                table[key] = old
+
+    def _group_members(self, conv: str) -> Optional[frozenset[str]]:
+        """Members of a well-formed conversation id, None if it is an unknown
+        group."""
+        pair = direct_members(conv)
+        if pair is not None:
+            return frozenset(pair)
+        if conv not in self._groups:
+            return None
+        return self._members[conv]
+
+    def _flag(self, user: str, conv: str, bit: int, on: bool) -> None:
+        convs = self._sub(self._userconv, user)
+        old = convs.get(conv, 0)
+        new = (old | bit) if on else (old & ~bit)
+        if new == old:
+            return
+        if new:
+            self._set(convs, conv, new)
+        else:
+            self._del(convs, conv)
+
+    # ------------------------------------------------- identity and clock
+
+    def node_id(self) -> bytes:
+        with self._lock:
+            self._check_open()
+            return self._node
+
+    def last_server_time(self) -> int:
+        with self._lock:
+            self._check_open()
+            return self._hwm["server_time"]
+
+    # -------------------------------------------------------------- writes
+
+    def commit(self, batch: WriteBatch) -> tuple[Result, ...]:
+        with self._lock:
+            self._check_open()
+            self._undo = []
+            try:
+                return tuple(self._apply(op) for op in batch.ops)
+            except BaseException as exc:
+                # All or nothing: the batch is one transaction.
+                self._rollback()
+                if isinstance(exc, Exception):
+                    raise StoreError(f"batch {batch.batch_id} not committed: {exc!r}") from exc
+                raise
+            finally:
+                self._undo = None
+
+    def _apply(self, op: Op) -> Result:
+        kind = type(op)
+        if kind not in _HANDLERS:
+            raise TypeError(f"not a store op: {kind.__name__}")
+        if malformed(op):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        return _HANDLERS[kind](self, op)
+
+    def _new_message(self, op: NewMessage) -> Result:
+        key = (op.sender, op.device, op.local_id)
+        prior = self._dedupe.get(key)
+        if prior is not None:
+            msg_id, seq, server_time, digest = prior
+            if digest == op.digest:
+                return Duplicate(msg_id, seq, server_time)
+            return Rejected(ErrorCode.DUPLICATE_CONFLICT)
+        if not valid_conversation(op.conv):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        members = self._group_members(op.conv)
+        if members is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        if op.sender not in members:
+            return Rejected(ErrorCode.NOT_MEMBER)
+        if op.msg_id in self._msgs:
+            return Rejected(ErrorCode.INTERNAL)
+
+        seq = self._conv_last.get(op.conv, 0) + 1
+        self._set(self._conv_last, op.conv, seq)
+        self._set(self._conv_seq, (op.conv, seq), op.msg_id)
+        self._set(
+            self._msgs,
+            op.msg_id,
+            StoredMessage(
+                msg_id=op.msg_id,
+                conv=op.conv,
+                seq=seq,
+                sender=op.sender,
+                device=op.device,
+                local_id=op.local_id,
+                client_time=op.client_time,
+                server_time=op.server_time,
+                payload=op.payload,
+            ),
+        )
+        positions = []
+        for user in sorted(members):
+            pos = self._head.get(user, 0) + 1
+            self._set(self._head, user, pos)
+            self._set(self._sub(self._inbox, user), pos, (op.msg_id, op.server_time))
+            self._flag(user, op.conv, HAS_MESSAGES, True)
+            positions.append((user, pos))
+        self._set(self._dedupe, key, (op.msg_id, seq, op.server_time, op.digest))
+        if op.server_time > self._hwm["server_time"]:
+            self._set(self._hwm, "server_time", op.server_time)
+        return Appended(op.msg_id, seq, op.server_time, tuple(positions))
+
+    def _register(self, user: str, device: str, position: int, now: int) -> tuple[DeviceState, bool]:
+        """Shared by Touch and Ack: create at the floor if unknown, move
+        forward to ``position`` clamped to the head, refresh last_seen."""
+        devs = self._sub(self._devices, user)
+        old = devs.get(device)
+        new = old is None
+        if old is None:
+            old = DeviceState(user, device, self._floor.get(user, 0), now)
+        target = min(position, self._head.get(user, 0))
+        state = DeviceState(user, device, max(old.position, target), max(old.last_seen, now))
+        self._set(devs, device, state)
+        return state, new
+
+    def _ack(self, op: AckPosition) -> Result:
+        state, _ = self._register(op.user, op.device, op.pos, op.now)
+        return Acked(op.user, op.device, state.position)
+
+    def _touch(self, op: TouchDevice) -> Result:
+        state, new = self._register(op.user, op.device, op.position, op.now)
+        return Touched(op.user, op.device, state.position, new)
+
+    def _mark_read(self, op: MarkRead) -> Result:
+        members = self._group_members(op.conv)
+        if members is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        if op.user not in members and op.conv not in self._userconv.get(op.user, {}):
+            return Rejected(ErrorCode.NOT_MEMBER)
+        last = self._conv_last.get(op.conv, 0)
+        old = self._reads.get((op.user, op.conv), 0)
+        new = max(old, min(op.seq, last))
+        if new != old:
+            self._set(self._reads, (op.user, op.conv), new)
+        return ReadMarked(op.user, op.conv, new, last, self._unread(op.user, op.conv), new != old)
+
+    def _reclaim(self, op: Reclaim) -> Result:
+        seen_cutoff = op.now - op.device_retention
+        forgotten = 0
+        for devs in self._devices.values():
+            for device, state in list(devs.items()):
+                if state.last_seen < seen_cutoff:
+                    self._del(devs, device)
+                    forgotten += 1
+        age_cutoff = op.now - op.max_age
+        removed = 0
+        for user, head in self._head.items():
+            known = self._devices.get(user)
+            floor = self._floor.get(user, 0)
+            # No device: nothing was acked by "every device" (see Reclaim).
+            acked = min(d.position for d in known.values()) if known else floor
+            inbox = self._inbox[user]
+            pos = floor
+            while pos < head and (pos + 1 <= acked or inbox[pos + 1][1] < age_cutoff):
+                pos += 1
+                self._del(inbox, pos)
+            if pos != floor:
+                self._set(self._floor, user, pos)
+                removed += pos - floor
+        return Reclaimed(removed, forgotten)
+
+    # ---------------------------------------------------------- group admin
+
+    @staticmethod
+    def _check_group_id(conv: str) -> None:
+        if not valid_conversation(conv) or is_direct(conv):
+            raise ValueError(f"not a group id: {conv!r}")
+
+    def create_group(self, conv: str, members: Iterable[str], now: int) -> None:
+        users = member_set(members)
+        with self._lock:
+            self._check_open()
+            self._check_group_id(conv)
+            if type(now) is not int:
+                raise ValueError("now must be an int")
+            if conv in self._groups:
+                raise ValueError(f"group exists: {conv!r}")
+            self._groups[conv] = now
+            self._members[conv] = frozenset(users)
+            for user in users:
+                self._flag(user, conv, MEMBER, True)
+
+    def _change_members(self, conv: str, users: Iterable[str], add: bool) -> None:
+        wanted = member_set(users)
+        with self._lock:
+            self._check_open()
+            self._check_group_id(conv)
+            if conv not in self._groups:
+                raise KeyError(conv)
+            current = self._members[conv]
+            self._members[conv] = current | wanted if add else current - wanted
+            for user in wanted:
+                self._flag(user, conv, MEMBER, add)
+
+    def add_members(self, conv: str, users: Iterable[str]) -> None:
+        self._change_members(conv, users, True)
+
+    def remove_members(self, conv: str, users: Iterable[str]) -> None:
+        self._change_members(conv, users, False)
+
+    # --------------------------------------------------------------- reads
+
+    def conversation_exists(self, conv: str) -> bool:
+        with self._lock:
+            self._check_open()
+            return valid_conversation(conv) and self._group_members(conv) is not None
+
+    def members(self, conv: str) -> tuple[str, ...]:
+        with self._lock:
+            self._check_open()
+            if not valid_conversation(conv):
+                return ()
+            return tuple(sorted(self._group_members(conv) or ()))
+
+    def is_member(self, conv: str, user: str) -> bool:
+        with self._lock:
+            self._check_open()
+            if not valid_conversation(conv):
+                return False
+            return user in (self._group_members(conv) or ())
+
+    def last_seq(self, conv: str) -> int:
+        with self._lock:
+            self._check_open()
+            return self._conv_last.get(conv, 0)
+
+    def history(self, conv: str, from_seq: int, limit: int, backward: bool = False) -> list[StoredMessage]:
+        with self._lock:
+            self._check_open()
+            last = self._conv_last.get(conv, 0)
+            if limit <= 0:
+                return []
+            # Seqs are exactly 1..last (gap-free), so a page is a seq range.
+            if backward:
+                top = last if from_seq <= 0 else min(from_seq - 1, last)
+                seqs = range(top, max(top - limit, 0), -1)
+            else:
+                start = max(from_seq, 0) + 1
+                seqs = range(start, min(last, start + limit - 1) + 1)
+            return [self._msgs[self._conv_seq[(conv, s)]] for s in seqs]
+
+    def message(self, msg_id: bytes) -> Optional[StoredMessage]:
+        with self._lock:
+            self._check_open()
+            return self._msgs.get(msg_id)
+
+    def inbox_head(self, user: str) -> int:
+        with self._lock:
+            self._check_open()
+            return self._head.get(user, 0)
+
+    def inbox_floor(self, user: str) -> int:
+        with self._lock:
+            self._check_open()
+            return self._floor.get(user, 0)
+
+    def inbox_range(self, user: str, after: int, limit: int) -> list[tuple[int, StoredMessage]]:
+        with self._lock:
+            self._check_open()
+            inbox = self._inbox.get(user, {})
+            # Entries are exactly floor+1..head (reclaim removes a prefix).
+            start = max(after, self._floor.get(user, 0)) + 1
+            end = min(self._head.get(user, 0), start + limit - 1)
+            return [(pos, self._msgs[inbox[pos][0]]) for pos in range(start, end + 1)]
+
+    def device(self, user: str, device: str) -> Optional[DeviceState]:
+        with self._lock:
+            self._check_open()
+            return self._devices.get(user, {}).get(device)
+
+    def devices(self, user: str) -> list[DeviceState]:
+        with self._lock:
+            self._check_open()
+            devs = self._devices.get(user, {})
+            return [devs[d] for d in sorted(devs)]
+
+    def read_marker(self, user: str, conv: str) -> int:
+        with self._lock:
+            self._check_open()
+            return self._reads.get((user, conv), 0)
+
+    def read_positions(self, conv: str) -> dict[str, int]:
+        with self._lock:
+            self._check_open()
+            if not valid_conversation(conv):
+                return {}
+            return {u: self._reads.get((u, conv), 0) for u in sorted(self._group_members(conv) or ())}
+
+    def _unread(self, user: str, conv: str) -> int:
+        marker = self._reads.get((user, conv), 0)
+        last = self._conv_last.get(conv, 0)
+        return sum(
+            1 for s in range(marker + 1, last + 1) if self._msgs[self._conv_seq[(conv, s)]].sender != user
+        )
+
+    def unread(self, user: str, conv: str) -> int:
+        with self._lock:
+            self._check_open()
+            if not (valid_id(user) and valid_conversation(conv)):
+                return 0
+            return self._unread(user, conv)
+
+    def conversations(self, user: str) -> list[str]:
+        with self._lock:
+            self._check_open()
+            return sorted(self._userconv.get(user, {}))
+
+    # ----------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+
+_HANDLERS: dict[type, Callable[[MemoryStore, Any], Result]] = {
+    NewMessage: MemoryStore._new_message,
+    AckPosition: MemoryStore._ack,
+    TouchDevice: MemoryStore._touch,
+    MarkRead: MemoryStore._mark_read,
+    Reclaim: MemoryStore._reclaim,
+}

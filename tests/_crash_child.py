@@ -1,0 +1,97 @@
+"""Child process of the crash test (tests/test_store_crash.py); not a test.
+
+Usage: python _crash_child.py STORE_DIR PLAN_FILE SEED
+
+Opens ``LmdbStore(STORE_DIR, durability="sync")``, creates the test group if
+missing, then sends the plan's messages in randomly sized batches.  The plan
+is JSON: a list of ``[sender, device, local_id, conv, payload_hex]`` in send
+order (retries included, as a reconnecting client would send them).  After
+each commit returns -- i.e. after the fsync -- it prints one line per op
+result and flushes:
+
+    TRY <start> <end>          (before the commit of plan[start:end])
+    ACK <sender> <device> <local_id> <A|D> <msg_id hex> <seq> <server_time>
+    REJ <sender> <device> <local_id> <code>
+
+The parent SIGKILLs this process at a random moment, so the store must
+survive being killed anywhere: mid-transaction, mid-fsync, between the
+commit and the print.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+import time
+
+from pimcore.clock import HybridClock
+from pimcore.store import Appended, Duplicate, LmdbStore, NewMessage, Rejected, WriteBatch
+
+GROUP = "crashgroup"
+GROUP_MEMBERS = ("alice", "bob", "carol", "dave")
+
+
+def digest(conv: str, payload: bytes) -> bytes:
+    return hashlib.sha256(conv.encode() + b"\0" + payload).digest()[:16]
+
+
+def main(store_dir: str, plan_file: str, seed: int) -> int:
+    rng = random.Random(seed)
+    with open(plan_file) as f:
+        plan = json.load(f)
+    store = LmdbStore(store_dir, durability="sync")
+    if not store.conversation_exists(GROUP):
+        store.create_group(GROUP, GROUP_MEMBERS, now=0)
+    node = store.node_id()
+    # Like a broker restarting on this store: never stamp an earlier time.
+    clock = HybridClock(store.last_server_time())
+    out = sys.stdout
+    out.write("READY\n")
+    out.flush()
+    i = 0
+    batch_id = 0
+    while i < len(plan):
+        chunk = plan[i : i + rng.randint(1, 8)]
+        # Announced before the commit: an entry the parent saw no TRY for
+        # was certainly never given to the store.
+        out.write(f"TRY {i} {i + len(chunk)}\n")
+        out.flush()
+        i += len(chunk)
+        ops = []
+        for sender, device, local_id, conv, payload_hex in chunk:
+            payload = bytes.fromhex(payload_hex)
+            server_time = clock.tick(time.time_ns() // 1000)
+            ops.append(
+                NewMessage(
+                    msg_id=server_time.to_bytes(8, "big") + node,
+                    conv=conv,
+                    sender=sender,
+                    device=device,
+                    local_id=local_id,
+                    client_time=server_time,
+                    server_time=server_time,
+                    payload=payload,
+                    digest=digest(conv, payload),
+                )
+            )
+        batch_id += 1
+        results = store.commit(WriteBatch(batch_id, tuple(ops)))
+        lines = []
+        for op, res in zip(ops, results):
+            key = f"{op.sender} {op.device} {op.local_id}"
+            if isinstance(res, (Appended, Duplicate)):
+                kind = "A" if isinstance(res, Appended) else "D"
+                lines.append(f"ACK {key} {kind} {res.msg_id.hex()} {res.seq} {res.server_time}\n")
+            else:
+                assert isinstance(res, Rejected)
+                lines.append(f"REJ {key} {int(res.code)}\n")
+        out.write("".join(lines))
+        out.flush()
+    store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
