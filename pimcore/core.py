@@ -360,8 +360,13 @@ class Broker:
                 assert isinstance(ctx, _PendingSend)
                 self._finish_send(op, ctx, res, to_pump, out)
             elif isinstance(op, MarkRead):
-                assert isinstance(ctx, _ReadCtx) and isinstance(res, ReadMarked)
-                self._finish_read(op, ctx, res, out)
+                assert isinstance(ctx, _ReadCtx)
+                if isinstance(res, ReadMarked):
+                    self._finish_read(op, ctx, res, out)
+                elif isinstance(res, Rejected):
+                    # e.g. removed from the group while the Read waited for
+                    # the batch: the store is authoritative, tell the device.
+                    self._error(ctx.conn, res.code, 0, f"Read {op.conv!r}: {res.code.name.lower()}", out)
             elif isinstance(res, Reclaimed):
                 self._stats["reclaimed_entries"] += res.entries
             # Acked / Touched need no reaction: the in-memory session already

@@ -502,6 +502,21 @@ def test_group_read_positions_are_queryable_and_no_receipts_in_groups(h):
     assert h.broker.read_positions("team") == {"alice": 0, "bob": 2, "carol": 0}
 
 
+def test_read_refused_by_the_store_is_reported_not_a_crash(h):
+    # bob is a member when he sends Read, but is removed before the batch
+    # commits (and never received a message there): the store refuses.
+    h.broker.create_group("team", ["alice", "bob"], h.now)
+    bob = h.login("bob", "phone")
+    h.hold_commits = True
+    h.feed(bob, F.Read("team", 1))
+    h.broker.remove_members("team", ["bob"])
+    h.release()
+    [err] = h.take(bob, F.Error)
+    assert err.code == ErrorCode.NOT_MEMBER and "team" in err.reason
+    assert bob not in h.closed
+    assert h.store.read_marker("bob", "team") == 0
+
+
 def test_read_of_unknown_conversation_is_an_error_not_a_close(h):
     bob = h.login("bob", "phone")
     h.feed(bob, F.Read("ghost-town", 1))
