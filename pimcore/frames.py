@@ -291,7 +291,7 @@ class Pong:
 @dataclass(frozen=True, slots=True)
 class Error:
     """A request failed but the connection stays open.  ``ref`` names the
-    request when it has an id (SyncReq.req_id), else 0."""
+    request when it has an id (the local_id of a REJECTED SendReq), else 0."""
 
     TYPE: ClassVar[FrameType] = FrameType.ERROR
     code: int  # u   ErrorCode
