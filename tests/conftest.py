@@ -6,8 +6,15 @@ import os
 from types import ModuleType
 
 import pytest
+from hypothesis import settings
 
 from pimcore import _backend
+
+# No per-example deadline anywhere: timing is for bench/, and a loaded CI
+# machine must not turn a slow fsync into a failure.  Failing examples print a
+# blob that reproduces them (@reproduce_failure).
+settings.register_profile("pimcore", deadline=None, print_blob=True)
+settings.load_profile("pimcore")
 
 
 @pytest.fixture(params=["cython", "pure"], scope="session")
