@@ -178,7 +178,7 @@ class _ConnState(Enum):
 class _Conn:
     __slots__ = ("id", "state", "opened", "decoder", "user", "device", "inflight")
 
-    def __init__(self, conn_id: int, now: int, max_frame: int) -> None:
+    def __init__(self, conn_id: int, now: int) -> None:
         self.id = conn_id
         self.state = _ConnState.AWAITING_LOGIN
         self.opened = now
@@ -299,7 +299,7 @@ class Broker:
     def connection_made(self, conn: int, now: int) -> list[Command]:
         if conn in self._conns:
             raise ValueError(f"connection {conn} already exists")
-        self._conns[conn] = _Conn(conn, now, self.config.limits.max_frame)
+        self._conns[conn] = _Conn(conn, now)
         return []
 
     def connection_lost(self, conn: int, now: int) -> list[Command]:
@@ -600,8 +600,7 @@ class Broker:
         if hook is not None:
             reason = hook(c.user, f.conv, f.payload)
             if reason is not None:
-                self._stats["rejected"] += 1
-                self._send(c.id, F.SendAck(f.local_id, ErrorCode.REJECTED, b"", 0, 0), out)
+                refuse(ErrorCode.REJECTED)
                 self._error(c.id, ErrorCode.REJECTED, f.local_id, reason, out)
                 return
         server_time = self._clock.tick(now)
