@@ -100,12 +100,18 @@ class Limits:
     push_window: int = 1024  # delivered-but-unacked inbox positions per device
     sync_page: int = 200  # messages per SyncResp
     read_state_batch: int = 256  # ReadState entries per SyncRead frame at login
-    heartbeat_ms: int = 0  # announced to clients; enforced by the network layer
+    heartbeat_ms: int = 0  # announced: clients Ping when idle this long; 0 = no heartbeats
+    # Sustained SendReqs per second per connection (token bucket), 0 = unlimited;
+    # send_burst is the bucket size (a burst a well-behaved client may send at once).
+    send_rate: float = 0.0
+    send_burst: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_frame", "max_payload", "window", "push_batch", "push_window", "sync_page", "read_state_batch"):
+        for name in ("max_frame", "max_payload", "window", "push_batch", "push_window", "sync_page", "read_state_batch", "send_burst"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Limits.{name} must be >= 1")
+        if self.heartbeat_ms < 0 or self.send_rate < 0:
+            raise ValueError("Limits.heartbeat_ms and Limits.send_rate must be >= 0")
         if self.max_payload > self.max_frame:
             raise ValueError("Limits.max_payload cannot exceed max_frame")
 
@@ -131,6 +137,13 @@ class BrokerConfig:
     limits: Limits = field(default_factory=Limits)
     max_batch_ops: int = 4096  # ops in one store transaction
     login_timeout: int = 10 * SECOND  # a connection must log in within this
+    # A logged-in connection that sends nothing (not even a Ping) for this long
+    # is a dead peer: closed with IDLE_TIMEOUT.  0 = never.  Pick it a few
+    # times Limits.heartbeat_ms, so one lost Ping does not kill a session.
+    idle_timeout: int = 0
+    # A connection refused this many SendReqs in a row for exceeding
+    # Limits.send_rate is closed with RATE_LIMITED (it ignores the refusals).
+    rate_limit_strikes: int = 1024
     reclaim_interval: int = 60 * SECOND
     device_retention: int = 30 * DAY  # devices unseen this long stop holding inbox entries
     inbox_max_age: int = 90 * DAY  # inbox entries older than this are reclaimed regardless
@@ -176,12 +189,17 @@ class _ConnState(Enum):
 
 
 class _Conn:
-    __slots__ = ("id", "state", "opened", "decoder", "user", "device", "inflight")
+    __slots__ = ("id", "state", "opened", "last_seen", "decoder", "user", "device", "inflight", "tokens", "refill_at", "strikes")
 
     def __init__(self, conn_id: int, now: int) -> None:
         self.id = conn_id
         self.state = _ConnState.AWAITING_LOGIN
         self.opened = now
+        self.last_seen = now  # last time any byte arrived (idle timeout)
+        # Send-rate token bucket (Limits.send_rate): tokens left, as of refill_at.
+        self.tokens = 0.0
+        self.refill_at = now
+        self.strikes = 0  # consecutive RATE_LIMITED refusals
         self.decoder: Optional[Decoder] = None  # created on first receive_data
         self.user = ""
         self.device = ""
@@ -316,6 +334,7 @@ class Broker:
             return []
         if c.decoder is None:
             c.decoder = Decoder(self.config.limits.max_frame)
+        c.last_seen = now
         out: list[Command] = []
         try:
             c.decoder.feed(data)
@@ -337,6 +356,7 @@ class Broker:
         c = self._conns.get(conn)
         out: list[Command] = []
         if c is not None:
+            c.last_seen = now
             self._dispatch(c, frame, now, out)
             self._maybe_commit(out)
         return out
@@ -407,12 +427,16 @@ class Broker:
     # ------------------------------------------------------------ time
 
     def tick(self, now: int) -> list[Command]:
-        """Call periodically (e.g. every second): login timeouts, reclamation."""
+        """Call periodically (e.g. every second): login and idle timeouts,
+        reclamation."""
         out: list[Command] = []
+        idle = self.config.idle_timeout
         deadline = now - self.config.login_timeout
         for c in list(self._conns.values()):
             if c.state is _ConnState.AWAITING_LOGIN and c.opened <= deadline:
                 self._close(c, CloseCode.LOGIN_TIMEOUT, "no Login within the login timeout", out)
+            elif idle and c.state is _ConnState.ACTIVE and c.last_seen <= now - idle:
+                self._close(c, CloseCode.IDLE_TIMEOUT, "nothing received within the idle timeout", out)
         if self._next_reclaim is None:
             self._next_reclaim = now + self.config.reclaim_interval
         elif now >= self._next_reclaim:
@@ -512,6 +536,8 @@ class Broker:
 
         c.state = _ConnState.ACTIVE
         c.user, c.device = user, device
+        c.tokens = float(self.config.limits.send_burst)
+        c.refill_at = now
         dev = _Device(c.id, user, device, position)
         self._online.setdefault(user, {})[device] = dev
         self._heads[user] = max(self._heads.get(user, 0), head)
@@ -579,7 +605,20 @@ class Broker:
             self._stats["rejected"] += 1
             self._send(c.id, F.SendAck(f.local_id, code, b"", 0, 0), out)
 
-        if c.inflight >= self.config.limits.window:
+        lim = self.config.limits
+        if lim.send_rate:
+            # Token bucket: refill at send_rate per second up to send_burst.
+            c.tokens = min(float(lim.send_burst), c.tokens + (now - c.refill_at) * lim.send_rate / SECOND)
+            c.refill_at = now
+            if c.tokens < 1.0:
+                c.strikes += 1
+                if c.strikes >= self.config.rate_limit_strikes:
+                    self._close(c, CloseCode.RATE_LIMITED, "kept sending above the send rate limit", out)
+                    return None
+                return refuse(ErrorCode.RATE_LIMITED)
+            c.tokens -= 1.0
+            c.strikes = 0
+        if c.inflight >= lim.window:
             return refuse(ErrorCode.TOO_MANY_IN_FLIGHT)
         if len(f.payload) > self.config.limits.max_payload:
             return refuse(ErrorCode.PAYLOAD_TOO_LARGE)
@@ -706,10 +745,12 @@ class Broker:
     def _finish_read(self, op: MarkRead, ctx: _ReadCtx, res: ReadMarked, out: list[Command]) -> None:
         if not res.changed:
             return
+        # Every device of the reader, the reading one included: for it, the
+        # SyncRead confirms the marker is durable and carries the store's
+        # unread count (a client cannot count what it never downloaded).
         state = F.SyncRead((F.ReadState(res.conv, res.read_seq, res.last_seq, res.unread),))
         for dev in self._online.get(res.user, {}).values():
-            if dev.device != ctx.device:
-                self._send(dev.conn, state, out)
+            self._send(dev.conn, state, out)
         pair = direct_members(res.conv)
         if pair is not None:
             peer = pair[1] if pair[0] == res.user else pair[0]

@@ -99,6 +99,53 @@ def test_login_timeout(h):
     assert h.closed[idle].code is CloseCode.LOGIN_TIMEOUT
 
 
+def test_idle_timeout_closes_silent_connections_and_any_frame_keeps_them(store):
+    h = Harness(store, BrokerConfig(limits=Limits(heartbeat_ms=1000), idle_timeout=3_000_000))
+    quiet = h.login("alice", "phone")
+    chatty = h.login("bob", "phone")
+    for _ in range(5):
+        h.advance(1_000_000)
+        h.feed(chatty, F.Ping(7))  # the heartbeat a client sends when idle
+        if quiet in h.closed:
+            break
+    assert h.closed[quiet].code is CloseCode.IDLE_TIMEOUT
+    assert chatty not in h.closed and h.take(chatty, F.Pong)[-1] == F.Pong(7)
+    assert h.broker.online_devices("alice") == []
+
+
+def test_idle_timeout_disabled_by_default(h):
+    c = h.login("alice", "phone")
+    h.advance(10 * 24 * 3600 * 1_000_000)
+    assert c not in h.closed
+
+
+def test_send_rate_limit_refuses_with_a_clear_code_and_refills(store):
+    lim = Limits(send_rate=10.0, send_burst=3)
+    h = Harness(store, BrokerConfig(limits=lim, rate_limit_strikes=5))
+    a = h.login("alice", "phone")
+    h.take(a)
+    for k in range(5):
+        h.send(a, AB, b"m%d" % k)
+    codes = [ack.code for ack in h.acks(a)]
+    assert codes == [ErrorCode.OK] * 3 + [ErrorCode.RATE_LIMITED] * 2
+    h.advance(100_000)  # 0.1 s at 10/s: one token back
+    h.send(a, AB, b"later")
+    h.send(a, AB, b"too soon")
+    assert [ack.code for ack in h.acks(a)] == [ErrorCode.OK, ErrorCode.RATE_LIMITED]
+    assert [m.payload for m in h.store.history(AB, 0, 10)] == [b"m0", b"m1", b"m2", b"later"]
+
+
+def test_a_client_ignoring_rate_limit_refusals_is_closed(store):
+    h = Harness(store, BrokerConfig(limits=Limits(send_rate=1.0, send_burst=1), rate_limit_strikes=4))
+    a = h.login("alice", "phone")
+    for k in range(10):
+        h.send(a, AB, b"spam")
+        if a in h.closed:
+            break
+    assert h.closed[a].code is CloseCode.RATE_LIMITED
+    assert len(h.store.history(AB, 0, 10)) == 1  # what was acked is intact
+
+
 # ---------------------------------------------------------------- upstream reliability
 
 
@@ -448,7 +495,8 @@ def test_read_marker_syncs_to_other_devices_and_receipts_go_to_the_peer(h):
         h.send(alice, AB, b"m%d" % k)
     h.take(alice), h.take(phone), h.take(laptop)
     h.feed(phone, F.Read(AB, 2))
-    assert h.take(phone, F.SyncRead) == []  # the reader already knows
+    # The reader gets the durable marker with the store's unread count too.
+    assert [f.entries for f in h.take(phone, F.SyncRead)] == [(F.ReadState(AB, 2, 3, 1),)]
     [sync] = h.take(laptop, F.SyncRead)
     assert sync.entries == (F.ReadState(AB, 2, 3, 1),)
     [receipt] = h.take(alice, F.ReadReceipt)
