@@ -59,6 +59,7 @@ class CloseCode(IntEnum):
     RATE_LIMITED = 7
     SHUTDOWN = 8
     INTERNAL = 9
+    OVERLOADED = 10  # the broker refuses more connections
 
 
 class PimError(Exception):

@@ -336,6 +336,10 @@ class Store(ABC):
     store is closed.
     """
 
+    #: True if commit() may run in a worker thread while reads run elsewhere
+    #: (the network layer then keeps serving while a batch syncs).
+    thread_safe_commit = False
+
     # -- identity and clock ------------------------------------------------
 
     @abstractmethod

@@ -336,6 +336,9 @@ class LmdbStore(Store):
         across all processes using the environment).
     """
 
+    #: Reads may run on the event loop while a commit syncs in a worker thread.
+    thread_safe_commit = True
+
     def __init__(
         self,
         path: Union[str, "os.PathLike[str]"],

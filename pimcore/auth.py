@@ -1,0 +1,122 @@
+"""Token authentication: JWT (HS256) issued by the backend that fronts pimcore.
+
+The backend that owns users (the embedding application) signs a short-lived
+token with a secret it shares with the broker; the client presents it in
+``Login``.  Claims::
+
+    sub   user id (required)
+    dev   device id (optional; when present the token is bound to that device)
+    exp   expiry, seconds since the epoch (required)
+    iat   issue time
+    aud   "pimcore"
+
+Verification is sans-IO like the core: ``now`` is passed in, so expiry is
+checked against the broker's clock, not read inside PyJWT.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import jwt
+
+from .core import Identity
+from .errors import AuthError
+
+__all__ = ["AUDIENCE", "issue_token", "JwtAuthenticator", "load_or_create_secret", "SECRET_FILE"]
+
+AUDIENCE = "pimcore"
+ALGORITHM = "HS256"
+SECRET_FILE = "secret"
+#: HS256 keys shorter than this are refused: they are guessable offline.
+MIN_SECRET_BYTES = 32
+
+
+def _key(secret: Union[str, bytes]) -> bytes:
+    key = secret.encode() if isinstance(secret, str) else bytes(secret)
+    if len(key) < MIN_SECRET_BYTES:
+        raise ValueError(f"the token secret must be at least {MIN_SECRET_BYTES} bytes")
+    return key
+
+
+def issue_token(
+    secret: Union[str, bytes],
+    user: str,
+    device: Optional[str] = None,
+    *,
+    ttl: float = 3600.0,
+    now: Optional[float] = None,
+) -> str:
+    """A signed token for ``user`` (bound to ``device`` if given), valid for
+    ``ttl`` seconds from ``now`` (seconds since the epoch; default: now)."""
+    issued = time.time() if now is None else now
+    claims: dict[str, object] = {"sub": user, "aud": AUDIENCE, "iat": int(issued), "exp": int(issued + ttl)}
+    if device is not None:
+        claims["dev"] = device
+    return jwt.encode(claims, _key(secret), algorithm=ALGORITHM)
+
+
+class JwtAuthenticator:
+    """``Broker`` authenticator: ``(token, now_us) -> Identity`` or AuthError.
+
+    ``leeway`` (seconds) tolerates small clock differences between the
+    backend that issued the token and the broker.
+    """
+
+    __slots__ = ("_key", "_leeway")
+
+    def __init__(self, secret: Union[str, bytes], *, leeway: float = 30.0) -> None:
+        self._key = _key(secret)
+        self._leeway = leeway
+
+    def __call__(self, token: bytes, now: int) -> Identity:
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=[ALGORITHM],  # never "none", never a key-confused RS256
+                audience=AUDIENCE,
+                # exp is checked below against the broker's clock (sans-IO).
+                options={"require": ["sub", "exp"], "verify_exp": False, "verify_iat": False, "verify_nbf": False},
+            )
+        except jwt.InvalidSignatureError:
+            raise AuthError("token signature is invalid") from None
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"token is invalid: {exc}") from None
+        exp = claims["exp"]
+        if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+            raise AuthError("token expiry is not a number")
+        if now / 1_000_000 > exp + self._leeway:
+            raise AuthError("token has expired")
+        user = claims["sub"]
+        device = claims.get("dev")
+        if not isinstance(user, str) or (device is not None and not isinstance(device, str)):
+            raise AuthError("token claims have the wrong types")
+        return Identity(user, device)
+
+
+def load_or_create_secret(data_dir: Union[str, Path]) -> bytes:
+    """The broker's token secret, kept in ``data_dir/secret`` (mode 0600);
+    created with 32 random bytes on first use so a first run needs no setup."""
+    path = Path(data_dir) / SECRET_FILE
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = secrets.token_hex(32)
+        # O_EXCL: two processes racing to create it cannot both win.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return load_or_create_secret(data_dir)
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    if not text:
+        raise ValueError(f"{path} is empty")
+    return text.encode()

@@ -1,0 +1,472 @@
+"""The broker's network layer: thin trio glue over the sans-IO core.
+
+Per connection there is one reader task (bytes -> ``Broker.receive_data``)
+and one writer task that owns the socket's send side (so frames are never
+interleaved; this is the "locked sender").  Commands coming out of the core
+are executed synchronously by :meth:`BrokerServer._run`: ``SendFrame``
+appends encoded bytes to the connection's outbound buffer and wakes its
+writer; ``CloseConnection`` queues a Close frame and ends the connection
+once it is flushed; ``Commit`` goes to the single committer task, which runs
+``Store.commit`` in a worker thread and feeds the outcome back.
+
+No protocol logic lives here.  What does live here, because only the
+network layer can know it:
+
+* **Bounded memory per connection.**  The core already bounds pushes by the
+  device's push window, but a peer that stops reading would still make the
+  outbound buffer grow.  Beyond ``max_outbound_bytes`` the connection is
+  dropped with ``SLOW_CONSUMER``; its messages stay in its inbox and it
+  catches up from its position when it comes back.
+* **Time.**  ``now`` (µs since the epoch) is read here and passed in; a tick
+  task drives login/idle timeouts and reclamation.
+* **Graceful shutdown.**  Stop accepting, stop reading, let the in-flight
+  store batch finish (its SendAcks go out), then Close(SHUTDOWN) everyone.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import math
+import ssl
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Optional, Union
+
+import trio
+from trio_websocket import WebSocketRequest, serve_websocket
+
+from .. import frames as F
+from ..codec import encode_frame
+from ..core import Authenticator, Broker, BrokerConfig, CloseConnection, Command, Commit, Limits, SendFrame
+from ..errors import CloseCode, StoreError
+from ..store.base import Store, WriteBatch
+from .streams import Endpoint, WebSocketStream
+
+__all__ = ["ServerConfig", "BrokerServer", "open_broker_server", "wall_clock_us", "DEFAULT_BROKER_CONFIG"]
+
+log = logging.getLogger("pimcore.net")
+
+SECOND = 1_000_000
+
+
+def wall_clock_us() -> int:
+    """The broker's ``now``: wall-clock µs.  The core's hybrid clock turns it
+    into a server time that never goes backwards, even if this does."""
+    return time.time_ns() // 1000
+
+
+#: What a served broker uses unless told otherwise: heartbeats every 15 s,
+#: a peer silent for 45 s is dead, 200 sends/s sustained per connection.
+DEFAULT_BROKER_CONFIG = BrokerConfig(
+    limits=Limits(heartbeat_ms=15_000, send_rate=2000.0, send_burst=512),
+    idle_timeout=45 * SECOND,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listeners: tuple[Endpoint, ...] = (Endpoint("tcp"),)
+    #: Server certificate chain and key (PEM) for tls:// and wss:// listeners,
+    #: or a ready ``ssl_context`` (takes precedence).
+    certfile: Optional[str] = None
+    keyfile: Optional[str] = None
+    ssl_context: Optional[ssl.SSLContext] = None
+    broker: BrokerConfig = DEFAULT_BROKER_CONFIG
+    #: Encoded bytes waiting for a slow reader before it is dropped.
+    max_outbound_bytes: int = 8 << 20
+    #: Connections beyond this are refused at once (Close OVERLOADED).
+    max_connections: int = 100_000
+    tick_interval: float = 0.5  # seconds between Broker.tick calls
+    close_timeout: float = 2.0  # seconds to flush a Close before hanging up
+    read_size: int = 64 * 1024
+    #: Run Store.commit in a worker thread (LMDB's fsync releases the GIL, so
+    #: the event loop keeps serving while a batch syncs).  None = decide by
+    #: the store's ``thread_safe_commit`` attribute.
+    commit_in_thread: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        if not self.listeners:
+            raise ValueError("at least one listener is needed")
+        if self.max_outbound_bytes < 1024:
+            raise ValueError("max_outbound_bytes must be >= 1024")
+
+    def make_ssl_context(self) -> Optional[ssl.SSLContext]:
+        if self.ssl_context is not None:
+            return self.ssl_context
+        if not any(e.secure for e in self.listeners):
+            return None
+        if not self.certfile:
+            raise ValueError("tls:// and wss:// listeners need certfile (and keyfile)")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.certfile, self.keyfile)
+        return ctx
+
+
+class _PeerState(enum.Enum):
+    OPEN = 1
+    CLOSING = 2  # the core closed it: flush what is queued (ending in Close), then hang up
+    DEAD = 3  # the transport is gone; nothing more is written
+
+
+class _Peer:
+    __slots__ = ("id", "stream", "endpoint", "buf", "queued", "wake", "state", "scope", "reader_scope", "compress")
+
+    def __init__(self, conn_id: int, stream: trio.abc.Stream, endpoint: Endpoint) -> None:
+        self.id = conn_id
+        self.stream = stream
+        self.endpoint = endpoint
+        self.buf: list[bytes] = []
+        self.queued = 0
+        self.wake = trio.Event()
+        self.state = _PeerState.OPEN
+        self.scope: Optional[trio.CancelScope] = None  # the whole connection
+        self.reader_scope: Optional[trio.CancelScope] = None
+        self.compress: Optional[Callable[[bytes], bytes]] = None
+
+
+class BrokerServer:
+    """A broker serving the configured listeners.  Use :func:`open_broker_server`."""
+
+    def __init__(
+        self,
+        store: Store,
+        authenticate: Authenticator,
+        config: ServerConfig = ServerConfig(),
+        *,
+        clock: Callable[[], int] = wall_clock_us,
+        node_id: Optional[bytes] = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.broker = Broker(store, authenticate, config.broker, node_id=node_id)
+        self._clock = clock
+        self._ssl = config.make_ssl_context()
+        self._peers: dict[int, _Peer] = {}
+        self._ids = itertools.count(1)
+        self._commit_send, self._commit_recv = trio.open_memory_channel[WriteBatch](math.inf)
+        self._commit_idle = trio.Event()
+        self._commit_idle.set()
+        thread = config.commit_in_thread
+        self._commit_in_thread = bool(getattr(store, "thread_safe_commit", False)) if thread is None else thread
+        self._endpoints: list[Endpoint] = []
+        self._listen_scope = trio.CancelScope()
+        self._stopping = False
+        self._stats = {"accepted": 0, "refused": 0, "slow_consumers": 0, "bytes_in": 0, "bytes_out": 0, "commit_seconds": 0.0}
+        self._compressor: Optional[Callable[[bytes], bytes]] = None
+        try:
+            from ..compress import FrameCompressor
+
+            self._compressor = FrameCompressor().compress
+        except ImportError:  # pragma: no cover - zstandard is a dependency
+            pass
+
+    # ------------------------------------------------------------ public
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """Where the broker listens, with the real ports (after port 0)."""
+        return list(self._endpoints)
+
+    @property
+    def urls(self) -> list[str]:
+        return [e.url for e in self._endpoints]
+
+    def url(self, scheme: str = "tcp") -> str:
+        for e in self._endpoints:
+            if e.scheme == scheme:
+                return e.url
+        raise LookupError(f"no {scheme} listener")
+
+    def statistics(self) -> dict[str, Union[int, float]]:
+        s: dict[str, Union[int, float]] = dict(self.broker.statistics())
+        s.update(self._stats)
+        s["outbound_bytes_queued"] = sum(p.queued for p in self._peers.values())
+        return s
+
+    def now(self) -> int:
+        return self._clock()
+
+    # ------------------------------------------------------------ running
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._committer)
+            nursery.start_soon(self._ticker)
+            async with trio.open_nursery() as peers:
+                with self._listen_scope:
+                    async with trio.open_nursery() as listeners:
+                        for ep in self.config.listeners:
+                            await listeners.start(self._listen, ep, peers)
+                        task_status.started()
+                # Listeners stopped (shutdown): the peers nursery ends when
+                # every connection has been closed by shutdown().
+            nursery.cancel_scope.cancel()
+
+    async def shutdown(self, reason: str = "broker shutting down", timeout: float = 5.0) -> None:
+        """Stop accepting, let the in-flight batch commit (its acks go out),
+        then close every connection with ``SHUTDOWN``."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._listen_scope.cancel()
+        for p in self._peers.values():
+            if p.reader_scope is not None:
+                p.reader_scope.cancel()
+        with trio.move_on_after(timeout):
+            # Whatever was received before the readers stopped is committed
+            # and acknowledged; nothing new arrives.
+            while self.broker.statistics()["batch_in_flight"] or self.broker.statistics()["pending_ops"]:
+                await self._commit_idle.wait()
+                await trio.sleep(0)
+        for p in list(self._peers.values()):
+            self._run(self.broker.connection_lost(p.id, self.now()))
+            self._close_peer(p, CloseCode.SHUTDOWN, reason)
+
+    # ------------------------------------------------------------ listeners
+
+    async def _listen(self, ep: Endpoint, peers: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
+        if ep.websocket:
+            await self._listen_ws(ep, peers, task_status=task_status)
+            return
+        listeners = await trio.open_tcp_listeners(ep.port, host=ep.host)
+        sock = listeners[0].socket
+        host, port = sock.getsockname()[:2]
+        self._endpoints.append(Endpoint(ep.scheme, ep.host, port, ep.path))
+        log.info("listening on %s", self._endpoints[-1].url)
+        task_status.started()
+        ssl_ctx = self._ssl if ep.secure else None
+
+        async def handler(stream: trio.SocketStream) -> None:
+            s: trio.abc.Stream = stream
+            if ssl_ctx is not None:
+                s = trio.SSLStream(stream, ssl_ctx, server_side=True)
+            await self._serve_peer(s, ep)
+
+        await trio.serve_listeners(handler, listeners, handler_nursery=peers)
+
+    async def _listen_ws(self, ep: Endpoint, peers: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
+        max_msg = self.config.broker.limits.max_frame + 16
+
+        async def handler(request: WebSocketRequest) -> None:
+            if request.path != ep.path:
+                await request.reject(404, body=b"not a pimcore endpoint")
+                return
+            ws = await request.accept()
+            await self._serve_peer(WebSocketStream(ws), ep)
+
+        # serve_websocket runs its handlers in `peers`; its accept loop runs in
+        # its own scope there too, cancelled when listening stops.
+        ws_scope = trio.CancelScope()
+
+        async def accept_loop(task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
+            with ws_scope:
+                await serve_websocket(
+                    handler,
+                    ep.host,
+                    ep.port,
+                    ssl_context=self._ssl if ep.secure else None,
+                    handler_nursery=peers,
+                    max_message_size=max_msg,
+                    task_status=task_status,
+                )
+
+        server = await peers.start(accept_loop)
+        self._endpoints.append(Endpoint(ep.scheme, ep.host, server.port, ep.path))
+        log.info("listening on %s", self._endpoints[-1].url)
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            ws_scope.cancel()
+
+    # ------------------------------------------------------------ one connection
+
+    async def _serve_peer(self, stream: trio.abc.Stream, ep: Endpoint) -> None:
+        if self._stopping:
+            await trio.aclose_forcefully(stream)
+            return
+        peer = _Peer(next(self._ids), stream, ep)
+        if len(self._peers) >= self.config.max_connections:
+            self._stats["refused"] += 1
+            with trio.move_on_after(self.config.close_timeout):
+                await stream.send_all(encode_frame(F.Close(CloseCode.OVERLOADED, "too many connections")))
+            await trio.aclose_forcefully(stream)
+            return
+        self._stats["accepted"] += 1
+        self._peers[peer.id] = peer
+        try:
+            with trio.CancelScope() as scope:
+                peer.scope = scope
+                self._run(self.broker.connection_made(peer.id, self.now()))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, peer)
+                    await self._reader(peer)
+                    if peer.state is _PeerState.OPEN:
+                        # EOF or a broken transport: the core forgets the
+                        # device; its inbox keeps everything for next time.
+                        peer.state = _PeerState.DEAD
+                        self._run(self.broker.connection_lost(peer.id, self.now()))
+                        nursery.cancel_scope.cancel()
+                    # CLOSING: the writer flushes the Close, then cancels.
+        finally:
+            del self._peers[peer.id]
+            if peer.state is _PeerState.OPEN:  # cancelled from outside
+                peer.state = _PeerState.DEAD
+                self._run(self.broker.connection_lost(peer.id, self.now()))
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self.config.close_timeout):
+                    try:
+                        await stream.aclose()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+                if not isinstance(stream, WebSocketStream):
+                    await trio.aclose_forcefully(stream)
+
+    async def _reader(self, peer: _Peer) -> None:
+        read_size = self.config.read_size
+        with trio.CancelScope() as scope:
+            peer.reader_scope = scope
+            while peer.state is _PeerState.OPEN:
+                try:
+                    data = await peer.stream.receive_some(read_size)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    log.debug("connection %d broken: %r", peer.id, exc)
+                    return
+                if not data:
+                    return
+                if peer.state is not _PeerState.OPEN:
+                    return
+                self._stats["bytes_in"] += len(data)
+                self._run(self.broker.receive_data(peer.id, data, self.now()))
+        # Reading stopped by shutdown(): the connection stays open until
+        # shutdown closes it with a reason.
+        if self._stopping and peer.state is _PeerState.OPEN:
+            await trio.sleep_forever()
+
+    async def _writer(self, peer: _Peer) -> None:
+        try:
+            while True:
+                if not peer.buf:
+                    if peer.state is not _PeerState.OPEN:
+                        break
+                    await peer.wake.wait()
+                    peer.wake = trio.Event()
+                    continue
+                # Everything queued goes out in one write: frames produced by
+                # one event (a Push, its SendAcks...) share a syscall.
+                data = b"".join(peer.buf) if len(peer.buf) > 1 else peer.buf[0]
+                peer.buf.clear()
+                peer.queued = 0
+                await peer.stream.send_all(data)
+                self._stats["bytes_out"] += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("connection %d: write failed: %r", peer.id, exc)
+            if peer.state is _PeerState.OPEN:
+                peer.state = _PeerState.DEAD
+                self._run(self.broker.connection_lost(peer.id, self.now()))
+        # Closing (or dead): end the connection's tasks.
+        if peer.scope is not None:
+            peer.scope.cancel()
+
+    # ------------------------------------------------------------ commands
+
+    def _run(self, cmds: list[Command]) -> None:
+        for cmd in cmds:
+            if type(cmd) is SendFrame:
+                peer = self._peers.get(cmd.conn)
+                if peer is not None and peer.state is _PeerState.OPEN:
+                    self._enqueue(peer, cmd.frame)
+            elif type(cmd) is Commit:
+                self._commit_idle = trio.Event()
+                self._commit_send.send_nowait(cmd.batch)
+            elif type(cmd) is CloseConnection:
+                peer = self._peers.get(cmd.conn)
+                if peer is not None:
+                    self._close_peer(peer, cmd.code, cmd.reason)
+            else:  # pragma: no cover
+                raise TypeError(f"unknown command {cmd!r}")
+
+    def _enqueue(self, peer: _Peer, frame: F.Frame) -> None:
+        data = encode_frame(frame)
+        if peer.compress is not None:
+            data = peer.compress(data)
+        elif type(frame) is F.LoginAck and frame.caps & F.CAP_ZSTD:
+            # Granted at login: every later frame may be compressed.
+            peer.compress = self._compressor
+        peer.buf.append(data)
+        peer.queued += len(data)
+        peer.wake.set()
+        if peer.queued > self.config.max_outbound_bytes:
+            # The peer is not reading.  Drop what it has not taken; it will
+            # resume from its acked position when it reconnects.
+            self._stats["slow_consumers"] += 1
+            peer.buf.clear()
+            peer.queued = 0
+            self._run(self.broker.connection_lost(peer.id, self.now()))
+            self._close_peer(peer, CloseCode.SLOW_CONSUMER, "outbound queue full: not reading fast enough")
+
+    def _close_peer(self, peer: _Peer, code: CloseCode, reason: str) -> None:
+        if peer.state is not _PeerState.OPEN:
+            return
+        data = encode_frame(F.Close(code, reason))
+        peer.buf.append(data)
+        peer.queued += len(data)
+        peer.state = _PeerState.CLOSING
+        peer.wake.set()
+        if peer.reader_scope is not None:
+            peer.reader_scope.cancel()
+        if peer.scope is not None:
+            # A peer that does not read gets close_timeout to take its Close.
+            peer.scope.deadline = min(peer.scope.deadline, trio.current_time() + self.config.close_timeout)
+
+    # ------------------------------------------------------------ background tasks
+
+    async def _committer(self) -> None:
+        store = self.store
+        async for batch in self._commit_recv:
+            t0 = time.perf_counter()
+            try:
+                if self._commit_in_thread:
+                    results = await trio.to_thread.run_sync(store.commit, batch)
+                else:
+                    results = store.commit(batch)
+            except StoreError as exc:
+                log.error("store batch %d failed: %s", batch.batch_id, exc)
+                cmds = self.broker.batch_failed(batch.batch_id, exc, self.now())
+            else:
+                cmds = self.broker.batch_committed(batch.batch_id, results, self.now())
+            self._stats["commit_seconds"] += time.perf_counter() - t0
+            self._commit_idle.set()
+            self._run(cmds)
+
+    async def _ticker(self) -> None:
+        while True:
+            await trio.sleep(self.config.tick_interval)
+            self._run(self.broker.tick(self.now()))
+
+
+@asynccontextmanager
+async def open_broker_server(
+    store: Store,
+    authenticate: Authenticator,
+    config: ServerConfig = ServerConfig(),
+    *,
+    clock: Callable[[], int] = wall_clock_us,
+    node_id: Optional[bytes] = None,
+) -> AsyncIterator[BrokerServer]:
+    """Serve a broker for the duration of the block; on exit it shuts down
+    gracefully (acks of committed batches flushed, Close(SHUTDOWN) sent).
+    The store stays open: it belongs to the caller."""
+    server = BrokerServer(store, authenticate, config, clock=clock, node_id=node_id)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        try:
+            yield server
+        finally:
+            with trio.CancelScope(shield=True):
+                await server.shutdown()
+            nursery.cancel_scope.cancel()

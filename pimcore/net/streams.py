@@ -1,0 +1,111 @@
+"""Transport adapters shared by the broker and the client.
+
+pimcore frames are self-delimiting, so every transport is used as a plain
+byte stream: TCP, TLS over TCP, and WebSocket binary messages (a message may
+carry any number of frames, or part of one).  ``WebSocketStream`` adapts a
+trio-websocket connection to trio's ``Stream`` interface so the rest of the
+network layer never knows which transport it runs on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+from urllib.parse import urlsplit
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+__all__ = ["Endpoint", "parse_url", "WebSocketStream", "SCHEMES"]
+
+SCHEMES = ("tcp", "tls", "ws", "wss")
+_DEFAULT_PORTS = {"tcp": 7400, "tls": 7401, "ws": 7480, "wss": 7443}
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where to listen or connect: ``scheme://host:port[/path]``."""
+
+    scheme: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    path: str = "/"
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {self.scheme!r}; expected one of {', '.join(SCHEMES)}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} out of range")
+
+    @property
+    def secure(self) -> bool:
+        return self.scheme in ("tls", "wss")
+
+    @property
+    def websocket(self) -> bool:
+        return self.scheme in ("ws", "wss")
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        suffix = self.path if self.websocket else ""
+        return f"{self.scheme}://{host}:{self.port}{suffix}"
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def parse_url(url: str, *, default_port: Optional[int] = None) -> Endpoint:
+    """``tcp://127.0.0.1:7400``, ``tls://host:7401``, ``ws://host:7480/im``..."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        raise ValueError(f"{url!r}: scheme must be one of {', '.join(SCHEMES)}")
+    if not parts.hostname:
+        raise ValueError(f"{url!r}: no host")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{url!r}: {exc}") from None
+    if port is None:
+        port = default_port if default_port is not None else _DEFAULT_PORTS[scheme]
+    return Endpoint(scheme, parts.hostname, port, parts.path or "/")
+
+
+class WebSocketStream(trio.abc.Stream):
+    """A trio-websocket connection as a byte stream of binary messages."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self._pending = b""
+
+    async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
+        if self._pending:
+            data, self._pending = self._pending, b""
+        else:
+            try:
+                data = await self.ws.get_message()
+            except ConnectionClosed:
+                return b""
+            if isinstance(data, str):
+                # Text messages are not part of the protocol: treat as a
+                # broken peer rather than guessing an encoding.
+                raise trio.BrokenResourceError("text WebSocket message; pimcore uses binary messages")
+        if max_bytes is not None and len(data) > max_bytes:
+            data, self._pending = data[:max_bytes], data[max_bytes:]
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self.ws.send_message(bytes(data))
+        except ConnectionClosed as exc:
+            raise trio.BrokenResourceError("WebSocket closed") from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:  # pragma: no cover - not used
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.ws.aclose()
