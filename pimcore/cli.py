@@ -1,8 +1,4 @@
-"""The ``pimcore`` command.
-
-This issue ships the inspection commands; ``serve``, ``token`` and ``chat``
-arrive with the network layer.
-"""
+"""The ``pimcore`` command: serve, token, chat, info, inspect."""
 
 from __future__ import annotations
 
@@ -59,10 +55,166 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace):  # -> ServeSettings
+    from .config import load_settings
+
+    flags = {
+        "data_dir": getattr(args, "data_dir", None),
+        "secret_file": getattr(args, "secret_file", None),
+    }
+    for name in ("durability", "cert", "key", "max_frame", "max_payload", "window", "send_rate", "heartbeat_ms",
+                 "idle_timeout", "max_outbound_bytes", "max_connections"):
+        if hasattr(args, name):
+            flags[name] = getattr(args, name)
+    if getattr(args, "listen", None):
+        flags["listen"] = args.listen
+    return load_settings(getattr(args, "config", None), **flags)
+
+
+def _secret(settings) -> bytes:  # settings: ServeSettings
+    """--secret / [secret] / $PIMCORE_SECRET / --secret-file, else the data
+    directory's own (created on first use, mode 0600)."""
+    import os
+
+    from .auth import load_or_create_secret
+
+    if settings.secret:
+        return settings.secret.encode()
+    env = os.environ.get("PIMCORE_SECRET")
+    if env:
+        return env.encode()
+    if settings.secret_file is not None:
+        text = settings.secret_file.read_text().strip()
+        if not text:
+            raise ValueError(f"{settings.secret_file} is empty")
+        return text.encode()
+    return load_or_create_secret(settings.data_dir)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    import trio
+
+    import pimcore
+
+    from .auth import JwtAuthenticator
+    from .config import ConfigError
+    from .errors import StoreError
+    from .net.server import open_broker_server
+    from .store import LmdbStore
+
+    logging.basicConfig(level=logging.WARNING if not args.verbose else logging.DEBUG, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        settings = _settings(args)
+        config = settings.server_config()
+        secret = _secret(settings)
+        auth = JwtAuthenticator(secret)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"pimcore serve: {exc}", file=sys.stderr)
+        return 2
+    store_dir = settings.data_dir / "store"
+    try:
+        store = LmdbStore(store_dir, durability=settings.durability)
+    except StoreError as exc:
+        print(f"pimcore serve: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with open_broker_server(store, auth, config) as server:
+                print(f"pimcore {__version__} ({pimcore.BACKEND} backend), data in {settings.data_dir.resolve()}"
+                      f" (durability {settings.durability})", flush=True)
+                for url in server.urls:
+                    print(f"listening on {url}", flush=True)
+                print("ready; Ctrl-C to stop", flush=True)
+                async for sig in signals:
+                    print(f"{signal.Signals(sig).name}: shutting down", flush=True)
+                    break
+            # open_broker_server's exit: stop accepting, finish the batch in
+            # flight, Close(SHUTDOWN) every connection.
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        # A second signal while shutting down is redelivered when the signal
+        # receiver closes -- after the graceful shutdown already finished.
+        pass
+    except OSError as exc:
+        print(f"pimcore serve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print("stopped", flush=True)
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from .auth import issue_token
+    from .config import ConfigError
+    from .store.base import valid_id
+
+    for what, value in (("user", args.user), ("device", args.device)):
+        if value is not None and not valid_id(value):
+            print(f"pimcore token: invalid {what} id {value!r} (1-64 of A-Z a-z 0-9 _ . @ -)", file=sys.stderr)
+            return 2
+    try:
+        secret = _secret(_settings(args))
+        print(issue_token(secret, args.user, args.device, ttl=args.ttl))
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"pimcore token: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import run_chat
+
+    return run_chat(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pimcore", description="pimcore instant-messaging broker core")
     parser.add_argument("--version", action="version", version=f"pimcore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the broker (TCP on 127.0.0.1:7400, LMDB in ./pimcore-data by default)")
+    p.add_argument("--config", help="TOML configuration file (see pimcore.config)")
+    p.add_argument("--data-dir", help="data directory: LMDB store and generated secret (default ./pimcore-data)")
+    p.add_argument("--listen", action="append", metavar="URL",
+                   help="tcp://, tls://, ws:// or wss://host:port[/path]; repeatable (default tcp://127.0.0.1:7400)")
+    p.add_argument("--cert", help="PEM certificate chain for tls:// and wss://")
+    p.add_argument("--key", help="PEM private key for tls:// and wss://")
+    p.add_argument("--secret-file", help="file holding the token secret (default: <data-dir>/secret)")
+    p.add_argument("--durability", choices=["sync", "os"], help="sync = fsync every batch before acking (default)")
+    p.add_argument("--max-frame", type=int)
+    p.add_argument("--max-payload", type=int)
+    p.add_argument("--window", type=int, help="SendReqs in flight per connection")
+    p.add_argument("--send-rate", type=float, help="sustained SendReqs/s per connection (0 = unlimited)")
+    p.add_argument("--heartbeat-ms", type=int)
+    p.add_argument("--idle-timeout", type=float, help="seconds of silence before a connection is dropped")
+    p.add_argument("--max-outbound-bytes", type=int, help="queued bytes for a slow reader before it is dropped")
+    p.add_argument("--max-connections", type=int)
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("token", help="print a signed token for a user (and device)")
+    p.add_argument("--user", required=True)
+    p.add_argument("--device", help="bind the token to this device")
+    p.add_argument("--ttl", type=float, default=24 * 3600.0, help="validity in seconds (default 1 day)")
+    p.add_argument("--config", help="the serve configuration file (for its secret)")
+    p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
+    p.add_argument("--secret-file")
+    p.set_defaults(func=_cmd_token)
+
+    p = sub.add_parser("chat", help="interactive terminal chat with one peer")
+    p.add_argument("--url", default="tcp://127.0.0.1:7400")
+    p.add_argument("--token", required=True, help="from `pimcore token --user ME`")
+    p.add_argument("--to", required=True, metavar="PEER", help="the user to chat with")
+    p.add_argument("--device", default="terminal")
+    p.add_argument("--cafile", help="CA certificate to trust for tls:// and wss://")
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("info", help="version and the active fast-path backend")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -52,6 +52,7 @@ from . import frames as F
 from .codec import Decoder, encode_frame
 from .errors import CloseCode, ErrorCode, PimError, ProtocolError
 from .net.streams import Endpoint, WebSocketStream, parse_url
+from ._util import unwrap_single
 from .order import display_order
 
 __all__ = [
@@ -950,11 +951,12 @@ async def open_client(
     Raises :class:`AuthFailed` or :class:`ConnectFailed` if the first
     connection cannot be made."""
     client = Client(url, token, device, config=config, ssl_context=ssl_context, clock=clock, seed=seed)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(client._run)
-        try:
-            yield client
-        finally:
-            with trio.CancelScope(shield=True):
-                await client.aclose()
-            nursery.cancel_scope.cancel()
+    with unwrap_single():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client._run)
+            try:
+                yield client
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+                nursery.cancel_scope.cancel()

@@ -39,6 +39,7 @@ import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
 from .. import frames as F
+from .._util import unwrap_single
 from ..codec import encode_frame
 from ..core import Authenticator, Broker, BrokerConfig, CloseConnection, Command, Commit, Limits, SendFrame
 from ..errors import CloseCode, StoreError
@@ -462,11 +463,12 @@ async def open_broker_server(
     gracefully (acks of committed batches flushed, Close(SHUTDOWN) sent).
     The store stays open: it belongs to the caller."""
     server = BrokerServer(store, authenticate, config, clock=clock, node_id=node_id)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        try:
-            yield server
-        finally:
-            with trio.CancelScope(shield=True):
-                await server.shutdown()
-            nursery.cancel_scope.cancel()
+    with unwrap_single():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            try:
+                yield server
+            finally:
+                with trio.CancelScope(shield=True):
+                    await server.shutdown()
+                nursery.cancel_scope.cancel()

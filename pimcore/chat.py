@@ -1,0 +1,167 @@
+"""``pimcore chat``: a small interactive terminal chat on the client SDK.
+
+Two terminals, two users::
+
+    pimcore chat --token "$(pimcore token --user alice)" --to bob
+    pimcore chat --token "$(pimcore token --user bob)" --to alice
+
+Each line typed is sent to the peer.  Under your own messages the chat shows
+their state as it advances:
+
+* ``… sending``   -- on its way, not yet acknowledged (retried if needed);
+* ``✓ delivered`` -- the broker made it durable in the peer's inbox, so
+  every device of the peer will get it, online now or later;
+* ``✓✓ read``     -- the peer's read receipt covers it.
+
+Incoming messages are marked read as they are shown.  ``/history`` prints
+the conversation again in display order, ``/quit`` (or end of input) leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+import sys
+from datetime import datetime
+from typing import Callable, Optional, TextIO
+
+import trio
+
+from .client import (
+    AuthFailed,
+    ClientError,
+    Connected,
+    ConnectFailed,
+    Disconnected,
+    MessageReceived,
+    ReceiptReceived,
+    SendError,
+    SendTimeout,
+    open_client,
+)
+from .store.base import direct_conversation, valid_id
+
+__all__ = ["run_chat", "chat"]
+
+
+def _clock(us: int) -> str:
+    return datetime.fromtimestamp(us / 1e6).strftime("%H:%M:%S")
+
+
+async def chat(
+    url: str,
+    token: str,
+    peer: str,
+    *,
+    device: str = "terminal",
+    ssl_context: Optional[ssl.SSLContext] = None,
+    lines: Optional[trio.abc.ReceiveChannel[str]] = None,
+    out: Callable[[str], None] = print,
+) -> int:
+    """Run the chat; ``lines`` are the user's input lines (stdin if None)."""
+    async with open_client(url, token, device, ssl_context=ssl_context) as client:
+        conv = direct_conversation(client.user, peer)
+        out(f"connected as {client.user} ({device}); chatting with {peer}. /quit to leave, /history to reprint")
+        # Show the recent history once, oldest first.
+        try:
+            await client.fetch_history(conv, 0, 20, backward=True)
+        except ClientError:
+            pass
+        shown: set[bytes] = set()
+        for m in client.view(conv):
+            who = "me" if m.sender == client.user else m.sender
+            out(f"[{_clock(m.server_time)}] {who}: {m.payload.decode('utf-8', 'replace')}  (#{m.seq})")
+            shown.add(m.msg_id)
+        last_shown = max((m.seq for m in client.view(conv)), default=0)
+        if last_shown:
+            await client.mark_read(conv, last_shown)
+
+        async def send(text: str) -> None:
+            out(f"… sending: {text}")
+            try:
+                sent = await client.send(conv, text.encode())
+            except SendError as exc:
+                out(f"✗ not sent ({exc.code.name}): {text}")
+            except SendTimeout:
+                out(f"✗ not confirmed in time (it may still arrive): {text}")
+            else:
+                out(f"✓ delivered (#{sent.seq}): {text}")
+
+        async def events() -> None:
+            async for ev in client.events():
+                if isinstance(ev, MessageReceived) and ev.message.conv == conv:
+                    m = ev.message
+                    if m.msg_id in shown:  # already printed from the history
+                        continue
+                    shown.add(m.msg_id)
+                    if m.sender == client.user:  # sent from another of my devices
+                        out(f"[{_clock(m.server_time)}] me ({m.device}): {m.payload.decode('utf-8', 'replace')}  (#{m.seq})")
+                        continue
+                    out(f"[{_clock(m.server_time)}] {m.sender}: {m.payload.decode('utf-8', 'replace')}  (#{m.seq})")
+                    await client.mark_read(conv, m.seq)
+                elif isinstance(ev, ReceiptReceived) and ev.conv == conv and ev.reader == peer:
+                    out(f"✓✓ read by {peer} (up to #{ev.seq})")
+                elif isinstance(ev, Disconnected):
+                    out(f"(connection lost: {ev.reason or ev.code}; reconnecting…)")
+                elif isinstance(ev, Connected):
+                    out(f"(connected; clock offset {ev.clock_offset / 1000:.1f} ms, rtt {ev.rtt / 1000:.1f} ms)")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(events)
+            if lines is None:
+                lines = _stdin_lines(nursery)
+            async for line in lines:
+                text = line.rstrip("\n")
+                if text in ("/quit", "/exit"):
+                    break
+                if text == "/history":
+                    for m in client.view(conv):
+                        who = "me" if m.sender == client.user else m.sender
+                        out(f"  {who}: {m.payload.decode('utf-8', 'replace')}  (#{m.seq})")
+                    continue
+                if text.strip():
+                    nursery.start_soon(send, text)
+            # Let sends in flight finish (each has its own deadline).
+            while client.statistics()["pending_sends"]:
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    out("bye")
+    return 0
+
+
+def _stdin_lines(nursery: trio.Nursery, stream: TextIO = sys.stdin) -> trio.abc.ReceiveChannel[str]:
+    send, recv = trio.open_memory_channel[str](16)
+
+    async def pump() -> None:
+        async with send:
+            while True:
+                # abandon_on_cancel: /quit must not wait for one more line.
+                line = await trio.to_thread.run_sync(stream.readline, abandon_on_cancel=True)
+                if not line:
+                    return
+                await send.send(line)
+
+    nursery.start_soon(pump)
+    return recv
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    if not valid_id(args.to):
+        print(f"pimcore chat: invalid peer id {args.to!r}", file=sys.stderr)
+        return 2
+    ctx = None
+    if args.cafile:
+        ctx = ssl.create_default_context(cafile=args.cafile)
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        return trio.run(lambda: chat(args.url, args.token, args.to, device=args.device, ssl_context=ctx, out=out))
+    except AuthFailed as exc:
+        print(f"pimcore chat: token refused: {exc}", file=sys.stderr)
+    except ConnectFailed as exc:
+        print(f"pimcore chat: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return 1
