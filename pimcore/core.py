@@ -34,6 +34,7 @@ Guarantees and where they are kept
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable, Iterable, Optional, Union
@@ -98,6 +99,9 @@ class Limits:
     window: int = 256  # SendReqs awaiting their SendAck, per connection
     push_batch: int = 64  # messages per Push frame
     push_window: int = 1024  # delivered-but-unacked inbox positions per device
+    # ...and payload bytes: with large messages the position window alone
+    # would let one device pin push_window * max_payload bytes of buffers.
+    push_window_bytes: int = 1 << 20
     sync_page: int = 200  # messages per SyncResp
     read_state_batch: int = 256  # ReadState entries per SyncRead frame at login
     heartbeat_ms: int = 0  # announced: clients Ping when idle this long; 0 = no heartbeats
@@ -107,7 +111,7 @@ class Limits:
     send_burst: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_frame", "max_payload", "window", "push_batch", "push_window", "sync_page", "read_state_batch", "send_burst"):
+        for name in ("max_frame", "max_payload", "window", "push_batch", "push_window", "push_window_bytes", "sync_page", "read_state_batch", "send_burst"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Limits.{name} must be >= 1")
         if self.heartbeat_ms < 0 or self.send_rate < 0:
@@ -215,7 +219,7 @@ class _Device:
     store from sent_upto, so nothing depends on what happened to be in memory.
     """
 
-    __slots__ = ("conn", "user", "device", "acked", "sent_upto")
+    __slots__ = ("conn", "user", "device", "acked", "sent_upto", "unacked", "unacked_bytes")
 
     def __init__(self, conn: int, user: str, device: str, position: int) -> None:
         self.conn = conn
@@ -223,6 +227,9 @@ class _Device:
         self.device = device
         self.acked = position
         self.sent_upto = position
+        # (upto, bytes) of each Push not yet covered by a PushAck, oldest first.
+        self.unacked: deque[tuple[int, int]] = deque()
+        self.unacked_bytes = 0
 
 
 class _PendingSend:
@@ -293,6 +300,9 @@ class Broker:
         self._ack_slot: dict[tuple[str, str], int] = {}  # coalesce acks in _ops
         self._read_slot: dict[tuple[str, str], int] = {}  # coalesce reads in _ops
         self._pending_sends: dict[tuple[str, str, int], _PendingSend] = {}
+        # Positions acked by devices whose AckPosition is not durable yet: a
+        # quick re-login must resume from here, not from the older stored one.
+        self._acks_unsaved: dict[tuple[str, str], int] = {}
         self._inflight: Optional[tuple[WriteBatch, list[_Ctx]]] = None
         self._next_batch = 1
         self._next_reclaim: Optional[int] = None
@@ -387,6 +397,10 @@ class Broker:
                     # e.g. removed from the group while the Read waited for
                     # the batch: the store is authoritative, tell the device.
                     self._error(ctx.conn, res.code, 0, f"Read {op.conv!r}: {res.code.name.lower()}", out)
+            elif isinstance(op, AckPosition):
+                key = (op.user, op.device)
+                if self._acks_unsaved.get(key, -1) <= op.pos:
+                    self._acks_unsaved.pop(key, None)
             elif isinstance(res, Reclaimed):
                 self._stats["reclaimed_entries"] += res.entries
             # Acked / Touched need no reaction: the in-memory session already
@@ -530,7 +544,7 @@ class Broker:
         head = self.store.inbox_head(user)
         floor = self.store.inbox_floor(user)
         stored = self.store.device(user, device)
-        known = max(f.position, stored.position if stored is not None else 0)
+        known = max(f.position, stored.position if stored is not None else 0, self._acks_unsaved.get((user, device), 0))
         gap = floor > known
         position = min(max(known, floor), head)
 
@@ -686,7 +700,7 @@ class Broker:
         head = self._heads.get(dev.user, 0)
         while dev.sent_upto < head:
             room = lim.push_window - (dev.sent_upto - dev.acked)
-            if room <= 0:
+            if room <= 0 or dev.unacked_bytes >= lim.push_window_bytes:
                 return  # wait for a PushAck
             entries = self.store.inbox_range(dev.user, dev.sent_upto, min(room, lim.push_batch))
             msgs: tuple[F.Message, ...] = ()
@@ -695,6 +709,14 @@ class Broker:
                 # the device can ack past it.
                 upto = head
             else:
+                # Stay within the byte window too (at least one entry, so a
+                # message larger than the window still gets through).
+                budget = lim.push_window_bytes - dev.unacked_bytes
+                for i, (_, m) in enumerate(entries):
+                    budget -= len(m.payload) + 32
+                    if budget < 0 and i > 0:
+                        entries = entries[:i]
+                        break
                 upto = entries[-1][0]
                 # The sending device already has its own message (SendAck);
                 # its position is still covered by `upto`.
@@ -704,6 +726,9 @@ class Broker:
                     if not (m.device == dev.device and m.sender == dev.user)
                 )
             dev.sent_upto = upto
+            size = sum(len(m.payload) for m in msgs) + 32 * len(msgs)
+            dev.unacked.append((upto, size))
+            dev.unacked_bytes += size
             self._stats["pushes"] += 1
             self._send(dev.conn, F.Push(upto, msgs), out)
 
@@ -715,6 +740,9 @@ class Broker:
         if f.pos <= dev.acked:
             return  # stale or repeated ack: positions never move back
         dev.acked = f.pos
+        self._acks_unsaved[(c.user, c.device)] = f.pos
+        while dev.unacked and dev.unacked[0][0] <= f.pos:
+            dev.unacked_bytes -= dev.unacked.popleft()[1]
         op = AckPosition(c.user, c.device, f.pos, now)
         slot = self._ack_slot.get((c.user, c.device))
         if slot is not None:

@@ -378,6 +378,40 @@ def test_offline_device_catches_up_in_order_exactly_once(store):
     assert h.store.device("bob", "laptop").position == 12
 
 
+def test_push_window_in_bytes_bounds_what_a_device_holds_unacked(store):
+    h = Harness(store, BrokerConfig(limits=Limits(push_batch=4, push_window=1000, push_window_bytes=2500)))
+    a = h.login("alice", "phone")
+    for k in range(10):
+        h.send(a, AB, b"%d" % k + b"x" * 999)
+    b = h.login("bob", "laptop")
+
+    def unacked_bytes(pushes):
+        return sum(len(m.payload) for p in pushes for m in p.messages)
+
+    got = []
+    first = h.take(b, F.Push)
+    # Never more than the byte window plus one message, however big push_batch.
+    assert 2000 <= unacked_bytes(first) <= 2500 + 1000
+    got += [m for p in first for m in p.messages]
+    h.feed(b, F.PushAck(first[0].upto))  # frees only the first frame's bytes
+    more = h.take(b, F.Push)
+    assert more and unacked_bytes(first[1:] + more) <= 2500 + 1000
+    got += [m for p in more for m in p.messages]
+    h.feed(b, F.PushAck(more[-1].upto))
+    got += h.drain_device(b)
+    assert [m.payload[:1] for m in got] == [b"%d" % k for k in range(10)]
+    assert h.store.device("bob", "laptop").position == 10
+
+
+def test_a_message_larger_than_the_byte_window_still_gets_through(store):
+    h = Harness(store, BrokerConfig(limits=Limits(push_window_bytes=100)))
+    a = h.login("alice", "phone")
+    h.send(a, AB, b"y" * 5000)
+    h.send(a, AB, b"z" * 5000)
+    b = h.login("bob", "laptop")
+    assert [m.payload[:1] for m in h.drain_device(b)] == [b"y", b"z"]
+
+
 def test_resume_from_acked_position_no_loss_no_duplicates(h):
     a = h.login("alice", "phone")
     b = h.login("bob", "laptop")
@@ -692,3 +726,18 @@ def test_random_traffic_delivers_every_inbox_entry_exactly_once(tmp_path_factory
     keys = [(m.sender, m.device, m.local_id) for conv in convs for m in store.history(conv, 0, 10_000)]
     assert len(keys) == len(set(keys)), "a retry was stored twice"
     assert sent_ok <= {m.msg_id for conv in convs for m in store.history(conv, 0, 10_000)}
+
+
+def test_quick_relogin_resumes_from_an_ack_that_is_not_durable_yet(h):
+    a = h.login("alice", "phone")
+    for k in range(3):
+        h.send(a, AB, b"m%d" % k)
+    h.hold_commits = True
+    b = h.login("bob", "laptop")
+    got = h.drain_device(b)  # its acks wait in a held batch
+    assert [m.payload for m in got] == [b"m0", b"m1", b"m2"]
+    h.lose(b)
+    again = h.login("bob", "laptop", position=0)  # a fresh app: no cursor of its own
+    [ack] = h.take(again, F.LoginAck)
+    assert ack.position == 3
+    assert h.pushed(again) == []

@@ -1,0 +1,105 @@
+"""Helpers for network tests: a broker on 127.0.0.1:0, tokens, raw sockets."""
+
+from __future__ import annotations
+
+import socket
+import time
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import AsyncIterator, Optional
+
+import trio
+
+from pimcore import frames as F
+from pimcore.auth import JwtAuthenticator, issue_token
+from pimcore.client import ClientConfig, Client, open_client
+from pimcore.codec import Decoder, encode_frame
+from pimcore.core import SECOND, BrokerConfig, Limits
+from pimcore.net import Endpoint, ServerConfig, open_broker_server
+from pimcore.net.server import DEFAULT_BROKER_CONFIG, BrokerServer
+from pimcore.store import Store
+
+SECRET = b"test-secret-0123456789abcdef-0123456789"
+OTHER_SECRET = b"someone-else-0123456789abcdef-012345678"
+
+#: Short timeouts so reconnects and retries happen within a test.
+FAST_CLIENT = ClientConfig(ack_timeout=1.0, send_timeout=20.0, connect_timeout=5.0, backoff_initial=0.02, backoff_max=0.3)
+
+
+def token(user: str, device: Optional[str] = None, *, secret: bytes = SECRET, ttl: float = 600.0, now: Optional[float] = None) -> str:
+    return issue_token(secret, user, device, ttl=ttl, now=now)
+
+
+def server_config(*listeners: Endpoint, limits: Optional[Limits] = None, **kw: object) -> ServerConfig:
+    broker: BrokerConfig = DEFAULT_BROKER_CONFIG
+    if limits is not None:
+        broker = replace(broker, limits=limits)
+    for key in ("idle_timeout", "login_timeout"):
+        if key in kw:
+            broker = replace(broker, **{key: int(float(kw.pop(key)) * SECOND)})  # type: ignore[arg-type]
+    return ServerConfig(listeners=listeners or (Endpoint("tcp"),), broker=broker, tick_interval=0.05, **kw)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def serving(store: Store, config: Optional[ServerConfig] = None) -> AsyncIterator[BrokerServer]:
+    async with open_broker_server(store, JwtAuthenticator(SECRET), config or server_config()) as srv:
+        yield srv
+
+
+@asynccontextmanager
+async def client(url: str, user: str, device: str = "phone", **kw: object) -> AsyncIterator[Client]:
+    kw.setdefault("config", FAST_CLIENT)
+    async with open_client(url, token(user), device, **kw) as c:  # type: ignore[arg-type]
+        yield c
+
+
+class RawConn:
+    """A hand-driven connection speaking frames, for abuse tests."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.decoder = Decoder(1 << 22)
+
+    @classmethod
+    async def open(cls, port: int, *, rcvbuf: Optional[int] = None) -> "RawConn":
+        if rcvbuf is None:
+            return cls(await trio.open_tcp_stream("127.0.0.1", port))
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await sock.connect(("127.0.0.1", port))
+        return cls(trio.SocketStream(sock))
+
+    async def send(self, *frames: F.Frame) -> None:
+        await self.stream.send_all(b"".join(encode_frame(f) for f in frames))
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def next(self) -> Optional[F.Frame]:
+        """The next frame, or None at EOF."""
+        while True:
+            frame = self.decoder.next_frame()
+            if frame is not None:
+                return frame
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return None
+            if not data:
+                return None
+            self.decoder.feed(data)
+
+    async def until(self, kind: type) -> F.Frame:
+        while True:
+            f = await self.next()
+            if f is None:
+                raise EOFError(f"closed before {kind.__name__}")
+            if isinstance(f, kind):
+                return f
+
+    async def login(self, user: str, device: str = "raw", caps: int = 0) -> F.LoginAck:
+        await self.send(F.Login(token(user).encode(), device, int(time.time() * 1e6), 0, caps))
+        return await self.until(F.LoginAck)  # type: ignore[return-value]
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)

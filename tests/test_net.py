@@ -1,0 +1,445 @@
+"""End-to-end over real loopback sockets: broker (pimcore.net) + client SDK.
+
+Every test runs under trio (pytest-trio, trio_mode) with a hard fail_after.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections import Counter
+
+import pytest
+import trio
+import trustme
+
+from pimcore import frames as F
+from pimcore.client import (
+    AuthFailed,
+    ClientClosed,
+    ClientConfig,
+    Disconnected,
+    MessageReceived,
+    ReadSynced,
+    ReceiptReceived,
+    SendError,
+    SendTimeout,
+    open_client,
+)
+from pimcore.codec import encode_frame
+from pimcore.core import Limits
+from pimcore.errors import CloseCode, ErrorCode
+from pimcore.net import Endpoint
+from pimcore.store import LmdbStore, MemoryStore, direct_conversation
+
+from _net import FAST_CLIENT, OTHER_SECRET, RawConn, client, server_config, serving, token
+
+AB = direct_conversation("alice", "bob")
+MINUTE = 60_000_000
+
+
+@pytest.fixture(params=["lmdb", "memory"])
+def store(request, tmp_path):
+    s = LmdbStore(str(tmp_path / "db"), durability="os") if request.param == "lmdb" else MemoryStore()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def lmdb_store(tmp_path):
+    s = LmdbStore(str(tmp_path / "db"), durability="os")
+    yield s
+    s.close()
+
+
+async def take_messages(c, n: int) -> list[F.Message]:
+    got = []
+    async for m in c.messages():
+        got.append(m)
+        if len(got) == n:
+            return got
+    raise AssertionError("event stream ended")
+
+
+async def wait_for(c, pred):
+    async for ev in c.events():
+        if pred(ev):
+            return ev
+    raise AssertionError("event stream ended")
+
+
+# ---------------------------------------------------------------- transports
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "tls", "ws", "wss"])
+async def test_round_trip_on_every_transport(scheme, lmdb_store, ca):
+    server_ssl = client_ssl = None
+    if scheme in ("tls", "wss"):
+        server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+        client_ssl = ssl.create_default_context()
+        ca.configure_trust(client_ssl)
+    cfg = server_config(Endpoint(scheme, path="/im"), ssl_context=server_ssl)
+    with trio.fail_after(20):
+        async with serving(lmdb_store, cfg) as srv:
+            url = srv.url(scheme)
+            assert url.startswith(f"{scheme}://127.0.0.1:")
+            async with client(url, "alice", ssl_context=client_ssl) as a, client(url, "bob", ssl_context=client_ssl) as b:
+                sent = await a.send(AB, b"hello over " + scheme.encode())
+                [m] = await take_messages(b, 1)
+                assert (m.payload, m.seq, m.msg_id, m.sender) == (b"hello over " + scheme.encode(), sent.seq, sent.msg_id, "alice")
+                await b.mark_read(AB, m.seq)
+                ev = await wait_for(a, lambda e: isinstance(e, ReceiptReceived))
+                assert (ev.conv, ev.reader, ev.seq) == (AB, "bob", 1)
+
+
+async def test_tls_client_that_does_not_trust_the_certificate_cannot_connect(lmdb_store, ca):
+    from pimcore.client import ConnectFailed
+
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tls"), ssl_context=server_ssl)) as srv:
+            with pytest.raises(ConnectFailed):
+                async with client(srv.url("tls"), "alice", ssl_context=ssl.create_default_context()):
+                    pass
+            # The broker is unharmed.
+            async with client(srv.url("tls"), "alice", ssl_context=_trusting(ca)) as a:
+                assert (await a.send(AB, b"still fine")).seq == 1
+
+
+def _trusting(ca) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+# ---------------------------------------------------------------- authentication
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(lambda: token("alice", secret=OTHER_SECRET), id="forged"),
+        pytest.param(lambda: token("alice", ttl=60, now=time.time() - 3600), id="expired"),
+        pytest.param(lambda: "not.a.jwt", id="malformed"),
+        pytest.param(lambda: token("alice", "laptop"), id="bound-to-another-device"),
+        pytest.param(lambda: token("bad user!"), id="invalid-user-id"),
+    ],
+)
+async def test_bad_tokens_are_refused_with_a_clear_error(bad, lmdb_store):
+    with trio.fail_after(10):
+        async with serving(lmdb_store) as srv:
+            with pytest.raises(AuthFailed) as err:
+                async with open_client(srv.url(), bad(), "phone", config=FAST_CLIENT):
+                    pass
+            assert str(err.value)
+            assert srv.statistics()["auth_failures"] == 1
+
+
+async def test_nothing_but_login_is_accepted_before_the_token_is_checked(lmdb_store):
+    with trio.fail_after(10):
+        async with serving(lmdb_store) as srv:
+            port = srv.endpoints[0].port
+            raw = await RawConn.open(port)
+            await raw.send(F.SendReq(1, AB, 0, b"sneaky"))
+            close = await raw.until(F.Close)
+            assert close.code == CloseCode.PROTOCOL_ERROR
+            assert await raw.next() is None  # then the broker hangs up
+            raw = await RawConn.open(port)
+            await raw.send(F.Login(b"forged", "phone", 0, 0, 0), F.SendReq(1, AB, 0, b"after a bad login"))
+            close = await raw.until(F.Close)
+            assert close.code == CloseCode.AUTH_FAILED
+            assert await raw.next() is None
+            assert lmdb_store.history(AB, 0, 10) == []
+
+
+# ---------------------------------------------------------------- delivery
+
+
+async def test_offline_recipient_gets_everything_once_in_order(store):
+    with trio.fail_after(30):
+        async with serving(store) as srv:
+            async with client(srv.url(), "alice") as a:
+                sent = [await a.send(AB, b"m%03d" % i) for i in range(60)]
+            assert [s.seq for s in sent] == list(range(1, 61))
+            async with client(srv.url(), "bob") as b:
+                got = await take_messages(b, 60)
+                assert [m.payload for m in got] == [b"m%03d" % i for i in range(60)]
+                assert b.unread(AB) == 60
+            # Logged in again later: everything was acked, nothing comes twice.
+            async with client(srv.url(), "bob") as b:
+                async with client(srv.url(), "alice") as a:
+                    await a.send(AB, b"later")
+                [m] = await take_messages(b, 1)
+                assert m.payload == b"later"
+
+
+async def test_lost_send_ack_is_retried_and_stored_once(lmdb_store):
+    """The broker commits, then the connection dies before the SendAck gets
+    out: the SDK retries with the same local id and gets the original ack."""
+    from pimcore.testing.chaos import open_chaos_proxy
+
+    with trio.fail_after(30):
+        async with serving(lmdb_store) as srv:
+            async with open_chaos_proxy("127.0.0.1", srv.endpoints[0].port) as proxy:
+                real_commit = lmdb_store.commit
+                cut = []
+
+                def commit_then_cut(batch):
+                    results = real_commit(batch)
+                    if not cut and any(type(op).__name__ == "NewMessage" for op in batch.ops):
+                        # Durable now; kill the link before the ack can leave.
+                        cut.append(trio.from_thread.run_sync(proxy.reset_all))
+                    return results
+
+                lmdb_store.commit = commit_then_cut  # type: ignore[method-assign]
+                async with client(f"tcp://127.0.0.1:{proxy.port}", "alice") as a, client(srv.url(), "bob") as b:
+                    sent = await a.send(AB, b"exactly once")
+                    assert cut == [1] and a.statistics()["connects"] == 2
+                    assert a.statistics()["retransmits"] + a.statistics()["pending_sends"] >= 0
+                    [m] = await take_messages(b, 1)
+                    assert (m.msg_id, m.seq) == (sent.msg_id, sent.seq) == (m.msg_id, 1)
+                    second = await a.send(AB, b"next")
+                    assert second.seq == 2
+                    [m2] = await take_messages(b, 1)
+                    assert m2.payload == b"next"
+            assert [m.payload for m in lmdb_store.history(AB, 0, 10)] == [b"exactly once", b"next"]
+            assert srv.statistics()["duplicates"] == 1
+
+
+async def test_clock_skew_orders_the_seed_example_on_every_device(lmdb_store):
+    """Alice's clock is 30 minutes late.  She writes, Bob replies: every device
+    shows her message first; her stamps are calibrated to the broker's clock."""
+    late = lambda: time.time_ns() // 1000 - 30 * MINUTE  # noqa: E731
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            async with client(srv.url(), "alice", clock=late) as a, client(srv.url(), "bob") as b:
+                assert abs(a.clock_offset - 30 * MINUTE) < 5_000_000
+                sa = await a.send(AB, b"XXX")
+                assert abs(sa.client_time - sa.server_time) < 5_000_000  # calibrated
+                await take_messages(b, 1)
+                await b.send(AB, b"YYY")
+                await take_messages(a, 1)
+                assert [m.payload for m in a.view(AB)] == [b"XXX", b"YYY"]
+                assert [m.payload for m in b.view(AB)] == [b"XXX", b"YYY"]
+            # A device that only fetches history agrees too.
+            async with client(srv.url(), "bob", "laptop") as laptop:
+                await laptop.fetch_history(AB, 0, 10)
+                assert [m.payload for m in laptop.view(AB)] == [b"XXX", b"YYY"]
+
+
+async def test_multi_device_read_sync_receipts_and_unread_counts(lmdb_store):
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            async with client(srv.url(), "alice") as a, client(srv.url(), "bob", "phone") as phone, client(
+                srv.url(), "bob", "laptop"
+            ) as laptop:
+                for i in range(3):
+                    await a.send(AB, b"m%d" % i)
+                assert [m.payload for m in await take_messages(phone, 3)] == [b"m0", b"m1", b"m2"]
+                assert [m.payload for m in await take_messages(laptop, 3)] == [b"m0", b"m1", b"m2"]
+                assert phone.unread(AB) == laptop.unread(AB) == 3 and a.unread(AB) == 0
+                await phone.mark_read(AB, 2)
+                synced = await wait_for(laptop, lambda e: isinstance(e, ReadSynced) and e.state.read_seq == 2)
+                assert synced.state == F.ReadState(AB, 2, 3, 1)
+                receipt = await wait_for(a, lambda e: isinstance(e, ReceiptReceived))
+                assert (receipt.reader, receipt.seq) == ("bob", 2) and a.receipt(AB, "bob") == 2
+                await wait_for(phone, lambda e: isinstance(e, ReadSynced) and e.state.read_seq == 2)
+                assert phone.unread(AB) == laptop.unread(AB) == 1
+                await phone.mark_read(AB, 1)  # never backwards
+                await phone.mark_read(AB, 3)
+                await wait_for(laptop, lambda e: isinstance(e, ReadSynced) and e.state.read_seq == 3)
+                assert laptop.read_state(AB) == F.ReadState(AB, 3, 3, 0)
+            async with client(srv.url(), "bob", "tablet") as tablet:
+                await wait_for(tablet, lambda e: isinstance(e, ReadSynced))
+                assert tablet.read_state(AB) == F.ReadState(AB, 3, 3, 0)
+            assert lmdb_store.read_marker("bob", AB) == 3
+
+
+async def test_a_second_login_of_the_same_device_replaces_the_first(lmdb_store):
+    with trio.fail_after(10):
+        async with serving(lmdb_store) as srv:
+            async with client(srv.url(), "alice", "phone") as old:
+                async with client(srv.url(), "alice", "phone") as new:
+                    ev = await wait_for(old, lambda e: isinstance(e, Disconnected))
+                    assert ev.code is CloseCode.REPLACED
+                    with pytest.raises(ClientClosed):
+                        await old.send(AB, b"from the replaced session")
+                    assert (await new.send(AB, b"fine")).seq == 1
+
+
+# ---------------------------------------------------------------- limits and abuse
+
+
+async def test_refusals_are_final_errors_with_their_code(lmdb_store):
+    lmdb_store.create_group("team", ["alice", "carol"], 0)
+    cfg = server_config(limits=Limits(max_payload=1000, heartbeat_ms=15000))
+    with trio.fail_after(10):
+        async with serving(lmdb_store, cfg) as srv:
+            async with client(srv.url(), "alice") as a, client(srv.url(), "bob") as b:
+                for conv, payload, code in [
+                    (AB, b"x" * 1001, ErrorCode.PAYLOAD_TOO_LARGE),
+                    ("nosuchgroup", b"x", ErrorCode.UNKNOWN_CONVERSATION),
+                    ("team", b"x", None),
+                ]:
+                    if code is None:
+                        with pytest.raises(SendError) as err:
+                            await b.send(conv, payload)
+                        assert err.value.code is ErrorCode.NOT_MEMBER
+                    else:
+                        with pytest.raises(SendError) as err:
+                            await a.send(conv, payload)
+                        assert err.value.code is code
+                assert (await a.send("team", b"ok")).seq == 1
+
+
+async def test_oversized_and_malformed_frames_close_only_that_connection(lmdb_store):
+    cfg = server_config(limits=Limits(max_frame=4096, max_payload=1024, heartbeat_ms=15000))
+    with trio.fail_after(10):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            async with client(srv.url(), "alice") as a:
+                await a.send(AB, b"before")
+                raw = await RawConn.open(port)
+                await raw.login("mallory")
+                await raw.send_bytes(b"\xff\xff\x03")  # length prefix: 65535 > 4096
+                close = await raw.until(F.Close)
+                assert close.code == CloseCode.PROTOCOL_ERROR and "FRAME_TOO_LARGE" in close.reason
+                raw = await RawConn.open(port)
+                await raw.login("mallory")
+                await raw.send_bytes(b"\x03\x1f\x01\x00")  # version 1 with reserved flag bits
+                close = await raw.until(F.Close)
+                assert close.code == CloseCode.PROTOCOL_ERROR and "MALFORMED" in close.reason
+                assert (await a.send(AB, b"after")).seq == 2
+            assert [m.payload for m in lmdb_store.history(AB, 0, 10)] == [b"before", b"after"]
+
+
+async def test_a_device_that_stops_reading_holds_bounded_broker_memory(lmdb_store):
+    """Pushes stop at the device's byte window; what it does not take stays in
+    its inbox.  A peer that makes the broker queue more than
+    max_outbound_bytes anyway (requests it never reads the answers of) is
+    dropped as a slow consumer.  Nothing is lost either way."""
+    lim = Limits(max_payload=32 * 1024, push_window_bytes=64 * 1024, heartbeat_ms=15000)
+    cfg = server_config(limits=lim, max_outbound_bytes=256 * 1024)
+    payload = bytes(range(256)) * 128  # 32 KiB
+    with trio.fail_after(30):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            stuck = await RawConn.open(port, rcvbuf=4096)
+            await stuck.login("bob", "stuck")
+            peak = 0
+            async with client(srv.url(), "alice") as a:
+                for i in range(60):
+                    await a.send(AB, payload[:-3] + b"%03d" % i)
+                    peak = max(peak, srv.statistics()["outbound_bytes_queued"])
+            # Bounded by the push window (plus one frame), far below 60 x 32 KiB.
+            assert peak <= 64 * 1024 + 2 * 33 * 1024
+            assert srv.statistics()["slow_consumers"] == 0
+
+            greedy = await RawConn.open(port, rcvbuf=4096)
+            await greedy.login("alice", "greedy")
+            for i in range(40):  # ~6 MB of history answers it never reads
+                await greedy.send(F.SyncReq(i, AB, 0, 200, False))
+                if srv.statistics()["slow_consumers"]:
+                    break
+            with trio.fail_after(5):
+                while not srv.statistics()["slow_consumers"]:
+                    await trio.sleep(0.01)
+            assert srv.statistics()["outbound_bytes_queued"] <= 256 * 1024 + 40 * 1024
+            await stuck.aclose()
+            await greedy.aclose()
+            async with client(srv.url(), "bob", "stuck") as b:
+                got = await take_messages(b, 60)
+                assert [m.seq for m in got] == list(range(1, 61))
+
+
+async def test_heartbeats_keep_a_quiet_client_and_silent_peers_time_out(lmdb_store):
+    cfg = server_config(limits=Limits(heartbeat_ms=100), idle_timeout=0.4, login_timeout=0.4)
+    with trio.fail_after(20):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            async with client(srv.url(), "alice") as a:
+                silent = await RawConn.open(port)
+                await silent.login("bob")
+                never_logs_in = await RawConn.open(port)
+                close = await silent.until(F.Close)
+                assert close.code == CloseCode.IDLE_TIMEOUT
+                close = await never_logs_in.until(F.Close)
+                assert close.code == CloseCode.LOGIN_TIMEOUT
+                await trio.sleep(1.0)  # 10 heartbeat periods of nothing to say
+                assert a.connected and a.statistics()["connects"] == 1
+                assert (await a.send(AB, b"still here")).seq == 1
+
+
+async def test_send_rate_limit_slows_a_client_down_without_losing_anything(lmdb_store):
+    cfg = server_config(limits=Limits(send_rate=50.0, send_burst=5, heartbeat_ms=15000))
+    with trio.fail_after(30):
+        async with serving(lmdb_store, cfg) as srv:
+            async with client(srv.url(), "alice") as a:
+                sent = []
+
+                async def one(i):
+                    sent.append(await a.send(AB, b"r%02d" % i))
+
+                async with trio.open_nursery() as n:
+                    for i in range(40):
+                        n.start_soon(one, i)
+            assert srv.statistics()["rejected"] > 0  # RATE_LIMITED refusals happened
+            assert sorted(s.seq for s in sent) == list(range(1, 41))
+            stored = lmdb_store.history(AB, 0, 100)
+            assert Counter(m.payload for m in stored) == Counter(b"r%02d" % i for i in range(40))
+
+
+async def test_send_times_out_with_an_explicit_error_when_the_broker_is_gone(lmdb_store):
+    cfg = ClientConfig(ack_timeout=0.2, send_timeout=1.0, backoff_initial=0.05, backoff_max=0.1, connect_timeout=0.5)
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            url = srv.url()
+            async with open_client(url, token("alice"), "phone", config=cfg) as a:
+                await srv.shutdown()
+                await wait_for(a, lambda e: isinstance(e, Disconnected))
+                with pytest.raises(SendTimeout) as err:
+                    await a.send(AB, b"into the void")
+                assert err.value.local_id > 0
+
+
+async def test_graceful_shutdown_acks_what_it_committed_and_says_why(lmdb_store):
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            async with client(srv.url(), "alice") as a:
+                sent = await a.send(AB, b"before shutdown")
+                await srv.shutdown()
+                ev = await wait_for(a, lambda e: isinstance(e, Disconnected))
+                assert ev.code is CloseCode.SHUTDOWN
+        assert lmdb_store.history(AB, 0, 10)[0].msg_id == sent.msg_id
+
+
+async def test_events_and_statistics_are_consistent_after_many_sends(store):
+    """Many concurrent sends in flight over one connection, windowed."""
+    with trio.fail_after(30):
+        async with serving(store) as srv:
+            async with client(srv.url(), "alice") as a, client(srv.url(), "bob") as b:
+                sent = []
+
+                async def one(i):
+                    sent.append(await a.send(AB, b"c%04d" % i))
+
+                async with trio.open_nursery() as n:
+                    for i in range(500):
+                        n.start_soon(one, i)
+                got = await take_messages(b, 500)
+                assert sorted(m.payload for m in got) == sorted(b"c%04d" % i for i in range(500))
+                assert [m.seq for m in got] == list(range(1, 501))  # inbox order = seq order
+                assert sorted(s.seq for s in sent) == list(range(1, 501))
+                stats = srv.statistics()
+                assert stats["messages_stored"] == 500 and stats["duplicates"] == 0
+                if isinstance(store, LmdbStore):
+                    # Group commit: while one batch syncs in the worker
+                    # thread, the next gathers -- fewer batches than messages.
+                    assert stats["batches"] < 500
