@@ -219,11 +219,15 @@ class _Pending:
 class _Session:
     """One live connection."""
 
-    __slots__ = ("stream", "lock", "compress", "last_sent", "last_recv", "heartbeat", "window", "closed", "nursery", "end")
+    __slots__ = ("stream", "buf", "wake", "writing", "compress", "last_sent", "last_recv", "heartbeat", "window", "closed", "nursery", "end")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
-        self.lock = trio.Lock()
+        # Outbound frames wait here for the session's single writer task, so
+        # frames never interleave and one syscall carries many frames.
+        self.buf: list[bytes] = []
+        self.wake = trio.Event()
+        self.writing = False
         self.compress: Optional[Callable[[bytes], bytes]] = None
         self.last_sent = trio.current_time()
         self.last_recv = trio.current_time()
@@ -306,6 +310,7 @@ class Client:
         # read state
         self.read_states: dict[str, F.ReadState] = {}
         self.receipts: dict[tuple[str, str], int] = {}  # (conv, reader) -> seq
+        self._read_wanted: dict[str, int] = {}  # markers sent but not yet confirmed
         self._views: dict[str, dict[bytes, F.Message]] = {}
 
         self._session: Optional[_Session] = None
@@ -400,7 +405,7 @@ class Client:
             self._stats["retransmits"] += 1
         p.sent_at = trio.current_time()
         p.attempts += 1
-        self._write_soon(s, F.SendReq(p.local_id, p.conv, p.client_time, p.payload))
+        self._send_frame(s, F.SendReq(p.local_id, p.conv, p.client_time, p.payload))
 
     def _finish(self, p: _Pending, result: Optional[Sent], error: Optional[BaseException]) -> None:
         p.result, p.error = result, error
@@ -503,21 +508,26 @@ class Client:
             if self._taken_upto > self._acked_upto:
                 self._acked_upto = self._taken_upto
                 self._stats["acks_sent"] += 1
-                await self._write(s, F.PushAck(self._taken_upto))
+                self._send_frame(s, F.PushAck(self._taken_upto))
 
     # ------------------------------------------------------------ read state
 
     async def mark_read(self, conv: str, seq: int) -> None:
         """Move this user's read marker of ``conv`` to ``seq`` (never back).
         The broker confirms with a SyncRead; other devices get one too and
-        the 1:1 peer a ReadReceipt."""
+        the 1:1 peer a ReadReceipt.  Until confirmed, the marker is sent
+        again after every reconnect."""
         self._check_alive()
         st = self.read_states.get(conv)
         if st is not None and seq > st.read_seq:
             # Optimistic: the confirmation brings the exact unread count.
             self.read_states[conv] = F.ReadState(conv, seq, st.last_seq, 0 if seq >= st.last_seq else st.unread)
-        s = await self._wait_session()
-        await self._write(s, F.Read(conv, seq))
+        if seq > self._read_wanted.get(conv, 0):
+            self._read_wanted[conv] = seq
+        s = self._session
+        if s is not None and not s.closed:
+            self._send_frame(s, F.Read(conv, seq))
+        await trio.lowlevel.checkpoint()
 
     def read_state(self, conv: str) -> F.ReadState:
         return self.read_states.get(conv, F.ReadState(conv, 0, 0, 0))
@@ -531,6 +541,8 @@ class Client:
 
     def _on_sync_read(self, f: F.SyncRead) -> None:
         for st in f.entries:
+            if st.read_seq >= self._read_wanted.get(st.conv, 1 << 64):
+                del self._read_wanted[st.conv]  # confirmed durable
             old = self.read_states.get(st.conv)
             if old is not None and old.read_seq > st.read_seq:
                 continue  # markers never move back
@@ -557,16 +569,19 @@ class Client:
     async def fetch_history(self, conv: str, from_seq: int = 0, limit: int = 100, *, backward: bool = False) -> list[F.Message]:
         """A page of ``conv``'s stored history (also added to :meth:`view`)."""
         self._check_alive()
-        s = await self._wait_session()
         req = self._next_req
         self._next_req += 1
         done = trio.Event()
         box: list[F.SyncResp] = []
         self._sync_waiters[req] = (done, box)
         try:
-            await self._write(s, F.SyncReq(req, conv, from_seq, limit, backward))
-            with trio.fail_after(self.config.ack_timeout * 2):
-                await done.wait()
+            with trio.fail_after(self.config.send_timeout):
+                while not done.is_set():
+                    # Asked again on a new session if the answer was lost.
+                    s = await self._wait_session()
+                    self._send_frame(s, F.SyncReq(req, conv, from_seq, limit, backward))
+                    with trio.move_on_after(self.config.ack_timeout * 2):
+                        await done.wait()
         finally:
             self._sync_waiters.pop(req, None)
         resp = box[0]
@@ -655,6 +670,7 @@ class Client:
         """Connect, serve the session, reconnect with backoff -- until closed."""
         attempt = 0
         first: Optional[trio.TaskStatus[None]] = task_status
+        first_deadline = trio.current_time() + self.config.connect_timeout
         while not self._closed:
             began = trio.current_time()
             exc = await self._connect_once(first)
@@ -668,7 +684,15 @@ class Client:
                     self._stop(ClientClosed("this device logged in on another connection"))
                     return
                 if first is not None and not self._ever_connected:
-                    raise ConnectFailed(f"cannot connect to {self.url}: {exc!r}") from exc
+                    # The first connection: a refused port or a certificate
+                    # that does not verify will not get better; anything else
+                    # (a reset mid-login on a bad network...) is retried until
+                    # connect_timeout has passed since open_client began.
+                    permanent = isinstance(exc, (ConnectionRefusedError, ssl.SSLError)) or isinstance(
+                        exc.__cause__, (ConnectionRefusedError, ssl.SSLError)
+                    )
+                    if permanent or trio.current_time() >= first_deadline:
+                        raise ConnectFailed(f"cannot connect to {self.url}: {exc!r}") from exc
                 log.debug("connection lost: %r", exc)
             if self._ever_connected:
                 first = None
@@ -737,7 +761,8 @@ class Client:
         nursery = s.nursery
         token = await self._resolve_token()
         caps = F.CAP_ZSTD if self.config.compression and _zstd_available() else 0
-        await self._write(s, F.Login(token, self.device, self._clock(), self._taken_upto, caps))
+        nursery.start_soon(self._guarded(s, self._writer, s))
+        self._send_frame(s, F.Login(token, self.device, self._clock(), self._taken_upto, caps))
         with trio.fail_after(self.config.connect_timeout):
             ack = await self._wait_login_ack(s, decoder)
         self.user = ack.user
@@ -770,6 +795,8 @@ class Client:
                 p.sent_at = None
         self._queue = deque(sorted(self._pending.values(), key=lambda p: p.local_id))
         self._fill_window()
+        for conv, seq in self._read_wanted.items():
+            self._send_frame(s, F.Read(conv, seq))
         if self._taken_upto > self._acked_upto:
             self._ack_dirty.set()
         nursery.start_soon(self._guarded(s, self._retransmitter, s))
@@ -801,7 +828,7 @@ class Client:
         held: list[object] = []
         for _ in range(max(1, self.config.time_samples)):
             t0 = self._clock()
-            await self._write(s, F.TimeSyncReq(t0))
+            self._send_frame(s, F.TimeSyncReq(t0))
             resp: Optional[F.TimeSyncResp] = None
             with trio.move_on_after(self.config.ack_timeout):
                 while resp is None:
@@ -858,7 +885,7 @@ class Client:
             code = CloseCode(f.code) if f.code in CloseCode._value2member_map_ else None  # type: ignore[attr-defined]
             raise _SessionEnded(code, f.reason)  # type: ignore[attr-defined]
         elif t is F.Ping:
-            self._write_soon(s, F.Pong(f.nonce))  # type: ignore[attr-defined]
+            self._send_frame(s, F.Pong(f.nonce))  # type: ignore[attr-defined]
         # Pong and anything else: liveness only (last_recv).
 
     async def _heartbeat(self, s: _Session) -> None:
@@ -871,7 +898,7 @@ class Client:
                 raise _SessionEnded(None, "no traffic from the broker: dead link")
             if now - s.last_sent >= period * 0.9:
                 nonce += 1
-                await self._write(s, F.Ping(nonce))
+                self._send_frame(s, F.Ping(nonce))
 
     async def _retransmitter(self, s: _Session) -> None:
         timeout = self.config.ack_timeout
@@ -884,22 +911,36 @@ class Client:
 
     # ------------------------------------------------------------ writing
 
-    def _encode(self, s: _Session, frame: F.Frame) -> bytes:
+    def _send_frame(self, s: _Session, frame: F.Frame) -> None:
+        """Queue ``frame`` for the session's writer (never blocks; a broken
+        session just drops it -- everything that matters is re-sent on the
+        next session: unacked sends, unconfirmed read markers, the ack)."""
+        if s.closed:
+            return
         data = encode_frame(frame)
         if s.compress is not None:
             data = s.compress(data)
-        return data
-
-    async def _write(self, s: _Session, frame: F.Frame) -> None:
-        data = self._encode(s, frame)
-        async with s.lock:  # one writer at a time: frames never interleave
-            await s.stream.send_all(data)
-        s.last_sent = trio.current_time()
+        s.buf.append(data)
+        s.wake.set()
         self._stats["frames_out"] += 1
 
-    def _write_soon(self, s: _Session, frame: F.Frame) -> None:
-        if s.nursery is not None and not s.closed:
-            s.nursery.start_soon(self._write, s, frame)
+    async def _writer(self, s: _Session) -> None:
+        while True:
+            if not s.buf:
+                s.wake = trio.Event()
+                await s.wake.wait()
+                continue
+            data = b"".join(s.buf)
+            s.buf.clear()
+            s.writing = True
+            await s.stream.send_all(data)
+            s.writing = False
+            s.last_sent = trio.current_time()
+
+    async def _flush(self, s: _Session, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            while (s.buf or s.writing) and not s.closed:
+                await trio.sleep(0.002)
 
     async def _wait_session(self) -> _Session:
         while True:
@@ -917,11 +958,11 @@ class Client:
         s = self._session
         if s is not None and not s.closed:
             # Flush what the app took so it is not pushed again next time.
-            with trio.move_on_after(1.0):
-                if self._taken_upto > self._acked_upto:
-                    await self._write(s, F.PushAck(self._taken_upto))
-                    self._acked_upto = self._taken_upto
-                await self._write(s, F.Close(CloseCode.NORMAL, "client closing"))
+            if self._taken_upto > self._acked_upto:
+                self._send_frame(s, F.PushAck(self._taken_upto))
+                self._acked_upto = self._taken_upto
+            self._send_frame(s, F.Close(CloseCode.NORMAL, "client closing"))
+            await self._flush(s, 1.0)
         self._closed = True
         self._stop(ClientClosed("client closed"))
 
