@@ -62,7 +62,7 @@ def _settings(args: argparse.Namespace):  # -> ServeSettings
         "data_dir": getattr(args, "data_dir", None),
         "secret_file": getattr(args, "secret_file", None),
     }
-    for name in ("durability", "cert", "key", "max_frame", "max_payload", "window", "send_rate", "heartbeat_ms",
+    for name in ("durability", "cert", "key", "content_filter", "max_frame", "max_payload", "window", "send_rate", "heartbeat_ms",
                  "idle_timeout", "max_outbound_bytes", "max_connections"):
         if hasattr(args, name):
             flags[name] = getattr(args, name)
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="PEM private key for tls:// and wss://")
     p.add_argument("--secret-file", help="file holding the token secret (default: <data-dir>/secret)")
     p.add_argument("--durability", choices=["sync", "os"], help="sync = fsync every batch before acking (default)")
+    p.add_argument("--content-filter", metavar="MODULE:FUNCTION",
+                   help="content-security hook f(user, conv, payload) -> None, or a reason to reject")
     p.add_argument("--max-frame", type=int)
     p.add_argument("--max-payload", type=int)
     p.add_argument("--window", type=int, help="SendReqs in flight per connection")

@@ -6,6 +6,7 @@ Example (every key optional)::
     durability = "sync"                # "sync" (fsync per batch) or "os"
     listen = ["tcp://127.0.0.1:7400", "ws://127.0.0.1:7480/im"]
     secret_file = "/etc/pimcore/secret" # default: <data_dir>/secret, created on first run
+    content_filter = "mypkg.moderation:check"  # f(user, conv, payload) -> None or a reason to reject
 
     [tls]                              # for tls:// and wss:// listeners
     cert = "server.pem"
@@ -28,6 +29,7 @@ Example (every key optional)::
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from dataclasses import dataclass, field, fields, replace
@@ -39,7 +41,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .core import SECOND, BrokerConfig, Limits
+from .core import SECOND, BrokerConfig, ContentFilter, Limits
 from .net.server import DEFAULT_BROKER_CONFIG, ServerConfig
 from .net.streams import Endpoint, parse_url
 
@@ -48,7 +50,7 @@ __all__ = ["ServeSettings", "load_settings", "ConfigError", "DEFAULT_LISTEN"]
 DEFAULT_LISTEN = "tcp://127.0.0.1:7400"
 _LIMIT_KEYS = {f.name for f in fields(Limits)}
 _SERVER_KEYS = {"idle_timeout", "login_timeout", "max_outbound_bytes", "max_connections"}
-_TOP_KEYS = {"data_dir", "durability", "listen", "secret", "secret_file", "tls", "limits", "server"}
+_TOP_KEYS = {"data_dir", "durability", "listen", "secret", "secret_file", "content_filter", "tls", "limits", "server"}
 
 
 class ConfigError(ValueError):
@@ -64,6 +66,7 @@ class ServeSettings:
     secret_file: Optional[Path] = None
     cert: Optional[str] = None
     key: Optional[str] = None
+    content_filter: Optional[str] = None  # "module:function"
     limits: dict[str, Any] = field(default_factory=dict)
     server: dict[str, Any] = field(default_factory=dict)
 
@@ -73,13 +76,28 @@ class ServeSettings:
         except ValueError as exc:
             raise ConfigError(f"listen: {exc}") from None
 
+    def load_content_filter(self) -> Optional[ContentFilter]:
+        """Import the ``module:function`` content-security hook, if any."""
+        if not self.content_filter:
+            return None
+        module, _, name = self.content_filter.partition(":")
+        if not module or not name:
+            raise ConfigError(f"content_filter must be 'module:function', not {self.content_filter!r}")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"content_filter {self.content_filter!r}: {exc}") from None
+        if not callable(fn):
+            raise ConfigError(f"content_filter {self.content_filter!r} is not callable")
+        return fn  # type: ignore[no-any-return]
+
     def server_config(self) -> ServerConfig:
         base = DEFAULT_BROKER_CONFIG
         try:
             limits = replace(base.limits, **self.limits)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"limits: {exc}") from None
-        broker = replace(base, limits=limits)
+        broker = replace(base, limits=limits, content_filter=self.load_content_filter())
         srv = dict(self.server)
         for key in ("idle_timeout", "login_timeout"):
             if key in srv:
@@ -134,6 +152,7 @@ def load_settings(config_file: Optional[str] = None, **flags: Any) -> ServeSetti
             listen=tuple(listen),
             secret=doc.get("secret"),
             secret_file=rel(doc["secret_file"]) if "secret_file" in doc else None,
+            content_filter=doc.get("content_filter"),
             cert=str(rel(tls["cert"])) if "cert" in tls else None,
             key=str(rel(tls["key"])) if "key" in tls else None,
             limits=dict(doc.get("limits", {})),
@@ -152,7 +171,7 @@ def load_settings(config_file: Optional[str] = None, **flags: Any) -> ServeSetti
             s = replace(s, listen=tuple(value))
         elif name in ("data_dir", "secret_file"):
             s = replace(s, **{name: Path(value)})
-        elif name in ("durability", "secret", "cert", "key"):
+        elif name in ("durability", "secret", "cert", "key", "content_filter"):
             s = replace(s, **{name: value})
         else:
             raise ConfigError(f"unknown setting {name!r}")

@@ -443,3 +443,33 @@ async def test_events_and_statistics_are_consistent_after_many_sends(store):
                     # Group commit: while one batch syncs in the worker
                     # thread, the next gathers -- fewer batches than messages.
                     assert stats["batches"] < 500
+
+
+async def test_connections_beyond_the_limit_are_refused_with_a_reason(lmdb_store):
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(max_connections=1)) as srv:
+            async with client(srv.url(), "alice") as a:
+                extra = await RawConn.open(srv.endpoints[0].port)
+                close = await extra.until(F.Close)
+                assert close.code == CloseCode.OVERLOADED
+                assert await extra.next() is None
+                assert srv.statistics()["refused"] == 1
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+def _no_spam(user: str, conv: str, payload: bytes):
+    return "looks like spam" if b"BUY NOW" in payload else None
+
+
+async def test_content_filter_from_the_configuration_rejects_before_storing(lmdb_store):
+    from pimcore.config import load_settings
+
+    settings = load_settings(content_filter=f"{__name__}:_no_spam", listen=["tcp://127.0.0.1:0"])
+    with trio.fail_after(10):
+        async with serving(lmdb_store, settings.server_config()) as srv:
+            async with client(srv.url(), "alice") as a:
+                with pytest.raises(SendError) as err:
+                    await a.send(AB, b"BUY NOW cheap pills")
+                assert err.value.code is ErrorCode.REJECTED
+                assert (await a.send(AB, b"hello")).seq == 1
+    assert [m.payload for m in lmdb_store.history(AB, 0, 10)] == [b"hello"]
