@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 
 import trio
-from trio_websocket import ConnectionRejected, HandshakeError, connect_websocket_url
+from trio_websocket import ConnectionRejected, HandshakeError, wrap_client_stream
 
 from . import frames as F
 from .codec import Decoder, encode_frame
@@ -54,6 +54,11 @@ from .errors import CloseCode, ErrorCode, PimError, ProtocolError
 from .net.streams import Endpoint, WebSocketStream, parse_url
 from ._util import unwrap_single
 from .order import display_order
+
+try:  # zstandard is a dependency; without it the client just does not ask for zstd
+    from .compress import FrameCompressor, FrameDecompressor
+except ImportError:  # pragma: no cover
+    FrameCompressor = FrameDecompressor = None  # type: ignore[assignment,misc]
 
 __all__ = [
     "open_client",
@@ -314,6 +319,7 @@ class Client:
         self._views: dict[str, dict[bytes, F.Message]] = {}
 
         self._session: Optional[_Session] = None
+        self._zstd: Optional[tuple[FrameCompressor, FrameDecompressor]] = None  # made once, shared by sessions
         self._ever_connected = False
         self._connected = trio.Event()
         self._closed = False
@@ -627,21 +633,25 @@ class Client:
 
     async def _open_stream(self, nursery: trio.Nursery) -> trio.abc.Stream:
         ep = self.endpoint
-        if ep.websocket:
-            ctx = self._ssl if ep.secure else None
-            if ep.secure and ctx is None:
-                ctx = ssl.create_default_context()
-            # trio-websocket runs its reader in `nursery`, which lives as
-            # long as this connection.
-            ws = await connect_websocket_url(
-                nursery, self.url, ssl_context=ctx, message_queue_size=64, max_message_size=self.config.max_frame + 16
-            )
-            return WebSocketStream(ws)
         stream: trio.abc.Stream = await trio.open_tcp_stream(ep.host, ep.port)
         if ep.secure:
             ctx = self._ssl or ssl.create_default_context()
             stream = trio.SSLStream(stream, ctx, server_hostname=ep.host)
+            # Handshake now: a certificate that does not verify is reported
+            # here, as itself, not later as a silent WebSocket stall.
             await stream.do_handshake()
+        if ep.websocket:
+            # trio-websocket runs its reader in `nursery`, which lives as
+            # long as this connection.
+            ws = await wrap_client_stream(
+                nursery,
+                stream,  # type: ignore[arg-type]
+                f"{ep.host}:{ep.port}",
+                ep.path,
+                message_queue_size=64,
+                max_message_size=self.config.max_frame + 16,
+            )
+            return WebSocketStream(ws)
         return stream
 
     async def _connect_once(self, first: Optional[trio.TaskStatus[None]]) -> Optional[BaseException]:
@@ -692,7 +702,7 @@ class Client:
                         exc.__cause__, (ConnectionRefusedError, ssl.SSLError)
                     )
                     if permanent or trio.current_time() >= first_deadline:
-                        raise ConnectFailed(f"cannot connect to {self.url}: {exc!r}") from exc
+                        raise ConnectFailed(f"cannot connect to {self.url}: {_root_cause(exc)}") from exc
                 log.debug("connection lost: %r", exc)
             if self._ever_connected:
                 first = None
@@ -769,10 +779,10 @@ class Client:
         s.heartbeat = ack.heartbeat_ms / 1000.0
         s.window = max(1, ack.window)
         if ack.caps & F.CAP_ZSTD:
-            from .compress import FrameCompressor, FrameDecompressor
-
-            s.compress = FrameCompressor().compress
-            decoder.enable_decompression(FrameDecompressor())
+            if self._zstd is None:
+                self._zstd = (FrameCompressor(), FrameDecompressor())
+            s.compress = self._zstd[0].compress
+            decoder.enable_decompression(self._zstd[1])
         # Resume: never re-queue what the app already has.
         if ack.position > self._enqueued_upto:
             self._enqueued_upto = ack.position
@@ -967,12 +977,21 @@ class Client:
         self._stop(ClientClosed("client closed"))
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The most telling error in ``exc``'s chain (an SSL or OS error if any:
+    "certificate verify failed" says more than "BrokenResourceError")."""
+    seen = exc
+    e: Optional[BaseException] = exc
+    while e is not None:
+        if isinstance(e, (ssl.SSLError, OSError)):
+            return f"{type(e).__name__}: {e}"
+        seen = e
+        e = e.__cause__ or e.__context__
+    return f"{type(seen).__name__}: {seen}" if str(seen) else repr(exc)
+
+
 def _zstd_available() -> bool:
-    try:
-        from .compress import FrameCompressor  # noqa: F401
-    except ImportError:  # pragma: no cover
-        return False
-    return True
+    return FrameCompressor is not None
 
 
 @asynccontextmanager

@@ -83,8 +83,8 @@ __all__ = [
 SECOND = 1_000_000  # µs
 DAY = 86_400 * SECOND
 
-#: The capabilities this core can grant (compression arrives with the network layer).
-SUPPORTED_CAPS = 0
+#: The capabilities this core can grant: zstd frame compression (PROTOCOL.md §7).
+SUPPORTED_CAPS = F.CAP_ZSTD
 
 
 # ---------------------------------------------------------------- configuration
@@ -306,6 +306,7 @@ class Broker:
         self._inflight: Optional[tuple[WriteBatch, list[_Ctx]]] = None
         self._next_batch = 1
         self._next_reclaim: Optional[int] = None
+        self._decompressor: Optional[Callable[[bytes, int], bytes]] = None  # shared: one thread
 
         self._stats = {
             "frames_in": 0,
@@ -559,6 +560,14 @@ class Broker:
         self._stats["logins"] += 1
 
         lim = self.config.limits
+        caps = f.caps & SUPPORTED_CAPS
+        if caps & F.CAP_ZSTD and c.decoder is not None:
+            # The client may compress from the frame after this Login on.
+            if self._decompressor is None:
+                from .compress import FrameDecompressor
+
+                self._decompressor = FrameDecompressor()
+            c.decoder.enable_decompression(self._decompressor)
         self._send(
             c.id,
             F.LoginAck(
@@ -572,7 +581,7 @@ class Broker:
                 max_payload=lim.max_payload,
                 window=lim.window,
                 heartbeat_ms=lim.heartbeat_ms,
-                caps=f.caps & SUPPORTED_CAPS,
+                caps=caps,
             ),
             out,
         )

@@ -473,3 +473,55 @@ async def test_content_filter_from_the_configuration_rejects_before_storing(lmdb
                 assert err.value.code is ErrorCode.REJECTED
                 assert (await a.send(AB, b"hello")).seq == 1
     assert [m.payload for m in lmdb_store.history(AB, 0, 10)] == [b"hello"]
+
+
+async def test_zstd_is_negotiated_and_shrinks_small_chat_frames(tmp_path):
+    """Same traffic with and without compression: fewer bytes on the wire,
+    same messages."""
+    import json
+
+    payloads = [
+        json.dumps({"type": "text", "text": f"see you at {h}:30 at the usual place? bring the slides #{h}"}).encode()
+        for h in range(200)
+    ]
+    wire = {}
+    for compression in (False, True):
+        store = LmdbStore(str(tmp_path / f"db{compression}"), durability="os")
+        cfg = ClientConfig(compression=compression)
+        with trio.fail_after(20):
+            async with serving(store) as srv:
+                async with client(srv.url(), "alice", config=cfg) as a, client(srv.url(), "bob", config=cfg) as b:
+                    for p in payloads:
+                        await a.send(AB, p)
+                    got = await take_messages(b, len(payloads))
+                    assert [m.payload for m in got] == payloads
+                stats = srv.statistics()
+                wire[compression] = (stats["bytes_in"], stats["bytes_out"])
+        store.close()
+    print(f"wire bytes (in, out): plain {wire[False]}, zstd {wire[True]}")
+    assert wire[True][0] < wire[False][0] * 0.9  # SendReqs from the client
+    assert wire[True][1] < wire[False][1] * 0.96  # SendAcks (tiny, never compressed) and Pushes
+
+
+async def test_compressed_frames_are_refused_unless_negotiated(lmdb_store):
+    from pimcore.compress import FrameCompressor
+
+    big = F.SendReq(1, AB, 0, b'{"type":"text","text":"' + b"hello there, how are you doing today? " * 3 + b'"}')
+    squeezed = FrameCompressor().compress(encode_frame(big))
+    assert squeezed[1] & 0x01  # really compressed
+    with trio.fail_after(10):
+        async with serving(lmdb_store) as srv:
+            port = srv.endpoints[0].port
+            raw = await RawConn.open(port)
+            ack = await raw.login("alice", caps=F.CAP_ZSTD)
+            assert ack.caps == F.CAP_ZSTD
+            await raw.send_bytes(squeezed)
+            sa = await raw.until(F.SendAck)
+            assert sa.code == ErrorCode.OK
+            plain = await RawConn.open(port)
+            ack = await plain.login("alice", "tablet", caps=0)
+            assert ack.caps == 0
+            await plain.send_bytes(squeezed)
+            close = await plain.until(F.Close)
+            assert close.code == CloseCode.PROTOCOL_ERROR
+    assert [m.payload for m in lmdb_store.history(AB, 0, 10)] == [big.payload]

@@ -226,6 +226,11 @@ class BrokerServer:
         for p in list(self._peers.values()):
             self._run(self.broker.connection_lost(p.id, self.now()))
             self._close_peer(p, CloseCode.SHUTDOWN, reason)
+        # Give the writers time to flush the Close frames (each connection
+        # ends itself once flushed, or after close_timeout).
+        with trio.move_on_after(self.config.close_timeout + 0.5):
+            while self._peers:
+                await trio.sleep(0.01)
 
     # ------------------------------------------------------------ listeners
 
