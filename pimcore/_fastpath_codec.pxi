@@ -95,6 +95,8 @@ cdef extern from *:
 
 
 DEFAULT_MAX_FRAME_SIZE = 1 << 20
+# Head flag bit 0: the body is one zstd frame (section 7 of docs/PROTOCOL.md).
+FLAG_ZSTD = 0x01
 
 # Same table as pimcore/_pure/codec.py SCHEMA, kept separately on purpose (see
 # there).  Kinds are spelled as in the frames.py comments.
@@ -519,17 +521,35 @@ cdef object _cd_dec_record(const unsigned char** pp, const unsigned char* end, _
     pp[0] = p
     return obj
 
+cdef object _cd_check_decompress(object decompress):
+    if decompress is not None and not callable(decompress):
+        raise TypeError(f"decompress must be a callable (body, max_size) -> bytes or None, not {type(decompress).__name__}")
+    return decompress
+
+cdef bytes _cd_decompressed(object decompress, const unsigned char* p, Py_ssize_t n, object max_size):
+    """The decompressed body of a flagged frame (cold path; as the pure twin's
+    _decompressed).  ``max_size`` is max_frame_size - 2: a compressed frame
+    never decodes to more than an uncompressed one could carry."""
+    out = decompress(PyBytes_FromStringAndSize(<const char*>p, n), max_size)
+    if not _cd_is_bytes_exact(out):
+        raise TypeError(f"decompress returned {type(out).__name__}, expected bytes")
+    if PyBytes_GET_SIZE(out) > max_size:
+        raise _CdFrameTooLarge(f"decompressed body of {PyBytes_GET_SIZE(out)} bytes exceeds max_frame_size {max_size + 2}")
+    return <bytes>out
+
 cdef object _cd_parse(const unsigned char* p, Py_ssize_t avail, uint64_t limit, object max_size,
-                      Py_ssize_t* used):
+                      Py_ssize_t* used, object decompress):
     """The frame at p[0:avail], or None when more bytes are needed (*used = 0).
     Checks run in stream order, each as soon as its bytes are present, so the
-    outcome never depends on how the input was split (same as the pure twin)."""
+    outcome never depends on how the input was split (same as the pure twin).
+    ``decompress`` (None = disabled) decompresses a FLAG_ZSTD body."""
     cdef uint64_t length = 0
     cdef Py_ssize_t n = 0
     cdef unsigned char b, head
     cdef int idx = -1
     cdef const unsigned char* body
     cdef const unsigned char* end
+    cdef bytes plain
     used[0] = 0
     if avail == 0:
         return None
@@ -556,7 +576,9 @@ cdef object _cd_parse(const unsigned char* p, Py_ssize_t avail, uint64_t limit, 
         if head >> 4 != 1:
             raise _CdProtocolError(_CdErrorCode.UNSUPPORTED_VERSION,
                                    f"protocol version {head >> 4} is not supported")
-        if head & 0x0F:
+        # bit 0 (zstd) is valid only once decompression is enabled; bits 1..3
+        # are reserved and always malformed
+        if head & 0x0F and (head & 0x0E or decompress is None):
             _cd_malformed(f"reserved or unnegotiated flag bits set: {head & 0x0F:#x}")
     if avail > n + 1:
         idx = _cd_by_type[p[n + 1]]
@@ -567,6 +589,12 @@ cdef object _cd_parse(const unsigned char* p, Py_ssize_t avail, uint64_t limit, 
     # -- body
     body = p + n + 2
     end = p + n + <Py_ssize_t>length
+    if p[n] & 0x01:
+        # the head check above let the flag through only with decompress set;
+        # the callable may run any Python code, so nothing below reads p again
+        plain = _cd_decompressed(decompress, body, <Py_ssize_t>length - 2, max_size - 2)
+        body = <const unsigned char*>PyBytes_AS_STRING(plain)
+        end = body + PyBytes_GET_SIZE(plain)
     frame = _cd_dec_record(&body, end, &_cd_recs[idx])
     if body != end:
         _cd_malformed(f"{end - body} trailing bytes after the frame body")
@@ -592,6 +620,13 @@ cdef class Decoder:
 
     Any malformation raises ProtocolError; the decoder is then poisoned and
     raises the same error from every later ``feed``/``next_frame``.
+
+    ``decompress`` (``decompress(body, max_size) -> bytes``, e.g. a
+    :class:`pimcore.compress.FrameDecompressor`) accepts frames with the zstd
+    head flag; without it (the default) such a frame is MALFORMED_FRAME.
+    :meth:`enable_decompression` turns it on later: frames are decoded lazily
+    by ``next_frame``, so bytes already fed but not yet taken are judged by the
+    setting at the time they are taken.
     """
 
     # live bytes are _buf[_start:_end]; _buf is malloc'ed, _cap bytes
@@ -602,15 +637,17 @@ cdef class Decoder:
     cdef uint64_t _limit
     cdef object _max
     cdef object _error
+    cdef object _decompress
     # set while a frame is being built: a finalizer run by the GC at that
     # moment must not feed() and so move the buffer being read
     cdef bint _busy
 
     # (no `int` annotation: Cython would turn it into a TypeError check, and
     # the twin contract is ValueError for anything but an int >= 2)
-    def __init__(self, max_frame_size=DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(self, max_frame_size=DEFAULT_MAX_FRAME_SIZE, decompress=None) -> None:
         self._max = _cd_check_max(max_frame_size)
         self._limit = _cd_limit(self._max)
+        self._decompress = _cd_check_decompress(decompress)
 
     def __dealloc__(self):
         free(self._buf)
@@ -618,6 +655,19 @@ cdef class Decoder:
     @property
     def max_frame_size(self) -> int:
         return self._max
+
+    @property
+    def decompress(self):
+        """The decompression callable, or None while compressed frames are refused."""
+        return self._decompress
+
+    def enable_decompression(self, decompress) -> None:
+        """Accept compressed frames from the next ``next_frame`` on (call it
+        when CAP_ZSTD was negotiated).  ``decompress(body, max_size) -> bytes``
+        must raise ProtocolError for anything it cannot decompress."""
+        if decompress is None:
+            raise TypeError("enable_decompression() needs a callable, not None")
+        self._decompress = _cd_check_decompress(decompress)
 
     @property
     def buffered(self) -> int:
@@ -685,7 +735,8 @@ cdef class Decoder:
             raise RuntimeError("Decoder.next_frame() re-entered")
         self._busy = True
         try:
-            frame = _cd_parse(self._buf + self._start, self._end - self._start, self._limit, self._max, &used)
+            frame = _cd_parse(self._buf + self._start, self._end - self._start, self._limit, self._max, &used,
+                              self._decompress)
         except _CdProtocolError as exc:
             self._error = exc
             raise
@@ -711,15 +762,17 @@ cdef class Decoder:
         return frame
 
 
-def decode_frame(data, max_frame_size=DEFAULT_MAX_FRAME_SIZE):
-    """Decode exactly one complete frame; anything more or less is malformed."""
+def decode_frame(data, max_frame_size=DEFAULT_MAX_FRAME_SIZE, decompress=None):
+    """Decode exactly one complete frame; anything more or less is malformed.
+    ``decompress`` as for :class:`Decoder`."""
     cdef Py_buffer view
     cdef Py_ssize_t used = 0
     cdef object max_size = _cd_check_max(max_frame_size)
     cdef uint64_t limit = _cd_limit(max_size)
+    decompress = _cd_check_decompress(decompress)
     if _cd_is_bytes(data):
         frame = _cd_parse(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data),
-                          limit, max_size, &used)
+                          limit, max_size, &used, decompress)
         size = PyBytes_GET_SIZE(data)
     else:
         if not isinstance(data, (bytearray, memoryview)):
@@ -729,7 +782,7 @@ def decode_frame(data, max_frame_size=DEFAULT_MAX_FRAME_SIZE):
         # the exported buffer also pins a bytearray's size while we read it
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            frame = _cd_parse(<const unsigned char*>view.buf, view.len, limit, max_size, &used)
+            frame = _cd_parse(<const unsigned char*>view.buf, view.len, limit, max_size, &used, decompress)
             size = view.len
         finally:
             PyBuffer_Release(&view)

@@ -47,6 +47,7 @@ from ..frames import (
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "FLAG_ZSTD",
     "encode_frame",
     "encode_frames",
     "decode_frame",
@@ -61,8 +62,14 @@ _S64_MAX = (1 << 63) - 1
 #: The length prefix is at most 5 varint bytes, so no frame can be longer.
 _MAX_LENGTH = (1 << 35) - 1
 _HEAD = PROTOCOL_VERSION << 4  # version 1, no flags
+#: Head flag bit 0: the body is one zstd frame (section 7 of docs/PROTOCOL.md).
+FLAG_ZSTD = 0x01
 
 BytesLike = Union[bytes, bytearray, memoryview]
+#: ``decompress(body, max_size) -> bytes``: the body of a frame whose head has
+#: FLAG_ZSTD set, decompressed; raises ProtocolError on any problem, and
+#: FrameTooLarge when the decompressed body would exceed ``max_size``.
+Decompress = Callable[[bytes, int], bytes]
 
 # --------------------------------------------------------------------- schema
 # Field order = wire order = dataclass order (frames.py).  A kind is written
@@ -380,11 +387,32 @@ def _check_max(max_frame_size: object) -> int:
     return int.__index__(max_frame_size)
 
 
-def _parse(buf: bytearray, limit: int) -> tuple[Optional[Frame], int]:
+def _check_decompress(decompress: object) -> Optional[Decompress]:
+    if decompress is not None and not callable(decompress):
+        raise TypeError(f"decompress must be a callable (body, max_size) -> bytes or None, not {type(decompress).__name__}")
+    return decompress  # type: ignore[return-value]
+
+
+def _decompressed(decompress: Decompress, body: bytes, max_size: int) -> bytes:
+    """The decompressed body of a flagged frame.  ``max_size`` is the largest
+    body an uncompressed frame could carry (max_frame_size - 2), so a
+    compressed frame never decodes to more than an uncompressed one could."""
+    out = decompress(body, max_size)
+    if type(out) is not bytes:
+        raise TypeError(f"decompress returned {type(out).__name__}, expected bytes")
+    # The callable checks this before decompressing (bomb protection); this
+    # re-check only keeps a faulty callable from breaking the limit.
+    if len(out) > max_size:
+        raise FrameTooLarge(f"decompressed body of {len(out)} bytes exceeds max_frame_size {max_size + 2}")
+    return out
+
+
+def _parse(buf: bytearray, limit: int, decompress: Optional[Decompress] = None) -> tuple[Optional[Frame], int]:
     """(frame, bytes consumed) for the frame at the start of ``buf``, or
     (None, 0) when more bytes are needed.  Checks run in stream order, each as
     soon as its bytes are present, so the outcome never depends on how the
-    input was split."""
+    input was split.  ``decompress`` (None = disabled) decompresses the body
+    of a frame whose head has FLAG_ZSTD set."""
     avail = len(buf)
     if avail == 0:
         return None, 0
@@ -412,7 +440,9 @@ def _parse(buf: bytearray, limit: int) -> tuple[Optional[Frame], int]:
         head = buf[n]
         if head >> 4 != PROTOCOL_VERSION:
             raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {head >> 4} is not supported")
-        if head & 0x0F:
+        # bit 0 (zstd) is valid only once decompression is enabled; bits 1..3
+        # are reserved and always malformed
+        if head & 0x0F and (head & 0x0E or decompress is None):
             raise _malformed(f"reserved or unnegotiated flag bits set: {head & 0x0F:#x}")
     if avail > n + 1:
         ftype = buf[n + 1]
@@ -423,6 +453,9 @@ def _parse(buf: bytearray, limit: int) -> tuple[Optional[Frame], int]:
         return None, 0
     # -- body: one copy into bytes, then slices of it are the field values
     body = bytes(buf[n + 2 : total])
+    if buf[n] & FLAG_ZSTD:
+        # the head check above let the flag through only with decompress set
+        body = _decompressed(decompress, body, limit - 2)  # type: ignore[arg-type]
     frame, pos = _decode_record(body, 0, _BY_TYPE[buf[n + 1]])
     if pos != len(body):
         raise _malformed(f"{len(body) - pos} trailing bytes after the frame body")
@@ -435,12 +468,20 @@ class Decoder:
 
     Any malformation raises ProtocolError; the decoder is then poisoned and
     raises the same error from every later ``feed``/``next_frame``.
+
+    ``decompress`` (``decompress(body, max_size) -> bytes``, e.g. a
+    :class:`pimcore.compress.FrameDecompressor`) accepts frames with the zstd
+    head flag; without it (the default) such a frame is MALFORMED_FRAME.
+    :meth:`enable_decompression` turns it on later: frames are decoded lazily
+    by ``next_frame``, so bytes already fed but not yet taken are judged by the
+    setting at the time they are taken.
     """
 
-    __slots__ = ("_buf", "_max", "_error", "_busy")
+    __slots__ = ("_buf", "_max", "_error", "_busy", "_decompress")
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, decompress: Optional[Decompress] = None) -> None:
         self._max = _check_max(max_frame_size)
+        self._decompress = _check_decompress(decompress)
         self._buf = bytearray()
         self._error: Optional[ProtocolError] = None
         self._busy = False
@@ -448,6 +489,19 @@ class Decoder:
     @property
     def max_frame_size(self) -> int:
         return self._max
+
+    @property
+    def decompress(self) -> Optional[Decompress]:
+        """The decompression callable, or None while compressed frames are refused."""
+        return self._decompress
+
+    def enable_decompression(self, decompress: Decompress) -> None:
+        """Accept compressed frames from the next ``next_frame`` on (call it
+        when CAP_ZSTD was negotiated).  ``decompress(body, max_size) -> bytes``
+        must raise ProtocolError for anything it cannot decompress."""
+        if decompress is None:
+            raise TypeError("enable_decompression() needs a callable, not None")
+        self._decompress = _check_decompress(decompress)
 
     @property
     def buffered(self) -> int:
@@ -474,7 +528,7 @@ class Decoder:
             raise RuntimeError("Decoder.next_frame() re-entered")
         self._busy = True
         try:
-            frame, used = _parse(self._buf, self._max)
+            frame, used = _parse(self._buf, self._max, self._decompress)
         except ProtocolError as exc:
             self._error = exc
             raise
@@ -494,9 +548,12 @@ class Decoder:
         return frame
 
 
-def decode_frame(data: BytesLike, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> Frame:
-    """Decode exactly one complete frame; anything more or less is malformed."""
-    dec = Decoder(max_frame_size)
+def decode_frame(
+    data: BytesLike, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, decompress: Optional[Decompress] = None
+) -> Frame:
+    """Decode exactly one complete frame; anything more or less is malformed.
+    ``decompress`` as for :class:`Decoder`."""
+    dec = Decoder(max_frame_size, decompress)
     dec.feed(data)
     frame = dec.next_frame()
     if frame is None:
