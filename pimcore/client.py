@@ -624,11 +624,10 @@ class Client:
     # ------------------------------------------------------------ connection management
 
     async def _resolve_token(self) -> bytes:
-        tok = self._token
-        if callable(tok):
-            tok = tok()
-            if isinstance(tok, Awaitable):
-                tok = await tok
+        source = self._token
+        tok: Union[str, bytes, Awaitable[Union[str, bytes]]] = source() if callable(source) else source
+        if not isinstance(tok, (str, bytes)):
+            tok = await tok
         return tok.encode() if isinstance(tok, str) else bytes(tok)
 
     async def _open_stream(self, nursery: trio.Nursery) -> trio.abc.Stream:

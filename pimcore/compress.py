@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 from importlib import resources
-from typing import Iterable, NamedTuple, Optional, Union
+from typing import Any, Iterable, NamedTuple, Optional, Union
 
 import zstandard
 
@@ -193,7 +193,7 @@ class FrameCompressor:
         if type(threshold) is not int or threshold < 0:
             raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
         found = _dictionary_bytes(dictionary)
-        options = dict(write_content_size=True, write_checksum=False, write_dict_id=True)
+        options: dict[str, Any] = dict(write_content_size=True, write_checksum=False, write_dict_id=True)
         if found is None:
             self._cctx = zstandard.ZstdCompressor(level=level, **options)
         else:

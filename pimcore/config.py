@@ -101,7 +101,8 @@ class ServeSettings:
         srv = dict(self.server)
         for key in ("idle_timeout", "login_timeout"):
             if key in srv:
-                broker = replace(broker, **{key: int(float(srv.pop(key)) * SECOND)})
+                timeouts: dict[str, Any] = {key: int(float(srv.pop(key)) * SECOND)}
+                broker = replace(broker, **timeouts)
         endpoints = self.endpoints()
         if any(e.secure for e in endpoints) and not self.cert:
             raise ConfigError("tls:// and wss:// listeners need a certificate: --cert/--key or [tls] cert/key")
@@ -170,9 +171,11 @@ def load_settings(config_file: Optional[str] = None, **flags: Any) -> ServeSetti
         elif name == "listen":
             s = replace(s, listen=tuple(value))
         elif name in ("data_dir", "secret_file"):
-            s = replace(s, **{name: Path(value)})
+            paths: dict[str, Any] = {name: Path(value)}
+            s = replace(s, **paths)
         elif name in ("durability", "secret", "cert", "key", "content_filter"):
-            s = replace(s, **{name: value})
+            values: dict[str, Any] = {name: value}
+            s = replace(s, **values)
         else:
             raise ConfigError(f"unknown setting {name!r}")
     if s.durability not in ("sync", "os"):

@@ -347,7 +347,7 @@ class BrokerServer:
                 if peer.state is not _PeerState.OPEN:
                     return
                 self._stats["bytes_in"] += len(data)
-                self._run(self.broker.receive_data(peer.id, data, self.now()))
+                self._run(self.broker.receive_data(peer.id, bytes(data), self.now()))
         # Reading stopped by shutdown(): the connection stays open until
         # shutdown closes it with a reason.
         if self._stopping and peer.state is _PeerState.OPEN:

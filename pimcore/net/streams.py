@@ -84,13 +84,14 @@ class WebSocketStream(trio.abc.Stream):
             data, self._pending = self._pending, b""
         else:
             try:
-                data = await self.ws.get_message()
+                message = await self.ws.get_message()
             except ConnectionClosed:
                 return b""
-            if isinstance(data, str):
+            if isinstance(message, str):
                 # Text messages are not part of the protocol: treat as a
                 # broken peer rather than guessing an encoding.
                 raise trio.BrokenResourceError("text WebSocket message; pimcore uses binary messages")
+            data = message
         if max_bytes is not None and len(data) > max_bytes:
             data, self._pending = data[:max_bytes], data[max_bytes:]
         return data
