@@ -61,7 +61,10 @@ async def chat(
     """Run the chat; ``lines`` are the user's input lines (stdin if None)."""
     async with open_client(url, token, device, ssl_context=ssl_context) as client:
         conv = direct_conversation(client.user, peer)
-        out(f"connected as {client.user} ({device}); chatting with {peer}. /quit to leave, /history to reprint")
+        out(
+            f"connected as {client.user} ({device}); chatting with {peer}."
+            f" Clock offset {client.clock_offset / 1000:.1f} ms. /quit to leave, /history to reprint"
+        )
         # Show the recent history once, oldest first.
         try:
             await client.fetch_history(conv, 0, 20, backward=True)
@@ -87,6 +90,8 @@ async def chat(
             else:
                 out(f"✓ delivered (#{sent.seq}): {text}")
 
+        reconnects: list[Connected] = []
+
         async def events() -> None:
             async for ev in client.events():
                 if isinstance(ev, MessageReceived) and ev.message.conv == conv:
@@ -104,7 +109,9 @@ async def chat(
                 elif isinstance(ev, Disconnected):
                     out(f"(connection lost: {ev.reason or ev.code}; reconnecting…)")
                 elif isinstance(ev, Connected):
-                    out(f"(connected; clock offset {ev.clock_offset / 1000:.1f} ms, rtt {ev.rtt / 1000:.1f} ms)")
+                    if reconnects:  # the first connection was announced above
+                        out(f"(reconnected; clock offset {ev.clock_offset / 1000:.1f} ms, rtt {ev.rtt / 1000:.1f} ms)")
+                    reconnects.append(ev)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(events)
