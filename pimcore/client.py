@@ -982,10 +982,15 @@ def _root_cause(exc: BaseException) -> str:
     seen = exc
     e: Optional[BaseException] = exc
     while e is not None:
+        if isinstance(e, trio.TooSlowError):
+            return "timed out (no answer within connect_timeout)"
         if isinstance(e, (ssl.SSLError, OSError)):
             return f"{type(e).__name__}: {e}"
         seen = e
-        e = e.__cause__ or e.__context__
+        nxt = e.__cause__ or e.__context__
+        if isinstance(nxt, trio.Cancelled):  # the mechanism of a timeout, never the cause
+            break
+        e = nxt
     return f"{type(seen).__name__}: {seen}" if str(seen) else repr(exc)
 
 

@@ -1,0 +1,431 @@
+"""End to end: the real ``pimcore serve`` / ``token`` / ``chat`` commands in
+subprocesses, on loopback, talking to the client SDK.
+
+Every server listens on port 0 and the tests read the URL it prints.  Every
+wait has a deadline: ``trio.fail_after`` around async test bodies, timeouts
+on every subprocess wait; the ``procs`` fixture kills what is left.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+
+from pimcore.auth import issue_token
+from pimcore.client import (
+    AuthFailed,
+    ClientConfig,
+    Connected,
+    ConnectFailed,
+    Disconnected,
+    MessageReceived,
+    SendError,
+    open_client,
+)
+from pimcore.errors import CloseCode, ErrorCode
+from pimcore.store import direct_conversation
+
+from _proc import ProcGroup, Server, procs, run_pimcore, token_for  # noqa: F401  (procs is a fixture)
+
+AB = direct_conversation("alice", "bob")
+LOOPBACK = "tcp://127.0.0.1:0"
+# Short enough that a broken test fails fast; the first connection is to a
+# broker that already printed "ready".
+FAST = ClientConfig(connect_timeout=5.0, ack_timeout=2.0, send_timeout=10.0, backoff_max=0.5)
+# A first connection that fails in a way that might be transient (overload,
+# plain bytes to a TLS port ending in a hang-up or a stalled WebSocket
+# handshake) is retried until connect_timeout: keep it short for refusals.
+REFUSED = ClientConfig(connect_timeout=2.0, backoff_max=0.5)
+
+
+async def in_thread(fn, *args):
+    """Run a blocking helper (waiting for a subprocess) off the event loop."""
+    return await trio.to_thread.run_sync(lambda: fn(*args), abandon_on_cancel=True)
+
+
+async def next_event(client, kind, timeout: float = 10.0):
+    with trio.fail_after(timeout):
+        async for ev in client.events():
+            if isinstance(ev, kind):
+                return ev
+    raise AssertionError(f"events ended before a {kind.__name__}")
+
+
+def assert_clean_exit_2(r, *needles: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("pimcore serve: "), r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+    assert "ready" not in r.stdout
+
+
+# ---------------------------------------------------------------- serve + token
+
+
+async def test_serve_creates_a_private_secret_and_accepts_its_tokens(tmp_path: Path, procs: ProcGroup) -> None:
+    data = tmp_path / "data"
+    with trio.fail_after(60):
+        server = procs.serve("--listen", LOOPBACK, "--data-dir", data)
+        assert "(durability sync)" in server.banner  # the default
+        assert len(server.urls) == 1 and server.url("tcp").startswith("tcp://127.0.0.1:")
+        assert not server.url("tcp").endswith(":0")
+        secret = data / "secret"
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+        assert len(secret.read_text().strip()) >= 32
+        assert (data / "store" / "data.mdb").is_file()
+
+        alice_tok = await in_thread(token_for, "alice", data)
+        bob_tok = await in_thread(token_for, "bob", data)
+        assert alice_tok.count(".") == 2  # a JWT
+        async with open_client(server.url(), alice_tok, "phone", config=FAST) as alice, open_client(
+            server.url(), bob_tok, "laptop", config=FAST
+        ) as bob:
+            assert alice.user == "alice" and bob.user == "bob"
+            sent = await alice.send(AB, b"hello over the wire")
+            assert sent.seq == 1
+            got = await next_event(bob, MessageReceived)
+            assert got.message.payload == b"hello over the wire"
+            assert got.message.sender == "alice" and got.message.device == "phone"
+            assert got.message.msg_id == sent.msg_id
+
+
+async def test_tokens_of_another_secret_expired_or_for_another_device_are_refused(tmp_path: Path, procs: ProcGroup) -> None:
+    data = tmp_path / "data"
+    with trio.fail_after(60):
+        server = procs.serve("--listen", LOOPBACK, "--data-dir", data)
+        url = server.url()
+        secret = (data / "secret").read_text().strip()
+
+        forged = issue_token(b"another secret, 32 bytes or more!!", "alice")
+        with pytest.raises(AuthFailed):
+            async with open_client(url, forged, "phone", config=FAST):
+                pass  # pragma: no cover
+
+        expired = await in_thread(token_for, "alice", data, "--ttl", "-100")
+        with pytest.raises(AuthFailed):
+            async with open_client(url, expired, "phone", config=FAST):
+                pass  # pragma: no cover
+        long_ago = issue_token(secret, "alice", ttl=60, now=time.time() - 3600)
+        with pytest.raises(AuthFailed):
+            async with open_client(url, long_ago, "phone", config=FAST):
+                pass  # pragma: no cover
+
+        # The broker tolerates a little clock skew (30 s leeway).
+        just_expired = issue_token(secret, "alice", ttl=-5)
+        async with open_client(url, just_expired, "phone", config=FAST) as c:
+            assert c.user == "alice"
+
+        bound = await in_thread(token_for, "alice", data, "--device", "phone")
+        with pytest.raises(AuthFailed):
+            async with open_client(url, bound, "laptop", config=FAST):
+                pass  # pragma: no cover
+        async with open_client(url, bound, "phone", config=FAST) as c:
+            assert (await c.send(AB, b"bound")).seq == 1
+
+    # Refusals are not crashes: the broker is still serving, then stops cleanly.
+    server.send_signal(signal.SIGTERM)
+    assert server.wait() == 0, server.describe()
+    assert "Traceback" not in "\n".join(server.err), server.describe()
+
+
+def test_token_refuses_bad_ids(tmp_path: Path) -> None:
+    r = run_pimcore("token", "--user", "al ice", "--data-dir", tmp_path / "d")
+    assert r.returncode == 2 and "invalid user id" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- signals
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_stops_gracefully_and_clients_see_shutdown(tmp_path: Path, procs: ProcGroup, sig: signal.Signals) -> None:
+    data = tmp_path / "data"
+    with trio.fail_after(60):
+        server = procs.serve("--listen", LOOPBACK, "--data-dir", data)
+        tok = await in_thread(token_for, "alice", data)
+        async with open_client(server.url(), tok, "phone", config=FAST) as alice:
+            await next_event(alice, Connected)
+            await alice.send(AB, b"before the signal")
+            server.send_signal(sig)
+            ev = await next_event(alice, Disconnected)
+            assert ev.code is CloseCode.SHUTDOWN, ev  # told, not just hung up on
+            assert ev.reason == "broker shutting down"
+            rc = await in_thread(server.wait)
+        assert rc == 0, server.describe()
+        assert f"{sig.name}: shutting down" in server.out, server.describe()
+        assert server.out[-1] == "stopped", server.describe()
+        assert "Traceback" not in "\n".join(server.err), server.describe()
+
+
+# ---------------------------------------------------------------- configuration file
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+async def test_config_file_is_honoured(tmp_path: Path, procs: ProcGroup) -> None:
+    cfg = write_config(
+        tmp_path / "pimcore.toml",
+        """
+data_dir = "from-config"          # relative to this file
+durability = "os"
+listen = ["tcp://127.0.0.1:0", "ws://127.0.0.1:0/im"]
+
+[limits]
+max_payload = 100
+window = 8
+
+[server]
+idle_timeout = 30.0
+max_connections = 2
+""",
+    )
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    with trio.fail_after(60):
+        # Started from another directory: paths in the file are relative to it.
+        server = procs.serve("--config", cfg, cwd=other)
+        assert "(durability os)" in server.banner
+        assert (tmp_path / "from-config" / "secret").is_file()
+        assert not (other / "pimcore-data").exists()
+        tcp, ws = server.url("tcp"), server.url("ws")
+        assert ws.endswith("/im")
+
+        # `pimcore token --config` finds the same secret through the file.
+        r = await in_thread(run_pimcore, "token", "--config", cfg, "--user", "alice")
+        assert r.returncode == 0, r.stderr
+        alice_tok = r.stdout.strip()
+        bob_tok = await in_thread(token_for, "bob", tmp_path / "from-config")
+
+        async with open_client(tcp, alice_tok, "phone", config=FAST) as alice, open_client(
+            ws, bob_tok, "laptop", config=FAST
+        ) as bob:
+            assert (await alice.send(AB, b"x" * 100)).seq == 1  # at the limit: fine
+            with pytest.raises(SendError) as err:
+                await alice.send(AB, b"x" * 101)
+            assert err.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+            got = await next_event(bob, MessageReceived)  # over WebSocket
+            assert got.message.payload == b"x" * 100
+            assert (await bob.send(AB, b"reply over ws")).seq == 2
+            assert (await next_event(alice, MessageReceived)).message.payload == b"reply over ws"
+
+            # [server] max_connections = 2: a third connection is turned away.
+            with pytest.raises(ConnectFailed, match="OVERLOADED|too many"):
+                async with open_client(tcp, alice_tok, "tablet", config=ClientConfig(connect_timeout=1.0)):
+                    pass  # pragma: no cover
+
+        # Flags override the file.
+        server.send_signal(signal.SIGTERM)
+        assert await in_thread(server.wait) == 0
+        server2 = procs.serve("--config", cfg, "--max-payload", "1000", "--listen", LOOPBACK)
+        assert len(server2.urls) == 1
+        async with open_client(server2.url(), alice_tok, "phone", config=FAST) as alice:
+            assert (await alice.send(AB, b"y" * 1000)).seq == 3
+
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ('listen = "tcp://127.0.0.1:0"\nlisten_backlog = 5\n', ["unknown keys", "listen_backlog"]),
+        ('[limits]\nmax_payloads = 10\n', ["[limits]", "max_payloads"]),
+        ('[server]\nidle = 3\n', ["[server]", "idle"]),
+        ('[tls]\ncertificate = "x.pem"\n', ["[tls]", "certificate"]),
+        ('listen = ["udp://127.0.0.1:0"]\n', ["listen", "udp://127.0.0.1:0", "scheme"]),
+        ('listen = "tcp://127.0.0.1:70000"\n', ["listen", "70000"]),
+        ('durability = "never"\n', ["durability", "never"]),
+        ("[limits]\nmax_payload = 2000000\n", ["limits", "max_payload"]),
+        ("listen = [\n", ["pimcore.toml"]),  # not TOML
+    ],
+    ids=["top-key", "limits-key", "server-key", "tls-key", "scheme", "port", "durability", "payload>frame", "syntax"],
+)
+def test_bad_config_file_exits_2_with_a_clear_message(tmp_path: Path, text: str, needles: list[str]) -> None:
+    cfg = write_config(tmp_path / "pimcore.toml", f'data_dir = "d"\n{text}')
+    r = run_pimcore("serve", "--config", cfg)
+    assert_clean_exit_2(r, *needles)
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--listen", "http://127.0.0.1:0"], ["http://127.0.0.1:0", "scheme"]),
+        (["--listen", "tcp://127.0.0.1:99999"], ["99999"]),
+        (["--listen", "tcp://:7400"], ["no host"]),
+        (["--config", "does-not-exist.toml"], ["does-not-exist.toml"]),
+    ],
+    ids=["scheme", "port", "host", "missing-config"],
+)
+def test_bad_flags_exit_2_with_a_clear_message(tmp_path: Path, args: list[str], needles: list[str]) -> None:
+    r = run_pimcore("serve", "--data-dir", tmp_path / "d", *args, cwd=tmp_path)
+    assert_clean_exit_2(r, *needles)
+
+
+def test_port_in_use_exits_1_without_a_traceback(tmp_path: Path, procs: ProcGroup) -> None:
+    first = procs.serve("--listen", LOOPBACK, "--data-dir", tmp_path / "a")
+    r = run_pimcore("serve", "--listen", first.url(), "--data-dir", tmp_path / "b")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr.startswith("pimcore serve: ") and "in use" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, Path, Path]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    d = tmp_path_factory.mktemp("tls")
+    chain, key = d / "server.pem", d / "server.key"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key))
+    return ca, chain, key
+
+
+def tls_server(procs: ProcGroup, tls_files, data: Path, scheme: str) -> Server:
+    ca, chain, key = tls_files
+    listen = f"{scheme}://127.0.0.1:0" + ("/im" if scheme == "wss" else "")
+    return procs.serve("--listen", listen, "--cert", chain, "--key", key, "--data-dir", data)
+
+
+@pytest.mark.parametrize("scheme", ["tls", "wss"])
+async def test_tls_listener(tmp_path: Path, procs: ProcGroup, tls_files, scheme: str) -> None:
+    ca = tls_files[0]
+    data = tmp_path / "data"
+    with trio.fail_after(60):
+        server = tls_server(procs, tls_files, data, scheme)
+        url = server.url(scheme)
+        tok = await in_thread(token_for, "alice", data)
+
+        trusting = ssl.create_default_context()
+        ca.configure_trust(trusting)
+        async with open_client(url, tok, "phone", config=FAST, ssl_context=trusting) as alice:
+            assert (await alice.send(AB, b"encrypted")).seq == 1
+
+        stranger = ssl.create_default_context()  # system CAs only
+        with pytest.raises(ConnectFailed):
+            async with open_client(url, tok, "phone", config=REFUSED, ssl_context=stranger):
+                pass  # pragma: no cover
+        # Plain TCP (or ws) to a TLS port is no way in either.
+        plain = url.replace(f"{scheme}://", "tcp://" if scheme == "tls" else "ws://")
+        with pytest.raises(ConnectFailed):
+            async with open_client(plain, tok, "phone", config=REFUSED):
+                pass  # pragma: no cover
+
+        # The broker survived the bad handshakes.
+        async with open_client(url, tok, "phone", config=FAST, ssl_context=trusting) as alice:
+            assert (await alice.send(AB, b"still there")).seq == 2
+
+    server.send_signal(signal.SIGTERM)
+    assert server.wait() == 0, server.describe()
+
+
+@pytest.mark.parametrize("scheme", ["tls", "wss"])
+async def test_untrusted_certificate_fails_fast_and_says_why(tmp_path: Path, procs: ProcGroup, tls_files, scheme: str) -> None:
+    data = tmp_path / "data"
+    server = tls_server(procs, tls_files, data, scheme)
+    tok = await in_thread(token_for, "alice", data)
+    # "Fast" = without waiting out a long connect_timeout: a certificate that
+    # does not verify is not retried.  The hard deadline is far below it.
+    patient = ClientConfig(connect_timeout=120.0, backoff_max=0.5)
+    with trio.fail_after(30):
+        with pytest.raises(ConnectFailed) as err:
+            async with open_client(server.url(scheme), tok, "phone", config=patient, ssl_context=ssl.create_default_context()):
+                pass  # pragma: no cover
+    assert "certificate verify failed" in str(err.value).lower(), str(err.value)
+
+
+def test_chat_over_tls_needs_the_ca(tmp_path: Path, procs: ProcGroup, tls_files) -> None:
+    ca = tls_files[0]
+    cafile = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(cafile))
+    data = tmp_path / "data"
+    server = tls_server(procs, tls_files, data, "tls")
+    tok = token_for("alice", data)
+    chat = ["chat", "--url", server.url("tls"), "--token", tok, "--to", "bob"]
+
+    ok = procs.start(*chat, "--cafile", cafile, stdin=True)
+    ok.expect(r"^connected as alice")
+    ok.write("/quit")
+    ok.expect(r"^bye$")
+    assert ok.wait() == 0, ok.describe()
+
+    refused = run_pimcore(*chat)  # trusts only the system CAs
+    assert refused.returncode == 1, (refused.stdout, refused.stderr)
+    assert refused.stderr.startswith("pimcore chat: cannot connect"), refused.stderr
+    assert "certificate verify failed" in refused.stderr and "Traceback" not in refused.stderr
+
+
+async def test_connect_timeout_is_reported_as_a_timeout() -> None:
+    with socket.socket() as silent:  # accepts (backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        with trio.fail_after(20):
+            with pytest.raises(ConnectFailed) as err:
+                async with open_client(f"tcp://127.0.0.1:{port}", "token", "phone", config=REFUSED):
+                    pass  # pragma: no cover
+    msg = str(err.value)
+    assert "cancel" not in msg.lower(), msg
+    assert "time" in msg.lower() or "slow" in msg.lower(), msg
+
+
+@pytest.mark.parametrize("listen", ["tls://127.0.0.1:0", "wss://127.0.0.1:0/im"])
+def test_secure_listener_without_a_certificate_exits_2(tmp_path: Path, listen: str) -> None:
+    r = run_pimcore("serve", "--listen", listen, "--data-dir", tmp_path / "d")
+    assert_clean_exit_2(r, "certificate", "--cert")
+
+
+# ---------------------------------------------------------------- the one-minute tour
+
+
+def test_one_minute_tour(tmp_path: Path, procs: ProcGroup) -> None:
+    """README: serve, two tokens, two `pimcore chat` terminals."""
+    data = tmp_path / "data"
+    server = procs.serve("--listen", LOOPBACK, "--data-dir", data)
+    url = server.url()
+    alice_tok = token_for("alice", data)
+    bob_tok = token_for("bob", data)
+
+    alice = procs.start("chat", "--url", url, "--token", alice_tok, "--to", "bob", stdin=True)
+    bob = procs.start("chat", "--url", url, "--token", bob_tok, "--to", "alice", stdin=True)
+    alice.expect(r"^connected as alice \(terminal\); chatting with bob")
+    bob.expect(r"^connected as bob \(terminal\); chatting with alice")
+
+    alice.write("hello bob")
+    alice.expect(r"^✓ delivered \(#1\): hello bob$")
+    bob.expect(r"\] alice: hello bob  \(#1\)$")
+    alice.expect(r"^✓✓ read by bob \(up to #1\)$")
+
+    bob.write("hi alice")
+    bob.expect(r"^✓ delivered \(#2\): hi alice$")
+    alice.expect(r"\] bob: hi alice  \(#2\)$")
+    bob.expect(r"^✓✓ read by alice \(up to #2\)$")
+
+    for p in (alice, bob):
+        p.write("/quit")
+    for p in (alice, bob):
+        p.expect(r"^bye$")
+        assert p.wait(timeout=15) == 0, p.describe()
+        assert "Traceback" not in "\n".join(p.err), p.describe()
+    assert not any("✗" in line for line in alice.out + bob.out)
+
+    # A later session shows the conversation from the stored history.
+    again = procs.start("chat", "--url", url, "--token", alice_tok, "--to", "bob", stdin=True)
+    again.expect(r"\] me: hello bob  \(#1\)$")
+    again.expect(r"\] bob: hi alice  \(#2\)$")
+    again.close_stdin()  # end of input leaves too
+    again.expect(r"^bye$")
+    assert again.wait(timeout=15) == 0, again.describe()
+
+    server.send_signal(signal.SIGINT)
+    assert server.wait() == 0 and server.out[-1] == "stopped", server.describe()
