@@ -302,7 +302,12 @@ class Client:
         self._pending: dict[int, _Pending] = {}
         self._queue: deque[_Pending] = deque()  # waiting for window room, in send order
         self._on_wire = 0
-        self._window_changed = trio.Event()
+        self._hold_until = 0.0  # trio time before which nothing new is sent (broker asked to slow down)
+        self._refusals = 0  # consecutive transient refusals (backoff exponent)
+        # Congestion window: sends on the wire at once, <= LoginAck.window.
+        # Halved on each "slow down" refusal, +1 per accepted send (AIMD), and
+        # kept across reconnects so a rate-limited client does not burst again.
+        self._cwnd = float(1 << 16)
 
         # downstream: (event, ack position to record once the app took it)
         self._events: deque[tuple[Optional[Event], int]] = deque()
@@ -396,9 +401,10 @@ class Client:
 
     def _fill_window(self) -> None:
         s = self._session
-        if s is None or s.closed:
+        if s is None or s.closed or trio.current_time() < self._hold_until:
             return
-        while self._queue and self._on_wire < s.window:
+        limit = min(s.window, int(self._cwnd))
+        while self._queue and self._on_wire < limit:
             p = self._queue.popleft()
             if p.local_id not in self._pending:
                 continue
@@ -434,19 +440,37 @@ class Client:
         elif code in _FINAL_CODES:
             self._finish(p, None, SendError(code, f.local_id))
         else:
-            # STORE_UNAVAILABLE, TOO_MANY_IN_FLIGHT, RATE_LIMITED...: try again
-            # later with the same local id (the retransmit timer does it).
+            # STORE_UNAVAILABLE, TOO_MANY_IN_FLIGHT, RATE_LIMITED...: the broker
+            # wants us to slow down.  Hold the whole queue (not just this
+            # message: sending the others would only earn more refusals) for
+            # a jittered, growing delay, then resend with the same local id.
             if p.sent_at is not None:
                 self._on_wire -= 1
                 p.sent_at = None
-            self._queue.appendleft(p)
-            p.attempts += 1
-            delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** min(p.attempts, 10))
-            assert s.nursery is not None
-            s.nursery.start_soon(self._requeue_later, delay)
+            self._requeue(p)
+            self._refusals += 1
+            # ...and send less at once afterwards (multiplicative decrease).
+            self._cwnd = max(1.0, self._cwnd / 2)
+            delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** min(self._refusals, 16))
+            until = trio.current_time() + delay * (0.5 + self._rng.random())
+            if until > self._hold_until:
+                self._hold_until = until
+                assert s.nursery is not None
+                s.nursery.start_soon(self._resume_sending_at, until)
+            return
+        self._refusals = 0
+        self._cwnd = min(float(s.window), self._cwnd + 1.0)  # additive increase
 
-    async def _requeue_later(self, delay: float) -> None:
-        await trio.sleep(delay * (0.5 + self._rng.random()))
+    def _requeue(self, p: _Pending) -> None:
+        """Put ``p`` back in the queue at its place (local ids are in send order)."""
+        q = self._queue
+        i = len(q)
+        while i > 0 and q[i - 1].local_id > p.local_id:
+            i -= 1
+        q.insert(i, p)
+
+    async def _resume_sending_at(self, when: float) -> None:
+        await trio.sleep_until(when)
         self._fill_window()
 
     # ------------------------------------------------------------ downstream
@@ -804,6 +828,8 @@ class Client:
                 p.sent_at = None
         self._queue = deque(sorted(self._pending.values(), key=lambda p: p.local_id))
         self._fill_window()
+        if trio.current_time() < self._hold_until:  # a hold from the previous session
+            nursery.start_soon(self._resume_sending_at, self._hold_until)
         for conv, seq in self._read_wanted.items():
             self._send_frame(s, F.Read(conv, seq))
         if self._taken_upto > self._acked_upto:

@@ -378,7 +378,10 @@ async def test_heartbeats_keep_a_quiet_client_and_silent_peers_time_out(lmdb_sto
 
 
 async def test_send_rate_limit_slows_a_client_down_without_losing_anything(lmdb_store):
-    cfg = server_config(limits=Limits(send_rate=50.0, send_burst=5, heartbeat_ms=15000))
+    # 40 sends at once against 5 tokens: 35 refusals are unavoidable (they
+    # were in flight), but a client that then resent everything at once would
+    # collect 60 refusals in a row and be closed.
+    cfg = server_config(limits=Limits(send_rate=50.0, send_burst=5, heartbeat_ms=15000), rate_limit_strikes=60)
     with trio.fail_after(30):
         async with serving(lmdb_store, cfg) as srv:
             async with client(srv.url(), "alice") as a:
@@ -390,6 +393,8 @@ async def test_send_rate_limit_slows_a_client_down_without_losing_anything(lmdb_
                 async with trio.open_nursery() as n:
                     for i in range(40):
                         n.start_soon(one, i)
+                # It backed off instead of hammering: never closed for ignoring refusals.
+                assert a.statistics()["connects"] == 1
             assert srv.statistics()["rejected"] > 0  # RATE_LIMITED refusals happened
             assert sorted(s.seq for s in sent) == list(range(1, 41))
             stored = lmdb_store.history(AB, 0, 100)
