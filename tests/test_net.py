@@ -530,3 +530,29 @@ async def test_compressed_frames_are_refused_unless_negotiated(lmdb_store):
             close = await plain.until(F.Close)
             assert close.code == CloseCode.PROTOCOL_ERROR
     assert [m.payload for m in lmdb_store.history(AB, 0, 10)] == [big.payload]
+
+
+async def test_messages_the_app_did_not_take_are_delivered_again(lmdb_store):
+    """Acks follow what the application took from events(), not what reached
+    the socket: an app that stops after two messages gets the rest next time."""
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            async with client(srv.url(), "alice") as a:
+                for i in range(5):
+                    await a.send(AB, b"m%d" % i)
+            async with client(srv.url(), "bob") as b:
+                # Let all five reach the SDK's queue before taking two.
+                while b.statistics()["queued_events"] < 5:
+                    await trio.sleep(0.01)
+                first = await take_messages(b, 2)
+                assert [m.payload for m in first] == [b"m0", b"m1"]
+            async with client(srv.url(), "bob") as b:
+                again = await take_messages(b, 3)
+            # One Push carried all five, so none was acked: at-least-once to the
+            # app means they come again, in order; nothing is skipped.
+            assert [m.payload for m in again] == [b"m0", b"m1", b"m2"]
+            async with client(srv.url(), "alice") as a:
+                await a.send(AB, b"m5")
+            async with client(srv.url(), "bob") as b:
+                rest = await take_messages(b, 6)
+                assert [m.payload for m in rest] == [b"m%d" % i for i in range(6)]
