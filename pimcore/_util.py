@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
-__all__ = ["unwrap_single"]
+if sys.version_info >= (3, 11):
+    import builtins
+
+    BaseExceptionGroup = builtins.BaseExceptionGroup
+else:  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # a trio dependency there
+
+__all__ = ["unwrap_single", "first_leaf", "BaseExceptionGroup"]
 
 
 @contextmanager
@@ -26,3 +34,10 @@ def unwrap_single() -> Iterator[None]:
                 exc = exc.exceptions[0]
             raise exc from exc.__cause__
         raise
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first non-group exception inside ``exc`` (``exc`` itself if not a group)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

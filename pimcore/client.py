@@ -52,7 +52,7 @@ from . import frames as F
 from .codec import Decoder, encode_frame
 from .errors import CloseCode, ErrorCode, PimError, ProtocolError
 from .net.streams import Endpoint, WebSocketStream, parse_url
-from ._util import unwrap_single
+from ._util import BaseExceptionGroup, first_leaf, unwrap_single
 from .order import display_order
 
 try:  # zstandard is a dependency; without it the client just does not ask for zstd
@@ -680,23 +680,32 @@ class Client:
     async def _connect_once(self, first: Optional[trio.TaskStatus[None]]) -> Optional[BaseException]:
         """One connection from dial to hang-up; returns why it ended."""
         end: Optional[BaseException] = None
-        async with trio.open_nursery() as conn_nursery:
-            stream: Optional[trio.abc.Stream] = None
-            try:
-                with trio.fail_after(self.config.connect_timeout):
-                    stream = await self._open_stream(conn_nursery)
-                await self._serve(stream, first)
-            except _DISCONNECTS as exc:
-                end = exc
-            finally:
-                with trio.CancelScope(shield=True):
-                    if stream is not None:
-                        with trio.move_on_after(1):
-                            try:
-                                await stream.aclose()
-                            except Exception:
-                                pass
-                conn_nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as conn_nursery:
+                stream: Optional[trio.abc.Stream] = None
+                try:
+                    with trio.fail_after(self.config.connect_timeout):
+                        stream = await self._open_stream(conn_nursery)
+                    await self._serve(stream, first)
+                except _DISCONNECTS as exc:
+                    end = exc
+                finally:
+                    with trio.CancelScope(shield=True):
+                        if stream is not None:
+                            with trio.move_on_after(1):
+                                try:
+                                    await stream.aclose()
+                                except Exception:
+                                    pass
+                    conn_nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # trio-websocket's own reader task (in conn_nursery) failed, e.g.
+            # the broker rejected the upgrade: just another way to end.
+            matched, rest = group.split(_DISCONNECTS)
+            if rest is not None:
+                raise
+            assert matched is not None
+            end = first_leaf(matched)
         return end
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -721,7 +730,7 @@ class Client:
                     # that does not verify will not get better; anything else
                     # (a reset mid-login on a bad network...) is retried until
                     # connect_timeout has passed since open_client began.
-                    permanent = isinstance(exc, (ConnectionRefusedError, ssl.SSLError)) or isinstance(
+                    permanent = isinstance(exc, (ConnectionRefusedError, ssl.SSLError, ConnectionRejected)) or isinstance(
                         exc.__cause__, (ConnectionRefusedError, ssl.SSLError)
                     )
                     if permanent or trio.current_time() >= first_deadline:

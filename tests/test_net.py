@@ -556,3 +556,23 @@ async def test_messages_the_app_did_not_take_are_delivered_again(lmdb_store):
             async with client(srv.url(), "bob") as b:
                 rest = await take_messages(b, 6)
                 assert [m.payload for m in rest] == [b"m%d" % i for i in range(6)]
+
+
+async def test_websocket_wrong_path_and_text_messages_are_refused(lmdb_store):
+    from pimcore.client import ConnectFailed
+    from trio_websocket import open_websocket_url
+
+    with trio.fail_after(15):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            url = srv.url("ws")
+            with pytest.raises(ConnectFailed):
+                async with client(url.replace("/im", "/elsewhere"), "alice", config=ClientConfig(connect_timeout=1.0)):
+                    pass  # pragma: no cover
+            async with open_websocket_url(url) as ws:
+                await ws.send_message("a text message is not a frame")
+                with pytest.raises(Exception):  # the broker hangs up
+                    with trio.fail_after(5):
+                        while True:
+                            await ws.get_message()
+            async with client(url, "alice") as a:  # the listener is fine
+                assert (await a.send(AB, b"binary is fine")).seq == 1
