@@ -201,6 +201,7 @@ class ClientConfig:
     dead_after: float = 3.0  # heartbeat periods without any frame = dead link
     compression: bool = True  # ask for zstd at login
     max_frame: int = 1 << 20
+    view_limit: int = 1000  # messages kept per conversation for view() (the newest by seq)
 
 
 # ---------------------------------------------------------------- internals
@@ -588,7 +589,14 @@ class Client:
     # ------------------------------------------------------------ local view & history
 
     def _remember(self, m: F.Message) -> None:
-        self._views.setdefault(m.conv, {})[m.msg_id] = m
+        view = self._views.setdefault(m.conv, {})
+        view[m.msg_id] = m
+        if len(view) > self.config.view_limit:
+            # Bounded memory: forget the oldest (fetch_history brings them back).
+            excess = len(view) - self.config.view_limit
+            olds = [min(view.values(), key=_by_seq)] if excess == 1 else sorted(view.values(), key=_by_seq)[:excess]
+            for old in olds:
+                del view[old.msg_id]
 
     def view(self, conv: str) -> list[F.Message]:
         """The messages of ``conv`` this client has (sent, received, fetched),
@@ -1009,6 +1017,10 @@ class Client:
             await self._flush(s, 1.0)
         self._closed = True
         self._stop(ClientClosed("client closed"))
+
+
+def _by_seq(m: F.Message) -> int:
+    return m.seq
 
 
 def _root_cause(exc: BaseException) -> str:

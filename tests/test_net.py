@@ -576,3 +576,14 @@ async def test_websocket_wrong_path_and_text_messages_are_refused(lmdb_store):
                             await ws.get_message()
             async with client(url, "alice") as a:  # the listener is fine
                 assert (await a.send(AB, b"binary is fine")).seq == 1
+
+
+async def test_the_local_view_is_bounded_and_keeps_the_newest(lmdb_store):
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            async with client(srv.url(), "alice", config=ClientConfig(view_limit=10)) as a:
+                for i in range(25):
+                    await a.send(AB, b"v%02d" % i)
+                assert [m.payload for m in a.view(AB)] == [b"v%02d" % i for i in range(15, 25)]
+                await a.fetch_history(AB, 1, 5)  # older pages can still be fetched...
+                assert len(a.view(AB)) == 10  # ...without growing past the limit
