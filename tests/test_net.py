@@ -587,3 +587,40 @@ async def test_the_local_view_is_bounded_and_keeps_the_newest(lmdb_store):
                 assert [m.payload for m in a.view(AB)] == [b"v%02d" % i for i in range(15, 25)]
                 await a.fetch_history(AB, 1, 5)  # older pages can still be fetched...
                 assert len(a.view(AB)) == 10  # ...without growing past the limit
+
+
+async def test_store_failures_close_one_connection_or_refuse_one_batch_never_the_broker(lmdb_store):
+    """A store read failing under one request closes that connection with
+    INTERNAL; a commit failing (even with an unexpected exception type) gets
+    STORE_UNAVAILABLE and the SDK's retry succeeds.  Acked data is intact."""
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            async with client(srv.url(), "alice") as a:
+                first = await a.send(AB, b"safe")
+                real_commit, real_history = lmdb_store.commit, lmdb_store.history
+                failures = []
+
+                def flaky_commit(batch):
+                    if not failures:
+                        failures.append(batch.batch_id)
+                        raise RuntimeError("a store bug")
+                    return real_commit(batch)
+
+                lmdb_store.commit = flaky_commit  # type: ignore[method-assign]
+                sent = await a.send(AB, b"retried")  # STORE_UNAVAILABLE, then OK
+                assert failures and sent.seq == 2
+
+                def broken_history(*args):
+                    raise OSError("disk read error")
+
+                lmdb_store.history = broken_history  # type: ignore[method-assign]
+                raw = await RawConn.open(srv.endpoints[0].port)
+                await raw.login("alice", "raw")
+                await raw.send(F.SyncReq(1, AB, 0, 10, False))
+                close = await raw.until(F.Close)
+                assert close.code == CloseCode.INTERNAL
+                lmdb_store.history = real_history  # type: ignore[method-assign]
+                assert (await a.send(AB, b"after")).seq == 3
+                assert srv.statistics()["internal_errors"] == 2
+    assert [m.payload for m in lmdb_store.history(AB, 0, 10)] == [b"safe", b"retried", b"after"]
+    assert first.seq == 1

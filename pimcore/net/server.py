@@ -156,7 +156,15 @@ class BrokerServer:
         self._endpoints: list[Endpoint] = []
         self._listen_scope = trio.CancelScope()
         self._stopping = False
-        self._stats = {"accepted": 0, "refused": 0, "slow_consumers": 0, "bytes_in": 0, "bytes_out": 0, "commit_seconds": 0.0}
+        self._stats = {
+            "accepted": 0,
+            "refused": 0,
+            "slow_consumers": 0,
+            "internal_errors": 0,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "commit_seconds": 0.0,
+        }
         self._compressor: Optional[Callable[[bytes], bytes]] = None
         try:
             from ..compress import FrameCompressor
@@ -347,7 +355,18 @@ class BrokerServer:
                 if peer.state is not _PeerState.OPEN:
                     return
                 self._stats["bytes_in"] += len(data)
-                self._run(self.broker.receive_data(peer.id, bytes(data), self.now()))
+                try:
+                    cmds = self.broker.receive_data(peer.id, bytes(data), self.now())
+                except Exception:
+                    # A bug or a store read failing under this connection's
+                    # request: close this one connection, keep the broker.
+                    # Nothing acked is at risk -- acks only follow commits.
+                    log.exception("internal error on connection %d", peer.id)
+                    self._stats["internal_errors"] += 1
+                    self._forget_peer(peer)
+                    self._close_peer(peer, CloseCode.INTERNAL, "internal error")
+                    return
+                self._run(cmds)
         # Reading stopped by shutdown(): the connection stays open until
         # shutdown closes it with a reason.
         if self._stopping and peer.state is _PeerState.OPEN:
@@ -415,6 +434,12 @@ class BrokerServer:
             self._run(self.broker.connection_lost(peer.id, self.now()))
             self._close_peer(peer, CloseCode.SLOW_CONSUMER, "outbound queue full: not reading fast enough")
 
+    def _forget_peer(self, peer: _Peer) -> None:
+        try:
+            self._run(self.broker.connection_lost(peer.id, self.now()))
+        except Exception:  # pragma: no cover - a second failure while failing
+            log.exception("internal error forgetting connection %d", peer.id)
+
     def _close_peer(self, peer: _Peer, code: CloseCode, reason: str) -> None:
         if peer.state is not _PeerState.OPEN:
             return
@@ -440,8 +465,15 @@ class BrokerServer:
                     results = await trio.to_thread.run_sync(store.commit, batch)
                 else:
                     results = store.commit(batch)
-            except StoreError as exc:
-                log.error("store batch %d failed: %s", batch.batch_id, exc)
+            except Exception as exc:
+                # StoreError is the contract; anything else is a store bug,
+                # handled the same way: nothing of the batch is acked, senders
+                # get STORE_UNAVAILABLE and retry with the same local id.
+                if not isinstance(exc, StoreError):
+                    log.exception("store batch %d failed unexpectedly", batch.batch_id)
+                    self._stats["internal_errors"] += 1
+                else:
+                    log.error("store batch %d failed: %s", batch.batch_id, exc)
                 cmds = self.broker.batch_failed(batch.batch_id, exc, self.now())
             else:
                 cmds = self.broker.batch_committed(batch.batch_id, results, self.now())
