@@ -624,3 +624,24 @@ async def test_store_failures_close_one_connection_or_refuse_one_batch_never_the
                 assert srv.statistics()["internal_errors"] == 2
     assert [m.payload for m in lmdb_store.history(AB, 0, 10)] == [b"safe", b"retried", b"after"]
     assert first.seq == 1
+
+
+async def test_a_token_function_is_asked_for_a_fresh_token_at_every_connect(lmdb_store):
+    from pimcore.testing.chaos import open_chaos_proxy
+
+    issued = []
+
+    async def fresh_token() -> str:
+        issued.append(trio.current_time())
+        return token("alice", ttl=30)
+
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            async with open_chaos_proxy("127.0.0.1", srv.endpoints[0].port) as proxy:
+                url = f"tcp://127.0.0.1:{proxy.port}"
+                async with open_client(url, fresh_token, "phone", config=FAST_CLIENT) as a:
+                    await a.send(AB, b"one")
+                    proxy.reset_all()
+                    await wait_for(a, lambda e: isinstance(e, Disconnected))
+                    await a.send(AB, b"two")
+                    assert len(issued) == a.statistics()["connects"] == 2
