@@ -645,3 +645,59 @@ async def test_a_token_function_is_asked_for_a_fresh_token_at_every_connect(lmdb
                     await wait_for(a, lambda e: isinstance(e, Disconnected))
                     await a.send(AB, b"two")
                     assert len(issued) == a.statistics()["connects"] == 2
+
+
+@pytest.mark.parametrize("scheme", ["ws", "tcp"])
+async def test_catching_up_on_large_messages_over_every_transport(lmdb_store, scheme):
+    """Many large messages at login: the broker writes megabytes at once; a
+    WebSocket peer must still receive them (messages are size-limited)."""
+    payload = bytes(range(256)) * 200  # 50 KiB
+    with trio.fail_after(30):
+        async with serving(lmdb_store, server_config(Endpoint(scheme))) as srv:
+            url = srv.url(scheme)
+            async with client(url, "alice") as a:
+                for i in range(60):
+                    await a.send(AB, payload[:-2] + b"%02d" % i)
+            async with client(url, "bob") as b:
+                got = await take_messages(b, 60)
+                assert [m.payload[-2:] for m in got] == [b"%02d" % i for i in range(60)]
+                assert b.statistics()["connects"] == 1
+
+
+@pytest.mark.parametrize("scheme", ["ws", "tcp"])
+async def test_many_large_sends_in_flight_over_every_transport(lmdb_store, scheme):
+    payload = bytes(range(256)) * 200  # 50 KiB; 40 in flight = 2 MB queued at once
+    with trio.fail_after(30):
+        async with serving(lmdb_store, server_config(Endpoint(scheme))) as srv:
+            async with client(srv.url(scheme), "alice") as a:
+                sent = []
+
+                async def one(i):
+                    sent.append(await a.send(AB, payload[:-2] + b"%02d" % i))
+
+                async with trio.open_nursery() as n:
+                    for i in range(40):
+                        n.start_soon(one, i)
+                assert sorted(s.seq for s in sent) == list(range(1, 41))
+                assert a.statistics()["connects"] == 1
+
+
+async def test_a_websocket_write_larger_than_a_message_limit_is_split(lmdb_store):
+    """Writers coalesce frames; 2 MB in one send_all must not become one
+    WebSocket message above the peer's limit (which would kill the link)."""
+    from trio_websocket import open_websocket_url
+
+    from pimcore.net.streams import WebSocketStream
+
+    frames = [F.Login(token("alice").encode(), "ws", 0, 0, 0)]
+    frames += [F.SendReq(i, AB, 0, bytes([i]) * 60_000) for i in range(1, 36)]
+    data = b"".join(encode_frame(f) for f in frames)
+    assert len(data) > 2_000_000
+    with trio.fail_after(15):
+        async with serving(lmdb_store, server_config(Endpoint("ws"))) as srv:
+            async with open_websocket_url(srv.url("ws")) as ws:
+                stream = WebSocketStream(ws)
+                await stream.send_all(data)
+                while srv.statistics()["messages_stored"] < 35:
+                    await trio.sleep(0.01)
+    assert [m.seq for m in lmdb_store.history(AB, 0, 100)] == list(range(1, 36))

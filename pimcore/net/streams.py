@@ -75,6 +75,12 @@ def parse_url(url: str, *, default_port: Optional[int] = None) -> Endpoint:
 class WebSocketStream(trio.abc.Stream):
     """A trio-websocket connection as a byte stream of binary messages."""
 
+    #: Bytes per WebSocket message.  Writers coalesce many frames into one
+    #: send_all (megabytes at a login catch-up); a single message that large
+    #: would exceed the peer's message-size limit and kill the connection.
+    #: Frames are a byte stream here, so splitting anywhere is fine.
+    MAX_MESSAGE = 64 * 1024
+
     def __init__(self, ws: WebSocketConnection) -> None:
         self.ws = ws
         self._pending = b""
@@ -97,8 +103,11 @@ class WebSocketStream(trio.abc.Stream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        step = self.MAX_MESSAGE
         try:
-            await self.ws.send_message(bytes(data))
+            for i in range(0, len(view), step):
+                await self.ws.send_message(bytes(view[i : i + step]))
         except ConnectionClosed as exc:
             raise trio.BrokenResourceError("WebSocket closed") from exc
 
