@@ -680,7 +680,7 @@ class Client:
                 f"{ep.host}:{ep.port}",
                 ep.path,
                 message_queue_size=64,
-                max_message_size=self.config.max_frame + 16,
+                max_message_size=max(self.config.max_frame, WebSocketStream.MAX_MESSAGE) + 16,
             )
             return WebSocketStream(ws)
         return stream

@@ -701,3 +701,19 @@ async def test_a_websocket_write_larger_than_a_message_limit_is_split(lmdb_store
                 while srv.statistics()["messages_stored"] < 35:
                     await trio.sleep(0.01)
     assert [m.seq for m in lmdb_store.history(AB, 0, 100)] == list(range(1, 36))
+
+
+async def test_websocket_with_a_small_frame_limit_still_carries_coalesced_writes(lmdb_store):
+    cfg = server_config(Endpoint("ws"), limits=Limits(max_frame=4096, max_payload=1024, heartbeat_ms=15000))
+    with trio.fail_after(15):
+        async with serving(lmdb_store, cfg) as srv:
+            async with client(srv.url("ws"), "alice") as a:
+                sent = []
+
+                async def one(i):
+                    sent.append(await a.send(AB, bytes([i]) * 1000))
+
+                async with trio.open_nursery() as n:
+                    for i in range(100):  # ~100 KB of SendReqs queued at once
+                        n.start_soon(one, i)
+                assert len(sent) == 100 and a.statistics()["connects"] == 1

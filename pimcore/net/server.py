@@ -263,7 +263,9 @@ class BrokerServer:
         await trio.serve_listeners(handler, listeners, handler_nursery=peers)
 
     async def _listen_ws(self, ep: Endpoint, peers: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
-        max_msg = self.config.broker.limits.max_frame + 16
+        # Peers split writes into MAX_MESSAGE-sized messages whatever the
+        # frame limit (frames span messages); the frame limit is the decoder's.
+        max_msg = max(self.config.broker.limits.max_frame, WebSocketStream.MAX_MESSAGE) + 16
 
         async def handler(request: WebSocketRequest) -> None:
             if request.path != ep.path:
