@@ -60,7 +60,7 @@ def wall_clock_us() -> int:
 
 
 #: What a served broker uses unless told otherwise: heartbeats every 15 s,
-#: a peer silent for 45 s is dead, 200 sends/s sustained per connection.
+#: a peer silent for 45 s is dead, 2000 sends/s sustained per connection.
 DEFAULT_BROKER_CONFIG = BrokerConfig(
     limits=Limits(heartbeat_ms=15_000, send_rate=2000.0, send_burst=512),
     idle_timeout=45 * SECOND,
