@@ -104,14 +104,23 @@ async def test_thousands_of_messages_through_a_chaotic_network_arrive_exactly_on
                         await trio.sleep(0.05)
                     done.set()
 
+                async def cut_everything_twice() -> None:
+                    # On top of the random resets: every link dies at least
+                    # twice mid-traffic, whatever the seed draws.
+                    for share in (0.3, 0.6):
+                        while sum(len(o) for o in outcomes.values()) < share * PER_USER * len(USERS):
+                            await trio.sleep(0.01)
+                        proxy.reset_all()
+
                 async with trio.open_nursery() as n:
                     for u in USERS:
                         n.start_soon(user, u, sent_events[u], done)
                     n.start_soon(judge)
+                    n.start_soon(cut_everything_twice)
                 stats = proxy.statistics()
 
     print(f"proxy: {stats}; broker duplicates answered: {srv.statistics()['duplicates']}")
-    assert stats.resets > 0, "the test should have exercised connection resets"
+    assert stats.resets >= 2 * len(USERS), "every client's link should have been cut at least twice"
     stored = {}
     for conv in {conv for u in USERS for conv, _ in plan[u]}:
         history = store.history(conv, 0, 10_000)
