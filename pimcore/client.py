@@ -202,6 +202,7 @@ class ClientConfig:
     compression: bool = True  # ask for zstd at login
     max_frame: int = 1 << 20
     view_limit: int = 1000  # messages kept per conversation for view() (the newest by seq)
+    event_limit: int = 10_000  # queued events before old read-state notifications are shed
 
 
 # ---------------------------------------------------------------- internals
@@ -332,7 +333,7 @@ class Client:
         self._fatal: Optional[BaseException] = None
         self._sync_waiters: dict[int, tuple[trio.Event, list[F.SyncResp]]] = {}
         self._next_req = 1
-        self._stats = {"connects": 0, "retransmits": 0, "duplicates_dropped": 0, "acks_sent": 0, "frames_in": 0, "frames_out": 0}
+        self._stats = {"connects": 0, "retransmits": 0, "duplicates_dropped": 0, "events_dropped": 0, "acks_sent": 0, "frames_in": 0, "frames_out": 0}
 
     # ------------------------------------------------------------ time
 
@@ -509,6 +510,25 @@ class Client:
     def _emit(self, ev: Optional[Event], ack: int = 0) -> None:
         self._events.append((ev, ack))
         self._events_ready.set()
+        if len(self._events) > self.config.event_limit and not isinstance(ev, MessageReceived):
+            self._shed_notifications()
+
+    def _shed_notifications(self) -> None:
+        """An app that never takes its events: messages are bounded by the
+        broker's push window, but read-state notifications are not.  Drop the
+        oldest of those (the current state stays queryable: read_state(),
+        receipt()); never a message, never an ack marker."""
+        excess = len(self._events) - self.config.event_limit // 2
+        kept: deque[tuple[Optional[Event], int]] = deque()
+        for ev, ack in self._events:
+            if excess > 0 and ev is not None and not isinstance(ev, MessageReceived):
+                excess -= 1
+                if ack:
+                    kept.append((None, ack))
+                self._stats["events_dropped"] += 1
+                continue
+            kept.append((ev, ack))
+        self._events = kept
 
     def _on_push(self, f: F.Push) -> None:
         if f.upto <= self._enqueued_upto:

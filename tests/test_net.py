@@ -719,3 +719,26 @@ async def test_websocket_with_a_small_frame_limit_still_carries_coalesced_writes
                     for i in range(100):  # ~100 KB of SendReqs queued at once
                         n.start_soon(one, i)
                 assert len(sent) == 100 and a.statistics()["connects"] == 1
+
+
+async def test_an_app_that_never_takes_events_does_not_grow_the_client_without_bound(lmdb_store):
+    """Messages are bounded by the push window; read-state notifications are
+    shed beyond event_limit (their state stays queryable)."""
+    with trio.fail_after(30):
+        async with serving(lmdb_store) as srv:
+            async with client(srv.url(), "bob", "phone", config=ClientConfig(event_limit=20)) as idle, client(
+                srv.url(), "bob", "laptop"
+            ) as reader, client(srv.url(), "alice") as a:
+                for i in range(40):
+                    await a.send(AB, b"m%d" % i)
+                for seq in range(1, 41):
+                    await reader.mark_read(AB, seq)
+                    await wait_for(reader, lambda e: isinstance(e, ReadSynced) and e.state.read_seq == seq)
+                while idle.read_state(AB).read_seq < 40:
+                    await trio.sleep(0.01)
+                stats = idle.statistics()
+                assert stats["events_dropped"] > 0
+                assert stats["queued_events"] <= 40 + 20  # the messages, plus at most the limit
+                assert idle.read_state(AB).read_seq == 40  # the state itself is current
+                got = await take_messages(idle, 40)  # and no message was dropped
+                assert [m.payload for m in got] == [b"m%d" % i for i in range(40)]
