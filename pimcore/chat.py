@@ -15,6 +15,9 @@ their state as it advances:
 
 Incoming messages are marked read as they are shown.  ``/history`` prints
 the conversation again in display order, ``/quit`` (or end of input) leaves.
+
+``--group NAME`` chats in a group instead (``pimcore group create NAME
+alice bob ...`` makes one); groups have no read receipts.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from .client import (
     SendTimeout,
     open_client,
 )
-from .store.base import direct_conversation, valid_id
+from .store.base import direct_conversation, valid_conversation, valid_id
 
 __all__ = ["run_chat", "chat"]
 
@@ -51,18 +54,22 @@ def _clock(us: int) -> str:
 async def chat(
     url: str,
     token: str,
-    peer: str,
+    peer: Optional[str] = None,
     *,
+    group: Optional[str] = None,
     device: str = "terminal",
     ssl_context: Optional[ssl.SSLContext] = None,
     lines: Optional[trio.abc.ReceiveChannel[str]] = None,
     out: Callable[[str], None] = print,
 ) -> int:
-    """Run the chat; ``lines`` are the user's input lines (stdin if None)."""
+    """Run the chat with ``peer`` or in ``group``; ``lines`` are the user's
+    input lines (stdin if None)."""
+    if (peer is None) == (group is None):
+        raise ValueError("chat with a peer or in a group, not both")
     async with open_client(url, token, device, ssl_context=ssl_context) as client:
-        conv = direct_conversation(client.user, peer)
+        conv = direct_conversation(client.user, peer) if peer is not None else str(group)
         out(
-            f"connected as {client.user} ({device}); chatting with {peer}."
+            f"connected as {client.user} ({device}); chatting {'with ' + peer if peer else 'in ' + str(group)}."
             f" Clock offset {client.clock_offset / 1000:.1f} ms. /quit to leave, /history to reprint"
         )
         # Show the recent history once, oldest first.
@@ -85,6 +92,8 @@ async def chat(
                 sent = await client.send(conv, text.encode())
             except SendError as exc:
                 out(f"✗ not sent ({exc.code.name}): {text}")
+                if exc.code.name in ("UNKNOWN_CONVERSATION", "NOT_MEMBER"):
+                    out("  (create the group and add yourself: pimcore group create NAME USER...)")
             except SendTimeout:
                 out(f"✗ not confirmed in time (it may still arrive): {text}")
             else:
@@ -153,8 +162,11 @@ def _stdin_lines(nursery: trio.Nursery, stream: TextIO = sys.stdin) -> trio.abc.
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    if not valid_id(args.to):
+    if args.to is not None and not valid_id(args.to):
         print(f"pimcore chat: invalid peer id {args.to!r}", file=sys.stderr)
+        return 2
+    if args.group is not None and not valid_conversation(args.group):
+        print(f"pimcore chat: invalid group id {args.group!r}", file=sys.stderr)
         return 2
     ctx = None
     if args.cafile:
@@ -164,7 +176,9 @@ def run_chat(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     try:
-        return trio.run(lambda: chat(args.url, args.token, args.to, device=args.device, ssl_context=ctx, out=out))
+        return trio.run(
+            lambda: chat(args.url, args.token, args.to, group=args.group, device=args.device, ssl_context=ctx, out=out)
+        )
     except AuthFailed as exc:
         print(f"pimcore chat: token refused: {exc}", file=sys.stderr)
     except ConnectFailed as exc:

@@ -168,6 +168,43 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_group(args: argparse.Namespace) -> int:
+    """Group administration on the data directory (works while serve runs:
+    LMDB serialises writers across processes, and the broker reads
+    membership from the store on every send)."""
+    import time
+
+    from .config import ConfigError
+    from .errors import StoreError
+    from .store import LmdbStore
+
+    try:
+        settings = _settings(args)
+        store = LmdbStore(settings.data_dir / "store", create=args.action == "create")
+    except (ConfigError, StoreError, ValueError, OSError) as exc:
+        print(f"pimcore group: {exc}", file=sys.stderr)
+        return 2
+    with store:
+        try:
+            if args.action == "create":
+                store.create_group(args.name, args.users, time.time_ns() // 1000)
+            elif args.action == "add":
+                store.add_members(args.name, args.users)
+            elif args.action == "remove":
+                store.remove_members(args.name, args.users)
+            elif not store.conversation_exists(args.name):
+                raise KeyError(args.name)
+        except KeyError:
+            print(f"pimcore group: no group {args.name!r}", file=sys.stderr)
+            return 2
+        except (ValueError, StoreError) as exc:
+            print(f"pimcore group: {exc}", file=sys.stderr)
+            return 2
+        members = store.members(args.name)
+        print(f"{args.name}: {len(members)} members: {' '.join(members)}")
+    return 0
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from .chat import run_chat
 
@@ -210,10 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secret-file")
     p.set_defaults(func=_cmd_token)
 
-    p = sub.add_parser("chat", help="interactive terminal chat with one peer")
+    p = sub.add_parser("group", help="create a group, add or remove members, show them")
+    p.add_argument("action", choices=["create", "add", "remove", "show"])
+    p.add_argument("name", help="group id, e.g. team-42")
+    p.add_argument("users", nargs="*", metavar="USER", help="members to create with, add or remove")
+    p.add_argument("--config", help="the serve configuration file (for its data directory)")
+    p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
+    p.set_defaults(func=_cmd_group)
+
+    p = sub.add_parser("chat", help="interactive terminal chat with one peer or a group")
     p.add_argument("--url", default="tcp://127.0.0.1:7400")
     p.add_argument("--token", required=True, help="from `pimcore token --user ME`")
-    p.add_argument("--to", required=True, metavar="PEER", help="the user to chat with")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--to", metavar="PEER", help="the user to chat with")
+    who.add_argument("--group", metavar="GROUP", help="a group to chat in (see `pimcore group`)")
     p.add_argument("--device", default="terminal")
     p.add_argument("--cafile", help="CA certificate to trust for tls:// and wss://")
     p.set_defaults(func=_cmd_chat)

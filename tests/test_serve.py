@@ -429,3 +429,43 @@ def test_one_minute_tour(tmp_path: Path, procs: ProcGroup) -> None:
 
     server.send_signal(signal.SIGINT)
     assert server.wait() == 0 and server.out[-1] == "stopped", server.describe()
+
+
+def test_groups_are_administered_while_serving_and_chatted_in(tmp_path: Path, procs: ProcGroup) -> None:
+    data = tmp_path / "data"
+    server = procs.serve("--listen", LOOPBACK, "--data-dir", data)
+    url = server.url()
+
+    made = run_pimcore("group", "create", "team", "alice", "bob", "--data-dir", data)
+    assert made.returncode == 0 and made.stdout.strip() == "team: 2 members: alice bob", made
+    again = run_pimcore("group", "create", "team", "carol", "--data-dir", data)
+    assert again.returncode == 2 and again.stderr.startswith("pimcore group:") and "Traceback" not in again.stderr
+    missing = run_pimcore("group", "add", "nosuch", "carol", "--data-dir", data)
+    assert missing.returncode == 2 and "no group 'nosuch'" in missing.stderr
+
+    alice = procs.start("chat", "--url", url, "--token", token_for("alice", data), "--group", "team", stdin=True)
+    carol = procs.start("chat", "--url", url, "--token", token_for("carol", data), "--group", "team", stdin=True)
+    alice.expect(r"^connected as alice \(terminal\); chatting in team")
+    carol.expect(r"^connected as carol \(terminal\); chatting in team")
+    carol.write("let me in")
+    carol.expect(r"^✗ not sent \(NOT_MEMBER\): let me in$")
+
+    added = run_pimcore("group", "add", "team", "carol", "--data-dir", data)  # while serving
+    assert added.returncode == 0 and added.stdout.strip() == "team: 3 members: alice bob carol", added
+    alice.write("welcome carol")
+    alice.expect(r"^✓ delivered \(#1\): welcome carol$")
+    carol.expect(r"\] alice: welcome carol  \(#1\)$")
+    carol.write("thanks")
+    alice.expect(r"\] carol: thanks  \(#2\)$")
+
+    removed = run_pimcore("group", "remove", "team", "carol", "--data-dir", data)
+    assert removed.returncode == 0 and "carol" not in removed.stdout.split(":")[-1]
+    carol.write("still here?")
+    carol.expect(r"^✗ not sent \(NOT_MEMBER\): still here\?$")
+    shown = run_pimcore("group", "show", "team", "--data-dir", data)
+    assert shown.stdout.strip() == "team: 2 members: alice bob"
+    for p in (alice, carol):
+        p.write("/quit")
+        assert p.wait(timeout=15) == 0, p.describe()
+    server.send_signal(signal.SIGTERM)
+    assert server.wait() == 0, server.describe()
