@@ -96,7 +96,7 @@ class JwtAuthenticator:
         device = claims.get("dev")
         if not isinstance(user, str) or (device is not None and not isinstance(device, str)):
             raise AuthError("token claims have the wrong types")
-        return Identity(user, device)
+        return Identity(user, device, expires=int((exp + self._leeway) * 1_000_000))
 
 
 def load_or_create_secret(data_dir: Union[str, Path]) -> bytes:

@@ -122,10 +122,13 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who a token belongs to.  ``device`` set means the token is bound to it."""
+    """Who a token belongs to.  ``device`` set means the token is bound to it;
+    ``expires`` (µs, the broker's clock) ends the session when the token does:
+    it is closed with TOKEN_EXPIRED and the client logs in with a fresh one."""
 
     user: str
     device: Optional[str] = None
+    expires: Optional[int] = None
 
 
 #: ``authenticate(token, now) -> Identity``; raises :class:`AuthError` to refuse.
@@ -193,7 +196,10 @@ class _ConnState(Enum):
 
 
 class _Conn:
-    __slots__ = ("id", "state", "opened", "last_seen", "decoder", "user", "device", "inflight", "tokens", "refill_at", "strikes")
+    __slots__ = (
+        "id", "state", "opened", "last_seen", "decoder", "user", "device", "inflight", "tokens", "refill_at", "strikes",
+        "expires",
+    )
 
     def __init__(self, conn_id: int, now: int) -> None:
         self.id = conn_id
@@ -204,6 +210,7 @@ class _Conn:
         self.tokens = 0.0
         self.refill_at = now
         self.strikes = 0  # consecutive RATE_LIMITED refusals
+        self.expires: Optional[int] = None  # the token's expiry, if it has one
         self.decoder: Optional[Decoder] = None  # created on first receive_data
         self.user = ""
         self.device = ""
@@ -443,7 +450,7 @@ class Broker:
 
     def tick(self, now: int) -> list[Command]:
         """Call periodically (e.g. every second): login and idle timeouts,
-        reclamation."""
+        token expiry, reclamation."""
         out: list[Command] = []
         idle = self.config.idle_timeout
         deadline = now - self.config.login_timeout
@@ -452,6 +459,8 @@ class Broker:
                 self._close(c, CloseCode.LOGIN_TIMEOUT, "no Login within the login timeout", out)
             elif idle and c.state is _ConnState.ACTIVE and c.last_seen <= now - idle:
                 self._close(c, CloseCode.IDLE_TIMEOUT, "nothing received within the idle timeout", out)
+            elif c.expires is not None and c.expires <= now:
+                self._close(c, CloseCode.TOKEN_EXPIRED, "the session's token expired; log in with a fresh one", out)
         if self._next_reclaim is None:
             self._next_reclaim = now + self.config.reclaim_interval
         elif now >= self._next_reclaim:
@@ -551,6 +560,7 @@ class Broker:
 
         c.state = _ConnState.ACTIVE
         c.user, c.device = user, device
+        c.expires = ident.expires
         c.tokens = float(self.config.limits.send_burst)
         c.refill_at = now
         dev = _Device(c.id, user, device, position)

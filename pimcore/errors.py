@@ -60,6 +60,7 @@ class CloseCode(IntEnum):
     SHUTDOWN = 8
     INTERNAL = 9
     OVERLOADED = 10  # the broker refuses more connections
+    TOKEN_EXPIRED = 11  # the session outlived its token: log in again with a fresh one
 
 
 class PimError(Exception):

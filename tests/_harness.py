@@ -26,6 +26,9 @@ def token_auth(token: bytes, now: int) -> Identity:
     text = token.decode("utf-8", "replace")
     if not text or text.startswith("expired:") or text == "forged":
         raise AuthError(f"token refused: {text!r}")
+    if text.startswith("until:"):  # until:<µs>:user -- a token that expires
+        _, expires, user = text.split(":", 2)
+        return Identity(user, expires=int(expires))
     if "/" in text:
         user, device = text.split("/", 1)
         return Identity(user, device)

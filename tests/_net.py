@@ -43,8 +43,8 @@ def server_config(*listeners: Endpoint, limits: Optional[Limits] = None, **kw: o
 
 
 @asynccontextmanager
-async def serving(store: Store, config: Optional[ServerConfig] = None) -> AsyncIterator[BrokerServer]:
-    async with open_broker_server(store, JwtAuthenticator(SECRET), config or server_config()) as srv:
+async def serving(store: Store, config: Optional[ServerConfig] = None, *, leeway: float = 30.0) -> AsyncIterator[BrokerServer]:
+    async with open_broker_server(store, JwtAuthenticator(SECRET, leeway=leeway), config or server_config()) as srv:
         yield srv
 
 

@@ -741,3 +741,16 @@ def test_quick_relogin_resumes_from_an_ack_that_is_not_durable_yet(h):
     [ack] = h.take(again, F.LoginAck)
     assert ack.position == 3
     assert h.pushed(again) == []
+
+
+def test_a_session_ends_when_its_token_expires(h):
+    expiring = h.login("alice", "phone", token=b"until:%d:alice" % (h.now + 5_000_000))
+    forever = h.login("bob", "phone")
+    h.advance(4_000_000)
+    assert expiring not in h.closed
+    h.advance(1_000_000)
+    assert h.closed[expiring].code is CloseCode.TOKEN_EXPIRED
+    assert forever not in h.closed
+    again = h.login("alice", "phone", token=b"until:%d:alice" % (h.now + 60_000_000))
+    h.send(again, AB, b"with a fresh token")
+    assert h.acks(again)[0].code == ErrorCode.OK

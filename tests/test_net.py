@@ -742,3 +742,28 @@ async def test_an_app_that_never_takes_events_does_not_grow_the_client_without_b
                 assert idle.read_state(AB).read_seq == 40  # the state itself is current
                 got = await take_messages(idle, 40)  # and no message was dropped
                 assert [m.payload for m in got] == [b"m%d" % i for i in range(40)]
+
+
+async def test_an_expired_session_comes_back_with_a_fresh_token(lmdb_store):
+    issued = []
+
+    def fresh_token() -> str:
+        issued.append(1)
+        return token("alice", ttl=2)
+
+    cfg = server_config(limits=Limits(heartbeat_ms=15000))
+    with trio.fail_after(20):
+        async with serving(lmdb_store, cfg, leeway=0) as srv:
+            async with open_client(srv.url(), fresh_token, "phone", config=FAST_CLIENT) as a:
+                await a.send(AB, b"before expiry")
+                ev = await wait_for(a, lambda e: isinstance(e, Disconnected))
+                assert ev.code is CloseCode.TOKEN_EXPIRED
+                assert (await a.send(AB, b"after a fresh login")).seq == 2
+                assert len(issued) >= 2
+            # A fixed token that expired cannot come back: the client stops.
+            async with open_client(srv.url(), token("bob", ttl=2), "phone", config=FAST_CLIENT) as b:
+                ev = await wait_for(b, lambda e: isinstance(e, Disconnected) and e.code is CloseCode.TOKEN_EXPIRED)
+                with pytest.raises(AuthFailed):
+                    while True:
+                        await b.send(AB, b"too late")
+                        await trio.sleep(0.1)
