@@ -767,3 +767,44 @@ async def test_an_expired_session_comes_back_with_a_fresh_token(lmdb_store):
                     while True:
                         await b.send(AB, b"too late")
                         await trio.sleep(0.1)
+
+
+async def test_connection_churn_and_garbage_leave_no_trace(lmdb_store):
+    """Hundreds of abusive or aborted connections: the broker's per-connection
+    state goes back to zero and a well-behaved client never notices."""
+    import random as _random
+
+    rnd = _random.Random(7)
+    with trio.fail_after(60):
+        async with serving(lmdb_store) as srv:
+            port = srv.endpoints[0].port
+            async with client(srv.url(), "alice") as a:
+
+                async def abuser(i: int) -> None:
+                    raw = await RawConn.open(port)
+                    try:
+                        kind = i % 4
+                        if kind == 0:
+                            await raw.send_bytes(bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 300))))
+                        elif kind == 1:
+                            await raw.login(f"u{i}", "d")
+                            await raw.send(F.SendReq(1, AB, 0, b"not a member"))
+                        elif kind == 2:
+                            await raw.send_bytes(encode_frame(F.Login(token(f"u{i}").encode(), "d", 0, 0, 0))[:7])
+                        # kind 3: connect and vanish
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
+                        pass
+                    finally:
+                        await raw.aclose()
+
+                for round_ in range(5):
+                    async with trio.open_nursery() as n:
+                        for i in range(40):
+                            n.start_soon(abuser, round_ * 40 + i)
+                    assert (await a.send(AB, b"round %d" % round_)).seq == round_ + 1
+                while srv.statistics()["connections"] > 1:
+                    await trio.sleep(0.01)
+                stats = srv.statistics()
+                assert stats["connections"] == 1 and stats["online_devices"] == 1  # only alice
+                assert stats["outbound_bytes_queued"] == 0
+    assert [m.payload for m in lmdb_store.history(AB, 0, 10)] == [b"round %d" % r for r in range(5)]
