@@ -822,6 +822,8 @@ class Client:
                 end = s.end
                 if isinstance(end, _SessionEnded):
                     self._emit(Disconnected(end.code, end.reason))
+                elif isinstance(end, AuthFailed):
+                    self._emit(Disconnected(CloseCode.AUTH_FAILED, str(end)))
                 else:
                     self._emit(Disconnected(None, repr(end)))
         raise _SessionEnded(None, "session ended")  # pragma: no cover - only via cancellation
@@ -884,14 +886,8 @@ class Client:
                 if isinstance(frame, F.LoginAck):
                     return frame
                 if isinstance(frame, F.Close):
-                    code = CloseCode(frame.code) if frame.code in CloseCode._value2member_map_ else None
-                    if code is CloseCode.AUTH_FAILED:
-                        raise AuthFailed(frame.reason)
-                    raise _SessionEnded(code, frame.reason)
-            data = await s.stream.receive_some(65536)
-            if not data:
-                raise _SessionEnded(None, "connection closed before LoginAck")
-            decoder.feed(data)
+                    raise _ended_by(frame)
+            await _read_more(s, decoder, "before LoginAck")
 
     async def _calibrate(self, s: _Session, decoder: Decoder) -> list[object]:
         """TimeSync round trips right after login; returns the other frames
@@ -910,10 +906,7 @@ class Client:
                             break
                         held.append(frame)
                     else:
-                        data = await s.stream.receive_some(65536)
-                        if not data:
-                            raise _SessionEnded(None, "connection closed during clock calibration")
-                        decoder.feed(data)
+                        await _read_more(s, decoder, "during clock calibration")
             if resp is None:
                 break
             t1 = self._clock()
@@ -931,10 +924,7 @@ class Client:
                 s.last_recv = trio.current_time()
                 self._stats["frames_in"] += 1
                 self._dispatch(s, frame)
-            data = await s.stream.receive_some(65536)
-            if not data:
-                raise _SessionEnded(None, "connection closed by the broker")
-            decoder.feed(data)
+            await _read_more(s, decoder, "by the broker")
 
     def _dispatch(self, s: _Session, f: object) -> None:
         t = type(f)
@@ -954,8 +944,7 @@ class Client:
         elif t is F.Error:
             log.warning("broker error %s (ref %s): %s", f.code, f.ref, f.reason)  # type: ignore[attr-defined]
         elif t is F.Close:
-            code = CloseCode(f.code) if f.code in CloseCode._value2member_map_ else None  # type: ignore[attr-defined]
-            raise _SessionEnded(code, f.reason)  # type: ignore[attr-defined]
+            raise _ended_by(f)  # type: ignore[arg-type]
         elif t is F.Ping:
             self._send_frame(s, F.Pong(f.nonce))  # type: ignore[attr-defined]
         # Pong and anything else: liveness only (last_recv).
@@ -1037,6 +1026,21 @@ class Client:
             await self._flush(s, 1.0)
         self._closed = True
         self._stop(ClientClosed("client closed"))
+
+
+def _ended_by(f: F.Close) -> Exception:
+    """What a Close from the broker means for the session."""
+    code = CloseCode(f.code) if f.code in CloseCode._value2member_map_ else None
+    if code is CloseCode.AUTH_FAILED:
+        return AuthFailed(f.reason)
+    return _SessionEnded(code, f.reason)
+
+
+async def _read_more(s: _Session, decoder: Decoder, when: str) -> None:
+    data = await s.stream.receive_some(65536)
+    if not data:
+        raise _SessionEnded(None, f"connection closed {when}")
+    decoder.feed(data)
 
 
 def _by_seq(m: F.Message) -> int:
