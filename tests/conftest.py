@@ -34,3 +34,16 @@ def backend(request: pytest.FixtureRequest) -> ModuleType:
 def active() -> ModuleType:
     """The backend PIMCORE_BACKEND selected (what the public modules use)."""
     return _backend.impl
+
+
+@pytest.fixture(scope="session")
+def both() -> tuple[ModuleType, ModuleType]:
+    """(cython, pure) for differential tests; skipped when the compiled
+    backend is not built (a failure if PIMCORE_BACKEND=cython demands it)."""
+    try:
+        cy = _backend.load("cython")
+    except ImportError as exc:
+        if os.environ.get("PIMCORE_BACKEND", "").strip().lower() == "cython":
+            pytest.fail(f"PIMCORE_BACKEND=cython but the extension does not import: {exc}")
+        pytest.skip(f"compiled backend not built: {exc}")
+    return cy, _backend.load("pure")

@@ -10,12 +10,11 @@ from __future__ import annotations
 import array
 import dataclasses
 import inspect
-import os
 import platform
 import re
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -25,7 +24,7 @@ from pimcore import _backend
 from pimcore import frames as F
 from pimcore.errors import CloseCode, EncodeError, ErrorCode, FrameTooLarge, ProtocolError
 
-from _mutate import mutate
+from _fuzz import feed_split, frame_strategies, mutate
 
 U64 = (1 << 64) - 1
 S64_MIN = -(1 << 63)
@@ -35,18 +34,6 @@ FRAMES = tuple(F.FRAME_CLASSES.values())
 MALFORMED = ErrorCode.MALFORMED_FRAME
 
 pure = _backend.load("pure")
-
-
-@pytest.fixture(scope="module")
-def both() -> tuple[ModuleType, ModuleType]:
-    """(cython, pure) for differential tests."""
-    try:
-        cy = _backend.load("cython")
-    except ImportError as exc:
-        if os.environ.get("PIMCORE_BACKEND", "").strip().lower() == "cython":
-            pytest.fail(f"PIMCORE_BACKEND=cython but the extension does not import: {exc}")
-        pytest.skip(f"compiled backend not built: {exc}")
-    return cy, pure
 
 
 # ------------------------------------------------------------ field kinds
@@ -88,17 +75,7 @@ _T = st.text(st.characters(codec="utf-8"), max_size=12)  # no lone surrogates
 _SCALARS = {"u": _U, "s": _S, "b": _B, "t": _T, "?": st.booleans()}
 
 
-def _valid(kind: str) -> st.SearchStrategy[Any]:
-    if kind.startswith("["):
-        return st.lists(record(getattr(F, kind[1:-1])), max_size=3).map(tuple)
-    return _SCALARS[kind]
-
-
-def record(cls: type) -> st.SearchStrategy[Any]:
-    return st.builds(cls, *[_valid(kind) for _, kind in KINDS[cls]])
-
-
-frames = st.one_of([record(cls) for cls in FRAMES])
+record, frames = frame_strategies(KINDS, _SCALARS, max_list=3)
 
 
 # ------------------------------------------------------------ helpers
@@ -109,18 +86,7 @@ def run(impl: ModuleType, data: bytes, cuts: list[int], max_frame_size: int = 1 
     frames and how it ended: ("need", buffered) or ("error", cls, code, msg).
     Any exception other than ProtocolError propagates and fails the test --
     that is the decoder's contract."""
-    dec = impl.Decoder(max_frame_size)
-    out: list = []
-    pos = 0
-    for cut in sorted(cuts) + [len(data)]:
-        try:
-            dec.feed(data[pos:cut])
-            while (frame := dec.next_frame()) is not None:
-                out.append(frame)
-        except ProtocolError as exc:
-            return out, ("error", type(exc), exc.code, str(exc))
-        pos = cut
-    return out, ("need", dec.buffered)
+    return feed_split(impl.Decoder(max_frame_size), data, cuts)
 
 
 def outcome_of(fn: Any, *args: Any) -> tuple:
@@ -627,7 +593,11 @@ def _maybe_bad(kind: str) -> st.SearchStrategy[Any]:
 
 
 def _maybe_bad_record(cls: type) -> st.SearchStrategy[Any]:
-    return st.builds(cls, *[_maybe_bad(kind) if not kind.startswith("[") else _valid(kind) for _, kind in KINDS[cls]])
+    return st.builds(cls, *[_maybe_bad(kind) if not kind.startswith("[") else _valid_list(kind) for _, kind in KINDS[cls]])
+
+
+def _valid_list(kind: str) -> st.SearchStrategy[Any]:
+    return st.lists(record(getattr(F, kind[1:-1])), max_size=3).map(tuple)
 
 
 maybe_bad_frames = st.one_of(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import random
 import re
 from importlib import resources
@@ -24,7 +23,7 @@ from pimcore._pure.codec import SCHEMA
 from pimcore.compress import DEFAULT_THRESHOLD, FrameCompressor, FrameDecompressor
 from pimcore.errors import ErrorCode, FrameTooLarge, ProtocolError
 
-from _mutate import mutate
+from _fuzz import feed_split, frame_strategies, mutate
 
 ROOT = Path(__file__).resolve().parents[1]
 MALFORMED = ErrorCode.MALFORMED_FRAME
@@ -42,18 +41,6 @@ def _load_tool() -> ModuleType:
 
 
 tool = _load_tool()
-
-
-@pytest.fixture(scope="module")
-def both() -> tuple[ModuleType, ModuleType]:
-    """(cython, pure) for differential tests."""
-    try:
-        cy = _backend.load("cython")
-    except ImportError as exc:
-        if os.environ.get("PIMCORE_BACKEND", "").strip().lower() == "cython":
-            pytest.fail(f"PIMCORE_BACKEND=cython but the extension does not import: {exc}")
-        pytest.skip(f"compiled backend not built: {exc}")
-    return cy, pure
 
 
 # ------------------------------------------------------------ helpers
@@ -94,18 +81,7 @@ def forced(raw: bytes, cctx: Optional[zstandard.ZstdCompressor] = None) -> bytes
 def run(impl: ModuleType, data: bytes, cuts: list[int], max_frame_size: int = 1 << 20, decompress: Any = None) -> tuple[list, tuple]:
     """Feed ``data`` split at ``cuts``, draining after every feed: the frames
     and ("need", buffered) or ("error", class, code, message)."""
-    dec = impl.Decoder(max_frame_size, decompress if decompress is not None else FrameDecompressor())
-    out: list = []
-    pos = 0
-    for cut in sorted(cuts) + [len(data)]:
-        try:
-            dec.feed(data[pos:cut])
-            while (frame := dec.next_frame()) is not None:
-                out.append(frame)
-        except ProtocolError as exc:
-            return out, ("error", type(exc), exc.code, str(exc))
-        pos = cut
-    return out, ("need", dec.buffered)
+    return feed_split(impl.Decoder(max_frame_size, decompress if decompress is not None else FrameDecompressor()), data, cuts)
 
 
 def error_of(impl: ModuleType, data: bytes, max_frame_size: int = 1 << 20, decompress: Any = None) -> ProtocolError:
@@ -144,17 +120,7 @@ _SCALARS = {
 }
 
 
-def _kind(kind: str) -> st.SearchStrategy[Any]:
-    if kind.startswith("["):
-        return st.lists(record(getattr(F, kind[1:-1])), max_size=4).map(tuple)
-    return _SCALARS[kind]
-
-
-def record(cls: type) -> st.SearchStrategy[Any]:
-    return st.builds(cls, *[_kind(kind) for _, kind in SCHEMA[cls]])
-
-
-frames = st.one_of([record(cls) for cls in FRAMES])
+record, frames = frame_strategies(SCHEMA, _SCALARS, max_list=4)
 
 
 def traffic(seed: int, count: int) -> list[Any]:
