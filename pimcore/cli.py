@@ -205,6 +205,44 @@ def _cmd_group(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import os
+
+    from .loadgen import BenchConfig, BenchError, plot_histograms, print_result, run_bench
+
+    try:
+        cfg = BenchConfig(
+            url=args.url,
+            secret=args.secret or os.environ.get("PIMCORE_SECRET") or None,
+            data_dir=args.data_dir,
+            conns=args.conns,
+            window=args.window,
+            size=args.size,
+            count=args.count,
+            duration=args.duration,
+            warmup=args.warmup,
+            mode="group" if args.group else "direct",
+            group_size=args.group or 1000,
+            online=not args.offline,
+            idle=args.idle,
+            hold=args.hold,
+            procs=args.procs,
+            durability=args.durability,
+            backend=args.backend,
+            pin=not args.no_pin,
+            zstd=args.zstd,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+        res = run_bench(cfg)
+        if args.plot:
+            plot_histograms(res, args.plot)
+    except (ValueError, BenchError, OSError) as exc:
+        print(f"pimcore bench: {exc}", file=sys.stderr)
+        return 2
+    print_result(res, args.json)
+    return 1 if res.errors else 0
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from .chat import run_chat
 
@@ -268,6 +306,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="version and the active fast-path backend")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("bench", help="load generator: throughput and latency of a broker",
+                       description="Measure acked sends/s and send->ack / send->delivery latency against a broker"
+                                   " it starts (own process, own CPU) or one given by --url.")
+    p.add_argument("--url", help="an existing broker (tcp://); default: start one")
+    p.add_argument("--secret", help="the existing broker's token secret (default $PIMCORE_SECRET)")
+    p.add_argument("--data-dir", help="the existing broker's data dir (group mode creates the group there)")
+    p.add_argument("-c", "--conns", type=int, default=50, help="sending connections (default 50)")
+    p.add_argument("-w", "--window", type=int, default=16, help="SendReqs in flight per connection (default 16)")
+    p.add_argument("-s", "--size", type=int, default=100, help="payload bytes (default 100)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("-n", "--count", type=int, help="send this many messages in all")
+    how.add_argument("-d", "--duration", type=float, default=5.0, help="seconds to measure (default 5)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds sent before measuring (default 1)")
+    p.add_argument("--group", type=int, metavar="SIZE", help="send in one group of SIZE members instead of 1:1 chats")
+    p.add_argument("--offline", action="store_true", help="1:1 recipients stay offline (inbox writes only)")
+    p.add_argument("--idle", type=int, default=0, help="also hold this many authenticated idle connections")
+    p.add_argument("--hold", type=float, default=2.0, help="seconds to hold idle connections when --conns 0")
+    p.add_argument("--procs", type=int, default=1, help="generator processes (default 1)")
+    p.add_argument("--durability", choices=["sync", "os"], default="sync", help="of the broker it starts (default sync)")
+    p.add_argument("--backend", choices=["cython", "pure"], help="PIMCORE_BACKEND of the broker it starts")
+    p.add_argument("--no-pin", action="store_true", help="do not pin broker and generator to different CPUs")
+    p.add_argument("--zstd", action="store_true", help="negotiate zstd compression")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plot", metavar="FILE", help="write a latency histogram plot (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("inspect", help="summarise an LMDB data directory")
     p.add_argument("data_dir")

@@ -1,0 +1,889 @@
+"""``pimcore bench``: the load generator.
+
+What it measures is what pimcore exists for: durable, acknowledged delivery.
+Every number comes from the wire, through a real broker process:
+
+* **acked sends/s** -- SendAcks with code OK (each one means "durable");
+* **send->SendAck** and **send->delivery** latency histograms (HdrHistogram,
+  exact to 3 significant digits; p50/p90/p99/p99.9/max);
+* **stored inbox entries/s** -- acked sends times the inboxes each message is
+  written to (2 for a 1:1 chat, the group size for a group);
+* the broker's **CPU time per acked send** and **peak memory** (read from
+  ``/proc/<pid>``), and the generator's own CPU use, with a warning when the
+  generator, not the broker, was the bottleneck.
+
+Why it is built this way
+------------------------
+* **The broker runs in its own process** (``python -m pimcore serve`` on a
+  fresh data directory), pinned to one CPU while the generator is pinned to
+  the other, so the two never compete for a core.  ``--url`` measures an
+  existing broker instead.
+* **Raw frames, not the SDK.**  The SDK does much per-message bookkeeping
+  (retries, local view, events) that a load generator does not need; here a
+  connection is one trio task that decodes frames with the codec, keeps
+  ``window`` SendReqs in flight and answers each chunk of reads with one write
+  (new SendReqs plus one cumulative PushAck).
+* **Timestamps travel in the payload** (its first 8 bytes are the sender's
+  ``CLOCK_MONOTONIC`` in ns), so send->delivery latency is measured at the
+  receiver even when it is in another generator process.
+* **Samples go into plain arrays** while the clock runs and into the
+  histograms afterwards: recording into a histogram costs ~2 us per sample,
+  too much inside the measured window.
+* **Several generator processes** (``--procs``) for connection counts beyond
+  one process's file limit (e.g. 19,000 idle connections with ``--idle``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Optional, TextIO
+
+import trio
+
+from . import frames as F
+from .codec import Decoder, encode_frame
+from .errors import CloseCode, ErrorCode
+
+__all__ = ["BenchConfig", "BenchResult", "run_bench", "format_result", "BrokerProcess", "BenchError"]
+
+GROUP_ID = "bench-group"
+_NS = 1_000_000_000
+_CLOSE_CODES = frozenset(int(c) for c in CloseCode)
+
+
+class BenchError(Exception):
+    """The benchmark could not run (broker did not start, login refused...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    url: Optional[str] = None  # None: start a broker process of our own
+    secret: Optional[str] = None  # the broker's token secret (required with url)
+    data_dir: Optional[str] = None  # with url: the broker's data dir (group creation)
+    conns: int = 50  # sending connections
+    window: int = 16  # SendReqs in flight per sending connection
+    size: int = 100  # payload bytes (at least 8: the send timestamp)
+    count: Optional[int] = None  # total messages; None: run for `duration`
+    duration: float = 5.0  # seconds measured
+    warmup: float = 1.0  # seconds sent before measuring (not counted)
+    mode: str = "direct"  # "direct" (1:1 chats) or "group"
+    group_size: int = 1000  # members of the group in group mode
+    online: bool = True  # direct mode: recipients connected and acking pushes
+    idle: int = 0  # extra authenticated connections that only sit there
+    hold: float = 2.0  # seconds to hold idle connections (idle-only runs)
+    procs: int = 1  # generator processes
+    durability: str = "sync"  # broker's durability when we start it
+    backend: Optional[str] = None  # PIMCORE_BACKEND for the broker we start
+    pin: bool = True  # pin broker and generator to different CPUs
+    zstd: bool = False  # negotiate compression
+    drain: float = 10.0  # seconds to wait for outstanding acks/deliveries
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("direct", "group"):
+            raise ValueError("mode must be 'direct' or 'group'")
+        if self.conns < 0 or self.idle < 0 or (self.conns == 0 and self.idle == 0):
+            raise ValueError("need conns >= 1 or idle >= 1")
+        if self.window < 1:
+            raise ValueError("window must be >= 1")
+        if self.size < 8:
+            raise ValueError("size must be >= 8 (the payload carries an 8-byte send timestamp)")
+        if self.count is not None and self.count < 1:
+            raise ValueError("count must be >= 1")
+        if self.duration <= 0 or self.warmup < 0 or self.hold < 0:
+            raise ValueError("duration must be > 0, warmup and hold >= 0")
+        if self.mode == "group" and self.group_size < max(2, self.conns):
+            raise ValueError("group_size must be >= conns (the senders are members) and >= 2")
+        if self.procs < 1:
+            raise ValueError("procs must be >= 1")
+        if self.url is not None and not self.secret:
+            raise ValueError("--url needs the broker's token secret (--secret or $PIMCORE_SECRET)")
+
+    @property
+    def inboxes_per_message(self) -> int:
+        return self.group_size if self.mode == "group" else 2
+
+
+# ---------------------------------------------------------------- histogram
+
+
+def _percentiles(samples: "array[int]") -> dict[str, float]:
+    """p50..max of ns samples, in µs, via HdrHistogram (3 significant digits)."""
+    from hdrh.histogram import HdrHistogram
+
+    out: dict[str, float] = {"count": len(samples)}
+    if not samples:
+        return out
+    h = HdrHistogram(1, 3600 * _NS, 3)
+    record = h.record_value
+    for v in samples:
+        record(v if v > 0 else 1)
+    for name, p in (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99.9", 99.9)):
+        out[name] = h.get_value_at_percentile(p) / 1000
+    out["max"] = h.get_max_value() / 1000
+    out["mean"] = h.get_mean_value() / 1000
+    return out
+
+
+def _histogram_buckets(samples: "array[int]", per_decade: int = 20) -> list[tuple[float, int]]:
+    """Log-spaced buckets (upper bound µs, count) for plots and --json."""
+    if not samples:
+        return []
+    counts: dict[int, int] = {}
+    for v in samples:
+        b = math.ceil(math.log10(max(v, 1) / 1000) * per_decade) if v > 1000 else 0
+        counts[b] = counts.get(b, 0) + 1
+    return [(round(10 ** (b / per_decade), 3), counts[b]) for b in sorted(counts)]
+
+
+# ---------------------------------------------------------------- broker process
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[11], [12] are utime and stime (14th and 15th of the full line).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_memory(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+class BrokerProcess:
+    """``python -m pimcore serve`` on a fresh data directory, for benchmarks.
+
+    Use as a context manager; ``url``, ``secret`` and ``pid`` are set once it
+    is ready.  On exit it is stopped with SIGTERM (graceful) and the data
+    directory removed.
+    """
+
+    def __init__(self, config: BenchConfig) -> None:
+        self.config = config
+        self.data_dir = tempfile.mkdtemp(prefix="pimcore-bench-")
+        self.secret = secrets.token_hex(32)
+        self.url = ""
+        self.proc: Optional[subprocess.Popen[str]] = None
+        self.backend = ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def __enter__(self) -> "BrokerProcess":
+        cfg = self.config
+        if cfg.mode == "group":
+            _create_group(os.path.join(self.data_dir, "store"), cfg.group_size, cfg.durability)
+        env = dict(os.environ, PIMCORE_SECRET=self.secret)
+        if cfg.backend:
+            env["PIMCORE_BACKEND"] = cfg.backend
+        cmd = [
+            sys.executable, "-m", "pimcore", "serve",
+            "--data-dir", self.data_dir,
+            "--listen", "tcp://127.0.0.1:0",
+            "--durability", cfg.durability,
+            "--send-rate", "0",
+            "--window", str(max(cfg.window, 256)),
+            "--heartbeat-ms", "0",
+            "--idle-timeout", "0",
+            "--max-connections", str(cfg.conns * 2 + cfg.idle + 100),
+            "--max-outbound-bytes", str(64 << 20),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if cfg.pin and _can_pin():
+            os.sched_setaffinity(self.proc.pid, {0})
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        lines = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("pimcore ") and "backend" in line:
+                self.backend = line.split("(", 1)[1].split(" ", 1)[0]
+            if line.startswith("listening on tcp://"):
+                self.url = line.split()[-1]
+            if line.startswith("ready"):
+                return
+        raise BenchError("the broker did not start:\n" + "".join(lines))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def _create_group(store_dir: str, size: int, durability: str) -> None:
+    from .store import LmdbStore
+
+    store = LmdbStore(store_dir, durability=durability)
+    try:
+        if not store.conversation_exists(GROUP_ID):
+            store.create_group(GROUP_ID, [_member(i) for i in range(size)], time.time_ns() // 1000)
+        else:
+            have = set(store.members(GROUP_ID))
+            store.add_members(GROUP_ID, [_member(i) for i in range(size) if _member(i) not in have])
+    finally:
+        store.close()
+
+
+def _can_pin() -> bool:
+    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+
+
+def _member(i: int) -> str:
+    return f"bench-u{i}"
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True, slots=True)
+class _Role:
+    user: str
+    send_to: Optional[str]  # conversation to send in, None for receivers/idle
+    quota: int  # messages to send in count mode (0 = until the clock stops)
+    receives: bool  # records deliveries
+
+
+def _roles(cfg: BenchConfig) -> tuple[list[list[_Role]], list[_Role]]:
+    """(units of active roles, idle roles) for the whole run.  A unit (a
+    sender and its online peer) always lands in one generator process, so
+    each process can tell when its own deliveries are complete."""
+    from .store.base import direct_conversation
+
+    active: list[list[_Role]] = []
+    quotas = [0] * cfg.conns
+    if cfg.count is not None:
+        for i in range(cfg.conns):
+            quotas[i] = cfg.count // cfg.conns + (1 if i < cfg.count % cfg.conns else 0)
+    for i in range(cfg.conns):
+        if cfg.mode == "group":
+            # Senders are the first members; the others are offline members
+            # whose inboxes are written all the same.
+            active.append([_Role(_member(i), GROUP_ID, quotas[i], True)])
+        else:
+            a, b = f"bench-s{i}", f"bench-r{i}"
+            unit = [_Role(a, direct_conversation(a, b), quotas[i], False)]
+            if cfg.online:
+                unit.append(_Role(b, None, 0, True))
+            active.append(unit)
+    idle = [_Role(f"bench-idle{i}", None, 0, False) for i in range(cfg.idle)]
+    return active, idle
+
+
+# ---------------------------------------------------------------- one worker
+
+
+class _Stats:
+    __slots__ = ("acked", "ack_lat", "deliveries", "del_lat", "errors", "sent", "closes", "measure_from", "measure_to",
+                 "first_send", "last_ack")
+
+    def __init__(self) -> None:
+        self.acked = 0
+        self.sent = 0
+        self.deliveries = 0
+        self.ack_lat: array[int] = array("q")
+        self.del_lat: array[int] = array("q")
+        self.errors: dict[str, int] = {}
+        self.closes: dict[str, int] = {}
+        self.measure_from = 0
+        self.measure_to = 1 << 62
+        self.first_send = 0
+        self.last_ack = 0
+
+    def error(self, what: str) -> None:
+        self.errors[what] = self.errors.get(what, 0) + 1
+
+
+class _Worker:
+    """Drives its share of the connections inside one trio run."""
+
+    def __init__(self, cfg: BenchConfig, url: str, secret: str, roles: list[_Role], idle: list[_Role]) -> None:
+        from .net.streams import parse_url
+
+        self.cfg = cfg
+        ep = parse_url(url)
+        if ep.scheme != "tcp":
+            raise BenchError("the load generator speaks raw frames over tcp:// only")
+        self.host, self.port = ep.host, ep.port
+        self.secret = secret
+        self.roles = roles
+        self.idle = idle
+        self.stats = _Stats()
+        self.stop_sending = 0  # monotonic ns; 0 = not yet known
+        self.senders_left = sum(1 for r in roles if r.send_to is not None)
+        self.all_acked = trio.Event()
+        self.filler = secrets.token_bytes(max(0, cfg.size - 8))
+        self.streams: list[trio.SocketStream] = []
+        self.cpu0 = 0.0
+
+    async def _login(self, role: _Role, device: str) -> tuple[trio.SocketStream, Decoder, bytes]:
+        from .auth import issue_token
+
+        token = issue_token(self.secret, role.user, ttl=24 * 3600).encode()
+        stream = await trio.open_tcp_stream(self.host, self.port)
+        caps = F.CAP_ZSTD if self.cfg.zstd else 0
+        await stream.send_all(encode_frame(F.Login(token, device, time.time_ns() // 1000, 0, caps)))
+        dec = Decoder(1 << 24)
+        while True:
+            data = await stream.receive_some(1 << 16)
+            if not data:
+                raise BenchError(f"{role.user}: connection closed during login")
+            dec.feed(data)
+            for frame in dec:
+                if type(frame) is F.LoginAck:
+                    if frame.caps & F.CAP_ZSTD:
+                        from .compress import FrameDecompressor
+
+                        dec.enable_decompression(FrameDecompressor().decompress)
+                    # Frames after the LoginAck (SyncRead, a catch-up Push)
+                    # stay in the decoder for the run loop.
+                    return stream, dec, bytes(data)
+                if type(frame) is F.Close:
+                    raise BenchError(f"{role.user}: login refused: {frame.reason}")
+
+    async def connect_all(self, nursery: trio.Nursery) -> list[tuple[_Role, trio.SocketStream, Decoder]]:
+        """Log in every connection (bounded concurrency: a listen backlog
+        overflow would only add SYN retransmit delays)."""
+        limit = trio.Semaphore(128)
+        ready: list[tuple[_Role, trio.SocketStream, Decoder]] = []
+
+        async def one(role: _Role, idle: bool) -> None:
+            async with limit:
+                stream, dec, _ = await self._login(role, "bench")
+                self.streams.append(stream)
+                if not idle:
+                    ready.append((role, stream, dec))
+                else:
+                    nursery.start_soon(self._idle, stream)
+
+        async with trio.open_nursery() as n:
+            for role in self.roles:
+                n.start_soon(one, role, False)
+            for role in self.idle:
+                n.start_soon(one, role, True)
+        return ready
+
+    async def _idle(self, stream: trio.SocketStream) -> None:
+        # Read and discard (SyncRead at login, a Close at shutdown).
+        try:
+            while await stream.receive_some(1 << 12):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    async def run_conn(self, role: _Role, stream: trio.SocketStream, dec: Decoder) -> None:
+        cfg, st = self.cfg, self.stats
+        conv = role.send_to
+        window = cfg.window if conv is not None else 0
+        quota = role.quota
+        sent_here = 0
+        inflight: dict[int, int] = {}
+        local_ids = iter(range(1, 1 << 62))
+        filler = self.filler
+        mono = time.monotonic_ns
+        pushed_upto = 0
+        acked_upto = 0
+        done_sending = conv is None
+
+        def more() -> list[bytes]:
+            nonlocal sent_here, done_sending
+            out = []
+            while len(inflight) < window and not done_sending:
+                now = mono()
+                if (quota and sent_here >= quota) or (not quota and self.stop_sending and now >= self.stop_sending):
+                    done_sending = True
+                    break
+                lid = next(local_ids)
+                inflight[lid] = now
+                sent_here += 1
+                out.append(encode_frame(F.SendReq(lid, conv, now // 1000, now.to_bytes(8, "big") + filler)))
+            return out
+
+        try:
+            first = more()
+            if first:
+                if not st.first_send:
+                    st.first_send = mono()
+                st.sent += len(first)
+                await stream.send_all(b"".join(first))
+            while True:
+                for frame in dec:
+                    t = type(frame)
+                    if t is F.SendAck:
+                        sent_at = inflight.pop(frame.local_id, None)
+                        if sent_at is None:
+                            st.error("unexpected SendAck")
+                            continue
+                        if frame.code != ErrorCode.OK:
+                            st.error(ErrorCode(frame.code).name)
+                            continue
+                        now = mono()
+                        st.last_ack = now
+                        if st.measure_from <= sent_at < st.measure_to:
+                            st.acked += 1
+                            st.ack_lat.append(now - sent_at)
+                    elif t is F.Push:
+                        if frame.upto > pushed_upto:
+                            pushed_upto = frame.upto
+                        if role.receives:
+                            now = mono()
+                            for m in frame.messages:
+                                sent_at = int.from_bytes(m.payload[:8], "big")
+                                if st.measure_from <= sent_at < st.measure_to:
+                                    st.deliveries += 1
+                                    st.del_lat.append(now - sent_at)
+                    elif t is F.Close:
+                        name = CloseCode(frame.code).name if frame.code in _CLOSE_CODES else str(frame.code)
+                        st.closes[name] = st.closes.get(name, 0) + 1
+                        return
+                    elif t is F.Error:
+                        st.error(f"Error {ErrorCode(frame.code).name}")
+                out = more()
+                if out:
+                    st.sent += len(out)
+                if pushed_upto > acked_upto:
+                    acked_upto = pushed_upto
+                    out.append(encode_frame(F.PushAck(pushed_upto)))
+                if out:
+                    await stream.send_all(b"".join(out) if len(out) > 1 else out[0])
+                if done_sending and not inflight and conv is not None:
+                    conv = None  # this sender is finished; keep acking pushes
+                    self.senders_left -= 1
+                    if self.senders_left == 0:
+                        self.all_acked.set()
+                data = await stream.receive_some(1 << 16)
+                if not data:
+                    st.error("connection closed by broker")
+                    return
+                dec.feed(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            st.error(f"connection error: {type(exc).__name__}")
+        finally:
+            if conv is not None:
+                self.senders_left -= 1
+                if self.senders_left == 0:
+                    self.all_acked.set()
+
+    async def close_all(self) -> None:
+        for s in self.streams:
+            with trio.move_on_after(1):
+                try:
+                    await s.send_all(encode_frame(F.Close(0, "bench done")))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            await trio.aclose_forcefully(s)
+
+
+async def _run_worker(cfg: BenchConfig, url: str, secret: str, roles: list[_Role], idle: list[_Role], control: Any) -> dict[str, Any]:
+    """Connect, tell `control` we are ready, wait for the go (the shared
+    measuring window), run, report."""
+    w = _Worker(cfg, url, secret, roles, idle)
+    st = w.stats
+    async with trio.open_nursery() as nursery:
+        conns = await w.connect_all(nursery)
+        go = await control.ready()  # (measure_from, measure_to or 0 for count mode)
+        st.measure_from, st.measure_to = go
+        if cfg.count is None:
+            w.stop_sending = st.measure_to
+        cpu0 = time.process_time()
+        wall0 = time.monotonic()
+        async with trio.open_nursery() as conn_nursery:
+            for role, stream, dec in conns:
+                conn_nursery.start_soon(w.run_conn, role, stream, dec)
+            if w.senders_left == 0:
+                w.all_acked.set()
+            if cfg.progress and control.shows_progress:
+                conn_nursery.start_soon(_progress, cfg, st, conn_nursery.cancel_scope)
+            await w.all_acked.wait()
+            if cfg.conns == 0:
+                await trio.sleep(cfg.hold)  # idle-only run: just hold them
+            # Deliveries of the last messages are still on their way.
+            expect = _expected_deliveries(cfg, st.acked, len(roles))
+            with trio.move_on_after(cfg.drain):
+                while expect and st.deliveries < expect:
+                    await trio.sleep(0.01)
+            conn_nursery.cancel_scope.cancel()
+        cpu = time.process_time() - cpu0
+        wall = time.monotonic() - wall0
+        await control.done()  # connections still up: the broker is sampled
+        await w.close_all()
+        nursery.cancel_scope.cancel()
+    return {
+        "acked": st.acked,
+        "sent": st.sent,
+        "deliveries": st.deliveries,
+        "ack_lat": st.ack_lat.tobytes(),
+        "del_lat": st.del_lat.tobytes(),
+        "errors": st.errors,
+        "closes": st.closes,
+        "first_send": st.first_send,
+        "last_ack": st.last_ack,
+        "cpu": cpu,
+        "wall": wall,
+    }
+
+
+def _expected_deliveries(cfg: BenchConfig, acked: int, roles: int) -> int:
+    """Deliveries this worker's measured sends should produce at its online
+    receivers (0: do not wait for any)."""
+    if cfg.mode == "direct":
+        return acked if cfg.online else 0
+    # Group: every sending member receives the others' messages -- known
+    # here only when all senders are in this process.
+    return acked * (cfg.conns - 1) if roles == cfg.conns else 0
+
+
+async def _progress(cfg: BenchConfig, st: _Stats, scope: trio.CancelScope) -> None:
+    out = sys.stderr
+    width = 30
+    try:
+        while True:
+            await trio.sleep(0.25)
+            now = time.monotonic_ns()
+            if cfg.count is None:
+                total = (st.measure_to - st.measure_from) / _NS
+                done = min(max(0.0, (now - st.measure_from) / _NS), total)
+                frac = done / total if total else 1.0
+                label = f"{done:5.1f}/{total:.1f} s" if now >= st.measure_from else "warm-up"
+            else:
+                frac = min(1.0, st.acked / cfg.count)
+                label = f"{st.acked:,}/{cfg.count:,}"
+            bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+            out.write(f"\r[{bar}] {label}  {st.acked:,} acked  {st.deliveries:,} delivered ")
+            out.flush()
+    finally:
+        out.write("\r" + " " * (width + 70) + "\r")
+        out.flush()
+
+
+# ---------------------------------------------------------------- coordination
+
+
+class _LocalControl:
+    """One generator process: the window starts right after login."""
+
+    shows_progress = True
+
+    def __init__(self, cfg: BenchConfig, on_ready: Any, on_done: Any) -> None:
+        self.cfg = cfg
+        self.on_ready = on_ready
+        self.on_done = on_done
+
+    async def ready(self) -> tuple[int, int]:
+        self.on_ready()
+        return _window(self.cfg)
+
+    async def done(self) -> None:
+        self.on_done()
+
+
+def _window(cfg: BenchConfig) -> tuple[int, int]:
+    start = time.monotonic_ns() + int(cfg.warmup * _NS)
+    if cfg.count is not None:
+        return 0, 1 << 62
+    return start, start + int(cfg.duration * _NS)
+
+
+class _PipeControl:
+    """A generator subprocess: report ready, wait for the parent's go."""
+
+    shows_progress = False
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def ready(self) -> tuple[int, int]:
+        self.conn.send(("ready", None))
+        kind, go = await trio.to_thread.run_sync(self.conn.recv)
+        assert kind == "go"
+        return go
+
+    async def done(self) -> None:
+        # Idle connections must stay up until the parent has sampled memory.
+        self.conn.send(("done", None))
+        kind, _ = await trio.to_thread.run_sync(self.conn.recv)
+        assert kind == "release"
+
+
+def _child(cfg: BenchConfig, url: str, secret: str, roles: list[_Role], idle: list[_Role], conn: Any) -> None:
+    try:
+        result = trio.run(_run_worker, cfg, url, secret, roles, idle, _PipeControl(conn))
+        conn.send(("result", result))
+    except BaseException as exc:  # report, do not hang the parent
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass(slots=True)
+class BenchResult:
+    config: dict[str, Any]
+    broker: dict[str, Any]
+    seconds: float
+    acked: int
+    acked_per_s: float
+    deliveries: int
+    deliveries_per_s: float
+    stored_entries_per_s: float
+    ack_latency_us: dict[str, float]
+    delivery_latency_us: dict[str, float]
+    errors: dict[str, int]
+    generator_cpu: float  # fraction of one core, busiest generator process
+    generator_saturated: bool
+    broker_cpu_us_per_msg: Optional[float] = None
+    broker_cpu_util: Optional[float] = None
+    broker_peak_rss: Optional[int] = None
+    idle_connections: int = 0
+    broker_bytes_per_connection: Optional[float] = None
+    ack_histogram: list[tuple[float, int]] = field(default_factory=list)
+    delivery_histogram: list[tuple[float, int]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def run_bench(cfg: BenchConfig) -> BenchResult:
+    """Run one benchmark as configured; see the module docstring."""
+    if cfg.url is None:
+        with BrokerProcess(cfg) as broker:
+            return _run_against(cfg, broker.url, broker.secret, broker.pid, broker.backend)
+    if cfg.mode == "group":
+        if cfg.data_dir is None:
+            raise BenchError("group mode against --url needs --data-dir (to create the bench group)")
+        _create_group(os.path.join(cfg.data_dir, "store"), cfg.group_size, "sync")
+    assert cfg.secret is not None
+    return _run_against(cfg, cfg.url, cfg.secret, None, "")
+
+
+def _run_against(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], backend: str) -> BenchResult:
+    if cfg.pin and pid is not None and _can_pin():
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, set(cpus[1:]) or set(cpus))
+    units, idle = _roles(cfg)
+    n_conns = sum(len(u) for u in units) + len(idle)
+    samples: dict[str, Any] = {}
+
+    def sample(name: str) -> None:
+        if pid is not None:
+            samples[name] = (_proc_cpu_seconds(pid), _proc_memory(pid), time.monotonic())
+
+    sample("start")
+
+    if cfg.procs == 1:
+        roles = [r for unit in units for r in unit]
+        control = _LocalControl(cfg, lambda: sample("ready"), lambda: sample("done"))
+        results = [trio.run(_run_worker, cfg, url, secret, roles, idle, control)]
+    else:
+        results = _run_procs(cfg, url, secret, units, idle, lambda: sample("ready"), lambda: sample("done"))
+
+    errors: dict[str, int] = {}
+    for r in results:
+        for k, v in {**r["errors"], **{f"Close {c}": n for c, n in r["closes"].items()}}.items():
+            errors[k] = errors.get(k, 0) + v
+    ack_lat: array[int] = array("q")
+    del_lat: array[int] = array("q")
+    for r in results:
+        ack_lat.frombytes(r["ack_lat"])
+        del_lat.frombytes(r["del_lat"])
+    acked = sum(r["acked"] for r in results)
+    deliveries = sum(r["deliveries"] for r in results)
+    if cfg.count is None:
+        seconds = cfg.duration
+    else:
+        first = min((r["first_send"] for r in results if r["first_send"]), default=0)
+        last = max((r["last_ack"] for r in results), default=0)
+        seconds = max(1e-9, (last - first) / _NS)
+    gen_cpu = max((r["cpu"] / r["wall"] for r in results if r["wall"] > 0), default=0.0)
+    res = BenchResult(
+        config=asdict(cfg),
+        broker={"url": url, "pid": pid, "backend": backend, "connections": n_conns},
+        seconds=seconds,
+        acked=acked,
+        acked_per_s=acked / seconds,
+        deliveries=deliveries,
+        deliveries_per_s=deliveries / seconds,
+        stored_entries_per_s=acked * cfg.inboxes_per_message / seconds,
+        ack_latency_us=_percentiles(ack_lat),
+        delivery_latency_us=_percentiles(del_lat),
+        errors=errors,
+        generator_cpu=gen_cpu,
+        # A generator process near one full core was (part of) the bottleneck.
+        generator_saturated=gen_cpu >= 0.9,
+        idle_connections=cfg.idle,
+        ack_histogram=_histogram_buckets(ack_lat),
+        delivery_histogram=_histogram_buckets(del_lat),
+    )
+    if "ready" in samples and "done" in samples:
+        (cpu0, _, t0), (cpu1, mem, t1) = samples["ready"], samples["done"]
+        # From go to done: the warm-up and the drain are inside, so divide
+        # by everything sent, not only the measured sends.
+        sent = sum(r["sent"] for r in results)
+        res.broker_cpu_us_per_msg = (cpu1 - cpu0) / sent * 1e6 if sent else None
+        res.broker_cpu_util = (cpu1 - cpu0) / max(t1 - t0, 1e-9)
+        res.broker_peak_rss = mem.get("VmHWM")
+        if n_conns and "start" in samples:
+            res.broker_bytes_per_connection = (samples["ready"][1]["VmRSS"] - samples["start"][1]["VmRSS"]) / n_conns
+    return res
+
+
+def _run_procs(cfg: BenchConfig, url: str, secret: str, units: list[list[_Role]], idle: list[_Role],
+               on_ready: Any, on_done: Any) -> list[dict[str, Any]]:
+    ctx = mp.get_context("spawn")
+    n = cfg.procs
+    pipes, procs = [], []
+    child_cfg = replace(cfg, progress=False)
+    for i in range(n):
+        parent_end, child_end = ctx.Pipe()
+        roles = [r for unit in units[i::n] for r in unit]
+        p = ctx.Process(target=_child, args=(child_cfg, url, secret, roles, idle[i::n], child_end), daemon=True)
+        p.start()
+        pipes.append(parent_end)
+        procs.append(p)
+
+    def expect(conn: Any, want: str) -> Any:
+        kind, payload = conn.recv()
+        if kind == "error":
+            raise BenchError(f"generator process failed: {payload}")
+        if kind != want:
+            raise BenchError(f"generator process said {kind!r}, expected {want!r}")
+        return payload
+
+    try:
+        for conn in pipes:
+            expect(conn, "ready")
+        on_ready()
+        go = _window(cfg)
+        for conn in pipes:
+            conn.send(("go", go))
+        started = time.monotonic()
+        total = cfg.duration + cfg.warmup if cfg.count is None else None
+        for conn in pipes:
+            while not conn.poll(0.25):
+                if cfg.progress and total:
+                    done = min(time.monotonic() - started, total)
+                    sys.stderr.write(f"\r[{'#' * int(done / total * 30):.<30}] {done:5.1f}/{total:.1f} s ")
+                    sys.stderr.flush()
+            expect(conn, "done")
+        if cfg.progress:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+        # Every worker is finished and still holds its connections.
+        on_done()
+        for conn in pipes:
+            conn.send(("release", None))
+        return [expect(conn, "result") for conn in pipes]
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+
+
+# ---------------------------------------------------------------- output
+
+
+def _mib(n: Optional[float]) -> str:
+    return "-" if n is None else f"{n / (1 << 20):,.1f} MiB"
+
+
+def format_result(res: BenchResult) -> str:
+    """The human-readable table."""
+    c = res.config
+    what = (
+        f"group of {c['group_size']:,}" if c["mode"] == "group"
+        else f"1:1 chats, recipients {'online' if c['online'] else 'offline'}"
+    )
+    lines = [
+        f"pimcore bench: {what}; {c['conns']} conns x {c['window']} in flight, {c['size']} B payloads,"
+        f" durability {c['durability'] if not c['url'] else '(external broker)'}",
+        f"broker {res.broker['url']} (pid {res.broker['pid'] or '-'}, {res.broker['backend'] or '?'} backend),"
+        f" {res.broker['connections']:,} connections, generator {c['procs']} process(es)",
+        f"measured {res.seconds:.2f} s" + (f" after {c['warmup']:.1f} s warm-up" if c["count"] is None else ""),
+        "",
+        f"  acked sends        {res.acked:>12,}   {res.acked_per_s:>12,.0f} /s",
+    ]
+    if res.deliveries or c["mode"] == "group" or c["online"]:
+        lines.append(f"  deliveries         {res.deliveries:>12,}   {res.deliveries_per_s:>12,.0f} /s  (pushed to online devices)")
+    lines.append(f"  inbox entries                       {res.stored_entries_per_s:>12,.0f} /s  (stored, {res.config['mode']} fan-out)")
+    lines.append(f"  errors             {sum(res.errors.values()):>12,}" + (f"   {res.errors}" if res.errors else ""))
+    lines.append("")
+    lines.append(f"  latency (µs)       {'p50':>9} {'p90':>9} {'p99':>9} {'p99.9':>9} {'max':>9}")
+    for name, h in (("send -> SendAck", res.ack_latency_us), ("send -> delivery", res.delivery_latency_us)):
+        if h.get("count"):
+            lines.append(f"  {name:<18}" + "".join(f" {h[k]:>9,.0f}" for k in ("p50", "p90", "p99", "p99.9", "max")))
+    lines.append("")
+    if res.broker_cpu_us_per_msg is not None:
+        lines.append(f"  broker CPU         {res.broker_cpu_us_per_msg:>9.1f} µs per send   ({res.broker_cpu_util:.0%} of a core)")
+    if res.broker_peak_rss is not None:
+        lines.append(f"  broker memory      peak {_mib(res.broker_peak_rss)}")
+    if res.broker_bytes_per_connection is not None:
+        lines.append(f"  memory/connection  {res.broker_bytes_per_connection / 1024:>9.1f} KiB (broker RSS growth / connections)")
+    lines.append(f"  generator CPU      {res.generator_cpu:>9.0%} of a core (busiest process)")
+    if res.generator_saturated:
+        lines.append("  WARNING: the generator's CPU was saturated: these figures are a lower bound for the broker;"
+                     " use --procs or fewer connections")
+    return "\n".join(lines)
+
+
+def plot_histograms(res: BenchResult, path: str) -> None:
+    """Latency histograms (log x) to an image file; needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise BenchError("--plot needs matplotlib: pip install 'pimcore[plot]'") from exc
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, buckets in (("send → SendAck", res.ack_histogram), ("send → delivery", res.delivery_histogram)):
+        if buckets:
+            xs, ys = zip(*buckets)
+            ax.step(xs, ys, where="post", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (µs)")
+    ax.set_ylabel("messages")
+    ax.set_title(f"pimcore bench: {res.acked_per_s:,.0f} acked sends/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def print_result(res: BenchResult, as_json: bool, out: TextIO = sys.stdout) -> None:
+    out.write((res.to_json() if as_json else format_result(res)) + "\n")
