@@ -516,7 +516,9 @@ async def _run_worker(cfg: BenchConfig, url: str, secret: str, roles: list[_Role
     w = _Worker(cfg, url, secret, roles, idle)
     st = w.stats
     async with trio.open_nursery() as nursery:
+        t_connect = time.monotonic()
         conns = await w.connect_all(nursery)
+        t_connect = time.monotonic() - t_connect
         go = await control.ready()  # (measure_from, measure_to or 0 for count mode)
         st.measure_from, st.measure_to = go
         if cfg.count is None:
@@ -556,6 +558,8 @@ async def _run_worker(cfg: BenchConfig, url: str, secret: str, roles: list[_Role
         "last_ack": st.last_ack,
         "cpu": cpu,
         "wall": wall,
+        "logged_in": len(w.streams),
+        "connect_seconds": t_connect,
     }
 
 
@@ -671,6 +675,8 @@ class BenchResult:
     broker_cpu_util: Optional[float] = None
     broker_peak_rss: Optional[int] = None
     idle_connections: int = 0
+    logged_in: int = 0  # connections that completed Login (all of them, or the run fails)
+    login_seconds: float = 0.0  # time to connect and log them all in
     broker_bytes_per_connection: Optional[float] = None
     ack_histogram: list[tuple[float, int]] = field(default_factory=list)
     delivery_histogram: list[tuple[float, int]] = field(default_factory=list)
@@ -747,6 +753,8 @@ def _run_against(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], ba
         # A generator process near one full core was (part of) the bottleneck.
         generator_saturated=gen_cpu >= 0.9,
         idle_connections=cfg.idle,
+        logged_in=sum(r["logged_in"] for r in results),
+        login_seconds=max(r["connect_seconds"] for r in results),
         ack_histogram=_histogram_buckets(ack_lat),
         delivery_histogram=_histogram_buckets(del_lat),
     )
@@ -829,6 +837,17 @@ def format_result(res: BenchResult) -> str:
         f"group of {c['group_size']:,}" if c["mode"] == "group"
         else f"1:1 chats, recipients {'online' if c['online'] else 'offline'}"
     )
+    if c["conns"] == 0:
+        return "\n".join([
+            f"pimcore bench: {res.logged_in:,} authenticated idle connections held {c['hold']:.1f} s"
+            f" (logged in within {res.login_seconds:.1f} s by {c['procs']} generator process(es))",
+            f"broker {res.broker['url']} (pid {res.broker['pid'] or '-'}, {res.broker['backend'] or '?'} backend)",
+            "",
+            f"  broker memory      peak {_mib(res.broker_peak_rss)}",
+            f"  memory/connection  " + ("-" if res.broker_bytes_per_connection is None
+                                        else f"{res.broker_bytes_per_connection / 1024:.1f} KiB (RSS growth / connections)"),
+            f"  errors             {sum(res.errors.values()):,}" + (f"   {res.errors}" if res.errors else ""),
+        ])
     lines = [
         f"pimcore bench: {what}; {c['conns']} conns x {c['window']} in flight, {c['size']} B payloads,"
         f" durability {c['durability'] if not c['url'] else '(external broker)'}",
