@@ -300,6 +300,10 @@ class Broker:
         self._conns: dict[int, _Conn] = {}
         self._online: dict[str, dict[str, _Device]] = {}  # user -> device -> session
         self._heads: dict[str, int] = {}  # inbox head, for users with online devices
+        # Messages the batch being finished appended to online users' inboxes,
+        # (pos, message) in position order: a device that is caught up is
+        # pushed these without reading them back from the store.
+        self._fresh: dict[str, list[tuple[int, StoredMessage]]] = {}
 
         # The batch being built, and the one the store is working on.
         self._ops: list[Op] = []
@@ -418,6 +422,7 @@ class Broker:
         for user in sorted(to_pump):
             for dev in self._online.get(user, {}).values():
                 self._pump(dev, out)
+        self._fresh.clear()
         self._maybe_commit(out)
         return out
 
@@ -688,11 +693,19 @@ class Broker:
         if isinstance(res, Appended):
             self._stats["messages_stored"] += 1
             ack = F.SendAck(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
+            heads, fresh = self._heads, self._fresh
+            stored: Optional[StoredMessage] = None
             for user, pos in res.positions:
-                if user in self._heads:
-                    if pos > self._heads[user]:
-                        self._heads[user] = pos
+                if user in heads:
+                    if pos > heads[user]:
+                        heads[user] = pos
                     to_pump.add(user)
+                    if stored is None:
+                        stored = StoredMessage(
+                            res.msg_id, op.conv, res.seq, op.sender, op.device, op.local_id,
+                            op.client_time, res.server_time, op.payload,
+                        )
+                    fresh.setdefault(user, []).append((pos, stored))
         elif isinstance(res, Duplicate):
             self._stats["duplicates"] += 1
             ack = F.SendAck(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
@@ -717,11 +730,24 @@ class Broker:
         """Push what the device has not been sent yet, within its window."""
         lim = self.config.limits
         head = self._heads.get(dev.user, 0)
+        fresh = self._fresh.get(dev.user)
         while dev.sent_upto < head:
             room = lim.push_window - (dev.sent_upto - dev.acked)
             if room <= 0 or dev.unacked_bytes >= lim.push_window_bytes:
                 return  # wait for a PushAck
-            entries = self.store.inbox_range(dev.user, dev.sent_upto, min(room, lim.push_batch))
+            limit = min(room, lim.push_batch)
+            entries = None
+            if fresh:
+                # Straight from the batch just committed, if it continues
+                # exactly where this device is (positions are checked, so a
+                # gap -- a device behind, another writer -- reads the store).
+                i = dev.sent_upto + 1 - fresh[0][0]
+                if 0 <= i < len(fresh):
+                    entries = fresh[i : i + limit]
+                    if entries[0][0] != dev.sent_upto + 1 or entries[-1][0] != dev.sent_upto + len(entries):
+                        entries = None
+            if entries is None:
+                entries = self.store.inbox_range(dev.user, dev.sent_upto, limit)
             msgs: tuple[F.Message, ...] = ()
             if not entries:
                 # Everything left was reclaimed (max age): skip to the head so

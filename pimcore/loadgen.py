@@ -844,7 +844,7 @@ def format_result(res: BenchResult) -> str:
             f"broker {res.broker['url']} (pid {res.broker['pid'] or '-'}, {res.broker['backend'] or '?'} backend)",
             "",
             f"  broker memory      peak {_mib(res.broker_peak_rss)}",
-            f"  memory/connection  " + ("-" if res.broker_bytes_per_connection is None
+            "  memory/connection  " + ("-" if res.broker_bytes_per_connection is None
                                         else f"{res.broker_bytes_per_connection / 1024:.1f} KiB (RSS growth / connections)"),
             f"  errors             {sum(res.errors.values()):,}" + (f"   {res.errors}" if res.errors else ""),
         ])

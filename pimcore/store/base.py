@@ -42,6 +42,7 @@ are forgotten (they stop holding entries back), and entries older than
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
@@ -84,8 +85,17 @@ ID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}\Z")
 CONV_RE = re.compile(r"[!-~]{1,128}\Z")
 
 
+# The id checks run several times per message (core, then store); the same
+# few thousand ids recur, so exact str inputs are answered from a cache.
+@lru_cache(maxsize=1 << 16)
+def _valid_id(value: str) -> bool:
+    return ID_RE.match(value) is not None
+
+
 def valid_id(value: str) -> bool:
     """Is ``value`` an acceptable user or device id?"""
+    if type(value) is str:
+        return _valid_id(value)
     return isinstance(value, str) and ID_RE.match(value) is not None
 
 
@@ -107,6 +117,13 @@ def direct_members(conv: str) -> Optional[tuple[str, str]]:
     """The two users of a well-formed direct id, else None."""
     if not conv.startswith("d:"):
         return None
+    if type(conv) is str:
+        return _direct_members(conv)
+    return _direct_members.__wrapped__(conv)
+
+
+@lru_cache(maxsize=1 << 16)
+def _direct_members(conv: str) -> Optional[tuple[str, str]]:
     parts = conv[2:].split(":")
     if len(parts) != 2:
         return None
@@ -118,7 +135,14 @@ def direct_members(conv: str) -> Optional[tuple[str, str]]:
 
 def valid_conversation(conv: str) -> bool:
     """Well-formed conversation id (a direct id must also be canonical)."""
-    if not isinstance(conv, str) or CONV_RE.match(conv) is None:
+    if type(conv) is str:
+        return _valid_conversation(conv)
+    return isinstance(conv, str) and _valid_conversation.__wrapped__(conv)
+
+
+@lru_cache(maxsize=1 << 16)
+def _valid_conversation(conv: str) -> bool:
+    if CONV_RE.match(conv) is None:
         return False
     if conv.startswith("d:"):
         return direct_members(conv) is not None
