@@ -52,6 +52,7 @@ from typing import Any, Optional, TextIO
 import trio
 
 from . import frames as F
+from ._util import BaseExceptionGroup, first_leaf
 from .codec import Decoder, encode_frame
 from .errors import CloseCode, ErrorCode
 
@@ -645,9 +646,25 @@ class _PipeControl:
         assert kind == "release"
 
 
+def _run_trio(cfg: BenchConfig, url: str, secret: str, roles: list[_Role], idle: list[_Role], control: Any) -> dict[str, Any]:
+    """trio.run the worker; failures inside its nurseries (every connection
+    refused the same way, say) come out as one BenchError, not a group."""
+    try:
+        return trio.run(_run_worker, cfg, url, secret, roles, idle, control)
+    except BaseExceptionGroup as group:
+        leaf = first_leaf(group)
+        if isinstance(leaf, BenchError):
+            raise leaf from None
+        if isinstance(leaf, OSError):
+            raise BenchError(f"cannot reach the broker at {url}: {leaf}") from None
+        raise
+    except OSError as exc:
+        raise BenchError(f"cannot reach the broker at {url}: {exc}") from None
+
+
 def _child(cfg: BenchConfig, url: str, secret: str, roles: list[_Role], idle: list[_Role], conn: Any) -> None:
     try:
-        result = trio.run(_run_worker, cfg, url, secret, roles, idle, _PipeControl(conn))
+        result = _run_trio(cfg, url, secret, roles, idle, _PipeControl(conn))
         conn.send(("result", result))
     except BaseException as exc:  # report, do not hang the parent
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -715,7 +732,7 @@ def _run_against(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], ba
     if cfg.procs == 1:
         roles = [r for unit in units for r in unit]
         control = _LocalControl(cfg, lambda: sample("ready"), lambda: sample("done"))
-        results = [trio.run(_run_worker, cfg, url, secret, roles, idle, control)]
+        results = [_run_trio(cfg, url, secret, roles, idle, control)]
     else:
         results = _run_procs(cfg, url, secret, units, idle, lambda: sample("ready"), lambda: sample("done"))
 

@@ -1,0 +1,138 @@
+"""``pimcore bench``, the load generator: its counts are the broker's real
+answers (every acked send is a SendAck OK from a broker process, every
+delivery a Push that carried the message), in every mode it offers.
+
+No figure is judged here -- only that the instrument counts right.
+"""
+
+from __future__ import annotations
+
+import json
+from array import array
+
+import pytest
+
+from pimcore.loadgen import BenchConfig, BenchError, BrokerProcess, format_result, run_bench
+
+from _proc import run_pimcore
+
+# Small runs on "os" durability: these tests check counting, not speed.
+SMALL = dict(window=4, durability="os", progress=False, pin=False, drain=20.0)
+
+
+def check_latency(h: dict[str, float], count: int) -> None:
+    assert h["count"] == count
+    assert 0 < h["p50"] <= h["p90"] <= h["p99"] <= h["p99.9"] <= h["max"]
+
+
+def test_direct_with_online_recipients_counts_every_ack_and_delivery() -> None:
+    res = run_bench(BenchConfig(conns=3, count=300, **SMALL))
+    assert res.errors == {}
+    assert res.acked == 300
+    assert res.deliveries == 300  # each message pushed to its online recipient once
+    check_latency(res.ack_latency_us, 300)
+    check_latency(res.delivery_latency_us, 300)
+    assert res.acked_per_s == pytest.approx(300 / res.seconds)
+    assert res.stored_entries_per_s == pytest.approx(2 * res.acked_per_s)  # both inboxes of a 1:1 chat
+    assert res.broker["connections"] == 6 and res.logged_in == 6
+    assert res.broker_cpu_us_per_msg is not None and res.broker_cpu_us_per_msg > 0
+    assert res.broker_peak_rss is not None and res.broker_peak_rss > 1 << 20
+    assert sum(n for _, n in res.ack_histogram) == 300
+    table = format_result(res)
+    assert "acked sends" in table and "send -> SendAck" in table and "send -> delivery" in table
+
+
+def test_offline_recipients_get_nothing_pushed() -> None:
+    res = run_bench(BenchConfig(conns=2, count=100, online=False, **SMALL))
+    assert res.errors == {}
+    assert (res.acked, res.deliveries) == (100, 0)
+    assert res.broker["connections"] == 2
+    assert res.delivery_latency_us == {"count": 0}
+
+
+def test_group_mode_fans_out_to_every_member() -> None:
+    res = run_bench(BenchConfig(conns=3, count=90, mode="group", group_size=25, **SMALL))
+    assert res.errors == {}
+    assert res.acked == 90
+    # The three senders are the online members: each gets the other two's messages.
+    assert res.deliveries == 90 * 2
+    assert res.stored_entries_per_s == pytest.approx(25 * res.acked_per_s)
+    check_latency(res.delivery_latency_us, 180)
+
+
+def test_duration_mode_measures_only_the_window_after_warmup() -> None:
+    res = run_bench(BenchConfig(conns=2, duration=0.6, warmup=0.3, **SMALL))
+    assert res.errors == {}
+    assert res.seconds == 0.6
+    assert res.acked > 0
+    assert res.ack_latency_us["count"] == res.acked
+    assert res.deliveries == res.acked  # sends of the window, all delivered after the drain
+
+
+def test_idle_connections_over_several_processes() -> None:
+    res = run_bench(BenchConfig(conns=0, idle=60, procs=2, hold=0.2, **SMALL))
+    assert res.errors == {}
+    assert res.logged_in == 60 and res.broker["connections"] == 60
+    assert res.broker_bytes_per_connection is not None
+    assert "60 authenticated idle connections" in format_result(res)
+
+
+def test_load_spread_over_processes_keeps_pairs_together() -> None:
+    res = run_bench(BenchConfig(conns=4, count=200, procs=2, **SMALL))
+    assert res.errors == {}
+    assert (res.acked, res.deliveries) == (200, 200)
+
+
+def test_external_broker_with_a_wrong_secret_is_a_clear_error() -> None:
+    with BrokerProcess(BenchConfig(conns=1, **SMALL)) as broker:
+        cfg = BenchConfig(url=broker.url, secret="not-the-secret-" * 3, conns=1, count=5, **SMALL)
+        with pytest.raises(BenchError, match="login refused"):
+            run_bench(cfg)
+        good = run_bench(BenchConfig(url=broker.url, secret=broker.secret, conns=1, count=5, **SMALL))
+        assert good.acked == 5 and good.broker["pid"] is None
+
+
+def test_unreachable_broker_is_a_clear_error() -> None:
+    with BrokerProcess(BenchConfig(conns=1, **SMALL)) as broker:
+        url = broker.url
+    with pytest.raises(BenchError, match="cannot reach the broker"):
+        run_bench(BenchConfig(url=url, secret="x" * 40, conns=1, count=1, **SMALL))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(size=7), dict(window=0), dict(conns=0), dict(mode="fanout"), dict(mode="group", group_size=2, conns=5),
+     dict(url="tcp://127.0.0.1:1"), dict(count=0), dict(procs=0)],
+)
+def test_bad_configurations_are_refused(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        BenchConfig(**kwargs)
+
+
+def test_cli_json_output() -> None:
+    r = run_pimcore("bench", "-n", "40", "-c", "2", "-w", "2", "--durability", "os", "--json", "--no-pin", "--no-progress",
+                    timeout=120)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["acked"] == 40 and doc["deliveries"] == 40 and doc["errors"] == {}
+    assert doc["ack_latency_us"]["count"] == 40
+
+
+def test_cli_table_and_bad_flags() -> None:
+    r = run_pimcore("bench", "-n", "20", "-c", "1", "--durability", "os", "--no-pin", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "acked sends" in r.stdout and "20" in r.stdout
+    bad = run_pimcore("bench", "--size", "3")
+    assert bad.returncode == 2 and "size must be >= 8" in bad.stderr
+
+
+def test_percentiles_match_the_samples() -> None:
+    from pimcore.loadgen import _percentiles
+
+    samples = array("q", (i * 1000 for i in range(1, 10_001)))  # 1..10,000 µs in ns
+    p = _percentiles(samples)
+    assert p["count"] == 10_000
+    assert p["p50"] == pytest.approx(5000, rel=1e-3)
+    assert p["p99"] == pytest.approx(9900, rel=1e-3)
+    assert p["p99.9"] == pytest.approx(9990, rel=1e-3)
+    assert p["max"] == pytest.approx(10_000, rel=1e-3)
