@@ -22,6 +22,7 @@ Example (every key optional)::
 
     [server]
     idle_timeout = 45.0                # seconds
+    ack_delay = 0.02                   # seconds a batch of only delivery acks waits for a message to share its sync
     login_timeout = 10.0               # seconds
     max_outbound_bytes = 8388608
     max_connections = 100000
@@ -49,7 +50,7 @@ __all__ = ["ServeSettings", "load_settings", "ConfigError", "DEFAULT_LISTEN"]
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:7400"
 _LIMIT_KEYS = {f.name for f in fields(Limits)}
-_SERVER_KEYS = {"idle_timeout", "login_timeout", "max_outbound_bytes", "max_connections"}
+_SERVER_KEYS = {"idle_timeout", "login_timeout", "ack_delay", "max_outbound_bytes", "max_connections"}
 _TOP_KEYS = {"data_dir", "durability", "listen", "secret", "secret_file", "content_filter", "tls", "limits", "server"}
 
 
@@ -99,7 +100,7 @@ class ServeSettings:
             raise ConfigError(f"limits: {exc}") from None
         broker = replace(base, limits=limits, content_filter=self.load_content_filter())
         srv = dict(self.server)
-        for key in ("idle_timeout", "login_timeout"):
+        for key in ("idle_timeout", "login_timeout", "ack_delay"):
             if key in srv:
                 timeouts: dict[str, Any] = {key: int(float(srv.pop(key)) * SECOND)}
                 broker = replace(broker, **timeouts)

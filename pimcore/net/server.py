@@ -60,10 +60,12 @@ def wall_clock_us() -> int:
 
 
 #: What a served broker uses unless told otherwise: heartbeats every 15 s,
-#: a peer silent for 45 s is dead, 2000 sends/s sustained per connection.
+#: a peer silent for 45 s is dead, 2000 sends/s sustained per connection,
+#: delivery acks wait up to 20 ms to share a sync with messages.
 DEFAULT_BROKER_CONFIG = BrokerConfig(
     limits=Limits(heartbeat_ms=15_000, send_rate=2000.0, send_burst=512),
     idle_timeout=45 * SECOND,
+    ack_delay=20_000,
 )
 
 
@@ -229,6 +231,7 @@ class BrokerServer:
             # Whatever was received before the readers stopped is committed
             # and acknowledged; nothing new arrives.
             while self.broker.statistics()["batch_in_flight"] or self.broker.statistics()["pending_ops"]:
+                self._run(self.broker.flush(self.now()))  # delivery acks too
                 await self._commit_idle.wait()
                 await trio.sleep(0)
         for p in list(self._peers.values()):
