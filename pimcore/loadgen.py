@@ -208,7 +208,8 @@ class BrokerProcess:
             "--max-connections", str(cfg.conns * 2 + cfg.idle + 100),
             "--max-outbound-bytes", str(64 << 20),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     preexec_fn=_die_with_parent)
         if cfg.pin and _can_pin():
             os.sched_setaffinity(self.proc.pid, {0})
         try:
@@ -246,6 +247,19 @@ class BrokerProcess:
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the broker child: SIGTERM it if the generator dies (Linux), so a
+    killed benchmark leaves no broker behind."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: cleaned up by __exit__ only
+        pass
 
 
 def _create_group(store_dir: str, size: int, durability: str) -> None:
