@@ -5,3 +5,4 @@ runs against both and a differential hypothesis test compares them."""
 
 include "_fastpath_codec.pxi"
 include "_fastpath_order.pxi"
+include "_fastpath_fanout.pxi"

@@ -2,7 +2,9 @@
 
 from .codec import *  # noqa: F401,F403
 from .codec import __all__ as _codec_all
+from .fanout import *  # noqa: F401,F403
+from .fanout import __all__ as _fanout_all
 from .order import *  # noqa: F401,F403
 from .order import __all__ as _order_all
 
-__all__ = [*_codec_all, *_order_all]
+__all__ = [*_codec_all, *_order_all, *_fanout_all]

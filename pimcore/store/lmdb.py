@@ -35,6 +35,20 @@ fills up mid-batch the transaction is aborted, the map doubled and the whole
 batch run again from scratch, so nothing outside the transaction may be
 changed while it runs.
 
+Fan-out
+-------
+A group message is one inbox entry per member, so a 1,000-member group makes
+the inbox writes the bulk of a commit.  They are queued per member and
+written at the end of the batch in key order with one ``Cursor.putmulti``
+(each member's new entries are adjacent keys, so LMDB's cursor stays on the
+leaf page it just wrote); the per-recipient loops are in the fast path
+(:mod:`pimcore._pure.fanout` and its compiled twin).  What a commit read --
+members, last seqs, inbox heads and floors, which members already have the
+conversation flagged -- is kept for the next commit as long as LMDB's
+transaction counter proves that nobody else wrote in between
+(:class:`_Hot`), so a steady stream of commits to one group does not re-read
+its 1,000 members and heads every time.
+
 Key layout
 ----------
 Notation: ``T(s)`` is a text part: one length byte then the ASCII bytes
@@ -91,6 +105,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
 
 import lmdb
 
+from .._backend import impl as _impl
 from ..errors import ErrorCode, StoreError
 from .base import (
     AckPosition,
@@ -153,6 +168,14 @@ _RECORD = struct.Struct(">QQqq")
 _MEMBER = 1
 _HAS_MESSAGES = 2
 _U64_MAX = (1 << 64) - 1
+
+#: py-lmdb exposes mdb_txn_id (what makes the cache of :class:`_Hot` safe).
+_TXN_IDS = hasattr(lmdb.Transaction, "id")
+#: Bounds of the cache that commits keep (:class:`_Hot`): inboxes, last seqs
+#: and conversations, and members summed over the cached conversations.
+_HOT_USERS = 1 << 16
+_HOT_CONVS = 1 << 14
+_HOT_MEMBERS = 1 << 16
 
 T = TypeVar("T")
 #: A transaction begun with ``buffers=False`` (our only kind): keys and values
@@ -265,63 +288,158 @@ class _Gate:
                 self._cond.notify_all()
 
 
+class _Conv:
+    """A conversation's members as a commit needs them: ``users`` sorted (the
+    order of ``Appended.positions``), ``uks`` their ``T(user)`` keys in the
+    same order, ``member_set`` for the membership checks.  ``flagged``: every
+    member's ``userconvs`` entry is known to carry the has-messages flag.
+    ``heads_gen``: the :attr:`_Hot.heads_gen` in which the inbox heads of all
+    members were loaded into the cache (-1: not loaded)."""
+
+    __slots__ = ("users", "uks", "member_set", "flagged", "heads_gen")
+
+    def __init__(self, users: tuple[str, ...], uks: tuple[bytes, ...]) -> None:
+        self.users = users
+        self.uks = uks
+        self.member_set = frozenset(users)
+        self.flagged = False
+        self.heads_gen = -1
+
+
+class _Hot:
+    """What commits read from the store and keep: last seqs, inbox heads and
+    floors, conversation members and their has-messages flags.
+
+    It is carried from one commit to the next only while it provably equals
+    the store (see :meth:`LmdbStore._take_hot`).  LMDB numbers the write
+    transactions that change something 1, 2, 3, ... in the environment itself,
+    across processes (``mdb_txn_id``: a write transaction is the last
+    committed one + 1; one that changed nothing or was aborted does not use
+    its number up).  A commit that certainly wrote (so committed as
+    transaction N) keeps the cache stamped N; the next commit uses it only if
+    its own transaction is N + 1, i.e. nobody -- another process (``pimcore
+    group add`` next to a broker), a group-admin call of this one -- committed
+    in between.  Anything else drops it: a failed or re-run commit, and a
+    commit that may have written nothing (its number would then be taken by
+    the next writer, whoever that is).  Each part is cleared when it outgrows its bound, so memory stays
+    bounded whatever the number of users and conversations.
+    """
+
+    __slots__ = ("txnid", "seqs", "heads", "floors", "heads_gen", "convs", "members")
+
+    def __init__(self) -> None:
+        self.txnid = -1
+        self.seqs: dict[bytes, int] = {}  # T(conv) -> last seq
+        self.heads: dict[bytes, int] = {}  # T(user) -> inbox head
+        self.floors: dict[bytes, int] = {}  # T(user) -> inbox floor (same keys)
+        self.heads_gen = 0  # bumped whenever heads/floors are cleared
+        self.convs: dict[bytes, _Conv] = {}  # T(conv) -> members
+        self.members = 0  # sum of len(users) over convs
+
+    def clear_heads(self) -> None:
+        self.heads.clear()
+        self.floors.clear()
+        self.heads_gen += 1
+
+    def trim(self) -> None:
+        if len(self.heads) > _HOT_USERS:
+            self.clear_heads()
+        if len(self.seqs) > _HOT_CONVS:
+            self.seqs.clear()
+        if self.members > _HOT_MEMBERS or len(self.convs) > _HOT_CONVS:
+            self.convs.clear()
+            self.members = 0
+
+
 class _Batch:
     """One commit's write transaction plus a write-back cache of the hot
     counters: the last seq of each conversation and the head/floor of each
     inbox.  A batch of N messages in one conversation then reads and writes
-    each counter once instead of N times.  Every handler of the batch reads
-    the counters through this object (so later ops see earlier ones), and
-    :meth:`flush` writes the changed ones into the transaction before it
-    commits -- or before anything scans those databases (:meth:`sync`).
+    each counter once instead of N times.  Inbox entries are queued too
+    (``pend``: T(user) -> values of the positions up to the head, see
+    :mod:`pimcore._pure.fanout`) and written in key order in one
+    ``putmulti`` call.  Every handler of the batch reads the counters through
+    this object (so later ops see earlier ones), and :meth:`flush` writes the
+    changed ones into the transaction before it commits -- or before anything
+    scans those databases (:meth:`sync`).  The counters live in a
+    :class:`_Hot` that may outlive the batch.
     """
 
-    __slots__ = ("txn", "_store", "_seqs", "_heads", "_dirty_seqs", "_dirty_heads", "flagged")
+    __slots__ = ("txn", "_store", "hot", "_dirty_seqs", "pend")
 
-    def __init__(self, store: "LmdbStore", txn: _Txn) -> None:
+    def __init__(self, store: "LmdbStore", txn: _Txn, hot: _Hot) -> None:
         self.txn = txn
         self._store = store
-        self._seqs: dict[bytes, int] = {}  # T(conv) -> last seq
-        self._heads: dict[bytes, tuple[int, int]] = {}  # T(user) -> (head, floor)
+        self.hot = hot
         self._dirty_seqs: set[bytes] = set()
-        self._dirty_heads: set[bytes] = set()
-        #: userconvs keys known to carry the has-messages flag already.
-        self.flagged: set[bytes] = set()
+        #: T(user) -> inbox values queued in this batch; its keys are exactly
+        #: the inboxes whose head moved.
+        self.pend: dict[bytes, list[bytes]] = {}
 
     def last_seq(self, ck: bytes) -> int:
-        seq = self._seqs.get(ck)
+        seqs = self.hot.seqs
+        seq = seqs.get(ck)
         if seq is None:
-            seq = self._seqs[ck] = self._store._last_seq(self.txn, ck)
+            seq = seqs[ck] = self._store._last_seq(self.txn, ck)
         return seq
 
     def set_last_seq(self, ck: bytes, seq: int) -> None:
-        self._seqs[ck] = seq
+        self.hot.seqs[ck] = seq
         self._dirty_seqs.add(ck)
 
     def head_floor(self, uk: bytes) -> tuple[int, int]:
-        value = self._heads.get(uk)
-        if value is None:
-            value = self._heads[uk] = self._store._head_floor(self.txn, uk)
-        return value
+        hot = self.hot
+        head = hot.heads.get(uk)
+        if head is None:
+            head, floor = hot.heads[uk], hot.floors[uk] = self._store._head_floor(self.txn, uk)
+            return head, floor
+        return head, hot.floors[uk]
 
-    def set_head_floor(self, uk: bytes, head: int, floor: int) -> None:
-        self._heads[uk] = (head, floor)
-        self._dirty_heads.add(uk)
+    def conv(self, ck: bytes, info: tuple[bytes, Optional[tuple[str, str]]]) -> Optional[_Conv]:
+        """The members of a well-formed conversation; None for an unknown
+        group.  Membership cannot change inside a batch (no op changes it)."""
+        hot = self.hot
+        conv = hot.convs.get(ck)
+        if conv is None:
+            conv = self._store._load_conv(self.txn, info)
+            if conv is None:
+                return None
+            hot.convs[ck] = conv
+            hot.members += len(conv.users)
+        return conv
+
+    def fanout(self, conv: _Conv, entry: bytes) -> tuple[tuple[str, int], ...]:
+        """Queue ``entry`` in the inbox of every member; their positions."""
+        hot = self.hot
+        if conv.heads_gen != hot.heads_gen:
+            heads, floors, txn, load = hot.heads, hot.floors, self.txn, self._store._head_floor
+            for uk in conv.uks:
+                if uk not in heads:
+                    heads[uk], floors[uk] = load(txn, uk)
+            conv.heads_gen = hot.heads_gen
+        return _impl.fanout(conv.users, conv.uks, hot.heads, self.pend, entry)
 
     def flush(self) -> None:
-        store, txn = self._store, self.txn
+        store, txn, hot = self._store, self.txn, self.hot
         for ck in self._dirty_seqs:
-            txn.put(ck, _U64.pack(self._seqs[ck]), db=store._convs)
-        for uk in self._dirty_heads:
-            txn.put(uk, _HEAD_FLOOR.pack(*self._heads[uk]), db=store._inboxmeta)
+            txn.put(ck, _U64.pack(hot.seqs[ck]), db=store._convs)
         self._dirty_seqs.clear()
-        self._dirty_heads.clear()
+        pend = self.pend
+        if pend:
+            # Key order: each user's range is one contiguous run of keys, so
+            # LMDB's cursor stays on the leaf page it just wrote.
+            uks = sorted(pend)
+            txn.cursor(db=store._inbox).putmulti(_impl.inbox_items(uks, pend, hot.heads))
+            txn.cursor(db=store._inboxmeta).putmulti(_impl.head_items(uks, hot.heads, hot.floors))
+            pend.clear()
 
     def sync(self) -> None:
         """Flush and forget: for ops that read or write the counters'
-        databases directly."""
+        databases directly (Reclaim rewrites floors).  What is forgotten is
+        read again from the transaction when next needed."""
         self.flush()
-        self._seqs.clear()
-        self._heads.clear()
+        self.hot.seqs.clear()
+        self.hot.clear_heads()
 
 
 class LmdbStore(Store):
@@ -365,6 +483,8 @@ class LmdbStore(Store):
         self._max_map_size = max(max_map_size, initial_size)
         self._wlock = threading.Lock()
         self._gate = _Gate()
+        #: The cache the last commit kept (see :class:`_Hot`); under _wlock.
+        self._hot: Optional[_Hot] = None
         self._env: Optional[lmdb.Environment] = None
         try:
             env = lmdb.open(
@@ -455,10 +575,12 @@ class LmdbStore(Store):
         with self._gate.exclusive():
             env.set_mapsize(0)
 
-    def _write(self, fn: Callable[[_Txn], T]) -> T:
+    def _write(self, fn: Callable[[_Txn], T], committed: Optional[Callable[[], None]] = None) -> T:
         """Run ``fn`` in one write transaction and commit it.  ``fn`` must not
         have effects outside the transaction: when the map is full the
-        transaction is aborted, the map grown and ``fn`` run again."""
+        transaction is aborted, the map grown and ``fn`` run again.
+        ``committed`` is called after a successful commit, still under the
+        write lock."""
         with self._wlock:
             env = self._env
             if env is None:
@@ -474,16 +596,19 @@ class LmdbStore(Store):
                 try:
                     result = fn(txn)
                     txn.commit()
-                    return result
                 except lmdb.MapFullError:
                     _abort(txn)
                     self._grow(env)
+                    continue
                 except lmdb.Error as exc:
                     _abort(txn)
                     raise StoreError(f"LMDB error: {exc}") from exc
                 except BaseException:
                     _abort(txn)
                     raise
+                if committed is not None:
+                    committed()
+                return result
 
     @contextmanager
     def _read(self) -> Iterator[_Txn]:
@@ -545,6 +670,19 @@ class LmdbStore(Store):
             return None
         return tuple(sorted(_take_t(key, len(ck))[0] for key, _ in self._scan(txn, self._members, ck)))
 
+    def _load_conv(self, txn: _Txn, info: tuple[bytes, Optional[tuple[str, str]]]) -> Optional[_Conv]:
+        """:class:`_Conv` of a well-formed conversation (``info`` from
+        :func:`_conv_info`); None for an unknown group."""
+        ck, pair = info
+        if pair is not None:
+            return _Conv(pair, (_t(pair[0]), _t(pair[1])))
+        if txn.get(ck, db=self._groups) is None:
+            return None
+        n = len(ck)
+        # A members key is T(group) T(user): its tail is the user's key.
+        found = sorted((key[n + 1 :].decode("ascii"), key[n:]) for key, _ in self._scan(txn, self._members, ck))
+        return _Conv(tuple(user for user, _ in found), tuple(uk for _, uk in found))
+
     def _last_seq(self, txn: _Txn, ck: bytes) -> int:
         raw = txn.get(ck, db=self._convs)
         return _U64.unpack(raw)[0] if raw is not None else 0
@@ -600,27 +738,57 @@ class LmdbStore(Store):
 
     # -------------------------------------------------------------- writes
 
+    def _take_hot(self, txn: _Txn) -> _Hot:
+        """The cache the last commit kept if it still equals the store (see
+        :class:`_Hot`), else a new one.  Either way the store lets go of it
+        until this commit succeeds: a failed or re-run commit starts empty."""
+        hot, self._hot = self._hot, None
+        if hot is None or not _TXN_IDS or hot.txnid + 1 != txn.id():
+            return _Hot()
+        hot.trim()
+        return hot
+
     def commit(self, batch: WriteBatch) -> tuple[Result, ...]:
         ops = batch.ops
+        kept: list[_Hot] = []
 
         def run(txn: _Txn) -> tuple[Result, ...]:
             # Pure function of the transaction: it is re-run from scratch if
-            # the map has to grow (see _write).
-            w = _Batch(self, txn)
+            # the map has to grow (see _write).  (The cache it takes was let
+            # go of by the first run: a re-run starts from an empty one.)
+            kept.clear()
+            w = _Batch(self, txn, self._take_hot(txn))
             stored = hwm = _U64.unpack(txn.get(b"hwm", db=self._meta))[0]
             results = []
+            wrote = False
             for op in ops:
                 result = self._apply(w, op)
-                if type(result) is Appended and result.server_time > hwm:
-                    hwm = result.server_time
+                kind = type(result)
+                if kind is Appended:
+                    wrote = True
+                    if result.server_time > hwm:  # type: ignore[union-attr]
+                        hwm = result.server_time  # type: ignore[union-attr]
+                elif kind is Acked or kind is Touched or (kind is ReadMarked and result.changed):  # type: ignore[union-attr]
+                    wrote = True
                 results.append(result)
             w.flush()
             if hwm != stored:
                 txn.put(b"hwm", _U64.pack(hwm), db=self._meta)
+            # Keep the cache only if this transaction certainly changes the
+            # store (an Appended stored a message, Acked/Touched always write
+            # the device, a changed ReadMarked the marker): only then does it
+            # commit as transaction txn.id(), which the next commit checks.
+            if wrote and _TXN_IDS:
+                w.hot.txnid = txn.id()
+                kept.append(w.hot)
             return tuple(results)
 
+        def committed() -> None:
+            if kept:
+                self._hot = kept[0]
+
         try:
-            return self._write(run)
+            return self._write(run, committed)
         except StoreError:
             raise
         except Exception as exc:
@@ -649,10 +817,10 @@ class LmdbStore(Store):
         if info is None:
             return Rejected(ErrorCode.BAD_REQUEST)
         ck = info[0]
-        members = self._members_in(txn, info)
-        if members is None:
+        conv = w.conv(ck, info)
+        if conv is None:
             return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
-        if op.sender not in members:
+        if op.sender not in conv.member_set:
             return Rejected(ErrorCode.NOT_MEMBER)
         # Inside the write transaction nobody else can take this seq: the
         # conversation stays gap-free and strictly increasing.
@@ -661,21 +829,16 @@ class LmdbStore(Store):
             return Rejected(ErrorCode.INTERNAL)  # msg_id reused: nothing written yet
         w.set_last_seq(ck, seq)
         txn.put(ck + _U64.pack(seq), op.msg_id + op.sender.encode("ascii"), db=self._convidx)
-        entry = _INBOX.pack(op.msg_id, op.server_time)
-        positions = []
-        for user in members:
-            uk = _t(user)
-            head, floor = w.head_floor(uk)
-            head += 1
-            w.set_head_floor(uk, head, floor)
-            txn.put(uk + _U64.pack(head), entry, db=self._inbox)
-            flag_key = uk + ck
-            if flag_key not in w.flagged:
-                self._flag(txn, flag_key, _HAS_MESSAGES, True)
-                w.flagged.add(flag_key)
-            positions.append((user, head))
+        # Every member's next inbox position; the entries are written at flush.
+        positions = w.fanout(conv, _INBOX.pack(op.msg_id, op.server_time))
+        if not conv.flagged:
+            # The has-messages flag is never cleared (removing a member clears
+            # only the member bit), so once set for every member it stays.
+            for uk in conv.uks:
+                self._flag(txn, uk + ck, _HAS_MESSAGES, True)
+            conv.flagged = True
         txn.put(dkey, _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest, db=self._dedupe)
-        return Appended(op.msg_id, seq, op.server_time, tuple(positions))
+        return Appended(op.msg_id, seq, op.server_time, positions)
 
     def _register(self, w: _Batch, user: str, device: str, position: int, now: int) -> tuple[int, bool]:
         """Shared by Touch and Ack: create at the floor if unknown, move
@@ -707,11 +870,11 @@ class LmdbStore(Store):
         info = _conv_info(op.conv)
         assert info is not None  # malformed() checked the id
         ck = info[0]
-        members = self._members_in(txn, info)
-        if members is None:
+        conv = w.conv(ck, info)
+        if conv is None:
             return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
         uk = _t(op.user)
-        if op.user not in members and txn.get(uk + ck, db=self._userconvs) is None:
+        if op.user not in conv.member_set and txn.get(uk + ck, db=self._userconvs) is None:
             return Rejected(ErrorCode.NOT_MEMBER)
         last = w.last_seq(ck)
         rk = uk + ck
@@ -961,6 +1124,7 @@ class LmdbStore(Store):
             # Exclusive: wait for in-flight reads; later ones see None.
             with self._gate.exclusive():
                 self._env = None
+                self._hot = None
                 env.close()
 
     def __repr__(self) -> str:

@@ -1,0 +1,143 @@
+"""Inbox fan-out of the LMDB store: the pure-Python twin of
+``pimcore/_fastpath_fanout.pxi``.
+
+Storing a group message appends one inbox entry per member.  The store does
+that in two steps per commit (see ``pimcore.store.lmdb``):
+
+1. :func:`fanout`, once per message: give every member the next position of
+   their inbox (``heads[uk] += 1``) and queue the message's inbox value under
+   the member (``pend[uk].append(entry)``); return the ``(user, position)``
+   pairs of the store's ``Appended`` result.
+2. :func:`inbox_items`, once per commit: turn the queued values into the
+   ``(T(user) + U64(position), value)`` pairs of the ``inbox`` sub-database,
+   in key order, for one ``Cursor.putmulti`` call; :func:`head_items` does
+   the same for the ``inboxmeta`` records (``U64 head + U64 floor``) of the
+   users whose head moved.
+
+A user's queued values always take the LAST ``len(pend[uk])`` positions up to
+``heads[uk]`` (positions are handed out one by one and nothing else moves the
+head), so the queue needs no positions of its own.
+
+``uk`` is the length-prefixed user key ``T(user)`` of the key layout; keys of
+different users never prefix each other, so sorting the users' keys sorts the
+whole output.  Both backends validate in the same order and raise the same
+exceptions (tests/test_fanout.py holds them to it); an element that fails
+validation is left unchanged, the earlier ones stay applied.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Sequence, Union
+
+__all__ = ["fanout", "inbox_items", "head_items"]
+
+_U64 = struct.Struct(">Q")
+_HEAD_FLOOR = struct.Struct(">QQ")
+_U64_MAX = (1 << 64) - 1
+
+
+def _head(heads: dict, uk: bytes, what: str = "inbox head") -> int:
+    head = heads[uk]
+    if type(head) is not int:
+        raise TypeError(f"{what} must be int")
+    if not 0 <= head <= _U64_MAX:
+        raise ValueError(f"{what} out of range")
+    return head
+
+
+def _check_args(uks: object, a: object, b: object, names: str) -> None:
+    if type(uks) is not list and type(uks) is not tuple:
+        raise TypeError("uks must be a list or tuple")
+    if type(a) is not dict or type(b) is not dict:
+        raise TypeError(f"{names} must be dicts")
+
+
+def fanout(
+    users: tuple[str, ...],
+    uks: tuple[bytes, ...],
+    heads: dict[bytes, int],
+    pend: dict[bytes, list[bytes]],
+    entry: bytes,
+) -> tuple[tuple[str, int], ...]:
+    """Append ``entry`` to the inbox of every user; return ``(user, position)``
+    pairs in the order of ``users``.
+
+    ``users[i]`` is the user whose key is ``uks[i]``; ``heads`` maps each
+    ``uk`` to its inbox head (advanced in place), ``pend`` maps ``uk`` to the
+    list of values queued in this commit (created when missing).
+    """
+    if type(users) is not tuple or type(uks) is not tuple:
+        raise TypeError("users and uks must be tuples")
+    if type(heads) is not dict or type(pend) is not dict:
+        raise TypeError("heads and pend must be dicts")
+    if type(entry) is not bytes:
+        raise TypeError("entry must be bytes")
+    if len(users) != len(uks):
+        raise ValueError("users and uks differ in length")
+    out = []
+    for user, uk in zip(users, uks):
+        if not isinstance(user, str):
+            raise TypeError("user must be str")
+        if type(uk) is not bytes:
+            raise TypeError("uk must be bytes")
+        head = _head(heads, uk)
+        if head == _U64_MAX:
+            raise ValueError("inbox head out of range")
+        queued = pend.get(uk)
+        if queued is not None and type(queued) is not list:
+            raise TypeError("pending entries must be a list")
+        head += 1
+        heads[uk] = head
+        if queued is None:
+            pend[uk] = [entry]
+        else:
+            queued.append(entry)
+        out.append((user, head))
+    return tuple(out)
+
+
+def inbox_items(
+    uks: Union[Sequence[bytes], tuple[bytes, ...]],
+    pend: dict[bytes, list[bytes]],
+    heads: dict[bytes, int],
+) -> list[tuple[bytes, bytes]]:
+    """``(uk + U64(position), value)`` for the queued values of each ``uk`` in
+    ``uks`` (a list or tuple; pass them sorted for key order), positions
+    ending at ``heads[uk]``."""
+    _check_args(uks, pend, heads, "pend and heads")
+    out: list[tuple[bytes, bytes]] = []
+    for uk in uks:
+        if type(uk) is not bytes:
+            raise TypeError("uk must be bytes")
+        queued = pend[uk]
+        if type(queued) is not list:
+            raise TypeError("pending entries must be a list")
+        head = _head(heads, uk)
+        if len(queued) > head:
+            raise ValueError("more pending entries than inbox positions")
+        pos = head - len(queued)
+        for value in queued:
+            if type(value) is not bytes:
+                raise TypeError("pending entry must be bytes")
+            pos += 1
+            out.append((uk + _U64.pack(pos), value))
+    return out
+
+
+def head_items(
+    uks: Union[Sequence[bytes], tuple[bytes, ...]],
+    heads: dict[bytes, int],
+    floors: dict[bytes, int],
+) -> list[tuple[bytes, bytes]]:
+    """``(uk, U64(heads[uk]) + U64(floors[uk]))`` for each ``uk`` in ``uks``:
+    the ``inboxmeta`` records."""
+    _check_args(uks, heads, floors, "heads and floors")
+    out: list[tuple[bytes, bytes]] = []
+    for uk in uks:
+        if type(uk) is not bytes:
+            raise TypeError("uk must be bytes")
+        head = _head(heads, uk)
+        floor = _head(floors, uk, "inbox floor")
+        out.append((uk, _HEAD_FLOOR.pack(head, floor)))
+    return out
