@@ -29,10 +29,12 @@ from pimcore.client import (
 from pimcore.codec import encode_frame
 from pimcore.core import Limits
 from pimcore.errors import CloseCode, ErrorCode
+from pimcore.auth import JwtAuthenticator
 from pimcore.net import Endpoint
+from pimcore.net.server import BrokerServer
 from pimcore.store import LmdbStore, MemoryStore, direct_conversation
 
-from _net import FAST_CLIENT, OTHER_SECRET, RawConn, client, server_config, serving, token
+from _net import FAST_CLIENT, OTHER_SECRET, SECRET, RawConn, client, server_config, serving, token
 
 AB = direct_conversation("alice", "bob")
 MINUTE = 60_000_000
@@ -180,13 +182,14 @@ async def test_offline_recipient_gets_everything_once_in_order(store):
                 assert m.payload == b"later"
 
 
-async def test_lost_send_ack_is_retried_and_stored_once(lmdb_store):
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline-commit", "threaded-commit"])
+async def test_lost_send_ack_is_retried_and_stored_once(lmdb_store, threaded):
     """The broker commits, then the connection dies before the SendAck gets
     out: the SDK retries with the same local id and gets the original ack."""
     from pimcore.testing.chaos import open_chaos_proxy
 
     with trio.fail_after(30):
-        async with serving(lmdb_store) as srv:
+        async with serving(lmdb_store, server_config(commit_in_thread=threaded)) as srv:
             async with open_chaos_proxy("127.0.0.1", srv.endpoints[0].port) as proxy:
                 real_commit = lmdb_store.commit
                 cut = []
@@ -195,7 +198,7 @@ async def test_lost_send_ack_is_retried_and_stored_once(lmdb_store):
                     results = real_commit(batch)
                     if not cut and any(type(op).__name__ == "NewMessage" for op in batch.ops):
                         # Durable now; kill the link before the ack can leave.
-                        cut.append(trio.from_thread.run_sync(proxy.reset_all))
+                        cut.append(trio.from_thread.run_sync(proxy.reset_all) if threaded else proxy.reset_all())
                     return results
 
                 lmdb_store.commit = commit_then_cut  # type: ignore[method-assign]
@@ -808,3 +811,23 @@ async def test_connection_churn_and_garbage_leave_no_trace(lmdb_store):
                 assert stats["connections"] == 1 and stats["online_devices"] == 1  # only alice
                 assert stats["outbound_bytes_queued"] == 0
     assert [m.payload for m in lmdb_store.history(AB, 0, 10)] == [b"round %d" % r for r in range(5)]
+
+
+async def test_commits_in_a_worker_thread_when_asked(lmdb_store):
+    """The optional threaded committer gives the same guarantees: every send
+    acked once durable, delivered once, in order."""
+    with trio.fail_after(30):
+        async with serving(lmdb_store, server_config(commit_in_thread=True)) as srv:
+            async with client(srv.url(), "alice") as a, client(srv.url(), "bob") as b:
+                sent = [await a.send(AB, b"m%d" % i) for i in range(50)]
+                assert [x.seq for x in sent] == list(range(1, 51))
+                got = await take_messages(b, 50)
+                assert [m.payload for m in got] == [b"m%d" % i for i in range(50)]
+            assert srv.statistics()["messages_stored"] == 50
+
+
+def test_threaded_commits_need_a_thread_safe_store():
+    with pytest.raises(ValueError, match="not thread-safe"):
+        BrokerServer(MemoryStore(), JwtAuthenticator(SECRET), server_config(commit_in_thread=True))
+    with pytest.raises(ValueError, match="true or false"):
+        server_config(commit_in_thread="yes")
