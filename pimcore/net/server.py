@@ -29,10 +29,11 @@ import enum
 import itertools
 import logging
 import math
+import os
 import ssl
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional, Union
 
 import trio
@@ -124,7 +125,8 @@ class _PeerState(enum.Enum):
 
 
 class _Peer:
-    __slots__ = ("id", "stream", "endpoint", "buf", "queued", "wake", "state", "scope", "reader_scope", "compress")
+    __slots__ = ("id", "stream", "endpoint", "buf", "queued", "wake", "state", "scope", "reader_scope", "compress", "fd",
+                 "sending")
 
     def __init__(self, conn_id: int, stream: trio.abc.Stream, endpoint: Endpoint) -> None:
         self.id = conn_id
@@ -137,6 +139,10 @@ class _Peer:
         self.scope: Optional[trio.CancelScope] = None  # the whole connection
         self.reader_scope: Optional[trio.CancelScope] = None
         self.compress: Optional[Callable[[bytes], bytes]] = None
+        # Plain TCP only: the socket's fd, for writing straight from the
+        # command loop while the writer task is idle (see _flush).
+        self.fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
+        self.sending = False  # the writer task is inside send_all
 
 
 class BrokerServer:
@@ -157,6 +163,7 @@ class BrokerServer:
         self._clock = clock
         self._ssl = config.make_ssl_context()
         self._peers: dict[int, _Peer] = {}
+        self._dirty: list[_Peer] = []  # peers given bytes by the current _run
         self._ids = itertools.count(1)
         self._commit_send, self._commit_recv = trio.open_memory_channel[WriteBatch](math.inf)
         self._commit_idle = trio.Event()
@@ -400,7 +407,11 @@ class BrokerServer:
                 data = b"".join(peer.buf) if len(peer.buf) > 1 else peer.buf[0]
                 peer.buf.clear()
                 peer.queued = 0
-                await peer.stream.send_all(data)
+                peer.sending = True
+                try:
+                    await peer.stream.send_all(data)
+                finally:
+                    peer.sending = False
                 self._stats["bytes_out"] += len(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("connection %d: write failed: %r", peer.id, exc)
@@ -428,6 +439,42 @@ class BrokerServer:
                     self._close_peer(peer, cmd.code, cmd.reason)
             else:  # pragma: no cover
                 raise TypeError(f"unknown command {cmd!r}")
+        if self._dirty:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send what the commands just queued.
+
+        Why not always wake the writer: under load every commit sends to
+        most connections, and a task wake-up plus ``send_all`` per connection
+        costs more than the frames themselves.  So for plain TCP, while the
+        writer is idle (nothing of ours is on its way; ordering is kept), the
+        bytes go out with one non-blocking write right here.  Whatever the
+        kernel does not take -- and everything for TLS and WebSocket peers --
+        is left to the writer task as before, including the slow-consumer
+        limit, which counts only what is still queued.
+        """
+        dirty, self._dirty = self._dirty, []
+        for peer in dirty:
+            if not peer.buf:
+                continue
+            if peer.fd >= 0 and not peer.sending and peer.state is _PeerState.OPEN:
+                data = b"".join(peer.buf) if len(peer.buf) > 1 else peer.buf[0]
+                try:
+                    n = os.write(peer.fd, data)  # trio's sockets are non-blocking
+                except BlockingIOError:
+                    n = 0
+                except OSError:
+                    peer.wake.set()  # broken: the writer finds out and reports it
+                    continue
+                self._stats["bytes_out"] += n
+                if n == len(data):
+                    peer.buf.clear()
+                    peer.queued = 0
+                    continue
+                peer.buf[:] = [data[n:]]
+                peer.queued = len(data) - n
+            peer.wake.set()
 
     def _enqueue(self, peer: _Peer, frame: F.Frame) -> None:
         data = encode_frame(frame)
@@ -436,9 +483,10 @@ class BrokerServer:
         elif type(frame) is F.LoginAck and frame.caps & F.CAP_ZSTD:
             # Granted at login: every later frame may be compressed.
             peer.compress = self._compressor
+        if not peer.buf:
+            self._dirty.append(peer)
         peer.buf.append(data)
         peer.queued += len(data)
-        peer.wake.set()
         if peer.queued > self.config.max_outbound_bytes:
             # The peer is not reading.  Drop what it has not taken; it will
             # resume from its acked position when it reconnects.
