@@ -430,7 +430,7 @@ class Broker:
         # than any recipient sees the message.
         for user in sorted(to_pump):
             for dev in self._online.get(user, {}).values():
-                self._pump(dev, out)
+                self._pump(dev, out, now)
         self._fresh.clear()
         self._maybe_commit(out, now)
         return out
@@ -610,7 +610,7 @@ class Broker:
             out,
         )
         self._send_read_state(c.id, user, out)
-        self._pump(dev, out)
+        self._pump(dev, out, now)
 
     def _send_read_state(self, conn: int, user: str, out: list[Command]) -> None:
         """At login: every conversation's marker and unread count (what the
@@ -731,7 +731,7 @@ class Broker:
 
     # ------------------------------------------------------------ delivery
 
-    def _pump(self, dev: _Device, out: list[Command]) -> None:
+    def _pump(self, dev: _Device, out: list[Command], now: int) -> None:
         """Push what the device has not been sent yet, within its window."""
         lim = self.config.limits
         head = self._heads.get(dev.user, 0)
@@ -775,6 +775,14 @@ class Broker:
                     for pos, m in entries
                     if not (m.device == dev.device and m.sender == dev.user)
                 )
+                if not msgs and dev.acked == dev.sent_upto:
+                    # Nothing but this device's own sends, and nothing of
+                    # ours outstanding: it has them all (their SendAcks), so
+                    # its position moves as if it had acked -- no empty Push
+                    # and PushAck round trip per batch for every sender.
+                    dev.sent_upto = dev.acked = upto
+                    self._record_ack(dev, upto, now)
+                    continue
             dev.sent_upto = upto
             size = sum(len(m.payload) for m in msgs) + 32 * len(msgs)
             dev.unacked.append((upto, size))
@@ -790,17 +798,22 @@ class Broker:
         if f.pos <= dev.acked:
             return  # stale or repeated ack: positions never move back
         dev.acked = f.pos
-        self._acks_unsaved[(c.user, c.device)] = f.pos
         while dev.unacked and dev.unacked[0][0] <= f.pos:
             dev.unacked_bytes -= dev.unacked.popleft()[1]
-        op = AckPosition(c.user, c.device, f.pos, now)
-        slot = self._ack_slot.get((c.user, c.device))
+        self._record_ack(dev, f.pos, now)
+        self._pump(dev, out, now)
+
+    def _record_ack(self, dev: _Device, pos: int, now: int) -> None:
+        """The device's position moved to ``pos``: make it durable (lazily)."""
+        key = (dev.user, dev.device)
+        self._acks_unsaved[key] = pos
+        op = AckPosition(dev.user, dev.device, pos, now)
+        slot = self._ack_slot.get(key)
         if slot is not None:
             self._ops[slot] = op  # batched acks: only the newest matters
         else:
-            self._ack_slot[(c.user, c.device)] = len(self._ops)
+            self._ack_slot[key] = len(self._ops)
             self._propose(op, None)
-        self._pump(dev, out)
 
     # ------------------------------------------------------------ read state
 

@@ -354,9 +354,40 @@ def test_recipients_and_senders_other_devices_get_pushes_not_the_sending_device(
     h.send(phone, AB, b"hi")
     assert [m.payload for m in h.pushed(bob)] == [b"hi"]
     assert [m.payload for m in h.pushed(tablet)] == [b"hi"]
+    # The sending device has its message (the SendAck) and nothing else is
+    # outstanding: no empty Push; its position moves as if it had acked.
+    assert h.take(phone, F.Push) == []
+    h.run(h.broker.flush(h.now))
+    assert h.store.device("alice", "phone").position == 1
+    # A quick re-login resumes after its own message, not before it.
+    h.lose(phone)
+    again = h.login("alice", "phone")
+    assert h.take(again, F.LoginAck)[0].position == 1
+    assert h.pushed(again) == []
+
+
+def test_own_sends_among_others_messages_are_covered_by_the_push(h):
+    phone = h.login("alice", "phone")
+    bob = h.login("bob", "laptop")
+    h.hold_commits = True
+    h.send(bob, AB, b"from bob")
+    h.send(phone, AB, b"from alice")
+    h.release()
+    h.hold_commits = False
     pushes = h.take(phone, F.Push)
-    # the sending device's inbox position is covered, without the message
-    assert len(pushes) == 1 and pushes[0].messages == () and pushes[0].upto == 1
+    # Positions 1 (bob's) and 2 (her own) are covered; only bob's message is sent.
+    assert [m.payload for p in pushes for m in p.messages] == [b"from bob"]
+    assert pushes[-1].upto == 2
+    # While that Push is unacked, a push of only her own sends still goes out
+    # (covering it silently would ack bob's message for her).
+    h.send(phone, AB, b"again")
+    later = h.take(phone, F.Push)
+    assert len(later) == 1 and later[0].messages == () and later[0].upto == 3
+    h.feed(phone, F.PushAck(3))
+    h.send(phone, AB, b"caught up")
+    assert h.take(phone, F.Push) == []
+    h.run(h.broker.flush(h.now))
+    assert h.store.device("alice", "phone").position == 4
 
 
 def test_offline_device_catches_up_in_order_exactly_once(store):
