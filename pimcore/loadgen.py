@@ -163,7 +163,7 @@ def _proc_memory(pid: int) -> dict[str, int]:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, rest = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
+            if key in ("VmHWM", "VmRSS", "RssAnon"):
                 out[key] = int(rest.split()[0]) * 1024
     return out
 
@@ -705,6 +705,10 @@ class BenchResult:
     broker_cpu_us_per_msg: Optional[float] = None
     broker_cpu_util: Optional[float] = None
     broker_peak_rss: Optional[int] = None
+    # Anonymous (heap) part of the RSS at the end, connections still open; the
+    # rest of the RSS is mostly LMDB's memory-mapped file, which the kernel
+    # can drop and re-read at will.
+    broker_rss_anon: Optional[int] = None
     idle_connections: int = 0
     logged_in: int = 0  # connections that completed Login (all of them, or the run fails)
     login_seconds: float = 0.0  # time to connect and log them all in
@@ -797,6 +801,7 @@ def _run_against(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], ba
         res.broker_cpu_us_per_msg = (cpu1 - cpu0) / sent * 1e6 if sent else None
         res.broker_cpu_util = (cpu1 - cpu0) / max(t1 - t0, 1e-9)
         res.broker_peak_rss = mem.get("VmHWM")
+        res.broker_rss_anon = mem.get("RssAnon")
         if n_conns and "start" in samples:
             res.broker_bytes_per_connection = (samples["ready"][1]["VmRSS"] - samples["start"][1]["VmRSS"]) / n_conns
     return res
@@ -874,7 +879,7 @@ def format_result(res: BenchResult) -> str:
             f" (logged in within {res.login_seconds:.1f} s by {c['procs']} generator process(es))",
             f"broker {res.broker['url']} (pid {res.broker['pid'] or '-'}, {res.broker['backend'] or '?'} backend)",
             "",
-            f"  broker memory      peak {_mib(res.broker_peak_rss)}",
+            f"  broker memory      peak RSS {_mib(res.broker_peak_rss)}, heap {_mib(res.broker_rss_anon)}",
             "  memory/connection  " + ("-" if res.broker_bytes_per_connection is None
                                         else f"{res.broker_bytes_per_connection / 1024:.1f} KiB (RSS growth / connections)"),
             f"  errors             {sum(res.errors.values()):,}" + (f"   {res.errors}" if res.errors else ""),
@@ -901,8 +906,9 @@ def format_result(res: BenchResult) -> str:
     if res.broker_cpu_us_per_msg is not None:
         lines.append(f"  broker CPU         {res.broker_cpu_us_per_msg:>9.1f} µs per send   ({res.broker_cpu_util:.0%} of a core)")
     if res.broker_peak_rss is not None:
-        lines.append(f"  broker memory      peak {_mib(res.broker_peak_rss)}")
-    if res.broker_bytes_per_connection is not None:
+        lines.append(f"  broker memory      peak RSS {_mib(res.broker_peak_rss)}, heap {_mib(res.broker_rss_anon)} at the end"
+                     " (the rest is LMDB's mapped file)")
+    if res.broker_bytes_per_connection is not None and c["idle"]:
         lines.append(f"  memory/connection  {res.broker_bytes_per_connection / 1024:>9.1f} KiB (broker RSS growth / connections)")
     lines.append(f"  generator CPU      {res.generator_cpu:>9.0%} of a core (busiest process)")
     if res.generator_saturated:
