@@ -521,12 +521,18 @@ def malformed(op: Op) -> bool:
     non-negative), ``msg_id`` is 16 bytes.
     """
     if isinstance(op, NewMessage):
+        # Every message of every batch comes through here: the range checks
+        # are _int_in written out (same rules), one call instead of four.
+        local_id, client_time, server_time = op.local_id, op.client_time, op.server_time
         return not (
             valid_id(op.sender)
             and valid_id(op.device)
-            and _int_in(op.local_id, 0, _U64_END)
-            and _int_in(op.client_time, _I64_MIN, _I64_END)
-            and _int_in(op.server_time, 0, _I64_END)
+            and type(local_id) is int
+            and 0 <= local_id < _U64_END
+            and type(client_time) is int
+            and _I64_MIN <= client_time < _I64_END
+            and type(server_time) is int
+            and 0 <= server_time < _I64_END
             and isinstance(op.msg_id, bytes)
             and len(op.msg_id) == 16
             and isinstance(op.payload, bytes)
