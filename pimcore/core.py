@@ -37,7 +37,7 @@ import hashlib
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 from . import frames as F
 from .clock import HybridClock
@@ -741,7 +741,7 @@ class Broker:
             if room <= 0 or dev.unacked_bytes >= lim.push_window_bytes:
                 return  # wait for a PushAck
             limit = min(room, lim.push_batch)
-            entries: Optional[list[tuple[int, Union[StoredMessage, F.Message]]]] = None
+            entries: Optional[Sequence[tuple[int, Union[StoredMessage, F.Message]]]] = None
             if fresh:
                 # Straight from the batch just committed, if it continues
                 # exactly where this device is (positions are checked, so a
@@ -771,7 +771,7 @@ class Broker:
                 # The sending device already has its own message (SendAck);
                 # its position is still covered by `upto`.
                 msgs = tuple(
-                    m if type(m) is F.Message else _to_frame_message(pos, m)
+                    m if isinstance(m, F.Message) else _to_frame_message(pos, m)
                     for pos, m in entries
                     if not (m.device == dev.device and m.sender == dev.user)
                 )

@@ -121,7 +121,7 @@ class BenchConfig:
 
 def _percentiles(samples: "array[int]") -> dict[str, float]:
     """p50..max of ns samples, in µs, via HdrHistogram (3 significant digits)."""
-    from hdrh.histogram import HdrHistogram
+    from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
     out: dict[str, float] = {"count": len(samples)}
     if not samples:
@@ -385,7 +385,7 @@ class _Worker:
                     if frame.caps & F.CAP_ZSTD:
                         from .compress import FrameDecompressor
 
-                        dec.enable_decompression(FrameDecompressor().decompress)
+                        dec.enable_decompression(FrameDecompressor())
                     # Frames after the LoginAck (SyncRead, a catch-up Push)
                     # stay in the decoder for the run loop.
                     return stream, dec, bytes(data)
@@ -425,6 +425,7 @@ class _Worker:
     async def run_conn(self, role: _Role, stream: trio.SocketStream, dec: Decoder) -> None:
         cfg, st = self.cfg, self.stats
         conv = role.send_to
+        send_conv = conv or ""
         window = cfg.window if conv is not None else 0
         quota = role.quota
         sent_here = 0
@@ -447,7 +448,7 @@ class _Worker:
                 lid = next(local_ids)
                 inflight[lid] = now
                 sent_here += 1
-                out.append(encode_frame(F.SendReq(lid, conv, now // 1000, now.to_bytes(8, "big") + filler)))
+                out.append(encode_frame(F.SendReq(lid, send_conv, now // 1000, now.to_bytes(8, "big") + filler)))
             return out
 
         try:
@@ -920,10 +921,10 @@ def format_result(res: BenchResult) -> str:
 def plot_histograms(res: BenchResult, path: str) -> None:
     """Latency histograms (log x) to an image file; needs matplotlib."""
     try:
-        import matplotlib
+        import matplotlib  # type: ignore[import-not-found]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found]
     except ImportError as exc:
         raise BenchError("--plot needs matplotlib: pip install 'pimcore[plot]'") from exc
     fig, ax = plt.subplots(figsize=(8, 4.5))

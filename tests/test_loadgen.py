@@ -136,3 +136,10 @@ def test_percentiles_match_the_samples() -> None:
     assert p["p99"] == pytest.approx(9900, rel=1e-3)
     assert p["p99.9"] == pytest.approx(9990, rel=1e-3)
     assert p["max"] == pytest.approx(10_000, rel=1e-3)
+
+
+def test_compressed_links_count_the_same() -> None:
+    # zstd negotiated: the broker compresses what it sends, the generator decodes it.
+    res = run_bench(BenchConfig(conns=2, count=200, size=300, zstd=True, **SMALL))
+    assert res.errors == {}
+    assert (res.acked, res.deliveries) == (200, 200)
