@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator
 
 if sys.version_info >= (3, 11):
     import builtins

@@ -36,13 +36,12 @@ What the SDK promises, and how
 from __future__ import annotations
 
 import logging
-import math
 import random
 import ssl
 import time
 from collections import deque
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 
 import trio

@@ -43,7 +43,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .core import SECOND, BrokerConfig, ContentFilter, Limits
+from .core import SECOND, ContentFilter, Limits
 from .net.server import DEFAULT_BROKER_CONFIG, ServerConfig
 from .net.streams import Endpoint, parse_url
 

@@ -45,7 +45,6 @@ from .codec import Decoder
 from .errors import AuthError, CloseCode, ErrorCode, ProtocolError
 from .store.base import (
     AckPosition,
-    Acked,
     Appended,
     Duplicate,
     MarkRead,
@@ -58,7 +57,6 @@ from .store.base import (
     Result,
     Store,
     StoredMessage,
-    Touched,
     TouchDevice,
     WriteBatch,
     direct_members,

@@ -13,8 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pimcore import frames as F
-from pimcore.codec import encode_frame
-from pimcore.core import Broker, BrokerConfig, Commit, Limits
+from pimcore.core import BrokerConfig, Limits
 from pimcore.errors import CloseCode, ErrorCode
 from pimcore.store import LmdbStore, MemoryStore, direct_conversation
 
