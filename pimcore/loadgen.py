@@ -931,7 +931,7 @@ def plot_histograms(res: BenchResult, path: str) -> None:
     for label, buckets in (("send → SendAck", res.ack_histogram), ("send → delivery", res.delivery_histogram)):
         if buckets:
             xs, ys = zip(*buckets)
-            ax.step(xs, ys, where="post", label=label)
+            ax.step(xs, ys, where="pre", label=label)  # a bucket counts (previous bound, its bound]
     ax.set_xscale("log")
     ax.set_xlabel("latency (µs)")
     ax.set_ylabel("messages")

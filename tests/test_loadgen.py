@@ -143,3 +143,20 @@ def test_compressed_links_count_the_same() -> None:
     res = run_bench(BenchConfig(conns=2, count=200, size=300, zstd=True, **SMALL))
     assert res.errors == {}
     assert (res.acked, res.deliveries) == (200, 200)
+
+
+def test_plot_writes_a_file_or_says_what_is_missing(tmp_path) -> None:
+    from pimcore.loadgen import plot_histograms
+
+    res = run_bench(BenchConfig(conns=1, count=50, **SMALL))
+    out = tmp_path / "lat.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(BenchError, match="needs matplotlib"):
+            plot_histograms(res, str(out))
+        r = run_pimcore("bench", "-n", "10", "-c", "1", "--durability", "os", "--no-pin", "--plot", str(out), timeout=120)
+        assert r.returncode == 2 and "needs matplotlib" in r.stderr
+    else:
+        plot_histograms(res, str(out))
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
