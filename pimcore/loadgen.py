@@ -535,7 +535,7 @@ async def _run_worker(cfg: BenchConfig, url: str, secret: str, roles: list[_Role
         t_connect = time.monotonic()
         conns = await w.connect_all(nursery)
         t_connect = time.monotonic() - t_connect
-        go = await control.ready()  # (measure_from, measure_to or 0 for count mode)
+        go = await control.ready()  # (measure_from, measure_to) in monotonic ns; count mode: everything
         st.measure_from, st.measure_to = go
         if cfg.count is None:
             w.stop_sending = st.measure_to
@@ -547,7 +547,7 @@ async def _run_worker(cfg: BenchConfig, url: str, secret: str, roles: list[_Role
             if w.senders_left == 0:
                 w.all_acked.set()
             if cfg.progress and control.shows_progress:
-                conn_nursery.start_soon(_progress, cfg, st, conn_nursery.cancel_scope)
+                conn_nursery.start_soon(_progress, cfg, st)
             await w.all_acked.wait()
             if cfg.conns == 0:
                 await trio.sleep(cfg.hold)  # idle-only run: just hold them
@@ -589,7 +589,7 @@ def _expected_deliveries(cfg: BenchConfig, acked: int, roles: int) -> int:
     return acked * (cfg.conns - 1) if roles == cfg.conns else 0
 
 
-async def _progress(cfg: BenchConfig, st: _Stats, scope: trio.CancelScope) -> None:
+async def _progress(cfg: BenchConfig, st: _Stats) -> None:
     out = sys.stderr
     width = 30
     try:

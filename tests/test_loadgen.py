@@ -160,3 +160,11 @@ def test_plot_writes_a_file_or_says_what_is_missing(tmp_path) -> None:
     else:
         plot_histograms(res, str(out))
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_bar_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = dict(SMALL, progress=True)
+    res = run_bench(BenchConfig(conns=1, duration=0.6, warmup=0.2, **cfg))
+    assert res.errors == {}
+    err = capsys.readouterr().err
+    assert "[" in err and "acked" in err and "/0.6 s" in err
