@@ -42,7 +42,7 @@ from .client import (
     SendTimeout,
     open_client,
 )
-from .store.base import direct_conversation, valid_conversation, valid_id
+from .ids import direct_conversation, valid_conversation, valid_id
 
 __all__ = ["run_chat", "chat"]
 

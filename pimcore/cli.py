@@ -157,7 +157,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_token(args: argparse.Namespace) -> int:
     from .auth import issue_token
     from .config import ConfigError
-    from .store.base import valid_id
+    from .ids import valid_id
 
     for what, value in (("user", args.user), ("device", args.device)):
         if value is not None and not valid_id(value):

@@ -299,7 +299,7 @@ def _roles(cfg: BenchConfig) -> tuple[list[list[_Role]], list[_Role]]:
     """(units of active roles, idle roles) for the whole run.  A unit (a
     sender and its online peer) always lands in one generator process, so
     each process can tell when its own deliveries are complete."""
-    from .store.base import direct_conversation
+    from .ids import direct_conversation
 
     active: list[list[_Role]] = []
     quotas = [0] * cfg.conns

@@ -1,7 +1,12 @@
-"""The network layer: trio glue between sockets and the sans-IO core."""
+"""The network layer: trio glue between sockets and the sans-IO core.
 
-from .server import DEFAULT_BROKER_CONFIG, BrokerServer, ServerConfig, open_broker_server, wall_clock_us
-from .streams import Endpoint, WebSocketStream, parse_url
+Names are resolved lazily, so that ``pimcore.net.streams`` (which the client
+uses) does not import the broker, the store or LMDB.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "BrokerServer",
@@ -13,3 +18,17 @@ __all__ = [
     "parse_url",
     "wall_clock_us",
 ]
+
+_STREAMS = {"Endpoint", "WebSocketStream", "parse_url"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _STREAMS:
+        from . import streams
+
+        return getattr(streams, name)
+    if name in __all__:
+        from . import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module 'pimcore.net' has no attribute {name!r}")

@@ -18,15 +18,9 @@ Why this shape
 
 Identifiers
 -----------
-* Conversation ids are text.  ``d:<a>:<b>`` is the 1:1 chat of users a and b
-  with ``a < b`` (see :func:`direct_conversation`), so both sides derive the
-  same id; its members are implied by the id and it needs no creation.  Any
-  other id is a group and must be created with :meth:`Store.create_group`.
-* User and device ids are text of 1..64 characters from ``[A-Za-z0-9_.@-]``
-  (so ``:`` can separate the two users of a direct id).
-* Message ids are 16 bytes: the 8-byte big-endian server time followed by the
-  8-byte node id of the broker that accepted it -- unique beyond one process
-  and sortable by time.
+The id grammar (user, device, conversation and message ids) lives in
+:mod:`pimcore.ids`; it is re-exported here.  A group id must be created
+(a ``CreateGroup`` op) before it is used; a direct id needs no creation.
 
 Inbox model (the seed's "offline message list", made O(1) for many devices)
 ---------------------------------------------------------------------------
@@ -41,13 +35,22 @@ are forgotten (they stop holding entries back), and entries older than
 
 from __future__ import annotations
 
-import re
-from functools import lru_cache
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
 from ..errors import ErrorCode, StoreError
+from ..ids import (  # re-exported: the store speaks in these ids
+    CONV_RE,
+    ID_RE,
+    check_ids,
+    direct_conversation,
+    direct_members,
+    is_direct,
+    member_set,
+    valid_conversation,
+    valid_id,
+)
 
 __all__ = [
     "ID_RE",
@@ -79,75 +82,6 @@ __all__ = [
     "Store",
     "StoreError",
 ]
-
-ID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}\Z")
-#: A conversation id: 1..128 printable characters, no whitespace.
-CONV_RE = re.compile(r"[!-~]{1,128}\Z")
-
-
-# The id checks run several times per message (core, then store); the same
-# few thousand ids recur, so exact str inputs are answered from a cache.
-@lru_cache(maxsize=1 << 16)
-def _valid_id(value: str) -> bool:
-    return ID_RE.match(value) is not None
-
-
-def valid_id(value: str) -> bool:
-    """Is ``value`` an acceptable user or device id?"""
-    if type(value) is str:
-        return _valid_id(value)
-    return isinstance(value, str) and ID_RE.match(value) is not None
-
-
-def direct_conversation(a: str, b: str) -> str:
-    """The id of the 1:1 chat between users ``a`` and ``b`` (symmetric)."""
-    if not (valid_id(a) and valid_id(b)):
-        raise ValueError(f"invalid user id in direct conversation: {a!r}, {b!r}")
-    if a == b:
-        raise ValueError("a direct conversation needs two different users")
-    lo, hi = (a, b) if a < b else (b, a)
-    return f"d:{lo}:{hi}"
-
-
-def is_direct(conv: str) -> bool:
-    return conv.startswith("d:")
-
-
-def direct_members(conv: str) -> Optional[tuple[str, str]]:
-    """The two users of a well-formed direct id, else None."""
-    if not conv.startswith("d:"):
-        return None
-    if type(conv) is str:
-        return _direct_members(conv)
-    return _direct_members.__wrapped__(conv)
-
-
-@lru_cache(maxsize=1 << 16)
-def _direct_members(conv: str) -> Optional[tuple[str, str]]:
-    parts = conv[2:].split(":")
-    if len(parts) != 2:
-        return None
-    a, b = parts
-    if not (valid_id(a) and valid_id(b)) or not a < b:
-        return None
-    return a, b
-
-
-def valid_conversation(conv: str) -> bool:
-    """Well-formed conversation id (a direct id must also be canonical)."""
-    if type(conv) is str:
-        return _valid_conversation(conv)
-    return isinstance(conv, str) and _valid_conversation.__wrapped__(conv)
-
-
-@lru_cache(maxsize=1 << 16)
-def _valid_conversation(conv: str) -> bool:
-    if CONV_RE.match(conv) is None:
-        return False
-    if conv.startswith("d:"):
-        return direct_members(conv) is not None
-    return True
-
 
 # ---------------------------------------------------------------- records
 
@@ -482,22 +416,6 @@ class Store(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def check_ids(*ids: str) -> None:
-    for value in ids:
-        if not valid_id(value):
-            raise ValueError(f"invalid user or device id: {value!r}")
-
-
-def member_set(users: Iterable[str]) -> frozenset[str]:
-    """``users`` as a set of valid user ids (ValueError otherwise).  A bare
-    string is refused: iterating it would make a group of its characters."""
-    if isinstance(users, str):
-        raise ValueError("members must be an iterable of user ids, not a string")
-    result = frozenset(users)
-    check_ids(*result)
-    return result
 
 
 _U64_END = 1 << 64
