@@ -27,7 +27,7 @@ def traffic_mix() -> list[Any]:
     t0 = 1_700_000_000_000_000  # microseconds since the epoch
     messages = tuple(
         F.Message(
-            pos=10_000 + i,
+            position=10_000 + i,
             msg_id=bytes(range(i, i + 16)),
             conv="dm:alice:bob",
             seq=5_000 + i,
@@ -42,8 +42,8 @@ def traffic_mix() -> list[Any]:
     return [
         F.SendReq(local_id=4711, conv="dm:alice:bob", client_time=t0, payload=payload),
         F.SendAck(local_id=4711, code=0, msg_id=bytes(range(16)), seq=5_016, server_time=t0 + 300),
-        F.Push(upto=10_015, messages=messages),
-        F.PushAck(pos=10_015),
+        F.Push(position=10_015, messages=messages),
+        F.PushAck(position=10_015),
     ]
 
 

@@ -65,7 +65,7 @@ __all__ = [
     "ClientConfig",
     "Sent",
     "MessageReceived",
-    "ReadSynced",
+    "ReadStateChanged",
     "ReceiptReceived",
     "Connected",
     "Disconnected",
@@ -153,7 +153,7 @@ class MessageReceived:
 
 
 @dataclass(frozen=True, slots=True)
-class ReadSynced:
+class ReadStateChanged:
     """The user's read state of ``conv`` changed (this or another device read,
     or the state was refreshed at login)."""
 
@@ -185,7 +185,7 @@ class Disconnected:
     reason: str
 
 
-Event = Union[MessageReceived, ReadSynced, ReceiptReceived, Connected, Disconnected]
+Event = Union[MessageReceived, ReadStateChanged, ReceiptReceived, Connected, Disconnected]
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +330,7 @@ class Client:
         self._connected = trio.Event()
         self._closed = False
         self._fatal: Optional[BaseException] = None
-        self._sync_waiters: dict[int, tuple[trio.Event, list[F.SyncResp]]] = {}
+        self._sync_waiters: dict[int, tuple[trio.Event, list[F.HistoryResp]]] = {}
         self._next_req = 1
         self._stats = {"connects": 0, "retransmits": 0, "duplicates_dropped": 0, "events_dropped": 0, "acks_sent": 0, "frames_in": 0, "frames_out": 0}
 
@@ -530,12 +530,12 @@ class Client:
         self._events = kept
 
     def _on_push(self, f: F.Push) -> None:
-        if f.upto <= self._enqueued_upto:
+        if f.position <= self._enqueued_upto:
             self._stats["duplicates_dropped"] += len(f.messages)
             return  # all of it is already queued or taken (re-push after reconnect)
-        fresh = [m for m in f.messages if m.pos > self._enqueued_upto]
+        fresh = [m for m in f.messages if m.position > self._enqueued_upto]
         self._stats["duplicates_dropped"] += len(f.messages) - len(fresh)
-        self._enqueued_upto = f.upto
+        self._enqueued_upto = f.position
         for i, m in enumerate(fresh):
             self._remember(m)
             st = self.read_states.get(m.conv)
@@ -546,9 +546,9 @@ class Client:
                 fresh_unread = st.unread + int(m.sender != self.user and m.seq > st.read_seq)
                 self.read_states[m.conv] = F.ReadState(m.conv, st.read_seq, m.seq, fresh_unread)
             # The push's position is acked once its last message was taken.
-            self._emit(MessageReceived(m), f.upto if i == len(fresh) - 1 else 0)
+            self._emit(MessageReceived(m), f.position if i == len(fresh) - 1 else 0)
         if not fresh:
-            self._emit(None, f.upto)  # nothing to show (own messages): ack in turn
+            self._emit(None, f.position)  # nothing to show (own messages): ack in turn
 
     async def _acker(self, s: _Session) -> None:
         while True:
@@ -564,7 +564,7 @@ class Client:
 
     async def mark_read(self, conv: str, seq: int) -> None:
         """Move this user's read marker of ``conv`` to ``seq`` (never back).
-        The broker confirms with a SyncRead; other devices get one too and
+        The broker confirms with a ReadStates; other devices get one too and
         the 1:1 peer a ReadReceipt.  Until confirmed, the marker is sent
         again after every reconnect."""
         self._check_alive()
@@ -589,7 +589,7 @@ class Client:
         """How far ``reader`` has read ``conv`` (1:1 read receipt), 0 if unknown."""
         return self.receipts.get((conv, reader), 0)
 
-    def _on_sync_read(self, f: F.SyncRead) -> None:
+    def _on_read_states(self, f: F.ReadStates) -> None:
         for st in f.entries:
             if st.read_seq >= self._read_wanted.get(st.conv, 1 << 64):
                 del self._read_wanted[st.conv]  # confirmed durable
@@ -597,7 +597,7 @@ class Client:
             if old is not None and old.read_seq > st.read_seq:
                 continue  # markers never move back
             self.read_states[st.conv] = st
-            self._emit(ReadSynced(st))
+            self._emit(ReadStateChanged(st))
 
     def _on_receipt(self, f: F.ReadReceipt) -> None:
         key = (f.conv, f.reader)
@@ -629,14 +629,14 @@ class Client:
         req = self._next_req
         self._next_req += 1
         done = trio.Event()
-        box: list[F.SyncResp] = []
+        box: list[F.HistoryResp] = []
         self._sync_waiters[req] = (done, box)
         try:
             with trio.fail_after(self.config.send_timeout):
                 while not done.is_set():
                     # Asked again on a new session if the answer was lost.
                     s = await self._wait_session()
-                    self._send_frame(s, F.SyncReq(req, conv, from_seq, limit, backward))
+                    self._send_frame(s, F.HistoryReq(req, conv, from_seq, limit, backward))
                     with trio.move_on_after(self.config.ack_timeout * 2):
                         await done.wait()
         finally:
@@ -895,12 +895,12 @@ class Client:
         held: list[object] = []
         for _ in range(max(1, self.config.time_samples)):
             t0 = self._clock()
-            self._send_frame(s, F.TimeSyncReq(t0))
-            resp: Optional[F.TimeSyncResp] = None
+            self._send_frame(s, F.CalibrateReq(t0))
+            resp: Optional[F.CalibrateResp] = None
             with trio.move_on_after(self.config.ack_timeout):
                 while resp is None:
                     for frame in decoder:
-                        if type(frame) is F.TimeSyncResp and frame.client_time == t0:
+                        if type(frame) is F.CalibrateResp and frame.client_time == t0:
                             resp = frame
                             break
                         held.append(frame)
@@ -931,11 +931,11 @@ class Client:
             self._on_send_ack(s, f)  # type: ignore[arg-type]
         elif t is F.Push:
             self._on_push(f)  # type: ignore[arg-type]
-        elif t is F.SyncRead:
-            self._on_sync_read(f)  # type: ignore[arg-type]
+        elif t is F.ReadStates:
+            self._on_read_states(f)  # type: ignore[arg-type]
         elif t is F.ReadReceipt:
             self._on_receipt(f)  # type: ignore[arg-type]
-        elif t is F.SyncResp:
+        elif t is F.HistoryResp:
             w = self._sync_waiters.get(f.req_id)  # type: ignore[attr-defined]
             if w is not None:
                 w[1].append(f)  # type: ignore[arg-type]

@@ -100,8 +100,8 @@ class Limits:
     # ...and payload bytes: with large messages the position window alone
     # would let one device pin push_window * max_payload bytes of buffers.
     push_window_bytes: int = 1 << 20
-    sync_page: int = 200  # messages per SyncResp
-    read_state_batch: int = 256  # ReadState entries per SyncRead frame at login
+    history_page: int = 200  # messages per HistoryResp
+    read_state_batch: int = 256  # ReadState entries per ReadStates frame at login
     heartbeat_ms: int = 0  # announced: clients Ping when idle this long; 0 = no heartbeats
     # Sustained SendReqs per second per connection (token bucket), 0 = unlimited;
     # send_burst is the bucket size (a burst a well-behaved client may send at once).
@@ -109,7 +109,7 @@ class Limits:
     send_burst: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_frame", "max_payload", "window", "push_batch", "push_window", "push_window_bytes", "sync_page", "read_state_batch", "send_burst"):
+        for name in ("max_frame", "max_payload", "window", "push_batch", "push_window", "push_window_bytes", "history_page", "read_state_batch", "send_burst"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Limits.{name} must be >= 1")
         if self.heartbeat_ms < 0 or self.send_rate < 0:
@@ -418,7 +418,7 @@ class Broker:
                     self._error(ctx.conn, res.code, 0, f"Read {op.conv!r}: {res.code.name.lower()}", out)
             elif isinstance(op, AckPosition):
                 key = (op.user, op.device)
-                if self._acks_unsaved.get(key, -1) <= op.pos:
+                if self._acks_unsaved.get(key, -1) <= op.position:
                     self._acks_unsaved.pop(key, None)
             elif isinstance(res, Reclaimed):
                 self._stats["reclaimed_entries"] += res.entries
@@ -627,7 +627,7 @@ class Broker:
                     receipts.append(F.ReadReceipt(conv, peer, peer_mark))
         step = self.config.limits.read_state_batch
         for i in range(0, len(entries), step):
-            self._send(conn, F.SyncRead(tuple(entries[i : i + step])), out)
+            self._send(conn, F.ReadStates(tuple(entries[i : i + step])), out)
         for r in receipts:
             self._send(conn, r, out)
 
@@ -790,15 +790,15 @@ class Broker:
 
     def _on_push_ack(self, c: _Conn, f: F.PushAck, now: int, out: list[Command]) -> None:
         dev = self._online[c.user][c.device]
-        if f.pos > dev.sent_upto:
-            self._close(c, CloseCode.PROTOCOL_ERROR, f"PushAck({f.pos}) beyond what was pushed ({dev.sent_upto})", out)
+        if f.position > dev.sent_upto:
+            self._close(c, CloseCode.PROTOCOL_ERROR, f"PushAck({f.position}) beyond what was pushed ({dev.sent_upto})", out)
             return
-        if f.pos <= dev.acked:
+        if f.position <= dev.acked:
             return  # stale or repeated ack: positions never move back
-        dev.acked = f.pos
-        while dev.unacked and dev.unacked[0][0] <= f.pos:
+        dev.acked = f.position
+        while dev.unacked and dev.unacked[0][0] <= f.position:
             dev.unacked_bytes -= dev.unacked.popleft()[1]
-        self._record_ack(dev, f.pos, now)
+        self._record_ack(dev, f.position, now)
         self._pump(dev, out, now)
 
     def _record_ack(self, dev: _Device, pos: int, now: int) -> None:
@@ -835,9 +835,9 @@ class Broker:
         if not res.changed:
             return
         # Every device of the reader, the reading one included: for it, the
-        # SyncRead confirms the marker is durable and carries the store's
+        # ReadStates confirms the marker is durable and carries the store's
         # unread count (a client cannot count what it never downloaded).
-        state = F.SyncRead((F.ReadState(res.conv, res.read_seq, res.last_seq, res.unread),))
+        state = F.ReadStates((F.ReadState(res.conv, res.read_seq, res.last_seq, res.unread),))
         for dev in self._online.get(res.user, {}).values():
             self._send(dev.conn, state, out)
         pair = direct_members(res.conv)
@@ -849,19 +849,19 @@ class Broker:
 
     # ------------------------------------------------------------ history & misc
 
-    def _on_sync(self, c: _Conn, f: F.SyncReq, now: int, out: list[Command]) -> None:
+    def _on_history(self, c: _Conn, f: F.HistoryReq, now: int, out: list[Command]) -> None:
         code = self._check_conversation(c.user, f.conv)
         if code is not ErrorCode.OK:
-            self._send(c.id, F.SyncResp(f.req_id, f.conv, code, (), False), out)
+            self._send(c.id, F.HistoryResp(f.req_id, f.conv, code, (), False), out)
             return
-        limit = max(1, min(f.limit, self.config.limits.sync_page))
+        limit = max(1, min(f.limit, self.config.limits.history_page))
         page = self.store.history(f.conv, f.from_seq, limit + 1, f.backward)
         more = len(page) > limit
         msgs = tuple(_to_frame_message(0, m) for m in page[:limit])
-        self._send(c.id, F.SyncResp(f.req_id, f.conv, ErrorCode.OK, msgs, more), out)
+        self._send(c.id, F.HistoryResp(f.req_id, f.conv, ErrorCode.OK, msgs, more), out)
 
-    def _on_time_sync(self, c: _Conn, f: F.TimeSyncReq, now: int, out: list[Command]) -> None:
-        self._send(c.id, F.TimeSyncResp(f.client_time, self._clock.now(now)), out)
+    def _on_calibrate(self, c: _Conn, f: F.CalibrateReq, now: int, out: list[Command]) -> None:
+        self._send(c.id, F.CalibrateResp(f.client_time, self._clock.now(now)), out)
 
     def _on_ping(self, c: _Conn, f: F.Ping, now: int, out: list[Command]) -> None:
         self._send(c.id, F.Pong(f.nonce), out)
@@ -880,8 +880,8 @@ class Broker:
         F.SendReq: _on_send,
         F.PushAck: _on_push_ack,
         F.Read: _on_read,
-        F.SyncReq: _on_sync,
-        F.TimeSyncReq: _on_time_sync,
+        F.HistoryReq: _on_history,
+        F.CalibrateReq: _on_calibrate,
         F.Ping: _on_ping,
         F.Pong: _on_pong,
         F.Close: _on_close,

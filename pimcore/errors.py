@@ -1,7 +1,7 @@
 """Error codes, close reasons and exception types shared by every layer.
 
 The numeric values are part of the wire protocol (docs/PROTOCOL.md): they travel
-in SendAck.code, SyncResp.code, Error.code and Close.code.  Never renumber.
+in SendAck.code, HistoryResp.code, Error.code and Close.code.  Never renumber.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ __all__ = [
     "CAP_ZSTD",
     "Login",
     "LoginAck",
-    "TimeSyncReq",
-    "TimeSyncResp",
+    "CalibrateReq",
+    "CalibrateResp",
     "SendReq",
     "SendAck",
     "Message",
@@ -40,10 +40,10 @@ __all__ = [
     "PushAck",
     "Read",
     "ReadState",
-    "SyncRead",
+    "ReadStates",
     "ReadReceipt",
-    "SyncReq",
-    "SyncResp",
+    "HistoryReq",
+    "HistoryResp",
     "Ping",
     "Pong",
     "Error",
@@ -61,17 +61,17 @@ CAP_ZSTD = 1 << 0
 class FrameType(IntEnum):
     LOGIN = 0x01
     LOGIN_ACK = 0x02
-    TIME_SYNC_REQ = 0x03
-    TIME_SYNC_RESP = 0x04
+    CALIBRATE_REQ = 0x03
+    CALIBRATE_RESP = 0x04
     SEND_REQ = 0x05
     SEND_ACK = 0x06
     PUSH = 0x07
     PUSH_ACK = 0x08
     READ = 0x09
-    SYNC_READ = 0x0A
+    READ_STATES = 0x0A
     READ_RECEIPT = 0x0B
-    SYNC_REQ = 0x0C
-    SYNC_RESP = 0x0D
+    HISTORY_REQ = 0x0C
+    HISTORY_RESP = 0x0D
     PING = 0x0E
     PONG = 0x0F
     ERROR = 0x10
@@ -104,7 +104,7 @@ class LoginAck:
 
     ``gap`` is true when entries after the client's cursor were already
     reclaimed (the device was away longer than the retention period): the
-    client should refill its conversations with SyncReq.
+    client should refill its conversations with HistoryReq.
     """
 
     TYPE: ClassVar[FrameType] = FrameType.LOGIN_ACK
@@ -122,14 +122,14 @@ class LoginAck:
 
 
 @dataclass(frozen=True, slots=True)
-class TimeSyncReq:
-    TYPE: ClassVar[FrameType] = FrameType.TIME_SYNC_REQ
+class CalibrateReq:
+    TYPE: ClassVar[FrameType] = FrameType.CALIBRATE_REQ
     client_time: int  # s
 
 
 @dataclass(frozen=True, slots=True)
-class TimeSyncResp:
-    TYPE: ClassVar[FrameType] = FrameType.TIME_SYNC_RESP
+class CalibrateResp:
+    TYPE: ClassVar[FrameType] = FrameType.CALIBRATE_RESP
     client_time: int  # s   echoed from the request
     server_time: int  # u
 
@@ -168,12 +168,12 @@ class SendAck:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One stored message as delivered (inside Push and SyncResp).
+    """One stored message as delivered (inside Push and HistoryResp).
 
-    ``pos`` is the position in the receiving user's inbox (0 in SyncResp).
+    ``pos`` is the position in the receiving user's inbox (0 in HistoryResp).
     """
 
-    pos: int  # u
+    position: int  # u
     msg_id: bytes  # b
     conv: str  # t
     seq: int  # u
@@ -194,7 +194,7 @@ class Push:
     """
 
     TYPE: ClassVar[FrameType] = FrameType.PUSH
-    upto: int  # u
+    position: int  # u
     messages: tuple[Message, ...]  # [Message]
 
 
@@ -203,7 +203,7 @@ class PushAck:
     """Client -> broker: every inbox position <= ``pos`` is safely processed."""
 
     TYPE: ClassVar[FrameType] = FrameType.PUSH_ACK
-    pos: int  # u
+    position: int  # u
 
 
 # --------------------------------------------------------------- read state
@@ -227,10 +227,10 @@ class ReadState:
 
 
 @dataclass(frozen=True, slots=True)
-class SyncRead:
+class ReadStates:
     """Broker -> the user's devices: read markers (one live, all at login)."""
 
-    TYPE: ClassVar[FrameType] = FrameType.SYNC_READ
+    TYPE: ClassVar[FrameType] = FrameType.READ_STATES
     entries: tuple[ReadState, ...]  # [ReadState]
 
 
@@ -248,14 +248,14 @@ class ReadReceipt:
 
 
 @dataclass(frozen=True, slots=True)
-class SyncReq:
+class HistoryReq:
     """Client -> broker: a page of ``conv``'s history.
 
     Forward (``backward`` false): seq > ``from_seq`` ascending.  Backward: seq <
     ``from_seq`` descending, where from_seq 0 means "from the newest".
     """
 
-    TYPE: ClassVar[FrameType] = FrameType.SYNC_REQ
+    TYPE: ClassVar[FrameType] = FrameType.HISTORY_REQ
     req_id: int  # u
     conv: str  # t
     from_seq: int  # u
@@ -264,8 +264,8 @@ class SyncReq:
 
 
 @dataclass(frozen=True, slots=True)
-class SyncResp:
-    TYPE: ClassVar[FrameType] = FrameType.SYNC_RESP
+class HistoryResp:
+    TYPE: ClassVar[FrameType] = FrameType.HISTORY_RESP
     req_id: int  # u
     conv: str  # t
     code: int  # u   ErrorCode
@@ -311,17 +311,17 @@ class Close:
 Frame = Union[
     Login,
     LoginAck,
-    TimeSyncReq,
-    TimeSyncResp,
+    CalibrateReq,
+    CalibrateResp,
     SendReq,
     SendAck,
     Push,
     PushAck,
     Read,
-    SyncRead,
+    ReadStates,
     ReadReceipt,
-    SyncReq,
-    SyncResp,
+    HistoryReq,
+    HistoryResp,
     Ping,
     Pong,
     Error,
@@ -334,17 +334,17 @@ FRAME_CLASSES: dict[int, type] = {
     for cls in (
         Login,
         LoginAck,
-        TimeSyncReq,
-        TimeSyncResp,
+        CalibrateReq,
+        CalibrateResp,
         SendReq,
         SendAck,
         Push,
         PushAck,
         Read,
-        SyncRead,
+        ReadStates,
         ReadReceipt,
-        SyncReq,
-        SyncResp,
+        HistoryReq,
+        HistoryResp,
         Ping,
         Pong,
         Error,

@@ -386,7 +386,7 @@ class _Worker:
                         from .compress import FrameDecompressor
 
                         dec.enable_decompression(FrameDecompressor())
-                    # Frames after the LoginAck (SyncRead, a catch-up Push)
+                    # Frames after the LoginAck (ReadStates, a catch-up Push)
                     # stay in the decoder for the run loop.
                     return stream, dec, bytes(data)
                 if type(frame) is F.Close:
@@ -415,7 +415,7 @@ class _Worker:
         return ready
 
     async def _idle(self, stream: trio.SocketStream) -> None:
-        # Read and discard (SyncRead at login, a Close at shutdown).
+        # Read and discard (ReadStates at login, a Close at shutdown).
         try:
             while await stream.receive_some(1 << 12):
                 pass
@@ -475,8 +475,8 @@ class _Worker:
                             st.acked += 1
                             st.ack_lat.append(now - sent_at)
                     elif t is F.Push:
-                        if frame.upto > pushed_upto:
-                            pushed_upto = frame.upto
+                        if frame.position > pushed_upto:
+                            pushed_upto = frame.position
                         if role.receives:
                             now = mono()
                             for m in frame.messages:

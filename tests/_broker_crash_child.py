@@ -34,9 +34,9 @@ def main() -> None:
                 out.write(f"ACK {ack.local_id} {ack.seq} {ack.msg_id.hex()}\n")
         for push in h.take(bob, F.Push):
             for m in push.messages:
-                if m.pos > cursor:  # a re-push of what the app already has is dropped
-                    out.write(f"GOT {m.pos} {m.msg_id.hex()}\n")
-            cursor = max(cursor, push.upto)
+                if m.position > cursor:  # a re-push of what the app already has is dropped
+                    out.write(f"GOT {m.position} {m.msg_id.hex()}\n")
+            cursor = max(cursor, push.position)
             out.flush()  # processed ...
             if i % 3 == 0:
                 h.feed(bob, F.PushAck(cursor))  # ... then (sometimes) acked

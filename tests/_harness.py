@@ -135,7 +135,7 @@ class Harness:
 
     def last_upto(self, conn: int) -> int:
         pushes = [f for f in self.frames[conn] if isinstance(f, F.Push)]
-        return pushes[-1].upto if pushes else 0
+        return pushes[-1].position if pushes else 0
 
     def drain_device(self, conn: int) -> list[F.Message]:
         """Take and ack everything pushed to ``conn`` until nothing more comes."""
@@ -146,4 +146,4 @@ class Harness:
                 return got
             for p in pushes:
                 got.extend(p.messages)
-            self.feed(conn, F.PushAck(pushes[-1].upto))
+            self.feed(conn, F.PushAck(pushes[-1].position))

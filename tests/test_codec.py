@@ -171,9 +171,9 @@ GOLDEN = [
     # 300 = 0xAC 0x02; "c1"; zigzag(-3) = 5; b"hi"; length 11
     (F.SendReq(local_id=300, conv="c1", client_time=-3, payload=b"hi"), "0b 10 05 ac 02 02 63 31 05 02 68 69"),
     # 2**64-1 takes the full 10 varint bytes, the last one holding only bit 63
-    (F.PushAck(pos=U64), "0c 10 08 ff ff ff ff ff ff ff ff ff 01"),
+    (F.PushAck(position=U64), "0c 10 08 ff ff ff ff ff ff ff ff ff 01"),
     # nested record, no header: count 1, conv "g", 5, 7, 2
-    (F.SyncRead(entries=(F.ReadState(conv="g", read_seq=5, last_seq=7, unread=2),)), "08 10 0a 01 01 67 05 07 02"),
+    (F.ReadStates(entries=(F.ReadState(conv="g", read_seq=5, last_seq=7, unread=2),)), "08 10 0a 01 01 67 05 07 02"),
     # an IntEnum code and a 2-byte UTF-8 character
     (F.Close(code=CloseCode.PROTOCOL_ERROR, reason="\u00e9"), "06 10 11 01 02 c3 a9"),
     (F.Ping(nonce=0), "03 10 0e 00"),
@@ -397,9 +397,9 @@ def test_malformed_examples_are_otherwise_valid(backend: ModuleType) -> None:
     # Guard the table above: each fixed version of a malformed example decodes,
     # so the error really comes from the one defect under test.
     assert backend.decode_frame(bytes.fromhex("03 10 0e 00")) == F.Ping(nonce=0)
-    assert backend.decode_frame(bytes.fromhex("07 10 0c 00 00 00 00 01")) == F.SyncReq(0, "", 0, 0, True)
+    assert backend.decode_frame(bytes.fromhex("07 10 0c 00 00 00 00 01")) == F.HistoryReq(0, "", 0, 0, True)
     assert backend.decode_frame(bytes.fromhex("05 10 11 00 01 61")) == F.Close(0, "a")
-    assert backend.decode_frame(bytes.fromhex("0c 10 03 ff ff ff ff ff ff ff ff ff 01")) == F.TimeSyncReq(S64_MIN)
+    assert backend.decode_frame(bytes.fromhex("0c 10 03 ff ff ff ff ff ff ff ff ff 01")) == F.CalibrateReq(S64_MIN)
     assert backend.decode_frame(bytes.fromhex("08 10 0a 01 01 67 05 07 02")).entries[0].unread == 2
     assert backend.decode_frame(bytes.fromhex("04 10 0e ff 7f")) == F.Ping(nonce=16383)
 
@@ -476,23 +476,23 @@ ENCODE_ERRORS = {
     "u too big": F.Ping(nonce=U64 + 1),
     "float in u": F.Ping(nonce=1.0),
     "str in u": F.Ping(nonce="1"),
-    "s too small": F.TimeSyncReq(client_time=S64_MIN - 1),
-    "s too big": F.TimeSyncReq(client_time=S64_MAX + 1),
-    "bool in s": F.TimeSyncReq(client_time=False),
+    "s too small": F.CalibrateReq(client_time=S64_MIN - 1),
+    "s too big": F.CalibrateReq(client_time=S64_MAX + 1),
+    "bool in s": F.CalibrateReq(client_time=False),
     "str in b": F.SendReq(1, "c", 0, "payload"),
     "bytearray in b": F.SendReq(1, "c", 0, bytearray(b"p")),
     "memoryview in b": F.SendReq(1, "c", 0, memoryview(b"p")),
     "bytes in t": F.SendReq(1, b"c", 0, b"p"),
     "lone surrogate": F.SendReq(1, "a\ud800b", 0, b"p"),
-    "int 1 in ?": F.SyncReq(1, "c", 0, 10, 1),
-    "int 0 in ?": F.SyncReq(1, "c", 0, 10, 0),
-    "None in ?": F.SyncReq(1, "c", 0, 10, None),
+    "int 1 in ?": F.HistoryReq(1, "c", 0, 10, 1),
+    "int 0 in ?": F.HistoryReq(1, "c", 0, 10, 0),
+    "None in ?": F.HistoryReq(1, "c", 0, 10, None),
     "generator as list": F.Push(1, (m for m in [MSG])),
-    "dict item": F.Push(1, ({"pos": 1},)),
+    "dict item": F.Push(1, ({"position": 1},)),
     "wrong record class": F.Push(1, (F.ReadState("c", 1, 1, 0),)),
     "bad field inside a record": F.Push(1, (dataclasses.replace(MSG, seq=-1),)),
     "record not in a list": F.Push(1, MSG),
-    "None for a list": F.SyncRead(None),
+    "None for a list": F.ReadStates(None),
     "nested record alone": MSG,
     "not a frame": NotAFrame(1),
     "frame subclass": PingSub(nonce=1),

@@ -174,7 +174,7 @@ def test_traffic_generator_is_deterministic_and_realistic() -> None:
     assert a == tool.Traffic(5, "eval").small_frames(50)
     assert a != tool.Traffic(6, "eval").small_frames(50)
     types = {type(f) for f in traffic(3, 3000)}
-    assert {F.SendReq, F.SendAck, F.Push, F.PushAck, F.Read, F.SyncRead, F.ReadReceipt} <= types
+    assert {F.SendReq, F.SendAck, F.Push, F.PushAck, F.Read, F.ReadStates, F.ReadReceipt} <= types
     push = next(f for f in a if type(f) is F.Push)
     m = push.messages[0]
     assert len(m.msg_id) == 16 and int.from_bytes(m.msg_id[:8], "big") == m.server_time
@@ -238,7 +238,7 @@ def test_frames_compressed_without_a_dictionary_are_accepted(backend: ModuleType
 
 def test_small_frames_are_untouched() -> None:
     comp = FrameCompressor()
-    for frame in (F.Ping(nonce=1), F.PushAck(pos=123456), F.Read(conv="d:u1:u2", seq=9)):
+    for frame in (F.Ping(nonce=1), F.PushAck(position=123456), F.Read(conv="d:u1:u2", seq=9)):
         raw = pure.encode_frame(frame)
         assert comp.compress(raw) is raw
     # one byte under the threshold: untouched however compressible

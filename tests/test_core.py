@@ -376,12 +376,12 @@ def test_own_sends_among_others_messages_are_covered_by_the_push(h):
     pushes = h.take(phone, F.Push)
     # Positions 1 (bob's) and 2 (her own) are covered; only bob's message is sent.
     assert [m.payload for p in pushes for m in p.messages] == [b"from bob"]
-    assert pushes[-1].upto == 2
+    assert pushes[-1].position == 2
     # While that Push is unacked, a push of only her own sends still goes out
     # (covering it silently would ack bob's message for her).
     h.send(phone, AB, b"again")
     later = h.take(phone, F.Push)
-    assert len(later) == 1 and later[0].messages == () and later[0].upto == 3
+    assert len(later) == 1 and later[0].messages == () and later[0].position == 3
     h.feed(phone, F.PushAck(3))
     h.send(phone, AB, b"caught up")
     assert h.take(phone, F.Push) == []
@@ -400,11 +400,11 @@ def test_offline_device_catches_up_in_order_exactly_once(store):
     assert ack.position == 0 and ack.head == 12
     first = h.take(b, F.Push)
     # window of 5 unacked positions, in frames of at most 3
-    assert [len(p.messages) for p in first] == [3, 2] and first[-1].upto == 5
-    h.feed(b, F.PushAck(first[-1].upto))
+    assert [len(p.messages) for p in first] == [3, 2] and first[-1].position == 5
+    h.feed(b, F.PushAck(first[-1].position))
     got = [m for p in first for m in p.messages] + h.drain_device(b)
     assert [m.payload for m in got] == [b"m%d" % k for k in range(12)]
-    assert [m.pos for m in got] == list(range(1, 13))
+    assert [m.position for m in got] == list(range(1, 13))
     assert h.store.device("bob", "laptop").position == 12
 
 
@@ -423,11 +423,11 @@ def test_push_window_in_bytes_bounds_what_a_device_holds_unacked(store):
     # Never more than the byte window plus one message, however big push_batch.
     assert 2000 <= unacked_bytes(first) <= 2500 + 1000
     got += [m for p in first for m in p.messages]
-    h.feed(b, F.PushAck(first[0].upto))  # frees only the first frame's bytes
+    h.feed(b, F.PushAck(first[0].position))  # frees only the first frame's bytes
     more = h.take(b, F.Push)
     assert more and unacked_bytes(first[1:] + more) <= 2500 + 1000
     got += [m for p in more for m in p.messages]
-    h.feed(b, F.PushAck(more[-1].upto))
+    h.feed(b, F.PushAck(more[-1].position))
     got += h.drain_device(b)
     assert [m.payload[:1] for m in got] == [b"%d" % k for k in range(10)]
     assert h.store.device("bob", "laptop").position == 10
@@ -529,10 +529,10 @@ def test_server_time_is_monotonic_even_when_the_wall_clock_goes_back(h):
     assert times == sorted(times) and len(set(times)) == len(times)
 
 
-def test_time_sync_reports_server_time(h):
+def test_calibrate_reports_server_time(h):
     a = h.login("alice", "phone")
-    h.feed(a, F.TimeSyncReq(-123))
-    [resp] = h.take(a, F.TimeSyncResp)
+    h.feed(a, F.CalibrateReq(-123))
+    [resp] = h.take(a, F.CalibrateResp)
     assert resp.client_time == -123 and resp.server_time == h.now
 
 
@@ -560,8 +560,8 @@ def test_read_marker_syncs_to_other_devices_and_receipts_go_to_the_peer(h):
     h.take(alice), h.take(phone), h.take(laptop)
     h.feed(phone, F.Read(AB, 2))
     # The reader gets the durable marker with the store's unread count too.
-    assert [f.entries for f in h.take(phone, F.SyncRead)] == [(F.ReadState(AB, 2, 3, 1),)]
-    [sync] = h.take(laptop, F.SyncRead)
+    assert [f.entries for f in h.take(phone, F.ReadStates)] == [(F.ReadState(AB, 2, 3, 1),)]
+    [sync] = h.take(laptop, F.ReadStates)
     assert sync.entries == (F.ReadState(AB, 2, 3, 1),)
     [receipt] = h.take(alice, F.ReadReceipt)
     assert receipt == F.ReadReceipt(AB, "bob", 2)
@@ -577,11 +577,11 @@ def test_read_marker_never_moves_backwards(h):
     h.feed(bob, F.Read(AB, 3))
     h.take(other), h.take(alice)
     h.feed(bob, F.Read(AB, 1))  # a stale device reports an older position
-    assert h.take(other, F.SyncRead) == [] and h.take(alice, F.ReadReceipt) == []
+    assert h.take(other, F.ReadStates) == [] and h.take(alice, F.ReadReceipt) == []
     assert h.store.read_marker("bob", AB) == 3
     h.feed(bob, F.Read(AB, 99))  # clamped to the last seq
     assert h.store.read_marker("bob", AB) == 4
-    assert h.take(other, F.SyncRead)[0].entries[0].read_seq == 4
+    assert h.take(other, F.ReadStates)[0].entries[0].read_seq == 4
 
 
 def test_offline_devices_get_markers_unread_counts_and_receipts_at_login(h):
@@ -596,7 +596,7 @@ def test_offline_devices_get_markers_unread_counts_and_receipts_at_login(h):
     h.feed(bob, F.Read(AB, 2))
     h.feed(bob, F.Read("team", 1))
     laptop = h.login("bob", "laptop")  # was offline during all that
-    states = {e.conv: e for f in h.take(laptop, F.SyncRead) for e in f.entries}
+    states = {e.conv: e for f in h.take(laptop, F.ReadStates) for e in f.entries}
     assert states[AB] == F.ReadState(AB, 2, 4, 1)  # dm2 unread; own reply not counted
     assert states["team"] == F.ReadState("team", 1, 4, 3)
     alice2 = h.login("alice", "tablet")
@@ -644,16 +644,16 @@ def test_history_paging_forward_and_backward(h):
     a = h.login("alice", "phone")
     for k in range(5):
         h.send(a, AB, b"m%d" % k)
-    h.feed(a, F.SyncReq(1, AB, 0, 2, False))
-    h.feed(a, F.SyncReq(2, AB, 4, 10, False))
-    h.feed(a, F.SyncReq(3, AB, 0, 2, True))
-    r1, r2, r3 = h.take(a, F.SyncResp)
+    h.feed(a, F.HistoryReq(1, AB, 0, 2, False))
+    h.feed(a, F.HistoryReq(2, AB, 4, 10, False))
+    h.feed(a, F.HistoryReq(3, AB, 0, 2, True))
+    r1, r2, r3 = h.take(a, F.HistoryResp)
     assert ([m.seq for m in r1.messages], r1.more) == ([1, 2], True)
     assert ([m.seq for m in r2.messages], r2.more) == ([5], False)
     assert ([m.seq for m in r3.messages], r3.more, r3.req_id) == ([5, 4], True, 3)
     c = h.login("carol", "phone")
-    h.feed(c, F.SyncReq(9, AB, 0, 10, False))
-    [denied] = h.take(c, F.SyncResp)
+    h.feed(c, F.HistoryReq(9, AB, 0, 10, False))
+    [denied] = h.take(c, F.HistoryResp)
     assert denied.code == ErrorCode.NOT_MEMBER and denied.messages == ()
 
 
@@ -707,9 +707,9 @@ def test_random_traffic_delivers_every_inbox_entry_exactly_once(tmp_path_factory
             return
         for p in h.take(conn, F.Push):
             for m in p.messages:
-                if m.pos > cursor[dev]:
-                    seen[dev].append(m.pos)
-            cursor[dev] = max(cursor[dev], p.upto)
+                if m.position > cursor[dev]:
+                    seen[dev].append(m.position)
+            cursor[dev] = max(cursor[dev], p.position)
             if rnd.random() < 0.7:
                 h.feed(conn, F.PushAck(cursor[dev]))
         for ack in h.take(conn, F.SendAck):

@@ -26,10 +26,10 @@ payloads = st.one_of(st.binary(max_size=64), st.just(b"x" * (Limits().max_payloa
 
 client_frames = st.one_of(
     st.builds(F.SendReq, local_id=U64, conv=convs, client_time=S64, payload=payloads),
-    st.builds(F.PushAck, pos=U64),
+    st.builds(F.PushAck, position=U64),
     st.builds(F.Read, conv=convs, seq=U64),
-    st.builds(F.SyncReq, req_id=U64, conv=convs, from_seq=U64, limit=U64, backward=st.booleans()),
-    st.builds(F.TimeSyncReq, client_time=S64),
+    st.builds(F.HistoryReq, req_id=U64, conv=convs, from_seq=U64, limit=U64, backward=st.booleans()),
+    st.builds(F.CalibrateReq, client_time=S64),
     st.builds(F.Ping, nonce=U64),
     st.builds(F.Pong, nonce=U64),
     st.builds(F.Login, token=st.binary(max_size=8), device=st.text(max_size=8), client_time=S64, position=U64, caps=U64),
@@ -75,7 +75,7 @@ def test_abusive_client_cannot_crash_the_broker_or_lose_acked_data(tmp_path_fact
 
         # Every answer was a well-formed frame or a close with a known code.
         for f in h.frames[mallory]:
-            assert type(f).__name__ in {"LoginAck", "SendAck", "Push", "SyncRead", "ReadReceipt", "SyncResp", "TimeSyncResp", "Pong", "Error"}
+            assert type(f).__name__ in {"LoginAck", "SendAck", "Push", "ReadStates", "ReadReceipt", "HistoryResp", "CalibrateResp", "Pong", "Error"}
             if isinstance(f, F.SendAck):
                 assert f.code in {c.value for c in ErrorCode}
         if mallory in h.closed:

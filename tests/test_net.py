@@ -20,7 +20,7 @@ from pimcore.client import (
     ClientConfig,
     Disconnected,
     MessageReceived,
-    ReadSynced,
+    ReadStateChanged,
     ReceiptReceived,
     SendError,
     SendTimeout,
@@ -249,18 +249,18 @@ async def test_multi_device_read_sync_receipts_and_unread_counts(lmdb_store):
                 assert [m.payload for m in await take_messages(laptop, 3)] == [b"m0", b"m1", b"m2"]
                 assert phone.unread(AB) == laptop.unread(AB) == 3 and a.unread(AB) == 0
                 await phone.mark_read(AB, 2)
-                synced = await wait_for(laptop, lambda e: isinstance(e, ReadSynced) and e.state.read_seq == 2)
+                synced = await wait_for(laptop, lambda e: isinstance(e, ReadStateChanged) and e.state.read_seq == 2)
                 assert synced.state == F.ReadState(AB, 2, 3, 1)
                 receipt = await wait_for(a, lambda e: isinstance(e, ReceiptReceived))
                 assert (receipt.reader, receipt.seq) == ("bob", 2) and a.receipt(AB, "bob") == 2
-                await wait_for(phone, lambda e: isinstance(e, ReadSynced) and e.state.read_seq == 2)
+                await wait_for(phone, lambda e: isinstance(e, ReadStateChanged) and e.state.read_seq == 2)
                 assert phone.unread(AB) == laptop.unread(AB) == 1
                 await phone.mark_read(AB, 1)  # never backwards
                 await phone.mark_read(AB, 3)
-                await wait_for(laptop, lambda e: isinstance(e, ReadSynced) and e.state.read_seq == 3)
+                await wait_for(laptop, lambda e: isinstance(e, ReadStateChanged) and e.state.read_seq == 3)
                 assert laptop.read_state(AB) == F.ReadState(AB, 3, 3, 0)
             async with client(srv.url(), "bob", "tablet") as tablet:
-                await wait_for(tablet, lambda e: isinstance(e, ReadSynced))
+                await wait_for(tablet, lambda e: isinstance(e, ReadStateChanged))
                 assert tablet.read_state(AB) == F.ReadState(AB, 3, 3, 0)
             assert lmdb_store.read_marker("bob", AB) == 3
 
@@ -348,7 +348,7 @@ async def test_a_device_that_stops_reading_holds_bounded_broker_memory(lmdb_stor
             greedy = await RawConn.open(port, rcvbuf=4096)
             await greedy.login("alice", "greedy")
             for i in range(40):  # ~6 MB of history answers it never reads
-                await greedy.send(F.SyncReq(i, AB, 0, 200, False))
+                await greedy.send(F.HistoryReq(i, AB, 0, 200, False))
                 if srv.statistics()["slow_consumers"]:
                     break
             with trio.fail_after(5):
@@ -621,7 +621,7 @@ async def test_store_failures_close_one_connection_or_refuse_one_batch_never_the
                 lmdb_store.history = broken_history  # type: ignore[method-assign]
                 raw = await RawConn.open(srv.endpoints[0].port)
                 await raw.login("alice", "raw")
-                await raw.send(F.SyncReq(1, AB, 0, 10, False))
+                await raw.send(F.HistoryReq(1, AB, 0, 10, False))
                 close = await raw.until(F.Close)
                 assert close.code == CloseCode.INTERNAL
                 lmdb_store.history = real_history  # type: ignore[method-assign]
@@ -736,7 +736,7 @@ async def test_an_app_that_never_takes_events_does_not_grow_the_client_without_b
                     await a.send(AB, b"m%d" % i)
                 for seq in range(1, 41):
                     await reader.mark_read(AB, seq)
-                    await wait_for(reader, lambda e: isinstance(e, ReadSynced) and e.state.read_seq == seq)
+                    await wait_for(reader, lambda e: isinstance(e, ReadStateChanged) and e.state.read_seq == seq)
                 while idle.read_state(AB).read_seq < 40:
                     await trio.sleep(0.01)
                 stats = idle.statistics()

@@ -182,7 +182,7 @@ async def test_broker_sigkilled_twice_under_traffic_loses_and_duplicates_nothing
         assert not dupes, f"{peer} received duplicates: {dupes[:5]}"
         assert sorted(m.payload for m in got) == sorted(payloads[u]), f"{peer} lost messages"
         assert {(m.msg_id, m.seq) for m in got} == {(s.msg_id, s.seq) for s in sent[u]}
-        positions = [m.pos for m in got]
+        positions = [m.position for m in got]
         assert positions == sorted(positions) and len(set(positions)) == len(positions), "inbox order broken"
 
     with LmdbStore(data / "store", create=False) as store:

@@ -13,7 +13,7 @@ zstandard 0.25.0 / libzstd 1.5.7; tests/test_compress.py re-trains it and
 compares when that version is installed.
 
 The traffic imitates a chat app: SendReq/SendAck, Push with a few Messages,
-PushAck, Read, SyncRead, ReadReceipt, SyncResp pages, and the login
+PushAck, Read, ReadStates, ReadReceipt, HistoryResp pages, and the login
 handshake.  Payloads are small JSON objects (``{"type":"text","text":...}``,
 images, replies, reactions, ...) with short English and Chinese texts, emoji,
 links and mentions; user ids look like ``u1234``, conversations like
@@ -241,7 +241,7 @@ class Traffic:
         seq = self.seqs[conv] = self.seqs.get(conv, r.randrange(0, 5000)) + 1
         server_time = self._tick()
         msg = F.Message(
-            pos=pos if pos is not None else 0,
+            position=pos if pos is not None else 0,
             msg_id=server_time.to_bytes(8, "big") + r.choice(self.nodes),
             conv=conv,
             seq=seq,
@@ -278,7 +278,7 @@ class Traffic:
         msgs = tuple(self.message(user, start + i + 1) for i in range(n))
         skipped = r.choice((0, 0, 0, 1))  # own sends are left out but counted
         self.positions[user] = start + n + skipped
-        return F.Push(upto=self.positions[user], messages=msgs)
+        return F.Push(position=self.positions[user], messages=msgs)
 
     def read(self) -> F.Read:
         conv, _ = self.conversation()
@@ -289,16 +289,16 @@ class Traffic:
         unread = self.rng.choice((0, 0, 0, 1, 2, 5, 17))
         return F.ReadState(conv=conv, read_seq=max(0, last - unread), last_seq=last, unread=min(unread, last))
 
-    def sync_read(self, login: bool = False) -> F.SyncRead:
+    def sync_read(self, login: bool = False) -> F.ReadStates:
         n = self.rng.randrange(5, 60) if login else 1
-        return F.SyncRead(entries=tuple(self.read_state(self.conversation()[0]) for _ in range(n)))
+        return F.ReadStates(entries=tuple(self.read_state(self.conversation()[0]) for _ in range(n)))
 
     def receipt(self) -> F.ReadReceipt:
         a, b = self.rng.sample(self.users, 2)
         conv = self.direct(a, b)
         return F.ReadReceipt(conv=conv, reader=b, seq=self.seqs.get(conv, self.rng.randrange(1, 500)))
 
-    def sync_resp(self) -> F.SyncResp:
+    def sync_resp(self) -> F.HistoryResp:
         r = self.rng
         conv, members = self.conversation()
         limit = r.choice((20, 50))
@@ -313,7 +313,7 @@ class Traffic:
                           r.choice(self.devices[sender]), t - r.randrange(-2_000_000, 300_000), t,
                           self.payload(conv, members))
             )
-        return F.SyncResp(req_id=r.randrange(1, 1000), conv=conv, code=0, messages=tuple(msgs), more=r.random() < 0.7)
+        return F.HistoryResp(req_id=r.randrange(1, 1000), conv=conv, code=0, messages=tuple(msgs), more=r.random() < 0.7)
 
     def login(self) -> tuple[F.Login, F.LoginAck]:
         r = self.rng
@@ -339,7 +339,7 @@ class Traffic:
                 out: tuple = self.send()
             elif k < 0.62:
                 p = self.push()
-                out = (p, F.PushAck(p.upto))
+                out = (p, F.PushAck(p.position))
             elif k < 0.74:
                 out = (self.read(),)
             elif k < 0.82:
@@ -347,7 +347,7 @@ class Traffic:
             elif k < 0.90:
                 out = (self.receipt(),)
             elif k < 0.95:
-                out = (F.Ping(r.randrange(1 << 32)), F.TimeSyncReq(self._tick()))
+                out = (F.Ping(r.randrange(1 << 32)), F.CalibrateReq(self._tick()))
             elif k < 0.98:
                 out = (self.sync_resp(),) if r.random() < 0.3 else (self.sync_read(login=True),)
             else:

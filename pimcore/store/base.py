@@ -149,15 +149,15 @@ class NewMessage:
 
 @dataclass(frozen=True, slots=True)
 class AckPosition:
-    """Device acked its inbox up to ``pos``.  Positions only move forward; a
-    ``pos`` beyond the inbox head is clamped to the head.  An unknown device
+    """Device acked its inbox up to ``position``.  Positions only move forward; a
+    ``position`` beyond the inbox head is clamped to the head.  An unknown device
     is registered as by :class:`TouchDevice`.  ``last_seen`` becomes
     ``max(last_seen, now)``.  Invalid ids -> Rejected(BAD_REQUEST).
     Result: Acked."""
 
     user: str
     device: str
-    pos: int
+    position: int
     now: int
 
 
@@ -457,7 +457,7 @@ def malformed(op: Op) -> bool:
             and isinstance(op.digest, bytes)
         )
     if isinstance(op, (AckPosition, TouchDevice)):
-        pos = op.pos if isinstance(op, AckPosition) else op.position
+        pos = op.position
         return not (
             valid_id(op.user)
             and valid_id(op.device)

@@ -858,7 +858,7 @@ class LmdbStore(Store):
         return pos, new
 
     def _ack(self, w: _Batch, op: AckPosition) -> Result:
-        pos, _ = self._register(w, op.user, op.device, op.pos, op.now)
+        pos, _ = self._register(w, op.user, op.device, op.position, op.now)
         return Acked(op.user, op.device, pos)
 
     def _touch(self, w: _Batch, op: TouchDevice) -> Result:

@@ -240,7 +240,7 @@ class MemoryStore(Store):
         return state, new
 
     def _ack(self, op: AckPosition) -> Result:
-        state, _ = self._register(op.user, op.device, op.pos, op.now)
+        state, _ = self._register(op.user, op.device, op.position, op.now)
         return Acked(op.user, op.device, state.position)
 
     def _touch(self, op: TouchDevice) -> Result:
