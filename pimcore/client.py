@@ -23,7 +23,7 @@ What the SDK promises, and how
   can never lose a message it did not see.  On reconnect the client resumes
   from what it took; re-pushed messages it already has are dropped by
   position.
-* **Time.**  At each login the SDK takes several TimeSync samples and keeps
+* **Time.**  At each login the SDK takes several calibration samples (CalibrateReq) and keeps
   the offset of the one with the smallest round trip (its error is bounded
   by half that RTT).  Outgoing messages are stamped with the calibrated
   local time, never going backwards; :meth:`Client.server_now` estimates the
@@ -176,7 +176,7 @@ class Connected:
     position: int
     gap: bool  # entries before `position` were reclaimed before this device took them
     clock_offset: int  # µs to add to the local clock to get the broker's
-    rtt: int  # µs, best TimeSync round trip
+    rtt: int  # µs, best calibration round trip
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +195,7 @@ class ClientConfig:
     connect_timeout: float = 10.0  # s for connect + Login + LoginAck
     backoff_initial: float = 0.1  # s, first reconnect delay (then doubled, jittered)
     backoff_max: float = 10.0
-    time_samples: int = 5  # TimeSync round trips at each login
+    time_samples: int = 5  # calibration round trips at each login
     ack_delay: float = 0.02  # s; PushAcks taken within this window go out as one
     dead_after: float = 3.0  # heartbeat periods without any frame = dead link
     compression: bool = True  # ask for zstd at login
@@ -889,7 +889,7 @@ class Client:
             await _read_more(s, decoder, "before LoginAck")
 
     async def _calibrate(self, s: _Session, decoder: Decoder) -> list[object]:
-        """TimeSync round trips right after login; returns the other frames
+        """Calibration round trips right after login; returns the other frames
         that arrived meanwhile (dispatched by the caller, in order)."""
         samples: list[tuple[int, int]] = []  # (rtt, offset)
         held: list[object] = []

@@ -50,7 +50,7 @@ class HybridClock:
         return t
 
     def now(self, wall: int) -> int:
-        """The current time without issuing a timestamp (for TimeSync): never
+        """The current time without issuing a timestamp (for calibration): never
         less than anything issued, so a client calibrating against it never
         sees the server go backwards either."""
         return wall if wall > self._last else self._last
