@@ -41,6 +41,7 @@ class ErrorCode(IntEnum):
     TOO_MANY_IN_FLIGHT = 25
     RATE_LIMITED = 26
     REJECTED = 27
+    ALREADY_EXISTS = 28  # group admin: the group id is taken
     # -- server side; the client should retry later with the same local id --
     STORE_UNAVAILABLE = 30
     INTERNAL = 31

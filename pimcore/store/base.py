@@ -2,19 +2,27 @@
 
 Why this shape
 --------------
-* **Writes are batched and asynchronous to the core.**  The core never calls
-  :meth:`Store.commit` itself: it emits a ``Commit(batch)`` command and is told
-  later (``Broker.batch_committed``) what happened.  The driver decides where
-  the commit runs (a worker thread for LMDB, an await for a networked backend
-  such as the planned Redis Cluster one).  One batch = one transaction = one
-  sync: that is group commit across every connection.
+* **Every store access is a request.**  The core never calls the store: it
+  emits a :class:`StoreRequest` (an id and a tuple of ops) and is told later
+  what came of it (``Broker.store_completed`` / ``Broker.store_failed``).  A
+  write request is one transaction and one sync (group commit across every
+  connection; at most one in flight).  Read requests are shaped like the
+  core's questions (:class:`LoadSession` at login, :class:`ReadInbox` for a
+  device that is behind, :class:`ReadHistory`); many may be in flight and
+  they may complete in any order.  The driver decides where a request runs:
+  inline for local LMDB (reads are memory-mapped and take microseconds, so a
+  local store pays nothing), in a worker thread, or awaited over a network.
+* **Two contracts.**  :class:`Store` executes synchronously
+  (:meth:`Store.execute`); :class:`AsyncStore` is awaited
+  (:meth:`AsyncStore.execute`), for networked backends.  The network layer
+  drives either.
 * **The store is authoritative for everything that must be atomic with the
   message**: dedupe, the gap-free conversation sequence, the inbox positions of
   every recipient and the membership check all happen inside the transaction
   that stores the message.  A retry racing its original therefore can never be
-  stored twice, whatever the core believes.
-* **Reads are synchronous.**  LMDB reads are memory-mapped and take
-  microseconds; a networked backend is expected to serve them from a cache.
+  stored twice, whatever the core believes.  Group admin (:class:`CreateGroup`,
+  :class:`AddMembers`, :class:`RemoveMembers`) is ordinary ops of a batch, so
+  it is ordered with the messages around it.
 
 Identifiers
 -----------
@@ -68,7 +76,21 @@ __all__ = [
     "TouchDevice",
     "MarkRead",
     "Reclaim",
+    "CreateGroup",
+    "AddMembers",
+    "RemoveMembers",
     "Op",
+    "LoadSession",
+    "ReadInbox",
+    "ReadHistory",
+    "ReadOp",
+    "StoreRequest",
+    "GroupChanged",
+    "ConversationState",
+    "SessionLoaded",
+    "InboxPage",
+    "HistoryPage",
+    "AsyncStore",
     "WriteBatch",
     "Appended",
     "Duplicate",
@@ -213,7 +235,104 @@ class Reclaim:
     max_age: int
 
 
-Op = Union[NewMessage, AckPosition, TouchDevice, MarkRead, Reclaim]
+
+@dataclass(frozen=True, slots=True)
+class CreateGroup:
+    """Create group ``conv`` with ``members`` (an ordinary op of a batch, so
+    it is ordered with the messages around it).  A malformed or direct id,
+    an invalid member id or a ``now`` outside i64 -> Rejected(BAD_REQUEST);
+    the group exists -> Rejected(ALREADY_EXISTS).  Result: GroupChanged."""
+
+    conv: str
+    members: tuple[str, ...]
+    now: int
+
+
+@dataclass(frozen=True, slots=True)
+class AddMembers:
+    """Add users to an existing group; adding a member twice is a no-op.
+    New members see messages stored from now on, older ones through
+    history.  Malformed ids -> Rejected(BAD_REQUEST); unknown group ->
+    Rejected(UNKNOWN_CONVERSATION).  Result: GroupChanged."""
+
+    conv: str
+    users: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveMembers:
+    """Remove users from an existing group; removing a non-member is a
+    no-op.  Errors as for :class:`AddMembers`.  Result: GroupChanged."""
+
+    conv: str
+    users: tuple[str, ...]
+
+
+Op = Union[NewMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers, RemoveMembers]
+
+
+# ---------------------------------------------------------------- read ops
+#
+# Reads are shaped like the core's needs, not like tables: one op answers
+# one question the broker has (a login, a page of an inbox, a history page),
+# so a networked store pays one round trip per question.
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSession:
+    """Everything a login needs, read at one point in time: the user's inbox
+    head and floor, the device's stored position, and the read state of
+    every conversation in :meth:`Store.conversations` (with the peer's
+    marker for 1:1 chats).  Malformed ids -> Rejected(BAD_REQUEST).
+    Result: SessionLoaded."""
+
+    user: str
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReadInbox:
+    """Inbox entries with position > ``after``, ascending, at most ``limit``
+    (the push loop of a device that is behind).  Result: InboxPage."""
+
+    user: str
+    after: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadHistory:
+    """A history page of ``conv`` for ``user`` (see :meth:`Store.history`
+    for ``from_seq``/``backward``), at most ``limit`` messages.  Access:
+    a malformed id -> code BAD_REQUEST; an unknown group ->
+    UNKNOWN_CONVERSATION; ``user`` not a member now -> NOT_MEMBER (a 1:1
+    chat's members are its two users).  Result: HistoryPage."""
+
+    conv: str
+    user: str
+    from_seq: int
+    limit: int
+    backward: bool = False
+
+
+ReadOp = Union[LoadSession, ReadInbox, ReadHistory]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRequest:
+    """One unit of store work, the only way the core reaches the store.
+
+    ``write``: ``ops`` are write ops applied in ONE durable transaction
+    (:meth:`Store.commit`); the core keeps at most one write request in
+    flight (group commit).  Otherwise ``ops`` are read ops; any number may be
+    in flight and they may complete in any order.  The driver answers with
+    ``Broker.store_completed(request_id, results, now)`` -- one result per op,
+    in order -- or ``Broker.store_failed(request_id, error, now)``.
+    """
+
+    request_id: int
+    ops: tuple[Union[Op, ReadOp], ...]
+    write: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +398,51 @@ class Reclaimed:
     devices: int
 
 
-Result = Union[Appended, Duplicate, Rejected, Acked, Touched, ReadMarked, Reclaimed]
+
+@dataclass(frozen=True, slots=True)
+class GroupChanged:
+    conv: str
+    members: tuple[str, ...]  # sorted, after the op
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationState:
+    """One conversation of a user at login: the user's marker, the last seq,
+    the unread count, and for a 1:1 chat the peer's marker (0 otherwise)."""
+
+    conv: str
+    read_seq: int
+    last_seq: int
+    unread: int
+    peer: str  # the other user of a 1:1 chat, "" for a group
+    peer_read_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLoaded:
+    user: str
+    device: str
+    head: int  # highest position of the user's inbox
+    floor: int  # positions <= floor were reclaimed
+    position: int  # the device's stored position; -1 if the device is unknown
+    conversations: tuple[ConversationState, ...]  # sorted by conv
+
+
+@dataclass(frozen=True, slots=True)
+class InboxPage:
+    user: str
+    entries: tuple[tuple[int, StoredMessage], ...]  # (position, message), ascending
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    code: ErrorCode  # OK, or why the user may not read it
+    messages: tuple[StoredMessage, ...]
+
+
+Result = Union[
+    Appended, Duplicate, Rejected, Acked, Touched, ReadMarked, Reclaimed, GroupChanged, SessionLoaded, InboxPage, HistoryPage
+]
 
 
 # ---------------------------------------------------------------- interface
@@ -318,23 +481,102 @@ class Store(ABC):
         the configured durability mode.  Raises :class:`StoreError` if nothing
         was committed (then no op took effect)."""
 
-    @abstractmethod
+    def execute(self, request: StoreRequest) -> tuple[Result, ...]:
+        """Run one :class:`StoreRequest`: a write request is :meth:`commit`,
+        a read request :meth:`read`.  One result per op, in order.  Raises
+        :class:`StoreError` as those do (a failed write took no effect)."""
+        if request.write:
+            return self.commit(WriteBatch(request.request_id, request.ops))  # type: ignore[arg-type]
+        return self.read(request.ops)  # type: ignore[arg-type]
+
+    def read(self, ops: Iterable[ReadOp]) -> tuple[Result, ...]:
+        """Answer read ops (one result each, in order).  This generic version
+        is built on the read methods below; a backend may answer them in one
+        snapshot instead (LMDB does).  Raises StoreError when closed, TypeError
+        for something that is not a read op."""
+        out: list[Result] = []
+        for op in ops:
+            kind = type(op)
+            if kind is LoadSession:
+                out.append(self._load_session(op))  # type: ignore[arg-type]
+            elif kind is ReadInbox:
+                out.append(InboxPage(op.user, tuple(self.inbox_range(op.user, op.after, op.limit))))  # type: ignore[union-attr]
+            elif kind is ReadHistory:
+                code = self.access(op.conv, op.user)  # type: ignore[union-attr]
+                page = self.history(op.conv, op.from_seq, op.limit, op.backward) if code is ErrorCode.OK else []  # type: ignore[union-attr]
+                out.append(HistoryPage(code, tuple(page)))
+            else:
+                raise TypeError(f"not a read op: {kind.__name__}")
+        return tuple(out)
+
+    def access(self, conv: str, user: str) -> ErrorCode:
+        """May ``user`` read ``conv`` now?  OK, BAD_REQUEST (malformed id),
+        UNKNOWN_CONVERSATION or NOT_MEMBER."""
+        if not (valid_conversation(conv) and valid_id(user)):
+            return ErrorCode.BAD_REQUEST
+        pair = direct_members(conv)
+        if pair is not None:
+            return ErrorCode.OK if user in pair else ErrorCode.NOT_MEMBER
+        if not self.conversation_exists(conv):
+            return ErrorCode.UNKNOWN_CONVERSATION
+        return ErrorCode.OK if self.is_member(conv, user) else ErrorCode.NOT_MEMBER
+
+    def _load_session(self, op: LoadSession) -> Result:
+        if not (valid_id(op.user) and valid_id(op.device)):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        user = op.user
+        stored = self.device(user, op.device)
+        convs = []
+        for conv in self.conversations(user):
+            pair = direct_members(conv)
+            peer = "" if pair is None else (pair[1] if pair[0] == user else pair[0])
+            convs.append(
+                ConversationState(
+                    conv,
+                    self.read_marker(user, conv),
+                    self.last_seq(conv),
+                    self.unread(user, conv),
+                    peer,
+                    self.read_marker(peer, conv) if peer else 0,
+                )
+            )
+        return SessionLoaded(
+            user,
+            op.device,
+            self.inbox_head(user),
+            self.inbox_floor(user),
+            stored.position if stored is not None else -1,
+            tuple(convs),
+        )
+
+    # -- group admin: ops of a batch; these run one op in a batch of its own
+
     def create_group(self, conv: str, members: Iterable[str], now: int) -> None:
         """Create group ``conv`` with ``members`` (ValueError if it exists, the
-        id is a direct id or malformed, or a member id is invalid)."""
+        id is a direct id or malformed, or a member id is invalid).  A batch
+        of one :class:`CreateGroup`."""
+        self._admin(CreateGroup(conv, tuple(sorted(member_set(members))), now))
 
-    @abstractmethod
     def add_members(self, conv: str, users: Iterable[str]) -> None:
         """Add users to an existing group (KeyError if unknown; ValueError for
-        a direct or malformed id or an invalid user id).  New members see
-        messages stored from now on; older ones through history.  Adding a
-        member twice is a no-op."""
+        a direct or malformed id or an invalid user id).  A batch of one
+        :class:`AddMembers`."""
+        self._admin(AddMembers(conv, tuple(sorted(member_set(users)))))
 
-    @abstractmethod
     def remove_members(self, conv: str, users: Iterable[str]) -> None:
         """Remove users from an existing group (KeyError if unknown;
-        ValueError as for :meth:`add_members`).  Removing a non-member is a
-        no-op."""
+        ValueError as for :meth:`add_members`).  A batch of one
+        :class:`RemoveMembers`."""
+        self._admin(RemoveMembers(conv, tuple(sorted(member_set(users)))))
+
+    def _admin(self, op: Op) -> None:
+        [res] = self.commit(WriteBatch(0, (op,)))
+        if isinstance(res, Rejected):
+            if res.code is ErrorCode.UNKNOWN_CONVERSATION:
+                raise KeyError(op.conv)  # type: ignore[union-attr]
+            if res.code is ErrorCode.ALREADY_EXISTS:
+                raise ValueError(f"group exists: {op.conv!r}")  # type: ignore[union-attr]
+            raise ValueError(f"not a group id or invalid member ids: {op!r}")
 
     # -- reads -------------------------------------------------------------
 
@@ -472,4 +714,42 @@ def malformed(op: Op) -> bool:
             and type(op.device_retention) is int
             and type(op.max_age) is int
         )
+    if isinstance(op, (CreateGroup, AddMembers, RemoveMembers)):
+        users = op.members if isinstance(op, CreateGroup) else op.users
+        return not (
+            valid_conversation(op.conv)
+            and not is_direct(op.conv)
+            and isinstance(users, tuple)
+            and all(valid_id(u) for u in users)
+            and (not isinstance(op, CreateGroup) or _int_in(op.now, _I64_MIN, _I64_END))
+        )
     raise TypeError(f"not a store op: {type(op).__name__}")
+
+
+class AsyncStore(ABC):
+    """The store contract for networked backends: the same requests and
+    results as :class:`Store`, awaited.  The network layer keeps at most one
+    write request in flight and any number of reads, and feeds each outcome
+    back to the core as it completes (reads may complete out of order).
+
+    ``execute`` raises :class:`StoreError` when the request had no effect;
+    for a write that means nothing of the batch was applied.  (A backend that
+    cannot know -- a timeout after sending -- must still not apply it twice:
+    the core's retries are safe because NewMessage is deduplicated.)
+    """
+
+    @abstractmethod
+    async def node_id(self) -> bytes:
+        """8 bytes fixed when the store was created (see :meth:`Store.node_id`)."""
+
+    @abstractmethod
+    async def last_server_time(self) -> int:
+        """See :meth:`Store.last_server_time`."""
+
+    @abstractmethod
+    async def execute(self, request: StoreRequest) -> tuple[Result, ...]:
+        """See :meth:`Store.execute`."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Release the store (idempotent)."""

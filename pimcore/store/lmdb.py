@@ -110,6 +110,10 @@ from ..errors import ErrorCode, StoreError
 from .base import (
     AckPosition,
     Acked,
+    AddMembers,
+    CreateGroup,
+    GroupChanged,
+    RemoveMembers,
     Appended,
     DeviceState,
     Duplicate,
@@ -397,7 +401,7 @@ class _Batch:
 
     def conv(self, ck: bytes, info: tuple[bytes, Optional[tuple[str, str]]]) -> Optional[_Conv]:
         """The members of a well-formed conversation; None for an unknown
-        group.  Membership cannot change inside a batch (no op changes it)."""
+        group.  An op that changes membership calls :meth:`forget_conv`."""
         hot = self.hot
         conv = hot.convs.get(ck)
         if conv is None:
@@ -407,6 +411,13 @@ class _Batch:
             hot.convs[ck] = conv
             hot.members += len(conv.users)
         return conv
+
+    def forget_conv(self, ck: bytes) -> None:
+        """Membership of ``ck`` changed in this transaction: load it afresh."""
+        hot = self.hot
+        conv = hot.convs.pop(ck, None)
+        if conv is not None:
+            hot.members -= len(conv.users)
 
     def fanout(self, conv: _Conv, entry: bytes) -> tuple[tuple[str, int], ...]:
         """Queue ``entry`` in the inbox of every member; their positions."""
@@ -935,52 +946,35 @@ class LmdbStore(Store):
 
     # ---------------------------------------------------------- group admin
 
-    @staticmethod
-    def _check_group_id(conv: str) -> None:
-        if not valid_conversation(conv) or is_direct(conv):
-            raise ValueError(f"not a group id: {conv!r}")
+    def _create_group(self, w: _Batch, op: CreateGroup) -> Result:
+        txn = w.txn
+        ck = _t(op.conv)
+        if txn.get(ck, db=self._groups) is not None:
+            return Rejected(ErrorCode.ALREADY_EXISTS)
+        txn.put(ck, _I64.pack(op.now), db=self._groups)
+        for user in op.members:
+            uk = _t(user)
+            txn.put(ck + uk, b"", db=self._members)
+            self._flag(txn, uk + ck, _MEMBER, True)
+        w.forget_conv(ck)
+        return GroupChanged(op.conv, tuple(sorted(set(op.members))))
 
-    def create_group(self, conv: str, members: Iterable[str], now: int) -> None:
-        users = member_set(members)
-        self._check_group_id(conv)
-        if type(now) is not int or not -(1 << 63) <= now < (1 << 63):
-            raise ValueError("now must be a 64-bit int")
-        ck = _t(conv)
-
-        def run(txn: _Txn) -> None:
-            if txn.get(ck, db=self._groups) is not None:
-                raise ValueError(f"group exists: {conv!r}")
-            txn.put(ck, _I64.pack(now), db=self._groups)
-            for user in users:
-                uk = _t(user)
+    def _change_members(self, w: _Batch, op: Union[AddMembers, RemoveMembers]) -> Result:
+        txn = w.txn
+        ck = _t(op.conv)
+        if txn.get(ck, db=self._groups) is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        add = type(op) is AddMembers
+        for user in op.users:
+            uk = _t(user)
+            if add:
                 txn.put(ck + uk, b"", db=self._members)
-                self._flag(txn, uk + ck, _MEMBER, True)
-
-        self._write(run)
-
-    def _change_members(self, conv: str, users: Iterable[str], add: bool) -> None:
-        wanted = member_set(users)
-        self._check_group_id(conv)
-        ck = _t(conv)
-
-        def run(txn: _Txn) -> None:
-            if txn.get(ck, db=self._groups) is None:
-                raise KeyError(conv)
-            for user in wanted:
-                uk = _t(user)
-                if add:
-                    txn.put(ck + uk, b"", db=self._members)
-                else:
-                    txn.delete(ck + uk, db=self._members)
-                self._flag(txn, uk + ck, _MEMBER, add)
-
-        self._write(run)
-
-    def add_members(self, conv: str, users: Iterable[str]) -> None:
-        self._change_members(conv, users, True)
-
-    def remove_members(self, conv: str, users: Iterable[str]) -> None:
-        self._change_members(conv, users, False)
+            else:
+                txn.delete(ck + uk, db=self._members)
+            self._flag(txn, uk + ck, _MEMBER, add)
+        # Later ops of this batch (and later batches) must see the new members.
+        w.forget_conv(ck)
+        return GroupChanged(op.conv, self._members_in(txn, (ck, None)) or ())
 
     # --------------------------------------------------------------- reads
 
@@ -1138,4 +1132,7 @@ _HANDLERS: dict[type, Callable[[LmdbStore, _Batch, Op], Result]] = {
     TouchDevice: LmdbStore._touch,  # type: ignore[dict-item]
     MarkRead: LmdbStore._mark_read,  # type: ignore[dict-item]
     Reclaim: LmdbStore._reclaim,  # type: ignore[dict-item]
+    CreateGroup: LmdbStore._create_group,  # type: ignore[dict-item]
+    AddMembers: LmdbStore._change_members,  # type: ignore[dict-item]
+    RemoveMembers: LmdbStore._change_members,  # type: ignore[dict-item]
 }

@@ -22,6 +22,10 @@ from typing import Any, Callable, Iterable, Optional
 from ..errors import ErrorCode, StoreError
 from .base import (
     AckPosition,
+    AddMembers,
+    CreateGroup,
+    GroupChanged,
+    RemoveMembers,
     Acked,
     Appended,
     DeviceState,
@@ -287,42 +291,25 @@ class MemoryStore(Store):
 
     # ---------------------------------------------------------- group admin
 
-    @staticmethod
-    def _check_group_id(conv: str) -> None:
-        if not valid_conversation(conv) or is_direct(conv):
-            raise ValueError(f"not a group id: {conv!r}")
+    def _create_group(self, op: CreateGroup) -> Result:
+        if op.conv in self._groups:
+            return Rejected(ErrorCode.ALREADY_EXISTS)
+        self._set(self._groups, op.conv, op.now)
+        self._set(self._members, op.conv, frozenset(op.members))
+        for user in op.members:
+            self._flag(user, op.conv, MEMBER, True)
+        return GroupChanged(op.conv, tuple(sorted(op.members)))
 
-    def create_group(self, conv: str, members: Iterable[str], now: int) -> None:
-        users = member_set(members)
-        with self._lock:
-            self._check_open()
-            self._check_group_id(conv)
-            if type(now) is not int:
-                raise ValueError("now must be an int")
-            if conv in self._groups:
-                raise ValueError(f"group exists: {conv!r}")
-            self._groups[conv] = now
-            self._members[conv] = frozenset(users)
-            for user in users:
-                self._flag(user, conv, MEMBER, True)
-
-    def _change_members(self, conv: str, users: Iterable[str], add: bool) -> None:
-        wanted = member_set(users)
-        with self._lock:
-            self._check_open()
-            self._check_group_id(conv)
-            if conv not in self._groups:
-                raise KeyError(conv)
-            current = self._members[conv]
-            self._members[conv] = current | wanted if add else current - wanted
-            for user in wanted:
-                self._flag(user, conv, MEMBER, add)
-
-    def add_members(self, conv: str, users: Iterable[str]) -> None:
-        self._change_members(conv, users, True)
-
-    def remove_members(self, conv: str, users: Iterable[str]) -> None:
-        self._change_members(conv, users, False)
+    def _change_members(self, op: Any) -> Result:
+        if op.conv not in self._groups:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        add = type(op) is AddMembers
+        current = self._members[op.conv]
+        members = current | frozenset(op.users) if add else current - frozenset(op.users)
+        self._set(self._members, op.conv, members)
+        for user in op.users:
+            self._flag(user, op.conv, MEMBER, add)
+        return GroupChanged(op.conv, tuple(sorted(members)))
 
     # --------------------------------------------------------------- reads
 
@@ -444,4 +431,7 @@ _HANDLERS: dict[type, Callable[[MemoryStore, Any], Result]] = {
     TouchDevice: MemoryStore._touch,
     MarkRead: MemoryStore._mark_read,
     Reclaim: MemoryStore._reclaim,
+    CreateGroup: MemoryStore._create_group,
+    AddMembers: MemoryStore._change_members,
+    RemoveMembers: MemoryStore._change_members,
 }
