@@ -1,0 +1,619 @@
+"""The server side of one PIM connection, sans-IO: bytes in, frames out; frames in, bytes out.
+
+A :class:`ServerSession` is the broker's half of one connection's *wire
+protocol*, in the manner of h11 and wsproto: it owns everything about a
+connection that depends on bytes and frame types, and nothing that depends on
+users, inboxes or the store.  It does no I/O and reads no clock; it is not
+thread-safe (one thread drives a session, like the broker core).
+
+What it owns
+------------
+* **Framing.**  A :class:`pimcore.codec.Decoder` limited to ``max_frame_size``
+  bytes per frame (docs/PROTOCOL.md sections 1 and 3), and the encoder.
+* **Compression (CAP_ZSTD, PROTOCOL.md section 7)**, both directions, as an
+  extension inside the session: the owner never sees a compressed byte.
+* **The login gate.**  Before a Login only Login, Ping and Close are
+  acceptable; anything else is a protocol error *found by the session*.
+* **Closing.**  The Close frame goes out through the session, which then
+  refuses to send more and ignores what still arrives.
+
+Who calls what
+--------------
+The broker core owns one session per connection (made at
+``connection_made``); the network glue only moves bytes::
+
+    # reader task -> core.receive_data(conn, data, now):
+    session.receive_data(data)                    # buffer (bytes); never raises
+    try:
+        while frames := session.next_frames():   # hot path: one call per batch
+            for frame in frames:
+                dispatch(frame)                   # may call login_accepted()/close()
+                if closed: break (both loops)
+    except ProtocolError as exc:                  # malformed bytes, frame before Login
+        wire = session.close(CloseCode.PROTOCOL_ERROR, reason)
+
+    # everything the core sends to this connection:
+    wire = session.send(frame)          # or send_many(frames): one bytes object
+    wire = session.close(code, reason)  # the Close frame; the session is then CLOSED
+
+    # a connection refused before it got a session (the broker is full):
+    wire = refuse_connection()          # Close(OVERLOADED, "too many connections")
+
+``next_frames()`` returns every frame that can be decoded now (a list, empty
+when more bytes are needed) and is the fast path: it costs one Python call per
+batch instead of one per frame (the loop over the decoder runs inside it).
+``next_frame()`` is the h11-style one-at-a-time variant, for tests and simple
+drivers; the two may be mixed.  Both stop early where the next frame could not
+be decoded correctly yet -- after a Login, until its outcome is known -- so the
+owner must keep calling until it gets nothing, as in the loop above.
+
+State machine
+-------------
+::
+
+                 Login                 login_accepted(caps)
+   AWAITING_LOGIN -----> LOGGING_IN ----------------------> ACTIVE
+     |  ^ Ping                |                               |
+     |  +-----+               | (close(): AUTH_FAILED...)     |
+     |                        v                               |
+     +-- Close received --> PEER_CLOSED <-- Close received ---+
+     +-- malformed bytes / frame before Login --> ERRORED     |
+     |                      (malformed bytes, from ACTIVE) ---+
+     +-- close() / send(Close) from any state --> CLOSED <----+
+
+* AWAITING_LOGIN -- frames are decoded and checked: Login moves on to
+  LOGGING_IN, Ping is handed over (the core answers Pong), Close moves to
+  PEER_CLOSED, anything else raises :class:`UnexpectedFrame` (a
+  ProtocolError, code UNEXPECTED_FRAME, ``str(exc)`` = ``"SendReq before
+  Login"``).  No compressed frame is acceptable: the decoder has no
+  decompressor yet, so a flagged frame is MALFORMED_FRAME.
+* LOGGING_IN -- the owner is checking the Login.  Bytes are buffered but
+  **nothing is decoded**: whether the next frame may be compressed depends on
+  the outcome (PROTOCOL.md section 7: the broker accepts compressed frames
+  from the first frame after a Login it grants), so deciding it now could
+  reject a valid frame or accept an invalid one.  ``next_frame(s)`` returns
+  nothing until :meth:`ServerSession.login_accepted` or ``close()``.  Today
+  the core authenticates synchronously, so this state lasts only between the
+  Login leaving ``next_frames`` and ``login_accepted`` being called; an
+  asynchronous authenticator would simply stop pulling frames meanwhile.
+* ACTIVE -- every decodable frame is handed over; types are not checked any
+  more (a second Login, or a broker->client frame, is the core's to refuse).
+  Compressed frames are accepted iff the granted caps had CAP_ZSTD.
+* PEER_CLOSED -- the client sent Close: it sends nothing more (section 6), so
+  later bytes are ignored; the session can still send (the answering Close).
+* ERRORED -- the stream lost framing (PROTOCOL.md section 3) or broke the
+  login gate.  Later bytes are ignored and ``next_frame(s)`` raise the same
+  error again (like a poisoned Decoder); sending still works, because the
+  frames the core produced *before* the error (a Pong...) and then the
+  Close(PROTOCOL_ERROR) must still go out, in that order.  Frames fully
+  received before the bad bytes stay valid: ``next_frames()`` returns them
+  first and raises on the following call.
+* CLOSED -- the session sent its Close (``close()`` or ``send(Close)``).
+  ``send`` raises :class:`SessionClosed`; a second ``close()`` returns
+  ``b""`` (one Close per connection, as the glue always did); incoming bytes
+  are ignored and ``next_frame(s)`` return nothing.
+
+What bytes go out when
+----------------------
+These are exactly the bytes pimcore/net/server.py produced before the session
+existed (``_enqueue``, ``_close_peer``, the OVERLOADED refusal):
+
+* every frame is ``encode_frame(frame)``, the uncompressed frame;
+* from the frame **after** a LoginAck whose ``caps`` include CAP_ZSTD, each
+  frame is ``compressor(encode_frame(frame))`` -- FrameCompressor decides per
+  frame (bodies under 48 bytes, or that do not shrink, go out unchanged).
+  That LoginAck itself is never compressed.  The switch depends only on the
+  LoginAck *sent*, not on the Login received;
+* Close frames -- ``close()``, ``send(Close)`` and :func:`refuse_connection`
+  -- are **never compressed**, even on a zstd connection (the glue always
+  encoded them with plain ``encode_frame``; a compressed Close is valid too,
+  but a client that is tearing down may have dropped its decompressor);
+* incoming compressed frames are accepted from the first frame decoded after
+  :meth:`ServerSession.login_accepted` with CAP_ZSTD in ``caps`` (the core
+  enabled the decoder's decompression at that same point), never earlier,
+  and never when the grant lacked CAP_ZSTD.
+
+The zstd contexts are expensive (~100 KiB each, plus the prepared dictionary)
+and hold no per-connection state, so sessions share them through a
+:class:`Compression` (one per thread; the default is the calling thread's
+shared one) which builds each lazily, the first time a session needs it: a
+broker whose clients never ask for zstd never builds either.
+
+Errors
+------
+* :class:`pimcore.errors.ProtocolError` (``code`` = MALFORMED_FRAME,
+  FRAME_TOO_LARGE, UNSUPPORTED_VERSION, UNKNOWN_FRAME_TYPE, or
+  UNEXPECTED_FRAME via :class:`UnexpectedFrame`) -- the peer's fault, from
+  ``next_frame(s)`` only; close with ``CloseCode.PROTOCOL_ERROR``.
+* :class:`SessionClosed` -- ``send`` after the session's Close: the owner's
+  fault.  :class:`SessionStateError` -- other misuse (``login_accepted``
+  without a pending login).
+* :class:`pimcore.errors.EncodeError` -- ``send`` of something that is not a
+  valid frame (the session's state is unchanged).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from enum import Enum
+from types import ModuleType
+from typing import Callable, Iterable, Optional, Union
+
+from . import codec as _active_codec
+from . import frames as F
+from .errors import CloseCode, ErrorCode, PimError, ProtocolError
+
+__all__ = [
+    "SessionState",
+    "SessionStatistics",
+    "SessionStateError",
+    "SessionClosed",
+    "UnexpectedFrame",
+    "Compression",
+    "ServerSession",
+    "encode_close",
+    "refuse_connection",
+]
+
+#: ``compress(encoded_frame) -> bytes``: FrameCompressor.compress or alike.
+Compress = Callable[[bytes], bytes]
+#: ``decompress(body, max_size) -> bytes``: a FrameDecompressor or alike.
+Decompress = Callable[[bytes, int], bytes]
+
+_Login = F.Login
+_LoginAck = F.LoginAck
+_Ping = F.Ping
+_Close = F.Close
+_CAP_ZSTD = F.CAP_ZSTD
+
+
+class SessionState(Enum):
+    """Where a :class:`ServerSession` is (see the module docstring)."""
+
+    AWAITING_LOGIN = 1
+    LOGGING_IN = 2
+    ACTIVE = 3
+    PEER_CLOSED = 4
+    ERRORED = 5
+    CLOSED = 6
+
+
+_S = SessionState
+
+
+class SessionStateError(PimError, RuntimeError):
+    """The owner asked for something the session's state forbids.  Never
+    caused by the peer: a bug in the caller."""
+
+
+class SessionClosed(SessionStateError):
+    """``send`` after the session sent its Close (``close()`` or a Close frame)."""
+
+
+class UnexpectedFrame(ProtocolError):
+    """A frame other than Login, Ping or Close before Login.
+
+    ``code`` is UNEXPECTED_FRAME; ``str(exc)`` is ``"<FrameClass> before
+    Login"`` (the Close reason the core has always sent); ``frame`` is the
+    refused frame."""
+
+    def __init__(self, frame: object) -> None:
+        super().__init__(ErrorCode.UNEXPECTED_FRAME, f"{type(frame).__name__} before Login")
+        self.frame = frame
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]  # (pickling, like ProtocolError)
+        return (type(self), (self.frame,))
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStatistics:
+    """A snapshot of one session's counters (:meth:`ServerSession.statistics`)."""
+
+    state: SessionState
+    frames_in: int  #: frames handed to the owner by next_frame(s)
+    frames_out: int  #: frames encoded by send/send_many/close (Close included)
+    bytes_in: int  #: bytes passed to receive_data (ignored ones included)
+    bytes_out: int  #: bytes returned by send/send_many/close
+    frames_compressed: int  #: of frames_out, those that went out zstd-compressed
+    compressing: bool  #: outgoing frames may be compressed (a LoginAck with CAP_ZSTD was sent)
+    decompressing: bool  #: incoming compressed frames are accepted (login_accepted with CAP_ZSTD)
+    buffered: int  #: bytes received and not yet decoded
+
+
+class Compression:
+    """The zstd contexts that sessions share: a compressor for what they send,
+    a decompressor for what they receive.
+
+    ``compressor`` is ``compress(encoded_frame) -> bytes`` (e.g.
+    ``FrameCompressor(level=...).compress``; a FrameCompressor itself is
+    accepted too), ``decompressor`` is ``decompress(body, max_size) -> bytes``
+    raising ProtocolError (e.g. a FrameDecompressor).  Each that is None is
+    built with the defaults (the shipped dictionary, level 3) the first time a
+    session needs it.  Neither context is thread-safe: one Compression per
+    thread, shared by every session of that thread (:meth:`for_thread`).
+    """
+
+    __slots__ = ("_compressor", "_decompressor")
+
+    _local = threading.local()
+
+    def __init__(self, compressor: Optional[object] = None, decompressor: Optional[Decompress] = None) -> None:
+        if compressor is not None and not callable(compressor):
+            compressor = getattr(compressor, "compress", None)
+            if not callable(compressor):
+                raise TypeError("compressor must be callable (e.g. FrameCompressor().compress)")
+        if decompressor is not None and not callable(decompressor):
+            raise TypeError("decompressor must be callable (e.g. FrameDecompressor())")
+        self._compressor: Optional[Compress] = compressor  # type: ignore[assignment]
+        self._decompressor: Optional[Decompress] = decompressor
+
+    @classmethod
+    def for_thread(cls) -> "Compression":
+        """The calling thread's shared instance (made on first use)."""
+        inst = getattr(cls._local, "inst", None)
+        if inst is None:
+            inst = cls._local.inst = cls()
+        return inst
+
+    def compressor(self) -> Compress:
+        """The compress callable (built now if it was not given)."""
+        if self._compressor is None:
+            from .compress import FrameCompressor  # zstandard: only when someone negotiates zstd
+
+            self._compressor = FrameCompressor().compress
+        return self._compressor
+
+    def decompressor(self) -> Decompress:
+        """The decompress callable (built now if it was not given)."""
+        if self._decompressor is None:
+            from .compress import FrameDecompressor
+
+            self._decompressor = FrameDecompressor()
+        return self._decompressor
+
+
+def encode_close(code: Union[CloseCode, int], reason: str, *, backend: Optional[ModuleType] = None) -> bytes:
+    """The wire bytes of ``Close(code, reason)``, uncompressed, for a
+    connection without a session.  Raises EncodeError for a code out of range
+    or a reason that is not valid text."""
+    return (backend or _active_codec).encode_frame(_Close(code, reason))
+
+
+def refuse_connection(reason: str = "too many connections", *, backend: Optional[ModuleType] = None) -> bytes:
+    """``Close(OVERLOADED, reason)``: what a broker at its connection limit
+    writes to a new connection before hanging up (no session is made)."""
+    return encode_close(CloseCode.OVERLOADED, reason, backend=backend)
+
+
+class ServerSession:
+    """The broker's side of one connection's wire protocol (module docstring).
+
+    ``max_frame_size`` (bytes, >= 2) bounds one incoming frame as it is on the
+    wire, and the decompressed body of a compressed one (minus its 2-byte
+    head); the broker passes ``Limits.max_frame``.  ``compression`` supplies
+    the shared zstd contexts (default: :meth:`Compression.for_thread`).
+    ``backend`` is the codec module (``Decoder``, ``encode_frame``,
+    ``encode_frames``): the active :mod:`pimcore.codec` by default, a
+    ``pimcore._backend.load(...)`` module in tests.  Raises ValueError for an
+    invalid ``max_frame_size``.
+    """
+
+    __slots__ = (
+        "_state", "_decoder", "_feed", "_next", "_accepting", "_error", "_encode", "_encode_many", "_compression",
+        "_compress", "_can_send", "_frames_in", "_frames_out", "_bytes_in", "_bytes_out", "_frames_compressed",
+    )
+
+    def __init__(
+        self,
+        max_frame_size: int = _active_codec.DEFAULT_MAX_FRAME_SIZE,
+        *,
+        compression: Optional[Compression] = None,
+        backend: Optional[ModuleType] = None,
+    ) -> None:
+        impl = backend or _active_codec
+        self._decoder = impl.Decoder(max_frame_size)
+        # Bound methods, looked up once: these run per chunk and per frame.
+        self._feed = self._decoder.feed
+        self._next = self._decoder.next_frame
+        self._encode: Callable[[object], bytes] = impl.encode_frame
+        self._encode_many: Callable[[Iterable[object]], bytes] = impl.encode_frames
+        self._compression = compression if compression is not None else Compression.for_thread()
+        self._state = _S.AWAITING_LOGIN
+        # Derived from _state, kept as plain attributes for the hot paths:
+        self._accepting = True  # receive_data buffers (else ignores)
+        self._can_send = True  # send() allowed (False only once CLOSED)
+        self._compress: Optional[Compress] = None  # set by the LoginAck granting CAP_ZSTD
+        self._error: Optional[ProtocolError] = None  # ERRORED: raised again by next_frame(s)
+        self._frames_in = self._frames_out = self._bytes_in = self._bytes_out = self._frames_compressed = 0
+
+    # ------------------------------------------------------------ introspection
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def closed(self) -> bool:
+        """True once the session sent its Close: ``send`` would raise."""
+        return not self._can_send
+
+    @property
+    def compressing(self) -> bool:
+        """Outgoing frames go through the compressor (a LoginAck with CAP_ZSTD was sent)."""
+        return self._compress is not None
+
+    @property
+    def decompressing(self) -> bool:
+        """Incoming compressed frames are accepted (login granted CAP_ZSTD)."""
+        return self._decoder.decompress is not None
+
+    @property
+    def max_frame_size(self) -> int:
+        return self._decoder.max_frame_size  # type: ignore[no-any-return]
+
+    def statistics(self) -> SessionStatistics:
+        return SessionStatistics(
+            state=self._state,
+            frames_in=self._frames_in,
+            frames_out=self._frames_out,
+            bytes_in=self._bytes_in,
+            bytes_out=self._bytes_out,
+            frames_compressed=self._frames_compressed,
+            compressing=self._compress is not None,
+            decompressing=self._decoder.decompress is not None,
+            buffered=self._decoder.buffered,
+        )
+
+    # ------------------------------------------------------------ receiving
+
+    def receive_data(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        """Bytes read from the connection, split anywhere (copied; cheap: no
+        decoding happens here).  Ignored once the peer closed, the stream
+        broke or the session closed.  ``b""`` is a no-op: end of stream is the
+        owner's business (the core's ``connection_lost``).  Raises TypeError
+        for anything but bytes, bytearray or a C-contiguous memoryview."""
+        self._bytes_in += len(data)
+        if self._accepting:
+            self._feed(data)
+
+    def next_frames(self) -> list[F.Frame]:
+        """Every frame decodable now, in order; ``[]`` when more bytes are
+        needed (or none are wanted: LOGGING_IN, PEER_CLOSED, CLOSED).
+
+        The hot path: call it until it returns ``[]``.  A batch ends early
+        after a Login (nothing more is decoded until the login's outcome is
+        known) and after a Close (nothing more is read).  Raises ProtocolError
+        (:class:`UnexpectedFrame` for a frame before Login) when the bytes
+        are bad; frames that came complete before the bad bytes are returned
+        first, and the error is raised by the next call (and every later one).
+        """
+        if self._state is not _S.ACTIVE:
+            return self._next_frames_slow()
+        out: list[F.Frame] = []
+        append = out.append
+        nxt = self._next
+        try:
+            # Why the loop is here and not list(decoder): an error must not
+            # lose the frames decoded before it (PROTOCOL.md section 3).
+            while (frame := nxt()) is not None:
+                append(frame)
+                if type(frame) is _Close:
+                    self._peer_closed()
+                    break
+        except ProtocolError as exc:
+            self._fail(exc)
+            if not out:
+                raise
+        self._frames_in += len(out)
+        return out
+
+    def _next_frames_slow(self) -> list[F.Frame]:
+        # AWAITING_LOGIN: frame by frame through the login gate, until a Login
+        # (LOGGING_IN) or a Close (PEER_CLOSED) ends the batch.  Every other
+        # state yields nothing or raises its error at once.
+        out: list[F.Frame] = []
+        try:
+            while (frame := self.next_frame()) is not None:
+                out.append(frame)
+                if self._state is not _S.AWAITING_LOGIN:
+                    break
+        except ProtocolError:
+            if not out:
+                raise
+            # now ERRORED: the next call raises it
+        return out
+
+    def next_frame(self) -> Optional[F.Frame]:
+        """The next decodable frame, or None (as :meth:`next_frames`, one at
+        a time).  Raises ProtocolError (the same one again once ERRORED)."""
+        state = self._state
+        if state is _S.ACTIVE:
+            try:
+                frame = self._next()
+            except ProtocolError as exc:
+                self._fail(exc)
+                raise
+            if frame is None:
+                return None
+            if type(frame) is _Close:
+                self._peer_closed()
+            self._frames_in += 1
+            return frame  # type: ignore[no-any-return]
+        if state is _S.AWAITING_LOGIN:
+            try:
+                frame = self._next()
+            except ProtocolError as exc:
+                self._fail(exc)
+                raise
+            if frame is None:
+                return None
+            # The login gate (PROTOCOL.md section 6): nothing a client sends
+            # may reach the core's request handlers before its token is checked.
+            t = type(frame)
+            if t is _Login:
+                # Stop decoding: whether the next frame may be compressed is
+                # decided by login_accepted() (see LOGGING_IN).
+                self._state = _S.LOGGING_IN
+            elif t is _Close:
+                self._peer_closed()
+            elif t is not _Ping:
+                exc = UnexpectedFrame(frame)
+                self._fail(exc)
+                raise exc
+            self._frames_in += 1
+            return frame  # type: ignore[no-any-return]
+        if state is _S.ERRORED:
+            assert self._error is not None
+            raise self._error.with_traceback(None)
+        return None  # LOGGING_IN, PEER_CLOSED, CLOSED
+
+    def login_accepted(self, caps: int) -> None:
+        """The owner granted the Login, with ``caps`` (the capabilities the
+        LoginAck will carry: the client's asked-for caps & the broker's).
+
+        With CAP_ZSTD, compressed incoming frames are accepted from the very
+        next frame decoded, including bytes already buffered.  Outgoing
+        compression starts independently, after the LoginAck is *sent*
+        (:meth:`send`).  Valid in LOGGING_IN, and in AWAITING_LOGIN for an
+        owner that took the Login from elsewhere (``Broker.receive_frame``);
+        raises :class:`SessionStateError` otherwise."""
+        if self._state is not _S.LOGGING_IN and self._state is not _S.AWAITING_LOGIN:
+            raise SessionStateError(f"login_accepted() in state {self._state.name}: no login is pending")
+        if caps & _CAP_ZSTD:
+            self._decoder.enable_decompression(self._compression.decompressor())
+        self._state = _S.ACTIVE
+
+    def _peer_closed(self) -> None:
+        # The client's Close is its last frame (section 6): stop reading, keep
+        # sending (the answering Close).
+        self._state = _S.PEER_CLOSED
+        self._accepting = False
+
+    def _fail(self, exc: ProtocolError) -> None:
+        # Framing is lost: nothing later in the stream can be trusted, but
+        # what the owner already produced, then the Close, must still go out.
+        self._state = _S.ERRORED
+        self._error = exc
+        self._accepting = False
+
+    # ------------------------------------------------------------ sending
+
+    def send(self, frame: F.Frame) -> bytes:
+        """The wire bytes of ``frame`` (compressed when negotiated).
+
+        A LoginAck with CAP_ZSTD in ``caps`` turns compression on for the
+        frames after it; a Close frame is sent as :meth:`close` sends it
+        (uncompressed) and closes the session.  Raises :class:`SessionClosed`
+        after the session's Close, EncodeError (state unchanged) for anything
+        that is not a valid frame."""
+        if not self._can_send:
+            raise SessionClosed(f"cannot send {type(frame).__name__}: the session was closed")
+        t = type(frame)
+        if t is _Close:
+            return self._send_close(frame)  # type: ignore[arg-type]
+        data = self._encode(frame)
+        compress = self._compress
+        if compress is not None:
+            out = compress(data)
+            if out is not data:
+                self._frames_compressed += 1
+            data = out
+        elif t is _LoginAck and frame.caps & _CAP_ZSTD:  # type: ignore[union-attr]
+            # Granted: the client decompresses from the frame after this one
+            # (section 7), so this LoginAck itself goes out as it is.
+            self._compress = self._compression.compressor()
+        self._frames_out += 1
+        self._bytes_out += len(data)
+        return data
+
+    def send_many(self, frames: Iterable[F.Frame]) -> bytes:
+        """The concatenated wire bytes of ``frames``, exactly as ``send`` of
+        each in turn would give them (one write for several frames).  Without
+        compression and without a LoginAck or Close among them, it is a single
+        ``encode_frames`` call.  All or nothing: if a frame cannot be encoded
+        (EncodeError), or the batch goes on after a Close
+        (:class:`SessionClosed`), nothing is sent and the state is unchanged."""
+        if not self._can_send:
+            raise SessionClosed("cannot send: the session was closed")
+        frames = frames if isinstance(frames, (list, tuple)) else list(frames)
+        for f in frames:
+            t = type(f)
+            if t is _LoginAck or t is _Close:
+                return self._send_many_slow(frames)
+        compress = self._compress
+        if compress is None:
+            data = self._encode_many(frames)
+        else:
+            encode = self._encode
+            parts = [encode(f) for f in frames]  # all encoded before anything is counted
+            n = 0
+            for i, raw in enumerate(parts):
+                out = compress(raw)
+                if out is not raw:
+                    parts[i] = out
+                    n += 1
+            self._frames_compressed += n
+            data = b"".join(parts)
+        self._frames_out += len(frames)
+        self._bytes_out += len(data)
+        return data
+
+    def _send_many_slow(self, frames: "list[F.Frame] | tuple[F.Frame, ...]") -> bytes:
+        # A LoginAck or Close changes the state mid-batch: encode everything
+        # first (so an EncodeError changes nothing), then apply each frame's
+        # effect in order, exactly as send() would.
+        encode = self._encode
+        raws = [encode(f) for f in frames]
+        for i, f in enumerate(frames):
+            if type(f) is _Close and i != len(frames) - 1:
+                raise SessionClosed(f"send_many(): {type(frames[i + 1]).__name__} after a Close")
+        compress = self._compress
+        parts: list[bytes] = []
+        n = 0
+        for f, raw in zip(frames, raws):
+            t = type(f)
+            if t is _Close:
+                parts.append(raw)  # never compressed (see close())
+                self._closed_now()
+            elif compress is not None:
+                out = compress(raw)
+                n += out is not raw
+                parts.append(out)
+            else:
+                parts.append(raw)
+                if t is _LoginAck and f.caps & _CAP_ZSTD:  # type: ignore[union-attr]
+                    compress = self._compress = self._compression.compressor()
+        data = b"".join(parts)
+        self._frames_compressed += n
+        self._frames_out += len(frames)
+        self._bytes_out += len(data)
+        return data
+
+    def close(self, code: Union[CloseCode, int], reason: str) -> bytes:
+        """The bytes of ``Close(code, reason)``, to write before hanging up;
+        the session is then CLOSED.  The Close is never compressed.  Valid in
+        every state (after a protocol error too); once CLOSED it returns
+        ``b""``: a connection gets one Close.  Raises EncodeError (state
+        unchanged) for a code out of range or a reason that is not valid text."""
+        if not self._can_send:
+            return b""
+        return self._send_close(_Close(code, reason))
+
+    def _send_close(self, frame: F.Close) -> bytes:
+        # Uncompressed even on a zstd connection: the glue always wrote
+        # encode_frame(Close(...)), and those are the bytes clients expect.
+        data = self._encode(frame)
+        self._closed_now()
+        self._frames_out += 1
+        self._bytes_out += len(data)
+        return data
+
+    def _closed_now(self) -> None:
+        self._state = _S.CLOSED
+        self._can_send = False
+        self._accepting = False
+
+    def __repr__(self) -> str:
+        z = "zstd" if self._compress is not None else "plain"
+        return f"<ServerSession {self._state.name} {z} in={self._frames_in} out={self._frames_out}>"
