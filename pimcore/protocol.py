@@ -23,7 +23,7 @@ The broker core owns one session per connection (made at
 ``connection_made``); the network glue only moves bytes::
 
     # reader task -> core.receive_data(conn, data, now):
-    session.receive_data(data)                    # buffer (bytes); never raises
+    session.receive_data(data)                    # buffered; nothing is decoded here
     try:
         while frames := session.next_frames():   # hot path: one call per batch
             for frame in frames:
@@ -42,6 +42,10 @@ The broker core owns one session per connection (made at
 ``next_frames()`` returns every frame that can be decoded now (a list, empty
 when more bytes are needed) and is the fast path: it costs one Python call per
 batch instead of one per frame (the loop over the decoder runs inside it).
+Measured by bench/bench_protocol.py on a chunk of 64 SendReqs with the
+compiled backend: ``next_frames`` ~1.1x the time of a bare ``Decoder`` loop,
+``next_frame`` ~2x.  (It cannot be ``list(decoder)``: an error must not lose
+the frames decoded before it.)
 ``next_frame()`` is the h11-style one-at-a-time variant, for tests and simple
 drivers; the two may be mixed.  Both stop early where the next frame could not
 be decoded correctly yet -- after a Login, until its outcome is known -- so the
@@ -51,15 +55,20 @@ State machine
 -------------
 ::
 
-                 Login                 login_accepted(caps)
-   AWAITING_LOGIN -----> LOGGING_IN ----------------------> ACTIVE
-     |  ^ Ping                |                               |
-     |  +-----+               | (close(): AUTH_FAILED...)     |
-     |                        v                               |
-     +-- Close received --> PEER_CLOSED <-- Close received ---+
-     +-- malformed bytes / frame before Login --> ERRORED     |
-     |                      (malformed bytes, from ACTIVE) ---+
-     +-- close() / send(Close) from any state --> CLOSED <----+
+    AWAITING_LOGIN --Login--> LOGGING_IN --login_accepted(caps)--> ACTIVE
+      (Ping: stays)
+
+    AWAITING_LOGIN, ACTIVE --Close received---------------------> PEER_CLOSED
+    AWAITING_LOGIN, ACTIVE --bad bytes / frame before Login-----> ERRORED
+    any state              --close() or send(Close)-------------> CLOSED
+
+    state           decodes?   accepts bytes?   may send?
+    AWAITING_LOGIN  yes, gated yes              yes (Pong, LoginAck, Close...)
+    LOGGING_IN      no         yes (buffered)   yes
+    ACTIVE          yes        yes              yes
+    PEER_CLOSED     no         no (ignored)     yes
+    ERRORED         raises     no (ignored)     yes
+    CLOSED          no         no (ignored)     no: SessionClosed
 
 * AWAITING_LOGIN -- frames are decoded and checked: Login moves on to
   LOGGING_IN, Ping is handed over (the core answers Pong), Close moves to

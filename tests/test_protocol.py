@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import zstandard
@@ -34,7 +34,7 @@ from pimcore.protocol import (
     refuse_connection,
 )
 
-from _fuzz import feed_split, frame_strategies, mutate
+from _fuzz import feed_split, mutate
 
 S = SessionState
 ZSTD = F.CAP_ZSTD
