@@ -81,10 +81,14 @@ State machine
   the outcome (PROTOCOL.md section 7: the broker accepts compressed frames
   from the first frame after a Login it grants), so deciding it now could
   reject a valid frame or accept an invalid one.  ``next_frame(s)`` returns
-  nothing until :meth:`ServerSession.login_accepted` or ``close()``.  Today
-  the core authenticates synchronously, so this state lasts only between the
-  Login leaving ``next_frames`` and ``login_accepted`` being called; an
-  asynchronous authenticator would simply stop pulling frames meanwhile.
+  nothing until :meth:`ServerSession.login_accepted` or ``close()``.  With a
+  synchronous authenticator this state lasts only between the Login leaving
+  ``next_frames`` and ``login_accepted``; with an asynchronous one (a hook, a
+  store read) the session itself is the backlog: the owner pulls the waiting
+  frames, in order, right after ``login_accepted``.  The bytes are held as
+  they came, so the owner bounds them (``buffered``, bytes) and closes a
+  client that keeps sending while its login is pending -- the session has no
+  such policy of its own.
 * ACTIVE -- every decodable frame is handed over; types are not checked any
   more (a second Login, or a broker->client frame, is the core's to refuse).
   Compressed frames are accepted iff the granted caps had CAP_ZSTD.
@@ -356,6 +360,13 @@ class ServerSession:
     def decompressing(self) -> bool:
         """Incoming compressed frames are accepted (login granted CAP_ZSTD)."""
         return self._decoder.decompress is not None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken as frames (about one frame plus
+        one read at most while frames are being pulled; unbounded while
+        LOGGING_IN holds them: see the module docstring)."""
+        return self._decoder.buffered  # type: ignore[no-any-return]
 
     @property
     def max_frame_size(self) -> int:
