@@ -1,39 +1,54 @@
 """The broker core: sans-IO.  Events in, commands out; time is passed in.
 
-The network layer (or an embedding backend) owns sockets, threads and the
-clock.  It tells the core what happened -- a connection opened, bytes or a
-frame arrived, a connection was lost, a store batch became durable, time
-passed -- and gets back a list of commands:
+The host (the trio network layer, an asyncio host, a C host, a test) owns
+sockets, threads, the store and the clock.  It tells the core what happened
+-- a connection opened, bytes arrived, a connection was lost, a store request
+or a hook finished, the deadline it was given passed -- and gets back a list
+of commands:
 
 * :class:`SendFrame` -- write this frame to that connection;
 * :class:`CloseConnection` -- send a Close frame with this code, then hang up;
-* :class:`Commit` -- hand this batch to :meth:`Store.commit`, then report the
-  outcome with :meth:`Broker.batch_committed` or :meth:`Broker.batch_failed`.
+* :class:`~pimcore.store.base.StoreRequest` -- run these store ops (a write
+  batch, or reads) and report with :meth:`Broker.store_completed` or
+  :meth:`Broker.store_failed`;
+* :class:`Authenticate` -- check this token, answer with
+  :meth:`Broker.auth_completed`;
+* :class:`CheckContent` -- run the content filter, answer with
+  :meth:`Broker.content_checked`;
+* :class:`AdminDone` -- a group admin call made through the core finished.
 
-The core calls the store only for reads (and for the rare control-plane group
-admin calls); every write of the message path goes through :class:`Commit`, so
-the store may be slow, threaded or remote without the core noticing.
+The core holds no store and calls no hook: a host may answer any request
+later, from a thread, over a network or from C, and a slow answer holds up
+only the connection that asked.  It never sleeps either: it names its next
+deadline (:meth:`Broker.next_deadline`, µs) and the host calls
+:meth:`Broker.handle_timer` when that time comes (aioquic's ``get_timer`` /
+``handle_timer``).
 
 Guarantees and where they are kept
 ----------------------------------
-* **Upstream**: a SendAck with code OK is emitted only from
-  :meth:`batch_committed`, i.e. after the message is durable.  A retry that
-  arrives while its original is still in flight joins it as a second waiter
-  (no second copy is even proposed); a retry of a committed message is
-  answered by the store's dedupe inside the transaction (:class:`Duplicate`),
-  with the original's identity.
+* **Upstream**: a SendAck with code OK is emitted only from the completion of
+  the write request that stored the message, i.e. after it is durable.  A
+  retry that arrives while its original is still in flight joins it as a
+  second waiter (no second copy is even proposed); a retry of a committed
+  message is answered by the store's dedupe inside the transaction
+  (:class:`Duplicate`), with the original's identity.
 * **Downstream**: the message is in every recipient's inbox in the same
   transaction that stores it, before any Push.  Delivery to a device runs from
   its position (what it acked) in the inbox, never from memory, so a device
   that was offline, slow or disconnected mid-push catches up exactly.
-* **Group commit**: at most one batch is in flight; everything that arrives
-  meanwhile (from every connection) waits in the next batch.  The durable
-  sync is paid per batch, not per message.
+* **Group commit**: at most one write request is in flight; everything that
+  arrives meanwhile (from every connection) waits in the next batch.  The
+  durable sync is paid per batch, not per message.  Reads are separate
+  requests: any number may be in flight, completing in any order.
+* **Per-connection order**: while a connection waits for a hook or for its
+  login's store read, its later frames wait in a bounded backlog, so its
+  sends are stamped and stored in the order they were sent.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -42,26 +57,33 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 from . import frames as F
 from .clock import HybridClock
 from .codec import Decoder
-from .errors import AuthError, CloseCode, ErrorCode, ProtocolError
+from .errors import AuthError, CloseCode, ErrorCode, ProtocolError, StoreError
+from .ids import direct_members, valid_conversation, valid_id
 from .store.base import (
     AckPosition,
+    AddMembers,
     Appended,
+    CreateGroup,
     Duplicate,
+    HistoryPage,
+    InboxPage,
+    LoadSession,
     MarkRead,
     NewMessage,
     Op,
+    ReadHistory,
+    ReadInbox,
     Reclaim,
     Reclaimed,
     ReadMarked,
     Rejected,
+    RemoveMembers,
     Result,
+    SessionLoaded,
     Store,
     StoredMessage,
+    StoreRequest,
     TouchDevice,
-    WriteBatch,
-    direct_members,
-    valid_conversation,
-    valid_id,
 )
 
 __all__ = [
@@ -72,8 +94,12 @@ __all__ = [
     "ContentFilter",
     "SendFrame",
     "CloseConnection",
-    "Commit",
+    "StoreRequest",
+    "Authenticate",
+    "CheckContent",
+    "AdminDone",
     "Command",
+    "BrokerStatistics",
     "Broker",
     "drain",
 ]
@@ -130,10 +156,13 @@ class Identity:
 
 
 #: ``authenticate(token, now) -> Identity``; raises :class:`AuthError` to refuse.
+#: The core never calls it: it emits :class:`Authenticate` and a driver answers
+#: (the served broker and :func:`drain` with such a function).
 Authenticator = Callable[[bytes, int], Identity]
 
 #: ``content_filter(user, conv, payload) -> None | reason``: a reason rejects the
-#: message with ``ErrorCode.REJECTED`` before anything is stored.
+#: message with ``ErrorCode.REJECTED`` before anything is stored.  Like the
+#: authenticator it is run by the driver, answering :class:`CheckContent`.
 ContentFilter = Callable[[str, str, bytes], Optional[str]]
 
 
@@ -159,6 +188,9 @@ class BrokerConfig:
     reclaim_interval: int = 60 * SECOND
     device_retention: int = 30 * DAY  # devices unseen this long stop holding inbox entries
     inbox_max_age: int = 90 * DAY  # inbox entries older than this are reclaimed regardless
+    # Set: every SendReq that passes the cheap checks becomes a CheckContent
+    # request, answered by the driver with this function (or any other way:
+    # the core only needs the answer, see Broker.content_checked).
     content_filter: Optional[ContentFilter] = None
 
 
@@ -182,28 +214,89 @@ class CloseConnection:
 
 
 @dataclass(frozen=True, slots=True)
-class Commit:
-    batch: WriteBatch
+class Authenticate:
+    """Check ``token`` at time ``now`` (µs); answer with
+    ``Broker.auth_completed(request_id, identity_or_AuthError, now)``.  The
+    connection waits (its later frames queue) until the answer comes or its
+    login timeout closes it."""
+
+    request_id: int
+    token: bytes
+    now: int
 
 
-Command = Union[SendFrame, CloseConnection, Commit]
+@dataclass(frozen=True, slots=True)
+class CheckContent:
+    """Run the content filter on a message before anything is stored; answer
+    with ``Broker.content_checked(request_id, reason_or_None, now)``.  Only
+    the sending connection waits for the answer."""
+
+    request_id: int
+    user: str
+    conv: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AdminDone:
+    """A group admin call (:meth:`Broker.create_group` ...) made with ``ref``
+    finished: ``result`` is GroupChanged, or Rejected with a code
+    (BAD_REQUEST, ALREADY_EXISTS, UNKNOWN_CONVERSATION, STORE_UNAVAILABLE)."""
+
+    ref: int
+    result: Result
+
+
+Command = Union[SendFrame, CloseConnection, StoreRequest, Authenticate, CheckContent, AdminDone]
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerStatistics:
+    """A snapshot of the core's counters (:meth:`Broker.statistics`)."""
+
+    connections: int
+    online_devices: int
+    frames_in: int
+    frames_out: int
+    logins: int
+    auth_failures: int
+    protocol_errors: int
+    messages_stored: int
+    duplicates: int
+    rejected: int
+    batches: int
+    batch_failures: int
+    pushes: int
+    reclaimed_entries: int
+    reads: int  # read requests completed
+    read_failures: int
+    pending_ops: int  # ops waiting for the next batch
+    batch_in_flight: bool  # a write request is with the store
+    reads_in_flight: int
+    hooks_in_flight: int  # Authenticate / CheckContent awaiting an answer
 
 
 # ---------------------------------------------------------------- internal state
 
 
 class _ConnState(Enum):
-    # AWAITING_LOGIN --Login accepted--> ACTIVE ; any --close/loss--> forgotten.
-    # Only Login, Ping and Close are accepted before ACTIVE: nothing a client
-    # sends can touch the store before its token was checked.
+    # AWAITING_LOGIN --Login--> AUTHENTICATING --identity--> LOADING
+    #   --session read--> ACTIVE ; any --close/loss--> forgotten.
+    # Only Login, Ping and Close are accepted in AWAITING_LOGIN, and nothing
+    # else is even looked at before ACTIVE (later frames wait in the
+    # backlog): nothing a client sends can touch the store before its token
+    # was checked.  The login timeout covers all three states before ACTIVE,
+    # so a hook that never answers cannot hold a connection forever.
     AWAITING_LOGIN = 1
-    ACTIVE = 2
+    AUTHENTICATING = 2
+    LOADING = 3
+    ACTIVE = 4
 
 
 class _Conn:
     __slots__ = (
         "id", "state", "opened", "last_seen", "decoder", "user", "device", "inflight", "tokens", "refill_at", "strikes",
-        "expires",
+        "expires", "waiting", "backlog", "history_reads", "login",
     )
 
     def __init__(self, conn_id: int, now: int) -> None:
@@ -220,6 +313,12 @@ class _Conn:
         self.user = ""
         self.device = ""
         self.inflight = 0  # SendReqs of this connection awaiting a SendAck
+        # The request (hook or login read) this connection waits for, 0 if
+        # none; frames that arrive meanwhile wait in `backlog`, in order.
+        self.waiting = 0
+        self.backlog: deque[object] = deque()
+        self.history_reads = 0  # ReadHistory requests in flight
+        self.login: Optional[F.Login] = None
 
 
 class _Device:
@@ -229,9 +328,11 @@ class _Device:
     (acked, sent_upto] was pushed and may be re-pushed after a reconnect;
     (sent_upto, head] is waiting for window space.  Delivery always reads the
     store from sent_upto, so nothing depends on what happened to be in memory.
+    ``reading``: a ReadInbox for this device is in flight; the pump waits for
+    it rather than asking twice.
     """
 
-    __slots__ = ("conn", "user", "device", "acked", "sent_upto", "unacked", "unacked_bytes")
+    __slots__ = ("conn", "user", "device", "acked", "sent_upto", "unacked", "unacked_bytes", "reading")
 
     def __init__(self, conn: int, user: str, device: str, position: int) -> None:
         self.conn = conn
@@ -242,6 +343,7 @@ class _Device:
         # (upto, bytes) of each Push not yet covered by a PushAck, oldest first.
         self.unacked: deque[tuple[int, int]] = deque()
         self.unacked_bytes = 0
+        self.reading = False
 
 
 class _PendingSend:
@@ -263,7 +365,69 @@ class _ReadCtx:
         self.device = device
 
 
-_Ctx = Union[_PendingSend, _ReadCtx, None]
+class _AdminCtx:
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: int) -> None:
+        self.ref = ref
+
+
+_Ctx = Union[_PendingSend, _ReadCtx, _AdminCtx, None]
+
+
+# What each read request in flight is for (request id -> one of these).
+class _LoginRead:
+    __slots__ = ("conn", "user", "device", "identity")
+
+    def __init__(self, conn: int, user: str, device: str, identity: Identity) -> None:
+        self.conn = conn
+        self.user = user
+        self.device = device
+        self.identity = identity
+
+
+class _InboxRead:
+    __slots__ = ("dev", "after")
+
+    def __init__(self, dev: _Device, after: int) -> None:
+        self.dev = dev
+        self.after = after
+
+
+class _HistoryRead:
+    __slots__ = ("conn", "frame", "limit")
+
+    def __init__(self, conn: int, frame: F.HistoryReq, limit: int) -> None:
+        self.conn = conn
+        self.frame = frame
+        self.limit = limit
+
+
+# What each hook request in flight is for.
+class _LoginHook:
+    __slots__ = ("conn", "frame")
+
+    def __init__(self, conn: int, frame: F.Login) -> None:
+        self.conn = conn
+        self.frame = frame
+
+
+class _ContentHook:
+    __slots__ = ("conn", "frame")
+
+    def __init__(self, conn: int, frame: F.SendReq) -> None:
+        self.conn = conn
+        self.frame = frame
+
+
+# Timer kinds (entries of Broker._timers).
+_LOGIN_DUE, _IDLE_DUE, _TOKEN_DUE = 0, 1, 2
+
+#: Frames a connection may queue while it waits for a hook or its login read,
+#: beyond its send window: a client that respects the window never gets near.
+_BACKLOG_SLACK = 64
+#: History reads one connection may have in flight.
+_MAX_HISTORY_READS = 8
 
 
 def message_digest(conv: str, payload: bytes) -> bytes:
@@ -282,29 +446,30 @@ def _to_frame_message(pos: int, m: StoredMessage) -> F.Message:
 
 
 class Broker:
-    """The sans-IO broker.  Not thread-safe: drive it from one thread/task."""
+    """The sans-IO broker.  Not thread-safe: drive it from one thread/task.
 
-    def __init__(
-        self,
-        store: Store,
-        authenticate: Authenticator,
-        config: BrokerConfig = BrokerConfig(),
-        *,
-        node_id: Optional[bytes] = None,
-    ) -> None:
-        self.store = store
+    ``node_id`` (8 bytes) goes into every message id; ``last_server_time``
+    (µs) is the highest server time already stored, so a broker restarted on
+    a store never stamps an earlier one.  Both come from the store
+    (``store.node_id()``, ``store.last_server_time()``).
+    """
+
+    def __init__(self, config: BrokerConfig = BrokerConfig(), *, node_id: bytes, last_server_time: int = 0) -> None:
         self.config = config
-        self._auth = authenticate
-        self._node_id = node_id if node_id is not None else store.node_id()
-        if len(self._node_id) != 8:
+        if not isinstance(node_id, bytes) or len(node_id) != 8:
             raise ValueError("node_id must be 8 bytes")
+        self._node_id = node_id
         # Never stamp a time earlier than anything already stored (restart).
         self._clock = HybridClock()
-        self._clock.observe(store.last_server_time())
+        self._clock.observe(last_server_time)
 
         self._conns: dict[int, _Conn] = {}
         self._online: dict[str, dict[str, _Device]] = {}  # user -> device -> session
-        self._heads: dict[str, int] = {}  # inbox head, for users with online devices
+        # Inbox head of every user with an online device or a login read in
+        # flight (refcounted in _head_refs): a login that read the head
+        # before a batch committed learns the newer head from here.
+        self._heads: dict[str, int] = {}
+        self._head_refs: dict[str, int] = {}
         # Messages the batch being finished appended to online users' inboxes,
         # (pos, message) in position order: a device that is caught up is
         # pushed these without reading them back from the store.
@@ -321,25 +486,25 @@ class Broker:
         # Positions acked by devices whose AckPosition is not durable yet: a
         # quick re-login must resume from here, not from the older stored one.
         self._acks_unsaved: dict[tuple[str, str], int] = {}
-        self._inflight: Optional[tuple[WriteBatch, list[_Ctx]]] = None
-        self._next_batch = 1
+        self._inflight: Optional[tuple[StoreRequest, list[_Ctx]]] = None
+        self._reads: dict[int, Union[_LoginRead, _InboxRead, _HistoryRead]] = {}
+        self._hooks: dict[int, Union[_LoginHook, _ContentHook]] = {}
+        self._next_request = 1  # ids of store requests and hook requests
         self._next_reclaim: Optional[int] = None
+        # (due µs, tiebreak, kind, conn); entries go stale when a connection
+        # closes or is heard from, and are checked when they come due.
+        self._timers: list[tuple[int, int, int, int]] = []
+        self._timer_seq = 0
         self._decompressor: Optional[Callable[[bytes, int], bytes]] = None  # shared: one thread
 
-        self._stats = {
-            "frames_in": 0,
-            "frames_out": 0,
-            "logins": 0,
-            "auth_failures": 0,
-            "protocol_errors": 0,
-            "messages_stored": 0,
-            "duplicates": 0,
-            "rejected": 0,
-            "batches": 0,
-            "batch_failures": 0,
-            "pushes": 0,
-            "reclaimed_entries": 0,
-        }
+        self._stats = dict.fromkeys(
+            (
+                "frames_in", "frames_out", "logins", "auth_failures", "protocol_errors", "messages_stored",
+                "duplicates", "rejected", "batches", "batch_failures", "pushes", "reclaimed_entries", "reads",
+                "read_failures",
+            ),
+            0,
+        )
 
     # ------------------------------------------------------------ connections
 
@@ -347,6 +512,9 @@ class Broker:
         if conn in self._conns:
             raise ValueError(f"connection {conn} already exists")
         self._conns[conn] = _Conn(conn, now)
+        self._arm(now + self.config.login_timeout, _LOGIN_DUE, conn)
+        if self._next_reclaim is None:
+            self._next_reclaim = now + self.config.reclaim_interval
         return []
 
     def connection_lost(self, conn: int, now: int) -> list[Command]:
@@ -371,7 +539,7 @@ class Broker:
                 frame = c.decoder.next_frame()
                 if frame is None:
                     break
-                self._dispatch(c, frame, now, out)
+                self._receive(c, frame, now, out)
                 if conn not in self._conns:  # closed by that frame
                     break
         except ProtocolError as exc:
@@ -386,41 +554,103 @@ class Broker:
         out: list[Command] = []
         if c is not None:
             c.last_seen = now
-            self._dispatch(c, frame, now, out)
+            self._receive(c, frame, now, out)
             self._maybe_commit(out, now)
         return out
 
+    def _receive(self, c: _Conn, frame: object, now: int, out: list[Command]) -> None:
+        if c.waiting or c.backlog:
+            # Waiting for a hook or the login read: keep the order.
+            if len(c.backlog) >= self.config.limits.window + _BACKLOG_SLACK:
+                self._stats["protocol_errors"] += 1
+                self._close(c, CloseCode.PROTOCOL_ERROR, "too many frames while a request was pending", out)
+                return
+            c.backlog.append(frame)
+            return
+        self._dispatch(c, frame, now, out)
+
+    def _resume(self, c: _Conn, now: int, out: list[Command]) -> None:
+        """``c`` stopped waiting: handle what it sent meanwhile, in order,
+        until it waits again or is closed."""
+        backlog = c.backlog
+        while backlog and not c.waiting and c.id in self._conns:
+            self._dispatch(c, backlog.popleft(), now, out)
+
     # ------------------------------------------------------------ store outcome
 
-    def batch_committed(self, batch_id: int, results: Iterable[Result], now: int) -> list[Command]:
-        """The store made batch ``batch_id`` durable with these results."""
-        if self._inflight is None or self._inflight[0].batch_id != batch_id:
-            raise ValueError(f"batch {batch_id} is not in flight")
-        batch, ctxs = self._inflight
-        self._inflight = None
+    def store_completed(self, request_id: int, results: Iterable[Result], now: int) -> list[Command]:
+        """The store ran request ``request_id`` with these results (one per
+        op, in order).  For a write request: the batch is durable.  Raises
+        ValueError for a request that is not in flight or a wrong number of
+        results (a driver bug)."""
+        inflight = self._inflight
+        if inflight is not None and inflight[0].request_id == request_id:
+            return self._batch_committed(inflight, tuple(results), now)
+        ctx = self._reads.pop(request_id, None)
+        if ctx is None:
+            raise ValueError(f"store request {request_id} is not in flight")
         results = tuple(results)
+        if len(results) != 1:
+            raise ValueError("one result per op expected")
+        self._stats["reads"] += 1
+        out: list[Command] = []
+        self._read_done(ctx, results[0], now, out)
+        self._maybe_commit(out, now)
+        return out
+
+    def store_failed(self, request_id: int, error: BaseException, now: int) -> list[Command]:
+        """The store could not run request ``request_id``: nothing of it took
+        effect.  Senders get STORE_UNAVAILABLE and retry with the same local
+        id (dedupe makes that safe whatever the store really did); a login
+        whose read failed is closed (the client logs in again); a history
+        request gets STORE_UNAVAILABLE.  A read that failed with anything but
+        :class:`StoreError` (a bug) closes the connection it was for with
+        INTERNAL; the broker and everyone else carry on."""
+        inflight = self._inflight
+        if inflight is not None and inflight[0].request_id == request_id:
+            return self._batch_failed(inflight, now)
+        ctx = self._reads.pop(request_id, None)
+        if ctx is None:
+            raise ValueError(f"store request {request_id} is not in flight")
+        self._stats["read_failures"] += 1
+        out: list[Command] = []
+        if not isinstance(error, StoreError):
+            conn = ctx.dev.conn if type(ctx) is _InboxRead else ctx.conn  # type: ignore[union-attr]
+            c = self._conns.get(conn)
+            if c is not None:
+                self._close(c, CloseCode.INTERNAL, "internal error", out)
+        self._read_done(ctx, None, now, out)
+        self._maybe_commit(out, now)
+        return out
+
+    def _batch_committed(self, inflight: tuple[StoreRequest, list[_Ctx]], results: tuple[Result, ...], now: int) -> list[Command]:
+        batch, ctxs = inflight
         if len(results) != len(batch.ops):
             raise ValueError("one result per op expected")
+        self._inflight = None
         self._stats["batches"] += 1
         out: list[Command] = []
         to_pump: set[str] = set()
         for op, ctx, res in zip(batch.ops, ctxs, results):
-            if isinstance(op, NewMessage):
+            kind = type(op)
+            if kind is NewMessage:
                 assert isinstance(ctx, _PendingSend)
-                self._finish_send(op, ctx, res, to_pump, out)
-            elif isinstance(op, MarkRead):
+                self._finish_send(op, ctx, res, to_pump, out)  # type: ignore[arg-type]
+            elif kind is MarkRead:
                 assert isinstance(ctx, _ReadCtx)
                 if isinstance(res, ReadMarked):
-                    self._finish_read(op, ctx, res, out)
+                    self._finish_read(res, out)
                 elif isinstance(res, Rejected):
                     # e.g. removed from the group while the Read waited for
                     # the batch: the store is authoritative, tell the device.
-                    self._error(ctx.conn, res.code, 0, f"Read {op.conv!r}: {res.code.name.lower()}", out)
-            elif isinstance(op, AckPosition):
-                key = (op.user, op.device)
-                if self._acks_unsaved.get(key, -1) <= op.position:
+                    self._error(ctx.conn, res.code, 0, f"Read {op.conv!r}: {res.code.name.lower()}", out)  # type: ignore[union-attr]
+            elif kind is AckPosition:
+                key = (op.user, op.device)  # type: ignore[union-attr]
+                if self._acks_unsaved.get(key, -1) <= op.position:  # type: ignore[union-attr]
                     self._acks_unsaved.pop(key, None)
-            elif isinstance(res, Reclaimed):
+            elif isinstance(ctx, _AdminCtx):
+                out.append(AdminDone(ctx.ref, res))
+            elif kind is Reclaim and isinstance(res, Reclaimed):
                 self._stats["reclaimed_entries"] += res.entries
             # Acked / Touched need no reaction: the in-memory session already
             # moved; the store only makes it survive a restart.
@@ -433,13 +663,8 @@ class Broker:
         self._maybe_commit(out, now)
         return out
 
-    def batch_failed(self, batch_id: int, error: BaseException, now: int) -> list[Command]:
-        """The store could not commit batch ``batch_id``: nothing of it took
-        effect.  Senders get STORE_UNAVAILABLE and retry with the same local
-        id (dedupe makes that safe whatever the store really did)."""
-        if self._inflight is None or self._inflight[0].batch_id != batch_id:
-            raise ValueError(f"batch {batch_id} is not in flight")
-        batch, ctxs = self._inflight
+    def _batch_failed(self, inflight: tuple[StoreRequest, list[_Ctx]], now: int) -> list[Command]:
+        batch, ctxs = inflight
         self._inflight = None
         self._stats["batch_failures"] += 1
         out: list[Command] = []
@@ -451,26 +676,146 @@ class Broker:
             elif isinstance(op, MarkRead):
                 assert isinstance(ctx, _ReadCtx)
                 self._error(ctx.conn, ErrorCode.STORE_UNAVAILABLE, 0, "read marker not saved; send Read again", out)
+            elif isinstance(ctx, _AdminCtx):
+                out.append(AdminDone(ctx.ref, Rejected(ErrorCode.STORE_UNAVAILABLE)))
             # A lost AckPosition/TouchDevice only leaves the stored position
             # behind the real one: the device re-acks or re-logs in, and the
             # worst case is a re-delivery the client dedupes by position.
         # Do not immediately retry with whatever is pending: the driver reports
-        # the failure, and the next event (or tick) proposes the next batch.
+        # the failure, and the next event proposes the next batch.
+        return out
+
+    def _read_done(self, ctx: Union[_LoginRead, _InboxRead, _HistoryRead], res: Optional[Result], now: int, out: list[Command]) -> None:
+        """A read request finished (``res`` None: it failed)."""
+        if type(ctx) is _InboxRead:
+            dev = ctx.dev
+            dev.reading = False
+            if self._online.get(dev.user, {}).get(dev.device) is not dev:
+                return  # the device went away meanwhile
+            if isinstance(res, InboxPage) and dev.sent_upto == ctx.after:
+                self._push_entries(dev, res.entries, out, now)
+                self._pump(dev, out, now)
+            elif res is None:
+                # The store failed: the device stays where it is and is
+                # pumped again by its next PushAck, message or login.
+                pass
+            else:
+                self._pump(dev, out, now)  # moved meanwhile: ask again from where it is
+        elif type(ctx) is _LoginRead:
+            self._unref_head(ctx.user)
+            c = self._conns.get(ctx.conn)
+            if c is None or c.state is not _ConnState.LOADING:
+                return
+            if not isinstance(res, SessionLoaded):
+                # A failed read, or the store refused the ids: the client
+                # logs in again (after its backoff) and nothing is lost.
+                self._close(c, CloseCode.INTERNAL, "the store could not load the session; log in again", out)
+                return
+            self._activate(c, ctx, res, now, out)
+            self._resume(c, now, out)  # frames pipelined after the Login
+        else:
+            assert type(ctx) is _HistoryRead
+            c = self._conns.get(ctx.conn)
+            if c is None:
+                return
+            c.history_reads -= 1
+            f = ctx.frame
+            if not isinstance(res, HistoryPage):
+                self._send(c.id, F.HistoryResp(f.req_id, f.conv, ErrorCode.STORE_UNAVAILABLE, (), False), out)
+                return
+            if res.code is not ErrorCode.OK:
+                self._send(c.id, F.HistoryResp(f.req_id, f.conv, res.code, (), False), out)
+                return
+            page = res.messages
+            more = len(page) > ctx.limit
+            msgs = tuple(_to_frame_message(0, m) for m in page[: ctx.limit])
+            self._send(c.id, F.HistoryResp(f.req_id, f.conv, ErrorCode.OK, msgs, more), out)
+
+    # ------------------------------------------------------------ hooks
+
+    def auth_completed(self, request_id: int, result: Union[Identity, AuthError], now: int) -> list[Command]:
+        """The answer to :class:`Authenticate` ``request_id``: the token's
+        :class:`Identity`, or an :class:`AuthError` saying why it is refused
+        (the connection is closed with AUTH_FAILED and that reason).  An
+        answer the core no longer waits for (its connection closed, or the
+        login timed out) is ignored."""
+        out: list[Command] = []
+        hook = self._hooks.get(request_id)
+        if type(hook) is not _LoginHook:
+            return out
+        del self._hooks[request_id]
+        c = self._conns.get(hook.conn)
+        if c is None or c.state is not _ConnState.AUTHENTICATING:
+            return out
+        c.waiting = 0
+        self._on_identity(c, hook.frame, result, now, out)
+        self._resume(c, now, out)
+        self._maybe_commit(out, now)
+        return out
+
+    def content_checked(self, request_id: int, reason: Optional[str], now: int) -> list[Command]:
+        """The answer to :class:`CheckContent` ``request_id``: None lets the
+        message through; a reason rejects it (SendAck REJECTED, and an Error
+        frame with the reason).  An answer the core no longer waits for (the
+        connection closed) is ignored."""
+        out: list[Command] = []
+        hook = self._hooks.get(request_id)
+        if type(hook) is not _ContentHook:
+            return out
+        del self._hooks[request_id]
+        c = self._conns.get(hook.conn)
+        if c is None:
+            return out  # gone: the client retries the send after reconnecting
+        c.waiting = 0
+        f = hook.frame
+        if reason is not None:
+            c.inflight -= 1
+            self._stats["rejected"] += 1
+            self._send(c.id, F.SendAck(f.local_id, ErrorCode.REJECTED, b"", 0, 0), out)
+            self._error(c.id, ErrorCode.REJECTED, f.local_id, str(reason), out)
+        else:
+            self._propose_send(c, f, message_digest(f.conv, f.payload), now, out)
+        self._resume(c, now, out)
+        self._maybe_commit(out, now)
         return out
 
     # ------------------------------------------------------------ time
 
-    def tick(self, now: int) -> list[Command]:
-        """Call periodically (e.g. every second): login and idle timeouts,
-        token expiry, reclamation."""
+    def next_deadline(self) -> Optional[int]:
+        """When (µs, the clock ``now`` is given in) :meth:`handle_timer`
+        must next be called, or None if nothing is scheduled.  It may be
+        early (a timer that turns out to have moved), never late; ask again
+        after every call into the core."""
+        due = self._next_reclaim
+        if self._timers:
+            t = self._timers[0][0]
+            due = t if due is None or t < due else due
+        if self._lazy_since is not None and self._inflight is None and self._ops:
+            t = self._lazy_since + self.config.ack_delay
+            due = t if due is None or t < due else due
+        return due
+
+    def handle_timer(self, now: int) -> list[Command]:
+        """Time has come (``now`` >= :meth:`next_deadline`; calling it early
+        is harmless): login and idle timeouts, token expiry, delivery acks
+        that waited ``ack_delay``, reclamation."""
         out: list[Command] = []
+        timers = self._timers
         idle = self.config.idle_timeout
-        deadline = now - self.config.login_timeout
-        for c in list(self._conns.values()):
-            if c.state is _ConnState.AWAITING_LOGIN and c.opened <= deadline:
-                self._close(c, CloseCode.LOGIN_TIMEOUT, "no Login within the login timeout", out)
-            elif idle and c.state is _ConnState.ACTIVE and c.last_seen <= now - idle:
-                self._close(c, CloseCode.IDLE_TIMEOUT, "nothing received within the idle timeout", out)
+        while timers and timers[0][0] <= now:
+            _, _, kind, conn = heapq.heappop(timers)
+            c = self._conns.get(conn)
+            if c is None:
+                continue
+            if kind == _LOGIN_DUE:
+                if c.state is not _ConnState.ACTIVE:
+                    self._close(c, CloseCode.LOGIN_TIMEOUT, "no Login within the login timeout", out)
+            elif kind == _IDLE_DUE:
+                due = c.last_seen + idle
+                if due > now:
+                    self._arm(due, _IDLE_DUE, conn)  # heard from since: look again then
+                else:
+                    self._close(c, CloseCode.IDLE_TIMEOUT, "nothing received within the idle timeout", out)
             elif c.expires is not None and c.expires <= now:
                 self._close(c, CloseCode.TOKEN_EXPIRED, "the session's token expired; log in with a fresh one", out)
         if self._next_reclaim is None:
@@ -481,24 +826,43 @@ class Broker:
         self._maybe_commit(out, now)
         return out
 
+    def _arm(self, due: int, kind: int, conn: int) -> None:
+        timers = self._timers
+        if len(timers) > 4 * len(self._conns) + 64:
+            # Mostly entries of closed connections (churn): drop them so the
+            # heap stays proportional to the live connections.
+            timers[:] = [t for t in timers if t[3] in self._conns]
+            heapq.heapify(timers)
+        self._timer_seq += 1
+        heapq.heappush(timers, (due, self._timer_seq, kind, conn))
+
     # ------------------------------------------------------------ embedding API
 
-    def create_group(self, conv: str, members: Iterable[str], now: int) -> None:
-        """Control plane: create a group (synchronous store write)."""
-        self.store.create_group(conv, members, now)
+    def create_group(self, conv: str, members: Iterable[str], now: int, *, ref: int = 0) -> list[Command]:
+        """Control plane: create a group, as an op of the next batch (ordered
+        with the messages around it).  :class:`AdminDone` with ``ref`` says
+        how it went."""
+        if isinstance(members, str):
+            raise ValueError("members must be an iterable of user ids, not a string")
+        return self._admin(CreateGroup(conv, tuple(sorted(set(members))), now), ref, now)
 
-    def add_members(self, conv: str, users: Iterable[str]) -> None:
-        self.store.add_members(conv, users)
+    def add_members(self, conv: str, users: Iterable[str], now: int, *, ref: int = 0) -> list[Command]:
+        """Add users to a group (see :meth:`create_group`)."""
+        if isinstance(users, str):
+            raise ValueError("users must be an iterable of user ids, not a string")
+        return self._admin(AddMembers(conv, tuple(sorted(set(users)))), ref, now)
 
-    def remove_members(self, conv: str, users: Iterable[str]) -> None:
-        self.store.remove_members(conv, users)
+    def remove_members(self, conv: str, users: Iterable[str], now: int, *, ref: int = 0) -> list[Command]:
+        """Remove users from a group (see :meth:`create_group`)."""
+        if isinstance(users, str):
+            raise ValueError("users must be an iterable of user ids, not a string")
+        return self._admin(RemoveMembers(conv, tuple(sorted(set(users)))), ref, now)
 
-    def read_positions(self, conv: str) -> dict[str, int]:
-        """Every member's read marker (group read status)."""
-        return self.store.read_positions(conv)
-
-    def unread(self, user: str, conv: str) -> int:
-        return self.store.unread(user, conv)
+    def _admin(self, op: Op, ref: int, now: int) -> list[Command]:
+        out: list[Command] = []
+        self._propose(op, _AdminCtx(ref))
+        self._maybe_commit(out, now)
+        return out
 
     def online_devices(self, user: str) -> list[str]:
         return sorted(self._online.get(user, {}))
@@ -506,19 +870,23 @@ class Broker:
     def server_time(self, now: int) -> int:
         return self._clock.now(now)
 
-    def statistics(self) -> dict[str, int]:
-        s = dict(self._stats)
-        s["connections"] = len(self._conns)
-        s["online_devices"] = sum(len(d) for d in self._online.values())
-        s["pending_ops"] = len(self._ops)
-        s["batch_in_flight"] = int(self._inflight is not None)
-        return s
+    def statistics(self) -> BrokerStatistics:
+        return BrokerStatistics(
+            connections=len(self._conns),
+            online_devices=sum(len(d) for d in self._online.values()),
+            pending_ops=len(self._ops),
+            batch_in_flight=self._inflight is not None,
+            reads_in_flight=len(self._reads),
+            hooks_in_flight=len(self._hooks),
+            **self._stats,
+        )
 
     # ------------------------------------------------------------ dispatch
 
     def _dispatch(self, c: _Conn, frame: object, now: int, out: list[Command]) -> None:
         self._stats["frames_in"] += 1
-        if c.state is _ConnState.AWAITING_LOGIN:
+        if c.state is not _ConnState.ACTIVE:
+            # Only AWAITING_LOGIN gets here: the other states wait (backlog).
             if isinstance(frame, F.Login):
                 self._on_login(c, frame, now, out)
             elif isinstance(frame, F.Ping):
@@ -538,8 +906,19 @@ class Broker:
     # ------------------------------------------------------------ login
 
     def _on_login(self, c: _Conn, f: F.Login, now: int, out: list[Command]) -> None:
+        rid = self._request_id()
+        c.state = _ConnState.AUTHENTICATING
+        c.waiting = rid
+        self._hooks[rid] = _LoginHook(c.id, f)
+        out.append(Authenticate(rid, f.token, now))
+
+    def _on_identity(self, c: _Conn, f: F.Login, result: Union[Identity, AuthError], now: int, out: list[Command]) -> None:
         try:
-            ident = self._auth(f.token, now)
+            if isinstance(result, AuthError):
+                raise result
+            if not isinstance(result, Identity):
+                raise AuthError("authentication failed")
+            ident = result
             if not valid_id(ident.user):
                 raise AuthError("token names an invalid user id")
             if not valid_id(f.device):
@@ -550,7 +929,21 @@ class Broker:
             self._stats["auth_failures"] += 1
             self._close(c, CloseCode.AUTH_FAILED, str(exc) or "authentication failed", out)
             return
-        user, device = ident.user, f.device
+        user = ident.user
+        c.state = _ConnState.LOADING
+        c.login = f
+        rid = self._request_id()
+        c.waiting = rid
+        self._ref_head(user)
+        self._reads[rid] = _LoginRead(c.id, user, f.device, ident)
+        out.append(StoreRequest(rid, (LoadSession(user, f.device),), False))
+
+    def _activate(self, c: _Conn, ctx: _LoginRead, loaded: SessionLoaded, now: int, out: list[Command]) -> None:
+        f = c.login
+        assert f is not None
+        user, device, ident = ctx.user, ctx.device, ctx.identity
+        c.login = None
+        c.waiting = 0
 
         # One connection per device: the newest wins (the old one is likely a
         # half-dead socket the device has already given up on).
@@ -562,11 +955,11 @@ class Broker:
 
         # Resume point: the furthest of what the client says it processed and
         # what the store knows it acked, never below what was reclaimed, never
-        # beyond what exists.
-        head = self.store.inbox_head(user)
-        floor = self.store.inbox_floor(user)
-        stored = self.store.device(user, device)
-        known = max(f.position, stored.position if stored is not None else 0, self._acks_unsaved.get((user, device), 0))
+        # beyond what exists.  The head may have grown since the read (a batch
+        # committed meanwhile): _heads followed it.
+        head = max(loaded.head, self._heads.get(user, 0))
+        floor = loaded.floor
+        known = max(f.position, loaded.position, self._acks_unsaved.get((user, device), 0))
         gap = floor > known
         position = min(max(known, floor), head)
 
@@ -577,9 +970,13 @@ class Broker:
         c.refill_at = now
         dev = _Device(c.id, user, device, position)
         self._online.setdefault(user, {})[device] = dev
-        self._heads[user] = max(self._heads.get(user, 0), head)
+        self._heads[user] = head
         self._propose(TouchDevice(user, device, position, now), None)
         self._stats["logins"] += 1
+        if self.config.idle_timeout:
+            self._arm(c.last_seen + self.config.idle_timeout, _IDLE_DUE, c.id)
+        if ident.expires is not None:
+            self._arm(ident.expires, _TOKEN_DUE, c.id)
 
         lim = self.config.limits
         caps = f.caps & SUPPORTED_CAPS
@@ -607,41 +1004,45 @@ class Broker:
             ),
             out,
         )
-        self._send_read_state(c.id, user, out)
+        self._send_read_states(c.id, loaded, out)
         self._pump(dev, out, now)
 
-    def _send_read_state(self, conn: int, user: str, out: list[Command]) -> None:
+    def _send_read_states(self, conn: int, loaded: SessionLoaded, out: list[Command]) -> None:
         """At login: every conversation's marker and unread count (what the
         device missed while offline), then the peers' markers of 1:1 chats."""
-        entries: list[F.ReadState] = []
-        receipts: list[F.ReadReceipt] = []
-        for conv in self.store.conversations(user):
-            last = self.store.last_seq(conv)
-            marker = self.store.read_marker(user, conv)
-            entries.append(F.ReadState(conv, marker, last, self.store.unread(user, conv)))
-            pair = direct_members(conv)
-            if pair is not None:
-                peer = pair[1] if pair[0] == user else pair[0]
-                peer_mark = self.store.read_marker(peer, conv)
-                if peer_mark:
-                    receipts.append(F.ReadReceipt(conv, peer, peer_mark))
+        entries = [F.ReadState(s.conv, s.read_seq, s.last_seq, s.unread) for s in loaded.conversations]
         step = self.config.limits.read_state_batch
         for i in range(0, len(entries), step):
             self._send(conn, F.ReadStates(tuple(entries[i : i + step])), out)
-        for r in receipts:
-            self._send(conn, r, out)
+        for s in loaded.conversations:
+            if s.peer and s.peer_read_seq:
+                self._send(conn, F.ReadReceipt(s.conv, s.peer, s.peer_read_seq), out)
+
+    def _ref_head(self, user: str) -> None:
+        self._head_refs[user] = self._head_refs.get(user, 0) + 1
+        self._heads.setdefault(user, 0)
+
+    def _unref_head(self, user: str) -> None:
+        n = self._head_refs.get(user, 0) - 1
+        if n > 0:
+            self._head_refs[user] = n
+            return
+        self._head_refs.pop(user, None)
+        if user not in self._online:
+            self._heads.pop(user, None)
 
     # ------------------------------------------------------------ send path
 
-    def _check_conversation(self, user: str, conv: str) -> ErrorCode:
+    @staticmethod
+    def _check_conversation(user: str, conv: str) -> ErrorCode:
+        """What can be refused without the store: a malformed id, or a 1:1
+        chat the user is not part of.  Whether a group exists and the user is
+        a member is the store's to say, inside the transaction (NewMessage,
+        MarkRead) or in the read (ReadHistory)."""
         if not valid_conversation(conv):
             return ErrorCode.BAD_REQUEST
         pair = direct_members(conv)
-        if pair is not None:
-            return ErrorCode.OK if user in pair else ErrorCode.NOT_MEMBER
-        if not self.store.conversation_exists(conv):
-            return ErrorCode.UNKNOWN_CONVERSATION
-        if not self.store.is_member(conv, user):
+        if pair is not None and user not in pair:
             return ErrorCode.NOT_MEMBER
         return ErrorCode.OK
 
@@ -665,7 +1066,7 @@ class Broker:
             c.strikes = 0
         if c.inflight >= lim.window:
             return refuse(ErrorCode.TOO_MANY_IN_FLIGHT)
-        if len(f.payload) > self.config.limits.max_payload:
+        if len(f.payload) > lim.max_payload:
             return refuse(ErrorCode.PAYLOAD_TOO_LARGE)
         code = self._check_conversation(c.user, f.conv)
         if code is not ErrorCode.OK:
@@ -680,19 +1081,35 @@ class Broker:
             pending.waiters.append(c.id)
             c.inflight += 1
             return
-        hook = self.config.content_filter
-        if hook is not None:
-            reason = hook(c.user, f.conv, f.payload)
-            if reason is not None:
-                refuse(ErrorCode.REJECTED)
-                self._error(c.id, ErrorCode.REJECTED, f.local_id, reason, out)
-                return
+        c.inflight += 1
+        if self.config.content_filter is not None:
+            # The host answers (content_checked); this connection waits, so
+            # its messages keep their order, and nobody else does.
+            rid = self._request_id()
+            c.waiting = rid
+            self._hooks[rid] = _ContentHook(c.id, f)
+            out.append(CheckContent(rid, c.user, f.conv, f.payload))
+            return
+        self._propose_send(c, f, digest, now, out)
+
+    def _propose_send(self, c: _Conn, f: F.SendReq, digest: bytes, now: int, out: list[Command]) -> None:
+        key = (c.user, c.device, f.local_id)
+        pending = self._pending_sends.get(key)
+        if pending is not None:
+            # Proposed by another connection of the device while this one's
+            # content check was out (a reconnect): wait with it.
+            if pending.digest != digest:
+                c.inflight -= 1
+                self._stats["rejected"] += 1
+                self._send(c.id, F.SendAck(f.local_id, ErrorCode.DUPLICATE_CONFLICT, b"", 0, 0), out)
+            else:
+                pending.waiters.append(c.id)
+            return
         server_time = self._clock.tick(now)
         msg_id = server_time.to_bytes(8, "big") + self._node_id
         op = NewMessage(msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest)
         ctx = _PendingSend(key, digest, c.id)
         self._pending_sends[key] = ctx
-        c.inflight += 1
         self._propose(op, ctx)
 
     def _finish_send(self, op: NewMessage, ctx: _PendingSend, res: Result, to_pump: set[str], out: list[Command]) -> None:
@@ -700,15 +1117,16 @@ class Broker:
         if isinstance(res, Appended):
             self._stats["messages_stored"] += 1
             ack = F.SendAck(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
-            heads, fresh = self._heads, self._fresh
+            heads, fresh, online = self._heads, self._fresh, self._online
             for user, pos in res.positions:
                 if user in heads:
                     if pos > heads[user]:
                         heads[user] = pos
-                    to_pump.add(user)
-                    # The Push entry as the store would give it back.
-                    m = F.Message(pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time, res.server_time, op.payload)
-                    fresh.setdefault(user, []).append((pos, m))
+                    if user in online:
+                        to_pump.add(user)
+                        # The Push entry as the store would give it back.
+                        m = F.Message(pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time, res.server_time, op.payload)
+                        fresh.setdefault(user, []).append((pos, m))
         elif isinstance(res, Duplicate):
             self._stats["duplicates"] += 1
             ack = F.SendAck(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
@@ -730,11 +1148,12 @@ class Broker:
     # ------------------------------------------------------------ delivery
 
     def _pump(self, dev: _Device, out: list[Command], now: int) -> None:
-        """Push what the device has not been sent yet, within its window."""
+        """Push what the device has not been sent yet, within its window:
+        from the batch just committed when it continues exactly where the
+        device is, else through a ReadInbox request (one at a time)."""
         lim = self.config.limits
-        head = self._heads.get(dev.user, 0)
         fresh = self._fresh.get(dev.user)
-        while dev.sent_upto < head:
+        while not dev.reading and dev.sent_upto < self._heads.get(dev.user, 0):
             room = lim.push_window - (dev.sent_upto - dev.acked)
             if room <= 0 or dev.unacked_bytes >= lim.push_window_bytes:
                 return  # wait for a PushAck
@@ -750,43 +1169,55 @@ class Broker:
                     if entries[0][0] != dev.sent_upto + 1 or entries[-1][0] != dev.sent_upto + len(entries):
                         entries = None
             if entries is None:
-                entries = self.store.inbox_range(dev.user, dev.sent_upto, limit)
-            msgs: tuple[F.Message, ...] = ()
-            if not entries:
-                # Everything left was reclaimed (max age): skip to the head so
-                # the device can ack past it.
-                upto = head
-            else:
-                # Stay within the byte window too (at least one entry, so a
-                # message larger than the window still gets through).
-                budget = lim.push_window_bytes - dev.unacked_bytes
-                for i, (_, m) in enumerate(entries):
-                    budget -= len(m.payload) + 32
-                    if budget < 0 and i > 0:
-                        entries = entries[:i]
-                        break
-                upto = entries[-1][0]
-                # The sending device already has its own message (SendAck);
-                # its position is still covered by `upto`.
-                msgs = tuple(
-                    m if isinstance(m, F.Message) else _to_frame_message(pos, m)
-                    for pos, m in entries
-                    if not (m.device == dev.device and m.sender == dev.user)
-                )
-                if not msgs and dev.acked == dev.sent_upto:
-                    # Nothing but this device's own sends, and nothing of
-                    # ours outstanding: it has them all (their SendAcks), so
-                    # its position moves as if it had acked -- no empty Push
-                    # and PushAck round trip per batch for every sender.
-                    dev.sent_upto = dev.acked = upto
-                    self._record_ack(dev, upto, now)
-                    continue
-            dev.sent_upto = upto
-            size = sum(len(m.payload) for m in msgs) + 32 * len(msgs)
-            dev.unacked.append((upto, size))
-            dev.unacked_bytes += size
-            self._stats["pushes"] += 1
-            self._send(dev.conn, F.Push(upto, msgs), out)
+                dev.reading = True
+                rid = self._request_id()
+                self._reads[rid] = _InboxRead(dev, dev.sent_upto)
+                out.append(StoreRequest(rid, (ReadInbox(dev.user, dev.sent_upto, limit),), False))
+                return
+            self._push_entries(dev, entries, out, now)
+
+    def _push_entries(
+        self, dev: _Device, entries: Sequence[tuple[int, Union[StoredMessage, F.Message]]], out: list[Command], now: int
+    ) -> None:
+        """Push ``entries`` (the next positions after ``dev.sent_upto``, within
+        its window) to the device."""
+        lim = self.config.limits
+        msgs: tuple[F.Message, ...] = ()
+        if not entries:
+            # Everything left was reclaimed (max age): skip to the head so
+            # the device can ack past it.
+            upto = self._heads.get(dev.user, 0)
+        else:
+            # Stay within the byte window too (at least one entry, so a
+            # message larger than the window still gets through).
+            budget = lim.push_window_bytes - dev.unacked_bytes
+            for i, (_, m) in enumerate(entries):
+                budget -= len(m.payload) + 32
+                if budget < 0 and i > 0:
+                    entries = entries[:i]
+                    break
+            upto = entries[-1][0]
+            # The sending device already has its own message (SendAck);
+            # its position is still covered by `upto`.
+            msgs = tuple(
+                m if isinstance(m, F.Message) else _to_frame_message(pos, m)
+                for pos, m in entries
+                if not (m.device == dev.device and m.sender == dev.user)
+            )
+            if not msgs and dev.acked == dev.sent_upto:
+                # Nothing but this device's own sends, and nothing of
+                # ours outstanding: it has them all (their SendAcks), so
+                # its position moves as if it had acked -- no empty Push
+                # and PushAck round trip per batch for every sender.
+                dev.sent_upto = dev.acked = upto
+                self._record_ack(dev, upto, now)
+                return
+        dev.sent_upto = upto
+        size = sum(len(m.payload) for m in msgs) + 32 * len(msgs)
+        dev.unacked.append((upto, size))
+        dev.unacked_bytes += size
+        self._stats["pushes"] += 1
+        self._send(dev.conn, F.Push(upto, msgs), out)
 
     def _on_push_ack(self, c: _Conn, f: F.PushAck, now: int, out: list[Command]) -> None:
         dev = self._online[c.user][c.device]
@@ -831,7 +1262,7 @@ class Broker:
         self._read_slot[key] = len(self._ops)
         self._propose(MarkRead(c.user, f.conv, f.seq), _ReadCtx(c.id, c.device))
 
-    def _finish_read(self, op: MarkRead, ctx: _ReadCtx, res: ReadMarked, out: list[Command]) -> None:
+    def _finish_read(self, res: ReadMarked, out: list[Command]) -> None:
         if not res.changed:
             return
         # Every device of the reader, the reading one included: for it, the
@@ -854,11 +1285,15 @@ class Broker:
         if code is not ErrorCode.OK:
             self._send(c.id, F.HistoryResp(f.req_id, f.conv, code, (), False), out)
             return
+        if c.history_reads >= _MAX_HISTORY_READS:
+            self._send(c.id, F.HistoryResp(f.req_id, f.conv, ErrorCode.TOO_MANY_IN_FLIGHT, (), False), out)
+            return
         limit = max(1, min(f.limit, self.config.limits.history_page))
-        page = self.store.history(f.conv, f.from_seq, limit + 1, f.backward)
-        more = len(page) > limit
-        msgs = tuple(_to_frame_message(0, m) for m in page[:limit])
-        self._send(c.id, F.HistoryResp(f.req_id, f.conv, ErrorCode.OK, msgs, more), out)
+        c.history_reads += 1
+        rid = self._request_id()
+        self._reads[rid] = _HistoryRead(c.id, f, limit)
+        # One more than the page: whether there is more is then known.
+        out.append(StoreRequest(rid, (ReadHistory(f.conv, c.user, f.from_seq, limit + 1, f.backward),), False))
 
     def _on_calibrate(self, c: _Conn, f: F.CalibrateReq, now: int, out: list[Command]) -> None:
         self._send(c.id, F.CalibrateResp(f.client_time, self._clock.now(now)), out)
@@ -867,7 +1302,7 @@ class Broker:
         self._send(c.id, F.Pong(f.nonce), out)
 
     def _on_pong(self, c: _Conn, f: F.Pong, now: int, out: list[Command]) -> None:
-        return None  # liveness is tracked by the network layer
+        return None  # liveness: any frame counts (last_seen)
 
     def _on_close(self, c: _Conn, f: F.Close, now: int, out: list[Command]) -> None:
         self._close(c, CloseCode.NORMAL, "closed by client", out)
@@ -890,6 +1325,11 @@ class Broker:
 
     # ------------------------------------------------------------ plumbing
 
+    def _request_id(self) -> int:
+        rid = self._next_request
+        self._next_request = rid + 1
+        return rid
+
     def _send(self, conn: int, frame: F.Frame, out: list[Command]) -> None:
         self._stats["frames_out"] += 1
         out.append(SendFrame(conn, frame))
@@ -904,7 +1344,15 @@ class Broker:
 
     def _forget(self, conn: int) -> None:
         c = self._conns.pop(conn, None)
-        if c is None or c.state is not _ConnState.ACTIVE:
+        if c is None:
+            return
+        c.backlog.clear()
+        if c.waiting:
+            # A hook's answer still to come is ignored (a content check's
+            # message was never proposed: the client retries it).  A login
+            # read is not a hook: _read_done finds the connection gone.
+            self._hooks.pop(c.waiting, None)
+        if c.state is not _ConnState.ACTIVE:
             return
         devices = self._online.get(c.user)
         if devices is not None:
@@ -913,7 +1361,8 @@ class Broker:
                 del devices[c.device]
             if not devices:
                 del self._online[c.user]
-                self._heads.pop(c.user, None)
+                if c.user not in self._head_refs:
+                    self._heads.pop(c.user, None)
         # SendReqs of this connection stay in their batch: they will be stored
         # and their acks dropped; the client's retry then gets a Duplicate.
 
@@ -935,7 +1384,8 @@ class Broker:
             return
         delay = self.config.ack_delay
         if delay and not self._eager and not force:
-            # Only delivery acks: wait a little for something that needs a sync anyway.
+            # Only delivery acks: wait a little for something that needs a
+            # sync anyway (next_deadline names when the wait ends).
             if self._lazy_since is None:
                 self._lazy_since = now
             if now - self._lazy_since < delay:
@@ -954,36 +1404,56 @@ class Broker:
                     self._ack_slot[(op.user, op.device)] = i
                 elif isinstance(op, MarkRead):
                     self._read_slot[(op.user, op.conv)] = i
-        batch = WriteBatch(self._next_batch, tuple(ops))
-        self._next_batch += 1
-        self._inflight = (batch, ctxs)
-        out.append(Commit(batch))
+        request = StoreRequest(self._request_id(), tuple(ops), True)
+        self._inflight = (request, ctxs)
+        out.append(request)
 
 
 #: Ops whose loss only costs a re-delivery: they may wait for a batch (ack_delay).
 _LAZY_OPS = frozenset((AckPosition, TouchDevice))
 
 
-def drain(broker: Broker, commands: list[Command], now: int) -> list[Command]:
-    """Run every :class:`Commit` synchronously on ``broker.store`` and feed the
-    outcome back, until none is left; return the other commands in order.
+def drain(
+    broker: Broker,
+    store: Store,
+    commands: list[Command],
+    now: int,
+    *,
+    authenticate: Optional[Authenticator] = None,
+) -> list[Command]:
+    """The simplest driver, for synchronous embedding and for tests: run
+    every store request on ``store`` and answer every hook right away (the
+    content filter of the broker's config, ``authenticate`` for logins),
+    feeding the outcomes back until none is left; return the other commands
+    (frames, closes, AdminDone) in order.
 
-    The simplest driver, for synchronous embedding and for tests.  A network
-    layer should instead run commits in a worker thread (LMDB) or await them.
+    Raises ValueError for an Authenticate when ``authenticate`` is None.
     """
-    from .errors import StoreError
-
     done: list[Command] = []
-    queue = list(commands)
+    queue = deque(commands)
     while queue:
-        cmd = queue.pop(0)
-        if isinstance(cmd, Commit):
+        cmd = queue.popleft()
+        kind = type(cmd)
+        if kind is StoreRequest:
             try:
-                results = broker.store.commit(cmd.batch)
+                results = store.execute(cmd)  # type: ignore[arg-type]
             except StoreError as exc:
-                queue.extend(broker.batch_failed(cmd.batch.batch_id, exc, now))
+                queue.extend(broker.store_failed(cmd.request_id, exc, now))  # type: ignore[union-attr]
             else:
-                queue.extend(broker.batch_committed(cmd.batch.batch_id, results, now))
+                queue.extend(broker.store_completed(cmd.request_id, results, now))  # type: ignore[union-attr]
+        elif kind is Authenticate:
+            if authenticate is None:
+                raise ValueError("drain() got an Authenticate but no authenticate function")
+            try:
+                ident: Union[Identity, AuthError] = authenticate(cmd.token, cmd.now)  # type: ignore[union-attr]
+            except AuthError as exc:
+                ident = exc
+            queue.extend(broker.auth_completed(cmd.request_id, ident, now))  # type: ignore[union-attr]
+        elif kind is CheckContent:
+            hook = broker.config.content_filter
+            reason = hook(cmd.user, cmd.conv, cmd.payload) if hook is not None else None  # type: ignore[union-attr]
+            queue.extend(broker.content_checked(cmd.request_id, reason, now))  # type: ignore[union-attr]
         else:
             done.append(cmd)
     return done
+

@@ -1,10 +1,28 @@
-"""A synchronous, in-process driver for the sans-IO broker, for tests.
+"""An in-process driver for the sans-IO broker, for tests.
 
 Frames go in through the real codec (``receive_data`` with encoded bytes), so
-every core test also exercises the active codec backend.  Commits are run on
-the store immediately unless ``hold_commits`` is set, in which case they wait
-in ``held`` until the test releases them -- that is how tests observe that no
-SendAck leaves before the batch is durable.
+every core test also exercises the active codec backend.  The harness plays
+the host: it runs store requests, answers the authentication and content
+hooks, and delivers timer events when a test advances the clock.
+
+Two ways of running store requests (``driver``):
+
+* ``"inline"`` -- each request runs on the store the moment the core emits
+  it, as the served LMDB broker does;
+* ``"latency"`` -- every request goes through
+  :class:`pimcore.testing.LatencyStore` (the asynchronous store contract with
+  a random delay per request, under trio's autojump clock), so reads complete
+  out of order and long after the event that caused them.  Each harness call
+  returns once everything it set off has settled.
+
+``DRIVER`` is the default for harnesses that do not name one; the core test
+modules run every test under both (the ``store_driver`` fixture).
+
+Writes wait in ``held`` while ``hold_commits`` is set, until the test
+releases them -- that is how tests observe that no SendAck leaves before the
+batch is durable.  ``hold_hooks`` does the same for hook requests
+(Authenticate, CheckContent): they wait in ``held_hooks`` until answered
+with :meth:`answer_hooks`.
 """
 
 from __future__ import annotations
@@ -12,13 +30,40 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Optional
 
+import pytest
+import trio
+import trio.testing
+
 from pimcore import frames as F
 from pimcore.codec import encode_frame
-from pimcore.core import Broker, BrokerConfig, CloseConnection, Commit, Identity, SendFrame
+from pimcore.core import (
+    AdminDone,
+    Authenticate,
+    Broker,
+    BrokerConfig,
+    CheckContent,
+    CloseConnection,
+    Identity,
+    SendFrame,
+    StoreRequest,
+)
 from pimcore.errors import AuthError, StoreError
-from pimcore.store import Store
+from pimcore.store import GroupChanged, Store
+from pimcore.testing.latency import LatencyStore
 
 T0 = 1_700_000_000_000_000  # µs
+
+DRIVER = "inline"
+
+
+@pytest.fixture(params=["inline", "latency"])
+def store_driver(request):
+    """Run the test once with inline store requests and once through the
+    latency store (reads out of order)."""
+    global DRIVER
+    DRIVER = request.param
+    yield request.param
+    DRIVER = "inline"
 
 
 def token_auth(token: bytes, now: int) -> Identity:
@@ -36,18 +81,32 @@ def token_auth(token: bytes, now: int) -> Identity:
 
 
 class Harness:
-    def __init__(self, store: Store, config: Optional[BrokerConfig] = None, **kw) -> None:
+    def __init__(self, store: Store, config: Optional[BrokerConfig] = None, *, driver: Optional[str] = None, seed: int = 0, **kw) -> None:
         self.store = store
-        self.broker = Broker(store, token_auth, config or BrokerConfig(), **kw)
+        kw.setdefault("node_id", store.node_id())
+        kw.setdefault("last_server_time", store.last_server_time())
+        self.broker = Broker(config or BrokerConfig(), **kw)
+        self.driver = driver or DRIVER
+        if self.driver not in ("inline", "latency"):
+            raise ValueError(f"unknown driver {self.driver!r}")
+        self.latency = LatencyStore(store, seed=seed) if self.driver == "latency" else None
         self.now = T0
         self.frames: dict[int, list] = defaultdict(list)
         self.closed: dict[int, CloseConnection] = {}
         self.hold_commits = False
         self.fail_commits = False
-        self.held: list[Commit] = []
-        self.commits: list[Commit] = []
+        self.fail_reads = False
+        self.held: list[StoreRequest] = []
+        self.commits: list[StoreRequest] = []
+        self.reads: list[StoreRequest] = []
+        self.hold_hooks = False
+        self.held_hooks: list = []
+        self.admin: dict[int, object] = {}
         self._next_conn = 1
+        self._next_ref = 1
         self._local = defaultdict(int)
+        self._queued: list[StoreRequest] = []
+        self._nursery: Optional[trio.Nursery] = None
 
     # -- plumbing ---------------------------------------------------------
 
@@ -57,24 +116,96 @@ class Harness:
                 self.frames[cmd.conn].append(cmd.frame)
             elif isinstance(cmd, CloseConnection):
                 self.closed[cmd.conn] = cmd
-            elif isinstance(cmd, Commit):
-                self.commits.append(cmd)
-                if self.hold_commits:
-                    self.held.append(cmd)
+            elif isinstance(cmd, StoreRequest):
+                if cmd.write:
+                    self.commits.append(cmd)
+                    if self.hold_commits:
+                        self.held.append(cmd)
+                        continue
                 else:
-                    self.commit(cmd)
+                    self.reads.append(cmd)
+                self._execute(cmd)
+            elif isinstance(cmd, (Authenticate, CheckContent)):
+                if self.hold_hooks:
+                    self.held_hooks.append(cmd)
+                else:
+                    self._answer(cmd)
+            elif isinstance(cmd, AdminDone):
+                self.admin[cmd.ref] = cmd.result
             else:  # pragma: no cover
                 raise AssertionError(f"unknown command {cmd!r}")
+        self._settle()
 
-    def commit(self, cmd: Commit) -> None:
-        try:
-            if self.fail_commits:
-                raise StoreError("disk on fire")
-            results = self.store.commit(cmd.batch)
-        except StoreError as exc:
-            self.run(self.broker.batch_failed(cmd.batch.batch_id, exc, self.now))
+    def _answer(self, cmd, reason=None, identity=None) -> None:
+        if isinstance(cmd, Authenticate):
+            if identity is None:
+                try:
+                    identity = token_auth(cmd.token, cmd.now)
+                except AuthError as exc:
+                    identity = exc
+            self.run(self.broker.auth_completed(cmd.request_id, identity, self.now))
         else:
-            self.run(self.broker.batch_committed(cmd.batch.batch_id, results, self.now))
+            if reason is None:
+                hook = self.broker.config.content_filter
+                reason = hook(cmd.user, cmd.conv, cmd.payload) if hook is not None else None
+            self.run(self.broker.content_checked(cmd.request_id, reason, self.now))
+
+    def answer_hooks(self, which=None, **kw) -> None:
+        """Answer held hook requests (all, or those ``which(cmd)`` picks), as
+        the harness would have; ``reason=``/``identity=`` override."""
+        keep, go = [], []
+        for cmd in self.held_hooks:
+            (go if which is None or which(cmd) else keep).append(cmd)
+        self.held_hooks = keep
+        for cmd in go:
+            self._answer(cmd, **kw)
+
+    def _execute(self, cmd: StoreRequest) -> None:
+        if self.latency is not None:
+            if self._nursery is not None:
+                self._nursery.start_soon(self._execute_async, cmd)
+            else:
+                self._queued.append(cmd)
+            return
+        try:
+            if self.fail_commits and cmd.write or self.fail_reads and not cmd.write:
+                raise StoreError("disk on fire")
+            results = self.store.execute(cmd)
+        except StoreError as exc:
+            self.run(self.broker.store_failed(cmd.request_id, exc, self.now))
+        else:
+            self.run(self.broker.store_completed(cmd.request_id, results, self.now))
+
+    async def _execute_async(self, cmd: StoreRequest) -> None:
+        assert self.latency is not None
+        self.latency.fail_writes, self.latency.fail_reads = self.fail_commits, self.fail_reads
+        try:
+            results = await self.latency.execute(cmd)
+        except StoreError as exc:
+            self.run(self.broker.store_failed(cmd.request_id, exc, self.now))
+        else:
+            self.run(self.broker.store_completed(cmd.request_id, results, self.now))
+
+    def _settle(self) -> None:
+        """Latency driver: run the queued requests (and all they set off)
+        until nothing is left, under a mock clock (no real waiting)."""
+        if self._nursery is not None or not self._queued:
+            return
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                while self._queued:
+                    nursery.start_soon(self._execute_async, self._queued.pop(0))
+
+        try:
+            trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        finally:
+            self._nursery = None
+
+    def commit(self, cmd: StoreRequest) -> None:
+        self._execute(cmd)
+        self._settle()
 
     def release(self) -> None:
         """Commit every held batch (and whatever they trigger)."""
@@ -85,7 +216,30 @@ class Harness:
 
     def advance(self, us: int) -> None:
         self.now += us
-        self.run(self.broker.tick(self.now))
+        self.run(self.broker.handle_timer(self.now))
+
+    # -- control plane ------------------------------------------------------
+
+    def _admin(self, method, *args):
+        ref = self._next_ref
+        self._next_ref += 1
+        self.run(method(*args, self.now, ref=ref))
+        result = self.admin.pop(ref, None)
+        if self.hold_commits and result is None:
+            return None
+        if not isinstance(result, GroupChanged):
+            raise ValueError(f"group admin refused: {result!r}")
+        return result
+
+    def create_group(self, conv: str, members) -> GroupChanged:
+        """Create a group through the broker (an op of the next batch)."""
+        return self._admin(self.broker.create_group, conv, members)
+
+    def add_members(self, conv: str, users) -> GroupChanged:
+        return self._admin(self.broker.add_members, conv, users)
+
+    def remove_members(self, conv: str, users) -> GroupChanged:
+        return self._admin(self.broker.remove_members, conv, users)
 
     # -- a client's view ----------------------------------------------------
 

@@ -39,7 +39,7 @@ def server_config(*listeners: Endpoint, limits: Optional[Limits] = None, **kw: o
             broker = replace(broker, **{key: int(float(kw.pop(key)) * SECOND)})  # type: ignore[arg-type]
     if "rate_limit_strikes" in kw:
         broker = replace(broker, rate_limit_strikes=int(kw.pop("rate_limit_strikes")))  # type: ignore[call-overload]
-    return ServerConfig(listeners=listeners or (Endpoint("tcp"),), broker=broker, tick_interval=0.05, **kw)  # type: ignore[arg-type]
+    return ServerConfig(listeners=listeners or (Endpoint("tcp"),), broker=broker, **kw)  # type: ignore[arg-type]
 
 
 @asynccontextmanager

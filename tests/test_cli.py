@@ -43,7 +43,7 @@ def test_inspect_summarises_a_data_directory(tmp_path, capsys):
         a = h.login("alice", "phone")
         for k in range(3):
             h.send(a, AB, b"m%d" % k)
-        drain(h.broker, [], h.now)
+        drain(h.broker, store, [], h.now)
     assert main(["inspect", path, "--user", "bob"]) == 0
     out = capsys.readouterr().out
     assert "user bob: inbox head 3, floor 0" in out

@@ -13,7 +13,7 @@ from pimcore.core import BrokerConfig, CloseConnection, Limits
 from pimcore.errors import CloseCode, ErrorCode
 from pimcore.store import LmdbStore, MemoryStore, direct_conversation
 
-from _harness import Harness
+from _harness import Harness, store_driver  # noqa: F401
 
 U64 = st.integers(0, 2**64 - 1)
 S64 = st.integers(-(2**63), 2**63 - 1)
@@ -39,6 +39,13 @@ client_frames = st.one_of(
 )
 
 
+
+@pytest.fixture(autouse=True)
+def _every_store_driver(store_driver):
+    """Every test here runs with store requests inline, and again through the
+    latency store (the async contract; reads complete out of order)."""
+    return store_driver
+
 def _check_acked_data(h: Harness, acked: dict) -> None:
     for conv in (AB, "team"):
         hist = h.store.history(conv, 0, 100_000)
@@ -55,7 +62,7 @@ def test_abusive_client_cannot_crash_the_broker_or_lose_acked_data(tmp_path_fact
     store = MemoryStore() if backend_store == "memory" else LmdbStore(str(tmp_path_factory.mktemp("db")), durability="os")
     try:
         h = Harness(store, BrokerConfig(limits=Limits(window=8)))
-        h.broker.create_group("team", ["alice", "bob", "mallory"], h.now)
+        h.create_group("team", ["alice", "bob", "mallory"])
         alice = h.login("alice", "phone")
         mallory = h.login("mallory", "laptop")
         acked = {}

@@ -3,11 +3,22 @@
 Per connection there is one reader task (bytes -> ``Broker.receive_data``)
 and one writer task that owns the socket's send side (so frames are never
 interleaved; this is the "locked sender").  Commands coming out of the core
-are executed synchronously by :meth:`BrokerServer._run`: ``SendFrame``
-appends encoded bytes to the connection's outbound buffer and wakes its
-writer; ``CloseConnection`` queues a Close frame and ends the connection
-once it is flushed; ``Commit`` goes to the single committer task, which runs
-``Store.commit`` in a worker thread and feeds the outcome back.
+are executed by :meth:`BrokerServer._run`:
+
+* ``SendFrame`` appends encoded bytes to the connection's outbound buffer
+  (written straight away when the socket takes them, else by its writer);
+* ``CloseConnection`` queues a Close frame and ends the connection once it
+  is flushed;
+* ``StoreRequest``: a write goes to the single committer task (group commit:
+  the core keeps one in flight); a read runs inline on a synchronous store
+  (local LMDB reads are memory-mapped: microseconds) or in a task of its own
+  on an :class:`~pimcore.store.base.AsyncStore`, completing in any order;
+* ``Authenticate`` / ``CheckContent`` are answered by the configured hooks:
+  inline when they are plain functions, in a task of their own when they
+  are coroutine functions -- a slow hook then holds up only its connection.
+
+Where commits run: on the event loop by default (``commit_in_thread``
+False), in a worker thread if asked, or awaited on an AsyncStore.
 
 No protocol logic lives here.  What does live here, because only the
 network layer can know it:
@@ -17,8 +28,9 @@ network layer can know it:
   outbound buffer grow.  Beyond ``max_outbound_bytes`` the connection is
   dropped with ``SLOW_CONSUMER``; its messages stay in its inbox and it
   catches up from its position when it comes back.
-* **Time.**  ``now`` (µs since the epoch) is read here and passed in; a tick
-  task drives login/idle timeouts and reclamation.
+* **Time.**  ``now`` (µs since the epoch) is read here and passed in; one
+  timer task sleeps until the core's ``next_deadline()`` and then calls
+  ``handle_timer`` -- no fixed tick.
 * **Graceful shutdown.**  Stop accepting, stop reading, let the in-flight
   store batch finish (its SendAcks go out), then Close(SHUTDOWN) everyone.
 """
@@ -34,7 +46,9 @@ import ssl
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Optional, Union
+import inspect
+from collections import deque
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
 
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
@@ -42,9 +56,22 @@ from trio_websocket import WebSocketRequest, serve_websocket
 from .. import frames as F
 from .._util import unwrap_single
 from ..codec import encode_frame
-from ..core import Authenticator, Broker, BrokerConfig, CloseConnection, Command, Commit, Limits, SendFrame
-from ..errors import CloseCode, StoreError
-from ..store.base import Store, WriteBatch
+from ..core import (
+    AdminDone,
+    Authenticate,
+    Authenticator,
+    Broker,
+    BrokerConfig,
+    CheckContent,
+    CloseConnection,
+    Command,
+    Identity,
+    Limits,
+    SendFrame,
+    StoreRequest,
+)
+from ..errors import AuthError, CloseCode, ErrorCode, StoreError
+from ..store.base import AsyncStore, GroupChanged, Rejected, Result, Store
 from .streams import Endpoint, WebSocketStream
 
 __all__ = ["ServerConfig", "BrokerServer", "open_broker_server", "wall_clock_us", "DEFAULT_BROKER_CONFIG"]
@@ -83,7 +110,6 @@ class ServerConfig:
     max_outbound_bytes: int = 8 << 20
     #: Connections beyond this are refused at once (Close OVERLOADED).
     max_connections: int = 100_000
-    tick_interval: float = 0.5  # seconds between Broker.tick calls
     close_timeout: float = 2.0  # seconds to flush a Close before hanging up
     read_size: int = 64 * 1024
     #: Run Store.commit in a worker thread, so the event loop keeps serving
@@ -150,8 +176,8 @@ class BrokerServer:
 
     def __init__(
         self,
-        store: Store,
-        authenticate: Authenticator,
+        store: Union[Store, AsyncStore],
+        authenticate: Union[Authenticator, Callable[[bytes, int], Awaitable[Identity]]],
         config: ServerConfig = ServerConfig(),
         *,
         clock: Callable[[], int] = wall_clock_us,
@@ -159,15 +185,43 @@ class BrokerServer:
     ) -> None:
         self.store = store
         self.config = config
-        self.broker = Broker(store, authenticate, config.broker, node_id=node_id)
+        self._node_id = node_id
+        self._async_store = isinstance(store, AsyncStore)
+        # A synchronous store is asked for the clock floor now; an async one
+        # when the server runs (run() awaits it before listening).
+        self.broker: Broker = (
+            None  # type: ignore[assignment]
+            if self._async_store
+            else Broker(config.broker, node_id=node_id or store.node_id(), last_server_time=store.last_server_time())  # type: ignore[union-attr]
+        )
+        self._authenticate = authenticate
+        self._auth_is_async = inspect.iscoroutinefunction(authenticate) or inspect.iscoroutinefunction(
+            getattr(authenticate, "__call__", None)
+        )
+        hook = config.broker.content_filter
+        self._filter_is_async = hook is not None and (
+            inspect.iscoroutinefunction(hook) or inspect.iscoroutinefunction(getattr(hook, "__call__", None))
+        )
         self._clock = clock
         self._ssl = config.make_ssl_context()
         self._peers: dict[int, _Peer] = {}
         self._dirty: list[_Peer] = []  # peers given bytes by the current _run
         self._ids = itertools.count(1)
-        self._commit_send, self._commit_recv = trio.open_memory_channel[WriteBatch](math.inf)
+        self._commit_send, self._commit_recv = trio.open_memory_channel[StoreRequest](math.inf)
         self._commit_idle = trio.Event()
         self._commit_idle.set()
+        # Work the core asked for that runs as a task (async reads, async
+        # hooks); started once run() has a nursery.
+        self._tasks: Optional[trio.Nursery] = None
+        self._later: deque[tuple[Callable[..., Awaitable[None]], tuple[Any, ...]]] = deque()
+        self._timer_wake = trio.Event()
+        self._timer_due: Optional[int] = None  # the deadline the timer task sleeps towards
+        self._running = False  # inside _run: commands it causes are queued, not nested
+        self._queue: deque[Command] = deque()
+        self._admin_refs = itertools.count(1)
+        self._admin_waiters: dict[int, list[Any]] = {}  # ref -> [Event, result]
+        if config.commit_in_thread and self._async_store:
+            raise ValueError("commit_in_thread is for synchronous stores")
         if config.commit_in_thread and not getattr(store, "thread_safe_commit", False):
             raise ValueError(f"commit_in_thread: {type(store).__name__} commits are not thread-safe")
         self._commit_in_thread = config.commit_in_thread
@@ -209,7 +263,9 @@ class BrokerServer:
         raise LookupError(f"no {scheme} listener")
 
     def statistics(self) -> dict[str, Union[int, float]]:
-        s: dict[str, Union[int, float]] = dict(self.broker.statistics())
+        s: dict[str, Union[int, float]] = {
+            k: getattr(self.broker.statistics(), k) for k in self.broker.statistics().__dataclass_fields__
+        }
         s.update(self._stats)
         s["outbound_bytes_queued"] = sum(p.queued for p in self._peers.values())
         return s
@@ -220,9 +276,17 @@ class BrokerServer:
     # ------------------------------------------------------------ running
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self.broker is None:
+            store: AsyncStore = self.store  # type: ignore[assignment]
+            node_id = self._node_id or await store.node_id()
+            self.broker = Broker(self.config.broker, node_id=node_id, last_server_time=await store.last_server_time())
         async with trio.open_nursery() as nursery:
+            self._tasks = nursery
+            while self._later:
+                fn, args = self._later.popleft()
+                nursery.start_soon(fn, *args)
             nursery.start_soon(self._committer)
-            nursery.start_soon(self._ticker)
+            nursery.start_soon(self._timer)
             async with trio.open_nursery() as peers:
                 with self._listen_scope:
                     async with trio.open_nursery() as listeners:
@@ -246,7 +310,7 @@ class BrokerServer:
         with trio.move_on_after(timeout):
             # Whatever was received before the readers stopped is committed
             # and acknowledged; nothing new arrives.
-            while self.broker.statistics()["batch_in_flight"] or self.broker.statistics()["pending_ops"]:
+            while self.broker.statistics().batch_in_flight or self.broker.statistics().pending_ops:
                 self._run(self.broker.flush(self.now()))  # delivery acks too
                 await self._commit_idle.wait()
                 await trio.sleep(0)
@@ -425,22 +489,172 @@ class BrokerServer:
     # ------------------------------------------------------------ commands
 
     def _run(self, cmds: list[Command]) -> None:
-        for cmd in cmds:
-            if type(cmd) is SendFrame:
-                peer = self._peers.get(cmd.conn)
-                if peer is not None and peer.state is _PeerState.OPEN:
-                    self._enqueue(peer, cmd.frame)
-            elif type(cmd) is Commit:
-                self._commit_idle = trio.Event()
-                self._commit_send.send_nowait(cmd.batch)
-            elif type(cmd) is CloseConnection:
-                peer = self._peers.get(cmd.conn)
-                if peer is not None:
-                    self._close_peer(peer, cmd.code, cmd.reason)
-            else:  # pragma: no cover
-                raise TypeError(f"unknown command {cmd!r}")
+        """Carry out the core's commands, and those their outcomes cause
+        (inline reads, inline hooks), until none is left.  Not re-entrant on
+        purpose: a command that causes more (a slow consumer dropped while
+        queueing) adds them to the queue instead of nesting."""
+        self._queue.extend(cmds)
+        if self._running:
+            return
+        self._running = True
+        queue = self._queue
+        try:
+            while queue:
+                cmd = queue.popleft()
+                kind = type(cmd)
+                if kind is SendFrame:
+                    peer = self._peers.get(cmd.conn)  # type: ignore[union-attr]
+                    if peer is not None and peer.state is _PeerState.OPEN:
+                        self._enqueue(peer, cmd.frame)  # type: ignore[union-attr]
+                elif kind is StoreRequest:
+                    self._store_request(cmd)  # type: ignore[arg-type]
+                elif kind is CloseConnection:
+                    peer = self._peers.get(cmd.conn)  # type: ignore[union-attr]
+                    if peer is not None:
+                        self._close_peer(peer, cmd.code, cmd.reason)  # type: ignore[union-attr]
+                elif kind is Authenticate:
+                    self._authenticate_request(cmd)  # type: ignore[arg-type]
+                elif kind is CheckContent:
+                    self._check_content(cmd)  # type: ignore[arg-type]
+                elif kind is AdminDone:
+                    waiter = self._admin_waiters.pop(cmd.ref, None)  # type: ignore[union-attr]
+                    if waiter is not None:
+                        waiter[1] = cmd.result  # type: ignore[union-attr]
+                        waiter[0].set()
+                else:  # pragma: no cover
+                    raise TypeError(f"unknown command {cmd!r}")
+        finally:
+            self._running = False
         if self._dirty:
             self._flush()
+        due = self.broker.next_deadline()
+        if due is not None and (self._timer_due is None or due < self._timer_due):
+            self._timer_wake.set()  # the timer task sleeps too long: wake it
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        if self._tasks is not None:
+            self._tasks.start_soon(fn, *args)
+        else:
+            self._later.append((fn, args))
+
+    # ------------------------------------------------------------ store and hooks
+
+    def _store_request(self, req: StoreRequest) -> None:
+        if req.write:
+            self._commit_idle = trio.Event()
+            self._commit_send.send_nowait(req)
+        elif self._async_store:
+            self._spawn(self._read_async, req)
+        else:
+            # A local read: memory-mapped LMDB answers in microseconds, so it
+            # runs right here and its outcome joins the command queue.
+            try:
+                results = self.store.execute(req)  # type: ignore[union-attr]
+            except Exception as exc:
+                self._store_error(req, exc)
+                self._queue.extend(self.broker.store_failed(req.request_id, exc, self.now()))
+            else:
+                self._queue.extend(self.broker.store_completed(req.request_id, results, self.now()))
+
+    async def _read_async(self, req: StoreRequest) -> None:
+        try:
+            results = await self.store.execute(req)  # type: ignore[misc]
+        except Exception as exc:
+            self._store_error(req, exc)
+            self._run(self.broker.store_failed(req.request_id, exc, self.now()))
+        else:
+            self._run(self.broker.store_completed(req.request_id, results, self.now()))
+
+    def _store_error(self, req: StoreRequest, exc: BaseException) -> None:
+        # StoreError is the contract; anything else is a store bug, handled
+        # the same way: nothing of the request took effect.
+        if not isinstance(exc, StoreError):
+            log.error("store request %d failed unexpectedly", req.request_id, exc_info=exc)
+            self._stats["internal_errors"] += 1
+        else:
+            log.error("store request %d failed: %s", req.request_id, exc)
+
+    def _authenticate_request(self, cmd: Authenticate) -> None:
+        if self._auth_is_async:
+            self._spawn(self._authenticate_async, cmd)
+            return
+        self._queue.extend(self.broker.auth_completed(cmd.request_id, self._identity(cmd), self.now()))
+
+    def _identity(self, cmd: Authenticate) -> Union[Identity, AuthError]:
+        try:
+            return self._authenticate(cmd.token, cmd.now)  # type: ignore[return-value]
+        except AuthError as exc:
+            return exc
+        except Exception:
+            log.exception("the authenticator failed")
+            self._stats["internal_errors"] += 1
+            return AuthError("authentication is unavailable")
+
+    async def _authenticate_async(self, cmd: Authenticate) -> None:
+        try:
+            result: Union[Identity, AuthError] = await self._authenticate(cmd.token, cmd.now)  # type: ignore[misc]
+        except AuthError as exc:
+            result = exc
+        except Exception:
+            log.exception("the authenticator failed")
+            self._stats["internal_errors"] += 1
+            result = AuthError("authentication is unavailable")
+        self._run(self.broker.auth_completed(cmd.request_id, result, self.now()))
+
+    def _check_content(self, cmd: CheckContent) -> None:
+        if self._filter_is_async:
+            self._spawn(self._check_content_async, cmd)
+            return
+        hook = self.config.broker.content_filter
+        assert hook is not None
+        try:
+            reason = hook(cmd.user, cmd.conv, cmd.payload)
+        except Exception:
+            log.exception("the content filter failed")
+            self._stats["internal_errors"] += 1
+            reason = "the content filter failed"
+        self._queue.extend(self.broker.content_checked(cmd.request_id, reason, self.now()))
+
+    async def _check_content_async(self, cmd: CheckContent) -> None:
+        hook: Any = self.config.broker.content_filter
+        try:
+            reason = await hook(cmd.user, cmd.conv, cmd.payload)
+        except Exception:
+            log.exception("the content filter failed")
+            self._stats["internal_errors"] += 1
+            reason = "the content filter failed"
+        self._run(self.broker.content_checked(cmd.request_id, reason, self.now()))
+
+    # ------------------------------------------------------------ group admin
+
+    async def create_group(self, conv: str, members: list[str]) -> GroupChanged:
+        """Create a group through the core (an op of the next batch).
+        Raises ValueError (bad ids, or the group exists) or StoreError."""
+        return await self._admin(self.broker.create_group, conv, members)
+
+    async def add_members(self, conv: str, users: list[str]) -> GroupChanged:
+        """Add users to a group; KeyError if it does not exist."""
+        return await self._admin(self.broker.add_members, conv, users)
+
+    async def remove_members(self, conv: str, users: list[str]) -> GroupChanged:
+        """Remove users from a group; KeyError if it does not exist."""
+        return await self._admin(self.broker.remove_members, conv, users)
+
+    async def _admin(self, method: Callable[..., list[Command]], conv: str, users: list[str]) -> GroupChanged:
+        ref = next(self._admin_refs)
+        waiter: list[Any] = [trio.Event(), None]
+        self._admin_waiters[ref] = waiter
+        self._run(method(conv, users, self.now(), ref=ref))
+        await waiter[0].wait()
+        result: Result = waiter[1]
+        if isinstance(result, GroupChanged):
+            return result
+        assert isinstance(result, Rejected)
+        if result.code is ErrorCode.UNKNOWN_CONVERSATION:
+            raise KeyError(conv)
+        if result.code is ErrorCode.STORE_UNAVAILABLE:
+            raise StoreError(f"group {conv!r} not changed: the store failed")
+        raise ValueError(f"group {conv!r} not changed: {result.code.name}")
 
     def _flush(self) -> None:
         """Send what the commands just queued.
@@ -520,39 +734,49 @@ class BrokerServer:
 
     async def _committer(self) -> None:
         store = self.store
-        async for batch in self._commit_recv:
+        async for req in self._commit_recv:
             t0 = time.perf_counter()
             try:
-                if self._commit_in_thread:
-                    results = await trio.to_thread.run_sync(store.commit, batch)
+                if self._async_store:
+                    results = await store.execute(req)  # type: ignore[misc]
+                elif self._commit_in_thread:
+                    results = await trio.to_thread.run_sync(store.execute, req)  # type: ignore[union-attr]
                 else:
-                    results = store.commit(batch)
+                    results = store.execute(req)  # type: ignore[union-attr]
             except Exception as exc:
-                # StoreError is the contract; anything else is a store bug,
-                # handled the same way: nothing of the batch is acked, senders
-                # get STORE_UNAVAILABLE and retry with the same local id.
-                if not isinstance(exc, StoreError):
-                    log.exception("store batch %d failed unexpectedly", batch.batch_id)
-                    self._stats["internal_errors"] += 1
-                else:
-                    log.error("store batch %d failed: %s", batch.batch_id, exc)
-                cmds = self.broker.batch_failed(batch.batch_id, exc, self.now())
+                # Nothing of the batch is acked: senders get
+                # STORE_UNAVAILABLE and retry with the same local id.
+                self._store_error(req, exc)
+                cmds = self.broker.store_failed(req.request_id, exc, self.now())
             else:
-                cmds = self.broker.batch_committed(batch.batch_id, results, self.now())
+                cmds = self.broker.store_completed(req.request_id, results, self.now())
             self._stats["commit_seconds"] += time.perf_counter() - t0
             self._commit_idle.set()
             self._run(cmds)
 
-    async def _ticker(self) -> None:
+    async def _timer(self) -> None:
+        """Sleep until the core's next deadline, then tell it the time.
+        Woken early (by _run) when the core names an earlier deadline."""
         while True:
-            await trio.sleep(self.config.tick_interval)
-            self._run(self.broker.tick(self.now()))
+            due = self.broker.next_deadline()
+            self._timer_due = due
+            self._timer_wake = trio.Event()
+            if due is None:
+                await self._timer_wake.wait()
+                continue
+            delay = (due - self.now()) / SECOND
+            if delay > 0:
+                with trio.move_on_after(delay):
+                    await self._timer_wake.wait()
+                    continue
+            self._timer_due = None
+            self._run(self.broker.handle_timer(self.now()))
 
 
 @asynccontextmanager
 async def open_broker_server(
-    store: Store,
-    authenticate: Authenticator,
+    store: Union[Store, AsyncStore],
+    authenticate: Union[Authenticator, Callable[[bytes, int], Awaitable[Identity]]],
     config: ServerConfig = ServerConfig(),
     *,
     clock: Callable[[], int] = wall_clock_us,
