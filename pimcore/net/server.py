@@ -384,6 +384,12 @@ class BrokerServer:
 
     # ------------------------------------------------------------ one connection
 
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one already-connected byte stream (any ``trio.abc.Stream``:
+        a socket, TLS, WebSocket, or a ``trio.testing`` memory stream) until
+        it closes.  The server must be running (:meth:`run`)."""
+        await self._serve_peer(stream, Endpoint("tcp"))
+
     async def _serve_peer(self, stream: trio.abc.Stream, ep: Endpoint) -> None:
         if self._stopping:
             await trio.aclose_forcefully(stream)
