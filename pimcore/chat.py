@@ -138,7 +138,7 @@ async def chat(
                 if text.strip():
                     nursery.start_soon(send, text)
             # Let sends in flight finish (each has its own deadline).
-            while client.statistics()["pending_sends"]:
+            while client.statistics().pending_sends:
                 await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
     out("bye")

@@ -28,7 +28,7 @@ def test_direct_conversation_is_symmetric_and_canonical() -> None:
         ids.member_set("alice")
 
 
-@pytest.mark.parametrize("module", ["pimcore.client", "pimcore.ids", "pimcore.net.streams"])
+@pytest.mark.parametrize("module", ["pimcore.client", "pimcore.client_session", "pimcore.ids", "pimcore.net.streams"])
 def test_client_side_imports_load_no_store(module: str) -> None:
     code = (
         f"import sys, {module}\n"

@@ -204,8 +204,8 @@ async def test_lost_send_ack_is_retried_and_stored_once(lmdb_store, threaded):
                 lmdb_store.commit = commit_then_cut  # type: ignore[method-assign]
                 async with client(f"tcp://127.0.0.1:{proxy.port}", "alice") as a, client(srv.url(), "bob") as b:
                     sent = await a.send(AB, b"exactly once")
-                    assert cut == [1] and a.statistics()["connects"] == 2
-                    assert a.statistics()["retransmits"] + a.statistics()["pending_sends"] >= 0
+                    assert cut == [1] and a.statistics().connects == 2
+                    assert a.statistics().retransmits + a.statistics().pending_sends >= 0
                     [m] = await take_messages(b, 1)
                     assert (m.msg_id, m.seq) == (sent.msg_id, sent.seq) == (m.msg_id, 1)
                     second = await a.send(AB, b"next")
@@ -378,7 +378,7 @@ async def test_heartbeats_keep_a_quiet_client_and_silent_peers_time_out(lmdb_sto
                 close = await never_logs_in.until(F.Close)
                 assert close.code == CloseCode.LOGIN_TIMEOUT
                 await trio.sleep(2.0)  # 20 heartbeat periods of nothing to say
-                assert a.connected and a.statistics()["connects"] == 1
+                assert a.connected and a.statistics().connects == 1
                 assert (await a.send(AB, b"still here")).seq == 1
 
 
@@ -399,7 +399,7 @@ async def test_send_rate_limit_slows_a_client_down_without_losing_anything(lmdb_
                     for i in range(40):
                         n.start_soon(one, i)
                 # It backed off instead of hammering: never closed for ignoring refusals.
-                assert a.statistics()["connects"] == 1
+                assert a.statistics().connects == 1
             assert srv.statistics()["rejected"] > 0  # RATE_LIMITED refusals happened
             assert sorted(s.seq for s in sent) == list(range(1, 41))
             stored = lmdb_store.history(AB, 0, 100)
@@ -547,7 +547,7 @@ async def test_messages_the_app_did_not_take_are_delivered_again(lmdb_store):
                     await a.send(AB, b"m%d" % i)
             async with client(srv.url(), "bob") as b:
                 # Let all five reach the SDK's queue before taking two.
-                while b.statistics()["queued_events"] < 5:
+                while b.statistics().queued_events < 5:
                     await trio.sleep(0.01)
                 first = await take_messages(b, 2)
                 assert [m.payload for m in first] == [b"m0", b"m1"]
@@ -649,7 +649,7 @@ async def test_a_token_function_is_asked_for_a_fresh_token_at_every_connect(lmdb
                     proxy.reset_all()
                     await wait_for(a, lambda e: isinstance(e, Disconnected))
                     await a.send(AB, b"two")
-                    assert len(issued) == a.statistics()["connects"] == 2
+                    assert len(issued) == a.statistics().connects == 2
 
 
 @pytest.mark.parametrize("scheme", ["ws", "tcp"])
@@ -666,7 +666,7 @@ async def test_catching_up_on_large_messages_over_every_transport(lmdb_store, sc
             async with client(url, "bob") as b:
                 got = await take_messages(b, 60)
                 assert [m.payload[-2:] for m in got] == [b"%02d" % i for i in range(60)]
-                assert b.statistics()["connects"] == 1
+                assert b.statistics().connects == 1
 
 
 @pytest.mark.parametrize("scheme", ["ws", "tcp"])
@@ -684,7 +684,7 @@ async def test_many_large_sends_in_flight_over_every_transport(lmdb_store, schem
                     for i in range(40):
                         n.start_soon(one, i)
                 assert sorted(s.seq for s in sent) == list(range(1, 41))
-                assert a.statistics()["connects"] == 1
+                assert a.statistics().connects == 1
 
 
 async def test_a_websocket_write_larger_than_a_message_limit_is_split(lmdb_store):
@@ -721,7 +721,7 @@ async def test_websocket_with_a_small_frame_limit_still_carries_coalesced_writes
                 async with trio.open_nursery() as n:
                     for i in range(100):  # ~100 KB of SendReqs queued at once
                         n.start_soon(one, i)
-                assert len(sent) == 100 and a.statistics()["connects"] == 1
+                assert len(sent) == 100 and a.statistics().connects == 1
 
 
 async def test_an_app_that_never_takes_events_does_not_grow_the_client_without_bound(lmdb_store):
@@ -740,8 +740,8 @@ async def test_an_app_that_never_takes_events_does_not_grow_the_client_without_b
                 while idle.read_state(AB).read_seq < 40:
                     await trio.sleep(0.01)
                 stats = idle.statistics()
-                assert stats["events_dropped"] > 0
-                assert stats["queued_events"] <= 40 + 20  # the messages, plus at most the limit
+                assert stats.events_dropped > 0
+                assert stats.queued_events <= 40 + 20  # the messages, plus at most the limit
                 assert idle.read_state(AB).read_seq == 40  # the state itself is current
                 got = await take_messages(idle, 40)  # and no message was dropped
                 assert [m.payload for m in got] == [b"m%d" % i for i in range(40)]

@@ -118,7 +118,7 @@ async def test_broker_sigkilled_twice_under_traffic_loses_and_duplicates_nothing
                     progress.notify_all()
 
             def pending() -> dict[str, int]:
-                return {u: c.statistics()["pending_sends"] for u, c in clients.items()}
+                return {u: c.statistics().pending_sends for u, c in clients.items()}
 
             async with trio.open_nursery() as traffic:
                 for u in USERS:

@@ -1,0 +1,1152 @@
+"""The client session, sans-IO: one device's protocol state, without sockets or tasks.
+
+In the style of h11, wsproto and aioquic: bytes from the broker go in
+(:meth:`ClientSession.receive_data`), application calls go in
+(:meth:`~ClientSession.send`, :meth:`~ClientSession.mark_read`, ...), and what
+comes out is bytes to write (:meth:`~ClientSession.data_to_send`), events for
+the application (:meth:`~ClientSession.next_event`) and completions for whoever
+waits on a send or a history page (:meth:`~ClientSession.completions`).  The
+session never reads a clock: every call that may start, move or fire a timer
+takes ``now``, an int in µs of the device's clock (the one its messages are
+stamped with; by default the wall clock), and the session names the next
+moment it needs to be woken (:meth:`~ClientSession.next_deadline`), at which
+the driver calls :meth:`~ClientSession.handle_timer`.  Nothing here imports
+trio; :mod:`pimcore.client` is the trio driver, and a driver for asyncio, a
+browser or an embedded loop only has to move bytes and sleep.
+
+One ``ClientSession`` is one *device*, across any number of connections:
+pending sends, the inbox position, read markers and the local view survive
+reconnects.  Each connection is bracketed by :meth:`connection_made` (the
+driver has a fresh byte stream; the session queues Login) and either
+:meth:`connection_lost` (the driver saw the stream fail or end) or an end the
+session decides itself (a Close from the broker, malformed bytes, no LoginAck
+in time, a dead link).  After a session-decided end the driver writes what is
+left in :meth:`data_to_send` (a Close, say), hangs up and reconnects.  docs/CLIENT.md,
+"The client session (sans-IO)", is the state machine in prose for porting.
+
+States (:class:`SessionState`)::
+
+    DISCONNECTED --connection_made--> AWAITING_LOGIN_ACK --LoginAck--> CALIBRATING
+         ^                                   |                              |
+         |  connection_lost, Close,          |        N samples or timeout  v
+         +--- malformed bytes, timeouts -----+-------------------------  ACTIVE
+    any state --close(), Close(AUTH_FAILED|REPLACED)--> CLOSED (terminal)
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import logging
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from . import frames as F
+from .codec import Decoder, encode_frame
+from .errors import CloseCode, ErrorCode, PimError, ProtocolError
+from .order import display_order
+
+try:  # zstandard is a dependency; without it the session just does not ask for zstd
+    from .compress import FrameCompressor, FrameDecompressor
+except ImportError:  # pragma: no cover
+    FrameCompressor = FrameDecompressor = None  # type: ignore[assignment,misc]
+
+__all__ = [
+    "ClientSession",
+    "SessionState",
+    "ClientConfig",
+    "ClientStatistics",
+    "Sent",
+    "MessageReceived",
+    "ReadStateChanged",
+    "ReceiptReceived",
+    "Connected",
+    "Disconnected",
+    "Event",
+    "SendCompleted",
+    "HistoryCompleted",
+    "Completion",
+    "ClientError",
+    "SendError",
+    "SendTimeout",
+    "HistoryTimeout",
+    "AuthFailed",
+    "ClientClosed",
+    "ConnectFailed",
+    "FINAL_CODES",
+    "TRANSIENT_CODES",
+]
+
+log = logging.getLogger("pimcore.client")
+
+#: Refusals a retry cannot fix: the send completes with SendError at once.
+FINAL_CODES = frozenset(
+    {
+        ErrorCode.BAD_REQUEST,
+        ErrorCode.UNKNOWN_CONVERSATION,
+        ErrorCode.NOT_MEMBER,
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        ErrorCode.DUPLICATE_CONFLICT,
+        ErrorCode.REJECTED,
+    }
+)
+#: Refusals that mean "slow down, then retry with the same local id".  Any
+#: non-zero code that is not final counts as transient (an unknown code is
+#: read as INTERNAL, which the spec says to retry).
+TRANSIENT_CODES = frozenset({ErrorCode.TOO_MANY_IN_FLIGHT, ErrorCode.RATE_LIMITED, ErrorCode.STORE_UNAVAILABLE, ErrorCode.INTERNAL})
+
+
+# ---------------------------------------------------------------- errors
+
+
+class ClientError(PimError):
+    """Base class of the SDK's errors."""
+
+
+class SendError(ClientError):
+    """The broker refused the message for good (``code`` says why)."""
+
+    def __init__(self, code: ErrorCode, local_id: int, message: str = "") -> None:
+        super().__init__(message or f"send refused: {code.name}")
+        self.code = code
+        self.local_id = local_id
+
+
+class SendTimeout(ClientError):
+    """No SendAck within the send deadline.  The message may or may not be
+    stored: ``send(..., local_id=err.local_id)`` finds out without risk."""
+
+    def __init__(self, local_id: int) -> None:
+        super().__init__(f"no SendAck for local id {local_id} within the send timeout")
+        self.local_id = local_id
+
+
+class HistoryTimeout(ClientError):
+    """No HistoryResp within the request's deadline (asked again on every
+    connection meanwhile).  The trio driver raises it as ``trio.TooSlowError``."""
+
+    def __init__(self, req_id: int, conv: str) -> None:
+        super().__init__(f"no HistoryResp for request {req_id} ({conv!r}) within the timeout")
+        self.req_id = req_id
+        self.conv = conv
+
+
+class AuthFailed(ClientError):
+    """The broker refused the token; the client stops reconnecting."""
+
+
+class ConnectFailed(ClientError):
+    """The first connection could not be established."""
+
+
+class ClientClosed(ClientError):
+    """The client was closed (or stopped for good) while waiting."""
+
+
+# ---------------------------------------------------------------- results & events
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """A durable send: what the broker's SendAck said."""
+
+    local_id: int
+    conv: str
+    msg_id: bytes
+    seq: int
+    server_time: int  # µs, the broker's clock
+    client_time: int  # µs, the calibrated stamp this client gave the message
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    message: F.Message
+
+
+@dataclass(frozen=True, slots=True)
+class ReadStateChanged:
+    """The user's read state of ``conv`` changed (this or another device read,
+    or the state was refreshed at login)."""
+
+    state: F.ReadState
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptReceived:
+    """The 1:1 peer read up to ``seq``."""
+
+    conv: str
+    reader: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    user: str
+    device: str
+    position: int
+    gap: bool  # entries before `position` were reclaimed before this device took them
+    clock_offset: int  # µs to add to the local clock to get the broker's
+    rtt: int  # µs, best calibration round trip (-1: no sample yet)
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    code: Optional[CloseCode]  # the broker's Close code, None if the link just broke
+    reason: str
+
+
+Event = Union[MessageReceived, ReadStateChanged, ReceiptReceived, Connected, Disconnected]
+
+
+@dataclass(frozen=True, slots=True)
+class SendCompleted:
+    """A send finished: exactly one of ``result`` and ``error`` is set
+    (SendError, SendTimeout, AuthFailed or ClientClosed)."""
+
+    local_id: int
+    result: Optional[Sent]
+    error: Optional[ClientError]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryCompleted:
+    """A history request finished: ``messages`` on success, else ``error``
+    (SendError with the broker's code, HistoryTimeout, AuthFailed, ClientClosed)."""
+
+    req_id: int
+    messages: tuple[F.Message, ...]
+    error: Optional[ClientError]
+
+
+Completion = Union[SendCompleted, HistoryCompleted]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    ack_timeout: float = 5.0  # s without SendAck before the SendReq is sent again
+    send_timeout: float = 60.0  # s before send() gives up with SendTimeout
+    connect_timeout: float = 10.0  # s for connect + Login + LoginAck
+    backoff_initial: float = 0.1  # s, first reconnect delay (then doubled, jittered)
+    backoff_max: float = 10.0
+    time_samples: int = 5  # calibration round trips at each login
+    ack_delay: float = 0.02  # s; PushAcks taken within this window go out as one
+    dead_after: float = 3.0  # heartbeat periods without any frame = dead link
+    compression: bool = True  # ask for zstd at login
+    max_frame: int = 1 << 20
+    view_limit: int = 1000  # messages kept per conversation for view() (the newest by seq)
+    event_limit: int = 10_000  # queued events before old read-state notifications are shed
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStatistics:
+    """A snapshot of a client's counters (all ints; positions are inbox positions)."""
+
+    connects: int  # LoginAcks received
+    retransmits: int  # SendReqs sent again (ack_timeout or reconnect)
+    duplicates_dropped: int  # re-pushed messages dropped by position
+    events_dropped: int  # read-state notifications shed beyond event_limit
+    acks_sent: int  # PushAcks sent
+    frames_in: int  # frames decoded from the broker
+    frames_out: int  # frames queued for the broker
+    pending_sends: int  # sends without a final answer yet
+    queued_events: int  # events the application has not taken
+    taken_upto: int  # highest inbox position the application has taken
+    in_flight: int  # SendReqs on the wire of the current connection, unanswered
+    send_window: int  # the AIMD limit on sends in flight (LoginAck.window caps it too)
+
+
+class SessionState(enum.Enum):
+    """Where the device's current connection is (see the module docstring)."""
+
+    DISCONNECTED = "disconnected"  # no connection: the driver is dialling or backing off
+    AWAITING_LOGIN_ACK = "awaiting_login_ack"  # Login sent
+    CALIBRATING = "calibrating"  # LoginAck received; CalibrateReq round trips
+    ACTIVE = "active"  # sends, pushes, read state, history, heartbeats
+    CLOSED = "closed"  # for good: close(), AUTH_FAILED or REPLACED; see ``error``
+
+
+_LIVE = (SessionState.AWAITING_LOGIN_ACK, SessionState.CALIBRATING, SessionState.ACTIVE)
+
+#: Why an EOF ended the connection, by the state it ended in.
+_EOF_REASON = {
+    SessionState.AWAITING_LOGIN_ACK: "connection closed before LoginAck",
+    SessionState.CALIBRATING: "connection closed during clock calibration",
+    SessionState.ACTIVE: "connection closed by the broker",
+}
+
+
+def _us(seconds: float) -> int:
+    return int(round(seconds * 1_000_000))
+
+
+def _by_seq(m: F.Message) -> int:
+    return m.seq
+
+
+def _error_code(code: int) -> ErrorCode:
+    # An unknown code from a newer broker: INTERNAL, i.e. "retry later".
+    return ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL
+
+
+def zstd_available() -> bool:
+    return FrameCompressor is not None
+
+
+class _Pending:
+    """One send until its final answer.  ``raw`` is the encoded SendReq: the
+    very same bytes go out on every attempt (same local id, same stamp)."""
+
+    __slots__ = ("local_id", "conv", "payload", "client_time", "raw", "deadline", "sent_at", "attempts")
+
+    def __init__(self, local_id: int, conv: str, payload: bytes, client_time: int, raw: bytes, deadline: int) -> None:
+        self.local_id = local_id
+        self.conv = conv
+        self.payload = payload
+        self.client_time = client_time
+        self.raw = raw
+        self.deadline = deadline  # session time (µs) of SendTimeout
+        self.sent_at: Optional[int] = None  # session time of the last transmission; None = not on the wire
+        self.attempts = 0
+
+
+class _HistoryRequest:
+    __slots__ = ("req_id", "conv", "raw", "deadline", "sent_at")
+
+    def __init__(self, req_id: int, conv: str, raw: bytes, deadline: int) -> None:
+        self.req_id = req_id
+        self.conv = conv
+        self.raw = raw
+        self.deadline = deadline
+        self.sent_at: Optional[int] = None  # None = not asked on this connection yet
+
+
+class ClientSession:
+    """One device of one user, sans-IO.  See the module docstring.
+
+    Time: every ``now`` is µs of the device clock.  Message stamps, local ids
+    and calibration use it as it is; timers run on a copy that never goes
+    backwards (a backward step of the clock is absorbed instead of stalling
+    every timer by the size of the step; a forward step fires timers early,
+    which costs at most a retransmit or a reconnect).
+
+    Methods raise the terminal error (:class:`AuthFailed`,
+    :class:`ClientClosed`) once the session is CLOSED, and
+    :class:`~pimcore.errors.EncodeError` for arguments no frame can carry
+    (checked before any state changes).  Bytes from the broker never raise:
+    malformed input ends the connection (see :meth:`receive_data`).
+    """
+
+    def __init__(self, device: str, config: ClientConfig = ClientConfig(), *, seed: Optional[int] = None) -> None:
+        self.device = device
+        self.config = config
+        self._rng = random.Random(seed)
+        self._caps = F.CAP_ZSTD if config.compression and zstd_available() else 0
+        self._ack_timeout = _us(config.ack_timeout)
+        self._send_timeout = _us(config.send_timeout)
+        self._connect_timeout = _us(config.connect_timeout)
+        self._ack_delay = _us(config.ack_delay)
+
+        self._state = SessionState.DISCONNECTED
+        self.error: Optional[ClientError] = None  # why the session is CLOSED
+        self.last_disconnect: Optional[Disconnected] = None  # why the last connection ended
+        self.user = ""
+
+        # -- time: _t is session time (device clock + _skew, never backwards)
+        self._t = -(1 << 63)
+        self._skew = 0
+        self._raw_now = 0  # the device clock as last passed in
+        self._offset = 0  # µs: broker clock - device clock, from the best calibration sample
+        self._rtt = -1
+        self._last_stamp = 0
+        self._last_local_id = 0
+
+        # -- the current connection (reset by connection_made)
+        self._decoder: Optional[Decoder] = None
+        self._out: list[bytes] = []  # encoded frames for data_to_send()
+        self._compress: Optional[object] = None  # FrameCompressor.compress once zstd is active
+        self._zstd: Optional[tuple[object, object]] = None  # made once, shared by all connections
+        self._window = 1  # LoginAck.window
+        self._heartbeat = 0  # µs, LoginAck.heartbeat_ms; 0 = none
+        self._last_sent = 0
+        self._last_recv = 0
+        self._login_deadline = 0
+        self._login_ack: Optional[F.LoginAck] = None
+        self._cal_t0 = 0  # device clock of the outstanding CalibrateReq (its echo key)
+        self._cal_deadline = 0
+        self._samples: list[tuple[int, int]] = []  # (rtt, offset)
+        self._held: list[object] = []  # frames that arrived during calibration
+        self._ping_nonce = 0
+        self._established = 0  # connections that reached ACTIVE
+
+        # -- upstream
+        self._pending: dict[int, _Pending] = {}
+        # Not on the wire yet, in local-id (= send) order; may hold finished
+        # entries, skipped lazily (a dict lookup is cheaper than deque.remove).
+        self._queue: deque[_Pending] = deque()
+        # On the wire of this connection, oldest transmission first, so the
+        # next retransmit is always the first entry.
+        self._inflight: dict[int, _Pending] = {}
+        self._timeouts: list[tuple[int, int]] = []  # heap of (deadline, local id); stale entries skipped
+        self._hold_until = 0  # session time before which nothing new is sent (the broker asked to slow down)
+        self._refusals = 0  # consecutive transient refusals (backoff exponent)
+        # Congestion window: sends on the wire at once, <= LoginAck.window.
+        # Halved on each "slow down" refusal, +1 per answered send (AIMD), and
+        # kept across reconnects so a rate-limited client does not burst again.
+        self._cwnd = float(1 << 16)
+        self._completions: list[Completion] = []
+
+        # -- downstream: (event, inbox position the app has processed once it took it)
+        self._events: deque[tuple[Optional[Event], int]] = deque()
+        self._enqueued_upto = 0  # highest inbox position queued for the app
+        self._taken_upto = 0  # highest position the app has taken (what we ack)
+        self._acked_upto = 0  # highest PushAck sent on (or LoginAck.position of) this connection
+        self._ack_at: Optional[int] = None  # session time the batched PushAck is due
+
+        # -- read state, view, history
+        self.read_states: dict[str, F.ReadState] = {}
+        self.receipts: dict[tuple[str, str], int] = {}  # (conv, reader) -> seq
+        self._read_wanted: dict[str, int] = {}  # markers sent but not yet confirmed
+        self._views: dict[str, dict[bytes, F.Message]] = {}
+        self._history: dict[int, _HistoryRequest] = {}
+        self._next_req = 1
+
+        self._stats = {"connects": 0, "retransmits": 0, "duplicates_dropped": 0, "events_dropped": 0, "acks_sent": 0, "frames_in": 0, "frames_out": 0}
+
+    # ------------------------------------------------------------ queries
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def connection_open(self) -> bool:
+        """True from connection_made until the connection ended (by either side)."""
+        return self._state in _LIVE
+
+    @property
+    def connections_established(self) -> int:
+        """How many connections reached ACTIVE so far."""
+        return self._established
+
+    @property
+    def clock_offset(self) -> int:
+        """µs to add to the device clock to get the broker's (0 before calibration)."""
+        return self._offset
+
+    @property
+    def rtt(self) -> int:
+        """µs, the round trip of the calibration sample in use (-1: none yet)."""
+        return self._rtt
+
+    @property
+    def send_window(self) -> int:
+        """How many SendReqs may be on the wire now: min(LoginAck.window, AIMD window)."""
+        return max(1, min(self._window, int(self._cwnd)))
+
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._out)
+
+    @property
+    def has_events(self) -> bool:
+        return bool(self._events)
+
+    def server_now(self, now: int) -> int:
+        """The broker's clock (µs) estimated from the device clock ``now``."""
+        return now + self._offset
+
+    def read_state(self, conv: str) -> F.ReadState:
+        return self.read_states.get(conv, F.ReadState(conv, 0, 0, 0))
+
+    def unread(self, conv: str) -> int:
+        return self.read_state(conv).unread
+
+    def receipt(self, conv: str, reader: str) -> int:
+        """How far ``reader`` has read ``conv`` (1:1 read receipt), 0 if unknown."""
+        return self.receipts.get((conv, reader), 0)
+
+    def view(self, conv: str) -> list[F.Message]:
+        """The messages of ``conv`` this device has (sent, received, fetched),
+        in display order: one sender's by their local time, senders
+        interleaved by server time -- the same on every device.  At most
+        ``view_limit``, the newest by seq."""
+        return display_order(list(self._views.get(conv, {}).values()))
+
+    def statistics(self) -> ClientStatistics:
+        s = self._stats
+        return ClientStatistics(
+            connects=s["connects"],
+            retransmits=s["retransmits"],
+            duplicates_dropped=s["duplicates_dropped"],
+            events_dropped=s["events_dropped"],
+            acks_sent=s["acks_sent"],
+            frames_in=s["frames_in"],
+            frames_out=s["frames_out"],
+            pending_sends=len(self._pending),
+            queued_events=len(self._events),
+            taken_upto=self._taken_upto,
+            in_flight=len(self._inflight),
+            send_window=int(self._cwnd),
+        )
+
+    # ------------------------------------------------------------ time
+
+    def _tick(self, now: int) -> int:
+        """Session time for device time ``now``: never backwards."""
+        self._raw_now = now
+        t = now + self._skew
+        if t < self._t:
+            # The device clock stepped back (NTP, the user).  Shift the
+            # timeline so session time continues where it was: deadlines
+            # already set keep their distance instead of moving away by the
+            # size of the step.
+            self._skew += self._t - t
+            t = self._t
+        self._t = t
+        return t
+
+    def _stamp(self, now: int) -> int:
+        # Calibrated, and never backwards within this device: one sender's
+        # messages are displayed in the order of these stamps.
+        t = max(self._last_stamp + 1, now + self._offset)
+        self._last_stamp = t
+        return t
+
+    def _new_local_id(self, now: int) -> int:
+        # Unique per device across restarts as long as the clock does not go
+        # back by more than the gap between two runs.
+        lid = max(self._last_local_id + 1, now)
+        self._last_local_id = lid
+        return lid
+
+    def _check_open(self) -> None:
+        if self._state is SessionState.CLOSED:
+            assert self.error is not None
+            raise self.error
+
+    # ------------------------------------------------------------ connection lifecycle
+
+    def connection_made(self, now: int, token: bytes) -> None:
+        """A new byte stream to the broker is open: queue Login (token, this
+        device, the inbox position the app has taken, the caps).  Starts the
+        LoginAck deadline (``connect_timeout``).
+
+        Raises RuntimeError if a connection is already open, the terminal
+        error if CLOSED."""
+        self._check_open()
+        if self.connection_open:
+            raise RuntimeError("connection_made while a connection is open (call connection_lost first)")
+        t = self._tick(now)
+        # Bytes queued for an earlier connection never go out on this one.
+        self._out = []
+        self._decoder = Decoder(self.config.max_frame)
+        self._compress = None
+        self._window = 1
+        self._heartbeat = 0
+        self._last_sent = self._last_recv = t
+        self._login_deadline = t + self._connect_timeout
+        self._login_ack = None
+        self._samples = []
+        self._held = []
+        self._ack_at = None
+        for h in self._history.values():
+            h.sent_at = None
+        self._state = SessionState.AWAITING_LOGIN_ACK
+        self._send(encode_frame(F.Login(bytes(token), self.device, now, self._taken_upto, self._caps)))
+
+    def connection_lost(self, now: int, reason: Optional[str] = None) -> None:
+        """The driver's stream failed or reached EOF.  Queued bytes are
+        discarded; everything unanswered goes again on the next connection.
+        Emits Disconnected(None, reason) (default: an EOF in this state).  A
+        no-op if no connection is open."""
+        self._tick(now)
+        if not self.connection_open:
+            return
+        self._out = []
+        self._end_connection(None, reason if reason is not None else _EOF_REASON[self._state])
+
+    def _end_connection(self, code: Optional[CloseCode], reason: str) -> None:
+        """The current connection is over (either side decided).  Unconfirmed
+        sends go back to the queue in send order: the same local ids go out
+        again, first thing, on the next connection."""
+        self._state = SessionState.DISCONNECTED
+        self._decoder = None
+        self._compress = None
+        self._held = []
+        self._inflight.clear()
+        for p in self._pending.values():
+            p.sent_at = None
+        self._queue = deque(sorted(self._pending.values(), key=lambda p: p.local_id))
+        self._ack_at = None
+        for h in self._history.values():
+            h.sent_at = None
+        d = Disconnected(code, reason)
+        self.last_disconnect = d
+        self._emit(d)
+
+    def close(self, now: int) -> None:
+        """The application is done: flush the PushAck of what it took, queue
+        Close(NORMAL) and become CLOSED.  Unfinished sends and history
+        requests complete with ClientClosed.  The driver writes
+        :meth:`data_to_send` and hangs up.  A no-op if already CLOSED."""
+        self._tick(now)
+        if self._state is SessionState.CLOSED:
+            return
+        if self._state is SessionState.ACTIVE and self._taken_upto > self._acked_upto:
+            # Not pushed again next time.
+            self._acked_upto = self._taken_upto
+            self._stats["acks_sent"] += 1
+            self._send(encode_frame(F.PushAck(self._taken_upto)))
+        if self.connection_open:
+            self._send(encode_frame(F.Close(CloseCode.NORMAL, "client closing")))
+        self._terminate(ClientClosed("client closed"))
+
+    def _terminate(self, error: ClientError) -> None:
+        """CLOSED for good: every waiter gets ``error``."""
+        self._state = SessionState.CLOSED
+        self.error = error
+        self._decoder = None
+        for p in list(self._pending.values()):
+            self._completions.append(SendCompleted(p.local_id, None, error))
+        self._pending.clear()
+        self._queue.clear()
+        self._inflight.clear()
+        self._timeouts.clear()
+        for h in list(self._history.values()):
+            self._completions.append(HistoryCompleted(h.req_id, (), error))
+        self._history.clear()
+
+    # ------------------------------------------------------------ bytes in / out
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the broker (b"" if nothing); the caller
+        writes it, in order, on the current connection."""
+        if not self._out:
+            return b""
+        data = b"".join(self._out)
+        self._out = []
+        return data
+
+    def _send(self, raw: bytes) -> None:
+        """Queue one encoded frame (compressed once zstd is active).  Dropped
+        when no connection is open: whatever matters is sent again on the
+        next one (unanswered sends, unconfirmed read markers, the ack)."""
+        if not self.connection_open:
+            return
+        if self._compress is not None:
+            raw = self._compress(raw)  # type: ignore[operator]
+        self._out.append(raw)
+        self._last_sent = self._t
+        self._stats["frames_out"] += 1
+
+    def receive_data(self, data: bytes, now: int) -> None:
+        """Bytes from the broker, split anywhere.  Frames are handled in
+        order until the connection ends; bytes arriving when no connection is
+        open are ignored.  Never raises for what the broker sent: malformed
+        bytes (any :class:`~pimcore.errors.ProtocolError` of the decoder)
+        queue Close(PROTOCOL_ERROR) and end the connection with
+        Disconnected(None, "malformed data from the broker: ...")."""
+        self._tick(now)
+        if not self.connection_open or not data:
+            return
+        self._last_recv = self._t
+        decoder = self._decoder
+        assert decoder is not None
+        try:
+            decoder.feed(data)
+            while self.connection_open:
+                frame = decoder.next_frame()
+                if frame is None:
+                    break
+                self._stats["frames_in"] += 1
+                self._on_frame(frame)
+        except ProtocolError as exc:
+            if not self.connection_open:  # pragma: no cover - the loop stops first
+                return
+            # Framing is lost: nothing after this byte can be trusted.  Tell
+            # the broker why (docs/PROTOCOL.md section 3) and start over on a
+            # new connection, where the stream is in sync again.
+            why = f"{exc.code.name}: {exc}"
+            self._send(encode_frame(F.Close(CloseCode.PROTOCOL_ERROR, why[:200])))
+            self._end_connection(None, f"malformed data from the broker: {why}")
+
+    # ------------------------------------------------------------ frames by state
+
+    def _on_frame(self, f: object) -> None:
+        t = type(f)
+        if t is F.Close:
+            self._on_close(f)  # type: ignore[arg-type]
+        elif self._state is SessionState.ACTIVE:
+            self._dispatch(f)
+        elif self._state is SessionState.AWAITING_LOGIN_ACK:
+            if t is F.LoginAck:
+                self._on_login_ack(f)  # type: ignore[arg-type]
+            elif t is F.Ping:
+                self._send(encode_frame(F.Pong(f.nonce)))  # type: ignore[attr-defined]
+            # Anything else before LoginAck: the broker sends nothing else
+            # then; ignored rather than trusted.
+        elif self._state is SessionState.CALIBRATING:
+            if t is F.CalibrateResp and f.client_time == self._cal_t0:  # type: ignore[attr-defined]
+                self._on_calibrate_resp(f)  # type: ignore[arg-type]
+            else:
+                # ReadStates, receipts, pushes already flow: held until
+                # Connected is out, so the app sees Connected first.
+                self._held.append(f)
+
+    def _on_close(self, f: F.Close) -> None:
+        code = CloseCode(f.code) if f.code in CloseCode._value2member_map_ else None
+        self._end_connection(code, f.reason)
+        if code is CloseCode.AUTH_FAILED:
+            # A token the broker refused will not get better by retrying.
+            self._terminate(AuthFailed(f.reason))
+        elif code is CloseCode.REPLACED:
+            # This device is live elsewhere: reconnecting would kick that one out.
+            self._terminate(ClientClosed("this device logged in on another connection"))
+
+    def _on_login_ack(self, ack: F.LoginAck) -> None:
+        self.user = ack.user
+        self._heartbeat = ack.heartbeat_ms * 1000
+        self._window = max(1, ack.window)
+        if ack.caps & F.CAP_ZSTD and self._caps & F.CAP_ZSTD:
+            # Active from the frame after LoginAck, both ways (PROTOCOL.md 7).
+            if self._zstd is None:
+                self._zstd = (FrameCompressor(), FrameDecompressor())
+            self._compress = self._zstd[0].compress  # type: ignore[attr-defined]
+            assert self._decoder is not None
+            self._decoder.enable_decompression(self._zstd[1])
+        # Resume: never re-queue what the app already has.
+        if ack.position > self._enqueued_upto:
+            self._enqueued_upto = ack.position
+        self._taken_upto = max(self._taken_upto, ack.position)
+        self._acked_upto = ack.position
+        self._login_ack = ack
+        self._stats["connects"] += 1
+        self._state = SessionState.CALIBRATING
+        self._samples = []
+        self._calibrate_next()
+
+    def _calibrate_next(self) -> None:
+        self._cal_t0 = self._raw_now
+        self._cal_deadline = self._t + self._ack_timeout
+        self._send(encode_frame(F.CalibrateReq(self._cal_t0)))
+
+    def _on_calibrate_resp(self, f: F.CalibrateResp) -> None:
+        t0, t1 = self._cal_t0, self._raw_now
+        rtt = max(0, t1 - t0)
+        # The broker read its clock somewhere in [t0, t1]: assume the middle;
+        # the error is at most rtt/2, so the smallest rtt wins.
+        self._samples.append((rtt, f.server_time - (t0 + t1) // 2))
+        if len(self._samples) >= max(1, self.config.time_samples):
+            self._establish()
+        else:
+            self._calibrate_next()
+
+    def _establish(self) -> None:
+        """Calibration is over (all samples, or one timed out): ACTIVE."""
+        if self._samples:
+            self._rtt, self._offset = min(self._samples)
+        # else: no sample answered; keep the previous login's offset.
+        self._state = SessionState.ACTIVE
+        self._established += 1
+        ack = self._login_ack
+        assert ack is not None
+        self._emit(Connected(ack.user, self.device, ack.position, ack.gap, self._offset, self._rtt))
+        held, self._held = self._held, []
+        for f in held:
+            if self._state is not SessionState.ACTIVE:  # pragma: no cover - Close is never held
+                return
+            self._dispatch(f)
+        # Everything unanswered goes again, same local ids, in send order.
+        self._inflight.clear()
+        for p in self._pending.values():
+            p.sent_at = None
+        self._queue = deque(sorted(self._pending.values(), key=lambda p: p.local_id))
+        self._fill_window()
+        for conv, seq in self._read_wanted.items():
+            self._send(encode_frame(F.Read(conv, seq)))
+        if self._taken_upto > self._acked_upto and self._ack_at is None:
+            self._ack_at = self._t + self._ack_delay
+        for h in self._history.values():
+            self._ask_history(h)
+
+    def _dispatch(self, f: object) -> None:
+        """One frame on an ACTIVE connection."""
+        t = type(f)
+        if t is F.SendAck:
+            self._on_send_ack(f)  # type: ignore[arg-type]
+        elif t is F.Push:
+            self._on_push(f)  # type: ignore[arg-type]
+        elif t is F.ReadStates:
+            self._on_read_states(f)  # type: ignore[arg-type]
+        elif t is F.ReadReceipt:
+            self._on_receipt(f)  # type: ignore[arg-type]
+        elif t is F.HistoryResp:
+            self._on_history(f)  # type: ignore[arg-type]
+        elif t is F.Ping:
+            self._send(encode_frame(F.Pong(f.nonce)))  # type: ignore[attr-defined]
+        elif t is F.Error:
+            log.warning("broker error %s (ref %s): %s", f.code, f.ref, f.reason)  # type: ignore[attr-defined]
+        elif t is F.Close:  # pragma: no cover - handled in _on_frame
+            self._on_close(f)  # type: ignore[arg-type]
+        # Pong, a late CalibrateResp, anything else: liveness only (_last_recv).
+
+    # ------------------------------------------------------------ timers
+
+    def next_deadline(self) -> Optional[int]:
+        """When :meth:`handle_timer` must run next (µs, device clock), or None
+        if nothing is timed.  Changes after any call; ask again each time."""
+        best: Optional[int] = None
+
+        def consider(at: int) -> None:
+            nonlocal best
+            if best is None or at < best:
+                best = at
+
+        heap = self._timeouts
+        while heap:
+            at, lid = heap[0]
+            p = self._pending.get(lid)
+            if p is not None and p.deadline == at:
+                consider(at)
+                break
+            heapq.heappop(heap)  # a finished send or a moved deadline
+        for h in self._history.values():
+            consider(h.deadline)
+        state = self._state
+        if state is SessionState.AWAITING_LOGIN_ACK:
+            consider(self._login_deadline)
+        elif state is SessionState.CALIBRATING:
+            consider(self._cal_deadline)
+        elif state is SessionState.ACTIVE:
+            if self._heartbeat:
+                consider(self._last_recv + int(self._heartbeat * self.config.dead_after))
+                consider(self._last_sent + self._heartbeat)
+            if self._inflight:
+                consider(next(iter(self._inflight.values())).sent_at + self._ack_timeout)  # type: ignore[operator]
+            if self._queue and self._hold_until > self._t:
+                consider(self._hold_until)
+            if self._ack_at is not None:
+                consider(self._ack_at)
+            for h in self._history.values():
+                if h.sent_at is not None:
+                    consider(h.sent_at + 2 * self._ack_timeout)
+        if best is None:
+            return None
+        return best - self._skew
+
+    def handle_timer(self, now: int) -> None:
+        """Do what is due at ``now``: send timeouts, history timeouts, the
+        LoginAck deadline, the calibration sample deadline, and on an ACTIVE
+        connection dead-link detection, retransmits, the end of a backoff
+        hold, the batched PushAck, history re-asks and the heartbeat Ping.
+        Harmless to call early or often."""
+        t = self._tick(now)
+        heap = self._timeouts
+        while heap and heap[0][0] <= t:
+            at, lid = heapq.heappop(heap)
+            p = self._pending.get(lid)
+            if p is not None and p.deadline == at:
+                self._forget(p)
+                self._completions.append(SendCompleted(lid, None, SendTimeout(lid)))
+                self._fill_window()
+        for h in [h for h in self._history.values() if h.deadline <= t]:
+            del self._history[h.req_id]
+            self._completions.append(HistoryCompleted(h.req_id, (), HistoryTimeout(h.req_id, h.conv)))
+        if self._ack_at is not None and self._ack_at <= t:
+            self._ack_at = None
+            self._flush_ack()
+        state = self._state
+        if state is SessionState.AWAITING_LOGIN_ACK:
+            if t >= self._login_deadline:
+                self._end_connection(None, "timed out: no LoginAck within connect_timeout")
+        elif state is SessionState.CALIBRATING:
+            if t >= self._cal_deadline:
+                # A lost or very late answer: calibrate with what we have
+                # rather than hold the connection hostage.
+                self._establish()
+        elif state is SessionState.ACTIVE:
+            hb = self._heartbeat
+            if hb and t >= self._last_recv + int(hb * self.config.dead_after):
+                # A black-holed route reports no error; silence is the only sign.
+                self._end_connection(None, "no traffic from the broker: dead link")
+                return
+            for p in list(self._inflight.values()):
+                if p.sent_at is None or p.sent_at + self._ack_timeout > t:  # type: ignore[operator]
+                    break  # oldest first: the rest are younger
+                self._transmit(p)
+            if self._queue and self._hold_until <= t:
+                self._fill_window()
+            for h in self._history.values():
+                if h.sent_at is not None and h.sent_at + 2 * self._ack_timeout <= t:
+                    self._ask_history(h)
+            if hb and t >= self._last_sent + hb:
+                self._ping_nonce += 1
+                self._send(encode_frame(F.Ping(self._ping_nonce)))
+
+    # ------------------------------------------------------------ upstream
+
+    def send(self, conv: str, payload: bytes, now: int, *, local_id: Optional[int] = None, timeout: Optional[int] = None) -> int:
+        """Queue a message; returns its local id.  Its SendCompleted comes out
+        of :meth:`completions` once the broker answered for good, or with
+        SendTimeout after ``timeout`` µs (default ``send_timeout``).
+
+        With ``local_id`` of a send still pending, nothing new is queued (the
+        later of the two deadlines applies).  With the local id of an earlier,
+        finished send it is asked again: the broker answers with the original
+        ack if it stored it.  Raises EncodeError for a conv/payload/local id no
+        SendReq can carry, the terminal error if CLOSED."""
+        self._check_open()
+        t = self._tick(now)
+        deadline = t + (self._send_timeout if timeout is None else max(0, timeout))
+        if local_id is not None:
+            p = self._pending.get(local_id)
+            if p is not None:
+                if deadline > p.deadline:
+                    p.deadline = deadline
+                    heapq.heappush(self._timeouts, (deadline, local_id))
+                return local_id
+        lid = self._new_local_id(now) if local_id is None else local_id
+        payload = bytes(payload)
+        stamp = max(self._last_stamp + 1, now + self._offset)
+        raw = encode_frame(F.SendReq(lid, conv, stamp, payload))  # raises EncodeError before any state changes
+        self._last_stamp = stamp
+        self._last_local_id = max(self._last_local_id, lid)
+        p = _Pending(lid, conv, payload, stamp, raw, deadline)
+        self._pending[lid] = p
+        heapq.heappush(self._timeouts, (deadline, lid))
+        self._requeue(p)
+        self._fill_window()
+        return lid
+
+    def _requeue(self, p: _Pending) -> None:
+        """Put ``p`` back in the queue at its place (local ids are in send order)."""
+        q = self._queue
+        i = len(q)
+        while i > 0 and q[i - 1].local_id > p.local_id:
+            i -= 1
+        q.insert(i, p)
+
+    def _fill_window(self) -> None:
+        if self._state is not SessionState.ACTIVE or self._t < self._hold_until:
+            return
+        limit = self.send_window
+        while self._queue and len(self._inflight) < limit:
+            p = self._queue.popleft()
+            if self._pending.get(p.local_id) is not p or p.sent_at is not None:
+                continue  # finished or timed out meanwhile (or a stale duplicate entry)
+            self._transmit(p)
+
+    def _transmit(self, p: _Pending) -> None:
+        if p.sent_at is None:
+            if p.attempts:
+                self._stats["retransmits"] += 1  # again after a reconnect or a refusal
+        else:
+            self._stats["retransmits"] += 1  # again after ack_timeout
+            del self._inflight[p.local_id]  # re-inserted last: it is now the youngest
+        p.sent_at = self._t
+        p.attempts += 1
+        self._inflight[p.local_id] = p
+        self._send(p.raw)
+
+    def _forget(self, p: _Pending) -> None:
+        self._pending.pop(p.local_id, None)
+        self._inflight.pop(p.local_id, None)
+        p.sent_at = None
+        # Left in _queue (skipped there) and in _timeouts (stale there).
+
+    def _on_send_ack(self, f: F.SendAck) -> None:
+        p = self._pending.get(f.local_id)
+        if p is None:
+            return  # a late duplicate: the answer to a retry of a send already answered
+        code = _error_code(f.code)
+        if code is ErrorCode.OK:
+            self._forget(p)
+            self._remember(F.Message(0, f.msg_id, p.conv, f.seq, self.user, self.device, p.client_time, f.server_time, p.payload))
+            self._completions.append(SendCompleted(p.local_id, Sent(p.local_id, p.conv, f.msg_id, f.seq, f.server_time, p.client_time), None))
+        elif code in FINAL_CODES:
+            self._forget(p)
+            self._completions.append(SendCompleted(p.local_id, None, SendError(code, p.local_id)))
+        else:
+            # STORE_UNAVAILABLE, TOO_MANY_IN_FLIGHT, RATE_LIMITED...: the broker
+            # wants us to slow down.  Hold the whole queue (not just this
+            # message: sending the others would only earn more refusals) for
+            # a jittered, growing delay, then resend with the same local id.
+            if p.local_id in self._inflight:
+                del self._inflight[p.local_id]
+                p.sent_at = None
+                self._requeue(p)
+            # else: already back in the queue (a second refusal, for a retransmit).
+            self._refusals += 1
+            # ...and send less at once afterwards (multiplicative decrease).
+            self._cwnd = max(1.0, self._cwnd / 2)
+            delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** min(self._refusals, 16))
+            until = self._t + _us(delay * (0.5 + self._rng.random()))
+            if until > self._hold_until:
+                self._hold_until = until
+            self._fill_window()  # a no-op while held; sends at once if nothing is held
+            return
+        self._refusals = 0
+        self._cwnd = min(float(self._window), self._cwnd + 1.0)  # additive increase
+        self._fill_window()
+
+    # ------------------------------------------------------------ downstream
+
+    def next_event(self, now: int) -> Optional[Event]:
+        """Take the next event for the application (None if none is queued).
+        Taking the last message of a Push is what lets the session
+        acknowledge it: the batched PushAck goes out ``ack_delay`` later."""
+        t = self._tick(now)
+        while self._events:
+            ev, ack = self._events.popleft()
+            if ack > self._taken_upto:
+                self._taken_upto = ack
+                if self._ack_at is None:
+                    self._ack_at = t + self._ack_delay  # gather more takes into one ack
+            if ev is not None:
+                return ev
+        return None
+
+    def _flush_ack(self) -> None:
+        if self._state is SessionState.ACTIVE and self._taken_upto > self._acked_upto:
+            self._acked_upto = self._taken_upto
+            self._stats["acks_sent"] += 1
+            self._send(encode_frame(F.PushAck(self._taken_upto)))
+
+    def _emit(self, ev: Optional[Event], ack: int = 0) -> None:
+        self._events.append((ev, ack))
+        if len(self._events) > self.config.event_limit and not isinstance(ev, MessageReceived):
+            self._shed_notifications()
+
+    def _shed_notifications(self) -> None:
+        """An app that never takes its events: messages are bounded by the
+        broker's push window, but read-state notifications are not.  Drop the
+        oldest of those (the current state stays queryable: read_state(),
+        receipt()); never a message, never an ack marker."""
+        excess = len(self._events) - self.config.event_limit // 2
+        kept: deque[tuple[Optional[Event], int]] = deque()
+        for ev, ack in self._events:
+            if excess > 0 and ev is not None and not isinstance(ev, MessageReceived):
+                excess -= 1
+                if ack:
+                    kept.append((None, ack))
+                self._stats["events_dropped"] += 1
+                continue
+            kept.append((ev, ack))
+        self._events = kept
+
+    def _on_push(self, f: F.Push) -> None:
+        if f.position <= self._enqueued_upto:
+            self._stats["duplicates_dropped"] += len(f.messages)
+            return  # all of it is already queued or taken (re-push after reconnect)
+        fresh = [m for m in f.messages if m.position > self._enqueued_upto]
+        self._stats["duplicates_dropped"] += len(f.messages) - len(fresh)
+        self._enqueued_upto = f.position
+        for i, m in enumerate(fresh):
+            self._remember(m)
+            st = self.read_states.get(m.conv)
+            if st is None:
+                st = F.ReadState(m.conv, 0, 0, 0)
+            if m.seq > st.last_seq:
+                # A message the last ReadState did not count yet.
+                fresh_unread = st.unread + int(m.sender != self.user and m.seq > st.read_seq)
+                self.read_states[m.conv] = F.ReadState(m.conv, st.read_seq, m.seq, fresh_unread)
+            # The push's position is acked once its last message was taken.
+            self._emit(MessageReceived(m), f.position if i == len(fresh) - 1 else 0)
+        if not fresh:
+            self._emit(None, f.position)  # nothing to show (own messages): ack in turn
+
+    # ------------------------------------------------------------ read state
+
+    def mark_read(self, conv: str, seq: int, now: int) -> None:
+        """Move the user's read marker of ``conv`` to ``seq`` (never back).
+        The broker confirms with a ReadStates; until then the Read is sent
+        again on every new connection.  Raises EncodeError for values no
+        Read can carry, the terminal error if CLOSED."""
+        self._check_open()
+        raw = encode_frame(F.Read(conv, seq))
+        self._tick(now)
+        st = self.read_states.get(conv)
+        if st is not None and seq > st.read_seq:
+            # Optimistic: the confirmation brings the exact unread count.
+            self.read_states[conv] = F.ReadState(conv, seq, st.last_seq, 0 if seq >= st.last_seq else st.unread)
+        if seq > self._read_wanted.get(conv, 0):
+            self._read_wanted[conv] = seq
+        if self._state is SessionState.ACTIVE:
+            self._send(raw)
+
+    def _on_read_states(self, f: F.ReadStates) -> None:
+        for st in f.entries:
+            if st.read_seq >= self._read_wanted.get(st.conv, 1 << 64):
+                del self._read_wanted[st.conv]  # confirmed durable
+            old = self.read_states.get(st.conv)
+            if old is not None and old.read_seq > st.read_seq:
+                continue  # markers never move back
+            self.read_states[st.conv] = st
+            self._emit(ReadStateChanged(st))
+
+    def _on_receipt(self, f: F.ReadReceipt) -> None:
+        key = (f.conv, f.reader)
+        if f.seq > self.receipts.get(key, 0):
+            self.receipts[key] = f.seq
+            self._emit(ReceiptReceived(f.conv, f.reader, f.seq))
+
+    # ------------------------------------------------------------ local view & history
+
+    def _remember(self, m: F.Message) -> None:
+        view = self._views.setdefault(m.conv, {})
+        view[m.msg_id] = m
+        if len(view) > self.config.view_limit:
+            # Bounded memory: forget the oldest (a history page brings them back).
+            excess = len(view) - self.config.view_limit
+            olds = [min(view.values(), key=_by_seq)] if excess == 1 else sorted(view.values(), key=_by_seq)[:excess]
+            for old in olds:
+                del view[old.msg_id]
+
+    def request_history(self, conv: str, from_seq: int, limit: int, backward: bool, now: int, *, timeout: Optional[int] = None) -> int:
+        """Ask for a page of ``conv``'s history; returns the request id.  Its
+        HistoryCompleted comes out of :meth:`completions`; the page is added
+        to :meth:`view`.  Asked again after 2 x ``ack_timeout`` without an
+        answer and on every new connection, until ``timeout`` µs (default
+        ``send_timeout``) end it with HistoryTimeout.  Raises EncodeError for
+        values no HistoryReq can carry, the terminal error if CLOSED."""
+        self._check_open()
+        req_id = self._next_req
+        raw = encode_frame(F.HistoryReq(req_id, conv, from_seq, limit, backward))
+        self._next_req += 1
+        t = self._tick(now)
+        h = _HistoryRequest(req_id, conv, raw, t + (self._send_timeout if timeout is None else max(0, timeout)))
+        self._history[req_id] = h
+        if self._state is SessionState.ACTIVE:
+            self._ask_history(h)
+        return req_id
+
+    def cancel_history(self, req_id: int) -> None:
+        """Nobody waits for ``req_id`` any more: stop asking (a late answer is ignored)."""
+        self._history.pop(req_id, None)
+
+    def _ask_history(self, h: _HistoryRequest) -> None:
+        h.sent_at = self._t
+        self._send(h.raw)
+
+    def _on_history(self, f: F.HistoryResp) -> None:
+        h = self._history.pop(f.req_id, None)
+        if h is None:
+            return  # cancelled, timed out, or the answer to a re-ask already answered
+        if f.code != ErrorCode.OK:
+            code = _error_code(f.code)
+            self._completions.append(HistoryCompleted(f.req_id, (), SendError(code, 0, f"history of {h.conv!r}: {code.name}")))
+            return
+        for m in f.messages:
+            self._remember(m)
+        self._completions.append(HistoryCompleted(f.req_id, tuple(f.messages), None))
+
+    # ------------------------------------------------------------ completions
+
+    def completions(self) -> list[Completion]:
+        """Sends and history requests that finished since the last call, in
+        the order they finished (drains)."""
+        done, self._completions = self._completions, []
+        return done
