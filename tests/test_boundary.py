@@ -327,3 +327,326 @@ def test_hook_answers_for_connections_that_are_gone_are_ignored(store, driver):
     frank = h.login("frank", "phone")
     h.answer_hooks(identity=AuthError("no such user"))
     assert h.closed[frank].code == CloseCode.AUTH_FAILED and "no such user" in h.closed[frank].reason
+
+
+# ---------------------------------------------------------------- 3b. hooks in the served broker
+
+
+def _with_filter(cfg: ServerConfig, content_filter) -> ServerConfig:
+    return replace(cfg, broker=replace(cfg.broker, content_filter=content_filter))
+
+
+async def _until(pred, step: float = 0.001) -> None:
+    while not pred():
+        await trio.sleep(step)
+
+
+async def test_served_async_content_filter_holds_up_only_its_sender(tmp_path):
+    from pimcore.client import SendError
+
+    store = LmdbStore(str(tmp_path / "db"), durability="os")
+    gate = trio.Event()
+    asked: list[tuple[str, bytes]] = []
+
+    async def async_filter(user: str, conv: str, payload: bytes) -> Optional[str]:
+        asked.append((user, payload))
+        if user == "alice":
+            await gate.wait()
+        await trio.sleep(0)
+        return "looks like spam" if b"BUY NOW" in payload else None
+
+    try:
+        with trio.fail_after(30):
+            async with open_broker_server(store, JwtAuthenticator(SECRET), _with_filter(server_config(), async_filter)) as srv:
+                async with client(srv.url(), "alice") as a, client(srv.url(), "bob") as b:
+                    done: dict[str, object] = {}
+
+                    async def alice_sends() -> None:
+                        done["a1"] = await a.send(AB, b"a1")
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(alice_sends)
+                        await _until(lambda: ("alice", b"a1") in asked)
+                        # Alice's check is out; Bob's send goes all the way through.
+                        with trio.fail_after(10):
+                            b1 = await b.send(AB, b"b1")
+                            b2 = await b.send(AB, b"b2")
+                        assert (b1.seq, b2.seq) == (1, 2)
+                        assert "a1" not in done
+                        assert [m.payload for m in store.history(AB, 0, 10)] == [b"b1", b"b2"]
+                        assert srv.broker.statistics().hooks_in_flight == 1
+                        gate.set()
+                    assert done["a1"].seq == 3  # type: ignore[attr-defined]
+                    with pytest.raises(SendError) as err:
+                        await b.send(AB, b"BUY NOW")
+                    assert err.value.code is ErrorCode.REJECTED
+                    assert (await a.send(AB, b"a2")).seq == 4
+        assert [m.payload for m in store.history(AB, 0, 10)] == [b"b1", b"b2", b"a1", b"a2"]
+    finally:
+        store.close()
+
+
+async def test_served_async_authenticator_slow_for_one_user_does_not_delay_others(tmp_path):
+    store = LmdbStore(str(tmp_path / "db"), durability="os")
+    jwt = JwtAuthenticator(SECRET)
+    gate = trio.Event()
+    asked: list[str] = []
+
+    async def authenticate(tok: bytes, now: int) -> Identity:
+        ident = jwt(tok, now)
+        asked.append(ident.user)
+        if ident.user == "slow":
+            await gate.wait()
+        await trio.sleep(0)
+        if ident.user == "mallory":
+            raise AuthError("mallory is banned")
+        return ident
+
+    try:
+        with trio.fail_after(30):
+            async with open_broker_server(store, authenticate, server_config()) as srv:
+                port = srv.endpoints[0].port
+                slow = await RawConn.open(port)
+                await slow.send(F.Login(token("slow").encode(), "raw", int(time.time() * 1e6), 0, 0))
+                await slow.send(F.SendReq(1, direct_conversation("slow", "alice"), int(time.time() * 1e6), b"pipelined"))
+                await _until(lambda: "slow" in asked)
+                with trio.fail_after(10):
+                    async with client(srv.url(), "alice") as a:
+                        assert (await a.send(AB, b"while slow waits")).seq == 1
+                        fast = await RawConn.open(port)
+                        ack = await fast.login("bob")
+                        assert ack.user == "bob"
+                        banned = await RawConn.open(port)
+                        await banned.send(F.Login(token("mallory").encode(), "raw", int(time.time() * 1e6), 0, 0))
+                        close = await banned.until(F.Close)
+                        assert close.code == CloseCode.AUTH_FAILED and "banned" in close.reason
+                st = srv.broker.statistics()
+                assert st.hooks_in_flight == 1 and st.logins == 2
+                gate.set()
+                ack = await slow.until(F.LoginAck)
+                assert ack.user == "slow"
+                sack = await slow.until(F.SendAck)  # the frame sent behind the Login
+                assert (sack.local_id, sack.code, sack.seq) == (1, ErrorCode.OK, 1)
+                await slow.aclose()
+                await fast.aclose()
+                await banned.aclose()
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- 4. deadlines
+
+
+def test_next_deadline_is_the_earliest_timer_and_an_early_call_changes_nothing():
+    cfg = BrokerConfig(login_timeout=2 * SECOND, idle_timeout=3 * SECOND, ack_delay=30 * MS, reclaim_interval=60 * SECOND)
+    h = Harness(MemoryStore(), cfg, driver="inline")
+    b = h.broker
+
+    def early(at: int) -> None:
+        """handle_timer before the deadline: no commands, no change."""
+        before, due = b.statistics(), b.next_deadline()
+        assert b.handle_timer(at) == []
+        assert b.statistics() == before and b.next_deadline() == due
+
+    assert b.next_deadline() is None
+    idle = h.open()  # T0: never logs in
+    assert b.next_deadline() == T0 + 2 * SECOND  # login timeout (reclaim: T0 + 60 s)
+    early(T0)
+    early(T0 + 2 * SECOND - 1)
+
+    h.now = T0 + 1 * SECOND
+    alice = h.login("alice", "phone", token=b"until:%d:alice" % (T0 + 20 * SECOND))
+    assert h.take(alice, F.LoginAck)
+    commits = len(h.commits)
+    # The login's TouchDevice waits ack_delay for company.
+    assert b.next_deadline() == T0 + 1 * SECOND + 30 * MS
+    early(T0 + 1 * SECOND + 30 * MS - 1)
+    assert len(h.commits) == commits
+    h.now = T0 + 1 * SECOND + 30 * MS
+    h.run(b.handle_timer(h.now))
+    assert [[type(op) for op in c.ops] for c in h.commits[commits:]] == [[TouchDevice]]
+
+    assert b.next_deadline() == T0 + 2 * SECOND  # the first connection's login timeout
+    h.now = T0 + 2 * SECOND
+    h.run(b.handle_timer(h.now))
+    assert h.closed[idle].code == CloseCode.LOGIN_TIMEOUT and alice not in h.closed
+
+    # Alice's own login timeout (she logged in since: "may be early, never
+    # late") -- handling it changes nothing but the deadline.
+    assert b.next_deadline() == T0 + 3 * SECOND
+    h.now = T0 + 3 * SECOND
+    h.run(b.handle_timer(h.now))
+    assert alice not in h.closed and b.statistics().connections == 1
+    assert b.next_deadline() == T0 + 4 * SECOND  # alice idle since her Login at T0 + 1 s
+    h.now = T0 + 3 * SECOND
+    h.feed(alice, F.Ping(7))
+    assert h.take(alice) == [F.Pong(7)]
+    assert b.next_deadline() <= T0 + 4 * SECOND  # may be early, never late
+    h.now = T0 + 4 * SECOND
+    h.run(b.handle_timer(h.now))  # heard from at T0 + 3 s: not idle
+    assert alice not in h.closed
+    assert b.next_deadline() == T0 + 6 * SECOND
+    early(T0 + 6 * SECOND - 1)
+    h.now = T0 + 6 * SECOND
+    h.run(b.handle_timer(h.now))
+    assert h.closed[alice].code == CloseCode.IDLE_TIMEOUT
+
+    # Token expiry before the idle timeout.
+    h.now = T0 + 7 * SECOND
+    carol = h.login("carol", "phone", token=b"until:%d:carol" % (T0 + 8 * SECOND))
+    h.now = T0 + 7 * SECOND + 30 * MS
+    h.run(b.handle_timer(h.now))  # her TouchDevice
+    assert b.next_deadline() == T0 + 8 * SECOND
+    early(T0 + 8 * SECOND - 1)
+    h.now = T0 + 8 * SECOND
+    h.run(b.handle_timer(h.now))
+    assert h.closed[carol].code == CloseCode.TOKEN_EXPIRED
+
+    # Nothing left but reclamation, due reclaim_interval after the first
+    # connection (entries of closed connections may still come due: early,
+    # and handling them does nothing).
+    while (due := b.next_deadline()) < T0 + 60 * SECOND:
+        assert b.handle_timer(due) == []
+    assert due == T0 + 60 * SECOND
+    early(T0 + 60 * SECOND - 1)
+    commits = len(h.commits)
+    h.now = T0 + 60 * SECOND
+    h.run(b.handle_timer(h.now))
+    assert [type(op).__name__ for c in h.commits[commits:] for op in c.ops] == ["Reclaim"]
+    assert b.next_deadline() == T0 + 120 * SECOND
+
+
+class _TimedStore(MemoryStore):
+    """Records the (trio) time of every commit and what it held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[float, tuple]] = []
+
+    def commit(self, batch):
+        self.log.append((trio.current_time(), batch.ops))
+        return super().commit(batch)
+
+
+def _mock_server(store, cfg: BrokerConfig, authenticate=None):
+    """A served broker whose clock follows trio's (mock) clock, from a base
+    of whole wall-clock seconds so JWT expiries land on exact instants."""
+    base_s = int(time.time())
+    t0 = trio.current_time()
+
+    def clock() -> int:
+        return base_s * SECOND + round((trio.current_time() - t0) * SECOND)
+
+    server = open_broker_server(store, authenticate or JwtAuthenticator(SECRET), ServerConfig(broker=cfg), clock=clock)
+    return server, base_s, t0
+
+
+def _mem_conn(srv, nursery: trio.Nursery, pair=trio.testing.memory_stream_pair) -> RawConn:
+    client_end, server_end = pair()
+    nursery.start_soon(srv.serve_stream, server_end)
+    return RawConn(client_end)
+
+
+EXACT = 5e-6  # s: the server clock rounds mock time to whole µs
+
+
+async def test_delivery_acks_are_committed_exactly_ack_delay_later(autojump_clock):
+    store = _TimedStore()
+    server, _, _ = _mock_server(store, BrokerConfig(ack_delay=30 * MS))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            async with server as srv:
+                alice, bob = _mem_conn(srv, nursery), _mem_conn(srv, nursery)
+                await alice.login("alice", "phone")
+                await bob.login("bob", "phone")
+                await trio.sleep(1)  # the logins' TouchDevice batches
+                assert all(all(isinstance(op, TouchDevice) for op in ops) for _, ops in store.log)
+                store.log.clear()
+
+                t1 = trio.current_time()
+                await bob.send(F.SendReq(1, AB, 0, b"hi"))
+                ack = await bob.until(F.SendAck)
+                assert ack.code == ErrorCode.OK
+                push = await alice.until(F.Push)
+                await trio.sleep(0.1)
+                t2 = trio.current_time()
+                await alice.send(F.PushAck(push.position))
+                await trio.sleep(1)
+                log = [(t, [(type(op).__name__, getattr(op, "user", None)) for op in ops]) for t, ops in store.log]
+                assert [ops for _, ops in log] == [
+                    [("NewMessage", None)],  # at once: a message pays its own sync
+                    [("AckPosition", "bob")],  # bob's own send moves his position: waits
+                    [("AckPosition", "alice")],
+                ]
+                assert log[0][0] == pytest.approx(t1, abs=EXACT)
+                assert log[1][0] == pytest.approx(t1 + 0.030, abs=EXACT)
+                assert log[2][0] == pytest.approx(t2 + 0.030, abs=EXACT)
+
+                # An ack followed by a message within ack_delay shares its batch.
+                store.log.clear()
+                await bob.send(F.SendReq(2, AB, 0, b"again"))
+                push = await alice.until(F.Push)
+                t3 = trio.current_time()
+                await alice.send(F.PushAck(push.position))
+                await trio.sleep(0.010)
+                await bob.send(F.SendReq(3, AB, 0, b"company"))
+                await bob.until(F.SendAck)
+                await bob.until(F.SendAck)
+                await trio.sleep(1)
+                kinds = [(t, sorted(type(op).__name__ for op in ops)) for t, ops in store.log]
+                assert kinds[1][1] == ["AckPosition", "AckPosition", "NewMessage"]
+                assert kinds[1][0] == pytest.approx(t3 + 0.010, abs=EXACT)
+
+
+async def test_a_connection_that_never_logs_in_is_closed_at_the_login_timeout(autojump_clock):
+    server, _, _ = _mock_server(MemoryStore(), BrokerConfig(login_timeout=2 * SECOND))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            async with server as srv:
+                t0 = trio.current_time()
+                raw = _mem_conn(srv, nursery)
+                await trio.sleep(1.5)
+                await raw.send(F.Ping(1))  # traffic does not extend the login timeout
+                assert await raw.next() == F.Pong(1)
+                close = await raw.until(F.Close)
+                assert close.code == CloseCode.LOGIN_TIMEOUT
+                assert trio.current_time() - t0 == pytest.approx(2.0, abs=EXACT)
+                assert await raw.next() is None
+
+
+async def test_a_silent_session_is_closed_exactly_idle_timeout_after_its_last_frame(autojump_clock):
+    server, _, _ = _mock_server(MemoryStore(), BrokerConfig(idle_timeout=3 * SECOND))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            async with server as srv:
+                raw = _mem_conn(srv, nursery)
+                quiet = _mem_conn(srv, nursery)
+                t_quiet = trio.current_time()
+                await quiet.login("bob", "quiet")
+                await raw.login("alice", "raw")
+                await trio.sleep(1.25)
+                t_last = trio.current_time()
+                await raw.send(F.Ping(9))
+                assert await raw.until(F.Pong) == F.Pong(9)
+                close = await quiet.until(F.Close)
+                assert close.code == CloseCode.IDLE_TIMEOUT
+                assert trio.current_time() - t_quiet == pytest.approx(3.0, abs=EXACT)
+                close = await raw.until(F.Close)
+                assert close.code == CloseCode.IDLE_TIMEOUT
+                assert trio.current_time() - t_last == pytest.approx(3.0, abs=EXACT)
+
+
+async def test_a_session_ends_with_token_expired_at_the_tokens_expiry(autojump_clock):
+    server, base_s, t0 = _mock_server(MemoryStore(), BrokerConfig(), JwtAuthenticator(SECRET, leeway=0))
+    tok = issue_token(SECRET, "alice", None, ttl=5, now=base_s)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            async with server as srv:
+                raw = _mem_conn(srv, nursery)
+                await trio.sleep(0.5)
+                await raw.send(F.Login(tok.encode(), "phone", 0, 0, 0))
+                ack = await raw.until(F.LoginAck)
+                assert ack.user == "alice"
+                close = await raw.until(F.Close)
+                assert close.code == CloseCode.TOKEN_EXPIRED
+                assert trio.current_time() - t0 == pytest.approx(5.0, abs=EXACT)
