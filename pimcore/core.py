@@ -6,8 +6,10 @@ sockets, threads, the store and the clock.  It tells the core what happened
 or a hook finished, the deadline it was given passed -- and gets back a list
 of commands:
 
-* :class:`SendFrame` -- write this frame to that connection;
-* :class:`CloseConnection` -- send a Close frame with this code, then hang up;
+* :class:`SendData` -- write these bytes to that connection;
+* :class:`CloseConnection` -- write these bytes (the Close frame), then hang up;
+* :class:`PauseReading` / :class:`ResumeReading` -- flow control: stop
+  reading from a connection that waits for a request while its bytes pile up;
 * :class:`~pimcore.store.base.StoreRequest` -- run these store ops (a write
   batch, or reads) and report with :meth:`Broker.store_completed` or
   :meth:`Broker.store_failed`;
@@ -17,7 +19,10 @@ of commands:
   :meth:`Broker.content_checked`;
 * :class:`AdminDone` -- a group admin call made through the core finished.
 
-The core holds no store and calls no hook: a host may answer any request
+Each connection's wire protocol -- framing, zstd in both directions, the
+login gate, the closing state -- is a :class:`pimcore.protocol.ServerSession`
+the core owns, so a host moves bytes and never looks at a frame.  The core
+holds no store and calls no hook: a host may answer any request
 later, from a thread, over a network or from C, and a slow answer holds up
 only the connection that asked.  It never sleeps either: it names its next
 deadline (:meth:`Broker.next_deadline`, µs) and the host calls
@@ -41,8 +46,9 @@ Guarantees and where they are kept
   durable sync is paid per batch, not per message.  Reads are separate
   requests: any number may be in flight, completing in any order.
 * **Per-connection order**: while a connection waits for a hook or for its
-  login's store read, its later frames wait in a bounded backlog, so its
-  sends are stamped and stored in the order they were sent.
+  login's store read, its later bytes wait undecoded in its session (and the
+  host is told to stop reading beyond a bound), so its sends are stamped and
+  stored in the order they were sent.
 """
 
 from __future__ import annotations
@@ -56,9 +62,9 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 from . import frames as F
 from .clock import HybridClock
-from .codec import Decoder
 from .errors import AuthError, CloseCode, ErrorCode, ProtocolError, StoreError
 from .ids import direct_members, valid_conversation, valid_id
+from .protocol import Compression, ServerSession, UnexpectedFrame
 from .store.base import (
     AckPosition,
     AddMembers,
@@ -92,8 +98,10 @@ __all__ = [
     "Identity",
     "Authenticator",
     "ContentFilter",
-    "SendFrame",
+    "SendData",
     "CloseConnection",
+    "PauseReading",
+    "ResumeReading",
     "StoreRequest",
     "Authenticate",
     "CheckContent",
@@ -198,19 +206,38 @@ class BrokerConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class SendFrame:
+class SendData:
+    """Write ``data`` (encoded, maybe compressed frames) to ``conn``, after
+    whatever was written to it before."""
+
     conn: int
-    frame: F.Frame
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class CloseConnection:
-    """Send ``Close(code, reason)`` on ``conn`` and close it.  The core has
-    already forgotten the connection; events for it are ignored."""
+    """Write ``data`` -- the encoded ``Close(code, reason)`` frame, empty if
+    the connection's Close was already written -- to ``conn``, then hang up.
+    The core has already forgotten the connection; events for it are
+    ignored.  ``code`` and ``reason`` are there for logs."""
 
     conn: int
     code: CloseCode
     reason: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PauseReading:
+    """Stop reading from ``conn`` until :class:`ResumeReading`: it waits for
+    a request (its login, a hook) and has sent this much ahead already."""
+
+    conn: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeReading:
+    conn: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +274,7 @@ class AdminDone:
     result: Result
 
 
-Command = Union[SendFrame, CloseConnection, StoreRequest, Authenticate, CheckContent, AdminDone]
+Command = Union[SendData, CloseConnection, PauseReading, ResumeReading, StoreRequest, Authenticate, CheckContent, AdminDone]
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,10 +309,10 @@ class BrokerStatistics:
 class _ConnState(Enum):
     # AWAITING_LOGIN --Login--> AUTHENTICATING --identity--> LOADING
     #   --session read--> ACTIVE ; any --close/loss--> forgotten.
-    # Only Login, Ping and Close are accepted in AWAITING_LOGIN, and nothing
-    # else is even looked at before ACTIVE (later frames wait in the
-    # backlog): nothing a client sends can touch the store before its token
-    # was checked.  The login timeout covers all three states before ACTIVE,
+    # Only Login, Ping and Close are accepted in AWAITING_LOGIN (the
+    # session's login gate), and nothing after the Login is even decoded
+    # before ACTIVE: nothing a client sends can touch the store before its
+    # token was checked.  The login timeout covers all three states before ACTIVE,
     # so a hook that never answers cannot hold a connection forever.
     AWAITING_LOGIN = 1
     AUTHENTICATING = 2
@@ -295,11 +322,11 @@ class _ConnState(Enum):
 
 class _Conn:
     __slots__ = (
-        "id", "state", "opened", "last_seen", "decoder", "user", "device", "inflight", "tokens", "refill_at", "strikes",
-        "expires", "waiting", "backlog", "history_reads", "login",
+        "id", "state", "opened", "last_seen", "session", "user", "device", "inflight", "tokens", "refill_at", "strikes",
+        "expires", "waiting", "backlog", "history_reads", "login", "paused",
     )
 
-    def __init__(self, conn_id: int, now: int) -> None:
+    def __init__(self, conn_id: int, now: int, session: ServerSession) -> None:
         self.id = conn_id
         self.state = _ConnState.AWAITING_LOGIN
         self.opened = now
@@ -309,14 +336,17 @@ class _Conn:
         self.refill_at = now
         self.strikes = 0  # consecutive RATE_LIMITED refusals
         self.expires: Optional[int] = None  # the token's expiry, if it has one
-        self.decoder: Optional[Decoder] = None  # created on first receive_data
+        self.session = session  # bytes <-> frames, zstd, login gate, Close
         self.user = ""
         self.device = ""
         self.inflight = 0  # SendReqs of this connection awaiting a SendAck
         # The request (hook or login read) this connection waits for, 0 if
-        # none; frames that arrive meanwhile wait in `backlog`, in order.
+        # none.  Meanwhile nothing more is decoded: new bytes wait in the
+        # session, and frames already decoded with the one that started the
+        # wait (one batch of next_frames) wait in `backlog`, in order.
         self.waiting = 0
-        self.backlog: deque[object] = deque()
+        self.backlog: deque[F.Frame] = deque()
+        self.paused = False  # PauseReading was sent
         self.history_reads = 0  # ReadHistory requests in flight
         self.login: Optional[F.Login] = None
 
@@ -423,9 +453,9 @@ class _ContentHook:
 # Timer kinds (entries of Broker._timers).
 _LOGIN_DUE, _IDLE_DUE, _TOKEN_DUE = 0, 1, 2
 
-#: Frames a connection may queue while it waits for a hook or its login read,
-#: beyond its send window: a client that respects the window never gets near.
-_BACKLOG_SLACK = 64
+#: Bytes a waiting connection may have buffered before the host is asked to
+#: stop reading it (PauseReading).
+_PAUSE_BYTES = 256 * 1024
 #: History reads one connection may have in flight.
 _MAX_HISTORY_READS = 8
 
@@ -495,7 +525,8 @@ class Broker:
         # closes or is heard from, and are checked when they come due.
         self._timers: list[tuple[int, int, int, int]] = []
         self._timer_seq = 0
-        self._decompressor: Optional[Callable[[bytes, int], bytes]] = None  # shared: one thread
+        # zstd contexts, shared by every session (one thread drives the core).
+        self._compression = Compression()
 
         self._stats = dict.fromkeys(
             (
@@ -511,7 +542,7 @@ class Broker:
     def connection_made(self, conn: int, now: int) -> list[Command]:
         if conn in self._conns:
             raise ValueError(f"connection {conn} already exists")
-        self._conns[conn] = _Conn(conn, now)
+        self._conns[conn] = _Conn(conn, now, ServerSession(self.config.limits.max_frame, compression=self._compression))
         self._arm(now + self.config.login_timeout, _LOGIN_DUE, conn)
         if self._next_reclaim is None:
             self._next_reclaim = now + self.config.reclaim_interval
@@ -524,57 +555,81 @@ class Broker:
         return out
 
     def receive_data(self, conn: int, data: bytes, now: int) -> list[Command]:
-        """Bytes from the socket.  Framing errors close the connection with a
-        clear code; nothing already acknowledged is affected."""
+        """Bytes from the connection, split anywhere.  Framing errors close the
+        connection with a clear code; nothing already acknowledged is
+        affected.  Bytes for a connection the core forgot are ignored."""
         c = self._conns.get(conn)
         if c is None:
             return []
-        if c.decoder is None:
-            c.decoder = Decoder(self.config.limits.max_frame)
         c.last_seen = now
         out: list[Command] = []
-        try:
-            c.decoder.feed(data)
-            while True:
-                frame = c.decoder.next_frame()
-                if frame is None:
-                    break
-                self._receive(c, frame, now, out)
-                if conn not in self._conns:  # closed by that frame
-                    break
-        except ProtocolError as exc:
-            self._stats["protocol_errors"] += 1
-            self._close(c, CloseCode.PROTOCOL_ERROR, f"{exc.code.name}: {exc}", out)
+        c.session.receive_data(data)
+        if c.waiting:
+            self._check_paused(c, out)
+        else:
+            self._pull(c, now, out)
         self._maybe_commit(out, now)
         return out
 
-    def receive_frame(self, conn: int, frame: F.Frame, now: int) -> list[Command]:
-        """A decoded frame (for layers that decode themselves, and tests)."""
+    def close(self, conn: int, code: CloseCode, reason: str, now: int) -> list[Command]:
+        """The host closes ``conn`` (shutdown, a slow consumer, an internal
+        error): the core forgets it and returns the :class:`CloseConnection`
+        carrying the Close frame's bytes.  [] for an unknown connection."""
         c = self._conns.get(conn)
         out: list[Command] = []
         if c is not None:
-            c.last_seen = now
-            self._receive(c, frame, now, out)
+            self._close(c, code, reason, out)
             self._maybe_commit(out, now)
         return out
 
-    def _receive(self, c: _Conn, frame: object, now: int, out: list[Command]) -> None:
-        if c.waiting or c.backlog:
-            # Waiting for a hook or the login read: keep the order.
-            if len(c.backlog) >= self.config.limits.window + _BACKLOG_SLACK:
-                self._stats["protocol_errors"] += 1
-                self._close(c, CloseCode.PROTOCOL_ERROR, "too many frames while a request was pending", out)
-                return
-            c.backlog.append(frame)
+    def _pull(self, c: _Conn, now: int, out: list[Command]) -> None:
+        """Dispatch what ``c`` sent, in order, until it waits for a request,
+        is closed, or needs more bytes."""
+        backlog, session, conn = c.backlog, c.session, c.id
+        try:
+            while not c.waiting:
+                if backlog:
+                    self._dispatch(c, backlog.popleft(), now, out)
+                else:
+                    frames = session.next_frames()
+                    if not frames:
+                        break
+                    if len(frames) == 1:
+                        self._dispatch(c, frames[0], now, out)
+                    else:
+                        backlog.extend(frames)
+                        continue
+                if conn not in self._conns:  # closed by that frame
+                    return
+        except UnexpectedFrame as exc:
+            self._close(c, CloseCode.PROTOCOL_ERROR, str(exc), out)
             return
-        self._dispatch(c, frame, now, out)
+        except ProtocolError as exc:
+            self._stats["protocol_errors"] += 1
+            self._close(c, CloseCode.PROTOCOL_ERROR, f"{exc.code.name}: {exc}", out)
+            return
+        self._check_paused(c, out)
+
+    def _check_paused(self, c: _Conn, out: list[Command]) -> None:
+        """Flow control: a connection that waits and keeps sending is paused
+        at _PAUSE_BYTES buffered; a host that ignores that is closed at a
+        hard bound (memory per connection stays bounded either way)."""
+        buffered = c.session.buffered
+        if c.waiting and buffered >= _PAUSE_BYTES:
+            if not c.paused:
+                c.paused = True
+                out.append(PauseReading(c.id))
+            elif buffered > _PAUSE_BYTES + 2 * self.config.limits.max_frame:
+                self._stats["protocol_errors"] += 1
+                self._close(c, CloseCode.PROTOCOL_ERROR, "too much data while a request was pending", out)
+        elif c.paused and not c.waiting:
+            c.paused = False
+            out.append(ResumeReading(c.id))
 
     def _resume(self, c: _Conn, now: int, out: list[Command]) -> None:
-        """``c`` stopped waiting: handle what it sent meanwhile, in order,
-        until it waits again or is closed."""
-        backlog = c.backlog
-        while backlog and not c.waiting and c.id in self._conns:
-            self._dispatch(c, backlog.popleft(), now, out)
+        """``c`` stopped waiting: handle what it sent meanwhile."""
+        if c.id in self._conns:
+            self._pull(c, now, out)
 
     # ------------------------------------------------------------ store outcome
 
@@ -886,7 +941,8 @@ class Broker:
     def _dispatch(self, c: _Conn, frame: object, now: int, out: list[Command]) -> None:
         self._stats["frames_in"] += 1
         if c.state is not _ConnState.ACTIVE:
-            # Only AWAITING_LOGIN gets here: the other states wait (backlog).
+            # Only AWAITING_LOGIN gets here (the session gates what it hands
+            # over): the other states before ACTIVE decode nothing.
             if isinstance(frame, F.Login):
                 self._on_login(c, frame, now, out)
             elif isinstance(frame, F.Ping):
@@ -980,13 +1036,9 @@ class Broker:
 
         lim = self.config.limits
         caps = f.caps & SUPPORTED_CAPS
-        if caps & F.CAP_ZSTD and c.decoder is not None:
-            # The client may compress from the frame after this Login on.
-            if self._decompressor is None:
-                from .compress import FrameDecompressor
-
-                self._decompressor = FrameDecompressor()
-            c.decoder.enable_decompression(self._decompressor)
+        # From the frame after the Login on, the client may compress (when
+        # granted); the session switches its own sending after the LoginAck.
+        c.session.login_accepted(caps)
         self._send(
             c.id,
             F.LoginAck(
@@ -1331,8 +1383,11 @@ class Broker:
         return rid
 
     def _send(self, conn: int, frame: F.Frame, out: list[Command]) -> None:
+        c = self._conns.get(conn)
+        if c is None:
+            return
         self._stats["frames_out"] += 1
-        out.append(SendFrame(conn, frame))
+        out.append(SendData(conn, c.session.send(frame)))
 
     def _error(self, conn: int, code: ErrorCode, ref: int, reason: str, out: list[Command]) -> None:
         if conn in self._conns:
@@ -1340,7 +1395,7 @@ class Broker:
 
     def _close(self, c: _Conn, code: CloseCode, reason: str, out: list[Command]) -> None:
         self._forget(c.id)
-        out.append(CloseConnection(c.id, code, reason))
+        out.append(CloseConnection(c.id, code, reason, c.session.close(code, reason)))
 
     def _forget(self, conn: int) -> None:
         c = self._conns.pop(conn, None)

@@ -35,7 +35,7 @@ import trio
 import trio.testing
 
 from pimcore import frames as F
-from pimcore.codec import encode_frame
+from pimcore.codec import Decoder, encode_frame
 from pimcore.core import (
     AdminDone,
     Authenticate,
@@ -44,7 +44,9 @@ from pimcore.core import (
     CheckContent,
     CloseConnection,
     Identity,
-    SendFrame,
+    PauseReading,
+    ResumeReading,
+    SendData,
     StoreRequest,
 )
 from pimcore.errors import AuthError, StoreError
@@ -93,6 +95,10 @@ class Harness:
         self.now = T0
         self.frames: dict[int, list] = defaultdict(list)
         self.closed: dict[int, CloseConnection] = {}
+        self.paused: set[int] = set()  # connections the core asked not to read
+        # What each connection received, decoded as a client would (zstd
+        # after a LoginAck that granted it).
+        self._decoders: dict[int, Decoder] = {}
         self.hold_commits = False
         self.fail_commits = False
         self.fail_reads = False
@@ -112,10 +118,19 @@ class Harness:
 
     def run(self, cmds) -> None:
         for cmd in cmds:
-            if isinstance(cmd, SendFrame):
-                self.frames[cmd.conn].append(cmd.frame)
+            if isinstance(cmd, SendData):
+                self._received(cmd.conn, cmd.data)
             elif isinstance(cmd, CloseConnection):
                 self.closed[cmd.conn] = cmd
+                if cmd.data:
+                    close = Decoder(1 << 20)
+                    close.feed(cmd.data)
+                    frame = close.next_frame()
+                    assert frame == F.Close(cmd.code, cmd.reason) and close.next_frame() is None, frame
+            elif isinstance(cmd, PauseReading):
+                self.paused.add(cmd.conn)
+            elif isinstance(cmd, ResumeReading):
+                self.paused.discard(cmd.conn)
             elif isinstance(cmd, StoreRequest):
                 if cmd.write:
                     self.commits.append(cmd)
@@ -135,6 +150,18 @@ class Harness:
             else:  # pragma: no cover
                 raise AssertionError(f"unknown command {cmd!r}")
         self._settle()
+
+    def _received(self, conn: int, data: bytes) -> None:
+        dec = self._decoders.get(conn)
+        if dec is None:
+            dec = self._decoders[conn] = Decoder(1 << 30)
+        dec.feed(data)
+        while (frame := dec.next_frame()) is not None:
+            self.frames[conn].append(frame)
+            if type(frame) is F.LoginAck and frame.caps & F.CAP_ZSTD:
+                from pimcore.compress import FrameDecompressor
+
+                dec.enable_decompression(FrameDecompressor())
 
     def _answer(self, cmd, reason=None, identity=None) -> None:
         if isinstance(cmd, Authenticate):

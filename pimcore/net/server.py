@@ -5,10 +5,11 @@ and one writer task that owns the socket's send side (so frames are never
 interleaved; this is the "locked sender").  Commands coming out of the core
 are executed by :meth:`BrokerServer._run`:
 
-* ``SendFrame`` appends encoded bytes to the connection's outbound buffer
-  (written straight away when the socket takes them, else by its writer);
-* ``CloseConnection`` queues a Close frame and ends the connection once it
-  is flushed;
+* ``SendData`` appends bytes to the connection's outbound buffer (written
+  straight away when the socket takes them, else by its writer);
+* ``CloseConnection`` queues its bytes (the Close frame) and ends the
+  connection once they are flushed;
+* ``PauseReading`` / ``ResumeReading`` stop and restart the reader task;
 * ``StoreRequest``: a write goes to the single committer task (group commit:
   the core keeps one in flight); a read runs inline on a synchronous store
   (local LMDB reads are memory-mapped: microseconds) or in a task of its own
@@ -20,7 +21,9 @@ are executed by :meth:`BrokerServer._run`:
 Where commits run: on the event loop by default (``commit_in_thread``
 False), in a worker thread if asked, or awaited on an AsyncStore.
 
-No protocol logic lives here.  What does live here, because only the
+No protocol logic lives here, and no frame is looked at: the core's
+per-connection protocol sessions (:mod:`pimcore.protocol`) encode, compress
+and decode.  What does live here, because only the
 network layer can know it:
 
 * **Bounded memory per connection.**  The core already bounds pushes by the
@@ -53,9 +56,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
-from .. import frames as F
 from .._util import unwrap_single
-from ..codec import encode_frame
 from ..core import (
     AdminDone,
     Authenticate,
@@ -67,11 +68,14 @@ from ..core import (
     Command,
     Identity,
     Limits,
-    SendFrame,
+    PauseReading,
+    ResumeReading,
+    SendData,
     StoreRequest,
 )
 from ..errors import AuthError, CloseCode, ErrorCode, StoreError
 from ..store.base import AsyncStore, GroupChanged, Rejected, Result, Store
+from ..protocol import encode_close, refuse_connection
 from .streams import Endpoint, WebSocketStream
 
 __all__ = ["ServerConfig", "BrokerServer", "open_broker_server", "wall_clock_us", "DEFAULT_BROKER_CONFIG"]
@@ -151,7 +155,7 @@ class _PeerState(enum.Enum):
 
 
 class _Peer:
-    __slots__ = ("id", "stream", "endpoint", "buf", "queued", "wake", "state", "scope", "reader_scope", "compress", "fd",
+    __slots__ = ("id", "stream", "endpoint", "buf", "queued", "wake", "state", "scope", "reader_scope", "resume", "fd",
                  "sending")
 
     def __init__(self, conn_id: int, stream: trio.abc.Stream, endpoint: Endpoint) -> None:
@@ -164,7 +168,8 @@ class _Peer:
         self.state = _PeerState.OPEN
         self.scope: Optional[trio.CancelScope] = None  # the whole connection
         self.reader_scope: Optional[trio.CancelScope] = None
-        self.compress: Optional[Callable[[bytes], bytes]] = None
+        # Set while the core asked not to read (PauseReading); set() resumes.
+        self.resume: Optional[trio.Event] = None
         # Plain TCP only: the socket's fd, for writing straight from the
         # command loop while the writer task is idle (see _flush).
         self.fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
@@ -237,13 +242,6 @@ class BrokerServer:
             "bytes_out": 0,
             "commit_seconds": 0.0,
         }
-        self._compressor: Optional[Callable[[bytes], bytes]] = None
-        try:
-            from ..compress import FrameCompressor
-
-            self._compressor = FrameCompressor().compress
-        except ImportError:  # pragma: no cover - zstandard is a dependency
-            pass
 
     # ------------------------------------------------------------ public
 
@@ -315,8 +313,7 @@ class BrokerServer:
                 await self._commit_idle.wait()
                 await trio.sleep(0)
         for p in list(self._peers.values()):
-            self._run(self.broker.connection_lost(p.id, self.now()))
-            self._close_peer(p, CloseCode.SHUTDOWN, reason)
+            self._close_by_server(p, CloseCode.SHUTDOWN, reason)
         # Give the writers time to flush the Close frames (each connection
         # ends itself once flushed, or after close_timeout).
         with trio.move_on_after(self.config.close_timeout + 0.5):
@@ -398,7 +395,7 @@ class BrokerServer:
         if len(self._peers) >= self.config.max_connections:
             self._stats["refused"] += 1
             with trio.move_on_after(self.config.close_timeout):
-                await stream.send_all(encode_frame(F.Close(CloseCode.OVERLOADED, "too many connections")))
+                await stream.send_all(refuse_connection())
             await trio.aclose_forcefully(stream)
             return
         self._stats["accepted"] += 1
@@ -436,6 +433,9 @@ class BrokerServer:
         with trio.CancelScope() as scope:
             peer.reader_scope = scope
             while peer.state is _PeerState.OPEN:
+                if peer.resume is not None:
+                    await peer.resume.wait()  # the core waits for a request first
+                    continue
                 try:
                     data = await peer.stream.receive_some(read_size)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -454,8 +454,7 @@ class BrokerServer:
                     # Nothing acked is at risk -- acks only follow commits.
                     log.exception("internal error on connection %d", peer.id)
                     self._stats["internal_errors"] += 1
-                    self._forget_peer(peer)
-                    self._close_peer(peer, CloseCode.INTERNAL, "internal error")
+                    self._close_by_server(peer, CloseCode.INTERNAL, "internal error")
                     return
                 self._run(cmds)
         # Reading stopped by shutdown(): the connection stays open until
@@ -508,16 +507,25 @@ class BrokerServer:
             while queue:
                 cmd = queue.popleft()
                 kind = type(cmd)
-                if kind is SendFrame:
+                if kind is SendData:
                     peer = self._peers.get(cmd.conn)  # type: ignore[union-attr]
                     if peer is not None and peer.state is _PeerState.OPEN:
-                        self._enqueue(peer, cmd.frame)  # type: ignore[union-attr]
+                        self._enqueue(peer, cmd.data)  # type: ignore[union-attr]
                 elif kind is StoreRequest:
                     self._store_request(cmd)  # type: ignore[arg-type]
                 elif kind is CloseConnection:
                     peer = self._peers.get(cmd.conn)  # type: ignore[union-attr]
                     if peer is not None:
-                        self._close_peer(peer, cmd.code, cmd.reason)  # type: ignore[union-attr]
+                        self._close_peer(peer, cmd.data)  # type: ignore[union-attr]
+                elif kind is PauseReading:
+                    peer = self._peers.get(cmd.conn)  # type: ignore[union-attr]
+                    if peer is not None and peer.resume is None:
+                        peer.resume = trio.Event()
+                elif kind is ResumeReading:
+                    peer = self._peers.get(cmd.conn)  # type: ignore[union-attr]
+                    if peer is not None and peer.resume is not None:
+                        peer.resume.set()
+                        peer.resume = None
                 elif kind is Authenticate:
                     self._authenticate_request(cmd)  # type: ignore[arg-type]
                 elif kind is CheckContent:
@@ -696,13 +704,7 @@ class BrokerServer:
                 peer.queued = len(data) - n
             peer.wake.set()
 
-    def _enqueue(self, peer: _Peer, frame: F.Frame) -> None:
-        data = encode_frame(frame)
-        if peer.compress is not None:
-            data = peer.compress(data)
-        elif type(frame) is F.LoginAck and frame.caps & F.CAP_ZSTD:
-            # Granted at login: every later frame may be compressed.
-            peer.compress = self._compressor
+    def _enqueue(self, peer: _Peer, data: bytes) -> None:
         if not peer.buf:
             self._dirty.append(peer)
         peer.buf.append(data)
@@ -713,22 +715,33 @@ class BrokerServer:
             self._stats["slow_consumers"] += 1
             peer.buf.clear()
             peer.queued = 0
-            self._run(self.broker.connection_lost(peer.id, self.now()))
-            self._close_peer(peer, CloseCode.SLOW_CONSUMER, "outbound queue full: not reading fast enough")
+            self._close_by_server(peer, CloseCode.SLOW_CONSUMER, "outbound queue full: not reading fast enough")
 
-    def _forget_peer(self, peer: _Peer) -> None:
+    def _close_by_server(self, peer: _Peer, code: CloseCode, reason: str) -> None:
+        """Close ``peer`` for a reason of the network layer's: the core forgets
+        it and gives the Close frame's bytes (its session may compress...);
+        if the core cannot (it failed, or forgot the connection already),
+        a plain Close goes out anyway."""
+        cmds: list[Command] = []
         try:
-            self._run(self.broker.connection_lost(peer.id, self.now()))
+            cmds = self.broker.close(peer.id, code, reason, self.now())
         except Exception:  # pragma: no cover - a second failure while failing
-            log.exception("internal error forgetting connection %d", peer.id)
+            log.exception("internal error closing connection %d", peer.id)
+        for cmd in cmds:
+            if type(cmd) is CloseConnection and cmd.conn == peer.id:
+                self._close_peer(peer, cmd.data)  # now, not queued: nothing more is written to it
+        self._run([c for c in cmds if not (type(c) is CloseConnection and c.conn == peer.id)])
+        if peer.state is _PeerState.OPEN:
+            self._close_peer(peer, encode_close(code, reason))
 
-    def _close_peer(self, peer: _Peer, code: CloseCode, reason: str) -> None:
+    def _close_peer(self, peer: _Peer, data: bytes) -> None:
         if peer.state is not _PeerState.OPEN:
             return
-        data = encode_frame(F.Close(code, reason))
         peer.buf.append(data)
         peer.queued += len(data)
         peer.state = _PeerState.CLOSING
+        if peer.resume is not None:
+            peer.resume.set()
         peer.wake.set()
         if peer.reader_scope is not None:
             peer.reader_scope.cancel()
