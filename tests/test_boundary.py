@@ -652,3 +652,179 @@ async def test_a_session_ends_with_token_expired_at_the_tokens_expiry(autojump_c
                 close = await raw.until(F.Close)
                 assert close.code == CloseCode.TOKEN_EXPIRED
                 assert trio.current_time() - t0 == pytest.approx(5.0, abs=EXACT)
+
+
+# ---------------------------------------------------------------- 5. the asynchronous store path
+
+
+async def _take(c, n: int) -> list[F.Message]:
+    got: list[F.Message] = []
+    async for m in c.messages():
+        got.append(m)
+        if len(got) == n:
+            break
+    return got
+
+
+@pytest.mark.parametrize("inner", ["lmdb", "memory"])
+async def test_async_store_delivers_everything_once_in_order_with_acks_after_durable(inner, tmp_path):
+    """LatencyStore(1-20 ms per request, reads out of order): two clients
+    exchange 100 messages each way, with history fetches and a reconnect in
+    the middle."""
+    from pimcore.testing.chaos import open_chaos_proxy
+
+    base = LmdbStore(str(tmp_path / "db"), durability="os") if inner == "lmdb" else MemoryStore()
+    lat = LatencyStore(base, read_latency=(0.001, 0.020), write_latency=(0.001, 0.020), seed=11)
+    N = 100
+    try:
+        with trio.fail_after(120):
+            async with open_broker_server(lat, JwtAuthenticator(SECRET), server_config()) as srv:
+                async with open_chaos_proxy("127.0.0.1", srv.endpoints[0].port) as proxy:
+                    async with client(srv.url(), "alice") as a, client(f"tcp://127.0.0.1:{proxy.port}", "bob") as b:
+                        received: dict[str, list[F.Message]] = {}
+                        sent: dict[str, list] = {"alice": [], "bob": []}
+                        halfway = trio.Event()
+                        histories: list[list[F.Message]] = []
+
+                        async def sender(c, name: str) -> None:
+                            for i in range(N):
+                                s = await c.send(AB, b"%s %03d" % (name.encode(), i))
+                                # Acked means durable: the wrapped store has it already.
+                                stored = base.message(s.msg_id)
+                                assert stored is not None and stored.payload == b"%s %03d" % (name.encode(), i)
+                                assert stored.seq == s.seq
+                                sent[name].append(s)
+                                if name == "alice" and i == N // 2:
+                                    halfway.set()
+
+                        async def receiver(c, name: str) -> None:
+                            received[name] = await _take(c, N)
+
+                        async def middle() -> None:
+                            await halfway.wait()
+                            assert proxy.reset_all() >= 1  # bob's connection breaks: he reconnects
+
+                            async def fetch(c, backward: bool) -> None:
+                                histories.append(await c.fetch_history(AB, 0 if not backward else 1 << 40, 50, backward=backward))
+
+                            async with trio.open_nursery() as n:
+                                for i in range(6):
+                                    n.start_soon(fetch, a, bool(i % 2))
+                                    n.start_soon(fetch, b, bool(i % 2))
+
+                        async with trio.open_nursery() as n:
+                            n.start_soon(receiver, a, "alice")
+                            n.start_soon(receiver, b, "bob")
+                            n.start_soon(sender, a, "alice")
+                            n.start_soon(sender, b, "bob")
+                            n.start_soon(middle)
+
+                        # Exactly once, in order: each side got the other's N messages.
+                        assert [m.payload for m in received["alice"]] == [b"bob %03d" % i for i in range(N)]
+                        assert [m.payload for m in received["bob"]] == [b"alice %03d" % i for i in range(N)]
+                        for got in received.values():
+                            seqs = [m.seq for m in got]
+                            assert seqs == sorted(seqs) and len(set(seqs)) == N
+                        assert b.statistics().connects >= 2
+                        # History pages are consistent slices of the stored conversation.
+                        stored = {m.seq: m.payload for m in base.history(AB, 0, 1000)}
+                        assert sorted(stored) == list(range(1, 2 * N + 1))
+                        assert len(histories) == 12
+                        for page in histories:
+                            assert page and all(stored[m.seq] == m.payload for m in page)
+                        final = await a.fetch_history(AB, 0, 200)
+                        assert [m.seq for m in final] == list(range(1, 2 * N + 1))
+                        assert [m.payload for m in final if m.sender == "alice"] == [b"alice %03d" % i for i in range(N)]
+                        assert [m.payload for m in final if m.sender == "bob"] == [b"bob %03d" % i for i in range(N)]
+                        assert sorted(s.seq for s in sent["alice"] + sent["bob"]) == list(range(1, 2 * N + 1))
+        st = lat.statistics()
+        assert st.reordered > 0, st
+        assert st.failed == 0 and st.reads > 12
+    finally:
+        base.close()
+
+
+async def test_failing_reads_close_the_login_and_the_client_gets_in_once_they_stop(tmp_path):
+    from pimcore.client import Disconnected
+    from pimcore.testing.chaos import open_chaos_proxy
+
+    base = LmdbStore(str(tmp_path / "db"), durability="os")
+    lat = LatencyStore(base, read_latency=(0.001, 0.005), write_latency=(0.001, 0.005), seed=3)
+    try:
+        with trio.fail_after(60):
+            async with open_broker_server(lat, JwtAuthenticator(SECRET), server_config()) as srv:
+                async with open_chaos_proxy("127.0.0.1", srv.endpoints[0].port) as proxy:
+                    async with client(srv.url(), "alice") as a, client(f"tcp://127.0.0.1:{proxy.port}", "bob") as b:
+                        acked = [await a.send(AB, b"m%02d" % i) for i in range(10)]
+                        got = await _take(b, 10)
+                        assert [m.payload for m in got] == [b"m%02d" % i for i in range(10)]
+
+                        lat.fail_reads = True
+                        closes: list = []
+
+                        async def watch() -> None:
+                            async for ev in b.events():
+                                if isinstance(ev, Disconnected):
+                                    closes.append(ev.code)
+                                    if ev.code is CloseCode.INTERNAL and closes.count(CloseCode.INTERNAL) >= 2:
+                                        return
+
+                        proxy.reset_all()
+                        with trio.fail_after(20):
+                            async with trio.open_nursery() as n:
+                                n.start_soon(watch)
+                                # Writes still work while reads fail.
+                                acked += [await a.send(AB, b"m%02d" % i) for i in range(10, 15)]
+                        assert closes.count(CloseCode.INTERNAL) >= 2  # each login attempt closed
+                        assert lat.statistics().failed >= 2
+                        assert not b.connected
+                        lat.fail_reads = False
+                        got = await _take(b, 5)
+                        assert [m.payload for m in got] == [b"m%02d" % i for i in range(10, 15)]
+                        assert b.connected
+                        assert (await b.send(AB, b"back")).seq == 16
+        # Nothing acked was lost.
+        stored = {m.seq: m.payload for m in base.history(AB, 0, 100)}
+        assert {s.seq: b"m%02d" % i for i, s in enumerate(acked)}.items() <= stored.items()
+        assert len(stored) == 16
+    finally:
+        base.close()
+
+
+# ---------------------------------------------------------------- 6. glue without sockets
+
+
+@pytest.mark.parametrize("pair", [trio.testing.memory_stream_pair, trio.testing.lockstep_stream_pair])
+async def test_serve_stream_serves_memory_streams(pair):
+    store = MemoryStore()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with open_broker_server(store, JwtAuthenticator(SECRET), server_config()) as srv:
+                alice = _mem_conn(srv, nursery, pair)
+                bob = _mem_conn(srv, nursery, pair)
+                # Raw frames, encoded and decoded by hand.
+                await alice.send_bytes(encode_frame(F.Login(token("alice").encode(), "mem", int(time.time() * 1e6), 0, 0)))
+                ack = await alice.until(F.LoginAck)
+                assert (ack.user, ack.device, ack.position) == ("alice", "mem", 0)
+                assert (await bob.login("bob", "mem")).user == "bob"
+                await alice.send(F.SendReq(1, AB, 0, b"over a memory stream"), F.SendReq(2, AB, 0, b"and another"))
+                acks = [await alice.until(F.SendAck), await alice.until(F.SendAck)]
+                assert [(x.local_id, x.code, x.seq) for x in acks] == [(1, ErrorCode.OK, 1), (2, ErrorCode.OK, 2)]
+                msgs: list[F.Message] = []
+                while len(msgs) < 2:
+                    push = await bob.until(F.Push)
+                    msgs.extend(push.messages)
+                    await bob.send(F.PushAck(push.position))
+                assert [(m.seq, m.sender, m.device, m.payload) for m in msgs] == [
+                    (1, "alice", "mem", b"over a memory stream"),
+                    (2, "alice", "mem", b"and another"),
+                ]
+                assert srv.statistics()["accepted"] == 2
+                # Closing one end is a lost connection like any other.
+                await bob.aclose()
+                await _until(lambda: srv.broker.online_devices("bob") == [])
+                assert srv.broker.online_devices("alice") == ["mem"]
+            # Shutdown closed the remaining stream with a reason.
+            close = await alice.until(F.Close)
+            assert close.code == CloseCode.SHUTDOWN
+    assert [m.payload for m in store.history(AB, 0, 10)] == [b"over a memory stream", b"and another"]
