@@ -569,9 +569,9 @@ class ClientSession:
         self._end_connection(None, reason if reason is not None else _EOF_REASON[self._state])
 
     def _end_connection(self, code: Optional[CloseCode], reason: str) -> None:
-        """The current connection is over (either side decided).  Unconfirmed
-        sends go back to the queue in send order: the same local ids go out
-        again, first thing, on the next connection."""
+        """The current connection is over (either side decided).  Nothing on
+        its wire is confirmed: the next connection re-queues every pending
+        send in send order (see _establish), same local ids, first thing."""
         self._state = SessionState.DISCONNECTED
         self._decoder = None
         self._compress = None
@@ -579,7 +579,6 @@ class ClientSession:
         self._inflight.clear()
         for p in self._pending.values():
             p.sent_at = None
-        self._queue = deque(sorted(self._pending.values(), key=lambda p: p.local_id))
         self._ack_at = None
         for h in self._history.values():
             h.sent_at = None
@@ -980,8 +979,10 @@ class ClientSession:
                 self._requeue(p)
             # else: already back in the queue (a second refusal, for a retransmit).
             self._refusals += 1
-            # ...and send less at once afterwards (multiplicative decrease).
-            self._cwnd = max(1.0, self._cwnd / 2)
+            # ...and send less at once afterwards (multiplicative decrease of
+            # what is really in use: halving 2**16 while LoginAck.window
+            # caps the wire at 8 would change nothing for 13 refusals).
+            self._cwnd = max(1.0, min(self._cwnd, float(self._window)) / 2)
             delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** min(self._refusals, 16))
             until = self._t + _us(delay * (0.5 + self._rng.random()))
             if until > self._hold_until:

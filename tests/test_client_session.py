@@ -1,0 +1,928 @@
+"""The sans-IO client session, driven by hand: no sockets, no trio.
+
+Each test plays the broker: it feeds the session encoded broker frames
+(pimcore.frames + pimcore.codec.encode_frame, zstd-compressed where the test
+says so), moves a fake µs clock by hand, and decodes the bytes the session
+emits to check they are the right frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import FrozenInstanceError
+from typing import Optional
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pimcore import frames as F
+from pimcore.client_session import (
+    AuthFailed,
+    ClientClosed,
+    ClientConfig,
+    ClientSession,
+    ClientStatistics,
+    Connected,
+    Disconnected,
+    HistoryCompleted,
+    HistoryTimeout,
+    MessageReceived,
+    ReadStateChanged,
+    ReceiptReceived,
+    SendCompleted,
+    SendError,
+    SendTimeout,
+    SessionState,
+)
+from pimcore.codec import Decoder, encode_frame
+from pimcore.compress import FrameCompressor, FrameDecompressor
+from pimcore.errors import CloseCode, EncodeError, ErrorCode
+
+MS = 1_000
+S = 1_000_000
+T0 = 1_700_000_000 * S  # the device clock at the start of every test (µs)
+CONV = "d:alice:bob"
+CFG = ClientConfig(time_samples=1, ack_timeout=1.0, send_timeout=30.0, connect_timeout=2.0, ack_delay=0.02)
+
+
+def ack_frame(*, position: int = 0, window: int = 8, heartbeat_ms: int = 0, caps: int = 0, gap: bool = False, user: str = "alice") -> F.LoginAck:
+    return F.LoginAck(user, "phone", T0, position, position, gap, 1 << 20, 1 << 16, window, heartbeat_ms, caps)
+
+
+def msg(position: int, seq: int, *, sender: str = "bob", conv: str = CONV, payload: Optional[bytes] = None) -> F.Message:
+    return F.Message(position, b"m%015d" % seq, conv, seq, sender, "laptop", T0 + seq, T0 + seq, payload if payload is not None else b"p%d" % seq)
+
+
+def head_flags(data: bytes) -> list[int]:
+    """The head byte of every frame in ``data`` (0x10 plain, 0x11 zstd)."""
+    heads, i = [], 0
+    while i < len(data):
+        length = shift = 0
+        while True:
+            b = data[i]
+            i += 1
+            length |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        heads.append(data[i])
+        i += length
+    return heads
+
+
+class Broker:
+    """The broker's end of one connection: decodes what the session sends,
+    encodes what the test answers (compressed once zstd was granted)."""
+
+    def __init__(self, session: ClientSession) -> None:
+        self.s = session
+        self.decoder = Decoder(1 << 22)
+        self.compressor: Optional[FrameCompressor] = None
+        self.raw = b""  # every byte the session sent on this connection
+
+    def read(self) -> list[object]:
+        data = self.s.data_to_send()
+        self.raw += data
+        self.decoder.feed(data)
+        return list(self.decoder)
+
+    def read_one(self, kind: type) -> object:
+        frames = self.read()
+        assert [type(f) for f in frames] == [kind], frames
+        return frames[0]
+
+    def encode(self, *frames: F.Frame) -> bytes:
+        out = b""
+        for f in frames:
+            raw = encode_frame(f)
+            out += self.compressor.compress(raw) if self.compressor is not None and type(f) is not F.LoginAck else raw
+        return out
+
+    def feed(self, now: int, *frames: F.Frame) -> None:
+        self.s.receive_data(self.encode(*frames), now)
+
+    def grant_zstd(self) -> None:
+        self.decoder.enable_decompression(FrameDecompressor())
+        self.compressor = FrameCompressor()
+
+
+def connect(s: ClientSession, now: int, ack: Optional[F.LoginAck] = None, *, offset: int = 0, token: bytes = b"tok") -> Broker:
+    """connection_made, LoginAck, answer every CalibrateReq at once (rtt 0,
+    broker clock = device clock + offset); returns the broker end, drained up
+    to and including calibration."""
+    s.connection_made(now, token)
+    b = Broker(s)
+    login = b.read_one(F.Login)
+    assert login.token == token and login.device == s.device  # type: ignore[attr-defined]
+    ack = ack or ack_frame()
+    s.receive_data(encode_frame(ack), now)
+    if ack.caps & F.CAP_ZSTD and login.caps & F.CAP_ZSTD:  # type: ignore[attr-defined]
+        b.grant_zstd()
+    while s.state is SessionState.CALIBRATING:
+        req = b.read_one(F.CalibrateReq)
+        b.feed(now, F.CalibrateResp(req.client_time, req.client_time + offset))  # type: ignore[attr-defined]
+    assert s.state is SessionState.ACTIVE
+    return b
+
+
+def events(s: ClientSession, now: int) -> list[object]:
+    out = []
+    while (ev := s.next_event(now)) is not None:
+        out.append(ev)
+    return out
+
+
+def session(**kw: object) -> ClientSession:
+    cfg = ClientConfig(**{**{f: getattr(CFG, f) for f in CFG.__dataclass_fields__}, **kw})  # type: ignore[arg-type]
+    return ClientSession("phone", cfg, seed=1)
+
+
+def ok(lid: int, seq: int) -> F.SendAck:
+    return F.SendAck(lid, ErrorCode.OK, b"id%014d" % seq, seq, T0 + seq)
+
+
+# ---------------------------------------------------------------- login & calibration
+
+
+def test_login_then_calibration_then_active():
+    s = session(time_samples=3, compression=False)
+    assert s.state is SessionState.DISCONNECTED and s.next_deadline() is None
+    s.connection_made(T0, b"secret")
+    b = Broker(s)
+    login = b.read_one(F.Login)
+    assert login == F.Login(b"secret", "phone", T0, 0, 0)
+    assert s.state is SessionState.AWAITING_LOGIN_ACK
+    assert s.next_deadline() == T0 + 2 * S  # connect_timeout
+    b.feed(T0 + 1 * MS, F.Ping(7))  # answered even before LoginAck
+    assert b.read() == [F.Pong(7)]
+    b.feed(T0 + 2 * MS, ack_frame(position=4, gap=True, heartbeat_ms=0))
+    assert s.state is SessionState.CALIBRATING and s.user == "alice"
+    assert b.read() == [F.CalibrateReq(T0 + 2 * MS)]
+    assert events(s, T0) == []  # nothing before Connected
+    for i in range(3):
+        t = T0 + (3 + i) * MS
+        b.feed(t, F.CalibrateResp(t - MS, 0))
+        if i < 2:
+            assert b.read() == [F.CalibrateReq(t)]
+    assert s.state is SessionState.ACTIVE and s.connections_established == 1
+    [ev] = events(s, T0)
+    assert ev == Connected("alice", "phone", 4, True, s.clock_offset, 1 * MS)
+    assert s.statistics().connects == 1 and s.statistics().taken_upto == 4
+
+
+def test_calibration_keeps_the_sample_with_the_smallest_round_trip():
+    s = session(time_samples=3)
+    s.connection_made(T0, b"t")
+    b = Broker(s)
+    b.read()
+    b.feed(T0, ack_frame())
+    skew = 30 * 60 * S  # the broker's clock is 30 minutes ahead
+    t = T0
+    # (rtt, where in the round trip the broker read its clock): the 10 ms
+    # sample is the one whose error is bounded tightest.
+    for rtt, at in [(40 * MS, 35 * MS), (10 * MS, 5 * MS), (30 * MS, 2 * MS)]:
+        req = b.read_one(F.CalibrateReq)
+        assert req.client_time == t  # type: ignore[attr-defined]
+        b.feed(t + rtt, F.CalibrateResp(t, t + at + skew))
+        t += rtt
+    assert s.state is SessionState.ACTIVE
+    assert s.rtt == 10 * MS
+    assert s.clock_offset == skew + 5 * MS - 5 * MS  # read at +5 ms, assumed at the middle (+5 ms)
+    [connected] = events(s, t)
+    assert connected.clock_offset == s.clock_offset and connected.rtt == 10 * MS  # type: ignore[attr-defined]
+    assert s.server_now(t) == t + s.clock_offset
+    # Outgoing stamps are calibrated...
+    s.send(CONV, b"x", t)
+    req = b.read_one(F.SendReq)
+    assert req.client_time == t + s.clock_offset  # type: ignore[attr-defined]
+
+
+def test_calibrated_stamps_never_go_backwards_across_logins():
+    s = session()
+    b = connect(s, T0, offset=10 * S)
+    s.send(CONV, b"1", T0)
+    first = b.read_one(F.SendReq).client_time  # type: ignore[attr-defined]
+    assert first == T0 + 10 * S
+    s.connection_lost(T0 + 1)
+    # The next login finds the broker 10 s *behind* where it was: the
+    # calibrated clock jumps back, one sender's stamps must not.
+    b = connect(s, T0 + 2, offset=0)
+    assert s.clock_offset == 0
+    b.read()  # the first send, again, with its original stamp
+    s.send(CONV, b"2", T0 + 3)
+    second = b.read_one(F.SendReq).client_time  # type: ignore[attr-defined]
+    assert second == first + 1
+
+
+def test_an_unanswered_calibration_sample_ends_calibration_with_what_it_has():
+    s = session(time_samples=3)
+    s.connection_made(T0, b"t")
+    b = Broker(s)
+    b.read()
+    b.feed(T0, ack_frame())
+    b.read_one(F.CalibrateReq)
+    b.feed(T0 + 4 * MS, F.CalibrateResp(T0, T0 + 2 * MS + 777))
+    second = b.read_one(F.CalibrateReq)
+    assert s.next_deadline() == second.client_time + S  # type: ignore[attr-defined]  # ack_timeout
+    s.handle_timer(T0 + S)  # not yet
+    assert s.state is SessionState.CALIBRATING
+    s.handle_timer(T0 + 4 * MS + S)
+    assert s.state is SessionState.ACTIVE
+    assert (s.rtt, s.clock_offset) == (4 * MS, 777)
+    # A late answer on the active connection is only a sign of life.
+    b.feed(T0 + 2 * S, F.CalibrateResp(second.client_time, 0))  # type: ignore[attr-defined]
+    assert s.clock_offset == 777
+
+
+def test_frames_during_calibration_are_held_until_connected_is_out():
+    s = session(time_samples=1)
+    s.connection_made(T0, b"t")
+    b = Broker(s)
+    b.read()
+    b.feed(T0, ack_frame())
+    req = b.read_one(F.CalibrateReq)
+    b.feed(T0, F.ReadStates((F.ReadState(CONV, 1, 2, 1),)), F.Push(1, (msg(1, 2),)))
+    assert events(s, T0) == []
+    b.feed(T0 + MS, F.CalibrateResp(req.client_time, T0))  # type: ignore[attr-defined]
+    kinds = [type(e) for e in events(s, T0 + MS)]
+    assert kinds == [Connected, ReadStateChanged, MessageReceived]
+
+
+def test_no_login_ack_in_time_ends_the_connection():
+    s = session()
+    s.connection_made(T0, b"t")
+    Broker(s).read()
+    s.handle_timer(T0 + 2 * S - 1)
+    assert s.state is SessionState.AWAITING_LOGIN_ACK
+    s.handle_timer(T0 + 2 * S)
+    assert s.state is SessionState.DISCONNECTED
+    [ev] = events(s, T0)
+    assert isinstance(ev, Disconnected) and ev.code is None and "timed out" in ev.reason
+    connect(s, T0 + 3 * S)  # and the next connection is fine
+
+
+def test_zstd_is_negotiated_and_used_in_both_directions():
+    s = session(compression=True)
+    s.connection_made(T0, b"t")
+    b = Broker(s)
+    login = b.read_one(F.Login)
+    assert login.caps == F.CAP_ZSTD  # type: ignore[attr-defined]
+    assert head_flags(b.raw) == [0x10]  # Login is never compressed
+    b.feed(T0, ack_frame(caps=F.CAP_ZSTD))
+    b.grant_zstd()
+    req = b.read_one(F.CalibrateReq)
+    b.feed(T0, F.CalibrateResp(req.client_time, T0))  # type: ignore[attr-defined]
+    assert s.state is SessionState.ACTIVE
+    # Upstream: a chatty payload goes out compressed and decodes to the SendReq.
+    text = b'{"type":"text","text":"see you at the station at seven, bring the tickets"}'
+    lid = s.send(CONV, text, T0)
+    before = len(b.raw)
+    [req] = b.read()
+    assert (req.local_id, req.conv, req.payload) == (lid, CONV, text)  # type: ignore[attr-defined]
+    assert head_flags(b.raw[before:]) == [0x11]
+    # Downstream: a compressed Push is decoded.
+    wire = b.encode(F.Push(1, (msg(1, 1, payload=text),)))
+    assert head_flags(wire) == [0x11]
+    s.receive_data(wire, T0)
+    [ev] = [e for e in events(s, T0) if isinstance(e, MessageReceived)]
+    assert ev.message.payload == text
+
+
+def test_a_compressed_frame_without_a_grant_is_malformed():
+    s = session(compression=True)
+    b = connect(s, T0, ack_frame(caps=0))  # the broker did not grant zstd
+    events(s, T0)
+    wire = FrameCompressor().compress(encode_frame(F.Push(1, (msg(1, 1, payload=b"x" * 200),))))
+    assert head_flags(wire) == [0x11]
+    s.receive_data(wire, T0)
+    assert s.state is SessionState.DISCONNECTED
+    [close] = b.read()
+    assert isinstance(close, F.Close) and close.code == CloseCode.PROTOCOL_ERROR
+
+
+# ---------------------------------------------------------------- sends
+
+
+def test_an_unacked_send_goes_again_after_ack_timeout_with_the_same_local_id():
+    s = session()
+    b = connect(s, T0)
+    lid = s.send(CONV, b"hello", T0 + 10)
+    first = b.read_one(F.SendReq)
+    assert first.local_id == lid and first.payload == b"hello"  # type: ignore[attr-defined]
+    assert s.next_deadline() == T0 + 10 + S
+    s.handle_timer(T0 + 10 + S - 1)
+    assert b.read() == []
+    s.handle_timer(T0 + 10 + S)
+    assert b.read() == [first]  # same local id, same stamp, same payload
+    assert s.statistics().retransmits == 1
+    b.feed(T0 + 2 * S, ok(lid, 1))
+    [done] = s.completions()
+    assert done.local_id == lid and done.error is None and done.result.seq == 1  # type: ignore[union-attr]
+    assert done.result.client_time == first.client_time  # type: ignore[union-attr,attr-defined]
+    assert s.statistics().pending_sends == 0
+
+
+def test_a_reconnect_resends_everything_unacked_in_the_original_order():
+    s = session()
+    b = connect(s, T0, ack_frame(window=2))
+    lids = [s.send(CONV, b"m%d" % i, T0 + i) for i in range(5)]
+    assert lids == sorted(lids)
+    assert [f.local_id for f in b.read()] == lids[:2]  # type: ignore[attr-defined]  # the window
+    b.feed(T0 + 10, ok(lids[1], 1))  # the second is acked, the first is not
+    assert [f.local_id for f in b.read()] == [lids[2]]  # type: ignore[attr-defined]
+    s.connection_lost(T0 + 20)
+    [ev] = [e for e in events(s, T0) if isinstance(e, Disconnected)]
+    assert ev.code is None
+    b = connect(s, T0 + 30, ack_frame(window=8))
+    # The send window (2, grown to the old LoginAck.window) is kept across
+    # reconnects: no burst; then it grows by one per answer.
+    resent = b.read()
+    assert [f.local_id for f in resent] == [lids[0], lids[2]]  # type: ignore[attr-defined]
+    b.feed(T0 + 40, ok(lids[0], 2), ok(lids[2], 3))
+    resent += b.read()
+    assert [f.local_id for f in resent] == [lids[0], lids[2], lids[3], lids[4]]  # type: ignore[attr-defined]
+    assert [f.payload for f in resent] == [b"m0", b"m2", b"m3", b"m4"]  # type: ignore[attr-defined]
+    assert [c.local_id for c in s.completions()] == [lids[1], lids[0], lids[2]]
+
+
+def test_pending_sends_survive_while_disconnected_and_go_out_at_login():
+    s = session()
+    lid = s.send(CONV, b"offline", T0)
+    assert s.data_to_send() == b""
+    b = connect(s, T0 + S)
+    [req] = b.read()
+    assert req.local_id == lid  # type: ignore[attr-defined]
+
+
+def test_a_duplicate_ack_of_a_finished_send_is_ignored():
+    s = session()
+    b = connect(s, T0)
+    lid = s.send(CONV, b"once", T0)
+    b.read()
+    s.handle_timer(T0 + S)  # retransmitted: the broker will answer twice
+    b.read()
+    other = s.send(CONV, b"other", T0 + S)
+    b.read()
+    b.feed(T0 + S + 1, ok(lid, 1))
+    b.feed(T0 + S + 2, ok(lid, 1), F.SendAck(lid, ErrorCode.RATE_LIMITED, b"", 0, 0))
+    done = s.completions()
+    assert [(c.local_id, c.result.seq) for c in done] == [(lid, 1)]  # type: ignore[union-attr]
+    assert s.statistics().pending_sends == 1  # only `other`
+    assert [m.payload for m in s.view(CONV)] == [b"once"]
+    b.feed(T0 + S + 3, ok(other, 2))
+    assert [c.local_id for c in s.completions()] == [other]
+
+
+@pytest.mark.parametrize("code", sorted({ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_CONVERSATION, ErrorCode.NOT_MEMBER, ErrorCode.PAYLOAD_TOO_LARGE, ErrorCode.DUPLICATE_CONFLICT, ErrorCode.REJECTED}))
+def test_a_final_refusal_completes_the_send_with_its_code(code):
+    s = session()
+    b = connect(s, T0)
+    lid = s.send(CONV, b"no", T0)
+    b.read()
+    b.feed(T0 + 1, F.SendAck(lid, code, b"", 0, 0))
+    [done] = s.completions()
+    assert isinstance(done.error, SendError) and done.error.code is code and done.error.local_id == lid
+    s.handle_timer(T0 + 10 * S)
+    assert b.read() == []  # never sent again
+    s.connection_lost(T0 + 11 * S)
+    assert connect(s, T0 + 12 * S).read() == []
+
+
+@pytest.mark.parametrize("code", [ErrorCode.STORE_UNAVAILABLE, ErrorCode.TOO_MANY_IN_FLIGHT, ErrorCode.RATE_LIMITED, ErrorCode.INTERNAL, 99])
+def test_a_transient_refusal_holds_then_resends_the_same_local_id(code):
+    s = session(backoff_initial=0.1, backoff_max=10.0)
+    b = connect(s, T0)
+    lid = s.send(CONV, b"later", T0)
+    first = b.read_one(F.SendReq)
+    b.feed(T0 + 1, F.SendAck(lid, code, b"", 0, 0))
+    assert s.completions() == []
+    # Held: a new send waits too (sending it would only earn a refusal).
+    other = s.send(CONV, b"behind", T0 + 2)
+    assert b.read() == []
+    hold = s.next_deadline()
+    assert hold is not None and T0 + 1 + 100 * MS <= hold <= T0 + 1 + 300 * MS  # 0.1 s * 2, jittered x0.5..1.5
+    s.handle_timer(hold - 1)
+    assert b.read() == []
+    s.handle_timer(hold)
+    again = b.read()
+    assert [f.local_id for f in again] == [lid, other] and again[0] == first  # type: ignore[attr-defined]
+
+
+def test_aimd_halves_the_window_on_refusal_and_grows_it_by_one_per_answer():
+    s = session(backoff_initial=0.01, backoff_max=0.01)
+    b = connect(s, T0, ack_frame(window=8))
+    lids = [s.send(CONV, b"%d" % i, T0) for i in range(30)]
+    assert len(b.read()) == 8 and s.send_window == 8
+    t = T0 + 1
+    b.feed(t, F.SendAck(lids[0], ErrorCode.RATE_LIMITED, b"", 0, 0))
+    assert s.send_window == 4 and s.statistics().send_window == 4
+    b.feed(t, F.SendAck(lids[1], ErrorCode.RATE_LIMITED, b"", 0, 0))
+    assert s.send_window == 2
+    t += 20 * MS
+    s.handle_timer(t)  # the hold is over; 6 on the wire > 2: nothing new goes
+    assert b.read() == []
+    seq = 0
+    for lid in lids[2:8]:  # every answer: +1
+        seq += 1
+        b.feed(t, ok(lid, seq))
+    assert s.send_window == 8
+    # 6 answered, window 8: the two refused ones go first, in order, then new ones.
+    out = [f.local_id for f in b.read()]  # type: ignore[attr-defined]
+    assert out[:2] == lids[:2] and out[2:] == lids[8 : 8 + len(out) - 2]
+    assert s.statistics().in_flight == 8
+    for _ in range(5):
+        b.feed(t, ok(out.pop(0), seq := seq + 1))
+    assert s.send_window == 8  # never above LoginAck.window
+
+
+def test_a_send_times_out_even_while_disconnected():
+    s = session()
+    lid = s.send(CONV, b"void", T0, timeout=3 * S)
+    assert s.next_deadline() == T0 + 3 * S
+    s.handle_timer(T0 + 3 * S - 1)
+    assert s.completions() == []
+    s.handle_timer(T0 + 3 * S)
+    [done] = s.completions()
+    assert isinstance(done.error, SendTimeout) and done.error.local_id == lid
+    assert s.statistics().pending_sends == 0 and s.next_deadline() is None
+    b = connect(s, T0 + 4 * S)
+    assert b.read() == []  # given up: not sent any more
+
+
+def test_send_with_a_pending_local_id_does_not_queue_a_second_copy():
+    s = session()
+    b = connect(s, T0)
+    lid = s.send(CONV, b"x", T0, timeout=1 * S)
+    assert s.send(CONV, b"x", T0 + 1, local_id=lid, timeout=5 * S) == lid
+    assert len(b.read()) == 1
+    s.handle_timer(T0 + 2 * S)  # the first deadline moved to the later one
+    assert [c.local_id for c in s.completions()] == []
+    b.feed(T0 + 2 * S, ok(lid, 1))
+    assert [c.local_id for c in s.completions()] == [lid]
+
+
+def test_arguments_no_frame_can_carry_raise_before_anything_changes():
+    s = session()
+    connect(s, T0)
+    with pytest.raises(EncodeError):
+        s.send(CONV, b"x", T0, local_id=1 << 64)
+    with pytest.raises(EncodeError):
+        s.mark_read("\ud800", 1, T0)
+    assert s.statistics().pending_sends == 0 and s.data_to_send() == b""
+
+
+# ---------------------------------------------------------------- pushes and positions
+
+
+def test_pushes_are_acked_cumulatively_only_after_the_app_took_them():
+    s = session()
+    b = connect(s, T0)
+    events(s, T0)
+    b.feed(T0, F.Push(3, (msg(1, 1), msg(2, 2), msg(3, 3))))
+    s.handle_timer(T0 + 10 * S)
+    assert b.read() == []  # received is not taken: no ack, ever
+    t = T0 + 10 * S
+    assert s.next_event(t).message.position == 1  # type: ignore[union-attr]
+    assert s.next_event(t).message.position == 2  # type: ignore[union-attr]
+    s.handle_timer(t + S)
+    assert b.read() == []  # the push is acked once its *last* message was taken
+    assert s.next_event(t).message.position == 3  # type: ignore[union-attr]
+    assert s.next_deadline() == t + 20 * MS  # ack_delay: batch with more takes
+    b.feed(t + 1, F.Push(5, (msg(4, 4), msg(5, 5))))
+    events(s, t + 2)
+    s.handle_timer(t + 20 * MS - 1)
+    assert b.read() == []
+    s.handle_timer(t + 20 * MS)
+    assert b.read() == [F.PushAck(5)]  # one cumulative ack for both pushes
+    assert s.statistics().acks_sent == 1 and s.statistics().taken_upto == 5
+
+
+def test_a_push_of_only_own_messages_is_acked_in_turn():
+    s = session()
+    b = connect(s, T0)
+    events(s, T0)
+    b.feed(T0, F.Push(2, (msg(1, 1),)), F.Push(4, ()))
+    assert [type(e) for e in events(s, T0)] == [MessageReceived]  # nothing to show for 2..4
+    s.handle_timer(T0 + S)
+    assert b.read() == [F.PushAck(4)]
+
+
+def test_re_pushed_messages_are_dropped_by_position_and_login_resumes_from_what_was_taken():
+    s = session()
+    b = connect(s, T0)
+    events(s, T0)
+    b.feed(T0, F.Push(2, (msg(1, 1), msg(2, 2))), F.Push(3, (msg(3, 3),)))
+    taken = events(s, T0)
+    assert [e.message.position for e in taken] == [1, 2, 3]  # type: ignore[attr-defined]
+    b.feed(T0, F.Push(4, (msg(4, 4),)))  # queued, not taken
+    s.connection_lost(T0 + 1)  # before the PushAck went out
+    s.connection_made(T0 + 2, b"t")
+    b = Broker(s)
+    assert b.read_one(F.Login).position == 3  # type: ignore[attr-defined]  # what the app took
+    b.feed(T0 + 3, ack_frame(position=3))
+    req = b.read_one(F.CalibrateReq)
+    b.feed(T0 + 3, F.CalibrateResp(req.client_time, T0))  # type: ignore[attr-defined]
+    # The broker resumes after 3: 4 again (already queued) and 5 (new).
+    b.feed(T0 + 4, F.Push(5, (msg(4, 4), msg(5, 5))))
+    got = [e for e in events(s, T0 + 4) if isinstance(e, MessageReceived)]
+    assert [e.message.position for e in got] == [4, 5]  # 4 once, not twice
+    assert s.statistics().duplicates_dropped == 1
+    b.feed(T0 + 5, F.Push(5, (msg(4, 4), msg(5, 5))))  # an entirely stale push
+    assert events(s, T0 + 5) == [] and s.statistics().duplicates_dropped == 3
+    s.handle_timer(T0 + S)
+    assert b.read() == [F.PushAck(5)]
+
+
+def test_unread_counts_follow_pushes():
+    s = session()
+    b = connect(s, T0)
+    b.feed(T0, F.ReadStates((F.ReadState(CONV, 1, 1, 0),)))
+    b.feed(T0, F.Push(3, (msg(1, 2), msg(2, 3, sender="alice"), msg(3, 4))))
+    assert s.read_state(CONV) == F.ReadState(CONV, 1, 4, 2)  # the own message is not unread
+    assert s.unread(CONV) == 2
+
+
+# ---------------------------------------------------------------- liveness
+
+
+def test_a_ping_goes_out_when_nothing_was_sent_for_a_heartbeat_period():
+    s = session(dead_after=3.0)
+    b = connect(s, T0, ack_frame(heartbeat_ms=1000))
+    assert s.next_deadline() == T0 + S  # the CalibrateReq was the last thing sent
+    s.handle_timer(T0 + S - 1)
+    assert b.read() == []
+    s.handle_timer(T0 + S)
+    [ping] = b.read()
+    assert isinstance(ping, F.Ping)
+    b.feed(T0 + S, F.Pong(ping.nonce))
+    lid = s.send(CONV, b"x", T0 + S + 500 * MS)  # sending counts: the next ping moves
+    b.read()
+    b.feed(T0 + S + 500 * MS, ok(lid, 1))
+    s.handle_timer(T0 + 2 * S)
+    assert b.read() == []
+    s.handle_timer(T0 + 2 * S + 500 * MS)
+    assert [type(f) for f in b.read()] == [F.Ping]
+    # A Ping from the broker is answered.
+    b.feed(T0 + 2 * S + 600 * MS, F.Ping(42))
+    assert b.read() == [F.Pong(42)]
+
+
+def test_silence_for_dead_after_periods_ends_the_connection():
+    s = session(dead_after=3.0)
+    b = connect(s, T0, ack_frame(heartbeat_ms=1000))
+    lid = s.send(CONV, b"x", T0)
+    b.read()
+    b.feed(T0 + 2 * S, F.Pong(1))  # any frame is a sign of life
+    s.handle_timer(T0 + 5 * S - 1)
+    assert s.state is SessionState.ACTIVE
+    s.handle_timer(T0 + 5 * S)
+    assert s.state is SessionState.DISCONNECTED
+    ev = [e for e in events(s, T0) if isinstance(e, Disconnected)][-1]
+    assert ev.code is None and "dead" in ev.reason
+    b = connect(s, T0 + 6 * S)
+    assert [f.local_id for f in b.read()] == [lid]  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- read state
+
+
+def test_mark_read_is_sent_again_on_every_connection_until_read_states_confirms_it():
+    s = session()
+    s.mark_read(CONV, 5, T0)  # offline: remembered
+    b = connect(s, T0)
+    assert b.read() == [F.Read(CONV, 5)]
+    s.mark_read(CONV, 7, T0)
+    assert b.read() == [F.Read(CONV, 7)]
+    s.connection_lost(T0 + 1)
+    b = connect(s, T0 + 2)
+    assert b.read() == [F.Read(CONV, 7)]  # not confirmed yet: again
+    b.feed(T0 + 3, F.ReadStates((F.ReadState(CONV, 6, 9, 3),)))  # not far enough
+    s.connection_lost(T0 + 4)
+    b = connect(s, T0 + 5)
+    assert b.read() == [F.Read(CONV, 7)]
+    b.feed(T0 + 6, F.ReadStates((F.ReadState(CONV, 7, 9, 2),)))  # confirmed
+    s.connection_lost(T0 + 7)
+    b = connect(s, T0 + 8)
+    assert b.read() == []
+
+
+def test_read_markers_never_move_back_and_receipts_only_forward():
+    s = session()
+    b = connect(s, T0)
+    events(s, T0)
+    b.feed(T0, F.ReadStates((F.ReadState(CONV, 5, 9, 4),)))
+    b.feed(T0, F.ReadStates((F.ReadState(CONV, 3, 9, 6),)))  # stale
+    assert s.read_state(CONV) == F.ReadState(CONV, 5, 9, 4)
+    b.feed(T0, F.ReadReceipt(CONV, "bob", 4), F.ReadReceipt(CONV, "bob", 2))
+    assert s.receipt(CONV, "bob") == 4
+    assert events(s, T0) == [ReadStateChanged(F.ReadState(CONV, 5, 9, 4)), ReceiptReceived(CONV, "bob", 4)]
+    s.mark_read(CONV, 9, T0)
+    assert s.read_state(CONV) == F.ReadState(CONV, 9, 9, 0)  # optimistic until confirmed
+
+
+# ---------------------------------------------------------------- bounds
+
+
+def test_the_local_view_keeps_the_newest_view_limit_messages():
+    s = session(view_limit=3)
+    b = connect(s, T0)
+    b.feed(T0, F.Push(5, tuple(msg(i, i) for i in range(1, 6))))
+    assert [m.seq for m in s.view(CONV)] == [3, 4, 5]
+    lid = s.send(CONV, b"mine", T0)
+    b.read()
+    b.feed(T0, ok(lid, 6))
+    assert [m.seq for m in s.view(CONV)] == [4, 5, 6]
+
+
+def test_the_event_queue_sheds_old_notifications_but_never_messages_or_acks():
+    s = session(event_limit=6)
+    b = connect(s, T0)
+    events(s, T0)
+    b.feed(T0, F.Push(2, (msg(1, 1), msg(2, 2))))
+    for seq in range(1, 20):
+        b.feed(T0, F.ReadStates((F.ReadState(CONV, seq, 20, 20 - seq),)))
+    st = s.statistics()
+    assert st.events_dropped > 0 and st.queued_events <= 6 + 2
+    assert s.read_state(CONV).read_seq == 19  # the state itself is current
+    got = events(s, T0)
+    assert [e.message.seq for e in got if isinstance(e, MessageReceived)] == [1, 2]
+    assert got[-1] == ReadStateChanged(F.ReadState(CONV, 19, 20, 1))  # the newest kept
+    s.handle_timer(T0 + S)
+    assert b.read() == [F.PushAck(2)]
+
+
+# ---------------------------------------------------------------- endings
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\xff\xff\xff\xff\xff\x01", b"\x03\x1f\x0e\x00", b"\x03\x10\x7f\x00", b"\x04\x10\x07\x01\x05"],
+    ids=["length-prefix", "reserved-flags", "unknown-type", "bad-body"],
+)
+def test_malformed_bytes_close_the_connection_not_the_session(garbage):
+    s = session(max_frame=4096)
+    b = connect(s, T0)
+    events(s, T0)
+    lid = s.send(CONV, b"survives", T0)
+    b.read()
+    b.feed(T0, F.Push(1, (msg(1, 1),)))
+    s.receive_data(garbage + encode_frame(F.Push(2, (msg(2, 2),))), T0 + 1)  # no exception
+    assert s.state is SessionState.DISCONNECTED
+    [close] = b.read()
+    assert isinstance(close, F.Close) and close.code == CloseCode.PROTOCOL_ERROR
+    evs = events(s, T0)
+    assert [e.message.seq for e in evs if isinstance(e, MessageReceived)] == [1]  # before the bad bytes: kept
+    [ev] = [e for e in evs if isinstance(e, Disconnected)]
+    assert ev.code is None and "malformed" in ev.reason
+    s.receive_data(b"\x00\x00 more garbage", T0 + 2)  # a dead connection's bytes: ignored
+    b = connect(s, T0 + 3)
+    assert [f.local_id for f in b.read()] == [lid]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("code", [CloseCode.SHUTDOWN, CloseCode.TOKEN_EXPIRED, CloseCode.IDLE_TIMEOUT, 99])
+def test_a_close_from_the_broker_ends_the_connection_and_says_why(code):
+    s = session()
+    b = connect(s, T0)
+    events(s, T0)
+    b.feed(T0, F.Close(code, "bye"))
+    assert s.state is SessionState.DISCONNECTED
+    [ev] = events(s, T0)
+    assert ev == Disconnected(code if code != 99 else None, "bye")
+    connect(s, T0 + 1)  # and it may come back
+
+
+@pytest.mark.parametrize("code, error", [(CloseCode.AUTH_FAILED, AuthFailed), (CloseCode.REPLACED, ClientClosed)])
+def test_auth_failed_and_replaced_close_the_session_for_good(code, error):
+    s = session()
+    b = connect(s, T0)
+    events(s, T0)
+    s.send(CONV, b"pending", T0)
+    b.read()
+    req_id = s.request_history(CONV, 0, 10, False, T0)
+    b.feed(T0, F.Close(code, "no"))
+    assert s.state is SessionState.CLOSED and isinstance(s.error, error)
+    assert events(s, T0) == [Disconnected(code, "no")]
+    done = s.completions()
+    assert {type(c) for c in done} == {SendCompleted, HistoryCompleted}
+    assert all(isinstance(c.error, error) for c in done) and [c.req_id for c in done if isinstance(c, HistoryCompleted)] == [req_id]
+    with pytest.raises(error):
+        s.connection_made(T0, b"t")
+    with pytest.raises(error):
+        s.send(CONV, b"x", T0)
+    assert s.next_deadline() is None
+
+
+def test_close_acks_what_was_taken_then_says_goodbye():
+    s = session()
+    b = connect(s, T0)
+    events(s, T0)
+    b.feed(T0, F.Push(1, (msg(1, 1),)))
+    events(s, T0)
+    s.send(CONV, b"unanswered", T0)
+    b.read()
+    s.close(T0)
+    assert b.read() == [F.PushAck(1), F.Close(CloseCode.NORMAL, "client closing")]
+    [done] = s.completions()
+    assert isinstance(done.error, ClientClosed)
+    assert s.state is SessionState.CLOSED
+    s.close(T0)  # idempotent
+
+
+def test_connection_lost_discards_bytes_meant_for_the_dead_connection():
+    s = session()
+    b = connect(s, T0)
+    s.mark_read(CONV, 1, T0)  # queued, never written
+    s.connection_lost(T0)
+    assert s.data_to_send() == b""
+    s.connection_lost(T0)  # a no-op once lost
+    assert b.read() == []
+    s.connection_made(T0, b"t")
+    with pytest.raises(RuntimeError):
+        s.connection_made(T0, b"t")  # one connection at a time
+
+
+# ---------------------------------------------------------------- history
+
+
+def test_history_requests_match_by_id_and_are_asked_again_until_answered():
+    s = session()
+    b = connect(s, T0)
+    r1 = s.request_history(CONV, 0, 10, True, T0)
+    r2 = s.request_history("g:team", 5, 2, False, T0)
+    assert b.read() == [F.HistoryReq(r1, CONV, 0, 10, True), F.HistoryReq(r2, "g:team", 5, 2, False)]
+    assert r1 != r2
+    page = (msg(0, 6, conv="g:team"), msg(0, 7, conv="g:team"))
+    b.feed(T0 + 1, F.HistoryResp(r2, "g:team", ErrorCode.OK, page, True))
+    [done] = s.completions()
+    assert done == HistoryCompleted(r2, page, None)
+    assert [m.seq for m in s.view("g:team")] == [6, 7]
+    s.handle_timer(T0 + 2 * S)  # 2 x ack_timeout without an answer: asked again
+    assert b.read() == [F.HistoryReq(r1, CONV, 0, 10, True)]
+    s.connection_lost(T0 + 3 * S)
+    b = connect(s, T0 + 4 * S)
+    assert b.read() == [F.HistoryReq(r1, CONV, 0, 10, True)]  # and on the new connection
+    b.feed(T0 + 5 * S, F.HistoryResp(r1, CONV, ErrorCode.NOT_MEMBER, (), False))
+    [done] = s.completions()
+    assert isinstance(done.error, SendError) and done.error.code is ErrorCode.NOT_MEMBER
+    b.feed(T0 + 5 * S, F.HistoryResp(r1, CONV, ErrorCode.OK, (), False))  # a late duplicate
+    assert s.completions() == []
+
+
+def test_a_history_request_times_out():
+    s = session()
+    r = s.request_history(CONV, 0, 10, False, T0, timeout=2 * S)
+    s.handle_timer(T0 + 2 * S)
+    [done] = s.completions()
+    assert done.req_id == r and isinstance(done.error, HistoryTimeout)
+
+
+# ---------------------------------------------------------------- time and statistics
+
+
+def test_a_clock_stepping_back_does_not_stall_the_timers():
+    s = session()
+    b = connect(s, T0)
+    s.send(CONV, b"x", T0)
+    b.read()
+    assert s.next_deadline() == T0 + S
+    # The device clock is set back an hour: the retransmit is still one
+    # ack_timeout after the send, counted on the new clock.
+    back = T0 - 3600 * S
+    s.handle_timer(back)
+    assert b.read() == []
+    assert s.next_deadline() == back + S
+    s.handle_timer(back + S)
+    assert [type(f) for f in b.read()] == [F.SendReq]
+
+
+def test_statistics_is_a_frozen_slotted_record():
+    s = session()
+    st = s.statistics()
+    assert isinstance(st, ClientStatistics)
+    with pytest.raises(FrozenInstanceError):
+        st.connects = 3  # type: ignore[misc]
+    assert not hasattr(st, "__dict__")
+    assert st.connects == 0 and st.pending_sends == 0 and st.queued_events == 0
+
+
+# ---------------------------------------------------------------- random interleavings
+
+
+class FakeBroker:
+    """Just enough broker to check the upstream guarantee: stores a SendReq
+    once per local id (the real broker's dedupe), answers OK with the stored
+    seq or a transient refusal, and may answer twice."""
+
+    def __init__(self) -> None:
+        self.stored: dict[int, tuple[int, bytes, int]] = {}  # local id -> (seq, payload, client_time)
+        self.inbox: list[F.SendReq] = []  # received on this connection, not processed
+        self.answers: list[F.SendAck] = []  # processed, not yet delivered
+        self.b: Optional[Broker] = None
+
+    def drain(self) -> None:
+        assert self.b is not None
+        for f in self.b.read():
+            if type(f) is F.SendReq:
+                self.inbox.append(f)  # type: ignore[arg-type]
+
+    def process(self, n: int, refuse: bool) -> None:
+        for req in self.inbox[:n]:
+            if req.local_id in self.stored:
+                seq, payload, stamp = self.stored[req.local_id]
+                assert (payload, stamp) == (req.payload, req.client_time), "a retry changed the SendReq"
+            elif refuse:
+                self.answers.append(F.SendAck(req.local_id, ErrorCode.RATE_LIMITED, b"", 0, 0))
+                continue
+            else:
+                seq = len(self.stored) + 1
+                self.stored[req.local_id] = (seq, req.payload, req.client_time)
+            self.answers.append(ok(req.local_id, seq))
+        del self.inbox[:n]
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("send"), st.integers(0, 0)),
+        st.tuples(st.just("process"), st.integers(1, 4)),
+        st.tuples(st.just("refuse"), st.integers(1, 2)),
+        st.tuples(st.just("answer"), st.integers(1, 4)),
+        st.tuples(st.just("duplicate"), st.integers(0, 0)),
+        st.tuples(st.just("drop"), st.integers(0, 0)),
+        st.tuples(st.just("connect"), st.integers(1, 6)),
+        st.tuples(st.just("wait"), st.integers(1, 3000)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300)
+@given(ops)
+def test_random_acks_refusals_and_reconnects_never_lose_or_duplicate_a_send(script):
+    s = session(send_timeout=10_000.0, backoff_initial=0.05, backoff_max=0.2)
+    broker = FakeBroker()
+    now = T0
+    sent: list[int] = []
+    done: dict[int, SendCompleted] = {}
+    window = 4
+
+    def collect() -> None:
+        for c in s.completions():
+            assert isinstance(c, SendCompleted)
+            assert c.local_id not in done, "a send completed twice"
+            done[c.local_id] = c
+        assert s.statistics().in_flight <= window
+
+    def connect_now(w: int) -> None:
+        nonlocal window
+        window = w
+        broker.inbox.clear()
+        broker.answers.clear()
+        broker.b = connect(s, now, ack_frame(window=w))
+        broker.drain()
+
+    for op, arg in script:
+        if op == "send":
+            sent.append(s.send(CONV, b"msg %d" % len(sent), now))
+        elif op in ("process", "refuse") and s.connection_open:
+            broker.process(arg, refuse=op == "refuse")
+        elif op == "answer" and s.connection_open:
+            for a in broker.answers[:arg]:
+                broker.b.feed(now, a)  # type: ignore[union-attr]
+            del broker.answers[:arg]
+        elif op == "duplicate" and s.connection_open and broker.stored:
+            lid = next(iter(broker.stored))
+            broker.b.feed(now, ok(lid, broker.stored[lid][0]))  # type: ignore[union-attr]
+        elif op == "drop" and s.connection_open:
+            s.connection_lost(now)
+        elif op == "connect" and not s.connection_open:
+            connect_now(arg)
+        elif op == "wait":
+            now += arg * MS
+            s.handle_timer(now)
+        if s.connection_open:
+            broker.drain()
+        collect()
+
+    # Then a good network until everything is answered.
+    if not s.connection_open:
+        connect_now(4)
+    for _ in range(10_000):
+        if not sent or len(done) == len(sent):
+            break
+        broker.process(len(broker.inbox), refuse=False)
+        for a in broker.answers:
+            broker.b.feed(now, a)  # type: ignore[union-attr]
+        broker.answers.clear()
+        deadline = s.next_deadline()
+        if deadline is not None and deadline > now:
+            now = deadline
+        s.handle_timer(now)
+        broker.drain()
+        collect()
+    assert sorted(done) == sorted(sent), "a send was lost"
+    for lid in sent:
+        c = done[lid]
+        assert c.error is None and c.result is not None, c
+        assert c.result.seq == broker.stored[lid][0]  # the answer is the one stored copy
+    assert len(broker.stored) == len(sent)
+    assert s.statistics().pending_sends == 0
