@@ -29,6 +29,16 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from pimcore.errors import ErrorCode, StoreError
 from pimcore.store import (
     AckPosition,
+    AddMembers,
+    ConversationState,
+    CreateGroup,
+    GroupChanged,
+    HistoryPage,
+    SessionLoaded,
+    LoadSession,
+    ReadHistory,
+    ReadInbox,
+    RemoveMembers,
     Acked,
     Appended,
     DeviceState,
@@ -503,6 +513,67 @@ def test_group_administration(store: Store) -> None:
     assert store.conversation_exists("empty") and store.members("empty") == ()
 
 
+def test_group_admin_ops_are_ordered_inside_a_batch(store: Store, mk: Maker) -> None:
+    """CreateGroup/AddMembers/RemoveMembers are ops of a batch: each later op
+    of the same batch sees the membership they leave (and the cache of
+    members a commit keeps does not hide them)."""
+    (created, first) = mk.commit(store, CreateGroup(GROUP, ("alice", "bob"), 1), mk(GROUP, "alice"))
+    assert created == GroupChanged(GROUP, ("alice", "bob"))
+    assert [u for u, _ in first.positions] == ["alice", "bob"]
+    (second, added, third, removed, refused, fourth) = mk.commit(
+        store,
+        mk(GROUP, "alice"),
+        AddMembers(GROUP, ("carol",)),
+        mk(GROUP, "carol"),
+        RemoveMembers(GROUP, ("bob",)),
+        mk(GROUP, "bob"),
+        mk(GROUP, "alice"),
+    )
+    assert [u for u, _ in second.positions] == ["alice", "bob"]
+    assert added == GroupChanged(GROUP, ("alice", "bob", "carol"))
+    assert [u for u, _ in third.positions] == ["alice", "bob", "carol"]
+    assert removed == GroupChanged(GROUP, ("alice", "carol"))
+    assert refused == Rejected(ErrorCode.NOT_MEMBER)
+    assert [u for u, _ in fourth.positions] == ["alice", "carol"]
+    again, unknown, bad = mk.commit(
+        store, CreateGroup(GROUP, ("dave",), 2), AddMembers("nope", ("dave",)), CreateGroup(AB, ("alice",), 2)
+    )
+    assert again == Rejected(ErrorCode.ALREADY_EXISTS)
+    assert unknown == Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+    assert bad == Rejected(ErrorCode.BAD_REQUEST)
+
+
+def test_read_requests(store: Store, mk: Maker) -> None:
+    """The read ops the core sends: one LoadSession answers a whole login."""
+    store.create_group(GROUP, ["alice", "bob", "carol"], now=1)
+    mk.commit(store, mk(AB, "alice"), mk(AB, "alice"), mk(GROUP, "carol"), MarkRead("alice", AB, 2), TouchDevice("bob", "phone", 1, 5))
+    mk.commit(store, MarkRead("bob", AB, 1))
+    (bob, new, bad, inbox, hist, denied, unknown) = store.read(
+        (
+            LoadSession("bob", "phone"),
+            LoadSession("bob", "tablet"),
+            LoadSession("bob", "not ok"),
+            ReadInbox("bob", 1, 10),
+            ReadHistory(AB, "bob", 0, 1, True),
+            ReadHistory(GROUP, "dave", 0, 10),
+            ReadHistory("nope", "bob", 0, 10),
+        )
+    )
+    assert isinstance(bob, SessionLoaded) and (bob.head, bob.floor, bob.position) == (3, 0, 1)
+    assert bob.conversations == (
+        ConversationState(AB, 1, 2, 1, "alice", 2),
+        ConversationState(GROUP, 0, 1, 1, "", 0),
+    )
+    assert new.position == -1 and new.conversations == bob.conversations
+    assert bad == Rejected(ErrorCode.BAD_REQUEST)
+    assert [pos for pos, _ in inbox.entries] == [2, 3]
+    assert hist.code is ErrorCode.OK and [m.seq for m in hist.messages] == [2]
+    assert denied == HistoryPage(ErrorCode.NOT_MEMBER, ())
+    assert unknown == HistoryPage(ErrorCode.UNKNOWN_CONVERSATION, ())
+    with pytest.raises(TypeError):
+        store.read((mk(AB, "alice"),))  # a write op is not a read
+
+
 def test_membership_changes_apply_to_later_messages(store: Store, mk: Maker) -> None:
     store.create_group(GROUP, ["alice", "bob"], now=1)
     old = mk(GROUP, "alice")
@@ -912,6 +983,34 @@ class StoreModel(RuleBasedStateMachine):
     )
     def change(self, conv: str, users: list[str], add: bool) -> None:
         self.both("add_members" if add else "remove_members", conv, users)
+
+    @rule(
+        ops=st.lists(op, min_size=0, max_size=4),
+        at=st.integers(0, 4),
+        conv=st.sampled_from(["g1", "g2", "nope", "d:alice:bob"]),
+        users=st.lists(st.sampled_from(USERS + ["b@d:"]), max_size=3),
+        kind=st.sampled_from([CreateGroup, AddMembers, RemoveMembers]),
+    )
+    def admin_in_a_batch(self, ops: list[tuple[str, tuple]], at: int, conv: str, users: list[str], kind: type) -> None:
+        """Group admin is an op of a batch: later ops of the same batch see it."""
+        built = [self.build(k, args) for k, args in ops]
+        admin = kind(conv, tuple(sorted(set(users))), self.time) if kind is CreateGroup else kind(conv, tuple(sorted(set(users))))
+        built.insert(min(at, len(built)), admin)
+        self.batch += 1
+        batch = WriteBatch(self.batch, tuple(built))  # type: ignore[arg-type]
+        assert self.memory.commit(batch) == self.lmdb.commit(batch)
+
+    @invariant()
+    def same_read_requests(self) -> None:
+        """LMDB answers a read request in one snapshot; the generic version
+        (the memory store's) asks its read methods: the answers agree."""
+        users = USERS + ["dave", "b@d:"]
+        reads = (
+            [LoadSession(u, d) for u in users for d in DEVICES + ["new"]]
+            + [ReadInbox(u, after, 3) for u in users for after in (0, 2)]
+            + [ReadHistory(c, u, s, 2, b) for c in CONVS + ["g 3", "nope"] for u in users for s in (0, 3) for b in (False, True)]
+        )
+        assert self.memory.read(reads) == self.lmdb.read(reads)
 
     @invariant()
     def same_reads(self) -> None:

@@ -110,6 +110,14 @@ from ..errors import ErrorCode, StoreError
 from .base import (
     AckPosition,
     Acked,
+    ConversationState,
+    HistoryPage,
+    InboxPage,
+    LoadSession,
+    ReadHistory,
+    ReadInbox,
+    ReadOp,
+    SessionLoaded,
     AddMembers,
     CreateGroup,
     GroupChanged,
@@ -1006,24 +1014,27 @@ class LmdbStore(Store):
 
     def history(self, conv: str, from_seq: int, limit: int, backward: bool = False) -> list[StoredMessage]:
         with self._read() as txn:
-            if not valid_conversation(conv) or limit <= 0:
-                return []
-            ck = _t(conv)
-            last = self._last_seq(txn, ck)
-            # Seqs are exactly 1..last (gap-free), so a page is a seq range.
-            if backward:
-                top = last if from_seq <= 0 else min(from_seq - 1, last)
-                seqs = range(top, max(top - limit, 0), -1)
-            else:
-                start = max(from_seq, 0) + 1
-                seqs = range(start, min(last, start + limit - 1) + 1)
-            page = []
-            for seq in seqs:
-                ref = txn.get(ck + _U64.pack(seq), db=self._convidx)
-                if ref is None:
-                    raise StoreError(f"{conv!r} has no seq {seq} (store corrupt)")
-                page.append(self._load(txn, ref[:16]))
-            return page
+            return self._history_in(txn, conv, from_seq, limit, backward)
+
+    def _history_in(self, txn: _Txn, conv: str, from_seq: int, limit: int, backward: bool) -> list[StoredMessage]:
+        if not valid_conversation(conv) or limit <= 0:
+            return []
+        ck = _t(conv)
+        last = self._last_seq(txn, ck)
+        # Seqs are exactly 1..last (gap-free), so a page is a seq range.
+        if backward:
+            top = last if from_seq <= 0 else min(from_seq - 1, last)
+            seqs = range(top, max(top - limit, 0), -1)
+        else:
+            start = max(from_seq, 0) + 1
+            seqs = range(start, min(last, start + limit - 1) + 1)
+        page = []
+        for seq in seqs:
+            ref = txn.get(ck + _U64.pack(seq), db=self._convidx)
+            if ref is None:
+                raise StoreError(f"{conv!r} has no seq {seq} (store corrupt)")
+            page.append(self._load(txn, ref[:16]))
+        return page
 
     def message(self, msg_id: bytes) -> Optional[StoredMessage]:
         with self._read() as txn:
@@ -1042,15 +1053,18 @@ class LmdbStore(Store):
 
     def inbox_range(self, user: str, after: int, limit: int) -> list[tuple[int, StoredMessage]]:
         with self._read() as txn:
-            if not valid_id(user) or limit <= 0 or after >= _U64_MAX:
-                return []
-            uk = _t(user)
-            out: list[tuple[int, StoredMessage]] = []
-            for key, entry in self._scan(txn, self._inbox, uk, uk + _U64.pack(max(after, 0) + 1)):
-                out.append((_U64.unpack_from(key, len(uk))[0], self._load(txn, entry[:16])))
-                if len(out) >= limit:
-                    break
-            return out
+            return self._inbox_in(txn, user, after, limit)
+
+    def _inbox_in(self, txn: _Txn, user: str, after: int, limit: int) -> list[tuple[int, StoredMessage]]:
+        if not valid_id(user) or limit <= 0 or after >= _U64_MAX:
+            return []
+        uk = _t(user)
+        out: list[tuple[int, StoredMessage]] = []
+        for key, entry in self._scan(txn, self._inbox, uk, uk + _U64.pack(max(after, 0) + 1)):
+            out.append((_U64.unpack_from(key, len(uk))[0], self._load(txn, entry[:16])))
+            if len(out) >= limit:
+                break
+        return out
 
     def device(self, user: str, device: str) -> Optional[DeviceState]:
         with self._read() as txn:
@@ -1107,6 +1121,65 @@ class LmdbStore(Store):
                 return []
             uk = _t(user)
             return sorted(_take_t(key, len(uk))[0] for key, _ in self._scan(txn, self._userconvs, uk))
+
+    # ------------------------------------------------------- read requests
+
+    def read(self, ops: Iterable[ReadOp]) -> tuple[Result, ...]:
+        """Every read op of one request in ONE read transaction: a login
+        sees its head, position and read states at one point in time, and
+        pays one transaction, not one per conversation."""
+        with self._read() as txn:
+            out: list[Result] = []
+            for op in ops:
+                kind = type(op)
+                if kind is LoadSession:
+                    out.append(self._session_in(txn, op))  # type: ignore[arg-type]
+                elif kind is ReadInbox:
+                    out.append(InboxPage(op.user, tuple(self._inbox_in(txn, op.user, op.after, op.limit))))  # type: ignore[union-attr]
+                elif kind is ReadHistory:
+                    code = self._access_in(txn, op.conv, op.user)  # type: ignore[union-attr]
+                    page = self._history_in(txn, op.conv, op.from_seq, op.limit, op.backward) if code is ErrorCode.OK else []  # type: ignore[union-attr]
+                    out.append(HistoryPage(code, tuple(page)))
+                else:
+                    raise TypeError(f"not a read op: {kind.__name__}")
+            return tuple(out)
+
+    def _access_in(self, txn: _Txn, conv: str, user: str) -> ErrorCode:
+        if not (valid_conversation(conv) and valid_id(user)):
+            return ErrorCode.BAD_REQUEST
+        pair = direct_members(conv)
+        if pair is not None:
+            return ErrorCode.OK if user in pair else ErrorCode.NOT_MEMBER
+        ck = _t(conv)
+        if txn.get(ck, db=self._groups) is None:
+            return ErrorCode.UNKNOWN_CONVERSATION
+        return ErrorCode.OK if txn.get(ck + _t(user), db=self._members) is not None else ErrorCode.NOT_MEMBER
+
+    def _session_in(self, txn: _Txn, op: LoadSession) -> Result:
+        if not (valid_id(op.user) and valid_id(op.device)):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        user = op.user
+        uk = _t(user)
+        head, floor = self._head_floor(txn, uk)
+        raw = txn.get(uk + _t(op.device), db=self._devices)
+        position = _DEVICE.unpack(raw)[0] if raw is not None else -1
+        states = []
+        for key, _ in self._scan(txn, self._userconvs, uk):
+            conv = _take_t(key, len(uk))[0]
+            ck = key[len(uk) :]
+            raw = txn.get(uk + ck, db=self._reads)
+            marker = _U64.unpack(raw)[0] if raw is not None else 0
+            pair = direct_members(conv)
+            peer = "" if pair is None else (pair[1] if pair[0] == user else pair[0])
+            peer_marker = 0
+            if peer:
+                raw = txn.get(_t(peer) + ck, db=self._reads)
+                peer_marker = _U64.unpack(raw)[0] if raw is not None else 0
+            states.append(
+                ConversationState(conv, marker, self._last_seq(txn, ck), self._count_unread(txn, user, ck, marker), peer, peer_marker)
+            )
+        states.sort(key=lambda st: st.conv)
+        return SessionLoaded(user, op.device, head, floor, position, tuple(states))
 
     # ----------------------------------------------------------- lifecycle
 
