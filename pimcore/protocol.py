@@ -478,9 +478,9 @@ class ServerSession:
             elif t is _Close:
                 self._peer_closed()
             elif t is not _Ping:
-                exc = UnexpectedFrame(frame)
-                self._fail(exc)
-                raise exc
+                refused = UnexpectedFrame(frame)
+                self._fail(refused)
+                raise refused
             self._frames_in += 1
             return frame  # type: ignore[no-any-return]
         if state is _S.ERRORED:

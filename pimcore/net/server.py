@@ -194,11 +194,9 @@ class BrokerServer:
         self._async_store = isinstance(store, AsyncStore)
         # A synchronous store is asked for the clock floor now; an async one
         # when the server runs (run() awaits it before listening).
-        self.broker: Broker = (
-            None  # type: ignore[assignment]
-            if self._async_store
-            else Broker(config.broker, node_id=node_id or store.node_id(), last_server_time=store.last_server_time())  # type: ignore[union-attr]
-        )
+        self.broker: Broker = None  # type: ignore[assignment]
+        if not isinstance(store, AsyncStore):
+            self.broker = Broker(config.broker, node_id=node_id or store.node_id(), last_server_time=store.last_server_time())
         self._authenticate = authenticate
         self._auth_is_async = inspect.iscoroutinefunction(authenticate) or inspect.iscoroutinefunction(
             getattr(authenticate, "__call__", None)
@@ -562,8 +560,9 @@ class BrokerServer:
         else:
             # A local read: memory-mapped LMDB answers in microseconds, so it
             # runs right here and its outcome joins the command queue.
+            store: Store = self.store  # type: ignore[assignment]
             try:
-                results = self.store.execute(req)  # type: ignore[union-attr]
+                results = store.execute(req)
             except Exception as exc:
                 self._store_error(req, exc)
                 self._queue.extend(self.broker.store_failed(req.request_id, exc, self.now()))
