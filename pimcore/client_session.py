@@ -255,7 +255,7 @@ class ClientStatistics:
     queued_events: int  # events the application has not taken
     taken_upto: int  # highest inbox position the application has taken
     in_flight: int  # SendReqs on the wire of the current connection, unanswered
-    send_window: int  # the AIMD limit on sends in flight (LoginAck.window caps it too)
+    send_window: int  # SendReqs allowed on the wire now: min(LoginAck.window, the AIMD window)
 
 
 class SessionState(enum.Enum):
@@ -489,7 +489,7 @@ class ClientSession:
             queued_events=len(self._events),
             taken_upto=self._taken_upto,
             in_flight=len(self._inflight),
-            send_window=int(self._cwnd),
+            send_window=self.send_window,
         )
 
     # ------------------------------------------------------------ time
