@@ -641,7 +641,7 @@ class ClientSession:
         self._last_sent = self._t
         self._stats["frames_out"] += 1
 
-    def receive_data(self, data: bytes, now: int) -> None:
+    def receive_data(self, data: Union[bytes, bytearray, memoryview], now: int) -> None:
         """Bytes from the broker, split anywhere.  Frames are handled in
         order until the connection ends; bytes arriving when no connection is
         open are ignored.  Never raises for what the broker sent: malformed

@@ -24,6 +24,7 @@ from pimcore.client_session import (
     ClientStatistics,
     Connected,
     Disconnected,
+    Event,
     HistoryCompleted,
     HistoryTimeout,
     MessageReceived,
@@ -125,8 +126,8 @@ def connect(s: ClientSession, now: int, ack: Optional[F.LoginAck] = None, *, off
     return b
 
 
-def events(s: ClientSession, now: int) -> list[object]:
-    out = []
+def events(s: ClientSession, now: int) -> list[Event]:
+    out: list[Event] = []
     while (ev := s.next_event(now)) is not None:
         out.append(ev)
     return out
