@@ -217,8 +217,10 @@ class BrokerServer:
         # hooks); started once run() has a nursery.
         self._tasks: Optional[trio.Nursery] = None
         self._later: deque[tuple[Callable[..., Awaitable[None]], tuple[Any, ...]]] = deque()
-        self._timer_wake = trio.Event()
-        self._timer_due: Optional[int] = None  # the deadline the timer task sleeps towards
+        # The timer task sleeps in this scope; its deadline (trio time) is
+        # the core's next deadline, moved earlier in place when the core names
+        # an earlier one -- no task switch until it is due.
+        self._timer_scope: Optional[trio.CancelScope] = None
         self._running = False  # inside _run: commands it causes are queued, not nested
         self._queue: deque[Command] = deque()
         self._admin_refs = itertools.count(1)
@@ -539,9 +541,13 @@ class BrokerServer:
             self._running = False
         if self._dirty:
             self._flush()
-        due = self.broker.next_deadline()
-        if due is not None and (self._timer_due is None or due < self._timer_due):
-            self._timer_wake.set()  # the timer task sleeps too long: wake it
+        scope = self._timer_scope
+        if scope is not None:
+            due = self.broker.next_deadline()
+            if due is not None:
+                at = trio.current_time() + (due - self.now()) / SECOND
+                if at < scope.deadline:
+                    scope.deadline = at
 
     def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         if self._tasks is not None:
@@ -773,21 +779,17 @@ class BrokerServer:
             self._run(cmds)
 
     async def _timer(self) -> None:
-        """Sleep until the core's next deadline, then tell it the time.
-        Woken early (by _run) when the core names an earlier deadline."""
+        """Sleep until the core's next deadline, then tell it the time.  _run
+        pulls the deadline in when the core names an earlier one; a deadline
+        that moved later only costs one early, harmless handle_timer."""
         while True:
-            due = self.broker.next_deadline()
-            self._timer_due = due
-            self._timer_wake = trio.Event()
-            if due is None:
-                await self._timer_wake.wait()
-                continue
-            delay = (due - self.now()) / SECOND
-            if delay > 0:
-                with trio.move_on_after(delay):
-                    await self._timer_wake.wait()
-                    continue
-            self._timer_due = None
+            with trio.CancelScope() as scope:
+                due = self.broker.next_deadline()
+                if due is not None:
+                    scope.deadline = trio.current_time() + (due - self.now()) / SECOND
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
             self._run(self.broker.handle_timer(self.now()))
 
 
