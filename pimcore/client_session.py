@@ -21,7 +21,8 @@ driver has a fresh byte stream; the session queues Login) and either
 :meth:`connection_lost` (the driver saw the stream fail or end) or an end the
 session decides itself (a Close from the broker, malformed bytes, no LoginAck
 in time, a dead link).  After a session-decided end the driver writes what is
-left in :meth:`data_to_send` (a Close, say), hangs up and reconnects.  docs/CLIENT.md,
+left in :meth:`data_to_send` (nothing, or the session's own Close), hangs up
+and reconnects.  docs/CLIENT.md,
 "The client session (sans-IO)", is the state machine in prose for porting.
 
 States (:class:`SessionState`)::
@@ -565,13 +566,18 @@ class ClientSession:
         self._tick(now)
         if not self.connection_open:
             return
-        self._out = []
         self._end_connection(None, reason if reason is not None else _EOF_REASON[self._state])
 
-    def _end_connection(self, code: Optional[CloseCode], reason: str) -> None:
+    def _end_connection(self, code: Optional[CloseCode], reason: str, farewell: Optional[bytes] = None) -> None:
         """The current connection is over (either side decided).  Nothing on
         its wire is confirmed: the next connection re-queues every pending
-        send in send order (see _establish), same local ids, first thing."""
+        send in send order (see _establish), same local ids, first thing.
+
+        Bytes not yet handed to the driver are dropped: after the broker's
+        Close nothing more may be sent (PROTOCOL.md section 6), and a dead
+        link would only swallow them.  ``farewell`` (our own Close, already
+        encoded) is all that is left for the driver to write."""
+        self._out = [farewell] if farewell is not None else []
         self._state = SessionState.DISCONNECTED
         self._decoder = None
         self._compress = None
@@ -669,8 +675,11 @@ class ClientSession:
             # the broker why (docs/PROTOCOL.md section 3) and start over on a
             # new connection, where the stream is in sync again.
             why = f"{exc.code.name}: {exc}"
-            self._send(encode_frame(F.Close(CloseCode.PROTOCOL_ERROR, why[:200])))
-            self._end_connection(None, f"malformed data from the broker: {why}")
+            close = encode_frame(F.Close(CloseCode.PROTOCOL_ERROR, why[:200]))
+            if self._compress is not None:
+                close = self._compress(close)  # type: ignore[operator]
+            self._stats["frames_out"] += 1
+            self._end_connection(None, f"malformed data from the broker: {why}", farewell=close)
 
     # ------------------------------------------------------------ frames by state
 

@@ -578,6 +578,7 @@ def test_silence_for_dead_after_periods_ends_the_connection():
     assert s.state is SessionState.ACTIVE
     s.handle_timer(T0 + 5 * S)
     assert s.state is SessionState.DISCONNECTED
+    assert b.read() == []  # the Ping queued meanwhile is not worth writing into a dead link
     ev = [e for e in events(s, T0) if isinstance(e, Disconnected)][-1]
     assert ev.code is None and "dead" in ev.reason
     b = connect(s, T0 + 6 * S)
@@ -667,6 +668,7 @@ def test_malformed_bytes_close_the_connection_not_the_session(garbage):
     lid = s.send(CONV, b"survives", T0)
     b.read()
     b.feed(T0, F.Push(1, (msg(1, 1),)))
+    s.mark_read(CONV, 1, T0)  # queued: superseded by the Close
     s.receive_data(garbage + encode_frame(F.Push(2, (msg(2, 2),))), T0 + 1)  # no exception
     assert s.state is SessionState.DISCONNECTED
     [close] = b.read()
@@ -677,7 +679,7 @@ def test_malformed_bytes_close_the_connection_not_the_session(garbage):
     assert ev.code is None and "malformed" in ev.reason
     s.receive_data(b"\x00\x00 more garbage", T0 + 2)  # a dead connection's bytes: ignored
     b = connect(s, T0 + 3)
-    assert [f.local_id for f in b.read()] == [lid]  # type: ignore[attr-defined]
+    assert b.read() == [F.SendReq(lid, CONV, T0, b"survives"), F.Read(CONV, 1)]  # all again
 
 
 @pytest.mark.parametrize("code", [CloseCode.SHUTDOWN, CloseCode.TOKEN_EXPIRED, CloseCode.IDLE_TIMEOUT, 99])
@@ -685,8 +687,10 @@ def test_a_close_from_the_broker_ends_the_connection_and_says_why(code):
     s = session()
     b = connect(s, T0)
     events(s, T0)
+    s.mark_read(CONV, 3, T0)  # queued, not yet written...
     b.feed(T0, F.Close(code, "bye"))
     assert s.state is SessionState.DISCONNECTED
+    assert s.data_to_send() == b""  # ...and never: a receiver of Close stops sending
     [ev] = events(s, T0)
     assert ev == Disconnected(code if code != 99 else None, "bye")
     connect(s, T0 + 1)  # and it may come back
