@@ -135,9 +135,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             # open_broker_server's exit: stop accepting, finish the batch in
             # flight, Close(SHUTDOWN) every connection.
             st = server.statistics()
-            print(f"served {st['accepted']} connections: {st['messages_stored']} messages stored in {st['batches']}"
-                  f" batches ({st['duplicates']} duplicates, {st['pushes']} pushes,"
-                  f" {st['commit_seconds']:.2f} s committing)", flush=True)
+            print(f"served {st.accepted} connections: {st.broker.messages_stored} messages stored in {st.broker.batches}"
+                  f" batches ({st.broker.duplicates} duplicates, {st.broker.pushes} pushes,"
+                  f" {st.commit_seconds:.2f} s committing)", flush=True)
 
     try:
         trio.run(run)

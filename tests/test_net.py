@@ -141,7 +141,7 @@ async def test_bad_tokens_are_refused_with_a_clear_error(bad, lmdb_store):
                 async with open_client(srv.url(), bad(), "phone", config=FAST_CLIENT):
                     pass
             assert str(err.value)
-            assert srv.statistics()["auth_failures"] == 1
+            assert srv.statistics().broker.auth_failures == 1
 
 
 async def test_nothing_but_login_is_accepted_before_the_token_is_checked(lmdb_store):
@@ -213,7 +213,7 @@ async def test_lost_send_ack_is_retried_and_stored_once(lmdb_store, threaded):
                     [m2] = await take_messages(b, 1)
                     assert m2.payload == b"next"
             assert [m.payload for m in lmdb_store.history(AB, 0, 10)] == [b"exactly once", b"next"]
-            assert srv.statistics()["duplicates"] == 1
+            assert srv.statistics().broker.duplicates == 1
 
 
 async def test_clock_skew_orders_the_seed_example_on_every_device(lmdb_store):
@@ -340,21 +340,21 @@ async def test_a_device_that_stops_reading_holds_bounded_broker_memory(lmdb_stor
             async with client(srv.url(), "alice") as a:
                 for i in range(60):
                     await a.send(AB, payload[:-3] + b"%03d" % i)
-                    peak = max(peak, srv.statistics()["outbound_bytes_queued"])
+                    peak = max(peak, srv.statistics().outbound_bytes_queued)
             # Bounded by the push window (plus one frame), far below 60 x 32 KiB.
             assert peak <= 64 * 1024 + 2 * 33 * 1024
-            assert srv.statistics()["slow_consumers"] == 0
+            assert srv.statistics().slow_consumers == 0
 
             greedy = await RawConn.open(port, rcvbuf=4096)
             await greedy.login("alice", "greedy")
             for i in range(40):  # ~6 MB of history answers it never reads
                 await greedy.send(F.HistoryReq(i, AB, 0, 200, False))
-                if srv.statistics()["slow_consumers"]:
+                if srv.statistics().slow_consumers:
                     break
             with trio.fail_after(5):
-                while not srv.statistics()["slow_consumers"]:
+                while not srv.statistics().slow_consumers:
                     await trio.sleep(0.01)
-            assert srv.statistics()["outbound_bytes_queued"] <= 256 * 1024 + 40 * 1024
+            assert srv.statistics().outbound_bytes_queued <= 256 * 1024 + 40 * 1024
             await stuck.aclose()
             await greedy.aclose()
             async with client(srv.url(), "bob", "stuck") as b:
@@ -400,7 +400,7 @@ async def test_send_rate_limit_slows_a_client_down_without_losing_anything(lmdb_
                         n.start_soon(one, i)
                 # It backed off instead of hammering: never closed for ignoring refusals.
                 assert a.statistics().connects == 1
-            assert srv.statistics()["rejected"] > 0  # RATE_LIMITED refusals happened
+            assert srv.statistics().broker.rejected > 0  # RATE_LIMITED refusals happened
             assert sorted(s.seq for s in sent) == list(range(1, 41))
             stored = lmdb_store.history(AB, 0, 100)
             assert Counter(m.payload for m in stored) == Counter(b"r%02d" % i for i in range(40))
@@ -448,11 +448,11 @@ async def test_events_and_statistics_are_consistent_after_many_sends(store):
                 assert [m.seq for m in got] == list(range(1, 501))  # inbox order = seq order
                 assert sorted(s.seq for s in sent) == list(range(1, 501))
                 stats = srv.statistics()
-                assert stats["messages_stored"] == 500 and stats["duplicates"] == 0
+                assert stats.broker.messages_stored == 500 and stats.broker.duplicates == 0
                 if isinstance(store, LmdbStore):
                     # Group commit: while one batch syncs in the worker
                     # thread, the next gathers -- fewer batches than messages.
-                    assert stats["batches"] < 500
+                    assert stats.broker.batches < 500
 
 
 async def test_connections_beyond_the_limit_are_refused_with_a_reason(lmdb_store):
@@ -463,7 +463,7 @@ async def test_connections_beyond_the_limit_are_refused_with_a_reason(lmdb_store
                 close = await extra.until(F.Close)
                 assert close.code == CloseCode.OVERLOADED
                 assert await extra.next() is None
-                assert srv.statistics()["refused"] == 1
+                assert srv.statistics().refused == 1
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
@@ -506,7 +506,7 @@ async def test_zstd_is_negotiated_and_shrinks_small_chat_frames(tmp_path):
                     got = await take_messages(b, len(payloads))
                     assert [m.payload for m in got] == payloads
                 stats = srv.statistics()
-                wire[compression] = (stats["bytes_in"], stats["bytes_out"])
+                wire[compression] = (stats.bytes_in, stats.bytes_out)
         store.close()
     print(f"wire bytes (in, out): plain {wire[False]}, zstd {wire[True]}")
     assert wire[True][0] < wire[False][0] * 0.9  # SendReqs from the client
@@ -602,7 +602,7 @@ async def test_store_failures_close_one_connection_or_refuse_one_batch_never_the
         async with serving(lmdb_store) as srv:
             async with client(srv.url(), "alice") as a:
                 first = await a.send(AB, b"safe")
-                real_commit, real_history = lmdb_store.commit, lmdb_store.history
+                real_commit, real_read = lmdb_store.commit, lmdb_store.read
                 failures = []
 
                 def flaky_commit(batch):
@@ -615,18 +615,20 @@ async def test_store_failures_close_one_connection_or_refuse_one_batch_never_the
                 sent = await a.send(AB, b"retried")  # STORE_UNAVAILABLE, then OK
                 assert failures and sent.seq == 2
 
-                def broken_history(*args):
-                    raise OSError("disk read error")
+                def broken_read(ops):  # reading a history page fails
+                    if any(type(op).__name__ == "ReadHistory" for op in ops):
+                        raise OSError("disk read error")
+                    return real_read(ops)
 
-                lmdb_store.history = broken_history  # type: ignore[method-assign]
+                lmdb_store.read = broken_read  # type: ignore[method-assign]
                 raw = await RawConn.open(srv.endpoints[0].port)
                 await raw.login("alice", "raw")
                 await raw.send(F.HistoryReq(1, AB, 0, 10, False))
                 close = await raw.until(F.Close)
                 assert close.code == CloseCode.INTERNAL
-                lmdb_store.history = real_history  # type: ignore[method-assign]
+                lmdb_store.read = real_read  # type: ignore[method-assign]
                 assert (await a.send(AB, b"after")).seq == 3
-                assert srv.statistics()["internal_errors"] == 2
+                assert srv.statistics().internal_errors == 2
     assert [m.payload for m in lmdb_store.history(AB, 0, 10)] == [b"safe", b"retried", b"after"]
     assert first.seq == 1
 
@@ -703,7 +705,7 @@ async def test_a_websocket_write_larger_than_a_message_limit_is_split(lmdb_store
             async with open_websocket_url(srv.url("ws")) as ws:
                 stream = WebSocketStream(ws)
                 await stream.send_all(data)
-                while srv.statistics()["messages_stored"] < 35:
+                while srv.statistics().broker.messages_stored < 35:
                     await trio.sleep(0.01)
     assert [m.seq for m in lmdb_store.history(AB, 0, 100)] == list(range(1, 36))
 
@@ -805,11 +807,11 @@ async def test_connection_churn_and_garbage_leave_no_trace(lmdb_store):
                         for i in range(40):
                             n.start_soon(abuser, round_ * 40 + i)
                     assert (await a.send(AB, b"round %d" % round_)).seq == round_ + 1
-                while srv.statistics()["connections"] > 1:
+                while srv.statistics().broker.connections > 1:
                     await trio.sleep(0.01)
                 stats = srv.statistics()
-                assert stats["connections"] == 1 and stats["online_devices"] == 1  # only alice
-                assert stats["outbound_bytes_queued"] == 0
+                assert stats.broker.connections == 1 and stats.broker.online_devices == 1  # only alice
+                assert stats.outbound_bytes_queued == 0
     assert [m.payload for m in lmdb_store.history(AB, 0, 10)] == [b"round %d" % r for r in range(5)]
 
 
@@ -823,7 +825,7 @@ async def test_commits_in_a_worker_thread_when_asked(lmdb_store):
                 assert [x.seq for x in sent] == list(range(1, 51))
                 got = await take_messages(b, 50)
                 assert [m.payload for m in got] == [b"m%d" % i for i in range(50)]
-            assert srv.statistics()["messages_stored"] == 50
+            assert srv.statistics().broker.messages_stored == 50
 
 
 def test_threaded_commits_need_a_thread_safe_store():

@@ -63,6 +63,7 @@ from ..core import (
     Authenticator,
     Broker,
     BrokerConfig,
+    BrokerStatistics,
     CheckContent,
     CloseConnection,
     Command,
@@ -78,7 +79,7 @@ from ..store.base import AsyncStore, GroupChanged, Rejected, Result, Store
 from ..protocol import encode_close, refuse_connection
 from .streams import Endpoint, WebSocketStream
 
-__all__ = ["ServerConfig", "BrokerServer", "open_broker_server", "wall_clock_us", "DEFAULT_BROKER_CONFIG"]
+__all__ = ["ServerConfig", "ServerStatistics", "BrokerServer", "open_broker_server", "wall_clock_us", "DEFAULT_BROKER_CONFIG"]
 
 log = logging.getLogger("pimcore.net")
 
@@ -146,6 +147,21 @@ class ServerConfig:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self.certfile, self.keyfile)
         return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatistics:
+    """A snapshot of :meth:`BrokerServer.statistics`."""
+
+    accepted: int  # connections served
+    refused: int  # connections refused at max_connections (Close OVERLOADED)
+    slow_consumers: int  # connections dropped for not reading (Close SLOW_CONSUMER)
+    internal_errors: int  # bugs and unexpected store or hook failures, each contained
+    bytes_in: int
+    bytes_out: int
+    commit_seconds: float  # time spent in write requests (s)
+    outbound_bytes_queued: int  # bytes waiting for slow readers now
+    broker: BrokerStatistics  # the core's counters
 
 
 class _PeerState(enum.Enum):
@@ -260,13 +276,20 @@ class BrokerServer:
                 return e.url
         raise LookupError(f"no {scheme} listener")
 
-    def statistics(self) -> dict[str, Union[int, float]]:
-        s: dict[str, Union[int, float]] = {
-            k: getattr(self.broker.statistics(), k) for k in self.broker.statistics().__dataclass_fields__
-        }
-        s.update(self._stats)
-        s["outbound_bytes_queued"] = sum(p.queued for p in self._peers.values())
-        return s
+    def statistics(self) -> ServerStatistics:
+        """A snapshot: the network layer's counters and the core's."""
+        st = self._stats
+        return ServerStatistics(
+            accepted=int(st["accepted"]),
+            refused=int(st["refused"]),
+            slow_consumers=int(st["slow_consumers"]),
+            internal_errors=int(st["internal_errors"]),
+            bytes_in=int(st["bytes_in"]),
+            bytes_out=int(st["bytes_out"]),
+            commit_seconds=float(st["commit_seconds"]),
+            outbound_bytes_queued=sum(p.queued for p in self._peers.values()),
+            broker=self.broker.statistics(),
+        )
 
     def now(self) -> int:
         return self._clock()
