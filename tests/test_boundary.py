@@ -819,7 +819,7 @@ async def test_serve_stream_serves_memory_streams(pair):
                     (1, "alice", "mem", b"over a memory stream"),
                     (2, "alice", "mem", b"and another"),
                 ]
-                assert srv.statistics()["accepted"] == 2
+                assert srv.statistics().accepted == 2
                 # Closing one end is a lost connection like any other.
                 await bob.aclose()
                 await _until(lambda: srv.broker.online_devices("bob") == [])
