@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections import Counter, defaultdict
 from dataclasses import replace
 from typing import Optional
 
@@ -26,10 +25,9 @@ import trio.testing
 
 from pimcore import frames as F
 from pimcore.auth import JwtAuthenticator, issue_token
-from pimcore.codec import Decoder, encode_frame
+from pimcore.codec import encode_frame
 from pimcore.core import (
     SECOND,
-    AdminDone,
     Authenticate,
     Broker,
     BrokerConfig,
@@ -38,14 +36,13 @@ from pimcore.core import (
     StoreRequest,
 )
 from pimcore.errors import AuthError, CloseCode, ErrorCode
-from pimcore.net import Endpoint, ServerConfig, open_broker_server
+from pimcore.net import ServerConfig, open_broker_server
 from pimcore.store import GroupChanged, LmdbStore, MemoryStore, direct_conversation
 from pimcore.store.base import (
     AckPosition,
     AddMembers,
     LoadSession,
     NewMessage,
-    ReadHistory,
     ReadInbox,
     Rejected,
     TouchDevice,
@@ -53,7 +50,7 @@ from pimcore.store.base import (
 from pimcore.testing.latency import LatencyStore
 
 from _harness import T0, Harness
-from _net import SECRET, FAST_CLIENT, RawConn, client, server_config, token
+from _net import SECRET, RawConn, client, server_config, token
 
 AB = direct_conversation("alice", "bob")
 MS = 1000  # µs
@@ -67,10 +64,6 @@ def store(request, tmp_path):
 
 
 DRIVERS = pytest.mark.parametrize("driver", ["inline", "latency"])
-
-
-def _frames(h: Harness, conn: int, kind) -> list:
-    return [f for f in h.frames[conn] if isinstance(f, kind)]
 
 
 # ---------------------------------------------------------------- 1. no store in the broker
