@@ -14,7 +14,6 @@ conversation holds one message from the peer.
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import Iterator
 
 import pytest

@@ -39,7 +39,6 @@ from pimcore.errors import AuthError, CloseCode, ErrorCode
 from pimcore.net import ServerConfig, open_broker_server
 from pimcore.store import GroupChanged, LmdbStore, MemoryStore, direct_conversation
 from pimcore.store.base import (
-    AckPosition,
     AddMembers,
     LoadSession,
     NewMessage,

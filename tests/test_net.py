@@ -19,7 +19,6 @@ from pimcore.client import (
     ClientClosed,
     ClientConfig,
     Disconnected,
-    MessageReceived,
     ReadStateChanged,
     ReceiptReceived,
     SendError,

@@ -62,6 +62,7 @@ from ..ids import (  # re-exported: the store speaks in these ids
 
 __all__ = [
     "ID_RE",
+    "CONV_RE",
     "valid_id",
     "direct_conversation",
     "direct_members",

@@ -141,7 +141,6 @@ from .base import (
     direct_members,
     is_direct,
     malformed,
-    member_set,
     valid_conversation,
     valid_id,
 )

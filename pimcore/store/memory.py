@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 from ..errors import ErrorCode, StoreError
 from .base import (
@@ -44,9 +44,7 @@ from .base import (
     Touched,
     WriteBatch,
     direct_members,
-    is_direct,
     malformed,
-    member_set,
     valid_conversation,
     valid_id,
 )
