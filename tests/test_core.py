@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pimcore import frames as F
+from pimcore.codec import encode_frame
 from pimcore.core import BrokerConfig, Limits
 from pimcore.errors import CloseCode, ErrorCode
 from pimcore.store import LmdbStore, MemoryStore, direct_conversation
@@ -314,6 +315,36 @@ def test_content_filter_rejects_before_storing(store):
     assert refused.code == ErrorCode.REJECTED and ok.code == ErrorCode.OK and ok.seq == 1
     [err] = h.take(a, F.Error)
     assert err.code == ErrorCode.REJECTED and "spam" in err.reason and err.ref == refused.local_id
+
+
+def test_a_connection_waiting_for_a_hook_is_paused_not_buffered_without_bound(store):
+    """While its content check is out, a connection's further bytes wait
+    undecoded; past 256 KiB the host is told to stop reading it, and told to
+    resume once the answer came and the backlog is handled (in order).  A
+    host that ignores the pause gets the connection closed, not unbounded
+    memory."""
+    h = Harness(store, BrokerConfig(content_filter=lambda user, conv, payload: None))
+    a = h.login("alice", "phone")
+    h.hold_hooks = True
+    h.send(a, AB, b"first")
+    assert len(h.held_hooks) == 1 and a not in h.paused
+    chunk = b"".join(encode_frame(F.SendReq(100 + i, AB, h.now, bytes([i % 256]) * 1500)) for i in range(200))
+    h.feed_bytes(a, chunk)  # ~300 KiB (within the send window) while the first check is out
+    assert a in h.paused and len(h.held_hooks) == 1  # nothing more was looked at
+    h.hold_hooks = False
+    h.answer_hooks()
+    assert a not in h.paused and a not in h.closed
+    acks = h.acks(a)
+    assert [x.code for x in acks] == [ErrorCode.OK] * 201
+    assert [x.seq for x in acks] == list(range(1, 202))  # stored in the order sent
+    # A host that keeps feeding a paused connection is cut off.
+    h.hold_hooks = True
+    h.send(a, AB, b"again")
+    for _ in range(12):
+        if a in h.closed:
+            break
+        h.feed_bytes(a, chunk)
+    assert h.closed[a].code is CloseCode.PROTOCOL_ERROR
 
 
 @pytest.mark.parametrize(
