@@ -27,6 +27,7 @@ Example (every key optional)::
     max_outbound_bytes = 8388608
     max_connections = 100000
     commit_in_thread = false           # true: fsync in a worker thread (see ARCHITECTURE.md)
+    hook_timeout = 10.0                # seconds an async content filter/authenticator may take
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ __all__ = ["ServeSettings", "load_settings", "ConfigError", "DEFAULT_LISTEN"]
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:7400"
 _LIMIT_KEYS = {f.name for f in fields(Limits)}
-_SERVER_KEYS = {"idle_timeout", "login_timeout", "ack_delay", "max_outbound_bytes", "max_connections", "commit_in_thread"}
+_SERVER_KEYS = {
+    "idle_timeout", "login_timeout", "ack_delay", "max_outbound_bytes", "max_connections", "commit_in_thread", "hook_timeout",
+}
 _TOP_KEYS = {"data_dir", "durability", "listen", "secret", "secret_file", "content_filter", "tls", "limits", "server"}
 
 

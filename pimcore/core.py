@@ -55,10 +55,11 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import inspect
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from . import frames as F
 from .clock import HybridClock
@@ -788,11 +789,15 @@ class Broker:
 
     # ------------------------------------------------------------ hooks
 
-    def auth_completed(self, request_id: int, result: Union[Identity, AuthError], now: int) -> list[Command]:
+    def auth_completed(self, request_id: int, result: Union[Identity, BaseException], now: int) -> list[Command]:
         """The answer to :class:`Authenticate` ``request_id``: the token's
-        :class:`Identity`, or an :class:`AuthError` saying why it is refused
-        (the connection is closed with AUTH_FAILED and that reason).  An
-        answer the core no longer waits for (its connection closed, or the
+        :class:`Identity`; an :class:`AuthError` saying why it is refused
+        (the connection is closed with AUTH_FAILED and that reason: final for
+        the client); or any other exception when the token could not be
+        checked (an authentication service down, a timeout: closed with
+        INTERNAL, and the client logs in again later).  An Identity with
+        fields of the wrong type is refused (AUTH_FAILED), never trusted.
+        An answer the core no longer waits for (its connection closed, or the
         login timed out) is ignored."""
         out: list[Command] = []
         hook = self._hooks.get(request_id)
@@ -808,11 +813,18 @@ class Broker:
         self._maybe_commit(out, now)
         return out
 
-    def content_checked(self, request_id: int, reason: Optional[str], now: int) -> list[Command]:
+    def content_checked(
+        self, request_id: int, reason: Optional[str], now: int, *, code: ErrorCode = ErrorCode.REJECTED
+    ) -> list[Command]:
         """The answer to :class:`CheckContent` ``request_id``: None lets the
-        message through; a reason rejects it (SendAck REJECTED, and an Error
-        frame with the reason).  An answer the core no longer waits for (the
-        connection closed) is ignored."""
+        message through; a reason refuses it with a SendAck of ``code`` and an
+        Error frame with the reason.  ``code`` is REJECTED (final: the filter
+        said no) unless the host could not get an answer (the filter failed
+        or timed out): then INTERNAL, which the client retries with the same
+        local id.  Raises ValueError for any other code.  An answer the core
+        no longer waits for (the connection closed) is ignored."""
+        if code is not ErrorCode.REJECTED and code is not ErrorCode.INTERNAL:
+            raise ValueError(f"content_checked: code must be REJECTED or INTERNAL, not {code!r}")
         out: list[Command] = []
         hook = self._hooks.get(request_id)
         if type(hook) is not _ContentHook:
@@ -826,8 +838,8 @@ class Broker:
         if reason is not None:
             c.inflight -= 1
             self._stats["rejected"] += 1
-            self._send(c.id, F.SendAck(f.local_id, ErrorCode.REJECTED, b"", 0, 0), out)
-            self._error(c.id, ErrorCode.REJECTED, f.local_id, str(reason), out)
+            self._send(c.id, F.SendAck(f.local_id, code, b"", 0, 0), out)
+            self._error(c.id, code, f.local_id, str(reason), out)
         else:
             self._propose_send(c, f, message_digest(f.conv, f.payload), now, out)
         self._resume(c, now, out)
@@ -968,13 +980,22 @@ class Broker:
         self._hooks[rid] = _LoginHook(c.id, f)
         out.append(Authenticate(rid, f.token, now))
 
-    def _on_identity(self, c: _Conn, f: F.Login, result: Union[Identity, AuthError], now: int, out: list[Command]) -> None:
+    def _on_identity(self, c: _Conn, f: F.Login, result: Union[Identity, BaseException], now: int, out: list[Command]) -> None:
+        if isinstance(result, BaseException) and not isinstance(result, AuthError):
+            self._close(c, CloseCode.INTERNAL, "the token could not be checked now; log in again later", out)
+            return
         try:
             if isinstance(result, AuthError):
                 raise result
             if not isinstance(result, Identity):
                 raise AuthError("authentication failed")
             ident = result
+            if not (
+                type(ident.user) is str
+                and (ident.device is None or type(ident.device) is str)
+                and (ident.expires is None or type(ident.expires) is int)
+            ):
+                raise AuthError("the authenticator returned a malformed identity")
             if not valid_id(ident.user):
                 raise AuthError("token names an invalid user id")
             if not valid_id(f.device):
@@ -1468,6 +1489,16 @@ class Broker:
 _LAZY_OPS = frozenset((AckPosition, TouchDevice))
 
 
+def _synchronous(value: object, name: str) -> Any:
+    """drain() is synchronous: an awaitable answer is a mistake, not a reason."""
+    if inspect.isawaitable(value):
+        close = getattr(value, "close", None)
+        if close is not None:
+            close()  # no "never awaited" warning on top of the error
+        raise TypeError(f"drain() calls {name} synchronously, but it returned an awaitable; an async hook needs an async host (pimcore.net)")
+    return value
+
+
 def drain(
     broker: Broker,
     store: Store,
@@ -1482,7 +1513,8 @@ def drain(
     feeding the outcomes back until none is left; return the other commands
     (frames, closes, AdminDone) in order.
 
-    Raises ValueError for an Authenticate when ``authenticate`` is None.
+    Raises ValueError for an Authenticate when ``authenticate`` is None, and
+    TypeError when a hook is ``async def`` (drain cannot await it).
     """
     done: list[Command] = []
     queue = deque(commands)
@@ -1500,13 +1532,13 @@ def drain(
             if authenticate is None:
                 raise ValueError("drain() got an Authenticate but no authenticate function")
             try:
-                ident: Union[Identity, AuthError] = authenticate(cmd.token, cmd.now)  # type: ignore[union-attr]
+                ident: Union[Identity, BaseException] = _synchronous(authenticate(cmd.token, cmd.now), "authenticate")  # type: ignore[union-attr]
             except AuthError as exc:
                 ident = exc
             queue.extend(broker.auth_completed(cmd.request_id, ident, now))  # type: ignore[union-attr]
         elif kind is CheckContent:
             hook = broker.config.content_filter
-            reason = hook(cmd.user, cmd.conv, cmd.payload) if hook is not None else None  # type: ignore[union-attr]
+            reason = _synchronous(hook(cmd.user, cmd.conv, cmd.payload), "content_filter") if hook is not None else None  # type: ignore[union-attr]
             queue.extend(broker.content_checked(cmd.request_id, reason, now))  # type: ignore[union-attr]
         else:
             done.append(cmd)

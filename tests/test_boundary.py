@@ -820,3 +820,100 @@ async def test_serve_stream_serves_memory_streams(pair):
             close = await alice.until(F.Close)
             assert close.code == CloseCode.SHUTDOWN
     assert [m.payload for m in store.history(AB, 0, 10)] == [b"over a memory stream", b"and another"]
+
+
+# ---------------------------------------------------------------- hooks that fail
+
+
+def test_a_malformed_identity_or_a_failed_check_is_never_trusted(store):
+    """An authenticator's answer is checked: an Identity with fields of the
+    wrong type is AUTH_FAILED (not a crash later, at its timer); an exception
+    that is not an AuthError means "could not check" -- INTERNAL, so the
+    client logs in again rather than giving up."""
+    h = Harness(store)
+    h.hold_hooks = True
+    bad, down, good = h.open(), h.open(), h.open()
+    for conn, tok in ((bad, b"mallory"), (down, b"carol"), (good, b"alice")):
+        h.feed(conn, F.Login(tok, "phone", h.now, 0, 0))
+    h.hold_hooks = False
+    h.answer_hooks(lambda cmd: cmd.token == b"mallory", identity=Identity("mallory", expires="soon"))  # type: ignore[arg-type]
+    h.answer_hooks(lambda cmd: cmd.token == b"carol", identity=ConnectionError("auth service down"))  # type: ignore[arg-type]
+    h.answer_hooks()
+    assert h.closed[bad].code is CloseCode.AUTH_FAILED and "malformed" in h.closed[bad].reason
+    assert h.closed[down].code is CloseCode.INTERNAL
+    assert good not in h.closed and h.take(good, F.LoginAck)
+    h.advance(3_600_000_000)  # the timers run without tripping over anything
+    assert h.broker.statistics().connections == 1
+
+
+def test_a_content_check_without_an_answer_is_a_transient_refusal(store):
+    h = Harness(store, BrokerConfig(content_filter=lambda user, conv, payload: None))
+    a = h.login("alice", "phone")
+    h.hold_hooks = True
+    h.send(a, AB, b"hello")
+    h.hold_hooks = False
+    [cmd] = h.held_hooks
+    with pytest.raises(ValueError):
+        h.broker.content_checked(cmd.request_id, "no", h.now, code=ErrorCode.NOT_MEMBER)
+    h.held_hooks = []
+    h.run(h.broker.content_checked(cmd.request_id, "filter down", h.now, code=ErrorCode.INTERNAL))
+    [ack] = h.acks(a)
+    assert ack.code == ErrorCode.INTERNAL  # the SDK retries this one (PROTOCOL.md §5)
+    assert h.store.last_seq(AB) == 0
+
+
+def test_drain_refuses_an_async_hook_with_a_clear_error():
+    from pimcore.core import drain
+
+    async def moderation(user, conv, payload):
+        return None
+
+    store = MemoryStore()
+    broker = Broker(BrokerConfig(content_filter=moderation), node_id=store.node_id())
+    broker.connection_made(1, T0)
+    cmds = broker.receive_data(1, encode_frame(F.Login(b"alice", "phone", T0, 0, 0)), T0)
+    cmds = drain(broker, store, cmds, T0, authenticate=lambda token, now: Identity(token.decode()))
+    with pytest.raises(TypeError, match="async"):
+        drain(broker, store, broker.receive_data(1, encode_frame(F.SendReq(1, AB, T0, b"hi")), T0), T0)
+
+
+async def test_served_hooks_that_fail_or_hang_are_retried_not_final(tmp_path):
+    """A content filter that raises once, or hangs past hook_timeout, costs
+    the message an INTERNAL refusal: the SDK sends it again and it is stored
+    once.  An authenticator answering a malformed identity refuses that
+    login and the broker keeps serving everyone else."""
+    store = LmdbStore(str(tmp_path / "db"), durability="os")
+    calls = {"alice": 0, "bob": 0}
+
+    async def flaky(user: str, conv: str, payload: bytes) -> Optional[str]:
+        calls[user] += 1
+        if calls[user] == 1:
+            if user == "alice":
+                raise ConnectionError("moderation service unreachable")
+            await trio.sleep_forever()  # bob's first check hangs
+        return None
+
+    auth = JwtAuthenticator(SECRET)
+
+    def picky(token: bytes, now: int) -> Identity:
+        ident = auth(token, now)
+        return Identity(ident.user, expires="never") if ident.user == "mallory" else ident  # type: ignore[arg-type]
+
+    cfg = replace(_with_filter(server_config(), flaky), hook_timeout=0.5)
+    try:
+        with trio.fail_after(60):
+            async with open_broker_server(store, picky, cfg) as srv:
+                async with client(srv.url(), "alice") as a, client(srv.url(), "bob") as b:
+                    sent_a = await a.send(AB, b"from alice")
+                    sent_b = await b.send(AB, b"from bob")
+                    assert calls == {"alice": 2, "bob": 2}
+                    raw = await RawConn.open(srv.endpoints[0].port)
+                    await raw.send(F.Login(token("mallory").encode(), "phone", 0, 0, 0))
+                    close = await raw.until(F.Close)
+                    assert close.code == CloseCode.AUTH_FAILED
+                    assert (await a.send(AB, b"still served")).seq == 3
+                assert srv.statistics().internal_errors == 2
+        assert sorted((sent_a.seq, sent_b.seq)) == [1, 2]
+        assert [m.payload for m in store.history(AB, 0, 10)] == [b"from alice", b"from bob", b"still served"]
+    finally:
+        store.close()

@@ -127,6 +127,11 @@ class ServerConfig:
     #: sends/s threaded).  Worth trying when the broker has cores to spare and
     #: its commits are mostly fsync wait.  Needs ``store.thread_safe_commit``.
     commit_in_thread: bool = False
+    #: Seconds an ``async def`` authenticator or content filter may take.
+    #: Past it the login is closed with INTERNAL, or the message refused with
+    #: INTERNAL (the client retries), so a hook that hangs holds nothing for
+    #: long -- not even a connection paused while it waits.
+    hook_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.listeners:
@@ -135,6 +140,8 @@ class ServerConfig:
             raise ValueError("max_outbound_bytes must be >= 1024")
         if not isinstance(self.commit_in_thread, bool):
             raise ValueError("commit_in_thread must be true or false")
+        if not self.hook_timeout > 0:
+            raise ValueError("hook_timeout must be > 0 seconds")
 
     def make_ssl_context(self) -> Optional[ssl.SSLContext]:
         if self.ssl_context is not None:
@@ -594,18 +601,29 @@ class BrokerServer:
                 results = store.execute(req)
             except Exception as exc:
                 self._store_error(req, exc)
-                self._queue.extend(self.broker.store_failed(req.request_id, exc, self.now()))
+                self._queue.extend(self._core(self.broker.store_failed, req.request_id, exc))
             else:
-                self._queue.extend(self.broker.store_completed(req.request_id, results, self.now()))
+                self._queue.extend(self._core(self.broker.store_completed, req.request_id, results))
+
+    def _core(self, method: Callable[..., list[Command]], *args: Any) -> list[Command]:
+        """Call the core with an outcome (and ``now``).  A bug the call hits is
+        logged and contained -- the connection concerned waits for its login
+        or idle timeout -- instead of taking the whole broker down."""
+        try:
+            return method(*args, self.now())
+        except Exception:
+            log.exception("internal error in %s", getattr(method, "__name__", method))
+            self._stats["internal_errors"] += 1
+            return []
 
     async def _read_async(self, req: StoreRequest) -> None:
         try:
             results = await self.store.execute(req)  # type: ignore[misc]
         except Exception as exc:
             self._store_error(req, exc)
-            self._run(self.broker.store_failed(req.request_id, exc, self.now()))
+            self._run(self._core(self.broker.store_failed, req.request_id, exc))
         else:
-            self._run(self.broker.store_completed(req.request_id, results, self.now()))
+            self._run(self._core(self.broker.store_completed, req.request_id, results))
 
     def _store_error(self, req: StoreRequest, exc: BaseException) -> None:
         # StoreError is the contract; anything else is a store bug, handled
@@ -616,32 +634,36 @@ class BrokerServer:
         else:
             log.error("store request %d failed: %s", req.request_id, exc)
 
+    # Hooks.  A refusal is the hook's answer (AuthError, a reason); a hook that
+    # fails or does not answer within hook_timeout is not an answer: the
+    # login is closed with INTERNAL, the message refused with INTERNAL, and
+    # the client tries again later (same local id) instead of giving up.
+
     def _authenticate_request(self, cmd: Authenticate) -> None:
         if self._auth_is_async:
             self._spawn(self._authenticate_async, cmd)
             return
-        self._queue.extend(self.broker.auth_completed(cmd.request_id, self._identity(cmd), self.now()))
-
-    def _identity(self, cmd: Authenticate) -> Union[Identity, AuthError]:
         try:
-            return self._authenticate(cmd.token, cmd.now)  # type: ignore[return-value]
-        except AuthError as exc:
-            return exc
-        except Exception:
-            log.exception("the authenticator failed")
-            self._stats["internal_errors"] += 1
-            return AuthError("authentication is unavailable")
+            result: Union[Identity, BaseException] = self._authenticate(cmd.token, cmd.now)  # type: ignore[assignment]
+        except Exception as exc:
+            result = self._hook_failed("the authenticator", exc)
+        self._queue.extend(self._core(self.broker.auth_completed, cmd.request_id, result))
 
     async def _authenticate_async(self, cmd: Authenticate) -> None:
+        result: Union[Identity, BaseException] = TimeoutError("the authenticator did not answer in time")
         try:
-            result: Union[Identity, AuthError] = await self._authenticate(cmd.token, cmd.now)  # type: ignore[misc]
-        except AuthError as exc:
-            result = exc
-        except Exception:
-            log.exception("the authenticator failed")
-            self._stats["internal_errors"] += 1
-            result = AuthError("authentication is unavailable")
-        self._run(self.broker.auth_completed(cmd.request_id, result, self.now()))
+            with trio.move_on_after(self.config.hook_timeout):
+                result = await self._authenticate(cmd.token, cmd.now)  # type: ignore[misc]
+        except Exception as exc:
+            result = self._hook_failed("the authenticator", exc)
+        self._run(self._core(self.broker.auth_completed, cmd.request_id, result))
+
+    def _hook_failed(self, what: str, exc: Exception) -> Exception:
+        if isinstance(exc, AuthError):
+            return exc  # a refusal, not a failure
+        log.error("%s failed", what, exc_info=exc)
+        self._stats["internal_errors"] += 1
+        return exc
 
     def _check_content(self, cmd: CheckContent) -> None:
         if self._filter_is_async:
@@ -650,22 +672,35 @@ class BrokerServer:
         hook = self.config.broker.content_filter
         assert hook is not None
         try:
-            reason = hook(cmd.user, cmd.conv, cmd.payload)
-        except Exception:
-            log.exception("the content filter failed")
-            self._stats["internal_errors"] += 1
-            reason = "the content filter failed"
-        self._queue.extend(self.broker.content_checked(cmd.request_id, reason, self.now()))
+            cmds = self._core(self.broker.content_checked, cmd.request_id, hook(cmd.user, cmd.conv, cmd.payload))
+        except Exception as exc:
+            self._hook_failed("the content filter", exc)
+            cmds = self._content_unchecked(cmd, "the content filter failed; send again later")
+        self._queue.extend(cmds)
 
     async def _check_content_async(self, cmd: CheckContent) -> None:
         hook: Any = self.config.broker.content_filter
+        cmds: Optional[list[Command]] = None
         try:
-            reason = await hook(cmd.user, cmd.conv, cmd.payload)
-        except Exception:
-            log.exception("the content filter failed")
+            with trio.move_on_after(self.config.hook_timeout):
+                reason = await hook(cmd.user, cmd.conv, cmd.payload)
+                cmds = self._core(self.broker.content_checked, cmd.request_id, reason)
+        except Exception as exc:
+            self._hook_failed("the content filter", exc)
+            cmds = self._content_unchecked(cmd, "the content filter failed; send again later")
+        if cmds is None:
+            log.error("the content filter did not answer within %.1f s", self.config.hook_timeout)
             self._stats["internal_errors"] += 1
-            reason = "the content filter failed"
-        self._run(self.broker.content_checked(cmd.request_id, reason, self.now()))
+            cmds = self._content_unchecked(cmd, "the content filter did not answer in time; send again later")
+        self._run(cmds)
+
+    def _content_unchecked(self, cmd: CheckContent, reason: str) -> list[Command]:
+        try:
+            return self.broker.content_checked(cmd.request_id, reason, self.now(), code=ErrorCode.INTERNAL)
+        except Exception:
+            log.exception("internal error in content_checked")
+            self._stats["internal_errors"] += 1
+            return []
 
     # ------------------------------------------------------------ group admin
 
@@ -794,9 +829,9 @@ class BrokerServer:
                 # Nothing of the batch is acked: senders get
                 # STORE_UNAVAILABLE and retry with the same local id.
                 self._store_error(req, exc)
-                cmds = self.broker.store_failed(req.request_id, exc, self.now())
+                cmds = self._core(self.broker.store_failed, req.request_id, exc)
             else:
-                cmds = self.broker.store_completed(req.request_id, results, self.now())
+                cmds = self._core(self.broker.store_completed, req.request_id, results)
             self._stats["commit_seconds"] += time.perf_counter() - t0
             self._commit_idle.set()
             self._run(cmds)
@@ -813,7 +848,7 @@ class BrokerServer:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = None
-            self._run(self.broker.handle_timer(self.now()))
+            self._run(self._core(self.broker.handle_timer))
 
 
 @asynccontextmanager
