@@ -74,6 +74,7 @@ class ServeSettings:
     content_filter: Optional[str] = None  # "module:function"
     limits: dict[str, Any] = field(default_factory=dict)
     server: dict[str, Any] = field(default_factory=dict)
+    config_dir: Optional[Path] = None  # the folder of the config file, if one was read
 
     def endpoints(self) -> tuple[Endpoint, ...]:
         try:
@@ -82,16 +83,23 @@ class ServeSettings:
             raise ConfigError(f"listen: {exc}") from None
 
     def load_content_filter(self) -> Optional[ContentFilter]:
-        """Import the ``module:function`` content-security hook, if any."""
+        """Import the ``module:function`` content-security hook, if any.  The
+        module is looked for next to the config file, then in the current
+        folder, then on the usual import path (as ``python -m`` would)."""
         if not self.content_filter:
             return None
         module, _, name = self.content_filter.partition(":")
         if not module or not name:
             raise ConfigError(f"content_filter must be 'module:function', not {self.content_filter!r}")
+        extra = [str(p) for p in (self.config_dir, Path.cwd()) if p is not None and str(p) not in sys.path]
+        sys.path[:0] = extra
         try:
             fn = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as exc:
             raise ConfigError(f"content_filter {self.content_filter!r}: {exc}") from None
+        finally:
+            for p in extra:
+                sys.path.remove(p)
         if not callable(fn):
             raise ConfigError(f"content_filter {self.content_filter!r} is not callable")
         return fn  # type: ignore[no-any-return]
@@ -107,7 +115,10 @@ class ServeSettings:
         for key in ("idle_timeout", "login_timeout", "ack_delay"):
             if key in srv:
                 timeouts: dict[str, Any] = {key: int(float(srv.pop(key)) * SECOND)}
-                broker = replace(broker, **timeouts)
+                try:
+                    broker = replace(broker, **timeouts)
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"server: {key}: {exc}") from None
         endpoints = self.endpoints()
         if any(e.secure for e in endpoints) and not self.cert:
             raise ConfigError("tls:// and wss:// listeners need a certificate: --cert/--key or [tls] cert/key")
@@ -163,6 +174,7 @@ def load_settings(config_file: Optional[str] = None, **flags: Any) -> ServeSetti
             key=str(rel(tls["key"])) if "key" in tls else None,
             limits=dict(doc.get("limits", {})),
             server=dict(doc.get("server", {})),
+            config_dir=here,
         )
     limits = dict(s.limits)
     server = dict(s.server)

@@ -202,6 +202,15 @@ class BrokerConfig:
     # the core only needs the answer, see Broker.content_checked).
     content_filter: Optional[ContentFilter] = None
 
+    def __post_init__(self) -> None:
+        if self.max_batch_ops < 1 or self.rate_limit_strikes < 1:
+            raise ValueError("BrokerConfig.max_batch_ops and rate_limit_strikes must be >= 1")
+        for name in ("login_timeout", "reclaim_interval", "device_retention", "inbox_max_age"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"BrokerConfig.{name} must be > 0 µs")
+        if self.idle_timeout < 0 or self.ack_delay < 0:
+            raise ValueError("BrokerConfig.idle_timeout and ack_delay must be >= 0 µs (0 = off)")
+
 
 # ---------------------------------------------------------------- commands
 
@@ -457,7 +466,9 @@ _LOGIN_DUE, _IDLE_DUE, _TOKEN_DUE = 0, 1, 2
 #: Bytes a waiting connection may have buffered before the host is asked to
 #: stop reading it (PauseReading).
 _PAUSE_BYTES = 256 * 1024
-#: History reads one connection may have in flight.
+#: History reads one connection may have in flight; at that many, nothing more
+#: of the connection is decoded until one is answered (it is not refused:
+#: a client may pipeline as many HistoryReqs as it likes, they queue).
 _MAX_HISTORY_READS = 8
 
 
@@ -565,7 +576,7 @@ class Broker:
         c.last_seen = now
         out: list[Command] = []
         c.session.receive_data(data)
-        if c.waiting:
+        if c.waiting or c.history_reads >= _MAX_HISTORY_READS:
             self._check_paused(c, out)
         else:
             self._pull(c, now, out)
@@ -584,11 +595,12 @@ class Broker:
         return out
 
     def _pull(self, c: _Conn, now: int, out: list[Command]) -> None:
-        """Dispatch what ``c`` sent, in order, until it waits for a request,
-        is closed, or needs more bytes."""
+        """Dispatch what ``c`` sent, in order, until it waits for a request (or
+        has as many history reads out as it may), is closed, or needs more
+        bytes."""
         backlog, session, conn = c.backlog, c.session, c.id
         try:
-            while not c.waiting:
+            while not c.waiting and c.history_reads < _MAX_HISTORY_READS:
                 if backlog:
                     self._dispatch(c, backlog.popleft(), now, out)
                 else:
@@ -616,14 +628,15 @@ class Broker:
         at _PAUSE_BYTES buffered; a host that ignores that is closed at a
         hard bound (memory per connection stays bounded either way)."""
         buffered = c.session.buffered
-        if c.waiting and buffered >= _PAUSE_BYTES:
+        blocked = c.waiting or c.history_reads >= _MAX_HISTORY_READS
+        if blocked and buffered >= _PAUSE_BYTES:
             if not c.paused:
                 c.paused = True
                 out.append(PauseReading(c.id))
             elif buffered > _PAUSE_BYTES + 2 * self.config.limits.max_frame:
                 self._stats["protocol_errors"] += 1
                 self._close(c, CloseCode.PROTOCOL_ERROR, "too much data while a request was pending", out)
-        elif c.paused and not c.waiting:
+        elif c.paused and not blocked:
             c.paused = False
             out.append(ResumeReading(c.id))
 
@@ -777,15 +790,17 @@ class Broker:
             c.history_reads -= 1
             f = ctx.frame
             if not isinstance(res, HistoryPage):
-                self._send(c.id, F.HistoryResp(f.req_id, f.conv, ErrorCode.STORE_UNAVAILABLE, (), False), out)
-                return
-            if res.code is not ErrorCode.OK:
-                self._send(c.id, F.HistoryResp(f.req_id, f.conv, res.code, (), False), out)
-                return
-            page = res.messages
-            more = len(page) > ctx.limit
-            msgs = tuple(_to_frame_message(0, m) for m in page[: ctx.limit])
-            self._send(c.id, F.HistoryResp(f.req_id, f.conv, ErrorCode.OK, msgs, more), out)
+                resp = F.HistoryResp(f.req_id, f.conv, ErrorCode.STORE_UNAVAILABLE, (), False)
+            elif res.code is not ErrorCode.OK:
+                resp = F.HistoryResp(f.req_id, f.conv, res.code, (), False)
+            else:
+                page = res.messages
+                more = len(page) > ctx.limit
+                msgs = tuple(_to_frame_message(0, m) for m in page[: ctx.limit])
+                resp = F.HistoryResp(f.req_id, f.conv, ErrorCode.OK, msgs, more)
+            self._send(c.id, resp, out)
+            if c.history_reads == _MAX_HISTORY_READS - 1:
+                self._resume(c, now, out)  # it was held at the limit: read on
 
     # ------------------------------------------------------------ hooks
 
@@ -1357,9 +1372,6 @@ class Broker:
         code = self._check_conversation(c.user, f.conv)
         if code is not ErrorCode.OK:
             self._send(c.id, F.HistoryResp(f.req_id, f.conv, code, (), False), out)
-            return
-        if c.history_reads >= _MAX_HISTORY_READS:
-            self._send(c.id, F.HistoryResp(f.req_id, f.conv, ErrorCode.TOO_MANY_IN_FLIGHT, (), False), out)
             return
         limit = max(1, min(f.limit, self.config.limits.history_page))
         c.history_reads += 1

@@ -54,3 +54,17 @@ def test_inspect_refuses_a_missing_directory(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nothing-here")]) == 2
     assert "nothing-here" in capsys.readouterr().err
     assert not (tmp_path / "nothing-here").exists()  # inspecting never creates
+
+
+def test_a_content_filter_module_next_to_the_config_file_is_found(tmp_path, monkeypatch):
+    from pimcore.config import load_settings
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "moderation_next_to_config.py").write_text(
+        "def check(user, conv, payload):\n    return 'no shouting' if payload.isupper() else None\n"
+    )
+    (tmp_path / "conf" / "pimcore.toml").write_text('content_filter = "moderation_next_to_config:check"\n')
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    hook = load_settings(str(tmp_path / "conf" / "pimcore.toml")).server_config().broker.content_filter
+    assert hook is not None and hook("a", "c", b"HELLO") == "no shouting" and hook("a", "c", b"hi") is None
+    assert str(tmp_path / "conf") not in sys.path  # the search path is put back

@@ -695,6 +695,21 @@ def test_history_paging_forward_and_backward(h):
     assert denied.code == ErrorCode.NOT_MEMBER and denied.messages == ()
 
 
+def test_pipelined_history_requests_all_get_their_page(h):
+    """A client may pipeline any number of HistoryReqs: the broker works on a
+    few at a time and reads on as they are answered; none is refused."""
+    a = h.login("alice", "phone")
+    for k in range(5):
+        h.send(a, AB, b"m%d" % k)
+    h.take(a)
+    h.feed_bytes(a, b"".join(encode_frame(F.HistoryReq(r, AB, r % 5, 1, False)) for r in range(1, 41)) + encode_frame(F.Ping(7)))
+    resps = h.take(a, F.HistoryResp)
+    assert sorted(r.req_id for r in resps) == list(range(1, 41))
+    assert all(r.code == ErrorCode.OK and [m.seq for m in r.messages] == [r.req_id % 5 + 1] for r in resps)
+    assert h.take(a, F.Pong) == [F.Pong(7)]  # and what came after them too
+    assert h.broker.statistics().reads_in_flight == 0
+
+
 # ---------------------------------------------------------------- reclamation
 
 

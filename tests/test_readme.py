@@ -26,4 +26,4 @@ def test_the_embedding_example_runs(tmp_path: Path) -> None:
     assert lines[0].startswith("LoginAck(user='alice', device='phone'")
     assert lines[1].startswith("SendAck(local_id=1, code=0,") and "seq=1" in lines[1]
     assert int(lines[-1]) > 1_700_000_000_000_000  # a deadline, in µs
-    assert (tmp_path / "pimcore-data").is_dir()
+    assert (tmp_path / "embedded-data").is_dir()

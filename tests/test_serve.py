@@ -245,8 +245,15 @@ max_connections = 2
         ('durability = "never"\n', ["durability", "never"]),
         ("[limits]\nmax_payload = 2000000\n", ["limits", "max_payload"]),
         ("listen = [\n", ["pimcore.toml"]),  # not TOML
+        ("[server]\nlogin_timeout = -1\n", ["server", "login_timeout"]),
+        ("[server]\nidle_timeout = -5\n", ["server", "idle_timeout"]),
+        ("[server]\nmax_connections = 0\n", ["server", "max_connections"]),
+        ("[server]\nhook_timeout = 0\n", ["server", "hook_timeout"]),
     ],
-    ids=["top-key", "limits-key", "server-key", "tls-key", "scheme", "port", "durability", "payload>frame", "syntax"],
+    ids=[
+        "top-key", "limits-key", "server-key", "tls-key", "scheme", "port", "durability", "payload>frame", "syntax",
+        "login-timeout", "idle-timeout", "max-connections", "hook-timeout",
+    ],
 )
 def test_bad_config_file_exits_2_with_a_clear_message(tmp_path: Path, text: str, needles: list[str]) -> None:
     cfg = write_config(tmp_path / "pimcore.toml", f'data_dir = "d"\n{text}')

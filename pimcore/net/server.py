@@ -140,6 +140,8 @@ class ServerConfig:
             raise ValueError("max_outbound_bytes must be >= 1024")
         if not isinstance(self.commit_in_thread, bool):
             raise ValueError("commit_in_thread must be true or false")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
         if not self.hook_timeout > 0:
             raise ValueError("hook_timeout must be > 0 seconds")
 
