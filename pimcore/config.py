@@ -54,6 +54,7 @@ DEFAULT_LISTEN = "tcp://127.0.0.1:7400"
 _LIMIT_KEYS = {f.name for f in fields(Limits)}
 _SERVER_KEYS = {
     "idle_timeout", "login_timeout", "ack_delay", "max_outbound_bytes", "max_connections", "commit_in_thread", "hook_timeout",
+    "read_timeout",
 }
 _TOP_KEYS = {"data_dir", "durability", "listen", "secret", "secret_file", "content_filter", "tls", "limits", "server"}
 

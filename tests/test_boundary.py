@@ -917,3 +917,20 @@ async def test_served_hooks_that_fail_or_hang_are_retried_not_final(tmp_path):
         assert [m.payload for m in store.history(AB, 0, 10)] == [b"from alice", b"from bob", b"still served"]
     finally:
         store.close()
+
+
+async def test_an_async_store_read_that_hangs_fails_at_read_timeout(autojump_clock, tmp_path):
+    """A read the AsyncStore never answers is a failed read after
+    read_timeout: the login is closed with INTERNAL (the client will try
+    again) instead of holding the connection -- and its reading -- forever."""
+    lat = LatencyStore(MemoryStore(), read_latency=(3600.0, 3600.0), write_latency=(0.0, 0.0))
+    cfg = replace(server_config(), read_timeout=2.0)
+    with trio.fail_after(30):
+        async with open_broker_server(lat, JwtAuthenticator(SECRET), cfg, clock=lambda: int(trio.current_time() * SECOND)) as srv:
+            raw = await RawConn.open(srv.endpoints[0].port)
+            t0 = trio.current_time()
+            await raw.send(F.Login(token("alice").encode(), "phone", 0, 0, 0))
+            close = await raw.until(F.Close)
+            assert close.code == CloseCode.INTERNAL
+            assert trio.current_time() - t0 == pytest.approx(2.0, abs=0.01)
+            assert srv.broker.statistics().reads_in_flight == 0 and srv.broker.statistics().read_failures == 1

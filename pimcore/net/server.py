@@ -132,6 +132,12 @@ class ServerConfig:
     #: INTERNAL (the client retries), so a hook that hangs holds nothing for
     #: long -- not even a connection paused while it waits.
     hook_timeout: float = 10.0
+    #: Seconds a read request may take on an AsyncStore.  Past it the read
+    #: counts as failed (a login is closed with INTERNAL and retried, a
+    #: history page is STORE_UNAVAILABLE); a late answer is dropped.  Writes
+    #: have no such limit: a write that may have committed cannot be
+    #: declared failed.
+    read_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.listeners:
@@ -142,6 +148,8 @@ class ServerConfig:
             raise ValueError("commit_in_thread must be true or false")
         if self.max_connections < 1:
             raise ValueError("max_connections must be >= 1")
+        if not self.read_timeout > 0:
+            raise ValueError("read_timeout must be > 0 seconds")
         if not self.hook_timeout > 0:
             raise ValueError("hook_timeout must be > 0 seconds")
 
@@ -620,8 +628,11 @@ class BrokerServer:
 
     async def _read_async(self, req: StoreRequest) -> None:
         try:
-            results = await self.store.execute(req)  # type: ignore[misc]
-        except Exception as exc:
+            with trio.fail_after(self.config.read_timeout):
+                results = await self.store.execute(req)  # type: ignore[misc]
+        except (Exception, trio.TooSlowError) as exc:
+            if isinstance(exc, trio.TooSlowError):
+                exc = StoreError(f"read request {req.request_id} took longer than {self.config.read_timeout} s")
             self._store_error(req, exc)
             self._run(self._core(self.broker.store_failed, req.request_id, exc))
         else:
