@@ -533,6 +533,7 @@ class Broker:
         self._hooks: dict[int, Union[_LoginHook, _ContentHook]] = {}
         self._next_request = 1  # ids of store requests and hook requests
         self._next_reclaim: Optional[int] = None
+        self._retry_at: Optional[int] = None  # pending ops wait after a failed batch until then
         # (due µs, tiebreak, kind, conn); entries go stale when a connection
         # closes or is heard from, and are checked when they come due.
         self._timers: list[tuple[int, int, int, int]] = []
@@ -751,7 +752,10 @@ class Broker:
             # behind the real one: the device re-acks or re-logs in, and the
             # worst case is a re-delivery the client dedupes by position.
         # Do not immediately retry with whatever is pending: the driver reports
-        # the failure, and the next event proposes the next batch.
+        # the failure, and the next event proposes the next batch -- or, if
+        # none comes, the timer shortly after (ops must never be stranded).
+        if self._ops:
+            self._retry_at = now + _RETRY_AFTER_FAILURE
         return out
 
     def _read_done(self, ctx: Union[_LoginRead, _InboxRead, _HistoryRead], res: Optional[Result], now: int, out: list[Command]) -> None:
@@ -875,6 +879,8 @@ class Broker:
         if self._lazy_since is not None and self._inflight is None and self._ops:
             t = self._lazy_since + self.config.ack_delay
             due = t if due is None or t < due else due
+        if self._retry_at is not None:
+            due = self._retry_at if due is None or self._retry_at < due else due
         return due
 
     def handle_timer(self, now: int) -> list[Command]:
@@ -900,6 +906,8 @@ class Broker:
                     self._close(c, CloseCode.IDLE_TIMEOUT, "nothing received within the idle timeout", out)
             elif c.expires is not None and c.expires <= now:
                 self._close(c, CloseCode.TOKEN_EXPIRED, "the session's token expired; log in with a fresh one", out)
+        if self._retry_at is not None and now >= self._retry_at:
+            self._retry_at = None  # due: _maybe_commit below proposes what waits
         if self._next_reclaim is None:
             self._next_reclaim = now + self.config.reclaim_interval
         elif now >= self._next_reclaim:
@@ -1470,6 +1478,7 @@ class Broker:
         """Hand the store the next batch if it is idle (group commit)."""
         if self._inflight is not None or not self._ops:
             return
+        self._retry_at = None
         delay = self.config.ack_delay
         if delay and not self._eager and not force:
             # Only delivery acks: wait a little for something that needs a
@@ -1496,6 +1505,10 @@ class Broker:
         self._inflight = (request, ctxs)
         out.append(request)
 
+
+#: After a failed batch, what is still pending is proposed by the next event or
+#: by the timer this long after (µs), whichever comes first.
+_RETRY_AFTER_FAILURE = 200_000
 
 #: Ops whose loss only costs a re-delivery: they may wait for a batch (ack_delay).
 _LAZY_OPS = frozenset((AckPosition, TouchDevice))

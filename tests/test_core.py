@@ -288,6 +288,30 @@ def test_request_errors_have_clear_codes(h):
     assert h.store.last_seq(AB) == 0 and h.store.last_seq("team") == 0
 
 
+def test_what_waited_behind_a_failed_batch_is_committed_without_another_event(h):
+    """After a failed batch the core does not retry at once, but nothing may
+    be stranded either: the ops that waited go out at the next deadline even
+    if no client sends anything again."""
+    a = h.login("alice", "phone")
+    b = h.login("bob", "laptop")
+    h.take(a), h.take(b)
+    h.hold_commits = True
+    h.send(a, AB, b"first")  # batch in flight
+    h.send(b, AB, b"second")  # waits for the next batch
+    h.fail_commits = True
+    h.release()
+    [failed] = h.acks(a)
+    assert failed.code == ErrorCode.STORE_UNAVAILABLE and h.acks(b) == []
+    h.fail_commits = False
+    h.hold_commits = False
+    due = h.broker.next_deadline()
+    assert due is not None and due <= h.now + 1_000_000
+    h.advance(due - h.now)
+    [ok] = h.acks(b)
+    assert ok.code == ErrorCode.OK and h.store.last_seq(AB) == 1
+    assert h.broker.next_deadline() > h.now  # nothing left due: the timer sleeps
+
+
 def test_in_flight_window(store):
     h = Harness(store, BrokerConfig(limits=Limits(window=2)))
     a = h.login("alice", "phone")
