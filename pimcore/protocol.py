@@ -449,11 +449,7 @@ class ServerSession:
         a time).  Raises ProtocolError (the same one again once ERRORED)."""
         state = self._state
         if state is _S.ACTIVE:
-            try:
-                frame = self._next()
-            except ProtocolError as exc:
-                self._fail(exc)
-                raise
+            frame = self._decode()
             if frame is None:
                 return None
             if type(frame) is _Close:
@@ -461,11 +457,7 @@ class ServerSession:
             self._frames_in += 1
             return frame  # type: ignore[no-any-return]
         if state is _S.AWAITING_LOGIN:
-            try:
-                frame = self._next()
-            except ProtocolError as exc:
-                self._fail(exc)
-                raise
+            frame = self._decode()
             if frame is None:
                 return None
             # The login gate (PROTOCOL.md section 6): nothing a client sends
@@ -487,6 +479,14 @@ class ServerSession:
             assert self._error is not None
             raise self._error.with_traceback(None)
         return None  # LOGGING_IN, PEER_CLOSED, CLOSED
+
+    def _decode(self) -> Optional[F.Frame]:
+        """The decoder's next frame; a ProtocolError poisons the session."""
+        try:
+            return self._next()  # type: ignore[no-any-return]
+        except ProtocolError as exc:
+            self._fail(exc)
+            raise
 
     def login_accepted(self, caps: int) -> None:
         """The owner granted the Login, with ``caps`` (the capabilities the
