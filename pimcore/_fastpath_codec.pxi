@@ -101,15 +101,15 @@ FLAG_ZSTD = 0x01
 # Same table as pimcore/_pure/codec.py SCHEMA, kept separately on purpose (see
 # there).  Kinds are spelled as in the frames.py comments.
 _CODEC_SCHEMA = {
-    _cd_F.Login: (("token", "b"), ("device", "t"), ("client_time", "s"), ("position", "u"), ("caps", "u")),
+    _cd_F.Login: (("token", "b"), ("device", "t"), ("client_time", "s"), ("position", "u"), ("caps", "u"), ("epoch", "b")),
     _cd_F.LoginAck: (
         ("user", "t"), ("device", "t"), ("server_time", "u"), ("position", "u"), ("head", "u"),
         ("gap", "?"), ("max_frame", "u"), ("max_payload", "u"), ("window", "u"),
-        ("heartbeat_ms", "u"), ("caps", "u"),
+        ("heartbeat_ms", "u"), ("caps", "u"), ("epoch", "b"), ("resync", "?"),
     ),
     _cd_F.CalibrateReq: (("client_time", "s"),),
     _cd_F.CalibrateResp: (("client_time", "s"), ("server_time", "u")),
-    _cd_F.SendReq: (("local_id", "u"), ("conv", "t"), ("client_time", "s"), ("payload", "b")),
+    _cd_F.SendReq: (("local_id", "u"), ("conv", "t"), ("client_time", "s"), ("payload", "b"), ("after_seq", "u")),
     _cd_F.SendAck: (("local_id", "u"), ("code", "u"), ("msg_id", "b"), ("seq", "u"), ("server_time", "u")),
     _cd_F.Push: (("position", "u"), ("messages", "[Message]")),
     _cd_F.PushAck: (("position", "u"),),
@@ -118,6 +118,8 @@ _CODEC_SCHEMA = {
     _cd_F.ReadReceipt: (("conv", "t"), ("reader", "t"), ("seq", "u")),
     _cd_F.HistoryReq: (("req_id", "u"), ("conv", "t"), ("from_seq", "u"), ("limit", "u"), ("backward", "?")),
     _cd_F.HistoryResp: (("req_id", "u"), ("conv", "t"), ("code", "u"), ("messages", "[Message]"), ("more", "?")),
+    _cd_F.ReadersReq: (("req_id", "u"), ("conv", "t")),
+    _cd_F.ReadersResp: (("req_id", "u"), ("conv", "t"), ("code", "u"), ("readers", "[Reader]")),
     _cd_F.Ping: (("nonce", "u"),),
     _cd_F.Pong: (("nonce", "u"),),
     _cd_F.Error: (("code", "u"), ("ref", "u"), ("reason", "t")),
@@ -125,8 +127,10 @@ _CODEC_SCHEMA = {
     _cd_F.Message: (
         ("position", "u"), ("msg_id", "b"), ("conv", "t"), ("seq", "u"), ("sender", "t"),
         ("device", "t"), ("client_time", "s"), ("server_time", "u"), ("payload", "b"),
+        ("kind", "u"), ("local_id", "u"), ("after_seq", "u"),
     ),
     _cd_F.ReadState: (("conv", "t"), ("read_seq", "u"), ("last_seq", "u"), ("unread", "u")),
+    _cd_F.Reader: (("user", "t"), ("read_seq", "u")),
 }
 
 cdef enum:
@@ -138,12 +142,12 @@ cdef enum:
     _CD_LIST = 6
 
 cdef enum:
-    _CD_MAXF = 12     # most fields of any record (LoginAck has 11)
-    _CD_MAXREC = 24   # records in the table (17 frames + 2 nested, with room)
+    _CD_MAXF = 16     # most fields of any record (LoginAck has 13)
+    _CD_MAXREC = 28   # records in the table (19 frames + 3 nested, with room)
 
 # The length prefix is at most 5 varint bytes, so no frame can be longer.
 cdef uint64_t _CD_MAX_LENGTH = (<uint64_t>1 << 35) - 1
-cdef unsigned char _CD_HEAD = 0x10   # version 1 in the high nibble, no flags
+cdef unsigned char _CD_HEAD = _cd_F.PROTOCOL_VERSION << 4   # the version in the high nibble, no flags
 
 cdef struct _CdField:
     int kind
@@ -156,9 +160,9 @@ cdef struct _CdRec:
     int ftype           # frame type byte; 0 for nested records
     int nfields
     bint fast           # tp_alloc + direct slot access validated for this class
-    _CdField fields[12]
+    _CdField fields[16]
 
-cdef _CdRec _cd_recs[24]
+cdef _CdRec _cd_recs[28]
 cdef int _cd_nframes = 0
 cdef int _cd_by_type[256]   # type byte -> index in _cd_recs, or -1
 cdef list _cd_keep = []
@@ -573,9 +577,9 @@ cdef object _cd_parse(const unsigned char* p, Py_ssize_t avail, uint64_t limit, 
     # -- header, checked before the body arrives
     if avail > n:
         head = p[n]
-        if head >> 4 != 1:
+        if head >> 4 != _CD_HEAD >> 4:
             raise _CdProtocolError(_CdErrorCode.UNSUPPORTED_VERSION,
-                                   f"protocol version {head >> 4} is not supported")
+                                   f"protocol version {head >> 4} is not supported (this side speaks {_CD_HEAD >> 4})")
         # bit 0 (zstd) is valid only once decompression is enabled; bits 1..3
         # are reserved and always malformed
         if head & 0x0F and (head & 0x0E or decompress is None):

@@ -52,10 +52,10 @@ __all__ = [
 ]
 
 #: The shipped dictionary: package data, trained by tools/train_zstd_dict.py.
-DICTIONARY_FILE = "zstd-chat-v1.dict"
+DICTIONARY_FILE = "zstd-chat-v2.dict"
 #: Its zstd dictionary id, written in the header of every frame compressed
 #: with it (a peer holding another dictionary then fails cleanly).
-DICTIONARY_ID = 0xC401
+DICTIONARY_ID = 0xC402
 DEFAULT_LEVEL = 3
 #: Bodies shorter than this are sent as they are.  Measured on the synthetic
 #: chat traffic of tools/train_zstd_dict.py with the shipped dictionary: a zstd
@@ -92,7 +92,7 @@ def _shipped_bytes() -> bytes:
 
 @functools.lru_cache(maxsize=None)
 def load_dictionary() -> zstandard.ZstdCompressionDict:
-    """The shipped dictionary (``pimcore/data/zstd-chat-v1.dict``), loaded once.
+    """The shipped dictionary (``pimcore/data/zstd-chat-v2.dict``), loaded once.
 
     Treat it as read-only; compressors prepare their own copy per level."""
     return zstandard.ZstdCompressionDict(_shipped_bytes(), dict_type=zstandard.DICT_TYPE_FULLDICT)

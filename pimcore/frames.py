@@ -44,6 +44,10 @@ __all__ = [
     "ReadReceipt",
     "HistoryReq",
     "HistoryResp",
+    "ReadersReq",
+    "Reader",
+    "ReadersResp",
+    "MessageKind",
     "Ping",
     "Pong",
     "Error",
@@ -52,7 +56,10 @@ __all__ = [
     "FRAME_CLASSES",
 ]
 
-PROTOCOL_VERSION = 1
+#: In the high nibble of every frame's head byte.  2 added the store epoch
+#: (Login/LoginAck), causality (SendReq/Message.after_seq, Message.local_id),
+#: membership entries (Message.kind) and ReadersReq/ReadersResp.
+PROTOCOL_VERSION = 2
 
 #: Capability bits exchanged in Login.caps / LoginAck.caps.
 CAP_ZSTD = 1 << 0
@@ -76,6 +83,20 @@ class FrameType(IntEnum):
     PONG = 0x0F
     ERROR = 0x10
     CLOSE = 0x11
+    READERS_REQ = 0x12
+    READERS_RESP = 0x13
+
+
+class MessageKind(IntEnum):
+    """What a conversation entry is (``Message.kind``).  Every kind is seq'd,
+    stored and delivered like a message; only MESSAGE has a client payload."""
+
+    MESSAGE = 0
+    #: ``sender`` joined the group at this seq (payload: the user who added
+    #: them, UTF-8, empty when it was the host).
+    JOINED = 1
+    #: ``sender`` left or was removed at this seq (payload as for JOINED).
+    LEFT = 2
 
 
 # --------------------------------------------------------------- session
@@ -86,8 +107,11 @@ class Login:
     """Client -> broker, first frame on a connection.
 
     ``position`` is the client's resume cursor: the highest inbox position this
-    device has processed (0 for a fresh install).  The broker resumes delivery
-    after max(position, the device's stored acked position).
+    device has processed (0 for a fresh install).  ``epoch`` names the store
+    that position came from (LoginAck.epoch of an earlier session; empty for a
+    fresh install).  When the epoch is the broker's, delivery resumes after
+    max(position, the device's stored acked position); otherwise the position
+    means nothing here and the broker answers with ``resync`` (LoginAck).
     """
 
     TYPE: ClassVar[FrameType] = FrameType.LOGIN
@@ -96,6 +120,7 @@ class Login:
     client_time: int  # s
     position: int  # u
     caps: int  # u
+    epoch: bytes = b""  # b
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +130,14 @@ class LoginAck:
     ``gap`` is true when entries after the client's cursor were already
     reclaimed (the device was away longer than the retention period): the
     client should refill its conversations with HistoryReq.
+
+    ``epoch`` is the identity of the broker's store (16 bytes, fixed when the
+    store was created; a restore from backup or an empty store has another).
+    ``resync`` is true when the client's Login position was ignored because it
+    came from another epoch or lay beyond ``head``: the client must drop every
+    cursor it holds (inbox position, last seqs, read markers it has not had
+    confirmed) and rebuild them from this session; delivery starts after
+    ``position``, the device's position in this store.
     """
 
     TYPE: ClassVar[FrameType] = FrameType.LOGIN_ACK
@@ -119,6 +152,8 @@ class LoginAck:
     window: int  # u   max SendReqs in flight on this connection
     heartbeat_ms: int  # u   0 = no heartbeat expected
     caps: int  # u
+    epoch: bytes = b""  # b   16 bytes
+    resync: bool = False  # ?
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,14 +174,19 @@ class CalibrateResp:
 
 @dataclass(frozen=True, slots=True)
 class SendReq:
-    """Client -> broker.  ``local_id`` is chosen by the client, unique per device;
-    a retry MUST reuse it (that is what makes retries safe)."""
+    """Client -> broker.  ``local_id`` is chosen by the client, unique per device
+    and increasing in send order; a retry MUST reuse it (that is what makes
+    retries safe).  ``after_seq`` is the highest seq of ``conv`` this device
+    had seen (received, fetched, or acked for its own sends) when the user
+    sent the message: display order never shows the message above those.
+    The broker clamps it to the conversation's last seq."""
 
     TYPE: ClassVar[FrameType] = FrameType.SEND_REQ
     local_id: int  # u
     conv: str  # t
     client_time: int  # s
     payload: bytes  # b
+    after_seq: int = 0  # u
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,9 +208,12 @@ class SendAck:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One stored message as delivered (inside Push and HistoryResp).
+    """One stored conversation entry as delivered (inside Push and HistoryResp).
 
-    ``pos`` is the position in the receiving user's inbox (0 in HistoryResp).
+    ``position`` is the position in the receiving user's inbox (0 in
+    HistoryResp).  ``kind`` is a MessageKind; ``local_id`` and ``after_seq``
+    are the sender device's, from its SendReq (0 for entries the broker made),
+    and are what display order needs to respect causality.
     """
 
     position: int  # u
@@ -182,6 +225,9 @@ class Message:
     client_time: int  # s
     server_time: int  # u
     payload: bytes  # b
+    kind: int = 0  # u   MessageKind
+    local_id: int = 0  # u
+    after_seq: int = 0  # u
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +319,34 @@ class HistoryResp:
     more: bool  # ?
 
 
+@dataclass(frozen=True, slots=True)
+class ReadersReq:
+    """Client -> broker: how far has each member of ``conv`` read?"""
+
+    TYPE: ClassVar[FrameType] = FrameType.READERS_REQ
+    req_id: int  # u
+    conv: str  # t
+
+
+@dataclass(frozen=True, slots=True)
+class Reader:
+    user: str  # t
+    read_seq: int  # u   clamped to the seqs the user was a member for
+
+
+@dataclass(frozen=True, slots=True)
+class ReadersResp:
+    """Broker -> client: the read markers of ``conv``'s current members (the
+    asking user included), sorted by user id; ``code`` is non-zero (and
+    ``readers`` empty) when the user may not ask (not a member)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.READERS_RESP
+    req_id: int  # u
+    conv: str  # t
+    code: int  # u   ErrorCode
+    readers: tuple[Reader, ...]  # [Reader]
+
+
 # --------------------------------------------------------------- control
 
 
@@ -322,6 +396,8 @@ Frame = Union[
     ReadReceipt,
     HistoryReq,
     HistoryResp,
+    ReadersReq,
+    ReadersResp,
     Ping,
     Pong,
     Error,
@@ -345,6 +421,8 @@ FRAME_CLASSES: dict[int, type] = {
         ReadReceipt,
         HistoryReq,
         HistoryResp,
+        ReadersReq,
+        ReadersResp,
         Ping,
         Pong,
         Error,

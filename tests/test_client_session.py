@@ -55,7 +55,7 @@ def msg(position: int, seq: int, *, sender: str = "bob", conv: str = CONV, paylo
 
 
 def head_flags(data: bytes) -> list[int]:
-    """The head byte of every frame in ``data`` (0x10 plain, 0x11 zstd)."""
+    """The head byte of every frame in ``data`` (0x20 plain, 0x21 zstd)."""
     heads, i = [], 0
     while i < len(data):
         length = shift = 0
@@ -268,7 +268,7 @@ def test_zstd_is_negotiated_and_used_in_both_directions():
     b = Broker(s)
     login = b.read_one(F.Login)
     assert login.caps == F.CAP_ZSTD  # type: ignore[attr-defined]
-    assert head_flags(b.raw) == [0x10]  # Login is never compressed
+    assert head_flags(b.raw) == [0x20]  # Login is never compressed
     b.feed(T0, ack_frame(caps=F.CAP_ZSTD))
     b.grant_zstd()
     req = b.read_one(F.CalibrateReq)
@@ -280,10 +280,10 @@ def test_zstd_is_negotiated_and_used_in_both_directions():
     before = len(b.raw)
     [req] = b.read()
     assert (req.local_id, req.conv, req.payload) == (lid, CONV, text)  # type: ignore[attr-defined]
-    assert head_flags(b.raw[before:]) == [0x11]
+    assert head_flags(b.raw[before:]) == [0x21]
     # Downstream: a compressed Push is decoded.
     wire = b.encode(F.Push(1, (msg(1, 1, payload=text),)))
-    assert head_flags(wire) == [0x11]
+    assert head_flags(wire) == [0x21]
     s.receive_data(wire, T0)
     [ev] = [e for e in events(s, T0) if isinstance(e, MessageReceived)]
     assert ev.message.payload == text
@@ -294,7 +294,7 @@ def test_a_compressed_frame_without_a_grant_is_malformed():
     b = connect(s, T0, ack_frame(caps=0))  # the broker did not grant zstd
     events(s, T0)
     wire = FrameCompressor().compress(encode_frame(F.Push(1, (msg(1, 1, payload=b"x" * 200),))))
-    assert head_flags(wire) == [0x11]
+    assert head_flags(wire) == [0x21]
     s.receive_data(wire, T0)
     assert s.state is SessionState.DISCONNECTED
     [close] = b.read()
@@ -658,7 +658,7 @@ def test_the_event_queue_sheds_old_notifications_but_never_messages_or_acks():
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"\xff\xff\xff\xff\xff\x01", b"\x03\x1f\x0e\x00", b"\x03\x10\x7f\x00", b"\x04\x10\x07\x01\x05"],
+    [b"\xff\xff\xff\xff\xff\x01", b"\x03\x1f\x0e\x00", b"\x03\x20\x7f\x00", b"\x04\x20\x07\x01\x05"],
     ids=["length-prefix", "reserved-flags", "unknown-type", "bad-body"],
 )
 def test_malformed_bytes_close_the_connection_not_the_session(garbage):

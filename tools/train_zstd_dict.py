@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Train the zstd dictionary shipped as ``pimcore/data/zstd-chat-v1.dict``.
+"""Train the zstd dictionary shipped as ``pimcore/data/zstd-chat-v2.dict``.
 
-    python tools/train_zstd_dict.py --out pimcore/data/zstd-chat-v1.dict
+    python tools/train_zstd_dict.py --out pimcore/data/zstd-chat-v2.dict
     python tools/train_zstd_dict.py --evaluate      # ratios on held-out traffic
 
 The samples are the BODIES of frames (what ``pimcore.compress.FrameCompressor``
@@ -47,7 +47,7 @@ from pimcore import frames as F  # noqa: E402
 from pimcore._pure.codec import encode_frame  # noqa: E402  (bytes identical on both backends)
 from pimcore.compress import DEFAULT_THRESHOLD, DICTIONARY_ID  # noqa: E402
 
-#: Dictionary parameters.  The id (pimcore.compress.DICTIONARY_ID, 0xC401)
+#: Dictionary parameters.  The id (pimcore.compress.DICTIONARY_ID, 0xC402)
 #: sits in the range zstd leaves to private use (>= 32768) and takes 2 bytes
 #: in each frame header instead of the 4 a random id would take.  Size and
 #: k/d come from a sweep (--optimize, then 4..64 KiB x k 150..1000 x d 6/8):
@@ -135,6 +135,7 @@ class Traffic:
         self.local_ids = {u: r.randrange(1, 5000) for u in self.users}
         self.positions = {u: r.randrange(1, 200_000) for u in self.users}
         self.history: list[F.Message] = []
+        self.epoch = r.randbytes(16)  # one broker store
 
     # -------------------------------------------------------------- atoms
 
@@ -250,6 +251,11 @@ class Traffic:
             client_time=server_time - r.randrange(-2_000_000, 300_000),
             server_time=server_time,
             payload=self.payload(conv, members),
+            # The SDK's local ids are µs-like counters; the sender had
+            # usually seen the message before (or one a little older).
+            kind=0,
+            local_id=server_time - r.randrange(0, 3_000_000),
+            after_seq=max(0, seq - r.choice((1, 1, 1, 2, 3))),
         )
         self.history.append(msg)
         return msg
@@ -263,8 +269,10 @@ class Traffic:
         self.local_ids[user] += 1
         local_id = self.local_ids[user]
         client_time = self._tick() - r.randrange(-2_000_000, 300_000)
-        req = F.SendReq(local_id=local_id, conv=conv, client_time=client_time, payload=self.payload(conv, members))
-        seq = self.seqs[conv] = self.seqs.get(conv, r.randrange(0, 5000)) + 1
+        seen = self.seqs.get(conv, r.randrange(0, 5000))
+        req = F.SendReq(local_id=local_id, conv=conv, client_time=client_time, payload=self.payload(conv, members),
+                        after_seq=seen)
+        seq = self.seqs[conv] = seen + 1
         server_time = self._tick()
         ack = F.SendAck(local_id, 0, server_time.to_bytes(8, "big") + r.choice(self.nodes), seq, server_time)
         return req, ack
@@ -311,7 +319,7 @@ class Traffic:
             msgs.append(
                 F.Message(0, t.to_bytes(8, "big") + r.choice(self.nodes), conv, last - limit + i + 1, sender,
                           r.choice(self.devices[sender]), t - r.randrange(-2_000_000, 300_000), t,
-                          self.payload(conv, members))
+                          self.payload(conv, members), 0, t - r.randrange(0, 3_000_000), last - limit + i)
             )
         return F.HistoryResp(req_id=r.randrange(1, 1000), conv=conv, code=0, messages=tuple(msgs), more=r.random() < 0.7)
 
@@ -322,9 +330,10 @@ class Traffic:
         token = f"{user}:{device}:".encode() + r.randbytes(32).hex().encode()
         now = self._tick()
         login = F.Login(token=token, device=device, client_time=now + r.randrange(-10**7, 10**7),
-                        position=self.positions[user] - r.randrange(0, 300), caps=F.CAP_ZSTD)
+                        position=self.positions[user] - r.randrange(0, 300), caps=F.CAP_ZSTD,
+                        epoch=self.epoch)
         ack = F.LoginAck(user, device, now, login.position, self.positions[user], False, 1 << 20, 64 << 10, 64,
-                         30_000, F.CAP_ZSTD)
+                         30_000, F.CAP_ZSTD, self.epoch, False)
         return login, ack
 
     def frames(self, count: int) -> Iterator[Any]:
@@ -434,7 +443,7 @@ def evaluate(dict_data: Any, level: int = 3, count: int = 4000, seed: int = EVAL
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, help="write the dictionary here (pimcore/data/zstd-chat-v1.dict)")
+    ap.add_argument("--out", type=Path, help="write the dictionary here (pimcore/data/zstd-chat-v2.dict)")
     ap.add_argument("--size", type=int, default=DICT_SIZE, help="dictionary size in bytes (default %(default)s)")
     ap.add_argument("--samples", type=int, default=TRAIN_SAMPLES, help="training frames (default %(default)s)")
     ap.add_argument("--seed", type=int, default=TRAIN_SEED)

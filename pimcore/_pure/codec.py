@@ -43,6 +43,9 @@ from ..frames import (
     HistoryResp,
     CalibrateReq,
     CalibrateResp,
+    ReadersReq,
+    Reader,
+    ReadersResp,
 )
 
 __all__ = [
@@ -61,7 +64,7 @@ _S64_MIN = -(1 << 63)
 _S64_MAX = (1 << 63) - 1
 #: The length prefix is at most 5 varint bytes, so no frame can be longer.
 _MAX_LENGTH = (1 << 35) - 1
-_HEAD = PROTOCOL_VERSION << 4  # version 1, no flags
+_HEAD = PROTOCOL_VERSION << 4  # the version, no flags
 #: Head flag bit 0: the body is one zstd frame (section 7 of docs/PROTOCOL.md).
 FLAG_ZSTD = 0x01
 
@@ -89,11 +92,14 @@ _MESSAGE = (
     ("client_time", "s"),
     ("server_time", "u"),
     ("payload", "b"),
+    ("kind", "u"),
+    ("local_id", "u"),
+    ("after_seq", "u"),
 )
 _READ_STATE = (("conv", "t"), ("read_seq", "u"), ("last_seq", "u"), ("unread", "u"))
 
 SCHEMA: dict[type, tuple[tuple[str, str], ...]] = {
-    Login: (("token", "b"), ("device", "t"), ("client_time", "s"), ("position", "u"), ("caps", "u")),
+    Login: (("token", "b"), ("device", "t"), ("client_time", "s"), ("position", "u"), ("caps", "u"), ("epoch", "b")),
     LoginAck: (
         ("user", "t"),
         ("device", "t"),
@@ -106,10 +112,12 @@ SCHEMA: dict[type, tuple[tuple[str, str], ...]] = {
         ("window", "u"),
         ("heartbeat_ms", "u"),
         ("caps", "u"),
+        ("epoch", "b"),
+        ("resync", "?"),
     ),
     CalibrateReq: (("client_time", "s"),),
     CalibrateResp: (("client_time", "s"), ("server_time", "u")),
-    SendReq: (("local_id", "u"), ("conv", "t"), ("client_time", "s"), ("payload", "b")),
+    SendReq: (("local_id", "u"), ("conv", "t"), ("client_time", "s"), ("payload", "b"), ("after_seq", "u")),
     SendAck: (("local_id", "u"), ("code", "u"), ("msg_id", "b"), ("seq", "u"), ("server_time", "u")),
     Push: (("position", "u"), ("messages", "[Message]")),
     PushAck: (("position", "u"),),
@@ -118,6 +126,8 @@ SCHEMA: dict[type, tuple[tuple[str, str], ...]] = {
     ReadReceipt: (("conv", "t"), ("reader", "t"), ("seq", "u")),
     HistoryReq: (("req_id", "u"), ("conv", "t"), ("from_seq", "u"), ("limit", "u"), ("backward", "?")),
     HistoryResp: (("req_id", "u"), ("conv", "t"), ("code", "u"), ("messages", "[Message]"), ("more", "?")),
+    ReadersReq: (("req_id", "u"), ("conv", "t")),
+    ReadersResp: (("req_id", "u"), ("conv", "t"), ("code", "u"), ("readers", "[Reader]")),
     Ping: (("nonce", "u"),),
     Pong: (("nonce", "u"),),
     Error: (("code", "u"), ("ref", "u"), ("reason", "t")),
@@ -125,9 +135,10 @@ SCHEMA: dict[type, tuple[tuple[str, str], ...]] = {
     # nested records: fields only, no header
     Message: _MESSAGE,
     ReadState: _READ_STATE,
+    Reader: (("user", "t"), ("read_seq", "u")),
 }
 
-_RECORDS = (Message, ReadState)
+_RECORDS = (Message, ReadState, Reader)
 _RECORD_BY_KIND = {f"[{rec.__name__}]": rec for rec in _RECORDS}
 
 
@@ -439,7 +450,7 @@ def _parse(buf: bytearray, limit: int, decompress: Optional[Decompress] = None) 
     if avail > n:
         head = buf[n]
         if head >> 4 != PROTOCOL_VERSION:
-            raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {head >> 4} is not supported")
+            raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {head >> 4} is not supported (this side speaks {PROTOCOL_VERSION})")
         # bit 0 (zstd) is valid only once decompression is enabled; bits 1..3
         # are reserved and always malformed
         if head & 0x0F and (head & 0x0E or decompress is None):
