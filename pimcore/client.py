@@ -71,6 +71,7 @@ from .client_session import (
     MessageReceived,
     ReadStateChanged,
     ReceiptReceived,
+    Resynced,
     SendCompleted,
     SendError,
     Sent,
@@ -92,6 +93,7 @@ __all__ = [
     "ReceiptReceived",
     "Connected",
     "Disconnected",
+    "Resynced",
     "Event",
     "ClientError",
     "SendError",
@@ -161,6 +163,8 @@ class Client:
         ssl_context: Optional[ssl.SSLContext] = None,
         clock: Callable[[], int] = _local_clock_us,
         seed: Optional[int] = None,
+        position: int = 0,
+        epoch: bytes = b"",
     ) -> None:
         self.endpoint: Endpoint = parse_url(url)
         self.url = url
@@ -170,7 +174,7 @@ class Client:
         self._ssl = ssl_context
         self._clock = clock
         self._rng = random.Random(seed)
-        self._session = ClientSession(device, config, seed=seed)
+        self._session = ClientSession(device, config, seed=seed, position=position, epoch=epoch)
 
         self._conn: Optional[_Conn] = None
         self._closed = False
@@ -188,6 +192,16 @@ class Client:
     @property
     def user(self) -> str:
         return self._session.user
+
+    @property
+    def epoch(self) -> bytes:
+        """The broker history ``taken_upto`` belongs to (save both to resume)."""
+        return self._session.epoch
+
+    @property
+    def taken_upto(self) -> int:
+        """The highest inbox position the app has taken from :meth:`events`."""
+        return self._session.taken_upto
 
     @property
     def read_states(self) -> dict[str, F.ReadState]:
@@ -617,13 +631,21 @@ async def open_client(
     ssl_context: Optional[ssl.SSLContext] = None,
     clock: Callable[[], int] = _local_clock_us,
     seed: Optional[int] = None,
+    position: int = 0,
+    epoch: bytes = b"",
 ) -> AsyncIterator[Client]:
     """Connect (URL schemes tcp, tls, ws, wss), log in, calibrate the clock;
     keep the connection alive and reconnect while the block runs.
 
+    ``position`` and ``epoch`` resume where an earlier run of this device
+    stopped (its ``taken_upto`` and ``epoch``); from another epoch the broker
+    resynchronizes the client (a :class:`Resynced` event).
+
     Raises :class:`AuthFailed` or :class:`ConnectFailed` if the first
     connection cannot be made."""
-    client = Client(url, token, device, config=config, ssl_context=ssl_context, clock=clock, seed=seed)
+    client = Client(
+        url, token, device, config=config, ssl_context=ssl_context, clock=clock, seed=seed, position=position, epoch=epoch
+    )
     with unwrap_single():
         async with trio.open_nursery() as nursery:
             await nursery.start(client._run)

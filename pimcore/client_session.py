@@ -199,7 +199,24 @@ class Disconnected:
     reason: str
 
 
-Event = Union[MessageReceived, ReadStateChanged, ReceiptReceived, Connected, Disconnected]
+@dataclass(frozen=True, slots=True)
+class Resynced:
+    """The broker did not recognise this device's cursor (LoginAck.resync):
+    its store has another history (``epoch`` differs from ``old_epoch``: an
+    empty or restored store, a power cut under ``durability os``) or it has
+    less than the cursor claimed.  The session dropped every cursor it held
+    -- inbox position, seqs, read markers, the local views -- and delivery
+    restarts at ``position`` of the new history, so every message of that
+    history comes again.  Comes before the Connected of that login.  An app
+    that keeps messages should drop or re-key what it stored under the old
+    epoch (seqs and positions there mean nothing now)."""
+
+    old_epoch: bytes
+    epoch: bytes
+    position: int
+
+
+Event = Union[MessageReceived, ReadStateChanged, ReceiptReceived, Connected, Disconnected, Resynced]
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,13 +317,16 @@ class _Pending:
     """One send until its final answer.  ``raw`` is the encoded SendReq: the
     very same bytes go out on every attempt (same local id, same stamp)."""
 
-    __slots__ = ("local_id", "conv", "payload", "client_time", "raw", "deadline", "sent_at", "attempts")
+    __slots__ = ("local_id", "conv", "payload", "client_time", "after_seq", "raw", "deadline", "sent_at", "attempts")
 
-    def __init__(self, local_id: int, conv: str, payload: bytes, client_time: int, raw: bytes, deadline: int) -> None:
+    def __init__(
+        self, local_id: int, conv: str, payload: bytes, client_time: int, after_seq: int, raw: bytes, deadline: int
+    ) -> None:
         self.local_id = local_id
         self.conv = conv
         self.payload = payload
         self.client_time = client_time
+        self.after_seq = after_seq
         self.raw = raw
         self.deadline = deadline  # session time (µs) of SendTimeout
         self.sent_at: Optional[int] = None  # session time of the last transmission; None = not on the wire
@@ -340,7 +360,21 @@ class ClientSession:
     malformed input ends the connection (see :meth:`receive_data`).
     """
 
-    def __init__(self, device: str, config: ClientConfig = ClientConfig(), *, seed: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        device: str,
+        config: ClientConfig = ClientConfig(),
+        *,
+        seed: Optional[int] = None,
+        position: int = 0,
+        epoch: bytes = b"",
+    ) -> None:
+        """``position`` and ``epoch``: where an earlier run of this device
+        stopped (``taken_upto`` and ``epoch`` saved by the app), so a restarted
+        app resumes instead of taking its whole inbox again.  Raises
+        ValueError for a negative position or a non-bytes epoch."""
+        if type(position) is not int or position < 0 or not isinstance(epoch, bytes):
+            raise ValueError("position must be an int >= 0 and epoch bytes")
         self.device = device
         self.config = config
         self._rng = random.Random(seed)
@@ -401,8 +435,13 @@ class ClientSession:
 
         # -- downstream: (event, inbox position the app has processed once it took it)
         self._events: deque[tuple[Optional[Event], int]] = deque()
-        self._enqueued_upto = 0  # highest inbox position queued for the app
-        self._taken_upto = 0  # highest position the app has taken (what we ack)
+        self._taken_upto = position  # highest position the app has taken (what we ack)
+        self._enqueued_upto = position
+        # The history our positions and seqs belong to (LoginAck.epoch).
+        self._epoch = bytes(epoch)
+        # conv -> highest seq this device has seen (pushed, fetched, or acked
+        # for its own sends): SendReq.after_seq, the causal floor of display.
+        self._seen_seq: dict[str, int] = {}
         self._acked_upto = 0  # highest PushAck sent on (or LoginAck.position of) this connection
         self._ack_at: Optional[int] = None  # session time the batched PushAck is due
 
@@ -556,7 +595,7 @@ class ClientSession:
         for h in self._history.values():
             h.sent_at = None
         self._state = SessionState.AWAITING_LOGIN_ACK
-        self._send(encode_frame(F.Login(bytes(token), self.device, now, self._taken_upto, self._caps)))
+        self._send(encode_frame(F.Login(bytes(token), self.device, now, self._taken_upto, self._caps, self._epoch)))
 
     def connection_lost(self, now: int, reason: Optional[str] = None) -> None:
         """The driver's stream failed or reached EOF.  Queued bytes are
@@ -725,6 +764,9 @@ class ClientSession:
             self._compress = self._zstd[0].compress  # type: ignore[attr-defined]
             assert self._decoder is not None
             self._decoder.enable_decompression(self._zstd[1])
+        if ack.resync:
+            self._resync(ack)
+        self._epoch = ack.epoch
         # Resume: never re-queue what the app already has.
         if ack.position > self._enqueued_upto:
             self._enqueued_upto = ack.position
@@ -735,6 +777,35 @@ class ClientSession:
         self._state = SessionState.CALIBRATING
         self._samples = []
         self._calibrate_next()
+
+    def _resync(self, ack: F.LoginAck) -> None:
+        """The broker's history is not the one our cursors came from (see
+        Resynced): forget every cursor, keep every pending send (they go
+        again with the same local ids and are stored in the new history)."""
+        old = self._epoch
+        # Events already queued keep their content but lose their positions:
+        # acking an old-history position here would be acking something this
+        # broker never pushed.
+        self._events = deque((ev, 0) for ev, _ in self._events if ev is not None)
+        self._enqueued_upto = self._taken_upto = self._acked_upto = ack.position
+        self._ack_at = None
+        self._seen_seq.clear()
+        self._read_wanted.clear()
+        self.read_states.clear()
+        self.receipts.clear()
+        self._views.clear()
+        self._emit(Resynced(old, ack.epoch, ack.position))
+
+    @property
+    def epoch(self) -> bytes:
+        """The history ``taken_upto`` belongs to (LoginAck.epoch; empty before
+        the first login).  Save both to resume after an app restart."""
+        return self._epoch
+
+    @property
+    def taken_upto(self) -> int:
+        """The highest inbox position the app has taken (see epoch)."""
+        return self._taken_upto
 
     def _calibrate_next(self) -> None:
         self._cal_t0 = self._raw_now
@@ -919,10 +990,13 @@ class ClientSession:
         lid = self._new_local_id(now) if local_id is None else local_id
         payload = bytes(payload)
         stamp = max(self._last_stamp + 1, now + self._offset)
-        raw = encode_frame(F.SendReq(lid, conv, stamp, payload))  # raises EncodeError before any state changes
+        # What the user could see when sending: the message must never be
+        # displayed above it (pimcore.order).
+        after = self._seen_seq.get(conv, 0) if type(conv) is str else 0
+        raw = encode_frame(F.SendReq(lid, conv, stamp, payload, after))  # raises EncodeError before any state changes
         self._last_stamp = stamp
         self._last_local_id = max(self._last_local_id, lid)
-        p = _Pending(lid, conv, payload, stamp, raw, deadline)
+        p = _Pending(lid, conv, payload, stamp, after, raw, deadline)
         self._pending[lid] = p
         heapq.heappush(self._timeouts, (deadline, lid))
         self._requeue(p)
@@ -972,7 +1046,12 @@ class ClientSession:
         code = _error_code(f.code)
         if code is ErrorCode.OK:
             self._forget(p)
-            self._remember(F.Message(0, f.msg_id, p.conv, f.seq, self.user, self.device, p.client_time, f.server_time, p.payload))
+            self._remember(
+                F.Message(
+                    0, f.msg_id, p.conv, f.seq, self.user, self.device, p.client_time, f.server_time, p.payload,
+                    F.MessageKind.MESSAGE, p.local_id, min(p.after_seq, max(0, f.seq - 1)),
+                )
+            )
             self._completions.append(SendCompleted(p.local_id, Sent(p.local_id, p.conv, f.msg_id, f.seq, f.server_time, p.client_time), None))
         elif code in FINAL_CODES:
             self._forget(p)
@@ -1106,6 +1185,8 @@ class ClientSession:
     # ------------------------------------------------------------ local view & history
 
     def _remember(self, m: F.Message) -> None:
+        if m.seq > self._seen_seq.get(m.conv, 0):
+            self._seen_seq[m.conv] = m.seq
         view = self._views.setdefault(m.conv, {})
         view[m.msg_id] = m
         if len(view) > self.config.view_limit:

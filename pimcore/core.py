@@ -56,6 +56,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import inspect
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -296,6 +297,7 @@ class BrokerStatistics:
     frames_in: int
     frames_out: int
     logins: int
+    resyncs: int  # logins whose cursor came from another epoch or beyond the head
     auth_failures: int
     protocol_errors: int
     messages_stored: int
@@ -481,7 +483,10 @@ def message_digest(conv: str, payload: bytes) -> bytes:
 
 
 def _to_frame_message(pos: int, m: StoredMessage) -> F.Message:
-    return F.Message(pos, m.msg_id, m.conv, m.seq, m.sender, m.device, m.client_time, m.server_time, m.payload)
+    return F.Message(
+        pos, m.msg_id, m.conv, m.seq, m.sender, m.device, m.client_time, m.server_time, m.payload,
+        m.kind, m.local_id, m.after_seq,
+    )
 
 
 # ---------------------------------------------------------------- the broker
@@ -492,15 +497,35 @@ class Broker:
 
     ``node_id`` (8 bytes) goes into every message id; ``last_server_time``
     (µs) is the highest server time already stored, so a broker restarted on
-    a store never stamps an earlier one.  Both come from the store
-    (``store.node_id()``, ``store.last_server_time()``).
+    a store never stamps an earlier one.  ``epoch`` (16 bytes) names the
+    store's history (:meth:`pimcore.store.Store.epoch`); None makes up a new
+    one, as for a store nobody has seen.  A client cursor from ``epoch`` or
+    one of ``trusted_epochs`` is honoured; any other is resynchronized.  All
+    come from the store (``store.node_id()``, ``store.last_server_time()``,
+    ``store.epoch()``, ``store.epochs()``).
+    Raises ValueError for a node_id that is not 8 bytes or an epoch that is
+    not 16.
     """
 
-    def __init__(self, config: BrokerConfig = BrokerConfig(), *, node_id: bytes, last_server_time: int = 0) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig = BrokerConfig(),
+        *,
+        node_id: bytes,
+        last_server_time: int = 0,
+        epoch: Optional[bytes] = None,
+        trusted_epochs: Iterable[bytes] = (),
+    ) -> None:
         self.config = config
         if not isinstance(node_id, bytes) or len(node_id) != 8:
             raise ValueError("node_id must be 8 bytes")
+        if epoch is None:
+            epoch = os.urandom(16)
+        if not isinstance(epoch, bytes) or len(epoch) != 16:
+            raise ValueError("epoch must be 16 bytes")
         self._node_id = node_id
+        self.epoch = epoch
+        self._trusted_epochs = frozenset(trusted_epochs) | {epoch}
         # Never stamp a time earlier than anything already stored (restart).
         self._clock = HybridClock()
         self._clock.observe(last_server_time)
@@ -543,7 +568,7 @@ class Broker:
 
         self._stats = dict.fromkeys(
             (
-                "frames_in", "frames_out", "logins", "auth_failures", "protocol_errors", "messages_stored",
+                "frames_in", "frames_out", "logins", "resyncs", "auth_failures", "protocol_errors", "messages_stored",
                 "duplicates", "rejected", "batches", "batch_failures", "pushes", "reclaimed_entries", "reads",
                 "read_failures",
             ),
@@ -1053,13 +1078,26 @@ class Broker:
             if old_conn is not None:
                 self._close(old_conn, CloseCode.REPLACED, "the same device logged in again", out)
 
-        # Resume point: the furthest of what the client says it processed and
-        # what the store knows it acked, never below what was reclaimed, never
-        # beyond what exists.  The head may have grown since the read (a batch
+        # Resume point.  The head may have grown since the read (a batch
         # committed meanwhile): _heads followed it.
         head = max(loaded.head, self._heads.get(user, 0))
         floor = loaded.floor
-        known = max(f.position, loaded.position, self._acks_unsaved.get((user, device), 0))
+        stored = max(loaded.position, self._acks_unsaved.get((user, device), 0))
+        # The client's cursor means something only in this store's history.
+        # From another epoch (a restored backup, an empty store, a power cut
+        # under durability "os"), without any epoch, or beyond everything
+        # this store ever handed out, it is ignored and the client is told to
+        # resynchronize: trusting it would mark entries it never saw as
+        # delivered (they would show only in history and unread counts).
+        resync = f.position > 0 and (f.epoch not in self._trusted_epochs or f.position > head)
+        if resync:
+            self._stats["resyncs"] += 1
+        # A resynchronized client starts over: it dropped everything it held,
+        # so it gets every entry the store still has for the user (from the
+        # floor; ``gap`` if some were reclaimed).  Otherwise resume after the
+        # furthest of what the client processed and what the store knows it
+        # acked (a lazily saved ack may have been lost).
+        known = 0 if resync else max(f.position, stored)
         gap = floor > known
         position = min(max(known, floor), head)
 
@@ -1071,7 +1109,10 @@ class Broker:
         dev = _Device(c.id, user, device, position)
         self._online.setdefault(user, {})[device] = dev
         self._heads[user] = head
-        self._propose(TouchDevice(user, device, position, now), None)
+        # Registers the device and refreshes last_seen.  Position 0: the store
+        # records only positions acked after a push (never a client's claim),
+        # so a claim cannot mark undelivered entries as delivered.
+        self._propose(TouchDevice(user, device, 0, now), None)
         self._stats["logins"] += 1
         if self.config.idle_timeout:
             self._arm(c.last_seen + self.config.idle_timeout, _IDLE_DUE, c.id)
@@ -1097,6 +1138,8 @@ class Broker:
                 window=lim.window,
                 heartbeat_ms=lim.heartbeat_ms,
                 caps=caps,
+                epoch=self.epoch,
+                resync=resync,
             ),
             out,
         )
@@ -1203,7 +1246,7 @@ class Broker:
             return
         server_time = self._clock.tick(now)
         msg_id = server_time.to_bytes(8, "big") + self._node_id
-        op = NewMessage(msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest)
+        op = NewMessage(msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest, f.after_seq)
         ctx = _PendingSend(key, digest, c.id)
         self._pending_sends[key] = ctx
         self._propose(op, ctx)
@@ -1221,7 +1264,10 @@ class Broker:
                     if user in online:
                         to_pump.add(user)
                         # The Push entry as the store would give it back.
-                        m = F.Message(pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time, res.server_time, op.payload)
+                        m = F.Message(
+                            pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time,
+                            res.server_time, op.payload, 0, op.local_id, res.after_seq,
+                        )
                         fresh.setdefault(user, []).append((pos, m))
         elif isinstance(res, Duplicate):
             self._stats["duplicates"] += 1

@@ -136,8 +136,9 @@ class LoginAck:
     ``resync`` is true when the client's Login position was ignored because it
     came from another epoch or lay beyond ``head``: the client must drop every
     cursor it holds (inbox position, last seqs, read markers it has not had
-    confirmed) and rebuild them from this session; delivery starts after
-    ``position``, the device's position in this store.
+    confirmed) and rebuild them from this session; delivery starts over
+    from the user's inbox floor (``position``; ``gap`` if entries were
+    already reclaimed), so the client gets every entry this store holds.
     """
 
     TYPE: ClassVar[FrameType] = FrameType.LOGIN_ACK

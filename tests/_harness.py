@@ -87,6 +87,8 @@ class Harness:
         self.store = store
         kw.setdefault("node_id", store.node_id())
         kw.setdefault("last_server_time", store.last_server_time())
+        kw.setdefault("epoch", store.epoch())
+        kw.setdefault("trusted_epochs", store.epochs())
         self.broker = Broker(config or BrokerConfig(), **kw)
         self.driver = driver or DRIVER
         if self.driver not in ("inline", "latency"):
@@ -282,9 +284,14 @@ class Harness:
     def feed_bytes(self, conn: int, data: bytes) -> None:
         self.run(self.broker.receive_data(conn, data, self.now))
 
-    def login(self, user: str, device: str, position: int = 0, token: Optional[bytes] = None) -> int:
+    def login(
+        self, user: str, device: str, position: int = 0, token: Optional[bytes] = None, epoch: Optional[bytes] = None
+    ) -> int:
+        """Log ``device`` in with resume cursor ``position`` from ``epoch``
+        (default: the broker's, as a client that was here before)."""
         conn = self.open()
-        self.feed(conn, F.Login(token if token is not None else user.encode(), device, self.now, position, 0))
+        epoch = self.broker.epoch if epoch is None else epoch
+        self.feed(conn, F.Login(token if token is not None else user.encode(), device, self.now, position, 0, epoch))
         return conn
 
     def lose(self, conn: int) -> None:

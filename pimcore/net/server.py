@@ -229,7 +229,13 @@ class BrokerServer:
         # when the server runs (run() awaits it before listening).
         self.broker: Broker = None  # type: ignore[assignment]
         if not isinstance(store, AsyncStore):
-            self.broker = Broker(config.broker, node_id=node_id or store.node_id(), last_server_time=store.last_server_time())
+            self.broker = Broker(
+                config.broker,
+                node_id=node_id or store.node_id(),
+                last_server_time=store.last_server_time(),
+                epoch=store.epoch(),
+                trusted_epochs=store.epochs(),
+            )
         self._authenticate = authenticate
         self._auth_is_async = inspect.iscoroutinefunction(authenticate) or inspect.iscoroutinefunction(
             getattr(authenticate, "__call__", None)
@@ -317,7 +323,13 @@ class BrokerServer:
         if self.broker is None:
             store: AsyncStore = self.store  # type: ignore[assignment]
             node_id = self._node_id or await store.node_id()
-            self.broker = Broker(self.config.broker, node_id=node_id, last_server_time=await store.last_server_time())
+            self.broker = Broker(
+                self.config.broker,
+                node_id=node_id,
+                last_server_time=await store.last_server_time(),
+                epoch=await store.epoch(),
+                trusted_epochs=await store.epochs(),
+            )
         async with trio.open_nursery() as nursery:
             self._tasks = nursery
             while self._later:

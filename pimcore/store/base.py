@@ -122,6 +122,12 @@ class StoredMessage:
     client_time: int
     server_time: int
     payload: bytes
+    #: frames.MessageKind (0 = a client's message).
+    kind: int = 0
+    #: The highest seq of ``conv`` the sender's device had seen when it sent
+    #: this (SendReq.after_seq), clamped below ``seq``: display order keeps
+    #: the message below those (see pimcore.order).
+    after_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +174,9 @@ class NewMessage:
     server_time: int
     payload: bytes
     digest: bytes  # identifies (conv, payload) for conflict detection
+    #: SendReq.after_seq; the store clamps it to the conversation's last seq
+    #: before this message (a client cannot claim to have seen the future).
+    after_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +361,8 @@ class Appended:
     server_time: int
     #: (user, inbox position) for every recipient, sender included.
     positions: tuple[tuple[str, int], ...]
+    #: NewMessage.after_seq as stored (clamped below ``seq``).
+    after_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,6 +478,23 @@ class Store(ABC):
     @abstractmethod
     def node_id(self) -> bytes:
         """8 random bytes chosen when the store was created, then fixed."""
+
+    @abstractmethod
+    def epoch(self) -> bytes:
+        """16 bytes naming this store's history as of now (LoginAck.epoch).
+
+        A client's inbox position (and the seqs and read markers it holds)
+        is trusted only if it comes with an epoch in :meth:`epochs`; any
+        other cursor -- from an empty store, from a store that later went
+        back in time (a restored copy, a power cut without fsync) -- makes
+        the client resynchronize (LoginAck.resync).  A store must never
+        keep an epoch trusted while it may have lost something acknowledged
+        under it; a new epoch per open is the simple way (LMDB, memory)."""
+
+    @abstractmethod
+    def epochs(self) -> tuple[bytes, ...]:
+        """Every epoch whose cursors this store still vouches for, oldest
+        first; :meth:`epoch` is the last."""
 
     @abstractmethod
     def last_server_time(self) -> int:
@@ -742,6 +770,14 @@ class AsyncStore(ABC):
     @abstractmethod
     async def node_id(self) -> bytes:
         """8 bytes fixed when the store was created (see :meth:`Store.node_id`)."""
+
+    @abstractmethod
+    async def epoch(self) -> bytes:
+        """See :meth:`Store.epoch`."""
+
+    @abstractmethod
+    async def epochs(self) -> tuple[bytes, ...]:
+        """See :meth:`Store.epochs`."""
 
     @abstractmethod
     async def last_server_time(self) -> int:

@@ -70,6 +70,10 @@ sub-db      key                                value
 meta        ``b"node"``                        8 random bytes, created once
 meta        ``b"schema"``                      U64 schema version (:data:`SCHEMA_VERSION`)
 meta        ``b"hwm"``                         U64 highest server time ever stored
+meta        ``b"epoch"``                       16 random bytes: the current epoch
+meta        ``b"epochs"``                      every trusted epoch, 16 bytes each
+meta        ``b"osrun"``                       boot id + epoch of a ``durability="os"``
+                                               run not closed cleanly (else absent)
 msgs        msg_id (16 bytes)                  message record (below)
 convs       T(conv)                            U64 last seq
 convidx     T(conv) U64(seq)                   msg_id + sender (ASCII)
@@ -88,9 +92,29 @@ loading messages; the server time in ``inbox`` lets :class:`Reclaim` apply
 ``max_age`` without loading messages; seq and server time in ``dedupe`` let a
 retry be answered with one lookup.
 
-Message record: ``U64 seq, U64 local_id, I64 client_time, I64 server_time``
-(struct ``>QQqq``), then ``T(conv) T(sender) T(device)``, then the payload to
-the end of the value.  Fixed-width integers cost a few bytes over varints but
+Message record: ``U64 seq, U64 local_id, I64 client_time, I64 server_time,
+U64 after_seq, U8 kind`` (struct ``>QQqqQB``), then ``T(conv) T(sender)
+T(device)``, then the payload to the end of the value.  (Schema 1 had no
+after_seq and kind; opening a schema 1 store rewrites its records once.)
+
+Epochs
+------
+Every open takes a new epoch and appends it to the trusted list; a client
+cursor is honoured only if its epoch is on the list (``Store.epochs``).  So
+a copy of the data directory made while the broker was stopped and later
+restored knows only the epochs up to the copy: cursors handed out after it
+carry an epoch the restored store never had, and those clients
+resynchronize, even if new messages have since refilled the same positions.
+
+An epoch whose run may have lost acknowledged commits is struck off the
+list.  A ``durability="os"`` run writes the machine's boot id and its epoch
+under ``b"osrun"`` when it opens the store and removes it when it closes
+cleanly.  An open that finds a boot id from ANOTHER boot knows the machine
+went down (power cut, OS crash) while unsynced commits were only in the
+page cache: that run's epoch is distrusted.  The same boot id means only the
+process died: the page cache kept every commit.  ``durability="sync"`` runs
+never lose a commit and leave no mark.  The rule assumes one ``os`` writer
+process at a time (the broker).  Fixed-width integers cost a few bytes over varints but
 decode in one ``unpack_from`` call, which matters more in Python.
 """
 
@@ -147,7 +171,7 @@ from .base import (
 
 __all__ = ["LmdbStore", "SCHEMA_VERSION", "DURABILITY_MODES"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DURABILITY_MODES = ("sync", "os")
 
 #: The sub-databases, in the order they are opened.
@@ -174,7 +198,8 @@ _HEAD_FLOOR = struct.Struct(">QQ")
 _DEVICE = struct.Struct(">Qq")
 _INBOX = struct.Struct(">16sq")
 _DEDUPE = struct.Struct(">16sQq")
-_RECORD = struct.Struct(">QQqq")
+_RECORD = struct.Struct(">QQqqQB")
+_RECORD_V1 = struct.Struct(">QQqq")
 
 _MEMBER = 1
 _HAS_MESSAGES = 2
@@ -218,10 +243,10 @@ def _take_t(buf: bytes, off: int) -> tuple[str, int]:
     return buf[off + 1 : end].decode("ascii"), end
 
 
-def _encode_record(seq: int, op: NewMessage) -> bytes:
+def _encode_record(seq: int, op: NewMessage, after_seq: int, kind: int = 0) -> bytes:
     return b"".join(
         (
-            _RECORD.pack(seq, op.local_id, op.client_time, op.server_time),
+            _RECORD.pack(seq, op.local_id, op.client_time, op.server_time, after_seq, kind),
             _t(op.conv),
             _t(op.sender),
             _t(op.device),
@@ -231,7 +256,7 @@ def _encode_record(seq: int, op: NewMessage) -> bytes:
 
 
 def _decode_record(msg_id: bytes, buf: bytes) -> StoredMessage:
-    seq, local_id, client_time, server_time = _RECORD.unpack_from(buf)
+    seq, local_id, client_time, server_time, after_seq, kind = _RECORD.unpack_from(buf)
     conv, off = _take_t(buf, _RECORD.size)
     sender, off = _take_t(buf, off)
     device, off = _take_t(buf, off)
@@ -245,7 +270,19 @@ def _decode_record(msg_id: bytes, buf: bytes) -> StoredMessage:
         client_time=client_time,
         server_time=server_time,
         payload=buf[off:],
+        kind=kind,
+        after_seq=after_seq,
     )
+
+
+def _boot_id() -> Optional[bytes]:
+    """This boot of the machine (Linux), or None where it cannot be known --
+    then any unclean ``os`` run counts as a possible loss."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def _abort(txn: _Txn) -> None:
@@ -545,7 +582,9 @@ class LmdbStore(Store):
         ) = dbs
         self._env = env
         try:
-            self._node: bytes = self._write(lambda txn: self._init_meta(txn, create))
+            self._node, self._epoch, self._epochs = self._write(lambda txn: self._init_meta(txn, create))
+            if self._durability == "os":
+                env.sync(True)  # the osrun mark must be on disk before any unsynced commit
         except BaseException:
             self.close()
             raise
@@ -559,7 +598,9 @@ class LmdbStore(Store):
             except lmdb.MapFullError:
                 self._grow(env)
 
-    def _init_meta(self, txn: _Txn, create: bool) -> bytes:
+    def _init_meta(self, txn: _Txn, create: bool) -> tuple[bytes, bytes, tuple[bytes, ...]]:
+        """(node id, epoch, trusted epochs), creating or migrating as needed,
+        with a new epoch for this open (module docstring, Epochs)."""
         node = txn.get(b"node", db=self._meta)
         if node is None:
             if not create:
@@ -568,12 +609,43 @@ class LmdbStore(Store):
             txn.put(b"node", node, db=self._meta)
             txn.put(b"schema", _U64.pack(SCHEMA_VERSION), db=self._meta)
             txn.put(b"hwm", _U64.pack(0), db=self._meta)
-            return node
-        raw = txn.get(b"schema", db=self._meta)
-        version = _U64.unpack(raw)[0] if raw is not None else None
-        if version != SCHEMA_VERSION:
-            raise StoreError(f"store schema version {version}, this code reads {SCHEMA_VERSION}")
-        return node
+        else:
+            raw = txn.get(b"schema", db=self._meta)
+            version = _U64.unpack(raw)[0] if raw is not None else None
+            if version == 1:
+                self._migrate_1_to_2(txn)
+            elif version != SCHEMA_VERSION:
+                raise StoreError(f"store schema version {version}, this code reads {SCHEMA_VERSION}")
+        raw = txn.get(b"epochs", db=self._meta) or b""
+        trusted = [bytes(raw[i : i + 16]) for i in range(0, len(raw), 16)]
+        boot = _boot_id() or b"?"
+        mark = txn.get(b"osrun", db=self._meta)
+        if mark is not None:
+            mark_boot, mark_epoch = bytes(mark[:-16]), bytes(mark[-16:])
+            if mark_boot != boot or boot == b"?":
+                # An os-durability run ended with the machine: commits it
+                # acknowledged may be gone, so its cursors are not trusted.
+                trusted = [e for e in trusted if e != mark_epoch]
+            txn.delete(b"osrun", db=self._meta)
+        epoch = os.urandom(16)
+        trusted.append(epoch)
+        txn.put(b"epoch", epoch, db=self._meta)
+        txn.put(b"epochs", b"".join(trusted), db=self._meta)
+        if self._durability == "os":
+            txn.put(b"osrun", boot + epoch, db=self._meta)
+        return node, epoch, tuple(trusted)
+
+    def _migrate_1_to_2(self, txn: _Txn) -> None:
+        """Schema 1 -> 2: message records gain after_seq (0: unknown) and
+        kind (MESSAGE).  One transaction: a crash leaves schema 1 intact."""
+        cur = txn.cursor(db=self._msgs)
+        updates = []
+        for key, val in cur:
+            seq, local_id, client_time, server_time = _RECORD_V1.unpack_from(val)
+            updates.append((key, _RECORD.pack(seq, local_id, client_time, server_time, 0, 0) + val[_RECORD_V1.size :]))
+        for key, val in updates:
+            txn.put(key, val, db=self._msgs)
+        txn.put(b"schema", _U64.pack(SCHEMA_VERSION), db=self._meta)
 
     def _grow(self, env: lmdb.Environment) -> None:
         """Double the map.  Caller holds the write lock (or is __init__), so
@@ -739,6 +811,16 @@ class LmdbStore(Store):
             raise StoreError("store is closed")
         return self._node
 
+    def epoch(self) -> bytes:
+        if self._env is None:
+            raise StoreError("store is closed")
+        return self._epoch
+
+    def epochs(self) -> tuple[bytes, ...]:
+        if self._env is None:
+            raise StoreError("store is closed")
+        return self._epochs
+
     def last_server_time(self) -> int:
         with self._read() as txn:
             return _U64.unpack(txn.get(b"hwm", db=self._meta))[0]
@@ -843,7 +925,8 @@ class LmdbStore(Store):
         # Inside the write transaction nobody else can take this seq: the
         # conversation stays gap-free and strictly increasing.
         seq = w.last_seq(ck) + 1
-        if not txn.put(op.msg_id, _encode_record(seq, op), db=self._msgs, overwrite=False):
+        after_seq = min(op.after_seq, seq - 1)
+        if not txn.put(op.msg_id, _encode_record(seq, op, after_seq), db=self._msgs, overwrite=False):
             return Rejected(ErrorCode.INTERNAL)  # msg_id reused: nothing written yet
         w.set_last_seq(ck, seq)
         txn.put(ck + _U64.pack(seq), op.msg_id + op.sender.encode("ascii"), db=self._convidx)
@@ -856,7 +939,7 @@ class LmdbStore(Store):
                 self._flag(txn, uk + ck, _HAS_MESSAGES, True)
             conv.flagged = True
         txn.put(dkey, _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest, db=self._dedupe)
-        return Appended(op.msg_id, seq, op.server_time, positions)
+        return Appended(op.msg_id, seq, op.server_time, positions, after_seq)
 
     def _register(self, w: _Batch, user: str, device: str, position: int, now: int) -> tuple[int, bool]:
         """Shared by Touch and Ack: create at the floor if unknown, move
@@ -1191,6 +1274,16 @@ class LmdbStore(Store):
             with self._gate.exclusive():
                 self._env = None
                 self._hot = None
+                if self._durability == "os":
+                    # A clean end: everything to disk, then drop the mark
+                    # (synced), so the next boot does not take a new epoch.
+                    try:
+                        env.sync(True)
+                        with env.begin(write=True) as txn:
+                            txn.delete(b"osrun", db=self._meta)
+                        env.sync(True)
+                    except lmdb.Error:
+                        pass  # the mark stays: the next open re-epochs, safely
                 env.close()
 
     def __repr__(self) -> str:

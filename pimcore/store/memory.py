@@ -67,6 +67,8 @@ class MemoryStore(Store):
         if node_id is not None and (not isinstance(node_id, bytes) or len(node_id) != 8):
             raise ValueError("node_id must be 8 bytes")
         self._node = node_id if node_id is not None else os.urandom(8)
+        # Nothing survives this object, so every instance is a new history.
+        self._epoch = os.urandom(16)
         self._lock = threading.RLock()
         self._closed = False
         #: (table, key, previous value or _MISSING) per mutation, while a
@@ -150,6 +152,16 @@ class MemoryStore(Store):
             self._check_open()
             return self._node
 
+    def epoch(self) -> bytes:
+        with self._lock:
+            self._check_open()
+            return self._epoch
+
+    def epochs(self) -> tuple[bytes, ...]:
+        with self._lock:
+            self._check_open()
+            return (self._epoch,)
+
     def last_server_time(self) -> int:
         with self._lock:
             self._check_open()
@@ -199,6 +211,7 @@ class MemoryStore(Store):
             return Rejected(ErrorCode.INTERNAL)
 
         seq = self._conv_last.get(op.conv, 0) + 1
+        after_seq = min(op.after_seq, seq - 1)
         self._set(self._conv_last, op.conv, seq)
         self._set(self._conv_seq, (op.conv, seq), op.msg_id)
         self._set(
@@ -214,6 +227,7 @@ class MemoryStore(Store):
                 client_time=op.client_time,
                 server_time=op.server_time,
                 payload=op.payload,
+                after_seq=after_seq,
             ),
         )
         positions = []
@@ -226,7 +240,7 @@ class MemoryStore(Store):
         self._set(self._dedupe, key, (op.msg_id, seq, op.server_time, op.digest))
         if op.server_time > self._hwm["server_time"]:
             self._set(self._hwm, "server_time", op.server_time)
-        return Appended(op.msg_id, seq, op.server_time, tuple(positions))
+        return Appended(op.msg_id, seq, op.server_time, tuple(positions), after_seq)
 
     def _register(self, user: str, device: str, position: int, now: int) -> tuple[DeviceState, bool]:
         """Shared by Touch and Ack: create at the floor if unknown, move

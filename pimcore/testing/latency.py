@@ -66,6 +66,12 @@ class LatencyStore(AsyncStore):
     async def node_id(self) -> bytes:
         return self.inner.node_id()
 
+    async def epoch(self) -> bytes:
+        return self.inner.epoch()
+
+    async def epochs(self) -> tuple[bytes, ...]:
+        return self.inner.epochs()
+
     async def last_server_time(self) -> int:
         return self.inner.last_server_time()
 

@@ -1,0 +1,359 @@
+"""A store that goes back in time loses nothing silently (the epoch).
+
+The issue's input: bob's phone has received 5 messages; the broker is killed,
+its store replaced by an empty one (same secret), restarted; alice sends 3.
+Before the epoch, the SDK acked position 5, was closed with PROTOCOL_ERROR
+("PushAck(5) beyond what was pushed (3)") and reconnected about 11 times,
+and each login stored its claimed position, so the 3 messages counted as
+delivered and even a new SDK object for bob/phone got none of them.
+
+Siblings tested here: a cursor from another epoch, a cursor beyond the head
+in the same epoch, a restored cold copy of the data directory refilled with
+new messages before the client comes back, a power cut under
+``durability="os"`` (simulated by the boot id), a process crash under
+``os`` (must NOT resynchronize), and the SDK's side (sans-IO and end to end
+through the real ``pimcore serve``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+
+from pimcore import frames as F
+from pimcore.auth import issue_token
+from pimcore.client import ClientConfig, Connected, Disconnected, MessageReceived, Resynced, open_client
+from pimcore.client_session import ClientSession
+from pimcore.codec import Decoder, encode_frame
+from pimcore.errors import CloseCode
+from pimcore.store import LmdbStore, MemoryStore, direct_conversation
+from pimcore.store import lmdb as lmdb_store
+
+from _harness import T0, Harness, store_driver  # noqa: F401
+from _proc import ProcGroup, free_port, procs  # noqa: F401
+
+AB = direct_conversation("alice", "bob")
+OTHER_EPOCH = b"\x01" * 16
+
+
+@pytest.fixture(params=["memory", "lmdb"])
+def store(request, tmp_path):
+    s = MemoryStore() if request.param == "memory" else LmdbStore(str(tmp_path / "db"))
+    yield s
+    s.close()
+
+
+def _ack(h: Harness, conn: int) -> F.LoginAck:
+    [ack] = h.take(conn, F.LoginAck)
+    return ack
+
+
+# ---------------------------------------------------------------- the core
+
+
+def test_login_ack_names_the_epoch(store, store_driver):
+    h = Harness(store, driver=store_driver)
+    ack = _ack(h, h.login("bob", "phone"))
+    assert ack.epoch == store.epoch() and len(ack.epoch) == 16 and not ack.resync
+
+
+def test_a_cursor_from_another_epoch_is_resynchronized_and_never_stored(store, store_driver):
+    # The issue's input at the core: a device that had position 5 in some
+    # other history logs in to a store that has nothing for it yet.
+    h = Harness(store, driver=store_driver)
+    bob = h.login("bob", "phone", position=5, epoch=OTHER_EPOCH)
+    ack = _ack(h, bob)
+    assert (ack.resync, ack.position, ack.head) == (True, 0, 0)
+    h.lose(bob)
+    alice = h.login("alice", "phone")
+    for i in range(3):
+        h.send(alice, AB, b"m%d" % i)
+    # The claim was not stored: the device's position is still 0, so a fresh
+    # SDK object (no cursor) gets all three...
+    assert store.device("bob", "phone").position == 0
+    fresh = h.login("bob", "phone")
+    assert not _ack(h, fresh).resync
+    assert [m.payload for m in h.pushed(fresh)] == [b"m0", b"m1", b"m2"]
+    assert h.broker.statistics().resyncs == 1
+
+
+def test_a_cursor_without_an_epoch_is_resynchronized(store, store_driver):
+    h = Harness(store, driver=store_driver)
+    alice = h.login("alice", "phone")
+    for i in range(4):
+        h.send(alice, AB, b"m%d" % i)
+    bob = h.login("bob", "phone", position=2, epoch=b"")
+    ack = _ack(h, bob)
+    assert ack.resync and ack.position == 0
+    assert [m.payload for m in h.pushed(bob)] == [b"m0", b"m1", b"m2", b"m3"]
+
+
+def test_a_cursor_beyond_the_head_in_the_same_epoch_is_resynchronized(store, store_driver):
+    # Same epoch, but the store has less than the client saw (a store that
+    # went back in time without anyone noticing): do not trust it.
+    h = Harness(store, driver=store_driver)
+    alice = h.login("alice", "phone")
+    h.send(alice, AB, b"only one")
+    bob = h.login("bob", "phone", position=5)
+    ack = _ack(h, bob)
+    assert (ack.resync, ack.position, ack.head) == (True, 0, 1)
+    assert [m.payload for m in h.pushed(bob)] == [b"only one"]
+
+
+def test_a_trusted_cursor_resumes_but_only_acks_move_the_stored_position(store, store_driver):
+    h = Harness(store, driver=store_driver)
+    alice = h.login("alice", "phone")
+    for i in range(4):
+        h.send(alice, AB, b"m%d" % i)
+    bob = h.login("bob", "phone", position=3)
+    ack = _ack(h, bob)
+    assert (ack.resync, ack.position) == (False, 3)
+    assert [m.payload for m in h.pushed(bob)] == [b"m3"]
+    # The claim resumed delivery; what the store records is what was acked.
+    assert store.device("bob", "phone").position == 0
+    h.feed(bob, F.PushAck(4))
+    h.lose(bob)  # flushes the lazily saved ack
+    assert store.device("bob", "phone").position == 4
+
+
+# ---------------------------------------------------------------- the LMDB store
+
+
+def test_every_open_takes_a_new_epoch_and_trusts_the_earlier_ones(tmp_path):
+    path = str(tmp_path / "db")
+    seen = []
+    for _ in range(3):
+        s = LmdbStore(path)
+        seen.append(s.epoch())
+        assert s.epochs() == tuple(seen)
+        s.close()
+    assert len(set(seen)) == 3
+
+
+def test_a_restored_cold_copy_does_not_trust_cursors_handed_out_after_it(tmp_path, store_driver):
+    live, backup = tmp_path / "live", tmp_path / "backup"
+    s = LmdbStore(str(live))
+    h = Harness(s, driver=store_driver)
+    alice = h.login("alice", "phone")
+    bob = h.login("bob", "phone")
+    for i in range(2):
+        h.send(alice, AB, b"old%d" % i)
+    old_epoch = _ack(h, bob).epoch
+    assert len(h.drain_device(bob)) == 2
+    s.close()
+    shutil.copytree(live, backup)  # a cold backup: the broker is stopped
+
+    s = LmdbStore(str(live))  # the broker runs on, hands out more positions
+    h = Harness(s, driver=store_driver)
+    alice = h.login("alice", "laptop")  # (the harness's local ids start at 1 again)
+    bob = h.login("bob", "phone", position=2, epoch=old_epoch)
+    later_epoch = _ack(h, bob).epoch
+    for i in range(3):
+        h.send(alice, AB, b"lost%d" % i)
+    assert len(h.drain_device(bob)) == 3  # bob's cursor: 5, in later_epoch
+    s.close()
+
+    restored = LmdbStore(str(backup))  # disaster: the live store is gone
+    assert old_epoch in restored.epochs() and later_epoch not in restored.epochs()
+    h = Harness(restored, driver=store_driver)
+    alice = h.login("alice", "tablet")
+    for i in range(3):  # positions 3..5 are refilled before bob is back
+        h.send(alice, AB, b"new%d" % i)
+    bob = h.login("bob", "phone", position=5, epoch=later_epoch)
+    ack = _ack(h, bob)
+    assert ack.resync
+    assert [m.payload for m in h.pushed(bob)] == [b"old0", b"old1", b"new0", b"new1", b"new2"]
+    # A cursor from before the copy is still good there.
+    carol_like = h.login("bob", "tablet", position=2, epoch=old_epoch)
+    assert not _ack(h, carol_like).resync
+    restored.close()
+
+
+def _crash_copy(src: Path, dst: Path) -> None:
+    """The files of an open environment as a crash would leave them (LMDB
+    never tears a transaction; a copy taken between commits is what a
+    SIGKILL leaves on disk)."""
+    shutil.copytree(src, dst)
+
+
+def test_a_power_cut_under_os_durability_distrusts_that_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(lmdb_store, "_boot_id", lambda: b"boot-1")
+    s = LmdbStore(str(tmp_path / "db"), durability="os")
+    run_epoch = s.epoch()
+    _crash_copy(tmp_path / "db", tmp_path / "after-power-cut")
+    _crash_copy(tmp_path / "db", tmp_path / "after-process-crash")
+    s.close()
+    # The machine rebooted: unsynced commits of that run may be gone.
+    monkeypatch.setattr(lmdb_store, "_boot_id", lambda: b"boot-2")
+    cut = LmdbStore(str(tmp_path / "after-power-cut"))
+    assert run_epoch not in cut.epochs()
+    cut.close()
+    # Only the process died (same boot): the page cache kept every commit.
+    monkeypatch.setattr(lmdb_store, "_boot_id", lambda: b"boot-1")
+    crash = LmdbStore(str(tmp_path / "after-process-crash"))
+    assert run_epoch in crash.epochs()
+    crash.close()
+
+
+def test_a_clean_close_under_os_durability_survives_a_reboot(tmp_path, monkeypatch):
+    monkeypatch.setattr(lmdb_store, "_boot_id", lambda: b"boot-1")
+    s = LmdbStore(str(tmp_path / "db"), durability="os")
+    run_epoch = s.epoch()
+    s.close()
+    monkeypatch.setattr(lmdb_store, "_boot_id", lambda: b"boot-2")
+    again = LmdbStore(str(tmp_path / "db"), durability="os")
+    assert run_epoch in again.epochs()
+    again.close()
+
+
+def test_sync_durability_never_distrusts_a_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(lmdb_store, "_boot_id", lambda: b"boot-1")
+    s = LmdbStore(str(tmp_path / "db"))
+    run_epoch = s.epoch()
+    _crash_copy(tmp_path / "db", tmp_path / "crashed")
+    s.close()
+    monkeypatch.setattr(lmdb_store, "_boot_id", lambda: b"boot-2")
+    crashed = LmdbStore(str(tmp_path / "crashed"))
+    assert run_epoch in crashed.epochs()
+    crashed.close()
+
+
+# ---------------------------------------------------------------- the SDK (sans-IO)
+
+
+def _login_ack(epoch: bytes, position: int, head: int, resync: bool) -> bytes:
+    return encode_frame(F.LoginAck("bob", "phone", T0, position, head, False, 1 << 20, 1 << 16, 8, 0, 0, epoch, resync))
+
+
+def _frames(data: bytes) -> list:
+    dec = Decoder()
+    dec.feed(data)
+    return list(dec)
+
+
+def _calibrate(s: ClientSession, now: int) -> list:
+    """Answer the session's CalibrateReq (it is ACTIVE after one sample);
+    returns the other frames it had sent."""
+    frames = _frames(s.data_to_send())
+    [req] = [f for f in frames if isinstance(f, F.CalibrateReq)]
+    s.receive_data(encode_frame(F.CalibrateResp(req.client_time, now)), now)
+    return [f for f in frames if not isinstance(f, F.CalibrateReq)]
+
+
+def test_the_sdk_resets_its_cursors_on_resync_and_acks_only_what_it_was_pushed():
+    s = ClientSession("phone", ClientConfig(time_samples=1, ack_delay=0))
+    s.connection_made(T0, b"tok")
+    assert _frames(s.data_to_send())[0].epoch == b""
+    e1 = b"\x0a" * 16
+    s.receive_data(_login_ack(e1, 0, 5, False), T0)
+    _calibrate(s, T0)
+    msgs = tuple(F.Message(i, bytes(16), AB, i, "alice", "p", T0, T0 + i, b"x", 0, i, i - 1) for i in range(1, 6))
+    s.receive_data(encode_frame(F.Push(5, msgs)), T0)
+    while s.next_event(T0 + 5) is not None:
+        pass
+    assert s.taken_upto == 5 and s.epoch == e1
+    s.connection_lost(T0)
+
+    s.connection_made(T0 + 1, b"tok")
+    login = next(f for f in _frames(s.data_to_send()) if isinstance(f, F.Login))
+    assert (login.position, login.epoch) == (5, e1)
+    e2 = b"\x0b" * 16
+    s.receive_data(_login_ack(e2, 0, 3, True), T0 + 2)
+    sent = _calibrate(s, T0 + 2)
+    events = []
+    while (ev := s.next_event(T0 + 2)) is not None:
+        events.append(ev)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["Disconnected", "Resynced", "Connected"], kinds
+    assert events[1] == Resynced(e1, e2, 0)
+    assert s.taken_upto == 0 and s.epoch == e2 and s.view(AB) == []
+    sent += _frames(s.data_to_send())
+    assert not [f for f in sent if isinstance(f, F.PushAck)]
+    new = tuple(F.Message(i, bytes([i]) * 16, AB, i, "alice", "p", T0, T0 + i, b"n", 0, i, i - 1) for i in range(1, 4))
+    s.receive_data(encode_frame(F.Push(3, new)), T0 + 3)
+    while s.next_event(T0 + 5) is not None:
+        pass
+    s.handle_timer(T0 + 4)
+    acks = [f for f in _frames(s.data_to_send()) if isinstance(f, F.PushAck)]
+    assert acks and acks[-1].position == 3
+
+
+def test_an_sdk_restarted_with_a_saved_cursor_resumes_in_the_same_epoch():
+    e1 = b"\x0c" * 16
+    s = ClientSession("phone", ClientConfig(time_samples=0), position=7, epoch=e1)
+    s.connection_made(T0, b"tok")
+    login = next(f for f in _frames(s.data_to_send()) if isinstance(f, F.Login))
+    assert (login.position, login.epoch) == (7, e1)
+    with pytest.raises(ValueError):
+        ClientSession("phone", position=-1)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+CONFIG = ClientConfig(ack_timeout=1.0, send_timeout=30.0, connect_timeout=5.0, backoff_initial=0.05, backoff_max=0.3)
+
+
+async def test_the_issue_input_through_the_sdk_and_pimcore_serve(tmp_path: Path, procs: ProcGroup) -> None:
+    data = tmp_path / "data"
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+
+    def start():
+        return procs.serve("--listen", url, "--data-dir", data)
+
+    server = await trio.to_thread.run_sync(start)
+    secret = (data / "secret").read_text().strip()
+    events: list = []
+    got = trio.Event()
+    with trio.fail_after(60):
+        async with open_client(url, issue_token(secret, "alice", ttl=600), "phone", config=CONFIG) as alice, open_client(
+            url, issue_token(secret, "bob", ttl=600), "phone", config=CONFIG
+        ) as bob:
+
+            async def watch() -> None:
+                async for ev in bob.events():
+                    events.append(ev)
+                    if sum(isinstance(e, MessageReceived) and e.message.payload.startswith(b"new") for e in events) == 3:
+                        got.set()
+
+            async with trio.open_nursery() as n:
+                n.start_soon(watch)
+                for i in range(5):
+                    await alice.send(AB, b"old%d" % i)
+                while bob.taken_upto < 5:
+                    await trio.sleep(0.01)
+                old_epoch = bob.epoch
+                server.send_signal(signal.SIGKILL)
+                await trio.to_thread.run_sync(server.wait)
+                shutil.rmtree(data / "store")  # an empty store, the same secret
+                server = await trio.to_thread.run_sync(start)
+                for i in range(3):
+                    await alice.send(AB, b"new%d" % i)
+                await got.wait()
+                n.cancel_scope.cancel()
+            resynced = [e for e in events if isinstance(e, Resynced)]
+            assert len(resynced) == 1 and resynced[0].old_epoch == old_epoch != resynced[0].epoch
+            broken = [e for e in events if isinstance(e, Disconnected) and e.code is CloseCode.PROTOCOL_ERROR]
+            assert not broken, broken
+            assert [e.message.payload for e in events if isinstance(e, MessageReceived)] == [
+                b"old0", b"old1", b"old2", b"old3", b"old4", b"new0", b"new1", b"new2"
+            ]
+            assert bob.statistics().connects == 2
+            assert bob.taken_upto == 3 and bob.epoch == resynced[0].epoch
+        # A brand-new SDK object for bob/phone (no saved cursor): the three
+        # were delivered and acked by the device, so nothing is pending --
+        # and a saved cursor from the old epoch is resynchronized again.
+        async with open_client(url, issue_token(secret, "bob", ttl=600), "phone", config=CONFIG, position=5, epoch=old_epoch) as again:
+            evs = []
+            async for ev in again.events():
+                evs.append(ev)
+                if isinstance(ev, Connected):
+                    break
+            assert isinstance(evs[0], Resynced) and evs[0].position == 0
+            # ...and it takes the whole new history again.
+            assert again.taken_upto == 0
