@@ -157,11 +157,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_token(args: argparse.Namespace) -> int:
     from .auth import issue_token
     from .config import ConfigError
-    from .ids import valid_id
+    from .ids import id_problem
 
     for what, value in (("user", args.user), ("device", args.device)):
-        if value is not None and not valid_id(value):
-            print(f"pimcore token: invalid {what} id {value!r} (1-64 of A-Z a-z 0-9 _ . @ -)", file=sys.stderr)
+        problem = None if value is None else id_problem(value, what)
+        if problem is not None:
+            print(f"pimcore token: invalid {what} id: {problem}", file=sys.stderr)
             return 2
     try:
         secret = _secret(_settings(args))
