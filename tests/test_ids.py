@@ -247,3 +247,53 @@ async def test_the_longest_ids_through_the_sdk_and_a_served_broker(any_store) ->
                         await trio.sleep(0.01)
                 page = await b.fetch_history(direct)
                 assert [p.payload for p in page] == [b"hello"]
+
+
+# -- Login.token: the recipe and vector PROTOCOL.md gives -----------------------
+
+SPEC_SECRET = b"0123456789abcdef0123456789abcdef"
+SPEC_TOKEN = (
+    b"eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
+    b".eyJzdWIiOiJhbGljZSIsImRldiI6InBob25lIiwiYXVkIjoicGltY29yZSIsImV4cCI6MTcwMDAwMzYwMH0"
+    b".XykzRMWNjIG3IbH7KSH2D_fIuxyqhadF2nXn895heRY"
+)
+
+
+def _hand_made_token(claims: dict, secret: bytes = SPEC_SECRET) -> bytes:
+    """A JWT made with nothing but the recipe of PROTOCOL.md section 8."""
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    def b64(raw: bytes) -> bytes:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+    signing_input = b64(b'{"alg":"HS256","typ":"JWT"}') + b"." + b64(json.dumps(claims, separators=(",", ":")).encode())
+    return signing_input + b"." + b64(hmac.new(secret, signing_input, hashlib.sha256).digest())
+
+
+def test_the_protocol_token_vector_is_what_the_broker_accepts() -> None:
+    from pimcore.auth import JwtAuthenticator, issue_token
+    from pimcore.errors import AuthError
+
+    claims = {"sub": "alice", "dev": "phone", "aud": "pimcore", "exp": 1_700_003_600}
+    assert _hand_made_token(claims) == SPEC_TOKEN
+    auth = JwtAuthenticator(SPEC_SECRET)
+    ident = auth(SPEC_TOKEN, 1_700_000_000 * 1_000_000)
+    assert (ident.user, ident.device, ident.expires) == ("alice", "phone", (1_700_003_600 + 30) * 1_000_000)
+    # issue_token makes an equivalent token (it adds iat).
+    made = issue_token(SPEC_SECRET, "alice", "phone", ttl=3600, now=1_700_000_000)
+    assert auth(made.encode(), 1_700_000_000 * 1_000_000) == ident
+    # What the spec says is required, is.
+    with pytest.raises(AuthError, match="expired"):
+        auth(SPEC_TOKEN, (1_700_003_600 + 31) * 1_000_000)
+    for drop in ("sub", "aud", "exp"):
+        with pytest.raises(AuthError):
+            auth(_hand_made_token({k: v for k, v in claims.items() if k != drop}), 1_700_000_000 * 1_000_000)
+    with pytest.raises(AuthError):
+        auth(_hand_made_token(dict(claims, aud="other")), 1_700_000_000 * 1_000_000)
+    with pytest.raises(AuthError, match="signature"):
+        auth(_hand_made_token(claims, b"x" * 32), 1_700_000_000 * 1_000_000)
+    ident = auth(_hand_made_token({"sub": "alice", "aud": "pimcore", "exp": 1_700_003_600}), 1_700_000_000 * 1_000_000)
+    assert ident.device is None  # no dev: any device of alice
