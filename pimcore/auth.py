@@ -26,6 +26,7 @@ import jwt
 
 from .core import Identity
 from .errors import AuthError
+from .ids import id_problem
 
 __all__ = ["AUDIENCE", "issue_token", "JwtAuthenticator", "load_or_create_secret", "SECRET_FILE"]
 
@@ -52,7 +53,14 @@ def issue_token(
     now: Optional[float] = None,
 ) -> str:
     """A signed token for ``user`` (bound to ``device`` if given), valid for
-    ``ttl`` seconds from ``now`` (seconds since the epoch; default: now)."""
+    ``ttl`` seconds from ``now`` (seconds since the epoch; default: now).
+
+    ValueError for a secret under 32 bytes, or a user or device id outside
+    the grammar of :mod:`pimcore.ids` (the broker would refuse its login)."""
+    for value, what in ((user, "user"), (device, "device")):
+        problem = None if value is None and what == "device" else id_problem(value, what)
+        if problem is not None:
+            raise ValueError(f"cannot issue a token: {problem}")
     issued = time.time() if now is None else now
     claims: dict[str, object] = {"sub": user, "aud": AUDIENCE, "iat": int(issued), "exp": int(issued + ttl)}
     if device is not None:

@@ -42,7 +42,7 @@ from .client import (
     SendTimeout,
     open_client,
 )
-from .ids import direct_conversation, valid_conversation, valid_id
+from .ids import conversation_problem, direct_conversation, id_problem, valid_group, valid_id
 
 __all__ = ["run_chat", "chat"]
 
@@ -162,11 +162,12 @@ def _stdin_lines(nursery: trio.Nursery, stream: TextIO = sys.stdin) -> trio.abc.
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    if args.to is not None and not valid_id(args.to):
-        print(f"pimcore chat: invalid peer id {args.to!r}", file=sys.stderr)
-        return 2
-    if args.group is not None and not valid_conversation(args.group):
-        print(f"pimcore chat: invalid group id {args.group!r}", file=sys.stderr)
+    for value, what in ((args.to, "peer"), (args.device, "device")):
+        if value is not None and not valid_id(value):
+            print(f"pimcore chat: invalid {what} id: {id_problem(value, what)}", file=sys.stderr)
+            return 2
+    if args.group is not None and not valid_group(args.group):
+        print(f"pimcore chat: invalid group id: {conversation_problem(args.group) or 'd: starts a direct id'}", file=sys.stderr)
         return 2
     ctx = None
     if args.cafile:

@@ -31,12 +31,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    """Summarise an LMDB data directory: users' inboxes and devices."""
+    """Summarise a data directory's LMDB store: users' inboxes and devices.
+    Takes the data directory (as every other command does) or its store/."""
+    from pathlib import Path
+
     from .errors import StoreError
     from .store import LmdbStore
 
+    root = Path(args.data_dir)
+    path = root / "store" if (root / "store" / "data.mdb").is_file() else root
+    if not (path / "data.mdb").is_file():
+        print(f"pimcore inspect: no pimcore store in {root} (give the data directory of `pimcore serve`,"
+              " which holds store/, or that store/ directory)", file=sys.stderr)
+        return 2
     try:
-        store = LmdbStore(args.data_dir, create=False)
+        store = LmdbStore(str(path), create=False)
     except StoreError as exc:
         print(f"pimcore: {exc}", file=sys.stderr)
         return 2
@@ -71,12 +80,18 @@ def _settings(args: argparse.Namespace):  # -> ServeSettings
     return load_settings(getattr(args, "config", None), **flags)
 
 
-def _secret(settings) -> bytes:  # settings: ServeSettings
+def _secret(settings, *, create: bool = True, announce: Optional[str] = None) -> bytes:  # settings: ServeSettings
     """--secret / [secret] / $PIMCORE_SECRET / --secret-file, else the data
-    directory's own (created on first use, mode 0600)."""
+    directory's own (created on first use, mode 0600).
+
+    ``create=False`` (``pimcore token`` without ``--create-secret``): a
+    missing ``<data_dir>/secret`` is a ValueError saying where it looked,
+    not a new secret -- a token signed with a secret the broker does not use
+    is refused at login ("signature is invalid"), far from the mistake.
+    ``announce`` (a command name): say on stderr that a secret was created."""
     import os
 
-    from .auth import load_or_create_secret
+    from .auth import SECRET_FILE, load_or_create_secret
 
     if settings.secret:
         return settings.secret.encode()
@@ -88,7 +103,21 @@ def _secret(settings) -> bytes:  # settings: ServeSettings
         if not text:
             raise ValueError(f"{settings.secret_file} is empty")
         return text.encode()
-    return load_or_create_secret(settings.data_dir)
+    path = settings.data_dir / SECRET_FILE
+    if path.exists():
+        return load_or_create_secret(settings.data_dir)
+    if not create:
+        raise ValueError(
+            f"no token secret in {path}: is {settings.data_dir} the data directory of `pimcore serve`?"
+            " Run this where the broker keeps its data, name it with --data-dir or --config, or give"
+            " the secret with --secret-file or $PIMCORE_SECRET; --create-secret makes a new one there"
+            " (then start the broker with that data directory, or it refuses these tokens)"
+        )
+    secret = load_or_create_secret(settings.data_dir)
+    if announce:
+        print(f"pimcore {announce}: created a new token secret in {path}; only a broker started with"
+              f" --data-dir {settings.data_dir} accepts these tokens", file=sys.stderr)
+    return secret
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -157,14 +186,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_token(args: argparse.Namespace) -> int:
     from .auth import issue_token
     from .config import ConfigError
-    from .ids import valid_id
+    from .ids import id_problem
 
     for what, value in (("user", args.user), ("device", args.device)):
-        if value is not None and not valid_id(value):
-            print(f"pimcore token: invalid {what} id {value!r} (1-64 of A-Z a-z 0-9 _ . @ -)", file=sys.stderr)
+        problem = None if value is None else id_problem(value, what)
+        if problem is not None:
+            print(f"pimcore token: invalid {what} id: {problem}", file=sys.stderr)
             return 2
     try:
-        secret = _secret(_settings(args))
+        secret = _secret(_settings(args), create=args.create_secret, announce="token")
         print(issue_token(secret, args.user, args.device, ttl=args.ttl))
     except (ConfigError, ValueError, OSError) as exc:
         print(f"pimcore token: {exc}", file=sys.stderr)
@@ -287,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="the serve configuration file (for its secret)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
     p.add_argument("--secret-file")
+    p.add_argument("--create-secret", action="store_true",
+                   help="create <data-dir>/secret if there is none (default: refuse, exit 2; the broker must then use"
+                        " that data directory)")
     p.set_defaults(func=_cmd_token)
 
     p = sub.add_parser("group", help="create a group, add or remove members, show them")
@@ -339,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("inspect", help="summarise an LMDB data directory")
-    p.add_argument("data_dir")
+    p.add_argument("data_dir", help="the data directory of `pimcore serve` (or its store/ directory)")
     p.add_argument("--user", action="append", default=[], help="show this user's inbox, devices and conversations")
     p.set_defaults(func=_cmd_inspect)
     return parser

@@ -65,7 +65,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 from . import frames as F
 from .clock import HybridClock
 from .errors import AuthError, CloseCode, ErrorCode, ProtocolError, StoreError
-from .ids import direct_members, valid_conversation, valid_id
+from .ids import direct_members, id_problem, valid_conversation, valid_id
 from .protocol import Compression, ServerSession, UnexpectedFrame
 from .store.base import (
     AckPosition,
@@ -1045,9 +1045,9 @@ class Broker:
             ):
                 raise AuthError("the authenticator returned a malformed identity")
             if not valid_id(ident.user):
-                raise AuthError("token names an invalid user id")
+                raise AuthError(f"token names an invalid user id: {id_problem(ident.user, 'user')}")
             if not valid_id(f.device):
-                raise AuthError(f"invalid device id {f.device!r}")
+                raise AuthError(f"invalid device id: {id_problem(f.device, 'device')}")
             if ident.device is not None and ident.device != f.device:
                 raise AuthError("token is bound to another device")
         except AuthError as exc:

@@ -1,14 +1,24 @@
 """The id grammar: user, device and conversation ids.
 
 One module, importable without the store (``pimcore.client`` uses it and must
-not load LMDB).
+not load LMDB).  Every length limit on ids is a constant here; the core, the
+stores, the SDK, the CLI and the load generator import them (docs/PROTOCOL.md,
+section "Ids", states the same numbers).
 
-* User and device ids are text of 1..64 characters from ``[A-Za-z0-9_.@-]``
-  (so ``:`` can separate the two users of a direct id).
-* Conversation ids are 1..128 printable ASCII characters, no whitespace.
-  ``d:<a>:<b>`` is the 1:1 (direct) chat of users a and b with ``a < b``
-  (see :func:`direct_conversation`), so both sides derive the same id; its
-  members are implied by the id.  Any other id names a group.
+* User and device ids are 1..:data:`MAX_ID_LEN` (64) characters from
+  ``[A-Za-z0-9_.@-]`` -- ASCII only, so characters are bytes, and no ``:``,
+  so ``:`` can separate the two users of a direct id.
+* A direct (1:1) conversation id is ``d:<a>:<b>`` for users ``a < b``
+  (compared as strings, which for ASCII is byte order; see
+  :func:`direct_conversation`), so both sides derive the same id; its members
+  are implied by the id.  It is at most :data:`MAX_DIRECT_ID_LEN` =
+  2 + 64 + 1 + 64 = 131 characters: every pair of valid users has one.
+* Any other conversation id names a group: 1..:data:`MAX_GROUP_ID_LEN` (128)
+  printable ASCII characters (``!`` .. ``~``, no space), not starting with
+  ``d:``.  A group's id is its name.
+* So any conversation id is at most :data:`MAX_CONVERSATION_ID_LEN` (131)
+  characters.  The LMDB store keeps every key under LMDB's 511-byte limit
+  with these maxima (checked at import in :mod:`pimcore.store.lmdb`).
 * Message ids are 16 bytes: the 8-byte big-endian server time followed by the
   8-byte node id of the broker that accepted it -- unique beyond one process
   and sortable by time.
@@ -21,6 +31,14 @@ from functools import lru_cache
 from typing import Iterable, Optional
 
 __all__ = [
+    "MAX_ID_LEN",
+    "MAX_USER_ID_LEN",
+    "MAX_DEVICE_ID_LEN",
+    "ID_CHARS",
+    "DIRECT_PREFIX",
+    "MAX_DIRECT_ID_LEN",
+    "MAX_GROUP_ID_LEN",
+    "MAX_CONVERSATION_ID_LEN",
     "ID_RE",
     "CONV_RE",
     "valid_id",
@@ -28,13 +46,32 @@ __all__ = [
     "direct_members",
     "is_direct",
     "valid_conversation",
+    "valid_group",
+    "id_problem",
+    "conversation_problem",
     "check_ids",
     "member_set",
 ]
 
-ID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}\Z")
-#: A conversation id: 1..128 printable characters, no whitespace.
-CONV_RE = re.compile(r"[!-~]{1,128}\Z")
+#: Longest user or device id, in characters (= bytes: ids are ASCII).
+MAX_ID_LEN = 64
+MAX_USER_ID_LEN = MAX_ID_LEN
+MAX_DEVICE_ID_LEN = MAX_ID_LEN
+#: The characters of user and device ids, as a regex character class body.
+ID_CHARS = "A-Za-z0-9_.@-"
+#: What starts a direct (1:1) conversation id; no group id starts with it.
+DIRECT_PREFIX = "d:"
+#: ``d:<a>:<b>`` with both users at their longest: 2 + 64 + 1 + 64 = 131.
+MAX_DIRECT_ID_LEN = len(DIRECT_PREFIX) + MAX_USER_ID_LEN + 1 + MAX_USER_ID_LEN
+#: Longest group id (a group's name), in characters (printable ASCII).
+MAX_GROUP_ID_LEN = 128
+#: Longest conversation id of either kind.
+MAX_CONVERSATION_ID_LEN = max(MAX_DIRECT_ID_LEN, MAX_GROUP_ID_LEN)
+
+ID_RE = re.compile(rf"[{ID_CHARS}]{{1,{MAX_ID_LEN}}}\Z")
+#: A conversation id of either kind: printable ASCII, no whitespace, at most
+#: MAX_CONVERSATION_ID_LEN; :func:`valid_conversation` adds the per-kind rules.
+CONV_RE = re.compile(rf"[!-~]{{1,{MAX_CONVERSATION_ID_LEN}}}\Z")
 
 
 # The id checks run several times per message (core, then store); the same
@@ -51,23 +88,52 @@ def valid_id(value: str) -> bool:
     return isinstance(value, str) and ID_RE.match(value) is not None
 
 
+def _show(value: object) -> str:
+    """``repr(value)``, cut short: refusals quote the id, never 1 MiB of it."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:70] + "...(" + str(len(value) if isinstance(value, str) else "?") + " chars)"
+
+
+def id_problem(value: object, what: str = "user") -> Optional[str]:
+    """Why ``value`` is not a valid ``what`` (user or device) id, in words
+    that quote the rule, or None when it is valid."""
+    if valid_id(value):  # type: ignore[arg-type]
+        return None
+    if not isinstance(value, str):
+        return f"a {what} id must be text, not {type(value).__name__}"
+    rule = f"{what} ids are 1-{MAX_ID_LEN} ASCII characters from A-Z a-z 0-9 _ . @ -"
+    if not value:
+        return f"empty {what} id ({rule})"
+    if not value.isascii():
+        bad = next(ch for ch in value if not ch.isascii())
+        return f"{what} id {_show(value)} has the non-ASCII character {bad!r} ({rule})"
+    if len(value) > MAX_ID_LEN:
+        return f"{what} id {_show(value)} is {len(value)} characters long ({rule})"
+    bad = next(ch for ch in value if not ID_RE.match(ch))
+    return f"{what} id {_show(value)} has the character {bad!r} ({rule})"
+
+
 def direct_conversation(a: str, b: str) -> str:
-    """The id of the 1:1 chat between users ``a`` and ``b`` (symmetric)."""
-    if not (valid_id(a) and valid_id(b)):
-        raise ValueError(f"invalid user id in direct conversation: {a!r}, {b!r}")
+    """The id of the 1:1 chat between users ``a`` and ``b`` (symmetric):
+    ``d:`` + the smaller id + ``:`` + the larger.  ValueError for an invalid
+    user id or ``a == b``."""
+    for user in (a, b):
+        problem = id_problem(user)
+        if problem is not None:
+            raise ValueError(f"invalid user id in direct conversation: {problem}")
     if a == b:
         raise ValueError("a direct conversation needs two different users")
     lo, hi = (a, b) if a < b else (b, a)
-    return f"d:{lo}:{hi}"
+    return f"{DIRECT_PREFIX}{lo}:{hi}"
 
 
 def is_direct(conv: str) -> bool:
-    return conv.startswith("d:")
+    return conv.startswith(DIRECT_PREFIX)
 
 
 def direct_members(conv: str) -> Optional[tuple[str, str]]:
     """The two users of a well-formed direct id, else None."""
-    if not conv.startswith("d:"):
+    if not conv.startswith(DIRECT_PREFIX):
         return None
     if type(conv) is str:
         return _direct_members(conv)
@@ -76,7 +142,7 @@ def direct_members(conv: str) -> Optional[tuple[str, str]]:
 
 @lru_cache(maxsize=1 << 16)
 def _direct_members(conv: str) -> Optional[tuple[str, str]]:
-    parts = conv[2:].split(":")
+    parts = conv[len(DIRECT_PREFIX) :].split(":")
     if len(parts) != 2:
         return None
     a, b = parts
@@ -86,7 +152,7 @@ def _direct_members(conv: str) -> Optional[tuple[str, str]]:
 
 
 def valid_conversation(conv: str) -> bool:
-    """Well-formed conversation id (a direct id must also be canonical)."""
+    """Well-formed conversation id: a canonical direct id, or a group id."""
     if type(conv) is str:
         return _valid_conversation(conv)
     return isinstance(conv, str) and _valid_conversation.__wrapped__(conv)
@@ -96,15 +162,36 @@ def valid_conversation(conv: str) -> bool:
 def _valid_conversation(conv: str) -> bool:
     if CONV_RE.match(conv) is None:
         return False
-    if conv.startswith("d:"):
+    if conv.startswith(DIRECT_PREFIX):
         return direct_members(conv) is not None
-    return True
+    return len(conv) <= MAX_GROUP_ID_LEN
+
+
+def valid_group(conv: str) -> bool:
+    """Is ``conv`` an acceptable group id (a valid non-direct id)?"""
+    return isinstance(conv, str) and not conv.startswith(DIRECT_PREFIX) and valid_conversation(conv)
+
+
+def conversation_problem(conv: object) -> Optional[str]:
+    """Why ``conv`` is not a valid conversation id, or None when it is."""
+    if isinstance(conv, str) and valid_conversation(conv):
+        return None
+    if not isinstance(conv, str):
+        return f"a conversation id must be text, not {type(conv).__name__}"
+    if conv.startswith(DIRECT_PREFIX):
+        return (
+            f"direct conversation id {_show(conv)} is not d:<a>:<b> with two valid user ids a < b"
+            f" (at most {MAX_DIRECT_ID_LEN} characters)"
+        )
+    return f"group id {_show(conv)} is not 1-{MAX_GROUP_ID_LEN} printable ASCII characters without spaces"
 
 
 def check_ids(*ids: str) -> None:
+    """ValueError (saying why) unless every value is a valid user/device id."""
     for value in ids:
-        if not valid_id(value):
-            raise ValueError(f"invalid user or device id: {value!r}")
+        problem = id_problem(value, "user or device")
+        if problem is not None:
+            raise ValueError(f"invalid user or device id: {problem}")
 
 
 def member_set(users: Iterable[str]) -> frozenset[str]:

@@ -68,3 +68,73 @@ def test_a_content_filter_module_next_to_the_config_file_is_found(tmp_path, monk
     hook = load_settings(str(tmp_path / "conf" / "pimcore.toml")).server_config().broker.content_filter
     assert hook is not None and hook("a", "c", b"HELLO") == "no shouting" and hook("a", "c", b"hi") is None
     assert str(tmp_path / "conf") not in sys.path  # the search path is put back
+
+
+# -- tools that trap a newcomer (issue 10, item 8) ---------------------------
+
+
+def test_token_without_a_broker_secret_refuses_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no ./pimcore-data here
+    monkeypatch.delenv("PIMCORE_SECRET", raising=False)
+    assert main(["token", "--user", "alice"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "no token secret" in err and "pimcore-data" in err and "--create-secret" in err
+    assert list(tmp_path.iterdir()) == []  # no secret, no data directory
+    assert main(["token", "--user", "alice", "--data-dir", str(tmp_path / "typo")]) == 2
+    assert "typo" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+
+
+def test_token_with_create_secret_says_what_it_did_and_the_broker_accepts_it(tmp_path, monkeypatch, capsys):
+    from pimcore.auth import JwtAuthenticator, load_or_create_secret
+
+    monkeypatch.delenv("PIMCORE_SECRET", raising=False)
+    data = tmp_path / "data"
+    assert main(["token", "--user", "alice", "--data-dir", str(data), "--create-secret"]) == 0
+    out, err = capsys.readouterr()
+    assert "created a new token secret" in err and str(data / "secret") in err
+    secret = load_or_create_secret(data)  # what `pimcore serve --data-dir data` will use
+    assert JwtAuthenticator(secret)(out.strip().encode(), 0).user == "alice"
+    # Once it exists, no flag is needed and nothing is said.
+    assert main(["token", "--user", "bob", "--data-dir", str(data)]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and JwtAuthenticator(secret)(out.strip().encode(), 0).user == "bob"
+
+
+def test_token_uses_the_secret_of_a_broker_that_ran(tmp_path, monkeypatch, capsys):
+    from pimcore.auth import JwtAuthenticator, load_or_create_secret
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PIMCORE_SECRET", raising=False)
+    secret = load_or_create_secret(tmp_path / "pimcore-data")  # as `pimcore serve` does on first start
+    assert main(["token", "--user", "alice", "--device", "d" * 64]) == 0
+    ident = JwtAuthenticator(secret)(capsys.readouterr().out.strip().encode(), 0)
+    assert (ident.user, ident.device) == ("alice", "d" * 64)
+    monkeypatch.setenv("PIMCORE_SECRET", "e" * 32)  # an explicit secret needs no data directory
+    monkeypatch.chdir(tmp_path / "pimcore-data")
+    assert main(["token", "--user", "a" * 64]) == 0
+    assert JwtAuthenticator(b"e" * 32)(capsys.readouterr().out.strip().encode(), 0).user == "a" * 64
+    assert not (tmp_path / "pimcore-data" / "pimcore-data").exists()
+
+
+def test_token_refuses_invalid_ids_saying_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PIMCORE_SECRET", "e" * 32)
+    assert main(["token", "--user", "a" * 65]) == 2
+    assert "65 characters" in capsys.readouterr().err
+    assert main(["token", "--user", "jürgen"]) == 2
+    assert "non-ASCII" in capsys.readouterr().err
+
+
+def test_inspect_accepts_the_data_directory_as_every_other_command_does(tmp_path, capsys):
+    data = tmp_path / "pimcore-data"
+    with LmdbStore(str(data / "store")) as store:  # the layout `pimcore serve` makes
+        h = Harness(store)
+        a = h.login("alice", "phone")
+        h.send(a, AB, b"m")
+        drain(h.broker, store, [], h.now)
+    for path in (data, data / "store"):  # the data directory, or its store
+        assert main(["inspect", str(path), "--user", "bob"]) == 0
+        assert f"{AB}: last seq 1, read 0, unread 1" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path)]) == 2  # neither
+    assert "no pimcore store" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [data]

@@ -924,3 +924,85 @@ def test_without_ack_delay_acks_are_committed_at_once(h):
     h.pushed(b)
     h.feed(b, F.PushAck(1))
     assert h.store.device("bob", "laptop").position == 1
+
+
+# ------------------------------------------- what PROTOCOL.md promises a client
+#
+# Issue 10 item 7: each of these is stated in PROTOCOL.md (sections 6 and 8)
+# so that a client can be written from the spec alone.
+
+
+def test_a_user_with_no_conversations_gets_no_read_states_at_login(h):
+    lonely = h.login("carol", "phone")
+    [ack] = h.take(lonely, F.LoginAck)
+    assert ack.head == 0 and h.take(lonely, F.ReadStates) == [] and h.take(lonely, F.ReadReceipt) == []
+    # ... and one with a conversation gets one entry for it.
+    a = h.login("alice", "phone")
+    h.send(a, AB, b"hi")
+    b = h.login("bob", "phone")
+    [states] = h.take(b, F.ReadStates)
+    assert states.entries == (F.ReadState(AB, 0, 1, 1),)
+
+
+@pytest.mark.parametrize("when", ["before-login", "logged-in", "login-pending"])
+def test_the_broker_answers_a_clients_close_with_a_close(h, when):
+    if when == "before-login":
+        conn = h.open()
+        h.feed(conn, F.Close(CloseCode.NORMAL, "bye"))
+    elif when == "logged-in":
+        conn = h.login("alice", "phone")
+        h.feed(conn, F.Close(CloseCode.NORMAL, "bye"))
+    else:  # Close pipelined right behind Login: handled once the login is decided
+        h.hold_hooks = True
+        conn = h.open()
+        h.feed_bytes(conn, encode_frame(F.Login(b"alice", "phone", h.now, 0, 0)) + encode_frame(F.Close(CloseCode.NORMAL, "bye")))
+        assert conn not in h.closed
+        h.answer_hooks()
+    close = h.closed[conn]
+    assert close.code is CloseCode.NORMAL and close.reason == "closed by client" and close.data
+    assert h.broker.online_devices("alice") == []
+
+
+def test_a_read_beyond_the_last_seq_is_clamped_to_it(h):
+    a = h.login("alice", "phone")
+    b = h.login("bob", "phone")
+    for _ in range(3):
+        h.send(a, AB, b"x")
+    h.take(b)
+    h.feed(b, F.Read(AB, 1_000_000))
+    [states] = h.take(b, F.ReadStates)
+    assert states.entries == (F.ReadState(AB, 3, 3, 0),)
+    assert [(r.reader, r.seq) for r in h.take(a, F.ReadReceipt)] == [("bob", 3)]
+    h.send(a, AB, b"new")  # the marker did not run ahead: the 4th is unread
+    assert h.store.read_marker("bob", AB) == 3 and h.store.unread("bob", AB) == 1
+
+
+@pytest.mark.parametrize("in_flight", [True, False], ids=["in-flight", "after-commit"])
+def test_a_retry_with_another_client_time_is_still_a_retry(h, in_flight):
+    a = h.login("alice", "phone")
+    h.hold_commits = in_flight
+    h.send(a, AB, b"once", local_id=7, client_time=T0)
+    h.send(a, AB, b"once", local_id=7, client_time=T0 + 5 * MINUTE)  # the retry is stamped anew
+    h.release()
+    first, second = h.acks(a)
+    assert first.code == ErrorCode.OK and second == first  # the original ack, byte for byte
+    [stored] = h.store.history(AB, 0, 10)
+    assert stored.client_time == T0 and h.store.last_seq(AB) == 1
+
+
+def test_a_local_id_is_remembered_after_its_inbox_entries_and_device_are_reclaimed(h):
+    from pimcore.store import Reclaim, WriteBatch
+
+    a = h.login("alice", "phone")
+    h.send(a, AB, b"kept", local_id=11)
+    [ack] = h.acks(a)
+    h.lose(a)
+    # Years later: every inbox entry and every device reclaimed.
+    h.store.commit(WriteBatch(0, (Reclaim(h.now + 10**15, 0, 0),)))
+    assert h.store.devices("alice") == [] and h.store.inbox_head("bob") == 1
+    h.now += 10**15
+    a = h.login("alice", "phone")
+    h.send(a, AB, b"kept", local_id=11)
+    assert h.acks(a) == [ack] and h.store.last_seq(AB) == 1
+    h.send(a, AB, b"other", local_id=11)
+    assert [k.code for k in h.acks(a)] == [ErrorCode.DUPLICATE_CONFLICT]

@@ -52,11 +52,13 @@ from ..ids import (  # re-exported: the store speaks in these ids
     CONV_RE,
     ID_RE,
     check_ids,
+    conversation_problem,
     direct_conversation,
     direct_members,
     is_direct,
     member_set,
     valid_conversation,
+    valid_group,
     valid_id,
 )
 
@@ -605,7 +607,10 @@ class Store(ABC):
                 raise KeyError(op.conv)  # type: ignore[union-attr]
             if res.code is ErrorCode.ALREADY_EXISTS:
                 raise ValueError(f"group exists: {op.conv!r}")  # type: ignore[union-attr]
-            raise ValueError(f"not a group id or invalid member ids: {op!r}")
+            conv = op.conv  # type: ignore[union-attr]
+            if not valid_group(conv):
+                raise ValueError(f"not a group id: {conversation_problem(conv) or 'd: starts a direct (1:1) id'}")
+            raise ValueError(f"invalid member ids: {op!r}")
 
     # -- reads -------------------------------------------------------------
 

@@ -52,8 +52,12 @@ its 1,000 members and heads every time.
 Key layout
 ----------
 Notation: ``T(s)`` is a text part: one length byte then the ASCII bytes
-(every id is ASCII by its regex and at most 128 bytes long); ``U64``/``I64``
-are 8-byte big-endian unsigned/signed integers.
+(every id is ASCII by its regex and at most ``MAX_CONVERSATION_ID_LEN`` = 131
+bytes long, see :mod:`pimcore.ids`); ``U64``/``I64`` are 8-byte big-endian
+unsigned/signed integers.  With the longest ids the longest key is
+``T(user) T(conv)`` (userconvs, reads): 65 + 132 = 197 bytes, well under
+LMDB's 511-byte key limit; :data:`MAX_KEY_LEN` computes it from the id limits
+and the import fails if a limit ever grows past what LMDB can store.
 
 Length-prefixing makes each text part self-delimiting: all keys of user
 ``al`` start with ``T("al") = b"\\x02al"``, which no key of ``alice`` starts
@@ -131,6 +135,7 @@ import lmdb
 
 from .._backend import impl as _impl
 from ..errors import ErrorCode, StoreError
+from ..ids import MAX_CONVERSATION_ID_LEN, MAX_ID_LEN
 from .base import (
     AckPosition,
     Acked,
@@ -169,7 +174,7 @@ from .base import (
     valid_id,
 )
 
-__all__ = ["LmdbStore", "SCHEMA_VERSION", "DURABILITY_MODES"]
+__all__ = ["LmdbStore", "SCHEMA_VERSION", "DURABILITY_MODES", "MAX_KEY_LEN"]
 
 SCHEMA_VERSION = 2
 DURABILITY_MODES = ("sync", "os")
@@ -200,6 +205,20 @@ _INBOX = struct.Struct(">16sq")
 _DEDUPE = struct.Struct(">16sQq")
 _RECORD = struct.Struct(">QQqqQB")
 _RECORD_V1 = struct.Struct(">QQqq")
+
+#: The longest key of the layout above with the longest ids (T(x) is
+#: 1 + len(x) bytes).  LMDB refuses keys over 511 bytes (its default
+#: MDB_MAXKEYSIZE) and a length byte counts at most 255.
+_T_USER = 1 + MAX_ID_LEN
+_T_CONV = 1 + MAX_CONVERSATION_ID_LEN
+MAX_KEY_LEN = max(
+    _T_CONV + 8,  # convidx
+    _T_CONV + _T_USER,  # members, userconvs, reads
+    _T_USER + _T_USER + 8,  # dedupe
+    _T_USER + _T_USER,  # devices
+)
+if MAX_KEY_LEN > 511 or MAX_CONVERSATION_ID_LEN > 255:  # pragma: no cover - a limit in pimcore.ids grew
+    raise ImportError(f"the id limits of pimcore.ids give LMDB keys of {MAX_KEY_LEN} bytes (LMDB stores at most 511)")
 
 _MEMBER = 1
 _HAS_MESSAGES = 2
