@@ -132,8 +132,10 @@ def simulate(rnd, n, users=("alice", "bob", "carol"), max_devices=3, synchronize
     to ±10 min between sends.  The broker gives seqs and strictly increasing
     server times in arrival order.  Every message is delivered to every
     other device after a random delay (so devices see messages out of seq
-    order); a device's after_seq is the highest seq it has received or had
-    acked for its own sends.  Local ids increase per device in send order.
+    order); a device learns its own send's seq from the ack, also after a
+    delay (so sends are pipelined: a device's next send may not have seen its
+    previous one).  A device's after_seq is the highest seq it has received
+    or had acked.  Local ids increase per device in send order.
     """
     devs = []
     for u in users:
@@ -162,7 +164,7 @@ def simulate(rnd, n, users=("alice", "bob", "carol"), max_devices=3, synchronize
         local[dv] += rnd.randint(1, 3)
         ct = now + offset[dv] + (0 if synchronized else rnd.randint(0, 50_000))
         items.append((dv[0], dv[1], local[dv], seen[dv], seq, ct, now, b"m%05d" % seq))
-        seen[dv] = seq  # its own send, acked
+        pending.append((step + rnd.randint(0, 3), dv, seq))  # its own send, acked later
         for other in devs:
             if other != dv:
                 pending.append((step + rnd.randint(0, 6), other, seq))
