@@ -354,15 +354,20 @@ cdef void _emit(_Ord *o, Py_ssize_t i) noexcept nogil:
             _try_push(o, j)
     _release_seq(o)
 
-cdef void _run(_Ord *o, Py_ssize_t *by_force) noexcept nogil:
+cdef void _run(_Ord *o, Py_ssize_t *by_force, Py_ssize_t *tmp) noexcept nogil:
     cdef Py_ssize_t fq = 0
+    cdef bint sorted_force = False
     _release_seq(o)
     while o.nout < o.n:
         if o.stop > 0:
             _emit(o, _pop_next(o))
         else:
             # nothing ready, items remain: a cycle (every sender heap is
-            # empty here).  Output the smallest remaining by the force key.
+            # empty here).  Output the smallest remaining by the force key
+            # (sorted on first need: consistent input never gets here).
+            if not sorted_force:
+                _sort_by(_K_FORCE, by_force, tmp, o.n, o.arr)
+                sorted_force = True
             while o.flags[by_force[fq]] & _DONE:
                 fq += 1
             _emit(o, by_force[fq])
@@ -477,12 +482,17 @@ def interleave(items):
             arr[i].mid = PyBytes_AS_STRING(mid_o)
             arr[i].mid_len = PyBytes_GET_SIZE(mid_o)
             arr[i].idx = i
+        # provisional ids -> ranks, through C arrays (scratch space in buf)
         sremap = _ranks(sranks)
         dremap = _ranks(dranks)
-        for i in range(n):
-            arr[i].sender = <Py_ssize_t>sremap[arr[i].sender]
-            arr[i].device = <Py_ssize_t>dremap[arr[i].device]
         nsend = len(sremap)
+        for k in range(nsend):
+            buf[k] = <Py_ssize_t>sremap[k]
+        for k in range(len(dremap)):
+            buf[n + k] = <Py_ssize_t>dremap[k]
+        for i in range(n):
+            arr[i].sender = buf[arr[i].sender]
+            arr[i].device = buf[n + arr[i].device]
 
         o.arr = arr
         o.flags = flags
@@ -516,7 +526,6 @@ def interleave(items):
             _sort_by(_K_SEQ, o.by_seq, tmp, o.nseq, arr)
             _sort_by(_K_AFTER, o.by_after, tmp, n, arr)
             _sort_by(_K_CHAIN, o.by_chain, tmp, n, arr)
-            _sort_by(_K_FORCE, by_force, tmp, n, arr)
             # groups (one local_id of one chain) and chains; the first group
             # of each chain has its turn from the start
             ng = 0
@@ -557,7 +566,7 @@ def interleave(items):
             o.fp = 0
             o.ap = 0
             o.nout = 0
-            _run(&o, by_force)
+            _run(&o, by_force, tmp)
         out = [None] * n
         for k in range(n):
             out[k] = o.out[k]

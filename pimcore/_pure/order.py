@@ -128,11 +128,6 @@ def interleave(items: Sequence[Item]) -> list[int]:
     by_after = sorted(range(n), key=lambda i: (recs[i][3], i))
     # Chains: per (sender, device), by local_id; a group = one local_id.
     by_chain = sorted(range(n), key=lambda i: (recs[i][0], recs[i][1], recs[i][2], i))
-    # Cycle breaker order.
-    by_force = sorted(
-        range(n),
-        key=lambda i: (recs[i][4], recs[i][6], recs[i][0], recs[i][7], recs[i][1], recs[i][2], recs[i][3], recs[i][5], i),
-    )
 
     group_of = [0] * n
     g_start: list[int] = []  # group -> its first position in by_chain
@@ -216,6 +211,7 @@ def interleave(items: Sequence[Item]) -> list[int]:
         release_seq()
 
     release_seq()
+    by_force: list[int] = []  # cycle-breaker order, sorted on first need
     fq = 0
     while len(out) < n:
         while senders:
@@ -235,6 +231,11 @@ def interleave(items: Sequence[Item]) -> list[int]:
         else:
             # Nothing ready, items remain: a cycle.  Every sender heap is
             # empty here (each non-empty one has a live entry in `senders`).
+            if not by_force:
+                by_force = sorted(
+                    range(n),
+                    key=lambda i: (recs[i][4], recs[i][6], recs[i][0], recs[i][7], recs[i][1], recs[i][2], recs[i][3], recs[i][5], i),
+                )
             while done[by_force[fq]]:
                 fq += 1
             emit(by_force[fq])
