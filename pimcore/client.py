@@ -74,6 +74,8 @@ from .client_session import (
     SendCompleted,
     SendError,
     Sent,
+    SendsResumed,
+    SendsStalled,
     SendTimeout,
     SessionState,
 )
@@ -92,6 +94,8 @@ __all__ = [
     "ReceiptReceived",
     "Connected",
     "Disconnected",
+    "SendsStalled",
+    "SendsResumed",
     "Event",
     "ClientError",
     "SendError",
