@@ -32,6 +32,8 @@ from pimcore.client_session import (
     ReceiptReceived,
     SendCompleted,
     SendError,
+    SendsResumed,
+    SendsStalled,
     SendTimeout,
     SessionState,
 )
@@ -464,6 +466,39 @@ def test_the_hold_grows_only_across_windows_refused_whole():
         b.feed(t, refused(lid))
     assert s.statistics().congestion_events == 4
     assert s.next_deadline() - t <= holds[0]  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("code", [ErrorCode.STORE_UNAVAILABLE, ErrorCode.INTERNAL])
+def test_a_failing_store_is_one_stalled_event_per_episode_and_sends_are_kept(code):
+    """Issue 10, item 6: STORE_UNAVAILABLE used to be retried silently until
+    send_timeout.  Now the app gets SendsStalled once per episode (not per
+    refusal, not per window), the sends stay pending and go again, and the
+    first stored one brings SendsResumed."""
+    s = session(backoff_initial=0.1, backoff_max=10.0)
+    b = connect(s, T0, ack_frame(window=4))
+    events(s, T0)
+    lids = [s.send(CONV, b"%d" % i, T0) for i in range(6)]
+    t = T0
+    for _ in range(3):  # three windows, each refused whole
+        sent = [f.local_id for f in b.read()]  # type: ignore[attr-defined]
+        assert sent
+        for lid in sent:
+            b.feed(t, refused(lid, code))
+        t = s.next_deadline()  # type: ignore[assignment]
+        s.handle_timer(t)
+    assert events(s, t) == [SendsStalled(code, 6, T0)]
+    assert s.completions() == [] and s.statistics().pending_sends == 6
+    sent = [f.local_id for f in b.read()]  # type: ignore[attr-defined]
+    b.feed(t, refused(sent[0], ErrorCode.RATE_LIMITED))  # back-pressure is not a failure: nothing new
+    b.feed(t, F.SendAck(sent[-1], ErrorCode.NOT_MEMBER, b"", 0, 0))  # a final answer is not a stored send
+    assert events(s, t) == []
+    b.feed(t + 1, ok(lids[1] if sent[0] != lids[1] else lids[2], 1))
+    assert events(s, t + 1) == [SendsResumed(T0, 4)]
+    t = s.next_deadline()  # type: ignore[assignment]
+    s.handle_timer(t)
+    sent = [f.local_id for f in b.read()]  # type: ignore[attr-defined]
+    b.feed(t, refused(sent[0], code))  # a new episode
+    assert events(s, t) == [SendsStalled(code, 4, t)]
 
 
 def test_aimd_grows_the_window_by_one_per_answer_up_to_the_login_window():
