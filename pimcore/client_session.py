@@ -434,7 +434,6 @@ class ClientSession:
         self._tx = 0
         self._recover = 0
         self._episode_at = 0  # session time of the current congestion event
-        self._episode_refused = 0  # refusals that event has counted
         self._episode_backoff = 0  # µs, the jittered backoff drawn at that event
         # The broker's acceptance rate, learned from its refusals (it does not
         # announce its send_rate): sends answered between two congestion
@@ -1080,11 +1079,9 @@ class ClientSession:
             # while LoginAck.window caps the wire at 8 would change nothing).
             self._cwnd = max(1.0, min(self._cwnd, float(self._window)) / 2)
             self._episode_at = t
-            self._episode_refused = 0
             cfg = self.config
             backoff = min(cfg.backoff_max, cfg.backoff_initial * 2 ** min(self._refusals - 1, 16))
             self._episode_backoff = _us(backoff * (0.5 + self._rng.random()))  # jitter: no thundering herd
-        self._episode_refused += 1
         if code is ErrorCode.RATE_LIMITED:
             # The broker's token bucket is empty; it refills at about _rate.
             # Hold until it holds the window that goes out next (not a blind
