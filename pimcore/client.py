@@ -24,7 +24,11 @@ What the SDK promises, and how
   every reconnect; the broker dedupes, so a retry can never store a second
   copy.  After ``send_timeout`` the caller gets :class:`SendTimeout` (the
   message may still have been stored: retrying with ``local_id=`` of the
-  error is safe).
+  error is safe).  Refusals that ask to slow down (RATE_LIMITED,
+  TOO_MANY_IN_FLIGHT) hold the queue for about the time the broker's token
+  bucket needs, one congestion event per window of refusals; a failure on
+  the broker's side (STORE_UNAVAILABLE, INTERNAL) is also reported in
+  :meth:`Client.events` as :class:`SendsStalled`, then :class:`SendsResumed`.
 * **Downstream.**  Messages come out of :meth:`Client.events` in inbox
   order.  A Push is acknowledged (cumulatively, batched) only after the
   application has *taken* every message it carried, so a crash of the app
@@ -75,6 +79,8 @@ from .client_session import (
     SendCompleted,
     SendError,
     Sent,
+    SendsResumed,
+    SendsStalled,
     SendTimeout,
     SessionState,
 )
@@ -94,6 +100,8 @@ __all__ = [
     "Connected",
     "Disconnected",
     "Resynced",
+    "SendsStalled",
+    "SendsResumed",
     "Event",
     "ClientError",
     "SendError",

@@ -65,6 +65,8 @@ __all__ = [
     "ReceiptReceived",
     "Connected",
     "Disconnected",
+    "SendsStalled",
+    "SendsResumed",
     "Event",
     "SendCompleted",
     "HistoryCompleted",
@@ -216,7 +218,31 @@ class Resynced:
     position: int
 
 
-Event = Union[MessageReceived, ReadStateChanged, ReceiptReceived, Connected, Disconnected, Resynced]
+
+@dataclass(frozen=True, slots=True)
+class SendsStalled:
+    """The broker refuses sends for a failure on its side: ``code`` is
+    STORE_UNAVAILABLE (its store cannot commit: the disk is full, the
+    database is down) or INTERNAL.  Once per episode, at the first such
+    refusal.  Nothing is lost: the SDK keeps retrying with the same local
+    ids (backing off up to ``backoff_max``) and each ``send()`` keeps
+    waiting, until it is stored (then :class:`SendsResumed`) or its
+    ``send_timeout`` ends it."""
+
+    code: ErrorCode
+    pending: int  # sends waiting for their SendAck at that moment
+    since: int  # µs, device clock: when the first send was refused
+
+
+@dataclass(frozen=True, slots=True)
+class SendsResumed:
+    """The first send stored after :class:`SendsStalled`: the episode is over."""
+
+    since: int  # µs, device clock: the episode's SendsStalled.since
+    pending: int  # sends still waiting for their SendAck
+
+
+Event = Union[MessageReceived, ReadStateChanged, ReceiptReceived, Connected, Disconnected, SendsStalled, SendsResumed, Resynced]
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +300,7 @@ class ClientStatistics:
     taken_upto: int  # highest inbox position the application has taken
     in_flight: int  # SendReqs on the wire of the current connection, unanswered
     send_window: int  # SendReqs allowed on the wire now: min(LoginAck.window, the AIMD window)
+    congestion_events: int = 0  # windows of transient refusals (each halved the window once)
 
 
 class SessionState(enum.Enum):
@@ -317,7 +344,7 @@ class _Pending:
     """One send until its final answer.  ``raw`` is the encoded SendReq: the
     very same bytes go out on every attempt (same local id, same stamp)."""
 
-    __slots__ = ("local_id", "conv", "payload", "client_time", "after_seq", "raw", "deadline", "sent_at", "attempts")
+    __slots__ = ("local_id", "conv", "payload", "client_time", "after_seq", "raw", "deadline", "sent_at", "attempts", "tx")
 
     def __init__(
         self, local_id: int, conv: str, payload: bytes, client_time: int, after_seq: int, raw: bytes, deadline: int
@@ -331,6 +358,7 @@ class _Pending:
         self.deadline = deadline  # session time (µs) of SendTimeout
         self.sent_at: Optional[int] = None  # session time of the last transmission; None = not on the wire
         self.attempts = 0
+        self.tx = 0  # the session's transmission count at its last transmission (see _recover)
 
 
 class _HistoryRequest:
@@ -426,11 +454,31 @@ class ClientSession:
         self._inflight: dict[int, _Pending] = {}
         self._timeouts: list[tuple[int, int]] = []  # heap of (deadline, local id); stale entries skipped
         self._hold_until = 0  # session time before which nothing new is sent (the broker asked to slow down)
-        self._refusals = 0  # consecutive transient refusals (backoff exponent)
+        self._refusals = 0  # congestion events since the last answered send (backoff exponent)
         # Congestion window: sends on the wire at once, <= LoginAck.window.
-        # Halved on each "slow down" refusal, +1 per answered send (AIMD), and
+        # Halved once per congestion event, +1 per answered send (AIMD), and
         # kept across reconnects so a rate-limited client does not burst again.
         self._cwnd = float(1 << 16)
+        # Congestion events, TCP's way: a window's refusals all answer the
+        # same burst, so they are ONE event (one halving, one hold), as TCP
+        # reduces its window once per round trip however many segments of it
+        # were lost (RFC 5681 section 3.2, RFC 6582's "recover" point: the
+        # "once per RTT" rule).  Every SendReq written gets the next _tx;
+        # at an event _recover = _tx, and a refusal of a transmission at or
+        # before _recover belongs to the event already being handled.
+        self._tx = 0
+        self._recover = 0
+        self._episode_at = 0  # session time of the current congestion event
+        self._episode_backoff = 0  # µs, the jittered backoff drawn at that event
+        # The broker's acceptance rate, learned from its refusals (it does not
+        # announce its send_rate): sends answered between two congestion
+        # events / the time between them -- between two moments its token
+        # bucket was empty, what it took is what it refilled.
+        self._answers = 0  # sends answered (OK or final): the broker took them
+        self._rate_mark = (0, 0)  # (session time, _answers) where the current sample began
+        self._rate = 0.0  # answers per µs; 0 = no sample yet
+        self._congestion_events = 0
+        self._stalled: Optional[SendsStalled] = None  # the open STORE_UNAVAILABLE/INTERNAL episode
         self._completions: list[Completion] = []
 
         # -- downstream: (event, inbox position the app has processed once it took it)
@@ -530,6 +578,7 @@ class ClientSession:
             taken_upto=self._taken_upto,
             in_flight=len(self._inflight),
             send_window=self.send_window,
+            congestion_events=self._congestion_events,
         )
 
     # ------------------------------------------------------------ time
@@ -843,6 +892,7 @@ class ClientSession:
         for p in self._pending.values():
             p.sent_at = None
         self._queue = deque(sorted(self._pending.values(), key=lambda p: p.local_id))
+        self._rate_mark = (self._t, self._answers)  # a new connection, a full bucket: a new rate sample
         self._fill_window()
         for conv, seq in self._read_wanted.items():
             self._send(encode_frame(F.Read(conv, seq)))
@@ -997,6 +1047,8 @@ class ClientSession:
         self._last_stamp = stamp
         self._last_local_id = max(self._last_local_id, lid)
         p = _Pending(lid, conv, payload, stamp, after, raw, deadline)
+        if not self._pending:
+            self._rate_mark = (t, self._answers)  # idle until now: a rate sample starts here
         self._pending[lid] = p
         heapq.heappush(self._timeouts, (deadline, lid))
         self._requeue(p)
@@ -1030,6 +1082,8 @@ class ClientSession:
             del self._inflight[p.local_id]  # re-inserted last: it is now the youngest
         p.sent_at = self._t
         p.attempts += 1
+        self._tx += 1
+        p.tx = self._tx
         self._inflight[p.local_id] = p
         self._send(p.raw)
 
@@ -1045,6 +1099,9 @@ class ClientSession:
             return  # a late duplicate: the answer to a retry of a send already answered
         code = _error_code(f.code)
         if code is ErrorCode.OK:
+            if self._stalled is not None:
+                self._emit(SendsResumed(self._stalled.since, len(self._pending) - 1))
+                self._stalled = None
             self._forget(p)
             self._remember(
                 F.Message(
@@ -1059,27 +1116,67 @@ class ClientSession:
         else:
             # STORE_UNAVAILABLE, TOO_MANY_IN_FLIGHT, RATE_LIMITED...: the broker
             # wants us to slow down.  Hold the whole queue (not just this
-            # message: sending the others would only earn more refusals) for
-            # a jittered, growing delay, then resend with the same local id.
+            # message: sending the others would only earn more refusals),
+            # then resend with the same local id.
             if p.local_id in self._inflight:
                 del self._inflight[p.local_id]
                 p.sent_at = None
                 self._requeue(p)
             # else: already back in the queue (a second refusal, for a retransmit).
-            self._refusals += 1
-            # ...and send less at once afterwards (multiplicative decrease of
-            # what is really in use: halving 2**16 while LoginAck.window
-            # caps the wire at 8 would change nothing for 13 refusals).
-            self._cwnd = max(1.0, min(self._cwnd, float(self._window)) / 2)
-            delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** min(self._refusals, 16))
-            until = self._t + _us(delay * (0.5 + self._rng.random()))
-            if until > self._hold_until:
-                self._hold_until = until
+            if code in (ErrorCode.STORE_UNAVAILABLE, ErrorCode.INTERNAL) and self._stalled is None:
+                # Not back-pressure but a failure the app should know of
+                # (a full disk does not pass by itself): say so once.
+                self._stalled = SendsStalled(code, len(self._pending), self._raw_now)
+                self._emit(self._stalled)
+            self._on_refusal(p, code)
             self._fill_window()  # a no-op while held; sends at once if nothing is held
             return
+        self._answers += 1
         self._refusals = 0
-        self._cwnd = min(float(self._window), self._cwnd + 1.0)  # additive increase
+        if p.tx > self._recover:
+            # Additive increase -- for what was sent after the last event
+            # only: answers to the refused window do not undo its halving.
+            self._cwnd = min(float(self._window), self._cwnd + 1.0)
         self._fill_window()
+
+    def _on_refusal(self, p: _Pending, code: ErrorCode) -> None:
+        """Window and hold after a transient refusal of ``p`` (see _recover)."""
+        t = self._t
+        if p.tx > self._recover:
+            # A new congestion event: the first refusal of a transmission
+            # made after the last event.
+            self._recover = self._tx
+            self._congestion_events += 1
+            # Consecutive events with no send answered between them: the
+            # windows were refused whole, so the holds were too short (or
+            # the store is down): only then does the hold grow.
+            self._refusals += 1
+            at, base = self._rate_mark
+            if self._answers > base and t > at:
+                self._rate = (self._answers - base) / (t - at)
+            self._rate_mark = (t, self._answers)
+            # Multiplicative decrease of what is really in use (halving 2**16
+            # while LoginAck.window caps the wire at 8 would change nothing).
+            self._cwnd = max(1.0, min(self._cwnd, float(self._window)) / 2)
+            self._episode_at = t
+            cfg = self.config
+            backoff = min(cfg.backoff_max, cfg.backoff_initial * 2 ** min(self._refusals - 1, 16))
+            self._episode_backoff = _us(backoff * (0.5 + self._rng.random()))  # jitter: no thundering herd
+        if code is ErrorCode.RATE_LIMITED:
+            # The broker's token bucket is empty; it refills at about _rate.
+            # Hold until it holds the window that goes out next (not a blind
+            # growing backoff), but never longer than backoff_initial: a hold
+            # longer than the bucket's size / its rate wastes its refill
+            # (and would make the next _rate sample too low).  Doubled per
+            # window refused whole: then _rate was too high.
+            cap = float(_us(self.config.backoff_initial))
+            need = self.send_window / self._rate if self._rate > 0 else cap
+            delay = min(float(_us(self.config.backoff_max)), min(cap, need) * 2 ** min(self._refusals - 1, 16))
+        else:
+            delay = float(self._episode_backoff)
+        until = self._episode_at + int(delay)
+        if until > self._hold_until:
+            self._hold_until = until
 
     # ------------------------------------------------------------ downstream
 

@@ -32,6 +32,8 @@ from pimcore.client_session import (
     ReceiptReceived,
     SendCompleted,
     SendError,
+    SendsResumed,
+    SendsStalled,
     SendTimeout,
     SessionState,
 )
@@ -401,7 +403,8 @@ def test_a_transient_refusal_holds_then_resends_the_same_local_id(code):
     other = s.send(CONV, b"behind", T0 + 2)
     assert b.read() == []
     hold = s.next_deadline()
-    assert hold is not None and T0 + 1 + 100 * MS <= hold <= T0 + 1 + 300 * MS  # 0.1 s * 2, jittered x0.5..1.5
+    # backoff_initial, jittered x0.5..1.5; RATE_LIMITED with no rate known yet: backoff_initial.
+    assert hold is not None and T0 + 1 + 50 * MS <= hold <= T0 + 1 + 150 * MS
     s.handle_timer(hold - 1)
     assert b.read() == []
     s.handle_timer(hold)
@@ -409,27 +412,119 @@ def test_a_transient_refusal_holds_then_resends_the_same_local_id(code):
     assert [f.local_id for f in again] == [lid, other] and again[0] == first  # type: ignore[attr-defined]
 
 
-def test_aimd_halves_the_window_on_refusal_and_grows_it_by_one_per_answer():
+def refused(lid: int, code: ErrorCode = ErrorCode.RATE_LIMITED) -> F.SendAck:
+    return F.SendAck(lid, code, b"", 0, 0)
+
+
+@pytest.mark.parametrize("code", [ErrorCode.RATE_LIMITED, ErrorCode.TOO_MANY_IN_FLIGHT, ErrorCode.STORE_UNAVAILABLE])
+def test_the_refusals_of_one_window_are_one_congestion_event(code):
+    """Issue 10, item 6: every refused ack of one window used to halve the
+    window and double the hold, so one burst of refusals drove the window
+    to 1 and the hold to backoff_max.  Like TCP (once per round trip), the
+    refusals of what was on the wire are one event: one halving, one hold."""
+    s = session(backoff_initial=0.1, backoff_max=10.0)
+    b = connect(s, T0, ack_frame(window=8))
+    lids = [s.send(CONV, b"%d" % i, T0) for i in range(30)]
+    assert len(b.read()) == 8 and s.send_window == 8
+    for lid in lids[:8]:
+        b.feed(T0 + 1 * MS, refused(lid, code))
+    assert s.send_window == 4 and s.statistics().send_window == 4
+    assert s.statistics().congestion_events == 1
+    hold = s.next_deadline()
+    assert hold is not None and hold <= T0 + 1 * MS + 150 * MS  # backoff_initial (jittered), not 10 s
+    s.handle_timer(hold)
+    out = [f.local_id for f in b.read()]  # type: ignore[attr-defined]
+    assert out == lids[:4]  # the refused ones first, in order, 4 at a time
+    # A late second refusal of the first window (an earlier retransmit's) is part of that event.
+    b.feed(hold, refused(lids[5], code))
+    assert s.statistics().congestion_events == 1 and s.send_window == 4
+
+
+def test_the_hold_grows_only_across_windows_refused_whole():
+    s = session(backoff_initial=0.1, backoff_max=10.0)
+    b = connect(s, T0, ack_frame(window=8))
+    lids = [s.send(CONV, b"%d" % i, T0) for i in range(30)]
+    t = T0
+    holds = []
+    for window in range(3):  # three windows, each refused whole
+        sent = [f.local_id for f in b.read()]  # type: ignore[attr-defined]
+        for lid in sent:
+            b.feed(t, refused(lid))
+        hold = s.next_deadline()
+        assert hold is not None
+        holds.append(hold - t)
+        t = hold
+        s.handle_timer(t)
+    assert s.statistics().congestion_events == 3 and s.send_window == 1
+    assert holds[1] == 2 * holds[0] and holds[2] == 4 * holds[0]
+    # One answered send: the next refused window is held for the base time again.
+    (nxt,) = [f.local_id for f in b.read()]  # type: ignore[attr-defined]
+    b.feed(t, ok(nxt, 1))
+    sent = [f.local_id for f in b.read()]  # type: ignore[attr-defined]
+    assert len(sent) == 2  # +1 per answer
+    for lid in sent:
+        b.feed(t, refused(lid))
+    assert s.statistics().congestion_events == 4
+    assert s.next_deadline() - t <= holds[0]  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("code", [ErrorCode.STORE_UNAVAILABLE, ErrorCode.INTERNAL])
+def test_a_failing_store_is_one_stalled_event_per_episode_and_sends_are_kept(code):
+    """Issue 10, item 6: STORE_UNAVAILABLE used to be retried silently until
+    send_timeout.  Now the app gets SendsStalled once per episode (not per
+    refusal, not per window), the sends stay pending and go again, and the
+    first stored one brings SendsResumed."""
+    s = session(backoff_initial=0.1, backoff_max=10.0)
+    b = connect(s, T0, ack_frame(window=4))
+    events(s, T0)
+    lids = [s.send(CONV, b"%d" % i, T0) for i in range(6)]
+    t = T0
+    for _ in range(3):  # three windows, each refused whole
+        sent = [f.local_id for f in b.read()]  # type: ignore[attr-defined]
+        assert sent
+        for lid in sent:
+            b.feed(t, refused(lid, code))
+        t = s.next_deadline()  # type: ignore[assignment]
+        s.handle_timer(t)
+    assert events(s, t) == [SendsStalled(code, 6, T0)]
+    assert s.completions() == [] and s.statistics().pending_sends == 6
+    sent = [f.local_id for f in b.read()]  # type: ignore[attr-defined]
+    b.feed(t, refused(sent[0], ErrorCode.RATE_LIMITED))  # back-pressure is not a failure: nothing new
+    b.feed(t, F.SendAck(sent[-1], ErrorCode.NOT_MEMBER, b"", 0, 0))  # a final answer is not a stored send
+    assert events(s, t) == []
+    b.feed(t + 1, ok(lids[1] if sent[0] != lids[1] else lids[2], 1))
+    assert events(s, t + 1) == [SendsResumed(T0, 4)]
+    t = s.next_deadline()  # type: ignore[assignment]
+    s.handle_timer(t)
+    sent = [f.local_id for f in b.read()]  # type: ignore[attr-defined]
+    b.feed(t, refused(sent[0], code))  # a new episode
+    assert events(s, t) == [SendsStalled(code, 4, t)]
+
+
+def test_aimd_grows_the_window_by_one_per_answer_up_to_the_login_window():
     s = session(backoff_initial=0.01, backoff_max=0.01)
     b = connect(s, T0, ack_frame(window=8))
     lids = [s.send(CONV, b"%d" % i, T0) for i in range(30)]
     assert len(b.read()) == 8 and s.send_window == 8
     t = T0 + 1
-    b.feed(t, F.SendAck(lids[0], ErrorCode.RATE_LIMITED, b"", 0, 0))
-    assert s.send_window == 4 and s.statistics().send_window == 4
-    b.feed(t, F.SendAck(lids[1], ErrorCode.RATE_LIMITED, b"", 0, 0))
-    assert s.send_window == 2
+    b.feed(t, refused(lids[0]))
+    b.feed(t, refused(lids[1]))
+    assert s.send_window == 4  # one window, one halving
     t += 20 * MS
-    s.handle_timer(t)  # the hold is over; 6 on the wire > 2: nothing new goes
+    s.handle_timer(t)  # the hold is over; 6 on the wire > 4: nothing new goes
     assert b.read() == []
     seq = 0
-    for lid in lids[2:8]:  # every answer: +1
+    for lid in lids[2:8]:  # answers to the refused window: no growth (it was halved for them)
+        seq += 1
+        b.feed(t, ok(lid, seq))
+    assert s.send_window == 4
+    out = [f.local_id for f in b.read()]  # type: ignore[attr-defined]
+    assert out == lids[:2] + lids[8:10]  # the two refused ones first, in order, then new ones
+    for lid in out:  # answers to what went after the event: +1 each
         seq += 1
         b.feed(t, ok(lid, seq))
     assert s.send_window == 8
-    # 6 answered, window 8: the two refused ones go first, in order, then new ones.
     out = [f.local_id for f in b.read()]  # type: ignore[attr-defined]
-    assert out[:2] == lids[:2] and out[2:] == lids[8 : 8 + len(out) - 2]
     assert s.statistics().in_flight == 8
     for _ in range(5):
         b.feed(t, ok(out.pop(0), seq := seq + 1))
