@@ -239,6 +239,35 @@ async def test_clock_skew_orders_the_seed_example_on_every_device(lmdb_store):
                 assert [m.payload for m in laptop.view(AB)] == [b"XXX", b"YYY"]
 
 
+async def test_a_reply_never_shows_above_what_it_answers_when_a_users_devices_disagree(lmdb_store):
+    """Issue input: after alice logs in, her phone's clock steps forward 5
+    minutes.  She sends q1 from the phone, bob replies r1, she sends q2 from
+    the laptop.  By the seed's rule alone (alice's messages by her local
+    time) every device showed r1, q2, q1; causality (after_seq) keeps q1,
+    r1, q2 everywhere, and on a device that only fetches history."""
+    step = [0]
+    phone_clock = lambda: time.time_ns() // 1000 + step[0]  # noqa: E731
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            async with client(srv.url(), "alice", "phone", clock=phone_clock) as phone, client(
+                srv.url(), "alice", "laptop"
+            ) as laptop, client(srv.url(), "bob") as bob:
+                step[0] = 5 * MINUTE  # after calibration: the offset is now wrong by 5 min
+                await phone.send(AB, b"q1")
+                await take_messages(bob, 1)
+                await take_messages(laptop, 1)
+                await bob.send(AB, b"r1")
+                await take_messages(laptop, 1)
+                await laptop.send(AB, b"q2")
+                await take_messages(phone, 2)
+                await take_messages(bob, 1)
+                for device in (phone, laptop, bob):
+                    assert [m.payload for m in device.view(AB)] == [b"q1", b"r1", b"q2"]
+            async with client(srv.url(), "bob", "tablet") as tablet:
+                await tablet.fetch_history(AB, 0, 10)
+                assert [m.payload for m in tablet.view(AB)] == [b"q1", b"r1", b"q2"]
+
+
 async def test_multi_device_read_sync_receipts_and_unread_counts(lmdb_store):
     with trio.fail_after(20):
         async with serving(lmdb_store) as srv:
