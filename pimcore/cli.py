@@ -138,6 +138,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
         config = settings.server_config()
+        if not config.listeners:
+            raise ConfigError("nothing to listen on: give at least one listen URL")
         secret = _secret(settings)
         auth = JwtAuthenticator(secret)
     except (ConfigError, ValueError, OSError) as exc:

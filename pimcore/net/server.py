@@ -140,8 +140,8 @@ class ServerConfig:
     read_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        if not self.listeners:
-            raise ValueError("at least one listener is needed")
+        # No listeners is fine: an embedding host may hand the broker its
+        # streams itself (BrokerServer.serve_stream).
         if self.max_outbound_bytes < 1024:
             raise ValueError("max_outbound_bytes must be >= 1024")
         if not isinstance(self.commit_in_thread, bool):
@@ -742,13 +742,18 @@ class BrokerServer:
         """Remove users from a group; KeyError if it does not exist."""
         return await self._admin(self.broker.remove_members, conv, users)
 
-    async def _admin(self, method: Callable[..., list[Command]], conv: str, users: list[str]) -> GroupChanged:
+    async def admin_result(self, method: Callable[..., list[Command]], conv: str, users: list[str], **kw: Any) -> Result:
+        """Run one group admin call of the core (``broker.create_group`` ...)
+        and return the store's answer as it is (GroupChanged or Rejected)."""
         ref = next(self._admin_refs)
         waiter: list[Any] = [trio.Event(), None]
         self._admin_waiters[ref] = waiter
-        self._run(method(conv, users, self.now(), ref=ref))
+        self._run(method(conv, users, self.now(), ref=ref, **kw))
         await waiter[0].wait()
-        result: Result = waiter[1]
+        return waiter[1]  # type: ignore[no-any-return]
+
+    async def _admin(self, method: Callable[..., list[Command]], conv: str, users: list[str]) -> GroupChanged:
+        result = await self.admin_result(method, conv, users)
         if isinstance(result, GroupChanged):
             return result
         assert isinstance(result, Rejected)

@@ -1,0 +1,164 @@
+"""Embedding pimcore in an asyncio program (FastAPI, aiohttp, ...).
+
+:func:`open_pimcore` runs the broker -- the same :mod:`pimcore.embed`
+handle a trio host gets -- inside the running asyncio loop, with trio's
+*guest mode* (``trio.lowlevel.start_guest_run``): trio's scheduler is
+driven by asyncio callbacks on the same thread, so no thread is added and
+the asyncio app keeps running its own tasks.  Every method of the returned
+:class:`AsyncPimcore` is an asyncio coroutine (or a plain function) with
+the same arguments, results and errors as :class:`pimcore.embed.Pimcore`::
+
+    async def main():
+        async with pimcore.asyncio.open_pimcore(data_dir="chat-data", listen=["tcp://127.0.0.1:7400"]) as im:
+            await im.create_group("team", ["alice", "bob"])
+            ...
+
+    asyncio.run(main())
+
+How a call crosses over: the asyncio side asks trio (through the run's
+TrioToken, which may be used from outside the run) to start the handle's
+coroutine in a nursery of the guest run; its outcome comes back through the
+loop's ``call_soon_threadsafe`` into an asyncio future.  Only one guest run
+may exist per thread, so one broker per asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
+
+import trio
+
+from . import embed
+from .embed import Conversation, Pimcore, RequestRefused
+
+__all__ = ["open_pimcore", "AsyncPimcore", "RequestRefused", "Conversation"]
+
+T = TypeVar("T")
+
+
+def _settle(fut: "asyncio.Future[Any]", ok: bool, value: Any) -> None:
+    if fut.done():  # the asyncio caller was cancelled meanwhile
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+class AsyncPimcore:
+    """The :class:`pimcore.embed.Pimcore` handle, for asyncio code."""
+
+    def __init__(self, handle: Pimcore, loop: asyncio.AbstractEventLoop, token: trio.lowlevel.TrioToken, nursery: trio.Nursery) -> None:
+        self.handle = handle
+        self._loop = loop
+        self._token = token
+        self._nursery = nursery
+
+    async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        fut: asyncio.Future[T] = self._loop.create_future()
+        loop = self._loop
+
+        async def run_in_trio() -> None:
+            try:
+                value = await fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - handed to the asyncio caller
+                loop.call_soon_threadsafe(_settle, fut, False, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, fut, True, value)
+
+        self._token.run_sync_soon(self._nursery.start_soon, run_in_trio)
+        return await fut
+
+    # Plain reads of in-memory state run directly: guest mode is the same
+    # thread, and these never await.
+    @property
+    def urls(self) -> list[str]:
+        return self.handle.urls
+
+    @property
+    def epoch(self) -> bytes:
+        return self.handle.epoch
+
+    def statistics(self) -> Any:
+        return self.handle.statistics()
+
+    def issue_token(self, user: str, device: Optional[str] = None, *, ttl: int = 3600) -> str:
+        return self.handle.issue_token(user, device, ttl=ttl)
+
+    def online_devices(self, user: str) -> list[str]:
+        return self.handle.online_devices(user)
+
+    async def create_group(self, conv: str, members: list[str]) -> Any:
+        return await self._call(self.handle.create_group, conv, members)
+
+    async def add_members(self, conv: str, users: list[str]) -> Any:
+        return await self._call(self.handle.add_members, conv, users)
+
+    async def remove_members(self, conv: str, users: list[str]) -> Any:
+        return await self._call(self.handle.remove_members, conv, users)
+
+    async def conversations(self, user: str) -> list[Conversation]:
+        return await self._call(self.handle.conversations, user)
+
+    async def unread(self, user: str, conv: str) -> int:
+        return await self._call(self.handle.unread, user, conv)
+
+    async def history(self, conv: str, user: str, **kwargs: Any) -> list[Any]:
+        return await self._call(self.handle.history, conv, user, **kwargs)
+
+
+@asynccontextmanager
+async def open_pimcore(*args: Any, **kwargs: Any) -> AsyncIterator[AsyncPimcore]:
+    """Run a broker inside the running asyncio loop for the duration of the
+    block.  Arguments, settings and errors as :func:`pimcore.embed.open_pimcore`
+    (raised here, in asyncio).  On exit the broker shuts down gracefully and
+    the guest run ends before this returns."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[AsyncPimcore] = loop.create_future()
+    done: asyncio.Future[None] = loop.create_future()
+    stop: list[trio.Event] = []
+
+    async def trio_main() -> None:
+        async with embed.open_pimcore(*args, **kwargs) as handle:
+            async with trio.open_nursery() as calls:
+                stop.append(trio.Event())
+                api = AsyncPimcore(handle, loop, trio.lowlevel.current_trio_token(), calls)
+                loop.call_soon_threadsafe(_settle, ready, True, api)
+                await stop[0].wait()
+                calls.cancel_scope.cancel()
+
+    def finished(outcome: Any) -> None:
+        # Called by trio when the guest run is over, possibly before `ready`
+        # (the broker could not start): the error goes to whoever waits.
+        try:
+            outcome.unwrap()
+        except BaseException as exc:  # noqa: BLE001
+            _settle(ready, False, exc)
+            _settle(done, False, exc)
+        else:
+            _settle(ready, False, RuntimeError("pimcore stopped before it started"))
+            _settle(done, True, None)
+
+    trio.lowlevel.start_guest_run(
+        trio_main,
+        run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+        done_callback=finished,
+        host_uses_signal_set_wakeup_fd=True,
+    )
+    try:
+        api = await ready
+    except BaseException:
+        # The same error ends the guest run: wait for that (and retrieve
+        # it, so asyncio does not report it a second time).
+        try:
+            await asyncio.shield(done)
+        except BaseException:  # noqa: BLE001
+            pass
+        raise
+    try:
+        yield api
+    finally:
+        api._token.run_sync_soon(stop[0].set)
+        await asyncio.shield(done)

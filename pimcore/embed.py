@@ -1,0 +1,262 @@
+"""Embedding pimcore in a trio program: :func:`open_pimcore` and its handle.
+
+A backend that embeds pimcore runs the broker in its own process::
+
+    async with open_pimcore(data_dir="chat-data", listen=["tcp://127.0.0.1:7400"]) as im:
+        token = im.issue_token("alice", ttl=3600)       # hand it to the app
+        await im.create_group("team", ["alice", "bob"])
+        print(await im.unread("bob", "team"))
+
+The handle is the one surface the other hosts share: :mod:`pimcore.asyncio`
+wraps the same handle for asyncio programs (trio's guest mode), and the C ABI
+(``bindings/``) wraps it for everything else.
+
+Everything the handle reads goes through the store's request interface
+(:class:`~pimcore.store.StoreRequest`), so it works the same over the
+embedded LMDB store, the memory store and an asynchronous (networked) store.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, Union
+
+import trio
+
+from ._util import unwrap_single
+from .auth import JwtAuthenticator, issue_token, load_or_create_secret
+from .core import Authenticator, Identity
+from .config import ConfigError, ServeSettings, load_settings
+from .errors import ErrorCode, PimError, StoreError
+from .net.server import BrokerServer, ServerStatistics, open_broker_server
+from .store import AsyncStore, LmdbStore, Store
+from .store.base import (
+    ConversationState,
+    GroupChanged,
+    HistoryPage,
+    LoadSession,
+    ReadHistory,
+    ReadOp,
+    Rejected,
+    SessionLoaded,
+    StoredMessage,
+    StoreRequest,
+)
+
+__all__ = ["open_pimcore", "Pimcore", "RequestRefused"]
+
+#: Device id the handle's reads use where the store wants one (never a
+#: real device: it is not registered by a read).
+_READER_DEVICE = "pimcore-host"
+
+
+class RequestRefused(PimError):
+    """The broker refused a host request; ``code`` says why (an ErrorCode:
+    BAD_REQUEST, UNKNOWN_CONVERSATION, NOT_MEMBER, ALREADY_EXISTS, ...)."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """One conversation of a user, as :meth:`Pimcore.conversations` lists it:
+    the user's read marker, the last seq, the exact unread count, and for a
+    1:1 chat the peer and the peer's marker ("" and 0 for a group)."""
+
+    conv: str
+    read_seq: int
+    last_seq: int
+    unread: int
+    peer: str
+    peer_read_seq: int
+
+
+class Pimcore:
+    """An embedded broker; create it with :func:`open_pimcore`.
+
+    Methods are trio-async where they wait for the broker or the store, and
+    raise :class:`RequestRefused` (with an ErrorCode) for requests the broker
+    refuses, :class:`~pimcore.errors.StoreError` when the store failed.
+    """
+
+    def __init__(self, server: BrokerServer, store: Union[Store, AsyncStore], settings: ServeSettings, secret: Optional[bytes]) -> None:
+        self.server = server
+        self.settings = settings
+        self._store = store
+        self._secret = secret
+        self._started = time.monotonic()
+        self._ids = itertools.count(1)
+
+    # ------------------------------------------------------------ identity
+
+    @property
+    def urls(self) -> list[str]:
+        """The listeners' URLs (empty when the broker has none)."""
+        return self.server.urls
+
+    @property
+    def epoch(self) -> bytes:
+        """The store's current epoch (16 bytes, see Store.epoch)."""
+        return self.server.broker.epoch
+
+    def statistics(self) -> ServerStatistics:
+        return self.server.statistics()
+
+    def issue_token(self, user: str, device: Optional[str] = None, *, ttl: int = 3600) -> str:
+        """A login token for ``user`` (bound to ``device`` if given), valid for
+        ``ttl`` seconds, signed with the broker's secret.  Raises ValueError
+        for invalid ids, RuntimeError if the broker was opened with its own
+        authenticator (it has no secret to sign with)."""
+        if self._secret is None:
+            raise RuntimeError("this broker authenticates with a custom authenticator: it cannot issue tokens")
+        return issue_token(self._secret, user, device, ttl=ttl)
+
+    # ------------------------------------------------------------ groups
+
+    async def create_group(self, conv: str, members: Sequence[str]) -> GroupChanged:
+        """Create group ``conv`` with ``members``, ordered with the messages
+        around it.  Raises RequestRefused (BAD_REQUEST, ALREADY_EXISTS),
+        StoreError if the store failed."""
+        return await self._admin(self.server.broker.create_group, conv, members)
+
+    async def add_members(self, conv: str, users: Sequence[str]) -> GroupChanged:
+        """Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION), StoreError."""
+        return await self._admin(self.server.broker.add_members, conv, users)
+
+    async def remove_members(self, conv: str, users: Sequence[str]) -> GroupChanged:
+        """Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION), StoreError."""
+        return await self._admin(self.server.broker.remove_members, conv, users)
+
+    async def _admin(self, method: Callable[..., Any], conv: str, users: Sequence[str]) -> GroupChanged:
+        result = await self.server.admin_result(method, conv, list(users))
+        if isinstance(result, Rejected):
+            if result.code is ErrorCode.STORE_UNAVAILABLE:
+                raise StoreError(f"group {conv!r} not changed: the store failed")
+            raise RequestRefused(result.code, f"group {conv!r} not changed: {result.code.name}")
+        return result  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------ reads
+
+    def online_devices(self, user: str) -> list[str]:
+        """The devices of ``user`` connected to this broker now, sorted."""
+        return self.server.broker.online_devices(user)
+
+    async def conversations(self, user: str) -> list[Conversation]:
+        """Every conversation of ``user`` with its read state, sorted by id."""
+        loaded = await self._read_one(LoadSession(user, _READER_DEVICE))
+        if isinstance(loaded, Rejected):
+            raise RequestRefused(loaded.code, f"invalid user id {user!r}")
+        assert isinstance(loaded, SessionLoaded)
+        return [_conversation(c) for c in loaded.conversations]
+
+    async def unread(self, user: str, conv: str) -> int:
+        """Exact number of messages from others in ``conv`` after ``user``'s
+        read marker (0 for a conversation the user is not in)."""
+        for c in await self.conversations(user):
+            if c.conv == conv:
+                return c.unread
+        return 0
+
+    async def history(
+        self, conv: str, user: str, *, from_seq: int = 0, limit: int = 50, backward: bool = True
+    ) -> list[StoredMessage]:
+        """A page of ``conv`` as ``user`` may see it (``from_seq``/``backward``
+        as in HistoryReq: backward from ``from_seq`` exclusive, 0 = newest).
+        Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION, NOT_MEMBER)."""
+        page = await self._read_one(ReadHistory(conv, user, from_seq, limit, backward))
+        assert isinstance(page, HistoryPage)
+        if page.code != ErrorCode.OK:
+            raise RequestRefused(page.code, f"history of {conv!r} for {user!r}: {page.code.name}")
+        return list(page.messages)
+
+    async def _read_one(self, op: ReadOp) -> Any:
+        request = StoreRequest(next(self._ids), (op,), False)
+        store = self._store
+        if isinstance(store, AsyncStore):
+            (result,) = await store.execute(request)
+        else:
+            (result,) = store.execute(request)
+        return result
+
+    # ------------------------------------------------------------ streams
+
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one client over an already open byte stream (an in-process
+        pipe, a socket accepted by the host): returns when it ends."""
+        await self.server.serve_stream(stream)
+
+
+def _conversation(c: ConversationState) -> Conversation:
+    return Conversation(c.conv, c.read_seq, c.last_seq, c.unread, c.peer, c.peer_read_seq)
+
+
+Auth = Union[Authenticator, Callable[[bytes, int], Awaitable[Identity]]]
+
+
+@asynccontextmanager
+async def open_pimcore(
+    settings: Optional[ServeSettings] = None,
+    *,
+    config_file: Optional[str] = None,
+    store: Union[Store, AsyncStore, None] = None,
+    authenticate: Optional[Auth] = None,
+    **overrides: Any,
+) -> AsyncIterator[Pimcore]:
+    """Run a broker in this trio program for the duration of the block.
+
+    Settings are those of ``pimcore serve``: ``settings``, or the TOML
+    ``config_file`` with ``overrides`` (flag names: ``data_dir``,
+    ``durability``, ``listen``, ``secret``, ``secret_file``, any
+    ``[limits]``/``[server]`` key).  Unlike ``pimcore serve`` an embedded
+    broker listens nowhere unless ``listen`` says so.
+
+    ``store`` defaults to LMDB in ``<data_dir>/store`` (opened here and
+    closed on exit; a store passed in stays open).  ``authenticate`` defaults
+    to JWTs signed with the broker secret (``<data_dir>/secret``, created if
+    missing, as ``pimcore serve`` does).  On exit the broker shuts down
+    gracefully (committed acks flushed, Close(SHUTDOWN) to every client).
+
+    Raises ConfigError for unusable settings, StoreError if the store cannot
+    be opened, OSError if a listener cannot bind.
+    """
+    if settings is None:
+        overrides.setdefault("listen", [])
+        settings = load_settings(config_file, **overrides)
+    elif config_file is not None or overrides:
+        raise TypeError("pass either settings or config_file/overrides, not both")
+    config = settings.server_config()
+    secret: Optional[bytes] = None
+    if authenticate is None:
+        secret = _secret_of(settings)
+        authenticate = JwtAuthenticator(secret)
+    own_store = store is None
+    if store is None:
+        store = LmdbStore(Path(settings.data_dir) / "store", durability=settings.durability)
+    try:
+        with unwrap_single():
+            async with open_broker_server(store, authenticate, config) as server:
+                yield Pimcore(server, store, settings, secret)
+    finally:
+        if own_store:
+            if isinstance(store, AsyncStore):
+                await store.aclose()
+            else:
+                store.close()
+
+
+def _secret_of(settings: ServeSettings) -> bytes:
+    if settings.secret:
+        return settings.secret.encode()
+    if settings.secret_file is not None:
+        text = Path(settings.secret_file).read_text().strip()
+        if not text:
+            raise ConfigError(f"{settings.secret_file} is empty")
+        return text.encode()
+    return load_or_create_secret(Path(settings.data_dir))
+

@@ -1,0 +1,136 @@
+"""Embedding: the trio handle (pimcore.embed) and the asyncio host
+(pimcore.asyncio, trio guest mode), through their public APIs only."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from pimcore import frames as F
+from pimcore.client import open_client
+from pimcore.codec import Decoder, encode_frame
+from pimcore.embed import RequestRefused, open_pimcore
+from pimcore.errors import ErrorCode
+from pimcore.store import MemoryStore, direct_conversation
+
+AB = direct_conversation("alice", "bob")
+
+
+async def test_a_trio_host_runs_the_broker_and_reads_what_clients_did(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            assert len(im.urls) == 1 and len(im.epoch) == 16
+            assert (tmp_path / "data" / "secret").exists() and (tmp_path / "data" / "store").is_dir()
+            await im.create_group("team", ["alice", "bob"])
+            with pytest.raises(RequestRefused) as refused:
+                await im.create_group("team", ["alice"])
+            assert refused.value.code is ErrorCode.ALREADY_EXISTS
+            async with open_client(im.urls[0], im.issue_token("alice"), "phone") as alice:
+                for i in range(3):
+                    await alice.send("team", b"t%d" % i)
+                await alice.send(AB, b"hi bob")
+                assert im.online_devices("alice") == ["phone"]
+            assert await im.unread("bob", "team") == 3 and await im.unread("bob", AB) == 1
+            convs = {c.conv: c for c in await im.conversations("bob")}
+            assert set(convs) == {"team", AB} and convs[AB].peer == "alice"
+            page = await im.history("team", "bob", limit=2)
+            assert [m.payload for m in page] == [b"t2", b"t1"]
+            with pytest.raises(RequestRefused) as refused:
+                await im.history("team", "mallory")
+            assert refused.value.code is ErrorCode.NOT_MEMBER
+            assert im.statistics().broker.messages_stored == 4
+
+
+async def test_an_embedded_broker_listens_nowhere_unless_told(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with open_pimcore(data_dir=tmp_path, store=MemoryStore()) as im:
+            assert im.urls == []
+            # ...but serves any byte stream the host hands it.
+            client_side, broker_side = trio.testing.memory_stream_pair()
+            async with trio.open_nursery() as n:
+                n.start_soon(im.serve_stream, broker_side)
+                await client_side.send_all(encode_frame(F.Login(im.issue_token("alice").encode(), "pipe", 0, 0, 0)))
+                dec = Decoder()
+                while True:
+                    dec.feed(await client_side.receive_some())
+                    frames = list(dec)
+                    if frames:
+                        break
+                assert isinstance(frames[0], F.LoginAck) and frames[0].user == "alice"
+                await client_side.aclose()
+
+
+def test_settings_errors_are_config_errors(tmp_path: Path) -> None:
+    from pimcore.config import ConfigError
+
+    async def main() -> None:
+        async with open_pimcore(data_dir=tmp_path, durability="sometimes"):
+            pass  # pragma: no cover
+
+    with pytest.raises(ConfigError):
+        trio.run(main)
+
+
+# ---------------------------------------------------------------- asyncio
+
+
+def test_an_asyncio_host_runs_the_broker_while_its_own_tasks_keep_running(tmp_path: Path) -> None:
+    import pimcore.asyncio as pim_asyncio
+
+    async def main() -> None:
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:  # the app's own work, all along
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        app_task = asyncio.create_task(ticker())
+        async with pim_asyncio.open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["alice", "bob"])
+            with pytest.raises(pim_asyncio.RequestRefused):
+                await im.add_members("no-such-group", ["carol"])
+            # A client over real TCP, written with asyncio streams.
+            host, port = im.urls[0].removeprefix("tcp://").rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            token = im.issue_token("alice").encode()
+            writer.write(encode_frame(F.Login(token, "asyncio", int(time.time() * 1e6), 0, 0)))
+            writer.write(encode_frame(F.SendReq(1, "team", int(time.time() * 1e6), b"from asyncio")))
+            await writer.drain()
+            dec, acks = Decoder(), []
+            while not acks:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                assert data, "the broker hung up"
+                dec.feed(data)
+                acks += [f for f in dec if isinstance(f, F.SendAck)]
+            assert acks[0].code == 0 and acks[0].seq == 1
+            assert im.online_devices("alice") == ["asyncio"]
+            writer.close()
+            ticks_before = ticks
+            assert await im.unread("bob", "team") == 1
+            assert [m.payload for m in await im.history("team", "bob")] == [b"from asyncio"]
+            await asyncio.sleep(0.05)
+            assert ticks > ticks_before  # the app was never starved
+        stop.set()
+        await app_task
+        assert ticks > 10
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_an_asyncio_host_gets_startup_errors_in_asyncio(tmp_path: Path) -> None:
+    import pimcore.asyncio as pim_asyncio
+    from pimcore.config import ConfigError
+
+    async def main() -> None:
+        async with pim_asyncio.open_pimcore(data_dir=tmp_path, durability="sometimes"):
+            pass  # pragma: no cover
+
+    with pytest.raises(ConfigError):
+        asyncio.run(main())
