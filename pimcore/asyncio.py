@@ -31,9 +31,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
 import trio
 
 from . import embed
-from .embed import Conversation, Pimcore, RequestRefused
+from .embed import SYSTEM, Conversation, Pimcore, Posted, RequestRefused
 
-__all__ = ["open_pimcore", "AsyncPimcore", "RequestRefused", "Conversation"]
+__all__ = ["open_pimcore", "AsyncPimcore", "RequestRefused", "Conversation", "Posted", "SYSTEM"]
 
 T = TypeVar("T")
 
@@ -89,6 +89,22 @@ class AsyncPimcore:
 
     def online_devices(self, user: str) -> list[str]:
         return self.handle.online_devices(user)
+
+    async def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
+        # Runs in trio: ending sessions touches the broker's streams.
+        async def kick() -> None:
+            self.handle.kick(user, device, reason)
+
+        await self._call(kick)
+
+    async def post(self, conv: str, payload: bytes, **kwargs: Any) -> Posted:
+        return await self._call(self.handle.post, conv, payload, **kwargs)
+
+    async def post_many(self, posts: list[dict[str, Any]]) -> list[Any]:
+        return await self._call(self.handle.post_many, posts)
+
+    async def revoke(self, user: str, device: Optional[str] = None, **kwargs: Any) -> int:
+        return await self._call(self.handle.revoke, user, device, **kwargs)
 
     async def create_group(self, conv: str, members: list[str]) -> Any:
         return await self._call(self.handle.create_group, conv, members)

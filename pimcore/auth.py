@@ -62,7 +62,11 @@ def issue_token(
         if problem is not None:
             raise ValueError(f"cannot issue a token: {problem}")
     issued = time.time() if now is None else now
-    claims: dict[str, object] = {"sub": user, "aud": AUDIENCE, "iat": int(issued), "exp": int(issued + ttl)}
+    # iat to the µs (RFC 7519 allows a fractional NumericDate): revocation
+    # (Pimcore.revoke) compares it with the revoke time, and a token issued
+    # right after a revoke must not fall into the same whole second.
+    iat: object = int(issued) if float(issued).is_integer() else round(float(issued), 6)
+    claims: dict[str, object] = {"sub": user, "aud": AUDIENCE, "iat": iat, "exp": int(issued + ttl)}
     if device is not None:
         claims["dev"] = device
     return jwt.encode(claims, _key(secret), algorithm=ALGORITHM)
@@ -104,7 +108,12 @@ class JwtAuthenticator:
         device = claims.get("dev")
         if not isinstance(user, str) or (device is not None and not isinstance(device, str)):
             raise AuthError("token claims have the wrong types")
-        return Identity(user, device, expires=int((exp + self._leeway) * 1_000_000))
+        iat = claims.get("iat")
+        if iat is not None and (not isinstance(iat, (int, float)) or isinstance(iat, bool)):
+            raise AuthError("token issue time is not a number")
+        # A token without iat counts as issued at 0: any revocation ends it.
+        issued_at = int(round(iat * 1_000_000)) if iat is not None else 0
+        return Identity(user, device, expires=int((exp + self._leeway) * 1_000_000), issued_at=issued_at)
 
 
 def load_or_create_secret(data_dir: Union[str, Path]) -> bytes:

@@ -31,7 +31,7 @@ States (:class:`SessionState`)::
          ^                                   |                              |
          |  connection_lost, Close,          |        N samples or timeout  v
          +--- malformed bytes, timeouts -----+-------------------------  ACTIVE
-    any state --close(), Close(AUTH_FAILED|REPLACED)--> CLOSED (terminal)
+    any state --close(), Close(AUTH_FAILED|TOKEN_REVOKED|KICKED|REPLACED)--> CLOSED (terminal)
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ class SessionState(enum.Enum):
     AWAITING_LOGIN_ACK = "awaiting_login_ack"  # Login sent
     CALIBRATING = "calibrating"  # LoginAck received; CalibrateReq round trips
     ACTIVE = "active"  # sends, pushes, read state, history, heartbeats
-    CLOSED = "closed"  # for good: close(), AUTH_FAILED or REPLACED; see ``error``
+    CLOSED = "closed"  # for good: close(), AUTH_FAILED, TOKEN_REVOKED, KICKED or REPLACED; see ``error``
 
 
 _LIVE = (SessionState.AWAITING_LOGIN_ACK, SessionState.CALIBRATING, SessionState.ACTIVE)
@@ -795,9 +795,14 @@ class ClientSession:
     def _on_close(self, f: F.Close) -> None:
         code = CloseCode(f.code) if f.code in CloseCode._value2member_map_ else None
         self._end_connection(code, f.reason)
-        if code is CloseCode.AUTH_FAILED:
-            # A token the broker refused will not get better by retrying.
+        if code is CloseCode.AUTH_FAILED or code is CloseCode.TOKEN_REVOKED:
+            # A token the broker refused (or the host revoked) will not get
+            # better by retrying: the app needs a new one, and a new client.
             self._terminate(AuthFailed(f.reason))
+        elif code is CloseCode.KICKED:
+            # The host ended this session on purpose: logging in again by
+            # ourselves would undo that.
+            self._terminate(ClientClosed(f"kicked by the host: {f.reason}"))
         elif code is CloseCode.REPLACED:
             # This device is live elsewhere: reconnecting would kick that one out.
             self._terminate(ClientClosed("this device logged in on another connection"))

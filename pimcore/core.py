@@ -17,7 +17,9 @@ of commands:
   :meth:`Broker.auth_completed`;
 * :class:`CheckContent` -- run the content filter, answer with
   :meth:`Broker.content_checked`;
-* :class:`AdminDone` -- a group admin call made through the core finished.
+* :class:`AdminDone` -- a group admin call or a revocation made through the
+  core finished;
+* :class:`PostDone` -- a host post (:meth:`Broker.post`) finished.
 
 Each connection's wire protocol -- framing, zstd in both directions, the
 login gate, the closing state -- is a :class:`pimcore.protocol.ServerSession`
@@ -65,7 +67,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 from . import frames as F
 from .clock import HybridClock
 from .errors import AuthError, CloseCode, ErrorCode, ProtocolError, StoreError
-from .ids import direct_members, id_problem, valid_conversation, valid_id
+from .ids import SYSTEM, direct_members, id_problem, valid_conversation, valid_id
 from .protocol import Compression, ServerSession, UnexpectedFrame
 from .store.base import (
     AckPosition,
@@ -87,6 +89,8 @@ from .store.base import (
     Rejected,
     RemoveMembers,
     Result,
+    RevokeTokens,
+    Revoked,
     SessionLoaded,
     Store,
     StoredMessage,
@@ -108,6 +112,7 @@ __all__ = [
     "Authenticate",
     "CheckContent",
     "AdminDone",
+    "PostDone",
     "Command",
     "BrokerStatistics",
     "Broker",
@@ -163,6 +168,10 @@ class Identity:
     user: str
     device: Optional[str] = None
     expires: Optional[int] = None
+    #: µs, when the token was issued (JWT ``iat``): a host revocation
+    #: (:meth:`Broker.revoke`) refuses tokens issued before its time.
+    #: None = unknown, treated as 0 (revoked by any revocation).
+    issued_at: Optional[int] = None
 
 
 #: ``authenticate(token, now) -> Identity``; raises :class:`AuthError` to refuse.
@@ -277,15 +286,34 @@ class CheckContent:
 
 @dataclass(frozen=True, slots=True)
 class AdminDone:
-    """A group admin call (:meth:`Broker.create_group` ...) made with ``ref``
-    finished: ``result`` is GroupChanged, or Rejected with a code
-    (BAD_REQUEST, ALREADY_EXISTS, UNKNOWN_CONVERSATION, STORE_UNAVAILABLE)."""
+    """A host call (:meth:`Broker.create_group`, :meth:`Broker.revoke` ...)
+    made with ``ref`` finished: ``result`` is the store's answer (GroupChanged,
+    Revoked), or Rejected with a code (BAD_REQUEST, ALREADY_EXISTS,
+    UNKNOWN_CONVERSATION, STORE_UNAVAILABLE)."""
 
     ref: int
     result: Result
 
 
-Command = Union[SendData, CloseConnection, PauseReading, ResumeReading, StoreRequest, Authenticate, CheckContent, AdminDone]
+@dataclass(frozen=True, slots=True)
+class PostDone:
+    """A host post (:meth:`Broker.post`) made with ``ref`` finished.  ``code``
+    OK: the message is durable, with ``msg_id``/``seq``/``server_time`` (a
+    retry with the same idempotency key gets the same values).  Otherwise
+    why not (BAD_REQUEST, PAYLOAD_TOO_LARGE, UNKNOWN_CONVERSATION,
+    NOT_MEMBER, DUPLICATE_CONFLICT, STORE_UNAVAILABLE); the other fields
+    are empty."""
+
+    ref: int
+    code: ErrorCode
+    msg_id: bytes
+    seq: int
+    server_time: int
+
+
+Command = Union[
+    SendData, CloseConnection, PauseReading, ResumeReading, StoreRequest, Authenticate, CheckContent, AdminDone, PostDone
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +327,9 @@ class BrokerStatistics:
     logins: int
     resyncs: int  # logins whose cursor came from another epoch or beyond the head
     auth_failures: int
+    kicks: int  # sessions ended by Broker.kick
+    revoked_sessions: int  # live sessions ended by Broker.revoke
+    posts: int  # host posts proposed (Broker.post)
     protocol_errors: int
     messages_stored: int
     duplicates: int
@@ -335,7 +366,7 @@ class _ConnState(Enum):
 class _Conn:
     __slots__ = (
         "id", "state", "opened", "last_seen", "session", "user", "device", "inflight", "tokens", "refill_at", "strikes",
-        "expires", "waiting", "backlog", "history_reads", "login", "paused",
+        "expires", "waiting", "backlog", "history_reads", "login", "paused", "issued_at",
     )
 
     def __init__(self, conn_id: int, now: int, session: ServerSession) -> None:
@@ -348,6 +379,7 @@ class _Conn:
         self.refill_at = now
         self.strikes = 0  # consecutive RATE_LIMITED refusals
         self.expires: Optional[int] = None  # the token's expiry, if it has one
+        self.issued_at = 0  # µs, the token's issue time (revocation)
         self.session = session  # bytes <-> frames, zstd, login gate, Close
         self.user = ""
         self.device = ""
@@ -489,6 +521,8 @@ def _to_frame_message(pos: int, m: StoredMessage) -> F.Message:
     )
 
 
+_U64_MAX = (1 << 64) - 1
+
 # ---------------------------------------------------------------- the broker
 
 
@@ -550,6 +584,9 @@ class Broker:
         self._ack_slot: dict[tuple[str, str], int] = {}  # coalesce acks in _ops
         self._read_slot: dict[tuple[str, str], int] = {}  # coalesce reads in _ops
         self._pending_sends: dict[tuple[str, str, int], _PendingSend] = {}
+        # (user, device or "") -> µs: revocations in force (also stored, and
+        # read with every login; kept here for logins that raced one).
+        self._revoked: dict[tuple[str, str], int] = {}
         # Positions acked by devices whose AckPosition is not durable yet: a
         # quick re-login must resume from here, not from the older stored one.
         self._acks_unsaved: dict[tuple[str, str], int] = {}
@@ -568,7 +605,7 @@ class Broker:
 
         self._stats = dict.fromkeys(
             (
-                "frames_in", "frames_out", "logins", "resyncs", "auth_failures", "protocol_errors", "messages_stored",
+                "frames_in", "frames_out", "logins", "resyncs", "auth_failures", "kicks", "revoked_sessions", "posts", "protocol_errors", "messages_stored",
                 "duplicates", "rejected", "batches", "batch_failures", "pushes", "reclaimed_entries", "reads",
                 "read_failures",
             ),
@@ -744,6 +781,9 @@ class Broker:
                 if self._acks_unsaved.get(key, -1) <= op.position:  # type: ignore[union-attr]
                     self._acks_unsaved.pop(key, None)
             elif isinstance(ctx, _AdminCtx):
+                if isinstance(res, Revoked):
+                    key = (res.user, res.device)
+                    self._revoked[key] = max(self._revoked.get(key, 0), res.before)
                 out.append(AdminDone(ctx.ref, res))
             elif kind is Reclaim and isinstance(res, Reclaimed):
                 self._stats["reclaimed_entries"] += res.entries
@@ -979,6 +1019,110 @@ class Broker:
         self._maybe_commit(out, now)
         return out
 
+    def kick(self, user: str, device: Optional[str], now: int, reason: str = "") -> list[Command]:
+        """Control plane: end the sessions of ``user`` now (only ``device``'s
+        if given) with ``Close(KICKED)``; the SDK does not log in again by
+        itself.  Nothing is stored: to keep someone out, also revoke."""
+        out: list[Command] = []
+        for c in list(self._conns.values()):
+            if c.state is _ConnState.ACTIVE and c.user == user and (device is None or c.device == device):
+                self._stats["kicks"] += 1
+                self._close(c, CloseCode.KICKED, reason or "the host ended this session", out)
+        return out
+
+    def revoke(self, user: str, device: Optional[str], before: int, now: int, *, ref: int = 0) -> list[Command]:
+        """Control plane: refuse ``user``'s tokens issued before ``before``
+        (µs; all its devices, or only ``device``) from now on, durably
+        (:class:`RevokeTokens`), and end the live sessions that used one
+        (``Close(TOKEN_REVOKED)``) at once.  :class:`AdminDone` with ``ref``
+        carries the store's answer (Revoked, or Rejected)."""
+        key = (user, device or "")
+        # In force at once, before the write is durable: a login that
+        # completes meanwhile must not slip through (and the session ends
+        # now, not after the next fsync).
+        self._revoked[key] = max(self._revoked.get(key, 0), before)
+        out: list[Command] = []
+        for c in list(self._conns.values()):
+            if (
+                c.state is _ConnState.ACTIVE
+                and c.user == user
+                and (device is None or c.device == device)
+                and c.issued_at < before
+            ):
+                self._stats["revoked_sessions"] += 1
+                self._close(c, CloseCode.TOKEN_REVOKED, "this token was revoked; get a new one", out)
+        self._propose(RevokeTokens(user, device or "", before), _AdminCtx(ref))
+        self._maybe_commit(out, now)
+        return out
+
+    def post(
+        self,
+        conv: str,
+        payload: bytes,
+        now: int,
+        *,
+        sender: str = SYSTEM,
+        device: str = SYSTEM,
+        key: Union[str, bytes, None] = None,
+        ref: int = 0,
+    ) -> list[Command]:
+        """Control plane: store a message in ``conv`` from ``sender`` (a user,
+        who must be a member, with one of its ``device`` ids; or the system,
+        ``ids.SYSTEM``, allowed everywhere) and deliver it like a client's.
+
+        ``key`` is the idempotency key (text or bytes, at most 256 bytes):
+        posts with the same sender, device and key are one message, exactly
+        as a client's retries with one local id are (the key is hashed to
+        the 64-bit local id, BLAKE2b); None posts without one.  The message
+        is displayed after everything already in the conversation
+        (``after_seq`` is the last seq).  :class:`PostDone` with ``ref`` says
+        how it went.  Bypasses the send rate limit and the content filter:
+        the host is trusted."""
+        out: list[Command] = []
+
+        def refuse(code: ErrorCode) -> list[Command]:
+            self._stats["rejected"] += 1
+            out.append(PostDone(ref, code, b"", 0, 0))
+            return out
+
+        if not isinstance(payload, bytes) or len(payload) > self.config.limits.max_payload:
+            return refuse(ErrorCode.PAYLOAD_TOO_LARGE if isinstance(payload, bytes) else ErrorCode.BAD_REQUEST)
+        system = sender == SYSTEM
+        if system:
+            if device != SYSTEM:
+                return refuse(ErrorCode.BAD_REQUEST)
+            code = ErrorCode.OK if valid_conversation(conv) else ErrorCode.BAD_REQUEST
+        else:
+            if not (valid_id(sender) and valid_id(device)):
+                return refuse(ErrorCode.BAD_REQUEST)
+            code = self._check_conversation(sender, conv)
+        if code is not ErrorCode.OK:
+            return refuse(code)
+        if key is None:
+            local_id = int.from_bytes(os.urandom(8), "big")
+        else:
+            raw_key = key.encode("utf-8") if isinstance(key, str) else key
+            if not isinstance(raw_key, bytes) or not 0 < len(raw_key) <= 256:
+                return refuse(ErrorCode.BAD_REQUEST)
+            local_id = int.from_bytes(hashlib.blake2b(raw_key, digest_size=8, person=b"pimcore-idem").digest(), "big")
+        digest = message_digest(conv, payload)
+        dkey = (sender, device, local_id)
+        pending = self._pending_sends.get(dkey)
+        if pending is not None:
+            if pending.digest != digest:
+                return refuse(ErrorCode.DUPLICATE_CONFLICT)
+            pending.waiters.append(("post", ref))
+            return out
+        server_time = self._clock.tick(now)
+        msg_id = server_time.to_bytes(8, "big") + self._node_id
+        op = NewMessage(msg_id, conv, sender, device, local_id, server_time, server_time, payload, digest, _U64_MAX)
+        ctx = _PendingSend(dkey, digest, ("post", ref))
+        self._pending_sends[dkey] = ctx
+        self._stats["posts"] += 1
+        self._propose(op, ctx)
+        self._maybe_commit(out, now)
+        return out
+
     def online_devices(self, user: str) -> list[str]:
         return sorted(self._online.get(user, {}))
 
@@ -1070,6 +1214,16 @@ class Broker:
         c.login = None
         c.waiting = 0
 
+        # Revoked by the host: durably (read with the session) or by a
+        # revocation committed while this login's read was out.
+        revoked = max(
+            loaded.revoked_before, self._revoked.get((user, ""), 0), self._revoked.get((user, device), 0)
+        )
+        if (ident.issued_at or 0) < revoked:
+            self._stats["auth_failures"] += 1
+            self._close(c, CloseCode.TOKEN_REVOKED, "this token was revoked; get a new one", out)
+            return
+
         # One connection per device: the newest wins (the old one is likely a
         # half-dead socket the device has already given up on).
         old = self._online.get(user, {}).get(device)
@@ -1104,6 +1258,7 @@ class Broker:
         c.state = _ConnState.ACTIVE
         c.user, c.device = user, device
         c.expires = ident.expires
+        c.issued_at = ident.issued_at or 0
         c.tokens = float(self.config.limits.send_burst)
         c.refill_at = now
         dev = _Device(c.id, user, device, position)
@@ -1281,6 +1436,9 @@ class Broker:
 
     def _ack_waiters(self, ctx: _PendingSend, ack: F.SendAck, out: list[Command]) -> None:
         for conn in ctx.waiters:
+            if type(conn) is tuple:  # a host post (Broker.post)
+                out.append(PostDone(conn[1], ErrorCode(ack.code), ack.msg_id, ack.seq, ack.server_time))
+                continue
             c = self._conns.get(conn)
             if c is None:  # gone: the client retries after reconnecting
                 continue

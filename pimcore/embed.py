@@ -32,6 +32,7 @@ from .auth import JwtAuthenticator, issue_token, load_or_create_secret
 from .core import Authenticator, Identity
 from .config import ConfigError, ServeSettings, load_settings
 from .errors import ErrorCode, PimError, StoreError
+from .ids import SYSTEM
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
 from .store.base import (
@@ -47,7 +48,7 @@ from .store.base import (
     StoreRequest,
 )
 
-__all__ = ["open_pimcore", "Pimcore", "RequestRefused"]
+__all__ = ["open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "SYSTEM"]
 
 #: Device id the handle's reads use where the store wants one (never a
 #: real device: it is not registered by a read).
@@ -61,6 +62,17 @@ class RequestRefused(PimError):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    """A durable host post: its identity (a retry with the same idempotency
+    key gets the same values)."""
+
+    conv: str
+    msg_id: bytes  # 16 bytes
+    seq: int
+    server_time: int  # µs, the broker's clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +152,72 @@ class Pimcore:
                 raise StoreError(f"group {conv!r} not changed: the store failed")
             raise RequestRefused(result.code, f"group {conv!r} not changed: {result.code.name}")
         return result  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------ messages and sessions
+
+    async def post(
+        self,
+        conv: str,
+        payload: bytes,
+        *,
+        sender: str = SYSTEM,
+        device: str = SYSTEM,
+        idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
+        """Store ``payload`` in ``conv`` and deliver it like a client's
+        message, once it is durable.  ``sender``/``device``: a member and one
+        of its device ids, or the system (``pimcore.ids.SYSTEM``, the default;
+        allowed in every conversation, shown as the system by clients).
+        ``idempotency_key`` (at most 256 bytes) makes retries safe: posts with
+        the same sender, device and key are one message (the original's
+        identity comes back), exactly like a client's local id.  Raises
+        RequestRefused (BAD_REQUEST, PAYLOAD_TOO_LARGE, UNKNOWN_CONVERSATION,
+        NOT_MEMBER, DUPLICATE_CONFLICT), StoreError if the store failed."""
+        done = await self.server.host_call(
+            self.server.broker.post, conv, bytes(payload), sender=sender, device=device, key=idempotency_key
+        )
+        if done.code is ErrorCode.STORE_UNAVAILABLE:
+            raise StoreError(f"post to {conv!r} not stored: the store failed")
+        if done.code is not ErrorCode.OK:
+            raise RequestRefused(done.code, f"post to {conv!r} refused: {done.code.name}")
+        return Posted(conv, done.msg_id, done.seq, done.server_time)
+
+    async def post_many(self, posts: Sequence[dict[str, Any]]) -> list[Union[Posted, PimError]]:
+        """Several posts at once (each a dict of :meth:`post`'s arguments),
+        committed together where the broker can; one result per post, in
+        order: Posted, or the RequestRefused/StoreError it would raise."""
+        results: list[Union[Posted, PimError, None]] = [None] * len(posts)
+
+        async def one(i: int, kw: dict[str, Any]) -> None:
+            try:
+                results[i] = await self.post(**kw)
+            except (RequestRefused, StoreError) as exc:
+                results[i] = exc
+
+        async with trio.open_nursery() as n:
+            for i, kw in enumerate(posts):
+                n.start_soon(one, i, dict(kw))
+        return results  # type: ignore[return-value]
+
+    def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
+        """End ``user``'s sessions now (only ``device``'s if given) with
+        Close(KICKED); the SDK does not log in again by itself.  Not
+        durable: to keep the user out, :meth:`revoke` too."""
+        self.server.kick(user, device, reason)
+
+    async def revoke(self, user: str, device: Optional[str] = None, *, before: Optional[int] = None) -> int:
+        """Refuse ``user``'s tokens (only ``device``'s if given) issued before
+        ``before`` (µs since the epoch; default now), durably, and end the
+        live sessions that used one (Close(TOKEN_REVOKED)).  Tokens issued
+        afterwards work.  Returns the revocation time in force (µs).  Raises
+        RequestRefused (BAD_REQUEST), StoreError."""
+        when = self.server.now() if before is None else before
+        result = await self.server.host_call(self.server.broker.revoke, user, device, when)
+        if isinstance(result, Rejected):
+            if result.code is ErrorCode.STORE_UNAVAILABLE:
+                raise StoreError("revocation not stored: the store failed")
+            raise RequestRefused(result.code, f"revoke {user!r}: {result.code.name}")
+        return int(result.before)
 
     # ------------------------------------------------------------ reads
 

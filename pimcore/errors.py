@@ -62,6 +62,8 @@ class CloseCode(IntEnum):
     INTERNAL = 9
     OVERLOADED = 10  # the broker refuses more connections
     TOKEN_EXPIRED = 11  # the session outlived its token: log in again with a fresh one
+    KICKED = 12  # the host ended this session (Pimcore.kick): do not log in again on your own
+    TOKEN_REVOKED = 13  # the token was revoked by the host (Pimcore.revoke): get a new one
 
 
 class PimError(Exception):

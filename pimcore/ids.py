@@ -31,6 +31,7 @@ from functools import lru_cache
 from typing import Iterable, Optional
 
 __all__ = [
+    "SYSTEM",
     "MAX_ID_LEN",
     "MAX_USER_ID_LEN",
     "MAX_DEVICE_ID_LEN",
@@ -52,6 +53,11 @@ __all__ = [
     "check_ids",
     "member_set",
 ]
+
+#: The sender (and device) of messages the host posts as itself
+#: (``Pimcore.post(..., sender=SYSTEM)``): allowed in every conversation and
+#: shown as the system by clients.  Empty, so it can never be a user id.
+SYSTEM = ""
 
 #: Longest user or device id, in characters (= bytes: ids are ASCII).
 MAX_ID_LEN = 64

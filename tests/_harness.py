@@ -38,6 +38,7 @@ from pimcore import frames as F
 from pimcore.codec import Decoder, encode_frame
 from pimcore.core import (
     AdminDone,
+    PostDone,
     Authenticate,
     Broker,
     BrokerConfig,
@@ -73,6 +74,10 @@ def token_auth(token: bytes, now: int) -> Identity:
     text = token.decode("utf-8", "replace")
     if not text or text.startswith("expired:") or text == "forged":
         raise AuthError(f"token refused: {text!r}")
+    if text.startswith("issued:"):  # issued:<µs>:user[/device] -- a token with an issue time
+        _, at, rest = text.split(":", 2)
+        user, _, device = rest.partition("/")
+        return Identity(user, device or None, issued_at=int(at))
     if text.startswith("until:"):  # until:<µs>:user -- a token that expires
         _, expires, user = text.split(":", 2)
         return Identity(user, expires=int(expires))
@@ -149,6 +154,8 @@ class Harness:
                     self._answer(cmd)
             elif isinstance(cmd, AdminDone):
                 self.admin[cmd.ref] = cmd.result
+            elif isinstance(cmd, PostDone):
+                self.admin[cmd.ref] = cmd
             else:  # pragma: no cover
                 raise AssertionError(f"unknown command {cmd!r}")
         self._settle()
@@ -269,6 +276,23 @@ class Harness:
 
     def remove_members(self, conv: str, users) -> GroupChanged:
         return self._admin(self.broker.remove_members, conv, users)
+
+    def host_call(self, method, *args, **kw):
+        """A host call answered by ref (post -> PostDone, revoke -> the
+        store's result); None while commits are held."""
+        ref = self._next_ref
+        self._next_ref += 1
+        self.run(method(*args, self.now, ref=ref, **kw))
+        return self.admin.pop(ref, None)
+
+    def post(self, conv: str, payload: bytes, **kw):
+        return self.host_call(self.broker.post, conv, payload, **kw)
+
+    def revoke(self, user: str, device, before: int):
+        return self.host_call(self.broker.revoke, user, device, before)
+
+    def kick(self, user: str, device=None, reason: str = "") -> None:
+        self.run(self.broker.kick(user, device, self.now, reason))
 
     # -- a client's view ----------------------------------------------------
 

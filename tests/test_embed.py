@@ -11,9 +11,9 @@ import pytest
 import trio
 
 from pimcore import frames as F
-from pimcore.client import open_client
+from pimcore.client import AuthFailed, ClientClosed, open_client
 from pimcore.codec import Decoder, encode_frame
-from pimcore.embed import RequestRefused, open_pimcore
+from pimcore.embed import SYSTEM, RequestRefused, open_pimcore
 from pimcore.errors import ErrorCode
 from pimcore.store import MemoryStore, direct_conversation
 
@@ -43,6 +43,43 @@ async def test_a_trio_host_runs_the_broker_and_reads_what_clients_did(tmp_path: 
                 await im.history("team", "mallory")
             assert refused.value.code is ErrorCode.NOT_MEMBER
             assert im.statistics().broker.messages_stored == 4
+
+
+async def test_the_host_posts_kicks_and_revokes_through_the_handle(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["alice", "bob"])
+            async with open_client(im.urls[0], im.issue_token("bob"), "phone") as bob:
+                posted = await im.post("team", b"welcome", idempotency_key="welcome-team")
+                again = await im.post("team", b"welcome", idempotency_key="welcome-team")
+                assert again == posted and posted.seq == 1
+                as_alice = await im.post("team", b"hi from the web", sender="alice", device="web")
+                assert as_alice.seq == 2
+                got = []
+                async for m in bob.messages():
+                    got.append((m.sender, m.device, m.payload))
+                    if len(got) == 2:
+                        break
+                assert got == [(SYSTEM, SYSTEM, b"welcome"), ("alice", "web", b"hi from the web")]
+                with pytest.raises(RequestRefused) as refused:
+                    await im.post("team", b"x", sender="mallory", device="web")
+                assert refused.value.code is ErrorCode.NOT_MEMBER
+                results = await im.post_many([{"conv": "team", "payload": b"a"}, {"conv": "nope", "payload": b"b"}])
+                assert results[0].seq == 3 and isinstance(results[1], RequestRefused)
+
+            async with open_client(im.urls[0], im.issue_token("alice"), "phone") as alice:
+                im.kick("alice", reason="account review")
+                with pytest.raises(ClientClosed, match="account review"):
+                    await alice.send("team", b"still here?")
+            stale = im.issue_token("alice")
+            await trio.sleep(0.01)
+            await im.revoke("alice")
+            with pytest.raises(AuthFailed):
+                async with open_client(im.urls[0], stale, "phone"):
+                    pass  # pragma: no cover
+            await trio.sleep(0.01)
+            async with open_client(im.urls[0], im.issue_token("alice"), "phone") as fresh:
+                assert (await fresh.send("team", b"back")).seq == 4
 
 
 async def test_an_embedded_broker_listens_nowhere_unless_told(tmp_path: Path) -> None:
@@ -111,10 +148,15 @@ def test_an_asyncio_host_runs_the_broker_while_its_own_tasks_keep_running(tmp_pa
                 acks += [f for f in dec if isinstance(f, F.SendAck)]
             assert acks[0].code == 0 and acks[0].seq == 1
             assert im.online_devices("alice") == ["asyncio"]
-            writer.close()
             ticks_before = ticks
             assert await im.unread("bob", "team") == 1
             assert [m.payload for m in await im.history("team", "bob")] == [b"from asyncio"]
+            posted = await im.post("team", b"posted from asyncio", idempotency_key="k")
+            assert posted.seq == 2 and (await im.post("team", b"posted from asyncio", idempotency_key="k")) == posted
+            await im.kick("alice")
+            assert im.online_devices("alice") == []
+            assert await im.revoke("alice") > 0
+            writer.close()
             await asyncio.sleep(0.05)
             assert ticks > ticks_before  # the app was never starved
         stop.set()

@@ -59,6 +59,7 @@ from trio_websocket import WebSocketRequest, serve_websocket
 from .._util import unwrap_single
 from ..core import (
     AdminDone,
+    PostDone,
     Authenticate,
     Authenticator,
     Broker,
@@ -582,10 +583,10 @@ class BrokerServer:
                     self._authenticate_request(cmd)  # type: ignore[arg-type]
                 elif kind is CheckContent:
                     self._check_content(cmd)  # type: ignore[arg-type]
-                elif kind is AdminDone:
+                elif kind is AdminDone or kind is PostDone:
                     waiter = self._admin_waiters.pop(cmd.ref, None)  # type: ignore[union-attr]
                     if waiter is not None:
-                        waiter[1] = cmd.result  # type: ignore[union-attr]
+                        waiter[1] = cmd.result if kind is AdminDone else cmd  # type: ignore[union-attr]
                         waiter[0].set()
                 else:  # pragma: no cover
                     raise TypeError(f"unknown command {cmd!r}")
@@ -751,6 +752,21 @@ class BrokerServer:
         self._run(method(conv, users, self.now(), ref=ref, **kw))
         await waiter[0].wait()
         return waiter[1]  # type: ignore[no-any-return]
+
+    async def host_call(self, method: Callable[..., list[Command]], *args: Any, **kw: Any) -> Any:
+        """Run one host call of the core that answers with a ``ref``
+        (``broker.post`` -> PostDone, ``broker.revoke`` -> AdminDone's
+        result) and return that answer."""
+        ref = next(self._admin_refs)
+        waiter: list[Any] = [trio.Event(), None]
+        self._admin_waiters[ref] = waiter
+        self._run(method(*args, self.now(), ref=ref, **kw))
+        await waiter[0].wait()
+        return waiter[1]
+
+    def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
+        """End ``user``'s sessions (one device's if given) now: Close(KICKED)."""
+        self._run(self.broker.kick(user, device, self.now(), reason))
 
     async def _admin(self, method: Callable[..., list[Command]], conv: str, users: list[str]) -> GroupChanged:
         result = await self.admin_result(method, conv, users)

@@ -49,6 +49,7 @@ from typing import Iterable, Optional, Union
 
 from ..errors import ErrorCode, StoreError
 from ..ids import (  # re-exported: the store speaks in these ids
+    SYSTEM,
     CONV_RE,
     ID_RE,
     check_ids,
@@ -82,6 +83,8 @@ __all__ = [
     "CreateGroup",
     "AddMembers",
     "RemoveMembers",
+    "RevokeTokens",
+    "Revoked",
     "Op",
     "LoadSession",
     "ReadInbox",
@@ -280,7 +283,20 @@ class RemoveMembers:
     users: tuple[str, ...]
 
 
-Op = Union[NewMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers, RemoveMembers]
+@dataclass(frozen=True, slots=True)
+class RevokeTokens:
+    """From now on, tokens of ``user`` issued before ``before`` (µs, the
+    broker's clock) are refused: those bound to ``device``, or every token of
+    the user when ``device`` is "".  A later revoke never moves the time back
+    (the store keeps the maximum).  Invalid ids or a time outside i64 ->
+    Rejected(BAD_REQUEST).  Result: Revoked (the time now in force)."""
+
+    user: str
+    device: str
+    before: int
+
+
+Op = Union[NewMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers, RemoveMembers, RevokeTokens]
 
 
 # ---------------------------------------------------------------- read ops
@@ -420,6 +436,13 @@ class GroupChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class Revoked:
+    user: str
+    device: str  # "" = every device of the user
+    before: int  # µs: tokens issued earlier are refused
+
+
+@dataclass(frozen=True, slots=True)
 class ConversationState:
     """One conversation of a user at login: the user's marker, the last seq,
     the unread count, and for a 1:1 chat the peer's marker (0 otherwise)."""
@@ -440,6 +463,9 @@ class SessionLoaded:
     floor: int  # positions <= floor were reclaimed
     position: int  # the device's stored position; -1 if the device is unknown
     conversations: tuple[ConversationState, ...]  # sorted by conv
+    #: µs: tokens of this user and device issued earlier are revoked (the
+    #: later of the user-wide and the device's RevokeTokens; 0 = none).
+    revoked_before: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,7 +481,8 @@ class HistoryPage:
 
 
 Result = Union[
-    Appended, Duplicate, Rejected, Acked, Touched, ReadMarked, Reclaimed, GroupChanged, SessionLoaded, InboxPage, HistoryPage
+    Appended, Duplicate, Rejected, Acked, Touched, ReadMarked, Reclaimed, GroupChanged, Revoked, SessionLoaded, InboxPage,
+    HistoryPage,
 ]
 
 
@@ -578,6 +605,7 @@ class Store(ABC):
             self.inbox_floor(user),
             stored.position if stored is not None else -1,
             tuple(convs),
+            self.revoked_before(user, op.device),
         )
 
     # -- group admin: ops of a batch; these run one op in a batch of its own
@@ -657,6 +685,12 @@ class Store(ABC):
     def device(self, user: str, device: str) -> Optional[DeviceState]: ...
 
     @abstractmethod
+    def revoked_before(self, user: str, device: str) -> int:
+        """µs: tokens of ``user`` for ``device`` issued earlier are revoked
+        (the later of the user-wide and the device's :class:`RevokeTokens`;
+        0 = none)."""
+
+    @abstractmethod
     def devices(self, user: str) -> list[DeviceState]:
         """The user's known devices, sorted by device id."""
 
@@ -719,9 +753,14 @@ def malformed(op: Op) -> bool:
         # are _int_in written out (same rules), one call instead of four.
         local_id, client_time, server_time = op.local_id, op.client_time, op.server_time
         return not (
-            valid_id(op.sender)
-            and valid_id(op.device)
+            (
+                (valid_id(op.sender) and valid_id(op.device))
+                # the host posting as itself (ids.SYSTEM): never a user id
+                or (op.sender == SYSTEM and op.device == SYSTEM)
+            )
             and type(local_id) is int
+            and type(op.after_seq) is int
+            and 0 <= op.after_seq < _U64_END
             and 0 <= local_id < _U64_END
             and type(client_time) is int
             and _I64_MIN <= client_time < _I64_END
@@ -756,6 +795,12 @@ def malformed(op: Op) -> bool:
             and isinstance(users, tuple)
             and all(valid_id(u) for u in users)
             and (not isinstance(op, CreateGroup) or _int_in(op.now, _I64_MIN, _I64_END))
+        )
+    if isinstance(op, RevokeTokens):
+        return not (
+            valid_id(op.user)
+            and (op.device == "" or valid_id(op.device))
+            and _int_in(op.before, _I64_MIN, _I64_END)
         )
     raise TypeError(f"not a store op: {type(op).__name__}")
 

@@ -89,6 +89,7 @@ inboxmeta   T(user)                            U64 head + U64 floor
 devices     T(user) T(device)                  U64 position + I64 last_seen
 dedupe      T(sender) T(device) U64(local_id)  msg_id + U64 seq + I64 server_time + digest
 reads       T(user) T(conv)                    U64 read seq
+revoked     T(user) T(device or "")            I64 tokens issued before are revoked
 ==========  =================================  ======================================
 
 The sender in ``convidx`` lets :meth:`LmdbStore.unread` count without
@@ -137,6 +138,9 @@ from .._backend import impl as _impl
 from ..errors import ErrorCode, StoreError
 from ..ids import MAX_CONVERSATION_ID_LEN, MAX_ID_LEN
 from .base import (
+    SYSTEM,
+    RevokeTokens,
+    Revoked,
     AckPosition,
     Acked,
     ConversationState,
@@ -193,6 +197,7 @@ _DB_NAMES = (
     "devices",
     "dedupe",
     "reads",
+    "revoked",
 )
 #: Below this LMDB cannot even hold the sub-database catalogue comfortably.
 _MIN_MAP_SIZE = 1 << 20
@@ -598,6 +603,7 @@ class LmdbStore(Store):
             self._devices,
             self._dedupe,
             self._reads,
+            self._revoked,
         ) = dbs
         self._env = env
         try:
@@ -939,7 +945,7 @@ class LmdbStore(Store):
         conv = w.conv(ck, info)
         if conv is None:
             return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
-        if op.sender not in conv.member_set:
+        if op.sender not in conv.member_set and op.sender != SYSTEM:  # the system may post anywhere
             return Rejected(ErrorCode.NOT_MEMBER)
         # Inside the write transaction nobody else can take this seq: the
         # conversation stays gap-free and strictly increasing.
@@ -1280,7 +1286,30 @@ class LmdbStore(Store):
                 ConversationState(conv, marker, self._last_seq(txn, ck), self._count_unread(txn, user, ck, marker), peer, peer_marker)
             )
         states.sort(key=lambda st: st.conv)
-        return SessionLoaded(user, op.device, head, floor, position, tuple(states))
+        return SessionLoaded(user, op.device, head, floor, position, tuple(states), self._revoked_in(txn, user, op.device))
+
+    def _revoked_in(self, txn: _Txn, user: str, device: str) -> int:
+        uk = _t(user)
+        raw = txn.get(uk + _t(""), db=self._revoked)
+        before = _I64.unpack(raw)[0] if raw is not None else 0
+        if device:
+            raw = txn.get(uk + _t(device), db=self._revoked)
+            if raw is not None:
+                before = max(before, _I64.unpack(raw)[0])
+        return before
+
+    def revoked_before(self, user: str, device: str) -> int:
+        if not valid_id(user) or (device and not valid_id(device)):
+            return 0
+        with self._read() as txn:
+            return self._revoked_in(txn, user, device)
+
+    def _revoke(self, w: _Batch, op: RevokeTokens) -> Result:
+        key = _t(op.user) + _t(op.device)
+        raw = w.txn.get(key, db=self._revoked)
+        before = max(_I64.unpack(raw)[0] if raw is not None else 0, op.before)
+        w.txn.put(key, _I64.pack(before), db=self._revoked)
+        return Revoked(op.user, op.device, before)
 
     # ----------------------------------------------------------- lifecycle
 
@@ -1319,4 +1348,5 @@ _HANDLERS: dict[type, Callable[[LmdbStore, _Batch, Op], Result]] = {
     CreateGroup: LmdbStore._create_group,  # type: ignore[dict-item]
     AddMembers: LmdbStore._change_members,  # type: ignore[dict-item]
     RemoveMembers: LmdbStore._change_members,  # type: ignore[dict-item]
+    RevokeTokens: LmdbStore._revoke,  # type: ignore[dict-item]
 }

@@ -21,6 +21,9 @@ from typing import Any, Callable, Optional
 
 from ..errors import ErrorCode, StoreError
 from .base import (
+    SYSTEM,
+    RevokeTokens,
+    Revoked,
     AckPosition,
     AddMembers,
     CreateGroup,
@@ -89,6 +92,7 @@ class MemoryStore(Store):
         self._devices: dict[str, dict[str, DeviceState]] = {}
         self._dedupe: dict[tuple[str, str, int], tuple[bytes, int, int, bytes]] = {}
         self._reads: dict[tuple[str, str], int] = {}
+        self._revoked: dict[tuple[str, str], int] = {}  # (user, device or "") -> before
 
     # ------------------------------------------------------------ plumbing
 
@@ -192,6 +196,17 @@ class MemoryStore(Store):
             return Rejected(ErrorCode.BAD_REQUEST)
         return _HANDLERS[kind](self, op)
 
+    def _revoke(self, op: RevokeTokens) -> Result:
+        key = (op.user, op.device)
+        before = max(self._revoked.get(key, 0), op.before)
+        self._set(self._revoked, key, before)
+        return Revoked(op.user, op.device, before)
+
+    def revoked_before(self, user: str, device: str) -> int:
+        with self._lock:
+            self._check_open()
+            return max(self._revoked.get((user, ""), 0), self._revoked.get((user, device), 0) if device else 0)
+
     def _new_message(self, op: NewMessage) -> Result:
         key = (op.sender, op.device, op.local_id)
         prior = self._dedupe.get(key)
@@ -205,7 +220,7 @@ class MemoryStore(Store):
         members = self._group_members(op.conv)
         if members is None:
             return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
-        if op.sender not in members:
+        if op.sender not in members and op.sender != SYSTEM:  # the system may post anywhere
             return Rejected(ErrorCode.NOT_MEMBER)
         if op.msg_id in self._msgs:
             return Rejected(ErrorCode.INTERNAL)
@@ -446,4 +461,5 @@ _HANDLERS: dict[type, Callable[[MemoryStore, Any], Result]] = {
     CreateGroup: MemoryStore._create_group,
     AddMembers: MemoryStore._change_members,
     RemoveMembers: MemoryStore._change_members,
+    RevokeTokens: MemoryStore._revoke,
 }
