@@ -176,3 +176,19 @@ def test_an_asyncio_host_gets_startup_errors_in_asyncio(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError):
         asyncio.run(main())
+
+
+# ---------------------------------------------------------------- docs/EMBEDDING.md
+
+
+def _doc_examples() -> list[str]:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "EMBEDDING.md").read_text("utf-8")
+    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_the_embedding_doc_examples_run(index: int, tmp_path: Path, monkeypatch) -> None:
+    code = _doc_examples()[index]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, f"EMBEDDING.md example {index + 1}", "exec"), {"__name__": "__doc_example__"})
+    assert (tmp_path / ("embedded-trio-data" if index == 0 else "embedded-asyncio-data") / "store").is_dir()
