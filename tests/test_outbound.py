@@ -333,3 +333,28 @@ def test_control_rate_is_a_server_setting(tmp_path):
     cfg.write_text("[server]\ncontrol_rate = 5.0\ncontrol_burst = 9\nmax_outbound_bytes = 1048576\n")
     broker = load_settings(str(cfg)).server_config().broker
     assert (broker.control_rate, broker.control_burst) == (5.0, 9)
+
+
+def test_partial_writes_free_frames_in_order(store_driver):
+    """A host reports writes in any pieces: a frame stops counting once its
+    last byte is written, and the connection reads on as soon as there is
+    room -- not only when everything is out."""
+    cfg = BrokerConfig(control_rate=0.0, outbound_pause=4096, max_outbound=64 * 1024)
+    h = Harness(MemoryStore(), cfg)
+    a = h.login("alice", "phone")
+    h.take(a)
+    h.stalled.add(a)
+    h.feed_bytes(a, b"".join(encode_frame(F.Ping(i)) for i in range(1000)))
+    first = h.unsent.pop(a)
+    assert 0 < len(first) < 1000 and len(first) * 96 <= 4096 + 200
+    data = b"".join(first)
+    written = 0
+    while len(data) - written > 5:  # all but the last few bytes, 5 at a time
+        h.run(h.broker.data_sent(a, 5, h.now))
+        written += 5
+    assert len(h.unsent[a]) > 0  # room was made before the last frame was written
+    h._received(a, data)
+    h.run(h.broker.data_sent(a, len(data) - written, h.now))
+    while h.unsent.get(a) or a in h.stalled:
+        h.take_outbound(a)
+    assert [p.nonce for p in h.take(a, F.Pong)] == list(range(1000))

@@ -800,8 +800,17 @@ class BrokerServer:
                 peer.buf[:] = [data[n:]]
                 peer.queued = len(data) - n
             peer.wake.set()
-        for conn, n in sent:  # the core counts them as no longer held
-            self._queue.extend(self._core(self.broker.data_sent, conn, n))
+        if sent:  # the core counts them as no longer held
+            now, data_sent = self.now(), self.broker.data_sent
+            for conn, n in sent:
+                try:
+                    cmds = data_sent(conn, n, now)
+                except Exception:
+                    log.exception("internal error in data_sent")
+                    self._stats["internal_errors"] += 1
+                    continue
+                if cmds:
+                    self._queue.extend(cmds)
 
     def _enqueue(self, peer: _Peer, data: bytes) -> None:
         if not peer.buf:
