@@ -24,7 +24,9 @@ Example (every key optional)::
     idle_timeout = 45.0                # seconds
     ack_delay = 0.02                   # seconds a batch of only delivery acks waits for a message to share its sync
     login_timeout = 10.0               # seconds
-    max_outbound_bytes = 8388608
+    max_outbound_bytes = 8388608       # bytes held for a connection: reading pauses at half, SLOW_CONSUMER beyond
+    control_rate = 50.0                # Pongs, CalibrateResps and refusals per second per connection...
+    control_burst = 200                # ...and at once; beyond: Close(RATE_LIMITED)
     max_connections = 100000
     commit_in_thread = false           # true: fsync in a worker thread (see ARCHITECTURE.md)
     hook_timeout = 10.0                # seconds an async content filter/authenticator may take
@@ -54,7 +56,7 @@ DEFAULT_LISTEN = "tcp://127.0.0.1:7400"
 _LIMIT_KEYS = {f.name for f in fields(Limits)}
 _SERVER_KEYS = {
     "idle_timeout", "login_timeout", "ack_delay", "max_outbound_bytes", "max_connections", "commit_in_thread", "hook_timeout",
-    "read_timeout",
+    "read_timeout", "control_rate", "control_burst",
 }
 _TOP_KEYS = {"data_dir", "durability", "listen", "secret", "secret_file", "content_filter", "tls", "limits", "server"}
 
@@ -118,6 +120,12 @@ class ServeSettings:
                 timeouts: dict[str, Any] = {key: int(float(srv.pop(key)) * SECOND)}
                 try:
                     broker = replace(broker, **timeouts)
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"server: {key}: {exc}") from None
+        for key in ("control_rate", "control_burst"):
+            if key in srv:
+                try:
+                    broker = replace(broker, **{key: srv.pop(key)})
                 except (TypeError, ValueError) as exc:
                     raise ConfigError(f"server: {key}: {exc}") from None
         endpoints = self.endpoints()

@@ -9,7 +9,8 @@ of commands:
 * :class:`SendData` -- write these bytes to that connection;
 * :class:`CloseConnection` -- write these bytes (the Close frame), then hang up;
 * :class:`PauseReading` / :class:`ResumeReading` -- flow control: stop
-  reading from a connection that waits for a request while its bytes pile up;
+  reading from a connection that waits for a request, or whose answers are
+  not being taken (see :meth:`Broker.data_sent`), while its bytes pile up;
 * :class:`~pimcore.store.base.StoreRequest` -- run these store ops (a write
   batch, or reads) and report with :meth:`Broker.store_completed` or
   :meth:`Broker.store_failed`;
@@ -211,8 +212,31 @@ class BrokerConfig:
     # request, answered by the driver with this function (or any other way:
     # the core only needs the answer, see Broker.content_checked).
     content_filter: Optional[ContentFilter] = None
+    # Outbound flow control (bytes held = what SendData commands carry that
+    # the host has not reported written with Broker.data_sent, each counted
+    # as len(data) + _FRAME_OVERHEAD).  At outbound_pause held (plus what the
+    # connection's history reads in flight may still add) the core stops
+    # decoding the connection's requests and asks the host to stop reading
+    # it; it reads on once the host reports the bytes written.  Past
+    # max_outbound -- only frames the client did not ask for can get there:
+    # pushes within its push window, read states, receipts -- it is closed
+    # with SLOW_CONSUMER.  The served broker sets max_outbound from
+    # ServerConfig.max_outbound_bytes.
+    outbound_pause: int = 4 << 20
+    max_outbound: int = 8 << 20
+    # Replies built without the store -- Pong, CalibrateResp, and refusals
+    # (a SendReq, Read or HistoryReq turned down before any store request,
+    # RATE_LIMITED refusals aside: those have rate_limit_strikes) -- per
+    # connection: a token bucket of control_burst refilled at control_rate
+    # per second.  Empty: closed with RATE_LIMITED.  control_rate 0 = unlimited.
+    control_rate: float = 50.0
+    control_burst: int = 200
 
     def __post_init__(self) -> None:
+        if self.outbound_pause < 512 or self.max_outbound < 2 * self.outbound_pause:
+            raise ValueError("BrokerConfig.outbound_pause must be >= 512 bytes and max_outbound >= 2 * outbound_pause")
+        if self.control_rate < 0 or self.control_burst < 1:
+            raise ValueError("BrokerConfig.control_rate must be >= 0 and control_burst >= 1")
         if self.max_batch_ops < 1 or self.rate_limit_strikes < 1:
             raise ValueError("BrokerConfig.max_batch_ops and rate_limit_strikes must be >= 1")
         for name in ("login_timeout", "reclaim_interval", "device_retention", "inbox_max_age"):
@@ -367,6 +391,7 @@ class _Conn:
     __slots__ = (
         "id", "state", "opened", "last_seen", "session", "user", "device", "inflight", "tokens", "refill_at", "strikes",
         "expires", "waiting", "backlog", "history_reads", "login", "paused", "issued_at",
+        "held", "chunks", "chunk_sent", "reserved", "ctl_tokens", "ctl_at",
     )
 
     def __init__(self, conn_id: int, now: int, session: ServerSession) -> None:
@@ -393,6 +418,17 @@ class _Conn:
         self.paused = False  # PauseReading was sent
         self.history_reads = 0  # ReadHistory requests in flight
         self.login: Optional[F.Login] = None
+        # Outbound accounting (BrokerConfig.outbound_pause): bytes held by
+        # SendData not yet reported written; the wire length of each such
+        # SendData, oldest first, and how much of the oldest was written;
+        # bytes reserved for the replies of history reads in flight.
+        self.held = 0
+        self.chunks: deque[int] = deque()
+        self.chunk_sent = 0
+        self.reserved = 0
+        # Replies built without the store (BrokerConfig.control_rate).
+        self.ctl_tokens = 0.0
+        self.ctl_at = now
 
 
 class _Device:
@@ -469,12 +505,13 @@ class _InboxRead:
 
 
 class _HistoryRead:
-    __slots__ = ("conn", "frame", "limit")
+    __slots__ = ("conn", "frame", "limit", "reserve")
 
-    def __init__(self, conn: int, frame: F.HistoryReq, limit: int) -> None:
+    def __init__(self, conn: int, frame: F.HistoryReq, limit: int, reserve: int) -> None:
         self.conn = conn
         self.frame = frame
         self.limit = limit
+        self.reserve = reserve  # bytes counted in _Conn.reserved until it is answered
 
 
 # What each hook request in flight is for.
@@ -504,6 +541,16 @@ _PAUSE_BYTES = 256 * 1024
 #: of the connection is decoded until one is answered (it is not refused:
 #: a client may pipeline as many HistoryReqs as it likes, they queue).
 _MAX_HISTORY_READS = 8
+#: What one SendData holds beyond its wire bytes, for the outbound limits:
+#: the bytes object's header (33 bytes on CPython), the host's reference to
+#: it in a queue (8), the SendData command while it is queued (48), rounded
+#: up.  Counting it makes a flood of tiny frames (Pongs) as bounded as one of
+#: large pages, although the wire bytes alone would be tiny.
+_FRAME_OVERHEAD = 96
+#: A HistoryResp stays this far below max_frame (the frame's own header and
+#: fields), and each message counts this much beyond its payload and ids.
+_PAGE_SLACK = 4096
+_MESSAGE_OVERHEAD = 64
 
 
 def message_digest(conv: str, payload: bytes) -> bytes:
@@ -565,6 +612,7 @@ class Broker:
         self._clock.observe(last_server_time)
 
         self._conns: dict[int, _Conn] = {}
+        self._slow: list[_Conn] = []  # went past max_outbound; closed by _maybe_commit
         self._online: dict[str, dict[str, _Device]] = {}  # user -> device -> session
         # Inbox head of every user with an online device or a login read in
         # flight (refcounted in _head_refs): a login that read the head
@@ -617,7 +665,8 @@ class Broker:
     def connection_made(self, conn: int, now: int) -> list[Command]:
         if conn in self._conns:
             raise ValueError(f"connection {conn} already exists")
-        self._conns[conn] = _Conn(conn, now, ServerSession(self.config.limits.max_frame, compression=self._compression))
+        c = self._conns[conn] = _Conn(conn, now, ServerSession(self.config.limits.max_frame, compression=self._compression))
+        c.ctl_tokens = float(self.config.control_burst)
         self._arm(now + self.config.login_timeout, _LOGIN_DUE, conn)
         if self._next_reclaim is None:
             self._next_reclaim = now + self.config.reclaim_interval
@@ -639,7 +688,7 @@ class Broker:
         c.last_seen = now
         out: list[Command] = []
         c.session.receive_data(data)
-        if c.waiting or c.history_reads >= _MAX_HISTORY_READS:
+        if self._blocked(c):
             self._check_paused(c, out)
         else:
             self._pull(c, now, out)
@@ -662,8 +711,10 @@ class Broker:
         has as many history reads out as it may), is closed, or needs more
         bytes."""
         backlog, session, conn = c.backlog, c.session, c.id
+        pause = self.config.outbound_pause
         try:
-            while not c.waiting and c.history_reads < _MAX_HISTORY_READS:
+            # Inlined _blocked(c): this runs once per frame.
+            while not c.waiting and c.history_reads < _MAX_HISTORY_READS and c.held + c.reserved < pause:
                 if backlog:
                     self._dispatch(c, backlog.popleft(), now, out)
                 else:
@@ -691,7 +742,7 @@ class Broker:
         at _PAUSE_BYTES buffered; a host that ignores that is closed at a
         hard bound (memory per connection stays bounded either way)."""
         buffered = c.session.buffered
-        blocked = c.waiting or c.history_reads >= _MAX_HISTORY_READS
+        blocked = self._blocked(c)
         if blocked and buffered >= _PAUSE_BYTES:
             if not c.paused:
                 c.paused = True
@@ -707,6 +758,64 @@ class Broker:
         """``c`` stopped waiting: handle what it sent meanwhile."""
         if c.id in self._conns:
             self._pull(c, now, out)
+
+    def _blocked(self, c: _Conn) -> bool:
+        """Nothing more of ``c`` is decoded now: it waits for a request, has
+        as many history reads out as it may, or its outbound side is full
+        (what it holds plus what its history reads may still add).  Checked
+        before every frame, so the replies built while it is full are those
+        of at most one request past the limit."""
+        return bool(c.waiting) or c.history_reads >= _MAX_HISTORY_READS or c.held + c.reserved >= self.config.outbound_pause
+
+    def data_sent(self, conn: int, nbytes: int, now: int) -> list[Command]:
+        """The host wrote ``nbytes`` more of ``conn``'s SendData bytes (in the
+        order they were given): they no longer count as held.  A host must
+        report every write, or the connection stops being read once
+        ``BrokerConfig.outbound_pause`` bytes are held (a host that writes
+        synchronously reports each SendData's length right away).  Returns
+        what the connection can do now that it has room (frames it sent
+        meanwhile, ResumeReading).  Unknown connections are ignored."""
+        c = self._conns.get(conn)
+        out: list[Command] = []
+        if c is None or nbytes <= 0:
+            return out
+        # Only the outbound term of _blocked can change here.
+        was_blocked = c.held + c.reserved >= self.config.outbound_pause
+        chunks = c.chunks
+        n = c.chunk_sent + nbytes
+        if n >= c.held - _FRAME_OVERHEAD * len(chunks):
+            # Everything written (the usual case): nothing is held.
+            chunks.clear()
+            c.held = c.chunk_sent = 0
+        else:
+            while chunks and n >= chunks[0]:
+                size = chunks.popleft()
+                n -= size
+                c.held -= size + _FRAME_OVERHEAD
+            c.chunk_sent = n if chunks else 0
+        if was_blocked and not self._blocked(c):
+            self._pull(c, now, out)
+            self._maybe_commit(out, now)
+        return out
+
+    def _control(self, c: _Conn, now: int, what: str, out: list[Command]) -> bool:
+        """A reply is about to be built without the store: take a token of
+        ``c``'s control bucket, or close it with RATE_LIMITED (False)."""
+        cfg = self.config
+        if not cfg.control_rate:
+            return True
+        c.ctl_tokens = min(float(cfg.control_burst), c.ctl_tokens + (now - c.ctl_at) * cfg.control_rate / SECOND)
+        c.ctl_at = now
+        if c.ctl_tokens < 1.0:
+            self._close(
+                c,
+                CloseCode.RATE_LIMITED,
+                f"too many requests answered without the store ({what}): more than {cfg.control_burst} at once or {cfg.control_rate:g}/s",
+                out,
+            )
+            return False
+        c.ctl_tokens -= 1.0
+        return True
 
     # ------------------------------------------------------------ store outcome
 
@@ -865,11 +974,22 @@ class Broker:
             else:
                 page = res.messages
                 more = len(page) > ctx.limit
-                msgs = tuple(_to_frame_message(0, m) for m in page[: ctx.limit])
+                page = page[: ctx.limit]
+                # One frame must hold the page (the client refuses larger
+                # ones), and a quarter of max_outbound (a page never makes
+                # its own reader a slow consumer): cut it there, at least
+                # one message, `more` set.
+                budget = self._page_bytes()
+                for i, m in enumerate(page):
+                    budget -= len(m.payload) + len(m.conv) + len(m.sender) + len(m.device) + _MESSAGE_OVERHEAD
+                    if budget < 0 and i > 0:
+                        page, more = page[:i], True
+                        break
+                msgs = tuple(_to_frame_message(0, m) for m in page)
                 resp = F.HistoryResp(f.req_id, f.conv, ErrorCode.OK, msgs, more)
             self._send(c.id, resp, out)
-            if c.history_reads == _MAX_HISTORY_READS - 1:
-                self._resume(c, now, out)  # it was held at the limit: read on
+            c.reserved -= ctx.reserve
+            self._resume(c, now, out)  # it may have been held at a limit: read on
 
     # ------------------------------------------------------------ hooks
 
@@ -1150,7 +1270,8 @@ class Broker:
             if isinstance(frame, F.Login):
                 self._on_login(c, frame, now, out)
             elif isinstance(frame, F.Ping):
-                self._send(c.id, F.Pong(frame.nonce), out)
+                if self._control(c, now, "Ping", out):
+                    self._send(c.id, F.Pong(frame.nonce), out)
             elif isinstance(frame, F.Close):
                 self._close(c, CloseCode.NORMAL, "closed by client", out)
             else:
@@ -1343,7 +1464,8 @@ class Broker:
     def _on_send(self, c: _Conn, f: F.SendReq, now: int, out: list[Command]) -> None:
         def refuse(code: ErrorCode) -> None:
             self._stats["rejected"] += 1
-            self._send(c.id, F.SendAck(f.local_id, code, b"", 0, 0), out)
+            if code is ErrorCode.RATE_LIMITED or self._control(c, now, "refused SendReq", out):
+                self._send(c.id, F.SendAck(f.local_id, code, b"", 0, 0), out)
 
         lim = self.config.limits
         if lim.send_rate:
@@ -1549,7 +1671,8 @@ class Broker:
     def _on_read(self, c: _Conn, f: F.Read, now: int, out: list[Command]) -> None:
         code = self._check_conversation(c.user, f.conv)
         if code is not ErrorCode.OK:
-            self._error(c.id, code, 0, f"Read: {code.name.lower()} {f.conv!r}", out)
+            if self._control(c, now, "refused Read", out):
+                self._error(c.id, code, 0, f"Read: {code.name.lower()} {f.conv!r}", out)
             return
         key = (c.user, f.conv)
         slot = self._read_slot.get(key)
@@ -1583,20 +1706,32 @@ class Broker:
     def _on_history(self, c: _Conn, f: F.HistoryReq, now: int, out: list[Command]) -> None:
         code = self._check_conversation(c.user, f.conv)
         if code is not ErrorCode.OK:
-            self._send(c.id, F.HistoryResp(f.req_id, f.conv, code, (), False), out)
+            if self._control(c, now, "refused HistoryReq", out):
+                self._send(c.id, F.HistoryResp(f.req_id, f.conv, code, (), False), out)
             return
-        limit = max(1, min(f.limit, self.config.limits.history_page))
+        lim = self.config.limits
+        limit = max(1, min(f.limit, lim.history_page))
+        # The most the reply can hold (pages are cut to fit one frame), kept
+        # free for it while the read is out (_blocked).
+        reserve = min(limit * (lim.max_payload + 512), self._page_bytes() + _PAGE_SLACK) + _FRAME_OVERHEAD
         c.history_reads += 1
+        c.reserved += reserve
         rid = self._request_id()
-        self._reads[rid] = _HistoryRead(c.id, f, limit)
+        self._reads[rid] = _HistoryRead(c.id, f, limit, reserve)
         # One more than the page: whether there is more is then known.
         out.append(StoreRequest(rid, (ReadHistory(f.conv, c.user, f.from_seq, limit + 1, f.backward),), False))
 
+    def _page_bytes(self) -> int:
+        """Bytes of messages one HistoryResp may carry (see _read_done)."""
+        return max(1024, min(self.config.limits.max_frame, self.config.max_outbound // 4) - _PAGE_SLACK)
+
     def _on_calibrate(self, c: _Conn, f: F.CalibrateReq, now: int, out: list[Command]) -> None:
-        self._send(c.id, F.CalibrateResp(f.client_time, self._clock.now(now)), out)
+        if self._control(c, now, "CalibrateReq", out):
+            self._send(c.id, F.CalibrateResp(f.client_time, self._clock.now(now)), out)
 
     def _on_ping(self, c: _Conn, f: F.Ping, now: int, out: list[Command]) -> None:
-        self._send(c.id, F.Pong(f.nonce), out)
+        if self._control(c, now, "Ping", out):
+            self._send(c.id, F.Pong(f.nonce), out)
 
     def _on_pong(self, c: _Conn, f: F.Pong, now: int, out: list[Command]) -> None:
         return None  # liveness: any frame counts (last_seen)
@@ -1631,8 +1766,15 @@ class Broker:
         c = self._conns.get(conn)
         if c is None:
             return
+        if c.held > self.config.max_outbound:
+            return  # over the hard limit: closed as a slow consumer (_maybe_commit)
         self._stats["frames_out"] += 1
-        out.append(SendData(conn, c.session.send(frame)))
+        data = c.session.send(frame)
+        c.chunks.append(len(data))
+        c.held += len(data) + _FRAME_OVERHEAD
+        if c.held > self.config.max_outbound:
+            self._slow.append(c)
+        out.append(SendData(conn, data))
 
     def _error(self, conn: int, code: ErrorCode, ref: int, reason: str, out: list[Command]) -> None:
         if conn in self._conns:
@@ -1679,7 +1821,18 @@ class Broker:
         return out
 
     def _maybe_commit(self, out: list[Command], now: int, force: bool = False) -> None:
-        """Hand the store the next batch if it is idle (group commit)."""
+        """Hand the store the next batch if it is idle (group commit).  Every
+        entry point ends here, so this is also where connections that went
+        past max_outbound while frames were being built are closed (not in
+        _send: its callers may be iterating over the online devices)."""
+        if self._slow:
+            slow, self._slow = self._slow, []
+            for c in slow:
+                if c.id in self._conns:
+                    self._close(
+                        c, CloseCode.SLOW_CONSUMER,
+                        f"more than {self.config.max_outbound} bytes of frames not taken: not reading fast enough", out,
+                    )
         if self._inflight is not None or not self._ops:
             return
         self._retry_at = None
@@ -1740,7 +1893,9 @@ def drain(
     every store request on ``store`` and answer every hook right away (the
     content filter of the broker's config, ``authenticate`` for logins),
     feeding the outcomes back until none is left; return the other commands
-    (frames, closes, AdminDone) in order.
+    (frames, closes, AdminDone) in order.  The caller writes the SendData
+    bytes and reports them with :meth:`Broker.data_sent` (else a connection
+    stops being read once ``outbound_pause`` bytes are held).
 
     Raises ValueError for an Authenticate when ``authenticate`` is None, and
     TypeError when a hook is ``async def`` (drain cannot await it).

@@ -103,6 +103,12 @@ class Harness:
         self.frames: dict[int, list] = defaultdict(list)
         self.closed: dict[int, CloseConnection] = {}
         self.paused: set[int] = set()  # connections the core asked not to read
+        # Connections whose client does not read: their bytes are not
+        # reported written (Broker.data_sent) until take_outbound().
+        self.stalled: set[int] = set()
+        self.unsent: dict[int, list[bytes]] = defaultdict(list)
+        self._sent: dict[int, int] = defaultdict(int)  # written, to report
+        self._reporting = False
         # What each connection received, decoded as a client would (zstd
         # after a LoginAck that granted it).
         self._decoders: dict[int, Decoder] = {}
@@ -126,7 +132,11 @@ class Harness:
     def run(self, cmds) -> None:
         for cmd in cmds:
             if isinstance(cmd, SendData):
-                self._received(cmd.conn, cmd.data)
+                if cmd.conn in self.stalled:
+                    self.unsent[cmd.conn].append(cmd.data)  # held, as a host would
+                else:
+                    self._received(cmd.conn, cmd.data)
+                    self._sent[cmd.conn] += len(cmd.data)
             elif isinstance(cmd, CloseConnection):
                 self.closed[cmd.conn] = cmd
                 if cmd.data:
@@ -159,6 +169,25 @@ class Harness:
             else:  # pragma: no cover
                 raise AssertionError(f"unknown command {cmd!r}")
         self._settle()
+        if not self._reporting:
+            # Tell the core what was written, in a loop (what that sets off
+            # is reported by this loop too, not by nested calls).
+            self._reporting = True
+            try:
+                while self._sent:
+                    conn, n = self._sent.popitem()
+                    self.run(self.broker.data_sent(conn, n, self.now))
+            finally:
+                self._reporting = False
+
+    def take_outbound(self, conn: int) -> None:
+        """The stalled client of ``conn`` reads again: everything is written."""
+        self.stalled.discard(conn)
+        data = b"".join(self.unsent.pop(conn, []))
+        if data:
+            self._received(conn, data)
+            self._sent[conn] += len(data)
+            self.run([])
 
     def _received(self, conn: int, data: bytes) -> None:
         dec = self._decoders.get(conn)

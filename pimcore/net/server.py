@@ -26,11 +26,13 @@ per-connection protocol sessions (:mod:`pimcore.protocol`) encode, compress
 and decode.  What does live here, because only the
 network layer can know it:
 
-* **Bounded memory per connection.**  The core already bounds pushes by the
-  device's push window, but a peer that stops reading would still make the
-  outbound buffer grow.  Beyond ``max_outbound_bytes`` the connection is
-  dropped with ``SLOW_CONSUMER``; its messages stay in its inbox and it
-  catches up from its position when it comes back.
+* **Bounded memory per connection.**  Only the network layer knows when
+  bytes left: every write is reported to the core (``Broker.data_sent``),
+  which counts what each connection holds, stops reading a connection whose
+  answers are not taken (PauseReading at half of ``max_outbound_bytes``),
+  and past ``max_outbound_bytes`` closes it with ``SLOW_CONSUMER`` (its
+  messages stay in its inbox; it catches up from its position).  The check
+  in :meth:`_enqueue` on the wire bytes still queued is a second line.
 * **Time.**  ``now`` (µs since the epoch) is read here and passed in; one
   timer task sleeps until the core's ``next_deadline()`` and then calls
   ``handle_timer`` -- no fixed tick.
@@ -48,7 +50,7 @@ import os
 import ssl
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import inspect
 from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
@@ -112,7 +114,10 @@ class ServerConfig:
     keyfile: Optional[str] = None
     ssl_context: Optional[ssl.SSLContext] = None
     broker: BrokerConfig = DEFAULT_BROKER_CONFIG
-    #: Encoded bytes waiting for a slow reader before it is dropped.
+    #: Memory held for one connection (queued frames, each counted as its
+    #: bytes + 96): reading it pauses at half of this (at most
+    #: BrokerConfig.outbound_pause), frames it did not ask for beyond it
+    #: close it with SLOW_CONSUMER.  Becomes the core's max_outbound.
     max_outbound_bytes: int = 8 << 20
     #: Connections beyond this are refused at once (Close OVERLOADED).
     max_connections: int = 100_000
@@ -229,9 +234,15 @@ class BrokerServer:
         # A synchronous store is asked for the clock floor now; an async one
         # when the server runs (run() awaits it before listening).
         self.broker: Broker = None  # type: ignore[assignment]
+        # The core keeps the outbound limits (it counts what each connection
+        # holds, and pauses its reading first); max_outbound_bytes is its hard one.
+        self._broker_config = replace(
+            config.broker, max_outbound=config.max_outbound_bytes,
+            outbound_pause=min(config.broker.outbound_pause, config.max_outbound_bytes // 2),
+        )
         if not isinstance(store, AsyncStore):
             self.broker = Broker(
-                config.broker,
+                self._broker_config,
                 node_id=node_id or store.node_id(),
                 last_server_time=store.last_server_time(),
                 epoch=store.epoch(),
@@ -325,7 +336,7 @@ class BrokerServer:
             store: AsyncStore = self.store  # type: ignore[assignment]
             node_id = self._node_id or await store.node_id()
             self.broker = Broker(
-                self.config.broker,
+                self._broker_config,
                 node_id=node_id,
                 last_server_time=await store.last_server_time(),
                 epoch=await store.epoch(),
@@ -535,6 +546,7 @@ class BrokerServer:
                 finally:
                     peer.sending = False
                 self._stats["bytes_out"] += len(data)
+                self._run(self._core(self.broker.data_sent, peer.id, len(data)))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("connection %d: write failed: %r", peer.id, exc)
             if peer.state is _PeerState.OPEN:
@@ -557,7 +569,13 @@ class BrokerServer:
         self._running = True
         queue = self._queue
         try:
-            while queue:
+            while queue or self._dirty:
+                if not queue:
+                    # Write what the commands queued; the core's answers to
+                    # "written" (data_sent) join the queue -- a loop, not a
+                    # recursion, however many rounds a fast reader takes.
+                    self._flush()
+                    continue
                 cmd = queue.popleft()
                 kind = type(cmd)
                 if kind is SendData:
@@ -568,6 +586,8 @@ class BrokerServer:
                     self._store_request(cmd)  # type: ignore[arg-type]
                 elif kind is CloseConnection:
                     peer = self._peers.get(cmd.conn)  # type: ignore[union-attr]
+                    if cmd.code is CloseCode.SLOW_CONSUMER:  # type: ignore[union-attr]
+                        self._stats["slow_consumers"] += 1  # the core's outbound limit
                     if peer is not None:
                         self._close_peer(peer, cmd.data)  # type: ignore[union-attr]
                 elif kind is PauseReading:
@@ -592,8 +612,6 @@ class BrokerServer:
                     raise TypeError(f"unknown command {cmd!r}")
         finally:
             self._running = False
-        if self._dirty:
-            self._flush()
         scope = self._timer_scope
         if scope is not None:
             due = self.broker.next_deadline()
@@ -792,6 +810,7 @@ class BrokerServer:
         limit, which counts only what is still queued.
         """
         dirty, self._dirty = self._dirty, []
+        sent: list[tuple[int, int]] = []
         for peer in dirty:
             if not peer.buf:
                 continue
@@ -805,6 +824,8 @@ class BrokerServer:
                     peer.wake.set()  # broken: the writer finds out and reports it
                     continue
                 self._stats["bytes_out"] += n
+                if n:
+                    sent.append((peer.id, n))
                 if n == len(data):
                     peer.buf.clear()
                     peer.queued = 0
@@ -812,6 +833,17 @@ class BrokerServer:
                 peer.buf[:] = [data[n:]]
                 peer.queued = len(data) - n
             peer.wake.set()
+        if sent:  # the core counts them as no longer held
+            now, data_sent = self.now(), self.broker.data_sent
+            for conn, n in sent:
+                try:
+                    cmds = data_sent(conn, n, now)
+                except Exception:
+                    log.exception("internal error in data_sent")
+                    self._stats["internal_errors"] += 1
+                    continue
+                if cmds:
+                    self._queue.extend(cmds)
 
     def _enqueue(self, peer: _Peer, data: bytes) -> None:
         if not peer.buf:

@@ -1,0 +1,360 @@
+"""Every byte the broker holds for a connection is bounded (issue 10, item 3).
+
+A client that asks for much and reads nothing must not make the broker build
+replies without bound: its reading is paused while its outbound side is full,
+control frames that elicit replies are rate-limited, and what others generate
+for it (pushes, read states) drops it as a slow consumer past a hard limit.
+Broker heap is measured with tracemalloc (bounded, not timed)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tracemalloc
+
+import trio
+
+from pimcore import frames as F
+from pimcore.core import Limits
+from pimcore.errors import CloseCode, ErrorCode
+from pimcore.store import LmdbStore, direct_conversation
+from pimcore.store.base import NewMessage, StoreRequest
+
+from _net import RawConn, server_config, serving
+
+AB = direct_conversation("alice", "bob")
+MiB = 1 << 20
+_filled = 0  # messages written by fill(): ids and local ids stay unique
+
+
+def fill(store, conv: str, n: int, size: int, sender: str = "alice") -> None:
+    """``n`` messages of ``size`` random bytes in ``conv``, written straight
+    to the store (the broker is not involved)."""
+    global _filled
+    t = 1_700_000_000_000_000 + _filled
+    _filled += n
+    ops = []
+    for i in range(n):
+        payload = os.urandom(size)
+        msg_id = (t + i).to_bytes(8, "big") + b"fillfill"
+        ops.append(NewMessage(msg_id, conv, sender, "seed", t + i, t + i, t + i, payload, hashlib.blake2b(payload, digest_size=16).digest()))
+        if len(ops) == 500:
+            store.execute(StoreRequest(i, tuple(ops), True))
+            ops = []
+    if ops:
+        store.execute(StoreRequest(n, tuple(ops), True))
+
+
+async def settle(srv, rounds: int = 4) -> None:
+    """Wait until the broker stops producing (the flood is paused or done)."""
+    last, still = None, 0
+    while still < rounds:
+        await trio.sleep(0.1)
+        st = srv.statistics()
+        now = (st.broker.frames_out, st.broker.frames_in, st.broker.reads, st.bytes_out)
+        still = still + 1 if now == last else 0
+        last = now
+
+
+async def test_history_flood_from_a_client_that_never_reads_holds_bounded_heap(tmp_path):
+    """The issue's input: 2,000 messages of 8 KiB; a client with a small
+    receive buffer sends 300 HistoryReqs (limit 100) in one write and never
+    reads.  Before: every reply of the read was built (heap +250 MiB) before
+    the client was dropped.  Now the broker stops reading it and holds a few
+    MiB; when the client reads again it gets every page."""
+    store = LmdbStore(str(tmp_path / "db"), durability="os")
+    try:
+        fill(store, AB, 2000, 8 * 1024)
+        cfg = server_config(limits=Limits(heartbeat_ms=15000))
+        with trio.fail_after(120):
+            async with serving(store, cfg) as srv:
+                port = srv.endpoints[0].port
+                raw = await RawConn.open(port, rcvbuf=4096)
+                await raw.login("alice", "greedy")
+                flood = b"".join(
+                    __import__("pimcore.codec", fromlist=["encode_frame"]).encode_frame(F.HistoryReq(r, AB, (r * 7) % 1900, 100, False))
+                    for r in range(300)
+                )
+                tracemalloc.start()
+                try:
+                    base = tracemalloc.get_traced_memory()[0]
+                    await raw.send_bytes(flood)
+                    await settle(srv)
+                    grown = tracemalloc.get_traced_memory()[1] - base
+                finally:
+                    tracemalloc.stop()
+                print(f"history flood: broker heap peak +{grown / MiB:.1f} MiB")
+                assert grown < 8 * MiB, f"heap grew by {grown / MiB:.1f} MiB"
+                assert srv.statistics().slow_consumers == 0  # paused, not dropped
+                # It reads again: every page comes, complete.
+                seen = set()
+                while len(seen) < 300:
+                    resp = await raw.until(F.HistoryResp)
+                    assert resp.code == ErrorCode.OK and len(resp.messages) == 100
+                    assert resp.messages[0].seq == (resp.req_id * 7) % 1900 + 1
+                    seen.add(resp.req_id)
+                await raw.aclose()
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- the core (sans-IO)
+
+from pimcore.codec import encode_frame  # noqa: E402
+from pimcore.core import BrokerConfig, CloseConnection, PauseReading, SendData  # noqa: E402
+from pimcore.store import MemoryStore  # noqa: E402
+
+from _harness import Harness, store_driver  # noqa: E402,F401
+
+
+def held_peak(h: Harness, conn: int, feed) -> int:
+    """Broker heap peak (bytes, tracemalloc) while ``feed()`` runs."""
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        feed()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def test_core_history_flood_on_a_stalled_connection_is_paused_not_built(store_driver):
+    store = MemoryStore()
+    fill(store, AB, 2000, 8 * 1024)
+    h = Harness(store)
+    a = h.login("alice", "greedy")
+    h.take(a)
+    h.stalled.add(a)
+    flood = b"".join(encode_frame(F.HistoryReq(r, AB, (r * 7) % 1900, 100, False)) for r in range(300))
+    grown = held_peak(h, a, lambda: h.feed_bytes(a, flood))
+    held = sum(len(d) for d in h.unsent[a])
+    print(f"core history flood: heap +{grown / MiB:.1f} MiB, {held / MiB:.1f} MiB held")
+    assert len(h.unsent[a]) < 20 and a not in h.closed  # not 300 pages: it waits
+    assert held <= BrokerConfig().outbound_pause + MiB  # one page past the limit at most
+    assert grown < 8 * MiB
+    # Reading again, the client gets every page, each within one frame.
+    while a in h.stalled or h.unsent.get(a):
+        h.take_outbound(a)
+    resps = h.take(a, F.HistoryResp)
+    assert sorted(r.req_id for r in resps) == list(range(300))
+    assert all(r.code == ErrorCode.OK and len(r.messages) == 100 for r in resps)
+    assert a not in h.paused
+
+
+def test_history_pages_are_cut_to_fit_one_frame(store_driver):
+    store = MemoryStore()
+    fill(store, AB, 40, 60 * 1024)
+    h = Harness(store)
+    a = h.login("alice", "phone")
+    h.take(a)
+    h.feed(a, F.HistoryReq(1, AB, 0, 200, False))
+    [resp] = h.take(a, F.HistoryResp)
+    assert resp.more and 1 <= len(resp.messages) < 40
+    assert len(encode_frame(resp)) <= Limits().max_frame
+    assert [m.seq for m in resp.messages] == list(range(1, len(resp.messages) + 1))
+
+
+def test_many_history_requests_on_many_conversations_stay_bounded(store_driver):
+    store = MemoryStore()
+    h = Harness(store)
+    convs = [f"g{i}" for i in range(20)]
+    for conv in convs:
+        h.create_group(conv, ["alice", "bob"])
+        fill(store, conv, 50, 8 * 1024)
+    a = h.login("alice", "greedy")
+    h.take(a)
+    h.stalled.add(a)
+    flood = b"".join(encode_frame(F.HistoryReq(r, convs[r % 20], 0, 50, r % 2 == 0)) for r in range(400))
+    grown = held_peak(h, a, lambda: h.feed_bytes(a, flood))
+    assert len(h.unsent[a]) < 20 and a not in h.closed
+    assert sum(len(d) for d in h.unsent[a]) <= BrokerConfig().outbound_pause + MiB
+    assert grown < 8 * MiB
+    while a in h.stalled or h.unsent.get(a):
+        h.take_outbound(a)
+    assert sorted(r.req_id for r in h.take(a, F.HistoryResp)) == list(range(400))
+
+
+def feed_reads(h: Harness, conn: int, data: bytes, read_size: int = 64 * 1024) -> int:
+    """``data`` as the served broker takes it: one read (64 KiB) at a time,
+    none while the core asked to pause (the rest stays in the socket).
+    Returns how many bytes were taken."""
+    taken = 0
+    while taken < len(data) and conn not in h.closed and conn not in h.paused:
+        h.feed_bytes(conn, data[taken : taken + read_size])
+        taken += len(data[taken : taken + read_size])
+    return taken
+
+
+def _flood_closes_rate_limited(h: Harness, frames: list, what: str) -> None:
+    a = h.login("alice", "mallory")
+    h.take(a)
+    h.stalled.add(a)
+    flood = b"".join(encode_frame(f) for f in frames)
+    grown = held_peak(h, a, lambda: feed_reads(h, a, flood))
+    close = h.closed[a]
+    assert close.code is CloseCode.RATE_LIMITED and what in close.reason, close
+    replies = len(h.unsent[a])
+    assert replies <= BrokerConfig().control_burst
+    assert grown < 2 * MiB
+
+
+def test_ping_flood_from_a_client_that_never_reads_is_rate_limited(store_driver):
+    _flood_closes_rate_limited(Harness(MemoryStore()), [F.Ping(i) for i in range(50_000)], "Ping")
+
+
+def test_calibrate_flood_is_rate_limited(store_driver):
+    _flood_closes_rate_limited(Harness(MemoryStore()), [F.CalibrateReq(i) for i in range(50_000)], "CalibrateReq")
+
+
+def test_refused_request_floods_eliciting_errors_are_rate_limited(store_driver):
+    h = Harness(MemoryStore())
+    _flood_closes_rate_limited(h, [F.Read("d:mallory:zed", i) for i in range(20_000)], "Read")
+    _flood_closes_rate_limited(h, [F.HistoryReq(i, "", 0, 1, False) for i in range(20_000)], "HistoryReq")
+    _flood_closes_rate_limited(h, [F.SendReq(i, "d:x:y", 0, b"") for i in range(20_000)], "SendReq")
+
+
+def test_ping_flood_before_login_is_rate_limited(store_driver):
+    h = Harness(MemoryStore())
+    c = h.open()
+    h.stalled.add(c)
+    h.feed_bytes(c, b"".join(encode_frame(F.Ping(i)) for i in range(10_000)))
+    assert h.closed[c].code is CloseCode.RATE_LIMITED
+
+
+def test_control_replies_within_the_rate_are_answered(store_driver):
+    h = Harness(MemoryStore())
+    a = h.login("alice", "phone")
+    for i in range(1000):  # 20 Pings a second for 50 s: well within 50/s
+        h.feed(a, F.Ping(i))
+        h.now += 50_000
+    assert a not in h.closed and len(h.take(a, F.Pong)) == 1000
+
+
+def test_unlimited_control_rate_ping_flood_is_bounded_by_backpressure(store_driver):
+    cfg = BrokerConfig(control_rate=0.0, outbound_pause=64 * 1024, max_outbound=256 * 1024)
+    h = Harness(MemoryStore(), cfg)
+    a = h.login("alice", "phone")
+    h.take(a)
+    h.stalled.add(a)
+    flood = b"".join(encode_frame(F.Ping(i)) for i in range(100_000))
+    taken = []
+    grown = held_peak(h, a, lambda: taken.append(feed_reads(h, a, flood)))
+    pongs = len(h.unsent[a])
+    # Each Pong counts as its bytes plus the per-frame overhead: reading
+    # stopped at 64 KiB of held frames, far before 100,000 Pongs.
+    assert a in h.paused and a not in h.closed
+    assert pongs * 96 <= 64 * 1024 + 1024
+    assert grown < 4 * MiB
+    sent = taken[0]
+    assert sent < len(flood)
+    while sent < len(flood):  # it reads again: the host reads on at each ResumeReading
+        h.take_outbound(a)
+        h.stalled.add(a)
+        if a not in h.paused:
+            chunk = flood[sent : sent + 64 * 1024]
+            sent += len(chunk)
+            h.feed_bytes(a, chunk)
+    h.take_outbound(a)
+    assert [p.nonce for p in h.take(a, F.Pong)] == list(range(100_000))
+
+
+def test_group_fan_out_to_a_slow_member_is_bounded_by_its_push_window(store_driver):
+    h = Harness(MemoryStore())
+    members = ["alice"] + [f"u{i}" for i in range(50)]
+    h.create_group("big", members)
+    slow = h.login("u7", "slow")
+    h.take(slow)
+    h.stalled.add(slow)
+    a = h.login("alice", "phone")
+    payload = os.urandom(16 * 1024)
+    for i in range(200):  # 3.2 MB for every member
+        h.send(a, "big", payload[:-4] + b"%04d" % i)
+        assert h.acks(a)[0].code == ErrorCode.OK
+    held = sum(len(d) for d in h.unsent[slow])
+    assert slow not in h.closed
+    assert held <= Limits().push_window_bytes + 64 * 1024
+    while slow in h.stalled or h.unsent.get(slow):
+        h.take_outbound(slow)
+    got = h.drain_device(slow)
+    assert [m.seq for m in got] == list(range(1, 201))
+
+
+def test_frames_not_asked_for_past_max_outbound_close_slow_consumer(store_driver):
+    """SLOW_CONSUMER: what others generate for a connection (pushes within its
+    push window, read states, receipts) went past max_outbound while it did
+    not read.  Nothing is lost: it catches up from its position."""
+    cfg = BrokerConfig(outbound_pause=16 * 1024, max_outbound=64 * 1024)
+    store = MemoryStore()
+    h = Harness(store, cfg)
+    slow = h.login("bob", "slow")
+    h.take(slow)
+    h.stalled.add(slow)
+    a = h.login("alice", "phone")
+    for i in range(20):
+        h.send(a, AB, os.urandom(8 * 1024))
+    close = h.closed[slow]
+    assert close.code is CloseCode.SLOW_CONSUMER and "not reading" in close.reason
+    assert sum(len(d) for d in h.unsent[slow]) <= 64 * 1024 + 16 * 1024
+    b = h.login("bob", "slow")
+    assert [m.seq for m in h.drain_device(b)] == list(range(1, 21))
+
+
+async def test_ping_flood_over_the_network_is_closed_rate_limited(tmp_path):
+    store = LmdbStore(str(tmp_path / "db"), durability="os")
+    try:
+        with trio.fail_after(30):
+            async with serving(store, server_config(limits=Limits(heartbeat_ms=15000))) as srv:
+                raw = await RawConn.open(srv.endpoints[0].port, rcvbuf=4096)
+                await raw.login("mallory")
+                flood = b"".join(encode_frame(F.Ping(i)) for i in range(100_000))
+                tracemalloc.start()
+                try:
+                    base = tracemalloc.get_traced_memory()[0]
+                    with trio.move_on_after(10):
+                        try:
+                            await raw.send_bytes(flood)  # the broker may hang up mid-way
+                        except (trio.BrokenResourceError, OSError):
+                            pass
+                    await settle(srv)
+                    grown = tracemalloc.get_traced_memory()[1] - base
+                finally:
+                    tracemalloc.stop()
+                assert grown < 8 * MiB
+                close = await raw.until(F.Close)
+                assert close.code == CloseCode.RATE_LIMITED and "Ping" in close.reason
+    finally:
+        store.close()
+
+
+def test_control_rate_is_a_server_setting(tmp_path):
+    from pimcore.config import load_settings
+
+    cfg = tmp_path / "pimcore.toml"
+    cfg.write_text("[server]\ncontrol_rate = 5.0\ncontrol_burst = 9\nmax_outbound_bytes = 1048576\n")
+    broker = load_settings(str(cfg)).server_config().broker
+    assert (broker.control_rate, broker.control_burst) == (5.0, 9)
+
+
+def test_partial_writes_free_frames_in_order(store_driver):
+    """A host reports writes in any pieces: a frame stops counting once its
+    last byte is written, and the connection reads on as soon as there is
+    room -- not only when everything is out."""
+    cfg = BrokerConfig(control_rate=0.0, outbound_pause=4096, max_outbound=64 * 1024)
+    h = Harness(MemoryStore(), cfg)
+    a = h.login("alice", "phone")
+    h.take(a)
+    h.stalled.add(a)
+    h.feed_bytes(a, b"".join(encode_frame(F.Ping(i)) for i in range(1000)))
+    first = h.unsent.pop(a)
+    assert 0 < len(first) < 1000 and len(first) * 96 <= 4096 + 200
+    data = b"".join(first)
+    written = 0
+    while len(data) - written > 5:  # all but the last few bytes, 5 at a time
+        h.run(h.broker.data_sent(a, 5, h.now))
+        written += 5
+    assert len(h.unsent[a]) > 0  # room was made before the last frame was written
+    h._received(a, data)
+    h.run(h.broker.data_sent(a, len(data) - written, h.now))
+    while h.unsent.get(a) or a in h.stalled:
+        h.take_outbound(a)
+    assert [p.nonce for p in h.take(a, F.Pong)] == list(range(1000))
