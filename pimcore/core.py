@@ -79,7 +79,10 @@ from .store.base import (
     MarkRead,
     NewMessage,
     Op,
+    GroupChanged,
     ReadHistory,
+    ReadReaders,
+    ReadersPage,
     ReadInbox,
     Reclaim,
     Reclaimed,
@@ -359,7 +362,7 @@ class _Conn:
         self.waiting = 0
         self.backlog: deque[F.Frame] = deque()
         self.paused = False  # PauseReading was sent
-        self.history_reads = 0  # ReadHistory requests in flight
+        self.history_reads = 0  # ReadHistory and ReadReaders requests in flight
         self.login: Optional[F.Login] = None
 
 
@@ -443,6 +446,14 @@ class _HistoryRead:
         self.conn = conn
         self.frame = frame
         self.limit = limit
+
+
+class _ReadersRead:
+    __slots__ = ("conn", "frame")
+
+    def __init__(self, conn: int, frame: F.ReadersReq) -> None:
+        self.conn = conn
+        self.frame = frame
 
 
 # What each hook request in flight is for.
@@ -744,6 +755,8 @@ class Broker:
                 if self._acks_unsaved.get(key, -1) <= op.position:  # type: ignore[union-attr]
                     self._acks_unsaved.pop(key, None)
             elif isinstance(ctx, _AdminCtx):
+                if isinstance(res, GroupChanged) and res.entries:
+                    self._finish_admin(res, to_pump)
                 out.append(AdminDone(ctx.ref, res))
             elif kind is Reclaim and isinstance(res, Reclaimed):
                 self._stats["reclaimed_entries"] += res.entries
@@ -783,7 +796,9 @@ class Broker:
             self._retry_at = now + _RETRY_AFTER_FAILURE
         return out
 
-    def _read_done(self, ctx: Union[_LoginRead, _InboxRead, _HistoryRead], res: Optional[Result], now: int, out: list[Command]) -> None:
+    def _read_done(
+        self, ctx: Union[_LoginRead, _InboxRead, _HistoryRead, _ReadersRead], res: Optional[Result], now: int, out: list[Command]
+    ) -> None:
         """A read request finished (``res`` None: it failed)."""
         if type(ctx) is _InboxRead:
             dev = ctx.dev
@@ -811,6 +826,20 @@ class Broker:
                 return
             self._activate(c, ctx, res, now, out)
             self._resume(c, now, out)  # frames pipelined after the Login
+        elif type(ctx) is _ReadersRead:
+            c = self._conns.get(ctx.conn)
+            if c is None:
+                return
+            c.history_reads -= 1
+            rf = ctx.frame
+            if not isinstance(res, ReadersPage):
+                rresp = F.ReadersResp(rf.req_id, rf.conv, ErrorCode.STORE_UNAVAILABLE, ())
+            else:
+                readers = tuple(F.Reader(u, seq) for u, seq in res.readers)
+                rresp = F.ReadersResp(rf.req_id, rf.conv, res.code, readers if res.code is ErrorCode.OK else ())
+            self._send(c.id, rresp, out)
+            if c.history_reads == _MAX_HISTORY_READS - 1:
+                self._resume(c, now, out)  # it was held at the limit: read on
         else:
             assert type(ctx) is _HistoryRead
             c = self._conns.get(ctx.conn)
@@ -953,25 +982,56 @@ class Broker:
 
     # ------------------------------------------------------------ embedding API
 
-    def create_group(self, conv: str, members: Iterable[str], now: int, *, ref: int = 0) -> list[Command]:
+    def create_group(
+        self, conv: str, members: Iterable[str], now: int, *, ref: int = 0, history_visible: bool = False
+    ) -> list[Command]:
         """Control plane: create a group, as an op of the next batch (ordered
-        with the messages around it).  :class:`AdminDone` with ``ref`` says
-        how it went."""
+        with the messages around it).  ``history_visible``: members added
+        later may read what was said before (default: they see the
+        conversation from their JOINED entry on).  :class:`AdminDone` with
+        ``ref`` says how it went."""
         if isinstance(members, str):
             raise ValueError("members must be an iterable of user ids, not a string")
-        return self._admin(CreateGroup(conv, tuple(sorted(set(members))), now), ref, now)
+        return self._admin(CreateGroup(conv, tuple(sorted(set(members))), now, bool(history_visible)), ref, now)
 
     def add_members(self, conv: str, users: Iterable[str], now: int, *, ref: int = 0) -> list[Command]:
-        """Add users to a group (see :meth:`create_group`)."""
+        """Add users to a group (see :meth:`create_group`).  Each user who
+        was not a member gets a JOINED entry in the conversation, pushed to
+        the members (the new one included) like a message."""
         if isinstance(users, str):
             raise ValueError("users must be an iterable of user ids, not a string")
-        return self._admin(AddMembers(conv, tuple(sorted(set(users)))), ref, now)
+        return self._change_members(AddMembers, conv, users, ref, now)
 
     def remove_members(self, conv: str, users: Iterable[str], now: int, *, ref: int = 0) -> list[Command]:
-        """Remove users from a group (see :meth:`create_group`)."""
+        """Remove users from a group (see :meth:`create_group`).  Each user
+        who was a member gets a LEFT entry, pushed to the members and to
+        the leaving user."""
         if isinstance(users, str):
             raise ValueError("users must be an iterable of user ids, not a string")
-        return self._admin(RemoveMembers(conv, tuple(sorted(set(users)))), ref, now)
+        return self._change_members(RemoveMembers, conv, users, ref, now)
+
+    def _change_members(self, kind: type, conv: str, users: Iterable[str], ref: int, now: int) -> list[Command]:
+        members = tuple(sorted(set(users)))
+        # One stamp per user from the broker's clock (an entry that turns
+        # out to be a no-op just leaves its stamp unused).
+        stamps = []
+        for _ in members:
+            t = self._clock.tick(now)
+            stamps.append((t.to_bytes(8, "big") + self._node_id, t))
+        return self._admin(kind(conv, members, now, "", tuple(stamps)), ref, now)
+
+    def _finish_admin(self, res: GroupChanged, to_pump: set[str]) -> None:
+        """Membership entries are pushed like messages (cf. _finish_send)."""
+        heads, fresh, online = self._heads, self._fresh, self._online
+        for m, positions in zip(res.entries, res.positions):
+            self._stats["messages_stored"] += 1
+            for user, pos in positions:
+                if user in heads:
+                    if pos > heads[user]:
+                        heads[user] = pos
+                    if user in online:
+                        to_pump.add(user)
+                        fresh.setdefault(user, []).append((pos, _to_frame_message(pos, m)))
 
     def _admin(self, op: Op, ref: int, now: int) -> list[Command]:
         out: list[Command] = []
@@ -1434,6 +1494,19 @@ class Broker:
         # One more than the page: whether there is more is then known.
         out.append(StoreRequest(rid, (ReadHistory(f.conv, c.user, f.from_seq, limit + 1, f.backward),), False))
 
+    def _on_readers(self, c: _Conn, f: F.ReadersReq, now: int, out: list[Command]) -> None:
+        """Who has read up to where in ``f.conv`` (current members; the
+        store answers, ReadReaders).  Counts against the same bound of reads
+        in flight as history requests."""
+        code = self._check_conversation(c.user, f.conv)
+        if code is not ErrorCode.OK:
+            self._send(c.id, F.ReadersResp(f.req_id, f.conv, code, ()), out)
+            return
+        c.history_reads += 1
+        rid = self._request_id()
+        self._reads[rid] = _ReadersRead(c.id, f)
+        out.append(StoreRequest(rid, (ReadReaders(f.conv, c.user),), False))
+
     def _on_calibrate(self, c: _Conn, f: F.CalibrateReq, now: int, out: list[Command]) -> None:
         self._send(c.id, F.CalibrateResp(f.client_time, self._clock.now(now)), out)
 
@@ -1455,6 +1528,7 @@ class Broker:
         F.PushAck: _on_push_ack,
         F.Read: _on_read,
         F.HistoryReq: _on_history,
+        F.ReadersReq: _on_readers,
         F.CalibrateReq: _on_calibrate,
         F.Ping: _on_ping,
         F.Pong: _on_pong,

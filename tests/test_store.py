@@ -27,6 +27,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from pimcore.errors import ErrorCode, StoreError
+from pimcore.frames import MessageKind
+
+JOINED, LEFT = MessageKind.JOINED, MessageKind.LEFT
+
 from pimcore.store import (
     AckPosition,
     AddMembers,
@@ -530,9 +534,12 @@ def test_group_admin_ops_are_ordered_inside_a_batch(store: Store, mk: Maker) -> 
         mk(GROUP, "alice"),
     )
     assert [u for u, _ in second.positions] == ["alice", "bob"]
-    assert added == GroupChanged(GROUP, ("alice", "bob", "carol"))
+    assert (added.conv, added.members) == (GROUP, ("alice", "bob", "carol"))
+    assert [(e.kind, e.sender, e.seq) for e in added.entries] == [(JOINED, "carol", 3)]
     assert [u for u, _ in third.positions] == ["alice", "bob", "carol"]
-    assert removed == GroupChanged(GROUP, ("alice", "carol"))
+    assert (removed.conv, removed.members) == (GROUP, ("alice", "carol"))
+    assert [(e.kind, e.sender, e.seq) for e in removed.entries] == [(LEFT, "bob", 5)]
+    assert [u for u, _ in removed.positions[0]] == ["alice", "bob", "carol"]
     assert refused == Rejected(ErrorCode.NOT_MEMBER)
     assert [u for u, _ in fourth.positions] == ["alice", "carol"]
     again, unknown, bad = mk.commit(
@@ -583,10 +590,13 @@ def test_membership_changes_apply_to_later_messages(store: Store, mk: Maker) -> 
     new = mk(GROUP, "carol")
     (res,) = mk.commit(store, new)
     assert isinstance(res, Appended)
-    assert res.positions == (("alice", 2), ("carol", 1))
-    assert inbox_ids(store, "carol") == [(1, new.msg_id)]  # old ones only via history
-    assert inbox_ids(store, "bob") == [(1, old.msg_id)]
-    assert [m.msg_id for m in store.history(GROUP, 0, 10)] == [old.msg_id, new.msg_id]
+    # Each change is an entry of its own: alice has old, carol JOINED, bob
+    # LEFT, new; carol from her JOINED on; bob up to his LEFT.
+    assert res.positions == (("alice", 4), ("carol", 3))
+    assert [pos for pos, _ in inbox_ids(store, "carol")][-1] == 3
+    assert [m.kind for _, m in store.inbox_range("carol", 0, 10)] == [JOINED, LEFT, 0]
+    assert [m.kind for _, m in store.inbox_range("bob", 0, 10)] == [0, JOINED, LEFT]
+    assert [m.msg_id for m in store.history(GROUP, 0, 10)][::3] == [old.msg_id, new.msg_id]
 
 
 def test_direct_conversations_have_implied_members(store: Store) -> None:
@@ -806,17 +816,17 @@ def test_mark_read_checks_the_conversation_and_the_reader(store: Store, mk: Make
         MarkRead("bob", "ghosts", 1),
         MarkRead("carol", GROUP, 1),
         MarkRead("carol", AB, 1),
-        MarkRead("bob", "quiet", 1),  # removed, and never got a message there
-        MarkRead("bob", GROUP, 1),  # removed, but still has the messages he got
-        MarkRead("alice", "quiet", 5),  # a member, no messages yet
+        MarkRead("bob", "quiet", 5),  # removed (seq 1 is his LEFT entry): up to it
+        MarkRead("bob", GROUP, 9),  # removed at seq 2: clamped to what he saw
+        MarkRead("alice", "quiet", 5),  # a member, only bob's LEFT entry there
     )
     assert res == (
         Rejected(ErrorCode.UNKNOWN_CONVERSATION),
+        Rejected(ErrorCode.NOT_MEMBER),  # never a member
         Rejected(ErrorCode.NOT_MEMBER),
-        Rejected(ErrorCode.NOT_MEMBER),
-        Rejected(ErrorCode.NOT_MEMBER),
-        ReadMarked("bob", GROUP, 1, 1, 0, True),
-        ReadMarked("alice", "quiet", 0, 0, 0, False),
+        ReadMarked("bob", "quiet", 1, 1, 0, True),
+        ReadMarked("bob", GROUP, 2, 2, 0, True),
+        ReadMarked("alice", "quiet", 1, 1, 0, True),
     )
 
 
@@ -833,8 +843,8 @@ def test_conversations_of_a_user(store: Store, mk: Maker) -> None:
     mk.commit(store, mk(ac, "alice"), mk("alpha", "bob"))
     assert store.conversations("carol") == sorted(["alpha", "beta", "zeta", ac])
     store.remove_members("alpha", ["carol"])  # she got a message there: kept
-    store.remove_members("beta", ["carol"])  # nothing there: dropped
-    assert store.conversations("carol") == sorted(["alpha", "zeta", ac])
+    store.remove_members("beta", ["carol"])  # kept too: she got her LEFT entry
+    assert store.conversations("carol") == sorted(["alpha", "beta", "zeta", ac])
     store.add_members("beta", ["carol"])
     assert store.conversations("carol") == sorted(["alpha", "beta", "zeta", ac])
     assert store.conversations("alice") == [ac]
@@ -982,7 +992,7 @@ class StoreModel(RuleBasedStateMachine):
         add=st.booleans(),
     )
     def change(self, conv: str, users: list[str], add: bool) -> None:
-        self.both("add_members" if add else "remove_members", conv, users)
+        self.both("add_members" if add else "remove_members", conv, users, self.time)
 
     @rule(
         ops=st.lists(op, min_size=0, max_size=4),
@@ -994,7 +1004,7 @@ class StoreModel(RuleBasedStateMachine):
     def admin_in_a_batch(self, ops: list[tuple[str, tuple]], at: int, conv: str, users: list[str], kind: type) -> None:
         """Group admin is an op of a batch: later ops of the same batch see it."""
         built = [self.build(k, args) for k, args in ops]
-        admin = kind(conv, tuple(sorted(set(users))), self.time) if kind is CreateGroup else kind(conv, tuple(sorted(set(users))))
+        admin = kind(conv, tuple(sorted(set(users))), self.time)
         built.insert(min(at, len(built)), admin)
         self.batch += 1
         batch = WriteBatch(self.batch, tuple(built))  # type: ignore[arg-type]
