@@ -236,3 +236,54 @@ def test_history_visible_setting(h, visible):
     h.send(alice, "g", b"gone")
     seqs = [m.seq for m in history(h, dave, "g").messages]
     assert seqs == ([1, 2, 3, 4, 5, 6] if visible else [4, 5, 6])
+
+
+# ---------------------------------------------------------------- the SDK, end to end
+
+
+async def test_sdk_membership_entries_unread_and_readers(tmp_path):
+    import trio
+
+    from pimcore.client import SendError
+
+    from _net import client, serving
+
+    store = LmdbStore(str(tmp_path / "net"), durability="os")
+    try:
+        with trio.fail_after(20):
+            async with serving(store) as srv:
+                await srv.create_group("team", ["alice", "bob"])
+                async with client(srv.url(), "alice") as a, client(srv.url(), "bob") as b:
+                    for i in range(2):
+                        await a.send("team", b"m%d" % i)
+                    got = []
+                    async for m in b.messages():
+                        got.append(m)
+                        if len(got) == 2:
+                            break
+                    assert b.unread("team") == 2
+                    changed = await srv.add_members("team", ["dave"])
+                    assert [(e.kind, e.sender) for e in changed.entries] == [(JOINED, "dave")]
+                    async for m in b.messages():
+                        assert (m.kind, m.sender, m.seq, m.payload) == (JOINED, "dave", 3, b"")
+                        break
+                    # a membership entry is never unread
+                    assert b.unread("team") == 2
+                    async with client(srv.url(), "dave") as d:
+                        await d.wait_connected()
+                        async for m in d.messages():
+                            assert (m.kind, m.sender, m.seq) == (JOINED, "dave", 3)
+                            break
+                        assert d.unread("team") == 0
+                        assert [m.seq for m in await d.fetch_history("team")] == [3]
+                        await b.mark_read("team", 2)
+                        with trio.fail_after(5):
+                            while (await a.readers("team"))[1].read_seq != 2:
+                                await trio.sleep(0.01)
+                        assert await d.readers("team") == [F.Reader("alice", 0), F.Reader("bob", 2), F.Reader("dave", 0)]
+                        await srv.remove_members("team", ["dave"])
+                        with pytest.raises(SendError) as err:
+                            await d.readers("team")
+                        assert err.value.code is ErrorCode.NOT_MEMBER
+    finally:
+        store.close()
