@@ -1201,3 +1201,112 @@ def test_lmdb_reads_run_while_another_thread_commits(tmp_path: Path) -> None:
         store.close()
     assert not errors, errors
     assert last <= 600 and reads > 0
+
+
+# ---------------------------------------------------------------- membership history
+
+
+def test_membership_intervals_unread_history_and_readers(store: Store, mk: Maker) -> None:
+    """The store contract of membership (store/base.py, Membership), the
+    same on both stores."""
+    from pimcore.store import OPEN, ReadersPage, ReadReaders
+
+    store.create_group(GROUP, ["alice", "bob"], now=1)
+    mk.commit(store, *[mk(GROUP, "alice") for _ in range(3)])  # 1..3
+    store.add_members(GROUP, ["dave"], now=10)  # 4
+    mk.commit(store, mk(GROUP, "alice"))  # 5
+    store.remove_members(GROUP, ["dave"], now=20)  # 6
+    mk.commit(store, mk(GROUP, "bob"))  # 7
+    store.add_members(GROUP, ["dave"], now=30)  # 8
+    mk.commit(store, mk(GROUP, "alice"))  # 9
+    assert store.spans(GROUP, "dave") == ((4, 6), (8, OPEN))
+    assert store.spans(GROUP, "alice") == ((0, OPEN),)
+    assert store.spans(GROUP, "erin") == () and store.spans(AB, "alice") == ((0, OPEN),)
+    assert store.unread("dave", GROUP) == 2  # seqs 5 and 9
+    assert store.unread("bob", GROUP) == 5  # every message of alice, no entries
+    assert [m.seq for m in store.inbox_range("dave", 0, 10) for m in [m[1]]] == [4, 5, 6, 8, 9]
+    (page,) = store.read([ReadHistory(GROUP, "dave", 0, 10)])
+    assert [m.seq for m in page.messages] == [4, 5, 6, 8, 9]
+    (page,) = store.read([ReadHistory(GROUP, "dave", 0, 2, True)])
+    assert [m.seq for m in page.messages] == [9, 8]
+    (page,) = store.read([ReadHistory(GROUP, "dave", 8, 2, True)])
+    assert [m.seq for m in page.messages] == [6, 5]
+    (page,) = store.read([ReadHistory(GROUP, "erin", 0, 10)])
+    assert page == HistoryPage(ErrorCode.NOT_MEMBER, ())
+    entries = [m for m in store.history(GROUP, 0, 10) if m.kind]
+    assert [(m.seq, m.kind, m.sender, m.device, m.local_id, m.after_seq) for m in entries] == [
+        (4, JOINED, "dave", "", 0, 3),
+        (6, LEFT, "dave", "", 0, 5),
+        (8, JOINED, "dave", "", 0, 7),
+    ]
+    assert store.last_server_time() >= entries[-1].server_time >= 30
+    # read markers: clamped to what the user may see, never back
+    (r1, r2) = mk.commit(store, MarkRead("dave", GROUP, 99), MarkRead("dave", GROUP, 3))
+    assert (r1.read_seq, r1.last_seq, r1.unread) == (9, 9, 0) and r2.read_seq == 9
+    store.remove_members(GROUP, ["bob"], now=40)  # 10
+    (r,) = mk.commit(store, MarkRead("bob", GROUP, 99))
+    assert (r.read_seq, r.last_seq) == (10, 10)
+    (r,) = mk.commit(store, MarkRead("erin", GROUP, 1))
+    assert r == Rejected(ErrorCode.NOT_MEMBER)
+    (readers, former, stranger) = store.read(
+        [ReadReaders(GROUP, "dave"), ReadReaders(GROUP, "bob"), ReadReaders(GROUP, "erin")]
+    )
+    assert readers == ReadersPage(ErrorCode.OK, (("alice", 0), ("dave", 9)))
+    assert former == stranger == ReadersPage(ErrorCode.NOT_MEMBER, ())
+    (session,) = store.read([LoadSession("bob", "phone")])
+    [state] = [s for s in session.conversations if s.conv == GROUP]
+    assert (state.read_seq, state.last_seq, state.unread) == (10, 10, 0)
+
+
+def test_history_visible_is_per_group(store: Store, mk: Maker) -> None:
+    store.create_group("open", ["alice"], now=1, history_visible=True)
+    store.create_group("closed", ["alice"], now=1)
+    assert store.history_visible("open") and not store.history_visible("closed")
+    mk.commit(store, mk("open", "alice"), mk("closed", "alice"))
+    store.add_members("open", ["dave"], now=5)
+    store.add_members("closed", ["dave"], now=5)
+    seen = store.read([ReadHistory("open", "dave", 0, 10), ReadHistory("closed", "dave", 0, 10)])
+    assert [[m.seq for m in p.messages] for p in seen] == [[1, 2], [2]]
+    assert store.unread("dave", "open") == store.unread("dave", "closed") == 0
+
+
+def test_membership_stamps_from_the_broker_are_used_and_checked(store: Store, mk: Maker) -> None:
+    store.create_group(GROUP, ["alice"], now=1)
+    stamp = (b"\x01" * 16, 12345)
+    (res,) = mk.commit(store, AddMembers(GROUP, ("bob",), 12345, "alice", (stamp,)))
+    [entry] = res.entries
+    assert (entry.msg_id, entry.server_time, entry.payload) == (stamp[0], 12345, b"alice")
+    assert res.positions == ((("alice", 1), ("bob", 1)),)
+    (again, short) = mk.commit(
+        store, RemoveMembers(GROUP, ("bob",), 1, "", (stamp,)), AddMembers(GROUP, ("carol", "dave"), 1, "", (stamp,))
+    )
+    assert again == Rejected(ErrorCode.INTERNAL)  # msg_id already stored: nothing changed
+    assert short == Rejected(ErrorCode.BAD_REQUEST)
+    assert store.members(GROUP) == ("alice", "bob")
+
+
+def test_lmdb_schema_2_store_is_migrated(tmp_path) -> None:
+    """Schema 2 had no membership intervals and no group flags: the members
+    of that time become members from seq 0, groups get the default."""
+    import lmdb
+    import struct
+
+    path = str(tmp_path / "old")
+    s = LmdbStore(path)
+    s.create_group(GROUP, ["alice", "bob"], now=1)
+    s.close()
+    env = lmdb.open(path, max_dbs=32, subdir=True)
+    with env.begin(write=True) as txn:
+        meta, groups, spans = (env.open_db(n, txn=txn) for n in (b"meta", b"groups", b"spans"))
+        txn.put(b"schema", struct.pack(">Q", 2), db=meta)
+        txn.put(b"\x04team", struct.pack(">q", 1), db=groups)
+        txn.drop(spans, delete=False)
+    env.close()
+    s = LmdbStore(path)
+    try:
+        assert s.spans(GROUP, "alice") == s.spans(GROUP, "bob") == ((0, (1 << 64) - 1),)
+        assert not s.history_visible(GROUP)
+        s.add_members(GROUP, ["carol"], now=5)
+        assert s.spans(GROUP, "carol") == ((1, (1 << 64) - 1),)
+    finally:
+        s.close()
