@@ -366,9 +366,10 @@ def test_group_fanout_matches_the_memory_store(tmp_path: Path, monkeypatch: pyte
             batch = WriteBatch(round_ + 1, tuple(ops))  # type: ignore[arg-type]
             assert memory.commit(batch) == lmdb.commit(batch)
             if round_ % 4 == 3:
+                at = next(t)  # the same stamps in both stores
                 for store in (memory, lmdb):
-                    store.add_members("small", [users[round_ * 2 + 1]])
-                    store.remove_members("small", [users[0]])
+                    store.add_members("small", [users[round_ * 2 + 1]], at)
+                    store.remove_members("small", [users[0]], at)
             assert observable(memory, users, convs) == observable(lmdb, users, convs)
     finally:
         memory.close()

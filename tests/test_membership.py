@@ -287,3 +287,94 @@ async def test_sdk_membership_entries_unread_and_readers(tmp_path):
                         assert err.value.code is ErrorCode.NOT_MEMBER
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------- model-based
+
+
+def _model(history):
+    """From the stored entries of a group: each user's member seqs (the
+    inbox and unread counts follow these) -- replayed independently of the
+    store's own intervals."""
+    members = {"u0", "u1"}  # the group's creation members
+    member_seqs: dict = {u: set() for u in USERS}
+    for m in history:
+        if m.kind == JOINED:
+            assert m.sender not in members, f"JOINED for a member at {m.seq}"
+            members.add(m.sender)
+        for u in members:
+            member_seqs[u].add(m.seq)
+        if m.kind == LEFT:
+            assert m.sender in members, f"LEFT for a non-member at {m.seq}"
+            members.discard(m.sender)
+    return members, member_seqs
+
+
+USERS = ["u0", "u1", "u2", "u3"]
+
+
+@pytest.mark.parametrize("kind", ["memory", "lmdb"])
+@pytest.mark.parametrize("seed", range(12))
+def test_random_joins_leaves_sends_and_reads_follow_membership(tmp_path, kind, seed):
+    import random
+
+    rnd = random.Random(seed)
+    store = MemoryStore() if kind == "memory" else LmdbStore(str(tmp_path / "db"), durability="os")
+    try:
+        h = Harness(store)
+        visible = seed % 3 == 0
+        h.run(h.broker.create_group("g", ["u0", "u1"], h.now, ref=1, history_visible=visible))
+        conns = {u: h.login(u, "a") for u in USERS}
+        for step in range(80):
+            u = rnd.choice(USERS)
+            h.hold_commits = rnd.random() < 0.3
+            r = rnd.random()
+            if r < 0.45:
+                h.send(conns[u], "g", b"%d" % step)
+            elif r < 0.6:
+                h.run(h.broker.add_members("g", rnd.sample(USERS, rnd.randint(1, 2)), h.now, ref=100 + step))
+            elif r < 0.75:
+                h.run(h.broker.remove_members("g", rnd.sample(USERS, rnd.randint(1, 2)), h.now, ref=100 + step))
+            elif r < 0.9:
+                h.feed(conns[u], F.Read("g", rnd.randint(0, h.store.last_seq("g") + 2)))
+            else:
+                h.release()
+            h.now += rnd.randint(0, 1000)
+        h.hold_commits = False
+        h.release()
+        hist = store.history("g", 0, 10_000)
+        assert [m.seq for m in hist] == list(range(1, len(hist) + 1))
+        members, member_seqs = _model(hist)
+        assert set(store.members("g")) == members
+        kinds = {m.seq: m for m in hist}
+        for u in USERS:
+            # every device got exactly the entries of its member seqs
+            fresh = h.login(u, "fresh")
+            got = [m.seq for m in h.drain_device(fresh) if m.conv == "g"]
+            assert got == sorted(member_seqs[u]), u
+            # pushes to the online device: the same, minus its own sends
+            online = [m.seq for m in h.drain_device(conns[u]) if m.conv == "g"]
+            assert online == [s for s in sorted(member_seqs[u]) if not (kinds[s].kind == MESSAGE and kinds[s].sender == u)]
+            # markers stay within what the user may see, unread counts follow
+            marker = store.read_marker(u, "g")
+            seen = member_seqs[u]
+            assert marker <= (max(seen) if seen else 0)
+            expect = sum(1 for s in seen if s > marker and kinds[s].kind == MESSAGE and kinds[s].sender != u)
+            assert store.unread(u, "g") == expect, u
+            # history: the member seqs (or all up to the last, with visible history)
+            resp = history(h, fresh, "g", 0, 10_000)
+            if not seen:
+                assert resp.code == ErrorCode.NOT_MEMBER
+            else:
+                want = list(range(1, max(seen) + 1)) if visible else sorted(seen)
+                assert [m.seq for m in resp.messages] == want, u
+            # readers: current members only
+            h.feed(fresh, F.ReadersReq(1, "g"))
+            [rr] = h.take(fresh, F.ReadersResp)
+            if u in members:
+                assert [r.user for r in rr.readers] == sorted(members)
+                assert all(r.read_seq == store.read_marker(r.user, "g") for r in rr.readers)
+            else:
+                assert rr.code == ErrorCode.NOT_MEMBER
+    finally:
+        store.close()
