@@ -1024,7 +1024,6 @@ class Broker:
         """Membership entries are pushed like messages (cf. _finish_send)."""
         heads, fresh, online = self._heads, self._fresh, self._online
         for m, positions in zip(res.entries, res.positions):
-            self._stats["messages_stored"] += 1
             for user, pos in positions:
                 if user in heads:
                     if pos > heads[user]:

@@ -71,6 +71,7 @@ members for every seq.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
@@ -850,9 +851,9 @@ class Store(ABC):
         """Conversations the user belongs to or has messages in, sorted.
 
         That is: groups the user is a member of now, plus every conversation
-        in which a message was appended to the user's inbox (a direct
+        in which an entry was appended to the user's inbox (a direct
         conversation therefore appears with its first message; a group the
-        user was removed from stays if they received messages in it)."""
+        user was removed from stays: they received their LEFT entry)."""
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -879,8 +880,6 @@ def _int_in(value: object, lo: int, end: int) -> bool:
 
 
 def _wall(now: Optional[int]) -> int:
-    import time
-
     return time.time_ns() // 1000 if now is None else now
 
 
