@@ -30,6 +30,7 @@ from typing import Callable, Optional, TextIO
 
 import trio
 
+from . import frames as F
 from .client import (
     AuthFailed,
     ClientError,
@@ -45,6 +46,15 @@ from .client import (
 from .ids import conversation_problem, direct_conversation, id_problem, valid_group, valid_id
 
 __all__ = ["run_chat", "chat"]
+
+
+def _notice(m: "F.Message") -> Optional[str]:
+    """A membership entry as a notice line, None for a message."""
+    if m.kind == F.MessageKind.JOINED:
+        return f"— {m.sender} joined  (#{m.seq})"
+    if m.kind == F.MessageKind.LEFT:
+        return f"— {m.sender} left  (#{m.seq})"
+    return None
 
 
 def _clock(us: int) -> str:
@@ -80,7 +90,7 @@ async def chat(
         shown: set[bytes] = set()
         for m in client.view(conv):
             who = "me" if m.sender == client.user else m.sender
-            out(f"[{_clock(m.server_time)}] {who}: {m.payload.decode('utf-8', 'replace')}  (#{m.seq})")
+            out(_notice(m) or f"[{_clock(m.server_time)}] {who}: {m.payload.decode('utf-8', 'replace')}  (#{m.seq})")
             shown.add(m.msg_id)
         last_shown = max((m.seq for m in client.view(conv)), default=0)
         if last_shown:
@@ -108,6 +118,10 @@ async def chat(
                     if m.msg_id in shown:  # already printed from the history
                         continue
                     shown.add(m.msg_id)
+                    notice = _notice(m)
+                    if notice is not None:
+                        out(notice)
+                        continue
                     if m.sender == client.user:  # sent from another of my devices
                         out(f"[{_clock(m.server_time)}] me ({m.device}): {m.payload.decode('utf-8', 'replace')}  (#{m.seq})")
                         continue
@@ -133,7 +147,7 @@ async def chat(
                 if text == "/history":
                     for m in client.view(conv):
                         who = "me" if m.sender == client.user else m.sender
-                        out(f"  {who}: {m.payload.decode('utf-8', 'replace')}  (#{m.seq})")
+                        out(_notice(m) or f"  {who}: {m.payload.decode('utf-8', 'replace')}  (#{m.seq})")
                     continue
                 if text.strip():
                     nursery.start_soon(send, text)

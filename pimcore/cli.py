@@ -223,7 +223,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
     with store:
         try:
             if args.action == "create":
-                store.create_group(args.name, args.users, time.time_ns() // 1000)
+                store.create_group(args.name, args.users, time.time_ns() // 1000, history_visible=args.history_visible)
             elif args.action == "add":
                 store.add_members(args.name, args.users)
             elif args.action == "remove":
@@ -328,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["create", "add", "remove", "show"])
     p.add_argument("name", help="group id, e.g. team-42")
     p.add_argument("users", nargs="*", metavar="USER", help="members to create with, add or remove")
+    p.add_argument(
+        "--history-visible",
+        action="store_true",
+        help="create: members added later may read what was said before they joined (default: not)",
+    )
     p.add_argument("--config", help="the serve configuration file (for its data directory)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
     p.set_defaults(func=_cmd_group)

@@ -71,6 +71,7 @@ from .client_session import (
     Disconnected,
     Event,
     HistoryCompleted,
+    ReadersCompleted,
     HistoryTimeout,
     MessageReceived,
     ReadStateChanged,
@@ -399,6 +400,31 @@ class Client:
         if c.error is not None:
             raise c.error
         return list(c.messages)
+
+    async def readers(self, conv: str) -> list[F.Reader]:
+        """How far each current member of ``conv`` has read: Reader(user,
+        read_seq) sorted by user.  Raises SendError (NOT_MEMBER if this user
+        is not a member now, UNKNOWN_CONVERSATION), trio.TooSlowError after
+        ``send_timeout``, AuthFailed/ClientClosed (client stopped)."""
+        self._check_alive()
+        s = self._session
+        req = s.request_readers(conv, self._clock(), timeout=int(self.config.send_timeout * 1e6))
+        w = self._history_waiters[req] = _Waiter()
+        self._pump()
+        try:
+            await w.done.wait()
+        finally:
+            if not w.done.is_set():  # cancelled: stop asking
+                self._history_waiters.pop(req, None)
+                s.cancel_history(req)
+                self._pump()
+        c = w.outcome
+        assert isinstance(c, ReadersCompleted)
+        if isinstance(c.error, HistoryTimeout):
+            raise trio.TooSlowError(str(c.error)) from c.error
+        if c.error is not None:
+            raise c.error
+        return list(c.readers)
 
     # ------------------------------------------------------------ status
 

@@ -70,6 +70,7 @@ __all__ = [
     "Event",
     "SendCompleted",
     "HistoryCompleted",
+    "ReadersCompleted",
     "Completion",
     "ClientError",
     "SendError",
@@ -265,7 +266,19 @@ class HistoryCompleted:
     error: Optional[ClientError]
 
 
-Completion = Union[SendCompleted, HistoryCompleted]
+@dataclass(frozen=True, slots=True)
+class ReadersCompleted:
+    """A readers request (:meth:`ClientSession.request_readers`) finished:
+    ``readers`` -- every current member's read marker, sorted by user -- on
+    success, else ``error`` (as for :class:`HistoryCompleted`; NOT_MEMBER
+    for a user who is not a member now)."""
+
+    req_id: int
+    readers: tuple[F.Reader, ...]
+    error: Optional[ClientError]
+
+
+Completion = Union[SendCompleted, HistoryCompleted, ReadersCompleted]
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,14 +375,23 @@ class _Pending:
 
 
 class _HistoryRequest:
-    __slots__ = ("req_id", "conv", "raw", "deadline", "sent_at")
+    """A HistoryReq or (``readers``) a ReadersReq: asked again on every
+    connection until answered or timed out."""
 
-    def __init__(self, req_id: int, conv: str, raw: bytes, deadline: int) -> None:
+    __slots__ = ("req_id", "conv", "raw", "deadline", "sent_at", "readers")
+
+    def __init__(self, req_id: int, conv: str, raw: bytes, deadline: int, readers: bool = False) -> None:
         self.req_id = req_id
         self.conv = conv
         self.raw = raw
         self.deadline = deadline
         self.sent_at: Optional[int] = None  # None = not asked on this connection yet
+        self.readers = readers
+
+    def failed(self, error: ClientError) -> "Completion":
+        if self.readers:
+            return ReadersCompleted(self.req_id, (), error)
+        return HistoryCompleted(self.req_id, (), error)
 
 
 class ClientSession:
@@ -709,7 +731,7 @@ class ClientSession:
         self._inflight.clear()
         self._timeouts.clear()
         for h in list(self._history.values()):
-            self._completions.append(HistoryCompleted(h.req_id, (), error))
+            self._completions.append(h.failed(error))
         self._history.clear()
 
     # ------------------------------------------------------------ bytes in / out
@@ -919,6 +941,8 @@ class ClientSession:
             self._on_receipt(f)  # type: ignore[arg-type]
         elif t is F.HistoryResp:
             self._on_history(f)  # type: ignore[arg-type]
+        elif t is F.ReadersResp:
+            self._on_readers(f)  # type: ignore[arg-type]
         elif t is F.Ping:
             self._send(encode_frame(F.Pong(f.nonce)))  # type: ignore[attr-defined]
         elif t is F.Error:
@@ -988,7 +1012,7 @@ class ClientSession:
                 self._fill_window()
         for h in [h for h in self._history.values() if h.deadline <= t]:
             del self._history[h.req_id]
-            self._completions.append(HistoryCompleted(h.req_id, (), HistoryTimeout(h.req_id, h.conv)))
+            self._completions.append(h.failed(HistoryTimeout(h.req_id, h.conv)))
         if self._ack_at is not None and self._ack_at <= t:
             self._ack_at = None
             self._flush_ack()
@@ -1241,8 +1265,11 @@ class ClientSession:
             if st is None:
                 st = F.ReadState(m.conv, 0, 0, 0)
             if m.seq > st.last_seq:
-                # A message the last ReadState did not count yet.
-                fresh_unread = st.unread + int(m.sender != self.user and m.seq > st.read_seq)
+                # A message the last ReadState did not count yet (membership
+                # entries, kind JOINED/LEFT, are never unread).
+                fresh_unread = st.unread + int(
+                    m.kind == F.MessageKind.MESSAGE and m.sender != self.user and m.seq > st.read_seq
+                )
                 self.read_states[m.conv] = F.ReadState(m.conv, st.read_seq, m.seq, fresh_unread)
             # The push's position is acked once its last message was taken.
             self._emit(MessageReceived(m), f.position if i == len(fresh) - 1 else 0)
@@ -1324,7 +1351,39 @@ class ClientSession:
         h.sent_at = self._t
         self._send(h.raw)
 
+    def request_readers(self, conv: str, now: int, *, timeout: Optional[int] = None) -> int:
+        """Ask how far each current member of ``conv`` has read; returns the
+        request id.  Its ReadersCompleted comes out of :meth:`completions`.
+        Asked again like a history request (:meth:`request_history`), until
+        ``timeout`` µs (default ``send_timeout``) end it with HistoryTimeout.
+        Raises EncodeError for values no ReadersReq can carry, the terminal
+        error if CLOSED."""
+        self._check_open()
+        req_id = self._next_req
+        raw = encode_frame(F.ReadersReq(req_id, conv))
+        self._next_req += 1
+        t = self._tick(now)
+        h = _HistoryRequest(req_id, conv, raw, t + (self._send_timeout if timeout is None else max(0, timeout)), True)
+        self._history[req_id] = h
+        if self._state is SessionState.ACTIVE:
+            self._ask_history(h)
+        return req_id
+
+    def _on_readers(self, f: F.ReadersResp) -> None:
+        h = self._history.get(f.req_id)
+        if h is None or not h.readers:
+            return  # cancelled, timed out, or already answered
+        del self._history[f.req_id]
+        if f.code != ErrorCode.OK:
+            code = _error_code(f.code)
+            self._completions.append(ReadersCompleted(f.req_id, (), SendError(code, 0, f"readers of {h.conv!r}: {code.name}")))
+            return
+        self._completions.append(ReadersCompleted(f.req_id, tuple(f.readers), None))
+
     def _on_history(self, f: F.HistoryResp) -> None:
+        h = self._history.get(f.req_id)
+        if h is not None and h.readers:
+            return  # not the answer to this request
         h = self._history.pop(f.req_id, None)
         if h is None:
             return  # cancelled, timed out, or the answer to a re-ask already answered

@@ -82,7 +82,10 @@ from .store.base import (
     MarkRead,
     NewMessage,
     Op,
+    GroupChanged,
     ReadHistory,
+    ReadReaders,
+    ReadersPage,
     ReadInbox,
     Reclaim,
     Reclaimed,
@@ -416,7 +419,7 @@ class _Conn:
         self.waiting = 0
         self.backlog: deque[F.Frame] = deque()
         self.paused = False  # PauseReading was sent
-        self.history_reads = 0  # ReadHistory requests in flight
+        self.history_reads = 0  # ReadHistory and ReadReaders requests in flight
         self.login: Optional[F.Login] = None
         # Outbound accounting (BrokerConfig.outbound_pause): bytes held by
         # SendData not yet reported written; the wire length of each such
@@ -512,6 +515,14 @@ class _HistoryRead:
         self.frame = frame
         self.limit = limit
         self.reserve = reserve  # bytes counted in _Conn.reserved until it is answered
+
+
+class _ReadersRead:
+    __slots__ = ("conn", "frame")
+
+    def __init__(self, conn: int, frame: F.ReadersReq) -> None:
+        self.conn = conn
+        self.frame = frame
 
 
 # What each hook request in flight is for.
@@ -893,6 +904,8 @@ class Broker:
                 if isinstance(res, Revoked):
                     key = (res.user, res.device)
                     self._revoked[key] = max(self._revoked.get(key, 0), res.before)
+                elif isinstance(res, GroupChanged) and res.entries:
+                    self._finish_admin(res, to_pump)
                 out.append(AdminDone(ctx.ref, res))
             elif kind is Reclaim and isinstance(res, Reclaimed):
                 self._stats["reclaimed_entries"] += res.entries
@@ -932,7 +945,9 @@ class Broker:
             self._retry_at = now + _RETRY_AFTER_FAILURE
         return out
 
-    def _read_done(self, ctx: Union[_LoginRead, _InboxRead, _HistoryRead], res: Optional[Result], now: int, out: list[Command]) -> None:
+    def _read_done(
+        self, ctx: Union[_LoginRead, _InboxRead, _HistoryRead, _ReadersRead], res: Optional[Result], now: int, out: list[Command]
+    ) -> None:
         """A read request finished (``res`` None: it failed)."""
         if type(ctx) is _InboxRead:
             dev = ctx.dev
@@ -960,6 +975,20 @@ class Broker:
                 return
             self._activate(c, ctx, res, now, out)
             self._resume(c, now, out)  # frames pipelined after the Login
+        elif type(ctx) is _ReadersRead:
+            c = self._conns.get(ctx.conn)
+            if c is None:
+                return
+            c.history_reads -= 1
+            rf = ctx.frame
+            if not isinstance(res, ReadersPage):
+                rresp = F.ReadersResp(rf.req_id, rf.conv, ErrorCode.STORE_UNAVAILABLE, ())
+            else:
+                readers = tuple(F.Reader(u, seq) for u, seq in res.readers)
+                rresp = F.ReadersResp(rf.req_id, rf.conv, res.code, readers if res.code is ErrorCode.OK else ())
+            self._send(c.id, rresp, out)
+            if c.history_reads == _MAX_HISTORY_READS - 1:
+                self._resume(c, now, out)  # it was held at the limit: read on
         else:
             assert type(ctx) is _HistoryRead
             c = self._conns.get(ctx.conn)
@@ -1113,25 +1142,55 @@ class Broker:
 
     # ------------------------------------------------------------ embedding API
 
-    def create_group(self, conv: str, members: Iterable[str], now: int, *, ref: int = 0) -> list[Command]:
+    def create_group(
+        self, conv: str, members: Iterable[str], now: int, *, ref: int = 0, history_visible: bool = False
+    ) -> list[Command]:
         """Control plane: create a group, as an op of the next batch (ordered
-        with the messages around it).  :class:`AdminDone` with ``ref`` says
-        how it went."""
+        with the messages around it).  ``history_visible``: members added
+        later may read what was said before (default: they see the
+        conversation from their JOINED entry on).  :class:`AdminDone` with
+        ``ref`` says how it went."""
         if isinstance(members, str):
             raise ValueError("members must be an iterable of user ids, not a string")
-        return self._admin(CreateGroup(conv, tuple(sorted(set(members))), now), ref, now)
+        return self._admin(CreateGroup(conv, tuple(sorted(set(members))), now, bool(history_visible)), ref, now)
 
     def add_members(self, conv: str, users: Iterable[str], now: int, *, ref: int = 0) -> list[Command]:
-        """Add users to a group (see :meth:`create_group`)."""
+        """Add users to a group (see :meth:`create_group`).  Each user who
+        was not a member gets a JOINED entry in the conversation, pushed to
+        the members (the new one included) like a message."""
         if isinstance(users, str):
             raise ValueError("users must be an iterable of user ids, not a string")
-        return self._admin(AddMembers(conv, tuple(sorted(set(users)))), ref, now)
+        return self._change_members(AddMembers, conv, users, ref, now)
 
     def remove_members(self, conv: str, users: Iterable[str], now: int, *, ref: int = 0) -> list[Command]:
-        """Remove users from a group (see :meth:`create_group`)."""
+        """Remove users from a group (see :meth:`create_group`).  Each user
+        who was a member gets a LEFT entry, pushed to the members and to
+        the leaving user."""
         if isinstance(users, str):
             raise ValueError("users must be an iterable of user ids, not a string")
-        return self._admin(RemoveMembers(conv, tuple(sorted(set(users)))), ref, now)
+        return self._change_members(RemoveMembers, conv, users, ref, now)
+
+    def _change_members(self, kind: type, conv: str, users: Iterable[str], ref: int, now: int) -> list[Command]:
+        members = tuple(sorted(set(users)))
+        # One stamp per user from the broker's clock (an entry that turns
+        # out to be a no-op just leaves its stamp unused).
+        stamps = []
+        for _ in members:
+            t = self._clock.tick(now)
+            stamps.append((t.to_bytes(8, "big") + self._node_id, t))
+        return self._admin(kind(conv, members, now, "", tuple(stamps)), ref, now)
+
+    def _finish_admin(self, res: GroupChanged, to_pump: set[str]) -> None:
+        """Membership entries are pushed like messages (cf. _finish_send)."""
+        heads, fresh, online = self._heads, self._fresh, self._online
+        for m, positions in zip(res.entries, res.positions):
+            for user, pos in positions:
+                if user in heads:
+                    if pos > heads[user]:
+                        heads[user] = pos
+                    if user in online:
+                        to_pump.add(user)
+                        fresh.setdefault(user, []).append((pos, _to_frame_message(pos, m)))
 
     def _admin(self, op: Op, ref: int, now: int) -> list[Command]:
         out: list[Command] = []
@@ -1725,6 +1784,19 @@ class Broker:
         """Bytes of messages one HistoryResp may carry (see _read_done)."""
         return max(1024, min(self.config.limits.max_frame, self.config.max_outbound // 4) - _PAGE_SLACK)
 
+    def _on_readers(self, c: _Conn, f: F.ReadersReq, now: int, out: list[Command]) -> None:
+        """Who has read up to where in ``f.conv`` (current members; the
+        store answers, ReadReaders).  Counts against the same bound of reads
+        in flight as history requests."""
+        code = self._check_conversation(c.user, f.conv)
+        if code is not ErrorCode.OK:
+            self._send(c.id, F.ReadersResp(f.req_id, f.conv, code, ()), out)
+            return
+        c.history_reads += 1
+        rid = self._request_id()
+        self._reads[rid] = _ReadersRead(c.id, f)
+        out.append(StoreRequest(rid, (ReadReaders(f.conv, c.user),), False))
+
     def _on_calibrate(self, c: _Conn, f: F.CalibrateReq, now: int, out: list[Command]) -> None:
         if self._control(c, now, "CalibrateReq", out):
             self._send(c.id, F.CalibrateResp(f.client_time, self._clock.now(now)), out)
@@ -1748,6 +1820,7 @@ class Broker:
         F.PushAck: _on_push_ack,
         F.Read: _on_read,
         F.HistoryReq: _on_history,
+        F.ReadersReq: _on_readers,
         F.CalibrateReq: _on_calibrate,
         F.Ping: _on_ping,
         F.Pong: _on_pong,

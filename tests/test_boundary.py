@@ -183,12 +183,13 @@ def test_group_admin_is_ordered_with_the_messages_of_its_batch(store, driver):
     kinds = [(type(op).__name__, getattr(op, "payload", None)) for op in batch.ops if isinstance(op, (NewMessage, AddMembers))]
     assert kinds == [("NewMessage", b"before"), ("AddMembers", None), ("NewMessage", b"after")]
     assert isinstance(h.admin.pop(77), GroupChanged)
-    # The store applied them in batch order: carol is in the inbox of "after" only.
-    assert [m.payload for m in h.drain_device(carol)] == [b"after"]
+    # The store applied them in batch order: carol gets her JOINED entry,
+    # then "after" only.
+    assert [(m.kind, m.payload) for m in h.drain_device(carol)] == [(1, b""), (0, b"after")]
     assert [a.code for a in h.acks(alice)] == [ErrorCode.OK, ErrorCode.OK]
     h.send(alice, "team", b"next")
     assert [m.payload for m in h.drain_device(carol)] == [b"next"]
-    assert [m.payload for m in store.history("team", 0, 10)] == [b"warm-up", b"before", b"after", b"next"]
+    assert [m.payload for m in store.history("team", 0, 10)] == [b"warm-up", b"before", b"", b"after", b"next"]
 
     # And the other way round: removed in the middle of a batch.
     h.hold_commits = True
@@ -199,7 +200,7 @@ def test_group_admin_is_ordered_with_the_messages_of_its_batch(store, driver):
     h.release()
     h.hold_commits = False
     assert isinstance(h.admin.pop(78), GroupChanged)
-    assert [m.payload for m in h.drain_device(carol)] == [b"warm-up 2", b"carol sees this"]
+    assert [(m.kind, m.payload) for m in h.drain_device(carol)] == [(0, b"warm-up 2"), (0, b"carol sees this"), (2, b"")]
 
 
 @DRIVERS

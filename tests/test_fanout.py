@@ -366,9 +366,10 @@ def test_group_fanout_matches_the_memory_store(tmp_path: Path, monkeypatch: pyte
             batch = WriteBatch(round_ + 1, tuple(ops))  # type: ignore[arg-type]
             assert memory.commit(batch) == lmdb.commit(batch)
             if round_ % 4 == 3:
+                at = next(t)  # the same stamps in both stores
                 for store in (memory, lmdb):
-                    store.add_members("small", [users[round_ * 2 + 1]])
-                    store.remove_members("small", [users[0]])
+                    store.add_members("small", [users[round_ * 2 + 1]], at)
+                    store.remove_members("small", [users[0]], at)
             assert observable(memory, users, convs) == observable(lmdb, users, convs)
     finally:
         memory.close()
@@ -420,12 +421,14 @@ def test_a_commit_sees_writes_made_since_the_last_one(tmp_path: Path, action: st
             assert isinstance(first, Appended)
             assert first.positions == (("a", n), ("b", n), ("c", n)) and first.seq == n
         expected_members, head, seq = ["a", "b", "c"], 3, 3
+        # A membership change is an entry (seq 3, in the inboxes of the
+        # members at that seq): it moves heads and the last seq too.
         if action == "add_member":
             other_process(path, "s.add_members('g', ['d'])")
-            expected_members = ["a", "b", "c", "d"]
+            expected_members, head, seq = ["a", "b", "c", "d"], 4, 4
         elif action == "remove_member":
             other_process(path, "s.remove_members('g', ['b'])")
-            expected_members = ["a", "c"]
+            expected_members, head, seq = ["a", "c"], 4, 4
         elif action == "foreign_message":
             other_process(path, _foreign_message(5_000_000))
             head, seq = 4, 4
@@ -435,13 +438,13 @@ def test_a_commit_sees_writes_made_since_the_last_one(tmp_path: Path, action: st
             other_process(path, "r = s.commit(WriteBatch(1, (Reclaim(20, 10**12, 10**12),)))\nassert r[0].entries == 6, r")
         elif action == "add_in_process":
             store.add_members("g", ["d"])
-            expected_members = ["a", "b", "c", "d"]
+            expected_members, head, seq = ["a", "b", "c", "d"], 4, 4
         (res,) = mk.commit(store, mk("g", "c"))
         assert isinstance(res, Appended) and res.seq == seq
-        assert res.positions == tuple((u, 1 if u == "d" else head) for u in expected_members)
+        assert res.positions == tuple((u, 2 if u == "d" else head) for u in expected_members)
         assert store.last_seq("g") == seq
         for u in expected_members:
-            assert store.inbox_head(u) == (1 if u == "d" else head)
+            assert store.inbox_head(u) == (2 if u == "d" else head)
             positions = [p for p, _ in inbox(store, u)]
             assert positions == list(range(store.inbox_floor(u) + 1, store.inbox_head(u) + 1))  # no hole, none lost
         if action == "foreign_reclaim":
@@ -472,8 +475,8 @@ def test_a_commit_that_wrote_nothing_does_not_vouch_for_the_next(tmp_path: Path,
             other_process(path, _foreign_message(6_000_000))
             seq, expected = 4, (("a", 4), ("b", 4))
         else:
-            other_process(path, "s.add_members('g', ['c'])")
-            seq, expected = 3, (("a", 3), ("b", 3), ("c", 1))
+            other_process(path, "s.add_members('g', ['c'])")  # its JOINED entry is seq 3
+            seq, expected = 4, (("a", 4), ("b", 4), ("c", 2))
         (res,) = mk.commit(store, mk("g", "b"))
         assert isinstance(res, Appended)
         assert res.seq == seq and res.positions == expected

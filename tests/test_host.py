@@ -11,7 +11,7 @@ from pimcore.core import PostDone
 from pimcore.errors import CloseCode, ErrorCode
 from pimcore.ids import SYSTEM
 from pimcore.store import LmdbStore, MemoryStore, direct_conversation
-from pimcore.store.base import Rejected, Revoked
+from pimcore.store.base import LoadSession, Rejected, Revoked
 
 from _harness import T0, Harness, store_driver  # noqa: F401
 
@@ -48,6 +48,8 @@ def test_the_system_posts_anywhere_and_members_receive_it(h):
     # ...also in a 1:1 chat, which it is not part of.
     assert h.post(AB, b"you are now connected").code is ErrorCode.OK
     assert h.store.unread("bob", "team") == 1
+    [loaded] = h.store.read([LoadSession("bob", "phone")])
+    assert {c.conv: c.unread for c in loaded.conversations} == {"team": 1, AB: 1}
 
 
 def test_an_idempotency_key_dedupes_like_a_local_id(h):

@@ -459,11 +459,13 @@ def test_groups_are_administered_while_serving_and_chatted_in(tmp_path: Path, pr
 
     added = run_pimcore("group", "add", "team", "carol", "--data-dir", data)  # while serving
     assert added.returncode == 0 and added.stdout.strip() == "team: 3 members: alice bob carol", added
+    # Adding her is entry #1 of the conversation (JOINED), shown as a notice.
     alice.write("welcome carol")
-    alice.expect(r"^✓ delivered \(#1\): welcome carol$")
-    carol.expect(r"\] alice: welcome carol  \(#1\)$")
+    alice.expect(r"^✓ delivered \(#2\): welcome carol$")
+    carol.expect(r"^— carol joined  \(#1\)$")
+    carol.expect(r"\] alice: welcome carol  \(#2\)$")
     carol.write("thanks")
-    alice.expect(r"\] carol: thanks  \(#2\)$")
+    alice.expect(r"\] carol: thanks  \(#3\)$")
 
     removed = run_pimcore("group", "remove", "team", "carol", "--data-dir", data)
     assert removed.returncode == 0 and "carol" not in removed.stdout.split(":")[-1]

@@ -27,6 +27,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from pimcore.errors import ErrorCode, StoreError
+from pimcore.frames import MessageKind
+
+JOINED, LEFT = MessageKind.JOINED, MessageKind.LEFT
+
 from pimcore.store import (
     AckPosition,
     AddMembers,
@@ -530,9 +534,12 @@ def test_group_admin_ops_are_ordered_inside_a_batch(store: Store, mk: Maker) -> 
         mk(GROUP, "alice"),
     )
     assert [u for u, _ in second.positions] == ["alice", "bob"]
-    assert added == GroupChanged(GROUP, ("alice", "bob", "carol"))
+    assert (added.conv, added.members) == (GROUP, ("alice", "bob", "carol"))
+    assert [(e.kind, e.sender, e.seq) for e in added.entries] == [(JOINED, "carol", 3)]
     assert [u for u, _ in third.positions] == ["alice", "bob", "carol"]
-    assert removed == GroupChanged(GROUP, ("alice", "carol"))
+    assert (removed.conv, removed.members) == (GROUP, ("alice", "carol"))
+    assert [(e.kind, e.sender, e.seq) for e in removed.entries] == [(LEFT, "bob", 5)]
+    assert [u for u, _ in removed.positions[0]] == ["alice", "bob", "carol"]
     assert refused == Rejected(ErrorCode.NOT_MEMBER)
     assert [u for u, _ in fourth.positions] == ["alice", "carol"]
     again, unknown, bad = mk.commit(
@@ -583,10 +590,13 @@ def test_membership_changes_apply_to_later_messages(store: Store, mk: Maker) -> 
     new = mk(GROUP, "carol")
     (res,) = mk.commit(store, new)
     assert isinstance(res, Appended)
-    assert res.positions == (("alice", 2), ("carol", 1))
-    assert inbox_ids(store, "carol") == [(1, new.msg_id)]  # old ones only via history
-    assert inbox_ids(store, "bob") == [(1, old.msg_id)]
-    assert [m.msg_id for m in store.history(GROUP, 0, 10)] == [old.msg_id, new.msg_id]
+    # Each change is an entry of its own: alice has old, carol JOINED, bob
+    # LEFT, new; carol from her JOINED on; bob up to his LEFT.
+    assert res.positions == (("alice", 4), ("carol", 3))
+    assert [pos for pos, _ in inbox_ids(store, "carol")][-1] == 3
+    assert [m.kind for _, m in store.inbox_range("carol", 0, 10)] == [JOINED, LEFT, 0]
+    assert [m.kind for _, m in store.inbox_range("bob", 0, 10)] == [0, JOINED, LEFT]
+    assert [m.msg_id for m in store.history(GROUP, 0, 10)][::3] == [old.msg_id, new.msg_id]
 
 
 def test_direct_conversations_have_implied_members(store: Store) -> None:
@@ -806,17 +816,17 @@ def test_mark_read_checks_the_conversation_and_the_reader(store: Store, mk: Make
         MarkRead("bob", "ghosts", 1),
         MarkRead("carol", GROUP, 1),
         MarkRead("carol", AB, 1),
-        MarkRead("bob", "quiet", 1),  # removed, and never got a message there
-        MarkRead("bob", GROUP, 1),  # removed, but still has the messages he got
-        MarkRead("alice", "quiet", 5),  # a member, no messages yet
+        MarkRead("bob", "quiet", 5),  # removed (seq 1 is his LEFT entry): up to it
+        MarkRead("bob", GROUP, 9),  # removed at seq 2: clamped to what he saw
+        MarkRead("alice", "quiet", 5),  # a member, only bob's LEFT entry there
     )
     assert res == (
         Rejected(ErrorCode.UNKNOWN_CONVERSATION),
+        Rejected(ErrorCode.NOT_MEMBER),  # never a member
         Rejected(ErrorCode.NOT_MEMBER),
-        Rejected(ErrorCode.NOT_MEMBER),
-        Rejected(ErrorCode.NOT_MEMBER),
-        ReadMarked("bob", GROUP, 1, 1, 0, True),
-        ReadMarked("alice", "quiet", 0, 0, 0, False),
+        ReadMarked("bob", "quiet", 1, 1, 0, True),
+        ReadMarked("bob", GROUP, 2, 2, 0, True),
+        ReadMarked("alice", "quiet", 1, 1, 0, True),
     )
 
 
@@ -833,8 +843,8 @@ def test_conversations_of_a_user(store: Store, mk: Maker) -> None:
     mk.commit(store, mk(ac, "alice"), mk("alpha", "bob"))
     assert store.conversations("carol") == sorted(["alpha", "beta", "zeta", ac])
     store.remove_members("alpha", ["carol"])  # she got a message there: kept
-    store.remove_members("beta", ["carol"])  # nothing there: dropped
-    assert store.conversations("carol") == sorted(["alpha", "zeta", ac])
+    store.remove_members("beta", ["carol"])  # kept too: she got her LEFT entry
+    assert store.conversations("carol") == sorted(["alpha", "beta", "zeta", ac])
     store.add_members("beta", ["carol"])
     assert store.conversations("carol") == sorted(["alpha", "beta", "zeta", ac])
     assert store.conversations("alice") == [ac]
@@ -982,7 +992,7 @@ class StoreModel(RuleBasedStateMachine):
         add=st.booleans(),
     )
     def change(self, conv: str, users: list[str], add: bool) -> None:
-        self.both("add_members" if add else "remove_members", conv, users)
+        self.both("add_members" if add else "remove_members", conv, users, self.time)
 
     @rule(
         ops=st.lists(op, min_size=0, max_size=4),
@@ -994,7 +1004,7 @@ class StoreModel(RuleBasedStateMachine):
     def admin_in_a_batch(self, ops: list[tuple[str, tuple]], at: int, conv: str, users: list[str], kind: type) -> None:
         """Group admin is an op of a batch: later ops of the same batch see it."""
         built = [self.build(k, args) for k, args in ops]
-        admin = kind(conv, tuple(sorted(set(users))), self.time) if kind is CreateGroup else kind(conv, tuple(sorted(set(users))))
+        admin = kind(conv, tuple(sorted(set(users))), self.time)
         built.insert(min(at, len(built)), admin)
         self.batch += 1
         batch = WriteBatch(self.batch, tuple(built))  # type: ignore[arg-type]
@@ -1191,3 +1201,112 @@ def test_lmdb_reads_run_while_another_thread_commits(tmp_path: Path) -> None:
         store.close()
     assert not errors, errors
     assert last <= 600 and reads > 0
+
+
+# ---------------------------------------------------------------- membership history
+
+
+def test_membership_intervals_unread_history_and_readers(store: Store, mk: Maker) -> None:
+    """The store contract of membership (store/base.py, Membership), the
+    same on both stores."""
+    from pimcore.store import OPEN, ReadersPage, ReadReaders
+
+    store.create_group(GROUP, ["alice", "bob"], now=1)
+    mk.commit(store, *[mk(GROUP, "alice") for _ in range(3)])  # 1..3
+    store.add_members(GROUP, ["dave"], now=10)  # 4
+    mk.commit(store, mk(GROUP, "alice"))  # 5
+    store.remove_members(GROUP, ["dave"], now=20)  # 6
+    mk.commit(store, mk(GROUP, "bob"))  # 7
+    store.add_members(GROUP, ["dave"], now=30)  # 8
+    mk.commit(store, mk(GROUP, "alice"))  # 9
+    assert store.spans(GROUP, "dave") == ((4, 6), (8, OPEN))
+    assert store.spans(GROUP, "alice") == ((0, OPEN),)
+    assert store.spans(GROUP, "erin") == () and store.spans(AB, "alice") == ((0, OPEN),)
+    assert store.unread("dave", GROUP) == 2  # seqs 5 and 9
+    assert store.unread("bob", GROUP) == 5  # every message of alice, no entries
+    assert [m.seq for m in store.inbox_range("dave", 0, 10) for m in [m[1]]] == [4, 5, 6, 8, 9]
+    (page,) = store.read([ReadHistory(GROUP, "dave", 0, 10)])
+    assert [m.seq for m in page.messages] == [4, 5, 6, 8, 9]
+    (page,) = store.read([ReadHistory(GROUP, "dave", 0, 2, True)])
+    assert [m.seq for m in page.messages] == [9, 8]
+    (page,) = store.read([ReadHistory(GROUP, "dave", 8, 2, True)])
+    assert [m.seq for m in page.messages] == [6, 5]
+    (page,) = store.read([ReadHistory(GROUP, "erin", 0, 10)])
+    assert page == HistoryPage(ErrorCode.NOT_MEMBER, ())
+    entries = [m for m in store.history(GROUP, 0, 10) if m.kind]
+    assert [(m.seq, m.kind, m.sender, m.device, m.local_id, m.after_seq) for m in entries] == [
+        (4, JOINED, "dave", "", 0, 3),
+        (6, LEFT, "dave", "", 0, 5),
+        (8, JOINED, "dave", "", 0, 7),
+    ]
+    assert store.last_server_time() >= entries[-1].server_time >= 30
+    # read markers: clamped to what the user may see, never back
+    (r1, r2) = mk.commit(store, MarkRead("dave", GROUP, 99), MarkRead("dave", GROUP, 3))
+    assert (r1.read_seq, r1.last_seq, r1.unread) == (9, 9, 0) and r2.read_seq == 9
+    store.remove_members(GROUP, ["bob"], now=40)  # 10
+    (r,) = mk.commit(store, MarkRead("bob", GROUP, 99))
+    assert (r.read_seq, r.last_seq) == (10, 10)
+    (r,) = mk.commit(store, MarkRead("erin", GROUP, 1))
+    assert r == Rejected(ErrorCode.NOT_MEMBER)
+    (readers, former, stranger) = store.read(
+        [ReadReaders(GROUP, "dave"), ReadReaders(GROUP, "bob"), ReadReaders(GROUP, "erin")]
+    )
+    assert readers == ReadersPage(ErrorCode.OK, (("alice", 0), ("dave", 9)))
+    assert former == stranger == ReadersPage(ErrorCode.NOT_MEMBER, ())
+    (session,) = store.read([LoadSession("bob", "phone")])
+    [state] = [s for s in session.conversations if s.conv == GROUP]
+    assert (state.read_seq, state.last_seq, state.unread) == (10, 10, 0)
+
+
+def test_history_visible_is_per_group(store: Store, mk: Maker) -> None:
+    store.create_group("open", ["alice"], now=1, history_visible=True)
+    store.create_group("closed", ["alice"], now=1)
+    assert store.history_visible("open") and not store.history_visible("closed")
+    mk.commit(store, mk("open", "alice"), mk("closed", "alice"))
+    store.add_members("open", ["dave"], now=5)
+    store.add_members("closed", ["dave"], now=5)
+    seen = store.read([ReadHistory("open", "dave", 0, 10), ReadHistory("closed", "dave", 0, 10)])
+    assert [[m.seq for m in p.messages] for p in seen] == [[1, 2], [2]]
+    assert store.unread("dave", "open") == store.unread("dave", "closed") == 0
+
+
+def test_membership_stamps_from_the_broker_are_used_and_checked(store: Store, mk: Maker) -> None:
+    store.create_group(GROUP, ["alice"], now=1)
+    stamp = (b"\x01" * 16, 12345)
+    (res,) = mk.commit(store, AddMembers(GROUP, ("bob",), 12345, "alice", (stamp,)))
+    [entry] = res.entries
+    assert (entry.msg_id, entry.server_time, entry.payload) == (stamp[0], 12345, b"alice")
+    assert res.positions == ((("alice", 1), ("bob", 1)),)
+    (again, short) = mk.commit(
+        store, RemoveMembers(GROUP, ("bob",), 1, "", (stamp,)), AddMembers(GROUP, ("carol", "dave"), 1, "", (stamp,))
+    )
+    assert again == Rejected(ErrorCode.INTERNAL)  # msg_id already stored: nothing changed
+    assert short == Rejected(ErrorCode.BAD_REQUEST)
+    assert store.members(GROUP) == ("alice", "bob")
+
+
+def test_lmdb_schema_2_store_is_migrated(tmp_path) -> None:
+    """Schema 2 had no membership intervals and no group flags: the members
+    of that time become members from seq 0, groups get the default."""
+    import lmdb
+    import struct
+
+    path = str(tmp_path / "old")
+    s = LmdbStore(path)
+    s.create_group(GROUP, ["alice", "bob"], now=1)
+    s.close()
+    env = lmdb.open(path, max_dbs=32, subdir=True)
+    with env.begin(write=True) as txn:
+        meta, groups, spans = (env.open_db(n, txn=txn) for n in (b"meta", b"groups", b"spans"))
+        txn.put(b"schema", struct.pack(">Q", 2), db=meta)
+        txn.put(b"\x04team", struct.pack(">q", 1), db=groups)
+        txn.drop(spans, delete=False)
+    env.close()
+    s = LmdbStore(path)
+    try:
+        assert s.spans(GROUP, "alice") == s.spans(GROUP, "bob") == ((0, (1 << 64) - 1),)
+        assert not s.history_visible(GROUP)
+        s.add_members(GROUP, ["carol"], now=5)
+        assert s.spans(GROUP, "carol") == ((1, (1 << 64) - 1),)
+    finally:
+        s.close()

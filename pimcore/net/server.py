@@ -43,6 +43,7 @@ network layer can know it:
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import logging
 import math
@@ -748,10 +749,12 @@ class BrokerServer:
 
     # ------------------------------------------------------------ group admin
 
-    async def create_group(self, conv: str, members: list[str]) -> GroupChanged:
+    async def create_group(self, conv: str, members: list[str], *, history_visible: bool = False) -> GroupChanged:
         """Create a group through the core (an op of the next batch).
-        Raises ValueError (bad ids, or the group exists) or StoreError."""
-        return await self._admin(self.broker.create_group, conv, members)
+        ``history_visible``: members added later may read what was said
+        before they joined (default: not).  Raises ValueError (bad ids, or
+        the group exists) or StoreError."""
+        return await self._admin(functools.partial(self.broker.create_group, history_visible=history_visible), conv, members)
 
     async def add_members(self, conv: str, users: list[str]) -> GroupChanged:
         """Add users to a group; KeyError if it does not exist."""

@@ -39,15 +39,45 @@ position forward (never back).  Entries at or below the minimum position of
 all known devices are reclaimed.  Devices not seen for ``device_retention``
 are forgotten (they stop holding entries back), and entries older than
 ``max_age`` are reclaimed even when no device ever took them.
+
+Membership (groups)
+-------------------
+The store keeps, per (group, user), every interval of membership as seqs:
+``(joined, left)``, both inclusive, ``left`` = :data:`OPEN` while the user
+is a member.  Creating a group makes its members members from seq 0; every
+later add or remove that changes membership appends an entry to the
+conversation (frames.MessageKind JOINED/LEFT, see :class:`AddMembers`) and
+opens the interval at the JOINED entry's seq or closes it at the LEFT
+entry's seq.  A rejoin opens a new interval; all are kept, so a user who
+left and came back never sees what was said while away.  Everything a user
+gets follows these intervals:
+
+* inbox / pushes: an entry goes to the members at its seq (the JOINED entry
+  to the joiner too, the LEFT entry to the leaver too);
+* unread counts (:meth:`Store.unread`, ``ConversationState.unread``,
+  ``ReadMarked.unread``): entries of kind MESSAGE from others with a seq
+  after the read marker inside the user's intervals (:func:`member_ranges`);
+* history (:class:`ReadHistory`): the seqs of :func:`visible_ranges` --
+  the intervals, or, in a group created with ``history_visible``, every
+  seq from 1 to the end of the last interval.  A former member keeps what
+  they were shown; a user never a member gets NOT_MEMBER;
+* read markers (:class:`MarkRead`): clamped to the last seq the user may
+  see (:func:`last_visible`), never moved back; the ``last_seq`` reported to
+  a former member (``ConversationState``, ``ReadMarked``) is that seq too.
+
+A 1:1 (direct) conversation has no membership changes: its two users are
+members for every seq.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
 from ..errors import ErrorCode, StoreError
+from ..frames import MessageKind
 from ..ids import (  # re-exported: the store speaks in these ids
     SYSTEM,
     CONV_RE,
@@ -89,6 +119,7 @@ __all__ = [
     "LoadSession",
     "ReadInbox",
     "ReadHistory",
+    "ReadReaders",
     "ReadOp",
     "StoreRequest",
     "GroupChanged",
@@ -96,6 +127,13 @@ __all__ = [
     "SessionLoaded",
     "InboxPage",
     "HistoryPage",
+    "ReadersPage",
+    "OPEN",
+    "MessageKind",
+    "visible_ranges",
+    "member_ranges",
+    "last_visible",
+    "page_seqs",
     "AsyncStore",
     "WriteBatch",
     "Appended",
@@ -110,6 +148,68 @@ __all__ = [
     "Store",
     "StoreError",
 ]
+
+# ---------------------------------------------------------------- membership
+
+#: ``left`` of a membership interval that is still open.
+OPEN = (1 << 64) - 1
+
+
+def member_ranges(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The seq ranges (inclusive, ascending) a user was a member for, from
+    their intervals ``(joined, left)``: what unread counts and the inbox
+    follow."""
+    return [(max(joined, 1), left) for joined, left in spans]
+
+
+def visible_ranges(spans: Iterable[tuple[int, int]], history_visible: bool) -> list[tuple[int, int]]:
+    """The seq ranges (inclusive, ascending) a user may read in history:
+    the membership intervals, or with ``history_visible`` everything from
+    seq 1 to the end of the last one.  [] for a user never a member."""
+    spans = list(spans)
+    if not spans:
+        return []
+    if history_visible:
+        return [(1, spans[-1][1])]
+    return member_ranges(spans)
+
+
+def last_visible(spans: Iterable[tuple[int, int]], last_seq: int) -> int:
+    """The highest seq a user may see (their read marker's bound): the
+    conversation's last seq for a member, the LEFT seq for a former member,
+    0 for a user never a member."""
+    spans = list(spans)
+    return min(spans[-1][1], last_seq) if spans else 0
+
+
+def page_seqs(ranges: Iterable[tuple[int, int]], last: int, from_seq: int, limit: int, backward: bool) -> list[int]:
+    """The seqs of one history page restricted to ``ranges`` (ascending,
+    inclusive): forward, seq > from_seq ascending; backward, seq < from_seq
+    descending (from_seq <= 0: from ``last``).  At most ``limit``."""
+    out: list[int] = []
+    if limit <= 0:
+        return out
+    if backward:
+        top = last if from_seq <= 0 else min(from_seq - 1, last)
+        for lo, hi in sorted(ranges, reverse=True):
+            s = min(hi, top)
+            while s >= lo and len(out) < limit:
+                out.append(s)
+                s -= 1
+            if len(out) >= limit:
+                break
+    else:
+        start = max(from_seq, 0) + 1
+        for lo, hi in sorted(ranges):
+            s = max(lo, start)
+            end = min(hi, last)
+            while s <= end and len(out) < limit:
+                out.append(s)
+                s += 1
+            if len(out) >= limit:
+                break
+    return out
+
 
 # ---------------------------------------------------------------- records
 
@@ -216,11 +316,12 @@ class TouchDevice:
 @dataclass(frozen=True, slots=True)
 class MarkRead:
     """Move the (user, conv) read marker forward to ``seq`` (clamped to the
-    conversation's last seq; never backwards).  Malformed user or conversation
-    id -> Rejected(BAD_REQUEST); unknown group -> Rejected(UNKNOWN_CONVERSATION);
-    a user who neither is a member nor has the conversation in
-    :meth:`Store.conversations` -> Rejected(NOT_MEMBER) (a removed member may
-    still mark what they received).  Result: ReadMarked."""
+    last seq the user may see, :func:`last_visible`; never backwards).
+    Malformed user or conversation id -> Rejected(BAD_REQUEST); unknown group
+    -> Rejected(UNKNOWN_CONVERSATION); a user never a member ->
+    Rejected(NOT_MEMBER) (a removed member may still mark what they
+    received).  Result: ReadMarked (``last_seq``: the last seq the user may
+    see)."""
 
     user: str
     conv: str
@@ -254,33 +355,57 @@ class Reclaim:
 @dataclass(frozen=True, slots=True)
 class CreateGroup:
     """Create group ``conv`` with ``members`` (an ordinary op of a batch, so
-    it is ordered with the messages around it).  A malformed or direct id,
+    it is ordered with the messages around it).  The members are members
+    from seq 0 (no entries are appended).  ``history_visible``: whether a
+    member who joins later may read what was said before (see *Membership*
+    in the module docstring); fixed at creation.  A malformed or direct id,
     an invalid member id or a ``now`` outside i64 -> Rejected(BAD_REQUEST);
     the group exists -> Rejected(ALREADY_EXISTS).  Result: GroupChanged."""
 
     conv: str
     members: tuple[str, ...]
     now: int
+    history_visible: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class AddMembers:
-    """Add users to an existing group; adding a member twice is a no-op.
-    New members see messages stored from now on, older ones through
-    history.  Malformed ids -> Rejected(BAD_REQUEST); unknown group ->
-    Rejected(UNKNOWN_CONVERSATION).  Result: GroupChanged."""
+    """Add users to an existing group.  Each user who was not a member gets
+    a JOINED entry (frames.MessageKind): it takes the next seq, is stored
+    like a message (sender = the user, device "", payload = ``by`` in UTF-8,
+    local id 0, client and server time = its stamp, after_seq = seq - 1) and
+    is appended to the inbox of every member at that seq, the new one
+    included; the user's membership interval opens at that seq.  Adding a
+    member again is a no-op (no entry).  ``stamps``: (msg_id, server time)
+    of the entry of ``users[i]``, as the broker's clock made them; without
+    stamps the store makes them (server times from ``max(now, last server
+    time + 1)`` up, msg_id = server time (8 bytes big-endian) + 8 zero
+    bytes).  Malformed ids, ``by`` neither "" nor a valid id, fewer stamps
+    than users, or a malformed stamp -> Rejected(BAD_REQUEST); unknown group
+    -> Rejected(UNKNOWN_CONVERSATION); a stamp's msg_id already stored ->
+    Rejected(INTERNAL) (nothing changed).  Result: GroupChanged, with the
+    entries and their inbox positions."""
 
     conv: str
     users: tuple[str, ...]
+    now: int = 0
+    by: str = ""
+    stamps: tuple[tuple[bytes, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class RemoveMembers:
-    """Remove users from an existing group; removing a non-member is a
+    """Remove users from an existing group.  Each user who was a member gets
+    a LEFT entry (as for :class:`AddMembers`), appended to the inbox of every
+    member at that seq, the leaving one included (so they learn it); their
+    membership interval closes at that seq.  Removing a non-member is a
     no-op.  Errors as for :class:`AddMembers`.  Result: GroupChanged."""
 
     conv: str
     users: tuple[str, ...]
+    now: int = 0
+    by: str = ""
+    stamps: tuple[tuple[bytes, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,10 +456,13 @@ class ReadInbox:
 @dataclass(frozen=True, slots=True)
 class ReadHistory:
     """A history page of ``conv`` for ``user`` (see :meth:`Store.history`
-    for ``from_seq``/``backward``), at most ``limit`` messages.  Access:
-    a malformed id -> code BAD_REQUEST; an unknown group ->
-    UNKNOWN_CONVERSATION; ``user`` not a member now -> NOT_MEMBER (a 1:1
-    chat's members are its two users).  Result: HistoryPage."""
+    for ``from_seq``/``backward``), at most ``limit`` entries, counting
+    only the seqs ``user`` may see (:func:`visible_ranges`): a page skips
+    what was said while the user was not a member.  Access: a malformed id
+    -> code BAD_REQUEST; an unknown group -> UNKNOWN_CONVERSATION; ``user``
+    never a member -> NOT_MEMBER (a former member keeps what they were
+    shown; a 1:1 chat's members are its two users, from seq 1).
+    Result: HistoryPage."""
 
     conv: str
     user: str
@@ -343,7 +471,18 @@ class ReadHistory:
     backward: bool = False
 
 
-ReadOp = Union[LoadSession, ReadInbox, ReadHistory]
+@dataclass(frozen=True, slots=True)
+class ReadReaders:
+    """How far each current member of ``conv`` has read, asked by ``user``
+    (the ReadersReq of a client).  Access: a malformed id -> BAD_REQUEST;
+    an unknown group -> UNKNOWN_CONVERSATION; ``user`` not a member now ->
+    NOT_MEMBER (a former member included).  Result: ReadersPage."""
+
+    conv: str
+    user: str
+
+
+ReadOp = Union[LoadSession, ReadInbox, ReadHistory, ReadReaders]
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,6 +572,12 @@ class Reclaimed:
 class GroupChanged:
     conv: str
     members: tuple[str, ...]  # sorted, after the op
+    #: The JOINED/LEFT entries the op appended, in seq order (none for
+    #: CreateGroup or a no-op).
+    entries: tuple[StoredMessage, ...] = ()
+    #: For each entry, (user, inbox position) of every recipient, sorted by
+    #: user (as Appended.positions).
+    positions: tuple[tuple[tuple[str, int], ...], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,9 +625,19 @@ class HistoryPage:
     messages: tuple[StoredMessage, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class ReadersPage:
+    """Answer to :class:`ReadReaders`: (user, read seq) of every current
+    member, sorted by user; each read seq at most the conversation's last
+    seq.  Empty unless ``code`` is OK."""
+
+    code: ErrorCode
+    readers: tuple[tuple[str, int], ...]
+
+
 Result = Union[
     Appended, Duplicate, Rejected, Acked, Touched, ReadMarked, Reclaimed, GroupChanged, Revoked, SessionLoaded, InboxPage,
-    HistoryPage,
+    HistoryPage, ReadersPage,
 ]
 
 
@@ -560,16 +715,24 @@ class Store(ABC):
             elif kind is ReadInbox:
                 out.append(InboxPage(op.user, tuple(self.inbox_range(op.user, op.after, op.limit))))  # type: ignore[union-attr]
             elif kind is ReadHistory:
-                code = self.access(op.conv, op.user)  # type: ignore[union-attr]
-                page = self.history(op.conv, op.from_seq, op.limit, op.backward) if code is ErrorCode.OK else []  # type: ignore[union-attr]
-                out.append(HistoryPage(code, tuple(page)))
+                out.append(self._read_history(op))  # type: ignore[arg-type]
+            elif kind is ReadReaders:
+                out.append(self._read_readers(op))  # type: ignore[arg-type]
             else:
                 raise TypeError(f"not a read op: {kind.__name__}")
         return tuple(out)
 
+    @abstractmethod
+    def _read_history(self, op: ReadHistory) -> HistoryPage:
+        """Answer one :class:`ReadHistory` (membership-filtered)."""
+
+    @abstractmethod
+    def _read_readers(self, op: ReadReaders) -> ReadersPage:
+        """Answer one :class:`ReadReaders`."""
+
     def access(self, conv: str, user: str) -> ErrorCode:
-        """May ``user`` read ``conv`` now?  OK, BAD_REQUEST (malformed id),
-        UNKNOWN_CONVERSATION or NOT_MEMBER."""
+        """Is ``user`` a member of ``conv`` now?  OK, BAD_REQUEST (malformed
+        id), UNKNOWN_CONVERSATION or NOT_MEMBER."""
         if not (valid_conversation(conv) and valid_id(user)):
             return ErrorCode.BAD_REQUEST
         pair = direct_members(conv)
@@ -592,7 +755,7 @@ class Store(ABC):
                 ConversationState(
                     conv,
                     self.read_marker(user, conv),
-                    self.last_seq(conv),
+                    last_visible(self.spans(conv, user), self.last_seq(conv)),
                     self.unread(user, conv),
                     peer,
                     self.read_marker(peer, conv) if peer else 0,
@@ -610,25 +773,26 @@ class Store(ABC):
 
     # -- group admin: ops of a batch; these run one op in a batch of its own
 
-    def create_group(self, conv: str, members: Iterable[str], now: int) -> None:
+    def create_group(self, conv: str, members: Iterable[str], now: int, *, history_visible: bool = False) -> None:
         """Create group ``conv`` with ``members`` (ValueError if it exists, the
         id is a direct id or malformed, or a member id is invalid).  A batch
         of one :class:`CreateGroup`."""
-        self._admin(CreateGroup(conv, tuple(sorted(member_set(members))), now))
+        self._admin(CreateGroup(conv, tuple(sorted(member_set(members))), now, history_visible))
 
-    def add_members(self, conv: str, users: Iterable[str]) -> None:
+    def add_members(self, conv: str, users: Iterable[str], now: Optional[int] = None) -> GroupChanged:
         """Add users to an existing group (KeyError if unknown; ValueError for
         a direct or malformed id or an invalid user id).  A batch of one
-        :class:`AddMembers`."""
-        self._admin(AddMembers(conv, tuple(sorted(member_set(users)))))
+        :class:`AddMembers`; the entries' server times start at ``now`` (µs,
+        default: the wall clock)."""
+        return self._admin(AddMembers(conv, tuple(sorted(member_set(users))), _wall(now)))
 
-    def remove_members(self, conv: str, users: Iterable[str]) -> None:
+    def remove_members(self, conv: str, users: Iterable[str], now: Optional[int] = None) -> GroupChanged:
         """Remove users from an existing group (KeyError if unknown;
         ValueError as for :meth:`add_members`).  A batch of one
         :class:`RemoveMembers`."""
-        self._admin(RemoveMembers(conv, tuple(sorted(member_set(users)))))
+        return self._admin(RemoveMembers(conv, tuple(sorted(member_set(users))), _wall(now)))
 
-    def _admin(self, op: Op) -> None:
+    def _admin(self, op: Op) -> GroupChanged:
         [res] = self.commit(WriteBatch(0, (op,)))
         if isinstance(res, Rejected):
             if res.code is ErrorCode.UNKNOWN_CONVERSATION:
@@ -639,6 +803,8 @@ class Store(ABC):
             if not valid_group(conv):
                 raise ValueError(f"not a group id: {conversation_problem(conv) or 'd: starts a direct (1:1) id'}")
             raise ValueError(f"invalid member ids: {op!r}")
+        assert isinstance(res, GroupChanged)
+        return res
 
     # -- reads -------------------------------------------------------------
 
@@ -704,16 +870,28 @@ class Store(ABC):
 
     @abstractmethod
     def unread(self, user: str, conv: str) -> int:
-        """Messages from others after the user's marker."""
+        """Messages (kind MESSAGE) from others after the user's marker, inside
+        the user's membership intervals (module docstring, Membership)."""
+
+    @abstractmethod
+    def spans(self, conv: str, user: str) -> tuple[tuple[int, int], ...]:
+        """The user's membership intervals ``(joined, left)`` in ``conv``,
+        ascending (``left`` = :data:`OPEN` while a member): ``((0, OPEN),)``
+        for either user of a direct id, () for a user never a member."""
+
+    @abstractmethod
+    def history_visible(self, conv: str) -> bool:
+        """The group's ``history_visible`` setting (False for an unknown
+        group or a direct id: a 1:1 chat's users see it all anyway)."""
 
     @abstractmethod
     def conversations(self, user: str) -> list[str]:
         """Conversations the user belongs to or has messages in, sorted.
 
         That is: groups the user is a member of now, plus every conversation
-        in which a message was appended to the user's inbox (a direct
+        in which an entry was appended to the user's inbox (a direct
         conversation therefore appears with its first message; a group the
-        user was removed from stays if they received messages in it)."""
+        user was removed from stays: they received their LEFT entry)."""
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -737,6 +915,25 @@ def _int_in(value: object, lo: int, end: int) -> bool:
     # ``type(...) is int`` on purpose: bool is an int subclass, and a bool
     # local id or timestamp is a bug upstream, not a value.
     return type(value) is int and lo <= value < end
+
+
+def _wall(now: Optional[int]) -> int:
+    return time.time_ns() // 1000 if now is None else now
+
+
+def _stamps_ok(stamps: object, n: int) -> bool:
+    if not isinstance(stamps, tuple):
+        return False
+    if not stamps:
+        return True
+    return len(stamps) >= n and all(
+        isinstance(st, tuple)
+        and len(st) == 2
+        and isinstance(st[0], bytes)
+        and len(st[0]) == 16
+        and _int_in(st[1], 0, _I64_END)
+        for st in stamps
+    )
 
 
 def malformed(op: Op) -> bool:
@@ -794,7 +991,16 @@ def malformed(op: Op) -> bool:
             and not is_direct(op.conv)
             and isinstance(users, tuple)
             and all(valid_id(u) for u in users)
-            and (not isinstance(op, CreateGroup) or _int_in(op.now, _I64_MIN, _I64_END))
+            and _int_in(op.now, _I64_MIN, _I64_END)
+            and (
+                isinstance(op, CreateGroup)
+                or (
+                    isinstance(op.by, str)
+                    and (op.by == "" or valid_id(op.by))
+                    and op.now >= 0
+                    and _stamps_ok(op.stamps, len(users))
+                )
+            )
         )
     if isinstance(op, RevokeTokens):
         return not (

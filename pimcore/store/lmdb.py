@@ -80,9 +80,15 @@ meta        ``b"osrun"``                       boot id + epoch of a ``durability
                                                run not closed cleanly (else absent)
 msgs        msg_id (16 bytes)                  message record (below)
 convs       T(conv)                            U64 last seq
-convidx     T(conv) U64(seq)                   msg_id + sender (ASCII)
-groups      T(group)                           I64 created_at
+convidx     T(conv) U64(seq)                   msg_id + sender (ASCII), or for a
+                                               membership entry msg_id + U8 kind
+                                               (1 JOINED, 2 LEFT) + the user
+groups      T(group)                           I64 created_at + U8 flags (1: history
+                                               visible)
 members     T(group) T(user)                   empty
+spans       T(group) T(user)                   membership intervals: U64 joined +
+                                               U64 left (2^64-1 while a member),
+                                               ascending, 16 bytes each
 userconvs   T(user) T(conv)                    1 byte flags: 1 member, 2 has messages
 inbox       T(user) U64(pos)                   msg_id + I64 server_time
 inboxmeta   T(user)                            U64 head + U64 floor
@@ -93,14 +99,17 @@ revoked     T(user) T(device or "")            I64 tokens issued before are revo
 ==========  =================================  ======================================
 
 The sender in ``convidx`` lets :meth:`LmdbStore.unread` count without
-loading messages; the server time in ``inbox`` lets :class:`Reclaim` apply
+loading messages (a kind byte is not an id character, so a membership
+entry is told apart by its 17th byte); the server time in ``inbox`` lets :class:`Reclaim` apply
 ``max_age`` without loading messages; seq and server time in ``dedupe`` let a
 retry be answered with one lookup.
 
 Message record: ``U64 seq, U64 local_id, I64 client_time, I64 server_time,
 U64 after_seq, U8 kind`` (struct ``>QQqqQB``), then ``T(conv) T(sender)
 T(device)``, then the payload to the end of the value.  (Schema 1 had no
-after_seq and kind; opening a schema 1 store rewrites its records once.)
+after_seq and kind; opening a schema 1 store rewrites its records once.
+Schema 2 had no ``spans`` and no group flags: opening it gives every member
+the interval (0, open) and every group the default, history not visible.)
 
 Epochs
 ------
@@ -147,6 +156,14 @@ from .base import (
     HistoryPage,
     InboxPage,
     LoadSession,
+    MessageKind,
+    OPEN,
+    ReadersPage,
+    ReadReaders,
+    last_visible,
+    member_ranges,
+    page_seqs,
+    visible_ranges,
     ReadHistory,
     ReadInbox,
     ReadOp,
@@ -180,7 +197,7 @@ from .base import (
 
 __all__ = ["LmdbStore", "SCHEMA_VERSION", "DURABILITY_MODES", "MAX_KEY_LEN"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DURABILITY_MODES = ("sync", "os")
 
 #: The sub-databases, in the order they are opened.
@@ -198,6 +215,7 @@ _DB_NAMES = (
     "dedupe",
     "reads",
     "revoked",
+    "spans",
 )
 #: Below this LMDB cannot even hold the sub-database catalogue comfortably.
 _MIN_MAP_SIZE = 1 << 20
@@ -210,6 +228,9 @@ _INBOX = struct.Struct(">16sq")
 _DEDUPE = struct.Struct(">16sQq")
 _RECORD = struct.Struct(">QQqqQB")
 _RECORD_V1 = struct.Struct(">QQqq")
+_GROUP = struct.Struct(">qB")
+_SPAN = struct.Struct(">QQ")
+_HISTORY_VISIBLE = 1
 
 #: The longest key of the layout above with the longest ids (T(x) is
 #: 1 + len(x) bytes).  LMDB refuses keys over 511 bytes (its default
@@ -275,6 +296,19 @@ def _encode_record(seq: int, op: NewMessage, after_seq: int, kind: int = 0) -> b
             _t(op.sender),
             _t(op.device),
             op.payload,
+        )
+    )
+
+
+def _encode_entry(m: StoredMessage) -> bytes:
+    """The record of a membership entry (the store made it, not a client)."""
+    return b"".join(
+        (
+            _RECORD.pack(m.seq, m.local_id, m.client_time, m.server_time, m.after_seq, m.kind),
+            _t(m.conv),
+            _t(m.sender),
+            _t(m.device),
+            m.payload,
         )
     )
 
@@ -437,10 +471,12 @@ class _Batch:
     :class:`_Hot` that may outlive the batch.
     """
 
-    __slots__ = ("txn", "_store", "hot", "_dirty_seqs", "pend")
+    __slots__ = ("txn", "_store", "hot", "_dirty_seqs", "pend", "hwm")
 
     def __init__(self, store: "LmdbStore", txn: _Txn, hot: _Hot) -> None:
         self.txn = txn
+        #: Highest server time stored so far (meta ``hwm``, written at the end).
+        self.hwm = 0
         self._store = store
         self.hot = hot
         self._dirty_seqs: set[bytes] = set()
@@ -604,6 +640,7 @@ class LmdbStore(Store):
             self._dedupe,
             self._reads,
             self._revoked,
+            self._spans,
         ) = dbs
         self._env = env
         try:
@@ -639,6 +676,9 @@ class LmdbStore(Store):
             version = _U64.unpack(raw)[0] if raw is not None else None
             if version == 1:
                 self._migrate_1_to_2(txn)
+                version = 2
+            if version == 2:
+                self._migrate_2_to_3(txn)
             elif version != SCHEMA_VERSION:
                 raise StoreError(f"store schema version {version}, this code reads {SCHEMA_VERSION}")
         raw = txn.get(b"epochs", db=self._meta) or b""
@@ -670,6 +710,22 @@ class LmdbStore(Store):
             updates.append((key, _RECORD.pack(seq, local_id, client_time, server_time, 0, 0) + val[_RECORD_V1.size :]))
         for key, val in updates:
             txn.put(key, val, db=self._msgs)
+        txn.put(b"schema", _U64.pack(2), db=self._meta)
+
+    def _migrate_2_to_3(self, txn: _Txn) -> None:
+        """Schema 2 -> 3: every current member gets the membership interval
+        (0, open) (a member since the start), every group the default
+        setting (history not visible).  Members removed before have no
+        interval (schema 2 did not record when they were members).  Same
+        transaction as any earlier migration step."""
+        groups = [(key, val) for key, val in txn.cursor(db=self._groups)]
+        for key, val in groups:
+            if len(val) == _I64.size:
+                txn.put(key, val + b"\x00", db=self._groups)
+        open_span = _SPAN.pack(0, _U64_MAX)
+        members = [key for key, _ in txn.cursor(db=self._members)]
+        for key in members:
+            txn.put(key, open_span, db=self._spans)
         txn.put(b"schema", _U64.pack(SCHEMA_VERSION), db=self._meta)
 
     def _grow(self, env: lmdb.Environment) -> None:
@@ -819,9 +875,37 @@ class LmdbStore(Store):
 
     def _count_unread(self, txn: _Txn, user: str, ck: bytes, marker: int) -> int:
         me = user.encode("ascii")
-        start = ck + _U64.pack(marker + 1)
-        # Value = msg_id (16 bytes) + sender: no message load needed.
-        return sum(1 for _, value in self._scan(txn, self._convidx, ck, start) if value[16:] != me)
+        n = 0
+        for lo, hi in member_ranges(self._spans_in(txn, ck, user)):
+            if hi <= marker:
+                continue
+            start = ck + _U64.pack(max(lo, marker + 1))
+            # Value = msg_id (16 bytes) + sender: no message load needed; a
+            # membership entry's 17th byte is its kind (1 or 2), never an id
+            # character; a system post (ids.SYSTEM) has no sender bytes.
+            for key, value in self._scan(txn, self._convidx, ck, start):
+                if hi != _U64_MAX and _U64.unpack_from(key, len(ck))[0] > hi:
+                    break
+                if len(value) == 16 or (value[16] > 2 and value[16:] != me):
+                    n += 1
+        return n
+
+    def _spans_in(self, txn: _Txn, ck: bytes, user: str) -> tuple[tuple[int, int], ...]:
+        """The user's membership intervals (``ck`` = T(conv) of a well-formed
+        conversation id)."""
+        pair = direct_members(ck[1:].decode("ascii"))
+        if pair is not None:
+            return ((0, _U64_MAX),) if user in pair else ()
+        raw = txn.get(ck + _t(user), db=self._spans)
+        if raw is None:
+            return ()
+        return tuple(_SPAN.unpack_from(raw, i) for i in range(0, len(raw), _SPAN.size))
+
+    def _group_flags(self, txn: _Txn, ck: bytes) -> Optional[int]:
+        raw = txn.get(ck, db=self._groups)
+        if raw is None:
+            return None
+        return raw[_I64.size] if len(raw) > _I64.size else 0
 
     def _load(self, txn: _Txn, msg_id: bytes) -> StoredMessage:
         raw = txn.get(msg_id, db=self._msgs)
@@ -883,7 +967,7 @@ class LmdbStore(Store):
             # go of by the first run: a re-run starts from an empty one.)
             kept.clear()
             w = _Batch(self, txn, self._take_hot(txn))
-            stored = hwm = _U64.unpack(txn.get(b"hwm", db=self._meta))[0]
+            stored = w.hwm = _U64.unpack(txn.get(b"hwm", db=self._meta))[0]
             results = []
             wrote = False
             for op in ops:
@@ -891,14 +975,16 @@ class LmdbStore(Store):
                 kind = type(result)
                 if kind is Appended:
                     wrote = True
-                    if result.server_time > hwm:  # type: ignore[union-attr]
-                        hwm = result.server_time  # type: ignore[union-attr]
+                    if result.server_time > w.hwm:  # type: ignore[union-attr]
+                        w.hwm = result.server_time  # type: ignore[union-attr]
                 elif kind is Acked or kind is Touched or (kind is ReadMarked and result.changed):  # type: ignore[union-attr]
                     wrote = True
+                elif kind is GroupChanged and result.entries:  # type: ignore[union-attr]
+                    wrote = True  # (the entries moved the hwm themselves)
                 results.append(result)
             w.flush()
-            if hwm != stored:
-                txn.put(b"hwm", _U64.pack(hwm), db=self._meta)
+            if w.hwm != stored:
+                txn.put(b"hwm", _U64.pack(w.hwm), db=self._meta)
             # Keep the cache only if this transaction certainly changes the
             # store (an Appended stored a message, Acked/Touched always write
             # the device, a changed ReadMarked the marker): only then does it
@@ -1000,9 +1086,10 @@ class LmdbStore(Store):
         if conv is None:
             return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
         uk = _t(op.user)
-        if op.user not in conv.member_set and txn.get(uk + ck, db=self._userconvs) is None:
+        spans = self._spans_in(txn, ck, op.user)
+        if not spans:
             return Rejected(ErrorCode.NOT_MEMBER)
-        last = w.last_seq(ck)
+        last = last_visible(spans, w.last_seq(ck))
         rk = uk + ck
         raw = txn.get(rk, db=self._reads)
         old = _U64.unpack(raw)[0] if raw is not None else 0
@@ -1066,10 +1153,12 @@ class LmdbStore(Store):
         ck = _t(op.conv)
         if txn.get(ck, db=self._groups) is not None:
             return Rejected(ErrorCode.ALREADY_EXISTS)
-        txn.put(ck, _I64.pack(op.now), db=self._groups)
+        txn.put(ck, _GROUP.pack(op.now, _HISTORY_VISIBLE if op.history_visible else 0), db=self._groups)
+        open_span = _SPAN.pack(0, _U64_MAX)
         for user in op.members:
             uk = _t(user)
             txn.put(ck + uk, b"", db=self._members)
+            txn.put(ck + uk, open_span, db=self._spans)
             self._flag(txn, uk + ck, _MEMBER, True)
         w.forget_conv(ck)
         return GroupChanged(op.conv, tuple(sorted(set(op.members))))
@@ -1079,17 +1168,60 @@ class LmdbStore(Store):
         ck = _t(op.conv)
         if txn.get(ck, db=self._groups) is None:
             return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        if any(txn.get(st[0], db=self._msgs) is not None for st in op.stamps):
+            return Rejected(ErrorCode.INTERNAL)  # a broken clock: nothing changed
         add = type(op) is AddMembers
-        for user in op.users:
+        kind = MessageKind.JOINED if add else MessageKind.LEFT
+        info = (ck, None)
+        clock = max(op.now, w.hwm + 1)
+        payload = op.by.encode("utf-8")
+        entries = []
+        positions = []
+        for i, user in enumerate(op.users):
             uk = _t(user)
-            if add:
-                txn.put(ck + uk, b"", db=self._members)
+            mk = ck + uk
+            if (txn.get(mk, db=self._members) is not None) == add:
+                continue  # no change, no entry
+            if op.stamps:
+                msg_id, server_time = op.stamps[i]
             else:
-                txn.delete(ck + uk, db=self._members)
-            self._flag(txn, uk + ck, _MEMBER, add)
+                # Made here (no broker clock): ids no broker makes (its node
+                # id is random), times strictly above every stored one.
+                while True:
+                    msg_id, server_time = _U64.pack(clock) + bytes(8), clock
+                    clock += 1
+                    if txn.get(msg_id, db=self._msgs) is None:
+                        break
+            seq = w.last_seq(ck) + 1
+            raw = txn.get(mk, db=self._spans) or b""
+            if add:
+                txn.put(mk, b"", db=self._members)
+                txn.put(mk, raw + _SPAN.pack(seq, _U64_MAX), db=self._spans)
+                self._flag(txn, uk + ck, _MEMBER, True)
+                w.forget_conv(ck)
+                conv = w.conv(ck, info)  # the joiner learns it too
+            else:
+                conv = w.conv(ck, info)  # before the removal: the leaver learns it too
+            assert conv is not None
+            m = StoredMessage(msg_id, op.conv, seq, user, "", 0, server_time, server_time, payload, int(kind), seq - 1)
+            txn.put(msg_id, _encode_entry(m), db=self._msgs)
+            w.set_last_seq(ck, seq)
+            txn.put(ck + _U64.pack(seq), msg_id + bytes((int(kind),)) + user.encode("ascii"), db=self._convidx)
+            positions.append(w.fanout(conv, _INBOX.pack(msg_id, server_time)))
+            for member_key in conv.uks:
+                self._flag(txn, member_key + ck, _HAS_MESSAGES, True)
+            if not add:
+                joined = _SPAN.unpack_from(raw, len(raw) - _SPAN.size)[0]
+                txn.put(mk, raw[: len(raw) - _SPAN.size] + _SPAN.pack(joined, seq), db=self._spans)
+                txn.delete(mk, db=self._members)
+                self._flag(txn, uk + ck, _MEMBER, False)
+                w.forget_conv(ck)
+            if server_time > w.hwm:
+                w.hwm = server_time
+            entries.append(m)
         # Later ops of this batch (and later batches) must see the new members.
         w.forget_conv(ck)
-        return GroupChanged(op.conv, self._members_in(txn, (ck, None)) or ())
+        return GroupChanged(op.conv, self._members_in(txn, info) or (), tuple(entries), tuple(positions))
 
     # --------------------------------------------------------------- reads
 
@@ -1222,6 +1354,18 @@ class LmdbStore(Store):
             marker = _U64.unpack(raw)[0] if raw is not None else 0
             return self._count_unread(txn, user, ck, marker)
 
+    def spans(self, conv: str, user: str) -> tuple[tuple[int, int], ...]:
+        with self._read() as txn:
+            if not (valid_conversation(conv) and valid_id(user)):
+                return ()
+            return self._spans_in(txn, _t(conv), user)
+
+    def history_visible(self, conv: str) -> bool:
+        with self._read() as txn:
+            if not valid_conversation(conv) or is_direct(conv):
+                return False
+            return bool((self._group_flags(txn, _t(conv)) or 0) & _HISTORY_VISIBLE)
+
     def conversations(self, user: str) -> list[str]:
         with self._read() as txn:
             if not valid_id(user):
@@ -1244,12 +1388,54 @@ class LmdbStore(Store):
                 elif kind is ReadInbox:
                     out.append(InboxPage(op.user, tuple(self._inbox_in(txn, op.user, op.after, op.limit))))  # type: ignore[union-attr]
                 elif kind is ReadHistory:
-                    code = self._access_in(txn, op.conv, op.user)  # type: ignore[union-attr]
-                    page = self._history_in(txn, op.conv, op.from_seq, op.limit, op.backward) if code is ErrorCode.OK else []  # type: ignore[union-attr]
-                    out.append(HistoryPage(code, tuple(page)))
+                    out.append(self._read_history_in(txn, op))  # type: ignore[arg-type]
+                elif kind is ReadReaders:
+                    out.append(self._read_readers_in(txn, op))  # type: ignore[arg-type]
                 else:
                     raise TypeError(f"not a read op: {kind.__name__}")
             return tuple(out)
+
+    def _read_history(self, op: ReadHistory) -> HistoryPage:
+        with self._read() as txn:
+            return self._read_history_in(txn, op)
+
+    def _read_readers(self, op: ReadReaders) -> ReadersPage:
+        with self._read() as txn:
+            return self._read_readers_in(txn, op)
+
+    def _read_history_in(self, txn: _Txn, op: ReadHistory) -> HistoryPage:
+        if not (valid_conversation(op.conv) and valid_id(op.user)):
+            return HistoryPage(ErrorCode.BAD_REQUEST, ())
+        ck = _t(op.conv)
+        is_group = not is_direct(op.conv)
+        flags = self._group_flags(txn, ck) if is_group else 0
+        if flags is None:
+            return HistoryPage(ErrorCode.UNKNOWN_CONVERSATION, ())
+        spans = self._spans_in(txn, ck, op.user)
+        if not spans:
+            return HistoryPage(ErrorCode.NOT_MEMBER, ())
+        ranges = visible_ranges(spans, bool(flags & _HISTORY_VISIBLE))
+        page = []
+        for seq in page_seqs(ranges, self._last_seq(txn, ck), op.from_seq, op.limit, op.backward):
+            ref = txn.get(ck + _U64.pack(seq), db=self._convidx)
+            if ref is None:
+                raise StoreError(f"{op.conv!r} has no seq {seq} (store corrupt)")
+            page.append(self._load(txn, ref[:16]))
+        return HistoryPage(ErrorCode.OK, tuple(page))
+
+    def _read_readers_in(self, txn: _Txn, op: ReadReaders) -> ReadersPage:
+        code = self._access_in(txn, op.conv, op.user)
+        if code is not ErrorCode.OK:
+            return ReadersPage(code, ())
+        info = _conv_info(op.conv)
+        assert info is not None
+        ck = info[0]
+        last = self._last_seq(txn, ck)
+        out = []
+        for user in self._members_in(txn, info) or ():
+            raw = txn.get(_t(user) + ck, db=self._reads)
+            out.append((user, min(_U64.unpack(raw)[0] if raw is not None else 0, last)))
+        return ReadersPage(ErrorCode.OK, tuple(out))
 
     def _access_in(self, txn: _Txn, conv: str, user: str) -> ErrorCode:
         if not (valid_conversation(conv) and valid_id(user)):
@@ -1282,9 +1468,8 @@ class LmdbStore(Store):
             if peer:
                 raw = txn.get(_t(peer) + ck, db=self._reads)
                 peer_marker = _U64.unpack(raw)[0] if raw is not None else 0
-            states.append(
-                ConversationState(conv, marker, self._last_seq(txn, ck), self._count_unread(txn, user, ck, marker), peer, peer_marker)
-            )
+            last = last_visible(self._spans_in(txn, ck, user), self._last_seq(txn, ck))
+            states.append(ConversationState(conv, marker, last, self._count_unread(txn, user, ck, marker), peer, peer_marker))
         states.sort(key=lambda st: st.conv)
         return SessionLoaded(user, op.device, head, floor, position, tuple(states), self._revoked_in(txn, user, op.device))
 

@@ -28,7 +28,17 @@ from .base import (
     AddMembers,
     CreateGroup,
     GroupChanged,
+    HistoryPage,
+    MessageKind,
+    OPEN,
+    ReadersPage,
+    ReadHistory,
+    ReadReaders,
     RemoveMembers,
+    last_visible,
+    member_ranges,
+    page_seqs,
+    visible_ranges,
     Acked,
     Appended,
     DeviceState,
@@ -84,7 +94,10 @@ class MemoryStore(Store):
         self._conv_last: dict[str, int] = {}
         self._conv_seq: dict[tuple[str, int], bytes] = {}  # (conv, seq) -> msg_id
         self._groups: dict[str, int] = {}  # conv -> created_at
+        self._visible: dict[str, bool] = {}  # conv -> history_visible
         self._members: dict[str, frozenset[str]] = {}  # conv -> members
+        #: (group, user) -> membership intervals (joined, left), ascending.
+        self._spans: dict[tuple[str, str], tuple[tuple[int, int], ...]] = {}
         self._userconv: dict[str, dict[str, int]] = {}  # user -> conv -> flags
         self._inbox: dict[str, dict[int, tuple[bytes, int]]] = {}  # user -> pos -> (msg_id, server_time)
         self._head: dict[str, int] = {}
@@ -282,9 +295,10 @@ class MemoryStore(Store):
         members = self._group_members(op.conv)
         if members is None:
             return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
-        if op.user not in members and op.conv not in self._userconv.get(op.user, {}):
+        spans = self._spans_of(op.conv, op.user)
+        if not spans:
             return Rejected(ErrorCode.NOT_MEMBER)
-        last = self._conv_last.get(op.conv, 0)
+        last = last_visible(spans, self._conv_last.get(op.conv, 0))
         old = self._reads.get((op.user, op.conv), 0)
         new = max(old, min(op.seq, last))
         if new != old:
@@ -322,21 +336,77 @@ class MemoryStore(Store):
         if op.conv in self._groups:
             return Rejected(ErrorCode.ALREADY_EXISTS)
         self._set(self._groups, op.conv, op.now)
+        self._set(self._visible, op.conv, bool(op.history_visible))
         self._set(self._members, op.conv, frozenset(op.members))
         for user in op.members:
             self._flag(user, op.conv, MEMBER, True)
+            self._set(self._spans, (op.conv, user), ((0, OPEN),))
         return GroupChanged(op.conv, tuple(sorted(op.members)))
 
     def _change_members(self, op: Any) -> Result:
         if op.conv not in self._groups:
             return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
         add = type(op) is AddMembers
-        current = self._members[op.conv]
-        members = current | frozenset(op.users) if add else current - frozenset(op.users)
-        self._set(self._members, op.conv, members)
-        for user in op.users:
-            self._flag(user, op.conv, MEMBER, add)
-        return GroupChanged(op.conv, tuple(sorted(members)))
+        if any(st[0] in self._msgs for st in op.stamps):
+            return Rejected(ErrorCode.INTERNAL)  # a broken clock: nothing changed
+        conv = op.conv
+        clock = max(op.now, self._hwm["server_time"] + 1)
+        entries = []
+        positions = []
+        for i, user in enumerate(op.users):
+            current = self._members[conv]
+            if (user in current) == add:
+                continue  # no change, no entry
+            if op.stamps:
+                msg_id, server_time = op.stamps[i]
+            else:
+                # Made here (no broker clock): ids no broker makes (its node
+                # id is random), times strictly above every stored one.
+                while True:
+                    msg_id, server_time = clock.to_bytes(8, "big") + bytes(8), clock
+                    clock += 1
+                    if msg_id not in self._msgs:
+                        break
+            seq = self._conv_last.get(conv, 0) + 1
+            spans = self._spans.get((conv, user), ())
+            if add:
+                members = current | {user}
+                self._set(self._spans, (conv, user), spans + ((seq, OPEN),))
+                recipients = members  # the joiner learns it too
+            else:
+                members = current - {user}
+                self._set(self._spans, (conv, user), spans[:-1] + ((spans[-1][0], seq),))
+                recipients = current  # the leaver learns it too
+            self._set(self._members, conv, members)
+            self._flag(user, conv, MEMBER, add)
+            m = StoredMessage(
+                msg_id=msg_id,
+                conv=conv,
+                seq=seq,
+                sender=user,
+                device="",
+                local_id=0,
+                client_time=server_time,
+                server_time=server_time,
+                payload=op.by.encode("utf-8"),
+                kind=int(MessageKind.JOINED if add else MessageKind.LEFT),
+                after_seq=seq - 1,
+            )
+            self._set(self._conv_last, conv, seq)
+            self._set(self._conv_seq, (conv, seq), msg_id)
+            self._set(self._msgs, msg_id, m)
+            pos_list = []
+            for member in sorted(recipients):
+                pos = self._head.get(member, 0) + 1
+                self._set(self._head, member, pos)
+                self._set(self._sub(self._inbox, member), pos, (msg_id, server_time))
+                self._flag(member, conv, HAS_MESSAGES, True)
+                pos_list.append((member, pos))
+            if server_time > self._hwm["server_time"]:
+                self._set(self._hwm, "server_time", server_time)
+            entries.append(m)
+            positions.append(tuple(pos_list))
+        return GroupChanged(conv, tuple(sorted(self._members[conv])), tuple(entries), tuple(positions))
 
     # --------------------------------------------------------------- reads
 
@@ -426,12 +496,63 @@ class MemoryStore(Store):
                 return {}
             return {u: self._reads.get((u, conv), 0) for u in sorted(self._group_members(conv) or ())}
 
+    def _spans_of(self, conv: str, user: str) -> tuple[tuple[int, int], ...]:
+        pair = direct_members(conv)
+        if pair is not None:
+            return ((0, OPEN),) if user in pair else ()
+        return self._spans.get((conv, user), ())
+
     def _unread(self, user: str, conv: str) -> int:
         marker = self._reads.get((user, conv), 0)
         last = self._conv_last.get(conv, 0)
-        return sum(
-            1 for s in range(marker + 1, last + 1) if self._msgs[self._conv_seq[(conv, s)]].sender != user
-        )
+        n = 0
+        for lo, hi in member_ranges(self._spans_of(conv, user)):
+            for s in range(max(lo, marker + 1), min(hi, last) + 1):
+                m = self._msgs[self._conv_seq[(conv, s)]]
+                if m.kind == MessageKind.MESSAGE and m.sender != user:
+                    n += 1
+        return n
+
+    def spans(self, conv: str, user: str) -> tuple[tuple[int, int], ...]:
+        with self._lock:
+            self._check_open()
+            if not (valid_conversation(conv) and valid_id(user)):
+                return ()
+            return self._spans_of(conv, user)
+
+    def history_visible(self, conv: str) -> bool:
+        with self._lock:
+            self._check_open()
+            return self._visible.get(conv, False)
+
+    def _read_history(self, op: ReadHistory) -> HistoryPage:
+        with self._lock:
+            self._check_open()
+            if not (valid_conversation(op.conv) and valid_id(op.user)):
+                return HistoryPage(ErrorCode.BAD_REQUEST, ())
+            if self._group_members(op.conv) is None:
+                return HistoryPage(ErrorCode.UNKNOWN_CONVERSATION, ())
+            spans = self._spans_of(op.conv, op.user)
+            if not spans:
+                return HistoryPage(ErrorCode.NOT_MEMBER, ())
+            ranges = visible_ranges(spans, self._visible.get(op.conv, False))
+            seqs = page_seqs(ranges, self._conv_last.get(op.conv, 0), op.from_seq, op.limit, op.backward)
+            return HistoryPage(ErrorCode.OK, tuple(self._msgs[self._conv_seq[(op.conv, s)]] for s in seqs))
+
+    def _read_readers(self, op: ReadReaders) -> ReadersPage:
+        with self._lock:
+            self._check_open()
+            if not (valid_conversation(op.conv) and valid_id(op.user)):
+                return ReadersPage(ErrorCode.BAD_REQUEST, ())
+            members = self._group_members(op.conv)
+            if members is None:
+                return ReadersPage(ErrorCode.UNKNOWN_CONVERSATION, ())
+            if op.user not in members:
+                return ReadersPage(ErrorCode.NOT_MEMBER, ())
+            last = self._conv_last.get(op.conv, 0)
+            return ReadersPage(
+                ErrorCode.OK, tuple((u, min(self._reads.get((u, op.conv), 0), last)) for u in sorted(members))
+            )
 
     def unread(self, user: str, conv: str) -> int:
         with self._lock:
