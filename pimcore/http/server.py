@@ -303,6 +303,10 @@ class HttpServer:
         if isinstance(event, h11.ConnectionClosed):
             return None
         assert isinstance(event, h11.Request), event
+        # h11 bounds only what it buffers while a head is incomplete; a head
+        # that arrived in one read is measured here.
+        if len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) > self.config.max_header_bytes:
+            raise HttpError(431, "headers_too_large", f"the request head is over {self.config.max_header_bytes} bytes")
         headers: dict[str, str] = {}
         for name, value in event.headers:
             key = name.decode("ascii").lower()
