@@ -163,7 +163,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 ssl_ctx.load_cert_chain(settings.cert, settings.key)
             http_config = settings.http_config(ssl_ctx, api_keys)
             if not settings.api_keys and not had_key:
-                print(f"pimcore serve: created an HTTP API key in {settings.data_dir / 'api-key'}", file=sys.stderr)
+                import logging
+
+                path = settings.data_dir / "api-key"
+                logging.getLogger("pimcore.serve").info("created an HTTP API key in %s", path,
+                                                         extra={"event": "api_key_created", "path": str(path)})
     except (ConfigError, ValueError, OSError) as exc:
         print(f"pimcore serve: {exc}", file=sys.stderr)
         return 2
