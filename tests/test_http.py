@@ -390,3 +390,51 @@ def test_http_config_is_checked() -> None:
         HttpConfig(scheme="ws")
     with pytest.raises(ValueError, match="request_timeout"):
         HttpConfig(request_timeout=0)
+
+
+async def test_a_slow_consumer_is_logged_and_counted(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """A peer that asks for answers it never reads is dropped (SLOW_CONSUMER):
+    one warning line with its fields, counted in /metrics."""
+    import logging
+
+    from pimcore import frames as F
+    from pimcore.core import Limits
+    from pimcore.store import LmdbStore
+
+    from _net import RawConn, server_config
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    store = LmdbStore(str(tmp_path / "db"), durability="os")
+    lim = Limits(max_payload=32 * 1024, push_window_bytes=64 * 1024, heartbeat_ms=15000)
+    cfg = server_config(limits=lim, max_outbound_bytes=256 * 1024)
+    try:
+        with trio.fail_after(30):
+            async with serving(store, cfg) as srv, open_http_server(srv, HttpConfig(api_keys=(KEY,))) as h:
+                async with client(srv.url(), "alice") as a:
+                    for i in range(40):
+                        await a.send(AB, bytes(32 * 1024 - 8) + b"%08d" % i)
+                greedy = await RawConn.open(srv.endpoints[0].port, rcvbuf=4096)
+                await greedy.login("alice", "greedy")
+                for i in range(40):  # megabytes of history answers it never reads
+                    await greedy.send(F.HistoryReq(i, AB, 0, 200, False))
+                    if srv.statistics().slow_consumers:
+                        break
+                while not srv.statistics().slow_consumers:
+                    await trio.sleep(0.01)
+                c = Http(h.url)
+                try:
+                    status, _, body = await c.request("GET", "/metrics")
+                finally:
+                    c.close()
+                await greedy.aclose()
+    finally:
+        store.close()
+    m = metrics(body.decode())
+    assert m[("pimcore_slow_consumers_total", ())] == 1
+    assert m[("pimcore_closes_total", (("code", "SLOW_CONSUMER"),))] == 1
+    [rec] = [r for r in caplog.records if getattr(r, "event", None) == "slow_consumer"]
+    assert rec.levelname == "WARNING" and rec.code == "SLOW_CONSUMER" and "outbound queue full" in rec.reason
+    offline = [r for r in caplog.records if getattr(r, "event", None) == "offline" and r.device == "greedy"]
+    assert len(offline) == 1 and offline[0].code == "SLOW_CONSUMER"
+    logins = [r for r in caplog.records if getattr(r, "event", None) == "login"]
+    assert [(r.user, r.device) for r in logins] == [("alice", "phone"), ("alice", "greedy")]
