@@ -17,6 +17,11 @@ are executed by :meth:`BrokerServer._run`:
 * ``Authenticate`` / ``CheckContent`` are answered by the configured hooks:
   inline when they are plain functions, in a task of their own when they
   are coroutine functions -- a slow hook then holds up only its connection.
+* ``DeviceOnline`` / ``DeviceOffline`` are logged (``login``, ``offline``),
+  as is every Close sent (``close``; ``login_refused`` and ``slow_consumer``
+  at warning level), and counted for ``statistics()`` and ``/metrics``:
+  closes by code, refused logins by kind of reason, and per committed batch
+  its op count and commit time (bucketed: one bisect per batch).
 
 Where commits run: on the event loop by default (``commit_in_thread``
 False), in a worker thread if asked, or awaited on an AsyncStore.
