@@ -116,10 +116,11 @@ class JwtAuthenticator:
         return Identity(user, device, expires=int((exp + self._leeway) * 1_000_000), issued_at=issued_at)
 
 
-def load_or_create_secret(data_dir: Union[str, Path]) -> bytes:
+def load_or_create_secret(data_dir: Union[str, Path], name: str = SECRET_FILE) -> bytes:
     """The broker's token secret, kept in ``data_dir/secret`` (mode 0600);
-    created with 32 random bytes on first use so a first run needs no setup."""
-    path = Path(data_dir) / SECRET_FILE
+    created with 32 random bytes on first use so a first run needs no setup.
+    ``name``: another file made the same way (the HTTP API key, ``api-key``)."""
+    path = Path(data_dir) / name
     try:
         text = path.read_text().strip()
     except FileNotFoundError:
@@ -129,7 +130,7 @@ def load_or_create_secret(data_dir: Union[str, Path]) -> bytes:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            return load_or_create_secret(data_dir)
+            return load_or_create_secret(data_dir, name)
         with os.fdopen(fd, "w") as f:
             f.write(text + "\n")
             f.flush()

@@ -72,9 +72,11 @@ def _settings(args: argparse.Namespace):  # -> ServeSettings
         "secret_file": getattr(args, "secret_file", None),
     }
     for name in ("durability", "cert", "key", "content_filter", "max_frame", "max_payload", "window", "send_rate", "heartbeat_ms",
-                 "idle_timeout", "max_outbound_bytes", "max_connections"):
+                 "idle_timeout", "max_outbound_bytes", "max_connections", "http", "log_level", "log_format"):
         if hasattr(args, name):
             flags[name] = getattr(args, name)
+    if getattr(args, "verbose", False) and not flags.get("log_level"):
+        flags["log_level"] = "debug"
     if getattr(args, "listen", None):
         flags["listen"] = args.listen
     return load_settings(getattr(args, "config", None), **flags)
@@ -121,27 +123,53 @@ def _secret(settings, *, create: bool = True, announce: Optional[str] = None) ->
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import logging
     import signal
 
     import trio
 
     import pimcore
 
+    from ._util import unwrap_single
     from .auth import JwtAuthenticator
-    from .config import ConfigError
+    from .config import ConfigError, render_toml
     from .errors import StoreError
+    from .logs import setup_logging
     from .net.server import open_broker_server
     from .store import LmdbStore
 
-    logging.basicConfig(level=logging.WARNING if not args.verbose else logging.DEBUG, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         settings = _settings(args)
+        if args.print_config:
+            # Effective settings only: nothing is created, opened or imported.
+            settings.endpoints()
+            settings.http_endpoint()
+            print(render_toml(settings.effective()), end="")
+            return 0
+        setup_logging(settings.log_level, settings.log_format)
         config = settings.server_config()
         if not config.listeners:
             raise ConfigError("nothing to listen on: give at least one listen URL")
+        http_ep = settings.http_endpoint()
         secret = _secret(settings)
         auth = JwtAuthenticator(secret)
+        http_config = None
+        if http_ep is not None:
+            had_key = (settings.data_dir / "api-key").exists()
+            api_keys = settings.load_api_keys()
+            ssl_ctx = None
+            if http_ep.secure:
+                import ssl
+
+                ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                ssl_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+                ssl_ctx.load_cert_chain(settings.cert, settings.key)
+            http_config = settings.http_config(ssl_ctx, api_keys)
+            if not settings.api_keys and not had_key:
+                import logging
+
+                path = settings.data_dir / "api-key"
+                logging.getLogger("pimcore.serve").info("created an HTTP API key in %s", path,
+                                                         extra={"event": "api_key_created", "path": str(path)})
     except (ConfigError, ValueError, OSError) as exc:
         print(f"pimcore serve: {exc}", file=sys.stderr)
         return 2
@@ -154,15 +182,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with open_broker_server(store, auth, config) as server:
+            async with open_broker_server(store, auth, config) as server, trio.open_nursery() as nursery:
+                urls = list(server.urls)
+                if http_config is not None:
+                    from .http import BrokerHttp
+
+                    http = BrokerHttp(server, http_config)
+                    await nursery.start(http.run)
+                    urls.append(http.url)
                 print(f"pimcore {__version__} ({pimcore.BACKEND} backend), data in {settings.data_dir.resolve()}"
                       f" (durability {settings.durability})", flush=True)
-                for url in server.urls:
+                for url in urls:
                     print(f"listening on {url}", flush=True)
                 print("ready; Ctrl-C to stop", flush=True)
                 async for sig in signals:
                     print(f"{signal.Signals(sig).name}: shutting down", flush=True)
                     break
+                nursery.cancel_scope.cancel()  # the HTTP listener stops first
             # open_broker_server's exit: stop accepting, finish the batch in
             # flight, Close(SHUTDOWN) every connection.
             st = server.statistics()
@@ -171,7 +207,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                   f" {st.commit_seconds:.2f} s committing)", flush=True)
 
     try:
-        trio.run(run)
+        with unwrap_single():
+            trio.run(run)
     except KeyboardInterrupt:
         # A second signal while shutting down is redelivered when the signal
         # receiver closes -- after the graceful shutdown already finished.
@@ -309,7 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, help="seconds of silence before a connection is dropped")
     p.add_argument("--max-outbound-bytes", type=int, help="queued bytes for a slow reader before it is dropped")
     p.add_argument("--max-connections", type=int)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--http", metavar="URL",
+                   help="HTTP listener (health, metrics, server API): tcp://HOST:PORT or tls://HOST:PORT (--cert/--key)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    p.add_argument("--log-format", choices=["text", "json"], help="json: one object per line (default text)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective settings (flags > PIMCORE_* environment > file > defaults) as TOML and exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="same as --log-level debug")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("token", help="print a signed token for a user (and device)")

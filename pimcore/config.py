@@ -1,4 +1,4 @@
-"""``pimcore serve`` configuration: a TOML file, overridden by flags.
+"""``pimcore serve`` configuration: defaults < a TOML file < environment < flags.
 
 Example (every key optional)::
 
@@ -7,8 +7,11 @@ Example (every key optional)::
     listen = ["tcp://127.0.0.1:7400", "ws://127.0.0.1:7480/im"]
     secret_file = "/etc/pimcore/secret" # default: <data_dir>/secret, created on first run
     content_filter = "mypkg.moderation:check"  # f(user, conv, payload) -> None or a reason to reject
+    api_keys = ["..."]                 # HTTP API bearer keys; default: <data_dir>/api-key, created on first run
+    log_level = "info"                 # debug, info, warning, error
+    log_format = "text"                # text or json (one object per line)
 
-    [tls]                              # for tls:// and wss:// listeners
+    [tls]                              # for tls:// and wss:// listeners (and a tls:// http listener)
     cert = "server.pem"
     key = "server.key"
 
@@ -30,16 +33,34 @@ Example (every key optional)::
     max_connections = 100000
     commit_in_thread = false           # true: fsync in a worker thread (see ARCHITECTURE.md)
     hook_timeout = 10.0                # seconds an async content filter/authenticator may take
+
+    [http]                             # the HTTP listener (off unless listen is set); `http = "URL"` is short for listen
+    listen = "tcp://127.0.0.1:7481"    # tcp:// or tls:// (with [tls])
+    max_header_bytes = 16384
+    max_body_bytes = 1048576
+    request_timeout = 10.0             # seconds to receive a whole request once it started
+    keepalive_timeout = 30.0           # seconds a connection may stay silent between requests
+    max_connections = 1000
+
+**Environment, one rule:** every key is also ``PIMCORE_<KEY>`` (top level)
+or ``PIMCORE_<SECTION>_<KEY>`` (in a section), upper case:
+``PIMCORE_DATA_DIR``, ``PIMCORE_LIMITS_SEND_RATE``, ``PIMCORE_HTTP_REQUEST_TIMEOUT``;
+``PIMCORE_HTTP`` is ``[http] listen``.  Values are read by the key's type
+(a number, ``true``/``false``, a string); lists (``listen``, ``api_keys``)
+are comma-separated.  ``PIMCORE_CONFIG`` names the file.  Precedence: flags
+> environment > file > defaults.  A value of the wrong type is a
+:class:`ConfigError` naming the key: ``limits.send_rate: expected a number, got "fast"``.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,19 +71,120 @@ from .core import SECOND, ContentFilter, Limits
 from .net.server import DEFAULT_BROKER_CONFIG, ServerConfig
 from .net.streams import Endpoint, parse_url
 
-__all__ = ["ServeSettings", "load_settings", "ConfigError", "DEFAULT_LISTEN"]
+__all__ = [
+    "ServeSettings", "load_settings", "ConfigError", "DEFAULT_LISTEN", "SCHEMA", "env_name", "render_toml",
+    "API_KEY_FILE", "LOG_LEVELS", "LOG_FORMATS",
+]
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:7400"
-_LIMIT_KEYS = {f.name for f in fields(Limits)}
-_SERVER_KEYS = {
-    "idle_timeout", "login_timeout", "ack_delay", "max_outbound_bytes", "max_connections", "commit_in_thread", "hook_timeout",
-    "read_timeout", "control_rate", "control_burst",
+API_KEY_FILE = "api-key"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+# ---------------------------------------------------------------- the schema
+# Types: "str", "path" (relative to the file in a file, to the cwd elsewhere),
+# "int", "float", "bool", "list" (of strings).  One table drives the file's
+# unknown-key check, the type check, the environment names and --print-config.
+
+_TYPE_OF_DEFAULT = {int: "int", float: "float", bool: "bool", str: "str"}
+
+_TOP: dict[str, str] = {
+    "data_dir": "path",
+    "durability": "str",
+    "listen": "list",
+    "secret": "str",
+    "secret_file": "path",
+    "content_filter": "str",
+    "api_keys": "list",
+    "log_level": "str",
+    "log_format": "str",
 }
-_TOP_KEYS = {"data_dir", "durability", "listen", "secret", "secret_file", "content_filter", "tls", "limits", "server"}
+_SECTIONS: dict[str, dict[str, str]] = {
+    "tls": {"cert": "path", "key": "path"},
+    "limits": {f.name: _TYPE_OF_DEFAULT[type(f.default)] for f in fields(Limits)},
+    "server": {
+        "idle_timeout": "float", "login_timeout": "float", "ack_delay": "float", "max_outbound_bytes": "int",
+        "max_connections": "int", "commit_in_thread": "bool", "hook_timeout": "float", "read_timeout": "float",
+        "control_rate": "float", "control_burst": "int",
+    },
+    "http": {
+        "listen": "str", "max_header_bytes": "int", "max_body_bytes": "int", "request_timeout": "float",
+        "keepalive_timeout": "float", "max_connections": "int",
+    },
+}
+#: ``(section or None, key) -> type``, every setting there is.
+SCHEMA: dict[tuple[Optional[str], str], str] = {
+    **{(None, k): t for k, t in _TOP.items()},
+    **{(s, k): t for s, keys in _SECTIONS.items() for k, t in keys.items()},
+}
+#: Secrets: never printed.
+_SECRET_KEYS = {(None, "secret"), (None, "api_keys")}
+
+_LIMIT_KEYS = set(_SECTIONS["limits"])
+_SERVER_KEYS = set(_SECTIONS["server"])
+_HTTP_KEYS = set(_SECTIONS["http"])
+_TOP_KEYS = set(_TOP) | set(_SECTIONS)
+
+
+def env_name(section: Optional[str], key: str) -> str:
+    """The environment variable of a setting: ``PIMCORE_LIMITS_SEND_RATE``;
+    ``PIMCORE_HTTP`` for ``[http] listen``."""
+    if (section, key) == ("http", "listen"):
+        return "PIMCORE_HTTP"
+    return "PIMCORE_" + (f"{section}_{key}" if section else key).upper()
 
 
 class ConfigError(ValueError):
-    """A configuration file or flag that cannot be used (message says which)."""
+    """A configuration file, variable or flag that cannot be used (message says which)."""
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, default=str) if not isinstance(value, bool) else str(value).lower()
+
+
+_EXPECTED = {"str": "a string", "path": "a string (a path)", "int": "an integer", "float": "a number",
+             "bool": "true or false", "list": "a list of strings"}
+
+
+def _check(name: str, typ: str, value: Any) -> Any:
+    """``value`` (from TOML or a flag) as ``typ``, or ConfigError naming ``name``."""
+    ok = {
+        "str": isinstance(value, str),
+        "path": isinstance(value, (str, Path)),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "list": isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)),
+    }[typ]
+    if not ok:
+        raise ConfigError(f"{name}: expected {_EXPECTED[typ]}, got {_show(value)}")
+    if typ == "float":
+        return float(value)
+    if typ == "list":
+        return [value] if isinstance(value, str) else list(value)
+    return value
+
+
+def _parse_env(name: str, typ: str, text: str) -> Any:
+    """An environment variable's text as ``typ`` (see the module docstring)."""
+    s = text.strip()
+    try:
+        if typ == "int":
+            return int(s)
+        if typ == "float":
+            return float(s)
+    except ValueError:
+        raise ConfigError(f"{name}: expected {_EXPECTED[typ]}, got {_show(text)}") from None
+    if typ == "bool":
+        low = s.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {_show(text)}")
+    if typ == "list":
+        return [part.strip() for part in s.split(",") if part.strip()]
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +200,12 @@ class ServeSettings:
     limits: dict[str, Any] = field(default_factory=dict)
     server: dict[str, Any] = field(default_factory=dict)
     config_dir: Optional[Path] = None  # the folder of the config file, if one was read
+    #: The HTTP listener's URL (tcp:// or tls://, http:// and https:// too); None: no HTTP listener.
+    http: Optional[str] = None
+    http_options: dict[str, Any] = field(default_factory=dict)  # the other [http] keys
+    api_keys: tuple[str, ...] = ()  # empty: <data_dir>/api-key
+    log_level: str = "info"
+    log_format: str = "text"
 
     def endpoints(self) -> tuple[Endpoint, ...]:
         try:
@@ -136,6 +264,121 @@ class ServeSettings:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"server: {exc}") from None
 
+    def http_endpoint(self) -> Optional[Endpoint]:
+        """The HTTP listener's address (scheme tcp or tls), or None."""
+        if not self.http:
+            return None
+        url = self.http
+        for web, plain in (("http://", "tcp://"), ("https://", "tls://")):
+            if url.lower().startswith(web):
+                url = plain + url[len(web):]
+        try:
+            ep = parse_url(url, default_port=7481)
+        except ValueError as exc:
+            raise ConfigError(f"http: {exc}") from None
+        if ep.scheme not in ("tcp", "tls"):
+            raise ConfigError(f"http: {self.http!r}: scheme must be tcp, tls, http or https")
+        if ep.secure and not self.cert:
+            raise ConfigError("a tls:// http listener needs a certificate: --cert/--key or [tls] cert/key")
+        return ep
+
+    def load_api_keys(self, *, create: bool = True) -> tuple[str, ...]:
+        """The HTTP API keys: ``api_keys`` (file, $PIMCORE_API_KEYS), else
+        ``<data_dir>/api-key`` (created on first use, mode 0600, like the
+        token secret).  ValueError for an empty key."""
+        if self.api_keys:
+            if any(not k.strip() for k in self.api_keys):
+                raise ConfigError("api_keys: an API key cannot be empty")
+            return tuple(k.strip() for k in self.api_keys)
+        from .auth import load_or_create_secret
+
+        path = self.data_dir / API_KEY_FILE
+        if not create and not path.exists():
+            return ()
+        return (load_or_create_secret(self.data_dir, API_KEY_FILE).decode(),)
+
+    def http_config(self, ssl_context: Any = None, api_keys: tuple[str, ...] = ()) -> Any:  # -> HttpConfig
+        """The HTTP listener's :class:`~pimcore.http.HttpConfig` (None without one)."""
+        ep = self.http_endpoint()
+        if ep is None:
+            return None
+        from .http import HttpConfig
+
+        opts = {k: v for k, v in self.http_options.items() if k != "listen"}
+        try:
+            return HttpConfig(host=ep.host, port=ep.port, scheme=ep.scheme, ssl_context=ssl_context if ep.secure else None,
+                              api_keys=api_keys, **opts)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"http: {exc}") from None
+
+    def effective(self) -> dict[str, Any]:
+        """Every setting with its effective value (defaults filled in),
+        nested like the file; secrets replaced by "<redacted>"."""
+        limits = replace(DEFAULT_BROKER_CONFIG.limits)
+        try:
+            limits = replace(limits, **self.limits)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"limits: {exc}") from None
+        b = DEFAULT_BROKER_CONFIG
+        base = ServerConfig()
+        server: dict[str, Any] = {
+            "idle_timeout": b.idle_timeout / SECOND, "login_timeout": b.login_timeout / SECOND,
+            "ack_delay": b.ack_delay / SECOND,
+            "control_rate": b.control_rate, "control_burst": b.control_burst,
+            **{
+                k: getattr(base, k)
+                for k in _SERVER_KEYS
+                if k not in ("idle_timeout", "login_timeout", "ack_delay", "control_rate", "control_burst")
+            },
+        }
+        server.update(self.server)
+        from .http.server import HttpConfig
+
+        hbase = HttpConfig()
+        http: dict[str, Any] = {k: getattr(hbase, k) for k in _HTTP_KEYS if k != "listen"}
+        http.update({k: v for k, v in self.http_options.items() if k != "listen"})
+        if self.http:
+            http["listen"] = self.http
+        out: dict[str, Any] = {
+            "data_dir": str(self.data_dir),
+            "durability": self.durability,
+            "listen": list(self.listen),
+            "log_level": self.log_level,
+            "log_format": self.log_format,
+        }
+        if self.secret is not None:
+            out["secret"] = "<redacted>"
+        if self.secret_file is not None:
+            out["secret_file"] = str(self.secret_file)
+        if self.content_filter is not None:
+            out["content_filter"] = self.content_filter
+        out["api_keys"] = ["<redacted>"] * len(self.api_keys) if self.api_keys else []
+        tls = {k: v for k, v in (("cert", self.cert), ("key", self.key)) if v is not None}
+        out["tls"] = tls
+        out["limits"] = {f.name: getattr(limits, f.name) for f in fields(limits)}
+        out["server"] = {k: server[k] for k in sorted(server)}
+        out["http"] = {k: http[k] for k in sorted(http)}
+        return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v), ensure_ascii=False)  # a TOML basic string
+
+
+def render_toml(doc: Mapping[str, Any]) -> str:
+    """A flat TOML document: top-level scalars, then one table per section."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items() if not isinstance(v, Mapping)]
+    for k, v in doc.items():
+        if isinstance(v, Mapping):
+            lines += ["", f"[{k}]", *(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())]
+    return "\n".join(lines) + "\n"
+
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
@@ -148,62 +391,122 @@ def _read_toml(path: Path) -> dict[str, Any]:
     unknown = set(doc) - _TOP_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
-    for section, allowed in (("limits", _LIMIT_KEYS), ("server", _SERVER_KEYS), ("tls", {"cert", "key"})):
-        bad = set(doc.get(section, {})) - allowed
+    if isinstance(doc.get("http"), str):
+        doc["http"] = {"listen": doc["http"]}  # http = "URL" is short for [http] listen
+    for section, allowed in _SECTIONS.items():
+        value = doc.get(section, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {section}: expected a table [{section}], got {_show(value)}")
+        bad = set(value) - set(allowed)
         if bad:
             raise ConfigError(f"{path}: unknown keys in [{section}]: {sorted(bad)}")
     return doc
 
 
-def load_settings(config_file: Optional[str] = None, **flags: Any) -> ServeSettings:
-    """Settings from ``config_file`` (paths in it are relative to the file),
-    then the flags that are not None."""
-    s = ServeSettings()
-    if config_file:
-        path = Path(config_file)
-        doc = _read_toml(path)
-        here = path.parent
+def _layer_from_file(path: Path) -> dict[tuple[Optional[str], str], Any]:
+    doc = _read_toml(path)
+    here = path.parent
+    layer: dict[tuple[Optional[str], str], Any] = {}
+    for (section, key), typ in SCHEMA.items():
+        table = doc.get(section, {}) if section else doc
+        if key not in table or (section is None and key in _SECTIONS):
+            continue
+        name = f"{section}.{key}" if section else key
+        try:
+            value = _check(name, typ, table[key])
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        if typ == "path":
+            value = Path(value) if os.path.isabs(value) else here / value
+        layer[(section, key)] = value
+    return layer
 
-        def rel(p: str) -> Path:
-            return Path(p) if os.path.isabs(p) else here / p
 
-        listen = doc.get("listen", list(s.listen))
-        if isinstance(listen, str):
-            listen = [listen]
-        tls = doc.get("tls", {})
-        s = replace(
-            s,
-            data_dir=rel(doc["data_dir"]) if "data_dir" in doc else s.data_dir,
-            durability=doc.get("durability", s.durability),
-            listen=tuple(listen),
-            secret=doc.get("secret"),
-            secret_file=rel(doc["secret_file"]) if "secret_file" in doc else None,
-            content_filter=doc.get("content_filter"),
-            cert=str(rel(tls["cert"])) if "cert" in tls else None,
-            key=str(rel(tls["key"])) if "key" in tls else None,
-            limits=dict(doc.get("limits", {})),
-            server=dict(doc.get("server", {})),
-            config_dir=here,
-        )
-    limits = dict(s.limits)
-    server = dict(s.server)
+def _layer_from_env(env: Mapping[str, str]) -> dict[tuple[Optional[str], str], Any]:
+    layer: dict[tuple[Optional[str], str], Any] = {}
+    for (section, key), typ in SCHEMA.items():
+        name = env_name(section, key)
+        text = env.get(name)
+        if text is None or text == "":
+            continue  # an empty variable is unset (docker-compose "FOO=")
+        try:
+            value = _parse_env(f"{section}.{key}" if section else key, typ, text)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (from ${name})") from None
+        layer[(section, key)] = Path(value) if typ == "path" else value
+    return layer
+
+
+def _layer_from_flags(flags: Mapping[str, Any]) -> dict[tuple[Optional[str], str], Any]:
+    layer: dict[tuple[Optional[str], str], Any] = {}
     for name, value in flags.items():
         if value is None:
             continue
         if name in _LIMIT_KEYS:
-            limits[name] = value
+            where: tuple[Optional[str], str] = ("limits", name)
         elif name in _SERVER_KEYS:
-            server[name] = value
-        elif name == "listen":
-            s = replace(s, listen=tuple(value))
-        elif name in ("data_dir", "secret_file"):
-            paths: dict[str, Any] = {name: Path(value)}
-            s = replace(s, **paths)
-        elif name in ("durability", "secret", "cert", "key", "content_filter"):
-            values: dict[str, Any] = {name: value}
-            s = replace(s, **values)
+            where = ("server", name)
+        elif name in ("cert", "key"):
+            where = ("tls", name)
+        elif name == "http":
+            where = ("http", "listen")
+        elif name in _TOP:
+            where = (None, name)
         else:
             raise ConfigError(f"unknown setting {name!r}")
+        typ = SCHEMA[where]
+        value = _check(f"--{name.replace('_', '-')}", typ, value)
+        layer[where] = Path(value) if typ == "path" else value
+    return layer
+
+
+def load_settings(config_file: Optional[str] = None, *, env: Optional[Mapping[str, str]] = None, **flags: Any) -> ServeSettings:
+    """Settings from the defaults, then ``config_file`` (or
+    ``$PIMCORE_CONFIG``; paths in it are relative to the file), then the
+    environment (``env``, default ``os.environ``; see the module docstring
+    for the names), then the flags that are not None.  ConfigError (naming
+    the key) for anything that cannot be used."""
+    env = os.environ if env is None else env
+    merged: dict[tuple[Optional[str], str], Any] = {}
+    config_file = config_file or env.get("PIMCORE_CONFIG") or None
+    config_dir = None
+    if config_file:
+        path = Path(config_file)
+        merged.update(_layer_from_file(path))
+        config_dir = path.parent
+    merged.update(_layer_from_env(env))
+    flag_layer = _layer_from_flags(flags)
+    if (None, "secret_file") in flag_layer and (None, "secret") not in flag_layer:
+        merged.pop((None, "secret"), None)  # a --secret-file flag beats a secret from the file or environment
+    merged.update(flag_layer)
+
+    top = {k: v for (s, k), v in merged.items() if s is None}
+    tls = {k: v for (s, k), v in merged.items() if s == "tls"}
+    http = {k: v for (s, k), v in merged.items() if s == "http"}
+    s = ServeSettings(
+        data_dir=top.get("data_dir", Path("pimcore-data")),
+        durability=top.get("durability", "sync"),
+        listen=tuple(top.get("listen", (DEFAULT_LISTEN,))),
+        secret=top.get("secret"),
+        secret_file=top.get("secret_file"),
+        content_filter=top.get("content_filter"),
+        cert=str(tls["cert"]) if "cert" in tls else None,
+        key=str(tls["key"]) if "key" in tls else None,
+        limits={k: v for (sec, k), v in merged.items() if sec == "limits"},
+        server={k: v for (sec, k), v in merged.items() if sec == "server"},
+        config_dir=config_dir,
+        http=http.pop("listen", None) or None,
+        http_options=http,
+        api_keys=tuple(top.get("api_keys", ())),
+        log_level=str(top.get("log_level", "info")).lower(),
+        log_format=str(top.get("log_format", "text")).lower(),
+    )
     if s.durability not in ("sync", "os"):
         raise ConfigError(f"durability must be 'sync' or 'os', not {s.durability!r}")
-    return replace(s, limits=limits, server=server)
+    if s.log_level not in LOG_LEVELS:
+        raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {_show(s.log_level)}")
+    if s.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log_format: expected one of {', '.join(LOG_FORMATS)}, got {_show(s.log_format)}")
+    # No listener is fine for an embedded broker (pimcore.embed); `pimcore
+    # serve` refuses it itself.
+    return s

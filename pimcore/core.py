@@ -115,6 +115,8 @@ __all__ = [
     "StoreRequest",
     "Authenticate",
     "CheckContent",
+    "DeviceOnline",
+    "DeviceOffline",
     "AdminDone",
     "PostDone",
     "Command",
@@ -338,8 +340,34 @@ class PostDone:
     server_time: int
 
 
+
+@dataclass(frozen=True, slots=True)
+class DeviceOnline:
+    """A login became ACTIVE: ``user``'s ``device`` is online on ``conn``.
+    Informational (logs, host events): nothing needs to be done for it."""
+
+    conn: int
+    user: str
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceOffline:
+    """The active session of ``user``'s ``device`` on ``conn`` ended, by any
+    path: a close by either side (``code``, ``reason``: the Close sent),
+    replaced by a newer login, or the connection lost (``code`` None).
+    Exactly one per :class:`DeviceOnline`.  Informational, like it."""
+
+    conn: int
+    user: str
+    device: str
+    code: Optional[CloseCode]
+    reason: str
+
+
 Command = Union[
-    SendData, CloseConnection, PauseReading, ResumeReading, StoreRequest, Authenticate, CheckContent, AdminDone, PostDone
+    SendData, CloseConnection, PauseReading, ResumeReading, StoreRequest, Authenticate, CheckContent, AdminDone,
+    PostDone, DeviceOnline, DeviceOffline,
 ]
 
 
@@ -685,7 +713,7 @@ class Broker:
 
     def connection_lost(self, conn: int, now: int) -> list[Command]:
         out: list[Command] = []
-        self._forget(conn)
+        self._forget(conn, out, None, "connection lost")
         self._maybe_commit(out, now)
         return out
 
@@ -1449,6 +1477,7 @@ class Broker:
         # so a claim cannot mark undelivered entries as delivered.
         self._propose(TouchDevice(user, device, 0, now), None)
         self._stats["logins"] += 1
+        out.append(DeviceOnline(c.id, user, device))
         if self.config.idle_timeout:
             self._arm(c.last_seen + self.config.idle_timeout, _IDLE_DUE, c.id)
         if ident.expires is not None:
@@ -1854,10 +1883,10 @@ class Broker:
             self._send(conn, F.Error(code, ref, reason), out)
 
     def _close(self, c: _Conn, code: CloseCode, reason: str, out: list[Command]) -> None:
-        self._forget(c.id)
+        self._forget(c.id, out, code, reason)
         out.append(CloseConnection(c.id, code, reason, c.session.close(code, reason)))
 
-    def _forget(self, conn: int) -> None:
+    def _forget(self, conn: int, out: list[Command], code: Optional[CloseCode], reason: str) -> None:
         c = self._conns.pop(conn, None)
         if c is None:
             return
@@ -1869,6 +1898,7 @@ class Broker:
             self._hooks.pop(c.waiting, None)
         if c.state is not _ConnState.ACTIVE:
             return
+        out.append(DeviceOffline(conn, c.user, c.device, code, reason))
         devices = self._online.get(c.user)
         if devices is not None:
             dev = devices.get(c.device)
@@ -1966,9 +1996,10 @@ def drain(
     every store request on ``store`` and answer every hook right away (the
     content filter of the broker's config, ``authenticate`` for logins),
     feeding the outcomes back until none is left; return the other commands
-    (frames, closes, AdminDone) in order.  The caller writes the SendData
-    bytes and reports them with :meth:`Broker.data_sent` (else a connection
-    stops being read once ``outbound_pause`` bytes are held).
+    (frames, closes, AdminDone, PostDone, DeviceOnline / DeviceOffline) in
+    order.  The caller writes the SendData bytes and reports them with
+    :meth:`Broker.data_sent` (else a connection stops being read once
+    ``outbound_pause`` bytes are held).
 
     Raises ValueError for an Authenticate when ``authenticate`` is None, and
     TypeError when a hook is ``async def`` (drain cannot await it).

@@ -207,6 +207,7 @@ class BrokerProcess:
             "--idle-timeout", "0",
             "--max-connections", str(cfg.conns * 2 + cfg.idle + 100),
             "--max-outbound-bytes", str(64 << 20),
+            "--log-level", "warning",  # its stderr is read only until ready: a line per login would fill the pipe
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      preexec_fn=_die_with_parent)

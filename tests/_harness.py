@@ -44,6 +44,8 @@ from pimcore.core import (
     BrokerConfig,
     CheckContent,
     CloseConnection,
+    DeviceOffline,
+    DeviceOnline,
     Identity,
     PauseReading,
     ResumeReading,
@@ -121,6 +123,10 @@ class Harness:
         self.hold_hooks = False
         self.held_hooks: list = []
         self.admin: dict[int, object] = {}
+        # DeviceOnline / DeviceOffline in order; ``online`` is checked to pair
+        # them: one offline per online, for the same conn, user and device.
+        self.presence: list = []
+        self.online: dict[int, DeviceOnline] = {}
         self._next_conn = 1
         self._next_ref = 1
         self._local = defaultdict(int)
@@ -166,6 +172,14 @@ class Harness:
                 self.admin[cmd.ref] = cmd.result
             elif isinstance(cmd, PostDone):
                 self.admin[cmd.ref] = cmd
+            elif isinstance(cmd, DeviceOnline):
+                assert cmd.conn not in self.online, cmd
+                self.online[cmd.conn] = cmd
+                self.presence.append(cmd)
+            elif isinstance(cmd, DeviceOffline):
+                on = self.online.pop(cmd.conn, None)
+                assert on is not None and (on.user, on.device) == (cmd.user, cmd.device), (on, cmd)
+                self.presence.append(cmd)
             else:  # pragma: no cover
                 raise AssertionError(f"unknown command {cmd!r}")
         self._settle()

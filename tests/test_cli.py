@@ -138,3 +138,60 @@ def test_inspect_accepts_the_data_directory_as_every_other_command_does(tmp_path
     assert main(["inspect", str(tmp_path)]) == 2  # neither
     assert "no pimcore store" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [data]
+
+
+# -- settings: environment by one rule, typed errors (issue 11, section 3) ----
+
+
+def test_every_setting_has_an_environment_variable_by_one_rule():
+    from pimcore.config import SCHEMA, env_name, load_settings
+
+    names = {env_name(section, key): (section, key) for section, key in SCHEMA}
+    assert len(names) == len(SCHEMA)  # no two settings share a variable
+    assert names["PIMCORE_DATA_DIR"] == (None, "data_dir")
+    assert names["PIMCORE_LIMITS_SEND_RATE"] == ("limits", "send_rate")
+    assert names["PIMCORE_HTTP"] == ("http", "listen")
+    assert names["PIMCORE_HTTP_REQUEST_TIMEOUT"] == ("http", "request_timeout")
+    s = load_settings(env={"PIMCORE_LIMITS_SEND_RATE": "12.5", "PIMCORE_LIMITS_WINDOW": "9", "PIMCORE_SERVER_COMMIT_IN_THREAD": "yes",
+                           "PIMCORE_LISTEN": "tcp://127.0.0.1:1,,tcp://127.0.0.1:2", "PIMCORE_LOG_FORMAT": "JSON",
+                           "PIMCORE_BACKEND": "pure", "PIMCORE_DATA_DIR": ""})  # not settings / empty: ignored
+    assert s.limits == {"send_rate": 12.5, "window": 9} and s.server == {"commit_in_thread": True}
+    assert s.listen == ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2") and s.log_format == "json"
+    assert str(s.data_dir) == "pimcore-data"
+    assert s.server_config().broker.limits.send_rate == 12.5
+
+
+def test_a_secret_file_flag_beats_a_secret_from_the_environment(tmp_path):
+    from pimcore.config import load_settings
+
+    env = {"PIMCORE_SECRET": "s" * 32}
+    assert load_settings(env=env).secret == "s" * 32
+    s = load_settings(env=env, secret_file=str(tmp_path / "secret"))
+    assert s.secret is None and s.secret_file == tmp_path / "secret"
+
+
+def test_json_log_lines_carry_structured_fields():
+    import io
+    import logging
+
+    from pimcore.logs import JsonFormatter
+
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger("pimcore.test-json")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("login refused conn=%d", 7, extra={"event": "login_refused", "conn": 7, "reason": "token has expired"})
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.exception("failed")
+    finally:
+        log.removeHandler(handler)
+    first, second = [json.loads(line) for line in buf.getvalue().splitlines()]
+    assert first["msg"] == "login refused conn=7" and first["level"] == "warning" and first["logger"] == "pimcore.test-json"
+    assert (first["event"], first["conn"], first["reason"]) == ("login_refused", 7, "token has expired")
+    assert first["ts"].endswith("Z") and "T" in first["ts"]
+    assert second["level"] == "error" and "RuntimeError: boom" in second["exc"]

@@ -1011,3 +1011,47 @@ def test_a_local_id_is_remembered_after_its_inbox_entries_and_device_are_reclaim
     assert h.acks(a) == [ack] and h.store.last_seq(AB) == 1
     h.send(a, AB, b"other", local_id=11)
     assert [k.code for k in h.acks(a)] == [ErrorCode.DUPLICATE_CONFLICT]
+
+
+# ---------------------------------------------------------------- presence commands (logs, host events)
+
+
+def test_device_online_and_offline_pair_up_on_every_way_a_session_ends(h):
+    """DeviceOnline when a login becomes active, exactly one DeviceOffline
+    when it ends: closed by the client, lost, replaced, closed by the host
+    (kick), idle timeout.  A refused login has neither.  (The harness also
+    asserts the pairing on every command list of every core test.)"""
+    from pimcore.core import DeviceOffline, DeviceOnline
+
+    by_client = h.login("alice", "phone")
+    h.feed(by_client, F.Close(CloseCode.NORMAL, "bye"))
+    lost = h.login("alice", "phone")
+    h.lose(lost)
+    old = h.login("bob", "laptop")
+    new = h.login("bob", "laptop")
+    h.run(h.broker.close(new, CloseCode.SHUTDOWN, "kicked by the operator", h.now))
+    refused = h.login("x", "d1", token=b"forged")
+    assert h.closed[refused].code is CloseCode.AUTH_FAILED
+    assert h.presence == [
+        DeviceOnline(by_client, "alice", "phone"),
+        DeviceOffline(by_client, "alice", "phone", CloseCode.NORMAL, "closed by client"),
+        DeviceOnline(lost, "alice", "phone"),
+        DeviceOffline(lost, "alice", "phone", None, "connection lost"),
+        DeviceOnline(old, "bob", "laptop"),
+        DeviceOffline(old, "bob", "laptop", CloseCode.REPLACED, "the same device logged in again"),
+        DeviceOnline(new, "bob", "laptop"),
+        DeviceOffline(new, "bob", "laptop", CloseCode.SHUTDOWN, "kicked by the operator"),
+    ]
+    assert not h.online
+    # Losing a connection the core already forgot says nothing more.
+    h.lose(new)
+    assert len(h.presence) == 8
+
+
+def test_device_offline_on_idle_timeout(store):
+    h = Harness(store, BrokerConfig(idle_timeout=1_000_000))
+    conn = h.login("alice", "phone")
+    h.advance(2_000_000)
+    assert h.closed[conn].code is CloseCode.IDLE_TIMEOUT
+    assert [type(c).__name__ for c in h.presence] == ["DeviceOnline", "DeviceOffline"]
+    assert h.presence[-1].code is CloseCode.IDLE_TIMEOUT

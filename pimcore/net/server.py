@@ -17,6 +17,11 @@ are executed by :meth:`BrokerServer._run`:
 * ``Authenticate`` / ``CheckContent`` are answered by the configured hooks:
   inline when they are plain functions, in a task of their own when they
   are coroutine functions -- a slow hook then holds up only its connection.
+* ``DeviceOnline`` / ``DeviceOffline`` are logged (``login``, ``offline``),
+  as is every Close sent (``close``; ``login_refused`` and ``slow_consumer``
+  at warning level), and counted for ``statistics()`` and ``/metrics``:
+  closes by code, refused logins by kind of reason, and per committed batch
+  its op count and commit time (bucketed: one bisect per batch).
 
 Where commits run: on the event loop by default (``commit_in_thread``
 False), in a worker thread if asked, or awaited on an AsyncStore.
@@ -42,6 +47,7 @@ network layer can know it:
 
 from __future__ import annotations
 
+import bisect
 import enum
 import functools
 import itertools
@@ -51,7 +57,7 @@ import os
 import ssl
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 import inspect
 from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
@@ -71,6 +77,8 @@ from ..core import (
     CheckContent,
     CloseConnection,
     Command,
+    DeviceOffline,
+    DeviceOnline,
     Identity,
     Limits,
     PauseReading,
@@ -83,7 +91,10 @@ from ..store.base import AsyncStore, GroupChanged, Rejected, Result, Store
 from ..protocol import encode_close, refuse_connection
 from .streams import Endpoint, WebSocketStream
 
-__all__ = ["ServerConfig", "ServerStatistics", "BrokerServer", "open_broker_server", "wall_clock_us", "DEFAULT_BROKER_CONFIG"]
+__all__ = [
+    "ServerConfig", "ServerStatistics", "HistogramSnapshot", "BrokerServer", "open_broker_server", "wall_clock_us",
+    "DEFAULT_BROKER_CONFIG",
+]
 
 log = logging.getLogger("pimcore.net")
 
@@ -174,6 +185,89 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HistogramSnapshot:
+    """Cumulative bucket counts: ``counts[i]`` observations <= ``bounds[i]``
+    (Prometheus ``le``), then ``count`` in all (+Inf) and their ``sum``."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    count: int
+    sum: float
+
+
+class _Histogram:
+    """Cheap bucket counting where commits complete (one bisect and two adds
+    per batch); cumulated only when a snapshot is taken."""
+
+    __slots__ = ("bounds", "buckets", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)  # the last one: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.buckets[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def snapshot(self) -> HistogramSnapshot:
+        acc, counts = 0, []
+        for n in self.buckets[:-1]:
+            acc += n
+            counts.append(acc)
+        return HistogramSnapshot(self.bounds, tuple(counts), acc + self.buckets[-1], self.sum)
+
+
+#: Ops per committed batch (messages, delivery acks, read markers...).
+BATCH_OPS_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0)
+#: Seconds per commit (write request), fsync included.
+COMMIT_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def _auth_failure_kind(reason: str) -> str:
+    """A bounded label for a refused login's reason (metrics must not take
+    free text as a label): expired, signature, device, invalid_id, malformed,
+    other."""
+    r = reason.lower()
+    if "expired" in r:
+        return "expired"
+    if "signature" in r:
+        return "signature"
+    if "another device" in r:
+        return "device"
+    if "invalid user id" in r or "invalid device id" in r:
+        return "invalid_id"
+    if "invalid" in r or "malformed" in r or "wrong type" in r:
+        return "malformed"
+    return "other"
+
+
+def _peer_address(stream: trio.abc.Stream) -> str:
+    """``host:port`` of the other end, for logs ("?" when unknown)."""
+    try:
+        if isinstance(stream, WebSocketStream):
+            remote = stream.ws.remote
+            return f"{remote.address}:{remote.port}"  # type: ignore[union-attr]
+        inner: Any = stream
+        while isinstance(inner, trio.SSLStream):
+            inner = inner.transport_stream
+        host, port = inner.socket.getpeername()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    except Exception:
+        return "?"
+
+
+async def open_listeners(ep: Endpoint) -> list[trio.SocketListener]:
+    """``trio.open_tcp_listeners`` for ``ep``, with an OSError that names
+    the address (the bare one says only "Address already in use")."""
+    try:
+        return await trio.open_tcp_listeners(ep.port, host=ep.host)
+    except OSError as exc:
+        where = f"[{ep.host}]:{ep.port}" if ":" in ep.host else f"{ep.host}:{ep.port}"
+        raise OSError(exc.errno, f"cannot listen on {where} ({ep.scheme}): {exc.strerror or exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
 class ServerStatistics:
     """A snapshot of :meth:`BrokerServer.statistics`."""
 
@@ -186,6 +280,13 @@ class ServerStatistics:
     commit_seconds: float  # time spent in write requests (s)
     outbound_bytes_queued: int  # bytes waiting for slow readers now
     broker: BrokerStatistics  # the core's counters
+    #: Close frames the broker sent, by close code name (refusals at
+    #: max_connections count as OVERLOADED).
+    closes: dict[str, int] = field(default_factory=dict)
+    #: Refused logins (Close AUTH_FAILED) by kind of reason (see _auth_failure_kind).
+    auth_failures: dict[str, int] = field(default_factory=dict)
+    batch_ops: Optional[HistogramSnapshot] = None  # ops per committed batch
+    commit_time: Optional[HistogramSnapshot] = None  # seconds per write request
 
 
 class _PeerState(enum.Enum):
@@ -294,6 +395,10 @@ class BrokerServer:
             "bytes_out": 0,
             "commit_seconds": 0.0,
         }
+        self._closes: dict[str, int] = {}
+        self._auth_failures: dict[str, int] = {}
+        self._batch_ops = _Histogram(BATCH_OPS_BUCKETS)
+        self._commit_time = _Histogram(COMMIT_SECONDS_BUCKETS)
 
     # ------------------------------------------------------------ public
 
@@ -325,7 +430,28 @@ class BrokerServer:
             commit_seconds=float(st["commit_seconds"]),
             outbound_bytes_queued=sum(p.queued for p in self._peers.values()),
             broker=self.broker.statistics(),
+            closes=dict(self._closes),
+            auth_failures=dict(self._auth_failures),
+            batch_ops=self._batch_ops.snapshot(),
+            commit_time=self._commit_time.snapshot(),
         )
+
+    def readiness(self) -> Optional[str]:
+        """None when the broker accepts work (running, listening, store
+        open), else why not (for ``/readyz``).  Probes a synchronous store
+        with a cheap in-memory call; an AsyncStore is taken as open."""
+        if self._stopping:
+            return "shutting down"
+        if self.broker is None or not self._endpoints:
+            return "not listening yet"
+        if not self._async_store:
+            try:
+                self.store.epoch()  # type: ignore[union-attr]
+            except StoreError as exc:
+                return f"store unavailable: {exc}"
+            except Exception as exc:  # a store bug is not readiness either
+                return f"store unavailable: {exc!r}"
+        return None
 
     def now(self) -> int:
         return self._clock()
@@ -391,7 +517,7 @@ class BrokerServer:
         if ep.websocket:
             await self._listen_ws(ep, peers, task_status=task_status)
             return
-        listeners = await trio.open_tcp_listeners(ep.port, host=ep.host)
+        listeners = await open_listeners(ep)
         sock = listeners[0].socket
         host, port = sock.getsockname()[:2]
         self._endpoints.append(Endpoint(ep.scheme, ep.host, port, ep.path))
@@ -425,15 +551,19 @@ class BrokerServer:
 
         async def accept_loop(task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
             with ws_scope:
-                await serve_websocket(
-                    handler,
-                    ep.host,
-                    ep.port,
-                    ssl_context=self._ssl if ep.secure else None,
-                    handler_nursery=peers,
-                    max_message_size=max_msg,
-                    task_status=task_status,
-                )
+                try:
+                    await serve_websocket(
+                        handler,
+                        ep.host,
+                        ep.port,
+                        ssl_context=self._ssl if ep.secure else None,
+                        handler_nursery=peers,
+                        max_message_size=max_msg,
+                        task_status=task_status,
+                    )
+                except OSError as exc:
+                    where = f"[{ep.host}]:{ep.port}" if ":" in ep.host else f"{ep.host}:{ep.port}"
+                    raise OSError(exc.errno, f"cannot listen on {where} ({ep.scheme}): {exc.strerror or exc}") from None
 
         server = await peers.start(accept_loop)
         self._endpoints.append(Endpoint(ep.scheme, ep.host, server.port, ep.path))
@@ -459,12 +589,19 @@ class BrokerServer:
         peer = _Peer(next(self._ids), stream, ep)
         if len(self._peers) >= self.config.max_connections:
             self._stats["refused"] += 1
+            self._closes["OVERLOADED"] = self._closes.get("OVERLOADED", 0) + 1
+            log.warning("connection refused: max_connections (%d) reached", self.config.max_connections,
+                        extra={"event": "overloaded", "peer": _peer_address(stream)})
             with trio.move_on_after(self.config.close_timeout):
                 await stream.send_all(refuse_connection())
             await trio.aclose_forcefully(stream)
             return
         self._stats["accepted"] += 1
         self._peers[peer.id] = peer
+        if log.isEnabledFor(logging.INFO):
+            addr = _peer_address(stream)
+            log.info("connect conn=%d peer=%s via %s", peer.id, addr, ep.scheme,
+                     extra={"event": "connect", "conn": peer.id, "peer": addr, "transport": ep.scheme})
         try:
             with trio.CancelScope() as scope:
                 peer.scope = scope
@@ -590,7 +727,18 @@ class BrokerServer:
                     if cmd.code is CloseCode.SLOW_CONSUMER:  # type: ignore[union-attr]
                         self._stats["slow_consumers"] += 1  # the core's outbound limit
                     if peer is not None:
+                        self._closed(cmd)  # type: ignore[arg-type]
                         self._close_peer(peer, cmd.data)  # type: ignore[union-attr]
+                elif kind is DeviceOnline:
+                    if log.isEnabledFor(logging.INFO):
+                        log.info("login conn=%d user=%s device=%s", cmd.conn, cmd.user, cmd.device,  # type: ignore[union-attr]
+                                 extra={"event": "login", "conn": cmd.conn, "user": cmd.user, "device": cmd.device})  # type: ignore[union-attr]
+                elif kind is DeviceOffline:
+                    if log.isEnabledFor(logging.INFO):
+                        code = cmd.code.name if cmd.code is not None else None  # type: ignore[union-attr]
+                        log.info("offline conn=%d user=%s device=%s code=%s reason=%r", cmd.conn, cmd.user, cmd.device,  # type: ignore[union-attr]
+                                 code, cmd.reason, extra={"event": "offline", "conn": cmd.conn, "user": cmd.user,  # type: ignore[union-attr]
+                                                          "device": cmd.device, "code": code, "reason": cmd.reason})  # type: ignore[union-attr]
                 elif kind is PauseReading:
                     peer = self._peers.get(cmd.conn)  # type: ignore[union-attr]
                     if peer is not None and peer.resume is None:
@@ -873,10 +1021,29 @@ class BrokerServer:
             log.exception("internal error closing connection %d", peer.id)
         for cmd in cmds:
             if type(cmd) is CloseConnection and cmd.conn == peer.id:
+                if peer.state is _PeerState.OPEN:
+                    self._closed(cmd)
                 self._close_peer(peer, cmd.data)  # now, not queued: nothing more is written to it
         self._run([c for c in cmds if not (type(c) is CloseConnection and c.conn == peer.id)])
         if peer.state is _PeerState.OPEN:
+            self._closed(CloseConnection(peer.id, code, reason, b""))
             self._close_peer(peer, encode_close(code, reason))
+
+    def _closed(self, cmd: CloseConnection) -> None:
+        """Count and log a Close the broker sends (refused logins included)."""
+        name = cmd.code.name
+        self._closes[name] = self._closes.get(name, 0) + 1
+        if cmd.code is CloseCode.AUTH_FAILED:
+            kind = _auth_failure_kind(cmd.reason)
+            self._auth_failures[kind] = self._auth_failures.get(kind, 0) + 1
+            log.warning("login refused conn=%d reason=%r", cmd.conn, cmd.reason,
+                        extra={"event": "login_refused", "conn": cmd.conn, "code": name, "reason": cmd.reason})
+        elif cmd.code is CloseCode.SLOW_CONSUMER:
+            log.warning("slow consumer conn=%d reason=%r", cmd.conn, cmd.reason,
+                        extra={"event": "slow_consumer", "conn": cmd.conn, "code": name, "reason": cmd.reason})
+        elif log.isEnabledFor(logging.INFO):
+            log.info("close conn=%d code=%s reason=%r", cmd.conn, name, cmd.reason,
+                     extra={"event": "close", "conn": cmd.conn, "code": name, "reason": cmd.reason})
 
     def _close_peer(self, peer: _Peer, data: bytes) -> None:
         if peer.state is not _PeerState.OPEN:
@@ -913,7 +1080,10 @@ class BrokerServer:
                 cmds = self._core(self.broker.store_failed, req.request_id, exc)
             else:
                 cmds = self._core(self.broker.store_completed, req.request_id, results)
-            self._stats["commit_seconds"] += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self._stats["commit_seconds"] += took
+            self._commit_time.observe(took)
+            self._batch_ops.observe(len(req.ops))
             self._commit_idle.set()
             self._run(cmds)
 

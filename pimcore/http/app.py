@@ -1,0 +1,82 @@
+"""The broker's HTTP listener: operations endpoints plus the server API's router.
+
+``/healthz``, ``/readyz`` and ``/metrics`` need no API key (probes and
+scrapers); everything else does.  Server API endpoints are added by
+registering handlers on :attr:`BrokerHttp.router` before it runs::
+
+    http = BrokerHttp(server, HttpConfig(api_keys=("k",)))
+    async def post(request): ...; return 200, {"seq": 1}
+    http.router.add("POST", "/v1/conversations/{conv}/messages", post)
+    await nursery.start(http.run)
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import trio
+
+from .metrics import CONTENT_TYPE, broker_registry, render
+from .server import HttpConfig, HttpError, HttpServer, RawBody, Request, Router
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..net.server import BrokerServer
+
+__all__ = ["BrokerHttp", "open_http_server"]
+
+
+class BrokerHttp(HttpServer):
+    """An :class:`HttpServer` for ``server`` with the operations endpoints
+    and ``GET /v1/info`` already routed."""
+
+    def __init__(self, server: "BrokerServer", config: HttpConfig, *, started: float | None = None) -> None:
+        super().__init__(Router(), config)
+        self.broker_server = server
+        self.started = time.time() if started is None else started
+        self._t0 = time.monotonic()
+        self.registry = broker_registry(server, started=self.started)
+        r = self.router
+        r.add("GET", "/healthz", self._healthz, auth=False)
+        r.add("GET", "/readyz", self._readyz, auth=False)
+        r.add("GET", "/metrics", self._metrics, auth=False)
+        r.add("GET", "/v1/info", self._info)
+
+    async def _healthz(self, request: Request) -> tuple[int, Any]:
+        return 200, {"status": "ok"}
+
+    async def _readyz(self, request: Request) -> tuple[int, Any]:
+        reason = self.broker_server.readiness()
+        if reason is not None:
+            raise HttpError(503, "unavailable", reason)
+        return 200, {"status": "ready"}
+
+    async def _metrics(self, request: Request) -> tuple[int, Any]:
+        return 200, RawBody(CONTENT_TYPE, render(self.registry))
+
+    async def _info(self, request: Request) -> tuple[int, Any]:
+        import pimcore
+
+        broker = self.broker_server.broker
+        return 200, {
+            "version": pimcore.__version__,
+            "backend": pimcore.BACKEND,
+            "uptime_seconds": round(time.monotonic() - self._t0, 3),
+            "started": self.started,
+            "epoch": broker.epoch.hex() if broker is not None else None,
+            "listeners": self.broker_server.urls,
+        }
+
+
+@asynccontextmanager
+async def open_http_server(server: "BrokerServer", config: HttpConfig) -> AsyncIterator[BrokerHttp]:
+    """Serve ``server``'s HTTP listener for the duration of the block
+    (``.url`` is the real address once entered)."""
+    http = BrokerHttp(server, config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(http.run)
+        try:
+            yield http
+        finally:
+            nursery.cancel_scope.cancel()

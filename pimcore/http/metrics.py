@@ -1,0 +1,113 @@
+"""Prometheus metrics of a running broker, read at scrape time.
+
+Nothing on the hot path is instrumented for this: a custom collector reads
+:meth:`BrokerServer.statistics` (the core's and the network layer's
+counters, and the two histograms the committer keeps) when ``/metrics`` is
+scraped.  Each broker gets its own :class:`CollectorRegistry`, never the
+process-global one, so two brokers in one process (tests, embedding) do not
+collide.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Iterator, Optional
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..errors import CloseCode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..net.server import BrokerServer, HistogramSnapshot
+
+__all__ = ["BrokerCollector", "broker_registry", "render", "CONTENT_TYPE"]
+
+#: The text exposition format prometheus_client writes.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: (metric name without the pimcore_ prefix, help, BrokerStatistics field) -- counters.
+_CORE_COUNTERS = (
+    ("logins", "Logins that became active sessions.", "logins"),
+    ("resyncs", "Logins whose resume cursor was from another epoch or beyond the head.", "resyncs"),
+    ("protocol_errors", "Connections closed for breaking the protocol.", "protocol_errors"),
+    ("messages_stored", "Messages stored (committed), duplicates excluded.", "messages_stored"),
+    ("duplicates", "Sends answered from the idempotency record (same local id again).", "duplicates"),
+    ("rejected_sends", "Sends refused (not member, too large, rate limited, content filter...).", "rejected"),
+    ("pushes", "Messages pushed to online devices.", "pushes"),
+    ("batches", "Write batches committed.", "batches"),
+    ("batch_failures", "Write batches that failed (senders retry).", "batch_failures"),
+    ("frames_in", "Frames received.", "frames_in"),
+    ("frames_out", "Frames sent.", "frames_out"),
+    ("store_reads", "Store read requests completed.", "reads"),
+    ("store_read_failures", "Store read requests that failed.", "read_failures"),
+)
+
+#: Known kinds of refused-login reasons (see pimcore.net.server).
+_AUTH_KINDS = ("expired", "signature", "device", "invalid_id", "malformed", "other")
+
+
+def _histogram(name: str, doc: str, snap: "Optional[HistogramSnapshot]") -> HistogramMetricFamily:
+    buckets: list[tuple[str, float]] = []
+    total, s = 0, 0.0
+    if snap is not None:
+        buckets = [(repr(float(b)), float(n)) for b, n in zip(snap.bounds, snap.counts)]
+        total, s = snap.count, snap.sum
+    buckets.append(("+Inf", float(total)))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=s)
+
+
+class BrokerCollector(Collector):
+    """Yields the broker's metrics from one statistics snapshot per scrape."""
+
+    def __init__(self, server: "BrokerServer", *, started: Optional[float] = None) -> None:
+        self.server = server
+        self.started = time.time() if started is None else started
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.server.statistics()
+        core = st.broker
+        yield GaugeMetricFamily("pimcore_connections", "Open connections (logged in or not).", value=core.connections)
+        yield GaugeMetricFamily("pimcore_online_devices", "Devices with an active session.", value=core.online_devices)
+        yield CounterMetricFamily("pimcore_connections_accepted", "Connections accepted.", value=st.accepted)
+        yield CounterMetricFamily("pimcore_connections_refused",
+                                  "Connections refused at max_connections (Close OVERLOADED).", value=st.refused)
+        for name, doc, attr in _CORE_COUNTERS:
+            yield CounterMetricFamily(f"pimcore_{name}", doc, value=getattr(core, attr))
+        auth = CounterMetricFamily("pimcore_auth_failures", "Refused logins (Close AUTH_FAILED) by kind of reason.",
+                                   labels=["reason"])
+        for kind in (*_AUTH_KINDS, *sorted(set(st.auth_failures) - set(_AUTH_KINDS))):
+            auth.add_metric([kind], st.auth_failures.get(kind, 0))
+        yield auth
+        closes = CounterMetricFamily("pimcore_closes", "Close frames the broker sent, by close code.", labels=["code"])
+        for code in CloseCode:
+            closes.add_metric([code.name], st.closes.get(code.name, 0))
+        yield closes
+        yield CounterMetricFamily("pimcore_slow_consumers", "Connections dropped for not reading (SLOW_CONSUMER).",
+                                  value=st.slow_consumers)
+        yield CounterMetricFamily("pimcore_internal_errors", "Bugs and unexpected store or hook failures, contained.",
+                                  value=st.internal_errors)
+        yield CounterMetricFamily("pimcore_received_bytes", "Bytes received from connections.", value=st.bytes_in)
+        yield CounterMetricFamily("pimcore_sent_bytes", "Bytes sent to connections.", value=st.bytes_out)
+        yield GaugeMetricFamily("pimcore_outbound_queue_bytes", "Bytes queued for connections that read slowly.",
+                                value=st.outbound_bytes_queued)
+        yield GaugeMetricFamily("pimcore_pending_ops", "Write ops waiting for the next batch.", value=core.pending_ops)
+        yield GaugeMetricFamily("pimcore_hooks_in_flight", "Authenticator / content filter calls awaiting an answer.",
+                                value=core.hooks_in_flight)
+        yield _histogram("pimcore_batch_ops", "Ops per committed write batch.", st.batch_ops)
+        yield _histogram("pimcore_commit_seconds", "Seconds per write batch commit (fsync included).", st.commit_time)
+        yield GaugeMetricFamily("pimcore_start_time_seconds", "When this broker started, seconds since the epoch.",
+                                value=self.started)
+
+
+def broker_registry(server: "BrokerServer", *, started: Optional[float] = None) -> CollectorRegistry:
+    """A registry of its own holding a :class:`BrokerCollector`."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BrokerCollector(server, started=started))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The text exposition of ``registry``."""
+    return generate_latest(registry)

@@ -1,0 +1,387 @@
+"""A small HTTP/1.1 server for the broker's operations and server API: h11 on trio.
+
+Why h11 and not an ASGI server: the broker already runs on trio, h11 is the
+sans-IO HTTP/1.1 state machine that trio's own ecosystem uses (and measured
+2.5x faster than hypercorn here), and the server API is a handful of JSON
+endpoints -- no framework needed.
+
+Shape:
+
+* :class:`Router` maps ``(method, path pattern)`` to ``async def
+  handler(request) -> (status, body)``; ``body`` is JSON-able or a
+  :class:`RawBody` (``/metrics`` is text).  Patterns name path segments
+  ``/v1/groups/{group}/members`` -> ``request.params["group"]``.  Every route
+  needs a bearer API key unless registered with ``auth=False``.
+* Errors are JSON, ``{"error": {"code": "...", "message": "..."}}``, with a
+  stable ``code`` (:data:`ERROR_CODES`); a handler raises :class:`HttpError`.
+* Limits, so a slow or hostile client cannot hold the server:
+  ``max_header_bytes`` (431), ``max_body_bytes`` (413, refused from
+  Content-Length before reading the body), ``request_timeout`` seconds to
+  receive a whole request once its first byte came (408, then hang up),
+  ``keepalive_timeout`` seconds of silence between requests (hang up), and
+  ``request_timeout`` again to write a response.  ``max_connections``
+  beyond which new connections get 503 and are closed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import ssl
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Awaitable, Callable, Optional
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import h11
+import trio
+
+__all__ = [
+    "HttpConfig",
+    "HttpError",
+    "HttpServer",
+    "RawBody",
+    "Request",
+    "Router",
+    "Handler",
+    "ERROR_CODES",
+    "check_api_key",
+]
+
+log = logging.getLogger("pimcore.http")
+
+#: Every error code the listener itself produces, with its status.  Handlers
+#: added later use these or add their own (documented in docs/HTTP.md).
+ERROR_CODES: dict[str, int] = {
+    "bad_request": 400,  # not HTTP/1.1 we can parse, bad JSON, bad parameters
+    "unauthorized": 401,  # no or wrong API key
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "request_timeout": 408,  # the request did not arrive within request_timeout
+    "payload_too_large": 413,
+    "headers_too_large": 431,
+    "internal": 500,
+    "unavailable": 503,  # not ready (readyz), or too many connections
+}
+
+
+class HttpError(Exception):
+    """Raised by a handler (or the server) for a JSON error response."""
+
+    def __init__(self, status: int, code: str, message: str, headers: Optional[list[tuple[str, str]]] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or []
+
+
+@dataclass(frozen=True, slots=True)
+class RawBody:
+    """A non-JSON response body (``/metrics``)."""
+
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request as a handler sees it.  ``headers``: lower-case names
+    (repeated headers joined with ", "); ``params``: the path pattern's
+    ``{name}`` segments, percent-decoded; ``query``: parsed query string."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: bytes
+    params: dict[str, str] = field(default_factory=dict)
+
+    def json(self) -> Any:
+        """The body as JSON; HttpError 400 ``bad_request`` if it is not."""
+        try:
+            return json.loads(self.body or b"null")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HttpError(400, "bad_request", f"the body is not JSON: {exc}") from None
+
+
+Handler = Callable[[Request], Awaitable[tuple[int, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    method: str
+    pattern: str
+    regex: re.Pattern[str]
+    handler: Handler
+    auth: bool
+
+
+class Router:
+    """``(method, path pattern) -> handler``.  Later routes never shadow
+    earlier ones: registering the same method and pattern twice is a
+    ValueError."""
+
+    def __init__(self) -> None:
+        self._routes: list[_Route] = []
+
+    def add(self, method: str, pattern: str, handler: Handler, *, auth: bool = True) -> None:
+        """Route ``method`` requests whose path matches ``pattern``
+        (``/v1/users/{user}``: a ``{name}`` matches one non-empty segment)."""
+        method = method.upper()
+        if not pattern.startswith("/"):
+            raise ValueError(f"path pattern {pattern!r} must start with /")
+        if any(r.method == method and r.pattern == pattern for r in self._routes):
+            raise ValueError(f"{method} {pattern} is already routed")
+        parts = re.split(r"(\{[A-Za-z_][A-Za-z0-9_]*\})", pattern)
+        rx = "".join(f"(?P<{p[1:-1]}>[^/]+)" if p.startswith("{") else re.escape(p) for p in parts)
+        self._routes.append(_Route(method, pattern, re.compile(rx + r"\Z"), handler, auth))
+
+    def route(self, method: str, path: str) -> tuple[Handler, dict[str, str], bool]:
+        """The handler, path params and whether it needs an API key; HttpError
+        404 (no pattern matches) or 405 (matches, not for this method)."""
+        allowed: list[str] = []
+        for r in self._routes:
+            m = r.regex.match(path)
+            if m is None:
+                continue
+            if r.method == method or (method == "HEAD" and r.method == "GET"):
+                return r.handler, {k: unquote(v) for k, v in m.groupdict().items()}, r.auth
+            allowed.append(r.method)
+        if allowed:
+            raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {path}",
+                            [("allow", ", ".join(sorted(set(allowed))))])
+        raise HttpError(404, "not_found", f"no endpoint {path}")
+
+
+def check_api_key(headers: dict[str, str], keys: tuple[bytes, ...]) -> None:
+    """HttpError 401 unless ``Authorization: Bearer <key>`` names one of
+    ``keys``.  Compared with :func:`hmac.compare_digest` against every key
+    (no early exit), so timing tells nothing about a key."""
+    challenge = [("www-authenticate", 'Bearer realm="pimcore"')]
+    value = headers.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HttpError(401, "unauthorized", "an API key is required: Authorization: Bearer <key>", challenge)
+    given = token.strip().encode("utf-8", "surrogateescape")
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(given, key)
+    if not ok:
+        raise HttpError(401, "unauthorized", "the API key is not valid", challenge)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """The HTTP listener.  ``scheme`` "tcp" or "tls" (``ssl_context``
+    required for tls); port 0 picks a free port (see :attr:`HttpServer.url`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    scheme: str = "tcp"
+    ssl_context: Optional[ssl.SSLContext] = None
+    #: Bearer keys accepted for every route registered with auth=True.
+    api_keys: tuple[str, ...] = ()
+    max_header_bytes: int = 16 * 1024
+    max_body_bytes: int = 1 << 20
+    request_timeout: float = 10.0  # seconds: a whole request once it started, and a response
+    keepalive_timeout: float = 30.0  # seconds of silence between requests
+    max_connections: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.scheme not in ("tcp", "tls"):
+            raise ValueError(f"http listener scheme must be tcp or tls, not {self.scheme!r}")
+        if self.scheme == "tls" and self.ssl_context is None:
+            raise ValueError("a tls:// http listener needs a certificate (--cert/--key)")
+        for name in ("max_header_bytes", "max_body_bytes", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in ("request_timeout", "keepalive_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds")
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def error_body(code: str, message: str) -> bytes:
+    return _json_bytes({"error": {"code": code, "message": message}})
+
+
+class HttpServer:
+    """Serves ``router`` on ``config``'s address.  Run with
+    ``await nursery.start(server.run)``; :attr:`url` is then the real one."""
+
+    def __init__(self, router: Router, config: HttpConfig) -> None:
+        self.router = router
+        self.config = config
+        self._keys = tuple(k.encode("utf-8", "surrogateescape") for k in config.api_keys)
+        self._conns = 0
+        self.url: Optional[str] = None
+        self.requests = 0  # requests answered (any status)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from ..net.server import open_listeners
+        from ..net.streams import Endpoint
+
+        cfg = self.config
+        listeners = await open_listeners(Endpoint(cfg.scheme, cfg.host, cfg.port))
+        port = listeners[0].socket.getsockname()[1]
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        self.url = f"{'https' if cfg.scheme == 'tls' else 'http'}://{host}:{port}"
+        log.info("http listening on %s", self.url, extra={"event": "listening", "url": self.url})
+        task_status.started()
+        await trio.serve_listeners(self._serve_conn, listeners)
+
+    async def _serve_conn(self, sock: trio.SocketStream) -> None:
+        stream: trio.abc.Stream = sock
+        if self.config.ssl_context is not None:
+            stream = trio.SSLStream(sock, self.config.ssl_context, server_side=True)
+        self._conns += 1
+        try:
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
+            if self._conns > self.config.max_connections:
+                await self._send_error(stream, conn, HttpError(503, "unavailable", "too many connections"))
+                return
+            await self._serve_requests(stream, conn)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("http connection broken: %r", exc)
+        finally:
+            self._conns -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _receive(self, stream: trio.abc.Stream, conn: h11.Connection) -> Any:
+        """The next h11 event, reading as needed (EOF is fed as b"")."""
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            conn.receive_data(await stream.receive_some(64 * 1024))
+
+    async def _serve_requests(self, stream: trio.abc.Stream, conn: h11.Connection) -> None:
+        cfg = self.config
+        while True:
+            # Between requests: wait keepalive_timeout for a first byte (or
+            # what is already buffered), then request_timeout for the rest.
+            if not conn.trailing_data[0]:
+                with trio.move_on_after(cfg.keepalive_timeout):
+                    data = await stream.receive_some(64 * 1024)
+                    conn.receive_data(data)
+                    if not data:
+                        return
+                if not conn.trailing_data[0] and conn.their_state is h11.IDLE:
+                    return  # silent for keepalive_timeout: hang up
+            try:
+                with trio.fail_after(cfg.request_timeout):
+                    request = await self._read_request(stream, conn)
+            except trio.TooSlowError:
+                await self._send_error(stream, conn, HttpError(408, "request_timeout",
+                                                               f"the request did not arrive within {cfg.request_timeout:g} s"))
+                return
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                code = "headers_too_large" if status == 431 else "bad_request"
+                await self._send_error(stream, conn, HttpError(status, code, str(exc) or "malformed HTTP request"))
+                return
+            except HttpError as exc:  # 413: the body is not read; the connection ends
+                await self._send_error(stream, conn, exc)
+                return
+            if request is None:
+                return  # the client closed between requests
+            status, headers, body = await self._handle(request)
+            with trio.fail_after(cfg.request_timeout):
+                await self._send(stream, conn, status, headers, body, head=request.method == "HEAD")
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+
+    async def _read_request(self, stream: trio.abc.Stream, conn: h11.Connection) -> Optional[Request]:
+        event = await self._receive(stream, conn)
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        assert isinstance(event, h11.Request), event
+        # h11 bounds only what it buffers while a head is incomplete; a head
+        # that arrived in one read is measured here.
+        if len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) > self.config.max_header_bytes:
+            raise HttpError(431, "headers_too_large", f"the request head is over {self.config.max_header_bytes} bytes")
+        headers: dict[str, str] = {}
+        for name, value in event.headers:
+            key = name.decode("ascii").lower()
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
+            raise HttpError(413, "payload_too_large", f"the body is over {self.config.max_body_bytes} bytes")
+        body = bytearray()
+        while True:
+            ev = await self._receive(stream, conn)
+            if isinstance(ev, h11.Data):
+                body += ev.data
+                if len(body) > self.config.max_body_bytes:
+                    raise HttpError(413, "payload_too_large", f"the body is over {self.config.max_body_bytes} bytes")
+            elif isinstance(ev, h11.EndOfMessage):
+                break
+            else:  # ConnectionClosed mid-body
+                raise h11.RemoteProtocolError("connection closed before the body ended")
+        target = event.target.decode("latin-1")
+        parts = urlsplit(target)
+        return Request(
+            method=event.method.decode("ascii").upper(),
+            path=parts.path,
+            query=parse_qs(parts.query),
+            headers=headers,
+            body=bytes(body),
+        )
+
+    async def _handle(self, request: Request) -> tuple[int, list[tuple[str, str]], bytes]:
+        extra: list[tuple[str, str]] = []
+        try:
+            handler, params, auth = self.router.route(request.method, request.path)
+            if auth:
+                check_api_key(request.headers, self._keys)
+            status, body = await handler(Request(request.method, request.path, request.query, request.headers,
+                                                 request.body, params))
+        except HttpError as exc:
+            status, extra = exc.status, exc.headers
+            body = RawBody("application/json", error_body(exc.code, exc.message))
+        except Exception:
+            log.exception("http handler failed: %s %s", request.method, request.path)
+            status, body = 500, RawBody("application/json", error_body("internal", "internal error"))
+        if not isinstance(body, RawBody):
+            body = RawBody("application/json", _json_bytes(body))
+        self.requests += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("http %s %s -> %d", request.method, request.path, status,
+                      extra={"event": "http_request", "method": request.method, "path": request.path, "status": status})
+        return status, [("content-type", body.content_type), *extra], body.data
+
+    async def _send(self, stream: trio.abc.Stream, conn: h11.Connection, status: int,
+                    headers: list[tuple[str, str]], body: bytes, *, head: bool = False) -> None:
+        hdrs = [*headers, ("content-length", str(len(body)))]
+        out = conn.send(h11.Response(status_code=status, headers=hdrs)) or b""
+        if body and not head:
+            out += conn.send(h11.Data(data=body)) or b""
+        out += conn.send(h11.EndOfMessage()) or b""
+        await stream.send_all(out)
+
+    async def _send_error(self, stream: trio.abc.Stream, conn: h11.Connection, err: HttpError) -> None:
+        """An error response, then the connection ends (what was not read of
+        the request is not read).  Written by hand: h11 lets a server
+        respond only to a request it parsed, and a request that timed out
+        half-way was not."""
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return  # a response was already started
+        body = error_body(err.code, err.message)
+        try:
+            phrase = HTTPStatus(err.status).phrase
+        except ValueError:  # pragma: no cover
+            phrase = ""
+        head = [f"HTTP/1.1 {err.status} {phrase}", "content-type: application/json", f"content-length: {len(body)}",
+                "connection: close", *(f"{k}: {v}" for k, v in err.headers)]
+        self.requests += 1
+        with trio.move_on_after(self.config.request_timeout):
+            await stream.send_all(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+

@@ -1,0 +1,441 @@
+"""The HTTP listener (pimcore.http): a real HTTP client (stdlib http.client in
+a thread) against a broker and its HTTP listener on loopback port 0.
+
+Every test has a hard ``trio.fail_after``; time limits of the listener are
+configured short so that a slow client is dropped within the test.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import ssl
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Optional
+
+import pytest
+import trio
+import trustme
+from prometheus_client.parser import text_string_to_metric_families
+
+from pimcore.auth import issue_token
+from pimcore.client import AuthFailed, open_client
+from pimcore.http import BrokerHttp, HttpConfig, HttpError, Request, Router, open_http_server
+from pimcore.store import MemoryStore, direct_conversation
+
+from _net import FAST_CLIENT, OTHER_SECRET, client, serving
+
+AB = direct_conversation("alice", "bob")
+KEY = "test-api-key-0123456789"
+
+
+@asynccontextmanager
+async def broker_http(store: Optional[MemoryStore] = None, **http: Any) -> AsyncIterator[tuple[Any, BrokerHttp]]:
+    """A broker on MemoryStore (or ``store``) with its HTTP listener."""
+    store = store if store is not None else MemoryStore()
+    http.setdefault("api_keys", (KEY,))
+    async with serving(store) as srv, open_http_server(srv, HttpConfig(**http)) as h:
+        yield srv, h
+
+
+def host_port(url: str) -> tuple[str, int]:
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    return host, int(port)
+
+
+class Http:
+    """One keep-alive http.client connection, used from a worker thread."""
+
+    def __init__(self, url: str, context: Optional[ssl.SSLContext] = None) -> None:
+        host, port = host_port(url)
+        if url.startswith("https://"):
+            self.conn: http.client.HTTPConnection = http.client.HTTPSConnection(host, port, timeout=10, context=context)
+        else:
+            self.conn = http.client.HTTPConnection(host, port, timeout=10)
+
+    def _request(self, method: str, path: str, body: Optional[bytes], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        self.conn.request(method, path, body=body, headers=headers)
+        r = self.conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+
+    async def request(self, method: str, path: str, *, key: Optional[str] = None, body: Optional[bytes] = None,
+                      headers: Optional[dict[str, str]] = None) -> tuple[int, dict[str, str], bytes]:
+        hdrs = dict(headers or {})
+        if key is not None:
+            hdrs["Authorization"] = f"Bearer {key}"
+        return await trio.to_thread.run_sync(self._request, method, path, body, hdrs, abandon_on_cancel=True)
+
+    async def json(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        status, headers, body = await self.request(method, path, **kw)
+        assert headers["content-type"] == "application/json", headers
+        return status, json.loads(body)
+
+    def local_port(self) -> int:
+        assert self.conn.sock is not None
+        return self.conn.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def assert_error(status: int, doc: Any, want_status: int, code: str) -> None:
+    assert status == want_status, (status, doc)
+    assert set(doc) == {"error"} and set(doc["error"]) == {"code", "message"}, doc
+    assert doc["error"]["code"] == code and doc["error"]["message"], doc
+
+
+# ---------------------------------------------------------------- keep-alive, auth, errors
+
+
+async def test_keep_alive_serves_several_requests_on_one_connection() -> None:
+    with trio.fail_after(20):
+        async with broker_http() as (srv, h):
+            c = Http(h.url)
+            try:
+                assert await c.json("GET", "/healthz") == (200, {"status": "ok"})
+                port = c.local_port()
+                assert await c.json("GET", "/readyz") == (200, {"status": "ready"})
+                status, info = await c.json("GET", "/v1/info", key=KEY)
+                assert status == 200
+                assert info["epoch"] == srv.broker.epoch.hex()
+                assert info["version"] and info["backend"] in ("cython", "pure")
+                assert info["uptime_seconds"] >= 0 and info["listeners"] == srv.urls
+                status, _, text = await c.request("GET", "/metrics")
+                assert status == 200 and b"pimcore_logins_total" in text
+                assert_error(*await c.json("GET", "/nope"), 404, "not_found")
+                assert c.local_port() == port  # the same connection throughout
+                assert h.requests == 5
+            finally:
+                c.close()
+
+
+async def test_api_key_is_required_except_for_probes_and_metrics() -> None:
+    with trio.fail_after(20):
+        async with broker_http(api_keys=("old-key", KEY)) as (srv, h):
+            c = Http(h.url)
+            try:
+                status, headers, body = await c.request("GET", "/v1/info")
+                assert_error(status, json.loads(body), 401, "unauthorized")
+                assert headers["www-authenticate"].startswith("Bearer")
+                assert_error(*await c.json("GET", "/v1/info", key="wrong"), 401, "unauthorized")
+                assert_error(*await c.json("GET", "/v1/info", key=KEY + "x"), 401, "unauthorized")
+                assert_error(*await c.json("GET", "/v1/info", headers={"Authorization": f"Basic {KEY}"}), 401, "unauthorized")
+                # The connection survives a 401; every configured key works.
+                assert (await c.json("GET", "/v1/info", key=KEY))[0] == 200
+                assert (await c.json("GET", "/v1/info", key="old-key"))[0] == 200
+                for probe in ("/healthz", "/readyz", "/metrics"):
+                    assert (await c.request("GET", probe))[0] == 200, probe
+            finally:
+                c.close()
+
+
+async def test_routes_are_added_by_registering_handlers() -> None:
+    async def echo(request: Request) -> tuple[int, Any]:
+        body = request.json()
+        if not isinstance(body, dict):
+            raise HttpError(400, "bad_request", "expected an object")
+        return 201, {"name": request.params["name"], "body": body, "q": request.query.get("q")}
+
+    with trio.fail_after(20):
+        async with broker_http() as (srv, h):
+            h.router.add("POST", "/v1/echo/{name}", echo)
+            with pytest.raises(ValueError):
+                h.router.add("POST", "/v1/echo/{name}", echo)
+            c = Http(h.url)
+            try:
+                status, doc = await c.json("POST", "/v1/echo/al%20ice?q=1", key=KEY, body=b'{"a": [1, 2]}',
+                                           headers={"Content-Type": "application/json"})
+                assert (status, doc) == (201, {"name": "al ice", "body": {"a": [1, 2]}, "q": ["1"]})
+                assert_error(*await c.json("POST", "/v1/echo/x", key=KEY, body=b"{not json"), 400, "bad_request")
+                assert_error(*await c.json("POST", "/v1/echo/x", key=KEY, body=b"[1]"), 400, "bad_request")
+                # Authentication comes before the handler sees anything.
+                assert_error(*await c.json("POST", "/v1/echo/x", body=b"{}"), 401, "unauthorized")
+                status, headers, body = await c.request("GET", "/v1/echo/x", key=KEY)
+                assert_error(status, json.loads(body), 405, "method_not_allowed")
+                assert headers["allow"] == "POST"
+                assert_error(*await c.json("DELETE", "/healthz"), 405, "method_not_allowed")
+            finally:
+                c.close()
+
+
+def test_router_patterns() -> None:
+    async def h(request: Request) -> tuple[int, Any]:
+        return 200, None
+
+    r = Router()
+    r.add("GET", "/v1/groups/{group}/members/{user}", h)
+    r.add("GET", "/v1/groups", h, auth=False)
+    assert r.route("GET", "/v1/groups/g%2F1/members/bob") == (h, {"group": "g/1", "user": "bob"}, True)
+    assert r.route("GET", "/v1/groups") == (h, {}, False)
+    assert r.route("HEAD", "/v1/groups")[2] is False
+    for path in ("/v1/groups/", "/v1/groups/g/members", "/v1/groups/g/members/bob/x", "/v1/groupsx"):
+        with pytest.raises(HttpError) as err:
+            r.route("GET", path)
+        assert err.value.status == 404, path
+    with pytest.raises(ValueError):
+        r.add("GET", "no-slash", h)
+
+
+async def test_a_handler_that_fails_is_a_500_and_the_server_goes_on() -> None:
+    async def broken(request: Request) -> tuple[int, Any]:
+        raise RuntimeError("bug")
+
+    with trio.fail_after(20):
+        async with broker_http() as (srv, h):
+            h.router.add("GET", "/v1/broken", broken)
+            c = Http(h.url)
+            try:
+                assert_error(*await c.json("GET", "/v1/broken", key=KEY), 500, "internal")
+                assert (await c.json("GET", "/healthz"))[0] == 200
+            finally:
+                c.close()
+
+
+# ---------------------------------------------------------------- limits
+
+
+async def test_a_body_over_the_limit_is_413_before_it_is_read() -> None:
+    with trio.fail_after(20):
+        async with broker_http(max_body_bytes=1000) as (srv, h):
+            c = Http(h.url)
+            try:
+                assert_error(*await c.json("POST", "/v1/info", key=KEY, body=b"x" * 1001), 413, "payload_too_large")
+            finally:
+                c.close()
+            # Chunked (no Content-Length): refused once it grows past the limit.
+            host, port = host_port(h.url)
+            stream = await trio.open_tcp_stream(host, port)
+            chunk = b"x" * 600
+            await stream.send_all(b"POST /v1/info HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                  + b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2)
+            reply = await read_until_eof(stream)
+            assert reply.startswith(b"HTTP/1.1 413 "), reply
+            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "payload_too_large"
+
+
+async def test_headers_over_the_limit_are_431() -> None:
+    with trio.fail_after(20):
+        async with broker_http(max_header_bytes=2048) as (srv, h):
+            c = Http(h.url)
+            try:
+                status, doc = await c.json("GET", "/healthz", headers={"X-Big": "y" * 4000})
+                assert_error(status, doc, 431, "headers_too_large")
+            finally:
+                c.close()
+
+
+async def read_until_eof(stream: trio.abc.Stream) -> bytes:
+    data = b""
+    while True:
+        try:
+            more = await stream.receive_some(65536)
+        except trio.BrokenResourceError:
+            return data
+        if not more:
+            return data
+        data += more
+
+
+async def test_a_slow_client_is_dropped_after_the_request_time_limit(autojump_clock: trio.abc.Clock) -> None:
+    """Half a request, then nothing: 408 and the connection ends once
+    request_timeout has passed, however long the client would wait."""
+    with trio.fail_after(120):
+        async with broker_http(request_timeout=5.0, keepalive_timeout=60.0) as (srv, h):
+            host, port = host_port(h.url)
+            stream = await trio.open_tcp_stream(host, port)
+            t0 = trio.current_time()
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")  # no blank line: never finished
+            reply = await read_until_eof(stream)
+            took = trio.current_time() - t0
+            assert reply.startswith(b"HTTP/1.1 408 "), reply
+            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+            assert 5.0 <= took < 6.0, took
+
+            # A body that stops half-way is dropped the same way.
+            stream = await trio.open_tcp_stream(host, port)
+            t0 = trio.current_time()
+            await stream.send_all(b"POST /v1/info HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc")
+            reply = await read_until_eof(stream)
+            assert reply.startswith(b"HTTP/1.1 408 ") and 5.0 <= trio.current_time() - t0 < 6.0, reply
+
+            # An idle keep-alive connection is closed (no reply) after keepalive_timeout.
+            stream = await trio.open_tcp_stream(host, port)
+            t0 = trio.current_time()
+            assert await read_until_eof(stream) == b""
+            assert 60.0 <= trio.current_time() - t0 < 61.0
+
+
+async def test_garbage_is_a_400() -> None:
+    with trio.fail_after(20):
+        async with broker_http() as (srv, h):
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(b"NOT HTTP AT ALL\r\n\r\n")
+            reply = await read_until_eof(stream)
+            assert reply.startswith(b"HTTP/1.1 400 "), reply
+            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_request"
+
+
+# ---------------------------------------------------------------- readiness, metrics
+
+
+async def test_readyz_is_503_with_a_reason_when_the_store_is_closed() -> None:
+    store = MemoryStore()
+    with trio.fail_after(20):
+        async with broker_http(store) as (srv, h):
+            c = Http(h.url)
+            try:
+                assert (await c.json("GET", "/readyz"))[0] == 200
+                store.close()
+                status, doc = await c.json("GET", "/readyz")
+                assert_error(status, doc, 503, "unavailable")
+                assert "store" in doc["error"]["message"] and "closed" in doc["error"]["message"]
+                assert await c.json("GET", "/healthz") == (200, {"status": "ok"})  # alive all the same
+            finally:
+                c.close()
+
+
+def metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Samples of the text exposition parsed by prometheus_client's parser."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def test_metrics_show_logins_messages_refusals_and_histograms_after_traffic() -> None:
+    with trio.fail_after(30):
+        async with broker_http() as (srv, h):
+            async with client(srv.url(), "alice") as alice, client(srv.url(), "bob", "laptop") as bob:
+                for i in range(5):
+                    await alice.send(AB, b"m%d" % i)
+                sent = await alice.send(AB, b"again", local_id=99)
+                dup = await alice.send(AB, b"again", local_id=99)  # same local id: a duplicate
+                assert dup.seq == sent.seq
+                with pytest.raises(AuthFailed):
+                    async with open_client(srv.url(), issue_token(OTHER_SECRET, "mallory"), "x", config=FAST_CLIENT):
+                        pass  # pragma: no cover
+                c = Http(h.url)
+                try:
+                    status, headers, body = await c.request("GET", "/metrics")
+                finally:
+                    c.close()
+                assert bob.user == "bob"
+            assert status == 200 and headers["content-type"].startswith("text/plain")
+            m = metrics(body.decode())
+            assert m[("pimcore_logins_total", ())] == 2
+            assert m[("pimcore_messages_stored_total", ())] == 6
+            assert m[("pimcore_duplicates_total", ())] == 1
+            assert m[("pimcore_pushes_total", ())] >= 6  # bob is online
+            assert m[("pimcore_connections", ())] == 2
+            assert m[("pimcore_online_devices", ())] == 2
+            assert m[("pimcore_auth_failures_total", (("reason", "signature"),))] == 1
+            assert m[("pimcore_auth_failures_total", (("reason", "expired"),))] == 0
+            assert m[("pimcore_closes_total", (("code", "AUTH_FAILED"),))] == 1
+            assert m[("pimcore_closes_total", (("code", "SLOW_CONSUMER"),))] == 0
+            assert m[("pimcore_outbound_queue_bytes", ())] >= 0
+            batches = m[("pimcore_batches_total", ())]
+            assert batches >= 1
+            assert m[("pimcore_commit_seconds_count", ())] == batches
+            assert m[("pimcore_batch_ops_count", ())] == batches
+            assert m[("pimcore_batch_ops_bucket", (("le", "+Inf"),))] == batches
+            assert m[("pimcore_batch_ops_sum", ())] >= 6  # six messages at least, in ops
+            assert m[("pimcore_batch_ops_bucket", (("le", "1.0"),))] <= batches
+
+
+async def test_two_brokers_in_one_process_have_their_own_metrics() -> None:
+    with trio.fail_after(30):
+        async with broker_http() as (srv1, h1), broker_http() as (srv2, h2):
+            async with client(srv1.url(), "alice"):
+                pass
+            texts = []
+            for h in (h1, h2):
+                c = Http(h.url)
+                try:
+                    texts.append((await c.request("GET", "/metrics"))[2].decode())
+                finally:
+                    c.close()
+            assert metrics(texts[0])[("pimcore_logins_total", ())] == 1
+            assert metrics(texts[1])[("pimcore_logins_total", ())] == 0
+
+
+# ---------------------------------------------------------------- TLS
+
+
+async def test_https_listener_with_a_trusted_certificate() -> None:
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    with trio.fail_after(20):
+        async with broker_http(scheme="tls", ssl_context=server_ctx) as (srv, h):
+            assert h.url.startswith("https://127.0.0.1:")
+            c = Http(h.url, client_ctx)
+            try:
+                assert await c.json("GET", "/healthz") == (200, {"status": "ok"})
+                assert (await c.json("GET", "/v1/info", key=KEY))[0] == 200  # keep-alive over TLS
+            finally:
+                c.close()
+            untrusted = Http(h.url, ssl.create_default_context())
+            with pytest.raises(ssl.SSLError):
+                await untrusted.request("GET", "/healthz")
+            untrusted.close()
+
+
+def test_http_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="certificate"):
+        HttpConfig(scheme="tls")
+    with pytest.raises(ValueError, match="scheme"):
+        HttpConfig(scheme="ws")
+    with pytest.raises(ValueError, match="request_timeout"):
+        HttpConfig(request_timeout=0)
+
+
+async def test_a_slow_consumer_is_logged_and_counted(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """A peer that asks for answers it never reads is dropped (SLOW_CONSUMER):
+    one warning line with its fields, counted in /metrics."""
+    import logging
+
+    from pimcore import frames as F
+    from pimcore.core import Limits
+    from pimcore.store import LmdbStore
+
+    from _net import RawConn, server_config
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    store = LmdbStore(str(tmp_path / "db"), durability="os")
+    # A push window larger than what the broker holds for a connection:
+    # pushes (which the peer did not ask for, unlike history pages, which
+    # only pause its reading) pile up past max_outbound_bytes.
+    lim = Limits(max_payload=32 * 1024, push_window_bytes=4 << 20, heartbeat_ms=15000)
+    cfg = server_config(limits=lim, max_outbound_bytes=256 * 1024)
+    try:
+        with trio.fail_after(30):
+            async with serving(store, cfg) as srv, open_http_server(srv, HttpConfig(api_keys=(KEY,))) as h:
+                greedy = await RawConn.open(srv.endpoints[0].port, rcvbuf=4096)
+                await greedy.login("bob", "greedy")
+                async with client(srv.url(), "alice") as a:
+                    for i in range(40):  # over a megabyte pushed to a peer that never reads
+                        await a.send(AB, bytes(32 * 1024 - 8) + b"%08d" % i)
+                        if srv.statistics().slow_consumers:
+                            break
+                while not srv.statistics().slow_consumers:
+                    await trio.sleep(0.01)
+                c = Http(h.url)
+                try:
+                    status, _, body = await c.request("GET", "/metrics")
+                finally:
+                    c.close()
+                await greedy.aclose()
+    finally:
+        store.close()
+    m = metrics(body.decode())
+    assert m[("pimcore_slow_consumers_total", ())] == 1
+    assert m[("pimcore_closes_total", (("code", "SLOW_CONSUMER"),))] == 1
+    [rec] = [r for r in caplog.records if getattr(r, "event", None) == "slow_consumer"]
+    assert rec.levelname == "WARNING" and rec.code == "SLOW_CONSUMER" and "not reading fast enough" in rec.reason
+    offline = [r for r in caplog.records if getattr(r, "event", None) == "offline" and r.device == "greedy"]
+    assert len(offline) == 1 and offline[0].code == "SLOW_CONSUMER"
+    logins = [r for r in caplog.records if getattr(r, "event", None) == "login"]
+    assert [(r.user, r.device) for r in logins] == [("bob", "greedy"), ("alice", "phone")]

@@ -1,0 +1,277 @@
+"""End to end for operators: ``pimcore serve`` with its HTTP listener, log
+lines (JSON parsed), settings from PIMCORE_* variables, --print-config,
+configuration errors naming the key, and bind errors naming the address.
+
+Real subprocesses on loopback port 0; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import pytest
+import trio
+
+from pimcore.auth import issue_token
+from pimcore.client import AuthFailed, ClientConfig, SendError, open_client
+from pimcore.errors import ErrorCode
+from pimcore.store import direct_conversation
+
+from _proc import ProcGroup, procs, run_pimcore, token_for  # noqa: F401  (procs is a fixture)
+
+AB = direct_conversation("alice", "bob")
+LOOPBACK = "tcp://127.0.0.1:0"
+FAST = ClientConfig(connect_timeout=5.0, ack_timeout=2.0, send_timeout=10.0, backoff_max=0.5)
+
+
+async def in_thread(fn, *args):
+    return await trio.to_thread.run_sync(lambda: fn(*args), abandon_on_cancel=True)
+
+
+def http_get(url: str, path: str, key: Optional[str] = None) -> tuple[int, Any]:
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {key}"} if key else {})
+        r = conn.getresponse()
+        body = r.read()
+        return r.status, json.loads(body) if r.getheader("content-type") == "application/json" else body.decode()
+    finally:
+        conn.close()
+
+
+def json_lines(lines: list[str]) -> list[dict[str, Any]]:
+    """Every stderr line parsed as JSON (a line that is not fails the test)."""
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"not a JSON log line: {line!r}") from None
+    return out
+
+
+def wait_for_log(server, pred, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for rec in json_lines(list(server.err)):
+            if pred(rec):
+                return rec
+        time.sleep(0.05)
+    raise AssertionError(f"no such log line\n{server.describe()}")
+
+
+# ---------------------------------------------------------------- the HTTP listener and logs
+
+
+async def test_serve_with_http_and_json_logs(tmp_path: Path, procs: ProcGroup) -> None:
+    data = tmp_path / "data"
+    with trio.fail_after(60):
+        server = procs.serve("--listen", LOOPBACK, "--http", LOOPBACK, "--data-dir", data, "--log-format", "json")
+        assert server.url("tcp").startswith("tcp://127.0.0.1:")
+        http_url = server.url("http")
+        assert http_url.startswith("http://127.0.0.1:") and not http_url.endswith(":0")
+        key_file = data / "api-key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        key = key_file.read_text().strip()
+        assert len(key) >= 32
+
+        assert await in_thread(http_get, http_url, "/healthz") == (200, {"status": "ok"})
+        status, doc = await in_thread(http_get, http_url, "/v1/info")
+        assert status == 401 and doc["error"]["code"] == "unauthorized"
+        status, info = await in_thread(http_get, http_url, "/v1/info", key)
+        assert status == 200 and len(info["epoch"]) == 32 and info["listeners"] == [server.url("tcp")]
+
+        tok = await in_thread(token_for, "alice", data)
+        async with open_client(server.url(), tok, "phone", config=FAST) as alice:
+            await alice.send(AB, b"hi")
+            login = await in_thread(wait_for_log, server, lambda r: r.get("event") == "login")
+        with pytest.raises(AuthFailed):
+            async with open_client(server.url(), issue_token(b"x" * 32, "mallory"), "pc", config=FAST):
+                pass  # pragma: no cover
+        refused = await in_thread(wait_for_log, server, lambda r: r.get("event") == "login_refused")
+        close = await in_thread(wait_for_log, server, lambda r: r.get("event") == "close" and r.get("code") == "NORMAL")
+        offline = await in_thread(wait_for_log, server, lambda r: r.get("event") == "offline")
+        connect = await in_thread(wait_for_log, server, lambda r: r.get("event") == "connect")
+
+        status, text = await in_thread(http_get, http_url, "/metrics")
+        assert status == 200 and "pimcore_logins_total 1.0" in text and "pimcore_messages_stored_total 1.0" in text
+
+    for rec in (login, refused, close, offline, connect):
+        assert set(rec) >= {"ts", "level", "logger", "msg", "event", "conn"}, rec
+        assert rec["ts"].endswith("Z") and rec["logger"] == "pimcore.net"
+    assert (login["user"], login["device"], login["level"]) == ("alice", "phone", "info")
+    assert refused["level"] == "warning" and refused["code"] == "AUTH_FAILED" and "signature" in refused["reason"]
+    assert close["conn"] == login["conn"] and close["reason"] == "closed by client"
+    assert (offline["user"], offline["device"], offline["code"]) == ("alice", "phone", "NORMAL")
+    assert connect["peer"].startswith("127.0.0.1:") and connect["transport"] == "tcp"
+    created = [r for r in json_lines(server.err) if r.get("event") == "api_key_created"]
+    assert created and created[0]["path"] == str(key_file)
+
+    server.send_signal(signal.SIGTERM)
+    assert server.wait() == 0, server.describe()
+    json_lines(server.err)  # every line, to the end, is JSON
+    assert "Traceback" not in "\n".join(server.err)
+
+
+async def test_text_logs_and_log_level(tmp_path: Path, procs: ProcGroup) -> None:
+    data = tmp_path / "data"
+    with trio.fail_after(60):
+        quiet = procs.serve("--listen", LOOPBACK, "--data-dir", data, "--log-level", "warning")
+        tok = await in_thread(token_for, "alice", data)
+        async with open_client(quiet.url(), tok, "phone", config=FAST):
+            pass
+        with pytest.raises(AuthFailed):
+            async with open_client(quiet.url(), issue_token(b"y" * 32, "alice"), "pc", config=FAST):
+                pass  # pragma: no cover
+        quiet.send_signal(signal.SIGTERM)
+        assert await in_thread(quiet.wait) == 0
+        # warning: the refused login only, as text
+        assert [line for line in quiet.err if "login refused" in line], quiet.describe()
+        assert not [line for line in quiet.err if " INFO " in line], quiet.describe()
+        assert all(not line.startswith("{") for line in quiet.err)
+
+
+# ---------------------------------------------------------------- environment, precedence, --print-config
+
+
+async def test_settings_from_environment_variables(tmp_path: Path, procs: ProcGroup) -> None:
+    data = tmp_path / "env-data"
+    env = {
+        "PIMCORE_DATA_DIR": str(data),
+        "PIMCORE_LISTEN": "tcp://127.0.0.1:0, ws://127.0.0.1:0/im",
+        "PIMCORE_HTTP": "tcp://127.0.0.1:0",
+        "PIMCORE_LOG_LEVEL": "warning",
+        "PIMCORE_LIMITS_MAX_PAYLOAD": "100",
+        "PIMCORE_API_KEYS": "key-one, key-two",
+    }
+    with trio.fail_after(60):
+        server = procs.serve(env=env, cwd=tmp_path)
+        assert [u.split(":")[0] for u in server.urls] == ["tcp", "ws", "http"]
+        assert (data / "secret").is_file() and not (data / "api-key").exists()
+        assert (await in_thread(http_get, server.url("http"), "/v1/info", "key-two"))[0] == 200
+        assert (await in_thread(http_get, server.url("http"), "/v1/info", "key-three"))[0] == 401
+        tok = await in_thread(token_for, "alice", data)
+        async with open_client(server.url(), tok, "phone", config=FAST) as alice:
+            assert (await alice.send(AB, b"x" * 100)).seq == 1
+            with pytest.raises(SendError) as err:
+                await alice.send(AB, b"x" * 101)
+            assert err.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+        assert not [line for line in server.err if " INFO " in line], server.describe()
+
+
+def print_config(*args: Any, env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None) -> dict[str, Any]:
+    r = run_pimcore("serve", "--print-config", *args, env=env, cwd=cwd)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    return tomllib.loads(r.stdout)
+
+
+def test_print_config_shows_effective_settings_flags_over_env_over_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "pimcore.toml"
+    cfg.write_text(
+        'data_dir = "from-file"\nlisten = "tcp://127.0.0.1:1"\nsecret = "file-secret-0123456789-0123456789"\n'
+        'api_keys = ["file-key"]\nhttp = "tcp://127.0.0.1:9"\n'
+        "[limits]\nwindow = 8\nsend_rate = 5.0\nmax_payload = 100\n[server]\nidle_timeout = 30.0\n"
+    )
+    env = {"PIMCORE_CONFIG": str(cfg), "PIMCORE_LIMITS_WINDOW": "16", "PIMCORE_SERVER_IDLE_TIMEOUT": "20",
+           "PIMCORE_HTTP_REQUEST_TIMEOUT": "2.5", "PIMCORE_SERVER_COMMIT_IN_THREAD": "true",
+           "PIMCORE_LISTEN": "tcp://127.0.0.1:2"}
+    doc = print_config("--window", "32", env=env, cwd=tmp_path)
+    assert doc["limits"]["window"] == 32  # flag > env > file
+    assert doc["limits"]["send_rate"] == 5.0  # file > default
+    assert doc["limits"]["max_payload"] == 100
+    assert doc["limits"]["max_frame"] == 1 << 20  # default shown
+    assert doc["server"]["idle_timeout"] == 20.0  # env > file
+    assert doc["server"]["commit_in_thread"] is True
+    assert doc["server"]["login_timeout"] == 10.0
+    assert doc["http"] == {**doc["http"], "listen": "tcp://127.0.0.1:9", "request_timeout": 2.5}
+    assert doc["listen"] == ["tcp://127.0.0.1:2"]
+    assert doc["data_dir"] == str(tmp_path / "from-file")  # relative to the file
+    assert doc["secret"] == "<redacted>" and doc["api_keys"] == ["<redacted>"]
+    r = run_pimcore("serve", "--print-config", env=env, cwd=tmp_path)
+    assert "file-secret" not in r.stdout and "file-key" not in r.stdout
+    assert not (tmp_path / "from-file").exists()  # printing creates nothing
+
+    # The flag --listen beats PIMCORE_LISTEN; --data-dir beats the file.
+    doc = print_config("--listen", "ws://127.0.0.1:3/im", "--data-dir", "flagged", env=env, cwd=tmp_path)
+    assert doc["listen"] == ["ws://127.0.0.1:3/im"] and doc["data_dir"] == "flagged"
+
+    defaults = print_config(env={}, cwd=tmp_path)
+    assert defaults["listen"] == ["tcp://127.0.0.1:7400"] and defaults["log_level"] == "info"
+    assert "listen" not in defaults["http"] and defaults["api_keys"] == []
+
+
+@pytest.mark.parametrize(
+    "env, needles",
+    [
+        ({"PIMCORE_LIMITS_SEND_RATE": "fast"}, ['limits.send_rate: expected a number, got "fast"', "PIMCORE_LIMITS_SEND_RATE"]),
+        ({"PIMCORE_LIMITS_WINDOW": "2.5"}, ['limits.window: expected an integer, got "2.5"']),
+        ({"PIMCORE_SERVER_COMMIT_IN_THREAD": "maybe"}, ['server.commit_in_thread: expected true or false, got "maybe"']),
+        ({"PIMCORE_LOG_LEVEL": "loud"}, ["log_level", "loud"]),
+        ({"PIMCORE_HTTP": "ws://127.0.0.1:0"}, ["http", "scheme"]),
+        ({"PIMCORE_HTTP": "tls://127.0.0.1:0"}, ["http", "certificate"]),
+        ({"PIMCORE_CONFIG": "missing.toml"}, ["missing.toml"]),
+    ],
+    ids=["number", "integer", "bool", "log-level", "http-scheme", "http-tls-no-cert", "missing-config"],
+)
+def test_bad_environment_exits_2_naming_the_key(tmp_path: Path, env: dict[str, str], needles: list[str]) -> None:
+    r = run_pimcore("serve", "--data-dir", tmp_path / "d", env=env, cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.startswith("pimcore serve: ") and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ('[limits]\nsend_rate = "fast"\n', 'limits.send_rate: expected a number, got "fast"'),
+        ("[limits]\nwindow = 2.5\n", "limits.window: expected an integer, got 2.5"),
+        ('[server]\nidle_timeout = "30s"\n', 'server.idle_timeout: expected a number, got "30s"'),
+        ("[server]\ncommit_in_thread = 1\n", "server.commit_in_thread: expected true or false, got 1"),
+        ("listen = 7400\n", "listen: expected a list of strings, got 7400"),
+        ("data_dir = 3\n", "data_dir: expected a string (a path), got 3"),
+        ("limits = 3\n", "limits: expected a table [limits], got 3"),
+        ('[http]\nmax_body_bytes = "1MB"\n', 'http.max_body_bytes: expected an integer, got "1MB"'),
+        ("[http]\nrequest_timeout = 0\n", "request_timeout must be > 0"),
+        ("[http]\nlisten_to = 1\n", "unknown keys in [http]"),
+    ],
+)
+def test_config_file_type_errors_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    cfg = tmp_path / "pimcore.toml"
+    # An [http] section gets a listener, so that its settings are used.
+    cfg.write_text(text.replace("[http]\n", '[http]\nlisten = "tcp://127.0.0.1:0"\n'))
+    r = run_pimcore("serve", "--config", cfg, "--data-dir", tmp_path / "d", "--listen", LOOPBACK)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- address in use
+
+
+def test_address_in_use_names_the_address(tmp_path: Path, procs: ProcGroup) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args in (["--listen", f"tcp://127.0.0.1:{port}"],
+                     ["--listen", f"ws://127.0.0.1:{port}/im"],
+                     ["--listen", LOOPBACK, "--http", f"tcp://127.0.0.1:{port}"]):
+            r = run_pimcore("serve", "--data-dir", tmp_path / "d", "--log-level", "warning", *args)
+            assert r.returncode == 1, (args, r.stdout, r.stderr)
+            assert r.stderr.startswith("pimcore serve: "), (args, r.stderr)
+            assert f"127.0.0.1:{port}" in r.stderr and "in use" in r.stderr, (args, r.stderr)
+            assert "Traceback" not in r.stderr and "ready" not in r.stdout
