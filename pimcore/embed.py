@@ -19,6 +19,7 @@ embedded LMDB store, the memory store and an asynchronous (networked) store.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from .store.base import (
 )
 
 __all__ = ["open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "SYSTEM"]
+
+_log = logging.getLogger("pimcore.net")
 
 #: Device id the handle's reads use where the store wants one (never a
 #: real device: it is not registered by a read).
@@ -212,6 +215,8 @@ class Pimcore:
         afterwards work.  Returns the revocation time in force (µs).  Raises
         RequestRefused (BAD_REQUEST), StoreError."""
         when = self.server.now() if before is None else before
+        _log.info("revoke user=%s device=%s before=%d", user, device or "*", when,
+                  extra={"event": "revoke", "user": user, "device": device or "*", "before": when})
         result = await self.server.host_call(self.server.broker.revoke, user, device, when)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:

@@ -45,7 +45,10 @@ async def test_a_trio_host_runs_the_broker_and_reads_what_clients_did(tmp_path: 
             assert im.statistics().broker.messages_stored == 4
 
 
-async def test_the_host_posts_kicks_and_revokes_through_the_handle(tmp_path: Path) -> None:
+async def test_the_host_posts_kicks_and_revokes_through_the_handle(tmp_path: Path, caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
     with trio.fail_after(20):
         async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
             await im.create_group("team", ["alice", "bob"])
@@ -69,11 +72,13 @@ async def test_the_host_posts_kicks_and_revokes_through_the_handle(tmp_path: Pat
 
             async with open_client(im.urls[0], im.issue_token("alice"), "phone") as alice:
                 im.kick("alice", reason="account review")
+                assert [r.reason for r in caplog.records if getattr(r, "event", None) == "kick"] == ["account review"]
                 with pytest.raises(ClientClosed, match="account review"):
                     await alice.send("team", b"still here?")
             stale = im.issue_token("alice")
             await trio.sleep(0.01)
             await im.revoke("alice")
+            assert [r.user for r in caplog.records if getattr(r, "event", None) == "revoke"] == ["alice"]
             with pytest.raises(AuthFailed):
                 async with open_client(im.urls[0], stale, "phone"):
                     pass  # pragma: no cover

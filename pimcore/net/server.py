@@ -935,6 +935,8 @@ class BrokerServer:
 
     def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
         """End ``user``'s sessions (one device's if given) now: Close(KICKED)."""
+        log.info("kick user=%s device=%s reason=%r", user, device or "*", reason,
+                 extra={"event": "kick", "user": user, "device": device or "*", "reason": reason})
         self._run(self.broker.kick(user, device, self.now(), reason))
 
     async def _admin(self, method: Callable[..., list[Command]], conv: str, users: list[str]) -> GroupChanged:
