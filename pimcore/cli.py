@@ -45,7 +45,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
               " which holds store/, or that store/ directory)", file=sys.stderr)
         return 2
     try:
-        store = LmdbStore(str(path), create=False)
+        store = LmdbStore(str(path), create=False, owner=False)
     except StoreError as exc:
         print(f"pimcore: {exc}", file=sys.stderr)
         return 2
@@ -253,7 +253,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
 
     try:
         settings = _settings(args)
-        store = LmdbStore(settings.data_dir / "store", create=args.action == "create")
+        store = LmdbStore(settings.data_dir / "store", create=args.action == "create", owner=False)
     except (ConfigError, StoreError, ValueError, OSError) as exc:
         print(f"pimcore group: {exc}", file=sys.stderr)
         return 2

@@ -1287,6 +1287,12 @@ class ClientSession:
         raw = encode_frame(F.Read(conv, seq))
         self._tick(now)
         st = self.read_states.get(conv)
+        # The broker clamps a marker to the last seq the user may see: do the
+        # same with what this device knows, so the local state never shows
+        # more read than the broker will hold.
+        known = max(st.last_seq if st is not None else 0, self._seen_seq.get(conv, 0))
+        if known:
+            seq = min(seq, known)
         if st is not None and seq > st.read_seq:
             # Optimistic: the confirmation brings the exact unread count.
             self.read_states[conv] = F.ReadState(conv, seq, st.last_seq, 0 if seq >= st.last_seq else st.unread)
@@ -1297,10 +1303,12 @@ class ClientSession:
 
     def _on_read_states(self, f: F.ReadStates) -> None:
         for st in f.entries:
-            if st.read_seq >= self._read_wanted.get(st.conv, 1 << 64):
-                del self._read_wanted[st.conv]  # confirmed durable
+            # Confirmed durable: as far as wanted, or as far as the broker
+            # allows (it clamps to the last seq the user may see).
+            if st.read_seq >= min(self._read_wanted.get(st.conv, 1 << 64), st.last_seq):
+                self._read_wanted.pop(st.conv, None)
             old = self.read_states.get(st.conv)
-            if old is not None and old.read_seq > st.read_seq:
+            if old is not None and min(old.read_seq, st.last_seq) > st.read_seq:
                 continue  # markers never move back
             self.read_states[st.conv] = st
             self._emit(ReadStateChanged(st))

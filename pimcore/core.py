@@ -1451,7 +1451,12 @@ class Broker:
         # this store ever handed out, it is ignored and the client is told to
         # resynchronize: trusting it would mark entries it never saw as
         # delivered (they would show only in history and unread counts).
-        resync = f.position > 0 and (f.epoch not in self._trusted_epochs or f.position > head)
+        # A client that presents an epoch holds state of that history (seqs,
+        # views, receipts) even at position 0: it too must be told.
+        if f.epoch:
+            resync = f.epoch not in self._trusted_epochs or f.position > head
+        else:
+            resync = f.position > 0
         if resync:
             self._stats["resyncs"] += 1
         # A resynchronized client starts over: it dropped everything it held,

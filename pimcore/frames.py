@@ -131,10 +131,11 @@ class LoginAck:
     reclaimed (the device was away longer than the retention period): the
     client should refill its conversations with HistoryReq.
 
-    ``epoch`` is the identity of the broker's store (16 bytes, fixed when the
-    store was created; a restore from backup or an empty store has another).
-    ``resync`` is true when the client's Login position was ignored because it
-    came from another epoch or lay beyond ``head``: the client must drop every
+    ``epoch`` names the broker store's history (16 bytes; a new one at every
+    start of the broker, and the store remembers which earlier ones it still
+    vouches for).  ``resync`` is true when the client's state was not
+    honoured because its epoch is not one of those, or its position lay
+    beyond ``head``: the client must drop every
     cursor it holds (inbox position, last seqs, read markers it has not had
     confirmed) and rebuild them from this session; delivery starts over
     from the user's inbox floor (``position``; ``gap`` if entries were

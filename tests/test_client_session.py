@@ -717,6 +717,30 @@ def test_read_markers_never_move_back_and_receipts_only_forward():
     assert s.read_state(CONV) == F.ReadState(CONV, 9, 9, 0)  # optimistic until confirmed
 
 
+def test_a_read_marker_beyond_the_last_seq_is_clamped_like_the_broker_does():
+    # Found by a new user: mark_read(conv, 100) with one message showed
+    # read_seq 100 and, after the next message, unread 0 -- while the broker
+    # (and every other device) had read_seq 1, unread 1.  The Read was also
+    # sent again on every connection, never confirmed.
+    s = session()
+    b = connect(s, T0)
+    b.feed(T0, F.ReadStates((F.ReadState(CONV, 0, 1, 1),)))
+    s.mark_read(CONV, 100, T0)
+    assert s.read_state(CONV) == F.ReadState(CONV, 1, 1, 0)
+    b.read()
+    b.feed(T0 + 1, F.ReadStates((F.ReadState(CONV, 1, 1, 0),)))  # the broker clamped it
+    b.feed(T0 + 2, F.Push(1, (F.Message(1, bytes(16), CONV, 2, "bob", "p", T0, T0, b"next"),)))
+    assert s.read_state(CONV) == F.ReadState(CONV, 1, 2, 1)
+    s.connection_lost(T0 + 3)
+    b = connect(s, T0 + 4)
+    assert [f for f in b.read() if isinstance(f, F.Read)] == []  # confirmed, not resent
+    # A former member: the broker clamps to the LEFT entry and says so.
+    b.feed(T0 + 5, F.ReadStates((F.ReadState("g", 0, 8, 0),)))
+    s.mark_read("g", 100, T0 + 5)
+    b.feed(T0 + 6, F.ReadStates((F.ReadState("g", 8, 8, 0),)))
+    assert s.read_state("g") == F.ReadState("g", 8, 8, 0)
+
+
 # ---------------------------------------------------------------- bounds
 
 

@@ -81,6 +81,18 @@ def test_a_cursor_from_another_epoch_is_resynchronized_and_never_stored(store, s
     assert h.broker.statistics().resyncs == 1
 
 
+def test_a_client_at_position_0_from_another_epoch_is_resynchronized_too(store, store_driver):
+    # A device that has only sent holds position 0, yet seqs, views and
+    # receipts of the old history: it must be told too (found by a new user:
+    # alice's view mixed both stores, and a receipt of 5 marked new messages
+    # as read).
+    h = Harness(store, driver=store_driver)
+    alice = h.login("alice", "phone", position=0, epoch=OTHER_EPOCH)
+    assert _ack(h, alice).resync
+    fresh = h.login("alice", "laptop", position=0, epoch=b"")
+    assert not _ack(h, fresh).resync
+
+
 def test_a_cursor_without_an_epoch_is_resynchronized(store, store_driver):
     h = Harness(store, driver=store_driver)
     alice = h.login("alice", "phone")
@@ -208,6 +220,40 @@ def test_a_clean_close_under_os_durability_survives_a_reboot(tmp_path, monkeypat
     again = LmdbStore(str(tmp_path / "db"), durability="os")
     assert run_epoch in again.epochs()
     again.close()
+
+
+def test_a_maintenance_open_next_to_an_os_broker_keeps_its_power_cut_mark(tmp_path, monkeypatch):
+    # Found by a new user: `pimcore group ...` or `pimcore inspect` next to a
+    # broker running durability os deleted its mark, so a power cut after
+    # that went unnoticed (and every CLI call added an epoch).
+    from _proc import run_pimcore
+
+    data = tmp_path / "data"
+    monkeypatch.setattr(lmdb_store, "_boot_id", lambda: b"boot-1")
+    broker = LmdbStore(str(data / "store"), durability="os")
+    run_epoch, trusted = broker.epoch(), broker.epochs()
+    for args in (("group", "create", "g", "alice", "bob", "--data-dir", data), ("inspect", data)):
+        r = run_pimcore(*args)
+        assert r.returncode == 0, r.stderr
+    _crash_copy(data / "store", tmp_path / "after-power-cut")
+    broker.close()
+    monkeypatch.setattr(lmdb_store, "_boot_id", lambda: b"boot-2")
+    cut = LmdbStore(str(tmp_path / "after-power-cut"))
+    assert run_epoch not in cut.epochs() and set(cut.epochs()) == set(trusted) - {run_epoch} | {cut.epoch()}
+    cut.close()
+
+
+def test_two_brokers_cannot_run_on_one_store(tmp_path):
+    from _proc import run_pimcore
+
+    data = tmp_path / "data"
+    first = LmdbStore(str(data / "store"))
+    (data / "secret").write_text("s" * 64)
+    r = run_pimcore("serve", "--listen", "tcp://127.0.0.1:0", "--data-dir", data, timeout=30)
+    assert r.returncode == 2 and "another broker is running" in r.stderr, (r.returncode, r.stderr)
+    r = run_pimcore("inspect", data)  # maintenance opens are fine
+    assert r.returncode == 0, r.stderr
+    first.close()
 
 
 def test_sync_durability_never_distrusts_a_run(tmp_path, monkeypatch):

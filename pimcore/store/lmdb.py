@@ -565,6 +565,12 @@ class LmdbStore(Store):
     :param durability: ``"sync"`` or ``"os"`` (module docstring).
     :param map_size: initial map size in bytes (at least 1 MiB is used); the
         map doubles transparently when full, up to ``max_map_size``.
+    :param owner: True (the default) for the process that runs a broker on
+        the store: it takes a new epoch, marks a ``durability="os"`` run (see
+        Epochs) and holds ``broker.lock`` in the directory, so a second
+        broker on the same store is refused (StoreError).  False for a
+        maintenance open next to a running broker (``pimcore group``,
+        ``pimcore inspect``): epochs and marks are left as they are.
     :param max_readers: LMDB reader slots (concurrent read transactions
         across all processes using the environment).
     """
@@ -581,6 +587,7 @@ class LmdbStore(Store):
         max_map_size: int = 1 << 40,
         max_readers: int = 256,
         create: bool = True,
+        owner: bool = True,
     ) -> None:
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
@@ -595,6 +602,8 @@ class LmdbStore(Store):
         initial_size = max(map_size, _MIN_MAP_SIZE)
         self._path = path
         self._durability = durability
+        self._owner = owner
+        self._lock_fd = self._take_broker_lock(path) if owner else None
         self._max_map_size = max(max_map_size, initial_size)
         self._wlock = threading.Lock()
         self._gate = _Gate()
@@ -614,6 +623,7 @@ class LmdbStore(Store):
                 lock=True,
             )
         except lmdb.Error as exc:
+            self._release_broker_lock()
             raise StoreError(f"cannot open LMDB store at {path!r}: {exc}") from exc
         try:
             # Reader slots of processes that died holding a read transaction
@@ -622,9 +632,11 @@ class LmdbStore(Store):
             dbs = [self._open_db(env, name) for name in _DB_NAMES]
         except lmdb.Error as exc:
             env.close()
+            self._release_broker_lock()
             raise StoreError(f"cannot open LMDB store at {path!r}: {exc}") from exc
         except BaseException:
             env.close()
+            self._release_broker_lock()
             raise
         (
             self._meta,
@@ -683,6 +695,12 @@ class LmdbStore(Store):
                 raise StoreError(f"store schema version {version}, this code reads {SCHEMA_VERSION}")
         raw = txn.get(b"epochs", db=self._meta) or b""
         trusted = [bytes(raw[i : i + 16]) for i in range(0, len(raw), 16)]
+        current = txn.get(b"epoch", db=self._meta)
+        if not self._owner and current is not None:
+            # A maintenance open: the running broker's history and its os
+            # mark are its own business (deleting the mark would hide a
+            # power cut from the next start).
+            return node, bytes(current), tuple(trusted)
         boot = _boot_id() or b"?"
         mark = txn.get(b"osrun", db=self._meta)
         if mark is not None:
@@ -1498,16 +1516,41 @@ class LmdbStore(Store):
 
     # ----------------------------------------------------------- lifecycle
 
+    @staticmethod
+    def _take_broker_lock(path: str) -> Optional[int]:
+        """One broker per store: an exclusive flock on ``broker.lock``, held
+        until close (the kernel drops it if the process dies)."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return None
+        fd = os.open(os.path.join(path, "broker.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreError(
+                f"another broker is running on {path!r} (it holds broker.lock); stop it first,"
+                " or open the store with owner=False for maintenance"
+            ) from None
+        return fd
+
+    def _release_broker_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
+
     def close(self) -> None:
         with self._wlock:
             env = self._env
             if env is None:
+                self._release_broker_lock()
                 return
             # Exclusive: wait for in-flight reads; later ones see None.
             with self._gate.exclusive():
                 self._env = None
                 self._hot = None
-                if self._durability == "os":
+                if self._durability == "os" and self._owner:
                     # A clean end: everything to disk, then drop the mark
                     # (synced), so the next boot does not take a new epoch.
                     try:
@@ -1518,6 +1561,7 @@ class LmdbStore(Store):
                     except lmdb.Error:
                         pass  # the mark stays: the next open re-epochs, safely
                 env.close()
+                self._release_broker_lock()
 
     def __repr__(self) -> str:
         state = "closed" if self._env is None else self._durability
