@@ -189,6 +189,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
                     http = BrokerHttp(server, http_config)
                     await nursery.start(http.run)
+                    assert http.url is not None  # set once listening
                     urls.append(http.url)
                 print(f"pimcore {__version__} ({pimcore.BACKEND} backend), data in {settings.data_dir.resolve()}"
                       f" (durability {settings.durability})", flush=True)

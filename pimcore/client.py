@@ -52,7 +52,7 @@ import random
 import ssl
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Awaitable, Callable, Optional, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
 
 import trio
 from trio_websocket import ConnectionRejected, HandshakeError, wrap_client_stream
@@ -384,21 +384,8 @@ class Client:
         self._check_alive()
         s = self._session
         req = s.request_history(conv, from_seq, limit, backward, self._clock(), timeout=int(self.config.send_timeout * 1e6))
-        w = self._history_waiters[req] = _Waiter()
-        self._pump()
-        try:
-            await w.done.wait()
-        finally:
-            if not w.done.is_set():  # cancelled: stop asking
-                self._history_waiters.pop(req, None)
-                s.cancel_history(req)
-                self._pump()
-        c = w.outcome
+        c = await self._request_done(req)
         assert isinstance(c, HistoryCompleted)
-        if isinstance(c.error, HistoryTimeout):
-            raise trio.TooSlowError(str(c.error)) from c.error
-        if c.error is not None:
-            raise c.error
         return list(c.messages)
 
     async def readers(self, conv: str) -> list[F.Reader]:
@@ -407,8 +394,15 @@ class Client:
         is not a member now, UNKNOWN_CONVERSATION), trio.TooSlowError after
         ``send_timeout``, AuthFailed/ClientClosed (client stopped)."""
         self._check_alive()
+        req = self._session.request_readers(conv, self._clock(), timeout=int(self.config.send_timeout * 1e6))
+        c = await self._request_done(req)
+        assert isinstance(c, ReadersCompleted)
+        return list(c.readers)
+
+    async def _request_done(self, req: int) -> Any:
+        """Wait for request ``req`` (history or readers) to complete; raise
+        its error.  Cancelled: the session stops asking."""
         s = self._session
-        req = s.request_readers(conv, self._clock(), timeout=int(self.config.send_timeout * 1e6))
         w = self._history_waiters[req] = _Waiter()
         self._pump()
         try:
@@ -419,12 +413,12 @@ class Client:
                 s.cancel_history(req)
                 self._pump()
         c = w.outcome
-        assert isinstance(c, ReadersCompleted)
+        assert c is not None
         if isinstance(c.error, HistoryTimeout):
             raise trio.TooSlowError(str(c.error)) from c.error
         if c.error is not None:
             raise c.error
-        return list(c.readers)
+        return c
 
     # ------------------------------------------------------------ status
 

@@ -492,10 +492,11 @@ class _PendingSend:
 
     __slots__ = ("key", "digest", "waiters")
 
-    def __init__(self, key: tuple[str, str, int], digest: bytes, conn: int) -> None:
+    def __init__(self, key: tuple[str, str, int], digest: bytes, conn: Union[int, tuple[str, int]]) -> None:
         self.key = key
         self.digest = digest
-        self.waiters = [conn]
+        # Connection ids, or ("post", ref) for a host post (Broker.post).
+        self.waiters: list[Union[int, tuple[str, int]]] = [conn]
 
 
 class _ReadCtx:
@@ -678,7 +679,7 @@ class Broker:
         # quick re-login must resume from here, not from the older stored one.
         self._acks_unsaved: dict[tuple[str, str], int] = {}
         self._inflight: Optional[tuple[StoreRequest, list[_Ctx]]] = None
-        self._reads: dict[int, Union[_LoginRead, _InboxRead, _HistoryRead]] = {}
+        self._reads: dict[int, Union[_LoginRead, _InboxRead, _HistoryRead, _ReadersRead]] = {}
         self._hooks: dict[int, Union[_LoginHook, _ContentHook]] = {}
         self._next_request = 1  # ids of store requests and hook requests
         self._next_reclaim: Optional[int] = None
@@ -1651,7 +1652,7 @@ class Broker:
 
     def _ack_waiters(self, ctx: _PendingSend, ack: F.SendAck, out: list[Command]) -> None:
         for conn in ctx.waiters:
-            if type(conn) is tuple:  # a host post (Broker.post)
+            if isinstance(conn, tuple):  # a host post (Broker.post)
                 out.append(PostDone(conn[1], ErrorCode(ack.code), ack.msg_id, ack.seq, ack.server_time))
                 continue
             c = self._conns.get(conn)

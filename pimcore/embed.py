@@ -154,7 +154,8 @@ class Pimcore:
             if result.code is ErrorCode.STORE_UNAVAILABLE:
                 raise StoreError(f"group {conv!r} not changed: the store failed")
             raise RequestRefused(result.code, f"group {conv!r} not changed: {result.code.name}")
-        return result  # type: ignore[no-any-return]
+        assert isinstance(result, GroupChanged)
+        return result
 
     # ------------------------------------------------------------ messages and sessions
 

@@ -259,7 +259,7 @@ class HttpServer:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            conn.receive_data(await stream.receive_some(64 * 1024))
+            conn.receive_data(bytes(await stream.receive_some(64 * 1024)))
 
     async def _serve_requests(self, stream: trio.abc.Stream, conn: h11.Connection) -> None:
         cfg = self.config
@@ -268,7 +268,7 @@ class HttpServer:
             # what is already buffered), then request_timeout for the rest.
             if not conn.trailing_data[0]:
                 with trio.move_on_after(cfg.keepalive_timeout):
-                    data = await stream.receive_some(64 * 1024)
+                    data = bytes(await stream.receive_some(64 * 1024))
                     conn.receive_data(data)
                     if not data:
                         return
