@@ -266,7 +266,7 @@ def _die_with_parent() -> None:
 def _create_group(store_dir: str, size: int, durability: str) -> None:
     from .store import LmdbStore
 
-    store = LmdbStore(store_dir, durability=durability)
+    store = LmdbStore(store_dir, durability=durability, owner=False)  # setup, not a broker run
     try:
         if not store.conversation_exists(GROUP_ID):
             store.create_group(GROUP_ID, [_member(i) for i in range(size)], time.time_ns() // 1000)

@@ -379,7 +379,7 @@ def test_group_fanout_matches_the_memory_store(tmp_path: Path, monkeypatch: pyte
 OTHER = """
 import sys
 from pimcore.store import LmdbStore, NewMessage, Reclaim, TouchDevice, WriteBatch
-s = LmdbStore(sys.argv[1], durability="os")
+s = LmdbStore(sys.argv[1], durability="os", owner=False)  # a second writer: a maintenance open
 try:
     exec(sys.argv[2])
 finally:

@@ -1132,7 +1132,7 @@ def test_lmdb_adopts_a_map_grown_by_another_process(tmp_path: Path) -> None:
     script = (
         "import os, sys\n"
         "from pimcore.store import LmdbStore, NewMessage, WriteBatch\n"
-        "s = LmdbStore(sys.argv[1], durability='os', map_size=1 << 20)\n"
+        "s = LmdbStore(sys.argv[1], durability='os', map_size=1 << 20, owner=False)\n"
         "base = int(sys.argv[2])\n"
         "for b in range(40):\n"
         "    ops = [NewMessage((base + b * 100 + i).to_bytes(8, 'big') + b'other-pr', 'd:alice:bob', 'bob', 'cli',\n"
