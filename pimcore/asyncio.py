@@ -131,6 +131,9 @@ class AsyncPimcore:
     async def next_events(self, consumer: str = "default", **kwargs: Any) -> tuple[int, list[HostEvent]]:
         return await self._call(self.handle.next_events, consumer, **kwargs)
 
+    async def event_cursor(self, consumer: str = "default") -> tuple[int, int]:
+        return await self._call(self.handle.event_cursor, consumer)
+
     async def ack_events(self, upto: int, consumer: str = "default") -> int:
         return await self._call(self.handle.ack_events, upto, consumer)
 

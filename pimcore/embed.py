@@ -388,6 +388,15 @@ class Pimcore:
                 return after, [_host_event(ev, online) for ev in page.events]
             await committed.wait()
 
+    async def event_cursor(self, consumer: str = "default") -> tuple[int, int]:
+        """(``consumer``'s durable cursor, the last event id): the events
+        still to handle are ``last - cursor`` at most.  Raises RequestRefused
+        (BAD_REQUEST) for an invalid consumer name."""
+        page = await self._read_one(ReadEvents(consumer, None, 0))
+        if isinstance(page, Rejected):
+            raise RequestRefused(page.code, f"events of {consumer!r}: {page.code.name}")
+        return page.cursor, page.last_id
+
     async def ack_events(self, upto: int, consumer: str = "default") -> int:
         """``consumer`` has handled every event up to id ``upto``: its
         durable cursor moves there (never back; clamped to the last id),
