@@ -149,6 +149,7 @@ def _types(store, after=0):
     return [(d["type"], d.get("user", d.get("sender"))) for d in map(_data, _page(store, after=after, limit=1000).events)]
 
 
+@pytest.mark.usefixtures("store_driver")
 def test_the_core_records_nothing_unless_enabled(store):
     h = Harness(store)
     a = h.login("alice", "phone")
@@ -157,6 +158,7 @@ def test_the_core_records_nothing_unless_enabled(store):
     assert _page(store).last_id == 0
 
 
+@pytest.mark.usefixtures("store_driver")
 def test_the_core_records_messages_reads_presence_and_kicks(store):
     h = Harness(store, BrokerConfig(record_events=True))
     h.create_group("team", ["alice", "bob"])
@@ -187,6 +189,7 @@ def test_the_core_records_messages_reads_presence_and_kicks(store):
     assert res == EventsAcked("host", 4) and _page(store).cursor == 4
 
 
+@pytest.mark.usefixtures("store_driver")
 def test_a_failed_batch_leaves_neither_the_message_nor_its_event(store):
     h = Harness(store, BrokerConfig(record_events=True))
     a = h.login("alice", "phone")
