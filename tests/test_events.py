@@ -390,3 +390,15 @@ async def test_a_broker_without_listeners_still_commits(tmp_path: Path) -> None:
             await im.create_group("team", ["alice"])
             assert (await im.post("team", b"one")).seq == 1
             assert (await im.post("team", b"two")).seq == 2
+
+
+def test_message_event_is_the_generic_json_written_out() -> None:
+    from pimcore.store.base import StoredMessage, event_data, message_event
+
+    m = StoredMessage(bytes(range(16)), 'g"\\x', 7, "alice", "web", 2**64 - 1, -5, 1_700_000_000_000_000, b"\x00\xff", 2, 6)
+    generic = event_data(
+        "message", conv=m.conv, seq=7, msg_id=m.msg_id.hex(), sender="alice", device="web", kind=2,
+        server_time=m.server_time, local_id=m.local_id, payload=base64.b64encode(m.payload).decode(), recipients=["a", "b"],
+    )
+    assert message_event(m, ["b", "a"]) == generic
+    assert json.loads(generic)["conv"] == 'g"\\x'
