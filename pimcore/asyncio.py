@@ -160,7 +160,7 @@ class AsyncEventStream:
             self._buf = events[::-1]
         ev = self._buf.pop()
         self.after = ev.id
-        return ev
+        return embed.fresh_presence(ev, self._api.handle.online_devices)
 
 
 @asynccontextmanager

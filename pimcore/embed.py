@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, Union
 
@@ -177,7 +177,15 @@ class EventStream:
             self.after = after
         ev = self._buf.pop()
         self.after = ev.id
+        return fresh_presence(ev, self._handle.server.broker.online_devices)
+
+
+def fresh_presence(ev: HostEvent, online: Callable[[str], list[str]]) -> HostEvent:
+    """``ev`` with ``offline_recipients`` as of now (a page is read ahead:
+    the event streams recompute it when they hand an event out)."""
+    if ev.type != "message":
         return ev
+    return replace(ev, offline_recipients=tuple(u for u in ev.recipients if not online(u)))
 
 
 class Pimcore:

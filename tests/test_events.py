@@ -402,3 +402,17 @@ def test_message_event_is_the_generic_json_written_out() -> None:
     )
     assert message_event(m, ["b", "a"]) == generic
     assert json.loads(generic)["conv"] == 'g"\\x'
+
+
+async def test_offline_recipients_are_as_of_when_the_event_is_handed_out(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "d", events=True, listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["alice", "bob"])
+            await im.post("team", b"one")
+            await im.post("team", b"two")
+            stream = im.events()
+            first = await stream.__anext__()  # its page holds "two" as well
+            assert first.payload == b"one" and first.offline_recipients == ("alice", "bob")
+            async with open_client(im.urls[0], im.issue_token("bob"), "phone"):
+                second = await stream.__anext__()
+                assert second.payload == b"two" and second.offline_recipients == ("alice",)

@@ -843,7 +843,7 @@ class Store(ABC):
             if kind is LoadSession:
                 out.append(self._load_session(op))  # type: ignore[arg-type]
             elif kind is ReadInbox:
-                out.append(InboxPage(op.user, tuple(self.inbox_range(op.user, op.after, op.limit))))  # type: ignore[union-attr]
+                out.append(InboxPage(op.user, tuple(self.inbox_range(op.user, op.after, op.limit))))  # type: ignore[union-attr,arg-type]
             elif kind is ReadHistory:
                 out.append(self._read_history(op))  # type: ignore[arg-type]
             elif kind is ReadReaders:

@@ -1483,7 +1483,7 @@ class LmdbStore(Store):
                 if kind is LoadSession:
                     out.append(self._session_in(txn, op))  # type: ignore[arg-type]
                 elif kind is ReadInbox:
-                    out.append(InboxPage(op.user, tuple(self._inbox_in(txn, op.user, op.after, op.limit))))  # type: ignore[union-attr]
+                    out.append(InboxPage(op.user, tuple(self._inbox_in(txn, op.user, op.after, op.limit))))  # type: ignore[union-attr,arg-type]
                 elif kind is ReadHistory:
                     out.append(self._read_history_in(txn, op))  # type: ignore[arg-type]
                 elif kind is ReadReaders:
