@@ -31,9 +31,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
 import trio
 
 from . import embed
-from .embed import SYSTEM, Conversation, Pimcore, Posted, RequestRefused
+from .embed import SYSTEM, Conversation, HostEvent, Pimcore, Posted, RequestRefused
 
-__all__ = ["open_pimcore", "AsyncPimcore", "RequestRefused", "Conversation", "Posted", "SYSTEM"]
+__all__ = ["open_pimcore", "AsyncPimcore", "AsyncEventStream", "RequestRefused", "Conversation", "Posted", "HostEvent", "SYSTEM"]
 
 T = TypeVar("T")
 
@@ -123,6 +123,44 @@ class AsyncPimcore:
 
     async def history(self, conv: str, user: str, **kwargs: Any) -> list[Any]:
         return await self._call(self.handle.history, conv, user, **kwargs)
+
+    def events(self, consumer: str = "default", *, after: Optional[int] = None, limit: int = 256) -> "AsyncEventStream":
+        """As :meth:`pimcore.embed.Pimcore.events`, an asyncio async iterator."""
+        return AsyncEventStream(self, consumer, after, limit)
+
+    async def next_events(self, consumer: str = "default", **kwargs: Any) -> tuple[int, list[HostEvent]]:
+        return await self._call(self.handle.next_events, consumer, **kwargs)
+
+    async def event_cursor(self, consumer: str = "default") -> tuple[int, int]:
+        return await self._call(self.handle.event_cursor, consumer)
+
+    async def ack_events(self, upto: int, consumer: str = "default") -> int:
+        return await self._call(self.handle.ack_events, upto, consumer)
+
+
+class AsyncEventStream:
+    """Host events for asyncio code.  Each page is fetched in trio with
+    :meth:`pimcore.embed.Pimcore.next_events`, which changes nothing until it
+    returns: an asyncio caller cancelled while waiting loses no event."""
+
+    def __init__(self, api: AsyncPimcore, consumer: str, after: Optional[int], limit: int) -> None:
+        self._api = api
+        self.consumer = consumer
+        self.after = after
+        self._limit = limit
+        self._buf: list[HostEvent] = []
+
+    def __aiter__(self) -> "AsyncEventStream":
+        return self
+
+    async def __anext__(self) -> HostEvent:
+        if not self._buf:
+            after, events = await self._api.next_events(self.consumer, after=self.after, limit=self._limit)
+            self.after = after
+            self._buf = events[::-1]
+        ev = self._buf.pop()
+        self.after = ev.id
+        return embed.fresh_presence(ev, self._api.handle.online_devices)
 
 
 @asynccontextmanager

@@ -33,6 +33,7 @@ Example (every key optional)::
     max_connections = 100000
     commit_in_thread = false           # true: fsync in a worker thread (see ARCHITECTURE.md)
     hook_timeout = 10.0                # seconds an async content filter/authenticator may take
+    events = false                     # true: record durable host events (docs/EMBEDDING.md, Events)
 
     [http]                             # the HTTP listener (off unless listen is set); `http = "URL"` is short for listen
     listen = "tcp://127.0.0.1:7481"    # tcp:// or tls:// (with [tls])
@@ -105,7 +106,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
     "server": {
         "idle_timeout": "float", "login_timeout": "float", "ack_delay": "float", "max_outbound_bytes": "int",
         "max_connections": "int", "commit_in_thread": "bool", "hook_timeout": "float", "read_timeout": "float",
-        "control_rate": "float", "control_burst": "int",
+        "control_rate": "float", "control_burst": "int", "events": "bool",
     },
     "http": {
         "listen": "str", "max_header_bytes": "int", "max_body_bytes": "int", "request_timeout": "float",
@@ -250,6 +251,8 @@ class ServeSettings:
                     broker = replace(broker, **timeouts)
                 except (TypeError, ValueError) as exc:
                     raise ConfigError(f"server: {key}: {exc}") from None
+        if "events" in srv:
+            broker = replace(broker, record_events=bool(srv.pop("events")))
         for key in ("control_rate", "control_burst"):
             if key in srv:
                 try:
@@ -324,11 +327,11 @@ class ServeSettings:
         server: dict[str, Any] = {
             "idle_timeout": b.idle_timeout / SECOND, "login_timeout": b.login_timeout / SECOND,
             "ack_delay": b.ack_delay / SECOND,
-            "control_rate": b.control_rate, "control_burst": b.control_burst,
+            "control_rate": b.control_rate, "control_burst": b.control_burst, "events": b.record_events,
             **{
                 k: getattr(base, k)
                 for k in _SERVER_KEYS
-                if k not in ("idle_timeout", "login_timeout", "ack_delay", "control_rate", "control_burst")
+                if k not in ("idle_timeout", "login_timeout", "ack_delay", "control_rate", "control_burst", "events")
             },
         }
         server.update(self.server)

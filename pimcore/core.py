@@ -71,6 +71,9 @@ from .errors import AuthError, CloseCode, ErrorCode, ProtocolError, StoreError
 from .ids import SYSTEM, direct_members, id_problem, valid_conversation, valid_id
 from .protocol import Compression, ServerSession, UnexpectedFrame
 from .store.base import (
+    AckEvents,
+    AppendEvent,
+    event_data,
     AckPosition,
     AddMembers,
     Appended,
@@ -236,6 +239,12 @@ class BrokerConfig:
     # per second.  Empty: closed with RATE_LIMITED.  control_rate 0 = unlimited.
     control_rate: float = 50.0
     control_burst: int = 200
+    # Host events (store/base.py, "Host events"): every stored message and
+    # membership entry gets a "message" event in its own transaction; read
+    # markers that moved, devices online/offline and kicks get events in the
+    # next batch (AppendEvent, lazy like TouchDevice: lost if the broker dies
+    # before that batch commits).  Off: nothing is recorded.
+    record_events: bool = False
 
     def __post_init__(self) -> None:
         if self.outbound_pause < 512 or self.max_outbound < 2 * self.outbound_pause:
@@ -672,6 +681,10 @@ class Broker:
         self._ack_slot: dict[tuple[str, str], int] = {}  # coalesce acks in _ops
         self._read_slot: dict[tuple[str, str], int] = {}  # coalesce reads in _ops
         self._pending_sends: dict[tuple[str, str, int], _PendingSend] = {}
+        # Data of host events (record_events) not tied to a stored entry,
+        # made since the last _maybe_commit: it proposes them as AppendEvent
+        # with its ``now`` (the time of the call that made them).
+        self._lazy_events: list[bytes] = []
         # (user, device or "") -> µs: revocations in force (also stored, and
         # read with every login; kept here for logins that raced one).
         self._revoked: dict[tuple[str, str], int] = {}
@@ -921,6 +934,8 @@ class Broker:
                 assert isinstance(ctx, _ReadCtx)
                 if isinstance(res, ReadMarked):
                     self._finish_read(res, out)
+                    if res.changed:
+                        self._event("read", user=res.user, conv=res.conv, seq=res.read_seq, unread=res.unread)
                 elif isinstance(res, Rejected):
                     # e.g. removed from the group while the Read waited for
                     # the batch: the store is authoritative, tell the device.
@@ -1207,7 +1222,7 @@ class Broker:
         for _ in members:
             t = self._clock.tick(now)
             stamps.append((t.to_bytes(8, "big") + self._node_id, t))
-        return self._admin(kind(conv, members, now, "", tuple(stamps)), ref, now)
+        return self._admin(kind(conv, members, now, "", tuple(stamps), self.config.record_events), ref, now)
 
     def _finish_admin(self, res: GroupChanged, to_pump: set[str]) -> None:
         """Membership entries are pushed like messages (cf. _finish_send)."""
@@ -1235,8 +1250,22 @@ class Broker:
         for c in list(self._conns.values()):
             if c.state is _ConnState.ACTIVE and c.user == user and (device is None or c.device == device):
                 self._stats["kicks"] += 1
+                self._event("kicked", user=c.user, device=c.device, reason=reason)
                 self._close(c, CloseCode.KICKED, reason or "the host ended this session", out)
+        self._maybe_commit(out, now)
         return out
+
+    def ack_events(self, consumer: str, upto: int, now: int, *, ref: int = 0) -> list[Command]:
+        """Control plane: host event consumer ``consumer`` handled every
+        event up to id ``upto`` (:class:`AckEvents`, an op of the next
+        batch).  :class:`AdminDone` with ``ref`` carries the store's answer
+        once it is durable (EventsAcked with the cursor now in force, or
+        Rejected: BAD_REQUEST, STORE_UNAVAILABLE)."""
+        return self._admin(AckEvents(consumer, upto), ref, now)
+
+    def _event(self, type_: str, **fields: Any) -> None:
+        if self.config.record_events:
+            self._lazy_events.append(event_data(type_, **fields))
 
     def revoke(self, user: str, device: Optional[str], before: int, now: int, *, ref: int = 0) -> list[Command]:
         """Control plane: refuse ``user``'s tokens issued before ``before``
@@ -1323,7 +1352,10 @@ class Broker:
             return out
         server_time = self._clock.tick(now)
         msg_id = server_time.to_bytes(8, "big") + self._node_id
-        op = NewMessage(msg_id, conv, sender, device, local_id, server_time, server_time, payload, digest, _U64_MAX)
+        op = NewMessage(
+            msg_id, conv, sender, device, local_id, server_time, server_time, payload, digest, _U64_MAX,
+            self.config.record_events,
+        )
         ctx = _PendingSend(dkey, digest, ("post", ref))
         self._pending_sends[dkey] = ctx
         self._stats["posts"] += 1
@@ -1484,6 +1516,7 @@ class Broker:
         self._propose(TouchDevice(user, device, 0, now), None)
         self._stats["logins"] += 1
         out.append(DeviceOnline(c.id, user, device))
+        self._event("online", user=user, device=device)
         if self.config.idle_timeout:
             self._arm(c.last_seen + self.config.idle_timeout, _IDLE_DUE, c.id)
         if ident.expires is not None:
@@ -1617,7 +1650,10 @@ class Broker:
             return
         server_time = self._clock.tick(now)
         msg_id = server_time.to_bytes(8, "big") + self._node_id
-        op = NewMessage(msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest, f.after_seq)
+        op = NewMessage(
+            msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest, f.after_seq,
+            self.config.record_events,
+        )
         ctx = _PendingSend(key, digest, c.id)
         self._pending_sends[key] = ctx
         self._propose(op, ctx)
@@ -1905,6 +1941,7 @@ class Broker:
         if c.state is not _ConnState.ACTIVE:
             return
         out.append(DeviceOffline(conn, c.user, c.device, code, reason))
+        self._event("offline", user=c.user, device=c.device, code=code.name if code is not None else None, reason=reason)
         devices = self._online.get(c.user)
         if devices is not None:
             dev = devices.get(c.device)
@@ -1942,6 +1979,10 @@ class Broker:
                         c, CloseCode.SLOW_CONSUMER,
                         f"more than {self.config.max_outbound} bytes of frames not taken: not reading fast enough", out,
                     )
+        if self._lazy_events:
+            for data in self._lazy_events:
+                self._propose(AppendEvent(data, now), None)
+            self._lazy_events.clear()
         if self._inflight is not None or not self._ops:
             return
         self._retry_at = None
@@ -1977,7 +2018,7 @@ class Broker:
 _RETRY_AFTER_FAILURE = 200_000
 
 #: Ops whose loss only costs a re-delivery: they may wait for a batch (ack_delay).
-_LAZY_OPS = frozenset((AckPosition, TouchDevice))
+_LAZY_OPS = frozenset((AckPosition, TouchDevice, AppendEvent))
 
 
 def _synchronous(value: object, name: str) -> Any:

@@ -18,11 +18,13 @@ embedded LMDB store, the memory store and an asynchronous (networked) store.
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, Union
 
@@ -37,6 +39,10 @@ from .ids import SYSTEM
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
 from .store.base import (
+    EventsAcked,
+    EventsPage,
+    ReadEvents,
+    StoredEvent,
     ConversationState,
     GroupChanged,
     HistoryPage,
@@ -49,7 +55,7 @@ from .store.base import (
     StoreRequest,
 )
 
-__all__ = ["open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "SYSTEM"]
+__all__ = ["open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "HostEvent", "EventStream", "SYSTEM"]
 
 _log = logging.getLogger("pimcore.net")
 
@@ -90,6 +96,96 @@ class Conversation:
     unread: int
     peer: str
     peer_read_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class HostEvent:
+    """One host event (``open_pimcore(..., events=True)``; see the Events
+    section of docs/EMBEDDING.md).  ``id``: gap-free u64, ascending, the
+    cursor to ack; ``time``: µs (the message's server time for "message").
+
+    ``type`` and the fields it fills (the others keep their defaults):
+
+    * "message" -- a stored entry: ``conv``, ``seq``, ``msg_id``, ``sender``,
+      ``device`` (the sender's), ``kind`` (frames.MessageKind: 0 a message,
+      1 JOINED, 2 LEFT), ``server_time``, ``local_id``, ``payload``,
+      ``recipients`` (every user it was fanned out to, the sender included,
+      sorted) and ``offline_recipients`` (those of them with no device
+      online on this broker when the event was handed to the host: the
+      push-notification hook);
+    * "read" -- ``user``'s read marker in ``conv`` moved to ``seq``
+      (``unread`` left);
+    * "online" / "offline" -- ``user``'s ``device`` logged in / its session
+      ended (``code``: the CloseCode name, None if the connection was lost;
+      ``reason``);
+    * "kicked" -- the host kicked ``user``'s ``device`` (``reason``).
+    """
+
+    id: int
+    type: str
+    time: int
+    conv: str = ""
+    seq: int = 0
+    msg_id: bytes = b""
+    sender: str = ""
+    device: str = ""
+    kind: int = 0
+    server_time: int = 0
+    local_id: int = 0
+    payload: bytes = b""
+    recipients: tuple[str, ...] = ()
+    offline_recipients: tuple[str, ...] = ()
+    user: str = ""
+    unread: int = 0
+    code: Optional[str] = None
+    reason: str = ""
+
+
+def _host_event(ev: StoredEvent, online: Callable[[str], list[str]]) -> HostEvent:
+    d = json.loads(ev.data)
+    type_ = d.pop("type", "")
+    if type_ == "message":
+        d["msg_id"] = bytes.fromhex(d["msg_id"])
+        d["payload"] = base64.b64decode(d["payload"])
+        d["recipients"] = tuple(d["recipients"])
+        d["offline_recipients"] = tuple(u for u in d["recipients"] if not online(u))
+    known = {k: v for k, v in d.items() if k in HostEvent.__dataclass_fields__ and k not in ("id", "type", "time")}
+    return HostEvent(ev.id, type_, ev.time, **known)
+
+
+class EventStream:
+    """``async for ev in handle.events(...)``: host events one by one,
+    waiting for the next commit when caught up (it never ends by itself).
+    Its cursor lives in memory; only :meth:`Pimcore.ack_events` moves the
+    durable one."""
+
+    def __init__(self, handle: "Pimcore", consumer: str, after: Optional[int], limit: int) -> None:
+        self._handle = handle
+        self.consumer = consumer
+        #: The id of the last event handed out (None: not started yet).
+        self.after = after
+        self._limit = limit
+        self._buf: list[HostEvent] = []
+
+    def __aiter__(self) -> "EventStream":
+        return self
+
+    async def __anext__(self) -> HostEvent:
+        if not self._buf:
+            after, self._buf = await self._handle.next_events(self.consumer, after=self.after, limit=self._limit)
+            self._buf.reverse()
+            self.after = after
+        ev = self._buf.pop()
+        self.after = ev.id
+        return fresh_presence(ev, self._handle.server.broker.online_devices)
+
+
+def fresh_presence(ev: HostEvent, online: Callable[[str], list[str]]) -> HostEvent:
+    """``ev`` with ``offline_recipients`` as of now (a page is read ahead:
+    the event streams recompute it when they hand an event out)."""
+    if ev.type != "message":
+        return ev
+    return replace(ev, offline_recipients=tuple(u for u in ev.recipients if not online(u)))
 
 
 class Pimcore:
@@ -267,6 +363,61 @@ class Pimcore:
         else:
             (result,) = store.execute(request)
         return result
+
+    # ------------------------------------------------------------ host events
+
+    def events(self, consumer: str = "default", *, after: Optional[int] = None, limit: int = 256) -> EventStream:
+        """The host events after id ``after`` (None: after ``consumer``'s
+        durable cursor), as an async iterator that waits for new ones
+        (:class:`HostEvent`).  At least once: whatever was not acked with
+        :meth:`ack_events` is delivered again by a later call -- after a
+        restart, a crash included (see docs/EMBEDDING.md, Events).  Needs
+        ``events=True`` (``[server] events``); without it there are none.
+        Raises RequestRefused (BAD_REQUEST: an invalid consumer name) when
+        iterated."""
+        return EventStream(self, consumer, after, limit)
+
+    async def next_events(
+        self, consumer: str = "default", *, after: Optional[int] = None, limit: int = 256
+    ) -> tuple[int, list[HostEvent]]:
+        """One page of host events after ``after`` (None: ``consumer``'s
+        durable cursor), waiting until there is at least one: (the ``after``
+        used, the events ascending, at most ``limit``).  Nothing changes
+        until the page is returned, so a cancelled call loses nothing."""
+        while True:
+            committed = self.server.committed  # before the read: no wake-up is missed
+            page = await self._read_one(ReadEvents(consumer, after, max(1, limit)))
+            if isinstance(page, Rejected):
+                raise RequestRefused(page.code, f"events of {consumer!r}: {page.code.name}")
+            assert isinstance(page, EventsPage)
+            if after is None:
+                after = page.cursor
+            if page.events:
+                online = self.server.broker.online_devices
+                return after, [_host_event(ev, online) for ev in page.events]
+            await committed.wait()
+
+    async def event_cursor(self, consumer: str = "default") -> tuple[int, int]:
+        """(``consumer``'s durable cursor, the last event id): the events
+        still to handle are ``last - cursor`` at most.  Raises RequestRefused
+        (BAD_REQUEST) for an invalid consumer name."""
+        page = await self._read_one(ReadEvents(consumer, None, 0))
+        if isinstance(page, Rejected):
+            raise RequestRefused(page.code, f"events of {consumer!r}: {page.code.name}")
+        return page.cursor, page.last_id
+
+    async def ack_events(self, upto: int, consumer: str = "default") -> int:
+        """``consumer`` has handled every event up to id ``upto``: its
+        durable cursor moves there (never back; clamped to the last id),
+        durable when this returns.  Returns the cursor in force.  Raises
+        RequestRefused (BAD_REQUEST), StoreError."""
+        result = await self.server.host_call(self.server.broker.ack_events, consumer, upto)
+        if isinstance(result, Rejected):
+            if result.code is ErrorCode.STORE_UNAVAILABLE:
+                raise StoreError("event ack not stored: the store failed")
+            raise RequestRefused(result.code, f"ack_events {consumer!r}: {result.code.name}")
+        assert isinstance(result, EventsAcked)
+        return result.cursor
 
     # ------------------------------------------------------------ streams
 

@@ -366,6 +366,9 @@ class BrokerServer:
         self._commit_send, self._commit_recv = trio.open_memory_channel[StoreRequest](math.inf)
         self._commit_idle = trio.Event()
         self._commit_idle.set()
+        # Set (and replaced by a fresh one) whenever a write batch committed:
+        # what a host event reader that is caught up waits for.
+        self._committed = trio.Event()
         # Work the core asked for that runs as a task (async reads, async
         # hooks); started once run() has a nursery.
         self._tasks: Optional[trio.Nursery] = None
@@ -482,6 +485,10 @@ class BrokerServer:
                         for ep in self.config.listeners:
                             await listeners.start(self._listen, ep, peers)
                         task_status.started()
+                    # No listener (an embedder's choice): the listeners
+                    # nursery ended at once; the committer and the timer
+                    # must still run until shutdown cancels this scope.
+                    await trio.sleep_forever()
                 # Listeners stopped (shutdown): the peers nursery ends when
                 # every connection has been closed by shutdown().
             nursery.cancel_scope.cancel()
@@ -933,6 +940,12 @@ class BrokerServer:
         await waiter[0].wait()
         return waiter[1]
 
+    @property
+    def committed(self) -> trio.Event:
+        """An event set when the next write batch has committed (take it
+        before reading, then wait on it: a commit in between sets it)."""
+        return self._committed
+
     def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
         """End ``user``'s sessions (one device's if given) now: Close(KICKED)."""
         log.info("kick user=%s device=%s reason=%r", user, device or "*", reason,
@@ -1082,6 +1095,8 @@ class BrokerServer:
                 cmds = self._core(self.broker.store_failed, req.request_id, exc)
             else:
                 cmds = self._core(self.broker.store_completed, req.request_id, results)
+                self._committed.set()
+                self._committed = trio.Event()
             took = time.perf_counter() - t0
             self._stats["commit_seconds"] += took
             self._commit_time.observe(took)

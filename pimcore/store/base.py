@@ -67,10 +67,31 @@ gets follows these intervals:
 
 A 1:1 (direct) conversation has no membership changes: its two users are
 members for every seq.
+
+Host events (an outbox the embedding host consumes)
+---------------------------------------------------
+An append-only log of events for the host (``BrokerConfig.record_events``):
+ids 1, 2, 3, ... (u64, gap-free, never reused, even after reclamation),
+each with a time (µs) and opaque data (JSON, see :func:`event_data`).  Each
+*consumer* (a name, :data:`ID_RE`) has a durable cursor: the highest id it
+acknowledged (:class:`AckEvents`, never moved back).  Delivery is at least
+once: a consumer reads after its cursor (:class:`ReadEvents`) and acks what
+it has handled; whatever it had not acked when the broker died is read
+again.  Message events are written by the :class:`NewMessage` (and
+:class:`AddMembers` / :class:`RemoveMembers`) handler inside the
+transaction that stores the entry (``event=True``): a stored message
+always has its event, a failed batch leaves neither.  Other events (read
+marker moved, device online/offline, kicked) are :class:`AppendEvent` ops
+the core adds to its next batch.  :class:`Reclaim` drops the longest prefix
+of events that every existing consumer acked or that are older than
+``max_age``; with no consumer yet only ``max_age`` drops events (they wait
+for the host's first ack, like inbox entries wait for a user's first device).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -115,6 +136,15 @@ __all__ = [
     "RemoveMembers",
     "RevokeTokens",
     "Revoked",
+    "AppendEvent",
+    "AckEvents",
+    "ReadEvents",
+    "StoredEvent",
+    "EventAppended",
+    "EventsAcked",
+    "EventsPage",
+    "event_data",
+    "message_event",
     "Op",
     "LoadSession",
     "ReadInbox",
@@ -282,6 +312,10 @@ class NewMessage:
     #: SendReq.after_seq; the store clamps it to the conversation's last seq
     #: before this message (a client cannot claim to have seen the future).
     after_seq: int = 0
+    #: Append a "message" host event (:func:`message_event`, recipients =
+    #: the members it was fanned out to) in the same transaction when the
+    #: message is stored (not for a Duplicate or a Rejected).
+    event: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,6 +425,8 @@ class AddMembers:
     now: int = 0
     by: str = ""
     stamps: tuple[tuple[bytes, int], ...] = ()
+    #: Append a "message" host event per entry (kind JOINED), as NewMessage.
+    event: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,6 +442,8 @@ class RemoveMembers:
     now: int = 0
     by: str = ""
     stamps: tuple[tuple[bytes, int], ...] = ()
+    #: Append a "message" host event per entry (kind LEFT), as NewMessage.
+    event: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,7 +459,33 @@ class RevokeTokens:
     before: int
 
 
-Op = Union[NewMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers, RemoveMembers, RevokeTokens]
+@dataclass(frozen=True, slots=True)
+class AppendEvent:
+    """Append a host event: the next event id (last id + 1), ``now`` (µs)
+    as its time, ``data`` (bytes, JSON by convention: :func:`event_data`).
+    ``data`` not bytes or ``now`` outside i64 -> Rejected(BAD_REQUEST).
+    Result: EventAppended."""
+
+    data: bytes
+    now: int
+
+
+@dataclass(frozen=True, slots=True)
+class AckEvents:
+    """Consumer ``consumer`` handled every event up to id ``upto``: its
+    durable cursor becomes ``max(cursor, min(upto, last id))`` (never back;
+    an unknown consumer starts at 0 and exists from now on, holding back
+    :class:`Reclaim`).  An invalid consumer name (:data:`ID_RE`) or
+    ``upto`` not an int -> Rejected(BAD_REQUEST).  Result: EventsAcked."""
+
+    consumer: str
+    upto: int
+
+
+Op = Union[
+    NewMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers, RemoveMembers, RevokeTokens,
+    AppendEvent, AckEvents,
+]
 
 
 # ---------------------------------------------------------------- read ops
@@ -482,7 +546,19 @@ class ReadReaders:
     user: str
 
 
-ReadOp = Union[LoadSession, ReadInbox, ReadHistory, ReadReaders]
+@dataclass(frozen=True, slots=True)
+class ReadEvents:
+    """Host events with id > ``after`` (None: the consumer's durable
+    cursor, 0 for an unknown consumer), ascending, at most ``limit``.  Events
+    already reclaimed are skipped (the ids jump).  An invalid consumer name
+    -> Rejected(BAD_REQUEST).  Result: EventsPage."""
+
+    consumer: str
+    after: Optional[int] = None
+    limit: int = 256
+
+
+ReadOp = Union[LoadSession, ReadInbox, ReadHistory, ReadReaders, ReadEvents]
 
 
 @dataclass(frozen=True, slots=True)
@@ -565,6 +641,34 @@ class ReadMarked:
 class Reclaimed:
     entries: int
     devices: int
+    events: int = 0  # host events dropped
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One host event: gap-free ``id`` (u64), ``time`` (µs), ``data``."""
+
+    id: int
+    time: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EventAppended:
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventsAcked:
+    consumer: str
+    cursor: int  # the durable cursor after the op
+
+
+@dataclass(frozen=True, slots=True)
+class EventsPage:
+    cursor: int  # the consumer's durable cursor (0 if it never acked)
+    events: tuple[StoredEvent, ...]  # ascending by id
+    last_id: int  # the highest id ever appended (0 if none)
 
 
 
@@ -637,9 +741,35 @@ class ReadersPage:
 
 Result = Union[
     Appended, Duplicate, Rejected, Acked, Touched, ReadMarked, Reclaimed, GroupChanged, Revoked, SessionLoaded, InboxPage,
-    HistoryPage, ReadersPage,
+    HistoryPage, ReadersPage, EventAppended, EventsAcked, EventsPage,
 ]
 
+
+#: A JSON string literal (C-accelerated, ASCII out).
+_esc = json.encoder.encode_basestring_ascii
+#: One encoder (json.dumps with arguments builds a new one per call).
+_JSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def event_data(type_: str, **fields: object) -> bytes:
+    """A host event's data: compact JSON ``{"type": type_, **fields}``."""
+    return _JSON({"type": type_, **fields}).encode()
+
+
+def message_event(m: StoredMessage, recipients: Iterable[str]) -> bytes:
+    """The data of a "message" event (what both stores write atomically
+    with the entry): conv, seq, msg_id (hex), sender, device, kind
+    (frames.MessageKind), server_time (µs), local_id, payload (base64) and
+    recipients (the users the entry was fanned out to, sorted).  The same
+    JSON as :func:`event_data` would make, written out: every message of
+    every batch comes through here (about 2 µs instead of 6)."""
+    esc = _esc
+    return (
+        f'{{"type":"message","conv":{esc(m.conv)},"seq":{m.seq},"msg_id":"{m.msg_id.hex()}",'
+        f'"sender":{esc(m.sender)},"device":{esc(m.device)},"kind":{m.kind},"server_time":{m.server_time},'
+        f'"local_id":{m.local_id},"payload":"{base64.b64encode(m.payload).decode("ascii")}",'
+        f'"recipients":[{",".join(map(esc, sorted(recipients)))}]}}'
+    ).encode()
 
 # ---------------------------------------------------------------- interface
 
@@ -713,14 +843,20 @@ class Store(ABC):
             if kind is LoadSession:
                 out.append(self._load_session(op))  # type: ignore[arg-type]
             elif kind is ReadInbox:
-                out.append(InboxPage(op.user, tuple(self.inbox_range(op.user, op.after, op.limit))))  # type: ignore[union-attr]
+                out.append(InboxPage(op.user, tuple(self.inbox_range(op.user, op.after, op.limit))))  # type: ignore[union-attr,arg-type]
             elif kind is ReadHistory:
                 out.append(self._read_history(op))  # type: ignore[arg-type]
             elif kind is ReadReaders:
                 out.append(self._read_readers(op))  # type: ignore[arg-type]
+            elif kind is ReadEvents:
+                out.append(self._read_events(op))  # type: ignore[arg-type]
             else:
                 raise TypeError(f"not a read op: {kind.__name__}")
         return tuple(out)
+
+    @abstractmethod
+    def _read_events(self, op: ReadEvents) -> Result:
+        """Answer one :class:`ReadEvents` (EventsPage or Rejected)."""
 
     @abstractmethod
     def _read_history(self, op: ReadHistory) -> HistoryPage:
@@ -1002,6 +1138,10 @@ def malformed(op: Op) -> bool:
                 )
             )
         )
+    if isinstance(op, AppendEvent):
+        return not (isinstance(op.data, bytes) and _int_in(op.now, _I64_MIN, _I64_END))
+    if isinstance(op, AckEvents):
+        return not (valid_id(op.consumer) and type(op.upto) is int)
     if isinstance(op, RevokeTokens):
         return not (
             valid_id(op.user)

@@ -96,7 +96,16 @@ devices     T(user) T(device)                  U64 position + I64 last_seen
 dedupe      T(sender) T(device) U64(local_id)  msg_id + U64 seq + I64 server_time + digest
 reads       T(user) T(conv)                    U64 read seq
 revoked     T(user) T(device or "")            I64 tokens issued before are revoked
+meta        ``b"evlast"``                      U64 highest host event id ever appended
+events      U64(id)                            I64 time + the event's data (host events)
+evcursors   T(consumer)                        U64 the consumer's acked event id
 ==========  =================================  ======================================
+
+Host events (see :mod:`pimcore.store.base`) are exactly ids
+floor+1..``evlast``: reclamation deletes a prefix, so the floor is the first
+key of ``events`` minus one (or ``evlast`` when it is empty).  The two
+sub-dbs came after schema 3 and need no migration (an older store simply
+has none yet).
 
 The sender in ``convidx`` lets :meth:`LmdbStore.unread` count without
 loading messages (a kind byte is not an id character, so a membership
@@ -148,6 +157,14 @@ from ..errors import ErrorCode, StoreError
 from ..ids import MAX_CONVERSATION_ID_LEN, MAX_ID_LEN
 from .base import (
     SYSTEM,
+    AckEvents,
+    AppendEvent,
+    EventAppended,
+    EventsAcked,
+    EventsPage,
+    ReadEvents,
+    StoredEvent,
+    message_event,
     RevokeTokens,
     Revoked,
     AckPosition,
@@ -216,6 +233,8 @@ _DB_NAMES = (
     "reads",
     "revoked",
     "spans",
+    "events",
+    "evcursors",
 )
 #: Below this LMDB cannot even hold the sub-database catalogue comfortably.
 _MIN_MAP_SIZE = 1 << 20
@@ -471,7 +490,7 @@ class _Batch:
     :class:`_Hot` that may outlive the batch.
     """
 
-    __slots__ = ("txn", "_store", "hot", "_dirty_seqs", "pend", "hwm")
+    __slots__ = ("txn", "_store", "hot", "_dirty_seqs", "pend", "hwm", "ev_last", "ev_dirty")
 
     def __init__(self, store: "LmdbStore", txn: _Txn, hot: _Hot) -> None:
         self.txn = txn
@@ -483,6 +502,20 @@ class _Batch:
         #: T(user) -> inbox values queued in this batch; its keys are exactly
         #: the inboxes whose head moved.
         self.pend: dict[bytes, list[bytes]] = {}
+        #: The last host event id (meta ``evlast``), read when first needed,
+        #: written at flush if ``ev_dirty``.
+        self.ev_last = -1
+        self.ev_dirty = False
+
+    def append_event(self, now: int, data: bytes) -> int:
+        """Append a host event in this transaction; its id."""
+        if self.ev_last < 0:
+            raw = self.txn.get(b"evlast", db=self._store._meta)
+            self.ev_last = _U64.unpack(raw)[0] if raw is not None else 0
+        self.ev_last += 1
+        self.ev_dirty = True
+        self.txn.put(_U64.pack(self.ev_last), _I64.pack(now) + data, db=self._store._events)
+        return self.ev_last
 
     def last_seq(self, ck: bytes) -> int:
         seqs = self.hot.seqs
@@ -536,6 +569,9 @@ class _Batch:
 
     def flush(self) -> None:
         store, txn, hot = self._store, self.txn, self.hot
+        if self.ev_dirty:
+            txn.put(b"evlast", _U64.pack(self.ev_last), db=store._meta)
+            self.ev_dirty = False
         for ck in self._dirty_seqs:
             txn.put(ck, _U64.pack(hot.seqs[ck]), db=store._convs)
         self._dirty_seqs.clear()
@@ -653,6 +689,8 @@ class LmdbStore(Store):
             self._reads,
             self._revoked,
             self._spans,
+            self._events,
+            self._evcursors,
         ) = dbs
         self._env = env
         try:
@@ -999,6 +1037,8 @@ class LmdbStore(Store):
                     wrote = True
                 elif kind is GroupChanged and result.entries:  # type: ignore[union-attr]
                     wrote = True  # (the entries moved the hwm themselves)
+                elif kind is EventAppended or kind is EventsAcked:
+                    wrote = True
                 results.append(result)
             w.flush()
             if w.hwm != stored:
@@ -1068,6 +1108,12 @@ class LmdbStore(Store):
                 self._flag(txn, uk + ck, _HAS_MESSAGES, True)
             conv.flagged = True
         txn.put(dkey, _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest, db=self._dedupe)
+        if op.event:
+            m = StoredMessage(
+                op.msg_id, op.conv, seq, op.sender, op.device, op.local_id, op.client_time, op.server_time, op.payload,
+                0, after_seq,
+            )
+            w.append_event(op.server_time, message_event(m, [u for u, _ in positions]))
         return Appended(op.msg_id, seq, op.server_time, positions, after_seq)
 
     def _register(self, w: _Batch, user: str, device: str, position: int, now: int) -> tuple[int, bool]:
@@ -1162,7 +1208,56 @@ class LmdbStore(Store):
         # Written after the scan: no puts into a database under iteration.
         for uk, head, floor in new_floors:
             txn.put(uk, _HEAD_FLOOR.pack(head, floor), db=self._inboxmeta)
-        return Reclaimed(removed, len(stale))
+
+        # Host events: the longest prefix acked by every consumer (none yet:
+        # nothing is acked) or older than max_age.
+        cursors = [_U64.unpack(v)[0] for _, v in txn.cursor(self._evcursors)]
+        acked = min(cursors) if cursors else 0
+        doomed = []
+        for key, value in txn.cursor(self._events):
+            if not (_U64.unpack(key)[0] <= acked or _I64.unpack_from(value)[0] < age_cutoff):
+                break
+            doomed.append(key)
+        for key in doomed:
+            txn.delete(key, db=self._events)
+        return Reclaimed(removed, len(stale), len(doomed))
+
+    # --------------------------------------------------------- host events
+
+    def _append_event_op(self, w: _Batch, op: AppendEvent) -> Result:
+        return EventAppended(w.append_event(op.now, op.data))
+
+    def _ev_last(self, txn: _Txn) -> int:
+        raw = txn.get(b"evlast", db=self._meta)
+        return _U64.unpack(raw)[0] if raw is not None else 0
+
+    def _ack_events(self, w: _Batch, op: AckEvents) -> Result:
+        txn = w.txn
+        last = w.ev_last if w.ev_last >= 0 else self._ev_last(txn)
+        key = _t(op.consumer)
+        raw = txn.get(key, db=self._evcursors)
+        cursor = max(_U64.unpack(raw)[0] if raw is not None else 0, min(op.upto, last))
+        txn.put(key, _U64.pack(cursor), db=self._evcursors)
+        return EventsAcked(op.consumer, cursor)
+
+    def _read_events(self, op: ReadEvents) -> Result:
+        with self._read() as txn:
+            return self._read_events_in(txn, op)
+
+    def _read_events_in(self, txn: _Txn, op: ReadEvents) -> Result:
+        if not (valid_id(op.consumer) and (op.after is None or type(op.after) is int) and type(op.limit) is int):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        raw = txn.get(_t(op.consumer), db=self._evcursors)
+        cursor = _U64.unpack(raw)[0] if raw is not None else 0
+        after = cursor if op.after is None else op.after
+        last = self._ev_last(txn)
+        page = []
+        if op.limit > 0 and after < last:
+            for key, value in self._scan(txn, self._events, b"", _U64.pack(max(after, 0) + 1)):
+                page.append(StoredEvent(_U64.unpack(key)[0], _I64.unpack_from(value)[0], value[8:]))
+                if len(page) >= op.limit:
+                    break
+        return EventsPage(cursor, tuple(page), last)
 
     # ---------------------------------------------------------- group admin
 
@@ -1226,6 +1321,8 @@ class LmdbStore(Store):
             w.set_last_seq(ck, seq)
             txn.put(ck + _U64.pack(seq), msg_id + bytes((int(kind),)) + user.encode("ascii"), db=self._convidx)
             positions.append(w.fanout(conv, _INBOX.pack(msg_id, server_time)))
+            if op.event:
+                w.append_event(server_time, message_event(m, [u for u, _ in positions[-1]]))
             for member_key in conv.uks:
                 self._flag(txn, member_key + ck, _HAS_MESSAGES, True)
             if not add:
@@ -1404,11 +1501,13 @@ class LmdbStore(Store):
                 if kind is LoadSession:
                     out.append(self._session_in(txn, op))  # type: ignore[arg-type]
                 elif kind is ReadInbox:
-                    out.append(InboxPage(op.user, tuple(self._inbox_in(txn, op.user, op.after, op.limit))))  # type: ignore[union-attr]
+                    out.append(InboxPage(op.user, tuple(self._inbox_in(txn, op.user, op.after, op.limit))))  # type: ignore[union-attr,arg-type]
                 elif kind is ReadHistory:
                     out.append(self._read_history_in(txn, op))  # type: ignore[arg-type]
                 elif kind is ReadReaders:
                     out.append(self._read_readers_in(txn, op))  # type: ignore[arg-type]
+                elif kind is ReadEvents:
+                    out.append(self._read_events_in(txn, op))  # type: ignore[arg-type]
                 else:
                     raise TypeError(f"not a read op: {kind.__name__}")
             return tuple(out)
@@ -1578,4 +1677,6 @@ _HANDLERS: dict[type, Callable[[LmdbStore, _Batch, Op], Result]] = {
     AddMembers: LmdbStore._change_members,  # type: ignore[dict-item]
     RemoveMembers: LmdbStore._change_members,  # type: ignore[dict-item]
     RevokeTokens: LmdbStore._revoke,  # type: ignore[dict-item]
+    AppendEvent: LmdbStore._append_event_op,  # type: ignore[dict-item]
+    AckEvents: LmdbStore._ack_events,  # type: ignore[dict-item]
 }

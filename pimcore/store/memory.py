@@ -22,6 +22,14 @@ from typing import Any, Callable, Optional
 from ..errors import ErrorCode, StoreError
 from .base import (
     SYSTEM,
+    AckEvents,
+    AppendEvent,
+    EventAppended,
+    EventsAcked,
+    EventsPage,
+    ReadEvents,
+    StoredEvent,
+    message_event,
     RevokeTokens,
     Revoked,
     AckPosition,
@@ -106,6 +114,11 @@ class MemoryStore(Store):
         self._dedupe: dict[tuple[str, str, int], tuple[bytes, int, int, bytes]] = {}
         self._reads: dict[tuple[str, str], int] = {}
         self._revoked: dict[tuple[str, str], int] = {}  # (user, device or "") -> before
+        #: Host events: id -> (time, data); exactly ids floor+1..last (reclaim
+        #: removes a prefix).  "last" and "floor" in _evmeta.
+        self._events: dict[int, tuple[int, bytes]] = {}
+        self._evmeta: dict[str, int] = {"last": 0, "floor": 0}
+        self._evcursors: dict[str, int] = {}  # consumer -> acked id
 
     # ------------------------------------------------------------ plumbing
 
@@ -268,6 +281,8 @@ class MemoryStore(Store):
         self._set(self._dedupe, key, (op.msg_id, seq, op.server_time, op.digest))
         if op.server_time > self._hwm["server_time"]:
             self._set(self._hwm, "server_time", op.server_time)
+        if op.event:
+            self._append_event(op.server_time, message_event(self._msgs[op.msg_id], members))
         return Appended(op.msg_id, seq, op.server_time, tuple(positions), after_seq)
 
     def _register(self, user: str, device: str, position: int, now: int) -> tuple[DeviceState, bool]:
@@ -328,7 +343,46 @@ class MemoryStore(Store):
             if pos != floor:
                 self._set(self._floor, user, pos)
                 removed += pos - floor
-        return Reclaimed(removed, forgotten)
+        # Host events: the longest prefix acked by every consumer (none yet:
+        # nothing is acked) or older than max_age.
+        acked = min(self._evcursors.values()) if self._evcursors else 0
+        floor = pos = self._evmeta["floor"]
+        last = self._evmeta["last"]
+        while pos < last and (pos + 1 <= acked or self._events[pos + 1][0] < age_cutoff):
+            pos += 1
+            self._del(self._events, pos)
+        if pos != floor:
+            self._set(self._evmeta, "floor", pos)
+        return Reclaimed(removed, forgotten, pos - floor)
+
+    # --------------------------------------------------------- host events
+
+    def _append_event(self, now: int, data: bytes) -> int:
+        eid = self._evmeta["last"] + 1
+        self._set(self._evmeta, "last", eid)
+        self._set(self._events, eid, (now, data))
+        return eid
+
+    def _append_event_op(self, op: AppendEvent) -> Result:
+        return EventAppended(self._append_event(op.now, op.data))
+
+    def _ack_events(self, op: AckEvents) -> Result:
+        cursor = max(self._evcursors.get(op.consumer, 0), min(op.upto, self._evmeta["last"]))
+        self._set(self._evcursors, op.consumer, cursor)
+        return EventsAcked(op.consumer, cursor)
+
+    def _read_events(self, op: ReadEvents) -> Result:
+        with self._lock:
+            self._check_open()
+            if not (valid_id(op.consumer) and (op.after is None or type(op.after) is int) and type(op.limit) is int):
+                return Rejected(ErrorCode.BAD_REQUEST)
+            cursor = self._evcursors.get(op.consumer, 0)
+            after = cursor if op.after is None else op.after
+            last = self._evmeta["last"]
+            start = max(after, self._evmeta["floor"]) + 1
+            end = min(last, start + max(op.limit, 0) - 1)
+            page = tuple(StoredEvent(i, *self._events[i]) for i in range(start, end + 1))
+            return EventsPage(cursor, page, last)
 
     # ---------------------------------------------------------- group admin
 
@@ -404,6 +458,8 @@ class MemoryStore(Store):
                 pos_list.append((member, pos))
             if server_time > self._hwm["server_time"]:
                 self._set(self._hwm, "server_time", server_time)
+            if op.event:
+                self._append_event(server_time, message_event(m, recipients))
             entries.append(m)
             positions.append(tuple(pos_list))
         return GroupChanged(conv, tuple(sorted(self._members[conv])), tuple(entries), tuple(positions))
@@ -583,4 +639,6 @@ _HANDLERS: dict[type, Callable[[MemoryStore, Any], Result]] = {
     AddMembers: MemoryStore._change_members,
     RemoveMembers: MemoryStore._change_members,
     RevokeTokens: MemoryStore._revoke,
+    AppendEvent: MemoryStore._append_event_op,
+    AckEvents: MemoryStore._ack_events,
 }
