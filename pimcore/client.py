@@ -52,6 +52,7 @@ import random
 import ssl
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
 
 import trio
@@ -95,6 +96,7 @@ __all__ = [
     "ClientConfig",
     "ClientStatistics",
     "Sent",
+    "HistoryPage",
     "MessageReceived",
     "ReadStateChanged",
     "ReceiptReceived",
@@ -157,6 +159,15 @@ class _Waiter:
 
 def _local_clock_us() -> int:
     return time.time_ns() // 1000
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """A page of history (:meth:`Client.fetch_page`): ``messages`` in the
+    order asked, and ``more`` when the page stopped before the end."""
+
+    messages: list[F.Message]
+    more: bool
 
 
 class Client:
@@ -379,14 +390,22 @@ class Client:
 
     async def fetch_history(self, conv: str, from_seq: int = 0, limit: int = 100, *, backward: bool = False) -> list[F.Message]:
         """A page of ``conv``'s stored history (also added to :meth:`view`).
+        The page may hold fewer than ``limit`` messages before the end (cut to
+        fit one frame): use :meth:`fetch_page` to know whether more follow.
         Raises SendError with the broker's code, trio.TooSlowError after
         ``send_timeout``, AuthFailed/ClientClosed (client stopped)."""
+        return (await self.fetch_page(conv, from_seq, limit, backward=backward)).messages
+
+    async def fetch_page(self, conv: str, from_seq: int = 0, limit: int = 100, *, backward: bool = False) -> HistoryPage:
+        """As :meth:`fetch_history`, with whether more follow: page on from
+        the last seq of the page while ``more`` (not while the page is full:
+        a page of big messages is cut short to fit one frame)."""
         self._check_alive()
         s = self._session
         req = s.request_history(conv, from_seq, limit, backward, self._clock(), timeout=int(self.config.send_timeout * 1e6))
         c = await self._request_done(req)
         assert isinstance(c, HistoryCompleted)
-        return list(c.messages)
+        return HistoryPage(list(c.messages), c.more)
 
     async def readers(self, conv: str) -> list[F.Reader]:
         """How far each current member of ``conv`` has read: Reader(user,

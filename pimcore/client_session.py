@@ -264,6 +264,9 @@ class HistoryCompleted:
     req_id: int
     messages: tuple[F.Message, ...]
     error: Optional[ClientError]
+    #: HistoryResp.more: the page stopped before the end (at the limit, or
+    #: cut short to fit one frame -- then it holds fewer than asked).
+    more: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1401,7 +1404,7 @@ class ClientSession:
             return
         for m in f.messages:
             self._remember(m)
-        self._completions.append(HistoryCompleted(f.req_id, tuple(f.messages), None))
+        self._completions.append(HistoryCompleted(f.req_id, tuple(f.messages), None, f.more))
 
     # ------------------------------------------------------------ completions
 

@@ -616,6 +616,28 @@ async def test_websocket_wrong_path_and_text_messages_are_refused(lmdb_store):
                 assert (await a.send(AB, b"binary is fine")).seq == 1
 
 
+async def test_pages_of_big_messages_are_cut_short_and_say_more_follow(lmdb_store):
+    """A page is cut to fit one frame: with 6 KiB messages and 16 KiB frames
+    a page of 10 holds only a couple, so "fewer than asked" does not mean the
+    end -- fetch_page says whether more follow, and paging on it gets all."""
+    cfg = server_config(limits=Limits(max_frame=16 * 1024, max_payload=6 * 1024, heartbeat_ms=15000))
+    with trio.fail_after(20):
+        async with serving(lmdb_store, cfg) as srv:
+            async with client(srv.url(), "alice") as a:
+                for i in range(12):
+                    await a.send(AB, bytes([65 + i]) * (6 * 1024))
+                first = await a.fetch_page(AB, 0, 10)
+                assert 0 < len(first.messages) < 10 and first.more
+                got, after = [], 0
+                while True:
+                    page = await a.fetch_page(AB, after, 10)
+                    got += page.messages
+                    if not page.more:
+                        break
+                    after = page.messages[-1].seq
+                assert [m.seq for m in got] == list(range(1, 13))
+
+
 async def test_the_local_view_is_bounded_and_keeps_the_newest(lmdb_store):
     with trio.fail_after(20):
         async with serving(lmdb_store) as srv:
