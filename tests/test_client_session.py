@@ -878,7 +878,7 @@ def test_history_requests_match_by_id_and_are_asked_again_until_answered():
     page = (msg(0, 6, conv="g:team"), msg(0, 7, conv="g:team"))
     b.feed(T0 + 1, F.HistoryResp(r2, "g:team", ErrorCode.OK, page, True))
     [done] = s.completions()
-    assert done == HistoryCompleted(r2, page, None)
+    assert done == HistoryCompleted(r2, page, None, more=True)  # the broker said more follow
     assert [m.seq for m in s.view("g:team")] == [6, 7]
     s.handle_timer(T0 + 2 * S)  # 2 x ack_timeout without an answer: asked again
     assert b.read() == [F.HistoryReq(r1, CONV, 0, 10, True)]
