@@ -100,6 +100,10 @@ async def test_post_errors(tmp_path: Path) -> None:
             assert_error(*await call(c, "POST", path, raw=b"{nope"), 400, "bad_request")
             assert_error(*await call(c, "POST", path, {"payload": "x"}, key=None), 401, "unauthorized")
             assert await im.history("team", "alice") == []  # nothing refused was stored
+            # A sender without a device posts from the device "http".
+            assert (await call(c, "POST", path, {"payload": "x", "sender": "alice"}))[0] == 201
+            [m] = await im.history("team", "alice")
+            assert (m.sender, m.device, m.payload) == ("alice", "http", b"x")
 
 
 async def test_groups_and_members(tmp_path: Path) -> None:
