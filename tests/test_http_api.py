@@ -194,6 +194,11 @@ async def test_revoke_and_tokens(tmp_path: Path) -> None:
             assert_error(*await call(c, "POST", "/v1/tokens", {"user": "alice", "ttl": "5"}), 400, "bad_request")
             assert_error(*await call(c, "POST", "/v1/tokens", {"user": "bad id\n"}), 400, "BAD_REQUEST")
             assert_error(*await call(c, "POST", "/v1/users/alice/revoke", {"before": "now"}), 400, "bad_request")
+            for bad in (-5, 2**70, True):
+                status, doc = await call(c, "POST", "/v1/users/alice/revoke", {"before": bad})
+                assert_error(status, doc, 400, "bad_request")
+                assert "before" in doc["error"]["message"]
+            assert_error(*await call(c, "POST", "/v1/tokens", {"user": "alice", "ttl": 2**70}), 400, "bad_request")
             assert_error(*await call(c, "POST", "/v1/users/bad%0Aid/revoke"), 400, "BAD_REQUEST")
 
 
@@ -226,6 +231,10 @@ async def test_events_long_poll_and_ack(tmp_path: Path) -> None:
             assert (await call(c, "GET", "/v1/events?consumer=audit"))[1]["events"] == doc["events"]
             assert_error(*await call(c, "POST", "/v1/events/ack", {"consumer": "push"}), 400, "bad_request")
             assert_error(*await call(c, "GET", "/v1/events?wait=1000"), 400, "bad_request")
+            for q in ("after=-1", "after=99999999999999999999999", "limit=0", "after=x"):
+                assert_error(*await call(c, "GET", f"/v1/events?{q}"), 400, "bad_request")
+            # After the last event, without wait: an empty page at once.
+            assert (await call(c, "GET", f"/v1/events?consumer=push&after={doc['next']}"))[1]["events"] == []
             assert_error(*await call(c, "GET", "/v1/events?consumer=bad%0Aname"), 400, "BAD_REQUEST")
 
 

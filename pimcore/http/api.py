@@ -45,6 +45,9 @@ MAX_EVENT_WAIT = 60.0
 
 _MISSING = object()
 
+#: Integers in bodies and queries (seqs, µs, event ids, seconds) are 0..2^63-1.
+_MAX_INT = (1 << 63) - 1
+
 
 def _bad(message: str) -> HttpError:
     return HttpError(400, "bad_request", message)
@@ -62,12 +65,17 @@ def _object(request: Request, *, optional: bool = False) -> dict[str, Any]:
 
 def _field(body: dict[str, Any], name: str, kind: type, default: Any = _MISSING) -> Any:
     """``body[name]`` checked to be a ``kind`` (bool is not an int here)."""
-    value = body.get(name, _MISSING)
+    value: Any = body.get(name, _MISSING)
     if value is _MISSING or (value is None and default is not _MISSING):
         if default is _MISSING:
             raise _bad(f"field {name!r} is required")
         return default
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    if kind is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _bad(f"field {name!r} must be an integer")
+        if not 0 <= value <= _MAX_INT:
+            raise _bad(f"field {name!r} must be 0..2^63-1")
+    elif not isinstance(value, kind):
         raise _bad(f"field {name!r} must be {_KIND_NAME.get(kind, kind.__name__)}")
     return value
 
@@ -96,9 +104,12 @@ def _query(request: Request, name: str, kind: type, default: Any) -> Any:
             return False
         raise _bad(f"query parameter {name!r} must be true or false")
     try:
-        return kind(text)
+        value: Any = kind(text)
     except ValueError:
         raise _bad(f"query parameter {name!r} must be {_KIND_NAME.get(kind, 'a number')}") from None
+    if kind is int and not 0 <= value <= _MAX_INT:
+        raise _bad(f"query parameter {name!r} must be 0..2^63-1")
+    return value
 
 
 def _message(m: Any) -> dict[str, Any]:
@@ -236,13 +247,16 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         wait = _query(request, "wait", float, 0.0)
         if not 1 <= limit <= 10000 or not 0 <= wait <= MAX_EVENT_WAIT or (after is not None and after < 0):
             raise _bad(f"query parameters: 'limit' 1..10000, 'wait' 0..{MAX_EVENT_WAIT:g} seconds, 'after' >= 0")
+        cursor, last = await handle.event_cursor(consumer)
         if after is None:
-            after = (await handle.event_cursor(consumer))[0]
+            after = cursor
         page: list[Any] = []
-        # next_events waits for at least one; a long-poll that times out
-        # returns an empty page (nothing was read, so nothing is lost).
-        with trio.move_on_after(wait if wait > 0 else 0.001):
-            after, page = await handle.next_events(consumer, after=after, limit=limit)
+        # next_events waits for at least one: it is called only when there
+        # is one (wait=0) or for at most `wait` seconds.  A long-poll that
+        # times out returns an empty page; nothing moved, nothing is lost.
+        if last > after or wait > 0:
+            with trio.move_on_after(wait):
+                after, page = await handle.next_events(consumer, after=after, limit=limit)
         online = handle.online_devices
         out = [_event(fresh_presence(ev, online)) for ev in page]
         return 200, {"consumer": consumer, "after": after, "events": out,
@@ -252,8 +266,6 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         body = _object(request)
         consumer = _field(body, "consumer", str, "default")
         upto = _field(body, "upto", int)
-        if upto < 0:
-            raise _bad("field 'upto' must be >= 0")
         return 200, {"consumer": consumer, "cursor": await handle.ack_events(upto, consumer)}
 
     for method, pattern, handler in (
