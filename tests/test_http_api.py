@@ -274,3 +274,16 @@ async def test_pimcore_serve_answers_the_server_api(tmp_path: Path, procs: Any) 
                          401, "unauthorized")
         finally:
             c.close()
+
+
+async def test_a_failed_store_is_503_store_unavailable(tmp_path: Path) -> None:
+    store = MemoryStore()
+    with trio.fail_after(30):
+        async with api(tmp_path, store=store) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            store.close()
+            status, doc = await call(c, "POST", "/v1/conversations/team/messages", {"payload": "x"},
+                                     headers={"Idempotency-Key": "k"})
+            assert_error(status, doc, 503, "STORE_UNAVAILABLE")
+            assert_error(*await call(c, "POST", "/v1/groups", {"conv": "g2", "members": ["a"]}), 503, "STORE_UNAVAILABLE")
+            assert (await call(c, "GET", "/v1/info"))[0] == 200  # the listener goes on
