@@ -287,3 +287,29 @@ async def test_a_failed_store_is_503_store_unavailable(tmp_path: Path) -> None:
             assert_error(status, doc, 503, "STORE_UNAVAILABLE")
             assert_error(*await call(c, "POST", "/v1/groups", {"conv": "g2", "members": ["a"]}), 503, "STORE_UNAVAILABLE")
             assert (await call(c, "GET", "/v1/info"))[0] == 200  # the listener goes on
+
+
+async def test_the_server_api_over_https(tmp_path: Path) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path, store=MemoryStore(), secret=SECRET.decode()) as im:
+            cfg = HttpConfig(api_keys=(KEY,), scheme="tls", ssl_context=server_ctx)
+            async with open_http_server(im.server, cfg, handle=im) as h:
+                assert h.url.startswith("https://")
+                c = Http(h.url, client_ctx)
+                try:
+                    assert (await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["alice"]}))[0] == 201
+                    status, posted = await call(c, "POST", "/v1/conversations/team/messages", {"payload": "tls"})
+                    assert status == 201 and posted["seq"] == 1
+                    status, page = await call(c, "GET", "/v1/conversations/team/history?user=alice")
+                    assert [base64.b64decode(m["payload_b64"]) for m in page["messages"]] == [b"tls"]
+                finally:
+                    c.close()
