@@ -185,9 +185,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             async with open_broker_server(store, auth, config) as server, trio.open_nursery() as nursery:
                 urls = list(server.urls)
                 if http_config is not None:
+                    from .embed import Pimcore
                     from .http import BrokerHttp
 
-                    http = BrokerHttp(server, http_config)
+                    http = BrokerHttp(server, http_config, handle=Pimcore(server, store, settings, secret))
                     await nursery.start(http.run)
                     assert http.url is not None  # set once listening
                     urls.append(http.url)

@@ -22,6 +22,7 @@ from .metrics import CONTENT_TYPE, broker_registry, render
 from .server import HttpConfig, HttpError, HttpServer, RawBody, Request, Router
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..embed import Pimcore
     from ..net.server import BrokerServer
 
 __all__ = ["BrokerHttp", "open_http_server"]
@@ -29,9 +30,12 @@ __all__ = ["BrokerHttp", "open_http_server"]
 
 class BrokerHttp(HttpServer):
     """An :class:`HttpServer` for ``server`` with the operations endpoints
-    and ``GET /v1/info`` already routed."""
+    and ``GET /v1/info`` already routed; given a ``handle`` (the
+    :class:`~pimcore.embed.Pimcore` of the same broker) also the server API
+    (:func:`pimcore.http.api.register_api`, docs/HTTP.md)."""
 
-    def __init__(self, server: "BrokerServer", config: HttpConfig, *, started: float | None = None) -> None:
+    def __init__(self, server: "BrokerServer", config: HttpConfig, *, started: float | None = None,
+                 handle: "Pimcore | None" = None) -> None:
         super().__init__(Router(), config)
         self.broker_server = server
         self.started = time.time() if started is None else started
@@ -42,6 +46,11 @@ class BrokerHttp(HttpServer):
         r.add("GET", "/readyz", self._readyz, auth=False)
         r.add("GET", "/metrics", self._metrics, auth=False)
         r.add("GET", "/v1/info", self._info)
+        self.handle = handle
+        if handle is not None:
+            from .api import register_api
+
+            register_api(r, handle)
 
     async def _healthz(self, request: Request) -> tuple[int, Any]:
         return 200, {"status": "ok"}
@@ -70,10 +79,12 @@ class BrokerHttp(HttpServer):
 
 
 @asynccontextmanager
-async def open_http_server(server: "BrokerServer", config: HttpConfig) -> AsyncIterator[BrokerHttp]:
+async def open_http_server(server: "BrokerServer", config: HttpConfig, *,
+                           handle: "Pimcore | None" = None) -> AsyncIterator[BrokerHttp]:
     """Serve ``server``'s HTTP listener for the duration of the block
-    (``.url`` is the real address once entered)."""
-    http = BrokerHttp(server, config)
+    (``.url`` is the real address once entered); with ``handle``, the
+    server API too."""
+    http = BrokerHttp(server, config, handle=handle)
     async with trio.open_nursery() as nursery:
         await nursery.start(http.run)
         try:

@@ -1,0 +1,285 @@
+"""The server API: JSON endpoints over :class:`~pimcore.embed.Pimcore`.
+
+Each endpoint is one handle method (docs/HTTP.md, Server API).  Errors:
+
+* a malformed body or query (not JSON, a field missing or of the wrong
+  type) -> 400 ``bad_request`` with a message naming the field;
+* :class:`~pimcore.embed.RequestRefused` -> 4xx with the ErrorCode name as
+  the code (:data:`REFUSED_STATUS`), e.g. 404 ``UNKNOWN_CONVERSATION``;
+* :class:`~pimcore.errors.StoreError` -> 503 ``STORE_UNAVAILABLE`` (retry;
+  a post retried with the same Idempotency-Key is stored once).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
+
+import trio
+
+from ..errors import ErrorCode, StoreError
+from .server import HttpError, Request, Router
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..embed import HostEvent, Pimcore
+
+__all__ = ["register_api", "REFUSED_STATUS"]
+
+#: HTTP status of each ErrorCode a handle refusal carries (others: 400).
+REFUSED_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.UNKNOWN_CONVERSATION: 404,
+    ErrorCode.NOT_MEMBER: 403,
+    ErrorCode.ALREADY_EXISTS: 409,
+    ErrorCode.DUPLICATE_CONFLICT: 409,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.TOO_MANY_IN_FLIGHT: 429,
+    ErrorCode.REJECTED: 403,
+}
+
+#: Longest ``wait`` (seconds) a ``GET /v1/events`` long-poll may ask for.
+MAX_EVENT_WAIT = 60.0
+
+_MISSING = object()
+
+#: Integers in bodies and queries (seqs, µs, event ids, seconds) are 0..2^63-1.
+_MAX_INT = (1 << 63) - 1
+
+
+def _bad(message: str) -> HttpError:
+    return HttpError(400, "bad_request", message)
+
+
+def _object(request: Request, *, optional: bool = False) -> dict[str, Any]:
+    """The JSON object body ({} for an empty body when ``optional``)."""
+    if optional and not request.body.strip():
+        return {}
+    body = request.json()
+    if not isinstance(body, dict):
+        raise _bad("the body must be a JSON object")
+    return body
+
+
+def _field(body: dict[str, Any], name: str, kind: type, default: Any = _MISSING) -> Any:
+    """``body[name]`` checked to be a ``kind`` (bool is not an int here)."""
+    value: Any = body.get(name, _MISSING)
+    if value is _MISSING or (value is None and default is not _MISSING):
+        if default is _MISSING:
+            raise _bad(f"field {name!r} is required")
+        return default
+    if kind is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _bad(f"field {name!r} must be an integer")
+        if not 0 <= value <= _MAX_INT:
+            raise _bad(f"field {name!r} must be 0..2^63-1")
+    elif not isinstance(value, kind):
+        raise _bad(f"field {name!r} must be {_KIND_NAME.get(kind, kind.__name__)}")
+    return value
+
+
+_KIND_NAME = {str: "a string", int: "an integer", list: "an array", bool: "a boolean"}
+
+
+def _strings(body: dict[str, Any], name: str) -> list[str]:
+    value = _field(body, name, list)
+    if not all(isinstance(v, str) for v in value):
+        raise _bad(f"field {name!r} must be an array of strings")
+    return value
+
+
+def _query(request: Request, name: str, kind: type, default: Any) -> Any:
+    values = request.query.get(name)
+    if not values:
+        return default
+    text = values[-1]
+    if kind is str:
+        return text
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise _bad(f"query parameter {name!r} must be true or false")
+    try:
+        value: Any = kind(text)
+    except ValueError:
+        raise _bad(f"query parameter {name!r} must be {_KIND_NAME.get(kind, 'a number')}") from None
+    if kind is int and not 0 <= value <= _MAX_INT:
+        raise _bad(f"query parameter {name!r} must be 0..2^63-1")
+    return value
+
+
+def _message(m: Any) -> dict[str, Any]:
+    return {
+        "msg_id": m.msg_id.hex(), "conv": m.conv, "seq": m.seq, "sender": m.sender, "device": m.device,
+        "kind": m.kind, "local_id": m.local_id, "server_time": m.server_time,
+        "payload_b64": base64.b64encode(m.payload).decode("ascii"),
+    }
+
+
+def _event(ev: "HostEvent") -> dict[str, Any]:
+    d = asdict(ev)
+    d["msg_id"] = ev.msg_id.hex()
+    d["payload_b64"] = base64.b64encode(d.pop("payload")).decode("ascii")
+    d["recipients"] = list(ev.recipients)
+    d["offline_recipients"] = list(ev.offline_recipients)
+    return d
+
+
+def _guarded(handler: Callable[[Request], Awaitable[tuple[int, Any]]]) -> Callable[[Request], Awaitable[tuple[int, Any]]]:
+    """Map the handle's errors to HTTP errors (the module docstring)."""
+    from ..embed import RequestRefused
+
+    async def run(request: Request) -> tuple[int, Any]:
+        try:
+            return await handler(request)
+        except RequestRefused as exc:
+            raise HttpError(REFUSED_STATUS.get(exc.code, 400), exc.code.name, str(exc)) from None
+        except StoreError as exc:
+            raise HttpError(503, "STORE_UNAVAILABLE", str(exc) or "the store failed") from None
+
+    return run
+
+
+def register_api(router: Router, handle: "Pimcore") -> None:
+    """Route the server API's endpoints (all behind the API key) to ``handle``."""
+    from ..embed import fresh_presence
+
+    async def post(request: Request) -> tuple[int, Any]:
+        body = _object(request)
+        text = _field(body, "payload", str, None)
+        b64 = _field(body, "payload_b64", str, None)
+        if (text is None) == (b64 is None):
+            raise _bad("give exactly one of the fields 'payload' (text) and 'payload_b64'")
+        if b64 is not None:
+            try:
+                payload = base64.b64decode(b64, validate=True)
+            except (binascii.Error, ValueError):
+                raise _bad("field 'payload_b64' is not base64") from None
+        else:
+            payload = text.encode("utf-8", "surrogatepass")
+        kw: dict[str, Any] = {}
+        sender = _field(body, "sender", str, None)
+        device = _field(body, "device", str, None)
+        if device is not None and sender is None:
+            raise _bad("field 'device' needs the field 'sender'")
+        if sender is not None:
+            kw["sender"] = sender
+            kw["device"] = device if device is not None else "http"
+        key = request.headers.get("idempotency-key")
+        if key is not None:
+            kw["idempotency_key"] = key.encode("latin-1")
+        posted = await handle.post(request.params["conv"], payload, **kw)
+        return 201, {"conv": posted.conv, "msg_id": posted.msg_id.hex(), "seq": posted.seq,
+                     "server_time": posted.server_time}
+
+    async def create_group(request: Request) -> tuple[int, Any]:
+        body = _object(request)
+        changed = await handle.create_group(_field(body, "conv", str), _strings(body, "members"))
+        return 201, {"conv": changed.conv, "members": list(changed.members)}
+
+    async def add_members(request: Request) -> tuple[int, Any]:
+        changed = await handle.add_members(request.params["conv"], _strings(_object(request), "users"))
+        return 200, {"conv": changed.conv, "members": list(changed.members)}
+
+    async def remove_member(request: Request) -> tuple[int, Any]:
+        changed = await handle.remove_members(request.params["conv"], [request.params["user"]])
+        return 200, {"conv": changed.conv, "members": list(changed.members)}
+
+    async def kick(request: Request) -> tuple[int, Any]:
+        body = _object(request, optional=True)
+        user = request.params["user"]
+        device = _field(body, "device", str, None)
+        reason = _field(body, "reason", str, "")
+        online = handle.online_devices(user)
+        handle.kick(user, device, reason)
+        kicked = [d for d in online if device is None or d == device]
+        return 200, {"user": user, "devices": kicked}
+
+    async def revoke(request: Request) -> tuple[int, Any]:
+        body = _object(request, optional=True)
+        user = request.params["user"]
+        device = _field(body, "device", str, None)
+        before = await handle.revoke(user, device, before=_field(body, "before", int, None))
+        return 200, {"user": user, "device": device, "before": before}
+
+    async def tokens(request: Request) -> tuple[int, Any]:
+        body = _object(request)
+        user = _field(body, "user", str)
+        ttl = _field(body, "ttl", int, 3600)
+        if ttl < 1:
+            raise _bad("field 'ttl' must be at least 1 (seconds)")
+        try:
+            token = handle.issue_token(user, _field(body, "device", str, None), ttl=ttl)
+        except ValueError as exc:
+            raise HttpError(400, "BAD_REQUEST", str(exc)) from None
+        except RuntimeError as exc:
+            raise HttpError(501, "not_implemented", str(exc)) from None
+        return 201, {"token": token}
+
+    async def conversations(request: Request) -> tuple[int, Any]:
+        convs = await handle.conversations(request.params["user"])
+        return 200, {"conversations": [asdict(c) for c in convs]}
+
+    async def history(request: Request) -> tuple[int, Any]:
+        user = _query(request, "user", str, None)
+        if user is None:
+            raise _bad("query parameter 'user' is required")
+        from_seq = _query(request, "from_seq", int, 0)
+        limit = _query(request, "limit", int, 50)
+        if from_seq < 0 or not 1 <= limit <= 1000:
+            raise _bad("query parameters: 'from_seq' must be >= 0, 'limit' 1..1000")
+        msgs = await handle.history(request.params["conv"], user, from_seq=from_seq, limit=limit,
+                                    backward=_query(request, "backward", bool, True))
+        return 200, {"messages": [_message(m) for m in msgs]}
+
+    async def devices(request: Request) -> tuple[int, Any]:
+        user = request.params["user"]
+        return 200, {"user": user, "devices": handle.online_devices(user)}
+
+    async def events(request: Request) -> tuple[int, Any]:
+        consumer = _query(request, "consumer", str, "default")
+        after: Optional[int] = _query(request, "after", int, None)
+        limit = _query(request, "limit", int, 256)
+        wait = _query(request, "wait", float, 0.0)
+        if not 1 <= limit <= 10000 or not 0 <= wait <= MAX_EVENT_WAIT or (after is not None and after < 0):
+            raise _bad(f"query parameters: 'limit' 1..10000, 'wait' 0..{MAX_EVENT_WAIT:g} seconds, 'after' >= 0")
+        cursor, last = await handle.event_cursor(consumer)
+        if after is None:
+            after = cursor
+        page: list[Any] = []
+        # next_events waits for at least one: it is called only when there
+        # is one (wait=0) or for at most `wait` seconds.  A long-poll that
+        # times out returns an empty page; nothing moved, nothing is lost.
+        if last > after or wait > 0:
+            with trio.move_on_after(wait):
+                after, page = await handle.next_events(consumer, after=after, limit=limit)
+        online = handle.online_devices
+        out = [_event(fresh_presence(ev, online)) for ev in page]
+        return 200, {"consumer": consumer, "after": after, "events": out,
+                     "next": page[-1].id if page else after}
+
+    async def ack(request: Request) -> tuple[int, Any]:
+        body = _object(request)
+        consumer = _field(body, "consumer", str, "default")
+        upto = _field(body, "upto", int)
+        return 200, {"consumer": consumer, "cursor": await handle.ack_events(upto, consumer)}
+
+    for method, pattern, handler in (
+        ("POST", "/v1/conversations/{conv}/messages", post),
+        ("GET", "/v1/conversations/{conv}/history", history),
+        ("POST", "/v1/groups", create_group),
+        ("POST", "/v1/groups/{conv}/members", add_members),
+        ("DELETE", "/v1/groups/{conv}/members/{user}", remove_member),
+        ("POST", "/v1/users/{user}/kick", kick),
+        ("POST", "/v1/users/{user}/revoke", revoke),
+        ("GET", "/v1/users/{user}/conversations", conversations),
+        ("GET", "/v1/users/{user}/devices", devices),
+        ("POST", "/v1/tokens", tokens),
+        ("GET", "/v1/events", events),
+        ("POST", "/v1/events/ack", ack),
+    ):
+        router.add(method, pattern, _guarded(handler))

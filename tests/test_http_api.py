@@ -1,0 +1,315 @@
+"""The server API (pimcore.http.api): the handle's operations over HTTP, with
+a real HTTP client (stdlib http.client in a thread, as tests/test_http.py)
+against an embedded broker on loopback, observed by SDK clients."""
+
+from __future__ import annotations
+
+import base64
+import json
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+import trio
+
+from pimcore.client import AuthFailed, ClientClosed, open_client
+from pimcore.embed import SYSTEM, Pimcore, open_pimcore
+from pimcore.http import BrokerHttp, HttpConfig, open_http_server
+from pimcore.store import MemoryStore, direct_conversation
+
+from _net import FAST_CLIENT, SECRET, token
+from _proc import procs  # noqa: F401  (a fixture)
+from test_http import KEY, Http, assert_error
+
+AB = direct_conversation("alice", "bob")
+JSON = {"Content-Type": "application/json"}
+
+
+@asynccontextmanager
+async def api(tmp_path: Path, **kw: Any) -> AsyncIterator[tuple[Pimcore, BrokerHttp, Http]]:
+    """An embedded broker (LMDB in ``tmp_path`` unless ``store=``), its HTTP
+    listener with the server API, and one keep-alive HTTP connection."""
+    kw.setdefault("listen", ["tcp://127.0.0.1:0"])
+    async with open_pimcore(data_dir=tmp_path, secret=SECRET.decode(), **kw) as im:
+        async with open_http_server(im.server, HttpConfig(api_keys=(KEY,)), handle=im) as h:
+            c = Http(h.url)
+            try:
+                yield im, h, c
+            finally:
+                c.close()
+
+
+async def call(c: Http, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+               headers: dict[str, str] | None = None, key: str | None = KEY) -> tuple[int, Any]:
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    return await c.json(method, path, key=key, body=data, headers={**JSON, **(headers or {})})
+
+
+async def test_post_is_delivered_to_an_sdk_client_and_a_retry_with_the_key_is_one_message(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            assert await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["alice", "bob"]}) == (
+                201, {"conv": "team", "members": ["alice", "bob"]})
+            async with open_client(im.server.url(), token("bob"), "phone", config=FAST_CLIENT) as bob:
+                status, first = await call(c, "POST", "/v1/conversations/team/messages", {"payload": "welcome ✓"},
+                                           headers={"Idempotency-Key": "w-1"})
+                assert status == 201 and set(first) == {"conv", "msg_id", "seq", "server_time"}
+                assert first["conv"] == "team" and first["seq"] == 1 and len(bytes.fromhex(first["msg_id"])) == 16
+                # The same key again: the same message, not a second one.
+                assert await call(c, "POST", "/v1/conversations/team/messages", {"payload": "welcome ✓"},
+                                  headers={"Idempotency-Key": "w-1"}) == (201, first)
+                status, as_alice = await call(c, "POST", "/v1/conversations/team/messages",
+                                              {"payload_b64": base64.b64encode(b"\x00\xffbin").decode(),
+                                               "sender": "alice", "device": "web"})
+                assert status == 201 and as_alice["seq"] == 2
+                got = []
+                async for m in bob.messages():
+                    got.append((m.sender, m.device, m.payload, m.seq))
+                    if len(got) == 2:
+                        break
+                assert got == [(SYSTEM, SYSTEM, "welcome ✓".encode(), 1), ("alice", "web", b"\x00\xffbin", 2)]
+            # The same key with another payload is a conflict.
+            assert_error(*await call(c, "POST", "/v1/conversations/team/messages", {"payload": "other"},
+                                     headers={"Idempotency-Key": "w-1"}), 409, "DUPLICATE_CONFLICT")
+            status, page = await call(c, "GET", "/v1/conversations/team/history?user=bob&limit=10&backward=false")
+            assert status == 200 and [m["seq"] for m in page["messages"]] == [1, 2]
+            assert base64.b64decode(page["messages"][1]["payload_b64"]) == b"\x00\xffbin"
+            assert page["messages"][0]["sender"] == SYSTEM and page["messages"][0]["msg_id"] == first["msg_id"]
+
+
+async def test_post_errors(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with api(tmp_path, max_payload=100) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            path = "/v1/conversations/team/messages"
+            assert_error(*await call(c, "POST", "/v1/conversations/nope/messages", {"payload": "x"}),
+                         404, "UNKNOWN_CONVERSATION")
+            assert_error(*await call(c, "POST", path, {"payload": "x", "sender": "mallory", "device": "web"}),
+                         403, "NOT_MEMBER")
+            assert_error(*await call(c, "POST", path, {"payload": "x" * 101}), 413, "PAYLOAD_TOO_LARGE")
+            assert_error(*await call(c, "POST", path, {"payload": "x", "sender": "bad id\n"}), 400, "BAD_REQUEST")
+            assert_error(*await call(c, "POST", path, {"payload": "x"}, headers={"Idempotency-Key": "k" * 300}),
+                         400, "BAD_REQUEST")
+            for body, field in (({}, "payload"), ({"payload": 5}, "payload"), ({"payload": "a", "payload_b64": "YQ=="}, "payload"),
+                                ({"payload_b64": "not base64!"}, "payload_b64"), ({"payload": "a", "sender": 1}, "sender"),
+                                ({"payload": "a", "device": "web"}, "device"), ([1], "object")):
+                status, doc = await call(c, "POST", path, body)
+                assert_error(status, doc, 400, "bad_request")
+                assert field in doc["error"]["message"], (body, doc)
+            assert_error(*await call(c, "POST", path, raw=b"{nope"), 400, "bad_request")
+            assert_error(*await call(c, "POST", path, {"payload": "x"}, key=None), 401, "unauthorized")
+            assert await im.history("team", "alice") == []  # nothing refused was stored
+            # A sender without a device posts from the device "http".
+            assert (await call(c, "POST", path, {"payload": "x", "sender": "alice"}))[0] == 201
+            [m] = await im.history("team", "alice")
+            assert (m.sender, m.device, m.payload) == ("alice", "http", b"x")
+
+
+async def test_groups_and_members(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            assert (await call(c, "POST", "/v1/groups", {"conv": "g", "members": ["alice"]}))[0] == 201
+            assert_error(*await call(c, "POST", "/v1/groups", {"conv": "g", "members": ["bob"]}), 409, "ALREADY_EXISTS")
+            assert_error(*await call(c, "POST", "/v1/groups", {"conv": "h", "members": "bob"}), 400, "bad_request")
+            assert_error(*await call(c, "POST", "/v1/groups", {"conv": "h", "members": [1]}), 400, "bad_request")
+            assert_error(*await call(c, "POST", "/v1/groups", {"members": []}), 400, "bad_request")
+            assert_error(*await call(c, "POST", "/v1/groups", {"conv": "bad id\n", "members": ["a"]}), 400, "BAD_REQUEST")
+            assert await call(c, "POST", "/v1/groups/g/members", {"users": ["bob", "carol"]}) == (
+                200, {"conv": "g", "members": ["alice", "bob", "carol"]})
+            assert_error(*await call(c, "POST", "/v1/groups/nope/members", {"users": ["bob"]}), 404, "UNKNOWN_CONVERSATION")
+            assert_error(*await call(c, "POST", "/v1/groups/g/members", {"user": ["bob"]}), 400, "bad_request")
+            assert await call(c, "DELETE", "/v1/groups/g/members/carol") == (200, {"conv": "g", "members": ["alice", "bob"]})
+            assert_error(*await call(c, "DELETE", "/v1/groups/nope/members/carol"), 404, "UNKNOWN_CONVERSATION")
+            status, convs = await call(c, "GET", "/v1/users/bob/conversations")
+            assert status == 200 and [x["conv"] for x in convs["conversations"]] == ["g"]
+            assert set(convs["conversations"][0]) == {"conv", "read_seq", "last_seq", "unread", "peer", "peer_read_seq"}
+            status, page = await call(c, "GET", "/v1/conversations/g/history?user=bob&backward=0")
+            assert status == 200 and [(m["kind"], m["sender"]) for m in page["messages"]] == [(1, "bob"), (1, "carol"), (2, "carol")]
+            assert_error(*await call(c, "GET", "/v1/conversations/g/history?user=mallory"), 403, "NOT_MEMBER")
+            assert_error(*await call(c, "GET", "/v1/conversations/g/history"), 400, "bad_request")
+            assert_error(*await call(c, "GET", "/v1/conversations/g/history?user=bob&limit=x"), 400, "bad_request")
+            assert_error(*await call(c, "GET", "/v1/conversations/nope/history?user=bob"), 404, "UNKNOWN_CONVERSATION")
+
+
+async def test_conversations_show_unread_after_a_client_sends(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            async with open_client(im.server.url(), token("alice"), "phone", config=FAST_CLIENT) as alice:
+                await alice.send(AB, b"hi")
+                await alice.send(AB, b"there")
+                assert await call(c, "GET", "/v1/users/alice/devices") == (200, {"user": "alice", "devices": ["phone"]})
+            status, doc = await call(c, "GET", "/v1/users/bob/conversations")
+            assert status == 200
+            [conv] = doc["conversations"]
+            assert (conv["conv"], conv["unread"], conv["last_seq"], conv["peer"]) == (AB, 2, 2, "alice")
+            assert await call(c, "GET", "/v1/users/nobody/conversations") == (200, {"conversations": []})
+            assert await call(c, "GET", "/v1/users/alice/devices") == (200, {"user": "alice", "devices": []})
+
+
+async def test_kick_ends_a_session_of_an_sdk_client(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with api(tmp_path, store=MemoryStore()) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            async with open_client(im.server.url(), token("alice"), "phone", config=FAST_CLIENT) as alice, \
+                    open_client(im.server.url(), token("alice"), "web", config=FAST_CLIENT) as web:
+                assert await call(c, "POST", "/v1/users/alice/kick", {"device": "phone", "reason": "account review"}) == (
+                    200, {"user": "alice", "devices": ["phone"]})
+                with pytest.raises(ClientClosed, match="account review"):
+                    await alice.send("team", b"still here?")
+                assert (await web.send("team", b"web is fine")).seq == 1
+                assert_error(*await call(c, "POST", "/v1/users/alice/kick", {"reason": 5}), 400, "bad_request")
+                # No body: every device.
+                status, doc = await c.json("POST", "/v1/users/alice/kick", key=KEY)
+                assert (status, doc) == (200, {"user": "alice", "devices": ["web"]})
+                with pytest.raises(ClientClosed):
+                    await web.send("team", b"gone")
+
+
+async def test_revoke_and_tokens(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            status, doc = await call(c, "POST", "/v1/tokens", {"user": "alice", "ttl": 600})
+            assert status == 201
+            stale = doc["token"]
+            async with open_client(im.server.url(), stale, "phone", config=FAST_CLIENT) as alice:
+                assert (await alice.send("team", b"in")).seq == 1
+                await trio.sleep(0.01)
+                status, doc = await call(c, "POST", "/v1/users/alice/revoke")
+                assert status == 200 and doc["user"] == "alice" and doc["device"] is None and doc["before"] > 0
+                with pytest.raises(AuthFailed, match="revoked"):  # the live session that used it ends
+                    for _ in range(100):
+                        await alice.send("team", b"still?")
+                        await trio.sleep(0.01)
+            with pytest.raises(AuthFailed):
+                async with open_client(im.server.url(), stale, "phone", config=FAST_CLIENT):
+                    pass  # pragma: no cover
+            await trio.sleep(0.01)
+            status, doc = await call(c, "POST", "/v1/tokens", {"user": "alice", "device": "tab"})
+            assert status == 201
+            async with open_client(im.server.url(), doc["token"], "tab", config=FAST_CLIENT) as fresh:
+                assert (await fresh.send("team", b"back")).seq == 2
+            assert_error(*await call(c, "POST", "/v1/tokens", {"ttl": 5}), 400, "bad_request")
+            assert_error(*await call(c, "POST", "/v1/tokens", {"user": "alice", "ttl": "5"}), 400, "bad_request")
+            assert_error(*await call(c, "POST", "/v1/tokens", {"user": "bad id\n"}), 400, "BAD_REQUEST")
+            assert_error(*await call(c, "POST", "/v1/users/alice/revoke", {"before": "now"}), 400, "bad_request")
+            for bad in (-5, 2**70, True):
+                status, doc = await call(c, "POST", "/v1/users/alice/revoke", {"before": bad})
+                assert_error(status, doc, 400, "bad_request")
+                assert "before" in doc["error"]["message"]
+            assert_error(*await call(c, "POST", "/v1/tokens", {"user": "alice", "ttl": 2**70}), 400, "bad_request")
+            assert_error(*await call(c, "POST", "/v1/users/bad%0Aid/revoke"), 400, "BAD_REQUEST")
+
+
+async def test_events_long_poll_and_ack(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice", "bob"])
+            # Nothing yet: an empty page once `wait` has passed.
+            status, doc = await call(c, "GET", "/v1/events?consumer=push&wait=0.2")
+            assert status == 200 and doc["events"] == [] and doc["after"] == doc["next"] == 0
+
+            async def post_later() -> None:
+                await trio.sleep(0.2)
+                await im.post("team", b"hello", sender="alice", device="web")
+
+            async with trio.open_nursery() as n:
+                n.start_soon(post_later)
+                status, doc = await call(c, "GET", "/v1/events?consumer=push&wait=10&limit=10")
+            assert status == 200
+            [ev] = [e for e in doc["events"] if e["type"] == "message"]
+            assert ev["conv"] == "team" and base64.b64decode(ev["payload_b64"]) == b"hello"
+            assert ev["recipients"] == ["alice", "bob"] and ev["offline_recipients"] == ["alice", "bob"]
+            # Not acked: delivered again from the durable cursor.
+            again = (await call(c, "GET", "/v1/events?consumer=push"))[1]
+            assert again["events"] == doc["events"]
+            assert await call(c, "POST", "/v1/events/ack", {"consumer": "push", "upto": doc["next"]}) == (
+                200, {"consumer": "push", "cursor": doc["next"]})
+            assert (await call(c, "GET", "/v1/events?consumer=push&wait=0.1"))[1]["events"] == []
+            # Another consumer has its own cursor.
+            assert (await call(c, "GET", "/v1/events?consumer=audit"))[1]["events"] == doc["events"]
+            assert_error(*await call(c, "POST", "/v1/events/ack", {"consumer": "push"}), 400, "bad_request")
+            assert_error(*await call(c, "GET", "/v1/events?wait=1000"), 400, "bad_request")
+            for q in ("after=-1", "after=99999999999999999999999", "limit=0", "after=x"):
+                assert_error(*await call(c, "GET", f"/v1/events?{q}"), 400, "bad_request")
+            # After the last event, without wait: an empty page at once.
+            assert (await call(c, "GET", f"/v1/events?consumer=push&after={doc['next']}"))[1]["events"] == []
+            assert_error(*await call(c, "GET", "/v1/events?consumer=bad%0Aname"), 400, "BAD_REQUEST")
+
+
+async def test_a_listener_without_a_handle_has_no_server_api(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path, store=MemoryStore(), secret=SECRET.decode()) as im:
+            async with open_http_server(im.server, HttpConfig(api_keys=(KEY,))) as h:
+                c = Http(h.url)
+                try:
+                    assert_error(*await call(c, "POST", "/v1/groups", {"conv": "g", "members": ["a"]}), 404, "not_found")
+                finally:
+                    c.close()
+
+
+async def test_pimcore_serve_answers_the_server_api(tmp_path: Path, procs: Any) -> None:
+    """``pimcore serve --http``: a group made, a token issued and a post made
+    over HTTP reach an SDK client logged in with that token."""
+    from test_serve_ops import FAST, LOOPBACK
+
+    data = tmp_path / "data"
+    with trio.fail_after(60):
+        server = procs.serve("--listen", LOOPBACK, "--http", LOOPBACK, "--data-dir", data)
+        c = Http(server.url("http"))
+        key = (data / "api-key").read_text().strip()
+        try:
+            assert (await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["bob"]}, key=key))[0] == 201
+            status, doc = await call(c, "POST", "/v1/tokens", {"user": "bob", "device": "phone", "ttl": 60}, key=key)
+            assert status == 201
+            async with open_client(server.url("tcp"), doc["token"], "phone", config=FAST) as bob:
+                status, posted = await call(c, "POST", "/v1/conversations/team/messages", {"payload": "from http"},
+                                            key=key, headers={"Idempotency-Key": "once"})
+                assert status == 201 and posted["seq"] == 1
+                async for m in bob.messages():
+                    assert (m.sender, m.payload, m.seq) == (SYSTEM, b"from http", 1)
+                    break
+            assert_error(*await call(c, "POST", "/v1/conversations/team/messages", {"payload": "x"}, key="wrong"),
+                         401, "unauthorized")
+        finally:
+            c.close()
+
+
+async def test_a_failed_store_is_503_store_unavailable(tmp_path: Path) -> None:
+    store = MemoryStore()
+    with trio.fail_after(30):
+        async with api(tmp_path, store=store) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            store.close()
+            status, doc = await call(c, "POST", "/v1/conversations/team/messages", {"payload": "x"},
+                                     headers={"Idempotency-Key": "k"})
+            assert_error(status, doc, 503, "STORE_UNAVAILABLE")
+            assert_error(*await call(c, "POST", "/v1/groups", {"conv": "g2", "members": ["a"]}), 503, "STORE_UNAVAILABLE")
+            assert (await call(c, "GET", "/v1/info"))[0] == 200  # the listener goes on
+
+
+async def test_the_server_api_over_https(tmp_path: Path) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path, store=MemoryStore(), secret=SECRET.decode()) as im:
+            cfg = HttpConfig(api_keys=(KEY,), scheme="tls", ssl_context=server_ctx)
+            async with open_http_server(im.server, cfg, handle=im) as h:
+                assert h.url.startswith("https://")
+                c = Http(h.url, client_ctx)
+                try:
+                    assert (await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["alice"]}))[0] == 201
+                    status, posted = await call(c, "POST", "/v1/conversations/team/messages", {"payload": "tls"})
+                    assert status == 201 and posted["seq"] == 1
+                    status, page = await call(c, "GET", "/v1/conversations/team/history?user=alice")
+                    assert [base64.b64decode(m["payload_b64"]) for m in page["messages"]] == [b"tls"]
+                finally:
+                    c.close()
