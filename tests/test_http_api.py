@@ -313,3 +313,22 @@ async def test_the_server_api_over_https(tmp_path: Path) -> None:
                     assert [base64.b64decode(m["payload_b64"]) for m in page["messages"]] == [b"tls"]
                 finally:
                     c.close()
+
+
+async def test_the_openapi_document_lists_exactly_the_routed_endpoints(tmp_path: Path) -> None:
+    from pimcore.http.api import register_api
+    from pimcore.http.openapi import ROUTES
+    from pimcore.http.server import Router
+
+    routed = Router()
+    register_api(routed, object())  # type: ignore[arg-type]  (handlers are not called)
+    pairs = {(r.method, r.pattern) for r in routed._routes}
+    assert pairs == {(m, p) for m, p, *_ in ROUTES}
+    with trio.fail_after(20):
+        async with api(tmp_path) as (_im, _h, c):
+            status, doc = await call(c, "GET", "/v1/openapi.json", key=None)  # public: it holds no data
+            assert status == 200 and doc["openapi"] == "3.1.0"
+            served = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+            assert served == pairs
+            post = doc["paths"]["/v1/conversations/{conv}/messages"]["post"]
+            assert [p["name"] for p in post["parameters"]] == ["conv"] and "201" in post["responses"]

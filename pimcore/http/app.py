@@ -51,6 +51,13 @@ class BrokerHttp(HttpServer):
             from .api import register_api
 
             register_api(r, handle)
+            r.add("GET", "/v1/openapi.json", self._openapi, auth=False)
+
+    async def _openapi(self, request: Request) -> tuple[int, Any]:
+        from .. import __version__
+        from .openapi import openapi_document
+
+        return 200, openapi_document(__version__)
 
     async def _healthz(self, request: Request) -> tuple[int, Any]:
         return 200, {"status": "ok"}

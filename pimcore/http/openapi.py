@@ -1,0 +1,95 @@
+"""The OpenAPI 3.1 description of pimcore's HTTP server API (``/v1``).
+
+Served at ``GET /v1/openapi.json`` (no API key: it holds no data) when the
+listener has the server API.  One table below per route; a test checks that
+the table and the router list exactly the same (method, path) pairs, so
+neither can drift from the other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["ROUTES", "openapi_document"]
+
+_STR = {"type": "string"}
+_INT = {"type": "integer", "minimum": 0}
+_STRINGS = {"type": "array", "items": _STR}
+
+
+def _obj(required: tuple[str, ...] = (), **props: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {"type": "object", "properties": props}
+    if required:
+        doc["required"] = list(required)
+    return doc
+
+
+_MESSAGE = _obj(
+    msg_id=_STR, conv=_STR, seq=_INT, sender=_STR, device=_STR, kind=_INT,
+    client_time={"type": "integer"}, server_time=_INT, payload_b64=_STR,
+)
+_MEMBERS = _obj(("conv", "members"), conv=_STR, members=_STRINGS)
+
+#: (method, path, summary, request body schema or None, query parameters,
+#: success status, success body schema).
+ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], int, dict[str, Any]], ...] = (
+    ("POST", "/v1/conversations/{conv}/messages",
+     "Store a message and deliver it like a client's (header Idempotency-Key makes retries safe)",
+     _obj(payload=_STR, payload_b64=_STR, sender=_STR, device=_STR), (),
+     201, _obj(conv=_STR, msg_id=_STR, seq=_INT, server_time=_INT)),
+    ("GET", "/v1/conversations/{conv}/history", "A page of history as a user may see it", None,
+     (("user", _STR), ("from_seq", _INT), ("limit", _INT), ("backward", {"type": "boolean"})),
+     200, _obj(messages={"type": "array", "items": _MESSAGE})),
+    ("POST", "/v1/groups", "Create a group", _MEMBERS, (), 201, _MEMBERS),
+    ("POST", "/v1/groups/{conv}/members", "Add members (JOINED entries)", _obj(("users",), users=_STRINGS), (),
+     200, _MEMBERS),
+    ("DELETE", "/v1/groups/{conv}/members/{user}", "Remove a member (a LEFT entry)", None, (), 200, _MEMBERS),
+    ("POST", "/v1/users/{user}/kick", "End a user's sessions now (Close KICKED)", _obj(device=_STR, reason=_STR), (),
+     200, _obj(user=_STR, devices=_STRINGS)),
+    ("POST", "/v1/users/{user}/revoke", "Refuse tokens issued before a time (µs), durably", _obj(device=_STR, before=_INT),
+     (), 200, _obj(user=_STR, device=_STR, before=_INT)),
+    ("GET", "/v1/users/{user}/conversations", "A user's conversations with read markers and unread counts", None, (),
+     200, _obj(conversations={"type": "array", "items": _obj(
+         conv=_STR, read_seq=_INT, last_seq=_INT, unread=_INT, peer=_STR, peer_read_seq=_INT)})),
+    ("GET", "/v1/users/{user}/devices", "The user's devices online now", None, (), 200, _obj(user=_STR, devices=_STRINGS)),
+    ("POST", "/v1/tokens", "Issue a login token", _obj(("user",), user=_STR, device=_STR, ttl=_INT), (),
+     201, _obj(token=_STR)),
+    ("GET", "/v1/events", "Host events from a durable cursor (long-poll with wait, in seconds)", None,
+     (("consumer", _STR), ("after", _INT), ("limit", _INT), ("wait", {"type": "number", "minimum": 0})),
+     200, _obj(consumer=_STR, after=_INT, events={"type": "array", "items": {"type": "object"}})),
+    ("POST", "/v1/events/ack", "Move a consumer's durable cursor", _obj(("upto",), consumer=_STR, upto=_INT), (),
+     200, _obj(consumer=_STR, cursor=_INT)),
+)
+
+_ERROR = _obj(("error",), error=_obj(("code", "message"), code=_STR, message=_STR))
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    """The document (a JSON-ready dict) for pimcore ``version``."""
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path, summary, body, query, status, result in ROUTES:
+        params = [
+            {"name": name[1:-1], "in": "path", "required": True, "schema": _STR}
+            for name in path.split("/") if name.startswith("{")
+        ] + [{"name": name, "in": "query", "required": False, "schema": schema} for name, schema in query]
+        op: dict[str, Any] = {
+            "summary": summary,
+            "security": [{"apiKey": []}],
+            "responses": {
+                str(status): {"description": "done", "content": {"application/json": {"schema": result}}},
+                "default": {"description": "refused: see docs/HTTP.md for the codes",
+                            "content": {"application/json": {"schema": _ERROR}}},
+            },
+        }
+        if params:
+            op["parameters"] = params
+        if body is not None:
+            op["requestBody"] = {"required": method == "POST" and bool(body.get("required")),
+                                 "content": {"application/json": {"schema": body}}}
+        paths.setdefault(path, {})[method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "pimcore server API", "version": version},
+        "components": {"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }
