@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, Union
 
@@ -44,9 +44,11 @@ from .store.base import (
     ReadEvents,
     StoredEvent,
     ConversationState,
+    DevicesPage,
     GroupChanged,
     HistoryPage,
     LoadSession,
+    ReadDevices,
     ReadHistory,
     ReadOp,
     Rejected,
@@ -55,7 +57,10 @@ from .store.base import (
     StoreRequest,
 )
 
-__all__ = ["open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "HostEvent", "EventStream", "SYSTEM"]
+__all__ = [
+    "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ReadPositions", "DevicePosition",
+    "HostEvent", "EventStream", "SYSTEM",
+]
 
 _log = logging.getLogger("pimcore.net")
 
@@ -76,12 +81,15 @@ class RequestRefused(PimError):
 @dataclass(frozen=True, slots=True)
 class Posted:
     """A durable host post: its identity (a retry with the same idempotency
-    key gets the same values)."""
+    key gets the same values).  ``duplicate``: this call stored nothing, the
+    key named a message already stored (or in flight); not part of equality,
+    so a retry compares equal to the original."""
 
     conv: str
     msg_id: bytes  # 16 bytes
     seq: int
     server_time: int  # µs, the broker's clock
+    duplicate: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +147,29 @@ class HostEvent:
     unread: int = 0
     code: Optional[str] = None
     reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePosition:
+    """One device of a user in :class:`ReadPositions`."""
+
+    device: str
+    position: int  # the highest inbox position the device acked
+    last_seen: int  # µs, its last login or ack
+    online: bool  # connected to this broker now
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPositions:
+    """:meth:`Pimcore.read_positions`: ``markers`` are (conv, read seq)
+    sorted by conv; ``head``/``floor`` the user's inbox positions (entries
+    above ``floor`` are still stored); ``devices`` sorted by device id."""
+
+    user: str
+    head: int
+    floor: int
+    markers: tuple[tuple[str, int], ...]
+    devices: tuple[DevicePosition, ...]
 
 
 def _host_event(ev: StoredEvent, online: Callable[[str], list[str]]) -> HostEvent:
@@ -280,7 +311,7 @@ class Pimcore:
             raise StoreError(f"post to {conv!r} not stored: the store failed")
         if done.code is not ErrorCode.OK:
             raise RequestRefused(done.code, f"post to {conv!r} refused: {done.code.name}")
-        return Posted(conv, done.msg_id, done.seq, done.server_time)
+        return Posted(conv, done.msg_id, done.seq, done.server_time, done.duplicate)
 
     async def post_many(self, posts: Sequence[dict[str, Any]]) -> list[Union[Posted, PimError]]:
         """Several posts at once (each a dict of :meth:`post`'s arguments),
@@ -335,13 +366,35 @@ class Pimcore:
         assert isinstance(loaded, SessionLoaded)
         return [_conversation(c) for c in loaded.conversations]
 
-    async def unread(self, user: str, conv: str) -> int:
+    async def unread(self, user: str, conv: Optional[str] = None) -> int:
         """Exact number of messages from others in ``conv`` after ``user``'s
-        read marker (0 for a conversation the user is not in)."""
-        for c in await self.conversations(user):
+        read marker (0 for a conversation the user is not in); without
+        ``conv``, the sum over all of the user's conversations (a badge).
+        Raises RequestRefused (BAD_REQUEST) for an invalid user id."""
+        convs = await self.conversations(user)
+        if conv is None:
+            return sum(c.unread for c in convs)
+        for c in convs:
             if c.conv == conv:
                 return c.unread
         return 0
+
+    async def read_positions(self, user: str) -> "ReadPositions":
+        """Where ``user`` is, read in one store snapshot: the read marker
+        (a seq) in each conversation, the inbox head and floor (positions),
+        and each known device's acked inbox position with its last-seen
+        time (µs) and whether it is online now.  Raises RequestRefused
+        (BAD_REQUEST) for an invalid user id, StoreError."""
+        loaded, devs = await self._read(LoadSession(user, _READER_DEVICE), ReadDevices(user))
+        if isinstance(loaded, Rejected) or isinstance(devs, Rejected):
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"invalid user id {user!r}")
+        assert isinstance(loaded, SessionLoaded) and isinstance(devs, DevicesPage)
+        online = set(self.online_devices(user))
+        return ReadPositions(
+            user, loaded.head, loaded.floor,
+            tuple((c.conv, c.read_seq) for c in loaded.conversations),
+            tuple(DevicePosition(d.device, d.position, d.last_seen, d.device in online) for d in devs.devices),
+        )
 
     async def history(
         self, conv: str, user: str, *, from_seq: int = 0, limit: int = 50, backward: bool = True
@@ -356,13 +409,16 @@ class Pimcore:
         return list(page.messages)
 
     async def _read_one(self, op: ReadOp) -> Any:
-        request = StoreRequest(next(self._ids), (op,), False)
+        (result,) = await self._read(op)
+        return result
+
+    async def _read(self, *ops: ReadOp) -> tuple[Any, ...]:
+        """Results of ``ops``, one store request (one snapshot)."""
+        request = StoreRequest(next(self._ids), ops, False)
         store = self._store
         if isinstance(store, AsyncStore):
-            (result,) = await store.execute(request)
-        else:
-            (result,) = store.execute(request)
-        return result
+            return tuple(await store.execute(request))
+        return tuple(store.execute(request))
 
     # ------------------------------------------------------------ host events
 
