@@ -307,28 +307,33 @@ class Pimcore:
         done = await self.server.host_call(
             self.server.broker.post, conv, bytes(payload), sender=sender, device=device, key=idempotency_key
         )
-        if done.code is ErrorCode.STORE_UNAVAILABLE:
-            raise StoreError(f"post to {conv!r} not stored: the store failed")
-        if done.code is not ErrorCode.OK:
-            raise RequestRefused(done.code, f"post to {conv!r} refused: {done.code.name}")
-        return Posted(conv, done.msg_id, done.seq, done.server_time, done.duplicate)
+        result = _posted(conv, done)
+        if isinstance(result, PimError):
+            raise result
+        return result
 
     async def post_many(self, posts: Sequence[dict[str, Any]]) -> list[Union[Posted, PimError]]:
-        """Several posts at once (each a dict of :meth:`post`'s arguments),
-        committed together where the broker can; one result per post, in
-        order: Posted, or the RequestRefused/StoreError it would raise."""
-        results: list[Union[Posted, PimError, None]] = [None] * len(posts)
-
-        async def one(i: int, kw: dict[str, Any]) -> None:
-            try:
-                results[i] = await self.post(**kw)
-            except (RequestRefused, StoreError) as exc:
-                results[i] = exc
-
-        async with trio.open_nursery() as n:
-            for i, kw in enumerate(posts):
-                n.start_soon(one, i, dict(kw))
-        return results  # type: ignore[return-value]
+        """Several posts at once (each a dict of :meth:`post`'s arguments:
+        ``conv``, ``payload``, optional ``sender``, ``device``,
+        ``idempotency_key``), handed to the broker in list order -- posts to
+        one conversation get ascending seqs in that order -- and committed
+        together where the broker can.  One result per post, in order:
+        Posted (``duplicate`` set for a retried key), or the
+        RequestRefused/StoreError that :meth:`post` would raise.  Raises
+        TypeError for a dict with other keys."""
+        broker = self.server.broker
+        calls = []
+        for kw in posts:
+            kw = dict(kw)
+            conv, payload = kw.pop("conv"), kw.pop("payload")
+            sender = kw.pop("sender", SYSTEM)
+            device = kw.pop("device", SYSTEM)
+            key = kw.pop("idempotency_key", None)
+            if kw:
+                raise TypeError(f"post_many: unexpected keys {sorted(kw)}")
+            calls.append((broker.post, (conv, bytes(payload)), {"sender": sender, "device": device, "key": key}))
+        done = await self.server.host_calls(calls)
+        return [_posted(call[1][0], d) for call, d in zip(calls, done)]
 
     def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
         """End ``user``'s sessions now (only ``device``'s if given) with
@@ -481,6 +486,15 @@ class Pimcore:
         """Serve one client over an already open byte stream (an in-process
         pipe, a socket accepted by the host): returns when it ends."""
         await self.server.serve_stream(stream)
+
+
+def _posted(conv: str, done: Any) -> Union[Posted, PimError]:
+    """A PostDone as the handle answers it."""
+    if done.code is ErrorCode.STORE_UNAVAILABLE:
+        return StoreError(f"post to {conv!r} not stored: the store failed")
+    if done.code is not ErrorCode.OK:
+        return RequestRefused(done.code, f"post to {conv!r} refused: {done.code.name}")
+    return Posted(conv, done.msg_id, done.seq, done.server_time, done.duplicate)
 
 
 def _conversation(c: ConversationState) -> Conversation:

@@ -91,15 +91,21 @@ async def test_unread_totals_read_positions_and_duplicate_posts(tmp_path: Path) 
     with trio.fail_after(20):
         async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
             await im.create_group("team", ["alice", "bob"])
+            await im.create_group("team2", ["alice"])
             first = await im.post("team", b"one", idempotency_key="k1")
             again = await im.post("team", b"one", idempotency_key="k1")
             assert not first.duplicate and again.duplicate and again == first
             # Two posts with one key in flight at once: one stored, one duplicate.
             both = await im.post_many([{"conv": "team", "payload": b"two", "idempotency_key": "k2"}] * 2)
             assert both[0] == both[1] and sorted(p.duplicate for p in both) == [False, True]
+            # post_many hands posts over in list order: seqs follow it.
+            many = await im.post_many([{"conv": "other", "payload": b"%d" % i} for i in range(3)]
+                                      + [{"conv": "team2", "payload": b"%d" % i} for i in range(30)])
+            assert all(isinstance(r, RequestRefused) for r in many[:3])
+            assert [r.seq for r in many[3:]] == list(range(1, 31))
             await im.post(AB, b"hi", sender="alice", device="web")
             assert await im.unread("bob") == 3 and await im.unread("bob", "team") == 2
-            assert await im.unread("alice") == 2 and await im.unread("carol") == 0
+            assert await im.unread("alice") == 2 + 30 and await im.unread("carol") == 0
             async with open_client(im.urls[0], im.issue_token("bob"), "phone") as bob:
                 seen = []
                 async for m in bob.messages():
