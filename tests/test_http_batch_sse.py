@@ -330,3 +330,46 @@ async def test_a_client_that_stops_reading_is_closed_with_bounded_memory(tmp_pat
                 [rec] = [r for r in caplog.records if getattr(r, "event", None) == "http_stream_dropped"]
                 assert rec.path == "/v1/events/stream"
                 await s.aclose()
+
+
+# ---------------------------------------------------------------- metrics
+
+
+async def test_metrics_list_every_family_the_issue_names_and_the_event_outbox_depth(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        status, headers, text = await c.request("GET", "/metrics")
+        assert status == 200
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text.decode()) for s in fam.samples}
+
+    with trio.fail_after(30):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice", "bob"])
+            m = await scrape()
+            assert m[("pimcore_event_last_id", ())] == 0
+            assert not [k for k in m if k[0] == "pimcore_event_outbox_depth"]  # no consumer yet
+            for i in range(3):
+                await im.post("team", b"m%d" % i, sender="alice", device="web", idempotency_key=f"k{i}")
+            await im.post("team", b"m0", sender="alice", device="web", idempotency_key="k0")  # a duplicate
+            _, last = await im.event_cursor("push")
+            assert last == 3
+            await im.ack_events(1, "push")
+            await im.ack_events(0, "audit")
+            m = await scrape()
+            assert m[("pimcore_event_last_id", ())] == 3
+            assert m[("pimcore_event_outbox_depth", (("consumer", "push"),))] == 2
+            assert m[("pimcore_event_outbox_depth", (("consumer", "audit"),))] == 3
+            await im.ack_events(3, "push")
+            assert (await scrape())[("pimcore_event_outbox_depth", (("consumer", "push"),))] == 0
+            # Every family the issue lists.
+            names = {name for name, _ in m}
+            for want in ("pimcore_connections", "pimcore_logins_total", "pimcore_messages_stored_total",
+                         "pimcore_duplicates_total", "pimcore_pushes_total", "pimcore_outbound_queue_bytes",
+                         "pimcore_batch_ops_bucket", "pimcore_batch_ops_count", "pimcore_commit_seconds_bucket",
+                         "pimcore_commit_seconds_sum", "pimcore_event_outbox_depth"):
+                assert want in names, want
+            assert m[("pimcore_messages_stored_total", ())] == 3 and m[("pimcore_duplicates_total", ())] == 1
+            assert m[("pimcore_auth_failures_total", (("reason", "expired"),))] == 0
+            assert m[("pimcore_closes_total", (("code", "KICKED"),))] == 0
