@@ -81,6 +81,10 @@ class AsyncPimcore:
     def epoch(self) -> bytes:
         return self.handle.epoch
 
+    @property
+    def http_url(self) -> Optional[str]:
+        return self.handle.http_url
+
     def statistics(self) -> Any:
         return self.handle.statistics()
 

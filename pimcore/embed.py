@@ -234,6 +234,8 @@ class Pimcore:
         self._secret = secret
         self._started = time.monotonic()
         self._ids = itertools.count(1)
+        #: The HTTP listener (server API, /metrics...) when opened with ``http=URL``.
+        self.http: Optional[Any] = None
 
     # ------------------------------------------------------------ identity
 
@@ -241,6 +243,12 @@ class Pimcore:
     def urls(self) -> list[str]:
         """The listeners' URLs (empty when the broker has none)."""
         return self.server.urls
+
+    @property
+    def http_url(self) -> Optional[str]:
+        """The HTTP listener's URL (``http://`` or ``https://``, the real
+        port), None unless opened with ``http=URL``."""
+        return self.http.url if self.http is not None else None
 
     @property
     def epoch(self) -> bytes:
@@ -517,9 +525,13 @@ async def open_pimcore(
 
     Settings are those of ``pimcore serve``: ``settings``, or the TOML
     ``config_file`` with ``overrides`` (flag names: ``data_dir``,
-    ``durability``, ``listen``, ``secret``, ``secret_file``, any
-    ``[limits]``/``[server]`` key).  Unlike ``pimcore serve`` an embedded
-    broker listens nowhere unless ``listen`` says so.
+    ``durability``, ``listen``, ``secret``, ``secret_file``, ``http``,
+    ``api_keys``, ``cert``/``key``, any ``[limits]``/``[server]`` key).
+    Unlike ``pimcore serve`` an embedded broker listens nowhere unless
+    ``listen`` says so, and serves HTTP only with ``http="tcp://HOST:PORT"``
+    (or ``tls://``): then the same listener as ``pimcore serve --http``
+    (server API, /metrics, /healthz, /readyz; API keys from ``api_keys`` or
+    ``<data_dir>/api-key``), its URL in :attr:`Pimcore.http_url`.
 
     ``store`` defaults to LMDB in ``<data_dir>/store`` (opened here and
     closed on exit; a store passed in stays open).  ``authenticate`` defaults
@@ -532,6 +544,7 @@ async def open_pimcore(
     """
     if settings is None:
         overrides.setdefault("listen", [])
+        overrides.setdefault("http", "")  # like listen: only when asked for here
         settings = load_settings(config_file, **overrides)
     elif config_file is not None or overrides:
         raise TypeError("pass either settings or config_file/overrides, not both")
@@ -540,19 +553,44 @@ async def open_pimcore(
     if authenticate is None:
         secret = _secret_of(settings)
         authenticate = JwtAuthenticator(secret)
+    http_config = _http_config(settings)
     own_store = store is None
     if store is None:
         store = LmdbStore(Path(settings.data_dir) / "store", durability=settings.durability)
     try:
         with unwrap_single():
             async with open_broker_server(store, authenticate, config) as server:
-                yield Pimcore(server, store, settings, secret)
+                handle = Pimcore(server, store, settings, secret)
+                if http_config is None:
+                    yield handle
+                else:
+                    from .http import open_http_server
+
+                    async with open_http_server(server, http_config, handle=handle) as http:
+                        handle.http = http
+                        yield handle
     finally:
         if own_store:
             if isinstance(store, AsyncStore):
                 await store.aclose()
             else:
                 store.close()
+
+
+def _http_config(settings: ServeSettings) -> Any:
+    """The HttpConfig of ``settings.http`` (None without one): API keys and
+    TLS as ``pimcore serve --http`` has them (docs/HTTP.md)."""
+    ep = settings.http_endpoint()
+    if ep is None:
+        return None
+    ssl_ctx = None
+    if ep.secure:
+        import ssl
+
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ssl_ctx.load_cert_chain(settings.cert, settings.key)
+    return settings.http_config(ssl_ctx, settings.load_api_keys())
 
 
 def _secret_of(settings: ServeSettings) -> bytes:

@@ -373,3 +373,40 @@ async def test_metrics_list_every_family_the_issue_names_and_the_event_outbox_de
             assert m[("pimcore_messages_stored_total", ())] == 3 and m[("pimcore_duplicates_total", ())] == 1
             assert m[("pimcore_auth_failures_total", (("reason", "expired"),))] == 0
             assert m[("pimcore_closes_total", (("code", "KICKED"),))] == 0
+
+
+# ---------------------------------------------------------------- open_pimcore(http=URL)
+
+
+async def test_an_embedded_broker_serves_the_http_api_when_asked(tmp_path: Path, monkeypatch) -> None:
+    from pimcore.embed import open_pimcore
+
+    from _net import SECRET
+    from test_http import Http
+
+    monkeypatch.setenv("PIMCORE_HTTP", "tcp://127.0.0.1:0")  # the environment alone does not open one
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "a", secret=SECRET.decode()) as im:
+            assert im.http_url is None and im.http is None
+        async with open_pimcore(data_dir=tmp_path / "b", secret=SECRET.decode(), http="tcp://127.0.0.1:0",
+                                api_keys=[KEY]) as im:
+            assert im.http_url is not None and im.http_url.startswith("http://127.0.0.1:")
+            assert not im.http_url.endswith(":0")
+            c = Http(im.http_url)
+            try:
+                assert (await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["alice"]}))[0] == 201
+                assert (await call(c, "POST", MESSAGES, {"messages": [{"conv": "team", "payload": "x"}]}))[1][
+                    "results"][0]["status"] == "stored"
+                assert [m.payload for m in await im.history("team", "alice")] == [b"x"]
+                assert_error(*await call(c, "GET", "/v1/info", key="wrong"), 401, "unauthorized")
+                assert await c.json("GET", "/readyz") == (200, {"status": "ready"})
+            finally:
+                c.close()
+        # No api_keys: a generated key in the data directory, as `pimcore serve --http` does.
+        async with open_pimcore(data_dir=tmp_path / "c", secret=SECRET.decode(), http="tcp://127.0.0.1:0") as im:
+            key = (tmp_path / "c" / "api-key").read_text().strip()
+            c = Http(im.http_url)
+            try:
+                assert (await c.json("GET", "/v1/info", key=key))[0] == 200
+            finally:
+                c.close()

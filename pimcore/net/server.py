@@ -445,7 +445,9 @@ class BrokerServer:
         with a cheap in-memory call; an AsyncStore is taken as open."""
         if self._stopping:
             return "shutting down"
-        if self.broker is None or not self._endpoints:
+        # A broker configured without listeners (embedded: host posts, the
+        # HTTP API, serve_stream) is ready once running.
+        if self.broker is None or len(self._endpoints) < len(self.config.listeners):
             return "not listening yet"
         if not self._async_store:
             try:
