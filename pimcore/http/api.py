@@ -49,7 +49,7 @@ MAX_EVENT_WAIT = 60.0
 MAX_BATCH = 1000
 
 #: Most events per server-sent-events write (``limit`` of ``/v1/events/stream``).
-MAX_STREAM_PAGE = 1000
+MAX_STREAM_PAGE = 500
 
 _MISSING = object()
 
@@ -329,7 +329,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
     async def event_stream(request: Request) -> tuple[int, Any]:
         consumer = _query(request, "consumer", str, "default")
         after: Optional[int] = _query(request, "after", int, None)
-        limit = _query(request, "limit", int, 100)
+        limit = _query(request, "limit", int, 50)
         keepalive = _query(request, "keepalive", float, 15.0)
         if not 1 <= limit <= MAX_STREAM_PAGE or not 0.05 <= keepalive <= 300:
             raise _bad(f"query parameters: 'limit' 1..{MAX_STREAM_PAGE}, 'keepalive' 0.05..300 seconds")
