@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
 import trio
 
 from . import embed
-from .embed import SYSTEM, Conversation, HostEvent, Pimcore, Posted, RequestRefused
+from .embed import SYSTEM, Conversation, HostEvent, Pimcore, Posted, ReadPositions, RequestRefused
 
 __all__ = ["open_pimcore", "AsyncPimcore", "AsyncEventStream", "RequestRefused", "Conversation", "Posted", "HostEvent", "SYSTEM"]
 
@@ -81,6 +81,10 @@ class AsyncPimcore:
     def epoch(self) -> bytes:
         return self.handle.epoch
 
+    @property
+    def http_url(self) -> Optional[str]:
+        return self.handle.http_url
+
     def statistics(self) -> Any:
         return self.handle.statistics()
 
@@ -118,8 +122,11 @@ class AsyncPimcore:
     async def conversations(self, user: str) -> list[Conversation]:
         return await self._call(self.handle.conversations, user)
 
-    async def unread(self, user: str, conv: str) -> int:
+    async def unread(self, user: str, conv: Optional[str] = None) -> int:
         return await self._call(self.handle.unread, user, conv)
+
+    async def read_positions(self, user: str) -> ReadPositions:
+        return await self._call(self.handle.read_positions, user)
 
     async def history(self, conv: str, user: str, **kwargs: Any) -> list[Any]:
         return await self._call(self.handle.history, conv, user, **kwargs)

@@ -340,13 +340,15 @@ class PostDone:
     retry with the same idempotency key gets the same values).  Otherwise
     why not (BAD_REQUEST, PAYLOAD_TOO_LARGE, UNKNOWN_CONVERSATION,
     NOT_MEMBER, DUPLICATE_CONFLICT, STORE_UNAVAILABLE); the other fields
-    are empty."""
+    are empty.  ``duplicate``: OK, but answered from the idempotency record
+    (or a post with the same key still in flight): nothing new was stored."""
 
     ref: int
     code: ErrorCode
     msg_id: bytes
     seq: int
     server_time: int
+    duplicate: bool = False
 
 
 
@@ -505,7 +507,7 @@ class _PendingSend:
         self.key = key
         self.digest = digest
         # Connection ids, or ("post", ref) for a host post (Broker.post).
-        self.waiters: list[Union[int, tuple[str, int]]] = [conn]
+        self.waiters: list[Union[int, tuple[Any, ...]]] = [conn]
 
 
 class _ReadCtx:
@@ -1348,7 +1350,7 @@ class Broker:
         if pending is not None:
             if pending.digest != digest:
                 return refuse(ErrorCode.DUPLICATE_CONFLICT)
-            pending.waiters.append(("post", ref))
+            pending.waiters.append(("post", ref, True))  # True: a duplicate of the one in flight
             return out
         server_time = self._clock.tick(now)
         msg_id = server_time.to_bytes(8, "big") + self._node_id
@@ -1679,6 +1681,8 @@ class Broker:
         elif isinstance(res, Duplicate):
             self._stats["duplicates"] += 1
             ack = F.SendAck(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
+            self._ack_waiters(ctx, ack, out, duplicate=True)
+            return
         elif isinstance(res, Rejected):
             self._stats["rejected"] += 1
             ack = F.SendAck(op.local_id, res.code, b"", 0, 0)
@@ -1686,10 +1690,12 @@ class Broker:
             raise TypeError(f"unexpected result {res!r} for NewMessage")
         self._ack_waiters(ctx, ack, out)
 
-    def _ack_waiters(self, ctx: _PendingSend, ack: F.SendAck, out: list[Command]) -> None:
+    def _ack_waiters(self, ctx: _PendingSend, ack: F.SendAck, out: list[Command], duplicate: bool = False) -> None:
         for conn in ctx.waiters:
-            if isinstance(conn, tuple):  # a host post (Broker.post)
-                out.append(PostDone(conn[1], ErrorCode(ack.code), ack.msg_id, ack.seq, ack.server_time))
+            if isinstance(conn, tuple):  # a host post (Broker.post): ("post", ref[, True])
+                code = ErrorCode(ack.code)
+                dup = code is ErrorCode.OK and (duplicate or len(conn) > 2)
+                out.append(PostDone(conn[1], code, ack.msg_id, ack.seq, ack.server_time, dup))
                 continue
             c = self._conns.get(conn)
             if c is None:  # gone: the client retries after reconnecting

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, Union
 
@@ -44,9 +44,11 @@ from .store.base import (
     ReadEvents,
     StoredEvent,
     ConversationState,
+    DevicesPage,
     GroupChanged,
     HistoryPage,
     LoadSession,
+    ReadDevices,
     ReadHistory,
     ReadOp,
     Rejected,
@@ -55,7 +57,10 @@ from .store.base import (
     StoreRequest,
 )
 
-__all__ = ["open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "HostEvent", "EventStream", "SYSTEM"]
+__all__ = [
+    "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ReadPositions", "DevicePosition",
+    "HostEvent", "EventStream", "SYSTEM",
+]
 
 _log = logging.getLogger("pimcore.net")
 
@@ -76,12 +81,15 @@ class RequestRefused(PimError):
 @dataclass(frozen=True, slots=True)
 class Posted:
     """A durable host post: its identity (a retry with the same idempotency
-    key gets the same values)."""
+    key gets the same values).  ``duplicate``: this call stored nothing, the
+    key named a message already stored (or in flight); not part of equality,
+    so a retry compares equal to the original."""
 
     conv: str
     msg_id: bytes  # 16 bytes
     seq: int
     server_time: int  # µs, the broker's clock
+    duplicate: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +147,29 @@ class HostEvent:
     unread: int = 0
     code: Optional[str] = None
     reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePosition:
+    """One device of a user in :class:`ReadPositions`."""
+
+    device: str
+    position: int  # the highest inbox position the device acked
+    last_seen: int  # µs, its last login or ack
+    online: bool  # connected to this broker now
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPositions:
+    """:meth:`Pimcore.read_positions`: ``markers`` are (conv, read seq)
+    sorted by conv; ``head``/``floor`` the user's inbox positions (entries
+    above ``floor`` are still stored); ``devices`` sorted by device id."""
+
+    user: str
+    head: int
+    floor: int
+    markers: tuple[tuple[str, int], ...]
+    devices: tuple[DevicePosition, ...]
 
 
 def _host_event(ev: StoredEvent, online: Callable[[str], list[str]]) -> HostEvent:
@@ -203,6 +234,8 @@ class Pimcore:
         self._secret = secret
         self._started = time.monotonic()
         self._ids = itertools.count(1)
+        #: The HTTP listener (server API, /metrics...) when opened with ``http=URL``.
+        self.http: Optional[Any] = None
 
     # ------------------------------------------------------------ identity
 
@@ -210,6 +243,12 @@ class Pimcore:
     def urls(self) -> list[str]:
         """The listeners' URLs (empty when the broker has none)."""
         return self.server.urls
+
+    @property
+    def http_url(self) -> Optional[str]:
+        """The HTTP listener's URL (``http://`` or ``https://``, the real
+        port), None unless opened with ``http=URL``."""
+        return self.http.url if self.http is not None else None
 
     @property
     def epoch(self) -> bytes:
@@ -276,28 +315,33 @@ class Pimcore:
         done = await self.server.host_call(
             self.server.broker.post, conv, bytes(payload), sender=sender, device=device, key=idempotency_key
         )
-        if done.code is ErrorCode.STORE_UNAVAILABLE:
-            raise StoreError(f"post to {conv!r} not stored: the store failed")
-        if done.code is not ErrorCode.OK:
-            raise RequestRefused(done.code, f"post to {conv!r} refused: {done.code.name}")
-        return Posted(conv, done.msg_id, done.seq, done.server_time)
+        result = _posted(conv, done)
+        if isinstance(result, PimError):
+            raise result
+        return result
 
     async def post_many(self, posts: Sequence[dict[str, Any]]) -> list[Union[Posted, PimError]]:
-        """Several posts at once (each a dict of :meth:`post`'s arguments),
-        committed together where the broker can; one result per post, in
-        order: Posted, or the RequestRefused/StoreError it would raise."""
-        results: list[Union[Posted, PimError, None]] = [None] * len(posts)
-
-        async def one(i: int, kw: dict[str, Any]) -> None:
-            try:
-                results[i] = await self.post(**kw)
-            except (RequestRefused, StoreError) as exc:
-                results[i] = exc
-
-        async with trio.open_nursery() as n:
-            for i, kw in enumerate(posts):
-                n.start_soon(one, i, dict(kw))
-        return results  # type: ignore[return-value]
+        """Several posts at once (each a dict of :meth:`post`'s arguments:
+        ``conv``, ``payload``, optional ``sender``, ``device``,
+        ``idempotency_key``), handed to the broker in list order -- posts to
+        one conversation get ascending seqs in that order -- and committed
+        together where the broker can.  One result per post, in order:
+        Posted (``duplicate`` set for a retried key), or the
+        RequestRefused/StoreError that :meth:`post` would raise.  Raises
+        TypeError for a dict with other keys."""
+        broker = self.server.broker
+        calls = []
+        for kw in posts:
+            kw = dict(kw)
+            conv, payload = kw.pop("conv"), kw.pop("payload")
+            sender = kw.pop("sender", SYSTEM)
+            device = kw.pop("device", SYSTEM)
+            key = kw.pop("idempotency_key", None)
+            if kw:
+                raise TypeError(f"post_many: unexpected keys {sorted(kw)}")
+            calls.append((broker.post, (conv, bytes(payload)), {"sender": sender, "device": device, "key": key}))
+        done = await self.server.host_calls(calls)
+        return [_posted(call[1][0], d) for call, d in zip(calls, done)]
 
     def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
         """End ``user``'s sessions now (only ``device``'s if given) with
@@ -335,13 +379,35 @@ class Pimcore:
         assert isinstance(loaded, SessionLoaded)
         return [_conversation(c) for c in loaded.conversations]
 
-    async def unread(self, user: str, conv: str) -> int:
+    async def unread(self, user: str, conv: Optional[str] = None) -> int:
         """Exact number of messages from others in ``conv`` after ``user``'s
-        read marker (0 for a conversation the user is not in)."""
-        for c in await self.conversations(user):
+        read marker (0 for a conversation the user is not in); without
+        ``conv``, the sum over all of the user's conversations (a badge).
+        Raises RequestRefused (BAD_REQUEST) for an invalid user id."""
+        convs = await self.conversations(user)
+        if conv is None:
+            return sum(c.unread for c in convs)
+        for c in convs:
             if c.conv == conv:
                 return c.unread
         return 0
+
+    async def read_positions(self, user: str) -> "ReadPositions":
+        """Where ``user`` is, read in one store snapshot: the read marker
+        (a seq) in each conversation, the inbox head and floor (positions),
+        and each known device's acked inbox position with its last-seen
+        time (µs) and whether it is online now.  Raises RequestRefused
+        (BAD_REQUEST) for an invalid user id, StoreError."""
+        loaded, devs = await self._read(LoadSession(user, _READER_DEVICE), ReadDevices(user))
+        if isinstance(loaded, Rejected) or isinstance(devs, Rejected):
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"invalid user id {user!r}")
+        assert isinstance(loaded, SessionLoaded) and isinstance(devs, DevicesPage)
+        online = set(self.online_devices(user))
+        return ReadPositions(
+            user, loaded.head, loaded.floor,
+            tuple((c.conv, c.read_seq) for c in loaded.conversations),
+            tuple(DevicePosition(d.device, d.position, d.last_seen, d.device in online) for d in devs.devices),
+        )
 
     async def history(
         self, conv: str, user: str, *, from_seq: int = 0, limit: int = 50, backward: bool = True
@@ -356,13 +422,16 @@ class Pimcore:
         return list(page.messages)
 
     async def _read_one(self, op: ReadOp) -> Any:
-        request = StoreRequest(next(self._ids), (op,), False)
+        (result,) = await self._read(op)
+        return result
+
+    async def _read(self, *ops: ReadOp) -> tuple[Any, ...]:
+        """Results of ``ops``, one store request (one snapshot)."""
+        request = StoreRequest(next(self._ids), ops, False)
         store = self._store
         if isinstance(store, AsyncStore):
-            (result,) = await store.execute(request)
-        else:
-            (result,) = store.execute(request)
-        return result
+            return tuple(await store.execute(request))
+        return tuple(store.execute(request))
 
     # ------------------------------------------------------------ host events
 
@@ -427,6 +496,15 @@ class Pimcore:
         await self.server.serve_stream(stream)
 
 
+def _posted(conv: str, done: Any) -> Union[Posted, PimError]:
+    """A PostDone as the handle answers it."""
+    if done.code is ErrorCode.STORE_UNAVAILABLE:
+        return StoreError(f"post to {conv!r} not stored: the store failed")
+    if done.code is not ErrorCode.OK:
+        return RequestRefused(done.code, f"post to {conv!r} refused: {done.code.name}")
+    return Posted(conv, done.msg_id, done.seq, done.server_time, done.duplicate)
+
+
 def _conversation(c: ConversationState) -> Conversation:
     return Conversation(c.conv, c.read_seq, c.last_seq, c.unread, c.peer, c.peer_read_seq)
 
@@ -447,9 +525,13 @@ async def open_pimcore(
 
     Settings are those of ``pimcore serve``: ``settings``, or the TOML
     ``config_file`` with ``overrides`` (flag names: ``data_dir``,
-    ``durability``, ``listen``, ``secret``, ``secret_file``, any
-    ``[limits]``/``[server]`` key).  Unlike ``pimcore serve`` an embedded
-    broker listens nowhere unless ``listen`` says so.
+    ``durability``, ``listen``, ``secret``, ``secret_file``, ``http``,
+    ``api_keys``, ``cert``/``key``, any ``[limits]``/``[server]`` key).
+    Unlike ``pimcore serve`` an embedded broker listens nowhere unless
+    ``listen`` says so, and serves HTTP only with ``http="tcp://HOST:PORT"``
+    (or ``tls://``): then the same listener as ``pimcore serve --http``
+    (server API, /metrics, /healthz, /readyz; API keys from ``api_keys`` or
+    ``<data_dir>/api-key``), its URL in :attr:`Pimcore.http_url`.
 
     ``store`` defaults to LMDB in ``<data_dir>/store`` (opened here and
     closed on exit; a store passed in stays open).  ``authenticate`` defaults
@@ -462,6 +544,7 @@ async def open_pimcore(
     """
     if settings is None:
         overrides.setdefault("listen", [])
+        overrides.setdefault("http", "")  # like listen: only when asked for here
         settings = load_settings(config_file, **overrides)
     elif config_file is not None or overrides:
         raise TypeError("pass either settings or config_file/overrides, not both")
@@ -470,19 +553,44 @@ async def open_pimcore(
     if authenticate is None:
         secret = _secret_of(settings)
         authenticate = JwtAuthenticator(secret)
+    http_config = _http_config(settings)
     own_store = store is None
     if store is None:
         store = LmdbStore(Path(settings.data_dir) / "store", durability=settings.durability)
     try:
         with unwrap_single():
             async with open_broker_server(store, authenticate, config) as server:
-                yield Pimcore(server, store, settings, secret)
+                handle = Pimcore(server, store, settings, secret)
+                if http_config is None:
+                    yield handle
+                else:
+                    from .http import open_http_server
+
+                    async with open_http_server(server, http_config, handle=handle) as http:
+                        handle.http = http
+                        yield handle
     finally:
         if own_store:
             if isinstance(store, AsyncStore):
                 await store.aclose()
             else:
                 store.close()
+
+
+def _http_config(settings: ServeSettings) -> Any:
+    """The HttpConfig of ``settings.http`` (None without one): API keys and
+    TLS as ``pimcore serve --http`` has them (docs/HTTP.md)."""
+    ep = settings.http_endpoint()
+    if ep is None:
+        return None
+    ssl_ctx = None
+    if ep.secure:
+        import ssl
+
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ssl_ctx.load_cert_chain(settings.cert, settings.key)
+    return settings.http_config(ssl_ctx, settings.load_api_keys())
 
 
 def _secret_of(settings: ServeSettings) -> bytes:

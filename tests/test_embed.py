@@ -87,6 +87,49 @@ async def test_the_host_posts_kicks_and_revokes_through_the_handle(tmp_path: Pat
                 assert (await fresh.send("team", b"back")).seq == 4
 
 
+async def test_unread_totals_read_positions_and_duplicate_posts(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["alice", "bob"])
+            await im.create_group("team2", ["alice"])
+            first = await im.post("team", b"one", idempotency_key="k1")
+            again = await im.post("team", b"one", idempotency_key="k1")
+            assert not first.duplicate and again.duplicate and again == first
+            # Two posts with one key in flight at once: one stored, one duplicate.
+            both = await im.post_many([{"conv": "team", "payload": b"two", "idempotency_key": "k2"}] * 2)
+            assert both[0] == both[1] and sorted(p.duplicate for p in both) == [False, True]
+            # post_many hands posts over in list order: seqs follow it.
+            many = await im.post_many([{"conv": "other", "payload": b"%d" % i} for i in range(3)]
+                                      + [{"conv": "team2", "payload": b"%d" % i} for i in range(30)])
+            assert all(isinstance(r, RequestRefused) for r in many[:3])
+            assert [r.seq for r in many[3:]] == list(range(1, 31))
+            await im.post(AB, b"hi", sender="alice", device="web")
+            assert await im.unread("bob") == 3 and await im.unread("bob", "team") == 2
+            assert await im.unread("alice") == 2 + 30 and await im.unread("carol") == 0
+            async with open_client(im.urls[0], im.issue_token("bob"), "phone") as bob:
+                seen = []
+                async for m in bob.messages():
+                    seen.append(m)
+                    if len(seen) == 3:
+                        break
+                await bob.mark_read("team", 2)
+                while [d.position for d in (await im.read_positions("bob")).devices] != [3]:
+                    await trio.sleep(0.01)  # a device's registration and acks are stored lazily
+                pos = await im.read_positions("bob")
+                assert (pos.user, pos.head, pos.floor) == ("bob", 3, 0)
+                assert pos.markers == tuple(sorted([("team", 2), (AB, 0)]))
+                [dev] = pos.devices
+                assert (dev.device, dev.position, dev.online) == ("phone", 3, True) and dev.last_seen > 0
+                assert await im.unread("bob") == 1
+            pos = await im.read_positions("bob")
+            assert [(d.device, d.online) for d in pos.devices] == [("phone", False)]
+            empty = await im.read_positions("carol")
+            assert (empty.head, empty.markers, empty.devices) == (0, (), ())
+            with pytest.raises(RequestRefused) as refused:
+                await im.read_positions("not ok")
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+
+
 async def test_an_embedded_broker_listens_nowhere_unless_told(tmp_path: Path) -> None:
     with trio.fail_after(10):
         async with open_pimcore(data_dir=tmp_path, store=MemoryStore()) as im:

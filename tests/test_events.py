@@ -92,6 +92,16 @@ def test_events_append_gap_free_and_read_from_the_durable_cursor(store):
     assert _page(store, "bad consumer") == Rejected(ErrorCode.BAD_REQUEST)
 
 
+def test_a_probe_lists_every_consumers_cursor(store):
+    """ReadEvents with limit 0: no events, every consumer's durable cursor
+    (what the outbox-depth metric reads); other pages leave it empty."""
+    assert _page(store, limit=0) == EventsPage(0, (), 0, ())
+    store.commit(WriteBatch(1, tuple(AppendEvent(b"{}", t) for t in (1, 2, 3))))
+    store.commit(WriteBatch(2, (AckEvents("zeta", 1), AckEvents("alpha", 3), AckEvents("mid", 0))))
+    assert _page(store, "mid", limit=0) == EventsPage(0, (), 3, (("alpha", 3), ("mid", 0), ("zeta", 1)))
+    assert _page(store, "mid").consumers == () and len(_page(store, "mid").events) == 3
+
+
 def test_a_message_and_its_event_commit_together_or_not_at_all(store):
     class Boom:  # not an op: the batch fails after the message was applied
         pass

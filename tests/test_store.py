@@ -42,10 +42,12 @@ from pimcore.store import (
     LoadSession,
     ReadHistory,
     ReadInbox,
+    ReadDevices,
     RemoveMembers,
     Acked,
     Appended,
     DeviceState,
+    DevicesPage,
     Duplicate,
     LmdbStore,
     MarkRead,
@@ -628,6 +630,12 @@ def test_each_device_has_its_own_position(store: Store, mk: Maker) -> None:
     assert store.devices("bob") == [DeviceState("bob", "laptop", 2, 12), DeviceState("bob", "phone", 4, 11)]
     assert store.device("bob", "phone") == DeviceState("bob", "phone", 4, 11)
     assert store.device("bob", "tablet") is None and store.devices("alice") == []
+    # The same as a read op (the embedding handle's read positions).
+    assert store.read((ReadDevices("bob"), ReadDevices("alice"), ReadDevices("not ok"))) == (
+        DevicesPage("bob", (DeviceState("bob", "laptop", 2, 12), DeviceState("bob", "phone", 4, 11))),
+        DevicesPage("alice", ()),
+        Rejected(ErrorCode.BAD_REQUEST),
+    )
 
 
 def test_ack_only_moves_forward_and_is_clamped_to_the_head(store: Store, mk: Maker) -> None:

@@ -4,7 +4,7 @@ Prometheus metrics and the server API.  See docs/HTTP.md."""
 from __future__ import annotations
 
 from .app import BrokerHttp, open_http_server
-from .server import ERROR_CODES, HttpConfig, HttpError, HttpServer, RawBody, Request, Router, check_api_key
+from .server import ERROR_CODES, HttpConfig, HttpError, HttpServer, RawBody, Request, Router, StreamBody, check_api_key
 
 __all__ = [
     "BrokerHttp",
@@ -15,6 +15,7 @@ __all__ = [
     "RawBody",
     "Request",
     "Router",
+    "StreamBody",
     "check_api_key",
     "open_http_server",
 ]

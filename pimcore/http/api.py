@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
 import trio
 
 from ..errors import ErrorCode, StoreError
-from .server import HttpError, Request, Router
+from .server import HttpError, Request, Router, StreamBody
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..embed import HostEvent, Pimcore
 
-__all__ = ["register_api", "REFUSED_STATUS"]
+__all__ = ["register_api", "REFUSED_STATUS", "MAX_BATCH", "MAX_STREAM_PAGE"]
 
 #: HTTP status of each ErrorCode a handle refusal carries (others: 400).
 REFUSED_STATUS: dict[ErrorCode, int] = {
@@ -42,6 +43,13 @@ REFUSED_STATUS: dict[ErrorCode, int] = {
 
 #: Longest ``wait`` (seconds) a ``GET /v1/events`` long-poll may ask for.
 MAX_EVENT_WAIT = 60.0
+
+#: Most messages in one ``POST /v1/messages`` (the body limit, ``[http]
+#: max_body_bytes``, applies too).
+MAX_BATCH = 1000
+
+#: Most events per server-sent-events write (``limit`` of ``/v1/events/stream``).
+MAX_STREAM_PAGE = 500
 
 _MISSING = object()
 
@@ -112,6 +120,34 @@ def _query(request: Request, name: str, kind: type, default: Any) -> Any:
     return value
 
 
+def _post_fields(body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """(payload, the handle's sender/device arguments) of a post body."""
+    text = _field(body, "payload", str, None)
+    b64 = _field(body, "payload_b64", str, None)
+    if (text is None) == (b64 is None):
+        raise _bad("give exactly one of the fields 'payload' (text) and 'payload_b64'")
+    if b64 is not None:
+        try:
+            payload = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad("field 'payload_b64' is not base64") from None
+    else:
+        payload = text.encode("utf-8", "surrogatepass")
+    kw: dict[str, Any] = {}
+    sender = _field(body, "sender", str, None)
+    device = _field(body, "device", str, None)
+    if device is not None and sender is None:
+        raise _bad("field 'device' needs the field 'sender'")
+    if sender is not None:
+        kw["sender"] = sender
+        kw["device"] = device if device is not None else "http"
+    return payload, kw
+
+
+def _posted(p: Any) -> dict[str, Any]:
+    return {"conv": p.conv, "msg_id": p.msg_id.hex(), "seq": p.seq, "server_time": p.server_time}
+
+
 def _message(m: Any) -> dict[str, Any]:
     return {
         "msg_id": m.msg_id.hex(), "conv": m.conv, "seq": m.seq, "sender": m.sender, "device": m.device,
@@ -150,31 +186,46 @@ def register_api(router: Router, handle: "Pimcore") -> None:
 
     async def post(request: Request) -> tuple[int, Any]:
         body = _object(request)
-        text = _field(body, "payload", str, None)
-        b64 = _field(body, "payload_b64", str, None)
-        if (text is None) == (b64 is None):
-            raise _bad("give exactly one of the fields 'payload' (text) and 'payload_b64'")
-        if b64 is not None:
-            try:
-                payload = base64.b64decode(b64, validate=True)
-            except (binascii.Error, ValueError):
-                raise _bad("field 'payload_b64' is not base64") from None
-        else:
-            payload = text.encode("utf-8", "surrogatepass")
-        kw: dict[str, Any] = {}
-        sender = _field(body, "sender", str, None)
-        device = _field(body, "device", str, None)
-        if device is not None and sender is None:
-            raise _bad("field 'device' needs the field 'sender'")
-        if sender is not None:
-            kw["sender"] = sender
-            kw["device"] = device if device is not None else "http"
+        payload, kw = _post_fields(body)
         key = request.headers.get("idempotency-key")
         if key is not None:
             kw["idempotency_key"] = key.encode("latin-1")
         posted = await handle.post(request.params["conv"], payload, **kw)
-        return 201, {"conv": posted.conv, "msg_id": posted.msg_id.hex(), "seq": posted.seq,
-                     "server_time": posted.server_time}
+        return 201, _posted(posted)
+
+    async def post_batch(request: Request) -> tuple[int, Any]:
+        body = _object(request)
+        items = _field(body, "messages", list)
+        if not 1 <= len(items) <= MAX_BATCH:
+            raise _bad(f"field 'messages' must hold 1..{MAX_BATCH} messages")
+        # Items that do not parse get their own error; the others are posted.
+        results: list[Any] = [None] * len(items)
+        posts: list[dict[str, Any]] = []
+        where: list[int] = []
+        for i, item in enumerate(items):
+            try:
+                if not isinstance(item, dict):
+                    raise _bad(f"messages[{i}] must be a JSON object")
+                conv = _field(item, "conv", str)
+                payload, kw = _post_fields(item)
+                key = _field(item, "idempotency_key", str, None)
+                if key is not None:
+                    kw["idempotency_key"] = key.encode("utf-8", "surrogatepass")
+            except HttpError as exc:
+                results[i] = {"status": "error", "code": exc.code, "message": f"messages[{i}]: {exc.message}"}
+                continue
+            posts.append({"conv": conv, "payload": payload, **kw})
+            where.append(i)
+        from ..embed import Posted
+
+        for i, res in zip(where, await handle.post_many(posts) if posts else []):
+            if isinstance(res, Posted):
+                results[i] = {"status": "duplicate" if res.duplicate else "stored", **_posted(res)}
+            else:
+                code = getattr(res, "code", None)
+                results[i] = {"status": "error", "code": code.name if code is not None else "STORE_UNAVAILABLE",
+                              "message": str(res)}
+        return 200, {"results": results}
 
     async def create_group(request: Request) -> tuple[int, Any]:
         body = _object(request)
@@ -220,6 +271,19 @@ def register_api(router: Router, handle: "Pimcore") -> None:
             raise HttpError(501, "not_implemented", str(exc)) from None
         return 201, {"token": token}
 
+    async def unread(request: Request) -> tuple[int, Any]:
+        user = request.params["user"]
+        conv = _query(request, "conv", str, None)
+        return 200, {"user": user, "conv": conv, "unread": await handle.unread(user, conv)}
+
+    async def read_positions(request: Request) -> tuple[int, Any]:
+        pos = await handle.read_positions(request.params["user"])
+        return 200, {
+            "user": pos.user, "head": pos.head, "floor": pos.floor,
+            "markers": [{"conv": conv, "read_seq": seq} for conv, seq in pos.markers],
+            "devices": [asdict(d) for d in pos.devices],
+        }
+
     async def conversations(request: Request) -> tuple[int, Any]:
         convs = await handle.conversations(request.params["user"])
         return 200, {"conversations": [asdict(c) for c in convs]}
@@ -262,6 +326,45 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         return 200, {"consumer": consumer, "after": after, "events": out,
                      "next": page[-1].id if page else after}
 
+    async def event_stream(request: Request) -> tuple[int, Any]:
+        consumer = _query(request, "consumer", str, "default")
+        after: Optional[int] = _query(request, "after", int, None)
+        limit = _query(request, "limit", int, 50)
+        keepalive = _query(request, "keepalive", float, 15.0)
+        if not 1 <= limit <= MAX_STREAM_PAGE or not 0.05 <= keepalive <= 300:
+            raise _bad(f"query parameters: 'limit' 1..{MAX_STREAM_PAGE}, 'keepalive' 0.05..300 seconds")
+        last_id = request.headers.get("last-event-id")
+        if last_id is not None:  # a reconnecting EventSource: resume after it
+            if not last_id.strip().isdigit() or int(last_id) > _MAX_INT:
+                raise _bad("header 'Last-Event-ID' must be an event id (0..2^63-1)")
+            after = int(last_id)
+        cursor, _ = await handle.event_cursor(consumer)  # refuses a bad consumer before the stream starts
+        start = cursor if after is None else after
+        online = handle.online_devices
+
+        async def produce(send: Callable[[bytes], Awaitable[None]]) -> None:
+            # One page at a time, written before the next is read: what a
+            # client that stops reading holds is one page (and the socket
+            # buffers), then the write timeout closes the stream.
+            pos = start
+            await send(b"retry: 1000\n: pimcore events consumer=%s after=%d\n\n" % (consumer.encode(), pos))
+            while True:
+                page: list[Any] = []
+                with trio.move_on_after(keepalive):
+                    _, page = await handle.next_events(consumer, after=pos, limit=limit)
+                if not page:
+                    await send(b": keep-alive\n\n")
+                    continue
+                out = bytearray()
+                for ev in page:
+                    data = json.dumps(_event(fresh_presence(ev, online)), separators=(",", ":"), ensure_ascii=False)
+                    out += b"id: %d\ndata: %s\n\n" % (ev.id, data.encode())
+                pos = page[-1].id
+                await send(bytes(out))
+
+        return 200, StreamBody("text/event-stream; charset=utf-8", produce,
+                               (("cache-control", "no-cache"), ("x-accel-buffering", "no")))
+
     async def ack(request: Request) -> tuple[int, Any]:
         body = _object(request)
         consumer = _field(body, "consumer", str, "default")
@@ -270,6 +373,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
 
     for method, pattern, handler in (
         ("POST", "/v1/conversations/{conv}/messages", post),
+        ("POST", "/v1/messages", post_batch),
         ("GET", "/v1/conversations/{conv}/history", history),
         ("POST", "/v1/groups", create_group),
         ("POST", "/v1/groups/{conv}/members", add_members),
@@ -278,8 +382,11 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         ("POST", "/v1/users/{user}/revoke", revoke),
         ("GET", "/v1/users/{user}/conversations", conversations),
         ("GET", "/v1/users/{user}/devices", devices),
+        ("GET", "/v1/users/{user}/unread", unread),
+        ("GET", "/v1/users/{user}/read-positions", read_positions),
         ("POST", "/v1/tokens", tokens),
         ("GET", "/v1/events", events),
+        ("GET", "/v1/events/stream", event_stream),
         ("POST", "/v1/events/ack", ack),
     ):
         router.add(method, pattern, _guarded(handler))

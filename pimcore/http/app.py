@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import trio
 
-from .metrics import CONTENT_TYPE, broker_registry, render
+from .metrics import CONTENT_TYPE, BrokerCollector, broker_registry, render
 from .server import HttpConfig, HttpError, HttpServer, RawBody, Request, Router
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,7 +40,8 @@ class BrokerHttp(HttpServer):
         self.broker_server = server
         self.started = time.time() if started is None else started
         self._t0 = time.monotonic()
-        self.registry = broker_registry(server, started=self.started)
+        self.collector = BrokerCollector(server, started=self.started)
+        self.registry = broker_registry(server, started=self.started, collector=self.collector)
         r = self.router
         r.add("GET", "/healthz", self._healthz, auth=False)
         r.add("GET", "/readyz", self._readyz, auth=False)
@@ -69,6 +70,7 @@ class BrokerHttp(HttpServer):
         return 200, {"status": "ready"}
 
     async def _metrics(self, request: Request) -> tuple[int, Any]:
+        await self.collector.refresh_events()  # the event outbox depth: one store read, bounded in time
         return 200, RawBody(CONTENT_TYPE, render(self.registry))
 
     async def _info(self, request: Request) -> tuple[int, Any]:

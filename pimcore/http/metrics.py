@@ -10,6 +10,7 @@ collide.
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import TYPE_CHECKING, Iterator, Optional
 
@@ -17,7 +18,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+import trio
+
 from ..errors import CloseCode
+from ..store import AsyncStore
+from ..store.base import EventsPage, ReadEvents, StoreRequest
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..net.server import BrokerServer, HistogramSnapshot
@@ -64,6 +69,29 @@ class BrokerCollector(Collector):
     def __init__(self, server: "BrokerServer", *, started: Optional[float] = None) -> None:
         self.server = server
         self.started = time.time() if started is None else started
+        #: (last event id, ((consumer, durable cursor), ...)) as of the last
+        #: :meth:`refresh_events`; None before the first.
+        self.events: Optional[tuple[int, tuple[tuple[str, int], ...]]] = None
+        self._probe_ids = itertools.count(1)
+
+    async def refresh_events(self, timeout: float = 1.0) -> None:
+        """Read the event log's last id and every consumer's cursor (one
+        store read: ReadEvents with limit 0) for the next :meth:`collect`.
+        Called by the scrape handler before rendering, so collect() itself
+        never waits; a store that fails or takes over ``timeout`` seconds
+        leaves the previous values (the scrape still answers)."""
+        store = self.server.store
+        request = StoreRequest(next(self._probe_ids), (ReadEvents("default", None, 0),), False)
+        try:
+            with trio.move_on_after(timeout):
+                if isinstance(store, AsyncStore):
+                    (page,) = await store.execute(request)
+                else:
+                    (page,) = store.execute(request)
+                if isinstance(page, EventsPage):
+                    self.events = (page.last_id, page.consumers)
+        except Exception:  # noqa: BLE001 - a closed or failing store: keep the last values
+            pass
 
     def collect(self) -> Iterator[Metric]:
         st = self.server.statistics()
@@ -95,16 +123,27 @@ class BrokerCollector(Collector):
         yield GaugeMetricFamily("pimcore_pending_ops", "Write ops waiting for the next batch.", value=core.pending_ops)
         yield GaugeMetricFamily("pimcore_hooks_in_flight", "Authenticator / content filter calls awaiting an answer.",
                                 value=core.hooks_in_flight)
+        if self.events is not None:
+            last, consumers = self.events
+            yield GaugeMetricFamily("pimcore_event_last_id", "Id of the last host event recorded (0: none).", value=last)
+            depth = GaugeMetricFamily("pimcore_event_outbox_depth",
+                                      "Host events recorded and not yet acked, per consumer (last id - its cursor).",
+                                      labels=["consumer"])
+            for name, cursor in consumers:
+                depth.add_metric([name], max(0, last - cursor))
+            yield depth
         yield _histogram("pimcore_batch_ops", "Ops per committed write batch.", st.batch_ops)
         yield _histogram("pimcore_commit_seconds", "Seconds per write batch commit (fsync included).", st.commit_time)
         yield GaugeMetricFamily("pimcore_start_time_seconds", "When this broker started, seconds since the epoch.",
                                 value=self.started)
 
 
-def broker_registry(server: "BrokerServer", *, started: Optional[float] = None) -> CollectorRegistry:
-    """A registry of its own holding a :class:`BrokerCollector`."""
+def broker_registry(server: "BrokerServer", *, started: Optional[float] = None,
+                    collector: Optional[BrokerCollector] = None) -> CollectorRegistry:
+    """A registry of its own holding ``collector`` (default: a new
+    :class:`BrokerCollector` of ``server``)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(BrokerCollector(server, started=started))
+    registry.register(collector if collector is not None else BrokerCollector(server, started=started))
     return registry
 
 

@@ -37,6 +37,13 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
      "Store a message and deliver it like a client's (header Idempotency-Key makes retries safe)",
      _obj(payload=_STR, payload_b64=_STR, sender=_STR, device=_STR), (),
      201, _obj(conv=_STR, msg_id=_STR, seq=_INT, server_time=_INT)),
+    ("POST", "/v1/messages",
+     "Store many messages (to any conversations) in one request; per-message idempotency keys and results in order",
+     _obj(("messages",), messages={"type": "array", "minItems": 1, "maxItems": 1000, "items": _obj(
+         ("conv",), conv=_STR, payload=_STR, payload_b64=_STR, sender=_STR, device=_STR, idempotency_key=_STR)}), (),
+     200, _obj(results={"type": "array", "items": _obj(
+         ("status",), status={"enum": ["stored", "duplicate", "error"]}, conv=_STR, msg_id=_STR, seq=_INT,
+         server_time=_INT, code=_STR, message=_STR)})),
     ("GET", "/v1/conversations/{conv}/history", "A page of history as a user may see it", None,
      (("user", _STR), ("from_seq", _INT), ("limit", _INT), ("backward", {"type": "boolean"})),
      200, _obj(messages={"type": "array", "items": _MESSAGE})),
@@ -52,14 +59,29 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
      200, _obj(conversations={"type": "array", "items": _obj(
          conv=_STR, read_seq=_INT, last_seq=_INT, unread=_INT, peer=_STR, peer_read_seq=_INT)})),
     ("GET", "/v1/users/{user}/devices", "The user's devices online now", None, (), 200, _obj(user=_STR, devices=_STRINGS)),
+    ("GET", "/v1/users/{user}/unread", "Unread messages of a user in one conversation, or in all of them",
+     None, (("conv", _STR),), 200, _obj(user=_STR, conv={"type": ["string", "null"]}, unread=_INT)),
+    ("GET", "/v1/users/{user}/read-positions",
+     "A user's read marker per conversation, inbox head and floor, and each device's inbox position", None, (),
+     200, _obj(user=_STR, head=_INT, floor=_INT,
+               markers={"type": "array", "items": _obj(conv=_STR, read_seq=_INT)},
+               devices={"type": "array", "items": _obj(device=_STR, position=_INT, last_seen=_INT,
+                                                       online={"type": "boolean"})})),
     ("POST", "/v1/tokens", "Issue a login token", _obj(("user",), user=_STR, device=_STR, ttl=_INT), (),
      201, _obj(token=_STR)),
     ("GET", "/v1/events", "Host events from a durable cursor (long-poll with wait, in seconds)", None,
      (("consumer", _STR), ("after", _INT), ("limit", _INT), ("wait", {"type": "number", "minimum": 0})),
      200, _obj(consumer=_STR, after=_INT, events={"type": "array", "items": {"type": "object"}})),
+    ("GET", "/v1/events/stream",
+     "Host events as server-sent events (text/event-stream) from the durable cursor or Last-Event-ID; ack with /v1/events/ack",
+     None, (("consumer", _STR), ("after", _INT), ("limit", _INT), ("keepalive", {"type": "number", "minimum": 0.05})),
+     200, {"type": "string", "description": "text/event-stream: `id: <event id>` and `data: <event JSON>` per event"}),
     ("POST", "/v1/events/ack", "Move a consumer's durable cursor", _obj(("upto",), consumer=_STR, upto=_INT), (),
      200, _obj(consumer=_STR, cursor=_INT)),
 )
+
+#: Success bodies that are not JSON.
+_CONTENT_TYPE = {("GET", "/v1/events/stream"): "text/event-stream"}
 
 _ERROR = _obj(("error",), error=_obj(("code", "message"), code=_STR, message=_STR))
 
@@ -76,7 +98,8 @@ def openapi_document(version: str) -> dict[str, Any]:
             "summary": summary,
             "security": [{"apiKey": []}],
             "responses": {
-                str(status): {"description": "done", "content": {"application/json": {"schema": result}}},
+                str(status): {"description": "done",
+                              "content": {_CONTENT_TYPE.get((method, path), "application/json"): {"schema": result}}},
                 "default": {"description": "refused: see docs/HTTP.md for the codes",
                             "content": {"application/json": {"schema": _ERROR}}},
             },

@@ -19,7 +19,8 @@ Shape:
   Content-Length before reading the body), ``request_timeout`` seconds to
   receive a whole request once its first byte came (408, then hang up),
   ``keepalive_timeout`` seconds of silence between requests (hang up), and
-  ``request_timeout`` again to write a response.  ``max_connections``
+  ``request_timeout`` again to write a response (for a :class:`StreamBody`,
+  server-sent events, to write each chunk).  ``max_connections``
   beyond which new connections get 503 and are closed.
 """
 
@@ -43,6 +44,7 @@ __all__ = [
     "HttpError",
     "HttpServer",
     "RawBody",
+    "StreamBody",
     "Request",
     "Router",
     "Handler",
@@ -84,6 +86,20 @@ class RawBody:
 
     content_type: str
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamBody:
+    """A response body written as it is produced (server-sent events):
+    ``produce(send)`` awaits ``send(chunk)`` for each chunk and returns when
+    the stream is over.  Sent chunked, then the connection closes.  Each
+    ``send`` has ``request_timeout`` to go out: a client that stops reading
+    holds at most one chunk plus the socket buffers, then is disconnected
+    (nothing is queued ahead of the socket)."""
+
+    content_type: str
+    produce: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +219,10 @@ class HttpConfig:
                 raise ValueError(f"{name} must be > 0 seconds")
 
 
+class _StreamDropped(Exception):
+    """A stream's client stopped reading (internal to _send_stream)."""
+
+
 def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -222,6 +242,8 @@ class HttpServer:
         self._conns = 0
         self.url: Optional[str] = None
         self.requests = 0  # requests answered (any status)
+        self.streams = 0  # streamed responses (server-sent events) being written now
+        self.streams_dropped = 0  # streams closed because the client took no data for request_timeout
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from ..net.server import open_listeners
@@ -292,6 +314,9 @@ class HttpServer:
             if request is None:
                 return  # the client closed between requests
             status, headers, body = await self._handle(request)
+            if isinstance(body, StreamBody):
+                await self._send_stream(stream, conn, status, headers, body, request)
+                return
             with trio.fail_after(cfg.request_timeout):
                 await self._send(stream, conn, status, headers, body, head=request.method == "HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
@@ -336,6 +361,45 @@ class HttpServer:
             body=bytes(body),
         )
 
+    async def _send_stream(self, stream: trio.abc.Stream, conn: h11.Connection, status: int,
+                           headers: list[tuple[str, str]], body: StreamBody, request: Request) -> None:
+        """Write a :class:`StreamBody`: the head, then each chunk within
+        ``request_timeout`` (the timeout is per write, not for the whole
+        stream: a healthy stream lives as long as it produces).  The
+        connection ends with the stream."""
+        timeout = self.config.request_timeout
+        hdrs = [*headers, *body.headers, ("connection", "close")]
+        with trio.fail_after(timeout):
+            await stream.send_all(conn.send(h11.Response(status_code=status, headers=hdrs)) or b"")
+        if request.method == "HEAD":
+            return
+
+        async def send(chunk: bytes) -> None:
+            if not chunk:
+                return
+            try:
+                with trio.fail_after(timeout):
+                    await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
+            except trio.TooSlowError:
+                self.streams_dropped += 1
+                log.warning("http stream %s closed: the client took no data for %g s", request.path, timeout,
+                            extra={"event": "http_stream_dropped", "path": request.path, "timeout": timeout})
+                raise _StreamDropped() from None
+
+        self.streams += 1
+        try:
+            await body.produce(send)
+            with trio.fail_after(timeout):
+                await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+        except _StreamDropped:
+            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the client went away: the usual end of a stream
+        except Exception:
+            log.exception("http stream %s failed", request.path)
+        finally:
+            self.streams -= 1
+
     async def _handle(self, request: Request) -> tuple[int, list[tuple[str, str]], bytes]:
         extra: list[tuple[str, str]] = []
         try:
@@ -350,6 +414,9 @@ class HttpServer:
         except Exception:
             log.exception("http handler failed: %s %s", request.method, request.path)
             status, body = 500, RawBody("application/json", error_body("internal", "internal error"))
+        if isinstance(body, StreamBody):
+            self.requests += 1
+            return status, [("content-type", body.content_type)], body  # type: ignore[return-value]
         if not isinstance(body, RawBody):
             body = RawBody("application/json", _json_bytes(body))
         self.requests += 1

@@ -60,7 +60,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 import inspect
 from collections import deque
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, Union
 
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
@@ -445,7 +445,9 @@ class BrokerServer:
         with a cheap in-memory call; an AsyncStore is taken as open."""
         if self._stopping:
             return "shutting down"
-        if self.broker is None or not self._endpoints:
+        # A broker configured without listeners (embedded: host posts, the
+        # HTTP API, serve_stream) is ready once running.
+        if self.broker is None or len(self._endpoints) < len(self.config.listeners):
             return "not listening yet"
         if not self._async_store:
             try:
@@ -939,6 +941,21 @@ class BrokerServer:
         self._run(method(*args, self.now(), ref=ref, **kw))
         await waiter[0].wait()
         return waiter[1]
+
+    async def host_calls(self, calls: Sequence[tuple[Callable[..., list[Command]], tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
+        """:meth:`host_call` for several calls: all handed to the core in
+        list order first (so posts to one conversation get seqs in that
+        order and share write batches), then awaited; answers in order."""
+        waiters: list[list[Any]] = []
+        for method, args, kw in calls:
+            ref = next(self._admin_refs)
+            waiter: list[Any] = [trio.Event(), None]
+            self._admin_waiters[ref] = waiter
+            waiters.append(waiter)
+            self._run(method(*args, self.now(), ref=ref, **kw))
+        for waiter in waiters:
+            await waiter[0].wait()
+        return [w[1] for w in waiters]
 
     @property
     def committed(self) -> trio.Event:

@@ -150,6 +150,7 @@ __all__ = [
     "ReadInbox",
     "ReadHistory",
     "ReadReaders",
+    "ReadDevices",
     "ReadOp",
     "StoreRequest",
     "GroupChanged",
@@ -158,6 +159,7 @@ __all__ = [
     "InboxPage",
     "HistoryPage",
     "ReadersPage",
+    "DevicesPage",
     "OPEN",
     "MessageKind",
     "visible_ranges",
@@ -550,15 +552,26 @@ class ReadReaders:
 class ReadEvents:
     """Host events with id > ``after`` (None: the consumer's durable
     cursor, 0 for an unknown consumer), ascending, at most ``limit``.  Events
-    already reclaimed are skipped (the ids jump).  An invalid consumer name
-    -> Rejected(BAD_REQUEST).  Result: EventsPage."""
+    already reclaimed are skipped (the ids jump).  ``limit`` 0 is a probe:
+    no events, but the page lists every consumer's durable cursor
+    (``EventsPage.consumers``: what the outbox-depth metric reads).  An
+    invalid consumer name -> Rejected(BAD_REQUEST).  Result: EventsPage."""
 
     consumer: str
     after: Optional[int] = None
     limit: int = 256
 
 
-ReadOp = Union[LoadSession, ReadInbox, ReadHistory, ReadReaders, ReadEvents]
+@dataclass(frozen=True, slots=True)
+class ReadDevices:
+    """Every known device of ``user`` with its acked inbox position and
+    last-seen time (the host's read positions; forgotten devices are gone).
+    A malformed id -> Rejected(BAD_REQUEST).  Result: DevicesPage."""
+
+    user: str
+
+
+ReadOp = Union[LoadSession, ReadInbox, ReadHistory, ReadReaders, ReadEvents, ReadDevices]
 
 
 @dataclass(frozen=True, slots=True)
@@ -669,6 +682,9 @@ class EventsPage:
     cursor: int  # the consumer's durable cursor (0 if it never acked)
     events: tuple[StoredEvent, ...]  # ascending by id
     last_id: int  # the highest id ever appended (0 if none)
+    #: (consumer, durable cursor) of every consumer that ever acked, sorted;
+    #: filled only for a probe (ReadEvents with limit 0).
+    consumers: tuple[tuple[str, int], ...] = ()
 
 
 
@@ -724,6 +740,12 @@ class InboxPage:
 
 
 @dataclass(frozen=True, slots=True)
+class DevicesPage:
+    user: str
+    devices: tuple[DeviceState, ...]  # sorted by device id
+
+
+@dataclass(frozen=True, slots=True)
 class HistoryPage:
     code: ErrorCode  # OK, or why the user may not read it
     messages: tuple[StoredMessage, ...]
@@ -741,7 +763,7 @@ class ReadersPage:
 
 Result = Union[
     Appended, Duplicate, Rejected, Acked, Touched, ReadMarked, Reclaimed, GroupChanged, Revoked, SessionLoaded, InboxPage,
-    HistoryPage, ReadersPage, EventAppended, EventsAcked, EventsPage,
+    HistoryPage, ReadersPage, EventAppended, EventsAcked, EventsPage, DevicesPage,
 ]
 
 
@@ -850,6 +872,10 @@ class Store(ABC):
                 out.append(self._read_readers(op))  # type: ignore[arg-type]
             elif kind is ReadEvents:
                 out.append(self._read_events(op))  # type: ignore[arg-type]
+            elif kind is ReadDevices:
+                user = op.user  # type: ignore[union-attr]
+                out.append(DevicesPage(user, tuple(self.devices(user))) if valid_id(user)
+                           else Rejected(ErrorCode.BAD_REQUEST))
             else:
                 raise TypeError(f"not a read op: {kind.__name__}")
         return tuple(out)

@@ -177,6 +177,8 @@ from .base import (
     OPEN,
     ReadersPage,
     ReadReaders,
+    ReadDevices,
+    DevicesPage,
     last_visible,
     member_ranges,
     page_seqs,
@@ -1257,7 +1259,11 @@ class LmdbStore(Store):
                 page.append(StoredEvent(_U64.unpack(key)[0], _I64.unpack_from(value)[0], value[8:]))
                 if len(page) >= op.limit:
                     break
-        return EventsPage(cursor, tuple(page), last)
+        consumers: tuple[tuple[str, int], ...] = ()
+        if op.limit == 0:
+            consumers = tuple(sorted((bytes(k)[1:].decode("ascii"), _U64.unpack(v)[0])
+                                     for k, v in txn.cursor(self._evcursors)))
+        return EventsPage(cursor, tuple(page), last, consumers)
 
     # ---------------------------------------------------------- group admin
 
@@ -1434,12 +1440,20 @@ class LmdbStore(Store):
         with self._read() as txn:
             if not valid_id(user):
                 return []
-            uk = _t(user)
-            found = [
-                DeviceState(user, _take_t(key, len(uk))[0], *_DEVICE.unpack(value))
-                for key, value in self._scan(txn, self._devices, uk)
-            ]
-            return sorted(found, key=lambda d: d.device)
+            return self._devices_in(txn, user)
+
+    def _devices_in(self, txn: _Txn, user: str) -> list[DeviceState]:
+        uk = _t(user)
+        found = [
+            DeviceState(user, _take_t(key, len(uk))[0], *_DEVICE.unpack(value))
+            for key, value in self._scan(txn, self._devices, uk)
+        ]
+        return sorted(found, key=lambda d: d.device)
+
+    def _devices_page_in(self, txn: _Txn, user: str) -> Result:
+        if not valid_id(user):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        return DevicesPage(user, tuple(self._devices_in(txn, user)))
 
     def read_marker(self, user: str, conv: str) -> int:
         with self._read() as txn:
@@ -1508,6 +1522,8 @@ class LmdbStore(Store):
                     out.append(self._read_readers_in(txn, op))  # type: ignore[arg-type]
                 elif kind is ReadEvents:
                     out.append(self._read_events_in(txn, op))  # type: ignore[arg-type]
+                elif kind is ReadDevices:
+                    out.append(self._devices_page_in(txn, op.user))  # type: ignore[union-attr]
                 else:
                     raise TypeError(f"not a read op: {kind.__name__}")
             return tuple(out)

@@ -382,7 +382,8 @@ class MemoryStore(Store):
             start = max(after, self._evmeta["floor"]) + 1
             end = min(last, start + max(op.limit, 0) - 1)
             page = tuple(StoredEvent(i, *self._events[i]) for i in range(start, end + 1))
-            return EventsPage(cursor, page, last)
+            consumers = tuple(sorted(self._evcursors.items())) if op.limit == 0 else ()
+            return EventsPage(cursor, page, last, consumers)
 
     # ---------------------------------------------------------- group admin
 
