@@ -50,9 +50,19 @@ from .errors import CloseCode, ErrorCode, PimError, ProtocolError
 from .order import display_order
 
 try:  # zstandard is a dependency; without it the session just does not ask for zstd
-    from .compress import FrameCompressor, FrameDecompressor
+    from .compress import (
+        DEFLATE_WINDOW_BITS_DOWN,
+        DEFLATE_WINDOW_BITS_UP,
+        DeflateCompressor,
+        DeflateDecompressor,
+        FrameCompressor,
+        FrameDecompressor,
+    )
 except ImportError:  # pragma: no cover
     FrameCompressor = FrameDecompressor = None  # type: ignore[assignment,misc]
+
+#: Every compression cap this SDK can use (ClientConfig.compression_caps is masked with it).
+_COMPRESSION_CAPS = F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP
 
 __all__ = [
     "ClientSession",
@@ -294,7 +304,11 @@ class ClientConfig:
     time_samples: int = 5  # calibration round trips at each login
     ack_delay: float = 0.02  # s; PushAcks taken within this window go out as one
     dead_after: float = 3.0  # heartbeat periods without any frame = dead link
-    compression: bool = True  # ask for zstd at login
+    compression: bool = True  # ask for compression at login (see compression_caps)
+    #: The compression caps asked for when ``compression`` is on: by default
+    #: deflate streams both ways (PROTOCOL.md 7.2) with zstd as the fallback
+    #: for brokers that only know CAP_ZSTD.
+    compression_caps: int = F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP
     max_frame: int = 1 << 20
     view_limit: int = 1000  # messages kept per conversation for view() (the newest by seq)
     event_limit: int = 10_000  # queued events before old read-state notifications are shed
@@ -431,7 +445,7 @@ class ClientSession:
         self.device = device
         self.config = config
         self._rng = random.Random(seed)
-        self._caps = F.CAP_ZSTD if config.compression and zstd_available() else 0
+        self._caps = config.compression_caps & _COMPRESSION_CAPS if config.compression and zstd_available() else 0
         self._ack_timeout = _us(config.ack_timeout)
         self._send_timeout = _us(config.send_timeout)
         self._connect_timeout = _us(config.connect_timeout)
@@ -836,13 +850,23 @@ class ClientSession:
         self.user = ack.user
         self._heartbeat = ack.heartbeat_ms * 1000
         self._window = max(1, ack.window)
-        if ack.caps & F.CAP_ZSTD and self._caps & F.CAP_ZSTD:
-            # Active from the frame after LoginAck, both ways (PROTOCOL.md 7).
-            if self._zstd is None:
-                self._zstd = (FrameCompressor(), FrameDecompressor())
-            self._compress = self._zstd[0].compress  # type: ignore[attr-defined]
+        granted = ack.caps & self._caps
+        if granted:
+            # Active from the frame after LoginAck (PROTOCOL.md 7), each
+            # direction on its own: a deflate stream where its bit is granted
+            # (new for every connection: streams never outlive one), else the
+            # per-frame zstd contexts (shared by all connections).
             assert self._decoder is not None
-            self._decoder.enable_decompression(self._zstd[1])
+            if granted & F.CAP_ZSTD and self._zstd is None:
+                self._zstd = (FrameCompressor(), FrameDecompressor())
+            if granted & F.CAP_DEFLATE_UP:
+                self._compress = DeflateCompressor(DEFLATE_WINDOW_BITS_UP).compress
+            elif granted & F.CAP_ZSTD:
+                self._compress = self._zstd[0].compress  # type: ignore[index]
+            if granted & F.CAP_DEFLATE_DOWN:
+                self._decoder.enable_decompression(DeflateDecompressor(DEFLATE_WINDOW_BITS_DOWN))
+            elif granted & F.CAP_ZSTD:
+                self._decoder.enable_decompression(self._zstd[1])  # type: ignore[index]
         if ack.resync:
             self._resync(ack)
         self._epoch = ack.epoch

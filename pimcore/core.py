@@ -131,8 +131,9 @@ __all__ = [
 SECOND = 1_000_000  # µs
 DAY = 86_400 * SECOND
 
-#: The capabilities this core can grant: zstd frame compression (PROTOCOL.md §7).
-SUPPORTED_CAPS = F.CAP_ZSTD
+#: The capabilities this core can grant: zstd frame compression and the
+#: per-connection deflate streams, each direction on its own (PROTOCOL.md §7).
+SUPPORTED_CAPS = F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP
 
 
 # ---------------------------------------------------------------- configuration
