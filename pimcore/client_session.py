@@ -29,7 +29,7 @@ States (:class:`SessionState`)::
 
     DISCONNECTED --connection_made--> AWAITING_LOGIN_ACK --LoginAck--> CALIBRATING
          ^                                   |                              |
-         |  connection_lost, Close,          |        N samples or timeout  v
+         |  connection_lost, Close,          |  1st sample or its timeout   v
          +--- malformed bytes, timeouts -----+-------------------------  ACTIVE
     any state --close(), Close(AUTH_FAILED|TOKEN_REVOKED|KICKED|REPLACED)--> CLOSED (terminal)
 """
@@ -301,7 +301,7 @@ class ClientConfig:
     connect_timeout: float = 10.0  # s for connect + Login + LoginAck
     backoff_initial: float = 0.1  # s, first reconnect delay (then doubled, jittered)
     backoff_max: float = 10.0
-    time_samples: int = 5  # calibration round trips at each login
+    time_samples: int = 5  # calibration round trips at each login (the first with the Login, the rest once ACTIVE)
     ack_delay: float = 0.02  # s; PushAcks taken within this window go out as one
     dead_after: float = 3.0  # heartbeat periods without any frame = dead link
     compression: bool = True  # ask for compression at login (see compression_caps)
@@ -338,7 +338,7 @@ class SessionState(enum.Enum):
 
     DISCONNECTED = "disconnected"  # no connection: the driver is dialling or backing off
     AWAITING_LOGIN_ACK = "awaiting_login_ack"  # Login sent
-    CALIBRATING = "calibrating"  # LoginAck received; CalibrateReq round trips
+    CALIBRATING = "calibrating"  # LoginAck received; the first CalibrateReq (sent with the Login) unanswered
     ACTIVE = "active"  # sends, pushes, read state, history, heartbeats
     CLOSED = "closed"  # for good: close(), AUTH_FAILED, TOKEN_REVOKED, KICKED or REPLACED; see ``error``
 
@@ -479,6 +479,7 @@ class ClientSession:
         self._cal_t0 = 0  # device clock of the outstanding CalibrateReq (its echo key)
         self._cal_deadline = 0
         self._samples: list[tuple[int, int]] = []  # (rtt, offset)
+        self._bg_cal = False  # ACTIVE and still taking calibration samples
         self._held: list[object] = []  # frames that arrived during calibration
         self._ping_nonce = 0
         self._established = 0  # connections that reached ACTIVE
@@ -684,6 +685,16 @@ class ClientSession:
             h.sent_at = None
         self._state = SessionState.AWAITING_LOGIN_ACK
         self._send(encode_frame(F.Login(bytes(token), self.device, now, self._taken_upto, self._caps, self._epoch)))
+        # The first calibration sample rides behind the Login (the broker
+        # answers pipelined frames once the login is decided): its answer
+        # arrives right behind the LoginAck, so the connection is ACTIVE --
+        # and the pushes the broker sent after its LoginAck reach the app --
+        # one round trip after the stream is up.  The other samples follow
+        # in the background (_bg_cal).
+        self._bg_cal = False
+        self._cal_t0 = self._raw_now
+        self._cal_deadline = self._login_deadline
+        self._send(encode_frame(F.CalibrateReq(self._cal_t0)))
 
     def connection_lost(self, now: int, reason: Optional[str] = None) -> None:
         """The driver's stream failed or reached EOF.  Queued bytes are
@@ -706,6 +717,7 @@ class ClientSession:
         encoded) is all that is left for the driver to write."""
         self._out = [farewell] if farewell is not None else []
         self._state = SessionState.DISCONNECTED
+        self._bg_cal = False
         self._decoder = None
         self._compress = None
         self._held = []
@@ -879,7 +891,8 @@ class ClientSession:
         self._stats["connects"] += 1
         self._state = SessionState.CALIBRATING
         self._samples = []
-        self._calibrate_next()
+        # The sample sent with the Login is on its way (see connection_made).
+        self._cal_deadline = self._t + self._ack_timeout
 
     def _resync(self, ack: F.LoginAck) -> None:
         """The broker's history is not the one our cursors came from (see
@@ -921,8 +934,13 @@ class ClientSession:
         # The broker read its clock somewhere in [t0, t1]: assume the middle;
         # the error is at most rtt/2, so the smallest rtt wins.
         self._samples.append((rtt, f.server_time - (t0 + t1) // 2))
+        if self._state is SessionState.CALIBRATING:
+            self._establish()  # ACTIVE at the first sample; the rest in the background
+            return
+        # A background sample on the ACTIVE connection: keep the best one.
+        self._rtt, self._offset = min(self._samples)
         if len(self._samples) >= max(1, self.config.time_samples):
-            self._establish()
+            self._bg_cal = False
         else:
             self._calibrate_next()
 
@@ -954,6 +972,9 @@ class ClientSession:
             self._ack_at = self._t + self._ack_delay
         for h in self._history.values():
             self._ask_history(h)
+        if self._samples and len(self._samples) < self.config.time_samples:
+            self._bg_cal = True
+            self._calibrate_next()
 
     def _dispatch(self, f: object) -> None:
         """One frame on an ACTIVE connection."""
@@ -972,6 +993,9 @@ class ClientSession:
             self._on_readers(f)  # type: ignore[arg-type]
         elif t is F.Ping:
             self._send(encode_frame(F.Pong(f.nonce)))  # type: ignore[attr-defined]
+        elif t is F.CalibrateResp:
+            if self._bg_cal and f.client_time == self._cal_t0:  # type: ignore[attr-defined]
+                self._on_calibrate_resp(f)  # type: ignore[arg-type]
         elif t is F.Error:
             log.warning("broker error %s (ref %s): %s", f.code, f.ref, f.reason)  # type: ignore[attr-defined]
         elif t is F.Close:  # pragma: no cover - handled in _on_frame
@@ -1006,6 +1030,8 @@ class ClientSession:
         elif state is SessionState.CALIBRATING:
             consider(self._cal_deadline)
         elif state is SessionState.ACTIVE:
+            if self._bg_cal:
+                consider(self._cal_deadline)
             if self._heartbeat:
                 consider(self._last_recv + int(self._heartbeat * self.config.dead_after))
                 consider(self._last_sent + self._heartbeat)
@@ -1053,6 +1079,8 @@ class ClientSession:
                 # rather than hold the connection hostage.
                 self._establish()
         elif state is SessionState.ACTIVE:
+            if self._bg_cal and t >= self._cal_deadline:
+                self._bg_cal = False  # an unanswered background sample: keep what we have
             hb = self._heartbeat
             if hb and t >= self._last_recv + int(hb * self.config.dead_after):
                 # A black-holed route reports no error; silence is the only sign.
