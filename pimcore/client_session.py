@@ -47,6 +47,7 @@ from typing import Optional, Union
 from . import frames as F
 from .codec import Decoder, encode_frame
 from .errors import CloseCode, ErrorCode, PimError, ProtocolError
+from .heartbeat import HeartbeatTuner
 from .order import display_order
 
 try:  # zstandard is a dependency; without it the session just does not ask for zstd
@@ -304,6 +305,10 @@ class ClientConfig:
     time_samples: int = 5  # calibration round trips at each login (the first with the Login, the rest once ACTIVE)
     ack_delay: float = 0.02  # s; PushAcks taken within this window go out as one
     dead_after: float = 3.0  # heartbeat periods without any frame = dead link
+    #: Learn the longest heartbeat interval the network allows, up to the
+    #: broker's (pimcore.heartbeat.HeartbeatTuner); False = always the broker's.
+    adaptive_heartbeat: bool = True
+    heartbeat_floor: float = 15.0  # s; the adaptive interval never goes below it
     compression: bool = True  # ask for compression at login (see compression_caps)
     #: The compression caps asked for when ``compression`` is on: by default
     #: deflate streams both ways (PROTOCOL.md 7.2) with zstd as the fallback
@@ -482,6 +487,12 @@ class ClientSession:
         self._bg_cal = False  # ACTIVE and still taking calibration samples
         self._held: list[object] = []  # frames that arrived during calibration
         self._ping_nonce = 0
+        # The outstanding heartbeat Ping: when it went out (session time) and
+        # after how much silence; None when none is waiting for its Pong.
+        self._ping_at: Optional[int] = None
+        self._ping_idle = 0
+        self._hb_ceiling = 0  # µs, LoginAck.heartbeat_ms: the broker's interval
+        self._tuner = HeartbeatTuner(max(1, _us(config.heartbeat_floor))) if config.adaptive_heartbeat else None
         self._established = 0  # connections that reached ACTIVE
 
         # -- upstream
@@ -675,6 +686,7 @@ class ClientSession:
         self._compress = None
         self._window = 1
         self._heartbeat = 0
+        self._ping_at = None
         self._last_sent = self._last_recv = t
         self._login_deadline = t + self._connect_timeout
         self._login_ack = None
@@ -860,7 +872,8 @@ class ClientSession:
 
     def _on_login_ack(self, ack: F.LoginAck) -> None:
         self.user = ack.user
-        self._heartbeat = ack.heartbeat_ms * 1000
+        self._hb_ceiling = ack.heartbeat_ms * 1000
+        self._heartbeat = self._tuner.interval(self._hb_ceiling) if self._tuner and self._hb_ceiling else self._hb_ceiling
         self._window = max(1, ack.window)
         granted = ack.caps & self._caps
         if granted:
@@ -922,6 +935,25 @@ class ClientSession:
     def taken_upto(self) -> int:
         """The highest inbox position the app has taken (see epoch)."""
         return self._taken_upto
+
+    def _pong_timeout(self) -> int:
+        """How long a heartbeat Ping may wait for any answer (µs): one
+        interval at most (dead within two), and ack_timeout when that is less."""
+        return min(self._heartbeat, self._ack_timeout)
+
+    @property
+    def heartbeat_interval(self) -> int:
+        """The heartbeat interval in use or to be used (µs; 0 = none): the
+        broker's (LoginAck.heartbeat_ms), or what the adaptive heartbeat
+        learned below it."""
+        if self._tuner is not None and self._hb_ceiling:
+            return self._tuner.interval(self._hb_ceiling)
+        return self._hb_ceiling
+
+    @property
+    def heartbeat_tuner(self) -> Optional[HeartbeatTuner]:
+        """The adaptive heartbeat's state (None when ``adaptive_heartbeat`` is off)."""
+        return self._tuner
 
     def _calibrate_next(self) -> None:
         self._cal_t0 = self._raw_now
@@ -993,6 +1025,13 @@ class ClientSession:
             self._on_readers(f)  # type: ignore[arg-type]
         elif t is F.Ping:
             self._send(encode_frame(F.Pong(f.nonce)))  # type: ignore[attr-defined]
+        elif t is F.Pong:
+            if self._ping_at is not None and f.nonce == self._ping_nonce:  # type: ignore[attr-defined]
+                self._ping_at = None
+                if self._tuner is not None:
+                    # The link survived _ping_idle of silence: maybe probe longer.
+                    self._tuner.survived(self._ping_idle, self._hb_ceiling)
+                    self._heartbeat = self._tuner.interval(self._hb_ceiling)
         elif t is F.CalibrateResp:
             if self._bg_cal and f.client_time == self._cal_t0:  # type: ignore[attr-defined]
                 self._on_calibrate_resp(f)  # type: ignore[arg-type]
@@ -1035,6 +1074,8 @@ class ClientSession:
             if self._heartbeat:
                 consider(self._last_recv + int(self._heartbeat * self.config.dead_after))
                 consider(self._last_sent + self._heartbeat)
+                if self._ping_at is not None and self._last_recv < self._ping_at:
+                    consider(self._ping_at + self._pong_timeout())
             if self._inflight:
                 consider(next(iter(self._inflight.values())).sent_at + self._ack_timeout)  # type: ignore[operator]
             if self._queue and self._hold_until > self._t:
@@ -1086,6 +1127,17 @@ class ClientSession:
                 # A black-holed route reports no error; silence is the only sign.
                 self._end_connection(None, "no traffic from the broker: dead link")
                 return
+            ping_at = self._ping_at
+            if hb and ping_at is not None and self._last_recv < ping_at and t >= ping_at + self._pong_timeout():
+                # Nothing at all since our Ping: the link is dead -- within two
+                # intervals of its death (the Ping goes at most one interval
+                # after the last traffic, and we wait at most one more).  A
+                # death after a full interval of silence is a NAT or carrier
+                # idle timeout: the tuner backs off.
+                if self._tuner is not None:
+                    self._tuner.died(self._ping_idle, self._hb_ceiling)
+                self._end_connection(None, "no Pong from the broker: dead link")
+                return
             for p in list(self._inflight.values()):
                 if p.sent_at is None or p.sent_at + self._ack_timeout > t:  # type: ignore[operator]
                     break  # oldest first: the rest are younger
@@ -1097,7 +1149,9 @@ class ClientSession:
                     self._ask_history(h)
             if hb and t >= self._last_sent + hb:
                 self._ping_nonce += 1
+                self._ping_idle = t - max(self._last_sent, self._last_recv)
                 self._send(encode_frame(F.Ping(self._ping_nonce)))
+                self._ping_at = t
 
     # ------------------------------------------------------------ upstream
 
