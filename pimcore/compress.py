@@ -367,7 +367,7 @@ class DeflateCompressor:
     :meth:`state_size`).  Not thread-safe; one per connection.
     """
 
-    __slots__ = ("_z", "_wbits", "_level", "_mem", "_threshold", "_frames", "_compressed", "_in", "_out")
+    __slots__ = ("_z", "_wbits", "_level", "_mem", "_threshold", "_frames", "_compressed", "_in", "_out", "_tail", "_keep")
 
     def __init__(
         self,
@@ -389,17 +389,31 @@ class DeflateCompressor:
         self._threshold = threshold
         self._z: Any = None
         self._frames = self._compressed = self._in = self._out = 0
+        # The last (1 << window_bits) bytes fed to the stream: all a released
+        # stream needs to go on (see release()).
+        self._tail = b""
+        self._keep = 1 << window_bits
 
     @property
     def window_bits(self) -> int:
         return self._wbits
 
     def state_size(self) -> int:
-        """Bytes of zlib state this stream holds now (0 before its first
-        compressed frame): zlib's own formula for deflate, plus its state."""
+        """Bytes of compression state this stream holds now: 0 before its
+        first compressed frame, the window's bytes while released, else
+        zlib's own formula for deflate plus its state and the window copy."""
         if self._z is None:
-            return 0
-        return (4 << self._wbits) + (512 << self._mem) + _DEFLATE_STATE
+            return len(self._tail)
+        return (4 << self._wbits) + (512 << self._mem) + _DEFLATE_STATE + len(self._tail)
+
+    def release(self) -> None:
+        """Free the zlib state of an idle stream, keeping only the last
+        window of its bytes (≤ 2^window_bits).  The next compressed frame
+        makes a new deflater primed with those bytes as a preset dictionary:
+        it may refer back exactly as far as the receiver's window holds, so
+        the peer sees one unbroken stream (no wire signal, nothing to reset).
+        Costs ~20 µs at that next frame."""
+        self._z = None
 
     def compress(self, raw: bytes) -> bytes:
         """One encoded, uncompressed frame -> the frame to send."""
@@ -415,8 +429,15 @@ class DeflateCompressor:
             return raw
         z = self._z
         if z is None:
-            z = self._z = zlib.compressobj(self._level, zlib.DEFLATED, -self._wbits, self._mem)
-        body = z.compress(raw[n + 2 :] if n < 3 else memoryview(raw)[n + 2 :]) + z.flush(zlib.Z_SYNC_FLUSH)
+            if self._tail:  # after release(): go on from the window's bytes
+                z = zlib.compressobj(self._level, zlib.DEFLATED, -self._wbits, self._mem, zdict=self._tail)
+            else:
+                z = zlib.compressobj(self._level, zlib.DEFLATED, -self._wbits, self._mem)
+            self._z = z
+        plain = raw[n + 2 :]
+        tail = self._tail + plain
+        self._tail = tail if len(tail) <= self._keep else tail[-self._keep :]
+        body = z.compress(plain) + z.flush(zlib.Z_SYNC_FLUSH)
         # Z_SYNC_FLUSH always ends with the empty stored block 00 00 ff ff.
         body = body[:-4]
         length = 2 + len(body)
@@ -462,27 +483,40 @@ class DeflateDecompressor:
     one per connection.
     """
 
-    __slots__ = ("_d", "_wbits", "_broken")
+    __slots__ = ("_d", "_wbits", "_broken", "_tail", "_keep", "frames")
 
     def __init__(self, window_bits: int = DEFLATE_WINDOW_BITS_UP) -> None:
         self._wbits = _check_window_bits(window_bits)
         self._d: Any = None
         self._broken: Optional[str] = None
+        self._tail = b""  # the last window of output: all a released stream needs
+        self._keep = 1 << window_bits
+        self.frames = 0  #: frames inflated so far
 
     @property
     def window_bits(self) -> int:
         return self._wbits
 
     def state_size(self) -> int:
-        """Bytes of zlib state this stream holds now (0 before its first frame)."""
-        return 0 if self._d is None else (1 << self._wbits) + _INFLATE_STATE
+        """Bytes of state this stream holds now: 0 before its first frame,
+        the window's bytes while released, else zlib's window and state plus
+        the window copy."""
+        return len(self._tail) + (0 if self._d is None else (1 << self._wbits) + _INFLATE_STATE)
+
+    def release(self) -> None:
+        """Free the zlib state of an idle stream, keeping the last window of
+        output (≤ 2^window_bits bytes).  Every frame ends at a sync flush, so
+        between frames the inflater holds nothing but that window: the next
+        frame is inflated by a new inflater primed with it (``zdict``),
+        exactly as the old one would have."""
+        self._d = None
 
     def __call__(self, body: bytes, max_size: int) -> bytes:
         if self._broken is not None:
             raise _malformed(f"the deflate stream was lost earlier ({self._broken})")
         d = self._d
         if d is None:
-            d = self._d = zlib.decompressobj(-self._wbits)
+            d = self._d = zlib.decompressobj(-self._wbits, zdict=self._tail) if self._tail else zlib.decompressobj(-self._wbits)
         try:
             out = d.decompress(body + _SYNC_TAIL, max_size + 1)
         except zlib.error as exc:
@@ -493,9 +527,13 @@ class DeflateDecompressor:
             raise self._lost(_malformed("compressed body ends the deflate stream (a final block)"))
         if not out:
             raise self._lost(_malformed("compressed body inflates to 0 bytes"))
+        tail = self._tail + out
+        self._tail = tail if len(tail) <= self._keep else tail[-self._keep :]
+        self.frames += 1
         return out
 
     def _lost(self, exc: ProtocolError) -> ProtocolError:
         self._broken = str(exc)
         self._d = None  # free the window now: nothing can use it any more
+        self._tail = b""
         return exc

@@ -636,6 +636,29 @@ class ServerSession:
             return self._deflate.compress  # type: ignore[no-any-return]
         return self._compression.compressor()
 
+    @property
+    def compression_activity(self) -> int:
+        """Frames that went through this connection's deflate streams so far,
+        both directions: unchanged between two looks means the streams were
+        idle in between (Pings and acks, below the threshold, do not count)."""
+        n = 0 if self._deflate is None else self._deflate.statistics().compressed
+        d = self._decoder.decompress
+        return n + getattr(d, "frames", 0)  # type: ignore[no-any-return]
+
+    def hibernate(self) -> int:
+        """Release the zlib state of this connection's deflate streams while
+        it is idle, keeping only each stream's last window of bytes (≤ 2 KiB
+        each at the broker's windows); they come back by themselves at the
+        next compressed frame, with nothing on the wire (PROTOCOL.md 7.2,
+        "Memory").  Returns the bytes held afterwards.  Harmless to call at
+        any time; a no-op for zstd or plain connections."""
+        if self._deflate is not None:
+            self._deflate.release()
+        d = self._decoder.decompress
+        if d is not None and hasattr(d, "release"):
+            d.release()
+        return self.compression_state_size()
+
     def compression_state_size(self) -> int:
         """Bytes of compression state this connection holds on its own (its
         deflate streams; 0 for zstd, whose contexts the thread shares)."""
