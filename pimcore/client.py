@@ -605,6 +605,7 @@ class Client:
         first_deadline = trio.current_time() + self.config.connect_timeout
         while not self._closed:
             began = trio.current_time()
+            established = s.connections_established
             exc = await self._connect_once(first)
             if s.state is SessionState.CLOSED:
                 # For good: the app closed, the token was refused, or this
@@ -629,6 +630,14 @@ class Client:
                 log.debug("connection lost: %r", exc)
             if self._closed:
                 return
+            d = s.last_disconnect
+            if s.connections_established > established and d is not None and d.code in _CLEAN_CLOSES:
+                # The broker closed a working session on purpose (a restart,
+                # an idle timeout, an expired token): not a failure, so no
+                # backoff -- reconnect at once and resume.  If the broker is
+                # not back yet, that attempt fails and the backoff starts.
+                attempt = 0
+                continue
             # A session that lived a while resets the backoff.
             attempt = 0 if trio.current_time() - began > 5.0 else attempt + 1
             delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** min(attempt, 16))
@@ -646,6 +655,10 @@ class Client:
         self._pump()
         if conn is not None:
             await self._flush(conn, 1.0)
+
+
+#: Closes by the broker after which the client reconnects without backing off.
+_CLEAN_CLOSES = frozenset((CloseCode.SHUTDOWN, CloseCode.NORMAL, CloseCode.IDLE_TIMEOUT, CloseCode.TOKEN_EXPIRED))
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -29,7 +29,7 @@ States (:class:`SessionState`)::
 
     DISCONNECTED --connection_made--> AWAITING_LOGIN_ACK --LoginAck--> CALIBRATING
          ^                                   |                              |
-         |  connection_lost, Close,          |        N samples or timeout  v
+         |  connection_lost, Close,          |  1st sample or its timeout   v
          +--- malformed bytes, timeouts -----+-------------------------  ACTIVE
     any state --close(), Close(AUTH_FAILED|TOKEN_REVOKED|KICKED|REPLACED)--> CLOSED (terminal)
 """
@@ -47,12 +47,23 @@ from typing import Optional, Union
 from . import frames as F
 from .codec import Decoder, encode_frame
 from .errors import CloseCode, ErrorCode, PimError, ProtocolError
+from .heartbeat import HeartbeatTuner
 from .order import display_order
 
 try:  # zstandard is a dependency; without it the session just does not ask for zstd
-    from .compress import FrameCompressor, FrameDecompressor
+    from .compress import (
+        DEFLATE_WINDOW_BITS_DOWN,
+        DEFLATE_WINDOW_BITS_UP,
+        DeflateCompressor,
+        DeflateDecompressor,
+        FrameCompressor,
+        FrameDecompressor,
+    )
 except ImportError:  # pragma: no cover
     FrameCompressor = FrameDecompressor = None  # type: ignore[assignment,misc]
+
+#: Every compression cap this SDK can use (ClientConfig.compression_caps is masked with it).
+_COMPRESSION_CAPS = F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP
 
 __all__ = [
     "ClientSession",
@@ -291,10 +302,18 @@ class ClientConfig:
     connect_timeout: float = 10.0  # s for connect + Login + LoginAck
     backoff_initial: float = 0.1  # s, first reconnect delay (then doubled, jittered)
     backoff_max: float = 10.0
-    time_samples: int = 5  # calibration round trips at each login
+    time_samples: int = 5  # calibration round trips at each login (the first with the Login, the rest once ACTIVE)
     ack_delay: float = 0.02  # s; PushAcks taken within this window go out as one
     dead_after: float = 3.0  # heartbeat periods without any frame = dead link
-    compression: bool = True  # ask for zstd at login
+    #: Learn the longest heartbeat interval the network allows, up to the
+    #: broker's (pimcore.heartbeat.HeartbeatTuner); False = always the broker's.
+    adaptive_heartbeat: bool = True
+    heartbeat_floor: float = 15.0  # s; the adaptive interval never goes below it
+    compression: bool = True  # ask for compression at login (see compression_caps)
+    #: The compression caps asked for when ``compression`` is on: by default
+    #: deflate streams both ways (PROTOCOL.md 7.2) with zstd as the fallback
+    #: for brokers that only know CAP_ZSTD.
+    compression_caps: int = F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP
     max_frame: int = 1 << 20
     view_limit: int = 1000  # messages kept per conversation for view() (the newest by seq)
     event_limit: int = 10_000  # queued events before old read-state notifications are shed
@@ -324,7 +343,7 @@ class SessionState(enum.Enum):
 
     DISCONNECTED = "disconnected"  # no connection: the driver is dialling or backing off
     AWAITING_LOGIN_ACK = "awaiting_login_ack"  # Login sent
-    CALIBRATING = "calibrating"  # LoginAck received; CalibrateReq round trips
+    CALIBRATING = "calibrating"  # LoginAck received; the first CalibrateReq (sent with the Login) unanswered
     ACTIVE = "active"  # sends, pushes, read state, history, heartbeats
     CLOSED = "closed"  # for good: close(), AUTH_FAILED, TOKEN_REVOKED, KICKED or REPLACED; see ``error``
 
@@ -431,7 +450,7 @@ class ClientSession:
         self.device = device
         self.config = config
         self._rng = random.Random(seed)
-        self._caps = F.CAP_ZSTD if config.compression and zstd_available() else 0
+        self._caps = config.compression_caps & _COMPRESSION_CAPS if config.compression and zstd_available() else 0
         self._ack_timeout = _us(config.ack_timeout)
         self._send_timeout = _us(config.send_timeout)
         self._connect_timeout = _us(config.connect_timeout)
@@ -465,8 +484,15 @@ class ClientSession:
         self._cal_t0 = 0  # device clock of the outstanding CalibrateReq (its echo key)
         self._cal_deadline = 0
         self._samples: list[tuple[int, int]] = []  # (rtt, offset)
+        self._bg_cal = False  # ACTIVE and still taking calibration samples
         self._held: list[object] = []  # frames that arrived during calibration
         self._ping_nonce = 0
+        # The outstanding heartbeat Ping: when it went out (session time) and
+        # after how much silence; None when none is waiting for its Pong.
+        self._ping_at: Optional[int] = None
+        self._ping_idle = 0
+        self._hb_ceiling = 0  # µs, LoginAck.heartbeat_ms: the broker's interval
+        self._tuner = HeartbeatTuner(max(1, _us(config.heartbeat_floor))) if config.adaptive_heartbeat else None
         self._established = 0  # connections that reached ACTIVE
 
         # -- upstream
@@ -660,6 +686,7 @@ class ClientSession:
         self._compress = None
         self._window = 1
         self._heartbeat = 0
+        self._ping_at = None
         self._last_sent = self._last_recv = t
         self._login_deadline = t + self._connect_timeout
         self._login_ack = None
@@ -670,6 +697,16 @@ class ClientSession:
             h.sent_at = None
         self._state = SessionState.AWAITING_LOGIN_ACK
         self._send(encode_frame(F.Login(bytes(token), self.device, now, self._taken_upto, self._caps, self._epoch)))
+        # The first calibration sample rides behind the Login (the broker
+        # answers pipelined frames once the login is decided): its answer
+        # arrives right behind the LoginAck, so the connection is ACTIVE --
+        # and the pushes the broker sent after its LoginAck reach the app --
+        # one round trip after the stream is up.  The other samples follow
+        # in the background (_bg_cal).
+        self._bg_cal = False
+        self._cal_t0 = self._raw_now
+        self._cal_deadline = self._login_deadline
+        self._send(encode_frame(F.CalibrateReq(self._cal_t0)))
 
     def connection_lost(self, now: int, reason: Optional[str] = None) -> None:
         """The driver's stream failed or reached EOF.  Queued bytes are
@@ -692,6 +729,7 @@ class ClientSession:
         encoded) is all that is left for the driver to write."""
         self._out = [farewell] if farewell is not None else []
         self._state = SessionState.DISCONNECTED
+        self._bg_cal = False
         self._decoder = None
         self._compress = None
         self._held = []
@@ -834,15 +872,26 @@ class ClientSession:
 
     def _on_login_ack(self, ack: F.LoginAck) -> None:
         self.user = ack.user
-        self._heartbeat = ack.heartbeat_ms * 1000
+        self._hb_ceiling = ack.heartbeat_ms * 1000
+        self._heartbeat = self._tuner.interval(self._hb_ceiling) if self._tuner and self._hb_ceiling else self._hb_ceiling
         self._window = max(1, ack.window)
-        if ack.caps & F.CAP_ZSTD and self._caps & F.CAP_ZSTD:
-            # Active from the frame after LoginAck, both ways (PROTOCOL.md 7).
-            if self._zstd is None:
-                self._zstd = (FrameCompressor(), FrameDecompressor())
-            self._compress = self._zstd[0].compress  # type: ignore[attr-defined]
+        granted = ack.caps & self._caps
+        if granted:
+            # Active from the frame after LoginAck (PROTOCOL.md 7), each
+            # direction on its own: a deflate stream where its bit is granted
+            # (new for every connection: streams never outlive one), else the
+            # per-frame zstd contexts (shared by all connections).
             assert self._decoder is not None
-            self._decoder.enable_decompression(self._zstd[1])
+            if granted & F.CAP_ZSTD and self._zstd is None:
+                self._zstd = (FrameCompressor(), FrameDecompressor())
+            if granted & F.CAP_DEFLATE_UP:
+                self._compress = DeflateCompressor(DEFLATE_WINDOW_BITS_UP).compress
+            elif granted & F.CAP_ZSTD:
+                self._compress = self._zstd[0].compress  # type: ignore[index]
+            if granted & F.CAP_DEFLATE_DOWN:
+                self._decoder.enable_decompression(DeflateDecompressor(DEFLATE_WINDOW_BITS_DOWN))
+            elif granted & F.CAP_ZSTD:
+                self._decoder.enable_decompression(self._zstd[1])  # type: ignore[index]
         if ack.resync:
             self._resync(ack)
         self._epoch = ack.epoch
@@ -855,7 +904,8 @@ class ClientSession:
         self._stats["connects"] += 1
         self._state = SessionState.CALIBRATING
         self._samples = []
-        self._calibrate_next()
+        # The sample sent with the Login is on its way (see connection_made).
+        self._cal_deadline = self._t + self._ack_timeout
 
     def _resync(self, ack: F.LoginAck) -> None:
         """The broker's history is not the one our cursors came from (see
@@ -886,6 +936,25 @@ class ClientSession:
         """The highest inbox position the app has taken (see epoch)."""
         return self._taken_upto
 
+    def _pong_timeout(self) -> int:
+        """How long a heartbeat Ping may wait for any answer (µs): one
+        interval at most (dead within two), and ack_timeout when that is less."""
+        return min(self._heartbeat, self._ack_timeout)
+
+    @property
+    def heartbeat_interval(self) -> int:
+        """The heartbeat interval in use or to be used (µs; 0 = none): the
+        broker's (LoginAck.heartbeat_ms), or what the adaptive heartbeat
+        learned below it."""
+        if self._tuner is not None and self._hb_ceiling:
+            return self._tuner.interval(self._hb_ceiling)
+        return self._hb_ceiling
+
+    @property
+    def heartbeat_tuner(self) -> Optional[HeartbeatTuner]:
+        """The adaptive heartbeat's state (None when ``adaptive_heartbeat`` is off)."""
+        return self._tuner
+
     def _calibrate_next(self) -> None:
         self._cal_t0 = self._raw_now
         self._cal_deadline = self._t + self._ack_timeout
@@ -897,8 +966,13 @@ class ClientSession:
         # The broker read its clock somewhere in [t0, t1]: assume the middle;
         # the error is at most rtt/2, so the smallest rtt wins.
         self._samples.append((rtt, f.server_time - (t0 + t1) // 2))
+        if self._state is SessionState.CALIBRATING:
+            self._establish()  # ACTIVE at the first sample; the rest in the background
+            return
+        # A background sample on the ACTIVE connection: keep the best one.
+        self._rtt, self._offset = min(self._samples)
         if len(self._samples) >= max(1, self.config.time_samples):
-            self._establish()
+            self._bg_cal = False
         else:
             self._calibrate_next()
 
@@ -930,6 +1004,9 @@ class ClientSession:
             self._ack_at = self._t + self._ack_delay
         for h in self._history.values():
             self._ask_history(h)
+        if self._samples and len(self._samples) < self.config.time_samples:
+            self._bg_cal = True
+            self._calibrate_next()
 
     def _dispatch(self, f: object) -> None:
         """One frame on an ACTIVE connection."""
@@ -948,6 +1025,16 @@ class ClientSession:
             self._on_readers(f)  # type: ignore[arg-type]
         elif t is F.Ping:
             self._send(encode_frame(F.Pong(f.nonce)))  # type: ignore[attr-defined]
+        elif t is F.Pong:
+            if self._ping_at is not None and f.nonce == self._ping_nonce:  # type: ignore[attr-defined]
+                self._ping_at = None
+                if self._tuner is not None:
+                    # The link survived _ping_idle of silence: maybe probe longer.
+                    self._tuner.survived(self._ping_idle, self._hb_ceiling)
+                    self._heartbeat = self._tuner.interval(self._hb_ceiling)
+        elif t is F.CalibrateResp:
+            if self._bg_cal and f.client_time == self._cal_t0:  # type: ignore[attr-defined]
+                self._on_calibrate_resp(f)  # type: ignore[arg-type]
         elif t is F.Error:
             log.warning("broker error %s (ref %s): %s", f.code, f.ref, f.reason)  # type: ignore[attr-defined]
         elif t is F.Close:  # pragma: no cover - handled in _on_frame
@@ -982,9 +1069,13 @@ class ClientSession:
         elif state is SessionState.CALIBRATING:
             consider(self._cal_deadline)
         elif state is SessionState.ACTIVE:
+            if self._bg_cal:
+                consider(self._cal_deadline)
             if self._heartbeat:
                 consider(self._last_recv + int(self._heartbeat * self.config.dead_after))
                 consider(self._last_sent + self._heartbeat)
+                if self._ping_at is not None and self._last_recv < self._ping_at:
+                    consider(self._ping_at + self._pong_timeout())
             if self._inflight:
                 consider(next(iter(self._inflight.values())).sent_at + self._ack_timeout)  # type: ignore[operator]
             if self._queue and self._hold_until > self._t:
@@ -1029,10 +1120,23 @@ class ClientSession:
                 # rather than hold the connection hostage.
                 self._establish()
         elif state is SessionState.ACTIVE:
+            if self._bg_cal and t >= self._cal_deadline:
+                self._bg_cal = False  # an unanswered background sample: keep what we have
             hb = self._heartbeat
             if hb and t >= self._last_recv + int(hb * self.config.dead_after):
                 # A black-holed route reports no error; silence is the only sign.
                 self._end_connection(None, "no traffic from the broker: dead link")
+                return
+            ping_at = self._ping_at
+            if hb and ping_at is not None and self._last_recv < ping_at and t >= ping_at + self._pong_timeout():
+                # Nothing at all since our Ping: the link is dead -- within two
+                # intervals of its death (the Ping goes at most one interval
+                # after the last traffic, and we wait at most one more).  A
+                # death after a full interval of silence is a NAT or carrier
+                # idle timeout: the tuner backs off.
+                if self._tuner is not None:
+                    self._tuner.died(self._ping_idle, self._hb_ceiling)
+                self._end_connection(None, "no Pong from the broker: dead link")
                 return
             for p in list(self._inflight.values()):
                 if p.sent_at is None or p.sent_at + self._ack_timeout > t:  # type: ignore[operator]
@@ -1045,7 +1149,9 @@ class ClientSession:
                     self._ask_history(h)
             if hb and t >= self._last_sent + hb:
                 self._ping_nonce += 1
+                self._ping_idle = t - max(self._last_sent, self._last_recv)
                 self._send(encode_frame(F.Ping(self._ping_nonce)))
+                self._ping_at = t
 
     # ------------------------------------------------------------ upstream
 

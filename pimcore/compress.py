@@ -1,4 +1,12 @@
-"""zstd compression of frames, negotiated with CAP_ZSTD (docs/PROTOCOL.md section 7).
+"""Frame compression (docs/PROTOCOL.md section 7): per-frame zstd with the
+shipped dictionary (CAP_ZSTD), and one deflate stream per connection and
+direction (CAP_DEFLATE_DOWN / CAP_DEFLATE_UP, section 7.2).
+
+Deflate streams (:class:`DeflateCompressor`, :class:`DeflateDecompressor`)
+belong to ONE connection and one direction each: frame N may refer to the
+bytes of frames before it, so they are made per connection, never shared, and
+see every compressed frame of their direction exactly once, in order.  The
+zstd classes below hold no per-connection state.
 
 The codec stays compression-agnostic: :class:`FrameCompressor` re-frames the
 output of :func:`pimcore.codec.encode_frame` (head flag ``FLAG_ZSTD``, body =
@@ -31,6 +39,7 @@ compression ~300 KiB per level, once per process.
 from __future__ import annotations
 
 import functools
+import zlib
 from importlib import resources
 from typing import Any, Iterable, NamedTuple, Optional, Union
 
@@ -49,6 +58,12 @@ __all__ = [
     "FrameCompressor",
     "FrameDecompressor",
     "CompressionStats",
+    "DEFLATE_WINDOW_BITS_DOWN",
+    "DEFLATE_WINDOW_BITS_UP",
+    "DEFLATE_THRESHOLD",
+    "DEFLATE_BROKER_WINDOW_BITS",
+    "DeflateCompressor",
+    "DeflateDecompressor",
 ]
 
 #: The shipped dictionary: package data, trained by tools/train_zstd_dict.py.
@@ -300,3 +315,225 @@ class FrameDecompressor:
         if len(out) != size:  # libzstd checks this too; keep the contract explicit
             raise _malformed(f"compressed body decompressed to {len(out)} bytes, header said {size}")
         return out
+
+
+# ------------------------------------------------------------ deflate streams
+
+#: Largest window (log2 bytes) of the broker->client stream (CAP_DEFLATE_DOWN):
+#: no match distance exceeds 4096, so a receiver needs a 4 KiB window.
+DEFLATE_WINDOW_BITS_DOWN = 12
+#: Largest window of the client->broker stream (CAP_DEFLATE_UP): 2048.  Smaller
+#: than downstream because the broker holds this inflater for every connection
+#: (2 KiB window + ~7 KiB inflate state) and upstream frames are the smaller ones.
+DEFLATE_WINDOW_BITS_UP = 11
+#: The window the broker compresses its downstream with by default: 2^11, not
+#: the 2^12 the direction allows, to keep a connection's two streams within
+#: 32 KiB (measured with tracemalloc: deflate 2^11/memLevel 1 ~16 KiB, inflate
+#: 2^11 ~9.5 KiB; 2^12 would make it ~33 KiB for ~3 % fewer bytes).
+DEFLATE_BROKER_WINDOW_BITS = 11
+#: Bodies shorter than this go out uncompressed (and stay out of the stream).
+#: A flushed deflate block costs ~2 bytes of block header, end-of-block code and
+#: padding, so bodies of a few bytes (PushAck, Ping, Pong: 1..10 bytes) never
+#: get smaller; measured on bench/bench_wire.py, 12..24 all give the same
+#: totals within 0.3 %.
+DEFLATE_THRESHOLD = 16
+#: The last 4 bytes of every Z_SYNC_FLUSH (an empty stored block's LEN/NLEN):
+#: never sent, the receiver appends them (as RFC 7692 permessage-deflate does).
+_SYNC_TAIL = b"\x00\x00\xff\xff"
+
+
+def _check_window_bits(window_bits: object) -> int:
+    if type(window_bits) is not int or not 9 <= window_bits <= 15:
+        raise ValueError(f"window_bits must be an int in 9..15, got {window_bits!r}")
+    return window_bits
+
+
+class DeflateCompressor:
+    """The sending half of one connection's deflate stream (PROTOCOL.md 7.2).
+
+    ``compress(raw)`` takes one encoded frame: a body shorter than
+    ``threshold`` bytes goes out unchanged and never enters the stream; any
+    other is deflated into the stream, flushed (Z_SYNC_FLUSH, so the receiver
+    can inflate it on arrival), the 4 trailing bytes ``00 00 ff ff`` dropped,
+    and re-framed with head flag bit 0.  Unlike zstd the result is sent even
+    when it is not shorter: once a body is in the stream the peer must see it.
+
+    ``window_bits`` (9..15) bounds match distances; it must not exceed what the
+    direction allows (:data:`DEFLATE_WINDOW_BITS_DOWN` / ``_UP``).  ``level``
+    1..9 and ``mem_level`` 1..9 are local choices the peer does not see;
+    memLevel 1 costs nothing measurable in ratio on chat frames.  The zlib
+    state is made at the first compressed frame: (4 << window_bits) +
+    (512 << mem_level) bytes + ~6 KiB (~23 KiB at the defaults, see
+    :meth:`state_size`).  Not thread-safe; one per connection.
+    """
+
+    __slots__ = ("_z", "_wbits", "_level", "_mem", "_threshold", "_frames", "_compressed", "_in", "_out", "_tail", "_keep")
+
+    def __init__(
+        self,
+        window_bits: int = DEFLATE_WINDOW_BITS_DOWN,
+        *,
+        level: int = 6,
+        mem_level: int = 1,
+        threshold: int = DEFLATE_THRESHOLD,
+    ) -> None:
+        self._wbits = _check_window_bits(window_bits)
+        if type(level) is not int or not 1 <= level <= 9:
+            raise ValueError(f"level must be an int in 1..9, got {level!r}")
+        if type(mem_level) is not int or not 1 <= mem_level <= 9:
+            raise ValueError(f"mem_level must be an int in 1..9, got {mem_level!r}")
+        if type(threshold) is not int or threshold < 0:
+            raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
+        self._level = level
+        self._mem = mem_level
+        self._threshold = threshold
+        self._z: Any = None
+        self._frames = self._compressed = self._in = self._out = 0
+        # The last (1 << window_bits) bytes fed to the stream: all a released
+        # stream needs to go on (see release()).
+        self._tail = b""
+        self._keep = 1 << window_bits
+
+    @property
+    def window_bits(self) -> int:
+        return self._wbits
+
+    def state_size(self) -> int:
+        """Bytes of compression state this stream holds now: 0 before its
+        first compressed frame, the window's bytes while released, else
+        zlib's own formula for deflate plus its state and the window copy."""
+        if self._z is None:
+            return len(self._tail)
+        return (4 << self._wbits) + (512 << self._mem) + _DEFLATE_STATE + len(self._tail)
+
+    def release(self) -> None:
+        """Free the zlib state of an idle stream, keeping only the last
+        window of its bytes (≤ 2^window_bits).  The next compressed frame
+        makes a new deflater primed with those bytes as a preset dictionary:
+        it may refer back exactly as far as the receiver's window holds, so
+        the peer sees one unbroken stream (no wire signal, nothing to reset).
+        Costs ~20 µs at that next frame."""
+        self._z = None
+
+    def compress(self, raw: bytes) -> bytes:
+        """One encoded, uncompressed frame -> the frame to send."""
+        if type(raw) is not bytes:
+            raise TypeError(f"compress() takes bytes, not {type(raw).__name__}")
+        n = _frame_prefix(raw)
+        if raw[n] != _HEAD:
+            raise ValueError(f"compress() takes an uncompressed version-2 frame (head {raw[n]:#04x})")
+        self._frames += 1
+        self._in += len(raw)
+        if len(raw) - n - 2 < self._threshold:
+            self._out += len(raw)
+            return raw
+        z = self._z
+        if z is None:
+            if self._tail:  # after release(): go on from the window's bytes
+                z = zlib.compressobj(self._level, zlib.DEFLATED, -self._wbits, self._mem, zdict=self._tail)
+            else:
+                z = zlib.compressobj(self._level, zlib.DEFLATED, -self._wbits, self._mem)
+            self._z = z
+        plain = raw[n + 2 :]
+        tail = self._tail + plain
+        self._tail = tail if len(tail) <= self._keep else tail[-self._keep :]
+        body = z.compress(plain) + z.flush(zlib.Z_SYNC_FLUSH)
+        # Z_SYNC_FLUSH always ends with the empty stored block 00 00 ff ff.
+        body = body[:-4]
+        length = 2 + len(body)
+        if length < 0x80:
+            out = bytes((length, _HEAD | _FLAG, raw[n + 1])) + body
+        else:
+            out = b"".join((_uvarint(length), bytes((_HEAD | _FLAG, raw[n + 1])), body))
+        self._compressed += 1
+        self._out += len(out)
+        return out
+
+    def encode_frame(self, frame: object) -> bytes:
+        """``compress(codec.encode_frame(frame))``."""
+        return self.compress(codec.encode_frame(frame))  # type: ignore[arg-type]
+
+    def statistics(self) -> CompressionStats:
+        return CompressionStats(self._frames, self._compressed, self._in, self._out)
+
+
+#: sizeof(deflate_state) (~5.8 KiB on 64-bit zlib 1.2/1.3), its pending buffer and slack
+#: (calibrated with tracemalloc on zlib 1.2.13: within 1 % of what it traces).
+_DEFLATE_STATE = 6 * 1024 + 768
+#: sizeof(struct inflate_state) (~7.1 KiB) plus slack.
+_INFLATE_STATE = 7 * 1024 + 384
+
+
+class DeflateDecompressor:
+    """``decompress(body, max_size) -> bytes``: the receiving half of one
+    connection's deflate stream, for :class:`pimcore.codec.Decoder`.
+
+    Each call inflates one frame's ``zbody`` with ``00 00 ff ff`` appended,
+    continuing the stream of the frames before it.  Errors (PROTOCOL.md 7.2,
+    "Receiving"): more than ``max_size`` bytes of output ->
+    :class:`~pimcore.errors.FrameTooLarge` (inflation stops at
+    ``max_size + 1`` bytes: no decompression bombs); data that does not
+    inflate, a final block (the stream may not end), no output at all ->
+    MALFORMED_FRAME.  After an error the stream is lost: every later call
+    raises MALFORMED_FRAME (the decoder is poisoned anyway).
+
+    ``window_bits`` must be at least the sender's (``_UP`` on the broker,
+    ``_DOWN`` in a client).  The zlib state (``1 << window_bits`` bytes of
+    window + ~7 KiB) is made at the first compressed frame.  Not thread-safe;
+    one per connection.
+    """
+
+    __slots__ = ("_d", "_wbits", "_broken", "_tail", "_keep", "frames")
+
+    def __init__(self, window_bits: int = DEFLATE_WINDOW_BITS_UP) -> None:
+        self._wbits = _check_window_bits(window_bits)
+        self._d: Any = None
+        self._broken: Optional[str] = None
+        self._tail = b""  # the last window of output: all a released stream needs
+        self._keep = 1 << window_bits
+        self.frames = 0  #: frames inflated so far
+
+    @property
+    def window_bits(self) -> int:
+        return self._wbits
+
+    def state_size(self) -> int:
+        """Bytes of state this stream holds now: 0 before its first frame,
+        the window's bytes while released, else zlib's window and state plus
+        the window copy."""
+        return len(self._tail) + (0 if self._d is None else (1 << self._wbits) + _INFLATE_STATE)
+
+    def release(self) -> None:
+        """Free the zlib state of an idle stream, keeping the last window of
+        output (≤ 2^window_bits bytes).  Every frame ends at a sync flush, so
+        between frames the inflater holds nothing but that window: the next
+        frame is inflated by a new inflater primed with it (``zdict``),
+        exactly as the old one would have."""
+        self._d = None
+
+    def __call__(self, body: bytes, max_size: int) -> bytes:
+        if self._broken is not None:
+            raise _malformed(f"the deflate stream was lost earlier ({self._broken})")
+        d = self._d
+        if d is None:
+            d = self._d = zlib.decompressobj(-self._wbits, zdict=self._tail) if self._tail else zlib.decompressobj(-self._wbits)
+        try:
+            out = d.decompress(body + _SYNC_TAIL, max_size + 1)
+        except zlib.error as exc:
+            raise self._lost(_malformed(f"compressed body does not inflate: {exc}")) from None
+        if len(out) > max_size:
+            raise self._lost(FrameTooLarge(f"compressed body inflates to more than {max_size} bytes"))
+        if d.eof:
+            raise self._lost(_malformed("compressed body ends the deflate stream (a final block)"))
+        if not out:
+            raise self._lost(_malformed("compressed body inflates to 0 bytes"))
+        tail = self._tail + out
+        self._tail = tail if len(tail) <= self._keep else tail[-self._keep :]
+        self.frames += 1
+        return out
+
+    def _lost(self, exc: ProtocolError) -> ProtocolError:
+        self._broken = str(exc)
+        self._d = None  # free the window now: nothing can use it any more
+        self._tail = b""
+        return exc

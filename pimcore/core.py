@@ -131,8 +131,9 @@ __all__ = [
 SECOND = 1_000_000  # µs
 DAY = 86_400 * SECOND
 
-#: The capabilities this core can grant: zstd frame compression (PROTOCOL.md §7).
-SUPPORTED_CAPS = F.CAP_ZSTD
+#: The capabilities this core can grant: zstd frame compression and the
+#: per-connection deflate streams, each direction on its own (PROTOCOL.md §7).
+SUPPORTED_CAPS = F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP
 
 
 # ---------------------------------------------------------------- configuration
@@ -245,6 +246,11 @@ class BrokerConfig:
     # next batch (AppendEvent, lazy like TouchDevice: lost if the broker dies
     # before that batch commits).  Off: nothing is recorded.
     record_events: bool = False
+    # A connection with deflate streams (PROTOCOL.md 7.2) that sent and
+    # received no frame for this long (µs) releases their zlib state (~25 KiB)
+    # and keeps only each stream's last window (~4 KiB in all); it comes back
+    # at the next compressed frame.  0 = never.
+    compression_idle: int = 30 * SECOND
 
     def __post_init__(self) -> None:
         if self.outbound_pause < 512 or self.max_outbound < 2 * self.outbound_pause:
@@ -258,6 +264,8 @@ class BrokerConfig:
                 raise ValueError(f"BrokerConfig.{name} must be > 0 µs")
         if self.idle_timeout < 0 or self.ack_delay < 0:
             raise ValueError("BrokerConfig.idle_timeout and ack_delay must be >= 0 µs (0 = off)")
+        if self.compression_idle < 0:
+            raise ValueError("BrokerConfig.compression_idle must be >= 0 µs (0 = never)")
 
 
 # ---------------------------------------------------------------- commands
@@ -434,6 +442,7 @@ class _Conn:
         "id", "state", "opened", "last_seen", "session", "user", "device", "inflight", "tokens", "refill_at", "strikes",
         "expires", "waiting", "backlog", "history_reads", "login", "paused", "issued_at",
         "held", "chunks", "chunk_sent", "reserved", "ctl_tokens", "ctl_at",
+        "hibernate_mark",
     )
 
     def __init__(self, conn_id: int, now: int, session: ServerSession) -> None:
@@ -460,6 +469,7 @@ class _Conn:
         self.paused = False  # PauseReading was sent
         self.history_reads = 0  # ReadHistory and ReadReaders requests in flight
         self.login: Optional[F.Login] = None
+        self.hibernate_mark = -1  # session.compression_activity at the last _HIBERNATE_DUE look
         # Outbound accounting (BrokerConfig.outbound_pause): bytes held by
         # SendData not yet reported written; the wire length of each such
         # SendData, oldest first, and how much of the oldest was written;
@@ -583,7 +593,7 @@ class _ContentHook:
 
 
 # Timer kinds (entries of Broker._timers).
-_LOGIN_DUE, _IDLE_DUE, _TOKEN_DUE = 0, 1, 2
+_LOGIN_DUE, _IDLE_DUE, _TOKEN_DUE, _HIBERNATE_DUE = 0, 1, 2, 3
 
 #: Bytes a waiting connection may have buffered before the host is asked to
 #: stop reading it (PauseReading).
@@ -1164,6 +1174,16 @@ class Broker:
                     self._arm(due, _IDLE_DUE, conn)  # heard from since: look again then
                 else:
                     self._close(c, CloseCode.IDLE_TIMEOUT, "nothing received within the idle timeout", out)
+            elif kind == _HIBERNATE_DUE:
+                # No compressed frame either way for a whole compression_idle: release
+                # the deflate streams' zlib state (~25 KiB -> ~4 KiB); they
+                # come back at the next compressed frame.  Looked at again
+                # every compression_idle while the connection lives.
+                activity = c.session.compression_activity
+                if activity == c.hibernate_mark:
+                    c.session.hibernate()
+                c.hibernate_mark = activity
+                self._arm(now + self.config.compression_idle, _HIBERNATE_DUE, conn)
             elif c.expires is not None and c.expires <= now:
                 self._close(c, CloseCode.TOKEN_EXPIRED, "the session's token expired; log in with a fresh one", out)
         if self._retry_at is not None and now >= self._retry_at:
@@ -1521,6 +1541,8 @@ class Broker:
         self._event("online", user=user, device=device)
         if self.config.idle_timeout:
             self._arm(c.last_seen + self.config.idle_timeout, _IDLE_DUE, c.id)
+        if self.config.compression_idle and f.caps & (F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP):
+            self._arm(now + self.config.compression_idle, _HIBERNATE_DUE, c.id)
         if ident.expires is not None:
             self._arm(ident.expires, _TOKEN_DUE, c.id)
 

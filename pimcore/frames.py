@@ -29,6 +29,8 @@ __all__ = [
     "FrameType",
     "PROTOCOL_VERSION",
     "CAP_ZSTD",
+    "CAP_DEFLATE_DOWN",
+    "CAP_DEFLATE_UP",
     "Login",
     "LoginAck",
     "CalibrateReq",
@@ -63,6 +65,12 @@ PROTOCOL_VERSION = 2
 
 #: Capability bits exchanged in Login.caps / LoginAck.caps.
 CAP_ZSTD = 1 << 0
+#: Broker -> client frames may be compressed in one deflate stream per
+#: connection (PROTOCOL.md section 7.2); takes precedence over CAP_ZSTD there.
+CAP_DEFLATE_DOWN = 1 << 1
+#: Client -> broker frames may be compressed in one deflate stream per
+#: connection; takes precedence over CAP_ZSTD in that direction.
+CAP_DEFLATE_UP = 1 << 2
 
 
 class FrameType(IntEnum):

@@ -10,8 +10,12 @@ What it owns
 ------------
 * **Framing.**  A :class:`pimcore.codec.Decoder` limited to ``max_frame_size``
   bytes per frame (docs/PROTOCOL.md sections 1 and 3), and the encoder.
-* **Compression (CAP_ZSTD, PROTOCOL.md section 7)**, both directions, as an
-  extension inside the session: the owner never sees a compressed byte.
+* **Compression (PROTOCOL.md section 7)**, both directions, as an extension
+  inside the session: the owner never sees a compressed byte.  Per
+  direction, the connection's own deflate stream (CAP_DEFLATE_DOWN /
+  CAP_DEFLATE_UP, made lazily at the first frame that needs it; see
+  :meth:`ServerSession.compression_state_size`) or the thread's shared zstd
+  contexts (CAP_ZSTD).
 * **The login gate.**  Before a Login only Login, Ping and Close are
   acceptable; anything else is a protocol error *found by the session*.
 * **Closing.**  The Close frame goes out through the session, which then
@@ -179,6 +183,15 @@ _LoginAck = F.LoginAck
 _Ping = F.Ping
 _Close = F.Close
 _CAP_ZSTD = F.CAP_ZSTD
+_CAP_DEFLATE_DOWN = F.CAP_DEFLATE_DOWN
+_CAP_DEFLATE_UP = F.CAP_DEFLATE_UP
+_CAPS_COMPRESS = F.CAP_ZSTD | F.CAP_DEFLATE_DOWN
+
+
+def _compress_mod() -> ModuleType:
+    from . import compress  # zstandard/zlib: only when someone negotiates compression
+
+    return compress
 
 
 class SessionState(Enum):
@@ -314,7 +327,7 @@ class ServerSession:
 
     __slots__ = (
         "_state", "_decoder", "_feed", "_next", "_accepting", "_error", "_encode", "_encode_many", "_compression",
-        "_compress", "_can_send", "_frames_in", "_frames_out", "_bytes_in", "_bytes_out", "_frames_compressed",
+        "_compress", "_deflate", "_can_send", "_frames_in", "_frames_out", "_bytes_in", "_bytes_out", "_frames_compressed",
     )
 
     def __init__(
@@ -336,7 +349,8 @@ class ServerSession:
         # Derived from _state, kept as plain attributes for the hot paths:
         self._accepting = True  # receive_data buffers (else ignores)
         self._can_send = True  # send() allowed (False only once CLOSED)
-        self._compress: Optional[Compress] = None  # set by the LoginAck granting CAP_ZSTD
+        self._compress: Optional[Compress] = None  # set by the LoginAck granting CAP_ZSTD or CAP_DEFLATE_DOWN
+        self._deflate: Optional[object] = None  # this connection's DeflateCompressor (CAP_DEFLATE_DOWN)
         self._error: Optional[ProtocolError] = None  # ERRORED: raised again by next_frame(s)
         self._frames_in = self._frames_out = self._bytes_in = self._bytes_out = self._frames_compressed = 0
 
@@ -500,7 +514,10 @@ class ServerSession:
         raises :class:`SessionStateError` otherwise."""
         if self._state is not _S.LOGGING_IN and self._state is not _S.AWAITING_LOGIN:
             raise SessionStateError(f"login_accepted() in state {self._state.name}: no login is pending")
-        if caps & _CAP_ZSTD:
+        if caps & _CAP_DEFLATE_UP:
+            # Per connection: the stream carries state from frame to frame.
+            self._decoder.enable_decompression(_compress_mod().DeflateDecompressor(_compress_mod().DEFLATE_WINDOW_BITS_UP))
+        elif caps & _CAP_ZSTD:
             self._decoder.enable_decompression(self._compression.decompressor())
         self._state = _S.ACTIVE
 
@@ -539,10 +556,10 @@ class ServerSession:
             if out is not data:
                 self._frames_compressed += 1
             data = out
-        elif t is _LoginAck and frame.caps & _CAP_ZSTD:  # type: ignore[union-attr]
+        elif t is _LoginAck and frame.caps & _CAPS_COMPRESS:  # type: ignore[union-attr]
             # Granted: the client decompresses from the frame after this one
             # (section 7), so this LoginAck itself goes out as it is.
-            self._compress = self._compression.compressor()
+            self._compress = self._compressor_for(frame.caps)  # type: ignore[union-attr]
         self._frames_out += 1
         self._bytes_out += len(data)
         return data
@@ -602,13 +619,54 @@ class ServerSession:
                 parts.append(out)
             else:
                 parts.append(raw)
-                if t is _LoginAck and f.caps & _CAP_ZSTD:  # type: ignore[union-attr]
-                    compress = self._compress = self._compression.compressor()
+                if t is _LoginAck and f.caps & _CAPS_COMPRESS:  # type: ignore[union-attr]
+                    compress = self._compress = self._compressor_for(f.caps)  # type: ignore[union-attr]
         data = b"".join(parts)
         self._frames_compressed += n
         self._frames_out += len(frames)
         self._bytes_out += len(data)
         return data
+
+    def _compressor_for(self, caps: int) -> Compress:
+        # CAP_DEFLATE_DOWN wins over CAP_ZSTD (section 7): a deflate stream is
+        # this connection's own, the zstd compressor the thread's shared one.
+        if caps & _CAP_DEFLATE_DOWN:
+            mod = _compress_mod()
+            self._deflate = mod.DeflateCompressor(mod.DEFLATE_BROKER_WINDOW_BITS)
+            return self._deflate.compress  # type: ignore[no-any-return]
+        return self._compression.compressor()
+
+    @property
+    def compression_activity(self) -> int:
+        """Frames that went through this connection's deflate streams so far,
+        both directions: unchanged between two looks means the streams were
+        idle in between (Pings and acks, below the threshold, do not count)."""
+        n = 0 if self._deflate is None else self._deflate.statistics().compressed
+        d = self._decoder.decompress
+        return n + getattr(d, "frames", 0)  # type: ignore[no-any-return]
+
+    def hibernate(self) -> int:
+        """Release the zlib state of this connection's deflate streams while
+        it is idle, keeping only each stream's last window of bytes (≤ 2 KiB
+        each at the broker's windows); they come back by themselves at the
+        next compressed frame, with nothing on the wire (PROTOCOL.md 7.2,
+        "Memory").  Returns the bytes held afterwards.  Harmless to call at
+        any time; a no-op for zstd or plain connections."""
+        if self._deflate is not None:
+            self._deflate.release()
+        d = self._decoder.decompress
+        if d is not None and hasattr(d, "release"):
+            d.release()
+        return self.compression_state_size()
+
+    def compression_state_size(self) -> int:
+        """Bytes of compression state this connection holds on its own (its
+        deflate streams; 0 for zstd, whose contexts the thread shares)."""
+        n = 0 if self._deflate is None else self._deflate.state_size()
+        d = self._decoder.decompress
+        if d is not None and hasattr(d, "state_size") and d is not self._compression._decompressor:
+            n += d.state_size()
+        return n  # type: ignore[no-any-return]
 
     def close(self, code: Union[CloseCode, int], reason: str) -> bytes:
         """The bytes of ``Close(code, reason)``, to write before hanging up;
@@ -635,5 +693,5 @@ class ServerSession:
         self._accepting = False
 
     def __repr__(self) -> str:
-        z = "zstd" if self._compress is not None else "plain"
+        z = "plain" if self._compress is None else "deflate" if self._deflate is not None else "zstd"
         return f"<ServerSession {self._state.name} {z} in={self._frames_in} out={self._frames_out}>"

@@ -191,6 +191,8 @@ async def send_in_random_pieces(stream: trio.SocketStream, data: bytes, seed: in
         {"stall_duration": -1.0},
         {"reset_after_bytes": -1},
         {"max_buffer": 0},
+        {"idle_timeout": 0},
+        {"idle_timeout": float("inf")},
     ],
 )
 def test_config_rejects_nonsense(kwargs: dict[str, float]) -> None:
@@ -664,3 +666,34 @@ async def test_random_resets_are_reproducible_from_the_seed(autojump_clock: trio
         unseeded = await ping_pong_until_reset(replace(config, seed=None), connections=4, rounds=300)
         replay = await ping_pong_until_reset(replace(config, seed=unseeded[2]), connections=4, rounds=300)
         assert replay == unseeded
+
+
+# --------------------------------------------------------------------------
+# Idle timeout (a NAT mapping that expires silently)
+
+
+@pytest.mark.trio
+async def test_idle_timeout_drops_a_quiet_connection_silently(autojump_clock: trio.testing.MockClock) -> None:
+    echo = Echo()
+    with trio.fail_after(TIMEOUT):
+        async with serve(echo) as port, open_chaos_proxy("127.0.0.1", port, ChaosConfig(idle_timeout=10.0)) as proxy:
+            a = await connect(proxy)
+            for _ in range(4):  # traffic every 8 s: never idle for 10
+                await a.send_all(b"ping")
+                assert await receive_exactly(a, 4) == b"ping"
+                await trio.sleep(8)
+            assert proxy.statistics().idle_drops == 0
+            await trio.sleep(3)  # 11 s of silence: the mapping is gone
+            await a.send_all(b"lost")
+            with trio.move_on_after(30) as waited:
+                await a.receive_some(100)  # no echo, and no EOF or RST either
+            assert waited.cancelled_caught
+            assert echo.received == 16  # "lost" never reached the server
+            stats = proxy.statistics()
+            assert stats.idle_drops == 1 and stats.connections_open == 1 and stats.resets == 0
+            b = await connect(proxy)  # a new connection is a new mapping
+            await b.send_all(b"new")
+            assert await receive_exactly(b, 3) == b"new"
+            await a.aclose()  # the peer gives up: the proxy resets both ends
+            await wait_until(lambda: echo.outcomes == ["reset"])
+            await b.aclose()

@@ -115,15 +115,14 @@ def connect(s: ClientSession, now: int, ack: Optional[F.LoginAck] = None, *, off
     to and including calibration."""
     s.connection_made(now, token)
     b = Broker(s)
-    login = b.read_one(F.Login)
+    login, req = b.read()  # the first calibration sample rides behind the Login
+    assert type(login) is F.Login and type(req) is F.CalibrateReq
     assert login.token == token and login.device == s.device  # type: ignore[attr-defined]
     ack = ack or ack_frame()
     s.receive_data(encode_frame(ack), now)
     if ack.caps & F.CAP_ZSTD and login.caps & F.CAP_ZSTD:  # type: ignore[attr-defined]
         b.grant_zstd()
-    while s.state is SessionState.CALIBRATING:
-        req = b.read_one(F.CalibrateReq)
-        b.feed(now, F.CalibrateResp(req.client_time, req.client_time + offset))  # type: ignore[attr-defined]
+    b.feed(now, F.CalibrateResp(req.client_time, req.client_time + offset))  # type: ignore[attr-defined]
     assert s.state is SessionState.ACTIVE
     return b
 
@@ -152,33 +151,37 @@ def test_login_then_calibration_then_active():
     assert s.state is SessionState.DISCONNECTED and s.next_deadline() is None
     s.connection_made(T0, b"secret")
     b = Broker(s)
-    login = b.read_one(F.Login)
-    assert login == F.Login(b"secret", "phone", T0, 0, 0)
+    # The first calibration sample is pipelined behind the Login: its answer
+    # comes right behind the LoginAck, one round trip after the stream is up.
+    assert b.read() == [F.Login(b"secret", "phone", T0, 0, 0), F.CalibrateReq(T0)]
     assert s.state is SessionState.AWAITING_LOGIN_ACK
     assert s.next_deadline() == T0 + 2 * S  # connect_timeout
     b.feed(T0 + 1 * MS, F.Ping(7))  # answered even before LoginAck
     assert b.read() == [F.Pong(7)]
     b.feed(T0 + 2 * MS, ack_frame(position=4, gap=True, heartbeat_ms=0))
     assert s.state is SessionState.CALIBRATING and s.user == "alice"
-    assert b.read() == [F.CalibrateReq(T0 + 2 * MS)]
+    assert b.read() == []  # the sample is already on its way
     assert events(s, T0) == []  # nothing before Connected
-    for i in range(3):
-        t = T0 + (3 + i) * MS
-        b.feed(t, F.CalibrateResp(t - MS, 0))
-        if i < 2:
-            assert b.read() == [F.CalibrateReq(t)]
+    b.feed(T0 + 3 * MS, F.CalibrateResp(T0, 0))
     assert s.state is SessionState.ACTIVE and s.connections_established == 1
     [ev] = events(s, T0)
-    assert ev == Connected("alice", "phone", 4, True, s.clock_offset, 1 * MS)
+    assert ev == Connected("alice", "phone", 4, True, s.clock_offset, 3 * MS)
     assert s.statistics().connects == 1 and s.statistics().taken_upto == 4
+    # The other two samples follow on the ACTIVE connection, one at a time.
+    for i in range(2):
+        t = T0 + (3 + i) * MS
+        assert b.read() == [F.CalibrateReq(t)]
+        b.feed(t + MS, F.CalibrateResp(t, 0))
+    assert b.read() == [] and s.rtt == 1 * MS and s.state is SessionState.ACTIVE
 
 
 def test_calibration_keeps_the_sample_with_the_smallest_round_trip():
     s = session(time_samples=3)
     s.connection_made(T0, b"t")
     b = Broker(s)
-    b.read()
+    login, req = b.read()
     b.feed(T0, ack_frame())
+    b.decoder.feed(encode_frame(req))  # read_one below finds the pipelined sample first
     skew = 30 * 60 * S  # the broker's clock is 30 minutes ahead
     t = T0
     # (rtt, where in the round trip the broker read its clock): the 10 ms
@@ -192,7 +195,8 @@ def test_calibration_keeps_the_sample_with_the_smallest_round_trip():
     assert s.rtt == 10 * MS
     assert s.clock_offset == skew + 5 * MS - 5 * MS  # read at +5 ms, assumed at the middle (+5 ms)
     [connected] = events(s, t)
-    assert connected.clock_offset == s.clock_offset and connected.rtt == 10 * MS  # type: ignore[attr-defined]
+    # Connected came with the first sample (the later ones refine the offset).
+    assert connected.clock_offset == skew + 15 * MS and connected.rtt == 40 * MS  # type: ignore[attr-defined]
     assert s.server_now(t) == t + s.clock_offset
     # Outgoing stamps are calibrated...
     s.send(CONV, b"x", t)
@@ -221,19 +225,29 @@ def test_an_unanswered_calibration_sample_ends_calibration_with_what_it_has():
     s = session(time_samples=3)
     s.connection_made(T0, b"t")
     b = Broker(s)
-    b.read()
+    b.read()  # Login and the first sample
     b.feed(T0, ack_frame())
-    b.read_one(F.CalibrateReq)
-    b.feed(T0 + 4 * MS, F.CalibrateResp(T0, T0 + 2 * MS + 777))
+    assert s.next_deadline() == T0 + S  # ack_timeout for the first sample, from the LoginAck
+    s.handle_timer(T0 + S - 1)
+    assert s.state is SessionState.CALIBRATING
+    s.handle_timer(T0 + S)  # lost: ACTIVE without a sample (the previous offset stays)
+    assert s.state is SessionState.ACTIVE and s.clock_offset == 0
+    assert b.read() == []  # no background samples without a first one
+    # Next login: the first sample answers, the second is lost in the background.
+    s.connection_lost(T0 + 2 * S)
+    t = T0 + 3 * S
+    s.connection_made(t, b"t")
+    b = Broker(s)
+    b.read()
+    b.feed(t, ack_frame())
+    b.feed(t + 4 * MS, F.CalibrateResp(t, t + 2 * MS + 777))
+    assert s.state is SessionState.ACTIVE and (s.rtt, s.clock_offset) == (4 * MS, 777)
     second = b.read_one(F.CalibrateReq)
     assert s.next_deadline() == second.client_time + S  # type: ignore[attr-defined]  # ack_timeout
-    s.handle_timer(T0 + S)  # not yet
-    assert s.state is SessionState.CALIBRATING
-    s.handle_timer(T0 + 4 * MS + S)
-    assert s.state is SessionState.ACTIVE
-    assert (s.rtt, s.clock_offset) == (4 * MS, 777)
+    s.handle_timer(t + 4 * MS + S)
+    assert b.read() == []  # given up: no third sample
     # A late answer on the active connection is only a sign of life.
-    b.feed(T0 + 2 * S, F.CalibrateResp(second.client_time, 0))  # type: ignore[attr-defined]
+    b.feed(t + 2 * S, F.CalibrateResp(second.client_time, 0))  # type: ignore[attr-defined]
     assert s.clock_offset == 777
 
 
@@ -241,9 +255,8 @@ def test_frames_during_calibration_are_held_until_connected_is_out():
     s = session(time_samples=1)
     s.connection_made(T0, b"t")
     b = Broker(s)
-    b.read()
+    _, req = b.read()
     b.feed(T0, ack_frame())
-    req = b.read_one(F.CalibrateReq)
     b.feed(T0, F.ReadStates((F.ReadState(CONV, 1, 2, 1),)), F.Push(1, (msg(1, 2),)))
     assert events(s, T0) == []
     b.feed(T0 + MS, F.CalibrateResp(req.client_time, T0))  # type: ignore[attr-defined]
@@ -268,12 +281,12 @@ def test_zstd_is_negotiated_and_used_in_both_directions():
     s = session(compression=True)
     s.connection_made(T0, b"t")
     b = Broker(s)
-    login = b.read_one(F.Login)
-    assert login.caps == F.CAP_ZSTD  # type: ignore[attr-defined]
-    assert head_flags(b.raw) == [0x20]  # Login is never compressed
+    login, req = b.read()
+    # Asks for everything; a broker that knows only CAP_ZSTD grants that.
+    assert login.caps == F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP  # type: ignore[attr-defined]
+    assert head_flags(b.raw) == [0x20, 0x20]  # Login (and the sample behind it) are never compressed
     b.feed(T0, ack_frame(caps=F.CAP_ZSTD))
     b.grant_zstd()
-    req = b.read_one(F.CalibrateReq)
     b.feed(T0, F.CalibrateResp(req.client_time, T0))  # type: ignore[attr-defined]
     assert s.state is SessionState.ACTIVE
     # Upstream: a chatty payload goes out compressed and decodes to the SendReq.
@@ -614,9 +627,10 @@ def test_re_pushed_messages_are_dropped_by_position_and_login_resumes_from_what_
     s.connection_lost(T0 + 1)  # before the PushAck went out
     s.connection_made(T0 + 2, b"t")
     b = Broker(s)
-    assert b.read_one(F.Login).position == 3  # type: ignore[attr-defined]  # what the app took
+    login, req = b.read()
+    assert login.position == 3  # type: ignore[attr-defined]  # what the app took
     b.feed(T0 + 3, ack_frame(position=3))
-    req = b.read_one(F.CalibrateReq)
+    assert b.read() == []  # the calibration sample went with the Login
     b.feed(T0 + 3, F.CalibrateResp(req.client_time, T0))  # type: ignore[attr-defined]
     # The broker resumes after 3: 4 again (already queued) and 5 (new).
     b.feed(T0 + 4, F.Push(5, (msg(4, 4), msg(5, 5))))

@@ -281,10 +281,11 @@ def _frames(data: bytes) -> list:
     return list(dec)
 
 
-def _calibrate(s: ClientSession, now: int) -> list:
-    """Answer the session's CalibrateReq (it is ACTIVE after one sample);
-    returns the other frames it had sent."""
-    frames = _frames(s.data_to_send())
+def _calibrate(s: ClientSession, now: int, before: list = []) -> list:
+    """Answer the session's CalibrateReq (it is ACTIVE after one sample; the
+    request rides behind the Login, so it may be in ``before``, the frames
+    already read); returns the other frames it had sent."""
+    frames = before + _frames(s.data_to_send())
     [req] = [f for f in frames if isinstance(f, F.CalibrateReq)]
     s.receive_data(encode_frame(F.CalibrateResp(req.client_time, now)), now)
     return [f for f in frames if not isinstance(f, F.CalibrateReq)]
@@ -293,10 +294,11 @@ def _calibrate(s: ClientSession, now: int) -> list:
 def test_the_sdk_resets_its_cursors_on_resync_and_acks_only_what_it_was_pushed():
     s = ClientSession("phone", ClientConfig(time_samples=1, ack_delay=0))
     s.connection_made(T0, b"tok")
-    assert _frames(s.data_to_send())[0].epoch == b""
+    first = _frames(s.data_to_send())
+    assert first[0].epoch == b""
     e1 = b"\x0a" * 16
     s.receive_data(_login_ack(e1, 0, 5, False), T0)
-    _calibrate(s, T0)
+    _calibrate(s, T0, first)
     msgs = tuple(F.Message(i, bytes(16), AB, i, "alice", "p", T0, T0 + i, b"x", 0, i, i - 1) for i in range(1, 6))
     s.receive_data(encode_frame(F.Push(5, msgs)), T0)
     while s.next_event(T0 + 5) is not None:
@@ -305,11 +307,12 @@ def test_the_sdk_resets_its_cursors_on_resync_and_acks_only_what_it_was_pushed()
     s.connection_lost(T0)
 
     s.connection_made(T0 + 1, b"tok")
-    login = next(f for f in _frames(s.data_to_send()) if isinstance(f, F.Login))
+    first = _frames(s.data_to_send())
+    login = next(f for f in first if isinstance(f, F.Login))
     assert (login.position, login.epoch) == (5, e1)
     e2 = b"\x0b" * 16
     s.receive_data(_login_ack(e2, 0, 3, True), T0 + 2)
-    sent = _calibrate(s, T0 + 2)
+    sent = _calibrate(s, T0 + 2, first)
     events = []
     while (ev := s.next_event(T0 + 2)) is not None:
         events.append(ev)

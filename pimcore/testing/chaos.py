@@ -104,6 +104,14 @@ class ChaosConfig:
     seed: int | None = None
     """Seed for all random decisions; ``None`` picks one at random (exposed as
     :attr:`ChaosProxy.seed` so a failure can be replayed)."""
+    idle_timeout: float | None = None
+    """Seconds: a connection across which nothing arrived, in either
+    direction, for longer than this is dropped *silently*, as a NAT or a
+    carrier gateway drops an idle mapping.  From then on every byte either
+    peer sends is discarded and nobody is told (no RST, no FIN): only a peer
+    that expects an answer (a heartbeat) can find out.  When a peer finally
+    closes or resets its end, the proxy resets both (the proxy's own cleanup;
+    a real NAT would drop that FIN too).  ``None`` = never."""
     max_buffer: int = 1 << 20
     """Bytes queued per direction per connection before the proxy stops
     reading from the sender (backpressure; the queue can overshoot by at most
@@ -128,6 +136,8 @@ class ChaosConfig:
             raise ValueError(f"stall_duration must be finite and >= 0, got {self.stall_duration!r}")
         if self.reset_after_bytes is not None and self.reset_after_bytes < 0:
             raise ValueError(f"reset_after_bytes must be None or >= 0, got {self.reset_after_bytes!r}")
+        if self.idle_timeout is not None and not (self.idle_timeout > 0 and math.isfinite(self.idle_timeout)):
+            raise ValueError(f"idle_timeout must be None or finite and > 0, got {self.idle_timeout!r}")
         if self.max_buffer < 1:
             raise ValueError(f"max_buffer must be >= 1, got {self.max_buffer!r}")
 
@@ -153,6 +163,8 @@ class ChaosStatistics:
     """Stalls injected (all directions, all connections)."""
     connect_failures: int
     """Connections whose upstream connect failed (the client got an RST)."""
+    idle_drops: int = 0
+    """Connections dropped silently for being idle (``idle_timeout``)."""
 
 
 class _Eof:
@@ -241,7 +253,7 @@ def _close_stream(stream: trio.SocketStream | None) -> None:
 class _Connection:
     """One proxied connection: the two sockets and its shared state."""
 
-    __slots__ = ("index", "client", "upstream", "cancel_scope", "aborted", "forwarded", "rngs")
+    __slots__ = ("index", "client", "upstream", "cancel_scope", "aborted", "forwarded", "rngs", "last_active", "dropped")
 
     def __init__(self, index: int, client: trio.SocketStream, seed: int) -> None:
         self.index = index
@@ -253,6 +265,10 @@ class _Connection:
         # await in send_all so the two writers cannot both overshoot
         # reset_after_bytes.
         self.forwarded = 0
+        # When bytes last arrived from either peer (idle_timeout), and whether
+        # the "NAT mapping" is gone.
+        self.last_active = trio.current_time()
+        self.dropped = False
         # str seeds are hashed with SHA-512 by random.Random: stable across
         # runs and processes (unlike hash()).
         self.rngs = (
@@ -315,6 +331,7 @@ class ChaosProxy:
         self._bytes = [0, 0]
         self._stalls = 0
         self._connect_failures = 0
+        self._idle_drops = 0
 
     # -- public API -------------------------------------------------------
 
@@ -370,6 +387,7 @@ class ChaosProxy:
             bytes_down=self._bytes[_DOWN],
             stalls=self._stalls,
             connect_failures=self._connect_failures,
+            idle_drops=self._idle_drops,
         )
 
     # -- internals ----------------------------------------------------------
@@ -428,6 +446,16 @@ class ChaosProxy:
                 return
             now = trio.current_time()
             cfg = self._config
+            if cfg.idle_timeout is not None and not conn.dropped and now - conn.last_active > cfg.idle_timeout:
+                conn.dropped = True  # the mapping expired: silence from now on
+                self._idle_drops += 1
+            conn.last_active = now
+            if conn.dropped:
+                if not data:
+                    conn.abort()  # a peer gave up: clean up both sockets
+                    return
+                rng.random(), rng.random(), rng.random()  # the same draws as a forwarded chunk
+                continue
             if not data:
                 queue.put(_Item(now + cfg.latency, _EOF))
                 return
