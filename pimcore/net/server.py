@@ -156,6 +156,9 @@ class ServerConfig:
     #: have no such limit: a write that may have committed cannot be
     #: declared failed.
     read_timeout: float = 10.0
+    #: The pre-send moderation webhook (a :class:`pimcore.webhooks.ModerationConfig`),
+    #: asked after the content filter let a message through; None: none.
+    moderation: Any = None
 
     def __post_init__(self) -> None:
         # No listeners is fine: an embedding host may hand the broker its
@@ -342,6 +345,20 @@ class BrokerServer:
             config.broker, max_outbound=config.max_outbound_bytes,
             outbound_pause=min(config.broker.outbound_pause, config.max_outbound_bytes // 2),
         )
+        # The moderation webhook (pimcore.webhooks), asked by this layer.  The
+        # core emits CheckContent only when a content filter is set: with
+        # moderation alone it gets one that lets everything through, and the
+        # answer comes from _check_content_async.
+        self.moderator: Any = None
+        if config.moderation is not None:
+            from ..webhooks import Moderator
+
+            self.moderator = Moderator(config.moderation)
+            if config.broker.content_filter is None:
+                self._broker_config = replace(self._broker_config, content_filter=_let_through)
+        #: The event webhook sender reading this broker's events, if any
+        #: (set by whoever runs one: pimcore.embed.open_pimcore, pimcore serve).
+        self.webhook_sender: Any = None
         if not isinstance(store, AsyncStore):
             self.broker = Broker(
                 self._broker_config,
@@ -492,6 +509,9 @@ class BrokerServer:
                 # Listeners stopped (shutdown): the peers nursery ends when
                 # every connection has been closed by shutdown().
             nursery.cancel_scope.cancel()
+        if self.moderator is not None:
+            with trio.CancelScope(shield=True):
+                await self.moderator.aclose()
 
     async def shutdown(self, reason: str = "broker shutting down", timeout: float = 5.0) -> None:
         """Stop accepting, let the in-flight batch commit (its acks go out),
@@ -866,7 +886,7 @@ class BrokerServer:
         return exc
 
     def _check_content(self, cmd: CheckContent) -> None:
-        if self._filter_is_async:
+        if self._filter_is_async or self.moderator is not None:
             self._spawn(self._check_content_async, cmd)
             return
         hook = self.config.broker.content_filter
@@ -879,12 +899,12 @@ class BrokerServer:
         self._queue.extend(cmds)
 
     async def _check_content_async(self, cmd: CheckContent) -> None:
-        hook: Any = self.config.broker.content_filter
         cmds: Optional[list[Command]] = None
         try:
             with trio.move_on_after(self.config.hook_timeout):
-                reason = await hook(cmd.user, cmd.conv, cmd.payload)
-                cmds = self._core(self.broker.content_checked, cmd.request_id, reason)
+                reason, code = await self._content_verdict(cmd.user, cmd.device, cmd.conv, cmd.payload, cmd.local_id)
+                cmds = self._core(functools.partial(self.broker.content_checked, code=code if reason is not None else ErrorCode.REJECTED),
+                                  cmd.request_id, reason)
         except Exception as exc:
             self._hook_failed("the content filter", exc)
             cmds = self._content_unchecked(cmd, "the content filter failed; send again later")
@@ -893,6 +913,44 @@ class BrokerServer:
             self._stats["internal_errors"] += 1
             cmds = self._content_unchecked(cmd, "the content filter did not answer in time; send again later")
         self._run(cmds)
+
+    async def _content_verdict(self, user: str, device: str, conv: str, payload: bytes, local_id: int,
+                               source: str = "client") -> tuple[Optional[str], ErrorCode]:
+        """The content filter (plain or async), then -- if it let the
+        message through -- the moderation webhook: (None, OK) lets it
+        through, else (reason, REJECTED or INTERNAL).  The moderation call
+        is bounded by its own timeout_ms, inside hook_timeout."""
+        hook: Any = self.config.broker.content_filter
+        if hook is not None:
+            reason = hook(user, conv, payload)
+            if inspect.isawaitable(reason):
+                reason = await reason
+            if reason is not None:
+                return str(reason), ErrorCode.REJECTED
+        if self.moderator is not None:
+            verdict = await self.moderator.check(conv=conv, sender=user, device=device, local_id=local_id,
+                                                 payload=payload, now=self.now(), source=source)
+            return verdict.reason, verdict.code
+        return None, ErrorCode.OK
+
+    async def check_content(self, user: str, device: str, conv: str, payload: bytes, local_id: int) -> tuple[Optional[str], ErrorCode]:
+        """A host post as a user (:meth:`pimcore.embed.Pimcore.post`) passes
+        the checks a client's send does: the content filter, then the
+        moderation webhook.  Returns (None, OK), or (reason, REJECTED) for a
+        refusal, or (reason, INTERNAL) when no answer came (a filter that
+        failed or took longer than hook_timeout; moderation down under the
+        closed policy)."""
+        if self.config.broker.content_filter is None and self.moderator is None:
+            return None, ErrorCode.OK
+        try:
+            with trio.move_on_after(self.config.hook_timeout):
+                return await self._content_verdict(user, device, conv, payload, local_id, "host")
+        except Exception as exc:
+            self._hook_failed("the content filter", exc)
+            return "the content filter failed; send again later", ErrorCode.INTERNAL
+        log.error("the content filter did not answer within %.1f s", self.config.hook_timeout)
+        self._stats["internal_errors"] += 1
+        return "the content filter did not answer in time; send again later", ErrorCode.INTERNAL
 
     def _content_unchecked(self, cmd: CheckContent, reason: str) -> list[Command]:
         try:
@@ -1117,6 +1175,12 @@ class BrokerServer:
                 await trio.sleep_forever()
             self._timer_scope = None
             self._run(self._core(self.broker.handle_timer))
+
+
+def _let_through(user: str, conv: str, payload: bytes) -> None:
+    """The core's content filter when only the moderation webhook checks
+    content (BrokerServer answers CheckContent itself, never calls this)."""
+    return None
 
 
 @asynccontextmanager
