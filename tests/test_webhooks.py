@@ -665,3 +665,103 @@ def test_the_receiver_example_in_the_docs_runs(tmp_path: Path) -> None:
         assert (r.status_code, r2.status_code) == (204, 204) and [ev["id"] for ev in handled] == [1, 2, 3, 99]
     finally:
         httpd.shutdown()
+
+
+def test_webhooks_and_moderation_run_in_an_asyncio_host(tmp_path: Path) -> None:
+    """pimcore.asyncio (trio guest mode): the sender and the moderator's
+    httpx clients run in the guest trio run, with the asyncio app busy."""
+    import asyncio
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import pimcore.asyncio
+
+    got: list[dict] = []
+    moderated: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            verify_signature(SECRET, self.headers.get(SIGNATURE_HEADER), body)
+            doc = json.loads(body)
+            if self.path == "/mod":
+                moderated.append(doc)
+                allow = b"spam" not in base64.b64decode(doc["payload_b64"])
+                out = json.dumps({"allow": allow, "reason": "spam"}).encode()
+            else:
+                got.extend(doc["events"])
+                out = b"{}"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+
+    async def main() -> None:
+        ticks = 0
+
+        async def busy() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        app = asyncio.create_task(busy())
+        async with pimcore.asyncio.open_pimcore(
+            data_dir=tmp_path, durability="os", webhooks={"url": base + "/events", "secret": SECRET, **QUICK},
+            moderation={"url": base + "/mod", "policy": "closed", "secret": SECRET},
+        ) as im:
+            await im.create_group("team", ["alice", "bob"])
+            await im.post("team", b"hello", sender="alice", device="web")
+            with pytest.raises(RequestRefused) as refused:
+                await im.post("team", b"spam", sender="alice", device="web")
+            assert refused.value.code is ErrorCode.REJECTED
+            await im.post("team", b"from the system")
+            for _ in range(2000):
+                if len(got) >= 2:
+                    break
+                await asyncio.sleep(0.005)
+            assert (await im.event_cursor("webhook"))[1] == 2
+        app.cancel()
+        assert ticks > 10
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        httpd.shutdown()
+    assert [base64.b64decode(e["payload_b64"]) for e in got] == [b"hello", b"from the system"]
+    assert [m["source"] for m in moderated] == ["host", "host"]
+
+
+async def test_moderation_has_its_own_time_limit_not_hook_timeout(tmp_path: Path) -> None:
+    """A moderation answer within timeout_ms counts even past [server]
+    hook_timeout (that one bounds the Python content filter)."""
+    mod = await Moderation().bind()
+
+    async def late(headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        await trio.sleep(0.4)
+        return await mod.moderate(headers, body)
+
+    mod.answer = late
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mod.serve)
+            async with open_pimcore(data_dir=tmp_path, durability="os", listen=["tcp://127.0.0.1:0"], hook_timeout=0.1,
+                                    moderation={"url": mod.url, "policy": "closed", "timeout_ms": 3000, "secret": SECRET}) as im:
+                async with open_client(im.urls[0], im.issue_token("alice"), "phone", config=FAST) as alice:
+                    assert (await alice.send(AB, b"worth the wait")).seq == 1
+                    with pytest.raises(SendError) as err:
+                        await alice.send(AB, b"late spam")
+                    assert err.value.reason == "no spam here"
+                await im.create_group("team", ["alice"])
+                with pytest.raises(RequestRefused) as refused:
+                    await im.post("team", b"host spam", sender="alice", device="web")
+                assert refused.value.code is ErrorCode.REJECTED
+                assert (im.server.moderator.allowed, im.server.moderator.rejected, im.server.moderator.unavailable) == (1, 2, 0)
+            nursery.cancel_scope.cancel()

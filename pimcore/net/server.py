@@ -901,8 +901,9 @@ class BrokerServer:
     async def _check_content_async(self, cmd: CheckContent) -> None:
         cmds: Optional[list[Command]] = None
         try:
-            with trio.move_on_after(self.config.hook_timeout):
-                reason, code = await self._content_verdict(cmd.user, cmd.device, cmd.conv, cmd.payload, cmd.local_id)
+            verdict = await self._content_verdict(cmd.user, cmd.device, cmd.conv, cmd.payload, cmd.local_id)
+            if verdict is not None:
+                reason, code = verdict
                 cmds = self._core(functools.partial(self.broker.content_checked, code=code if reason is not None else ErrorCode.REJECTED),
                                   cmd.request_id, reason)
         except Exception as exc:
@@ -915,16 +916,21 @@ class BrokerServer:
         self._run(cmds)
 
     async def _content_verdict(self, user: str, device: str, conv: str, payload: bytes, local_id: int,
-                               source: str = "client") -> tuple[Optional[str], ErrorCode]:
+                               source: str = "client") -> Optional[tuple[Optional[str], ErrorCode]]:
         """The content filter (plain or async), then -- if it let the
         message through -- the moderation webhook: (None, OK) lets it
-        through, else (reason, REJECTED or INTERNAL).  The moderation call
-        is bounded by its own timeout_ms, inside hook_timeout."""
+        through, else (reason, REJECTED or INTERNAL); None if the filter
+        did not answer within hook_timeout.  The moderation call has its
+        own limit (timeout_ms) and policy, whatever hook_timeout is."""
         hook: Any = self.config.broker.content_filter
         if hook is not None:
-            reason = hook(user, conv, payload)
-            if inspect.isawaitable(reason):
-                reason = await reason
+            reason: Any = None
+            with trio.move_on_after(self.config.hook_timeout) as scope:
+                reason = hook(user, conv, payload)
+                if inspect.isawaitable(reason):
+                    reason = await reason
+            if scope.cancelled_caught:
+                return None
             if reason is not None:
                 return str(reason), ErrorCode.REJECTED
         if self.moderator is not None:
@@ -943,8 +949,9 @@ class BrokerServer:
         if self.config.broker.content_filter is None and self.moderator is None:
             return None, ErrorCode.OK
         try:
-            with trio.move_on_after(self.config.hook_timeout):
-                return await self._content_verdict(user, device, conv, payload, local_id, "host")
+            verdict = await self._content_verdict(user, device, conv, payload, local_id, "host")
+            if verdict is not None:
+                return verdict
         except Exception as exc:
             self._hook_failed("the content filter", exc)
             return "the content filter failed; send again later", ErrorCode.INTERNAL
