@@ -497,7 +497,7 @@ async def open_pimcore(
         raise TypeError("pass either settings or config_file/overrides, not both")
     config = settings.server_config()
     if content_filter is not None:
-        config = replace(config, broker=replace(config.broker, content_filter=content_filter))
+        config = replace(config, broker=replace(config.broker, content_filter=content_filter))  # type: ignore[arg-type]  # async: run by the server
     webhook = settings.webhook_config()
     secret: Optional[bytes] = None
     if authenticate is None:

@@ -280,7 +280,7 @@ async def test_receiver_down_then_up_gets_every_event_in_order(tmp_path: Path) -
             assert all(e["conv"] == "team" and e["sender"] == "alice" and e["recipients"] == ["alice", "bob"]
                        for e in _messages(events))
             # Batches of at most 3, the delivery header naming their ids.
-            for headers, body, status in rx.requests:
+            for headers, body, _status in rx.requests:
                 ids = [e["id"] for e in json.loads(body)["events"]]
                 assert len(ids) <= 3 and headers[DELIVERY_HEADER.lower()] == f"{ids[0]}-{ids[-1]}"
                 assert headers["content-type"] == "application/json"
@@ -764,4 +764,38 @@ async def test_moderation_has_its_own_time_limit_not_hook_timeout(tmp_path: Path
                     await im.post("team", b"host spam", sender="alice", device="web")
                 assert refused.value.code is ErrorCode.REJECTED
                 assert (im.server.moderator.allowed, im.server.moderator.rejected, im.server.moderator.unavailable) == (1, 2, 0)
+            nursery.cancel_scope.cancel()
+
+
+async def test_http_api_posts_as_a_user_are_moderated(tmp_path: Path) -> None:
+    """POST /v1/conversations/{conv}/messages with a sender: 403 REJECTED
+    with the reason; moderation down under the closed policy: 503 INTERNAL
+    (retry with the same Idempotency-Key); as the system: not moderated."""
+    import httpx
+
+    from pimcore.http import HttpConfig, open_http_server
+
+    mod = await Moderation().bind()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mod.serve)
+            async with _moderated(tmp_path, mod, "closed") as im:
+                await im.create_group("team", ["alice", "bob"])
+                async with open_http_server(im.server, HttpConfig(api_keys=("k" * 32,)), handle=im) as h, \
+                        httpx.AsyncClient(base_url=h.url, headers={"Authorization": "Bearer " + "k" * 32}) as http:
+                    path = "/v1/conversations/team/messages"
+                    r = await http.post(path, json={"payload": "buy spam", "sender": "alice"})
+                    assert r.status_code == 403 and r.json()["error"]["code"] == "REJECTED" and "no spam here" in r.json()["error"]["message"]
+                    r = await http.post(path, json={"payload": "hi", "sender": "alice"}, headers={"Idempotency-Key": "p1"})
+                    assert r.status_code == 201 and r.json()["seq"] == 1
+                    assert mod.asked[-1]["device"] == "http" and mod.asked[-1]["source"] == "host"
+                    mod.mode = "500"
+                    r = await http.post(path, json={"payload": "again", "sender": "alice"}, headers={"Idempotency-Key": "p2"})
+                    assert r.status_code == 503 and r.json()["error"]["code"] == "INTERNAL"
+                    asked = len(mod.asked)
+                    r = await http.post(path, json={"payload": "from the system"})
+                    assert r.status_code == 201 and len(mod.asked) == asked
+                    mod.mode = "ok"
+                    r = await http.post(path, json={"payload": "again", "sender": "alice"}, headers={"Idempotency-Key": "p2"})
+                    assert r.status_code == 201 and r.json()["seq"] == 3
             nursery.cancel_scope.cancel()
