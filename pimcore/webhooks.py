@@ -276,8 +276,10 @@ class WebhookSender:
             while True:
                 try:
                     if not started:
-                        await self.handle.ack_events(0, self.consumer)
+                        cursor = await self.handle.ack_events(0, self.consumer)
                         started = True
+                        log.info("webhook: delivering events after id %d to %s", cursor, cfg.url,
+                                 extra={"event": "webhook_started", "url": cfg.url, "cursor": cursor})
                         task_status.started()
                     _, page = await self.handle.next_events(self.consumer, limit=cfg.batch_size)
                     body, first, upto, count = self._batch(page)

@@ -333,7 +333,7 @@ async def test_slow_receiver_times_out_and_only_event_types_asked_for_are_sent(t
     async def sluggish(headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
         if slow[0]:
             slow[0] -= 1
-            await trio.sleep(5)  # past the sender's timeout
+            await trio.sleep(20)  # past the sender's timeout (and the test: never answered)
         return await rx.accept(headers, body)
 
     rx.answer = sluggish
