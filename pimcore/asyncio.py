@@ -81,6 +81,11 @@ class AsyncPimcore:
     def epoch(self) -> bytes:
         return self.handle.epoch
 
+    @property
+    def webhooks(self) -> Any:
+        """The event webhook sender (counters), None without ``[webhooks]``."""
+        return self.handle.webhooks
+
     def statistics(self) -> Any:
         return self.handle.statistics()
 
