@@ -348,7 +348,7 @@ class WebhookSender:
             if self.failing_since is None:
                 self.failing_since = now
             delay = backoff_delay(failures, cfg.retry_base, cfg.retry_cap, self._rng)
-            if failures == 1 or self._throttle.ready():
+            if self._throttle.ready() or failures == 1:  # (ready() first: it starts the 10 s)
                 more = self._throttle.take_suppressed()
                 log.warning("webhook: POST %s (events %s) failed: %s; attempt %d, again in %.2f s%s", cfg.url,
                             delivery, error, failures, delay, f" ({more} more failures not logged)" if more else "",

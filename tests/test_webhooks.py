@@ -292,9 +292,12 @@ async def _until_acked(im, upto: int) -> None:
         await trio.sleep(0.005)
 
 
-async def test_server_errors_are_retried_with_the_same_batch_until_2xx(tmp_path: Path) -> None:
+async def test_server_errors_are_retried_with_the_same_batch_until_2xx(tmp_path: Path, caplog) -> None:
+    import logging
+
     from pimcore.http.metrics import broker_registry, render
 
+    caplog.set_level(logging.INFO, logger="pimcore.webhooks")
     rx = await Receiver().bind()
     fails = [0]
 
@@ -324,6 +327,12 @@ async def test_server_errors_are_retried_with_the_same_batch_until_2xx(tmp_path:
     assert len({json.loads(body)["events"][0]["id"] for _, body, _ in rx.requests[:5]}) == 1
     assert [e["id"] for e in rx.delivered()] == list(range(1, 8))
     assert rx.bad_signatures == []
+    # Logs: the first failure of the run (status and next delay), not one line per retry; then the recovery.
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "HTTP 500" in warnings[0].getMessage() and "again in" in warnings[0].getMessage()
+    assert (warnings[0].error, warnings[0].attempt) == ("HTTP 500", 1) and warnings[0].delay <= 0.01
+    recovered = [r for r in caplog.records if getattr(r, "event", "") == "webhook_recovered"]
+    assert len(recovered) == 1 and recovered[0].failures == 4 and recovered[0].levelname == "INFO"
 
 
 async def test_slow_receiver_times_out_and_only_event_types_asked_for_are_sent(tmp_path: Path) -> None:
