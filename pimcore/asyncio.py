@@ -85,6 +85,11 @@ class AsyncPimcore:
     def http_url(self) -> Optional[str]:
         return self.handle.http_url
 
+    @property
+    def webhooks(self) -> Any:
+        """The event webhook sender (counters), None without ``[webhooks]``."""
+        return self.handle.webhooks
+
     def statistics(self) -> Any:
         return self.handle.statistics()
 

@@ -152,6 +152,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         http_ep = settings.http_endpoint()
         secret = _secret(settings)
         auth = JwtAuthenticator(secret)
+        webhook = settings.webhook_config()
         http_config = None
         if http_ep is not None:
             had_key = (settings.data_dir / "api-key").exists()
@@ -183,12 +184,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with open_broker_server(store, auth, config) as server, trio.open_nursery() as nursery:
+                from .embed import Pimcore, start_webhooks
+
                 urls = list(server.urls)
+                handle = Pimcore(server, store, settings, secret)
+                if webhook is not None:
+                    await start_webhooks(handle, webhook, nursery)
                 if http_config is not None:
-                    from .embed import Pimcore
                     from .http import BrokerHttp
 
-                    http = BrokerHttp(server, http_config, handle=Pimcore(server, store, settings, secret))
+                    http = BrokerHttp(server, http_config, handle=handle)
                     await nursery.start(http.run)
                     assert http.url is not None  # set once listening
                     urls.append(http.url)
@@ -200,7 +205,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 async for sig in signals:
                     print(f"{signal.Signals(sig).name}: shutting down", flush=True)
                     break
-                nursery.cancel_scope.cancel()  # the HTTP listener stops first
+                nursery.cancel_scope.cancel()  # the HTTP listener and the webhook sender stop first
             # open_broker_server's exit: stop accepting, finish the batch in
             # flight, Close(SHUTDOWN) every connection.
             st = server.statistics()

@@ -42,7 +42,7 @@ import logging
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from . import frames as F
 from .codec import Decoder, encode_frame
@@ -121,12 +121,14 @@ class ClientError(PimError):
 
 
 class SendError(ClientError):
-    """The broker refused the message for good (``code`` says why)."""
+    """The broker refused the message for good (``code`` says why;
+    ``reason``: the broker's words, e.g. a content filter's, or "")."""
 
-    def __init__(self, code: ErrorCode, local_id: int, message: str = "") -> None:
-        super().__init__(message or f"send refused: {code.name}")
+    def __init__(self, code: ErrorCode, local_id: int, message: str = "", reason: str = "") -> None:
+        super().__init__(message or f"send refused: {code.name}" + (f": {reason}" if reason else ""))
         self.code = code
         self.local_id = local_id
+        self.reason = reason
 
 
 class SendTimeout(ClientError):
@@ -379,7 +381,8 @@ class _Pending:
     """One send until its final answer.  ``raw`` is the encoded SendReq: the
     very same bytes go out on every attempt (same local id, same stamp)."""
 
-    __slots__ = ("local_id", "conv", "payload", "client_time", "after_seq", "raw", "deadline", "sent_at", "attempts", "tx")
+    __slots__ = ("local_id", "conv", "payload", "client_time", "after_seq", "raw", "deadline", "sent_at", "attempts", "tx",
+                 "reason")
 
     def __init__(
         self, local_id: int, conv: str, payload: bytes, client_time: int, after_seq: int, raw: bytes, deadline: int
@@ -394,6 +397,7 @@ class _Pending:
         self.sent_at: Optional[int] = None  # session time of the last transmission; None = not on the wire
         self.attempts = 0
         self.tx = 0  # the session's transmission count at its last transmission (see _recover)
+        self.reason = ""  # an Error frame's reason for this send (it comes just before a REJECTED SendAck)
 
 
 class _HistoryRequest:
@@ -474,7 +478,7 @@ class ClientSession:
         self._decoder: Optional[Decoder] = None
         self._out: list[bytes] = []  # encoded frames for data_to_send()
         self._compress: Optional[object] = None  # FrameCompressor.compress once zstd is active
-        self._zstd: Optional[tuple[object, object]] = None  # made once, shared by all connections
+        self._zstd: Optional[tuple[Any, Any]] = None  # made once, shared by all connections
         self._window = 1  # LoginAck.window
         self._heartbeat = 0  # µs, LoginAck.heartbeat_ms; 0 = none
         self._last_sent = 0
@@ -1037,6 +1041,9 @@ class ClientSession:
                 self._on_calibrate_resp(f)  # type: ignore[arg-type]
         elif t is F.Error:
             log.warning("broker error %s (ref %s): %s", f.code, f.ref, f.reason)  # type: ignore[attr-defined]
+            p = self._pending.get(f.ref) if f.ref else None  # type: ignore[attr-defined]
+            if p is not None:
+                p.reason = f.reason  # type: ignore[attr-defined]
         elif t is F.Close:  # pragma: no cover - handled in _on_frame
             self._on_close(f)  # type: ignore[arg-type]
         # Pong, a late CalibrateResp, anything else: liveness only (_last_recv).
@@ -1250,7 +1257,7 @@ class ClientSession:
             self._completions.append(SendCompleted(p.local_id, Sent(p.local_id, p.conv, f.msg_id, f.seq, f.server_time, p.client_time), None))
         elif code in FINAL_CODES:
             self._forget(p)
-            self._completions.append(SendCompleted(p.local_id, None, SendError(code, p.local_id)))
+            self._completions.append(SendCompleted(p.local_id, None, SendError(code, p.local_id, reason=p.reason)))
         else:
             # STORE_UNAVAILABLE, TOO_MANY_IN_FLIGHT, RATE_LIMITED...: the broker
             # wants us to slow down.  Hold the whole queue (not just this

@@ -43,6 +43,22 @@ Example (every key optional)::
     keepalive_timeout = 30.0           # seconds a connection may stay silent between requests
     max_connections = 1000
 
+    [webhooks]                         # host events POSTed to a URL (docs/EMBEDDING.md, Webhooks); turns events on
+    url = "https://backend.example/pimcore-events"
+    secret = "..."                     # HMAC-SHA256 key; default: <data_dir>/webhook-secret, created on first run
+    timeout = 10.0                     # seconds per request
+    retry_base = 1.0                   # seconds: a failed batch is retried after uniform(0, min(cap, base * 2**n))
+    retry_cap = 60.0                   # seconds
+    batch_size = 100                   # events per request
+    max_batch_bytes = 1048576          # JSON bytes per request (one event always goes)
+    events = ["message"]               # event types to send; default: all
+
+    [moderation]                       # pre-send moderation call (docs/EMBEDDING.md, Webhooks)
+    url = "https://backend.example/moderate"
+    policy = "closed"                  # required: "open" (no answer: store it) or "closed" (refuse, INTERNAL)
+    timeout_ms = 2000
+    secret = "..."                     # default: the webhook secret (the same <data_dir>/webhook-secret)
+
 **Environment, one rule:** every key is also ``PIMCORE_<KEY>`` (top level)
 or ``PIMCORE_<SECTION>_<KEY>`` (in a section), upper case:
 ``PIMCORE_DATA_DIR``, ``PIMCORE_LIMITS_SEND_RATE``, ``PIMCORE_HTTP_REQUEST_TIMEOUT``;
@@ -112,6 +128,11 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "listen": "str", "max_header_bytes": "int", "max_body_bytes": "int", "request_timeout": "float",
         "keepalive_timeout": "float", "max_connections": "int",
     },
+    "webhooks": {
+        "url": "str", "secret": "str", "timeout": "float", "retry_base": "float", "retry_cap": "float",
+        "batch_size": "int", "max_batch_bytes": "int", "events": "list",
+    },
+    "moderation": {"url": "str", "secret": "str", "policy": "str", "timeout_ms": "int"},
 }
 #: ``(section or None, key) -> type``, every setting there is.
 SCHEMA: dict[tuple[Optional[str], str], str] = {
@@ -119,7 +140,7 @@ SCHEMA: dict[tuple[Optional[str], str], str] = {
     **{(s, k): t for s, keys in _SECTIONS.items() for k, t in keys.items()},
 }
 #: Secrets: never printed.
-_SECRET_KEYS = {(None, "secret"), (None, "api_keys")}
+_SECRET_KEYS = {(None, "secret"), (None, "api_keys"), ("webhooks", "secret"), ("moderation", "secret")}
 
 _LIMIT_KEYS = set(_SECTIONS["limits"])
 _SERVER_KEYS = set(_SECTIONS["server"])
@@ -207,6 +228,8 @@ class ServeSettings:
     api_keys: tuple[str, ...] = ()  # empty: <data_dir>/api-key
     log_level: str = "info"
     log_format: str = "text"
+    webhooks: dict[str, Any] = field(default_factory=dict)  # the [webhooks] keys given
+    moderation: dict[str, Any] = field(default_factory=dict)  # the [moderation] keys given
 
     def endpoints(self) -> tuple[Endpoint, ...]:
         try:
@@ -253,6 +276,8 @@ class ServeSettings:
                     raise ConfigError(f"server: {key}: {exc}") from None
         if "events" in srv:
             broker = replace(broker, record_events=bool(srv.pop("events")))
+        if self.webhooks.get("url"):
+            broker = replace(broker, record_events=True)  # the webhook sender reads the event log
         for key in ("control_rate", "control_burst"):
             if key in srv:
                 try:
@@ -263,7 +288,8 @@ class ServeSettings:
         if any(e.secure for e in endpoints) and not self.cert:
             raise ConfigError("tls:// and wss:// listeners need a certificate: --cert/--key or [tls] cert/key")
         try:
-            return ServerConfig(listeners=endpoints, certfile=self.cert, keyfile=self.key, broker=broker, **srv)
+            return ServerConfig(listeners=endpoints, certfile=self.cert, keyfile=self.key, broker=broker,
+                                moderation=self.moderation_config(), **srv)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"server: {exc}") from None
 
@@ -300,6 +326,59 @@ class ServeSettings:
             return ()
         return (load_or_create_secret(self.data_dir, API_KEY_FILE).decode(),)
 
+    def webhook_secret(self) -> bytes:
+        """``[webhooks] secret`` ($PIMCORE_WEBHOOKS_SECRET), else
+        ``<data_dir>/webhook-secret`` (created on first use, mode 0600)."""
+        given = self.webhooks.get("secret")
+        if given is not None:
+            if not given.strip():
+                raise ConfigError("webhooks.secret: cannot be empty")
+            return given.strip().encode()
+        from .auth import load_or_create_secret
+        from .webhooks import WEBHOOK_SECRET_FILE
+
+        return load_or_create_secret(self.data_dir, WEBHOOK_SECRET_FILE)
+
+    def webhook_config(self, secret: Optional[bytes] = None) -> Any:  # -> Optional[pimcore.webhooks.WebhookConfig]
+        """The event webhook's settings, or None without ``[webhooks] url``.
+        ConfigError naming the key for an unusable value.  ``secret``: use
+        this one (default :meth:`webhook_secret`)."""
+        w = dict(self.webhooks)
+        if not w.get("url"):
+            if set(w) - {"url", "secret"}:
+                raise ConfigError(f"webhooks: {sorted(set(w) - {'url', 'secret'})[0]} is set but webhooks.url is not")
+            return None
+        from .webhooks import WebhookConfig
+
+        w.pop("secret", None)
+        if "events" in w:
+            w["events"] = tuple(w["events"])
+        try:
+            return WebhookConfig(secret=secret or self.webhook_secret(), **w)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+
+    def moderation_config(self, secret: Optional[bytes] = None) -> Any:  # -> Optional[pimcore.webhooks.ModerationConfig]
+        """The moderation webhook's settings, or None without ``[moderation]
+        url``.  Its secret: ``[moderation] secret``, else the webhook one."""
+        m = dict(self.moderation)
+        if not m.get("url"):
+            if set(m) - {"url", "secret"}:
+                raise ConfigError(f"moderation: {sorted(set(m) - {'url', 'secret'})[0]} is set but moderation.url is not")
+            return None
+        if "policy" not in m:
+            raise ConfigError('moderation.policy: required with moderation.url: "open" (no answer lets a message'
+                              ' through) or "closed" (no answer refuses it)')
+        from .webhooks import ModerationConfig
+
+        own = m.pop("secret", None)
+        if own is not None and not own.strip():
+            raise ConfigError("moderation.secret: cannot be empty")
+        try:
+            return ModerationConfig(secret=secret or (own.strip().encode() if own else self.webhook_secret()), **m)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+
     def http_config(self, ssl_context: Any = None, api_keys: tuple[str, ...] = ()) -> Any:  # -> HttpConfig
         """The HTTP listener's :class:`~pimcore.http.HttpConfig` (None without one)."""
         ep = self.http_endpoint()
@@ -335,6 +414,8 @@ class ServeSettings:
             },
         }
         server.update(self.server)
+        if self.webhooks.get("url"):
+            server["events"] = True  # webhooks read the event log
         from .http.server import HttpConfig
 
         hbase = HttpConfig()
@@ -361,6 +442,19 @@ class ServeSettings:
         out["limits"] = {f.name: getattr(limits, f.name) for f in fields(limits)}
         out["server"] = {k: server[k] for k in sorted(server)}
         out["http"] = {k: http[k] for k in sorted(http)}
+        if self.webhooks.get("url"):
+            from .webhooks import WebhookConfig
+
+            wdefaults = {f.name: f.default for f in fields(WebhookConfig)
+                         if f.name not in ("url", "secret")}
+            wh: dict[str, Any] = {**wdefaults, **self.webhooks}
+            wh["events"] = list(wh["events"])
+            wh["secret"] = "<redacted>" if "secret" in self.webhooks else f"<{self.data_dir / 'webhook-secret'}>"
+            out["webhooks"] = {k: wh[k] for k in sorted(wh)}
+        if self.moderation.get("url"):
+            mod: dict[str, Any] = {"timeout_ms": 2000, **self.moderation}
+            mod["secret"] = "<redacted>" if "secret" in self.moderation else "<the webhook secret>"
+            out["moderation"] = {k: mod[k] for k in sorted(mod)}
         return out
 
 
@@ -453,6 +547,14 @@ def _layer_from_flags(flags: Mapping[str, Any]) -> dict[tuple[Optional[str], str
             where = ("tls", name)
         elif name == "http":
             where = ("http", "listen")
+        elif name in ("webhooks", "moderation") and isinstance(value, Mapping):
+            # A whole section at once (open_pimcore(webhooks={"url": ...})).
+            for key, v in value.items():
+                if (name, key) not in SCHEMA:
+                    raise ConfigError(f"unknown setting {name}.{key}")
+                if v is not None:
+                    layer[(name, key)] = _check(f"{name}.{key}", SCHEMA[(name, key)], v)
+            continue
         elif name in _TOP:
             where = (None, name)
         else:
@@ -503,6 +605,8 @@ def load_settings(config_file: Optional[str] = None, *, env: Optional[Mapping[st
         api_keys=tuple(top.get("api_keys", ())),
         log_level=str(top.get("log_level", "info")).lower(),
         log_format=str(top.get("log_format", "text")).lower(),
+        webhooks={k: v for (sec, k), v in merged.items() if sec == "webhooks"},
+        moderation={k: v for (sec, k), v in merged.items() if sec == "moderation"},
     )
     if s.durability not in ("sync", "os"):
         raise ConfigError(f"durability must be 'sync' or 'os', not {s.durability!r}")
@@ -510,6 +614,9 @@ def load_settings(config_file: Optional[str] = None, *, env: Optional[Mapping[st
         raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {_show(s.log_level)}")
     if s.log_format not in LOG_FORMATS:
         raise ConfigError(f"log_format: expected one of {', '.join(LOG_FORMATS)}, got {_show(s.log_format)}")
+    # Check the webhook sections now (naming the key), without creating a secret.
+    s.webhook_config(secret=b"-")
+    s.moderation_config(secret=b"-")
     # No listener is fine for an embedded broker (pimcore.embed); `pimcore
     # serve` refuses it itself.
     return s

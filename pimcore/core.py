@@ -268,6 +268,17 @@ class BrokerConfig:
             raise ValueError("BrokerConfig.compression_idle must be >= 0 µs (0 = never)")
 
 
+def idempotency_local_id(key: Union[str, bytes, None]) -> Optional[int]:
+    """The local id (u64) of a host post's idempotency key (text or 1..256
+    bytes; BLAKE2b), a random one for None, None for an unusable key."""
+    if key is None:
+        return int.from_bytes(os.urandom(8), "big")
+    raw_key = key.encode("utf-8") if isinstance(key, str) else key
+    if not isinstance(raw_key, bytes) or not 0 < len(raw_key) <= 256:
+        return None
+    return int.from_bytes(hashlib.blake2b(raw_key, digest_size=8, person=b"pimcore-idem").digest(), "big")
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -328,6 +339,8 @@ class CheckContent:
     user: str
     conv: str
     payload: bytes
+    device: str = ""  # the sending device
+    local_id: int = 0  # the send's local id (u64): its idempotency key
 
 
 @dataclass(frozen=True, slots=True)
@@ -1127,8 +1140,9 @@ class Broker:
         if reason is not None:
             c.inflight -= 1
             self._stats["rejected"] += 1
-            self._send(c.id, F.SendAck(f.local_id, code, b"", 0, 0), out)
+            # The reason first: the client has it when the SendAck ends the send.
             self._error(c.id, code, f.local_id, str(reason), out)
+            self._send(c.id, F.SendAck(f.local_id, code, b"", 0, 0), out)
         else:
             self._propose_send(c, f, message_digest(f.conv, f.payload), now, out)
         self._resume(c, now, out)
@@ -1357,13 +1371,9 @@ class Broker:
             code = self._check_conversation(sender, conv)
         if code is not ErrorCode.OK:
             return refuse(code)
-        if key is None:
-            local_id = int.from_bytes(os.urandom(8), "big")
-        else:
-            raw_key = key.encode("utf-8") if isinstance(key, str) else key
-            if not isinstance(raw_key, bytes) or not 0 < len(raw_key) <= 256:
-                return refuse(ErrorCode.BAD_REQUEST)
-            local_id = int.from_bytes(hashlib.blake2b(raw_key, digest_size=8, person=b"pimcore-idem").digest(), "big")
+        local_id = idempotency_local_id(key)
+        if local_id is None:
+            return refuse(ErrorCode.BAD_REQUEST)
         digest = message_digest(conv, payload)
         dkey = (sender, device, local_id)
         pending = self._pending_sends.get(dkey)
@@ -1655,7 +1665,7 @@ class Broker:
             rid = self._request_id()
             c.waiting = rid
             self._hooks[rid] = _ContentHook(c.id, f)
-            out.append(CheckContent(rid, c.user, f.conv, f.payload))
+            out.append(CheckContent(rid, c.user, f.conv, f.payload, c.device, f.local_id))
             return
         self._propose_send(c, f, digest, now, out)
 

@@ -23,7 +23,7 @@ import itertools
 import json
 import logging
 import time
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, Union
@@ -32,7 +32,7 @@ import trio
 
 from ._util import unwrap_single
 from .auth import JwtAuthenticator, issue_token, load_or_create_secret
-from .core import Authenticator, Identity
+from .core import Authenticator, ContentFilter, Identity
 from .config import ConfigError, ServeSettings, load_settings
 from .errors import ErrorCode, PimError, StoreError
 from .ids import SYSTEM
@@ -236,6 +236,8 @@ class Pimcore:
         self._ids = itertools.count(1)
         #: The HTTP listener (server API, /metrics...) when opened with ``http=URL``.
         self.http: Optional[Any] = None
+        #: The event webhook sender (pimcore.webhooks.WebhookSender) when ``[webhooks]`` is configured.
+        self.webhooks: Any = None
 
     # ------------------------------------------------------------ identity
 
@@ -311,7 +313,24 @@ class Pimcore:
         the same sender, device and key are one message (the original's
         identity comes back), exactly like a client's local id.  Raises
         RequestRefused (BAD_REQUEST, PAYLOAD_TOO_LARGE, UNKNOWN_CONVERSATION,
-        NOT_MEMBER, DUPLICATE_CONFLICT), StoreError if the store failed."""
+        NOT_MEMBER, DUPLICATE_CONFLICT), StoreError if the store failed.
+
+        A post as a user passes the checks a client's send does -- the
+        content filter, then the moderation webhook (``[moderation]``) --
+        and is refused with REJECTED (and the reason) if they say no, or
+        INTERNAL if they could not answer (retry with the same key).  A
+        system post is trusted: it is not checked."""
+        if sender != SYSTEM and (self.server.config.broker.content_filter is not None
+                                 or self.server.moderator is not None):
+            from .core import idempotency_local_id
+
+            # The local id the message will have (0 without a key); an
+            # unusable key is left to the broker's BAD_REQUEST.
+            local_id = 0 if idempotency_key is None else idempotency_local_id(idempotency_key)
+            if local_id is not None:
+                reason, code = await self.server.check_content(sender, device, conv, bytes(payload), local_id)
+                if reason is not None:
+                    raise RequestRefused(code, f"post to {conv!r} refused: {reason}")
         done = await self.server.host_call(
             self.server.broker.post, conv, bytes(payload), sender=sender, device=device, key=idempotency_key
         )
@@ -519,6 +538,7 @@ async def open_pimcore(
     config_file: Optional[str] = None,
     store: Union[Store, AsyncStore, None] = None,
     authenticate: Optional[Auth] = None,
+    content_filter: Optional[Union[ContentFilter, Callable[[str, str, bytes], Awaitable[Optional[str]]]]] = None,
     **overrides: Any,
 ) -> AsyncIterator[Pimcore]:
     """Run a broker in this trio program for the duration of the block.
@@ -539,6 +559,16 @@ async def open_pimcore(
     missing, as ``pimcore serve`` does).  On exit the broker shuts down
     gracefully (committed acks flushed, Close(SHUTDOWN) to every client).
 
+    ``content_filter``: ``f(user, conv, payload) -> None | reason``, a plain
+    or an ``async def`` function (then it runs in a task per message, at
+    most ``[server] hook_timeout``); it replaces the configured
+    ``content_filter``.  A reason refuses the message with REJECTED.
+
+    With ``[webhooks] url`` set (``webhooks={"url": ...}`` as an override)
+    the event webhook sender runs for the duration of the block
+    (``handle.webhooks``), and events are recorded; with ``[moderation]
+    url`` every user's message is moderated (docs/EMBEDDING.md, Webhooks).
+
     Raises ConfigError for unusable settings, StoreError if the store cannot
     be opened, OSError if a listener cannot bind.
     """
@@ -549,6 +579,9 @@ async def open_pimcore(
     elif config_file is not None or overrides:
         raise TypeError("pass either settings or config_file/overrides, not both")
     config = settings.server_config()
+    if content_filter is not None:
+        config = replace(config, broker=replace(config.broker, content_filter=content_filter))  # type: ignore[arg-type]  # async: run by the server
+    webhook = settings.webhook_config()
     secret: Optional[bytes] = None
     if authenticate is None:
         secret = _secret_of(settings)
@@ -561,14 +594,19 @@ async def open_pimcore(
         with unwrap_single():
             async with open_broker_server(store, authenticate, config) as server:
                 handle = Pimcore(server, store, settings, secret)
-                if http_config is None:
-                    yield handle
-                else:
-                    from .http import open_http_server
+                async with AsyncExitStack() as stack:
+                    if http_config is not None:
+                        from .http import open_http_server
 
-                    async with open_http_server(server, http_config, handle=handle) as http:
-                        handle.http = http
+                        handle.http = await stack.enter_async_context(
+                            open_http_server(server, http_config, handle=handle))
+                    if webhook is None:
                         yield handle
+                    else:
+                        async with trio.open_nursery() as nursery:
+                            await start_webhooks(handle, webhook, nursery)
+                            yield handle
+                            nursery.cancel_scope.cancel()
     finally:
         if own_store:
             if isinstance(store, AsyncStore):
@@ -589,8 +627,22 @@ def _http_config(settings: ServeSettings) -> Any:
 
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        assert settings.cert is not None  # http_endpoint() refuses tls:// without one
         ssl_ctx.load_cert_chain(settings.cert, settings.key)
     return settings.http_config(ssl_ctx, settings.load_api_keys())
+
+
+async def start_webhooks(handle: Pimcore, config: Any, nursery: trio.Nursery) -> Any:
+    """Start a :class:`pimcore.webhooks.WebhookSender` for ``handle`` in
+    ``nursery`` (returns once its event log cursor exists) and show it on
+    the handle and in ``/metrics``."""
+    from .webhooks import WebhookSender
+
+    sender = WebhookSender(handle, config)
+    handle.webhooks = sender
+    handle.server.webhook_sender = sender
+    await nursery.start(sender.run)
+    return sender
 
 
 def _secret_of(settings: ServeSettings) -> bytes:

@@ -155,7 +155,7 @@ import threading
 from dataclasses import dataclass
 from enum import Enum
 from types import ModuleType
-from typing import Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 from . import codec as _active_codec
 from . import frames as F
@@ -350,7 +350,7 @@ class ServerSession:
         self._accepting = True  # receive_data buffers (else ignores)
         self._can_send = True  # send() allowed (False only once CLOSED)
         self._compress: Optional[Compress] = None  # set by the LoginAck granting CAP_ZSTD or CAP_DEFLATE_DOWN
-        self._deflate: Optional[object] = None  # this connection's DeflateCompressor (CAP_DEFLATE_DOWN)
+        self._deflate: Optional[Any] = None  # this connection's DeflateCompressor (CAP_DEFLATE_DOWN)
         self._error: Optional[ProtocolError] = None  # ERRORED: raised again by next_frame(s)
         self._frames_in = self._frames_out = self._bytes_in = self._bytes_out = self._frames_compressed = 0
 

@@ -39,6 +39,7 @@ REFUSED_STATUS: dict[ErrorCode, int] = {
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.TOO_MANY_IN_FLIGHT: 429,
     ErrorCode.REJECTED: 403,
+    ErrorCode.INTERNAL: 503,  # a content check could not answer (moderation down, policy closed): retry
 }
 
 #: Longest ``wait`` (seconds) a ``GET /v1/events`` long-poll may ask for.

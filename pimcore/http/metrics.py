@@ -136,6 +136,35 @@ class BrokerCollector(Collector):
         yield _histogram("pimcore_commit_seconds", "Seconds per write batch commit (fsync included).", st.commit_time)
         yield GaugeMetricFamily("pimcore_start_time_seconds", "When this broker started, seconds since the epoch.",
                                 value=self.started)
+        yield from _webhook_metrics(self.server)
+
+
+def _webhook_metrics(server: "BrokerServer") -> Iterator[Metric]:
+    """The event webhook sender's and the moderator's counters, when configured."""
+    sender = getattr(server, "webhook_sender", None)
+    if sender is not None:
+        req = CounterMetricFamily("pimcore_webhook_requests", "Event webhook POSTs, by result (ok: a 2xx answer).",
+                                  labels=["result"])
+        req.add_metric(["ok"], sender.requests_ok)
+        req.add_metric(["failed"], sender.requests_failed)
+        yield req
+        yield CounterMetricFamily("pimcore_webhook_events_delivered", "Events delivered by the webhook (2xx answered).",
+                                  value=sender.events_delivered)
+        yield GaugeMetricFamily("pimcore_webhook_last_success_time_seconds",
+                                "When a webhook POST last succeeded, seconds since the epoch (0: never).",
+                                value=sender.last_success)
+        yield GaugeMetricFamily("pimcore_webhook_last_failure_time_seconds",
+                                "When a webhook POST last failed, seconds since the epoch (0: never).",
+                                value=sender.last_failure)
+    mod = getattr(server, "moderator", None)
+    if mod is not None:
+        checks = CounterMetricFamily("pimcore_moderation_checks",
+                                     "Moderation webhook calls, by outcome (unavailable: no usable answer, the policy decided).",
+                                     labels=["result"])
+        checks.add_metric(["allow"], mod.allowed)
+        checks.add_metric(["reject"], mod.rejected)
+        checks.add_metric(["unavailable"], mod.unavailable)
+        yield checks
 
 
 def broker_registry(server: "BrokerServer", *, started: Optional[float] = None,

@@ -156,6 +156,9 @@ class ServerConfig:
     #: have no such limit: a write that may have committed cannot be
     #: declared failed.
     read_timeout: float = 10.0
+    #: The pre-send moderation webhook (a :class:`pimcore.webhooks.ModerationConfig`),
+    #: asked after the content filter let a message through; None: none.
+    moderation: Any = None
 
     def __post_init__(self) -> None:
         # No listeners is fine: an embedding host may hand the broker its
@@ -342,6 +345,20 @@ class BrokerServer:
             config.broker, max_outbound=config.max_outbound_bytes,
             outbound_pause=min(config.broker.outbound_pause, config.max_outbound_bytes // 2),
         )
+        # The moderation webhook (pimcore.webhooks), asked by this layer.  The
+        # core emits CheckContent only when a content filter is set: with
+        # moderation alone it gets one that lets everything through, and the
+        # answer comes from _check_content_async.
+        self.moderator: Any = None
+        if config.moderation is not None:
+            from ..webhooks import Moderator
+
+            self.moderator = Moderator(config.moderation)
+            if config.broker.content_filter is None:
+                self._broker_config = replace(self._broker_config, content_filter=_let_through)
+        #: The event webhook sender reading this broker's events, if any
+        #: (set by whoever runs one: pimcore.embed.open_pimcore, pimcore serve).
+        self.webhook_sender: Any = None
         if not isinstance(store, AsyncStore):
             self.broker = Broker(
                 self._broker_config,
@@ -494,6 +511,9 @@ class BrokerServer:
                 # Listeners stopped (shutdown): the peers nursery ends when
                 # every connection has been closed by shutdown().
             nursery.cancel_scope.cancel()
+        if self.moderator is not None:
+            with trio.CancelScope(shield=True):
+                await self.moderator.aclose()
 
     async def shutdown(self, reason: str = "broker shutting down", timeout: float = 5.0) -> None:
         """Stop accepting, let the in-flight batch commit (its acks go out),
@@ -868,7 +888,7 @@ class BrokerServer:
         return exc
 
     def _check_content(self, cmd: CheckContent) -> None:
-        if self._filter_is_async:
+        if self._filter_is_async or self.moderator is not None:
             self._spawn(self._check_content_async, cmd)
             return
         hook = self.config.broker.content_filter
@@ -881,12 +901,13 @@ class BrokerServer:
         self._queue.extend(cmds)
 
     async def _check_content_async(self, cmd: CheckContent) -> None:
-        hook: Any = self.config.broker.content_filter
         cmds: Optional[list[Command]] = None
         try:
-            with trio.move_on_after(self.config.hook_timeout):
-                reason = await hook(cmd.user, cmd.conv, cmd.payload)
-                cmds = self._core(self.broker.content_checked, cmd.request_id, reason)
+            verdict = await self._content_verdict(cmd.user, cmd.device, cmd.conv, cmd.payload, cmd.local_id)
+            if verdict is not None:
+                reason, code = verdict
+                cmds = self._core(functools.partial(self.broker.content_checked, code=code if reason is not None else ErrorCode.REJECTED),
+                                  cmd.request_id, reason)
         except Exception as exc:
             self._hook_failed("the content filter", exc)
             cmds = self._content_unchecked(cmd, "the content filter failed; send again later")
@@ -895,6 +916,50 @@ class BrokerServer:
             self._stats["internal_errors"] += 1
             cmds = self._content_unchecked(cmd, "the content filter did not answer in time; send again later")
         self._run(cmds)
+
+    async def _content_verdict(self, user: str, device: str, conv: str, payload: bytes, local_id: int,
+                               source: str = "client") -> Optional[tuple[Optional[str], ErrorCode]]:
+        """The content filter (plain or async), then -- if it let the
+        message through -- the moderation webhook: (None, OK) lets it
+        through, else (reason, REJECTED or INTERNAL); None if the filter
+        did not answer within hook_timeout.  The moderation call has its
+        own limit (timeout_ms) and policy, whatever hook_timeout is."""
+        hook: Any = self.config.broker.content_filter
+        if hook is not None:
+            reason: Any = None
+            with trio.move_on_after(self.config.hook_timeout) as scope:
+                reason = hook(user, conv, payload)
+                if inspect.isawaitable(reason):
+                    reason = await reason
+            if scope.cancelled_caught:
+                return None
+            if reason is not None:
+                return str(reason), ErrorCode.REJECTED
+        if self.moderator is not None:
+            verdict = await self.moderator.check(conv=conv, sender=user, device=device, local_id=local_id,
+                                                 payload=payload, now=self.now(), source=source)
+            return verdict.reason, verdict.code
+        return None, ErrorCode.OK
+
+    async def check_content(self, user: str, device: str, conv: str, payload: bytes, local_id: int) -> tuple[Optional[str], ErrorCode]:
+        """A host post as a user (:meth:`pimcore.embed.Pimcore.post`) passes
+        the checks a client's send does: the content filter, then the
+        moderation webhook.  Returns (None, OK), or (reason, REJECTED) for a
+        refusal, or (reason, INTERNAL) when no answer came (a filter that
+        failed or took longer than hook_timeout; moderation down under the
+        closed policy)."""
+        if self.config.broker.content_filter is None and self.moderator is None:
+            return None, ErrorCode.OK
+        try:
+            verdict = await self._content_verdict(user, device, conv, payload, local_id, "host")
+            if verdict is not None:
+                return verdict
+        except Exception as exc:
+            self._hook_failed("the content filter", exc)
+            return "the content filter failed; send again later", ErrorCode.INTERNAL
+        log.error("the content filter did not answer within %.1f s", self.config.hook_timeout)
+        self._stats["internal_errors"] += 1
+        return "the content filter did not answer in time; send again later", ErrorCode.INTERNAL
 
     def _content_unchecked(self, cmd: CheckContent, reason: str) -> list[Command]:
         try:
@@ -1134,6 +1199,12 @@ class BrokerServer:
                 await trio.sleep_forever()
             self._timer_scope = None
             self._run(self._core(self.broker.handle_timer))
+
+
+def _let_through(user: str, conv: str, payload: bytes) -> None:
+    """The core's content filter when only the moderation webhook checks
+    content (BrokerServer answers CheckContent itself, never calls this)."""
+    return None
 
 
 @asynccontextmanager
