@@ -67,8 +67,9 @@ def _c_string(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def build(out: Path, *, verbose: bool = False) -> Path:
-    """Build into ``out``; returns the library's path."""
+def build(out: Path, *, verbose: bool = False, sanitize: str = "") -> Path:
+    """Build into ``out``; returns the library's path.  ``sanitize``: e.g.
+    "address" to instrument the library's C code (for the tests)."""
     import cffi
 
     out.mkdir(parents=True, exist_ok=True)
@@ -82,13 +83,14 @@ def build(out: Path, *, verbose: bool = False) -> Path:
     # a symlink to the base interpreter, and the venv is found from its path).
     program = os.path.abspath(sys.executable)
     libdir = sysconfig.get_config_var("LIBDIR") or ""
+    san = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] if sanitize else []
     ffi.set_source(
         "_pimcore_cffi",
         (HERE / "pimcore_abi.c").read_text(),
         include_dirs=[str(HERE)],
         define_macros=[("PIM__BUILD_PYTHON", _c_string(program))],
-        extra_compile_args=["-fvisibility=hidden", "-O2", "-Wall"],
-        extra_link_args=[f"-Wl,-rpath,{libdir}"] if libdir else [],
+        extra_compile_args=["-fvisibility=hidden", "-O2", "-Wall", "-g"] + san,
+        extra_link_args=([f"-Wl,-rpath,{libdir}"] if libdir else []) + san,
         libraries=["pthread"],
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,9 +104,10 @@ def build(out: Path, *, verbose: bool = False) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=HERE / "build", help="output directory (default: bindings/build)")
+    ap.add_argument("--sanitize", default="", help="instrument the C code, e.g. address (tests)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
-    lib = build(args.out.resolve(), verbose=args.verbose)
+    lib = build(args.out.resolve(), verbose=args.verbose, sanitize=args.sanitize)
     print(f"built {lib} and {args.out.resolve() / 'pimcore.h'} (Python {sys.executable})")
 
 

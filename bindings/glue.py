@@ -15,6 +15,10 @@ def _pim_glue_main(ffi, lib):
     import threading
     import traceback
 
+    @ffi.def_extern()
+    def _pim_py_hello():
+        pass
+
     expected = BUILD_PY_VERSION  # noqa: F821 - baked in by build.py
     if "%d.%d" % sys.version_info[:2] != expected:
         raise RuntimeError("libpimcore was built for Python %s, this process runs %d.%d" % ((expected,) + sys.version_info[:2]))
@@ -105,10 +109,6 @@ def _pim_glue_main(ffi, lib):
         if im is None:
             raise ValueError("not a broker of this library (freed?)")
         return im
-
-    @ffi.def_extern()
-    def _pim_py_hello():
-        pass
 
     @entry
     def _pim_py_start(config_json, out_id):

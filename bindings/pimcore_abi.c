@@ -158,8 +158,27 @@ static int pim__ready(void)
     pthread_once(&pim__once, pim__init_python);
     if (pim__python_failed)
         return pim__fail(PIM_ERR_INIT, "%s", pim__init_msg);
-    if (__atomic_load_n(&pim__glue_state, __ATOMIC_ACQUIRE) == 0)
-        _pim_py_hello(); /* the first call runs cffi's init code (the glue), which calls _pim_init_done */
+    if (__atomic_load_n(&pim__glue_state, __ATOMIC_ACQUIRE) == 0) {
+        /* The first call runs cffi's init code (the glue), which calls
+         * _pim_init_done.  cffi (before Python 3.12) guards its start-up with
+         * a spin lock on PyCapsule_Type.tp_version_tag, expecting 0 there;
+         * in an interpreter that already looked up an attribute of a capsule
+         * it is not 0 and cffi spins forever (seen loading the library with
+         * ctypes into a running Python 3.11).  Under the GIL, so no lookup
+         * runs meanwhile, we hand cffi the 0 it expects and put the tag back. */
+        PyGILState_STATE gil = PyGILState_Ensure();
+        if (__atomic_load_n(&pim__glue_state, __ATOMIC_ACQUIRE) == 0) {
+#if PY_VERSION_HEX >= 0x03080000 && PY_VERSION_HEX < 0x030C0000
+            unsigned int tag = PyCapsule_Type.tp_version_tag;
+            PyCapsule_Type.tp_version_tag = 0;
+            _pim_py_hello();
+            PyCapsule_Type.tp_version_tag = tag;
+#else
+            _pim_py_hello();
+#endif
+        }
+        PyGILState_Release(gil);
+    }
     switch (__atomic_load_n(&pim__glue_state, __ATOMIC_ACQUIRE)) {
     case 1: return PIM_OK;
     case -1: return pim__fail(PIM_ERR_INIT, "%s", pim__init_msg);
