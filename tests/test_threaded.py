@@ -196,3 +196,15 @@ def test_a_handler_needs_events_and_a_valid_consumer(tmp_path: Path) -> None:
     with _start(tmp_path / "e", events=True) as im:
         with pytest.raises(RequestRefused):
             im.set_event_handler(lambda ev: True, consumer="no spaces allowed")
+
+
+def test_the_synchronous_example_of_embedding_md_runs(tmp_path: Path, monkeypatch, capsys) -> None:
+    import re
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "EMBEDDING.md").read_text()
+    section = doc.split("## A synchronous host (a thread)", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "EMBEDDING.md", "exec"), {})
+    assert re.fullmatch(r"port \d+ - bob has 1 unread\n", capsys.readouterr().out)
+    assert (tmp_path / "embedded-sync-data" / "store").is_dir()
