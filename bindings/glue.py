@@ -128,12 +128,23 @@ def _pim_glue_main(ffi, lib):
     @entry
     def _pim_py_stop(bid, release):
         im = broker(bid)
-        im.close()
-        if release:
+
+        def forget():
             with registry_lock:
                 brokers.pop(bid, None)
                 for key in [k for k in handlers if k[0] == bid]:
                     del handlers[key]
+
+        try:
+            im.close()
+        except WouldDeadlock:
+            raise  # the handle stays usable: stop or free it from another thread
+        except BaseException:
+            if release:
+                forget()  # the C side frees the handle whatever the error
+            raise
+        if release:
+            forget()
         return OK
 
     @entry

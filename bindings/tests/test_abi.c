@@ -245,6 +245,10 @@ static int run_main(const char *dir, const char *python, const char *test_dir, i
     CHECK_RC(pim_broker_port(b, &port), PIM_OK);
     CHECK(port > 0, "bound port %d (asked for port 0)", port);
     CHECK_RC(pim_broker_port(b, NULL), PIM_ERR_INVALID);
+    char busy[4096];
+    snprintf(busy, sizeof busy, "{\"data_dir\": \"%s-busy\", \"listen\": [\"tcp://127.0.0.1:%d\"]}", dir, port);
+    CHECK_RC(pim_broker_start(busy, &twice), PIM_ERR_IO);
+    CHECK(twice == NULL && *pim_last_error(), "a port in use: %s", pim_last_error());
 
     /* Groups and argument errors. */
     const char *members[] = {"alice", "bob"};
