@@ -325,6 +325,7 @@ class ThreadedPimcore:
         name."""
         if getattr(_tls, "dispatching", None) is self:
             raise WouldDeadlock("set_event_handler() from an event handler would wait for itself")
+        self._check()
         handle = self.handle
         assert handle is not None
         if handler is not None and not handle.settings.server.get("events", False):

@@ -87,7 +87,8 @@ def test_calls_after_close_raise_and_close_is_idempotent(tmp_path: Path) -> None
     im.close()
     assert im.closed
     for call in (lambda: im.post("team", b"x"), lambda: im.unread("alice", "team"), lambda: im.kick("alice"),
-                 lambda: im.issue_token("alice"), lambda: im.create_group("g", ["a"])):
+                 lambda: im.issue_token("alice"), lambda: im.create_group("g", ["a"]),
+                 lambda: im.set_event_handler(lambda ev: True), lambda: im.port()):
         with pytest.raises(BrokerStopped):
             call()
 
