@@ -485,24 +485,32 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    return _check_doc(doc, str(path))
+
+
+def _check_doc(doc: dict[str, Any], where: str) -> dict[str, Any]:
+    """``doc`` (a configuration file's tables, or the same shape from JSON)
+    with its keys checked; ``where`` names it in errors."""
     unknown = set(doc) - _TOP_KEYS
     if unknown:
-        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
     if isinstance(doc.get("http"), str):
         doc["http"] = {"listen": doc["http"]}  # http = "URL" is short for [http] listen
     for section, allowed in _SECTIONS.items():
         value = doc.get(section, {})
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: {section}: expected a table [{section}], got {_show(value)}")
+            raise ConfigError(f"{where}: {section}: expected a table [{section}], got {_show(value)}")
         bad = set(value) - set(allowed)
         if bad:
-            raise ConfigError(f"{path}: unknown keys in [{section}]: {sorted(bad)}")
+            raise ConfigError(f"{where}: unknown keys in [{section}]: {sorted(bad)}")
     return doc
 
 
 def _layer_from_file(path: Path) -> dict[tuple[Optional[str], str], Any]:
-    doc = _read_toml(path)
-    here = path.parent
+    return _layer_from_doc(_read_toml(path), path.parent, str(path))
+
+
+def _layer_from_doc(doc: dict[str, Any], here: Path, where: str) -> dict[tuple[Optional[str], str], Any]:
     layer: dict[tuple[Optional[str], str], Any] = {}
     for (section, key), typ in SCHEMA.items():
         table = doc.get(section, {}) if section else doc
@@ -512,7 +520,7 @@ def _layer_from_file(path: Path) -> dict[tuple[Optional[str], str], Any]:
         try:
             value = _check(name, typ, table[key])
         except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+            raise ConfigError(f"{where}: {exc}") from None
         if typ == "path":
             value = Path(value) if os.path.isabs(value) else here / value
         layer[(section, key)] = value
@@ -565,9 +573,17 @@ def _layer_from_flags(flags: Mapping[str, Any]) -> dict[tuple[Optional[str], str
     return layer
 
 
-def load_settings(config_file: Optional[str] = None, *, env: Optional[Mapping[str, str]] = None, **flags: Any) -> ServeSettings:
+def load_settings(
+    config_file: Optional[str] = None,
+    *,
+    env: Optional[Mapping[str, str]] = None,
+    document: Optional[Mapping[str, Any]] = None,
+    **flags: Any,
+) -> ServeSettings:
     """Settings from the defaults, then ``config_file`` (or
-    ``$PIMCORE_CONFIG``; paths in it are relative to the file), then the
+    ``$PIMCORE_CONFIG``; paths in it are relative to the file), then
+    ``document`` (the file's tables as a mapping, e.g. parsed JSON; paths
+    relative to the working directory), then the
     environment (``env``, default ``os.environ``; see the module docstring
     for the names), then the flags that are not None.  ConfigError (naming
     the key) for anything that cannot be used."""
@@ -579,6 +595,10 @@ def load_settings(config_file: Optional[str] = None, *, env: Optional[Mapping[st
         path = Path(config_file)
         merged.update(_layer_from_file(path))
         config_dir = path.parent
+    if document is not None:
+        if not isinstance(document, Mapping):
+            raise ConfigError(f"settings: expected an object, got {_show(document)}")
+        merged.update(_layer_from_doc(_check_doc(dict(document), "settings"), Path("."), "settings"))
     merged.update(_layer_from_env(env))
     flag_layer = _layer_from_flags(flags)
     if (None, "secret_file") in flag_layer and (None, "secret") not in flag_layer:

@@ -1,0 +1,218 @@
+/*
+ * pimcore.h -- the C ABI of pimcore: embed the instant-messaging broker in a
+ * C, C++, Go, Rust, ... process.  Link with -lpimcore (libpimcore.so, built
+ * by `make -C bindings`; see bindings/README.md).
+ *
+ * THREADING
+ *   - Every function may be called from any thread, concurrently, except
+ *     where noted.  The library starts its embedded Python interpreter once
+ *     per process, on the first call that needs it (100-150 ms), and never
+ *     finalizes it.
+ *   - Each broker runs its event loop in a thread of its own.  A blocking
+ *     call (pim_post, pim_group_*, pim_revoke, pim_unread_count, ...) hands
+ *     the work to that thread and waits: they are safe from many threads at
+ *     once, and cost a thread hop (tens of microseconds) plus the commit.
+ *   - Event callbacks run on a library thread, one call at a time per
+ *     callback, in event-id order.  From there you may call the library
+ *     again (pim_post, ...), except pim_broker_stop, pim_broker_free and
+ *     pim_set_event_callback for that broker: they would wait for the
+ *     callback itself and fail with PIM_ERR_WOULD_DEADLOCK.  With
+ *     PIM_EVENTS_ON_LOOP_THREAD the callback runs on the broker's loop
+ *     thread (cheaper, but it must not block): every blocking call from it
+ *     fails with PIM_ERR_WOULD_DEADLOCK instead of hanging.
+ *   - Data handed to a callback (strings, payloads, the pim_event) is valid
+ *     only during the call: copy what you keep.
+ *   - pim_last_error() is per thread: read it on the thread that got the
+ *     error, before the next call.
+ *
+ * CONVENTIONS
+ *   - Every function returns an int status: PIM_OK (0) or a PIM_ERR_* code
+ *     (stable: codes are never renumbered).  pim_strerror(rc) names a code;
+ *     pim_last_error() says what went wrong in the last failed call.
+ *   - Strings are NUL-terminated UTF-8; payloads are a pointer and a length.
+ *   - Options are one JSON object with the keys of pimcore's configuration
+ *     file (docs/OPERATIONS.md), e.g.
+ *       {"data_dir": "chat-data", "durability": "sync",
+ *        "listen": ["tcp://127.0.0.1:7400"], "server": {"events": true}}
+ *     An embedded broker listens nowhere unless "listen" says so.
+ *     PIMCORE_* environment variables override it, as for the file.
+ */
+#ifndef PIMCORE_H
+#define PIMCORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define PIM_VERSION_MAJOR 0
+#define PIM_VERSION_MINOR 1
+#define PIM_VERSION_PATCH 0
+/* The version this header describes; pim_broker_start passes it and the
+ * library refuses (PIM_ERR_VERSION) a header newer than itself or of
+ * another major version. */
+#define PIM_VERSION_NUMBER (PIM_VERSION_MAJOR * 10000 + PIM_VERSION_MINOR * 100 + PIM_VERSION_PATCH)
+
+#if defined(PIM_BUILDING)
+#  define PIM_EXPORT __attribute__((visibility("default")))
+#else
+#  define PIM_EXPORT
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Status codes (stable). */
+enum pim_status {
+    PIM_OK = 0,
+    PIM_ERR_INVALID = 1,              /* a NULL or bad argument (an invalid id, a bad flag) */
+    PIM_ERR_CONFIG = 2,               /* the options are not valid JSON or not usable settings */
+    PIM_ERR_INIT = 3,                 /* the embedded Python or pimcore did not start in this process */
+    PIM_ERR_VERSION = 4,              /* pimcore.h is newer than the library, or of another major version */
+    PIM_ERR_STOPPED = 5,              /* the broker was stopped */
+    PIM_ERR_ALREADY_RUNNING = 6,      /* a broker of this process already runs on that data directory */
+    PIM_ERR_WOULD_DEADLOCK = 7,       /* called from a callback the call would have to wait for */
+    PIM_ERR_UNKNOWN_CONVERSATION = 8, /* no such conversation */
+    PIM_ERR_NOT_MEMBER = 9,           /* the sender is not a member of the conversation */
+    PIM_ERR_ALREADY_EXISTS = 10,      /* the group exists */
+    PIM_ERR_DUPLICATE_CONFLICT = 11,  /* an idempotency key reused for another message */
+    PIM_ERR_PAYLOAD_TOO_LARGE = 12,   /* over limits.max_payload */
+    PIM_ERR_REFUSED = 13,             /* another refusal of the broker (pim_last_error says which) */
+    PIM_ERR_STORE = 14,               /* the store failed, or cannot be opened */
+    PIM_ERR_IO = 15,                  /* an operating-system error (a listener cannot bind, ...) */
+    PIM_ERR_NOT_FOUND = 16,           /* no such listener */
+    PIM_ERR_NOMEM = 17,               /* out of memory */
+    PIM_ERR_INTERNAL = 18             /* a bug: please report pim_last_error() */
+};
+
+/* An embedded broker (opaque). */
+typedef struct pim_broker pim_broker;
+
+/* The library's version ("0.1.0"); each pointer may be NULL. */
+PIM_EXPORT const char *pim_version(int *major, int *minor, int *patch);
+/* A static description of a status code (never NULL). */
+PIM_EXPORT const char *pim_strerror(int rc);
+/* What went wrong in this thread's last failed call ("" if nothing). */
+PIM_EXPORT const char *pim_last_error(void);
+
+/* Start a broker with the options config_json (see CONVENTIONS) and return
+ * it in *out once it is up (listening, if it listens).  Errors:
+ * PIM_ERR_INVALID (NULL), PIM_ERR_CONFIG, PIM_ERR_ALREADY_RUNNING,
+ * PIM_ERR_STORE, PIM_ERR_IO, PIM_ERR_INIT, PIM_ERR_VERSION. */
+PIM_EXPORT int pim_broker_start_(const char *config_json, pim_broker **out, int header_version);
+#define pim_broker_start(config_json, out) pim_broker_start_((config_json), (out), PIM_VERSION_NUMBER)
+
+/* Stop the broker gracefully: clients get Close(SHUTDOWN), everything is
+ * flushed and the store closed (what pim_post acknowledged is durable; this
+ * does not rely on process exit).  The handle stays valid: later calls fail
+ * with PIM_ERR_STOPPED; stopping again is PIM_OK.  Then pim_broker_free. */
+PIM_EXPORT int pim_broker_stop(pim_broker *b);
+/* Stop (if needed) and release the handle.  NULL is a no-op. */
+PIM_EXPORT int pim_broker_free(pim_broker *b);
+/* The bound TCP port of the first tcp:// listener (the one the OS chose
+ * for port 0).  PIM_ERR_NOT_FOUND without one. */
+PIM_EXPORT int pim_broker_port(pim_broker *b, int *out_port);
+
+/* Store payload in conv and deliver it like a client's message; returns
+ * once it is durable, with its id and seq (either out pointer may be NULL).
+ * sender/device: a member and one of its device ids, or both NULL for the
+ * system (allowed in every conversation).  idempotency_key (NULL: none, at
+ * most 256 bytes): posts with the same sender, device and key are one
+ * message, and a retry gets the original's id and seq. */
+PIM_EXPORT int pim_post(pim_broker *b, const char *conv, const char *sender, const char *device,
+                        const void *payload, size_t len, const char *idempotency_key,
+                        uint8_t out_msg_id[16], uint64_t *out_seq);
+
+/* One post of pim_post_batch: the inputs as pim_post's, then the outputs. */
+typedef struct pim_post_item {
+    const char *conv;
+    const char *sender;          /* NULL with device NULL: the system */
+    const char *device;
+    const void *payload;
+    size_t len;
+    const char *idempotency_key; /* NULL: none */
+    int status;                  /* out: PIM_OK or this post's error */
+    uint64_t seq;                /* out */
+    uint8_t msg_id[16];          /* out */
+} pim_post_item;
+/* n posts at once, committed together where the broker can.  Returns PIM_OK
+ * when every post was stored, else the first failed item's status (each
+ * item's own is in its status field). */
+PIM_EXPORT int pim_post_batch(pim_broker *b, pim_post_item *items, size_t n);
+
+/* Group administration, ordered with the messages around it.  members: n
+ * user ids.  Errors: PIM_ERR_ALREADY_EXISTS (create),
+ * PIM_ERR_UNKNOWN_CONVERSATION (add, remove), PIM_ERR_INVALID. */
+PIM_EXPORT int pim_group_create(pim_broker *b, const char *conv, const char *const *members, size_t n);
+PIM_EXPORT int pim_group_add_members(pim_broker *b, const char *conv, const char *const *users, size_t n);
+PIM_EXPORT int pim_group_remove_members(pim_broker *b, const char *conv, const char *const *users, size_t n);
+
+/* End user's sessions now (only device's if not NULL) with Close(KICKED);
+ * reason may be NULL.  Not durable: see pim_revoke. */
+PIM_EXPORT int pim_kick(pim_broker *b, const char *user, const char *device, const char *reason);
+/* Refuse user's tokens (only device's if not NULL) issued before
+ * before_us (µs since the Unix epoch; 0: now), durably, and end the live
+ * sessions using one.  *out_before (may be NULL): the time in force. */
+PIM_EXPORT int pim_revoke(pim_broker *b, const char *user, const char *device, int64_t before_us,
+                          int64_t *out_before);
+/* A login token for user (bound to device if not NULL), valid ttl_seconds,
+ * in *out_token: free it with pim_free. */
+PIM_EXPORT int pim_token_issue(pim_broker *b, const char *user, const char *device, int64_t ttl_seconds,
+                               char **out_token);
+/* The exact number of messages from others in conv after user's read
+ * marker (0 for a conversation the user is not in). */
+PIM_EXPORT int pim_unread_count(pim_broker *b, const char *user, const char *conv, uint64_t *out_count);
+
+/* One host event (docs/EMBEDDING.md, Events).  Fields a type does not use
+ * are 0, NULL or empty.  Valid only during the callback. */
+typedef struct pim_event {
+    uint64_t id;                  /* gap-free, ascending: the cursor to ack */
+    const char *type;             /* "message", "read", "online", "offline", "kicked" */
+    int64_t time;                 /* µs since the Unix epoch */
+    const char *conv;
+    uint64_t seq;
+    uint8_t msg_id[16];
+    const char *sender;           /* "" for the system */
+    const char *device;
+    int kind;                     /* message: 0 a message, 1 JOINED, 2 LEFT */
+    int64_t server_time;          /* µs */
+    const void *payload;
+    size_t payload_len;
+    const char *const *recipients;          /* every user it was fanned out to */
+    size_t n_recipients;
+    const char *const *offline_recipients;  /* those with no device online: push */
+    size_t n_offline_recipients;
+    const char *user;             /* read, online, offline, kicked */
+    uint64_t unread;              /* read */
+    const char *code;             /* offline: the close code's name, NULL if the connection was lost */
+    const char *reason;
+} pim_event;
+
+/* Return PIM_EVENT_ACK to acknowledge the event (and every earlier one:
+ * acks are cumulative, made durable after each batch of events), or
+ * PIM_EVENT_KEEP to leave it to pim_ack_events. */
+#define PIM_EVENT_ACK 0
+#define PIM_EVENT_KEEP 1
+typedef int (*pim_event_cb)(const pim_event *event, void *userdata);
+
+/* Run the callback on the broker's loop thread (see THREADING). */
+#define PIM_EVENTS_ON_LOOP_THREAD 1u
+
+/* Hand consumer's durable host events (consumer NULL: "default") to cb,
+ * starting after the consumer's acknowledged cursor: what was not
+ * acknowledged is delivered again after a restart (at least once).  cb
+ * NULL removes the callback (waiting for a running call to return).
+ * The broker needs "server": {"events": true} (else PIM_ERR_INVALID). */
+PIM_EXPORT int pim_set_event_callback(pim_broker *b, const char *consumer, pim_event_cb cb, void *userdata,
+                                      unsigned flags);
+/* consumer has handled every event up to id upto: its durable cursor moves
+ * there (never back), durable when this returns.  *out_cursor may be NULL. */
+PIM_EXPORT int pim_ack_events(pim_broker *b, const char *consumer, uint64_t upto, uint64_t *out_cursor);
+
+/* Free memory the library returned (pim_token_issue).  NULL is a no-op. */
+PIM_EXPORT void pim_free(void *p);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PIMCORE_H */

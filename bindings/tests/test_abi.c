@@ -1,0 +1,476 @@
+/*
+ * The C test of libpimcore, built with gcc against pimcore.h and the library
+ * (tests/test_cabi.py, .ci/run).  Prints one line per check ("ok" / "FAIL")
+ * and exits 0 only if every check passed.
+ *
+ *   test_abi main DATA_DIR PYTHON [POSTS_PER_THREAD]
+ *       everything: errors, a Python SDK client (PYTHON sdk_receiver.py)
+ *       receiving what C posts, 4 threads posting, the event callback,
+ *       stop and restart on DATA_DIR
+ *   test_abi init-fails
+ *       Python cannot start (the caller sets PIMCORE_PYTHON or PYTHONHOME
+ *       wrong): every call says PIM_ERR_INIT, never PIM_OK
+ */
+#include "pimcore.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static int failures, checks;
+
+#define CHECK(cond, ...)                                                     \
+    do {                                                                     \
+        checks++;                                                            \
+        if (cond) {                                                          \
+            printf("ok   ");                                                 \
+        } else {                                                             \
+            failures++;                                                      \
+            printf("FAIL [%s:%d] ", __FILE__, __LINE__);                     \
+        }                                                                    \
+        printf(__VA_ARGS__);                                                 \
+        printf("\n");                                                        \
+        fflush(stdout);                                                      \
+    } while (0)
+
+#define CHECK_RC(call, want)                                                 \
+    do {                                                                     \
+        int rc_ = (call);                                                    \
+        CHECK(rc_ == (want), "%s -> %s (want %s) %s", #call, pim_strerror(rc_), \
+              pim_strerror(want), rc_ == (want) ? "" : pim_last_error());    \
+    } while (0)
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static char config[4096];
+static const char *data_dir;
+
+/* ------------------------------------------------------------ events */
+
+#define MAX_POSTS 100000
+typedef struct {
+    pthread_mutex_t mu;
+    unsigned char seen[MAX_POSTS + 1]; /* by seq, conv "load" */
+    long messages, duplicates, other_conv;
+    uint64_t first_id, last_id;
+    int keep;                          /* return PIM_EVENT_KEEP */
+} event_log;
+
+static event_log main_log, keeper_log;
+
+static int on_event(const pim_event *ev, void *userdata)
+{
+    event_log *log = (event_log *)userdata;
+    pthread_mutex_lock(&log->mu);
+    if (!log->first_id)
+        log->first_id = ev->id;
+    log->last_id = ev->id;
+    if (strcmp(ev->type, "message") == 0 && ev->kind == 0) {
+        if (strcmp(ev->conv, "load") == 0 && ev->seq <= MAX_POSTS) {
+            if (log->seen[ev->seq])
+                log->duplicates++;
+            log->seen[ev->seq] = 1;
+            log->messages++;
+        } else {
+            log->other_conv++;
+        }
+    }
+    pthread_mutex_unlock(&log->mu);
+    return log->keep ? PIM_EVENT_KEEP : PIM_EVENT_ACK;
+}
+
+static long log_messages(event_log *log)
+{
+    pthread_mutex_lock(&log->mu);
+    long n = log->messages;
+    pthread_mutex_unlock(&log->mu);
+    return n;
+}
+
+static int wait_messages(event_log *log, long n, double timeout)
+{
+    double end = now_s() + timeout;
+    while (log_messages(log) < n && now_s() < end)
+        usleep(2000);
+    return log_messages(log) >= n;
+}
+
+/* Callbacks that call back into the library. */
+typedef struct {
+    pim_broker *b;
+    int post_rc, unread_rc, stop_rc, set_cb_rc, free_rc, done;
+} reentry;
+
+static int on_loop_reenters(const pim_event *ev, void *userdata)
+{
+    reentry *r = (reentry *)userdata;
+    if (strcmp(ev->type, "message") == 0 && ev->kind == 0 && strcmp(ev->conv, "team") == 0 && !r->done) {
+        uint64_t n;
+        r->post_rc = pim_post(r->b, "team", NULL, NULL, "x", 1, NULL, NULL, NULL);
+        r->unread_rc = pim_unread_count(r->b, "bob", "team", &n);
+        __atomic_store_n(&r->done, 1, __ATOMIC_RELEASE);
+    }
+    return PIM_EVENT_ACK;
+}
+
+static int on_thread_reenters(const pim_event *ev, void *userdata)
+{
+    reentry *r = (reentry *)userdata;
+    if (strcmp(ev->type, "message") == 0 && ev->kind == 0 && strcmp(ev->conv, "team") == 0 && !r->done) {
+        r->post_rc = pim_post(r->b, "team", NULL, NULL, "from the callback", 17, "cb-post", NULL, NULL);
+        r->stop_rc = pim_broker_stop(r->b);
+        r->set_cb_rc = pim_set_event_callback(r->b, "reenter", NULL, NULL, 0);
+        r->free_rc = pim_broker_free(r->b);
+        __atomic_store_n(&r->done, 1, __ATOMIC_RELEASE);
+    }
+    return PIM_EVENT_ACK;
+}
+
+static int wait_flag(int *flag, double timeout)
+{
+    double end = now_s() + timeout;
+    while (!__atomic_load_n(flag, __ATOMIC_ACQUIRE) && now_s() < end)
+        usleep(2000);
+    return __atomic_load_n(flag, __ATOMIC_ACQUIRE);
+}
+
+/* ------------------------------------------------------------ posting threads */
+
+typedef struct {
+    pim_broker *b;
+    int index, count, errors;
+    uint64_t *seqs;
+} poster;
+
+static void *post_many(void *arg)
+{
+    poster *p = (poster *)arg;
+    char payload[64], key[64];
+    for (int i = 0; i < p->count; i++) {
+        int n = snprintf(payload, sizeof payload, "t%d-%d", p->index, i);
+        snprintf(key, sizeof key, "k%d-%d", p->index, i);
+        if (pim_post(p->b, "load", NULL, NULL, payload, (size_t)n, key, NULL, &p->seqs[i]) != PIM_OK)
+            p->errors++;
+    }
+    return NULL;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* ------------------------------------------------------------ the SDK client */
+
+static void sdk_client_receives(pim_broker *b, const char *python, const char *test_dir, int port)
+{
+    char *token = NULL;
+    CHECK_RC(pim_token_issue(b, "bob", NULL, 600, &token), PIM_OK);
+    CHECK(token && strlen(token) > 20, "a token for bob");
+    char cmd[8192];
+    snprintf(cmd, sizeof cmd, "'%s' '%s/sdk_receiver.py' tcp://127.0.0.1:%d '%s' phone sdk 5", python, test_dir, port,
+             token ? token : "");
+    pim_free(token);
+    FILE *child = popen(cmd, "r");
+    CHECK(child != NULL, "the SDK client started");
+    if (!child)
+        return;
+    char line[256];
+    int ready = fgets(line, sizeof line, child) && strcmp(line, "ready\n") == 0;
+    CHECK(ready, "the SDK client logged in as bob");
+    for (int i = 0; i < 5; i++) {
+        char payload[32];
+        int n = snprintf(payload, sizeof payload, "c-to-sdk-%d", i);
+        CHECK_RC(pim_post(b, "sdk", "alice", "c-app", payload, (size_t)n, NULL, NULL, NULL), PIM_OK);
+    }
+    int got = 0;
+    for (int i = 0; i < 5 && fgets(line, sizeof line, child); i++) {
+        char want[64];
+        snprintf(want, sizeof want, "%d c-to-sdk-%d\n", i + 1, i);
+        got += strcmp(line, want) == 0;
+    }
+    CHECK(got == 5, "the SDK client received the 5 messages C posted, in order (%d)", got);
+    CHECK(pclose(child) == 0, "the SDK client exited cleanly");
+}
+
+/* ------------------------------------------------------------ the main run */
+
+static int run_main(const char *dir, const char *python, const char *test_dir, int per_thread)
+{
+    data_dir = dir;
+    int major = -1, minor = -1, patch = -1;
+    const char *v = pim_version(&major, &minor, &patch);
+    CHECK(major == PIM_VERSION_MAJOR && minor == PIM_VERSION_MINOR && patch == PIM_VERSION_PATCH && v && *v,
+          "pim_version %s matches the header", v);
+    CHECK(pim_version(NULL, NULL, NULL) != NULL, "pim_version takes NULL pointers");
+    CHECK(strcmp(pim_strerror(PIM_OK), "success") == 0 && strcmp(pim_strerror(9999), "unknown status code") == 0,
+          "pim_strerror");
+
+    pim_broker *b = NULL;
+    snprintf(config, sizeof config,
+             "{\"data_dir\": \"%s\", \"durability\": \"os\", \"listen\": [\"tcp://127.0.0.1:0\"],"
+             " \"server\": {\"events\": true}}", dir);
+
+    /* Start-up errors. */
+    CHECK_RC(pim_broker_start(NULL, &b), PIM_ERR_INVALID);
+    CHECK_RC(pim_broker_start(config, NULL), PIM_ERR_INVALID);
+    CHECK_RC(pim_broker_start("{not json", &b), PIM_ERR_CONFIG);
+    CHECK(strstr(pim_last_error(), "JSON") != NULL, "bad JSON is named: %s", pim_last_error());
+    CHECK_RC(pim_broker_start("[1, 2]", &b), PIM_ERR_CONFIG);
+    CHECK_RC(pim_broker_start("{\"durability\": \"sometimes\"}", &b), PIM_ERR_CONFIG);
+    CHECK_RC(pim_broker_start("{\"nonsense\": 1}", &b), PIM_ERR_CONFIG);
+    CHECK_RC(pim_broker_start("{\"limits\": {\"window\": \"big\"}}", &b), PIM_ERR_CONFIG);
+    CHECK_RC(pim_broker_start_(config, &b, PIM_VERSION_NUMBER + 10000), PIM_ERR_VERSION);
+    CHECK_RC(pim_broker_start_(config, &b, PIM_VERSION_NUMBER + 1), PIM_ERR_VERSION);
+    CHECK(b == NULL, "no handle after a failed start");
+
+    double t0 = now_s();
+    CHECK_RC(pim_broker_start(config, &b), PIM_OK);
+    printf("#    start took %.0f ms\n", (now_s() - t0) * 1e3);
+    if (!b)
+        return 1;
+    pim_broker *twice = NULL;
+    CHECK_RC(pim_broker_start(config, &twice), PIM_ERR_ALREADY_RUNNING);
+    CHECK(twice == NULL, "start twice on one data directory leaves no handle");
+    int port = 0;
+    CHECK_RC(pim_broker_port(b, &port), PIM_OK);
+    CHECK(port > 0, "bound port %d (asked for port 0)", port);
+    CHECK_RC(pim_broker_port(b, NULL), PIM_ERR_INVALID);
+    char busy[4096];
+    snprintf(busy, sizeof busy, "{\"data_dir\": \"%s-busy\", \"listen\": [\"tcp://127.0.0.1:%d\"]}", dir, port);
+    CHECK_RC(pim_broker_start(busy, &twice), PIM_ERR_IO);
+    CHECK(twice == NULL && *pim_last_error(), "a port in use: %s", pim_last_error());
+
+    /* Groups and argument errors. */
+    const char *members[] = {"alice", "bob"};
+    const char *with_null[] = {"alice", NULL};
+    const char *bad_id[] = {"has space"};
+    CHECK_RC(pim_group_create(b, "team", members, 2), PIM_OK);
+    CHECK_RC(pim_group_create(b, "sdk", members, 2), PIM_OK);
+    CHECK_RC(pim_group_create(b, "load", members, 2), PIM_OK);
+    CHECK_RC(pim_group_create(b, "team", members, 2), PIM_ERR_ALREADY_EXISTS);
+    CHECK_RC(pim_group_create(b, "g2", with_null, 2), PIM_ERR_INVALID);
+    CHECK_RC(pim_group_create(b, "g2", NULL, 2), PIM_ERR_INVALID);
+    CHECK_RC(pim_group_create(b, NULL, members, 2), PIM_ERR_INVALID);
+    CHECK_RC(pim_group_create(NULL, "g2", members, 2), PIM_ERR_INVALID);
+    CHECK_RC(pim_group_create(b, "g2", bad_id, 1), PIM_ERR_INVALID);
+    CHECK_RC(pim_group_add_members(b, "nope", members, 2), PIM_ERR_UNKNOWN_CONVERSATION);
+    CHECK_RC(pim_group_remove_members(b, "nope", members, 2), PIM_ERR_UNKNOWN_CONVERSATION);
+    const char *carol[] = {"carol"};
+    CHECK_RC(pim_group_add_members(b, "team", carol, 1), PIM_OK);
+    CHECK_RC(pim_group_remove_members(b, "team", carol, 1), PIM_OK);
+
+    uint8_t id1[16], id2[16];
+    uint64_t seq1 = 0, seq2 = 0, n = 0;
+    CHECK_RC(pim_post(b, "team", NULL, NULL, "hello", 5, "once", id1, &seq1), PIM_OK);
+    CHECK_RC(pim_post(b, "team", NULL, NULL, "hello", 5, "once", id2, &seq2), PIM_OK);
+    CHECK(seq1 > 0 && seq2 == seq1 && memcmp(id1, id2, 16) == 0, "an idempotency key makes a retry the same message (seq %llu, %llu)",
+          (unsigned long long)seq1, (unsigned long long)seq2);
+    CHECK_RC(pim_post(b, "team", NULL, NULL, "other", 5, "once", NULL, NULL), PIM_ERR_DUPLICATE_CONFLICT);
+    CHECK_RC(pim_post(b, "team", "alice", "c-app", "hi", 2, NULL, NULL, NULL), PIM_OK);
+    CHECK_RC(pim_post(b, "nope", NULL, NULL, "x", 1, NULL, NULL, NULL), PIM_ERR_UNKNOWN_CONVERSATION);
+    CHECK(strstr(pim_last_error(), "nope") != NULL, "pim_last_error names the conversation: %s", pim_last_error());
+    CHECK_RC(pim_post(b, "team", "mallory", "web", "x", 1, NULL, NULL, NULL), PIM_ERR_NOT_MEMBER);
+    CHECK_RC(pim_post(b, NULL, NULL, NULL, "x", 1, NULL, NULL, NULL), PIM_ERR_INVALID);
+    CHECK_RC(pim_post(NULL, "team", NULL, NULL, "x", 1, NULL, NULL, NULL), PIM_ERR_INVALID);
+    CHECK_RC(pim_post(b, "team", NULL, NULL, NULL, 3, NULL, NULL, NULL), PIM_ERR_INVALID);
+    CHECK_RC(pim_post(b, "team", "alice", NULL, "x", 1, NULL, NULL, NULL), PIM_ERR_INVALID);
+    CHECK_RC(pim_post(b, "te\xff\xfe", NULL, NULL, "x", 1, NULL, NULL, NULL), PIM_ERR_INVALID);
+    CHECK_RC(pim_post(b, "team", NULL, NULL, NULL, 0, NULL, NULL, NULL), PIM_OK); /* an empty payload */
+    size_t big_len = 70000;
+    char *big = (char *)calloc(1, big_len);
+    CHECK_RC(pim_post(b, "team", NULL, NULL, big, big_len, NULL, NULL, NULL), PIM_ERR_PAYLOAD_TOO_LARGE);
+    free(big);
+    CHECK_RC(pim_unread_count(b, "bob", "team", &n), PIM_OK);
+    CHECK(n == 3, "bob has 3 unread in team (%llu)", (unsigned long long)n);
+    CHECK_RC(pim_unread_count(b, "bob", "team", NULL), PIM_ERR_INVALID);
+    CHECK_RC(pim_unread_count(b, NULL, "team", &n), PIM_ERR_INVALID);
+
+    pim_post_item items[3];
+    memset(items, 0, sizeof items);
+    items[0].conv = "team"; items[0].payload = "b0"; items[0].len = 2;
+    items[1].conv = "nope"; items[1].payload = "b1"; items[1].len = 2;
+    items[2].conv = "team"; items[2].sender = "bob"; items[2].device = "c"; items[2].payload = "b2"; items[2].len = 2;
+    CHECK_RC(pim_post_batch(b, items, 3), PIM_ERR_UNKNOWN_CONVERSATION);
+    CHECK(items[0].status == PIM_OK && items[1].status == PIM_ERR_UNKNOWN_CONVERSATION && items[2].status == PIM_OK
+              && items[0].seq && items[2].seq && items[0].seq != items[2].seq,
+          "pim_post_batch reports each item (seq %llu, %llu)", (unsigned long long)items[0].seq,
+          (unsigned long long)items[2].seq);
+    CHECK_RC(pim_post_batch(b, items, 0), PIM_OK);
+    CHECK_RC(pim_post_batch(b, NULL, 2), PIM_ERR_INVALID);
+
+    char *token = NULL;
+    CHECK_RC(pim_token_issue(b, "alice", "phone", 0, &token), PIM_ERR_INVALID);
+    CHECK_RC(pim_token_issue(b, "alice", "phone", 60, NULL), PIM_ERR_INVALID);
+    CHECK_RC(pim_token_issue(b, "has space", NULL, 60, &token), PIM_ERR_INVALID);
+    CHECK_RC(pim_kick(b, "alice", NULL, "review"), PIM_OK);
+    CHECK_RC(pim_kick(b, NULL, NULL, NULL), PIM_ERR_INVALID);
+    int64_t before = 0;
+    CHECK_RC(pim_revoke(b, "mallory", NULL, 0, &before), PIM_OK);
+    CHECK(before > 1600000000000000LL, "pim_revoke returns the time in force (%lld µs)", (long long)before);
+    CHECK_RC(pim_revoke(b, "mallory", NULL, -1, NULL), PIM_ERR_INVALID);
+
+    /* A Python SDK client logged in as the recipient receives what C posts. */
+    sdk_client_receives(b, python, test_dir, port);
+
+    /* Callbacks calling back into the library. */
+    CHECK_RC(pim_set_event_callback(b, NULL, on_event, &main_log, 42), PIM_ERR_INVALID);
+    CHECK_RC(pim_set_event_callback(b, "no spaces allowed", on_event, &main_log, 0), PIM_ERR_INVALID);
+    reentry on_loop = {b, -1, -1, -1, -1, -1, 0};
+    CHECK_RC(pim_set_event_callback(b, "reenter", on_loop_reenters, &on_loop, PIM_EVENTS_ON_LOOP_THREAD), PIM_OK);
+    CHECK(wait_flag(&on_loop.done, 20), "the loop-thread callback ran");
+    CHECK(on_loop.post_rc == PIM_ERR_WOULD_DEADLOCK && on_loop.unread_rc == PIM_ERR_WOULD_DEADLOCK,
+          "blocking calls from the loop thread: %s, %s", pim_strerror(on_loop.post_rc), pim_strerror(on_loop.unread_rc));
+    reentry on_thread = {b, -1, -1, -1, -1, -1, 0};
+    CHECK_RC(pim_set_event_callback(b, "reenter", on_thread_reenters, &on_thread, 0), PIM_OK);
+    CHECK_RC(pim_post(b, "team", NULL, NULL, "wake the callback", 17, NULL, NULL, NULL), PIM_OK);
+    CHECK(wait_flag(&on_thread.done, 20), "the dispatcher-thread callback ran");
+    CHECK(on_thread.post_rc == PIM_OK, "pim_post from a callback thread works (%s)", pim_strerror(on_thread.post_rc));
+    CHECK(on_thread.stop_rc == PIM_ERR_WOULD_DEADLOCK && on_thread.set_cb_rc == PIM_ERR_WOULD_DEADLOCK
+              && on_thread.free_rc == PIM_ERR_WOULD_DEADLOCK,
+          "stop/set_event_callback/free from the callback: %s, %s, %s", pim_strerror(on_thread.stop_rc),
+          pim_strerror(on_thread.set_cb_rc), pim_strerror(on_thread.free_rc));
+    CHECK_RC(pim_set_event_callback(b, "reenter", NULL, NULL, 0), PIM_OK);
+
+    /* 4 threads post concurrently; the event callbacks see every message. */
+    pthread_mutex_init(&main_log.mu, NULL);
+    pthread_mutex_init(&keeper_log.mu, NULL);
+    keeper_log.keep = 1;
+    CHECK_RC(pim_set_event_callback(b, NULL, on_event, &main_log, 0), PIM_OK);
+    CHECK_RC(pim_set_event_callback(b, "keeper", on_event, &keeper_log, 0), PIM_OK);
+    enum { THREADS = 4 };
+    poster posters[THREADS];
+    pthread_t threads[THREADS];
+    uint64_t *all = (uint64_t *)calloc((size_t)THREADS * per_thread, sizeof *all);
+    t0 = now_s();
+    for (int i = 0; i < THREADS; i++) {
+        posters[i] = (poster){b, i, per_thread, 0, all + (size_t)i * per_thread};
+        pthread_create(&threads[i], NULL, post_many, &posters[i]);
+    }
+    int errors = 0;
+    for (int i = 0; i < THREADS; i++) {
+        pthread_join(threads[i], NULL);
+        errors += posters[i].errors;
+    }
+    double took = now_s() - t0;
+    long total = (long)THREADS * per_thread;
+    printf("#    %ld posts from %d threads in %.2f s (%.0f/s)\n", total, THREADS, took, total / took);
+    CHECK(errors == 0, "every post from the threads succeeded (%d errors)", errors);
+    qsort(all, (size_t)total, sizeof *all, cmp_u64);
+    int contiguous = 1;
+    for (long i = 1; i < total; i++)
+        contiguous &= all[i] == all[i - 1] + 1;
+    CHECK(contiguous && all[0] == 1, "%ld posts got seqs 1..%ld exactly, no duplicates", total, total);
+    free(all);
+    CHECK_RC(pim_unread_count(b, "bob", "load", &n), PIM_OK);
+    CHECK(n == (uint64_t)total, "bob has %ld unread in load (%llu)", total, (unsigned long long)n);
+    CHECK(wait_messages(&main_log, total, 60) && wait_messages(&keeper_log, total, 60),
+          "the event callbacks saw every message-stored event (%ld, %ld of %ld)", log_messages(&main_log),
+          log_messages(&keeper_log), total);
+    CHECK(main_log.duplicates == 0 && keeper_log.duplicates == 0 && main_log.messages == total,
+          "...each once (%ld, %ld duplicates)", main_log.duplicates, keeper_log.duplicates);
+    CHECK(main_log.other_conv >= 10, "...and the other conversations' messages too (%ld)", main_log.other_conv);
+    uint64_t cursor = 0;
+    pthread_mutex_lock(&main_log.mu);
+    uint64_t last_id = main_log.last_id;
+    pthread_mutex_unlock(&main_log.mu);
+    CHECK_RC(pim_ack_events(b, NULL, last_id, &cursor), PIM_OK);
+    CHECK(cursor == last_id, "pim_ack_events moved the cursor to %llu", (unsigned long long)cursor);
+
+    /* Stop: flushed; later calls fail clearly; stopping again is fine. */
+    t0 = now_s();
+    CHECK_RC(pim_broker_stop(b), PIM_OK);
+    printf("#    stop took %.0f ms\n", (now_s() - t0) * 1e3);
+    CHECK_RC(pim_broker_stop(b), PIM_OK);
+    CHECK_RC(pim_post(b, "team", NULL, NULL, "late", 4, NULL, NULL, NULL), PIM_ERR_STOPPED);
+    CHECK_RC(pim_broker_port(b, &port), PIM_ERR_STOPPED);
+    CHECK_RC(pim_unread_count(b, "bob", "team", &n), PIM_ERR_STOPPED);
+    CHECK_RC(pim_set_event_callback(b, NULL, on_event, &main_log, 0), PIM_ERR_STOPPED);
+    CHECK_RC(pim_broker_free(b), PIM_OK);
+    CHECK_RC(pim_broker_free(NULL), PIM_OK);
+
+    /* Restart on the same data directory: nothing lost. */
+    CHECK_RC(pim_broker_start(config, &b), PIM_OK);
+    if (!b)
+        return 1;
+    CHECK_RC(pim_unread_count(b, "bob", "load", &n), PIM_OK);
+    CHECK(n == (uint64_t)total, "after the restart bob still has %ld unread in load (%llu)", total,
+          (unsigned long long)n);
+    uint64_t seq = 0;
+    CHECK_RC(pim_post(b, "load", NULL, NULL, "after", 5, NULL, NULL, &seq), PIM_OK);
+    CHECK(seq == (uint64_t)total + 1, "the next post is seq %ld (%llu)", total + 1, (unsigned long long)seq);
+    event_log *after_main = (event_log *)calloc(1, sizeof *after_main);
+    event_log *after_keeper = (event_log *)calloc(1, sizeof *after_keeper);
+    pthread_mutex_init(&after_main->mu, NULL);
+    pthread_mutex_init(&after_keeper->mu, NULL);
+    CHECK_RC(pim_set_event_callback(b, NULL, on_event, after_main, 0), PIM_OK);
+    CHECK_RC(pim_set_event_callback(b, "keeper", on_event, after_keeper, 0), PIM_OK);
+    CHECK(wait_messages(after_main, 1, 30) && wait_messages(after_keeper, total + 1, 60),
+          "after the restart: the acknowledged consumer gets the new message, the keeping one all %ld again",
+          total + 1);
+    CHECK(after_main->first_id == last_id + 1 && after_main->messages == 1,
+          "...the acknowledged one from event %llu on (%llu)", (unsigned long long)last_id + 1,
+          (unsigned long long)after_main->first_id);
+    CHECK(after_keeper->first_id == 1 && after_keeper->duplicates == 0, "...the keeping one from event 1 (%llu)",
+          (unsigned long long)after_keeper->first_id);
+    CHECK_RC(pim_broker_free(b), PIM_OK);
+    free(after_main);
+    free(after_keeper);
+
+    /* Without events there is no event callback. */
+    char plain[4096];
+    snprintf(plain, sizeof plain, "{\"data_dir\": \"%s-plain\", \"durability\": \"os\"}", dir);
+    CHECK_RC(pim_broker_start(plain, &b), PIM_OK);
+    if (b) {
+        CHECK_RC(pim_set_event_callback(b, NULL, on_event, &main_log, 0), PIM_ERR_INVALID);
+        CHECK_RC(pim_broker_port(b, &port), PIM_ERR_NOT_FOUND);
+        CHECK_RC(pim_broker_free(b), PIM_OK);
+    }
+
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures != 0;
+}
+
+static int run_init_fails(void)
+{
+    pim_broker *b = NULL;
+    for (int i = 0; i < 2; i++) {
+        CHECK_RC(pim_broker_start("{}", &b), PIM_ERR_INIT);
+        CHECK(*pim_last_error() != 0, "the reason: %s", pim_last_error());
+    }
+    CHECK(b == NULL, "no handle");
+    CHECK(strcmp(pim_strerror(PIM_ERR_INIT), "the embedded Python or pimcore did not start") == 0, "pim_strerror still works");
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures != 0;
+}
+
+int main(int argc, char **argv)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc >= 4 && strcmp(argv[1], "main") == 0) {
+        char test_dir[4096];
+        snprintf(test_dir, sizeof test_dir, "%s", argv[0]);
+        char *slash = strrchr(test_dir, '/');
+        /* sdk_receiver.py is next to this file's source; the caller passes its directory in PIM_TEST_DIR. */
+        const char *dir = getenv("PIM_TEST_DIR");
+        if (!dir) {
+            if (slash)
+                *slash = 0;
+            dir = slash ? test_dir : ".";
+        }
+        return run_main(argv[2], argv[3], dir, argc >= 5 ? atoi(argv[4]) : 5000);
+    }
+    if (argc >= 2 && strcmp(argv[1], "init-fails") == 0)
+        return run_init_fails();
+    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails\n", argv[0]);
+    return 2;
+}

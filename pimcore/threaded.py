@@ -1,0 +1,433 @@
+"""Embedding pimcore in a synchronous program (WSGI apps, scripts, the C ABI).
+
+:func:`open_pimcore_thread` runs the broker -- the :mod:`pimcore.embed`
+handle a trio host gets -- in a thread of its own (``trio.run`` there) and
+returns a :class:`ThreadedPimcore` whose methods are plain blocking calls
+with the same arguments, results and errors::
+
+    im = open_pimcore_thread(data_dir="chat-data", listen=["tcp://127.0.0.1:7400"])
+    try:
+        im.create_group("team", ["alice", "bob"])
+        im.post("team", b"welcome")
+    finally:
+        im.close()                      # flushes and closes the store
+
+How a call crosses over: the calling thread enters the broker's trio run
+with ``trio.from_thread.run(..., trio_token=...)`` and blocks until the
+coroutine finished there.  Any number of threads may call at once.  Two
+calls cannot work: from the broker's own thread (an event handler running
+on the loop) every blocking method raises :class:`WouldDeadlock` instead of
+hanging, and so do :meth:`ThreadedPimcore.close` and
+:meth:`ThreadedPimcore.set_event_handler` from inside an event handler
+(they wait for the handler to return).  After :meth:`ThreadedPimcore.close`
+every method raises :class:`BrokerStopped`.
+
+This is also the layer the C ABI (``bindings/``) stands on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import trio
+
+from . import embed
+from ._util import first_leaf
+from .config import ServeSettings, load_settings
+from .embed import SYSTEM, Conversation, HostEvent, Pimcore, Posted, RequestRefused
+from .errors import PimError
+from .store.base import GroupChanged, StoredMessage
+
+__all__ = [
+    "open_pimcore_thread", "ThreadedPimcore", "WouldDeadlock", "BrokerStopped", "BrokerAlreadyRunning",
+    "RequestRefused", "Posted", "Conversation", "HostEvent", "SYSTEM",
+]
+
+_log = logging.getLogger("pimcore.net")
+
+
+class WouldDeadlock(RuntimeError):
+    """A blocking call from a thread the call would have to wait for: the
+    broker's loop thread (an event handler with ``on_loop=True``), or
+    close/set_event_handler from inside an event handler."""
+
+
+class BrokerStopped(RuntimeError):
+    """The broker was closed (or its thread ended with an error, chained as
+    ``__cause__``)."""
+
+
+class BrokerAlreadyRunning(RuntimeError):
+    """A broker of this process already runs on that data directory."""
+
+
+#: Store directories of the brokers this process runs (realpath), so a second
+#: start on one is a clear error rather than LMDB's lock refusal.
+_running_dirs: set[str] = set()
+_running_lock = threading.Lock()
+#: ``dispatching``: the ThreadedPimcore whose event handler this thread runs.
+_tls = threading.local()
+
+EventHandler = Callable[[HostEvent], bool]
+
+
+class ThreadedPimcore:
+    """A broker running in its own thread; create it with
+    :func:`open_pimcore_thread`.  Methods mirror :class:`pimcore.embed.Pimcore`
+    (blocking) and raise what it raises (RequestRefused with an ErrorCode,
+    StoreError), plus WouldDeadlock and BrokerStopped (module docstring)."""
+
+    def __init__(self) -> None:
+        self.handle: Optional[Pimcore] = None
+        self._token: Optional[trio.lowlevel.TrioToken] = None
+        self._thread: Optional[threading.Thread] = None
+        self._loop_ident: Optional[int] = None
+        self._stop: Optional[trio.Event] = None
+        self._nursery: Optional[trio.Nursery] = None
+        self._ready = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._store_dir: Optional[str] = None
+        #: consumer -> (cancel scope, trio.Event set when the dispatcher ended)
+        self._handlers: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+
+    # ------------------------------------------------------------ the thread
+
+    def _start(self, settings: ServeSettings, kwargs: dict[str, Any], name: str) -> None:
+        self._thread = threading.Thread(target=self._main, args=(settings, kwargs), name=name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            exc = first_leaf(self._error)
+            raise exc.with_traceback(exc.__traceback__)
+
+    def _main(self, settings: ServeSettings, kwargs: dict[str, Any]) -> None:
+        self._loop_ident = threading.get_ident()
+        try:
+            trio.run(self._serve, settings, kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller / close()
+            self._error = exc
+            _log.error("pimcore thread ended: %r", first_leaf(exc))
+        finally:
+            self._ready.set()
+
+    async def _serve(self, settings: ServeSettings, kwargs: dict[str, Any]) -> None:
+        async with embed.open_pimcore(settings, **kwargs) as handle:
+            async with trio.open_nursery() as nursery:
+                self.handle = handle
+                self._nursery = nursery
+                self._stop = trio.Event()
+                self._token = trio.lowlevel.current_trio_token()
+                self._ready.set()
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()  # event dispatchers; in-flight calls are system tasks
+
+    def _check(self) -> trio.lowlevel.TrioToken:
+        if self._closed or self._token is None:
+            raise BrokerStopped("the broker was closed")
+        if threading.get_ident() == self._loop_ident:
+            raise WouldDeadlock("a blocking pimcore call from the broker's own thread (an on-loop event handler) would deadlock")
+        return self._token
+
+    def _call(self, afn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        token = self._check()
+        try:
+            return trio.from_thread.run(functools.partial(afn, *args, **kwargs), trio_token=token)
+        except (trio.RunFinishedError, trio.Cancelled) as exc:
+            raise BrokerStopped("the broker stopped during the call") from (self._error or exc)
+
+    def _call_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        token = self._check()
+        try:
+            return trio.from_thread.run_sync(fn, *args, trio_token=token)
+        except trio.RunFinishedError as exc:
+            raise BrokerStopped("the broker stopped during the call") from (self._error or exc)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop the broker gracefully (clients get Close(SHUTDOWN), committed
+        work flushed, the store closed: nothing waits for interpreter exit)
+        and join its thread.  Idempotent.  Raises WouldDeadlock from the
+        broker's thread or an event handler; re-raises (once) an error the
+        broker's thread ended with."""
+        if threading.get_ident() == self._loop_ident or getattr(_tls, "dispatching", None) is self:
+            raise WouldDeadlock("close() from an event handler would wait for itself")
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            if self._token is not None and self._stop is not None:
+                self._token.run_sync_soon(self._stop.set)
+        except trio.RunFinishedError:
+            pass
+        assert self._thread is not None
+        self._thread.join()
+        with _running_lock:
+            _running_dirs.discard(self._store_dir or "")
+        error, self._error = self._error, None
+        if error is not None:
+            exc = first_leaf(error)
+            raise exc.with_traceback(exc.__traceback__)
+
+    def __enter__(self) -> "ThreadedPimcore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ identity
+
+    @property
+    def urls(self) -> list[str]:
+        """The listeners' URLs (fixed once started)."""
+        self._check()
+        assert self.handle is not None
+        return self.handle.urls
+
+    def port(self, scheme: str = "tcp") -> int:
+        """The bound port of the first ``scheme`` listener (the one the OS
+        chose for port 0).  Raises LookupError if there is none."""
+        for url in self.urls:
+            if url.startswith(scheme + "://"):
+                return int(url.rsplit(":", 1)[1].split("/", 1)[0])
+        raise LookupError(f"no {scheme} listener")
+
+    @property
+    def epoch(self) -> bytes:
+        self._check()
+        assert self.handle is not None
+        return self.handle.epoch
+
+    def statistics(self) -> Any:
+        assert self.handle is not None
+        return self._call_sync(self.handle.statistics)
+
+    def issue_token(self, user: str, device: Optional[str] = None, *, ttl: int = 3600) -> str:
+        """As Pimcore.issue_token (signing only: runs in the calling thread)."""
+        self._check()
+        assert self.handle is not None
+        return self.handle.issue_token(user, device, ttl=ttl)
+
+    # ------------------------------------------------------------ the handle's methods
+
+    def create_group(self, conv: str, members: Sequence[str]) -> GroupChanged:
+        assert self.handle is not None
+        return self._call(self.handle.create_group, conv, list(members))
+
+    def add_members(self, conv: str, users: Sequence[str]) -> GroupChanged:
+        assert self.handle is not None
+        return self._call(self.handle.add_members, conv, list(users))
+
+    def remove_members(self, conv: str, users: Sequence[str]) -> GroupChanged:
+        assert self.handle is not None
+        return self._call(self.handle.remove_members, conv, list(users))
+
+    def post(
+        self,
+        conv: str,
+        payload: bytes,
+        *,
+        sender: str = SYSTEM,
+        device: str = SYSTEM,
+        idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
+        """As Pimcore.post: returns once the message is durable."""
+        assert self.handle is not None
+        return self._call(self.handle.post, conv, payload, sender=sender, device=device, idempotency_key=idempotency_key)
+
+    def post_many(self, posts: Sequence[dict[str, Any]]) -> list[Union[Posted, PimError]]:
+        assert self.handle is not None
+        return self._call(self.handle.post_many, list(posts))
+
+    def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
+        assert self.handle is not None
+        self._call_sync(self.handle.kick, user, device, reason)
+
+    def revoke(self, user: str, device: Optional[str] = None, *, before: Optional[int] = None) -> int:
+        assert self.handle is not None
+        return self._call(self.handle.revoke, user, device, before=before)
+
+    def online_devices(self, user: str) -> list[str]:
+        assert self.handle is not None
+        return self._call_sync(self.handle.online_devices, user)
+
+    def conversations(self, user: str) -> list[Conversation]:
+        assert self.handle is not None
+        return self._call(self.handle.conversations, user)
+
+    def unread(self, user: str, conv: str) -> int:
+        assert self.handle is not None
+        return self._call(self.handle.unread, user, conv)
+
+    def history(self, conv: str, user: str, **kwargs: Any) -> list[StoredMessage]:
+        assert self.handle is not None
+        return self._call(self.handle.history, conv, user, **kwargs)
+
+    def next_events(
+        self, consumer: str = "default", *, after: Optional[int] = None, limit: int = 256, timeout: Optional[float] = None
+    ) -> tuple[int, list[HostEvent]]:
+        """As Pimcore.next_events; with ``timeout`` (seconds) it returns
+        ``(after, [])`` when no event came in time (``after`` then is the
+        value passed, or the durable cursor when that was None)."""
+        handle = self.handle
+        assert handle is not None
+
+        async def page() -> tuple[int, list[HostEvent]]:
+            if timeout is None:
+                return await handle.next_events(consumer, after=after, limit=limit)
+            with trio.move_on_after(timeout):
+                return await handle.next_events(consumer, after=after, limit=limit)
+            cursor = after if after is not None else (await handle.event_cursor(consumer))[0]
+            return cursor, []
+
+        return self._call(page)
+
+    def event_cursor(self, consumer: str = "default") -> tuple[int, int]:
+        assert self.handle is not None
+        return self._call(self.handle.event_cursor, consumer)
+
+    def ack_events(self, upto: int, consumer: str = "default") -> int:
+        assert self.handle is not None
+        return self._call(self.handle.ack_events, upto, consumer)
+
+    # ------------------------------------------------------------ event handlers
+
+    def set_event_handler(self, handler: Optional[EventHandler], consumer: str = "default", *, on_loop: bool = False) -> None:
+        """Hand ``consumer``'s host events to ``handler(event) -> bool``, one
+        at a time in id order, until replaced (``None`` removes it; a
+        replaced handler's running call finishes first).  A true return
+        acknowledges the event, and with it every earlier one (acks are
+        cumulative, done after each page); a false return leaves it to
+        :meth:`ack_events`.  A handler that raises is logged, its event is
+        not acknowledged, and delivery goes on.  Delivery starts after the
+        consumer's durable cursor: what was not acknowledged comes again
+        after a restart.
+
+        The handler runs in a worker thread (it may call this handle's
+        methods, but not close() or set_event_handler(), which raise
+        WouldDeadlock), or with ``on_loop=True`` in the broker's thread
+        itself: cheaper, but it must not block and every blocking method
+        called from it raises WouldDeadlock.
+
+        Raises ValueError when the broker records no events (``events``
+        setting off), RequestRefused (BAD_REQUEST) for an invalid consumer
+        name."""
+        if getattr(_tls, "dispatching", None) is self:
+            raise WouldDeadlock("set_event_handler() from an event handler would wait for itself")
+        self._check()
+        handle = self.handle
+        assert handle is not None
+        if handler is not None and not handle.settings.server.get("events", False):
+            raise ValueError('the broker records no host events: start it with events=True ("server": {"events": true})')
+
+        async def swap() -> None:
+            old = self._handlers.pop(consumer, None)
+            if old is not None:
+                old[0].cancel()
+                await old[1].wait()
+            if handler is not None:
+                await handle.event_cursor(consumer)  # RequestRefused for a bad consumer name, here
+                assert self._nursery is not None
+                self._handlers[consumer] = await self._nursery.start(self._dispatch, handler, consumer, on_loop)
+
+        self._call(swap)
+
+    async def _dispatch(
+        self, handler: EventHandler, consumer: str, on_loop: bool, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        handle = self.handle
+        assert handle is not None
+        ended = trio.Event()
+        try:
+            with trio.CancelScope() as scope:
+                task_status.started((scope, ended))
+                after: Optional[int] = None
+                while True:
+                    after, events = await handle.next_events(consumer, after=after)
+                    if on_loop:
+                        upto = _deliver(handler, events)
+                    else:
+                        upto = await trio.to_thread.run_sync(self._deliver_off_loop, handler, events)
+                    after = events[-1].id
+                    if upto is not None:
+                        await handle.ack_events(upto, consumer)
+        except Exception:  # noqa: BLE001 - a store failure ends this dispatcher, not the broker
+            _log.exception("pimcore event dispatcher for %r ended", consumer)
+        finally:
+            ended.set()
+            entry = self._handlers.get(consumer)
+            if entry is not None and entry[1] is ended:
+                del self._handlers[consumer]
+
+    def _deliver_off_loop(self, handler: EventHandler, events: list[HostEvent]) -> Optional[int]:
+        _tls.dispatching = self
+        try:
+            return _deliver(handler, events)
+        finally:
+            _tls.dispatching = None
+
+
+def _deliver(handler: EventHandler, events: list[HostEvent]) -> Optional[int]:
+    """Call ``handler`` for each event; the last id it acknowledged, or None."""
+    upto = None
+    for ev in events:
+        try:
+            if handler(ev):
+                upto = ev.id
+        except Exception:  # noqa: BLE001
+            _log.exception("pimcore event handler failed on event %d", ev.id)
+    return upto
+
+
+def open_pimcore_thread(
+    settings: Optional[ServeSettings] = None,
+    *,
+    config_file: Optional[str] = None,
+    document: Optional[dict[str, Any]] = None,
+    name: str = "pimcore",
+    **kwargs: Any,
+) -> ThreadedPimcore:
+    """Start a broker in a new thread and return its handle once it is up
+    (listening, if it listens).  Settings as :func:`pimcore.embed.open_pimcore`
+    (``settings``, or ``config_file``/``document``/overrides, listening nowhere
+    unless ``listen`` says so); ``store=``/``authenticate=`` are passed on.
+    Call :meth:`ThreadedPimcore.close` when done.
+
+    Raises, in the calling thread and unwrapped from trio's exception groups,
+    what the broker's start-up raised: ConfigError, StoreError, OSError (a
+    listener cannot bind); BrokerAlreadyRunning when a broker of this process
+    already uses the data directory's store."""
+    passed: dict[str, Any] = {k: kwargs.pop(k) for k in ("store", "authenticate") if k in kwargs}
+    if settings is None:
+        if not (document and "listen" in document):
+            kwargs.setdefault("listen", [])
+        settings = load_settings(config_file, document=document, **kwargs)
+    elif config_file is not None or document is not None or kwargs:
+        raise TypeError("pass either settings or config_file/document/overrides, not both")
+    store_dir = None
+    if passed.get("store") is None:
+        store_dir = os.path.realpath(Path(settings.data_dir) / "store")
+        with _running_lock:
+            if store_dir in _running_dirs:
+                raise BrokerAlreadyRunning(f"a broker of this process already runs on {str(settings.data_dir)!r}")
+            _running_dirs.add(store_dir)
+    im = ThreadedPimcore()
+    im._store_dir = store_dir
+    try:
+        im._start(settings, passed, name)
+    except BaseException:
+        with _running_lock:
+            _running_dirs.discard(store_dir or "")
+        raise
+    return im

@@ -1,0 +1,252 @@
+"""The C ABI (bindings/): build libpimcore.so with cffi, then
+
+* compile the C test program with gcc and run it (errors, a Python SDK
+  client receiving what C posts, 4 threads x 5,000 posts, event callbacks,
+  stop and restart), also under AddressSanitizer, and with a Python that
+  cannot start;
+* compile the header as C++ and the README's example as C (and run it);
+* load the library with ctypes inside this process (the Python side).
+
+Skipped, with the reason, without cffi, gcc or the Python headers (.ci/run
+installs them, and sets PIMCORE_REQUIRE_CABI=1 so that there they fail
+instead).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BINDINGS = ROOT / "bindings"
+TESTS_C = BINDINGS / "tests"
+#: Posts per thread of the C test (4 threads).
+POSTS_PER_THREAD = int(os.environ.get("PIM_TEST_POSTS", "5000"))
+
+
+def _missing() -> str:
+    try:
+        import cffi  # noqa: F401
+    except ImportError:
+        return "cffi is not installed (pip install cffi)"
+    if shutil.which("gcc") is None:
+        return "gcc is not installed (apt-get install gcc)"
+    include = sysconfig.get_paths()["include"]
+    if not (Path(include) / "Python.h").exists():
+        return f"the Python headers are missing ({include}/Python.h; apt-get install python3-dev)"
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        return "this Python has no shared libpython to embed"
+    return ""
+
+
+_WHY = _missing()
+if _WHY and os.environ.get("PIMCORE_REQUIRE_CABI"):  # .ci/run: these tests must run there
+    raise RuntimeError(f"PIMCORE_REQUIRE_CABI is set but {_WHY}")
+pytestmark = pytest.mark.skipif(bool(_WHY), reason=_WHY or "ok")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    # The library starts this environment's python; the tree under test first.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PIM_TEST_DIR"] = str(TESTS_C)
+    env.update(extra)
+    return env
+
+
+def _build(out: Path, *extra: str) -> Path:
+    subprocess.run([sys.executable, str(BINDINGS / "build.py"), "--out", str(out), *extra], check=True,
+                   capture_output=True, timeout=300)
+    return out / "libpimcore.so"
+
+
+def _gcc(out: Path, source: Path, libdir: Path, *flags: str, compiler: str = "gcc") -> Path:
+    cmd = [compiler, "-Wall", "-Wextra", "-Werror", "-g", "-O1", "-pthread", *flags, "-o", str(out), str(source),
+           f"-I{libdir}", f"-L{libdir}", "-lpimcore", f"-Wl,-rpath,{libdir}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def libdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("libpimcore")
+    lib = _build(out)
+    assert lib.exists() and (out / "pimcore.h").exists()
+    return out
+
+
+def _exported(lib: Path) -> set[str]:
+    nm = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True)
+    return {line.split()[-1] for line in nm.stdout.splitlines() if " T " in line}
+
+
+def test_the_library_exports_only_the_pim_functions(libdir: Path) -> None:
+    if shutil.which("nm") is None:
+        pytest.skip("nm is not installed")
+    names = _exported(libdir / "libpimcore.so")
+    header = (BINDINGS / "pimcore.h").read_text()
+    declared = set(re.findall(r"PIM_EXPORT [^;(]*?\b(pim_\w+)\(", header))
+    assert declared <= names
+    assert {n for n in names if not n.startswith("PyInit_")} == declared
+
+
+def test_the_c_program(libdir: Path, tmp_path: Path) -> None:
+    exe = _gcc(tmp_path / "test_abi", TESTS_C / "test_abi.c", libdir)
+    done = subprocess.run([str(exe), "main", str(tmp_path / "data"), sys.executable, str(POSTS_PER_THREAD)],
+                          capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+    report = done.stdout + done.stderr
+    assert done.returncode == 0 and " 0 failed" in done.stdout, report
+    assert "FAIL" not in done.stdout
+
+
+@pytest.mark.parametrize("broken", [{"PIMCORE_PYTHON": "/nonexistent/bin/python"}, {"PYTHONHOME": "/nonexistent"}],
+                         ids=["wrong-environment", "no-standard-library"])
+def test_python_failing_to_start_is_a_clear_init_code(libdir: Path, tmp_path: Path, broken: dict[str, str]) -> None:
+    exe = _gcc(tmp_path / "test_abi", TESTS_C / "test_abi.c", libdir)
+    done = subprocess.run([str(exe), "init-fails"], capture_output=True, text=True, env=_env(**broken), timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the reason: " in done.stdout and ("sys.prefix" in done.stdout or "Python did not start" in done.stdout)
+
+
+def test_the_c_program_under_address_sanitizer(tmp_path: Path) -> None:
+    asan = tmp_path / "asan"
+    try:
+        _build(asan, "--sanitize", "address")
+    except subprocess.CalledProcessError as exc:  # pragma: no cover - depends on the compiler
+        pytest.skip(f"no AddressSanitizer here: {exc.stderr[-300:]!r}")
+    exe = _gcc(asan / "test_abi", TESTS_C / "test_abi.c", asan, "-fsanitize=address", "-fno-omit-frame-pointer")
+    # Leak detection needs ptrace (LeakSanitizer), which containers often
+    # refuse; Python's own allocations would need suppressions anyway.
+    env = _env(ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=86")
+    done = subprocess.run([str(exe), "main", str(tmp_path / "data"), sys.executable, "300"],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    report = done.stdout + done.stderr
+    assert "AddressSanitizer" not in report, report[-5000:]
+    assert done.returncode == 0 and " 0 failed" in done.stdout, report[-5000:]
+
+
+def test_the_header_compiles_as_cpp(libdir: Path, tmp_path: Path) -> None:
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed (apt-get install g++)")
+    src = tmp_path / "use.cpp"
+    src.write_text(
+        '#include "pimcore.h"\n#include <cstdio>\n'
+        "static int on_event(const pim_event *ev, void *) { return ev->id ? PIM_EVENT_ACK : PIM_EVENT_KEEP; }\n"
+        "int main() {\n"
+        "    pim_broker *b = nullptr;\n"
+        '    int rc = pim_broker_start("{not json", &b);\n'
+        '    std::printf("%s %d\\n", pim_strerror(rc), pim_set_event_callback(b, nullptr, on_event, nullptr, 0));\n'
+        "    pim_post_item item = {};\n"
+        "    return rc == PIM_ERR_CONFIG && pim_post_batch(b, &item, 1) == PIM_ERR_INVALID ? 0 : 1;\n"
+        "}\n"
+    )
+    exe = _gcc(tmp_path / "use", src, libdir, "-std=c++11", "-pedantic", compiler="g++")
+    done = subprocess.run([str(exe)], capture_output=True, text=True, env=_env(), timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("invalid options"), done.stdout + done.stderr
+
+
+def test_the_readme_example_compiles_and_runs(libdir: Path, tmp_path: Path) -> None:
+    readme = (BINDINGS / "README.md").read_text()
+    blocks = re.findall(r"```c\n(.*?)```", readme, re.S)
+    example = (BINDINGS / "example.c").read_text()
+    assert example in blocks, "bindings/README.md shows bindings/example.c"
+    assert len(example.strip().splitlines()) <= 35
+    exe = _gcc(tmp_path / "example", BINDINGS / "example.c", libdir, "-std=c99", "-pedantic")
+    for expect in ("seq 1, bob has 1 unread", "seq 2, bob has 2 unread"):  # a second run: the same data
+        done = subprocess.run([str(exe)], capture_output=True, text=True, env=_env(), timeout=120, cwd=tmp_path)
+        assert done.returncode == 0 and expect in done.stdout, done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------- in process (ctypes)
+
+
+class _Event(ctypes.Structure):
+    _fields_ = [
+        ("id", ctypes.c_uint64), ("type", ctypes.c_char_p), ("time", ctypes.c_int64), ("conv", ctypes.c_char_p),
+        ("seq", ctypes.c_uint64), ("msg_id", ctypes.c_uint8 * 16), ("sender", ctypes.c_char_p),
+        ("device", ctypes.c_char_p), ("kind", ctypes.c_int), ("server_time", ctypes.c_int64),
+        ("payload", ctypes.c_void_p), ("payload_len", ctypes.c_size_t),
+        ("recipients", ctypes.POINTER(ctypes.c_char_p)), ("n_recipients", ctypes.c_size_t),
+        ("offline_recipients", ctypes.POINTER(ctypes.c_char_p)), ("n_offline_recipients", ctypes.c_size_t),
+        ("user", ctypes.c_char_p), ("unread", ctypes.c_uint64), ("code", ctypes.c_char_p), ("reason", ctypes.c_char_p),
+    ]
+
+
+EVENT_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(_Event), ctypes.c_void_p)
+
+
+def test_in_process_through_ctypes(libdir: Path, tmp_path: Path) -> None:
+    """The library loaded into this (running) interpreter: it uses it as it
+    is, and the glue drives pimcore.threaded here."""
+    lib = ctypes.CDLL(str(libdir / "libpimcore.so"))
+    lib.pim_last_error.restype = ctypes.c_char_p
+    lib.pim_strerror.restype = ctypes.c_char_p
+    lib.pim_version.restype = ctypes.c_char_p
+    vp = ctypes.c_void_p
+    lib.pim_post.argtypes = [vp, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,
+                             ctypes.c_char_p, vp, ctypes.POINTER(ctypes.c_uint64)]
+    lib.pim_unread_count.argtypes = [vp, ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint64)]
+    lib.pim_set_event_callback.argtypes = [vp, ctypes.c_char_p, EVENT_CB, vp, ctypes.c_uint]
+    lib.pim_broker_stop.argtypes = lib.pim_broker_free.argtypes = [vp]
+    lib.pim_group_create.argtypes = [vp, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t]
+    lib.pim_token_issue.argtypes = [vp, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(vp)]
+    lib.pim_free.argtypes = [vp]
+    assert lib.pim_version(None, None, None) == b"0.1.0"
+
+    b = vp()
+    config = b'{"data_dir": "%s", "durability": "os", "server": {"events": true}}' % str(tmp_path / "d").encode()
+    assert lib.pim_broker_start_(b"{not json", ctypes.byref(b), 100) == 2  # PIM_ERR_CONFIG
+    assert b"JSON" in lib.pim_last_error()
+    assert lib.pim_broker_start_(config, ctypes.byref(b), 100) == 0, lib.pim_last_error()
+    members = (ctypes.c_char_p * 2)(b"alice", b"bob")
+    assert lib.pim_group_create(b, b"team", members, 2) == 0
+    seq = ctypes.c_uint64()
+    msg_id = (ctypes.c_uint8 * 16)()
+    assert lib.pim_post(b, b"team", b"alice", b"web", b"hi", 2, b"k", msg_id, ctypes.byref(seq)) == 0
+    assert seq.value == 1 and any(msg_id)
+    assert lib.pim_post(b, b"nope", None, None, b"x", 1, None, None, None) == 8  # UNKNOWN_CONVERSATION
+    assert b"nope" in lib.pim_last_error()
+    n = ctypes.c_uint64()
+    assert lib.pim_unread_count(b, b"bob", b"team", ctypes.byref(n)) == 0 and n.value == 1
+    token = vp()
+    assert lib.pim_token_issue(b, b"bob", None, 60, ctypes.byref(token)) == 0
+    assert ctypes.string_at(token.value).count(b".") == 2  # a JWT
+    lib.pim_free(token)
+
+    seen: list[tuple[int, bytes, bytes, list[bytes]]] = []
+    reentry: list[int] = []
+    got = threading.Event()
+
+    @EVENT_CB
+    def on_event(ev, userdata):  # on the loop thread (PIM_EVENTS_ON_LOOP_THREAD)
+        e = ev.contents
+        if e.type == b"message" and e.kind == 0:
+            payload = ctypes.string_at(e.payload, e.payload_len)
+            seen.append((e.seq, e.conv, payload, [e.recipients[i] for i in range(e.n_recipients)]))
+            reentry.append(lib.pim_post(b, b"team", None, None, b"again", 5, None, None, None))
+            got.set()
+        return 0
+
+    assert lib.pim_set_event_callback(b, None, on_event, None, 1) == 0
+    assert got.wait(20)
+    assert seen == [(1, b"team", b"hi", [b"alice", b"bob"])]
+    assert reentry == [7]  # PIM_ERR_WOULD_DEADLOCK, not a hang
+    assert lib.pim_set_event_callback(b, None, EVENT_CB(), None, 0) == 0  # removed
+
+    start = time.monotonic()
+    assert lib.pim_broker_stop(b) == 0
+    assert time.monotonic() - start < 10
+    assert lib.pim_post(b, b"team", None, None, b"late", 4, None, None, None) == 5  # PIM_ERR_STOPPED
+    assert lib.pim_strerror(5) == b"the broker was stopped"
+    assert lib.pim_broker_free(b) == 0

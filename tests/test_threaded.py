@@ -1,0 +1,211 @@
+"""The thread-backed host (pimcore.threaded): a broker in a thread of its own,
+driven by blocking calls from any thread, through its public API only."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from pimcore.client import open_client
+from pimcore.config import ConfigError
+from pimcore.embed import SYSTEM, RequestRefused
+from pimcore.errors import ErrorCode
+from pimcore.threaded import BrokerAlreadyRunning, BrokerStopped, WouldDeadlock, open_pimcore_thread
+
+
+def _start(data: Path, **kw):
+    kw.setdefault("durability", "os")
+    return open_pimcore_thread(data_dir=data, **kw)
+
+
+def test_blocking_calls_drive_a_broker_that_clients_reach(tmp_path: Path) -> None:
+    with _start(tmp_path / "d", listen=["tcp://127.0.0.1:0"]) as im:
+        port = im.port()
+        assert im.urls == [f"tcp://127.0.0.1:{port}"] and port > 0
+        im.create_group("team", ["alice", "bob"])
+        with pytest.raises(RequestRefused) as refused:
+            im.create_group("team", ["alice"])
+        assert refused.value.code is ErrorCode.ALREADY_EXISTS
+        posted = im.post("team", b"hello", idempotency_key="k1")
+        assert im.post("team", b"hello", idempotency_key="k1") == posted and posted.seq == 1
+        im.post("team", b"from alice", sender="alice", device="web")
+        with pytest.raises(RequestRefused) as refused:
+            im.post("nope", b"x")
+        assert refused.value.code is ErrorCode.UNKNOWN_CONVERSATION
+        token = im.issue_token("bob")
+
+        async def bob_reads() -> list[tuple[str, bytes]]:
+            got = []
+            with trio.fail_after(10):
+                async with open_client(im.urls[0], token, "phone") as bob:
+                    async for m in bob.messages():
+                        got.append((m.sender, m.payload))
+                        if len(got) == 2:
+                            return got
+            return got  # pragma: no cover
+
+        assert trio.run(bob_reads) == [(SYSTEM, b"hello"), ("alice", b"from alice")]
+        assert im.unread("bob", "team") == 2
+        results = im.post_many([{"conv": "team", "payload": b"a"}, {"conv": "nope", "payload": b"b"}])
+        assert results[0].seq == 3 and isinstance(results[1], RequestRefused)
+        im.add_members("team", ["carol"])
+        im.remove_members("team", ["carol"])
+        im.kick("bob")
+        assert im.revoke("bob") > 0
+        assert [m.payload for m in im.history("team", "alice", limit=2)] != []
+
+
+def test_start_up_errors_are_raised_in_the_caller_unwrapped(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        _start(tmp_path / "a", durability="sometimes")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        open_pimcore_thread(document={"data_dir": str(tmp_path / "a"), "nonsense": 1})
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        with pytest.raises(OSError):
+            _start(tmp_path / "b", listen=[f"tcp://127.0.0.1:{busy.getsockname()[1]}"])
+    finally:
+        busy.close()
+    with _start(tmp_path / "c"):
+        with pytest.raises(BrokerAlreadyRunning):
+            _start(tmp_path / "c")
+    # The failed starts released their directories: these work now.
+    _start(tmp_path / "b").close()
+    _start(tmp_path / "c").close()
+
+
+def test_calls_after_close_raise_and_close_is_idempotent(tmp_path: Path) -> None:
+    im = _start(tmp_path / "d")
+    im.create_group("team", ["alice"])
+    im.close()
+    im.close()
+    assert im.closed
+    for call in (lambda: im.post("team", b"x"), lambda: im.unread("alice", "team"), lambda: im.kick("alice"),
+                 lambda: im.issue_token("alice"), lambda: im.create_group("g", ["a"]),
+                 lambda: im.set_event_handler(lambda ev: True), lambda: im.port()):
+        with pytest.raises(BrokerStopped):
+            call()
+
+
+def test_close_flushes_and_a_restart_on_the_same_directory_keeps_everything(tmp_path: Path) -> None:
+    with _start(tmp_path / "d", durability="os") as im:
+        im.create_group("team", ["alice", "bob"])
+        seqs = [im.post("team", b"m%d" % i).seq for i in range(50)]
+    with _start(tmp_path / "d", durability="os") as im:
+        assert im.unread("bob", "team") == 50
+        page = im.history("team", "bob", limit=100)
+        assert sorted(m.seq for m in page) == seqs
+
+
+def test_threads_post_concurrently_with_exact_counts(tmp_path: Path) -> None:
+    with _start(tmp_path / "d") as im:
+        im.create_group("team", ["alice", "bob"])
+        seqs: list[list[int]] = [[] for _ in range(4)]
+
+        def poster(i: int) -> None:
+            for j in range(100):
+                seqs[i].append(im.post("team", b"%d-%d" % (i, j), idempotency_key=f"{i}-{j}").seq)
+
+        threads = [threading.Thread(target=poster, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        everything = sorted(s for part in seqs for s in part)
+        assert everything == list(range(1, 401))
+        assert im.unread("bob", "team") == 400
+
+
+def test_event_handlers_see_every_message_and_acks_are_durable(tmp_path: Path) -> None:
+    with _start(tmp_path / "d", events=True) as im:
+        im.create_group("team", ["alice", "bob"])  # 2 JOINED entries: events too
+        seen: list[tuple[str, bytes]] = []
+        done = threading.Event()
+
+        def handler(ev) -> bool:
+            if ev.type == "message" and ev.kind == 0:
+                seen.append((threading.current_thread().name, ev.payload))
+                if len(seen) == 30:
+                    done.set()
+            return ev.id <= 12  # acknowledge the first ones only
+
+        im.set_event_handler(handler)
+        for i in range(30):
+            im.post("team", b"%d" % i)
+        assert done.wait(10)
+        assert [p for _, p in seen] == [b"%d" % i for i in range(30)]
+        im.set_event_handler(None)
+        assert im.event_cursor()[0] == 12
+        assert im.next_events(after=10**6, timeout=0.05) == (10**6, [])
+    with _start(tmp_path / "d", events=True) as im:
+        after, events = im.next_events()
+        assert after == 12 and events[0].id == 13  # not acknowledged: delivered again
+
+
+def test_blocking_calls_that_would_deadlock_raise_instead(tmp_path: Path) -> None:
+    with _start(tmp_path / "d", events=True) as im:
+        im.create_group("team", ["alice", "bob"])
+        outcomes: list[str] = []
+        done = threading.Event()
+
+        def record(call) -> None:
+            try:
+                call()
+                outcomes.append("ok")
+            except WouldDeadlock:
+                outcomes.append("deadlock")
+
+        def on_loop(ev) -> bool:
+            if ev.type == "message" and ev.kind == 0:
+                record(lambda: im.post("team", b"again"))
+                record(lambda: im.unread("bob", "team"))
+                done.set()
+            return True
+
+        im.set_event_handler(on_loop, on_loop=True)
+        im.post("team", b"first")
+        assert done.wait(10)
+        assert outcomes == ["deadlock", "deadlock"]
+        outcomes.clear()
+        done.clear()
+
+        def off_loop(ev) -> bool:
+            if ev.type == "message" and ev.payload == b"second":
+                record(lambda: im.post("team", b"from the handler"))  # works: another thread
+                record(im.close)
+                record(lambda: im.set_event_handler(None))
+                done.set()
+            return True
+
+        im.set_event_handler(off_loop)
+        im.post("team", b"second")
+        assert done.wait(10)
+        assert outcomes == ["ok", "deadlock", "deadlock"]
+        assert im.unread("bob", "team") == 3
+
+
+def test_a_handler_needs_events_and_a_valid_consumer(tmp_path: Path) -> None:
+    with _start(tmp_path / "d") as im:
+        with pytest.raises(ValueError, match="events"):
+            im.set_event_handler(lambda ev: True)
+    with _start(tmp_path / "e", events=True) as im:
+        with pytest.raises(RequestRefused):
+            im.set_event_handler(lambda ev: True, consumer="no spaces allowed")
+
+
+def test_the_synchronous_example_of_embedding_md_runs(tmp_path: Path, monkeypatch, capsys) -> None:
+    import re
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "EMBEDDING.md").read_text()
+    section = doc.split("## A synchronous host (a thread)", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "EMBEDDING.md", "exec"), {})
+    assert re.fullmatch(r"port \d+ - bob has 1 unread\n", capsys.readouterr().out)
+    assert (tmp_path / "embedded-sync-data" / "store").is_dir()
