@@ -82,6 +82,10 @@ class AsyncPimcore:
         return self.handle.epoch
 
     @property
+    def store_id(self) -> str:
+        return self.handle.store_id
+
+    @property
     def http_url(self) -> Optional[str]:
         return self.handle.http_url
 

@@ -679,6 +679,8 @@ class Broker:
         if not isinstance(epoch, bytes) or len(epoch) != 16:
             raise ValueError("epoch must be 16 bytes")
         self._node_id = node_id
+        #: The store's 8-byte id (Store.node_id), fixed when it was created: in every msg_id.
+        self.node_id = node_id
         self.epoch = epoch
         self._trusted_epochs = frozenset(trusted_epochs) | {epoch}
         # Never stamp a time earlier than anything already stored (restart).

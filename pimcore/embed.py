@@ -257,6 +257,13 @@ class Pimcore:
         """The store's current epoch (16 bytes, see Store.epoch)."""
         return self.server.broker.epoch
 
+    @property
+    def store_id(self) -> str:
+        """The store's id (16 hex digits; Store.node_id), fixed when the store
+        was created: event ids are unique per store, so a receiver dedupes
+        events by (store_id, event id) -- a new data directory restarts ids."""
+        return self.server.broker.node_id.hex()
+
     def statistics(self) -> ServerStatistics:
         return self.server.statistics()
 

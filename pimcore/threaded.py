@@ -209,6 +209,13 @@ class ThreadedPimcore:
         assert self.handle is not None
         return self.handle.epoch
 
+    @property
+    def store_id(self) -> str:
+        """The store's id (16 hex digits): events are unique by (store_id, id)."""
+        self._check()
+        assert self.handle is not None
+        return self.handle.store_id
+
     def statistics(self) -> Any:
         assert self.handle is not None
         return self._call_sync(self.handle.statistics)

@@ -11,7 +11,7 @@ failures in a row before this one: capped exponential backoff with full
 jitter), forever: nothing is dropped.  One request is in flight at a time,
 so batches arrive in id order.  Delivery is at least once: a batch whose
 2xx answer was lost, or that was in flight when the broker stopped, comes
-again -- receivers dedupe by event id.
+again -- receivers dedupe by (store id, event id): the body names the store.
 
 **Signatures** (both kinds of call).  Header ``Pimcore-Signature:
 t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>``, made anew
@@ -321,7 +321,8 @@ class WebhookSender:
             upto = ev.id
         if not docs:
             return None, 0, upto, 0
-        return b'{"events":[' + b",".join(docs) + b"]}", first, upto, len(docs)
+        head = b'{"store":"' + self.handle.store_id.encode() + b'","events":['
+        return head + b",".join(docs) + b"]}", first, upto, len(docs)
 
     async def _deliver(self, client: "httpx.AsyncClient", body: bytes, first: int, upto: int, count: int,
                        failures: int) -> int:

@@ -436,6 +436,10 @@ async def test_events_not_delivered_when_serve_is_sigkilled_are_delivered_after_
             assert await trio.to_thread.run_sync(server.wait) == 0
             nursery.cancel_scope.cancel()
     assert rx.bad_signatures == []
+    # Event ids are unique per store: every body names it, the same across restarts.
+    with LmdbStore(str(data / "store"), create=False, owner=False) as store:
+        store_id = store.node_id().hex()
+    assert {json.loads(body)["store"] for _, body, _ in rx.requests} == {store_id}
     ids = [e["id"] for e in rx.delivered()]
     # At least once, in order: each event first arrives after every smaller id.
     assert _first_seen(ids) == list(range(1, max(ids) + 1))
@@ -664,7 +668,7 @@ def test_the_receiver_example_in_the_docs_runs(tmp_path: Path) -> None:
         # A forged or replayed request is refused, and handles nothing.
         import httpx
 
-        body = json.dumps({"events": [{"id": 99, "type": "message"}]}).encode()
+        body = json.dumps({"store": "0123456789abcdef", "events": [{"id": 99, "type": "message"}]}).encode()
         for header in (signature_header("not-the-secret", body), signature_header(SECRET, body, now=1_000_000_000), None):
             r = httpx.post(url, content=body, headers={SIGNATURE_HEADER: header} if header else {})
             assert r.status_code == 400
