@@ -1,12 +1,14 @@
 """Posts per second over the HTTP server API with N concurrent keep-alive clients.
 
-    python bench/bench_http_post.py [--clients 50] [--seconds 5] [--durability os]
+    python bench/bench_http_post.py [--clients 50] [--seconds 5] [--durability os] [--batch 1]
 
 Starts ``pimcore serve --http`` in a subprocess (a fresh data directory),
 creates group "bench" with 50 members, then N threads (stdlib http.client, one
 keep-alive connection each, in this process) post ``{"payload": "..."}`` as
 the system, each with its own Idempotency-Key, for the given time.  Prints
-posts/s (201s only) and latency percentiles.  Client and broker share the
+posts/s (201s only) and latency percentiles.  ``--batch N`` (N > 1) posts
+N messages per request to ``POST /v1/messages`` instead (each with its own
+key; posts/s counts stored items, latency is per request).  Client and broker share the
 machine's cores: on a small machine the figure is a lower bound.
 """
 
@@ -29,6 +31,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--durability", default="os")
+    ap.add_argument("--batch", type=int, default=1, help="messages per request (> 1: POST /v1/messages)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         data = Path(d) / "data"
@@ -61,18 +64,31 @@ def main() -> None:
             stop = time.monotonic() + args.seconds
             lat: list[list[float]] = [[] for _ in range(args.clients)]
             errors = [0] * args.clients
+            stored = [0] * args.clients
 
             def worker(i: int) -> None:
                 conn = http.client.HTTPConnection(host, int(port), timeout=30)
                 n = 0
                 while time.monotonic() < stop:
                     t0 = time.perf_counter()
-                    status = request(conn, "POST", "/v1/conversations/bench/messages", {"payload": "x" * 100},
-                                     {"Idempotency-Key": f"{i}-{n}"})
-                    if status == 201:
+                    if args.batch > 1:
+                        items = [{"conv": "bench", "payload": "x" * 100, "idempotency_key": f"{i}-{n}-{j}"}
+                                 for j in range(args.batch)]
+                        conn.request("POST", "/v1/messages", body=json.dumps({"messages": items}), headers=headers)
+                        r = conn.getresponse()
+                        results = json.loads(r.read())["results"] if r.status == 200 else []
+                        ok = sum(1 for x in results if x["status"] == "stored")
+                        stored[i] += ok
+                        errors[i] += args.batch - ok
                         lat[i].append(time.perf_counter() - t0)
                     else:
-                        errors[i] += 1
+                        status = request(conn, "POST", "/v1/conversations/bench/messages", {"payload": "x" * 100},
+                                         {"Idempotency-Key": f"{i}-{n}"})
+                        if status == 201:
+                            stored[i] += 1
+                            lat[i].append(time.perf_counter() - t0)
+                        else:
+                            errors[i] += 1
                     n += 1
                 conn.close()
 
@@ -86,7 +102,8 @@ def main() -> None:
             all_lat = sorted(x for xs in lat for x in xs)
             n = len(all_lat)
             pct = lambda p: all_lat[min(n - 1, int(p * n))] * 1000  # noqa: E731
-            print(f"{args.clients} clients, {took:.1f} s, durability {args.durability}: {n / took:.0f} posts/s,"
+            what = f"batches of {args.batch}" if args.batch > 1 else "single posts"
+            print(f"{args.clients} clients, {what}, {took:.1f} s, durability {args.durability}: {sum(stored) / took:.0f} posts/s,"
                   f" p50 {pct(0.5):.1f} ms, p99 {pct(0.99):.1f} ms, errors {sum(errors)}")
         finally:
             proc.terminate()
