@@ -288,6 +288,11 @@ class WebhookSender:
                     await self.handle.ack_events(upto, self.consumer)
                     failures = 0
                 except StoreError as exc:
+                    if not started:
+                        # No cursor, no delivery: the host learns it now, from
+                        # open_pimcore / serve start-up, rather than waiting
+                        # behind retries that may never succeed.
+                        raise
                     # The event log cannot be read or the cursor not moved:
                     # whatever was not acked is read (and sent) again.
                     failures += 1

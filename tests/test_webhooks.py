@@ -812,3 +812,24 @@ async def test_http_api_posts_as_a_user_are_moderated(tmp_path: Path) -> None:
                     r = await http.post(path, json={"payload": "again", "sender": "alice"}, headers={"Idempotency-Key": "p2"})
                     assert r.status_code == 201 and r.json()["seq"] == 3
             nursery.cancel_scope.cancel()
+
+
+async def test_an_event_log_that_fails_at_start_fails_open_pimcore_instead_of_hanging(tmp_path: Path) -> None:
+    """The sender's first act is creating its cursor; if the store cannot,
+    open_pimcore raises StoreError (like a store that cannot be opened)
+    rather than waiting forever behind the retries."""
+    from pimcore.errors import StoreError
+    from pimcore.store import MemoryStore
+    from pimcore.store.base import AckEvents
+
+    class NoAcks(MemoryStore):
+        def commit(self, batch: WriteBatch):
+            if any(isinstance(op, AckEvents) for op in batch.ops):
+                raise StoreError("the event log is read-only today")
+            return super().commit(batch)
+
+    with trio.fail_after(10):
+        with pytest.raises(StoreError, match="event ack not stored"):
+            async with open_pimcore(data_dir=tmp_path, store=NoAcks(), secret="s" * 32,
+                                    webhooks={"url": "http://127.0.0.1:9/hook", "secret": SECRET, **QUICK}):
+                pass  # pragma: no cover - never opened
