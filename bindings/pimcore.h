@@ -164,6 +164,9 @@ PIM_EXPORT int pim_unread_count(pim_broker *b, const char *user, const char *con
 
 /* One host event (docs/EMBEDDING.md, Events).  Fields a type does not use
  * are 0, NULL or empty.  Valid only during the callback. */
+/* The library allocates every pim_event and hands the callback a pointer to
+ * it: later versions only ever append fields, so a program built against an
+ * older header reads a valid prefix.  Never allocate or copy one by value. */
 typedef struct pim_event {
     uint64_t id;                  /* gap-free, ascending: the cursor to ack */
     const char *type;             /* "message", "read", "online", "offline", "kicked" */
