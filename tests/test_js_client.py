@@ -82,7 +82,8 @@ def _node_test(env: dict[str, str], *files: str) -> str:
 
 
 def test_js_client_node_suite(npm_env: dict[str, str]) -> None:
-    _node_test(npm_env, "test/codec.test.mjs", "test/order.test.mjs", "test/client.test.mjs", "test/interop.test.mjs")
+    _node_test(npm_env, "test/codec.test.mjs", "test/order.test.mjs", "test/session.test.mjs", "test/client.test.mjs",
+               "test/interop.test.mjs")
 
 
 def test_web_demo_in_chromium(npm_env: dict[str, str], tmp_path: Path) -> None:

@@ -170,8 +170,8 @@ export class PimcoreClient {
     if (ws) {
       await new Promise((resolve) => {
         const t = setTimeout(resolve, 1000);
+        if (ws.readyState === 3 || !ws.addEventListener) { clearTimeout(t); resolve(); return; }
         ws.addEventListener('close', () => { clearTimeout(t); resolve(); });
-        try { ws.close(1000); } catch { resolve(); }
       });
     }
   }
@@ -433,6 +433,7 @@ export class PimcoreClient {
     entry.promise = new Promise((resolve, reject) => { entry.resolve = resolve; entry.reject = reject; });
     entry.promise.catch(() => {}); // rejections are the caller's business
     this._pending.set(lid, entry);
+    this._refTicker();
     this._fill(now);
     return entry.promise;
   }
@@ -580,6 +581,7 @@ export class PimcoreClient {
     const r = { reqId, frame: frame(name, { req_id: reqId, ...fields }), deadline: now + timeout * 1000, askedAt: now };
     const p = new Promise((resolve, reject) => { r.resolve = resolve; r.reject = reject; });
     this._requests.set(reqId, r);
+    this._refTicker();
     if (this.state === State.ACTIVE) this._sendFrame(r.frame);
     return p;
   }
@@ -620,7 +622,15 @@ export class PimcoreClient {
   serverNow() { return this.opts.now() + this.clockOffset; }
 
   // ------------------------------------------------------------ timers
+  // The ticker keeps a Node process alive only while something waits on it
+  // (a send or a request must time out even with no socket up).
+  _refTicker() {
+    if (!this._ticker) return;
+    if (this._pending.size || this._requests.size) this._ticker.ref?.(); else this._ticker.unref?.();
+  }
+
   _tick() {
+    this._refTicker();
     const now = this.opts.now();
     for (const e of [...this._pending.values()]) {
       if (now >= e.deadline) { this._pending.delete(e.localId); e.reject(new SendTimeout(e.localId)); }

@@ -3,7 +3,7 @@
 // loss, read markers and receipts, groups, resume from a stored position.
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { PimcoreClient, SendError, directConv, ErrorCode, CAP_DEFLATE_DOWN, CAP_DEFLATE_UP } from '../src/index.js';
+import { AuthFailed, PimcoreClient, SendError, directConv, ErrorCode, CAP_DEFLATE_DOWN, CAP_DEFLATE_UP } from '../src/index.js';
 import { deflateCompression } from '../src/deflate.js';
 import { Broker, pimcore, until } from './broker.mjs';
 
@@ -144,5 +144,44 @@ describe('live broker', () => {
     assert.deepEqual(k.view(conv).map(text), ['before', 'during 1', 'during 2', 'after']);
     assert.equal(disc[0].code, 8, 'Close(SHUTDOWN)');
     await k.close(); await l.close();
+  });
+
+  test('a refused token rejects connect() with AuthFailed and ends the client', async () => {
+    const c = new PimcoreClient({ url: broker.url, token: 'not-a-jwt', device: 'x' });
+    await assert.rejects(c.connect(), (e) => e instanceof AuthFailed);
+    assert.equal(c.state, 'CLOSED');
+    await assert.rejects(c.send('d:a:b', 'x'), (e) => e instanceof AuthFailed);
+  });
+
+  test('resync: a cursor from another store is not trusted; state is rebuilt, nothing is lost', async () => {
+    const other = await new Broker().start();
+    try {
+      const conv = directConv('mia', 'noah');
+      const n = new PimcoreClient({ url: other.url, token: other.token('noah'), device: 'd' });
+      const m0 = new PimcoreClient({ url: other.url, token: other.token('mia'), device: 'd' });
+      await n.connect(); await m0.connect();
+      const got = []; n.on('message', (m) => got.push(m));
+      for (let i = 0; i < 3; i++) await m0.send(conv, `old ${i}`);
+      await until(() => got.length === 3 && n.ackedUpto === 3, 5000, 'acked in the other store');
+      const saved = { position: n.takenUpto, epoch: n.epoch };
+      await n.close(); await m0.close();
+      // the same device comes back to `broker` (another history) with that cursor
+      const m = client(broker, 'mia');
+      await m.connect();
+      await m.send(conv, 'new 1');
+      const n2 = client(broker, 'noah', { device: 'd', position: saved.position, epoch: saved.epoch });
+      const resynced = []; n2.on('resynced', (r) => resynced.push(r));
+      await n2.connect();
+      assert.equal(resynced.length, 1);
+      assert.deepEqual(resynced[0].oldEpoch, saved.epoch);
+      assert.notDeepEqual(resynced[0].epoch, saved.epoch);
+      await until(() => n2.received.length === 1, 5000, 'delivery from the floor');
+      assert.deepEqual(n2.received.map(text), ['new 1']);
+      assert.deepEqual(n2.epoch, resynced[0].epoch);
+      const s = await n2.send(conv, 'reply');
+      assert.equal(s.seq, 2, 'seqs of the new history');
+      assert.equal(n2.received[0].after_seq, 0);
+      await m.close(); await n2.close();
+    } finally { await other.dispose(); }
   });
 });
