@@ -41,10 +41,15 @@ def test_static_client_is_the_tested_one() -> None:
     shipped = ROOT / "pimcore" / "web" / "static" / "client"
     src = ROOT / "clients" / "js" / "src"
     names = sorted(p.name for p in shipped.iterdir())
-    assert names == ["client.js", "codec.js", "index.js", "order.js"]
+    assert names == ["client.js", "codec.js", "deflate-core.js", "index.js", "order.js"]
     for name in names:
         assert (shipped / name).read_bytes() == (src / name).read_bytes(), (
             f"pimcore/web/static/client/{name} differs from clients/js/src/{name}: run `npm run sync-web` in clients/js")
+    pako = ROOT / "clients" / "js" / "node_modules" / "pako"
+    if pako.is_dir():  # after npm ci: the vendored browser build is the locked version's
+        vendor = ROOT / "pimcore" / "web" / "static" / "vendor"
+        assert (vendor / "pako.min.js").read_bytes() == (pako / "dist" / "pako.min.js").read_bytes(), "npm run sync-web"
+        assert (vendor / "pako-LICENSE.txt").read_bytes() == (pako / "LICENSE").read_bytes()
 
 
 def test_web_flags_need_their_listeners(tmp_path: Path) -> None:
@@ -62,7 +67,7 @@ def test_web_without_demo_serves_the_page_and_refuses_tokens(tmp_path: Path, pro
     status, ctype, body = _request(base, "GET", "/web/")
     assert status == 200 and ctype.startswith("text/html") and b"pimcore" in body and b"/web/app.js" in body
     for path, kind in (("/web/app.js", "text/javascript"), ("/web/style.css", "text/css"),
-                       ("/web/client/client.js", "text/javascript")):
+                       ("/web/client/client.js", "text/javascript"), ("/web/vendor/pako.min.js", "text/javascript")):
         status, ctype, _ = _request(base, "GET", path)
         assert (status, ctype.split(";")[0]) == (200, kind), path
     status, _, body = _request(base, "GET", "/web/config.json")

@@ -3,7 +3,8 @@
 ``pimcore serve --http URL --listen ws://... --web`` serves a static chat
 page under ``/web/`` (files shipped in ``pimcore/web/static``; the JavaScript
 client in ``static/client`` is a copy of ``clients/js/src``, checked equal by
-tests/test_web.py).  The page talks the binary protocol to the broker's
+tests/test_web.py; ``static/vendor`` holds pako's browser build for the
+deflate streams, with its licence).  The page talks the binary protocol to the broker's
 WebSocket listener with that client; the HTTP listener only hands out the
 files and ``/web/config.json`` (the WebSocket URLs, and whether demo tokens
 are on).
@@ -38,6 +39,7 @@ _TYPES = {
     ".css": "text/css; charset=utf-8",
     ".svg": "image/svg+xml",
     ".json": "application/json",
+    ".txt": "text/plain; charset=utf-8",
 }
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\Z")
 
@@ -73,6 +75,9 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
 
     async def client_file(request: Request) -> tuple[int, Any]:
         return 200, _static(["client", request.params["file"]])
+
+    async def vendor_file(request: Request) -> tuple[int, Any]:
+        return 200, _static(["vendor", request.params["file"]])
 
     async def config(request: Request) -> tuple[int, Any]:
         return 200, {"ws": urls, "demo": demo}
@@ -119,4 +124,5 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
     router.add("POST", "/web/token", token, auth=False)
     router.add("POST", "/web/group", group, auth=False)
     router.add("GET", "/web/client/{file}", client_file, auth=False)
+    router.add("GET", "/web/vendor/{file}", vendor_file, auth=False)
     router.add("GET", "/web/{file}", file, auth=False)

@@ -1,58 +1,12 @@
-// Per-connection deflate streams (PROTOCOL.md section 7.2) on top of pako.
-// Pass `deflateCompression` as the client's `compression` option; without
-// it the client asks for no compression (Login.caps = 0).
+// Per-connection deflate streams (PROTOCOL.md section 7.2) with the pako
+// npm package.  Pass `deflateCompression` as the client's `compression`
+// option; without it the client asks for no compression (Login.caps = 0).
 import pako from 'pako';
-import { CAP_DEFLATE_DOWN, CAP_DEFLATE_UP, ErrorCode, ProtocolError } from './codec.js';
+import { deflateCompressionWith } from './deflate-core.js';
 
-const TAIL = new Uint8Array([0x00, 0x00, 0xff, 0xff]);
-const Z_SYNC_FLUSH = 2;
-
+export { deflateCompressionWith };
+export const deflateCompression = deflateCompressionWith(pako);
 /** The downstream stream: inflate(zbody, maxBytes) -> body. */
-export function createInflater() {
-  const inf = new pako.Inflate({ raw: true, windowBits: 15, chunkSize: 16384 });
-  let chunks = []; let size = 0; let limit = 0; let over = false;
-  inf.onData = (chunk) => {
-    size += chunk.length;
-    if (size > limit) { over = true; throw new ProtocolError(ErrorCode.FRAME_TOO_LARGE, `compressed body inflates to more than ${limit} bytes`); }
-    chunks.push(chunk.slice());
-  };
-  return function inflate(zbody, maxBytes) {
-    chunks = []; size = 0; limit = maxBytes;
-    const data = new Uint8Array(zbody.length + 4);
-    data.set(zbody); data.set(TAIL, zbody.length);
-    try {
-      inf.push(data, Z_SYNC_FLUSH);
-    } catch (e) {
-      if (over) throw e;
-      throw new ProtocolError(ErrorCode.MALFORMED_FRAME, `compressed body does not inflate: ${e.message}`);
-    }
-    if (inf.err) throw new ProtocolError(ErrorCode.MALFORMED_FRAME, `compressed body does not inflate: ${inf.msg}`);
-    if (inf.ended) throw new ProtocolError(ErrorCode.MALFORMED_FRAME, 'compressed body ends the deflate stream (BFINAL)');
-    if (size === 0) throw new ProtocolError(ErrorCode.MALFORMED_FRAME, 'compressed body inflates to 0 bytes');
-    const out = new Uint8Array(size); let o = 0;
-    for (const c of chunks) { out.set(c, o); o += c.length; }
-    return out;
-  };
-}
-
+export const createInflater = deflateCompression.createInflater;
 /** The upstream stream (window 2^11): deflate(body) -> zbody. */
-export function createDeflater() {
-  const def = new pako.Deflate({ raw: true, windowBits: 11, memLevel: 1, level: 6 });
-  let chunks = [];
-  def.onData = (chunk) => { chunks.push(chunk.slice()); };
-  return function deflate(body) {
-    chunks = [];
-    def.push(body, Z_SYNC_FLUSH);
-    let size = 0; for (const c of chunks) size += c.length;
-    const out = new Uint8Array(size); let o = 0;
-    for (const c of chunks) { out.set(c, o); o += c.length; }
-    return out.subarray(0, size - 4); // strip the sync flush's 00 00 ff ff
-  };
-}
-
-export const deflateCompression = Object.freeze({
-  caps: CAP_DEFLATE_DOWN | CAP_DEFLATE_UP,
-  createInflater,
-  createDeflater,
-  minBody: 16,
-});
+export const createDeflater = deflateCompression.createDeflater;

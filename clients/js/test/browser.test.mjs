@@ -64,6 +64,8 @@ describe('web demo in Chromium', { skip }, () => {
     const a = await signIn('alice');
     const b = await signIn('bob');
     assert.match(await a.page.getByTestId('demo-banner').textContent(), /anyone/);
+    // deflate streams both ways, in the browser too (pako's browser build)
+    assert.equal(await a.page.evaluate(() => window.pimcoreClient.compressionCaps), 6);
 
     // 1:1 both ways, unread badge, read mark
     await a.page.getByTestId('peer').fill('bob');

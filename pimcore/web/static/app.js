@@ -2,6 +2,7 @@
 // WebSocket listener, with the JavaScript client (./client/, a copy of
 // clients/js/src).  Plain DOM, re-rendered on every client event.
 import { PimcoreClient, MessageKind, directConv } from '/web/client/index.js';
+import { deflateCompressionWith } from '/web/client/deflate-core.js';
 
 const $ = (sel) => document.querySelector(sel);
 const dec = new TextDecoder();
@@ -168,7 +169,9 @@ async function signIn(user, pasted) {
   const device = localStorage.getItem(`pimcore-demo-device:${user}`) || `web-${Math.random().toString(36).slice(2, 8)}`;
   localStorage.setItem(`pimcore-demo-device:${user}`, device);
   const token = cfg.demo ? async () => (await post('/web/token', { user })).token : pasted;
-  client = new PimcoreClient({ url: wsUrl(), token, device });
+  // deflate streams both ways with pako's browser build (a `pako` global); without it, none
+  const compression = window.pako ? deflateCompressionWith(window.pako) : null;
+  client = new PimcoreClient({ url: wsUrl(), token, device, compression });
   window.pimcoreClient = client; // for the browser tests and curious people
   client.on('state', (s) => {
     const st = $('#status');
