@@ -130,4 +130,27 @@ describe('web demo in Chromium', { skip }, () => {
     console.log(`# screenshot: ${shot}`);
     await a.context.close(); await b.context.close();
   });
+
+  test('without --demo the page asks for a token and mints none', async () => {
+    const plain = await new Broker({ http: true, extra: ['--web'] }).start();
+    const context = await browser.newContext();
+    try {
+      const page = await context.newPage();
+      await page.goto(`${plain.httpUrl}/web/`);
+      await page.getByTestId('token').waitFor({ state: 'visible' });
+      assert.equal(await page.getByTestId('demo-banner').isVisible(), false);
+      assert.equal(await page.getByTestId('user').isVisible(), false);
+      const refused = await page.evaluate(async () => (await fetch('/web/token', { method: 'POST', body: '{"user":"x"}' })).status);
+      assert.equal(refused, 403);
+      await page.getByTestId('signin').click();
+      await page.getByTestId('login-error').filter({ hasText: 'paste a token' }).waitFor();
+      await page.getByTestId('token').fill(plain.token('zoe'));
+      await page.getByTestId('signin').click();
+      await connected(page);
+      assert.match(await page.getByTestId('me').textContent(), /^zoe /);
+    } finally {
+      await context.close();
+      await plain.dispose();
+    }
+  });
 });

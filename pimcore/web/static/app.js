@@ -205,7 +205,10 @@ $('#login').addEventListener('submit', async (ev) => {
   $('#login-error').textContent = '';
   $('#signin').disabled = true;
   try {
-    await signIn($('#user').value.trim(), $('#token').value.trim());
+    const user = $('#user').value.trim();
+    const pasted = $('#token').value.trim();
+    if (cfg.demo ? !user : !pasted) throw new Error(cfg.demo ? 'type a user name' : 'paste a token');
+    await signIn(user || 'token', pasted);
   } catch (e) {
     $('#login-error').textContent = String(e.message || e);
     client = null;
@@ -242,6 +245,7 @@ cfg = await (await fetch('/web/config.json')).json();
 $('#demo-banner').hidden = !cfg.demo;
 $('#token-note').hidden = cfg.demo;
 $('#token-label').hidden = cfg.demo;
+$('#user-label').hidden = !cfg.demo; // with a pasted token the broker says who we are
 if (!cfg.ws.length) $('#login-error').textContent = 'this broker has no ws:// listener';
 const preset = new URLSearchParams(location.search).get('user');
 if (preset && cfg.demo) { $('#user').value = preset; }
