@@ -117,6 +117,10 @@ export class PimcoreClient {
     this._ackTimer = null;
     this._ticker = null;
     this._connectWaiters = [];
+    // One 100 ms ticker runs every timer (retransmits, deadlines, heartbeat);
+    // it holds a Node process open only while a send or request waits.
+    this._ticker = setInterval(() => this._tick(), 100);
+    this._ticker.unref?.();
     this.stats = { connects: 0, retransmits: 0, duplicatesDropped: 0, acksSent: 0, framesIn: 0, framesOut: 0, congestionEvents: 0 };
   }
 
@@ -141,10 +145,6 @@ export class PimcoreClient {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
     const p = new Promise((resolve, reject) => this._connectWaiters.push({ resolve, reject }));
     if (!this._ws && !this._reconnectTimer) this._dial();
-    if (!this._ticker) {
-      this._ticker = setInterval(() => this._tick(), 100);
-      this._ticker.unref?.();
-    }
     return p;
   }
 
@@ -389,8 +389,7 @@ export class PimcoreClient {
 
   _establish(now) {
     this._setState(State.ACTIVE);
-    this._conn.active = true;
-    this._attempt = 0;
+    this._conn.active = true; // the backoff restarts after a connection that lived 5 s (_scheduleReconnect)
     const ack = this.loginAck;
     const ev = { user: this.user, device: this.device, position: ack.position, gap: ack.gap, clockOffset: this.clockOffset, rtt: this.rtt, epoch: this.epoch };
     this._emit('connected', ev);
