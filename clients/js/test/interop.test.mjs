@@ -41,8 +41,12 @@ test('JS <-> Python SDK through one broker (deflate on both)', async () => {
   const receipts = []; js.on('receipt', (r) => receipts.push(r));
   await js.connect();
   const proc = spawn(PYTHON, ['-c', PY, broker.url, broker.token('py')], { env: { ...process.env, PYTHONPATH: REPO } });
-  const lines = []; let err = '';
-  proc.stdout.on('data', (d) => lines.push(...String(d).trim().split('\n').map((l) => JSON.parse(l))));
+  const lines = []; let err = ''; let out = '';
+  proc.stdout.on('data', (d) => { // whole lines only: a chunk may end mid-line
+    out += d;
+    const parts = out.split('\n'); out = parts.pop();
+    for (const l of parts) if (l.trim()) lines.push(JSON.parse(l));
+  });
   proc.stderr.on('data', (d) => { err += d; });
   const exited = new Promise((resolve) => proc.on('exit', resolve));
   try {
