@@ -150,6 +150,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if not config.listeners:
             raise ConfigError("nothing to listen on: give at least one listen URL")
         http_ep = settings.http_endpoint()
+        web = getattr(args, "web", False)
+        if getattr(args, "demo", False) and not web:
+            raise ConfigError("--demo needs --web (it lets the web demo page mint tokens)")
+        if web and http_ep is None:
+            raise ConfigError("--web needs an HTTP listener (--http tcp://HOST:PORT): the page is served there")
+        if web and not any(ep.websocket for ep in settings.endpoints()):
+            raise ConfigError("--web needs a WebSocket listener (--listen ws://HOST:PORT/): the page talks to it")
         secret = _secret(settings)
         auth = JwtAuthenticator(secret)
         webhook = settings.webhook_config()
@@ -194,6 +201,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     from .http import BrokerHttp
 
                     http = BrokerHttp(server, http_config, handle=handle)
+                    if web:
+                        from .web import register_web
+
+                        register_web(http.router, handle, ws_urls=[u for u in server.urls if u.startswith("ws")],
+                                     demo=args.demo)
                     await nursery.start(http.run)
                     assert http.url is not None  # set once listening
                     urls.append(http.url)
@@ -201,6 +213,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                       f" (durability {settings.durability})", flush=True)
                 for url in urls:
                     print(f"listening on {url}", flush=True)
+                if web:
+                    print(f"web demo on {http.url}/web/" + (" (--demo: it mints tokens for ANY user: never expose it)"
+                                                             if args.demo else ""), flush=True)
                 print("ready; Ctrl-C to stop", flush=True)
                 async for sig in signals:
                     print(f"{signal.Signals(sig).name}: shutting down", flush=True)
@@ -355,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int)
     p.add_argument("--http", metavar="URL",
                    help="HTTP listener (health, metrics, server API): tcp://HOST:PORT or tls://HOST:PORT (--cert/--key)")
+    p.add_argument("--web", action="store_true",
+                   help="serve the web chat demo at /web/ on the --http listener (it talks to a ws:// listener)")
+    p.add_argument("--demo", action="store_true",
+                   help="with --web: the page mints tokens for ANY user and creates groups (demos only, never in production)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.add_argument("--log-format", choices=["text", "json"], help="json: one object per line (default text)")
     p.add_argument("--print-config", action="store_true",

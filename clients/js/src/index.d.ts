@@ -1,0 +1,135 @@
+// Type declarations for @pimcore/client (PIM wire protocol v2; docs/PROTOCOL.md).
+
+/** `u`/`s` fields: a number when it fits in Number.MAX_SAFE_INTEGER, else a bigint. */
+export type Int = number | bigint;
+
+export declare const PROTOCOL_VERSION: 2;
+export declare const CAP_ZSTD: 1;
+export declare const CAP_DEFLATE_DOWN: 2;
+export declare const CAP_DEFLATE_UP: 4;
+export declare const FrameType: Readonly<Record<string, number>>;
+export declare const ErrorCode: Readonly<Record<string, number>>;
+export declare const CloseCode: Readonly<Record<string, number>>;
+export declare const MessageKind: Readonly<{ MESSAGE: 0; JOINED: 1; LEFT: 2 }>;
+export declare function codeName(table: Readonly<Record<string, number>>, code: number): string;
+
+/** A decoded frame: `type`, `name` and the frame's fields (wire names, snake_case). */
+export interface Frame { type: number; name: string; [field: string]: unknown }
+
+export interface Message {
+  position: Int; msg_id: Uint8Array; conv: string; seq: Int; sender: string; device: string;
+  client_time: Int; server_time: Int; payload: Uint8Array; kind: number; local_id: Int; after_seq: Int;
+}
+export interface ReadState { conv: string; read_seq: Int; last_seq: Int; unread: Int }
+export interface Reader { user: string; read_seq: Int }
+
+export declare class ProtocolError extends Error { code: number; frames?: Frame[] }
+export declare class EncodeError extends TypeError {}
+export declare function encodeBody(frame: Frame): Uint8Array;
+export declare function encodeFrame(frame: Frame): Uint8Array;
+export declare function frameBytes(type: number, body: Uint8Array, flags?: number): Uint8Array;
+export declare function decodeBody(type: number, body: Uint8Array): Frame;
+export declare function frame(name: string, fields: Record<string, unknown>): Frame;
+export declare function directConv(a: string, b: string): string;
+export declare class FrameDecoder {
+  constructor(options?: { maxFrameSize?: number });
+  maxFrameSize: number;
+  /** Set once downstream compression is active: (zbody, maxBytes) -> body. */
+  inflate: ((zbody: Uint8Array, maxBytes: number) => Uint8Array) | null;
+  push(data: Uint8Array): void;
+  next(): Frame | null;
+  feed(data: Uint8Array): Frame[];
+}
+
+export interface Orderable {
+  sender: string; device: string; local_id: Int; after_seq: Int; seq: Int;
+  client_time: Int; server_time: Int; msg_id: Uint8Array;
+}
+export declare function interleave(items: Orderable[]): number[];
+export declare function displayOrder<M extends Orderable>(messages: M[]): M[];
+
+export interface Compression {
+  caps: number;
+  minBody?: number;
+  createInflater(): (zbody: Uint8Array, maxBytes: number) => Uint8Array;
+  createDeflater(): (body: Uint8Array) => Uint8Array;
+}
+
+export interface ClientOptions {
+  url: string;
+  /** A JWT (PROTOCOL.md section 8), or a function returning a fresh one at every (re)connect. */
+  token: string | Uint8Array | (() => string | Uint8Array | Promise<string | Uint8Array>);
+  device?: string;
+  /** The resume cursor (taken position) and the epoch it came from, as saved from a previous run. */
+  position?: number;
+  epoch?: Uint8Array | string | null;
+  /** `deflateCompression` from '@pimcore/client/deflate', or null for Login.caps 0. */
+  compression?: Compression | null;
+  WebSocket?: unknown;
+  ackTimeout?: number; sendTimeout?: number; connectTimeout?: number; ackDelay?: number; // ms
+  timeSamples?: number; backoffInitial?: number; backoffMax?: number; deadAfter?: number;
+  viewLimit?: number; reconnect?: boolean;
+  /** The device clock in µs (default Date.now() * 1000). */
+  now?: () => number;
+}
+
+export interface Sent { local_id: Int; conv: string; msg_id: Uint8Array; seq: Int; server_time: Int; client_time: Int }
+export interface Connected { user: string; device: string; position: Int; gap: boolean; clockOffset: number; rtt: number; epoch: Uint8Array }
+
+export interface ClientEvents {
+  connected: Connected;
+  disconnected: { code: number | null; reason: string };
+  message: Message;
+  sent: Sent;
+  readstate: ReadState;
+  receipt: { conv: string; reader: string; seq: Int };
+  resynced: { oldEpoch: Uint8Array; epoch: Uint8Array; position: Int };
+  sendsStalled: { code: number; pending: number; since: number };
+  sendsResumed: { since: number; pending: number };
+  error: { code: number; ref: Int; reason: string };
+  closed: Error;
+  state: State;
+}
+
+export type State = 'DISCONNECTED' | 'AWAITING_LOGIN_ACK' | 'CALIBRATING' | 'ACTIVE' | 'CLOSED';
+export declare const State: Readonly<Record<State, State>>;
+
+export declare class PimcoreClient {
+  constructor(options: ClientOptions);
+  readonly device: string;
+  readonly user: string | null;
+  readonly state: State;
+  readonly error: Error | null;
+  /** Resume cursor: save with `epoch` to resume after a restart. */
+  readonly takenUpto: number;
+  readonly ackedUpto: number;
+  readonly epoch: Uint8Array;
+  readonly clockOffset: number;
+  readonly rtt: number;
+  readonly compressionCaps: number;
+  readonly sendWindow: number;
+  on<K extends keyof ClientEvents>(name: K, fn: (ev: ClientEvents[K]) => void): () => void;
+  connect(): Promise<Connected>;
+  close(): Promise<void>;
+  dropConnection(reason?: string): void;
+  reconnectNow(): void;
+  send(conv: string, payload: Uint8Array | string, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  pendingSends(): number[];
+  markRead(conv: string, seq: number): void;
+  readState(conv: string): ReadState | undefined;
+  unread(conv: string): number;
+  conversations(): ReadState[];
+  receipt(conv: string, reader: string): number;
+  history(conv: string, options?: { fromSeq?: number; limit?: number; backward?: boolean; timeout?: number }): Promise<{ messages: Message[]; more: boolean }>;
+  readers(conv: string, options?: { timeout?: number }): Promise<Reader[]>;
+  view(conv: string): Message[];
+  serverNow(): number;
+}
+
+export declare class SendError extends Error { code: number; reason: string }
+export declare class SendTimeout extends Error { localId: number }
+export declare class ClientClosed extends Error {}
+export declare class AuthFailed extends Error {}
+export declare class RequestTimeout extends Error {}
+export declare function toHex(b: Uint8Array): string;
+export declare function fromHex(s: string): Uint8Array;

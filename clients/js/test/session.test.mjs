@@ -1,0 +1,125 @@
+// The client's protocol rules against a scripted fake broker (a fake
+// WebSocket): retransmits with the same bytes, resend after a reconnect,
+// transient refusals, PushAck only after the handlers ran, malformed bytes.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { FrameDecoder, encodeFrame, frame, CloseCode, ErrorCode } from '../src/codec.js';
+import { PimcoreClient, SendError, SendTimeout } from '../src/client.js';
+
+class FakeWS {
+  static all = [];
+  constructor(url) { this.url = url; this.readyState = 0; this.sent = []; this.dec = new FrameDecoder(); FakeWS.all.push(this); setTimeout(() => { this.readyState = 1; this.onopen?.(); }); }
+  send(bytes) { this.sent.push(Uint8Array.from(bytes)); this.frames = (this.frames || []).concat(this.dec.feed(bytes)); }
+  close() { this.readyState = 3; }
+  deliver(...frames) { for (const f of frames) this.onmessage?.({ data: encodeFrame(f).buffer }); }
+  drop() { this.readyState = 3; this.onclose?.({}); }
+  of(name) { return (this.frames || []).filter((f) => f.name === name); }
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const EPOCH = new Uint8Array(16).fill(7);
+function loginAck(extra = {}) {
+  return frame('LoginAck', { user: 'u', device: 'd', server_time: 1, position: 0, head: 0, gap: false, max_frame: 1 << 20,
+    max_payload: 65536, window: 4, heartbeat_ms: 0, caps: 0, epoch: EPOCH, resync: false, ...extra });
+}
+async function connected(c) {
+  const p = c.connect();
+  await sleep(5);
+  const ws = FakeWS.all.at(-1);
+  const login = ws.of('Login')[0];
+  const cal = ws.of('CalibrateReq')[0];
+  ws.deliver(loginAck(), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time + 1000 }));
+  await p;
+  return { ws, login };
+}
+function make(opts = {}) {
+  return new PimcoreClient({ url: 'ws://fake/', token: 't', device: 'd', WebSocket: FakeWS, ackTimeout: 100, timeSamples: 1, ackDelay: 5, ...opts });
+}
+
+test('a SendReq is retransmitted with the same bytes after ackTimeout, and resent after a reconnect', async () => {
+  const c = make({ backoffInitial: 1 });
+  const { ws } = await connected(c);
+  assert.ok(Math.abs(c.clockOffset - (1000 - c.rtt / 2)) <= 1, 'offset = server_time - (t0 + t1) / 2');
+  const p = c.send('d:u:v', 'x');
+  await sleep(5);
+  const first = ws.sent.at(-1);
+  await sleep(250);
+  const reqs = ws.of('SendReq');
+  assert.ok(reqs.length >= 2, 'retransmitted');
+  assert.deepEqual(ws.sent.at(-1), first, 'the very same bytes');
+  assert.ok(c.stats.retransmits >= 1);
+  ws.drop();
+  await sleep(30);
+  const ws2 = FakeWS.all.at(-1);
+  assert.notEqual(ws2, ws);
+  const login2 = ws2.of('Login')[0];
+  assert.deepEqual(login2.epoch, EPOCH, 'the epoch of the cursor goes back');
+  const cal = ws2.of('CalibrateReq')[0];
+  ws2.deliver(loginAck(), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await sleep(5);
+  const again = ws2.of('SendReq');
+  assert.equal(again.length, 1);
+  assert.equal(again[0].local_id, reqs[0].local_id);
+  ws2.deliver(frame('SendAck', { local_id: again[0].local_id, code: 0, msg_id: new Uint8Array(16), seq: 1, server_time: 5 }));
+  assert.equal((await p).seq, 1);
+  await c.close();
+});
+
+test('transient refusals are retried with the same local id after a hold; final ones reject', async () => {
+  const c = make();
+  const { ws } = await connected(c);
+  const p = c.send('d:u:v', 'x');
+  const q = c.send('d:u:v', 'y');
+  await sleep(5);
+  const [a, b] = ws.of('SendReq');
+  ws.deliver(frame('SendAck', { local_id: a.local_id, code: ErrorCode.RATE_LIMITED, msg_id: new Uint8Array(0), seq: 0, server_time: 0 }));
+  ws.deliver(frame('Error', { code: ErrorCode.REJECTED, ref: b.local_id, reason: 'no swearing' }),
+    frame('SendAck', { local_id: b.local_id, code: ErrorCode.REJECTED, msg_id: new Uint8Array(0), seq: 0, server_time: 0 }));
+  await assert.rejects(q, (e) => e instanceof SendError && e.code === ErrorCode.REJECTED && e.reason === 'no swearing');
+  assert.equal(c.stats.congestionEvents, 1);
+  await sleep(300);
+  const retry = ws.of('SendReq').filter((f) => f.local_id === a.local_id);
+  assert.ok(retry.length >= 2, 'sent again after the hold');
+  ws.deliver(frame('SendAck', { local_id: a.local_id, code: 0, msg_id: new Uint8Array(16), seq: 3, server_time: 9 }));
+  assert.equal((await p).seq, 3);
+  await c.close();
+});
+
+test('send timeout', async () => {
+  const c = make({ reconnect: false });
+  await connected(c);
+  await assert.rejects(c.send('d:u:v', 'x', { timeout: 150 }), (e) => e instanceof SendTimeout);
+  await c.close();
+});
+
+test('PushAck: cumulative, after the handlers ran; a re-push is dropped', async () => {
+  const c = make();
+  const { ws } = await connected(c);
+  const seen = [];
+  c.on('message', (m) => { seen.push(m.seq); assert.equal(ws.of('PushAck').length, 0, 'not acked before the handler'); });
+  const msg = (position, seq) => ({ position, msg_id: Uint8Array.of(seq), conv: 'd:u:v', seq, sender: 'v', device: 'x', client_time: 1, server_time: seq, payload: new Uint8Array(0), kind: 0, local_id: seq, after_seq: 0 });
+  ws.deliver(frame('Push', { position: 2, messages: [msg(1, 1), msg(2, 2)] }), frame('Push', { position: 4, messages: [msg(4, 3)] }));
+  await sleep(30);
+  assert.deepEqual(ws.of('PushAck').map((f) => f.position), [4]);
+  ws.deliver(frame('Push', { position: 4, messages: [msg(4, 3)] }));
+  assert.deepEqual(seen, [1, 2, 3]);
+  assert.equal(c.stats.duplicatesDropped, 1);
+  assert.equal(c.unread('d:u:v'), 3);
+  await c.close();
+  assert.equal(ws.of('Close')[0].code, CloseCode.NORMAL);
+});
+
+test('malformed bytes: Close(PROTOCOL_ERROR), the connection is dropped, frames before it count', async () => {
+  const c = make({ backoffInitial: 10000 });
+  const { ws } = await connected(c);
+  const disc = []; c.on('disconnected', (d) => disc.push(d));
+  const good = encodeFrame(frame('ReadReceipt', { conv: 'd:u:v', reader: 'v', seq: 2 }));
+  const bad = Uint8Array.of(0x03, 0x30, 0x0e, 0x00); // version 3
+  const both = new Uint8Array(good.length + bad.length); both.set(good); both.set(bad, good.length);
+  ws.onmessage({ data: both.buffer });
+  assert.equal(c.receipt('d:u:v', 'v'), 2);
+  assert.equal(ws.of('Close')[0].code, CloseCode.PROTOCOL_ERROR);
+  assert.match(disc[0].reason, /UNSUPPORTED_VERSION/);
+  assert.equal(c.state, 'DISCONNECTED');
+  await c.close();
+});

@@ -1,0 +1,128 @@
+"""The web demo: a chat page served on the broker's HTTP listener.
+
+``pimcore serve --http URL --listen ws://... --web`` serves a static chat
+page under ``/web/`` (files shipped in ``pimcore/web/static``; the JavaScript
+client in ``static/client`` is a copy of ``clients/js/src``, checked equal by
+tests/test_web.py; ``static/vendor`` holds pako's browser build for the
+deflate streams, with its licence).  The page talks the binary protocol to the broker's
+WebSocket listener with that client; the HTTP listener only hands out the
+files and ``/web/config.json`` (the WebSocket URLs, and whether demo tokens
+are on).
+
+``--demo`` adds ``POST /web/token`` (``{"user": U}`` -> ``{"token": T}``, a
+1-hour token for ANY user id, no password) and ``POST /web/group``
+(``{"name": G, "members": [...]}``: create the group, or add the members).
+Without ``--demo`` both answer 403 ``forbidden`` and the page asks for a
+token (``pimcore token --user U``).  The page says so visibly when tokens are
+minted for anyone; never run ``--demo`` where strangers can reach it.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ..http.server import HttpError, RawBody, Request, Router
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..embed import Pimcore
+
+__all__ = ["register_web", "STATIC"]
+
+#: The shipped files (a Traversable inside the package).
+STATIC = resources.files(__package__) / "static"
+
+_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".json": "application/json",
+    ".txt": "text/plain; charset=utf-8",
+}
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\Z")
+
+
+def _static(parts: Sequence[str]) -> RawBody:
+    # Only plain names of files that exist in the shipped tree: no "..", no
+    # hidden files, no directories; the path never leaves STATIC.
+    node = STATIC
+    for part in parts:
+        if not _NAME.match(part) or ".." in part:
+            raise HttpError(404, "not_found", "no such file")
+        node = node / part
+    suffix = "." + parts[-1].rsplit(".", 1)[-1] if "." in parts[-1] else ""
+    if suffix not in _TYPES or not node.is_file():
+        raise HttpError(404, "not_found", "no such file")
+    return RawBody(_TYPES[suffix], node.read_bytes())
+
+
+def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], demo: bool = False) -> None:
+    """Route the demo under ``/web/`` on ``router`` (no API key needed).
+
+    ``ws_urls``: the broker's ws:// / wss:// listener URLs (the page picks
+    the first; a 0.0.0.0 or :: host is replaced by the page's own host).
+    ``demo``: mint tokens for any user and create groups (see the module
+    docstring)."""
+    urls = list(ws_urls)
+
+    async def index(request: Request) -> tuple[int, Any]:
+        return 200, _static(["index.html"])
+
+    async def file(request: Request) -> tuple[int, Any]:
+        return 200, _static([request.params["file"]])
+
+    async def client_file(request: Request) -> tuple[int, Any]:
+        return 200, _static(["client", request.params["file"]])
+
+    async def vendor_file(request: Request) -> tuple[int, Any]:
+        return 200, _static(["vendor", request.params["file"]])
+
+    async def config(request: Request) -> tuple[int, Any]:
+        return 200, {"ws": urls, "demo": demo}
+
+    def _need_demo() -> None:
+        if not demo:
+            raise HttpError(403, "forbidden", "demo tokens are off: start the broker with `pimcore serve --web --demo`,"
+                                              " or paste a token from `pimcore token --user USER`")
+
+    async def token(request: Request) -> tuple[int, Any]:
+        _need_demo()
+        body = request.json()
+        user = body.get("user") if isinstance(body, dict) else None
+        if not isinstance(user, str):
+            raise HttpError(400, "bad_request", 'the body must be {"user": "<user id>"}')
+        try:
+            return 200, {"token": handle.issue_token(user, ttl=3600), "user": user, "ttl": 3600}
+        except ValueError as exc:
+            raise HttpError(400, "bad_request", f"invalid user id: {exc}") from None
+
+    async def group(request: Request) -> tuple[int, Any]:
+        _need_demo()
+        from ..embed import RequestRefused
+
+        body = request.json()
+        name = body.get("name") if isinstance(body, dict) else None
+        members = body.get("members") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not isinstance(members, list) or not all(isinstance(m, str) for m in members) or not members:
+            raise HttpError(400, "bad_request", 'the body must be {"name": "<group id>", "members": ["<user id>", ...]}')
+        try:
+            try:
+                await handle.create_group(name, members)
+            except RequestRefused as exc:  # it exists: add the members instead
+                if exc.code.name != "ALREADY_EXISTS":
+                    raise
+                await handle.add_members(name, members)
+        except RequestRefused as exc:
+            raise HttpError(400, "bad_request", f"group {name!r}: {exc.code.name}") from None
+        return 200, {"name": name, "members": members}
+
+    router.add("GET", "/web", index, auth=False)
+    router.add("GET", "/web/", index, auth=False)
+    router.add("GET", "/web/config.json", config, auth=False)
+    router.add("POST", "/web/token", token, auth=False)
+    router.add("POST", "/web/group", group, auth=False)
+    router.add("GET", "/web/client/{file}", client_file, auth=False)
+    router.add("GET", "/web/vendor/{file}", vendor_file, auth=False)
+    router.add("GET", "/web/{file}", file, auth=False)

@@ -1,0 +1,251 @@
+// The web demo: one page = one device of one user, over the broker's
+// WebSocket listener, with the JavaScript client (./client/, a copy of
+// clients/js/src).  Plain DOM, re-rendered on every client event.
+import { PimcoreClient, MessageKind, directConv } from '/web/client/index.js';
+import { deflateCompressionWith } from '/web/client/deflate-core.js';
+
+const $ = (sel) => document.querySelector(sel);
+const dec = new TextDecoder();
+const text = (m) => dec.decode(m.payload);
+
+let cfg = { ws: [], demo: false };
+let client = null;
+let me = null;
+let current = null; // the open conversation
+const known = new Set(); // conversations in the list
+const fetched = new Set(); // conversations whose recent history was fetched
+const pending = new Map(); // conv -> [{key, text}] sends not acked yet
+const groupReads = new Map(); // conv -> [{user, read_seq}]
+let keySeq = 0;
+
+function wsUrl() {
+  const u = new URL(cfg.ws[0]);
+  if (u.hostname === '0.0.0.0' || u.hostname === '[::]') u.hostname = location.hostname;
+  if (location.protocol === 'https:' && u.protocol === 'ws:') u.protocol = 'wss:';
+  return u.toString();
+}
+
+function title(conv) {
+  if (conv.startsWith('d:')) {
+    const [, a, b] = conv.split(':');
+    return a === me ? b : a;
+  }
+  return `# ${conv}`;
+}
+
+async function post(path, body) {
+  const r = await fetch(path, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+  const j = await r.json();
+  if (!r.ok) throw new Error(j.error ? j.error.message : `HTTP ${r.status}`);
+  return j;
+}
+
+// ------------------------------------------------------------ rendering
+let scheduled = false;
+function render() {
+  if (scheduled) return;
+  scheduled = true;
+  setTimeout(() => { scheduled = false; draw(); }, 0);
+}
+
+function draw() {
+  const list = $('#convs');
+  list.textContent = '';
+  const convs = [...known].sort((a, b) => lastTime(b) - lastTime(a) || (a < b ? -1 : 1));
+  for (const conv of convs) {
+    const li = document.createElement('li');
+    li.dataset.conv = conv;
+    li.dataset.testid = 'conv';
+    if (conv === current) li.className = 'current';
+    const name = document.createElement('span'); name.textContent = title(conv);
+    const badge = document.createElement('span'); badge.className = 'badge';
+    const n = client ? client.unread(conv) : 0;
+    badge.textContent = String(n); badge.dataset.unread = String(n); badge.dataset.testid = 'badge';
+    li.append(name, badge);
+    li.onclick = () => open(conv);
+    list.append(li);
+  }
+  const ul = $('#messages');
+  ul.textContent = '';
+  if (!current) return;
+  $('#chat-title').textContent = title(current);
+  const peer = current.startsWith('d:') ? title(current) : null;
+  for (const m of client.view(current)) {
+    const li = document.createElement('li');
+    li.className = 'msg';
+    li.dataset.seq = String(m.seq);
+    if (m.kind !== MessageKind.MESSAGE) {
+      li.classList.add('notice');
+      const by = dec.decode(m.payload);
+      li.textContent = `${m.sender} ${m.kind === MessageKind.JOINED ? 'joined' : 'left'}${by ? ` (by ${by})` : ''}`;
+      ul.append(li); continue;
+    }
+    const mine = m.sender === me;
+    li.dataset.mine = String(mine);
+    const who = document.createElement('span'); who.className = 'who'; who.textContent = mine ? 'me' : (m.sender || 'system');
+    const body = document.createElement('span'); body.className = 'text'; body.textContent = text(m);
+    li.append(who, body);
+    if (mine) {
+      const read = peer ? client.receipt(current, peer) >= m.seq
+        : (groupReads.get(current) || []).some((r) => r.user !== me && r.read_seq >= m.seq);
+      li.append(markSpan(read ? 'read' : 'delivered'));
+    }
+    ul.append(li);
+  }
+  for (const p of pending.get(current) || []) {
+    const li = document.createElement('li');
+    li.className = 'msg'; li.dataset.mine = 'true'; li.dataset.pending = 'true';
+    const who = document.createElement('span'); who.className = 'who'; who.textContent = 'me';
+    const body = document.createElement('span'); body.className = 'text'; body.textContent = p.text;
+    li.append(who, body, markSpan(p.failed ? 'failed' : 'sending'));
+    ul.append(li);
+  }
+  ul.scrollTop = ul.scrollHeight;
+}
+
+function markSpan(mark) {
+  const s = document.createElement('span');
+  s.className = 'mark'; s.dataset.mark = mark; s.dataset.testid = 'mark';
+  s.textContent = { sending: '⏳ sending', delivered: '✓ delivered', read: '✓✓ read', failed: '✗ failed' }[mark];
+  s.title = { sending: 'not acked by the broker yet', delivered: 'stored by the broker', read: 'read by the recipient', failed: 'refused' }[mark];
+  return s;
+}
+
+const lastTimes = new Map();
+function lastTime(conv) { return lastTimes.get(conv) || 0; }
+
+// ------------------------------------------------------------ behaviour
+function addConv(conv) {
+  if (!known.has(conv)) { known.add(conv); render(); }
+  if (!fetched.has(conv) && client && client.state === 'ACTIVE') {
+    fetched.add(conv);
+    client.history(conv, { backward: true, limit: 50 }).then(() => { markIfOpen(); render(); }, () => fetched.delete(conv));
+  }
+}
+
+function markIfOpen() {
+  if (!current || document.visibilityState !== 'visible') return;
+  const v = client.view(current);
+  const last = v.length ? v[v.length - 1].seq : 0;
+  const rs = client.readState(current);
+  const target = Math.max(last, rs ? rs.last_seq : 0);
+  if (target > 0 && (!rs || rs.read_seq < target)) client.markRead(current, target);
+}
+
+async function refreshGroupReads() {
+  if (!current || current.startsWith('d:') || !client || client.state !== 'ACTIVE') return;
+  const conv = current;
+  try { groupReads.set(conv, await client.readers(conv)); render(); } catch { /* not a member any more */ }
+}
+
+function open(conv) {
+  current = conv;
+  addConv(conv);
+  $('#compose').hidden = false;
+  markIfOpen();
+  refreshGroupReads();
+  render();
+  $('#text').focus();
+}
+
+async function sendText(conv, body) {
+  const entry = { key: ++keySeq, text: body };
+  if (!pending.has(conv)) pending.set(conv, []);
+  pending.get(conv).push(entry);
+  lastTimes.set(conv, Date.now());
+  render();
+  try {
+    await client.send(conv, body);
+    pending.set(conv, pending.get(conv).filter((p) => p !== entry));
+  } catch (e) {
+    entry.failed = true;
+    console.warn('send failed', e);
+  }
+  refreshGroupReads();
+  render();
+}
+
+async function signIn(user, pasted) {
+  const device = localStorage.getItem(`pimcore-demo-device:${user}`) || `web-${Math.random().toString(36).slice(2, 8)}`;
+  localStorage.setItem(`pimcore-demo-device:${user}`, device);
+  const token = cfg.demo ? async () => (await post('/web/token', { user })).token : pasted;
+  // deflate streams both ways with pako's browser build (a `pako` global); without it, none
+  const compression = window.pako ? deflateCompressionWith(window.pako) : null;
+  client = new PimcoreClient({ url: wsUrl(), token, device, compression });
+  window.pimcoreClient = client; // for the browser tests and curious people
+  client.on('state', (s) => {
+    const st = $('#status');
+    st.dataset.state = s;
+    st.textContent = { ACTIVE: 'connected', DISCONNECTED: 'reconnecting…', AWAITING_LOGIN_ACK: 'logging in…', CALIBRATING: 'logging in…', CLOSED: 'closed' }[s];
+  });
+  client.on('connected', () => { for (const c of known) addConv(c); markIfOpen(); refreshGroupReads(); render(); });
+  client.on('message', (m) => { lastTimes.set(m.conv, m.server_time / 1000); addConv(m.conv); if (m.conv === current) markIfOpen(); render(); });
+  client.on('readstate', (rs) => { addConv(rs.conv); render(); });
+  client.on('receipt', () => render());
+  client.on('sent', () => render());
+  client.on('resynced', () => { fetched.clear(); render(); });
+  client.on('closed', (e) => { $('#login-error').textContent = String(e.message || e); });
+  await client.connect();
+  me = client.user;
+  $('#me').textContent = `${me} (${device})`;
+  $('#login').hidden = true;
+  $('#app').hidden = false;
+  $('#new-group').hidden = !cfg.demo;
+}
+
+// The browser knows when the network goes: drop the socket at once (the
+// heartbeat would notice in a few seconds anyway) and come back at once.
+window.addEventListener('offline', () => client && client.dropConnection('the browser went offline'));
+window.addEventListener('online', () => client && client.reconnectNow());
+document.addEventListener('visibilitychange', () => client && markIfOpen());
+setInterval(refreshGroupReads, 3000);
+
+$('#login').addEventListener('submit', async (ev) => {
+  ev.preventDefault();
+  $('#login-error').textContent = '';
+  $('#signin').disabled = true;
+  try {
+    const user = $('#user').value.trim();
+    const pasted = $('#token').value.trim();
+    if (cfg.demo ? !user : !pasted) throw new Error(cfg.demo ? 'type a user name' : 'paste a token');
+    await signIn(user || 'token', pasted);
+  } catch (e) {
+    $('#login-error').textContent = String(e.message || e);
+    client = null;
+  } finally {
+    $('#signin').disabled = false;
+  }
+});
+$('#new-chat').addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  const peer = $('#peer').value.trim();
+  if (!peer || peer === me) return;
+  $('#peer').value = '';
+  open(directConv(me, peer));
+});
+$('#new-group').addEventListener('submit', async (ev) => {
+  ev.preventDefault();
+  const name = $('#group-name').value.trim();
+  const members = [me, ...$('#group-members').value.split(/[\s,]+/).filter(Boolean)];
+  try {
+    await post('/web/group', { name, members });
+    $('#group-name').value = ''; $('#group-members').value = '';
+    open(name);
+  } catch (e) { alert(e.message); }
+});
+$('#compose').addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  const body = $('#text').value;
+  if (!body || !current) return;
+  $('#text').value = '';
+  sendText(current, body);
+});
+
+cfg = await (await fetch('/web/config.json')).json();
+$('#demo-banner').hidden = !cfg.demo;
+$('#token-note').hidden = cfg.demo;
+$('#token-label').hidden = cfg.demo;
+$('#user-label').hidden = !cfg.demo; // with a pasted token the broker says who we are
+if (!cfg.ws.length) $('#login-error').textContent = 'this broker has no ws:// listener';
+const preset = new URLSearchParams(location.search).get('user');
+if (preset && cfg.demo) { $('#user').value = preset; }

@@ -1,0 +1,676 @@
+// PimcoreClient: one device of one user over a WebSocket, following the
+// reference session (pimcore/client_session.py, docs/CLIENT.md "The client
+// session") for everything the protocol promises: sends with local ids that
+// are retried until acked, cumulative PushAcks only after the application
+// was handed the messages, resume from the stored position and epoch,
+// calibration, read markers sent again until confirmed, reconnects.
+//
+// Runs in browsers and in Node >= 20 (`node --experimental-websocket`, or
+// pass a WebSocket class such as the `ws` package's as `WebSocket`).
+import {
+  CloseCode, ErrorCode, FrameDecoder, FrameType, MessageKind, ProtocolError, codeName,
+  encodeBody, frame, frameBytes,
+} from './codec.js';
+import { displayOrder } from './order.js';
+
+export const State = Object.freeze({
+  DISCONNECTED: 'DISCONNECTED', AWAITING_LOGIN_ACK: 'AWAITING_LOGIN_ACK', CALIBRATING: 'CALIBRATING',
+  ACTIVE: 'ACTIVE', CLOSED: 'CLOSED',
+});
+
+/** A send or request the broker refused for good (`code`: ErrorCode). */
+export class SendError extends Error {
+  constructor(code, reason = '') {
+    super(`${codeName(ErrorCode, code)}${reason ? `: ${reason}` : ''}`);
+    this.name = 'SendError'; this.code = code; this.reason = reason;
+  }
+}
+/** No SendAck within the send's timeout; the message may have been stored (send again with `localId`). */
+export class SendTimeout extends Error {
+  constructor(localId) { super(`no SendAck for local id ${localId}`); this.name = 'SendTimeout'; this.localId = localId; }
+}
+/** The client was closed (by the application, or Close(REPLACED/KICKED) from the broker). */
+export class ClientClosed extends Error {
+  constructor(reason) { super(reason); this.name = 'ClientClosed'; }
+}
+/** The broker refused the token (Close(AUTH_FAILED) or TOKEN_REVOKED). */
+export class AuthFailed extends Error {
+  constructor(reason) { super(reason); this.name = 'AuthFailed'; }
+}
+/** A history or readers request unanswered within its timeout. */
+export class RequestTimeout extends Error {
+  constructor(what) { super(`${what}: no answer in time`); this.name = 'RequestTimeout'; }
+}
+
+const FINAL_CODES = new Set([ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_CONVERSATION, ErrorCode.NOT_MEMBER,
+  ErrorCode.PAYLOAD_TOO_LARGE, ErrorCode.DUPLICATE_CONFLICT, ErrorCode.REJECTED]);
+const QUICK_RECONNECT = new Set([CloseCode.SHUTDOWN, CloseCode.IDLE_TIMEOUT, CloseCode.TOKEN_EXPIRED, CloseCode.NORMAL]);
+const utf8 = new TextEncoder();
+
+export function toHex(b) { return Array.from(b, (x) => x.toString(16).padStart(2, '0')).join(''); }
+export function fromHex(s) {
+  const out = new Uint8Array(s.length / 2);
+  for (let i = 0; i < out.length; i++) out[i] = parseInt(s.slice(2 * i, 2 * i + 2), 16);
+  return out;
+}
+
+function wallUs() { return Date.now() * 1000; }
+
+const DEFAULTS = {
+  device: 'web',
+  position: 0,
+  epoch: null, // Uint8Array or hex string: the LoginAck.epoch `position` came from
+  compression: null, // e.g. deflateCompression from './deflate.js'; null = Login.caps 0
+  ackTimeout: 5000, // ms: retransmit a SendReq, time out a calibration sample
+  sendTimeout: 60000, // ms: a send (or history/readers request) fails with SendTimeout
+  connectTimeout: 10000, // ms: no LoginAck -> drop the connection and retry
+  ackDelay: 20, // ms: PushAcks are batched this long
+  timeSamples: 5,
+  backoffInitial: 100, // ms
+  backoffMax: 10000, // ms
+  deadAfter: 3, // heartbeat intervals of silence from the broker -> dead link
+  viewLimit: 1000,
+  reconnect: true,
+  now: wallUs, // µs, the device clock messages are stamped with
+};
+
+/**
+ * One device of one user.  Events (`on(name, fn)`): connected, disconnected,
+ * message, readstate, receipt, resynced, sendsStalled, sendsResumed, error,
+ * closed, state.  See index.d.ts for the shapes.
+ */
+export class PimcoreClient {
+  constructor(options) {
+    this.opts = { ...DEFAULTS, ...options };
+    if (!this.opts.url) throw new TypeError('url is required');
+    if (!this.opts.token) throw new TypeError('token is required (a string, or a function returning one)');
+    this.WebSocket = this.opts.WebSocket || globalThis.WebSocket;
+    if (!this.WebSocket) throw new TypeError('no WebSocket: pass options.WebSocket (Node 20: run with --experimental-websocket)');
+    this.device = this.opts.device;
+    this.user = null;
+    this.state = State.DISCONNECTED;
+    this.error = null;
+    const ep = this.opts.epoch;
+    this.epoch = ep == null ? new Uint8Array(0) : typeof ep === 'string' ? fromHex(ep) : ep;
+    // Positions (docs/CLIENT.md "Receiving"): taken = handed to the app = what Login.position carries.
+    this.takenUpto = this.opts.position;
+    this.ackedUpto = 0;
+    this.clockOffset = 0; // µs: server clock - device clock
+    this.rtt = -1;
+    this._listeners = new Map();
+    this._pending = new Map(); // local id -> send entry
+    this._lastLocalId = 0;
+    this._lastStamp = 0;
+    this._cwnd = 65536;
+    this._tx = 0; this._recover = 0; this._refusals = 0; this._holdUntil = 0;
+    this._stall = null;
+    this._seen = new Map(); // conv -> highest seq seen (after_seq of the next send)
+    this._readStates = new Map();
+    this._wanted = new Map(); // conv -> read marker not yet confirmed
+    this._receipts = new Map();
+    this._views = new Map();
+    this._requests = new Map(); // req id -> history / readers request
+    this._nextReqId = 1;
+    this._ws = null;
+    this._attempt = 0;
+    this._reconnectTimer = null;
+    this._ackTimer = null;
+    this._ticker = null;
+    this._connectWaiters = [];
+    // One 100 ms ticker runs every timer (retransmits, deadlines, heartbeat);
+    // it holds a Node process open only while a send or request waits.
+    this._ticker = setInterval(() => this._tick(), 100);
+    this._ticker.unref?.();
+    this.stats = { connects: 0, retransmits: 0, duplicatesDropped: 0, acksSent: 0, framesIn: 0, framesOut: 0, congestionEvents: 0 };
+  }
+
+  // ------------------------------------------------------------ events
+  on(name, fn) {
+    if (!this._listeners.has(name)) this._listeners.set(name, new Set());
+    this._listeners.get(name).add(fn);
+    return () => this._listeners.get(name).delete(fn);
+  }
+  _emit(name, ev) {
+    const fns = this._listeners.get(name);
+    if (!fns) return;
+    for (const fn of [...fns]) {
+      try { fn(ev); } catch (e) { setTimeout(() => { throw e; }); } // an app bug must not break the protocol
+    }
+  }
+  _setState(s) { if (this.state !== s) { this.state = s; this._emit('state', s); } }
+
+  // ------------------------------------------------------------ lifecycle
+  /** Connect (and keep reconnecting); resolves at the first login, rejects with AuthFailed / ClientClosed. */
+  connect() {
+    if (this.state === State.CLOSED) return Promise.reject(this.error);
+    const p = new Promise((resolve, reject) => this._connectWaiters.push({ resolve, reject }));
+    if (!this._ws && !this._reconnectTimer) this._dial();
+    return p;
+  }
+
+  /** Hang up the current connection (e.g. the browser went offline); reconnects with backoff. */
+  dropConnection(reason = 'dropped by the application') {
+    if (this._ws) this._lost(null, reason);
+  }
+
+  /** Reconnect now if waiting to (e.g. the browser came back online). */
+  reconnectNow() {
+    if (this.state === State.CLOSED || this._ws) return;
+    clearTimeout(this._reconnectTimer); this._reconnectTimer = null;
+    this._dial();
+  }
+
+  /** PushAck what was taken, Close(NORMAL), stop.  Pending sends fail with ClientClosed. */
+  async close() {
+    if (this.state === State.CLOSED) return;
+    const ws = this._ws;
+    if (ws && this.state === State.ACTIVE && this.takenUpto > this.ackedUpto) this._sendFrame(frame('PushAck', { position: this.takenUpto }));
+    if (ws) this._sendFrame(frame('Close', { code: CloseCode.NORMAL, reason: 'client closing' }));
+    this._terminate(new ClientClosed('client closed'));
+    if (ws) {
+      await new Promise((resolve) => {
+        const t = setTimeout(resolve, 1000);
+        if (ws.readyState === 3 || !ws.addEventListener) { clearTimeout(t); resolve(); return; }
+        ws.addEventListener('close', () => { clearTimeout(t); resolve(); });
+      });
+    }
+  }
+
+  _terminate(err) {
+    this.error = err;
+    this._detach();
+    this._setState(State.CLOSED);
+    clearInterval(this._ticker); this._ticker = null;
+    clearTimeout(this._reconnectTimer); this._reconnectTimer = null;
+    clearTimeout(this._ackTimer); this._ackTimer = null;
+    for (const e of this._pending.values()) e.reject(err);
+    this._pending.clear();
+    for (const r of this._requests.values()) r.reject(err);
+    this._requests.clear();
+    for (const w of this._connectWaiters.splice(0)) w.reject(err);
+    this._emit('closed', err);
+  }
+
+  async _dial() {
+    if (this.state === State.CLOSED) return;
+    let token = this.opts.token;
+    if (typeof token === 'function') {
+      try { token = await token(); } catch (e) { this._scheduleReconnect(false); return; }
+    }
+    if (this.state === State.CLOSED || this._ws) return;
+    const ws = new this.WebSocket(this.opts.url);
+    ws.binaryType = 'arraybuffer';
+    this._ws = ws;
+    this._conn = { opened: false, active: false, openedAt: this.opts.now(), closeFrame: null };
+    this._loginDeadline = this.opts.now() + this.opts.connectTimeout * 1000;
+    ws.onopen = () => { if (this._ws === ws) this._connectionMade(token); };
+    ws.onmessage = (ev) => { if (this._ws === ws) this._receive(new Uint8Array(ev.data)); };
+    ws.onclose = () => { if (this._ws === ws) this._lost(null, 'connection closed'); };
+    // Browsers follow an error with a close event; Node 20's WebSocket may not.
+    ws.onerror = () => { if (this._ws === ws) this._lost(null, 'connection failed'); };
+  }
+
+  _detach() {
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+      if (this.state !== State.CLOSED) { try { ws.close(); } catch { /* already closing */ } }
+    }
+    for (const e of this._pending.values()) e.inFlight = false;
+  }
+
+  _lost(code, reason) {
+    const wasActive = this._conn && this._conn.active;
+    this._detach();
+    if (this.state === State.CLOSED) return;
+    this._setState(State.DISCONNECTED);
+    this.lastDisconnect = { code, reason };
+    this._emit('disconnected', { code, reason });
+    this._scheduleReconnect(wasActive && code != null && QUICK_RECONNECT.has(code));
+  }
+
+  _scheduleReconnect(quick) {
+    if (!this.opts.reconnect || this.state === State.CLOSED) return;
+    if (this._conn && this._conn.active && this.opts.now() - this._conn.openedAt > 5e6) this._attempt = 0;
+    let delay = 0;
+    if (!quick) {
+      delay = Math.min(this.opts.backoffMax, this.opts.backoffInitial * 2 ** this._attempt) * (0.5 + Math.random());
+      this._attempt = Math.min(this._attempt + 1, 30);
+    }
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = setTimeout(() => { this._reconnectTimer = null; this._dial(); }, delay);
+  }
+
+  // ------------------------------------------------------------ wire
+  _connectionMade(token) {
+    const now = this.opts.now();
+    this._decoder = new FrameDecoder({ maxFrameSize: 1 << 20 });
+    this._deflate = null;
+    this._window = 1;
+    this._heartbeat = 0;
+    this._lastSent = this._lastRecv = now;
+    this._ping = null;
+    this._held = [];
+    this._calib = { t0: now, deadline: now + this.opts.connectTimeout * 1000, taken: 0, login: true };
+    this._conn.opened = true;
+    this._loginDeadline = now + this.opts.connectTimeout * 1000;
+    this._setState(State.AWAITING_LOGIN_ACK);
+    const tok = typeof token === 'string' ? utf8.encode(token) : token;
+    const caps = this.opts.compression ? this.opts.compression.caps : 0;
+    this._sendFrame(frame('Login', { token: tok, device: this.device, client_time: now, position: this.takenUpto, caps, epoch: this.epoch }));
+    this._sendFrame(frame('CalibrateReq', { client_time: now }));
+  }
+
+  _sendFrame(f) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== 1) return false;
+    const body = f._body || encodeBody(f);
+    let bytes;
+    if (this._deflate && body.length >= (this.opts.compression.minBody || 16)) bytes = frameBytes(f.type, this._deflate(body), 1);
+    else bytes = frameBytes(f.type, body);
+    ws.send(bytes);
+    this._lastSent = this.opts.now();
+    this.stats.framesOut++;
+    return true;
+  }
+
+  _receive(data) {
+    const now = this.opts.now();
+    this._lastRecv = now;
+    const dec = this._decoder;
+    dec.push(data);
+    for (;;) {
+      let f;
+      try {
+        f = dec.next();
+      } catch (e) {
+        this._sendFrame(frame('Close', { code: CloseCode.PROTOCOL_ERROR, reason: e.message.slice(0, 200) }));
+        this._lost(null, `malformed data from the broker: ${e.message}`);
+        return;
+      }
+      if (!f) return;
+      this._handle(f, now);
+      if (!this._ws || this._decoder !== dec) return; // processing stops the moment the connection ends
+    }
+  }
+
+  _handle(f, now) {
+    this.stats.framesIn++;
+    const st = this.state;
+    if (f.type === FrameType.CLOSE) { this._onClose(f); return; }
+    if (f.type === FrameType.PING && st !== State.CALIBRATING) { this._sendFrame(frame('Pong', { nonce: f.nonce })); return; }
+    if (st === State.AWAITING_LOGIN_ACK) {
+      if (f.type === FrameType.LOGIN_ACK) this._onLoginAck(f, now);
+      return;
+    }
+    if (st === State.CALIBRATING) {
+      if (f.type === FrameType.CALIBRATE_RESP && f.client_time === this._calib.t0) {
+        this._sample(f, now);
+        this._establish(now);
+      } else this._held.push(f);
+      return;
+    }
+    if (st !== State.ACTIVE) return;
+    switch (f.type) {
+      case FrameType.CALIBRATE_RESP:
+        if (this._calib && f.client_time === this._calib.t0) { this._sample(f, now); this._nextSample(now); }
+        break;
+      case FrameType.SEND_ACK: this._onSendAck(f, now); break;
+      case FrameType.PUSH: this._onPush(f, now); break;
+      case FrameType.READ_STATES: this._onReadStates(f); break;
+      case FrameType.READ_RECEIPT: this._onReceipt(f); break;
+      case FrameType.HISTORY_RESP: case FrameType.READERS_RESP: this._onResponse(f); break;
+      case FrameType.PONG: if (this._ping && f.nonce === this._ping.nonce) this._ping = null; break;
+      case FrameType.ERROR: this._emit('error', { code: f.code, ref: f.ref, reason: f.reason }); this._lastError = f; break;
+      default: break;
+    }
+  }
+
+  _onClose(f) {
+    const code = Object.values(CloseCode).includes(f.code) ? f.code : null;
+    const reason = f.reason;
+    if (code === CloseCode.AUTH_FAILED || code === CloseCode.TOKEN_REVOKED) {
+      this._lost(code, reason);
+      this._terminate(new AuthFailed(reason));
+    } else if (code === CloseCode.REPLACED || code === CloseCode.KICKED) {
+      this._lost(code, reason);
+      this._terminate(new ClientClosed(`${codeName(CloseCode, code)}: ${reason}`));
+    } else this._lost(code, reason);
+  }
+
+  _onLoginAck(f, now) {
+    this.user = f.user;
+    this.loginAck = f;
+    this._window = Math.max(1, f.window);
+    this._heartbeat = f.heartbeat_ms * 1000;
+    this._decoder.maxFrameSize = Math.max(this._decoder.maxFrameSize, f.max_frame);
+    this.maxPayload = f.max_payload;
+    const comp = this.opts.compression;
+    const granted = comp ? (f.caps & comp.caps) : 0;
+    if (granted & 2) this._decoder.inflate = comp.createInflater(); // CAP_DEFLATE_DOWN
+    if (granted & 4) this._deflate = comp.createDeflater(); // CAP_DEFLATE_UP
+    this.compressionCaps = granted;
+    if (f.resync) {
+      // The broker does not vouch for our cursor: drop every cursor we hold
+      // and rebuild from this session; pending sends go again (same local ids).
+      const old = this.epoch;
+      this.takenUpto = f.position;
+      this._seen.clear(); this._wanted.clear(); this._readStates.clear(); this._receipts.clear(); this._views.clear();
+      this._emit('resynced', { oldEpoch: old, epoch: f.epoch, position: f.position });
+    }
+    this.epoch = f.epoch;
+    this.takenUpto = Math.max(this.takenUpto, f.position);
+    this.ackedUpto = f.position;
+    this.head = f.head;
+    this.gap = f.gap;
+    this.stats.connects++;
+    this._setState(State.CALIBRATING);
+    this._calib.deadline = now + this.opts.ackTimeout * 1000;
+  }
+
+  _sample(f, now) {
+    const t0 = this._calib.t0;
+    const rtt = Math.max(0, now - t0);
+    const offset = Math.floor(f.server_time - (t0 + now) / 2);
+    const c = this._calib;
+    c.taken++;
+    if (!c.best || rtt < c.best.rtt || (rtt === c.best.rtt && offset < c.best.offset)) c.best = { rtt, offset };
+    this.clockOffset = c.best.offset; this.rtt = c.best.rtt;
+    c.t0 = null;
+  }
+
+  _nextSample(now) {
+    const c = this._calib;
+    if (c.taken >= Math.max(1, this.opts.timeSamples)) { c.t0 = null; return; }
+    c.t0 = now; c.deadline = now + this.opts.ackTimeout * 1000;
+    this._sendFrame(frame('CalibrateReq', { client_time: now }));
+  }
+
+  _establish(now) {
+    this._setState(State.ACTIVE);
+    this._conn.active = true; // the backoff restarts after a connection that lived 5 s (_scheduleReconnect)
+    const ack = this.loginAck;
+    const ev = { user: this.user, device: this.device, position: ack.position, gap: ack.gap, clockOffset: this.clockOffset, rtt: this.rtt, epoch: this.epoch };
+    this._emit('connected', ev);
+    for (const w of this._connectWaiters.splice(0)) w.resolve(ev);
+    const held = this._held; this._held = [];
+    for (const f of held) { if (!this._ws) return; this._handle(f, now); }
+    if (!this._ws) return;
+    for (const e of this._pending.values()) e.inFlight = false;
+    this._fill(now);
+    for (const [conv, seq] of this._wanted) this._sendFrame(frame('Read', { conv, seq }));
+    if (this.takenUpto > this.ackedUpto) this._armAck();
+    for (const r of this._requests.values()) { r.askedAt = now; this._sendFrame(r.frame); }
+    if (this._calib.taken > 0) this._nextSample(now); else this._calib.t0 = null;
+  }
+
+  // ------------------------------------------------------------ sending
+  get sendWindow() { return Math.max(1, Math.min(this._window || 1, Math.floor(this._cwnd))); }
+
+  /**
+   * Send `payload` (Uint8Array, or a string sent as UTF-8) to `conv`.
+   * Resolves with {local_id, conv, msg_id, seq, server_time, client_time}
+   * once durable; rejects with SendError (final code), SendTimeout, ClientClosed.
+   */
+  send(conv, payload, { localId = null, timeout = this.opts.sendTimeout } = {}) {
+    if (this.state === State.CLOSED) return Promise.reject(this.error);
+    const now = this.opts.now();
+    const bytes = typeof payload === 'string' ? utf8.encode(payload) : payload;
+    if (localId != null && this._pending.has(localId)) {
+      const e = this._pending.get(localId);
+      e.deadline = Math.max(e.deadline, now + timeout * 1000);
+      return e.promise;
+    }
+    const lid = localId != null ? localId : Math.max(this._lastLocalId + 1, now);
+    this._lastLocalId = Math.max(this._lastLocalId, lid);
+    const stamp = Math.max(this._lastStamp + 1, now + this.clockOffset);
+    this._lastStamp = stamp;
+    const f = frame('SendReq', { local_id: lid, conv, client_time: stamp, payload: bytes, after_seq: this._seen.get(conv) || 0 });
+    f._body = encodeBody(f); // encoded once: every attempt sends the same bytes
+    const entry = { localId: lid, conv, frame: f, deadline: now + timeout * 1000, inFlight: false, sentAt: 0, tx: 0 };
+    entry.promise = new Promise((resolve, reject) => { entry.resolve = resolve; entry.reject = reject; });
+    entry.promise.catch(() => {}); // rejections are the caller's business
+    this._pending.set(lid, entry);
+    this._refTicker();
+    this._fill(now);
+    return entry.promise;
+  }
+
+  /** Local ids of the sends not answered yet (in local-id order). */
+  pendingSends() { return [...this._pending.keys()].sort((a, b) => a - b); }
+
+  _fill(now) {
+    if (this.state !== State.ACTIVE || now < this._holdUntil) return;
+    let inFlight = 0;
+    for (const e of this._pending.values()) if (e.inFlight) inFlight++;
+    if (inFlight >= this.sendWindow) return;
+    const queue = [...this._pending.values()].filter((e) => !e.inFlight).sort((a, b) => a.localId - b.localId);
+    for (const e of queue) {
+      if (inFlight >= this.sendWindow) break;
+      this._transmit(e, now);
+      inFlight++;
+    }
+  }
+
+  _transmit(e, now) {
+    this._tx++;
+    e.tx = this._tx; e.inFlight = true; e.sentAt = now;
+    this._sendFrame(e.frame);
+  }
+
+  _onSendAck(f, now) {
+    const e = this._pending.get(f.local_id);
+    if (!e) return; // the answer to a retry of a send already answered
+    if (f.code === ErrorCode.OK) {
+      this._pending.delete(f.local_id);
+      if (this._stall) { this._emit('sendsResumed', { since: this._stall.since, pending: this._pending.size }); this._stall = null; }
+      this._refusals = 0;
+      if (e.tx > this._recover) this._cwnd = Math.min(this._window, this._cwnd + 1);
+      this._seen.set(e.conv, Math.max(this._seen.get(e.conv) || 0, f.seq));
+      const rs = this._readStates.get(e.conv);
+      if (rs && f.seq > rs.last_seq) rs.last_seq = f.seq;
+      const sent = { local_id: f.local_id, conv: e.conv, msg_id: f.msg_id, seq: f.seq, server_time: f.server_time, client_time: e.frame.client_time };
+      this._addToView({ position: 0, msg_id: f.msg_id, conv: e.conv, seq: f.seq, sender: this.user, device: this.device,
+        client_time: e.frame.client_time, server_time: f.server_time, payload: e.frame.payload, kind: MessageKind.MESSAGE,
+        local_id: f.local_id, after_seq: e.frame.after_seq });
+      e.resolve(sent);
+      this._emit('sent', sent);
+    } else if (FINAL_CODES.has(f.code)) {
+      this._pending.delete(f.local_id);
+      const reason = this._lastError && this._lastError.ref === f.local_id ? this._lastError.reason : '';
+      if (e.tx > this._recover) this._cwnd = Math.min(this._window, this._cwnd + 1);
+      e.reject(new SendError(f.code, reason));
+    } else {
+      // Transient: back into the queue; one congestion event per window.
+      e.inFlight = false;
+      if ((f.code === ErrorCode.STORE_UNAVAILABLE || f.code === ErrorCode.INTERNAL) && !this._stall) {
+        this._stall = { since: now };
+        this._emit('sendsStalled', { code: f.code, pending: this._pending.size, since: now });
+      }
+      if (e.tx > this._recover) {
+        this._recover = this._tx;
+        this.stats.congestionEvents++;
+        this._refusals++;
+        this._cwnd = Math.max(1, Math.min(this._cwnd, this._window) / 2);
+        const delay = Math.min(this.opts.backoffMax, this.opts.backoffInitial * 2 ** Math.min(this._refusals - 1, 16)) * (0.5 + Math.random());
+        this._holdUntil = Math.max(this._holdUntil, now + delay * 1000);
+      }
+    }
+    this._fill(now);
+  }
+
+  // ------------------------------------------------------------ receiving
+  _onPush(f, now) {
+    if (f.position <= this.takenUpto) { this.stats.duplicatesDropped += f.messages.length; return; }
+    const kept = f.messages.filter((m) => m.position > this.takenUpto);
+    this.stats.duplicatesDropped += f.messages.length - kept.length;
+    for (const m of kept) {
+      this._addToView(m);
+      this._seen.set(m.conv, Math.max(this._seen.get(m.conv) || 0, m.seq));
+      let rs = this._readStates.get(m.conv);
+      if (!rs) { rs = { conv: m.conv, read_seq: 0, last_seq: 0, unread: 0 }; this._readStates.set(m.conv, rs); }
+      if (m.seq > rs.last_seq) {
+        rs.last_seq = m.seq;
+        if (m.kind === MessageKind.MESSAGE && m.sender !== this.user && m.seq > rs.read_seq) rs.unread++;
+      }
+    }
+    // "Taking" = handing the messages to the listeners; acked only after that.
+    for (const m of kept) this._emit('message', m);
+    this.takenUpto = f.position;
+    this._armAck();
+  }
+
+  _armAck() {
+    if (this._ackTimer) return;
+    this._ackTimer = setTimeout(() => {
+      this._ackTimer = null;
+      if (this.state === State.ACTIVE && this.takenUpto > this.ackedUpto) {
+        this._sendFrame(frame('PushAck', { position: this.takenUpto }));
+        this.ackedUpto = this.takenUpto;
+        this.stats.acksSent++;
+      }
+    }, this.opts.ackDelay);
+  }
+
+  _onReadStates(f) {
+    for (const entry of f.entries) {
+      const w = this._wanted.get(entry.conv);
+      if (w !== undefined && entry.read_seq >= w) this._wanted.delete(entry.conv);
+      const known = this._readStates.get(entry.conv);
+      if (known && entry.read_seq < known.read_seq) continue; // markers never move back
+      const rs = { conv: entry.conv, read_seq: entry.read_seq, last_seq: entry.last_seq, unread: entry.unread };
+      this._readStates.set(entry.conv, rs);
+      this._emit('readstate', { ...rs });
+    }
+  }
+
+  _onReceipt(f) {
+    const key = `${f.conv}\n${f.reader}`;
+    if ((this._receipts.get(key) || 0) >= f.seq) return;
+    this._receipts.set(key, f.seq);
+    this._emit('receipt', { conv: f.conv, reader: f.reader, seq: f.seq });
+  }
+
+  // ------------------------------------------------------------ read state
+  /** Move the user's read marker of `conv` to `seq` (never back); sent again after reconnects until confirmed. */
+  markRead(conv, seq) {
+    if (this.state === State.CLOSED) throw this.error;
+    const rs = this._readStates.get(conv);
+    if (rs && seq > rs.read_seq) {
+      rs.read_seq = seq;
+      if (seq >= rs.last_seq) rs.unread = 0;
+    }
+    this._wanted.set(conv, Math.max(this._wanted.get(conv) || 0, seq));
+    if (this.state === State.ACTIVE) this._sendFrame(frame('Read', { conv, seq }));
+  }
+  /** {conv, read_seq, last_seq, unread} or undefined. */
+  readState(conv) { const rs = this._readStates.get(conv); return rs && { ...rs }; }
+  unread(conv) { const rs = this._readStates.get(conv); return rs ? rs.unread : 0; }
+  /** Every conversation this client knows a read state of (from login's ReadStates and pushes). */
+  conversations() { return [...this._readStates.values()].map((rs) => ({ ...rs })); }
+  /** How far `reader` (the 1:1 peer) has read `conv`: a seq, 0 if unknown. */
+  receipt(conv, reader) { return this._receipts.get(`${conv}\n${reader}`) || 0; }
+
+  // ------------------------------------------------------------ history, readers, view
+  _request(name, fields, timeout) {
+    if (this.state === State.CLOSED) return Promise.reject(this.error);
+    const now = this.opts.now();
+    const reqId = this._nextReqId++;
+    const r = { reqId, frame: frame(name, { req_id: reqId, ...fields }), deadline: now + timeout * 1000, askedAt: now };
+    const p = new Promise((resolve, reject) => { r.resolve = resolve; r.reject = reject; });
+    this._requests.set(reqId, r);
+    this._refTicker();
+    if (this.state === State.ACTIVE) this._sendFrame(r.frame);
+    return p;
+  }
+  /** One page of history: {messages, more}; rejects with SendError(code) or RequestTimeout. */
+  history(conv, { fromSeq = 0, limit = 50, backward = false, timeout = this.opts.sendTimeout } = {}) {
+    return this._request('HistoryReq', { conv, from_seq: fromSeq, limit, backward }, timeout);
+  }
+  /** [{user, read_seq}] for every current member of `conv`. */
+  readers(conv, { timeout = this.opts.sendTimeout } = {}) {
+    return this._request('ReadersReq', { conv }, timeout);
+  }
+  _onResponse(f) {
+    const r = this._requests.get(f.req_id);
+    if (!r) return;
+    this._requests.delete(f.req_id);
+    if (f.code !== ErrorCode.OK) { r.reject(new SendError(f.code)); return; }
+    if (f.type === FrameType.HISTORY_RESP) {
+      for (const m of f.messages) {
+        this._addToView(m);
+        this._seen.set(m.conv, Math.max(this._seen.get(m.conv) || 0, m.seq));
+      }
+      r.resolve({ messages: f.messages, more: f.more });
+    } else r.resolve(f.readers);
+  }
+  _addToView(m) {
+    let v = this._views.get(m.conv);
+    if (!v) { v = new Map(); this._views.set(m.conv, v); }
+    v.set(toHex(m.msg_id), m);
+    if (v.size > this.opts.viewLimit) {
+      const lowest = [...v.entries()].sort((a, b) => a[1].seq - b[1].seq).slice(0, v.size - this.opts.viewLimit);
+      for (const [k] of lowest) v.delete(k);
+    }
+  }
+  /** The messages this client holds for `conv` (sent, received, fetched) in display order. */
+  view(conv) { const v = this._views.get(conv); return v ? displayOrder([...v.values()]) : []; }
+
+  /** The broker's clock estimate, µs. */
+  serverNow() { return this.opts.now() + this.clockOffset; }
+
+  // ------------------------------------------------------------ timers
+  // The ticker keeps a Node process alive only while something waits on it
+  // (a send or a request must time out even with no socket up).
+  _refTicker() {
+    if (!this._ticker) return;
+    if (this._pending.size || this._requests.size) this._ticker.ref?.(); else this._ticker.unref?.();
+  }
+
+  _tick() {
+    this._refTicker();
+    const now = this.opts.now();
+    for (const e of [...this._pending.values()]) {
+      if (now >= e.deadline) { this._pending.delete(e.localId); e.reject(new SendTimeout(e.localId)); }
+    }
+    for (const r of [...this._requests.values()]) {
+      if (now >= r.deadline) { this._requests.delete(r.reqId); r.reject(new RequestTimeout(r.frame.name)); }
+    }
+    if (!this._ws) return;
+    const st = this.state;
+    if (st === State.AWAITING_LOGIN_ACK || (st === State.DISCONNECTED && this._conn && !this._conn.opened)) {
+      if (now >= this._loginDeadline) this._lost(null, 'timed out: no LoginAck within connect_timeout');
+      return;
+    }
+    if (st === State.CALIBRATING) {
+      if (now >= this._calib.deadline) this._establish(now);
+      return;
+    }
+    if (st !== State.ACTIVE) return;
+    if (this._calib.t0 != null && now >= this._calib.deadline) this._calib.t0 = null;
+    const H = this._heartbeat;
+    if (H > 0) {
+      if (now - this._lastRecv >= this.opts.deadAfter * H) { this._lost(null, 'no traffic from the broker: dead link'); return; }
+      if (this._ping && this._lastRecv < this._ping.at && now - this._ping.at >= Math.min(H, this.opts.ackTimeout * 1000)) {
+        this._lost(null, 'no Pong from the broker: dead link'); return;
+      }
+    }
+    for (const e of [...this._pending.values()]) {
+      if (e.inFlight && now - e.sentAt >= this.opts.ackTimeout * 1000) { this.stats.retransmits++; this._transmit(e, now); }
+    }
+    if (now >= this._holdUntil) this._fill(now);
+    for (const r of this._requests.values()) {
+      if (now - r.askedAt >= 2 * this.opts.ackTimeout * 1000) { r.askedAt = now; this._sendFrame(r.frame); }
+    }
+    if (H > 0 && !this._ping && now - this._lastSent >= H) {
+      const nonce = (this._nonce = (this._nonce || 0) + 1);
+      this._ping = { nonce, at: now };
+      this._sendFrame(frame('Ping', { nonce }));
+    }
+    if (this._ping && this._lastRecv >= this._ping.at && !this._ping.answered) {
+      // anything received since the Ping shows the link is alive
+      if (now - this._ping.at >= H) this._ping = null;
+    }
+  }
+}

@@ -1,0 +1,5 @@
+export * from './codec.js';
+export { interleave, displayOrder } from './order.js';
+export {
+  PimcoreClient, State, SendError, SendTimeout, ClientClosed, AuthFailed, RequestTimeout, toHex, fromHex,
+} from './client.js';

@@ -1,0 +1,107 @@
+"""``pimcore serve --web [--demo]``: the demo chat page on the HTTP listener.
+
+The page itself is driven in Chromium by clients/js/test/browser.test.mjs
+(run from tests/test_js_client.py); here: the CLI's rules, the routes, the
+demo-only token and group endpoints, and that the shipped copy of the
+JavaScript client is the one clients/js tests.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+import trio
+
+from pimcore.client import open_client
+
+from _proc import ProcGroup, procs, run_pimcore  # noqa: F401  (procs is a fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+WS = "ws://127.0.0.1:0/"
+HTTP = "tcp://127.0.0.1:0"
+
+
+def _request(base: str, method: str, path: str, body: Optional[Any] = None) -> tuple[int, str, bytes]:
+    u = urlsplit(base)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"content-type": "application/json"} if data else {})
+        r = conn.getresponse()
+        return r.status, r.getheader("content-type") or "", r.read()
+    finally:
+        conn.close()
+
+
+def test_static_client_is_the_tested_one() -> None:
+    shipped = ROOT / "pimcore" / "web" / "static" / "client"
+    src = ROOT / "clients" / "js" / "src"
+    names = sorted(p.name for p in shipped.iterdir())
+    assert names == ["client.js", "codec.js", "deflate-core.js", "index.js", "order.js"]
+    for name in names:
+        assert (shipped / name).read_bytes() == (src / name).read_bytes(), (
+            f"pimcore/web/static/client/{name} differs from clients/js/src/{name}: run `npm run sync-web` in clients/js")
+    pako = ROOT / "clients" / "js" / "node_modules" / "pako"
+    if pako.is_dir():  # after npm ci: the vendored browser build is the locked version's
+        vendor = ROOT / "pimcore" / "web" / "static" / "vendor"
+        assert (vendor / "pako.min.js").read_bytes() == (pako / "dist" / "pako.min.js").read_bytes(), "npm run sync-web"
+        assert (vendor / "pako-LICENSE.txt").read_bytes() == (pako / "LICENSE").read_bytes()
+
+
+def test_web_flags_need_their_listeners(tmp_path: Path) -> None:
+    r = run_pimcore("serve", "--data-dir", tmp_path, "--listen", WS, "--web")
+    assert r.returncode == 2 and "--web needs an HTTP listener" in r.stderr
+    r = run_pimcore("serve", "--data-dir", tmp_path, "--listen", "tcp://127.0.0.1:0", "--http", HTTP, "--web")
+    assert r.returncode == 2 and "--web needs a WebSocket listener" in r.stderr
+    r = run_pimcore("serve", "--data-dir", tmp_path, "--listen", WS, "--http", HTTP, "--demo")
+    assert r.returncode == 2 and "--demo needs --web" in r.stderr
+
+
+def test_web_without_demo_serves_the_page_and_refuses_tokens(tmp_path: Path, procs: ProcGroup) -> None:
+    server = procs.serve("--data-dir", tmp_path, "--listen", WS, "--http", HTTP, "--web")
+    base = server.url("http")
+    status, ctype, body = _request(base, "GET", "/web/")
+    assert status == 200 and ctype.startswith("text/html") and b"pimcore" in body and b"/web/app.js" in body
+    for path, kind in (("/web/app.js", "text/javascript"), ("/web/style.css", "text/css"),
+                       ("/web/client/client.js", "text/javascript"), ("/web/vendor/pako.min.js", "text/javascript")):
+        status, ctype, _ = _request(base, "GET", path)
+        assert (status, ctype.split(";")[0]) == (200, kind), path
+    status, _, body = _request(base, "GET", "/web/config.json")
+    assert status == 200 and json.loads(body) == {"ws": [server.url("ws")], "demo": False}
+    status, _, body = _request(base, "POST", "/web/token", {"user": "alice"})
+    assert status == 403 and b"--demo" in body
+    status, _, _ = _request(base, "POST", "/web/group", {"name": "g", "members": ["alice"]})
+    assert status == 403
+    for bad in ("/web/..%2F__init__.py", "/web/.hidden", "/web/client/..%2F..%2Fcli.py", "/web/nope.js", "/web/client"):
+        status, _, _ = _request(base, "GET", bad)
+        assert status == 404, bad
+    # the API key still guards the server API
+    status, _, _ = _request(base, "GET", "/v1/info")
+    assert status == 401
+
+
+async def test_demo_mints_tokens_that_log_in_and_creates_groups(tmp_path: Path, procs: ProcGroup) -> None:
+    server = procs.serve("--data-dir", tmp_path, "--listen", WS, "--http", HTTP, "--web", "--demo")
+    assert any("mints tokens for ANY user" in line for line in server.out)
+    base = server.url("http")
+    status, _, body = await trio.to_thread.run_sync(_request, base, "GET", "/web/config.json")
+    assert json.loads(body)["demo"] is True
+    status, _, body = await trio.to_thread.run_sync(_request, base, "POST", "/web/token", {"user": "bad user"})
+    assert status == 400
+    status, _, body = await trio.to_thread.run_sync(_request, base, "POST", "/web/token", {"user": "alice"})
+    assert status == 200
+    token = json.loads(body)["token"]
+    status, _, body = await trio.to_thread.run_sync(_request, base, "POST", "/web/group", {"name": "team", "members": ["alice", "bob"]})
+    assert (status, json.loads(body)) == (200, {"name": "team", "members": ["alice", "bob"]})
+    status, _, body = await trio.to_thread.run_sync(_request, base, "POST", "/web/group", {"name": "team", "members": ["carol"]})
+    assert status == 200  # exists: carol is added
+    status, _, _ = await trio.to_thread.run_sync(_request, base, "POST", "/web/group", {"name": "team"})
+    assert status == 400
+    with trio.fail_after(20):
+        async with open_client(server.url("ws"), token, device="t") as c:
+            sent = await c.send("team", b"hi")
+            assert sent.seq == 2  # after carol's JOINED entry
