@@ -327,17 +327,9 @@ class Pimcore:
         and is refused with REJECTED (and the reason) if they say no, or
         INTERNAL if they could not answer (retry with the same key).  A
         system post is trusted: it is not checked."""
-        if sender != SYSTEM and (self.server.config.broker.content_filter is not None
-                                 or self.server.moderator is not None):
-            from .core import idempotency_local_id
-
-            # The local id the message will have (0 without a key); an
-            # unusable key is left to the broker's BAD_REQUEST.
-            local_id = 0 if idempotency_key is None else idempotency_local_id(idempotency_key)
-            if local_id is not None:
-                reason, code = await self.server.check_content(sender, device, conv, bytes(payload), local_id)
-                if reason is not None:
-                    raise RequestRefused(code, f"post to {conv!r} refused: {reason}")
+        refused = await self._check_post(conv, payload, sender, device, idempotency_key)
+        if refused is not None:
+            raise refused
         done = await self.server.host_call(
             self.server.broker.post, conv, bytes(payload), sender=sender, device=device, key=idempotency_key
         )
@@ -346,6 +338,34 @@ class Pimcore:
             raise result
         return result
 
+    def _checked(self, sender: str) -> bool:
+        """Does a post as ``sender`` pass the content checks?  A user's does
+        when a content filter or moderation is configured; the system's is
+        trusted."""
+        return sender != SYSTEM and (self.server.config.broker.content_filter is not None
+                                     or self.server.moderator is not None)
+
+    async def _check_post(
+        self, conv: str, payload: bytes, sender: str, device: str, key: Union[str, bytes, None]
+    ) -> Optional[RequestRefused]:
+        """The content filter, then moderation, for one post as a user (the
+        checks a client's send passes): the refusal (REJECTED, or INTERNAL
+        when no answer came), or None to store it.  Every entry point
+        (post, post_many, the HTTP API, the C ABI) comes through here."""
+        if not self._checked(sender):
+            return None
+        from .core import idempotency_local_id
+
+        # The local id the message will have (0 without a key); an
+        # unusable key is left to the broker's BAD_REQUEST.
+        local_id = 0 if key is None else idempotency_local_id(key)
+        if local_id is None:
+            return None
+        reason, code = await self.server.check_content(sender, device, conv, bytes(payload), local_id)
+        if reason is not None:
+            return RequestRefused(code, f"post to {conv!r} refused: {reason}")
+        return None
+
     async def post_many(self, posts: Sequence[dict[str, Any]]) -> list[Union[Posted, PimError]]:
         """Several posts at once (each a dict of :meth:`post`'s arguments:
         ``conv``, ``payload``, optional ``sender``, ``device``,
@@ -353,8 +373,11 @@ class Pimcore:
         one conversation get ascending seqs in that order -- and committed
         together where the broker can.  One result per post, in order:
         Posted (``duplicate`` set for a retried key), or the
-        RequestRefused/StoreError that :meth:`post` would raise.  Raises
-        TypeError for a dict with other keys."""
+        RequestRefused/StoreError that :meth:`post` would raise.  Posts as
+        a user pass the same content checks as :meth:`post` (run
+        concurrently, before any is handed to the broker); a refused post
+        gets its RequestRefused and the others go on.  Raises TypeError for
+        a dict with other keys."""
         broker = self.server.broker
         calls = []
         for kw in posts:
@@ -366,8 +389,21 @@ class Pimcore:
             if kw:
                 raise TypeError(f"post_many: unexpected keys {sorted(kw)}")
             calls.append((broker.post, (conv, bytes(payload)), {"sender": sender, "device": device, "key": key}))
-        done = await self.server.host_calls(calls)
-        return [_posted(call[1][0], d) for call, d in zip(calls, done)]
+        results: list[Union[Posted, PimError, None]] = [None] * len(calls)
+        checked = [i for i, call in enumerate(calls) if self._checked(call[2]["sender"])]
+        if checked:
+            async def check(i: int) -> None:
+                (conv, payload), kw = calls[i][1], calls[i][2]
+                results[i] = await self._check_post(conv, payload, kw["sender"], kw["device"], kw["key"])
+
+            async with trio.open_nursery() as nursery:
+                for i in checked:
+                    nursery.start_soon(check, i)
+        todo = [i for i, r in enumerate(results) if r is None]
+        done = await self.server.host_calls([calls[i] for i in todo]) if todo else []
+        for i, d in zip(todo, done):
+            results[i] = _posted(calls[i][1][0], d)
+        return results  # type: ignore[return-value]
 
     def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
         """End ``user``'s sessions now (only ``device``'s if given) with
