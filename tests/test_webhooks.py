@@ -477,6 +477,8 @@ class Moderation(Receiver):
             return 500, b"{}"
         if self.mode == "junk":
             return 200, b'{"allowed": "yes"}'
+        if self.mode == "deny":
+            return 200, json.dumps({"allow": False, "reason": "closed for today"}).encode()
         if b"spam" in payload:
             return 200, json.dumps({"allow": False, "reason": "no spam here"}).encode()
         return 200, b'{"allow": true}'
@@ -900,4 +902,52 @@ async def test_http_batch_posts_as_a_user_are_moderated(tmp_path: Path) -> None:
                     assert res[0]["code"] == "INTERNAL" and res[1]["status"] == "stored" and len(mod.asked) == asked + 1
                     history = await im.history("team", "bob", from_seq=0, backward=False)
                     assert [m.payload for m in history] == [b"fine", b"spam notice", b"system"]
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("then", ["deny", "500", "down"])
+async def test_an_http_retry_of_a_stored_post_answers_201_with_the_same_body(tmp_path: Path, then: str) -> None:
+    """A post with an Idempotency-Key is stored; the moderator then says
+    no (or fails, or is gone): the retry with the same key still answers
+    201 with the same body -- the dedupe decides before moderation, which is
+    not asked again -- single post and batch alike.  A new key is moderated."""
+    import httpx
+
+    from pimcore.http import HttpConfig, open_http_server
+
+    mod = await Moderation().bind()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            serving = trio.CancelScope()
+
+            async def serve_mod(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                with serving:
+                    await mod.serve(task_status=task_status)
+
+            await nursery.start(serve_mod)
+            async with _moderated(tmp_path, mod, "closed") as im:
+                await im.create_group("team", ["alice", "bob"])
+                async with open_http_server(im.server, HttpConfig(api_keys=("k" * 32,)), handle=im) as h, \
+                        httpx.AsyncClient(base_url=h.url, headers={"Authorization": "Bearer " + "k" * 32}) as http:
+                    path = "/v1/conversations/team/messages"
+                    body = {"payload": "hello", "sender": "alice"}
+                    first = await http.post(path, json=body, headers={"Idempotency-Key": "k1"})
+                    item = {"conv": "team", "payload": "hi", "sender": "bob", "idempotency_key": "b1"}
+                    batch = await http.post("/v1/messages", json={"messages": [item]})
+                    assert first.status_code == 201 and batch.json()["results"][0]["status"] == "stored"
+                    asked = len(mod.asked)
+                    if then == "down":
+                        serving.cancel()
+                        await trio.sleep(0.05)
+                    else:
+                        mod.mode = then
+                    retry = await http.post(path, json=body, headers={"Idempotency-Key": "k1"})
+                    assert (retry.status_code, retry.json()) == (201, first.json())
+                    again = (await http.post("/v1/messages", json={"messages": [item]})).json()["results"][0]
+                    assert again == {**batch.json()["results"][0], "status": "duplicate"}
+                    assert len(mod.asked) == asked
+                    r = await http.post(path, json=body, headers={"Idempotency-Key": "k2"})
+                    assert r.status_code == (403 if then == "deny" else 503)
+                    history = await im.history("team", "bob", from_seq=0, backward=False)
+                    assert [m.payload for m in history] == [b"hello", b"hi"]
             nursery.cancel_scope.cancel()
