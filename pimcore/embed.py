@@ -64,6 +64,10 @@ __all__ = [
 
 _log = logging.getLogger("pimcore.net")
 
+#: How far after now (µs) :meth:`Pimcore.revoke`'s ``before`` may be: a
+#: little clock skew between the host and the broker, no more.
+REVOKE_AHEAD = 60 * 1_000_000
+
 #: Device id the handle's reads use where the store wants one (never a
 #: real device: it is not registered by a read).
 _READER_DEVICE = "pimcore-host"
@@ -416,8 +420,18 @@ class Pimcore:
         ``before`` (µs since the epoch; default now), durably, and end the
         live sessions that used one (Close(TOKEN_REVOKED)).  Tokens issued
         afterwards work.  Returns the revocation time in force (µs).  Raises
-        RequestRefused (BAD_REQUEST), StoreError."""
-        when = self.server.now() if before is None else before
+        RequestRefused (BAD_REQUEST: an invalid id, or ``before`` later than
+        now + :data:`REVOKE_AHEAD` -- a revocation cannot be lowered again,
+        so a time in the future, nanoseconds for µs say, would lock the user
+        out for good), StoreError."""
+        now = self.server.now()
+        when = now if before is None else before
+        if when > now + REVOKE_AHEAD:
+            raise RequestRefused(
+                ErrorCode.BAD_REQUEST,
+                f"revoke {user!r}: before={when} is more than {REVOKE_AHEAD // 1_000_000} s after now ({now}); "
+                "it is µs since the epoch (not ns), and a revocation cannot be undone",
+            )
         _log.info("revoke user=%s device=%s before=%d", user, device or "*", when,
                   extra={"event": "revoke", "user": user, "device": device or "*", "before": when})
         result = await self.server.host_call(self.server.broker.revoke, user, device, when)

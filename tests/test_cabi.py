@@ -223,6 +223,10 @@ def test_in_process_through_ctypes(libdir: Path, tmp_path: Path) -> None:
     assert lib.pim_token_issue(b, b"bob", None, 60, ctypes.byref(token)) == 0
     assert ctypes.string_at(token.value).count(b".") == 2  # a JWT
     lib.pim_free(token)
+    lib.pim_revoke.argtypes = [vp, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)]
+    before = ctypes.c_int64()
+    assert lib.pim_revoke(b, b"bob", None, time.time_ns(), ctypes.byref(before)) == 1  # PIM_ERR_INVALID: ns, not µs
+    assert "µs".encode() in lib.pim_last_error() and before.value == 0
 
     seen: list[tuple[int, bytes, bytes, list[bytes]]] = []
     reentry: list[int] = []

@@ -332,3 +332,30 @@ async def test_the_openapi_document_lists_exactly_the_routed_endpoints(tmp_path:
             assert served == pairs
             post = doc["paths"]["/v1/conversations/{conv}/messages"]["post"]
             assert [p["name"] for p in post["parameters"]] == ["conv"] and "201" in post["responses"]
+
+
+async def test_revoke_refuses_a_before_in_the_future(tmp_path: Path) -> None:
+    """`before` later than now + 60 s (nanoseconds passed as µs, say) would
+    lock the user out for decades with no undo: 400 BAD_REQUEST naming µs,
+    nothing revoked, the user's tokens still work.  The handle raises
+    RequestRefused(BAD_REQUEST) the same way; up to 60 s ahead is fine."""
+    import time
+
+    from pimcore.embed import RequestRefused
+    from pimcore.errors import ErrorCode
+
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["carol"])
+            for bad in (time.time_ns(), int(time.time() * 1e6) + 61_000_000):
+                status, doc = await call(c, "POST", "/v1/users/carol/revoke", {"before": bad})
+                assert_error(status, doc, 400, "BAD_REQUEST")
+                assert "µs" in doc["error"]["message"] and "before" in doc["error"]["message"]
+                with pytest.raises(RequestRefused, match="µs") as refused:
+                    await im.revoke("carol", "phone", before=bad)
+                assert refused.value.code is ErrorCode.BAD_REQUEST
+            async with open_client(im.server.url(), im.issue_token("carol"), "phone", config=FAST_CLIENT) as carol:
+                assert (await carol.send("team", b"still in")).seq == 1
+            soon = int(time.time() * 1e6) + 30_000_000
+            status, doc = await call(c, "POST", "/v1/users/carol/revoke", {"before": soon})
+            assert status == 200 and doc["before"] == soon
