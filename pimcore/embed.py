@@ -59,7 +59,7 @@ from .store.base import (
 
 __all__ = [
     "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ReadPositions", "DevicePosition",
-    "HostEvent", "EventStream", "SYSTEM",
+    "HostEvent", "EventStream", "SYSTEM", "EventsDisabled",
 ]
 
 _log = logging.getLogger("pimcore.net")
@@ -80,6 +80,20 @@ class RequestRefused(PimError):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class EventsDisabled(PimError, ValueError):
+    """The broker records no host events (``[server] events`` is off), so
+    there are none to read or acknowledge: start it with events on."""
+
+    def __init__(self) -> None:
+        super().__init__(EVENTS_DISABLED)
+
+
+#: The message of :class:`EventsDisabled` (and of the HTTP API's 409
+#: ``events_disabled``).
+EVENTS_DISABLED = ("the broker records no host events: start it with [server] events = true "
+                   "(PIMCORE_SERVER_EVENTS=true, open_pimcore(events=True))")
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,10 +531,20 @@ class Pimcore:
         (:class:`HostEvent`).  At least once: whatever was not acked with
         :meth:`ack_events` is delivered again by a later call -- after a
         restart, a crash included (see docs/EMBEDDING.md, Events).  Needs
-        ``events=True`` (``[server] events``); without it there are none.
-        Raises RequestRefused (BAD_REQUEST: an invalid consumer name) when
-        iterated."""
+        ``events=True`` (``[server] events``): without it raises
+        EventsDisabled.  Raises RequestRefused (BAD_REQUEST: an invalid
+        consumer name) when iterated."""
+        self._need_events()
         return EventStream(self, consumer, after, limit)
+
+    @property
+    def events_enabled(self) -> bool:
+        """Does the broker record host events (``[server] events``)?"""
+        return bool(self.server.config.broker.record_events)
+
+    def _need_events(self) -> None:
+        if not self.events_enabled:
+            raise EventsDisabled()
 
     async def next_events(
         self, consumer: str = "default", *, after: Optional[int] = None, limit: int = 256
@@ -528,7 +552,10 @@ class Pimcore:
         """One page of host events after ``after`` (None: ``consumer``'s
         durable cursor), waiting until there is at least one: (the ``after``
         used, the events ascending, at most ``limit``).  Nothing changes
-        until the page is returned, so a cancelled call loses nothing."""
+        until the page is returned, so a cancelled call loses nothing.
+        Raises EventsDisabled when the broker records none (it would wait
+        forever), RequestRefused (BAD_REQUEST) for an invalid consumer."""
+        self._need_events()
         while True:
             committed = self.server.committed  # before the read: no wake-up is missed
             page = await self._read_one(ReadEvents(consumer, after, max(1, limit)))
@@ -555,7 +582,9 @@ class Pimcore:
         """``consumer`` has handled every event up to id ``upto``: its
         durable cursor moves there (never back; clamped to the last id),
         durable when this returns.  Returns the cursor in force.  Raises
-        RequestRefused (BAD_REQUEST), StoreError."""
+        EventsDisabled when the broker records none, RequestRefused
+        (BAD_REQUEST), StoreError."""
+        self._need_events()
         result = await self.server.host_call(self.server.broker.ack_events, consumer, upto)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:

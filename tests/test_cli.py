@@ -161,6 +161,27 @@ def test_every_setting_has_an_environment_variable_by_one_rule():
     assert s.server_config().broker.limits.send_rate == 12.5
 
 
+def test_an_unknown_pimcore_environment_variable_is_an_error_naming_it():
+    """Like an unknown key in the file: a typo (PIMCORE_LIMITS_SENDRATE)
+    must not be ignored silently.  The project's own variables that are not
+    settings stay allowed."""
+    import pytest
+
+    from pimcore.config import ConfigError, load_settings
+
+    for name, hint in (("PIMCORE_LIMITS_NOPE", None), ("PIMCORE_LIMITS_SENDRATE", "PIMCORE_LIMITS_SEND_RATE"),
+                       ("PIMCORE_SERVER_EVENT", "PIMCORE_SERVER_EVENTS")):
+        with pytest.raises(ConfigError, match=name) as err:
+            load_settings(env={name: "1"})
+        assert "unknown" in str(err.value)
+        if hint is not None:
+            assert hint in str(err.value)
+    allowed = {"PIMCORE_BACKEND": "pure", "PIMCORE_PYTHON": "/usr/bin/python3", "PIMCORE_REQUIRE_CABI": "1",
+               "PIMCORE_NO_EXT": "1", "PIMCORE_CHAOS_SEED": "7", "PIMCORE_CHAOS_MESSAGES": "5", "PIMCORE_CRASH_SEED": "3",
+               "PIMCORE_CONFIG": "", "PIMCORE_SECRET": "s" * 32, "PIMCORE_LIMITS_NOPE": ""}  # empty: unset
+    assert load_settings(env=allowed).secret == "s" * 32
+
+
 def test_a_secret_file_flag_beats_a_secret_from_the_environment(tmp_path):
     from pimcore.config import load_settings
 

@@ -359,3 +359,27 @@ async def test_revoke_refuses_a_before_in_the_future(tmp_path: Path) -> None:
             soon = int(time.time() * 1e6) + 30_000_000
             status, doc = await call(c, "POST", "/v1/users/carol/revoke", {"before": soon})
             assert status == 200 and doc["before"] == soon
+
+
+async def test_events_endpoints_answer_409_when_the_broker_records_none(tmp_path: Path) -> None:
+    """With events off (the serve default) the event endpoints used to
+    answer 200 with nothing (an ack of 5 returned cursor 0): a newcomer
+    waited forever.  Now 409 events_disabled naming the setting, at once
+    (even with ?wait), and the handle raises EventsDisabled."""
+    with trio.fail_after(10):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            await im.post("team", b"hello")
+            for method, path, body in (("GET", "/v1/events", None), ("GET", "/v1/events?wait=25", None),
+                                       ("GET", "/v1/events/stream", None), ("POST", "/v1/events/ack", {"upto": 5})):
+                status, doc = await call(c, method, path, body)
+                assert_error(status, doc, 409, "events_disabled")
+                assert "[server] events = true" in doc["error"]["message"] and "PIMCORE_SERVER_EVENTS" in doc["error"]["message"]
+            from pimcore.embed import EventsDisabled
+
+            with pytest.raises(EventsDisabled, match="PIMCORE_SERVER_EVENTS"):
+                await im.next_events("push")
+            with pytest.raises(EventsDisabled):
+                await im.ack_events(5, "push")
+            with pytest.raises(EventsDisabled):
+                im.events("push")

@@ -305,7 +305,15 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         user = request.params["user"]
         return 200, {"user": user, "devices": handle.online_devices(user)}
 
+    def need_events() -> None:
+        # Without recorded events these would answer "nothing yet" for ever.
+        if not handle.events_enabled:
+            from ..embed import EVENTS_DISABLED
+
+            raise HttpError(409, "events_disabled", EVENTS_DISABLED)
+
     async def events(request: Request) -> tuple[int, Any]:
+        need_events()
         consumer = _query(request, "consumer", str, "default")
         after: Optional[int] = _query(request, "after", int, None)
         limit = _query(request, "limit", int, 256)
@@ -328,6 +336,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
                      "next": page[-1].id if page else after}
 
     async def event_stream(request: Request) -> tuple[int, Any]:
+        need_events()
         consumer = _query(request, "consumer", str, "default")
         after: Optional[int] = _query(request, "after", int, None)
         limit = _query(request, "limit", int, 50)
@@ -367,6 +376,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
                                (("cache-control", "no-cache"), ("x-accel-buffering", "no")))
 
     async def ack(request: Request) -> tuple[int, Any]:
+        need_events()
         body = _object(request)
         consumer = _field(body, "consumer", str, "default")
         upto = _field(body, "upto", int)
