@@ -35,7 +35,7 @@ from .auth import JwtAuthenticator, issue_token, load_or_create_secret
 from .core import Authenticator, ContentFilter, Identity
 from .config import ConfigError, ServeSettings, load_settings
 from .errors import ErrorCode, PimError, StoreError
-from .ids import SYSTEM
+from .ids import SYSTEM, conversation_problem, id_problem
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
 from .store.base import (
@@ -67,6 +67,12 @@ _log = logging.getLogger("pimcore.net")
 #: How far after now (µs) :meth:`Pimcore.revoke`'s ``before`` may be: a
 #: little clock skew between the host and the broker, no more.
 REVOKE_AHEAD = 60 * 1_000_000
+
+#: Longest token lifetime :meth:`Pimcore.issue_token` issues (s): 366 days.
+MAX_TOKEN_TTL = 366 * 24 * 3600
+
+#: Longest kick reason (UTF-8 bytes): it is logged and stored in events.
+MAX_KICK_REASON = 256
 
 #: Device id the handle's reads use where the store wants one (never a
 #: real device: it is not registered by a read).
@@ -287,11 +293,14 @@ class Pimcore:
 
     def issue_token(self, user: str, device: Optional[str] = None, *, ttl: int = 3600) -> str:
         """A login token for ``user`` (bound to ``device`` if given), valid for
-        ``ttl`` seconds, signed with the broker's secret.  Raises ValueError
-        for invalid ids, RuntimeError if the broker was opened with its own
-        authenticator (it has no secret to sign with)."""
+        ``ttl`` seconds (1 .. :data:`MAX_TOKEN_TTL`, 366 days), signed with
+        the broker's secret.  Raises ValueError for invalid ids or ttl,
+        RuntimeError if the broker was opened with its own authenticator (it
+        has no secret to sign with)."""
         if self._secret is None:
             raise RuntimeError("this broker authenticates with a custom authenticator: it cannot issue tokens")
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= MAX_TOKEN_TTL:
+            raise ValueError(f"cannot issue a token: ttl must be 1..{MAX_TOKEN_TTL} seconds (366 days), got {ttl!r}")
         return issue_token(self._secret, user, device, ttl=ttl)
 
     # ------------------------------------------------------------ groups
@@ -351,7 +360,7 @@ class Pimcore:
         done = await self.server.host_call(
             self.server.broker.post, conv, bytes(payload), sender=sender, device=device, key=idempotency_key
         )
-        result = _posted(conv, done)
+        result = _posted(conv, done, sender, device, idempotency_key)
         if isinstance(result, PimError):
             raise result
         return result
@@ -420,13 +429,25 @@ class Pimcore:
         todo = [i for i, r in enumerate(results) if r is None]
         done = await self.server.host_calls([calls[i] for i in todo]) if todo else []
         for i, d in zip(todo, done):
-            results[i] = _posted(calls[i][1][0], d)
+            kw = calls[i][2]
+            results[i] = _posted(calls[i][1][0], d, kw["sender"], kw["device"], kw["key"])
         return results  # type: ignore[return-value]
 
     def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
         """End ``user``'s sessions now (only ``device``'s if given) with
         Close(KICKED); the SDK does not log in again by itself.  Not
-        durable: to keep the user out, :meth:`revoke` too."""
+        durable: to keep the user out, :meth:`revoke` too.  ``reason``: at
+        most :data:`MAX_KICK_REASON` (256) UTF-8 bytes (it is logged and
+        sent).  Raises RequestRefused (BAD_REQUEST: an invalid user or device
+        id, a longer reason)."""
+        for value, what in ((user, "user"), (device, "device")):
+            problem = None if value is None and what == "device" else id_problem(value, what)
+            if problem is not None:
+                raise RequestRefused(ErrorCode.BAD_REQUEST, f"kick: {problem}")
+        if not isinstance(reason, str) or len(reason.encode("utf-8", "surrogatepass")) > MAX_KICK_REASON:
+            size = f'{len(reason.encode("utf-8", "surrogatepass"))} bytes' if isinstance(reason, str) else type(reason).__name__
+            raise RequestRefused(ErrorCode.BAD_REQUEST,
+                                 f"kick: the reason must be a string of at most {MAX_KICK_REASON} bytes (UTF-8), got {size}")
         self.server.kick(user, device, reason)
 
     async def revoke(self, user: str, device: Optional[str] = None, *, before: Optional[int] = None) -> int:
@@ -601,12 +622,36 @@ class Pimcore:
         await self.server.serve_stream(stream)
 
 
-def _posted(conv: str, done: Any) -> Union[Posted, PimError]:
+def _post_problem(conv: str, sender: str, device: str, key: Union[str, bytes, None]) -> Optional[str]:
+    """Why the broker refused a post with BAD_REQUEST, in words (it says
+    only the code): asked after the refusal, so a post pays nothing."""
+    if sender == SYSTEM:
+        if device != SYSTEM:
+            return f"sender {sender!r} is the system, which posts without a device (device {device!r} must be {SYSTEM!r} too)"
+    else:
+        for value, what in ((sender, "sender"), (device, "device")):
+            problem = id_problem(value, "device" if what == "device" else "user")
+            if problem is not None:
+                return f"{what}: {problem}"
+    problem = conversation_problem(conv)
+    if problem is not None:
+        return problem
+    if key is not None:
+        raw = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else key
+        if not isinstance(raw, bytes) or not 0 < len(raw) <= 256:
+            size = f"{len(raw)} bytes" if isinstance(raw, bytes) else type(key).__name__
+            return f"the idempotency key must be 1..256 bytes, got {size}"
+    return None
+
+
+def _posted(conv: str, done: Any, sender: str = SYSTEM, device: str = SYSTEM,
+            key: Union[str, bytes, None] = None) -> Union[Posted, PimError]:
     """A PostDone as the handle answers it."""
     if done.code is ErrorCode.STORE_UNAVAILABLE:
         return StoreError(f"post to {conv!r} not stored: the store failed")
     if done.code is not ErrorCode.OK:
-        return RequestRefused(done.code, f"post to {conv!r} refused: {done.code.name}")
+        why = _post_problem(conv, sender, device, key) if done.code is ErrorCode.BAD_REQUEST else None
+        return RequestRefused(done.code, f"post to {conv!r} refused: {done.code.name}" + (f": {why}" if why else ""))
     return Posted(conv, done.msg_id, done.seq, done.server_time, done.duplicate)
 
 
