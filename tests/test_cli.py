@@ -216,3 +216,38 @@ def test_json_log_lines_carry_structured_fields():
     assert (first["event"], first["conn"], first["reason"]) == ("login_refused", 7, "token has expired")
     assert first["ts"].endswith("Z") and "T" in first["ts"]
     assert second["level"] == "error" and "RuntimeError: boom" in second["exc"]
+
+
+def test_serve_logging_keeps_httpx_request_lines_out_at_info():
+    """httpx logs "HTTP Request: POST ..." at INFO for every webhook and
+    moderation call -- one per message with moderation.  serve's logging
+    (setup_logging) keeps httpx/httpcore at WARNING; pimcore's own info
+    lines stay."""
+    import io
+    import logging
+
+    import httpx
+
+    from pimcore.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level,
+             {n: logging.getLogger(n).level for n in ("httpx", "httpcore")})
+    buf = io.StringIO()
+    try:
+        setup_logging("info", "text", stream=buf)
+        with httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(200))) as client:
+            assert client.post("http://backend.example/moderate", json={}).status_code == 200
+        logging.getLogger("httpx").warning("httpx warns")
+        logging.getLogger("pimcore.net").info("login conn=1 user=alice")
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+        for name, level in saved[2].items():
+            logging.getLogger(name).setLevel(level)
+    out = buf.getvalue()
+    assert "HTTP Request" not in out, out
+    assert "httpx warns" in out and "login conn=1 user=alice" in out
