@@ -64,7 +64,10 @@ or ``PIMCORE_<SECTION>_<KEY>`` (in a section), upper case:
 ``PIMCORE_DATA_DIR``, ``PIMCORE_LIMITS_SEND_RATE``, ``PIMCORE_HTTP_REQUEST_TIMEOUT``;
 ``PIMCORE_HTTP`` is ``[http] listen``.  Values are read by the key's type
 (a number, ``true``/``false``, a string); lists (``listen``, ``api_keys``)
-are comma-separated.  ``PIMCORE_CONFIG`` names the file.  Precedence: flags
+are comma-separated.  ``PIMCORE_CONFIG`` names the file.  Any other
+``PIMCORE_*`` variable is a :class:`ConfigError` naming it, like an unknown
+key in the file (except the project's own :data:`OTHER_ENV`, e.g.
+``PIMCORE_BACKEND``; an empty one is unset).  Precedence: flags
 > environment > file > defaults.  A value of the wrong type is a
 :class:`ConfigError` naming the key: ``limits.send_rate: expected a number, got "fast"``.
 """
@@ -527,7 +530,30 @@ def _layer_from_doc(doc: dict[str, Any], here: Path, where: str) -> dict[tuple[O
     return layer
 
 
+#: ``PIMCORE_*`` variables that are not settings but are the project's own
+#: (read by the build, the test suite, the C ABI): allowed next to the
+#: settings' variables; any other ``PIMCORE_*`` is a ConfigError, like an
+#: unknown key in the file (a typo must not be ignored silently).
+OTHER_ENV = frozenset({"PIMCORE_CONFIG", "PIMCORE_BACKEND", "PIMCORE_PYTHON", "PIMCORE_NO_EXT"})
+OTHER_ENV_PREFIXES = ("PIMCORE_REQUIRE_", "PIMCORE_CHAOS_", "PIMCORE_CRASH_")
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    known = {env_name(section, key) for section, key in SCHEMA}
+    for name, text in env.items():
+        if (not name.startswith("PIMCORE_") or name in known or name in OTHER_ENV
+                or name.startswith(OTHER_ENV_PREFIXES) or text == ""):
+            continue
+        import difflib
+
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f" (did you mean ${close[0]}?)" if close else ""
+        raise ConfigError(f"unknown environment variable ${name}: not a setting{hint}; settings are "
+                          "PIMCORE_<KEY> or PIMCORE_<SECTION>_<KEY> (pimcore serve --print-config lists them)")
+
+
 def _layer_from_env(env: Mapping[str, str]) -> dict[tuple[Optional[str], str], Any]:
+    _check_env_names(env)
     layer: dict[tuple[Optional[str], str], Any] = {}
     for (section, key), typ in SCHEMA.items():
         name = env_name(section, key)

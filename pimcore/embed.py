@@ -35,7 +35,7 @@ from .auth import JwtAuthenticator, issue_token, load_or_create_secret
 from .core import Authenticator, ContentFilter, Identity
 from .config import ConfigError, ServeSettings, load_settings
 from .errors import ErrorCode, PimError, StoreError
-from .ids import SYSTEM
+from .ids import SYSTEM, conversation_problem, id_problem
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
 from .store.base import (
@@ -59,10 +59,20 @@ from .store.base import (
 
 __all__ = [
     "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ReadPositions", "DevicePosition",
-    "HostEvent", "EventStream", "SYSTEM",
+    "HostEvent", "EventStream", "SYSTEM", "EventsDisabled",
 ]
 
 _log = logging.getLogger("pimcore.net")
+
+#: How far after now (µs) :meth:`Pimcore.revoke`'s ``before`` may be: a
+#: little clock skew between the host and the broker, no more.
+REVOKE_AHEAD = 60 * 1_000_000
+
+#: Longest token lifetime :meth:`Pimcore.issue_token` issues (s): 366 days.
+MAX_TOKEN_TTL = 366 * 24 * 3600
+
+#: Longest kick reason (UTF-8 bytes): it is logged and stored in events.
+MAX_KICK_REASON = 256
 
 #: Device id the handle's reads use where the store wants one (never a
 #: real device: it is not registered by a read).
@@ -76,6 +86,20 @@ class RequestRefused(PimError):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class EventsDisabled(PimError, ValueError):
+    """The broker records no host events (``[server] events`` is off), so
+    there are none to read or acknowledge: start it with events on."""
+
+    def __init__(self) -> None:
+        super().__init__(EVENTS_DISABLED)
+
+
+#: The message of :class:`EventsDisabled` (and of the HTTP API's 409
+#: ``events_disabled``).
+EVENTS_DISABLED = ("the broker records no host events: start it with [server] events = true "
+                   "(PIMCORE_SERVER_EVENTS=true, open_pimcore(events=True))")
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,11 +293,14 @@ class Pimcore:
 
     def issue_token(self, user: str, device: Optional[str] = None, *, ttl: int = 3600) -> str:
         """A login token for ``user`` (bound to ``device`` if given), valid for
-        ``ttl`` seconds, signed with the broker's secret.  Raises ValueError
-        for invalid ids, RuntimeError if the broker was opened with its own
-        authenticator (it has no secret to sign with)."""
+        ``ttl`` seconds (1 .. :data:`MAX_TOKEN_TTL`, 366 days), signed with
+        the broker's secret.  Raises ValueError for invalid ids or ttl,
+        RuntimeError if the broker was opened with its own authenticator (it
+        has no secret to sign with)."""
         if self._secret is None:
             raise RuntimeError("this broker authenticates with a custom authenticator: it cannot issue tokens")
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= MAX_TOKEN_TTL:
+            raise ValueError(f"cannot issue a token: ttl must be 1..{MAX_TOKEN_TTL} seconds (366 days), got {ttl!r}")
         return issue_token(self._secret, user, device, ttl=ttl)
 
     # ------------------------------------------------------------ groups
@@ -327,24 +354,44 @@ class Pimcore:
         and is refused with REJECTED (and the reason) if they say no, or
         INTERNAL if they could not answer (retry with the same key).  A
         system post is trusted: it is not checked."""
-        if sender != SYSTEM and (self.server.config.broker.content_filter is not None
-                                 or self.server.moderator is not None):
-            from .core import idempotency_local_id
-
-            # The local id the message will have (0 without a key); an
-            # unusable key is left to the broker's BAD_REQUEST.
-            local_id = 0 if idempotency_key is None else idempotency_local_id(idempotency_key)
-            if local_id is not None:
-                reason, code = await self.server.check_content(sender, device, conv, bytes(payload), local_id)
-                if reason is not None:
-                    raise RequestRefused(code, f"post to {conv!r} refused: {reason}")
+        refused = await self._check_post(conv, payload, sender, device, idempotency_key)
+        if refused is not None:
+            raise refused
         done = await self.server.host_call(
             self.server.broker.post, conv, bytes(payload), sender=sender, device=device, key=idempotency_key
         )
-        result = _posted(conv, done)
+        result = _posted(conv, done, sender, device, idempotency_key)
         if isinstance(result, PimError):
             raise result
         return result
+
+    def _checked(self, sender: str) -> bool:
+        """Does a post as ``sender`` pass the content checks?  A user's does
+        when a content filter or moderation is configured; the system's is
+        trusted."""
+        return sender != SYSTEM and (self.server.config.broker.content_filter is not None
+                                     or self.server.moderator is not None)
+
+    async def _check_post(
+        self, conv: str, payload: bytes, sender: str, device: str, key: Union[str, bytes, None]
+    ) -> Optional[RequestRefused]:
+        """The content filter, then moderation, for one post as a user (the
+        checks a client's send passes): the refusal (REJECTED, or INTERNAL
+        when no answer came), or None to store it.  Every entry point
+        (post, post_many, the HTTP API, the C ABI) comes through here."""
+        if not self._checked(sender):
+            return None
+        from .core import idempotency_local_id
+
+        # The local id the message will have (0 without a key); an
+        # unusable key is left to the broker's BAD_REQUEST.
+        local_id = 0 if key is None else idempotency_local_id(key)
+        if local_id is None:
+            return None
+        reason, code = await self.server.check_content(sender, device, conv, bytes(payload), local_id)
+        if reason is not None:
+            return RequestRefused(code, f"post to {conv!r} refused: {reason}")
+        return None
 
     async def post_many(self, posts: Sequence[dict[str, Any]]) -> list[Union[Posted, PimError]]:
         """Several posts at once (each a dict of :meth:`post`'s arguments:
@@ -353,8 +400,11 @@ class Pimcore:
         one conversation get ascending seqs in that order -- and committed
         together where the broker can.  One result per post, in order:
         Posted (``duplicate`` set for a retried key), or the
-        RequestRefused/StoreError that :meth:`post` would raise.  Raises
-        TypeError for a dict with other keys."""
+        RequestRefused/StoreError that :meth:`post` would raise.  Posts as
+        a user pass the same content checks as :meth:`post` (run
+        concurrently, before any is handed to the broker); a refused post
+        gets its RequestRefused and the others go on.  Raises TypeError for
+        a dict with other keys."""
         broker = self.server.broker
         calls = []
         for kw in posts:
@@ -366,13 +416,38 @@ class Pimcore:
             if kw:
                 raise TypeError(f"post_many: unexpected keys {sorted(kw)}")
             calls.append((broker.post, (conv, bytes(payload)), {"sender": sender, "device": device, "key": key}))
-        done = await self.server.host_calls(calls)
-        return [_posted(call[1][0], d) for call, d in zip(calls, done)]
+        results: list[Union[Posted, PimError, None]] = [None] * len(calls)
+        checked = [i for i, call in enumerate(calls) if self._checked(call[2]["sender"])]
+        if checked:
+            async def check(i: int) -> None:
+                (conv, payload), kw = calls[i][1], calls[i][2]
+                results[i] = await self._check_post(conv, payload, kw["sender"], kw["device"], kw["key"])
+
+            async with trio.open_nursery() as nursery:
+                for i in checked:
+                    nursery.start_soon(check, i)
+        todo = [i for i, r in enumerate(results) if r is None]
+        done = await self.server.host_calls([calls[i] for i in todo]) if todo else []
+        for i, d in zip(todo, done):
+            kw = calls[i][2]
+            results[i] = _posted(calls[i][1][0], d, kw["sender"], kw["device"], kw["key"])
+        return results  # type: ignore[return-value]
 
     def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
         """End ``user``'s sessions now (only ``device``'s if given) with
         Close(KICKED); the SDK does not log in again by itself.  Not
-        durable: to keep the user out, :meth:`revoke` too."""
+        durable: to keep the user out, :meth:`revoke` too.  ``reason``: at
+        most :data:`MAX_KICK_REASON` (256) UTF-8 bytes (it is logged and
+        sent).  Raises RequestRefused (BAD_REQUEST: an invalid user or device
+        id, a longer reason)."""
+        for value, what in ((user, "user"), (device, "device")):
+            problem = None if value is None and what == "device" else id_problem(value, what)
+            if problem is not None:
+                raise RequestRefused(ErrorCode.BAD_REQUEST, f"kick: {problem}")
+        if not isinstance(reason, str) or len(reason.encode("utf-8", "surrogatepass")) > MAX_KICK_REASON:
+            size = f'{len(reason.encode("utf-8", "surrogatepass"))} bytes' if isinstance(reason, str) else type(reason).__name__
+            raise RequestRefused(ErrorCode.BAD_REQUEST,
+                                 f"kick: the reason must be a string of at most {MAX_KICK_REASON} bytes (UTF-8), got {size}")
         self.server.kick(user, device, reason)
 
     async def revoke(self, user: str, device: Optional[str] = None, *, before: Optional[int] = None) -> int:
@@ -380,8 +455,18 @@ class Pimcore:
         ``before`` (µs since the epoch; default now), durably, and end the
         live sessions that used one (Close(TOKEN_REVOKED)).  Tokens issued
         afterwards work.  Returns the revocation time in force (µs).  Raises
-        RequestRefused (BAD_REQUEST), StoreError."""
-        when = self.server.now() if before is None else before
+        RequestRefused (BAD_REQUEST: an invalid id, or ``before`` later than
+        now + :data:`REVOKE_AHEAD` -- a revocation cannot be lowered again,
+        so a time in the future, nanoseconds for µs say, would lock the user
+        out for good), StoreError."""
+        now = self.server.now()
+        when = now if before is None else before
+        if when > now + REVOKE_AHEAD:
+            raise RequestRefused(
+                ErrorCode.BAD_REQUEST,
+                f"revoke {user!r}: before={when} is more than {REVOKE_AHEAD // 1_000_000} s after now ({now}); "
+                "it is µs since the epoch (not ns), and a revocation cannot be undone",
+            )
         _log.info("revoke user=%s device=%s before=%d", user, device or "*", when,
                   extra={"event": "revoke", "user": user, "device": device or "*", "before": when})
         result = await self.server.host_call(self.server.broker.revoke, user, device, when)
@@ -467,10 +552,20 @@ class Pimcore:
         (:class:`HostEvent`).  At least once: whatever was not acked with
         :meth:`ack_events` is delivered again by a later call -- after a
         restart, a crash included (see docs/EMBEDDING.md, Events).  Needs
-        ``events=True`` (``[server] events``); without it there are none.
-        Raises RequestRefused (BAD_REQUEST: an invalid consumer name) when
-        iterated."""
+        ``events=True`` (``[server] events``): without it raises
+        EventsDisabled.  Raises RequestRefused (BAD_REQUEST: an invalid
+        consumer name) when iterated."""
+        self._need_events()
         return EventStream(self, consumer, after, limit)
+
+    @property
+    def events_enabled(self) -> bool:
+        """Does the broker record host events (``[server] events``)?"""
+        return bool(self.server.config.broker.record_events)
+
+    def _need_events(self) -> None:
+        if not self.events_enabled:
+            raise EventsDisabled()
 
     async def next_events(
         self, consumer: str = "default", *, after: Optional[int] = None, limit: int = 256
@@ -478,7 +573,10 @@ class Pimcore:
         """One page of host events after ``after`` (None: ``consumer``'s
         durable cursor), waiting until there is at least one: (the ``after``
         used, the events ascending, at most ``limit``).  Nothing changes
-        until the page is returned, so a cancelled call loses nothing."""
+        until the page is returned, so a cancelled call loses nothing.
+        Raises EventsDisabled when the broker records none (it would wait
+        forever), RequestRefused (BAD_REQUEST) for an invalid consumer."""
+        self._need_events()
         while True:
             committed = self.server.committed  # before the read: no wake-up is missed
             page = await self._read_one(ReadEvents(consumer, after, max(1, limit)))
@@ -505,7 +603,9 @@ class Pimcore:
         """``consumer`` has handled every event up to id ``upto``: its
         durable cursor moves there (never back; clamped to the last id),
         durable when this returns.  Returns the cursor in force.  Raises
-        RequestRefused (BAD_REQUEST), StoreError."""
+        EventsDisabled when the broker records none, RequestRefused
+        (BAD_REQUEST), StoreError."""
+        self._need_events()
         result = await self.server.host_call(self.server.broker.ack_events, consumer, upto)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
@@ -522,12 +622,36 @@ class Pimcore:
         await self.server.serve_stream(stream)
 
 
-def _posted(conv: str, done: Any) -> Union[Posted, PimError]:
+def _post_problem(conv: str, sender: str, device: str, key: Union[str, bytes, None]) -> Optional[str]:
+    """Why the broker refused a post with BAD_REQUEST, in words (it says
+    only the code): asked after the refusal, so a post pays nothing."""
+    if sender == SYSTEM:
+        if device != SYSTEM:
+            return f"sender {sender!r} is the system, which posts without a device (device {device!r} must be {SYSTEM!r} too)"
+    else:
+        for value, what in ((sender, "sender"), (device, "device")):
+            problem = id_problem(value, "device" if what == "device" else "user")
+            if problem is not None:
+                return f"{what}: {problem}"
+    problem = conversation_problem(conv)
+    if problem is not None:
+        return problem
+    if key is not None:
+        raw = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else key
+        if not isinstance(raw, bytes) or not 0 < len(raw) <= 256:
+            size = f"{len(raw)} bytes" if isinstance(raw, bytes) else type(key).__name__
+            return f"the idempotency key must be 1..256 bytes, got {size}"
+    return None
+
+
+def _posted(conv: str, done: Any, sender: str = SYSTEM, device: str = SYSTEM,
+            key: Union[str, bytes, None] = None) -> Union[Posted, PimError]:
     """A PostDone as the handle answers it."""
     if done.code is ErrorCode.STORE_UNAVAILABLE:
         return StoreError(f"post to {conv!r} not stored: the store failed")
     if done.code is not ErrorCode.OK:
-        return RequestRefused(done.code, f"post to {conv!r} refused: {done.code.name}")
+        why = _post_problem(conv, sender, device, key) if done.code is ErrorCode.BAD_REQUEST else None
+        return RequestRefused(done.code, f"post to {conv!r} refused: {done.code.name}" + (f": {why}" if why else ""))
     return Posted(conv, done.msg_id, done.seq, done.server_time, done.duplicate)
 
 

@@ -11,6 +11,10 @@ format writes one object per line::
      "user": "alice", "device": "phone"}
 
 An embedding host keeps its own logging setup; this module is for the CLI.
+The HTTP client the webhooks and moderation use (httpx, httpcore) logs a
+line per request at INFO: :func:`setup_logging` keeps those loggers at
+WARNING (:data:`QUIET_LOGGERS`), so info has no line per message; an
+embedding host may want the same (docs/EMBEDDING.md).
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ import sys
 import time
 from typing import IO, Any, Optional
 
-__all__ = ["JsonFormatter", "setup_logging"]
+__all__ = ["JsonFormatter", "setup_logging", "QUIET_LOGGERS"]
+
+#: Libraries' loggers kept at WARNING: httpx logs "HTTP Request: POST ..."
+#: at INFO for every webhook batch and every moderation call.
+QUIET_LOGGERS = ("httpx", "httpcore")
 
 #: LogRecord attributes that are not structured fields.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
@@ -60,3 +68,5 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: Optional[IO[st
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -935,3 +935,56 @@ async def test_an_async_store_read_that_hangs_fails_at_read_timeout(autojump_clo
             assert close.code == CloseCode.INTERNAL
             assert trio.current_time() - t0 == pytest.approx(2.0, abs=0.01)
             assert srv.broker.statistics().reads_in_flight == 0 and srv.broker.statistics().read_failures == 1
+
+
+@pytest.mark.parametrize("store_kind", ["lmdb", "latency"])
+@pytest.mark.parametrize("verdict", ["deny", "fails", "async-deny"])
+async def test_a_retry_of_a_stored_message_gets_its_sendack_without_a_new_content_check(tmp_path, verdict, store_kind):
+    """The first SendAck is lost (the connection dies after the store);
+    the retry with the same local id comes after the content filter
+    changed its mind (or fails): the dedupe decides first, so the retry
+    gets the original SendAck (OK, same msg_id and seq) and the filter is
+    not asked again.  A new local id is still checked."""
+    inner = LmdbStore(str(tmp_path / "db"), durability="os")
+    store = inner if store_kind == "lmdb" else LatencyStore(inner, read_latency=(0.0, 0.002), write_latency=(0.0, 0.002))
+    mode = {"now": "allow"}
+    asked: list[bytes] = []
+
+    def plain(user: str, conv: str, payload: bytes) -> Optional[str]:
+        asked.append(payload)
+        if mode["now"] == "allow":
+            return None
+        if verdict == "fails":
+            raise ConnectionError("moderation service unreachable")
+        return "closed for today"
+
+    async def in_a_task(user: str, conv: str, payload: bytes) -> Optional[str]:
+        await trio.sleep(0)
+        return plain(user, conv, payload)
+
+    try:
+        with trio.fail_after(30):
+            cfg = _with_filter(server_config(), in_a_task if verdict == "async-deny" else plain)
+            async with open_broker_server(store, JwtAuthenticator(SECRET), cfg) as srv:
+                port = srv.endpoints[0].port
+                first = await RawConn.open(port)
+                await first.login("alice", "phone")
+                await first.send(F.SendReq(7, AB, 0, b"hello"))
+                ack = await first.until(F.SendAck)
+                assert ack.code == ErrorCode.OK and ack.seq == 1
+                await first.aclose()  # as if that SendAck was lost on the way
+                mode["now"] = "deny"
+                again = await RawConn.open(port)
+                await again.login("alice", "phone")
+                await again.send(F.SendReq(7, AB, 0, b"hello"))
+                retry = await again.until(F.SendAck)
+                assert (retry.code, retry.msg_id, retry.seq, retry.server_time) == (ErrorCode.OK, ack.msg_id, 1, ack.server_time)
+                assert asked == [b"hello"]
+                await again.send(F.SendReq(8, AB, 0, b"new"))
+                fresh = await again.until(F.SendAck)
+                assert fresh.code == (ErrorCode.INTERNAL if verdict == "fails" else ErrorCode.REJECTED)
+                assert asked == [b"hello", b"new"]
+                await again.aclose()
+        assert [m.payload for m in inner.history(AB, 0, 10)] == [b"hello"]
+    finally:
+        inner.close()

@@ -223,6 +223,17 @@ def test_in_process_through_ctypes(libdir: Path, tmp_path: Path) -> None:
     assert lib.pim_token_issue(b, b"bob", None, 60, ctypes.byref(token)) == 0
     assert ctypes.string_at(token.value).count(b".") == 2  # a JWT
     lib.pim_free(token)
+    lib.pim_revoke.argtypes = [vp, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)]
+    before = ctypes.c_int64()
+    assert lib.pim_revoke(b, b"bob", None, time.time_ns(), ctypes.byref(before)) == 1  # PIM_ERR_INVALID: ns, not µs
+    assert "µs".encode() in lib.pim_last_error() and before.value == 0
+    for ttl in (0, 366 * 24 * 3600 + 1):
+        assert lib.pim_token_issue(b, b"bob", None, ttl, ctypes.byref(token)) == 1  # PIM_ERR_INVALID
+        assert b"ttl" in lib.pim_last_error() and (ttl == 0 or b"366 days" in lib.pim_last_error())
+    lib.pim_kick.argtypes = [vp, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p]
+    assert lib.pim_kick(b, b"a b", None, None) == 1 and b"'a b'" in lib.pim_last_error()
+    assert lib.pim_kick(b, b"bob", None, b"r" * 257) == 1 and b"256 bytes" in lib.pim_last_error()
+    assert lib.pim_kick(b, b"bob", None, b"r" * 256) == 0
 
     seen: list[tuple[int, bytes, bytes, list[bytes]]] = []
     reentry: list[int] = []

@@ -161,6 +161,27 @@ def test_every_setting_has_an_environment_variable_by_one_rule():
     assert s.server_config().broker.limits.send_rate == 12.5
 
 
+def test_an_unknown_pimcore_environment_variable_is_an_error_naming_it():
+    """Like an unknown key in the file: a typo (PIMCORE_LIMITS_SENDRATE)
+    must not be ignored silently.  The project's own variables that are not
+    settings stay allowed."""
+    import pytest
+
+    from pimcore.config import ConfigError, load_settings
+
+    for name, hint in (("PIMCORE_LIMITS_NOPE", None), ("PIMCORE_LIMITS_SENDRATE", "PIMCORE_LIMITS_SEND_RATE"),
+                       ("PIMCORE_SERVER_EVENT", "PIMCORE_SERVER_EVENTS")):
+        with pytest.raises(ConfigError, match=name) as err:
+            load_settings(env={name: "1"})
+        assert "unknown" in str(err.value)
+        if hint is not None:
+            assert hint in str(err.value)
+    allowed = {"PIMCORE_BACKEND": "pure", "PIMCORE_PYTHON": "/usr/bin/python3", "PIMCORE_REQUIRE_CABI": "1",
+               "PIMCORE_NO_EXT": "1", "PIMCORE_CHAOS_SEED": "7", "PIMCORE_CHAOS_MESSAGES": "5", "PIMCORE_CRASH_SEED": "3",
+               "PIMCORE_CONFIG": "", "PIMCORE_SECRET": "s" * 32, "PIMCORE_LIMITS_NOPE": ""}  # empty: unset
+    assert load_settings(env=allowed).secret == "s" * 32
+
+
 def test_a_secret_file_flag_beats_a_secret_from_the_environment(tmp_path):
     from pimcore.config import load_settings
 
@@ -195,3 +216,38 @@ def test_json_log_lines_carry_structured_fields():
     assert (first["event"], first["conn"], first["reason"]) == ("login_refused", 7, "token has expired")
     assert first["ts"].endswith("Z") and "T" in first["ts"]
     assert second["level"] == "error" and "RuntimeError: boom" in second["exc"]
+
+
+def test_serve_logging_keeps_httpx_request_lines_out_at_info():
+    """httpx logs "HTTP Request: POST ..." at INFO for every webhook and
+    moderation call -- one per message with moderation.  serve's logging
+    (setup_logging) keeps httpx/httpcore at WARNING; pimcore's own info
+    lines stay."""
+    import io
+    import logging
+
+    import httpx
+
+    from pimcore.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level,
+             {n: logging.getLogger(n).level for n in ("httpx", "httpcore")})
+    buf = io.StringIO()
+    try:
+        setup_logging("info", "text", stream=buf)
+        with httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(200))) as client:
+            assert client.post("http://backend.example/moderate", json={}).status_code == 200
+        logging.getLogger("httpx").warning("httpx warns")
+        logging.getLogger("pimcore.net").info("login conn=1 user=alice")
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+        for name, level in saved[2].items():
+            logging.getLogger(name).setLevel(level)
+    out = buf.getvalue()
+    assert "HTTP Request" not in out, out
+    assert "httpx warns" in out and "login conn=1 user=alice" in out

@@ -332,3 +332,132 @@ async def test_the_openapi_document_lists_exactly_the_routed_endpoints(tmp_path:
             assert served == pairs
             post = doc["paths"]["/v1/conversations/{conv}/messages"]["post"]
             assert [p["name"] for p in post["parameters"]] == ["conv"] and "201" in post["responses"]
+
+
+async def test_revoke_refuses_a_before_in_the_future(tmp_path: Path) -> None:
+    """`before` later than now + 60 s (nanoseconds passed as µs, say) would
+    lock the user out for decades with no undo: 400 BAD_REQUEST naming µs,
+    nothing revoked, the user's tokens still work.  The handle raises
+    RequestRefused(BAD_REQUEST) the same way; up to 60 s ahead is fine."""
+    import time
+
+    from pimcore.embed import RequestRefused
+    from pimcore.errors import ErrorCode
+
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["carol"])
+            for bad in (time.time_ns(), int(time.time() * 1e6) + 61_000_000):
+                status, doc = await call(c, "POST", "/v1/users/carol/revoke", {"before": bad})
+                assert_error(status, doc, 400, "BAD_REQUEST")
+                assert "µs" in doc["error"]["message"] and "before" in doc["error"]["message"]
+                with pytest.raises(RequestRefused, match="µs") as refused:
+                    await im.revoke("carol", "phone", before=bad)
+                assert refused.value.code is ErrorCode.BAD_REQUEST
+            async with open_client(im.server.url(), im.issue_token("carol"), "phone", config=FAST_CLIENT) as carol:
+                assert (await carol.send("team", b"still in")).seq == 1
+            soon = int(time.time() * 1e6) + 30_000_000
+            status, doc = await call(c, "POST", "/v1/users/carol/revoke", {"before": soon})
+            assert status == 200 and doc["before"] == soon
+
+
+async def test_events_endpoints_answer_409_when_the_broker_records_none(tmp_path: Path) -> None:
+    """With events off (the serve default) the event endpoints used to
+    answer 200 with nothing (an ack of 5 returned cursor 0): a newcomer
+    waited forever.  Now 409 events_disabled naming the setting, at once
+    (even with ?wait), and the handle raises EventsDisabled."""
+    with trio.fail_after(10):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            await im.post("team", b"hello")
+            for method, path, body in (("GET", "/v1/events", None), ("GET", "/v1/events?wait=25", None),
+                                       ("GET", "/v1/events/stream", None), ("POST", "/v1/events/ack", {"upto": 5})):
+                status, doc = await call(c, method, path, body)
+                assert_error(status, doc, 409, "events_disabled")
+                assert "[server] events = true" in doc["error"]["message"] and "PIMCORE_SERVER_EVENTS" in doc["error"]["message"]
+            from pimcore.embed import EventsDisabled
+
+            with pytest.raises(EventsDisabled, match="PIMCORE_SERVER_EVENTS"):
+                await im.next_events("push")
+            with pytest.raises(EventsDisabled):
+                await im.ack_events(5, "push")
+            with pytest.raises(EventsDisabled):
+                im.events("push")
+
+
+async def test_refusals_say_what_was_wrong(tmp_path: Path) -> None:
+    """Not just "refused: BAD_REQUEST": the message names the field and the
+    rule (a 300-byte Idempotency-Key, an empty sender or device), in the
+    single post, the batch and the handle; a batch item's error names the
+    item once."""
+    from pimcore.embed import RequestRefused
+    from pimcore.errors import ErrorCode
+
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            path = "/v1/conversations/team/messages"
+            status, doc = await call(c, "POST", path, {"payload": "x", "sender": "alice"}, headers={"Idempotency-Key": "k" * 300})
+            assert status == 400 and "256 bytes" in doc["error"]["message"] and "300" in doc["error"]["message"], doc
+            for body, needle in (({"payload": "x", "sender": ""}, "sender"), ({"payload": "x", "sender": "alice", "device": ""}, "device"),
+                                 ({"payload": "x", "sender": "a b"}, "'a b'")):
+                status, doc = await call(c, "POST", path, body)
+                assert status == 400 and needle in doc["error"]["message"] and doc["error"]["message"] != "", doc
+                assert not doc["error"]["message"].endswith("BAD_REQUEST"), doc
+            status, doc = await call(c, "POST", "/v1/messages", {"messages": [
+                {"conv": "team", "payload": "x", "sender": "alice", "idempotency_key": "k" * 300}, 5,
+                {"conv": "team", "payload": "x", "sender": "alice", "device": "a b"}]})
+            res = doc["results"]
+            assert "256 bytes" in res[0]["message"], res
+            assert res[1]["message"].count("messages[1]") == 1, res
+            assert "device" in res[2]["message"] and "'a b'" in res[2]["message"], res
+            with pytest.raises(RequestRefused, match="empty device id") as refused:
+                await im.post("team", b"x", sender="alice", device=SYSTEM)
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+            with pytest.raises(RequestRefused, match="256 bytes"):
+                await im.post("team", b"x", idempotency_key=b"")
+
+
+async def test_kick_validates_like_revoke_and_caps_the_reason(tmp_path: Path) -> None:
+    """An invalid user id is 400 BAD_REQUEST for kick as for revoke and
+    unread (it was 200); a reason over 256 bytes is 400 (it was logged
+    three times and stored in events, whatever its size)."""
+    from pimcore.embed import RequestRefused
+    from pimcore.errors import ErrorCode
+
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            for path in ("/v1/users/a%20b/kick", "/v1/users/a%20b/revoke"):
+                status, doc = await call(c, "POST", path)
+                assert_error(status, doc, 400, "BAD_REQUEST")
+                assert "'a b'" in doc["error"]["message"], doc
+            assert_error(*await call(c, "POST", "/v1/users/alice/kick", {"device": "a b"}), 400, "BAD_REQUEST")
+            status, doc = await call(c, "POST", "/v1/users/alice/kick", {"reason": "r" * 300_000})
+            assert_error(status, doc, 400, "BAD_REQUEST")
+            assert "256 bytes" in doc["error"]["message"]
+            assert await call(c, "POST", "/v1/users/alice/kick", {"reason": "é" * 128}) == (200, {"user": "alice", "devices": []})
+            with pytest.raises(RequestRefused) as refused:
+                im.kick("a b")
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+            with pytest.raises(RequestRefused, match="256 bytes"):
+                im.kick("alice", reason="é" * 129)
+
+
+async def test_token_ttl_is_1s_to_366_days(tmp_path: Path) -> None:
+    """ttl 0 and ttl 99999999999999999 were accepted: 1..366 days now, in
+    the handle (ValueError) and the API (400)."""
+    from pimcore.embed import MAX_TOKEN_TTL
+
+    assert MAX_TOKEN_TTL == 366 * 24 * 3600
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            for bad in (0, -1, MAX_TOKEN_TTL + 1, 99999999999999999):
+                status, doc = await call(c, "POST", "/v1/tokens", {"user": "alice", "ttl": bad})
+                assert status == 400 and "ttl" in doc["error"]["message"], doc
+                assert bad < 0 or "366 days" in doc["error"]["message"], doc
+                with pytest.raises(ValueError, match="366 days"):
+                    im.issue_token("alice", ttl=bad)
+            for good in (1, MAX_TOKEN_TTL):
+                status, doc = await call(c, "POST", "/v1/tokens", {"user": "alice", "ttl": good})
+                assert status == 201
+                im.issue_token("alice", ttl=good)

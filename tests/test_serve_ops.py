@@ -224,8 +224,9 @@ def test_print_config_shows_effective_settings_flags_over_env_over_file(tmp_path
         ({"PIMCORE_HTTP": "ws://127.0.0.1:0"}, ["http", "scheme"]),
         ({"PIMCORE_HTTP": "tls://127.0.0.1:0"}, ["http", "certificate"]),
         ({"PIMCORE_CONFIG": "missing.toml"}, ["missing.toml"]),
+        ({"PIMCORE_LIMITS_NOPE": "1"}, ["PIMCORE_LIMITS_NOPE", "unknown"]),
     ],
-    ids=["number", "integer", "bool", "log-level", "http-scheme", "http-tls-no-cert", "missing-config"],
+    ids=["number", "integer", "bool", "log-level", "http-scheme", "http-tls-no-cert", "missing-config", "unknown-variable"],
 )
 def test_bad_environment_exits_2_naming_the_key(tmp_path: Path, env: dict[str, str], needles: list[str]) -> None:
     r = run_pimcore("serve", "--data-dir", tmp_path / "d", env=env, cwd=tmp_path)

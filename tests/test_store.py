@@ -328,6 +328,24 @@ def test_dedupe_key_is_sender_device_and_local_id(store: Store, mk: Maker) -> No
     assert store.last_seq(AB) == 4
 
 
+def test_read_dedupe_says_whether_a_key_is_stored(store: Store, mk: Maker) -> None:
+    """ReadDedupe (what the broker asks before a content check) is true
+    exactly for the stored (sender, device, local_id) keys."""
+    from pimcore.store import Deduped, ReadDedupe, StoreRequest
+
+    mk.commit(store, mk(AB, "alice", "phone", local_id=1))
+
+    def probe(*ops: ReadDedupe) -> list[bool]:
+        res = store.execute(StoreRequest(1, ops, False))
+        assert all(type(r) is Deduped for r in res)
+        return [r.stored for r in res]  # type: ignore[union-attr]
+
+    assert probe(ReadDedupe("alice", "phone", 1), ReadDedupe("alice", "phone", 2), ReadDedupe("alice", "laptop", 1),
+                 ReadDedupe("bob", "phone", 1), ReadDedupe("a b", "phone", 1), ReadDedupe("alice", "phone", -1)) == \
+        [True, False, False, False, False, False]
+    assert store.deduped("alice", "phone", 1) and not store.deduped("alice", "phone", 3)
+
+
 def test_dedupe_is_checked_before_membership(store: Store, mk: Maker) -> None:
     store.create_group(GROUP, ["alice", "bob"], now=1)
     sent = mk(GROUP, "bob", local_id=3)

@@ -477,6 +477,8 @@ class Moderation(Receiver):
             return 500, b"{}"
         if self.mode == "junk":
             return 200, b'{"allowed": "yes"}'
+        if self.mode == "deny":
+            return 200, json.dumps({"allow": False, "reason": "closed for today"}).encode()
         if b"spam" in payload:
             return 200, json.dumps({"allow": False, "reason": "no spam here"}).encode()
         return 200, b'{"allow": true}'
@@ -833,3 +835,119 @@ async def test_an_event_log_that_fails_at_start_fails_open_pimcore_instead_of_ha
             async with open_pimcore(data_dir=tmp_path, store=NoAcks(), secret="s" * 32,
                                     webhooks={"url": "http://127.0.0.1:9/hook", "secret": SECRET, **QUICK}):
                 pass  # pragma: no cover - never opened
+
+
+# ---------------------------------------------------------------- batches and retries
+
+
+@pytest.mark.parametrize("kind", ["plain", "async"])
+async def test_post_many_as_a_user_passes_the_content_filter_like_post(tmp_path: Path, kind: str) -> None:
+    """post_many runs the checks post runs, per item: a refused item gets
+    REJECTED in its slot, the others are stored in order; system posts
+    are trusted."""
+    def plain(user: str, conv: str, payload: bytes) -> Optional[str]:
+        return "no shouting" if payload.isupper() else None
+
+    async def in_a_task(user: str, conv: str, payload: bytes) -> Optional[str]:
+        await trio.sleep(0.01)
+        return plain(user, conv, payload)
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path, durability="os",
+                                content_filter=plain if kind == "plain" else in_a_task) as im:
+            await im.create_group("team", ["alice", "bob"])
+            results = await im.post_many([
+                {"conv": "team", "payload": b"quiet", "sender": "alice", "device": "web"},
+                {"conv": "team", "payload": b"LOUD", "sender": "alice", "device": "web", "idempotency_key": "k1"},
+                {"conv": "team", "payload": b"SYSTEM NOTICE"},
+                {"conv": "team", "payload": b"after", "sender": "bob", "device": "web"},
+            ])
+            assert isinstance(results[1], RequestRefused) and results[1].code is ErrorCode.REJECTED
+            assert "no shouting" in str(results[1])
+            assert [r.seq for i, r in enumerate(results) if i != 1] == [1, 2, 3]
+            history = await im.history("team", "bob", from_seq=0, backward=False)
+            assert [m.payload for m in history] == [b"quiet", b"SYSTEM NOTICE", b"after"]
+
+
+async def test_http_batch_posts_as_a_user_are_moderated(tmp_path: Path) -> None:
+    """POST /v1/messages: an item with a sender is moderated like a single
+    post (error REJECTED with the reason; INTERNAL when moderation is down
+    under the closed policy); items from the system are not."""
+    import httpx
+
+    from pimcore.http import HttpConfig, open_http_server
+
+    mod = await Moderation().bind()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mod.serve)
+            async with _moderated(tmp_path, mod, "closed") as im:
+                await im.create_group("team", ["alice", "bob"])
+                async with open_http_server(im.server, HttpConfig(api_keys=("k" * 32,)), handle=im) as h, \
+                        httpx.AsyncClient(base_url=h.url, headers={"Authorization": "Bearer " + "k" * 32}) as http:
+                    r = await http.post("/v1/messages", json={"messages": [
+                        {"conv": "team", "payload": "buy spam", "sender": "alice"},
+                        {"conv": "team", "payload": "fine", "sender": "alice"},
+                        {"conv": "team", "payload": "spam notice"},
+                    ]})
+                    assert r.status_code == 200
+                    res = r.json()["results"]
+                    assert res[0]["status"] == "error" and res[0]["code"] == "REJECTED" and "no spam here" in res[0]["message"]
+                    assert (res[1]["status"], res[1]["seq"], res[2]["status"], res[2]["seq"]) == ("stored", 1, "stored", 2)
+                    asked = len(mod.asked)
+                    mod.mode = "500"
+                    r = await http.post("/v1/messages", json={"messages": [
+                        {"conv": "team", "payload": "hello", "sender": "alice"}, {"conv": "team", "payload": "system"}]})
+                    res = r.json()["results"]
+                    assert res[0]["code"] == "INTERNAL" and res[1]["status"] == "stored" and len(mod.asked) == asked + 1
+                    history = await im.history("team", "bob", from_seq=0, backward=False)
+                    assert [m.payload for m in history] == [b"fine", b"spam notice", b"system"]
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("then", ["deny", "500", "down"])
+async def test_an_http_retry_of_a_stored_post_answers_201_with_the_same_body(tmp_path: Path, then: str) -> None:
+    """A post with an Idempotency-Key is stored; the moderator then says
+    no (or fails, or is gone): the retry with the same key still answers
+    201 with the same body -- the dedupe decides before moderation, which is
+    not asked again -- single post and batch alike.  A new key is moderated."""
+    import httpx
+
+    from pimcore.http import HttpConfig, open_http_server
+
+    mod = await Moderation().bind()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            serving = trio.CancelScope()
+
+            async def serve_mod(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                with serving:
+                    await mod.serve(task_status=task_status)
+
+            await nursery.start(serve_mod)
+            async with _moderated(tmp_path, mod, "closed") as im:
+                await im.create_group("team", ["alice", "bob"])
+                async with open_http_server(im.server, HttpConfig(api_keys=("k" * 32,)), handle=im) as h, \
+                        httpx.AsyncClient(base_url=h.url, headers={"Authorization": "Bearer " + "k" * 32}) as http:
+                    path = "/v1/conversations/team/messages"
+                    body = {"payload": "hello", "sender": "alice"}
+                    first = await http.post(path, json=body, headers={"Idempotency-Key": "k1"})
+                    item = {"conv": "team", "payload": "hi", "sender": "bob", "idempotency_key": "b1"}
+                    batch = await http.post("/v1/messages", json={"messages": [item]})
+                    assert first.status_code == 201 and batch.json()["results"][0]["status"] == "stored"
+                    asked = len(mod.asked)
+                    if then == "down":
+                        serving.cancel()
+                        await trio.sleep(0.05)
+                    else:
+                        mod.mode = then
+                    retry = await http.post(path, json=body, headers={"Idempotency-Key": "k1"})
+                    assert (retry.status_code, retry.json()) == (201, first.json())
+                    again = (await http.post("/v1/messages", json={"messages": [item]})).json()["results"][0]
+                    assert again == {**batch.json()["results"][0], "status": "duplicate"}
+                    assert len(mod.asked) == asked
+                    r = await http.post(path, json=body, headers={"Idempotency-Key": "k2"})
+                    assert r.status_code == (403 if then == "deny" else 503)
+                    history = await im.history("team", "bob", from_seq=0, backward=False)
+                    assert [m.payload for m in history] == [b"hello", b"hi"]
+            nursery.cancel_scope.cancel()

@@ -87,7 +87,7 @@ from ..core import (
     StoreRequest,
 )
 from ..errors import AuthError, CloseCode, ErrorCode, StoreError
-from ..store.base import AsyncStore, GroupChanged, Rejected, Result, Store
+from ..store.base import AsyncStore, Deduped, GroupChanged, ReadDedupe, Rejected, Result, Store, StoreRequest as _StoreRequest
 from ..protocol import encode_close, refuse_connection
 from .streams import Endpoint, WebSocketStream
 
@@ -887,14 +887,52 @@ class BrokerServer:
         self._stats["internal_errors"] += 1
         return exc
 
+    # Dedupe before the content check: a retry of a stored message (its
+    # SendAck or HTTP answer was lost) must get the original result, not a
+    # verdict the filter or moderation gives today -- the message is in
+    # history whatever they say now.  So before asking them, one key lookup
+    # (ReadDedupe): if the key is stored the message goes straight to the
+    # store, whose NewMessage answers Duplicate (or DUPLICATE_CONFLICT).
+    # Only when a check is configured: without one nothing is looked up.
+
+    def _dedupe_probe(self, user: str, device: str, local_id: int) -> _StoreRequest:
+        return _StoreRequest(0, (ReadDedupe(user, device, local_id),), False)
+
+    def _stored_now(self, user: str, device: str, local_id: int) -> bool:
+        """The dedupe lookup on a local store (microseconds, like the other
+        local reads).  A failed lookup says no: the message is checked."""
+        try:
+            (res,) = self.store.execute(self._dedupe_probe(user, device, local_id))  # type: ignore[misc]
+        except Exception:
+            log.warning("dedupe lookup failed; the message is checked", exc_info=True)
+            return False
+        return isinstance(res, Deduped) and res.stored
+
+    async def stored_before(self, user: str, device: str, local_id: int) -> bool:
+        """Is (``user``, ``device``, ``local_id``) a stored message's dedupe
+        key?  Then a retry of it needs no content check (see above)."""
+        if not self._async_store:
+            return self._stored_now(user, device, local_id)
+        try:
+            with trio.fail_after(self.config.read_timeout):
+                (res,) = await self.store.execute(self._dedupe_probe(user, device, local_id))  # type: ignore[misc]
+        except (Exception, trio.TooSlowError):
+            log.warning("dedupe lookup failed; the message is checked", exc_info=True)
+            return False
+        return isinstance(res, Deduped) and res.stored
+
     def _check_content(self, cmd: CheckContent) -> None:
-        if self._filter_is_async or self.moderator is not None:
+        if self._filter_is_async or self.moderator is not None or self._async_store:
             self._spawn(self._check_content_async, cmd)
             return
         hook = self.config.broker.content_filter
         assert hook is not None
         try:
-            cmds = self._core(self.broker.content_checked, cmd.request_id, hook(cmd.user, cmd.conv, cmd.payload))
+            if self._stored_now(cmd.user, cmd.device, cmd.local_id):
+                verdict = None  # a retry of a stored message: the store answers Duplicate
+            else:
+                verdict = hook(cmd.user, cmd.conv, cmd.payload)
+            cmds = self._core(self.broker.content_checked, cmd.request_id, verdict)
         except Exception as exc:
             self._hook_failed("the content filter", exc)
             cmds = self._content_unchecked(cmd, "the content filter failed; send again later")
@@ -903,7 +941,10 @@ class BrokerServer:
     async def _check_content_async(self, cmd: CheckContent) -> None:
         cmds: Optional[list[Command]] = None
         try:
-            verdict = await self._content_verdict(cmd.user, cmd.device, cmd.conv, cmd.payload, cmd.local_id)
+            if await self.stored_before(cmd.user, cmd.device, cmd.local_id):
+                verdict: Optional[tuple[Optional[str], ErrorCode]] = (None, ErrorCode.OK)
+            else:
+                verdict = await self._content_verdict(cmd.user, cmd.device, cmd.conv, cmd.payload, cmd.local_id)
             if verdict is not None:
                 reason, code = verdict
                 cmds = self._core(functools.partial(self.broker.content_checked, code=code if reason is not None else ErrorCode.REJECTED),
@@ -947,8 +988,12 @@ class BrokerServer:
         moderation webhook.  Returns (None, OK), or (reason, REJECTED) for a
         refusal, or (reason, INTERNAL) when no answer came (a filter that
         failed or took longer than hook_timeout; moderation down under the
-        closed policy)."""
+        closed policy).  ``local_id`` 0 is a post without an idempotency
+        key; with one, a retry of a stored post is not checked again (the
+        broker answers it as a duplicate)."""
         if self.config.broker.content_filter is None and self.moderator is None:
+            return None, ErrorCode.OK
+        if local_id and await self.stored_before(user, device, local_id):
             return None, ErrorCode.OK
         try:
             verdict = await self._content_verdict(user, device, conv, payload, local_id, "host")

@@ -139,6 +139,8 @@ __all__ = [
     "AppendEvent",
     "AckEvents",
     "ReadEvents",
+    "ReadDedupe",
+    "Deduped",
     "StoredEvent",
     "EventAppended",
     "EventsAcked",
@@ -571,7 +573,21 @@ class ReadDevices:
     user: str
 
 
-ReadOp = Union[LoadSession, ReadInbox, ReadHistory, ReadReaders, ReadEvents, ReadDevices]
+@dataclass(frozen=True, slots=True)
+class ReadDedupe:
+    """Is the dedupe key (``sender``, ``device``, ``local_id``) stored, i.e.
+    would a :class:`NewMessage` with it be a Duplicate (or a
+    DUPLICATE_CONFLICT) whatever it carries?  One key lookup: the broker
+    asks it before a content check, so a retry of a stored message gets its
+    original result without being checked again.  Malformed ids: not
+    stored.  Result: Deduped."""
+
+    sender: str
+    device: str
+    local_id: int
+
+
+ReadOp = Union[LoadSession, ReadInbox, ReadHistory, ReadReaders, ReadEvents, ReadDevices, ReadDedupe]
 
 
 @dataclass(frozen=True, slots=True)
@@ -761,9 +777,16 @@ class ReadersPage:
     readers: tuple[tuple[str, int], ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Deduped:
+    """Answer to :class:`ReadDedupe`."""
+
+    stored: bool
+
+
 Result = Union[
     Appended, Duplicate, Rejected, Acked, Touched, ReadMarked, Reclaimed, GroupChanged, Revoked, SessionLoaded, InboxPage,
-    HistoryPage, ReadersPage, EventAppended, EventsAcked, EventsPage, DevicesPage,
+    HistoryPage, ReadersPage, EventAppended, EventsAcked, EventsPage, DevicesPage, Deduped,
 ]
 
 
@@ -876,9 +899,17 @@ class Store(ABC):
                 user = op.user  # type: ignore[union-attr]
                 out.append(DevicesPage(user, tuple(self.devices(user))) if valid_id(user)
                            else Rejected(ErrorCode.BAD_REQUEST))
+            elif kind is ReadDedupe:
+                out.append(Deduped(self.deduped(op.sender, op.device, op.local_id)))  # type: ignore[union-attr]
             else:
                 raise TypeError(f"not a read op: {kind.__name__}")
         return tuple(out)
+
+    def deduped(self, sender: str, device: str, local_id: int) -> bool:
+        """Is the dedupe key stored (see :class:`ReadDedupe`)?  This default
+        says no, so a backend without it checks every message's content
+        as before; both backends here answer from their dedupe records."""
+        return False
 
     @abstractmethod
     def _read_events(self, op: ReadEvents) -> Result:

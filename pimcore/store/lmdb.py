@@ -178,6 +178,8 @@ from .base import (
     ReadersPage,
     ReadReaders,
     ReadDevices,
+    ReadDedupe,
+    Deduped,
     DevicesPage,
     last_visible,
     member_ranges,
@@ -1524,9 +1526,20 @@ class LmdbStore(Store):
                     out.append(self._read_events_in(txn, op))  # type: ignore[arg-type]
                 elif kind is ReadDevices:
                     out.append(self._devices_page_in(txn, op.user))  # type: ignore[union-attr]
+                elif kind is ReadDedupe:
+                    out.append(Deduped(self._deduped_in(txn, op.sender, op.device, op.local_id)))  # type: ignore[union-attr]
                 else:
                     raise TypeError(f"not a read op: {kind.__name__}")
             return tuple(out)
+
+    def deduped(self, sender: str, device: str, local_id: int) -> bool:
+        with self._read() as txn:
+            return self._deduped_in(txn, sender, device, local_id)
+
+    def _deduped_in(self, txn: _Txn, sender: str, device: str, local_id: int) -> bool:
+        if not (0 <= local_id < 1 << 64 and valid_id(sender) and valid_id(device)):
+            return False
+        return txn.get(_t(sender) + _t(device) + _U64.pack(local_id), db=self._dedupe) is not None
 
     def _read_history(self, op: ReadHistory) -> HistoryPage:
         with self._read() as txn:

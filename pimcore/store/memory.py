@@ -233,6 +233,11 @@ class MemoryStore(Store):
             self._check_open()
             return max(self._revoked.get((user, ""), 0), self._revoked.get((user, device), 0) if device else 0)
 
+    def deduped(self, sender: str, device: str, local_id: int) -> bool:
+        with self._lock:
+            self._check_open()
+            return (sender, device, local_id) in self._dedupe
+
     def _new_message(self, op: NewMessage) -> Result:
         key = (op.sender, op.device, op.local_id)
         prior = self._dedupe.get(key)
