@@ -173,29 +173,40 @@ def _pim_glue_main(ffi, lib):
 
     @entry
     def _pim_py_post_batch(bid, items, n):
+        # The C side marked each item PIM_ERR_INVALID or pending (-1); decide
+        # every pending one (posted, or its own error) so statuses are truthful.
         im = broker(bid)
-        posts = []
+        posts, where, failed = [], [], []
         for i in range(n):
             it = items[i]
-            kw = {"conv": text(it.conv, "conv"), "payload": ffi.buffer(it.payload, it.len)[:] if it.len else b""}
-            key = text(it.idempotency_key, "idempotency_key")
-            if key is not None:
-                kw["idempotency_key"] = key
-            kw.update(identity(text(it.sender, "sender"), text(it.device, "device")))
+            if it.status != -1:
+                continue
+            try:
+                kw = {"conv": text(it.conv, "conv"), "payload": ffi.buffer(it.payload, it.len)[:] if it.len else b""}
+                key = text(it.idempotency_key, "idempotency_key")
+                if key is not None:
+                    kw["idempotency_key"] = key
+                kw.update(identity(text(it.sender, "sender"), text(it.device, "device")))
+            except ValueError as exc:
+                failed.append((i, INVALID, exc))
+                continue
             posts.append(kw)
-        first = OK
-        for i, result in enumerate(im.post_many(posts)):
+            where.append(i)
+        for i, result in zip(where, im.post_many(posts) if posts else ()):
             it = items[i]
             if isinstance(result, PimError):
-                it.status = status_of(result)
-                if first == OK:
-                    first = it.status
-                    lib._pim_set_error(("item %d: %s" % (i, result)).encode()[:1000])
+                failed.append((i, status_of(result), result))
             else:
                 it.status = OK
                 it.seq = result.seq
                 ffi.memmove(it.msg_id, result.msg_id, 16)
-        return first
+        for i, status, exc in failed:
+            items[i].status = status
+        if not failed:
+            return OK
+        i, status, exc = min(failed, key=lambda f: f[0])
+        lib._pim_set_error(("item %d: %s" % (i, exc)).encode("utf-8", "replace")[:1000])
+        return status
 
     @entry
     def _pim_py_group(bid, op, conv, users, n):
