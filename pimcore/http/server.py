@@ -313,15 +313,57 @@ class HttpServer:
                 return
             if request is None:
                 return  # the client closed between requests
-            status, headers, body = await self._handle(request)
+            if request.method in ("GET", "HEAD"):
+                # A GET may be a long-poll or a stream: notice the client leaving.
+                answer = await self._while_connected(stream, conn, self._handle(request))
+                if answer is None:
+                    return
+                status, headers, body = answer
+            else:
+                status, headers, body = await self._handle(request)
             if isinstance(body, StreamBody):
-                await self._send_stream(stream, conn, status, headers, body, request)
+                await self._while_connected(stream, conn, self._send_stream(stream, conn, status, headers, body, request))
                 return
             with trio.fail_after(cfg.request_timeout):
                 await self._send(stream, conn, status, headers, body, head=request.method == "HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
+
+    async def _while_connected(self, stream: trio.abc.Stream, conn: h11.Connection, work: Awaitable[Any]) -> Any:
+        """``await work`` (answering a GET: a long-poll, a stream) while
+        reading the connection, so a client that hangs up (EOF or reset) is
+        noticed now -- ``work`` is cancelled and None returned -- instead of
+        at the next write, up to a keep-alive interval or a long-poll's wait
+        later, holding a max_connections slot all that time.  Why a GET only:
+        its handler has no effect to cut in half.  Bytes that arrive meanwhile
+        (the client's next, pipelined, request) go to h11's buffer, to be
+        served after this response; past max_header_bytes buffered the
+        reading stops (the client is there; the bytes wait in the socket)."""
+        result: list[Any] = []
+        left = False
+
+        async def watch(cancel: trio.CancelScope) -> None:
+            nonlocal left
+            while len(conn.trailing_data[0]) < self.config.max_header_bytes:
+                try:
+                    data = await stream.receive_some(64 * 1024)
+                except (trio.BrokenResourceError, OSError):
+                    data = b""
+                if not data:
+                    left = True
+                    cancel.cancel()
+                    return
+                conn.receive_data(bytes(data))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, nursery.cancel_scope)
+            result.append(await work)
+            nursery.cancel_scope.cancel()
+        if left or not result:
+            log.debug("http client left during %s", "a response", extra={"event": "http_client_left"})
+            return None
+        return result[0]
 
     async def _read_request(self, stream: trio.abc.Stream, conn: h11.Connection) -> Optional[Request]:
         event = await self._receive(stream, conn)
