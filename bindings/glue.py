@@ -116,6 +116,8 @@ def _pim_glue_main(ffi, lib):
             doc = json.loads(text(config_json, "config_json"))
         except ValueError as exc:
             raise ConfigError("config_json is not JSON: %s" % exc) from None
+        except RecursionError:
+            raise ConfigError("config_json is nested too deeply") from None
         if not isinstance(doc, dict):
             raise ConfigError("config_json: expected a JSON object")
         im = open_pimcore_thread(document=doc, name="pimcore-broker")

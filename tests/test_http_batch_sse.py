@@ -506,3 +506,16 @@ async def test_a_request_pipelined_behind_a_long_poll_is_answered_after_it(tmp_p
                         assert "version" in json.dumps(body), body
                     conn.start_next_cycle()
                 await stream.aclose()
+
+
+async def test_deeply_nested_json_is_a_400_without_a_traceback(tmp_path: Path, caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="pimcore")
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            for raw in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+                        b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+                for path in ("/v1/messages", "/v1/groups", "/v1/conversations/team/messages"):
+                    assert_error(*await call(c, "POST", path, raw=raw), 400, "bad_request")
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text

@@ -229,6 +229,15 @@ static int run_main(const char *dir, const char *python, const char *test_dir, i
     CHECK_RC(pim_broker_start("{\"durability\": \"sometimes\"}", &b), PIM_ERR_CONFIG);
     CHECK_RC(pim_broker_start("{\"nonsense\": 1}", &b), PIM_ERR_CONFIG);
     CHECK_RC(pim_broker_start("{\"limits\": {\"window\": \"big\"}}", &b), PIM_ERR_CONFIG);
+    {   /* JSON nested past the decoder's limit: an options error, not a bug */
+        size_t depth = 100000;
+        char *deep = (char *)malloc(2 * depth + 1);
+        memset(deep, '[', depth);
+        memset(deep + depth, ']', depth);
+        deep[2 * depth] = 0;
+        CHECK_RC(pim_broker_start(deep, &b), PIM_ERR_CONFIG);
+        free(deep);
+    }
     CHECK_RC(pim_broker_start_(config, &b, PIM_VERSION_NUMBER + 10000), PIM_ERR_VERSION);
     CHECK_RC(pim_broker_start_(config, &b, PIM_VERSION_NUMBER + 1), PIM_ERR_VERSION);
     CHECK(b == NULL, "no handle after a failed start");

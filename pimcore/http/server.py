@@ -116,11 +116,14 @@ class Request:
     params: dict[str, str] = field(default_factory=dict)
 
     def json(self) -> Any:
-        """The body as JSON; HttpError 400 ``bad_request`` if it is not."""
+        """The body as JSON; HttpError 400 ``bad_request`` if it is not (or
+        is nested deeper than the decoder goes, about 1000 levels)."""
         try:
             return json.loads(self.body or b"null")
         except (ValueError, UnicodeDecodeError) as exc:
             raise HttpError(400, "bad_request", f"the body is not JSON: {exc}") from None
+        except RecursionError:  # "[" * 100000: the decoder's nesting limit, not a bug
+            raise HttpError(400, "bad_request", "the body is JSON nested too deeply") from None
 
 
 Handler = Callable[[Request], Awaitable[tuple[int, Any]]]
