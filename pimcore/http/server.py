@@ -226,6 +226,15 @@ class _StreamDropped(Exception):
     """A stream's client stopped reading (internal to _send_stream)."""
 
 
+def _phrase(status: int) -> str:
+    """The standard reason phrase ("OK", "Not Found"); "" for a status
+    http.HTTPStatus does not know."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
 def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -415,7 +424,7 @@ class HttpServer:
         timeout = self.config.request_timeout
         hdrs = [*headers, *body.headers, ("connection", "close")]
         with trio.fail_after(timeout):
-            await stream.send_all(conn.send(h11.Response(status_code=status, headers=hdrs)) or b"")
+            await stream.send_all(conn.send(h11.Response(status_code=status, headers=hdrs, reason=_phrase(status))) or b"")
         if request.method == "HEAD":
             return
 
@@ -473,7 +482,7 @@ class HttpServer:
     async def _send(self, stream: trio.abc.Stream, conn: h11.Connection, status: int,
                     headers: list[tuple[str, str]], body: bytes, *, head: bool = False) -> None:
         hdrs = [*headers, ("content-length", str(len(body)))]
-        out = conn.send(h11.Response(status_code=status, headers=hdrs)) or b""
+        out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=_phrase(status))) or b""
         if body and not head:
             out += conn.send(h11.Data(data=body)) or b""
         out += conn.send(h11.EndOfMessage()) or b""
@@ -487,11 +496,7 @@ class HttpServer:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return  # a response was already started
         body = error_body(err.code, err.message)
-        try:
-            phrase = HTTPStatus(err.status).phrase
-        except ValueError:  # pragma: no cover
-            phrase = ""
-        head = [f"HTTP/1.1 {err.status} {phrase}", "content-type: application/json", f"content-length: {len(body)}",
+        head = [f"HTTP/1.1 {err.status} {_phrase(err.status)}", "content-type: application/json", f"content-length: {len(body)}",
                 "connection: close", *(f"{k}: {v}" for k, v in err.headers)]
         self.requests += 1
         with trio.move_on_after(self.config.request_timeout):
