@@ -275,3 +275,34 @@ def test_address_in_use_names_the_address(tmp_path: Path, procs: ProcGroup) -> N
             assert r.stderr.startswith("pimcore serve: "), (args, r.stderr)
             assert f"127.0.0.1:{port}" in r.stderr and "in use" in r.stderr, (args, r.stderr)
             assert "Traceback" not in r.stderr and "ready" not in r.stdout
+
+
+async def test_sigterm_answers_an_in_flight_long_poll_and_ends_a_stream(tmp_path: Path, procs: ProcGroup) -> None:
+    """A long-poll waiting when SIGTERM arrives gets a 503 ``unavailable``
+    (not a closed connection: curl's exit 52), an SSE stream its last chunk."""
+    data = tmp_path / "data"
+    with trio.fail_after(60):
+        server = procs.serve("--listen", LOOPBACK, "--data-dir", data, "--http", LOOPBACK,
+                             env={"PIMCORE_SERVER_EVENTS": "true"})
+        host, port = server.url("http").split("//", 1)[1].rsplit(":", 1)
+        key = (data / "api-key").read_text().strip()
+        streams = []
+        for path in ("/v1/events?consumer=lp&wait=25&after=0", "/v1/events/stream?consumer=sse"):
+            s = await trio.open_tcp_stream(host, int(port))
+            await s.send_all(b"GET %s HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n\r\n" % (path.encode(), key.encode()))
+            streams.append(s)
+        first = await streams[1].receive_some(65536)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        await trio.sleep(0.3)  # the long-poll is waiting
+        server.send_signal(signal.SIGTERM)
+        replies = []
+        for s in streams:
+            out = b""
+            while chunk := await s.receive_some(65536):
+                out += chunk
+            replies.append(out)
+        poll, sse = replies
+        assert poll.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), poll
+        assert json.loads(poll.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "unavailable"
+        assert sse.endswith(b"0\r\n\r\n"), sse[-40:]  # the chunked body's end
+        assert await in_thread(server.wait) == 0, server.describe()

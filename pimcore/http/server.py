@@ -222,6 +222,10 @@ class HttpConfig:
                 raise ValueError(f"{name} must be > 0 seconds")
 
 
+#: _while_connected's answer when shutdown() ended the wait.
+_SHUTTING_DOWN = object()
+
+
 class _StreamDropped(Exception):
     """A stream's client stopped reading (internal to _send_stream)."""
 
@@ -256,6 +260,13 @@ class HttpServer:
         self.requests = 0  # requests answered (any status)
         self.streams = 0  # streamed responses (server-sent events) being written now
         self.streams_dropped = 0  # streams closed because the client took no data for request_timeout
+        # Graceful shutdown (see shutdown()): the accept loop's scope, and the
+        # scopes a connection waits in (keep-alive silence, a long-poll, a
+        # stream) that shutdown cancels so each connection ends with an answer.
+        self._closing = False
+        self._accepting: Optional[trio.CancelScope] = None
+        self._waits: set[trio.CancelScope] = set()
+        self._all_closed = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from ..net.server import open_listeners
@@ -267,8 +278,31 @@ class HttpServer:
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         self.url = f"{'https' if cfg.scheme == 'tls' else 'http'}://{host}:{port}"
         log.info("http listening on %s", self.url, extra={"event": "listening", "url": self.url})
-        task_status.started()
-        await trio.serve_listeners(self._serve_conn, listeners)
+        async with trio.open_nursery() as connections:
+            with trio.CancelScope() as self._accepting:
+                if self._closing:
+                    self._accepting.cancel()
+                task_status.started()
+                await trio.serve_listeners(self._serve_conn, listeners, handler_nursery=connections)
+            for listener in listeners:  # shutdown(): no new connections; these finish
+                await trio.aclose_forcefully(listener)
+
+    async def shutdown(self, grace: Optional[float] = None) -> None:
+        """Stop gracefully: accept no more connections; a long-poll waiting
+        gets 503 ``unavailable`` ("the server is shutting down"), a stream
+        its last chunk, an idle keep-alive connection is closed, and a
+        request being handled finishes.  Returns when every connection
+        ended or after ``grace`` seconds (default ``request_timeout``);
+        the caller then cancels :meth:`run`."""
+        self._closing = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for scope in list(self._waits):
+            scope.cancel()
+        if self._conns == 0:
+            return
+        with trio.move_on_after(self.config.request_timeout if grace is None else grace):
+            await self._all_closed.wait()
 
     async def _serve_conn(self, sock: trio.SocketStream) -> None:
         stream: trio.abc.Stream = sock
@@ -286,6 +320,8 @@ class HttpServer:
         finally:
             self._conns -= 1
             await trio.aclose_forcefully(stream)
+            if self._closing and self._conns == 0:
+                self._all_closed.set()
 
     async def _receive(self, stream: trio.abc.Stream, conn: h11.Connection) -> Any:
         """The next h11 event, reading as needed (EOF is fed as b"")."""
@@ -300,14 +336,20 @@ class HttpServer:
         while True:
             # Between requests: wait keepalive_timeout for a first byte (or
             # what is already buffered), then request_timeout for the rest.
+            if self._closing and conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+                return  # shutting down: no next request
             if not conn.trailing_data[0]:
-                with trio.move_on_after(cfg.keepalive_timeout):
-                    data = bytes(await stream.receive_some(64 * 1024))
+                with trio.move_on_after(cfg.keepalive_timeout) as idle:
+                    self._waits.add(idle)
+                    try:
+                        data = bytes(await stream.receive_some(64 * 1024))
+                    finally:
+                        self._waits.discard(idle)
                     conn.receive_data(data)
                     if not data:
                         return
                 if not conn.trailing_data[0] and conn.their_state is h11.IDLE:
-                    return  # silent for keepalive_timeout: hang up
+                    return  # silent for keepalive_timeout (or shutting down): hang up
             try:
                 with trio.fail_after(cfg.request_timeout):
                     request = await self._read_request(stream, conn)
@@ -328,13 +370,20 @@ class HttpServer:
             if request.method in ("GET", "HEAD"):
                 # A GET may be a long-poll or a stream: notice the client leaving.
                 answer = await self._while_connected(stream, conn, self._handle(request))
+                if answer is _SHUTTING_DOWN:
+                    await self._send_error(stream, conn, HttpError(503, "unavailable", "the server is shutting down"))
+                    return
                 if answer is None:
                     return
                 status, headers, body = answer
             else:
                 status, headers, body = await self._handle(request)
             if isinstance(body, StreamBody):
-                await self._while_connected(stream, conn, self._send_stream(stream, conn, status, headers, body, request))
+                ended = await self._while_connected(stream, conn, self._send_stream(stream, conn, status, headers, body,
+                                                                                     request))
+                if ended is _SHUTTING_DOWN and conn.our_state is h11.SEND_BODY:
+                    with trio.move_on_after(cfg.request_timeout):  # the chunked body's end
+                        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
                 return
             with trio.fail_after(cfg.request_timeout):
                 await self._send(stream, conn, status, headers, body, head=request.method == "HEAD")
@@ -368,10 +417,19 @@ class HttpServer:
                     return
                 conn.receive_data(bytes(data))
 
+        if self._closing:
+            work.close()  # type: ignore[attr-defined]  # a coroutine never started
+            return _SHUTTING_DOWN
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch, nursery.cancel_scope)
-            result.append(await work)
-            nursery.cancel_scope.cancel()
+            self._waits.add(nursery.cancel_scope)  # shutdown() cancels the wait
+            try:
+                nursery.start_soon(watch, nursery.cancel_scope)
+                result.append(await work)
+                nursery.cancel_scope.cancel()
+            finally:
+                self._waits.discard(nursery.cancel_scope)
+        if not result and not left and self._closing:
+            return _SHUTTING_DOWN
         if left or not result:
             log.debug("http client left during %s", "a response", extra={"event": "http_client_left"})
             return None
