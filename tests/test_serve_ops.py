@@ -246,7 +246,7 @@ def test_bad_environment_exits_2_naming_the_key(tmp_path: Path, env: dict[str, s
         ("data_dir = 3\n", "data_dir: expected a string (a path), got 3"),
         ("limits = 3\n", "limits: expected a table [limits], got 3"),
         ('[http]\nmax_body_bytes = "1MB"\n', 'http.max_body_bytes: expected an integer, got "1MB"'),
-        ("[http]\nrequest_timeout = 0\n", "request_timeout must be > 0"),
+        ("[http]\nrequest_timeout = 0\n", "http.request_timeout: expected a number > 0, got 0.0"),
         ("[http]\nlisten_to = 1\n", "unknown keys in [http]"),
     ],
 )
@@ -257,6 +257,29 @@ def test_config_file_type_errors_name_the_key(tmp_path: Path, text: str, needle:
     r = run_pimcore("serve", "--config", cfg, "--data-dir", tmp_path / "d", "--listen", LOOPBACK)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    "env, text, needle",
+    [
+        ({"PIMCORE_HTTP_MAX_BODY_BYTES": "-1"}, "", "http.max_body_bytes: expected an integer >= 1, got -1 (from $PIMCORE_HTTP_MAX_BODY_BYTES)"),
+        ({"PIMCORE_HTTP_REQUEST_TIMEOUT": "0"}, "", "http.request_timeout: expected a number > 0, got 0.0 (from $PIMCORE_HTTP_REQUEST_TIMEOUT)"),
+        ({}, "[http]\nmax_connections = 0\n", "http.max_connections: expected an integer >= 1, got 0"),
+        ({}, "[http]\nkeepalive_timeout = -3\n", "http.keepalive_timeout: expected a number > 0, got -3.0"),
+        ({}, "[http]\nrequest_timeout = 0\n", "http.request_timeout: expected a number > 0, got 0.0"),
+        ({}, "[http]\nmax_header_bytes = -5\n", "http.max_header_bytes: expected an integer >= 1, got -5"),
+        ({}, "http = 5\n", 'http: expected a table [http] or a URL string (http = "tcp://HOST:PORT"), got 5'),
+    ],
+)
+def test_http_settings_serve_refuses_are_refused_by_print_config_too(tmp_path: Path, env: dict[str, str], text: str,
+                                                                       needle: str) -> None:
+    cfg = tmp_path / "pimcore.toml"
+    cfg.write_text(text)
+    for extra in (["--print-config"], []):
+        r = run_pimcore("serve", "--config", cfg, "--data-dir", tmp_path / "d", "--listen", LOOPBACK, "--http", LOOPBACK,
+                        *extra, env=env)
+        assert r.returncode == 2, (extra, r.stdout, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
 
 
 # ---------------------------------------------------------------- address in use
