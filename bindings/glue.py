@@ -31,6 +31,22 @@ def _pim_glue_main(ffi, lib):
                 " python of the environment pimcore is installed in" % (sys.prefix, want, program)
             )
 
+    # No stray stderr output from a C library: errors reach the caller through
+    # pim_last_error.  Without a handler Python's logging would print
+    # pimcore's warnings to stderr ("last resort"); a NullHandler stops that
+    # and still lets a Python host's own logging configuration see them.
+    # PIM_DEBUG=debug|info|warning|error (or 1: debug) prints them on stderr.
+    import logging
+
+    pim_log = logging.getLogger("pimcore")
+    pim_log.addHandler(logging.NullHandler())
+    debug = os.environ.get("PIM_DEBUG", "").strip().lower()
+    if debug and debug != "0":
+        to_stderr = logging.StreamHandler(sys.stderr)
+        to_stderr.setFormatter(logging.Formatter("libpimcore %(levelname)s %(name)s: %(message)s"))
+        pim_log.addHandler(to_stderr)
+        pim_log.setLevel(logging.DEBUG if debug == "1" else getattr(logging, debug.upper(), logging.DEBUG))
+
     from pimcore.config import ConfigError
     from pimcore.errors import ErrorCode, PimError, StoreError
     from pimcore.embed import RequestRefused

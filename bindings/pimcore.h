@@ -36,6 +36,9 @@
  *        "listen": ["tcp://127.0.0.1:7400"], "server": {"events": true}}
  *     An embedded broker listens nowhere unless "listen" says so.
  *     PIMCORE_* environment variables override it, as for the file.
+ *   - The library writes nothing to stdout or stderr: errors come back as
+ *     status codes and pim_last_error().  PIM_DEBUG=debug|info|warning|error
+ *     (1: debug) in the environment prints pimcore's log lines on stderr.
  */
 #ifndef PIMCORE_H
 #define PIMCORE_H
