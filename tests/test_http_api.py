@@ -329,7 +329,13 @@ async def test_the_openapi_document_lists_exactly_the_routed_endpoints(tmp_path:
             status, doc = await call(c, "GET", "/v1/openapi.json", key=None)  # public: it holds no data
             assert status == 200 and doc["openapi"] == "3.1.0"
             served = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
-            assert served == pairs
+            # Every endpoint the listener serves: the server API, /v1/info and the probes.
+            assert served == {(r.method, r.pattern) for r in _h.router._routes}
+            assert served > pairs | {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/info")}
+            for path in ("/healthz", "/readyz", "/metrics", "/v1/openapi.json"):  # no key needed
+                assert doc["paths"][path]["get"]["security"] == [], path
+            assert doc["paths"]["/v1/info"]["get"]["security"] == [{"apiKey": []}]
+            assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
             post = doc["paths"]["/v1/conversations/{conv}/messages"]["post"]
             assert [p["name"] for p in post["parameters"]] == ["conv"] and "201" in post["responses"]
 
