@@ -31,6 +31,22 @@ def _pim_glue_main(ffi, lib):
                 " python of the environment pimcore is installed in" % (sys.prefix, want, program)
             )
 
+    # No stray stderr output from a C library: errors reach the caller through
+    # pim_last_error.  Without a handler Python's logging would print
+    # pimcore's warnings to stderr ("last resort"); a NullHandler stops that
+    # and still lets a Python host's own logging configuration see them.
+    # PIM_DEBUG=debug|info|warning|error (or 1: debug) prints them on stderr.
+    import logging
+
+    pim_log = logging.getLogger("pimcore")
+    pim_log.addHandler(logging.NullHandler())
+    debug = os.environ.get("PIM_DEBUG", "").strip().lower()
+    if debug and debug != "0":
+        to_stderr = logging.StreamHandler(sys.stderr)
+        to_stderr.setFormatter(logging.Formatter("libpimcore %(levelname)s %(name)s: %(message)s"))
+        pim_log.addHandler(to_stderr)
+        pim_log.setLevel(logging.DEBUG if debug == "1" else getattr(logging, debug.upper(), logging.DEBUG))
+
     from pimcore.config import ConfigError
     from pimcore.errors import ErrorCode, PimError, StoreError
     from pimcore.embed import RequestRefused
@@ -116,6 +132,8 @@ def _pim_glue_main(ffi, lib):
             doc = json.loads(text(config_json, "config_json"))
         except ValueError as exc:
             raise ConfigError("config_json is not JSON: %s" % exc) from None
+        except RecursionError:
+            raise ConfigError("config_json is nested too deeply") from None
         if not isinstance(doc, dict):
             raise ConfigError("config_json: expected a JSON object")
         im = open_pimcore_thread(document=doc, name="pimcore-broker")
@@ -173,29 +191,40 @@ def _pim_glue_main(ffi, lib):
 
     @entry
     def _pim_py_post_batch(bid, items, n):
+        # The C side marked each item PIM_ERR_INVALID or pending (-1); decide
+        # every pending one (posted, or its own error) so statuses are truthful.
         im = broker(bid)
-        posts = []
+        posts, where, failed = [], [], []
         for i in range(n):
             it = items[i]
-            kw = {"conv": text(it.conv, "conv"), "payload": ffi.buffer(it.payload, it.len)[:] if it.len else b""}
-            key = text(it.idempotency_key, "idempotency_key")
-            if key is not None:
-                kw["idempotency_key"] = key
-            kw.update(identity(text(it.sender, "sender"), text(it.device, "device")))
+            if it.status != -1:
+                continue
+            try:
+                kw = {"conv": text(it.conv, "conv"), "payload": ffi.buffer(it.payload, it.len)[:] if it.len else b""}
+                key = text(it.idempotency_key, "idempotency_key")
+                if key is not None:
+                    kw["idempotency_key"] = key
+                kw.update(identity(text(it.sender, "sender"), text(it.device, "device")))
+            except ValueError as exc:
+                failed.append((i, INVALID, exc))
+                continue
             posts.append(kw)
-        first = OK
-        for i, result in enumerate(im.post_many(posts)):
+            where.append(i)
+        for i, result in zip(where, im.post_many(posts) if posts else ()):
             it = items[i]
             if isinstance(result, PimError):
-                it.status = status_of(result)
-                if first == OK:
-                    first = it.status
-                    lib._pim_set_error(("item %d: %s" % (i, result)).encode()[:1000])
+                failed.append((i, status_of(result), result))
             else:
                 it.status = OK
                 it.seq = result.seq
                 ffi.memmove(it.msg_id, result.msg_id, 16)
-        return first
+        for i, status, exc in failed:
+            items[i].status = status
+        if not failed:
+            return OK
+        i, status, exc = min(failed, key=lambda f: f[0])
+        lib._pim_set_error(("item %d: %s" % (i, exc)).encode("utf-8", "replace")[:1000])
+        return status
 
     @entry
     def _pim_py_group(bid, op, conv, users, n):

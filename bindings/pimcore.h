@@ -36,6 +36,9 @@
  *        "listen": ["tcp://127.0.0.1:7400"], "server": {"events": true}}
  *     An embedded broker listens nowhere unless "listen" says so.
  *     PIMCORE_* environment variables override it, as for the file.
+ *   - The library writes nothing to stdout or stderr: errors come back as
+ *     status codes and pim_last_error().  PIM_DEBUG=debug|info|warning|error
+ *     (1: debug) in the environment prints pimcore's log lines on stderr.
  */
 #ifndef PIMCORE_H
 #define PIMCORE_H
@@ -134,9 +137,15 @@ typedef struct pim_post_item {
     uint64_t seq;                /* out */
     uint8_t msg_id[16];          /* out */
 } pim_post_item;
-/* n posts at once, committed together where the broker can.  Returns PIM_OK
- * when every post was stored, else the first failed item's status (each
- * item's own is in its status field). */
+/* n posts at once, committed together where the broker can.  Each item is
+ * decided on its own: an invalid item (conv NULL, payload NULL with a length,
+ * only one of sender/device, a string not UTF-8) gets PIM_ERR_INVALID and a
+ * refused one its refusal, while the valid ones are posted (status PIM_OK,
+ * seq and msg_id set).  If the call fails as a whole (broker NULL or stopped,
+ * ...) every item not otherwise decided gets that status.  So the status
+ * fields alone say what was stored; seq is 0 for an item not stored.
+ * Returns PIM_OK when every post was stored, else the first failed item's
+ * status (pim_last_error names the item), or the whole call's. */
 PIM_EXPORT int pim_post_batch(pim_broker *b, pim_post_item *items, size_t n);
 
 /* Group administration, ordered with the messages around it.  members: n

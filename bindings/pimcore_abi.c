@@ -290,18 +290,58 @@ PIM_EXPORT int pim_post(pim_broker *b, const char *conv, const char *sender, con
     return _pim_py_post(b->id, conv, sender, device, payload, len, idempotency_key, out_msg_id, out_seq);
 }
 
+/* Statuses are truthful per item (a caller may trust them alone): invalid
+ * items get PIM_ERR_INVALID and are skipped, the valid ones are posted; an
+ * item the glue did not reach (the call as a whole failed) gets the call's
+ * status.  PIM__PENDING marks "not decided yet" between here and the glue. */
+#define PIM__PENDING (-1)
+
+static void pim__batch_mark(pim_post_item *items, size_t n, int rc)
+{
+    for (size_t i = 0; i < n; i++)
+        if (items[i].status == PIM__PENDING)
+            items[i].status = rc;
+}
+
 PIM_EXPORT int pim_post_batch(pim_broker *b, pim_post_item *items, size_t n)
 {
-    PIM__ENTER(b);
+    pim__err[0] = 0;
     PIM__CHECK(items != NULL || n == 0, "items is NULL");
+    size_t first_bad = n, valid = 0;
     for (size_t i = 0; i < n; i++) {
         pim_post_item *it = &items[i];
-        if (it->conv == NULL || (it->payload == NULL && it->len != 0) || ((it->sender == NULL) != (it->device == NULL)))
-            return pim__fail(PIM_ERR_INVALID, "item %zu: conv NULL, payload NULL with a length, or only one of sender/device", i);
+        it->seq = 0;
+        memset(it->msg_id, 0, sizeof it->msg_id);
+        if (it->conv == NULL || (it->payload == NULL && it->len != 0) || ((it->sender == NULL) != (it->device == NULL))) {
+            it->status = PIM_ERR_INVALID;
+            if (first_bad == n)
+                first_bad = i;
+        } else {
+            it->status = PIM__PENDING;
+            valid++;
+        }
     }
-    if (n == 0)
-        return PIM_OK;
-    return _pim_py_post_batch(b->id, items, n);
+    if (b == NULL) {
+        pim__batch_mark(items, n, PIM_ERR_INVALID);
+        return pim__fail(PIM_ERR_INVALID, "the broker is NULL");
+    }
+    int rc = pim__ready();
+    if (rc == PIM_OK && valid > 0)
+        rc = _pim_py_post_batch(b->id, items, n);
+    for (size_t i = 0; i < n; i++) {
+        if (items[i].status == PIM__PENDING) { /* the call failed before the glue decided this item */
+            pim__batch_mark(items, n, rc == PIM_OK ? PIM_ERR_INTERNAL : rc);
+            return rc == PIM_OK ? pim__fail(PIM_ERR_INTERNAL, "pim_post_batch: item %zu was not decided", i) : rc;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (items[i].status == PIM_OK)
+            continue;
+        if (i == first_bad)
+            return pim__fail(PIM_ERR_INVALID, "item %zu: conv NULL, payload NULL with a length, or only one of sender/device", i);
+        return items[i].status; /* the glue set the error text of its first failed item */
+    }
+    return PIM_OK;
 }
 
 static int pim__group(pim_broker *b, int op, const char *conv, const char *const *users, size_t n)

@@ -46,6 +46,14 @@ import pimcore.asyncio as pim
 from pimcore.errors import ErrorCode
 
 log = logging.getLogger("fastapi_app")
+if not log.handlers and not logging.getLogger().handlers:
+    # `uvicorn examples.fastapi_app:app` configures its own loggers only: without
+    # a handler here the pushes (INFO) would be dropped.  An app that configures
+    # logging itself (a root handler) gets them through its own handlers instead.
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
 
 #: HTTP status for the broker's refusals (others: 400).
 STATUS = {ErrorCode.UNKNOWN_CONVERSATION: 404, ErrorCode.NOT_MEMBER: 403, ErrorCode.ALREADY_EXISTS: 409,

@@ -220,6 +220,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 async for sig in signals:
                     print(f"{signal.Signals(sig).name}: shutting down", flush=True)
                     break
+                if http_config is not None:  # long-polls answered (503), streams ended, within request_timeout
+                    await http.shutdown()
                 nursery.cancel_scope.cancel()  # the HTTP listener and the webhook sender stop first
             # open_broker_server's exit: stop accepting, finish the batch in
             # flight, Close(SHUTDOWN) every connection.

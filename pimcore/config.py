@@ -190,6 +190,23 @@ def _check(name: str, typ: str, value: Any) -> Any:
     return value
 
 
+#: Lower bounds checked at load time (so --print-config refuses what serve
+#: would): ``name -> (minimum, inclusive)``.  The HttpConfig checks, named.
+_LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
+    "http.max_header_bytes": (1, True), "http.max_body_bytes": (1, True), "http.max_connections": (1, True),
+    "http.request_timeout": (0, False), "http.keepalive_timeout": (0, False),
+}
+
+
+def _in_range(name: str, value: Any) -> Any:
+    """``value`` if within ``name``'s bound (:data:`_LOWER_BOUNDS`), else ConfigError naming ``name``."""
+    bound = _LOWER_BOUNDS.get(name)
+    if bound is not None and not (value >= bound[0] if bound[1] else value > bound[0]):
+        what = "an integer >= %d" % bound[0] if bound[1] else "a number > %g" % bound[0]
+        raise ConfigError(f"{name}: expected {what}, got {_show(value)}")
+    return value
+
+
 def _parse_env(name: str, typ: str, text: str) -> Any:
     """An environment variable's text as ``typ`` (see the module docstring)."""
     s = text.strip()
@@ -502,7 +519,8 @@ def _check_doc(doc: dict[str, Any], where: str) -> dict[str, Any]:
     for section, allowed in _SECTIONS.items():
         value = doc.get(section, {})
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {section}: expected a table [{section}], got {_show(value)}")
+            also = f' or a URL string ({section} = "tcp://HOST:PORT")' if section == "http" else ""
+            raise ConfigError(f"{where}: {section}: expected a table [{section}]{also}, got {_show(value)}")
         bad = set(value) - set(allowed)
         if bad:
             raise ConfigError(f"{where}: unknown keys in [{section}]: {sorted(bad)}")
@@ -521,7 +539,7 @@ def _layer_from_doc(doc: dict[str, Any], here: Path, where: str) -> dict[tuple[O
             continue
         name = f"{section}.{key}" if section else key
         try:
-            value = _check(name, typ, table[key])
+            value = _in_range(name, _check(name, typ, table[key]))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         if typ == "path":
@@ -562,7 +580,7 @@ def _layer_from_env(env: Mapping[str, str]) -> dict[tuple[Optional[str], str], A
         if text is None or text == "":
             continue  # an empty variable is unset (docker-compose "FOO=")
         try:
-            value = _parse_env(f"{section}.{key}" if section else key, typ, text)
+            value = _in_range(f"{section}.{key}", _parse_env(f"{section}.{key}" if section else key, typ, text))
         except ConfigError as exc:
             raise ConfigError(f"{exc} (from ${name})") from None
         layer[(section, key)] = Path(value) if typ == "path" else value

@@ -108,6 +108,17 @@ def test_the_c_program(libdir: Path, tmp_path: Path) -> None:
     report = done.stdout + done.stderr
     assert done.returncode == 0 and " 0 failed" in done.stdout, report
     assert "FAIL" not in done.stdout
+    # Errors (a port in use among them) reach the caller through pim_last_error only.
+    assert done.stderr == "", done.stderr
+
+
+def test_pim_debug_sends_the_library_log_to_stderr(libdir: Path, tmp_path: Path) -> None:
+    """PIM_DEBUG=warning: pimcore's log lines (the bind error) on stderr."""
+    exe = _gcc(tmp_path / "test_abi", TESTS_C / "test_abi.c", libdir)
+    done = subprocess.run([str(exe), "main", str(tmp_path / "data"), sys.executable, "10"],
+                          capture_output=True, text=True, env=_env(PIM_DEBUG="warning"), timeout=600, cwd=tmp_path)
+    assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout[-3000:]
+    assert "libpimcore ERROR" in done.stderr and "Address already in use" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("broken", [{"PIMCORE_PYTHON": "/nonexistent/bin/python"}, {"PYTHONHOME": "/nonexistent"}],

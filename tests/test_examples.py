@@ -168,3 +168,38 @@ def test_the_fastapi_example_posts_mints_tokens_and_forwards_pushes(tmp_path: Pa
     from pimcore.store import LmdbStore
 
     LmdbStore(tmp_path / "chat-data" / "store").close()
+
+
+def test_the_documented_uvicorn_run_shows_the_pushes(tmp_path: Path) -> None:
+    """``uvicorn examples.fastapi_app:app`` as the docstring says, nothing
+    else configuring logging: LogPushSender's lines are on its output."""
+    import os
+    import subprocess
+    import time
+
+    root = EXAMPLE.parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PIMCORE_DATA_DIR": str(tmp_path / "chat-data"), "PIMCORE_LISTEN": "tcp://127.0.0.1:0",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env.pop("PUSH_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--port", str(port)],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = httpx.post(f"{base}/groups", json={"conv": "team", "members": ["alice", "bob"]})
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "uvicorn did not start"
+                time.sleep(0.1)
+        assert r.status_code == 201, r.text
+        assert httpx.post(f"{base}/conversations/team/messages", json={"text": "welcome!"}).status_code == 201
+        time.sleep(2)  # the forwarder logs the two pushes (alice and bob are offline)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "push to alice: welcome! in team #1" in out and "push to bob: welcome! in team #1" in out, out

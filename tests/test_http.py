@@ -439,3 +439,16 @@ async def test_a_slow_consumer_is_logged_and_counted(tmp_path, caplog: pytest.Lo
     assert len(offline) == 1 and offline[0].code == "SLOW_CONSUMER"
     logins = [r for r in caplog.records if getattr(r, "event", None) == "login"]
     assert [(r.user, r.device) for r in logins] == [("bob", "greedy"), ("alice", "phone")]
+
+
+async def test_status_lines_carry_the_standard_reason_phrase() -> None:
+    with trio.fail_after(20):
+        async with broker_http() as (srv, h):
+            for path, key, line in (("/healthz", None, b"HTTP/1.1 200 OK\r\n"),
+                                    ("/nowhere", KEY, b"HTTP/1.1 404 Not Found\r\n"),
+                                    ("/v1/info", None, b"HTTP/1.1 401 Unauthorized\r\n")):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                auth = b"authorization: Bearer %s\r\n" % key.encode() if key else b""
+                await stream.send_all(b"GET %s HTTP/1.1\r\nhost: x\r\nconnection: close\r\n%s\r\n" % (path.encode(), auth))
+                reply = await read_until_eof(stream)
+                assert reply.startswith(line), reply[:80]

@@ -329,7 +329,13 @@ async def test_the_openapi_document_lists_exactly_the_routed_endpoints(tmp_path:
             status, doc = await call(c, "GET", "/v1/openapi.json", key=None)  # public: it holds no data
             assert status == 200 and doc["openapi"] == "3.1.0"
             served = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
-            assert served == pairs
+            # Every endpoint the listener serves: the server API, /v1/info and the probes.
+            assert served == {(r.method, r.pattern) for r in _h.router._routes}
+            assert served > pairs | {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/info")}
+            for path in ("/healthz", "/readyz", "/metrics", "/v1/openapi.json"):  # no key needed
+                assert doc["paths"][path]["get"]["security"] == [], path
+            assert doc["paths"]["/v1/info"]["get"]["security"] == [{"apiKey": []}]
+            assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
             post = doc["paths"]["/v1/conversations/{conv}/messages"]["post"]
             assert [p["name"] for p in post["parameters"]] == ["conv"] and "201" in post["responses"]
 
@@ -461,3 +467,37 @@ async def test_token_ttl_is_1s_to_366_days(tmp_path: Path) -> None:
                 status, doc = await call(c, "POST", "/v1/tokens", {"user": "alice", "ttl": good})
                 assert status == 201
                 im.issue_token("alice", ttl=good)
+
+
+async def test_what_a_kicked_or_revoked_sdk_client_sees_in_its_events(tmp_path: Path) -> None:
+    """docs/CLIENT.md: KICKED -> Disconnected(KICKED, reason), then events()
+    ends; TOKEN_REVOKED -> Disconnected(TOKEN_REVOKED, ...), then AuthFailed.
+    Neither reconnects."""
+    from pimcore.client import Connected, Disconnected
+    from pimcore.errors import CloseCode
+
+    with trio.fail_after(30):
+        async with api(tmp_path, store=MemoryStore()) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            async with open_client(im.server.url(), token("alice"), "phone", config=FAST_CLIENT) as alice:
+                seen: list[Any] = []
+                async for ev in alice.events():
+                    seen.append(ev)
+                    if isinstance(ev, Connected):
+                        assert (await call(c, "POST", "/v1/users/alice/kick", {"reason": "review"}))[0] == 200
+                assert isinstance(seen[0], Connected) and isinstance(seen[-1], Disconnected), seen
+                assert [e for e in seen if isinstance(e, (Connected, Disconnected))] == [seen[0], seen[-1]], seen
+                assert seen[-1].code is CloseCode.KICKED and seen[-1].reason == "review"
+                with pytest.raises(ClientClosed, match="kicked by the host: review"):
+                    await alice.send("team", b"x")
+            async with open_client(im.server.url(), token("alice"), "web", config=FAST_CLIENT) as web:
+                seen = []
+                with pytest.raises(AuthFailed, match="revoked"):
+                    async for ev in web.events():
+                        seen.append(ev)
+                        if isinstance(ev, Connected):
+                            await trio.sleep(0.01)
+                            assert (await call(c, "POST", "/v1/users/alice/revoke"))[0] == 200
+                assert isinstance(seen[0], Connected) and isinstance(seen[-1], Disconnected), seen
+                assert [e for e in seen if isinstance(e, (Connected, Disconnected))] == [seen[0], seen[-1]], seen
+                assert seen[-1].code is CloseCode.TOKEN_REVOKED

@@ -410,3 +410,112 @@ async def test_an_embedded_broker_serves_the_http_api_when_asked(tmp_path: Path,
                 assert (await c.json("GET", "/v1/info", key=key))[0] == 200
             finally:
                 c.close()
+
+
+# ---------------------------------------------------------------- clients that leave
+
+
+async def _raw_request(url: str, *requests: bytes) -> trio.SocketStream:
+    host, port = host_port(url)
+    stream = await trio.open_tcp_stream(host, port)
+    await stream.send_all(b"".join(requests))
+    return stream
+
+
+def _get(path: str) -> bytes:
+    return b"GET %s HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n\r\n" % (path.encode(), KEY.encode())
+
+
+async def test_a_stream_or_long_poll_whose_client_left_frees_its_connection_slot(tmp_path: Path) -> None:
+    """max_connections 2: an SSE stream and a long-poll (wait 25 s) take
+    both slots; once their clients hang up (one with FIN, one with a reset)
+    a new connection is served at once, not after the next keep-alive write
+    or the end of the wait."""
+    from pimcore.embed import open_pimcore
+    from pimcore.http import HttpConfig, open_http_server
+
+    from _net import SECRET
+
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path, secret=SECRET.decode(), events=True) as im:
+            cfg = HttpConfig(api_keys=(KEY,), max_connections=2, keepalive_timeout=30)
+            async with open_http_server(im.server, cfg, handle=im) as h:
+                for how in ("fin", "reset"):
+                    s = await Sse.open(h.url, "/v1/events/stream?keepalive=20")
+                    assert s.status == 200
+                    while h.streams != 1:
+                        await trio.sleep(0.01)
+                    poll = await _raw_request(h.url, _get("/v1/events?consumer=lp&wait=25"))
+                    await trio.sleep(0.2)  # the long-poll is waiting
+                    full = await _raw_request(h.url, _get("/healthz"))
+                    try:  # both slots taken: 503 (or its reset, the request being unread)
+                        assert (await full.receive_some(65536)).startswith(b"HTTP/1.1 503")
+                    except trio.BrokenResourceError:
+                        pass
+                    await full.aclose()
+                    if how == "reset":
+                        for sock in (s.stream.socket, poll.socket):
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    await s.aclose()
+                    await poll.aclose()
+                    with trio.fail_after(3):  # not 20 s (keep-alive) or 25 s (the wait)
+                        while h.streams:
+                            await trio.sleep(0.02)
+                        while True:
+                            probe = await _raw_request(h.url, _get("/healthz"))
+                            answer = await probe.receive_some(65536)
+                            await probe.aclose()
+                            if answer.startswith(b"HTTP/1.1 200"):
+                                break
+                            await trio.sleep(0.05)
+
+
+async def test_a_request_pipelined_behind_a_long_poll_is_answered_after_it(tmp_path: Path) -> None:
+    """Bytes that arrive while a long-poll waits (the client's next request)
+    are kept and answered in order on the same connection."""
+    from pimcore.embed import open_pimcore
+    from pimcore.http import HttpConfig, open_http_server
+
+    from _net import SECRET
+
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path, secret=SECRET.decode(), events=True) as im:
+            async with open_http_server(im.server, HttpConfig(api_keys=(KEY,)), handle=im) as h:
+                await im.create_group("team", ["alice"])
+                _, last = await im.event_cursor("lp")
+                stream = await _raw_request(h.url, _get(f"/v1/events?consumer=lp&wait=10&after={last}"))
+                await trio.sleep(0.2)  # the long-poll waits; now the next request arrives
+                await stream.send_all(_get("/v1/info") + _get("/healthz"))
+                await trio.sleep(0.2)
+                await im.post("team", b"wake")
+                conn = h11.Connection(h11.CLIENT)
+                for _ in range(3):
+                    conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+                    conn.send(h11.EndOfMessage())
+                    answers: list[Any] = []
+                    while not isinstance(ev := conn.next_event(), h11.EndOfMessage):
+                        if ev is h11.NEED_DATA:
+                            conn.receive_data(await stream.receive_some(65536))
+                        elif isinstance(ev, (h11.Response, h11.Data)):
+                            answers.append(ev)
+                    assert answers[0].status_code == 200, answers
+                    body = json.loads(b"".join(a.data for a in answers[1:]))
+                    if _ == 0:
+                        assert [base64.b64decode(e["payload_b64"]) for e in body["events"]] == [b"wake"], body
+                    elif _ == 1:
+                        assert "version" in json.dumps(body), body
+                    conn.start_next_cycle()
+                await stream.aclose()
+
+
+async def test_deeply_nested_json_is_a_400_without_a_traceback(tmp_path: Path, caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="pimcore")
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            for raw in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+                        b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+                for path in ("/v1/messages", "/v1/groups", "/v1/conversations/team/messages"):
+                    assert_error(*await call(c, "POST", path, raw=raw), 400, "bad_request")
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text

@@ -247,7 +247,7 @@ def test_bad_environment_exits_2_naming_the_key(tmp_path: Path, env: dict[str, s
         ("data_dir = 3\n", "data_dir: expected a string (a path), got 3"),
         ("limits = 3\n", "limits: expected a table [limits], got 3"),
         ('[http]\nmax_body_bytes = "1MB"\n', 'http.max_body_bytes: expected an integer, got "1MB"'),
-        ("[http]\nrequest_timeout = 0\n", "request_timeout must be > 0"),
+        ("[http]\nrequest_timeout = 0\n", "http.request_timeout: expected a number > 0, got 0.0"),
         ("[http]\nlisten_to = 1\n", "unknown keys in [http]"),
     ],
 )
@@ -258,6 +258,29 @@ def test_config_file_type_errors_name_the_key(tmp_path: Path, text: str, needle:
     r = run_pimcore("serve", "--config", cfg, "--data-dir", tmp_path / "d", "--listen", LOOPBACK)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    "env, text, needle",
+    [
+        ({"PIMCORE_HTTP_MAX_BODY_BYTES": "-1"}, "", "http.max_body_bytes: expected an integer >= 1, got -1 (from $PIMCORE_HTTP_MAX_BODY_BYTES)"),
+        ({"PIMCORE_HTTP_REQUEST_TIMEOUT": "0"}, "", "http.request_timeout: expected a number > 0, got 0.0 (from $PIMCORE_HTTP_REQUEST_TIMEOUT)"),
+        ({}, "[http]\nmax_connections = 0\n", "http.max_connections: expected an integer >= 1, got 0"),
+        ({}, "[http]\nkeepalive_timeout = -3\n", "http.keepalive_timeout: expected a number > 0, got -3.0"),
+        ({}, "[http]\nrequest_timeout = 0\n", "http.request_timeout: expected a number > 0, got 0.0"),
+        ({}, "[http]\nmax_header_bytes = -5\n", "http.max_header_bytes: expected an integer >= 1, got -5"),
+        ({}, "http = 5\n", 'http: expected a table [http] or a URL string (http = "tcp://HOST:PORT"), got 5'),
+    ],
+)
+def test_http_settings_serve_refuses_are_refused_by_print_config_too(tmp_path: Path, env: dict[str, str], text: str,
+                                                                       needle: str) -> None:
+    cfg = tmp_path / "pimcore.toml"
+    cfg.write_text(text)
+    for extra in (["--print-config"], []):
+        r = run_pimcore("serve", "--config", cfg, "--data-dir", tmp_path / "d", "--listen", LOOPBACK, "--http", LOOPBACK,
+                        *extra, env=env)
+        assert r.returncode == 2, (extra, r.stdout, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
 
 
 # ---------------------------------------------------------------- address in use
@@ -276,3 +299,34 @@ def test_address_in_use_names_the_address(tmp_path: Path, procs: ProcGroup) -> N
             assert r.stderr.startswith("pimcore serve: "), (args, r.stderr)
             assert f"127.0.0.1:{port}" in r.stderr and "in use" in r.stderr, (args, r.stderr)
             assert "Traceback" not in r.stderr and "ready" not in r.stdout
+
+
+async def test_sigterm_answers_an_in_flight_long_poll_and_ends_a_stream(tmp_path: Path, procs: ProcGroup) -> None:
+    """A long-poll waiting when SIGTERM arrives gets a 503 ``unavailable``
+    (not a closed connection: curl's exit 52), an SSE stream its last chunk."""
+    data = tmp_path / "data"
+    with trio.fail_after(60):
+        server = procs.serve("--listen", LOOPBACK, "--data-dir", data, "--http", LOOPBACK,
+                             env={"PIMCORE_SERVER_EVENTS": "true"})
+        host, port = server.url("http").split("//", 1)[1].rsplit(":", 1)
+        key = (data / "api-key").read_text().strip()
+        streams = []
+        for path in ("/v1/events?consumer=lp&wait=25&after=0", "/v1/events/stream?consumer=sse"):
+            s = await trio.open_tcp_stream(host, int(port))
+            await s.send_all(b"GET %s HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n\r\n" % (path.encode(), key.encode()))
+            streams.append(s)
+        first = await streams[1].receive_some(65536)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        await trio.sleep(0.3)  # the long-poll is waiting
+        server.send_signal(signal.SIGTERM)
+        replies = []
+        for s in streams:
+            out = b""
+            while chunk := await s.receive_some(65536):
+                out += chunk
+            replies.append(out)
+        poll, sse = replies
+        assert poll.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), poll
+        assert json.loads(poll.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "unavailable"
+        assert sse.endswith(b"0\r\n\r\n"), sse[-40:]  # the chunked body's end
+        assert await in_thread(server.wait) == 0, server.describe()

@@ -208,4 +208,6 @@ def test_the_synchronous_example_of_embedding_md_runs(tmp_path: Path, monkeypatc
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "EMBEDDING.md", "exec"), {})
     assert re.fullmatch(r"port \d+ - bob has 1 unread\n", capsys.readouterr().out)
+    exec(compile(code, "EMBEDDING.md", "exec"), {})  # again on the same data directory: the group exists
+    assert re.fullmatch(r"port \d+ - bob has 2 unread\n", capsys.readouterr().out)
     assert (tmp_path / "embedded-sync-data" / "store").is_dir()

@@ -229,6 +229,15 @@ static int run_main(const char *dir, const char *python, const char *test_dir, i
     CHECK_RC(pim_broker_start("{\"durability\": \"sometimes\"}", &b), PIM_ERR_CONFIG);
     CHECK_RC(pim_broker_start("{\"nonsense\": 1}", &b), PIM_ERR_CONFIG);
     CHECK_RC(pim_broker_start("{\"limits\": {\"window\": \"big\"}}", &b), PIM_ERR_CONFIG);
+    {   /* JSON nested past the decoder's limit: an options error, not a bug */
+        size_t depth = 100000;
+        char *deep = (char *)malloc(2 * depth + 1);
+        memset(deep, '[', depth);
+        memset(deep + depth, ']', depth);
+        deep[2 * depth] = 0;
+        CHECK_RC(pim_broker_start(deep, &b), PIM_ERR_CONFIG);
+        free(deep);
+    }
     CHECK_RC(pim_broker_start_(config, &b, PIM_VERSION_NUMBER + 10000), PIM_ERR_VERSION);
     CHECK_RC(pim_broker_start_(config, &b, PIM_VERSION_NUMBER + 1), PIM_ERR_VERSION);
     CHECK(b == NULL, "no handle after a failed start");
@@ -307,6 +316,35 @@ static int run_main(const char *dir, const char *python, const char *test_dir, i
           (unsigned long long)items[2].seq);
     CHECK_RC(pim_post_batch(b, items, 0), PIM_OK);
     CHECK_RC(pim_post_batch(b, NULL, 2), PIM_ERR_INVALID);
+    /* Invalid items (NULL conv, only one of sender/device, payload NULL with a
+     * length, conv not UTF-8) get PIM_ERR_INVALID; the valid ones are posted. */
+    pim_post_item mixed[6];
+    memset(mixed, 0, sizeof mixed);
+    for (int i = 0; i < 6; i++) {
+        mixed[i].conv = "team"; mixed[i].payload = "m"; mixed[i].len = 1;
+        mixed[i].status = 99; mixed[i].seq = 77; /* garbage the call must overwrite */
+    }
+    mixed[1].conv = NULL;
+    mixed[2].sender = "bob";
+    mixed[3].payload = NULL;
+    mixed[4].conv = "te\xff\xfe";
+    uint64_t before_batch = 0, after_batch = 0;
+    CHECK_RC(pim_unread_count(b, "bob", "team", &before_batch), PIM_OK);
+    CHECK_RC(pim_post_batch(b, mixed, 6), PIM_ERR_INVALID);
+    CHECK(strstr(pim_last_error(), "item 1") != NULL, "the error names the first bad item (%s)", pim_last_error());
+    CHECK(mixed[0].status == PIM_OK && mixed[5].status == PIM_OK && mixed[0].seq && mixed[5].seq > mixed[0].seq,
+          "the valid items are posted (%d seq %llu, %d seq %llu)", mixed[0].status, (unsigned long long)mixed[0].seq,
+          mixed[5].status, (unsigned long long)mixed[5].seq);
+    for (int i = 1; i <= 4; i++)
+        CHECK(mixed[i].status == PIM_ERR_INVALID && mixed[i].seq == 0, "bad item %d: %s, seq %llu", i,
+              pim_strerror(mixed[i].status), (unsigned long long)mixed[i].seq);
+    CHECK_RC(pim_unread_count(b, "bob", "team", &after_batch), PIM_OK);
+    CHECK(after_batch == before_batch + 2, "bob's unread grew by the 2 valid items (%llu -> %llu)",
+          (unsigned long long)before_batch, (unsigned long long)after_batch);
+    /* A failed call (NULL broker) marks every item with its status. */
+    mixed[0].status = PIM_OK;
+    CHECK_RC(pim_post_batch(NULL, mixed, 1), PIM_ERR_INVALID);
+    CHECK(mixed[0].status == PIM_ERR_INVALID && mixed[0].seq == 0, "a failed call marks its items (%d)", mixed[0].status);
 
     char *token = NULL;
     CHECK_RC(pim_token_issue(b, "alice", "phone", 0, &token), PIM_ERR_INVALID);

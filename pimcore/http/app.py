@@ -98,5 +98,6 @@ async def open_http_server(server: "BrokerServer", config: HttpConfig, *,
         await nursery.start(http.run)
         try:
             yield http
+            await http.shutdown()  # long-polls answered, streams ended (not on an error exit)
         finally:
             nursery.cancel_scope.cancel()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ROUTES", "openapi_document"]
+__all__ = ["OPS_ROUTES", "ROUTES", "openapi_document"]
 
 _STR = {"type": "string"}
 _INT = {"type": "integer", "minimum": 0}
@@ -80,8 +80,26 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
      200, _obj(consumer=_STR, cursor=_INT)),
 )
 
+#: The listener's own endpoints (pimcore.http.app.BrokerHttp), in the same
+#: shape: with ROUTES, every endpoint the listener serves.
+OPS_ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], int, dict[str, Any]], ...] = (
+    ("GET", "/v1/info", "The broker: version, backend, uptime, epoch, listeners", None, (), 200,
+     _obj(version=_STR, backend=_STR, uptime_seconds={"type": "number"}, started={"type": "number"},
+          epoch={"type": ["string", "null"]}, listeners=_STRINGS)),
+    ("GET", "/healthz", "Liveness: 200 while the process serves HTTP", None, (), 200, _obj(status=_STR)),
+    ("GET", "/readyz", "Readiness: 200 when the store is open and the broker accepts; else 503 unavailable with the"
+     " reason", None, (), 200, _obj(status=_STR)),
+    ("GET", "/metrics", "Prometheus metrics (text exposition format)", None, (), 200,
+     {"type": "string", "description": "Prometheus text format 0.0.4"}),
+    ("GET", "/v1/openapi.json", "This document", None, (), 200, {"type": "object"}),
+)
+
+#: Endpoints served without an API key (no data in them).
+_PUBLIC = {"/healthz", "/readyz", "/metrics", "/v1/openapi.json"}
+
 #: Success bodies that are not JSON.
-_CONTENT_TYPE = {("GET", "/v1/events/stream"): "text/event-stream"}
+_CONTENT_TYPE = {("GET", "/v1/events/stream"): "text/event-stream",
+                 ("GET", "/metrics"): "text/plain"}
 
 _ERROR = _obj(("error",), error=_obj(("code", "message"), code=_STR, message=_STR))
 
@@ -89,14 +107,14 @@ _ERROR = _obj(("error",), error=_obj(("code", "message"), code=_STR, message=_ST
 def openapi_document(version: str) -> dict[str, Any]:
     """The document (a JSON-ready dict) for pimcore ``version``."""
     paths: dict[str, dict[str, Any]] = {}
-    for method, path, summary, body, query, status, result in ROUTES:
+    for method, path, summary, body, query, status, result in ROUTES + OPS_ROUTES:
         params = [
             {"name": name[1:-1], "in": "path", "required": True, "schema": _STR}
             for name in path.split("/") if name.startswith("{")
         ] + [{"name": name, "in": "query", "required": False, "schema": schema} for name, schema in query]
         op: dict[str, Any] = {
             "summary": summary,
-            "security": [{"apiKey": []}],
+            "security": [] if path in _PUBLIC else [{"apiKey": []}],
             "responses": {
                 str(status): {"description": "done",
                               "content": {_CONTENT_TYPE.get((method, path), "application/json"): {"schema": result}}},

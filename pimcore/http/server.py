@@ -116,11 +116,14 @@ class Request:
     params: dict[str, str] = field(default_factory=dict)
 
     def json(self) -> Any:
-        """The body as JSON; HttpError 400 ``bad_request`` if it is not."""
+        """The body as JSON; HttpError 400 ``bad_request`` if it is not (or
+        is nested deeper than the decoder goes, about 1000 levels)."""
         try:
             return json.loads(self.body or b"null")
         except (ValueError, UnicodeDecodeError) as exc:
             raise HttpError(400, "bad_request", f"the body is not JSON: {exc}") from None
+        except RecursionError:  # "[" * 100000: the decoder's nesting limit, not a bug
+            raise HttpError(400, "bad_request", "the body is JSON nested too deeply") from None
 
 
 Handler = Callable[[Request], Awaitable[tuple[int, Any]]]
@@ -219,8 +222,21 @@ class HttpConfig:
                 raise ValueError(f"{name} must be > 0 seconds")
 
 
+#: _while_connected's answer when shutdown() ended the wait.
+_SHUTTING_DOWN = object()
+
+
 class _StreamDropped(Exception):
     """A stream's client stopped reading (internal to _send_stream)."""
+
+
+def _phrase(status: int) -> str:
+    """The standard reason phrase ("OK", "Not Found"); "" for a status
+    http.HTTPStatus does not know."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -244,6 +260,13 @@ class HttpServer:
         self.requests = 0  # requests answered (any status)
         self.streams = 0  # streamed responses (server-sent events) being written now
         self.streams_dropped = 0  # streams closed because the client took no data for request_timeout
+        # Graceful shutdown (see shutdown()): the accept loop's scope, and the
+        # scopes a connection waits in (keep-alive silence, a long-poll, a
+        # stream) that shutdown cancels so each connection ends with an answer.
+        self._closing = False
+        self._accepting: Optional[trio.CancelScope] = None
+        self._waits: set[trio.CancelScope] = set()
+        self._all_closed = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from ..net.server import open_listeners
@@ -255,8 +278,31 @@ class HttpServer:
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         self.url = f"{'https' if cfg.scheme == 'tls' else 'http'}://{host}:{port}"
         log.info("http listening on %s", self.url, extra={"event": "listening", "url": self.url})
-        task_status.started()
-        await trio.serve_listeners(self._serve_conn, listeners)
+        async with trio.open_nursery() as connections:
+            with trio.CancelScope() as self._accepting:
+                if self._closing:
+                    self._accepting.cancel()
+                task_status.started()
+                await trio.serve_listeners(self._serve_conn, listeners, handler_nursery=connections)
+            for listener in listeners:  # shutdown(): no new connections; these finish
+                await trio.aclose_forcefully(listener)
+
+    async def shutdown(self, grace: Optional[float] = None) -> None:
+        """Stop gracefully: accept no more connections; a long-poll waiting
+        gets 503 ``unavailable`` ("the server is shutting down"), a stream
+        its last chunk, an idle keep-alive connection is closed, and a
+        request being handled finishes.  Returns when every connection
+        ended or after ``grace`` seconds (default ``request_timeout``);
+        the caller then cancels :meth:`run`."""
+        self._closing = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for scope in list(self._waits):
+            scope.cancel()
+        if self._conns == 0:
+            return
+        with trio.move_on_after(self.config.request_timeout if grace is None else grace):
+            await self._all_closed.wait()
 
     async def _serve_conn(self, sock: trio.SocketStream) -> None:
         stream: trio.abc.Stream = sock
@@ -274,6 +320,8 @@ class HttpServer:
         finally:
             self._conns -= 1
             await trio.aclose_forcefully(stream)
+            if self._closing and self._conns == 0:
+                self._all_closed.set()
 
     async def _receive(self, stream: trio.abc.Stream, conn: h11.Connection) -> Any:
         """The next h11 event, reading as needed (EOF is fed as b"")."""
@@ -288,14 +336,20 @@ class HttpServer:
         while True:
             # Between requests: wait keepalive_timeout for a first byte (or
             # what is already buffered), then request_timeout for the rest.
+            if self._closing and conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+                return  # shutting down: no next request
             if not conn.trailing_data[0]:
-                with trio.move_on_after(cfg.keepalive_timeout):
-                    data = bytes(await stream.receive_some(64 * 1024))
+                with trio.move_on_after(cfg.keepalive_timeout) as idle:
+                    self._waits.add(idle)
+                    try:
+                        data = bytes(await stream.receive_some(64 * 1024))
+                    finally:
+                        self._waits.discard(idle)
                     conn.receive_data(data)
                     if not data:
                         return
                 if not conn.trailing_data[0] and conn.their_state is h11.IDLE:
-                    return  # silent for keepalive_timeout: hang up
+                    return  # silent for keepalive_timeout (or shutting down): hang up
             try:
                 with trio.fail_after(cfg.request_timeout):
                     request = await self._read_request(stream, conn)
@@ -313,15 +367,73 @@ class HttpServer:
                 return
             if request is None:
                 return  # the client closed between requests
-            status, headers, body = await self._handle(request)
+            if request.method in ("GET", "HEAD"):
+                # A GET may be a long-poll or a stream: notice the client leaving.
+                answer = await self._while_connected(stream, conn, self._handle(request))
+                if answer is _SHUTTING_DOWN:
+                    await self._send_error(stream, conn, HttpError(503, "unavailable", "the server is shutting down"))
+                    return
+                if answer is None:
+                    return
+                status, headers, body = answer
+            else:
+                status, headers, body = await self._handle(request)
             if isinstance(body, StreamBody):
-                await self._send_stream(stream, conn, status, headers, body, request)
+                ended = await self._while_connected(stream, conn, self._send_stream(stream, conn, status, headers, body,
+                                                                                     request))
+                if ended is _SHUTTING_DOWN and conn.our_state is h11.SEND_BODY:
+                    with trio.move_on_after(cfg.request_timeout):  # the chunked body's end
+                        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
                 return
             with trio.fail_after(cfg.request_timeout):
                 await self._send(stream, conn, status, headers, body, head=request.method == "HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
+
+    async def _while_connected(self, stream: trio.abc.Stream, conn: h11.Connection, work: Awaitable[Any]) -> Any:
+        """``await work`` (answering a GET: a long-poll, a stream) while
+        reading the connection, so a client that hangs up (EOF or reset) is
+        noticed now -- ``work`` is cancelled and None returned -- instead of
+        at the next write, up to a keep-alive interval or a long-poll's wait
+        later, holding a max_connections slot all that time.  Why a GET only:
+        its handler has no effect to cut in half.  Bytes that arrive meanwhile
+        (the client's next, pipelined, request) go to h11's buffer, to be
+        served after this response; past max_header_bytes buffered the
+        reading stops (the client is there; the bytes wait in the socket)."""
+        result: list[Any] = []
+        left = False
+
+        async def watch(cancel: trio.CancelScope) -> None:
+            nonlocal left
+            while len(conn.trailing_data[0]) < self.config.max_header_bytes:
+                try:
+                    data = await stream.receive_some(64 * 1024)
+                except (trio.BrokenResourceError, OSError):
+                    data = b""
+                if not data:
+                    left = True
+                    cancel.cancel()
+                    return
+                conn.receive_data(bytes(data))
+
+        if self._closing:
+            work.close()  # type: ignore[attr-defined]  # a coroutine never started
+            return _SHUTTING_DOWN
+        async with trio.open_nursery() as nursery:
+            self._waits.add(nursery.cancel_scope)  # shutdown() cancels the wait
+            try:
+                nursery.start_soon(watch, nursery.cancel_scope)
+                result.append(await work)
+                nursery.cancel_scope.cancel()
+            finally:
+                self._waits.discard(nursery.cancel_scope)
+        if not result and not left and self._closing:
+            return _SHUTTING_DOWN
+        if left or not result:
+            log.debug("http client left during %s", "a response", extra={"event": "http_client_left"})
+            return None
+        return result[0]
 
     async def _read_request(self, stream: trio.abc.Stream, conn: h11.Connection) -> Optional[Request]:
         event = await self._receive(stream, conn)
@@ -370,7 +482,7 @@ class HttpServer:
         timeout = self.config.request_timeout
         hdrs = [*headers, *body.headers, ("connection", "close")]
         with trio.fail_after(timeout):
-            await stream.send_all(conn.send(h11.Response(status_code=status, headers=hdrs)) or b"")
+            await stream.send_all(conn.send(h11.Response(status_code=status, headers=hdrs, reason=_phrase(status))) or b"")
         if request.method == "HEAD":
             return
 
@@ -428,7 +540,7 @@ class HttpServer:
     async def _send(self, stream: trio.abc.Stream, conn: h11.Connection, status: int,
                     headers: list[tuple[str, str]], body: bytes, *, head: bool = False) -> None:
         hdrs = [*headers, ("content-length", str(len(body)))]
-        out = conn.send(h11.Response(status_code=status, headers=hdrs)) or b""
+        out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=_phrase(status))) or b""
         if body and not head:
             out += conn.send(h11.Data(data=body)) or b""
         out += conn.send(h11.EndOfMessage()) or b""
@@ -442,11 +554,7 @@ class HttpServer:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return  # a response was already started
         body = error_body(err.code, err.message)
-        try:
-            phrase = HTTPStatus(err.status).phrase
-        except ValueError:  # pragma: no cover
-            phrase = ""
-        head = [f"HTTP/1.1 {err.status} {phrase}", "content-type: application/json", f"content-length: {len(body)}",
+        head = [f"HTTP/1.1 {err.status} {_phrase(err.status)}", "content-type: application/json", f"content-length: {len(body)}",
                 "connection: close", *(f"{k}: {v}" for k, v in err.headers)]
         self.requests += 1
         with trio.move_on_after(self.config.request_timeout):
