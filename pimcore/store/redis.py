@@ -34,20 +34,33 @@ does everything of one user):
 
 Requests.  A request runs its ops on a transaction object: reads go to
 Redis (cached for the rest of the request, so later ops of a batch see
-earlier ones), writes are buffered.  When every op has run, the buffered
-writes go out as ONE pipeline per master (``HSET``/``HDEL``), each ending
-with ``WAIT 1 <wait_ms>`` on the same connection: group commit, one
-replication wait per master per request however many sends it holds.  The
-request completes only when every master reports at least one replica has
-every write; otherwise :class:`StoreError` (the outcome is unknown: the
-client retries with the same local id and the dedupe record decides).
+earlier ones), writes are buffered as absolute values (``HSET`` of the new
+value, ``HDEL``), never increments, so applying them twice is harmless.
 
-Limits of this version (see OPERATIONS.md): one writer (the core keeps one
-write request in flight, so one ``pimcore serve`` per cluster and
-namespace); a request's writes span several slots and are not atomic
-across them, so a Redis failure in the middle of a flush can leave part of
-a request applied (the outbox flow of the design notes closes that); reads
-running beside a flush may see part of it.
+Writes.  A request's writes span slots (the conversation's, each
+recipient's), and Redis Cluster has no transaction across slots, so a write
+request is made durable in two steps, each ending with ``WAIT 1 <wait_ms>``
+on the connection that wrote (a write is acknowledged only when a replica
+has it; ``WAIT`` reporting 0 -> :class:`StoreError`, never a result):
+
+1. the redo record: the whole write set, encoded, in ``NS:{wal}`` (one
+   slot, so one master and one ``WAIT``);
+2. the writes: one pipeline per master, all masters at once (group commit:
+   one replication wait per master per request, however many sends).
+
+If step 2 fails (a master dies, a ``WAIT`` times out) it is retried for up
+to ``settle`` seconds (a failover takes about twice cluster-node-timeout),
+and if it still fails the request raises :class:`StoreError` and its
+writes stay pending: the next write request completes them first, and a
+store opened later replays the redo record.  Replaying is idempotent, and
+the record is overwritten by the next request, so it never holds anything
+but the last request's writes.  Outcome of a failed request: unknown (the
+client retries with the same local id; the dedupe record decides).
+
+Limits of this version (see OPERATIONS.md): one writer per namespace (the
+core keeps one write request in flight and the values are computed from
+reads, so one ``pimcore serve`` per cluster and namespace); reads running
+beside step 2 may see part of it.
 """
 
 from __future__ import annotations
@@ -176,6 +189,48 @@ def _dec_spans(v: Optional[bytes]) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def _enc_writes(writes: dict[str, dict[str, Optional[bytes]]]) -> bytes:
+    """A write set as bytes: per key, per field, the value or a deletion."""
+    out = [len(writes).to_bytes(4, "big")]
+    for key, fields in writes.items():
+        k = key.encode()
+        out.append(len(k).to_bytes(4, "big") + k + len(fields).to_bytes(4, "big"))
+        for f, v in fields.items():
+            fb = f.encode()
+            out.append(len(fb).to_bytes(4, "big") + fb)
+            out.append(b"\xff\xff\xff\xff" if v is None else len(v).to_bytes(4, "big") + v)
+    return b"".join(out)
+
+
+def _dec_writes(b: bytes) -> dict[str, dict[str, Optional[bytes]]]:
+    off = 0
+
+    def take() -> bytes:
+        nonlocal off
+        n = int.from_bytes(b[off:off + 4], "big")
+        off += 4
+        v = b[off:off + n]
+        off += n
+        return v
+
+    out: dict[str, dict[str, Optional[bytes]]] = {}
+    off = 4
+    for _ in range(int.from_bytes(b[0:4], "big")):
+        key = take().decode()
+        nf = int.from_bytes(b[off:off + 4], "big")
+        off += 4
+        fields: dict[str, Optional[bytes]] = {}
+        for _ in range(nf):
+            f = take().decode()
+            if b[off:off + 4] == b"\xff\xff\xff\xff":
+                off += 4
+                fields[f] = None
+            else:
+                fields[f] = bytes(take())
+        out[key] = fields
+    return out
+
+
 class _Tx:
     """One request's view: cached reads, buffered writes (see the module
     docstring).  Keys are str, fields str, values bytes (None = absent)."""
@@ -242,10 +297,12 @@ class RedisStore(AsyncStore):
     ``wait_ms``: the replication wait per request (``WAIT 1 wait_ms``); a
     request whose writes a replica did not confirm in time raises
     :class:`StoreError`.  ``replicas``: how many replicas must confirm (1).
+    ``settle``: seconds a request keeps retrying writes whose redo record is
+    stored (through a failover: about 2 x cluster-node-timeout).
     """
 
     def __init__(self, nodes: Sequence[tuple[str, int]], *, namespace: str = "pim",
-                 wait_ms: int = 2000, replicas: int = 1) -> None:
+                 wait_ms: int = 2000, replicas: int = 1, settle: float = 10.0) -> None:
         if not nodes:
             raise ValueError("no Redis node given")
         if not valid_id(namespace):
@@ -263,6 +320,9 @@ class RedisStore(AsyncStore):
         self._meta = f"{namespace}:{{meta}}"
         self._users = f"{namespace}:{{meta}}:users"
         self._ev = f"{namespace}:{{ev}}"
+        self._wal = f"{namespace}:{{wal}}"
+        self.settle = settle
+        self._pending: Optional[dict[str, dict[str, Optional[bytes]]]] = None
         self._write_lock = trio.Lock()
 
     # ------------------------------------------------------------ plumbing
@@ -332,6 +392,12 @@ class RedisStore(AsyncStore):
     async def _connect(self) -> None:
         self._closed = False
         self._r = await self._client(None)
+        # The last request of the previous writer may be half-applied: its
+        # redo record completes it (idempotent: absolute values).
+        wal = await self._call(self._r.hget(self._wal, "w"))
+        if wal:
+            self._pending = _dec_writes(wal)
+            await self._complete_pending()
         tx = _Tx(self)
         node, epochs = await tx.mget(self._meta, ["node", "epochs"])
         self._node = node if node else os.urandom(8)
@@ -375,14 +441,54 @@ class RedisStore(AsyncStore):
         return client
 
     async def _flush(self, tx: _Tx) -> None:
-        """Write ``tx``'s buffered writes: one pipeline per master, each
-        ending with WAIT on its connection; all masters at once."""
+        """Make ``tx``'s buffered writes durable (see "Writes" in the module
+        docstring): the redo record first, then the writes themselves, one
+        pipeline per master ending with WAIT on its connection."""
         if not tx.dirty:
             return
-        if self._closed:
-            raise StoreError("store is closed")
+        self._check_open()
+        writes = {k: dict(v) for k, v in tx.dirty.items()}
+        # Until the writes are all confirmed they are pending: a failure
+        # anywhere from here leaves them to be completed (idempotently)
+        # before the next request -- a redo record that a replica may hold
+        # must never be contradicted.
+        self._pending = writes
+        blob = _enc_writes(writes)
+        await self._write_groups({self._wal: {"w": blob}}, "the redo record")
+        await self._complete_pending()
+
+    async def _complete_pending(self) -> None:
+        """Apply the pending writes, retrying through a failover for up to
+        ``settle`` seconds; StoreError if they still are not confirmed (they
+        stay pending)."""
+        writes = self._pending
+        if writes is None:
+            return
+        deadline = trio.current_time() + self.settle
+        while True:
+            try:
+                await self._write_groups(writes, "the writes")
+                break
+            except StoreError:
+                if trio.current_time() >= deadline or self._closed:
+                    raise
+                await trio.sleep(0.2)
+                await self._refresh_routes(writes)
+        self._pending = None
+
+    async def _refresh_routes(self, writes: dict[str, Any]) -> None:
+        """Let the cluster client learn where the slots moved (a read of each
+        key through it follows MOVED), and drop the per-master clients."""
+        self._masters.clear()
+        for key in writes:
+            try:
+                await self._r.exists([key])
+            except Exception:
+                pass
+
+    async def _write_groups(self, writes: dict[str, dict[str, Optional[bytes]]], what: str) -> None:
         by_master: dict[int, tuple[Any, list[str]]] = {}
-        for key in tx.dirty:
+        for key in writes:
             client = await self._master(key)
             by_master.setdefault(id(client), (client, []))[1].append(key)
         failures: list[str] = []
@@ -391,7 +497,7 @@ class RedisStore(AsyncStore):
             try:
                 async with client.pipeline(transaction=False) as pipe:
                     for key in keys:
-                        fields = tx.dirty[key]
+                        fields = writes[key]
                         sets = {f: v for f, v in fields.items() if v is not None}
                         dels = [f for f, v in fields.items() if v is None]
                         if sets:
@@ -411,7 +517,7 @@ class RedisStore(AsyncStore):
             for client, keys in by_master.values():
                 nursery.start_soon(one, client, keys)
         if failures:
-            raise StoreError("writes not confirmed by a replica (outcome unknown): " + "; ".join(failures))
+            raise StoreError(f"{what} not confirmed by a replica (outcome unknown): " + "; ".join(failures))
 
     # ------------------------------------------------------------ identity
 
@@ -448,6 +554,7 @@ class RedisStore(AsyncStore):
         self._check_open()
         if request.write:
             async with self._write_lock:
+                await self._complete_pending()
                 tx = _Tx(self)
                 results = []
                 try:
