@@ -18,8 +18,6 @@ from pimcore.store import NewMessage, StoreRequest, direct_conversation
 
 from _net import SECRET, client, server_config
 
-pytestmark = pytest.mark.redis
-
 AB = direct_conversation("alice", "bob")
 
 
@@ -36,6 +34,7 @@ def _ns() -> str:
     return "t" + os.urandom(6).hex()
 
 
+@pytest.mark.redis
 async def test_clients_chat_over_redis_and_a_restarted_broker_loses_nothing(redis_cluster) -> None:
     from pimcore.store.redis import RedisStore
     from pimcore.testing.chaos import open_chaos_proxy
@@ -94,6 +93,7 @@ def _msg(local_id: int, t: int) -> NewMessage:
     )
 
 
+@pytest.mark.redis
 async def test_no_result_when_no_replica_confirms_and_the_redo_record_completes_it(redis_cluster) -> None:
     """A master without its replica refuses writes (min-replicas-to-write 1)
     or WAIT reports 0: the request fails (outcome unknown) -- never a result
@@ -126,3 +126,76 @@ async def test_no_result_when_no_replica_confirms_and_the_redo_record_completes_
             assert retry == Duplicate(_msg(2, 20).msg_id, 2, 20)
             assert [m.payload for m in await store.history(AB, 0, 10)] == [b"x1", b"x2"]
             assert [pos for pos, _ in await store.inbox_range("bob", 0, 10)] == [1, 2]
+
+
+@pytest.mark.redis
+async def test_pimcore_serve_over_redis_survives_kill_9_of_the_broker(redis_cluster, tmp_path) -> None:
+    """`pimcore serve --store redis://...` (then PIMCORE_STORE): two SDK
+    clients chat, the broker is killed with SIGKILL and started again on the
+    same port and cluster; the clients reconnect by themselves, every acked
+    message is there once, in order, and the exchange goes on."""
+    from pimcore.client import open_client
+
+    from pimcore.client import ClientConfig
+
+    from _proc import ProcGroup, free_port, token_for
+
+    FAST = ClientConfig(connect_timeout=5.0, ack_timeout=2.0, send_timeout=10.0, backoff_max=0.5)
+
+    async def in_thread(fn):
+        return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
+
+    data = tmp_path / "data"
+    ns = _ns()
+    listen = f"tcp://127.0.0.1:{free_port()}"
+    env = {"PIMCORE_STORE_NAMESPACE": ns}
+    procs = ProcGroup()
+    try:
+        with trio.fail_after(120):
+            server = await in_thread(lambda: procs.serve("--listen", listen, "--data-dir", data,
+                                                         "--store", redis_cluster.url, env=env))
+            assert f"data in {redis_cluster.url} (namespace {ns})" in server.banner
+            a_tok = await in_thread(lambda: token_for("alice", data))
+            b_tok = await in_thread(lambda: token_for("bob", data))
+            async with open_client(server.url(), a_tok, "phone", config=FAST) as a, \
+                    open_client(server.url(), b_tok, "phone", config=FAST) as b:
+                acked = [await a.send(AB, b"m%02d" % i) for i in range(20)]
+                got = await _take(b, 20)
+                assert [m.payload for m in got] == [b"m%02d" % i for i in range(20)]
+                server.kill()
+                server = await in_thread(lambda: procs.serve("--listen", listen, "--data-dir", data,
+                                                             env={**env, "PIMCORE_STORE": redis_cluster.url}))
+                # The SDK reconnects to the same URL and resumes from its position.
+                acked += [await a.send(AB, b"m%02d" % i) for i in range(20, 30)]
+                got += await _take(b, 10)
+                assert [m.payload for m in got] == [b"m%02d" % i for i in range(30)]
+                assert [m.seq for m in got] == [s.seq for s in acked] == list(range(1, 31))
+                history = await b.fetch_history(AB, 0, 100)
+                assert [m.msg_id for m in history] == [s.msg_id for s in acked]
+                assert a.statistics().connects >= 2 and b.statistics().connects >= 2
+    finally:
+        procs.close()
+
+
+def test_the_store_url_comes_from_flag_file_or_environment(tmp_path) -> None:
+    """--store, [store] url (or ``store = "URL"``) and PIMCORE_STORE; the
+    default stays LMDB; a URL that is not redis://HOST:PORT,... is refused
+    naming the key."""
+    from pimcore.config import ConfigError, load_settings
+
+    assert load_settings(env={}).store is None  # LMDB in <data_dir>/store
+    url = "redis://10.0.0.1:7000,10.0.0.2:7001"
+    conf = tmp_path / "pimcore.toml"
+    conf.write_text(f'[store]\nurl = "{url}"\nnamespace = "chat"\n')
+    s = load_settings(str(conf), env={})
+    assert (s.store, s.store_namespace) == (url, "chat")
+    assert s.effective()["store"] == {"namespace": "chat", "url": url}
+    conf.write_text(f'store = "{url}"\n')
+    assert load_settings(str(conf), env={}).store == url
+    assert load_settings(env={"PIMCORE_STORE": url}).store == url
+    assert load_settings(env={"PIMCORE_STORE": url}, store="redis://h:1").store == "redis://h:1"
+    for bad in ("redis://", "http://h:1", "redis://h", "redis://h:99999"):
+        with pytest.raises(ConfigError, match="store.url"):
+            load_settings(env={"PIMCORE_STORE": bad})
+    with pytest.raises(ConfigError, match="store.namespace"):
+        load_settings(env={"PIMCORE_STORE": url, "PIMCORE_STORE_NAMESPACE": "a b"})
