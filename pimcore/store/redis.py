@@ -46,7 +46,9 @@ has it; ``WAIT`` reporting 0 -> :class:`StoreError`, never a result):
 1. the redo record: the whole write set, encoded, in ``NS:{wal}`` (one
    slot, so one master and one ``WAIT``);
 2. the writes: one pipeline per master, all masters at once (group commit:
-   one replication wait per master per request, however many sends).
+   one replication wait per master per request, however many sends) --
+   the conversations' keys first, then the users' keys, whose inbox entries
+   point at messages in the former.
 
 If step 2 fails (a master dies, a ``WAIT`` times out) it is retried for up
 to ``settle`` seconds (a failover takes about twice cluster-node-timeout),
@@ -60,7 +62,8 @@ client retries with the same local id; the dedupe record decides).
 Limits of this version (see OPERATIONS.md): one writer per namespace (the
 core keeps one write request in flight and the values are computed from
 reads, so one ``pimcore serve`` per cluster and namespace); reads running
-beside step 2 may see part of it.
+beside step 2 may see part of it (a message before its inbox entries, never
+an entry before its message).
 """
 
 from __future__ import annotations
@@ -465,9 +468,17 @@ class RedisStore(AsyncStore):
         if writes is None:
             return
         deadline = trio.current_time() + self.settle
+        # Users' keys last: their inbox entries point at messages in the
+        # conversations' keys, so a reader never finds an entry whose
+        # message is not there yet.
+        user_tag = f"{self.ns}:{{u:"
+        first = {k: v for k, v in writes.items() if not k.startswith(user_tag)}
+        last = {k: v for k, v in writes.items() if k.startswith(user_tag)}
         while True:
             try:
-                await self._write_groups(writes, "the writes")
+                for part in (first, last):
+                    if part:
+                        await self._write_groups(part, "the writes")
                 break
             except StoreError:
                 if trio.current_time() >= deadline or self._closed:
