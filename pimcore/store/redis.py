@@ -266,6 +266,23 @@ class _Tx:
                 self.cache[(key, f)] = self.full[key].get(f)
         return [self.cache[(key, f)] for f in fields]
 
+    async def prefetch(self, needs: dict[str, set[str]]) -> None:
+        """Read many (key, field)s in one cluster pipeline (one round trip
+        per master) into the cache: what the ops of a batch will ask for."""
+        todo = {k: [f for f in fs if (k, f) not in self.cache] for k, fs in needs.items() if k not in self.full}
+        todo = {k: fs for k, fs in todo.items() if fs}
+        if not todo:
+            return
+        self.s._check_open()
+        try:
+            async with self.s._r.pipeline(transaction=False) as pipe:
+                pending = [(k, fs, pipe.hmget(k, fs)) for k, fs in todo.items()]
+            for k, fs, res in pending:
+                for f, v in zip(fs, await res):
+                    self.cache.setdefault((k, f), v)
+        except Exception as exc:
+            raise StoreError(f"Redis: {exc!r}") from exc
+
     async def getall(self, key: str) -> dict[str, bytes]:
         """Every field of ``key`` with this request's writes applied."""
         if key not in self.full:
@@ -569,6 +586,7 @@ class RedisStore(AsyncStore):
                 tx = _Tx(self)
                 results = []
                 try:
+                    await self._prefetch(tx, request.ops)
                     for op in request.ops:
                         results.append(await self._apply(tx, op))  # type: ignore[arg-type]
                 except StoreError:
@@ -581,6 +599,39 @@ class RedisStore(AsyncStore):
                 return tuple(results)
         tx = _Tx(self)
         return tuple([await self._read(tx, op) for op in request.ops])  # type: ignore[arg-type]
+
+    async def _prefetch(self, tx: _Tx, ops: Sequence[Any]) -> None:
+        """Warm ``tx``'s cache for the common ops of a batch (sends, acks,
+        touches) in two pipelined rounds -- the conversations and senders,
+        then the recipients -- instead of several round trips per op.  Only
+        a speed-up: the ops read through the cache either way."""
+        needs: dict[str, set[str]] = {}
+
+        def need(key: str, *fields: str) -> None:
+            needs.setdefault(key, set()).update(fields)
+
+        convs: set[str] = set()
+        for op in ops:
+            kind = type(op)
+            if kind is NewMessage and isinstance(op.conv, str) and isinstance(op.sender, str):
+                need(self._k_user(op.sender), f"d:{op.device}/{op.local_id}")
+                if isinstance(op.msg_id, bytes):
+                    need(self._k_msg(op.msg_id), "r")
+                need(self._k_conv(op.conv), "grp", "mem", "last")
+                need(self._meta, "st")
+                convs.add(op.conv)
+            elif kind in (AckPosition, TouchDevice) and isinstance(op.user, str) and isinstance(op.device, str):
+                need(self._k_user(op.user), "dv:" + op.device, "head", "floor")
+        if not needs:
+            return
+        await tx.prefetch(needs)
+        needs = {}
+        for conv in convs:
+            if not valid_conversation(conv):
+                continue
+            for user in await self._group_members(tx, conv) or ():
+                need(self._k_user(user), "head", "cv:" + conv)
+        await tx.prefetch(needs)
 
     async def _apply(self, tx: _Tx, op: Op) -> Result:
         handler = _HANDLERS.get(type(op))
