@@ -251,14 +251,14 @@ class _Tx:
         if key in self.full:
             v = self.full[key].get(field)
         else:
-            v = await self.s._call(self.s._r.hget(key, field))
+            v = await self.s._call(lambda: self.s._r.hget(key, field))
         self.cache[k] = v
         return v
 
     async def mget(self, key: str, fields: Sequence[str]) -> list[Optional[bytes]]:
         missing = [f for f in fields if (key, f) not in self.cache]
         if missing and key not in self.full:
-            vals = await self.s._call(self.s._r.hmget(key, missing))
+            vals = await self.s._call(lambda: self.s._r.hmget(key, missing))
             for f, v in zip(missing, vals):
                 self.cache[(key, f)] = v
         elif missing:
@@ -273,20 +273,19 @@ class _Tx:
         todo = {k: fs for k, fs in todo.items() if fs}
         if not todo:
             return
-        self.s._check_open()
-        try:
+        async def run() -> list[tuple[str, list[str], Any]]:
             async with self.s._r.pipeline(transaction=False) as pipe:
                 pending = [(k, fs, pipe.hmget(k, fs)) for k, fs in todo.items()]
-            for k, fs, res in pending:
-                for f, v in zip(fs, await res):
-                    self.cache.setdefault((k, f), v)
-        except Exception as exc:
-            raise StoreError(f"Redis: {exc!r}") from exc
+            return [(k, fs, await res) for k, fs, res in pending]
+
+        for k, fs, vals in await self.s._call(run):
+            for f, v in zip(fs, vals):
+                self.cache.setdefault((k, f), v)
 
     async def getall(self, key: str) -> dict[str, bytes]:
         """Every field of ``key`` with this request's writes applied."""
         if key not in self.full:
-            raw = await self.s._call(self.s._r.hgetall(key))
+            raw = await self.s._call(lambda: self.s._r.hgetall(key))
             self.full[key] = {(f.decode() if isinstance(f, bytes) else f): v for f, v in raw.items()}
         out = dict(self.full[key])
         for f, v in self.dirty.get(key, {}).items():
@@ -414,7 +413,7 @@ class RedisStore(AsyncStore):
         self._r = await self._client(None)
         # The last request of the previous writer may be half-applied: its
         # redo record completes it (idempotent: absolute values).
-        wal = await self._call(self._r.hget(self._wal, "w"))
+        wal = await self._call(lambda: self._r.hget(self._wal, "w"))
         if wal:
             self._pending = _dec_writes(wal)
             await self._complete_pending()
@@ -428,15 +427,32 @@ class RedisStore(AsyncStore):
         tx.put(self._meta, "epochs", ",".join(e.hex() for e in self._epochs))
         await self._flush(tx)
 
-    async def _call(self, awaitable: Any) -> Any:
-        if self._closed:
-            raise StoreError("store is closed")
+    async def _call(self, request: Any) -> Any:
+        """Await ``request()`` (a read), retried through a failover for up
+        to ``settle`` seconds: the cluster client keeps sending to a dead
+        master until its slot map is refreshed, so refresh it and retry."""
+        deadline = trio.current_time() + self.settle
+        while True:
+            self._check_open()
+            try:
+                return await request()
+            except StoreError:
+                raise
+            except Exception as exc:
+                if trio.current_time() >= deadline or self._closed:
+                    raise StoreError(f"Redis: {exc!r}") from exc
+            await trio.sleep(0.2)
+            await self._refresh_layout()
+
+    async def _refresh_layout(self) -> None:
+        """Ask the cluster for its slot map now.  (coredis refreshes it by
+        itself only after a number of errors, with a backoff of seconds;
+        ``_refresh`` is its internal method for that.)"""
+        self._masters.clear()
         try:
-            return await awaitable
-        except StoreError:
-            raise
-        except Exception as exc:
-            raise StoreError(f"Redis: {exc!r}") from exc
+            await self._r.connection_pool.cluster_layout._refresh()
+        except Exception:
+            pass  # no node answered: the next try asks again
 
     def _k_conv(self, conv: str) -> str:
         return f"{self.ns}:{{c:{conv}}}"
@@ -501,18 +517,8 @@ class RedisStore(AsyncStore):
                 if trio.current_time() >= deadline or self._closed:
                     raise
                 await trio.sleep(0.2)
-                await self._refresh_routes(writes)
+                await self._refresh_layout()
         self._pending = None
-
-    async def _refresh_routes(self, writes: dict[str, Any]) -> None:
-        """Let the cluster client learn where the slots moved (a read of each
-        key through it follows MOVED), and drop the per-master clients."""
-        self._masters.clear()
-        for key in writes:
-            try:
-                await self._r.exists([key])
-            except Exception:
-                pass
 
     async def _write_groups(self, writes: dict[str, dict[str, Optional[bytes]]], what: str) -> None:
         by_master: dict[int, tuple[Any, list[str]]] = {}
