@@ -72,7 +72,7 @@ def _settings(args: argparse.Namespace):  # -> ServeSettings
         "secret_file": getattr(args, "secret_file", None),
     }
     for name in ("durability", "cert", "key", "content_filter", "max_frame", "max_payload", "window", "send_rate", "heartbeat_ms",
-                 "idle_timeout", "max_outbound_bytes", "max_connections", "http", "log_level", "log_format"):
+                 "idle_timeout", "max_outbound_bytes", "max_connections", "http", "log_level", "log_format", "store"):
         if hasattr(args, name):
             flags[name] = getattr(args, name)
     if getattr(args, "verbose", False) and not flags.get("log_level"):
@@ -136,6 +136,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .logs import setup_logging
     from .net.server import open_broker_server
     from .store import LmdbStore
+    from contextlib import AsyncExitStack
+    from typing import Any
 
     try:
         settings = _settings(args)
@@ -181,14 +183,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, OSError) as exc:
         print(f"pimcore serve: {exc}", file=sys.stderr)
         return 2
-    store_dir = settings.data_dir / "store"
-    try:
-        store = LmdbStore(store_dir, durability=settings.durability)
-    except StoreError as exc:
-        print(f"pimcore serve: {exc}", file=sys.stderr)
-        return 2
+    store: Any = None
+    if settings.store is None:
+        store_dir = settings.data_dir / "store"
+        try:
+            store = LmdbStore(store_dir, durability=settings.durability)
+        except StoreError as exc:
+            print(f"pimcore serve: {exc}", file=sys.stderr)
+            return 2
+        where = f"data in {settings.data_dir.resolve()} (durability {settings.durability})"
+    else:
+        # A Redis Cluster store (an AsyncStore): opened inside trio below.
+        where = f"data in {settings.store} (namespace {settings.store_namespace})"
 
     async def run() -> None:
+        nonlocal store
+        async with AsyncExitStack() as stack:
+            if settings.store is not None:
+                from .store.redis import RedisStore
+
+                store = await stack.enter_async_context(
+                    RedisStore.connect(settings.store, namespace=settings.store_namespace))
+            await serve()
+
+    async def serve() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with open_broker_server(store, auth, config) as server, trio.open_nursery() as nursery:
                 from .embed import Pimcore, start_webhooks
@@ -209,8 +227,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     await nursery.start(http.run)
                     assert http.url is not None  # set once listening
                     urls.append(http.url)
-                print(f"pimcore {__version__} ({pimcore.BACKEND} backend), data in {settings.data_dir.resolve()}"
-                      f" (durability {settings.durability})", flush=True)
+                print(f"pimcore {__version__} ({pimcore.BACKEND} backend), {where}", flush=True)
                 for url in urls:
                     print(f"listening on {url}", flush=True)
                 if web:
@@ -237,11 +254,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # A second signal while shutting down is redelivered when the signal
         # receiver closes -- after the graceful shutdown already finished.
         pass
-    except OSError as exc:
+    except (OSError, StoreError) as exc:
         print(f"pimcore serve: {exc}", file=sys.stderr)
         return 1
     finally:
-        store.close()
+        if isinstance(store, LmdbStore):
+            store.close()
     print("stopped", flush=True)
     return 0
 
@@ -360,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="PEM private key for tls:// and wss://")
     p.add_argument("--secret-file", help="file holding the token secret (default: <data-dir>/secret)")
     p.add_argument("--durability", choices=["sync", "os"], help="sync = fsync every batch before acking (default)")
+    p.add_argument("--store", metavar="URL",
+                   help="redis://HOST:PORT[,HOST:PORT...]: keep the data in a Redis Cluster instead of the embedded"
+                        " LMDB store (needs coredis: pip install 'pimcore[redis]')")
     p.add_argument("--content-filter", metavar="MODULE:FUNCTION",
                    help="content-security hook f(user, conv, payload) -> None, or a reason to reject")
     p.add_argument("--max-frame", type=int)

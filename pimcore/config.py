@@ -53,6 +53,10 @@ Example (every key optional)::
     max_batch_bytes = 1048576          # JSON bytes per request (one event always goes)
     events = ["message"]               # event types to send; default: all
 
+    [store]                            # default: the embedded LMDB store in <data_dir>/store
+    url = "redis://10.0.0.1:7000,10.0.0.2:7000"  # a Redis Cluster (docs/OPERATIONS.md, Redis Cluster); `store = "URL"` is short
+    namespace = "pim"                  # prefix of every key: several brokers' data may share a cluster
+
     [moderation]                       # pre-send moderation call (docs/EMBEDDING.md, Webhooks)
     url = "https://backend.example/moderate"
     policy = "closed"                  # required: "open" (no answer: store it) or "closed" (refuse, INTERNAL)
@@ -62,7 +66,7 @@ Example (every key optional)::
 **Environment, one rule:** every key is also ``PIMCORE_<KEY>`` (top level)
 or ``PIMCORE_<SECTION>_<KEY>`` (in a section), upper case:
 ``PIMCORE_DATA_DIR``, ``PIMCORE_LIMITS_SEND_RATE``, ``PIMCORE_HTTP_REQUEST_TIMEOUT``;
-``PIMCORE_HTTP`` is ``[http] listen``.  Values are read by the key's type
+``PIMCORE_HTTP`` is ``[http] listen``, ``PIMCORE_STORE`` is ``[store] url``.  Values are read by the key's type
 (a number, ``true``/``false``, a string); lists (``listen``, ``api_keys``)
 are comma-separated.  ``PIMCORE_CONFIG`` names the file.  Any other
 ``PIMCORE_*`` variable is a :class:`ConfigError` naming it, like an unknown
@@ -136,6 +140,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "batch_size": "int", "max_batch_bytes": "int", "events": "list",
     },
     "moderation": {"url": "str", "secret": "str", "policy": "str", "timeout_ms": "int"},
+    "store": {"url": "str", "namespace": "str"},
 }
 #: ``(section or None, key) -> type``, every setting there is.
 SCHEMA: dict[tuple[Optional[str], str], str] = {
@@ -156,6 +161,8 @@ def env_name(section: Optional[str], key: str) -> str:
     ``PIMCORE_HTTP`` for ``[http] listen``."""
     if (section, key) == ("http", "listen"):
         return "PIMCORE_HTTP"
+    if (section, key) == ("store", "url"):
+        return "PIMCORE_STORE"
     return "PIMCORE_" + (f"{section}_{key}" if section else key).upper()
 
 
@@ -250,6 +257,9 @@ class ServeSettings:
     log_format: str = "text"
     webhooks: dict[str, Any] = field(default_factory=dict)  # the [webhooks] keys given
     moderation: dict[str, Any] = field(default_factory=dict)  # the [moderation] keys given
+    #: ``redis://HOST:PORT[,HOST:PORT...]``: a Redis Cluster store; None: LMDB in <data_dir>/store.
+    store: Optional[str] = None
+    store_namespace: str = "pim"
 
     def endpoints(self) -> tuple[Endpoint, ...]:
         try:
@@ -462,6 +472,8 @@ class ServeSettings:
         out["limits"] = {f.name: getattr(limits, f.name) for f in fields(limits)}
         out["server"] = {k: server[k] for k in sorted(server)}
         out["http"] = {k: http[k] for k in sorted(http)}
+        if self.store is not None:
+            out["store"] = {"namespace": self.store_namespace, "url": self.store}
         if self.webhooks.get("url"):
             from .webhooks import WebhookConfig
 
@@ -516,6 +528,8 @@ def _check_doc(doc: dict[str, Any], where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
     if isinstance(doc.get("http"), str):
         doc["http"] = {"listen": doc["http"]}  # http = "URL" is short for [http] listen
+    if isinstance(doc.get("store"), str):
+        doc["store"] = {"url": doc["store"]}  # store = "URL" is short for [store] url
     for section, allowed in _SECTIONS.items():
         value = doc.get(section, {})
         if not isinstance(value, dict):
@@ -600,6 +614,8 @@ def _layer_from_flags(flags: Mapping[str, Any]) -> dict[tuple[Optional[str], str
             where = ("tls", name)
         elif name == "http":
             where = ("http", "listen")
+        elif name == "store":
+            where = ("store", "url")
         elif name in ("webhooks", "moderation") and isinstance(value, Mapping):
             # A whole section at once (open_pimcore(webhooks={"url": ...})).
             for key, v in value.items():
@@ -672,7 +688,19 @@ def load_settings(
         log_format=str(top.get("log_format", "text")).lower(),
         webhooks={k: v for (sec, k), v in merged.items() if sec == "webhooks"},
         moderation={k: v for (sec, k), v in merged.items() if sec == "moderation"},
+        store=merged.get(("store", "url")) or None,
+        store_namespace=str(merged.get(("store", "namespace"), "pim")),
     )
+    if s.store is not None:
+        from .store.redis import parse_url as parse_store_url
+        from .ids import valid_id
+
+        try:
+            parse_store_url(s.store)
+        except ValueError as exc:
+            raise ConfigError(f"store.url: {exc}") from None
+        if not valid_id(s.store_namespace):
+            raise ConfigError(f"store.namespace: not a valid id: {_show(s.store_namespace)}")
     if s.durability not in ("sync", "os"):
         raise ConfigError(f"durability must be 'sync' or 'os', not {s.durability!r}")
     if s.log_level not in LOG_LEVELS:

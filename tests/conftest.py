@@ -47,3 +47,24 @@ def both() -> tuple[ModuleType, ModuleType]:
             pytest.fail(f"PIMCORE_BACKEND=cython but the extension does not import: {exc}")
         pytest.skip(f"compiled backend not built: {exc}")
     return cy, _backend.load("pure")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A 3-master 3-replica Redis Cluster on loopback (tests/_redis_cluster.py),
+    started on first use -- only a session that runs a Redis test pays for
+    it -- and killed at the end of the session.  Skipped when redis-server,
+    redis-cli or coredis is missing, unless PIMCORE_REQUIRE_REDIS=1 (CI) makes
+    that a failure."""
+    from _redis_cluster import RedisCluster, missing
+
+    why = missing()
+    if why is not None:
+        if os.environ.get("PIMCORE_REQUIRE_REDIS") == "1":
+            pytest.fail(f"PIMCORE_REQUIRE_REDIS=1 but {why}")
+        pytest.skip(why)
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -1,0 +1,1137 @@
+"""An :class:`~pimcore.store.base.AsyncStore` over Redis Cluster (coredis).
+
+The message model and every op's meaning are those of
+:mod:`pimcore.store.base`; the logic mirrors :class:`MemoryStore` (the
+oracle) op for op, over Redis hashes instead of dicts.  docs/OPERATIONS.md
+("Redis Cluster") describes the deployment; this docstring the mechanics.
+
+Key layout (``NS`` = the namespace, default ``pim``; the ``{...}`` hash tag
+decides the slot, so everything of one conversation shares a slot, and so
+does everything of one user):
+
+=========================  ===============================================
+``NS:{c:CONV}``            hash: ``last`` (last seq), ``grp`` (group created
+                           at, µs), ``hv`` (history visible), ``mem``
+                           (members, ``\\n``-joined), ``sp:USER`` (membership
+                           intervals), ``s:SEQ`` (the stored message),
+``NS:{u:USER}``            hash: ``head``, ``floor``, ``i:POS`` (inbox
+                           entry: conv + seq + server time), ``dv:DEVICE``
+                           (acked position, last seen), ``rd:CONV`` (read
+                           marker), ``cv:CONV`` (conversation-list flags),
+                           ``rv:`` / ``rv:DEVICE`` (tokens revoked before),
+                           ``d:DEVICE/LOCAL_ID`` (dedupe record of the
+                           user's sends: the key has no conversation, and
+                           the lookup comes before the conversation id is
+                           checked)
+``NS:{m:MSGID}``           hash: ``r`` = conv + seq (msg id lookup)
+``NS:{meta}``              hash: ``node`` (node id), ``epochs``, ``st``
+                           (highest server time)
+``NS:{meta}:users``        hash: every user with an inbox or a device
+                           (what :class:`Reclaim` walks)
+``NS:{ev}``                hash: host events (``last``, ``floor``, ``e:ID``,
+                           ``c:CONSUMER``)
+=========================  ===============================================
+
+Requests.  A request runs its ops on a transaction object: reads go to
+Redis (cached for the rest of the request, so later ops of a batch see
+earlier ones), writes are buffered as absolute values (``HSET`` of the new
+value, ``HDEL``), never increments, so applying them twice is harmless.
+
+Writes.  A request's writes span slots (the conversation's, each
+recipient's), and Redis Cluster has no transaction across slots, so a write
+request is made durable in two steps, each ending with ``WAIT 1 <wait_ms>``
+on the connection that wrote (a write is acknowledged only when a replica
+has it; ``WAIT`` reporting 0 -> :class:`StoreError`, never a result):
+
+1. the redo record: the whole write set, encoded, in ``NS:{wal}`` (one
+   slot, so one master and one ``WAIT``);
+2. the writes: one pipeline per master, all masters at once (group commit:
+   one replication wait per master per request, however many sends) --
+   the conversations' keys first, then the users' keys, whose inbox entries
+   point at messages in the former.
+
+If step 2 fails (a master dies, a ``WAIT`` times out) it is retried for up
+to ``settle`` seconds (a failover takes about twice cluster-node-timeout),
+and if it still fails the request raises :class:`StoreError` and its
+writes stay pending: the next write request completes them first, and a
+store opened later replays the redo record.  Replaying is idempotent, and
+the record is overwritten by the next request, so it never holds anything
+but the last request's writes.  Outcome of a failed request: unknown (the
+client retries with the same local id; the dedupe record decides).
+
+Limits of this version (see OPERATIONS.md): one writer per namespace (the
+core keeps one write request in flight and the values are computed from
+reads, so one ``pimcore serve`` per cluster and namespace); reads running
+beside step 2 may see part of it (a message before its inbox entries, never
+an entry before its message).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, AsyncIterator, Iterable, Optional, Sequence
+
+import trio
+
+from ..errors import ErrorCode, StoreError
+from .base import (
+    OPEN,
+    SYSTEM,
+    AckEvents,
+    AckPosition,
+    Acked,
+    AddMembers,
+    AppendEvent,
+    Appended,
+    AsyncStore,
+    ConversationState,
+    CreateGroup,
+    DeviceState,
+    DevicesPage,
+    Duplicate,
+    EventAppended,
+    EventsAcked,
+    EventsPage,
+    GroupChanged,
+    HistoryPage,
+    InboxPage,
+    LoadSession,
+    MarkRead,
+    MessageKind,
+    NewMessage,
+    Op,
+    ReadDevices,
+    ReadEvents,
+    ReadersPage,
+    ReadHistory,
+    ReadInbox,
+    ReadMarked,
+    ReadReaders,
+    Reclaim,
+    Reclaimed,
+    Rejected,
+    RemoveMembers,
+    Result,
+    RevokeTokens,
+    Revoked,
+    SessionLoaded,
+    StoredEvent,
+    StoredMessage,
+    StoreRequest,
+    TouchDevice,
+    Touched,
+    direct_members,
+    last_visible,
+    malformed,
+    member_ranges,
+    message_event,
+    page_seqs,
+    valid_conversation,
+    valid_id,
+    visible_ranges,
+)
+
+__all__ = ["RedisStore", "parse_url"]
+
+MEMBER = 1
+HAS_MESSAGES = 2
+
+_HEAD = struct.Struct(">16sQQqqQB")
+
+
+def parse_url(url: str) -> list[tuple[str, int]]:
+    """``redis://HOST:PORT[,HOST:PORT...]`` -> [(host, port), ...].
+    ValueError for anything else."""
+    if not url.startswith("redis://"):
+        raise ValueError(f"not a redis:// URL: {url!r}")
+    out = []
+    for part in url[len("redis://"):].rstrip("/").split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"bad HOST:PORT in {url!r}: {part!r}")
+        out.append((host.strip("[]"), int(port)))
+    return out
+
+
+def _enc_msg(m: StoredMessage) -> bytes:
+    strs = b"".join(
+        len(b).to_bytes(2, "big") + b for b in (m.conv.encode(), m.sender.encode(), m.device.encode())
+    )
+    return _HEAD.pack(m.msg_id, m.seq, m.local_id, m.client_time, m.server_time, m.after_seq, m.kind) + strs + m.payload
+
+
+def _dec_msg(b: bytes) -> StoredMessage:
+    msg_id, seq, local_id, client_time, server_time, after_seq, kind = _HEAD.unpack_from(b)
+    off = _HEAD.size
+    strs = []
+    for _ in range(3):
+        n = int.from_bytes(b[off:off + 2], "big")
+        strs.append(b[off + 2:off + 2 + n].decode())
+        off += 2 + n
+    return StoredMessage(msg_id, strs[0], seq, strs[1], strs[2], local_id, client_time, server_time,
+                         bytes(b[off:]), kind, after_seq)
+
+
+def _int(v: Optional[bytes], default: int = 0) -> int:
+    return default if v is None else int(v)
+
+
+def _enc_spans(spans: Sequence[tuple[int, int]]) -> bytes:
+    return ",".join(f"{a}-{b}" for a, b in spans).encode()
+
+
+def _dec_spans(v: Optional[bytes]) -> tuple[tuple[int, int], ...]:
+    if not v:
+        return ()
+    out = []
+    for part in v.decode().split(","):
+        a, b = part.split("-")
+        out.append((int(a), int(b)))
+    return tuple(out)
+
+
+def _enc_writes(writes: dict[str, dict[str, Optional[bytes]]]) -> bytes:
+    """A write set as bytes: per key, per field, the value or a deletion."""
+    out = [len(writes).to_bytes(4, "big")]
+    for key, fields in writes.items():
+        k = key.encode()
+        out.append(len(k).to_bytes(4, "big") + k + len(fields).to_bytes(4, "big"))
+        for f, v in fields.items():
+            fb = f.encode()
+            out.append(len(fb).to_bytes(4, "big") + fb)
+            out.append(b"\xff\xff\xff\xff" if v is None else len(v).to_bytes(4, "big") + v)
+    return b"".join(out)
+
+
+def _dec_writes(b: bytes) -> dict[str, dict[str, Optional[bytes]]]:
+    off = 0
+
+    def take() -> bytes:
+        nonlocal off
+        n = int.from_bytes(b[off:off + 4], "big")
+        off += 4
+        v = b[off:off + n]
+        off += n
+        return v
+
+    out: dict[str, dict[str, Optional[bytes]]] = {}
+    off = 4
+    for _ in range(int.from_bytes(b[0:4], "big")):
+        key = take().decode()
+        nf = int.from_bytes(b[off:off + 4], "big")
+        off += 4
+        fields: dict[str, Optional[bytes]] = {}
+        for _ in range(nf):
+            f = take().decode()
+            if b[off:off + 4] == b"\xff\xff\xff\xff":
+                off += 4
+                fields[f] = None
+            else:
+                fields[f] = bytes(take())
+        out[key] = fields
+    return out
+
+
+class _Tx:
+    """One request's view: cached reads, buffered writes (see the module
+    docstring).  Keys are str, fields str, values bytes (None = absent)."""
+
+    def __init__(self, store: "RedisStore") -> None:
+        self.s = store
+        self.cache: dict[tuple[str, str], Optional[bytes]] = {}
+        self.dirty: dict[str, dict[str, Optional[bytes]]] = {}
+        self.full: dict[str, dict[str, bytes]] = {}  # HGETALL results
+
+    async def get(self, key: str, field: str) -> Optional[bytes]:
+        k = (key, field)
+        if k in self.cache:
+            return self.cache[k]
+        if key in self.full:
+            v = self.full[key].get(field)
+        else:
+            v = await self.s._call(lambda: self.s._r.hget(key, field))
+        self.cache[k] = v
+        return v
+
+    async def mget(self, key: str, fields: Sequence[str]) -> list[Optional[bytes]]:
+        missing = [f for f in fields if (key, f) not in self.cache]
+        if missing and key not in self.full:
+            vals = await self.s._call(lambda: self.s._r.hmget(key, missing))
+            for f, v in zip(missing, vals):
+                self.cache[(key, f)] = v
+        elif missing:
+            for f in missing:
+                self.cache[(key, f)] = self.full[key].get(f)
+        return [self.cache[(key, f)] for f in fields]
+
+    async def prefetch(self, needs: dict[str, set[str]]) -> None:
+        """Read many (key, field)s in one cluster pipeline (one round trip
+        per master) into the cache: what the ops of a batch will ask for."""
+        todo = {k: [f for f in fs if (k, f) not in self.cache] for k, fs in needs.items() if k not in self.full}
+        todo = {k: fs for k, fs in todo.items() if fs}
+        if not todo:
+            return
+        async def run() -> list[tuple[str, list[str], Any]]:
+            async with self.s._r.pipeline(transaction=False) as pipe:
+                pending = [(k, fs, pipe.hmget(k, fs)) for k, fs in todo.items()]
+            return [(k, fs, await res) for k, fs, res in pending]
+
+        for k, fs, vals in await self.s._call(run):
+            for f, v in zip(fs, vals):
+                self.cache.setdefault((k, f), v)
+
+    async def getall(self, key: str) -> dict[str, bytes]:
+        """Every field of ``key`` with this request's writes applied."""
+        if key not in self.full:
+            raw = await self.s._call(lambda: self.s._r.hgetall(key))
+            self.full[key] = {(f.decode() if isinstance(f, bytes) else f): v for f, v in raw.items()}
+        out = dict(self.full[key])
+        for f, v in self.dirty.get(key, {}).items():
+            if v is None:
+                out.pop(f, None)
+            else:
+                out[f] = v
+        return out
+
+    def put(self, key: str, field: str, value: bytes | int | str) -> None:
+        if isinstance(value, int):
+            value = str(value).encode()
+        elif isinstance(value, str):
+            value = value.encode()
+        self.cache[(key, field)] = value
+        self.dirty.setdefault(key, {})[field] = value
+
+    def delete(self, key: str, field: str) -> None:
+        self.cache[(key, field)] = None
+        self.dirty.setdefault(key, {})[field] = None
+
+
+class RedisStore(AsyncStore):
+    """The store over a Redis Cluster reached at ``nodes`` ([(host, port)],
+    any of its nodes).  Use :meth:`connect` (an async context manager).
+
+    ``namespace``: prefix of every key (several stores may share a cluster).
+    ``wait_ms``: the replication wait per request (``WAIT 1 wait_ms``); a
+    request whose writes a replica did not confirm in time raises
+    :class:`StoreError`.  ``replicas``: how many replicas must confirm (1).
+    ``settle``: seconds a request keeps retrying writes whose redo record is
+    stored (through a failover: about 2 x cluster-node-timeout).
+    """
+
+    def __init__(self, nodes: Sequence[tuple[str, int]], *, namespace: str = "pim",
+                 wait_ms: int = 2000, replicas: int = 1, settle: float = 10.0) -> None:
+        if not nodes:
+            raise ValueError("no Redis node given")
+        if not valid_id(namespace):
+            raise ValueError(f"bad namespace: {namespace!r}")
+        self.nodes = list(nodes)
+        self.ns = namespace
+        self.wait_ms = wait_ms
+        self.replicas = replicas
+        self._r: Any = None
+        self._masters: dict[tuple[str, int], Any] = {}
+        self._closed = True
+        self._node = b""
+        self._epoch = b""
+        self._epochs: tuple[bytes, ...] = ()
+        self._meta = f"{namespace}:{{meta}}"
+        self._users = f"{namespace}:{{meta}}:users"
+        self._ev = f"{namespace}:{{ev}}"
+        self._wal = f"{namespace}:{{wal}}"
+        self.settle = settle
+        self._pending: Optional[dict[str, dict[str, Optional[bytes]]]] = None
+        self._write_lock = trio.Lock()
+
+    # ------------------------------------------------------------ plumbing
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, nodes: Sequence[tuple[str, int]] | str, **kwargs: Any) -> AsyncIterator["RedisStore"]:
+        """``async with RedisStore.connect(nodes) as store``: connect, take a
+        new epoch (appended to the trusted list, replicated before the body
+        runs), close at the end.  ``nodes`` may be a redis:// URL.
+
+        Why a context manager: coredis clients are trio-structured (each
+        runs tasks of its own), so they are entered and left by one keeper
+        task that lives as long as the store; any task may use them."""
+        if isinstance(nodes, str):
+            nodes = parse_url(nodes)
+        self = cls(nodes, **kwargs)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._keeper)
+            try:
+                await self._connect()
+                yield self
+            finally:
+                await self.aclose()
+
+    async def _keeper(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Own every coredis client: enter each in this task, leave them all
+        when the store closes."""
+        import coredis
+
+        send, receive = trio.open_memory_channel[Any](0)
+        self._requests = send
+        async with AsyncExitStack() as stack:
+            task_status.started()
+            async with receive:
+                async for addr, box, done in receive:
+                    try:
+                        if addr is None:
+                            from coredis.connection import TCPLocation
+
+                            client = coredis.RedisCluster(
+                                startup_nodes=[TCPLocation(h, p) for h, p in self.nodes],
+                                decode_responses=False, stream_timeout=10, connect_timeout=5,
+                            )
+                        else:
+                            client = coredis.Redis(addr[0], addr[1], decode_responses=False,
+                                                   stream_timeout=10 + self.wait_ms / 1000, connect_timeout=5)
+                        box.append(await stack.enter_async_context(client))
+                    except Exception as exc:
+                        box.append(exc)
+                    done.set()
+
+    async def _client(self, addr: Optional[tuple[str, int]]) -> Any:
+        """A new client entered by the keeper: the cluster client (None) or
+        a plain one on ``addr``."""
+        box: list[Any] = []
+        done = trio.Event()
+        try:
+            await self._requests.send((addr, box, done))
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            raise StoreError("store is closed") from exc
+        await done.wait()
+        if isinstance(box[0], Exception):
+            raise StoreError(f"cannot reach Redis at {addr or self.nodes}: {box[0]!r}") from box[0]
+        return box[0]
+
+    async def _connect(self) -> None:
+        self._closed = False
+        self._r = await self._client(None)
+        # The last request of the previous writer may be half-applied: its
+        # redo record completes it (idempotent: absolute values).
+        wal = await self._call(lambda: self._r.hget(self._wal, "w"))
+        if wal:
+            self._pending = _dec_writes(wal)
+            await self._complete_pending()
+        tx = _Tx(self)
+        node, epochs = await tx.mget(self._meta, ["node", "epochs"])
+        self._node = node if node else os.urandom(8)
+        self._epoch = os.urandom(16)
+        self._epochs = tuple(bytes.fromhex(e) for e in (epochs or b"").decode().split(",") if e) + (self._epoch,)
+        if not node:
+            tx.put(self._meta, "node", self._node)
+        tx.put(self._meta, "epochs", ",".join(e.hex() for e in self._epochs))
+        await self._flush(tx)
+
+    async def _call(self, request: Any) -> Any:
+        """Await ``request()`` (a read), retried through a failover for up
+        to ``settle`` seconds: the cluster client keeps sending to a dead
+        master until its slot map is refreshed, so refresh it and retry."""
+        deadline = trio.current_time() + self.settle
+        while True:
+            self._check_open()
+            try:
+                return await request()
+            except StoreError:
+                raise
+            except Exception as exc:
+                if trio.current_time() >= deadline or self._closed:
+                    raise StoreError(f"Redis: {exc!r}") from exc
+            await trio.sleep(0.2)
+            await self._refresh_layout()
+
+    async def _refresh_layout(self) -> None:
+        """Ask the cluster for its slot map now.  (coredis refreshes it by
+        itself only after a number of errors, with a backoff of seconds;
+        ``_refresh`` is its internal method for that.)"""
+        self._masters.clear()
+        try:
+            await self._r.connection_pool.cluster_layout._refresh()
+        except Exception:
+            pass  # no node answered: the next try asks again
+
+    def _k_conv(self, conv: str) -> str:
+        return f"{self.ns}:{{c:{conv}}}"
+
+    def _k_user(self, user: str) -> str:
+        return f"{self.ns}:{{u:{user}}}"
+
+    def _k_msg(self, msg_id: bytes) -> str:
+        return f"{self.ns}:{{m:{msg_id.hex()}}}"
+
+    async def _master(self, key: str) -> Any:
+        """A plain client on the master serving ``key``'s slot (its own
+        connection pool: a pipeline there ends with WAIT on the connection
+        that made the writes)."""
+        from coredis._utils import hash_slot
+
+        node = self._r.connection_pool.cluster_layout.node_for_slot(hash_slot(key.encode()))
+        addr = (node.host, node.port)
+        client = self._masters.get(addr)
+        if client is None:
+            client = self._masters[addr] = await self._client(addr)
+        return client
+
+    async def _flush(self, tx: _Tx) -> None:
+        """Make ``tx``'s buffered writes durable (see "Writes" in the module
+        docstring): the redo record first, then the writes themselves, one
+        pipeline per master ending with WAIT on its connection."""
+        if not tx.dirty:
+            return
+        self._check_open()
+        writes = {k: dict(v) for k, v in tx.dirty.items()}
+        # Until the writes are all confirmed they are pending: a failure
+        # anywhere from here leaves them to be completed (idempotently)
+        # before the next request -- a redo record that a replica may hold
+        # must never be contradicted.
+        self._pending = writes
+        blob = _enc_writes(writes)
+        await self._write_groups({self._wal: {"w": blob}}, "the redo record")
+        await self._complete_pending()
+
+    async def _complete_pending(self) -> None:
+        """Apply the pending writes, retrying through a failover for up to
+        ``settle`` seconds; StoreError if they still are not confirmed (they
+        stay pending)."""
+        writes = self._pending
+        if writes is None:
+            return
+        deadline = trio.current_time() + self.settle
+        # Users' keys last: their inbox entries point at messages in the
+        # conversations' keys, so a reader never finds an entry whose
+        # message is not there yet.
+        user_tag = f"{self.ns}:{{u:"
+        first = {k: v for k, v in writes.items() if not k.startswith(user_tag)}
+        last = {k: v for k, v in writes.items() if k.startswith(user_tag)}
+        while True:
+            try:
+                for part in (first, last):
+                    if part:
+                        await self._write_groups(part, "the writes")
+                break
+            except StoreError:
+                if trio.current_time() >= deadline or self._closed:
+                    raise
+                await trio.sleep(0.2)
+                await self._refresh_layout()
+        self._pending = None
+
+    async def _write_groups(self, writes: dict[str, dict[str, Optional[bytes]]], what: str) -> None:
+        by_master: dict[int, tuple[Any, list[str]]] = {}
+        for key in writes:
+            client = await self._master(key)
+            by_master.setdefault(id(client), (client, []))[1].append(key)
+        failures: list[str] = []
+
+        async def one(client: Any, keys: list[str]) -> None:
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        fields = writes[key]
+                        sets = {f: v for f, v in fields.items() if v is not None}
+                        dels = [f for f, v in fields.items() if v is None]
+                        if sets:
+                            pipe.hset(key, sets)
+                        if dels:
+                            pipe.hdel(key, dels)
+                    waited = pipe.wait(self.replicas, self.wait_ms)
+                n = await waited
+            except Exception as exc:
+                failures.append(repr(exc))
+                self._masters.clear()  # the slot map may have moved: rebuild
+                return
+            if n < self.replicas:
+                failures.append(f"WAIT {self.replicas} {self.wait_ms}: {n} replica(s) confirmed")
+
+        async with trio.open_nursery() as nursery:
+            for client, keys in by_master.values():
+                nursery.start_soon(one, client, keys)
+        if failures:
+            raise StoreError(f"{what} not confirmed by a replica (outcome unknown): " + "; ".join(failures))
+
+    # ------------------------------------------------------------ identity
+
+    async def node_id(self) -> bytes:
+        self._check_open()
+        return self._node
+
+    async def epoch(self) -> bytes:
+        self._check_open()
+        return self._epoch
+
+    async def epochs(self) -> tuple[bytes, ...]:
+        self._check_open()
+        return self._epochs
+
+    async def last_server_time(self) -> int:
+        return _int(await _Tx(self).get(self._meta, "st"))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("store is closed")
+
+    async def aclose(self) -> None:
+        """Close the store; the keeper leaves every client (idempotent)."""
+        self._closed = True
+        self._masters.clear()
+        requests = getattr(self, "_requests", None)
+        if requests is not None:
+            await requests.aclose()
+
+    # ------------------------------------------------------------ requests
+
+    async def execute(self, request: StoreRequest) -> tuple[Result, ...]:
+        self._check_open()
+        if request.write:
+            async with self._write_lock:
+                await self._complete_pending()
+                tx = _Tx(self)
+                results = []
+                try:
+                    await self._prefetch(tx, request.ops)
+                    for op in request.ops:
+                        results.append(await self._apply(tx, op))  # type: ignore[arg-type]
+                except StoreError:
+                    raise
+                except Exception as exc:
+                    # Nothing was written yet: the writes are buffered until
+                    # every op has run, so the batch takes no effect.
+                    raise StoreError(f"batch {request.request_id} not committed: {exc!r}") from exc
+                await self._flush(tx)
+                return tuple(results)
+        tx = _Tx(self)
+        return tuple([await self._read(tx, op) for op in request.ops])  # type: ignore[arg-type]
+
+    async def _prefetch(self, tx: _Tx, ops: Sequence[Any]) -> None:
+        """Warm ``tx``'s cache for the common ops of a batch (sends, acks,
+        touches) in two pipelined rounds -- the conversations and senders,
+        then the recipients -- instead of several round trips per op.  Only
+        a speed-up: the ops read through the cache either way."""
+        needs: dict[str, set[str]] = {}
+
+        def need(key: str, *fields: str) -> None:
+            needs.setdefault(key, set()).update(fields)
+
+        convs: set[str] = set()
+        for op in ops:
+            kind = type(op)
+            if kind is NewMessage and isinstance(op.conv, str) and isinstance(op.sender, str):
+                need(self._k_user(op.sender), f"d:{op.device}/{op.local_id}")
+                if isinstance(op.msg_id, bytes):
+                    need(self._k_msg(op.msg_id), "r")
+                need(self._k_conv(op.conv), "grp", "mem", "last")
+                need(self._meta, "st")
+                convs.add(op.conv)
+            elif kind in (AckPosition, TouchDevice) and isinstance(op.user, str) and isinstance(op.device, str):
+                need(self._k_user(op.user), "dv:" + op.device, "head", "floor")
+        if not needs:
+            return
+        await tx.prefetch(needs)
+        needs = {}
+        for conv in convs:
+            if not valid_conversation(conv):
+                continue
+            for user in await self._group_members(tx, conv) or ():
+                need(self._k_user(user), "head", "cv:" + conv)
+        await tx.prefetch(needs)
+
+    async def _apply(self, tx: _Tx, op: Op) -> Result:
+        handler = _HANDLERS.get(type(op))
+        if handler is None:
+            raise TypeError(f"not a store op: {type(op).__name__}")
+        if malformed(op):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        return await handler(self, tx, op)
+
+    # -- shared helpers ---------------------------------------------------
+
+    async def _group_members(self, tx: _Tx, conv: str) -> Optional[frozenset[str]]:
+        pair = direct_members(conv)
+        if pair is not None:
+            return frozenset(pair)
+        grp, mem = await tx.mget(self._k_conv(conv), ["grp", "mem"])
+        if grp is None:
+            return None
+        return frozenset(mem.decode().split("\n")) if mem else frozenset()
+
+    async def _spans_of(self, tx: _Tx, conv: str, user: str) -> tuple[tuple[int, int], ...]:
+        pair = direct_members(conv)
+        if pair is not None:
+            return ((0, OPEN),) if user in pair else ()
+        return _dec_spans(await tx.get(self._k_conv(conv), "sp:" + user))
+
+    async def _flag(self, tx: _Tx, user: str, conv: str, bit: int, on: bool) -> None:
+        key = self._k_user(user)
+        old = _int(await tx.get(key, "cv:" + conv))
+        new = (old | bit) if on else (old & ~bit)
+        if new == old:
+            return
+        if new:
+            tx.put(key, "cv:" + conv, new)
+        else:
+            tx.delete(key, "cv:" + conv)
+        tx.put(self._users, user, b"1")
+
+    async def _msg_at(self, tx: _Tx, conv: str, seq: int) -> StoredMessage:
+        v = await tx.get(self._k_conv(conv), f"s:{seq}")
+        if v is None:
+            raise StoreError(f"missing message {conv!r} seq {seq}")
+        return _dec_msg(v)
+
+    async def _msgs_at(self, tx: _Tx, conv: str, seqs: Sequence[int]) -> list[StoredMessage]:
+        vals = await tx.mget(self._k_conv(conv), [f"s:{s}" for s in seqs]) if seqs else []
+        if any(v is None for v in vals):
+            raise StoreError(f"missing messages in {conv!r}")
+        return [_dec_msg(v) for v in vals]  # type: ignore[arg-type]
+
+    async def _store_entry(self, tx: _Tx, m: StoredMessage, recipients: Iterable[str]) -> tuple[tuple[str, int], ...]:
+        """Store ``m`` at its seq and append it to every recipient's inbox."""
+        ck = self._k_conv(m.conv)
+        tx.put(ck, "last", m.seq)
+        tx.put(ck, f"s:{m.seq}", _enc_msg(m))
+        tx.put(self._k_msg(m.msg_id), "r", f"{m.seq}:{m.conv}")
+        ref = f"{m.seq}:{m.server_time}:{m.conv}"
+        positions = []
+        for user in sorted(recipients):
+            uk = self._k_user(user)
+            pos = _int(await tx.get(uk, "head")) + 1
+            tx.put(uk, "head", pos)
+            tx.put(uk, f"i:{pos}", ref)
+            await self._flag(tx, user, m.conv, HAS_MESSAGES, True)
+            tx.put(self._users, user, b"1")
+            positions.append((user, pos))
+        if m.server_time > _int(await tx.get(self._meta, "st")):
+            tx.put(self._meta, "st", m.server_time)
+        return tuple(positions)
+
+    # -- write ops ----------------------------------------------------------
+
+    async def _new_message(self, tx: _Tx, op: NewMessage) -> Result:
+        # The dedupe record lives in the SENDER's slot: its key (sender,
+        # device, local id) names no conversation, and it is looked up before
+        # the conversation id is even checked.
+        dkey = self._k_user(op.sender)
+        dfield = f"d:{op.device}/{op.local_id}"
+        prior = await tx.get(dkey, dfield)
+        if prior is not None:
+            msg_hex, seq, st, digest_hex = prior.decode().split(":")
+            if bytes.fromhex(digest_hex) == op.digest:
+                return Duplicate(bytes.fromhex(msg_hex), int(seq), int(st))
+            return Rejected(ErrorCode.DUPLICATE_CONFLICT)
+        if not valid_conversation(op.conv):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        members = await self._group_members(tx, op.conv)
+        if members is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        if op.sender not in members and op.sender != SYSTEM:
+            return Rejected(ErrorCode.NOT_MEMBER)
+        if await tx.get(self._k_msg(op.msg_id), "r") is not None:
+            return Rejected(ErrorCode.INTERNAL)
+        seq = _int(await tx.get(self._k_conv(op.conv), "last")) + 1
+        after_seq = min(op.after_seq, seq - 1)
+        m = StoredMessage(op.msg_id, op.conv, seq, op.sender, op.device, op.local_id, op.client_time,
+                          op.server_time, op.payload, 0, after_seq)
+        positions = await self._store_entry(tx, m, members)
+        tx.put(dkey, dfield, f"{op.msg_id.hex()}:{seq}:{op.server_time}:{op.digest.hex()}")
+        if op.event:
+            await self._append_event(tx, op.server_time, message_event(m, members))
+        return Appended(op.msg_id, seq, op.server_time, positions, after_seq)
+
+    async def _device(self, tx: _Tx, user: str, device: str) -> Optional[DeviceState]:
+        v = await tx.get(self._k_user(user), "dv:" + device)
+        if v is None:
+            return None
+        pos, seen = v.split(b":")
+        return DeviceState(user, device, int(pos), int(seen))
+
+    async def _register(self, tx: _Tx, user: str, device: str, position: int, now: int) -> tuple[DeviceState, bool]:
+        uk = self._k_user(user)
+        old = await self._device(tx, user, device)
+        new = old is None
+        head, floor = (_int(v) for v in await tx.mget(uk, ["head", "floor"]))
+        if old is None:
+            old = DeviceState(user, device, floor, now)
+        state = DeviceState(user, device, max(old.position, min(position, head)), max(old.last_seen, now))
+        tx.put(uk, "dv:" + device, f"{state.position}:{state.last_seen}")
+        tx.put(self._users, user, b"1")
+        return state, new
+
+    async def _ack(self, tx: _Tx, op: AckPosition) -> Result:
+        state, _ = await self._register(tx, op.user, op.device, op.position, op.now)
+        return Acked(op.user, op.device, state.position)
+
+    async def _touch(self, tx: _Tx, op: TouchDevice) -> Result:
+        state, new = await self._register(tx, op.user, op.device, op.position, op.now)
+        return Touched(op.user, op.device, state.position, new)
+
+    async def _mark_read(self, tx: _Tx, op: MarkRead) -> Result:
+        if await self._group_members(tx, op.conv) is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        spans = await self._spans_of(tx, op.conv, op.user)
+        if not spans:
+            return Rejected(ErrorCode.NOT_MEMBER)
+        last = last_visible(spans, _int(await tx.get(self._k_conv(op.conv), "last")))
+        uk = self._k_user(op.user)
+        old = _int(await tx.get(uk, "rd:" + op.conv))
+        new = max(old, min(op.seq, last))
+        if new != old:
+            tx.put(uk, "rd:" + op.conv, new)
+        return ReadMarked(op.user, op.conv, new, last, await self._unread(tx, op.user, op.conv), new != old)
+
+    async def _reclaim(self, tx: _Tx, op: Reclaim) -> Result:
+        seen_cutoff = op.now - op.device_retention
+        age_cutoff = op.now - op.max_age
+        forgotten = removed = 0
+        for user in sorted(await tx.getall(self._users)):
+            uk = self._k_user(user)
+            fields = await tx.getall(uk)
+            devs = {}
+            for f, v in fields.items():
+                if f.startswith("dv:"):
+                    pos, seen = v.split(b":")
+                    if int(seen) < seen_cutoff:
+                        tx.delete(uk, f)
+                        forgotten += 1
+                    else:
+                        devs[f] = int(pos)
+            head, floor = _int(fields.get("head")), _int(fields.get("floor"))
+            acked = min(devs.values()) if devs else floor
+            pos = floor
+            while pos < head:
+                ref = fields.get(f"i:{pos + 1}")
+                st = int(ref.split(b":")[1]) if ref is not None else 0
+                if not (pos + 1 <= acked or st < age_cutoff):
+                    break
+                pos += 1
+                tx.delete(uk, f"i:{pos}")
+            if pos != floor:
+                tx.put(uk, "floor", pos)
+                removed += pos - floor
+        evs = await tx.getall(self._ev)
+        cursors = [int(v) for f, v in evs.items() if f.startswith("c:")]
+        acked = min(cursors) if cursors else 0
+        floor = pos = _int(evs.get("floor"))
+        last = _int(evs.get("last"))
+        while pos < last:
+            t = int(evs[f"e:{pos + 1}"].split(b":", 1)[0])
+            if not (pos + 1 <= acked or t < age_cutoff):
+                break
+            pos += 1
+            tx.delete(self._ev, f"e:{pos}")
+        if pos != floor:
+            tx.put(self._ev, "floor", pos)
+        return Reclaimed(removed, forgotten, pos - floor)
+
+    async def _revoke(self, tx: _Tx, op: RevokeTokens) -> Result:
+        uk = self._k_user(op.user)
+        before = max(_int(await tx.get(uk, "rv:" + op.device)), op.before)
+        tx.put(uk, "rv:" + op.device, before)
+        return Revoked(op.user, op.device, before)
+
+    async def _append_event(self, tx: _Tx, now: int, data: bytes) -> int:
+        eid = _int(await tx.get(self._ev, "last")) + 1
+        tx.put(self._ev, "last", eid)
+        tx.put(self._ev, f"e:{eid}", str(now).encode() + b":" + data)
+        return eid
+
+    async def _append_event_op(self, tx: _Tx, op: AppendEvent) -> Result:
+        return EventAppended(await self._append_event(tx, op.now, op.data))
+
+    async def _ack_events(self, tx: _Tx, op: AckEvents) -> Result:
+        cur, last = (_int(v) for v in await tx.mget(self._ev, ["c:" + op.consumer, "last"]))
+        cursor = max(cur, min(op.upto, last))
+        tx.put(self._ev, "c:" + op.consumer, cursor)
+        return EventsAcked(op.consumer, cursor)
+
+    async def _create_group(self, tx: _Tx, op: CreateGroup) -> Result:
+        ck = self._k_conv(op.conv)
+        if await tx.get(ck, "grp") is not None:
+            return Rejected(ErrorCode.ALREADY_EXISTS)
+        tx.put(ck, "grp", op.now)
+        tx.put(ck, "hv", 1 if op.history_visible else 0)
+        tx.put(ck, "mem", "\n".join(sorted(set(op.members))))
+        for user in op.members:
+            await self._flag(tx, user, op.conv, MEMBER, True)
+            tx.put(ck, "sp:" + user, _enc_spans(((0, OPEN),)))
+        return GroupChanged(op.conv, tuple(sorted(op.members)))
+
+    async def _change_members(self, tx: _Tx, op: Any) -> Result:
+        conv = op.conv
+        ck = self._k_conv(conv)
+        current = await self._group_members(tx, conv)
+        if current is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        add = type(op) is AddMembers
+        for st in op.stamps:
+            if await tx.get(self._k_msg(st[0]), "r") is not None:
+                return Rejected(ErrorCode.INTERNAL)
+        clock = max(op.now, _int(await tx.get(self._meta, "st")) + 1)
+        entries, positions = [], []
+        for i, user in enumerate(op.users):
+            if (user in current) == add:
+                continue
+            if op.stamps:
+                msg_id, server_time = op.stamps[i]
+            else:
+                while True:
+                    msg_id, server_time = clock.to_bytes(8, "big") + bytes(8), clock
+                    clock += 1
+                    if await tx.get(self._k_msg(msg_id), "r") is None:
+                        break
+            seq = _int(await tx.get(ck, "last")) + 1
+            spans = _dec_spans(await tx.get(ck, "sp:" + user))
+            if add:
+                members = current | {user}
+                tx.put(ck, "sp:" + user, _enc_spans(spans + ((seq, OPEN),)))
+                recipients = members
+            else:
+                members = current - {user}
+                tx.put(ck, "sp:" + user, _enc_spans(spans[:-1] + ((spans[-1][0], seq),)))
+                recipients = current
+            tx.put(ck, "mem", "\n".join(sorted(members)))
+            current = frozenset(members)
+            await self._flag(tx, user, conv, MEMBER, add)
+            m = StoredMessage(msg_id, conv, seq, user, "", 0, server_time, server_time, op.by.encode("utf-8"),
+                              int(MessageKind.JOINED if add else MessageKind.LEFT), seq - 1)
+            positions.append(await self._store_entry(tx, m, recipients))
+            if op.event:
+                await self._append_event(tx, server_time, message_event(m, recipients))
+            entries.append(m)
+        return GroupChanged(conv, tuple(sorted(current)), tuple(entries), tuple(positions))
+
+    # -- reads --------------------------------------------------------------
+
+    async def _read(self, tx: _Tx, op: Any) -> Result:
+        kind = type(op)
+        if kind is LoadSession:
+            return await self._load_session(tx, op)
+        if kind is ReadInbox:
+            return InboxPage(op.user, tuple(await self._inbox_range(tx, op.user, op.after, op.limit)))
+        if kind is ReadHistory:
+            return await self._read_history(tx, op)
+        if kind is ReadReaders:
+            return await self._read_readers(tx, op)
+        if kind is ReadEvents:
+            return await self._read_events(tx, op)
+        if kind is ReadDevices:
+            if not valid_id(op.user):
+                return Rejected(ErrorCode.BAD_REQUEST)
+            return DevicesPage(op.user, tuple(await self._devices(tx, op.user)))
+        raise TypeError(f"not a read op: {kind.__name__}")
+
+    async def _devices(self, tx: _Tx, user: str) -> list[DeviceState]:
+        out = []
+        for f, v in sorted((await tx.getall(self._k_user(user))).items()):
+            if f.startswith("dv:"):
+                pos, seen = v.split(b":")
+                out.append(DeviceState(user, f[3:], int(pos), int(seen)))
+        return out
+
+    async def _inbox_range(self, tx: _Tx, user: str, after: int, limit: int) -> list[tuple[int, StoredMessage]]:
+        uk = self._k_user(user)
+        head, floor = (_int(v) for v in await tx.mget(uk, ["head", "floor"]))
+        start = max(after, floor) + 1
+        end = min(head, start + limit - 1)
+        if end < start:
+            return []
+        positions = list(range(start, end + 1))
+        refs = await tx.mget(uk, [f"i:{p}" for p in positions])
+        out = []
+        for pos, ref in zip(positions, refs):
+            if ref is None:
+                raise StoreError(f"missing inbox entry {user!r} {pos}")
+            seq, _, conv = ref.decode().split(":", 2)
+            out.append((pos, await self._msg_at(tx, conv, int(seq))))
+        return out
+
+    async def _unread(self, tx: _Tx, user: str, conv: str) -> int:
+        marker = _int(await tx.get(self._k_user(user), "rd:" + conv))
+        last = _int(await tx.get(self._k_conv(conv), "last"))
+        seqs = []
+        for lo, hi in member_ranges(await self._spans_of(tx, conv, user)):
+            seqs.extend(range(max(lo, marker + 1), min(hi, last) + 1))
+        n = 0
+        for m in await self._msgs_at(tx, conv, seqs):
+            if m.kind == MessageKind.MESSAGE and m.sender != user:
+                n += 1
+        return n
+
+    async def _conversations(self, tx: _Tx, user: str) -> list[str]:
+        return sorted(f[3:] for f in await tx.getall(self._k_user(user)) if f.startswith("cv:"))
+
+    async def _load_session(self, tx: _Tx, op: LoadSession) -> Result:
+        if not (valid_id(op.user) and valid_id(op.device)):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        user = op.user
+        uk = self._k_user(user)
+        stored = await self._device(tx, user, op.device)
+        convs = []
+        for conv in await self._conversations(tx, user):
+            pair = direct_members(conv)
+            peer = "" if pair is None else (pair[1] if pair[0] == user else pair[0])
+            last = _int(await tx.get(self._k_conv(conv), "last"))
+            convs.append(ConversationState(
+                conv,
+                _int(await tx.get(uk, "rd:" + conv)),
+                last_visible(await self._spans_of(tx, conv, user), last),
+                await self._unread(tx, user, conv),
+                peer,
+                _int(await tx.get(self._k_user(peer), "rd:" + conv)) if peer else 0,
+            ))
+        head, floor, rv_all, rv_dev = await tx.mget(uk, ["head", "floor", "rv:", "rv:" + op.device])
+        return SessionLoaded(user, op.device, _int(head), _int(floor),
+                             stored.position if stored is not None else -1, tuple(convs),
+                             max(_int(rv_all), _int(rv_dev)))
+
+    async def _read_history(self, tx: _Tx, op: ReadHistory) -> HistoryPage:
+        if not (valid_conversation(op.conv) and valid_id(op.user)):
+            return HistoryPage(ErrorCode.BAD_REQUEST, ())
+        if await self._group_members(tx, op.conv) is None:
+            return HistoryPage(ErrorCode.UNKNOWN_CONVERSATION, ())
+        spans = await self._spans_of(tx, op.conv, op.user)
+        if not spans:
+            return HistoryPage(ErrorCode.NOT_MEMBER, ())
+        ck = self._k_conv(op.conv)
+        last, hv = await tx.mget(ck, ["last", "hv"])
+        ranges = visible_ranges(spans, _int(hv) == 1)
+        seqs = page_seqs(ranges, _int(last), op.from_seq, op.limit, op.backward)
+        return HistoryPage(ErrorCode.OK, tuple(await self._msgs_at(tx, op.conv, seqs)))
+
+    async def _read_readers(self, tx: _Tx, op: ReadReaders) -> ReadersPage:
+        if not (valid_conversation(op.conv) and valid_id(op.user)):
+            return ReadersPage(ErrorCode.BAD_REQUEST, ())
+        members = await self._group_members(tx, op.conv)
+        if members is None:
+            return ReadersPage(ErrorCode.UNKNOWN_CONVERSATION, ())
+        if op.user not in members:
+            return ReadersPage(ErrorCode.NOT_MEMBER, ())
+        last = _int(await tx.get(self._k_conv(op.conv), "last"))
+        out = []
+        for u in sorted(members):
+            out.append((u, min(_int(await tx.get(self._k_user(u), "rd:" + op.conv)), last)))
+        return ReadersPage(ErrorCode.OK, tuple(out))
+
+    async def _read_events(self, tx: _Tx, op: ReadEvents) -> Result:
+        if not (valid_id(op.consumer) and (op.after is None or type(op.after) is int) and type(op.limit) is int):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        cursor, last, floor = (_int(v) for v in await tx.mget(self._ev, ["c:" + op.consumer, "last", "floor"]))
+        after = cursor if op.after is None else op.after
+        start = max(after, floor) + 1
+        end = min(last, start + max(op.limit, 0) - 1)
+        ids = list(range(start, end + 1))
+        page = []
+        for i, v in zip(ids, await tx.mget(self._ev, [f"e:{i}" for i in ids]) if ids else []):
+            t, _, data = v.partition(b":")  # type: ignore[union-attr]
+            page.append(StoredEvent(i, int(t), bytes(data)))
+        consumers: tuple[tuple[str, int], ...] = ()
+        if op.limit == 0:
+            consumers = tuple(sorted((f[2:], int(v)) for f, v in (await tx.getall(self._ev)).items()
+                                     if f.startswith("c:")))
+        return EventsPage(cursor, tuple(page), last, consumers)
+
+    # -- the Store read methods, awaited (for tools and tests) --------------
+
+    async def conversation_exists(self, conv: str) -> bool:
+        return valid_conversation(conv) and await self._group_members(_Tx(self), conv) is not None
+
+    async def members(self, conv: str) -> tuple[str, ...]:
+        if not valid_conversation(conv):
+            return ()
+        return tuple(sorted(await self._group_members(_Tx(self), conv) or ()))
+
+    async def is_member(self, conv: str, user: str) -> bool:
+        return valid_conversation(conv) and user in (await self._group_members(_Tx(self), conv) or ())
+
+    async def last_seq(self, conv: str) -> int:
+        return _int(await _Tx(self).get(self._k_conv(conv), "last"))
+
+    async def history(self, conv: str, from_seq: int, limit: int, backward: bool = False) -> list[StoredMessage]:
+        tx = _Tx(self)
+        last = _int(await tx.get(self._k_conv(conv), "last"))
+        if limit <= 0:
+            return []
+        if backward:
+            top = last if from_seq <= 0 else min(from_seq - 1, last)
+            seqs = list(range(top, max(top - limit, 0), -1))
+        else:
+            start = max(from_seq, 0) + 1
+            seqs = list(range(start, min(last, start + limit - 1) + 1))
+        return await self._msgs_at(tx, conv, seqs)
+
+    async def message(self, msg_id: bytes) -> Optional[StoredMessage]:
+        if not isinstance(msg_id, bytes):
+            return None
+        tx = _Tx(self)
+        ref = await tx.get(self._k_msg(msg_id), "r")
+        if ref is None:
+            return None
+        seq, _, conv = ref.decode().partition(":")
+        return await self._msg_at(tx, conv, int(seq))
+
+    async def inbox_head(self, user: str) -> int:
+        return _int(await _Tx(self).get(self._k_user(user), "head"))
+
+    async def inbox_floor(self, user: str) -> int:
+        return _int(await _Tx(self).get(self._k_user(user), "floor"))
+
+    async def inbox_range(self, user: str, after: int, limit: int) -> list[tuple[int, StoredMessage]]:
+        return await self._inbox_range(_Tx(self), user, after, limit)
+
+    async def device(self, user: str, device: str) -> Optional[DeviceState]:
+        return await self._device(_Tx(self), user, device)
+
+    async def devices(self, user: str) -> list[DeviceState]:
+        return await self._devices(_Tx(self), user)
+
+    async def revoked_before(self, user: str, device: str) -> int:
+        a, b = await _Tx(self).mget(self._k_user(user), ["rv:", "rv:" + device])
+        return max(_int(a), _int(b) if device else 0)
+
+    async def read_marker(self, user: str, conv: str) -> int:
+        return _int(await _Tx(self).get(self._k_user(user), "rd:" + conv))
+
+    async def read_positions(self, conv: str) -> dict[str, int]:
+        if not valid_conversation(conv):
+            return {}
+        tx = _Tx(self)
+        out = {}
+        for u in sorted(await self._group_members(tx, conv) or ()):
+            out[u] = _int(await tx.get(self._k_user(u), "rd:" + conv))
+        return out
+
+    async def unread(self, user: str, conv: str) -> int:
+        if not (valid_id(user) and valid_conversation(conv)):
+            return 0
+        return await self._unread(_Tx(self), user, conv)
+
+    async def spans(self, conv: str, user: str) -> tuple[tuple[int, int], ...]:
+        if not (valid_conversation(conv) and valid_id(user)):
+            return ()
+        return await self._spans_of(_Tx(self), conv, user)
+
+    async def history_visible(self, conv: str) -> bool:
+        if not valid_conversation(conv) or direct_members(conv) is not None:
+            return False
+        return _int(await _Tx(self).get(self._k_conv(conv), "hv")) == 1
+
+    async def conversations(self, user: str) -> list[str]:
+        return await self._conversations(_Tx(self), user)
+
+
+_HANDLERS: dict[type, Any] = {
+    NewMessage: RedisStore._new_message,
+    AckPosition: RedisStore._ack,
+    TouchDevice: RedisStore._touch,
+    MarkRead: RedisStore._mark_read,
+    Reclaim: RedisStore._reclaim,
+    CreateGroup: RedisStore._create_group,
+    AddMembers: RedisStore._change_members,
+    RemoveMembers: RedisStore._change_members,
+    RevokeTokens: RedisStore._revoke,
+    AppendEvent: RedisStore._append_event_op,
+    AckEvents: RedisStore._ack_events,
+}
