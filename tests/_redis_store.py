@@ -78,6 +78,11 @@ class BlockingRedisStore(Store):
     def _read_readers(self, op: Any) -> Any:
         return self.read((op,))[0]
 
+    def deduped(self, sender: str, device: str, local_id: int) -> bool:
+        from pimcore.store import ReadDedupe
+
+        return bool(self.read((ReadDedupe(sender, device, local_id),))[0].stored)
+
     def close(self) -> None:
         if self._closed:
             return

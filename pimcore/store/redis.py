@@ -90,6 +90,7 @@ from .base import (
     CreateGroup,
     DeviceState,
     DevicesPage,
+    Deduped,
     Duplicate,
     EventAppended,
     EventsAcked,
@@ -102,6 +103,7 @@ from .base import (
     MessageKind,
     NewMessage,
     Op,
+    ReadDedupe,
     ReadDevices,
     ReadEvents,
     ReadersPage,
@@ -382,7 +384,7 @@ class RedisStore(AsyncStore):
                         if addr is None:
                             from coredis.connection import TCPLocation
 
-                            client = coredis.RedisCluster(
+                            client: Any = coredis.RedisCluster(
                                 startup_nodes=[TCPLocation(h, p) for h, p in self.nodes],
                                 decode_responses=False, stream_timeout=10, connect_timeout=5,
                             )
@@ -718,9 +720,9 @@ class RedisStore(AsyncStore):
         dfield = f"d:{op.device}/{op.local_id}"
         prior = await tx.get(dkey, dfield)
         if prior is not None:
-            msg_hex, seq, st, digest_hex = prior.decode().split(":")
+            msg_hex, seq_s, st, digest_hex = prior.decode().split(":")
             if bytes.fromhex(digest_hex) == op.digest:
-                return Duplicate(bytes.fromhex(msg_hex), int(seq), int(st))
+                return Duplicate(bytes.fromhex(msg_hex), int(seq_s), int(st))
             return Rejected(ErrorCode.DUPLICATE_CONFLICT)
         if not valid_conversation(op.conv):
             return Rejected(ErrorCode.BAD_REQUEST)
@@ -789,15 +791,15 @@ class RedisStore(AsyncStore):
         for user in sorted(await tx.getall(self._users)):
             uk = self._k_user(user)
             fields = await tx.getall(uk)
-            devs = {}
+            devs: dict[str, int] = {}
             for f, v in fields.items():
                 if f.startswith("dv:"):
-                    pos, seen = v.split(b":")
+                    dpos, seen = v.split(b":")
                     if int(seen) < seen_cutoff:
                         tx.delete(uk, f)
                         forgotten += 1
                     else:
-                        devs[f] = int(pos)
+                        devs[f] = int(dpos)
             head, floor = _int(fields.get("head")), _int(fields.get("floor"))
             acked = min(devs.values()) if devs else floor
             pos = floor
@@ -921,6 +923,12 @@ class RedisStore(AsyncStore):
             if not valid_id(op.user):
                 return Rejected(ErrorCode.BAD_REQUEST)
             return DevicesPage(op.user, tuple(await self._devices(tx, op.user)))
+        if kind is ReadDedupe:
+            # The record NewMessage writes (same slot: the sender's).
+            if not (0 <= op.local_id < 1 << 64 and valid_id(op.sender) and valid_id(op.device)):
+                return Deduped(False)
+            prior = await tx.get(self._k_user(op.sender), f"d:{op.device}/{op.local_id}")
+            return Deduped(prior is not None)
         raise TypeError(f"not a read op: {kind.__name__}")
 
     async def _devices(self, tx: _Tx, user: str) -> list[DeviceState]:
@@ -951,7 +959,7 @@ class RedisStore(AsyncStore):
     async def _unread(self, tx: _Tx, user: str, conv: str) -> int:
         marker = _int(await tx.get(self._k_user(user), "rd:" + conv))
         last = _int(await tx.get(self._k_conv(conv), "last"))
-        seqs = []
+        seqs: list[int] = []
         for lo, hi in member_ranges(await self._spans_of(tx, conv, user)):
             seqs.extend(range(max(lo, marker + 1), min(hi, last) + 1))
         n = 0
