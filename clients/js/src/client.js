@@ -431,6 +431,10 @@ export class PimcoreClient {
     const entry = { localId: lid, conv, frame: f, deadline: now + timeout * 1000, inFlight: false, sentAt: 0, tx: 0 };
     entry.promise = new Promise((resolve, reject) => { entry.resolve = resolve; entry.reject = reject; });
     entry.promise.catch(() => {}); // rejections are the caller's business
+    // Above the broker's limits: refused here, never sent (the broker would
+    // close the connection on a frame above max_frame, and a resend after the
+    // reconnect would do it again, holding up every send behind it).
+    if (this.loginAck && this._refuseOversize(entry)) return entry.promise;
     this._pending.set(lid, entry);
     this._refTicker();
     this._fill(now);
@@ -448,9 +452,23 @@ export class PimcoreClient {
     const queue = [...this._pending.values()].filter((e) => !e.inFlight).sort((a, b) => a.localId - b.localId);
     for (const e of queue) {
       if (inFlight >= this.sendWindow) break;
+      if (this._refuseOversize(e)) { this._pending.delete(e.localId); continue; } // queued before the limits were known
       this._transmit(e, now);
       inFlight++;
     }
+  }
+
+  /** Reject `e` with SendError(PAYLOAD_TOO_LARGE) if it breaks this connection's LoginAck limits; true if so. */
+  _refuseOversize(e) {
+    const ack = this.loginAck;
+    const payload = e.frame.payload.length;
+    const frameLen = 2 + e.frame._body.length; // head + type + body: what max_frame bounds (before any compression)
+    let reason = '';
+    if (ack.max_payload > 0 && payload > ack.max_payload) reason = `payload of ${payload} bytes is above the broker's max_payload ${ack.max_payload}`;
+    else if (ack.max_frame > 0 && frameLen > ack.max_frame) reason = `SendReq frame of ${frameLen} bytes is above the broker's max_frame ${ack.max_frame}`;
+    if (!reason) return false;
+    e.reject(new SendError(ErrorCode.PAYLOAD_TOO_LARGE, reason));
+    return true;
   }
 
   _transmit(e, now) {
