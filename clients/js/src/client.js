@@ -140,7 +140,10 @@ export class PimcoreClient {
   _setState(s) { if (this.state !== s) { this.state = s; this._emit('state', s); } }
 
   // ------------------------------------------------------------ lifecycle
-  /** Connect (and keep reconnecting); resolves at the first login, rejects with AuthFailed / ClientClosed. */
+  /**
+   * Connect (and keep reconnecting); resolves at the first login, rejects with AuthFailed / ClientClosed,
+   * or with the token function's own error when it fails before the first login (the client ends).
+   */
   connect() {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
     const p = new Promise((resolve, reject) => this._connectWaiters.push({ resolve, reject }));
@@ -195,7 +198,14 @@ export class PimcoreClient {
     if (this.state === State.CLOSED) return;
     let token = this.opts.token;
     if (typeof token === 'function') {
-      try { token = await token(); } catch (e) { this._scheduleReconnect(false); return; }
+      try { token = await token(); } catch (e) {
+        // Before the first login a failing token function is the app's
+        // answer (e.g. its token endpoint refused the user id): connect()
+        // rejects with it and the client ends.  After a login it is most
+        // likely the outage itself: retried with the backoff.
+        if (this.stats.connects === 0) { this._terminate(e); return; }
+        this._scheduleReconnect(false); return;
+      }
     }
     if (this.state === State.CLOSED || this._ws) return;
     const ws = new this.WebSocket(this.opts.url);
@@ -222,6 +232,9 @@ export class PimcoreClient {
 
   _lost(code, reason) {
     const wasActive = this._conn && this._conn.active;
+    // A connection that lived 5 s restarts the backoff, once: the token
+    // fetches and dials after it back off again from there.
+    if (wasActive && this.opts.now() - this._conn.openedAt > 5e6) this._attempt = 0;
     this._detach();
     if (this.state === State.CLOSED) return;
     this._setState(State.DISCONNECTED);
@@ -232,7 +245,6 @@ export class PimcoreClient {
 
   _scheduleReconnect(quick) {
     if (!this.opts.reconnect || this.state === State.CLOSED) return;
-    if (this._conn && this._conn.active && this.opts.now() - this._conn.openedAt > 5e6) this._attempt = 0;
     let delay = 0;
     if (!quick) {
       delay = Math.min(this.opts.backoffMax, this.opts.backoffInitial * 2 ** this._attempt) * (0.5 + Math.random());

@@ -152,3 +152,33 @@ test('a send above LoginAck.max_payload / max_frame fails at once, is never sent
   assert.equal(c.state, 'ACTIVE');
   await c.close();
 });
+
+test('a token function that fails before the first login rejects connect() with its error and ends the client', { timeout: 5000 }, async () => {
+  const before = FakeWS.all.length;
+  const bad = new Error('invalid user id: ali ce');
+  let calls = 0;
+  const c = make({ token: async () => { calls++; throw bad; } });
+  await assert.rejects(c.connect(), (e) => e === bad);
+  assert.equal(c.state, 'CLOSED');
+  assert.equal(calls, 1);
+  assert.equal(FakeWS.all.length, before, 'no socket was opened');
+  await sleep(300);
+  assert.equal(calls, 1, 'not asked again');
+});
+
+test('token failures during an outage back off (a connection that lived > 5 s resets the backoff once)', { timeout: 10000 }, async () => {
+  let clock = Date.now() * 1000;
+  const now = () => clock + (Date.now() * 1000 - start);
+  const start = Date.now() * 1000;
+  let calls = 0; let fail = false;
+  const c = make({ now, backoffInitial: 100, backoffMax: 10000, token: async () => { calls++; if (fail) throw new Error('HTTP 502'); return 't'; } });
+  const { ws } = await connected(c);
+  clock += 10e6; // the connection lived 10 s
+  fail = true; calls = 0;
+  ws.drop();
+  await sleep(1500);
+  // 100, 200, 400, 800 ms (each x 0.5..1.5) after the first at once-ish: at most 5 asks in 1.5 s, not one every 100 ms
+  assert.ok(calls >= 2 && calls <= 5, `asked ${calls} times in 1.5 s`);
+  assert.equal(c.state, 'DISCONNECTED');
+  await c.close();
+});
