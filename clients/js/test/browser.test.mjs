@@ -131,6 +131,42 @@ describe('web demo in Chromium', { skip }, () => {
     await a.context.close(); await b.context.close();
   });
 
+  test('bad user names, oversize text, an outage longer than the send timeout', async () => {
+    // an invalid user id: the token endpoint's 400 is shown, sign-in works again
+    const context = await browser.newContext({ viewport: { width: 1000, height: 640 } });
+    const page = await context.newPage();
+    await page.goto(`${broker.httpUrl}/web/`);
+    await page.getByTestId('user').fill('ali ce');
+    await page.getByTestId('signin').click();
+    await page.getByTestId('login-error').filter({ hasText: 'invalid user id' }).waitFor({ timeout: 10000 });
+    assert.equal(await page.getByTestId('signin').isEnabled(), true);
+    await page.getByTestId('user').fill('uma');
+    await page.getByTestId('signin').click();
+    await connected(page);
+    const v = await signIn('vic');
+    await page.getByTestId('peer').fill('vic');
+    await page.getByTestId('open-chat').click();
+
+    // above max_payload: refused at once, with the reason on the mark
+    await say(page, 'z'.repeat(70000));
+    await page.locator('#messages [data-mark="failed"]').filter({ hasText: 'PAYLOAD_TOO_LARGE' }).waitFor({ timeout: 5000 });
+
+    // offline longer than the send timeout: the message stays "sending" and goes once back online
+    await page.evaluate(() => { window.pimcoreClient.opts.sendTimeout = 1000; });
+    await context.setOffline(true);
+    await page.locator('#status[data-state="DISCONNECTED"]').waitFor({ timeout: 10000 });
+    await say(page, 'typed while offline');
+    await new Promise((r) => setTimeout(r, 3500));
+    assert.equal(await page.locator('#messages [data-mark="sending"]').count(), 1, 'still sending after 3 send timeouts');
+    await context.setOffline(false);
+    await connected(page);
+    await page.locator('#messages [data-mark="sending"]').waitFor({ state: 'detached', timeout: 20000 });
+    await v.page.locator('#convs li[data-conv="d:uma:vic"]').click();
+    await until(async () => (await texts(v.page)).filter((t) => t === 'typed while offline').length === 1, 'vic gets it once');
+
+    await context.close(); await v.context.close();
+  });
+
   test('without --demo the page asks for a token and mints none', async () => {
     const plain = await new Broker({ http: true, extra: ['--web'] }).start();
     const context = await browser.newContext();
