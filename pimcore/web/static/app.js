@@ -195,7 +195,15 @@ async function signIn(user, pasted) {
   client.on('receipt', () => render());
   client.on('sent', () => render());
   client.on('resynced', () => { fetched.clear(); render(); });
-  client.on('closed', (e) => { $('#login-error').textContent = String(e.message || e); });
+  client.on('closed', (e) => {
+    // For good (replaced by another tab of this device, token expired or
+    // revoked): say why where it can be seen, not in the hidden sign-in form.
+    $('#login-error').textContent = String(e.message || e);
+    if (!$('#app').hidden) {
+      $('#closed-reason').textContent = `Disconnected for good: ${e.message || e}. Reload the page to sign in again.`;
+      $('#closed-reason').hidden = false;
+    }
+  });
   await client.connect();
   me = client.user;
   $('#me').textContent = `${me} (${device})`;
