@@ -223,7 +223,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         from .web import register_web
 
                         register_web(http.router, handle, ws_urls=[u for u in server.urls if u.startswith("ws")],
-                                     demo=args.demo)
+                                     demo=args.demo, http_url=lambda: http.url)
                     await nursery.start(http.run)
                     assert http.url is not None  # set once listening
                     urls.append(http.url)

@@ -25,12 +25,15 @@ WS = "ws://127.0.0.1:0/"
 HTTP = "tcp://127.0.0.1:0"
 
 
-def _request(base: str, method: str, path: str, body: Optional[Any] = None) -> tuple[int, str, bytes]:
+def _request(base: str, method: str, path: str, body: Optional[Any] = None,
+             headers: Optional[dict[str, str]] = None) -> tuple[int, str, bytes]:
     u = urlsplit(base)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
     try:
         data = None if body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers={"content-type": "application/json"} if data else {})
+        hdrs = {"content-type": "application/json"} if data else {}
+        hdrs.update(headers or {})
+        conn.request(method, path, body=data, headers={k: v for k, v in hdrs.items() if v is not None})
         r = conn.getresponse()
         return r.status, r.getheader("content-type") or "", r.read()
     finally:
@@ -105,3 +108,39 @@ async def test_demo_mints_tokens_that_log_in_and_creates_groups(tmp_path: Path, 
         async with open_client(server.url("ws"), token, device="t") as c:
             sent = await c.send("team", b"hi")
             assert sent.seq == 2  # after carol's JOINED entry
+
+
+async def test_demo_endpoints_refuse_other_hosts_origins_and_content_types(tmp_path: Path, procs: ProcGroup) -> None:
+    # DNS rebinding (a name of the attacker's that resolves to 127.0.0.1: the
+    # Host header names it) and cross-site form posts (another Origin, or a
+    # text/plain body a page may send without a preflight) get no token.
+    server = procs.serve("--data-dir", tmp_path, "--listen", WS, "--http", HTTP, "--web", "--demo")
+    base = server.url("http")
+    port = urlsplit(base).port
+    own = f"http://127.0.0.1:{port}"
+
+    async def post(path: str, body: Any, **headers: Optional[str]) -> tuple[int, bytes]:
+        hdrs = {k.replace("_", "-"): v for k, v in headers.items()}
+        status, _, data = await trio.to_thread.run_sync(_request, base, "POST", path, body, hdrs)
+        return status, data
+
+    user = {"user": "alice"}
+    grp = {"name": "g1", "members": ["alice"]}
+    for path, body in (("/web/token", user), ("/web/group", grp)):
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.nip.io:%d" % port, f"127.0.0.1:{port + 1}", ""):
+            status, data = await post(path, body, Host=host)
+            assert status == 403 and b"host" in data.lower(), (path, host, status, data)
+        for origin in ("http://evil.example", f"http://evil.example:{port}", "null", f"http://127.0.0.1:{port + 1}",
+                       f"https://127.0.0.1:{port}"):
+            status, data = await post(path, body, Origin=origin)
+            assert status == 403 and b"origin" in data.lower(), (path, origin, status, data)
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+            status, data = await post(path, body, content_type=ctype)
+            assert status == 415 and b"application/json" in data, (path, ctype, status, data)
+    # the page's own requests: its Host, its Origin (or none), JSON
+    for host, origin in ((f"127.0.0.1:{port}", own), (f"localhost:{port}", f"http://localhost:{port}"),
+                         (f"127.0.0.1:{port}", None)):
+        status, data = await post("/web/token", user, Host=host, Origin=origin)
+        assert status == 200 and json.loads(data)["user"] == "alice", (host, origin, data)
+    status, _ = await post("/web/group", grp, Origin=own, content_type="application/json; charset=utf-8")
+    assert status == 200

@@ -13,15 +13,26 @@ are on).
 1-hour token for ANY user id, no password) and ``POST /web/group``
 (``{"name": G, "members": [...]}``: create the group, or add the members).
 Without ``--demo`` both answer 403 ``forbidden`` and the page asks for a
-token (``pimcore token --user U``).  The page says so visibly when tokens are
+token (``pimcore token --user U``).  With it they answer only the page's own
+requests: the ``Host`` header must name the HTTP listener's own address
+(or ``localhost`` / ``127.0.0.1`` / ``[::1]`` with its port; any IP literal
+with its port when it listens on 0.0.0.0 or ::), else 403 ``forbidden``
+(a DNS-rebinding name resolving to the broker is refused); an ``Origin``
+header, when sent, must be the page's own origin, else 403 ``forbidden``
+(another site's form or fetch); and the body must be sent as
+``Content-Type: application/json``, else 415 ``unsupported_media_type`` (a
+cross-site form post cannot set it without a CORS preflight, which is never
+answered).  The page says so visibly when tokens are
 minted for anyone; never run ``--demo`` where strangers can reach it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from urllib.parse import urlsplit
 
 from ..http.server import HttpError, RawBody, Request, Router
 
@@ -58,13 +69,56 @@ def _static(parts: Sequence[str]) -> RawBody:
     return RawBody(_TYPES[suffix], node.read_bytes())
 
 
-def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], demo: bool = False) -> None:
+_LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
+_ANY = ("0.0.0.0", "[::]")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_same_site(request: Request, http_url: str) -> None:
+    """HttpError unless ``request`` comes from the page this listener
+    serves (see the module docstring): Host, Origin, Content-Type."""
+    own = urlsplit(http_url)
+    own_host = own.netloc.rsplit(":", 1)[0].lower()
+    default = 443 if own.scheme == "https" else 80
+    host = request.headers.get("host", "").strip().lower()
+    if host.startswith("["):  # [v6]:port
+        end = host.find("]") + 1
+        name, rest = host[:end], host[end:]
+        port_s = rest[1:] if rest.startswith(":") else ("" if not rest else "?")
+    else:
+        name, _, port_s = host.partition(":")
+    port_s = port_s or str(default)
+    ok = port_s.isdigit() and int(port_s) == (own.port or default) and bool(name) and (
+        name == own_host or name in _LOOPBACK or (own_host in _ANY and _is_ip(name)))
+    if not ok:
+        raise HttpError(403, "forbidden", f"the Host header {host!r} is not this listener's address"
+                                          f" ({own.netloc}, or localhost with its port)")
+    origin = request.headers.get("origin")
+    if origin is not None and origin.strip().lower() != f"{own.scheme}://{host}":
+        raise HttpError(403, "forbidden", f"the Origin {origin!r} is not this page's own ({own.scheme}://{host})")
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype != "application/json":
+        raise HttpError(415, "unsupported_media_type", "send the body as Content-Type: application/json")
+
+
+def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], demo: bool = False,
+                 http_url: Optional[Callable[[], Optional[str]]] = None) -> None:
     """Route the demo under ``/web/`` on ``router`` (no API key needed).
 
     ``ws_urls``: the broker's ws:// / wss:// listener URLs (the page picks
     the first; a 0.0.0.0 or :: host is replaced by the page's own host).
     ``demo``: mint tokens for any user and create groups (see the module
-    docstring)."""
+    docstring).  ``http_url``: returns the HTTP listener's own URL
+    (``http://HOST:PORT``, known once it listens); the demo endpoints
+    accept only requests addressed to it (without it, only
+    ``http://localhost`` / ``127.0.0.1`` on port 80)."""
     urls = list(ws_urls)
 
     async def index(request: Request) -> tuple[int, Any]:
@@ -82,13 +136,14 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
     async def config(request: Request) -> tuple[int, Any]:
         return 200, {"ws": urls, "demo": demo}
 
-    def _need_demo() -> None:
+    def _need_demo(request: Request) -> None:
         if not demo:
             raise HttpError(403, "forbidden", "demo tokens are off: start the broker with `pimcore serve --web --demo`,"
                                               " or paste a token from `pimcore token --user USER`")
+        _check_same_site(request, (http_url() if http_url else None) or "http://localhost")
 
     async def token(request: Request) -> tuple[int, Any]:
-        _need_demo()
+        _need_demo(request)
         body = request.json()
         user = body.get("user") if isinstance(body, dict) else None
         if not isinstance(user, str):
@@ -99,7 +154,7 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
             raise HttpError(400, "bad_request", f"invalid user id: {exc}") from None
 
     async def group(request: Request) -> tuple[int, Any]:
-        _need_demo()
+        _need_demo(request)
         from ..embed import RequestRefused
 
         body = request.json()

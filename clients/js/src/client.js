@@ -140,7 +140,10 @@ export class PimcoreClient {
   _setState(s) { if (this.state !== s) { this.state = s; this._emit('state', s); } }
 
   // ------------------------------------------------------------ lifecycle
-  /** Connect (and keep reconnecting); resolves at the first login, rejects with AuthFailed / ClientClosed. */
+  /**
+   * Connect (and keep reconnecting); resolves at the first login, rejects with AuthFailed / ClientClosed,
+   * or with the token function's own error when it fails before the first login (the client ends).
+   */
   connect() {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
     const p = new Promise((resolve, reject) => this._connectWaiters.push({ resolve, reject }));
@@ -195,7 +198,14 @@ export class PimcoreClient {
     if (this.state === State.CLOSED) return;
     let token = this.opts.token;
     if (typeof token === 'function') {
-      try { token = await token(); } catch (e) { this._scheduleReconnect(false); return; }
+      try { token = await token(); } catch (e) {
+        // Before the first login a failing token function is the app's
+        // answer (e.g. its token endpoint refused the user id): connect()
+        // rejects with it and the client ends.  After a login it is most
+        // likely the outage itself: retried with the backoff.
+        if (this.stats.connects === 0) { this._terminate(e); return; }
+        this._scheduleReconnect(false); return;
+      }
     }
     if (this.state === State.CLOSED || this._ws) return;
     const ws = new this.WebSocket(this.opts.url);
@@ -222,6 +232,9 @@ export class PimcoreClient {
 
   _lost(code, reason) {
     const wasActive = this._conn && this._conn.active;
+    // A connection that lived 5 s restarts the backoff, once: the token
+    // fetches and dials after it back off again from there.
+    if (wasActive && this.opts.now() - this._conn.openedAt > 5e6) this._attempt = 0;
     this._detach();
     if (this.state === State.CLOSED) return;
     this._setState(State.DISCONNECTED);
@@ -232,7 +245,6 @@ export class PimcoreClient {
 
   _scheduleReconnect(quick) {
     if (!this.opts.reconnect || this.state === State.CLOSED) return;
-    if (this._conn && this._conn.active && this.opts.now() - this._conn.openedAt > 5e6) this._attempt = 0;
     let delay = 0;
     if (!quick) {
       delay = Math.min(this.opts.backoffMax, this.opts.backoffInitial * 2 ** this._attempt) * (0.5 + Math.random());
@@ -431,6 +443,10 @@ export class PimcoreClient {
     const entry = { localId: lid, conv, frame: f, deadline: now + timeout * 1000, inFlight: false, sentAt: 0, tx: 0 };
     entry.promise = new Promise((resolve, reject) => { entry.resolve = resolve; entry.reject = reject; });
     entry.promise.catch(() => {}); // rejections are the caller's business
+    // Above the broker's limits: refused here, never sent (the broker would
+    // close the connection on a frame above max_frame, and a resend after the
+    // reconnect would do it again, holding up every send behind it).
+    if (this.loginAck && this._refuseOversize(entry)) return entry.promise;
     this._pending.set(lid, entry);
     this._refTicker();
     this._fill(now);
@@ -448,9 +464,23 @@ export class PimcoreClient {
     const queue = [...this._pending.values()].filter((e) => !e.inFlight).sort((a, b) => a.localId - b.localId);
     for (const e of queue) {
       if (inFlight >= this.sendWindow) break;
+      if (this._refuseOversize(e)) { this._pending.delete(e.localId); continue; } // queued before the limits were known
       this._transmit(e, now);
       inFlight++;
     }
+  }
+
+  /** Reject `e` with SendError(PAYLOAD_TOO_LARGE) if it breaks this connection's LoginAck limits; true if so. */
+  _refuseOversize(e) {
+    const ack = this.loginAck;
+    const payload = e.frame.payload.length;
+    const frameLen = 2 + e.frame._body.length; // head + type + body: what max_frame bounds (before any compression)
+    let reason = '';
+    if (ack.max_payload > 0 && payload > ack.max_payload) reason = `payload of ${payload} bytes is above the broker's max_payload ${ack.max_payload}`;
+    else if (ack.max_frame > 0 && frameLen > ack.max_frame) reason = `SendReq frame of ${frameLen} bytes is above the broker's max_frame ${ack.max_frame}`;
+    if (!reason) return false;
+    e.reject(new SendError(ErrorCode.PAYLOAD_TOO_LARGE, reason));
+    return true;
   }
 
   _transmit(e, now) {

@@ -131,6 +131,57 @@ describe('web demo in Chromium', { skip }, () => {
     await a.context.close(); await b.context.close();
   });
 
+  test('bad user names, oversize and bidi text, an outage longer than the send timeout, a replaced tab', async () => {
+    // an invalid user id: the token endpoint's 400 is shown, sign-in works again
+    const context = await browser.newContext({ viewport: { width: 1000, height: 640 } });
+    const page = await context.newPage();
+    await page.goto(`${broker.httpUrl}/web/`);
+    await page.getByTestId('user').fill('ali ce');
+    await page.getByTestId('signin').click();
+    await page.getByTestId('login-error').filter({ hasText: 'invalid user id' }).waitFor({ timeout: 10000 });
+    assert.equal(await page.getByTestId('signin').isEnabled(), true);
+    await page.getByTestId('user').fill('uma');
+    await page.getByTestId('signin').click();
+    await connected(page);
+    const v = await signIn('vic');
+    await page.getByTestId('peer').fill('vic');
+    await page.getByTestId('open-chat').click();
+
+    // a U+202E in a message cannot move the mark: it stays right of the text
+    await say(page, 'pay \u202Etnuocca ot 001$');
+    const li = page.locator('#messages li[data-mine="true"]').first();
+    await li.locator('[data-mark="delivered"], [data-mark="read"]').waitFor();
+    const tb = await li.locator('.text').boundingBox(); const mb = await li.locator('.mark').boundingBox();
+    assert.ok(mb.x >= tb.x + tb.width - 1, `mark at ${mb.x}, text ends at ${tb.x + tb.width}`);
+
+    // above max_payload: refused at once, with the reason on the mark
+    await say(page, 'z'.repeat(70000));
+    await page.locator('#messages [data-mark="failed"]').filter({ hasText: 'PAYLOAD_TOO_LARGE' }).waitFor({ timeout: 5000 });
+
+    // offline longer than the send timeout: the message stays "sending" and goes once back online
+    await page.evaluate(() => { window.pimcoreClient.opts.sendTimeout = 1000; });
+    await context.setOffline(true);
+    await page.locator('#status[data-state="DISCONNECTED"]').waitFor({ timeout: 10000 });
+    await say(page, 'typed while offline');
+    await new Promise((r) => setTimeout(r, 3500));
+    assert.equal(await page.locator('#messages [data-mark="sending"]').count(), 1, 'still sending after 3 send timeouts');
+    await context.setOffline(false);
+    await connected(page);
+    await page.locator('#messages [data-mark="sending"]').waitFor({ state: 'detached', timeout: 20000 });
+    await v.page.locator('#convs li[data-conv="d:uma:vic"]').click();
+    await until(async () => (await texts(v.page)).filter((t) => t === 'typed while offline').length === 1, 'vic gets it once');
+
+    // the same device in another tab replaces this one: the page says so
+    const page2 = await context.newPage();
+    await page2.goto(`${broker.httpUrl}/web/`);
+    await page2.getByTestId('user').fill('uma');
+    await page2.getByTestId('signin').click();
+    await connected(page2);
+    await page.getByTestId('closed-reason').filter({ hasText: 'REPLACED' }).waitFor({ timeout: 10000 });
+    assert.equal(await page.getByTestId('closed-reason').isVisible(), true);
+    await context.close(); await v.context.close();
+  });
+
   test('without --demo the page asks for a token and mints none', async () => {
     const plain = await new Broker({ http: true, extra: ['--web'] }).start();
     const context = await browser.newContext();

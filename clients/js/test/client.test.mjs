@@ -185,3 +185,26 @@ describe('live broker', () => {
     } finally { await other.dispose(); }
   });
 });
+
+describe('limits', () => {
+  let broker;
+  before(async () => { broker = await new Broker().start(); });
+  after(async () => { await broker.dispose(); });
+
+  test('a 2 MB send fails at once with PAYLOAD_TOO_LARGE; the send behind it goes through on the same connection', async () => {
+    const a = client(broker, 'olga', { compression: deflateCompression });
+    await a.connect();
+    const disc = []; a.on('disconnected', (d) => disc.push(d));
+    const conv = directConv('olga', 'pete');
+    const t0 = Date.now();
+    const big = a.send(conv, 'z'.repeat(2_000_000));
+    const mid = a.send(conv, 'y'.repeat(a.maxPayload + 1));
+    const small = a.send(conv, 'small after big');
+    await assert.rejects(big, (e) => e instanceof SendError && e.code === ErrorCode.PAYLOAD_TOO_LARGE);
+    await assert.rejects(mid, (e) => e instanceof SendError && e.code === ErrorCode.PAYLOAD_TOO_LARGE);
+    assert.equal((await small).seq, 1);
+    assert.ok(Date.now() - t0 < 3000, `took ${Date.now() - t0} ms`);
+    assert.deepEqual(disc, [], 'the connection was never closed');
+    await a.close();
+  });
+});

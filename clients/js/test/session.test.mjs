@@ -123,3 +123,62 @@ test('malformed bytes: Close(PROTOCOL_ERROR), the connection is dropped, frames 
   assert.equal(c.state, 'DISCONNECTED');
   await c.close();
 });
+
+test('a send above LoginAck.max_payload / max_frame fails at once, is never sent, and does not block the queue', async () => {
+  const c = make({ backoffInitial: 1 });
+  // queued before the limits are known: checked when it would go out
+  const early = c.send('d:u:v', 'z'.repeat(70000));
+  const p = c.connect();
+  await sleep(5);
+  const ws = FakeWS.all.at(-1);
+  const cal = ws.of('CalibrateReq')[0];
+  ws.deliver(loginAck({ max_payload: 65536, max_frame: 1000 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await p;
+  await assert.rejects(early, (e) => e instanceof SendError && e.code === ErrorCode.PAYLOAD_TOO_LARGE && /max_payload 65536/.test(e.reason));
+  // known limits: refused in send() itself
+  const t0 = Date.now();
+  await assert.rejects(c.send('d:u:v', 'z'.repeat(2_000_000)), (e) => e instanceof SendError && e.code === ErrorCode.PAYLOAD_TOO_LARGE);
+  // under max_payload but the frame is above max_frame
+  await assert.rejects(c.send('d:u:v', 'y'.repeat(1200)), (e) => e instanceof SendError && e.code === ErrorCode.PAYLOAD_TOO_LARGE && /max_frame 1000/.test(e.reason));
+  assert.ok(Date.now() - t0 < 100, 'at once');
+  const ok = c.send('d:u:v', 'small');
+  await sleep(5);
+  const reqs = ws.of('SendReq');
+  assert.equal(reqs.length, 1, 'only the small one went out');
+  assert.equal(new TextDecoder().decode(reqs[0].payload), 'small');
+  ws.deliver(frame('SendAck', { local_id: reqs[0].local_id, code: 0, msg_id: new Uint8Array(16), seq: 1, server_time: 5 }));
+  assert.equal((await ok).seq, 1);
+  assert.deepEqual(c.pendingSends(), []);
+  assert.equal(c.state, 'ACTIVE');
+  await c.close();
+});
+
+test('a token function that fails before the first login rejects connect() with its error and ends the client', { timeout: 5000 }, async () => {
+  const before = FakeWS.all.length;
+  const bad = new Error('invalid user id: ali ce');
+  let calls = 0;
+  const c = make({ token: async () => { calls++; throw bad; } });
+  await assert.rejects(c.connect(), (e) => e === bad);
+  assert.equal(c.state, 'CLOSED');
+  assert.equal(calls, 1);
+  assert.equal(FakeWS.all.length, before, 'no socket was opened');
+  await sleep(300);
+  assert.equal(calls, 1, 'not asked again');
+});
+
+test('token failures during an outage back off (a connection that lived > 5 s resets the backoff once)', { timeout: 10000 }, async () => {
+  let clock = Date.now() * 1000;
+  const now = () => clock + (Date.now() * 1000 - start);
+  const start = Date.now() * 1000;
+  let calls = 0; let fail = false;
+  const c = make({ now, backoffInitial: 100, backoffMax: 10000, token: async () => { calls++; if (fail) throw new Error('HTTP 502'); return 't'; } });
+  const { ws } = await connected(c);
+  clock += 10e6; // the connection lived 10 s
+  fail = true; calls = 0;
+  ws.drop();
+  await sleep(1500);
+  // 100, 200, 400, 800 ms (each x 0.5..1.5) after the first at once-ish: at most 5 asks in 1.5 s, not one every 100 ms
+  assert.ok(calls >= 2 && calls <= 5, `asked ${calls} times in 1.5 s`);
+  assert.equal(c.state, 'DISCONNECTED');
+  await c.close();
+});

@@ -97,7 +97,9 @@ function draw() {
     li.className = 'msg'; li.dataset.mine = 'true'; li.dataset.pending = 'true';
     const who = document.createElement('span'); who.className = 'who'; who.textContent = 'me';
     const body = document.createElement('span'); body.className = 'text'; body.textContent = p.text;
-    li.append(who, body, markSpan(p.failed ? 'failed' : 'sending'));
+    const mark = markSpan(p.failed ? 'failed' : 'sending');
+    if (p.failed) { mark.textContent = `✗ failed: ${p.reason}`; mark.title = p.reason; }
+    li.append(who, body, mark);
     ul.append(li);
   }
   ul.scrollTop = ul.scrollHeight;
@@ -154,12 +156,21 @@ async function sendText(conv, body) {
   pending.get(conv).push(entry);
   lastTimes.set(conv, Date.now());
   render();
-  try {
-    await client.send(conv, body);
-    pending.set(conv, pending.get(conv).filter((p) => p !== entry));
-  } catch (e) {
-    entry.failed = true;
-    console.warn('send failed', e);
+  // A SendTimeout is not a refusal (docs/CLIENT.md): the message may be
+  // stored, so it goes again with the same local id (the broker answers a
+  // stored one from its dedupe record) until it is acked or refused for good.
+  let localId = null;
+  for (;;) {
+    try {
+      await client.send(conv, body, localId == null ? {} : { localId });
+      pending.set(conv, pending.get(conv).filter((p) => p !== entry));
+    } catch (e) {
+      if (e.name === 'SendTimeout' && client && client.state !== 'CLOSED') { localId = e.localId; continue; }
+      entry.failed = true;
+      entry.reason = String(e.message || e);
+      console.warn('send failed', e);
+    }
+    break;
   }
   refreshGroupReads();
   render();
@@ -184,7 +195,15 @@ async function signIn(user, pasted) {
   client.on('receipt', () => render());
   client.on('sent', () => render());
   client.on('resynced', () => { fetched.clear(); render(); });
-  client.on('closed', (e) => { $('#login-error').textContent = String(e.message || e); });
+  client.on('closed', (e) => {
+    // For good (replaced by another tab of this device, token expired or
+    // revoked): say why where it can be seen, not in the hidden sign-in form.
+    $('#login-error').textContent = String(e.message || e);
+    if (!$('#app').hidden) {
+      $('#closed-reason').textContent = `Disconnected for good: ${e.message || e}. Reload the page to sign in again.`;
+      $('#closed-reason').hidden = false;
+    }
+  });
   await client.connect();
   me = client.user;
   $('#me').textContent = `${me} (${device})`;
