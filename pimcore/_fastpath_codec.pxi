@@ -120,6 +120,10 @@ _CODEC_SCHEMA = {
     _cd_F.HistoryResp: (("req_id", "u"), ("conv", "t"), ("code", "u"), ("messages", "[Message]"), ("more", "?")),
     _cd_F.ReadersReq: (("req_id", "u"), ("conv", "t")),
     _cd_F.ReadersResp: (("req_id", "u"), ("conv", "t"), ("code", "u"), ("readers", "[Reader]")),
+    _cd_F.Typing: (("conv", "t"), ("active", "?"), ("user", "t"), ("ttl_ms", "u")),
+    _cd_F.PresenceSub: (("req_id", "u"), ("users", "[PresenceUser]")),
+    _cd_F.Presence: (("req_id", "u"), ("code", "u"), ("entries", "[PresenceEntry]")),
+    _cd_F.PresencePrivacy: (("mode", "u"),),
     _cd_F.Ping: (("nonce", "u"),),
     _cd_F.Pong: (("nonce", "u"),),
     _cd_F.Error: (("code", "u"), ("ref", "u"), ("reason", "t")),
@@ -131,6 +135,8 @@ _CODEC_SCHEMA = {
     ),
     _cd_F.ReadState: (("conv", "t"), ("read_seq", "u"), ("last_seq", "u"), ("unread", "u")),
     _cd_F.Reader: (("user", "t"), ("read_seq", "u")),
+    _cd_F.PresenceUser: (("user", "t"),),
+    _cd_F.PresenceEntry: (("user", "t"), ("state", "u"), ("last_seen", "u")),
 }
 
 cdef enum:
@@ -143,7 +149,7 @@ cdef enum:
 
 cdef enum:
     _CD_MAXF = 16     # most fields of any record (LoginAck has 13)
-    _CD_MAXREC = 28   # records in the table (19 frames + 3 nested, with room)
+    _CD_MAXREC = 48   # records in the table (23 frames + 5 nested, with room)
 
 # The length prefix is at most 5 varint bytes, so no frame can be longer.
 cdef uint64_t _CD_MAX_LENGTH = (<uint64_t>1 << 35) - 1
@@ -162,7 +168,7 @@ cdef struct _CdRec:
     bint fast           # tp_alloc + direct slot access validated for this class
     _CdField fields[16]
 
-cdef _CdRec _cd_recs[28]
+cdef _CdRec _cd_recs[48]
 cdef int _cd_nframes = 0
 cdef int _cd_by_type[256]   # type byte -> index in _cd_recs, or -1
 cdef list _cd_keep = []

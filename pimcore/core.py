@@ -103,6 +103,10 @@ from .store.base import (
     StoredMessage,
     StoreRequest,
     TouchDevice,
+    ReadPresence,
+    PresencePage,
+    SetPresencePrivacy,
+    PresencePrivacySet,
 )
 
 __all__ = [
@@ -251,6 +255,18 @@ class BrokerConfig:
     # and keeps only each stream's last window (~4 KiB in all); it comes back
     # at the next compressed frame.  0 = never.
     compression_idle: int = 30 * SECOND
+    # Typing (PROTOCOL.md, "Typing and presence"): a relayed indicator
+    # expires this long (µs) after it arrives unless refreshed; each
+    # connection may send typing_burst Typing frames at once and
+    # typing_rate per second sustained (more are dropped silently); groups
+    # with more members than typing_max_members get no typing relayed (the
+    # sender is told TYPING_NOT_RELAYED).
+    typing_ttl: int = 6 * SECOND
+    typing_rate: float = 2.0
+    typing_burst: int = 8
+    typing_max_members: int = 256
+    # Presence: users one PresenceSub may name (more: PRESENCE_LIMIT).
+    presence_max_users: int = 256
 
     def __post_init__(self) -> None:
         if self.outbound_pause < 512 or self.max_outbound < 2 * self.outbound_pause:
@@ -266,6 +282,10 @@ class BrokerConfig:
             raise ValueError("BrokerConfig.idle_timeout and ack_delay must be >= 0 µs (0 = off)")
         if self.compression_idle < 0:
             raise ValueError("BrokerConfig.compression_idle must be >= 0 µs (0 = never)")
+        if not (self.typing_ttl >= 1000 and self.typing_rate > 0 and self.typing_burst >= 1
+                and self.typing_max_members >= 2 and self.presence_max_users >= 1):
+            raise ValueError("BrokerConfig: typing_ttl must be >= 1000 µs, typing_rate > 0, typing_burst >= 1, "
+                             "typing_max_members >= 2 and presence_max_users >= 1")
 
 
 def idempotency_local_id(key: Union[str, bytes, None]) -> Optional[int]:
@@ -548,7 +568,7 @@ class _AdminCtx:
         self.ref = ref
 
 
-_Ctx = Union[_PendingSend, _ReadCtx, _AdminCtx, None]
+_Ctx = Union[_PendingSend, _ReadCtx, _AdminCtx, "_PrivacyCtx", None]
 
 
 # What each read request in flight is for (request id -> one of these).
@@ -586,6 +606,40 @@ class _ReadersRead:
     def __init__(self, conn: int, frame: F.ReadersReq) -> None:
         self.conn = conn
         self.frame = frame
+
+
+class _TypingRead:
+    """A ReadReaders for the members of a group some Typing frames wait for
+    (Broker._typing_reads holds the waiting frames)."""
+
+    __slots__ = ("conn", "conv", "user", "gen")
+
+    def __init__(self, conn: int, conv: str, user: str, gen: int) -> None:
+        self.conn = conn
+        self.conv = conv
+        self.user = user
+        self.gen = gen  # Broker._typing_gen when asked: a membership change since makes the answer uncacheable
+
+
+class _PresenceRead:
+    """A ReadPresence for a PresenceSub (``req_id`` > 0), for a re-check of
+    a subscription after a membership change (``req_id`` 0, ``users`` the
+    subscription's), or for a PresencePrivacy query (``req_id`` -1)."""
+
+    __slots__ = ("conn", "req_id", "users", "sub")
+
+    def __init__(self, conn: int, req_id: int, users: tuple[str, ...], sub: int) -> None:
+        self.conn = conn
+        self.req_id = req_id
+        self.users = users
+        self.sub = sub  # request id of the PresenceSub read this installs or re-checks
+
+
+class _PrivacyCtx:
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: int) -> None:
+        self.conn = conn
 
 
 # What each hook request in flight is for.
@@ -643,6 +697,13 @@ def _to_frame_message(pos: int, m: StoredMessage) -> F.Message:
 
 
 _U64_MAX = (1 << 64) - 1
+
+#: Groups whose members the typing relay keeps (and for how long, µs: a
+#: backstop; membership changes through this core update it at once).
+_TYPING_CACHE_MAX = 4096
+_TYPING_CACHE_TTL = 30 * SECOND
+#: Users whose last-seen time the core remembers (most recent first out).
+_PRES_SEEN_MAX = 100_000
 
 # ---------------------------------------------------------------- the broker
 
@@ -730,6 +791,27 @@ class Broker:
         self._timer_seq = 0
         # zstd contexts, shared by every session (one thread drives the core).
         self._compression = Compression()
+        # -- typing and presence: ephemeral, in memory only, per node --
+        # conn -> (tokens, as of µs): the Typing token bucket.
+        self._typing_tokens: dict[int, tuple[float, int]] = {}
+        # group -> (valid until µs, current members): who a Typing goes to,
+        # refreshed from the store (ReadReaders) and by membership changes.
+        self._typing_members: dict[str, tuple[int, frozenset[str]]] = {}
+        # group -> Typing frames (conn, active) waiting for its member read.
+        self._typing_reads: dict[str, list[tuple[int, bool]]] = {}
+        self._typing_gen = 0  # bumped by every membership change
+        # conn -> the users its PresenceSub named (in order) / the visible ones.
+        self._pres_req: dict[int, tuple[str, ...]] = {}
+        self._pres_sub: dict[int, frozenset[str]] = {}
+        self._pres_latest: dict[int, int] = {}  # conn -> request id of its newest PresenceSub read
+        self._pres_watch: dict[str, set[int]] = {}  # user -> conns subscribed to it (and allowed to see it)
+        self._pres_hide: dict[str, bool] = {}  # watched user -> hides last seen (as last read or set)
+        self._pres_told: dict[str, bool] = {}  # watched user -> online as last told to its watchers
+        self._pres_dirty: set[str] = set()  # watched users whose online state may have changed
+        self._pres_recheck: set[int] = set()  # conns whose subscription a membership change may have changed
+        # user -> µs the broker last heard from one of its devices when the
+        # last one went offline (bounded; the store's device last_seen backs it).
+        self._pres_seen: dict[str, int] = {}
 
         self._stats = dict.fromkeys(
             (
@@ -971,6 +1053,8 @@ class Broker:
                 key = (op.user, op.device)  # type: ignore[union-attr]
                 if self._acks_unsaved.get(key, -1) <= op.position:  # type: ignore[union-attr]
                     self._acks_unsaved.pop(key, None)
+            elif kind is SetPresencePrivacy:
+                self._privacy_done(op, ctx, res, out)  # type: ignore[arg-type]
             elif isinstance(ctx, _AdminCtx):
                 if isinstance(res, Revoked):
                     key = (res.user, res.device)
@@ -1004,6 +1088,8 @@ class Broker:
             elif isinstance(op, MarkRead):
                 assert isinstance(ctx, _ReadCtx)
                 self._error(ctx.conn, ErrorCode.STORE_UNAVAILABLE, 0, "read marker not saved; send Read again", out)
+            elif isinstance(ctx, _PrivacyCtx):
+                self._error(ctx.conn, ErrorCode.STORE_UNAVAILABLE, 0, "presence setting not saved; send PresencePrivacy again", out)
             elif isinstance(ctx, _AdminCtx):
                 out.append(AdminDone(ctx.ref, Rejected(ErrorCode.STORE_UNAVAILABLE)))
             # A lost AckPosition/TouchDevice only leaves the stored position
@@ -1020,6 +1106,12 @@ class Broker:
         self, ctx: Union[_LoginRead, _InboxRead, _HistoryRead, _ReadersRead], res: Optional[Result], now: int, out: list[Command]
     ) -> None:
         """A read request finished (``res`` None: it failed)."""
+        if type(ctx) is _TypingRead:
+            self._typing_read_done(ctx, res, now, out)  # type: ignore[arg-type]
+            return
+        if type(ctx) is _PresenceRead:
+            self._presence_read_done(ctx, res, now, out)  # type: ignore[arg-type]
+            return
         if type(ctx) is _InboxRead:
             dev = ctx.dev
             dev.reading = False
@@ -1264,6 +1356,7 @@ class Broker:
 
     def _finish_admin(self, res: GroupChanged, to_pump: set[str]) -> None:
         """Membership entries are pushed like messages (cf. _finish_send)."""
+        self._membership_changed(res)
         heads, fresh, online = self._heads, self._fresh, self._online
         for m, positions in zip(res.entries, res.positions):
             for user, pos in positions:
@@ -1544,6 +1637,8 @@ class Broker:
         dev = _Device(c.id, user, device, position)
         self._online.setdefault(user, {})[device] = dev
         self._heads[user] = head
+        if user in self._pres_watch:
+            self._pres_dirty.add(user)
         # Registers the device and refreshes last_seen.  Position 0: the store
         # records only positions acked after a push (never a client's claim),
         # so a claim cannot mark undelivered entries as delivered.
@@ -1926,6 +2021,303 @@ class Broker:
         self._stats["protocol_errors"] += 1
         self._close(c, CloseCode.PROTOCOL_ERROR, "Login on a connection that is already logged in", out)
 
+    # ------------------------------------------------------------ typing and presence
+    # Ephemeral signals (PROTOCOL.md, "Typing and presence"): nothing here is
+    # stored but the user's last-seen privacy setting.  All state is in
+    # memory, per node, bounded by the connections (subscriptions of at most
+    # presence_max_users each; one token bucket each) plus two caches with
+    # caps (_TYPING_CACHE_MAX groups, _PRES_SEEN_MAX users).  Presence
+    # changes are collected in _pres_dirty and told once per entry point
+    # (_maybe_commit), comparing with what watchers were last told: a
+    # device replaced by its own new login never shows as a flap.
+
+    def _on_typing(self, c: _Conn, f: F.Typing, now: int, out: list[Command]) -> None:
+        """Relay "``c.user`` is typing in ``f.conv``" to the other members'
+        online devices (never the sender's own devices).  Excess frames
+        (typing_burst / typing_rate) are dropped silently: a typing
+        indicator is best effort and a well-behaved client sends one every
+        few seconds."""
+        cfg = self.config
+        tokens, at = self._typing_tokens.get(c.id, (float(cfg.typing_burst), now))
+        tokens = min(float(cfg.typing_burst), tokens + max(now - at, 0) * cfg.typing_rate / SECOND)
+        if tokens < 1.0:
+            self._typing_tokens[c.id] = (tokens, now)
+            return
+        self._typing_tokens[c.id] = (tokens - 1.0, now)
+        code = self._check_conversation(c.user, f.conv)
+        if code is not ErrorCode.OK:
+            self._error(c.id, code, 0, f"Typing {f.conv!r}: {code.name.lower()}", out)
+            return
+        pair = direct_members(f.conv)
+        if pair is not None:
+            self._relay_typing(c, f.conv, f.active, frozenset(pair), out)
+            return
+        cached = self._typing_members.get(f.conv)
+        if cached is not None and cached[0] > now:
+            self._typing_to_group(c, f.conv, f.active, cached[1], out)
+            return
+        waiting = self._typing_reads.get(f.conv)
+        if waiting is not None:
+            waiting.append((c.id, f.active))
+            return
+        self._typing_reads[f.conv] = [(c.id, f.active)]
+        rid = self._request_id()
+        self._reads[rid] = _TypingRead(c.id, f.conv, c.user, self._typing_gen)
+        out.append(StoreRequest(rid, (ReadReaders(f.conv, c.user),), False))
+
+    def _typing_read_done(self, ctx: _TypingRead, res: Optional[Result], now: int, out: list[Command]) -> None:
+        waiting = self._typing_reads.pop(ctx.conv, [])
+        if not isinstance(res, ReadersPage):
+            return  # the store failed: typing is best effort, the clients refresh it
+        if res.code is not ErrorCode.OK:
+            # Only the asker's access is known: tell it; the others' frames
+            # are dropped (they are refreshed within the TTL anyway).
+            self._error(ctx.conn, res.code, 0, f"Typing {ctx.conv!r}: {res.code.name.lower()}", out)
+            return
+        members = frozenset(u for u, _ in res.readers)
+        if ctx.gen == self._typing_gen:
+            self._cache_members(ctx.conv, members, now)
+        for conn, active in waiting:
+            c = self._conns.get(conn)
+            if c is not None and c.state is _ConnState.ACTIVE:
+                self._typing_to_group(c, ctx.conv, active, members, out)
+
+    def _cache_members(self, conv: str, members: frozenset[str], now: int) -> None:
+        cache = self._typing_members
+        if len(cache) >= _TYPING_CACHE_MAX and conv not in cache:
+            for k in [k for k, (until, _) in cache.items() if until <= now] or list(cache)[: len(cache) // 2]:
+                del cache[k]
+        cache[conv] = (now + _TYPING_CACHE_TTL, members)
+
+    def _typing_to_group(self, c: _Conn, conv: str, active: bool, members: frozenset[str], out: list[Command]) -> None:
+        if c.user not in members:
+            self._error(c.id, ErrorCode.NOT_MEMBER, 0, f"Typing {conv!r}: not_member", out)
+        elif len(members) > self.config.typing_max_members:
+            self._error(
+                c.id, ErrorCode.TYPING_NOT_RELAYED, 0,
+                f"Typing {conv!r}: not relayed in groups of more than {self.config.typing_max_members} members", out,
+            )
+        else:
+            self._relay_typing(c, conv, active, members, out)
+
+    def _relay_typing(self, c: _Conn, conv: str, active: bool, members: frozenset[str], out: list[Command]) -> None:
+        cfg = self.config
+        frame = F.Typing(conv, active, c.user, cfg.typing_ttl // 1000 if active else 0)
+        online, conns = self._online, self._conns
+        for user in members:
+            if user == c.user:
+                continue
+            for dev in online.get(user, {}).values():
+                dc = conns.get(dev.conn)
+                # Best effort: never what makes a device fall behind.
+                if dc is not None and dc.held <= cfg.outbound_pause:
+                    self._send(dev.conn, frame, out)
+
+    def _membership_changed(self, res: GroupChanged) -> None:
+        """A group's members changed (committed): typing goes to the new
+        members from now on, and the presence subscriptions of or about the
+        users who joined or left are checked again (they may now share a
+        conversation, or no longer)."""
+        self._typing_gen += 1
+        if res.conv in self._typing_members:
+            self._typing_members[res.conv] = (self._typing_members[res.conv][0], frozenset(res.members))
+        moved = {m.sender for m in res.entries}
+        if not self._pres_req or not moved:
+            return
+        for conn, users in self._pres_req.items():
+            c = self._conns.get(conn)
+            if c is not None and (c.user in moved or not moved.isdisjoint(users)):
+                self._pres_recheck.add(conn)  # asked in _flush_presence (it has the command list)
+
+    def _on_presence_sub(self, c: _Conn, f: F.PresenceSub, now: int, out: list[Command]) -> None:
+        """Replace ``c``'s presence subscription (store read: who of these
+        shares a conversation with ``c.user``, and their settings)."""
+        cfg = self.config
+        users = tuple(dict.fromkeys(u.user for u in f.users))
+        if len(users) > cfg.presence_max_users:
+            if self._control(c, now, "refused PresenceSub", out):
+                self._send(c.id, F.Presence(f.req_id, ErrorCode.PRESENCE_LIMIT, ()), out)
+            return
+        if not users:
+            if self._control(c, now, "PresenceSub", out):
+                self._pres_latest.pop(c.id, None)
+                self._install_presence(c.id, (), frozenset())
+                self._send(c.id, F.Presence(f.req_id, ErrorCode.OK, ()), out)
+            return
+        self._ask_presence(c, f.req_id, users, out)
+
+    def _ask_presence(self, c: _Conn, req_id: int, users: tuple[str, ...], out: list[Command]) -> None:
+        rid = self._request_id()
+        if req_id > 0:
+            self._pres_latest[c.id] = rid
+        # A re-check (req_id 0) applies only while the subscription it
+        # re-checks is still the newest.
+        sub = rid if req_id > 0 else self._pres_latest.get(c.id, 0)
+        # Counted with the history reads: at their bound nothing more of the
+        # connection is decoded until one is answered.
+        c.history_reads += 1
+        self._reads[rid] = _PresenceRead(c.id, req_id, users, sub)
+        out.append(StoreRequest(rid, (ReadPresence(c.user, users),), False))
+
+    def _presence_read_done(self, ctx: _PresenceRead, res: Optional[Result], now: int, out: list[Command]) -> None:
+        c = self._conns.get(ctx.conn)
+        if c is None:
+            return
+        c.history_reads -= 1
+        if ctx.req_id < 0:  # a PresencePrivacy query
+            if isinstance(res, PresencePage):
+                self._send(c.id, F.PresencePrivacy(2 if res.hide_last_seen else 1), out)
+            else:
+                self._error(c.id, ErrorCode.STORE_UNAVAILABLE, 0, "PresencePrivacy: the store is unavailable; ask again", out)
+        elif not isinstance(res, PresencePage):
+            if ctx.req_id:
+                self._send(c.id, F.Presence(ctx.req_id, ErrorCode.STORE_UNAVAILABLE, ()), out)
+        else:
+            self._presence_answer(c, ctx, res, self._pres_latest.get(c.id, 0) == ctx.sub, out)
+        if c.history_reads == _MAX_HISTORY_READS - 1:
+            self._resume(c, now, out)
+
+    def _presence_answer(self, c: _Conn, ctx: _PresenceRead, res: PresencePage, newest: bool, out: list[Command]) -> None:
+        """Answer a PresenceSub (every user asked, in order) and install it
+        if no newer one was sent meanwhile; or apply a re-check, telling
+        only what became visible or invisible."""
+        if ctx.req_id == 0 and not newest:
+            return  # re-checked a subscription that was replaced since
+        before = self._pres_sub.get(c.id, frozenset())
+        visible = frozenset(e.user for e in res.entries if e.visible)
+        for e in res.entries:
+            if e.visible:
+                self._pres_hide[e.user] = e.hide_last_seen
+                if e.last_seen > self._pres_seen.get(e.user, 0):
+                    self._remember_seen(e.user, e.last_seen)
+        entries = tuple(self._presence_entry(e.user) if e.visible else F.PresenceEntry(e.user, F.PresenceState.UNKNOWN, 0)
+                        for e in res.entries)
+        if ctx.req_id:
+            self._send(c.id, F.Presence(ctx.req_id, ErrorCode.OK, entries), out)
+        else:  # a re-check: tell only what became visible or invisible
+            changed = tuple(e for e in entries if (e.user in visible) != (e.user in before))
+            if changed:
+                self._send(c.id, F.Presence(0, ErrorCode.OK, changed), out)
+        if newest:
+            self._install_presence(c.id, ctx.users, visible)
+
+    def _presence_entry(self, user: str) -> F.PresenceEntry:
+        if user in self._online:
+            return F.PresenceEntry(user, F.PresenceState.ONLINE, 0)
+        seen = 0 if self._pres_hide.get(user, False) else self._pres_seen.get(user, 0)
+        return F.PresenceEntry(user, F.PresenceState.OFFLINE, seen)
+
+    def _install_presence(self, conn: int, users: tuple[str, ...], visible: frozenset[str]) -> None:
+        old = self._pres_sub.pop(conn, frozenset())
+        for u in old - visible:
+            self._unwatch(u, conn)
+        if users:
+            self._pres_req[conn] = users
+            self._pres_sub[conn] = visible
+        else:
+            self._pres_req.pop(conn, None)
+        for u in visible - old:
+            watchers = self._pres_watch.get(u)
+            if watchers is None:
+                watchers = self._pres_watch[u] = set()
+                self._pres_told[u] = u in self._online
+            watchers.add(conn)
+
+    def _unwatch(self, user: str, conn: int) -> None:
+        watchers = self._pres_watch.get(user)
+        if watchers is None:
+            return
+        watchers.discard(conn)
+        if not watchers:
+            del self._pres_watch[user]
+            self._pres_hide.pop(user, None)
+            self._pres_told.pop(user, None)
+            self._pres_dirty.discard(user)
+
+    def _remember_seen(self, user: str, when: int) -> None:
+        seen = self._pres_seen
+        seen.pop(user, None)
+        if len(seen) >= _PRES_SEEN_MAX:
+            del seen[next(iter(seen))]  # the least recently updated
+        seen[user] = when
+
+    def _flush_presence(self, out: list[Command]) -> None:
+        """Tell watchers the users whose online state changed since they
+        were last told (once per entry point, so a replaced device's
+        offline-then-online is no change)."""
+        if self._pres_recheck:
+            recheck, self._pres_recheck = self._pres_recheck, set()
+            for conn in sorted(recheck):
+                c = self._conns.get(conn)
+                users = self._pres_req.get(conn)
+                if c is not None and users:
+                    self._ask_presence(c, 0, users, out)
+        dirty, self._pres_dirty = self._pres_dirty, set()
+        for user in sorted(dirty):
+            watchers = self._pres_watch.get(user)
+            online = user in self._online
+            if not watchers or self._pres_told.get(user) == online:
+                continue
+            self._pres_told[user] = online
+            frame = F.Presence(0, ErrorCode.OK, (self._presence_entry(user),))
+            for conn in sorted(watchers):
+                self._send(conn, frame, out)
+
+    def _ephemeral_forget(self, c: _Conn) -> None:
+        """A connection goes away: its subscription and bucket go with it;
+        its user may be offline now (told at the end of the entry point)."""
+        conn = c.id
+        self._typing_tokens.pop(conn, None)
+        self._pres_recheck.discard(conn)
+        self._pres_latest.pop(conn, None)
+        self._pres_req.pop(conn, None)
+        for u in self._pres_sub.pop(conn, frozenset()):
+            self._unwatch(u, conn)
+        if c.state is _ConnState.ACTIVE:
+            if c.last_seen > self._pres_seen.get(c.user, 0):
+                self._remember_seen(c.user, c.last_seen)
+            if c.user in self._pres_watch:
+                self._pres_dirty.add(c.user)
+
+    def _on_presence_privacy(self, c: _Conn, f: F.PresencePrivacy, now: int, out: list[Command]) -> None:
+        """Mode 0: ask the setting (store read); 1 / 2: show / hide the
+        last-seen time (a durable write, answered once committed)."""
+        if f.mode > 2:
+            if self._control(c, now, "refused PresencePrivacy", out):
+                self._error(c.id, ErrorCode.BAD_REQUEST, 0, f"PresencePrivacy: unknown mode {f.mode}", out)
+            return
+        if f.mode == 0:
+            self._ask_presence(c, -1, (), out)
+            return
+        self._propose(SetPresencePrivacy(c.user, f.mode == 2), _PrivacyCtx(c.id))
+
+    def _privacy_done(self, op: SetPresencePrivacy, ctx: "_PrivacyCtx", res: Result, out: list[Command]) -> None:
+        if not isinstance(res, PresencePrivacySet):
+            code = res.code if isinstance(res, Rejected) else ErrorCode.INTERNAL
+            self._error(ctx.conn, code, 0, f"PresencePrivacy: {code.name.lower()}", out)
+            return
+        user, hide = res.user, res.hide_last_seen
+        frame = F.PresencePrivacy(2 if hide else 1)
+        # The asker first, then the user's other devices (their settings
+        # screens stay in sync).
+        self._send(ctx.conn, frame, out)
+        for dev in self._online.get(user, {}).values():
+            if dev.conn != ctx.conn:
+                self._send(dev.conn, frame, out)
+        if user in self._pres_watch and self._pres_hide.get(user) != hide:
+            self._pres_hide[user] = hide
+            if user not in self._online:  # what watchers see changes only while offline
+                entry = F.Presence(0, ErrorCode.OK, (self._presence_entry(user),))
+                for conn in sorted(self._pres_watch[user]):
+                    self._send(conn, entry, out)
+
+    def presence(self, user: str) -> tuple[bool, int]:
+        """Embedding API: (online on this node, last seen µs or 0 if unknown
+        here) of ``user``, ignoring privacy (the host sees everything)."""
+        if user in self._online:
+            return True, 0
+        return False, self._pres_seen.get(user, 0)
+
     _handlers: dict[type, Callable[..., None]] = {
         F.SendReq: _on_send,
         F.PushAck: _on_push_ack,
@@ -1937,6 +2329,9 @@ class Broker:
         F.Pong: _on_pong,
         F.Close: _on_close,
         F.Login: _on_login_again,
+        F.Typing: _on_typing,
+        F.PresenceSub: _on_presence_sub,
+        F.PresencePrivacy: _on_presence_privacy,
     }
 
     # ------------------------------------------------------------ plumbing
@@ -1973,6 +2368,7 @@ class Broker:
         if c is None:
             return
         c.backlog.clear()
+        self._ephemeral_forget(c)
         if c.waiting:
             # A hook's answer still to come is ignored (a content check's
             # message was never proposed: the client retries it).  A login
@@ -2011,6 +2407,8 @@ class Broker:
         entry point ends here, so this is also where connections that went
         past max_outbound while frames were being built are closed (not in
         _send: its callers may be iterating over the online devices)."""
+        if self._pres_dirty or self._pres_recheck:
+            self._flush_presence(out)
         if self._slow:
             slow, self._slow = self._slow, []
             for c in slow:

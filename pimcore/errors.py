@@ -42,6 +42,9 @@ class ErrorCode(IntEnum):
     RATE_LIMITED = 26
     REJECTED = 27
     ALREADY_EXISTS = 28  # group admin: the group id is taken
+    # -- typing and presence (issue 14 part 3) --
+    PRESENCE_LIMIT = 48  # a PresenceSub names more users than the broker allows
+    TYPING_NOT_RELAYED = 49  # typing is not relayed in this conversation (too many members)
     # -- server side; the client should retry later with the same local id --
     STORE_UNAVAILABLE = 30
     INTERNAL = 31

@@ -50,6 +50,13 @@ __all__ = [
     "Reader",
     "ReadersResp",
     "MessageKind",
+    "Typing",
+    "PresenceUser",
+    "PresenceSub",
+    "PresenceEntry",
+    "Presence",
+    "PresencePrivacy",
+    "PresenceState",
     "Ping",
     "Pong",
     "Error",
@@ -93,6 +100,11 @@ class FrameType(IntEnum):
     CLOSE = 0x11
     READERS_REQ = 0x12
     READERS_RESP = 0x13
+    # 0x1C..0x1F: typing and presence (issue 14 part 3)
+    TYPING = 0x1C
+    PRESENCE_SUB = 0x1D
+    PRESENCE = 0x1E
+    PRESENCE_PRIVACY = 0x1F
 
 
 class MessageKind(IntEnum):
@@ -357,6 +369,81 @@ class ReadersResp:
     readers: tuple[Reader, ...]  # [Reader]
 
 
+# --------------------------------------------------------------- typing and presence
+# Ephemeral signals: nothing here is stored (but the PresencePrivacy setting).
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    """Both directions.  Client -> broker: this user is typing in ``conv``
+    (``active``) or stopped; ``user`` and ``ttl_ms`` are sent empty / 0 and
+    ignored.  Broker -> the other members' online devices: ``user`` is
+    typing in ``conv``; the indicator expires by itself ``ttl_ms`` ms after
+    this frame arrived unless another Typing refreshes it (``active`` false:
+    stopped, ``ttl_ms`` 0).  Never stored, never acknowledged."""
+
+    TYPE: ClassVar[FrameType] = FrameType.TYPING
+    conv: str  # t
+    active: bool  # ?
+    user: str = ""  # t
+    ttl_ms: int = 0  # u
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceUser:
+    user: str  # t
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceSub:
+    """Client -> broker: replace this connection's presence subscription by
+    ``users`` (empty: unsubscribe).  Answered by Presence(req_id)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.PRESENCE_SUB
+    req_id: int  # u
+    users: tuple[PresenceUser, ...]  # [PresenceUser]
+
+
+class PresenceState(IntEnum):
+    """``PresenceEntry.state``."""
+
+    #: Not visible to the subscriber (shares no conversation with them).
+    UNKNOWN = 0
+    OFFLINE = 1
+    ONLINE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceEntry:
+    user: str  # t
+    state: int  # u   PresenceState
+    last_seen: int  # u   µs server time the user was last online; 0 = hidden or unknown
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Broker -> client.  The answer to PresenceSub ``req_id`` (every user
+    asked for, in the order asked) or, with ``req_id`` 0, changes of
+    subscribed users.  ``code`` non-zero: the subscription was refused and
+    left as it was (``entries`` empty)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.PRESENCE
+    req_id: int  # u
+    code: int  # u   ErrorCode
+    entries: tuple[PresenceEntry, ...]  # [PresenceEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class PresencePrivacy:
+    """Both directions: the user's durable "hide my last-seen time" setting.
+    Client -> broker: ``mode`` 0 asks, 1 shows, 2 hides.  Broker -> client:
+    the current setting (1 or 2), to the asking connection once durable and,
+    after a change, to the user's other online devices."""
+
+    TYPE: ClassVar[FrameType] = FrameType.PRESENCE_PRIVACY
+    mode: int  # u
+
+
 # --------------------------------------------------------------- control
 
 
@@ -408,6 +495,10 @@ Frame = Union[
     HistoryResp,
     ReadersReq,
     ReadersResp,
+    Typing,
+    PresenceSub,
+    Presence,
+    PresencePrivacy,
     Ping,
     Pong,
     Error,
@@ -433,6 +524,10 @@ FRAME_CLASSES: dict[int, type] = {
         HistoryResp,
         ReadersReq,
         ReadersResp,
+        Typing,
+        PresenceSub,
+        Presence,
+        PresencePrivacy,
         Ping,
         Pong,
         Error,

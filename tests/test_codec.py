@@ -29,7 +29,7 @@ from _fuzz import feed_split, frame_strategies, mutate
 U64 = (1 << 64) - 1
 S64_MIN = -(1 << 63)
 S64_MAX = (1 << 63) - 1
-RECORDS = (F.Message, F.ReadState, F.Reader)
+RECORDS = (F.Message, F.ReadState, F.Reader, F.PresenceUser, F.PresenceEntry)
 FRAMES = tuple(F.FRAME_CLASSES.values())
 MALFORMED = ErrorCode.MALFORMED_FRAME
 

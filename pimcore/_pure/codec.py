@@ -46,6 +46,12 @@ from ..frames import (
     ReadersReq,
     Reader,
     ReadersResp,
+    Typing,
+    PresenceUser,
+    PresenceSub,
+    PresenceEntry,
+    Presence,
+    PresencePrivacy,
 )
 
 __all__ = [
@@ -128,6 +134,10 @@ SCHEMA: dict[type, tuple[tuple[str, str], ...]] = {
     HistoryResp: (("req_id", "u"), ("conv", "t"), ("code", "u"), ("messages", "[Message]"), ("more", "?")),
     ReadersReq: (("req_id", "u"), ("conv", "t")),
     ReadersResp: (("req_id", "u"), ("conv", "t"), ("code", "u"), ("readers", "[Reader]")),
+    Typing: (("conv", "t"), ("active", "?"), ("user", "t"), ("ttl_ms", "u")),
+    PresenceSub: (("req_id", "u"), ("users", "[PresenceUser]")),
+    Presence: (("req_id", "u"), ("code", "u"), ("entries", "[PresenceEntry]")),
+    PresencePrivacy: (("mode", "u"),),
     Ping: (("nonce", "u"),),
     Pong: (("nonce", "u"),),
     Error: (("code", "u"), ("ref", "u"), ("reason", "t")),
@@ -136,9 +146,11 @@ SCHEMA: dict[type, tuple[tuple[str, str], ...]] = {
     Message: _MESSAGE,
     ReadState: _READ_STATE,
     Reader: (("user", "t"), ("read_seq", "u")),
+    PresenceUser: (("user", "t"),),
+    PresenceEntry: (("user", "t"), ("state", "u"), ("last_seen", "u")),
 }
 
-_RECORDS = (Message, ReadState, Reader)
+_RECORDS = (Message, ReadState, Reader, PresenceUser, PresenceEntry)
 _RECORD_BY_KIND = {f"[{rec.__name__}]": rec for rec in _RECORDS}
 
 

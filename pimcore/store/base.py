@@ -153,6 +153,11 @@ __all__ = [
     "ReadHistory",
     "ReadReaders",
     "ReadDevices",
+    "ReadPresence",
+    "PresenceInfo",
+    "PresencePage",
+    "SetPresencePrivacy",
+    "PresencePrivacySet",
     "ReadOp",
     "StoreRequest",
     "GroupChanged",
@@ -486,9 +491,20 @@ class AckEvents:
     upto: int
 
 
+@dataclass(frozen=True, slots=True)
+class SetPresencePrivacy:
+    """The user's durable presence setting: with ``hide_last_seen`` the
+    broker shows others only online/offline, never when the user was last
+    online (PROTOCOL.md, Presence).  An invalid user id or a non-bool ->
+    Rejected(BAD_REQUEST).  Result: PresencePrivacySet."""
+
+    user: str
+    hide_last_seen: bool
+
+
 Op = Union[
     NewMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers, RemoveMembers, RevokeTokens,
-    AppendEvent, AckEvents,
+    AppendEvent, AckEvents, SetPresencePrivacy,
 ]
 
 
@@ -587,7 +603,23 @@ class ReadDedupe:
     local_id: int
 
 
-ReadOp = Union[LoadSession, ReadInbox, ReadHistory, ReadReaders, ReadEvents, ReadDevices, ReadDedupe]
+@dataclass(frozen=True, slots=True)
+class ReadPresence:
+    """What ``user`` may see of the presence of ``others`` (a presence
+    subscription): for each, in order, whether the two share a
+    conversation now (both current members of a group, or the two users of
+    a 1:1 chat that has entries; a user always sees themselves), the
+    other's :class:`SetPresencePrivacy` setting and their last-seen time
+    (the latest ``DeviceState.last_seen`` of their devices, µs; 0 when not
+    visible or none).  Also ``user``'s own setting.  A malformed ``user``
+    -> Rejected(BAD_REQUEST); a malformed other is simply not visible.
+    Result: PresencePage."""
+
+    user: str
+    others: tuple[str, ...]
+
+
+ReadOp = Union[LoadSession, ReadInbox, ReadHistory, ReadReaders, ReadEvents, ReadDevices, ReadDedupe, ReadPresence]
 
 
 @dataclass(frozen=True, slots=True)
@@ -784,9 +816,35 @@ class Deduped:
     stored: bool
 
 
+@dataclass(frozen=True, slots=True)
+class PresencePrivacySet:
+    """Answer to :class:`SetPresencePrivacy`: the setting now stored."""
+
+    user: str
+    hide_last_seen: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceInfo:
+    user: str
+    visible: bool  # shares a conversation with the asking user now
+    hide_last_seen: bool  # the user's setting (False when not visible)
+    last_seen: int  # µs, latest last_seen of the user's devices; 0 when not visible or none
+
+
+@dataclass(frozen=True, slots=True)
+class PresencePage:
+    """Answer to :class:`ReadPresence`."""
+
+    user: str
+    hide_last_seen: bool  # the asking user's own setting
+    entries: tuple[PresenceInfo, ...]
+
+
 Result = Union[
     Appended, Duplicate, Rejected, Acked, Touched, ReadMarked, Reclaimed, GroupChanged, Revoked, SessionLoaded, InboxPage,
-    HistoryPage, ReadersPage, EventAppended, EventsAcked, EventsPage, DevicesPage, Deduped,
+    HistoryPage, ReadersPage, EventAppended, EventsAcked, EventsPage, DevicesPage, Deduped, PresencePrivacySet,
+    PresencePage,
 ]
 
 
@@ -901,9 +959,39 @@ class Store(ABC):
                            else Rejected(ErrorCode.BAD_REQUEST))
             elif kind is ReadDedupe:
                 out.append(Deduped(self.deduped(op.sender, op.device, op.local_id)))  # type: ignore[union-attr]
+            elif kind is ReadPresence:
+                out.append(self._read_presence(op))  # type: ignore[arg-type]
             else:
                 raise TypeError(f"not a read op: {kind.__name__}")
         return tuple(out)
+
+    def hides_last_seen(self, user: str) -> bool:
+        """The user's :class:`SetPresencePrivacy` setting (False if never set)."""
+        raise NotImplementedError(f"{type(self).__name__} does not store presence settings")
+
+    def _read_presence(self, op: ReadPresence) -> Result:
+        """Answer one :class:`ReadPresence` from the public read methods
+        (conversations, membership, devices): a few lookups per other user,
+        bounded by the broker's subscription limit."""
+        user = op.user
+        if not valid_id(user) or not isinstance(op.others, tuple):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        mine = [c for c in self.conversations(user) if self.access(c, user) is ErrorCode.OK]
+        mine_set = set(mine)
+        entries = []
+        for other in op.others:
+            if not (isinstance(other, str) and valid_id(other)):
+                entries.append(PresenceInfo(other if isinstance(other, str) else "", False, False, 0))
+                continue
+            visible = other == user or any(
+                c in mine_set and self.access(c, other) is ErrorCode.OK for c in self.conversations(other)
+            )
+            if not visible:
+                entries.append(PresenceInfo(other, False, False, 0))
+                continue
+            last = max((d.last_seen for d in self.devices(other)), default=0)
+            entries.append(PresenceInfo(other, True, self.hides_last_seen(other), max(last, 0)))
+        return PresencePage(user, self.hides_last_seen(user), tuple(entries))
 
     def deduped(self, sender: str, device: str, local_id: int) -> bool:
         """Is the dedupe key stored (see :class:`ReadDedupe`)?  This default
@@ -1205,6 +1293,8 @@ def malformed(op: Op) -> bool:
             and (op.device == "" or valid_id(op.device))
             and _int_in(op.before, _I64_MIN, _I64_END)
         )
+    if isinstance(op, SetPresencePrivacy):
+        return not (valid_id(op.user) and type(op.hide_last_seen) is bool)
     raise TypeError(f"not a store op: {type(op).__name__}")
 
 

@@ -166,6 +166,9 @@ from .base import (
     StoredEvent,
     message_event,
     RevokeTokens,
+    SetPresencePrivacy,
+    PresencePrivacySet,
+    ReadPresence,
     Revoked,
     AckPosition,
     Acked,
@@ -1510,6 +1513,11 @@ class LmdbStore(Store):
         """Every read op of one request in ONE read transaction: a login
         sees its head, position and read states at one point in time, and
         pays one transaction, not one per conversation."""
+        ops = tuple(ops)
+        if any(type(op) is ReadPresence for op in ops):
+            # Built on the public read methods (one transaction each); the
+            # core asks it alone, and presence needs no single snapshot.
+            return Store.read(self, ops)
         with self._read() as txn:
             out: list[Result] = []
             for op in ops:
@@ -1629,6 +1637,21 @@ class LmdbStore(Store):
                 before = max(before, _I64.unpack(raw)[0])
         return before
 
+    def _set_privacy(self, w: _Batch, op: SetPresencePrivacy) -> Result:
+        # In the meta db, "pv:" + user: present = last-seen hidden.
+        key = b"pv:" + _t(op.user)
+        if op.hide_last_seen:
+            w.txn.put(key, b"1", db=self._meta)
+        else:
+            w.txn.delete(key, db=self._meta)
+        return PresencePrivacySet(op.user, op.hide_last_seen)
+
+    def hides_last_seen(self, user: str) -> bool:
+        if not valid_id(user):
+            return False
+        with self._read() as txn:
+            return txn.get(b"pv:" + _t(user), db=self._meta) is not None
+
     def revoked_before(self, user: str, device: str) -> int:
         if not valid_id(user) or (device and not valid_id(device)):
             return 0
@@ -1706,6 +1729,7 @@ _HANDLERS: dict[type, Callable[[LmdbStore, _Batch, Op], Result]] = {
     AddMembers: LmdbStore._change_members,  # type: ignore[dict-item]
     RemoveMembers: LmdbStore._change_members,  # type: ignore[dict-item]
     RevokeTokens: LmdbStore._revoke,  # type: ignore[dict-item]
+    SetPresencePrivacy: LmdbStore._set_privacy,  # type: ignore[dict-item]
     AppendEvent: LmdbStore._append_event_op,  # type: ignore[dict-item]
     AckEvents: LmdbStore._ack_events,  # type: ignore[dict-item]
 }

@@ -31,6 +31,8 @@ from .base import (
     StoredEvent,
     message_event,
     RevokeTokens,
+    SetPresencePrivacy,
+    PresencePrivacySet,
     Revoked,
     AckPosition,
     AddMembers,
@@ -119,6 +121,7 @@ class MemoryStore(Store):
         self._events: dict[int, tuple[int, bytes]] = {}
         self._evmeta: dict[str, int] = {"last": 0, "floor": 0}
         self._evcursors: dict[str, int] = {}  # consumer -> acked id
+        self._privacy: dict[str, bool] = {}  # user -> hide last seen (SetPresencePrivacy); absent = False
 
     # ------------------------------------------------------------ plumbing
 
@@ -227,6 +230,18 @@ class MemoryStore(Store):
         before = max(self._revoked.get(key, 0), op.before)
         self._set(self._revoked, key, before)
         return Revoked(op.user, op.device, before)
+
+    def _set_privacy(self, op: SetPresencePrivacy) -> Result:
+        if op.hide_last_seen:
+            self._set(self._privacy, op.user, True)
+        elif op.user in self._privacy:
+            self._del(self._privacy, op.user)
+        return PresencePrivacySet(op.user, op.hide_last_seen)
+
+    def hides_last_seen(self, user: str) -> bool:
+        with self._lock:
+            self._check_open()
+            return self._privacy.get(user, False)
 
     def revoked_before(self, user: str, device: str) -> int:
         with self._lock:
@@ -645,6 +660,7 @@ _HANDLERS: dict[type, Callable[[MemoryStore, Any], Result]] = {
     AddMembers: MemoryStore._change_members,
     RemoveMembers: MemoryStore._change_members,
     RevokeTokens: MemoryStore._revoke,
+    SetPresencePrivacy: MemoryStore._set_privacy,
     AppendEvent: MemoryStore._append_event_op,
     AckEvents: MemoryStore._ack_events,
 }

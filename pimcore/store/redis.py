@@ -19,6 +19,7 @@ does everything of one user):
                            (acked position, last seen), ``rd:CONV`` (read
                            marker), ``cv:CONV`` (conversation-list flags),
                            ``rv:`` / ``rv:DEVICE`` (tokens revoked before),
+                           ``pv`` (1: last-seen hidden, SetPresencePrivacy),
                            ``d:DEVICE/LOCAL_ID`` (dedupe record of the
                            user's sends: the key has no conversation, and
                            the lookup comes before the conversation id is
@@ -117,6 +118,11 @@ from .base import (
     RemoveMembers,
     Result,
     RevokeTokens,
+    SetPresencePrivacy,
+    PresencePrivacySet,
+    ReadPresence,
+    PresenceInfo,
+    PresencePage,
     Revoked,
     SessionLoaded,
     StoredEvent,
@@ -834,6 +840,48 @@ class RedisStore(AsyncStore):
         tx.put(uk, "rv:" + op.device, before)
         return Revoked(op.user, op.device, before)
 
+    async def _set_privacy(self, tx: _Tx, op: SetPresencePrivacy) -> Result:
+        uk = self._k_user(op.user)
+        if op.hide_last_seen:
+            tx.put(uk, "pv", 1)
+        elif await tx.get(uk, "pv") is not None:
+            tx.delete(uk, "pv")
+        return PresencePrivacySet(op.user, op.hide_last_seen)
+
+    async def _hides_last_seen(self, tx: _Tx, user: str) -> bool:
+        return _int(await tx.get(self._k_user(user), "pv")) == 1
+
+    async def _access(self, tx: _Tx, conv: str, user: str) -> bool:
+        members = await self._group_members(tx, conv)
+        return members is not None and user in members
+
+    async def _read_presence(self, tx: _Tx, op: ReadPresence) -> Result:
+        # As Store._read_presence (base.py), over the transaction object.
+        user = op.user
+        if not valid_id(user) or not isinstance(op.others, tuple):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        mine = {c for c in await self._conversations(tx, user) if valid_conversation(c) and await self._access(tx, c, user)}
+        entries = []
+        for other in op.others:
+            if not (isinstance(other, str) and valid_id(other)):
+                entries.append(PresenceInfo(other if isinstance(other, str) else "", False, False, 0))
+                continue
+            visible = other == user
+            if not visible:
+                for c in await self._conversations(tx, other):
+                    if c in mine and await self._access(tx, c, other):
+                        visible = True
+                        break
+            if not visible:
+                entries.append(PresenceInfo(other, False, False, 0))
+                continue
+            last = max((d.last_seen for d in await self._devices(tx, other)), default=0)
+            entries.append(PresenceInfo(other, True, await self._hides_last_seen(tx, other), max(last, 0)))
+        return PresencePage(user, await self._hides_last_seen(tx, user), tuple(entries))
+
+    async def hides_last_seen(self, user: str) -> bool:
+        return valid_id(user) and await self._hides_last_seen(_Tx(self), user)
+
     async def _append_event(self, tx: _Tx, now: int, data: bytes) -> int:
         eid = _int(await tx.get(self._ev, "last")) + 1
         tx.put(self._ev, "last", eid)
@@ -929,6 +977,8 @@ class RedisStore(AsyncStore):
                 return Deduped(False)
             prior = await tx.get(self._k_user(op.sender), f"d:{op.device}/{op.local_id}")
             return Deduped(prior is not None)
+        if kind is ReadPresence:
+            return await self._read_presence(tx, op)
         raise TypeError(f"not a read op: {kind.__name__}")
 
     async def _devices(self, tx: _Tx, user: str) -> list[DeviceState]:
@@ -1140,6 +1190,7 @@ _HANDLERS: dict[type, Any] = {
     AddMembers: RedisStore._change_members,
     RemoveMembers: RedisStore._change_members,
     RevokeTokens: RedisStore._revoke,
+    SetPresencePrivacy: RedisStore._set_privacy,
     AppendEvent: RedisStore._append_event_op,
     AckEvents: RedisStore._ack_events,
 }
