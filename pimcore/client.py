@@ -53,7 +53,7 @@ import ssl
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Union
 
 import trio
 from trio_websocket import ConnectionRejected, HandshakeError, wrap_client_stream
@@ -85,6 +85,11 @@ from .client_session import (
     SendsStalled,
     SendTimeout,
     SessionState,
+    TypingChanged,
+    PresenceChanged,
+    PrivacyChanged,
+    PresenceCompleted,
+    PrivacyCompleted,
 )
 from .errors import CloseCode
 from .net.streams import Endpoint, WebSocketStream, parse_url
@@ -105,6 +110,9 @@ __all__ = [
     "Resynced",
     "SendsStalled",
     "SendsResumed",
+    "TypingChanged",
+    "PresenceChanged",
+    "PrivacyChanged",
     "Event",
     "ClientError",
     "SendError",
@@ -417,6 +425,56 @@ class Client:
         c = await self._request_done(req)
         assert isinstance(c, ReadersCompleted)
         return list(c.readers)
+
+    # ------------------------------------------------------------ typing & presence
+
+    async def typing(self, conv: str, active: bool = True) -> bool:
+        """The user is typing in ``conv`` (or stopped, ``active`` False).
+        Call it on every keystroke: the SDK sends at most one Typing per
+        ``typing_interval`` per conversation.  Ephemeral: nothing is sent
+        while disconnected.  Returns whether a frame went out."""
+        self._check_alive()
+        sent = self._session.typing(conv, self._clock(), active)
+        self._pump()
+        await trio.lowlevel.checkpoint()
+        return sent
+
+    def typing_users(self, conv: str) -> list[str]:
+        """Users shown as typing in ``conv`` now (their indicator has not
+        expired or been stopped), sorted."""
+        return self._session.typing_users(conv)
+
+    @property
+    def presence(self) -> dict[str, F.PresenceEntry]:
+        """The latest presence of every subscribed user (user -> entry)."""
+        return self._session.presence
+
+    async def subscribe_presence(self, users: Iterable[str]) -> dict[str, F.PresenceEntry]:
+        """Replace the presence subscription by ``users`` (at most the
+        broker's ``presence_max_users``; empty: unsubscribe) and return
+        their current state.  Users who share no conversation with this
+        user come back as PresenceState.UNKNOWN.  Changes then arrive as
+        PresenceChanged events; the subscription is renewed after every
+        reconnect.  Raises SendError (PRESENCE_LIMIT), trio.TooSlowError
+        after ``send_timeout``, AuthFailed/ClientClosed."""
+        self._check_alive()
+        req = self._session.subscribe_presence(users, self._clock())
+        with trio.fail_after(self.config.send_timeout):
+            c = await self._request_done(req)
+        assert isinstance(c, PresenceCompleted)
+        return {e.user: e for e in c.entries}
+
+    async def set_presence_privacy(self, hide_last_seen: Optional[bool]) -> bool:
+        """Hide (True) or show (False) this user's last-seen time to others,
+        or just ask (None).  Durable on the broker, synced to the user's
+        other devices.  Returns the setting in force.  Raises
+        trio.TooSlowError after ``send_timeout``, AuthFailed/ClientClosed."""
+        self._check_alive()
+        req = self._session.set_presence_privacy(hide_last_seen, self._clock())
+        with trio.fail_after(self.config.send_timeout):
+            c = await self._request_done(req)
+        assert isinstance(c, PrivacyCompleted)
+        return c.hide_last_seen
 
     async def _request_done(self, req: int) -> Any:
         """Wait for request ``req`` (history or readers) to complete; raise

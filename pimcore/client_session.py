@@ -78,6 +78,11 @@ __all__ = [
     "Disconnected",
     "SendsStalled",
     "SendsResumed",
+    "TypingChanged",
+    "PresenceChanged",
+    "PrivacyChanged",
+    "PresenceCompleted",
+    "PrivacyCompleted",
     "Event",
     "SendCompleted",
     "HistoryCompleted",
@@ -256,7 +261,45 @@ class SendsResumed:
     pending: int  # sends still waiting for their SendAck
 
 
-Event = Union[MessageReceived, ReadStateChanged, ReceiptReceived, Connected, Disconnected, SendsStalled, SendsResumed, Resynced]
+@dataclass(frozen=True, slots=True)
+class TypingChanged:
+    """``user`` started (``active``) or stopped typing in ``conv``.  A
+    started indicator ends by itself at ``expires`` (µs, device clock)
+    unless refreshed: the session then emits TypingChanged(active=False,
+    expires=0) itself, so an app only follows these events (or asks
+    :meth:`ClientSession.typing_users`)."""
+
+    conv: str
+    user: str
+    active: bool
+    expires: int
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChanged:
+    """The presence of a subscribed user (the answer to a subscription,
+    then every change): ``state`` a frames.PresenceState (UNKNOWN: not
+    visible to this user -- no shared conversation), ``last_seen`` µs of
+    the broker's clock, 0 when online, hidden by the user, or unknown."""
+
+    user: str
+    state: F.PresenceState
+    last_seen: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyChanged:
+    """This user's "hide my last-seen time" setting, as the broker has it
+    (the answer to :meth:`ClientSession.set_presence_privacy`, or a change
+    made on another device)."""
+
+    hide_last_seen: bool
+
+
+Event = Union[
+    MessageReceived, ReadStateChanged, ReceiptReceived, Connected, Disconnected, SendsStalled, SendsResumed, Resynced,
+    TypingChanged, PresenceChanged, PrivacyChanged,
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +337,30 @@ class ReadersCompleted:
     error: Optional[ClientError]
 
 
-Completion = Union[SendCompleted, HistoryCompleted, ReadersCompleted]
+@dataclass(frozen=True, slots=True)
+class PresenceCompleted:
+    """A presence subscription (:meth:`ClientSession.subscribe_presence`)
+    was answered: the state of every user asked for, in order, or ``error``
+    (SendError with PRESENCE_LIMIT, STORE_UNAVAILABLE; ClientClosed).  Only
+    the newest subscription completes; an older one still unanswered
+    completes with the newer one's answer."""
+
+    req_id: int
+    entries: tuple[F.PresenceEntry, ...]
+    error: Optional[ClientError]
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyCompleted:
+    """A :meth:`ClientSession.set_presence_privacy` was answered with the
+    setting now in force."""
+
+    req_id: int
+    hide_last_seen: bool
+    error: Optional[ClientError] = None
+
+
+Completion = Union[SendCompleted, HistoryCompleted, ReadersCompleted, PresenceCompleted, PrivacyCompleted]
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +385,10 @@ class ClientConfig:
     max_frame: int = 1 << 20
     view_limit: int = 1000  # messages kept per conversation for view() (the newest by seq)
     event_limit: int = 10_000  # queued events before old read-state notifications are shed
+    #: s; while the user keeps typing in a conversation, typing() sends at
+    #: most one Typing per interval (the broker's indicator TTL, 6 s by
+    #: default, must be longer; PROTOCOL.md "Typing and presence").
+    typing_interval: float = 2.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,6 +626,16 @@ class ClientSession:
         self._history: dict[int, _HistoryRequest] = {}
         self._next_req = 1
 
+        # -- typing and presence (ephemeral: nothing of it is saved)
+        self._typing_sent: dict[str, int] = {}  # conv -> session time of the last active Typing sent
+        self._typing_seen: dict[tuple[str, str], int] = {}  # (conv, user) -> session time the indicator expires
+        self._presence_wanted: Optional[tuple[int, tuple[str, ...]]] = None  # (req id, users): re-sent after reconnects
+        self._presence_waiting: list[int] = []  # req ids of subscriptions not answered yet
+        self._presence_users: tuple[str, ...] = ()  # the users of the subscription the broker accepted last
+        self.presence: dict[str, F.PresenceEntry] = {}  # user -> latest state of the subscribed users
+        self._privacy_waiting: dict[int, int] = {}  # req id -> mode asked (0 ask, 1 show, 2 hide), not answered yet
+        self.hide_last_seen: Optional[bool] = None  # this user's setting, once the broker told it
+
         self._stats = {"connects": 0, "retransmits": 0, "duplicates_dropped": 0, "events_dropped": 0, "acks_sent": 0, "frames_in": 0, "frames_out": 0}
 
     # ------------------------------------------------------------ queries
@@ -778,6 +858,12 @@ class ClientSession:
         for h in list(self._history.values()):
             self._completions.append(h.failed(error))
         self._history.clear()
+        for req in self._presence_waiting:
+            self._completions.append(PresenceCompleted(req, (), error))
+        self._presence_waiting = []
+        for req in self._privacy_waiting:
+            self._completions.append(PrivacyCompleted(req, False, error))
+        self._privacy_waiting.clear()
 
     # ------------------------------------------------------------ bytes in / out
 
@@ -1008,6 +1094,7 @@ class ClientSession:
             self._ack_at = self._t + self._ack_delay
         for h in self._history.values():
             self._ask_history(h)
+        self._resend_presence()
         if self._samples and len(self._samples) < self.config.time_samples:
             self._bg_cal = True
             self._calibrate_next()
@@ -1039,6 +1126,14 @@ class ClientSession:
         elif t is F.CalibrateResp:
             if self._bg_cal and f.client_time == self._cal_t0:  # type: ignore[attr-defined]
                 self._on_calibrate_resp(f)  # type: ignore[arg-type]
+        elif t is F.Typing:
+            self._on_typing(f)  # type: ignore[arg-type]
+        elif t is F.Presence:
+            self._on_presence(f)  # type: ignore[arg-type]
+        elif t is F.PresencePrivacy:
+            self._on_privacy(f)  # type: ignore[arg-type]
+        elif t is F.Error and f.code == ErrorCode.TYPING_NOT_RELAYED:  # type: ignore[attr-defined]
+            log.debug("broker: %s", f.reason)  # type: ignore[attr-defined]  # expected in large groups
         elif t is F.Error:
             log.warning("broker error %s (ref %s): %s", f.code, f.ref, f.reason)  # type: ignore[attr-defined]
             p = self._pending.get(f.ref) if f.ref else None  # type: ignore[attr-defined]
@@ -1070,6 +1165,8 @@ class ClientSession:
             heapq.heappop(heap)  # a finished send or a moved deadline
         for h in self._history.values():
             consider(h.deadline)
+        if self._typing_seen:
+            consider(min(self._typing_seen.values()))
         state = self._state
         if state is SessionState.AWAITING_LOGIN_ACK:
             consider(self._login_deadline)
@@ -1114,6 +1211,8 @@ class ClientSession:
         for h in [h for h in self._history.values() if h.deadline <= t]:
             del self._history[h.req_id]
             self._completions.append(h.failed(HistoryTimeout(h.req_id, h.conv)))
+        if self._typing_seen:
+            self._expire_typing(t)
         if self._ack_at is not None and self._ack_at <= t:
             self._ack_at = None
             self._flush_ack()
@@ -1518,6 +1617,137 @@ class ClientSession:
         for m in f.messages:
             self._remember(m)
         self._completions.append(HistoryCompleted(f.req_id, tuple(f.messages), None, f.more))
+
+    # ------------------------------------------------------------ typing and presence
+
+    def typing(self, conv: str, now: int, active: bool = True) -> bool:
+        """The user is typing in ``conv`` (``active``) or stopped.  Call it
+        on every keystroke: while active, a Typing goes out at most once per
+        ``typing_interval`` per conversation; a stop goes out only after an
+        active one.  Ephemeral: dropped while not connected (nothing to
+        catch up).  Returns whether a frame was sent.  Raises EncodeError
+        for a conv no frame can carry, the terminal error if CLOSED."""
+        self._check_open()
+        raw = encode_frame(F.Typing(conv, active))
+        t = self._tick(now)
+        last = self._typing_sent.get(conv)
+        if active:
+            if last is not None and t - last < _us(self.config.typing_interval):
+                return False
+        elif last is None:
+            return False
+        if self._state is not SessionState.ACTIVE:
+            return False
+        if active:
+            self._typing_sent[conv] = t
+        else:
+            del self._typing_sent[conv]
+        self._send(raw)
+        return True
+
+    def typing_users(self, conv: str) -> list[str]:
+        """Users whose typing indicator in ``conv`` is on (sorted)."""
+        t = self._t
+        return sorted(u for (c, u), until in self._typing_seen.items() if c == conv and until > t)
+
+    def _on_typing(self, f: F.Typing) -> None:
+        key = (f.conv, f.user)
+        if f.active and f.ttl_ms:
+            until = self._t + f.ttl_ms * 1000
+            self._typing_seen[key] = until
+            self._emit(TypingChanged(f.conv, f.user, True, until - self._skew))
+        elif self._typing_seen.pop(key, None) is not None:
+            self._emit(TypingChanged(f.conv, f.user, False, 0))
+
+    def _expire_typing(self, t: int) -> None:
+        for key, until in sorted(self._typing_seen.items()):
+            if until <= t:
+                del self._typing_seen[key]
+                self._emit(TypingChanged(key[0], key[1], False, 0))
+
+    def subscribe_presence(self, users: Any, now: int) -> int:
+        """Replace the presence subscription by ``users`` (an iterable of
+        user ids; empty: unsubscribe); returns the request id.  The answer
+        is a PresenceCompleted and a PresenceChanged per user; then every
+        change comes as a PresenceChanged.  The subscription is sent again
+        after every reconnect (the broker forgets it with the connection).
+        Raises EncodeError for ids no frame can carry, the terminal error if
+        CLOSED."""
+        self._check_open()
+        wanted = tuple(dict.fromkeys(users))
+        req_id = self._next_req
+        raw = encode_frame(F.PresenceSub(req_id, tuple(F.PresenceUser(u) for u in wanted)))
+        self._tick(now)
+        self._next_req += 1
+        self._presence_wanted = (req_id, wanted)
+        self._presence_waiting.append(req_id)
+        if self._state is SessionState.ACTIVE:
+            self._send(raw)
+        return req_id
+
+    def set_presence_privacy(self, hide_last_seen: Optional[bool], now: int) -> int:
+        """Hide (True) or show (False) this user's last-seen time to others,
+        or only ask (None); returns the request id.  Durable on the broker
+        and synced to the user's other devices.  Its PrivacyCompleted (and a
+        PrivacyChanged) comes once the broker answered; asked again after a
+        reconnect until then."""
+        self._check_open()
+        self._tick(now)
+        mode = 0 if hide_last_seen is None else (2 if hide_last_seen else 1)
+        req_id = self._next_req
+        self._next_req += 1
+        self._privacy_waiting[req_id] = mode
+        if self._state is SessionState.ACTIVE:
+            self._send(encode_frame(F.PresencePrivacy(mode)))
+        return req_id
+
+    def _resend_presence(self) -> None:
+        """After a (re)login: the subscription, and unanswered privacy requests."""
+        if self._presence_wanted is not None:
+            req_id, users = self._presence_wanted
+            if users or req_id in self._presence_waiting:
+                self._send(encode_frame(F.PresenceSub(req_id, tuple(F.PresenceUser(u) for u in users))))
+        for mode in sorted(set(self._privacy_waiting.values())):
+            self._send(encode_frame(F.PresencePrivacy(mode)))
+
+    def _on_presence(self, f: F.Presence) -> None:
+        wanted = self._presence_wanted
+        if f.req_id:
+            if wanted is None or f.req_id != wanted[0]:
+                return  # the answer to a subscription replaced since
+            done, self._presence_waiting = self._presence_waiting, []
+            if f.code != ErrorCode.OK:
+                code = _error_code(f.code)
+                err = SendError(code, 0, f"presence subscription: {code.name}")
+                # The broker kept the previous subscription: so does the session
+                # (and sends that one again after a reconnect).
+                self._presence_wanted = (f.req_id, self._presence_users)
+                for req in done:
+                    self._completions.append(PresenceCompleted(req, (), err))
+                return
+            self._presence_users = wanted[1]
+            for u in [u for u in self.presence if u not in wanted[1]]:
+                del self.presence[u]
+            for req in done:
+                self._completions.append(PresenceCompleted(req, tuple(f.entries), None))
+        users = self._presence_users
+        for e in f.entries:
+            if e.user not in users:
+                continue
+            self.presence[e.user] = e
+            self._emit(PresenceChanged(e.user, F.PresenceState(e.state) if e.state <= 2 else F.PresenceState.UNKNOWN, e.last_seen))
+
+    def _on_privacy(self, f: F.PresencePrivacy) -> None:
+        if f.mode not in (1, 2):
+            return
+        hide = f.mode == 2
+        if self.hide_last_seen is not hide:
+            self.hide_last_seen = hide
+            self._emit(PrivacyChanged(hide))
+        for req, mode in list(self._privacy_waiting.items()):
+            if mode in (0, f.mode):
+                del self._privacy_waiting[req]
+                self._completions.append(PrivacyCompleted(req, hide))
 
     # ------------------------------------------------------------ completions
 
