@@ -1371,3 +1371,60 @@ def test_lmdb_schema_2_store_is_migrated(tmp_path) -> None:
         assert s.spans(GROUP, "carol") == ((1, (1 << 64) - 1),)
     finally:
         s.close()
+
+
+# ---------------------------------------------------------------- presence (issue 14 part 3)
+
+
+def test_presence_visibility_follows_shared_conversations(store: Store, mk: Maker) -> None:
+    from pimcore.store import PresencePage, ReadPresence
+
+    store.create_group(GROUP, ["alice", "bob"], now=1)
+    mk.commit(store, mk(direct_conversation("alice", "dave"), "alice"))
+    mk.commit(store, TouchDevice("bob", "phone", 0, 500), TouchDevice("bob", "tablet", 0, 700))
+
+    def seen(user: str, *others: str) -> list[tuple[str, bool, int]]:
+        [page] = store.read((ReadPresence(user, others),))
+        assert isinstance(page, PresencePage) and page.user == user
+        return [(e.user, e.visible, e.last_seen) for e in page.entries]
+
+    assert seen("alice", "bob", "dave", "eve", "alice", "BAD ID") == [
+        ("bob", True, 700), ("dave", True, 0), ("eve", False, 0), ("alice", True, 0), ("BAD ID", False, 0),
+    ]
+    assert seen("eve", "alice", "bob") == [("alice", False, 0), ("bob", False, 0)]
+    assert seen("dave", "bob") == [("bob", False, 0)]  # alice's group is not dave's
+    store.remove_members(GROUP, ["bob"], now=10)
+    assert seen("alice", "bob") == [("bob", False, 0)]  # a former member shares nothing now
+    [bad] = store.read((ReadPresence("BAD ID", ("alice",)),))
+    assert bad == Rejected(ErrorCode.BAD_REQUEST)
+
+
+def test_presence_privacy_is_durable_and_reported(store: Store, mk: Maker) -> None:
+    from pimcore.store import PresencePrivacySet, ReadPresence, SetPresencePrivacy
+
+    store.create_group(GROUP, ["alice", "bob"], now=1)
+    assert not store.hides_last_seen("bob")
+    assert mk.commit(store, SetPresencePrivacy("bob", True)) == (PresencePrivacySet("bob", True),)
+    assert store.hides_last_seen("bob") and not store.hides_last_seen("alice")
+    [page] = store.read((ReadPresence("alice", ("bob",)),))
+    assert page.entries[0].hide_last_seen and not page.hide_last_seen
+    [page] = store.read((ReadPresence("bob", ()),))
+    assert page.hide_last_seen and page.entries == ()
+    assert mk.commit(store, SetPresencePrivacy("bob", False), SetPresencePrivacy("bob", False)) == (
+        PresencePrivacySet("bob", False), PresencePrivacySet("bob", False))
+    assert not store.hides_last_seen("bob")
+    assert mk.commit(store, SetPresencePrivacy("BAD ID", True), SetPresencePrivacy("bob", 1)) == (  # type: ignore[arg-type]
+        Rejected(ErrorCode.BAD_REQUEST), Rejected(ErrorCode.BAD_REQUEST))
+
+
+def test_presence_privacy_survives_reopening_lmdb(tmp_path: Path) -> None:
+    from pimcore.store import SetPresencePrivacy
+
+    s = LmdbStore(tmp_path / "db")
+    s.commit(WriteBatch(1, (SetPresencePrivacy("bob", True),)))
+    s.close()
+    s = LmdbStore(tmp_path / "db")
+    try:
+        assert s.hides_last_seen("bob")
+    finally:
+        s.close()
