@@ -131,6 +131,12 @@ class AsyncPimcore:
     async def conversations(self, user: str) -> list[Conversation]:
         return await self._call(self.handle.conversations, user)
 
+    async def presence(self, user: str) -> Any:
+        return await self._call(self.handle.presence, user)
+
+    async def set_presence_privacy(self, user: str, hide_last_seen: bool) -> bool:
+        return await self._call(self.handle.set_presence_privacy, user, hide_last_seen)
+
     async def unread(self, user: str, conv: Optional[str] = None) -> int:
         return await self._call(self.handle.unread, user, conv)
 

@@ -2291,18 +2291,23 @@ class Broker:
             return
         self._propose(SetPresencePrivacy(c.user, f.mode == 2), _PrivacyCtx(c.id))
 
-    def _privacy_done(self, op: SetPresencePrivacy, ctx: "_PrivacyCtx", res: Result, out: list[Command]) -> None:
+    def _privacy_done(self, op: SetPresencePrivacy, ctx: Union["_PrivacyCtx", _AdminCtx], res: Result, out: list[Command]) -> None:
+        asker = ctx.conn if isinstance(ctx, _PrivacyCtx) else None
+        if isinstance(ctx, _AdminCtx):
+            out.append(AdminDone(ctx.ref, res))
         if not isinstance(res, PresencePrivacySet):
-            code = res.code if isinstance(res, Rejected) else ErrorCode.INTERNAL
-            self._error(ctx.conn, code, 0, f"PresencePrivacy: {code.name.lower()}", out)
+            if asker is not None:
+                code = res.code if isinstance(res, Rejected) else ErrorCode.INTERNAL
+                self._error(asker, code, 0, f"PresencePrivacy: {code.name.lower()}", out)
             return
         user, hide = res.user, res.hide_last_seen
         frame = F.PresencePrivacy(2 if hide else 1)
         # The asker first, then the user's other devices (their settings
         # screens stay in sync).
-        self._send(ctx.conn, frame, out)
+        if asker is not None:
+            self._send(asker, frame, out)
         for dev in self._online.get(user, {}).values():
-            if dev.conn != ctx.conn:
+            if dev.conn != asker:
                 self._send(dev.conn, frame, out)
         if user in self._pres_watch and self._pres_hide.get(user) != hide:
             self._pres_hide[user] = hide
@@ -2310,6 +2315,13 @@ class Broker:
                 entry = F.Presence(0, ErrorCode.OK, (self._presence_entry(user),))
                 for conn in sorted(self._pres_watch[user]):
                     self._send(conn, entry, out)
+
+    def set_presence_privacy(self, user: str, hide_last_seen: bool, now: int, *, ref: int = 0) -> list[Command]:
+        """Control plane: set ``user``'s last-seen privacy (durable, an op
+        of the next batch); AdminDone(ref, PresencePrivacySet | Rejected)
+        once committed, and the user's devices and watchers are told as for
+        a client's PresencePrivacy."""
+        return self._admin(SetPresencePrivacy(user, hide_last_seen), ref, now)
 
     def presence(self, user: str) -> tuple[bool, int]:
         """Embedding API: (online on this node, last seen µs or 0 if unknown

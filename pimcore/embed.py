@@ -51,6 +51,9 @@ from .store.base import (
     ReadDevices,
     ReadHistory,
     ReadOp,
+    ReadPresence,
+    PresencePage,
+    PresencePrivacySet,
     Rejected,
     SessionLoaded,
     StoredMessage,
@@ -59,7 +62,7 @@ from .store.base import (
 
 __all__ = [
     "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ReadPositions", "DevicePosition",
-    "HostEvent", "EventStream", "SYSTEM", "EventsDisabled",
+    "HostEvent", "EventStream", "SYSTEM", "EventsDisabled", "UserPresence",
 ]
 
 _log = logging.getLogger("pimcore.net")
@@ -194,6 +197,19 @@ class ReadPositions:
     floor: int
     markers: tuple[tuple[str, int], ...]
     devices: tuple[DevicePosition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UserPresence:
+    """:meth:`Pimcore.presence`: what the broker knows of ``user`` --
+    online on this broker now, the last time one of their devices was
+    heard from (µs; 0 while online or if never), and their "hide my
+    last-seen time" setting (the host sees the time regardless)."""
+
+    user: str
+    online: bool
+    last_seen: int
+    hide_last_seen: bool
 
 
 def _host_event(ev: StoredEvent, online: Callable[[str], list[str]]) -> HostEvent:
@@ -481,6 +497,36 @@ class Pimcore:
     def online_devices(self, user: str) -> list[str]:
         """The devices of ``user`` connected to this broker now, sorted."""
         return self.server.broker.online_devices(user)
+
+    async def presence(self, user: str) -> UserPresence:
+        """``user``'s presence as the host sees it (privacy aside): online
+        on this broker (presence is per node), last seen (the latest of
+        this broker's memory and the devices' stored last_seen), and the
+        user's privacy setting.  Raises RequestRefused (BAD_REQUEST) for an
+        invalid user id, StoreError."""
+        page = await self._read_one(ReadPresence(user, (user,)))
+        if isinstance(page, Rejected):
+            raise RequestRefused(page.code, f"invalid user id {user!r}")
+        assert isinstance(page, PresencePage)
+        online, seen = self.server.broker.presence(user)
+        last = 0 if online else max(seen, page.entries[0].last_seen)
+        return UserPresence(user, online, last, page.hide_last_seen)
+
+    async def set_presence_privacy(self, user: str, hide_last_seen: bool) -> bool:
+        """Set ``user``'s "hide my last-seen time" setting (durable; the
+        user's online devices and the users watching them are told, as for
+        the client's PresencePrivacy).  Returns the setting in force.
+        Raises RequestRefused (BAD_REQUEST) for an invalid user id,
+        StoreError if the store failed."""
+        if type(hide_last_seen) is not bool:
+            raise TypeError("hide_last_seen must be a bool")
+        result = await self.server.host_call(self.server.broker.set_presence_privacy, user, hide_last_seen)
+        if isinstance(result, Rejected):
+            if result.code is ErrorCode.STORE_UNAVAILABLE:
+                raise StoreError("presence setting not stored: the store failed")
+            raise RequestRefused(result.code, f"presence privacy of {user!r}: {result.code.name}")
+        assert isinstance(result, PresencePrivacySet)
+        return result.hide_last_seen
 
     async def conversations(self, user: str) -> list[Conversation]:
         """Every conversation of ``user`` with its read state, sorted by id."""

@@ -273,6 +273,14 @@ class ThreadedPimcore:
         assert self.handle is not None
         return self._call(self.handle.conversations, user)
 
+    def presence(self, user: str) -> Any:
+        assert self.handle is not None
+        return self._call(self.handle.presence, user)
+
+    def set_presence_privacy(self, user: str, hide_last_seen: bool) -> bool:
+        assert self.handle is not None
+        return self._call(self.handle.set_presence_privacy, user, hide_last_seen)
+
     def unread(self, user: str, conv: str) -> int:
         assert self.handle is not None
         return self._call(self.handle.unread, user, conv)

@@ -197,3 +197,45 @@ async def test_presence_subscription_and_typing_survive_reconnects(store):
                         await a.typing("team")
                         ev = await next_event(b, lambda ev: isinstance(ev, TypingChanged))
                         assert ev.user == "alice" and ev.active
+
+
+async def test_the_host_reads_presence_and_sets_privacy(tmp_path):
+    from pimcore.embed import RequestRefused, open_pimcore
+    from pimcore.client import open_client
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["alice", "bob"])
+            p = await im.presence("alice")
+            assert (p.online, p.last_seen, p.hide_last_seen) == (False, 0, False)
+            async with open_client(im.urls[0], im.issue_token("bob"), "phone", config=FAST_CLIENT) as b:
+                await b.subscribe_presence(["alice"])
+                async with open_client(im.urls[0], im.issue_token("alice"), "phone", config=FAST_CLIENT) as a:
+                    await a.wait_connected()
+                    p = await im.presence("alice")
+                    assert p.online and p.last_seen == 0
+                    # the host hides alice's last seen: her device is told, bob sees no time
+                    assert await im.set_presence_privacy("alice", True) is True
+                    ev = await next_event(a, lambda ev: isinstance(ev, PrivacyChanged))
+                    assert ev.hide_last_seen is True
+                ev = await next_event(b, presence_of("alice", OFFLINE))
+                assert ev.last_seen == 0
+                p = await im.presence("alice")
+                assert not p.online and p.last_seen > 0 and p.hide_last_seen  # the host sees the time regardless
+            with pytest.raises(RequestRefused) as err:
+                await im.presence("NOT A USER")
+            assert err.value.code is ErrorCode.BAD_REQUEST
+            with pytest.raises(RequestRefused):
+                await im.set_presence_privacy("NOT A USER", True)
+
+
+async def test_http_presence(tmp_path):
+    from test_http_api import api, call
+
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            assert await call(c, "GET", "/v1/users/alice/presence") == (
+                200, {"user": "alice", "online": False, "last_seen": 0, "hide_last_seen": False})
+            await im.set_presence_privacy("alice", True)
+            status, doc = await call(c, "GET", "/v1/users/alice/presence")
+            assert status == 200 and doc["hide_last_seen"] is True

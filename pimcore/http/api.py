@@ -301,6 +301,10 @@ def register_api(router: Router, handle: "Pimcore") -> None:
                                     backward=_query(request, "backward", bool, True))
         return 200, {"messages": [_message(m) for m in msgs]}
 
+    async def presence(request: Request) -> tuple[int, Any]:
+        p = await handle.presence(request.params["user"])
+        return 200, {"user": p.user, "online": p.online, "last_seen": p.last_seen, "hide_last_seen": p.hide_last_seen}
+
     async def devices(request: Request) -> tuple[int, Any]:
         user = request.params["user"]
         return 200, {"user": user, "devices": handle.online_devices(user)}
@@ -393,6 +397,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         ("POST", "/v1/users/{user}/revoke", revoke),
         ("GET", "/v1/users/{user}/conversations", conversations),
         ("GET", "/v1/users/{user}/devices", devices),
+        ("GET", "/v1/users/{user}/presence", presence),
         ("GET", "/v1/users/{user}/unread", unread),
         ("GET", "/v1/users/{user}/read-positions", read_positions),
         ("POST", "/v1/tokens", tokens),
