@@ -16,6 +16,13 @@ their state as it advances:
 Incoming messages are marked read as they are shown.  ``/history`` prints
 the conversation again in display order, ``/quit`` (or end of input) leaves.
 
+Typing and presence: ``… bob is typing`` shows when another member starts
+typing (the indicator is ephemeral: it expires by itself).  A terminal
+reads whole lines, so the chat cannot see keystrokes: ``/typing`` tells
+the others you are typing (a line you then send ends it for them).  In a
+1:1 chat the peer's presence is shown as it changes (``— bob is online``,
+``— bob is offline (last seen 14:02:11)``, no time if bob hides it).
+
 ``--group NAME`` chats in a group instead (``pimcore group create NAME
 alice bob ...`` makes one); groups have no read receipts.
 """
@@ -38,7 +45,9 @@ from .client import (
     ConnectFailed,
     Disconnected,
     MessageReceived,
+    PresenceChanged,
     ReceiptReceived,
+    TypingChanged,
     SendError,
     SendTimeout,
     open_client,
@@ -95,6 +104,12 @@ async def chat(
         last_shown = max((m.seq for m in client.view(conv)), default=0)
         if last_shown:
             await client.mark_read(conv, last_shown)
+        if peer is not None:
+            try:
+                await client.subscribe_presence([peer])  # shown as PresenceChanged events below
+            except (ClientError, trio.TooSlowError):
+                pass
+        typing_now: set[str] = set()  # users shown as typing (a refresh is not shown again)
 
         async def send(text: str) -> None:
             out(f"… sending: {text}")
@@ -125,8 +140,20 @@ async def chat(
                     if m.sender == client.user:  # sent from another of my devices
                         out(f"[{_clock(m.server_time)}] me ({m.device}): {m.payload.decode('utf-8', 'replace')}  (#{m.seq})")
                         continue
+                    typing_now.discard(m.sender)  # their message ends their typing
                     out(f"[{_clock(m.server_time)}] {m.sender}: {m.payload.decode('utf-8', 'replace')}  (#{m.seq})")
                     await client.mark_read(conv, m.seq)
+                elif isinstance(ev, TypingChanged) and ev.conv == conv:
+                    if ev.active and ev.user not in typing_now:
+                        typing_now.add(ev.user)
+                        out(f"… {ev.user} is typing")
+                    elif not ev.active:
+                        typing_now.discard(ev.user)
+                elif isinstance(ev, PresenceChanged) and ev.user == peer:
+                    if ev.state is F.PresenceState.ONLINE:
+                        out(f"— {peer} is online")
+                    elif ev.state is F.PresenceState.OFFLINE:
+                        out(f"— {peer} is offline" + (f" (last seen {_clock(ev.last_seen)})" if ev.last_seen else ""))
                 elif isinstance(ev, ReceiptReceived) and ev.conv == conv and ev.reader == peer:
                     out(f"✓✓ read by {peer} (up to #{ev.seq})")
                 elif isinstance(ev, Disconnected):
@@ -144,6 +171,9 @@ async def chat(
                 text = line.rstrip("\n")
                 if text in ("/quit", "/exit"):
                     break
+                if text == "/typing":
+                    await client.typing(conv)
+                    continue
                 if text == "/history":
                     for m in client.view(conv):
                         who = "me" if m.sender == client.user else m.sender

@@ -239,3 +239,37 @@ async def test_http_presence(tmp_path):
             await im.set_presence_privacy("alice", True)
             status, doc = await call(c, "GET", "/v1/users/alice/presence")
             assert status == 200 and doc["hide_last_seen"] is True
+
+
+async def test_pimcore_chat_shows_typing_and_the_peers_presence(store):
+    from pimcore.chat import chat
+    from _net import token
+
+    lines_in, lines = trio.open_memory_channel[str](8)
+    shown: list[str] = []
+
+    async def wait_for(text: str) -> None:
+        with trio.fail_after(5):
+            while not any(text in line for line in shown):
+                await trio.sleep(0.01)
+
+    with trio.fail_after(30):
+        async with serving(store) as srv:
+            async with client(srv.url(), "alice") as a:
+                # presence needs a shared conversation: a 1:1 chat has one from its first message
+                await a.send("d:alice:bob", b"first")
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: chat(srv.url(), token("bob"), "alice", lines=lines, out=shown.append))
+                await wait_for("connected as bob")
+                await wait_for("— alice is offline")
+                async with client(srv.url(), "alice") as a:
+                    await wait_for("— alice is online")
+                    await a.typing("d:alice:bob")
+                    await wait_for("… alice is typing")
+                    await a.send("d:alice:bob", b"hello")
+                    await wait_for("alice: hello")
+                    await lines_in.send("/typing")  # a terminal cannot see keystrokes: the command
+                    await next_event(a, typing_of("bob", True))
+                await wait_for("— alice is offline (last seen ")
+                await lines_in.send("/quit")
+    assert sum("alice is typing" in line for line in shown) == 1
