@@ -15,14 +15,20 @@ export const FrameType = Object.freeze({
   SEND_REQ: 0x05, SEND_ACK: 0x06, PUSH: 0x07, PUSH_ACK: 0x08, READ: 0x09,
   READ_STATES: 0x0a, READ_RECEIPT: 0x0b, HISTORY_REQ: 0x0c, HISTORY_RESP: 0x0d,
   PING: 0x0e, PONG: 0x0f, ERROR: 0x10, CLOSE: 0x11, READERS_REQ: 0x12, READERS_RESP: 0x13,
+  // typing and presence
+  TYPING: 0x1c, PRESENCE_SUB: 0x1d, PRESENCE: 0x1e, PRESENCE_PRIVACY: 0x1f,
 });
 
 export const ErrorCode = Object.freeze({
   OK: 0, MALFORMED_FRAME: 1, FRAME_TOO_LARGE: 2, UNSUPPORTED_VERSION: 3, UNKNOWN_FRAME_TYPE: 4,
   UNEXPECTED_FRAME: 5, AUTH_FAILED: 10, BAD_REQUEST: 20, UNKNOWN_CONVERSATION: 21, NOT_MEMBER: 22,
   PAYLOAD_TOO_LARGE: 23, DUPLICATE_CONFLICT: 24, TOO_MANY_IN_FLIGHT: 25, RATE_LIMITED: 26,
-  REJECTED: 27, ALREADY_EXISTS: 28, STORE_UNAVAILABLE: 30, INTERNAL: 31,
+  REJECTED: 27, ALREADY_EXISTS: 28, PRESENCE_LIMIT: 48, TYPING_NOT_RELAYED: 49,
+  STORE_UNAVAILABLE: 30, INTERNAL: 31,
 });
+
+/** PresenceEntry.state. */
+export const PresenceState = Object.freeze({ UNKNOWN: 0, OFFLINE: 1, ONLINE: 2 });
 
 export const CloseCode = Object.freeze({
   NORMAL: 0, PROTOCOL_ERROR: 1, AUTH_FAILED: 2, LOGIN_TIMEOUT: 3, IDLE_TIMEOUT: 4, REPLACED: 5,
@@ -44,6 +50,8 @@ export const Records = {
     ['local_id', 'u'], ['after_seq', 'u']],
   ReadState: [['conv', 't'], ['read_seq', 'u'], ['last_seq', 'u'], ['unread', 'u']],
   Reader: [['user', 't'], ['read_seq', 'u']],
+  PresenceUser: [['user', 't']],
+  PresenceEntry: [['user', 't'], ['state', 'u'], ['last_seen', 'u']],
 };
 
 // Frames by type: [name, fields].
@@ -64,6 +72,10 @@ export const Frames = {
   [FrameType.HISTORY_RESP]: ['HistoryResp', [['req_id', 'u'], ['conv', 't'], ['code', 'u'], ['messages', ['Message']], ['more', '?']]],
   [FrameType.READERS_REQ]: ['ReadersReq', [['req_id', 'u'], ['conv', 't']]],
   [FrameType.READERS_RESP]: ['ReadersResp', [['req_id', 'u'], ['conv', 't'], ['code', 'u'], ['readers', ['Reader']], ['more_unused', null]]],
+  [FrameType.TYPING]: ['Typing', [['conv', 't'], ['active', '?'], ['user', 't'], ['ttl_ms', 'u']]],
+  [FrameType.PRESENCE_SUB]: ['PresenceSub', [['req_id', 'u'], ['users', ['PresenceUser']]]],
+  [FrameType.PRESENCE]: ['Presence', [['req_id', 'u'], ['code', 'u'], ['entries', ['PresenceEntry']]]],
+  [FrameType.PRESENCE_PRIVACY]: ['PresencePrivacy', [['mode', 'u']]],
   [FrameType.PING]: ['Ping', [['nonce', 'u']]],
   [FrameType.PONG]: ['Pong', [['nonce', 'u']]],
   [FrameType.ERROR]: ['Error', [['code', 'u'], ['ref', 'u'], ['reason', 't']]],

@@ -11,6 +11,8 @@ export declare const FrameType: Readonly<Record<string, number>>;
 export declare const ErrorCode: Readonly<Record<string, number>>;
 export declare const CloseCode: Readonly<Record<string, number>>;
 export declare const MessageKind: Readonly<{ MESSAGE: 0; JOINED: 1; LEFT: 2 }>;
+/** PresenceEntry.state: UNKNOWN = not visible (no shared conversation). */
+export declare const PresenceState: Readonly<{ UNKNOWN: 0; OFFLINE: 1; ONLINE: 2 }>;
 export declare function codeName(table: Readonly<Record<string, number>>, code: number): string;
 
 /** A decoded frame: `type`, `name` and the frame's fields (wire names, snake_case). */
@@ -22,6 +24,10 @@ export interface Message {
 }
 export interface ReadState { conv: string; read_seq: Int; last_seq: Int; unread: Int }
 export interface Reader { user: string; read_seq: Int }
+/** A user's presence: `last_seen` µs of the broker's clock, 0 while online, hidden by the user, or unknown. */
+export interface PresenceEntry { user: string; state: 0 | 1 | 2; last_seen: Int }
+/** A typing indicator: `expires` µs of the device clock (0 when it stopped). */
+export interface TypingEvent { conv: string; user: string; active: boolean; expires: number }
 
 export declare class ProtocolError extends Error { code: number; frames?: Frame[] }
 export declare class EncodeError extends TypeError {}
@@ -69,6 +75,8 @@ export interface ClientOptions {
   ackTimeout?: number; sendTimeout?: number; connectTimeout?: number; ackDelay?: number; // ms
   timeSamples?: number; backoffInitial?: number; backoffMax?: number; deadAfter?: number;
   viewLimit?: number; reconnect?: boolean;
+  /** ms: while the user types, typing() sends at most one Typing per conversation per interval (default 2500). */
+  typingInterval?: number;
   /** The device clock in µs (default Date.now() * 1000). */
   now?: () => number;
 }
@@ -89,6 +97,12 @@ export interface ClientEvents {
   error: { code: number; ref: Int; reason: string };
   closed: Error;
   state: State;
+  /** Another member started or stopped typing (an indicator also stops by itself at `expires`). */
+  typing: TypingEvent;
+  /** A subscribed user's presence: the subscription's answer, then every change. */
+  presence: PresenceEntry;
+  /** This user's last-seen privacy setting as the broker has it. */
+  privacy: { hideLastSeen: boolean };
 }
 
 export type State = 'DISCONNECTED' | 'AWAITING_LOGIN_ACK' | 'CALIBRATING' | 'ACTIVE' | 'CLOSED';
@@ -124,6 +138,16 @@ export declare class PimcoreClient {
   readers(conv: string, options?: { timeout?: number }): Promise<Reader[]>;
   view(conv: string): Message[];
   serverNow(): number;
+  /** The user is typing in `conv` (or stopped); throttled to one frame per `typingInterval`. Returns whether one went out. */
+  typing(conv: string, active?: boolean): boolean;
+  typingUsers(conv: string): string[];
+  /** Replace the presence subscription; resolves with every asked user's state. Rejects with SendError(PRESENCE_LIMIT), RequestTimeout. */
+  subscribePresence(users: Iterable<string>, options?: { timeout?: number }): Promise<Record<string, PresenceEntry>>;
+  /** Hide (true) / show (false) this user's last-seen time, or ask (null); resolves with the setting in force. */
+  setPresencePrivacy(hideLastSeen: boolean | null, options?: { timeout?: number }): Promise<boolean>;
+  /** The latest presence of each subscribed user. */
+  readonly presence: Map<string, PresenceEntry>;
+  readonly hideLastSeen: boolean | null;
 }
 
 export declare class SendError extends Error { code: number; reason: string }

@@ -70,6 +70,7 @@ const DEFAULTS = {
   backoffMax: 10000, // ms
   deadAfter: 3, // heartbeat intervals of silence from the broker -> dead link
   viewLimit: 1000,
+  typingInterval: 2500, // ms: while the user types, typing() sends at most one Typing per conv per interval
   reconnect: true,
   now: wallUs, // µs, the device clock messages are stamped with
 };
@@ -77,7 +78,7 @@ const DEFAULTS = {
 /**
  * One device of one user.  Events (`on(name, fn)`): connected, disconnected,
  * message, readstate, receipt, resynced, sendsStalled, sendsResumed, error,
- * closed, state.  See index.d.ts for the shapes.
+ * closed, state, typing, presence, privacy.  See index.d.ts for the shapes.
  */
 export class PimcoreClient {
   constructor(options) {
@@ -111,6 +112,15 @@ export class PimcoreClient {
     this._views = new Map();
     this._requests = new Map(); // req id -> history / readers request
     this._nextReqId = 1;
+    // typing and presence (ephemeral; PROTOCOL.md "Typing and presence")
+    this._typingSent = new Map(); // conv -> device time (µs) of the last active Typing sent
+    this._typingSeen = new Map(); // `${conv}\n${user}` -> {conv, user, until (µs, device clock)}
+    this._presenceWanted = null; // {reqId, users}: sent again after every reconnect
+    this._presenceUsers = []; // the users of the subscription the broker accepted last
+    this._presenceWaiting = []; // [{reqId, resolve, reject, deadline}]
+    this._privacyWaiting = []; // [{mode, resolve, reject, deadline}]
+    this.presence = new Map(); // user -> {user, state, last_seen}
+    this.hideLastSeen = null; // this user's setting, once the broker told it
     this._ws = null;
     this._attempt = 0;
     this._reconnectTimer = null;
@@ -190,6 +200,8 @@ export class PimcoreClient {
     this._pending.clear();
     for (const r of this._requests.values()) r.reject(err);
     this._requests.clear();
+    for (const w of this._presenceWaiting.splice(0)) w.reject(err);
+    for (const w of this._privacyWaiting.splice(0)) w.reject(err);
     for (const w of this._connectWaiters.splice(0)) w.reject(err);
     this._emit('closed', err);
   }
@@ -334,6 +346,9 @@ export class PimcoreClient {
       case FrameType.READ_RECEIPT: this._onReceipt(f); break;
       case FrameType.HISTORY_RESP: case FrameType.READERS_RESP: this._onResponse(f); break;
       case FrameType.PONG: if (this._ping && f.nonce === this._ping.nonce) this._ping = null; break;
+      case FrameType.TYPING: this._onTyping(f, now); break;
+      case FrameType.PRESENCE: this._onPresence(f); break;
+      case FrameType.PRESENCE_PRIVACY: this._onPrivacy(f); break;
       case FrameType.ERROR: this._emit('error', { code: f.code, ref: f.ref, reason: f.reason }); this._lastError = f; break;
       default: break;
     }
@@ -414,6 +429,7 @@ export class PimcoreClient {
     for (const [conv, seq] of this._wanted) this._sendFrame(frame('Read', { conv, seq }));
     if (this.takenUpto > this.ackedUpto) this._armAck();
     for (const r of this._requests.values()) { r.askedAt = now; this._sendFrame(r.frame); }
+    this._resendPresence();
     if (this._calib.taken > 0) this._nextSample(now); else this._calib.t0 = null;
   }
 
@@ -650,12 +666,121 @@ export class PimcoreClient {
   /** The broker's clock estimate, µs. */
   serverNow() { return this.opts.now() + this.clockOffset; }
 
+  // ------------------------------------------------------------ typing and presence
+  /**
+   * The user is typing in `conv` (`active`) or stopped.  Call it on every
+   * keystroke: while active, at most one Typing per `typingInterval` per
+   * conversation goes out; a stop only after an active one.  Nothing is
+   * sent while disconnected (ephemeral).  Returns whether a frame went out.
+   */
+  typing(conv, active = true) {
+    if (this.state === State.CLOSED) throw this.error;
+    const f = frame('Typing', { conv, active, user: '', ttl_ms: 0 });
+    const now = this.opts.now();
+    const last = this._typingSent.get(conv);
+    if (active) { if (last !== undefined && now - last < this.opts.typingInterval * 1000) return false; }
+    else if (last === undefined) return false;
+    if (this.state !== State.ACTIVE) return false;
+    if (active) this._typingSent.set(conv, now); else this._typingSent.delete(conv);
+    this._sendFrame(f);
+    return true;
+  }
+  /** Users whose typing indicator in `conv` is on now, sorted. */
+  typingUsers(conv) {
+    const now = this.opts.now();
+    return [...this._typingSeen.values()].filter((t) => t.conv === conv && t.until > now).map((t) => t.user).sort();
+  }
+  _onTyping(f, now) {
+    const key = `${f.conv}\n${f.user}`;
+    if (f.active && f.ttl_ms) {
+      const until = now + f.ttl_ms * 1000;
+      this._typingSeen.set(key, { conv: f.conv, user: f.user, until });
+      this._emit('typing', { conv: f.conv, user: f.user, active: true, expires: until });
+    } else if (this._typingSeen.delete(key)) {
+      this._emit('typing', { conv: f.conv, user: f.user, active: false, expires: 0 });
+    }
+  }
+  /**
+   * Replace the presence subscription by `users` (empty: unsubscribe).
+   * Resolves with {user: {user, state, last_seen}} of every user asked for
+   * (state PresenceState.UNKNOWN: shares no conversation with this user);
+   * then every change comes as a 'presence' event.  Sent again after every
+   * reconnect.  Rejects with SendError(PRESENCE_LIMIT), RequestTimeout.
+   */
+  subscribePresence(users, { timeout = this.opts.sendTimeout } = {}) {
+    if (this.state === State.CLOSED) return Promise.reject(this.error);
+    const wanted = [...new Set(users)];
+    const reqId = this._nextReqId++;
+    const f = frame('PresenceSub', { req_id: reqId, users: wanted.map((user) => ({ user })) });
+    this._presenceWanted = { reqId, users: wanted };
+    const p = new Promise((resolve, reject) => {
+      this._presenceWaiting.push({ reqId, resolve, reject, deadline: this.opts.now() + timeout * 1000 });
+    });
+    this._refTicker();
+    if (this.state === State.ACTIVE) this._sendFrame(f);
+    return p;
+  }
+  /**
+   * Hide (true) or show (false) this user's last-seen time, or only ask
+   * (null).  Durable on the broker, synced to the user's other devices.
+   * Resolves with the setting in force; rejects with RequestTimeout.
+   */
+  setPresencePrivacy(hideLastSeen, { timeout = this.opts.sendTimeout } = {}) {
+    if (this.state === State.CLOSED) return Promise.reject(this.error);
+    const mode = hideLastSeen == null ? 0 : hideLastSeen ? 2 : 1;
+    const p = new Promise((resolve, reject) => {
+      this._privacyWaiting.push({ mode, resolve, reject, deadline: this.opts.now() + timeout * 1000 });
+    });
+    this._refTicker();
+    if (this.state === State.ACTIVE) this._sendFrame(frame('PresencePrivacy', { mode }));
+    return p;
+  }
+  _resendPresence() {
+    const w = this._presenceWanted;
+    if (w && (w.users.length || this._presenceWaiting.length)) {
+      this._sendFrame(frame('PresenceSub', { req_id: w.reqId, users: w.users.map((user) => ({ user })) }));
+    }
+    for (const mode of new Set(this._privacyWaiting.map((x) => x.mode))) this._sendFrame(frame('PresencePrivacy', { mode }));
+  }
+  _onPresence(f) {
+    const w = this._presenceWanted;
+    if (f.req_id) {
+      if (!w || f.req_id !== w.reqId) return; // the answer to a subscription replaced since
+      const done = this._presenceWaiting.splice(0);
+      if (f.code !== ErrorCode.OK) {
+        // the broker kept the previous subscription: so does the client
+        this._presenceWanted = { reqId: f.req_id, users: this._presenceUsers };
+        for (const x of done) x.reject(new SendError(f.code));
+        return;
+      }
+      this._presenceUsers = w.users;
+      for (const u of [...this.presence.keys()]) if (!w.users.includes(u)) this.presence.delete(u);
+      const answer = {};
+      for (const e of f.entries) answer[e.user] = { ...e };
+      for (const x of done) x.resolve(answer);
+    }
+    for (const e of f.entries) {
+      if (!this._presenceUsers.includes(e.user)) continue;
+      this.presence.set(e.user, { ...e });
+      this._emit('presence', { ...e });
+    }
+  }
+  _onPrivacy(f) {
+    if (f.mode !== 1 && f.mode !== 2) return;
+    const hide = f.mode === 2;
+    if (this.hideLastSeen !== hide) { this.hideLastSeen = hide; this._emit('privacy', { hideLastSeen: hide }); }
+    const keep = [];
+    for (const x of this._privacyWaiting) { if (x.mode === 0 || x.mode === f.mode) x.resolve(hide); else keep.push(x); }
+    this._privacyWaiting = keep;
+  }
+
   // ------------------------------------------------------------ timers
   // The ticker keeps a Node process alive only while something waits on it
   // (a send or a request must time out even with no socket up).
   _refTicker() {
     if (!this._ticker) return;
-    if (this._pending.size || this._requests.size) this._ticker.ref?.(); else this._ticker.unref?.();
+    if (this._pending.size || this._requests.size || this._presenceWaiting.length || this._privacyWaiting.length) this._ticker.ref?.();
+    else this._ticker.unref?.();
   }
 
   _tick() {
@@ -666,6 +791,16 @@ export class PimcoreClient {
     }
     for (const r of [...this._requests.values()]) {
       if (now >= r.deadline) { this._requests.delete(r.reqId); r.reject(new RequestTimeout(r.frame.name)); }
+    }
+    for (const [key, t] of [...this._typingSeen]) {
+      if (now >= t.until) { this._typingSeen.delete(key); this._emit('typing', { conv: t.conv, user: t.user, active: false, expires: 0 }); }
+    }
+    for (const name of ['_presenceWaiting', '_privacyWaiting']) {
+      const late = this[name].filter((x) => now >= x.deadline);
+      if (late.length) {
+        this[name] = this[name].filter((x) => now < x.deadline);
+        for (const x of late) x.reject(new RequestTimeout(name === '_presenceWaiting' ? 'PresenceSub' : 'PresencePrivacy'));
+      }
     }
     if (!this._ws) return;
     const st = this.state;
