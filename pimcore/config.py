@@ -34,6 +34,11 @@ Example (every key optional)::
     commit_in_thread = false           # true: fsync in a worker thread (see ARCHITECTURE.md)
     hook_timeout = 10.0                # seconds an async content filter/authenticator may take
     events = false                     # true: record durable host events (docs/EMBEDDING.md, Events)
+    typing_ttl = 6.0                   # seconds a relayed typing indicator lasts unless refreshed
+    typing_rate = 2.0                  # Typing frames per second per connection (excess dropped silently)...
+    typing_burst = 8                   # ...and at once
+    typing_max_members = 256           # groups larger than this get no typing relayed
+    presence_max_users = 256           # users one presence subscription may name
 
     [http]                             # the HTTP listener (off unless listen is set); `http = "URL"` is short for listen
     listen = "tcp://127.0.0.1:7481"    # tcp:// or tls:// (with [tls])
@@ -130,6 +135,8 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "idle_timeout": "float", "login_timeout": "float", "ack_delay": "float", "max_outbound_bytes": "int",
         "max_connections": "int", "commit_in_thread": "bool", "hook_timeout": "float", "read_timeout": "float",
         "control_rate": "float", "control_burst": "int", "events": "bool",
+        "typing_ttl": "float", "typing_rate": "float", "typing_burst": "int", "typing_max_members": "int",
+        "presence_max_users": "int",
     },
     "http": {
         "listen": "str", "max_header_bytes": "int", "max_body_bytes": "int", "request_timeout": "float",
@@ -152,6 +159,8 @@ _SECRET_KEYS = {(None, "secret"), (None, "api_keys"), ("webhooks", "secret"), ("
 
 _LIMIT_KEYS = set(_SECTIONS["limits"])
 _SERVER_KEYS = set(_SECTIONS["server"])
+#: [server] keys that are BrokerConfig fields of typing and presence (typing_ttl in seconds there, µs here).
+_EPHEMERAL_KEYS = ("typing_ttl", "typing_rate", "typing_burst", "typing_max_members", "presence_max_users")
 _HTTP_KEYS = set(_SECTIONS["http"])
 _TOP_KEYS = set(_TOP) | set(_SECTIONS)
 
@@ -314,6 +323,13 @@ class ServeSettings:
                     broker = replace(broker, **{key: srv.pop(key)})
                 except (TypeError, ValueError) as exc:
                     raise ConfigError(f"server: {key}: {exc}") from None
+        for key in _EPHEMERAL_KEYS:  # typing and presence (PROTOCOL.md, "Typing and presence")
+            if key in srv:
+                value = srv.pop(key)
+                try:
+                    broker = replace(broker, **{key: int(float(value) * SECOND) if key == "typing_ttl" else value})
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"server: {key}: {exc}") from None
         endpoints = self.endpoints()
         if any(e.secure for e in endpoints) and not self.cert:
             raise ConfigError("tls:// and wss:// listeners need a certificate: --cert/--key or [tls] cert/key")
@@ -437,10 +453,13 @@ class ServeSettings:
             "idle_timeout": b.idle_timeout / SECOND, "login_timeout": b.login_timeout / SECOND,
             "ack_delay": b.ack_delay / SECOND,
             "control_rate": b.control_rate, "control_burst": b.control_burst, "events": b.record_events,
+            "typing_ttl": b.typing_ttl / SECOND,
+            **{k: getattr(b, k) for k in _EPHEMERAL_KEYS if k != "typing_ttl"},
             **{
                 k: getattr(base, k)
                 for k in _SERVER_KEYS
                 if k not in ("idle_timeout", "login_timeout", "ack_delay", "control_rate", "control_burst", "events")
+                and k not in _EPHEMERAL_KEYS
             },
         }
         server.update(self.server)

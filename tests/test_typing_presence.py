@@ -273,3 +273,20 @@ async def test_pimcore_chat_shows_typing_and_the_peers_presence(store):
                 await wait_for("— alice is offline (last seen ")
                 await lines_in.send("/quit")
     assert sum("alice is typing" in line for line in shown) == 1
+
+
+def test_typing_and_presence_limits_are_settings(tmp_path):
+    from pimcore.config import ConfigError, load_settings
+
+    cfg = tmp_path / "pimcore.toml"
+    cfg.write_text("[server]\ntyping_ttl = 4.5\ntyping_rate = 1.0\ntyping_burst = 3\ntyping_max_members = 50\n"
+                   "presence_max_users = 20\n")
+    settings = load_settings(str(cfg))
+    b = settings.server_config().broker
+    assert (b.typing_ttl, b.typing_rate, b.typing_burst, b.typing_max_members, b.presence_max_users) == (
+        4_500_000, 1.0, 3, 50, 20)
+    eff = settings.effective()["server"]
+    assert (eff["typing_ttl"], eff["typing_max_members"], eff["presence_max_users"]) == (4.5, 50, 20)
+    cfg.write_text("[server]\ntyping_ttl = 0\n")
+    with pytest.raises(ConfigError, match="typing_ttl"):
+        load_settings(str(cfg)).server_config()
