@@ -704,6 +704,9 @@ _TYPING_CACHE_MAX = 4096
 _TYPING_CACHE_TTL = 30 * SECOND
 #: Users whose last-seen time the core remembers (most recent first out).
 _PRES_SEEN_MAX = 100_000
+#: The cached "members" of a group too large for typing (compared by
+#: identity; its one element is no valid user id).
+_TOO_LARGE: frozenset[str] = frozenset({"\x00too large"})
 
 # ---------------------------------------------------------------- the broker
 
@@ -2087,16 +2090,22 @@ class Broker:
         if len(cache) >= _TYPING_CACHE_MAX and conv not in cache:
             for k in [k for k, (until, _) in cache.items() if until <= now] or list(cache)[: len(cache) // 2]:
                 del cache[k]
-        cache[conv] = (now + _TYPING_CACHE_TTL, members)
+        cache[conv] = (now + _TYPING_CACHE_TTL, self._bounded(members))
+
+    def _bounded(self, members: frozenset[str]) -> frozenset[str]:
+        # A group above typing_max_members gets no typing: remember only
+        # that (the empty set), not its members -- the cache stays small
+        # whatever the groups' sizes.
+        return members if len(members) <= self.config.typing_max_members else _TOO_LARGE
 
     def _typing_to_group(self, c: _Conn, conv: str, active: bool, members: frozenset[str], out: list[Command]) -> None:
-        if c.user not in members:
-            self._error(c.id, ErrorCode.NOT_MEMBER, 0, f"Typing {conv!r}: not_member", out)
-        elif len(members) > self.config.typing_max_members:
+        if members is _TOO_LARGE or len(members) > self.config.typing_max_members:
             self._error(
                 c.id, ErrorCode.TYPING_NOT_RELAYED, 0,
                 f"Typing {conv!r}: not relayed in groups of more than {self.config.typing_max_members} members", out,
             )
+        elif c.user not in members:
+            self._error(c.id, ErrorCode.NOT_MEMBER, 0, f"Typing {conv!r}: not_member", out)
         else:
             self._relay_typing(c, conv, active, members, out)
 
@@ -2120,7 +2129,7 @@ class Broker:
         conversation, or no longer)."""
         self._typing_gen += 1
         if res.conv in self._typing_members:
-            self._typing_members[res.conv] = (self._typing_members[res.conv][0], frozenset(res.members))
+            self._typing_members[res.conv] = (self._typing_members[res.conv][0], self._bounded(frozenset(res.members)))
         moved = {m.sender for m in res.entries}
         if not self._pres_req or not moved:
             return
