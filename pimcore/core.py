@@ -2195,12 +2195,12 @@ class Broker:
         before = self._pres_sub.get(c.id, frozenset())
         visible = frozenset(e.user for e in res.entries if e.visible)
         for e in res.entries:
-            if e.visible:
-                self._pres_hide[e.user] = e.hide_last_seen
-                if e.last_seen > self._pres_seen.get(e.user, 0):
-                    self._remember_seen(e.user, e.last_seen)
-        entries = tuple(self._presence_entry(e.user) if e.visible else F.PresenceEntry(e.user, F.PresenceState.UNKNOWN, 0)
-                        for e in res.entries)
+            if e.visible and e.last_seen > self._pres_seen.get(e.user, 0):
+                self._remember_seen(e.user, e.last_seen)
+        entries = tuple(
+            self._presence_entry(e.user, e.hide_last_seen) if e.visible else F.PresenceEntry(e.user, F.PresenceState.UNKNOWN, 0)
+            for e in res.entries
+        )
         if ctx.req_id:
             self._send(c.id, F.Presence(ctx.req_id, ErrorCode.OK, entries), out)
         else:  # a re-check: tell only what became visible or invisible
@@ -2209,12 +2209,16 @@ class Broker:
                 self._send(c.id, F.Presence(0, ErrorCode.OK, changed), out)
         if newest:
             self._install_presence(c.id, ctx.users, visible)
+            for e in res.entries:
+                if e.visible:  # watched now: keep the setting for the changes to come
+                    self._pres_hide[e.user] = e.hide_last_seen
 
-    def _presence_entry(self, user: str) -> F.PresenceEntry:
+    def _presence_entry(self, user: str, hide: Optional[bool] = None) -> F.PresenceEntry:
         if user in self._online:
             return F.PresenceEntry(user, F.PresenceState.ONLINE, 0)
-        seen = 0 if self._pres_hide.get(user, False) else self._pres_seen.get(user, 0)
-        return F.PresenceEntry(user, F.PresenceState.OFFLINE, seen)
+        if hide is None:
+            hide = self._pres_hide.get(user, False)
+        return F.PresenceEntry(user, F.PresenceState.OFFLINE, 0 if hide else self._pres_seen.get(user, 0))
 
     def _install_presence(self, conn: int, users: tuple[str, ...], visible: frozenset[str]) -> None:
         old = self._pres_sub.pop(conn, frozenset())

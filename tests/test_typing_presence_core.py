@@ -214,3 +214,23 @@ def test_hidden_last_seen(store):
     assert ch.entries[0].state == OFFLINE and ch.entries[0].last_seen > 0
     h.feed(alice, F.PresencePrivacy(3))
     assert errors(h, alice) == [ErrorCode.BAD_REQUEST]
+
+
+def test_ephemeral_state_goes_with_the_connections(store):
+    """Nothing of typing or presence outlives the connections that made it
+    (but the bounded last-seen memory)."""
+    h = harness(store)
+    users = [f"u{i}" for i in range(12)]
+    h.create_group("g", users)
+    conns = [h.login(u, "p") for u in users]
+    for i, c in enumerate(conns):
+        h.feed(c, F.Typing("g", True))
+        sub(h, c, 1, *users[: i + 1], "stranger")
+        h.feed(c, F.PresencePrivacy(2 if i % 2 else 1))
+    h.remove_members("g", users[:3])  # re-checks in flight too
+    for c in conns:
+        h.lose(c)
+    b = h.broker
+    assert not (b._pres_watch or b._pres_hide or b._pres_sub or b._pres_req or b._pres_told or b._pres_latest
+                or b._pres_dirty or b._pres_recheck or b._typing_tokens or b._typing_reads)
+    assert set(b._pres_seen) == set(users)
