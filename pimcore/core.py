@@ -103,6 +103,12 @@ from .store.base import (
     StoredMessage,
     StoreRequest,
     TouchDevice,
+    ConversationEntry,
+    ConversationsPage,
+    ConversationSet,
+    ReadConversations,
+    SetConversation,
+    conversation_cursor,
 )
 
 __all__ = [
@@ -158,9 +164,13 @@ class Limits:
     # send_burst is the bucket size (a burst a well-behaved client may send at once).
     send_rate: float = 0.0
     send_burst: int = 256
+    #: Users one SendReq may mention (more: TOO_MANY_MENTIONS).
+    max_mentions: int = 64
+    #: Entries per ConvListResp (a larger ConvListReq.limit is clamped).
+    conv_page: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("max_frame", "max_payload", "window", "push_batch", "push_window", "push_window_bytes", "history_page", "read_state_batch", "send_burst"):
+        for name in ("max_frame", "max_payload", "window", "push_batch", "push_window", "push_window_bytes", "history_page", "read_state_batch", "send_burst", "conv_page"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Limits.{name} must be >= 1")
         if self.heartbeat_ms < 0 or self.send_rate < 0:
@@ -548,7 +558,7 @@ class _AdminCtx:
         self.ref = ref
 
 
-_Ctx = Union[_PendingSend, _ReadCtx, _AdminCtx, None]
+_Ctx = Union[_PendingSend, _ReadCtx, _AdminCtx, "_ConvSetCtx", None]
 
 
 # What each read request in flight is for (request id -> one of these).
@@ -578,6 +588,36 @@ class _HistoryRead:
         self.frame = frame
         self.limit = limit
         self.reserve = reserve  # bytes counted in _Conn.reserved until it is answered
+
+
+class _ConvListRead:
+    __slots__ = ("conn", "frame", "limit")
+
+    def __init__(self, conn: int, frame: F.ConvListReq, limit: int) -> None:
+        self.conn = conn
+        self.frame = frame
+        self.limit = limit
+
+
+class _ConvUpdateRead:
+    """The entry of (user, conv) after its read marker moved: sent to every
+    device of the user as a ConvUpdate (no connection waits for it)."""
+
+    __slots__ = ("conn", "user", "conv")
+
+    def __init__(self, user: str, conv: str) -> None:
+        self.conn = -1
+        self.user = user
+        self.conv = conv
+
+
+class _ConvSetCtx:
+    __slots__ = ("conn", "req_id", "conv")
+
+    def __init__(self, conn: int, req_id: int, conv: str) -> None:
+        self.conn = conn
+        self.req_id = req_id
+        self.conv = conv
 
 
 class _ReadersRead:
@@ -636,10 +676,34 @@ def message_digest(conv: str, payload: bytes) -> bytes:
 
 
 def _to_frame_message(pos: int, m: StoredMessage) -> F.Message:
+    if m.mentions or m.mention_all:
+        return F.Message(
+            pos, m.msg_id, m.conv, m.seq, m.sender, m.device, m.client_time, m.server_time, m.payload,
+            m.kind, m.local_id, m.after_seq, tuple(F.Mention(u) for u in m.mentions), m.mention_all,
+        )
     return F.Message(
         pos, m.msg_id, m.conv, m.seq, m.sender, m.device, m.client_time, m.server_time, m.payload,
         m.kind, m.local_id, m.after_seq,
     )
+
+
+def _to_conv_entry(e: ConversationEntry) -> F.ConvEntry:
+    return F.ConvEntry(
+        e.conv, (_to_frame_message(0, e.last),) if e.last is not None else (), e.read_seq, e.last_seq, e.unread,
+        e.mention_count, e.pinned, e.muted, e.hidden,
+    )
+
+
+def _normalized_mentions(f: F.SendReq) -> Union[ErrorCode, tuple[str, ...]]:
+    """SendReq.mentions sorted and unique, or BAD_MENTION when one is not a
+    valid user id.  Valid ids of non-members are kept in the message but
+    count for nobody (only recipients get a mention counted)."""
+    users = set()
+    for m in f.mentions:
+        if not valid_id(m.user):
+            return ErrorCode.BAD_MENTION
+        users.add(m.user)
+    return tuple(sorted(users))
 
 
 _U64_MAX = (1 << 64) - 1
@@ -967,6 +1031,9 @@ class Broker:
                     # e.g. removed from the group while the Read waited for
                     # the batch: the store is authoritative, tell the device.
                     self._error(ctx.conn, res.code, 0, f"Read {op.conv!r}: {res.code.name.lower()}", out)  # type: ignore[union-attr]
+            elif kind is SetConversation:
+                assert isinstance(ctx, _ConvSetCtx)
+                self._finish_conv_set(ctx, res, out)
             elif kind is AckPosition:
                 key = (op.user, op.device)  # type: ignore[union-attr]
                 if self._acks_unsaved.get(key, -1) <= op.position:  # type: ignore[union-attr]
@@ -1006,6 +1073,8 @@ class Broker:
                 self._error(ctx.conn, ErrorCode.STORE_UNAVAILABLE, 0, "read marker not saved; send Read again", out)
             elif isinstance(ctx, _AdminCtx):
                 out.append(AdminDone(ctx.ref, Rejected(ErrorCode.STORE_UNAVAILABLE)))
+            elif isinstance(ctx, _ConvSetCtx):
+                self._send(ctx.conn, F.ConvSetResp(ctx.req_id, ctx.conv, ErrorCode.STORE_UNAVAILABLE), out)
             # A lost AckPosition/TouchDevice only leaves the stored position
             # behind the real one: the device re-acks or re-logs in, and the
             # worst case is a re-delivery the client dedupes by position.
@@ -1046,6 +1115,8 @@ class Broker:
                 return
             self._activate(c, ctx, res, now, out)
             self._resume(c, now, out)  # frames pipelined after the Login
+        elif type(ctx) is _ConvListRead or type(ctx) is _ConvUpdateRead:
+            self._conv_read_done(ctx, res, now, out)  # type: ignore[arg-type]
         elif type(ctx) is _ReadersRead:
             c = self._conns.get(ctx.conn)
             if c is None:
@@ -1647,6 +1718,11 @@ class Broker:
             return refuse(ErrorCode.TOO_MANY_IN_FLIGHT)
         if len(f.payload) > lim.max_payload:
             return refuse(ErrorCode.PAYLOAD_TOO_LARGE)
+        if f.mentions:
+            if len(f.mentions) > lim.max_mentions:
+                return refuse(ErrorCode.TOO_MANY_MENTIONS)
+            if isinstance(_normalized_mentions(f), ErrorCode):
+                return refuse(ErrorCode.BAD_MENTION)
         code = self._check_conversation(c.user, f.conv)
         if code is not ErrorCode.OK:
             return refuse(code)
@@ -1686,10 +1762,18 @@ class Broker:
             return
         server_time = self._clock.tick(now)
         msg_id = server_time.to_bytes(8, "big") + self._node_id
-        op = NewMessage(
-            msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest, f.after_seq,
-            self.config.record_events,
-        )
+        if f.mentions or f.mention_all:
+            mentions = _normalized_mentions(f)
+            assert not isinstance(mentions, ErrorCode)  # _on_send refused those
+            op = NewMessage(
+                msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest, f.after_seq,
+                self.config.record_events, tuple(u for u in mentions if u != c.user), f.mention_all,
+            )
+        else:
+            op = NewMessage(
+                msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest, f.after_seq,
+                self.config.record_events,
+            )
         ctx = _PendingSend(key, digest, c.id)
         self._pending_sends[key] = ctx
         self._propose(op, ctx)
@@ -1710,6 +1794,10 @@ class Broker:
                         m = F.Message(
                             pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time,
                             res.server_time, op.payload, 0, op.local_id, res.after_seq,
+                        ) if not (op.mentions or op.mention_all) else F.Message(
+                            pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time,
+                            res.server_time, op.payload, 0, op.local_id, res.after_seq,
+                            tuple(F.Mention(u) for u in op.mentions), op.mention_all,
                         )
                         fresh.setdefault(user, []).append((pos, m))
         elif isinstance(res, Duplicate):
@@ -1864,6 +1952,7 @@ class Broker:
         state = F.ReadStates((F.ReadState(res.conv, res.read_seq, res.last_seq, res.unread),))
         for dev in self._online.get(res.user, {}).values():
             self._send(dev.conn, state, out)
+        self._conv_update(res.user, res.conv, out)
         pair = direct_members(res.conv)
         if pair is not None:
             peer = pair[1] if pair[0] == res.user else pair[0]
@@ -1908,6 +1997,95 @@ class Broker:
         self._reads[rid] = _ReadersRead(c.id, f)
         out.append(StoreRequest(rid, (ReadReaders(f.conv, c.user),), False))
 
+    # ------------------------------------------------------------ conversation list
+
+    def _on_conv_list(self, c: _Conn, f: F.ConvListReq, now: int, out: list[Command]) -> None:
+        """A page of the user's conversation list (the store answers,
+        ReadConversations).  Counts against the bound of reads in flight
+        like a history request."""
+        limit = max(1, min(f.limit, self.config.limits.conv_page))
+        c.history_reads += 1
+        rid = self._request_id()
+        self._reads[rid] = _ConvListRead(c.id, f, limit)
+        # One more than the page: whether there is more is then known.
+        op = ReadConversations(c.user, f.cursor, limit + 1, f.include_hidden)
+        out.append(StoreRequest(rid, (op,), False))
+
+    def _on_conv_set(self, c: _Conn, f: F.ConvSetReq, now: int, out: list[Command]) -> None:
+        """Change the user's settings of a conversation: a SetConversation
+        op in the next batch; answered (ConvSetResp) once durable, and every
+        device of the user gets the new entry (ConvUpdate) if it changed."""
+        code = self._check_conversation(c.user, f.conv)
+        if code is ErrorCode.OK and not all(v in (0, 1, 2) for v in (f.pinned, f.muted, f.hidden)):
+            code = ErrorCode.BAD_REQUEST
+        if code is not ErrorCode.OK:
+            if self._control(c, now, "refused ConvSetReq", out):
+                self._send(c.id, F.ConvSetResp(f.req_id, f.conv, code), out)
+            return
+        self._propose(SetConversation(c.user, f.conv, f.pinned, f.muted, f.hidden), _ConvSetCtx(c.id, f.req_id, f.conv))
+
+    def _finish_conv_set(self, ctx: _ConvSetCtx, res: Result, out: list[Command]) -> None:
+        if isinstance(res, ConversationSet):
+            self._send(ctx.conn, F.ConvSetResp(ctx.req_id, ctx.conv, ErrorCode.OK), out)
+            if res.changed:
+                update = F.ConvUpdate((_to_conv_entry(res.entry),))
+                for dev in self._online.get(res.user, {}).values():
+                    self._send(dev.conn, update, out)
+                e = res.entry
+                self._event("conversation", user=res.user, conv=res.conv, pinned=e.pinned, muted=e.muted, hidden=e.hidden)
+        else:
+            code = res.code if isinstance(res, Rejected) else ErrorCode.INTERNAL
+            self._send(ctx.conn, F.ConvSetResp(ctx.req_id, ctx.conv, code), out)
+
+    def _conv_update(self, user: str, conv: str, out: list[Command]) -> None:
+        """Read the (user, conv) entry and send it to the user's devices
+        (its read marker moved: unread and mention counts changed)."""
+        if user not in self._online:
+            return
+        rid = self._request_id()
+        self._reads[rid] = _ConvUpdateRead(user, conv)
+        out.append(StoreRequest(rid, (ReadConversations(user, conv=conv),), False))
+
+    def _conv_read_done(
+        self, ctx: Union[_ConvListRead, _ConvUpdateRead], res: Optional[Result], now: int, out: list[Command]
+    ) -> None:
+        if type(ctx) is _ConvUpdateRead:
+            if isinstance(res, ConversationsPage) and res.code is ErrorCode.OK and res.entries:
+                update = F.ConvUpdate(tuple(_to_conv_entry(e) for e in res.entries))
+                for dev in self._online.get(ctx.user, {}).values():
+                    self._send(dev.conn, update, out)
+            return  # a failed read: the next change or the next list brings it
+        assert type(ctx) is _ConvListRead
+        c = self._conns.get(ctx.conn)
+        if c is None:
+            return
+        c.history_reads -= 1
+        f = ctx.frame
+        if not isinstance(res, ConversationsPage):
+            resp = F.ConvListResp(f.req_id, ErrorCode.STORE_UNAVAILABLE, (), b"", False)
+        elif res.code is not ErrorCode.OK:
+            resp = F.ConvListResp(f.req_id, res.code, (), b"", False)
+        else:
+            page = res.entries
+            more = len(page) > ctx.limit
+            page = page[: ctx.limit]
+            # One frame must hold the page (as a HistoryResp): cut it there,
+            # at least one entry, `more` set.
+            budget = self._page_bytes()
+            for i, e in enumerate(page):
+                m = e.last
+                budget -= len(e.conv) + _MESSAGE_OVERHEAD + (
+                    0 if m is None else len(m.payload) + len(m.sender) + len(m.device) + 24 * len(m.mentions) + _MESSAGE_OVERHEAD
+                )
+                if budget < 0 and i > 0:
+                    page, more = page[:i], True
+                    break
+            cursor = conversation_cursor(page[-1]) if page else f.cursor
+            resp = F.ConvListResp(f.req_id, ErrorCode.OK, tuple(_to_conv_entry(e) for e in page), cursor, more)
+        self._send(c.id, resp, out)
+        if c.history_reads == _MAX_HISTORY_READS - 1:
+            self._resume(c, now, out)  # it was held at the limit: read on
+
     def _on_calibrate(self, c: _Conn, f: F.CalibrateReq, now: int, out: list[Command]) -> None:
         if self._control(c, now, "CalibrateReq", out):
             self._send(c.id, F.CalibrateResp(f.client_time, self._clock.now(now)), out)
@@ -1932,6 +2110,8 @@ class Broker:
         F.Read: _on_read,
         F.HistoryReq: _on_history,
         F.ReadersReq: _on_readers,
+        F.ConvListReq: _on_conv_list,
+        F.ConvSetReq: _on_conv_set,
         F.CalibrateReq: _on_calibrate,
         F.Ping: _on_ping,
         F.Pong: _on_pong,
