@@ -182,7 +182,7 @@ GOLDEN = [
     (F.SendReq(local_id=0, conv="", client_time=0, payload=b"\x00" * 192), "ca 01 20 05 00 00 00 c0 01" + " 00" * 192 + " 00 00 00"),
     # mentions: count 1, Mention("al"); everyone: 1
     (F.SendReq(local_id=1, conv="g", client_time=0, payload=b"", after_seq=0, mentions=(F.Mention("al"),), mention_all=True),
-     "0c 20 05 01 01 67 00 00 00 01 02 61 6c 01"),
+     "0d 20 05 01 01 67 00 00 00 01 02 61 6c 01"),
 ]
 
 
