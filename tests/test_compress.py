@@ -608,7 +608,7 @@ VECTOR_FRAME = F.SendReq(local_id=7, conv="d:u12:u345", client_time=171720000000
 def test_protocol_md_vector(backend: ModuleType) -> None:
     data = _doc_vector()
     assert backend.decode_frame(data, decompress=DECOMP) == VECTOR_FRAME
-    assert len(backend.encode_frame(VECTOR_FRAME)) == 67 and len(data) == 58
+    assert len(backend.encode_frame(VECTOR_FRAME)) == 69 and len(data) == 55
     assert error_of(backend, data, decompress=FrameDecompressor(dictionary=None)).code == MALFORMED
     with pytest.raises(ProtocolError):
         backend.decode_frame(data)  # not negotiated
