@@ -1032,7 +1032,7 @@ class Broker:
                     # the batch: the store is authoritative, tell the device.
                     self._error(ctx.conn, res.code, 0, f"Read {op.conv!r}: {res.code.name.lower()}", out)  # type: ignore[union-attr]
             elif kind is SetConversation:
-                assert isinstance(ctx, _ConvSetCtx)
+                assert isinstance(ctx, (_ConvSetCtx, _AdminCtx))
                 self._finish_conv_set(ctx, res, out)
             elif kind is AckPosition:
                 key = (op.user, op.device)  # type: ignore[union-attr]
@@ -1411,6 +1411,8 @@ class Broker:
         device: str = SYSTEM,
         key: Union[str, bytes, None] = None,
         ref: int = 0,
+        mentions: Sequence[str] = (),
+        mention_all: bool = False,
     ) -> list[Command]:
         """Control plane: store a message in ``conv`` from ``sender`` (a user,
         who must be a member, with one of its ``device`` ids; or the system,
@@ -1423,7 +1425,9 @@ class Broker:
         is displayed after everything already in the conversation
         (``after_seq`` is the last seq).  :class:`PostDone` with ``ref`` says
         how it went.  Bypasses the send rate limit and the content filter:
-        the host is trusted."""
+        the host is trusted.  ``mentions`` / ``mention_all`` as in a
+        SendReq (BAD_MENTION for an invalid user id, TOO_MANY_MENTIONS
+        above ``Limits.max_mentions``)."""
         out: list[Command] = []
 
         def refuse(code: ErrorCode) -> list[Command]:
@@ -1447,6 +1451,10 @@ class Broker:
         local_id = idempotency_local_id(key)
         if local_id is None:
             return refuse(ErrorCode.BAD_REQUEST)
+        if len(mentions) > self.config.limits.max_mentions:
+            return refuse(ErrorCode.TOO_MANY_MENTIONS)
+        if not all(isinstance(u, str) and valid_id(u) for u in mentions):
+            return refuse(ErrorCode.BAD_MENTION)
         digest = message_digest(conv, payload)
         dkey = (sender, device, local_id)
         pending = self._pending_sends.get(dkey)
@@ -1459,7 +1467,7 @@ class Broker:
         msg_id = server_time.to_bytes(8, "big") + self._node_id
         op = NewMessage(
             msg_id, conv, sender, device, local_id, server_time, server_time, payload, digest, _U64_MAX,
-            self.config.record_events,
+            self.config.record_events, tuple(sorted(set(mentions) - {sender})), bool(mention_all),
         )
         ctx = _PendingSend(dkey, digest, ("post", ref))
         self._pending_sends[dkey] = ctx
@@ -2024,16 +2032,31 @@ class Broker:
             return
         self._propose(SetConversation(c.user, f.conv, f.pinned, f.muted, f.hidden), _ConvSetCtx(c.id, f.req_id, f.conv))
 
-    def _finish_conv_set(self, ctx: _ConvSetCtx, res: Result, out: list[Command]) -> None:
+    def set_conversation(
+        self, user: str, conv: str, now: int, *, pinned: int = 0, muted: int = 0, hidden: int = 0, ref: int = 0
+    ) -> list[Command]:
+        """Control plane: change ``user``'s settings of ``conv`` as a
+        ConvSetReq of theirs would (values frames.SETTING_*); the user's
+        devices get the ConvUpdate.  :class:`AdminDone` with ``ref``
+        carries the store's answer (ConversationSet, or Rejected)."""
+        self._propose(SetConversation(user, conv, pinned, muted, hidden), _AdminCtx(ref))
+        out: list[Command] = []
+        self._maybe_commit(out, now)
+        return out
+
+    def _finish_conv_set(self, ctx: Union[_ConvSetCtx, _AdminCtx], res: Result, out: list[Command]) -> None:
+        if isinstance(ctx, _AdminCtx):
+            out.append(AdminDone(ctx.ref, res))
         if isinstance(res, ConversationSet):
-            self._send(ctx.conn, F.ConvSetResp(ctx.req_id, ctx.conv, ErrorCode.OK), out)
+            if isinstance(ctx, _ConvSetCtx):
+                self._send(ctx.conn, F.ConvSetResp(ctx.req_id, ctx.conv, ErrorCode.OK), out)
             if res.changed:
                 update = F.ConvUpdate((_to_conv_entry(res.entry),))
                 for dev in self._online.get(res.user, {}).values():
                     self._send(dev.conn, update, out)
                 e = res.entry
                 self._event("conversation", user=res.user, conv=res.conv, pinned=e.pinned, muted=e.muted, hidden=e.hidden)
-        else:
+        elif isinstance(ctx, _ConvSetCtx):
             code = res.code if isinstance(res, Rejected) else ErrorCode.INTERNAL
             self._send(ctx.conn, F.ConvSetResp(ctx.req_id, ctx.conv, code), out)
 

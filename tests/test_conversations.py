@@ -227,3 +227,33 @@ async def test_settings_and_mentions_survive_connection_resets(store):
                     entry = (await bob.conversations()).entries[0]
                     assert (entry.conv, entry.mention_count, entry.unread) == ("team", 1, 1)
         assert [(m.payload, m.mentions) for m in store.history("team", 0, 10)] == [(b"@bob", ("bob",))]
+
+
+async def test_the_host_lists_and_changes_settings_and_posts_with_mentions(tmp_path):
+    from pimcore.embed import RequestRefused, open_pimcore
+
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["alice", "bob"])
+            posted = await im.post("team", b"@alice from the host", mentions=["alice"])
+            assert posted.seq == 1
+            with pytest.raises(RequestRefused) as refused:
+                await im.post("team", b"x", mentions=["no way"])
+            assert refused.value.code is ErrorCode.BAD_MENTION
+            from pimcore.client import open_client
+
+            async with open_client(im.urls[0], im.issue_token("alice"), "phone") as phone:
+                page = await im.conversation_list("alice")
+                [e] = page.entries
+                assert (e.conv, e.unread, e.mention_count, e.last.payload) == ("team", 1, 1, b"@alice from the host")
+                assert not page.more
+                entry = await im.set_conversation("alice", "team", muted=True, pinned=True)
+                assert entry.muted and entry.pinned
+                ev = await wait_for(phone, lambda ev: isinstance(ev, ConversationUpdated))
+                assert ev.entry.muted and ev.entry.pinned
+                with pytest.raises(RequestRefused) as refused:
+                    await im.set_conversation("carol", "team", muted=True)
+                assert refused.value.code is ErrorCode.NOT_MEMBER
+                with pytest.raises(RequestRefused) as refused:
+                    await im.conversation_list("alice", cursor=b"junk")
+                assert refused.value.code is ErrorCode.BAD_CURSOR
