@@ -155,13 +155,17 @@ class HostEvent:
       ``recipients`` (every user it was fanned out to, the sender included,
       sorted) and ``offline_recipients`` (those of them with no device
       online on this broker when the event was handed to the host: the
-      push-notification hook);
+      push-notification hook), ``muted`` (recipients who muted the
+      conversation), ``mentioned`` (recipients the message mentions, the
+      sender never) and ``mention_all`` (it mentions everyone);
     * "read" -- ``user``'s read marker in ``conv`` moved to ``seq``
       (``unread`` left);
     * "online" / "offline" -- ``user``'s ``device`` logged in / its session
       ended (``code``: the CloseCode name, None if the connection was lost;
       ``reason``);
-    * "kicked" -- the host kicked ``user``'s ``device`` (``reason``).
+    * "kicked" -- the host kicked ``user``'s ``device`` (``reason``);
+    * "conversation" -- ``user`` changed their settings of ``conv``:
+      ``pinned``, ``hidden``, and ``muted`` = (``user``,) when muted.
     """
 
     id: int
@@ -182,6 +186,11 @@ class HostEvent:
     unread: int = 0
     code: Optional[str] = None
     reason: str = ""
+    muted: tuple[str, ...] = ()
+    mentioned: tuple[str, ...] = ()
+    mention_all: bool = False
+    pinned: bool = False
+    hidden: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +224,10 @@ def _host_event(ev: StoredEvent, online: Callable[[str], list[str]]) -> HostEven
         d["payload"] = base64.b64decode(d["payload"])
         d["recipients"] = tuple(d["recipients"])
         d["offline_recipients"] = tuple(u for u in d["recipients"] if not online(u))
+        d["muted"] = tuple(d.get("muted", ()))
+        d["mentioned"] = tuple(d.get("mentioned", ()))
+    elif type_ == "conversation":
+        d["muted"] = (d.get("user", ""),) if d.get("muted") else ()
     known = {k: v for k, v in d.items() if k in HostEvent.__dataclass_fields__ and k not in ("id", "type", "time")}
     return HostEvent(ev.id, type_, ev.time, **known)
 
