@@ -203,7 +203,7 @@ def test_the_longest_ids_work_in_every_role_of_the_lmdb_store(tmp_path) -> None:
         assert store.read_marker(B64, direct) == 1 and store.read_marker(B64, G_MAX) == 1
         assert store.members(G_MAX) == tuple(sorted([A64, B64, U_MAX]))
         assert [d.device for d in store.devices(A64)] == [D64]
-        assert [m.payload for m in store.history(direct, 0, 10)] == [b"1:1"]
+        assert [m.payload for m in store.history(direct, 0, 10)] == [b"1:1", b"@"]
 
 
 def test_the_longest_ids_work_in_every_role_of_the_memory_store() -> None:
