@@ -140,6 +140,12 @@ class AsyncPimcore:
     async def unread(self, user: str, conv: Optional[str] = None) -> int:
         return await self._call(self.handle.unread, user, conv)
 
+    async def conversation_list(self, user: str, **kwargs: Any) -> Any:
+        return await self._call(self.handle.conversation_list, user, **kwargs)
+
+    async def set_conversation(self, user: str, conv: str, **kwargs: Any) -> Any:
+        return await self._call(self.handle.set_conversation, user, conv, **kwargs)
+
     async def read_positions(self, user: str) -> ReadPositions:
         return await self._call(self.handle.read_positions, user)
 

@@ -53,7 +53,7 @@ import ssl
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Sequence, Union
 
 import trio
 from trio_websocket import ConnectionRejected, HandshakeError, wrap_client_stream
@@ -73,6 +73,9 @@ from .client_session import (
     Event,
     HistoryCompleted,
     ReadersCompleted,
+    ConversationsCompleted,
+    ConversationSetCompleted,
+    ConversationUpdated,
     HistoryTimeout,
     MessageReceived,
     ReadStateChanged,
@@ -108,6 +111,8 @@ __all__ = [
     "Connected",
     "Disconnected",
     "Resynced",
+    "ConversationUpdated",
+    "ConversationsPage",
     "SendsStalled",
     "SendsResumed",
     "TypingChanged",
@@ -175,6 +180,16 @@ class HistoryPage:
     order asked, and ``more`` when the page stopped before the end."""
 
     messages: list[F.Message]
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationsPage:
+    """A page of the conversation list (:meth:`Client.conversations`):
+    ``entries`` in list order, ``cursor`` for the next page, ``more``."""
+
+    entries: list[F.ConvEntry]
+    cursor: bytes
     more: bool
 
 
@@ -332,12 +347,18 @@ class Client:
 
     # ------------------------------------------------------------ upstream
 
-    async def send(self, conv: str, payload: bytes, *, local_id: Optional[int] = None, timeout: Optional[float] = None) -> Sent:
+    async def send(
+        self, conv: str, payload: bytes, *, local_id: Optional[int] = None, timeout: Optional[float] = None,
+        mentions: Sequence[str] = (), mention_all: bool = False,
+    ) -> Sent:
         """Send and wait for the durable SendAck.  Raises SendError (refused),
         SendTimeout (deadline: ``timeout`` s, default ``send_timeout``),
-        AuthFailed/ClientClosed (client stopped)."""
+        AuthFailed/ClientClosed (client stopped).  ``mentions`` (user ids)
+        and ``mention_all`` ("everyone"): see :meth:`ClientSession.send`
+        (SendError TOO_MANY_MENTIONS / BAD_MENTION)."""
         self._check_alive()
-        lid = self._session.send(conv, payload, self._clock(), local_id=local_id, timeout=None if timeout is None else int(timeout * 1e6))
+        lid = self._session.send(conv, payload, self._clock(), local_id=local_id, timeout=None if timeout is None else int(timeout * 1e6),
+                                 mentions=tuple(mentions), mention_all=mention_all)
         w = self._send_waiters.get(lid)
         if w is None:
             w = self._send_waiters[lid] = _Waiter()
@@ -426,6 +447,47 @@ class Client:
         assert isinstance(c, ReadersCompleted)
         return list(c.readers)
 
+    # ------------------------------------------------------------ conversation list
+
+    async def conversations(self, cursor: bytes = b"", limit: int = 50, *, include_hidden: bool = False) -> "ConversationsPage":
+        """A page of this user's conversation list: pinned first, then by
+        last activity (newest first), each ConvEntry with its last message,
+        read marker, unread and mention counts and this user's settings.
+        Pass the page's ``cursor`` for the next one while ``more``.  Hidden
+        conversations are left out unless ``include_hidden``.  Live changes
+        come as :class:`ConversationUpdated` events (and new messages as
+        MessageReceived); :attr:`conversation_entries` follows both.
+        Raises SendError (BAD_CURSOR), trio.TooSlowError after
+        ``send_timeout``, AuthFailed/ClientClosed."""
+        self._check_alive()
+        req = self._session.list_conversations(
+            self._clock(), cursor=cursor, limit=limit, include_hidden=include_hidden,
+            timeout=int(self.config.send_timeout * 1e6),
+        )
+        c = await self._request_done(req)
+        assert isinstance(c, ConversationsCompleted)
+        return ConversationsPage(list(c.entries), c.cursor, c.more)
+
+    async def set_conversation(
+        self, conv: str, *, pinned: Optional[bool] = None, muted: Optional[bool] = None, hidden: Optional[bool] = None
+    ) -> None:
+        """Change this user's settings of ``conv`` (None = unchanged) and
+        wait until durable; every device of the user gets a
+        ConversationUpdated.  ``hidden`` hides it until its next message.
+        Raises SendError (NOT_MEMBER, UNKNOWN_CONVERSATION, BAD_REQUEST),
+        trio.TooSlowError after ``send_timeout``, AuthFailed/ClientClosed."""
+        self._check_alive()
+        req = self._session.set_conversation(
+            conv, self._clock(), pinned=pinned, muted=muted, hidden=hidden, timeout=int(self.config.send_timeout * 1e6)
+        )
+        c = await self._request_done(req)
+        assert isinstance(c, ConversationSetCompleted)
+
+    @property
+    def conversation_entries(self) -> dict[str, F.ConvEntry]:
+        """conv -> ConvEntry as this device knows it now (see
+        :attr:`ClientSession.conversations`); read-only by convention."""
+        return self._session.conversations
     # ------------------------------------------------------------ typing & presence
 
     async def typing(self, conv: str, active: bool = True) -> bool:

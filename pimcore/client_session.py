@@ -36,13 +36,14 @@ States (:class:`SessionState`)::
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import heapq
 import logging
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 from . import frames as F
 from .codec import Decoder, encode_frame
@@ -87,6 +88,9 @@ __all__ = [
     "SendCompleted",
     "HistoryCompleted",
     "ReadersCompleted",
+    "ConversationsCompleted",
+    "ConversationSetCompleted",
+    "ConversationUpdated",
     "Completion",
     "ClientError",
     "SendError",
@@ -110,6 +114,8 @@ FINAL_CODES = frozenset(
         ErrorCode.PAYLOAD_TOO_LARGE,
         ErrorCode.DUPLICATE_CONFLICT,
         ErrorCode.REJECTED,
+        ErrorCode.TOO_MANY_MENTIONS,
+        ErrorCode.BAD_MENTION,
     }
 )
 #: Refusals that mean "slow down, then retry with the same local id".  Any
@@ -262,6 +268,17 @@ class SendsResumed:
 
 
 @dataclass(frozen=True, slots=True)
+class ConversationUpdated:
+    """An entry of the user's conversation list changed on the broker: a
+    device of the user changed its settings (pinned, muted, hidden), or the
+    read marker moved (unread and mention counts).  A new message changes
+    the entry too, but that comes as its :class:`MessageReceived`
+    (:attr:`ClientSession.conversations` follows both)."""
+
+    entry: F.ConvEntry
+
+
+@dataclass(frozen=True, slots=True)
 class TypingChanged:
     """``user`` started (``active``) or stopped typing in ``conv``.  A
     started indicator ends by itself at ``expires`` (µs, device clock)
@@ -299,6 +316,7 @@ class PrivacyChanged:
 Event = Union[
     MessageReceived, ReadStateChanged, ReceiptReceived, Connected, Disconnected, SendsStalled, SendsResumed, Resynced,
     TypingChanged, PresenceChanged, PrivacyChanged,
+    ConversationUpdated,
 ]
 
 
@@ -338,6 +356,21 @@ class ReadersCompleted:
 
 
 @dataclass(frozen=True, slots=True)
+class ConversationsCompleted:
+    """A conversation-list request (:meth:`ClientSession.list_conversations`)
+    finished: a page of ``entries`` (pinned first, then newest activity
+    first), ``cursor`` for the next page and ``more``; else ``error``
+    (SendError BAD_CURSOR for a cursor the broker did not give, as for
+    :class:`HistoryCompleted` otherwise)."""
+
+    req_id: int
+    entries: tuple[F.ConvEntry, ...]
+    cursor: bytes
+    more: bool
+    error: Optional[ClientError]
+
+
+@dataclass(frozen=True, slots=True)
 class PresenceCompleted:
     """A presence subscription (:meth:`ClientSession.subscribe_presence`)
     was answered: the state of every user asked for, in order, or ``error``
@@ -351,6 +384,17 @@ class PresenceCompleted:
 
 
 @dataclass(frozen=True, slots=True)
+class ConversationSetCompleted:
+    """A settings change (:meth:`ClientSession.set_conversation`) is durable
+    (``error`` None) or was refused (SendError NOT_MEMBER, ...; or
+    HistoryTimeout, ClientClosed)."""
+
+    req_id: int
+    conv: str
+    error: Optional[ClientError]
+
+
+@dataclass(frozen=True, slots=True)
 class PrivacyCompleted:
     """A :meth:`ClientSession.set_presence_privacy` was answered with the
     setting now in force."""
@@ -360,7 +404,10 @@ class PrivacyCompleted:
     error: Optional[ClientError] = None
 
 
-Completion = Union[SendCompleted, HistoryCompleted, ReadersCompleted, PresenceCompleted, PrivacyCompleted]
+Completion = Union[
+    SendCompleted, HistoryCompleted, ReadersCompleted, ConversationsCompleted, ConversationSetCompleted,
+    PresenceCompleted, PrivacyCompleted,
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,17 +521,23 @@ class _HistoryRequest:
     """A HistoryReq or (``readers``) a ReadersReq: asked again on every
     connection until answered or timed out."""
 
-    __slots__ = ("req_id", "conv", "raw", "deadline", "sent_at", "readers")
+    __slots__ = ("req_id", "conv", "raw", "deadline", "sent_at", "readers", "kind")
 
-    def __init__(self, req_id: int, conv: str, raw: bytes, deadline: int, readers: bool = False) -> None:
+    def __init__(self, req_id: int, conv: str, raw: bytes, deadline: int, readers: bool = False, kind: str = "") -> None:
         self.req_id = req_id
         self.conv = conv
         self.raw = raw
         self.deadline = deadline
         self.sent_at: Optional[int] = None  # None = not asked on this connection yet
         self.readers = readers
+        #: "" (history / readers), "convlist" (ConvListReq) or "convset" (ConvSetReq)
+        self.kind = kind
 
     def failed(self, error: ClientError) -> "Completion":
+        if self.kind == "convlist":
+            return ConversationsCompleted(self.req_id, (), b"", False, error)
+        if self.kind == "convset":
+            return ConversationSetCompleted(self.req_id, self.conv, error)
         if self.readers:
             return ReadersCompleted(self.req_id, (), error)
         return HistoryCompleted(self.req_id, (), error)
@@ -625,6 +678,11 @@ class ClientSession:
         self._views: dict[str, dict[bytes, F.Message]] = {}
         self._history: dict[int, _HistoryRequest] = {}
         self._next_req = 1
+        #: conv -> the conversation-list entry as last known: from
+        #: list_conversations pages and ConvUpdates, kept current by pushes
+        #: (last message, unread and mention counts, un-hiding) and read
+        #: states.  Only conversations some page or update brought are here.
+        self.conversations: dict[str, F.ConvEntry] = {}
 
         # -- typing and presence (ephemeral: nothing of it is saved)
         self._typing_sent: dict[str, int] = {}  # conv -> session time of the last active Typing sent
@@ -1013,6 +1071,7 @@ class ClientSession:
         self.read_states.clear()
         self.receipts.clear()
         self._views.clear()
+        self.conversations.clear()
         self._emit(Resynced(old, ack.epoch, ack.position))
 
     @property
@@ -1114,6 +1173,14 @@ class ClientSession:
             self._on_history(f)  # type: ignore[arg-type]
         elif t is F.ReadersResp:
             self._on_readers(f)  # type: ignore[arg-type]
+        elif t is F.ConvListResp:
+            self._on_conv_list(f)  # type: ignore[arg-type]
+        elif t is F.ConvSetResp:
+            self._on_conv_set(f)  # type: ignore[arg-type]
+        elif t is F.ConvUpdate:
+            for e in f.entries:  # type: ignore[attr-defined]
+                self._adopt_entry(e)
+                self._emit(ConversationUpdated(e))
         elif t is F.Ping:
             self._send(encode_frame(F.Pong(f.nonce)))  # type: ignore[attr-defined]
         elif t is F.Pong:
@@ -1261,7 +1328,10 @@ class ClientSession:
 
     # ------------------------------------------------------------ upstream
 
-    def send(self, conv: str, payload: bytes, now: int, *, local_id: Optional[int] = None, timeout: Optional[int] = None) -> int:
+    def send(
+        self, conv: str, payload: bytes, now: int, *, local_id: Optional[int] = None, timeout: Optional[int] = None,
+        mentions: Iterable[str] = (), mention_all: bool = False,
+    ) -> int:
         """Queue a message; returns its local id.  Its SendCompleted comes out
         of :meth:`completions` once the broker answered for good, or with
         SendTimeout after ``timeout`` µs (default ``send_timeout``).
@@ -1270,7 +1340,15 @@ class ClientSession:
         later of the two deadlines applies).  With the local id of an earlier,
         finished send it is asked again: the broker answers with the original
         ack if it stored it.  Raises EncodeError for a conv/payload/local id no
-        SendReq can carry, the terminal error if CLOSED."""
+        SendReq can carry, the terminal error if CLOSED.
+
+        ``mentions`` (user ids) and ``mention_all`` ("everyone") travel
+        beside the payload: mentioned members get a mention counted
+        (ConvEntry.mention_count) and the host's message event lists them.
+        A refusal is final: TOO_MANY_MENTIONS (more than the broker's
+        limit), BAD_MENTION (not a valid user id); ids of non-members are
+        ignored.  A retry must repeat them (the same local id carries the
+        same SendReq)."""
         self._check_open()
         t = self._tick(now)
         deadline = t + (self._send_timeout if timeout is None else max(0, timeout))
@@ -1287,7 +1365,11 @@ class ClientSession:
         # What the user could see when sending: the message must never be
         # displayed above it (pimcore.order).
         after = self._seen_seq.get(conv, 0) if type(conv) is str else 0
-        raw = encode_frame(F.SendReq(lid, conv, stamp, payload, after))  # raises EncodeError before any state changes
+        if mentions or mention_all:
+            ms = tuple(F.Mention(u) for u in mentions)
+            raw = encode_frame(F.SendReq(lid, conv, stamp, payload, after, ms, mention_all))
+        else:
+            raw = encode_frame(F.SendReq(lid, conv, stamp, payload, after))  # raises EncodeError before any state changes
         self._last_stamp = stamp
         self._last_local_id = max(self._last_local_id, lid)
         p = _Pending(lid, conv, payload, stamp, after, raw, deadline)
@@ -1486,6 +1568,7 @@ class ClientSession:
                     m.kind == F.MessageKind.MESSAGE and m.sender != self.user and m.seq > st.read_seq
                 )
                 self.read_states[m.conv] = F.ReadState(m.conv, st.read_seq, m.seq, fresh_unread)
+            self._entry_pushed(m)
             # The push's position is acked once its last message was taken.
             self._emit(MessageReceived(m), f.position if i == len(fresh) - 1 else 0)
         if not fresh:
@@ -1526,6 +1609,12 @@ class ClientSession:
             if old is not None and min(old.read_seq, st.last_seq) > st.read_seq:
                 continue  # markers never move back
             self.read_states[st.conv] = st
+            e = self.conversations.get(st.conv)
+            if e is not None and st.read_seq >= e.read_seq:
+                self.conversations[st.conv] = dataclasses.replace(
+                    e, read_seq=st.read_seq, unread=st.unread, last_seq=max(e.last_seq, st.last_seq),
+                    mention_count=0 if st.read_seq >= e.last_seq else e.mention_count,
+                )
             self._emit(ReadStateChanged(st))
 
     def _on_receipt(self, f: F.ReadReceipt) -> None:
@@ -1594,7 +1683,7 @@ class ClientSession:
 
     def _on_readers(self, f: F.ReadersResp) -> None:
         h = self._history.get(f.req_id)
-        if h is None or not h.readers:
+        if h is None or not h.readers or h.kind:
             return  # cancelled, timed out, or already answered
         del self._history[f.req_id]
         if f.code != ErrorCode.OK:
@@ -1605,7 +1694,7 @@ class ClientSession:
 
     def _on_history(self, f: F.HistoryResp) -> None:
         h = self._history.get(f.req_id)
-        if h is not None and h.readers:
+        if h is not None and (h.readers or h.kind):
             return  # not the answer to this request
         h = self._history.pop(f.req_id, None)
         if h is None:
@@ -1748,6 +1837,106 @@ class ClientSession:
             if mode in (0, f.mode):
                 del self._privacy_waiting[req]
                 self._completions.append(PrivacyCompleted(req, hide))
+    # ------------------------------------------------------------ conversation list
+
+    def list_conversations(
+        self, now: int, *, cursor: bytes = b"", limit: int = 50, include_hidden: bool = False, timeout: Optional[int] = None
+    ) -> int:
+        """Ask for a page of the user's conversation list (pinned first, then
+        by last activity, newest first); returns the request id.  Its
+        :class:`ConversationsCompleted` comes out of :meth:`completions`;
+        pass its ``cursor`` for the next page.  Hidden conversations are
+        left out unless ``include_hidden``.  The entries go into
+        :attr:`conversations`.  Asked again like a history request until
+        answered or ``timeout`` µs (default ``send_timeout``).  Raises
+        EncodeError for values no ConvListReq can carry, the terminal error
+        if CLOSED."""
+        self._check_open()
+        req_id = self._next_req
+        raw = encode_frame(F.ConvListReq(req_id, cursor, limit, include_hidden))
+        return self._ask_new(req_id, "", raw, now, timeout, "convlist")
+
+    def set_conversation(
+        self, conv: str, now: int, *, pinned: Optional[bool] = None, muted: Optional[bool] = None,
+        hidden: Optional[bool] = None, timeout: Optional[int] = None,
+    ) -> int:
+        """Change the user's own settings of ``conv`` (None = leave as is):
+        ``pinned``, ``muted`` (the host's message events then list the user
+        under ``muted``, for push notifications) and ``hidden`` (left out of
+        the list until the conversation's next message).  Synced: every
+        device of the user gets a :class:`ConversationUpdated`.  Returns
+        the request id; its :class:`ConversationSetCompleted` comes out of
+        :meth:`completions` once durable.  Sent again on every new
+        connection until answered (setting a value twice is harmless)."""
+        self._check_open()
+
+        def v(x: Optional[bool]) -> int:
+            return F.SETTING_KEEP if x is None else (F.SETTING_ON if x else F.SETTING_OFF)
+
+        req_id = self._next_req
+        raw = encode_frame(F.ConvSetReq(req_id, conv, v(pinned), v(muted), v(hidden)))
+        return self._ask_new(req_id, conv, raw, now, timeout, "convset")
+
+    def _ask_new(self, req_id: int, conv: str, raw: bytes, now: int, timeout: Optional[int], kind: str) -> int:
+        self._next_req += 1
+        t = self._tick(now)
+        h = _HistoryRequest(req_id, conv, raw, t + (self._send_timeout if timeout is None else max(0, timeout)), kind=kind)
+        self._history[req_id] = h
+        if self._state is SessionState.ACTIVE:
+            self._ask_history(h)
+        return req_id
+
+    def _take_answer(self, req_id: int, kind: str) -> Optional[_HistoryRequest]:
+        h = self._history.get(req_id)
+        if h is None or h.kind != kind:
+            return None  # cancelled, timed out, answered, or not this kind of request
+        del self._history[req_id]
+        return h
+
+    def _on_conv_list(self, f: F.ConvListResp) -> None:
+        h = self._take_answer(f.req_id, "convlist")
+        if h is None:
+            return
+        if f.code != ErrorCode.OK:
+            code = _error_code(f.code)
+            self._completions.append(
+                ConversationsCompleted(f.req_id, (), b"", False, SendError(code, 0, f"conversation list: {code.name}"))
+            )
+            return
+        for e in f.entries:
+            self._adopt_entry(e)
+        self._completions.append(ConversationsCompleted(f.req_id, tuple(f.entries), f.cursor, f.more, None))
+
+    def _on_conv_set(self, f: F.ConvSetResp) -> None:
+        h = self._take_answer(f.req_id, "convset")
+        if h is None:
+            return
+        error = None
+        if f.code != ErrorCode.OK:
+            code = _error_code(f.code)
+            error = SendError(code, 0, f"settings of {f.conv!r}: {code.name}")
+        self._completions.append(ConversationSetCompleted(f.req_id, f.conv, error))
+
+    def _adopt_entry(self, e: F.ConvEntry) -> None:
+        old = self.conversations.get(e.conv)
+        if old is not None and old.last_seq > e.last_seq:
+            # A push already brought a newer message than this (older) answer.
+            e = dataclasses.replace(e, last=old.last, last_seq=old.last_seq, hidden=False)
+        self.conversations[e.conv] = e
+        for m in e.last:
+            self._remember(m)
+
+    def _entry_pushed(self, m: F.Message) -> None:
+        e = self.conversations.get(m.conv)
+        if e is None or m.seq <= e.last_seq:
+            return
+        mine = m.sender == self.user
+        counted = m.kind == F.MessageKind.MESSAGE and not mine and m.seq > e.read_seq
+        mentioned = counted and (m.mention_all or any(x.user == self.user for x in m.mentions))
+        self.conversations[m.conv] = dataclasses.replace(
+            e, last=(m,), last_seq=m.seq, unread=e.unread + counted, mention_count=e.mention_count + mentioned,
+            hidden=False,
+        )
 
     # ------------------------------------------------------------ completions
 

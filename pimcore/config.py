@@ -327,7 +327,7 @@ class ServeSettings:
             if key in srv:
                 value = srv.pop(key)
                 try:
-                    broker = replace(broker, **{key: int(float(value) * SECOND) if key == "typing_ttl" else value})
+                    broker = replace(broker, **{key: int(float(value) * SECOND) if key == "typing_ttl" else value})  # type: ignore[arg-type]
                 except (TypeError, ValueError) as exc:
                     raise ConfigError(f"server: {key}: {exc}") from None
         endpoints = self.endpoints()

@@ -103,6 +103,12 @@ from .store.base import (
     StoredMessage,
     StoreRequest,
     TouchDevice,
+    ConversationEntry,
+    ConversationsPage,
+    ConversationSet,
+    ReadConversations,
+    SetConversation,
+    conversation_cursor,
     ReadPresence,
     PresencePage,
     SetPresencePrivacy,
@@ -162,9 +168,13 @@ class Limits:
     # send_burst is the bucket size (a burst a well-behaved client may send at once).
     send_rate: float = 0.0
     send_burst: int = 256
+    #: Users one SendReq may mention (more: TOO_MANY_MENTIONS).
+    max_mentions: int = 64
+    #: Entries per ConvListResp (a larger ConvListReq.limit is clamped).
+    conv_page: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("max_frame", "max_payload", "window", "push_batch", "push_window", "push_window_bytes", "history_page", "read_state_batch", "send_burst"):
+        for name in ("max_frame", "max_payload", "window", "push_batch", "push_window", "push_window_bytes", "history_page", "read_state_batch", "send_burst", "conv_page"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Limits.{name} must be >= 1")
         if self.heartbeat_ms < 0 or self.send_rate < 0:
@@ -568,7 +578,7 @@ class _AdminCtx:
         self.ref = ref
 
 
-_Ctx = Union[_PendingSend, _ReadCtx, _AdminCtx, "_PrivacyCtx", None]
+_Ctx = Union[_PendingSend, _ReadCtx, _AdminCtx, "_ConvSetCtx", "_PrivacyCtx", None]
 
 
 # What each read request in flight is for (request id -> one of these).
@@ -598,6 +608,36 @@ class _HistoryRead:
         self.frame = frame
         self.limit = limit
         self.reserve = reserve  # bytes counted in _Conn.reserved until it is answered
+
+
+class _ConvListRead:
+    __slots__ = ("conn", "frame", "limit")
+
+    def __init__(self, conn: int, frame: F.ConvListReq, limit: int) -> None:
+        self.conn = conn
+        self.frame = frame
+        self.limit = limit
+
+
+class _ConvUpdateRead:
+    """The entry of (user, conv) after its read marker moved: sent to every
+    device of the user as a ConvUpdate (no connection waits for it)."""
+
+    __slots__ = ("conn", "user", "conv")
+
+    def __init__(self, user: str, conv: str) -> None:
+        self.conn = -1
+        self.user = user
+        self.conv = conv
+
+
+class _ConvSetCtx:
+    __slots__ = ("conn", "req_id", "conv")
+
+    def __init__(self, conn: int, req_id: int, conv: str) -> None:
+        self.conn = conn
+        self.req_id = req_id
+        self.conv = conv
 
 
 class _ReadersRead:
@@ -633,6 +673,12 @@ class _PresenceRead:
         self.req_id = req_id
         self.users = users
         self.sub = sub  # request id of the PresenceSub read this installs or re-checks
+
+
+#: Every kind of read a core request waits for (Broker._reads).
+_AnyRead = Union[
+    "_LoginRead", "_InboxRead", "_HistoryRead", "_ReadersRead", _ConvListRead, _ConvUpdateRead, _TypingRead, _PresenceRead,
+]
 
 
 class _PrivacyCtx:
@@ -690,10 +736,34 @@ def message_digest(conv: str, payload: bytes) -> bytes:
 
 
 def _to_frame_message(pos: int, m: StoredMessage) -> F.Message:
+    if m.mentions or m.mention_all:
+        return F.Message(
+            pos, m.msg_id, m.conv, m.seq, m.sender, m.device, m.client_time, m.server_time, m.payload,
+            m.kind, m.local_id, m.after_seq, tuple(F.Mention(u) for u in m.mentions), m.mention_all,
+        )
     return F.Message(
         pos, m.msg_id, m.conv, m.seq, m.sender, m.device, m.client_time, m.server_time, m.payload,
         m.kind, m.local_id, m.after_seq,
     )
+
+
+def _to_conv_entry(e: ConversationEntry) -> F.ConvEntry:
+    return F.ConvEntry(
+        e.conv, (_to_frame_message(0, e.last),) if e.last is not None else (), e.read_seq, e.last_seq, e.unread,
+        e.mention_count, e.pinned, e.muted, e.hidden,
+    )
+
+
+def _normalized_mentions(f: F.SendReq) -> Union[ErrorCode, tuple[str, ...]]:
+    """SendReq.mentions sorted and unique, or BAD_MENTION when one is not a
+    valid user id.  Valid ids of non-members are kept in the message but
+    count for nobody (only recipients get a mention counted)."""
+    users = set()
+    for m in f.mentions:
+        if not valid_id(m.user):
+            return ErrorCode.BAD_MENTION
+        users.add(m.user)
+    return tuple(sorted(users))
 
 
 _U64_MAX = (1 << 64) - 1
@@ -783,7 +853,7 @@ class Broker:
         # quick re-login must resume from here, not from the older stored one.
         self._acks_unsaved: dict[tuple[str, str], int] = {}
         self._inflight: Optional[tuple[StoreRequest, list[_Ctx]]] = None
-        self._reads: dict[int, Union[_LoginRead, _InboxRead, _HistoryRead, _ReadersRead]] = {}
+        self._reads: dict[int, _AnyRead] = {}
         self._hooks: dict[int, Union[_LoginHook, _ContentHook]] = {}
         self._next_request = 1  # ids of store requests and hook requests
         self._next_reclaim: Optional[int] = None
@@ -1052,6 +1122,9 @@ class Broker:
                     # e.g. removed from the group while the Read waited for
                     # the batch: the store is authoritative, tell the device.
                     self._error(ctx.conn, res.code, 0, f"Read {op.conv!r}: {res.code.name.lower()}", out)  # type: ignore[union-attr]
+            elif kind is SetConversation:
+                assert isinstance(ctx, (_ConvSetCtx, _AdminCtx))
+                self._finish_conv_set(ctx, res, out)
             elif kind is AckPosition:
                 key = (op.user, op.device)  # type: ignore[union-attr]
                 if self._acks_unsaved.get(key, -1) <= op.position:  # type: ignore[union-attr]
@@ -1095,6 +1168,8 @@ class Broker:
                 self._error(ctx.conn, ErrorCode.STORE_UNAVAILABLE, 0, "presence setting not saved; send PresencePrivacy again", out)
             elif isinstance(ctx, _AdminCtx):
                 out.append(AdminDone(ctx.ref, Rejected(ErrorCode.STORE_UNAVAILABLE)))
+            elif isinstance(ctx, _ConvSetCtx):
+                self._send(ctx.conn, F.ConvSetResp(ctx.req_id, ctx.conv, ErrorCode.STORE_UNAVAILABLE), out)
             # A lost AckPosition/TouchDevice only leaves the stored position
             # behind the real one: the device re-acks or re-logs in, and the
             # worst case is a re-delivery the client dedupes by position.
@@ -1106,7 +1181,7 @@ class Broker:
         return out
 
     def _read_done(
-        self, ctx: Union[_LoginRead, _InboxRead, _HistoryRead, _ReadersRead], res: Optional[Result], now: int, out: list[Command]
+        self, ctx: _AnyRead, res: Optional[Result], now: int, out: list[Command]
     ) -> None:
         """A read request finished (``res`` None: it failed)."""
         if type(ctx) is _TypingRead:
@@ -1141,6 +1216,8 @@ class Broker:
                 return
             self._activate(c, ctx, res, now, out)
             self._resume(c, now, out)  # frames pipelined after the Login
+        elif type(ctx) is _ConvListRead or type(ctx) is _ConvUpdateRead:
+            self._conv_read_done(ctx, res, now, out)  # type: ignore[arg-type]
         elif type(ctx) is _ReadersRead:
             c = self._conns.get(ctx.conn)
             if c is None:
@@ -1436,6 +1513,8 @@ class Broker:
         device: str = SYSTEM,
         key: Union[str, bytes, None] = None,
         ref: int = 0,
+        mentions: Sequence[str] = (),
+        mention_all: bool = False,
     ) -> list[Command]:
         """Control plane: store a message in ``conv`` from ``sender`` (a user,
         who must be a member, with one of its ``device`` ids; or the system,
@@ -1448,7 +1527,9 @@ class Broker:
         is displayed after everything already in the conversation
         (``after_seq`` is the last seq).  :class:`PostDone` with ``ref`` says
         how it went.  Bypasses the send rate limit and the content filter:
-        the host is trusted."""
+        the host is trusted.  ``mentions`` / ``mention_all`` as in a
+        SendReq (BAD_MENTION for an invalid user id, TOO_MANY_MENTIONS
+        above ``Limits.max_mentions``)."""
         out: list[Command] = []
 
         def refuse(code: ErrorCode) -> list[Command]:
@@ -1472,6 +1553,10 @@ class Broker:
         local_id = idempotency_local_id(key)
         if local_id is None:
             return refuse(ErrorCode.BAD_REQUEST)
+        if len(mentions) > self.config.limits.max_mentions:
+            return refuse(ErrorCode.TOO_MANY_MENTIONS)
+        if not all(isinstance(u, str) and valid_id(u) for u in mentions):
+            return refuse(ErrorCode.BAD_MENTION)
         digest = message_digest(conv, payload)
         dkey = (sender, device, local_id)
         pending = self._pending_sends.get(dkey)
@@ -1484,7 +1569,7 @@ class Broker:
         msg_id = server_time.to_bytes(8, "big") + self._node_id
         op = NewMessage(
             msg_id, conv, sender, device, local_id, server_time, server_time, payload, digest, _U64_MAX,
-            self.config.record_events,
+            self.config.record_events, tuple(sorted(set(mentions) - {sender})), bool(mention_all),
         )
         ctx = _PendingSend(dkey, digest, ("post", ref))
         self._pending_sends[dkey] = ctx
@@ -1745,6 +1830,11 @@ class Broker:
             return refuse(ErrorCode.TOO_MANY_IN_FLIGHT)
         if len(f.payload) > lim.max_payload:
             return refuse(ErrorCode.PAYLOAD_TOO_LARGE)
+        if f.mentions:
+            if len(f.mentions) > lim.max_mentions:
+                return refuse(ErrorCode.TOO_MANY_MENTIONS)
+            if isinstance(_normalized_mentions(f), ErrorCode):
+                return refuse(ErrorCode.BAD_MENTION)
         code = self._check_conversation(c.user, f.conv)
         if code is not ErrorCode.OK:
             return refuse(code)
@@ -1784,10 +1874,18 @@ class Broker:
             return
         server_time = self._clock.tick(now)
         msg_id = server_time.to_bytes(8, "big") + self._node_id
-        op = NewMessage(
-            msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest, f.after_seq,
-            self.config.record_events,
-        )
+        if f.mentions or f.mention_all:
+            mentions = _normalized_mentions(f)
+            assert not isinstance(mentions, ErrorCode)  # _on_send refused those
+            op = NewMessage(
+                msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest, f.after_seq,
+                self.config.record_events, tuple(u for u in mentions if u != c.user), f.mention_all,
+            )
+        else:
+            op = NewMessage(
+                msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest, f.after_seq,
+                self.config.record_events,
+            )
         ctx = _PendingSend(key, digest, c.id)
         self._pending_sends[key] = ctx
         self._propose(op, ctx)
@@ -1808,6 +1906,10 @@ class Broker:
                         m = F.Message(
                             pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time,
                             res.server_time, op.payload, 0, op.local_id, res.after_seq,
+                        ) if not (op.mentions or op.mention_all) else F.Message(
+                            pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time,
+                            res.server_time, op.payload, 0, op.local_id, res.after_seq,
+                            tuple(F.Mention(u) for u in op.mentions), op.mention_all,
                         )
                         fresh.setdefault(user, []).append((pos, m))
         elif isinstance(res, Duplicate):
@@ -1962,6 +2064,7 @@ class Broker:
         state = F.ReadStates((F.ReadState(res.conv, res.read_seq, res.last_seq, res.unread),))
         for dev in self._online.get(res.user, {}).values():
             self._send(dev.conn, state, out)
+        self._conv_update(res.user, res.conv, out)
         pair = direct_members(res.conv)
         if pair is not None:
             peer = pair[1] if pair[0] == res.user else pair[0]
@@ -2005,6 +2108,110 @@ class Broker:
         rid = self._request_id()
         self._reads[rid] = _ReadersRead(c.id, f)
         out.append(StoreRequest(rid, (ReadReaders(f.conv, c.user),), False))
+
+    # ------------------------------------------------------------ conversation list
+
+    def _on_conv_list(self, c: _Conn, f: F.ConvListReq, now: int, out: list[Command]) -> None:
+        """A page of the user's conversation list (the store answers,
+        ReadConversations).  Counts against the bound of reads in flight
+        like a history request."""
+        limit = max(1, min(f.limit, self.config.limits.conv_page))
+        c.history_reads += 1
+        rid = self._request_id()
+        self._reads[rid] = _ConvListRead(c.id, f, limit)
+        # One more than the page: whether there is more is then known.
+        op = ReadConversations(c.user, f.cursor, limit + 1, f.include_hidden)
+        out.append(StoreRequest(rid, (op,), False))
+
+    def _on_conv_set(self, c: _Conn, f: F.ConvSetReq, now: int, out: list[Command]) -> None:
+        """Change the user's settings of a conversation: a SetConversation
+        op in the next batch; answered (ConvSetResp) once durable, and every
+        device of the user gets the new entry (ConvUpdate) if it changed."""
+        code = self._check_conversation(c.user, f.conv)
+        if code is ErrorCode.OK and not all(v in (0, 1, 2) for v in (f.pinned, f.muted, f.hidden)):
+            code = ErrorCode.BAD_REQUEST
+        if code is not ErrorCode.OK:
+            if self._control(c, now, "refused ConvSetReq", out):
+                self._send(c.id, F.ConvSetResp(f.req_id, f.conv, code), out)
+            return
+        self._propose(SetConversation(c.user, f.conv, f.pinned, f.muted, f.hidden), _ConvSetCtx(c.id, f.req_id, f.conv))
+
+    def set_conversation(
+        self, user: str, conv: str, now: int, *, pinned: int = 0, muted: int = 0, hidden: int = 0, ref: int = 0
+    ) -> list[Command]:
+        """Control plane: change ``user``'s settings of ``conv`` as a
+        ConvSetReq of theirs would (values frames.SETTING_*); the user's
+        devices get the ConvUpdate.  :class:`AdminDone` with ``ref``
+        carries the store's answer (ConversationSet, or Rejected)."""
+        self._propose(SetConversation(user, conv, pinned, muted, hidden), _AdminCtx(ref))
+        out: list[Command] = []
+        self._maybe_commit(out, now)
+        return out
+
+    def _finish_conv_set(self, ctx: Union[_ConvSetCtx, _AdminCtx], res: Result, out: list[Command]) -> None:
+        if isinstance(ctx, _AdminCtx):
+            out.append(AdminDone(ctx.ref, res))
+        if isinstance(res, ConversationSet):
+            if isinstance(ctx, _ConvSetCtx):
+                self._send(ctx.conn, F.ConvSetResp(ctx.req_id, ctx.conv, ErrorCode.OK), out)
+            if res.changed:
+                update = F.ConvUpdate((_to_conv_entry(res.entry),))
+                for dev in self._online.get(res.user, {}).values():
+                    self._send(dev.conn, update, out)
+                e = res.entry
+                self._event("conversation", user=res.user, conv=res.conv, pinned=e.pinned, muted=e.muted, hidden=e.hidden)
+        elif isinstance(ctx, _ConvSetCtx):
+            code = res.code if isinstance(res, Rejected) else ErrorCode.INTERNAL
+            self._send(ctx.conn, F.ConvSetResp(ctx.req_id, ctx.conv, code), out)
+
+    def _conv_update(self, user: str, conv: str, out: list[Command]) -> None:
+        """Read the (user, conv) entry and send it to the user's devices
+        (its read marker moved: unread and mention counts changed)."""
+        if user not in self._online:
+            return
+        rid = self._request_id()
+        self._reads[rid] = _ConvUpdateRead(user, conv)
+        out.append(StoreRequest(rid, (ReadConversations(user, conv=conv),), False))
+
+    def _conv_read_done(
+        self, ctx: Union[_ConvListRead, _ConvUpdateRead], res: Optional[Result], now: int, out: list[Command]
+    ) -> None:
+        if type(ctx) is _ConvUpdateRead:
+            if isinstance(res, ConversationsPage) and res.code is ErrorCode.OK and res.entries:
+                update = F.ConvUpdate(tuple(_to_conv_entry(e) for e in res.entries))
+                for dev in self._online.get(ctx.user, {}).values():
+                    self._send(dev.conn, update, out)
+            return  # a failed read: the next change or the next list brings it
+        assert type(ctx) is _ConvListRead
+        c = self._conns.get(ctx.conn)
+        if c is None:
+            return
+        c.history_reads -= 1
+        f = ctx.frame
+        if not isinstance(res, ConversationsPage):
+            resp = F.ConvListResp(f.req_id, ErrorCode.STORE_UNAVAILABLE, (), b"", False)
+        elif res.code is not ErrorCode.OK:
+            resp = F.ConvListResp(f.req_id, res.code, (), b"", False)
+        else:
+            page = res.entries
+            more = len(page) > ctx.limit
+            page = page[: ctx.limit]
+            # One frame must hold the page (as a HistoryResp): cut it there,
+            # at least one entry, `more` set.
+            budget = self._page_bytes()
+            for i, e in enumerate(page):
+                m = e.last
+                budget -= len(e.conv) + _MESSAGE_OVERHEAD + (
+                    0 if m is None else len(m.payload) + len(m.sender) + len(m.device) + 24 * len(m.mentions) + _MESSAGE_OVERHEAD
+                )
+                if budget < 0 and i > 0:
+                    page, more = page[:i], True
+                    break
+            cursor = conversation_cursor(page[-1]) if page else f.cursor
+            resp = F.ConvListResp(f.req_id, ErrorCode.OK, tuple(_to_conv_entry(e) for e in page), cursor, more)
+        self._send(c.id, resp, out)
+        if c.history_reads == _MAX_HISTORY_READS - 1:
+            self._resume(c, now, out)  # it was held at the limit: read on
 
     def _on_calibrate(self, c: _Conn, f: F.CalibrateReq, now: int, out: list[Command]) -> None:
         if self._control(c, now, "CalibrateReq", out):
@@ -2349,6 +2556,8 @@ class Broker:
         F.Read: _on_read,
         F.HistoryReq: _on_history,
         F.ReadersReq: _on_readers,
+        F.ConvListReq: _on_conv_list,
+        F.ConvSetReq: _on_conv_set,
         F.CalibrateReq: _on_calibrate,
         F.Ping: _on_ping,
         F.Pong: _on_pong,

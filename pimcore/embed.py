@@ -61,7 +61,7 @@ from .store.base import (
 )
 
 __all__ = [
-    "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ReadPositions", "DevicePosition",
+    "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ConversationListPage", "ReadPositions", "DevicePosition",
     "HostEvent", "EventStream", "SYSTEM", "EventsDisabled", "UserPresence",
 ]
 
@@ -134,6 +134,17 @@ class Conversation:
 
 
 @dataclass(frozen=True, slots=True)
+class ConversationListPage:
+    """A page of :meth:`Pimcore.conversation_list`: ``entries``
+    (:class:`~pimcore.store.base.ConversationEntry`) in list order,
+    ``cursor`` for the next page (opaque bytes), ``more``."""
+
+    entries: list[Any]
+    cursor: bytes
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
 class HostEvent:
     """One host event (``open_pimcore(..., events=True)``; see the Events
     section of docs/EMBEDDING.md).  ``id``: gap-free u64, ascending, the
@@ -147,13 +158,17 @@ class HostEvent:
       ``recipients`` (every user it was fanned out to, the sender included,
       sorted) and ``offline_recipients`` (those of them with no device
       online on this broker when the event was handed to the host: the
-      push-notification hook);
+      push-notification hook), ``muted`` (recipients who muted the
+      conversation), ``mentioned`` (recipients the message mentions, the
+      sender never) and ``mention_all`` (it mentions everyone);
     * "read" -- ``user``'s read marker in ``conv`` moved to ``seq``
       (``unread`` left);
     * "online" / "offline" -- ``user``'s ``device`` logged in / its session
       ended (``code``: the CloseCode name, None if the connection was lost;
       ``reason``);
-    * "kicked" -- the host kicked ``user``'s ``device`` (``reason``).
+    * "kicked" -- the host kicked ``user``'s ``device`` (``reason``);
+    * "conversation" -- ``user`` changed their settings of ``conv``:
+      ``pinned``, ``hidden``, and ``muted`` = (``user``,) when muted.
     """
 
     id: int
@@ -174,6 +189,11 @@ class HostEvent:
     unread: int = 0
     code: Optional[str] = None
     reason: str = ""
+    muted: tuple[str, ...] = ()
+    mentioned: tuple[str, ...] = ()
+    mention_all: bool = False
+    pinned: bool = False
+    hidden: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +240,10 @@ def _host_event(ev: StoredEvent, online: Callable[[str], list[str]]) -> HostEven
         d["payload"] = base64.b64decode(d["payload"])
         d["recipients"] = tuple(d["recipients"])
         d["offline_recipients"] = tuple(u for u in d["recipients"] if not online(u))
+        d["muted"] = tuple(d.get("muted", ()))
+        d["mentioned"] = tuple(d.get("mentioned", ()))
+    elif type_ == "conversation":
+        d["muted"] = (d.get("user", ""),) if d.get("muted") else ()
     known = {k: v for k, v in d.items() if k in HostEvent.__dataclass_fields__ and k not in ("id", "type", "time")}
     return HostEvent(ev.id, type_, ev.time, **known)
 
@@ -354,6 +378,8 @@ class Pimcore:
         sender: str = SYSTEM,
         device: str = SYSTEM,
         idempotency_key: Union[str, bytes, None] = None,
+        mentions: Sequence[str] = (),
+        mention_all: bool = False,
     ) -> Posted:
         """Store ``payload`` in ``conv`` and deliver it like a client's
         message, once it is durable.  ``sender``/``device``: a member and one
@@ -369,12 +395,17 @@ class Pimcore:
         content filter, then the moderation webhook (``[moderation]``) --
         and is refused with REJECTED (and the reason) if they say no, or
         INTERNAL if they could not answer (retry with the same key).  A
-        system post is trusted: it is not checked."""
+        system post is trusted: it is not checked.
+
+        ``mentions`` (user ids) and ``mention_all`` mention members as a
+        client's send does (their mention counts, the event's
+        ``mentioned``); RequestRefused BAD_MENTION / TOO_MANY_MENTIONS."""
         refused = await self._check_post(conv, payload, sender, device, idempotency_key)
         if refused is not None:
             raise refused
         done = await self.server.host_call(
-            self.server.broker.post, conv, bytes(payload), sender=sender, device=device, key=idempotency_key
+            self.server.broker.post, conv, bytes(payload), sender=sender, device=device, key=idempotency_key,
+            mentions=tuple(mentions), mention_all=bool(mention_all),
         )
         result = _posted(conv, done, sender, device, idempotency_key)
         if isinstance(result, PimError):
@@ -535,6 +566,53 @@ class Pimcore:
             raise RequestRefused(loaded.code, f"invalid user id {user!r}")
         assert isinstance(loaded, SessionLoaded)
         return [_conversation(c) for c in loaded.conversations]
+
+    async def conversation_list(
+        self, user: str, *, cursor: bytes = b"", limit: int = 50, include_hidden: bool = False
+    ) -> "ConversationListPage":
+        """A page of ``user``'s conversation list, as a client's ConvListReq
+        gets it (docs/PROTOCOL.md, *Conversation list*): pinned first, then
+        by the server time of the last entry (newest first), each a
+        :class:`~pimcore.store.base.ConversationEntry` (last message, read
+        marker, unread and mention counts, the user's pinned / muted /
+        hidden).  ``cursor``: b"" or the page's ``cursor`` for the next
+        one.  Raises RequestRefused (BAD_REQUEST, BAD_CURSOR), StoreError."""
+        from .store.base import ConversationsPage, ReadConversations, conversation_cursor
+
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"limit must be 1..1000, got {limit!r}")
+        page = await self._read_one(ReadConversations(user, bytes(cursor), limit, bool(include_hidden)))
+        assert isinstance(page, (ConversationsPage, Rejected))
+        if page.code != ErrorCode.OK:
+            raise RequestRefused(page.code, f"conversation list of {user!r}: {page.code.name}")
+        entries = list(page.entries)  # type: ignore[union-attr]
+        cursor_out = conversation_cursor(entries[-1]) if entries else bytes(cursor)
+        return ConversationListPage(entries, cursor_out, page.more)  # type: ignore[union-attr]
+
+    async def set_conversation(
+        self, user: str, conv: str, *, pinned: Optional[bool] = None, muted: Optional[bool] = None,
+        hidden: Optional[bool] = None,
+    ) -> Any:
+        """Change ``user``'s own settings of ``conv`` (None = unchanged), as
+        one of their devices would; their online devices get a ConvUpdate.
+        Returns the entry after the change
+        (:class:`~pimcore.store.base.ConversationEntry`).  Raises
+        RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION, NOT_MEMBER),
+        StoreError if the store failed."""
+        from .store.base import ConversationSet
+
+        def v(x: Optional[bool]) -> int:
+            return 0 if x is None else (1 if x else 2)
+
+        result = await self.server.host_call(
+            self.server.broker.set_conversation, user, conv, pinned=v(pinned), muted=v(muted), hidden=v(hidden)
+        )
+        if isinstance(result, Rejected):
+            if result.code is ErrorCode.STORE_UNAVAILABLE:
+                raise StoreError(f"settings of {conv!r} for {user!r} not changed: the store failed")
+            raise RequestRefused(result.code, f"settings of {conv!r} for {user!r}: {result.code.name}")
+        assert isinstance(result, ConversationSet)
+        return result.entry
 
     async def unread(self, user: str, conv: Optional[str] = None) -> int:
         """Exact number of messages from others in ``conv`` after ``user``'s

@@ -42,6 +42,10 @@ class ErrorCode(IntEnum):
     RATE_LIMITED = 26
     REJECTED = 27
     ALREADY_EXISTS = 28  # group admin: the group id is taken
+    # -- mentions and the conversation list (issue 14b) --
+    TOO_MANY_MENTIONS = 45  # SendReq.mentions longer than Limits.max_mentions
+    BAD_MENTION = 46  # a SendReq.mentions entry is not a valid user id
+    BAD_CURSOR = 47  # ConvListReq.cursor is not one the broker gave
     # -- typing and presence (issue 14 part 3) --
     PRESENCE_LIMIT = 48  # a PresenceSub names more users than the broker allows
     TYPING_NOT_RELAYED = 49  # typing is not relayed in this conversation (too many members)

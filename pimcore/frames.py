@@ -49,6 +49,16 @@ __all__ = [
     "ReadersReq",
     "Reader",
     "ReadersResp",
+    "Mention",
+    "ConvEntry",
+    "ConvListReq",
+    "ConvListResp",
+    "ConvSetReq",
+    "ConvSetResp",
+    "ConvUpdate",
+    "SETTING_KEEP",
+    "SETTING_ON",
+    "SETTING_OFF",
     "MessageKind",
     "Typing",
     "PresenceUser",
@@ -100,6 +110,12 @@ class FrameType(IntEnum):
     CLOSE = 0x11
     READERS_REQ = 0x12
     READERS_RESP = 0x13
+    # conversation list and per-user settings (issue 14 part 2)
+    CONV_LIST_REQ = 0x16
+    CONV_LIST_RESP = 0x17
+    CONV_SET_REQ = 0x18
+    CONV_SET_RESP = 0x19
+    CONV_UPDATE = 0x1A
     # 0x1C..0x1F: typing and presence (issue 14 part 3)
     TYPING = 0x1C
     PRESENCE_SUB = 0x1D
@@ -195,6 +211,13 @@ class CalibrateResp:
 
 
 @dataclass(frozen=True, slots=True)
+class Mention:
+    """One mentioned user (SendReq.mentions, Message.mentions)."""
+
+    user: str  # t
+
+
+@dataclass(frozen=True, slots=True)
 class SendReq:
     """Client -> broker.  ``local_id`` is chosen by the client, unique per device
     and increasing in send order; a retry MUST reuse it (that is what makes
@@ -209,6 +232,13 @@ class SendReq:
     client_time: int  # s
     payload: bytes  # b
     after_seq: int = 0  # u
+    #: Users the message mentions (metadata outside the opaque payload; at
+    #: most Limits.max_mentions, each a valid user id, else the SendAck
+    #: says TOO_MANY_MENTIONS / BAD_MENTION).  Mentioned users who are not
+    #: members of ``conv`` are ignored (they get nothing).
+    mentions: tuple[Mention, ...] = ()  # [Mention]
+    #: The message mentions everyone: every member but the sender.
+    mention_all: bool = False  # ?
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +280,10 @@ class Message:
     kind: int = 0  # u   MessageKind
     local_id: int = 0  # u
     after_seq: int = 0  # u
+    #: SendReq.mentions / mention_all as stored (sorted, no duplicates, the
+    #: sender left out).
+    mentions: tuple[Mention, ...] = ()  # [Mention]
+    mention_all: bool = False  # ?
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +403,95 @@ class ReadersResp:
     readers: tuple[Reader, ...]  # [Reader]
 
 
+# --------------------------------------------------------------- conversation list
+
+#: ConvSetReq values of ``pinned`` / ``muted`` / ``hidden``.
+SETTING_KEEP = 0
+SETTING_ON = 1
+SETTING_OFF = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ConvEntry:
+    """One conversation of the user's conversation list.
+
+    ``last`` holds the last entry of the conversation the user may see (0 or
+    1 Message, position 0; empty while the conversation has none).  The list
+    is ordered pinned first, then by the server time of ``last`` (newest
+    first), then by ``conv``.  ``mention_count``: messages after the read
+    marker that mention the user (by id or everyone).  ``hidden``: hidden
+    until the next entry of the conversation (ConvSetReq)."""
+
+    conv: str  # t
+    last: tuple[Message, ...]  # [Message]   0 or 1
+    read_seq: int  # u
+    last_seq: int  # u   the last seq the user may see
+    unread: int  # u
+    mention_count: int  # u
+    pinned: bool  # ?
+    muted: bool  # ?
+    hidden: bool  # ?
+
+
+@dataclass(frozen=True, slots=True)
+class ConvListReq:
+    """Client -> broker: a page of the user's conversation list.  ``cursor``
+    is empty for the first page, else ConvListResp.cursor of the previous
+    page (opaque).  Hidden conversations are left out unless
+    ``include_hidden``."""
+
+    TYPE: ClassVar[FrameType] = FrameType.CONV_LIST_REQ
+    req_id: int  # u
+    cursor: bytes  # b
+    limit: int  # u
+    include_hidden: bool  # ?
+
+
+@dataclass(frozen=True, slots=True)
+class ConvListResp:
+    """Broker -> client: the page; ``cursor`` names its last entry (pass it
+    to get the next page), ``more`` says whether there is one.  A malformed
+    cursor: ``code`` BAD_CURSOR and no entries."""
+
+    TYPE: ClassVar[FrameType] = FrameType.CONV_LIST_RESP
+    req_id: int  # u
+    code: int  # u   ErrorCode
+    entries: tuple[ConvEntry, ...]  # [ConvEntry]
+    cursor: bytes  # b
+    more: bool  # ?
+
+
+@dataclass(frozen=True, slots=True)
+class ConvSetReq:
+    """Client -> broker: change the user's settings of ``conv`` (every one
+    SETTING_KEEP, SETTING_ON or SETTING_OFF).  ``hidden`` ON hides the
+    conversation until its next entry.  Answered with ConvSetResp; when
+    something changed every device of the user gets a ConvUpdate."""
+
+    TYPE: ClassVar[FrameType] = FrameType.CONV_SET_REQ
+    req_id: int  # u
+    conv: str  # t
+    pinned: int  # u
+    muted: int  # u
+    hidden: int  # u
+
+
+@dataclass(frozen=True, slots=True)
+class ConvSetResp:
+    TYPE: ClassVar[FrameType] = FrameType.CONV_SET_RESP
+    req_id: int  # u
+    conv: str  # t
+    code: int  # u   ErrorCode
+
+
+@dataclass(frozen=True, slots=True)
+class ConvUpdate:
+    """Broker -> every device of the user: these conversation-list entries
+    changed (settings changed, or the read marker moved).  A new entry in a
+    conversation is learned from its Push instead."""
+
+    TYPE: ClassVar[FrameType] = FrameType.CONV_UPDATE
+    entries: tuple[ConvEntry, ...]  # [ConvEntry]
 # --------------------------------------------------------------- typing and presence
 # Ephemeral signals: nothing here is stored (but the PresencePrivacy setting).
 
@@ -495,6 +618,11 @@ Frame = Union[
     HistoryResp,
     ReadersReq,
     ReadersResp,
+    ConvListReq,
+    ConvListResp,
+    ConvSetReq,
+    ConvSetResp,
+    ConvUpdate,
     Typing,
     PresenceSub,
     Presence,
@@ -524,6 +652,11 @@ FRAME_CLASSES: dict[int, type] = {
         HistoryResp,
         ReadersReq,
         ReadersResp,
+        ConvListReq,
+        ConvListResp,
+        ConvSetReq,
+        ConvSetResp,
+        ConvUpdate,
         Typing,
         PresenceSub,
         Presence,

@@ -248,10 +248,13 @@ class ThreadedPimcore:
         sender: str = SYSTEM,
         device: str = SYSTEM,
         idempotency_key: Union[str, bytes, None] = None,
+        mentions: Sequence[str] = (),
+        mention_all: bool = False,
     ) -> Posted:
         """As Pimcore.post: returns once the message is durable."""
         assert self.handle is not None
-        return self._call(self.handle.post, conv, payload, sender=sender, device=device, idempotency_key=idempotency_key)
+        return self._call(self.handle.post, conv, payload, sender=sender, device=device, idempotency_key=idempotency_key,
+                          mentions=tuple(mentions), mention_all=mention_all)
 
     def post_many(self, posts: Sequence[dict[str, Any]]) -> list[Union[Posted, PimError]]:
         assert self.handle is not None
@@ -284,6 +287,16 @@ class ThreadedPimcore:
     def unread(self, user: str, conv: str) -> int:
         assert self.handle is not None
         return self._call(self.handle.unread, user, conv)
+
+    def conversation_list(self, user: str, **kwargs: Any) -> Any:
+        """As Pimcore.conversation_list."""
+        assert self.handle is not None
+        return self._call(self.handle.conversation_list, user, **kwargs)
+
+    def set_conversation(self, user: str, conv: str, **kwargs: Any) -> Any:
+        """As Pimcore.set_conversation."""
+        assert self.handle is not None
+        return self._call(self.handle.set_conversation, user, conv, **kwargs)
 
     def history(self, conv: str, user: str, **kwargs: Any) -> list[StoredMessage]:
         assert self.handle is not None

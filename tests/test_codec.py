@@ -29,7 +29,7 @@ from _fuzz import feed_split, frame_strategies, mutate
 U64 = (1 << 64) - 1
 S64_MIN = -(1 << 63)
 S64_MAX = (1 << 63) - 1
-RECORDS = (F.Message, F.ReadState, F.Reader, F.PresenceUser, F.PresenceEntry)
+RECORDS = (F.Message, F.ReadState, F.Reader, F.Mention, F.ConvEntry, F.PresenceUser, F.PresenceEntry)
 FRAMES = tuple(F.FRAME_CLASSES.values())
 MALFORMED = ErrorCode.MALFORMED_FRAME
 
@@ -168,8 +168,8 @@ def test_round_trip_extremes(backend: ModuleType, cls: type, high: bool) -> None
 # Hand-computed; the first is the worked example in docs/PROTOCOL.md.
 
 GOLDEN = [
-    # 300 = 0xAC 0x02; "c1"; zigzag(-3) = 5; b"hi"; length 11
-    (F.SendReq(local_id=300, conv="c1", client_time=-3, payload=b"hi", after_seq=7), "0c 20 05 ac 02 02 63 31 05 02 68 69 07"),
+    # 300 = 0xAC 0x02; "c1"; zigzag(-3) = 5; b"hi"; 7; no mentions, not everyone; length 14
+    (F.SendReq(local_id=300, conv="c1", client_time=-3, payload=b"hi", after_seq=7), "0e 20 05 ac 02 02 63 31 05 02 68 69 07 00 00"),
     # 2**64-1 takes the full 10 varint bytes, the last one holding only bit 63
     (F.PushAck(position=U64), "0c 20 08 ff ff ff ff ff ff ff ff ff 01"),
     # nested record, no header: count 1, conv "g", 5, 7, 2
@@ -178,8 +178,11 @@ GOLDEN = [
     (F.Close(code=CloseCode.PROTOCOL_ERROR, reason="\u00e9"), "06 20 11 01 02 c3 a9"),
     (F.Ping(nonce=0), "03 20 0e 00"),
     # a 200-byte frame needs a 2-byte length prefix: 200 = 0xC8 0x01
-    # (192 = 0xC0 0x01; 5 + 192 + 2 + 1 (after_seq) = 200)
-    (F.SendReq(local_id=0, conv="", client_time=0, payload=b"\x00" * 192), "c8 01 20 05 00 00 00 c0 01" + " 00" * 192 + " 00"),
+    # (192 = 0xC0 0x01; 5 + 192 + 2 + 1 (after_seq) + 2 (mentions, mention_all) = 202)
+    (F.SendReq(local_id=0, conv="", client_time=0, payload=b"\x00" * 192), "ca 01 20 05 00 00 00 c0 01" + " 00" * 192 + " 00 00 00"),
+    # mentions: count 1, Mention("al"); everyone: 1
+    (F.SendReq(local_id=1, conv="g", client_time=0, payload=b"", after_seq=0, mentions=(F.Mention("al"),), mention_all=True),
+     "0d 20 05 01 01 67 00 00 00 01 02 61 6c 01"),
 ]
 
 

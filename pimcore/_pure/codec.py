@@ -46,6 +46,13 @@ from ..frames import (
     ReadersReq,
     Reader,
     ReadersResp,
+    Mention,
+    ConvEntry,
+    ConvListReq,
+    ConvListResp,
+    ConvSetReq,
+    ConvSetResp,
+    ConvUpdate,
     Typing,
     PresenceUser,
     PresenceSub,
@@ -101,6 +108,8 @@ _MESSAGE = (
     ("kind", "u"),
     ("local_id", "u"),
     ("after_seq", "u"),
+    ("mentions", "[Mention]"),
+    ("mention_all", "?"),
 )
 _READ_STATE = (("conv", "t"), ("read_seq", "u"), ("last_seq", "u"), ("unread", "u"))
 
@@ -123,7 +132,10 @@ SCHEMA: dict[type, tuple[tuple[str, str], ...]] = {
     ),
     CalibrateReq: (("client_time", "s"),),
     CalibrateResp: (("client_time", "s"), ("server_time", "u")),
-    SendReq: (("local_id", "u"), ("conv", "t"), ("client_time", "s"), ("payload", "b"), ("after_seq", "u")),
+    SendReq: (
+        ("local_id", "u"), ("conv", "t"), ("client_time", "s"), ("payload", "b"), ("after_seq", "u"),
+        ("mentions", "[Mention]"), ("mention_all", "?"),
+    ),
     SendAck: (("local_id", "u"), ("code", "u"), ("msg_id", "b"), ("seq", "u"), ("server_time", "u")),
     Push: (("position", "u"), ("messages", "[Message]")),
     PushAck: (("position", "u"),),
@@ -134,6 +146,11 @@ SCHEMA: dict[type, tuple[tuple[str, str], ...]] = {
     HistoryResp: (("req_id", "u"), ("conv", "t"), ("code", "u"), ("messages", "[Message]"), ("more", "?")),
     ReadersReq: (("req_id", "u"), ("conv", "t")),
     ReadersResp: (("req_id", "u"), ("conv", "t"), ("code", "u"), ("readers", "[Reader]")),
+    ConvListReq: (("req_id", "u"), ("cursor", "b"), ("limit", "u"), ("include_hidden", "?")),
+    ConvListResp: (("req_id", "u"), ("code", "u"), ("entries", "[ConvEntry]"), ("cursor", "b"), ("more", "?")),
+    ConvSetReq: (("req_id", "u"), ("conv", "t"), ("pinned", "u"), ("muted", "u"), ("hidden", "u")),
+    ConvSetResp: (("req_id", "u"), ("conv", "t"), ("code", "u")),
+    ConvUpdate: (("entries", "[ConvEntry]"),),
     Typing: (("conv", "t"), ("active", "?"), ("user", "t"), ("ttl_ms", "u")),
     PresenceSub: (("req_id", "u"), ("users", "[PresenceUser]")),
     Presence: (("req_id", "u"), ("code", "u"), ("entries", "[PresenceEntry]")),
@@ -146,11 +163,16 @@ SCHEMA: dict[type, tuple[tuple[str, str], ...]] = {
     Message: _MESSAGE,
     ReadState: _READ_STATE,
     Reader: (("user", "t"), ("read_seq", "u")),
+    Mention: (("user", "t"),),
+    ConvEntry: (
+        ("conv", "t"), ("last", "[Message]"), ("read_seq", "u"), ("last_seq", "u"), ("unread", "u"),
+        ("mention_count", "u"), ("pinned", "?"), ("muted", "?"), ("hidden", "?"),
+    ),
     PresenceUser: (("user", "t"),),
     PresenceEntry: (("user", "t"), ("state", "u"), ("last_seen", "u")),
 }
 
-_RECORDS = (Message, ReadState, Reader, PresenceUser, PresenceEntry)
+_RECORDS = (Message, ReadState, Reader, Mention, ConvEntry, PresenceUser, PresenceEntry)
 _RECORD_BY_KIND = {f"[{rec.__name__}]": rec for rec in _RECORDS}
 
 

@@ -33,6 +33,9 @@ REFUSED_STATUS: dict[ErrorCode, int] = {
     ErrorCode.BAD_REQUEST: 400,
     ErrorCode.UNKNOWN_CONVERSATION: 404,
     ErrorCode.NOT_MEMBER: 403,
+    ErrorCode.BAD_CURSOR: 400,
+    ErrorCode.BAD_MENTION: 400,
+    ErrorCode.TOO_MANY_MENTIONS: 400,
     ErrorCode.ALREADY_EXISTS: 409,
     ErrorCode.DUPLICATE_CONFLICT: 409,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
@@ -159,6 +162,18 @@ def _message(m: Any) -> dict[str, Any]:
     }
 
 
+def _conv_entry(e: Any) -> dict[str, Any]:
+    last = None
+    if e.last is not None:
+        last = _message(e.last)
+        last["mentions"] = list(e.last.mentions)
+        last["mention_all"] = e.last.mention_all
+    return {
+        "conv": e.conv, "last": last, "read_seq": e.read_seq, "last_seq": e.last_seq, "unread": e.unread,
+        "mention_count": e.mention_count, "pinned": e.pinned, "muted": e.muted, "hidden": e.hidden,
+    }
+
+
 def _event(ev: "HostEvent") -> dict[str, Any]:
     d = asdict(ev)
     d["msg_id"] = ev.msg_id.hex()
@@ -193,6 +208,10 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         key = request.headers.get("idempotency-key")
         if key is not None:
             kw["idempotency_key"] = key.encode("latin-1")
+        if "mentions" in body:
+            kw["mentions"] = _strings(body, "mentions")
+        if "mention_all" in body:
+            kw["mention_all"] = _field(body, "mention_all", bool)
         posted = await handle.post(request.params["conv"], payload, **kw)
         return 201, _posted(posted)
 
@@ -288,6 +307,25 @@ def register_api(router: Router, handle: "Pimcore") -> None:
     async def conversations(request: Request) -> tuple[int, Any]:
         convs = await handle.conversations(request.params["user"])
         return 200, {"conversations": [asdict(c) for c in convs]}
+
+    async def conversation_list(request: Request) -> tuple[int, Any]:
+        try:
+            cursor = bytes.fromhex(_query(request, "cursor", str, ""))
+        except ValueError:
+            raise HttpError(400, "BAD_CURSOR", "query parameter 'cursor' is not one this API gave") from None
+        limit = _query(request, "limit", int, 50)
+        if not 1 <= limit <= 1000:
+            raise _bad("query parameter 'limit' must be 1..1000")
+        include_hidden = _query(request, "include_hidden", str, "false").lower() in ("1", "true", "yes")
+        page = await handle.conversation_list(request.params["user"], cursor=cursor, limit=limit,
+                                              include_hidden=include_hidden)
+        return 200, {"entries": [_conv_entry(e) for e in page.entries], "cursor": page.cursor.hex(), "more": page.more}
+
+    async def conversation_settings(request: Request) -> tuple[int, Any]:
+        body = _object(request)
+        kw = {name: _field(body, name, bool, None) for name in ("pinned", "muted", "hidden")}
+        entry = await handle.set_conversation(request.params["user"], request.params["conv"], **kw)
+        return 200, _conv_entry(entry)
 
     async def history(request: Request) -> tuple[int, Any]:
         user = _query(request, "user", str, None)
@@ -396,6 +434,8 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         ("POST", "/v1/users/{user}/kick", kick),
         ("POST", "/v1/users/{user}/revoke", revoke),
         ("GET", "/v1/users/{user}/conversations", conversations),
+        ("GET", "/v1/users/{user}/conversation-list", conversation_list),
+        ("POST", "/v1/users/{user}/conversations/{conv}/settings", conversation_settings),
         ("GET", "/v1/users/{user}/devices", devices),
         ("GET", "/v1/users/{user}/presence", presence),
         ("GET", "/v1/users/{user}/unread", unread),

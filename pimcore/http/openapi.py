@@ -15,6 +15,7 @@ __all__ = ["OPS_ROUTES", "ROUTES", "openapi_document"]
 _STR = {"type": "string"}
 _INT = {"type": "integer", "minimum": 0}
 _STRINGS = {"type": "array", "items": _STR}
+_BOOL = {"type": "boolean"}
 
 
 def _obj(required: tuple[str, ...] = (), **props: Any) -> dict[str, Any]:
@@ -29,13 +30,20 @@ _MESSAGE = _obj(
     client_time={"type": "integer"}, server_time=_INT, payload_b64=_STR,
 )
 _MEMBERS = _obj(("conv", "members"), conv=_STR, members=_STRINGS)
+_CONV_ENTRY = _obj(
+    conv=_STR, last={"oneOf": [{"type": "null"}, _obj(
+        msg_id=_STR, conv=_STR, seq=_INT, sender=_STR, device=_STR, kind=_INT, local_id=_INT, server_time=_INT,
+        payload_b64=_STR, mentions=_STRINGS, mention_all={"type": "boolean"})]},
+    read_seq=_INT, last_seq=_INT, unread=_INT, mention_count=_INT, pinned={"type": "boolean"},
+    muted={"type": "boolean"}, hidden={"type": "boolean"},
+)
 
 #: (method, path, summary, request body schema or None, query parameters,
 #: success status, success body schema).
 ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], int, dict[str, Any]], ...] = (
     ("POST", "/v1/conversations/{conv}/messages",
      "Store a message and deliver it like a client's (header Idempotency-Key makes retries safe)",
-     _obj(payload=_STR, payload_b64=_STR, sender=_STR, device=_STR), (),
+     _obj(payload=_STR, payload_b64=_STR, sender=_STR, device=_STR, mentions=_STRINGS, mention_all=_BOOL), (),
      201, _obj(conv=_STR, msg_id=_STR, seq=_INT, server_time=_INT)),
     ("POST", "/v1/messages",
      "Store many messages (to any conversations) in one request; per-message idempotency keys and results in order",
@@ -58,6 +66,14 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
     ("GET", "/v1/users/{user}/conversations", "A user's conversations with read markers and unread counts", None, (),
      200, _obj(conversations={"type": "array", "items": _obj(
          conv=_STR, read_seq=_INT, last_seq=_INT, unread=_INT, peer=_STR, peer_read_seq=_INT)})),
+    ("GET", "/v1/users/{user}/conversation-list",
+     "A page of the user's conversation list: pinned first, then newest activity first, with last message, unread"
+     " and mention counts and the user's settings", None,
+     (("cursor", _STR), ("limit", _INT), ("include_hidden", _BOOL)),
+     200, _obj(entries={"type": "array", "items": _CONV_ENTRY}, cursor=_STR, more=_BOOL)),
+    ("POST", "/v1/users/{user}/conversations/{conv}/settings",
+     "Change the user's own settings of a conversation (pinned, muted, hidden until the next message); the user's"
+     " devices get a ConvUpdate", _obj(pinned=_BOOL, muted=_BOOL, hidden=_BOOL), (), 200, _CONV_ENTRY),
     ("GET", "/v1/users/{user}/devices", "The user's devices online now", None, (), 200, _obj(user=_STR, devices=_STRINGS)),
     ("GET", "/v1/users/{user}/presence",
      "A user's presence on this broker: online, last seen (µs, 0 while online or unknown), last-seen privacy setting",

@@ -272,6 +272,10 @@ class StoredMessage:
     #: this (SendReq.after_seq), clamped below ``seq``: display order keeps
     #: the message below those (see pimcore.order).
     after_seq: int = 0
+    #: Users the message mentions (sorted, unique, never the sender) and
+    #: whether it mentions everyone (SendReq.mentions / mention_all).
+    mentions: tuple[str, ...] = ()
+    mention_all: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +329,12 @@ class NewMessage:
     #: the members it was fanned out to) in the same transaction when the
     #: message is stored (not for a Duplicate or a Rejected).
     event: bool = False
+    #: Mentioned users (valid ids, sorted, unique, not the sender: the core
+    #: normalizes them) and "everyone".  Stored with the message as given;
+    #: only recipients (members at this seq) get a mention counted
+    #: (:class:`ConversationEntry`), the sender never.
+    mentions: tuple[str, ...] = ()
+    mention_all: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +502,26 @@ class AckEvents:
 
 
 @dataclass(frozen=True, slots=True)
+class SetConversation:
+    """Change ``user``'s own settings of ``conv`` (synced across the user's
+    devices): ``pinned``, ``muted``, ``hidden``, each 0 keep, 1 on, 2 off
+    (frames.SETTING_*).  Hidden ON hides the conversation from the list
+    until its next entry: the store keeps ``hidden_at`` = the last seq the
+    user may see + 1, and the entry is hidden while its last seq is below
+    that (a new message un-hides it without a write).  Access: malformed
+    ids or a value outside 0..2 -> Rejected(BAD_REQUEST); an unknown group
+    -> UNKNOWN_CONVERSATION; a group the user is not in the list of (never
+    a member) or a 1:1 id without the user -> NOT_MEMBER.  Result:
+    ConversationSet (the entry after the op)."""
+
+    user: str
+    conv: str
+    pinned: int = 0
+    muted: int = 0
+    hidden: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class SetPresencePrivacy:
     """The user's durable presence setting: with ``hide_last_seen`` the
     broker shows others only online/offline, never when the user was last
@@ -504,7 +534,7 @@ class SetPresencePrivacy:
 
 Op = Union[
     NewMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers, RemoveMembers, RevokeTokens,
-    AppendEvent, AckEvents, SetPresencePrivacy,
+    AppendEvent, AckEvents, SetConversation, SetPresencePrivacy,
 ]
 
 
@@ -619,7 +649,30 @@ class ReadPresence:
     others: tuple[str, ...]
 
 
-ReadOp = Union[LoadSession, ReadInbox, ReadHistory, ReadReaders, ReadEvents, ReadDevices, ReadDedupe, ReadPresence]
+@dataclass(frozen=True, slots=True)
+class ReadConversations:
+    """A page of ``user``'s conversation list (the conversations of
+    :meth:`Store.conversations`), ordered by :func:`conversation_key`:
+    pinned first, then by the server time of the last entry the user may
+    see (newest first), then by id.  ``cursor``: b"" for the first page,
+    else :func:`conversation_cursor` of the last entry of the previous page
+    (entries after it in that order).  Hidden entries are left out unless
+    ``include_hidden``.  With ``conv`` set: just that conversation's entry
+    (hidden or not; NOT_MEMBER if it is not in the user's list).  A
+    malformed id -> code BAD_REQUEST; a malformed cursor -> BAD_CURSOR.
+    At most ``limit`` entries; ``more`` says whether more follow.
+    Result: ConversationsPage."""
+
+    user: str
+    cursor: bytes = b""
+    limit: int = 50
+    include_hidden: bool = False
+    conv: str = ""
+
+
+ReadOp = Union[
+    LoadSession, ReadInbox, ReadHistory, ReadReaders, ReadEvents, ReadDevices, ReadDedupe, ReadConversations, ReadPresence,
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -817,6 +870,46 @@ class Deduped:
 
 
 @dataclass(frozen=True, slots=True)
+class ConversationEntry:
+    """One conversation of a user's conversation list.
+
+    ``last``: the last entry the user may see (:func:`last_visible`; None
+    while there is none); ``last_seq`` its seq (0 if none).  ``unread`` as
+    :meth:`Store.unread`.  ``mention_count``: entries after the read marker
+    that mention the user (by id or everyone, from someone else, at a seq
+    the user was a member at); it drops as the marker passes them.
+    ``hidden``: hidden (:class:`SetConversation`) and no entry since."""
+
+    conv: str
+    last: Optional[StoredMessage]
+    read_seq: int
+    last_seq: int
+    unread: int
+    mention_count: int
+    pinned: bool
+    muted: bool
+    hidden: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationsPage:
+    code: ErrorCode
+    entries: tuple[ConversationEntry, ...]
+    more: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationSet:
+    """Answer to :class:`SetConversation`: the entry after the op and
+    whether any setting changed."""
+
+    user: str
+    conv: str
+    entry: ConversationEntry
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
 class PresencePrivacySet:
     """Answer to :class:`SetPresencePrivacy`: the setting now stored."""
 
@@ -843,8 +936,8 @@ class PresencePage:
 
 Result = Union[
     Appended, Duplicate, Rejected, Acked, Touched, ReadMarked, Reclaimed, GroupChanged, Revoked, SessionLoaded, InboxPage,
-    HistoryPage, ReadersPage, EventAppended, EventsAcked, EventsPage, DevicesPage, Deduped, PresencePrivacySet,
-    PresencePage,
+    HistoryPage, ReadersPage, EventAppended, EventsAcked, EventsPage, DevicesPage, Deduped, ConversationsPage,
+    ConversationSet, PresencePrivacySet, PresencePage,
 ]
 
 
@@ -859,20 +952,128 @@ def event_data(type_: str, **fields: object) -> bytes:
     return _JSON({"type": type_, **fields}).encode()
 
 
-def message_event(m: StoredMessage, recipients: Iterable[str]) -> bytes:
+def message_event(
+    m: StoredMessage, recipients: Iterable[str], muted: Iterable[str] = (), mentioned: Iterable[str] = ()
+) -> bytes:
     """The data of a "message" event (what both stores write atomically
     with the entry): conv, seq, msg_id (hex), sender, device, kind
     (frames.MessageKind), server_time (µs), local_id, payload (base64) and
     recipients (the users the entry was fanned out to, sorted).  The same
     JSON as :func:`event_data` would make, written out: every message of
-    every batch comes through here (about 2 µs instead of 6)."""
+    every batch comes through here (about 2 µs instead of 6).
+
+    For the push-notification hook, when not empty: ``muted`` (recipients
+    who muted the conversation, sorted), ``mentioned`` (recipients the
+    message mentions, "everyone" expanded, never the sender, sorted) and
+    ``mention_all`` (true when it mentions everyone)."""
     esc = _esc
+    extra = ""
+    muted = sorted(muted)
+    if muted:
+        extra += f',"muted":[{",".join(map(esc, muted))}]'
+    mentioned = sorted(mentioned)
+    if mentioned:
+        extra += f',"mentioned":[{",".join(map(esc, mentioned))}]'
+    if m.mention_all:
+        extra += ',"mention_all":true'
     return (
         f'{{"type":"message","conv":{esc(m.conv)},"seq":{m.seq},"msg_id":"{m.msg_id.hex()}",'
         f'"sender":{esc(m.sender)},"device":{esc(m.device)},"kind":{m.kind},"server_time":{m.server_time},'
         f'"local_id":{m.local_id},"payload":"{base64.b64encode(m.payload).decode("ascii")}",'
-        f'"recipients":[{",".join(map(esc, sorted(recipients)))}]}}'
+        f'"recipients":[{",".join(map(esc, sorted(recipients)))}]{extra}}}'
     ).encode()
+
+
+def mentioned_recipients(m: StoredMessage, recipients: Iterable[str]) -> list[str]:
+    """The recipients ``m`` mentions ("everyone" = all of them), never its
+    sender: who gets a mention counted, and the event's ``mentioned``."""
+    if m.mention_all:
+        return sorted(u for u in recipients if u != m.sender)
+    if not m.mentions:
+        return []
+    rs = set(recipients)
+    return [u for u in m.mentions if u in rs and u != m.sender]
+
+
+def mentions_user(m: StoredMessage, user: str) -> bool:
+    """Does ``m`` (an entry the user was a member at) count as a mention of ``user``?"""
+    return m.kind == MessageKind.MESSAGE and m.sender != user and (m.mention_all or user in m.mentions)
+
+
+# -- the conversation list: order and cursor (every backend shares these)
+
+_CURSOR_HEAD = b"\x01"
+
+
+def conversation_key(e: ConversationEntry) -> tuple[int, int, str]:
+    """The list order: pinned first, then newest last entry first, then id."""
+    return (0 if e.pinned else 1, -(e.last.server_time if e.last is not None else 0), e.conv)
+
+
+def conversation_cursor(e: ConversationEntry) -> bytes:
+    """The opaque cursor naming ``e``'s place in the list (ConvListResp.cursor):
+    a version byte, the pinned byte, U64 server time of the last entry, the id."""
+    pinned, neg_time, conv = conversation_key(e)
+    return _CURSOR_HEAD + bytes((pinned,)) + (-neg_time).to_bytes(8, "big") + conv.encode("ascii")
+
+
+def parse_conversation_cursor(cursor: bytes) -> Optional[tuple[int, int, str]]:
+    """The list key a cursor names, None if it is not one
+    :func:`conversation_cursor` could have made."""
+    if not isinstance(cursor, bytes) or len(cursor) < 11 or cursor[:1] != _CURSOR_HEAD or cursor[1] > 1:
+        return None
+    try:
+        conv = cursor[10:].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if conv and not valid_conversation(conv):
+        return None
+    return (cursor[1], -int.from_bytes(cursor[2:10], "big"), conv)
+
+
+def conversation_page(entries: Iterable[ConversationEntry], op: "ReadConversations") -> "ConversationsPage":
+    """Order, filter and cut ``entries`` (all of a user's) as ``op`` asks."""
+    after = None
+    if op.cursor:
+        after = parse_conversation_cursor(op.cursor)
+        if after is None:
+            return ConversationsPage(ErrorCode.BAD_CURSOR, ())
+    keyed = sorted(((conversation_key(e), e) for e in entries if op.include_hidden or not e.hidden), key=lambda ke: ke[0])
+    if after is not None:
+        keyed = [ke for ke in keyed if ke[0] > after]
+    limit = max(op.limit, 0)
+    return ConversationsPage(ErrorCode.OK, tuple(e for _, e in keyed[:limit]), len(keyed) > limit)
+
+
+def conversation_entry(
+    conv: str,
+    last: Optional[StoredMessage],
+    read_seq: int,
+    unread: int,
+    mention_count: int,
+    settings: tuple[bool, bool, int],
+) -> ConversationEntry:
+    """Assemble an entry; ``settings`` = (pinned, muted, hidden_at)."""
+    last_seq = last.seq if last is not None else 0
+    pinned, muted, hidden_at = settings
+    return ConversationEntry(
+        conv, last, read_seq, last_seq, unread, mention_count, pinned, muted, bool(hidden_at) and last_seq < hidden_at
+    )
+
+
+def new_settings(op: "SetConversation", old: tuple[bool, bool, int], last_seq: int) -> tuple[bool, bool, int]:
+    """The settings (pinned, muted, hidden_at) after ``op``; ``last_seq``:
+    the last seq the user may see now."""
+    pinned, muted, hidden_at = old
+    if op.pinned:
+        pinned = op.pinned == 1
+    if op.muted:
+        muted = op.muted == 1
+    if op.hidden == 1:
+        hidden_at = last_seq + 1
+    elif op.hidden == 2:
+        hidden_at = 0
+    return (pinned, muted, hidden_at)
 
 # ---------------------------------------------------------------- interface
 
@@ -959,12 +1160,17 @@ class Store(ABC):
                            else Rejected(ErrorCode.BAD_REQUEST))
             elif kind is ReadDedupe:
                 out.append(Deduped(self.deduped(op.sender, op.device, op.local_id)))  # type: ignore[union-attr]
+            elif kind is ReadConversations:
+                out.append(self._read_conversations(op))  # type: ignore[arg-type]
             elif kind is ReadPresence:
                 out.append(self._read_presence(op))  # type: ignore[arg-type]
             else:
                 raise TypeError(f"not a read op: {kind.__name__}")
         return tuple(out)
 
+    def _read_conversations(self, op: ReadConversations) -> ConversationsPage:
+        """Answer one :class:`ReadConversations` (both backends here do)."""
+        raise TypeError(f"{type(self).__name__} has no conversation list")
     def hides_last_seen(self, user: str) -> bool:
         """The user's :class:`SetPresencePrivacy` setting (False if never set)."""
         raise NotImplementedError(f"{type(self).__name__} does not store presence settings")
@@ -1248,6 +1454,8 @@ def malformed(op: Op) -> bool:
             and len(op.msg_id) == 16
             and isinstance(op.payload, bytes)
             and isinstance(op.digest, bytes)
+            and (not op.mentions or (isinstance(op.mentions, tuple) and all(valid_id(u) for u in op.mentions)))
+            and type(op.mention_all) is bool
         )
     if isinstance(op, (AckPosition, TouchDevice)):
         pos = op.position
@@ -1292,6 +1500,12 @@ def malformed(op: Op) -> bool:
             valid_id(op.user)
             and (op.device == "" or valid_id(op.device))
             and _int_in(op.before, _I64_MIN, _I64_END)
+        )
+    if isinstance(op, SetConversation):
+        return not (
+            valid_id(op.user)
+            and valid_conversation(op.conv)
+            and all(type(v) is int and 0 <= v <= 2 for v in (op.pinned, op.muted, op.hidden))
         )
     if isinstance(op, SetPresencePrivacy):
         return not (valid_id(op.user) and type(op.hide_last_seen) is bool)

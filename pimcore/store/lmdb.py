@@ -99,6 +99,10 @@ revoked     T(user) T(device or "")            I64 tokens issued before are revo
 meta        ``b"evlast"``                      U64 highest host event id ever appended
 events      U64(id)                            I64 time + the event's data (host events)
 evcursors   T(consumer)                        U64 the consumer's acked event id
+convset     T(user) T(conv)                    the user's settings of the conversation:
+                                               U8 flags (1 pinned, 2 muted) + U64
+                                               hidden_at (0: not hidden)
+mentionidx  T(user) T(conv) U64(seq)           empty: the entry at seq mentions the user
 ==========  =================================  ======================================
 
 Host events (see :mod:`pimcore.store.base`) are exactly ids
@@ -115,7 +119,12 @@ retry be answered with one lookup.
 
 Message record: ``U64 seq, U64 local_id, I64 client_time, I64 server_time,
 U64 after_seq, U8 kind`` (struct ``>QQqqQB``), then ``T(conv) T(sender)
-T(device)``, then the payload to the end of the value.  (Schema 1 had no
+T(device)``, then the payload to the end of the value.  A message with
+mentions has bit 0x80 set in the kind byte and, between ``T(device)`` and
+the payload, ``U8 mention_all, U16 count, T(user) * count``.  ``convset``,
+``mentionidx`` (the mention counts of the conversation list: a cursor
+counts the keys after the read marker) came after schema 3 and need no
+migration, like ``events``.  (Schema 1 had no
 after_seq and kind; opening a schema 1 store rewrites its records once.
 Schema 2 had no ``spans`` and no group flags: opening it gives every member
 the interval (0, open) and every group the default, history not visible.)
@@ -157,6 +166,15 @@ from ..errors import ErrorCode, StoreError
 from ..ids import MAX_CONVERSATION_ID_LEN, MAX_ID_LEN
 from .base import (
     SYSTEM,
+    ConversationEntry,
+    ConversationSet,
+    ConversationsPage,
+    ReadConversations,
+    SetConversation,
+    conversation_entry,
+    conversation_page,
+    mentioned_recipients,
+    new_settings,
     AckEvents,
     AppendEvent,
     EventAppended,
@@ -242,6 +260,8 @@ _DB_NAMES = (
     "spans",
     "events",
     "evcursors",
+    "convset",
+    "mentionidx",
 )
 #: Below this LMDB cannot even hold the sub-database catalogue comfortably.
 _MIN_MAP_SIZE = 1 << 20
@@ -265,7 +285,8 @@ _T_USER = 1 + MAX_ID_LEN
 _T_CONV = 1 + MAX_CONVERSATION_ID_LEN
 MAX_KEY_LEN = max(
     _T_CONV + 8,  # convidx
-    _T_CONV + _T_USER,  # members, userconvs, reads
+    _T_CONV + _T_USER,  # members, userconvs, reads, convset
+    _T_USER + _T_CONV + 8,  # mentionidx
     _T_USER + _T_USER + 8,  # dedupe
     _T_USER + _T_USER,  # devices
 )
@@ -314,7 +335,26 @@ def _take_t(buf: bytes, off: int) -> tuple[str, int]:
     return buf[off + 1 : end].decode("ascii"), end
 
 
+#: Kind-byte bit of a record that carries mentions (see Message record).
+_HAS_MENTIONS = 0x80
+
+
+def _mention_block(mentions: tuple[str, ...], mention_all: bool) -> bytes:
+    return bytes((int(mention_all),)) + len(mentions).to_bytes(2, "big") + b"".join(_t(u) for u in mentions)
+
+
 def _encode_record(seq: int, op: NewMessage, after_seq: int, kind: int = 0) -> bytes:
+    if op.mentions or op.mention_all:
+        return b"".join(
+            (
+                _RECORD.pack(seq, op.local_id, op.client_time, op.server_time, after_seq, kind | _HAS_MENTIONS),
+                _t(op.conv),
+                _t(op.sender),
+                _t(op.device),
+                _mention_block(op.mentions, op.mention_all),
+                op.payload,
+            )
+        )
     return b"".join(
         (
             _RECORD.pack(seq, op.local_id, op.client_time, op.server_time, after_seq, kind),
@@ -328,12 +368,14 @@ def _encode_record(seq: int, op: NewMessage, after_seq: int, kind: int = 0) -> b
 
 def _encode_entry(m: StoredMessage) -> bytes:
     """The record of a membership entry (the store made it, not a client)."""
+    flagged = bool(m.mentions or m.mention_all)
     return b"".join(
         (
-            _RECORD.pack(m.seq, m.local_id, m.client_time, m.server_time, m.after_seq, m.kind),
+            _RECORD.pack(m.seq, m.local_id, m.client_time, m.server_time, m.after_seq, m.kind | (_HAS_MENTIONS if flagged else 0)),
             _t(m.conv),
             _t(m.sender),
             _t(m.device),
+            _mention_block(m.mentions, m.mention_all) if flagged else b"",
             m.payload,
         )
     )
@@ -344,6 +386,20 @@ def _decode_record(msg_id: bytes, buf: bytes) -> StoredMessage:
     conv, off = _take_t(buf, _RECORD.size)
     sender, off = _take_t(buf, off)
     device, off = _take_t(buf, off)
+    if kind & _HAS_MENTIONS:
+        kind &= ~_HAS_MENTIONS
+        mention_all = buf[off] == 1
+        count = int.from_bytes(buf[off + 1 : off + 3], "big")
+        off += 3
+        users = []
+        for _ in range(count):
+            u, off = _take_t(buf, off)
+            users.append(u)
+        return StoredMessage(
+            msg_id=msg_id, conv=conv, seq=seq, sender=sender, device=device, local_id=local_id,
+            client_time=client_time, server_time=server_time, payload=buf[off:], kind=kind, after_seq=after_seq,
+            mentions=tuple(users), mention_all=mention_all,
+        )
     return StoredMessage(
         msg_id=msg_id,
         conv=conv,
@@ -698,6 +754,8 @@ class LmdbStore(Store):
             self._spans,
             self._events,
             self._evcursors,
+            self._convset,
+            self._mentionidx,
         ) = dbs
         self._env = env
         try:
@@ -1115,13 +1173,100 @@ class LmdbStore(Store):
                 self._flag(txn, uk + ck, _HAS_MESSAGES, True)
             conv.flagged = True
         txn.put(dkey, _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest, db=self._dedupe)
-        if op.event:
+        if op.mentions or op.mention_all or op.event:
             m = StoredMessage(
                 op.msg_id, op.conv, seq, op.sender, op.device, op.local_id, op.client_time, op.server_time, op.payload,
-                0, after_seq,
+                0, after_seq, op.mentions, op.mention_all,
             )
-            w.append_event(op.server_time, message_event(m, [u for u, _ in positions]))
+            recipients = [u for u, _ in positions]
+            mentioned = self._index_mentions(txn, m, recipients, ck)
+            if op.event:
+                muted = [u for u in recipients if (self._settings_in(txn, _t(u) + ck)[1])]
+                w.append_event(op.server_time, message_event(m, recipients, muted, mentioned))
         return Appended(op.msg_id, seq, op.server_time, positions, after_seq)
+
+    # ------------------------------------------------ conversation list
+
+    def _index_mentions(self, txn: _Txn, m: StoredMessage, recipients: list[str], ck: bytes) -> list[str]:
+        """Write the mention index of ``m``; returns who it mentions."""
+        mentioned = mentioned_recipients(m, recipients)
+        sk = _U64.pack(m.seq)
+        for u in mentioned:
+            txn.put(_t(u) + ck + sk, b"", db=self._mentionidx)
+        return mentioned
+
+    def _settings_in(self, txn: _Txn, key: bytes) -> tuple[bool, bool, int]:
+        raw = txn.get(key, db=self._convset)
+        if raw is None:
+            return (False, False, 0)
+        return (bool(raw[0] & 1), bool(raw[0] & 2), _U64.unpack_from(raw, 1)[0])
+
+    def _entry_in(self, txn: _Txn, user: str, conv: str, conv_last: int) -> ConversationEntry:
+        uk, ck = _t(user), _t(conv)
+        spans = self._spans_in(txn, ck, user)
+        last_seq = last_visible(spans, conv_last)
+        last = None
+        if last_seq:
+            ref = txn.get(ck + _U64.pack(last_seq), db=self._convidx)
+            if ref is None:
+                raise StoreError(f"{conv!r} has no seq {last_seq} (store corrupt)")
+            last = self._load(txn, ref[:16])
+        raw = txn.get(uk + ck, db=self._reads)
+        marker = _U64.unpack(raw)[0] if raw is not None else 0
+        mentions = 0
+        prefix = uk + ck
+        for key, _ in self._scan(txn, self._mentionidx, prefix, prefix + _U64.pack(marker + 1)):
+            if _U64.unpack_from(key, len(prefix))[0] > last_seq:
+                break
+            mentions += 1
+        unread = self._count_unread(txn, user, ck, marker)
+        return conversation_entry(conv, last, marker, unread, mentions, self._settings_in(txn, uk + ck))
+
+    def _list_access_in(self, txn: _Txn, user: str, conv: str) -> ErrorCode:
+        ck = _t(conv)
+        if not is_direct(conv) and txn.get(ck, db=self._groups) is None:
+            return ErrorCode.UNKNOWN_CONVERSATION
+        if txn.get(_t(user) + ck, db=self._userconvs) is not None:
+            return ErrorCode.OK
+        pair = direct_members(conv)
+        return ErrorCode.OK if pair is not None and user in pair else ErrorCode.NOT_MEMBER
+
+    def _set_conversation(self, w: _Batch, op: SetConversation) -> Result:
+        txn = w.txn
+        code = self._list_access_in(txn, op.user, op.conv)
+        if code is not ErrorCode.OK:
+            return Rejected(code)
+        ck = _t(op.conv)
+        key = _t(op.user) + ck
+        old = self._settings_in(txn, key)
+        conv_last = w.last_seq(ck)
+        new = new_settings(op, old, last_visible(self._spans_in(txn, ck, op.user), conv_last))
+        if new != old:
+            if new == (False, False, 0):
+                txn.delete(key, db=self._convset)
+            else:
+                txn.put(key, bytes((int(new[0]) | int(new[1]) << 1,)) + _U64.pack(new[2]), db=self._convset)
+        return ConversationSet(op.user, op.conv, self._entry_in(txn, op.user, op.conv, conv_last), new != old)
+
+    def _read_conversations(self, op: ReadConversations) -> ConversationsPage:
+        with self._read() as txn:
+            return self._read_conversations_in(txn, op)
+
+    def _read_conversations_in(self, txn: _Txn, op: ReadConversations) -> ConversationsPage:
+        if not (valid_id(op.user) and type(op.limit) is int and isinstance(op.cursor, bytes)
+                and (op.conv == "" or valid_conversation(op.conv))):
+            return ConversationsPage(ErrorCode.BAD_REQUEST, ())
+        if op.conv:
+            code = self._list_access_in(txn, op.user, op.conv)
+            if code is not ErrorCode.OK:
+                return ConversationsPage(code, ())
+            return ConversationsPage(ErrorCode.OK, (self._entry_in(txn, op.user, op.conv, self._last_seq(txn, _t(op.conv))),))
+        uk = _t(op.user)
+        entries = []
+        for key, _ in self._scan(txn, self._userconvs, uk):
+            conv = _take_t(key, len(uk))[0]
+            entries.append(self._entry_in(txn, op.user, conv, self._last_seq(txn, key[len(uk):])))
+        return conversation_page(entries, op)
 
     def _register(self, w: _Batch, user: str, device: str, position: int, now: int) -> tuple[int, bool]:
         """Shared by Touch and Ack: create at the floor if unknown, move
@@ -1536,6 +1681,8 @@ class LmdbStore(Store):
                     out.append(self._devices_page_in(txn, op.user))  # type: ignore[union-attr]
                 elif kind is ReadDedupe:
                     out.append(Deduped(self._deduped_in(txn, op.sender, op.device, op.local_id)))  # type: ignore[union-attr]
+                elif kind is ReadConversations:
+                    out.append(self._read_conversations_in(txn, op))  # type: ignore[arg-type]
                 else:
                     raise TypeError(f"not a read op: {kind.__name__}")
             return tuple(out)
@@ -1732,4 +1879,5 @@ _HANDLERS: dict[type, Callable[[LmdbStore, _Batch, Op], Result]] = {
     SetPresencePrivacy: LmdbStore._set_privacy,  # type: ignore[dict-item]
     AppendEvent: LmdbStore._append_event_op,  # type: ignore[dict-item]
     AckEvents: LmdbStore._ack_events,  # type: ignore[dict-item]
+    SetConversation: LmdbStore._set_conversation,  # type: ignore[dict-item]
 }

@@ -24,6 +24,16 @@ from .base import (
     SYSTEM,
     AckEvents,
     AppendEvent,
+    ConversationEntry,
+    ConversationSet,
+    ConversationsPage,
+    ReadConversations,
+    SetConversation,
+    conversation_entry,
+    conversation_page,
+    mentioned_recipients,
+    mentions_user,
+    new_settings,
     EventAppended,
     EventsAcked,
     EventsPage,
@@ -122,6 +132,9 @@ class MemoryStore(Store):
         self._evmeta: dict[str, int] = {"last": 0, "floor": 0}
         self._evcursors: dict[str, int] = {}  # consumer -> acked id
         self._privacy: dict[str, bool] = {}  # user -> hide last seen (SetPresencePrivacy); absent = False
+        #: (user, conv) -> (pinned, muted, hidden_at): the user's own
+        #: settings of a conversation (SetConversation); absent = defaults.
+        self._convset: dict[tuple[str, str], tuple[bool, bool, int]] = {}
 
     # ------------------------------------------------------------ plumbing
 
@@ -289,6 +302,8 @@ class MemoryStore(Store):
                 server_time=op.server_time,
                 payload=op.payload,
                 after_seq=after_seq,
+                mentions=op.mentions,
+                mention_all=op.mention_all,
             ),
         )
         positions = []
@@ -302,7 +317,9 @@ class MemoryStore(Store):
         if op.server_time > self._hwm["server_time"]:
             self._set(self._hwm, "server_time", op.server_time)
         if op.event:
-            self._append_event(op.server_time, message_event(self._msgs[op.msg_id], members))
+            m = self._msgs[op.msg_id]
+            muted = [u for u in members if self._convset.get((u, op.conv), (False, False, 0))[1]]
+            self._append_event(op.server_time, message_event(m, members, muted, mentioned_recipients(m, members)))
         return Appended(op.msg_id, seq, op.server_time, tuple(positions), after_seq)
 
     def _register(self, user: str, device: str, position: int, now: int) -> tuple[DeviceState, bool]:
@@ -631,6 +648,58 @@ class MemoryStore(Store):
                 ErrorCode.OK, tuple((u, min(self._reads.get((u, op.conv), 0), last)) for u in sorted(members))
             )
 
+    # ------------------------------------------------ conversation list
+
+    def _entry(self, user: str, conv: str) -> ConversationEntry:
+        spans = self._spans_of(conv, user)
+        last_seq = last_visible(spans, self._conv_last.get(conv, 0))
+        last = self._msgs[self._conv_seq[(conv, last_seq)]] if last_seq else None
+        marker = self._reads.get((user, conv), 0)
+        mentions = 0
+        for lo, hi in member_ranges(spans):
+            for s in range(max(lo, marker + 1), min(hi, last_seq) + 1):
+                mentions += mentions_user(self._msgs[self._conv_seq[(conv, s)]], user)
+        settings = self._convset.get((user, conv), (False, False, 0))
+        return conversation_entry(conv, last, marker, self._unread(user, conv), mentions, settings)
+
+    def _list_access(self, user: str, conv: str) -> ErrorCode:
+        """May ``user`` have settings / an entry for ``conv``?"""
+        members = self._group_members(conv)
+        if members is None:
+            return ErrorCode.UNKNOWN_CONVERSATION
+        if conv in self._userconv.get(user, {}) or user in members:
+            return ErrorCode.OK
+        return ErrorCode.NOT_MEMBER
+
+    def _set_conversation(self, op: SetConversation) -> Result:
+        code = self._list_access(op.user, op.conv)
+        if code is not ErrorCode.OK:
+            return Rejected(code)
+        key = (op.user, op.conv)
+        old = self._convset.get(key, (False, False, 0))
+        last_seq = last_visible(self._spans_of(op.conv, op.user), self._conv_last.get(op.conv, 0))
+        new = new_settings(op, old, last_seq)
+        if new != old:
+            if new == (False, False, 0):
+                self._del(self._convset, key)
+            else:
+                self._set(self._convset, key, new)
+        return ConversationSet(op.user, op.conv, self._entry(op.user, op.conv), new != old)
+
+    def _read_conversations(self, op: ReadConversations) -> ConversationsPage:
+        with self._lock:
+            self._check_open()
+            if not (valid_id(op.user) and type(op.limit) is int and isinstance(op.cursor, bytes)
+                    and (op.conv == "" or valid_conversation(op.conv))):
+                return ConversationsPage(ErrorCode.BAD_REQUEST, ())
+            convs = self._userconv.get(op.user, {})
+            if op.conv:
+                code = ErrorCode.OK if op.conv in convs else self._list_access(op.user, op.conv)
+                if code is not ErrorCode.OK:
+                    return ConversationsPage(code, ())
+                return ConversationsPage(ErrorCode.OK, (self._entry(op.user, op.conv),))
+            return conversation_page([self._entry(op.user, c) for c in convs], op)
+
     def unread(self, user: str, conv: str) -> int:
         with self._lock:
             self._check_open()
@@ -663,4 +732,5 @@ _HANDLERS: dict[type, Callable[[MemoryStore, Any], Result]] = {
     SetPresencePrivacy: MemoryStore._set_privacy,
     AppendEvent: MemoryStore._append_event_op,
     AckEvents: MemoryStore._ack_events,
+    SetConversation: MemoryStore._set_conversation,
 }

@@ -18,6 +18,8 @@ does everything of one user):
                            entry: conv + seq + server time), ``dv:DEVICE``
                            (acked position, last seen), ``rd:CONV`` (read
                            marker), ``cv:CONV`` (conversation-list flags),
+                           ``cs:CONV`` (the user's settings of the
+                           conversation: ``pinned:muted:hidden_at``),
                            ``rv:`` / ``rv:DEVICE`` (tokens revoked before),
                            ``pv`` (1: last-seen hidden, SetPresencePrivacy),
                            ``d:DEVICE/LOCAL_ID`` (dedupe record of the
@@ -78,6 +80,16 @@ import trio
 
 from ..errors import ErrorCode, StoreError
 from .base import (
+    ConversationEntry,
+    ConversationSet,
+    ConversationsPage,
+    ReadConversations,
+    SetConversation,
+    conversation_entry,
+    conversation_page,
+    mentioned_recipients,
+    mentions_user,
+    new_settings,
     OPEN,
     SYSTEM,
     AckEvents,
@@ -163,11 +175,22 @@ def parse_url(url: str) -> list[tuple[str, int]]:
     return out
 
 
+#: Kind-byte bit of a stored message that carries mentions: then, after the
+#: three strings, U8 mention_all + U16 count + (U16 length + user) * count.
+_HAS_MENTIONS = 0x80
+
+
 def _enc_msg(m: StoredMessage) -> bytes:
     strs = b"".join(
         len(b).to_bytes(2, "big") + b for b in (m.conv.encode(), m.sender.encode(), m.device.encode())
     )
-    return _HEAD.pack(m.msg_id, m.seq, m.local_id, m.client_time, m.server_time, m.after_seq, m.kind) + strs + m.payload
+    kind = m.kind
+    if m.mentions or m.mention_all:
+        kind |= _HAS_MENTIONS
+        strs += bytes((int(m.mention_all),)) + len(m.mentions).to_bytes(2, "big") + b"".join(
+            len(u).to_bytes(2, "big") + u.encode() for u in m.mentions
+        )
+    return _HEAD.pack(m.msg_id, m.seq, m.local_id, m.client_time, m.server_time, m.after_seq, kind) + strs + m.payload
 
 
 def _dec_msg(b: bytes) -> StoredMessage:
@@ -178,8 +201,19 @@ def _dec_msg(b: bytes) -> StoredMessage:
         n = int.from_bytes(b[off:off + 2], "big")
         strs.append(b[off + 2:off + 2 + n].decode())
         off += 2 + n
+    mentions: list[str] = []
+    mention_all = False
+    if kind & _HAS_MENTIONS:
+        kind &= ~_HAS_MENTIONS
+        mention_all = b[off] == 1
+        count = int.from_bytes(b[off + 1:off + 3], "big")
+        off += 3
+        for _ in range(count):
+            n = int.from_bytes(b[off:off + 2], "big")
+            mentions.append(b[off + 2:off + 2 + n].decode())
+            off += 2 + n
     return StoredMessage(msg_id, strs[0], seq, strs[1], strs[2], local_id, client_time, server_time,
-                         bytes(b[off:]), kind, after_seq)
+                         bytes(b[off:]), kind, after_seq, tuple(mentions), mention_all)
 
 
 def _int(v: Optional[bytes], default: int = 0) -> int:
@@ -644,7 +678,7 @@ class RedisStore(AsyncStore):
             if not valid_conversation(conv):
                 continue
             for user in await self._group_members(tx, conv) or ():
-                need(self._k_user(user), "head", "cv:" + conv)
+                need(self._k_user(user), "head", "cv:" + conv, "cs:" + conv)
         await tx.prefetch(needs)
 
     async def _apply(self, tx: _Tx, op: Op) -> Result:
@@ -742,11 +776,12 @@ class RedisStore(AsyncStore):
         seq = _int(await tx.get(self._k_conv(op.conv), "last")) + 1
         after_seq = min(op.after_seq, seq - 1)
         m = StoredMessage(op.msg_id, op.conv, seq, op.sender, op.device, op.local_id, op.client_time,
-                          op.server_time, op.payload, 0, after_seq)
+                          op.server_time, op.payload, 0, after_seq, op.mentions, op.mention_all)
         positions = await self._store_entry(tx, m, members)
         tx.put(dkey, dfield, f"{op.msg_id.hex()}:{seq}:{op.server_time}:{op.digest.hex()}")
         if op.event:
-            await self._append_event(tx, op.server_time, message_event(m, members))
+            muted = [u for u in members if (await self._settings(tx, u, op.conv))[1]]
+            await self._append_event(tx, op.server_time, message_event(m, members, muted, mentioned_recipients(m, members)))
         return Appended(op.msg_id, seq, op.server_time, positions, after_seq)
 
     async def _device(self, tx: _Tx, user: str, device: str) -> Optional[DeviceState]:
@@ -977,6 +1012,8 @@ class RedisStore(AsyncStore):
                 return Deduped(False)
             prior = await tx.get(self._k_user(op.sender), f"d:{op.device}/{op.local_id}")
             return Deduped(prior is not None)
+        if kind is ReadConversations:
+            return await self._read_conversations(tx, op)
         if kind is ReadPresence:
             return await self._read_presence(tx, op)
         raise TypeError(f"not a read op: {kind.__name__}")
@@ -1017,6 +1054,61 @@ class RedisStore(AsyncStore):
             if m.kind == MessageKind.MESSAGE and m.sender != user:
                 n += 1
         return n
+
+    # -- the conversation list ---------------------------------------------
+
+    async def _settings(self, tx: _Tx, user: str, conv: str) -> tuple[bool, bool, int]:
+        v = await tx.get(self._k_user(user), "cs:" + conv)
+        if v is None:
+            return (False, False, 0)
+        p, m, h = v.split(b":")
+        return (p == b"1", m == b"1", int(h))
+
+    async def _entry(self, tx: _Tx, user: str, conv: str) -> ConversationEntry:
+        spans = await self._spans_of(tx, conv, user)
+        last_seq = last_visible(spans, _int(await tx.get(self._k_conv(conv), "last")))
+        last = await self._msg_at(tx, conv, last_seq) if last_seq else None
+        marker = _int(await tx.get(self._k_user(user), "rd:" + conv))
+        seqs: list[int] = []
+        for lo, hi in member_ranges(spans):
+            seqs.extend(range(max(lo, marker + 1), min(hi, last_seq) + 1))
+        mentions = sum(mentions_user(m, user) for m in await self._msgs_at(tx, conv, seqs))
+        return conversation_entry(conv, last, marker, await self._unread(tx, user, conv), mentions,
+                                  await self._settings(tx, user, conv))
+
+    async def _list_access(self, tx: _Tx, user: str, conv: str) -> ErrorCode:
+        members = await self._group_members(tx, conv)
+        if members is None:
+            return ErrorCode.UNKNOWN_CONVERSATION
+        if user in members or await tx.get(self._k_user(user), "cv:" + conv) is not None:
+            return ErrorCode.OK
+        return ErrorCode.NOT_MEMBER
+
+    async def _set_conversation(self, tx: _Tx, op: SetConversation) -> Result:
+        code = await self._list_access(tx, op.user, op.conv)
+        if code is not ErrorCode.OK:
+            return Rejected(code)
+        old = await self._settings(tx, op.user, op.conv)
+        last_seq = last_visible(await self._spans_of(tx, op.conv, op.user),
+                                _int(await tx.get(self._k_conv(op.conv), "last")))
+        new = new_settings(op, old, last_seq)
+        if new != old:
+            if new == (False, False, 0):
+                tx.delete(self._k_user(op.user), "cs:" + op.conv)
+            else:
+                tx.put(self._k_user(op.user), "cs:" + op.conv, f"{int(new[0])}:{int(new[1])}:{new[2]}")
+        return ConversationSet(op.user, op.conv, await self._entry(tx, op.user, op.conv), new != old)
+
+    async def _read_conversations(self, tx: _Tx, op: ReadConversations) -> ConversationsPage:
+        if not (valid_id(op.user) and type(op.limit) is int and isinstance(op.cursor, bytes)
+                and (op.conv == "" or valid_conversation(op.conv))):
+            return ConversationsPage(ErrorCode.BAD_REQUEST, ())
+        if op.conv:
+            code = await self._list_access(tx, op.user, op.conv)
+            if code is not ErrorCode.OK:
+                return ConversationsPage(code, ())
+            return ConversationsPage(ErrorCode.OK, (await self._entry(tx, op.user, op.conv),))
+        return conversation_page([await self._entry(tx, op.user, c) for c in await self._conversations(tx, op.user)], op)
 
     async def _conversations(self, tx: _Tx, user: str) -> list[str]:
         return sorted(f[3:] for f in await tx.getall(self._k_user(user)) if f.startswith("cv:"))
@@ -1193,4 +1285,5 @@ _HANDLERS: dict[type, Any] = {
     SetPresencePrivacy: RedisStore._set_privacy,
     AppendEvent: RedisStore._append_event_op,
     AckEvents: RedisStore._ack_events,
+    SetConversation: RedisStore._set_conversation,
 }

@@ -21,7 +21,14 @@ export interface Frame { type: number; name: string; [field: string]: unknown }
 export interface Message {
   position: Int; msg_id: Uint8Array; conv: string; seq: Int; sender: string; device: string;
   client_time: Int; server_time: Int; payload: Uint8Array; kind: number; local_id: Int; after_seq: Int;
+  mentions: { user: string }[]; mention_all: boolean;
 }
+/** One entry of the conversation list (ConvEntry, PROTOCOL.md section 4). */
+export interface ConvEntry {
+  conv: string; last: Message[]; read_seq: Int; last_seq: Int; unread: Int; mention_count: Int;
+  pinned: boolean; muted: boolean; hidden: boolean;
+}
+export declare const Setting: Readonly<{ KEEP: 0; ON: 1; OFF: 2 }>;
 export interface ReadState { conv: string; read_seq: Int; last_seq: Int; unread: Int }
 export interface Reader { user: string; read_seq: Int }
 /** A user's presence: `last_seen` µs of the broker's clock, 0 while online, hidden by the user, or unknown. */
@@ -91,6 +98,7 @@ export interface ClientEvents {
   sent: Sent;
   readstate: ReadState;
   receipt: { conv: string; reader: string; seq: Int };
+  conversation: ConvEntry;
   resynced: { oldEpoch: Uint8Array; epoch: Uint8Array; position: Int };
   sendsStalled: { code: number; pending: number; since: number };
   sendsResumed: { since: number; pending: number };
@@ -127,7 +135,7 @@ export declare class PimcoreClient {
   close(): Promise<void>;
   dropConnection(reason?: string): void;
   reconnectNow(): void;
-  send(conv: string, payload: Uint8Array | string, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  send(conv: string, payload: Uint8Array | string, options?: { localId?: number; timeout?: number; mentions?: string[]; mentionAll?: boolean }): Promise<Sent>;
   pendingSends(): number[];
   markRead(conv: string, seq: number): void;
   readState(conv: string): ReadState | undefined;
@@ -136,6 +144,8 @@ export declare class PimcoreClient {
   receipt(conv: string, reader: string): number;
   history(conv: string, options?: { fromSeq?: number; limit?: number; backward?: boolean; timeout?: number }): Promise<{ messages: Message[]; more: boolean }>;
   readers(conv: string, options?: { timeout?: number }): Promise<Reader[]>;
+  listConversations(options?: { cursor?: Uint8Array; limit?: number; includeHidden?: boolean; timeout?: number }): Promise<{ entries: ConvEntry[]; cursor: Uint8Array; more: boolean }>;
+  setConversation(conv: string, options?: { pinned?: boolean; muted?: boolean; hidden?: boolean; timeout?: number }): Promise<void>;
   view(conv: string): Message[];
   serverNow(): number;
   /** The user is typing in `conv` (or stopped); throttled to one frame per `typingInterval`. Returns whether one went out. */

@@ -8,7 +8,7 @@
 // Runs in browsers and in Node >= 20 (`node --experimental-websocket`, or
 // pass a WebSocket class such as the `ws` package's as `WebSocket`).
 import {
-  CloseCode, ErrorCode, FrameDecoder, FrameType, MessageKind, ProtocolError, codeName,
+  CloseCode, ErrorCode, FrameDecoder, FrameType, MessageKind, ProtocolError, Setting, codeName,
   encodeBody, frame, frameBytes,
 } from './codec.js';
 import { displayOrder } from './order.js';
@@ -43,7 +43,8 @@ export class RequestTimeout extends Error {
 }
 
 const FINAL_CODES = new Set([ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_CONVERSATION, ErrorCode.NOT_MEMBER,
-  ErrorCode.PAYLOAD_TOO_LARGE, ErrorCode.DUPLICATE_CONFLICT, ErrorCode.REJECTED]);
+  ErrorCode.PAYLOAD_TOO_LARGE, ErrorCode.DUPLICATE_CONFLICT, ErrorCode.REJECTED, ErrorCode.TOO_MANY_MENTIONS,
+  ErrorCode.BAD_MENTION]);
 const QUICK_RECONNECT = new Set([CloseCode.SHUTDOWN, CloseCode.IDLE_TIMEOUT, CloseCode.TOKEN_EXPIRED, CloseCode.NORMAL]);
 const utf8 = new TextEncoder();
 
@@ -345,6 +346,8 @@ export class PimcoreClient {
       case FrameType.READ_STATES: this._onReadStates(f); break;
       case FrameType.READ_RECEIPT: this._onReceipt(f); break;
       case FrameType.HISTORY_RESP: case FrameType.READERS_RESP: this._onResponse(f); break;
+      case FrameType.CONV_LIST_RESP: case FrameType.CONV_SET_RESP: this._onResponse(f); break;
+      case FrameType.CONV_UPDATE: for (const e of f.entries) this._emit('conversation', e); break;
       case FrameType.PONG: if (this._ping && f.nonce === this._ping.nonce) this._ping = null; break;
       case FrameType.TYPING: this._onTyping(f, now); break;
       case FrameType.PRESENCE: this._onPresence(f); break;
@@ -441,7 +444,7 @@ export class PimcoreClient {
    * Resolves with {local_id, conv, msg_id, seq, server_time, client_time}
    * once durable; rejects with SendError (final code), SendTimeout, ClientClosed.
    */
-  send(conv, payload, { localId = null, timeout = this.opts.sendTimeout } = {}) {
+  send(conv, payload, { localId = null, timeout = this.opts.sendTimeout, mentions = [], mentionAll = false } = {}) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
     const now = this.opts.now();
     const bytes = typeof payload === 'string' ? utf8.encode(payload) : payload;
@@ -454,7 +457,10 @@ export class PimcoreClient {
     this._lastLocalId = Math.max(this._lastLocalId, lid);
     const stamp = Math.max(this._lastStamp + 1, now + this.clockOffset);
     this._lastStamp = stamp;
-    const f = frame('SendReq', { local_id: lid, conv, client_time: stamp, payload: bytes, after_seq: this._seen.get(conv) || 0 });
+    const f = frame('SendReq', {
+      local_id: lid, conv, client_time: stamp, payload: bytes, after_seq: this._seen.get(conv) || 0,
+      mentions: mentions.map((user) => ({ user })), mention_all: !!mentionAll,
+    });
     f._body = encodeBody(f); // encoded once: every attempt sends the same bytes
     const entry = { localId: lid, conv, frame: f, deadline: now + timeout * 1000, inFlight: false, sentAt: 0, tx: 0 };
     entry.promise = new Promise((resolve, reject) => { entry.resolve = resolve; entry.reject = reject; });
@@ -638,11 +644,36 @@ export class PimcoreClient {
   readers(conv, { timeout = this.opts.sendTimeout } = {}) {
     return this._request('ReadersReq', { conv }, timeout);
   }
+  /**
+   * A page of this user's conversation list (pinned first, then newest
+   * activity first): {entries, cursor, more}; pass `cursor` for the next
+   * page.  Live changes come as 'conversation' events (settings, read
+   * marker) and 'message' events (new messages).  Rejects with
+   * SendError(BAD_CURSOR) or RequestTimeout.
+   */
+  listConversations({ cursor = new Uint8Array(0), limit = 50, includeHidden = false, timeout = this.opts.sendTimeout } = {}) {
+    return this._request('ConvListReq', { cursor, limit, include_hidden: includeHidden }, timeout);
+  }
+  /**
+   * Change this user's settings of `conv` (undefined = unchanged); resolves
+   * once durable.  Every device of the user gets a 'conversation' event.
+   */
+  setConversation(conv, { pinned, muted, hidden, timeout = this.opts.sendTimeout } = {}) {
+    const v = (x) => (x === undefined || x === null ? Setting.KEEP : x ? Setting.ON : Setting.OFF);
+    return this._request('ConvSetReq', { conv, pinned: v(pinned), muted: v(muted), hidden: v(hidden) }, timeout);
+  }
   _onResponse(f) {
     const r = this._requests.get(f.req_id);
-    if (!r) return;
+    if (!r || (f.type === FrameType.CONV_LIST_RESP) !== (r.frame.name === 'ConvListReq')
+      || (f.type === FrameType.CONV_SET_RESP) !== (r.frame.name === 'ConvSetReq')) return;
     this._requests.delete(f.req_id);
     if (f.code !== ErrorCode.OK) { r.reject(new SendError(f.code)); return; }
+    if (f.type === FrameType.CONV_LIST_RESP) {
+      for (const e of f.entries) for (const m of e.last) this._addToView(m);
+      r.resolve({ entries: f.entries, cursor: f.cursor, more: f.more });
+      return;
+    }
+    if (f.type === FrameType.CONV_SET_RESP) { r.resolve(); return; }
     if (f.type === FrameType.HISTORY_RESP) {
       for (const m of f.messages) {
         this._addToView(m);
