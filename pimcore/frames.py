@@ -60,8 +60,10 @@ __all__ = [
 
 #: In the high nibble of every frame's head byte.  2 added the store epoch
 #: (Login/LoginAck), causality (SendReq/Message.after_seq, Message.local_id),
-#: membership entries (Message.kind) and ReadersReq/ReadersResp.
-PROTOCOL_VERSION = 2
+#: membership entries (Message.kind) and ReadersReq/ReadersResp.  3 added the
+#: IM features of issue 14 (recall, edit, delete; conversation list; typing
+#: and presence; mentions).
+PROTOCOL_VERSION = 3
 
 #: Capability bits exchanged in Login.caps / LoginAck.caps.
 CAP_ZSTD = 1 << 0

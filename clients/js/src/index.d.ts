@@ -1,9 +1,9 @@
-// Type declarations for @pimcore/client (PIM wire protocol v2; docs/PROTOCOL.md).
+// Type declarations for @pimcore/client (PIM wire protocol v3; docs/PROTOCOL.md).
 
 /** `u`/`s` fields: a number when it fits in Number.MAX_SAFE_INTEGER, else a bigint. */
 export type Int = number | bigint;
 
-export declare const PROTOCOL_VERSION: 2;
+export declare const PROTOCOL_VERSION: 3;
 export declare const CAP_ZSTD: 1;
 export declare const CAP_DEFLATE_DOWN: 2;
 export declare const CAP_DEFLATE_UP: 4;
