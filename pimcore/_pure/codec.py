@@ -46,6 +46,7 @@ from ..frames import (
     ReadersReq,
     Reader,
     ReadersResp,
+    AmendReq,
 )
 
 __all__ = [
@@ -95,6 +96,10 @@ _MESSAGE = (
     ("kind", "u"),
     ("local_id", "u"),
     ("after_seq", "u"),
+    ("target", "u"),
+    ("edited", "u"),
+    ("recalled", "?"),
+    ("deleted", "?"),
 )
 _READ_STATE = (("conv", "t"), ("read_seq", "u"), ("last_seq", "u"), ("unread", "u"))
 
@@ -128,6 +133,7 @@ SCHEMA: dict[type, tuple[tuple[str, str], ...]] = {
     HistoryResp: (("req_id", "u"), ("conv", "t"), ("code", "u"), ("messages", "[Message]"), ("more", "?")),
     ReadersReq: (("req_id", "u"), ("conv", "t")),
     ReadersResp: (("req_id", "u"), ("conv", "t"), ("code", "u"), ("readers", "[Reader]")),
+    AmendReq: (("local_id", "u"), ("conv", "t"), ("target", "u"), ("action", "u"), ("client_time", "s"), ("payload", "b")),
     Ping: (("nonce", "u"),),
     Pong: (("nonce", "u"),),
     Error: (("code", "u"), ("ref", "u"), ("reason", "t")),

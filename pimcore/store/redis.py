@@ -71,6 +71,7 @@ from __future__ import annotations
 import os
 import struct
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from typing import Any, AsyncIterator, Iterable, Optional, Sequence
 
 import trio
@@ -79,6 +80,11 @@ from ..errors import ErrorCode, StoreError
 from .base import (
     OPEN,
     SYSTEM,
+    AmendMessage,
+    amend_entry,
+    amend_problem,
+    amended,
+    visible_ranges as _visible_ranges,
     AckEvents,
     AckPosition,
     Acked,
@@ -157,10 +163,20 @@ def parse_url(url: str) -> list[tuple[str, int]]:
     return out
 
 
+#: Kind byte bit: an amend trailer (target, edited, recalled) follows the
+#: texts, before the payload (RECALL/EDIT/DELETE entries, edited or recalled
+#: messages; older values never have it).
+_AMENDED = 0x80
+_AMEND = struct.Struct(">QQB")
+
+
 def _enc_msg(m: StoredMessage) -> bytes:
     strs = b"".join(
         len(b).to_bytes(2, "big") + b for b in (m.conv.encode(), m.sender.encode(), m.device.encode())
     )
+    if m.target or m.edited or m.recalled:
+        return (_HEAD.pack(m.msg_id, m.seq, m.local_id, m.client_time, m.server_time, m.after_seq, m.kind | _AMENDED)
+                + strs + _AMEND.pack(m.target, m.edited, m.recalled) + m.payload)
     return _HEAD.pack(m.msg_id, m.seq, m.local_id, m.client_time, m.server_time, m.after_seq, m.kind) + strs + m.payload
 
 
@@ -172,6 +188,10 @@ def _dec_msg(b: bytes) -> StoredMessage:
         n = int.from_bytes(b[off:off + 2], "big")
         strs.append(b[off + 2:off + 2 + n].decode())
         off += 2 + n
+    if kind & _AMENDED:
+        target, edited, recalled = _AMEND.unpack_from(b, off)
+        return StoredMessage(msg_id, strs[0], seq, strs[1], strs[2], local_id, client_time, server_time,
+                             bytes(b[off + _AMEND.size:]), kind & ~_AMENDED, after_seq, target, edited, bool(recalled))
     return StoredMessage(msg_id, strs[0], seq, strs[1], strs[2], local_id, client_time, server_time,
                          bytes(b[off:]), kind, after_seq)
 
@@ -743,6 +763,76 @@ class RedisStore(AsyncStore):
             await self._append_event(tx, op.server_time, message_event(m, members))
         return Appended(op.msg_id, seq, op.server_time, positions, after_seq)
 
+    async def _amend(self, tx: _Tx, op: AmendMessage) -> Result:
+        # Same dedupe slot and record as NewMessage (one key space per device).
+        dkey = self._k_user(op.sender)
+        dfield = f"d:{op.device}/{op.local_id}"
+        prior = await tx.get(dkey, dfield)
+        if prior is not None:
+            msg_hex, seq_s, st, digest_hex = prior.decode().split(":")
+            if bytes.fromhex(digest_hex) == op.digest:
+                return Duplicate(bytes.fromhex(msg_hex), int(seq_s), int(st))
+            return Rejected(ErrorCode.DUPLICATE_CONFLICT)
+        if not valid_conversation(op.conv):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        members = await self._group_members(tx, op.conv)
+        if members is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        ck = self._k_conv(op.conv)
+        last, hv = await tx.mget(ck, ["last", "hv"])
+        raw = await tx.get(ck, f"s:{op.target}") if op.target <= _int(last) else None
+        target = _dec_msg(raw) if raw is not None else None
+        member, visible = True, True
+        if op.kind == MessageKind.DELETE:
+            spans = await self._spans_of(tx, op.conv, op.sender)
+            member = bool(spans)
+            visible = any(lo <= op.target <= hi for lo, hi in _visible_ranges(spans, _int(hv) == 1))
+        elif op.sender != SYSTEM:
+            member = op.sender in members
+        code = amend_problem(op, member, target, visible)
+        if code is not ErrorCode.OK:
+            return Rejected(code)
+        assert target is not None
+        if await tx.get(self._k_msg(op.msg_id), "r") is not None:
+            return Rejected(ErrorCode.INTERNAL)
+        if op.kind == MessageKind.DELETE:
+            entry = amend_entry(op, 0)
+            recipients: Iterable[str] = (op.sender,)
+            tx.put(self._k_user(op.sender), f"del:{op.conv}/{op.target}", b"1")
+            # Not an entry of the conversation: kept under its msg_id, and
+            # the inbox names it by that ("x<msg_id hex>" where a seq goes).
+            tx.put(ck, f"x:{op.msg_id.hex()}", _enc_msg(entry))
+            tx.put(self._k_msg(op.msg_id), "r", f"0:{op.conv}")
+            uk = self._k_user(op.sender)
+            pos = _int(await tx.get(uk, "head")) + 1
+            tx.put(uk, "head", pos)
+            tx.put(uk, f"i:{pos}", f"x{op.msg_id.hex()}:{op.server_time}:{op.conv}")
+            positions: tuple[tuple[str, int], ...] = ((op.sender, pos),)
+            if op.server_time > _int(await tx.get(self._meta, "st")):
+                tx.put(self._meta, "st", op.server_time)
+        else:
+            entry = amend_entry(op, _int(last) + 1)
+            recipients = members
+            tx.put(ck, f"s:{op.target}", _enc_msg(amended(target, op)))
+            positions = await self._store_entry(tx, entry, members)
+        tx.put(dkey, dfield, f"{op.msg_id.hex()}:{entry.seq}:{op.server_time}:{op.digest.hex()}")
+        if op.event:
+            await self._append_event(tx, op.server_time, message_event(replace(entry, payload=op.payload), recipients))
+        return Appended(op.msg_id, entry.seq, op.server_time, positions, entry.after_seq)
+
+    async def _current(self, tx: _Tx, msgs: list[StoredMessage], user: str = "") -> list[StoredMessage]:
+        """``msgs`` as reads return them: EDIT entries with their target's
+        payload now; for ``user`` (history) the messages they deleted for
+        themselves with ``deleted`` set and no payload."""
+        out = []
+        for m in msgs:
+            if m.kind == MessageKind.EDIT:
+                m = replace(m, payload=(await self._msg_at(tx, m.conv, m.target)).payload)
+            elif user and m.kind == MessageKind.MESSAGE and await tx.get(self._k_user(user), f"del:{m.conv}/{m.seq}"):
+                m = replace(m, payload=b"", deleted=True)
+            out.append(m)
+        return out
+
     async def _device(self, tx: _Tx, user: str, device: str) -> Optional[DeviceState]:
         v = await tx.get(self._k_user(user), "dv:" + device)
         if v is None:
@@ -953,7 +1043,13 @@ class RedisStore(AsyncStore):
             if ref is None:
                 raise StoreError(f"missing inbox entry {user!r} {pos}")
             seq, _, conv = ref.decode().split(":", 2)
-            out.append((pos, await self._msg_at(tx, conv, int(seq))))
+            if seq.startswith("x"):  # a DELETE entry (no seq): kept by msg_id
+                v = await tx.get(self._k_conv(conv), "x:" + seq[1:])
+                if v is None:
+                    raise StoreError(f"missing inbox entry {user!r} {pos}")
+                out.append((pos, _dec_msg(v)))
+                continue
+            out.append((pos, (await self._current(tx, [await self._msg_at(tx, conv, int(seq))]))[0]))
         return out
 
     async def _unread(self, tx: _Tx, user: str, conv: str) -> int:
@@ -964,7 +1060,7 @@ class RedisStore(AsyncStore):
             seqs.extend(range(max(lo, marker + 1), min(hi, last) + 1))
         n = 0
         for m in await self._msgs_at(tx, conv, seqs):
-            if m.kind == MessageKind.MESSAGE and m.sender != user:
+            if m.kind == MessageKind.MESSAGE and m.sender != user and not m.recalled:
                 n += 1
         return n
 
@@ -1007,7 +1103,7 @@ class RedisStore(AsyncStore):
         last, hv = await tx.mget(ck, ["last", "hv"])
         ranges = visible_ranges(spans, _int(hv) == 1)
         seqs = page_seqs(ranges, _int(last), op.from_seq, op.limit, op.backward)
-        return HistoryPage(ErrorCode.OK, tuple(await self._msgs_at(tx, op.conv, seqs)))
+        return HistoryPage(ErrorCode.OK, tuple(await self._current(tx, await self._msgs_at(tx, op.conv, seqs), op.user)))
 
     async def _read_readers(self, tx: _Tx, op: ReadReaders) -> ReadersPage:
         if not (valid_conversation(op.conv) and valid_id(op.user)):
@@ -1068,7 +1164,7 @@ class RedisStore(AsyncStore):
         else:
             start = max(from_seq, 0) + 1
             seqs = list(range(start, min(last, start + limit - 1) + 1))
-        return await self._msgs_at(tx, conv, seqs)
+        return await self._current(tx, await self._msgs_at(tx, conv, seqs))
 
     async def message(self, msg_id: bytes) -> Optional[StoredMessage]:
         if not isinstance(msg_id, bytes):
@@ -1078,6 +1174,9 @@ class RedisStore(AsyncStore):
         if ref is None:
             return None
         seq, _, conv = ref.decode().partition(":")
+        if seq == "0":  # a DELETE entry: no seq, kept by msg_id
+            v = await tx.get(self._k_conv(conv), "x:" + msg_id.hex())
+            return _dec_msg(v) if v is not None else None
         return await self._msg_at(tx, conv, int(seq))
 
     async def inbox_head(self, user: str) -> int:
@@ -1142,4 +1241,5 @@ _HANDLERS: dict[type, Any] = {
     RevokeTokens: RedisStore._revoke,
     AppendEvent: RedisStore._append_event_op,
     AckEvents: RedisStore._ack_events,
+    AmendMessage: RedisStore._amend,
 }
