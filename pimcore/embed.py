@@ -35,6 +35,7 @@ from .auth import JwtAuthenticator, issue_token, load_or_create_secret
 from .core import Authenticator, ContentFilter, Identity
 from .config import ConfigError, ServeSettings, load_settings
 from .errors import ErrorCode, PimError, StoreError
+from .frames import MessageKind
 from .ids import SYSTEM, conversation_problem, id_problem
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
@@ -361,6 +362,56 @@ class Pimcore:
             self.server.broker.post, conv, bytes(payload), sender=sender, device=device, key=idempotency_key
         )
         result = _posted(conv, done, sender, device, idempotency_key)
+        if isinstance(result, PimError):
+            raise result
+        return result
+
+    async def recall(
+        self, conv: str, seq: int, *, sender: str = SYSTEM, device: str = SYSTEM,
+        idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
+        """Recall the message at ``seq`` of ``conv`` for everyone: a RECALL
+        entry is stored and delivered like a message, and no payload of it
+        is left in the store.  As the system (the default) any message, at
+        any age; as ``sender`` (with one of its devices) only that user's
+        own.  Returns the RECALL entry (``Posted.seq``).  Raises
+        RequestRefused (NO_SUCH_MESSAGE, NOT_SENDER, RECALLED, NOT_MEMBER,
+        UNKNOWN_CONVERSATION, BAD_REQUEST, DUPLICATE_CONFLICT), StoreError.
+        ``idempotency_key`` as for :meth:`post`."""
+        return await self._amend(conv, seq, MessageKind.RECALL, b"", sender, device, idempotency_key)
+
+    async def edit(
+        self, conv: str, seq: int, payload: bytes, *, sender: str = SYSTEM, device: str = SYSTEM,
+        idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
+        """Replace the payload of the message at ``seq`` of ``conv`` (an EDIT
+        entry, delivered like a message); as :meth:`recall` otherwise (an
+        edit as a user passes the content checks a post does)."""
+        return await self._amend(conv, seq, MessageKind.EDIT, bytes(payload), sender, device, idempotency_key)
+
+    async def delete_for(
+        self, user: str, conv: str, seq: int, *, device: str = "host",
+        idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
+        """Delete the message at ``seq`` of ``conv`` for ``user`` only (as
+        their DeleteReq would, from ``device``): their devices get a DELETE
+        entry (``Posted.seq`` 0) and history returns the message to them with
+        ``deleted`` set and no payload.  Raises RequestRefused
+        (NO_SUCH_MESSAGE, NOT_MEMBER, ...), StoreError."""
+        return await self._amend(conv, seq, MessageKind.DELETE, b"", user, device, idempotency_key)
+
+    async def _amend(
+        self, conv: str, seq: int, action: int, payload: bytes, sender: str, device: str,
+        key: Union[str, bytes, None],
+    ) -> Posted:
+        if action == MessageKind.EDIT:
+            refused = await self._check_post(conv, payload, sender, device, key)
+            if refused is not None:
+                raise refused
+        done = await self.server.host_call(
+            self.server.broker.amend, conv, seq, action, payload=payload, sender=sender, device=device, key=key
+        )
+        result = _posted(conv, done, sender, device, key)
         if isinstance(result, PimError):
             raise result
         return result
