@@ -246,3 +246,19 @@ async def test_offline_devices_catch_up_on_edits_and_recalls(store):
                 assert [(m.seq, m.kind, m.payload) for m in hist] == [
                     (1, 0, b"one, edited"), (2, 0, b""), (3, 0, b"three"), (4, EDIT, b"one, edited"), (5, RECALL, b""),
                 ]
+
+
+def test_the_windows_are_configured_in_seconds_and_validated(tmp_path):
+    from pimcore.config import ConfigError, load_settings
+
+    cfg = tmp_path / "pimcore.toml"
+    cfg.write_text("[messages]\nrecall_window = 120\nedit_window = 0.5\n")
+    s = load_settings(config_file=str(cfg))
+    broker = s.server_config().broker
+    assert (broker.recall_window, broker.edit_window, broker.delete_window) == (120_000_000, 500_000, 0)
+    assert s.effective()["messages"] == {"delete_window": 0.0, "edit_window": 0.5, "recall_window": 120}
+    for bad in ("recall_window = -1", 'edit_window = "soon"', "delete_window = true", "forever = 1"):
+        cfg.write_text(f"[messages]\n{bad}\n")
+        with pytest.raises(ConfigError) as err:
+            load_settings(config_file=str(cfg))
+        assert "messages" in str(err.value) or "forever" in str(err.value)
