@@ -262,3 +262,40 @@ def test_the_windows_are_configured_in_seconds_and_validated(tmp_path):
         with pytest.raises(ConfigError) as err:
             load_settings(config_file=str(cfg))
         assert "messages" in str(err.value) or "forever" in str(err.value)
+
+
+async def test_pimcore_chat_shows_edits_and_recalls(store):
+    from pimcore.chat import chat
+
+    from _net import token
+
+    async def wait_for(lines: list[str], text: str) -> None:
+        while not any(text in line for line in lines):
+            await trio.sleep(0.01)
+
+    with trio.fail_after(30):
+        async with serving(store) as srv:
+            a_out: list[str] = []
+            b_out: list[str] = []
+            a_in, a_lines = trio.open_memory_channel(10)
+            b_in, b_lines = trio.open_memory_channel(10)
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: chat(srv.url(), token("alice"), "bob", lines=a_lines, out=a_out.append))
+                n.start_soon(lambda: chat(srv.url(), token("bob"), "alice", lines=b_lines, out=b_out.append))
+                await wait_for(a_out, "connected as alice")
+                await wait_for(b_out, "connected as bob")
+                await a_in.send("hello")
+                await wait_for(b_out, "alice: hello  (#1)")
+                await a_in.send("/edit 1 hello, world")
+                await wait_for(a_out, "✓ edited #1: hello, world")
+                await wait_for(b_out, "— alice edited #1: hello, world")
+                await a_in.send("/recall 1")
+                await wait_for(b_out, "— alice recalled #1")
+                await b_in.send("/edit 1 not mine")
+                await wait_for(b_out, "✗ edit #1 refused (NOT_SENDER)")
+                await b_in.send("/history")
+                await wait_for(b_out, "  alice: (recalled)  (#1)")
+                await a_in.send("/edit x")
+                await wait_for(a_out, "usage: /edit N text")
+                await a_in.send("/quit")
+                await b_in.send("/quit")
