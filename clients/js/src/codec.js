@@ -15,6 +15,7 @@ export const FrameType = Object.freeze({
   SEND_REQ: 0x05, SEND_ACK: 0x06, PUSH: 0x07, PUSH_ACK: 0x08, READ: 0x09,
   READ_STATES: 0x0a, READ_RECEIPT: 0x0b, HISTORY_REQ: 0x0c, HISTORY_RESP: 0x0d,
   PING: 0x0e, PONG: 0x0f, ERROR: 0x10, CLOSE: 0x11, READERS_REQ: 0x12, READERS_RESP: 0x13,
+  AMEND_REQ: 0x14,
 });
 
 export const ErrorCode = Object.freeze({
@@ -22,6 +23,7 @@ export const ErrorCode = Object.freeze({
   UNEXPECTED_FRAME: 5, AUTH_FAILED: 10, BAD_REQUEST: 20, UNKNOWN_CONVERSATION: 21, NOT_MEMBER: 22,
   PAYLOAD_TOO_LARGE: 23, DUPLICATE_CONFLICT: 24, TOO_MANY_IN_FLIGHT: 25, RATE_LIMITED: 26,
   REJECTED: 27, ALREADY_EXISTS: 28, STORE_UNAVAILABLE: 30, INTERNAL: 31,
+  NO_SUCH_MESSAGE: 40, NOT_SENDER: 41, TOO_LATE: 42, RECALLED: 43, BAD_ACTION: 44,
 });
 
 export const CloseCode = Object.freeze({
@@ -30,7 +32,7 @@ export const CloseCode = Object.freeze({
   KICKED: 12, TOKEN_REVOKED: 13,
 });
 
-export const MessageKind = Object.freeze({ MESSAGE: 0, JOINED: 1, LEFT: 2 });
+export const MessageKind = Object.freeze({ MESSAGE: 0, JOINED: 1, LEFT: 2, RECALL: 3, EDIT: 4, DELETE: 5 });
 
 export function codeName(table, code) {
   for (const [k, v] of Object.entries(table)) if (v === code) return k;
@@ -41,7 +43,7 @@ export function codeName(table, code) {
 export const Records = {
   Message: [['position', 'u'], ['msg_id', 'b'], ['conv', 't'], ['seq', 'u'], ['sender', 't'],
     ['device', 't'], ['client_time', 's'], ['server_time', 'u'], ['payload', 'b'], ['kind', 'u'],
-    ['local_id', 'u'], ['after_seq', 'u']],
+    ['local_id', 'u'], ['after_seq', 'u'], ['target', 'u'], ['edited', 'u'], ['recalled', '?'], ['deleted', '?']],
   ReadState: [['conv', 't'], ['read_seq', 'u'], ['last_seq', 'u'], ['unread', 'u']],
   Reader: [['user', 't'], ['read_seq', 'u']],
 };
@@ -64,6 +66,7 @@ export const Frames = {
   [FrameType.HISTORY_RESP]: ['HistoryResp', [['req_id', 'u'], ['conv', 't'], ['code', 'u'], ['messages', ['Message']], ['more', '?']]],
   [FrameType.READERS_REQ]: ['ReadersReq', [['req_id', 'u'], ['conv', 't']]],
   [FrameType.READERS_RESP]: ['ReadersResp', [['req_id', 'u'], ['conv', 't'], ['code', 'u'], ['readers', ['Reader']], ['more_unused', null]]],
+  [FrameType.AMEND_REQ]: ['AmendReq', [['local_id', 'u'], ['conv', 't'], ['target', 'u'], ['action', 'u'], ['client_time', 's'], ['payload', 'b']]],
   [FrameType.PING]: ['Ping', [['nonce', 'u']]],
   [FrameType.PONG]: ['Pong', [['nonce', 'u']]],
   [FrameType.ERROR]: ['Error', [['code', 'u'], ['ref', 'u'], ['reason', 't']]],

@@ -10,7 +10,7 @@ export declare const CAP_DEFLATE_UP: 4;
 export declare const FrameType: Readonly<Record<string, number>>;
 export declare const ErrorCode: Readonly<Record<string, number>>;
 export declare const CloseCode: Readonly<Record<string, number>>;
-export declare const MessageKind: Readonly<{ MESSAGE: 0; JOINED: 1; LEFT: 2 }>;
+export declare const MessageKind: Readonly<{ MESSAGE: 0; JOINED: 1; LEFT: 2; RECALL: 3; EDIT: 4; DELETE: 5 }>;
 export declare function codeName(table: Readonly<Record<string, number>>, code: number): string;
 
 /** A decoded frame: `type`, `name` and the frame's fields (wire names, snake_case). */
@@ -19,6 +19,14 @@ export interface Frame { type: number; name: string; [field: string]: unknown }
 export interface Message {
   position: Int; msg_id: Uint8Array; conv: string; seq: Int; sender: string; device: string;
   client_time: Int; server_time: Int; payload: Uint8Array; kind: number; local_id: Int; after_seq: Int;
+  /** RECALL / EDIT / DELETE entries: the seq of the message they act on (0 otherwise). */
+  target: Int;
+  /** A message: server time (µs) of its latest edit, 0 = never edited. */
+  edited: Int;
+  /** A message: recalled (a tombstone, payload empty). */
+  recalled: boolean;
+  /** A message in a history page: deleted by this user for themselves (payload empty). */
+  deleted: boolean;
 }
 export interface ReadState { conv: string; read_seq: Int; last_seq: Int; unread: Int }
 export interface Reader { user: string; read_seq: Int }
@@ -80,6 +88,8 @@ export interface ClientEvents {
   connected: Connected;
   disconnected: { code: number | null; reason: string };
   message: Message;
+  /** A RECALL / EDIT / DELETE entry, and the changed message as held (null if not held). */
+  amended: { entry: Message; message: Message | null };
   sent: Sent;
   readstate: ReadState;
   receipt: { conv: string; reader: string; seq: Int };
@@ -114,6 +124,10 @@ export declare class PimcoreClient {
   dropConnection(reason?: string): void;
   reconnectNow(): void;
   send(conv: string, payload: Uint8Array | string, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  amend(conv: string, target: number, action: number, payload?: Uint8Array | string, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  recall(conv: string, seq: number, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  edit(conv: string, seq: number, payload: Uint8Array | string, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  deleteForMe(conv: string, seq: number, options?: { localId?: number; timeout?: number }): Promise<Sent>;
   pendingSends(): number[];
   markRead(conv: string, seq: number): void;
   readState(conv: string): ReadState | undefined;

@@ -97,7 +97,7 @@ test('PushAck: cumulative, after the handlers ran; a re-push is dropped', async 
   const { ws } = await connected(c);
   const seen = [];
   c.on('message', (m) => { seen.push(m.seq); assert.equal(ws.of('PushAck').length, 0, 'not acked before the handler'); });
-  const msg = (position, seq) => ({ position, msg_id: Uint8Array.of(seq), conv: 'd:u:v', seq, sender: 'v', device: 'x', client_time: 1, server_time: seq, payload: new Uint8Array(0), kind: 0, local_id: seq, after_seq: 0 });
+  const msg = (position, seq) => ({ position, msg_id: Uint8Array.of(seq), conv: 'd:u:v', seq, sender: 'v', device: 'x', client_time: 1, server_time: seq, payload: new Uint8Array(0), kind: 0, local_id: seq, after_seq: 0, target: 0, edited: 0, recalled: false, deleted: false });
   ws.deliver(frame('Push', { position: 2, messages: [msg(1, 1), msg(2, 2)] }), frame('Push', { position: 4, messages: [msg(4, 3)] }));
   await sleep(30);
   assert.deepEqual(ws.of('PushAck').map((f) => f.position), [4]);
