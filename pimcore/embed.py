@@ -141,11 +141,13 @@ class HostEvent:
 
     * "message" -- a stored entry: ``conv``, ``seq``, ``msg_id``, ``sender``,
       ``device`` (the sender's), ``kind`` (frames.MessageKind: 0 a message,
-      1 JOINED, 2 LEFT), ``server_time``, ``local_id``, ``payload``,
+      1 JOINED, 2 LEFT, 3 RECALL, 4 EDIT, 5 DELETE), ``server_time``,
+      ``local_id``, ``payload`` (an EDIT's: the new payload),
       ``recipients`` (every user it was fanned out to, the sender included,
-      sorted) and ``offline_recipients`` (those of them with no device
+      sorted), ``offline_recipients`` (those of them with no device
       online on this broker when the event was handed to the host: the
-      push-notification hook);
+      push-notification hook) and ``target`` (RECALL / EDIT / DELETE: the
+      seq of the message acted on);
     * "read" -- ``user``'s read marker in ``conv`` moved to ``seq``
       (``unread`` left);
     * "online" / "offline" -- ``user``'s ``device`` logged in / its session
@@ -172,6 +174,7 @@ class HostEvent:
     unread: int = 0
     code: Optional[str] = None
     reason: str = ""
+    target: int = 0
 
 
 @dataclass(frozen=True, slots=True)
