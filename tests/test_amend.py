@@ -299,3 +299,33 @@ async def test_pimcore_chat_shows_edits_and_recalls(store):
                 await wait_for(a_out, "usage: /edit N text")
                 await a_in.send("/quit")
                 await b_in.send("/quit")
+
+
+async def test_http_api_recalls_edits_and_deletes(tmp_path):
+    from test_http import assert_error
+    from test_http_api import api, call
+
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["alice", "bob"])
+            m = await im.post("team", b"draft", sender="alice", device="web")
+            base = f"/v1/conversations/team/messages/{m.seq}"
+            status, edited = await call(c, "POST", base + "/edit", {"payload": "final", "sender": "alice"},
+                                        headers={"Idempotency-Key": "e-1"})
+            assert status == 201 and edited["seq"] == 2
+            assert await call(c, "POST", base + "/edit", {"payload": "final", "sender": "alice"},
+                              headers={"Idempotency-Key": "e-1"}) == (201, edited)
+            assert_error(*await call(c, "POST", base + "/edit", {"payload": "x", "sender": "bob"}), 403, "NOT_SENDER")
+            assert_error(*await call(c, "POST", "/v1/conversations/team/messages/9/recall"), 404, "NO_SUCH_MESSAGE")
+            assert_error(*await call(c, "POST", "/v1/conversations/team/messages/x/recall"), 400, "bad_request")
+            status, deleted = await call(c, "POST", base + "/delete", {"user": "bob"})
+            assert status == 201 and deleted["seq"] == 0
+            status, page = await call(c, "GET", "/v1/conversations/team/history?user=bob&backward=false")
+            assert [(x["seq"], x["deleted"], x["edited"] > 0) for x in page["messages"]][:1] == [(1, True, True)]
+            status, recalled = await call(c, "POST", base + "/recall")
+            assert status == 201 and recalled["seq"] == 3
+            assert_error(*await call(c, "POST", base + "/recall"), 409, "RECALLED")
+            status, page = await call(c, "GET", "/v1/conversations/team/history?user=alice&backward=false")
+            first = page["messages"][0]
+            assert (first["recalled"], first["payload_b64"]) == (True, "")
+            assert [(x["kind"], x["target"]) for x in page["messages"][1:]] == [(EDIT, 1), (RECALL, 1)]
