@@ -125,7 +125,7 @@ async def test_the_embedding_host_recalls_edits_and_deletes(tmp_path):
     from pimcore.client import open_client
 
     with trio.fail_after(30):
-        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"], events=True) as im:
             await im.create_group("team", ["alice", "bob"])
             async with open_client(im.urls[0], im.issue_token("bob"), "phone") as bob:
                 posted = await im.post("team", b"hi", sender="alice", device="web")
@@ -147,6 +147,15 @@ async def test_the_embedding_host_recalls_edits_and_deletes(tmp_path):
                 with pytest.raises(RequestRefused) as refused:
                     await im.recall("team", 99)
                 assert refused.value.code is ErrorCode.NO_SUCH_MESSAGE
+            # host events: one "message" event per entry, with its target
+            _, evs = await im.next_events("t", after=0, limit=100)
+            entries = [(e.kind, e.target, e.payload, e.recipients) for e in evs if e.type == "message"]
+            assert entries == [
+                (0, 0, b"hi", ("alice", "bob")),
+                (EDIT, 1, b"hi (moderated)", ("alice", "bob")),
+                (DELETE, 1, b"", ("bob",)),
+                (RECALL, 1, b"", ("alice", "bob")),
+            ]
 
 
 async def test_amend_retried_across_reconnects_is_stored_once(store):
