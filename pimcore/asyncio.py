@@ -116,6 +116,15 @@ class AsyncPimcore:
     async def post_many(self, posts: list[dict[str, Any]]) -> list[Any]:
         return await self._call(self.handle.post_many, posts)
 
+    async def recall(self, conv: str, seq: int, **kwargs: Any) -> Posted:
+        return await self._call(self.handle.recall, conv, seq, **kwargs)
+
+    async def edit(self, conv: str, seq: int, payload: bytes, **kwargs: Any) -> Posted:
+        return await self._call(self.handle.edit, conv, seq, payload, **kwargs)
+
+    async def delete_for(self, user: str, conv: str, seq: int, **kwargs: Any) -> Posted:
+        return await self._call(self.handle.delete_for, user, conv, seq, **kwargs)
+
     async def revoke(self, user: str, device: Optional[str] = None, **kwargs: Any) -> int:
         return await self._call(self.handle.revoke, user, device, **kwargs)
 

@@ -77,6 +77,7 @@ from .client_session import (
     ConversationSetCompleted,
     ConversationUpdated,
     HistoryTimeout,
+    MessageAmended,
     MessageReceived,
     ReadStateChanged,
     ReceiptReceived,
@@ -106,6 +107,7 @@ __all__ = [
     "Sent",
     "HistoryPage",
     "MessageReceived",
+    "MessageAmended",
     "ReadStateChanged",
     "ReceiptReceived",
     "Connected",
@@ -370,6 +372,44 @@ class Client:
             raise c.error
         assert c.result is not None
         return c.result
+
+    async def _amend(self, conv: str, target: int, action: int, payload: bytes, local_id: Optional[int], timeout: Optional[float]) -> Sent:
+        self._check_alive()
+        lid = self._session.amend(
+            conv, target, action, self._clock(), payload=payload, local_id=local_id,
+            timeout=None if timeout is None else int(timeout * 1e6),
+        )
+        w = self._send_waiters.get(lid)
+        if w is None:
+            w = self._send_waiters[lid] = _Waiter()
+        self._pump()
+        await w.done.wait()
+        c = w.outcome
+        assert isinstance(c, SendCompleted)
+        if c.error is not None:
+            raise c.error
+        assert c.result is not None
+        return c.result
+
+    async def recall(self, conv: str, seq: int, *, local_id: Optional[int] = None, timeout: Optional[float] = None) -> Sent:
+        """Recall our message at ``seq`` of ``conv`` for everyone (its
+        payload is gone from the broker) and wait until that is durable.
+        Returns the RECALL entry's Sent; raises SendError (NOT_SENDER,
+        TOO_LATE, RECALLED, NO_SUCH_MESSAGE, ...) and otherwise as
+        :meth:`send` (retried across reconnects with the same local id)."""
+        return await self._amend(conv, seq, F.MessageKind.RECALL, b"", local_id, timeout)
+
+    async def edit(self, conv: str, seq: int, payload: bytes, *, local_id: Optional[int] = None, timeout: Optional[float] = None) -> Sent:
+        """Replace the payload of our message at ``seq`` of ``conv`` for
+        everyone; as :meth:`recall` otherwise."""
+        return await self._amend(conv, seq, F.MessageKind.EDIT, payload, local_id, timeout)
+
+    async def delete_for_me(self, conv: str, seq: int, *, local_id: Optional[int] = None, timeout: Optional[float] = None) -> Sent:
+        """Delete the message at ``seq`` of ``conv`` (anyone's) for this user
+        only: their other devices learn it, history then returns it with
+        ``deleted`` set and no payload.  ``Sent.seq`` is 0 (it takes no seq
+        of the conversation); as :meth:`recall` otherwise."""
+        return await self._amend(conv, seq, F.MessageKind.DELETE, b"", local_id, timeout)
 
     # ------------------------------------------------------------ downstream
 

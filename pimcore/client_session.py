@@ -73,6 +73,7 @@ __all__ = [
     "ClientStatistics",
     "Sent",
     "MessageReceived",
+    "MessageAmended",
     "ReadStateChanged",
     "ReceiptReceived",
     "Connected",
@@ -114,6 +115,11 @@ FINAL_CODES = frozenset(
         ErrorCode.PAYLOAD_TOO_LARGE,
         ErrorCode.DUPLICATE_CONFLICT,
         ErrorCode.REJECTED,
+        ErrorCode.NO_SUCH_MESSAGE,
+        ErrorCode.NOT_SENDER,
+        ErrorCode.TOO_LATE,
+        ErrorCode.RECALLED,
+        ErrorCode.BAD_ACTION,
         ErrorCode.TOO_MANY_MENTIONS,
         ErrorCode.BAD_MENTION,
     }
@@ -191,6 +197,23 @@ class Sent:
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
     message: F.Message
+
+
+#: The kinds of entries that change an earlier message (AmendReq).
+AMEND_KINDS = frozenset((F.MessageKind.RECALL, F.MessageKind.EDIT, F.MessageKind.DELETE))
+
+
+@dataclass(frozen=True, slots=True)
+class MessageAmended:
+    """A message was recalled, edited or deleted for this user (``entry``:
+    the pushed RECALL / EDIT / DELETE entry, ``entry.target`` the seq of the
+    message).  ``message`` is that message as this device now holds it
+    (``recalled`` with no payload, the new payload with ``edited``, or
+    ``deleted``), None when the device does not hold it (fetch history
+    for it: the broker returns the current state)."""
+
+    entry: F.Message
+    message: Optional[F.Message]
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +337,7 @@ class PrivacyChanged:
 
 
 Event = Union[
-    MessageReceived, ReadStateChanged, ReceiptReceived, Connected, Disconnected, SendsStalled, SendsResumed, Resynced,
+    MessageReceived, MessageAmended, ReadStateChanged, ReceiptReceived, Connected, Disconnected, SendsStalled, SendsResumed, Resynced,
     TypingChanged, PresenceChanged, PrivacyChanged,
     ConversationUpdated,
 ]
@@ -499,11 +522,14 @@ class _Pending:
     very same bytes go out on every attempt (same local id, same stamp)."""
 
     __slots__ = ("local_id", "conv", "payload", "client_time", "after_seq", "raw", "deadline", "sent_at", "attempts", "tx",
-                 "reason")
+                 "reason", "target", "action")
 
     def __init__(
-        self, local_id: int, conv: str, payload: bytes, client_time: int, after_seq: int, raw: bytes, deadline: int
+        self, local_id: int, conv: str, payload: bytes, client_time: int, after_seq: int, raw: bytes, deadline: int,
+        target: int = 0, action: int = 0,
     ) -> None:
+        self.target = target  # an AmendReq's: the seq it acts on (0: a SendReq)
+        self.action = action  # an AmendReq's MessageKind (0: a SendReq)
         self.local_id = local_id
         self.conv = conv
         self.payload = payload
@@ -1381,6 +1407,44 @@ class ClientSession:
         self._fill_window()
         return lid
 
+    def amend(
+        self, conv: str, target: int, action: int, now: int, *, payload: bytes = b"", local_id: Optional[int] = None,
+        timeout: Optional[int] = None,
+    ) -> int:
+        """Queue an AmendReq: recall (``action`` MessageKind.RECALL), edit
+        (EDIT, the new ``payload``) or delete for this user (DELETE) the
+        message at seq ``target`` of ``conv``; returns its local id.  It
+        travels exactly like a send (same local ids, window, retries across
+        reconnects, deadline) and completes with a SendCompleted (``Sent.seq``
+        is the entry's seq, 0 for DELETE; SendError NOT_SENDER, TOO_LATE,
+        RECALLED, NO_SUCH_MESSAGE, ... when refused).  Once acked the local
+        view shows the change.  Raises EncodeError for values no AmendReq
+        can carry, the terminal error if CLOSED."""
+        self._check_open()
+        t = self._tick(now)
+        deadline = t + (self._send_timeout if timeout is None else max(0, timeout))
+        if local_id is not None:
+            p = self._pending.get(local_id)
+            if p is not None:
+                if deadline > p.deadline:
+                    p.deadline = deadline
+                    heapq.heappush(self._timeouts, (deadline, local_id))
+                return local_id
+        lid = self._new_local_id(now) if local_id is None else local_id
+        payload = bytes(payload)
+        stamp = max(self._last_stamp + 1, now + self._offset)
+        raw = encode_frame(F.AmendReq(lid, conv, target, int(action), stamp, payload))  # EncodeError before any change
+        self._last_stamp = stamp
+        self._last_local_id = max(self._last_local_id, lid)
+        p = _Pending(lid, conv, payload, stamp, 0, raw, deadline, target, int(action))
+        if not self._pending:
+            self._rate_mark = (t, self._answers)
+        self._pending[lid] = p
+        heapq.heappush(self._timeouts, (deadline, lid))
+        self._requeue(p)
+        self._fill_window()
+        return lid
+
     def _requeue(self, p: _Pending) -> None:
         """Put ``p`` back in the queue at its place (local ids are in send order)."""
         q = self._queue
@@ -1429,12 +1493,22 @@ class ClientSession:
                 self._emit(SendsResumed(self._stalled.since, len(self._pending) - 1))
                 self._stalled = None
             self._forget(p)
-            self._remember(
-                F.Message(
-                    0, f.msg_id, p.conv, f.seq, self.user, self.device, p.client_time, f.server_time, p.payload,
-                    F.MessageKind.MESSAGE, p.local_id, min(p.after_seq, max(0, f.seq - 1)),
+            if p.action:
+                # Our own AmendReq: apply it to the local view now (the
+                # broker does not push a device its own entries).
+                self._remember(
+                    F.Message(
+                        0, f.msg_id, p.conv, f.seq, self.user, self.device, p.client_time, f.server_time, p.payload,
+                        p.action, p.local_id, max(0, f.seq - 1), p.target,
+                    )
                 )
-            )
+            else:
+                self._remember(
+                    F.Message(
+                        0, f.msg_id, p.conv, f.seq, self.user, self.device, p.client_time, f.server_time, p.payload,
+                        F.MessageKind.MESSAGE, p.local_id, min(p.after_seq, max(0, f.seq - 1)),
+                    )
+                )
             self._completions.append(SendCompleted(p.local_id, Sent(p.local_id, p.conv, f.msg_id, f.seq, f.server_time, p.client_time), None))
         elif code in FINAL_CODES:
             self._forget(p)
@@ -1570,7 +1644,8 @@ class ClientSession:
                 self.read_states[m.conv] = F.ReadState(m.conv, st.read_seq, m.seq, fresh_unread)
             self._entry_pushed(m)
             # The push's position is acked once its last message was taken.
-            self._emit(MessageReceived(m), f.position if i == len(fresh) - 1 else 0)
+            ev: Event = MessageAmended(m, self._held_message(m.conv, m.target)) if m.kind in AMEND_KINDS else MessageReceived(m)
+            self._emit(ev, f.position if i == len(fresh) - 1 else 0)
         if not fresh:
             self._emit(None, f.position)  # nothing to show (own messages): ack in turn
 
@@ -1625,9 +1700,42 @@ class ClientSession:
 
     # ------------------------------------------------------------ local view & history
 
+    def _held_message(self, conv: str, seq: int) -> Optional[F.Message]:
+        """The message at ``seq`` of ``conv`` in the local view, if held."""
+        for m in self._views.get(conv, {}).values():
+            if m.seq == seq and m.kind == F.MessageKind.MESSAGE:
+                return m
+        return None
+
+    def _apply_amend(self, e: F.Message) -> None:
+        """A RECALL / EDIT / DELETE entry (pushed, fetched, or our own
+        acked): change the held target; a recall of an unread message from
+        someone else leaves the unread count (the broker's next ReadState
+        is exact).  Entries are not kept in the view themselves; applying
+        one twice, or an older one after a newer, changes nothing."""
+        t = self._held_message(e.conv, e.target)
+        if e.kind == F.MessageKind.RECALL:
+            st = self.read_states.get(e.conv)
+            if (t is None or not t.recalled) and st is not None and st.unread and e.target > st.read_seq and (
+                (t.sender if t is not None else e.sender) != self.user
+            ):
+                self.read_states[e.conv] = F.ReadState(e.conv, st.read_seq, st.last_seq, st.unread - 1)
+            if t is not None and not t.recalled:
+                t = dataclasses.replace(t, payload=b"", recalled=True)
+        elif e.kind == F.MessageKind.EDIT:
+            if t is not None and not t.recalled and e.server_time >= t.edited:
+                t = dataclasses.replace(t, payload=e.payload, edited=e.server_time)
+        elif t is not None:  # DELETE: for this user only
+            t = dataclasses.replace(t, payload=b"", deleted=True)
+        if t is not None:
+            self._views[e.conv][t.msg_id] = t
+
     def _remember(self, m: F.Message) -> None:
         if m.seq > self._seen_seq.get(m.conv, 0):
             self._seen_seq[m.conv] = m.seq
+        if m.kind in AMEND_KINDS:
+            self._apply_amend(m)
+            return
         view = self._views.setdefault(m.conv, {})
         view[m.msg_id] = m
         if len(view) > self.config.view_limit:

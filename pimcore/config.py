@@ -40,6 +40,11 @@ Example (every key optional)::
     typing_max_members = 256           # groups larger than this get no typing relayed
     presence_max_users = 256           # users one presence subscription may name
 
+    [messages]                         # recall, edit, delete-for-self (AmendReq); seconds, 0 = no limit
+    recall_window = 86400.0            # a sender may recall a message this long after it was stored
+    edit_window = 172800.0             # ...edit it
+    delete_window = 0.0                # ...anyone who sees it may delete it for themselves
+
     [http]                             # the HTTP listener (off unless listen is set); `http = "URL"` is short for listen
     listen = "tcp://127.0.0.1:7481"    # tcp:// or tls:// (with [tls])
     max_header_bytes = 16384
@@ -148,6 +153,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
     },
     "moderation": {"url": "str", "secret": "str", "policy": "str", "timeout_ms": "int"},
     "store": {"url": "str", "namespace": "str"},
+    "messages": {"recall_window": "float", "edit_window": "float", "delete_window": "float"},
 }
 #: ``(section or None, key) -> type``, every setting there is.
 SCHEMA: dict[tuple[Optional[str], str], str] = {
@@ -266,6 +272,7 @@ class ServeSettings:
     log_format: str = "text"
     webhooks: dict[str, Any] = field(default_factory=dict)  # the [webhooks] keys given
     moderation: dict[str, Any] = field(default_factory=dict)  # the [moderation] keys given
+    messages: dict[str, Any] = field(default_factory=dict)  # the [messages] keys given (seconds)
     #: ``redis://HOST:PORT[,HOST:PORT...]``: a Redis Cluster store; None: LMDB in <data_dir>/store.
     store: Optional[str] = None
     store_namespace: str = "pim"
@@ -317,6 +324,8 @@ class ServeSettings:
             broker = replace(broker, record_events=bool(srv.pop("events")))
         if self.webhooks.get("url"):
             broker = replace(broker, record_events=True)  # the webhook sender reads the event log
+        for key, value in self.messages.items():
+            broker = replace(broker, **{key: int(float(value) * SECOND)})  # type: ignore[arg-type]
         for key in ("control_rate", "control_burst"):
             if key in srv:
                 try:
@@ -502,6 +511,9 @@ class ServeSettings:
             wh["events"] = list(wh["events"])
             wh["secret"] = "<redacted>" if "secret" in self.webhooks else f"<{self.data_dir / 'webhook-secret'}>"
             out["webhooks"] = {k: wh[k] for k in sorted(wh)}
+        out["messages"] = {
+            k: self.messages.get(k, getattr(b, k) / SECOND) for k in ("delete_window", "edit_window", "recall_window")
+        }
         if self.moderation.get("url"):
             mod: dict[str, Any] = {"timeout_ms": 2000, **self.moderation}
             mod["secret"] = "<redacted>" if "secret" in self.moderation else "<the webhook secret>"
@@ -707,6 +719,7 @@ def load_settings(
         log_format=str(top.get("log_format", "text")).lower(),
         webhooks={k: v for (sec, k), v in merged.items() if sec == "webhooks"},
         moderation={k: v for (sec, k), v in merged.items() if sec == "moderation"},
+        messages={k: v for (sec, k), v in merged.items() if sec == "messages"},
         store=merged.get(("store", "url")) or None,
         store_namespace=str(merged.get(("store", "namespace"), "pim")),
     )
@@ -726,6 +739,9 @@ def load_settings(
         raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {_show(s.log_level)}")
     if s.log_format not in LOG_FORMATS:
         raise ConfigError(f"log_format: expected one of {', '.join(LOG_FORMATS)}, got {_show(s.log_format)}")
+    for key, value in s.messages.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2**63 / SECOND:
+            raise ConfigError(f"messages.{key}: expected a number of seconds >= 0 (0 = no limit), got {_show(value)}")
     # Check the webhook sections now (naming the key), without creating a secret.
     s.webhook_config(secret=b"-")
     s.moderation_config(secret=b"-")

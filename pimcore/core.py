@@ -76,6 +76,7 @@ from .store.base import (
     event_data,
     AckPosition,
     AddMembers,
+    AmendMessage,
     Appended,
     CreateGroup,
     Duplicate,
@@ -265,6 +266,13 @@ class BrokerConfig:
     # and keeps only each stream's last window (~4 KiB in all); it comes back
     # at the next compressed frame.  0 = never.
     compression_idle: int = 30 * SECOND
+    # Recall, edit, delete-for-self (AmendReq): how long after a message's
+    # server time its sender may recall it, edit it, or anyone who sees it
+    # delete it for themselves (µs; 0 = no limit).  Later: TOO_LATE.  The
+    # host (Broker.amend) has no limit.
+    recall_window: int = DAY
+    edit_window: int = 2 * DAY
+    delete_window: int = 0
     # Typing (PROTOCOL.md, "Typing and presence"): a relayed indicator
     # expires this long (µs) after it arrives unless refreshed; each
     # connection may send typing_burst Typing frames at once and
@@ -292,6 +300,9 @@ class BrokerConfig:
             raise ValueError("BrokerConfig.idle_timeout and ack_delay must be >= 0 µs (0 = off)")
         if self.compression_idle < 0:
             raise ValueError("BrokerConfig.compression_idle must be >= 0 µs (0 = never)")
+        for name in ("recall_window", "edit_window", "delete_window"):
+            if not 0 <= getattr(self, name) < 1 << 63:
+                raise ValueError(f"BrokerConfig.{name} must be >= 0 µs (0 = no limit)")
         if not (self.typing_ttl >= 1000 and self.typing_rate > 0 and self.typing_burst >= 1
                 and self.typing_max_members >= 2 and self.presence_max_users >= 1):
             raise ValueError("BrokerConfig: typing_ttl must be >= 1000 µs, typing_rate > 0, typing_burst >= 1, "
@@ -700,7 +711,7 @@ class _LoginHook:
 class _ContentHook:
     __slots__ = ("conn", "frame")
 
-    def __init__(self, conn: int, frame: F.SendReq) -> None:
+    def __init__(self, conn: int, frame: Union[F.SendReq, F.AmendReq]) -> None:
         self.conn = conn
         self.frame = frame
 
@@ -739,11 +750,12 @@ def _to_frame_message(pos: int, m: StoredMessage) -> F.Message:
     if m.mentions or m.mention_all:
         return F.Message(
             pos, m.msg_id, m.conv, m.seq, m.sender, m.device, m.client_time, m.server_time, m.payload,
-            m.kind, m.local_id, m.after_seq, tuple(F.Mention(u) for u in m.mentions), m.mention_all,
+            m.kind, m.local_id, m.after_seq, m.target, m.edited, m.recalled, m.deleted,
+            tuple(F.Mention(u) for u in m.mentions), m.mention_all,
         )
     return F.Message(
         pos, m.msg_id, m.conv, m.seq, m.sender, m.device, m.client_time, m.server_time, m.payload,
-        m.kind, m.local_id, m.after_seq,
+        m.kind, m.local_id, m.after_seq, m.target, m.edited, m.recalled, m.deleted,
     )
 
 
@@ -1112,6 +1124,9 @@ class Broker:
             if kind is NewMessage:
                 assert isinstance(ctx, _PendingSend)
                 self._finish_send(op, ctx, res, to_pump, out)  # type: ignore[arg-type]
+            elif kind is AmendMessage:
+                assert isinstance(ctx, _PendingSend)
+                self._finish_amend(op, ctx, res, to_pump, out)  # type: ignore[arg-type]
             elif kind is MarkRead:
                 assert isinstance(ctx, _ReadCtx)
                 if isinstance(res, ReadMarked):
@@ -1157,7 +1172,7 @@ class Broker:
         self._stats["batch_failures"] += 1
         out: list[Command] = []
         for op, ctx in zip(batch.ops, ctxs):
-            if isinstance(op, NewMessage):
+            if isinstance(op, (NewMessage, AmendMessage)):
                 assert isinstance(ctx, _PendingSend)
                 self._pending_sends.pop(ctx.key, None)
                 self._ack_waiters(ctx, F.SendAck(op.local_id, ErrorCode.STORE_UNAVAILABLE, b"", 0, 0), out)
@@ -1317,8 +1332,10 @@ class Broker:
             # The reason first: the client has it when the SendAck ends the send.
             self._error(c.id, code, f.local_id, str(reason), out)
             self._send(c.id, F.SendAck(f.local_id, code, b"", 0, 0), out)
+        elif type(f) is F.AmendReq:
+            self._propose_amend(c, f, now, out)
         else:
-            self._propose_send(c, f, message_digest(f.conv, f.payload), now, out)
+            self._propose_send(c, f, message_digest(f.conv, f.payload), now, out)  # type: ignore[union-attr,arg-type]
         self._resume(c, now, out)
         self._maybe_commit(out, now)
         return out
@@ -1909,7 +1926,7 @@ class Broker:
                         ) if not (op.mentions or op.mention_all) else F.Message(
                             pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time,
                             res.server_time, op.payload, 0, op.local_id, res.after_seq,
-                            tuple(F.Mention(u) for u in op.mentions), op.mention_all,
+                            mentions=tuple(F.Mention(u) for u in op.mentions), mention_all=op.mention_all,
                         )
                         fresh.setdefault(user, []).append((pos, m))
         elif isinstance(res, Duplicate):
@@ -1936,6 +1953,196 @@ class Broker:
                 continue
             c.inflight -= 1
             self._send(conn, ack, out)
+
+    # ------------------------------------------------------------ recall, edit, delete
+    #
+    # An AmendReq is a send in every way that matters for safety: the same
+    # (user, device, local_id) dedupe key space and _pending_sends (a retry
+    # joins its original in flight or gets the stored entry's identity), the
+    # same window, rate limit and content filter (an EDIT's payload), acked
+    # by SendAck only from the completion of the batch that stored it.  What
+    # may be amended, by whom and until when is the store's to decide inside
+    # the transaction (AmendMessage), where the target's state is known.
+
+    _AMEND_WINDOWS = {F.MessageKind.RECALL: "recall_window", F.MessageKind.EDIT: "edit_window", F.MessageKind.DELETE: "delete_window"}
+
+    @staticmethod
+    def amend_digest(conv: str, target: int, action: int, payload: bytes) -> bytes:
+        """What a retry of an AmendReq must repeat: conv, target, action and
+        payload (never equal to a SendReq's digest for the same local id:
+        the conversation part differs by the action byte prefix)."""
+        return message_digest(conv, b"\xffamend" + bytes((action & 0xFF,)) + target.to_bytes(8, "big") + payload)
+
+    def _on_amend(self, c: _Conn, f: F.AmendReq, now: int, out: list[Command]) -> None:
+        def refuse(code: ErrorCode) -> None:
+            self._stats["rejected"] += 1
+            if code is ErrorCode.RATE_LIMITED or self._control(c, now, "refused AmendReq", out):
+                self._send(c.id, F.SendAck(f.local_id, code, b"", 0, 0), out)
+
+        lim = self.config.limits
+        if lim.send_rate:
+            # The send token bucket: an AmendReq costs what a SendReq does.
+            c.tokens = min(float(lim.send_burst), c.tokens + (now - c.refill_at) * lim.send_rate / SECOND)
+            c.refill_at = now
+            if c.tokens < 1.0:
+                c.strikes += 1
+                if c.strikes >= self.config.rate_limit_strikes:
+                    self._close(c, CloseCode.RATE_LIMITED, "kept sending above the send rate limit", out)
+                    return None
+                return refuse(ErrorCode.RATE_LIMITED)
+            c.tokens -= 1.0
+            c.strikes = 0
+        if c.inflight >= lim.window:
+            return refuse(ErrorCode.TOO_MANY_IN_FLIGHT)
+        if f.action not in self._AMEND_WINDOWS:
+            return refuse(ErrorCode.BAD_ACTION)
+        if len(f.payload) > lim.max_payload:
+            return refuse(ErrorCode.PAYLOAD_TOO_LARGE)
+        if f.action != F.MessageKind.EDIT and f.payload:
+            return refuse(ErrorCode.BAD_REQUEST)
+        if f.target < 1:
+            return refuse(ErrorCode.NO_SUCH_MESSAGE)
+        code = self._check_conversation(c.user, f.conv)
+        if code is not ErrorCode.OK:
+            return refuse(code)
+        key = (c.user, c.device, f.local_id)
+        digest = self.amend_digest(f.conv, f.target, f.action, f.payload)
+        pending = self._pending_sends.get(key)
+        if pending is not None:
+            if pending.digest != digest:
+                return refuse(ErrorCode.DUPLICATE_CONFLICT)
+            pending.waiters.append(c.id)
+            c.inflight += 1
+            return
+        c.inflight += 1
+        if self.config.content_filter is not None and f.action == F.MessageKind.EDIT:
+            rid = self._request_id()
+            c.waiting = rid
+            self._hooks[rid] = _ContentHook(c.id, f)
+            out.append(CheckContent(rid, c.user, f.conv, f.payload, c.device, f.local_id))
+            return
+        self._propose_amend(c, f, now, out)
+
+    def _propose_amend(self, c: _Conn, f: F.AmendReq, now: int, out: list[Command]) -> None:
+        key = (c.user, c.device, f.local_id)
+        digest = self.amend_digest(f.conv, f.target, f.action, f.payload)
+        pending = self._pending_sends.get(key)
+        if pending is not None:
+            if pending.digest != digest:
+                c.inflight -= 1
+                self._stats["rejected"] += 1
+                self._send(c.id, F.SendAck(f.local_id, ErrorCode.DUPLICATE_CONFLICT, b"", 0, 0), out)
+            else:
+                pending.waiters.append(c.id)
+            return
+        window = getattr(self.config, self._AMEND_WINDOWS[F.MessageKind(f.action)])
+        self._propose_amend_op(key, f.conv, f.target, f.action, f.payload, f.client_time, window, digest, c.id, now)
+
+    def _propose_amend_op(
+        self, key: tuple[str, str, int], conv: str, target: int, action: int, payload: bytes, client_time: int,
+        window: int, digest: bytes, waiter: Union[int, tuple[Any, ...]], now: int,
+    ) -> None:
+        server_time = self._clock.tick(now)
+        msg_id = server_time.to_bytes(8, "big") + self._node_id
+        op = AmendMessage(
+            msg_id, conv, key[0], key[1], key[2], client_time, server_time, action, target, payload, digest, window,
+            self.config.record_events,
+        )
+        ctx = _PendingSend(key, digest, waiter)
+        self._pending_sends[key] = ctx
+        self._propose(op, ctx)
+
+    def _finish_amend(self, op: AmendMessage, ctx: _PendingSend, res: Result, to_pump: set[str], out: list[Command]) -> None:
+        self._pending_sends.pop(ctx.key, None)
+        if isinstance(res, Appended):
+            self._stats["messages_stored"] += 1
+            ack = F.SendAck(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
+            heads, fresh, online = self._heads, self._fresh, self._online
+            for user, pos in res.positions:
+                if user in heads:
+                    if pos > heads[user]:
+                        heads[user] = pos
+                    if user in online:
+                        to_pump.add(user)
+                        m = F.Message(
+                            pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time,
+                            res.server_time, op.payload, int(op.kind), op.local_id, res.after_seq, op.target,
+                        )
+                        fresh.setdefault(user, []).append((pos, m))
+        elif isinstance(res, Duplicate):
+            self._stats["duplicates"] += 1
+            self._ack_waiters(ctx, F.SendAck(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time), out, duplicate=True)
+            return
+        elif isinstance(res, Rejected):
+            self._stats["rejected"] += 1
+            ack = F.SendAck(op.local_id, res.code, b"", 0, 0)
+        else:  # pragma: no cover - a store contract violation
+            raise TypeError(f"unexpected result {res!r} for AmendMessage")
+        self._ack_waiters(ctx, ack, out)
+
+    def amend(
+        self,
+        conv: str,
+        target: int,
+        action: int,
+        now: int,
+        *,
+        payload: bytes = b"",
+        sender: str = SYSTEM,
+        device: str = SYSTEM,
+        key: Union[str, bytes, None] = None,
+        ref: int = 0,
+    ) -> list[Command]:
+        """Control plane: recall (``action`` MessageKind.RECALL), edit (EDIT,
+        with the new ``payload``) or delete for ``sender`` (DELETE) the
+        message at seq ``target`` of ``conv``, as the host.  ``sender``
+        SYSTEM (the default) may recall or edit any message; a user
+        ``sender`` (with one of its ``device`` ids) acts as that user (only
+        their own messages for RECALL/EDIT; DELETE needs a user).  No time
+        window applies to the host.  ``key``: the idempotency key, as for
+        :meth:`post`.  :class:`PostDone` with ``ref`` says how it went
+        (codes as for AmendReq: NO_SUCH_MESSAGE, NOT_SENDER, RECALLED,
+        BAD_ACTION, NOT_MEMBER, ...)."""
+        out: list[Command] = []
+
+        def refuse(code: ErrorCode) -> list[Command]:
+            self._stats["rejected"] += 1
+            out.append(PostDone(ref, code, b"", 0, 0))
+            return out
+
+        if action not in self._AMEND_WINDOWS:
+            return refuse(ErrorCode.BAD_ACTION)
+        if not isinstance(payload, bytes) or (action != F.MessageKind.EDIT and payload):
+            return refuse(ErrorCode.BAD_REQUEST)
+        if len(payload) > self.config.limits.max_payload:
+            return refuse(ErrorCode.PAYLOAD_TOO_LARGE)
+        if type(target) is not int or not 0 < target < _U64_MAX:
+            return refuse(ErrorCode.NO_SUCH_MESSAGE)
+        if sender == SYSTEM:
+            if device != SYSTEM or action == F.MessageKind.DELETE:
+                return refuse(ErrorCode.BAD_REQUEST)
+            code = ErrorCode.OK if valid_conversation(conv) else ErrorCode.BAD_REQUEST
+        else:
+            if not (valid_id(sender) and valid_id(device)):
+                return refuse(ErrorCode.BAD_REQUEST)
+            code = self._check_conversation(sender, conv)
+        if code is not ErrorCode.OK:
+            return refuse(code)
+        local_id = idempotency_local_id(key)
+        if local_id is None:
+            return refuse(ErrorCode.BAD_REQUEST)
+        digest = self.amend_digest(conv, target, action, payload)
+        dkey = (sender, device, local_id)
+        pending = self._pending_sends.get(dkey)
+        if pending is not None:
+            if pending.digest != digest:
+                return refuse(ErrorCode.DUPLICATE_CONFLICT)
+            pending.waiters.append(("post", ref, True))
+            return out
+        self._stats["posts"] += 1
+        self._propose_amend_op(dkey, conv, target, action, payload, self._clock.now(now), 0, digest, ("post", ref), now)
+        self._maybe_commit(out, now)
+        return out
 
     # ------------------------------------------------------------ delivery
 
@@ -2552,6 +2759,7 @@ class Broker:
 
     _handlers: dict[type, Callable[..., None]] = {
         F.SendReq: _on_send,
+        F.AmendReq: _on_amend,
         F.PushAck: _on_push_ack,
         F.Read: _on_read,
         F.HistoryReq: _on_history,

@@ -35,6 +35,7 @@ from .auth import JwtAuthenticator, issue_token, load_or_create_secret
 from .core import Authenticator, ContentFilter, Identity
 from .config import ConfigError, ServeSettings, load_settings
 from .errors import ErrorCode, PimError, StoreError
+from .frames import MessageKind
 from .ids import SYSTEM, conversation_problem, id_problem
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
@@ -154,11 +155,13 @@ class HostEvent:
 
     * "message" -- a stored entry: ``conv``, ``seq``, ``msg_id``, ``sender``,
       ``device`` (the sender's), ``kind`` (frames.MessageKind: 0 a message,
-      1 JOINED, 2 LEFT), ``server_time``, ``local_id``, ``payload``,
+      1 JOINED, 2 LEFT, 3 RECALL, 4 EDIT, 5 DELETE), ``server_time``,
+      ``local_id``, ``payload`` (an EDIT's: the new payload),
       ``recipients`` (every user it was fanned out to, the sender included,
-      sorted) and ``offline_recipients`` (those of them with no device
+      sorted), ``offline_recipients`` (those of them with no device
       online on this broker when the event was handed to the host: the
-      push-notification hook), ``muted`` (recipients who muted the
+      push-notification hook), ``target`` (RECALL / EDIT / DELETE: the
+      seq of the message acted on), ``muted`` (recipients who muted the
       conversation), ``mentioned`` (recipients the message mentions, the
       sender never) and ``mention_all`` (it mentions everyone);
     * "read" -- ``user``'s read marker in ``conv`` moved to ``seq``
@@ -189,6 +192,7 @@ class HostEvent:
     unread: int = 0
     code: Optional[str] = None
     reason: str = ""
+    target: int = 0
     muted: tuple[str, ...] = ()
     mentioned: tuple[str, ...] = ()
     mention_all: bool = False
@@ -408,6 +412,56 @@ class Pimcore:
             mentions=tuple(mentions), mention_all=bool(mention_all),
         )
         result = _posted(conv, done, sender, device, idempotency_key)
+        if isinstance(result, PimError):
+            raise result
+        return result
+
+    async def recall(
+        self, conv: str, seq: int, *, sender: str = SYSTEM, device: str = SYSTEM,
+        idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
+        """Recall the message at ``seq`` of ``conv`` for everyone: a RECALL
+        entry is stored and delivered like a message, and no payload of it
+        is left in the store.  As the system (the default) any message, at
+        any age; as ``sender`` (with one of its devices) only that user's
+        own.  Returns the RECALL entry (``Posted.seq``).  Raises
+        RequestRefused (NO_SUCH_MESSAGE, NOT_SENDER, RECALLED, NOT_MEMBER,
+        UNKNOWN_CONVERSATION, BAD_REQUEST, DUPLICATE_CONFLICT), StoreError.
+        ``idempotency_key`` as for :meth:`post`."""
+        return await self._amend(conv, seq, MessageKind.RECALL, b"", sender, device, idempotency_key)
+
+    async def edit(
+        self, conv: str, seq: int, payload: bytes, *, sender: str = SYSTEM, device: str = SYSTEM,
+        idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
+        """Replace the payload of the message at ``seq`` of ``conv`` (an EDIT
+        entry, delivered like a message); as :meth:`recall` otherwise (an
+        edit as a user passes the content checks a post does)."""
+        return await self._amend(conv, seq, MessageKind.EDIT, bytes(payload), sender, device, idempotency_key)
+
+    async def delete_for(
+        self, user: str, conv: str, seq: int, *, device: str = "host",
+        idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
+        """Delete the message at ``seq`` of ``conv`` for ``user`` only (as
+        their DeleteReq would, from ``device``): their devices get a DELETE
+        entry (``Posted.seq`` 0) and history returns the message to them with
+        ``deleted`` set and no payload.  Raises RequestRefused
+        (NO_SUCH_MESSAGE, NOT_MEMBER, ...), StoreError."""
+        return await self._amend(conv, seq, MessageKind.DELETE, b"", user, device, idempotency_key)
+
+    async def _amend(
+        self, conv: str, seq: int, action: int, payload: bytes, sender: str, device: str,
+        key: Union[str, bytes, None],
+    ) -> Posted:
+        if action == MessageKind.EDIT:
+            refused = await self._check_post(conv, payload, sender, device, key)
+            if refused is not None:
+                raise refused
+        done = await self.server.host_call(
+            self.server.broker.amend, conv, seq, action, payload=payload, sender=sender, device=device, key=key
+        )
+        result = _posted(conv, done, sender, device, key)
         if isinstance(result, PimError):
             raise result
         return result

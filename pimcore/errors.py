@@ -52,6 +52,12 @@ class ErrorCode(IntEnum):
     # -- server side; the client should retry later with the same local id --
     STORE_UNAVAILABLE = 30
     INTERNAL = 31
+    # Recall, edit, delete (AmendReq; issue 14 part 1).
+    NO_SUCH_MESSAGE = 40  # the target seq is not a message the user may see in the conversation
+    NOT_SENDER = 41  # only the message's sender (or the host) may recall or edit it
+    TOO_LATE = 42  # the time window for this action has passed
+    RECALLED = 43  # the message was recalled: nothing left to edit or recall
+    BAD_ACTION = 44  # AmendReq.action is not RECALL, EDIT or DELETE
 
 
 class CloseCode(IntEnum):

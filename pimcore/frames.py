@@ -49,6 +49,7 @@ __all__ = [
     "ReadersReq",
     "Reader",
     "ReadersResp",
+    "AmendReq",
     "Mention",
     "ConvEntry",
     "ConvListReq",
@@ -77,8 +78,10 @@ __all__ = [
 
 #: In the high nibble of every frame's head byte.  2 added the store epoch
 #: (Login/LoginAck), causality (SendReq/Message.after_seq, Message.local_id),
-#: membership entries (Message.kind) and ReadersReq/ReadersResp.
-PROTOCOL_VERSION = 2
+#: membership entries (Message.kind) and ReadersReq/ReadersResp.  3 added the
+#: IM features of issue 14 (recall, edit, delete; conversation list; typing
+#: and presence; mentions).
+PROTOCOL_VERSION = 3
 
 #: Capability bits exchanged in Login.caps / LoginAck.caps.
 CAP_ZSTD = 1 << 0
@@ -110,6 +113,7 @@ class FrameType(IntEnum):
     CLOSE = 0x11
     READERS_REQ = 0x12
     READERS_RESP = 0x13
+    AMEND_REQ = 0x14
     # conversation list and per-user settings (issue 14 part 2)
     CONV_LIST_REQ = 0x16
     CONV_LIST_RESP = 0x17
@@ -133,6 +137,16 @@ class MessageKind(IntEnum):
     JOINED = 1
     #: ``sender`` left or was removed at this seq (payload as for JOINED).
     LEFT = 2
+    #: ``sender`` (or the host: empty sender) recalled the message at seq
+    #: ``target``; its payload is gone for good (payload empty).
+    RECALL = 3
+    #: ``sender`` (or the host) replaced the payload of the message at seq
+    #: ``target``; payload: the message's payload now (the latest edit).
+    EDIT = 4
+    #: ``sender`` deleted the message at seq ``target`` for themselves: seq
+    #: 0 (not an entry of the conversation), delivered only to the sender's
+    #: own devices, in their inbox order (payload empty).
+    DELETE = 5
 
 
 # --------------------------------------------------------------- session
@@ -280,6 +294,15 @@ class Message:
     kind: int = 0  # u   MessageKind
     local_id: int = 0  # u
     after_seq: int = 0  # u
+    #: RECALL / EDIT / DELETE: the seq of the message it acts on; else 0.
+    target: int = 0  # u
+    #: MESSAGE: server time (µs) of its latest edit, 0 = never edited.
+    edited: int = 0  # u
+    #: MESSAGE: recalled (a tombstone: payload empty).
+    recalled: bool = False  # ?
+    #: MESSAGE, in HistoryResp only: the asking user deleted it for
+    #: themselves (payload empty).
+    deleted: bool = False  # ?
     #: SendReq.mentions / mention_all as stored (sorted, no duplicates, the
     #: sender left out).
     mentions: tuple[Mention, ...] = ()  # [Mention]
@@ -403,6 +426,22 @@ class ReadersResp:
     readers: tuple[Reader, ...]  # [Reader]
 
 
+@dataclass(frozen=True, slots=True)
+class AmendReq:
+    """Client -> broker: recall, edit or delete-for-self the message at seq
+    ``target`` of ``conv`` (``action``: MessageKind RECALL, EDIT or DELETE).
+    ``payload`` is the new payload of an EDIT (empty otherwise).  Like a
+    SendReq: ``local_id`` from the same sequence as the device's SendReqs (a
+    retry reuses it), answered by one SendAck once the entry is durable
+    (``seq`` 0 for a DELETE, which takes no seq of the conversation)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.AMEND_REQ
+    local_id: int  # u
+    conv: str  # t
+    target: int  # u
+    action: int  # u   MessageKind RECALL, EDIT or DELETE
+    client_time: int  # s
+    payload: bytes = b""  # b
 # --------------------------------------------------------------- conversation list
 
 #: ConvSetReq values of ``pinned`` / ``muted`` / ``hidden``.
@@ -492,6 +531,8 @@ class ConvUpdate:
 
     TYPE: ClassVar[FrameType] = FrameType.CONV_UPDATE
     entries: tuple[ConvEntry, ...]  # [ConvEntry]
+
+
 # --------------------------------------------------------------- typing and presence
 # Ephemeral signals: nothing here is stored (but the PresencePrivacy setting).
 
@@ -618,6 +659,7 @@ Frame = Union[
     HistoryResp,
     ReadersReq,
     ReadersResp,
+    AmendReq,
     ConvListReq,
     ConvListResp,
     ConvSetReq,
@@ -652,6 +694,7 @@ FRAME_CLASSES: dict[int, type] = {
         HistoryResp,
         ReadersReq,
         ReadersResp,
+        AmendReq,
         ConvListReq,
         ConvListResp,
         ConvSetReq,

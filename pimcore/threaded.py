@@ -260,6 +260,21 @@ class ThreadedPimcore:
         assert self.handle is not None
         return self._call(self.handle.post_many, list(posts))
 
+    def recall(self, conv: str, seq: int, **kwargs: Any) -> Posted:
+        """As Pimcore.recall: returns once the RECALL entry is durable."""
+        assert self.handle is not None
+        return self._call(self.handle.recall, conv, seq, **kwargs)
+
+    def edit(self, conv: str, seq: int, payload: bytes, **kwargs: Any) -> Posted:
+        """As Pimcore.edit."""
+        assert self.handle is not None
+        return self._call(self.handle.edit, conv, seq, payload, **kwargs)
+
+    def delete_for(self, user: str, conv: str, seq: int, **kwargs: Any) -> Posted:
+        """As Pimcore.delete_for."""
+        assert self.handle is not None
+        return self._call(self.handle.delete_for, user, conv, seq, **kwargs)
+
     def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
         assert self.handle is not None
         self._call_sync(self.handle.kick, user, device, reason)

@@ -375,9 +375,9 @@ def test_a_connection_waiting_for_a_hook_is_paused_not_buffered_without_bound(st
     "garbage",
     [
         b"\x05\x30\x05\x00\x00\x00",  # wrong version nibble
-        b"\x03\x20\x7f\x00",  # unknown frame type
+        b"\x03\x30\x7f\x00",  # unknown frame type
         b"\xff\xff\xff\xff\x0f",  # 4 GiB frame announced
-        b"\x04\x20\x08\x80\x80",  # truncated varint inside a complete frame
+        b"\x04\x30\x08\x80\x80",  # truncated varint inside a complete frame
     ],
 )
 def test_malformed_bytes_close_only_that_connection(h, garbage):

@@ -973,6 +973,11 @@ class StoreModel(RuleBasedStateMachine):
         read_op.map(lambda a: ("read", a)),
         read_op.map(lambda a: ("read", a)),
         st.tuples(span, span).map(lambda a: ("reclaim", a)),
+        # recall / edit / delete-for-self (issue 14): same local ids as sends
+        st.tuples(
+            st.sampled_from(GOOD_CONVS), st.sampled_from(USERS), st.sampled_from(DEVICES), st.integers(1, 5),
+            st.sampled_from([3, 4, 5]), st.integers(1, 6), st.sampled_from([0, 3, 10**6]),
+        ).map(lambda a: ("amend", a)),
     )
 
     def build(self, kind: str, args: tuple) -> object:
@@ -992,6 +997,15 @@ class StoreModel(RuleBasedStateMachine):
                 digest=digest(conv, payload),
             )
         self.time += 1
+        if kind == "amend":
+            from pimcore.store import AmendMessage
+
+            conv, sender, device, local_id, action, target, window = args
+            payload = b"e%d" % self.time if action == 4 else b""
+            return AmendMessage(
+                self.time.to_bytes(8, "big") + self.node, conv, sender, device, local_id, self.time - 7, self.time,
+                action, target, payload, digest(conv, bytes((action, target)) + payload), window,
+            )
         if kind == "ack":
             user, device, pos, back = args
             return AckPosition(user, device, pos, self.time - back)

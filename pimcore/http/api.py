@@ -43,6 +43,11 @@ REFUSED_STATUS: dict[ErrorCode, int] = {
     ErrorCode.TOO_MANY_IN_FLIGHT: 429,
     ErrorCode.REJECTED: 403,
     ErrorCode.INTERNAL: 503,  # a content check could not answer (moderation down, policy closed): retry
+    ErrorCode.NO_SUCH_MESSAGE: 404,
+    ErrorCode.NOT_SENDER: 403,
+    ErrorCode.TOO_LATE: 409,
+    ErrorCode.RECALLED: 409,
+    ErrorCode.BAD_ACTION: 400,
 }
 
 #: Longest ``wait`` (seconds) a ``GET /v1/events`` long-poll may ask for.
@@ -159,6 +164,7 @@ def _message(m: Any) -> dict[str, Any]:
         "msg_id": m.msg_id.hex(), "conv": m.conv, "seq": m.seq, "sender": m.sender, "device": m.device,
         "kind": m.kind, "local_id": m.local_id, "server_time": m.server_time,
         "payload_b64": base64.b64encode(m.payload).decode("ascii"),
+        "target": m.target, "edited": m.edited, "recalled": m.recalled, "deleted": m.deleted,
     }
 
 
@@ -213,6 +219,46 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         if "mention_all" in body:
             kw["mention_all"] = _field(body, "mention_all", bool)
         posted = await handle.post(request.params["conv"], payload, **kw)
+        return 201, _posted(posted)
+
+    def _seq(request: Request) -> int:
+        text = request.params["seq"]
+        if not text.isdigit() or not 0 < int(text) <= _MAX_INT:
+            raise _bad("the seq in the path must be 1..2^63-1")
+        return int(text)
+
+    def _as(body: dict[str, Any]) -> dict[str, Any]:
+        kw: dict[str, Any] = {}
+        sender = _field(body, "sender", str, None)
+        device = _field(body, "device", str, None)
+        if device is not None and sender is None:
+            raise _bad("field 'device' needs the field 'sender'")
+        if sender:
+            kw["sender"], kw["device"] = sender, device if device is not None else "http"
+        return kw
+
+    def _key(request: Request, kw: dict[str, Any]) -> dict[str, Any]:
+        key = request.headers.get("idempotency-key")
+        if key is not None:
+            kw["idempotency_key"] = key.encode("latin-1")
+        return kw
+
+    async def recall(request: Request) -> tuple[int, Any]:
+        body = _object(request, optional=True)
+        posted = await handle.recall(request.params["conv"], _seq(request), **_key(request, _as(body)))
+        return 201, _posted(posted)
+
+    async def edit(request: Request) -> tuple[int, Any]:
+        body = _object(request)
+        payload, kw = _post_fields(body)
+        posted = await handle.edit(request.params["conv"], _seq(request), payload, **_key(request, kw))
+        return 201, _posted(posted)
+
+    async def delete_for(request: Request) -> tuple[int, Any]:
+        body = _object(request)
+        user = _field(body, "user", str)
+        kw = _key(request, {"device": _field(body, "device", str, "http")})
+        posted = await handle.delete_for(user, request.params["conv"], _seq(request), **kw)
         return 201, _posted(posted)
 
     async def post_batch(request: Request) -> tuple[int, Any]:
@@ -427,6 +473,9 @@ def register_api(router: Router, handle: "Pimcore") -> None:
     for method, pattern, handler in (
         ("POST", "/v1/conversations/{conv}/messages", post),
         ("POST", "/v1/messages", post_batch),
+        ("POST", "/v1/conversations/{conv}/messages/{seq}/recall", recall),
+        ("POST", "/v1/conversations/{conv}/messages/{seq}/edit", edit),
+        ("POST", "/v1/conversations/{conv}/messages/{seq}/delete", delete_for),
         ("GET", "/v1/conversations/{conv}/history", history),
         ("POST", "/v1/groups", create_group),
         ("POST", "/v1/groups/{conv}/members", add_members),

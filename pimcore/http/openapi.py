@@ -28,6 +28,7 @@ def _obj(required: tuple[str, ...] = (), **props: Any) -> dict[str, Any]:
 _MESSAGE = _obj(
     msg_id=_STR, conv=_STR, seq=_INT, sender=_STR, device=_STR, kind=_INT,
     client_time={"type": "integer"}, server_time=_INT, payload_b64=_STR,
+    target=_INT, edited=_INT, recalled={"type": "boolean"}, deleted={"type": "boolean"},
 )
 _MEMBERS = _obj(("conv", "members"), conv=_STR, members=_STRINGS)
 _CONV_ENTRY = _obj(
@@ -52,6 +53,16 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
      200, _obj(results={"type": "array", "items": _obj(
          ("status",), status={"enum": ["stored", "duplicate", "error"]}, conv=_STR, msg_id=_STR, seq=_INT,
          server_time=_INT, code=_STR, message=_STR)})),
+    ("POST", "/v1/conversations/{conv}/messages/{seq}/recall",
+     "Recall a message for everyone: a RECALL entry, no payload left (as the system, or as 'sender': their own only)",
+     _obj(sender=_STR, device=_STR), (), 201, _obj(conv=_STR, msg_id=_STR, seq=_INT, server_time=_INT)),
+    ("POST", "/v1/conversations/{conv}/messages/{seq}/edit",
+     "Replace a message's payload: an EDIT entry (as the system, or as 'sender': their own only)",
+     _obj(payload=_STR, payload_b64=_STR, sender=_STR, device=_STR), (),
+     201, _obj(conv=_STR, msg_id=_STR, seq=_INT, server_time=_INT)),
+    ("POST", "/v1/conversations/{conv}/messages/{seq}/delete",
+     "Delete a message for one user only (a DELETE entry to their devices; seq 0)",
+     _obj(("user",), user=_STR, device=_STR), (), 201, _obj(conv=_STR, msg_id=_STR, seq=_INT, server_time=_INT)),
     ("GET", "/v1/conversations/{conv}/history", "A page of history as a user may see it", None,
      (("user", _STR), ("from_seq", _INT), ("limit", _INT), ("backward", {"type": "boolean"})),
      200, _obj(messages={"type": "array", "items": _MESSAGE})),

@@ -94,7 +94,7 @@ import base64
 import json
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Union
 
 from ..errors import ErrorCode, StoreError
@@ -127,6 +127,10 @@ __all__ = [
     "member_set",
     "StoredMessage",
     "NewMessage",
+    "AmendMessage",
+    "amend_problem",
+    "amended",
+    "amend_entry",
     "AckPosition",
     "TouchDevice",
     "MarkRead",
@@ -272,6 +276,16 @@ class StoredMessage:
     #: this (SendReq.after_seq), clamped below ``seq``: display order keeps
     #: the message below those (see pimcore.order).
     after_seq: int = 0
+    #: Kinds RECALL / EDIT / DELETE: the seq of the message acted on.
+    target: int = 0
+    #: Kind MESSAGE: server time (µs) of its latest edit, 0 = never edited.
+    edited: int = 0
+    #: Kind MESSAGE: recalled; ``payload`` is then empty in the store.
+    recalled: bool = False
+    #: Kind MESSAGE, as read for one user (ReadHistory): that user deleted
+    #: it for themselves (``payload`` empty in what is returned).  Never
+    #: stored in the record: deletions are per user.
+    deleted: bool = False
     #: Users the message mentions (sorted, unique, never the sender) and
     #: whether it mentions everyone (SendReq.mentions / mention_all).
     mentions: tuple[str, ...] = ()
@@ -532,9 +546,107 @@ class SetPresencePrivacy:
     hide_last_seen: bool
 
 
+@dataclass(frozen=True, slots=True)
+class AmendMessage:
+    """Recall, edit or delete-for-self the message at seq ``target`` of
+    ``conv`` (``kind``: MessageKind RECALL, EDIT or DELETE), as a new entry.
+
+    In one transaction, like :class:`NewMessage`: the dedupe lookup on
+    (sender, device, local_id) -- the same key space as NewMessage, so a
+    retry is a :class:`Duplicate` of the original (a different digest:
+    Rejected(DUPLICATE_CONFLICT)); a malformed conversation id ->
+    BAD_REQUEST; unknown group -> UNKNOWN_CONVERSATION; then
+    :func:`amend_problem` decides with the stored target (NOT_MEMBER,
+    NO_SUCH_MESSAGE, NOT_SENDER, RECALLED, TOO_LATE).  Then:
+
+    * RECALL: the target is overwritten with :func:`amended` -- payload
+      empty, ``recalled`` set (no payload is left in the store: an EDIT
+      entry holds none of its own, see below) -- and a RECALL entry
+      (:func:`amend_entry`) takes the next seq and goes to every member's
+      inbox, like a message.
+    * EDIT: the target's payload becomes ``payload``, ``edited`` =
+      ``server_time``; an EDIT entry takes the next seq and goes to every
+      member.  The entry stores no payload: every read of it (inbox, history)
+      returns the target's payload at that time (empty once recalled).
+    * DELETE: the (sender, conv, target) deletion is recorded (history
+      returns the target to that user with ``deleted`` set and no payload);
+      the DELETE entry takes no seq (seq 0, not in the conversation) and goes
+      only to the sender's own inbox, so their other devices learn it in
+      inbox order and a device that comes back catches up on it.
+
+    ``sender`` SYSTEM (with device SYSTEM) is the host: it may recall or
+    edit any message (``window`` 0: no time limit) but not DELETE.
+    ``window`` (µs, 0 = none): the action is refused with TOO_LATE when
+    ``server_time`` is more than that after the target's server time.
+    Result: :class:`Appended` (seq 0 and the sender's position alone for a
+    DELETE), with ``after_seq`` = seq - 1 (0 for a DELETE).
+    """
+
+    msg_id: bytes
+    conv: str
+    sender: str
+    device: str
+    local_id: int
+    client_time: int
+    server_time: int
+    kind: int  # MessageKind RECALL, EDIT or DELETE
+    target: int
+    payload: bytes  # EDIT: the new payload; else empty
+    digest: bytes
+    window: int = 0
+    #: Append a "message" host event for the entry (kind RECALL/EDIT/DELETE,
+    #: with ``target``), as NewMessage.
+    event: bool = False
+
+
+_AMEND_KINDS = (MessageKind.RECALL, MessageKind.EDIT, MessageKind.DELETE)
+
+
+def amend_problem(
+    op: AmendMessage, member: bool, target: Optional[StoredMessage], visible: bool
+) -> ErrorCode:
+    """What every store answers for :class:`AmendMessage` once it has looked
+    up: ``member`` -- the sender is a member now (RECALL/EDIT) or was ever
+    one (DELETE; always true for the host); ``target`` -- the entry at seq
+    ``op.target`` (None: no such seq); ``visible`` -- that seq is one the
+    sender may see (:func:`visible_ranges`).  In this order: NOT_MEMBER,
+    NO_SUCH_MESSAGE (no such seq, not a MESSAGE, not visible), NOT_SENDER
+    (RECALL/EDIT of another user's message by a user), RECALLED (RECALL/EDIT
+    of a recalled message), TOO_LATE (outside ``op.window``); else OK."""
+    if not member:
+        return ErrorCode.NOT_MEMBER
+    if target is None or target.kind != MessageKind.MESSAGE or not visible:
+        return ErrorCode.NO_SUCH_MESSAGE
+    if op.kind != MessageKind.DELETE:
+        if op.sender != SYSTEM and target.sender != op.sender:
+            return ErrorCode.NOT_SENDER
+        if target.recalled:
+            return ErrorCode.RECALLED
+    if op.window and op.server_time - target.server_time > op.window:
+        return ErrorCode.TOO_LATE
+    return ErrorCode.OK
+
+
+def amended(target: StoredMessage, op: AmendMessage) -> StoredMessage:
+    """The target's record after a RECALL or EDIT (a DELETE changes no
+    record)."""
+    if op.kind == MessageKind.RECALL:
+        return replace(target, payload=b"", recalled=True)
+    return replace(target, payload=op.payload, edited=op.server_time)
+
+
+def amend_entry(op: AmendMessage, seq: int) -> StoredMessage:
+    """The stored entry of an AmendMessage at ``seq`` (0 for a DELETE); no
+    payload of its own (an EDIT's is read from its target)."""
+    return StoredMessage(
+        op.msg_id, op.conv, seq, op.sender, op.device, op.local_id, op.client_time, op.server_time, b"",
+        int(op.kind), max(seq - 1, 0), op.target,
+    )
+
+
 Op = Union[
     NewMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers, RemoveMembers, RevokeTokens,
-    AppendEvent, AckEvents, SetConversation, SetPresencePrivacy,
+    AppendEvent, AckEvents, AmendMessage, SetConversation, SetPresencePrivacy,
 ]
 
 
@@ -967,7 +1079,7 @@ def message_event(
     message mentions, "everyone" expanded, never the sender, sorted) and
     ``mention_all`` (true when it mentions everyone)."""
     esc = _esc
-    extra = ""
+    extra = f',"target":{m.target}' if m.target else ""
     muted = sorted(muted)
     if muted:
         extra += f',"muted":[{",".join(map(esc, muted))}]'
@@ -1490,6 +1602,24 @@ def malformed(op: Op) -> bool:
                     and _stamps_ok(op.stamps, len(users))
                 )
             )
+        )
+    if isinstance(op, AmendMessage):
+        return not (
+            (
+                (valid_id(op.sender) and valid_id(op.device))
+                or (op.sender == SYSTEM and op.device == SYSTEM and op.kind != MessageKind.DELETE)
+            )
+            and op.kind in _AMEND_KINDS
+            and _int_in(op.local_id, 0, _U64_END)
+            and _int_in(op.target, 1, _U64_END)
+            and _int_in(op.client_time, _I64_MIN, _I64_END)
+            and _int_in(op.server_time, 0, _I64_END)
+            and _int_in(op.window, 0, _I64_END)
+            and isinstance(op.msg_id, bytes)
+            and len(op.msg_id) == 16
+            and isinstance(op.payload, bytes)
+            and (op.kind == MessageKind.EDIT or op.payload == b"")
+            and isinstance(op.digest, bytes)
         )
     if isinstance(op, AppendEvent):
         return not (isinstance(op.data, bytes) and _int_in(op.now, _I64_MIN, _I64_END))

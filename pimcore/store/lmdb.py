@@ -103,6 +103,8 @@ convset     T(user) T(conv)                    the user's settings of the conver
                                                U8 flags (1 pinned, 2 muted) + U64
                                                hidden_at (0: not hidden)
 mentionidx  T(user) T(conv) U64(seq)           empty: the entry at seq mentions the user
+deleted     T(user) T(conv) U64(seq)           empty: the user deleted that message for
+                                               themselves (AmendMessage DELETE)
 ==========  =================================  ======================================
 
 Host events (see :mod:`pimcore.store.base`) are exactly ids
@@ -119,12 +121,17 @@ retry be answered with one lookup.
 
 Message record: ``U64 seq, U64 local_id, I64 client_time, I64 server_time,
 U64 after_seq, U8 kind`` (struct ``>QQqqQB``), then ``T(conv) T(sender)
-T(device)``, then the payload to the end of the value.  A message with
-mentions has bit 0x80 set in the kind byte and, between ``T(device)`` and
-the payload, ``U8 mention_all, U16 count, T(user) * count``.  ``convset``,
+T(device)``, then the payload to the end of the value.  A kind byte with bit
+0x80 (``_AMENDED``) has ``U64 target, U64 edited, U8 recalled`` after
+``T(device)``: RECALL/EDIT/DELETE entries and messages that were edited or
+recalled (a recalled message's payload is empty; its ``convidx`` value is
+msg_id + U8 3 (RECALL) + sender, so unread counts skip it).  A message with
+mentions has bit 0x40 (``_HAS_MENTIONS``) and, after that trailer if any and
+before the payload, ``U8 mention_all, U16 count, T(user) * count``.  Older
+records never have these bits, so no migration.  ``convset``,
 ``mentionidx`` (the mention counts of the conversation list: a cursor
-counts the keys after the read marker) came after schema 3 and need no
-migration, like ``events``.  (Schema 1 had no
+counts the keys after the read marker) and ``deleted`` came after schema 3
+and need no migration, like ``events``.  (Schema 1 had no
 after_seq and kind; opening a schema 1 store rewrites its records once.
 Schema 2 had no ``spans`` and no group flags: opening it gives every member
 the interval (0, open) and every group the default, history not visible.)
@@ -156,6 +163,7 @@ import os
 import struct
 import threading
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
 
@@ -166,6 +174,10 @@ from ..errors import ErrorCode, StoreError
 from ..ids import MAX_CONVERSATION_ID_LEN, MAX_ID_LEN
 from .base import (
     SYSTEM,
+    AmendMessage,
+    amend_entry,
+    amend_problem,
+    amended,
     ConversationEntry,
     ConversationSet,
     ConversationsPage,
@@ -262,6 +274,7 @@ _DB_NAMES = (
     "evcursors",
     "convset",
     "mentionidx",
+    "deleted",
 )
 #: Below this LMDB cannot even hold the sub-database catalogue comfortably.
 _MIN_MAP_SIZE = 1 << 20
@@ -273,6 +286,12 @@ _DEVICE = struct.Struct(">Qq")
 _INBOX = struct.Struct(">16sq")
 _DEDUPE = struct.Struct(">16sQq")
 _RECORD = struct.Struct(">QQqqQB")
+#: Kind byte bit: the record carries an amend trailer (below).
+_AMENDED = 0x80
+#: target, edited, recalled: after T(device), before the payload, in a record
+#: whose kind byte has _AMENDED (an entry RECALL/EDIT/DELETE, or a message
+#: that was edited or recalled).
+_AMEND = struct.Struct(">QQB")
 _RECORD_V1 = struct.Struct(">QQqq")
 _GROUP = struct.Struct(">qB")
 _SPAN = struct.Struct(">QQ")
@@ -335,8 +354,9 @@ def _take_t(buf: bytes, off: int) -> tuple[str, int]:
     return buf[off + 1 : end].decode("ascii"), end
 
 
-#: Kind-byte bit of a record that carries mentions (see Message record).
-_HAS_MENTIONS = 0x80
+#: Kind-byte bit of a record that carries mentions (see Message record);
+#: kinds themselves stay below 0x40 and _AMENDED is 0x80.
+_HAS_MENTIONS = 0x40
 
 
 def _mention_block(mentions: tuple[str, ...], mention_all: bool) -> bytes:
@@ -367,14 +387,21 @@ def _encode_record(seq: int, op: NewMessage, after_seq: int, kind: int = 0) -> b
 
 
 def _encode_entry(m: StoredMessage) -> bytes:
-    """The record of a membership entry (the store made it, not a client)."""
+    """The record of a membership entry (the store made it, not a client),
+    or of any StoredMessage: one with a target, an edit or a recall gets
+    the amend trailer, one with mentions the mention block."""
+    amend = bool(m.target or m.edited or m.recalled)
     flagged = bool(m.mentions or m.mention_all)
     return b"".join(
         (
-            _RECORD.pack(m.seq, m.local_id, m.client_time, m.server_time, m.after_seq, m.kind | (_HAS_MENTIONS if flagged else 0)),
+            _RECORD.pack(
+                m.seq, m.local_id, m.client_time, m.server_time, m.after_seq,
+                m.kind | (_AMENDED if amend else 0) | (_HAS_MENTIONS if flagged else 0),
+            ),
             _t(m.conv),
             _t(m.sender),
             _t(m.device),
+            _AMEND.pack(m.target, m.edited, m.recalled) if amend else b"",
             _mention_block(m.mentions, m.mention_all) if flagged else b"",
             m.payload,
         )
@@ -386,18 +413,25 @@ def _decode_record(msg_id: bytes, buf: bytes) -> StoredMessage:
     conv, off = _take_t(buf, _RECORD.size)
     sender, off = _take_t(buf, off)
     device, off = _take_t(buf, off)
-    if kind & _HAS_MENTIONS:
-        kind &= ~_HAS_MENTIONS
-        mention_all = buf[off] == 1
-        count = int.from_bytes(buf[off + 1 : off + 3], "big")
-        off += 3
-        users = []
-        for _ in range(count):
-            u, off = _take_t(buf, off)
-            users.append(u)
+    if kind & (_AMENDED | _HAS_MENTIONS):
+        target = edited = recalled = 0
+        if kind & _AMENDED:
+            target, edited, recalled = _AMEND.unpack_from(buf, off)
+            off += _AMEND.size
+        mention_all = False
+        users: list[str] = []
+        if kind & _HAS_MENTIONS:
+            mention_all = buf[off] == 1
+            count = int.from_bytes(buf[off + 1 : off + 3], "big")
+            off += 3
+            for _ in range(count):
+                u, off = _take_t(buf, off)
+                users.append(u)
         return StoredMessage(
             msg_id=msg_id, conv=conv, seq=seq, sender=sender, device=device, local_id=local_id,
-            client_time=client_time, server_time=server_time, payload=buf[off:], kind=kind, after_seq=after_seq,
+            client_time=client_time, server_time=server_time, payload=buf[off:],
+            kind=kind & ~(_AMENDED | _HAS_MENTIONS), after_seq=after_seq,
+            target=target, edited=edited, recalled=bool(recalled),
             mentions=tuple(users), mention_all=mention_all,
         )
     return StoredMessage(
@@ -756,6 +790,7 @@ class LmdbStore(Store):
             self._evcursors,
             self._convset,
             self._mentionidx,
+            self._deleted,
         ) = dbs
         self._env = env
         try:
@@ -1002,12 +1037,13 @@ class LmdbStore(Store):
                 continue
             start = ck + _U64.pack(max(lo, marker + 1))
             # Value = msg_id (16 bytes) + sender: no message load needed; a
-            # membership entry's 17th byte is its kind (1 or 2), never an id
-            # character; a system post (ids.SYSTEM) has no sender bytes.
+            # membership, RECALL or EDIT entry's 17th byte is its kind (1..4),
+            # a recalled message's is 3 (RECALL), never an id character; a
+            # system post (ids.SYSTEM) has no sender bytes.
             for key, value in self._scan(txn, self._convidx, ck, start):
                 if hi != _U64_MAX and _U64.unpack_from(key, len(ck))[0] > hi:
                     break
-                if len(value) == 16 or (value[16] > 2 and value[16:] != me):
+                if len(value) == 16 or (value[16] > 5 and value[16:] != me):
                     n += 1
         return n
 
@@ -1032,7 +1068,74 @@ class LmdbStore(Store):
         raw = txn.get(msg_id, db=self._msgs)
         if raw is None:
             raise StoreError(f"dangling message id {msg_id.hex()} (store corrupt)")
-        return _decode_record(msg_id, raw)
+        m = _decode_record(msg_id, raw)
+        if m.kind == MessageKind.EDIT:
+            # An EDIT entry holds no payload: it reads its target's, as it is now.
+            target = self._at(txn, _t(m.conv), m.target)
+            m = replace(m, payload=target.payload if target is not None else b"")
+        return m
+
+    def _at(self, txn: _Txn, ck: bytes, seq: int) -> Optional[StoredMessage]:
+        """The entry at ``seq`` of the conversation ``ck`` (None: no such seq)."""
+        ref = txn.get(ck + _U64.pack(seq), db=self._convidx) if 0 < seq < _U64_MAX else None
+        return _decode_record(ref[:16], txn.get(ref[:16], db=self._msgs)) if ref is not None else None
+
+    def _amend(self, w: _Batch, op: AmendMessage) -> Result:
+        txn = w.txn
+        dkey = _t(op.sender) + _t(op.device) + _U64.pack(op.local_id)
+        prior = txn.get(dkey, db=self._dedupe)
+        if prior is not None:
+            msg_id, seq, server_time = _DEDUPE.unpack_from(prior)
+            if prior[_DEDUPE.size :] == op.digest:
+                return Duplicate(msg_id, seq, server_time)
+            return Rejected(ErrorCode.DUPLICATE_CONFLICT)
+        info = _conv_info(op.conv)
+        if info is None:
+            return Rejected(ErrorCode.BAD_REQUEST)
+        ck = info[0]
+        conv = w.conv(ck, info)
+        if conv is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        last = w.last_seq(ck)
+        target = self._at(txn, ck, op.target) if op.target <= last else None
+        member, visible = True, True
+        if op.kind == MessageKind.DELETE:
+            spans = self._spans_in(txn, ck, op.sender)
+            member = bool(spans)
+            flags = self._group_flags(txn, ck) if info[1] is None else 0
+            ranges = visible_ranges(spans, bool((flags or 0) & _HISTORY_VISIBLE))
+            visible = any(lo <= op.target <= hi for lo, hi in ranges)
+        elif op.sender != SYSTEM:
+            member = op.sender in conv.member_set
+        code = amend_problem(op, member, target, visible)
+        if code is not ErrorCode.OK:
+            return Rejected(code)
+        assert target is not None
+        if txn.get(op.msg_id, db=self._msgs) is not None:
+            return Rejected(ErrorCode.INTERNAL)
+        if op.kind == MessageKind.DELETE:
+            seq = 0
+            txn.put(_t(op.sender) + ck + _U64.pack(op.target), b"", db=self._deleted)
+            recipients = _Conv((op.sender,), (_t(op.sender),))
+        else:
+            seq = last + 1
+            w.set_last_seq(ck, seq)
+            txn.put(target.msg_id, _encode_entry(amended(target, op)), db=self._msgs)
+            tk = ck + _U64.pack(op.target)
+            if op.kind == MessageKind.RECALL:
+                # Never unread again: the index names it by its kind byte.
+                txn.put(tk, target.msg_id + bytes((int(MessageKind.RECALL),)) + target.sender.encode("ascii"), db=self._convidx)
+            txn.put(ck + _U64.pack(seq), op.msg_id + bytes((int(op.kind),)) + op.sender.encode("ascii"), db=self._convidx)
+            recipients = conv
+        entry = amend_entry(op, seq)
+        txn.put(op.msg_id, _encode_entry(entry), db=self._msgs)
+        positions = w.fanout(recipients, _INBOX.pack(op.msg_id, op.server_time))
+        for uk in recipients.uks:
+            self._flag(txn, uk + ck, _HAS_MESSAGES, True)
+        txn.put(dkey, _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest, db=self._dedupe)
+        if op.event:
+            w.append_event(op.server_time, message_event(replace(entry, payload=op.payload), [u for u, _ in positions]))
+        return Appended(op.msg_id, seq, op.server_time, positions, entry.after_seq)
 
     # ------------------------------------------------- identity and clock
 
@@ -1176,7 +1279,7 @@ class LmdbStore(Store):
         if op.mentions or op.mention_all or op.event:
             m = StoredMessage(
                 op.msg_id, op.conv, seq, op.sender, op.device, op.local_id, op.client_time, op.server_time, op.payload,
-                0, after_seq, op.mentions, op.mention_all,
+                0, after_seq, mentions=op.mentions, mention_all=op.mention_all,
             )
             recipients = [u for u, _ in positions]
             mentioned = self._index_mentions(txn, m, recipients, ck)
@@ -1721,7 +1824,10 @@ class LmdbStore(Store):
             ref = txn.get(ck + _U64.pack(seq), db=self._convidx)
             if ref is None:
                 raise StoreError(f"{op.conv!r} has no seq {seq} (store corrupt)")
-            page.append(self._load(txn, ref[:16]))
+            m = self._load(txn, ref[:16])
+            if m.kind == MessageKind.MESSAGE and txn.get(_t(op.user) + ck + _U64.pack(seq), db=self._deleted) is not None:
+                m = replace(m, payload=b"", deleted=True)
+            page.append(m)
         return HistoryPage(ErrorCode.OK, tuple(page))
 
     def _read_readers_in(self, txn: _Txn, op: ReadReaders) -> ReadersPage:
@@ -1880,4 +1986,5 @@ _HANDLERS: dict[type, Callable[[LmdbStore, _Batch, Op], Result]] = {
     AppendEvent: LmdbStore._append_event_op,  # type: ignore[dict-item]
     AckEvents: LmdbStore._ack_events,  # type: ignore[dict-item]
     SetConversation: LmdbStore._set_conversation,  # type: ignore[dict-item]
+    AmendMessage: LmdbStore._amend,  # type: ignore[dict-item]
 }

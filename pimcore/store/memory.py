@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 from ..errors import ErrorCode, StoreError
@@ -45,6 +46,10 @@ from .base import (
     PresencePrivacySet,
     Revoked,
     AckPosition,
+    AmendMessage,
+    amend_entry,
+    amend_problem,
+    amended,
     AddMembers,
     CreateGroup,
     GroupChanged,
@@ -125,6 +130,8 @@ class MemoryStore(Store):
         self._devices: dict[str, dict[str, DeviceState]] = {}
         self._dedupe: dict[tuple[str, str, int], tuple[bytes, int, int, bytes]] = {}
         self._reads: dict[tuple[str, str], int] = {}
+        #: (user, conv, seq) of every message a user deleted for themselves.
+        self._deleted: dict[tuple[str, str, int], bool] = {}
         self._revoked: dict[tuple[str, str], int] = {}  # (user, device or "") -> before
         #: Host events: id -> (time, data); exactly ids floor+1..last (reclaim
         #: removes a prefix).  "last" and "floor" in _evmeta.
@@ -321,6 +328,70 @@ class MemoryStore(Store):
             muted = [u for u in members if self._convset.get((u, op.conv), (False, False, 0))[1]]
             self._append_event(op.server_time, message_event(m, members, muted, mentioned_recipients(m, members)))
         return Appended(op.msg_id, seq, op.server_time, tuple(positions), after_seq)
+
+    def _amend(self, op: AmendMessage) -> Result:
+        key = (op.sender, op.device, op.local_id)
+        prior = self._dedupe.get(key)
+        if prior is not None:
+            msg_id, seq, server_time, digest = prior
+            if digest == op.digest:
+                return Duplicate(msg_id, seq, server_time)
+            return Rejected(ErrorCode.DUPLICATE_CONFLICT)
+        if not valid_conversation(op.conv):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        members = self._group_members(op.conv)
+        if members is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        last = self._conv_last.get(op.conv, 0)
+        tid = self._conv_seq.get((op.conv, op.target)) if op.target <= last else None
+        target = self._msgs[tid] if tid is not None else None
+        member, visible = True, True
+        if op.kind == MessageKind.DELETE:
+            spans = self._spans_of(op.conv, op.sender)
+            member = bool(spans)
+            ranges = visible_ranges(spans, self._visible.get(op.conv, False))
+            visible = any(lo <= op.target <= hi for lo, hi in ranges)
+        elif op.sender != SYSTEM:
+            member = op.sender in members
+        code = amend_problem(op, member, target, visible)
+        if code is not ErrorCode.OK:
+            return Rejected(code)
+        assert target is not None
+        if op.msg_id in self._msgs:
+            return Rejected(ErrorCode.INTERNAL)
+        if op.kind == MessageKind.DELETE:
+            seq, recipients = 0, frozenset((op.sender,))
+            self._set(self._deleted, (op.sender, op.conv, op.target), True)
+        else:
+            seq, recipients = last + 1, members
+            self._set(self._conv_last, op.conv, seq)
+            self._set(self._conv_seq, (op.conv, seq), op.msg_id)
+            self._set(self._msgs, target.msg_id, amended(target, op))
+        entry = amend_entry(op, seq)
+        self._set(self._msgs, op.msg_id, entry)
+        positions = []
+        for user in sorted(recipients):
+            pos = self._head.get(user, 0) + 1
+            self._set(self._head, user, pos)
+            self._set(self._sub(self._inbox, user), pos, (op.msg_id, op.server_time))
+            self._flag(user, op.conv, HAS_MESSAGES, True)
+            positions.append((user, pos))
+        self._set(self._dedupe, key, (op.msg_id, seq, op.server_time, op.digest))
+        if op.server_time > self._hwm["server_time"]:
+            self._set(self._hwm, "server_time", op.server_time)
+        if op.event:
+            self._append_event(op.server_time, message_event(replace(entry, payload=op.payload), recipients))
+        return Appended(op.msg_id, seq, op.server_time, tuple(positions), entry.after_seq)
+
+    def _current(self, m: StoredMessage, user: str = "") -> StoredMessage:
+        """``m`` as a read returns it: an EDIT entry with its target's payload
+        now; for ``user`` (history), a message they deleted for themselves
+        with ``deleted`` set and no payload."""
+        if m.kind == MessageKind.EDIT:
+            return replace(m, payload=self._msgs[self._conv_seq[(m.conv, m.target)]].payload)
+        if user and m.kind == MessageKind.MESSAGE and (user, m.conv, m.seq) in self._deleted:
+            return replace(m, payload=b"", deleted=True)
+        return m
 
     def _register(self, user: str, device: str, position: int, now: int) -> tuple[DeviceState, bool]:
         """Shared by Touch and Ack: create at the floor if unknown, move
@@ -541,7 +612,7 @@ class MemoryStore(Store):
             else:
                 start = max(from_seq, 0) + 1
                 seqs = range(start, min(last, start + limit - 1) + 1)
-            return [self._msgs[self._conv_seq[(conv, s)]] for s in seqs]
+            return [self._current(self._msgs[self._conv_seq[(conv, s)]]) for s in seqs]
 
     def message(self, msg_id: bytes) -> Optional[StoredMessage]:
         with self._lock:
@@ -565,7 +636,7 @@ class MemoryStore(Store):
             # Entries are exactly floor+1..head (reclaim removes a prefix).
             start = max(after, self._floor.get(user, 0)) + 1
             end = min(self._head.get(user, 0), start + limit - 1)
-            return [(pos, self._msgs[inbox[pos][0]]) for pos in range(start, end + 1)]
+            return [(pos, self._current(self._msgs[inbox[pos][0]])) for pos in range(start, end + 1)]
 
     def device(self, user: str, device: str) -> Optional[DeviceState]:
         with self._lock:
@@ -603,7 +674,7 @@ class MemoryStore(Store):
         for lo, hi in member_ranges(self._spans_of(conv, user)):
             for s in range(max(lo, marker + 1), min(hi, last) + 1):
                 m = self._msgs[self._conv_seq[(conv, s)]]
-                if m.kind == MessageKind.MESSAGE and m.sender != user:
+                if m.kind == MessageKind.MESSAGE and m.sender != user and not m.recalled:
                     n += 1
         return n
 
@@ -631,7 +702,7 @@ class MemoryStore(Store):
                 return HistoryPage(ErrorCode.NOT_MEMBER, ())
             ranges = visible_ranges(spans, self._visible.get(op.conv, False))
             seqs = page_seqs(ranges, self._conv_last.get(op.conv, 0), op.from_seq, op.limit, op.backward)
-            return HistoryPage(ErrorCode.OK, tuple(self._msgs[self._conv_seq[(op.conv, s)]] for s in seqs))
+            return HistoryPage(ErrorCode.OK, tuple(self._current(self._msgs[self._conv_seq[(op.conv, s)]], op.user) for s in seqs))
 
     def _read_readers(self, op: ReadReaders) -> ReadersPage:
         with self._lock:
@@ -732,5 +803,6 @@ _HANDLERS: dict[type, Callable[[MemoryStore, Any], Result]] = {
     SetPresencePrivacy: MemoryStore._set_privacy,
     AppendEvent: MemoryStore._append_event_op,
     AckEvents: MemoryStore._ack_events,
+    AmendMessage: MemoryStore._amend,
     SetConversation: MemoryStore._set_conversation,
 }

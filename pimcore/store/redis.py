@@ -74,6 +74,7 @@ from __future__ import annotations
 import os
 import struct
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from typing import Any, AsyncIterator, Iterable, Optional, Sequence
 
 import trio
@@ -92,6 +93,11 @@ from .base import (
     new_settings,
     OPEN,
     SYSTEM,
+    AmendMessage,
+    amend_entry,
+    amend_problem,
+    amended,
+    visible_ranges as _visible_ranges,
     AckEvents,
     AckPosition,
     Acked,
@@ -175,9 +181,14 @@ def parse_url(url: str) -> list[tuple[str, int]]:
     return out
 
 
-#: Kind-byte bit of a stored message that carries mentions: then, after the
-#: three strings, U8 mention_all + U16 count + (U16 length + user) * count.
-_HAS_MENTIONS = 0x80
+#: Kind-byte bits of a stored message (kinds themselves are below 0x40):
+#: _AMENDED -- an amend trailer (target, edited, recalled) follows the texts
+#: (RECALL/EDIT/DELETE entries, edited or recalled messages; older values
+#: never have it); _HAS_MENTIONS -- then U8 mention_all + U16 count +
+#: (U16 length + user) * count.  Both come before the payload, in that order.
+_AMENDED = 0x80
+_HAS_MENTIONS = 0x40
+_AMEND = struct.Struct(">QQB")
 
 
 def _enc_msg(m: StoredMessage) -> bytes:
@@ -185,6 +196,9 @@ def _enc_msg(m: StoredMessage) -> bytes:
         len(b).to_bytes(2, "big") + b for b in (m.conv.encode(), m.sender.encode(), m.device.encode())
     )
     kind = m.kind
+    if m.target or m.edited or m.recalled:
+        kind |= _AMENDED
+        strs += _AMEND.pack(m.target, m.edited, m.recalled)
     if m.mentions or m.mention_all:
         kind |= _HAS_MENTIONS
         strs += bytes((int(m.mention_all),)) + len(m.mentions).to_bytes(2, "big") + b"".join(
@@ -201,6 +215,11 @@ def _dec_msg(b: bytes) -> StoredMessage:
         n = int.from_bytes(b[off:off + 2], "big")
         strs.append(b[off + 2:off + 2 + n].decode())
         off += 2 + n
+    target = edited = recalled = 0
+    if kind & _AMENDED:
+        kind &= ~_AMENDED
+        target, edited, recalled = _AMEND.unpack_from(b, off)
+        off += _AMEND.size
     mentions: list[str] = []
     mention_all = False
     if kind & _HAS_MENTIONS:
@@ -213,7 +232,8 @@ def _dec_msg(b: bytes) -> StoredMessage:
             mentions.append(b[off + 2:off + 2 + n].decode())
             off += 2 + n
     return StoredMessage(msg_id, strs[0], seq, strs[1], strs[2], local_id, client_time, server_time,
-                         bytes(b[off:]), kind, after_seq, tuple(mentions), mention_all)
+                         bytes(b[off:]), kind, after_seq, target, edited, bool(recalled),
+                         mentions=tuple(mentions), mention_all=mention_all)
 
 
 def _int(v: Optional[bytes], default: int = 0) -> int:
@@ -776,13 +796,83 @@ class RedisStore(AsyncStore):
         seq = _int(await tx.get(self._k_conv(op.conv), "last")) + 1
         after_seq = min(op.after_seq, seq - 1)
         m = StoredMessage(op.msg_id, op.conv, seq, op.sender, op.device, op.local_id, op.client_time,
-                          op.server_time, op.payload, 0, after_seq, op.mentions, op.mention_all)
+                          op.server_time, op.payload, 0, after_seq, mentions=op.mentions, mention_all=op.mention_all)
         positions = await self._store_entry(tx, m, members)
         tx.put(dkey, dfield, f"{op.msg_id.hex()}:{seq}:{op.server_time}:{op.digest.hex()}")
         if op.event:
             muted = [u for u in members if (await self._settings(tx, u, op.conv))[1]]
             await self._append_event(tx, op.server_time, message_event(m, members, muted, mentioned_recipients(m, members)))
         return Appended(op.msg_id, seq, op.server_time, positions, after_seq)
+
+    async def _amend(self, tx: _Tx, op: AmendMessage) -> Result:
+        # Same dedupe slot and record as NewMessage (one key space per device).
+        dkey = self._k_user(op.sender)
+        dfield = f"d:{op.device}/{op.local_id}"
+        prior = await tx.get(dkey, dfield)
+        if prior is not None:
+            msg_hex, seq_s, st, digest_hex = prior.decode().split(":")
+            if bytes.fromhex(digest_hex) == op.digest:
+                return Duplicate(bytes.fromhex(msg_hex), int(seq_s), int(st))
+            return Rejected(ErrorCode.DUPLICATE_CONFLICT)
+        if not valid_conversation(op.conv):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        members = await self._group_members(tx, op.conv)
+        if members is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        ck = self._k_conv(op.conv)
+        last, hv = await tx.mget(ck, ["last", "hv"])
+        raw = await tx.get(ck, f"s:{op.target}") if op.target <= _int(last) else None
+        target = _dec_msg(raw) if raw is not None else None
+        member, visible = True, True
+        if op.kind == MessageKind.DELETE:
+            spans = await self._spans_of(tx, op.conv, op.sender)
+            member = bool(spans)
+            visible = any(lo <= op.target <= hi for lo, hi in _visible_ranges(spans, _int(hv) == 1))
+        elif op.sender != SYSTEM:
+            member = op.sender in members
+        code = amend_problem(op, member, target, visible)
+        if code is not ErrorCode.OK:
+            return Rejected(code)
+        assert target is not None
+        if await tx.get(self._k_msg(op.msg_id), "r") is not None:
+            return Rejected(ErrorCode.INTERNAL)
+        if op.kind == MessageKind.DELETE:
+            entry = amend_entry(op, 0)
+            recipients: Iterable[str] = (op.sender,)
+            tx.put(self._k_user(op.sender), f"del:{op.conv}/{op.target}", b"1")
+            # Not an entry of the conversation: kept under its msg_id, and
+            # the inbox names it by that ("x<msg_id hex>" where a seq goes).
+            tx.put(ck, f"x:{op.msg_id.hex()}", _enc_msg(entry))
+            tx.put(self._k_msg(op.msg_id), "r", f"0:{op.conv}")
+            uk = self._k_user(op.sender)
+            pos = _int(await tx.get(uk, "head")) + 1
+            tx.put(uk, "head", pos)
+            tx.put(uk, f"i:{pos}", f"x{op.msg_id.hex()}:{op.server_time}:{op.conv}")
+            positions: tuple[tuple[str, int], ...] = ((op.sender, pos),)
+            if op.server_time > _int(await tx.get(self._meta, "st")):
+                tx.put(self._meta, "st", op.server_time)
+        else:
+            entry = amend_entry(op, _int(last) + 1)
+            recipients = members
+            tx.put(ck, f"s:{op.target}", _enc_msg(amended(target, op)))
+            positions = await self._store_entry(tx, entry, members)
+        tx.put(dkey, dfield, f"{op.msg_id.hex()}:{entry.seq}:{op.server_time}:{op.digest.hex()}")
+        if op.event:
+            await self._append_event(tx, op.server_time, message_event(replace(entry, payload=op.payload), recipients))
+        return Appended(op.msg_id, entry.seq, op.server_time, positions, entry.after_seq)
+
+    async def _current(self, tx: _Tx, msgs: list[StoredMessage], user: str = "") -> list[StoredMessage]:
+        """``msgs`` as reads return them: EDIT entries with their target's
+        payload now; for ``user`` (history) the messages they deleted for
+        themselves with ``deleted`` set and no payload."""
+        out = []
+        for m in msgs:
+            if m.kind == MessageKind.EDIT:
+                m = replace(m, payload=(await self._msg_at(tx, m.conv, m.target)).payload)
+            elif user and m.kind == MessageKind.MESSAGE and await tx.get(self._k_user(user), f"del:{m.conv}/{m.seq}"):
+                m = replace(m, payload=b"", deleted=True)
+            out.append(m)
+        return out
 
     async def _device(self, tx: _Tx, user: str, device: str) -> Optional[DeviceState]:
         v = await tx.get(self._k_user(user), "dv:" + device)
@@ -1040,7 +1130,13 @@ class RedisStore(AsyncStore):
             if ref is None:
                 raise StoreError(f"missing inbox entry {user!r} {pos}")
             seq, _, conv = ref.decode().split(":", 2)
-            out.append((pos, await self._msg_at(tx, conv, int(seq))))
+            if seq.startswith("x"):  # a DELETE entry (no seq): kept by msg_id
+                v = await tx.get(self._k_conv(conv), "x:" + seq[1:])
+                if v is None:
+                    raise StoreError(f"missing inbox entry {user!r} {pos}")
+                out.append((pos, _dec_msg(v)))
+                continue
+            out.append((pos, (await self._current(tx, [await self._msg_at(tx, conv, int(seq))]))[0]))
         return out
 
     async def _unread(self, tx: _Tx, user: str, conv: str) -> int:
@@ -1051,7 +1147,7 @@ class RedisStore(AsyncStore):
             seqs.extend(range(max(lo, marker + 1), min(hi, last) + 1))
         n = 0
         for m in await self._msgs_at(tx, conv, seqs):
-            if m.kind == MessageKind.MESSAGE and m.sender != user:
+            if m.kind == MessageKind.MESSAGE and m.sender != user and not m.recalled:
                 n += 1
         return n
 
@@ -1149,7 +1245,7 @@ class RedisStore(AsyncStore):
         last, hv = await tx.mget(ck, ["last", "hv"])
         ranges = visible_ranges(spans, _int(hv) == 1)
         seqs = page_seqs(ranges, _int(last), op.from_seq, op.limit, op.backward)
-        return HistoryPage(ErrorCode.OK, tuple(await self._msgs_at(tx, op.conv, seqs)))
+        return HistoryPage(ErrorCode.OK, tuple(await self._current(tx, await self._msgs_at(tx, op.conv, seqs), op.user)))
 
     async def _read_readers(self, tx: _Tx, op: ReadReaders) -> ReadersPage:
         if not (valid_conversation(op.conv) and valid_id(op.user)):
@@ -1210,7 +1306,7 @@ class RedisStore(AsyncStore):
         else:
             start = max(from_seq, 0) + 1
             seqs = list(range(start, min(last, start + limit - 1) + 1))
-        return await self._msgs_at(tx, conv, seqs)
+        return await self._current(tx, await self._msgs_at(tx, conv, seqs))
 
     async def message(self, msg_id: bytes) -> Optional[StoredMessage]:
         if not isinstance(msg_id, bytes):
@@ -1220,6 +1316,9 @@ class RedisStore(AsyncStore):
         if ref is None:
             return None
         seq, _, conv = ref.decode().partition(":")
+        if seq == "0":  # a DELETE entry: no seq, kept by msg_id
+            v = await tx.get(self._k_conv(conv), "x:" + msg_id.hex())
+            return _dec_msg(v) if v is not None else None
         return await self._msg_at(tx, conv, int(seq))
 
     async def inbox_head(self, user: str) -> int:
@@ -1285,5 +1384,6 @@ _HANDLERS: dict[type, Any] = {
     SetPresencePrivacy: RedisStore._set_privacy,
     AppendEvent: RedisStore._append_event_op,
     AckEvents: RedisStore._ack_events,
+    AmendMessage: RedisStore._amend,
     SetConversation: RedisStore._set_conversation,
 }

@@ -1,11 +1,11 @@
-// PIM wire protocol v2 codec (docs/PROTOCOL.md): frames <-> bytes.
+// PIM wire protocol v3 codec (docs/PROTOCOL.md): frames <-> bytes.
 //
 // Integers: `u` and `s` fields decode to a JS number when they fit in
 // Number.MAX_SAFE_INTEGER (times in µs, positions, seqs, local ids all do in
 // practice) and to a BigInt otherwise; encoders take either.  `b` fields are
 // Uint8Array, `t` fields strings (strict UTF-8), `?` booleans, lists arrays.
 
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 export const CAP_ZSTD = 1;
 export const CAP_DEFLATE_DOWN = 2;
 export const CAP_DEFLATE_UP = 4;
@@ -15,6 +15,7 @@ export const FrameType = Object.freeze({
   SEND_REQ: 0x05, SEND_ACK: 0x06, PUSH: 0x07, PUSH_ACK: 0x08, READ: 0x09,
   READ_STATES: 0x0a, READ_RECEIPT: 0x0b, HISTORY_REQ: 0x0c, HISTORY_RESP: 0x0d,
   PING: 0x0e, PONG: 0x0f, ERROR: 0x10, CLOSE: 0x11, READERS_REQ: 0x12, READERS_RESP: 0x13,
+  AMEND_REQ: 0x14,
   CONV_LIST_REQ: 0x16, CONV_LIST_RESP: 0x17, CONV_SET_REQ: 0x18, CONV_SET_RESP: 0x19, CONV_UPDATE: 0x1a,
   // typing and presence
   TYPING: 0x1c, PRESENCE_SUB: 0x1d, PRESENCE: 0x1e, PRESENCE_PRIVACY: 0x1f,
@@ -24,9 +25,10 @@ export const ErrorCode = Object.freeze({
   OK: 0, MALFORMED_FRAME: 1, FRAME_TOO_LARGE: 2, UNSUPPORTED_VERSION: 3, UNKNOWN_FRAME_TYPE: 4,
   UNEXPECTED_FRAME: 5, AUTH_FAILED: 10, BAD_REQUEST: 20, UNKNOWN_CONVERSATION: 21, NOT_MEMBER: 22,
   PAYLOAD_TOO_LARGE: 23, DUPLICATE_CONFLICT: 24, TOO_MANY_IN_FLIGHT: 25, RATE_LIMITED: 26,
-  REJECTED: 27, ALREADY_EXISTS: 28, TOO_MANY_MENTIONS: 45, BAD_MENTION: 46, BAD_CURSOR: 47,
+  REJECTED: 27, ALREADY_EXISTS: 28, STORE_UNAVAILABLE: 30, INTERNAL: 31,
+  NO_SUCH_MESSAGE: 40, NOT_SENDER: 41, TOO_LATE: 42, RECALLED: 43, BAD_ACTION: 44,
+  TOO_MANY_MENTIONS: 45, BAD_MENTION: 46, BAD_CURSOR: 47,
   PRESENCE_LIMIT: 48, TYPING_NOT_RELAYED: 49,
-  STORE_UNAVAILABLE: 30, INTERNAL: 31,
 });
 
 /** ConvSetReq values of pinned / muted / hidden. */
@@ -41,7 +43,7 @@ export const CloseCode = Object.freeze({
   KICKED: 12, TOKEN_REVOKED: 13,
 });
 
-export const MessageKind = Object.freeze({ MESSAGE: 0, JOINED: 1, LEFT: 2 });
+export const MessageKind = Object.freeze({ MESSAGE: 0, JOINED: 1, LEFT: 2, RECALL: 3, EDIT: 4, DELETE: 5 });
 
 export function codeName(table, code) {
   for (const [k, v] of Object.entries(table)) if (v === code) return k;
@@ -53,7 +55,8 @@ export function codeName(table, code) {
 export const Records = {
   Message: [['position', 'u'], ['msg_id', 'b'], ['conv', 't'], ['seq', 'u'], ['sender', 't'],
     ['device', 't'], ['client_time', 's'], ['server_time', 'u'], ['payload', 'b'], ['kind', 'u'],
-    ['local_id', 'u'], ['after_seq', 'u'], ['mentions', ['Mention'], []], ['mention_all', '?', false]],
+    ['local_id', 'u'], ['after_seq', 'u'], ['target', 'u', 0], ['edited', 'u', 0], ['recalled', '?', false], ['deleted', '?', false],
+    ['mentions', ['Mention'], []], ['mention_all', '?', false]],
   ReadState: [['conv', 't'], ['read_seq', 'u'], ['last_seq', 'u'], ['unread', 'u']],
   Reader: [['user', 't'], ['read_seq', 'u']],
   Mention: [['user', 't']],
@@ -82,6 +85,7 @@ export const Frames = {
   [FrameType.HISTORY_RESP]: ['HistoryResp', [['req_id', 'u'], ['conv', 't'], ['code', 'u'], ['messages', ['Message']], ['more', '?']]],
   [FrameType.READERS_REQ]: ['ReadersReq', [['req_id', 'u'], ['conv', 't']]],
   [FrameType.READERS_RESP]: ['ReadersResp', [['req_id', 'u'], ['conv', 't'], ['code', 'u'], ['readers', ['Reader']], ['more_unused', null]]],
+  [FrameType.AMEND_REQ]: ['AmendReq', [['local_id', 'u'], ['conv', 't'], ['target', 'u'], ['action', 'u'], ['client_time', 's'], ['payload', 'b']]],
   [FrameType.CONV_LIST_REQ]: ['ConvListReq', [['req_id', 'u'], ['cursor', 'b'], ['limit', 'u'], ['include_hidden', '?']]],
   [FrameType.CONV_LIST_RESP]: ['ConvListResp', [['req_id', 'u'], ['code', 'u'], ['entries', ['ConvEntry']], ['cursor', 'b'], ['more', '?']]],
   [FrameType.CONV_SET_REQ]: ['ConvSetReq', [['req_id', 'u'], ['conv', 't'], ['pinned', 'u'], ['muted', 'u'], ['hidden', 'u']]],
@@ -205,7 +209,7 @@ function lengthPrefix(n) {
   const w = new Writer(); w.uvar(n, 'length'); return w.out();
 }
 
-/** Frame the body: length, head (version 2, flags), type, body. */
+/** Frame the body: length, head (version 3, flags), type, body. */
 export function frameBytes(type, body, flags = 0) {
   const pre = lengthPrefix(body.length + 2);
   const out = new Uint8Array(pre.length + 2 + body.length);

@@ -1,16 +1,16 @@
-// Type declarations for @pimcore/client (PIM wire protocol v2; docs/PROTOCOL.md).
+// Type declarations for @pimcore/client (PIM wire protocol v3; docs/PROTOCOL.md).
 
 /** `u`/`s` fields: a number when it fits in Number.MAX_SAFE_INTEGER, else a bigint. */
 export type Int = number | bigint;
 
-export declare const PROTOCOL_VERSION: 2;
+export declare const PROTOCOL_VERSION: 3;
 export declare const CAP_ZSTD: 1;
 export declare const CAP_DEFLATE_DOWN: 2;
 export declare const CAP_DEFLATE_UP: 4;
 export declare const FrameType: Readonly<Record<string, number>>;
 export declare const ErrorCode: Readonly<Record<string, number>>;
 export declare const CloseCode: Readonly<Record<string, number>>;
-export declare const MessageKind: Readonly<{ MESSAGE: 0; JOINED: 1; LEFT: 2 }>;
+export declare const MessageKind: Readonly<{ MESSAGE: 0; JOINED: 1; LEFT: 2; RECALL: 3; EDIT: 4; DELETE: 5 }>;
 /** PresenceEntry.state: UNKNOWN = not visible (no shared conversation). */
 export declare const PresenceState: Readonly<{ UNKNOWN: 0; OFFLINE: 1; ONLINE: 2 }>;
 export declare function codeName(table: Readonly<Record<string, number>>, code: number): string;
@@ -21,6 +21,14 @@ export interface Frame { type: number; name: string; [field: string]: unknown }
 export interface Message {
   position: Int; msg_id: Uint8Array; conv: string; seq: Int; sender: string; device: string;
   client_time: Int; server_time: Int; payload: Uint8Array; kind: number; local_id: Int; after_seq: Int;
+  /** RECALL / EDIT / DELETE entries: the seq of the message they act on (0 otherwise). */
+  target: Int;
+  /** A message: server time (µs) of its latest edit, 0 = never edited. */
+  edited: Int;
+  /** A message: recalled (a tombstone, payload empty). */
+  recalled: boolean;
+  /** A message in a history page: deleted by this user for themselves (payload empty). */
+  deleted: boolean;
   mentions: { user: string }[]; mention_all: boolean;
 }
 /** One entry of the conversation list (ConvEntry, PROTOCOL.md section 4). */
@@ -95,6 +103,8 @@ export interface ClientEvents {
   connected: Connected;
   disconnected: { code: number | null; reason: string };
   message: Message;
+  /** A RECALL / EDIT / DELETE entry, and the changed message as held (null if not held). */
+  amended: { entry: Message; message: Message | null };
   sent: Sent;
   readstate: ReadState;
   receipt: { conv: string; reader: string; seq: Int };
@@ -136,6 +146,10 @@ export declare class PimcoreClient {
   dropConnection(reason?: string): void;
   reconnectNow(): void;
   send(conv: string, payload: Uint8Array | string, options?: { localId?: number; timeout?: number; mentions?: string[]; mentionAll?: boolean }): Promise<Sent>;
+  amend(conv: string, target: number, action: number, payload?: Uint8Array | string, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  recall(conv: string, seq: number, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  edit(conv: string, seq: number, payload: Uint8Array | string, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  deleteForMe(conv: string, seq: number, options?: { localId?: number; timeout?: number }): Promise<Sent>;
   pendingSends(): number[];
   markRead(conv: string, seq: number): void;
   readState(conv: string): ReadState | undefined;

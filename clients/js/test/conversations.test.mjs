@@ -17,7 +17,7 @@ function client(broker, user, opts = {}) {
 
 test('codec: ConvEntry inside ConvUpdate round-trips; SendReq mentions default to none', () => {
   const m = { position: 0, msg_id: new Uint8Array(16), conv: 'g', seq: 3, sender: 'al', device: 'd', client_time: -1,
-    server_time: 9, payload: new Uint8Array([104, 105]), kind: 0, local_id: 1, after_seq: 2, mentions: [{ user: 'bo' }], mention_all: true };
+    server_time: 9, payload: new Uint8Array([104, 105]), kind: 0, local_id: 1, after_seq: 2, target: 0, edited: 0, recalled: false, deleted: false, mentions: [{ user: 'bo' }], mention_all: true };
   const entry = { conv: 'g', last: [m], read_seq: 1, last_seq: 3, unread: 2, mention_count: 1, pinned: true, muted: false, hidden: false };
   const bytes = encodeFrame(frame('ConvUpdate', { entries: [entry] }));
   const back = decodeBody(FrameType.CONV_UPDATE, bytes.subarray(3));

@@ -43,8 +43,10 @@ export class RequestTimeout extends Error {
 }
 
 const FINAL_CODES = new Set([ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_CONVERSATION, ErrorCode.NOT_MEMBER,
-  ErrorCode.PAYLOAD_TOO_LARGE, ErrorCode.DUPLICATE_CONFLICT, ErrorCode.REJECTED, ErrorCode.TOO_MANY_MENTIONS,
-  ErrorCode.BAD_MENTION]);
+  ErrorCode.PAYLOAD_TOO_LARGE, ErrorCode.DUPLICATE_CONFLICT, ErrorCode.REJECTED,
+  ErrorCode.NO_SUCH_MESSAGE, ErrorCode.NOT_SENDER, ErrorCode.TOO_LATE, ErrorCode.RECALLED, ErrorCode.BAD_ACTION,
+  ErrorCode.TOO_MANY_MENTIONS, ErrorCode.BAD_MENTION]);
+const AMEND_KINDS = new Set([MessageKind.RECALL, MessageKind.EDIT, MessageKind.DELETE]);
 const QUICK_RECONNECT = new Set([CloseCode.SHUTDOWN, CloseCode.IDLE_TIMEOUT, CloseCode.TOKEN_EXPIRED, CloseCode.NORMAL]);
 const utf8 = new TextEncoder();
 
@@ -475,6 +477,48 @@ export class PimcoreClient {
     return entry.promise;
   }
 
+  /**
+   * Recall (MessageKind.RECALL), edit (EDIT, with the new `payload`) or
+   * delete for this user (DELETE) the message at `target` (its seq) of
+   * `conv`: an AmendReq, sent exactly like a send (same local ids, window,
+   * retries).  Resolves like send() (`seq` is the entry's, 0 for DELETE)
+   * once durable, and the local view shows the change; rejects with
+   * SendError (NOT_SENDER, TOO_LATE, RECALLED, NO_SUCH_MESSAGE, ...).
+   */
+  amend(conv, target, action, payload = new Uint8Array(0), { localId = null, timeout = this.opts.sendTimeout } = {}) {
+    if (this.state === State.CLOSED) return Promise.reject(this.error);
+    const now = this.opts.now();
+    const bytes = typeof payload === 'string' ? utf8.encode(payload) : payload;
+    if (localId != null && this._pending.has(localId)) {
+      const e = this._pending.get(localId);
+      e.deadline = Math.max(e.deadline, now + timeout * 1000);
+      return e.promise;
+    }
+    const lid = localId != null ? localId : Math.max(this._lastLocalId + 1, now);
+    const stamp = Math.max(this._lastStamp + 1, now + this.clockOffset);
+    const f = frame('AmendReq', { local_id: lid, conv, target, action, client_time: stamp, payload: bytes });
+    f._body = encodeBody(f); // throws EncodeError before any state changes
+    this._lastLocalId = Math.max(this._lastLocalId, lid);
+    this._lastStamp = stamp;
+    const entry = { localId: lid, conv, frame: f, deadline: now + timeout * 1000, inFlight: false, sentAt: 0, tx: 0, action, target };
+    entry.promise = new Promise((resolve, reject) => { entry.resolve = resolve; entry.reject = reject; });
+    entry.promise.catch(() => {});
+    if (this.loginAck && this._refuseOversize(entry)) return entry.promise;
+    this._pending.set(lid, entry);
+    this._refTicker();
+    this._fill(now);
+    return entry.promise;
+  }
+
+  /** Recall our message at `seq` of `conv` for everyone (see amend()). */
+  recall(conv, seq, opts = {}) { return this.amend(conv, seq, MessageKind.RECALL, new Uint8Array(0), opts); }
+
+  /** Replace the payload of our message at `seq` of `conv` (see amend()). */
+  edit(conv, seq, payload, opts = {}) { return this.amend(conv, seq, MessageKind.EDIT, payload, opts); }
+
+  /** Delete the message at `seq` of `conv` for this user only (see amend()). */
+  deleteForMe(conv, seq, opts = {}) { return this.amend(conv, seq, MessageKind.DELETE, new Uint8Array(0), opts); }
+
   /** Local ids of the sends not answered yet (in local-id order). */
   pendingSends() { return [...this._pending.keys()].sort((a, b) => a - b); }
 
@@ -524,8 +568,9 @@ export class PimcoreClient {
       if (rs && f.seq > rs.last_seq) rs.last_seq = f.seq;
       const sent = { local_id: f.local_id, conv: e.conv, msg_id: f.msg_id, seq: f.seq, server_time: f.server_time, client_time: e.frame.client_time };
       this._addToView({ position: 0, msg_id: f.msg_id, conv: e.conv, seq: f.seq, sender: this.user, device: this.device,
-        client_time: e.frame.client_time, server_time: f.server_time, payload: e.frame.payload, kind: MessageKind.MESSAGE,
-        local_id: f.local_id, after_seq: e.frame.after_seq });
+        client_time: e.frame.client_time, server_time: f.server_time, payload: e.frame.payload, kind: e.action || MessageKind.MESSAGE,
+        local_id: f.local_id, after_seq: e.action ? Math.max(0, f.seq - 1) : e.frame.after_seq, target: e.target || 0,
+        edited: 0, recalled: false, deleted: false });
       e.resolve(sent);
       this._emit('sent', sent);
     } else if (FINAL_CODES.has(f.code)) {
@@ -568,7 +613,12 @@ export class PimcoreClient {
       }
     }
     // "Taking" = handing the messages to the listeners; acked only after that.
-    for (const m of kept) this._emit('message', m);
+    // A RECALL / EDIT / DELETE entry is an 'amended' event: {entry, message}
+    // (the changed message as held, or null when this client does not hold it).
+    for (const m of kept) {
+      if (AMEND_KINDS.has(m.kind)) this._emit('amended', { entry: m, message: this._heldMessage(m.conv, m.target) });
+      else this._emit('message', m);
+    }
     this.takenUpto = f.position;
     this._armAck();
   }
@@ -682,7 +732,26 @@ export class PimcoreClient {
       r.resolve({ messages: f.messages, more: f.more });
     } else r.resolve(f.readers);
   }
+  _heldMessage(conv, seq) {
+    const v = this._views.get(conv);
+    if (v) for (const m of v.values()) if (m.seq === seq && m.kind === MessageKind.MESSAGE) return m;
+    return null;
+  }
+  /** Apply a RECALL / EDIT / DELETE entry to the held target (entries are not kept in the view). */
+  _applyAmend(e) {
+    const t = this._heldMessage(e.conv, e.target);
+    let n = null;
+    if (e.kind === MessageKind.RECALL) {
+      const rs = this._readStates.get(e.conv);
+      if ((!t || !t.recalled) && rs && rs.unread > 0 && e.target > rs.read_seq && (t ? t.sender : e.sender) !== this.user) rs.unread--;
+      if (t && !t.recalled) n = { ...t, payload: new Uint8Array(0), recalled: true };
+    } else if (e.kind === MessageKind.EDIT) {
+      if (t && !t.recalled && e.server_time >= (t.edited || 0)) n = { ...t, payload: e.payload, edited: e.server_time };
+    } else if (t) n = { ...t, payload: new Uint8Array(0), deleted: true };
+    if (n) this._views.get(e.conv).set(toHex(n.msg_id), n);
+  }
   _addToView(m) {
+    if (AMEND_KINDS.has(m.kind)) { this._applyAmend(m); return; }
     let v = this._views.get(m.conv);
     if (!v) { v = new Map(); this._views.set(m.conv, v); }
     v.set(toHex(m.msg_id), m);
