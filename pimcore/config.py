@@ -34,6 +34,9 @@ Example (every key optional)::
     commit_in_thread = false           # true: fsync in a worker thread (see ARCHITECTURE.md)
     hook_timeout = 10.0                # seconds an async content filter/authenticator may take
     events = false                     # true: record durable host events (docs/EMBEDDING.md, Events)
+    history_max_age = 0.0              # seconds: older entries leave every conversation without its own setting (0: keep)
+    history_max_count = 0              # entries kept per such conversation, the newest (0: no limit)
+    reclaim_interval = 60.0            # seconds between reclaim passes (inbox entries, devices, history retention)
 
     [http]                             # the HTTP listener (off unless listen is set); `http = "URL"` is short for listen
     listen = "tcp://127.0.0.1:7481"    # tcp:// or tls:// (with [tls])
@@ -130,6 +133,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "idle_timeout": "float", "login_timeout": "float", "ack_delay": "float", "max_outbound_bytes": "int",
         "max_connections": "int", "commit_in_thread": "bool", "hook_timeout": "float", "read_timeout": "float",
         "control_rate": "float", "control_burst": "int", "events": "bool",
+        "history_max_age": "float", "history_max_count": "int", "reclaim_interval": "float",
     },
     "http": {
         "listen": "str", "max_header_bytes": "int", "max_body_bytes": "int", "request_timeout": "float",
@@ -297,7 +301,7 @@ class ServeSettings:
             raise ConfigError(f"limits: {exc}") from None
         broker = replace(base, limits=limits, content_filter=self.load_content_filter())
         srv = dict(self.server)
-        for key in ("idle_timeout", "login_timeout", "ack_delay"):
+        for key in ("idle_timeout", "login_timeout", "ack_delay", "history_max_age", "reclaim_interval"):
             if key in srv:
                 timeouts: dict[str, Any] = {key: int(float(srv.pop(key)) * SECOND)}
                 try:
@@ -308,7 +312,7 @@ class ServeSettings:
             broker = replace(broker, record_events=bool(srv.pop("events")))
         if self.webhooks.get("url"):
             broker = replace(broker, record_events=True)  # the webhook sender reads the event log
-        for key in ("control_rate", "control_burst"):
+        for key in ("control_rate", "control_burst", "history_max_count"):
             if key in srv:
                 try:
                     broker = replace(broker, **{key: srv.pop(key)})
@@ -437,10 +441,13 @@ class ServeSettings:
             "idle_timeout": b.idle_timeout / SECOND, "login_timeout": b.login_timeout / SECOND,
             "ack_delay": b.ack_delay / SECOND,
             "control_rate": b.control_rate, "control_burst": b.control_burst, "events": b.record_events,
+            "history_max_age": b.history_max_age / SECOND, "history_max_count": b.history_max_count,
+            "reclaim_interval": b.reclaim_interval / SECOND,
             **{
                 k: getattr(base, k)
                 for k in _SERVER_KEYS
-                if k not in ("idle_timeout", "login_timeout", "ack_delay", "control_rate", "control_burst", "events")
+                if k not in ("idle_timeout", "login_timeout", "ack_delay", "control_rate", "control_burst", "events",
+                             "history_max_age", "history_max_count", "reclaim_interval")
             },
         }
         server.update(self.server)
