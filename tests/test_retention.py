@@ -191,3 +191,11 @@ def test_purge_user_removes_their_data_and_is_idempotent(store: Store, mk: Maker
     # The user id can be used again: positions continue.
     [res] = mk.commit(store, mk(AB, "alice"))
     assert dict(res.positions)["bob"] == head + 2
+
+
+def test_expire_still_visits_a_conversation_whose_users_were_all_purged(store: Store, mk: Maker) -> None:
+    send(store, mk, 4)
+    mk.commit(store, PurgeUser("alice", mk.time), PurgeUser("bob", mk.time))
+    assert store.conversations("alice") == store.conversations("bob") == []
+    assert mk.commit(store, Expire(mk.time, 0, 1)) == (Expired(1, 3, 0),)
+    assert seqs(store.history(AB, 0, 10)) == [4]

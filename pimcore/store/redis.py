@@ -30,6 +30,8 @@ does everything of one user):
                            (what :class:`Reclaim` walks)
 ``NS:{ev}``                hash: host events (``last``, ``floor``, ``e:ID``,
                            ``c:CONSUMER``)
+``NS:{meta}:convs``        hash: every conversation that ever had an entry
+                           (what :class:`Expire` walks with a broker default)
 ``NS:{meta}:ret``          hash: every conversation with a retention
                            setting of its own (``ret`` = ``AGE:COUNT`` in
                            its hash; ``hf`` = its history floor)
@@ -356,6 +358,7 @@ class RedisStore(AsyncStore):
         self._meta = f"{namespace}:{{meta}}"
         self._users = f"{namespace}:{{meta}}:users"
         self._rets = f"{namespace}:{{meta}}:ret"
+        self._convs = f"{namespace}:{{meta}}:convs"
         self._ev = f"{namespace}:{{ev}}"
         self._wal = f"{namespace}:{{wal}}"
         self.settle = settle
@@ -710,6 +713,8 @@ class RedisStore(AsyncStore):
         """Store ``m`` at its seq and append it to every recipient's inbox."""
         ck = self._k_conv(m.conv)
         tx.put(ck, "last", m.seq)
+        if m.seq == 1:
+            tx.put(self._convs, m.conv, b"1")  # what Expire walks (one write per conversation)
         tx.put(ck, f"s:{m.seq}", _enc_msg(m))
         tx.put(self._k_msg(m.msg_id), "r", f"{m.seq}:{m.conv}")
         ref = f"{m.seq}:{m.server_time}:{m.conv}"
@@ -975,8 +980,7 @@ class RedisStore(AsyncStore):
     async def _expire(self, tx: _Tx, op: Expire) -> Result:
         convs: set[str] = set(await tx.getall(self._rets))
         if op.max_age or op.max_count:
-            for user in await tx.getall(self._users):
-                convs.update(await self._conversations(tx, user))
+            convs.update(await tx.getall(self._convs))
         n_convs = msgs = entries = 0
         for conv in sorted(convs):
             ck = self._k_conv(conv)
