@@ -199,3 +199,12 @@ def test_expire_still_visits_a_conversation_whose_users_were_all_purged(store: S
     assert store.conversations("alice") == store.conversations("bob") == []
     assert mk.commit(store, Expire(mk.time, 0, 1)) == (Expired(1, 3, 0),)
     assert seqs(store.history(AB, 0, 10)) == [4]
+
+
+def test_reclaim_walks_over_holes_whatever_max_age(store: Store, mk: Maker) -> None:
+    send(store, mk, 3)  # bob: positions 1..3, no device
+    mk.commit(store, SetRetention(AB, -1, 2), Expire(mk.time))
+    assert [p for p, _ in inbox_ids(store, "bob")] == [2, 3]
+    # A max_age reaching back before every entry: the hole at 1 still goes.
+    assert mk.commit(store, Reclaim(mk.time, DAY, mk.time + DAY)) == (Reclaimed(0, 0),)
+    assert store.inbox_floor("bob") == 1

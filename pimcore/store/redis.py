@@ -827,7 +827,7 @@ class RedisStore(AsyncStore):
             while pos < head:
                 ref = fields.get(f"i:{pos + 1}")  # None: a hole (retention, purge)
                 st = int(ref.split(b":")[1]) if ref is not None else 0
-                if not (pos + 1 <= acked or st < age_cutoff):
+                if not (ref is None or pos + 1 <= acked or st < age_cutoff):
                     break
                 pos += 1
                 if ref is not None:
