@@ -40,6 +40,13 @@ all known devices are reclaimed.  Devices not seen for ``device_retention``
 are forgotten (they stop holding entries back), and entries older than
 ``max_age`` are reclaimed even when no device ever took them.
 
+History retention and purges (:class:`SetRetention`, :class:`Expire`,
+:class:`PurgeConversation`, :class:`PurgeUser`) remove a prefix of a
+conversation: its *history floor* moves up (seqs <= floor are gone, never
+reused), and with each removed message go its inbox entries -- leaving holes
+above the inbox floor, which inbox reads skip and :class:`Reclaim` walks
+over -- and its dedupe record.
+
 Membership (groups)
 -------------------
 The store keeps, per (group, user), every interval of membership as seqs:
@@ -398,8 +405,10 @@ class Reclaim:
     practice: they come from one monotonic clock).  A user with no known
     device has acked nothing: only ``max_age`` reclaims their entries, so
     messages wait for a user who has never logged in.  ``entries`` counts
-    removed inbox entries, ``devices`` forgotten devices.  Messages themselves
-    (the history) and their dedupe records are never reclaimed."""
+    removed inbox entries, ``devices`` forgotten devices.  Holes (entries
+    :class:`Expire` or a purge removed) count as reclaimable and are not
+    counted.  Messages themselves (the history) and their dedupe records are
+    not reclaimed here; :class:`Expire` removes them."""
 
     now: int
     device_retention: int

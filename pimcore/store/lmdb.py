@@ -1209,7 +1209,7 @@ class LmdbStore(Store):
             txn.delete(key, db=self._devices)
 
         # Pass 2: each inbox loses its longest prefix of reclaimable entries.
-        # Entries are exactly floor+1..head, so the prefix is walked in order.
+        # Entries are floor+1..head but for holes, so the prefix is walked in order.
         age_cutoff = op.now - op.max_age
         removed = 0
         new_floors: list[tuple[bytes, int, int]] = []
@@ -1722,8 +1722,12 @@ class LmdbStore(Store):
             msg_id = ref[:16]
             raw = txn.get(msg_id, db=self._msgs)
             if raw is not None:
-                m = _decode_record(msg_id, raw)
-                dkey = _t(m.sender) + _t(m.device) + _U64.pack(m.local_id)
+                # The dedupe key T(sender) T(device) U64(local_id), cut from
+                # the record without decoding it (T(conv) comes first).
+                off = _RECORD.size + 1 + raw[_RECORD.size]
+                end = off + 1 + raw[off]
+                end += 1 + raw[end]
+                dkey = raw[off:end] + raw[8:16]
                 prior = txn.get(dkey, db=self._dedupe)
                 if prior is not None and prior[:16] == msg_id:
                     txn.delete(dkey, db=self._dedupe)  # with its message, never before
