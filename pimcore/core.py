@@ -1295,14 +1295,17 @@ class Broker:
 
     def _arm_reclaim(self, now: int) -> None:
         # Reclamation (and history retention) starts with the first
-        # connection -- or the first host call: a broker fed only through
-        # the embedding API must expire history too.
+        # connection -- or, when retention is in use, the first host post or
+        # retention setting: a broker fed only through the embedding API
+        # must expire history too.  (Not at any host call: host events that
+        # one consumer acked would then be reclaimed before a consumer that
+        # never acked yet reads them, which hosts without connections have
+        # come to rely on.)
         if self._next_reclaim is None:
             self._next_reclaim = now + self.config.reclaim_interval
 
     def _admin(self, op: Op, ref: int, now: int) -> list[Command]:
         out: list[Command] = []
-        self._arm_reclaim(now)
         self._propose(op, _AdminCtx(ref))
         self._maybe_commit(out, now)
         return out
@@ -1325,6 +1328,7 @@ class Broker:
         ``max_age`` µs, ``max_count`` entries; per field -1 = the broker
         default, 0 = no limit), stored; applied at the next reclaim.
         :class:`AdminDone` with ``ref`` carries RetentionSet or Rejected."""
+        self._arm_reclaim(now)
         return self._admin(SetRetention(conv, max_age, max_count), ref, now)
 
     def purge_conversation(self, conv: str, now: int, *, ref: int = 0) -> list[Command]:
@@ -1420,7 +1424,8 @@ class Broker:
         how it went.  Bypasses the send rate limit and the content filter:
         the host is trusted."""
         out: list[Command] = []
-        self._arm_reclaim(now)
+        if self.config.history_max_age or self.config.history_max_count:
+            self._arm_reclaim(now)
 
         def refuse(code: ErrorCode) -> list[Command]:
             self._stats["rejected"] += 1
