@@ -128,6 +128,18 @@ class AsyncPimcore:
     async def revoke(self, user: str, device: Optional[str] = None, **kwargs: Any) -> int:
         return await self._call(self.handle.revoke, user, device, **kwargs)
 
+    async def set_retention(self, conv: str, **kwargs: Any) -> Any:
+        return await self._call(self.handle.set_retention, conv, **kwargs)
+
+    async def retention(self, conv: str) -> Any:
+        return await self._call(self.handle.retention, conv)
+
+    async def purge_conversation(self, conv: str) -> Any:
+        return await self._call(self.handle.purge_conversation, conv)
+
+    async def purge_user(self, user: str) -> Any:
+        return await self._call(self.handle.purge_user, user)
+
     async def create_group(self, conv: str, members: list[str]) -> Any:
         return await self._call(self.handle.create_group, conv, members)
 

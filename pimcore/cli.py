@@ -1,4 +1,4 @@
-"""The ``pimcore`` command: serve, token, chat, info, inspect."""
+"""The ``pimcore`` command: serve, token, chat, info, inspect, group, purge, retention."""
 
 from __future__ import annotations
 
@@ -320,6 +320,126 @@ def _cmd_group(args: argparse.Namespace) -> int:
     return 0
 
 
+def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[dict] = None) -> dict:
+    """One call of the HTTP server API at ``args.http`` (docs/HTTP.md);
+    the API key from --api-key, $PIMCORE_API_KEY or <data-dir>/api-key.
+    ValueError with the server's message if it refuses."""
+    import os
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    from pathlib import Path
+
+    key = args.api_key or os.environ.get("PIMCORE_API_KEY")
+    if not key:
+        key_file = Path(args.data_dir or "pimcore-data") / "api-key"
+        if not key_file.is_file():
+            raise ValueError(f"no API key: give --api-key or $PIMCORE_API_KEY (none in {key_file})")
+        key = key_file.read_text().strip()
+    base = args.http if "://" in args.http else "http://" + args.http
+    base = base.replace("tcp://", "http://", 1).replace("tls://", "https://", 1).rstrip("/")
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            err = json.loads(exc.read())["error"]
+            raise ValueError(f"{err['code']}: {err['message']}") from None
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"HTTP {exc.code} from {base}") from None
+    except urllib.error.URLError as exc:
+        raise ValueError(f"cannot reach {base}: {exc.reason}") from None
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    """Purge a conversation or a user: through a running broker's HTTP API
+    (--http: live sessions of a purged user are closed), or on the data
+    directory's LMDB store (a stopped broker; next to a running one it
+    works too, but its connected devices are not closed until they log in
+    again)."""
+    import time
+    import urllib.parse
+
+    from .config import ConfigError
+    from .errors import StoreError
+    from .ids import conversation_problem, id_problem
+
+    problem = conversation_problem(args.id) if args.what == "conversation" else id_problem(args.id, "user")
+    if problem is not None:
+        print(f"pimcore purge: {problem}", file=sys.stderr)
+        return 2
+    try:
+        if args.http:
+            quoted = urllib.parse.quote(args.id, safe="")
+            path = f"/v1/conversations/{quoted}" if args.what == "conversation" else f"/v1/users/{quoted}"
+            out = _http_call(args, "DELETE", path)
+        else:
+            from .store import LmdbStore, PurgeConversation, PurgeUser, Purged, WriteBatch
+
+            settings = _settings(args)
+            with LmdbStore(settings.data_dir / "store", create=False, owner=False) as store:
+                op = PurgeConversation(args.id) if args.what == "conversation" else PurgeUser(
+                    args.id, max(time.time_ns() // 1000, store.last_server_time() + 1))
+                [res] = store.commit(WriteBatch(0, (op,)))
+            if not isinstance(res, Purged):
+                raise ValueError(f"refused: {getattr(res, 'code', res)}")
+            out = {args.what if args.what == "user" else "conv": args.id, "messages": res.messages,
+                   "entries": res.entries}
+            if args.what == "user":
+                out.update(devices=res.devices, left=[c.conv for c in res.changes])
+    except (ConfigError, StoreError, ValueError, OSError) as exc:
+        print(f"pimcore purge: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
+
+
+def _cmd_retention(args: argparse.Namespace) -> int:
+    """Show or set a conversation's history retention (HTTP API with
+    --http, else the data directory's LMDB store)."""
+    import urllib.parse
+
+    from .config import ConfigError
+    from .errors import StoreError
+    from .ids import conversation_problem
+
+    problem = conversation_problem(args.conv)
+    if problem is not None:
+        print(f"pimcore retention: {problem}", file=sys.stderr)
+        return 2
+    change = args.default or args.max_age is not None or args.max_count is not None
+    age = None if args.max_age is None else int(args.max_age * 1_000_000)
+    if (age is not None and age < 0) or (args.max_count is not None and args.max_count < 0):
+        print("pimcore retention: --max-age and --max-count must be >= 0 (0: no limit)", file=sys.stderr)
+        return 2
+    try:
+        if args.http:
+            path = f"/v1/conversations/{urllib.parse.quote(args.conv, safe='')}/retention"
+            out = _http_call(args, "PUT", path, {"max_age": age, "max_count": args.max_count}) if change else \
+                _http_call(args, "GET", path)
+        else:
+            from .store import LmdbStore, Rejected, SetRetention, WriteBatch
+
+            settings = _settings(args)
+            with LmdbStore(settings.data_dir / "store", create=False, owner=False) as store:
+                if change:
+                    [res] = store.commit(WriteBatch(0, (SetRetention(
+                        args.conv, -1 if age is None else age, -1 if args.max_count is None else args.max_count),)))
+                    if isinstance(res, Rejected):
+                        raise ValueError(f"refused: {res.code.name}")
+                state = store.retention(args.conv)
+            out = {"conv": args.conv, "max_age": None if state.max_age < 0 else state.max_age,
+                   "max_count": None if state.max_count < 0 else state.max_count, "floor": state.floor}
+    except (ConfigError, StoreError, ValueError, OSError) as exc:
+        print(f"pimcore retention: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import os
 
@@ -428,6 +548,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="the serve configuration file (for its data directory)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
     p.set_defaults(func=_cmd_group)
+
+    p = sub.add_parser("purge", help="delete a conversation or all data of a user (idempotent)",
+                       description="Through a running broker's HTTP API with --http (a purged user's sessions are"
+                                   " closed), else on the data directory's store (stop the broker first, or its"
+                                   " connected devices stay until they log in again).  Prints what was removed.")
+    p.add_argument("what", choices=["conversation", "user"])
+    p.add_argument("id", help="the conversation id (group or d:a:b) or the user id")
+    p.add_argument("--http", metavar="URL", help="the broker's HTTP listener, e.g. http://127.0.0.1:7481")
+    p.add_argument("--api-key", help="HTTP API key (default $PIMCORE_API_KEY, else <data-dir>/api-key)")
+    p.add_argument("--config", help="the serve configuration file (for its data directory)")
+    p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
+    p.set_defaults(func=_cmd_purge)
+
+    p = sub.add_parser("retention", help="show or set a conversation's history retention",
+                       description="Without --max-age/--max-count/--default: show it.  A limit of 0 means none;"
+                                   " --default makes the conversation follow [server] history_max_age/_count.")
+    p.add_argument("conv", help="the conversation id")
+    p.add_argument("--max-age", type=float, metavar="SECONDS", help="remove entries older than this")
+    p.add_argument("--max-count", type=int, metavar="N", help="keep only the newest N entries")
+    p.add_argument("--default", action="store_true", help="fields not given follow the broker default")
+    p.add_argument("--http", metavar="URL", help="the broker's HTTP listener, e.g. http://127.0.0.1:7481")
+    p.add_argument("--api-key", help="HTTP API key (default $PIMCORE_API_KEY, else <data-dir>/api-key)")
+    p.add_argument("--config", help="the serve configuration file (for its data directory)")
+    p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
+    p.set_defaults(func=_cmd_retention)
 
     p = sub.add_parser("chat", help="interactive terminal chat with one peer or a group")
     p.add_argument("--url", default="tcp://127.0.0.1:7400")

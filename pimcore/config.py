@@ -39,6 +39,9 @@ Example (every key optional)::
     typing_burst = 8                   # ...and at once
     typing_max_members = 256           # groups larger than this get no typing relayed
     presence_max_users = 256           # users one presence subscription may name
+    history_max_age = 0.0              # seconds: older entries leave every conversation without its own setting (0: keep)
+    history_max_count = 0              # entries kept per such conversation, the newest (0: no limit)
+    reclaim_interval = 60.0            # seconds between reclaim passes (inbox entries, devices, history retention)
 
     [messages]                         # recall, edit, delete-for-self (AmendReq); seconds, 0 = no limit
     recall_window = 86400.0            # a sender may recall a message this long after it was stored
@@ -142,6 +145,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "control_rate": "float", "control_burst": "int", "events": "bool",
         "typing_ttl": "float", "typing_rate": "float", "typing_burst": "int", "typing_max_members": "int",
         "presence_max_users": "int",
+        "history_max_age": "float", "history_max_count": "int", "reclaim_interval": "float",
     },
     "http": {
         "listen": "str", "max_header_bytes": "int", "max_body_bytes": "int", "request_timeout": "float",
@@ -313,7 +317,7 @@ class ServeSettings:
             raise ConfigError(f"limits: {exc}") from None
         broker = replace(base, limits=limits, content_filter=self.load_content_filter())
         srv = dict(self.server)
-        for key in ("idle_timeout", "login_timeout", "ack_delay"):
+        for key in ("idle_timeout", "login_timeout", "ack_delay", "history_max_age", "reclaim_interval"):
             if key in srv:
                 timeouts: dict[str, Any] = {key: int(float(srv.pop(key)) * SECOND)}
                 try:
@@ -326,7 +330,7 @@ class ServeSettings:
             broker = replace(broker, record_events=True)  # the webhook sender reads the event log
         for key, value in self.messages.items():
             broker = replace(broker, **{key: int(float(value) * SECOND)})  # type: ignore[arg-type]
-        for key in ("control_rate", "control_burst"):
+        for key in ("control_rate", "control_burst", "history_max_count"):
             if key in srv:
                 try:
                     broker = replace(broker, **{key: srv.pop(key)})
@@ -464,10 +468,13 @@ class ServeSettings:
             "control_rate": b.control_rate, "control_burst": b.control_burst, "events": b.record_events,
             "typing_ttl": b.typing_ttl / SECOND,
             **{k: getattr(b, k) for k in _EPHEMERAL_KEYS if k != "typing_ttl"},
+            "history_max_age": b.history_max_age / SECOND, "history_max_count": b.history_max_count,
+            "reclaim_interval": b.reclaim_interval / SECOND,
             **{
                 k: getattr(base, k)
                 for k in _SERVER_KEYS
-                if k not in ("idle_timeout", "login_timeout", "ack_delay", "control_rate", "control_burst", "events")
+                if k not in ("idle_timeout", "login_timeout", "ack_delay", "control_rate", "control_burst", "events",
+                             "history_max_age", "history_max_count", "reclaim_interval")
                 and k not in _EPHEMERAL_KEYS
             },
         }

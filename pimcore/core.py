@@ -114,6 +114,11 @@ from .store.base import (
     PresencePage,
     SetPresencePrivacy,
     PresencePrivacySet,
+    Expire,
+    PurgeConversation,
+    PurgeUser,
+    Purged,
+    SetRetention,
 )
 
 __all__ = [
@@ -232,6 +237,13 @@ class BrokerConfig:
     reclaim_interval: int = 60 * SECOND
     device_retention: int = 30 * DAY  # devices unseen this long stop holding inbox entries
     inbox_max_age: int = 90 * DAY  # inbox entries older than this are reclaimed regardless
+    # History retention, the default of every conversation without a setting
+    # of its own (Broker.set_retention): entries older than history_max_age
+    # µs, and all but the newest history_max_count, are removed from the
+    # conversation (with their inbox entries and dedupe records) at each
+    # reclaim_interval (store/base.py, Expire).  0 = no limit.
+    history_max_age: int = 0
+    history_max_count: int = 0
     # Set: every SendReq that passes the cheap checks becomes a CheckContent
     # request, answered by the driver with this function (or any other way:
     # the core only needs the answer, see Broker.content_checked).
@@ -307,6 +319,8 @@ class BrokerConfig:
                 and self.typing_max_members >= 2 and self.presence_max_users >= 1):
             raise ValueError("BrokerConfig: typing_ttl must be >= 1000 µs, typing_rate > 0, typing_burst >= 1, "
                              "typing_max_members >= 2 and presence_max_users >= 1")
+        if self.history_max_age < 0 or self.history_max_count < 0:
+            raise ValueError("BrokerConfig.history_max_age (µs) and history_max_count must be >= 0 (0 = no limit)")
 
 
 def idempotency_local_id(key: Union[str, bytes, None]) -> Optional[int]:
@@ -1152,6 +1166,9 @@ class Broker:
                     self._revoked[key] = max(self._revoked.get(key, 0), res.before)
                 elif isinstance(res, GroupChanged) and res.entries:
                     self._finish_admin(res, to_pump)
+                elif isinstance(res, Purged):
+                    for change in res.changes:  # a purged user's LEFT entries
+                        self._finish_admin(change, to_pump)
                 out.append(AdminDone(ctx.ref, res))
             elif kind is Reclaim and isinstance(res, Reclaimed):
                 self._stats["reclaimed_entries"] += res.entries
@@ -1398,6 +1415,8 @@ class Broker:
         elif now >= self._next_reclaim:
             self._next_reclaim = now + self.config.reclaim_interval
             self._propose(Reclaim(now, self.config.device_retention, self.config.inbox_max_age), None)
+            # History retention: the store skips the walk when nothing is set.
+            self._propose(Expire(now, self.config.history_max_age, self.config.history_max_count), None)
         self._maybe_commit(out, now)
         return out
 
@@ -1464,6 +1483,17 @@ class Broker:
                         to_pump.add(user)
                         fresh.setdefault(user, []).append((pos, _to_frame_message(pos, m)))
 
+    def _arm_reclaim(self, now: int) -> None:
+        # Reclamation (and history retention) starts with the first
+        # connection -- or, when retention is in use, the first host post or
+        # retention setting: a broker fed only through the embedding API
+        # must expire history too.  (Not at any host call: host events that
+        # one consumer acked would then be reclaimed before a consumer that
+        # never acked yet reads them, which hosts without connections have
+        # come to rely on.)
+        if self._next_reclaim is None:
+            self._next_reclaim = now + self.config.reclaim_interval
+
     def _admin(self, op: Op, ref: int, now: int) -> list[Command]:
         out: list[Command] = []
         self._propose(op, _AdminCtx(ref))
@@ -1480,6 +1510,46 @@ class Broker:
                 self._stats["kicks"] += 1
                 self._event("kicked", user=c.user, device=c.device, reason=reason)
                 self._close(c, CloseCode.KICKED, reason or "the host ended this session", out)
+        self._maybe_commit(out, now)
+        return out
+
+    def set_retention(self, conv: str, max_age: int, max_count: int, now: int, *, ref: int = 0) -> list[Command]:
+        """Control plane: the history retention of ``conv`` (:class:`SetRetention`:
+        ``max_age`` µs, ``max_count`` entries; per field -1 = the broker
+        default, 0 = no limit), stored; applied at the next reclaim.
+        :class:`AdminDone` with ``ref`` carries RetentionSet or Rejected."""
+        self._arm_reclaim(now)
+        return self._admin(SetRetention(conv, max_age, max_count), ref, now)
+
+    def purge_conversation(self, conv: str, now: int, *, ref: int = 0) -> list[Command]:
+        """Control plane: delete every stored entry of ``conv`` and, for a
+        group, the group (:class:`PurgeConversation`; idempotent).  Connected
+        members are not told (their next history read starts after the
+        purged seqs; a group answers UNKNOWN_CONVERSATION).  :class:`AdminDone`
+        with ``ref`` carries Purged or Rejected."""
+        return self._admin(PurgeConversation(conv), ref, now)
+
+    def purge_user(self, user: str, now: int, *, ref: int = 0) -> list[Command]:
+        """Control plane: delete all data of ``user`` (:class:`PurgeUser`;
+        idempotent): the user's live sessions end now with Close(KICKED),
+        tokens issued before ``now`` are refused from now on (durably: the
+        purge revokes them), the user leaves every group (LEFT entries,
+        pushed like messages), their messages become tombstones.
+        :class:`AdminDone` with ``ref`` carries Purged or Rejected."""
+        out: list[Command] = []
+        if valid_id(user):
+            key = (user, "")
+            self._revoked[key] = max(self._revoked.get(key, 0), now)
+            for c in list(self._conns.values()):
+                if c.state is _ConnState.ACTIVE and c.user == user:
+                    self._stats["kicks"] += 1
+                    self._event("kicked", user=c.user, device=c.device, reason="purged")
+                    self._close(c, CloseCode.KICKED, "this user's data was deleted", out)
+            # Acks not saved yet would register the devices again after the
+            # purge: they are moot now.
+            for k in [k for k in self._acks_unsaved if k[0] == user]:
+                del self._acks_unsaved[k]
+        self._propose(PurgeUser(user, now), _AdminCtx(ref))
         self._maybe_commit(out, now)
         return out
 
@@ -1548,6 +1618,8 @@ class Broker:
         SendReq (BAD_MENTION for an invalid user id, TOO_MANY_MENTIONS
         above ``Limits.max_mentions``)."""
         out: list[Command] = []
+        if self.config.history_max_age or self.config.history_max_count:
+            self._arm_reclaim(now)
 
         def refuse(code: ErrorCode) -> list[Command]:
             self._stats["rejected"] += 1

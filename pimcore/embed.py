@@ -59,11 +59,14 @@ from .store.base import (
     SessionLoaded,
     StoredMessage,
     StoreRequest,
+    Purged,
+    ReadRetention,
+    RetentionState,
 )
 
 __all__ = [
     "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ConversationListPage", "ReadPositions", "DevicePosition",
-    "HostEvent", "EventStream", "SYSTEM", "EventsDisabled", "UserPresence",
+    "HostEvent", "EventStream", "SYSTEM", "EventsDisabled", "UserPresence", "Retention", "Purged",
 ]
 
 _log = logging.getLogger("pimcore.net")
@@ -208,6 +211,21 @@ class DevicePosition:
     position: int  # the highest inbox position the device acked
     last_seen: int  # µs, its last login or ack
     online: bool  # connected to this broker now
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """:meth:`Pimcore.retention`: the conversation's own history retention
+    (None per field: it follows the broker default, ``[server]
+    history_max_age`` / ``history_max_count``; 0: no limit) -- ``max_age``
+    in µs, ``max_count`` in entries -- and its history floor: seqs <=
+    ``floor`` were removed by retention or a purge (history starts after
+    it; 0 if nothing was)."""
+
+    conv: str
+    max_age: Optional[int]
+    max_count: Optional[int]
+    floor: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,6 +594,86 @@ class Pimcore:
                 raise StoreError("revocation not stored: the store failed")
             raise RequestRefused(result.code, f"revoke {user!r}: {result.code.name}")
         return int(result.before)
+
+    # ------------------------------------------------------------ retention and purge
+
+    async def set_retention(self, conv: str, *, max_age: Optional[int] = None,
+                            max_count: Optional[int] = None) -> Retention:
+        """Set the history retention of ``conv`` (a group or a direct id),
+        stored with it: keep no entry older than ``max_age`` µs (by server
+        time) and at most the newest ``max_count`` entries.  Per field: None
+        = follow the broker default, 0 = no limit.  Applied at the next
+        reclaim (``BrokerConfig.reclaim_interval``, a minute by default):
+        removed entries take their inbox entries and dedupe records with
+        them.  Returns the setting now stored.  Raises RequestRefused
+        (BAD_REQUEST: a malformed id or a negative value;
+        UNKNOWN_CONVERSATION), StoreError."""
+        problem = conversation_problem(conv)
+        if problem is not None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"retention: {problem}")
+        limits = []
+        for value, what in ((max_age, "max_age"), (max_count, "max_count")):
+            if value is not None and (type(value) is not int or not 0 <= value < 1 << 63):
+                raise RequestRefused(ErrorCode.BAD_REQUEST,
+                                     f"retention of {conv!r}: {what} must be None or an integer 0..2^63-1, got {value!r}")
+            limits.append(-1 if value is None else value)
+        result = await self.server.host_call(self.server.broker.set_retention, conv, *limits)
+        if isinstance(result, Rejected):
+            if result.code is ErrorCode.STORE_UNAVAILABLE:
+                raise StoreError(f"retention of {conv!r} not stored: the store failed")
+            raise RequestRefused(result.code, f"retention of {conv!r}: {result.code.name}")
+        return await self.retention(conv)
+
+    async def retention(self, conv: str) -> Retention:
+        """The retention setting and history floor of ``conv``.  Raises
+        RequestRefused (BAD_REQUEST: a malformed id)."""
+        state = await self._read_one(ReadRetention(conv))
+        if isinstance(state, Rejected):
+            raise RequestRefused(state.code, f"retention: {conversation_problem(conv) or 'bad id'}")
+        assert isinstance(state, RetentionState)
+        return Retention(conv, None if state.max_age < 0 else state.max_age,
+                         None if state.max_count < 0 else state.max_count, state.floor)
+
+    async def purge_conversation(self, conv: str) -> Purged:
+        """Delete ``conv``: every stored entry (payloads included), their
+        inbox entries and dedupe records, every read marker and
+        conversation-list entry of it, its retention setting and, for a
+        group, the group itself (it answers UNKNOWN_CONVERSATION until
+        created again; seqs then continue after the purged ones).
+        Idempotent: purging again (or an id never used) removes nothing.
+        Returns Purged (``messages``: entries removed, ``entries``: inbox
+        entries removed).  Raises RequestRefused (BAD_REQUEST), StoreError."""
+        problem = conversation_problem(conv)
+        if problem is not None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"purge: {problem}")
+        _log.info("purge conversation=%s", conv, extra={"event": "purge", "conv": conv})
+        return self._purged(await self.server.host_call(self.server.broker.purge_conversation, conv), repr(conv))
+
+    async def purge_user(self, user: str) -> Purged:
+        """Delete all data of ``user``: their live sessions end now
+        (Close(KICKED)); they leave every group (a LEFT entry each, which
+        the members get); every message they sent becomes a tombstone (empty
+        payload; seq, sender and times stay, so conversations keep their
+        order); their dedupe records, inbox, devices, read markers and
+        conversation list are deleted; every token issued to them until now
+        is revoked (a token issued later logs in as a new user).
+        Idempotent.  Returns Purged (``messages``: tombstones made,
+        ``entries``: inbox entries removed, ``devices``, ``changes``: the
+        groups left).  Raises RequestRefused (BAD_REQUEST), StoreError."""
+        problem = id_problem(user, "user")
+        if problem is not None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"purge: {problem}")
+        _log.info("purge user=%s", user, extra={"event": "purge", "user": user})
+        return self._purged(await self.server.host_call(self.server.broker.purge_user, user), f"user {user!r}")
+
+    @staticmethod
+    def _purged(result: Any, what: str) -> Purged:
+        if isinstance(result, Rejected):
+            if result.code is ErrorCode.STORE_UNAVAILABLE:
+                raise StoreError(f"purge of {what} not done: the store failed")
+            raise RequestRefused(result.code, f"purge of {what}: {result.code.name}")
+        assert isinstance(result, Purged)
+        return result
 
     # ------------------------------------------------------------ reads
 

@@ -283,6 +283,22 @@ class ThreadedPimcore:
         assert self.handle is not None
         return self._call(self.handle.revoke, user, device, before=before)
 
+    def set_retention(self, conv: str, *, max_age: Optional[int] = None, max_count: Optional[int] = None) -> Any:
+        assert self.handle is not None
+        return self._call(self.handle.set_retention, conv, max_age=max_age, max_count=max_count)
+
+    def retention(self, conv: str) -> Any:
+        assert self.handle is not None
+        return self._call(self.handle.retention, conv)
+
+    def purge_conversation(self, conv: str) -> Any:
+        assert self.handle is not None
+        return self._call(self.handle.purge_conversation, conv)
+
+    def purge_user(self, user: str) -> Any:
+        assert self.handle is not None
+        return self._call(self.handle.purge_user, user)
+
     def online_devices(self, user: str) -> list[str]:
         assert self.handle is not None
         return self._call_sync(self.handle.online_devices, user)

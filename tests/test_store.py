@@ -64,6 +64,7 @@ from pimcore.store import (
     WriteBatch,
     direct_conversation,
 )
+from pimcore.store import Expire, PurgeConversation, PurgeUser, ReadDedupe, ReadRetention, SetRetention
 
 BACKENDS = ["memory", "lmdb"]
 AB = direct_conversation("alice", "bob")  # "d:alice:bob"
@@ -978,6 +979,12 @@ class StoreModel(RuleBasedStateMachine):
             st.sampled_from(GOOD_CONVS), st.sampled_from(USERS), st.sampled_from(DEVICES), st.integers(1, 5),
             st.sampled_from([3, 4, 5]), st.integers(1, 6), st.sampled_from([0, 3, 10**6]),
         ).map(lambda a: ("amend", a)),
+        # History retention and purges (tests/test_retention.py has the rest).
+        st.tuples(st.sampled_from([0, 0, 3, 20]), st.sampled_from([0, 1, 3])).map(lambda a: ("expire", a)),
+        st.tuples(st.sampled_from(GOOD_CONVS + ["nope"]), st.sampled_from([-1, 0, 2, 6]),
+                  st.sampled_from([-1, 0, 1, 2])).map(lambda a: ("retain", a)),
+        st.sampled_from(GOOD_CONVS + ["nope"]).map(lambda a: ("purge_conv", a)),
+        st.sampled_from(USERS).map(lambda a: ("purge_user", a)),
     )
 
     def build(self, kind: str, args: tuple) -> object:
@@ -1014,6 +1021,14 @@ class StoreModel(RuleBasedStateMachine):
             return TouchDevice(user, device, pos, self.time - back)
         if kind == "read":
             return MarkRead(*args)
+        if kind == "expire":
+            return Expire(self.time, *args)
+        if kind == "retain":
+            return SetRetention(*args)
+        if kind == "purge_conv":
+            return PurgeConversation(args)
+        if kind == "purge_user":
+            return PurgeUser(args, self.time)
         retention, max_age = args
         return Reclaim(self.time, retention, max_age)
 
@@ -1068,6 +1083,8 @@ class StoreModel(RuleBasedStateMachine):
             [LoadSession(u, d) for u in users for d in DEVICES + ["new"]]
             + [ReadInbox(u, after, 3) for u in users for after in (0, 2)]
             + [ReadHistory(c, u, s, 2, b) for c in CONVS + ["g 3", "nope"] for u in users for s in (0, 3) for b in (False, True)]
+            + [ReadRetention(c) for c in CONVS + ["g 3"]]
+            + [ReadDedupe(u, d, i) for u in USERS for d in DEVICES for i in range(1, 6)]
         )
         assert self.memory.read(reads) == self.lmdb.read(reads)
 

@@ -470,7 +470,31 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         upto = _field(body, "upto", int)
         return 200, {"consumer": consumer, "cursor": await handle.ack_events(upto, consumer)}
 
+    async def get_retention(request: Request) -> tuple[int, Any]:
+        return 200, asdict(await handle.retention(request.params["conv"]))
+
+    async def put_retention(request: Request) -> tuple[int, Any]:
+        body = _object(request, optional=True)
+        ret = await handle.set_retention(request.params["conv"], max_age=_field(body, "max_age", int, None),
+                                         max_count=_field(body, "max_count", int, None))
+        return 200, asdict(ret)
+
+    async def purge_conversation(request: Request) -> tuple[int, Any]:
+        conv = request.params["conv"]
+        done = await handle.purge_conversation(conv)
+        return 200, {"conv": conv, "messages": done.messages, "entries": done.entries}
+
+    async def purge_user(request: Request) -> tuple[int, Any]:
+        user = request.params["user"]
+        done = await handle.purge_user(user)
+        return 200, {"user": user, "messages": done.messages, "entries": done.entries, "devices": done.devices,
+                     "left": [c.conv for c in done.changes]}
+
     for method, pattern, handler in (
+        ("GET", "/v1/conversations/{conv}/retention", get_retention),
+        ("PUT", "/v1/conversations/{conv}/retention", put_retention),
+        ("DELETE", "/v1/conversations/{conv}", purge_conversation),
+        ("DELETE", "/v1/users/{user}", purge_user),
         ("POST", "/v1/conversations/{conv}/messages", post),
         ("POST", "/v1/messages", post_batch),
         ("POST", "/v1/conversations/{conv}/messages/{seq}/recall", recall),

@@ -38,6 +38,9 @@ _CONV_ENTRY = _obj(
     read_seq=_INT, last_seq=_INT, unread=_INT, mention_count=_INT, pinned={"type": "boolean"},
     muted={"type": "boolean"}, hidden={"type": "boolean"},
 )
+_INT_OR_NULL = {"type": ["integer", "null"], "minimum": 0}
+_RETENTION = _obj(("conv", "max_age", "max_count", "floor"), conv=_STR, max_age=_INT_OR_NULL,
+                  max_count=_INT_OR_NULL, floor=_INT)
 
 #: (method, path, summary, request body schema or None, query parameters,
 #: success status, success body schema).
@@ -97,6 +100,19 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
                markers={"type": "array", "items": _obj(conv=_STR, read_seq=_INT)},
                devices={"type": "array", "items": _obj(device=_STR, position=_INT, last_seen=_INT,
                                                        online={"type": "boolean"})})),
+    ("GET", "/v1/conversations/{conv}/retention",
+     "A conversation's history retention (null: the broker default; max_age in µs) and history floor", None, (),
+     200, _RETENTION),
+    ("PUT", "/v1/conversations/{conv}/retention",
+     "Set a conversation's history retention (per field: null or omitted = the broker default, 0 = no limit)",
+     _obj(max_age=_INT_OR_NULL, max_count=_INT_OR_NULL), (), 200, _RETENTION),
+    ("DELETE", "/v1/conversations/{conv}",
+     "Purge a conversation: its entries, inbox entries, dedupe records, read markers and (a group) the group; idempotent",
+     None, (), 200, _obj(conv=_STR, messages=_INT, entries=_INT)),
+    ("DELETE", "/v1/users/{user}",
+     "Purge a user: sessions closed (KICKED), groups left, messages made tombstones, inbox, devices, read markers"
+     " and dedupe records deleted, tokens issued until now revoked; idempotent",
+     None, (), 200, _obj(user=_STR, messages=_INT, entries=_INT, devices=_INT, left=_STRINGS)),
     ("POST", "/v1/tokens", "Issue a login token", _obj(("user",), user=_STR, device=_STR, ttl=_INT), (),
      201, _obj(token=_STR)),
     ("GET", "/v1/events", "Host events from a durable cursor (long-poll with wait, in seconds)", None,

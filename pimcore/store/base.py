@@ -40,6 +40,13 @@ all known devices are reclaimed.  Devices not seen for ``device_retention``
 are forgotten (they stop holding entries back), and entries older than
 ``max_age`` are reclaimed even when no device ever took them.
 
+History retention and purges (:class:`SetRetention`, :class:`Expire`,
+:class:`PurgeConversation`, :class:`PurgeUser`) remove a prefix of a
+conversation: its *history floor* moves up (seqs <= floor are gone, never
+reused), and with each removed message go its inbox entries -- leaving holes
+above the inbox floor, which inbox reads skip and :class:`Reclaim` walks
+over -- and its dedupe record.
+
 Membership (groups)
 -------------------
 The store keeps, per (group, user), every interval of membership as seqs:
@@ -145,6 +152,17 @@ __all__ = [
     "ReadEvents",
     "ReadDedupe",
     "Deduped",
+    "SetRetention",
+    "Expire",
+    "PurgeConversation",
+    "PurgeUser",
+    "ReadRetention",
+    "RetentionSet",
+    "Expired",
+    "Purged",
+    "RetentionState",
+    "after_floor",
+    "retention_limits",
     "StoredEvent",
     "EventAppended",
     "EventsAcked",
@@ -252,6 +270,12 @@ def page_seqs(ranges: Iterable[tuple[int, int]], last: int, from_seq: int, limit
             if len(out) >= limit:
                 break
     return out
+
+
+def after_floor(ranges: Iterable[tuple[int, int]], floor: int) -> list[tuple[int, int]]:
+    """``ranges`` without the seqs <= ``floor`` (the conversation's history
+    floor: what retention or a purge removed, see :class:`Expire`)."""
+    return [(max(lo, floor + 1), hi) for lo, hi in ranges if hi > floor]
 
 
 # ---------------------------------------------------------------- records
@@ -410,8 +434,10 @@ class Reclaim:
     practice: they come from one monotonic clock).  A user with no known
     device has acked nothing: only ``max_age`` reclaims their entries, so
     messages wait for a user who has never logged in.  ``entries`` counts
-    removed inbox entries, ``devices`` forgotten devices.  Messages themselves
-    (the history) and their dedupe records are never reclaimed."""
+    removed inbox entries, ``devices`` forgotten devices.  Holes (entries
+    :class:`Expire` or a purge removed) count as reclaimable and are not
+    counted.  Messages themselves (the history) and their dedupe records are
+    not reclaimed here; :class:`Expire` removes them."""
 
     now: int
     device_retention: int
@@ -644,9 +670,80 @@ def amend_entry(op: AmendMessage, seq: int) -> StoredMessage:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class SetRetention:
+    """Set the history retention of ``conv``: keep at most ``max_count``
+    entries and none older than ``max_age`` µs (by server time).  Per
+    field: -1 = follow the broker default (:class:`Expire`), 0 = no limit,
+    > 0 the limit; (-1, -1) removes the setting.  Stored with the
+    conversation; applied by the next :class:`Expire`.  A malformed id or a
+    value < -1 or outside i64 -> Rejected(BAD_REQUEST); an unknown group ->
+    Rejected(UNKNOWN_CONVERSATION).  Result: RetentionSet."""
+
+    conv: str
+    max_age: int
+    max_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Expire:
+    """Apply history retention at ``now`` (µs).  ``max_age`` / ``max_count``
+    are the broker defaults (0 = no limit), used where a conversation has no
+    setting of its own (:class:`SetRetention`, per field).
+
+    Retention removes a *prefix* of a conversation: the history floor
+    (seqs <= floor are gone) moves up to cover every entry beyond the
+    newest ``max_count`` and every entry whose server time is
+    ``< now - max_age`` (walked from the floor up, stopping at the first
+    younger one).  For each removed entry the store deletes the message, its
+    inbox entries (the positions stay used: an inbox read skips them, like a
+    Push skips positions a device does not need) and its dedupe record --
+    with the message, never before, so a retry of a message still in the log
+    is still a Duplicate.  Seqs are never reused; the floor only grows.
+    Read markers and membership are kept.  Result: Expired."""
+
+    now: int
+    max_age: int = 0
+    max_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeConversation:
+    """Delete every stored entry of ``conv`` (messages, their inbox entries
+    and dedupe records), every user's read marker and conversation-list
+    entry of it, its retention setting and, for a group, the group itself
+    (members, membership intervals: the id answers UNKNOWN_CONVERSATION
+    until created again).  The history floor becomes the last seq, which is
+    kept: seqs continue after it if the id is used again, so no client
+    cursor ever names two entries.  Idempotent (an unknown or already
+    purged conversation: nothing to do).  A malformed id ->
+    Rejected(BAD_REQUEST).  Result: Purged."""
+
+    conv: str
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeUser:
+    """Delete all data of ``user``: first the user leaves every group they
+    are a member of (a LEFT entry each, as :class:`RemoveMembers` without
+    stamps, so the members learn it); then every message the user sent
+    becomes a tombstone (payload emptied, seq, kind, times and sender kept:
+    the conversations stay gap-free), the user's dedupe records, inbox
+    entries (the floor moves to the head: positions are never reused),
+    devices, read markers, conversation list and membership intervals are
+    deleted, and every token of the user issued before ``now`` is revoked
+    (kept: a purged user's old tokens must not log in again).  Idempotent.
+    A malformed id or ``now`` outside i64 -> Rejected(BAD_REQUEST).
+    Result: Purged (``changes``: the LEFT entries, to push)."""
+
+    user: str
+    now: int
+
+
 Op = Union[
     NewMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers, RemoveMembers, RevokeTokens,
-    AppendEvent, AckEvents, AmendMessage, SetConversation, SetPresencePrivacy,
+    AppendEvent, AckEvents, AmendMessage, SetConversation, SetPresencePrivacy, SetRetention, Expire, PurgeConversation,
+    PurgeUser,
 ]
 
 
@@ -782,8 +879,17 @@ class ReadConversations:
     conv: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class ReadRetention:
+    """The retention setting and history floor of ``conv``.  A malformed
+    id -> Rejected(BAD_REQUEST).  Result: RetentionState."""
+
+    conv: str
+
+
 ReadOp = Union[
     LoadSession, ReadInbox, ReadHistory, ReadReaders, ReadEvents, ReadDevices, ReadDedupe, ReadConversations, ReadPresence,
+    ReadRetention,
 ]
 
 
@@ -1046,10 +1152,45 @@ class PresencePage:
     entries: tuple[PresenceInfo, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class RetentionSet:
+    conv: str
+    max_age: int  # µs; -1 = the broker default, 0 = no limit
+    max_count: int  # entries; -1 = the broker default, 0 = no limit
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionState:
+    """Answer to :class:`ReadRetention`: the conversation's own setting
+    (-1 per field: it follows the broker default) and its history floor
+    (seqs <= ``floor`` were removed by retention or a purge; 0 if none)."""
+
+    conv: str
+    max_age: int
+    max_count: int
+    floor: int
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    conversations: int  # whose floor moved
+    messages: int  # entries removed from conversations
+    entries: int  # inbox entries removed with them
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    messages: int  # entries removed (PurgeConversation) or tombstoned (PurgeUser)
+    entries: int  # inbox entries removed
+    devices: int = 0  # devices forgotten (PurgeUser)
+    #: PurgeUser: the user's removal from each group (LEFT entries to push).
+    changes: tuple["GroupChanged", ...] = ()
+
+
 Result = Union[
     Appended, Duplicate, Rejected, Acked, Touched, ReadMarked, Reclaimed, GroupChanged, Revoked, SessionLoaded, InboxPage,
     HistoryPage, ReadersPage, EventAppended, EventsAcked, EventsPage, DevicesPage, Deduped, ConversationsPage,
-    ConversationSet, PresencePrivacySet, PresencePage,
+    ConversationSet, PresencePrivacySet, PresencePage, RetentionSet, RetentionState, Expired, Purged,
 ]
 
 
@@ -1276,6 +1417,8 @@ class Store(ABC):
                 out.append(self._read_conversations(op))  # type: ignore[arg-type]
             elif kind is ReadPresence:
                 out.append(self._read_presence(op))  # type: ignore[arg-type]
+            elif kind is ReadRetention:
+                out.append(self._read_retention(op))  # type: ignore[arg-type]
             else:
                 raise TypeError(f"not a read op: {kind.__name__}")
         return tuple(out)
@@ -1316,6 +1459,19 @@ class Store(ABC):
         says no, so a backend without it checks every message's content
         as before; both backends here answer from their dedupe records."""
         return False
+
+    def _read_retention(self, op: ReadRetention) -> Result:
+        """Answer one :class:`ReadRetention` (RetentionState or Rejected)."""
+        raise NotImplementedError(f"{type(self).__name__} has no history retention")
+
+    def retention(self, conv: str) -> RetentionState:
+        """The retention setting and history floor of ``conv`` (see
+        :class:`ReadRetention`; ValueError for a malformed id)."""
+        (res,) = self.read((ReadRetention(conv),))
+        if isinstance(res, Rejected):
+            raise ValueError(f"not a conversation id: {conv!r}")
+        assert isinstance(res, RetentionState)
+        return res
 
     @abstractmethod
     def _read_events(self, op: ReadEvents) -> Result:
@@ -1639,7 +1795,30 @@ def malformed(op: Op) -> bool:
         )
     if isinstance(op, SetPresencePrivacy):
         return not (valid_id(op.user) and type(op.hide_last_seen) is bool)
+    if isinstance(op, SetRetention):
+        return not (
+            valid_conversation(op.conv)
+            and _int_in(op.max_age, -1, _I64_END)
+            and _int_in(op.max_count, -1, _I64_END)
+        )
+    if isinstance(op, Expire):
+        return not (
+            _int_in(op.now, _I64_MIN, _I64_END)
+            and _int_in(op.max_age, 0, _I64_END)
+            and _int_in(op.max_count, 0, _I64_END)
+        )
+    if isinstance(op, PurgeConversation):
+        return not valid_conversation(op.conv)
+    if isinstance(op, PurgeUser):
+        return not (valid_id(op.user) and _int_in(op.now, 0, _I64_END))
     raise TypeError(f"not a store op: {type(op).__name__}")
+
+
+def retention_limits(own: tuple[int, int], default_age: int, default_count: int) -> tuple[int, int]:
+    """(max_age, max_count) in force for a conversation whose own setting is
+    ``own`` (-1 per field: the default); 0 = no limit."""
+    age, count = own
+    return (default_age if age < 0 else age, default_count if count < 0 else count)
 
 
 class AsyncStore(ABC):

@@ -105,7 +105,14 @@ convset     T(user) T(conv)                    the user's settings of the conver
 mentionidx  T(user) T(conv) U64(seq)           empty: the entry at seq mentions the user
 deleted     T(user) T(conv) U64(seq)           empty: the user deleted that message for
                                                themselves (AmendMessage DELETE)
+retention   T(conv)                            I64 max_age + I64 max_count (-1: the
+                                               broker default) + U64 history floor
 ==========  =================================  ======================================
+
+History retention (``retention``, also schema 3, no migration) removes a
+prefix of a conversation: the entries of seqs <= floor are gone from
+``msgs``, ``convidx``, ``dedupe`` and ``inbox`` (an inbox may then have
+holes above its floor: reads skip them, :class:`Reclaim` walks over them).
 
 Host events (see :mod:`pimcore.store.base`) are exactly ids
 floor+1..``evlast``: reclamation deletes a prefix, so the floor is the first
@@ -159,6 +166,7 @@ decode in one ``unpack_from`` call, which matters more in Python.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import threading
@@ -242,6 +250,17 @@ from .base import (
     TouchDevice,
     Touched,
     WriteBatch,
+    Expire,
+    Expired,
+    PurgeConversation,
+    PurgeUser,
+    Purged,
+    ReadRetention,
+    RetentionSet,
+    RetentionState,
+    SetRetention,
+    after_floor,
+    retention_limits,
     direct_members,
     is_direct,
     malformed,
@@ -275,6 +294,7 @@ _DB_NAMES = (
     "convset",
     "mentionidx",
     "deleted",
+    "retention",
 )
 #: Below this LMDB cannot even hold the sub-database catalogue comfortably.
 _MIN_MAP_SIZE = 1 << 20
@@ -295,6 +315,7 @@ _AMEND = struct.Struct(">QQB")
 _RECORD_V1 = struct.Struct(">QQqq")
 _GROUP = struct.Struct(">qB")
 _SPAN = struct.Struct(">QQ")
+_RETENTION = struct.Struct(">qqQ")
 _HISTORY_VISIBLE = 1
 
 #: The longest key of the layout above with the longest ids (T(x) is
@@ -791,6 +812,7 @@ class LmdbStore(Store):
             self._convset,
             self._mentionidx,
             self._deleted,
+            self._retention,
         ) = dbs
         self._env = env
         try:
@@ -1438,7 +1460,7 @@ class LmdbStore(Store):
             txn.delete(key, db=self._devices)
 
         # Pass 2: each inbox loses its longest prefix of reclaimable entries.
-        # Entries are exactly floor+1..head, so the prefix is walked in order.
+        # Entries are floor+1..head but for holes, so the prefix is walked in order.
         age_cutoff = op.now - op.max_age
         removed = 0
         new_floors: list[tuple[bytes, int, int]] = []
@@ -1446,20 +1468,20 @@ class LmdbStore(Store):
             head, floor = _HEAD_FLOOR.unpack(value)
             # No device left: nothing was acked by "every device".
             acked = min_pos.get(uk, floor)
-            pos = floor
+            # Holes (entries retention or a purge removed) count as removed.
+            pos = head
             doomed: list[bytes] = []
             for key, entry in self._scan(txn, self._inbox, uk, uk + _U64.pack(floor + 1)):
-                if key != uk + _U64.pack(pos + 1):
-                    raise StoreError(f"inbox of {uk[1:]!r} has a hole at {pos + 1} (store corrupt)")
-                if not (pos + 1 <= acked or _INBOX.unpack(entry)[1] < age_cutoff):
+                at = _U64.unpack_from(key, len(uk))[0]
+                if not (at <= acked or _INBOX.unpack(entry)[1] < age_cutoff):
+                    pos = at - 1
                     break
                 doomed.append(key)
-                pos += 1
             if pos != floor:
                 for key in doomed:
                     txn.delete(key, db=self._inbox)
                 new_floors.append((uk, head, pos))
-                removed += pos - floor
+                removed += len(doomed)
         # Written after the scan: no puts into a database under iteration.
         for uk, head, floor in new_floors:
             txn.put(uk, _HEAD_FLOOR.pack(head, floor), db=self._inboxmeta)
@@ -1634,12 +1656,13 @@ class LmdbStore(Store):
             return []
         ck = _t(conv)
         last = self._last_seq(txn, ck)
-        # Seqs are exactly 1..last (gap-free), so a page is a seq range.
+        floor = self._retention_in(txn, ck)[2]
+        # Seqs are exactly floor+1..last (gap-free), so a page is a seq range.
         if backward:
             top = last if from_seq <= 0 else min(from_seq - 1, last)
-            seqs = range(top, max(top - limit, 0), -1)
+            seqs = range(top, max(top - limit, floor), -1)
         else:
-            start = max(from_seq, 0) + 1
+            start = max(from_seq, floor) + 1
             seqs = range(start, min(last, start + limit - 1) + 1)
         page = []
         for seq in seqs:
@@ -1786,6 +1809,8 @@ class LmdbStore(Store):
                     out.append(Deduped(self._deduped_in(txn, op.sender, op.device, op.local_id)))  # type: ignore[union-attr]
                 elif kind is ReadConversations:
                     out.append(self._read_conversations_in(txn, op))  # type: ignore[arg-type]
+                elif kind is ReadRetention:
+                    out.append(self._read_retention_in(txn, op))  # type: ignore[arg-type]
                 else:
                     raise TypeError(f"not a read op: {kind.__name__}")
             return tuple(out)
@@ -1818,7 +1843,7 @@ class LmdbStore(Store):
         spans = self._spans_in(txn, ck, op.user)
         if not spans:
             return HistoryPage(ErrorCode.NOT_MEMBER, ())
-        ranges = visible_ranges(spans, bool(flags & _HISTORY_VISIBLE))
+        ranges = after_floor(visible_ranges(spans, bool(flags & _HISTORY_VISIBLE)), self._retention_in(txn, ck)[2])
         page = []
         for seq in page_seqs(ranges, self._last_seq(txn, ck), op.from_seq, op.limit, op.backward):
             ref = txn.get(ck + _U64.pack(seq), db=self._convidx)
@@ -1918,6 +1943,184 @@ class LmdbStore(Store):
         w.txn.put(key, _I64.pack(before), db=self._revoked)
         return Revoked(op.user, op.device, before)
 
+    # ----------------------------------------------------- retention, purge
+
+    def _retention_in(self, txn: _Txn, ck: bytes) -> tuple[int, int, int]:
+        """(max_age, max_count, history floor) of T(conv) ``ck``."""
+        raw = txn.get(ck, db=self._retention)
+        return _RETENTION.unpack(raw) if raw is not None else (-1, -1, 0)
+
+    def _put_retention(self, txn: _Txn, ck: bytes, age: int, count: int, floor: int) -> None:
+        if (age, count, floor) == (-1, -1, 0):
+            txn.delete(ck, db=self._retention)
+        else:
+            txn.put(ck, _RETENTION.pack(age, count, floor), db=self._retention)
+
+    def _read_retention(self, op: ReadRetention) -> Result:
+        with self._read() as txn:
+            return self._read_retention_in(txn, op)
+
+    def _read_retention_in(self, txn: _Txn, op: ReadRetention) -> Result:
+        if not valid_conversation(op.conv):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        return RetentionState(op.conv, *self._retention_in(txn, _t(op.conv)))
+
+    def _set_retention(self, w: _Batch, op: SetRetention) -> Result:
+        txn = w.txn
+        ck = _t(op.conv)
+        if not is_direct(op.conv) and txn.get(ck, db=self._groups) is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        floor = self._retention_in(txn, ck)[2]
+        self._put_retention(txn, ck, op.max_age, op.max_count, floor)
+        return RetentionSet(op.conv, op.max_age, op.max_count)
+
+    def _recipients_in(self, txn: _Txn, ck: bytes) -> list[bytes]:
+        """T(user) of every user who may hold inbox entries of T(conv) ``ck``."""
+        pair = direct_members(ck[1:].decode("ascii"))
+        if pair is not None:
+            return [_t(pair[0]), _t(pair[1])]
+        return [key[len(ck) :] for key, _ in self._scan(txn, self._spans, ck)]
+
+    def _trim(self, txn: _Txn, ck: bytes, upto: int) -> tuple[int, int]:
+        """Remove the entries of T(conv) ``ck`` from its history floor up to
+        seq ``upto`` (messages, dedupe records, inbox entries) and move the
+        floor there; (entries removed, inbox entries removed).  The caller
+        synced the batch (no queued inbox entries)."""
+        age, count, floor = self._retention_in(txn, ck)
+        if upto <= floor:
+            return 0, 0
+        gone: set[bytes] = set()
+        for seq in range(floor + 1, upto + 1):
+            ik = ck + _U64.pack(seq)
+            ref = txn.get(ik, db=self._convidx)
+            if ref is None:
+                raise StoreError(f"{ck[1:]!r} has no seq {seq} (store corrupt)")
+            msg_id = ref[:16]
+            raw = txn.get(msg_id, db=self._msgs)
+            if raw is not None:
+                # The dedupe key T(sender) T(device) U64(local_id), cut from
+                # the record without decoding it (T(conv) comes first).
+                off = _RECORD.size + 1 + raw[_RECORD.size]
+                end = off + 1 + raw[off]
+                end += 1 + raw[end]
+                dkey = raw[off:end] + raw[8:16]
+                prior = txn.get(dkey, db=self._dedupe)
+                if prior is not None and prior[:16] == msg_id:
+                    txn.delete(dkey, db=self._dedupe)  # with its message, never before
+                txn.delete(msg_id, db=self._msgs)
+            txn.delete(ik, db=self._convidx)
+            gone.add(msg_id)
+        self._put_retention(txn, ck, age, count, upto)
+        entries = 0
+        for uk in self._recipients_in(txn, ck):
+            floor_pos = self._head_floor(txn, uk)[1]
+            doomed = [key for key, entry in self._scan(txn, self._inbox, uk, uk + _U64.pack(floor_pos + 1))
+                      if entry[:16] in gone]
+            for key in doomed:
+                txn.delete(key, db=self._inbox)
+            entries += len(doomed)
+        return upto - floor, entries
+
+    @staticmethod
+    def _forget_convs(w: _Batch) -> None:
+        """Membership or conversation-list flags changed outside the cache."""
+        w.hot.convs.clear()
+        w.hot.members = 0
+
+    def _expire(self, w: _Batch, op: Expire) -> Result:
+        w.sync()  # inbox entries queued by earlier ops must be in the db
+        txn = w.txn
+        if op.max_age or op.max_count:
+            cks = [ck for ck, _ in txn.cursor(self._convs)]
+        else:  # only conversations with a setting of their own
+            cks = [ck for ck, v in txn.cursor(self._retention) if _RETENTION.unpack(v)[:2] != (-1, -1)]
+        convs = msgs = entries = 0
+        for ck in cks:
+            own_age, own_count, floor = self._retention_in(txn, ck)
+            age, count = retention_limits((own_age, own_count), op.max_age, op.max_count)
+            if not (age or count):
+                continue
+            last = self._last_seq(txn, ck)
+            upto = floor
+            if count and last - count > upto:
+                upto = last - count
+            if age:
+                cutoff = op.now - age
+                while upto < last:
+                    ref = txn.get(ck + _U64.pack(upto + 1), db=self._convidx)
+                    raw = txn.get(ref[:16], db=self._msgs) if ref is not None else None
+                    if raw is not None and _RECORD.unpack_from(raw)[3] >= cutoff:
+                        break
+                    upto += 1
+            if upto > floor:
+                n, e = self._trim(txn, ck, upto)
+                convs, msgs, entries = convs + 1, msgs + n, entries + e
+        return Expired(convs, msgs, entries)
+
+    def _purge_conversation(self, w: _Batch, op: PurgeConversation) -> Result:
+        w.sync()
+        txn = w.txn
+        ck = _t(op.conv)
+        users = self._recipients_in(txn, ck)
+        msgs, entries = self._trim(txn, ck, self._last_seq(txn, ck))
+        for uk in users:
+            for key, db in ((uk + ck, self._reads), (uk + ck, self._userconvs), (ck + uk, self._spans),
+                            (ck + uk, self._members)):
+                txn.delete(key, db=db)
+        txn.delete(ck, db=self._groups)
+        # Keep only the floor (= the last seq): seqs continue after it.
+        self._put_retention(txn, ck, -1, -1, self._retention_in(txn, ck)[2])
+        self._forget_convs(w)
+        return Purged(msgs, entries)
+
+    def _purge_user(self, w: _Batch, op: PurgeUser) -> Result:
+        w.sync()
+        txn = w.txn
+        user = op.user
+        uk = _t(user)
+        groups = []
+        for key, _ in self._scan(txn, self._userconvs, uk):
+            ck = key[len(uk) :]
+            conv = ck[1:].decode("ascii")
+            if not is_direct(conv) and txn.get(ck + uk, db=self._members) is not None:
+                groups.append(conv)
+        changes = []
+        for conv in sorted(groups):
+            res = self._change_members(w, RemoveMembers(conv, (user,), op.now))
+            assert isinstance(res, GroupChanged)
+            changes.append(res)
+        w.sync()  # the LEFT entries' inbox writes, before the deletions below
+        tombstones = 0
+        for key, value in list(self._scan(txn, self._dedupe, uk)):
+            msg_id = value[:16]
+            raw = txn.get(msg_id, db=self._msgs)
+            if raw is not None:
+                m = dataclasses.replace(_decode_record(msg_id, raw), payload=b"")
+                txn.put(msg_id, _encode_entry(m), db=self._msgs)
+                tombstones += 1
+            txn.delete(key, db=self._dedupe)
+        doomed = [key for key, _ in self._scan(txn, self._inbox, uk)]
+        for key in doomed:
+            txn.delete(key, db=self._inbox)
+        head, floor = self._head_floor(txn, uk)
+        if floor != head:
+            txn.put(uk, _HEAD_FLOOR.pack(head, head), db=self._inboxmeta)
+        devices = [key for key, _ in self._scan(txn, self._devices, uk)]
+        for key in devices:
+            txn.delete(key, db=self._devices)
+        for key in [key for key, _ in self._scan(txn, self._reads, uk)]:
+            txn.delete(key, db=self._reads)
+        for key in [key for key, _ in self._scan(txn, self._userconvs, uk)]:
+            txn.delete(key[len(uk) :] + uk, db=self._spans)
+            txn.delete(key, db=self._userconvs)
+        rk = uk + _t("")
+        raw = txn.get(rk, db=self._revoked)
+        if raw is None or _I64.unpack(raw)[0] < op.now:
+            txn.put(rk, _I64.pack(op.now), db=self._revoked)
+        w.hot.clear_heads()
+        self._forget_convs(w)
+        return Purged(tombstones, len(doomed), len(devices), tuple(changes))
+
     # ----------------------------------------------------------- lifecycle
 
     @staticmethod
@@ -1987,4 +2190,8 @@ _HANDLERS: dict[type, Callable[[LmdbStore, _Batch, Op], Result]] = {
     AckEvents: LmdbStore._ack_events,  # type: ignore[dict-item]
     SetConversation: LmdbStore._set_conversation,  # type: ignore[dict-item]
     AmendMessage: LmdbStore._amend,  # type: ignore[dict-item]
+    SetRetention: LmdbStore._set_retention,  # type: ignore[dict-item]
+    Expire: LmdbStore._expire,  # type: ignore[dict-item]
+    PurgeConversation: LmdbStore._purge_conversation,  # type: ignore[dict-item]
+    PurgeUser: LmdbStore._purge_user,  # type: ignore[dict-item]
 }

@@ -15,6 +15,7 @@ so it favours being obviously right over being clever:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from dataclasses import replace
@@ -81,6 +82,17 @@ from .base import (
     TouchDevice,
     Touched,
     WriteBatch,
+    Expire,
+    Expired,
+    PurgeConversation,
+    PurgeUser,
+    Purged,
+    ReadRetention,
+    RetentionSet,
+    RetentionState,
+    SetRetention,
+    after_floor,
+    retention_limits,
     direct_members,
     malformed,
     valid_conversation,
@@ -142,6 +154,11 @@ class MemoryStore(Store):
         #: (user, conv) -> (pinned, muted, hidden_at): the user's own
         #: settings of a conversation (SetConversation); absent = defaults.
         self._convset: dict[tuple[str, str], tuple[bool, bool, int]] = {}
+        #: History retention: conv -> (max_age, max_count) set for it (-1 per
+        #: field: the broker default), and conv -> history floor (seqs <= it
+        #: were removed; entries are exactly floor+1..last).
+        self._retention: dict[str, tuple[int, int]] = {}
+        self._hfloor: dict[str, int] = {}
 
     # ------------------------------------------------------------ plumbing
 
@@ -445,12 +462,16 @@ class MemoryStore(Store):
             acked = min(d.position for d in known.values()) if known else floor
             inbox = self._inbox[user]
             pos = floor
-            while pos < head and (pos + 1 <= acked or inbox[pos + 1][1] < age_cutoff):
+            while pos < head:
+                entry = inbox.get(pos + 1)  # None: a hole (retention, purge)
+                if not (entry is None or pos + 1 <= acked or entry[1] < age_cutoff):
+                    break
                 pos += 1
-                self._del(inbox, pos)
+                if entry is not None:
+                    self._del(inbox, pos)
+                    removed += 1
             if pos != floor:
                 self._set(self._floor, user, pos)
-                removed += pos - floor
         # Host events: the longest prefix acked by every consumer (none yet:
         # nothing is acked) or older than max_age.
         acked = min(self._evcursors.values()) if self._evcursors else 0
@@ -573,6 +594,133 @@ class MemoryStore(Store):
             positions.append(tuple(pos_list))
         return GroupChanged(conv, tuple(sorted(self._members[conv])), tuple(entries), tuple(positions))
 
+    # ----------------------------------------------------- retention, purge
+
+    def _set_retention(self, op: SetRetention) -> Result:
+        if self._group_members(op.conv) is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        if (op.max_age, op.max_count) == (-1, -1):
+            if op.conv in self._retention:
+                self._del(self._retention, op.conv)
+        else:
+            self._set(self._retention, op.conv, (op.max_age, op.max_count))
+        return RetentionSet(op.conv, op.max_age, op.max_count)
+
+    def _read_retention(self, op: ReadRetention) -> Result:
+        with self._lock:
+            self._check_open()
+            if not valid_conversation(op.conv):
+                return Rejected(ErrorCode.BAD_REQUEST)
+            age, count = self._retention.get(op.conv, (-1, -1))
+            return RetentionState(op.conv, age, count, self._hfloor.get(op.conv, 0))
+
+    def _recipients(self, conv: str) -> list[str]:
+        """Every user who may hold inbox entries of ``conv``."""
+        pair = direct_members(conv)
+        if pair is not None:
+            return list(pair)
+        return sorted({u for (c, u) in self._spans if c == conv})
+
+    def _trim(self, conv: str, upto: int) -> tuple[int, int]:
+        """Remove the entries of ``conv`` from its history floor up to seq
+        ``upto`` (messages, dedupe records, inbox entries); the floor
+        becomes ``upto``.  (entries removed, inbox entries removed)."""
+        floor = self._hfloor.get(conv, 0)
+        if upto <= floor:
+            return 0, 0
+        gone: set[bytes] = set()
+        for seq in range(floor + 1, upto + 1):
+            msg_id = self._conv_seq[(conv, seq)]
+            m = self._msgs[msg_id]
+            key = (m.sender, m.device, m.local_id)
+            prior = self._dedupe.get(key)
+            if prior is not None and prior[0] == msg_id:
+                self._del(self._dedupe, key)  # with its message, never before
+            self._del(self._conv_seq, (conv, seq))
+            self._del(self._msgs, msg_id)
+            gone.add(msg_id)
+        self._set(self._hfloor, conv, upto)
+        entries = 0
+        for user in self._recipients(conv):
+            inbox = self._inbox.get(user, {})
+            for pos in [p for p, (msg_id, _) in inbox.items() if msg_id in gone]:
+                self._del(inbox, pos)
+                entries += 1
+        return upto - floor, entries
+
+    def _expire(self, op: Expire) -> Result:
+        if not self._retention and not (op.max_age or op.max_count):
+            return Expired(0, 0, 0)
+        convs = msgs = entries = 0
+        for conv, last in list(self._conv_last.items()):
+            age, count = retention_limits(self._retention.get(conv, (-1, -1)), op.max_age, op.max_count)
+            if not (age or count):
+                continue
+            upto = floor = self._hfloor.get(conv, 0)
+            if count and last - count > upto:
+                upto = last - count
+            if age:
+                cutoff = op.now - age
+                while upto < last and self._msgs[self._conv_seq[(conv, upto + 1)]].server_time < cutoff:
+                    upto += 1
+            if upto > floor:
+                n, e = self._trim(conv, upto)
+                convs, msgs, entries = convs + 1, msgs + n, entries + e
+        return Expired(convs, msgs, entries)
+
+    def _purge_conversation(self, op: PurgeConversation) -> Result:
+        conv = op.conv
+        users = self._recipients(conv)
+        msgs, entries = self._trim(conv, self._conv_last.get(conv, 0))
+        for user in users:
+            if (user, conv) in self._reads:
+                self._del(self._reads, (user, conv))
+            convs = self._userconv.get(user, {})
+            if conv in convs:
+                self._del(convs, conv)
+            if (conv, user) in self._spans:
+                self._del(self._spans, (conv, user))
+        for table in (self._groups, self._visible, self._members, self._retention):
+            if conv in table:
+                self._del(table, conv)
+        return Purged(msgs, entries)
+
+    def _purge_user(self, op: PurgeUser) -> Result:
+        user = op.user
+        changes = []
+        for conv in sorted(self._userconv.get(user, {})):
+            if conv in self._groups and user in self._members[conv]:
+                res = self._change_members(RemoveMembers(conv, (user,), op.now))
+                assert isinstance(res, GroupChanged)
+                changes.append(res)
+        tombstones = 0
+        for key, (msg_id, _, _, _) in list(self._dedupe.items()):
+            if key[0] != user:
+                continue
+            m = self._msgs.get(msg_id)
+            if m is not None:
+                self._set(self._msgs, msg_id, dataclasses.replace(m, payload=b""))
+                tombstones += 1
+            self._del(self._dedupe, key)
+        inbox = self._inbox.get(user, {})
+        entries = len(inbox)
+        if entries:
+            self._set(self._inbox, user, {})
+        if self._floor.get(user, 0) != self._head.get(user, 0):
+            self._set(self._floor, user, self._head[user])
+        devices = len(self._devices.get(user, {}))
+        if user in self._devices:
+            self._del(self._devices, user)
+        for rkey in [k for k in self._reads if k[0] == user]:
+            self._del(self._reads, rkey)
+        for skey in [k for k in self._spans if k[1] == user]:
+            self._del(self._spans, skey)
+        if user in self._userconv:
+            self._del(self._userconv, user)
+        if self._revoked.get((user, ""), 0) < op.now:
+            self._set(self._revoked, (user, ""), op.now)
+        return Purged(tombstones, entries, devices, tuple(changes))
+
     # --------------------------------------------------------------- reads
 
     def conversation_exists(self, conv: str) -> bool:
@@ -605,12 +753,13 @@ class MemoryStore(Store):
             last = self._conv_last.get(conv, 0)
             if limit <= 0:
                 return []
-            # Seqs are exactly 1..last (gap-free), so a page is a seq range.
+            # Seqs are exactly floor+1..last (gap-free), so a page is a seq range.
+            floor = self._hfloor.get(conv, 0)
             if backward:
                 top = last if from_seq <= 0 else min(from_seq - 1, last)
-                seqs = range(top, max(top - limit, 0), -1)
+                seqs = range(top, max(top - limit, floor), -1)
             else:
-                start = max(from_seq, 0) + 1
+                start = max(from_seq, floor) + 1
                 seqs = range(start, min(last, start + limit - 1) + 1)
             return [self._current(self._msgs[self._conv_seq[(conv, s)]]) for s in seqs]
 
@@ -633,10 +782,17 @@ class MemoryStore(Store):
         with self._lock:
             self._check_open()
             inbox = self._inbox.get(user, {})
-            # Entries are exactly floor+1..head (reclaim removes a prefix).
-            start = max(after, self._floor.get(user, 0)) + 1
-            end = min(self._head.get(user, 0), start + limit - 1)
-            return [(pos, self._current(self._msgs[inbox[pos][0]])) for pos in range(start, end + 1)]
+            # Entries are floor+1..head (reclaim removes a prefix) but for
+            # the holes retention and purges leave (skipped).
+            pos = max(after, self._floor.get(user, 0)) + 1
+            head = self._head.get(user, 0)
+            out: list[tuple[int, StoredMessage]] = []
+            while pos <= head and len(out) < limit:
+                entry = inbox.get(pos)
+                if entry is not None:
+                    out.append((pos, self._current(self._msgs[entry[0]])))
+                pos += 1
+            return out
 
     def device(self, user: str, device: str) -> Optional[DeviceState]:
         with self._lock:
@@ -668,7 +824,7 @@ class MemoryStore(Store):
         return self._spans.get((conv, user), ())
 
     def _unread(self, user: str, conv: str) -> int:
-        marker = self._reads.get((user, conv), 0)
+        marker = max(self._reads.get((user, conv), 0), self._hfloor.get(conv, 0))
         last = self._conv_last.get(conv, 0)
         n = 0
         for lo, hi in member_ranges(self._spans_of(conv, user)):
@@ -700,7 +856,7 @@ class MemoryStore(Store):
             spans = self._spans_of(op.conv, op.user)
             if not spans:
                 return HistoryPage(ErrorCode.NOT_MEMBER, ())
-            ranges = visible_ranges(spans, self._visible.get(op.conv, False))
+            ranges = after_floor(visible_ranges(spans, self._visible.get(op.conv, False)), self._hfloor.get(op.conv, 0))
             seqs = page_seqs(ranges, self._conv_last.get(op.conv, 0), op.from_seq, op.limit, op.backward)
             return HistoryPage(ErrorCode.OK, tuple(self._current(self._msgs[self._conv_seq[(op.conv, s)]], op.user) for s in seqs))
 
@@ -805,4 +961,8 @@ _HANDLERS: dict[type, Callable[[MemoryStore, Any], Result]] = {
     AckEvents: MemoryStore._ack_events,
     AmendMessage: MemoryStore._amend,
     SetConversation: MemoryStore._set_conversation,
+    SetRetention: MemoryStore._set_retention,
+    Expire: MemoryStore._expire,
+    PurgeConversation: MemoryStore._purge_conversation,
+    PurgeUser: MemoryStore._purge_user,
 }

@@ -33,6 +33,11 @@ does everything of one user):
                            (what :class:`Reclaim` walks)
 ``NS:{ev}``                hash: host events (``last``, ``floor``, ``e:ID``,
                            ``c:CONSUMER``)
+``NS:{meta}:convs``        hash: every conversation that ever had an entry
+                           (what :class:`Expire` walks with a broker default)
+``NS:{meta}:ret``          hash: every conversation with a retention
+                           setting of its own (``ret`` = ``AGE:COUNT`` in
+                           its hash; ``hf`` = its history floor)
 =========================  ===============================================
 
 Requests.  A request runs its ops on a transaction object: reads go to
@@ -71,6 +76,7 @@ an entry before its message).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -148,6 +154,17 @@ from .base import (
     StoreRequest,
     TouchDevice,
     Touched,
+    Expire,
+    Expired,
+    PurgeConversation,
+    PurgeUser,
+    Purged,
+    ReadRetention,
+    RetentionSet,
+    RetentionState,
+    SetRetention,
+    after_floor,
+    retention_limits,
     direct_members,
     last_visible,
     malformed,
@@ -400,6 +417,8 @@ class RedisStore(AsyncStore):
         self._epochs: tuple[bytes, ...] = ()
         self._meta = f"{namespace}:{{meta}}"
         self._users = f"{namespace}:{{meta}}:users"
+        self._rets = f"{namespace}:{{meta}}:ret"
+        self._convs = f"{namespace}:{{meta}}:convs"
         self._ev = f"{namespace}:{{ev}}"
         self._wal = f"{namespace}:{{wal}}"
         self.settle = settle
@@ -754,6 +773,8 @@ class RedisStore(AsyncStore):
         """Store ``m`` at its seq and append it to every recipient's inbox."""
         ck = self._k_conv(m.conv)
         tx.put(ck, "last", m.seq)
+        if m.seq == 1:
+            tx.put(self._convs, m.conv, b"1")  # what Expire walks (one write per conversation)
         tx.put(ck, f"s:{m.seq}", _enc_msg(m))
         tx.put(self._k_msg(m.msg_id), "r", f"{m.seq}:{m.conv}")
         ref = f"{m.seq}:{m.server_time}:{m.conv}"
@@ -935,15 +956,16 @@ class RedisStore(AsyncStore):
             acked = min(devs.values()) if devs else floor
             pos = floor
             while pos < head:
-                ref = fields.get(f"i:{pos + 1}")
+                ref = fields.get(f"i:{pos + 1}")  # None: a hole (retention, purge)
                 st = int(ref.split(b":")[1]) if ref is not None else 0
-                if not (pos + 1 <= acked or st < age_cutoff):
+                if not (ref is None or pos + 1 <= acked or st < age_cutoff):
                     break
                 pos += 1
-                tx.delete(uk, f"i:{pos}")
+                if ref is not None:
+                    tx.delete(uk, f"i:{pos}")
+                    removed += 1
             if pos != floor:
                 tx.put(uk, "floor", pos)
-                removed += pos - floor
         evs = await tx.getall(self._ev)
         cursors = [int(v) for f, v in evs.items() if f.startswith("c:")]
         acked = min(cursors) if cursors else 0
@@ -1078,6 +1100,137 @@ class RedisStore(AsyncStore):
             entries.append(m)
         return GroupChanged(conv, tuple(sorted(current)), tuple(entries), tuple(positions))
 
+    # -- retention and purge (see the ops in pimcore.store.base) ------------
+
+    async def _set_retention(self, tx: _Tx, op: SetRetention) -> Result:
+        if await self._group_members(tx, op.conv) is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        ck = self._k_conv(op.conv)
+        if (op.max_age, op.max_count) == (-1, -1):
+            tx.delete(ck, "ret")
+            tx.delete(self._rets, op.conv)
+        else:
+            tx.put(ck, "ret", f"{op.max_age}:{op.max_count}")
+            tx.put(self._rets, op.conv, b"1")
+        return RetentionSet(op.conv, op.max_age, op.max_count)
+
+    async def _recipients(self, tx: _Tx, conv: str) -> list[str]:
+        """Every user who may hold inbox entries of ``conv``."""
+        pair = direct_members(conv)
+        if pair is not None:
+            return list(pair)
+        return sorted(f[3:] for f in await tx.getall(self._k_conv(conv)) if f.startswith("sp:"))
+
+    async def _trim(self, tx: _Tx, conv: str, upto: int) -> tuple[int, int]:
+        """Remove the entries of ``conv`` from its history floor up to seq
+        ``upto`` (messages, dedupe records, inbox entries); the floor
+        becomes ``upto``.  (entries removed, inbox entries removed)."""
+        ck = self._k_conv(conv)
+        floor = _int(await tx.get(ck, "hf"))
+        if upto <= floor:
+            return 0, 0
+        gone: set[tuple[int, str]] = set()
+        for m in await self._msgs_at(tx, conv, list(range(floor + 1, upto + 1))):
+            dkey, dfield = self._k_user(m.sender), f"d:{m.device}/{m.local_id}"
+            prior = await tx.get(dkey, dfield)
+            if prior is not None and prior.split(b":", 1)[0] == m.msg_id.hex().encode():
+                tx.delete(dkey, dfield)  # with its message, never before
+            tx.delete(ck, f"s:{m.seq}")
+            tx.delete(self._k_msg(m.msg_id), "r")
+            gone.add((m.seq, conv))
+        tx.put(ck, "hf", upto)
+        entries = 0
+        for user in await self._recipients(tx, conv):
+            uk = self._k_user(user)
+            for f, v in (await tx.getall(uk)).items():
+                if f.startswith("i:"):
+                    seq, _, c = v.decode().split(":", 2)
+                    if (int(seq), c) in gone:
+                        tx.delete(uk, f)
+                        entries += 1
+        return upto - floor, entries
+
+    async def _expire(self, tx: _Tx, op: Expire) -> Result:
+        convs: set[str] = set(await tx.getall(self._rets))
+        if op.max_age or op.max_count:
+            convs.update(await tx.getall(self._convs))
+        n_convs = msgs = entries = 0
+        for conv in sorted(convs):
+            ck = self._k_conv(conv)
+            ret, hf, last_b = await tx.mget(ck, ["ret", "hf", "last"])
+            own = tuple(int(x) for x in ret.split(b":")) if ret else (-1, -1)
+            age, count = retention_limits(own, op.max_age, op.max_count)  # type: ignore[arg-type]
+            if not (age or count):
+                continue
+            last = _int(last_b)
+            upto = floor = _int(hf)
+            if count and last - count > upto:
+                upto = last - count
+            if age:
+                cutoff = op.now - age
+                while upto < last and (await self._msg_at(tx, conv, upto + 1)).server_time < cutoff:
+                    upto += 1
+            if upto > floor:
+                n, e = await self._trim(tx, conv, upto)
+                n_convs, msgs, entries = n_convs + 1, msgs + n, entries + e
+        return Expired(n_convs, msgs, entries)
+
+    async def _purge_conversation(self, tx: _Tx, op: PurgeConversation) -> Result:
+        conv = op.conv
+        ck = self._k_conv(conv)
+        users = await self._recipients(tx, conv)
+        msgs, entries = await self._trim(tx, conv, _int(await tx.get(ck, "last")))
+        for user in users:
+            uk = self._k_user(user)
+            tx.delete(uk, "rd:" + conv)
+            tx.delete(uk, "cv:" + conv)
+            tx.delete(ck, "sp:" + user)
+        for f in ("grp", "hv", "mem", "ret"):
+            tx.delete(ck, f)
+        tx.delete(self._rets, conv)
+        return Purged(msgs, entries)
+
+    async def _purge_user(self, tx: _Tx, op: PurgeUser) -> Result:
+        user = op.user
+        uk = self._k_user(user)
+        changes = []
+        for conv in await self._conversations(tx, user):
+            members = await self._group_members(tx, conv) if direct_members(conv) is None else None
+            if members is not None and user in members:
+                res = await self._change_members(tx, RemoveMembers(conv, (user,), op.now))
+                assert isinstance(res, GroupChanged)
+                changes.append(res)
+        fields = await tx.getall(uk)
+        tombstones = entries = devices = 0
+        for f, v in sorted(fields.items()):
+            if f.startswith("d:"):
+                msg_id = bytes.fromhex(v.decode().split(":", 1)[0])
+                ref = await tx.get(self._k_msg(msg_id), "r")
+                if ref is not None:
+                    seq, _, conv = ref.decode().partition(":")
+                    m = await self._msg_at(tx, conv, int(seq))
+                    tx.put(self._k_conv(conv), f"s:{m.seq}", _enc_msg(dataclasses.replace(m, payload=b"")))
+                    tombstones += 1
+                tx.delete(uk, f)
+            elif f.startswith("i:"):
+                tx.delete(uk, f)
+                entries += 1
+            elif f.startswith("dv:"):
+                tx.delete(uk, f)
+                devices += 1
+            elif f.startswith("rd:"):
+                tx.delete(uk, f)
+            elif f.startswith("cv:"):
+                tx.delete(uk, f)
+                if direct_members(f[3:]) is None:
+                    tx.delete(self._k_conv(f[3:]), "sp:" + user)
+        head = _int(fields.get("head"))
+        if _int(fields.get("floor")) != head:
+            tx.put(uk, "floor", head)
+        if _int(fields.get("rv:")) < op.now:
+            tx.put(uk, "rv:", op.now)
+        return Purged(tombstones, entries, devices, tuple(changes))
+
     # -- reads --------------------------------------------------------------
 
     async def _read(self, tx: _Tx, op: Any) -> Result:
@@ -1106,6 +1259,12 @@ class RedisStore(AsyncStore):
             return await self._read_conversations(tx, op)
         if kind is ReadPresence:
             return await self._read_presence(tx, op)
+        if kind is ReadRetention:
+            if not valid_conversation(op.conv):
+                return Rejected(ErrorCode.BAD_REQUEST)
+            ret, hf = await tx.mget(self._k_conv(op.conv), ["ret", "hf"])
+            age, count = (int(x) for x in ret.split(b":")) if ret else (-1, -1)
+            return RetentionState(op.conv, age, count, _int(hf))
         raise TypeError(f"not a read op: {kind.__name__}")
 
     async def _devices(self, tx: _Tx, user: str) -> list[DeviceState]:
@@ -1120,28 +1279,30 @@ class RedisStore(AsyncStore):
         uk = self._k_user(user)
         head, floor = (_int(v) for v in await tx.mget(uk, ["head", "floor"]))
         start = max(after, floor) + 1
-        end = min(head, start + limit - 1)
-        if end < start:
-            return []
-        positions = list(range(start, end + 1))
-        refs = await tx.mget(uk, [f"i:{p}" for p in positions])
-        out = []
-        for pos, ref in zip(positions, refs):
-            if ref is None:
-                raise StoreError(f"missing inbox entry {user!r} {pos}")
-            seq, _, conv = ref.decode().split(":", 2)
-            if seq.startswith("x"):  # a DELETE entry (no seq): kept by msg_id
-                v = await tx.get(self._k_conv(conv), "x:" + seq[1:])
-                if v is None:
-                    raise StoreError(f"missing inbox entry {user!r} {pos}")
-                out.append((pos, _dec_msg(v)))
-                continue
-            out.append((pos, (await self._current(tx, [await self._msg_at(tx, conv, int(seq))]))[0]))
+        out: list[tuple[int, StoredMessage]] = []
+        # Holes (entries retention or a purge removed) are skipped.
+        while start <= head and len(out) < limit:
+            end = min(head, start + limit - len(out) - 1)
+            positions = list(range(start, end + 1))
+            refs = await tx.mget(uk, [f"i:{p}" for p in positions])
+            for pos, ref in zip(positions, refs):
+                if ref is None:
+                    continue
+                seq, _, conv = ref.decode().split(":", 2)
+                if seq.startswith("x"):  # a DELETE entry (no seq): kept by msg_id
+                    v = await tx.get(self._k_conv(conv), "x:" + seq[1:])
+                    if v is None:
+                        continue  # purged with its conversation
+                    out.append((pos, _dec_msg(v)))
+                    continue
+                out.append((pos, (await self._current(tx, [await self._msg_at(tx, conv, int(seq))]))[0]))
+            start = end + 1
         return out
 
     async def _unread(self, tx: _Tx, user: str, conv: str) -> int:
         marker = _int(await tx.get(self._k_user(user), "rd:" + conv))
-        last = _int(await tx.get(self._k_conv(conv), "last"))
+        last, hf = (_int(v) for v in await tx.mget(self._k_conv(conv), ["last", "hf"]))
+        marker = max(marker, hf)
         seqs: list[int] = []
         for lo, hi in member_ranges(await self._spans_of(tx, conv, user)):
             seqs.extend(range(max(lo, marker + 1), min(hi, last) + 1))
@@ -1242,8 +1403,8 @@ class RedisStore(AsyncStore):
         if not spans:
             return HistoryPage(ErrorCode.NOT_MEMBER, ())
         ck = self._k_conv(op.conv)
-        last, hv = await tx.mget(ck, ["last", "hv"])
-        ranges = visible_ranges(spans, _int(hv) == 1)
+        last, hv, hf = await tx.mget(ck, ["last", "hv", "hf"])
+        ranges = after_floor(visible_ranges(spans, _int(hv) == 1), _int(hf))
         seqs = page_seqs(ranges, _int(last), op.from_seq, op.limit, op.backward)
         return HistoryPage(ErrorCode.OK, tuple(await self._current(tx, await self._msgs_at(tx, op.conv, seqs), op.user)))
 
@@ -1297,14 +1458,14 @@ class RedisStore(AsyncStore):
 
     async def history(self, conv: str, from_seq: int, limit: int, backward: bool = False) -> list[StoredMessage]:
         tx = _Tx(self)
-        last = _int(await tx.get(self._k_conv(conv), "last"))
+        last, floor = (_int(v) for v in await tx.mget(self._k_conv(conv), ["last", "hf"]))
         if limit <= 0:
             return []
         if backward:
             top = last if from_seq <= 0 else min(from_seq - 1, last)
-            seqs = list(range(top, max(top - limit, 0), -1))
+            seqs = list(range(top, max(top - limit, floor), -1))
         else:
-            start = max(from_seq, 0) + 1
+            start = max(from_seq, floor) + 1
             seqs = list(range(start, min(last, start + limit - 1) + 1))
         return await self._current(tx, await self._msgs_at(tx, conv, seqs))
 
@@ -1386,4 +1547,8 @@ _HANDLERS: dict[type, Any] = {
     AckEvents: RedisStore._ack_events,
     AmendMessage: RedisStore._amend,
     SetConversation: RedisStore._set_conversation,
+    SetRetention: RedisStore._set_retention,
+    Expire: RedisStore._expire,
+    PurgeConversation: RedisStore._purge_conversation,
+    PurgeUser: RedisStore._purge_user,
 }
