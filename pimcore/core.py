@@ -66,6 +66,7 @@ from enum import Enum
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from . import frames as F
+from ._backend import impl as _impl
 from .clock import HybridClock
 from .errors import AuthError, CloseCode, ErrorCode, ProtocolError, StoreError
 from .ids import SYSTEM, direct_members, id_problem, valid_conversation, valid_id
@@ -635,14 +636,26 @@ def message_digest(conv: str, payload: bytes) -> bytes:
     return h.digest()
 
 
+# Constructors of the records built once per message on the send path:
+# record_maker(cls)(*every field) == cls(*every field), without the frozen
+# dataclass __init__'s object.__setattr__ per field in the compiled backend
+# (pimcore/_pure/records.py).  Each call site passes every field in order.
+_new_message = _impl.record_maker(NewMessage)
+_message = _impl.record_maker(F.Message)
+_send_ack = _impl.record_maker(F.SendAck)
+_push = _impl.record_maker(F.Push)
+_ack_position = _impl.record_maker(AckPosition)
+
+
 def _to_frame_message(pos: int, m: StoredMessage) -> F.Message:
-    return F.Message(
+    return _message(
         pos, m.msg_id, m.conv, m.seq, m.sender, m.device, m.client_time, m.server_time, m.payload,
         m.kind, m.local_id, m.after_seq,
     )
 
 
 _U64_MAX = (1 << 64) - 1
+_send_data = _impl.record_maker(SendData)
 
 # ---------------------------------------------------------------- the broker
 
@@ -1686,7 +1699,7 @@ class Broker:
             return
         server_time = self._clock.tick(now)
         msg_id = server_time.to_bytes(8, "big") + self._node_id
-        op = NewMessage(
+        op = _new_message(
             msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest, f.after_seq,
             self.config.record_events,
         )
@@ -1698,7 +1711,7 @@ class Broker:
         self._pending_sends.pop(ctx.key, None)
         if isinstance(res, Appended):
             self._stats["messages_stored"] += 1
-            ack = F.SendAck(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
+            ack = _send_ack(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
             heads, fresh, online = self._heads, self._fresh, self._online
             for user, pos in res.positions:
                 if user in heads:
@@ -1707,7 +1720,7 @@ class Broker:
                     if user in online:
                         to_pump.add(user)
                         # The Push entry as the store would give it back.
-                        m = F.Message(
+                        m = _message(
                             pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time,
                             res.server_time, op.payload, 0, op.local_id, res.after_seq,
                         )
@@ -1809,7 +1822,7 @@ class Broker:
         dev.unacked.append((upto, size))
         dev.unacked_bytes += size
         self._stats["pushes"] += 1
-        self._send(dev.conn, F.Push(upto, msgs), out)
+        self._send(dev.conn, _push(upto, msgs), out)
 
     def _on_push_ack(self, c: _Conn, f: F.PushAck, now: int, out: list[Command]) -> None:
         dev = self._online[c.user][c.device]
@@ -1828,7 +1841,7 @@ class Broker:
         """The device's position moved to ``pos``: make it durable (lazily)."""
         key = (dev.user, dev.device)
         self._acks_unsaved[key] = pos
-        op = AckPosition(dev.user, dev.device, pos, now)
+        op = _ack_position(dev.user, dev.device, pos, now)
         slot = self._ack_slot.get(key)
         if slot is not None:
             self._ops[slot] = op  # batched acks: only the newest matters
@@ -1958,7 +1971,7 @@ class Broker:
         c.held += len(data) + _FRAME_OVERHEAD
         if c.held > self.config.max_outbound:
             self._slow.append(c)
-        out.append(SendData(conn, data))
+        out.append(_send_data(conn, data))
 
     def _error(self, conn: int, code: ErrorCode, ref: int, reason: str, out: list[Command]) -> None:
         if conn in self._conns:

@@ -311,6 +311,11 @@ def _take_t(buf: bytes, off: int) -> tuple[str, int]:
     return buf[off + 1 : end].decode("ascii"), end
 
 
+# The results built once per op of a batch (pimcore/_pure/records.py).
+_appended = _impl.record_maker(Appended)
+_acked = _impl.record_maker(Acked)
+
+
 def _encode_record(seq: int, op: NewMessage, after_seq: int, kind: int = 0) -> bytes:
     return b"".join(
         (
@@ -1118,7 +1123,7 @@ class LmdbStore(Store):
                 0, after_seq,
             )
             w.append_event(op.server_time, message_event(m, [u for u, _ in positions]))
-        return Appended(op.msg_id, seq, op.server_time, positions, after_seq)
+        return _appended(op.msg_id, seq, op.server_time, positions, after_seq)
 
     def _register(self, w: _Batch, user: str, device: str, position: int, now: int) -> tuple[int, bool]:
         """Shared by Touch and Ack: create at the floor if unknown, move
@@ -1139,7 +1144,7 @@ class LmdbStore(Store):
 
     def _ack(self, w: _Batch, op: AckPosition) -> Result:
         pos, _ = self._register(w, op.user, op.device, op.position, op.now)
-        return Acked(op.user, op.device, pos)
+        return _acked(op.user, op.device, pos)
 
     def _touch(self, w: _Batch, op: TouchDevice) -> Result:
         pos, new = self._register(w, op.user, op.device, op.position, op.now)
