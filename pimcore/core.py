@@ -965,11 +965,18 @@ class Broker:
         self._stats["batches"] += 1
         out: list[Command] = []
         to_pump: set[str] = set()
+        # The SendAcks of each connection, in order, go out as one SendData
+        # per connection (one encode, one write), before any other frame the
+        # batch sends it: they are flushed before every op that is not a
+        # NewMessage, and before the pushes.
+        acks: dict[int, list[F.SendAck]] = {}
         for op, ctx, res in zip(batch.ops, ctxs, results):
             kind = type(op)
+            if kind is not NewMessage and acks:
+                self._flush_acks(acks, out)
             if kind is NewMessage:
                 assert isinstance(ctx, _PendingSend)
-                self._finish_send(op, ctx, res, to_pump, out)  # type: ignore[arg-type]
+                self._finish_send(op, ctx, res, to_pump, out, acks)  # type: ignore[arg-type]
             elif kind is MarkRead:
                 assert isinstance(ctx, _ReadCtx)
                 if isinstance(res, ReadMarked):
@@ -995,6 +1002,8 @@ class Broker:
                 self._stats["reclaimed_entries"] += res.entries
             # Acked / Touched need no reaction: the in-memory session already
             # moved; the store only makes it survive a restart.
+        if acks:
+            self._flush_acks(acks, out)
         # SendAcks above, pushes after: the sender learns "durable" no later
         # than any recipient sees the message.
         for user in sorted(to_pump):
@@ -1003,6 +1012,14 @@ class Broker:
         self._fresh.clear()
         self._maybe_commit(out, now)
         return out
+
+    def _flush_acks(self, acks: dict[int, list[F.SendAck]], out: list[Command]) -> None:
+        for conn, frames in acks.items():
+            if len(frames) == 1:
+                self._send(conn, frames[0], out)
+            else:
+                self._send_many(conn, frames, out)
+        acks.clear()
 
     def _batch_failed(self, inflight: tuple[StoreRequest, list[_Ctx]], now: int) -> list[Command]:
         batch, ctxs = inflight
@@ -1707,7 +1724,10 @@ class Broker:
         self._pending_sends[key] = ctx
         self._propose(op, ctx)
 
-    def _finish_send(self, op: NewMessage, ctx: _PendingSend, res: Result, to_pump: set[str], out: list[Command]) -> None:
+    def _finish_send(
+        self, op: NewMessage, ctx: _PendingSend, res: Result, to_pump: set[str], out: list[Command],
+        acks: Optional[dict[int, list[F.SendAck]]] = None,
+    ) -> None:
         self._pending_sends.pop(ctx.key, None)
         if isinstance(res, Appended):
             self._stats["messages_stored"] += 1
@@ -1728,16 +1748,21 @@ class Broker:
         elif isinstance(res, Duplicate):
             self._stats["duplicates"] += 1
             ack = F.SendAck(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
-            self._ack_waiters(ctx, ack, out, duplicate=True)
+            self._ack_waiters(ctx, ack, out, duplicate=True, acks=acks)
             return
         elif isinstance(res, Rejected):
             self._stats["rejected"] += 1
             ack = F.SendAck(op.local_id, res.code, b"", 0, 0)
         else:  # pragma: no cover - a store contract violation
             raise TypeError(f"unexpected result {res!r} for NewMessage")
-        self._ack_waiters(ctx, ack, out)
+        self._ack_waiters(ctx, ack, out, acks=acks)
 
-    def _ack_waiters(self, ctx: _PendingSend, ack: F.SendAck, out: list[Command], duplicate: bool = False) -> None:
+    def _ack_waiters(
+        self, ctx: _PendingSend, ack: F.SendAck, out: list[Command], duplicate: bool = False,
+        acks: Optional[dict[int, list[F.SendAck]]] = None,
+    ) -> None:
+        """Send ``ack`` to every waiter of ``ctx`` -- or, given ``acks``, queue
+        it there per connection (a batch being finished: _flush_acks)."""
         for conn in ctx.waiters:
             if isinstance(conn, tuple):  # a host post (Broker.post): ("post", ref[, True])
                 code = ErrorCode(ack.code)
@@ -1748,7 +1773,14 @@ class Broker:
             if c is None:  # gone: the client retries after reconnecting
                 continue
             c.inflight -= 1
-            self._send(conn, ack, out)
+            if acks is not None:
+                pending = acks.get(conn)
+                if pending is None:
+                    acks[conn] = [ack]
+                else:
+                    pending.append(ack)
+            else:
+                self._send(conn, ack, out)
 
     # ------------------------------------------------------------ delivery
 
@@ -1967,6 +1999,21 @@ class Broker:
             return  # over the hard limit: closed as a slow consumer (_maybe_commit)
         self._stats["frames_out"] += 1
         data = c.session.send(frame)
+        c.chunks.append(len(data))
+        c.held += len(data) + _FRAME_OVERHEAD
+        if c.held > self.config.max_outbound:
+            self._slow.append(c)
+        out.append(_send_data(conn, data))
+
+    def _send_many(self, conn: int, frames: list[F.Frame], out: list[Command]) -> None:
+        """:meth:`_send` of several frames as one SendData (one encode call)."""
+        c = self._conns.get(conn)
+        if c is None:
+            return
+        if c.held > self.config.max_outbound:
+            return  # over the hard limit: closed as a slow consumer (_maybe_commit)
+        self._stats["frames_out"] += len(frames)
+        data = c.session.send_many(frames)
         c.chunks.append(len(data))
         c.held += len(data) + _FRAME_OVERHEAD
         if c.held > self.config.max_outbound:
