@@ -41,6 +41,7 @@ class _Host:
         self.store, self.broker = store, broker
         self.now = time.time_ns() // 1000
         self.busy = 0.0  # seconds of thread CPU inside the core and the store
+        self.split: dict[str, float] = {}  # the same by entry point
         self.write: Optional[StoreRequest] = None
         self.inbound: dict[int, bytearray] = {}
         self.decoders: dict[int, Decoder] = {}
@@ -49,7 +50,9 @@ class _Host:
     def call(self, fn, *args):
         t0 = _clock()
         cmds = fn(*args, self.now)
-        self.busy += _clock() - t0
+        took = _clock() - t0
+        self.busy += took
+        self.split[fn.__name__] = self.split.get(fn.__name__, 0.0) + took
         self.run(cmds)
 
     def run(self, cmds) -> None:
@@ -80,7 +83,9 @@ class _Host:
             return False
         t0 = _clock()
         res = self.store.execute(req)
-        self.busy += _clock() - t0
+        took = _clock() - t0
+        self.busy += took
+        self.split["commit"] = self.split.get("commit", 0.0) + took
         self.call(self.broker.store_completed, req.request_id, res)
         return True
 
@@ -118,6 +123,7 @@ def run(conns: int = 50, window: int = 16, count: int = 40_000, durability: str 
         for conn in senders + recipients:
             host.take(conn)
         host.busy = 0.0
+        host.split.clear()
         payload = b"x" * 100
         inflight = {c: 0 for c in senders}
         next_local = {c: 1 for c in senders}
@@ -178,6 +184,7 @@ def run(conns: int = 50, window: int = 16, count: int = 40_000, durability: str 
         store.close()
     return {"conns": conns, "window": window, "acked": acked, "cpu_us_per_send": host.busy / acked * 1e6,
             "wall_s": wall, "backend": BACKEND,
+            "split_us_per_send": {k: round(v / acked * 1e6, 1) for k, v in host.split.items()},
             "gc_us_per_send": [round(t / acked * 1e6, 2) for t in gc_time], "gc_runs": gc_n}
 
 
@@ -201,6 +208,7 @@ def main() -> None:
         runs = [run(conns, window, a.count, a.durability, not a.no_gc, tuple(map(int, a.gc.split(","))) if a.gc else None)
                 for _ in range(a.rounds)]
         figures = [r["cpu_us_per_send"] for r in runs]
+        print("  by entry point (µs per send):", "; ".join(str(r["split_us_per_send"]) for r in runs))
         print("  collector (all of the process, µs per send by generation; runs):",
               "; ".join(f"{r['gc_us_per_send']} {r['gc_runs']}" for r in runs))
         print(f"{BACKEND} {conns} x {window}: core+store CPU per acked send, median of {a.rounds}: "
