@@ -66,6 +66,7 @@ from enum import Enum
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from . import frames as F
+from ._backend import impl as _impl
 from .clock import HybridClock
 from .errors import AuthError, CloseCode, ErrorCode, ProtocolError, StoreError
 from .ids import SYSTEM, direct_members, id_problem, valid_conversation, valid_id
@@ -760,16 +761,23 @@ def message_digest(conv: str, payload: bytes) -> bytes:
     return h.digest()
 
 
+# Constructors of the records built once per message on the send path:
+# record_maker(cls)(*every field) == cls(*every field), without the frozen
+# dataclass __init__'s object.__setattr__ per field in the compiled backend
+# (pimcore/_pure/records.py).  Each call site passes every field in order.
+_new_message = _impl.record_maker(NewMessage)
+_message = _impl.record_maker(F.Message)
+_send_ack = _impl.record_maker(F.SendAck)
+_push = _impl.record_maker(F.Push)
+_ack_position = _impl.record_maker(AckPosition)
+
+
 def _to_frame_message(pos: int, m: StoredMessage) -> F.Message:
-    if m.mentions or m.mention_all:
-        return F.Message(
-            pos, m.msg_id, m.conv, m.seq, m.sender, m.device, m.client_time, m.server_time, m.payload,
-            m.kind, m.local_id, m.after_seq, m.target, m.edited, m.recalled, m.deleted,
-            tuple(F.Mention(u) for u in m.mentions), m.mention_all,
-        )
-    return F.Message(
+    # Every field in order: the record maker's fast path (no keywords, no defaults).
+    return _message(
         pos, m.msg_id, m.conv, m.seq, m.sender, m.device, m.client_time, m.server_time, m.payload,
         m.kind, m.local_id, m.after_seq, m.target, m.edited, m.recalled, m.deleted,
+        tuple(F.Mention(u) for u in m.mentions) if m.mentions else (), m.mention_all,
     )
 
 
@@ -793,6 +801,7 @@ def _normalized_mentions(f: F.SendReq) -> Union[ErrorCode, tuple[str, ...]]:
 
 
 _U64_MAX = (1 << 64) - 1
+_send_data = _impl.record_maker(SendData)
 
 #: Groups whose members the typing relay keeps (and for how long, µs: a
 #: backstop; membership changes through this core update it at once).
@@ -1133,11 +1142,18 @@ class Broker:
         self._stats["batches"] += 1
         out: list[Command] = []
         to_pump: set[str] = set()
+        # The SendAcks of each connection, in order, go out as one SendData
+        # per connection (one encode, one write), before any other frame the
+        # batch sends it: they are flushed before every op that is not a
+        # NewMessage, and before the pushes.
+        acks: dict[int, list[F.SendAck]] = {}
         for op, ctx, res in zip(batch.ops, ctxs, results):
             kind = type(op)
+            if kind is not NewMessage and acks:
+                self._flush_acks(acks, out)
             if kind is NewMessage:
                 assert isinstance(ctx, _PendingSend)
-                self._finish_send(op, ctx, res, to_pump, out)  # type: ignore[arg-type]
+                self._finish_send(op, ctx, res, to_pump, out, acks)  # type: ignore[arg-type]
             elif kind is AmendMessage:
                 assert isinstance(ctx, _PendingSend)
                 self._finish_amend(op, ctx, res, to_pump, out)  # type: ignore[arg-type]
@@ -1174,6 +1190,8 @@ class Broker:
                 self._stats["reclaimed_entries"] += res.entries
             # Acked / Touched need no reaction: the in-memory session already
             # moved; the store only makes it survive a restart.
+        if acks:
+            self._flush_acks(acks, out)
         # SendAcks above, pushes after: the sender learns "durable" no later
         # than any recipient sees the message.
         for user in sorted(to_pump):
@@ -1182,6 +1200,14 @@ class Broker:
         self._fresh.clear()
         self._maybe_commit(out, now)
         return out
+
+    def _flush_acks(self, acks: dict[int, list[F.SendAck]], out: list[Command]) -> None:
+        for conn, frames in acks.items():
+            if len(frames) == 1:
+                self._send(conn, frames[0], out)
+            else:
+                self._send_many(conn, frames, out)
+        acks.clear()
 
     def _batch_failed(self, inflight: tuple[StoreRequest, list[_Ctx]], now: int) -> list[Command]:
         batch, ctxs = inflight
@@ -1971,19 +1997,22 @@ class Broker:
                 self.config.record_events, tuple(u for u in mentions if u != c.user), f.mention_all,
             )
         else:
-            op = NewMessage(
+            op = _new_message(
                 msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest, f.after_seq,
-                self.config.record_events,
+                self.config.record_events, (), False,
             )
         ctx = _PendingSend(key, digest, c.id)
         self._pending_sends[key] = ctx
         self._propose(op, ctx)
 
-    def _finish_send(self, op: NewMessage, ctx: _PendingSend, res: Result, to_pump: set[str], out: list[Command]) -> None:
+    def _finish_send(
+        self, op: NewMessage, ctx: _PendingSend, res: Result, to_pump: set[str], out: list[Command],
+        acks: Optional[dict[int, list[F.SendAck]]] = None,
+    ) -> None:
         self._pending_sends.pop(ctx.key, None)
         if isinstance(res, Appended):
             self._stats["messages_stored"] += 1
-            ack = F.SendAck(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
+            ack = _send_ack(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
             heads, fresh, online = self._heads, self._fresh, self._online
             for user, pos in res.positions:
                 if user in heads:
@@ -1992,7 +2021,7 @@ class Broker:
                     if user in online:
                         to_pump.add(user)
                         # The Push entry as the store would give it back.
-                        m = F.Message(
+                        m = _message(
                             pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time,
                             res.server_time, op.payload, 0, op.local_id, res.after_seq,
                         ) if not (op.mentions or op.mention_all) else F.Message(
@@ -2004,16 +2033,21 @@ class Broker:
         elif isinstance(res, Duplicate):
             self._stats["duplicates"] += 1
             ack = F.SendAck(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
-            self._ack_waiters(ctx, ack, out, duplicate=True)
+            self._ack_waiters(ctx, ack, out, duplicate=True, acks=acks)
             return
         elif isinstance(res, Rejected):
             self._stats["rejected"] += 1
             ack = F.SendAck(op.local_id, res.code, b"", 0, 0)
         else:  # pragma: no cover - a store contract violation
             raise TypeError(f"unexpected result {res!r} for NewMessage")
-        self._ack_waiters(ctx, ack, out)
+        self._ack_waiters(ctx, ack, out, acks=acks)
 
-    def _ack_waiters(self, ctx: _PendingSend, ack: F.SendAck, out: list[Command], duplicate: bool = False) -> None:
+    def _ack_waiters(
+        self, ctx: _PendingSend, ack: F.SendAck, out: list[Command], duplicate: bool = False,
+        acks: Optional[dict[int, list[F.SendAck]]] = None,
+    ) -> None:
+        """Send ``ack`` to every waiter of ``ctx`` -- or, given ``acks``, queue
+        it there per connection (a batch being finished: _flush_acks)."""
         for conn in ctx.waiters:
             if isinstance(conn, tuple):  # a host post (Broker.post): ("post", ref[, True])
                 code = ErrorCode(ack.code)
@@ -2024,7 +2058,14 @@ class Broker:
             if c is None:  # gone: the client retries after reconnecting
                 continue
             c.inflight -= 1
-            self._send(conn, ack, out)
+            if acks is not None:
+                pending = acks.get(conn)
+                if pending is None:
+                    acks[conn] = [ack]
+                else:
+                    pending.append(ack)
+            else:
+                self._send(conn, ack, out)
 
     # ------------------------------------------------------------ recall, edit, delete
     #
@@ -2288,7 +2329,7 @@ class Broker:
         dev.unacked.append((upto, size))
         dev.unacked_bytes += size
         self._stats["pushes"] += 1
-        self._send(dev.conn, F.Push(upto, msgs), out)
+        self._send(dev.conn, _push(upto, msgs), out)
 
     def _on_push_ack(self, c: _Conn, f: F.PushAck, now: int, out: list[Command]) -> None:
         dev = self._online[c.user][c.device]
@@ -2307,7 +2348,7 @@ class Broker:
         """The device's position moved to ``pos``: make it durable (lazily)."""
         key = (dev.user, dev.device)
         self._acks_unsaved[key] = pos
-        op = AckPosition(dev.user, dev.device, pos, now)
+        op = _ack_position(dev.user, dev.device, pos, now)
         slot = self._ack_slot.get(key)
         if slot is not None:
             self._ops[slot] = op  # batched acks: only the newest matters
@@ -2867,7 +2908,22 @@ class Broker:
         c.held += len(data) + _FRAME_OVERHEAD
         if c.held > self.config.max_outbound:
             self._slow.append(c)
-        out.append(SendData(conn, data))
+        out.append(_send_data(conn, data))
+
+    def _send_many(self, conn: int, frames: list[F.Frame], out: list[Command]) -> None:
+        """:meth:`_send` of several frames as one SendData (one encode call)."""
+        c = self._conns.get(conn)
+        if c is None:
+            return
+        if c.held > self.config.max_outbound:
+            return  # over the hard limit: closed as a slow consumer (_maybe_commit)
+        self._stats["frames_out"] += len(frames)
+        data = c.session.send_many(frames)
+        c.chunks.append(len(data))
+        c.held += len(data) + _FRAME_OVERHEAD
+        if c.held > self.config.max_outbound:
+            self._slow.append(c)
+        out.append(_send_data(conn, data))
 
     def _error(self, conn: int, code: ErrorCode, ref: int, reason: str, out: list[Command]) -> None:
         if conn in self._conns:

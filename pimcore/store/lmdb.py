@@ -382,6 +382,9 @@ _HAS_MENTIONS = 0x40
 
 def _mention_block(mentions: tuple[str, ...], mention_all: bool) -> bytes:
     return bytes((int(mention_all),)) + len(mentions).to_bytes(2, "big") + b"".join(_t(u) for u in mentions)
+# The results built once per op of a batch (pimcore/_pure/records.py).
+_appended = _impl.record_maker(Appended)
+_acked = _impl.record_maker(Acked)
 
 
 def _encode_record(seq: int, op: NewMessage, after_seq: int, kind: int = 0) -> bytes:
@@ -1308,7 +1311,7 @@ class LmdbStore(Store):
             if op.event:
                 muted = [u for u in recipients if (self._settings_in(txn, _t(u) + ck)[1])]
                 w.append_event(op.server_time, message_event(m, recipients, muted, mentioned))
-        return Appended(op.msg_id, seq, op.server_time, positions, after_seq)
+        return _appended(op.msg_id, seq, op.server_time, positions, after_seq)
 
     # ------------------------------------------------ conversation list
 
@@ -1412,7 +1415,7 @@ class LmdbStore(Store):
 
     def _ack(self, w: _Batch, op: AckPosition) -> Result:
         pos, _ = self._register(w, op.user, op.device, op.position, op.now)
-        return Acked(op.user, op.device, pos)
+        return _acked(op.user, op.device, pos)
 
     def _touch(self, w: _Batch, op: TouchDevice) -> Result:
         pos, new = self._register(w, op.user, op.device, op.position, op.now)
