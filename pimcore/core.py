@@ -2910,7 +2910,7 @@ class Broker:
             self._slow.append(c)
         out.append(_send_data(conn, data))
 
-    def _send_many(self, conn: int, frames: list[F.Frame], out: list[Command]) -> None:
+    def _send_many(self, conn: int, frames: Sequence[F.Frame], out: list[Command]) -> None:
         """:meth:`_send` of several frames as one SendData (one encode call)."""
         c = self._conns.get(conn)
         if c is None:

@@ -674,6 +674,7 @@ class BrokerServer:
                 if peer.resume is not None:
                     await peer.resume.wait()  # the core waits for a request first
                     continue
+                data: Union[bytes, bytearray]
                 try:
                     if fd >= 0:
                         await wait_readable(fd)
