@@ -1088,11 +1088,14 @@ def _diagnose(res: BenchResult) -> str:
     if res.broker_commit_seconds is not None and res.broker_batches:
         busy = res.broker_commit_seconds / max(res.seconds + res.config["warmup"], 1e-9)
         per = (res.broker_messages_stored or 0) / res.broker_batches
-        commit = f"commits (fsync included) {min(busy, 1.0):.0%} of the time, {per:,.0f} messages per commit"
-        if res.config["durability"] == "sync" and busy >= 0.5:
+        sync = " (fsync included)" if res.config["durability"] == "sync" else ""
+        commit = f"commits{sync} {min(busy, 1.0):.0%} of the time, {per:,.0f} messages per commit"
+        if busy >= 0.5:
             # Commits run on the broker's event loop: the time it is off CPU
-            # inside them is the fsync (the broker is idle otherwise).
-            return f"fsync wait: {commit}; broker CPU {util:.0%} of one core, off CPU {1 - util:.0%}"
+            # inside them is the fsync (the broker is idle otherwise); with
+            # durability os, the kernel's writeback of the pages it dirtied.
+            what = "fsync wait" if res.config["durability"] == "sync" else "commit wait (durability os: no fsync)"
+            return f"{what}: {commit}; broker CPU {util:.0%} of one core, off CPU {1 - util:.0%}"
     if res.peer == "redis":
         return (f"fsync wait or round trips (appendfsync always: every reply waits for a write+fsync;"
                 f" redis CPU {util:.0%} of one core)")
@@ -1467,13 +1470,13 @@ def plot_histograms(res: BenchResult, path: str) -> None:
             xs, ys = zip(*buckets)
             ax.step(xs, ys, where="pre", label=label)  # a bucket counts (previous bound, its bound]
     # p50 / p99 as dashed / dotted lines in each curve's colour.
-    for line, h in zip(ax.get_lines(), (res.ack_latency_us, res.delivery_latency_us)
-                       if res.ack_histogram else (res.delivery_latency_us,)):
-        for key, style in (("p50", "--"), ("p99", ":")):
+    curves = (res.ack_latency_us, res.delivery_latency_us) if res.ack_histogram else (res.delivery_latency_us,)
+    for i, (line, h) in enumerate(zip(list(ax.get_lines()), curves)):
+        for j, (key, style) in enumerate((("p50", "--"), ("p99", ":"))):
             if h.get(key):
                 ax.axvline(h[key], color=line.get_color(), linestyle=style, linewidth=1)
-                ax.annotate(f"{key} {h[key]:,.0f}", (h[key], 1), xycoords=("data", "axes fraction"),
-                            xytext=(3, -12 if key == "p50" else -24), textcoords="offset points", fontsize=8,
+                ax.annotate(f"{key} {h[key]:,.0f} µs", (h[key], 1), xycoords=("data", "axes fraction"),
+                            xytext=(3, -12 - 11 * j - 24 * i), textcoords="offset points", fontsize=8,
                             color=line.get_color())
     ax.set_xscale("log")
     ax.set_xlabel("latency (µs)")

@@ -205,5 +205,8 @@ def test_diagnosis_names_the_limit() -> None:
     assert fsync.startswith("fsync wait") and "300 messages per commit" in fsync and "off CPU 70%" in fsync
     idle = d(_result(broker_commit_seconds=0.5, broker_batches=100, broker_messages_stored=100))
     assert idle.startswith("round trips")
+    os_commit = d(_result(config={"durability": "os", "warmup": 1.0}, broker_commit_seconds=3.0, broker_batches=10,
+                          broker_messages_stored=10))
+    assert os_commit.startswith("commit wait (durability os")
     assert d(_result(broker_cpu_util=None)).startswith("unknown")
     assert d(_result(peer="redis", broker_cpu_util=0.95)).startswith("redis CPU")
