@@ -64,6 +64,7 @@ def test_c_generator_runs_a_timed_window_against_a_live_broker() -> None:
     assert res.ack_latency_us["count"] == res.acked
     assert res.deliveries == res.acked  # the window's sends, all delivered after the drain
     assert res.broker_cpu_us_per_msg is not None and res.broker_cpu_util is not None
+    assert res.broker_cpu_wait is not None and 0 <= res.broker_cpu_wait < 1.5
     # The broker's exit line was read: its group commit is reported.
     assert res.broker_batches and res.broker_messages_stored and res.broker_messages_stored >= res.acked
 
@@ -210,3 +211,6 @@ def test_diagnosis_names_the_limit() -> None:
     assert os_commit.startswith("commit wait (durability os")
     assert d(_result(broker_cpu_util=None)).startswith("unknown")
     assert d(_result(peer="redis", broker_cpu_util=0.95)).startswith("redis CPU")
+    busy_machine = d(_result(broker_cpu_util=0.4, broker_cpu_wait=0.5, broker_commit_seconds=4.0, broker_batches=1,
+                             broker_messages_stored=1))
+    assert busy_machine.startswith("CPU contention: the broker waited for its CPU 50% of the time")
