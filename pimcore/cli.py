@@ -356,7 +356,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if args.compare:
             import json
 
-            last = {}
+            last: dict[str, object] = {}
 
             def on_round(i: int, name: str, res: object) -> None:
                 last[name] = res
