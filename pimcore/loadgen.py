@@ -785,6 +785,9 @@ class BenchResult:
     # Time the server was runnable but waiting for a CPU (other processes on
     # its core), as a fraction of the run (/proc/<pid>/task/*/schedstat).
     broker_cpu_wait: Optional[float] = None
+    # The generators' CPU (all processes) per message sent, µs: what it costs
+    # to drive the server; 1e6 / this is the most one core of it can drive.
+    generator_cpu_us_per_msg: Optional[float] = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -888,6 +891,9 @@ def _run_against(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], ba
         generator="c" if exe is not None else "python",
         generator_note=note,
     )
+    sent_all = sum(r["sent"] for r in results)
+    if sent_all:
+        res.generator_cpu_us_per_msg = sum(r["cpu"] for r in results) / sent_all * 1e6
     if "ready" in samples and "done" in samples:
         (cpu0, _, t0, w0), (cpu1, mem, t1, w1) = samples["ready"], samples["done"]
         if w0 is not None and w1 is not None:
@@ -1302,6 +1308,7 @@ def run_redis(cfg: BenchConfig) -> BenchResult:
         ack_histogram=_histogram_buckets(ack_lat),
         peer="redis",
         generator="c",
+        generator_cpu_us_per_msg=r["cpu"] / r["sent"] * 1e6 if r["sent"] else None,
     )
     if "ready" in samples and "done" in samples:
         (cpu0, _, t0, w0), (cpu1, mem, t1, w1) = samples["ready"], samples["done"]
@@ -1490,7 +1497,8 @@ def format_result(res: BenchResult) -> str:
                      " (the rest is LMDB's mapped file)")
     if res.broker_bytes_per_connection is not None and c["idle"]:
         lines.append(f"  memory/connection  {res.broker_bytes_per_connection / 1024:>9.1f} KiB (broker RSS growth / connections)")
-    lines.append(f"  generator CPU      {res.generator_cpu:>9.0%} of a core (busiest process;"
+    per = "" if res.generator_cpu_us_per_msg is None else f", {res.generator_cpu_us_per_msg:.1f} µs per send"
+    lines.append(f"  generator CPU      {res.generator_cpu:>9.0%} of a core (busiest process{per};"
                  f" {'C, one thread, epoll' if res.generator == 'c' else 'trio'} generator)")
     if res.generator_note:
         lines.append(f"  note: {res.generator_note}")

@@ -52,6 +52,7 @@ def test_each_generator_counts_every_ack_and_delivery(generator: str) -> None:
     assert 0 < res.ack_latency_us["p50"] <= res.ack_latency_us["p99"]
     assert res.logged_in == 6
     assert res.limit  # it says what limited the run
+    assert res.generator_cpu_us_per_msg is not None and res.generator_cpu_us_per_msg >= 0
     assert ("C, one thread" in format_result(res)) == (generator == "c")
 
 
