@@ -1128,6 +1128,9 @@ def _diagnose(res: BenchResult) -> str:
     if wait is not None and wait >= 0.15:
         # Runnable but not running: another process held the server's core.
         # The figures then say more about the machine than about the server.
+        if util + wait >= 0.85:  # always running or runnable: its share of a crowded core was the limit
+            return (f"{server} CPU on a shared core: it ran {util:.0%} and waited for its CPU {wait:.0%} of the time"
+                    f" (other processes held it); the figures understate it")
         return (f"CPU contention: the {server} waited for its CPU {wait:.0%} of the time (other processes),"
                 f" ran {util:.0%}; the figures understate it")
     commit = ""

@@ -212,6 +212,9 @@ def test_diagnosis_names_the_limit() -> None:
     assert os_commit.startswith("commit wait (durability os")
     assert d(_result(broker_cpu_util=None)).startswith("unknown")
     assert d(_result(peer="redis", broker_cpu_util=0.95)).startswith("redis CPU")
-    busy_machine = d(_result(broker_cpu_util=0.4, broker_cpu_wait=0.5, broker_commit_seconds=4.0, broker_batches=1,
+    shared = d(_result(broker_cpu_util=0.4, broker_cpu_wait=0.5, broker_commit_seconds=4.0, broker_batches=1,
+                       broker_messages_stored=1))
+    assert shared.startswith("broker CPU on a shared core: it ran 40% and waited for its CPU 50%")
+    busy_machine = d(_result(broker_cpu_util=0.3, broker_cpu_wait=0.3, broker_commit_seconds=4.0, broker_batches=1,
                              broker_messages_stored=1))
-    assert busy_machine.startswith("CPU contention: the broker waited for its CPU 50% of the time")
+    assert busy_machine.startswith("CPU contention: the broker waited for its CPU 30% of the time")
