@@ -140,6 +140,18 @@ def test_run_redis_reports_the_server_side() -> None:
     assert res.limit
 
 
+def test_trio_resp_driver_is_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    need_redis()
+    monkeypatch.setattr(loadgen, "_C_SOURCE", "/nonexistent/loadgen.c")
+    res = run_redis(BenchConfig(conns=2, count=300, online=False, **SMALL))
+    assert res.generator == "python" and "trio RESP driver" in res.generator_note
+    assert res.errors == {} and res.acked == 300 and res.ack_latency_us["count"] == 300
+    timed = run_redis(BenchConfig(conns=2, duration=0.3, warmup=0.1, online=False, generator="python", **SMALL))
+    assert timed.errors == {} and timed.acked > 0 and timed.ack_latency_us["count"] == timed.acked
+    with pytest.raises(BenchError, match="no C generator source"):
+        run_redis(BenchConfig(conns=1, count=10, online=False, generator="c", **SMALL))
+
+
 def test_compare_report_alternates_and_takes_medians() -> None:
     need_redis()
     need_c()
