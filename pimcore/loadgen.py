@@ -998,10 +998,14 @@ def c_generator() -> tuple[Optional[str], str]:
     try:
         os.makedirs(cache, exist_ok=True)
         tmp = f"{exe}.{os.getpid()}.tmp"
-        done = subprocess.run([cc, "-O2", "-o", tmp, _C_SOURCE], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            return None, f"the C load generator did not build with {cc}:\n{done.stderr.strip()}"
-        os.replace(tmp, exe)  # atomic: concurrent builds are harmless
+        try:
+            done = subprocess.run([cc, "-O2", "-o", tmp, _C_SOURCE], capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                return None, f"the C load generator did not build with {cc}:\n{done.stderr.strip()}"
+            os.replace(tmp, exe)  # atomic: concurrent builds are harmless
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"the C load generator did not build with {cc}: {exc}"
     return exe, ""
@@ -1009,7 +1013,7 @@ def c_generator() -> tuple[Optional[str], str]:
 
 def _generator_for(cfg: BenchConfig) -> tuple[Optional[str], str]:
     """(C generator path or None, note for the report)."""
-    if cfg.generator == "python":
+    if cfg.generator == "python" or cfg.conns == 0:  # idle-only runs: the trio generator holds them for `hold`
         return None, ""
     if cfg.procs > 1 or cfg.zstd:
         return None, "the C generator runs one process without compression (--procs/--zstd): trio generator"

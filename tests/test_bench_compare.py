@@ -87,6 +87,12 @@ def test_a_broken_compiler_falls_back_too(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert exe is None and "did not build with /bin/false" in why
 
 
+def test_idle_only_runs_are_held_by_the_trio_generator() -> None:
+    res = run_bench(BenchConfig(conns=0, idle=5, hold=0.3, **SMALL))
+    assert res.generator == "python" and res.generator_note == ""  # it holds them for `hold` seconds
+    assert res.errors == {} and res.logged_in == 5
+
+
 def test_c_generator_refuses_what_it_cannot_do() -> None:
     with pytest.raises(ValueError, match="--generator python"):
         BenchConfig(generator="c", procs=2)
