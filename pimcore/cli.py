@@ -468,8 +468,12 @@ def _cmd_retention(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import os
 
-    from .loadgen import BenchConfig, BenchError, plot_histograms, print_result, run_bench
+    from .loadgen import (SHAPES, BenchConfig, BenchError, format_compare, plot_histograms, print_result, run_bench,
+                          run_compare)
 
+    if args.shape:
+        args.conns, args.window, online = SHAPES[args.shape]
+        args.offline = not online
     try:
         cfg = BenchConfig(
             url=args.url,
@@ -492,7 +496,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             pin=not args.no_pin,
             zstd=args.zstd,
             progress=not args.no_progress and sys.stderr.isatty(),
+            generator=args.generator,
         )
+        if args.compare:
+            import json
+
+            last: dict[str, object] = {}
+
+            def on_round(i: int, name: str, res: object) -> None:
+                last[name] = res
+                if cfg.progress:
+                    print(f"round {i + 1}/{args.rounds}: {name} done", file=sys.stderr)
+
+            report = run_compare(cfg, args.compare, args.rounds, on_round)
+            if args.plot and "pimcore" in last:
+                plot_histograms(last["pimcore"], args.plot)  # type: ignore[arg-type]
+            print(json.dumps(report, indent=2) if args.json else format_compare(report))
+            return 1 if any(r[n]["errors"] for r in report["rounds"] for n in r) else 0
         res = run_bench(cfg)
         if args.plot:
             plot_histograms(res, args.plot)
@@ -638,6 +658,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", metavar="FILE", help="write a latency histogram plot (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--shape", choices=["1x1", "1x64", "50x16", "e2e-1x64"],
+                   help="a shape of issue 13's table (sets --conns, --window and --offline): 1x1, 1x64 and 50x16 are"
+                        " senders only; e2e-1x64 has a recipient that acks every push")
+    p.add_argument("--generator", choices=["auto", "c", "python"], default="auto",
+                   help="auto (default): the one-thread C generator (bench/loadgen.c, built with cc on first use)"
+                        " when it can run the shape, else the trio one")
+    p.add_argument("--compare", choices=["redis", "mosquitto"],
+                   help="also run the same shape against a redis-server it starts (appendfsync always, XADD),"
+                        " alternating; report both, the medians and the ratio")
+    p.add_argument("--rounds", type=int, default=3, help="with --compare: alternating rounds (default 3)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("inspect", help="summarise an LMDB data directory")
