@@ -1187,10 +1187,10 @@ class RedisProcess:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 self.port = s.getsockname()[1]
+            assert self.exe is not None
             cmd = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                    "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no",
                    "--daemonize", "no", "--logfile", os.path.join(self.dir, "redis.log")]  # fmt: skip
-            assert self.exe is not None
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                          preexec_fn=_die_with_parent)
             if self.pin and _can_pin():
