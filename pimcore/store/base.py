@@ -1249,8 +1249,11 @@ def mentioned_recipients(m: StoredMessage, recipients: Iterable[str]) -> list[st
 
 
 def mentions_user(m: StoredMessage, user: str) -> bool:
-    """Does ``m`` (an entry the user was a member at) count as a mention of ``user``?"""
-    return m.kind == MessageKind.MESSAGE and m.sender != user and (m.mention_all or user in m.mentions)
+    """Does ``m`` (an entry the user was a member at) count as a mention of
+    ``user``?  Never once recalled: a tombstone mentions nobody."""
+    return (
+        m.kind == MessageKind.MESSAGE and not m.recalled and m.sender != user and (m.mention_all or user in m.mentions)
+    )
 
 
 # -- the conversation list: order and cursor (every backend shares these)

@@ -1344,9 +1344,13 @@ class LmdbStore(Store):
         mentions = 0
         prefix = uk + ck
         for key, _ in self._scan(txn, self._mentionidx, prefix, prefix + _U64.pack(marker + 1)):
-            if _U64.unpack_from(key, len(prefix))[0] > last_seq:
+            seq = _U64.unpack_from(key, len(prefix))[0]
+            if seq > last_seq:
                 break
-            mentions += 1
+            # Not once recalled (the convidx value's kind byte says RECALL) or
+            # removed by retention (no convidx entry).
+            ref = txn.get(ck + _U64.pack(seq), db=self._convidx)
+            mentions += ref is not None and not (len(ref) > 16 and ref[16] == MessageKind.RECALL)
         unread = self._count_unread(txn, user, ck, marker)
         return conversation_entry(conv, last, marker, unread, mentions, self._settings_in(txn, uk + ck))
 

@@ -885,7 +885,8 @@ class MemoryStore(Store):
         mentions = 0
         for lo, hi in member_ranges(spans):
             for s in range(max(lo, marker + 1), min(hi, last_seq) + 1):
-                mentions += mentions_user(self._msgs[self._conv_seq[(conv, s)]], user)
+                msg_id = self._conv_seq.get((conv, s))  # None: removed by retention
+                mentions += msg_id is not None and mentions_user(self._msgs[msg_id], user)
         settings = self._convset.get((user, conv), (False, False, 0))
         return conversation_entry(conv, last, marker, self._unread(user, conv), mentions, settings)
 
