@@ -135,9 +135,16 @@ __all__ = [
     "StoredMessage",
     "NewMessage",
     "AmendMessage",
+    "SetConversation",
+    "ReadConversations",
+    "ConversationEntry",
+    "ConversationsPage",
+    "ConversationSet",
+    "conversation_cursor",
     "amend_problem",
     "amended",
     "amend_entry",
+    "purged_tombstone",
     "AckPosition",
     "TouchDevice",
     "MarkRead",
@@ -659,6 +666,14 @@ def amended(target: StoredMessage, op: AmendMessage) -> StoredMessage:
     if op.kind == MessageKind.RECALL:
         return replace(target, payload=b"", recalled=True)
     return replace(target, payload=op.payload, edited=op.server_time)
+
+
+def purged_tombstone(m: StoredMessage) -> StoredMessage:
+    """What :class:`PurgeUser` leaves of a message the user sent: no payload
+    and, for a message (kind MESSAGE), ``recalled`` -- the same tombstone a
+    recall leaves, so clients show it alike and it counts as neither unread
+    nor a mention."""
+    return replace(m, payload=b"", recalled=m.recalled or m.kind == MessageKind.MESSAGE)
 
 
 def amend_entry(op: AmendMessage, seq: int) -> StoredMessage:

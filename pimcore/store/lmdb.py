@@ -194,6 +194,7 @@ from .base import (
     conversation_entry,
     conversation_page,
     mentioned_recipients,
+    purged_tombstone,
     new_settings,
     AckEvents,
     AppendEvent,
@@ -2102,9 +2103,15 @@ class LmdbStore(Store):
             msg_id = value[:16]
             raw = txn.get(msg_id, db=self._msgs)
             if raw is not None:
-                m = dataclasses.replace(_decode_record(msg_id, raw), payload=b"")
-                txn.put(msg_id, _encode_entry(m), db=self._msgs)
-                tombstones += 1
+                m = _decode_record(msg_id, raw)
+                if m.seq:  # seq 0: a DELETE entry (no payload of its own)
+                    m = purged_tombstone(m)
+                    txn.put(msg_id, _encode_entry(m), db=self._msgs)
+                    if m.kind == MessageKind.MESSAGE:
+                        # As a recall: unread counts and mention counts skip it.
+                        txn.put(_t(m.conv) + _U64.pack(m.seq),
+                                msg_id + bytes((int(MessageKind.RECALL),)) + m.sender.encode("ascii"), db=self._convidx)
+                    tombstones += 1
             txn.delete(key, db=self._dedupe)
         doomed = [key for key, _ in self._scan(txn, self._inbox, uk)]
         for key in doomed:
@@ -2120,6 +2127,11 @@ class LmdbStore(Store):
         for key in [key for key, _ in self._scan(txn, self._userconvs, uk)]:
             txn.delete(key[len(uk) :] + uk, db=self._spans)
             txn.delete(key, db=self._userconvs)
+        # The user's own settings, mention index, deletions for themselves, privacy.
+        for db in (self._convset, self._mentionidx, self._deleted):
+            for key in [key for key, _ in self._scan(txn, db, uk)]:
+                txn.delete(key, db=db)
+        txn.delete(b"pv:" + uk, db=self._meta)
         rk = uk + _t("")
         raw = txn.get(rk, db=self._revoked)
         if raw is None or _I64.unpack(raw)[0] < op.now:

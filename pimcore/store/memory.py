@@ -35,6 +35,7 @@ from .base import (
     conversation_page,
     mentioned_recipients,
     mentions_user,
+    purged_tombstone,
     new_settings,
     EventAppended,
     EventsAcked,
@@ -698,8 +699,8 @@ class MemoryStore(Store):
             if key[0] != user:
                 continue
             m = self._msgs.get(msg_id)
-            if m is not None:
-                self._set(self._msgs, msg_id, dataclasses.replace(m, payload=b""))
+            if m is not None and m.seq:  # seq 0: a DELETE entry (no payload of its own)
+                self._set(self._msgs, msg_id, purged_tombstone(m))
                 tombstones += 1
             self._del(self._dedupe, key)
         inbox = self._inbox.get(user, {})
@@ -717,6 +718,13 @@ class MemoryStore(Store):
             self._del(self._spans, skey)
         if user in self._userconv:
             self._del(self._userconv, user)
+        # The user's own settings, deletions for themselves and privacy.
+        for ckey in [k for k in self._convset if k[0] == user]:
+            self._del(self._convset, ckey)
+        for dkey in [k for k in self._deleted if k[0] == user]:
+            self._del(self._deleted, dkey)
+        if user in self._privacy:
+            self._del(self._privacy, user)
         if self._revoked.get((user, ""), 0) < op.now:
             self._set(self._revoked, (user, ""), op.now)
         return Purged(tombstones, entries, devices, tuple(changes))

@@ -96,6 +96,7 @@ from .base import (
     conversation_page,
     mentioned_recipients,
     mentions_user,
+    purged_tombstone,
     new_settings,
     OPEN,
     SYSTEM,
@@ -1208,9 +1209,10 @@ class RedisStore(AsyncStore):
                 ref = await tx.get(self._k_msg(msg_id), "r")
                 if ref is not None:
                     seq, _, conv = ref.decode().partition(":")
-                    m = await self._msg_at(tx, conv, int(seq))
-                    tx.put(self._k_conv(conv), f"s:{m.seq}", _enc_msg(dataclasses.replace(m, payload=b"")))
-                    tombstones += 1
+                    if int(seq):  # 0: a DELETE entry (no seq, no payload of its own)
+                        m = await self._msg_at(tx, conv, int(seq))
+                        tx.put(self._k_conv(conv), f"s:{m.seq}", _enc_msg(purged_tombstone(m)))
+                        tombstones += 1
                 tx.delete(uk, f)
             elif f.startswith("i:"):
                 tx.delete(uk, f)
@@ -1224,6 +1226,8 @@ class RedisStore(AsyncStore):
                 tx.delete(uk, f)
                 if direct_members(f[3:]) is None:
                     tx.delete(self._k_conv(f[3:]), "sp:" + user)
+            elif f.startswith(("cs:", "del:")) or f == "pv":
+                tx.delete(uk, f)  # the user's settings, deletions for themselves, privacy
         head = _int(fields.get("head"))
         if _int(fields.get("floor")) != head:
             tx.put(uk, "floor", head)
