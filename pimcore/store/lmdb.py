@@ -1090,15 +1090,25 @@ class LmdbStore(Store):
             return None
         return raw[_I64.size] if len(raw) > _I64.size else 0
 
-    def _load(self, txn: _Txn, msg_id: bytes) -> StoredMessage:
+    def _load(self, txn: _Txn, msg_id: bytes, user: str = "") -> StoredMessage:
+        """The stored entry as reads return it; for ``user`` (history,
+        inbox): a message they deleted for themselves with ``deleted`` set and
+        no payload, and an EDIT of it with none either."""
         raw = txn.get(msg_id, db=self._msgs)
         if raw is None:
             raise StoreError(f"dangling message id {msg_id.hex()} (store corrupt)")
         m = _decode_record(msg_id, raw)
-        if m.kind == MessageKind.EDIT:
+        kind = m.kind
+        if kind == MessageKind.EDIT:
             # An EDIT entry holds no payload: it reads its target's, as it is now.
-            target = self._at(txn, _t(m.conv), m.target)
+            ck = _t(m.conv)
+            if user and txn.get(_t(user) + ck + _U64.pack(m.target), db=self._deleted) is not None:
+                return replace(m, payload=b"")
+            target = self._at(txn, ck, m.target)
             m = replace(m, payload=target.payload if target is not None else b"")
+        elif user and kind == MessageKind.MESSAGE and m.seq:
+            if txn.get(_t(user) + _t(m.conv) + _U64.pack(m.seq), db=self._deleted) is not None:
+                m = replace(m, payload=b"", deleted=True)
         return m
 
     def _at(self, txn: _Txn, ck: bytes, seq: int) -> Optional[StoredMessage]:
@@ -1705,7 +1715,7 @@ class LmdbStore(Store):
         uk = _t(user)
         out: list[tuple[int, StoredMessage]] = []
         for key, entry in self._scan(txn, self._inbox, uk, uk + _U64.pack(max(after, 0) + 1)):
-            out.append((_U64.unpack_from(key, len(uk))[0], self._load(txn, entry[:16])))
+            out.append((_U64.unpack_from(key, len(uk))[0], self._load(txn, entry[:16], user)))
             if len(out) >= limit:
                 break
         return out
@@ -1857,10 +1867,7 @@ class LmdbStore(Store):
             ref = txn.get(ck + _U64.pack(seq), db=self._convidx)
             if ref is None:
                 raise StoreError(f"{op.conv!r} has no seq {seq} (store corrupt)")
-            m = self._load(txn, ref[:16])
-            if m.kind == MessageKind.MESSAGE and txn.get(_t(op.user) + ck + _U64.pack(seq), db=self._deleted) is not None:
-                m = replace(m, payload=b"", deleted=True)
-            page.append(m)
+            page.append(self._load(txn, ref[:16], op.user))
         return HistoryPage(ErrorCode.OK, tuple(page))
 
     def _read_readers_in(self, txn: _Txn, op: ReadReaders) -> ReadersPage:

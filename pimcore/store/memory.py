@@ -403,10 +403,16 @@ class MemoryStore(Store):
 
     def _current(self, m: StoredMessage, user: str = "") -> StoredMessage:
         """``m`` as a read returns it: an EDIT entry with its target's payload
-        now; for ``user`` (history), a message they deleted for themselves
-        with ``deleted`` set and no payload."""
+        now; for ``user`` (history, inbox), a message they deleted for
+        themselves with ``deleted`` set and no payload, and an EDIT of it
+        with none."""
         if m.kind == MessageKind.EDIT:
-            return replace(m, payload=self._msgs[self._conv_seq[(m.conv, m.target)]].payload)
+            # Nothing of a message the user deleted for themselves comes back
+            # through a later edit; a target removed by retention has none.
+            target = self._conv_seq.get((m.conv, m.target))
+            if target is None or (user and (user, m.conv, m.target) in self._deleted):
+                return replace(m, payload=b"")
+            return replace(m, payload=self._msgs[target].payload)
         if user and m.kind == MessageKind.MESSAGE and (user, m.conv, m.seq) in self._deleted:
             return replace(m, payload=b"", deleted=True)
         return m
@@ -798,7 +804,7 @@ class MemoryStore(Store):
             while pos <= head and len(out) < limit:
                 entry = inbox.get(pos)
                 if entry is not None:
-                    out.append((pos, self._current(self._msgs[entry[0]])))
+                    out.append((pos, self._current(self._msgs[entry[0]], user)))
                 pos += 1
             return out
 

@@ -890,7 +890,12 @@ class RedisStore(AsyncStore):
         out = []
         for m in msgs:
             if m.kind == MessageKind.EDIT:
-                m = replace(m, payload=(await self._msg_at(tx, m.conv, m.target)).payload)
+                # Nothing of a message the user deleted for themselves comes
+                # back through a later edit.
+                if user and await tx.get(self._k_user(user), f"del:{m.conv}/{m.target}"):
+                    m = replace(m, payload=b"")
+                else:
+                    m = replace(m, payload=(await self._msg_at(tx, m.conv, m.target)).payload)
             elif user and m.kind == MessageKind.MESSAGE and await tx.get(self._k_user(user), f"del:{m.conv}/{m.seq}"):
                 m = replace(m, payload=b"", deleted=True)
             out.append(m)
@@ -1299,7 +1304,7 @@ class RedisStore(AsyncStore):
                         continue  # purged with its conversation
                     out.append((pos, _dec_msg(v)))
                     continue
-                out.append((pos, (await self._current(tx, [await self._msg_at(tx, conv, int(seq))]))[0]))
+                out.append((pos, (await self._current(tx, [await self._msg_at(tx, conv, int(seq))], user))[0]))
             start = end + 1
         return out
 
