@@ -305,8 +305,9 @@ class ConversationUpdated:
 class TypingChanged:
     """``user`` started (``active``) or stopped typing in ``conv``.  A
     started indicator ends by itself at ``expires`` (µs, device clock)
-    unless refreshed: the session then emits TypingChanged(active=False,
-    expires=0) itself, so an app only follows these events (or asks
+    unless refreshed, or at a message from ``user`` in ``conv``: the session
+    then emits TypingChanged(active=False, expires=0) itself (before that
+    MessageReceived), so an app only follows these events (or asks
     :meth:`ClientSession.typing_users`)."""
 
     conv: str
@@ -1682,6 +1683,10 @@ class ClientSession:
                 )
                 self.read_states[m.conv] = F.ReadState(m.conv, st.read_seq, m.seq, fresh_unread)
             self._entry_pushed(m)
+            if m.kind == F.MessageKind.MESSAGE and self._typing_seen and self._typing_seen.pop((m.conv, m.sender), None) is not None:
+                # PROTOCOL.md: an indicator ends at a newer Typing or a message
+                # from that user; the stop comes before the message itself.
+                self._emit(TypingChanged(m.conv, m.sender, False, 0))
             # The push's position is acked once its last message was taken.
             ev: Event = MessageAmended(m, self._held_message(m.conv, m.target)) if m.kind in AMEND_KINDS else MessageReceived(m)
             self._emit(ev, f.position if i == len(fresh) - 1 else 0)
