@@ -133,6 +133,15 @@ TRANSIENT_CODES = frozenset({ErrorCode.TOO_MANY_IN_FLIGHT, ErrorCode.RATE_LIMITE
 # ---------------------------------------------------------------- errors
 
 
+def _check_seq(seq: object) -> None:
+    """A message's seq: an int in 1..2**64-1 (TypeError / ValueError)."""
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        raise TypeError(f"seq must be an int, not {type(seq).__name__}")
+    if not 1 <= seq < 1 << 64:
+        raise ValueError(f"seq must be in 1..2**64-1, not {seq}")
+
+
+
 class ClientError(PimError):
     """Base class of the SDK's errors."""
 
@@ -1435,8 +1444,11 @@ class ClientSession:
         is the entry's seq, 0 for DELETE; SendError NOT_SENDER, TOO_LATE,
         RECALLED, NO_SUCH_MESSAGE, ...  when refused; PAYLOAD_TOO_LARGE at
         once, never sent, as for :meth:`send`).  Once acked the local
-        view shows the change.  Raises EncodeError for values no AmendReq
-        can carry, the terminal error if CLOSED."""
+        view shows the change.  Raises TypeError if ``target`` is not an int
+        (a bool is not), ValueError if it is outside 1..2**64-1 (no seq is),
+        EncodeError (a ValueError) for other values no AmendReq can carry,
+        the terminal error if CLOSED; nothing is queued then."""
+        _check_seq(target)
         self._check_open()
         t = self._tick(now)
         deadline = t + (self._send_timeout if timeout is None else max(0, timeout))

@@ -1106,3 +1106,16 @@ def test_a_send_queued_before_login_above_the_announced_max_payload_is_refused_n
     s.connection_lost(T0 + 2 * S)
     [again] = connect(s, T0 + 3 * S).read()
     assert again.local_id == small  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("seq,error", [(0, ValueError), (-1, ValueError), (1 << 64, ValueError), (1 << 70, ValueError),
+                                       ("1", TypeError), (None, TypeError), (1.0, TypeError), (True, TypeError)])
+@pytest.mark.parametrize("action", [F.MessageKind.RECALL, F.MessageKind.EDIT, F.MessageKind.DELETE])
+def test_an_amend_of_a_seq_outside_1_to_2_64_minus_1_raises_before_anything_is_queued(seq, error, action):
+    s = session()
+    b = connect(s, T0)
+    with pytest.raises(error, match="seq"):
+        s.amend(CONV, seq, action, T0, payload=b"new" if action == F.MessageKind.EDIT else b"")
+    assert b.read() == [] and s.completions() == [] and s.statistics().pending_sends == 0
+    s.amend(CONV, (1 << 64) - 1, action, T0)  # the largest seq is fine
+    assert s.statistics().pending_sends == 1
