@@ -225,7 +225,8 @@ async def chat(
                 command, _, rest = text.partition(" ")
                 if command in ("/edit", "/recall", "/delete"):
                     number, _, new_text = rest.strip().partition(" ")
-                    if number.isdigit() and (command != "/edit" or new_text):
+                    # N is a seq: 1..2**64-1 (ASCII digits only: int() takes others too).
+                    if number.isascii() and number.isdigit() and 1 <= int(number) < 1 << 64 and (command != "/edit" or new_text):
                         nursery.start_soon(amend, command, int(number), new_text)
                     else:
                         out("usage: /edit N text, /recall N, /delete N  (N: the #number of a message)")

@@ -396,7 +396,9 @@ class Client:
         payload is gone from the broker) and wait until that is durable.
         Returns the RECALL entry's Sent; raises SendError (NOT_SENDER,
         TOO_LATE, RECALLED, NO_SUCH_MESSAGE, ...) and otherwise as
-        :meth:`send` (retried across reconnects with the same local id)."""
+        :meth:`send` (retried across reconnects with the same local id).
+        ``seq`` must be an int in 1..2**64-1: TypeError / ValueError at once,
+        nothing sent (likewise for :meth:`edit` and :meth:`delete_for_me`)."""
         return await self._amend(conv, seq, F.MessageKind.RECALL, b"", local_id, timeout)
 
     async def edit(self, conv: str, seq: int, payload: bytes, *, local_id: Optional[int] = None, timeout: Optional[float] = None) -> Sent:

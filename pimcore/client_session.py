@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Union
 
 from . import frames as F
-from .codec import Decoder, encode_frame
+from .codec import DEFAULT_MAX_FRAME_SIZE, Decoder, encode_frame
 from .errors import CloseCode, ErrorCode, PimError, ProtocolError
 from .heartbeat import HeartbeatTuner
 from .order import display_order
@@ -131,6 +131,15 @@ TRANSIENT_CODES = frozenset({ErrorCode.TOO_MANY_IN_FLIGHT, ErrorCode.RATE_LIMITE
 
 
 # ---------------------------------------------------------------- errors
+
+
+def _check_seq(seq: object) -> None:
+    """A message's seq: an int in 1..2**64-1 (TypeError / ValueError)."""
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        raise TypeError(f"seq must be an int, not {type(seq).__name__}")
+    if not 1 <= seq < 1 << 64:
+        raise ValueError(f"seq must be in 1..2**64-1, not {seq}")
+
 
 
 class ClientError(PimError):
@@ -305,8 +314,9 @@ class ConversationUpdated:
 class TypingChanged:
     """``user`` started (``active``) or stopped typing in ``conv``.  A
     started indicator ends by itself at ``expires`` (µs, device clock)
-    unless refreshed: the session then emits TypingChanged(active=False,
-    expires=0) itself, so an app only follows these events (or asks
+    unless refreshed, or at a message from ``user`` in ``conv``: the session
+    then emits TypingChanged(active=False, expires=0) itself (before that
+    MessageReceived), so an app only follows these events (or asks
     :meth:`ClientSession.typing_users`)."""
 
     conv: str
@@ -634,6 +644,13 @@ class ClientSession:
         self._last_recv = 0
         self._login_deadline = 0
         self._login_ack: Optional[F.LoginAck] = None
+        # The broker's size limits (LoginAck.max_frame / max_payload) as of the
+        # last login; before the first one the protocol's default frame size.
+        # A SendReq/AmendReq above them is refused here: sent, it would make
+        # the broker close the connection (FRAME_TOO_LARGE) and, resent at
+        # every reconnect, stall everything queued behind it.
+        self._max_frame = DEFAULT_MAX_FRAME_SIZE
+        self._max_payload = 0  # 0 = not announced
         self._cal_t0 = 0  # device clock of the outstanding CalibrateReq (its echo key)
         self._cal_deadline = 0
         self._samples: list[tuple[int, int]] = []  # (rtt, offset)
@@ -1075,6 +1092,9 @@ class ClientSession:
         self._taken_upto = max(self._taken_upto, ack.position)
         self._acked_upto = ack.position
         self._login_ack = ack
+        if ack.max_frame > 0:
+            self._max_frame = ack.max_frame
+        self._max_payload = ack.max_payload
         self._stats["connects"] += 1
         self._state = SessionState.CALIBRATING
         self._samples = []
@@ -1366,7 +1386,10 @@ class ClientSession:
         later of the two deadlines applies).  With the local id of an earlier,
         finished send it is asked again: the broker answers with the original
         ack if it stored it.  Raises EncodeError for a conv/payload/local id no
-        SendReq can carry, the terminal error if CLOSED.
+        SendReq can carry, the terminal error if CLOSED.  A payload above the
+        broker's LoginAck.max_payload (or a SendReq above its max_frame; the
+        1 MiB default before the first login) is never sent: it completes at
+        once with SendError(PAYLOAD_TOO_LARGE).
 
         ``mentions`` (user ids) and ``mention_all`` ("everyone") travel
         beside the payload: mentioned members get a mention counted
@@ -1399,6 +1422,8 @@ class ClientSession:
         self._last_stamp = stamp
         self._last_local_id = max(self._last_local_id, lid)
         p = _Pending(lid, conv, payload, stamp, after, raw, deadline)
+        if self._refuse_oversize(p):
+            return lid
         if not self._pending:
             self._rate_mark = (t, self._answers)  # idle until now: a rate sample starts here
         self._pending[lid] = p
@@ -1417,9 +1442,13 @@ class ClientSession:
         travels exactly like a send (same local ids, window, retries across
         reconnects, deadline) and completes with a SendCompleted (``Sent.seq``
         is the entry's seq, 0 for DELETE; SendError NOT_SENDER, TOO_LATE,
-        RECALLED, NO_SUCH_MESSAGE, ... when refused).  Once acked the local
-        view shows the change.  Raises EncodeError for values no AmendReq
-        can carry, the terminal error if CLOSED."""
+        RECALLED, NO_SUCH_MESSAGE, ...  when refused; PAYLOAD_TOO_LARGE at
+        once, never sent, as for :meth:`send`).  Once acked the local
+        view shows the change.  Raises TypeError if ``target`` is not an int
+        (a bool is not), ValueError if it is outside 1..2**64-1 (no seq is),
+        EncodeError (a ValueError) for other values no AmendReq can carry,
+        the terminal error if CLOSED; nothing is queued then."""
+        _check_seq(target)
         self._check_open()
         t = self._tick(now)
         deadline = t + (self._send_timeout if timeout is None else max(0, timeout))
@@ -1437,6 +1466,8 @@ class ClientSession:
         self._last_stamp = stamp
         self._last_local_id = max(self._last_local_id, lid)
         p = _Pending(lid, conv, payload, stamp, 0, raw, deadline, target, int(action))
+        if self._refuse_oversize(p):
+            return lid
         if not self._pending:
             self._rate_mark = (t, self._answers)
         self._pending[lid] = p
@@ -1461,7 +1492,28 @@ class ClientSession:
             p = self._queue.popleft()
             if self._pending.get(p.local_id) is not p or p.sent_at is not None:
                 continue  # finished or timed out meanwhile (or a stale duplicate entry)
+            if self._refuse_oversize(p):
+                continue  # queued before this login announced smaller limits
             self._transmit(p)
+
+    def _refuse_oversize(self, p: _Pending) -> bool:
+        """Complete ``p`` with SendError(PAYLOAD_TOO_LARGE) if it breaks the
+        broker's limits (payload above max_payload, or the frame's declared
+        length above max_frame); true if so."""
+        raw = p.raw
+        i = 0
+        while raw[i] & 0x80:  # the length prefix is a LEB128 varint
+            i += 1
+        frame = len(raw) - i - 1
+        if self._max_payload > 0 and len(p.payload) > self._max_payload:
+            reason = f"payload of {len(p.payload)} bytes is above the broker's max_payload {self._max_payload}"
+        elif frame > self._max_frame:
+            reason = f"frame of {frame} bytes is above the broker's max_frame {self._max_frame}"
+        else:
+            return False
+        self._forget(p)
+        self._completions.append(SendCompleted(p.local_id, None, SendError(ErrorCode.PAYLOAD_TOO_LARGE, p.local_id, reason=reason)))
+        return True
 
     def _transmit(self, p: _Pending) -> None:
         if p.sent_at is None:
@@ -1643,6 +1695,10 @@ class ClientSession:
                 )
                 self.read_states[m.conv] = F.ReadState(m.conv, st.read_seq, m.seq, fresh_unread)
             self._entry_pushed(m)
+            if m.kind == F.MessageKind.MESSAGE and self._typing_seen and self._typing_seen.pop((m.conv, m.sender), None) is not None:
+                # PROTOCOL.md: an indicator ends at a newer Typing or a message
+                # from that user; the stop comes before the message itself.
+                self._emit(TypingChanged(m.conv, m.sender, False, 0))
             # The push's position is acked once its last message was taken.
             ev: Event = MessageAmended(m, self._held_message(m.conv, m.target)) if m.kind in AMEND_KINDS else MessageReceived(m)
             self._emit(ev, f.position if i == len(fresh) - 1 else 0)

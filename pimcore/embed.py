@@ -421,13 +421,16 @@ class Pimcore:
 
         ``mentions`` (user ids) and ``mention_all`` mention members as a
         client's send does (their mention counts, the event's
-        ``mentioned``); RequestRefused BAD_MENTION / TOO_MANY_MENTIONS."""
+        ``mentioned``); RequestRefused BAD_MENTION / TOO_MANY_MENTIONS.
+        TypeError (nothing stored) unless ``mentions`` is a list or tuple of
+        str and ``mention_all`` a bool."""
+        ms = _mentions(mentions, mention_all)
         refused = await self._check_post(conv, payload, sender, device, idempotency_key)
         if refused is not None:
             raise refused
         done = await self.server.host_call(
             self.server.broker.post, conv, bytes(payload), sender=sender, device=device, key=idempotency_key,
-            mentions=tuple(mentions), mention_all=bool(mention_all),
+            mentions=ms, mention_all=mention_all,
         )
         result = _posted(conv, done, sender, device, idempotency_key)
         if isinstance(result, PimError):
@@ -445,7 +448,9 @@ class Pimcore:
         own.  Returns the RECALL entry (``Posted.seq``).  Raises
         RequestRefused (NO_SUCH_MESSAGE, NOT_SENDER, RECALLED, NOT_MEMBER,
         UNKNOWN_CONVERSATION, BAD_REQUEST, DUPLICATE_CONFLICT), StoreError.
-        ``idempotency_key`` as for :meth:`post`."""
+        ``idempotency_key`` as for :meth:`post`.  ``seq`` must be an int in
+        1..2**64-1: TypeError / ValueError otherwise (as for :meth:`edit`
+        and :meth:`delete_for`), nothing stored."""
         return await self._amend(conv, seq, MessageKind.RECALL, b"", sender, device, idempotency_key)
 
     async def edit(
@@ -472,6 +477,7 @@ class Pimcore:
         self, conv: str, seq: int, action: int, payload: bytes, sender: str, device: str,
         key: Union[str, bytes, None],
     ) -> Posted:
+        _check_seq(seq)
         if action == MessageKind.EDIT:
             refused = await self._check_post(conv, payload, sender, device, key)
             if refused is not None:
@@ -515,15 +521,16 @@ class Pimcore:
     async def post_many(self, posts: Sequence[dict[str, Any]]) -> list[Union[Posted, PimError]]:
         """Several posts at once (each a dict of :meth:`post`'s arguments:
         ``conv``, ``payload``, optional ``sender``, ``device``,
-        ``idempotency_key``), handed to the broker in list order -- posts to
+        ``idempotency_key``, ``mentions``, ``mention_all``), handed to the broker in list order -- posts to
         one conversation get ascending seqs in that order -- and committed
         together where the broker can.  One result per post, in order:
         Posted (``duplicate`` set for a retried key), or the
         RequestRefused/StoreError that :meth:`post` would raise.  Posts as
         a user pass the same content checks as :meth:`post` (run
         concurrently, before any is handed to the broker); a refused post
-        gets its RequestRefused and the others go on.  Raises TypeError for
-        a dict with other keys."""
+        gets its RequestRefused and the others go on.  Raises TypeError (and
+        posts none) for a dict with other keys, or with ``mentions`` /
+        ``mention_all`` of the wrong type (see :meth:`post`)."""
         broker = self.server.broker
         calls = []
         for kw in posts:
@@ -532,9 +539,12 @@ class Pimcore:
             sender = kw.pop("sender", SYSTEM)
             device = kw.pop("device", SYSTEM)
             key = kw.pop("idempotency_key", None)
+            mention_all = kw.pop("mention_all", False)
+            ms = _mentions(kw.pop("mentions", ()), mention_all)
             if kw:
                 raise TypeError(f"post_many: unexpected keys {sorted(kw)}")
-            calls.append((broker.post, (conv, bytes(payload)), {"sender": sender, "device": device, "key": key}))
+            extra = {"mentions": ms, "mention_all": mention_all} if ms or mention_all else {}
+            calls.append((broker.post, (conv, bytes(payload)), {"sender": sender, "device": device, "key": key, **extra}))
         results: list[Union[Posted, PimError, None]] = [None] * len(calls)
         checked = [i for i, call in enumerate(calls) if self._checked(call[2]["sender"])]
         if checked:
@@ -918,6 +928,26 @@ def _post_problem(conv: str, sender: str, device: str, key: Union[str, bytes, No
             size = f"{len(raw)} bytes" if isinstance(raw, bytes) else type(key).__name__
             return f"the idempotency key must be 1..256 bytes, got {size}"
     return None
+
+
+def _mentions(mentions: Any, mention_all: Any) -> tuple[str, ...]:
+    """Check a post's ``mentions`` (a list or tuple of user ids: a str would
+    be iterated letter by letter) and ``mention_all`` (a bool: "no" is
+    truthy); TypeError otherwise.  The ids themselves are the broker's to
+    check (BAD_MENTION)."""
+    if not isinstance(mentions, (list, tuple)) or not all(isinstance(u, str) for u in mentions):
+        raise TypeError(f"mentions must be a list or tuple of user ids (str), got {mentions!r:.80}")
+    if not isinstance(mention_all, bool):
+        raise TypeError(f"mention_all must be a bool, got {type(mention_all).__name__}")
+    return tuple(mentions)
+
+
+def _check_seq(seq: Any) -> None:
+    """A message's seq: an int in 1..2**64-1 (TypeError / ValueError)."""
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        raise TypeError(f"seq must be an int, not {type(seq).__name__}")
+    if not 1 <= seq < 1 << 64:
+        raise ValueError(f"seq must be in 1..2**64-1, not {seq}")
 
 
 def _posted(conv: str, done: Any, sender: str = SYSTEM, device: str = SYSTEM,

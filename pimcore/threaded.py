@@ -254,7 +254,7 @@ class ThreadedPimcore:
         """As Pimcore.post: returns once the message is durable."""
         assert self.handle is not None
         return self._call(self.handle.post, conv, payload, sender=sender, device=device, idempotency_key=idempotency_key,
-                          mentions=tuple(mentions), mention_all=mention_all)
+                          mentions=mentions, mention_all=mention_all)  # checked by Pimcore.post
 
     def post_many(self, posts: Sequence[dict[str, Any]]) -> list[Union[Posted, PimError]]:
         assert self.handle is not None

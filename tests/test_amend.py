@@ -108,7 +108,9 @@ async def test_refusals_permissions_and_windows(store):
                 await refused(b.recall("team", m.seq), ErrorCode.NOT_SENDER)
                 await refused(a.recall("team", m.seq), ErrorCode.TOO_LATE)  # recall_window 1 µs
                 await refused(a.edit("team", 99, b"x"), ErrorCode.NO_SUCH_MESSAGE)
-                await refused(a.delete_for_me("team", 0), ErrorCode.NO_SUCH_MESSAGE)
+                await refused(a.delete_for_me("team", 10**6), ErrorCode.NO_SUCH_MESSAGE)
+                with pytest.raises(ValueError, match="seq"):  # no seq is 0: refused by the SDK, nothing sent
+                    await a.delete_for_me("team", 0)
                 await refused(a.edit("nope", 1, b"x"), ErrorCode.UNKNOWN_CONVERSATION)
                 await srv.add_members("team", ["carol"])  # seq 2: a JOINED entry
                 await refused(a.recall("team", 2), ErrorCode.NO_SUCH_MESSAGE)
@@ -306,6 +308,13 @@ async def test_pimcore_chat_shows_edits_and_recalls(store):
                 await wait_for(b_out, "  alice: (recalled)  (#1)")
                 await a_in.send("/edit x")
                 await wait_for(a_out, "usage: /edit N text")
+                # a number no seq can be: the usage line again, not a crash
+                for bad in ("/recall 99999999999999999999999", "/delete 18446744073709551616", "/edit 0 text", "/delete ²"):
+                    n_usage = sum("usage: /edit N text" in line for line in a_out)
+                    await a_in.send(bad)
+                    await a_in.send("/edit x")  # one more usage line: the bad line was handled before it
+                    while sum("usage: /edit N text" in line for line in a_out) < n_usage + 2:
+                        await trio.sleep(0.01)
                 await a_in.send("/quit")
                 await b_in.send("/quit")
 

@@ -1064,3 +1064,58 @@ def test_random_acks_refusals_and_reconnects_never_lose_or_duplicate_a_send(scri
         assert c.result.seq == broker.stored[lid][0]  # the answer is the one stored copy
     assert len(broker.stored) == len(sent)
     assert s.statistics().pending_sends == 0
+
+
+# ---------------------------------------------------------------- oversize sends
+
+
+def test_a_payload_above_the_brokers_max_payload_fails_at_once_and_is_never_sent():
+    s = session()
+    b = connect(s, T0)  # LoginAck: max_payload 64 KiB, max_frame 1 MiB
+    big = s.send(CONV, b"x" * ((1 << 16) + 1), T0)
+    edit = s.amend(CONV, 1, F.MessageKind.EDIT, T0, payload=b"y" * ((1 << 16) + 1))
+    done = {c.local_id: c for c in s.completions()}
+    assert set(done) == {big, edit}
+    for c in done.values():
+        assert isinstance(c.error, SendError) and c.error.code is ErrorCode.PAYLOAD_TOO_LARGE
+        assert "max_payload" in str(c.error)
+    assert b.read() == []
+    small = s.send(CONV, b"x" * (1 << 16), T0)  # exactly the limit: fine, and not stuck behind the refused ones
+    [req] = b.read()
+    assert req.local_id == small  # type: ignore[attr-defined]
+    assert s.statistics().pending_sends == 1
+
+
+def test_before_the_first_login_a_frame_above_the_default_max_frame_fails_at_once():
+    s = session()
+    lid = s.send(CONV, b"x" * (1 << 20), T0)  # its SendReq frame is above 1 MiB
+    [c] = s.completions()
+    assert c.local_id == lid and isinstance(c.error, SendError) and c.error.code is ErrorCode.PAYLOAD_TOO_LARGE
+    assert s.statistics().pending_sends == 0
+
+
+def test_a_send_queued_before_login_above_the_announced_max_payload_is_refused_not_sent():
+    s = session()
+    big = s.send(CONV, b"x" * 100_000, T0)  # fits the default frame size; the broker allows 64 KiB
+    small = s.send(CONV, b"ok", T0)
+    b = connect(s, T0 + S)
+    [req] = b.read()
+    assert req.local_id == small  # type: ignore[attr-defined]
+    [c] = s.completions()
+    assert c.local_id == big and isinstance(c.error, SendError) and c.error.code is ErrorCode.PAYLOAD_TOO_LARGE
+    s.connection_lost(T0 + 2 * S)
+    [again] = connect(s, T0 + 3 * S).read()
+    assert again.local_id == small  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("seq,error", [(0, ValueError), (-1, ValueError), (1 << 64, ValueError), (1 << 70, ValueError),
+                                       ("1", TypeError), (None, TypeError), (1.0, TypeError), (True, TypeError)])
+@pytest.mark.parametrize("action", [F.MessageKind.RECALL, F.MessageKind.EDIT, F.MessageKind.DELETE])
+def test_an_amend_of_a_seq_outside_1_to_2_64_minus_1_raises_before_anything_is_queued(seq, error, action):
+    s = session()
+    b = connect(s, T0)
+    with pytest.raises(error, match="seq"):
+        s.amend(CONV, seq, action, T0, payload=b"new" if action == F.MessageKind.EDIT else b"")
+    assert b.read() == [] and s.completions() == [] and s.statistics().pending_sends == 0
+    s.amend(CONV, (1 << 64) - 1, action, T0)  # the largest seq is fine
+    assert s.statistics().pending_sends == 1

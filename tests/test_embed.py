@@ -241,3 +241,42 @@ def test_the_embedding_doc_examples_run(index: int, tmp_path: Path, monkeypatch)
     for _ in range(2):  # re-runnable on the same data directory (the group exists the second time)
         exec(compile(code, f"EMBEDDING.md example {index + 1}", "exec"), {"__name__": "__doc_example__"})
     assert (tmp_path / ("embedded-trio-data" if index == 0 else "embedded-asyncio-data") / "store").is_dir()
+
+
+async def test_post_and_post_many_check_the_types_of_mentions_and_mention_all(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            await im.create_group("team", ["alice", "bob"])
+            bad: list[dict] = [{"mentions": "bob"}, {"mentions": ["bob", 3]}, {"mentions": {"bob"}}, {"mentions": None},
+                               {"mention_all": "no"}, {"mention_all": 1}, {"mention_all": None}]
+            for kw in bad:
+                with pytest.raises(TypeError, match="mention"):
+                    await im.post("team", b"x", **kw)
+                with pytest.raises(TypeError, match="mention"):
+                    await im.post_many([{"conv": "team", "payload": b"ok"}, {"conv": "team", "payload": b"x", **kw}])
+            assert [(e.conv, e.last_seq) for e in (await im.conversation_list("bob")).entries] == [("team", 0)]  # none stored
+            posted = await im.post_many([
+                {"conv": "team", "payload": b"@bob", "sender": "alice", "device": "web", "mentions": ["bob"]},
+                {"conv": "team", "payload": b"@all", "mention_all": True},
+                {"conv": "team", "payload": b"plain", "mentions": (), "mention_all": False},
+            ])
+            assert [p.seq for p in posted] == [1, 2, 3]  # type: ignore[union-attr]
+            [bob] = (await im.conversation_list("bob")).entries
+            [alice] = (await im.conversation_list("alice")).entries
+            assert (bob.mention_count, alice.mention_count) == (2, 1)
+
+
+@pytest.mark.parametrize("seq,error", [("1", TypeError), (None, TypeError), (1.0, TypeError), (True, TypeError),
+                                       (0, ValueError), (-1, ValueError), (1 << 64, ValueError), (1 << 70, ValueError)])
+async def test_recall_edit_and_delete_for_check_the_seq(tmp_path: Path, seq, error) -> None:
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            await im.create_group("team", ["alice", "bob"])
+            await im.post("team", b"x", sender="alice", device="web")
+            with pytest.raises(error, match="seq"):
+                await im.recall("team", seq)
+            with pytest.raises(error, match="seq"):
+                await im.edit("team", seq, b"y")
+            with pytest.raises(error, match="seq"):
+                await im.delete_for("bob", "team", seq)
+            assert (await im.recall("team", 1)).seq == 2  # a valid seq still works

@@ -531,3 +531,27 @@ async def test_conversation_list_settings_and_mentions_over_http(tmp_path: Path)
                          403, "NOT_MEMBER")
             assert_error(*await call(c, "POST", "/v1/users/bob/conversations/team/settings", {"muted": 1}),
                          400, "bad_request")
+
+
+async def test_batch_post_items_take_mentions_and_mention_all_as_the_single_post_does(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            assert (await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["alice", "bob"]}))[0] == 201
+            status, doc = await call(c, "POST", "/v1/messages", {"messages": [
+                {"conv": "team", "payload": "@bob", "sender": "alice", "mentions": ["bob"]},
+                {"conv": "team", "payload": "@all", "mention_all": True},
+                {"conv": "team", "payload": "x", "mentions": "bob"},
+                {"conv": "team", "payload": "x", "mention_all": "no"},
+                {"conv": "team", "payload": "x", "mentions": ["bad id!"]},
+            ]})
+            res = doc["results"]
+            assert status == 200 and [r["status"] for r in res] == ["stored", "stored", "error", "error", "error"], res
+            assert [r["seq"] for r in res[:2]] == [1, 2]
+            assert res[2]["code"] == res[3]["code"] == "bad_request", res
+            assert "mentions" in res[2]["message"] and "mention_all" in res[3]["message"], res
+            assert res[4]["code"] == "BAD_MENTION", res
+            counts = {}
+            for user in ("alice", "bob"):
+                [team] = (await call(c, "GET", f"/v1/users/{user}/conversation-list"))[1]["entries"]
+                counts[user] = (team["last_seq"], team["mention_count"])
+            assert counts == {"alice": (2, 1), "bob": (2, 2)}

@@ -96,3 +96,24 @@ def test_privacy_requests_are_answered_and_sent_again_after_a_reconnect():
     assert s.hide_last_seen is True and PrivacyChanged(True) in events(s, T0 + 30 * MS)
     b.feed(T0 + 40 * MS, F.PresencePrivacy(1))  # changed on another device
     assert s.hide_last_seen is False and events(s, T0 + 40 * MS) == [PrivacyChanged(False)]
+
+
+def test_a_message_from_a_typing_user_ends_their_indicator_in_that_conversation_only():
+    from pimcore.client_session import MessageReceived
+    from test_client_session import msg
+
+    s = session()
+    b = connect(s, T0)
+    b.feed(T0, F.Typing("g", True, "bob", 5000), F.Typing("h", True, "bob", 5000), F.Typing("g", True, "carol", 5000))
+    events(s, T0)
+    b.feed(T0 + S, F.Push(1, (msg(1, 1, sender="bob", conv="g"),)))
+    got = events(s, T0 + S)
+    assert [(type(e).__name__, getattr(e, "user", None), getattr(e, "active", None)) for e in got] == [
+        ("TypingChanged", "bob", False), ("MessageReceived", None, None)]
+    assert isinstance(got[1], MessageReceived) and got[0].conv == "g"  # type: ignore[attr-defined]
+    assert s.typing_users("g") == ["carol"] and s.typing_users("h") == ["bob"]
+    b.feed(T0 + 2 * S, F.Push(2, (msg(2, 2, sender="dave", conv="g"),)))  # someone else's message: no change
+    assert [type(e).__name__ for e in events(s, T0 + 2 * S)] == ["MessageReceived"]
+    assert s.typing_users("g") == ["carol"]
+    s.handle_timer(T0 + 5 * S)
+    assert sorted((e.conv, e.user) for e in events(s, T0 + 5 * S)) == [("g", "carol"), ("h", "bob")]  # no second stop for bob in g

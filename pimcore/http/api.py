@@ -279,6 +279,11 @@ def register_api(router: Router, handle: "Pimcore") -> None:
                 key = _field(item, "idempotency_key", str, None)
                 if key is not None:
                     kw["idempotency_key"] = key.encode("utf-8", "surrogatepass")
+                # As the single post: checked here, an error for this item only.
+                if "mentions" in item:
+                    kw["mentions"] = _strings(item, "mentions")
+                if "mention_all" in item:
+                    kw["mention_all"] = _field(item, "mention_all", bool)
             except HttpError as exc:
                 results[i] = {"status": "error", "code": exc.code, "message": f"messages[{i}]: {exc.message}"}
                 continue

@@ -53,7 +53,8 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
     ("POST", "/v1/messages",
      "Store many messages (to any conversations) in one request; per-message idempotency keys and results in order",
      _obj(("messages",), messages={"type": "array", "minItems": 1, "maxItems": 1000, "items": _obj(
-         ("conv",), conv=_STR, payload=_STR, payload_b64=_STR, sender=_STR, device=_STR, idempotency_key=_STR)}), (),
+         ("conv",), conv=_STR, payload=_STR, payload_b64=_STR, sender=_STR, device=_STR, idempotency_key=_STR,
+         mentions=_STRINGS, mention_all=_BOOL)}), (),
      200, _obj(results={"type": "array", "items": _obj(
          ("status",), status={"enum": ["stored", "duplicate", "error"]}, conv=_STR, msg_id=_STR, seq=_INT,
          server_time=_INT, code=_STR, message=_STR)})),
