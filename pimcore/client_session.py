@@ -2092,7 +2092,22 @@ class ClientSession:
 
     def _entry_pushed(self, m: F.Message) -> None:
         e = self.conversations.get(m.conv)
-        if e is None or m.seq <= e.last_seq:
+        if e is None:
+            return
+        if m.kind in AMEND_KINDS:
+            # Not a new last message (no reorder, no un-hide): a recall or an
+            # edit of the last message changes how it shows, as the broker's
+            # list would (its tombstone, its new payload).
+            last = e.last[0] if e.last else None
+            if last is None or last.seq != m.target or last.kind != F.MessageKind.MESSAGE or last.recalled:
+                return
+            if m.kind == F.MessageKind.RECALL:
+                last = dataclasses.replace(last, payload=b"", recalled=True)
+            elif m.kind == F.MessageKind.EDIT and m.server_time >= last.edited:
+                last = dataclasses.replace(last, payload=m.payload, edited=m.server_time)
+            self.conversations[m.conv] = dataclasses.replace(e, last=(last,))
+            return
+        if m.seq <= e.last_seq:
             return
         mine = m.sender == self.user
         counted = m.kind == F.MessageKind.MESSAGE and not mine and m.seq > e.read_seq

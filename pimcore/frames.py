@@ -454,17 +454,20 @@ SETTING_OFF = 2
 class ConvEntry:
     """One conversation of the user's conversation list.
 
-    ``last`` holds the last entry of the conversation the user may see (0 or
+    ``last`` holds the last message of the conversation the user may see:
+    its last MESSAGE, JOINED or LEFT entry as it is now (recalled: the
+    tombstone; edited: the new payload), never a RECALL/EDIT entry (0 or
     1 Message, position 0; empty while the conversation has none).  The list
     is ordered pinned first, then by the server time of ``last`` (newest
     first), then by ``conv``.  ``mention_count``: messages after the read
     marker that mention the user (by id or everyone).  ``hidden``: hidden
-    until the next entry of the conversation (ConvSetReq)."""
+    until the next message of the conversation (ConvSetReq; not a recall
+    or edit)."""
 
     conv: str  # t
     last: tuple[Message, ...]  # [Message]   0 or 1
     read_seq: int  # u
-    last_seq: int  # u   the last seq the user may see
+    last_seq: int  # u   the seq of ``last`` (0: none)
     unread: int  # u
     mention_count: int  # u
     pinned: bool  # ?

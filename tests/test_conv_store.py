@@ -206,3 +206,47 @@ def test_a_recalled_message_no_longer_counts_as_a_mention(store: Store, mk: Make
     assert entry(store, "carol", "g1").mention_count == 1
     mk.commit(store, amend(mk, "g1", "alice", 2, RECALL))
     assert (entry(store, "bob", "g1").mention_count, entry(store, "carol", "g1").mention_count) == (0, 0)
+
+
+def test_amend_entries_are_not_the_last_message(store: Store, mk: Maker) -> None:
+    # Issue 14: each conversation "with the last message (sender, server time,
+    # payload or tombstone)", ordered by last activity, hidden until the next
+    # message.  RECALL/EDIT entries are entries of the conversation but not
+    # messages: an edit of an old message neither becomes `last`, nor moves
+    # the conversation up, nor un-hides it; a recall of the last message
+    # leaves its tombstone as `last`.
+    from test_amend_store import EDIT, RECALL, amend
+
+    store.create_group("g1", ["alice", "bob"], now=1)
+    store.create_group("g2", ["alice", "bob"], now=1)
+    mk.commit(store, mk("g1", "bob", payload=b"old"), mk("g1", "bob", payload=b"last"), mk("g2", "bob", payload=b"g2"))
+    before = entry(store, "alice", "g1")
+    assert before.last is not None and before.last_seq == 2
+    mk.commit(store, amend(mk, "g1", "bob", 1, EDIT, b"old, edited"))
+    e = entry(store, "alice", "g1")
+    assert e.last == before.last and e.last_seq == 2
+    assert [x.conv for x in page(store, "alice").entries] == ["g2", "g1"]
+    # an edit of the last message: `last` is that message with its new payload
+    mk.commit(store, amend(mk, "g1", "bob", 2, EDIT, b"last, edited"))
+    e = entry(store, "alice", "g1")
+    assert e.last is not None and (e.last.seq, e.last.payload, e.last.kind) == (2, b"last, edited", 0)
+    assert e.last.edited and e.last.server_time == before.last.server_time and e.last_seq == 2
+    assert [x.conv for x in page(store, "alice").entries] == ["g2", "g1"]
+    # hidden stays hidden over edits and recalls, until the next message
+    setting(store, mk, "alice", "g2", hidden=ON)
+    mk.commit(store, amend(mk, "g2", "bob", 1, EDIT, b"g2, edited"))
+    assert entry(store, "alice", "g2").hidden
+    assert [x.conv for x in page(store, "alice").entries] == ["g1"]
+    mk.commit(store, amend(mk, "g2", "bob", 1, RECALL))
+    g2 = entry(store, "alice", "g2")
+    assert g2.hidden and g2.last is not None and g2.last.recalled and g2.last_seq == 1
+    # a recall of the last message: `last` is its tombstone
+    mk.commit(store, amend(mk, "g1", "bob", 2, RECALL))
+    e = entry(store, "alice", "g1")
+    assert e.last is not None and (e.last.seq, e.last.kind, e.last.recalled, e.last.payload) == (2, 0, True, b"")
+    assert e.last_seq == 2 and e.last.server_time == before.last.server_time
+    # the next message un-hides and becomes `last`
+    mk.commit(store, mk("g2", "bob", payload=b"wake"))
+    g2 = entry(store, "alice", "g2")
+    assert not g2.hidden and g2.last is not None and g2.last.payload == b"wake"
+    assert [x.conv for x in page(store, "alice").entries] == ["g2", "g1"]

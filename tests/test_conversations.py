@@ -161,6 +161,33 @@ async def test_hidden_until_the_next_message(store):
                 assert not e.hidden and e.last[0].payload == b"wake up" and e.unread == 2
 
 
+async def test_recall_and_edit_are_not_a_new_last_message(store):
+    # An amend entry is pushed like a message but is not the last message:
+    # it neither un-hides nor replaces `last`, locally or at the broker; a
+    # recall or edit of `last` changes how `last` shows.
+    from pimcore.client import MessageAmended
+
+    def amended(ev, kind):
+        return isinstance(ev, MessageAmended) and ev.entry.kind == kind
+
+    with trio.fail_after(15):
+        async with serving(store) as srv:
+            async with client(srv.url(), "alice") as alice, client(srv.url(), "bob") as bob:
+                await bob.send(AB, b"old")
+                await bob.send(AB, b"last")
+                await wait_for(alice, lambda ev: isinstance(ev, MessageReceived) and ev.message.payload == b"last")
+                await alice.conversations()  # the SDK follows the entries a page brought
+                await alice.set_conversation(AB, hidden=True)
+                await bob.edit(AB, 1, b"old, edited")
+                await wait_for(alice, lambda ev: amended(ev, F.MessageKind.EDIT))
+                for e in (alice.conversation_entries[AB], (await alice.conversations(include_hidden=True)).entries[0]):
+                    assert e.hidden and e.last_seq == 2 and e.last[0].payload == b"last"
+                await bob.recall(AB, 2)
+                await wait_for(alice, lambda ev: amended(ev, F.MessageKind.RECALL))
+                for e in (alice.conversation_entries[AB], (await alice.conversations(include_hidden=True)).entries[0]):
+                    assert e.hidden and e.last_seq == 2 and e.last[0].recalled and e.last[0].payload == b""
+
+
 async def test_the_message_event_says_who_muted_and_who_is_mentioned(store):
     store.create_group("team", ["alice", "bob", "carol"], 0)
     cfg = server_config()

@@ -201,6 +201,8 @@ __all__ = [
     "visible_ranges",
     "member_ranges",
     "last_visible",
+    "last_message_floor",
+    "AMENDING",
     "page_seqs",
     "AsyncStore",
     "WriteBatch",
@@ -248,6 +250,18 @@ def last_visible(spans: Iterable[tuple[int, int]], last_seq: int) -> int:
     0 for a user never a member."""
     spans = list(spans)
     return min(spans[-1][1], last_seq) if spans else 0
+
+
+#: Entries that amend an earlier message (RECALL, EDIT): entries of the
+#: conversation, but never its last message (:class:`ConversationEntry`).
+AMENDING = (MessageKind.RECALL, MessageKind.EDIT)
+
+
+def last_message_floor(spans: Iterable[tuple[int, int]]) -> int:
+    """The lowest seq the walk back for a user's last message may reach:
+    the start of their last membership interval (1 if none)."""
+    ranges = member_ranges(spans)
+    return ranges[-1][0] if ranges else 1
 
 
 def page_seqs(ranges: Iterable[tuple[int, int]], last: int, from_seq: int, limit: int, backward: bool) -> list[int]:
@@ -553,9 +567,10 @@ class SetConversation:
     """Change ``user``'s own settings of ``conv`` (synced across the user's
     devices): ``pinned``, ``muted``, ``hidden``, each 0 keep, 1 on, 2 off
     (frames.SETTING_*).  Hidden ON hides the conversation from the list
-    until its next entry: the store keeps ``hidden_at`` = the last seq the
-    user may see + 1, and the entry is hidden while its last seq is below
-    that (a new message un-hides it without a write).  Access: malformed
+    until its next message: the store keeps ``hidden_at`` = the last seq the
+    user may see + 1, and the entry is hidden while the seq of its ``last``
+    is below that (a new message un-hides it without a write; a RECALL or
+    EDIT entry never does).  Access: malformed
     ids or a value outside 0..2 -> Rejected(BAD_REQUEST); an unknown group
     -> UNKNOWN_CONVERSATION; a group the user is not in the list of (never
     a member) or a 1:1 id without the user -> NOT_MEMBER.  Result:
@@ -877,8 +892,8 @@ class ReadPresence:
 class ReadConversations:
     """A page of ``user``'s conversation list (the conversations of
     :meth:`Store.conversations`), ordered by :func:`conversation_key`:
-    pinned first, then by the server time of the last entry the user may
-    see (newest first), then by id.  ``cursor``: b"" for the first page,
+    pinned first, then by the server time of the last message the user may
+    see (:class:`ConversationEntry` ``last``; newest first), then by id.  ``cursor``: b"" for the first page,
     else :func:`conversation_cursor` of the last entry of the previous page
     (entries after it in that order).  Hidden entries are left out unless
     ``include_hidden``.  With ``conv`` set: just that conversation's entry
@@ -1106,12 +1121,15 @@ class Deduped:
 class ConversationEntry:
     """One conversation of a user's conversation list.
 
-    ``last``: the last entry the user may see (:func:`last_visible`; None
-    while there is none); ``last_seq`` its seq (0 if none).  ``unread`` as
+    ``last``: the last message the user may see, i.e. the last entry of
+    kind MESSAGE, JOINED or LEFT at or below :func:`last_visible` (None
+    while there is none), as it is now (recalled: its tombstone; edited:
+    the new payload); RECALL/EDIT entries (:data:`AMENDING`) never are.
+    ``last_seq`` its seq (0 if none).  ``unread`` as
     :meth:`Store.unread`.  ``mention_count``: entries after the read marker
     that mention the user (by id or everyone, from someone else, at a seq
     the user was a member at); it drops as the marker passes them.
-    ``hidden``: hidden (:class:`SetConversation`) and no entry since."""
+    ``hidden``: hidden (:class:`SetConversation`) and no message since."""
 
     conv: str
     last: Optional[StoredMessage]

@@ -224,6 +224,8 @@ from .base import (
     Deduped,
     DevicesPage,
     last_visible,
+    last_message_floor,
+    AMENDING,
     member_ranges,
     page_seqs,
     visible_ranges,
@@ -1345,11 +1347,23 @@ class LmdbStore(Store):
         spans = self._spans_in(txn, ck, user)
         last_seq = last_visible(spans, conv_last)
         last = None
-        if last_seq:
-            ref = txn.get(ck + _U64.pack(last_seq), db=self._convidx)
+        # The last message is the last MESSAGE/JOINED/LEFT entry, as it is now
+        # (RECALL/EDIT entries amend it in place): walk back over amend
+        # entries.  The convidx value's 17th byte says EDIT (4) or RECALL (3);
+        # 3 is also a recalled message's, so that one loads the record.
+        seq, floor = last_seq, last_message_floor(spans)
+        while seq >= floor and seq:
+            ref = txn.get(ck + _U64.pack(seq), db=self._convidx)
             if ref is None:
-                raise StoreError(f"{conv!r} has no seq {last_seq} (store corrupt)")
-            last = self._load(txn, ref[:16])
+                if seq == last_seq:
+                    raise StoreError(f"{conv!r} has no seq {last_seq} (store corrupt)")
+                break  # removed by retention
+            if not (len(ref) > 16 and ref[16] == MessageKind.EDIT):
+                m = self._load(txn, ref[:16])
+                if m.kind not in AMENDING:
+                    last = m
+                    break
+            seq -= 1
         raw = txn.get(uk + ck, db=self._reads)
         marker = _U64.unpack(raw)[0] if raw is not None else 0
         mentions = 0

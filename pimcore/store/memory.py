@@ -31,6 +31,7 @@ from .base import (
     ConversationsPage,
     ReadConversations,
     SetConversation,
+    AMENDING,
     conversation_entry,
     conversation_page,
     mentioned_recipients,
@@ -63,6 +64,7 @@ from .base import (
     ReadReaders,
     RemoveMembers,
     last_visible,
+    last_message_floor,
     member_ranges,
     page_seqs,
     visible_ranges,
@@ -894,7 +896,15 @@ class MemoryStore(Store):
     def _entry(self, user: str, conv: str) -> ConversationEntry:
         spans = self._spans_of(conv, user)
         last_seq = last_visible(spans, self._conv_last.get(conv, 0))
-        last = self._msgs[self._conv_seq[(conv, last_seq)]] if last_seq else None
+        # The last message is the last MESSAGE/JOINED/LEFT entry, as it is now
+        # (RECALL/EDIT entries amend it in place): walk back over amend entries.
+        seq, floor, last = last_seq, last_message_floor(spans), None
+        while seq >= floor and seq:
+            msg_id = self._conv_seq.get((conv, seq))  # None: removed by retention
+            last = self._msgs[msg_id] if msg_id is not None else None
+            if last is None or last.kind not in AMENDING:
+                break
+            seq, last = seq - 1, None
         marker = self._reads.get((user, conv), 0)
         mentions = 0
         for lo, hi in member_ranges(spans):

@@ -168,6 +168,8 @@ from .base import (
     retention_limits,
     direct_members,
     last_visible,
+    last_message_floor,
+    AMENDING,
     malformed,
     member_ranges,
     message_event,
@@ -1333,7 +1335,20 @@ class RedisStore(AsyncStore):
     async def _entry(self, tx: _Tx, user: str, conv: str) -> ConversationEntry:
         spans = await self._spans_of(tx, conv, user)
         last_seq = last_visible(spans, _int(await tx.get(self._k_conv(conv), "last")))
-        last = await self._msg_at(tx, conv, last_seq) if last_seq else None
+        # The last message is the last MESSAGE/JOINED/LEFT entry, as it is now
+        # (RECALL/EDIT entries amend it in place): walk back over amend entries.
+        seq, floor, last = last_seq, last_message_floor(spans), None
+        while seq >= floor and seq:
+            v = await tx.get(self._k_conv(conv), f"s:{seq}")
+            if v is None:
+                if seq == last_seq:
+                    raise StoreError(f"missing message {conv!r} seq {seq}")
+                break  # removed by retention
+            m = _dec_msg(v)
+            if m.kind not in AMENDING:
+                last = m
+                break
+            seq -= 1
         marker = _int(await tx.get(self._k_user(user), "rd:" + conv))
         seqs: list[int] = []
         for lo, hi in member_ranges(spans):
