@@ -344,6 +344,9 @@ class RedisStore(AsyncStore):
         self._wal = f"{namespace}:{{wal}}"
         self.settle = settle
         self._pending: Optional[dict[str, dict[str, Optional[bytes]]]] = None
+        #: The multi-writer path (pimcore.store.redis_scripts), set on connect.
+        self.cluster: Any = None
+        self._epoch_lost = False
         self._write_lock = trio.Lock()
 
     # ------------------------------------------------------------ plumbing
@@ -419,15 +422,45 @@ class RedisStore(AsyncStore):
         if wal:
             self._pending = _dec_writes(wal)
             await self._complete_pending()
-        tx = _Tx(self)
-        node, epochs = await tx.mget(self._meta, ["node", "epochs"])
-        self._node = node if node else os.urandom(8)
-        self._epoch = os.urandom(16)
-        self._epochs = tuple(bytes.fromhex(e) for e in (epochs or b"").decode().split(",") if e) + (self._epoch,)
-        if not node:
-            tx.put(self._meta, "node", self._node)
-        tx.put(self._meta, "epochs", ",".join(e.hex() for e in self._epochs))
-        await self._flush(tx)
+        # Every process is a node of its own (msg ids carry the node id, so
+        # nodes writing at once never make the same id); the epoch is the
+        # namespace's, shared by every node (a client may resume on any).
+        self._node = os.urandom(8)
+        await self._adopt_epoch()
+        from .redis_scripts import ClusterOps
+
+        self.cluster = ClusterOps(self)
+        await self.cluster.load()
+
+    async def _adopt_epoch(self) -> None:
+        """Take the namespace's epoch, creating it if there is none (the
+        first node, or a cluster that lost everything: a new history)."""
+        fresh = os.urandom(16).hex().encode()
+
+        async def take() -> Any:
+            client = await self._master(self._meta)
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.hsetnx(self._meta, "epoch", fresh)
+                pipe.hsetnx(self._meta, "epochs", fresh)
+                got = pipe.hmget(self._meta, ["epoch", "epochs"])
+                waited = pipe.wait(self.replicas, self.wait_ms)
+            if await waited < self.replicas:
+                raise StoreError("the epoch was not confirmed by a replica")
+            return await got
+
+        epoch, epochs = await self._call(take)
+        self._epoch = bytes.fromhex(epoch.decode())
+        self._epochs = tuple(bytes.fromhex(e) for e in epochs.decode().split(",") if e)
+
+    async def _lost(self) -> None:
+        """Acknowledged writes were lost (see redis_scripts.DataLost): give
+        the namespace a new epoch that trusts no older one, so every client
+        resynchronizes; every node stops when it sees it."""
+        fresh = os.urandom(16).hex().encode()
+        try:
+            await self._call(lambda: self._r.hset(self._meta, {"epoch": fresh, "epochs": fresh}))
+        finally:
+            self._epoch_lost = True
 
     async def _call(self, request: Any) -> Any:
         """Await ``request()`` (a read), retried through a failover for up
@@ -455,6 +488,12 @@ class RedisStore(AsyncStore):
             await self._r.connection_pool.cluster_layout._refresh()
         except Exception:
             pass  # no node answered: the next try asks again
+
+    async def _master_at(self, addr: tuple[str, int]) -> Any:
+        client = self._masters.get(addr)
+        if client is None:
+            client = self._masters[addr] = await self._client(addr)
+        return client
 
     def _k_conv(self, conv: str) -> str:
         return f"{self.ns}:{{c:{conv}}}"
@@ -589,6 +628,27 @@ class RedisStore(AsyncStore):
     async def execute(self, request: StoreRequest) -> tuple[Result, ...]:
         self._check_open()
         if request.write:
+            from .redis_scripts import SCRIPTED
+
+            if self.cluster is not None:
+                for op in request.ops:
+                    if type(op) not in SCRIPTED and type(op) not in _HANDLERS:
+                        # Nothing applied: the batch fails as a whole.
+                        raise StoreError(f"batch {request.request_id} not committed: "
+                                         f"not a store op: {type(op).__name__}")
+                if all(type(op) in SCRIPTED for op in request.ops):
+                    return tuple(await self.cluster.execute(request.ops))
+                if any(type(op) in SCRIPTED for op in request.ops):
+                    # Ops of the generic path beside scripted ones: the
+                    # scripted ones first, then the rest (single writer).
+                    idx = [i for i, op in enumerate(request.ops) if type(op) in SCRIPTED]
+                    done = await self.cluster.execute([request.ops[i] for i in idx])
+                    rest = await self.execute(StoreRequest(
+                        request.request_id, tuple(op for op in request.ops if type(op) not in SCRIPTED), True))
+                    merged: list[Result] = list(rest)
+                    for i, r in zip(idx, done):
+                        merged.insert(i, r)
+                    return tuple(merged)
             async with self._write_lock:
                 await self._complete_pending()
                 tx = _Tx(self)
