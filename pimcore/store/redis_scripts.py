@@ -878,6 +878,15 @@ class ClusterOps:
                 kind, user, value = got[1].decode().split(" ", 2)
             except ValueError:
                 continue
+            if kind == "R":
+                # Only if the device is still recorded elsewhere (it may have
+                # come back here since).
+                try:
+                    holder = await s._r.hget(self.online_key(user), value)
+                except Exception:
+                    holder = None
+                if holder is not None and holder.decode() == self.node_hex:
+                    continue
             deliver(kind, user, int(value) if kind == "I" else value)
 
     async def _recheck_loop(self, deliver: Callable[[str, str, Any], None]) -> None:
