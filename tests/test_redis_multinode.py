@@ -318,3 +318,166 @@ async def test_a_frozen_node_cut_off_then_resumed_loses_and_duplicates_nothing(r
                     await t.run(during)
                 counts = t.check()
                 print("frozen node:", counts)
+
+
+# ---------------------------------------------------------------- store level
+
+
+def _send(conv: str, sender: str, local_id: int, t: int, node: bytes, payload: bytes = b"") -> Any:
+    from pimcore.core import message_digest
+    from pimcore.store import NewMessage
+
+    body = payload or b"%s %d" % (sender.encode(), local_id)
+    return NewMessage(t.to_bytes(8, "big") + node, conv, sender, "phone", local_id, t, t, body,
+                      message_digest(conv, body))
+
+
+async def test_two_stores_writing_one_conversation_at_once_keep_seqs_and_inboxes_exact(redis_cluster) -> None:
+    """Two RedisStore instances (two nodes) on one namespace, 8 tasks each,
+    all sending into one group and one 1:1 conversation at once: seqs are
+    gap-free, every recipient's inbox holds each message once, in seq order
+    per conversation (gaps met by a fan-out are backfilled)."""
+    from pimcore.store import Appended
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    with trio.fail_after(120):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            await s1.execute(StoreRequest(1, (CreateGroup(GROUP, ("alice", "bob", "carol"), 1),), True))
+            results: list[Any] = []
+            clock = iter(range(1_000_000, 2_000_000))
+
+            async def worker(store: Any, node: bytes, w: int) -> None:
+                for k in range(12):
+                    sender = ("alice", "bob", "carol")[(w + k) % 3]
+                    conv = GROUP if k % 2 else AB
+                    if conv == AB and sender == "carol":
+                        sender = "alice"
+                    op = _send(conv, sender, w * 1000 + k, next(clock), node)
+                    (res,) = await store.execute(StoreRequest(k, (op,), True))
+                    assert isinstance(res, Appended), res
+                    results.append((conv, res))
+
+            async with trio.open_nursery() as n:
+                for w in range(8):
+                    n.start_soon(worker, s1, b"\x01" * 8, w)
+                    n.start_soon(worker, s2, b"\x02" * 8, 100 + w)
+            for conv in (GROUP, AB):
+                seqs = sorted(r.seq for c, r in results if c == conv)
+                assert seqs == list(range(1, len(seqs) + 1)), conv
+            for user in ("alice", "bob", "carol"):
+                inbox = await s2.inbox_range(user, 0, 10_000)
+                assert [p for p, _ in inbox] == list(range(1, len(inbox) + 1))
+                for conv in (GROUP, AB):
+                    mine = [m.seq for _, m in inbox if m.conv == conv]
+                    if conv == AB and user == "carol":
+                        assert mine == []
+                        continue
+                    assert mine == list(range(1, len([1 for c, _ in results if c == conv]) + 1)), (user, conv)
+
+
+async def test_a_send_whose_node_died_before_the_fan_out_is_finished_by_the_sweep(redis_cluster) -> None:
+    """Rounds 1-2 of a send done (claim, log entry, outbox entry), the node
+    gone before round 3: another node's outbox sweep delivers it to every
+    recipient and finishes the dedupe record; the client's retry through that
+    node is a Duplicate of the same message."""
+    from pimcore.store import Duplicate
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    op = _send(AB, "alice", 7, 5_000_000, b"\x03" * 8)
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1:
+            class Died(Exception):
+                pass
+
+            async def die(self: Any) -> Any:
+                raise Died()
+
+            real = redis_scripts._Fanout.run
+            redis_scripts._Fanout.run = die  # type: ignore[method-assign]
+            try:
+                with pytest.raises(Died):
+                    await s1.execute(StoreRequest(1, (op,), True))
+            finally:
+                redis_scripts._Fanout.run = real  # type: ignore[method-assign]
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            assert await s2.last_seq(AB) == 1
+            assert await s2.inbox_head("bob") == 0  # not delivered yet
+            assert await s2.cluster.sweep(older_than=0) == 1
+            assert [m.msg_id for _, m in await s2.inbox_range("bob", 0, 10)] == [op.msg_id]
+            assert [m.msg_id for _, m in await s2.inbox_range("alice", 0, 10)] == [op.msg_id]
+            assert await s2.cluster.sweep(older_than=0) == 0  # the outbox entry is gone
+            retry = _send(AB, "alice", 7, 6_000_000, b"\x04" * 8)
+            (res,) = await s2.execute(StoreRequest(2, (retry,), True))
+            assert res == Duplicate(op.msg_id, 1, op.server_time)
+            assert await s2.inbox_head("bob") == 1
+
+
+async def test_a_retry_through_another_node_while_the_first_is_half_way_stores_once(redis_cluster) -> None:
+    """The claim of a send exists (its node is slow or dead) when the same
+    local id arrives through another node: that node finishes the claimed
+    message (same msg id, server time) instead of making a second one."""
+    from pimcore.store import Appended, Duplicate
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    op = _send(AB, "alice", 9, 7_000_000, b"\x05" * 8)
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            class Died(Exception):
+                pass
+
+            real_run = redis_scripts.ClusterOps.run
+            calls = {"n": 0}
+
+            async def run_then_die(self: Any, rnd: Any, wait: bool = True) -> Any:
+                calls["n"] += 1
+                if calls["n"] == 2:  # round 2 (the log entry) never happens
+                    raise Died()
+                return await real_run(self, rnd, wait)
+
+            redis_scripts.ClusterOps.run = run_then_die  # type: ignore[method-assign]
+            try:
+                with pytest.raises(Died):
+                    await s1.execute(StoreRequest(1, (op,), True))
+            finally:
+                redis_scripts.ClusterOps.run = real_run  # type: ignore[method-assign]
+            assert await s2.last_seq(AB) == 0
+            retry = _send(AB, "alice", 9, 8_000_000, b"\x06" * 8)
+            (res,) = await s2.execute(StoreRequest(2, (retry,), True))
+            assert isinstance(res, Appended) and res.msg_id == op.msg_id and res.server_time == op.server_time
+            (again,) = await s1.execute(StoreRequest(3, (op,), True))
+            assert again == Duplicate(op.msg_id, 1, op.server_time)
+            assert [m.msg_id for _, m in await s1.inbox_range("bob", 0, 10)] == [op.msg_id]
+
+
+async def test_writes_lost_in_a_failover_are_detected_and_the_epoch_changes(redis_cluster) -> None:
+    """A conversation's state rolled back under a node (what a failover that
+    lost acknowledged writes looks like): the node's next send there gets a
+    seq it handed out already -> DataLost, the namespace gets a new epoch
+    trusting no older one (clients resynchronize), and every node sees it."""
+    from pimcore.store.redis import RedisStore
+    from pimcore.store.redis_scripts import DataLost
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1:
+            old = await s1.epoch()
+            for k in range(3):
+                await s1.execute(StoreRequest(k, (_send(AB, "alice", k, 9_000_000 + k, b"\x07" * 8),), True))
+            # The "failover": the last two messages vanish.
+            await s1._r.hset(s1._k_conv(AB), {"last": b"1"})
+            with pytest.raises(DataLost):
+                await s1.execute(StoreRequest(9, (_send(AB, "alice", 9, 9_100_000, b"\x07" * 8),), True))
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            assert await s2.epoch() != old
+            assert old not in await s2.epochs()

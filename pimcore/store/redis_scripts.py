@@ -424,6 +424,8 @@ class ClusterOps:
         #: Hints for this node's own core: (kind, user, value).
         self.local_hints: Optional[Callable[[str, str, Any], None]] = None
         self.online: dict[str, set[str]] = {}  # user -> devices online here
+        self._inflight = 0
+        self._overlap = False
 
     # ------------------------------------------------------------- plumbing
 
@@ -524,8 +526,17 @@ class ClusterOps:
 
     # ------------------------------------------------------------- loss check
 
+    def _alone(self) -> bool:
+        """Whether the running request is the only one this store ran since
+        it started: only then are its answers ordered after every answer
+        recorded before (the server runs one write request at a time)."""
+        return self._inflight == 1 and not self._overlap
+
     def _check_seq(self, conv: str, seq: int, replayed: bool) -> None:
         seen = self._seen_seq
+        if not self._alone():
+            seen[conv] = max(seen.get(conv, 0), seq)
+            return
         if not replayed and seq <= seen.get(conv, 0):
             raise DataLost(f"conversation {conv!r}: seq {seq} handed out again (last acked {seen[conv]})")
         if len(seen) > 100_000:
@@ -535,6 +546,9 @@ class ClusterOps:
 
     def _check_pos(self, user: str, head: int) -> None:
         seen = self._seen_pos
+        if not self._alone():
+            seen[user] = max(seen.get(user, 0), head)
+            return
         if head < seen.get(user, 0):
             raise DataLost(f"inbox of {user!r}: head {head} below {seen[user]} handed out before")
         if len(seen) > 100_000:
@@ -549,11 +563,24 @@ class ClusterOps:
         then the others, in request order within each kind -- an op later
         in the batch sees what the sends stored."""
         results: list[Optional[Result]] = [None] * len(ops)
+        self._enter()
         try:
             return await self._execute(ops, results)
         except DataLost:
             await self.s._lost()
             raise
+        finally:
+            self._leave()
+
+    def _enter(self) -> None:
+        self._inflight += 1
+        if self._inflight > 1:
+            self._overlap = True  # until no request runs: see _alone
+
+    def _leave(self) -> None:
+        self._inflight -= 1
+        if not self._inflight:
+            self._overlap = False
 
     async def _execute(self, ops: Sequence[Any], results: list[Optional[Result]]) -> list[Result]:
         # In request order; a run of consecutive sends (or acks/touches)
@@ -934,6 +961,13 @@ class ClusterOps:
         """Finish the fan-outs of outbox entries older than ``older_than``
         seconds (default ``sweep_after``) on every master; returns how many
         messages were finished."""
+        self._enter()
+        try:
+            return await self._sweep(older_than)
+        finally:
+            self._leave()
+
+    async def _sweep(self, older_than: Optional[float]) -> int:
         from .redis import _Tx, _dec_msg
 
         s = self.s
@@ -943,9 +977,7 @@ class ClusterOps:
         now_us = int(_time.time() * 1_000_000)
         pattern = f"{s.ns}:{{c:*}}:ob"
         keys: list[str] = []
-        for node in s._r.connection_pool.cluster_layout.nodes:
-            if getattr(node, "server_type", "master") != "master":
-                continue
+        for node in s._r.connection_pool.cluster_layout.primaries:
             client = await s._master_at((node.host, node.port))
             cursor = 0
             while True:
