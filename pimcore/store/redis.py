@@ -619,6 +619,10 @@ class RedisStore(AsyncStore):
         """Close the store; the keeper leaves every client (idempotent)."""
         self._closed = True
         self._masters.clear()
+        if self.cluster is not None:
+            for conn in list(self.cluster._raw.values()):
+                await conn.aclose()
+            self.cluster._raw.clear()
         requests = getattr(self, "_requests", None)
         if requests is not None:
             await requests.aclose()

@@ -201,10 +201,13 @@ redis.call('HSET', KEYS[2], S(seq), ARGV[5] .. ':' .. ARGV[7])
 return {seq, recipients}
 """
 
-# KEYS: user, online. ARGV: conv, complete, then (seq, ref) pairs ascending.
+# KEYS: user, online. ARGV: conv, complete, dedupe field ('' none), dedupe
+# record, then (seq, ref) pairs ascending.  The dedupe record (the final one
+# of the user's own send) rides along: one command less per message.
 # -> {-1, last delivered seq} (a gap) or {head, {seq, pos, ...}, nodes, was_new}
 FANOUT = _LIB + """
 local u = KEYS[1]
+if ARGV[3] ~= '' then redis.call('HSET', u, ARGV[3], ARGV[4]) end
 local ldk = 'ld:' .. ARGV[1]
 local ld = redis.call('HGET', u, ldk)
 local lseq, lpos = 0, 0
@@ -212,12 +215,12 @@ if ld then
   local a, b = string.match(ld, '^(%d+):(%d+)$')
   lseq, lpos = tonumber(a), tonumber(b)
 end
-if tonumber(ARGV[3]) > lseq + 1 and ARGV[2] ~= '1' then return {-1, lseq} end
+if tonumber(ARGV[5]) > lseq + 1 and ARGV[2] ~= '1' then return {-1, lseq} end
 local head = N(redis.call('HGET', u, 'head'))
 local fresh = 0
 if head == 0 then fresh = 1 end
 local out = {}
-for i = 3, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local s = tonumber(ARGV[i])
   if s > lseq then
     head = head + 1
@@ -382,6 +385,100 @@ class DataLost(StoreError):
     namespace has a new epoch; this node must stop."""
 
 
+class _Incomplete(Exception):
+    pass
+
+
+class _ReplyError(Exception):
+    pass
+
+
+def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
+    """One RESP2 reply from ``buf`` at ``pos`` -> (value, next pos); an error
+    reply is a _ReplyError value; _Incomplete if more bytes are needed."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        raise _Incomplete()
+    kind, line = buf[pos:pos + 1], buf[pos + 1:end]
+    pos = end + 2
+    if kind == b"+":
+        return line, pos
+    if kind == b":":
+        return int(line), pos
+    if kind == b"-":
+        return _ReplyError(line.decode(errors="replace")), pos
+    if kind == b"$":
+        n = int(line)
+        if n < 0:
+            return None, pos
+        if len(buf) < pos + n + 2:
+            raise _Incomplete()
+        return buf[pos:pos + n], pos + n + 2
+    if kind == b"*":
+        n = int(line)
+        if n < 0:
+            return None, pos
+        out = []
+        for _ in range(n):
+            v, pos = _parse(buf, pos)
+            out.append(v)
+        return out, pos
+    raise StoreError(f"bad reply from Redis: {buf[pos - 2 - len(line) - 1:pos]!r}")
+
+
+def _arg(a: Any) -> bytes:
+    if isinstance(a, bytes):
+        return a
+    if isinstance(a, str):
+        return a.encode()
+    return str(a).encode()
+
+
+class _RawConn:
+    """One connection to one master speaking RESP directly: a pipeline of
+    commands (and its WAIT) is one write and one parse, without a client
+    library's per-command machinery (which cost about 100 µs per command
+    here -- most of the CPU per message)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.lock = trio.Lock()
+        self.buf = b""
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> "_RawConn":
+        return cls(await trio.open_tcp_stream(host, port))
+
+    async def pipeline(self, cmds: list[Sequence[Any]], timeout: float) -> list[Any]:
+        out = []
+        for cmd in cmds:
+            out.append(b"*%d\r\n" % len(cmd))
+            for a in cmd:
+                b = _arg(a)
+                out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        async with self.lock:
+            with trio.fail_after(timeout):
+                await self.stream.send_all(b"".join(out))
+                replies: list[Any] = []
+                buf, pos = self.buf, 0
+                while len(replies) < len(cmds):
+                    try:
+                        v, pos = _parse(buf, pos)
+                        replies.append(v)
+                    except _Incomplete:
+                        data = await self.stream.receive_some(1 << 16)
+                        if not data:
+                            raise ConnectionError("Redis closed the connection")
+                        buf = buf[pos:] + data
+                        pos = 0
+                self.buf = buf[pos:]
+        return replies
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1):
+            await self.stream.aclose()
+
+
 class _Round:
     """Commands of one round, grouped per master; :meth:`run` sends each
     group as one pipeline ending with ``WAIT`` (or without, ``wait=False``)
@@ -426,6 +523,7 @@ class ClusterOps:
         self.online: dict[str, set[str]] = {}  # user -> devices online here
         self._inflight = 0
         self._overlap = False
+        self._raw: dict[tuple[str, int], _RawConn] = {}
 
     # ------------------------------------------------------------- plumbing
 
@@ -470,57 +568,66 @@ class ClusterOps:
             await s._refresh_layout()
 
     async def _run_once(self, rnd: _Round, wait: bool) -> list[Any]:
+        from coredis._utils import hash_slot
+
         s = self.s
-        groups: dict[int, tuple[Any, list[int]]] = {}
+        layout = s._r.connection_pool.cluster_layout
+        groups: dict[tuple[str, int], list[int]] = {}
         for i, call in enumerate(rnd.calls):
-            client = await s._master(call[2][0])
-            groups.setdefault(id(client), (client, []))[1].append(i)
+            node = layout.node_for_slot(hash_slot(call[2][0].encode()))
+            groups.setdefault((node.host, node.port), []).append(i)
         answers: list[Any] = [None] * len(rnd.calls)
         failures: list[str] = []
 
-        async def one(client: Any, idx: list[int]) -> None:
+        async def one(addr: tuple[str, int], idx: list[int]) -> None:
             try:
-                await self._pipeline(client, rnd, idx, answers, wait)
+                await self._pipeline(addr, rnd, idx, answers, wait)
             except Exception as exc:
-                msg = repr(exc)
-                if "NOSCRIPT" in msg or "NoScript" in msg or "No matching script" in msg:
-                    try:
-                        for name, src in _SCRIPTS.items():
-                            await client.script_load(src)
-                        await self._pipeline(client, rnd, idx, answers, wait)
-                        return
-                    except Exception as exc2:
-                        msg = repr(exc2)
-                failures.append(msg)
-                s._masters.clear()
+                failures.append(f"{addr[0]}:{addr[1]}: {exc!r}")
+                conn = self._raw.pop(addr, None)
+                if conn is not None:
+                    await conn.aclose()
 
         async with trio.open_nursery() as nursery:
-            for client, idx in groups.values():
-                nursery.start_soon(one, client, idx)
+            for addr, idx in groups.items():
+                nursery.start_soon(one, addr, idx)
         if failures:
             raise StoreError("not confirmed by a replica (outcome unknown): " + "; ".join(failures))
         return answers
 
-    async def _pipeline(self, client: Any, rnd: _Round, idx: list[int], answers: list[Any], wait: bool) -> None:
+    async def _pipeline(self, addr: tuple[str, int], rnd: _Round, idx: list[int], answers: list[Any],
+                        wait: bool) -> None:
         s = self.s
-        async with client.pipeline(transaction=False) as pipe:
-            pending = []
-            for i in idx:
-                kind, name, keys, args = rnd.calls[i]
-                if kind == "evalsha":
-                    pending.append(pipe.evalsha(self.sha[name], keys=list(keys), args=list(args)))
-                elif kind == "hset":
-                    pending.append(pipe.hset(keys[0], {args[0]: args[1]}))
-                elif kind == "hdel":
-                    pending.append(pipe.hdel(keys[0], [args[0]]))
-                else:  # push: a hint, the list kept short
-                    pending.append(pipe.rpush(keys[0], [args[0]]))
-                    pipe.ltrim(keys[0], -_HINT_CAP, -1)
-            waited = pipe.wait(s.replicas, s.wait_ms) if wait else None
-        for i, res in zip(idx, pending):
-            answers[i] = await res
-        if waited is not None:
-            n = await waited
+        conn = self._raw.get(addr)
+        if conn is None:
+            conn = self._raw[addr] = await _RawConn.open(*addr)
+        cmds: list[Sequence[Any]] = []
+        for i in idx:
+            kind, name, keys, args = rnd.calls[i]
+            if kind == "evalsha":
+                cmds.append(("EVALSHA", self.sha[name], len(keys), *keys, *args))
+            elif kind == "hset":
+                cmds.append(("HSET", keys[0], args[0], args[1]))
+            elif kind == "hdel":
+                cmds.append(("HDEL", keys[0], args[0]))
+            else:  # push: a hint, the list kept short
+                cmds.append(("RPUSH", keys[0], args[0]))
+        pushes = [("LTRIM", rnd.calls[i][2][0], -_HINT_CAP, -1) for i in idx if rnd.calls[i][0] == "push"]
+        tail = pushes + ([("WAIT", s.replicas, s.wait_ms)] if wait else [])
+        timeout = 10 + s.wait_ms / 1000
+        replies = await conn.pipeline(cmds + tail, timeout)
+        if any(isinstance(r, _ReplyError) and str(r).startswith("NOSCRIPT") for r in replies[:len(cmds)]):
+            await conn.pipeline([("SCRIPT", "LOAD", src) for src in _SCRIPTS.values()], timeout)
+            replies = await conn.pipeline(cmds + tail, timeout)
+        for r in replies:
+            if isinstance(r, _ReplyError):
+                # MOVED / CLUSTERDOWN / NOREPLICAS / READONLY...: the round is
+                # retried (every command of a round is idempotent).
+                raise StoreError(f"Redis: {r}")
+        for i, r in zip(idx, replies):
+            answers[i] = r
+        if wait:
+            n = replies[-1]
             if n < s.replicas:
                 raise StoreError(f"WAIT {s.replicas} {s.wait_ms}: {n} replica(s) confirmed")
 
@@ -725,9 +832,8 @@ class ClusterOps:
             members = sorted(mem.split("\n")) if mem else []
             m = StoredMessage(msg_id, op.conv, seq, op.sender, op.device, op.local_id, op.client_time, st,
                               op.payload, 0, after)
-            fan.message(m, members, op.event)
-            fan.extra.hset(s._k_user(op.sender), f"d:{op.device}/{op.local_id}",
-                           f"{msg_id.hex()}:{seq}:{st}:{op.digest.hex()}".encode())
+            fan.message(m, members, op.event, (op.sender, f"d:{op.device}/{op.local_id}",
+                                               f"{msg_id.hex()}:{seq}:{st}:{op.digest.hex()}".encode()))
             results[i] = ("appended", m, members)  # type: ignore[assignment]
         await self.run(undo)
         positions = await fan.run()
@@ -743,13 +849,6 @@ class ClusterOps:
                 first = results[r[1]]
                 results[i] = (Duplicate(first.msg_id, first.seq, first.server_time)  # type: ignore[union-attr]
                               if isinstance(first, Appended) else first)
-        await self._bump_server_time(max((r.server_time for i in idx if isinstance(r := results[i], Appended)),
-                                         default=0))
-
-    async def _bump_server_time(self, t: int) -> None:
-        if t > self._st_written:
-            self._st_written = t
-            await self.run(self._one("MAXSET", self.s._meta, ("st", t, 1 << 62)), wait=False)
 
     _st_written = 0
 
@@ -1002,13 +1101,14 @@ class ClusterOps:
                     continue
                 m = _dec_msg(blob)
                 recipients = await self._recipients(tx, conv, seq)
-                fan.message(m, recipients, ev == "1")
+                dedupe = None
                 if m.kind == MessageKind.MESSAGE:
                     dkey, dfield = s._k_user(m.sender), f"d:{m.device}/{m.local_id}"
                     prior = await tx.get(dkey, dfield)
                     if prior is not None and prior.startswith(b"P:"):
                         digest_hex = prior.decode().split(":")[3]
-                        fan.extra.hset(dkey, dfield, f"{m.msg_id.hex()}:{seq}:{m.server_time}:{digest_hex}".encode())
+                        dedupe = (m.sender, dfield, f"{m.msg_id.hex()}:{seq}:{m.server_time}:{digest_hex}".encode())
+                fan.message(m, recipients, ev == "1", dedupe)
                 finished.append(f.decode() if isinstance(f, bytes) else f)
             if finished:
                 await fan.run()
@@ -1048,8 +1148,15 @@ class _Fanout:
         self.msgs: list[tuple[StoredMessage, list[str], bool]] = []
         self.extra = _Round()
 
-    def message(self, m: StoredMessage, recipients: list[str], event: bool) -> None:
-        self.msgs.append((m, recipients, event))
+    def message(self, m: StoredMessage, recipients: list[str], event: bool,
+                dedupe: Optional[tuple[str, str, bytes]] = None) -> None:
+        """Fan ``m`` out to ``recipients``; ``dedupe`` = (user, field, record):
+        the final dedupe record, written with the user's own entry (or alone
+        if the user is not a recipient)."""
+        if dedupe is not None and dedupe[0] not in recipients:
+            self.extra.hset(self.ops.s._k_user(dedupe[0]), dedupe[1], dedupe[2])
+            dedupe = None
+        self.msgs.append((m, recipients, event, dedupe))
 
     async def run(self) -> dict[tuple[str, int], tuple[tuple[str, int], ...]]:
         """-> (conv, seq) -> ((user, position), ...) for the positions this
@@ -1062,10 +1169,11 @@ class _Fanout:
         calls: list[tuple[int, str, str, list[tuple[int, str]]]] = []
         # One FANOUT per (recipient, message), in the batch's order (one
         # pipeline per master runs them in that order: positions follow it).
-        for m, recipients, event in self.msgs:
+        for m, recipients, event, dedupe in self.msgs:
             ref = f"{m.seq}:{m.server_time}:{m.conv}"
             for user in recipients:
-                idx = rnd.script("FANOUT", (s._k_user(user), ops.online_key(user)), (m.conv, "0", m.seq, ref))
+                df, dv = (dedupe[1], dedupe[2]) if dedupe is not None and dedupe[0] == user else ("", b"")
+                idx = rnd.script("FANOUT", (s._k_user(user), ops.online_key(user)), (m.conv, "0", df, dv, m.seq, ref))
                 calls.append((idx, user, m.conv, [(m.seq, ref)]))
             rnd.hset(s._k_msg(m.msg_id), "r", f"{m.seq}:{m.conv}".encode())
             if event:
@@ -1087,12 +1195,16 @@ class _Fanout:
         if gaps:
             await self._backfill(gaps, positions, hints, new_users)
         await ops.run(new_users)
+        # Done, in one round without a wait: the hints, the outbox entries
+        # removed (a leftover one is only redone by a sweep), the highest
+        # server time (what a node starting later floors its clock with).
+        for m, _, _, _ in self.msgs:
+            hints.hdel(ops.outbox_key(m.conv), str(m.seq))
+        top = max(m.server_time for m, _, _, _ in self.msgs)
+        if top > ops._st_written:
+            ops._st_written = top
+            hints.script("MAXSET", (s._meta,), ("st", top, 1 << 62))
         await ops.run(hints, wait=False)
-        # Done: the outbox entries go (no wait: a leftover one is redone).
-        done = _Round()
-        for m, _, _ in self.msgs:
-            done.hdel(ops.outbox_key(m.conv), str(m.seq))
-        await ops.run(done, wait=False)
         return {k: tuple(sorted(v)) for k, v in positions.items()}
 
     def _took(self, ans: Any, user: str, conv: str, positions: dict, hints: _Round, new_users: _Round) -> None:
@@ -1133,7 +1245,7 @@ class _Fanout:
                 full.append((q, f"{q}:{m.server_time}:{conv}"))
             full.extend(items)
             calls.append((rnd.script("FANOUT", (s._k_user(user), ops.online_key(user)),
-                                     (conv, "1", *[x for it in full for x in it])), user, conv))
+                                     (conv, "1", "", "", *[x for it in full for x in it])), user, conv))
         answers = await ops.run(rnd)
         for idx, user, conv in calls:
             self._took(answers[idx], user, conv, positions, hints, new_users)
