@@ -499,6 +499,11 @@ class _Round:
         self.calls.append(("hdel", "", (key,), (field,)))
         return len(self.calls) - 1
 
+    def raw(self, key: str, *cmd: Any) -> int:
+        """Any command whose first key is ``key`` (its answer as Redis gives it)."""
+        self.calls.append(("raw", "", (key,), cmd))
+        return len(self.calls) - 1
+
     def push(self, key: str, value: bytes) -> int:
         self.calls.append(("push", "", (key,), (value,)))
         return len(self.calls) - 1
@@ -610,6 +615,8 @@ class ClusterOps:
                 cmds.append(("HSET", keys[0], args[0], args[1]))
             elif kind == "hdel":
                 cmds.append(("HDEL", keys[0], args[0]))
+            elif kind == "raw":
+                cmds.append(args)
             else:  # push: a hint, the list kept short
                 cmds.append(("RPUSH", keys[0], args[0]))
         pushes = [("LTRIM", rnd.calls[i][2][0], -_HINT_CAP, -1) for i in idx if rnd.calls[i][0] == "push"]
@@ -765,21 +772,31 @@ class ClusterOps:
             op = ops[i]
             claim = f"P:{op.msg_id.hex()}:{op.server_time}:{op.digest.hex()}:{op.conv}"
             rnd.script("CLAIM", (s._k_user(op.sender),), (f"d:{op.device}/{op.local_id}", claim))
-        claims = await self.run(rnd)
+            key = s._k_msg(op.msg_id)
+            rnd.raw(key, "HEXISTS", key, "r")  # a msg id stored before: a broken clock
+        answers = await self.run(rnd)
+        claims, taken = answers[0::2], answers[1::2]
         # What each send stores: (index, op, msg_id, server_time); a claim of
         # an earlier attempt is finished with ITS msg id and server time.
         todo: list[tuple[int, NewMessage, bytes, int]] = []
         claimed: dict[tuple[str, str, int], tuple[int, bytes]] = {}
         replays: set[int] = set()
-        for i, prior in zip(idx, claims):
+        undo = _Round()
+        batch_ids: set[bytes] = set()
+        for i, prior, used in zip(idx, claims, taken):
             op = ops[i]
             key = (op.sender, op.device, op.local_id)
+            if prior is None and (used or op.msg_id in batch_ids) and key not in claimed:
+                results[i] = Rejected(ErrorCode.INTERNAL)
+                undo.hdel(s._k_user(op.sender), f"d:{op.device}/{op.local_id}")
+                continue
             if key in claimed:  # the same local id twice in one batch: the first decides
                 first, digest = claimed[key]
                 results[i] = (("same", first) if digest == op.digest  # type: ignore[assignment]
                               else Rejected(ErrorCode.DUPLICATE_CONFLICT))
                 continue
             if prior is None:
+                batch_ids.add(op.msg_id)
                 claimed[key] = (i, op.digest)
                 todo.append((i, op, op.msg_id, op.server_time))
                 continue
@@ -819,7 +836,6 @@ class ClusterOps:
         await self.run(bad)
         answers = await self.run(rnd)
         fan = _Fanout(self)
-        undo = _Round()
         for (i, op, msg_id, st), ans in zip(todo, answers):
             code = int(ans[0])
             if code < 0:
@@ -885,8 +901,13 @@ class ClusterOps:
             if op.stamps:
                 msg_id, server_time = op.stamps[i]
             else:
-                msg_id, server_time = clock.to_bytes(8, "big") + os.urandom(8), clock
-                clock += 1
+                # Made here (no broker clock), as the memory store makes them:
+                # ids no broker makes, times above every stored one.
+                while True:
+                    msg_id, server_time = clock.to_bytes(8, "big") + bytes(8), clock
+                    clock += 1
+                    if await s._call(lambda: s._r.hget(s._k_msg(msg_id), "r")) is None:
+                        break
             m = StoredMessage(msg_id, op.conv, 0, user, "", 0, server_time, server_time, op.by.encode("utf-8"),
                               int(MessageKind.JOINED if add else MessageKind.LEFT), 0)
             (ans,) = await self.run(self._change_round(ck, op.conv, (
