@@ -59,11 +59,14 @@ the record is overwritten by the next request, so it never holds anything
 but the last request's writes.  Outcome of a failed request: unknown (the
 client retries with the same local id; the dedupe record decides).
 
-Limits of this version (see OPERATIONS.md): one writer per namespace (the
-core keeps one write request in flight and the values are computed from
-reads, so one ``pimcore serve`` per cluster and namespace); reads running
-beside step 2 may see part of it (a message before its inbox entries, never
-an entry before its message).
+Several writers.  The path above is right for ONE writer only (values are
+computed from reads).  Every op the core makes runs instead as server-side
+scripts, one slot each (:mod:`pimcore.store.redis_scripts`: claims, seqs,
+idempotent fan-out, outbox sweep, cross-node hints, the namespace's epoch),
+so any number of ``pimcore serve`` nodes may share a namespace; an op not
+ported there yet takes this generic path (and is then single-writer).
+Reads running beside a write may see part of it (a message before its inbox
+entries, never an entry before its message).
 """
 
 from __future__ import annotations
