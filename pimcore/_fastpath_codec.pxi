@@ -109,7 +109,10 @@ _CODEC_SCHEMA = {
     ),
     _cd_F.CalibrateReq: (("client_time", "s"),),
     _cd_F.CalibrateResp: (("client_time", "s"), ("server_time", "u")),
-    _cd_F.SendReq: (("local_id", "u"), ("conv", "t"), ("client_time", "s"), ("payload", "b"), ("after_seq", "u")),
+    _cd_F.SendReq: (
+        ("local_id", "u"), ("conv", "t"), ("client_time", "s"), ("payload", "b"), ("after_seq", "u"),
+        ("mentions", "[Mention]"), ("mention_all", "?"),
+    ),
     _cd_F.SendAck: (("local_id", "u"), ("code", "u"), ("msg_id", "b"), ("seq", "u"), ("server_time", "u")),
     _cd_F.Push: (("position", "u"), ("messages", "[Message]")),
     _cd_F.PushAck: (("position", "u"),),
@@ -120,6 +123,16 @@ _CODEC_SCHEMA = {
     _cd_F.HistoryResp: (("req_id", "u"), ("conv", "t"), ("code", "u"), ("messages", "[Message]"), ("more", "?")),
     _cd_F.ReadersReq: (("req_id", "u"), ("conv", "t")),
     _cd_F.ReadersResp: (("req_id", "u"), ("conv", "t"), ("code", "u"), ("readers", "[Reader]")),
+    _cd_F.AmendReq: (("local_id", "u"), ("conv", "t"), ("target", "u"), ("action", "u"), ("client_time", "s"), ("payload", "b")),
+    _cd_F.ConvListReq: (("req_id", "u"), ("cursor", "b"), ("limit", "u"), ("include_hidden", "?")),
+    _cd_F.ConvListResp: (("req_id", "u"), ("code", "u"), ("entries", "[ConvEntry]"), ("cursor", "b"), ("more", "?")),
+    _cd_F.ConvSetReq: (("req_id", "u"), ("conv", "t"), ("pinned", "u"), ("muted", "u"), ("hidden", "u")),
+    _cd_F.ConvSetResp: (("req_id", "u"), ("conv", "t"), ("code", "u")),
+    _cd_F.ConvUpdate: (("entries", "[ConvEntry]"),),
+    _cd_F.Typing: (("conv", "t"), ("active", "?"), ("user", "t"), ("ttl_ms", "u")),
+    _cd_F.PresenceSub: (("req_id", "u"), ("users", "[PresenceUser]")),
+    _cd_F.Presence: (("req_id", "u"), ("code", "u"), ("entries", "[PresenceEntry]")),
+    _cd_F.PresencePrivacy: (("mode", "u"),),
     _cd_F.Ping: (("nonce", "u"),),
     _cd_F.Pong: (("nonce", "u"),),
     _cd_F.Error: (("code", "u"), ("ref", "u"), ("reason", "t")),
@@ -128,9 +141,18 @@ _CODEC_SCHEMA = {
         ("position", "u"), ("msg_id", "b"), ("conv", "t"), ("seq", "u"), ("sender", "t"),
         ("device", "t"), ("client_time", "s"), ("server_time", "u"), ("payload", "b"),
         ("kind", "u"), ("local_id", "u"), ("after_seq", "u"),
+        ("target", "u"), ("edited", "u"), ("recalled", "?"), ("deleted", "?"),
+        ("mentions", "[Mention]"), ("mention_all", "?"),
     ),
     _cd_F.ReadState: (("conv", "t"), ("read_seq", "u"), ("last_seq", "u"), ("unread", "u")),
     _cd_F.Reader: (("user", "t"), ("read_seq", "u")),
+    _cd_F.Mention: (("user", "t"),),
+    _cd_F.ConvEntry: (
+        ("conv", "t"), ("last", "[Message]"), ("read_seq", "u"), ("last_seq", "u"), ("unread", "u"),
+        ("mention_count", "u"), ("pinned", "?"), ("muted", "?"), ("hidden", "?"),
+    ),
+    _cd_F.PresenceUser: (("user", "t"),),
+    _cd_F.PresenceEntry: (("user", "t"), ("state", "u"), ("last_seen", "u")),
 }
 
 cdef enum:
@@ -142,8 +164,8 @@ cdef enum:
     _CD_LIST = 6
 
 cdef enum:
-    _CD_MAXF = 16     # most fields of any record (LoginAck has 13)
-    _CD_MAXREC = 28   # records in the table (19 frames + 3 nested, with room)
+    _CD_MAXF = 24     # most fields of any record (Message has 18)
+    _CD_MAXREC = 48   # records in the table (31 frames + 7 nested, with room)
 
 # The length prefix is at most 5 varint bytes, so no frame can be longer.
 cdef uint64_t _CD_MAX_LENGTH = (<uint64_t>1 << 35) - 1
@@ -160,9 +182,9 @@ cdef struct _CdRec:
     int ftype           # frame type byte; 0 for nested records
     int nfields
     bint fast           # tp_alloc + direct slot access validated for this class
-    _CdField fields[16]
+    _CdField fields[24]
 
-cdef _CdRec _cd_recs[28]
+cdef _CdRec _cd_recs[48]
 cdef int _cd_nframes = 0
 cdef int _cd_by_type[256]   # type byte -> index in _cd_recs, or -1
 cdef list _cd_keep = []

@@ -116,8 +116,29 @@ class AsyncPimcore:
     async def post_many(self, posts: list[dict[str, Any]]) -> list[Any]:
         return await self._call(self.handle.post_many, posts)
 
+    async def recall(self, conv: str, seq: int, **kwargs: Any) -> Posted:
+        return await self._call(self.handle.recall, conv, seq, **kwargs)
+
+    async def edit(self, conv: str, seq: int, payload: bytes, **kwargs: Any) -> Posted:
+        return await self._call(self.handle.edit, conv, seq, payload, **kwargs)
+
+    async def delete_for(self, user: str, conv: str, seq: int, **kwargs: Any) -> Posted:
+        return await self._call(self.handle.delete_for, user, conv, seq, **kwargs)
+
     async def revoke(self, user: str, device: Optional[str] = None, **kwargs: Any) -> int:
         return await self._call(self.handle.revoke, user, device, **kwargs)
+
+    async def set_retention(self, conv: str, **kwargs: Any) -> Any:
+        return await self._call(self.handle.set_retention, conv, **kwargs)
+
+    async def retention(self, conv: str) -> Any:
+        return await self._call(self.handle.retention, conv)
+
+    async def purge_conversation(self, conv: str) -> Any:
+        return await self._call(self.handle.purge_conversation, conv)
+
+    async def purge_user(self, user: str) -> Any:
+        return await self._call(self.handle.purge_user, user)
 
     async def create_group(self, conv: str, members: list[str]) -> Any:
         return await self._call(self.handle.create_group, conv, members)
@@ -131,8 +152,20 @@ class AsyncPimcore:
     async def conversations(self, user: str) -> list[Conversation]:
         return await self._call(self.handle.conversations, user)
 
+    async def presence(self, user: str) -> Any:
+        return await self._call(self.handle.presence, user)
+
+    async def set_presence_privacy(self, user: str, hide_last_seen: bool) -> bool:
+        return await self._call(self.handle.set_presence_privacy, user, hide_last_seen)
+
     async def unread(self, user: str, conv: Optional[str] = None) -> int:
         return await self._call(self.handle.unread, user, conv)
+
+    async def conversation_list(self, user: str, **kwargs: Any) -> Any:
+        return await self._call(self.handle.conversation_list, user, **kwargs)
+
+    async def set_conversation(self, user: str, conv: str, **kwargs: Any) -> Any:
+        return await self._call(self.handle.set_conversation, user, conv, **kwargs)
 
     async def read_positions(self, user: str) -> ReadPositions:
         return await self._call(self.handle.read_positions, user)

@@ -15,6 +15,17 @@ their state as it advances:
 
 Incoming messages are marked read as they are shown.  ``/history`` prints
 the conversation again in display order, ``/quit`` (or end of input) leaves.
+``/edit N text`` replaces your message #N, ``/recall N`` recalls it for
+everyone, ``/delete N`` deletes #N for you only; edits and recalls (yours
+from other devices, and the peer's) are shown as they come, and history
+marks messages ``(edited)``, ``(recalled)`` or ``(deleted)``.
+
+Typing and presence: ``… bob is typing`` shows when another member starts
+typing (the indicator is ephemeral: it expires by itself).  A terminal
+reads whole lines, so the chat cannot see keystrokes: ``/typing`` tells
+the others you are typing (a line you then send ends it for them).  In a
+1:1 chat the peer's presence is shown as it changes (``— bob is online``,
+``— bob is offline (last seen 14:02:11)``, no time if bob hides it).
 
 ``--group NAME`` chats in a group instead (``pimcore group create NAME
 alice bob ...`` makes one); groups have no read receipts.
@@ -37,8 +48,11 @@ from .client import (
     Connected,
     ConnectFailed,
     Disconnected,
+    MessageAmended,
     MessageReceived,
+    PresenceChanged,
     ReceiptReceived,
+    TypingChanged,
     SendError,
     SendTimeout,
     open_client,
@@ -55,6 +69,26 @@ def _notice(m: "F.Message") -> Optional[str]:
     if m.kind == F.MessageKind.LEFT:
         return f"— {m.sender} left  (#{m.seq})"
     return None
+
+
+def _text(m: "F.Message") -> str:
+    """A message's text with its state: a tombstone for a recalled one."""
+    if m.recalled:
+        return "(recalled)"
+    if m.deleted:
+        return "(deleted)"
+    return m.payload.decode("utf-8", "replace") + ("  (edited)" if m.edited else "")
+
+
+def _amended(ev: MessageAmended, me: str) -> str:
+    """A RECALL / EDIT / DELETE entry as a notice line."""
+    e = ev.entry
+    who = "you" if e.sender == me else (e.sender or "the system")
+    if e.kind == F.MessageKind.RECALL:
+        return f"— {who} recalled #{e.target}"
+    if e.kind == F.MessageKind.EDIT:
+        return f"— {who} edited #{e.target}: {e.payload.decode('utf-8', 'replace')}"
+    return f"— you deleted #{e.target} (for you)"
 
 
 def _clock(us: int) -> str:
@@ -90,11 +124,17 @@ async def chat(
         shown: set[bytes] = set()
         for m in client.view(conv):
             who = "me" if m.sender == client.user else m.sender
-            out(_notice(m) or f"[{_clock(m.server_time)}] {who}: {m.payload.decode('utf-8', 'replace')}  (#{m.seq})")
+            out(_notice(m) or f"[{_clock(m.server_time)}] {who}: {_text(m)}  (#{m.seq})")
             shown.add(m.msg_id)
         last_shown = max((m.seq for m in client.view(conv)), default=0)
         if last_shown:
             await client.mark_read(conv, last_shown)
+        if peer is not None:
+            try:
+                await client.subscribe_presence([peer])  # shown as PresenceChanged events below
+            except (ClientError, trio.TooSlowError):
+                pass
+        typing_now: set[str] = set()  # users shown as typing (a refresh is not shown again)
 
         async def send(text: str) -> None:
             out(f"… sending: {text}")
@@ -108,6 +148,22 @@ async def chat(
                 out(f"✗ not confirmed in time (it may still arrive): {text}")
             else:
                 out(f"✓ delivered (#{sent.seq}): {text}")
+
+        async def amend(command: str, seq: int, text: str) -> None:
+            try:
+                if command == "/edit":
+                    await client.edit(conv, seq, text.encode())
+                    out(f"✓ edited #{seq}: {text}")
+                elif command == "/recall":
+                    await client.recall(conv, seq)
+                    out(f"✓ recalled #{seq}")
+                else:
+                    await client.delete_for_me(conv, seq)
+                    out(f"✓ deleted #{seq} (for you)")
+            except SendError as exc:
+                out(f"✗ {command[1:]} #{seq} refused ({exc.code.name})")
+            except SendTimeout:
+                out(f"✗ {command[1:]} #{seq} not confirmed in time (it may still happen)")
 
         reconnects: list[Connected] = []
 
@@ -123,10 +179,24 @@ async def chat(
                         out(notice)
                         continue
                     if m.sender == client.user:  # sent from another of my devices
-                        out(f"[{_clock(m.server_time)}] me ({m.device}): {m.payload.decode('utf-8', 'replace')}  (#{m.seq})")
+                        out(f"[{_clock(m.server_time)}] me ({m.device}): {_text(m)}  (#{m.seq})")
                         continue
-                    out(f"[{_clock(m.server_time)}] {m.sender}: {m.payload.decode('utf-8', 'replace')}  (#{m.seq})")
+                    typing_now.discard(m.sender)  # their message ends their typing
+                    out(f"[{_clock(m.server_time)}] {m.sender}: {_text(m)}  (#{m.seq})")
                     await client.mark_read(conv, m.seq)
+                elif isinstance(ev, MessageAmended) and ev.entry.conv == conv:
+                    out(_amended(ev, client.user))
+                elif isinstance(ev, TypingChanged) and ev.conv == conv:
+                    if ev.active and ev.user not in typing_now:
+                        typing_now.add(ev.user)
+                        out(f"… {ev.user} is typing")
+                    elif not ev.active:
+                        typing_now.discard(ev.user)
+                elif isinstance(ev, PresenceChanged) and ev.user == peer:
+                    if ev.state is F.PresenceState.ONLINE:
+                        out(f"— {peer} is online")
+                    elif ev.state is F.PresenceState.OFFLINE:
+                        out(f"— {peer} is offline" + (f" (last seen {_clock(ev.last_seen)})" if ev.last_seen else ""))
                 elif isinstance(ev, ReceiptReceived) and ev.conv == conv and ev.reader == peer:
                     out(f"✓✓ read by {peer} (up to #{ev.seq})")
                 elif isinstance(ev, Disconnected):
@@ -144,10 +214,21 @@ async def chat(
                 text = line.rstrip("\n")
                 if text in ("/quit", "/exit"):
                     break
+                if text == "/typing":
+                    await client.typing(conv)
+                    continue
                 if text == "/history":
                     for m in client.view(conv):
                         who = "me" if m.sender == client.user else m.sender
-                        out(_notice(m) or f"  {who}: {m.payload.decode('utf-8', 'replace')}  (#{m.seq})")
+                        out(_notice(m) or f"  {who}: {_text(m)}  (#{m.seq})")
+                    continue
+                command, _, rest = text.partition(" ")
+                if command in ("/edit", "/recall", "/delete"):
+                    number, _, new_text = rest.strip().partition(" ")
+                    if number.isdigit() and (command != "/edit" or new_text):
+                        nursery.start_soon(amend, command, int(number), new_text)
+                    else:
+                        out("usage: /edit N text, /recall N, /delete N  (N: the #number of a message)")
                     continue
                 if text.strip():
                     nursery.start_soon(send, text)

@@ -1,4 +1,4 @@
-"""The ``pimcore`` command: serve, token, chat, info, inspect."""
+"""The ``pimcore`` command: serve, token, chat, info, inspect, group, purge, retention."""
 
 from __future__ import annotations
 
@@ -122,6 +122,30 @@ def _secret(settings, *, create: bool = True, announce: Optional[str] = None) ->
     return secret
 
 
+#: The collector's generation-0 threshold while serving (CPython's default: 700).
+#: A committed batch frees everything made for its messages at once (ops,
+#: results, frames, acks), so the count of live container objects rises by
+#: several thousand per batch and falls again; at 700 that ran a collection
+#: (and promoted the batch's objects, to be traversed again) a few times per
+#: batch for nothing.  Measured (bench/bench_hotpath.py, 50 x 16): 3.3 µs of
+#: collector time per acked send at 700, 0.0-0.2 µs at 10,000-50,000.
+GC_THRESHOLD0 = 50_000
+
+
+def _tune_collector() -> None:
+    """For the serving process only (an embedding host keeps its own
+    settings): freeze what start-up made (modules, config, caches: never
+    garbage, no longer traversed by full collections) and raise the
+    generation-0 threshold to :data:`GC_THRESHOLD0`.  Cycles are still
+    collected, a little later."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    _, g1, g2 = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD0, g1, g2)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
@@ -234,6 +258,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     print(f"web demo on {http.url}/web/" + (" (--demo: it mints tokens for ANY user: never expose it)"
                                                              if args.demo else ""), flush=True)
                 print("ready; Ctrl-C to stop", flush=True)
+                _tune_collector()
                 async for sig in signals:
                     print(f"{signal.Signals(sig).name}: shutting down", flush=True)
                     break
@@ -320,11 +345,135 @@ def _cmd_group(args: argparse.Namespace) -> int:
     return 0
 
 
+def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[dict] = None) -> dict:
+    """One call of the HTTP server API at ``args.http`` (docs/HTTP.md);
+    the API key from --api-key, $PIMCORE_API_KEY or <data-dir>/api-key.
+    ValueError with the server's message if it refuses."""
+    import os
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    from pathlib import Path
+
+    key = args.api_key or os.environ.get("PIMCORE_API_KEY")
+    if not key:
+        key_file = Path(args.data_dir or "pimcore-data") / "api-key"
+        if not key_file.is_file():
+            raise ValueError(f"no API key: give --api-key or $PIMCORE_API_KEY (none in {key_file})")
+        key = key_file.read_text().strip()
+    base = args.http if "://" in args.http else "http://" + args.http
+    base = base.replace("tcp://", "http://", 1).replace("tls://", "https://", 1).rstrip("/")
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            err = json.loads(exc.read())["error"]
+            raise ValueError(f"{err['code']}: {err['message']}") from None
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"HTTP {exc.code} from {base}") from None
+    except urllib.error.URLError as exc:
+        raise ValueError(f"cannot reach {base}: {exc.reason}") from None
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    """Purge a conversation or a user: through a running broker's HTTP API
+    (--http: live sessions of a purged user are closed), or on the data
+    directory's LMDB store (a stopped broker; next to a running one it
+    works too, but its connected devices are not closed until they log in
+    again)."""
+    import time
+    import urllib.parse
+
+    from .config import ConfigError
+    from .errors import StoreError
+    from .ids import conversation_problem, id_problem
+
+    problem = conversation_problem(args.id) if args.what == "conversation" else id_problem(args.id, "user")
+    if problem is not None:
+        print(f"pimcore purge: {problem}", file=sys.stderr)
+        return 2
+    try:
+        if args.http:
+            quoted = urllib.parse.quote(args.id, safe="")
+            path = f"/v1/conversations/{quoted}" if args.what == "conversation" else f"/v1/users/{quoted}"
+            out = _http_call(args, "DELETE", path)
+        else:
+            from .store import LmdbStore, PurgeConversation, PurgeUser, Purged, WriteBatch
+
+            settings = _settings(args)
+            with LmdbStore(settings.data_dir / "store", create=False, owner=False) as store:
+                op = PurgeConversation(args.id) if args.what == "conversation" else PurgeUser(
+                    args.id, max(time.time_ns() // 1000, store.last_server_time() + 1))
+                [res] = store.commit(WriteBatch(0, (op,)))
+            if not isinstance(res, Purged):
+                raise ValueError(f"refused: {getattr(res, 'code', res)}")
+            out = {args.what if args.what == "user" else "conv": args.id, "messages": res.messages,
+                   "entries": res.entries}
+            if args.what == "user":
+                out.update(devices=res.devices, left=[c.conv for c in res.changes])
+    except (ConfigError, StoreError, ValueError, OSError) as exc:
+        print(f"pimcore purge: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
+
+
+def _cmd_retention(args: argparse.Namespace) -> int:
+    """Show or set a conversation's history retention (HTTP API with
+    --http, else the data directory's LMDB store)."""
+    import urllib.parse
+
+    from .config import ConfigError
+    from .errors import StoreError
+    from .ids import conversation_problem
+
+    problem = conversation_problem(args.conv)
+    if problem is not None:
+        print(f"pimcore retention: {problem}", file=sys.stderr)
+        return 2
+    change = args.default or args.max_age is not None or args.max_count is not None
+    age = None if args.max_age is None else int(args.max_age * 1_000_000)
+    if (age is not None and age < 0) or (args.max_count is not None and args.max_count < 0):
+        print("pimcore retention: --max-age and --max-count must be >= 0 (0: no limit)", file=sys.stderr)
+        return 2
+    try:
+        if args.http:
+            path = f"/v1/conversations/{urllib.parse.quote(args.conv, safe='')}/retention"
+            out = _http_call(args, "PUT", path, {"max_age": age, "max_count": args.max_count}) if change else \
+                _http_call(args, "GET", path)
+        else:
+            from .store import LmdbStore, Rejected, SetRetention, WriteBatch
+
+            settings = _settings(args)
+            with LmdbStore(settings.data_dir / "store", create=False, owner=False) as store:
+                if change:
+                    [res] = store.commit(WriteBatch(0, (SetRetention(
+                        args.conv, -1 if age is None else age, -1 if args.max_count is None else args.max_count),)))
+                    if isinstance(res, Rejected):
+                        raise ValueError(f"refused: {res.code.name}")
+                state = store.retention(args.conv)
+            out = {"conv": args.conv, "max_age": None if state.max_age < 0 else state.max_age,
+                   "max_count": None if state.max_count < 0 else state.max_count, "floor": state.floor}
+    except (ConfigError, StoreError, ValueError, OSError) as exc:
+        print(f"pimcore retention: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import os
 
-    from .loadgen import BenchConfig, BenchError, plot_histograms, print_result, run_bench
+    from .loadgen import (SHAPES, BenchConfig, BenchError, format_compare, plot_histograms, print_result, run_bench,
+                          run_compare)
 
+    if args.shape:
+        args.conns, args.window, online = SHAPES[args.shape]
+        args.offline = not online
     try:
         cfg = BenchConfig(
             url=",".join(args.url) if args.url else None,
@@ -347,7 +496,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             pin=not args.no_pin,
             zstd=args.zstd,
             progress=not args.no_progress and sys.stderr.isatty(),
+            generator=args.generator,
         )
+        if args.compare:
+            import json
+
+            last: dict[str, object] = {}
+
+            def on_round(i: int, name: str, res: object) -> None:
+                last[name] = res
+                if cfg.progress:
+                    print(f"round {i + 1}/{args.rounds}: {name} done", file=sys.stderr)
+
+            report = run_compare(cfg, args.compare, args.rounds, on_round)
+            if args.plot and "pimcore" in last:
+                plot_histograms(last["pimcore"], args.plot)  # type: ignore[arg-type]
+            print(json.dumps(report, indent=2) if args.json else format_compare(report))
+            return 1 if any(r[n]["errors"] for r in report["rounds"] for n in r) else 0
         res = run_bench(cfg)
         if args.plot:
             plot_histograms(res, args.plot)
@@ -429,6 +594,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
     p.set_defaults(func=_cmd_group)
 
+    p = sub.add_parser("purge", help="delete a conversation or all data of a user (idempotent)",
+                       description="Through a running broker's HTTP API with --http (a purged user's sessions are"
+                                   " closed), else on the data directory's store (stop the broker first, or its"
+                                   " connected devices stay until they log in again).  Prints what was removed.")
+    p.add_argument("what", choices=["conversation", "user"])
+    p.add_argument("id", help="the conversation id (group or d:a:b) or the user id")
+    p.add_argument("--http", metavar="URL", help="the broker's HTTP listener, e.g. http://127.0.0.1:7481")
+    p.add_argument("--api-key", help="HTTP API key (default $PIMCORE_API_KEY, else <data-dir>/api-key)")
+    p.add_argument("--config", help="the serve configuration file (for its data directory)")
+    p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
+    p.set_defaults(func=_cmd_purge)
+
+    p = sub.add_parser("retention", help="show or set a conversation's history retention",
+                       description="Without --max-age/--max-count/--default: show it.  A limit of 0 means none;"
+                                   " --default makes the conversation follow [server] history_max_age/_count.")
+    p.add_argument("conv", help="the conversation id")
+    p.add_argument("--max-age", type=float, metavar="SECONDS", help="remove entries older than this")
+    p.add_argument("--max-count", type=int, metavar="N", help="keep only the newest N entries")
+    p.add_argument("--default", action="store_true", help="fields not given follow the broker default")
+    p.add_argument("--http", metavar="URL", help="the broker's HTTP listener, e.g. http://127.0.0.1:7481")
+    p.add_argument("--api-key", help="HTTP API key (default $PIMCORE_API_KEY, else <data-dir>/api-key)")
+    p.add_argument("--config", help="the serve configuration file (for its data directory)")
+    p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
+    p.set_defaults(func=_cmd_retention)
+
     p = sub.add_parser("chat", help="interactive terminal chat with one peer or a group")
     p.add_argument("--url", default="tcp://127.0.0.1:7400")
     p.add_argument("--token", required=True, help="from `pimcore token --user ME`")
@@ -470,6 +660,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", metavar="FILE", help="write a latency histogram plot (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--shape", choices=["1x1", "1x64", "50x16", "e2e-1x64"],
+                   help="a shape of issue 13's table (sets --conns, --window and --offline): 1x1, 1x64 and 50x16 are"
+                        " senders only; e2e-1x64 has a recipient that acks every push")
+    p.add_argument("--generator", choices=["auto", "c", "python"], default="auto",
+                   help="auto (default): the one-thread C generator (bench/loadgen.c, built with cc on first use)"
+                        " when it can run the shape, else the trio one")
+    p.add_argument("--compare", choices=["redis", "mosquitto"],
+                   help="also run the same shape against a redis-server it starts (appendfsync always, XADD),"
+                        " alternating; report both, the medians and the ratio")
+    p.add_argument("--rounds", type=int, default=3, help="with --compare: alternating rounds (default 3)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("inspect", help="summarise an LMDB data directory")

@@ -53,7 +53,7 @@ import ssl
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Sequence, Union
 
 import trio
 from trio_websocket import ConnectionRejected, HandshakeError, wrap_client_stream
@@ -73,7 +73,11 @@ from .client_session import (
     Event,
     HistoryCompleted,
     ReadersCompleted,
+    ConversationsCompleted,
+    ConversationSetCompleted,
+    ConversationUpdated,
     HistoryTimeout,
+    MessageAmended,
     MessageReceived,
     ReadStateChanged,
     ReceiptReceived,
@@ -85,6 +89,11 @@ from .client_session import (
     SendsStalled,
     SendTimeout,
     SessionState,
+    TypingChanged,
+    PresenceChanged,
+    PrivacyChanged,
+    PresenceCompleted,
+    PrivacyCompleted,
 )
 from .errors import CloseCode
 from .net.streams import Endpoint, WebSocketStream, parse_url
@@ -98,13 +107,19 @@ __all__ = [
     "Sent",
     "HistoryPage",
     "MessageReceived",
+    "MessageAmended",
     "ReadStateChanged",
     "ReceiptReceived",
     "Connected",
     "Disconnected",
     "Resynced",
+    "ConversationUpdated",
+    "ConversationsPage",
     "SendsStalled",
     "SendsResumed",
+    "TypingChanged",
+    "PresenceChanged",
+    "PrivacyChanged",
     "Event",
     "ClientError",
     "SendError",
@@ -167,6 +182,16 @@ class HistoryPage:
     order asked, and ``more`` when the page stopped before the end."""
 
     messages: list[F.Message]
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationsPage:
+    """A page of the conversation list (:meth:`Client.conversations`):
+    ``entries`` in list order, ``cursor`` for the next page, ``more``."""
+
+    entries: list[F.ConvEntry]
+    cursor: bytes
     more: bool
 
 
@@ -324,12 +349,18 @@ class Client:
 
     # ------------------------------------------------------------ upstream
 
-    async def send(self, conv: str, payload: bytes, *, local_id: Optional[int] = None, timeout: Optional[float] = None) -> Sent:
+    async def send(
+        self, conv: str, payload: bytes, *, local_id: Optional[int] = None, timeout: Optional[float] = None,
+        mentions: Sequence[str] = (), mention_all: bool = False,
+    ) -> Sent:
         """Send and wait for the durable SendAck.  Raises SendError (refused),
         SendTimeout (deadline: ``timeout`` s, default ``send_timeout``),
-        AuthFailed/ClientClosed (client stopped)."""
+        AuthFailed/ClientClosed (client stopped).  ``mentions`` (user ids)
+        and ``mention_all`` ("everyone"): see :meth:`ClientSession.send`
+        (SendError TOO_MANY_MENTIONS / BAD_MENTION)."""
         self._check_alive()
-        lid = self._session.send(conv, payload, self._clock(), local_id=local_id, timeout=None if timeout is None else int(timeout * 1e6))
+        lid = self._session.send(conv, payload, self._clock(), local_id=local_id, timeout=None if timeout is None else int(timeout * 1e6),
+                                 mentions=tuple(mentions), mention_all=mention_all)
         w = self._send_waiters.get(lid)
         if w is None:
             w = self._send_waiters[lid] = _Waiter()
@@ -341,6 +372,44 @@ class Client:
             raise c.error
         assert c.result is not None
         return c.result
+
+    async def _amend(self, conv: str, target: int, action: int, payload: bytes, local_id: Optional[int], timeout: Optional[float]) -> Sent:
+        self._check_alive()
+        lid = self._session.amend(
+            conv, target, action, self._clock(), payload=payload, local_id=local_id,
+            timeout=None if timeout is None else int(timeout * 1e6),
+        )
+        w = self._send_waiters.get(lid)
+        if w is None:
+            w = self._send_waiters[lid] = _Waiter()
+        self._pump()
+        await w.done.wait()
+        c = w.outcome
+        assert isinstance(c, SendCompleted)
+        if c.error is not None:
+            raise c.error
+        assert c.result is not None
+        return c.result
+
+    async def recall(self, conv: str, seq: int, *, local_id: Optional[int] = None, timeout: Optional[float] = None) -> Sent:
+        """Recall our message at ``seq`` of ``conv`` for everyone (its
+        payload is gone from the broker) and wait until that is durable.
+        Returns the RECALL entry's Sent; raises SendError (NOT_SENDER,
+        TOO_LATE, RECALLED, NO_SUCH_MESSAGE, ...) and otherwise as
+        :meth:`send` (retried across reconnects with the same local id)."""
+        return await self._amend(conv, seq, F.MessageKind.RECALL, b"", local_id, timeout)
+
+    async def edit(self, conv: str, seq: int, payload: bytes, *, local_id: Optional[int] = None, timeout: Optional[float] = None) -> Sent:
+        """Replace the payload of our message at ``seq`` of ``conv`` for
+        everyone; as :meth:`recall` otherwise."""
+        return await self._amend(conv, seq, F.MessageKind.EDIT, payload, local_id, timeout)
+
+    async def delete_for_me(self, conv: str, seq: int, *, local_id: Optional[int] = None, timeout: Optional[float] = None) -> Sent:
+        """Delete the message at ``seq`` of ``conv`` (anyone's) for this user
+        only: their other devices learn it, history then returns it with
+        ``deleted`` set and no payload.  ``Sent.seq`` is 0 (it takes no seq
+        of the conversation); as :meth:`recall` otherwise."""
+        return await self._amend(conv, seq, F.MessageKind.DELETE, b"", local_id, timeout)
 
     # ------------------------------------------------------------ downstream
 
@@ -417,6 +486,97 @@ class Client:
         c = await self._request_done(req)
         assert isinstance(c, ReadersCompleted)
         return list(c.readers)
+
+    # ------------------------------------------------------------ conversation list
+
+    async def conversations(self, cursor: bytes = b"", limit: int = 50, *, include_hidden: bool = False) -> "ConversationsPage":
+        """A page of this user's conversation list: pinned first, then by
+        last activity (newest first), each ConvEntry with its last message,
+        read marker, unread and mention counts and this user's settings.
+        Pass the page's ``cursor`` for the next one while ``more``.  Hidden
+        conversations are left out unless ``include_hidden``.  Live changes
+        come as :class:`ConversationUpdated` events (and new messages as
+        MessageReceived); :attr:`conversation_entries` follows both.
+        Raises SendError (BAD_CURSOR), trio.TooSlowError after
+        ``send_timeout``, AuthFailed/ClientClosed."""
+        self._check_alive()
+        req = self._session.list_conversations(
+            self._clock(), cursor=cursor, limit=limit, include_hidden=include_hidden,
+            timeout=int(self.config.send_timeout * 1e6),
+        )
+        c = await self._request_done(req)
+        assert isinstance(c, ConversationsCompleted)
+        return ConversationsPage(list(c.entries), c.cursor, c.more)
+
+    async def set_conversation(
+        self, conv: str, *, pinned: Optional[bool] = None, muted: Optional[bool] = None, hidden: Optional[bool] = None
+    ) -> None:
+        """Change this user's settings of ``conv`` (None = unchanged) and
+        wait until durable; every device of the user gets a
+        ConversationUpdated.  ``hidden`` hides it until its next message.
+        Raises SendError (NOT_MEMBER, UNKNOWN_CONVERSATION, BAD_REQUEST),
+        trio.TooSlowError after ``send_timeout``, AuthFailed/ClientClosed."""
+        self._check_alive()
+        req = self._session.set_conversation(
+            conv, self._clock(), pinned=pinned, muted=muted, hidden=hidden, timeout=int(self.config.send_timeout * 1e6)
+        )
+        c = await self._request_done(req)
+        assert isinstance(c, ConversationSetCompleted)
+
+    @property
+    def conversation_entries(self) -> dict[str, F.ConvEntry]:
+        """conv -> ConvEntry as this device knows it now (see
+        :attr:`ClientSession.conversations`); read-only by convention."""
+        return self._session.conversations
+    # ------------------------------------------------------------ typing & presence
+
+    async def typing(self, conv: str, active: bool = True) -> bool:
+        """The user is typing in ``conv`` (or stopped, ``active`` False).
+        Call it on every keystroke: the SDK sends at most one Typing per
+        ``typing_interval`` per conversation.  Ephemeral: nothing is sent
+        while disconnected.  Returns whether a frame went out."""
+        self._check_alive()
+        sent = self._session.typing(conv, self._clock(), active)
+        self._pump()
+        await trio.lowlevel.checkpoint()
+        return sent
+
+    def typing_users(self, conv: str) -> list[str]:
+        """Users shown as typing in ``conv`` now (their indicator has not
+        expired or been stopped), sorted."""
+        return self._session.typing_users(conv)
+
+    @property
+    def presence(self) -> dict[str, F.PresenceEntry]:
+        """The latest presence of every subscribed user (user -> entry)."""
+        return self._session.presence
+
+    async def subscribe_presence(self, users: Iterable[str]) -> dict[str, F.PresenceEntry]:
+        """Replace the presence subscription by ``users`` (at most the
+        broker's ``presence_max_users``; empty: unsubscribe) and return
+        their current state.  Users who share no conversation with this
+        user come back as PresenceState.UNKNOWN.  Changes then arrive as
+        PresenceChanged events; the subscription is renewed after every
+        reconnect.  Raises SendError (PRESENCE_LIMIT), trio.TooSlowError
+        after ``send_timeout``, AuthFailed/ClientClosed."""
+        self._check_alive()
+        req = self._session.subscribe_presence(users, self._clock())
+        with trio.fail_after(self.config.send_timeout):
+            c = await self._request_done(req)
+        assert isinstance(c, PresenceCompleted)
+        return {e.user: e for e in c.entries}
+
+    async def set_presence_privacy(self, hide_last_seen: Optional[bool]) -> bool:
+        """Hide (True) or show (False) this user's last-seen time to others,
+        or just ask (None).  Durable on the broker, synced to the user's
+        other devices.  Returns the setting in force.  Raises
+        trio.TooSlowError after ``send_timeout``, AuthFailed/ClientClosed."""
+        self._check_alive()
+        req = self._session.set_presence_privacy(hide_last_seen, self._clock())
+        with trio.fail_after(self.config.send_timeout):
+            c = await self._request_done(req)
+        assert isinstance(c, PrivacyCompleted)
+        return c.hide_last_seen
 
     async def _request_done(self, req: int) -> Any:
         """Wait for request ``req`` (history or readers) to complete; raise

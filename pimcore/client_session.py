@@ -36,13 +36,14 @@ States (:class:`SessionState`)::
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import heapq
 import logging
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 from . import frames as F
 from .codec import Decoder, encode_frame
@@ -72,16 +73,25 @@ __all__ = [
     "ClientStatistics",
     "Sent",
     "MessageReceived",
+    "MessageAmended",
     "ReadStateChanged",
     "ReceiptReceived",
     "Connected",
     "Disconnected",
     "SendsStalled",
     "SendsResumed",
+    "TypingChanged",
+    "PresenceChanged",
+    "PrivacyChanged",
+    "PresenceCompleted",
+    "PrivacyCompleted",
     "Event",
     "SendCompleted",
     "HistoryCompleted",
     "ReadersCompleted",
+    "ConversationsCompleted",
+    "ConversationSetCompleted",
+    "ConversationUpdated",
     "Completion",
     "ClientError",
     "SendError",
@@ -105,6 +115,13 @@ FINAL_CODES = frozenset(
         ErrorCode.PAYLOAD_TOO_LARGE,
         ErrorCode.DUPLICATE_CONFLICT,
         ErrorCode.REJECTED,
+        ErrorCode.NO_SUCH_MESSAGE,
+        ErrorCode.NOT_SENDER,
+        ErrorCode.TOO_LATE,
+        ErrorCode.RECALLED,
+        ErrorCode.BAD_ACTION,
+        ErrorCode.TOO_MANY_MENTIONS,
+        ErrorCode.BAD_MENTION,
     }
 )
 #: Refusals that mean "slow down, then retry with the same local id".  Any
@@ -182,6 +199,23 @@ class MessageReceived:
     message: F.Message
 
 
+#: The kinds of entries that change an earlier message (AmendReq).
+AMEND_KINDS = frozenset((F.MessageKind.RECALL, F.MessageKind.EDIT, F.MessageKind.DELETE))
+
+
+@dataclass(frozen=True, slots=True)
+class MessageAmended:
+    """A message was recalled, edited or deleted for this user (``entry``:
+    the pushed RECALL / EDIT / DELETE entry, ``entry.target`` the seq of the
+    message).  ``message`` is that message as this device now holds it
+    (``recalled`` with no payload, the new payload with ``edited``, or
+    ``deleted``), None when the device does not hold it (fetch history
+    for it: the broker returns the current state)."""
+
+    entry: F.Message
+    message: Optional[F.Message]
+
+
 @dataclass(frozen=True, slots=True)
 class ReadStateChanged:
     """The user's read state of ``conv`` changed (this or another device read,
@@ -256,7 +290,57 @@ class SendsResumed:
     pending: int  # sends still waiting for their SendAck
 
 
-Event = Union[MessageReceived, ReadStateChanged, ReceiptReceived, Connected, Disconnected, SendsStalled, SendsResumed, Resynced]
+@dataclass(frozen=True, slots=True)
+class ConversationUpdated:
+    """An entry of the user's conversation list changed on the broker: a
+    device of the user changed its settings (pinned, muted, hidden), or the
+    read marker moved (unread and mention counts).  A new message changes
+    the entry too, but that comes as its :class:`MessageReceived`
+    (:attr:`ClientSession.conversations` follows both)."""
+
+    entry: F.ConvEntry
+
+
+@dataclass(frozen=True, slots=True)
+class TypingChanged:
+    """``user`` started (``active``) or stopped typing in ``conv``.  A
+    started indicator ends by itself at ``expires`` (µs, device clock)
+    unless refreshed: the session then emits TypingChanged(active=False,
+    expires=0) itself, so an app only follows these events (or asks
+    :meth:`ClientSession.typing_users`)."""
+
+    conv: str
+    user: str
+    active: bool
+    expires: int
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChanged:
+    """The presence of a subscribed user (the answer to a subscription,
+    then every change): ``state`` a frames.PresenceState (UNKNOWN: not
+    visible to this user -- no shared conversation), ``last_seen`` µs of
+    the broker's clock, 0 when online, hidden by the user, or unknown."""
+
+    user: str
+    state: F.PresenceState
+    last_seen: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyChanged:
+    """This user's "hide my last-seen time" setting, as the broker has it
+    (the answer to :meth:`ClientSession.set_presence_privacy`, or a change
+    made on another device)."""
+
+    hide_last_seen: bool
+
+
+Event = Union[
+    MessageReceived, MessageAmended, ReadStateChanged, ReceiptReceived, Connected, Disconnected, SendsStalled, SendsResumed, Resynced,
+    TypingChanged, PresenceChanged, PrivacyChanged,
+    ConversationUpdated,
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +378,59 @@ class ReadersCompleted:
     error: Optional[ClientError]
 
 
-Completion = Union[SendCompleted, HistoryCompleted, ReadersCompleted]
+@dataclass(frozen=True, slots=True)
+class ConversationsCompleted:
+    """A conversation-list request (:meth:`ClientSession.list_conversations`)
+    finished: a page of ``entries`` (pinned first, then newest activity
+    first), ``cursor`` for the next page and ``more``; else ``error``
+    (SendError BAD_CURSOR for a cursor the broker did not give, as for
+    :class:`HistoryCompleted` otherwise)."""
+
+    req_id: int
+    entries: tuple[F.ConvEntry, ...]
+    cursor: bytes
+    more: bool
+    error: Optional[ClientError]
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceCompleted:
+    """A presence subscription (:meth:`ClientSession.subscribe_presence`)
+    was answered: the state of every user asked for, in order, or ``error``
+    (SendError with PRESENCE_LIMIT, STORE_UNAVAILABLE; ClientClosed).  Only
+    the newest subscription completes; an older one still unanswered
+    completes with the newer one's answer."""
+
+    req_id: int
+    entries: tuple[F.PresenceEntry, ...]
+    error: Optional[ClientError]
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationSetCompleted:
+    """A settings change (:meth:`ClientSession.set_conversation`) is durable
+    (``error`` None) or was refused (SendError NOT_MEMBER, ...; or
+    HistoryTimeout, ClientClosed)."""
+
+    req_id: int
+    conv: str
+    error: Optional[ClientError]
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyCompleted:
+    """A :meth:`ClientSession.set_presence_privacy` was answered with the
+    setting now in force."""
+
+    req_id: int
+    hide_last_seen: bool
+    error: Optional[ClientError] = None
+
+
+Completion = Union[
+    SendCompleted, HistoryCompleted, ReadersCompleted, ConversationsCompleted, ConversationSetCompleted,
+    PresenceCompleted, PrivacyCompleted,
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +455,10 @@ class ClientConfig:
     max_frame: int = 1 << 20
     view_limit: int = 1000  # messages kept per conversation for view() (the newest by seq)
     event_limit: int = 10_000  # queued events before old read-state notifications are shed
+    #: s; while the user keeps typing in a conversation, typing() sends at
+    #: most one Typing per interval (the broker's indicator TTL, 6 s by
+    #: default, must be longer; PROTOCOL.md "Typing and presence").
+    typing_interval: float = 2.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,11 +522,14 @@ class _Pending:
     very same bytes go out on every attempt (same local id, same stamp)."""
 
     __slots__ = ("local_id", "conv", "payload", "client_time", "after_seq", "raw", "deadline", "sent_at", "attempts", "tx",
-                 "reason")
+                 "reason", "target", "action")
 
     def __init__(
-        self, local_id: int, conv: str, payload: bytes, client_time: int, after_seq: int, raw: bytes, deadline: int
+        self, local_id: int, conv: str, payload: bytes, client_time: int, after_seq: int, raw: bytes, deadline: int,
+        target: int = 0, action: int = 0,
     ) -> None:
+        self.target = target  # an AmendReq's: the seq it acts on (0: a SendReq)
+        self.action = action  # an AmendReq's MessageKind (0: a SendReq)
         self.local_id = local_id
         self.conv = conv
         self.payload = payload
@@ -404,17 +547,23 @@ class _HistoryRequest:
     """A HistoryReq or (``readers``) a ReadersReq: asked again on every
     connection until answered or timed out."""
 
-    __slots__ = ("req_id", "conv", "raw", "deadline", "sent_at", "readers")
+    __slots__ = ("req_id", "conv", "raw", "deadline", "sent_at", "readers", "kind")
 
-    def __init__(self, req_id: int, conv: str, raw: bytes, deadline: int, readers: bool = False) -> None:
+    def __init__(self, req_id: int, conv: str, raw: bytes, deadline: int, readers: bool = False, kind: str = "") -> None:
         self.req_id = req_id
         self.conv = conv
         self.raw = raw
         self.deadline = deadline
         self.sent_at: Optional[int] = None  # None = not asked on this connection yet
         self.readers = readers
+        #: "" (history / readers), "convlist" (ConvListReq) or "convset" (ConvSetReq)
+        self.kind = kind
 
     def failed(self, error: ClientError) -> "Completion":
+        if self.kind == "convlist":
+            return ConversationsCompleted(self.req_id, (), b"", False, error)
+        if self.kind == "convset":
+            return ConversationSetCompleted(self.req_id, self.conv, error)
         if self.readers:
             return ReadersCompleted(self.req_id, (), error)
         return HistoryCompleted(self.req_id, (), error)
@@ -555,6 +704,21 @@ class ClientSession:
         self._views: dict[str, dict[bytes, F.Message]] = {}
         self._history: dict[int, _HistoryRequest] = {}
         self._next_req = 1
+        #: conv -> the conversation-list entry as last known: from
+        #: list_conversations pages and ConvUpdates, kept current by pushes
+        #: (last message, unread and mention counts, un-hiding) and read
+        #: states.  Only conversations some page or update brought are here.
+        self.conversations: dict[str, F.ConvEntry] = {}
+
+        # -- typing and presence (ephemeral: nothing of it is saved)
+        self._typing_sent: dict[str, int] = {}  # conv -> session time of the last active Typing sent
+        self._typing_seen: dict[tuple[str, str], int] = {}  # (conv, user) -> session time the indicator expires
+        self._presence_wanted: Optional[tuple[int, tuple[str, ...]]] = None  # (req id, users): re-sent after reconnects
+        self._presence_waiting: list[int] = []  # req ids of subscriptions not answered yet
+        self._presence_users: tuple[str, ...] = ()  # the users of the subscription the broker accepted last
+        self.presence: dict[str, F.PresenceEntry] = {}  # user -> latest state of the subscribed users
+        self._privacy_waiting: dict[int, int] = {}  # req id -> mode asked (0 ask, 1 show, 2 hide), not answered yet
+        self.hide_last_seen: Optional[bool] = None  # this user's setting, once the broker told it
 
         self._stats = {"connects": 0, "retransmits": 0, "duplicates_dropped": 0, "events_dropped": 0, "acks_sent": 0, "frames_in": 0, "frames_out": 0}
 
@@ -778,6 +942,12 @@ class ClientSession:
         for h in list(self._history.values()):
             self._completions.append(h.failed(error))
         self._history.clear()
+        for req in self._presence_waiting:
+            self._completions.append(PresenceCompleted(req, (), error))
+        self._presence_waiting = []
+        for req in self._privacy_waiting:
+            self._completions.append(PrivacyCompleted(req, False, error))
+        self._privacy_waiting.clear()
 
     # ------------------------------------------------------------ bytes in / out
 
@@ -927,6 +1097,7 @@ class ClientSession:
         self.read_states.clear()
         self.receipts.clear()
         self._views.clear()
+        self.conversations.clear()
         self._emit(Resynced(old, ack.epoch, ack.position))
 
     @property
@@ -1008,6 +1179,7 @@ class ClientSession:
             self._ack_at = self._t + self._ack_delay
         for h in self._history.values():
             self._ask_history(h)
+        self._resend_presence()
         if self._samples and len(self._samples) < self.config.time_samples:
             self._bg_cal = True
             self._calibrate_next()
@@ -1027,6 +1199,14 @@ class ClientSession:
             self._on_history(f)  # type: ignore[arg-type]
         elif t is F.ReadersResp:
             self._on_readers(f)  # type: ignore[arg-type]
+        elif t is F.ConvListResp:
+            self._on_conv_list(f)  # type: ignore[arg-type]
+        elif t is F.ConvSetResp:
+            self._on_conv_set(f)  # type: ignore[arg-type]
+        elif t is F.ConvUpdate:
+            for e in f.entries:  # type: ignore[attr-defined]
+                self._adopt_entry(e)
+                self._emit(ConversationUpdated(e))
         elif t is F.Ping:
             self._send(encode_frame(F.Pong(f.nonce)))  # type: ignore[attr-defined]
         elif t is F.Pong:
@@ -1039,6 +1219,14 @@ class ClientSession:
         elif t is F.CalibrateResp:
             if self._bg_cal and f.client_time == self._cal_t0:  # type: ignore[attr-defined]
                 self._on_calibrate_resp(f)  # type: ignore[arg-type]
+        elif t is F.Typing:
+            self._on_typing(f)  # type: ignore[arg-type]
+        elif t is F.Presence:
+            self._on_presence(f)  # type: ignore[arg-type]
+        elif t is F.PresencePrivacy:
+            self._on_privacy(f)  # type: ignore[arg-type]
+        elif t is F.Error and f.code == ErrorCode.TYPING_NOT_RELAYED:  # type: ignore[attr-defined]
+            log.debug("broker: %s", f.reason)  # type: ignore[attr-defined]  # expected in large groups
         elif t is F.Error:
             log.warning("broker error %s (ref %s): %s", f.code, f.ref, f.reason)  # type: ignore[attr-defined]
             p = self._pending.get(f.ref) if f.ref else None  # type: ignore[attr-defined]
@@ -1070,6 +1258,8 @@ class ClientSession:
             heapq.heappop(heap)  # a finished send or a moved deadline
         for h in self._history.values():
             consider(h.deadline)
+        if self._typing_seen:
+            consider(min(self._typing_seen.values()))
         state = self._state
         if state is SessionState.AWAITING_LOGIN_ACK:
             consider(self._login_deadline)
@@ -1114,6 +1304,8 @@ class ClientSession:
         for h in [h for h in self._history.values() if h.deadline <= t]:
             del self._history[h.req_id]
             self._completions.append(h.failed(HistoryTimeout(h.req_id, h.conv)))
+        if self._typing_seen:
+            self._expire_typing(t)
         if self._ack_at is not None and self._ack_at <= t:
             self._ack_at = None
             self._flush_ack()
@@ -1162,7 +1354,10 @@ class ClientSession:
 
     # ------------------------------------------------------------ upstream
 
-    def send(self, conv: str, payload: bytes, now: int, *, local_id: Optional[int] = None, timeout: Optional[int] = None) -> int:
+    def send(
+        self, conv: str, payload: bytes, now: int, *, local_id: Optional[int] = None, timeout: Optional[int] = None,
+        mentions: Iterable[str] = (), mention_all: bool = False,
+    ) -> int:
         """Queue a message; returns its local id.  Its SendCompleted comes out
         of :meth:`completions` once the broker answered for good, or with
         SendTimeout after ``timeout`` µs (default ``send_timeout``).
@@ -1171,7 +1366,15 @@ class ClientSession:
         later of the two deadlines applies).  With the local id of an earlier,
         finished send it is asked again: the broker answers with the original
         ack if it stored it.  Raises EncodeError for a conv/payload/local id no
-        SendReq can carry, the terminal error if CLOSED."""
+        SendReq can carry, the terminal error if CLOSED.
+
+        ``mentions`` (user ids) and ``mention_all`` ("everyone") travel
+        beside the payload: mentioned members get a mention counted
+        (ConvEntry.mention_count) and the host's message event lists them.
+        A refusal is final: TOO_MANY_MENTIONS (more than the broker's
+        limit), BAD_MENTION (not a valid user id); ids of non-members are
+        ignored.  A retry must repeat them (the same local id carries the
+        same SendReq)."""
         self._check_open()
         t = self._tick(now)
         deadline = t + (self._send_timeout if timeout is None else max(0, timeout))
@@ -1188,12 +1391,54 @@ class ClientSession:
         # What the user could see when sending: the message must never be
         # displayed above it (pimcore.order).
         after = self._seen_seq.get(conv, 0) if type(conv) is str else 0
-        raw = encode_frame(F.SendReq(lid, conv, stamp, payload, after))  # raises EncodeError before any state changes
+        if mentions or mention_all:
+            ms = tuple(F.Mention(u) for u in mentions)
+            raw = encode_frame(F.SendReq(lid, conv, stamp, payload, after, ms, mention_all))
+        else:
+            raw = encode_frame(F.SendReq(lid, conv, stamp, payload, after))  # raises EncodeError before any state changes
         self._last_stamp = stamp
         self._last_local_id = max(self._last_local_id, lid)
         p = _Pending(lid, conv, payload, stamp, after, raw, deadline)
         if not self._pending:
             self._rate_mark = (t, self._answers)  # idle until now: a rate sample starts here
+        self._pending[lid] = p
+        heapq.heappush(self._timeouts, (deadline, lid))
+        self._requeue(p)
+        self._fill_window()
+        return lid
+
+    def amend(
+        self, conv: str, target: int, action: int, now: int, *, payload: bytes = b"", local_id: Optional[int] = None,
+        timeout: Optional[int] = None,
+    ) -> int:
+        """Queue an AmendReq: recall (``action`` MessageKind.RECALL), edit
+        (EDIT, the new ``payload``) or delete for this user (DELETE) the
+        message at seq ``target`` of ``conv``; returns its local id.  It
+        travels exactly like a send (same local ids, window, retries across
+        reconnects, deadline) and completes with a SendCompleted (``Sent.seq``
+        is the entry's seq, 0 for DELETE; SendError NOT_SENDER, TOO_LATE,
+        RECALLED, NO_SUCH_MESSAGE, ... when refused).  Once acked the local
+        view shows the change.  Raises EncodeError for values no AmendReq
+        can carry, the terminal error if CLOSED."""
+        self._check_open()
+        t = self._tick(now)
+        deadline = t + (self._send_timeout if timeout is None else max(0, timeout))
+        if local_id is not None:
+            p = self._pending.get(local_id)
+            if p is not None:
+                if deadline > p.deadline:
+                    p.deadline = deadline
+                    heapq.heappush(self._timeouts, (deadline, local_id))
+                return local_id
+        lid = self._new_local_id(now) if local_id is None else local_id
+        payload = bytes(payload)
+        stamp = max(self._last_stamp + 1, now + self._offset)
+        raw = encode_frame(F.AmendReq(lid, conv, target, int(action), stamp, payload))  # EncodeError before any change
+        self._last_stamp = stamp
+        self._last_local_id = max(self._last_local_id, lid)
+        p = _Pending(lid, conv, payload, stamp, 0, raw, deadline, target, int(action))
+        if not self._pending:
+            self._rate_mark = (t, self._answers)
         self._pending[lid] = p
         heapq.heappush(self._timeouts, (deadline, lid))
         self._requeue(p)
@@ -1248,12 +1493,22 @@ class ClientSession:
                 self._emit(SendsResumed(self._stalled.since, len(self._pending) - 1))
                 self._stalled = None
             self._forget(p)
-            self._remember(
-                F.Message(
-                    0, f.msg_id, p.conv, f.seq, self.user, self.device, p.client_time, f.server_time, p.payload,
-                    F.MessageKind.MESSAGE, p.local_id, min(p.after_seq, max(0, f.seq - 1)),
+            if p.action:
+                # Our own AmendReq: apply it to the local view now (the
+                # broker does not push a device its own entries).
+                self._remember(
+                    F.Message(
+                        0, f.msg_id, p.conv, f.seq, self.user, self.device, p.client_time, f.server_time, p.payload,
+                        p.action, p.local_id, max(0, f.seq - 1), p.target,
+                    )
                 )
-            )
+            else:
+                self._remember(
+                    F.Message(
+                        0, f.msg_id, p.conv, f.seq, self.user, self.device, p.client_time, f.server_time, p.payload,
+                        F.MessageKind.MESSAGE, p.local_id, min(p.after_seq, max(0, f.seq - 1)),
+                    )
+                )
             self._completions.append(SendCompleted(p.local_id, Sent(p.local_id, p.conv, f.msg_id, f.seq, f.server_time, p.client_time), None))
         elif code in FINAL_CODES:
             self._forget(p)
@@ -1387,8 +1642,10 @@ class ClientSession:
                     m.kind == F.MessageKind.MESSAGE and m.sender != self.user and m.seq > st.read_seq
                 )
                 self.read_states[m.conv] = F.ReadState(m.conv, st.read_seq, m.seq, fresh_unread)
+            self._entry_pushed(m)
             # The push's position is acked once its last message was taken.
-            self._emit(MessageReceived(m), f.position if i == len(fresh) - 1 else 0)
+            ev: Event = MessageAmended(m, self._held_message(m.conv, m.target)) if m.kind in AMEND_KINDS else MessageReceived(m)
+            self._emit(ev, f.position if i == len(fresh) - 1 else 0)
         if not fresh:
             self._emit(None, f.position)  # nothing to show (own messages): ack in turn
 
@@ -1427,6 +1684,12 @@ class ClientSession:
             if old is not None and min(old.read_seq, st.last_seq) > st.read_seq:
                 continue  # markers never move back
             self.read_states[st.conv] = st
+            e = self.conversations.get(st.conv)
+            if e is not None and st.read_seq >= e.read_seq:
+                self.conversations[st.conv] = dataclasses.replace(
+                    e, read_seq=st.read_seq, unread=st.unread, last_seq=max(e.last_seq, st.last_seq),
+                    mention_count=0 if st.read_seq >= e.last_seq else e.mention_count,
+                )
             self._emit(ReadStateChanged(st))
 
     def _on_receipt(self, f: F.ReadReceipt) -> None:
@@ -1437,9 +1700,42 @@ class ClientSession:
 
     # ------------------------------------------------------------ local view & history
 
+    def _held_message(self, conv: str, seq: int) -> Optional[F.Message]:
+        """The message at ``seq`` of ``conv`` in the local view, if held."""
+        for m in self._views.get(conv, {}).values():
+            if m.seq == seq and m.kind == F.MessageKind.MESSAGE:
+                return m
+        return None
+
+    def _apply_amend(self, e: F.Message) -> None:
+        """A RECALL / EDIT / DELETE entry (pushed, fetched, or our own
+        acked): change the held target; a recall of an unread message from
+        someone else leaves the unread count (the broker's next ReadState
+        is exact).  Entries are not kept in the view themselves; applying
+        one twice, or an older one after a newer, changes nothing."""
+        t = self._held_message(e.conv, e.target)
+        if e.kind == F.MessageKind.RECALL:
+            st = self.read_states.get(e.conv)
+            if (t is None or not t.recalled) and st is not None and st.unread and e.target > st.read_seq and (
+                (t.sender if t is not None else e.sender) != self.user
+            ):
+                self.read_states[e.conv] = F.ReadState(e.conv, st.read_seq, st.last_seq, st.unread - 1)
+            if t is not None and not t.recalled:
+                t = dataclasses.replace(t, payload=b"", recalled=True)
+        elif e.kind == F.MessageKind.EDIT:
+            if t is not None and not t.recalled and e.server_time >= t.edited:
+                t = dataclasses.replace(t, payload=e.payload, edited=e.server_time)
+        elif t is not None:  # DELETE: for this user only
+            t = dataclasses.replace(t, payload=b"", deleted=True)
+        if t is not None:
+            self._views[e.conv][t.msg_id] = t
+
     def _remember(self, m: F.Message) -> None:
         if m.seq > self._seen_seq.get(m.conv, 0):
             self._seen_seq[m.conv] = m.seq
+        if m.kind in AMEND_KINDS:
+            self._apply_amend(m)
+            return
         view = self._views.setdefault(m.conv, {})
         view[m.msg_id] = m
         if len(view) > self.config.view_limit:
@@ -1495,7 +1791,7 @@ class ClientSession:
 
     def _on_readers(self, f: F.ReadersResp) -> None:
         h = self._history.get(f.req_id)
-        if h is None or not h.readers:
+        if h is None or not h.readers or h.kind:
             return  # cancelled, timed out, or already answered
         del self._history[f.req_id]
         if f.code != ErrorCode.OK:
@@ -1506,7 +1802,7 @@ class ClientSession:
 
     def _on_history(self, f: F.HistoryResp) -> None:
         h = self._history.get(f.req_id)
-        if h is not None and h.readers:
+        if h is not None and (h.readers or h.kind):
             return  # not the answer to this request
         h = self._history.pop(f.req_id, None)
         if h is None:
@@ -1518,6 +1814,237 @@ class ClientSession:
         for m in f.messages:
             self._remember(m)
         self._completions.append(HistoryCompleted(f.req_id, tuple(f.messages), None, f.more))
+
+    # ------------------------------------------------------------ typing and presence
+
+    def typing(self, conv: str, now: int, active: bool = True) -> bool:
+        """The user is typing in ``conv`` (``active``) or stopped.  Call it
+        on every keystroke: while active, a Typing goes out at most once per
+        ``typing_interval`` per conversation; a stop goes out only after an
+        active one.  Ephemeral: dropped while not connected (nothing to
+        catch up).  Returns whether a frame was sent.  Raises EncodeError
+        for a conv no frame can carry, the terminal error if CLOSED."""
+        self._check_open()
+        raw = encode_frame(F.Typing(conv, active))
+        t = self._tick(now)
+        last = self._typing_sent.get(conv)
+        if active:
+            if last is not None and t - last < _us(self.config.typing_interval):
+                return False
+        elif last is None:
+            return False
+        if self._state is not SessionState.ACTIVE:
+            return False
+        if active:
+            self._typing_sent[conv] = t
+        else:
+            del self._typing_sent[conv]
+        self._send(raw)
+        return True
+
+    def typing_users(self, conv: str) -> list[str]:
+        """Users whose typing indicator in ``conv`` is on (sorted)."""
+        t = self._t
+        return sorted(u for (c, u), until in self._typing_seen.items() if c == conv and until > t)
+
+    def _on_typing(self, f: F.Typing) -> None:
+        key = (f.conv, f.user)
+        if f.active and f.ttl_ms:
+            until = self._t + f.ttl_ms * 1000
+            self._typing_seen[key] = until
+            self._emit(TypingChanged(f.conv, f.user, True, until - self._skew))
+        elif self._typing_seen.pop(key, None) is not None:
+            self._emit(TypingChanged(f.conv, f.user, False, 0))
+
+    def _expire_typing(self, t: int) -> None:
+        for key, until in sorted(self._typing_seen.items()):
+            if until <= t:
+                del self._typing_seen[key]
+                self._emit(TypingChanged(key[0], key[1], False, 0))
+
+    def subscribe_presence(self, users: Any, now: int) -> int:
+        """Replace the presence subscription by ``users`` (an iterable of
+        user ids; empty: unsubscribe); returns the request id.  The answer
+        is a PresenceCompleted and a PresenceChanged per user; then every
+        change comes as a PresenceChanged.  The subscription is sent again
+        after every reconnect (the broker forgets it with the connection).
+        Raises EncodeError for ids no frame can carry, the terminal error if
+        CLOSED."""
+        self._check_open()
+        wanted = tuple(dict.fromkeys(users))
+        req_id = self._next_req
+        raw = encode_frame(F.PresenceSub(req_id, tuple(F.PresenceUser(u) for u in wanted)))
+        self._tick(now)
+        self._next_req += 1
+        self._presence_wanted = (req_id, wanted)
+        self._presence_waiting.append(req_id)
+        if self._state is SessionState.ACTIVE:
+            self._send(raw)
+        return req_id
+
+    def set_presence_privacy(self, hide_last_seen: Optional[bool], now: int) -> int:
+        """Hide (True) or show (False) this user's last-seen time to others,
+        or only ask (None); returns the request id.  Durable on the broker
+        and synced to the user's other devices.  Its PrivacyCompleted (and a
+        PrivacyChanged) comes once the broker answered; asked again after a
+        reconnect until then."""
+        self._check_open()
+        self._tick(now)
+        mode = 0 if hide_last_seen is None else (2 if hide_last_seen else 1)
+        req_id = self._next_req
+        self._next_req += 1
+        self._privacy_waiting[req_id] = mode
+        if self._state is SessionState.ACTIVE:
+            self._send(encode_frame(F.PresencePrivacy(mode)))
+        return req_id
+
+    def _resend_presence(self) -> None:
+        """After a (re)login: the subscription, and unanswered privacy requests."""
+        if self._presence_wanted is not None:
+            req_id, users = self._presence_wanted
+            if users or req_id in self._presence_waiting:
+                self._send(encode_frame(F.PresenceSub(req_id, tuple(F.PresenceUser(u) for u in users))))
+        for mode in sorted(set(self._privacy_waiting.values())):
+            self._send(encode_frame(F.PresencePrivacy(mode)))
+
+    def _on_presence(self, f: F.Presence) -> None:
+        wanted = self._presence_wanted
+        if f.req_id:
+            if wanted is None or f.req_id != wanted[0]:
+                return  # the answer to a subscription replaced since
+            done, self._presence_waiting = self._presence_waiting, []
+            if f.code != ErrorCode.OK:
+                code = _error_code(f.code)
+                err = SendError(code, 0, f"presence subscription: {code.name}")
+                # The broker kept the previous subscription: so does the session
+                # (and sends that one again after a reconnect).
+                self._presence_wanted = (f.req_id, self._presence_users)
+                for req in done:
+                    self._completions.append(PresenceCompleted(req, (), err))
+                return
+            self._presence_users = wanted[1]
+            for u in [u for u in self.presence if u not in wanted[1]]:
+                del self.presence[u]
+            for req in done:
+                self._completions.append(PresenceCompleted(req, tuple(f.entries), None))
+        users = self._presence_users
+        for e in f.entries:
+            if e.user not in users:
+                continue
+            self.presence[e.user] = e
+            self._emit(PresenceChanged(e.user, F.PresenceState(e.state) if e.state <= 2 else F.PresenceState.UNKNOWN, e.last_seen))
+
+    def _on_privacy(self, f: F.PresencePrivacy) -> None:
+        if f.mode not in (1, 2):
+            return
+        hide = f.mode == 2
+        if self.hide_last_seen is not hide:
+            self.hide_last_seen = hide
+            self._emit(PrivacyChanged(hide))
+        for req, mode in list(self._privacy_waiting.items()):
+            if mode in (0, f.mode):
+                del self._privacy_waiting[req]
+                self._completions.append(PrivacyCompleted(req, hide))
+    # ------------------------------------------------------------ conversation list
+
+    def list_conversations(
+        self, now: int, *, cursor: bytes = b"", limit: int = 50, include_hidden: bool = False, timeout: Optional[int] = None
+    ) -> int:
+        """Ask for a page of the user's conversation list (pinned first, then
+        by last activity, newest first); returns the request id.  Its
+        :class:`ConversationsCompleted` comes out of :meth:`completions`;
+        pass its ``cursor`` for the next page.  Hidden conversations are
+        left out unless ``include_hidden``.  The entries go into
+        :attr:`conversations`.  Asked again like a history request until
+        answered or ``timeout`` µs (default ``send_timeout``).  Raises
+        EncodeError for values no ConvListReq can carry, the terminal error
+        if CLOSED."""
+        self._check_open()
+        req_id = self._next_req
+        raw = encode_frame(F.ConvListReq(req_id, cursor, limit, include_hidden))
+        return self._ask_new(req_id, "", raw, now, timeout, "convlist")
+
+    def set_conversation(
+        self, conv: str, now: int, *, pinned: Optional[bool] = None, muted: Optional[bool] = None,
+        hidden: Optional[bool] = None, timeout: Optional[int] = None,
+    ) -> int:
+        """Change the user's own settings of ``conv`` (None = leave as is):
+        ``pinned``, ``muted`` (the host's message events then list the user
+        under ``muted``, for push notifications) and ``hidden`` (left out of
+        the list until the conversation's next message).  Synced: every
+        device of the user gets a :class:`ConversationUpdated`.  Returns
+        the request id; its :class:`ConversationSetCompleted` comes out of
+        :meth:`completions` once durable.  Sent again on every new
+        connection until answered (setting a value twice is harmless)."""
+        self._check_open()
+
+        def v(x: Optional[bool]) -> int:
+            return F.SETTING_KEEP if x is None else (F.SETTING_ON if x else F.SETTING_OFF)
+
+        req_id = self._next_req
+        raw = encode_frame(F.ConvSetReq(req_id, conv, v(pinned), v(muted), v(hidden)))
+        return self._ask_new(req_id, conv, raw, now, timeout, "convset")
+
+    def _ask_new(self, req_id: int, conv: str, raw: bytes, now: int, timeout: Optional[int], kind: str) -> int:
+        self._next_req += 1
+        t = self._tick(now)
+        h = _HistoryRequest(req_id, conv, raw, t + (self._send_timeout if timeout is None else max(0, timeout)), kind=kind)
+        self._history[req_id] = h
+        if self._state is SessionState.ACTIVE:
+            self._ask_history(h)
+        return req_id
+
+    def _take_answer(self, req_id: int, kind: str) -> Optional[_HistoryRequest]:
+        h = self._history.get(req_id)
+        if h is None or h.kind != kind:
+            return None  # cancelled, timed out, answered, or not this kind of request
+        del self._history[req_id]
+        return h
+
+    def _on_conv_list(self, f: F.ConvListResp) -> None:
+        h = self._take_answer(f.req_id, "convlist")
+        if h is None:
+            return
+        if f.code != ErrorCode.OK:
+            code = _error_code(f.code)
+            self._completions.append(
+                ConversationsCompleted(f.req_id, (), b"", False, SendError(code, 0, f"conversation list: {code.name}"))
+            )
+            return
+        for e in f.entries:
+            self._adopt_entry(e)
+        self._completions.append(ConversationsCompleted(f.req_id, tuple(f.entries), f.cursor, f.more, None))
+
+    def _on_conv_set(self, f: F.ConvSetResp) -> None:
+        h = self._take_answer(f.req_id, "convset")
+        if h is None:
+            return
+        error = None
+        if f.code != ErrorCode.OK:
+            code = _error_code(f.code)
+            error = SendError(code, 0, f"settings of {f.conv!r}: {code.name}")
+        self._completions.append(ConversationSetCompleted(f.req_id, f.conv, error))
+
+    def _adopt_entry(self, e: F.ConvEntry) -> None:
+        old = self.conversations.get(e.conv)
+        if old is not None and old.last_seq > e.last_seq:
+            # A push already brought a newer message than this (older) answer.
+            e = dataclasses.replace(e, last=old.last, last_seq=old.last_seq, hidden=False)
+        self.conversations[e.conv] = e
+        for m in e.last:
+            self._remember(m)
+
+    def _entry_pushed(self, m: F.Message) -> None:
+        e = self.conversations.get(m.conv)
+        if e is None or m.seq <= e.last_seq:
+            return
+        mine = m.sender == self.user
+        counted = m.kind == F.MessageKind.MESSAGE and not mine and m.seq > e.read_seq
+        mentioned = counted and (m.mention_all or any(x.user == self.user for x in m.mentions))
+        self.conversations[m.conv] = dataclasses.replace(
+            e, last=(m,), last_seq=m.seq, unread=e.unread + counted, mention_count=e.mention_count + mentioned,
+            hidden=False,
+        )
 
     # ------------------------------------------------------------ completions
 

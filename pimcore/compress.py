@@ -67,10 +67,10 @@ __all__ = [
 ]
 
 #: The shipped dictionary: package data, trained by tools/train_zstd_dict.py.
-DICTIONARY_FILE = "zstd-chat-v2.dict"
+DICTIONARY_FILE = "zstd-chat-v3.dict"
 #: Its zstd dictionary id, written in the header of every frame compressed
 #: with it (a peer holding another dictionary then fails cleanly).
-DICTIONARY_ID = 0xC402
+DICTIONARY_ID = 0xC403
 DEFAULT_LEVEL = 3
 #: Bodies shorter than this are sent as they are.  Measured on the synthetic
 #: chat traffic of tools/train_zstd_dict.py with the shipped dictionary: a zstd
@@ -107,7 +107,7 @@ def _shipped_bytes() -> bytes:
 
 @functools.lru_cache(maxsize=None)
 def load_dictionary() -> zstandard.ZstdCompressionDict:
-    """The shipped dictionary (``pimcore/data/zstd-chat-v2.dict``), loaded once.
+    """The shipped dictionary (``pimcore/data/zstd-chat-v3.dict``), loaded once.
 
     Treat it as read-only; compressors prepare their own copy per level."""
     return zstandard.ZstdCompressionDict(_shipped_bytes(), dict_type=zstandard.DICT_TYPE_FULLDICT)

@@ -34,6 +34,19 @@ Example (every key optional)::
     commit_in_thread = false           # true: fsync in a worker thread (see ARCHITECTURE.md)
     hook_timeout = 10.0                # seconds an async content filter/authenticator may take
     events = false                     # true: record durable host events (docs/EMBEDDING.md, Events)
+    typing_ttl = 6.0                   # seconds a relayed typing indicator lasts unless refreshed
+    typing_rate = 2.0                  # Typing frames per second per connection (excess dropped silently)...
+    typing_burst = 8                   # ...and at once
+    typing_max_members = 256           # groups larger than this get no typing relayed
+    presence_max_users = 256           # users one presence subscription may name
+    history_max_age = 0.0              # seconds: older entries leave every conversation without its own setting (0: keep)
+    history_max_count = 0              # entries kept per such conversation, the newest (0: no limit)
+    reclaim_interval = 60.0            # seconds between reclaim passes (inbox entries, devices, history retention)
+
+    [messages]                         # recall, edit, delete-for-self (AmendReq); seconds, 0 = no limit
+    recall_window = 86400.0            # a sender may recall a message this long after it was stored
+    edit_window = 172800.0             # ...edit it
+    delete_window = 0.0                # ...anyone who sees it may delete it for themselves
 
     [http]                             # the HTTP listener (off unless listen is set); `http = "URL"` is short for listen
     listen = "tcp://127.0.0.1:7481"    # tcp:// or tls:// (with [tls])
@@ -130,6 +143,9 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "idle_timeout": "float", "login_timeout": "float", "ack_delay": "float", "max_outbound_bytes": "int",
         "max_connections": "int", "commit_in_thread": "bool", "hook_timeout": "float", "read_timeout": "float",
         "control_rate": "float", "control_burst": "int", "events": "bool",
+        "typing_ttl": "float", "typing_rate": "float", "typing_burst": "int", "typing_max_members": "int",
+        "presence_max_users": "int",
+        "history_max_age": "float", "history_max_count": "int", "reclaim_interval": "float",
     },
     "http": {
         "listen": "str", "max_header_bytes": "int", "max_body_bytes": "int", "request_timeout": "float",
@@ -141,6 +157,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
     },
     "moderation": {"url": "str", "secret": "str", "policy": "str", "timeout_ms": "int"},
     "store": {"url": "str", "namespace": "str"},
+    "messages": {"recall_window": "float", "edit_window": "float", "delete_window": "float"},
 }
 #: ``(section or None, key) -> type``, every setting there is.
 SCHEMA: dict[tuple[Optional[str], str], str] = {
@@ -152,6 +169,8 @@ _SECRET_KEYS = {(None, "secret"), (None, "api_keys"), ("webhooks", "secret"), ("
 
 _LIMIT_KEYS = set(_SECTIONS["limits"])
 _SERVER_KEYS = set(_SECTIONS["server"])
+#: [server] keys that are BrokerConfig fields of typing and presence (typing_ttl in seconds there, µs here).
+_EPHEMERAL_KEYS = ("typing_ttl", "typing_rate", "typing_burst", "typing_max_members", "presence_max_users")
 _HTTP_KEYS = set(_SECTIONS["http"])
 _TOP_KEYS = set(_TOP) | set(_SECTIONS)
 
@@ -257,6 +276,7 @@ class ServeSettings:
     log_format: str = "text"
     webhooks: dict[str, Any] = field(default_factory=dict)  # the [webhooks] keys given
     moderation: dict[str, Any] = field(default_factory=dict)  # the [moderation] keys given
+    messages: dict[str, Any] = field(default_factory=dict)  # the [messages] keys given (seconds)
     #: ``redis://HOST:PORT[,HOST:PORT...]``: a Redis Cluster store; None: LMDB in <data_dir>/store.
     store: Optional[str] = None
     store_namespace: str = "pim"
@@ -297,7 +317,7 @@ class ServeSettings:
             raise ConfigError(f"limits: {exc}") from None
         broker = replace(base, limits=limits, content_filter=self.load_content_filter())
         srv = dict(self.server)
-        for key in ("idle_timeout", "login_timeout", "ack_delay"):
+        for key in ("idle_timeout", "login_timeout", "ack_delay", "history_max_age", "reclaim_interval"):
             if key in srv:
                 timeouts: dict[str, Any] = {key: int(float(srv.pop(key)) * SECOND)}
                 try:
@@ -308,10 +328,19 @@ class ServeSettings:
             broker = replace(broker, record_events=bool(srv.pop("events")))
         if self.webhooks.get("url"):
             broker = replace(broker, record_events=True)  # the webhook sender reads the event log
-        for key in ("control_rate", "control_burst"):
+        for key, value in self.messages.items():
+            broker = replace(broker, **{key: int(float(value) * SECOND)})  # type: ignore[arg-type]
+        for key in ("control_rate", "control_burst", "history_max_count"):
             if key in srv:
                 try:
                     broker = replace(broker, **{key: srv.pop(key)})
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"server: {key}: {exc}") from None
+        for key in _EPHEMERAL_KEYS:  # typing and presence (PROTOCOL.md, "Typing and presence")
+            if key in srv:
+                value = srv.pop(key)
+                try:
+                    broker = replace(broker, **{key: int(float(value) * SECOND) if key == "typing_ttl" else value})  # type: ignore[arg-type]
                 except (TypeError, ValueError) as exc:
                     raise ConfigError(f"server: {key}: {exc}") from None
         endpoints = self.endpoints()
@@ -437,10 +466,16 @@ class ServeSettings:
             "idle_timeout": b.idle_timeout / SECOND, "login_timeout": b.login_timeout / SECOND,
             "ack_delay": b.ack_delay / SECOND,
             "control_rate": b.control_rate, "control_burst": b.control_burst, "events": b.record_events,
+            "typing_ttl": b.typing_ttl / SECOND,
+            **{k: getattr(b, k) for k in _EPHEMERAL_KEYS if k != "typing_ttl"},
+            "history_max_age": b.history_max_age / SECOND, "history_max_count": b.history_max_count,
+            "reclaim_interval": b.reclaim_interval / SECOND,
             **{
                 k: getattr(base, k)
                 for k in _SERVER_KEYS
-                if k not in ("idle_timeout", "login_timeout", "ack_delay", "control_rate", "control_burst", "events")
+                if k not in ("idle_timeout", "login_timeout", "ack_delay", "control_rate", "control_burst", "events",
+                             "history_max_age", "history_max_count", "reclaim_interval")
+                and k not in _EPHEMERAL_KEYS
             },
         }
         server.update(self.server)
@@ -483,6 +518,9 @@ class ServeSettings:
             wh["events"] = list(wh["events"])
             wh["secret"] = "<redacted>" if "secret" in self.webhooks else f"<{self.data_dir / 'webhook-secret'}>"
             out["webhooks"] = {k: wh[k] for k in sorted(wh)}
+        out["messages"] = {
+            k: self.messages.get(k, getattr(b, k) / SECOND) for k in ("delete_window", "edit_window", "recall_window")
+        }
         if self.moderation.get("url"):
             mod: dict[str, Any] = {"timeout_ms": 2000, **self.moderation}
             mod["secret"] = "<redacted>" if "secret" in self.moderation else "<the webhook secret>"
@@ -688,6 +726,7 @@ def load_settings(
         log_format=str(top.get("log_format", "text")).lower(),
         webhooks={k: v for (sec, k), v in merged.items() if sec == "webhooks"},
         moderation={k: v for (sec, k), v in merged.items() if sec == "moderation"},
+        messages={k: v for (sec, k), v in merged.items() if sec == "messages"},
         store=merged.get(("store", "url")) or None,
         store_namespace=str(merged.get(("store", "namespace"), "pim")),
     )
@@ -707,6 +746,9 @@ def load_settings(
         raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {_show(s.log_level)}")
     if s.log_format not in LOG_FORMATS:
         raise ConfigError(f"log_format: expected one of {', '.join(LOG_FORMATS)}, got {_show(s.log_format)}")
+    for key, value in s.messages.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2**63 / SECOND:
+            raise ConfigError(f"messages.{key}: expected a number of seconds >= 0 (0 = no limit), got {_show(value)}")
     # Check the webhook sections now (naming the key), without creating a secret.
     s.webhook_config(secret=b"-")
     s.moderation_config(secret=b"-")

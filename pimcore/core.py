@@ -66,6 +66,7 @@ from enum import Enum
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from . import frames as F
+from ._backend import impl as _impl
 from .clock import HybridClock
 from .errors import AuthError, CloseCode, ErrorCode, ProtocolError, StoreError
 from .ids import SYSTEM, direct_members, id_problem, valid_conversation, valid_id
@@ -76,6 +77,7 @@ from .store.base import (
     event_data,
     AckPosition,
     AddMembers,
+    AmendMessage,
     Appended,
     CreateGroup,
     Duplicate,
@@ -103,6 +105,21 @@ from .store.base import (
     StoredMessage,
     StoreRequest,
     TouchDevice,
+    ConversationEntry,
+    ConversationsPage,
+    ConversationSet,
+    ReadConversations,
+    SetConversation,
+    conversation_cursor,
+    ReadPresence,
+    PresencePage,
+    SetPresencePrivacy,
+    PresencePrivacySet,
+    Expire,
+    PurgeConversation,
+    PurgeUser,
+    Purged,
+    SetRetention,
 )
 
 __all__ = [
@@ -158,9 +175,13 @@ class Limits:
     # send_burst is the bucket size (a burst a well-behaved client may send at once).
     send_rate: float = 0.0
     send_burst: int = 256
+    #: Users one SendReq may mention (more: TOO_MANY_MENTIONS).
+    max_mentions: int = 64
+    #: Entries per ConvListResp (a larger ConvListReq.limit is clamped).
+    conv_page: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("max_frame", "max_payload", "window", "push_batch", "push_window", "push_window_bytes", "history_page", "read_state_batch", "send_burst"):
+        for name in ("max_frame", "max_payload", "window", "push_batch", "push_window", "push_window_bytes", "history_page", "read_state_batch", "send_burst", "conv_page"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Limits.{name} must be >= 1")
         if self.heartbeat_ms < 0 or self.send_rate < 0:
@@ -217,6 +238,13 @@ class BrokerConfig:
     reclaim_interval: int = 60 * SECOND
     device_retention: int = 30 * DAY  # devices unseen this long stop holding inbox entries
     inbox_max_age: int = 90 * DAY  # inbox entries older than this are reclaimed regardless
+    # History retention, the default of every conversation without a setting
+    # of its own (Broker.set_retention): entries older than history_max_age
+    # µs, and all but the newest history_max_count, are removed from the
+    # conversation (with their inbox entries and dedupe records) at each
+    # reclaim_interval (store/base.py, Expire).  0 = no limit.
+    history_max_age: int = 0
+    history_max_count: int = 0
     # Set: every SendReq that passes the cheap checks becomes a CheckContent
     # request, answered by the driver with this function (or any other way:
     # the core only needs the answer, see Broker.content_checked).
@@ -251,6 +279,25 @@ class BrokerConfig:
     # and keeps only each stream's last window (~4 KiB in all); it comes back
     # at the next compressed frame.  0 = never.
     compression_idle: int = 30 * SECOND
+    # Recall, edit, delete-for-self (AmendReq): how long after a message's
+    # server time its sender may recall it, edit it, or anyone who sees it
+    # delete it for themselves (µs; 0 = no limit).  Later: TOO_LATE.  The
+    # host (Broker.amend) has no limit.
+    recall_window: int = DAY
+    edit_window: int = 2 * DAY
+    delete_window: int = 0
+    # Typing (PROTOCOL.md, "Typing and presence"): a relayed indicator
+    # expires this long (µs) after it arrives unless refreshed; each
+    # connection may send typing_burst Typing frames at once and
+    # typing_rate per second sustained (more are dropped silently); groups
+    # with more members than typing_max_members get no typing relayed (the
+    # sender is told TYPING_NOT_RELAYED).
+    typing_ttl: int = 6 * SECOND
+    typing_rate: float = 2.0
+    typing_burst: int = 8
+    typing_max_members: int = 256
+    # Presence: users one PresenceSub may name (more: PRESENCE_LIMIT).
+    presence_max_users: int = 256
 
     def __post_init__(self) -> None:
         if self.outbound_pause < 512 or self.max_outbound < 2 * self.outbound_pause:
@@ -266,6 +313,15 @@ class BrokerConfig:
             raise ValueError("BrokerConfig.idle_timeout and ack_delay must be >= 0 µs (0 = off)")
         if self.compression_idle < 0:
             raise ValueError("BrokerConfig.compression_idle must be >= 0 µs (0 = never)")
+        for name in ("recall_window", "edit_window", "delete_window"):
+            if not 0 <= getattr(self, name) < 1 << 63:
+                raise ValueError(f"BrokerConfig.{name} must be >= 0 µs (0 = no limit)")
+        if not (self.typing_ttl >= 1000 and self.typing_rate > 0 and self.typing_burst >= 1
+                and self.typing_max_members >= 2 and self.presence_max_users >= 1):
+            raise ValueError("BrokerConfig: typing_ttl must be >= 1000 µs, typing_rate > 0, typing_burst >= 1, "
+                             "typing_max_members >= 2 and presence_max_users >= 1")
+        if self.history_max_age < 0 or self.history_max_count < 0:
+            raise ValueError("BrokerConfig.history_max_age (µs) and history_max_count must be >= 0 (0 = no limit)")
 
 
 def idempotency_local_id(key: Union[str, bytes, None]) -> Optional[int]:
@@ -548,7 +604,7 @@ class _AdminCtx:
         self.ref = ref
 
 
-_Ctx = Union[_PendingSend, _ReadCtx, _AdminCtx, None]
+_Ctx = Union[_PendingSend, _ReadCtx, _AdminCtx, "_ConvSetCtx", "_PrivacyCtx", None]
 
 
 # What each read request in flight is for (request id -> one of these).
@@ -580,12 +636,82 @@ class _HistoryRead:
         self.reserve = reserve  # bytes counted in _Conn.reserved until it is answered
 
 
+class _ConvListRead:
+    __slots__ = ("conn", "frame", "limit")
+
+    def __init__(self, conn: int, frame: F.ConvListReq, limit: int) -> None:
+        self.conn = conn
+        self.frame = frame
+        self.limit = limit
+
+
+class _ConvUpdateRead:
+    """The entry of (user, conv) after its read marker moved: sent to every
+    device of the user as a ConvUpdate (no connection waits for it)."""
+
+    __slots__ = ("conn", "user", "conv")
+
+    def __init__(self, user: str, conv: str) -> None:
+        self.conn = -1
+        self.user = user
+        self.conv = conv
+
+
+class _ConvSetCtx:
+    __slots__ = ("conn", "req_id", "conv")
+
+    def __init__(self, conn: int, req_id: int, conv: str) -> None:
+        self.conn = conn
+        self.req_id = req_id
+        self.conv = conv
+
+
 class _ReadersRead:
     __slots__ = ("conn", "frame")
 
     def __init__(self, conn: int, frame: F.ReadersReq) -> None:
         self.conn = conn
         self.frame = frame
+
+
+class _TypingRead:
+    """A ReadReaders for the members of a group some Typing frames wait for
+    (Broker._typing_reads holds the waiting frames)."""
+
+    __slots__ = ("conn", "conv", "user", "gen")
+
+    def __init__(self, conn: int, conv: str, user: str, gen: int) -> None:
+        self.conn = conn
+        self.conv = conv
+        self.user = user
+        self.gen = gen  # Broker._typing_gen when asked: a membership change since makes the answer uncacheable
+
+
+class _PresenceRead:
+    """A ReadPresence for a PresenceSub (``req_id`` > 0), for a re-check of
+    a subscription after a membership change (``req_id`` 0, ``users`` the
+    subscription's), or for a PresencePrivacy query (``req_id`` -1)."""
+
+    __slots__ = ("conn", "req_id", "users", "sub")
+
+    def __init__(self, conn: int, req_id: int, users: tuple[str, ...], sub: int) -> None:
+        self.conn = conn
+        self.req_id = req_id
+        self.users = users
+        self.sub = sub  # request id of the PresenceSub read this installs or re-checks
+
+
+#: Every kind of read a core request waits for (Broker._reads).
+_AnyRead = Union[
+    "_LoginRead", "_InboxRead", "_HistoryRead", "_ReadersRead", _ConvListRead, _ConvUpdateRead, _TypingRead, _PresenceRead,
+]
+
+
+class _PrivacyCtx:
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: int) -> None:
+        self.conn = conn
 
 
 # What each hook request in flight is for.
@@ -600,7 +726,7 @@ class _LoginHook:
 class _ContentHook:
     __slots__ = ("conn", "frame")
 
-    def __init__(self, conn: int, frame: F.SendReq) -> None:
+    def __init__(self, conn: int, frame: Union[F.SendReq, F.AmendReq]) -> None:
         self.conn = conn
         self.frame = frame
 
@@ -635,14 +761,57 @@ def message_digest(conv: str, payload: bytes) -> bytes:
     return h.digest()
 
 
+# Constructors of the records built once per message on the send path:
+# record_maker(cls)(*every field) == cls(*every field), without the frozen
+# dataclass __init__'s object.__setattr__ per field in the compiled backend
+# (pimcore/_pure/records.py).  Each call site passes every field in order.
+_new_message = _impl.record_maker(NewMessage)
+_message = _impl.record_maker(F.Message)
+_send_ack = _impl.record_maker(F.SendAck)
+_push = _impl.record_maker(F.Push)
+_ack_position = _impl.record_maker(AckPosition)
+
+
 def _to_frame_message(pos: int, m: StoredMessage) -> F.Message:
-    return F.Message(
+    # Every field in order: the record maker's fast path (no keywords, no defaults).
+    return _message(
         pos, m.msg_id, m.conv, m.seq, m.sender, m.device, m.client_time, m.server_time, m.payload,
-        m.kind, m.local_id, m.after_seq,
+        m.kind, m.local_id, m.after_seq, m.target, m.edited, m.recalled, m.deleted,
+        tuple(F.Mention(u) for u in m.mentions) if m.mentions else (), m.mention_all,
     )
 
 
+def _to_conv_entry(e: ConversationEntry) -> F.ConvEntry:
+    return F.ConvEntry(
+        e.conv, (_to_frame_message(0, e.last),) if e.last is not None else (), e.read_seq, e.last_seq, e.unread,
+        e.mention_count, e.pinned, e.muted, e.hidden,
+    )
+
+
+def _normalized_mentions(f: F.SendReq) -> Union[ErrorCode, tuple[str, ...]]:
+    """SendReq.mentions sorted and unique, or BAD_MENTION when one is not a
+    valid user id.  Valid ids of non-members are kept in the message but
+    count for nobody (only recipients get a mention counted)."""
+    users = set()
+    for m in f.mentions:
+        if not valid_id(m.user):
+            return ErrorCode.BAD_MENTION
+        users.add(m.user)
+    return tuple(sorted(users))
+
+
 _U64_MAX = (1 << 64) - 1
+_send_data = _impl.record_maker(SendData)
+
+#: Groups whose members the typing relay keeps (and for how long, µs: a
+#: backstop; membership changes through this core update it at once).
+_TYPING_CACHE_MAX = 4096
+_TYPING_CACHE_TTL = 30 * SECOND
+#: Users whose last-seen time the core remembers (most recent first out).
+_PRES_SEEN_MAX = 100_000
+#: The cached "members" of a group too large for typing (compared by
+#: identity; its one element is no valid user id).
+_TOO_LARGE: frozenset[str] = frozenset({"\x00too large"})
 
 # ---------------------------------------------------------------- the broker
 
@@ -719,7 +888,7 @@ class Broker:
         # quick re-login must resume from here, not from the older stored one.
         self._acks_unsaved: dict[tuple[str, str], int] = {}
         self._inflight: Optional[tuple[StoreRequest, list[_Ctx]]] = None
-        self._reads: dict[int, Union[_LoginRead, _InboxRead, _HistoryRead, _ReadersRead]] = {}
+        self._reads: dict[int, _AnyRead] = {}
         self._hooks: dict[int, Union[_LoginHook, _ContentHook]] = {}
         self._next_request = 1  # ids of store requests and hook requests
         self._next_reclaim: Optional[int] = None
@@ -730,6 +899,27 @@ class Broker:
         self._timer_seq = 0
         # zstd contexts, shared by every session (one thread drives the core).
         self._compression = Compression()
+        # -- typing and presence: ephemeral, in memory only, per node --
+        # conn -> (tokens, as of µs): the Typing token bucket.
+        self._typing_tokens: dict[int, tuple[float, int]] = {}
+        # group -> (valid until µs, current members): who a Typing goes to,
+        # refreshed from the store (ReadReaders) and by membership changes.
+        self._typing_members: dict[str, tuple[int, frozenset[str]]] = {}
+        # group -> Typing frames (conn, active) waiting for its member read.
+        self._typing_reads: dict[str, list[tuple[int, bool]]] = {}
+        self._typing_gen = 0  # bumped by every membership change
+        # conn -> the users its PresenceSub named (in order) / the visible ones.
+        self._pres_req: dict[int, tuple[str, ...]] = {}
+        self._pres_sub: dict[int, frozenset[str]] = {}
+        self._pres_latest: dict[int, int] = {}  # conn -> request id of its newest PresenceSub read
+        self._pres_watch: dict[str, set[int]] = {}  # user -> conns subscribed to it (and allowed to see it)
+        self._pres_hide: dict[str, bool] = {}  # watched user -> hides last seen (as last read or set)
+        self._pres_told: dict[str, bool] = {}  # watched user -> online as last told to its watchers
+        self._pres_dirty: set[str] = set()  # watched users whose online state may have changed
+        self._pres_recheck: set[int] = set()  # conns whose subscription a membership change may have changed
+        # user -> µs the broker last heard from one of its devices when the
+        # last one went offline (bounded; the store's device last_seen backs it).
+        self._pres_seen: dict[str, int] = {}
 
         self._stats = dict.fromkeys(
             (
@@ -952,11 +1142,21 @@ class Broker:
         self._stats["batches"] += 1
         out: list[Command] = []
         to_pump: set[str] = set()
+        # The SendAcks of each connection, in order, go out as one SendData
+        # per connection (one encode, one write), before any other frame the
+        # batch sends it: they are flushed before every op that is not a
+        # NewMessage, and before the pushes.
+        acks: dict[int, list[F.SendAck]] = {}
         for op, ctx, res in zip(batch.ops, ctxs, results):
             kind = type(op)
+            if kind is not NewMessage and acks:
+                self._flush_acks(acks, out)
             if kind is NewMessage:
                 assert isinstance(ctx, _PendingSend)
-                self._finish_send(op, ctx, res, to_pump, out)  # type: ignore[arg-type]
+                self._finish_send(op, ctx, res, to_pump, out, acks)  # type: ignore[arg-type]
+            elif kind is AmendMessage:
+                assert isinstance(ctx, _PendingSend)
+                self._finish_amend(op, ctx, res, to_pump, out)  # type: ignore[arg-type]
             elif kind is MarkRead:
                 assert isinstance(ctx, _ReadCtx)
                 if isinstance(res, ReadMarked):
@@ -967,21 +1167,31 @@ class Broker:
                     # e.g. removed from the group while the Read waited for
                     # the batch: the store is authoritative, tell the device.
                     self._error(ctx.conn, res.code, 0, f"Read {op.conv!r}: {res.code.name.lower()}", out)  # type: ignore[union-attr]
+            elif kind is SetConversation:
+                assert isinstance(ctx, (_ConvSetCtx, _AdminCtx))
+                self._finish_conv_set(ctx, res, out)
             elif kind is AckPosition:
                 key = (op.user, op.device)  # type: ignore[union-attr]
                 if self._acks_unsaved.get(key, -1) <= op.position:  # type: ignore[union-attr]
                     self._acks_unsaved.pop(key, None)
+            elif kind is SetPresencePrivacy:
+                self._privacy_done(op, ctx, res, out)  # type: ignore[arg-type]
             elif isinstance(ctx, _AdminCtx):
                 if isinstance(res, Revoked):
                     key = (res.user, res.device)
                     self._revoked[key] = max(self._revoked.get(key, 0), res.before)
                 elif isinstance(res, GroupChanged) and res.entries:
                     self._finish_admin(res, to_pump)
+                elif isinstance(res, Purged):
+                    for change in res.changes:  # a purged user's LEFT entries
+                        self._finish_admin(change, to_pump)
                 out.append(AdminDone(ctx.ref, res))
             elif kind is Reclaim and isinstance(res, Reclaimed):
                 self._stats["reclaimed_entries"] += res.entries
             # Acked / Touched need no reaction: the in-memory session already
             # moved; the store only makes it survive a restart.
+        if acks:
+            self._flush_acks(acks, out)
         # SendAcks above, pushes after: the sender learns "durable" no later
         # than any recipient sees the message.
         for user in sorted(to_pump):
@@ -991,21 +1201,33 @@ class Broker:
         self._maybe_commit(out, now)
         return out
 
+    def _flush_acks(self, acks: dict[int, list[F.SendAck]], out: list[Command]) -> None:
+        for conn, frames in acks.items():
+            if len(frames) == 1:
+                self._send(conn, frames[0], out)
+            else:
+                self._send_many(conn, frames, out)
+        acks.clear()
+
     def _batch_failed(self, inflight: tuple[StoreRequest, list[_Ctx]], now: int) -> list[Command]:
         batch, ctxs = inflight
         self._inflight = None
         self._stats["batch_failures"] += 1
         out: list[Command] = []
         for op, ctx in zip(batch.ops, ctxs):
-            if isinstance(op, NewMessage):
+            if isinstance(op, (NewMessage, AmendMessage)):
                 assert isinstance(ctx, _PendingSend)
                 self._pending_sends.pop(ctx.key, None)
                 self._ack_waiters(ctx, F.SendAck(op.local_id, ErrorCode.STORE_UNAVAILABLE, b"", 0, 0), out)
             elif isinstance(op, MarkRead):
                 assert isinstance(ctx, _ReadCtx)
                 self._error(ctx.conn, ErrorCode.STORE_UNAVAILABLE, 0, "read marker not saved; send Read again", out)
+            elif isinstance(ctx, _PrivacyCtx):
+                self._error(ctx.conn, ErrorCode.STORE_UNAVAILABLE, 0, "presence setting not saved; send PresencePrivacy again", out)
             elif isinstance(ctx, _AdminCtx):
                 out.append(AdminDone(ctx.ref, Rejected(ErrorCode.STORE_UNAVAILABLE)))
+            elif isinstance(ctx, _ConvSetCtx):
+                self._send(ctx.conn, F.ConvSetResp(ctx.req_id, ctx.conv, ErrorCode.STORE_UNAVAILABLE), out)
             # A lost AckPosition/TouchDevice only leaves the stored position
             # behind the real one: the device re-acks or re-logs in, and the
             # worst case is a re-delivery the client dedupes by position.
@@ -1017,9 +1239,15 @@ class Broker:
         return out
 
     def _read_done(
-        self, ctx: Union[_LoginRead, _InboxRead, _HistoryRead, _ReadersRead], res: Optional[Result], now: int, out: list[Command]
+        self, ctx: _AnyRead, res: Optional[Result], now: int, out: list[Command]
     ) -> None:
         """A read request finished (``res`` None: it failed)."""
+        if type(ctx) is _TypingRead:
+            self._typing_read_done(ctx, res, now, out)  # type: ignore[arg-type]
+            return
+        if type(ctx) is _PresenceRead:
+            self._presence_read_done(ctx, res, now, out)  # type: ignore[arg-type]
+            return
         if type(ctx) is _InboxRead:
             dev = ctx.dev
             dev.reading = False
@@ -1046,6 +1274,8 @@ class Broker:
                 return
             self._activate(c, ctx, res, now, out)
             self._resume(c, now, out)  # frames pipelined after the Login
+        elif type(ctx) is _ConvListRead or type(ctx) is _ConvUpdateRead:
+            self._conv_read_done(ctx, res, now, out)  # type: ignore[arg-type]
         elif type(ctx) is _ReadersRead:
             c = self._conns.get(ctx.conn)
             if c is None:
@@ -1145,8 +1375,10 @@ class Broker:
             # The reason first: the client has it when the SendAck ends the send.
             self._error(c.id, code, f.local_id, str(reason), out)
             self._send(c.id, F.SendAck(f.local_id, code, b"", 0, 0), out)
+        elif type(f) is F.AmendReq:
+            self._propose_amend(c, f, now, out)
         else:
-            self._propose_send(c, f, message_digest(f.conv, f.payload), now, out)
+            self._propose_send(c, f, message_digest(f.conv, f.payload), now, out)  # type: ignore[union-attr,arg-type]
         self._resume(c, now, out)
         self._maybe_commit(out, now)
         return out
@@ -1209,6 +1441,8 @@ class Broker:
         elif now >= self._next_reclaim:
             self._next_reclaim = now + self.config.reclaim_interval
             self._propose(Reclaim(now, self.config.device_retention, self.config.inbox_max_age), None)
+            # History retention: the store skips the walk when nothing is set.
+            self._propose(Expire(now, self.config.history_max_age, self.config.history_max_count), None)
         self._maybe_commit(out, now)
         return out
 
@@ -1264,6 +1498,7 @@ class Broker:
 
     def _finish_admin(self, res: GroupChanged, to_pump: set[str]) -> None:
         """Membership entries are pushed like messages (cf. _finish_send)."""
+        self._membership_changed(res)
         heads, fresh, online = self._heads, self._fresh, self._online
         for m, positions in zip(res.entries, res.positions):
             for user, pos in positions:
@@ -1273,6 +1508,17 @@ class Broker:
                     if user in online:
                         to_pump.add(user)
                         fresh.setdefault(user, []).append((pos, _to_frame_message(pos, m)))
+
+    def _arm_reclaim(self, now: int) -> None:
+        # Reclamation (and history retention) starts with the first
+        # connection -- or, when retention is in use, the first host post or
+        # retention setting: a broker fed only through the embedding API
+        # must expire history too.  (Not at any host call: host events that
+        # one consumer acked would then be reclaimed before a consumer that
+        # never acked yet reads them, which hosts without connections have
+        # come to rely on.)
+        if self._next_reclaim is None:
+            self._next_reclaim = now + self.config.reclaim_interval
 
     def _admin(self, op: Op, ref: int, now: int) -> list[Command]:
         out: list[Command] = []
@@ -1314,6 +1560,46 @@ class Broker:
         for c in list(self._conns.values()):
             if c.state is _ConnState.ACTIVE and c.user == user and c.device == device:
                 self._close(c, CloseCode.REPLACED, "the same device logged in again (on another node)", out)
+        self._maybe_commit(out, now)
+        return out
+
+    def set_retention(self, conv: str, max_age: int, max_count: int, now: int, *, ref: int = 0) -> list[Command]:
+        """Control plane: the history retention of ``conv`` (:class:`SetRetention`:
+        ``max_age`` µs, ``max_count`` entries; per field -1 = the broker
+        default, 0 = no limit), stored; applied at the next reclaim.
+        :class:`AdminDone` with ``ref`` carries RetentionSet or Rejected."""
+        self._arm_reclaim(now)
+        return self._admin(SetRetention(conv, max_age, max_count), ref, now)
+
+    def purge_conversation(self, conv: str, now: int, *, ref: int = 0) -> list[Command]:
+        """Control plane: delete every stored entry of ``conv`` and, for a
+        group, the group (:class:`PurgeConversation`; idempotent).  Connected
+        members are not told (their next history read starts after the
+        purged seqs; a group answers UNKNOWN_CONVERSATION).  :class:`AdminDone`
+        with ``ref`` carries Purged or Rejected."""
+        return self._admin(PurgeConversation(conv), ref, now)
+
+    def purge_user(self, user: str, now: int, *, ref: int = 0) -> list[Command]:
+        """Control plane: delete all data of ``user`` (:class:`PurgeUser`;
+        idempotent): the user's live sessions end now with Close(KICKED),
+        tokens issued before ``now`` are refused from now on (durably: the
+        purge revokes them), the user leaves every group (LEFT entries,
+        pushed like messages), their messages become tombstones.
+        :class:`AdminDone` with ``ref`` carries Purged or Rejected."""
+        out: list[Command] = []
+        if valid_id(user):
+            key = (user, "")
+            self._revoked[key] = max(self._revoked.get(key, 0), now)
+            for c in list(self._conns.values()):
+                if c.state is _ConnState.ACTIVE and c.user == user:
+                    self._stats["kicks"] += 1
+                    self._event("kicked", user=c.user, device=c.device, reason="purged")
+                    self._close(c, CloseCode.KICKED, "this user's data was deleted", out)
+            # Acks not saved yet would register the devices again after the
+            # purge: they are moot now.
+            for k in [k for k in self._acks_unsaved if k[0] == user]:
+                del self._acks_unsaved[k]
+        self._propose(PurgeUser(user, now), _AdminCtx(ref))
         self._maybe_commit(out, now)
         return out
 
@@ -1364,6 +1650,8 @@ class Broker:
         device: str = SYSTEM,
         key: Union[str, bytes, None] = None,
         ref: int = 0,
+        mentions: Sequence[str] = (),
+        mention_all: bool = False,
     ) -> list[Command]:
         """Control plane: store a message in ``conv`` from ``sender`` (a user,
         who must be a member, with one of its ``device`` ids; or the system,
@@ -1376,8 +1664,12 @@ class Broker:
         is displayed after everything already in the conversation
         (``after_seq`` is the last seq).  :class:`PostDone` with ``ref`` says
         how it went.  Bypasses the send rate limit and the content filter:
-        the host is trusted."""
+        the host is trusted.  ``mentions`` / ``mention_all`` as in a
+        SendReq (BAD_MENTION for an invalid user id, TOO_MANY_MENTIONS
+        above ``Limits.max_mentions``)."""
         out: list[Command] = []
+        if self.config.history_max_age or self.config.history_max_count:
+            self._arm_reclaim(now)
 
         def refuse(code: ErrorCode) -> list[Command]:
             self._stats["rejected"] += 1
@@ -1400,6 +1692,10 @@ class Broker:
         local_id = idempotency_local_id(key)
         if local_id is None:
             return refuse(ErrorCode.BAD_REQUEST)
+        if len(mentions) > self.config.limits.max_mentions:
+            return refuse(ErrorCode.TOO_MANY_MENTIONS)
+        if not all(isinstance(u, str) and valid_id(u) for u in mentions):
+            return refuse(ErrorCode.BAD_MENTION)
         digest = message_digest(conv, payload)
         dkey = (sender, device, local_id)
         pending = self._pending_sends.get(dkey)
@@ -1412,7 +1708,7 @@ class Broker:
         msg_id = server_time.to_bytes(8, "big") + self._node_id
         op = NewMessage(
             msg_id, conv, sender, device, local_id, server_time, server_time, payload, digest, _U64_MAX,
-            self.config.record_events,
+            self.config.record_events, tuple(sorted(set(mentions) - {sender})), bool(mention_all),
         )
         ctx = _PendingSend(dkey, digest, ("post", ref))
         self._pending_sends[dkey] = ctx
@@ -1568,6 +1864,8 @@ class Broker:
         dev = _Device(c.id, user, device, position)
         self._online.setdefault(user, {})[device] = dev
         self._heads[user] = head
+        if user in self._pres_watch:
+            self._pres_dirty.add(user)
         # Registers the device and refreshes last_seen.  Position 0: the store
         # records only positions acked after a push (never a client's claim),
         # so a claim cannot mark undelivered entries as delivered.
@@ -1671,6 +1969,11 @@ class Broker:
             return refuse(ErrorCode.TOO_MANY_IN_FLIGHT)
         if len(f.payload) > lim.max_payload:
             return refuse(ErrorCode.PAYLOAD_TOO_LARGE)
+        if f.mentions:
+            if len(f.mentions) > lim.max_mentions:
+                return refuse(ErrorCode.TOO_MANY_MENTIONS)
+            if isinstance(_normalized_mentions(f), ErrorCode):
+                return refuse(ErrorCode.BAD_MENTION)
         code = self._check_conversation(c.user, f.conv)
         if code is not ErrorCode.OK:
             return refuse(code)
@@ -1710,15 +2013,183 @@ class Broker:
             return
         server_time = self._clock.tick(now)
         msg_id = server_time.to_bytes(8, "big") + self._node_id
-        op = NewMessage(
-            msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest, f.after_seq,
-            self.config.record_events,
-        )
+        if f.mentions or f.mention_all:
+            mentions = _normalized_mentions(f)
+            assert not isinstance(mentions, ErrorCode)  # _on_send refused those
+            op = NewMessage(
+                msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest, f.after_seq,
+                self.config.record_events, tuple(u for u in mentions if u != c.user), f.mention_all,
+            )
+        else:
+            op = _new_message(
+                msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest, f.after_seq,
+                self.config.record_events, (), False,
+            )
         ctx = _PendingSend(key, digest, c.id)
         self._pending_sends[key] = ctx
         self._propose(op, ctx)
 
-    def _finish_send(self, op: NewMessage, ctx: _PendingSend, res: Result, to_pump: set[str], out: list[Command]) -> None:
+    def _finish_send(
+        self, op: NewMessage, ctx: _PendingSend, res: Result, to_pump: set[str], out: list[Command],
+        acks: Optional[dict[int, list[F.SendAck]]] = None,
+    ) -> None:
+        self._pending_sends.pop(ctx.key, None)
+        if isinstance(res, Appended):
+            self._stats["messages_stored"] += 1
+            ack = _send_ack(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
+            heads, fresh, online = self._heads, self._fresh, self._online
+            for user, pos in res.positions:
+                if user in heads:
+                    if pos > heads[user]:
+                        heads[user] = pos
+                    if user in online:
+                        to_pump.add(user)
+                        # The Push entry as the store would give it back.
+                        m = _message(
+                            pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time,
+                            res.server_time, op.payload, 0, op.local_id, res.after_seq,
+                        ) if not (op.mentions or op.mention_all) else F.Message(
+                            pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time,
+                            res.server_time, op.payload, 0, op.local_id, res.after_seq,
+                            mentions=tuple(F.Mention(u) for u in op.mentions), mention_all=op.mention_all,
+                        )
+                        fresh.setdefault(user, []).append((pos, m))
+        elif isinstance(res, Duplicate):
+            self._stats["duplicates"] += 1
+            ack = F.SendAck(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
+            self._ack_waiters(ctx, ack, out, duplicate=True, acks=acks)
+            return
+        elif isinstance(res, Rejected):
+            self._stats["rejected"] += 1
+            ack = F.SendAck(op.local_id, res.code, b"", 0, 0)
+        else:  # pragma: no cover - a store contract violation
+            raise TypeError(f"unexpected result {res!r} for NewMessage")
+        self._ack_waiters(ctx, ack, out, acks=acks)
+
+    def _ack_waiters(
+        self, ctx: _PendingSend, ack: F.SendAck, out: list[Command], duplicate: bool = False,
+        acks: Optional[dict[int, list[F.SendAck]]] = None,
+    ) -> None:
+        """Send ``ack`` to every waiter of ``ctx`` -- or, given ``acks``, queue
+        it there per connection (a batch being finished: _flush_acks)."""
+        for conn in ctx.waiters:
+            if isinstance(conn, tuple):  # a host post (Broker.post): ("post", ref[, True])
+                code = ErrorCode(ack.code)
+                dup = code is ErrorCode.OK and (duplicate or len(conn) > 2)
+                out.append(PostDone(conn[1], code, ack.msg_id, ack.seq, ack.server_time, dup))
+                continue
+            c = self._conns.get(conn)
+            if c is None:  # gone: the client retries after reconnecting
+                continue
+            c.inflight -= 1
+            if acks is not None:
+                pending = acks.get(conn)
+                if pending is None:
+                    acks[conn] = [ack]
+                else:
+                    pending.append(ack)
+            else:
+                self._send(conn, ack, out)
+
+    # ------------------------------------------------------------ recall, edit, delete
+    #
+    # An AmendReq is a send in every way that matters for safety: the same
+    # (user, device, local_id) dedupe key space and _pending_sends (a retry
+    # joins its original in flight or gets the stored entry's identity), the
+    # same window, rate limit and content filter (an EDIT's payload), acked
+    # by SendAck only from the completion of the batch that stored it.  What
+    # may be amended, by whom and until when is the store's to decide inside
+    # the transaction (AmendMessage), where the target's state is known.
+
+    _AMEND_WINDOWS = {F.MessageKind.RECALL: "recall_window", F.MessageKind.EDIT: "edit_window", F.MessageKind.DELETE: "delete_window"}
+
+    @staticmethod
+    def amend_digest(conv: str, target: int, action: int, payload: bytes) -> bytes:
+        """What a retry of an AmendReq must repeat: conv, target, action and
+        payload (never equal to a SendReq's digest for the same local id:
+        the conversation part differs by the action byte prefix)."""
+        return message_digest(conv, b"\xffamend" + bytes((action & 0xFF,)) + target.to_bytes(8, "big") + payload)
+
+    def _on_amend(self, c: _Conn, f: F.AmendReq, now: int, out: list[Command]) -> None:
+        def refuse(code: ErrorCode) -> None:
+            self._stats["rejected"] += 1
+            if code is ErrorCode.RATE_LIMITED or self._control(c, now, "refused AmendReq", out):
+                self._send(c.id, F.SendAck(f.local_id, code, b"", 0, 0), out)
+
+        lim = self.config.limits
+        if lim.send_rate:
+            # The send token bucket: an AmendReq costs what a SendReq does.
+            c.tokens = min(float(lim.send_burst), c.tokens + (now - c.refill_at) * lim.send_rate / SECOND)
+            c.refill_at = now
+            if c.tokens < 1.0:
+                c.strikes += 1
+                if c.strikes >= self.config.rate_limit_strikes:
+                    self._close(c, CloseCode.RATE_LIMITED, "kept sending above the send rate limit", out)
+                    return None
+                return refuse(ErrorCode.RATE_LIMITED)
+            c.tokens -= 1.0
+            c.strikes = 0
+        if c.inflight >= lim.window:
+            return refuse(ErrorCode.TOO_MANY_IN_FLIGHT)
+        if f.action not in self._AMEND_WINDOWS:
+            return refuse(ErrorCode.BAD_ACTION)
+        if len(f.payload) > lim.max_payload:
+            return refuse(ErrorCode.PAYLOAD_TOO_LARGE)
+        if f.action != F.MessageKind.EDIT and f.payload:
+            return refuse(ErrorCode.BAD_REQUEST)
+        if f.target < 1:
+            return refuse(ErrorCode.NO_SUCH_MESSAGE)
+        code = self._check_conversation(c.user, f.conv)
+        if code is not ErrorCode.OK:
+            return refuse(code)
+        key = (c.user, c.device, f.local_id)
+        digest = self.amend_digest(f.conv, f.target, f.action, f.payload)
+        pending = self._pending_sends.get(key)
+        if pending is not None:
+            if pending.digest != digest:
+                return refuse(ErrorCode.DUPLICATE_CONFLICT)
+            pending.waiters.append(c.id)
+            c.inflight += 1
+            return
+        c.inflight += 1
+        if self.config.content_filter is not None and f.action == F.MessageKind.EDIT:
+            rid = self._request_id()
+            c.waiting = rid
+            self._hooks[rid] = _ContentHook(c.id, f)
+            out.append(CheckContent(rid, c.user, f.conv, f.payload, c.device, f.local_id))
+            return
+        self._propose_amend(c, f, now, out)
+
+    def _propose_amend(self, c: _Conn, f: F.AmendReq, now: int, out: list[Command]) -> None:
+        key = (c.user, c.device, f.local_id)
+        digest = self.amend_digest(f.conv, f.target, f.action, f.payload)
+        pending = self._pending_sends.get(key)
+        if pending is not None:
+            if pending.digest != digest:
+                c.inflight -= 1
+                self._stats["rejected"] += 1
+                self._send(c.id, F.SendAck(f.local_id, ErrorCode.DUPLICATE_CONFLICT, b"", 0, 0), out)
+            else:
+                pending.waiters.append(c.id)
+            return
+        window = getattr(self.config, self._AMEND_WINDOWS[F.MessageKind(f.action)])
+        self._propose_amend_op(key, f.conv, f.target, f.action, f.payload, f.client_time, window, digest, c.id, now)
+
+    def _propose_amend_op(
+        self, key: tuple[str, str, int], conv: str, target: int, action: int, payload: bytes, client_time: int,
+        window: int, digest: bytes, waiter: Union[int, tuple[Any, ...]], now: int,
+    ) -> None:
+        server_time = self._clock.tick(now)
+        msg_id = server_time.to_bytes(8, "big") + self._node_id
+        op = AmendMessage(
+            msg_id, conv, key[0], key[1], key[2], client_time, server_time, action, target, payload, digest, window,
+            self.config.record_events,
+        )
+        ctx = _PendingSend(key, digest, waiter)
+        self._pending_sends[key] = ctx
+        self._propose(op, ctx)
+
+    def _finish_amend(self, op: AmendMessage, ctx: _PendingSend, res: Result, to_pump: set[str], out: list[Command]) -> None:
         self._pending_sends.pop(ctx.key, None)
         if isinstance(res, Appended):
             self._stats["messages_stored"] += 1
@@ -1730,36 +2201,85 @@ class Broker:
                         heads[user] = pos
                     if user in online:
                         to_pump.add(user)
-                        # The Push entry as the store would give it back.
                         m = F.Message(
                             pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time,
-                            res.server_time, op.payload, 0, op.local_id, res.after_seq,
+                            res.server_time, op.payload, int(op.kind), op.local_id, res.after_seq, op.target,
                         )
                         fresh.setdefault(user, []).append((pos, m))
         elif isinstance(res, Duplicate):
             self._stats["duplicates"] += 1
-            ack = F.SendAck(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
-            self._ack_waiters(ctx, ack, out, duplicate=True)
+            self._ack_waiters(ctx, F.SendAck(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time), out, duplicate=True)
             return
         elif isinstance(res, Rejected):
             self._stats["rejected"] += 1
             ack = F.SendAck(op.local_id, res.code, b"", 0, 0)
         else:  # pragma: no cover - a store contract violation
-            raise TypeError(f"unexpected result {res!r} for NewMessage")
+            raise TypeError(f"unexpected result {res!r} for AmendMessage")
         self._ack_waiters(ctx, ack, out)
 
-    def _ack_waiters(self, ctx: _PendingSend, ack: F.SendAck, out: list[Command], duplicate: bool = False) -> None:
-        for conn in ctx.waiters:
-            if isinstance(conn, tuple):  # a host post (Broker.post): ("post", ref[, True])
-                code = ErrorCode(ack.code)
-                dup = code is ErrorCode.OK and (duplicate or len(conn) > 2)
-                out.append(PostDone(conn[1], code, ack.msg_id, ack.seq, ack.server_time, dup))
-                continue
-            c = self._conns.get(conn)
-            if c is None:  # gone: the client retries after reconnecting
-                continue
-            c.inflight -= 1
-            self._send(conn, ack, out)
+    def amend(
+        self,
+        conv: str,
+        target: int,
+        action: int,
+        now: int,
+        *,
+        payload: bytes = b"",
+        sender: str = SYSTEM,
+        device: str = SYSTEM,
+        key: Union[str, bytes, None] = None,
+        ref: int = 0,
+    ) -> list[Command]:
+        """Control plane: recall (``action`` MessageKind.RECALL), edit (EDIT,
+        with the new ``payload``) or delete for ``sender`` (DELETE) the
+        message at seq ``target`` of ``conv``, as the host.  ``sender``
+        SYSTEM (the default) may recall or edit any message; a user
+        ``sender`` (with one of its ``device`` ids) acts as that user (only
+        their own messages for RECALL/EDIT; DELETE needs a user).  No time
+        window applies to the host.  ``key``: the idempotency key, as for
+        :meth:`post`.  :class:`PostDone` with ``ref`` says how it went
+        (codes as for AmendReq: NO_SUCH_MESSAGE, NOT_SENDER, RECALLED,
+        BAD_ACTION, NOT_MEMBER, ...)."""
+        out: list[Command] = []
+
+        def refuse(code: ErrorCode) -> list[Command]:
+            self._stats["rejected"] += 1
+            out.append(PostDone(ref, code, b"", 0, 0))
+            return out
+
+        if action not in self._AMEND_WINDOWS:
+            return refuse(ErrorCode.BAD_ACTION)
+        if not isinstance(payload, bytes) or (action != F.MessageKind.EDIT and payload):
+            return refuse(ErrorCode.BAD_REQUEST)
+        if len(payload) > self.config.limits.max_payload:
+            return refuse(ErrorCode.PAYLOAD_TOO_LARGE)
+        if type(target) is not int or not 0 < target < _U64_MAX:
+            return refuse(ErrorCode.NO_SUCH_MESSAGE)
+        if sender == SYSTEM:
+            if device != SYSTEM or action == F.MessageKind.DELETE:
+                return refuse(ErrorCode.BAD_REQUEST)
+            code = ErrorCode.OK if valid_conversation(conv) else ErrorCode.BAD_REQUEST
+        else:
+            if not (valid_id(sender) and valid_id(device)):
+                return refuse(ErrorCode.BAD_REQUEST)
+            code = self._check_conversation(sender, conv)
+        if code is not ErrorCode.OK:
+            return refuse(code)
+        local_id = idempotency_local_id(key)
+        if local_id is None:
+            return refuse(ErrorCode.BAD_REQUEST)
+        digest = self.amend_digest(conv, target, action, payload)
+        dkey = (sender, device, local_id)
+        pending = self._pending_sends.get(dkey)
+        if pending is not None:
+            if pending.digest != digest:
+                return refuse(ErrorCode.DUPLICATE_CONFLICT)
+            pending.waiters.append(("post", ref, True))
+            return out
+        self._stats["posts"] += 1
+        self._propose_amend_op(dkey, conv, target, action, payload, self._clock.now(now), 0, digest, ("post", ref), now)
+        self._maybe_commit(out, now)
+        return out
 
     # ------------------------------------------------------------ delivery
 
@@ -1833,7 +2353,7 @@ class Broker:
         dev.unacked.append((upto, size))
         dev.unacked_bytes += size
         self._stats["pushes"] += 1
-        self._send(dev.conn, F.Push(upto, msgs), out)
+        self._send(dev.conn, _push(upto, msgs), out)
 
     def _on_push_ack(self, c: _Conn, f: F.PushAck, now: int, out: list[Command]) -> None:
         dev = self._online[c.user][c.device]
@@ -1852,7 +2372,7 @@ class Broker:
         """The device's position moved to ``pos``: make it durable (lazily)."""
         key = (dev.user, dev.device)
         self._acks_unsaved[key] = pos
-        op = AckPosition(dev.user, dev.device, pos, now)
+        op = _ack_position(dev.user, dev.device, pos, now)
         slot = self._ack_slot.get(key)
         if slot is not None:
             self._ops[slot] = op  # batched acks: only the newest matters
@@ -1888,6 +2408,7 @@ class Broker:
         state = F.ReadStates((F.ReadState(res.conv, res.read_seq, res.last_seq, res.unread),))
         for dev in self._online.get(res.user, {}).values():
             self._send(dev.conn, state, out)
+        self._conv_update(res.user, res.conv, out)
         pair = direct_members(res.conv)
         if pair is not None:
             peer = pair[1] if pair[0] == res.user else pair[0]
@@ -1932,6 +2453,110 @@ class Broker:
         self._reads[rid] = _ReadersRead(c.id, f)
         out.append(StoreRequest(rid, (ReadReaders(f.conv, c.user),), False))
 
+    # ------------------------------------------------------------ conversation list
+
+    def _on_conv_list(self, c: _Conn, f: F.ConvListReq, now: int, out: list[Command]) -> None:
+        """A page of the user's conversation list (the store answers,
+        ReadConversations).  Counts against the bound of reads in flight
+        like a history request."""
+        limit = max(1, min(f.limit, self.config.limits.conv_page))
+        c.history_reads += 1
+        rid = self._request_id()
+        self._reads[rid] = _ConvListRead(c.id, f, limit)
+        # One more than the page: whether there is more is then known.
+        op = ReadConversations(c.user, f.cursor, limit + 1, f.include_hidden)
+        out.append(StoreRequest(rid, (op,), False))
+
+    def _on_conv_set(self, c: _Conn, f: F.ConvSetReq, now: int, out: list[Command]) -> None:
+        """Change the user's settings of a conversation: a SetConversation
+        op in the next batch; answered (ConvSetResp) once durable, and every
+        device of the user gets the new entry (ConvUpdate) if it changed."""
+        code = self._check_conversation(c.user, f.conv)
+        if code is ErrorCode.OK and not all(v in (0, 1, 2) for v in (f.pinned, f.muted, f.hidden)):
+            code = ErrorCode.BAD_REQUEST
+        if code is not ErrorCode.OK:
+            if self._control(c, now, "refused ConvSetReq", out):
+                self._send(c.id, F.ConvSetResp(f.req_id, f.conv, code), out)
+            return
+        self._propose(SetConversation(c.user, f.conv, f.pinned, f.muted, f.hidden), _ConvSetCtx(c.id, f.req_id, f.conv))
+
+    def set_conversation(
+        self, user: str, conv: str, now: int, *, pinned: int = 0, muted: int = 0, hidden: int = 0, ref: int = 0
+    ) -> list[Command]:
+        """Control plane: change ``user``'s settings of ``conv`` as a
+        ConvSetReq of theirs would (values frames.SETTING_*); the user's
+        devices get the ConvUpdate.  :class:`AdminDone` with ``ref``
+        carries the store's answer (ConversationSet, or Rejected)."""
+        self._propose(SetConversation(user, conv, pinned, muted, hidden), _AdminCtx(ref))
+        out: list[Command] = []
+        self._maybe_commit(out, now)
+        return out
+
+    def _finish_conv_set(self, ctx: Union[_ConvSetCtx, _AdminCtx], res: Result, out: list[Command]) -> None:
+        if isinstance(ctx, _AdminCtx):
+            out.append(AdminDone(ctx.ref, res))
+        if isinstance(res, ConversationSet):
+            if isinstance(ctx, _ConvSetCtx):
+                self._send(ctx.conn, F.ConvSetResp(ctx.req_id, ctx.conv, ErrorCode.OK), out)
+            if res.changed:
+                update = F.ConvUpdate((_to_conv_entry(res.entry),))
+                for dev in self._online.get(res.user, {}).values():
+                    self._send(dev.conn, update, out)
+                e = res.entry
+                self._event("conversation", user=res.user, conv=res.conv, pinned=e.pinned, muted=e.muted, hidden=e.hidden)
+        elif isinstance(ctx, _ConvSetCtx):
+            code = res.code if isinstance(res, Rejected) else ErrorCode.INTERNAL
+            self._send(ctx.conn, F.ConvSetResp(ctx.req_id, ctx.conv, code), out)
+
+    def _conv_update(self, user: str, conv: str, out: list[Command]) -> None:
+        """Read the (user, conv) entry and send it to the user's devices
+        (its read marker moved: unread and mention counts changed)."""
+        if user not in self._online:
+            return
+        rid = self._request_id()
+        self._reads[rid] = _ConvUpdateRead(user, conv)
+        out.append(StoreRequest(rid, (ReadConversations(user, conv=conv),), False))
+
+    def _conv_read_done(
+        self, ctx: Union[_ConvListRead, _ConvUpdateRead], res: Optional[Result], now: int, out: list[Command]
+    ) -> None:
+        if type(ctx) is _ConvUpdateRead:
+            if isinstance(res, ConversationsPage) and res.code is ErrorCode.OK and res.entries:
+                update = F.ConvUpdate(tuple(_to_conv_entry(e) for e in res.entries))
+                for dev in self._online.get(ctx.user, {}).values():
+                    self._send(dev.conn, update, out)
+            return  # a failed read: the next change or the next list brings it
+        assert type(ctx) is _ConvListRead
+        c = self._conns.get(ctx.conn)
+        if c is None:
+            return
+        c.history_reads -= 1
+        f = ctx.frame
+        if not isinstance(res, ConversationsPage):
+            resp = F.ConvListResp(f.req_id, ErrorCode.STORE_UNAVAILABLE, (), b"", False)
+        elif res.code is not ErrorCode.OK:
+            resp = F.ConvListResp(f.req_id, res.code, (), b"", False)
+        else:
+            page = res.entries
+            more = len(page) > ctx.limit
+            page = page[: ctx.limit]
+            # One frame must hold the page (as a HistoryResp): cut it there,
+            # at least one entry, `more` set.
+            budget = self._page_bytes()
+            for i, e in enumerate(page):
+                m = e.last
+                budget -= len(e.conv) + _MESSAGE_OVERHEAD + (
+                    0 if m is None else len(m.payload) + len(m.sender) + len(m.device) + 24 * len(m.mentions) + _MESSAGE_OVERHEAD
+                )
+                if budget < 0 and i > 0:
+                    page, more = page[:i], True
+                    break
+            cursor = conversation_cursor(page[-1]) if page else f.cursor
+            resp = F.ConvListResp(f.req_id, ErrorCode.OK, tuple(_to_conv_entry(e) for e in page), cursor, more)
+        self._send(c.id, resp, out)
+        if c.history_reads == _MAX_HISTORY_READS - 1:
+            self._resume(c, now, out)  # it was held at the limit: read on
+
     def _on_calibrate(self, c: _Conn, f: F.CalibrateReq, now: int, out: list[Command]) -> None:
         if self._control(c, now, "CalibrateReq", out):
             self._send(c.id, F.CalibrateResp(f.client_time, self._clock.now(now)), out)
@@ -1950,17 +2575,342 @@ class Broker:
         self._stats["protocol_errors"] += 1
         self._close(c, CloseCode.PROTOCOL_ERROR, "Login on a connection that is already logged in", out)
 
+    # ------------------------------------------------------------ typing and presence
+    # Ephemeral signals (PROTOCOL.md, "Typing and presence"): nothing here is
+    # stored but the user's last-seen privacy setting.  All state is in
+    # memory, per node, bounded by the connections (subscriptions of at most
+    # presence_max_users each; one token bucket each) plus two caches with
+    # caps (_TYPING_CACHE_MAX groups, _PRES_SEEN_MAX users).  Presence
+    # changes are collected in _pres_dirty and told once per entry point
+    # (_maybe_commit), comparing with what watchers were last told: a
+    # device replaced by its own new login never shows as a flap.
+
+    def _on_typing(self, c: _Conn, f: F.Typing, now: int, out: list[Command]) -> None:
+        """Relay "``c.user`` is typing in ``f.conv``" to the other members'
+        online devices (never the sender's own devices).  Excess frames
+        (typing_burst / typing_rate) are dropped silently: a typing
+        indicator is best effort and a well-behaved client sends one every
+        few seconds."""
+        cfg = self.config
+        tokens, at = self._typing_tokens.get(c.id, (float(cfg.typing_burst), now))
+        tokens = min(float(cfg.typing_burst), tokens + max(now - at, 0) * cfg.typing_rate / SECOND)
+        if tokens < 1.0:
+            self._typing_tokens[c.id] = (tokens, now)
+            return
+        self._typing_tokens[c.id] = (tokens - 1.0, now)
+        code = self._check_conversation(c.user, f.conv)
+        if code is not ErrorCode.OK:
+            self._error(c.id, code, 0, f"Typing {f.conv!r}: {code.name.lower()}", out)
+            return
+        pair = direct_members(f.conv)
+        if pair is not None:
+            self._relay_typing(c, f.conv, f.active, frozenset(pair), out)
+            return
+        cached = self._typing_members.get(f.conv)
+        if cached is not None and cached[0] > now:
+            self._typing_to_group(c, f.conv, f.active, cached[1], out)
+            return
+        waiting = self._typing_reads.get(f.conv)
+        if waiting is not None:
+            waiting.append((c.id, f.active))
+            return
+        self._typing_reads[f.conv] = [(c.id, f.active)]
+        rid = self._request_id()
+        self._reads[rid] = _TypingRead(c.id, f.conv, c.user, self._typing_gen)
+        out.append(StoreRequest(rid, (ReadReaders(f.conv, c.user),), False))
+
+    def _typing_read_done(self, ctx: _TypingRead, res: Optional[Result], now: int, out: list[Command]) -> None:
+        waiting = self._typing_reads.pop(ctx.conv, [])
+        if not isinstance(res, ReadersPage):
+            return  # the store failed: typing is best effort, the clients refresh it
+        if res.code is not ErrorCode.OK:
+            # Only the asker's access is known: tell it; the others' frames
+            # are dropped (they are refreshed within the TTL anyway).
+            self._error(ctx.conn, res.code, 0, f"Typing {ctx.conv!r}: {res.code.name.lower()}", out)
+            return
+        members = frozenset(u for u, _ in res.readers)
+        if ctx.gen == self._typing_gen:
+            self._cache_members(ctx.conv, members, now)
+        for conn, active in waiting:
+            c = self._conns.get(conn)
+            if c is not None and c.state is _ConnState.ACTIVE:
+                self._typing_to_group(c, ctx.conv, active, members, out)
+
+    def _cache_members(self, conv: str, members: frozenset[str], now: int) -> None:
+        cache = self._typing_members
+        if len(cache) >= _TYPING_CACHE_MAX and conv not in cache:
+            for k in [k for k, (until, _) in cache.items() if until <= now] or list(cache)[: len(cache) // 2]:
+                del cache[k]
+        cache[conv] = (now + _TYPING_CACHE_TTL, self._bounded(members))
+
+    def _bounded(self, members: frozenset[str]) -> frozenset[str]:
+        # A group above typing_max_members gets no typing: remember only
+        # that (the empty set), not its members -- the cache stays small
+        # whatever the groups' sizes.
+        return members if len(members) <= self.config.typing_max_members else _TOO_LARGE
+
+    def _typing_to_group(self, c: _Conn, conv: str, active: bool, members: frozenset[str], out: list[Command]) -> None:
+        if members is _TOO_LARGE or len(members) > self.config.typing_max_members:
+            self._error(
+                c.id, ErrorCode.TYPING_NOT_RELAYED, 0,
+                f"Typing {conv!r}: not relayed in groups of more than {self.config.typing_max_members} members", out,
+            )
+        elif c.user not in members:
+            self._error(c.id, ErrorCode.NOT_MEMBER, 0, f"Typing {conv!r}: not_member", out)
+        else:
+            self._relay_typing(c, conv, active, members, out)
+
+    def _relay_typing(self, c: _Conn, conv: str, active: bool, members: frozenset[str], out: list[Command]) -> None:
+        cfg = self.config
+        frame = F.Typing(conv, active, c.user, cfg.typing_ttl // 1000 if active else 0)
+        online, conns = self._online, self._conns
+        for user in members:
+            if user == c.user:
+                continue
+            for dev in online.get(user, {}).values():
+                dc = conns.get(dev.conn)
+                # Best effort: never what makes a device fall behind.
+                if dc is not None and dc.held <= cfg.outbound_pause:
+                    self._send(dev.conn, frame, out)
+
+    def _membership_changed(self, res: GroupChanged) -> None:
+        """A group's members changed (committed): typing goes to the new
+        members from now on, and the presence subscriptions of or about the
+        users who joined or left are checked again (they may now share a
+        conversation, or no longer)."""
+        self._typing_gen += 1
+        if res.conv in self._typing_members:
+            self._typing_members[res.conv] = (self._typing_members[res.conv][0], self._bounded(frozenset(res.members)))
+        moved = {m.sender for m in res.entries}
+        if not self._pres_req or not moved:
+            return
+        for conn, users in self._pres_req.items():
+            c = self._conns.get(conn)
+            if c is not None and (c.user in moved or not moved.isdisjoint(users)):
+                self._pres_recheck.add(conn)  # asked in _flush_presence (it has the command list)
+
+    def _on_presence_sub(self, c: _Conn, f: F.PresenceSub, now: int, out: list[Command]) -> None:
+        """Replace ``c``'s presence subscription (store read: who of these
+        shares a conversation with ``c.user``, and their settings)."""
+        cfg = self.config
+        users = tuple(dict.fromkeys(u.user for u in f.users))
+        if len(users) > cfg.presence_max_users:
+            if self._control(c, now, "refused PresenceSub", out):
+                self._send(c.id, F.Presence(f.req_id, ErrorCode.PRESENCE_LIMIT, ()), out)
+            return
+        if not users:
+            if self._control(c, now, "PresenceSub", out):
+                self._pres_latest.pop(c.id, None)
+                self._install_presence(c.id, (), frozenset())
+                self._send(c.id, F.Presence(f.req_id, ErrorCode.OK, ()), out)
+            return
+        self._ask_presence(c, f.req_id, users, out)
+
+    def _ask_presence(self, c: _Conn, req_id: int, users: tuple[str, ...], out: list[Command]) -> None:
+        rid = self._request_id()
+        if req_id > 0:
+            self._pres_latest[c.id] = rid
+        # A re-check (req_id 0) applies only while the subscription it
+        # re-checks is still the newest.
+        sub = rid if req_id > 0 else self._pres_latest.get(c.id, 0)
+        # Counted with the history reads: at their bound nothing more of the
+        # connection is decoded until one is answered.
+        c.history_reads += 1
+        self._reads[rid] = _PresenceRead(c.id, req_id, users, sub)
+        out.append(StoreRequest(rid, (ReadPresence(c.user, users),), False))
+
+    def _presence_read_done(self, ctx: _PresenceRead, res: Optional[Result], now: int, out: list[Command]) -> None:
+        c = self._conns.get(ctx.conn)
+        if c is None:
+            return
+        c.history_reads -= 1
+        if ctx.req_id < 0:  # a PresencePrivacy query
+            if isinstance(res, PresencePage):
+                self._send(c.id, F.PresencePrivacy(2 if res.hide_last_seen else 1), out)
+            else:
+                self._error(c.id, ErrorCode.STORE_UNAVAILABLE, 0, "PresencePrivacy: the store is unavailable; ask again", out)
+        elif not isinstance(res, PresencePage):
+            if ctx.req_id:
+                self._send(c.id, F.Presence(ctx.req_id, ErrorCode.STORE_UNAVAILABLE, ()), out)
+        else:
+            self._presence_answer(c, ctx, res, self._pres_latest.get(c.id, 0) == ctx.sub, out)
+        if c.history_reads == _MAX_HISTORY_READS - 1:
+            self._resume(c, now, out)
+
+    def _presence_answer(self, c: _Conn, ctx: _PresenceRead, res: PresencePage, newest: bool, out: list[Command]) -> None:
+        """Answer a PresenceSub (every user asked, in order) and install it
+        if no newer one was sent meanwhile; or apply a re-check, telling
+        only what became visible or invisible."""
+        if ctx.req_id == 0 and not newest:
+            return  # re-checked a subscription that was replaced since
+        before = self._pres_sub.get(c.id, frozenset())
+        visible = frozenset(e.user for e in res.entries if e.visible)
+        for e in res.entries:
+            if e.visible and e.last_seen > self._pres_seen.get(e.user, 0):
+                self._remember_seen(e.user, e.last_seen)
+        entries = tuple(
+            self._presence_entry(e.user, e.hide_last_seen) if e.visible else F.PresenceEntry(e.user, F.PresenceState.UNKNOWN, 0)
+            for e in res.entries
+        )
+        if ctx.req_id:
+            self._send(c.id, F.Presence(ctx.req_id, ErrorCode.OK, entries), out)
+        else:  # a re-check: tell only what became visible or invisible
+            changed = tuple(e for e in entries if (e.user in visible) != (e.user in before))
+            if changed:
+                self._send(c.id, F.Presence(0, ErrorCode.OK, changed), out)
+        if newest:
+            self._install_presence(c.id, ctx.users, visible)
+            for e in res.entries:
+                if e.visible:  # watched now: keep the setting for the changes to come
+                    self._pres_hide[e.user] = e.hide_last_seen
+
+    def _presence_entry(self, user: str, hide: Optional[bool] = None) -> F.PresenceEntry:
+        if user in self._online:
+            return F.PresenceEntry(user, F.PresenceState.ONLINE, 0)
+        if hide is None:
+            hide = self._pres_hide.get(user, False)
+        return F.PresenceEntry(user, F.PresenceState.OFFLINE, 0 if hide else self._pres_seen.get(user, 0))
+
+    def _install_presence(self, conn: int, users: tuple[str, ...], visible: frozenset[str]) -> None:
+        old = self._pres_sub.pop(conn, frozenset())
+        for u in old - visible:
+            self._unwatch(u, conn)
+        if users:
+            self._pres_req[conn] = users
+            self._pres_sub[conn] = visible
+        else:
+            self._pres_req.pop(conn, None)
+        for u in visible - old:
+            watchers = self._pres_watch.get(u)
+            if watchers is None:
+                watchers = self._pres_watch[u] = set()
+                self._pres_told[u] = u in self._online
+            watchers.add(conn)
+
+    def _unwatch(self, user: str, conn: int) -> None:
+        watchers = self._pres_watch.get(user)
+        if watchers is None:
+            return
+        watchers.discard(conn)
+        if not watchers:
+            del self._pres_watch[user]
+            self._pres_hide.pop(user, None)
+            self._pres_told.pop(user, None)
+            self._pres_dirty.discard(user)
+
+    def _remember_seen(self, user: str, when: int) -> None:
+        seen = self._pres_seen
+        seen.pop(user, None)
+        if len(seen) >= _PRES_SEEN_MAX:
+            del seen[next(iter(seen))]  # the least recently updated
+        seen[user] = when
+
+    def _flush_presence(self, out: list[Command]) -> None:
+        """Tell watchers the users whose online state changed since they
+        were last told (once per entry point, so a replaced device's
+        offline-then-online is no change)."""
+        if self._pres_recheck:
+            recheck, self._pres_recheck = self._pres_recheck, set()
+            for conn in sorted(recheck):
+                c = self._conns.get(conn)
+                users = self._pres_req.get(conn)
+                if c is not None and users:
+                    self._ask_presence(c, 0, users, out)
+        dirty, self._pres_dirty = self._pres_dirty, set()
+        for user in sorted(dirty):
+            watchers = self._pres_watch.get(user)
+            online = user in self._online
+            if not watchers or self._pres_told.get(user) == online:
+                continue
+            self._pres_told[user] = online
+            frame = F.Presence(0, ErrorCode.OK, (self._presence_entry(user),))
+            for conn in sorted(watchers):
+                self._send(conn, frame, out)
+
+    def _ephemeral_forget(self, c: _Conn) -> None:
+        """A connection goes away: its subscription and bucket go with it;
+        its user may be offline now (told at the end of the entry point)."""
+        conn = c.id
+        self._typing_tokens.pop(conn, None)
+        self._pres_recheck.discard(conn)
+        self._pres_latest.pop(conn, None)
+        self._pres_req.pop(conn, None)
+        for u in self._pres_sub.pop(conn, frozenset()):
+            self._unwatch(u, conn)
+        if c.state is _ConnState.ACTIVE:
+            if c.last_seen > self._pres_seen.get(c.user, 0):
+                self._remember_seen(c.user, c.last_seen)
+            if c.user in self._pres_watch:
+                self._pres_dirty.add(c.user)
+
+    def _on_presence_privacy(self, c: _Conn, f: F.PresencePrivacy, now: int, out: list[Command]) -> None:
+        """Mode 0: ask the setting (store read); 1 / 2: show / hide the
+        last-seen time (a durable write, answered once committed)."""
+        if f.mode > 2:
+            if self._control(c, now, "refused PresencePrivacy", out):
+                self._error(c.id, ErrorCode.BAD_REQUEST, 0, f"PresencePrivacy: unknown mode {f.mode}", out)
+            return
+        if f.mode == 0:
+            self._ask_presence(c, -1, (), out)
+            return
+        self._propose(SetPresencePrivacy(c.user, f.mode == 2), _PrivacyCtx(c.id))
+
+    def _privacy_done(self, op: SetPresencePrivacy, ctx: Union["_PrivacyCtx", _AdminCtx], res: Result, out: list[Command]) -> None:
+        asker = ctx.conn if isinstance(ctx, _PrivacyCtx) else None
+        if isinstance(ctx, _AdminCtx):
+            out.append(AdminDone(ctx.ref, res))
+        if not isinstance(res, PresencePrivacySet):
+            if asker is not None:
+                code = res.code if isinstance(res, Rejected) else ErrorCode.INTERNAL
+                self._error(asker, code, 0, f"PresencePrivacy: {code.name.lower()}", out)
+            return
+        user, hide = res.user, res.hide_last_seen
+        frame = F.PresencePrivacy(2 if hide else 1)
+        # The asker first, then the user's other devices (their settings
+        # screens stay in sync).
+        if asker is not None:
+            self._send(asker, frame, out)
+        for dev in self._online.get(user, {}).values():
+            if dev.conn != asker:
+                self._send(dev.conn, frame, out)
+        if user in self._pres_watch and self._pres_hide.get(user) != hide:
+            self._pres_hide[user] = hide
+            if user not in self._online:  # what watchers see changes only while offline
+                entry = F.Presence(0, ErrorCode.OK, (self._presence_entry(user),))
+                for conn in sorted(self._pres_watch[user]):
+                    self._send(conn, entry, out)
+
+    def set_presence_privacy(self, user: str, hide_last_seen: bool, now: int, *, ref: int = 0) -> list[Command]:
+        """Control plane: set ``user``'s last-seen privacy (durable, an op
+        of the next batch); AdminDone(ref, PresencePrivacySet | Rejected)
+        once committed, and the user's devices and watchers are told as for
+        a client's PresencePrivacy."""
+        return self._admin(SetPresencePrivacy(user, hide_last_seen), ref, now)
+
+    def presence(self, user: str) -> tuple[bool, int]:
+        """Embedding API: (online on this node, last seen µs or 0 if unknown
+        here) of ``user``, ignoring privacy (the host sees everything)."""
+        if user in self._online:
+            return True, 0
+        return False, self._pres_seen.get(user, 0)
+
     _handlers: dict[type, Callable[..., None]] = {
         F.SendReq: _on_send,
+        F.AmendReq: _on_amend,
         F.PushAck: _on_push_ack,
         F.Read: _on_read,
         F.HistoryReq: _on_history,
         F.ReadersReq: _on_readers,
+        F.ConvListReq: _on_conv_list,
+        F.ConvSetReq: _on_conv_set,
         F.CalibrateReq: _on_calibrate,
         F.Ping: _on_ping,
         F.Pong: _on_pong,
         F.Close: _on_close,
         F.Login: _on_login_again,
+        F.Typing: _on_typing,
+        F.PresenceSub: _on_presence_sub,
+        F.PresencePrivacy: _on_presence_privacy,
     }
 
     # ------------------------------------------------------------ plumbing
@@ -1982,7 +2932,22 @@ class Broker:
         c.held += len(data) + _FRAME_OVERHEAD
         if c.held > self.config.max_outbound:
             self._slow.append(c)
-        out.append(SendData(conn, data))
+        out.append(_send_data(conn, data))
+
+    def _send_many(self, conn: int, frames: Sequence[F.Frame], out: list[Command]) -> None:
+        """:meth:`_send` of several frames as one SendData (one encode call)."""
+        c = self._conns.get(conn)
+        if c is None:
+            return
+        if c.held > self.config.max_outbound:
+            return  # over the hard limit: closed as a slow consumer (_maybe_commit)
+        self._stats["frames_out"] += len(frames)
+        data = c.session.send_many(frames)
+        c.chunks.append(len(data))
+        c.held += len(data) + _FRAME_OVERHEAD
+        if c.held > self.config.max_outbound:
+            self._slow.append(c)
+        out.append(_send_data(conn, data))
 
     def _error(self, conn: int, code: ErrorCode, ref: int, reason: str, out: list[Command]) -> None:
         if conn in self._conns:
@@ -1997,6 +2962,7 @@ class Broker:
         if c is None:
             return
         c.backlog.clear()
+        self._ephemeral_forget(c)
         if c.waiting:
             # A hook's answer still to come is ignored (a content check's
             # message was never proposed: the client retries it).  A login
@@ -2035,6 +3001,8 @@ class Broker:
         entry point ends here, so this is also where connections that went
         past max_outbound while frames were being built are closed (not in
         _send: its callers may be iterating over the online devices)."""
+        if self._pres_dirty or self._pres_recheck:
+            self._flush_presence(out)
         if self._slow:
             slow, self._slow = self._slow, []
             for c in slow:

@@ -35,6 +35,7 @@ from .auth import JwtAuthenticator, issue_token, load_or_create_secret
 from .core import Authenticator, ContentFilter, Identity
 from .config import ConfigError, ServeSettings, load_settings
 from .errors import ErrorCode, PimError, StoreError
+from .frames import MessageKind
 from .ids import SYSTEM, conversation_problem, id_problem
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
@@ -51,15 +52,21 @@ from .store.base import (
     ReadDevices,
     ReadHistory,
     ReadOp,
+    ReadPresence,
+    PresencePage,
+    PresencePrivacySet,
     Rejected,
     SessionLoaded,
     StoredMessage,
     StoreRequest,
+    Purged,
+    ReadRetention,
+    RetentionState,
 )
 
 __all__ = [
-    "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ReadPositions", "DevicePosition",
-    "HostEvent", "EventStream", "SYSTEM", "EventsDisabled",
+    "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ConversationListPage", "ReadPositions", "DevicePosition",
+    "HostEvent", "EventStream", "SYSTEM", "EventsDisabled", "UserPresence", "Retention", "Purged",
 ]
 
 _log = logging.getLogger("pimcore.net")
@@ -131,6 +138,17 @@ class Conversation:
 
 
 @dataclass(frozen=True, slots=True)
+class ConversationListPage:
+    """A page of :meth:`Pimcore.conversation_list`: ``entries``
+    (:class:`~pimcore.store.base.ConversationEntry`) in list order,
+    ``cursor`` for the next page (opaque bytes), ``more``."""
+
+    entries: list[Any]
+    cursor: bytes
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
 class HostEvent:
     """One host event (``open_pimcore(..., events=True)``; see the Events
     section of docs/EMBEDDING.md).  ``id``: gap-free u64, ascending, the
@@ -140,17 +158,23 @@ class HostEvent:
 
     * "message" -- a stored entry: ``conv``, ``seq``, ``msg_id``, ``sender``,
       ``device`` (the sender's), ``kind`` (frames.MessageKind: 0 a message,
-      1 JOINED, 2 LEFT), ``server_time``, ``local_id``, ``payload``,
+      1 JOINED, 2 LEFT, 3 RECALL, 4 EDIT, 5 DELETE), ``server_time``,
+      ``local_id``, ``payload`` (an EDIT's: the new payload),
       ``recipients`` (every user it was fanned out to, the sender included,
-      sorted) and ``offline_recipients`` (those of them with no device
+      sorted), ``offline_recipients`` (those of them with no device
       online on this broker when the event was handed to the host: the
-      push-notification hook);
+      push-notification hook), ``target`` (RECALL / EDIT / DELETE: the
+      seq of the message acted on), ``muted`` (recipients who muted the
+      conversation), ``mentioned`` (recipients the message mentions, the
+      sender never) and ``mention_all`` (it mentions everyone);
     * "read" -- ``user``'s read marker in ``conv`` moved to ``seq``
       (``unread`` left);
     * "online" / "offline" -- ``user``'s ``device`` logged in / its session
       ended (``code``: the CloseCode name, None if the connection was lost;
       ``reason``);
-    * "kicked" -- the host kicked ``user``'s ``device`` (``reason``).
+    * "kicked" -- the host kicked ``user``'s ``device`` (``reason``);
+    * "conversation" -- ``user`` changed their settings of ``conv``:
+      ``pinned``, ``hidden``, and ``muted`` = (``user``,) when muted.
     """
 
     id: int
@@ -171,6 +195,12 @@ class HostEvent:
     unread: int = 0
     code: Optional[str] = None
     reason: str = ""
+    target: int = 0
+    muted: tuple[str, ...] = ()
+    mentioned: tuple[str, ...] = ()
+    mention_all: bool = False
+    pinned: bool = False
+    hidden: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +211,21 @@ class DevicePosition:
     position: int  # the highest inbox position the device acked
     last_seen: int  # µs, its last login or ack
     online: bool  # connected to this broker now
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """:meth:`Pimcore.retention`: the conversation's own history retention
+    (None per field: it follows the broker default, ``[server]
+    history_max_age`` / ``history_max_count``; 0: no limit) -- ``max_age``
+    in µs, ``max_count`` in entries -- and its history floor: seqs <=
+    ``floor`` were removed by retention or a purge (history starts after
+    it; 0 if nothing was)."""
+
+    conv: str
+    max_age: Optional[int]
+    max_count: Optional[int]
+    floor: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +241,19 @@ class ReadPositions:
     devices: tuple[DevicePosition, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class UserPresence:
+    """:meth:`Pimcore.presence`: what the broker knows of ``user`` --
+    online on this broker now, the last time one of their devices was
+    heard from (µs; 0 while online or if never), and their "hide my
+    last-seen time" setting (the host sees the time regardless)."""
+
+    user: str
+    online: bool
+    last_seen: int
+    hide_last_seen: bool
+
+
 def _host_event(ev: StoredEvent, online: Callable[[str], list[str]]) -> HostEvent:
     d = json.loads(ev.data)
     type_ = d.pop("type", "")
@@ -204,6 +262,10 @@ def _host_event(ev: StoredEvent, online: Callable[[str], list[str]]) -> HostEven
         d["payload"] = base64.b64decode(d["payload"])
         d["recipients"] = tuple(d["recipients"])
         d["offline_recipients"] = tuple(u for u in d["recipients"] if not online(u))
+        d["muted"] = tuple(d.get("muted", ()))
+        d["mentioned"] = tuple(d.get("mentioned", ()))
+    elif type_ == "conversation":
+        d["muted"] = (d.get("user", ""),) if d.get("muted") else ()
     known = {k: v for k, v in d.items() if k in HostEvent.__dataclass_fields__ and k not in ("id", "type", "time")}
     return HostEvent(ev.id, type_, ev.time, **known)
 
@@ -338,6 +400,8 @@ class Pimcore:
         sender: str = SYSTEM,
         device: str = SYSTEM,
         idempotency_key: Union[str, bytes, None] = None,
+        mentions: Sequence[str] = (),
+        mention_all: bool = False,
     ) -> Posted:
         """Store ``payload`` in ``conv`` and deliver it like a client's
         message, once it is durable.  ``sender``/``device``: a member and one
@@ -353,14 +417,69 @@ class Pimcore:
         content filter, then the moderation webhook (``[moderation]``) --
         and is refused with REJECTED (and the reason) if they say no, or
         INTERNAL if they could not answer (retry with the same key).  A
-        system post is trusted: it is not checked."""
+        system post is trusted: it is not checked.
+
+        ``mentions`` (user ids) and ``mention_all`` mention members as a
+        client's send does (their mention counts, the event's
+        ``mentioned``); RequestRefused BAD_MENTION / TOO_MANY_MENTIONS."""
         refused = await self._check_post(conv, payload, sender, device, idempotency_key)
         if refused is not None:
             raise refused
         done = await self.server.host_call(
-            self.server.broker.post, conv, bytes(payload), sender=sender, device=device, key=idempotency_key
+            self.server.broker.post, conv, bytes(payload), sender=sender, device=device, key=idempotency_key,
+            mentions=tuple(mentions), mention_all=bool(mention_all),
         )
         result = _posted(conv, done, sender, device, idempotency_key)
+        if isinstance(result, PimError):
+            raise result
+        return result
+
+    async def recall(
+        self, conv: str, seq: int, *, sender: str = SYSTEM, device: str = SYSTEM,
+        idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
+        """Recall the message at ``seq`` of ``conv`` for everyone: a RECALL
+        entry is stored and delivered like a message, and no payload of it
+        is left in the store.  As the system (the default) any message, at
+        any age; as ``sender`` (with one of its devices) only that user's
+        own.  Returns the RECALL entry (``Posted.seq``).  Raises
+        RequestRefused (NO_SUCH_MESSAGE, NOT_SENDER, RECALLED, NOT_MEMBER,
+        UNKNOWN_CONVERSATION, BAD_REQUEST, DUPLICATE_CONFLICT), StoreError.
+        ``idempotency_key`` as for :meth:`post`."""
+        return await self._amend(conv, seq, MessageKind.RECALL, b"", sender, device, idempotency_key)
+
+    async def edit(
+        self, conv: str, seq: int, payload: bytes, *, sender: str = SYSTEM, device: str = SYSTEM,
+        idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
+        """Replace the payload of the message at ``seq`` of ``conv`` (an EDIT
+        entry, delivered like a message); as :meth:`recall` otherwise (an
+        edit as a user passes the content checks a post does)."""
+        return await self._amend(conv, seq, MessageKind.EDIT, bytes(payload), sender, device, idempotency_key)
+
+    async def delete_for(
+        self, user: str, conv: str, seq: int, *, device: str = "host",
+        idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
+        """Delete the message at ``seq`` of ``conv`` for ``user`` only (as
+        their DeleteReq would, from ``device``): their devices get a DELETE
+        entry (``Posted.seq`` 0) and history returns the message to them with
+        ``deleted`` set and no payload.  Raises RequestRefused
+        (NO_SUCH_MESSAGE, NOT_MEMBER, ...), StoreError."""
+        return await self._amend(conv, seq, MessageKind.DELETE, b"", user, device, idempotency_key)
+
+    async def _amend(
+        self, conv: str, seq: int, action: int, payload: bytes, sender: str, device: str,
+        key: Union[str, bytes, None],
+    ) -> Posted:
+        if action == MessageKind.EDIT:
+            refused = await self._check_post(conv, payload, sender, device, key)
+            if refused is not None:
+                raise refused
+        done = await self.server.host_call(
+            self.server.broker.amend, conv, seq, action, payload=payload, sender=sender, device=device, key=key
+        )
+        result = _posted(conv, done, sender, device, key)
         if isinstance(result, PimError):
             raise result
         return result
@@ -476,11 +595,121 @@ class Pimcore:
             raise RequestRefused(result.code, f"revoke {user!r}: {result.code.name}")
         return int(result.before)
 
+    # ------------------------------------------------------------ retention and purge
+
+    async def set_retention(self, conv: str, *, max_age: Optional[int] = None,
+                            max_count: Optional[int] = None) -> Retention:
+        """Set the history retention of ``conv`` (a group or a direct id),
+        stored with it: keep no entry older than ``max_age`` µs (by server
+        time) and at most the newest ``max_count`` entries.  Per field: None
+        = follow the broker default, 0 = no limit.  Applied at the next
+        reclaim (``BrokerConfig.reclaim_interval``, a minute by default):
+        removed entries take their inbox entries and dedupe records with
+        them.  Returns the setting now stored.  Raises RequestRefused
+        (BAD_REQUEST: a malformed id or a negative value;
+        UNKNOWN_CONVERSATION), StoreError."""
+        problem = conversation_problem(conv)
+        if problem is not None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"retention: {problem}")
+        limits = []
+        for value, what in ((max_age, "max_age"), (max_count, "max_count")):
+            if value is not None and (type(value) is not int or not 0 <= value < 1 << 63):
+                raise RequestRefused(ErrorCode.BAD_REQUEST,
+                                     f"retention of {conv!r}: {what} must be None or an integer 0..2^63-1, got {value!r}")
+            limits.append(-1 if value is None else value)
+        result = await self.server.host_call(self.server.broker.set_retention, conv, *limits)
+        if isinstance(result, Rejected):
+            if result.code is ErrorCode.STORE_UNAVAILABLE:
+                raise StoreError(f"retention of {conv!r} not stored: the store failed")
+            raise RequestRefused(result.code, f"retention of {conv!r}: {result.code.name}")
+        return await self.retention(conv)
+
+    async def retention(self, conv: str) -> Retention:
+        """The retention setting and history floor of ``conv``.  Raises
+        RequestRefused (BAD_REQUEST: a malformed id)."""
+        state = await self._read_one(ReadRetention(conv))
+        if isinstance(state, Rejected):
+            raise RequestRefused(state.code, f"retention: {conversation_problem(conv) or 'bad id'}")
+        assert isinstance(state, RetentionState)
+        return Retention(conv, None if state.max_age < 0 else state.max_age,
+                         None if state.max_count < 0 else state.max_count, state.floor)
+
+    async def purge_conversation(self, conv: str) -> Purged:
+        """Delete ``conv``: every stored entry (payloads included), their
+        inbox entries and dedupe records, every read marker and
+        conversation-list entry of it, its retention setting and, for a
+        group, the group itself (it answers UNKNOWN_CONVERSATION until
+        created again; seqs then continue after the purged ones).
+        Idempotent: purging again (or an id never used) removes nothing.
+        Returns Purged (``messages``: entries removed, ``entries``: inbox
+        entries removed).  Raises RequestRefused (BAD_REQUEST), StoreError."""
+        problem = conversation_problem(conv)
+        if problem is not None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"purge: {problem}")
+        _log.info("purge conversation=%s", conv, extra={"event": "purge", "conv": conv})
+        return self._purged(await self.server.host_call(self.server.broker.purge_conversation, conv), repr(conv))
+
+    async def purge_user(self, user: str) -> Purged:
+        """Delete all data of ``user``: their live sessions end now
+        (Close(KICKED)); they leave every group (a LEFT entry each, which
+        the members get); every message they sent becomes a tombstone (empty
+        payload; seq, sender and times stay, so conversations keep their
+        order); their dedupe records, inbox, devices, read markers and
+        conversation list are deleted; every token issued to them until now
+        is revoked (a token issued later logs in as a new user).
+        Idempotent.  Returns Purged (``messages``: tombstones made,
+        ``entries``: inbox entries removed, ``devices``, ``changes``: the
+        groups left).  Raises RequestRefused (BAD_REQUEST), StoreError."""
+        problem = id_problem(user, "user")
+        if problem is not None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"purge: {problem}")
+        _log.info("purge user=%s", user, extra={"event": "purge", "user": user})
+        return self._purged(await self.server.host_call(self.server.broker.purge_user, user), f"user {user!r}")
+
+    @staticmethod
+    def _purged(result: Any, what: str) -> Purged:
+        if isinstance(result, Rejected):
+            if result.code is ErrorCode.STORE_UNAVAILABLE:
+                raise StoreError(f"purge of {what} not done: the store failed")
+            raise RequestRefused(result.code, f"purge of {what}: {result.code.name}")
+        assert isinstance(result, Purged)
+        return result
+
     # ------------------------------------------------------------ reads
 
     def online_devices(self, user: str) -> list[str]:
         """The devices of ``user`` connected to this broker now, sorted."""
         return self.server.broker.online_devices(user)
+
+    async def presence(self, user: str) -> UserPresence:
+        """``user``'s presence as the host sees it (privacy aside): online
+        on this broker (presence is per node), last seen (the latest of
+        this broker's memory and the devices' stored last_seen), and the
+        user's privacy setting.  Raises RequestRefused (BAD_REQUEST) for an
+        invalid user id, StoreError."""
+        page = await self._read_one(ReadPresence(user, (user,)))
+        if isinstance(page, Rejected):
+            raise RequestRefused(page.code, f"invalid user id {user!r}")
+        assert isinstance(page, PresencePage)
+        online, seen = self.server.broker.presence(user)
+        last = 0 if online else max(seen, page.entries[0].last_seen)
+        return UserPresence(user, online, last, page.hide_last_seen)
+
+    async def set_presence_privacy(self, user: str, hide_last_seen: bool) -> bool:
+        """Set ``user``'s "hide my last-seen time" setting (durable; the
+        user's online devices and the users watching them are told, as for
+        the client's PresencePrivacy).  Returns the setting in force.
+        Raises RequestRefused (BAD_REQUEST) for an invalid user id,
+        StoreError if the store failed."""
+        if type(hide_last_seen) is not bool:
+            raise TypeError("hide_last_seen must be a bool")
+        result = await self.server.host_call(self.server.broker.set_presence_privacy, user, hide_last_seen)
+        if isinstance(result, Rejected):
+            if result.code is ErrorCode.STORE_UNAVAILABLE:
+                raise StoreError("presence setting not stored: the store failed")
+            raise RequestRefused(result.code, f"presence privacy of {user!r}: {result.code.name}")
+        assert isinstance(result, PresencePrivacySet)
+        return result.hide_last_seen
 
     async def conversations(self, user: str) -> list[Conversation]:
         """Every conversation of ``user`` with its read state, sorted by id."""
@@ -489,6 +718,53 @@ class Pimcore:
             raise RequestRefused(loaded.code, f"invalid user id {user!r}")
         assert isinstance(loaded, SessionLoaded)
         return [_conversation(c) for c in loaded.conversations]
+
+    async def conversation_list(
+        self, user: str, *, cursor: bytes = b"", limit: int = 50, include_hidden: bool = False
+    ) -> "ConversationListPage":
+        """A page of ``user``'s conversation list, as a client's ConvListReq
+        gets it (docs/PROTOCOL.md, *Conversation list*): pinned first, then
+        by the server time of the last entry (newest first), each a
+        :class:`~pimcore.store.base.ConversationEntry` (last message, read
+        marker, unread and mention counts, the user's pinned / muted /
+        hidden).  ``cursor``: b"" or the page's ``cursor`` for the next
+        one.  Raises RequestRefused (BAD_REQUEST, BAD_CURSOR), StoreError."""
+        from .store.base import ConversationsPage, ReadConversations, conversation_cursor
+
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"limit must be 1..1000, got {limit!r}")
+        page = await self._read_one(ReadConversations(user, bytes(cursor), limit, bool(include_hidden)))
+        assert isinstance(page, (ConversationsPage, Rejected))
+        if page.code != ErrorCode.OK:
+            raise RequestRefused(page.code, f"conversation list of {user!r}: {page.code.name}")
+        entries = list(page.entries)  # type: ignore[union-attr]
+        cursor_out = conversation_cursor(entries[-1]) if entries else bytes(cursor)
+        return ConversationListPage(entries, cursor_out, page.more)  # type: ignore[union-attr]
+
+    async def set_conversation(
+        self, user: str, conv: str, *, pinned: Optional[bool] = None, muted: Optional[bool] = None,
+        hidden: Optional[bool] = None,
+    ) -> Any:
+        """Change ``user``'s own settings of ``conv`` (None = unchanged), as
+        one of their devices would; their online devices get a ConvUpdate.
+        Returns the entry after the change
+        (:class:`~pimcore.store.base.ConversationEntry`).  Raises
+        RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION, NOT_MEMBER),
+        StoreError if the store failed."""
+        from .store.base import ConversationSet
+
+        def v(x: Optional[bool]) -> int:
+            return 0 if x is None else (1 if x else 2)
+
+        result = await self.server.host_call(
+            self.server.broker.set_conversation, user, conv, pinned=v(pinned), muted=v(muted), hidden=v(hidden)
+        )
+        if isinstance(result, Rejected):
+            if result.code is ErrorCode.STORE_UNAVAILABLE:
+                raise StoreError(f"settings of {conv!r} for {user!r} not changed: the store failed")
+            raise RequestRefused(result.code, f"settings of {conv!r} for {user!r}: {result.code.name}")
+        assert isinstance(result, ConversationSet)
+        return result.entry
 
     async def unread(self, user: str, conv: Optional[str] = None) -> int:
         """Exact number of messages from others in ``conv`` after ``user``'s

@@ -42,9 +42,22 @@ class ErrorCode(IntEnum):
     RATE_LIMITED = 26
     REJECTED = 27
     ALREADY_EXISTS = 28  # group admin: the group id is taken
+    # -- mentions and the conversation list (issue 14b) --
+    TOO_MANY_MENTIONS = 45  # SendReq.mentions longer than Limits.max_mentions
+    BAD_MENTION = 46  # a SendReq.mentions entry is not a valid user id
+    BAD_CURSOR = 47  # ConvListReq.cursor is not one the broker gave
+    # -- typing and presence (issue 14 part 3) --
+    PRESENCE_LIMIT = 48  # a PresenceSub names more users than the broker allows
+    TYPING_NOT_RELAYED = 49  # typing is not relayed in this conversation (too many members)
     # -- server side; the client should retry later with the same local id --
     STORE_UNAVAILABLE = 30
     INTERNAL = 31
+    # Recall, edit, delete (AmendReq; issue 14 part 1).
+    NO_SUCH_MESSAGE = 40  # the target seq is not a message the user may see in the conversation
+    NOT_SENDER = 41  # only the message's sender (or the host) may recall or edit it
+    TOO_LATE = 42  # the time window for this action has passed
+    RECALLED = 43  # the message was recalled: nothing left to edit or recall
+    BAD_ACTION = 44  # AmendReq.action is not RECALL, EDIT or DELETE
 
 
 class CloseCode(IntEnum):

@@ -49,7 +49,25 @@ __all__ = [
     "ReadersReq",
     "Reader",
     "ReadersResp",
+    "AmendReq",
+    "Mention",
+    "ConvEntry",
+    "ConvListReq",
+    "ConvListResp",
+    "ConvSetReq",
+    "ConvSetResp",
+    "ConvUpdate",
+    "SETTING_KEEP",
+    "SETTING_ON",
+    "SETTING_OFF",
     "MessageKind",
+    "Typing",
+    "PresenceUser",
+    "PresenceSub",
+    "PresenceEntry",
+    "Presence",
+    "PresencePrivacy",
+    "PresenceState",
     "Ping",
     "Pong",
     "Error",
@@ -60,8 +78,10 @@ __all__ = [
 
 #: In the high nibble of every frame's head byte.  2 added the store epoch
 #: (Login/LoginAck), causality (SendReq/Message.after_seq, Message.local_id),
-#: membership entries (Message.kind) and ReadersReq/ReadersResp.
-PROTOCOL_VERSION = 2
+#: membership entries (Message.kind) and ReadersReq/ReadersResp.  3 added the
+#: IM features of issue 14 (recall, edit, delete; conversation list; typing
+#: and presence; mentions).
+PROTOCOL_VERSION = 3
 
 #: Capability bits exchanged in Login.caps / LoginAck.caps.
 CAP_ZSTD = 1 << 0
@@ -93,6 +113,18 @@ class FrameType(IntEnum):
     CLOSE = 0x11
     READERS_REQ = 0x12
     READERS_RESP = 0x13
+    AMEND_REQ = 0x14
+    # conversation list and per-user settings (issue 14 part 2)
+    CONV_LIST_REQ = 0x16
+    CONV_LIST_RESP = 0x17
+    CONV_SET_REQ = 0x18
+    CONV_SET_RESP = 0x19
+    CONV_UPDATE = 0x1A
+    # 0x1C..0x1F: typing and presence (issue 14 part 3)
+    TYPING = 0x1C
+    PRESENCE_SUB = 0x1D
+    PRESENCE = 0x1E
+    PRESENCE_PRIVACY = 0x1F
 
 
 class MessageKind(IntEnum):
@@ -105,6 +137,16 @@ class MessageKind(IntEnum):
     JOINED = 1
     #: ``sender`` left or was removed at this seq (payload as for JOINED).
     LEFT = 2
+    #: ``sender`` (or the host: empty sender) recalled the message at seq
+    #: ``target``; its payload is gone for good (payload empty).
+    RECALL = 3
+    #: ``sender`` (or the host) replaced the payload of the message at seq
+    #: ``target``; payload: the message's payload now (the latest edit).
+    EDIT = 4
+    #: ``sender`` deleted the message at seq ``target`` for themselves: seq
+    #: 0 (not an entry of the conversation), delivered only to the sender's
+    #: own devices, in their inbox order (payload empty).
+    DELETE = 5
 
 
 # --------------------------------------------------------------- session
@@ -183,6 +225,13 @@ class CalibrateResp:
 
 
 @dataclass(frozen=True, slots=True)
+class Mention:
+    """One mentioned user (SendReq.mentions, Message.mentions)."""
+
+    user: str  # t
+
+
+@dataclass(frozen=True, slots=True)
 class SendReq:
     """Client -> broker.  ``local_id`` is chosen by the client, unique per device
     and increasing in send order; a retry MUST reuse it (that is what makes
@@ -197,6 +246,13 @@ class SendReq:
     client_time: int  # s
     payload: bytes  # b
     after_seq: int = 0  # u
+    #: Users the message mentions (metadata outside the opaque payload; at
+    #: most Limits.max_mentions, each a valid user id, else the SendAck
+    #: says TOO_MANY_MENTIONS / BAD_MENTION).  Mentioned users who are not
+    #: members of ``conv`` are ignored (they get nothing).
+    mentions: tuple[Mention, ...] = ()  # [Mention]
+    #: The message mentions everyone: every member but the sender.
+    mention_all: bool = False  # ?
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +294,19 @@ class Message:
     kind: int = 0  # u   MessageKind
     local_id: int = 0  # u
     after_seq: int = 0  # u
+    #: RECALL / EDIT / DELETE: the seq of the message it acts on; else 0.
+    target: int = 0  # u
+    #: MESSAGE: server time (µs) of its latest edit, 0 = never edited.
+    edited: int = 0  # u
+    #: MESSAGE: recalled (a tombstone: payload empty).
+    recalled: bool = False  # ?
+    #: MESSAGE, in HistoryResp only: the asking user deleted it for
+    #: themselves (payload empty).
+    deleted: bool = False  # ?
+    #: SendReq.mentions / mention_all as stored (sorted, no duplicates, the
+    #: sender left out).
+    mentions: tuple[Mention, ...] = ()  # [Mention]
+    mention_all: bool = False  # ?
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +426,188 @@ class ReadersResp:
     readers: tuple[Reader, ...]  # [Reader]
 
 
+@dataclass(frozen=True, slots=True)
+class AmendReq:
+    """Client -> broker: recall, edit or delete-for-self the message at seq
+    ``target`` of ``conv`` (``action``: MessageKind RECALL, EDIT or DELETE).
+    ``payload`` is the new payload of an EDIT (empty otherwise).  Like a
+    SendReq: ``local_id`` from the same sequence as the device's SendReqs (a
+    retry reuses it), answered by one SendAck once the entry is durable
+    (``seq`` 0 for a DELETE, which takes no seq of the conversation)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.AMEND_REQ
+    local_id: int  # u
+    conv: str  # t
+    target: int  # u
+    action: int  # u   MessageKind RECALL, EDIT or DELETE
+    client_time: int  # s
+    payload: bytes = b""  # b
+# --------------------------------------------------------------- conversation list
+
+#: ConvSetReq values of ``pinned`` / ``muted`` / ``hidden``.
+SETTING_KEEP = 0
+SETTING_ON = 1
+SETTING_OFF = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ConvEntry:
+    """One conversation of the user's conversation list.
+
+    ``last`` holds the last entry of the conversation the user may see (0 or
+    1 Message, position 0; empty while the conversation has none).  The list
+    is ordered pinned first, then by the server time of ``last`` (newest
+    first), then by ``conv``.  ``mention_count``: messages after the read
+    marker that mention the user (by id or everyone).  ``hidden``: hidden
+    until the next entry of the conversation (ConvSetReq)."""
+
+    conv: str  # t
+    last: tuple[Message, ...]  # [Message]   0 or 1
+    read_seq: int  # u
+    last_seq: int  # u   the last seq the user may see
+    unread: int  # u
+    mention_count: int  # u
+    pinned: bool  # ?
+    muted: bool  # ?
+    hidden: bool  # ?
+
+
+@dataclass(frozen=True, slots=True)
+class ConvListReq:
+    """Client -> broker: a page of the user's conversation list.  ``cursor``
+    is empty for the first page, else ConvListResp.cursor of the previous
+    page (opaque).  Hidden conversations are left out unless
+    ``include_hidden``."""
+
+    TYPE: ClassVar[FrameType] = FrameType.CONV_LIST_REQ
+    req_id: int  # u
+    cursor: bytes  # b
+    limit: int  # u
+    include_hidden: bool  # ?
+
+
+@dataclass(frozen=True, slots=True)
+class ConvListResp:
+    """Broker -> client: the page; ``cursor`` names its last entry (pass it
+    to get the next page), ``more`` says whether there is one.  A malformed
+    cursor: ``code`` BAD_CURSOR and no entries."""
+
+    TYPE: ClassVar[FrameType] = FrameType.CONV_LIST_RESP
+    req_id: int  # u
+    code: int  # u   ErrorCode
+    entries: tuple[ConvEntry, ...]  # [ConvEntry]
+    cursor: bytes  # b
+    more: bool  # ?
+
+
+@dataclass(frozen=True, slots=True)
+class ConvSetReq:
+    """Client -> broker: change the user's settings of ``conv`` (every one
+    SETTING_KEEP, SETTING_ON or SETTING_OFF).  ``hidden`` ON hides the
+    conversation until its next entry.  Answered with ConvSetResp; when
+    something changed every device of the user gets a ConvUpdate."""
+
+    TYPE: ClassVar[FrameType] = FrameType.CONV_SET_REQ
+    req_id: int  # u
+    conv: str  # t
+    pinned: int  # u
+    muted: int  # u
+    hidden: int  # u
+
+
+@dataclass(frozen=True, slots=True)
+class ConvSetResp:
+    TYPE: ClassVar[FrameType] = FrameType.CONV_SET_RESP
+    req_id: int  # u
+    conv: str  # t
+    code: int  # u   ErrorCode
+
+
+@dataclass(frozen=True, slots=True)
+class ConvUpdate:
+    """Broker -> every device of the user: these conversation-list entries
+    changed (settings changed, or the read marker moved).  A new entry in a
+    conversation is learned from its Push instead."""
+
+    TYPE: ClassVar[FrameType] = FrameType.CONV_UPDATE
+    entries: tuple[ConvEntry, ...]  # [ConvEntry]
+
+
+# --------------------------------------------------------------- typing and presence
+# Ephemeral signals: nothing here is stored (but the PresencePrivacy setting).
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    """Both directions.  Client -> broker: this user is typing in ``conv``
+    (``active``) or stopped; ``user`` and ``ttl_ms`` are sent empty / 0 and
+    ignored.  Broker -> the other members' online devices: ``user`` is
+    typing in ``conv``; the indicator expires by itself ``ttl_ms`` ms after
+    this frame arrived unless another Typing refreshes it (``active`` false:
+    stopped, ``ttl_ms`` 0).  Never stored, never acknowledged."""
+
+    TYPE: ClassVar[FrameType] = FrameType.TYPING
+    conv: str  # t
+    active: bool  # ?
+    user: str = ""  # t
+    ttl_ms: int = 0  # u
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceUser:
+    user: str  # t
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceSub:
+    """Client -> broker: replace this connection's presence subscription by
+    ``users`` (empty: unsubscribe).  Answered by Presence(req_id)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.PRESENCE_SUB
+    req_id: int  # u
+    users: tuple[PresenceUser, ...]  # [PresenceUser]
+
+
+class PresenceState(IntEnum):
+    """``PresenceEntry.state``."""
+
+    #: Not visible to the subscriber (shares no conversation with them).
+    UNKNOWN = 0
+    OFFLINE = 1
+    ONLINE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceEntry:
+    user: str  # t
+    state: int  # u   PresenceState
+    last_seen: int  # u   µs server time the user was last online; 0 = hidden or unknown
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Broker -> client.  The answer to PresenceSub ``req_id`` (every user
+    asked for, in the order asked) or, with ``req_id`` 0, changes of
+    subscribed users.  ``code`` non-zero: the subscription was refused and
+    left as it was (``entries`` empty)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.PRESENCE
+    req_id: int  # u
+    code: int  # u   ErrorCode
+    entries: tuple[PresenceEntry, ...]  # [PresenceEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class PresencePrivacy:
+    """Both directions: the user's durable "hide my last-seen time" setting.
+    Client -> broker: ``mode`` 0 asks, 1 shows, 2 hides.  Broker -> client:
+    the current setting (1 or 2), to the asking connection once durable and,
+    after a change, to the user's other online devices."""
+
+    TYPE: ClassVar[FrameType] = FrameType.PRESENCE_PRIVACY
+    mode: int  # u
+
+
 # --------------------------------------------------------------- control
 
 
@@ -408,6 +659,16 @@ Frame = Union[
     HistoryResp,
     ReadersReq,
     ReadersResp,
+    AmendReq,
+    ConvListReq,
+    ConvListResp,
+    ConvSetReq,
+    ConvSetResp,
+    ConvUpdate,
+    Typing,
+    PresenceSub,
+    Presence,
+    PresencePrivacy,
     Ping,
     Pong,
     Error,
@@ -433,6 +694,16 @@ FRAME_CLASSES: dict[int, type] = {
         HistoryResp,
         ReadersReq,
         ReadersResp,
+        AmendReq,
+        ConvListReq,
+        ConvListResp,
+        ConvSetReq,
+        ConvSetResp,
+        ConvUpdate,
+        Typing,
+        PresenceSub,
+        Presence,
+        PresencePrivacy,
         Ping,
         Pong,
         Error,

@@ -20,9 +20,22 @@ Why it is built this way
   existing broker instead.
 * **Raw frames, not the SDK.**  The SDK does much per-message bookkeeping
   (retries, local view, events) that a load generator does not need; here a
-  connection is one trio task that decodes frames with the codec, keeps
-  ``window`` SendReqs in flight and answers each chunk of reads with one write
-  (new SendReqs plus one cumulative PushAck).
+  connection keeps ``window`` SendReqs in flight and answers each chunk of
+  reads with one write (new SendReqs plus one cumulative PushAck).
+* **A generator in C by default.**  ``bench/loadgen.c`` (one thread, epoll,
+  nonblocking sockets; built with ``cc`` into ``~/.cache/pimcore`` on first
+  use) spends about 1 µs of CPU per message, so it can drive Redis at 250,000
+  XADDs/s; the trio generator (one task per connection, the codec) spends
+  ~15 µs and stays as the fallback when there is no compiler, and for
+  ``--procs`` and ``--zstd``.  The Python side issues the tokens and hands
+  the C side a plan (one line per connection).
+* **Side by side** (``--compare redis``): the same shape against a
+  ``redis-server`` it starts (``appendfsync always``: fsync before each reply,
+  like durability sync), XADD through the C generator's RESP mode,
+  alternating with the pimcore run for N rounds; medians and ratios.
+* **What limited the run** is stated: the generator's CPU, the server's CPU
+  (one core), fsync wait (the broker's commits -- fsync included, run on its
+  event loop -- filled most of the time; from its exit line) or round trips.
 * **Timestamps travel in the payload** (its first 8 bytes are the sender's
   ``CLOCK_MONOTONIC`` in ns), so send->delivery latency is measured at the
   receiver even when it is in another generator process.
@@ -56,7 +69,8 @@ from ._util import BaseExceptionGroup, first_leaf
 from .codec import Decoder, encode_frame
 from .errors import CloseCode, ErrorCode
 
-__all__ = ["BenchConfig", "BenchResult", "run_bench", "format_result", "BrokerProcess", "BenchError"]
+__all__ = ["BenchConfig", "BenchResult", "run_bench", "format_result", "BrokerProcess", "BenchError", "SHAPES",
+           "c_generator", "RedisProcess", "run_redis", "run_compare", "format_compare"]
 
 GROUP_ID = "bench-group"
 _NS = 1_000_000_000
@@ -90,10 +104,19 @@ class BenchConfig:
     zstd: bool = False  # negotiate compression
     drain: float = 10.0  # seconds to wait for outstanding acks/deliveries
     progress: bool = True
+    # "auto": the one-thread C generator (bench/loadgen.c, built with cc on
+    # first use) when it can run this shape, else the trio one; "c" or "python"
+    # to insist.  The C one spends ~1 µs of CPU per message, the trio one ~15.
+    generator: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in ("direct", "group"):
             raise ValueError("mode must be 'direct' or 'group'")
+        if self.generator not in ("auto", "c", "python"):
+            raise ValueError("generator must be 'auto', 'c' or 'python'")
+        if self.generator == "c" and (self.procs > 1 or self.zstd):
+            raise ValueError("the C generator runs one process without compression: drop --procs/--zstd or use"
+                             " --generator python")
         if self.conns < 0 or self.idle < 0 or (self.conns == 0 and self.idle == 0):
             raise ValueError("need conns >= 1 or idle >= 1")
         if self.window < 1:
@@ -158,6 +181,22 @@ def _proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _proc_cpu_wait(pid: int) -> Optional[float]:
+    """Seconds the process's threads spent runnable, waiting for a CPU
+    (the second field of /proc/<pid>/task/*/schedstat); None without it."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # a thread that just ended
+    except OSError:
+        return None
+    return total / 1e9
+
+
 def _proc_memory(pid: int) -> dict[str, int]:
     out = {}
     with open(f"/proc/{pid}/status") as f:
@@ -183,6 +222,9 @@ class BrokerProcess:
         self.url = ""
         self.proc: Optional[subprocess.Popen[str]] = None
         self.backend = ""
+        # From the broker's last line at a graceful exit ("served N connections:
+        # M messages stored in B batches (... S s committing)"); empty if absent.
+        self.final: dict[str, float] = {}
 
     @property
     def pid(self) -> int:
@@ -246,8 +288,22 @@ class BrokerProcess:
                 self.proc.kill()
                 self.proc.wait()
         if self.proc is not None and self.proc.stdout is not None:
+            try:
+                self.final = _parse_served(self.proc.stdout.read())
+            except (OSError, ValueError):
+                pass
             self.proc.stdout.close()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def _parse_served(text: str) -> dict[str, float]:
+    """The counts in ``pimcore serve``'s exit line (see cli._cmd_serve)."""
+    import re
+
+    m = re.search(r"served (\d+) connections: (\d+) messages stored in (\d+) batches .*?([\d.]+) s committing", text)
+    if not m:
+        return {}
+    return {"messages_stored": int(m.group(2)), "batches": int(m.group(3)), "commit_seconds": float(m.group(4))}
 
 
 def _die_with_parent() -> None:
@@ -725,6 +781,21 @@ class BenchResult:
     broker_bytes_per_connection: Optional[float] = None
     ack_histogram: list[tuple[float, int]] = field(default_factory=list)
     delivery_histogram: list[tuple[float, int]] = field(default_factory=list)
+    peer: str = "pimcore"  # or "redis" (run_redis)
+    generator: str = "python"  # "c" (bench/loadgen.c) or "python" (trio)
+    generator_note: str = ""  # why the trio generator ran when "auto" was asked
+    # From the broker's exit line (brokers this tool started): time in write
+    # requests, fsync included, and the group commit's batches.
+    broker_commit_seconds: Optional[float] = None
+    broker_batches: Optional[int] = None
+    broker_messages_stored: Optional[int] = None
+    limit: str = ""  # what limited the run, in words (_diagnose)
+    # Time the server was runnable but waiting for a CPU (other processes on
+    # its core), as a fraction of the run (/proc/<pid>/task/*/schedstat).
+    broker_cpu_wait: Optional[float] = None
+    # The generators' CPU (all processes) per message sent, µs: what it costs
+    # to drive the server; 1e6 / this is the most one core of it can drive.
+    generator_cpu_us_per_msg: Optional[float] = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -734,13 +805,21 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     """Run one benchmark as configured; see the module docstring."""
     if cfg.url is None:
         with BrokerProcess(cfg) as broker:
-            return _run_against(cfg, broker.url, broker.secret, broker.pid, broker.backend)
+            res = _run_against(cfg, broker.url, broker.secret, broker.pid, broker.backend)
+        if broker.final:
+            res.broker_commit_seconds = broker.final["commit_seconds"]
+            res.broker_batches = int(broker.final["batches"])
+            res.broker_messages_stored = int(broker.final["messages_stored"])
+        res.limit = _diagnose(res)
+        return res
     if cfg.mode == "group":
         if cfg.data_dir is None:
             raise BenchError("group mode against --url needs --data-dir (to create the bench group)")
         _create_group(os.path.join(cfg.data_dir, "store"), cfg.group_size, "sync")
     assert cfg.secret is not None
-    return _run_against(cfg, cfg.url, cfg.secret, None, "")
+    res = _run_against(cfg, cfg.url, cfg.secret, None, "")
+    res.limit = _diagnose(res)
+    return res
 
 
 def _run_against(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], backend: str) -> BenchResult:
@@ -753,11 +832,26 @@ def _run_against(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], ba
 
     def sample(name: str) -> None:
         if pid is not None:
-            samples[name] = (_proc_cpu_seconds(pid), _proc_memory(pid), time.monotonic())
+            samples[name] = (_proc_cpu_seconds(pid), _proc_memory(pid), time.monotonic(), _proc_cpu_wait(pid))
 
     sample("start")
 
-    if cfg.procs == 1:
+    exe, note = _generator_for(cfg)
+    if exe is not None:
+        from .auth import issue_token
+        from .net.streams import parse_url
+
+        ep = parse_url(url)
+        if ep.scheme != "tcp":
+            raise BenchError("the load generator speaks raw frames over tcp:// only")
+        lines = [
+            f"{int(r.send_to is not None)} {int(r.receives)} {r.quota} {r.send_to or '-'}"
+            f" {issue_token(secret, r.user, ttl=24 * 3600)}"
+            for r in [r for unit in units for r in unit] + idle
+        ]
+        results = [_run_c(cfg, exe, "pim", ep.host, ep.port, lines, _expected_deliveries(cfg, 1, cfg.conns),
+                          lambda: sample("ready"), lambda: sample("done"))]
+    elif cfg.procs == 1:
         roles = [r for unit in units for r in unit]
         control = _LocalControl(cfg, lambda: sample("ready"), lambda: sample("done"))
         results = [_run_trio(cfg, url, secret, roles, idle, control)]
@@ -802,9 +896,16 @@ def _run_against(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], ba
         login_seconds=max(r["connect_seconds"] for r in results),
         ack_histogram=_histogram_buckets(ack_lat),
         delivery_histogram=_histogram_buckets(del_lat),
+        generator="c" if exe is not None else "python",
+        generator_note=note,
     )
+    sent_all = sum(r["sent"] for r in results)
+    if sent_all:
+        res.generator_cpu_us_per_msg = sum(r["cpu"] for r in results) / sent_all * 1e6
     if "ready" in samples and "done" in samples:
-        (cpu0, _, t0), (cpu1, mem, t1) = samples["ready"], samples["done"]
+        (cpu0, _, t0, w0), (cpu1, mem, t1, w1) = samples["ready"], samples["done"]
+        if w0 is not None and w1 is not None:
+            res.broker_cpu_wait = (w1 - w0) / max(t1 - t0, 1e-9)
         # From go to done: the warm-up and the drain are inside, so divide
         # by everything sent, not only the measured sends.
         sent = sum(r["sent"] for r in results)
@@ -869,6 +970,590 @@ def _run_procs(cfg: BenchConfig, url: str, secret: str, units: list[list[_Role]]
                 p.kill()
 
 
+# ---------------------------------------------------------------- the C generator
+
+#: Named shapes of issue 13's table: (conns, window, recipients online).
+SHAPES: dict[str, tuple[int, int, bool]] = {
+    "1x1": (1, 1, False),  # latency: one send at a time, p50 send->SendAck
+    "1x64": (1, 64, False),  # one pipelined connection
+    "50x16": (50, 16, False),  # throughput, broker CPU per send
+    "e2e-1x64": (1, 64, True),  # end to end: a recipient that acks every push
+}
+
+_C_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "loadgen.c")
+
+
+def c_generator() -> tuple[Optional[str], str]:
+    """(path of the built C generator, "") or (None, why not).
+
+    Built from bench/loadgen.c with ``$CC`` or ``cc`` into
+    ``$XDG_CACHE_HOME/pimcore`` (default ``~/.cache/pimcore``) on first use,
+    named after the source's hash, so an edited source is rebuilt; never
+    installed or committed as a binary."""
+    import hashlib
+
+    if not os.path.exists(_C_SOURCE):
+        return None, f"no C generator source at {_C_SOURCE} (pimcore installed without its source tree)"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None, "no C compiler (cc) for the C load generator: apt-get install gcc"
+    with open(_C_SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read() + cc.encode()).hexdigest()[:16]
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pimcore")
+    exe = os.path.join(cache, f"loadgen-{digest}")
+    if os.path.exists(exe):
+        return exe, ""
+    try:
+        os.makedirs(cache, exist_ok=True)
+        tmp = f"{exe}.{os.getpid()}.tmp"
+        try:
+            done = subprocess.run([cc, "-O2", "-o", tmp, _C_SOURCE], capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                return None, f"the C load generator did not build with {cc}:\n{done.stderr.strip()}"
+            os.replace(tmp, exe)  # atomic: concurrent builds are harmless
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"the C load generator did not build with {cc}: {exc}"
+    return exe, ""
+
+
+def _generator_for(cfg: BenchConfig) -> tuple[Optional[str], str]:
+    """(C generator path or None, note for the report)."""
+    if cfg.generator == "python" or cfg.conns == 0:  # idle-only runs: the trio generator holds them for `hold`
+        return None, ""
+    if cfg.procs > 1 or cfg.zstd:
+        return None, "the C generator runs one process without compression (--procs/--zstd): trio generator"
+    exe, why = c_generator()
+    if exe is None:
+        if cfg.generator == "c":
+            raise BenchError(why)
+        return None, why + "; falling back to the trio generator (its CPU may limit the run)"
+    return exe, ""
+
+
+def _run_c(cfg: BenchConfig, exe: str, proto: str, host: str, port: int, plan: list[str], del_per_ack: int,
+           on_ready: Any, on_done: Any) -> dict[str, Any]:
+    """Run bench/loadgen.c over ``plan`` (one line per connection, see its
+    header) and return the same dict as a trio worker."""
+    with tempfile.TemporaryDirectory(prefix="pimcore-loadgen-") as tmp:
+        plan_path, ack_path, del_path = (os.path.join(tmp, n) for n in ("plan", "ack", "del"))
+        with open(plan_path, "w") as f:
+            f.write("\n".join(plan) + "\n")
+        timed = cfg.count is None
+        args = [exe, proto, host, str(port), plan_path, str(cfg.window), str(cfg.size),
+                str(cfg.warmup if timed else 0), str(cfg.duration if timed else 0), str(cfg.drain),
+                str(del_per_ack), ack_path, del_path]  # fmt: skip
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out: dict[str, Any] = {}
+        bar = cfg.progress
+        go = 0.0
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            for line in proc.stdout:
+                if line.startswith("p "):
+                    if bar:
+                        _c_progress(cfg, line, time.monotonic() - go)
+                elif line == "ready\n":
+                    on_ready()
+                    go = time.monotonic()
+                elif line == "done\n":
+                    if bar:
+                        sys.stderr.write("\r" + " " * 100 + "\r")
+                        sys.stderr.flush()
+                    on_done()
+                elif line.startswith("{"):
+                    out = json.loads(line)
+            err = proc.stderr.read()
+            proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode == 3:
+            what = "broker" if proto == "pim" else "redis-server"
+            raise BenchError(f"cannot reach the {what} at {host}:{port}: {err.strip().split(': ', 2)[-1]}")
+        if proc.returncode != 0 or not out:
+            raise BenchError(f"the C load generator failed (exit {proc.returncode}): {err.strip()}")
+        with open(ack_path, "rb") as f:
+            out["ack_lat"] = f.read()
+        with open(del_path, "rb") as f:
+            out["del_lat"] = f.read()
+    errors: dict[str, int] = {}
+    closes: dict[str, int] = {}
+    for code, n in out.pop("ack_codes").items():
+        name = ErrorCode(int(code)).name if proto == "pim" and int(code) in _ERROR_CODES else f"code {code}"
+        errors[name] = errors.get(name, 0) + n
+    for code, n in out.pop("error_codes").items():
+        name = ErrorCode(int(code)).name if proto == "pim" and int(code) in _ERROR_CODES else code
+        key = f"Error {name}" if proto == "pim" else "error reply"
+        errors[key] = errors.get(key, 0) + n
+    for code, n in out.pop("close_codes").items():
+        closes[CloseCode(int(code)).name if int(code) in _CLOSE_CODES else code] = n
+    for key, name in (("unexpected_acks", "unexpected SendAck"), ("closed_by_peer", "connection closed by broker"),
+                      ("connection_errors", "connection error"), ("unanswered", "unanswered at the end")):
+        if out.get(key):
+            errors[name] = out[key]
+    out["errors"] = errors
+    out["closes"] = closes
+    return out
+
+
+_ERROR_CODES = frozenset(int(c) for c in ErrorCode)
+
+
+def _c_progress(cfg: BenchConfig, line: str, elapsed: float) -> None:
+    """One progress-bar update from the C generator's "p ACKED DELIVERED"."""
+    _, acked, delivered = line.split()
+    width = 30
+    if cfg.count is None:
+        total = cfg.duration
+        done = min(max(0.0, elapsed - cfg.warmup), total)
+        frac = done / total
+        label = f"{done:5.1f}/{total:.1f} s" if elapsed >= cfg.warmup else "warm-up"
+    else:
+        frac = min(1.0, int(acked) / cfg.count)
+        label = f"{int(acked):,}/{cfg.count:,}"
+    bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+    sys.stderr.write(f"\r[{bar}] {label}  {int(acked):,} acked  {int(delivered):,} delivered ")
+    sys.stderr.flush()
+
+
+# ---------------------------------------------------------------- what limited the run
+
+
+def _diagnose(res: BenchResult) -> str:
+    """What limited the run, in words: the generator's CPU, the server's CPU
+    (one core: the broker and Redis are single-threaded), fsync wait (the
+    broker's commits, fsync included, filled most of the time), or round
+    trips (nobody was busy: more in flight would go faster)."""
+    util = res.broker_cpu_util
+    server = "broker" if res.peer == "pimcore" else res.peer
+    if res.generator_saturated:
+        return (f"generator CPU ({res.generator_cpu:.0%} of a core): the figures are a lower bound for the {server}")
+    if util is None:
+        return "unknown (an external broker: its CPU is not visible)"
+    wait = res.broker_cpu_wait
+    if util >= 0.85:
+        return f"{server} CPU ({util:.0%} of one core)"
+    if wait is not None and wait >= 0.15:
+        # Runnable but not running: another process held the server's core.
+        # The figures then say more about the machine than about the server.
+        if util + wait >= 0.85:  # always running or runnable: its share of a crowded core was the limit
+            return (f"{server} CPU on a shared core: it ran {util:.0%} and waited for its CPU {wait:.0%} of the time"
+                    f" (other processes held it); the figures understate it")
+        return (f"CPU contention: the {server} waited for its CPU {wait:.0%} of the time (other processes),"
+                f" ran {util:.0%}; the figures understate it")
+    commit = ""
+    if res.broker_commit_seconds is not None and res.broker_batches:
+        busy = res.broker_commit_seconds / max(res.seconds + res.config["warmup"], 1e-9)
+        per = (res.broker_messages_stored or 0) / res.broker_batches
+        sync = " (fsync included)" if res.config["durability"] == "sync" else ""
+        commit = f"commits{sync} {min(busy, 1.0):.0%} of the time, {per:,.0f} messages per commit"
+        if busy >= 0.5:
+            # Commits run on the broker's event loop: the time it is off CPU
+            # inside them is the fsync (the broker is idle otherwise); with
+            # durability os, the kernel's writeback of the pages it dirtied.
+            what = "fsync wait" if res.config["durability"] == "sync" else "commit wait (durability os: no fsync)"
+            return f"{what}: {commit}; broker CPU {util:.0%} of one core, off CPU {1 - util:.0%}"
+    if res.peer == "redis":
+        return (f"fsync wait or round trips (appendfsync always: every reply waits for a write+fsync;"
+                f" redis CPU {util:.0%} of one core)")
+    return (f"round trips: neither side was busy (broker CPU {util:.0%}, generator {res.generator_cpu:.0%}"
+            + (f"; {commit}" if commit else "") + "); more in flight would go faster")
+
+
+# ---------------------------------------------------------------- Redis, the reference peer
+
+
+class RedisProcess:
+    """``redis-server`` on loopback, a free port and a temporary directory,
+    with ``appendonly yes`` and ``appendfsync always`` (fsync before each
+    reply, like pimcore's durability sync); pinned to CPU 0 like the broker.
+    BenchError when redis-server is not installed."""
+
+    def __init__(self, pin: bool = True) -> None:
+        self.exe = shutil.which("redis-server")
+        if self.exe is None:
+            raise BenchError("--compare redis needs redis-server on the PATH: apt-get install redis-server")
+        self.pin = pin
+        self.dir = tempfile.mkdtemp(prefix="pimcore-bench-redis-")
+        self.port = 0
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.version = ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def __enter__(self) -> "RedisProcess":
+        import socket
+
+        for _ in range(5):  # a free port can be taken between probe and bind: try another
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
+            assert self.exe is not None
+            cmd = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                   "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no",
+                   "--daemonize", "no", "--logfile", os.path.join(self.dir, "redis.log")]  # fmt: skip
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         preexec_fn=_die_with_parent)
+            if self.pin and _can_pin():
+                os.sched_setaffinity(self.proc.pid, {0})
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    info = resp_command("127.0.0.1", self.port, b"INFO", b"server")
+                    self.version = next((ln.split(":", 1)[1] for ln in info.decode().splitlines()
+                                         if ln.startswith("redis_version:")), "?")
+                    return self
+                except OSError:
+                    time.sleep(0.05)
+            self._stop()
+        log = ""
+        try:
+            with open(os.path.join(self.dir, "redis.log")) as f:
+                log = f.read()[-2000:]
+        except OSError:
+            pass
+        self.__exit__(None, None, None)
+        raise BenchError(f"redis-server did not start:\n{log}")
+
+    def _stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def resp_encode(*args: bytes) -> bytes:
+    """One RESP command (an array of bulk strings)."""
+    return b"".join([b"*%d\r\n" % len(args)] + [b"$%d\r\n%s\r\n" % (len(a), a) for a in args])
+
+
+def resp_command(host: str, port: int, *args: bytes, timeout: float = 2.0) -> bytes:
+    """Send one command on a fresh connection and return the reply's value
+    (bulk or simple string, integer as text); OSError when unreachable,
+    BenchError for an error reply."""
+    import socket
+
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(resp_encode(*args))
+        buf = b""
+        while True:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            buf += chunk
+            head, sep, rest = buf.partition(b"\r\n")
+            if not sep:
+                continue
+            if head[:1] == b"-":
+                raise BenchError(f"redis: {head[1:].decode(errors='replace')}")
+            if head[:1] in (b"+", b":"):
+                return head[1:]
+            if head[:1] == b"$":
+                n = int(head[1:])
+                if n < 0:
+                    return b""
+                if len(rest) >= n + 2:
+                    return rest[:n]
+                continue
+            raise BenchError(f"redis: unexpected reply {head[:40]!r}")
+
+
+def run_redis(cfg: BenchConfig) -> BenchResult:
+    """The same shape as ``run_bench(cfg)`` against a fresh redis-server with
+    ``appendfsync always``: each connection XADDs to its own stream
+    (``XADD bench:sN MAXLEN ~ 100000 * d PAYLOAD``: trimmed, so memory stays
+    bounded) with ``window`` commands in flight; send->reply is the ack
+    latency.  Senders only: a recipient has no Redis counterpart here.
+    Driven by the C generator's RESP mode, or by a trio RESP driver (with a
+    note: its CPU may be the limit) when there is no C generator or
+    ``generator="python"``.  BenchError when redis-server is missing, or for
+    ``generator="c"`` without a C generator."""
+    note = ""
+    if cfg.generator == "python":
+        exe: Optional[str] = None
+    else:
+        exe, why = c_generator()
+        if exe is None:
+            if cfg.generator == "c":
+                raise BenchError(why)
+            note = why + "; Redis driven by the trio RESP driver (its CPU may limit the run)"
+    with RedisProcess(cfg.pin) as redis:
+        if cfg.pin and _can_pin():
+            cpus = sorted(os.sched_getaffinity(0))
+            os.sched_setaffinity(0, set(cpus[1:]) or set(cpus))
+        samples: dict[str, Any] = {}
+
+        def sample(name: str) -> None:
+            samples[name] = (_proc_cpu_seconds(redis.pid), _proc_memory(redis.pid), time.monotonic(),
+                             _proc_cpu_wait(redis.pid))
+
+        quotas = [0] * cfg.conns
+        if cfg.count is not None:
+            quotas = [cfg.count // cfg.conns + (1 if i < cfg.count % cfg.conns else 0) for i in range(cfg.conns)]
+        plan = [f"1 0 {quotas[i]} bench:s{i} -" for i in range(cfg.conns)]
+        if exe is not None:
+            r = _run_c(cfg, exe, "resp", "127.0.0.1", redis.port, plan, 0, lambda: sample("ready"),
+                       lambda: sample("done"))
+        else:
+            r = trio.run(_resp_trio, cfg, redis.port, quotas, lambda: sample("ready"), lambda: sample("done"))
+        version = redis.version
+    ack_lat: array[int] = array("q")
+    ack_lat.frombytes(r["ack_lat"])
+    seconds = cfg.duration if cfg.count is None else max(1e-9, (r["last_ack"] - r["first_send"]) / _NS)
+    gen_cpu = r["cpu"] / r["wall"] if r["wall"] > 0 else 0.0
+    errors = {**r["errors"], **{f"Close {c}": n for c, n in r["closes"].items()}}
+    res = BenchResult(
+        config=asdict(replace(cfg, online=False)),
+        broker={"url": f"redis://127.0.0.1:{redis.port}", "pid": redis.pid, "backend": f"redis {version}",
+                "connections": cfg.conns},
+        seconds=seconds,
+        acked=r["acked"],
+        acked_per_s=r["acked"] / seconds,
+        deliveries=0,
+        deliveries_per_s=0.0,
+        stored_entries_per_s=r["acked"] / seconds,
+        ack_latency_us=_percentiles(ack_lat),
+        delivery_latency_us={"count": 0},
+        errors=errors,
+        generator_cpu=gen_cpu,
+        generator_saturated=gen_cpu >= 0.9,
+        logged_in=r["logged_in"],
+        login_seconds=r["connect_seconds"],
+        ack_histogram=_histogram_buckets(ack_lat),
+        peer="redis",
+        generator="c" if exe is not None else "python",
+        generator_note=note,
+        generator_cpu_us_per_msg=r["cpu"] / r["sent"] * 1e6 if r["sent"] else None,
+    )
+    if "ready" in samples and "done" in samples:
+        (cpu0, _, t0, w0), (cpu1, mem, t1, w1) = samples["ready"], samples["done"]
+        if w0 is not None and w1 is not None:
+            res.broker_cpu_wait = (w1 - w0) / max(t1 - t0, 1e-9)
+        res.broker_cpu_us_per_msg = (cpu1 - cpu0) / r["sent"] * 1e6 if r["sent"] else None
+        res.broker_cpu_util = (cpu1 - cpu0) / max(t1 - t0, 1e-9)
+        res.broker_peak_rss = mem.get("VmHWM")
+        res.broker_rss_anon = mem.get("RssAnon")
+    res.limit = _diagnose(res)
+    return res
+
+
+async def _resp_trio(cfg: BenchConfig, port: int, quotas: list[int], on_ready: Any, on_done: Any) -> dict[str, Any]:
+    """The trio twin of the C generator's RESP mode: one task per connection
+    XADDing to ``bench:sN`` with ``window`` commands in flight, replies
+    matched in order; returns the same dict as :func:`_run_c`."""
+    st = _Stats()
+    errors: dict[str, int] = {}
+    streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(cfg.conns)]
+    filler = secrets.token_bytes(cfg.size - 8)
+    on_ready()
+    st.measure_from, st.measure_to = _window(cfg)
+    stop = st.measure_to if cfg.count is None else 0
+    cpu0, wall0 = time.process_time(), time.monotonic()
+
+    async def conn(i: int, stream: trio.SocketStream) -> None:
+        key = b"bench:s%d" % i
+        head = b"*8\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$6\r\n100000\r\n$1\r\n*\r\n$1\r\nd\r\n$%d\r\n" % (
+            len(key), key, cfg.size)
+        inflight: list[int] = []  # send times, in order: Redis replies in order
+        first = 0
+        sent = 0
+        buf = b""
+        mono = time.monotonic_ns
+        while True:
+            out = []
+            while len(inflight) - first < cfg.window:
+                now = mono()
+                if (quotas[i] and sent >= quotas[i]) or (not quotas[i] and stop and now >= stop):
+                    break
+                inflight.append(now)
+                sent += 1
+                out.append(head + now.to_bytes(8, "big") + filler + b"\r\n")
+            if out:
+                st.sent += len(out)
+                if not st.first_send:
+                    st.first_send = mono()
+                await stream.send_all(b"".join(out))
+            if first == len(inflight):
+                return
+            data = await stream.receive_some(1 << 16)
+            if not data:
+                errors["connection closed by broker"] = errors.get("connection closed by broker", 0) + 1
+                return
+            buf += data
+            while True:
+                line_end = buf.find(b"\r\n")
+                if line_end < 0:
+                    break
+                kind = buf[:1]
+                used = line_end + 2
+                if kind == b"$":
+                    n = int(buf[1:line_end])
+                    if n >= 0:
+                        if len(buf) < used + n + 2:
+                            break
+                        used += n + 2
+                buf = buf[used:]
+                sent_at = inflight[first]
+                first += 1
+                if kind == b"-":
+                    errors["error reply"] = errors.get("error reply", 0) + 1
+                    continue
+                now = mono()
+                st.last_ack = now
+                if st.measure_from <= sent_at < st.measure_to:
+                    st.acked += 1
+                    st.ack_lat.append(now - sent_at)
+
+    async with trio.open_nursery() as nursery:
+        for i, stream in enumerate(streams):
+            nursery.start_soon(conn, i, stream)
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    on_done()
+    for stream in streams:
+        await stream.aclose()
+    return {"acked": st.acked, "sent": st.sent, "deliveries": 0, "ack_lat": st.ack_lat.tobytes(), "del_lat": b"",
+            "errors": errors, "closes": {}, "first_send": st.first_send, "last_ack": st.last_ack, "cpu": cpu,
+            "wall": wall, "logged_in": len(streams), "connect_seconds": 0.0}
+
+
+# ---------------------------------------------------------------- side by side
+
+
+def _median(xs: list[float]) -> Optional[float]:
+    import statistics
+
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _summary(res: BenchResult) -> dict[str, Any]:
+    return {
+        "acked_per_s": res.acked_per_s,
+        "deliveries_per_s": res.deliveries_per_s,
+        "p50_us": res.ack_latency_us.get("p50"),
+        "p99_us": res.ack_latency_us.get("p99"),
+        "delivery_p50_us": res.delivery_latency_us.get("p50"),
+        "server_cpu_us_per_msg": res.broker_cpu_us_per_msg,
+        "server_cpu_util": res.broker_cpu_util,
+        "server_cpu_wait": res.broker_cpu_wait,
+        "generator_cpu": res.generator_cpu,
+        "errors": sum(res.errors.values()),
+        "limit": res.limit,
+    }
+
+
+def run_compare(cfg: BenchConfig, peer: str = "redis", rounds: int = 3,
+                on_round: Optional[Any] = None) -> dict[str, Any]:
+    """pimcore and ``peer`` alternately, ``rounds`` times each, the same shape
+    (a fresh broker / server per run: the machine's noise hits both alike).
+
+    Returns ``{"peer", "shape", "rounds": [{"pimcore": summary, peer:
+    summary}], "median": {"pimcore": .., peer: ..}, "ratio": {"acked_per_s":
+    pimcore/peer, "p50": pimcore/peer}, "notes": [..]}``; ``on_round(i,
+    name, BenchResult)`` is called after each run.  BenchError for an unknown
+    or missing peer (only "redis" is driven; "mosquitto" is refused with the
+    reason)."""
+    if peer == "mosquitto":
+        if shutil.which("mosquitto") is None:
+            raise BenchError("--compare mosquitto needs mosquitto on the PATH: apt-get install mosquitto")
+        raise BenchError("--compare mosquitto: this version drives redis only (no MQTT driver yet)")
+    if peer != "redis":
+        raise BenchError(f"--compare {peer}: unknown peer (redis)")
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
+    if cfg.url is not None:
+        raise BenchError("--compare starts its own broker: drop --url")
+    if shutil.which("redis-server") is None:
+        raise BenchError("--compare redis needs redis-server on the PATH: apt-get install redis-server")
+    notes = []
+    if cfg.mode != "direct":
+        raise BenchError("--compare runs 1:1 shapes only (no --group)")
+    if cfg.online:
+        notes.append("Redis runs the senders only (XADD, no reader): its figures are send->reply, not end to end")
+    out: list[dict[str, Any]] = []
+    for i in range(rounds):
+        row: dict[str, Any] = {}
+        for name, run in (("pimcore", run_bench), (peer, run_redis)):
+            res = run(cfg)
+            row[name] = _summary(res)
+            if res.generator_note and f"{name}: {res.generator_note}" not in notes:
+                notes.append(f"{name}: {res.generator_note}")
+            if on_round is not None:
+                on_round(i, name, res)
+        out.append(row)
+    median = {name: {k: _median([r[name][k] for r in out]) for k in out[0][name] if k != "limit"}
+              for name in ("pimcore", peer)}
+
+    def ratio(k: str) -> Optional[float]:
+        a, b = median["pimcore"][k], median[peer][k]
+        return a / b if a is not None and b else None
+
+    return {
+        "peer": peer,
+        "shape": {"conns": cfg.conns, "window": cfg.window, "size": cfg.size, "online": cfg.online,
+                  "durability": cfg.durability, "duration": cfg.duration, "warmup": cfg.warmup},
+        "rounds": out,
+        "median": median,
+        "ratio": {"acked_per_s": ratio("acked_per_s"), "p50": ratio("p50_us"),
+                  "server_cpu_us_per_msg": ratio("server_cpu_us_per_msg")},
+        "notes": notes,
+    }
+
+
+def format_compare(rep: dict[str, Any]) -> str:
+    """The side-by-side table of :func:`run_compare`'s report."""
+    sh, peer = rep["shape"], rep["peer"]
+
+    def num(v: Optional[float], fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    head = (f"{'round':<7}{'peer':<9}{'acked/s':>11}{'p50 µs':>9}{'p99 µs':>9}{'CPU µs/msg':>11}"
+            f"{'srv CPU':>8}{'CPU wait':>9}{'gen CPU':>8}  limit")
+    lines = [
+        f"pimcore bench --compare {peer}: {sh['conns']} conns x {sh['window']} in flight, {sh['size']} B payloads,"
+        f" pimcore durability {sh['durability']}, {peer} appendfsync always;"
+        f" {len(rep['rounds'])} alternating round(s) of {sh['duration']:g} s",
+        "",
+        head,
+    ]
+
+    def row(label: str, name: str, s: dict[str, Any]) -> str:
+        return (f"{label:<7}{name:<9}{num(s['acked_per_s'], ',.0f'):>11}{num(s['p50_us'], ',.0f'):>9}"
+                f"{num(s['p99_us'], ',.0f'):>9}{num(s['server_cpu_us_per_msg'], '.1f'):>11}"
+                f"{num(s['server_cpu_util'], '.0%'):>8}{num(s.get('server_cpu_wait'), '.0%'):>9}"
+                f"{num(s['generator_cpu'], '.0%'):>8}  {s.get('limit', '')}")
+
+    for i, r in enumerate(rep["rounds"], 1):
+        for name in ("pimcore", peer):
+            lines.append(row(str(i), name, r[name]))
+    lines.append("")
+    for name in ("pimcore", peer):
+        lines.append(row("median", name, rep["median"][name]))
+    ra = rep["ratio"]
+    lines.append("")
+    lines.append(f"pimcore / {peer}: acked sends/s {num(ra['acked_per_s'], '.2f')}x, p50 send->ack"
+                 f" {num(ra['p50'], '.2f')}x, server CPU per message {num(ra['server_cpu_us_per_msg'], '.2f')}x")
+    if any(r[n]["errors"] for r in rep["rounds"] for n in ("pimcore", peer)):
+        lines.append("WARNING: some runs had errors (see --json)")
+    for n in rep["notes"]:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -914,13 +1599,21 @@ def format_result(res: BenchResult) -> str:
             lines.append(f"  {name:<18}" + "".join(f" {h[k]:>9,.0f}" for k in ("p50", "p90", "p99", "p99.9", "max")))
     lines.append("")
     if res.broker_cpu_us_per_msg is not None:
-        lines.append(f"  broker CPU         {res.broker_cpu_us_per_msg:>9.1f} µs per send   ({res.broker_cpu_util:.0%} of a core)")
+        lines.append(f"  broker CPU         {res.broker_cpu_us_per_msg:>9.1f} µs per send   ({res.broker_cpu_util:.0%} of a core"
+                     + (f", waited for a CPU {res.broker_cpu_wait:.0%} of the time)" if res.broker_cpu_wait is not None
+                        else ")"))
     if res.broker_peak_rss is not None:
         lines.append(f"  broker memory      peak RSS {_mib(res.broker_peak_rss)}, heap {_mib(res.broker_rss_anon)} at the end"
                      " (the rest is LMDB's mapped file)")
     if res.broker_bytes_per_connection is not None and c["idle"]:
         lines.append(f"  memory/connection  {res.broker_bytes_per_connection / 1024:>9.1f} KiB (broker RSS growth / connections)")
-    lines.append(f"  generator CPU      {res.generator_cpu:>9.0%} of a core (busiest process)")
+    per = "" if res.generator_cpu_us_per_msg is None else f", {res.generator_cpu_us_per_msg:.1f} µs per send"
+    lines.append(f"  generator CPU      {res.generator_cpu:>9.0%} of a core (busiest process{per};"
+                 f" {'C, one thread, epoll' if res.generator == 'c' else 'trio'} generator)")
+    if res.generator_note:
+        lines.append(f"  note: {res.generator_note}")
+    if res.limit:
+        lines.append(f"  limited by         {res.limit}")
     if res.generator_saturated:
         lines.append("  WARNING: the generator's CPU was saturated: these figures are a lower bound for the broker;"
                      " use --procs or fewer connections")
@@ -941,10 +1634,20 @@ def plot_histograms(res: BenchResult, path: str) -> None:
         if buckets:
             xs, ys = zip(*buckets)
             ax.step(xs, ys, where="pre", label=label)  # a bucket counts (previous bound, its bound]
+    # p50 / p99 as dashed / dotted lines in each curve's colour.
+    curves = (res.ack_latency_us, res.delivery_latency_us) if res.ack_histogram else (res.delivery_latency_us,)
+    for i, (line, h) in enumerate(zip(list(ax.get_lines()), curves)):
+        for j, (key, style) in enumerate((("p50", "--"), ("p99", ":"))):
+            if h.get(key):
+                ax.axvline(h[key], color=line.get_color(), linestyle=style, linewidth=1)
+                ax.annotate(f"{key} {h[key]:,.0f} µs", (h[key], 1), xycoords=("data", "axes fraction"),
+                            xytext=(3, -12 - 11 * j - 24 * i), textcoords="offset points", fontsize=8,
+                            color=line.get_color())
     ax.set_xscale("log")
     ax.set_xlabel("latency (µs)")
     ax.set_ylabel("messages")
-    ax.set_title(f"pimcore bench: {res.acked_per_s:,.0f} acked sends/s")
+    ax.set_title(f"{res.peer} bench: {res.acked_per_s:,.0f} acked sends/s; limited by {res.limit.split(':')[0].split(' (')[0]}"
+                 if res.limit else f"{res.peer} bench: {res.acked_per_s:,.0f} acked sends/s", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)

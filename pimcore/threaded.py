@@ -248,14 +248,32 @@ class ThreadedPimcore:
         sender: str = SYSTEM,
         device: str = SYSTEM,
         idempotency_key: Union[str, bytes, None] = None,
+        mentions: Sequence[str] = (),
+        mention_all: bool = False,
     ) -> Posted:
         """As Pimcore.post: returns once the message is durable."""
         assert self.handle is not None
-        return self._call(self.handle.post, conv, payload, sender=sender, device=device, idempotency_key=idempotency_key)
+        return self._call(self.handle.post, conv, payload, sender=sender, device=device, idempotency_key=idempotency_key,
+                          mentions=tuple(mentions), mention_all=mention_all)
 
     def post_many(self, posts: Sequence[dict[str, Any]]) -> list[Union[Posted, PimError]]:
         assert self.handle is not None
         return self._call(self.handle.post_many, list(posts))
+
+    def recall(self, conv: str, seq: int, **kwargs: Any) -> Posted:
+        """As Pimcore.recall: returns once the RECALL entry is durable."""
+        assert self.handle is not None
+        return self._call(self.handle.recall, conv, seq, **kwargs)
+
+    def edit(self, conv: str, seq: int, payload: bytes, **kwargs: Any) -> Posted:
+        """As Pimcore.edit."""
+        assert self.handle is not None
+        return self._call(self.handle.edit, conv, seq, payload, **kwargs)
+
+    def delete_for(self, user: str, conv: str, seq: int, **kwargs: Any) -> Posted:
+        """As Pimcore.delete_for."""
+        assert self.handle is not None
+        return self._call(self.handle.delete_for, user, conv, seq, **kwargs)
 
     def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
         assert self.handle is not None
@@ -265,6 +283,22 @@ class ThreadedPimcore:
         assert self.handle is not None
         return self._call(self.handle.revoke, user, device, before=before)
 
+    def set_retention(self, conv: str, *, max_age: Optional[int] = None, max_count: Optional[int] = None) -> Any:
+        assert self.handle is not None
+        return self._call(self.handle.set_retention, conv, max_age=max_age, max_count=max_count)
+
+    def retention(self, conv: str) -> Any:
+        assert self.handle is not None
+        return self._call(self.handle.retention, conv)
+
+    def purge_conversation(self, conv: str) -> Any:
+        assert self.handle is not None
+        return self._call(self.handle.purge_conversation, conv)
+
+    def purge_user(self, user: str) -> Any:
+        assert self.handle is not None
+        return self._call(self.handle.purge_user, user)
+
     def online_devices(self, user: str) -> list[str]:
         assert self.handle is not None
         return self._call_sync(self.handle.online_devices, user)
@@ -273,9 +307,27 @@ class ThreadedPimcore:
         assert self.handle is not None
         return self._call(self.handle.conversations, user)
 
+    def presence(self, user: str) -> Any:
+        assert self.handle is not None
+        return self._call(self.handle.presence, user)
+
+    def set_presence_privacy(self, user: str, hide_last_seen: bool) -> bool:
+        assert self.handle is not None
+        return self._call(self.handle.set_presence_privacy, user, hide_last_seen)
+
     def unread(self, user: str, conv: str) -> int:
         assert self.handle is not None
         return self._call(self.handle.unread, user, conv)
+
+    def conversation_list(self, user: str, **kwargs: Any) -> Any:
+        """As Pimcore.conversation_list."""
+        assert self.handle is not None
+        return self._call(self.handle.conversation_list, user, **kwargs)
+
+    def set_conversation(self, user: str, conv: str, **kwargs: Any) -> Any:
+        """As Pimcore.set_conversation."""
+        assert self.handle is not None
+        return self._call(self.handle.set_conversation, user, conv, **kwargs)
 
     def history(self, conv: str, user: str, **kwargs: Any) -> list[StoredMessage]:
         assert self.handle is not None

@@ -103,6 +103,6 @@ def _forward(name: str) -> Any:
 
 for _name in ("conversation_exists", "members", "is_member", "last_seq", "history", "message", "inbox_head",
               "inbox_floor", "inbox_range", "device", "revoked_before", "devices", "read_marker",
-              "read_positions", "unread", "spans", "history_visible", "conversations"):
+              "read_positions", "unread", "spans", "history_visible", "conversations", "hides_last_seen"):
     setattr(BlockingRedisStore, _name, _forward(_name))
 BlockingRedisStore.__abstractmethods__ = frozenset()

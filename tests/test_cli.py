@@ -251,3 +251,20 @@ def test_serve_logging_keeps_httpx_request_lines_out_at_info():
     out = buf.getvalue()
     assert "HTTP Request" not in out, out
     assert "httpx warns" in out and "login conn=1 user=alice" in out
+
+
+def test_serve_tunes_the_collector_after_start_up() -> None:
+    # `pimcore serve` (only it: an embedding host keeps its own settings)
+    # freezes start-up objects and raises the gen-0 threshold (issue 13).
+    import gc
+
+    from pimcore import cli
+
+    before = gc.get_threshold()
+    try:
+        cli._tune_collector()
+        assert gc.get_threshold() == (cli.GC_THRESHOLD0, before[1], before[2])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

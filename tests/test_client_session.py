@@ -57,7 +57,7 @@ def msg(position: int, seq: int, *, sender: str = "bob", conv: str = CONV, paylo
 
 
 def head_flags(data: bytes) -> list[int]:
-    """The head byte of every frame in ``data`` (0x20 plain, 0x21 zstd)."""
+    """The head byte of every frame in ``data`` (0x30 plain, 0x31 zstd)."""
     heads, i = [], 0
     while i < len(data):
         length = shift = 0
@@ -284,7 +284,7 @@ def test_zstd_is_negotiated_and_used_in_both_directions():
     login, req = b.read()
     # Asks for everything; a broker that knows only CAP_ZSTD grants that.
     assert login.caps == F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP  # type: ignore[attr-defined]
-    assert head_flags(b.raw) == [0x20, 0x20]  # Login (and the sample behind it) are never compressed
+    assert head_flags(b.raw) == [0x30, 0x30]  # Login (and the sample behind it) are never compressed
     b.feed(T0, ack_frame(caps=F.CAP_ZSTD))
     b.grant_zstd()
     b.feed(T0, F.CalibrateResp(req.client_time, T0))  # type: ignore[attr-defined]
@@ -295,10 +295,10 @@ def test_zstd_is_negotiated_and_used_in_both_directions():
     before = len(b.raw)
     [req] = b.read()
     assert (req.local_id, req.conv, req.payload) == (lid, CONV, text)  # type: ignore[attr-defined]
-    assert head_flags(b.raw[before:]) == [0x21]
+    assert head_flags(b.raw[before:]) == [0x31]
     # Downstream: a compressed Push is decoded.
     wire = b.encode(F.Push(1, (msg(1, 1, payload=text),)))
-    assert head_flags(wire) == [0x21]
+    assert head_flags(wire) == [0x31]
     s.receive_data(wire, T0)
     [ev] = [e for e in events(s, T0) if isinstance(e, MessageReceived)]
     assert ev.message.payload == text
@@ -309,7 +309,7 @@ def test_a_compressed_frame_without_a_grant_is_malformed():
     b = connect(s, T0, ack_frame(caps=0))  # the broker did not grant zstd
     events(s, T0)
     wire = FrameCompressor().compress(encode_frame(F.Push(1, (msg(1, 1, payload=b"x" * 200),))))
-    assert head_flags(wire) == [0x21]
+    assert head_flags(wire) == [0x31]
     s.receive_data(wire, T0)
     assert s.state is SessionState.DISCONNECTED
     [close] = b.read()
@@ -791,7 +791,7 @@ def test_the_event_queue_sheds_old_notifications_but_never_messages_or_acks():
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"\xff\xff\xff\xff\xff\x01", b"\x03\x1f\x0e\x00", b"\x03\x20\x7f\x00", b"\x04\x20\x07\x01\x05"],
+    [b"\xff\xff\xff\xff\xff\x01", b"\x03\x1f\x0e\x00", b"\x03\x30\x7f\x00", b"\x04\x30\x07\x01\x05"],
     ids=["length-prefix", "reserved-flags", "unknown-type", "bad-body"],
 )
 def test_malformed_bytes_close_the_connection_not_the_session(garbage):

@@ -375,9 +375,9 @@ def test_a_connection_waiting_for_a_hook_is_paused_not_buffered_without_bound(st
     "garbage",
     [
         b"\x05\x30\x05\x00\x00\x00",  # wrong version nibble
-        b"\x03\x20\x7f\x00",  # unknown frame type
+        b"\x03\x30\x7f\x00",  # unknown frame type
         b"\xff\xff\xff\xff\x0f",  # 4 GiB frame announced
-        b"\x04\x20\x08\x80\x80",  # truncated varint inside a complete frame
+        b"\x04\x30\x08\x80\x80",  # truncated varint inside a complete frame
     ],
 )
 def test_malformed_bytes_close_only_that_connection(h, garbage):
@@ -1055,3 +1055,44 @@ def test_device_offline_on_idle_timeout(store):
     assert h.closed[conn].code is CloseCode.IDLE_TIMEOUT
     assert [type(c).__name__ for c in h.presence] == ["DeviceOnline", "DeviceOffline"]
     assert h.presence[-1].code is CloseCode.IDLE_TIMEOUT
+
+
+def test_a_batch_sends_each_connection_its_acks_in_one_write_in_order(h):
+    # Issue 13: the SendAcks a committed batch owes a connection are encoded
+    # together into one SendData -- and still in op order with every other
+    # frame of the batch (here an Error for a Read the store refuses).
+    from pimcore.codec import Decoder
+    from pimcore.core import SendData
+
+    a = h.login("alice", "phone")
+    b = h.login("bob", "laptop")
+    h.take(a), h.take(b)
+    h.hold_commits = True
+    h.send(a, AB, b"0", local_id=100)  # in flight: what follows waits for the next batch
+    h.send(a, AB, b"1", local_id=1)
+    h.send(a, AB, b"2", local_id=2)
+    h.feed(a, F.Read("no-such-group", 1))  # the store answers UNKNOWN_CONVERSATION
+    h.send(a, AB, b"3", local_id=3)
+    if h.latency is not None:  # this test runs the commit itself, inline
+        pytest.skip("inline only")
+    h.commit(h.held.pop(0))  # the first batch; the next one (4 ops) is held
+    h.take(a), h.take(b)
+    [commit] = h.held
+    h.held.clear()
+    assert [type(op).__name__ for op in commit.ops][:4] == ["NewMessage", "NewMessage", "MarkRead", "NewMessage"]
+    results = h.store.execute(commit)
+    cmds = h.broker.store_completed(commit.request_id, results, h.now)
+    writes = [c.data for c in cmds if type(c) is SendData and c.conn == a]
+    frames = []
+    for data in writes:
+        dec = Decoder(1 << 20)
+        dec.feed(data)
+        one = []
+        while (f := dec.next_frame()) is not None:
+            one.append(f)
+        frames.append(one)
+    assert [[type(f).__name__ for f in w] for w in frames] == [["SendAck", "SendAck"], ["Error"], ["SendAck"]]
+    assert [f.local_id for w in frames for f in w if type(f) is F.SendAck] == [1, 2, 3]
+    assert all(f.code == ErrorCode.OK for w in frames for f in w if type(f) is F.SendAck)
+    assert frames[1][0].code == ErrorCode.UNKNOWN_CONVERSATION
+    h.run(cmds)

@@ -36,6 +36,11 @@ client_frames = st.one_of(
     st.builds(F.SendAck, local_id=U64, code=U64, msg_id=st.binary(max_size=16), seq=U64, server_time=U64),
     st.builds(F.Error, code=U64, ref=U64, reason=st.text(max_size=8)),
     st.builds(F.Close, code=U64, reason=st.text(max_size=8)),
+    st.builds(F.SendReq, local_id=U64, conv=convs, client_time=S64, payload=payloads, after_seq=U64,
+              mentions=st.lists(st.builds(F.Mention, user=st.text(max_size=6)), max_size=70).map(tuple),
+              mention_all=st.booleans()),
+    st.builds(F.ConvListReq, req_id=U64, cursor=st.binary(max_size=16), limit=U64, include_hidden=st.booleans()),
+    st.builds(F.ConvSetReq, req_id=U64, conv=convs, pinned=st.integers(0, 3), muted=st.integers(0, 3), hidden=U64),
 )
 
 
@@ -82,7 +87,8 @@ def test_abusive_client_cannot_crash_the_broker_or_lose_acked_data(tmp_path_fact
 
         # Every answer was a well-formed frame or a close with a known code.
         for f in h.frames[mallory]:
-            assert type(f).__name__ in {"LoginAck", "SendAck", "Push", "ReadStates", "ReadReceipt", "HistoryResp", "CalibrateResp", "Pong", "Error"}
+            assert type(f).__name__ in {"LoginAck", "SendAck", "Push", "ReadStates", "ReadReceipt", "HistoryResp", "CalibrateResp", "Pong", "Error",
+                                        "ConvListResp", "ConvSetResp", "ConvUpdate"}
             if isinstance(f, F.SendAck):
                 assert f.code in {c.value for c in ErrorCode}
         if mallory in h.closed:

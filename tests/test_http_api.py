@@ -501,3 +501,33 @@ async def test_what_a_kicked_or_revoked_sdk_client_sees_in_its_events(tmp_path: 
                 assert isinstance(seen[0], Connected) and isinstance(seen[-1], Disconnected), seen
                 assert [e for e in seen if isinstance(e, (Connected, Disconnected))] == [seen[0], seen[-1]], seen
                 assert seen[-1].code is CloseCode.TOKEN_REVOKED
+
+
+async def test_conversation_list_settings_and_mentions_over_http(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            assert (await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["alice", "bob"]}))[0] == 201
+            status, _ = await call(c, "POST", "/v1/conversations/team/messages",
+                                   {"payload": "@bob", "mentions": ["bob"], "sender": "alice"})
+            assert status == 201
+            assert_error(*await call(c, "POST", "/v1/conversations/team/messages",
+                                     {"payload": "x", "mentions": ["bad id!"]}), 400, "BAD_MENTION")
+            await call(c, "POST", f"/v1/conversations/{AB}/messages", {"payload": "hi", "sender": "alice"})
+            status, page = await call(c, "GET", "/v1/users/bob/conversation-list?limit=1")
+            assert status == 200 and page["more"] and [e["conv"] for e in page["entries"]] == [AB]
+            status, page2 = await call(c, "GET", f"/v1/users/bob/conversation-list?limit=1&cursor={page['cursor']}")
+            [team] = page2["entries"]
+            assert not page2["more"] and (team["conv"], team["unread"], team["mention_count"]) == ("team", 1, 1)
+            assert team["last"]["mentions"] == ["bob"] and base64.b64decode(team["last"]["payload_b64"]) == b"@bob"
+            assert_error(*await call(c, "GET", "/v1/users/bob/conversation-list?cursor=zz"), 400, "BAD_CURSOR")
+            assert_error(*await call(c, "GET", "/v1/users/bob/conversation-list?cursor=00"), 400, "BAD_CURSOR")
+            status, entry = await call(c, "POST", "/v1/users/bob/conversations/team/settings", {"pinned": True, "hidden": True})
+            assert status == 200 and entry["pinned"] and entry["hidden"] and not entry["muted"]
+            status, page = await call(c, "GET", "/v1/users/bob/conversation-list")
+            assert [e["conv"] for e in page["entries"]] == [AB]  # hidden until the next message
+            status, page = await call(c, "GET", "/v1/users/bob/conversation-list?include_hidden=true")
+            assert [e["conv"] for e in page["entries"]] == ["team", AB]  # pinned first
+            assert_error(*await call(c, "POST", "/v1/users/carol/conversations/team/settings", {"muted": True}),
+                         403, "NOT_MEMBER")
+            assert_error(*await call(c, "POST", "/v1/users/bob/conversations/team/settings", {"muted": 1}),
+                         400, "bad_request")

@@ -174,6 +174,11 @@ def _roles_with_the_longest_ids(h: Harness) -> None:
     assert page.code == 0 and [m.payload for m in page.messages] == [b"group"]
     receipts = h.take(a, F.ReadReceipt)
     assert [(r.conv, r.reader, r.seq) for r in receipts] == [(direct, B64, 1)]
+    # a mention of a maximal user in the maximal direct id, and settings in the maximal group
+    h.feed(a, F.SendReq(9, direct, 0, b"@", 1, (F.Mention(B64),)))
+    h.feed(b, F.ConvSetReq(2, G_MAX, 1, 1, 0))
+    assert [(k.code, k.seq) for k in h.acks(a)] == [(0, 2)]
+    assert [(r.code, r.conv) for r in h.take(b, F.ConvSetResp)] == [(0, G_MAX)]
 
 
 def test_the_longest_ids_work_in_every_role_of_the_lmdb_store(tmp_path) -> None:
@@ -186,10 +191,11 @@ def test_the_longest_ids_work_in_every_role_of_the_lmdb_store(tmp_path) -> None:
         # computed bound, and LMDB can hold it.
         env = store._env
         longest = 0
-        for name in ("convs", "convidx", "members", "userconvs", "inbox", "devices", "dedupe", "reads"):
+        for name in ("convs", "convidx", "members", "userconvs", "inbox", "devices", "dedupe", "reads", "convset",
+                     "mentionidx"):
             with env.begin(db=env.open_db(name.encode())) as txn:
                 longest = max([longest] + [len(k) for k in txn.cursor().iternext(values=False)])
-        assert longest == MAX_KEY_LEN == 1 + 64 + 1 + 131
+        assert longest == MAX_KEY_LEN == 1 + 64 + 1 + 131 + 8  # mentionidx: T(user) T(conv) U64(seq)
         assert MAX_KEY_LEN <= env.max_key_size()
     with LmdbStore(path, durability="os", create=False) as store:  # and it all reads back
         direct = ids.direct_conversation(A64, B64)
@@ -197,7 +203,7 @@ def test_the_longest_ids_work_in_every_role_of_the_lmdb_store(tmp_path) -> None:
         assert store.read_marker(B64, direct) == 1 and store.read_marker(B64, G_MAX) == 1
         assert store.members(G_MAX) == tuple(sorted([A64, B64, U_MAX]))
         assert [d.device for d in store.devices(A64)] == [D64]
-        assert [m.payload for m in store.history(direct, 0, 10)] == [b"1:1"]
+        assert [m.payload for m in store.history(direct, 0, 10)] == [b"1:1", b"@"]
 
 
 def test_the_longest_ids_work_in_every_role_of_the_memory_store() -> None:

@@ -347,7 +347,7 @@ async def test_oversized_and_malformed_frames_close_only_that_connection(lmdb_st
                 assert close.code == CloseCode.PROTOCOL_ERROR and "FRAME_TOO_LARGE" in close.reason
                 raw = await RawConn.open(port)
                 await raw.login("mallory")
-                await raw.send_bytes(b"\x03\x2f\x01\x00")  # version 2 with reserved flag bits
+                await raw.send_bytes(b"\x03\x3f\x01\x00")  # version 3 with reserved flag bits
                 close = await raw.until(F.Close)
                 assert close.code == CloseCode.PROTOCOL_ERROR and "MALFORMED" in close.reason
                 assert (await a.send(AB, b"after")).seq == 2

@@ -64,6 +64,7 @@ from pimcore.store import (
     WriteBatch,
     direct_conversation,
 )
+from pimcore.store import Expire, PurgeConversation, PurgeUser, ReadDedupe, ReadRetention, SetRetention
 
 BACKENDS = ["memory", "lmdb"]
 AB = direct_conversation("alice", "bob")  # "d:alice:bob"
@@ -973,6 +974,17 @@ class StoreModel(RuleBasedStateMachine):
         read_op.map(lambda a: ("read", a)),
         read_op.map(lambda a: ("read", a)),
         st.tuples(span, span).map(lambda a: ("reclaim", a)),
+        # recall / edit / delete-for-self (issue 14): same local ids as sends
+        st.tuples(
+            st.sampled_from(GOOD_CONVS), st.sampled_from(USERS), st.sampled_from(DEVICES), st.integers(1, 5),
+            st.sampled_from([3, 4, 5]), st.integers(1, 6), st.sampled_from([0, 3, 10**6]),
+        ).map(lambda a: ("amend", a)),
+        # History retention and purges (tests/test_retention.py has the rest).
+        st.tuples(st.sampled_from([0, 0, 3, 20]), st.sampled_from([0, 1, 3])).map(lambda a: ("expire", a)),
+        st.tuples(st.sampled_from(GOOD_CONVS + ["nope"]), st.sampled_from([-1, 0, 2, 6]),
+                  st.sampled_from([-1, 0, 1, 2])).map(lambda a: ("retain", a)),
+        st.sampled_from(GOOD_CONVS + ["nope"]).map(lambda a: ("purge_conv", a)),
+        st.sampled_from(USERS).map(lambda a: ("purge_user", a)),
     )
 
     def build(self, kind: str, args: tuple) -> object:
@@ -992,6 +1004,15 @@ class StoreModel(RuleBasedStateMachine):
                 digest=digest(conv, payload),
             )
         self.time += 1
+        if kind == "amend":
+            from pimcore.store import AmendMessage
+
+            conv, sender, device, local_id, action, target, window = args
+            payload = b"e%d" % self.time if action == 4 else b""
+            return AmendMessage(
+                self.time.to_bytes(8, "big") + self.node, conv, sender, device, local_id, self.time - 7, self.time,
+                action, target, payload, digest(conv, bytes((action, target)) + payload), window,
+            )
         if kind == "ack":
             user, device, pos, back = args
             return AckPosition(user, device, pos, self.time - back)
@@ -1000,6 +1021,14 @@ class StoreModel(RuleBasedStateMachine):
             return TouchDevice(user, device, pos, self.time - back)
         if kind == "read":
             return MarkRead(*args)
+        if kind == "expire":
+            return Expire(self.time, *args)
+        if kind == "retain":
+            return SetRetention(*args)
+        if kind == "purge_conv":
+            return PurgeConversation(args)
+        if kind == "purge_user":
+            return PurgeUser(args, self.time)
         retention, max_age = args
         return Reclaim(self.time, retention, max_age)
 
@@ -1054,6 +1083,8 @@ class StoreModel(RuleBasedStateMachine):
             [LoadSession(u, d) for u in users for d in DEVICES + ["new"]]
             + [ReadInbox(u, after, 3) for u in users for after in (0, 2)]
             + [ReadHistory(c, u, s, 2, b) for c in CONVS + ["g 3", "nope"] for u in users for s in (0, 3) for b in (False, True)]
+            + [ReadRetention(c) for c in CONVS + ["g 3"]]
+            + [ReadDedupe(u, d, i) for u in USERS for d in DEVICES for i in range(1, 6)]
         )
         assert self.memory.read(reads) == self.lmdb.read(reads)
 
@@ -1369,5 +1400,62 @@ def test_lmdb_schema_2_store_is_migrated(tmp_path) -> None:
         assert not s.history_visible(GROUP)
         s.add_members(GROUP, ["carol"], now=5)
         assert s.spans(GROUP, "carol") == ((1, (1 << 64) - 1),)
+    finally:
+        s.close()
+
+
+# ---------------------------------------------------------------- presence (issue 14 part 3)
+
+
+def test_presence_visibility_follows_shared_conversations(store: Store, mk: Maker) -> None:
+    from pimcore.store import PresencePage, ReadPresence
+
+    store.create_group(GROUP, ["alice", "bob"], now=1)
+    mk.commit(store, mk(direct_conversation("alice", "dave"), "alice"))
+    mk.commit(store, TouchDevice("bob", "phone", 0, 500), TouchDevice("bob", "tablet", 0, 700))
+
+    def seen(user: str, *others: str) -> list[tuple[str, bool, int]]:
+        [page] = store.read((ReadPresence(user, others),))
+        assert isinstance(page, PresencePage) and page.user == user
+        return [(e.user, e.visible, e.last_seen) for e in page.entries]
+
+    assert seen("alice", "bob", "dave", "eve", "alice", "BAD ID") == [
+        ("bob", True, 700), ("dave", True, 0), ("eve", False, 0), ("alice", True, 0), ("BAD ID", False, 0),
+    ]
+    assert seen("eve", "alice", "bob") == [("alice", False, 0), ("bob", False, 0)]
+    assert seen("dave", "bob") == [("bob", False, 0)]  # alice's group is not dave's
+    store.remove_members(GROUP, ["bob"], now=10)
+    assert seen("alice", "bob") == [("bob", False, 0)]  # a former member shares nothing now
+    [bad] = store.read((ReadPresence("BAD ID", ("alice",)),))
+    assert bad == Rejected(ErrorCode.BAD_REQUEST)
+
+
+def test_presence_privacy_is_durable_and_reported(store: Store, mk: Maker) -> None:
+    from pimcore.store import PresencePrivacySet, ReadPresence, SetPresencePrivacy
+
+    store.create_group(GROUP, ["alice", "bob"], now=1)
+    assert not store.hides_last_seen("bob")
+    assert mk.commit(store, SetPresencePrivacy("bob", True)) == (PresencePrivacySet("bob", True),)
+    assert store.hides_last_seen("bob") and not store.hides_last_seen("alice")
+    [page] = store.read((ReadPresence("alice", ("bob",)),))
+    assert page.entries[0].hide_last_seen and not page.hide_last_seen
+    [page] = store.read((ReadPresence("bob", ()),))
+    assert page.hide_last_seen and page.entries == ()
+    assert mk.commit(store, SetPresencePrivacy("bob", False), SetPresencePrivacy("bob", False)) == (
+        PresencePrivacySet("bob", False), PresencePrivacySet("bob", False))
+    assert not store.hides_last_seen("bob")
+    assert mk.commit(store, SetPresencePrivacy("BAD ID", True), SetPresencePrivacy("bob", 1)) == (  # type: ignore[arg-type]
+        Rejected(ErrorCode.BAD_REQUEST), Rejected(ErrorCode.BAD_REQUEST))
+
+
+def test_presence_privacy_survives_reopening_lmdb(tmp_path: Path) -> None:
+    from pimcore.store import SetPresencePrivacy
+
+    s = LmdbStore(tmp_path / "db")
+    s.commit(WriteBatch(1, (SetPresencePrivacy("bob", True),)))
+    s.close()
+    s = LmdbStore(tmp_path / "db")
+    try:
+        assert s.hides_last_seen("bob")
     finally:
         s.close()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Train the zstd dictionary shipped as ``pimcore/data/zstd-chat-v2.dict``.
+"""Train the zstd dictionary shipped as ``pimcore/data/zstd-chat-v3.dict``.
 
-    python tools/train_zstd_dict.py --out pimcore/data/zstd-chat-v2.dict
+    python tools/train_zstd_dict.py --out pimcore/data/zstd-chat-v3.dict
     python tools/train_zstd_dict.py --evaluate      # ratios on held-out traffic
 
 The samples are the BODIES of frames (what ``pimcore.compress.FrameCompressor``
@@ -47,7 +47,7 @@ from pimcore import frames as F  # noqa: E402
 from pimcore._pure.codec import encode_frame  # noqa: E402  (bytes identical on both backends)
 from pimcore.compress import DEFAULT_THRESHOLD, DICTIONARY_ID  # noqa: E402
 
-#: Dictionary parameters.  The id (pimcore.compress.DICTIONARY_ID, 0xC402)
+#: Dictionary parameters.  The id (pimcore.compress.DICTIONARY_ID, 0xC403)
 #: sits in the range zstd leaves to private use (>= 32768) and takes 2 bytes
 #: in each frame header instead of the 4 a random id would take.  Size and
 #: k/d come from a sweep (--optimize, then 4..64 KiB x k 150..1000 x d 6/8):
@@ -443,7 +443,7 @@ def evaluate(dict_data: Any, level: int = 3, count: int = 4000, seed: int = EVAL
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, help="write the dictionary here (pimcore/data/zstd-chat-v2.dict)")
+    ap.add_argument("--out", type=Path, help="write the dictionary here (pimcore/data/zstd-chat-v3.dict)")
     ap.add_argument("--size", type=int, default=DICT_SIZE, help="dictionary size in bytes (default %(default)s)")
     ap.add_argument("--samples", type=int, default=TRAIN_SAMPLES, help="training frames (default %(default)s)")
     ap.add_argument("--seed", type=int, default=TRAIN_SEED)

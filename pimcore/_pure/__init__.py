@@ -6,5 +6,7 @@ from .fanout import *  # noqa: F401,F403
 from .fanout import __all__ as _fanout_all
 from .order import *  # noqa: F401,F403
 from .order import __all__ as _order_all
+from .records import *  # noqa: F401,F403
+from .records import __all__ as _records_all
 
-__all__ = [*_codec_all, *_order_all, *_fanout_all]
+__all__ = [*_codec_all, *_order_all, *_fanout_all, *_records_all]

@@ -46,6 +46,20 @@ from ..frames import (
     ReadersReq,
     Reader,
     ReadersResp,
+    AmendReq,
+    Mention,
+    ConvEntry,
+    ConvListReq,
+    ConvListResp,
+    ConvSetReq,
+    ConvSetResp,
+    ConvUpdate,
+    Typing,
+    PresenceUser,
+    PresenceSub,
+    PresenceEntry,
+    Presence,
+    PresencePrivacy,
 )
 
 __all__ = [
@@ -95,6 +109,12 @@ _MESSAGE = (
     ("kind", "u"),
     ("local_id", "u"),
     ("after_seq", "u"),
+    ("target", "u"),
+    ("edited", "u"),
+    ("recalled", "?"),
+    ("deleted", "?"),
+    ("mentions", "[Mention]"),
+    ("mention_all", "?"),
 )
 _READ_STATE = (("conv", "t"), ("read_seq", "u"), ("last_seq", "u"), ("unread", "u"))
 
@@ -117,7 +137,10 @@ SCHEMA: dict[type, tuple[tuple[str, str], ...]] = {
     ),
     CalibrateReq: (("client_time", "s"),),
     CalibrateResp: (("client_time", "s"), ("server_time", "u")),
-    SendReq: (("local_id", "u"), ("conv", "t"), ("client_time", "s"), ("payload", "b"), ("after_seq", "u")),
+    SendReq: (
+        ("local_id", "u"), ("conv", "t"), ("client_time", "s"), ("payload", "b"), ("after_seq", "u"),
+        ("mentions", "[Mention]"), ("mention_all", "?"),
+    ),
     SendAck: (("local_id", "u"), ("code", "u"), ("msg_id", "b"), ("seq", "u"), ("server_time", "u")),
     Push: (("position", "u"), ("messages", "[Message]")),
     PushAck: (("position", "u"),),
@@ -128,6 +151,16 @@ SCHEMA: dict[type, tuple[tuple[str, str], ...]] = {
     HistoryResp: (("req_id", "u"), ("conv", "t"), ("code", "u"), ("messages", "[Message]"), ("more", "?")),
     ReadersReq: (("req_id", "u"), ("conv", "t")),
     ReadersResp: (("req_id", "u"), ("conv", "t"), ("code", "u"), ("readers", "[Reader]")),
+    AmendReq: (("local_id", "u"), ("conv", "t"), ("target", "u"), ("action", "u"), ("client_time", "s"), ("payload", "b")),
+    ConvListReq: (("req_id", "u"), ("cursor", "b"), ("limit", "u"), ("include_hidden", "?")),
+    ConvListResp: (("req_id", "u"), ("code", "u"), ("entries", "[ConvEntry]"), ("cursor", "b"), ("more", "?")),
+    ConvSetReq: (("req_id", "u"), ("conv", "t"), ("pinned", "u"), ("muted", "u"), ("hidden", "u")),
+    ConvSetResp: (("req_id", "u"), ("conv", "t"), ("code", "u")),
+    ConvUpdate: (("entries", "[ConvEntry]"),),
+    Typing: (("conv", "t"), ("active", "?"), ("user", "t"), ("ttl_ms", "u")),
+    PresenceSub: (("req_id", "u"), ("users", "[PresenceUser]")),
+    Presence: (("req_id", "u"), ("code", "u"), ("entries", "[PresenceEntry]")),
+    PresencePrivacy: (("mode", "u"),),
     Ping: (("nonce", "u"),),
     Pong: (("nonce", "u"),),
     Error: (("code", "u"), ("ref", "u"), ("reason", "t")),
@@ -136,9 +169,16 @@ SCHEMA: dict[type, tuple[tuple[str, str], ...]] = {
     Message: _MESSAGE,
     ReadState: _READ_STATE,
     Reader: (("user", "t"), ("read_seq", "u")),
+    Mention: (("user", "t"),),
+    ConvEntry: (
+        ("conv", "t"), ("last", "[Message]"), ("read_seq", "u"), ("last_seq", "u"), ("unread", "u"),
+        ("mention_count", "u"), ("pinned", "?"), ("muted", "?"), ("hidden", "?"),
+    ),
+    PresenceUser: (("user", "t"),),
+    PresenceEntry: (("user", "t"), ("state", "u"), ("last_seen", "u")),
 }
 
-_RECORDS = (Message, ReadState, Reader)
+_RECORDS = (Message, ReadState, Reader, Mention, ConvEntry, PresenceUser, PresenceEntry)
 _RECORD_BY_KIND = {f"[{rec.__name__}]": rec for rec in _RECORDS}
 
 

@@ -33,6 +33,9 @@ REFUSED_STATUS: dict[ErrorCode, int] = {
     ErrorCode.BAD_REQUEST: 400,
     ErrorCode.UNKNOWN_CONVERSATION: 404,
     ErrorCode.NOT_MEMBER: 403,
+    ErrorCode.BAD_CURSOR: 400,
+    ErrorCode.BAD_MENTION: 400,
+    ErrorCode.TOO_MANY_MENTIONS: 400,
     ErrorCode.ALREADY_EXISTS: 409,
     ErrorCode.DUPLICATE_CONFLICT: 409,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
@@ -40,6 +43,11 @@ REFUSED_STATUS: dict[ErrorCode, int] = {
     ErrorCode.TOO_MANY_IN_FLIGHT: 429,
     ErrorCode.REJECTED: 403,
     ErrorCode.INTERNAL: 503,  # a content check could not answer (moderation down, policy closed): retry
+    ErrorCode.NO_SUCH_MESSAGE: 404,
+    ErrorCode.NOT_SENDER: 403,
+    ErrorCode.TOO_LATE: 409,
+    ErrorCode.RECALLED: 409,
+    ErrorCode.BAD_ACTION: 400,
 }
 
 #: Longest ``wait`` (seconds) a ``GET /v1/events`` long-poll may ask for.
@@ -156,6 +164,19 @@ def _message(m: Any) -> dict[str, Any]:
         "msg_id": m.msg_id.hex(), "conv": m.conv, "seq": m.seq, "sender": m.sender, "device": m.device,
         "kind": m.kind, "local_id": m.local_id, "server_time": m.server_time,
         "payload_b64": base64.b64encode(m.payload).decode("ascii"),
+        "target": m.target, "edited": m.edited, "recalled": m.recalled, "deleted": m.deleted,
+    }
+
+
+def _conv_entry(e: Any) -> dict[str, Any]:
+    last = None
+    if e.last is not None:
+        last = _message(e.last)
+        last["mentions"] = list(e.last.mentions)
+        last["mention_all"] = e.last.mention_all
+    return {
+        "conv": e.conv, "last": last, "read_seq": e.read_seq, "last_seq": e.last_seq, "unread": e.unread,
+        "mention_count": e.mention_count, "pinned": e.pinned, "muted": e.muted, "hidden": e.hidden,
     }
 
 
@@ -193,7 +214,51 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         key = request.headers.get("idempotency-key")
         if key is not None:
             kw["idempotency_key"] = key.encode("latin-1")
+        if "mentions" in body:
+            kw["mentions"] = _strings(body, "mentions")
+        if "mention_all" in body:
+            kw["mention_all"] = _field(body, "mention_all", bool)
         posted = await handle.post(request.params["conv"], payload, **kw)
+        return 201, _posted(posted)
+
+    def _seq(request: Request) -> int:
+        text = request.params["seq"]
+        if not text.isdigit() or not 0 < int(text) <= _MAX_INT:
+            raise _bad("the seq in the path must be 1..2^63-1")
+        return int(text)
+
+    def _as(body: dict[str, Any]) -> dict[str, Any]:
+        kw: dict[str, Any] = {}
+        sender = _field(body, "sender", str, None)
+        device = _field(body, "device", str, None)
+        if device is not None and sender is None:
+            raise _bad("field 'device' needs the field 'sender'")
+        if sender:
+            kw["sender"], kw["device"] = sender, device if device is not None else "http"
+        return kw
+
+    def _key(request: Request, kw: dict[str, Any]) -> dict[str, Any]:
+        key = request.headers.get("idempotency-key")
+        if key is not None:
+            kw["idempotency_key"] = key.encode("latin-1")
+        return kw
+
+    async def recall(request: Request) -> tuple[int, Any]:
+        body = _object(request, optional=True)
+        posted = await handle.recall(request.params["conv"], _seq(request), **_key(request, _as(body)))
+        return 201, _posted(posted)
+
+    async def edit(request: Request) -> tuple[int, Any]:
+        body = _object(request)
+        payload, kw = _post_fields(body)
+        posted = await handle.edit(request.params["conv"], _seq(request), payload, **_key(request, kw))
+        return 201, _posted(posted)
+
+    async def delete_for(request: Request) -> tuple[int, Any]:
+        body = _object(request)
+        user = _field(body, "user", str)
+        kw = _key(request, {"device": _field(body, "device", str, "http")})
+        posted = await handle.delete_for(user, request.params["conv"], _seq(request), **kw)
         return 201, _posted(posted)
 
     async def post_batch(request: Request) -> tuple[int, Any]:
@@ -289,6 +354,25 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         convs = await handle.conversations(request.params["user"])
         return 200, {"conversations": [asdict(c) for c in convs]}
 
+    async def conversation_list(request: Request) -> tuple[int, Any]:
+        try:
+            cursor = bytes.fromhex(_query(request, "cursor", str, ""))
+        except ValueError:
+            raise HttpError(400, "BAD_CURSOR", "query parameter 'cursor' is not one this API gave") from None
+        limit = _query(request, "limit", int, 50)
+        if not 1 <= limit <= 1000:
+            raise _bad("query parameter 'limit' must be 1..1000")
+        include_hidden = _query(request, "include_hidden", str, "false").lower() in ("1", "true", "yes")
+        page = await handle.conversation_list(request.params["user"], cursor=cursor, limit=limit,
+                                              include_hidden=include_hidden)
+        return 200, {"entries": [_conv_entry(e) for e in page.entries], "cursor": page.cursor.hex(), "more": page.more}
+
+    async def conversation_settings(request: Request) -> tuple[int, Any]:
+        body = _object(request)
+        kw = {name: _field(body, name, bool, None) for name in ("pinned", "muted", "hidden")}
+        entry = await handle.set_conversation(request.params["user"], request.params["conv"], **kw)
+        return 200, _conv_entry(entry)
+
     async def history(request: Request) -> tuple[int, Any]:
         user = _query(request, "user", str, None)
         if user is None:
@@ -300,6 +384,10 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         msgs = await handle.history(request.params["conv"], user, from_seq=from_seq, limit=limit,
                                     backward=_query(request, "backward", bool, True))
         return 200, {"messages": [_message(m) for m in msgs]}
+
+    async def presence(request: Request) -> tuple[int, Any]:
+        p = await handle.presence(request.params["user"])
+        return 200, {"user": p.user, "online": p.online, "last_seen": p.last_seen, "hide_last_seen": p.hide_last_seen}
 
     async def devices(request: Request) -> tuple[int, Any]:
         user = request.params["user"]
@@ -382,9 +470,36 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         upto = _field(body, "upto", int)
         return 200, {"consumer": consumer, "cursor": await handle.ack_events(upto, consumer)}
 
+    async def get_retention(request: Request) -> tuple[int, Any]:
+        return 200, asdict(await handle.retention(request.params["conv"]))
+
+    async def put_retention(request: Request) -> tuple[int, Any]:
+        body = _object(request, optional=True)
+        ret = await handle.set_retention(request.params["conv"], max_age=_field(body, "max_age", int, None),
+                                         max_count=_field(body, "max_count", int, None))
+        return 200, asdict(ret)
+
+    async def purge_conversation(request: Request) -> tuple[int, Any]:
+        conv = request.params["conv"]
+        done = await handle.purge_conversation(conv)
+        return 200, {"conv": conv, "messages": done.messages, "entries": done.entries}
+
+    async def purge_user(request: Request) -> tuple[int, Any]:
+        user = request.params["user"]
+        done = await handle.purge_user(user)
+        return 200, {"user": user, "messages": done.messages, "entries": done.entries, "devices": done.devices,
+                     "left": [c.conv for c in done.changes]}
+
     for method, pattern, handler in (
+        ("GET", "/v1/conversations/{conv}/retention", get_retention),
+        ("PUT", "/v1/conversations/{conv}/retention", put_retention),
+        ("DELETE", "/v1/conversations/{conv}", purge_conversation),
+        ("DELETE", "/v1/users/{user}", purge_user),
         ("POST", "/v1/conversations/{conv}/messages", post),
         ("POST", "/v1/messages", post_batch),
+        ("POST", "/v1/conversations/{conv}/messages/{seq}/recall", recall),
+        ("POST", "/v1/conversations/{conv}/messages/{seq}/edit", edit),
+        ("POST", "/v1/conversations/{conv}/messages/{seq}/delete", delete_for),
         ("GET", "/v1/conversations/{conv}/history", history),
         ("POST", "/v1/groups", create_group),
         ("POST", "/v1/groups/{conv}/members", add_members),
@@ -392,7 +507,10 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         ("POST", "/v1/users/{user}/kick", kick),
         ("POST", "/v1/users/{user}/revoke", revoke),
         ("GET", "/v1/users/{user}/conversations", conversations),
+        ("GET", "/v1/users/{user}/conversation-list", conversation_list),
+        ("POST", "/v1/users/{user}/conversations/{conv}/settings", conversation_settings),
         ("GET", "/v1/users/{user}/devices", devices),
+        ("GET", "/v1/users/{user}/presence", presence),
         ("GET", "/v1/users/{user}/unread", unread),
         ("GET", "/v1/users/{user}/read-positions", read_positions),
         ("POST", "/v1/tokens", tokens),

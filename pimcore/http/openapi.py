@@ -15,6 +15,7 @@ __all__ = ["OPS_ROUTES", "ROUTES", "openapi_document"]
 _STR = {"type": "string"}
 _INT = {"type": "integer", "minimum": 0}
 _STRINGS = {"type": "array", "items": _STR}
+_BOOL = {"type": "boolean"}
 
 
 def _obj(required: tuple[str, ...] = (), **props: Any) -> dict[str, Any]:
@@ -27,15 +28,26 @@ def _obj(required: tuple[str, ...] = (), **props: Any) -> dict[str, Any]:
 _MESSAGE = _obj(
     msg_id=_STR, conv=_STR, seq=_INT, sender=_STR, device=_STR, kind=_INT,
     client_time={"type": "integer"}, server_time=_INT, payload_b64=_STR,
+    target=_INT, edited=_INT, recalled={"type": "boolean"}, deleted={"type": "boolean"},
 )
 _MEMBERS = _obj(("conv", "members"), conv=_STR, members=_STRINGS)
+_CONV_ENTRY = _obj(
+    conv=_STR, last={"oneOf": [{"type": "null"}, _obj(
+        msg_id=_STR, conv=_STR, seq=_INT, sender=_STR, device=_STR, kind=_INT, local_id=_INT, server_time=_INT,
+        payload_b64=_STR, mentions=_STRINGS, mention_all={"type": "boolean"})]},
+    read_seq=_INT, last_seq=_INT, unread=_INT, mention_count=_INT, pinned={"type": "boolean"},
+    muted={"type": "boolean"}, hidden={"type": "boolean"},
+)
+_INT_OR_NULL = {"type": ["integer", "null"], "minimum": 0}
+_RETENTION = _obj(("conv", "max_age", "max_count", "floor"), conv=_STR, max_age=_INT_OR_NULL,
+                  max_count=_INT_OR_NULL, floor=_INT)
 
 #: (method, path, summary, request body schema or None, query parameters,
 #: success status, success body schema).
 ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], int, dict[str, Any]], ...] = (
     ("POST", "/v1/conversations/{conv}/messages",
      "Store a message and deliver it like a client's (header Idempotency-Key makes retries safe)",
-     _obj(payload=_STR, payload_b64=_STR, sender=_STR, device=_STR), (),
+     _obj(payload=_STR, payload_b64=_STR, sender=_STR, device=_STR, mentions=_STRINGS, mention_all=_BOOL), (),
      201, _obj(conv=_STR, msg_id=_STR, seq=_INT, server_time=_INT)),
     ("POST", "/v1/messages",
      "Store many messages (to any conversations) in one request; per-message idempotency keys and results in order",
@@ -44,6 +56,16 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
      200, _obj(results={"type": "array", "items": _obj(
          ("status",), status={"enum": ["stored", "duplicate", "error"]}, conv=_STR, msg_id=_STR, seq=_INT,
          server_time=_INT, code=_STR, message=_STR)})),
+    ("POST", "/v1/conversations/{conv}/messages/{seq}/recall",
+     "Recall a message for everyone: a RECALL entry, no payload left (as the system, or as 'sender': their own only)",
+     _obj(sender=_STR, device=_STR), (), 201, _obj(conv=_STR, msg_id=_STR, seq=_INT, server_time=_INT)),
+    ("POST", "/v1/conversations/{conv}/messages/{seq}/edit",
+     "Replace a message's payload: an EDIT entry (as the system, or as 'sender': their own only)",
+     _obj(payload=_STR, payload_b64=_STR, sender=_STR, device=_STR), (),
+     201, _obj(conv=_STR, msg_id=_STR, seq=_INT, server_time=_INT)),
+    ("POST", "/v1/conversations/{conv}/messages/{seq}/delete",
+     "Delete a message for one user only (a DELETE entry to their devices; seq 0)",
+     _obj(("user",), user=_STR, device=_STR), (), 201, _obj(conv=_STR, msg_id=_STR, seq=_INT, server_time=_INT)),
     ("GET", "/v1/conversations/{conv}/history", "A page of history as a user may see it", None,
      (("user", _STR), ("from_seq", _INT), ("limit", _INT), ("backward", {"type": "boolean"})),
      200, _obj(messages={"type": "array", "items": _MESSAGE})),
@@ -58,7 +80,18 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
     ("GET", "/v1/users/{user}/conversations", "A user's conversations with read markers and unread counts", None, (),
      200, _obj(conversations={"type": "array", "items": _obj(
          conv=_STR, read_seq=_INT, last_seq=_INT, unread=_INT, peer=_STR, peer_read_seq=_INT)})),
+    ("GET", "/v1/users/{user}/conversation-list",
+     "A page of the user's conversation list: pinned first, then newest activity first, with last message, unread"
+     " and mention counts and the user's settings", None,
+     (("cursor", _STR), ("limit", _INT), ("include_hidden", _BOOL)),
+     200, _obj(entries={"type": "array", "items": _CONV_ENTRY}, cursor=_STR, more=_BOOL)),
+    ("POST", "/v1/users/{user}/conversations/{conv}/settings",
+     "Change the user's own settings of a conversation (pinned, muted, hidden until the next message); the user's"
+     " devices get a ConvUpdate", _obj(pinned=_BOOL, muted=_BOOL, hidden=_BOOL), (), 200, _CONV_ENTRY),
     ("GET", "/v1/users/{user}/devices", "The user's devices online now", None, (), 200, _obj(user=_STR, devices=_STRINGS)),
+    ("GET", "/v1/users/{user}/presence",
+     "A user's presence on this broker: online, last seen (µs, 0 while online or unknown), last-seen privacy setting",
+     None, (), 200, _obj(user=_STR, online={"type": "boolean"}, last_seen=_INT, hide_last_seen={"type": "boolean"})),
     ("GET", "/v1/users/{user}/unread", "Unread messages of a user in one conversation, or in all of them",
      None, (("conv", _STR),), 200, _obj(user=_STR, conv={"type": ["string", "null"]}, unread=_INT)),
     ("GET", "/v1/users/{user}/read-positions",
@@ -67,6 +100,19 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
                markers={"type": "array", "items": _obj(conv=_STR, read_seq=_INT)},
                devices={"type": "array", "items": _obj(device=_STR, position=_INT, last_seen=_INT,
                                                        online={"type": "boolean"})})),
+    ("GET", "/v1/conversations/{conv}/retention",
+     "A conversation's history retention (null: the broker default; max_age in µs) and history floor", None, (),
+     200, _RETENTION),
+    ("PUT", "/v1/conversations/{conv}/retention",
+     "Set a conversation's history retention (per field: null or omitted = the broker default, 0 = no limit)",
+     _obj(max_age=_INT_OR_NULL, max_count=_INT_OR_NULL), (), 200, _RETENTION),
+    ("DELETE", "/v1/conversations/{conv}",
+     "Purge a conversation: its entries, inbox entries, dedupe records, read markers and (a group) the group; idempotent",
+     None, (), 200, _obj(conv=_STR, messages=_INT, entries=_INT)),
+    ("DELETE", "/v1/users/{user}",
+     "Purge a user: sessions closed (KICKED), groups left, messages made tombstones, inbox, devices, read markers"
+     " and dedupe records deleted, tokens issued until now revoked; idempotent",
+     None, (), 200, _obj(user=_STR, messages=_INT, entries=_INT, devices=_INT, left=_STRINGS)),
     ("POST", "/v1/tokens", "Issue a login token", _obj(("user",), user=_STR, device=_STR, ttl=_INT), (),
      201, _obj(token=_STR)),
     ("GET", "/v1/events", "Host events from a durable cursor (long-poll with wait, in seconds)", None,

@@ -670,14 +670,29 @@ class BrokerServer:
 
     async def _reader(self, peer: _Peer) -> None:
         read_size = self.config.read_size
+        # Plain TCP: wait until readable, then one read.  (receive_some reads
+        # first, and on a connection with one message in flight that read
+        # usually finds nothing: an EAGAIN raised and caught, then the same
+        # wait -- per message, with many connections each sending now and
+        # then.)  The fd is closed only after this task ends (_serve_peer).
+        fd = peer.fd
+        wait_readable = trio.lowlevel.wait_readable
         with trio.CancelScope() as scope:
             peer.reader_scope = scope
             while peer.state is _PeerState.OPEN:
                 if peer.resume is not None:
                     await peer.resume.wait()  # the core waits for a request first
                     continue
+                data: Union[bytes, bytearray]
                 try:
-                    data = await peer.stream.receive_some(read_size)
+                    if fd >= 0:
+                        await wait_readable(fd)
+                        try:
+                            data = os.read(fd, read_size)
+                        except BlockingIOError:
+                            continue
+                    else:
+                        data = await peer.stream.receive_some(read_size)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     log.debug("connection %d broken: %r", peer.id, exc)
                     return

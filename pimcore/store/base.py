@@ -40,6 +40,13 @@ all known devices are reclaimed.  Devices not seen for ``device_retention``
 are forgotten (they stop holding entries back), and entries older than
 ``max_age`` are reclaimed even when no device ever took them.
 
+History retention and purges (:class:`SetRetention`, :class:`Expire`,
+:class:`PurgeConversation`, :class:`PurgeUser`) remove a prefix of a
+conversation: its *history floor* moves up (seqs <= floor are gone, never
+reused), and with each removed message go its inbox entries -- leaving holes
+above the inbox floor, which inbox reads skip and :class:`Reclaim` walks
+over -- and its dedupe record.
+
 Membership (groups)
 -------------------
 The store keeps, per (group, user), every interval of membership as seqs:
@@ -94,7 +101,7 @@ import base64
 import json
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Union
 
 from ..errors import ErrorCode, StoreError
@@ -127,6 +134,10 @@ __all__ = [
     "member_set",
     "StoredMessage",
     "NewMessage",
+    "AmendMessage",
+    "amend_problem",
+    "amended",
+    "amend_entry",
     "AckPosition",
     "TouchDevice",
     "MarkRead",
@@ -141,6 +152,17 @@ __all__ = [
     "ReadEvents",
     "ReadDedupe",
     "Deduped",
+    "SetRetention",
+    "Expire",
+    "PurgeConversation",
+    "PurgeUser",
+    "ReadRetention",
+    "RetentionSet",
+    "Expired",
+    "Purged",
+    "RetentionState",
+    "after_floor",
+    "retention_limits",
     "StoredEvent",
     "EventAppended",
     "EventsAcked",
@@ -153,6 +175,11 @@ __all__ = [
     "ReadHistory",
     "ReadReaders",
     "ReadDevices",
+    "ReadPresence",
+    "PresenceInfo",
+    "PresencePage",
+    "SetPresencePrivacy",
+    "PresencePrivacySet",
     "ReadOp",
     "StoreRequest",
     "GroupChanged",
@@ -245,6 +272,12 @@ def page_seqs(ranges: Iterable[tuple[int, int]], last: int, from_seq: int, limit
     return out
 
 
+def after_floor(ranges: Iterable[tuple[int, int]], floor: int) -> list[tuple[int, int]]:
+    """``ranges`` without the seqs <= ``floor`` (the conversation's history
+    floor: what retention or a purge removed, see :class:`Expire`)."""
+    return [(max(lo, floor + 1), hi) for lo, hi in ranges if hi > floor]
+
+
 # ---------------------------------------------------------------- records
 
 
@@ -267,6 +300,20 @@ class StoredMessage:
     #: this (SendReq.after_seq), clamped below ``seq``: display order keeps
     #: the message below those (see pimcore.order).
     after_seq: int = 0
+    #: Kinds RECALL / EDIT / DELETE: the seq of the message acted on.
+    target: int = 0
+    #: Kind MESSAGE: server time (µs) of its latest edit, 0 = never edited.
+    edited: int = 0
+    #: Kind MESSAGE: recalled; ``payload`` is then empty in the store.
+    recalled: bool = False
+    #: Kind MESSAGE, as read for one user (ReadHistory): that user deleted
+    #: it for themselves (``payload`` empty in what is returned).  Never
+    #: stored in the record: deletions are per user.
+    deleted: bool = False
+    #: Users the message mentions (sorted, unique, never the sender) and
+    #: whether it mentions everyone (SendReq.mentions / mention_all).
+    mentions: tuple[str, ...] = ()
+    mention_all: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +367,12 @@ class NewMessage:
     #: the members it was fanned out to) in the same transaction when the
     #: message is stored (not for a Duplicate or a Rejected).
     event: bool = False
+    #: Mentioned users (valid ids, sorted, unique, not the sender: the core
+    #: normalizes them) and "everyone".  Stored with the message as given;
+    #: only recipients (members at this seq) get a mention counted
+    #: (:class:`ConversationEntry`), the sender never.
+    mentions: tuple[str, ...] = ()
+    mention_all: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,8 +434,10 @@ class Reclaim:
     practice: they come from one monotonic clock).  A user with no known
     device has acked nothing: only ``max_age`` reclaims their entries, so
     messages wait for a user who has never logged in.  ``entries`` counts
-    removed inbox entries, ``devices`` forgotten devices.  Messages themselves
-    (the history) and their dedupe records are never reclaimed."""
+    removed inbox entries, ``devices`` forgotten devices.  Holes (entries
+    :class:`Expire` or a purge removed) count as reclaimable and are not
+    counted.  Messages themselves (the history) and their dedupe records are
+    not reclaimed here; :class:`Expire` removes them."""
 
     now: int
     device_retention: int
@@ -486,9 +541,209 @@ class AckEvents:
     upto: int
 
 
+@dataclass(frozen=True, slots=True)
+class SetConversation:
+    """Change ``user``'s own settings of ``conv`` (synced across the user's
+    devices): ``pinned``, ``muted``, ``hidden``, each 0 keep, 1 on, 2 off
+    (frames.SETTING_*).  Hidden ON hides the conversation from the list
+    until its next entry: the store keeps ``hidden_at`` = the last seq the
+    user may see + 1, and the entry is hidden while its last seq is below
+    that (a new message un-hides it without a write).  Access: malformed
+    ids or a value outside 0..2 -> Rejected(BAD_REQUEST); an unknown group
+    -> UNKNOWN_CONVERSATION; a group the user is not in the list of (never
+    a member) or a 1:1 id without the user -> NOT_MEMBER.  Result:
+    ConversationSet (the entry after the op)."""
+
+    user: str
+    conv: str
+    pinned: int = 0
+    muted: int = 0
+    hidden: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SetPresencePrivacy:
+    """The user's durable presence setting: with ``hide_last_seen`` the
+    broker shows others only online/offline, never when the user was last
+    online (PROTOCOL.md, Presence).  An invalid user id or a non-bool ->
+    Rejected(BAD_REQUEST).  Result: PresencePrivacySet."""
+
+    user: str
+    hide_last_seen: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AmendMessage:
+    """Recall, edit or delete-for-self the message at seq ``target`` of
+    ``conv`` (``kind``: MessageKind RECALL, EDIT or DELETE), as a new entry.
+
+    In one transaction, like :class:`NewMessage`: the dedupe lookup on
+    (sender, device, local_id) -- the same key space as NewMessage, so a
+    retry is a :class:`Duplicate` of the original (a different digest:
+    Rejected(DUPLICATE_CONFLICT)); a malformed conversation id ->
+    BAD_REQUEST; unknown group -> UNKNOWN_CONVERSATION; then
+    :func:`amend_problem` decides with the stored target (NOT_MEMBER,
+    NO_SUCH_MESSAGE, NOT_SENDER, RECALLED, TOO_LATE).  Then:
+
+    * RECALL: the target is overwritten with :func:`amended` -- payload
+      empty, ``recalled`` set (no payload is left in the store: an EDIT
+      entry holds none of its own, see below) -- and a RECALL entry
+      (:func:`amend_entry`) takes the next seq and goes to every member's
+      inbox, like a message.
+    * EDIT: the target's payload becomes ``payload``, ``edited`` =
+      ``server_time``; an EDIT entry takes the next seq and goes to every
+      member.  The entry stores no payload: every read of it (inbox, history)
+      returns the target's payload at that time (empty once recalled).
+    * DELETE: the (sender, conv, target) deletion is recorded (history
+      returns the target to that user with ``deleted`` set and no payload);
+      the DELETE entry takes no seq (seq 0, not in the conversation) and goes
+      only to the sender's own inbox, so their other devices learn it in
+      inbox order and a device that comes back catches up on it.
+
+    ``sender`` SYSTEM (with device SYSTEM) is the host: it may recall or
+    edit any message (``window`` 0: no time limit) but not DELETE.
+    ``window`` (µs, 0 = none): the action is refused with TOO_LATE when
+    ``server_time`` is more than that after the target's server time.
+    Result: :class:`Appended` (seq 0 and the sender's position alone for a
+    DELETE), with ``after_seq`` = seq - 1 (0 for a DELETE).
+    """
+
+    msg_id: bytes
+    conv: str
+    sender: str
+    device: str
+    local_id: int
+    client_time: int
+    server_time: int
+    kind: int  # MessageKind RECALL, EDIT or DELETE
+    target: int
+    payload: bytes  # EDIT: the new payload; else empty
+    digest: bytes
+    window: int = 0
+    #: Append a "message" host event for the entry (kind RECALL/EDIT/DELETE,
+    #: with ``target``), as NewMessage.
+    event: bool = False
+
+
+_AMEND_KINDS = (MessageKind.RECALL, MessageKind.EDIT, MessageKind.DELETE)
+
+
+def amend_problem(
+    op: AmendMessage, member: bool, target: Optional[StoredMessage], visible: bool
+) -> ErrorCode:
+    """What every store answers for :class:`AmendMessage` once it has looked
+    up: ``member`` -- the sender is a member now (RECALL/EDIT) or was ever
+    one (DELETE; always true for the host); ``target`` -- the entry at seq
+    ``op.target`` (None: no such seq); ``visible`` -- that seq is one the
+    sender may see (:func:`visible_ranges`).  In this order: NOT_MEMBER,
+    NO_SUCH_MESSAGE (no such seq, not a MESSAGE, not visible), NOT_SENDER
+    (RECALL/EDIT of another user's message by a user), RECALLED (RECALL/EDIT
+    of a recalled message), TOO_LATE (outside ``op.window``); else OK."""
+    if not member:
+        return ErrorCode.NOT_MEMBER
+    if target is None or target.kind != MessageKind.MESSAGE or not visible:
+        return ErrorCode.NO_SUCH_MESSAGE
+    if op.kind != MessageKind.DELETE:
+        if op.sender != SYSTEM and target.sender != op.sender:
+            return ErrorCode.NOT_SENDER
+        if target.recalled:
+            return ErrorCode.RECALLED
+    if op.window and op.server_time - target.server_time > op.window:
+        return ErrorCode.TOO_LATE
+    return ErrorCode.OK
+
+
+def amended(target: StoredMessage, op: AmendMessage) -> StoredMessage:
+    """The target's record after a RECALL or EDIT (a DELETE changes no
+    record)."""
+    if op.kind == MessageKind.RECALL:
+        return replace(target, payload=b"", recalled=True)
+    return replace(target, payload=op.payload, edited=op.server_time)
+
+
+def amend_entry(op: AmendMessage, seq: int) -> StoredMessage:
+    """The stored entry of an AmendMessage at ``seq`` (0 for a DELETE); no
+    payload of its own (an EDIT's is read from its target)."""
+    return StoredMessage(
+        op.msg_id, op.conv, seq, op.sender, op.device, op.local_id, op.client_time, op.server_time, b"",
+        int(op.kind), max(seq - 1, 0), op.target,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SetRetention:
+    """Set the history retention of ``conv``: keep at most ``max_count``
+    entries and none older than ``max_age`` µs (by server time).  Per
+    field: -1 = follow the broker default (:class:`Expire`), 0 = no limit,
+    > 0 the limit; (-1, -1) removes the setting.  Stored with the
+    conversation; applied by the next :class:`Expire`.  A malformed id or a
+    value < -1 or outside i64 -> Rejected(BAD_REQUEST); an unknown group ->
+    Rejected(UNKNOWN_CONVERSATION).  Result: RetentionSet."""
+
+    conv: str
+    max_age: int
+    max_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Expire:
+    """Apply history retention at ``now`` (µs).  ``max_age`` / ``max_count``
+    are the broker defaults (0 = no limit), used where a conversation has no
+    setting of its own (:class:`SetRetention`, per field).
+
+    Retention removes a *prefix* of a conversation: the history floor
+    (seqs <= floor are gone) moves up to cover every entry beyond the
+    newest ``max_count`` and every entry whose server time is
+    ``< now - max_age`` (walked from the floor up, stopping at the first
+    younger one).  For each removed entry the store deletes the message, its
+    inbox entries (the positions stay used: an inbox read skips them, like a
+    Push skips positions a device does not need) and its dedupe record --
+    with the message, never before, so a retry of a message still in the log
+    is still a Duplicate.  Seqs are never reused; the floor only grows.
+    Read markers and membership are kept.  Result: Expired."""
+
+    now: int
+    max_age: int = 0
+    max_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeConversation:
+    """Delete every stored entry of ``conv`` (messages, their inbox entries
+    and dedupe records), every user's read marker and conversation-list
+    entry of it, its retention setting and, for a group, the group itself
+    (members, membership intervals: the id answers UNKNOWN_CONVERSATION
+    until created again).  The history floor becomes the last seq, which is
+    kept: seqs continue after it if the id is used again, so no client
+    cursor ever names two entries.  Idempotent (an unknown or already
+    purged conversation: nothing to do).  A malformed id ->
+    Rejected(BAD_REQUEST).  Result: Purged."""
+
+    conv: str
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeUser:
+    """Delete all data of ``user``: first the user leaves every group they
+    are a member of (a LEFT entry each, as :class:`RemoveMembers` without
+    stamps, so the members learn it); then every message the user sent
+    becomes a tombstone (payload emptied, seq, kind, times and sender kept:
+    the conversations stay gap-free), the user's dedupe records, inbox
+    entries (the floor moves to the head: positions are never reused),
+    devices, read markers, conversation list and membership intervals are
+    deleted, and every token of the user issued before ``now`` is revoked
+    (kept: a purged user's old tokens must not log in again).  Idempotent.
+    A malformed id or ``now`` outside i64 -> Rejected(BAD_REQUEST).
+    Result: Purged (``changes``: the LEFT entries, to push)."""
+
+    user: str
+    now: int
+
+
 Op = Union[
     NewMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers, RemoveMembers, RevokeTokens,
-    AppendEvent, AckEvents,
+    AppendEvent, AckEvents, AmendMessage, SetConversation, SetPresencePrivacy, SetRetention, Expire, PurgeConversation,
+    PurgeUser,
 ]
 
 
@@ -587,7 +842,55 @@ class ReadDedupe:
     local_id: int
 
 
-ReadOp = Union[LoadSession, ReadInbox, ReadHistory, ReadReaders, ReadEvents, ReadDevices, ReadDedupe]
+@dataclass(frozen=True, slots=True)
+class ReadPresence:
+    """What ``user`` may see of the presence of ``others`` (a presence
+    subscription): for each, in order, whether the two share a
+    conversation now (both current members of a group, or the two users of
+    a 1:1 chat that has entries; a user always sees themselves), the
+    other's :class:`SetPresencePrivacy` setting and their last-seen time
+    (the latest ``DeviceState.last_seen`` of their devices, µs; 0 when not
+    visible or none).  Also ``user``'s own setting.  A malformed ``user``
+    -> Rejected(BAD_REQUEST); a malformed other is simply not visible.
+    Result: PresencePage."""
+
+    user: str
+    others: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadConversations:
+    """A page of ``user``'s conversation list (the conversations of
+    :meth:`Store.conversations`), ordered by :func:`conversation_key`:
+    pinned first, then by the server time of the last entry the user may
+    see (newest first), then by id.  ``cursor``: b"" for the first page,
+    else :func:`conversation_cursor` of the last entry of the previous page
+    (entries after it in that order).  Hidden entries are left out unless
+    ``include_hidden``.  With ``conv`` set: just that conversation's entry
+    (hidden or not; NOT_MEMBER if it is not in the user's list).  A
+    malformed id -> code BAD_REQUEST; a malformed cursor -> BAD_CURSOR.
+    At most ``limit`` entries; ``more`` says whether more follow.
+    Result: ConversationsPage."""
+
+    user: str
+    cursor: bytes = b""
+    limit: int = 50
+    include_hidden: bool = False
+    conv: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRetention:
+    """The retention setting and history floor of ``conv``.  A malformed
+    id -> Rejected(BAD_REQUEST).  Result: RetentionState."""
+
+    conv: str
+
+
+ReadOp = Union[
+    LoadSession, ReadInbox, ReadHistory, ReadReaders, ReadEvents, ReadDevices, ReadDedupe, ReadConversations, ReadPresence,
+    ReadRetention,
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -784,9 +1087,110 @@ class Deduped:
     stored: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ConversationEntry:
+    """One conversation of a user's conversation list.
+
+    ``last``: the last entry the user may see (:func:`last_visible`; None
+    while there is none); ``last_seq`` its seq (0 if none).  ``unread`` as
+    :meth:`Store.unread`.  ``mention_count``: entries after the read marker
+    that mention the user (by id or everyone, from someone else, at a seq
+    the user was a member at); it drops as the marker passes them.
+    ``hidden``: hidden (:class:`SetConversation`) and no entry since."""
+
+    conv: str
+    last: Optional[StoredMessage]
+    read_seq: int
+    last_seq: int
+    unread: int
+    mention_count: int
+    pinned: bool
+    muted: bool
+    hidden: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationsPage:
+    code: ErrorCode
+    entries: tuple[ConversationEntry, ...]
+    more: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationSet:
+    """Answer to :class:`SetConversation`: the entry after the op and
+    whether any setting changed."""
+
+    user: str
+    conv: str
+    entry: ConversationEntry
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PresencePrivacySet:
+    """Answer to :class:`SetPresencePrivacy`: the setting now stored."""
+
+    user: str
+    hide_last_seen: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceInfo:
+    user: str
+    visible: bool  # shares a conversation with the asking user now
+    hide_last_seen: bool  # the user's setting (False when not visible)
+    last_seen: int  # µs, latest last_seen of the user's devices; 0 when not visible or none
+
+
+@dataclass(frozen=True, slots=True)
+class PresencePage:
+    """Answer to :class:`ReadPresence`."""
+
+    user: str
+    hide_last_seen: bool  # the asking user's own setting
+    entries: tuple[PresenceInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionSet:
+    conv: str
+    max_age: int  # µs; -1 = the broker default, 0 = no limit
+    max_count: int  # entries; -1 = the broker default, 0 = no limit
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionState:
+    """Answer to :class:`ReadRetention`: the conversation's own setting
+    (-1 per field: it follows the broker default) and its history floor
+    (seqs <= ``floor`` were removed by retention or a purge; 0 if none)."""
+
+    conv: str
+    max_age: int
+    max_count: int
+    floor: int
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    conversations: int  # whose floor moved
+    messages: int  # entries removed from conversations
+    entries: int  # inbox entries removed with them
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    messages: int  # entries removed (PurgeConversation) or tombstoned (PurgeUser)
+    entries: int  # inbox entries removed
+    devices: int = 0  # devices forgotten (PurgeUser)
+    #: PurgeUser: the user's removal from each group (LEFT entries to push).
+    changes: tuple["GroupChanged", ...] = ()
+
+
 Result = Union[
     Appended, Duplicate, Rejected, Acked, Touched, ReadMarked, Reclaimed, GroupChanged, Revoked, SessionLoaded, InboxPage,
-    HistoryPage, ReadersPage, EventAppended, EventsAcked, EventsPage, DevicesPage, Deduped,
+    HistoryPage, ReadersPage, EventAppended, EventsAcked, EventsPage, DevicesPage, Deduped, ConversationsPage,
+    ConversationSet, PresencePrivacySet, PresencePage, RetentionSet, RetentionState, Expired, Purged,
 ]
 
 
@@ -801,20 +1205,128 @@ def event_data(type_: str, **fields: object) -> bytes:
     return _JSON({"type": type_, **fields}).encode()
 
 
-def message_event(m: StoredMessage, recipients: Iterable[str]) -> bytes:
+def message_event(
+    m: StoredMessage, recipients: Iterable[str], muted: Iterable[str] = (), mentioned: Iterable[str] = ()
+) -> bytes:
     """The data of a "message" event (what both stores write atomically
     with the entry): conv, seq, msg_id (hex), sender, device, kind
     (frames.MessageKind), server_time (µs), local_id, payload (base64) and
     recipients (the users the entry was fanned out to, sorted).  The same
     JSON as :func:`event_data` would make, written out: every message of
-    every batch comes through here (about 2 µs instead of 6)."""
+    every batch comes through here (about 2 µs instead of 6).
+
+    For the push-notification hook, when not empty: ``muted`` (recipients
+    who muted the conversation, sorted), ``mentioned`` (recipients the
+    message mentions, "everyone" expanded, never the sender, sorted) and
+    ``mention_all`` (true when it mentions everyone)."""
     esc = _esc
+    extra = f',"target":{m.target}' if m.target else ""
+    muted = sorted(muted)
+    if muted:
+        extra += f',"muted":[{",".join(map(esc, muted))}]'
+    mentioned = sorted(mentioned)
+    if mentioned:
+        extra += f',"mentioned":[{",".join(map(esc, mentioned))}]'
+    if m.mention_all:
+        extra += ',"mention_all":true'
     return (
         f'{{"type":"message","conv":{esc(m.conv)},"seq":{m.seq},"msg_id":"{m.msg_id.hex()}",'
         f'"sender":{esc(m.sender)},"device":{esc(m.device)},"kind":{m.kind},"server_time":{m.server_time},'
         f'"local_id":{m.local_id},"payload":"{base64.b64encode(m.payload).decode("ascii")}",'
-        f'"recipients":[{",".join(map(esc, sorted(recipients)))}]}}'
+        f'"recipients":[{",".join(map(esc, sorted(recipients)))}]{extra}}}'
     ).encode()
+
+
+def mentioned_recipients(m: StoredMessage, recipients: Iterable[str]) -> list[str]:
+    """The recipients ``m`` mentions ("everyone" = all of them), never its
+    sender: who gets a mention counted, and the event's ``mentioned``."""
+    if m.mention_all:
+        return sorted(u for u in recipients if u != m.sender)
+    if not m.mentions:
+        return []
+    rs = set(recipients)
+    return [u for u in m.mentions if u in rs and u != m.sender]
+
+
+def mentions_user(m: StoredMessage, user: str) -> bool:
+    """Does ``m`` (an entry the user was a member at) count as a mention of ``user``?"""
+    return m.kind == MessageKind.MESSAGE and m.sender != user and (m.mention_all or user in m.mentions)
+
+
+# -- the conversation list: order and cursor (every backend shares these)
+
+_CURSOR_HEAD = b"\x01"
+
+
+def conversation_key(e: ConversationEntry) -> tuple[int, int, str]:
+    """The list order: pinned first, then newest last entry first, then id."""
+    return (0 if e.pinned else 1, -(e.last.server_time if e.last is not None else 0), e.conv)
+
+
+def conversation_cursor(e: ConversationEntry) -> bytes:
+    """The opaque cursor naming ``e``'s place in the list (ConvListResp.cursor):
+    a version byte, the pinned byte, U64 server time of the last entry, the id."""
+    pinned, neg_time, conv = conversation_key(e)
+    return _CURSOR_HEAD + bytes((pinned,)) + (-neg_time).to_bytes(8, "big") + conv.encode("ascii")
+
+
+def parse_conversation_cursor(cursor: bytes) -> Optional[tuple[int, int, str]]:
+    """The list key a cursor names, None if it is not one
+    :func:`conversation_cursor` could have made."""
+    if not isinstance(cursor, bytes) or len(cursor) < 11 or cursor[:1] != _CURSOR_HEAD or cursor[1] > 1:
+        return None
+    try:
+        conv = cursor[10:].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if conv and not valid_conversation(conv):
+        return None
+    return (cursor[1], -int.from_bytes(cursor[2:10], "big"), conv)
+
+
+def conversation_page(entries: Iterable[ConversationEntry], op: "ReadConversations") -> "ConversationsPage":
+    """Order, filter and cut ``entries`` (all of a user's) as ``op`` asks."""
+    after = None
+    if op.cursor:
+        after = parse_conversation_cursor(op.cursor)
+        if after is None:
+            return ConversationsPage(ErrorCode.BAD_CURSOR, ())
+    keyed = sorted(((conversation_key(e), e) for e in entries if op.include_hidden or not e.hidden), key=lambda ke: ke[0])
+    if after is not None:
+        keyed = [ke for ke in keyed if ke[0] > after]
+    limit = max(op.limit, 0)
+    return ConversationsPage(ErrorCode.OK, tuple(e for _, e in keyed[:limit]), len(keyed) > limit)
+
+
+def conversation_entry(
+    conv: str,
+    last: Optional[StoredMessage],
+    read_seq: int,
+    unread: int,
+    mention_count: int,
+    settings: tuple[bool, bool, int],
+) -> ConversationEntry:
+    """Assemble an entry; ``settings`` = (pinned, muted, hidden_at)."""
+    last_seq = last.seq if last is not None else 0
+    pinned, muted, hidden_at = settings
+    return ConversationEntry(
+        conv, last, read_seq, last_seq, unread, mention_count, pinned, muted, bool(hidden_at) and last_seq < hidden_at
+    )
+
+
+def new_settings(op: "SetConversation", old: tuple[bool, bool, int], last_seq: int) -> tuple[bool, bool, int]:
+    """The settings (pinned, muted, hidden_at) after ``op``; ``last_seq``:
+    the last seq the user may see now."""
+    pinned, muted, hidden_at = old
+    if op.pinned:
+        pinned = op.pinned == 1
+    if op.muted:
+        muted = op.muted == 1
+    if op.hidden == 1:
+        hidden_at = last_seq + 1
+    elif op.hidden == 2:
+        hidden_at = 0
+    return (pinned, muted, hidden_at)
 
 # ---------------------------------------------------------------- interface
 
@@ -901,15 +1413,65 @@ class Store(ABC):
                            else Rejected(ErrorCode.BAD_REQUEST))
             elif kind is ReadDedupe:
                 out.append(Deduped(self.deduped(op.sender, op.device, op.local_id)))  # type: ignore[union-attr]
+            elif kind is ReadConversations:
+                out.append(self._read_conversations(op))  # type: ignore[arg-type]
+            elif kind is ReadPresence:
+                out.append(self._read_presence(op))  # type: ignore[arg-type]
+            elif kind is ReadRetention:
+                out.append(self._read_retention(op))  # type: ignore[arg-type]
             else:
                 raise TypeError(f"not a read op: {kind.__name__}")
         return tuple(out)
+
+    def _read_conversations(self, op: ReadConversations) -> ConversationsPage:
+        """Answer one :class:`ReadConversations` (both backends here do)."""
+        raise TypeError(f"{type(self).__name__} has no conversation list")
+    def hides_last_seen(self, user: str) -> bool:
+        """The user's :class:`SetPresencePrivacy` setting (False if never set)."""
+        raise NotImplementedError(f"{type(self).__name__} does not store presence settings")
+
+    def _read_presence(self, op: ReadPresence) -> Result:
+        """Answer one :class:`ReadPresence` from the public read methods
+        (conversations, membership, devices): a few lookups per other user,
+        bounded by the broker's subscription limit."""
+        user = op.user
+        if not valid_id(user) or not isinstance(op.others, tuple):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        mine = [c for c in self.conversations(user) if self.access(c, user) is ErrorCode.OK]
+        mine_set = set(mine)
+        entries = []
+        for other in op.others:
+            if not (isinstance(other, str) and valid_id(other)):
+                entries.append(PresenceInfo(other if isinstance(other, str) else "", False, False, 0))
+                continue
+            visible = other == user or any(
+                c in mine_set and self.access(c, other) is ErrorCode.OK for c in self.conversations(other)
+            )
+            if not visible:
+                entries.append(PresenceInfo(other, False, False, 0))
+                continue
+            last = max((d.last_seen for d in self.devices(other)), default=0)
+            entries.append(PresenceInfo(other, True, self.hides_last_seen(other), max(last, 0)))
+        return PresencePage(user, self.hides_last_seen(user), tuple(entries))
 
     def deduped(self, sender: str, device: str, local_id: int) -> bool:
         """Is the dedupe key stored (see :class:`ReadDedupe`)?  This default
         says no, so a backend without it checks every message's content
         as before; both backends here answer from their dedupe records."""
         return False
+
+    def _read_retention(self, op: ReadRetention) -> Result:
+        """Answer one :class:`ReadRetention` (RetentionState or Rejected)."""
+        raise NotImplementedError(f"{type(self).__name__} has no history retention")
+
+    def retention(self, conv: str) -> RetentionState:
+        """The retention setting and history floor of ``conv`` (see
+        :class:`ReadRetention`; ValueError for a malformed id)."""
+        (res,) = self.read((ReadRetention(conv),))
+        if isinstance(res, Rejected):
+            raise ValueError(f"not a conversation id: {conv!r}")
+        assert isinstance(res, RetentionState)
+        return res
 
     @abstractmethod
     def _read_events(self, op: ReadEvents) -> Result:
@@ -1160,6 +1722,8 @@ def malformed(op: Op) -> bool:
             and len(op.msg_id) == 16
             and isinstance(op.payload, bytes)
             and isinstance(op.digest, bytes)
+            and (not op.mentions or (isinstance(op.mentions, tuple) and all(valid_id(u) for u in op.mentions)))
+            and type(op.mention_all) is bool
         )
     if isinstance(op, (AckPosition, TouchDevice)):
         pos = op.position
@@ -1195,6 +1759,24 @@ def malformed(op: Op) -> bool:
                 )
             )
         )
+    if isinstance(op, AmendMessage):
+        return not (
+            (
+                (valid_id(op.sender) and valid_id(op.device))
+                or (op.sender == SYSTEM and op.device == SYSTEM and op.kind != MessageKind.DELETE)
+            )
+            and op.kind in _AMEND_KINDS
+            and _int_in(op.local_id, 0, _U64_END)
+            and _int_in(op.target, 1, _U64_END)
+            and _int_in(op.client_time, _I64_MIN, _I64_END)
+            and _int_in(op.server_time, 0, _I64_END)
+            and _int_in(op.window, 0, _I64_END)
+            and isinstance(op.msg_id, bytes)
+            and len(op.msg_id) == 16
+            and isinstance(op.payload, bytes)
+            and (op.kind == MessageKind.EDIT or op.payload == b"")
+            and isinstance(op.digest, bytes)
+        )
     if isinstance(op, AppendEvent):
         return not (isinstance(op.data, bytes) and _int_in(op.now, _I64_MIN, _I64_END))
     if isinstance(op, AckEvents):
@@ -1205,7 +1787,38 @@ def malformed(op: Op) -> bool:
             and (op.device == "" or valid_id(op.device))
             and _int_in(op.before, _I64_MIN, _I64_END)
         )
+    if isinstance(op, SetConversation):
+        return not (
+            valid_id(op.user)
+            and valid_conversation(op.conv)
+            and all(type(v) is int and 0 <= v <= 2 for v in (op.pinned, op.muted, op.hidden))
+        )
+    if isinstance(op, SetPresencePrivacy):
+        return not (valid_id(op.user) and type(op.hide_last_seen) is bool)
+    if isinstance(op, SetRetention):
+        return not (
+            valid_conversation(op.conv)
+            and _int_in(op.max_age, -1, _I64_END)
+            and _int_in(op.max_count, -1, _I64_END)
+        )
+    if isinstance(op, Expire):
+        return not (
+            _int_in(op.now, _I64_MIN, _I64_END)
+            and _int_in(op.max_age, 0, _I64_END)
+            and _int_in(op.max_count, 0, _I64_END)
+        )
+    if isinstance(op, PurgeConversation):
+        return not valid_conversation(op.conv)
+    if isinstance(op, PurgeUser):
+        return not (valid_id(op.user) and _int_in(op.now, 0, _I64_END))
     raise TypeError(f"not a store op: {type(op).__name__}")
+
+
+def retention_limits(own: tuple[int, int], default_age: int, default_count: int) -> tuple[int, int]:
+    """(max_age, max_count) in force for a conversation whose own setting is
+    ``own`` (-1 per field: the default); 0 = no limit."""
+    age, count = own
+    return (default_age if age < 0 else age, default_count if count < 0 else count)
 
 
 class AsyncStore(ABC):

@@ -99,7 +99,20 @@ revoked     T(user) T(device or "")            I64 tokens issued before are revo
 meta        ``b"evlast"``                      U64 highest host event id ever appended
 events      U64(id)                            I64 time + the event's data (host events)
 evcursors   T(consumer)                        U64 the consumer's acked event id
+convset     T(user) T(conv)                    the user's settings of the conversation:
+                                               U8 flags (1 pinned, 2 muted) + U64
+                                               hidden_at (0: not hidden)
+mentionidx  T(user) T(conv) U64(seq)           empty: the entry at seq mentions the user
+deleted     T(user) T(conv) U64(seq)           empty: the user deleted that message for
+                                               themselves (AmendMessage DELETE)
+retention   T(conv)                            I64 max_age + I64 max_count (-1: the
+                                               broker default) + U64 history floor
 ==========  =================================  ======================================
+
+History retention (``retention``, also schema 3, no migration) removes a
+prefix of a conversation: the entries of seqs <= floor are gone from
+``msgs``, ``convidx``, ``dedupe`` and ``inbox`` (an inbox may then have
+holes above its floor: reads skip them, :class:`Reclaim` walks over them).
 
 Host events (see :mod:`pimcore.store.base`) are exactly ids
 floor+1..``evlast``: reclamation deletes a prefix, so the floor is the first
@@ -115,7 +128,17 @@ retry be answered with one lookup.
 
 Message record: ``U64 seq, U64 local_id, I64 client_time, I64 server_time,
 U64 after_seq, U8 kind`` (struct ``>QQqqQB``), then ``T(conv) T(sender)
-T(device)``, then the payload to the end of the value.  (Schema 1 had no
+T(device)``, then the payload to the end of the value.  A kind byte with bit
+0x80 (``_AMENDED``) has ``U64 target, U64 edited, U8 recalled`` after
+``T(device)``: RECALL/EDIT/DELETE entries and messages that were edited or
+recalled (a recalled message's payload is empty; its ``convidx`` value is
+msg_id + U8 3 (RECALL) + sender, so unread counts skip it).  A message with
+mentions has bit 0x40 (``_HAS_MENTIONS``) and, after that trailer if any and
+before the payload, ``U8 mention_all, U16 count, T(user) * count``.  Older
+records never have these bits, so no migration.  ``convset``,
+``mentionidx`` (the mention counts of the conversation list: a cursor
+counts the keys after the read marker) and ``deleted`` came after schema 3
+and need no migration, like ``events``.  (Schema 1 had no
 after_seq and kind; opening a schema 1 store rewrites its records once.
 Schema 2 had no ``spans`` and no group flags: opening it gives every member
 the interval (0, open) and every group the default, history not visible.)
@@ -143,10 +166,12 @@ decode in one ``unpack_from`` call, which matters more in Python.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import threading
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
 
@@ -157,6 +182,19 @@ from ..errors import ErrorCode, StoreError
 from ..ids import MAX_CONVERSATION_ID_LEN, MAX_ID_LEN
 from .base import (
     SYSTEM,
+    AmendMessage,
+    amend_entry,
+    amend_problem,
+    amended,
+    ConversationEntry,
+    ConversationSet,
+    ConversationsPage,
+    ReadConversations,
+    SetConversation,
+    conversation_entry,
+    conversation_page,
+    mentioned_recipients,
+    new_settings,
     AckEvents,
     AppendEvent,
     EventAppended,
@@ -166,6 +204,9 @@ from .base import (
     StoredEvent,
     message_event,
     RevokeTokens,
+    SetPresencePrivacy,
+    PresencePrivacySet,
+    ReadPresence,
     Revoked,
     AckPosition,
     Acked,
@@ -209,6 +250,17 @@ from .base import (
     TouchDevice,
     Touched,
     WriteBatch,
+    Expire,
+    Expired,
+    PurgeConversation,
+    PurgeUser,
+    Purged,
+    ReadRetention,
+    RetentionSet,
+    RetentionState,
+    SetRetention,
+    after_floor,
+    retention_limits,
     direct_members,
     is_direct,
     malformed,
@@ -239,6 +291,10 @@ _DB_NAMES = (
     "spans",
     "events",
     "evcursors",
+    "convset",
+    "mentionidx",
+    "deleted",
+    "retention",
 )
 #: Below this LMDB cannot even hold the sub-database catalogue comfortably.
 _MIN_MAP_SIZE = 1 << 20
@@ -250,9 +306,16 @@ _DEVICE = struct.Struct(">Qq")
 _INBOX = struct.Struct(">16sq")
 _DEDUPE = struct.Struct(">16sQq")
 _RECORD = struct.Struct(">QQqqQB")
+#: Kind byte bit: the record carries an amend trailer (below).
+_AMENDED = 0x80
+#: target, edited, recalled: after T(device), before the payload, in a record
+#: whose kind byte has _AMENDED (an entry RECALL/EDIT/DELETE, or a message
+#: that was edited or recalled).
+_AMEND = struct.Struct(">QQB")
 _RECORD_V1 = struct.Struct(">QQqq")
 _GROUP = struct.Struct(">qB")
 _SPAN = struct.Struct(">QQ")
+_RETENTION = struct.Struct(">qqQ")
 _HISTORY_VISIBLE = 1
 
 #: The longest key of the layout above with the longest ids (T(x) is
@@ -262,7 +325,8 @@ _T_USER = 1 + MAX_ID_LEN
 _T_CONV = 1 + MAX_CONVERSATION_ID_LEN
 MAX_KEY_LEN = max(
     _T_CONV + 8,  # convidx
-    _T_CONV + _T_USER,  # members, userconvs, reads
+    _T_CONV + _T_USER,  # members, userconvs, reads, convset
+    _T_USER + _T_CONV + 8,  # mentionidx
     _T_USER + _T_USER + 8,  # dedupe
     _T_USER + _T_USER,  # devices
 )
@@ -311,7 +375,30 @@ def _take_t(buf: bytes, off: int) -> tuple[str, int]:
     return buf[off + 1 : end].decode("ascii"), end
 
 
+#: Kind-byte bit of a record that carries mentions (see Message record);
+#: kinds themselves stay below 0x40 and _AMENDED is 0x80.
+_HAS_MENTIONS = 0x40
+
+
+def _mention_block(mentions: tuple[str, ...], mention_all: bool) -> bytes:
+    return bytes((int(mention_all),)) + len(mentions).to_bytes(2, "big") + b"".join(_t(u) for u in mentions)
+# The results built once per op of a batch (pimcore/_pure/records.py).
+_appended = _impl.record_maker(Appended)
+_acked = _impl.record_maker(Acked)
+
+
 def _encode_record(seq: int, op: NewMessage, after_seq: int, kind: int = 0) -> bytes:
+    if op.mentions or op.mention_all:
+        return b"".join(
+            (
+                _RECORD.pack(seq, op.local_id, op.client_time, op.server_time, after_seq, kind | _HAS_MENTIONS),
+                _t(op.conv),
+                _t(op.sender),
+                _t(op.device),
+                _mention_block(op.mentions, op.mention_all),
+                op.payload,
+            )
+        )
     return b"".join(
         (
             _RECORD.pack(seq, op.local_id, op.client_time, op.server_time, after_seq, kind),
@@ -324,13 +411,22 @@ def _encode_record(seq: int, op: NewMessage, after_seq: int, kind: int = 0) -> b
 
 
 def _encode_entry(m: StoredMessage) -> bytes:
-    """The record of a membership entry (the store made it, not a client)."""
+    """The record of a membership entry (the store made it, not a client),
+    or of any StoredMessage: one with a target, an edit or a recall gets
+    the amend trailer, one with mentions the mention block."""
+    amend = bool(m.target or m.edited or m.recalled)
+    flagged = bool(m.mentions or m.mention_all)
     return b"".join(
         (
-            _RECORD.pack(m.seq, m.local_id, m.client_time, m.server_time, m.after_seq, m.kind),
+            _RECORD.pack(
+                m.seq, m.local_id, m.client_time, m.server_time, m.after_seq,
+                m.kind | (_AMENDED if amend else 0) | (_HAS_MENTIONS if flagged else 0),
+            ),
             _t(m.conv),
             _t(m.sender),
             _t(m.device),
+            _AMEND.pack(m.target, m.edited, m.recalled) if amend else b"",
+            _mention_block(m.mentions, m.mention_all) if flagged else b"",
             m.payload,
         )
     )
@@ -341,6 +437,27 @@ def _decode_record(msg_id: bytes, buf: bytes) -> StoredMessage:
     conv, off = _take_t(buf, _RECORD.size)
     sender, off = _take_t(buf, off)
     device, off = _take_t(buf, off)
+    if kind & (_AMENDED | _HAS_MENTIONS):
+        target = edited = recalled = 0
+        if kind & _AMENDED:
+            target, edited, recalled = _AMEND.unpack_from(buf, off)
+            off += _AMEND.size
+        mention_all = False
+        users: list[str] = []
+        if kind & _HAS_MENTIONS:
+            mention_all = buf[off] == 1
+            count = int.from_bytes(buf[off + 1 : off + 3], "big")
+            off += 3
+            for _ in range(count):
+                u, off = _take_t(buf, off)
+                users.append(u)
+        return StoredMessage(
+            msg_id=msg_id, conv=conv, seq=seq, sender=sender, device=device, local_id=local_id,
+            client_time=client_time, server_time=server_time, payload=buf[off:],
+            kind=kind & ~(_AMENDED | _HAS_MENTIONS), after_seq=after_seq,
+            target=target, edited=edited, recalled=bool(recalled),
+            mentions=tuple(users), mention_all=mention_all,
+        )
     return StoredMessage(
         msg_id=msg_id,
         conv=conv,
@@ -695,6 +812,10 @@ class LmdbStore(Store):
             self._spans,
             self._events,
             self._evcursors,
+            self._convset,
+            self._mentionidx,
+            self._deleted,
+            self._retention,
         ) = dbs
         self._env = env
         try:
@@ -941,12 +1062,13 @@ class LmdbStore(Store):
                 continue
             start = ck + _U64.pack(max(lo, marker + 1))
             # Value = msg_id (16 bytes) + sender: no message load needed; a
-            # membership entry's 17th byte is its kind (1 or 2), never an id
-            # character; a system post (ids.SYSTEM) has no sender bytes.
+            # membership, RECALL or EDIT entry's 17th byte is its kind (1..4),
+            # a recalled message's is 3 (RECALL), never an id character; a
+            # system post (ids.SYSTEM) has no sender bytes.
             for key, value in self._scan(txn, self._convidx, ck, start):
                 if hi != _U64_MAX and _U64.unpack_from(key, len(ck))[0] > hi:
                     break
-                if len(value) == 16 or (value[16] > 2 and value[16:] != me):
+                if len(value) == 16 or (value[16] > 5 and value[16:] != me):
                     n += 1
         return n
 
@@ -971,7 +1093,74 @@ class LmdbStore(Store):
         raw = txn.get(msg_id, db=self._msgs)
         if raw is None:
             raise StoreError(f"dangling message id {msg_id.hex()} (store corrupt)")
-        return _decode_record(msg_id, raw)
+        m = _decode_record(msg_id, raw)
+        if m.kind == MessageKind.EDIT:
+            # An EDIT entry holds no payload: it reads its target's, as it is now.
+            target = self._at(txn, _t(m.conv), m.target)
+            m = replace(m, payload=target.payload if target is not None else b"")
+        return m
+
+    def _at(self, txn: _Txn, ck: bytes, seq: int) -> Optional[StoredMessage]:
+        """The entry at ``seq`` of the conversation ``ck`` (None: no such seq)."""
+        ref = txn.get(ck + _U64.pack(seq), db=self._convidx) if 0 < seq < _U64_MAX else None
+        return _decode_record(ref[:16], txn.get(ref[:16], db=self._msgs)) if ref is not None else None
+
+    def _amend(self, w: _Batch, op: AmendMessage) -> Result:
+        txn = w.txn
+        dkey = _t(op.sender) + _t(op.device) + _U64.pack(op.local_id)
+        prior = txn.get(dkey, db=self._dedupe)
+        if prior is not None:
+            msg_id, seq, server_time = _DEDUPE.unpack_from(prior)
+            if prior[_DEDUPE.size :] == op.digest:
+                return Duplicate(msg_id, seq, server_time)
+            return Rejected(ErrorCode.DUPLICATE_CONFLICT)
+        info = _conv_info(op.conv)
+        if info is None:
+            return Rejected(ErrorCode.BAD_REQUEST)
+        ck = info[0]
+        conv = w.conv(ck, info)
+        if conv is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        last = w.last_seq(ck)
+        target = self._at(txn, ck, op.target) if op.target <= last else None
+        member, visible = True, True
+        if op.kind == MessageKind.DELETE:
+            spans = self._spans_in(txn, ck, op.sender)
+            member = bool(spans)
+            flags = self._group_flags(txn, ck) if info[1] is None else 0
+            ranges = visible_ranges(spans, bool((flags or 0) & _HISTORY_VISIBLE))
+            visible = any(lo <= op.target <= hi for lo, hi in ranges)
+        elif op.sender != SYSTEM:
+            member = op.sender in conv.member_set
+        code = amend_problem(op, member, target, visible)
+        if code is not ErrorCode.OK:
+            return Rejected(code)
+        assert target is not None
+        if txn.get(op.msg_id, db=self._msgs) is not None:
+            return Rejected(ErrorCode.INTERNAL)
+        if op.kind == MessageKind.DELETE:
+            seq = 0
+            txn.put(_t(op.sender) + ck + _U64.pack(op.target), b"", db=self._deleted)
+            recipients = _Conv((op.sender,), (_t(op.sender),))
+        else:
+            seq = last + 1
+            w.set_last_seq(ck, seq)
+            txn.put(target.msg_id, _encode_entry(amended(target, op)), db=self._msgs)
+            tk = ck + _U64.pack(op.target)
+            if op.kind == MessageKind.RECALL:
+                # Never unread again: the index names it by its kind byte.
+                txn.put(tk, target.msg_id + bytes((int(MessageKind.RECALL),)) + target.sender.encode("ascii"), db=self._convidx)
+            txn.put(ck + _U64.pack(seq), op.msg_id + bytes((int(op.kind),)) + op.sender.encode("ascii"), db=self._convidx)
+            recipients = conv
+        entry = amend_entry(op, seq)
+        txn.put(op.msg_id, _encode_entry(entry), db=self._msgs)
+        positions = w.fanout(recipients, _INBOX.pack(op.msg_id, op.server_time))
+        for uk in recipients.uks:
+            self._flag(txn, uk + ck, _HAS_MESSAGES, True)
+        txn.put(dkey, _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest, db=self._dedupe)
+        if op.event:
+            w.append_event(op.server_time, message_event(replace(entry, payload=op.payload), [u for u, _ in positions]))
+        return Appended(op.msg_id, seq, op.server_time, positions, entry.after_seq)
 
     # ------------------------------------------------- identity and clock
 
@@ -1112,13 +1301,100 @@ class LmdbStore(Store):
                 self._flag(txn, uk + ck, _HAS_MESSAGES, True)
             conv.flagged = True
         txn.put(dkey, _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest, db=self._dedupe)
-        if op.event:
+        if op.mentions or op.mention_all or op.event:
             m = StoredMessage(
                 op.msg_id, op.conv, seq, op.sender, op.device, op.local_id, op.client_time, op.server_time, op.payload,
-                0, after_seq,
+                0, after_seq, mentions=op.mentions, mention_all=op.mention_all,
             )
-            w.append_event(op.server_time, message_event(m, [u for u, _ in positions]))
-        return Appended(op.msg_id, seq, op.server_time, positions, after_seq)
+            recipients = [u for u, _ in positions]
+            mentioned = self._index_mentions(txn, m, recipients, ck)
+            if op.event:
+                muted = [u for u in recipients if (self._settings_in(txn, _t(u) + ck)[1])]
+                w.append_event(op.server_time, message_event(m, recipients, muted, mentioned))
+        return _appended(op.msg_id, seq, op.server_time, positions, after_seq)
+
+    # ------------------------------------------------ conversation list
+
+    def _index_mentions(self, txn: _Txn, m: StoredMessage, recipients: list[str], ck: bytes) -> list[str]:
+        """Write the mention index of ``m``; returns who it mentions."""
+        mentioned = mentioned_recipients(m, recipients)
+        sk = _U64.pack(m.seq)
+        for u in mentioned:
+            txn.put(_t(u) + ck + sk, b"", db=self._mentionidx)
+        return mentioned
+
+    def _settings_in(self, txn: _Txn, key: bytes) -> tuple[bool, bool, int]:
+        raw = txn.get(key, db=self._convset)
+        if raw is None:
+            return (False, False, 0)
+        return (bool(raw[0] & 1), bool(raw[0] & 2), _U64.unpack_from(raw, 1)[0])
+
+    def _entry_in(self, txn: _Txn, user: str, conv: str, conv_last: int) -> ConversationEntry:
+        uk, ck = _t(user), _t(conv)
+        spans = self._spans_in(txn, ck, user)
+        last_seq = last_visible(spans, conv_last)
+        last = None
+        if last_seq:
+            ref = txn.get(ck + _U64.pack(last_seq), db=self._convidx)
+            if ref is None:
+                raise StoreError(f"{conv!r} has no seq {last_seq} (store corrupt)")
+            last = self._load(txn, ref[:16])
+        raw = txn.get(uk + ck, db=self._reads)
+        marker = _U64.unpack(raw)[0] if raw is not None else 0
+        mentions = 0
+        prefix = uk + ck
+        for key, _ in self._scan(txn, self._mentionidx, prefix, prefix + _U64.pack(marker + 1)):
+            if _U64.unpack_from(key, len(prefix))[0] > last_seq:
+                break
+            mentions += 1
+        unread = self._count_unread(txn, user, ck, marker)
+        return conversation_entry(conv, last, marker, unread, mentions, self._settings_in(txn, uk + ck))
+
+    def _list_access_in(self, txn: _Txn, user: str, conv: str) -> ErrorCode:
+        ck = _t(conv)
+        if not is_direct(conv) and txn.get(ck, db=self._groups) is None:
+            return ErrorCode.UNKNOWN_CONVERSATION
+        if txn.get(_t(user) + ck, db=self._userconvs) is not None:
+            return ErrorCode.OK
+        pair = direct_members(conv)
+        return ErrorCode.OK if pair is not None and user in pair else ErrorCode.NOT_MEMBER
+
+    def _set_conversation(self, w: _Batch, op: SetConversation) -> Result:
+        txn = w.txn
+        code = self._list_access_in(txn, op.user, op.conv)
+        if code is not ErrorCode.OK:
+            return Rejected(code)
+        ck = _t(op.conv)
+        key = _t(op.user) + ck
+        old = self._settings_in(txn, key)
+        conv_last = w.last_seq(ck)
+        new = new_settings(op, old, last_visible(self._spans_in(txn, ck, op.user), conv_last))
+        if new != old:
+            if new == (False, False, 0):
+                txn.delete(key, db=self._convset)
+            else:
+                txn.put(key, bytes((int(new[0]) | int(new[1]) << 1,)) + _U64.pack(new[2]), db=self._convset)
+        return ConversationSet(op.user, op.conv, self._entry_in(txn, op.user, op.conv, conv_last), new != old)
+
+    def _read_conversations(self, op: ReadConversations) -> ConversationsPage:
+        with self._read() as txn:
+            return self._read_conversations_in(txn, op)
+
+    def _read_conversations_in(self, txn: _Txn, op: ReadConversations) -> ConversationsPage:
+        if not (valid_id(op.user) and type(op.limit) is int and isinstance(op.cursor, bytes)
+                and (op.conv == "" or valid_conversation(op.conv))):
+            return ConversationsPage(ErrorCode.BAD_REQUEST, ())
+        if op.conv:
+            code = self._list_access_in(txn, op.user, op.conv)
+            if code is not ErrorCode.OK:
+                return ConversationsPage(code, ())
+            return ConversationsPage(ErrorCode.OK, (self._entry_in(txn, op.user, op.conv, self._last_seq(txn, _t(op.conv))),))
+        uk = _t(op.user)
+        entries = []
+        for key, _ in self._scan(txn, self._userconvs, uk):
+            conv = _take_t(key, len(uk))[0]
+            entries.append(self._entry_in(txn, op.user, conv, self._last_seq(txn, key[len(uk):])))
+        return conversation_page(entries, op)
 
     def _register(self, w: _Batch, user: str, device: str, position: int, now: int) -> tuple[int, bool]:
         """Shared by Touch and Ack: create at the floor if unknown, move
@@ -1139,7 +1415,7 @@ class LmdbStore(Store):
 
     def _ack(self, w: _Batch, op: AckPosition) -> Result:
         pos, _ = self._register(w, op.user, op.device, op.position, op.now)
-        return Acked(op.user, op.device, pos)
+        return _acked(op.user, op.device, pos)
 
     def _touch(self, w: _Batch, op: TouchDevice) -> Result:
         pos, new = self._register(w, op.user, op.device, op.position, op.now)
@@ -1187,7 +1463,7 @@ class LmdbStore(Store):
             txn.delete(key, db=self._devices)
 
         # Pass 2: each inbox loses its longest prefix of reclaimable entries.
-        # Entries are exactly floor+1..head, so the prefix is walked in order.
+        # Entries are floor+1..head but for holes, so the prefix is walked in order.
         age_cutoff = op.now - op.max_age
         removed = 0
         new_floors: list[tuple[bytes, int, int]] = []
@@ -1195,20 +1471,20 @@ class LmdbStore(Store):
             head, floor = _HEAD_FLOOR.unpack(value)
             # No device left: nothing was acked by "every device".
             acked = min_pos.get(uk, floor)
-            pos = floor
+            # Holes (entries retention or a purge removed) count as removed.
+            pos = head
             doomed: list[bytes] = []
             for key, entry in self._scan(txn, self._inbox, uk, uk + _U64.pack(floor + 1)):
-                if key != uk + _U64.pack(pos + 1):
-                    raise StoreError(f"inbox of {uk[1:]!r} has a hole at {pos + 1} (store corrupt)")
-                if not (pos + 1 <= acked or _INBOX.unpack(entry)[1] < age_cutoff):
+                at = _U64.unpack_from(key, len(uk))[0]
+                if not (at <= acked or _INBOX.unpack(entry)[1] < age_cutoff):
+                    pos = at - 1
                     break
                 doomed.append(key)
-                pos += 1
             if pos != floor:
                 for key in doomed:
                     txn.delete(key, db=self._inbox)
                 new_floors.append((uk, head, pos))
-                removed += pos - floor
+                removed += len(doomed)
         # Written after the scan: no puts into a database under iteration.
         for uk, head, floor in new_floors:
             txn.put(uk, _HEAD_FLOOR.pack(head, floor), db=self._inboxmeta)
@@ -1383,12 +1659,13 @@ class LmdbStore(Store):
             return []
         ck = _t(conv)
         last = self._last_seq(txn, ck)
-        # Seqs are exactly 1..last (gap-free), so a page is a seq range.
+        floor = self._retention_in(txn, ck)[2]
+        # Seqs are exactly floor+1..last (gap-free), so a page is a seq range.
         if backward:
             top = last if from_seq <= 0 else min(from_seq - 1, last)
-            seqs = range(top, max(top - limit, 0), -1)
+            seqs = range(top, max(top - limit, floor), -1)
         else:
-            start = max(from_seq, 0) + 1
+            start = max(from_seq, floor) + 1
             seqs = range(start, min(last, start + limit - 1) + 1)
         page = []
         for seq in seqs:
@@ -1510,6 +1787,11 @@ class LmdbStore(Store):
         """Every read op of one request in ONE read transaction: a login
         sees its head, position and read states at one point in time, and
         pays one transaction, not one per conversation."""
+        ops = tuple(ops)
+        if any(type(op) is ReadPresence for op in ops):
+            # Built on the public read methods (one transaction each); the
+            # core asks it alone, and presence needs no single snapshot.
+            return Store.read(self, ops)
         with self._read() as txn:
             out: list[Result] = []
             for op in ops:
@@ -1528,6 +1810,10 @@ class LmdbStore(Store):
                     out.append(self._devices_page_in(txn, op.user))  # type: ignore[union-attr]
                 elif kind is ReadDedupe:
                     out.append(Deduped(self._deduped_in(txn, op.sender, op.device, op.local_id)))  # type: ignore[union-attr]
+                elif kind is ReadConversations:
+                    out.append(self._read_conversations_in(txn, op))  # type: ignore[arg-type]
+                elif kind is ReadRetention:
+                    out.append(self._read_retention_in(txn, op))  # type: ignore[arg-type]
                 else:
                     raise TypeError(f"not a read op: {kind.__name__}")
             return tuple(out)
@@ -1560,13 +1846,16 @@ class LmdbStore(Store):
         spans = self._spans_in(txn, ck, op.user)
         if not spans:
             return HistoryPage(ErrorCode.NOT_MEMBER, ())
-        ranges = visible_ranges(spans, bool(flags & _HISTORY_VISIBLE))
+        ranges = after_floor(visible_ranges(spans, bool(flags & _HISTORY_VISIBLE)), self._retention_in(txn, ck)[2])
         page = []
         for seq in page_seqs(ranges, self._last_seq(txn, ck), op.from_seq, op.limit, op.backward):
             ref = txn.get(ck + _U64.pack(seq), db=self._convidx)
             if ref is None:
                 raise StoreError(f"{op.conv!r} has no seq {seq} (store corrupt)")
-            page.append(self._load(txn, ref[:16]))
+            m = self._load(txn, ref[:16])
+            if m.kind == MessageKind.MESSAGE and txn.get(_t(op.user) + ck + _U64.pack(seq), db=self._deleted) is not None:
+                m = replace(m, payload=b"", deleted=True)
+            page.append(m)
         return HistoryPage(ErrorCode.OK, tuple(page))
 
     def _read_readers_in(self, txn: _Txn, op: ReadReaders) -> ReadersPage:
@@ -1629,6 +1918,21 @@ class LmdbStore(Store):
                 before = max(before, _I64.unpack(raw)[0])
         return before
 
+    def _set_privacy(self, w: _Batch, op: SetPresencePrivacy) -> Result:
+        # In the meta db, "pv:" + user: present = last-seen hidden.
+        key = b"pv:" + _t(op.user)
+        if op.hide_last_seen:
+            w.txn.put(key, b"1", db=self._meta)
+        else:
+            w.txn.delete(key, db=self._meta)
+        return PresencePrivacySet(op.user, op.hide_last_seen)
+
+    def hides_last_seen(self, user: str) -> bool:
+        if not valid_id(user):
+            return False
+        with self._read() as txn:
+            return txn.get(b"pv:" + _t(user), db=self._meta) is not None
+
     def revoked_before(self, user: str, device: str) -> int:
         if not valid_id(user) or (device and not valid_id(device)):
             return 0
@@ -1641,6 +1945,184 @@ class LmdbStore(Store):
         before = max(_I64.unpack(raw)[0] if raw is not None else 0, op.before)
         w.txn.put(key, _I64.pack(before), db=self._revoked)
         return Revoked(op.user, op.device, before)
+
+    # ----------------------------------------------------- retention, purge
+
+    def _retention_in(self, txn: _Txn, ck: bytes) -> tuple[int, int, int]:
+        """(max_age, max_count, history floor) of T(conv) ``ck``."""
+        raw = txn.get(ck, db=self._retention)
+        return _RETENTION.unpack(raw) if raw is not None else (-1, -1, 0)
+
+    def _put_retention(self, txn: _Txn, ck: bytes, age: int, count: int, floor: int) -> None:
+        if (age, count, floor) == (-1, -1, 0):
+            txn.delete(ck, db=self._retention)
+        else:
+            txn.put(ck, _RETENTION.pack(age, count, floor), db=self._retention)
+
+    def _read_retention(self, op: ReadRetention) -> Result:
+        with self._read() as txn:
+            return self._read_retention_in(txn, op)
+
+    def _read_retention_in(self, txn: _Txn, op: ReadRetention) -> Result:
+        if not valid_conversation(op.conv):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        return RetentionState(op.conv, *self._retention_in(txn, _t(op.conv)))
+
+    def _set_retention(self, w: _Batch, op: SetRetention) -> Result:
+        txn = w.txn
+        ck = _t(op.conv)
+        if not is_direct(op.conv) and txn.get(ck, db=self._groups) is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        floor = self._retention_in(txn, ck)[2]
+        self._put_retention(txn, ck, op.max_age, op.max_count, floor)
+        return RetentionSet(op.conv, op.max_age, op.max_count)
+
+    def _recipients_in(self, txn: _Txn, ck: bytes) -> list[bytes]:
+        """T(user) of every user who may hold inbox entries of T(conv) ``ck``."""
+        pair = direct_members(ck[1:].decode("ascii"))
+        if pair is not None:
+            return [_t(pair[0]), _t(pair[1])]
+        return [key[len(ck) :] for key, _ in self._scan(txn, self._spans, ck)]
+
+    def _trim(self, txn: _Txn, ck: bytes, upto: int) -> tuple[int, int]:
+        """Remove the entries of T(conv) ``ck`` from its history floor up to
+        seq ``upto`` (messages, dedupe records, inbox entries) and move the
+        floor there; (entries removed, inbox entries removed).  The caller
+        synced the batch (no queued inbox entries)."""
+        age, count, floor = self._retention_in(txn, ck)
+        if upto <= floor:
+            return 0, 0
+        gone: set[bytes] = set()
+        for seq in range(floor + 1, upto + 1):
+            ik = ck + _U64.pack(seq)
+            ref = txn.get(ik, db=self._convidx)
+            if ref is None:
+                raise StoreError(f"{ck[1:]!r} has no seq {seq} (store corrupt)")
+            msg_id = ref[:16]
+            raw = txn.get(msg_id, db=self._msgs)
+            if raw is not None:
+                # The dedupe key T(sender) T(device) U64(local_id), cut from
+                # the record without decoding it (T(conv) comes first).
+                off = _RECORD.size + 1 + raw[_RECORD.size]
+                end = off + 1 + raw[off]
+                end += 1 + raw[end]
+                dkey = raw[off:end] + raw[8:16]
+                prior = txn.get(dkey, db=self._dedupe)
+                if prior is not None and prior[:16] == msg_id:
+                    txn.delete(dkey, db=self._dedupe)  # with its message, never before
+                txn.delete(msg_id, db=self._msgs)
+            txn.delete(ik, db=self._convidx)
+            gone.add(msg_id)
+        self._put_retention(txn, ck, age, count, upto)
+        entries = 0
+        for uk in self._recipients_in(txn, ck):
+            floor_pos = self._head_floor(txn, uk)[1]
+            doomed = [key for key, entry in self._scan(txn, self._inbox, uk, uk + _U64.pack(floor_pos + 1))
+                      if entry[:16] in gone]
+            for key in doomed:
+                txn.delete(key, db=self._inbox)
+            entries += len(doomed)
+        return upto - floor, entries
+
+    @staticmethod
+    def _forget_convs(w: _Batch) -> None:
+        """Membership or conversation-list flags changed outside the cache."""
+        w.hot.convs.clear()
+        w.hot.members = 0
+
+    def _expire(self, w: _Batch, op: Expire) -> Result:
+        w.sync()  # inbox entries queued by earlier ops must be in the db
+        txn = w.txn
+        if op.max_age or op.max_count:
+            cks = [ck for ck, _ in txn.cursor(self._convs)]
+        else:  # only conversations with a setting of their own
+            cks = [ck for ck, v in txn.cursor(self._retention) if _RETENTION.unpack(v)[:2] != (-1, -1)]
+        convs = msgs = entries = 0
+        for ck in cks:
+            own_age, own_count, floor = self._retention_in(txn, ck)
+            age, count = retention_limits((own_age, own_count), op.max_age, op.max_count)
+            if not (age or count):
+                continue
+            last = self._last_seq(txn, ck)
+            upto = floor
+            if count and last - count > upto:
+                upto = last - count
+            if age:
+                cutoff = op.now - age
+                while upto < last:
+                    ref = txn.get(ck + _U64.pack(upto + 1), db=self._convidx)
+                    raw = txn.get(ref[:16], db=self._msgs) if ref is not None else None
+                    if raw is not None and _RECORD.unpack_from(raw)[3] >= cutoff:
+                        break
+                    upto += 1
+            if upto > floor:
+                n, e = self._trim(txn, ck, upto)
+                convs, msgs, entries = convs + 1, msgs + n, entries + e
+        return Expired(convs, msgs, entries)
+
+    def _purge_conversation(self, w: _Batch, op: PurgeConversation) -> Result:
+        w.sync()
+        txn = w.txn
+        ck = _t(op.conv)
+        users = self._recipients_in(txn, ck)
+        msgs, entries = self._trim(txn, ck, self._last_seq(txn, ck))
+        for uk in users:
+            for key, db in ((uk + ck, self._reads), (uk + ck, self._userconvs), (ck + uk, self._spans),
+                            (ck + uk, self._members)):
+                txn.delete(key, db=db)
+        txn.delete(ck, db=self._groups)
+        # Keep only the floor (= the last seq): seqs continue after it.
+        self._put_retention(txn, ck, -1, -1, self._retention_in(txn, ck)[2])
+        self._forget_convs(w)
+        return Purged(msgs, entries)
+
+    def _purge_user(self, w: _Batch, op: PurgeUser) -> Result:
+        w.sync()
+        txn = w.txn
+        user = op.user
+        uk = _t(user)
+        groups = []
+        for key, _ in self._scan(txn, self._userconvs, uk):
+            ck = key[len(uk) :]
+            conv = ck[1:].decode("ascii")
+            if not is_direct(conv) and txn.get(ck + uk, db=self._members) is not None:
+                groups.append(conv)
+        changes = []
+        for conv in sorted(groups):
+            res = self._change_members(w, RemoveMembers(conv, (user,), op.now))
+            assert isinstance(res, GroupChanged)
+            changes.append(res)
+        w.sync()  # the LEFT entries' inbox writes, before the deletions below
+        tombstones = 0
+        for key, value in list(self._scan(txn, self._dedupe, uk)):
+            msg_id = value[:16]
+            raw = txn.get(msg_id, db=self._msgs)
+            if raw is not None:
+                m = dataclasses.replace(_decode_record(msg_id, raw), payload=b"")
+                txn.put(msg_id, _encode_entry(m), db=self._msgs)
+                tombstones += 1
+            txn.delete(key, db=self._dedupe)
+        doomed = [key for key, _ in self._scan(txn, self._inbox, uk)]
+        for key in doomed:
+            txn.delete(key, db=self._inbox)
+        head, floor = self._head_floor(txn, uk)
+        if floor != head:
+            txn.put(uk, _HEAD_FLOOR.pack(head, head), db=self._inboxmeta)
+        devices = [key for key, _ in self._scan(txn, self._devices, uk)]
+        for key in devices:
+            txn.delete(key, db=self._devices)
+        for key in [key for key, _ in self._scan(txn, self._reads, uk)]:
+            txn.delete(key, db=self._reads)
+        for key in [key for key, _ in self._scan(txn, self._userconvs, uk)]:
+            txn.delete(key[len(uk) :] + uk, db=self._spans)
+            txn.delete(key, db=self._userconvs)
+        rk = uk + _t("")
+        raw = txn.get(rk, db=self._revoked)
+        if raw is None or _I64.unpack(raw)[0] < op.now:
+            txn.put(rk, _I64.pack(op.now), db=self._revoked)
+        w.hot.clear_heads()
+        self._forget_convs(w)
+        return Purged(tombstones, len(doomed), len(devices), tuple(changes))
 
     # ----------------------------------------------------------- lifecycle
 
@@ -1706,6 +2188,13 @@ _HANDLERS: dict[type, Callable[[LmdbStore, _Batch, Op], Result]] = {
     AddMembers: LmdbStore._change_members,  # type: ignore[dict-item]
     RemoveMembers: LmdbStore._change_members,  # type: ignore[dict-item]
     RevokeTokens: LmdbStore._revoke,  # type: ignore[dict-item]
+    SetPresencePrivacy: LmdbStore._set_privacy,  # type: ignore[dict-item]
     AppendEvent: LmdbStore._append_event_op,  # type: ignore[dict-item]
     AckEvents: LmdbStore._ack_events,  # type: ignore[dict-item]
+    SetConversation: LmdbStore._set_conversation,  # type: ignore[dict-item]
+    AmendMessage: LmdbStore._amend,  # type: ignore[dict-item]
+    SetRetention: LmdbStore._set_retention,  # type: ignore[dict-item]
+    Expire: LmdbStore._expire,  # type: ignore[dict-item]
+    PurgeConversation: LmdbStore._purge_conversation,  # type: ignore[dict-item]
+    PurgeUser: LmdbStore._purge_user,  # type: ignore[dict-item]
 }

@@ -15,8 +15,10 @@ so it favours being obviously right over being clever:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 from ..errors import ErrorCode, StoreError
@@ -24,6 +26,16 @@ from .base import (
     SYSTEM,
     AckEvents,
     AppendEvent,
+    ConversationEntry,
+    ConversationSet,
+    ConversationsPage,
+    ReadConversations,
+    SetConversation,
+    conversation_entry,
+    conversation_page,
+    mentioned_recipients,
+    mentions_user,
+    new_settings,
     EventAppended,
     EventsAcked,
     EventsPage,
@@ -31,8 +43,14 @@ from .base import (
     StoredEvent,
     message_event,
     RevokeTokens,
+    SetPresencePrivacy,
+    PresencePrivacySet,
     Revoked,
     AckPosition,
+    AmendMessage,
+    amend_entry,
+    amend_problem,
+    amended,
     AddMembers,
     CreateGroup,
     GroupChanged,
@@ -64,6 +82,17 @@ from .base import (
     TouchDevice,
     Touched,
     WriteBatch,
+    Expire,
+    Expired,
+    PurgeConversation,
+    PurgeUser,
+    Purged,
+    ReadRetention,
+    RetentionSet,
+    RetentionState,
+    SetRetention,
+    after_floor,
+    retention_limits,
     direct_members,
     malformed,
     valid_conversation,
@@ -113,12 +142,23 @@ class MemoryStore(Store):
         self._devices: dict[str, dict[str, DeviceState]] = {}
         self._dedupe: dict[tuple[str, str, int], tuple[bytes, int, int, bytes]] = {}
         self._reads: dict[tuple[str, str], int] = {}
+        #: (user, conv, seq) of every message a user deleted for themselves.
+        self._deleted: dict[tuple[str, str, int], bool] = {}
         self._revoked: dict[tuple[str, str], int] = {}  # (user, device or "") -> before
         #: Host events: id -> (time, data); exactly ids floor+1..last (reclaim
         #: removes a prefix).  "last" and "floor" in _evmeta.
         self._events: dict[int, tuple[int, bytes]] = {}
         self._evmeta: dict[str, int] = {"last": 0, "floor": 0}
         self._evcursors: dict[str, int] = {}  # consumer -> acked id
+        self._privacy: dict[str, bool] = {}  # user -> hide last seen (SetPresencePrivacy); absent = False
+        #: (user, conv) -> (pinned, muted, hidden_at): the user's own
+        #: settings of a conversation (SetConversation); absent = defaults.
+        self._convset: dict[tuple[str, str], tuple[bool, bool, int]] = {}
+        #: History retention: conv -> (max_age, max_count) set for it (-1 per
+        #: field: the broker default), and conv -> history floor (seqs <= it
+        #: were removed; entries are exactly floor+1..last).
+        self._retention: dict[str, tuple[int, int]] = {}
+        self._hfloor: dict[str, int] = {}
 
     # ------------------------------------------------------------ plumbing
 
@@ -228,6 +268,18 @@ class MemoryStore(Store):
         self._set(self._revoked, key, before)
         return Revoked(op.user, op.device, before)
 
+    def _set_privacy(self, op: SetPresencePrivacy) -> Result:
+        if op.hide_last_seen:
+            self._set(self._privacy, op.user, True)
+        elif op.user in self._privacy:
+            self._del(self._privacy, op.user)
+        return PresencePrivacySet(op.user, op.hide_last_seen)
+
+    def hides_last_seen(self, user: str) -> bool:
+        with self._lock:
+            self._check_open()
+            return self._privacy.get(user, False)
+
     def revoked_before(self, user: str, device: str) -> int:
         with self._lock:
             self._check_open()
@@ -274,6 +326,8 @@ class MemoryStore(Store):
                 server_time=op.server_time,
                 payload=op.payload,
                 after_seq=after_seq,
+                mentions=op.mentions,
+                mention_all=op.mention_all,
             ),
         )
         positions = []
@@ -287,8 +341,74 @@ class MemoryStore(Store):
         if op.server_time > self._hwm["server_time"]:
             self._set(self._hwm, "server_time", op.server_time)
         if op.event:
-            self._append_event(op.server_time, message_event(self._msgs[op.msg_id], members))
+            m = self._msgs[op.msg_id]
+            muted = [u for u in members if self._convset.get((u, op.conv), (False, False, 0))[1]]
+            self._append_event(op.server_time, message_event(m, members, muted, mentioned_recipients(m, members)))
         return Appended(op.msg_id, seq, op.server_time, tuple(positions), after_seq)
+
+    def _amend(self, op: AmendMessage) -> Result:
+        key = (op.sender, op.device, op.local_id)
+        prior = self._dedupe.get(key)
+        if prior is not None:
+            msg_id, seq, server_time, digest = prior
+            if digest == op.digest:
+                return Duplicate(msg_id, seq, server_time)
+            return Rejected(ErrorCode.DUPLICATE_CONFLICT)
+        if not valid_conversation(op.conv):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        members = self._group_members(op.conv)
+        if members is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        last = self._conv_last.get(op.conv, 0)
+        tid = self._conv_seq.get((op.conv, op.target)) if op.target <= last else None
+        target = self._msgs[tid] if tid is not None else None
+        member, visible = True, True
+        if op.kind == MessageKind.DELETE:
+            spans = self._spans_of(op.conv, op.sender)
+            member = bool(spans)
+            ranges = visible_ranges(spans, self._visible.get(op.conv, False))
+            visible = any(lo <= op.target <= hi for lo, hi in ranges)
+        elif op.sender != SYSTEM:
+            member = op.sender in members
+        code = amend_problem(op, member, target, visible)
+        if code is not ErrorCode.OK:
+            return Rejected(code)
+        assert target is not None
+        if op.msg_id in self._msgs:
+            return Rejected(ErrorCode.INTERNAL)
+        if op.kind == MessageKind.DELETE:
+            seq, recipients = 0, frozenset((op.sender,))
+            self._set(self._deleted, (op.sender, op.conv, op.target), True)
+        else:
+            seq, recipients = last + 1, members
+            self._set(self._conv_last, op.conv, seq)
+            self._set(self._conv_seq, (op.conv, seq), op.msg_id)
+            self._set(self._msgs, target.msg_id, amended(target, op))
+        entry = amend_entry(op, seq)
+        self._set(self._msgs, op.msg_id, entry)
+        positions = []
+        for user in sorted(recipients):
+            pos = self._head.get(user, 0) + 1
+            self._set(self._head, user, pos)
+            self._set(self._sub(self._inbox, user), pos, (op.msg_id, op.server_time))
+            self._flag(user, op.conv, HAS_MESSAGES, True)
+            positions.append((user, pos))
+        self._set(self._dedupe, key, (op.msg_id, seq, op.server_time, op.digest))
+        if op.server_time > self._hwm["server_time"]:
+            self._set(self._hwm, "server_time", op.server_time)
+        if op.event:
+            self._append_event(op.server_time, message_event(replace(entry, payload=op.payload), recipients))
+        return Appended(op.msg_id, seq, op.server_time, tuple(positions), entry.after_seq)
+
+    def _current(self, m: StoredMessage, user: str = "") -> StoredMessage:
+        """``m`` as a read returns it: an EDIT entry with its target's payload
+        now; for ``user`` (history), a message they deleted for themselves
+        with ``deleted`` set and no payload."""
+        if m.kind == MessageKind.EDIT:
+            return replace(m, payload=self._msgs[self._conv_seq[(m.conv, m.target)]].payload)
+        if user and m.kind == MessageKind.MESSAGE and (user, m.conv, m.seq) in self._deleted:
+            return replace(m, payload=b"", deleted=True)
+        return m
 
     def _register(self, user: str, device: str, position: int, now: int) -> tuple[DeviceState, bool]:
         """Shared by Touch and Ack: create at the floor if unknown, move
@@ -342,12 +462,16 @@ class MemoryStore(Store):
             acked = min(d.position for d in known.values()) if known else floor
             inbox = self._inbox[user]
             pos = floor
-            while pos < head and (pos + 1 <= acked or inbox[pos + 1][1] < age_cutoff):
+            while pos < head:
+                entry = inbox.get(pos + 1)  # None: a hole (retention, purge)
+                if not (entry is None or pos + 1 <= acked or entry[1] < age_cutoff):
+                    break
                 pos += 1
-                self._del(inbox, pos)
+                if entry is not None:
+                    self._del(inbox, pos)
+                    removed += 1
             if pos != floor:
                 self._set(self._floor, user, pos)
-                removed += pos - floor
         # Host events: the longest prefix acked by every consumer (none yet:
         # nothing is acked) or older than max_age.
         acked = min(self._evcursors.values()) if self._evcursors else 0
@@ -470,6 +594,133 @@ class MemoryStore(Store):
             positions.append(tuple(pos_list))
         return GroupChanged(conv, tuple(sorted(self._members[conv])), tuple(entries), tuple(positions))
 
+    # ----------------------------------------------------- retention, purge
+
+    def _set_retention(self, op: SetRetention) -> Result:
+        if self._group_members(op.conv) is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        if (op.max_age, op.max_count) == (-1, -1):
+            if op.conv in self._retention:
+                self._del(self._retention, op.conv)
+        else:
+            self._set(self._retention, op.conv, (op.max_age, op.max_count))
+        return RetentionSet(op.conv, op.max_age, op.max_count)
+
+    def _read_retention(self, op: ReadRetention) -> Result:
+        with self._lock:
+            self._check_open()
+            if not valid_conversation(op.conv):
+                return Rejected(ErrorCode.BAD_REQUEST)
+            age, count = self._retention.get(op.conv, (-1, -1))
+            return RetentionState(op.conv, age, count, self._hfloor.get(op.conv, 0))
+
+    def _recipients(self, conv: str) -> list[str]:
+        """Every user who may hold inbox entries of ``conv``."""
+        pair = direct_members(conv)
+        if pair is not None:
+            return list(pair)
+        return sorted({u for (c, u) in self._spans if c == conv})
+
+    def _trim(self, conv: str, upto: int) -> tuple[int, int]:
+        """Remove the entries of ``conv`` from its history floor up to seq
+        ``upto`` (messages, dedupe records, inbox entries); the floor
+        becomes ``upto``.  (entries removed, inbox entries removed)."""
+        floor = self._hfloor.get(conv, 0)
+        if upto <= floor:
+            return 0, 0
+        gone: set[bytes] = set()
+        for seq in range(floor + 1, upto + 1):
+            msg_id = self._conv_seq[(conv, seq)]
+            m = self._msgs[msg_id]
+            key = (m.sender, m.device, m.local_id)
+            prior = self._dedupe.get(key)
+            if prior is not None and prior[0] == msg_id:
+                self._del(self._dedupe, key)  # with its message, never before
+            self._del(self._conv_seq, (conv, seq))
+            self._del(self._msgs, msg_id)
+            gone.add(msg_id)
+        self._set(self._hfloor, conv, upto)
+        entries = 0
+        for user in self._recipients(conv):
+            inbox = self._inbox.get(user, {})
+            for pos in [p for p, (msg_id, _) in inbox.items() if msg_id in gone]:
+                self._del(inbox, pos)
+                entries += 1
+        return upto - floor, entries
+
+    def _expire(self, op: Expire) -> Result:
+        if not self._retention and not (op.max_age or op.max_count):
+            return Expired(0, 0, 0)
+        convs = msgs = entries = 0
+        for conv, last in list(self._conv_last.items()):
+            age, count = retention_limits(self._retention.get(conv, (-1, -1)), op.max_age, op.max_count)
+            if not (age or count):
+                continue
+            upto = floor = self._hfloor.get(conv, 0)
+            if count and last - count > upto:
+                upto = last - count
+            if age:
+                cutoff = op.now - age
+                while upto < last and self._msgs[self._conv_seq[(conv, upto + 1)]].server_time < cutoff:
+                    upto += 1
+            if upto > floor:
+                n, e = self._trim(conv, upto)
+                convs, msgs, entries = convs + 1, msgs + n, entries + e
+        return Expired(convs, msgs, entries)
+
+    def _purge_conversation(self, op: PurgeConversation) -> Result:
+        conv = op.conv
+        users = self._recipients(conv)
+        msgs, entries = self._trim(conv, self._conv_last.get(conv, 0))
+        for user in users:
+            if (user, conv) in self._reads:
+                self._del(self._reads, (user, conv))
+            convs = self._userconv.get(user, {})
+            if conv in convs:
+                self._del(convs, conv)
+            if (conv, user) in self._spans:
+                self._del(self._spans, (conv, user))
+        for table in (self._groups, self._visible, self._members, self._retention):
+            if conv in table:
+                self._del(table, conv)
+        return Purged(msgs, entries)
+
+    def _purge_user(self, op: PurgeUser) -> Result:
+        user = op.user
+        changes = []
+        for conv in sorted(self._userconv.get(user, {})):
+            if conv in self._groups and user in self._members[conv]:
+                res = self._change_members(RemoveMembers(conv, (user,), op.now))
+                assert isinstance(res, GroupChanged)
+                changes.append(res)
+        tombstones = 0
+        for key, (msg_id, _, _, _) in list(self._dedupe.items()):
+            if key[0] != user:
+                continue
+            m = self._msgs.get(msg_id)
+            if m is not None:
+                self._set(self._msgs, msg_id, dataclasses.replace(m, payload=b""))
+                tombstones += 1
+            self._del(self._dedupe, key)
+        inbox = self._inbox.get(user, {})
+        entries = len(inbox)
+        if entries:
+            self._set(self._inbox, user, {})
+        if self._floor.get(user, 0) != self._head.get(user, 0):
+            self._set(self._floor, user, self._head[user])
+        devices = len(self._devices.get(user, {}))
+        if user in self._devices:
+            self._del(self._devices, user)
+        for rkey in [k for k in self._reads if k[0] == user]:
+            self._del(self._reads, rkey)
+        for skey in [k for k in self._spans if k[1] == user]:
+            self._del(self._spans, skey)
+        if user in self._userconv:
+            self._del(self._userconv, user)
+        if self._revoked.get((user, ""), 0) < op.now:
+            self._set(self._revoked, (user, ""), op.now)
+        return Purged(tombstones, entries, devices, tuple(changes))
+
     # --------------------------------------------------------------- reads
 
     def conversation_exists(self, conv: str) -> bool:
@@ -502,14 +753,15 @@ class MemoryStore(Store):
             last = self._conv_last.get(conv, 0)
             if limit <= 0:
                 return []
-            # Seqs are exactly 1..last (gap-free), so a page is a seq range.
+            # Seqs are exactly floor+1..last (gap-free), so a page is a seq range.
+            floor = self._hfloor.get(conv, 0)
             if backward:
                 top = last if from_seq <= 0 else min(from_seq - 1, last)
-                seqs = range(top, max(top - limit, 0), -1)
+                seqs = range(top, max(top - limit, floor), -1)
             else:
-                start = max(from_seq, 0) + 1
+                start = max(from_seq, floor) + 1
                 seqs = range(start, min(last, start + limit - 1) + 1)
-            return [self._msgs[self._conv_seq[(conv, s)]] for s in seqs]
+            return [self._current(self._msgs[self._conv_seq[(conv, s)]]) for s in seqs]
 
     def message(self, msg_id: bytes) -> Optional[StoredMessage]:
         with self._lock:
@@ -530,10 +782,17 @@ class MemoryStore(Store):
         with self._lock:
             self._check_open()
             inbox = self._inbox.get(user, {})
-            # Entries are exactly floor+1..head (reclaim removes a prefix).
-            start = max(after, self._floor.get(user, 0)) + 1
-            end = min(self._head.get(user, 0), start + limit - 1)
-            return [(pos, self._msgs[inbox[pos][0]]) for pos in range(start, end + 1)]
+            # Entries are floor+1..head (reclaim removes a prefix) but for
+            # the holes retention and purges leave (skipped).
+            pos = max(after, self._floor.get(user, 0)) + 1
+            head = self._head.get(user, 0)
+            out: list[tuple[int, StoredMessage]] = []
+            while pos <= head and len(out) < limit:
+                entry = inbox.get(pos)
+                if entry is not None:
+                    out.append((pos, self._current(self._msgs[entry[0]])))
+                pos += 1
+            return out
 
     def device(self, user: str, device: str) -> Optional[DeviceState]:
         with self._lock:
@@ -565,13 +824,13 @@ class MemoryStore(Store):
         return self._spans.get((conv, user), ())
 
     def _unread(self, user: str, conv: str) -> int:
-        marker = self._reads.get((user, conv), 0)
+        marker = max(self._reads.get((user, conv), 0), self._hfloor.get(conv, 0))
         last = self._conv_last.get(conv, 0)
         n = 0
         for lo, hi in member_ranges(self._spans_of(conv, user)):
             for s in range(max(lo, marker + 1), min(hi, last) + 1):
                 m = self._msgs[self._conv_seq[(conv, s)]]
-                if m.kind == MessageKind.MESSAGE and m.sender != user:
+                if m.kind == MessageKind.MESSAGE and m.sender != user and not m.recalled:
                     n += 1
         return n
 
@@ -597,9 +856,9 @@ class MemoryStore(Store):
             spans = self._spans_of(op.conv, op.user)
             if not spans:
                 return HistoryPage(ErrorCode.NOT_MEMBER, ())
-            ranges = visible_ranges(spans, self._visible.get(op.conv, False))
+            ranges = after_floor(visible_ranges(spans, self._visible.get(op.conv, False)), self._hfloor.get(op.conv, 0))
             seqs = page_seqs(ranges, self._conv_last.get(op.conv, 0), op.from_seq, op.limit, op.backward)
-            return HistoryPage(ErrorCode.OK, tuple(self._msgs[self._conv_seq[(op.conv, s)]] for s in seqs))
+            return HistoryPage(ErrorCode.OK, tuple(self._current(self._msgs[self._conv_seq[(op.conv, s)]], op.user) for s in seqs))
 
     def _read_readers(self, op: ReadReaders) -> ReadersPage:
         with self._lock:
@@ -615,6 +874,58 @@ class MemoryStore(Store):
             return ReadersPage(
                 ErrorCode.OK, tuple((u, min(self._reads.get((u, op.conv), 0), last)) for u in sorted(members))
             )
+
+    # ------------------------------------------------ conversation list
+
+    def _entry(self, user: str, conv: str) -> ConversationEntry:
+        spans = self._spans_of(conv, user)
+        last_seq = last_visible(spans, self._conv_last.get(conv, 0))
+        last = self._msgs[self._conv_seq[(conv, last_seq)]] if last_seq else None
+        marker = self._reads.get((user, conv), 0)
+        mentions = 0
+        for lo, hi in member_ranges(spans):
+            for s in range(max(lo, marker + 1), min(hi, last_seq) + 1):
+                mentions += mentions_user(self._msgs[self._conv_seq[(conv, s)]], user)
+        settings = self._convset.get((user, conv), (False, False, 0))
+        return conversation_entry(conv, last, marker, self._unread(user, conv), mentions, settings)
+
+    def _list_access(self, user: str, conv: str) -> ErrorCode:
+        """May ``user`` have settings / an entry for ``conv``?"""
+        members = self._group_members(conv)
+        if members is None:
+            return ErrorCode.UNKNOWN_CONVERSATION
+        if conv in self._userconv.get(user, {}) or user in members:
+            return ErrorCode.OK
+        return ErrorCode.NOT_MEMBER
+
+    def _set_conversation(self, op: SetConversation) -> Result:
+        code = self._list_access(op.user, op.conv)
+        if code is not ErrorCode.OK:
+            return Rejected(code)
+        key = (op.user, op.conv)
+        old = self._convset.get(key, (False, False, 0))
+        last_seq = last_visible(self._spans_of(op.conv, op.user), self._conv_last.get(op.conv, 0))
+        new = new_settings(op, old, last_seq)
+        if new != old:
+            if new == (False, False, 0):
+                self._del(self._convset, key)
+            else:
+                self._set(self._convset, key, new)
+        return ConversationSet(op.user, op.conv, self._entry(op.user, op.conv), new != old)
+
+    def _read_conversations(self, op: ReadConversations) -> ConversationsPage:
+        with self._lock:
+            self._check_open()
+            if not (valid_id(op.user) and type(op.limit) is int and isinstance(op.cursor, bytes)
+                    and (op.conv == "" or valid_conversation(op.conv))):
+                return ConversationsPage(ErrorCode.BAD_REQUEST, ())
+            convs = self._userconv.get(op.user, {})
+            if op.conv:
+                code = ErrorCode.OK if op.conv in convs else self._list_access(op.user, op.conv)
+                if code is not ErrorCode.OK:
+                    return ConversationsPage(code, ())
+                return ConversationsPage(ErrorCode.OK, (self._entry(op.user, op.conv),))
+            return conversation_page([self._entry(op.user, c) for c in convs], op)
 
     def unread(self, user: str, conv: str) -> int:
         with self._lock:
@@ -645,6 +956,13 @@ _HANDLERS: dict[type, Callable[[MemoryStore, Any], Result]] = {
     AddMembers: MemoryStore._change_members,
     RemoveMembers: MemoryStore._change_members,
     RevokeTokens: MemoryStore._revoke,
+    SetPresencePrivacy: MemoryStore._set_privacy,
     AppendEvent: MemoryStore._append_event_op,
     AckEvents: MemoryStore._ack_events,
+    AmendMessage: MemoryStore._amend,
+    SetConversation: MemoryStore._set_conversation,
+    SetRetention: MemoryStore._set_retention,
+    Expire: MemoryStore._expire,
+    PurgeConversation: MemoryStore._purge_conversation,
+    PurgeUser: MemoryStore._purge_user,
 }

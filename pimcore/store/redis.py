@@ -18,7 +18,10 @@ does everything of one user):
                            entry: conv + seq + server time), ``dv:DEVICE``
                            (acked position, last seen), ``rd:CONV`` (read
                            marker), ``cv:CONV`` (conversation-list flags),
+                           ``cs:CONV`` (the user's settings of the
+                           conversation: ``pinned:muted:hidden_at``),
                            ``rv:`` / ``rv:DEVICE`` (tokens revoked before),
+                           ``pv`` (1: last-seen hidden, SetPresencePrivacy),
                            ``d:DEVICE/LOCAL_ID`` (dedupe record of the
                            user's sends: the key has no conversation, and
                            the lookup comes before the conversation id is
@@ -30,6 +33,11 @@ does everything of one user):
                            (what :class:`Reclaim` walks)
 ``NS:{ev}``                hash: host events (``last``, ``floor``, ``e:ID``,
                            ``c:CONSUMER``)
+``NS:{meta}:convs``        hash: every conversation that ever had an entry
+                           (what :class:`Expire` walks with a broker default)
+``NS:{meta}:ret``          hash: every conversation with a retention
+                           setting of its own (``ret`` = ``AGE:COUNT`` in
+                           its hash; ``hf`` = its history floor)
 =========================  ===============================================
 
 Requests.  A request runs its ops on a transaction object: reads go to
@@ -71,17 +79,34 @@ entries, never an entry before its message).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from typing import Any, AsyncIterator, Iterable, Optional, Sequence
 
 import trio
 
 from ..errors import ErrorCode, StoreError
 from .base import (
+    ConversationEntry,
+    ConversationSet,
+    ConversationsPage,
+    ReadConversations,
+    SetConversation,
+    conversation_entry,
+    conversation_page,
+    mentioned_recipients,
+    mentions_user,
+    new_settings,
     OPEN,
     SYSTEM,
+    AmendMessage,
+    amend_entry,
+    amend_problem,
+    amended,
+    visible_ranges as _visible_ranges,
     AckEvents,
     AckPosition,
     Acked,
@@ -120,6 +145,11 @@ from .base import (
     RemoveMembers,
     Result,
     RevokeTokens,
+    SetPresencePrivacy,
+    PresencePrivacySet,
+    ReadPresence,
+    PresenceInfo,
+    PresencePage,
     Revoked,
     SessionLoaded,
     StoredEvent,
@@ -127,6 +157,17 @@ from .base import (
     StoreRequest,
     TouchDevice,
     Touched,
+    Expire,
+    Expired,
+    PurgeConversation,
+    PurgeUser,
+    Purged,
+    ReadRetention,
+    RetentionSet,
+    RetentionState,
+    SetRetention,
+    after_floor,
+    retention_limits,
     direct_members,
     last_visible,
     malformed,
@@ -160,11 +201,30 @@ def parse_url(url: str) -> list[tuple[str, int]]:
     return out
 
 
+#: Kind-byte bits of a stored message (kinds themselves are below 0x40):
+#: _AMENDED -- an amend trailer (target, edited, recalled) follows the texts
+#: (RECALL/EDIT/DELETE entries, edited or recalled messages; older values
+#: never have it); _HAS_MENTIONS -- then U8 mention_all + U16 count +
+#: (U16 length + user) * count.  Both come before the payload, in that order.
+_AMENDED = 0x80
+_HAS_MENTIONS = 0x40
+_AMEND = struct.Struct(">QQB")
+
+
 def _enc_msg(m: StoredMessage) -> bytes:
     strs = b"".join(
         len(b).to_bytes(2, "big") + b for b in (m.conv.encode(), m.sender.encode(), m.device.encode())
     )
-    return _HEAD.pack(m.msg_id, m.seq, m.local_id, m.client_time, m.server_time, m.after_seq, m.kind) + strs + m.payload
+    kind = m.kind
+    if m.target or m.edited or m.recalled:
+        kind |= _AMENDED
+        strs += _AMEND.pack(m.target, m.edited, m.recalled)
+    if m.mentions or m.mention_all:
+        kind |= _HAS_MENTIONS
+        strs += bytes((int(m.mention_all),)) + len(m.mentions).to_bytes(2, "big") + b"".join(
+            len(u).to_bytes(2, "big") + u.encode() for u in m.mentions
+        )
+    return _HEAD.pack(m.msg_id, m.seq, m.local_id, m.client_time, m.server_time, m.after_seq, kind) + strs + m.payload
 
 
 def _dec_msg(b: bytes) -> StoredMessage:
@@ -175,8 +235,25 @@ def _dec_msg(b: bytes) -> StoredMessage:
         n = int.from_bytes(b[off:off + 2], "big")
         strs.append(b[off + 2:off + 2 + n].decode())
         off += 2 + n
+    target = edited = recalled = 0
+    if kind & _AMENDED:
+        kind &= ~_AMENDED
+        target, edited, recalled = _AMEND.unpack_from(b, off)
+        off += _AMEND.size
+    mentions: list[str] = []
+    mention_all = False
+    if kind & _HAS_MENTIONS:
+        kind &= ~_HAS_MENTIONS
+        mention_all = b[off] == 1
+        count = int.from_bytes(b[off + 1:off + 3], "big")
+        off += 3
+        for _ in range(count):
+            n = int.from_bytes(b[off:off + 2], "big")
+            mentions.append(b[off + 2:off + 2 + n].decode())
+            off += 2 + n
     return StoredMessage(msg_id, strs[0], seq, strs[1], strs[2], local_id, client_time, server_time,
-                         bytes(b[off:]), kind, after_seq)
+                         bytes(b[off:]), kind, after_seq, target, edited, bool(recalled),
+                         mentions=tuple(mentions), mention_all=mention_all)
 
 
 def _int(v: Optional[bytes], default: int = 0) -> int:
@@ -343,6 +420,8 @@ class RedisStore(AsyncStore):
         self._epochs: tuple[bytes, ...] = ()
         self._meta = f"{namespace}:{{meta}}"
         self._users = f"{namespace}:{{meta}}:users"
+        self._rets = f"{namespace}:{{meta}}:ret"
+        self._convs = f"{namespace}:{{meta}}:convs"
         self._ev = f"{namespace}:{{ev}}"
         self._wal = f"{namespace}:{{wal}}"
         self.settle = settle
@@ -646,15 +725,22 @@ class RedisStore(AsyncStore):
                 if all(type(op) in SCRIPTED for op in request.ops):
                     return tuple(await self.cluster.execute(request.ops))
                 if any(type(op) in SCRIPTED for op in request.ops):
-                    # Ops of the generic path beside scripted ones: the
-                    # scripted ones first, then the rest (single writer).
-                    idx = [i for i, op in enumerate(request.ops) if type(op) in SCRIPTED]
-                    done = await self.cluster.execute([request.ops[i] for i in idx])
-                    rest = await self.execute(StoreRequest(
-                        request.request_id, tuple(op for op in request.ops if type(op) not in SCRIPTED), True))
-                    merged: list[Result] = list(rest)
-                    for i, r in zip(idx, done):
-                        merged.insert(i, r)
+                    # Ops of the generic path beside scripted ones: runs of
+                    # each kind in request order (an op sees every earlier
+                    # one, as in one transaction); the generic runs single
+                    # writer.
+                    merged: list[Result] = []
+                    i = 0
+                    while i < len(request.ops):
+                        scripted = type(request.ops[i]) in SCRIPTED
+                        j = i + 1
+                        while j < len(request.ops) and (type(request.ops[j]) in SCRIPTED) == scripted:
+                            j += 1
+                        if scripted:
+                            merged.extend(await self.cluster.execute(request.ops[i:j]))
+                        else:
+                            merged.extend(await self.execute(StoreRequest(request.request_id, tuple(request.ops[i:j]), True)))
+                        i = j
                     return tuple(merged)
             async with self._write_lock:
                 await self._complete_pending()
@@ -705,7 +791,7 @@ class RedisStore(AsyncStore):
             if not valid_conversation(conv):
                 continue
             for user in await self._group_members(tx, conv) or ():
-                need(self._k_user(user), "head", "cv:" + conv)
+                need(self._k_user(user), "head", "cv:" + conv, "cs:" + conv)
         await tx.prefetch(needs)
 
     async def _apply(self, tx: _Tx, op: Op) -> Result:
@@ -761,6 +847,8 @@ class RedisStore(AsyncStore):
         """Store ``m`` at its seq and append it to every recipient's inbox."""
         ck = self._k_conv(m.conv)
         tx.put(ck, "last", m.seq)
+        if m.seq == 1:
+            tx.put(self._convs, m.conv, b"1")  # what Expire walks (one write per conversation)
         tx.put(ck, f"s:{m.seq}", _enc_msg(m))
         tx.put(self._k_msg(m.msg_id), "r", f"{m.seq}:{m.conv}")
         ref = f"{m.seq}:{m.server_time}:{m.conv}"
@@ -770,6 +858,11 @@ class RedisStore(AsyncStore):
             pos = _int(await tx.get(uk, "head")) + 1
             tx.put(uk, "head", pos)
             tx.put(uk, f"i:{pos}", ref)
+            # What the scripted fan-out (redis_scripts FANOUT) keeps: the last
+            # seq of the conversation in this inbox and its position; without
+            # it a later scripted fan-out would see a gap and deliver this
+            # entry a second time.
+            tx.put(uk, f"ld:{m.conv}", f"{m.seq}:{pos}")
             await self._flag(tx, user, m.conv, HAS_MESSAGES, True)
             tx.put(self._users, user, b"1")
             positions.append((user, pos))
@@ -803,12 +896,83 @@ class RedisStore(AsyncStore):
         seq = _int(await tx.get(self._k_conv(op.conv), "last")) + 1
         after_seq = min(op.after_seq, seq - 1)
         m = StoredMessage(op.msg_id, op.conv, seq, op.sender, op.device, op.local_id, op.client_time,
-                          op.server_time, op.payload, 0, after_seq)
+                          op.server_time, op.payload, 0, after_seq, mentions=op.mentions, mention_all=op.mention_all)
         positions = await self._store_entry(tx, m, members)
         tx.put(dkey, dfield, f"{op.msg_id.hex()}:{seq}:{op.server_time}:{op.digest.hex()}")
         if op.event:
-            await self._append_event(tx, op.server_time, message_event(m, members))
+            muted = [u for u in members if (await self._settings(tx, u, op.conv))[1]]
+            await self._append_event(tx, op.server_time, message_event(m, members, muted, mentioned_recipients(m, members)))
         return Appended(op.msg_id, seq, op.server_time, positions, after_seq)
+
+    async def _amend(self, tx: _Tx, op: AmendMessage) -> Result:
+        # Same dedupe slot and record as NewMessage (one key space per device).
+        dkey = self._k_user(op.sender)
+        dfield = f"d:{op.device}/{op.local_id}"
+        prior = await tx.get(dkey, dfield)
+        if prior is not None:
+            msg_hex, seq_s, st, digest_hex = prior.decode().split(":")
+            if bytes.fromhex(digest_hex) == op.digest:
+                return Duplicate(bytes.fromhex(msg_hex), int(seq_s), int(st))
+            return Rejected(ErrorCode.DUPLICATE_CONFLICT)
+        if not valid_conversation(op.conv):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        members = await self._group_members(tx, op.conv)
+        if members is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        ck = self._k_conv(op.conv)
+        last, hv = await tx.mget(ck, ["last", "hv"])
+        raw = await tx.get(ck, f"s:{op.target}") if op.target <= _int(last) else None
+        target = _dec_msg(raw) if raw is not None else None
+        member, visible = True, True
+        if op.kind == MessageKind.DELETE:
+            spans = await self._spans_of(tx, op.conv, op.sender)
+            member = bool(spans)
+            visible = any(lo <= op.target <= hi for lo, hi in _visible_ranges(spans, _int(hv) == 1))
+        elif op.sender != SYSTEM:
+            member = op.sender in members
+        code = amend_problem(op, member, target, visible)
+        if code is not ErrorCode.OK:
+            return Rejected(code)
+        assert target is not None
+        if await tx.get(self._k_msg(op.msg_id), "r") is not None:
+            return Rejected(ErrorCode.INTERNAL)
+        if op.kind == MessageKind.DELETE:
+            entry = amend_entry(op, 0)
+            recipients: Iterable[str] = (op.sender,)
+            tx.put(self._k_user(op.sender), f"del:{op.conv}/{op.target}", b"1")
+            # Not an entry of the conversation: kept under its msg_id, and
+            # the inbox names it by that ("x<msg_id hex>" where a seq goes).
+            tx.put(ck, f"x:{op.msg_id.hex()}", _enc_msg(entry))
+            tx.put(self._k_msg(op.msg_id), "r", f"0:{op.conv}")
+            uk = self._k_user(op.sender)
+            pos = _int(await tx.get(uk, "head")) + 1
+            tx.put(uk, "head", pos)
+            tx.put(uk, f"i:{pos}", f"x{op.msg_id.hex()}:{op.server_time}:{op.conv}")
+            positions: tuple[tuple[str, int], ...] = ((op.sender, pos),)
+            if op.server_time > _int(await tx.get(self._meta, "st")):
+                tx.put(self._meta, "st", op.server_time)
+        else:
+            entry = amend_entry(op, _int(last) + 1)
+            recipients = members
+            tx.put(ck, f"s:{op.target}", _enc_msg(amended(target, op)))
+            positions = await self._store_entry(tx, entry, members)
+        tx.put(dkey, dfield, f"{op.msg_id.hex()}:{entry.seq}:{op.server_time}:{op.digest.hex()}")
+        if op.event:
+            await self._append_event(tx, op.server_time, message_event(replace(entry, payload=op.payload), recipients))
+        return Appended(op.msg_id, entry.seq, op.server_time, positions, entry.after_seq)
+
+    async def _current(self, tx: _Tx, msgs: list[StoredMessage], user: str = "") -> list[StoredMessage]:
+        """``msgs`` as reads return them: EDIT entries with their target's
+        payload now; for ``user`` (history) the messages they deleted for
+        themselves with ``deleted`` set and no payload."""
+        out = []
+        for m in msgs:
+            if m.kind == MessageKind.EDIT:
+                m = replace(m, payload=(await self._msg_at(tx, m.conv, m.target)).payload)
+            elif user and m.kind == MessageKind.MESSAGE and await tx.get(self._k_user(user), f"del:{m.conv}/{m.seq}"):
+                m = replace(m, payload=b"", deleted=True)
+            out.append(m)
+        return out
 
     async def _device(self, tx: _Tx, user: str, device: str) -> Optional[DeviceState]:
         v = await tx.get(self._k_user(user), "dv:" + device)
@@ -871,15 +1035,16 @@ class RedisStore(AsyncStore):
             acked = min(devs.values()) if devs else floor
             pos = floor
             while pos < head:
-                ref = fields.get(f"i:{pos + 1}")
+                ref = fields.get(f"i:{pos + 1}")  # None: a hole (retention, purge)
                 st = int(ref.split(b":")[1]) if ref is not None else 0
-                if not (pos + 1 <= acked or st < age_cutoff):
+                if not (ref is None or pos + 1 <= acked or st < age_cutoff):
                     break
                 pos += 1
-                tx.delete(uk, f"i:{pos}")
+                if ref is not None:
+                    tx.delete(uk, f"i:{pos}")
+                    removed += 1
             if pos != floor:
                 tx.put(uk, "floor", pos)
-                removed += pos - floor
         evs = await tx.getall(self._ev)
         cursors = [int(v) for f, v in evs.items() if f.startswith("c:")]
         acked = min(cursors) if cursors else 0
@@ -900,6 +1065,48 @@ class RedisStore(AsyncStore):
         before = max(_int(await tx.get(uk, "rv:" + op.device)), op.before)
         tx.put(uk, "rv:" + op.device, before)
         return Revoked(op.user, op.device, before)
+
+    async def _set_privacy(self, tx: _Tx, op: SetPresencePrivacy) -> Result:
+        uk = self._k_user(op.user)
+        if op.hide_last_seen:
+            tx.put(uk, "pv", 1)
+        elif await tx.get(uk, "pv") is not None:
+            tx.delete(uk, "pv")
+        return PresencePrivacySet(op.user, op.hide_last_seen)
+
+    async def _hides_last_seen(self, tx: _Tx, user: str) -> bool:
+        return _int(await tx.get(self._k_user(user), "pv")) == 1
+
+    async def _access(self, tx: _Tx, conv: str, user: str) -> bool:
+        members = await self._group_members(tx, conv)
+        return members is not None and user in members
+
+    async def _read_presence(self, tx: _Tx, op: ReadPresence) -> Result:
+        # As Store._read_presence (base.py), over the transaction object.
+        user = op.user
+        if not valid_id(user) or not isinstance(op.others, tuple):
+            return Rejected(ErrorCode.BAD_REQUEST)
+        mine = {c for c in await self._conversations(tx, user) if valid_conversation(c) and await self._access(tx, c, user)}
+        entries = []
+        for other in op.others:
+            if not (isinstance(other, str) and valid_id(other)):
+                entries.append(PresenceInfo(other if isinstance(other, str) else "", False, False, 0))
+                continue
+            visible = other == user
+            if not visible:
+                for c in await self._conversations(tx, other):
+                    if c in mine and await self._access(tx, c, other):
+                        visible = True
+                        break
+            if not visible:
+                entries.append(PresenceInfo(other, False, False, 0))
+                continue
+            last = max((d.last_seen for d in await self._devices(tx, other)), default=0)
+            entries.append(PresenceInfo(other, True, await self._hides_last_seen(tx, other), max(last, 0)))
+        return PresencePage(user, await self._hides_last_seen(tx, user), tuple(entries))
+
+    async def hides_last_seen(self, user: str) -> bool:
+        return valid_id(user) and await self._hides_last_seen(_Tx(self), user)
 
     async def _append_event(self, tx: _Tx, now: int, data: bytes) -> int:
         eid = _int(await tx.get(self._ev, "last")) + 1
@@ -972,6 +1179,137 @@ class RedisStore(AsyncStore):
             entries.append(m)
         return GroupChanged(conv, tuple(sorted(current)), tuple(entries), tuple(positions))
 
+    # -- retention and purge (see the ops in pimcore.store.base) ------------
+
+    async def _set_retention(self, tx: _Tx, op: SetRetention) -> Result:
+        if await self._group_members(tx, op.conv) is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        ck = self._k_conv(op.conv)
+        if (op.max_age, op.max_count) == (-1, -1):
+            tx.delete(ck, "ret")
+            tx.delete(self._rets, op.conv)
+        else:
+            tx.put(ck, "ret", f"{op.max_age}:{op.max_count}")
+            tx.put(self._rets, op.conv, b"1")
+        return RetentionSet(op.conv, op.max_age, op.max_count)
+
+    async def _recipients(self, tx: _Tx, conv: str) -> list[str]:
+        """Every user who may hold inbox entries of ``conv``."""
+        pair = direct_members(conv)
+        if pair is not None:
+            return list(pair)
+        return sorted(f[3:] for f in await tx.getall(self._k_conv(conv)) if f.startswith("sp:"))
+
+    async def _trim(self, tx: _Tx, conv: str, upto: int) -> tuple[int, int]:
+        """Remove the entries of ``conv`` from its history floor up to seq
+        ``upto`` (messages, dedupe records, inbox entries); the floor
+        becomes ``upto``.  (entries removed, inbox entries removed)."""
+        ck = self._k_conv(conv)
+        floor = _int(await tx.get(ck, "hf"))
+        if upto <= floor:
+            return 0, 0
+        gone: set[tuple[int, str]] = set()
+        for m in await self._msgs_at(tx, conv, list(range(floor + 1, upto + 1))):
+            dkey, dfield = self._k_user(m.sender), f"d:{m.device}/{m.local_id}"
+            prior = await tx.get(dkey, dfield)
+            if prior is not None and prior.split(b":", 1)[0] == m.msg_id.hex().encode():
+                tx.delete(dkey, dfield)  # with its message, never before
+            tx.delete(ck, f"s:{m.seq}")
+            tx.delete(self._k_msg(m.msg_id), "r")
+            gone.add((m.seq, conv))
+        tx.put(ck, "hf", upto)
+        entries = 0
+        for user in await self._recipients(tx, conv):
+            uk = self._k_user(user)
+            for f, v in (await tx.getall(uk)).items():
+                if f.startswith("i:"):
+                    seq, _, c = v.decode().split(":", 2)
+                    if (int(seq), c) in gone:
+                        tx.delete(uk, f)
+                        entries += 1
+        return upto - floor, entries
+
+    async def _expire(self, tx: _Tx, op: Expire) -> Result:
+        convs: set[str] = set(await tx.getall(self._rets))
+        if op.max_age or op.max_count:
+            convs.update(await tx.getall(self._convs))
+        n_convs = msgs = entries = 0
+        for conv in sorted(convs):
+            ck = self._k_conv(conv)
+            ret, hf, last_b = await tx.mget(ck, ["ret", "hf", "last"])
+            own = tuple(int(x) for x in ret.split(b":")) if ret else (-1, -1)
+            age, count = retention_limits(own, op.max_age, op.max_count)  # type: ignore[arg-type]
+            if not (age or count):
+                continue
+            last = _int(last_b)
+            upto = floor = _int(hf)
+            if count and last - count > upto:
+                upto = last - count
+            if age:
+                cutoff = op.now - age
+                while upto < last and (await self._msg_at(tx, conv, upto + 1)).server_time < cutoff:
+                    upto += 1
+            if upto > floor:
+                n, e = await self._trim(tx, conv, upto)
+                n_convs, msgs, entries = n_convs + 1, msgs + n, entries + e
+        return Expired(n_convs, msgs, entries)
+
+    async def _purge_conversation(self, tx: _Tx, op: PurgeConversation) -> Result:
+        conv = op.conv
+        ck = self._k_conv(conv)
+        users = await self._recipients(tx, conv)
+        msgs, entries = await self._trim(tx, conv, _int(await tx.get(ck, "last")))
+        for user in users:
+            uk = self._k_user(user)
+            tx.delete(uk, "rd:" + conv)
+            tx.delete(uk, "cv:" + conv)
+            tx.delete(ck, "sp:" + user)
+        for f in ("grp", "hv", "mem", "ret"):
+            tx.delete(ck, f)
+        tx.delete(self._rets, conv)
+        return Purged(msgs, entries)
+
+    async def _purge_user(self, tx: _Tx, op: PurgeUser) -> Result:
+        user = op.user
+        uk = self._k_user(user)
+        changes = []
+        for conv in await self._conversations(tx, user):
+            members = await self._group_members(tx, conv) if direct_members(conv) is None else None
+            if members is not None and user in members:
+                res = await self._change_members(tx, RemoveMembers(conv, (user,), op.now))
+                assert isinstance(res, GroupChanged)
+                changes.append(res)
+        fields = await tx.getall(uk)
+        tombstones = entries = devices = 0
+        for f, v in sorted(fields.items()):
+            if f.startswith("d:"):
+                msg_id = bytes.fromhex(v.decode().split(":", 1)[0])
+                ref = await tx.get(self._k_msg(msg_id), "r")
+                if ref is not None:
+                    seq, _, conv = ref.decode().partition(":")
+                    m = await self._msg_at(tx, conv, int(seq))
+                    tx.put(self._k_conv(conv), f"s:{m.seq}", _enc_msg(dataclasses.replace(m, payload=b"")))
+                    tombstones += 1
+                tx.delete(uk, f)
+            elif f.startswith("i:"):
+                tx.delete(uk, f)
+                entries += 1
+            elif f.startswith("dv:"):
+                tx.delete(uk, f)
+                devices += 1
+            elif f.startswith("rd:"):
+                tx.delete(uk, f)
+            elif f.startswith("cv:"):
+                tx.delete(uk, f)
+                if direct_members(f[3:]) is None:
+                    tx.delete(self._k_conv(f[3:]), "sp:" + user)
+        head = _int(fields.get("head"))
+        if _int(fields.get("floor")) != head:
+            tx.put(uk, "floor", head)
+        if _int(fields.get("rv:")) < op.now:
+            tx.put(uk, "rv:", op.now)
+        return Purged(tombstones, entries, devices, tuple(changes))
+
     # -- reads --------------------------------------------------------------
 
     async def _read(self, tx: _Tx, op: Any) -> Result:
@@ -996,6 +1334,16 @@ class RedisStore(AsyncStore):
                 return Deduped(False)
             prior = await tx.get(self._k_user(op.sender), f"d:{op.device}/{op.local_id}")
             return Deduped(prior is not None)
+        if kind is ReadConversations:
+            return await self._read_conversations(tx, op)
+        if kind is ReadPresence:
+            return await self._read_presence(tx, op)
+        if kind is ReadRetention:
+            if not valid_conversation(op.conv):
+                return Rejected(ErrorCode.BAD_REQUEST)
+            ret, hf = await tx.mget(self._k_conv(op.conv), ["ret", "hf"])
+            age, count = (int(x) for x in ret.split(b":")) if ret else (-1, -1)
+            return RetentionState(op.conv, age, count, _int(hf))
         raise TypeError(f"not a read op: {kind.__name__}")
 
     async def _devices(self, tx: _Tx, user: str) -> list[DeviceState]:
@@ -1010,30 +1358,93 @@ class RedisStore(AsyncStore):
         uk = self._k_user(user)
         head, floor = (_int(v) for v in await tx.mget(uk, ["head", "floor"]))
         start = max(after, floor) + 1
-        end = min(head, start + limit - 1)
-        if end < start:
-            return []
-        positions = list(range(start, end + 1))
-        refs = await tx.mget(uk, [f"i:{p}" for p in positions])
-        out = []
-        for pos, ref in zip(positions, refs):
-            if ref is None:
-                raise StoreError(f"missing inbox entry {user!r} {pos}")
-            seq, _, conv = ref.decode().split(":", 2)
-            out.append((pos, await self._msg_at(tx, conv, int(seq))))
+        out: list[tuple[int, StoredMessage]] = []
+        # Holes (entries retention or a purge removed) are skipped.
+        while start <= head and len(out) < limit:
+            end = min(head, start + limit - len(out) - 1)
+            positions = list(range(start, end + 1))
+            refs = await tx.mget(uk, [f"i:{p}" for p in positions])
+            for pos, ref in zip(positions, refs):
+                if ref is None:
+                    continue
+                seq, _, conv = ref.decode().split(":", 2)
+                if seq.startswith("x"):  # a DELETE entry (no seq): kept by msg_id
+                    v = await tx.get(self._k_conv(conv), "x:" + seq[1:])
+                    if v is None:
+                        continue  # purged with its conversation
+                    out.append((pos, _dec_msg(v)))
+                    continue
+                out.append((pos, (await self._current(tx, [await self._msg_at(tx, conv, int(seq))]))[0]))
+            start = end + 1
         return out
 
     async def _unread(self, tx: _Tx, user: str, conv: str) -> int:
         marker = _int(await tx.get(self._k_user(user), "rd:" + conv))
-        last = _int(await tx.get(self._k_conv(conv), "last"))
+        last, hf = (_int(v) for v in await tx.mget(self._k_conv(conv), ["last", "hf"]))
+        marker = max(marker, hf)
         seqs: list[int] = []
         for lo, hi in member_ranges(await self._spans_of(tx, conv, user)):
             seqs.extend(range(max(lo, marker + 1), min(hi, last) + 1))
         n = 0
         for m in await self._msgs_at(tx, conv, seqs):
-            if m.kind == MessageKind.MESSAGE and m.sender != user:
+            if m.kind == MessageKind.MESSAGE and m.sender != user and not m.recalled:
                 n += 1
         return n
+
+    # -- the conversation list ---------------------------------------------
+
+    async def _settings(self, tx: _Tx, user: str, conv: str) -> tuple[bool, bool, int]:
+        v = await tx.get(self._k_user(user), "cs:" + conv)
+        if v is None:
+            return (False, False, 0)
+        p, m, h = v.split(b":")
+        return (p == b"1", m == b"1", int(h))
+
+    async def _entry(self, tx: _Tx, user: str, conv: str) -> ConversationEntry:
+        spans = await self._spans_of(tx, conv, user)
+        last_seq = last_visible(spans, _int(await tx.get(self._k_conv(conv), "last")))
+        last = await self._msg_at(tx, conv, last_seq) if last_seq else None
+        marker = _int(await tx.get(self._k_user(user), "rd:" + conv))
+        seqs: list[int] = []
+        for lo, hi in member_ranges(spans):
+            seqs.extend(range(max(lo, marker + 1), min(hi, last_seq) + 1))
+        mentions = sum(mentions_user(m, user) for m in await self._msgs_at(tx, conv, seqs))
+        return conversation_entry(conv, last, marker, await self._unread(tx, user, conv), mentions,
+                                  await self._settings(tx, user, conv))
+
+    async def _list_access(self, tx: _Tx, user: str, conv: str) -> ErrorCode:
+        members = await self._group_members(tx, conv)
+        if members is None:
+            return ErrorCode.UNKNOWN_CONVERSATION
+        if user in members or await tx.get(self._k_user(user), "cv:" + conv) is not None:
+            return ErrorCode.OK
+        return ErrorCode.NOT_MEMBER
+
+    async def _set_conversation(self, tx: _Tx, op: SetConversation) -> Result:
+        code = await self._list_access(tx, op.user, op.conv)
+        if code is not ErrorCode.OK:
+            return Rejected(code)
+        old = await self._settings(tx, op.user, op.conv)
+        last_seq = last_visible(await self._spans_of(tx, op.conv, op.user),
+                                _int(await tx.get(self._k_conv(op.conv), "last")))
+        new = new_settings(op, old, last_seq)
+        if new != old:
+            if new == (False, False, 0):
+                tx.delete(self._k_user(op.user), "cs:" + op.conv)
+            else:
+                tx.put(self._k_user(op.user), "cs:" + op.conv, f"{int(new[0])}:{int(new[1])}:{new[2]}")
+        return ConversationSet(op.user, op.conv, await self._entry(tx, op.user, op.conv), new != old)
+
+    async def _read_conversations(self, tx: _Tx, op: ReadConversations) -> ConversationsPage:
+        if not (valid_id(op.user) and type(op.limit) is int and isinstance(op.cursor, bytes)
+                and (op.conv == "" or valid_conversation(op.conv))):
+            return ConversationsPage(ErrorCode.BAD_REQUEST, ())
+        if op.conv:
+            code = await self._list_access(tx, op.user, op.conv)
+            if code is not ErrorCode.OK:
+                return ConversationsPage(code, ())
+            return ConversationsPage(ErrorCode.OK, (await self._entry(tx, op.user, op.conv),))
+        return conversation_page([await self._entry(tx, op.user, c) for c in await self._conversations(tx, op.user)], op)
 
     async def _conversations(self, tx: _Tx, user: str) -> list[str]:
         return sorted(f[3:] for f in await tx.getall(self._k_user(user)) if f.startswith("cv:"))
@@ -1071,10 +1482,10 @@ class RedisStore(AsyncStore):
         if not spans:
             return HistoryPage(ErrorCode.NOT_MEMBER, ())
         ck = self._k_conv(op.conv)
-        last, hv = await tx.mget(ck, ["last", "hv"])
-        ranges = visible_ranges(spans, _int(hv) == 1)
+        last, hv, hf = await tx.mget(ck, ["last", "hv", "hf"])
+        ranges = after_floor(visible_ranges(spans, _int(hv) == 1), _int(hf))
         seqs = page_seqs(ranges, _int(last), op.from_seq, op.limit, op.backward)
-        return HistoryPage(ErrorCode.OK, tuple(await self._msgs_at(tx, op.conv, seqs)))
+        return HistoryPage(ErrorCode.OK, tuple(await self._current(tx, await self._msgs_at(tx, op.conv, seqs), op.user)))
 
     async def _read_readers(self, tx: _Tx, op: ReadReaders) -> ReadersPage:
         if not (valid_conversation(op.conv) and valid_id(op.user)):
@@ -1126,16 +1537,16 @@ class RedisStore(AsyncStore):
 
     async def history(self, conv: str, from_seq: int, limit: int, backward: bool = False) -> list[StoredMessage]:
         tx = _Tx(self)
-        last = _int(await tx.get(self._k_conv(conv), "last"))
+        last, floor = (_int(v) for v in await tx.mget(self._k_conv(conv), ["last", "hf"]))
         if limit <= 0:
             return []
         if backward:
             top = last if from_seq <= 0 else min(from_seq - 1, last)
-            seqs = list(range(top, max(top - limit, 0), -1))
+            seqs = list(range(top, max(top - limit, floor), -1))
         else:
-            start = max(from_seq, 0) + 1
+            start = max(from_seq, floor) + 1
             seqs = list(range(start, min(last, start + limit - 1) + 1))
-        return await self._msgs_at(tx, conv, seqs)
+        return await self._current(tx, await self._msgs_at(tx, conv, seqs))
 
     async def message(self, msg_id: bytes) -> Optional[StoredMessage]:
         if not isinstance(msg_id, bytes):
@@ -1145,6 +1556,9 @@ class RedisStore(AsyncStore):
         if ref is None:
             return None
         seq, _, conv = ref.decode().partition(":")
+        if seq == "0":  # a DELETE entry: no seq, kept by msg_id
+            v = await tx.get(self._k_conv(conv), "x:" + msg_id.hex())
+            return _dec_msg(v) if v is not None else None
         return await self._msg_at(tx, conv, int(seq))
 
     async def inbox_head(self, user: str) -> int:
@@ -1207,6 +1621,13 @@ _HANDLERS: dict[type, Any] = {
     AddMembers: RedisStore._change_members,
     RemoveMembers: RedisStore._change_members,
     RevokeTokens: RedisStore._revoke,
+    SetPresencePrivacy: RedisStore._set_privacy,
     AppendEvent: RedisStore._append_event_op,
     AckEvents: RedisStore._ack_events,
+    AmendMessage: RedisStore._amend,
+    SetConversation: RedisStore._set_conversation,
+    SetRetention: RedisStore._set_retention,
+    Expire: RedisStore._expire,
+    PurgeConversation: RedisStore._purge_conversation,
+    PurgeUser: RedisStore._purge_user,
 }

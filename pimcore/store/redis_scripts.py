@@ -98,6 +98,7 @@ from .base import (
     last_visible,
     malformed,
     member_ranges,
+    mentioned_recipients,
     message_event,
     valid_conversation,
 )
@@ -319,17 +320,22 @@ for i = 1, #all, 2 do
 end
 local head, floor = N(redis.call('HGET', u, 'head')), N(redis.call('HGET', u, 'floor'))
 if acked == nil then acked = floor end
-local pos = floor
+local pos, removed = floor, 0
 while pos < head do
+  -- a ref is 'SEQ:ST:CONV' or 'xMSGID:ST:CONV' (a DELETE entry); none: a
+  -- hole (retention, purge), passed over and not counted
   local ref = redis.call('HGET', u, 'i:' .. S(pos + 1))
   local st = 0
-  if ref then st = tonumber(string.match(ref, '^%d+:(%d+):')) end
-  if not (pos + 1 <= acked or st < tonumber(ARGV[2])) then break end
+  if ref then st = tonumber(string.match(ref, '^[^:]*:(%d+):')) end
+  if not (ref == false or pos + 1 <= acked or st < tonumber(ARGV[2])) then break end
   pos = pos + 1
-  redis.call('HDEL', u, 'i:' .. S(pos))
+  if ref then
+    redis.call('HDEL', u, 'i:' .. S(pos))
+    removed = removed + 1
+  end
 end
 if pos ~= floor then redis.call('HSET', u, 'floor', S(pos)) end
-return {pos - floor, forgotten}
+return {removed, forgotten}
 """
 
 # KEYS: ev. ARGV: age cutoff -> removed
@@ -619,7 +625,7 @@ class ClusterOps:
                 cmds.append(args)
             else:  # push: a hint, the list kept short
                 cmds.append(("RPUSH", keys[0], args[0]))
-        pushes = [("LTRIM", rnd.calls[i][2][0], -_HINT_CAP, -1) for i in idx if rnd.calls[i][0] == "push"]
+        pushes: list[Sequence[Any]] = [("LTRIM", rnd.calls[i][2][0], -_HINT_CAP, -1) for i in idx if rnd.calls[i][0] == "push"]
         tail = pushes + ([("WAIT", s.replicas, s.wait_ms)] if wait else [])
         timeout = 10 + s.wait_ms / 1000
         replies = await conn.pipeline(cmds + tail, timeout)
@@ -772,8 +778,8 @@ class ClusterOps:
             op = ops[i]
             claim = f"P:{op.msg_id.hex()}:{op.server_time}:{op.digest.hex()}:{op.conv}"
             rnd.script("CLAIM", (s._k_user(op.sender),), (f"d:{op.device}/{op.local_id}", claim))
-            key = s._k_msg(op.msg_id)
-            rnd.raw(key, "HEXISTS", key, "r")  # a msg id stored before: a broken clock
+            mkey = s._k_msg(op.msg_id)
+            rnd.raw(mkey, "HEXISTS", mkey, "r")  # a msg id stored before: a broken clock
         answers = await self.run(rnd)
         claims, taken = answers[0::2], answers[1::2]
         # What each send stores: (index, op, msg_id, server_time); a claim of
@@ -828,7 +834,7 @@ class ClusterOps:
             good.append((i, op, msg_id, st))
             pair = direct_members(op.conv)
             m = StoredMessage(msg_id, op.conv, 0, op.sender, op.device, op.local_id, op.client_time, st,
-                              op.payload, 0, 0)
+                              op.payload, 0, 0, mentions=op.mentions, mention_all=op.mention_all)
             rnd.script("SEND", (s._k_conv(op.conv), self.outbox_key(op.conv)), (
                 msg_id.hex(), op.sender, "1" if pair else "0", _enc_msg(m), op.after_seq, st, SYSTEM,
                 "\n".join(sorted(pair)) if pair else "", "1" if op.event else "0", "1" if i in replays else "0"))
@@ -847,10 +853,10 @@ class ClusterOps:
             self._check_seq(op.conv, seq, replayed)
             members = sorted(mem.split("\n")) if mem else []
             m = StoredMessage(msg_id, op.conv, seq, op.sender, op.device, op.local_id, op.client_time, st,
-                              op.payload, 0, after)
+                              op.payload, 0, after, mentions=op.mentions, mention_all=op.mention_all)
             fan.message(m, members, op.event, (op.sender, f"d:{op.device}/{op.local_id}",
                                                f"{msg_id.hex()}:{seq}:{st}:{op.digest.hex()}".encode()))
-            results[i] = ("appended", m, members)  # type: ignore[assignment]
+            results[i] = ("appended", m, members)  # type: ignore[assignment,call-overload]
         await self.run(undo)
         positions = await fan.run()
         for i in idx:
@@ -898,6 +904,7 @@ class ClusterOps:
         flags = _Round()
         order: list[tuple[str, int]] = []
         for i, user in enumerate(op.users):
+            before = clock
             if op.stamps:
                 msg_id, server_time = op.stamps[i]
             else:
@@ -919,6 +926,9 @@ class ClusterOps:
             if code == -3:
                 return Rejected(ErrorCode.INTERNAL)
             if code == 0:
+                # No change, no entry: the id made for it is not used (the
+                # memory store makes none), so the next one gets its time.
+                clock = before
                 continue
             seq = code
             recipients = sorted(ans[1].decode().split("\n")) if ans[1] else []
@@ -1166,7 +1176,7 @@ class _Fanout:
 
     def __init__(self, ops: ClusterOps) -> None:
         self.ops = ops
-        self.msgs: list[tuple[StoredMessage, list[str], bool]] = []
+        self.msgs: list[tuple[StoredMessage, list[str], bool, Optional[tuple[str, str, bytes]]]] = []
         self.extra = _Round()
 
     def message(self, m: StoredMessage, recipients: list[str], event: bool,
@@ -1183,6 +1193,8 @@ class _Fanout:
         """-> (conv, seq) -> ((user, position), ...) for the positions this
         round gave (a user whose entry another node already gave is left
         out: that node's hint covers it)."""
+        from .redis import _Tx
+
         ops, s = self.ops, self.ops.s
         if not self.msgs:
             return {}
@@ -1197,8 +1209,13 @@ class _Fanout:
                 idx = rnd.script("FANOUT", (s._k_user(user), ops.online_key(user)), (m.conv, "0", df, dv, m.seq, ref))
                 calls.append((idx, user, m.conv, [(m.seq, ref)]))
             rnd.hset(s._k_msg(m.msg_id), "r", f"{m.seq}:{m.conv}".encode())
+            if m.seq == 1:
+                rnd.hset(s._convs, m.conv, b"1")  # what Expire walks (one write per conversation)
             if event:
-                rnd.script("EVENT", (s._ev,), (m.msg_id.hex(), m.server_time, message_event(m, recipients)))
+                tx = _Tx(s)
+                muted = [u for u in recipients if (await s._settings(tx, u, m.conv))[1]]
+                rnd.script("EVENT", (s._ev,), (m.msg_id.hex(), m.server_time, message_event(
+                    m, recipients, muted, mentioned_recipients(m, recipients))))
         answers = await ops.run(rnd)
         positions: dict[tuple[str, int], list[tuple[str, int]]] = {}
         hints = _Round()
@@ -1261,7 +1278,10 @@ class _Fanout:
             full = []
             for q, b in zip(missing, blobs):
                 if b is None:
-                    raise StoreError(f"missing message {conv!r} seq {q} (backfill)")
+                    # Removed by retention (Expire) or a purge: nothing left
+                    # to deliver (seqs are taken with their entry, by SEND or
+                    # CHANGE, so a seq below the last never lacks one otherwise).
+                    continue
                 m = _dec_msg(b)
                 full.append((q, f"{q}:{m.server_time}:{conv}"))
             full.extend(items)

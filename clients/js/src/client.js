@@ -8,7 +8,7 @@
 // Runs in browsers and in Node >= 20 (`node --experimental-websocket`, or
 // pass a WebSocket class such as the `ws` package's as `WebSocket`).
 import {
-  CloseCode, ErrorCode, FrameDecoder, FrameType, MessageKind, ProtocolError, codeName,
+  CloseCode, ErrorCode, FrameDecoder, FrameType, MessageKind, ProtocolError, Setting, codeName,
   encodeBody, frame, frameBytes,
 } from './codec.js';
 import { displayOrder } from './order.js';
@@ -43,7 +43,10 @@ export class RequestTimeout extends Error {
 }
 
 const FINAL_CODES = new Set([ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_CONVERSATION, ErrorCode.NOT_MEMBER,
-  ErrorCode.PAYLOAD_TOO_LARGE, ErrorCode.DUPLICATE_CONFLICT, ErrorCode.REJECTED]);
+  ErrorCode.PAYLOAD_TOO_LARGE, ErrorCode.DUPLICATE_CONFLICT, ErrorCode.REJECTED,
+  ErrorCode.NO_SUCH_MESSAGE, ErrorCode.NOT_SENDER, ErrorCode.TOO_LATE, ErrorCode.RECALLED, ErrorCode.BAD_ACTION,
+  ErrorCode.TOO_MANY_MENTIONS, ErrorCode.BAD_MENTION]);
+const AMEND_KINDS = new Set([MessageKind.RECALL, MessageKind.EDIT, MessageKind.DELETE]);
 const QUICK_RECONNECT = new Set([CloseCode.SHUTDOWN, CloseCode.IDLE_TIMEOUT, CloseCode.TOKEN_EXPIRED, CloseCode.NORMAL]);
 const utf8 = new TextEncoder();
 
@@ -70,6 +73,7 @@ const DEFAULTS = {
   backoffMax: 10000, // ms
   deadAfter: 3, // heartbeat intervals of silence from the broker -> dead link
   viewLimit: 1000,
+  typingInterval: 2500, // ms: while the user types, typing() sends at most one Typing per conv per interval
   reconnect: true,
   now: wallUs, // µs, the device clock messages are stamped with
 };
@@ -77,7 +81,7 @@ const DEFAULTS = {
 /**
  * One device of one user.  Events (`on(name, fn)`): connected, disconnected,
  * message, readstate, receipt, resynced, sendsStalled, sendsResumed, error,
- * closed, state.  See index.d.ts for the shapes.
+ * closed, state, typing, presence, privacy.  See index.d.ts for the shapes.
  */
 export class PimcoreClient {
   constructor(options) {
@@ -111,6 +115,15 @@ export class PimcoreClient {
     this._views = new Map();
     this._requests = new Map(); // req id -> history / readers request
     this._nextReqId = 1;
+    // typing and presence (ephemeral; PROTOCOL.md "Typing and presence")
+    this._typingSent = new Map(); // conv -> device time (µs) of the last active Typing sent
+    this._typingSeen = new Map(); // `${conv}\n${user}` -> {conv, user, until (µs, device clock)}
+    this._presenceWanted = null; // {reqId, users}: sent again after every reconnect
+    this._presenceUsers = []; // the users of the subscription the broker accepted last
+    this._presenceWaiting = []; // [{reqId, resolve, reject, deadline}]
+    this._privacyWaiting = []; // [{mode, resolve, reject, deadline}]
+    this.presence = new Map(); // user -> {user, state, last_seen}
+    this.hideLastSeen = null; // this user's setting, once the broker told it
     this._ws = null;
     this._attempt = 0;
     this._reconnectTimer = null;
@@ -190,6 +203,8 @@ export class PimcoreClient {
     this._pending.clear();
     for (const r of this._requests.values()) r.reject(err);
     this._requests.clear();
+    for (const w of this._presenceWaiting.splice(0)) w.reject(err);
+    for (const w of this._privacyWaiting.splice(0)) w.reject(err);
     for (const w of this._connectWaiters.splice(0)) w.reject(err);
     this._emit('closed', err);
   }
@@ -333,7 +348,12 @@ export class PimcoreClient {
       case FrameType.READ_STATES: this._onReadStates(f); break;
       case FrameType.READ_RECEIPT: this._onReceipt(f); break;
       case FrameType.HISTORY_RESP: case FrameType.READERS_RESP: this._onResponse(f); break;
+      case FrameType.CONV_LIST_RESP: case FrameType.CONV_SET_RESP: this._onResponse(f); break;
+      case FrameType.CONV_UPDATE: for (const e of f.entries) this._emit('conversation', e); break;
       case FrameType.PONG: if (this._ping && f.nonce === this._ping.nonce) this._ping = null; break;
+      case FrameType.TYPING: this._onTyping(f, now); break;
+      case FrameType.PRESENCE: this._onPresence(f); break;
+      case FrameType.PRESENCE_PRIVACY: this._onPrivacy(f); break;
       case FrameType.ERROR: this._emit('error', { code: f.code, ref: f.ref, reason: f.reason }); this._lastError = f; break;
       default: break;
     }
@@ -414,6 +434,7 @@ export class PimcoreClient {
     for (const [conv, seq] of this._wanted) this._sendFrame(frame('Read', { conv, seq }));
     if (this.takenUpto > this.ackedUpto) this._armAck();
     for (const r of this._requests.values()) { r.askedAt = now; this._sendFrame(r.frame); }
+    this._resendPresence();
     if (this._calib.taken > 0) this._nextSample(now); else this._calib.t0 = null;
   }
 
@@ -425,7 +446,7 @@ export class PimcoreClient {
    * Resolves with {local_id, conv, msg_id, seq, server_time, client_time}
    * once durable; rejects with SendError (final code), SendTimeout, ClientClosed.
    */
-  send(conv, payload, { localId = null, timeout = this.opts.sendTimeout } = {}) {
+  send(conv, payload, { localId = null, timeout = this.opts.sendTimeout, mentions = [], mentionAll = false } = {}) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
     const now = this.opts.now();
     const bytes = typeof payload === 'string' ? utf8.encode(payload) : payload;
@@ -438,7 +459,10 @@ export class PimcoreClient {
     this._lastLocalId = Math.max(this._lastLocalId, lid);
     const stamp = Math.max(this._lastStamp + 1, now + this.clockOffset);
     this._lastStamp = stamp;
-    const f = frame('SendReq', { local_id: lid, conv, client_time: stamp, payload: bytes, after_seq: this._seen.get(conv) || 0 });
+    const f = frame('SendReq', {
+      local_id: lid, conv, client_time: stamp, payload: bytes, after_seq: this._seen.get(conv) || 0,
+      mentions: mentions.map((user) => ({ user })), mention_all: !!mentionAll,
+    });
     f._body = encodeBody(f); // encoded once: every attempt sends the same bytes
     const entry = { localId: lid, conv, frame: f, deadline: now + timeout * 1000, inFlight: false, sentAt: 0, tx: 0 };
     entry.promise = new Promise((resolve, reject) => { entry.resolve = resolve; entry.reject = reject; });
@@ -452,6 +476,48 @@ export class PimcoreClient {
     this._fill(now);
     return entry.promise;
   }
+
+  /**
+   * Recall (MessageKind.RECALL), edit (EDIT, with the new `payload`) or
+   * delete for this user (DELETE) the message at `target` (its seq) of
+   * `conv`: an AmendReq, sent exactly like a send (same local ids, window,
+   * retries).  Resolves like send() (`seq` is the entry's, 0 for DELETE)
+   * once durable, and the local view shows the change; rejects with
+   * SendError (NOT_SENDER, TOO_LATE, RECALLED, NO_SUCH_MESSAGE, ...).
+   */
+  amend(conv, target, action, payload = new Uint8Array(0), { localId = null, timeout = this.opts.sendTimeout } = {}) {
+    if (this.state === State.CLOSED) return Promise.reject(this.error);
+    const now = this.opts.now();
+    const bytes = typeof payload === 'string' ? utf8.encode(payload) : payload;
+    if (localId != null && this._pending.has(localId)) {
+      const e = this._pending.get(localId);
+      e.deadline = Math.max(e.deadline, now + timeout * 1000);
+      return e.promise;
+    }
+    const lid = localId != null ? localId : Math.max(this._lastLocalId + 1, now);
+    const stamp = Math.max(this._lastStamp + 1, now + this.clockOffset);
+    const f = frame('AmendReq', { local_id: lid, conv, target, action, client_time: stamp, payload: bytes });
+    f._body = encodeBody(f); // throws EncodeError before any state changes
+    this._lastLocalId = Math.max(this._lastLocalId, lid);
+    this._lastStamp = stamp;
+    const entry = { localId: lid, conv, frame: f, deadline: now + timeout * 1000, inFlight: false, sentAt: 0, tx: 0, action, target };
+    entry.promise = new Promise((resolve, reject) => { entry.resolve = resolve; entry.reject = reject; });
+    entry.promise.catch(() => {});
+    if (this.loginAck && this._refuseOversize(entry)) return entry.promise;
+    this._pending.set(lid, entry);
+    this._refTicker();
+    this._fill(now);
+    return entry.promise;
+  }
+
+  /** Recall our message at `seq` of `conv` for everyone (see amend()). */
+  recall(conv, seq, opts = {}) { return this.amend(conv, seq, MessageKind.RECALL, new Uint8Array(0), opts); }
+
+  /** Replace the payload of our message at `seq` of `conv` (see amend()). */
+  edit(conv, seq, payload, opts = {}) { return this.amend(conv, seq, MessageKind.EDIT, payload, opts); }
+
+  /** Delete the message at `seq` of `conv` for this user only (see amend()). */
+  deleteForMe(conv, seq, opts = {}) { return this.amend(conv, seq, MessageKind.DELETE, new Uint8Array(0), opts); }
 
   /** Local ids of the sends not answered yet (in local-id order). */
   pendingSends() { return [...this._pending.keys()].sort((a, b) => a - b); }
@@ -502,8 +568,9 @@ export class PimcoreClient {
       if (rs && f.seq > rs.last_seq) rs.last_seq = f.seq;
       const sent = { local_id: f.local_id, conv: e.conv, msg_id: f.msg_id, seq: f.seq, server_time: f.server_time, client_time: e.frame.client_time };
       this._addToView({ position: 0, msg_id: f.msg_id, conv: e.conv, seq: f.seq, sender: this.user, device: this.device,
-        client_time: e.frame.client_time, server_time: f.server_time, payload: e.frame.payload, kind: MessageKind.MESSAGE,
-        local_id: f.local_id, after_seq: e.frame.after_seq });
+        client_time: e.frame.client_time, server_time: f.server_time, payload: e.frame.payload, kind: e.action || MessageKind.MESSAGE,
+        local_id: f.local_id, after_seq: e.action ? Math.max(0, f.seq - 1) : e.frame.after_seq, target: e.target || 0,
+        edited: 0, recalled: false, deleted: false });
       e.resolve(sent);
       this._emit('sent', sent);
     } else if (FINAL_CODES.has(f.code)) {
@@ -546,7 +613,12 @@ export class PimcoreClient {
       }
     }
     // "Taking" = handing the messages to the listeners; acked only after that.
-    for (const m of kept) this._emit('message', m);
+    // A RECALL / EDIT / DELETE entry is an 'amended' event: {entry, message}
+    // (the changed message as held, or null when this client does not hold it).
+    for (const m of kept) {
+      if (AMEND_KINDS.has(m.kind)) this._emit('amended', { entry: m, message: this._heldMessage(m.conv, m.target) });
+      else this._emit('message', m);
+    }
     this.takenUpto = f.position;
     this._armAck();
   }
@@ -622,11 +694,36 @@ export class PimcoreClient {
   readers(conv, { timeout = this.opts.sendTimeout } = {}) {
     return this._request('ReadersReq', { conv }, timeout);
   }
+  /**
+   * A page of this user's conversation list (pinned first, then newest
+   * activity first): {entries, cursor, more}; pass `cursor` for the next
+   * page.  Live changes come as 'conversation' events (settings, read
+   * marker) and 'message' events (new messages).  Rejects with
+   * SendError(BAD_CURSOR) or RequestTimeout.
+   */
+  listConversations({ cursor = new Uint8Array(0), limit = 50, includeHidden = false, timeout = this.opts.sendTimeout } = {}) {
+    return this._request('ConvListReq', { cursor, limit, include_hidden: includeHidden }, timeout);
+  }
+  /**
+   * Change this user's settings of `conv` (undefined = unchanged); resolves
+   * once durable.  Every device of the user gets a 'conversation' event.
+   */
+  setConversation(conv, { pinned, muted, hidden, timeout = this.opts.sendTimeout } = {}) {
+    const v = (x) => (x === undefined || x === null ? Setting.KEEP : x ? Setting.ON : Setting.OFF);
+    return this._request('ConvSetReq', { conv, pinned: v(pinned), muted: v(muted), hidden: v(hidden) }, timeout);
+  }
   _onResponse(f) {
     const r = this._requests.get(f.req_id);
-    if (!r) return;
+    if (!r || (f.type === FrameType.CONV_LIST_RESP) !== (r.frame.name === 'ConvListReq')
+      || (f.type === FrameType.CONV_SET_RESP) !== (r.frame.name === 'ConvSetReq')) return;
     this._requests.delete(f.req_id);
     if (f.code !== ErrorCode.OK) { r.reject(new SendError(f.code)); return; }
+    if (f.type === FrameType.CONV_LIST_RESP) {
+      for (const e of f.entries) for (const m of e.last) this._addToView(m);
+      r.resolve({ entries: f.entries, cursor: f.cursor, more: f.more });
+      return;
+    }
+    if (f.type === FrameType.CONV_SET_RESP) { r.resolve(); return; }
     if (f.type === FrameType.HISTORY_RESP) {
       for (const m of f.messages) {
         this._addToView(m);
@@ -635,7 +732,26 @@ export class PimcoreClient {
       r.resolve({ messages: f.messages, more: f.more });
     } else r.resolve(f.readers);
   }
+  _heldMessage(conv, seq) {
+    const v = this._views.get(conv);
+    if (v) for (const m of v.values()) if (m.seq === seq && m.kind === MessageKind.MESSAGE) return m;
+    return null;
+  }
+  /** Apply a RECALL / EDIT / DELETE entry to the held target (entries are not kept in the view). */
+  _applyAmend(e) {
+    const t = this._heldMessage(e.conv, e.target);
+    let n = null;
+    if (e.kind === MessageKind.RECALL) {
+      const rs = this._readStates.get(e.conv);
+      if ((!t || !t.recalled) && rs && rs.unread > 0 && e.target > rs.read_seq && (t ? t.sender : e.sender) !== this.user) rs.unread--;
+      if (t && !t.recalled) n = { ...t, payload: new Uint8Array(0), recalled: true };
+    } else if (e.kind === MessageKind.EDIT) {
+      if (t && !t.recalled && e.server_time >= (t.edited || 0)) n = { ...t, payload: e.payload, edited: e.server_time };
+    } else if (t) n = { ...t, payload: new Uint8Array(0), deleted: true };
+    if (n) this._views.get(e.conv).set(toHex(n.msg_id), n);
+  }
   _addToView(m) {
+    if (AMEND_KINDS.has(m.kind)) { this._applyAmend(m); return; }
     let v = this._views.get(m.conv);
     if (!v) { v = new Map(); this._views.set(m.conv, v); }
     v.set(toHex(m.msg_id), m);
@@ -650,12 +766,121 @@ export class PimcoreClient {
   /** The broker's clock estimate, µs. */
   serverNow() { return this.opts.now() + this.clockOffset; }
 
+  // ------------------------------------------------------------ typing and presence
+  /**
+   * The user is typing in `conv` (`active`) or stopped.  Call it on every
+   * keystroke: while active, at most one Typing per `typingInterval` per
+   * conversation goes out; a stop only after an active one.  Nothing is
+   * sent while disconnected (ephemeral).  Returns whether a frame went out.
+   */
+  typing(conv, active = true) {
+    if (this.state === State.CLOSED) throw this.error;
+    const f = frame('Typing', { conv, active, user: '', ttl_ms: 0 });
+    const now = this.opts.now();
+    const last = this._typingSent.get(conv);
+    if (active) { if (last !== undefined && now - last < this.opts.typingInterval * 1000) return false; }
+    else if (last === undefined) return false;
+    if (this.state !== State.ACTIVE) return false;
+    if (active) this._typingSent.set(conv, now); else this._typingSent.delete(conv);
+    this._sendFrame(f);
+    return true;
+  }
+  /** Users whose typing indicator in `conv` is on now, sorted. */
+  typingUsers(conv) {
+    const now = this.opts.now();
+    return [...this._typingSeen.values()].filter((t) => t.conv === conv && t.until > now).map((t) => t.user).sort();
+  }
+  _onTyping(f, now) {
+    const key = `${f.conv}\n${f.user}`;
+    if (f.active && f.ttl_ms) {
+      const until = now + f.ttl_ms * 1000;
+      this._typingSeen.set(key, { conv: f.conv, user: f.user, until });
+      this._emit('typing', { conv: f.conv, user: f.user, active: true, expires: until });
+    } else if (this._typingSeen.delete(key)) {
+      this._emit('typing', { conv: f.conv, user: f.user, active: false, expires: 0 });
+    }
+  }
+  /**
+   * Replace the presence subscription by `users` (empty: unsubscribe).
+   * Resolves with {user: {user, state, last_seen}} of every user asked for
+   * (state PresenceState.UNKNOWN: shares no conversation with this user);
+   * then every change comes as a 'presence' event.  Sent again after every
+   * reconnect.  Rejects with SendError(PRESENCE_LIMIT), RequestTimeout.
+   */
+  subscribePresence(users, { timeout = this.opts.sendTimeout } = {}) {
+    if (this.state === State.CLOSED) return Promise.reject(this.error);
+    const wanted = [...new Set(users)];
+    const reqId = this._nextReqId++;
+    const f = frame('PresenceSub', { req_id: reqId, users: wanted.map((user) => ({ user })) });
+    this._presenceWanted = { reqId, users: wanted };
+    const p = new Promise((resolve, reject) => {
+      this._presenceWaiting.push({ reqId, resolve, reject, deadline: this.opts.now() + timeout * 1000 });
+    });
+    this._refTicker();
+    if (this.state === State.ACTIVE) this._sendFrame(f);
+    return p;
+  }
+  /**
+   * Hide (true) or show (false) this user's last-seen time, or only ask
+   * (null).  Durable on the broker, synced to the user's other devices.
+   * Resolves with the setting in force; rejects with RequestTimeout.
+   */
+  setPresencePrivacy(hideLastSeen, { timeout = this.opts.sendTimeout } = {}) {
+    if (this.state === State.CLOSED) return Promise.reject(this.error);
+    const mode = hideLastSeen == null ? 0 : hideLastSeen ? 2 : 1;
+    const p = new Promise((resolve, reject) => {
+      this._privacyWaiting.push({ mode, resolve, reject, deadline: this.opts.now() + timeout * 1000 });
+    });
+    this._refTicker();
+    if (this.state === State.ACTIVE) this._sendFrame(frame('PresencePrivacy', { mode }));
+    return p;
+  }
+  _resendPresence() {
+    const w = this._presenceWanted;
+    if (w && (w.users.length || this._presenceWaiting.length)) {
+      this._sendFrame(frame('PresenceSub', { req_id: w.reqId, users: w.users.map((user) => ({ user })) }));
+    }
+    for (const mode of new Set(this._privacyWaiting.map((x) => x.mode))) this._sendFrame(frame('PresencePrivacy', { mode }));
+  }
+  _onPresence(f) {
+    const w = this._presenceWanted;
+    if (f.req_id) {
+      if (!w || f.req_id !== w.reqId) return; // the answer to a subscription replaced since
+      const done = this._presenceWaiting.splice(0);
+      if (f.code !== ErrorCode.OK) {
+        // the broker kept the previous subscription: so does the client
+        this._presenceWanted = { reqId: f.req_id, users: this._presenceUsers };
+        for (const x of done) x.reject(new SendError(f.code));
+        return;
+      }
+      this._presenceUsers = w.users;
+      for (const u of [...this.presence.keys()]) if (!w.users.includes(u)) this.presence.delete(u);
+      const answer = {};
+      for (const e of f.entries) answer[e.user] = { ...e };
+      for (const x of done) x.resolve(answer);
+    }
+    for (const e of f.entries) {
+      if (!this._presenceUsers.includes(e.user)) continue;
+      this.presence.set(e.user, { ...e });
+      this._emit('presence', { ...e });
+    }
+  }
+  _onPrivacy(f) {
+    if (f.mode !== 1 && f.mode !== 2) return;
+    const hide = f.mode === 2;
+    if (this.hideLastSeen !== hide) { this.hideLastSeen = hide; this._emit('privacy', { hideLastSeen: hide }); }
+    const keep = [];
+    for (const x of this._privacyWaiting) { if (x.mode === 0 || x.mode === f.mode) x.resolve(hide); else keep.push(x); }
+    this._privacyWaiting = keep;
+  }
+
   // ------------------------------------------------------------ timers
   // The ticker keeps a Node process alive only while something waits on it
   // (a send or a request must time out even with no socket up).
   _refTicker() {
     if (!this._ticker) return;
-    if (this._pending.size || this._requests.size) this._ticker.ref?.(); else this._ticker.unref?.();
+    if (this._pending.size || this._requests.size || this._presenceWaiting.length || this._privacyWaiting.length) this._ticker.ref?.();
+    else this._ticker.unref?.();
   }
 
   _tick() {
@@ -666,6 +891,16 @@ export class PimcoreClient {
     }
     for (const r of [...this._requests.values()]) {
       if (now >= r.deadline) { this._requests.delete(r.reqId); r.reject(new RequestTimeout(r.frame.name)); }
+    }
+    for (const [key, t] of [...this._typingSeen]) {
+      if (now >= t.until) { this._typingSeen.delete(key); this._emit('typing', { conv: t.conv, user: t.user, active: false, expires: 0 }); }
+    }
+    for (const name of ['_presenceWaiting', '_privacyWaiting']) {
+      const late = this[name].filter((x) => now >= x.deadline);
+      if (late.length) {
+        this[name] = this[name].filter((x) => now < x.deadline);
+        for (const x of late) x.reject(new RequestTimeout(name === '_presenceWaiting' ? 'PresenceSub' : 'PresencePrivacy'));
+      }
     }
     if (!this._ws) return;
     const st = this.state;

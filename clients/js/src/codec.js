@@ -1,11 +1,11 @@
-// PIM wire protocol v2 codec (docs/PROTOCOL.md): frames <-> bytes.
+// PIM wire protocol v3 codec (docs/PROTOCOL.md): frames <-> bytes.
 //
 // Integers: `u` and `s` fields decode to a JS number when they fit in
 // Number.MAX_SAFE_INTEGER (times in µs, positions, seqs, local ids all do in
 // practice) and to a BigInt otherwise; encoders take either.  `b` fields are
 // Uint8Array, `t` fields strings (strict UTF-8), `?` booleans, lists arrays.
 
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 export const CAP_ZSTD = 1;
 export const CAP_DEFLATE_DOWN = 2;
 export const CAP_DEFLATE_UP = 4;
@@ -15,6 +15,10 @@ export const FrameType = Object.freeze({
   SEND_REQ: 0x05, SEND_ACK: 0x06, PUSH: 0x07, PUSH_ACK: 0x08, READ: 0x09,
   READ_STATES: 0x0a, READ_RECEIPT: 0x0b, HISTORY_REQ: 0x0c, HISTORY_RESP: 0x0d,
   PING: 0x0e, PONG: 0x0f, ERROR: 0x10, CLOSE: 0x11, READERS_REQ: 0x12, READERS_RESP: 0x13,
+  AMEND_REQ: 0x14,
+  CONV_LIST_REQ: 0x16, CONV_LIST_RESP: 0x17, CONV_SET_REQ: 0x18, CONV_SET_RESP: 0x19, CONV_UPDATE: 0x1a,
+  // typing and presence
+  TYPING: 0x1c, PRESENCE_SUB: 0x1d, PRESENCE: 0x1e, PRESENCE_PRIVACY: 0x1f,
 });
 
 export const ErrorCode = Object.freeze({
@@ -22,7 +26,16 @@ export const ErrorCode = Object.freeze({
   UNEXPECTED_FRAME: 5, AUTH_FAILED: 10, BAD_REQUEST: 20, UNKNOWN_CONVERSATION: 21, NOT_MEMBER: 22,
   PAYLOAD_TOO_LARGE: 23, DUPLICATE_CONFLICT: 24, TOO_MANY_IN_FLIGHT: 25, RATE_LIMITED: 26,
   REJECTED: 27, ALREADY_EXISTS: 28, STORE_UNAVAILABLE: 30, INTERNAL: 31,
+  NO_SUCH_MESSAGE: 40, NOT_SENDER: 41, TOO_LATE: 42, RECALLED: 43, BAD_ACTION: 44,
+  TOO_MANY_MENTIONS: 45, BAD_MENTION: 46, BAD_CURSOR: 47,
+  PRESENCE_LIMIT: 48, TYPING_NOT_RELAYED: 49,
 });
+
+/** ConvSetReq values of pinned / muted / hidden. */
+export const Setting = Object.freeze({ KEEP: 0, ON: 1, OFF: 2 });
+
+/** PresenceEntry.state. */
+export const PresenceState = Object.freeze({ UNKNOWN: 0, OFFLINE: 1, ONLINE: 2 });
 
 export const CloseCode = Object.freeze({
   NORMAL: 0, PROTOCOL_ERROR: 1, AUTH_FAILED: 2, LOGIN_TIMEOUT: 3, IDLE_TIMEOUT: 4, REPLACED: 5,
@@ -30,7 +43,7 @@ export const CloseCode = Object.freeze({
   KICKED: 12, TOKEN_REVOKED: 13,
 });
 
-export const MessageKind = Object.freeze({ MESSAGE: 0, JOINED: 1, LEFT: 2 });
+export const MessageKind = Object.freeze({ MESSAGE: 0, JOINED: 1, LEFT: 2, RECALL: 3, EDIT: 4, DELETE: 5 });
 
 export function codeName(table, code) {
   for (const [k, v] of Object.entries(table)) if (v === code) return k;
@@ -38,12 +51,19 @@ export function codeName(table, code) {
 }
 
 // Records: [name, kind] in wire order.  kind: 'u' 's' 'b' 't' '?' or [Record].
+// A third element is the value the encoder uses when the field is absent.
 export const Records = {
   Message: [['position', 'u'], ['msg_id', 'b'], ['conv', 't'], ['seq', 'u'], ['sender', 't'],
     ['device', 't'], ['client_time', 's'], ['server_time', 'u'], ['payload', 'b'], ['kind', 'u'],
-    ['local_id', 'u'], ['after_seq', 'u']],
+    ['local_id', 'u'], ['after_seq', 'u'], ['target', 'u', 0], ['edited', 'u', 0], ['recalled', '?', false], ['deleted', '?', false],
+    ['mentions', ['Mention'], []], ['mention_all', '?', false]],
   ReadState: [['conv', 't'], ['read_seq', 'u'], ['last_seq', 'u'], ['unread', 'u']],
   Reader: [['user', 't'], ['read_seq', 'u']],
+  Mention: [['user', 't']],
+  ConvEntry: [['conv', 't'], ['last', ['Message']], ['read_seq', 'u'], ['last_seq', 'u'], ['unread', 'u'],
+    ['mention_count', 'u'], ['pinned', '?'], ['muted', '?'], ['hidden', '?']],
+  PresenceUser: [['user', 't']],
+  PresenceEntry: [['user', 't'], ['state', 'u'], ['last_seen', 'u']],
 };
 
 // Frames by type: [name, fields].
@@ -53,7 +73,8 @@ export const Frames = {
     ['gap', '?'], ['max_frame', 'u'], ['max_payload', 'u'], ['window', 'u'], ['heartbeat_ms', 'u'], ['caps', 'u'], ['epoch', 'b'], ['resync', '?']]],
   [FrameType.CALIBRATE_REQ]: ['CalibrateReq', [['client_time', 's']]],
   [FrameType.CALIBRATE_RESP]: ['CalibrateResp', [['client_time', 's'], ['server_time', 'u']]],
-  [FrameType.SEND_REQ]: ['SendReq', [['local_id', 'u'], ['conv', 't'], ['client_time', 's'], ['payload', 'b'], ['after_seq', 'u']]],
+  [FrameType.SEND_REQ]: ['SendReq', [['local_id', 'u'], ['conv', 't'], ['client_time', 's'], ['payload', 'b'], ['after_seq', 'u'],
+    ['mentions', ['Mention'], []], ['mention_all', '?', false]]],
   [FrameType.SEND_ACK]: ['SendAck', [['local_id', 'u'], ['code', 'u'], ['msg_id', 'b'], ['seq', 'u'], ['server_time', 'u']]],
   [FrameType.PUSH]: ['Push', [['position', 'u'], ['messages', ['Message']]]],
   [FrameType.PUSH_ACK]: ['PushAck', [['position', 'u']]],
@@ -64,6 +85,16 @@ export const Frames = {
   [FrameType.HISTORY_RESP]: ['HistoryResp', [['req_id', 'u'], ['conv', 't'], ['code', 'u'], ['messages', ['Message']], ['more', '?']]],
   [FrameType.READERS_REQ]: ['ReadersReq', [['req_id', 'u'], ['conv', 't']]],
   [FrameType.READERS_RESP]: ['ReadersResp', [['req_id', 'u'], ['conv', 't'], ['code', 'u'], ['readers', ['Reader']], ['more_unused', null]]],
+  [FrameType.AMEND_REQ]: ['AmendReq', [['local_id', 'u'], ['conv', 't'], ['target', 'u'], ['action', 'u'], ['client_time', 's'], ['payload', 'b']]],
+  [FrameType.CONV_LIST_REQ]: ['ConvListReq', [['req_id', 'u'], ['cursor', 'b'], ['limit', 'u'], ['include_hidden', '?']]],
+  [FrameType.CONV_LIST_RESP]: ['ConvListResp', [['req_id', 'u'], ['code', 'u'], ['entries', ['ConvEntry']], ['cursor', 'b'], ['more', '?']]],
+  [FrameType.CONV_SET_REQ]: ['ConvSetReq', [['req_id', 'u'], ['conv', 't'], ['pinned', 'u'], ['muted', 'u'], ['hidden', 'u']]],
+  [FrameType.CONV_SET_RESP]: ['ConvSetResp', [['req_id', 'u'], ['conv', 't'], ['code', 'u']]],
+  [FrameType.CONV_UPDATE]: ['ConvUpdate', [['entries', ['ConvEntry']]]],
+  [FrameType.TYPING]: ['Typing', [['conv', 't'], ['active', '?'], ['user', 't'], ['ttl_ms', 'u']]],
+  [FrameType.PRESENCE_SUB]: ['PresenceSub', [['req_id', 'u'], ['users', ['PresenceUser']]]],
+  [FrameType.PRESENCE]: ['Presence', [['req_id', 'u'], ['code', 'u'], ['entries', ['PresenceEntry']]]],
+  [FrameType.PRESENCE_PRIVACY]: ['PresencePrivacy', [['mode', 'u']]],
   [FrameType.PING]: ['Ping', [['nonce', 'u']]],
   [FrameType.PONG]: ['Pong', [['nonce', 'u']]],
   [FrameType.ERROR]: ['Error', [['code', 'u'], ['ref', 'u'], ['reason', 't']]],
@@ -145,8 +176,9 @@ class Writer {
 }
 
 function writeFields(w, fields, obj, where) {
-  for (const [name, kind] of fields) {
-    const v = obj[name];
+  for (const [name, kind, dflt] of fields) {
+    let v = obj[name];
+    if (v === undefined) v = dflt;
     const what = `${where}.${name}`;
     if (v === undefined) throw new EncodeError(`${what} is missing`);
     if (kind === 'u') w.uvar(v, what);
@@ -177,7 +209,7 @@ function lengthPrefix(n) {
   const w = new Writer(); w.uvar(n, 'length'); return w.out();
 }
 
-/** Frame the body: length, head (version 2, flags), type, body. */
+/** Frame the body: length, head (version 3, flags), type, body. */
 export function frameBytes(type, body, flags = 0) {
   const pre = lengthPrefix(body.length + 2);
   const out = new Uint8Array(pre.length + 2 + body.length);

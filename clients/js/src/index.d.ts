@@ -1,16 +1,18 @@
-// Type declarations for @pimcore/client (PIM wire protocol v2; docs/PROTOCOL.md).
+// Type declarations for @pimcore/client (PIM wire protocol v3; docs/PROTOCOL.md).
 
 /** `u`/`s` fields: a number when it fits in Number.MAX_SAFE_INTEGER, else a bigint. */
 export type Int = number | bigint;
 
-export declare const PROTOCOL_VERSION: 2;
+export declare const PROTOCOL_VERSION: 3;
 export declare const CAP_ZSTD: 1;
 export declare const CAP_DEFLATE_DOWN: 2;
 export declare const CAP_DEFLATE_UP: 4;
 export declare const FrameType: Readonly<Record<string, number>>;
 export declare const ErrorCode: Readonly<Record<string, number>>;
 export declare const CloseCode: Readonly<Record<string, number>>;
-export declare const MessageKind: Readonly<{ MESSAGE: 0; JOINED: 1; LEFT: 2 }>;
+export declare const MessageKind: Readonly<{ MESSAGE: 0; JOINED: 1; LEFT: 2; RECALL: 3; EDIT: 4; DELETE: 5 }>;
+/** PresenceEntry.state: UNKNOWN = not visible (no shared conversation). */
+export declare const PresenceState: Readonly<{ UNKNOWN: 0; OFFLINE: 1; ONLINE: 2 }>;
 export declare function codeName(table: Readonly<Record<string, number>>, code: number): string;
 
 /** A decoded frame: `type`, `name` and the frame's fields (wire names, snake_case). */
@@ -19,9 +21,28 @@ export interface Frame { type: number; name: string; [field: string]: unknown }
 export interface Message {
   position: Int; msg_id: Uint8Array; conv: string; seq: Int; sender: string; device: string;
   client_time: Int; server_time: Int; payload: Uint8Array; kind: number; local_id: Int; after_seq: Int;
+  /** RECALL / EDIT / DELETE entries: the seq of the message they act on (0 otherwise). */
+  target: Int;
+  /** A message: server time (µs) of its latest edit, 0 = never edited. */
+  edited: Int;
+  /** A message: recalled (a tombstone, payload empty). */
+  recalled: boolean;
+  /** A message in a history page: deleted by this user for themselves (payload empty). */
+  deleted: boolean;
+  mentions: { user: string }[]; mention_all: boolean;
 }
+/** One entry of the conversation list (ConvEntry, PROTOCOL.md section 4). */
+export interface ConvEntry {
+  conv: string; last: Message[]; read_seq: Int; last_seq: Int; unread: Int; mention_count: Int;
+  pinned: boolean; muted: boolean; hidden: boolean;
+}
+export declare const Setting: Readonly<{ KEEP: 0; ON: 1; OFF: 2 }>;
 export interface ReadState { conv: string; read_seq: Int; last_seq: Int; unread: Int }
 export interface Reader { user: string; read_seq: Int }
+/** A user's presence: `last_seen` µs of the broker's clock, 0 while online, hidden by the user, or unknown. */
+export interface PresenceEntry { user: string; state: 0 | 1 | 2; last_seen: Int }
+/** A typing indicator: `expires` µs of the device clock (0 when it stopped). */
+export interface TypingEvent { conv: string; user: string; active: boolean; expires: number }
 
 export declare class ProtocolError extends Error { code: number; frames?: Frame[] }
 export declare class EncodeError extends TypeError {}
@@ -69,6 +90,8 @@ export interface ClientOptions {
   ackTimeout?: number; sendTimeout?: number; connectTimeout?: number; ackDelay?: number; // ms
   timeSamples?: number; backoffInitial?: number; backoffMax?: number; deadAfter?: number;
   viewLimit?: number; reconnect?: boolean;
+  /** ms: while the user types, typing() sends at most one Typing per conversation per interval (default 2500). */
+  typingInterval?: number;
   /** The device clock in µs (default Date.now() * 1000). */
   now?: () => number;
 }
@@ -80,15 +103,24 @@ export interface ClientEvents {
   connected: Connected;
   disconnected: { code: number | null; reason: string };
   message: Message;
+  /** A RECALL / EDIT / DELETE entry, and the changed message as held (null if not held). */
+  amended: { entry: Message; message: Message | null };
   sent: Sent;
   readstate: ReadState;
   receipt: { conv: string; reader: string; seq: Int };
+  conversation: ConvEntry;
   resynced: { oldEpoch: Uint8Array; epoch: Uint8Array; position: Int };
   sendsStalled: { code: number; pending: number; since: number };
   sendsResumed: { since: number; pending: number };
   error: { code: number; ref: Int; reason: string };
   closed: Error;
   state: State;
+  /** Another member started or stopped typing (an indicator also stops by itself at `expires`). */
+  typing: TypingEvent;
+  /** A subscribed user's presence: the subscription's answer, then every change. */
+  presence: PresenceEntry;
+  /** This user's last-seen privacy setting as the broker has it. */
+  privacy: { hideLastSeen: boolean };
 }
 
 export type State = 'DISCONNECTED' | 'AWAITING_LOGIN_ACK' | 'CALIBRATING' | 'ACTIVE' | 'CLOSED';
@@ -113,7 +145,11 @@ export declare class PimcoreClient {
   close(): Promise<void>;
   dropConnection(reason?: string): void;
   reconnectNow(): void;
-  send(conv: string, payload: Uint8Array | string, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  send(conv: string, payload: Uint8Array | string, options?: { localId?: number; timeout?: number; mentions?: string[]; mentionAll?: boolean }): Promise<Sent>;
+  amend(conv: string, target: number, action: number, payload?: Uint8Array | string, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  recall(conv: string, seq: number, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  edit(conv: string, seq: number, payload: Uint8Array | string, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  deleteForMe(conv: string, seq: number, options?: { localId?: number; timeout?: number }): Promise<Sent>;
   pendingSends(): number[];
   markRead(conv: string, seq: number): void;
   readState(conv: string): ReadState | undefined;
@@ -122,8 +158,20 @@ export declare class PimcoreClient {
   receipt(conv: string, reader: string): number;
   history(conv: string, options?: { fromSeq?: number; limit?: number; backward?: boolean; timeout?: number }): Promise<{ messages: Message[]; more: boolean }>;
   readers(conv: string, options?: { timeout?: number }): Promise<Reader[]>;
+  listConversations(options?: { cursor?: Uint8Array; limit?: number; includeHidden?: boolean; timeout?: number }): Promise<{ entries: ConvEntry[]; cursor: Uint8Array; more: boolean }>;
+  setConversation(conv: string, options?: { pinned?: boolean; muted?: boolean; hidden?: boolean; timeout?: number }): Promise<void>;
   view(conv: string): Message[];
   serverNow(): number;
+  /** The user is typing in `conv` (or stopped); throttled to one frame per `typingInterval`. Returns whether one went out. */
+  typing(conv: string, active?: boolean): boolean;
+  typingUsers(conv: string): string[];
+  /** Replace the presence subscription; resolves with every asked user's state. Rejects with SendError(PRESENCE_LIMIT), RequestTimeout. */
+  subscribePresence(users: Iterable<string>, options?: { timeout?: number }): Promise<Record<string, PresenceEntry>>;
+  /** Hide (true) / show (false) this user's last-seen time, or ask (null); resolves with the setting in force. */
+  setPresencePrivacy(hideLastSeen: boolean | null, options?: { timeout?: number }): Promise<boolean>;
+  /** The latest presence of each subscribed user. */
+  readonly presence: Map<string, PresenceEntry>;
+  readonly hideLastSeen: boolean | null;
 }
 
 export declare class SendError extends Error { code: number; reason: string }

@@ -97,7 +97,7 @@ test('PushAck: cumulative, after the handlers ran; a re-push is dropped', async 
   const { ws } = await connected(c);
   const seen = [];
   c.on('message', (m) => { seen.push(m.seq); assert.equal(ws.of('PushAck').length, 0, 'not acked before the handler'); });
-  const msg = (position, seq) => ({ position, msg_id: Uint8Array.of(seq), conv: 'd:u:v', seq, sender: 'v', device: 'x', client_time: 1, server_time: seq, payload: new Uint8Array(0), kind: 0, local_id: seq, after_seq: 0 });
+  const msg = (position, seq) => ({ position, msg_id: Uint8Array.of(seq), conv: 'd:u:v', seq, sender: 'v', device: 'x', client_time: 1, server_time: seq, payload: new Uint8Array(0), kind: 0, local_id: seq, after_seq: 0, target: 0, edited: 0, recalled: false, deleted: false });
   ws.deliver(frame('Push', { position: 2, messages: [msg(1, 1), msg(2, 2)] }), frame('Push', { position: 4, messages: [msg(4, 3)] }));
   await sleep(30);
   assert.deepEqual(ws.of('PushAck').map((f) => f.position), [4]);
@@ -114,7 +114,7 @@ test('malformed bytes: Close(PROTOCOL_ERROR), the connection is dropped, frames 
   const { ws } = await connected(c);
   const disc = []; c.on('disconnected', (d) => disc.push(d));
   const good = encodeFrame(frame('ReadReceipt', { conv: 'd:u:v', reader: 'v', seq: 2 }));
-  const bad = Uint8Array.of(0x03, 0x30, 0x0e, 0x00); // version 3
+  const bad = Uint8Array.of(0x03, 0x40, 0x0e, 0x00); // version 4
   const both = new Uint8Array(good.length + bad.length); both.set(good); both.set(bad, good.length);
   ws.onmessage({ data: both.buffer });
   assert.equal(c.receipt('d:u:v', 'v'), 2);

@@ -1,0 +1,87 @@
+// Recall, edit and delete-for-self with PimcoreClient against a live
+// `pimcore serve`: the AmendReq frame, 'amended' events, the local view,
+// unread counts, history in its current state, offline catch-up.
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { ErrorCode, MessageKind, PimcoreClient, SendError, directConv, encodeFrame, frame, FrameDecoder } from '../src/index.js';
+import { Broker, until } from './broker.mjs';
+
+const text = (m) => new TextDecoder().decode(m.payload);
+
+function client(broker, user, opts = {}) {
+  const c = new PimcoreClient({ url: broker.url, token: broker.token(user), device: opts.device || 'node', ackTimeout: 2000, ...opts });
+  c.received = []; c.amended = [];
+  c.on('message', (m) => c.received.push(m));
+  c.on('amended', (ev) => c.amended.push(ev));
+  return c;
+}
+
+test('AmendReq round-trips through the codec; Message carries target, edited, recalled, deleted', () => {
+  const f = frame('AmendReq', { local_id: 7, conv: 'c', target: 3, action: MessageKind.EDIT, client_time: -1, payload: new Uint8Array([104, 105]) });
+  const wire = encodeFrame(f);
+  assert.equal(Buffer.from(wire).toString('hex'), '0b3014070163030401026869');
+  const [back] = new FrameDecoder().feed(wire);
+  assert.equal(back.name, 'AmendReq'); assert.equal(back.target, 3); assert.equal(back.action, 4); assert.equal(back.client_time, -1);
+});
+
+describe('recall, edit, delete (live broker)', () => {
+  let broker;
+  before(async () => { broker = await new Broker().start(); });
+  after(async () => { await broker.dispose(); });
+
+  test('edit and recall reach the peer and the view; delete reaches only my other device; errors are final', async () => {
+    const a = client(broker, 'ann');
+    const b = client(broker, 'ben');
+    const b2 = client(broker, 'ben', { device: 'tablet' });
+    await a.connect(); await b.connect(); await b2.connect();
+    const conv = directConv('ann', 'ben');
+    const m1 = await a.send(conv, 'helo');
+    const m2 = await a.send(conv, 'oops');
+    await until(() => b.received.length === 2 && b2.received.length === 2, 5000, 'ben gets both');
+    assert.equal(b.unread(conv), 2);
+
+    const e = await a.edit(conv, m1.seq, 'hello');
+    assert.equal(e.seq, 3);
+    await until(() => b.amended.length === 1, 5000, 'the edit arrives');
+    assert.equal(b.amended[0].entry.kind, MessageKind.EDIT); assert.equal(b.amended[0].entry.target, m1.seq);
+    assert.equal(text(b.amended[0].message), 'hello'); assert.equal(b.amended[0].message.edited, e.server_time);
+    assert.deepEqual(a.view(conv).map(text), ['hello', 'oops']);
+
+    await a.recall(conv, m2.seq);
+    await until(() => b.amended.length === 2, 5000, 'the recall arrives');
+    assert.equal(b.amended[1].message.recalled, true); assert.equal(b.amended[1].message.payload.length, 0);
+    assert.equal(b.unread(conv), 1, 'a recalled message is not unread');
+
+    const d = await b.deleteForMe(conv, m1.seq);
+    assert.equal(d.seq, 0);
+    await until(() => b2.amended.length === 3, 5000, 'my other device learns the deletion');
+    assert.equal(b2.amended[2].entry.kind, MessageKind.DELETE); assert.equal(b2.amended[2].message.deleted, true);
+    await assert.rejects(b.edit(conv, m2.seq, 'x'), (err) => err instanceof SendError && err.code === ErrorCode.NOT_SENDER);
+    await assert.rejects(a.edit(conv, m2.seq, 'x'), (err) => err instanceof SendError && err.code === ErrorCode.RECALLED);
+    await assert.rejects(a.recall(conv, 99), (err) => err instanceof SendError && err.code === ErrorCode.NO_SUCH_MESSAGE);
+
+    const { messages } = await b.history(conv);
+    assert.deepEqual(messages.map((m) => [m.seq, m.kind, text(m), m.recalled, m.deleted]), [
+      [1, 0, '', false, true], [2, 0, '', true, false], [3, MessageKind.EDIT, 'hello', false, false], [4, MessageKind.RECALL, '', false, false],
+    ]);
+    await a.close(); await b.close(); await b2.close();
+  });
+
+  test('an offline device catches up on the current state', async () => {
+    const a = client(broker, 'cara');
+    await a.connect();
+    const conv = directConv('cara', 'dan');
+    const d0 = client(broker, 'dan'); await d0.connect(); await d0.close(); // dan's device exists, then is offline
+    const s = await a.send(conv, 'first draft');
+    const s2 = await a.send(conv, 'regret');
+    await a.edit(conv, s.seq, 'final');
+    await a.recall(conv, s2.seq);
+    const d = client(broker, 'dan');
+    await d.connect();
+    await until(() => d.received.length === 2 && d.amended.length === 2, 5000, 'dan catches up');
+    assert.deepEqual(d.received.map((m) => [m.seq, text(m), m.recalled]), [[1, 'final', false], [2, '', true]]);
+    assert.deepEqual(d.amended.map((ev) => ev.entry.kind), [MessageKind.EDIT, MessageKind.RECALL]);
+    assert.equal(d.unread(conv), 1);
+    await a.close(); await d.close();
+  });
+});

@@ -1,0 +1,87 @@
+// Typing and presence (PROTOCOL.md "Typing and presence") against a live
+// broker, and the new frames through the codec.
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import {
+  ErrorCode, FrameDecoder, PimcoreClient, PresenceState, SendError, decodeBody, directConv, encodeBody, encodeFrame, frame,
+} from '../src/index.js';
+import { Broker, pimcore, until } from './broker.mjs';
+
+function client(broker, user, opts = {}) {
+  const c = new PimcoreClient({ url: broker.url, token: broker.token(user), device: opts.device || 'node', ackTimeout: 2000, ...opts });
+  c.events = [];
+  for (const name of ['typing', 'presence', 'privacy']) c.on(name, (ev) => c.events.push([name, ev]));
+  return c;
+}
+
+test('codec: the typing and presence frames round-trip', () => {
+  const frames = [
+    frame('Typing', { conv: 'g', active: true, user: 'alice', ttl_ms: 6000 }),
+    frame('PresenceSub', { req_id: 3, users: [{ user: 'bob' }, { user: 'carol' }] }),
+    frame('Presence', { req_id: 0, code: 0, entries: [{ user: 'bob', state: PresenceState.OFFLINE, last_seen: 1700000000000000 }] }),
+    frame('PresencePrivacy', { mode: 2 }),
+  ];
+  for (const f of frames) {
+    const [back] = new FrameDecoder().feed(encodeFrame(f));
+    assert.deepEqual(back, f);
+    assert.deepEqual(decodeBody(f.type, encodeBody(f)), f);
+  }
+  assert.deepEqual([...encodeFrame(frames[0])].slice(2), [0x1c, 1, 0x67, 1, 5, ...new TextEncoder().encode('alice'), 0xf0, 0x2e]);
+  assert.equal(ErrorCode.PRESENCE_LIMIT, 48); assert.equal(ErrorCode.TYPING_NOT_RELAYED, 49);
+});
+
+describe('live broker: typing and presence', () => {
+  let broker;
+  before(async () => { broker = await new Broker().start(); });
+  after(async () => { await broker.dispose(); });
+
+  test('typing reaches the other members, is throttled, and expires or stops', async () => {
+    pimcore(broker, 'group', 'create', 'crew', 'ann', 'ben');
+    const a = client(broker, 'ann'); const b = client(broker, 'ben'); const x = client(broker, 'xena');
+    await Promise.all([a.connect(), b.connect(), x.connect()]);
+    assert.equal(a.typing('crew'), true);
+    assert.equal(a.typing('crew'), false, 'throttled within typingInterval');
+    await until(() => b.events.some(([n, e]) => n === 'typing' && e.active && e.user === 'ann'), 5000, 'ben sees ann typing');
+    const ev = b.events.find(([n]) => n === 'typing')[1];
+    assert.equal(ev.conv, 'crew'); assert.ok(ev.expires > Date.now() * 1000);
+    assert.deepEqual(b.typingUsers('crew'), ['ann']);
+    assert.equal(a.typing('crew', false), true);
+    await until(() => b.events.some(([n, e]) => n === 'typing' && !e.active), 5000, 'the stop');
+    assert.deepEqual(b.typingUsers('crew'), []);
+    x.typing('crew'); // not a member: refused, never relayed
+    await until(() => x._lastError && x._lastError.code === ErrorCode.NOT_MEMBER, 5000, 'NOT_MEMBER');
+    assert.ok(!a.events.some(([n]) => n === 'typing'), 'not to the sender');
+    await Promise.all([a.close(), b.close(), x.close()]);
+  });
+
+  test('presence: subscribe, changes, hidden last seen, invisible strangers', async () => {
+    const p = client(broker, 'pia'); const q = client(broker, 'quinn');
+    await Promise.all([p.connect(), q.connect()]);
+    await p.send(directConv('pia', 'quinn'), 'hi'); // a 1:1 chat is shared from its first message
+    const got = await p.subscribePresence(['quinn', 'stranger']);
+    assert.equal(got.quinn.state, PresenceState.ONLINE);
+    assert.equal(got.stranger.state, PresenceState.UNKNOWN);
+    assert.equal(await q.setPresencePrivacy(null), false);
+    assert.equal(await q.setPresencePrivacy(true), true);
+    assert.equal(q.hideLastSeen, true);
+    await q.close();
+    await until(() => p.presence.get('quinn').state === PresenceState.OFFLINE, 5000, 'quinn offline');
+    assert.equal(p.presence.get('quinn').last_seen, 0, 'hidden');
+    const q2 = client(broker, 'quinn');
+    await q2.connect();
+    await until(() => p.presence.get('quinn').state === PresenceState.ONLINE, 5000, 'quinn back');
+    assert.equal(await q2.setPresencePrivacy(false), false);
+    await q2.close();
+    await until(() => p.presence.get('quinn').state === PresenceState.OFFLINE, 5000, 'quinn offline again');
+    assert.ok(p.presence.get('quinn').last_seen > 0, 'shown');
+    const many = Array.from({ length: 300 }, (_, i) => `u${i}`);
+    await assert.rejects(p.subscribePresence(many), (e) => e instanceof SendError && e.code === ErrorCode.PRESENCE_LIMIT);
+    // the refused subscription left the previous one in place, and it is renewed after a reconnect
+    p.dropConnection('test');
+    await until(() => p.state === 'ACTIVE', 5000, 'reconnected');
+    const q3 = client(broker, 'quinn');
+    await q3.connect();
+    await until(() => p.presence.get('quinn').state === PresenceState.ONLINE, 5000, 'seen through the renewed subscription');
+    await Promise.all([p.close(), q3.close()]);
+  });
+});

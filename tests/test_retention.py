@@ -1,0 +1,210 @@
+"""History retention and purges: the store contract (every backend; the
+model in tests/test_store.py also drives these ops against the memory
+oracle).  The public surfaces (embedding API, HTTP, CLI, SDK over a live
+broker) are tested in tests/test_retention_api.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from pimcore.errors import ErrorCode
+from pimcore.frames import MessageKind
+from pimcore.store import (
+    AckPosition,
+    Appended,
+    Duplicate,
+    Expire,
+    Expired,
+    MarkRead,
+    PurgeConversation,
+    PurgeUser,
+    Purged,
+    ReadHistory,
+    Reclaim,
+    Reclaimed,
+    Rejected,
+    RetentionSet,
+    RetentionState,
+    SetRetention,
+    Store,
+    TouchDevice,
+)
+
+from test_store import AB, DAY, Maker, inbox_ids, mk, store  # noqa: F401  (fixtures)
+
+
+def send(store: Store, mk: Maker, n: int, conv: str = AB, sender: str = "alice") -> list:
+    ops = [mk(conv, sender, payload=b"m%d" % i) for i in range(n)]
+    results = mk.commit(store, *ops)
+    assert all(isinstance(r, Appended) for r in results)
+    return ops
+
+
+def seqs(page: list) -> list[int]:
+    return [m.seq for m in page]
+
+
+def test_count_retention_removes_a_prefix_with_its_inbox_entries_and_dedupe(store: Store, mk: Maker) -> None:
+    ops = send(store, mk, 10)
+    assert mk.commit(store, SetRetention(AB, -1, 3)) == (RetentionSet(AB, -1, 3),)
+    assert store.retention(AB).floor == 0  # applied by the next Expire only
+    [res] = mk.commit(store, Expire(mk.time))
+    assert res == Expired(1, 7, 14)  # 7 messages, in alice's and bob's inbox
+    assert seqs(store.history(AB, 0, 100)) == [8, 9, 10]
+    assert seqs(store.history(AB, 0, 100, backward=True)) == [10, 9, 8]
+    assert seqs(store.history(AB, 2, 2)) == [8, 9]
+    assert store.last_seq(AB) == 10
+    assert store.retention(AB) == RetentionState(AB, -1, 3, 7)
+    assert [p for p, _ in inbox_ids(store, "bob")] == [8, 9, 10]  # positions are not reused
+    assert store.inbox_range("bob", 0, 2)[0][0] == 8  # a page skips the holes
+    assert store.message(ops[0].msg_id) is None
+    # Dedupe records expire with their messages, never before.
+    assert not store.deduped("alice", "phone", ops[6].local_id)
+    assert store.deduped("alice", "phone", ops[7].local_id)
+    [dup] = mk.commit(store, ops[8])
+    assert dup == Duplicate(ops[8].msg_id, 9, ops[8].server_time)
+    again = mk(AB, "alice", local_id=ops[0].local_id, payload=ops[0].payload)
+    [fresh] = mk.commit(store, again)
+    assert isinstance(fresh, Appended) and fresh.seq == 11  # its original is gone: a new message
+    assert store.unread("bob", AB) == 4
+    # Idempotent: nothing more to remove.
+    assert mk.commit(store, Expire(mk.time)) == (Expired(1, 1, 2),)  # 11 messages -> keep 3
+    assert mk.commit(store, Expire(mk.time)) == (Expired(0, 0, 0),)
+
+
+def test_age_retention_from_the_broker_default_and_per_conversation_overrides(store: Store, mk: Maker) -> None:
+    store.create_group("team", ["alice", "bob"], 1)
+    old = send(store, mk, 3) + send(store, mk, 3, "team")
+    mk.time += DAY
+    send(store, mk, 2)
+    send(store, mk, 2, "team")
+    assert mk.commit(store, SetRetention("team", 0, -1)) == (RetentionSet("team", 0, -1),)  # kept for ever
+    [res] = mk.commit(store, Expire(mk.time, DAY // 2, 0))
+    assert res == Expired(1, 3, 6)
+    assert seqs(store.history(AB, 0, 100)) == [4, 5]
+    assert seqs(store.history("team", 0, 100)) == [1, 2, 3, 4, 5]
+    assert not store.deduped("alice", "phone", old[0].local_id)
+    # Back to the default: the group's old messages go too.
+    mk.commit(store, SetRetention("team", -1, -1))
+    assert store.retention("team") == RetentionState("team", -1, -1, 0)
+    assert mk.commit(store, Expire(mk.time, DAY // 2, 0)) == (Expired(1, 3, 6),)
+    assert seqs(store.history("team", 0, 100)) == [4, 5]
+    # The history a member reads (ReadHistory) starts after the floor too.
+    [page] = store.read([ReadHistory("team", "bob", 0, 10, True)])
+    assert page.code is ErrorCode.OK and seqs(list(page.messages)) == [5, 4]
+
+
+def test_set_retention_checks_its_fields(store: Store, mk: Maker) -> None:
+    assert mk.commit(store, SetRetention("nope", 5, 5)) == (Rejected(ErrorCode.UNKNOWN_CONVERSATION),)
+    for bad in (SetRetention(AB, -2, 0), SetRetention(AB, 0, -5), SetRetention("d:bob:alice", 1, 1),
+                SetRetention(AB, True, 1), Expire(0, -1, 0), PurgeConversation("a b"), PurgeUser("", 1)):
+        assert mk.commit(store, bad) == (Rejected(ErrorCode.BAD_REQUEST),), bad
+    with pytest.raises(ValueError):
+        store.retention("d:bob:alice")
+
+
+def test_reclaim_walks_over_holes(store: Store, mk: Maker) -> None:
+    store.create_group("team", ["alice", "bob"], 1)
+    send(store, mk, 2, "team")
+    send(store, mk, 2)  # bob: positions 1, 2 (team), 3, 4 (AB)
+    mk.commit(store, TouchDevice("bob", "phone", 0, mk.time))
+    mk.commit(store, SetRetention("team", 1, 0), SetRetention(AB, -1, 1), Expire(mk.time))
+    assert [p for p, _ in inbox_ids(store, "bob")] == [4]
+    mk.commit(store, AckPosition("bob", "phone", 4, mk.time))
+    [res] = mk.commit(store, Reclaim(mk.time, DAY, 100 * DAY))
+    assert res == Reclaimed(1, 0)  # one entry removed; the holes do not count
+    assert store.inbox_floor("bob") == 4 and inbox_ids(store, "bob") == []
+
+
+def test_unread_and_read_markers_after_a_trim(store: Store, mk: Maker) -> None:
+    send(store, mk, 5)
+    mk.commit(store, MarkRead("bob", AB, 2))
+    mk.commit(store, SetRetention(AB, 0, 2), Expire(mk.time))
+    assert store.unread("bob", AB) == 2
+    assert store.read_marker("bob", AB) == 2
+
+
+def test_purge_conversation_deletes_a_group_and_is_idempotent(store: Store, mk: Maker) -> None:
+    store.create_group("team", ["alice", "bob"], 1)
+    ops = send(store, mk, 3, "team")
+    send(store, mk, 1)
+    mk.commit(store, MarkRead("bob", "team", 2), SetRetention("team", 0, 50))
+    [res] = mk.commit(store, PurgeConversation("team"))
+    assert res == Purged(3, 6)
+    assert not store.conversation_exists("team")
+    assert store.members("team") == ()
+    assert store.conversations("bob") == [AB]
+    assert store.read_marker("bob", "team") == 0
+    assert [p for p, _ in inbox_ids(store, "bob")] == [4]
+    assert not store.deduped("alice", "phone", ops[0].local_id)
+    assert store.retention("team") == RetentionState("team", -1, -1, 3)
+    assert store.history("team", 0, 10) == []
+    assert mk.commit(store, PurgeConversation("team")) == (Purged(0, 0),)
+    assert mk.commit(store, PurgeConversation("never")) == (Purged(0, 0),)
+    # Created again, its seqs continue after the purged ones.
+    store.create_group("team", ["carol", "bob"], mk.time)
+    [res] = mk.commit(store, mk("team", "carol"))
+    assert isinstance(res, Appended) and res.seq == 4
+    assert seqs(store.history("team", 0, 10)) == [4]
+
+
+def test_purge_a_direct_conversation(store: Store, mk: Maker) -> None:
+    send(store, mk, 3)
+    assert mk.commit(store, PurgeConversation(AB)) == (Purged(3, 6),)
+    assert store.conversation_exists(AB)  # a direct id always exists
+    assert store.conversations("alice") == [] and store.history(AB, 0, 10) == []
+    [res] = mk.commit(store, mk(AB, "bob"))
+    assert isinstance(res, Appended) and res.seq == 4
+    assert store.conversations("alice") == [AB]
+
+
+def test_purge_user_removes_their_data_and_is_idempotent(store: Store, mk: Maker) -> None:
+    store.create_group("team", ["alice", "bob", "carol"], 1)
+    sent = send(store, mk, 2, "team", "bob") + send(store, mk, 2, AB, "bob")
+    send(store, mk, 1, "team", "alice")
+    mk.commit(store, TouchDevice("bob", "phone", 0, mk.time), TouchDevice("bob", "laptop", 0, mk.time),
+              MarkRead("bob", "team", 5))
+    head = store.inbox_head("bob")
+    now = mk.time + 10
+    [res] = mk.commit(store, PurgeUser("bob", now))
+    assert isinstance(res, Purged) and (res.messages, res.devices) == (4, 2)
+    assert res.entries == head + 1  # with the LEFT entry
+    [change] = res.changes
+    assert change.members == ("alice", "carol")
+    assert [m.kind for m in change.entries] == [MessageKind.LEFT]
+    left = change.entries[0]
+    assert seqs(store.history("team", 0, 10)) == [1, 2, 3, 4]
+    assert store.history("team", 0, 10)[-1].msg_id == left.msg_id
+    # Tombstones: the sequence stays gap-free, the payload is gone.
+    assert [m.payload for m in store.history("team", 0, 10)] == [b"", b"", b"m0", b""]
+    assert [m.payload for m in store.history(AB, 0, 10)] == [b"", b""]
+    assert store.message(sent[0].msg_id).payload == b""
+    assert not any(store.deduped("bob", "phone", op.local_id) for op in sent)
+    assert store.devices("bob") == [] and store.conversations("bob") == []
+    assert store.inbox_floor("bob") == store.inbox_head("bob") == head + 1
+    assert inbox_ids(store, "bob") == []
+    assert store.read_marker("bob", "team") == 0 and store.spans("team", "bob") == ()
+    assert store.revoked_before("bob", "phone") == now
+    # Other users keep their data (alice still has the tombstones' entries).
+    assert len(inbox_ids(store, "alice")) == 6
+    assert mk.commit(store, PurgeUser("bob", now)) == (Purged(0, 0, 0),)
+    # The user id can be used again: positions continue.
+    [res] = mk.commit(store, mk(AB, "alice"))
+    assert dict(res.positions)["bob"] == head + 2
+
+
+def test_expire_still_visits_a_conversation_whose_users_were_all_purged(store: Store, mk: Maker) -> None:
+    send(store, mk, 4)
+    mk.commit(store, PurgeUser("alice", mk.time), PurgeUser("bob", mk.time))
+    assert store.conversations("alice") == store.conversations("bob") == []
+    assert mk.commit(store, Expire(mk.time, 0, 1)) == (Expired(1, 3, 0),)
+    assert seqs(store.history(AB, 0, 10)) == [4]
+
+
+def test_reclaim_walks_over_holes_whatever_max_age(store: Store, mk: Maker) -> None:
+    send(store, mk, 3)  # bob: positions 1..3, no device
+    mk.commit(store, SetRetention(AB, -1, 2), Expire(mk.time))
+    assert [p for p, _ in inbox_ids(store, "bob")] == [2, 3]
+    # A max_age reaching back before every entry: the hole at 1 still goes.
+    assert mk.commit(store, Reclaim(mk.time, DAY, mk.time + DAY)) == (Reclaimed(0, 0),)
+    assert store.inbox_floor("bob") == 1

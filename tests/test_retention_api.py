@@ -1,0 +1,251 @@
+"""History retention and purges through the public surface: the embedding
+API (trio, asyncio, threaded), the HTTP server API, the CLI, and SDK
+clients over a live broker catching up after their conversation was
+trimmed or purged.  The store contract is tests/test_retention.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from pimcore import frames as F
+from pimcore.cli import main
+from pimcore.client import AuthFailed, ClientClosed, SendError, open_client
+from pimcore.embed import Pimcore, Retention, RequestRefused, open_pimcore
+from pimcore.errors import ErrorCode
+from pimcore.store import LmdbStore, MemoryStore, Purged, direct_conversation
+
+from _net import FAST_CLIENT, SECRET, token
+from test_http import KEY, assert_error
+from test_http_api import api, call
+
+AB = direct_conversation("alice", "bob")
+#: A reclaim pass (retention included) every 20 ms.
+FAST_RECLAIM = {"reclaim_interval": 0.02}
+
+
+async def wait_floor(im: Pimcore, conv: str, floor: int) -> None:
+    """Until the broker's reclaim pass has moved ``conv``'s floor there."""
+    while (await im.retention(conv)).floor < floor:
+        await trio.sleep(0.01)
+
+
+async def take(client: Any, n: int) -> list[F.Message]:
+    got = []
+    async for m in client.messages():
+        got.append(m)
+        if len(got) == n:
+            break
+    return got
+
+
+@pytest.mark.parametrize("kind", ["lmdb", "memory"])
+async def test_an_offline_device_catches_up_after_its_conversation_was_trimmed(tmp_path: Path, kind: str) -> None:
+    store = {"store": MemoryStore()} if kind == "memory" else {}
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path, listen=["tcp://127.0.0.1:0"], **FAST_RECLAIM, **store) as im:
+            assert await im.set_retention(AB, max_count=3) == Retention(AB, None, 3, 0)
+            async with open_client(im.urls[0], im.issue_token("alice"), "phone", config=FAST_CLIENT) as alice:
+                sent = [await alice.send(AB, b"m%d" % i, local_id=i + 1) for i in range(10)]
+                assert [s.seq for s in sent] == list(range(1, 11))
+                await wait_floor(im, AB, 7)
+                # A retry of a message still in the log is still deduplicated...
+                again = await alice.send(AB, b"m8", local_id=9)
+                assert (again.seq, again.msg_id) == (9, sent[8].msg_id)
+                # ...one whose message expired is a new message (its record went with it).
+                fresh = await alice.send(AB, b"m0", local_id=1)
+                assert fresh.seq == 11
+                await wait_floor(im, AB, 8)
+            assert await im.unread("bob", AB) == 3
+            # bob was offline throughout: his inbox lost the trimmed entries.
+            async with open_client(im.urls[0], im.issue_token("bob"), "phone", config=FAST_CLIENT) as bob:
+                got = await take(bob, 3)
+                assert [(m.seq, m.payload) for m in got] == [(9, b"m8"), (10, b"m9"), (11, b"m0")]
+                page = await bob.fetch_page(AB, 0, 50, backward=True)
+                assert [m.seq for m in page.messages] == [11, 10, 9] and not page.more
+                forward = await bob.fetch_history(AB, 0, 50)
+                assert [m.seq for m in forward] == [9, 10, 11]  # history starts after the floor
+            assert [m.seq for m in await im.history(AB, "alice")] == [11, 10, 9]
+            assert await im.retention(AB) == Retention(AB, None, 3, 8)
+            # Back to the broker default (none here): nothing more goes.
+            assert await im.set_retention(AB) == Retention(AB, None, None, 8)
+            with pytest.raises(RequestRefused) as refused:
+                await im.set_retention("nope", max_age=5)
+            assert refused.value.code is ErrorCode.UNKNOWN_CONVERSATION
+            for bad in ({"max_age": -1}, {"max_count": 1.5}, {"max_count": True}):
+                with pytest.raises(RequestRefused) as refused:
+                    await im.set_retention(AB, **bad)
+                assert refused.value.code is ErrorCode.BAD_REQUEST
+
+
+async def test_the_broker_default_retention_by_age(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path, listen=[], history_max_age=0.3, **FAST_RECLAIM) as im:
+            await im.create_group("team", ["alice", "bob"])
+            await im.set_retention("team", max_age=0)  # this one keeps everything
+            for i in range(3):
+                await im.post(AB, b"old%d" % i, sender="alice", device="web")
+                await im.post("team", b"old%d" % i, sender="alice", device="web")
+            await trio.sleep(0.35)
+            await im.post(AB, b"new", sender="alice", device="web")
+            await wait_floor(im, AB, 3)
+            # (Under a long stall "new" may have expired too: only the old ones must.)
+            assert [m.payload for m in await im.history(AB, "bob")] in ([b"new"], [])
+            assert len(await im.history("team", "bob")) == 3
+            assert (await im.retention("team")).floor == 0
+
+
+async def test_purged_conversation_is_gone_for_members_online_and_offline(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path, listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["alice", "bob", "carol"])
+            async with open_client(im.urls[0], im.issue_token("alice"), "phone", config=FAST_CLIENT) as alice:
+                for i in range(3):
+                    await alice.send("team", b"t%d" % i)
+                done = await im.purge_conversation("team")
+                assert (done.messages, done.entries) == (3, 9)
+                with pytest.raises(SendError) as refused:
+                    await alice.fetch_history("team")
+                assert refused.value.code is ErrorCode.UNKNOWN_CONVERSATION
+                with pytest.raises(SendError):
+                    await alice.send("team", b"anyone?")
+                await alice.send(AB, b"after")
+            # Idempotent.
+            assert await im.purge_conversation("team") == Purged(0, 0)
+            with pytest.raises(RequestRefused) as refused:
+                await im.purge_conversation("a b")
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+            # bob was offline: his inbox holds only what came after.
+            async with open_client(im.urls[0], im.issue_token("bob"), "phone", config=FAST_CLIENT) as bob:
+                [m] = await take(bob, 1)
+                assert (m.conv, m.payload) == (AB, b"after")
+            assert [c.conv for c in await im.conversations("bob")] == [AB]
+            # The id can be created again; seqs continue after the purged ones.
+            await im.create_group("team", ["bob"])
+            assert (await im.post("team", b"fresh")).seq == 4
+
+
+async def test_purge_user_closes_sessions_leaves_groups_and_deletes_their_data(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path, listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["alice", "bob"])
+            old = im.issue_token("bob")
+            async with open_client(im.urls[0], im.issue_token("alice"), "phone", config=FAST_CLIENT) as alice:
+                async with open_client(im.urls[0], old, "phone", config=FAST_CLIENT) as bob:
+                    await bob.send("team", b"secret")
+                    await bob.send(AB, b"private")
+                    assert [m.payload for m in await take(alice, 2)] == [b"secret", b"private"]
+                    done = await im.purge_user("bob")
+                    assert (done.messages, done.devices) == (2, 1)
+                    assert [c.conv for c in done.changes] == ["team"]
+                    with pytest.raises(ClientClosed, match="deleted"):
+                        await bob.send(AB, b"still here?")
+                # The other members get the LEFT entry like any message.
+                [left] = await take(alice, 1)
+                assert (left.conv, left.kind, left.sender) == ("team", F.MessageKind.LEFT, "bob")
+            assert [m.payload for m in await im.history("team", "alice", backward=False)][:2] == [b"", b""]
+            assert [m.payload for m in await im.history(AB, "alice")] == [b""]
+            assert await im.conversations("bob") == []
+            pos = await im.read_positions("bob")
+            assert pos.devices == () and pos.floor == pos.head
+            # Tokens issued before the purge are refused; a new one works.
+            with pytest.raises(AuthFailed):
+                async with open_client(im.urls[0], old, "phone", config=FAST_CLIENT):
+                    pass
+            await trio.sleep(0.01)
+            async with open_client(im.urls[0], im.issue_token("bob"), "tablet", config=FAST_CLIENT) as bob:
+                await bob.send(AB, b"hello again")
+            assert await im.purge_user("nobody") == Purged(0, 0, 0)
+            done = await im.purge_user("bob")
+            assert (done.messages, done.devices, done.changes) == (1, 1, ())
+
+
+async def test_retention_and_purge_over_http(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["alice", "bob"])
+            await im.post("team", b"x", sender="alice", device="web")
+            assert await call(c, "GET", "/v1/conversations/team/retention") == (
+                200, {"conv": "team", "max_age": None, "max_count": None, "floor": 0})
+            assert await call(c, "PUT", "/v1/conversations/team/retention", {"max_age": 86_400_000_000}) == (
+                200, {"conv": "team", "max_age": 86_400_000_000, "max_count": None, "floor": 0})
+            assert_error(*await call(c, "PUT", "/v1/conversations/team/retention", {"max_count": -1}), 400, "bad_request")
+            assert_error(*await call(c, "PUT", "/v1/conversations/nope/retention", {"max_count": 1}), 404,
+                         "UNKNOWN_CONVERSATION")
+            assert await call(c, "DELETE", "/v1/conversations/team") == (
+                200, {"conv": "team", "messages": 1, "entries": 2})
+            assert await call(c, "DELETE", "/v1/conversations/team") == (
+                200, {"conv": "team", "messages": 0, "entries": 0})
+            await im.create_group("club", ["alice", "bob"])
+            await im.post(AB, b"y", sender="bob", device="web")
+            assert await call(c, "DELETE", "/v1/users/bob") == (
+                200, {"user": "bob", "messages": 1, "entries": 2, "devices": 0, "left": ["club"]})
+            assert_error(*await call(c, "DELETE", "/v1/users/b%20b"), 400, "BAD_REQUEST")
+            assert_error(*await call(c, "DELETE", "/v1/users/bob", key=None), 401, "unauthorized")
+
+
+async def test_cli_purges_through_the_http_api(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["alice", "bob"])
+            await im.post("team", b"x", sender="bob", device="web")
+            base = ["--http", h.url, "--api-key", KEY]
+            run = trio.to_thread.run_sync
+            assert await run(main, ["retention", "team", "--max-count", "5", *base]) == 0
+            assert (await im.retention("team")).max_count == 5
+            assert await run(main, ["purge", "user", "bob", *base]) == 0
+            assert await run(main, ["purge", "conversation", "team", *base]) == 0
+            with pytest.raises(RequestRefused):
+                await im.history("team", "alice")
+            assert await run(main, ["purge", "conversation", "nope", "--http", h.url, "--api-key", "wrong"]) == 2
+
+
+def test_cli_on_a_stopped_brokers_data_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "data"
+    with LmdbStore(data / "store") as store:
+        store.create_group("team", ["alice", "bob"], 1)
+    assert main(["retention", "team", "--max-count", "2", "--data-dir", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"conv": "team", "max_age": None, "max_count": 2, "floor": 0}
+    assert main(["retention", "team", "--data-dir", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out)["max_count"] == 2
+    assert main(["purge", "user", "bob", "--data-dir", str(data)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"user": "bob", "messages": 0, "entries": 1, "devices": 0, "left": ["team"]}
+    assert main(["purge", "conversation", "team", "--data-dir", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"conv": "team", "messages": 1, "entries": 1}  # alice's LEFT entry
+    with LmdbStore(data / "store", owner=False) as store:
+        assert not store.conversation_exists("team") and store.conversations("bob") == []
+    assert main(["purge", "user", "b b", "--data-dir", str(data)]) == 2
+    assert main(["retention", "team", "--max-count", "-1", "--data-dir", str(data)]) == 2
+    assert "must be >= 0" in capsys.readouterr().err
+
+
+def test_the_asyncio_and_threaded_handles_delegate(tmp_path: Path) -> None:
+    import asyncio
+
+    from pimcore.asyncio import open_pimcore as open_asyncio
+    from pimcore.threaded import open_pimcore_thread
+
+    im = open_pimcore_thread(data_dir=tmp_path / "t", secret=SECRET.decode())
+    try:
+        im.create_group("team", ["alice"])
+        assert im.set_retention("team", max_count=4) == Retention("team", None, 4, 0)
+        assert im.retention("team").max_count == 4
+        assert im.purge_conversation("team").messages == 0
+        assert im.purge_user("alice") == Purged(0, 0, 0)
+    finally:
+        im.close()
+
+    async def main_() -> None:
+        async with open_asyncio(data_dir=tmp_path / "a", secret=SECRET.decode()) as h:
+            await h.create_group("team", ["alice"])
+            assert (await h.set_retention("team", max_age=10)).max_age == 10
+            assert (await h.retention("team")).max_age == 10
+            assert (await h.purge_conversation("team")).entries == 0
+            assert (await h.purge_user("alice")).devices == 0
+
+    asyncio.run(main_())
