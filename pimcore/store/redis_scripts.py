@@ -768,6 +768,20 @@ class ClusterOps:
 
     # -- sends ----------------------------------------------------------------
 
+    async def _taken_code(self, op: NewMessage) -> ErrorCode:
+        """The error of a send whose msg id is stored already: what the
+        conversation checks say first, else INTERNAL."""
+        from .redis import _Tx
+
+        if not valid_conversation(op.conv):
+            return ErrorCode.BAD_REQUEST
+        members = await self.s._group_members(_Tx(self.s), op.conv)
+        if members is None:
+            return ErrorCode.UNKNOWN_CONVERSATION
+        if op.sender not in members and op.sender != SYSTEM:
+            return ErrorCode.NOT_MEMBER
+        return ErrorCode.INTERNAL
+
     async def _sends(self, ops: Sequence[Any], idx: list[int], results: list[Optional[Result]]) -> None:
         from .redis import _enc_msg
 
@@ -793,7 +807,10 @@ class ClusterOps:
             op = ops[i]
             key = (op.sender, op.device, op.local_id)
             if prior is None and (used or op.msg_id in batch_ids) and key not in claimed:
-                results[i] = Rejected(ErrorCode.INTERNAL)
+                # A broken clock; the conversation checks come first (as in
+                # the memory store): only a send that would be stored fails
+                # with INTERNAL.
+                results[i] = Rejected(await self._taken_code(op))
                 undo.hdel(s._k_user(op.sender), f"d:{op.device}/{op.local_id}")
                 continue
             if key in claimed:  # the same local id twice in one batch: the first decides
