@@ -68,11 +68,14 @@ but the last request's writes.  Outcome of a failed request: unknown (the
 client retries with the same local id; the dedupe record decides).
 
 Several writers.  The path above is right for ONE writer only (values are
-computed from reads).  Every op the core makes runs instead as server-side
-scripts, one slot each (:mod:`pimcore.store.redis_scripts`: claims, seqs,
-idempotent fan-out, outbox sweep, cross-node hints, the namespace's epoch),
-so any number of ``pimcore serve`` nodes may share a namespace; an op not
-ported there yet takes this generic path (and is then single-writer).
+computed from reads).  The ops of :data:`redis_scripts.SCRIPTED` run
+instead as server-side scripts, one slot each (:mod:`pimcore.store.redis_scripts`:
+claims, seqs, idempotent fan-out, outbox sweep, cross-node hints, the
+namespace's epoch), so any number of ``pimcore serve`` nodes may share a
+namespace for them; the others (AmendMessage, SetConversation,
+SetPresencePrivacy, SetRetention, Expire, PurgeConversation, PurgeUser:
+docs/OPERATIONS.md says what breaks) take this generic path and are
+single-writer.  A batch mixing both runs its runs of each in request order.
 Reads running beside a write may see part of it (a message before its inbox
 entries, never an entry before its message).
 """
