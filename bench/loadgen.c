@@ -6,7 +6,7 @@
  *
  *   loadgen PROTO HOST PORT PLAN WINDOW SIZE WARMUP_S DURATION_S DRAIN_S DEL_PER_ACK ACK_OUT DEL_OUT
  *
- * PROTO  "pim" (docs/PROTOCOL.md, version 2, no compression) or "resp"
+ * PROTO  "pim" (docs/PROTOCOL.md, version 3, no compression) or "resp"
  *        (Redis: XADD KEY MAXLEN ~ 100000 * d PAYLOAD, one reply per command).
  * PLAN   one connection per line: "SENDS RECEIVES QUOTA TARGET TOKEN"
  *        SENDS/RECEIVES 0|1; QUOTA messages to send (0: until the clock
@@ -109,7 +109,7 @@ static int varint_len(uint64_t v) {
     return n;
 }
 
-/* A frame: length, head (version 2, no flags), type, then the body that
+/* A frame: length, head (version 3, no flags), type, then the body that
  * fill() appends; the length is patched in afterwards (5-byte slot would not
  * be minimal, so the body is built first in a scratch buffer). */
 static buf_t scratch;
@@ -120,7 +120,7 @@ static void frame_end(buf_t *out, unsigned type) {
     uint64_t n = scratch.len + 2;
     buf_reserve(out, varint_len(n) + n);
     put_u(out, n);
-    out->p[out->len++] = 0x20;
+    out->p[out->len++] = 0x30;
     out->p[out->len++] = (unsigned char)type;
     put_raw(out, scratch.p, scratch.len);
 }
@@ -249,7 +249,8 @@ static void queue_sends(conn_t *c) {
             put_raw(&c->out, filler, size - 8);
             put_raw(&c->out, "\r\n", 2);
         } else {
-            /* SendReq: local_id u, conv t, client_time s, payload b, after_seq u */
+            /* SendReq: local_id u, conv t, client_time s, payload b, after_seq u,
+             * mentions [Mention] (none), mention_all ? (false) */
             frame_begin();
             put_u(&scratch, lid);
             put_bytes(&scratch, c->target, c->target_len);
@@ -258,6 +259,8 @@ static void queue_sends(conn_t *c) {
             put_u(&scratch, size);
             put_raw(&scratch, ts, 8);
             put_raw(&scratch, filler, size - 8);
+            put_u(&scratch, 0);
+            put_u(&scratch, 0);
             put_u(&scratch, 0);
             frame_end(&c->out, 0x05);
         }
@@ -330,7 +333,8 @@ static int on_frame(conn_t *c, unsigned type, const unsigned char *p, const unsi
         int64_t now = now_ns();
         for (uint64_t i = 0; i < count; i++) {
             /* position u, msg_id b, conv t, seq u, sender t, device t,
-             * client_time s, server_time u, payload b, kind u, local_id u, after_seq u */
+             * client_time s, server_time u, payload b, kind u, local_id u, after_seq u,
+             * target u, edited u, recalled ?, deleted ?, mentions [Mention(user t)], mention_all ? */
             if (!get_u(&p, end, &v) || !get_b(&p, end, &s, &n) || !get_b(&p, end, &s, &n) || !get_u(&p, end, &v) ||
                 !get_b(&p, end, &s, &n) || !get_b(&p, end, &s, &n) || !get_u(&p, end, &v) || !get_u(&p, end, &v) ||
                 !get_b(&p, end, &s, &n))
@@ -338,6 +342,12 @@ static int on_frame(conn_t *c, unsigned type, const unsigned char *p, const unsi
             const unsigned char *payload = s;
             uint64_t plen = n;
             if (!get_u(&p, end, &v) || !get_u(&p, end, &v) || !get_u(&p, end, &v)) return 0;
+            if (!get_u(&p, end, &v) || !get_u(&p, end, &v) || !get_u(&p, end, &v) || !get_u(&p, end, &v)) return 0;
+            uint64_t nmentions;
+            if (!get_u(&p, end, &nmentions)) return 0;
+            for (uint64_t k = 0; k < nmentions; k++)
+                if (!get_b(&p, end, &s, &n)) return 0;
+            if (!get_u(&p, end, &v)) return 0;
             if (plen < 8) continue;
             int64_t sent_at = 0;
             for (int k = 0; k < 8; k++) sent_at = (sent_at << 8) | payload[k];
@@ -381,7 +391,7 @@ static void parse_pim(conn_t *c) {
             buf_reserve(b, n - (end - q));
             return;
         }
-        if (n < 2 || q[0] != 0x20) die("%s", "unexpected frame head from the broker (compression is not offered)");
+        if (n < 2 || q[0] != 0x30) die("%s", "unexpected frame head from the broker (compression is not offered)");
         if (!on_frame(c, q[1], q + 2, q + n)) die("%s", "malformed frame from the broker");
         b->off = (q + n) - b->p;
     }

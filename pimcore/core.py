@@ -2201,6 +2201,12 @@ class Broker:
                         heads[user] = pos
                     if user in online:
                         to_pump.add(user)
+                        if op.kind == F.MessageKind.EDIT:
+                            # Not from the op: a recipient who deleted the
+                            # target for themselves must not get the new
+                            # payload, and only the store knows who did --
+                            # the pump reads the entry from the inbox.
+                            continue
                         m = F.Message(
                             pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time,
                             res.server_time, op.payload, int(op.kind), op.local_id, res.after_seq, op.target,

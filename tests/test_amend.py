@@ -338,3 +338,25 @@ async def test_http_api_recalls_edits_and_deletes(tmp_path):
             first = page["messages"][0]
             assert (first["recalled"], first["payload_b64"]) == (True, "")
             assert [(x["kind"], x["target"]) for x in page["messages"][1:]] == [(EDIT, 1), (RECALL, 1)]
+
+
+async def test_an_edit_after_delete_for_me_reveals_nothing_to_that_user(store):
+    # Found by a tester: the EDIT entry pushed live carried the new payload
+    # to a user who had deleted the message for themselves.
+    with trio.fail_after(30):
+        async with serving(store) as srv:
+            url = srv.url()
+            async with client(url, "alice") as a, client(url, "bob") as phone, client(url, "bob", "laptop") as laptop:
+                m1 = await a.send(AB, b"secret-v1")
+                for dev in (phone, laptop):
+                    await next_event(dev, MessageReceived)
+                await phone.delete_for_me(AB, m1.seq)
+                await next_event(laptop, MessageAmended)
+                await a.edit(AB, m1.seq, b"secret-v2")
+                for dev in (phone, laptop):
+                    ev = await next_event(dev, MessageAmended)
+                    assert (ev.entry.kind, ev.entry.target, ev.entry.payload) == (EDIT, 1, b"")
+                    assert b"secret" not in (ev.message.payload if ev.message is not None else b"")
+                    assert [m.payload for m in dev.view(AB)] == [b""]
+                history = await laptop.fetch_history(AB)
+                assert all(b"secret" not in m.payload for m in history)

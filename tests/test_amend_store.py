@@ -192,3 +192,24 @@ def test_malformed_amend_is_bad_request(store: Store, mk: Maker, changes: dict) 
     op = dataclasses.replace(amend(mk, AB, "alice", 1, RECALL), **changes)
     assert mk.commit(store, op) == (Rejected(ErrorCode.BAD_REQUEST),)
     assert store.last_seq(AB) == 1
+
+
+def test_an_edit_never_brings_back_a_message_deleted_for_oneself(store: Store, mk: Maker) -> None:
+    # Found by a tester: bob deleted alice's message for himself, alice then
+    # edited it, and bob got the new text through the EDIT entry.  Nothing of
+    # a message a user deleted for themselves comes back to that user --
+    # not in history, not in the inbox (catch-up), not through later edits.
+    store.create_group(GROUP, ["alice", "bob", "carol"], 1)
+    mk.commit(store, mk(GROUP, "alice", payload=b"secret-v1"))
+    mk.commit(store, amend(mk, GROUP, "bob", 1, DELETE))
+    (res,) = mk.commit(store, amend(mk, GROUP, "alice", 1, EDIT, b"secret-v2"))
+    assert isinstance(res, Appended) and res.seq == 2
+    bob = history(store, "bob", GROUP)
+    assert (bob[1].deleted, bob[1].payload) == (True, b"")
+    assert (bob[2].kind, bob[2].payload) == (EDIT, b"")
+    carol = history(store, "carol", GROUP)
+    assert carol[1].payload == carol[2].payload == b"secret-v2"
+    inbox = [m for _, m in store.inbox_range("bob", 0, 10)]
+    assert [(m.seq, m.kind, m.payload) for m in inbox if m.seq] == [(1, 0, b""), (2, EDIT, b"")]
+    assert [m.deleted for m in inbox if m.seq == 1] == [True]
+    assert [m.payload for _, m in store.inbox_range("carol", 0, 10)] == [b"secret-v2", b"secret-v2"]

@@ -190,3 +190,19 @@ def test_direct_conversation_settings_before_the_first_message(store: Store, mk:
     [e] = page(store, "alice").entries
     assert e.conv == ac and e.muted
 
+
+
+def test_a_recalled_message_no_longer_counts_as_a_mention(store: Store, mk: Maker) -> None:
+    # A recall leaves a tombstone: it is neither unread nor a mention (issue 14:
+    # "unread counts and the conversation list ignore recalled messages").
+    from test_amend_store import RECALL, amend
+
+    store.create_group("g1", ["alice", "bob", "carol"], now=1)
+    mk.commit(store, mention(mk("g1", "alice"), ("bob",)), mention(mk("g1", "alice"), (), everyone=True))
+    assert entry(store, "bob", "g1").mention_count == 2
+    mk.commit(store, amend(mk, "g1", "alice", 1, RECALL))
+    bob = entry(store, "bob", "g1")
+    assert (bob.mention_count, bob.unread) == (1, 1)
+    assert entry(store, "carol", "g1").mention_count == 1
+    mk.commit(store, amend(mk, "g1", "alice", 2, RECALL))
+    assert (entry(store, "bob", "g1").mention_count, entry(store, "carol", "g1").mention_count) == (0, 0)

@@ -208,3 +208,40 @@ def test_reclaim_walks_over_holes_whatever_max_age(store: Store, mk: Maker) -> N
     # A max_age reaching back before every entry: the hole at 1 still goes.
     assert mk.commit(store, Reclaim(mk.time, DAY, mk.time + DAY)) == (Reclaimed(0, 0),)
     assert store.inbox_floor("bob") == 1
+
+
+def test_purge_user_leaves_recalled_tombstones_and_no_settings(store: Store, mk: Maker) -> None:
+    # "All data of a user": a purged user's messages become tombstones like a
+    # recall's (recalled, no payload, not unread, no mention), and the user's
+    # own settings -- pinned / muted / hidden, hidden last-seen, deletions for
+    # themselves -- are gone too, so a user id used again starts clean.
+    import dataclasses
+
+    from pimcore.store import AmendMessage, ReadConversations, SetConversation, SetPresencePrivacy
+
+    store.create_group("team", ["alice", "bob", "carol"], 1)
+    ping = dataclasses.replace(mk("team", "bob", payload=b"hi @carol"), mentions=("carol",))
+    mk.commit(store, ping, mk("team", "alice", payload=b"a1"))
+    base = mk("team", "bob")
+    mk.commit(
+        store,
+        SetConversation("bob", "team", pinned=1, muted=1),
+        SetPresencePrivacy("bob", True),
+        AmendMessage(base.msg_id, "team", "bob", "phone", base.local_id, 0, base.server_time, MessageKind.DELETE, 2,
+                     b"", b"d" * 16),
+    )
+    assert store.unread("carol", "team") == 2
+    mk.commit(store, PurgeUser("bob", mk.time + 10))
+    first = store.history("team", 0, 10)[0]
+    assert (first.payload, first.recalled) == (b"", True)
+    assert store.unread("carol", "team") == 1  # only alice's message is left to read
+    [page] = store.read([ReadConversations("carol", conv="team")])
+    assert page.entries[0].mention_count == 0
+    assert not store.hides_last_seen("bob")
+    # bob is added again: none of the old settings come back.
+    store.add_members("team", ["bob"], mk.time + 20)
+    [page] = store.read([ReadConversations("bob", conv="team")])
+    e = page.entries[0]
+    assert (e.pinned, e.muted) == (False, False)
+    [hist] = store.read([ReadHistory("team", "bob", 0, 10)])
+    assert not any(m.deleted for m in hist.messages)

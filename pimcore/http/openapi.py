@@ -34,7 +34,8 @@ _MEMBERS = _obj(("conv", "members"), conv=_STR, members=_STRINGS)
 _CONV_ENTRY = _obj(
     conv=_STR, last={"oneOf": [{"type": "null"}, _obj(
         msg_id=_STR, conv=_STR, seq=_INT, sender=_STR, device=_STR, kind=_INT, local_id=_INT, server_time=_INT,
-        payload_b64=_STR, mentions=_STRINGS, mention_all={"type": "boolean"})]},
+        payload_b64=_STR, target=_INT, edited=_INT, recalled={"type": "boolean"}, deleted={"type": "boolean"},
+        mentions=_STRINGS, mention_all={"type": "boolean"})]},
     read_seq=_INT, last_seq=_INT, unread=_INT, mention_count=_INT, pinned={"type": "boolean"},
     muted={"type": "boolean"}, hidden={"type": "boolean"},
 )

@@ -135,9 +135,16 @@ __all__ = [
     "StoredMessage",
     "NewMessage",
     "AmendMessage",
+    "SetConversation",
+    "ReadConversations",
+    "ConversationEntry",
+    "ConversationsPage",
+    "ConversationSet",
+    "conversation_cursor",
     "amend_problem",
     "amended",
     "amend_entry",
+    "purged_tombstone",
     "AckPosition",
     "TouchDevice",
     "MarkRead",
@@ -659,6 +666,14 @@ def amended(target: StoredMessage, op: AmendMessage) -> StoredMessage:
     if op.kind == MessageKind.RECALL:
         return replace(target, payload=b"", recalled=True)
     return replace(target, payload=op.payload, edited=op.server_time)
+
+
+def purged_tombstone(m: StoredMessage) -> StoredMessage:
+    """What :class:`PurgeUser` leaves of a message the user sent: no payload
+    and, for a message (kind MESSAGE), ``recalled`` -- the same tombstone a
+    recall leaves, so clients show it alike and it counts as neither unread
+    nor a mention."""
+    return replace(m, payload=b"", recalled=m.recalled or m.kind == MessageKind.MESSAGE)
 
 
 def amend_entry(op: AmendMessage, seq: int) -> StoredMessage:
@@ -1249,8 +1264,11 @@ def mentioned_recipients(m: StoredMessage, recipients: Iterable[str]) -> list[st
 
 
 def mentions_user(m: StoredMessage, user: str) -> bool:
-    """Does ``m`` (an entry the user was a member at) count as a mention of ``user``?"""
-    return m.kind == MessageKind.MESSAGE and m.sender != user and (m.mention_all or user in m.mentions)
+    """Does ``m`` (an entry the user was a member at) count as a mention of
+    ``user``?  Never once recalled: a tombstone mentions nobody."""
+    return (
+        m.kind == MessageKind.MESSAGE and not m.recalled and m.sender != user and (m.mention_all or user in m.mentions)
+    )
 
 
 # -- the conversation list: order and cursor (every backend shares these)

@@ -194,6 +194,7 @@ from .base import (
     conversation_entry,
     conversation_page,
     mentioned_recipients,
+    purged_tombstone,
     new_settings,
     AckEvents,
     AppendEvent,
@@ -1089,15 +1090,25 @@ class LmdbStore(Store):
             return None
         return raw[_I64.size] if len(raw) > _I64.size else 0
 
-    def _load(self, txn: _Txn, msg_id: bytes) -> StoredMessage:
+    def _load(self, txn: _Txn, msg_id: bytes, user: str = "") -> StoredMessage:
+        """The stored entry as reads return it; for ``user`` (history,
+        inbox): a message they deleted for themselves with ``deleted`` set and
+        no payload, and an EDIT of it with none either."""
         raw = txn.get(msg_id, db=self._msgs)
         if raw is None:
             raise StoreError(f"dangling message id {msg_id.hex()} (store corrupt)")
         m = _decode_record(msg_id, raw)
-        if m.kind == MessageKind.EDIT:
+        kind = m.kind
+        if kind == MessageKind.EDIT:
             # An EDIT entry holds no payload: it reads its target's, as it is now.
-            target = self._at(txn, _t(m.conv), m.target)
+            ck = _t(m.conv)
+            if user and txn.get(_t(user) + ck + _U64.pack(m.target), db=self._deleted) is not None:
+                return replace(m, payload=b"")
+            target = self._at(txn, ck, m.target)
             m = replace(m, payload=target.payload if target is not None else b"")
+        elif user and kind == MessageKind.MESSAGE and m.seq:
+            if txn.get(_t(user) + _t(m.conv) + _U64.pack(m.seq), db=self._deleted) is not None:
+                m = replace(m, payload=b"", deleted=True)
         return m
 
     def _at(self, txn: _Txn, ck: bytes, seq: int) -> Optional[StoredMessage]:
@@ -1344,9 +1355,13 @@ class LmdbStore(Store):
         mentions = 0
         prefix = uk + ck
         for key, _ in self._scan(txn, self._mentionidx, prefix, prefix + _U64.pack(marker + 1)):
-            if _U64.unpack_from(key, len(prefix))[0] > last_seq:
+            seq = _U64.unpack_from(key, len(prefix))[0]
+            if seq > last_seq:
                 break
-            mentions += 1
+            # Not once recalled (the convidx value's kind byte says RECALL) or
+            # removed by retention (no convidx entry).
+            ref = txn.get(ck + _U64.pack(seq), db=self._convidx)
+            mentions += ref is not None and not (len(ref) > 16 and ref[16] == MessageKind.RECALL)
         unread = self._count_unread(txn, user, ck, marker)
         return conversation_entry(conv, last, marker, unread, mentions, self._settings_in(txn, uk + ck))
 
@@ -1700,7 +1715,7 @@ class LmdbStore(Store):
         uk = _t(user)
         out: list[tuple[int, StoredMessage]] = []
         for key, entry in self._scan(txn, self._inbox, uk, uk + _U64.pack(max(after, 0) + 1)):
-            out.append((_U64.unpack_from(key, len(uk))[0], self._load(txn, entry[:16])))
+            out.append((_U64.unpack_from(key, len(uk))[0], self._load(txn, entry[:16], user)))
             if len(out) >= limit:
                 break
         return out
@@ -1852,10 +1867,7 @@ class LmdbStore(Store):
             ref = txn.get(ck + _U64.pack(seq), db=self._convidx)
             if ref is None:
                 raise StoreError(f"{op.conv!r} has no seq {seq} (store corrupt)")
-            m = self._load(txn, ref[:16])
-            if m.kind == MessageKind.MESSAGE and txn.get(_t(op.user) + ck + _U64.pack(seq), db=self._deleted) is not None:
-                m = replace(m, payload=b"", deleted=True)
-            page.append(m)
+            page.append(self._load(txn, ref[:16], op.user))
         return HistoryPage(ErrorCode.OK, tuple(page))
 
     def _read_readers_in(self, txn: _Txn, op: ReadReaders) -> ReadersPage:
@@ -2098,9 +2110,15 @@ class LmdbStore(Store):
             msg_id = value[:16]
             raw = txn.get(msg_id, db=self._msgs)
             if raw is not None:
-                m = dataclasses.replace(_decode_record(msg_id, raw), payload=b"")
-                txn.put(msg_id, _encode_entry(m), db=self._msgs)
-                tombstones += 1
+                m = _decode_record(msg_id, raw)
+                if m.seq:  # seq 0: a DELETE entry (no payload of its own)
+                    m = purged_tombstone(m)
+                    txn.put(msg_id, _encode_entry(m), db=self._msgs)
+                    if m.kind == MessageKind.MESSAGE:
+                        # As a recall: unread counts and mention counts skip it.
+                        txn.put(_t(m.conv) + _U64.pack(m.seq),
+                                msg_id + bytes((int(MessageKind.RECALL),)) + m.sender.encode("ascii"), db=self._convidx)
+                    tombstones += 1
             txn.delete(key, db=self._dedupe)
         doomed = [key for key, _ in self._scan(txn, self._inbox, uk)]
         for key in doomed:
@@ -2116,6 +2134,11 @@ class LmdbStore(Store):
         for key in [key for key, _ in self._scan(txn, self._userconvs, uk)]:
             txn.delete(key[len(uk) :] + uk, db=self._spans)
             txn.delete(key, db=self._userconvs)
+        # The user's own settings, mention index, deletions for themselves, privacy.
+        for db in (self._convset, self._mentionidx, self._deleted):
+            for key in [key for key, _ in self._scan(txn, db, uk)]:
+                txn.delete(key, db=db)
+        txn.delete(b"pv:" + uk, db=self._meta)
         rk = uk + _t("")
         raw = txn.get(rk, db=self._revoked)
         if raw is None or _I64.unpack(raw)[0] < op.now:

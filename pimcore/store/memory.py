@@ -35,6 +35,7 @@ from .base import (
     conversation_page,
     mentioned_recipients,
     mentions_user,
+    purged_tombstone,
     new_settings,
     EventAppended,
     EventsAcked,
@@ -402,10 +403,16 @@ class MemoryStore(Store):
 
     def _current(self, m: StoredMessage, user: str = "") -> StoredMessage:
         """``m`` as a read returns it: an EDIT entry with its target's payload
-        now; for ``user`` (history), a message they deleted for themselves
-        with ``deleted`` set and no payload."""
+        now; for ``user`` (history, inbox), a message they deleted for
+        themselves with ``deleted`` set and no payload, and an EDIT of it
+        with none."""
         if m.kind == MessageKind.EDIT:
-            return replace(m, payload=self._msgs[self._conv_seq[(m.conv, m.target)]].payload)
+            # Nothing of a message the user deleted for themselves comes back
+            # through a later edit; a target removed by retention has none.
+            target = self._conv_seq.get((m.conv, m.target))
+            if target is None or (user and (user, m.conv, m.target) in self._deleted):
+                return replace(m, payload=b"")
+            return replace(m, payload=self._msgs[target].payload)
         if user and m.kind == MessageKind.MESSAGE and (user, m.conv, m.seq) in self._deleted:
             return replace(m, payload=b"", deleted=True)
         return m
@@ -698,8 +705,8 @@ class MemoryStore(Store):
             if key[0] != user:
                 continue
             m = self._msgs.get(msg_id)
-            if m is not None:
-                self._set(self._msgs, msg_id, dataclasses.replace(m, payload=b""))
+            if m is not None and m.seq:  # seq 0: a DELETE entry (no payload of its own)
+                self._set(self._msgs, msg_id, purged_tombstone(m))
                 tombstones += 1
             self._del(self._dedupe, key)
         inbox = self._inbox.get(user, {})
@@ -717,6 +724,13 @@ class MemoryStore(Store):
             self._del(self._spans, skey)
         if user in self._userconv:
             self._del(self._userconv, user)
+        # The user's own settings, deletions for themselves and privacy.
+        for ckey in [k for k in self._convset if k[0] == user]:
+            self._del(self._convset, ckey)
+        for dkey in [k for k in self._deleted if k[0] == user]:
+            self._del(self._deleted, dkey)
+        if user in self._privacy:
+            self._del(self._privacy, user)
         if self._revoked.get((user, ""), 0) < op.now:
             self._set(self._revoked, (user, ""), op.now)
         return Purged(tombstones, entries, devices, tuple(changes))
@@ -790,7 +804,7 @@ class MemoryStore(Store):
             while pos <= head and len(out) < limit:
                 entry = inbox.get(pos)
                 if entry is not None:
-                    out.append((pos, self._current(self._msgs[entry[0]])))
+                    out.append((pos, self._current(self._msgs[entry[0]], user)))
                 pos += 1
             return out
 
@@ -885,7 +899,8 @@ class MemoryStore(Store):
         mentions = 0
         for lo, hi in member_ranges(spans):
             for s in range(max(lo, marker + 1), min(hi, last_seq) + 1):
-                mentions += mentions_user(self._msgs[self._conv_seq[(conv, s)]], user)
+                msg_id = self._conv_seq.get((conv, s))  # None: removed by retention
+                mentions += msg_id is not None and mentions_user(self._msgs[msg_id], user)
         settings = self._convset.get((user, conv), (False, False, 0))
         return conversation_entry(conv, last, marker, self._unread(user, conv), mentions, settings)
 

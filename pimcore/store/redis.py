@@ -102,6 +102,7 @@ from .base import (
     conversation_page,
     mentioned_recipients,
     mentions_user,
+    purged_tombstone,
     new_settings,
     OPEN,
     SYSTEM,
@@ -971,7 +972,12 @@ class RedisStore(AsyncStore):
         out = []
         for m in msgs:
             if m.kind == MessageKind.EDIT:
-                m = replace(m, payload=(await self._msg_at(tx, m.conv, m.target)).payload)
+                # Nothing of a message the user deleted for themselves comes
+                # back through a later edit.
+                if user and await tx.get(self._k_user(user), f"del:{m.conv}/{m.target}"):
+                    m = replace(m, payload=b"")
+                else:
+                    m = replace(m, payload=(await self._msg_at(tx, m.conv, m.target)).payload)
             elif user and m.kind == MessageKind.MESSAGE and await tx.get(self._k_user(user), f"del:{m.conv}/{m.seq}"):
                 m = replace(m, payload=b"", deleted=True)
             out.append(m)
@@ -1290,9 +1296,10 @@ class RedisStore(AsyncStore):
                 ref = await tx.get(self._k_msg(msg_id), "r")
                 if ref is not None:
                     seq, _, conv = ref.decode().partition(":")
-                    m = await self._msg_at(tx, conv, int(seq))
-                    tx.put(self._k_conv(conv), f"s:{m.seq}", _enc_msg(dataclasses.replace(m, payload=b"")))
-                    tombstones += 1
+                    if int(seq):  # 0: a DELETE entry (no seq, no payload of its own)
+                        m = await self._msg_at(tx, conv, int(seq))
+                        tx.put(self._k_conv(conv), f"s:{m.seq}", _enc_msg(purged_tombstone(m)))
+                        tombstones += 1
                 tx.delete(uk, f)
             elif f.startswith("i:"):
                 tx.delete(uk, f)
@@ -1306,6 +1313,8 @@ class RedisStore(AsyncStore):
                 tx.delete(uk, f)
                 if direct_members(f[3:]) is None:
                     tx.delete(self._k_conv(f[3:]), "sp:" + user)
+            elif f.startswith(("cs:", "del:")) or f == "pv":
+                tx.delete(uk, f)  # the user's settings, deletions for themselves, privacy
         head = _int(fields.get("head"))
         if _int(fields.get("floor")) != head:
             tx.put(uk, "floor", head)
@@ -1377,7 +1386,7 @@ class RedisStore(AsyncStore):
                         continue  # purged with its conversation
                     out.append((pos, _dec_msg(v)))
                     continue
-                out.append((pos, (await self._current(tx, [await self._msg_at(tx, conv, int(seq))]))[0]))
+                out.append((pos, (await self._current(tx, [await self._msg_at(tx, conv, int(seq))], user))[0]))
             start = end + 1
         return out
 
