@@ -1233,7 +1233,9 @@ class RedisStore(AsyncStore):
             for f, v in (await tx.getall(uk)).items():
                 if f.startswith("i:"):
                     seq, _, c = v.decode().split(":", 2)
-                    if (int(seq), c) in gone:
+                    # "x<msg_id>": a DELETE entry (no seq) is never trimmed
+                    # with the conversation's entries, as in the memory store.
+                    if not seq.startswith("x") and (int(seq), c) in gone:
                         tx.delete(uk, f)
                         entries += 1
         return upto - floor, entries

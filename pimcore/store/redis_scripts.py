@@ -783,6 +783,25 @@ class ClusterOps:
         return ErrorCode.INTERNAL
 
     async def _sends(self, ops: Sequence[Any], idx: list[int], results: list[Optional[Result]]) -> None:
+        """Store the sends ``ops[i] for i in idx``, in order.  Two sends of
+        one batch with the same local id (a retry) or the same msg id (a
+        clock that went back) go in separate runs: what the second gets
+        depends on whether the first is stored, which only its run decides
+        (the memory store stores one after the other)."""
+        run: list[int] = []
+        seen: set[object] = set()
+        for i in idx:
+            op = ops[i]
+            key = (op.sender, op.device, op.local_id)
+            if key in seen or op.msg_id in seen:
+                await self._send_run(ops, run, results)
+                run, seen = [], set()
+            seen.update((key, op.msg_id))
+            run.append(i)
+        if run:
+            await self._send_run(ops, run, results)
+
+    async def _send_run(self, ops: Sequence[Any], idx: list[int], results: list[Optional[Result]]) -> None:
         from .redis import _enc_msg
 
         s = self.s
@@ -812,11 +831,6 @@ class ClusterOps:
                 # with INTERNAL.
                 results[i] = Rejected(await self._taken_code(op))
                 undo.hdel(s._k_user(op.sender), f"d:{op.device}/{op.local_id}")
-                continue
-            if key in claimed:  # the same local id twice in one batch: the first decides
-                first, digest = claimed[key]
-                results[i] = (("same", first) if digest == op.digest  # type: ignore[assignment]
-                              else Rejected(ErrorCode.DUPLICATE_CONFLICT))
                 continue
             if prior is None:
                 batch_ids.add(op.msg_id)
@@ -882,12 +896,6 @@ class ClusterOps:
                 m = r[1]
                 results[i] = Appended(m.msg_id, m.seq, m.server_time, positions.get((m.conv, m.seq), ()),
                                       m.after_seq)
-        for i in idx:
-            r = results[i]
-            if isinstance(r, tuple) and r[0] == "same":
-                first = results[r[1]]
-                results[i] = (Duplicate(first.msg_id, first.seq, first.server_time)  # type: ignore[union-attr]
-                              if isinstance(first, Appended) else first)
 
     _st_written = 0
 
