@@ -476,7 +476,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args.offline = not online
     try:
         cfg = BenchConfig(
-            url=args.url,
+            url=",".join(args.url) if args.url else None,
             secret=args.secret or os.environ.get("PIMCORE_SECRET") or None,
             data_dir=args.data_dir,
             conns=args.conns,
@@ -636,7 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="load generator: throughput and latency of a broker",
                        description="Measure acked sends/s and send->ack / send->delivery latency against a broker"
                                    " it starts (own process, own CPU) or one given by --url.")
-    p.add_argument("--url", help="an existing broker (tcp://); default: start one")
+    p.add_argument("--url", action="append",
+                   help="an existing broker (tcp://); default: start one.  Several --url (or URL,URL): nodes"
+                        " sharing one store, connections spread over them round-robin")
     p.add_argument("--secret", help="the existing broker's token secret (default $PIMCORE_SECRET)")
     p.add_argument("--data-dir", help="the existing broker's data dir (group mode creates the group there)")
     p.add_argument("-c", "--conns", type=int, default=50, help="sending connections (default 50)")

@@ -1539,6 +1539,30 @@ class Broker:
         self._maybe_commit(out, now)
         return out
 
+    def inbox_advanced(self, user: str, head: int, now: int) -> list[Command]:
+        """Cluster hint: another node (sharing this store) appended to
+        ``user``'s inbox up to position ``head``.  The devices of ``user``
+        online here are pushed what they lack (read from the store).  A hint
+        is only a wake-up: stale, repeated or lost hints are harmless
+        (positions decide what is delivered)."""
+        out: list[Command] = []
+        if user in self._heads and head > self._heads[user]:
+            self._heads[user] = head
+            for dev in list(self._online.get(user, {}).values()):
+                self._pump(dev, out, now)
+        return out
+
+    def replaced_elsewhere(self, user: str, device: str, now: int) -> list[Command]:
+        """Cluster hint: ``user``'s ``device`` logged in on another node; its
+        session here (if any) ends with ``Close(REPLACED)``, as a newer login
+        on this node would end it."""
+        out: list[Command] = []
+        for c in list(self._conns.values()):
+            if c.state is _ConnState.ACTIVE and c.user == user and c.device == device:
+                self._close(c, CloseCode.REPLACED, "the same device logged in again (on another node)", out)
+        self._maybe_commit(out, now)
+        return out
+
     def set_retention(self, conv: str, max_age: int, max_count: int, now: int, *, ref: int = 0) -> list[Command]:
         """Control plane: the history retention of ``conv`` (:class:`SetRetention`:
         ``max_age`` µs, ``max_count`` entries; per field -1 = the broker

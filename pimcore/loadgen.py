@@ -83,7 +83,7 @@ class BenchError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
-    url: Optional[str] = None  # None: start a broker process of our own
+    url: Optional[str] = None  # None: start a broker process of our own; "URL,URL": several nodes
     secret: Optional[str] = None  # the broker's token secret (required with url)
     data_dir: Optional[str] = None  # with url: the broker's data dir (group creation)
     conns: int = 50  # sending connections
@@ -409,10 +409,16 @@ class _Worker:
         from .net.streams import parse_url
 
         self.cfg = cfg
-        ep = parse_url(url)
-        if ep.scheme != "tcp":
-            raise BenchError("the load generator speaks raw frames over tcp:// only")
-        self.host, self.port = ep.host, ep.port
+        # Several brokers (nodes sharing one store): "URL,URL,...";
+        # connections are spread over them round-robin, in login order.
+        self.addrs = []
+        for one in url.split(","):
+            ep = parse_url(one.strip())
+            if ep.scheme != "tcp":
+                raise BenchError("the load generator speaks raw frames over tcp:// only")
+            self.addrs.append((ep.host, ep.port))
+        self.host, self.port = self.addrs[0]
+        self._logins = 0
         self.secret = secret
         self.roles = roles
         self.idle = idle
@@ -428,7 +434,9 @@ class _Worker:
         from .auth import issue_token
 
         token = issue_token(self.secret, role.user, ttl=24 * 3600).encode()
-        stream = await trio.open_tcp_stream(self.host, self.port)
+        host, port = self.addrs[self._logins % len(self.addrs)]
+        self._logins += 1
+        stream = await trio.open_tcp_stream(host, port)
         caps = F.CAP_ZSTD if self.cfg.zstd else 0
         await stream.send_all(encode_frame(F.Login(token, device, time.time_ns() // 1000, 0, caps)))
         dec = Decoder(1 << 24)

@@ -397,6 +397,7 @@ class BrokerServer:
         self._running = False  # inside _run: commands it causes are queued, not nested
         self._queue: deque[Command] = deque()
         self._admin_refs = itertools.count(1)
+        self._presence: Any = None  # logins to record in a shared store (cluster)
         self._admin_waiters: dict[int, list[Any]] = {}  # ref -> [Event, result]
         if config.commit_in_thread and self._async_store:
             raise ValueError("commit_in_thread is for synchronous stores")
@@ -498,6 +499,14 @@ class BrokerServer:
                 nursery.start_soon(fn, *args)
             nursery.start_soon(self._committer)
             nursery.start_soon(self._timer)
+            cluster = getattr(self.store, "cluster", None) if self._async_store else None
+            if cluster is not None:
+                # Several nodes share the store (RedisStore): hints from the
+                # others (inbox heads, devices logged in elsewhere), and this
+                # node's logins recorded in order.
+                self._presence, presence = trio.open_memory_channel[tuple[str, str, str]](math.inf)
+                nursery.start_soon(self._presence_writer, cluster, presence)
+                await nursery.start(cluster.hints, self._cluster_hint)
             async with trio.open_nursery() as peers:
                 with self._listen_scope:
                     async with trio.open_nursery() as listeners:
@@ -774,10 +783,14 @@ class BrokerServer:
                         self._closed(cmd)  # type: ignore[arg-type]
                         self._close_peer(peer, cmd.data)  # type: ignore[union-attr]
                 elif kind is DeviceOnline:
+                    if self._presence is not None:
+                        self._presence.send_nowait(("on", cmd.user, cmd.device))  # type: ignore[union-attr]
                     if log.isEnabledFor(logging.INFO):
                         log.info("login conn=%d user=%s device=%s", cmd.conn, cmd.user, cmd.device,  # type: ignore[union-attr]
                                  extra={"event": "login", "conn": cmd.conn, "user": cmd.user, "device": cmd.device})  # type: ignore[union-attr]
                 elif kind is DeviceOffline:
+                    if self._presence is not None:
+                        self._presence.send_nowait(("off", cmd.user, cmd.device))  # type: ignore[union-attr]
                     if log.isEnabledFor(logging.INFO):
                         code = cmd.code.name if cmd.code is not None else None  # type: ignore[union-attr]
                         log.info("offline conn=%d user=%s device=%s code=%s reason=%r", cmd.conn, cmd.user, cmd.device,  # type: ignore[union-attr]
@@ -1245,6 +1258,27 @@ class BrokerServer:
             self._batch_ops.observe(len(req.ops))
             self._commit_idle.set()
             self._run(cmds)
+
+    def _cluster_hint(self, kind: str, user: str, value: Any) -> None:
+        """A hint from another node sharing the store: ``("I", user, head)``
+        the user's inbox grew; ``("R", user, device)`` the device logged in
+        on another node."""
+        if kind == "I":
+            self._run(self._core(self.broker.inbox_advanced, user, value))
+        elif kind == "R":
+            self._run(self._core(self.broker.replaced_elsewhere, user, value))
+
+    async def _presence_writer(self, cluster: Any, presence: Any) -> None:
+        """Record this node's logins and logouts in the store, in order (a
+        REPLACED close and the new login of the same device must not swap)."""
+        async for what, user, device in presence:
+            try:
+                if what == "on":
+                    await cluster.device_online(user, device)
+                else:
+                    await cluster.device_offline(user, device)
+            except StoreError as exc:
+                log.warning("presence %s %s/%s not recorded: %s", what, user, device, exc)
 
     async def _timer(self) -> None:
         """Sleep until the core's next deadline, then tell it the time.  _run

@@ -67,11 +67,17 @@ the record is overwritten by the next request, so it never holds anything
 but the last request's writes.  Outcome of a failed request: unknown (the
 client retries with the same local id; the dedupe record decides).
 
-Limits of this version (see OPERATIONS.md): one writer per namespace (the
-core keeps one write request in flight and the values are computed from
-reads, so one ``pimcore serve`` per cluster and namespace); reads running
-beside step 2 may see part of it (a message before its inbox entries, never
-an entry before its message).
+Several writers.  The path above is right for ONE writer only (values are
+computed from reads).  The ops of :data:`redis_scripts.SCRIPTED` run
+instead as server-side scripts, one slot each (:mod:`pimcore.store.redis_scripts`:
+claims, seqs, idempotent fan-out, outbox sweep, cross-node hints, the
+namespace's epoch), so any number of ``pimcore serve`` nodes may share a
+namespace for them; the others (AmendMessage, SetConversation,
+SetPresencePrivacy, SetRetention, Expire, PurgeConversation, PurgeUser:
+docs/OPERATIONS.md says what breaks) take this generic path and are
+single-writer.  A batch mixing both runs its runs of each in request order.
+Reads running beside a write may see part of it (a message before its inbox
+entries, never an entry before its message).
 """
 
 from __future__ import annotations
@@ -426,6 +432,9 @@ class RedisStore(AsyncStore):
         self._wal = f"{namespace}:{{wal}}"
         self.settle = settle
         self._pending: Optional[dict[str, dict[str, Optional[bytes]]]] = None
+        #: The multi-writer path (pimcore.store.redis_scripts), set on connect.
+        self.cluster: Any = None
+        self._epoch_lost = False
         self._write_lock = trio.Lock()
 
     # ------------------------------------------------------------ plumbing
@@ -501,15 +510,45 @@ class RedisStore(AsyncStore):
         if wal:
             self._pending = _dec_writes(wal)
             await self._complete_pending()
-        tx = _Tx(self)
-        node, epochs = await tx.mget(self._meta, ["node", "epochs"])
-        self._node = node if node else os.urandom(8)
-        self._epoch = os.urandom(16)
-        self._epochs = tuple(bytes.fromhex(e) for e in (epochs or b"").decode().split(",") if e) + (self._epoch,)
-        if not node:
-            tx.put(self._meta, "node", self._node)
-        tx.put(self._meta, "epochs", ",".join(e.hex() for e in self._epochs))
-        await self._flush(tx)
+        # Every process is a node of its own (msg ids carry the node id, so
+        # nodes writing at once never make the same id); the epoch is the
+        # namespace's, shared by every node (a client may resume on any).
+        self._node = os.urandom(8)
+        await self._adopt_epoch()
+        from .redis_scripts import ClusterOps
+
+        self.cluster = ClusterOps(self)
+        await self.cluster.load()
+
+    async def _adopt_epoch(self) -> None:
+        """Take the namespace's epoch, creating it if there is none (the
+        first node, or a cluster that lost everything: a new history)."""
+        fresh = os.urandom(16).hex().encode()
+
+        async def take() -> Any:
+            client = await self._master(self._meta)
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.hsetnx(self._meta, "epoch", fresh)
+                pipe.hsetnx(self._meta, "epochs", fresh)
+                got = pipe.hmget(self._meta, ["epoch", "epochs"])
+                waited = pipe.wait(self.replicas, self.wait_ms)
+            if await waited < self.replicas:
+                raise StoreError("the epoch was not confirmed by a replica")
+            return await got
+
+        epoch, epochs = await self._call(take)
+        self._epoch = bytes.fromhex(epoch.decode())
+        self._epochs = tuple(bytes.fromhex(e) for e in epochs.decode().split(",") if e)
+
+    async def _lost(self) -> None:
+        """Acknowledged writes were lost (see redis_scripts.DataLost): give
+        the namespace a new epoch that trusts no older one, so every client
+        resynchronizes; every node stops when it sees it."""
+        fresh = os.urandom(16).hex().encode()
+        try:
+            await self._call(lambda: self._r.hset(self._meta, {"epoch": fresh, "epochs": fresh}))
+        finally:
+            self._epoch_lost = True
 
     async def _call(self, request: Any) -> Any:
         """Await ``request()`` (a read), retried through a failover for up
@@ -537,6 +576,12 @@ class RedisStore(AsyncStore):
             await self._r.connection_pool.cluster_layout._refresh()
         except Exception:
             pass  # no node answered: the next try asks again
+
+    async def _master_at(self, addr: tuple[str, int]) -> Any:
+        client = self._masters.get(addr)
+        if client is None:
+            client = self._masters[addr] = await self._client(addr)
+        return client
 
     def _k_conv(self, conv: str) -> str:
         return f"{self.ns}:{{c:{conv}}}"
@@ -662,6 +707,10 @@ class RedisStore(AsyncStore):
         """Close the store; the keeper leaves every client (idempotent)."""
         self._closed = True
         self._masters.clear()
+        if self.cluster is not None:
+            for conn in list(self.cluster._raw.values()):
+                await conn.aclose()
+            self.cluster._raw.clear()
         requests = getattr(self, "_requests", None)
         if requests is not None:
             await requests.aclose()
@@ -671,6 +720,34 @@ class RedisStore(AsyncStore):
     async def execute(self, request: StoreRequest) -> tuple[Result, ...]:
         self._check_open()
         if request.write:
+            from .redis_scripts import SCRIPTED
+
+            if self.cluster is not None:
+                for op in request.ops:
+                    if type(op) not in SCRIPTED and type(op) not in _HANDLERS:
+                        # Nothing applied: the batch fails as a whole.
+                        raise StoreError(f"batch {request.request_id} not committed: "
+                                         f"not a store op: {type(op).__name__}")
+                if all(type(op) in SCRIPTED for op in request.ops):
+                    return tuple(await self.cluster.execute(request.ops))
+                if any(type(op) in SCRIPTED for op in request.ops):
+                    # Ops of the generic path beside scripted ones: runs of
+                    # each kind in request order (an op sees every earlier
+                    # one, as in one transaction); the generic runs single
+                    # writer.
+                    merged: list[Result] = []
+                    i = 0
+                    while i < len(request.ops):
+                        scripted = type(request.ops[i]) in SCRIPTED
+                        j = i + 1
+                        while j < len(request.ops) and (type(request.ops[j]) in SCRIPTED) == scripted:
+                            j += 1
+                        if scripted:
+                            merged.extend(await self.cluster.execute(request.ops[i:j]))
+                        else:
+                            merged.extend(await self.execute(StoreRequest(request.request_id, tuple(request.ops[i:j]), True)))
+                        i = j
+                    return tuple(merged)
             async with self._write_lock:
                 await self._complete_pending()
                 tx = _Tx(self)
@@ -787,6 +864,11 @@ class RedisStore(AsyncStore):
             pos = _int(await tx.get(uk, "head")) + 1
             tx.put(uk, "head", pos)
             tx.put(uk, f"i:{pos}", ref)
+            # What the scripted fan-out (redis_scripts FANOUT) keeps: the last
+            # seq of the conversation in this inbox and its position; without
+            # it a later scripted fan-out would see a gap and deliver this
+            # entry a second time.
+            tx.put(uk, f"ld:{m.conv}", f"{m.seq}:{pos}")
             await self._flag(tx, user, m.conv, HAS_MESSAGES, True)
             tx.put(self._users, user, b"1")
             positions.append((user, pos))
@@ -1153,7 +1235,9 @@ class RedisStore(AsyncStore):
             for f, v in (await tx.getall(uk)).items():
                 if f.startswith("i:"):
                     seq, _, c = v.decode().split(":", 2)
-                    if (int(seq), c) in gone:
+                    # "x<msg_id>": a DELETE entry (no seq) is never trimmed
+                    # with the conversation's entries, as in the memory store.
+                    if not seq.startswith("x") and (int(seq), c) in gone:
                         tx.delete(uk, f)
                         entries += 1
         return upto - floor, entries

@@ -1,0 +1,1317 @@
+"""Multi-writer machinery of :class:`~pimcore.store.redis.RedisStore`:
+server-side Lua scripts, one per step, each on ONE slot (so each step is
+atomic on its master whatever other ``pimcore serve`` nodes do at the same
+time), plus the flows that chain them, the cross-node hints and the outbox
+sweep.  docs/OPERATIONS.md ("Redis Cluster") describes the deployment.
+
+Why scripts: the generic request path of :mod:`pimcore.store.redis` computes
+values from reads and writes them back, which is right only for one writer.
+Here every read-modify-write runs inside Redis, next to the data.
+
+A send (:class:`NewMessage`), in three rounds, each ending with ``WAIT 1``
+on every master written (group commit: one replication wait per master per
+round, however many sends the batch holds):
+
+1. CLAIM on the sender's slot: the dedupe record ``d:DEVICE/LOCAL_ID`` is
+   created as a *claim* (``P:`` msg id, server time, digest, conversation)
+   unless one exists.  An existing final record -> :class:`Duplicate` (or
+   DUPLICATE_CONFLICT); an existing claim with the same digest (a node died
+   half-way, or the client retried through another node while the first
+   was still at work) -> this node finishes THAT message (same msg id and
+   server time), so a retry never makes a second message.
+2. SEND on the conversation's slot: idempotent by msg id (``m:MSGID``);
+   checks the group and the membership, takes the next seq, stores the log
+   entry and an outbox entry (``NS:{c:CONV}:ob``: seq -> server time).
+3. FANOUT per recipient on the recipient's slot: appends an inbox pointer
+   unless that seq of that conversation was delivered already (``ld:CONV`` =
+   last delivered seq and its position: fan-out is idempotent and inbox
+   order per conversation is seq order); a gap (an earlier seq of the
+   conversation not delivered yet, e.g. sent through another node that has
+   not fanned out yet) is refused and the node backfills the missing seqs
+   from the conversation log first.  Beside it, in the same round: the
+   final dedupe record, the msg id lookup, the host event (idempotent by
+   msg id).  Then the outbox entry is removed (no wait: a leftover entry
+   only makes a sweep redo idempotent work).
+
+The SendAck goes out after round 3: acked means the message, its seq and
+every recipient's inbox entry are on a replica.
+
+Crash net: a node that dies between rounds leaves a claim (finished by the
+client's retry) and/or an outbox entry; every node sweeps the outboxes
+(``SCAN`` per master, entries older than ``sweep_after`` seconds) and
+completes round 3 for them.
+
+Hints: the fan-out returns the node ids holding the recipient's devices
+(``NS:{u:USER}:on`` device -> node, written at login); a hint ``I user head``
+is pushed to each such node's list ``NS:{n:NODE}`` (``BLPOP``-ed by that
+node) -- a wake-up only: delivery correctness comes from inbox positions,
+and a lost hint only delays until the device's next read (each node also
+re-checks the heads of its online users every ``recheck`` seconds).  A login
+records the device's node; if another node held it, that node gets
+``R user device`` and closes its session with REPLACED.
+
+Epoch: one per namespace (``epoch`` in ``NS:{meta}``), shared by every
+node.  A node remembers the seqs and inbox positions it handed out; a script
+answer at or below one of them (a failover lost acknowledged writes) is
+data loss: the namespace gets a new epoch (clients resynchronize) and every
+node stops (the watcher sees the new epoch within a second) -- detected,
+never silently skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+import trio
+
+from ..errors import ErrorCode, StoreError
+from .base import (
+    OPEN,
+    SYSTEM,
+    AckEvents,
+    AckPosition,
+    Acked,
+    AddMembers,
+    AppendEvent,
+    Appended,
+    CreateGroup,
+    Duplicate,
+    EventAppended,
+    EventsAcked,
+    GroupChanged,
+    MarkRead,
+    MessageKind,
+    NewMessage,
+    ReadMarked,
+    Reclaim,
+    Reclaimed,
+    Rejected,
+    RemoveMembers,
+    Result,
+    RevokeTokens,
+    Revoked,
+    StoredMessage,
+    TouchDevice,
+    Touched,
+    direct_members,
+    last_visible,
+    malformed,
+    member_ranges,
+    mentioned_recipients,
+    message_event,
+    valid_conversation,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .redis import RedisStore
+
+__all__ = ["SCRIPTED", "ClusterOps", "DataLost"]
+
+#: The ops this module runs (every op the core makes); others take the
+#: generic request path.
+SCRIPTED = frozenset({NewMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers,
+                      RemoveMembers, RevokeTokens, AppendEvent, AckEvents})
+
+_LIB = """
+local function S(n) return string.format('%.0f', n) end
+local function N(v) if v then return tonumber(v) end return 0 end
+"""
+
+# KEYS: user. ARGV: field, claim value. -> nil (claimed) or the existing value.
+CLAIM = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v then return v end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return false
+"""
+
+# KEYS: conv, outbox. ARGV: msghex, sender, direct, blob, after_seq, server_time,
+# system, direct members, event flag, replay (finishing a claim: the msg id may be stored).
+# -> {seq, members, after_seq, server_time, replayed} or {code}: -1 unknown
+# group, -2 not a member, -3 msg id taken
+SEND = _LIB + """
+local c = KEYS[1]
+local mem
+if ARGV[3] == '1' then mem = ARGV[8] else
+  if not redis.call('HGET', c, 'grp') then return {-1} end
+  mem = redis.call('HGET', c, 'mem') or ''
+end
+local prior = redis.call('HGET', c, 'm:' .. ARGV[1])
+if prior and ARGV[10] ~= '1' then return {-3} end
+if prior then
+  local b = redis.call('HGET', c, 's:' .. prior)
+  return {tonumber(prior), mem, struct.unpack('>I8', b, 49), struct.unpack('>i8', b, 41), 1}
+end
+if ARGV[2] ~= ARGV[7] and not string.find('\\n' .. mem .. '\\n', '\\n' .. ARGV[2] .. '\\n', 1, true) then
+  return {-2}
+end
+local seq = N(redis.call('HGET', c, 'last')) + 1
+local after = math.min(tonumber(ARGV[5]), seq - 1)
+local b = ARGV[4]
+b = string.sub(b, 1, 16) .. struct.pack('>I8', seq) .. string.sub(b, 25, 48) .. struct.pack('>I8', after) .. string.sub(b, 57)
+redis.call('HSET', c, 'last', S(seq), 's:' .. S(seq), b, 'm:' .. ARGV[1], S(seq))
+redis.call('HSET', KEYS[2], S(seq), ARGV[6] .. ':' .. ARGV[9])
+return {seq, mem, after, tonumber(ARGV[6]), 0}
+"""
+
+# KEYS: conv. ARGV: now, hv, members (\\n-joined), users...  -> 1 created, 0 exists
+CREATE = _LIB + """
+local c = KEYS[1]
+if redis.call('HGET', c, 'grp') then return 0 end
+redis.call('HSET', c, 'grp', ARGV[1], 'hv', ARGV[2], 'mem', ARGV[3])
+for i = 4, #ARGV do redis.call('HSET', c, 'sp:' .. ARGV[i], '0-' .. ARGV[#ARGV]) end
+return 1
+"""
+# (the last ARGV of CREATE is OPEN, not a user: see ClusterOps._create_group)
+
+# KEYS: conv, outbox. ARGV: user, add, blob, msghex, server_time, OPEN, event flag.
+# -> {0} no change, {-1} unknown group, {-3} msg id taken, {seq, recipients}
+CHANGE = _LIB + """
+local c = KEYS[1]
+if not redis.call('HGET', c, 'grp') then return {-1} end
+local mem = redis.call('HGET', c, 'mem') or ''
+local user, add = ARGV[1], ARGV[2] == '1'
+local set, list = {}, {}
+for u in string.gmatch(mem, '[^\\n]+') do set[u] = true end
+if (set[user] == true) == add then return {0} end
+if redis.call('HEXISTS', c, 'm:' .. ARGV[4]) == 1 then return {-3} end
+local seq = N(redis.call('HGET', c, 'last')) + 1
+local spans = redis.call('HGET', c, 'sp:' .. user) or ''
+local recipients
+if add then
+  if spans ~= '' then spans = spans .. ',' end
+  spans = spans .. S(seq) .. '-' .. ARGV[6]
+  set[user] = true
+  for u in pairs(set) do list[#list + 1] = u end
+  table.sort(list)
+  recipients = table.concat(list, '\\n')
+  mem = recipients
+else
+  recipients = mem
+  spans = string.gsub(spans, '%-(%d+)$', '-' .. S(seq))
+  set[user] = nil
+  for u in pairs(set) do list[#list + 1] = u end
+  table.sort(list)
+  mem = table.concat(list, '\\n')
+end
+local b = ARGV[3]
+b = string.sub(b, 1, 16) .. struct.pack('>I8', seq) .. string.sub(b, 25, 48) .. struct.pack('>I8', seq - 1) .. string.sub(b, 57)
+redis.call('HSET', c, 'last', S(seq), 's:' .. S(seq), b, 'm:' .. ARGV[4], S(seq), 'mem', mem, 'sp:' .. user, spans)
+redis.call('HSET', KEYS[2], S(seq), ARGV[5] .. ':' .. ARGV[7])
+return {seq, recipients}
+"""
+
+# KEYS: user, online. ARGV: conv, complete, dedupe field ('' none), dedupe
+# record, then (seq, ref) pairs ascending.  The dedupe record (the final one
+# of the user's own send) rides along: one command less per message.
+# -> {-1, last delivered seq} (a gap) or {head, {seq, pos, ...}, nodes, was_new}
+FANOUT = _LIB + """
+local u = KEYS[1]
+if ARGV[3] ~= '' then redis.call('HSET', u, ARGV[3], ARGV[4]) end
+local ldk = 'ld:' .. ARGV[1]
+local ld = redis.call('HGET', u, ldk)
+local lseq, lpos = 0, 0
+if ld then
+  local a, b = string.match(ld, '^(%d+):(%d+)$')
+  lseq, lpos = tonumber(a), tonumber(b)
+end
+if tonumber(ARGV[5]) > lseq + 1 and ARGV[2] ~= '1' then return {-1, lseq} end
+local head = N(redis.call('HGET', u, 'head'))
+local fresh = 0
+if head == 0 then fresh = 1 end
+local out = {}
+for i = 5, #ARGV, 2 do
+  local s = tonumber(ARGV[i])
+  if s > lseq then
+    head = head + 1
+    redis.call('HSET', u, 'i:' .. S(head), ARGV[i + 1])
+    lseq, lpos = s, head
+    out[#out + 1] = s
+    out[#out + 1] = head
+  elseif s == lseq then
+    out[#out + 1] = s
+    out[#out + 1] = lpos
+  end
+end
+redis.call('HSET', u, 'head', S(head), ldk, S(lseq) .. ':' .. S(lpos))
+local f = N(redis.call('HGET', u, 'cv:' .. ARGV[1]))
+if f % 4 < 2 then redis.call('HSET', u, 'cv:' .. ARGV[1], S(f + 2)) end
+return {head, out, redis.call('HVALS', KEYS[2]), fresh}
+"""
+
+# KEYS: user. ARGV: conv, bit, on  -> 1 if the user hash was new
+FLAG = _LIB + """
+local k = 'cv:' .. ARGV[1]
+local bit = tonumber(ARGV[2])
+local old = N(redis.call('HGET', KEYS[1], k))
+local has = math.floor(old / bit) % 2 == 1
+local new = old
+if ARGV[3] == '1' and not has then new = old + bit elseif ARGV[3] ~= '1' and has then new = old - bit end
+if new ~= old then
+  if new == 0 then redis.call('HDEL', KEYS[1], k) else redis.call('HSET', KEYS[1], k, S(new)) end
+end
+return 1
+"""
+
+# KEYS: user. ARGV: device, position, now  -> {position, new}
+REGISTER = _LIB + """
+local u = KEYS[1]
+local v = redis.call('HGET', u, 'dv:' .. ARGV[1])
+local head = N(redis.call('HGET', u, 'head'))
+local pos, seen, new
+if v then
+  local a, b = string.match(v, '^(%d+):(%d+)$')
+  pos, seen, new = tonumber(a), tonumber(b), 0
+else
+  pos, seen, new = N(redis.call('HGET', u, 'floor')), tonumber(ARGV[3]), 1
+end
+pos = math.max(pos, math.min(tonumber(ARGV[2]), head))
+seen = math.max(seen, tonumber(ARGV[3]))
+redis.call('HSET', u, 'dv:' .. ARGV[1], S(pos) .. ':' .. S(seen))
+return {pos, new}
+"""
+
+# KEYS: key. ARGV: field, value, cap  -> the new value: max(old, min(value, cap))
+MAXSET = _LIB + """
+local old = N(redis.call('HGET', KEYS[1], ARGV[1]))
+local new = math.max(old, math.min(tonumber(ARGV[2]), tonumber(ARGV[3])))
+if new ~= old then redis.call('HSET', KEYS[1], ARGV[1], S(new)) end
+return {old, new}
+"""
+
+# KEYS: ev. ARGV: consumer, upto
+EVACK = _LIB + """
+local cur = N(redis.call('HGET', KEYS[1], 'c:' .. ARGV[1]))
+local last = N(redis.call('HGET', KEYS[1], 'last'))
+local new = math.max(cur, math.min(tonumber(ARGV[2]), last))
+redis.call('HSET', KEYS[1], 'c:' .. ARGV[1], S(new))
+return new
+"""
+
+# KEYS: ev. ARGV: idempotency key ('' = none), now, data  -> event id
+EVENT = _LIB + """
+if ARGV[1] ~= '' then
+  local prior = redis.call('HGET', KEYS[1], 'x:' .. ARGV[1])
+  if prior then return tonumber(prior) end
+end
+local id = N(redis.call('HGET', KEYS[1], 'last')) + 1
+redis.call('HSET', KEYS[1], 'last', S(id), 'e:' .. S(id), ARGV[2] .. ':' .. ARGV[3])
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'x:' .. ARGV[1], S(id)) end
+return id
+"""
+
+# KEYS: user. ARGV: seen cutoff, age cutoff  -> {removed, forgotten}
+RECLAIM = _LIB + """
+local u = KEYS[1]
+local all = redis.call('HGETALL', u)
+local acked, forgotten = nil, 0
+for i = 1, #all, 2 do
+  local f = all[i]
+  if string.sub(f, 1, 3) == 'dv:' then
+    local p, seen = string.match(all[i + 1], '^(%d+):(%d+)$')
+    if tonumber(seen) < tonumber(ARGV[1]) then
+      redis.call('HDEL', u, f)
+      forgotten = forgotten + 1
+    elseif acked == nil or tonumber(p) < acked then
+      acked = tonumber(p)
+    end
+  end
+end
+local head, floor = N(redis.call('HGET', u, 'head')), N(redis.call('HGET', u, 'floor'))
+if acked == nil then acked = floor end
+local pos, removed = floor, 0
+while pos < head do
+  -- a ref is 'SEQ:ST:CONV' or 'xMSGID:ST:CONV' (a DELETE entry); none: a
+  -- hole (retention, purge), passed over and not counted
+  local ref = redis.call('HGET', u, 'i:' .. S(pos + 1))
+  local st = 0
+  if ref then st = tonumber(string.match(ref, '^[^:]*:(%d+):')) end
+  if not (ref == false or pos + 1 <= acked or st < tonumber(ARGV[2])) then break end
+  pos = pos + 1
+  if ref then
+    redis.call('HDEL', u, 'i:' .. S(pos))
+    removed = removed + 1
+  end
+end
+if pos ~= floor then redis.call('HSET', u, 'floor', S(pos)) end
+return {removed, forgotten}
+"""
+
+# KEYS: ev. ARGV: age cutoff -> removed
+EVRECLAIM = _LIB + """
+local e = KEYS[1]
+local all = redis.call('HGETALL', e)
+local acked = nil
+for i = 1, #all, 2 do
+  if string.sub(all[i], 1, 2) == 'c:' then
+    local v = tonumber(all[i + 1])
+    if acked == nil or v < acked then acked = v end
+  end
+end
+if acked == nil then acked = 0 end
+local floor = N(redis.call('HGET', e, 'floor'))
+local last = N(redis.call('HGET', e, 'last'))
+local pos = floor
+while pos < last do
+  local v = redis.call('HGET', e, 'e:' .. S(pos + 1))
+  local t = tonumber(string.match(v, '^(%d+):'))
+  if not (pos + 1 <= acked or t < tonumber(ARGV[1])) then break end
+  pos = pos + 1
+  redis.call('HDEL', e, 'e:' .. S(pos))
+end
+if pos ~= floor then redis.call('HSET', e, 'floor', S(pos)) end
+return pos - floor
+"""
+
+# KEYS: online. ARGV: device, node -> the node that held the device before ('' none)
+ONLINE = """
+local old = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return old
+"""
+
+# KEYS: online. ARGV: device, node: delete only if still ours
+OFFLINE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) return 1 end
+return 0
+"""
+
+_SCRIPTS = {name: globals()[name] for name in (
+    "CLAIM", "SEND", "CREATE", "CHANGE", "FANOUT", "FLAG", "REGISTER", "MAXSET", "EVACK", "EVENT", "RECLAIM",
+    "EVRECLAIM", "ONLINE", "OFFLINE")}
+
+_MEMBER, _HAS_MESSAGES = 1, 2
+_HINT_CAP = 10_000  # a node's hint list is trimmed to this many (a dead node's stops growing)
+
+
+class DataLost(StoreError):
+    """A script answered with a seq or an inbox position at or below one this
+    node already handed out: a failover lost acknowledged writes.  The
+    namespace has a new epoch; this node must stop."""
+
+
+class _Incomplete(Exception):
+    pass
+
+
+class _ReplyError(Exception):
+    pass
+
+
+def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
+    """One RESP2 reply from ``buf`` at ``pos`` -> (value, next pos); an error
+    reply is a _ReplyError value; _Incomplete if more bytes are needed."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        raise _Incomplete()
+    kind, line = buf[pos:pos + 1], buf[pos + 1:end]
+    pos = end + 2
+    if kind == b"+":
+        return line, pos
+    if kind == b":":
+        return int(line), pos
+    if kind == b"-":
+        return _ReplyError(line.decode(errors="replace")), pos
+    if kind == b"$":
+        n = int(line)
+        if n < 0:
+            return None, pos
+        if len(buf) < pos + n + 2:
+            raise _Incomplete()
+        return buf[pos:pos + n], pos + n + 2
+    if kind == b"*":
+        n = int(line)
+        if n < 0:
+            return None, pos
+        out = []
+        for _ in range(n):
+            v, pos = _parse(buf, pos)
+            out.append(v)
+        return out, pos
+    raise StoreError(f"bad reply from Redis: {buf[pos - 2 - len(line) - 1:pos]!r}")
+
+
+def _arg(a: Any) -> bytes:
+    if isinstance(a, bytes):
+        return a
+    if isinstance(a, str):
+        return a.encode()
+    return str(a).encode()
+
+
+class _RawConn:
+    """One connection to one master speaking RESP directly: a pipeline of
+    commands (and its WAIT) is one write and one parse, without a client
+    library's per-command machinery (which cost about 100 µs per command
+    here -- most of the CPU per message)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.lock = trio.Lock()
+        self.buf = b""
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> "_RawConn":
+        return cls(await trio.open_tcp_stream(host, port))
+
+    async def pipeline(self, cmds: list[Sequence[Any]], timeout: float) -> list[Any]:
+        out = []
+        for cmd in cmds:
+            out.append(b"*%d\r\n" % len(cmd))
+            for a in cmd:
+                b = _arg(a)
+                out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        async with self.lock:
+            with trio.fail_after(timeout):
+                await self.stream.send_all(b"".join(out))
+                replies: list[Any] = []
+                buf, pos = self.buf, 0
+                while len(replies) < len(cmds):
+                    try:
+                        v, pos = _parse(buf, pos)
+                        replies.append(v)
+                    except _Incomplete:
+                        data = await self.stream.receive_some(1 << 16)
+                        if not data:
+                            raise ConnectionError("Redis closed the connection")
+                        buf = buf[pos:] + data
+                        pos = 0
+                self.buf = buf[pos:]
+        return replies
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1):
+            await self.stream.aclose()
+
+
+class _Round:
+    """Commands of one round, grouped per master; :meth:`run` sends each
+    group as one pipeline ending with ``WAIT`` (or without, ``wait=False``)
+    and returns every command's answer in order of :meth:`add`."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, tuple[str, ...], tuple[Any, ...]]] = []
+
+    def script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> int:
+        self.calls.append(("evalsha", name, tuple(keys), tuple(args)))
+        return len(self.calls) - 1
+
+    def hset(self, key: str, field: str, value: Any) -> int:
+        self.calls.append(("hset", "", (key,), (field, value)))
+        return len(self.calls) - 1
+
+    def hdel(self, key: str, field: str) -> int:
+        self.calls.append(("hdel", "", (key,), (field,)))
+        return len(self.calls) - 1
+
+    def raw(self, key: str, *cmd: Any) -> int:
+        """Any command whose first key is ``key`` (its answer as Redis gives it)."""
+        self.calls.append(("raw", "", (key,), cmd))
+        return len(self.calls) - 1
+
+    def push(self, key: str, value: bytes) -> int:
+        self.calls.append(("push", "", (key,), (value,)))
+        return len(self.calls) - 1
+
+
+class ClusterOps:
+    """The scripted write path and the cross-node services of one
+    :class:`RedisStore` (one per ``pimcore serve`` node)."""
+
+    def __init__(self, store: "RedisStore", *, sweep_after: float = 3.0, recheck: float = 1.0) -> None:
+        self.s = store
+        self.sha: dict[str, str] = {}
+        self.sweep_after = sweep_after
+        self.recheck = recheck
+        #: What this node handed out (conv -> seq, user -> position): a
+        #: script answering at or below it means lost writes.  Bounded: cleared
+        #: when it reaches 100k entries (the check then restarts from there).
+        self._seen_seq: dict[str, int] = {}
+        self._seen_pos: dict[str, int] = {}
+        #: Hints for this node's own core: (kind, user, value).
+        self.local_hints: Optional[Callable[[str, str, Any], None]] = None
+        self.online: dict[str, set[str]] = {}  # user -> devices online here
+        self._inflight = 0
+        self._overlap = False
+        self._raw: dict[tuple[str, int], _RawConn] = {}
+
+    # ------------------------------------------------------------- plumbing
+
+    @property
+    def node_hex(self) -> str:
+        return self.s._node.hex()
+
+    def hint_key(self, node_hex: str) -> str:
+        return f"{self.s.ns}:{{n:{node_hex}}}"
+
+    def online_key(self, user: str) -> str:
+        return f"{self.s.ns}:{{u:{user}}}:on"
+
+    def outbox_key(self, conv: str) -> str:
+        return f"{self.s.ns}:{{c:{conv}}}:ob"
+
+    async def load(self) -> None:
+        """Load every script (SCRIPT LOAD on each master: EVALSHA needs it
+        there; NOSCRIPT after a failover re-loads, see :meth:`_run_group`)."""
+        import hashlib
+
+        for name, src in _SCRIPTS.items():
+            self.sha[name] = hashlib.sha1(src.encode()).hexdigest()
+
+    async def run(self, rnd: _Round, wait: bool = True) -> list[Any]:
+        """Run a round: per master one pipeline (+ WAIT), all masters at
+        once; retried through a failover for up to ``settle`` seconds.
+        Every command of a round is idempotent, so retrying the whole round
+        is safe.  StoreError if a master never confirmed (outcome unknown)."""
+        if not rnd.calls:
+            return []
+        s = self.s
+        deadline = trio.current_time() + s.settle
+        while True:
+            s._check_open()
+            try:
+                return await self._run_once(rnd, wait)
+            except StoreError:
+                if trio.current_time() >= deadline or s._closed:
+                    raise
+            await trio.sleep(0.2)
+            await s._refresh_layout()
+
+    async def _run_once(self, rnd: _Round, wait: bool) -> list[Any]:
+        from coredis._utils import hash_slot
+
+        s = self.s
+        layout = s._r.connection_pool.cluster_layout
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, call in enumerate(rnd.calls):
+            node = layout.node_for_slot(hash_slot(call[2][0].encode()))
+            groups.setdefault((node.host, node.port), []).append(i)
+        answers: list[Any] = [None] * len(rnd.calls)
+        failures: list[str] = []
+
+        async def one(addr: tuple[str, int], idx: list[int]) -> None:
+            try:
+                await self._pipeline(addr, rnd, idx, answers, wait)
+            except Exception as exc:
+                failures.append(f"{addr[0]}:{addr[1]}: {exc!r}")
+                conn = self._raw.pop(addr, None)
+                if conn is not None:
+                    await conn.aclose()
+
+        async with trio.open_nursery() as nursery:
+            for addr, idx in groups.items():
+                nursery.start_soon(one, addr, idx)
+        if failures:
+            raise StoreError("not confirmed by a replica (outcome unknown): " + "; ".join(failures))
+        return answers
+
+    async def _pipeline(self, addr: tuple[str, int], rnd: _Round, idx: list[int], answers: list[Any],
+                        wait: bool) -> None:
+        s = self.s
+        conn = self._raw.get(addr)
+        if conn is None:
+            conn = self._raw[addr] = await _RawConn.open(*addr)
+        cmds: list[Sequence[Any]] = []
+        for i in idx:
+            kind, name, keys, args = rnd.calls[i]
+            if kind == "evalsha":
+                cmds.append(("EVALSHA", self.sha[name], len(keys), *keys, *args))
+            elif kind == "hset":
+                cmds.append(("HSET", keys[0], args[0], args[1]))
+            elif kind == "hdel":
+                cmds.append(("HDEL", keys[0], args[0]))
+            elif kind == "raw":
+                cmds.append(args)
+            else:  # push: a hint, the list kept short
+                cmds.append(("RPUSH", keys[0], args[0]))
+        pushes: list[Sequence[Any]] = [("LTRIM", rnd.calls[i][2][0], -_HINT_CAP, -1) for i in idx if rnd.calls[i][0] == "push"]
+        tail = pushes + ([("WAIT", s.replicas, s.wait_ms)] if wait else [])
+        timeout = 10 + s.wait_ms / 1000
+        replies = await conn.pipeline(cmds + tail, timeout)
+        if any(isinstance(r, _ReplyError) and str(r).startswith("NOSCRIPT") for r in replies[:len(cmds)]):
+            await conn.pipeline([("SCRIPT", "LOAD", src) for src in _SCRIPTS.values()], timeout)
+            replies = await conn.pipeline(cmds + tail, timeout)
+        for r in replies:
+            if isinstance(r, _ReplyError):
+                # MOVED / CLUSTERDOWN / NOREPLICAS / READONLY...: the round is
+                # retried (every command of a round is idempotent).
+                raise StoreError(f"Redis: {r}")
+        for i, r in zip(idx, replies):
+            answers[i] = r
+        if wait:
+            n = replies[-1]
+            if n < s.replicas:
+                raise StoreError(f"WAIT {s.replicas} {s.wait_ms}: {n} replica(s) confirmed")
+
+    # ------------------------------------------------------------- loss check
+
+    def _alone(self) -> bool:
+        """Whether the running request is the only one this store ran since
+        it started: only then are its answers ordered after every answer
+        recorded before (the server runs one write request at a time)."""
+        return self._inflight == 1 and not self._overlap
+
+    def _check_seq(self, conv: str, seq: int, replayed: bool) -> None:
+        seen = self._seen_seq
+        if not self._alone():
+            seen[conv] = max(seen.get(conv, 0), seq)
+            return
+        if not replayed and seq <= seen.get(conv, 0):
+            raise DataLost(f"conversation {conv!r}: seq {seq} handed out again (last acked {seen[conv]})")
+        if len(seen) > 100_000:
+            seen.clear()
+        if seq > seen.get(conv, 0):
+            seen[conv] = seq
+
+    def _check_pos(self, user: str, head: int) -> None:
+        seen = self._seen_pos
+        if not self._alone():
+            seen[user] = max(seen.get(user, 0), head)
+            return
+        if head < seen.get(user, 0):
+            raise DataLost(f"inbox of {user!r}: head {head} below {seen[user]} handed out before")
+        if len(seen) > 100_000:
+            seen.clear()
+        seen[user] = head
+
+    # ------------------------------------------------------------- requests
+
+    async def execute(self, ops: Sequence[Any]) -> list[Result]:
+        """Run a write request's ops (every one in :data:`SCRIPTED`).  Sends
+        and membership changes first (their rounds shared by the batch),
+        then the others, in request order within each kind -- an op later
+        in the batch sees what the sends stored."""
+        results: list[Optional[Result]] = [None] * len(ops)
+        self._enter()
+        try:
+            return await self._execute(ops, results)
+        except DataLost:
+            await self.s._lost()
+            raise
+        finally:
+            self._leave()
+
+    def _enter(self) -> None:
+        self._inflight += 1
+        if self._inflight > 1:
+            self._overlap = True  # until no request runs: see _alone
+
+    def _leave(self) -> None:
+        self._inflight -= 1
+        if not self._inflight:
+            self._overlap = False
+
+    async def _execute(self, ops: Sequence[Any], results: list[Optional[Result]]) -> list[Result]:
+        # In request order; a run of consecutive sends (or acks/touches)
+        # shares its rounds (group commit), so a later op sees earlier ones.
+        i = 0
+        while i < len(ops):
+            kind = type(ops[i])
+            j = i + 1
+            if kind in (NewMessage, AckPosition, TouchDevice):
+                group = (NewMessage,) if kind is NewMessage else (AckPosition, TouchDevice)
+                while j < len(ops) and type(ops[j]) in group:
+                    j += 1
+            run = [k for k in range(i, j) if not malformed(ops[k])]
+            for k in range(i, j):
+                if malformed(ops[k]):
+                    results[k] = Rejected(ErrorCode.BAD_REQUEST)
+            if run:
+                await self._one_kind(ops, run, results)
+            i = j
+        return results  # type: ignore[return-value]
+
+    async def _one_kind(self, ops: Sequence[Any], idx: list[int], results: list[Optional[Result]]) -> None:
+        op = ops[idx[0]]
+        kind = type(op)
+        if kind is NewMessage:
+            await self._sends(ops, idx, results)
+        elif kind is CreateGroup:
+            results[idx[0]] = await self._create_group(op)
+        elif kind is AddMembers or kind is RemoveMembers:
+            results[idx[0]] = await self._change_members(op)
+        elif kind is MarkRead:
+            results[idx[0]] = await self._mark_read(op)
+        elif kind is RevokeTokens:
+            (old_new,) = await self.run(self._one("MAXSET", self.s._k_user(op.user),
+                                                  ("rv:" + op.device, op.before, 1 << 62)))
+            results[idx[0]] = Revoked(op.user, op.device, int(old_new[1]))
+        elif kind is AppendEvent:
+            (eid,) = await self.run(self._one("EVENT", self.s._ev, ("", op.now, op.data)))
+            results[idx[0]] = EventAppended(int(eid))
+        elif kind is AckEvents:
+            (cur,) = await self.run(self._one("EVACK", self.s._ev, (op.consumer, op.upto)))
+            results[idx[0]] = EventsAcked(op.consumer, int(cur))
+        elif kind is Reclaim:
+            results[idx[0]] = await self._reclaim(op)
+        else:  # AckPosition / TouchDevice: one round for the run
+            rnd = _Round()
+            for i in idx:
+                op = ops[i]
+                rnd.script("REGISTER", (self.s._k_user(op.user),), (op.device, op.position, op.now))
+            answers = await self.run(rnd)
+            new_users = _Round()
+            for i, (pos, new) in zip(idx, answers):
+                op = ops[i]
+                results[i] = (Acked(op.user, op.device, int(pos)) if type(op) is AckPosition
+                              else Touched(op.user, op.device, int(pos), bool(new)))
+                if new:
+                    new_users.hset(self.s._users, op.user, b"1")
+            await self.run(new_users)
+
+    @staticmethod
+    def _one(name: str, key: str, args: Sequence[Any]) -> _Round:
+        rnd = _Round()
+        rnd.script(name, (key,), args)
+        return rnd
+
+    # -- sends ----------------------------------------------------------------
+
+    async def _taken_code(self, op: NewMessage) -> ErrorCode:
+        """The error of a send whose msg id is stored already: what the
+        conversation checks say first, else INTERNAL."""
+        from .redis import _Tx
+
+        if not valid_conversation(op.conv):
+            return ErrorCode.BAD_REQUEST
+        members = await self.s._group_members(_Tx(self.s), op.conv)
+        if members is None:
+            return ErrorCode.UNKNOWN_CONVERSATION
+        if op.sender not in members and op.sender != SYSTEM:
+            return ErrorCode.NOT_MEMBER
+        return ErrorCode.INTERNAL
+
+    async def _sends(self, ops: Sequence[Any], idx: list[int], results: list[Optional[Result]]) -> None:
+        """Store the sends ``ops[i] for i in idx``, in order.  Two sends of
+        one batch with the same local id (a retry) or the same msg id (a
+        clock that went back) go in separate runs: what the second gets
+        depends on whether the first is stored, which only its run decides
+        (the memory store stores one after the other)."""
+        run: list[int] = []
+        seen: set[object] = set()
+        for i in idx:
+            op = ops[i]
+            key = (op.sender, op.device, op.local_id)
+            if key in seen or op.msg_id in seen:
+                await self._send_run(ops, run, results)
+                run, seen = [], set()
+            seen.update((key, op.msg_id))
+            run.append(i)
+        if run:
+            await self._send_run(ops, run, results)
+
+    async def _send_run(self, ops: Sequence[Any], idx: list[int], results: list[Optional[Result]]) -> None:
+        from .redis import _enc_msg
+
+        s = self.s
+        # Round 1: claims (the dedupe records, sender's slot).
+        rnd = _Round()
+        for i in idx:
+            op = ops[i]
+            claim = f"P:{op.msg_id.hex()}:{op.server_time}:{op.digest.hex()}:{op.conv}"
+            rnd.script("CLAIM", (s._k_user(op.sender),), (f"d:{op.device}/{op.local_id}", claim))
+            mkey = s._k_msg(op.msg_id)
+            rnd.raw(mkey, "HEXISTS", mkey, "r")  # a msg id stored before: a broken clock
+        answers = await self.run(rnd)
+        claims, taken = answers[0::2], answers[1::2]
+        # What each send stores: (index, op, msg_id, server_time); a claim of
+        # an earlier attempt is finished with ITS msg id and server time.
+        todo: list[tuple[int, NewMessage, bytes, int]] = []
+        claimed: dict[tuple[str, str, int], tuple[int, bytes]] = {}
+        replays: set[int] = set()
+        undo = _Round()
+        batch_ids: set[bytes] = set()
+        for i, prior, used in zip(idx, claims, taken):
+            op = ops[i]
+            key = (op.sender, op.device, op.local_id)
+            if prior is None and (used or op.msg_id in batch_ids) and key not in claimed:
+                # A broken clock; the conversation checks come first (as in
+                # the memory store): only a send that would be stored fails
+                # with INTERNAL.
+                results[i] = Rejected(await self._taken_code(op))
+                undo.hdel(s._k_user(op.sender), f"d:{op.device}/{op.local_id}")
+                continue
+            if prior is None:
+                batch_ids.add(op.msg_id)
+                claimed[key] = (i, op.digest)
+                todo.append((i, op, op.msg_id, op.server_time))
+                continue
+            parts = prior.decode().split(":")
+            if parts[0] == "P":
+                msg_hex, st, digest_hex = parts[1], int(parts[2]), parts[3]
+                if bytes.fromhex(digest_hex) != op.digest:
+                    results[i] = Rejected(ErrorCode.DUPLICATE_CONFLICT)
+                    continue
+                claimed[key] = (i, op.digest)
+                todo.append((i, op, bytes.fromhex(msg_hex), st))
+                replays.add(i)
+                continue
+            msg_hex, seq_s, st_s, digest_hex = parts
+            if bytes.fromhex(digest_hex) == op.digest:
+                results[i] = Duplicate(bytes.fromhex(msg_hex), int(seq_s), int(st_s))
+            else:
+                results[i] = Rejected(ErrorCode.DUPLICATE_CONFLICT)
+        # Round 2: the log entries (conversation's slot).  An invalid
+        # conversation id is refused before (as the memory store does).
+        rnd = _Round()
+        bad = _Round()
+        good = []
+        for i, op, msg_id, st in todo:
+            if not valid_conversation(op.conv):
+                results[i] = Rejected(ErrorCode.BAD_REQUEST)
+                bad.hdel(s._k_user(op.sender), f"d:{op.device}/{op.local_id}")
+                continue
+            good.append((i, op, msg_id, st))
+            pair = direct_members(op.conv)
+            m = StoredMessage(msg_id, op.conv, 0, op.sender, op.device, op.local_id, op.client_time, st,
+                              op.payload, 0, 0, mentions=op.mentions, mention_all=op.mention_all)
+            rnd.script("SEND", (s._k_conv(op.conv), self.outbox_key(op.conv)), (
+                msg_id.hex(), op.sender, "1" if pair else "0", _enc_msg(m), op.after_seq, st, SYSTEM,
+                "\n".join(sorted(pair)) if pair else "", "1" if op.event else "0", "1" if i in replays else "0"))
+        todo = good
+        await self.run(bad)
+        answers = await self.run(rnd)
+        fan = _Fanout(self)
+        for (i, op, msg_id, st), ans in zip(todo, answers):
+            code = int(ans[0])
+            if code < 0:
+                results[i] = Rejected({-1: ErrorCode.UNKNOWN_CONVERSATION, -2: ErrorCode.NOT_MEMBER}.get(
+                    code, ErrorCode.INTERNAL))
+                undo.hdel(s._k_user(op.sender), f"d:{op.device}/{op.local_id}")
+                continue
+            seq, mem, after, st, replayed = code, ans[1].decode(), int(ans[2]), int(ans[3]), bool(ans[4])
+            self._check_seq(op.conv, seq, replayed)
+            members = sorted(mem.split("\n")) if mem else []
+            m = StoredMessage(msg_id, op.conv, seq, op.sender, op.device, op.local_id, op.client_time, st,
+                              op.payload, 0, after, mentions=op.mentions, mention_all=op.mention_all)
+            fan.message(m, members, op.event, (op.sender, f"d:{op.device}/{op.local_id}",
+                                               f"{msg_id.hex()}:{seq}:{st}:{op.digest.hex()}".encode()))
+            results[i] = ("appended", m, members)  # type: ignore[assignment,call-overload]
+        await self.run(undo)
+        positions = await fan.run()
+        for i in idx:
+            r = results[i]
+            if isinstance(r, tuple) and r[0] == "appended":
+                m = r[1]
+                results[i] = Appended(m.msg_id, m.seq, m.server_time, positions.get((m.conv, m.seq), ()),
+                                      m.after_seq)
+
+    _st_written = 0
+
+    # -- groups ---------------------------------------------------------------
+
+    async def _create_group(self, op: CreateGroup) -> Result:
+        s = self.s
+        members = sorted(set(op.members))
+        (created,) = await self.run(self._one("CREATE", s._k_conv(op.conv), (
+            op.now, 1 if op.history_visible else 0, "\n".join(members), *members, OPEN)))
+        if not created:
+            return Rejected(ErrorCode.ALREADY_EXISTS)
+        rnd = _Round()
+        for user in members:
+            rnd.script("FLAG", (s._k_user(user),), (op.conv, _MEMBER, "1"))
+            rnd.hset(s._users, user, b"1")
+        await self.run(rnd)
+        return GroupChanged(op.conv, tuple(members))
+
+    async def _change_members(self, op: Any) -> Result:
+        from .redis import _enc_msg
+
+        s = self.s
+        add = type(op) is AddMembers
+        ck = s._k_conv(op.conv)
+        if await s._call(lambda: s._r.hget(ck, "grp")) is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        clock = max(op.now, int(await s._call(lambda: s._r.hget(s._meta, "st")) or 0) + 1)
+        entries: list[StoredMessage] = []
+        fan = _Fanout(self)
+        flags = _Round()
+        order: list[tuple[str, int]] = []
+        for i, user in enumerate(op.users):
+            before = clock
+            if op.stamps:
+                msg_id, server_time = op.stamps[i]
+            else:
+                # Made here (no broker clock), as the memory store makes them:
+                # ids no broker makes, times above every stored one.
+                while True:
+                    msg_id, server_time = clock.to_bytes(8, "big") + bytes(8), clock
+                    clock += 1
+                    if await s._call(lambda: s._r.hget(s._k_msg(msg_id), "r")) is None:
+                        break
+            m = StoredMessage(msg_id, op.conv, 0, user, "", 0, server_time, server_time, op.by.encode("utf-8"),
+                              int(MessageKind.JOINED if add else MessageKind.LEFT), 0)
+            (ans,) = await self.run(self._change_round(ck, op.conv, (
+                user, "1" if add else "0", _enc_msg(m), msg_id.hex(), server_time, OPEN,
+                "1" if op.event else "0")))
+            code = int(ans[0])
+            if code == -1:
+                return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+            if code == -3:
+                return Rejected(ErrorCode.INTERNAL)
+            if code == 0:
+                # No change, no entry: the id made for it is not used (the
+                # memory store makes none), so the next one gets its time.
+                clock = before
+                continue
+            seq = code
+            recipients = sorted(ans[1].decode().split("\n")) if ans[1] else []
+            m = StoredMessage(msg_id, op.conv, seq, user, "", 0, server_time, server_time, op.by.encode("utf-8"),
+                              int(MessageKind.JOINED if add else MessageKind.LEFT), seq - 1)
+            self._check_seq(op.conv, seq, False)
+            flags.script("FLAG", (s._k_user(user),), (op.conv, _MEMBER, "1" if add else "0"))
+            flags.hset(s._users, user, b"1")
+            fan.message(m, recipients, op.event)
+            entries.append(m)
+            order.append((op.conv, seq))
+        await self.run(flags)
+        positions = await fan.run()
+        members = await s._call(lambda: s._r.hget(ck, "mem"))
+        current = tuple(sorted(members.decode().split("\n"))) if members else ()
+        return GroupChanged(op.conv, current, tuple(entries), tuple(positions.get(k, ()) for k in order))
+
+    def _change_round(self, ck: str, conv: str, args: tuple) -> _Round:
+        rnd = _Round()
+        rnd.script("CHANGE", (ck, self.outbox_key(conv)), args)
+        return rnd
+
+    # -- the rest ---------------------------------------------------------------
+
+    async def _mark_read(self, op: MarkRead) -> Result:
+        from .redis import _Tx
+
+        s = self.s
+        tx = _Tx(s)
+        if await s._group_members(tx, op.conv) is None:
+            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        spans = await s._spans_of(tx, op.conv, op.user)
+        if not spans:
+            return Rejected(ErrorCode.NOT_MEMBER)
+        last = last_visible(spans, int(await tx.get(s._k_conv(op.conv), "last") or 0))
+        (ans,) = await self.run(self._one("MAXSET", s._k_user(op.user), ("rd:" + op.conv, op.seq, last)))
+        old, new = int(ans[0]), int(ans[1])
+        tx = _Tx(s)
+        return ReadMarked(op.user, op.conv, new, last, await s._unread(tx, op.user, op.conv), new != old)
+
+    async def _reclaim(self, op: Reclaim) -> Result:
+        s = self.s
+        users = [u.decode() if isinstance(u, bytes) else u
+                 for u in await s._call(lambda: s._r.hkeys(s._users))]
+        rnd = _Round()
+        for user in sorted(users):
+            rnd.script("RECLAIM", (s._k_user(user),), (op.now - op.device_retention, op.now - op.max_age))
+        removed = forgotten = 0
+        for r, f in await self.run(rnd):
+            removed += int(r)
+            forgotten += int(f)
+        (events,) = await self.run(self._one("EVRECLAIM", s._ev, (op.now - op.max_age,)))
+        return Reclaimed(removed, forgotten, int(events))
+
+    # -- presence, hints, sweeping ------------------------------------------------
+
+    async def device_online(self, user: str, device: str) -> None:
+        """Record that ``device`` of ``user`` is on this node; tell the node
+        that held it before (if another) to close its session (REPLACED)."""
+        self.online.setdefault(user, set()).add(device)
+        (old,) = await self.run(self._one("ONLINE", self.online_key(user), (device, self.node_hex)), wait=False)
+        old = old.decode() if isinstance(old, bytes) else (old or "")
+        if old and old != self.node_hex:
+            rnd = _Round()
+            rnd.push(self.hint_key(old), f"R {user} {device}".encode())
+            await self.run(rnd, wait=False)
+
+    async def device_offline(self, user: str, device: str) -> None:
+        devs = self.online.get(user)
+        if devs is not None:
+            devs.discard(device)
+            if not devs:
+                del self.online[user]
+        await self.run(self._one("OFFLINE", self.online_key(user), (device, self.node_hex)), wait=False)
+
+    async def hints(self, deliver: Callable[[str, str, Any], None], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run forever: take this node's hints (BLPOP on its list) and hand
+        them to ``deliver(kind, user, value)`` (kind "I": value = head;
+        "R": value = device).  Also re-checks the heads of this node's online
+        users every ``recheck`` seconds (hints are wake-ups: one lost only
+        delays), sweeps outboxes and watches the epoch."""
+        self.local_hints = deliver
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._recheck_loop, deliver)
+            nursery.start_soon(self._sweep_loop)
+            nursery.start_soon(self._epoch_loop)
+            task_status.started()
+            await self._hint_loop(deliver)
+
+    async def _hint_loop(self, deliver: Callable[[str, str, Any], None]) -> None:
+        s = self.s
+        key = self.hint_key(self.node_hex)
+        while not s._closed:
+            try:
+                client = await s._master(key)
+                got = await client.blpop([key], 1)
+            except Exception:
+                await trio.sleep(0.2)
+                await s._refresh_layout()
+                continue
+            if not got:
+                continue
+            try:
+                kind, user, value = got[1].decode().split(" ", 2)
+            except ValueError:
+                continue
+            if kind == "R":
+                # Only if the device is still recorded elsewhere (it may have
+                # come back here since).
+                try:
+                    holder = await s._r.hget(self.online_key(user), value)
+                except Exception:
+                    holder = None
+                if holder is not None and holder.decode() == self.node_hex:
+                    continue
+            deliver(kind, user, int(value) if kind == "I" else value)
+
+    async def _recheck_loop(self, deliver: Callable[[str, str, Any], None]) -> None:
+        s = self.s
+        while not s._closed:
+            await trio.sleep(self.recheck)
+            users = list(self.online)
+            if not users:
+                continue
+            try:
+                async def read() -> list[Any]:
+                    async with s._r.pipeline(transaction=False) as pipe:
+                        pending = [pipe.hget(s._k_user(u), "head") for u in users]
+                    return [await p for p in pending]
+
+                heads = await read()
+            except Exception:
+                continue
+            for user, head in zip(users, heads):
+                if head is not None:
+                    deliver("I", user, int(head))
+
+    async def _epoch_loop(self) -> None:
+        s = self.s
+        while not s._closed:
+            await trio.sleep(1.0)
+            try:
+                epoch = await s._r.hget(s._meta, "epoch")
+            except Exception:
+                continue
+            if epoch is not None and bytes.fromhex(epoch.decode()) != s._epoch:
+                raise DataLost("the namespace has a new epoch (another node detected lost writes): stopping")
+
+    async def _sweep_loop(self) -> None:
+        while not self.s._closed:
+            await trio.sleep(self.sweep_after)
+            try:
+                await self.sweep()
+            except DataLost:
+                raise
+            except Exception:
+                pass  # the next sweep tries again
+
+    async def sweep(self, older_than: Optional[float] = None) -> int:
+        """Finish the fan-outs of outbox entries older than ``older_than``
+        seconds (default ``sweep_after``) on every master; returns how many
+        messages were finished."""
+        self._enter()
+        try:
+            return await self._sweep(older_than)
+        finally:
+            self._leave()
+
+    async def _sweep(self, older_than: Optional[float]) -> int:
+        from .redis import _Tx, _dec_msg
+
+        s = self.s
+        age_us = int((self.sweep_after if older_than is None else older_than) * 1_000_000)
+        import time as _time
+
+        now_us = int(_time.time() * 1_000_000)
+        pattern = f"{s.ns}:{{c:*}}:ob"
+        keys: list[str] = []
+        for node in s._r.connection_pool.cluster_layout.primaries:
+            client = await s._master_at((node.host, node.port))
+            cursor = 0
+            while True:
+                cursor, batch = await client.scan(cursor, match=pattern, count=500)
+                keys.extend(k.decode() if isinstance(k, bytes) else k for k in batch)
+                if not cursor:
+                    break
+        done = 0
+        for ob in keys:
+            conv = ob[len(f"{s.ns}:{{c:"):-len("}:ob")]
+            entries = await s._call(lambda: s._r.hgetall(ob))
+            fan = _Fanout(self)
+            finished: list[str] = []
+            for f, v in entries.items():
+                seq = int(f)
+                st, _, ev = v.decode().partition(":")
+                if now_us - int(st) < age_us:
+                    continue
+                tx = _Tx(s)
+                blob = await tx.get(s._k_conv(conv), f"s:{seq}")
+                if blob is None:
+                    continue
+                m = _dec_msg(blob)
+                recipients = await self._recipients(tx, conv, seq)
+                dedupe = None
+                if m.kind == MessageKind.MESSAGE:
+                    dkey, dfield = s._k_user(m.sender), f"d:{m.device}/{m.local_id}"
+                    prior = await tx.get(dkey, dfield)
+                    if prior is not None and prior.startswith(b"P:"):
+                        digest_hex = prior.decode().split(":")[3]
+                        dedupe = (m.sender, dfield, f"{m.msg_id.hex()}:{seq}:{m.server_time}:{digest_hex}".encode())
+                fan.message(m, recipients, ev == "1", dedupe)
+                finished.append(f.decode() if isinstance(f, bytes) else f)
+            if finished:
+                await fan.run()
+                done += len(finished)
+        return done
+
+    async def _recipients(self, tx: Any, conv: str, seq: int) -> list[str]:
+        """Who received seq ``seq`` of ``conv``: the members at that seq
+        (membership intervals; a JOINED/LEFT entry reaches its user too)."""
+        s = self.s
+        pair = direct_members(conv)
+        if pair is not None:
+            return sorted(pair)
+        out = []
+        fields = await s._call(lambda: s._r.hscan(s._k_conv(conv), 0, match="sp:*", count=10_000))
+        cursor, found = fields
+        while True:
+            for f, v in found.items():
+                f = f.decode() if isinstance(f, bytes) else f
+                from .redis import _dec_spans
+
+                if any(lo <= seq <= hi for lo, hi in member_ranges(_dec_spans(v))):
+                    out.append(f[3:])
+            if not cursor:
+                break
+            cursor, found = await s._call(lambda: s._r.hscan(s._k_conv(conv), cursor, match="sp:*", count=10_000))
+        return sorted(out)
+
+
+class _Fanout:
+    """Round 3 of sends and membership changes: inbox pointers for every
+    recipient (FANOUT, backfilling gaps), the extra records, host events,
+    hints, then the outbox entries removed."""
+
+    def __init__(self, ops: ClusterOps) -> None:
+        self.ops = ops
+        self.msgs: list[tuple[StoredMessage, list[str], bool, Optional[tuple[str, str, bytes]]]] = []
+        self.extra = _Round()
+
+    def message(self, m: StoredMessage, recipients: list[str], event: bool,
+                dedupe: Optional[tuple[str, str, bytes]] = None) -> None:
+        """Fan ``m`` out to ``recipients``; ``dedupe`` = (user, field, record):
+        the final dedupe record, written with the user's own entry (or alone
+        if the user is not a recipient)."""
+        if dedupe is not None and dedupe[0] not in recipients:
+            self.extra.hset(self.ops.s._k_user(dedupe[0]), dedupe[1], dedupe[2])
+            dedupe = None
+        self.msgs.append((m, recipients, event, dedupe))
+
+    async def run(self) -> dict[tuple[str, int], tuple[tuple[str, int], ...]]:
+        """-> (conv, seq) -> ((user, position), ...) for the positions this
+        round gave (a user whose entry another node already gave is left
+        out: that node's hint covers it)."""
+        from .redis import _Tx
+
+        ops, s = self.ops, self.ops.s
+        if not self.msgs:
+            return {}
+        rnd = self.extra
+        calls: list[tuple[int, str, str, list[tuple[int, str]]]] = []
+        # One FANOUT per (recipient, message), in the batch's order (one
+        # pipeline per master runs them in that order: positions follow it).
+        for m, recipients, event, dedupe in self.msgs:
+            ref = f"{m.seq}:{m.server_time}:{m.conv}"
+            for user in recipients:
+                df, dv = (dedupe[1], dedupe[2]) if dedupe is not None and dedupe[0] == user else ("", b"")
+                idx = rnd.script("FANOUT", (s._k_user(user), ops.online_key(user)), (m.conv, "0", df, dv, m.seq, ref))
+                calls.append((idx, user, m.conv, [(m.seq, ref)]))
+            rnd.hset(s._k_msg(m.msg_id), "r", f"{m.seq}:{m.conv}".encode())
+            if m.seq == 1:
+                rnd.hset(s._convs, m.conv, b"1")  # what Expire walks (one write per conversation)
+            if event:
+                tx = _Tx(s)
+                muted = [u for u in recipients if (await s._settings(tx, u, m.conv))[1]]
+                rnd.script("EVENT", (s._ev,), (m.msg_id.hex(), m.server_time, message_event(
+                    m, recipients, muted, mentioned_recipients(m, recipients))))
+        answers = await ops.run(rnd)
+        positions: dict[tuple[str, int], list[tuple[str, int]]] = {}
+        hints = _Round()
+        new_users = _Round()
+        gapped: dict[tuple[str, str], list] = {}
+        for idx, user, conv, items in calls:
+            ans = answers[idx]
+            if int(ans[0]) == -1:
+                g = gapped.setdefault((user, conv), [user, conv, int(ans[1]), []])
+                g[2] = min(g[2], int(ans[1]))
+                g[3].extend(items)
+                continue
+            self._took(ans, user, conv, positions, hints, new_users)
+        gaps = [(u, c, lseq, sorted(items)) for u, c, lseq, items in gapped.values()]
+        if gaps:
+            await self._backfill(gaps, positions, hints, new_users)
+        await ops.run(new_users)
+        # Done, in one round without a wait: the hints, the outbox entries
+        # removed (a leftover one is only redone by a sweep), the highest
+        # server time (what a node starting later floors its clock with).
+        for m, _, _, _ in self.msgs:
+            hints.hdel(ops.outbox_key(m.conv), str(m.seq))
+        top = max(m.server_time for m, _, _, _ in self.msgs)
+        if top > ops._st_written:
+            ops._st_written = top
+            hints.script("MAXSET", (s._meta,), ("st", top, 1 << 62))
+        await ops.run(hints, wait=False)
+        return {k: tuple(sorted(v)) for k, v in positions.items()}
+
+    def _took(self, ans: Any, user: str, conv: str, positions: dict, hints: _Round, new_users: _Round) -> None:
+        ops = self.ops
+        head, out, nodes, fresh = int(ans[0]), ans[1], ans[2], int(ans[3])
+        ops._check_pos(user, head)
+        for j in range(0, len(out), 2):
+            positions.setdefault((conv, int(out[j])), []).append((user, int(out[j + 1])))
+        if fresh:
+            new_users.hset(ops.s._users, user, b"1")
+        me = ops.node_hex
+        for node in {n.decode() if isinstance(n, bytes) else n for n in nodes}:
+            if node != me:
+                hints.push(ops.hint_key(node), f"I {user} {head}".encode())
+
+    async def _backfill(self, gaps: list, positions: dict, hints: _Round, new_users: _Round) -> None:
+        """A recipient's last delivered seq of the conversation is below the
+        first seq this round brings: deliver the missing ones (those the
+        recipient was a member for) from the conversation log, in order."""
+        from .redis import _Tx, _dec_msg, _dec_spans
+
+        ops, s = self.ops, self.ops.s
+        rnd = _Round()
+        calls = []
+        for user, conv, lseq, items in gaps:
+            tx = _Tx(s)
+            first = items[0][0]
+            pair = direct_members(conv)
+            spans = ((0, OPEN),) if pair is not None else _dec_spans(await tx.get(s._k_conv(conv), "sp:" + user))
+            ranges = member_ranges(spans)
+            missing = [q for q in range(lseq + 1, first) if any(lo <= q <= hi for lo, hi in ranges)]
+            blobs = await tx.mget(s._k_conv(conv), [f"s:{q}" for q in missing]) if missing else []
+            full = []
+            for q, b in zip(missing, blobs):
+                if b is None:
+                    # Removed by retention (Expire) or a purge: nothing left
+                    # to deliver (seqs are taken with their entry, by SEND or
+                    # CHANGE, so a seq below the last never lacks one otherwise).
+                    continue
+                m = _dec_msg(b)
+                full.append((q, f"{q}:{m.server_time}:{conv}"))
+            full.extend(items)
+            calls.append((rnd.script("FANOUT", (s._k_user(user), ops.online_key(user)),
+                                     (conv, "1", "", "", *[x for it in full for x in it])), user, conv))
+        answers = await ops.run(rnd)
+        for idx, user, conv in calls:
+            self._took(answers[idx], user, conv, positions, hints, new_users)
