@@ -218,6 +218,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         where = f"data in {settings.data_dir.resolve()} (durability {settings.durability})"
     else:
         # A Redis Cluster store (an AsyncStore): opened inside trio below.
+        for module in ("coredis", "hiredis"):
+            try:
+                __import__(module)
+            except ImportError:
+                print(f"pimcore serve: --store redis://... needs {module}: pip install 'pimcore[redis]'",
+                      file=sys.stderr)
+                return 2
         where = f"data in {settings.store} (namespace {settings.store_namespace})"
 
     async def run() -> None:

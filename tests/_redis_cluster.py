@@ -55,8 +55,9 @@ def missing() -> Optional[str]:
             return f"{tool} is not installed (apt-get install redis-server)"
     try:
         import coredis  # noqa: F401
-    except ImportError:
-        return "coredis is not installed (pip install 'pimcore[redis]')"
+        import hiredis  # noqa: F401
+    except ImportError as exc:
+        return f"{exc.name} is not installed (pip install 'pimcore[redis]')"
     return None
 
 

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import pimcore
 from pimcore.cli import main
 from pimcore.core import drain
@@ -268,3 +270,14 @@ def test_serve_tunes_the_collector_after_start_up() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+@pytest.mark.parametrize("module", ["coredis", "hiredis"])
+def test_serve_on_redis_without_the_redis_extra_says_what_to_install(tmp_path, monkeypatch, capsys, module):
+    # A None entry in sys.modules makes `import module` raise ImportError.
+    monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.setenv("PIMCORE_SECRET", "s" * 40)
+    code = main(["serve", "--data-dir", str(tmp_path / "d"), "--store", "redis://127.0.0.1:1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"needs {module}" in err and "pimcore[redis]" in err
