@@ -600,6 +600,11 @@ class _Hot:
             self.members = 0
 
 
+class _MsgIdTaken(Exception):
+    """A staged msg_id was already stored (or staged twice): see
+    :meth:`_Batch.put_staged`."""
+
+
 class _Batch:
     """One commit's write transaction plus a write-back cache of the hot
     counters: the last seq of each conversation and the head/floor of each
@@ -614,10 +619,23 @@ class _Batch:
     :class:`_Hot` that may outlive the batch.
     """
 
-    __slots__ = ("txn", "_store", "hot", "_dirty_seqs", "pend", "hwm", "ev_last", "ev_dirty")
+    __slots__ = ("txn", "_store", "hot", "_dirty_seqs", "pend", "hwm", "ev_last", "ev_dirty",
+                 "staging", "s_msgs", "s_convidx", "s_dedupe")
 
-    def __init__(self, store: "LmdbStore", txn: _Txn, hot: _Hot) -> None:
+    def __init__(self, store: "LmdbStore", txn: _Txn, hot: _Hot, staging: bool = True) -> None:
         self.txn = txn
+        #: Stage the ``msgs``, ``convidx`` and ``dedupe`` records of
+        #: NewMessage ops (below) rather than put them one by one.
+        self.staging = staging
+        #: Staged records: (msg_id, record) and (convidx key, value) in op
+        #: order, dedupe key -> value.  Only NewMessage/AckPosition/
+        #: TouchDevice run while anything is staged (:meth:`LmdbStore._apply`
+        #: writes it out before any other op), and of the staged databases
+        #: they read only ``dedupe``, through :meth:`prior`: so every read of
+        #: the batch sees every earlier write of it.
+        self.s_msgs: list[tuple[bytes, bytes]] = []
+        self.s_convidx: list[tuple[bytes, bytes]] = []
+        self.s_dedupe: dict[bytes, bytes] = {}
         #: Highest server time stored so far (meta ``hwm``, written at the end).
         self.hwm = 0
         self._store = store
@@ -691,8 +709,41 @@ class _Batch:
             conv.heads_gen = hot.heads_gen
         return _impl.fanout(conv.users, conv.uks, hot.heads, self.pend, entry)
 
+    def prior(self, dkey: bytes) -> Optional[bytes]:
+        """The dedupe record of ``dkey``: staged by this batch, or stored."""
+        staged = self.s_dedupe.get(dkey)
+        if staged is not None:
+            return staged
+        return self.txn.get(dkey, db=self._store._dedupe)  # type: ignore[no-any-return]
+
+    def put_staged(self) -> None:
+        """Write the staged records: one ``putmulti`` per database, keys
+        sorted.  ``msgs`` keys are server-time-first msg ids, so they nearly
+        always all sort after every stored key: then they are appended
+        (MDB_APPEND: no B-tree search).  Raises :class:`_MsgIdTaken` if a
+        msg_id was already stored or staged twice -- the batch is then run
+        again without staging, which rejects just that op (INTERNAL)."""
+        store, txn = self._store, self.txn
+        msgs = self.s_msgs
+        if msgs:
+            msgs.sort()
+            cur = txn.cursor(db=store._msgs)
+            append = not cur.last() or cur.key() < msgs[0][0]
+            if cur.putmulti(msgs, overwrite=False, append=append)[1] != len(msgs):
+                raise _MsgIdTaken()
+            msgs.clear()
+        if self.s_convidx:
+            self.s_convidx.sort()
+            txn.cursor(db=store._convidx).putmulti(self.s_convidx)
+            self.s_convidx.clear()
+        if self.s_dedupe:
+            txn.cursor(db=store._dedupe).putmulti(sorted(self.s_dedupe.items()))
+            self.s_dedupe.clear()
+
     def flush(self) -> None:
         store, txn, hot = self._store, self.txn, self.hot
+        if self.s_msgs:
+            self.put_staged()
         if self.ev_dirty:
             txn.put(b"evlast", _U64.pack(self.ev_last), db=store._meta)
             self.ev_dirty = False
@@ -1121,7 +1172,7 @@ class LmdbStore(Store):
     def _amend(self, w: _Batch, op: AmendMessage) -> Result:
         txn = w.txn
         dkey = _t(op.sender) + _t(op.device) + _U64.pack(op.local_id)
-        prior = txn.get(dkey, db=self._dedupe)
+        prior = w.prior(dkey)
         if prior is not None:
             msg_id, seq, server_time = _DEDUPE.unpack_from(prior)
             if prior[_DEDUPE.size :] == op.digest:
@@ -1223,12 +1274,14 @@ class LmdbStore(Store):
         ops = batch.ops
         kept: list[_Hot] = []
 
+        staging = [True]
+
         def run(txn: _Txn) -> tuple[Result, ...]:
             # Pure function of the transaction: it is re-run from scratch if
             # the map has to grow (see _write).  (The cache it takes was let
             # go of by the first run: a re-run starts from an empty one.)
             kept.clear()
-            w = _Batch(self, txn, self._take_hot(txn))
+            w = _Batch(self, txn, self._take_hot(txn), staging[0])
             stored = w.hwm = _U64.unpack(txn.get(b"hwm", db=self._meta))[0]
             results = []
             wrote = False
@@ -1263,16 +1316,25 @@ class LmdbStore(Store):
                 self._hot = kept[0]
 
         try:
-            return self._write(run, committed)
+            try:
+                return self._write(run, committed)
+            except _MsgIdTaken:
+                # A reused msg_id (a broken clock): run the batch again with
+                # every record put at once, which rejects just that op.
+                staging[0] = False
+                return self._write(run, committed)
         except StoreError:
             raise
         except Exception as exc:
             raise StoreError(f"batch {batch.batch_id} not committed: {exc!r}") from exc
 
     def _apply(self, w: _Batch, op: Op) -> Result:
-        handler = _HANDLERS.get(type(op))
+        kind = type(op)
+        handler = _HANDLERS.get(kind)
         if handler is None:
-            raise TypeError(f"not a store op: {type(op).__name__}")
+            raise TypeError(f"not a store op: {kind.__name__}")
+        if w.s_msgs and kind not in _STAGE_SAFE:
+            w.put_staged()  # this op may read what the earlier ones staged
         if malformed(op):
             return Rejected(ErrorCode.BAD_REQUEST)
         return handler(self, w, op)
@@ -1282,7 +1344,7 @@ class LmdbStore(Store):
         # Dedupe first: a retry of a stored message is answered with the
         # original identity whatever happened to the conversation since.
         dkey = _t(op.sender) + _t(op.device) + _U64.pack(op.local_id)
-        prior = txn.get(dkey, db=self._dedupe)
+        prior = w.prior(dkey)
         if prior is not None:
             msg_id, seq, server_time = _DEDUPE.unpack_from(prior)
             if prior[_DEDUPE.size :] == op.digest:
@@ -1301,10 +1363,15 @@ class LmdbStore(Store):
         # conversation stays gap-free and strictly increasing.
         seq = w.last_seq(ck) + 1
         after_seq = min(op.after_seq, seq - 1)
-        if not txn.put(op.msg_id, _encode_record(seq, op, after_seq), db=self._msgs, overwrite=False):
-            return Rejected(ErrorCode.INTERNAL)  # msg_id reused: nothing written yet
+        staging = w.staging
+        if staging:
+            w.s_msgs.append((op.msg_id, _encode_record(seq, op, after_seq)))
+            w.s_convidx.append((ck + _U64.pack(seq), op.msg_id + op.sender.encode("ascii")))
+        else:
+            if not txn.put(op.msg_id, _encode_record(seq, op, after_seq), db=self._msgs, overwrite=False):
+                return Rejected(ErrorCode.INTERNAL)  # msg_id reused: nothing written yet
+            txn.put(ck + _U64.pack(seq), op.msg_id + op.sender.encode("ascii"), db=self._convidx)
         w.set_last_seq(ck, seq)
-        txn.put(ck + _U64.pack(seq), op.msg_id + op.sender.encode("ascii"), db=self._convidx)
         # Every member's next inbox position; the entries are written at flush.
         positions = w.fanout(conv, _INBOX.pack(op.msg_id, op.server_time))
         if not conv.flagged:
@@ -1313,7 +1380,10 @@ class LmdbStore(Store):
             for uk in conv.uks:
                 self._flag(txn, uk + ck, _HAS_MESSAGES, True)
             conv.flagged = True
-        txn.put(dkey, _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest, db=self._dedupe)
+        if staging:
+            w.s_dedupe[dkey] = _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest
+        else:
+            txn.put(dkey, _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest, db=self._dedupe)
         if op.mentions or op.mention_all or op.event:
             m = StoredMessage(
                 op.msg_id, op.conv, seq, op.sender, op.device, op.local_id, op.client_time, op.server_time, op.payload,
@@ -2214,6 +2284,10 @@ class LmdbStore(Store):
         state = "closed" if self._env is None else self._durability
         return f"LmdbStore({self._path!r}, {state})"
 
+
+#: The ops that may run while NewMessage records are staged (see _Batch):
+#: of msgs, convidx and dedupe they read only dedupe, through _Batch.prior.
+_STAGE_SAFE = frozenset((NewMessage, AckPosition, TouchDevice))
 
 _HANDLERS: dict[type, Callable[[LmdbStore, _Batch, Op], Result]] = {
     NewMessage: LmdbStore._new_message,  # type: ignore[dict-item]
