@@ -372,6 +372,19 @@ def _conv_info(conv: str) -> Optional[tuple[bytes, Optional[tuple[str, str]]]]:
     return _t(conv), direct_members(conv)
 
 
+@lru_cache(maxsize=1 << 16)
+def _device_key(sender: str, device: str) -> bytes:
+    """``T(sender) T(device)``: the dedupe key's prefix."""
+    return _t(sender) + _t(device)
+
+
+@lru_cache(maxsize=1 << 14)
+def _record_ids(ck: bytes, dk: bytes) -> bytes:
+    """``T(conv) T(sender) T(device)`` of a message record, from T(conv)
+    and :func:`_device_key`."""
+    return ck + dk
+
+
 def _take_t(buf: bytes, off: int) -> tuple[str, int]:
     """Decode the text part at ``off``; return it and the offset after it."""
     end = off + 1 + buf[off]
@@ -1330,6 +1343,10 @@ class LmdbStore(Store):
 
     def _apply(self, w: _Batch, op: Op) -> Result:
         kind = type(op)
+        if kind is NewMessage:  # the hot path: may run while records are staged
+            if malformed(op):
+                return Rejected(ErrorCode.BAD_REQUEST)
+            return self._new_message(w, op)  # type: ignore[arg-type]
         handler = _HANDLERS.get(kind)
         if handler is None:
             raise TypeError(f"not a store op: {kind.__name__}")
@@ -1343,8 +1360,12 @@ class LmdbStore(Store):
         txn = w.txn
         # Dedupe first: a retry of a stored message is answered with the
         # original identity whatever happened to the conversation since.
-        dkey = _t(op.sender) + _t(op.device) + _U64.pack(op.local_id)
-        prior = w.prior(dkey)
+        # (This is w.prior written out: it runs for every message.)
+        dk = _device_key(op.sender, op.device)
+        dkey = dk + _U64.pack(op.local_id)
+        prior = w.s_dedupe.get(dkey)
+        if prior is None:
+            prior = txn.get(dkey, db=self._dedupe)
         if prior is not None:
             msg_id, seq, server_time = _DEDUPE.unpack_from(prior)
             if prior[_DEDUPE.size :] == op.digest:
@@ -1354,24 +1375,37 @@ class LmdbStore(Store):
         if info is None:
             return Rejected(ErrorCode.BAD_REQUEST)
         ck = info[0]
-        conv = w.conv(ck, info)
+        hot = w.hot
+        conv = hot.convs.get(ck)
         if conv is None:
-            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+            conv = w.conv(ck, info)
+            if conv is None:
+                return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
         if op.sender not in conv.member_set and op.sender != SYSTEM:  # the system may post anywhere
             return Rejected(ErrorCode.NOT_MEMBER)
         # Inside the write transaction nobody else can take this seq: the
-        # conversation stays gap-free and strictly increasing.
-        seq = w.last_seq(ck) + 1
-        after_seq = min(op.after_seq, seq - 1)
+        # conversation stays gap-free and strictly increasing.  (w.last_seq
+        # and w.set_last_seq written out.)
+        last = hot.seqs.get(ck)
+        if last is None:
+            last = w.last_seq(ck)
+        seq = last + 1
+        after_seq = op.after_seq if op.after_seq < seq else last
+        msg_id = op.msg_id
         staging = w.staging
-        if staging:
-            w.s_msgs.append((op.msg_id, _encode_record(seq, op, after_seq)))
-            w.s_convidx.append((ck + _U64.pack(seq), op.msg_id + op.sender.encode("ascii")))
+        if op.mentions or op.mention_all:
+            record = _encode_record(seq, op, after_seq)
         else:
-            if not txn.put(op.msg_id, _encode_record(seq, op, after_seq), db=self._msgs, overwrite=False):
+            record = _RECORD.pack(seq, op.local_id, op.client_time, op.server_time, after_seq, 0) + _record_ids(ck, dk) + op.payload
+        if staging:
+            w.s_msgs.append((msg_id, record))
+            w.s_convidx.append((ck + _U64.pack(seq), msg_id + op.sender.encode("ascii")))
+        else:
+            if not txn.put(msg_id, record, db=self._msgs, overwrite=False):
                 return Rejected(ErrorCode.INTERNAL)  # msg_id reused: nothing written yet
-            txn.put(ck + _U64.pack(seq), op.msg_id + op.sender.encode("ascii"), db=self._convidx)
-        w.set_last_seq(ck, seq)
+            txn.put(ck + _U64.pack(seq), msg_id + op.sender.encode("ascii"), db=self._convidx)
+        hot.seqs[ck] = seq
+        w._dirty_seqs.add(ck)
         # Every member's next inbox position; the entries are written at flush.
         positions = w.fanout(conv, _INBOX.pack(op.msg_id, op.server_time))
         if not conv.flagged:
