@@ -30,7 +30,17 @@ Batches
 A commit is one write transaction; ops run in order against it, so each sees
 the effects of the earlier ones.  The hottest counters (a conversation's last
 seq, an inbox's head and floor) go through a per-batch write-back cache
-(:class:`_Batch`) and are written once at the end of the batch.  If the map
+(:class:`_Batch`) and are written once at the end of the batch.  A
+message's ``msgs``, ``convidx`` and ``dedupe`` records are staged too and
+written with one sorted ``Cursor.putmulti`` per sub-database (``msgs``
+appended with MDB_APPEND when every new msg id sorts after the stored ones,
+as the server-time-first ids do), so a message costs one LMDB call (its
+dedupe lookup, which first consults the staged records) instead of four.
+Only NewMessage, AckPosition and TouchDevice run while records are staged;
+any other op writes them out first, so it reads what the earlier ops of
+its batch wrote.  A msg id that turns out to be stored already (a broken
+clock) re-runs the batch with every record put at once, which rejects just
+that op.  If the map
 fills up mid-batch the transaction is aborted, the map doubled and the whole
 batch run again from scratch, so nothing outside the transaction may be
 changed while it runs.
