@@ -1403,21 +1403,25 @@ class LmdbStore(Store):
         after_seq = op.after_seq if op.after_seq < seq else last
         msg_id = op.msg_id
         staging = w.staging
-        if op.mentions or op.mention_all:
+        plain = not (op.mentions or op.mention_all)
+        if staging and plain:
+            # The three records in one fast-path call (pimcore._pure.fanout).
+            entry = _impl.stage_message(op, seq, after_seq, _record_ids(ck, dk), ck, dkey, w.s_msgs, w.s_convidx,
+                                        w.s_dedupe)
+        else:
             record = _encode_record(seq, op, after_seq)
-        else:
-            record = _RECORD.pack(seq, op.local_id, op.client_time, op.server_time, after_seq, 0) + _record_ids(ck, dk) + op.payload
-        if staging:
-            w.s_msgs.append((msg_id, record))
-            w.s_convidx.append((ck + _U64.pack(seq), msg_id + op.sender.encode("ascii")))
-        else:
-            if not txn.put(msg_id, record, db=self._msgs, overwrite=False):
-                return Rejected(ErrorCode.INTERNAL)  # msg_id reused: nothing written yet
-            txn.put(ck + _U64.pack(seq), msg_id + op.sender.encode("ascii"), db=self._convidx)
+            entry = _INBOX.pack(msg_id, op.server_time)
+            if staging:
+                w.s_msgs.append((msg_id, record))
+                w.s_convidx.append((ck + _U64.pack(seq), msg_id + op.sender.encode("ascii")))
+            else:
+                if not txn.put(msg_id, record, db=self._msgs, overwrite=False):
+                    return Rejected(ErrorCode.INTERNAL)  # msg_id reused: nothing written yet
+                txn.put(ck + _U64.pack(seq), msg_id + op.sender.encode("ascii"), db=self._convidx)
         hot.seqs[ck] = seq
         w._dirty_seqs.add(ck)
         # Every member's next inbox position; the entries are written at flush.
-        positions = w.fanout(conv, _INBOX.pack(op.msg_id, op.server_time))
+        positions = w.fanout(conv, entry)
         if not conv.flagged:
             # The has-messages flag is never cleared (removing a member clears
             # only the member bit), so once set for every member it stays.
@@ -1425,7 +1429,8 @@ class LmdbStore(Store):
                 self._flag(txn, uk + ck, _HAS_MESSAGES, True)
             conv.flagged = True
         if staging:
-            w.s_dedupe[dkey] = _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest
+            if not plain:
+                w.s_dedupe[dkey] = _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest
         else:
             txn.put(dkey, _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest, db=self._dedupe)
         if op.mentions or op.mention_all or op.event:
