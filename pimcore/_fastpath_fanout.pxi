@@ -168,3 +168,99 @@ def head_items(uks, heads, floors):
         _fo_put_u64(p + 8, f)
         out.append((uk, value))
     return out
+
+
+cdef extern from "Python.h":
+    long long _fo_as_i64 "PyLong_AsLongLong"(object)
+
+
+cdef unsigned long long _fo_u64(object value, str name) except? 0xFFFFFFFFFFFFFFFFULL:
+    # as pure _int(value, name, 0, U64_MAX)
+    cdef unsigned long long v
+    if not _fo_is_long_exact(value):
+        raise TypeError(name + " must be int")
+    v = _fo_as_u64(value)
+    if v == _FO_U64_MAX and _fo_err_occurred() != NULL:
+        _fo_err_clear()
+        raise ValueError(name + " out of range")
+    return v
+
+
+cdef long long _fo_i64(object value, str name) except? -1:
+    # as pure _int(value, name, I64_MIN, I64_MAX)
+    cdef long long v
+    if not _fo_is_long_exact(value):
+        raise TypeError(name + " must be int")
+    v = _fo_as_i64(value)
+    if v == -1 and _fo_err_occurred() != NULL:
+        _fo_err_clear()
+        raise ValueError(name + " out of range")
+    return v
+
+
+cdef inline unsigned char *_fo_put(unsigned char *p, object b) noexcept:
+    # copy a bytes object's contents to p; the end
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
+    memcpy(p, PyBytes_AS_STRING(b), <size_t>n)
+    return p + n
+
+
+def stage_message(op, seq, after_seq, ids, ck, dkey, msgs, convidx, dedupe):
+    """Stage the records of a message without mentions; its inbox value
+    (see pimcore._pure.fanout)."""
+    cdef unsigned long long useq, ulocal, uafter
+    cdef long long client_time, server_time
+    cdef object msg_id, payload, digest, sender
+    cdef bytes sender_raw, record, key, value, entry
+    cdef unsigned char *p
+    if not _fo_is_list_exact(msgs) or not _fo_is_list_exact(convidx) or not _fo_is_dict_exact(dedupe):
+        raise TypeError("msgs and convidx must be lists, dedupe a dict")
+    if not _fo_is_bytes_exact(ids) or not _fo_is_bytes_exact(ck) or not _fo_is_bytes_exact(dkey):
+        raise TypeError("ids, ck and dkey must be bytes")
+    msg_id = op.msg_id
+    if not _fo_is_bytes_exact(msg_id):
+        raise TypeError("msg_id must be bytes")
+    if PyBytes_GET_SIZE(msg_id) != 16:
+        raise ValueError("msg_id must be 16 bytes")
+    payload = op.payload
+    digest = op.digest
+    if not _fo_is_bytes_exact(payload) or not _fo_is_bytes_exact(digest):
+        raise TypeError("payload and digest must be bytes")
+    sender = op.sender
+    if not _fo_is_str(sender) or type(sender) is not str:
+        raise TypeError("sender must be str")
+    sender_raw = (<str>sender).encode("ascii")
+    useq = _fo_u64(seq, "seq")
+    ulocal = _fo_u64(op.local_id, "local_id")
+    client_time = _fo_i64(op.client_time, "client_time")
+    server_time = _fo_i64(op.server_time, "server_time")
+    uafter = _fo_u64(after_seq, "after_seq")
+    # msgs: >QQqqQB + ids + payload
+    record = PyBytes_FromStringAndSize(NULL, 41 + PyBytes_GET_SIZE(ids) + PyBytes_GET_SIZE(payload))
+    p = <unsigned char *>PyBytes_AS_STRING(record)
+    _fo_put_u64(p, useq)
+    _fo_put_u64(p + 8, ulocal)
+    _fo_put_u64(p + 16, <unsigned long long>client_time)
+    _fo_put_u64(p + 24, <unsigned long long>server_time)
+    _fo_put_u64(p + 32, uafter)
+    p[40] = 0
+    _fo_put(_fo_put(p + 41, ids), payload)
+    # convidx: ck + U64(seq) -> msg_id + sender
+    key = _fo_key(ck, useq)
+    value = PyBytes_FromStringAndSize(NULL, 16 + PyBytes_GET_SIZE(sender_raw))
+    _fo_put(_fo_put(<unsigned char *>PyBytes_AS_STRING(value), msg_id), sender_raw)
+    # dedupe: msg_id + U64(seq) + I64(server_time) + digest
+    dvalue = PyBytes_FromStringAndSize(NULL, 32 + PyBytes_GET_SIZE(digest))
+    p = <unsigned char *>PyBytes_AS_STRING(dvalue)
+    p = _fo_put(p, msg_id)
+    _fo_put_u64(p, useq)
+    _fo_put_u64(p + 8, <unsigned long long>server_time)
+    _fo_put(p + 16, digest)
+    # inbox: msg_id + I64(server_time)
+    entry = PyBytes_FromStringAndSize(NULL, 24)
+    p = _fo_put(<unsigned char *>PyBytes_AS_STRING(entry), msg_id)
+    _fo_put_u64(p, <unsigned long long>server_time)
+    (<list>msgs).append((msg_id, record))
+    (<list>convidx).append((key, value))
+    (<dict>dedupe)[dkey] = dvalue
+    return entry

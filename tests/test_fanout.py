@@ -534,3 +534,123 @@ def test_big_group_fanout_in_one_commit(lmdb_store: LmdbStore) -> None:
     for u in users[::97]:
         assert inbox(store, u) == [(k + 1, op.msg_id) for k, op in enumerate(ops)]
         assert store.conversations(u) == ["g"]
+
+
+# ---------------------------------------------------------------- stage_message
+
+ST_OP = NewMessage(b"M" * 16, "d:a:bo", "bo", "ph", 7, -5, 1_700_000, b"payload", b"D" * 16, 3)
+ST_IDS = tk("d:a:bo") + tk("bo") + tk("ph")
+
+
+def _stage(backend: ModuleType, op: object = ST_OP, seq: object = 4, after_seq: object = 3, **lists: object) -> tuple:
+    msgs, convidx, dedupe = lists.get("msgs", []), lists.get("convidx", []), lists.get("dedupe", {})
+    entry = backend.stage_message(op, seq, after_seq, ST_IDS, tk("d:a:bo"), tk("bo") + tk("ph") + b"K" * 8,
+                                  msgs, convidx, dedupe)
+    return entry, msgs, convidx, dedupe
+
+
+def test_stage_message_builds_the_records_of_the_key_layout(backend: ModuleType) -> None:
+    entry, msgs, convidx, dedupe = _stage(backend)
+    op = ST_OP
+    assert entry == op.msg_id + struct.pack(">q", op.server_time)
+    assert msgs == [(op.msg_id, struct.pack(">QQqqQB", 4, 7, -5, 1_700_000, 3, 0) + ST_IDS + b"payload")]
+    assert convidx == [(tk("d:a:bo") + struct.pack(">Q", 4), op.msg_id + b"bo")]
+    assert dedupe == {tk("bo") + tk("ph") + b"K" * 8: op.msg_id + struct.pack(">Qq", 4, 1_700_000) + b"D" * 16}
+    # and the store decodes the record it staged
+    m = lmdb_module._decode_record(op.msg_id, msgs[0][1])
+    assert (m.conv, m.seq, m.sender, m.device, m.local_id, m.client_time, m.payload, m.after_seq) == (
+        "d:a:bo", 4, "bo", "ph", 7, -5, b"payload", 3)
+
+
+@pytest.mark.parametrize(
+    "change, exc, text",
+    [
+        ({"msg_id": b"short"}, ValueError, "msg_id must be 16 bytes"),
+        ({"msg_id": "M" * 16}, TypeError, "msg_id must be bytes"),
+        ({"payload": bytearray(b"p")}, TypeError, "payload and digest must be bytes"),
+        ({"digest": None}, TypeError, "payload and digest must be bytes"),
+        ({"sender": b"bo"}, TypeError, "sender must be str"),
+        ({"sender": "bö"}, UnicodeEncodeError, "ascii"),
+        ({"local_id": -1}, ValueError, "local_id out of range"),
+        ({"local_id": 1 << 64}, ValueError, "local_id out of range"),
+        ({"local_id": True}, TypeError, "local_id must be int"),
+        ({"client_time": 1 << 63}, ValueError, "client_time out of range"),
+        ({"server_time": -(1 << 63) - 1}, ValueError, "server_time out of range"),
+        ({"server_time": 1.0}, TypeError, "server_time must be int"),
+    ],
+)
+def test_stage_message_rejects_bad_fields_and_stages_nothing(backend: ModuleType, change: dict, exc: type,
+                                                             text: str) -> None:
+    import dataclasses
+
+    msgs: list = []
+    convidx: list = []
+    dedupe: dict = {}
+    with pytest.raises(exc, match=text):
+        _stage(backend, dataclasses.replace(ST_OP, **change), msgs=msgs, convidx=convidx, dedupe=dedupe)
+    assert msgs == convidx == [] and dedupe == {}
+
+
+def test_stage_message_takes_the_boundary_values(backend: ModuleType) -> None:
+    import dataclasses
+
+    op = dataclasses.replace(ST_OP, local_id=U64_MAX, client_time=-(1 << 63), server_time=(1 << 63) - 1, payload=b"")
+    entry, msgs, convidx, dedupe = _stage(backend, op, U64_MAX, U64_MAX)
+    assert msgs[0][1] == struct.pack(">QQqqQB", U64_MAX, U64_MAX, -(1 << 63), (1 << 63) - 1, U64_MAX, 0) + ST_IDS
+    assert convidx[0][0].endswith(b"\xff" * 8) and entry.endswith(struct.pack(">q", (1 << 63) - 1))
+    entry, msgs, _, _ = _stage(backend, dataclasses.replace(op, local_id=0, server_time=-(1 << 63)), 0, 0)
+    assert msgs[0][1][:41] == struct.pack(">QQqqQB", 0, 0, -(1 << 63), -(1 << 63), 0, 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, text",
+    [
+        ({"seq": -1}, ValueError, "seq out of range"),
+        ({"seq": 1 << 64}, ValueError, "seq out of range"),
+        ({"seq": "4"}, TypeError, "seq must be int"),
+        ({"after_seq": -2}, ValueError, "after_seq out of range"),
+        ({"msgs": ()}, TypeError, "must be lists, dedupe a dict"),
+        ({"dedupe": []}, TypeError, "must be lists, dedupe a dict"),
+        ({"op": object()}, AttributeError, "msg_id"),
+    ],
+)
+def test_stage_message_rejects_bad_arguments(backend: ModuleType, kwargs: dict, exc: type, text: str) -> None:
+    with pytest.raises(exc, match=text):
+        _stage(backend, **kwargs)
+
+
+small_int = st.one_of(
+    st.integers(0, 1 << 20), st.sampled_from([-1, -(1 << 63), (1 << 63) - 1, 1 << 63, U64_MAX, 1 << 64, True, 2.0])
+)
+
+
+def _mostly(good: st.SearchStrategy, bad: st.SearchStrategy) -> st.SearchStrategy:
+    # Each field is good 9 times in 10, so that most examples get past the
+    # first checks and the later ones are compared too.
+    return st.one_of(*[good] * 9, bad)
+
+
+@settings(max_examples=400)
+@given(
+    msg_id=_mostly(st.binary(min_size=16, max_size=16), st.one_of(st.binary(max_size=20), st.just("x" * 16))),
+    sender=_mostly(st.sampled_from(["bo", "a", ""]), st.sampled_from(["é", b"bo"])),
+    payload=_mostly(st.binary(max_size=40), st.just(bytearray(b"p"))),
+    digest=_mostly(st.binary(max_size=20), st.just(None)),
+    ints=st.tuples(*[_mostly(st.integers(0, 1 << 20), small_int)] * 5),
+    ids=_mostly(st.binary(max_size=30), st.just("ids")),
+)
+def test_stage_message_differential(both: tuple[ModuleType, ModuleType], msg_id, sender, payload, digest, ints,
+                                    ids) -> None:
+    seq, local_id, client_time, server_time, after_seq = ints
+    op = NewMessage(msg_id, "d:a:bo", sender, "ph", local_id, client_time, server_time, payload, digest)
+    outs = []
+    for backend in both:
+        msgs: list = [(b"k", b"v")]
+        convidx: list = []
+        dedupe: dict = {b"old": b"x"}
+        try:
+            res: object = backend.stage_message(op, seq, after_seq, ids, b"\x02ck", b"dk", msgs, convidx, dedupe)
+        except (TypeError, ValueError, AttributeError) as exc:
+            res = ("err", type(exc), str(exc))
+        outs.append((res, msgs, convidx, dedupe))
+    assert outs[0] == outs[1]

@@ -64,6 +64,7 @@ from pimcore.store import (
     WriteBatch,
     direct_conversation,
 )
+from pimcore.store import AmendMessage, SetConversation
 from pimcore.store import Expire, PurgeConversation, PurgeUser, ReadDedupe, ReadRetention, SetRetention
 
 BACKENDS = ["memory", "lmdb"]
@@ -378,6 +379,47 @@ def test_reused_msg_id_fails_only_that_op(store: Store, mk: Maker) -> None:
     assert stored is not None and stored.sender == "alice"
     # The clashing key was not recorded: its retry with a fresh id is stored.
     assert isinstance(mk.commit(store, mk(AB, "bob", local_id=clash.local_id))[0], Appended)
+
+
+def test_msg_id_stored_by_an_earlier_commit_fails_only_that_op(store: Store, mk: Maker) -> None:
+    first = mk(AB, "alice", server_time=500)
+    mk.commit(store, first)
+    clash = mk(AB, "bob", server_time=500)  # the clock went back onto a stored id
+    before = mk(AB, "bob", server_time=400)  # back, but onto a free id: sorts first
+    res = mk.commit(store, mk(AB, "alice", server_time=600), clash, before)
+    assert res[1] == Rejected(ErrorCode.INTERNAL)
+    assert isinstance(res[0], Appended) and res[0].seq == 2
+    assert isinstance(res[2], Appended) and res[2].seq == 3
+    assert [(m.seq, m.server_time) for m in store.history(AB, 0, 10)] == [(1, 500), (2, 600), (3, 400)]
+    assert store.message(first.msg_id).sender == "alice"  # type: ignore[union-attr]
+    assert store.deduped("bob", "phone", before.local_id) and not store.deduped("bob", "phone", clash.local_id)
+
+
+def test_ops_after_messages_in_one_batch_read_them(store: Store, mk: Maker) -> None:
+    """Whatever a batch's messages wrote is seen by the later ops of the
+    same batch: reads, unread counts, amends, the conversation list."""
+    m1, m2, e = mk(AB, "alice", payload=b"one"), mk(AB, "alice", payload=b"two"), mk(AB, "alice")
+    res = mk.commit(
+        store,
+        m1,
+        m2,
+        MarkRead("bob", AB, 1),
+        AmendMessage(e.msg_id, AB, "alice", "phone", e.local_id, e.client_time, e.server_time, MessageKind.EDIT, 2,
+                     b"TWO", digest(AB, b"edit two")),
+        mk(AB, "alice", local_id=m1.local_id, payload=b"one"),  # a retry after the amend
+        SetConversation("bob", AB, pinned=1),
+        mk(AB, "bob"),
+        MarkRead("alice", AB, 10),
+    )
+    assert res[2] == ReadMarked("bob", AB, 1, 2, 1, True)
+    assert isinstance(res[3], Appended) and res[3].seq == 3
+    assert res[4] == Duplicate(m1.msg_id, 1, m1.server_time)
+    entry = res[5].entry  # type: ignore[union-attr]
+    assert (entry.last.payload, entry.read_seq, entry.unread, entry.pinned) == (b"TWO", 1, 1, True)
+    assert isinstance(res[6], Appended) and res[6].seq == 4
+    assert res[7] == ReadMarked("alice", AB, 4, 4, 0, True)
+    assert [(m.seq, m.payload) for m in store.history(AB, 0, 10)] == [(1, b"one"), (2, b"TWO"), (3, b"TWO"), (4, b"hello")]
+    assert store.unread("bob", AB) == 1
 
 
 # ---------------------------------------------------------------- validation

@@ -30,11 +30,16 @@ from __future__ import annotations
 import struct
 from typing import Sequence, Union
 
-__all__ = ["fanout", "inbox_items", "head_items"]
+__all__ = ["fanout", "inbox_items", "head_items", "stage_message"]
 
 _U64 = struct.Struct(">Q")
 _HEAD_FLOOR = struct.Struct(">QQ")
 _U64_MAX = (1 << 64) - 1
+_I64_MIN = -(1 << 63)
+_I64_MAX = (1 << 63) - 1
+_RECORD = struct.Struct(">QQqqQB")
+_U64_I64 = struct.Struct(">Qq")
+_I64 = struct.Struct(">q")
 
 
 def _head(heads: dict, uk: bytes, what: str = "inbox head") -> int:
@@ -141,3 +146,63 @@ def head_items(
         floor = _head(floors, uk, "inbox floor")
         out.append((uk, _HEAD_FLOOR.pack(head, floor)))
     return out
+
+
+def _int(value: object, name: str, lo: int, hi: int) -> int:
+    if type(value) is not int:
+        raise TypeError(f"{name} must be int")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} out of range")
+    return value
+
+
+def stage_message(
+    op: object,
+    seq: int,
+    after_seq: int,
+    ids: bytes,
+    ck: bytes,
+    dkey: bytes,
+    msgs: list[tuple[bytes, bytes]],
+    convidx: list[tuple[bytes, bytes]],
+    dedupe: dict[bytes, bytes],
+) -> bytes:
+    """Stage the records of a message without mentions (a NewMessage ``op``
+    stored at ``seq``, ``after_seq`` already clamped); return its inbox
+    value ``msg_id + I64(server_time)``.
+
+    Appends ``(msg_id, record)`` to ``msgs`` (record: ``>QQqqQB`` seq,
+    local_id, client_time, server_time, after_seq, kind 0, then ``ids`` =
+    ``T(conv) T(sender) T(device)``, then the payload), ``(ck + U64(seq),
+    msg_id + sender)`` to ``convidx``, and sets ``dedupe[dkey] = msg_id +
+    U64(seq) + I64(server_time) + digest``: the LMDB key layout (see
+    ``pimcore.store.lmdb``).  Everything is checked before anything is
+    staged: TypeError for a wrong type, ValueError for a msg_id that is not
+    16 bytes or an integer out of its u64/i64 range, UnicodeEncodeError for
+    a non-ASCII sender.
+    """
+    if type(msgs) is not list or type(convidx) is not list or type(dedupe) is not dict:
+        raise TypeError("msgs and convidx must be lists, dedupe a dict")
+    if type(ids) is not bytes or type(ck) is not bytes or type(dkey) is not bytes:
+        raise TypeError("ids, ck and dkey must be bytes")
+    msg_id = op.msg_id  # type: ignore[attr-defined]
+    if type(msg_id) is not bytes:
+        raise TypeError("msg_id must be bytes")
+    if len(msg_id) != 16:
+        raise ValueError("msg_id must be 16 bytes")
+    payload, digest = op.payload, op.digest  # type: ignore[attr-defined]
+    if type(payload) is not bytes or type(digest) is not bytes:
+        raise TypeError("payload and digest must be bytes")
+    sender = op.sender  # type: ignore[attr-defined]
+    if type(sender) is not str:
+        raise TypeError("sender must be str")
+    sender_raw = sender.encode("ascii")
+    _int(seq, "seq", 0, _U64_MAX)
+    local_id = _int(op.local_id, "local_id", 0, _U64_MAX)  # type: ignore[attr-defined]
+    client_time = _int(op.client_time, "client_time", _I64_MIN, _I64_MAX)  # type: ignore[attr-defined]
+    server_time = _int(op.server_time, "server_time", _I64_MIN, _I64_MAX)  # type: ignore[attr-defined]
+    _int(after_seq, "after_seq", 0, _U64_MAX)
+    msgs.append((msg_id, _RECORD.pack(seq, local_id, client_time, server_time, after_seq, 0) + ids + payload))
+    convidx.append((ck + _U64.pack(seq), msg_id + sender_raw))
+    dedupe[dkey] = msg_id + _U64_I64.pack(seq, server_time) + digest
+    return msg_id + _I64.pack(server_time)

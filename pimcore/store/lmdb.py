@@ -30,7 +30,17 @@ Batches
 A commit is one write transaction; ops run in order against it, so each sees
 the effects of the earlier ones.  The hottest counters (a conversation's last
 seq, an inbox's head and floor) go through a per-batch write-back cache
-(:class:`_Batch`) and are written once at the end of the batch.  If the map
+(:class:`_Batch`) and are written once at the end of the batch.  A
+message's ``msgs``, ``convidx`` and ``dedupe`` records are staged too and
+written with one sorted ``Cursor.putmulti`` per sub-database (``msgs``
+appended with MDB_APPEND when every new msg id sorts after the stored ones,
+as the server-time-first ids do), so a message costs one LMDB call (its
+dedupe lookup, which first consults the staged records) instead of four.
+Only NewMessage, AckPosition and TouchDevice run while records are staged;
+any other op writes them out first, so it reads what the earlier ops of
+its batch wrote.  A msg id that turns out to be stored already (a broken
+clock) re-runs the batch with every record put at once, which rejects just
+that op.  If the map
 fills up mid-batch the transaction is aborted, the map doubled and the whole
 batch run again from scratch, so nothing outside the transaction may be
 changed while it runs.
@@ -372,6 +382,19 @@ def _conv_info(conv: str) -> Optional[tuple[bytes, Optional[tuple[str, str]]]]:
     return _t(conv), direct_members(conv)
 
 
+@lru_cache(maxsize=1 << 16)
+def _device_key(sender: str, device: str) -> bytes:
+    """``T(sender) T(device)``: the dedupe key's prefix."""
+    return _t(sender) + _t(device)
+
+
+@lru_cache(maxsize=1 << 14)
+def _record_ids(ck: bytes, dk: bytes) -> bytes:
+    """``T(conv) T(sender) T(device)`` of a message record, from T(conv)
+    and :func:`_device_key`."""
+    return ck + dk
+
+
 def _take_t(buf: bytes, off: int) -> tuple[str, int]:
     """Decode the text part at ``off``; return it and the offset after it."""
     end = off + 1 + buf[off]
@@ -600,6 +623,11 @@ class _Hot:
             self.members = 0
 
 
+class _MsgIdTaken(Exception):
+    """A staged msg_id was already stored (or staged twice): see
+    :meth:`_Batch.put_staged`."""
+
+
 class _Batch:
     """One commit's write transaction plus a write-back cache of the hot
     counters: the last seq of each conversation and the head/floor of each
@@ -614,10 +642,23 @@ class _Batch:
     :class:`_Hot` that may outlive the batch.
     """
 
-    __slots__ = ("txn", "_store", "hot", "_dirty_seqs", "pend", "hwm", "ev_last", "ev_dirty")
+    __slots__ = ("txn", "_store", "hot", "_dirty_seqs", "pend", "hwm", "ev_last", "ev_dirty",
+                 "staging", "s_msgs", "s_convidx", "s_dedupe")
 
-    def __init__(self, store: "LmdbStore", txn: _Txn, hot: _Hot) -> None:
+    def __init__(self, store: "LmdbStore", txn: _Txn, hot: _Hot, staging: bool = True) -> None:
         self.txn = txn
+        #: Stage the ``msgs``, ``convidx`` and ``dedupe`` records of
+        #: NewMessage ops (below) rather than put them one by one.
+        self.staging = staging
+        #: Staged records: (msg_id, record) and (convidx key, value) in op
+        #: order, dedupe key -> value.  Only NewMessage/AckPosition/
+        #: TouchDevice run while anything is staged (:meth:`LmdbStore._apply`
+        #: writes it out before any other op), and of the staged databases
+        #: they read only ``dedupe``, through :meth:`prior`: so every read of
+        #: the batch sees every earlier write of it.
+        self.s_msgs: list[tuple[bytes, bytes]] = []
+        self.s_convidx: list[tuple[bytes, bytes]] = []
+        self.s_dedupe: dict[bytes, bytes] = {}
         #: Highest server time stored so far (meta ``hwm``, written at the end).
         self.hwm = 0
         self._store = store
@@ -691,8 +732,41 @@ class _Batch:
             conv.heads_gen = hot.heads_gen
         return _impl.fanout(conv.users, conv.uks, hot.heads, self.pend, entry)
 
+    def prior(self, dkey: bytes) -> Optional[bytes]:
+        """The dedupe record of ``dkey``: staged by this batch, or stored."""
+        staged = self.s_dedupe.get(dkey)
+        if staged is not None:
+            return staged
+        return self.txn.get(dkey, db=self._store._dedupe)  # type: ignore[no-any-return]
+
+    def put_staged(self) -> None:
+        """Write the staged records: one ``putmulti`` per database, keys
+        sorted.  ``msgs`` keys are server-time-first msg ids, so they nearly
+        always all sort after every stored key: then they are appended
+        (MDB_APPEND: no B-tree search).  Raises :class:`_MsgIdTaken` if a
+        msg_id was already stored or staged twice -- the batch is then run
+        again without staging, which rejects just that op (INTERNAL)."""
+        store, txn = self._store, self.txn
+        msgs = self.s_msgs
+        if msgs:
+            msgs.sort()
+            cur = txn.cursor(db=store._msgs)
+            append = not cur.last() or cur.key() < msgs[0][0]
+            if cur.putmulti(msgs, overwrite=False, append=append)[1] != len(msgs):
+                raise _MsgIdTaken()
+            msgs.clear()
+        if self.s_convidx:
+            self.s_convidx.sort()
+            txn.cursor(db=store._convidx).putmulti(self.s_convidx)
+            self.s_convidx.clear()
+        if self.s_dedupe:
+            txn.cursor(db=store._dedupe).putmulti(sorted(self.s_dedupe.items()))
+            self.s_dedupe.clear()
+
     def flush(self) -> None:
         store, txn, hot = self._store, self.txn, self.hot
+        if self.s_msgs:
+            self.put_staged()
         if self.ev_dirty:
             txn.put(b"evlast", _U64.pack(self.ev_last), db=store._meta)
             self.ev_dirty = False
@@ -1121,7 +1195,7 @@ class LmdbStore(Store):
     def _amend(self, w: _Batch, op: AmendMessage) -> Result:
         txn = w.txn
         dkey = _t(op.sender) + _t(op.device) + _U64.pack(op.local_id)
-        prior = txn.get(dkey, db=self._dedupe)
+        prior = w.prior(dkey)
         if prior is not None:
             msg_id, seq, server_time = _DEDUPE.unpack_from(prior)
             if prior[_DEDUPE.size :] == op.digest:
@@ -1223,12 +1297,14 @@ class LmdbStore(Store):
         ops = batch.ops
         kept: list[_Hot] = []
 
+        staging = [True]
+
         def run(txn: _Txn) -> tuple[Result, ...]:
             # Pure function of the transaction: it is re-run from scratch if
             # the map has to grow (see _write).  (The cache it takes was let
             # go of by the first run: a re-run starts from an empty one.)
             kept.clear()
-            w = _Batch(self, txn, self._take_hot(txn))
+            w = _Batch(self, txn, self._take_hot(txn), staging[0])
             stored = w.hwm = _U64.unpack(txn.get(b"hwm", db=self._meta))[0]
             results = []
             wrote = False
@@ -1263,16 +1339,29 @@ class LmdbStore(Store):
                 self._hot = kept[0]
 
         try:
-            return self._write(run, committed)
+            try:
+                return self._write(run, committed)
+            except _MsgIdTaken:
+                # A reused msg_id (a broken clock): run the batch again with
+                # every record put at once, which rejects just that op.
+                staging[0] = False
+                return self._write(run, committed)
         except StoreError:
             raise
         except Exception as exc:
             raise StoreError(f"batch {batch.batch_id} not committed: {exc!r}") from exc
 
     def _apply(self, w: _Batch, op: Op) -> Result:
-        handler = _HANDLERS.get(type(op))
+        kind = type(op)
+        if kind is NewMessage:  # the hot path: may run while records are staged
+            if malformed(op):
+                return Rejected(ErrorCode.BAD_REQUEST)
+            return self._new_message(w, op)  # type: ignore[arg-type]
+        handler = _HANDLERS.get(kind)
         if handler is None:
-            raise TypeError(f"not a store op: {type(op).__name__}")
+            raise TypeError(f"not a store op: {kind.__name__}")
+        if w.s_msgs and kind not in _STAGE_SAFE:
+            w.put_staged()  # this op may read what the earlier ones staged
         if malformed(op):
             return Rejected(ErrorCode.BAD_REQUEST)
         return handler(self, w, op)
@@ -1281,8 +1370,12 @@ class LmdbStore(Store):
         txn = w.txn
         # Dedupe first: a retry of a stored message is answered with the
         # original identity whatever happened to the conversation since.
-        dkey = _t(op.sender) + _t(op.device) + _U64.pack(op.local_id)
-        prior = txn.get(dkey, db=self._dedupe)
+        # (This is w.prior written out: it runs for every message.)
+        dk = _device_key(op.sender, op.device)
+        dkey = dk + _U64.pack(op.local_id)
+        prior = w.s_dedupe.get(dkey)
+        if prior is None:
+            prior = txn.get(dkey, db=self._dedupe)
         if prior is not None:
             msg_id, seq, server_time = _DEDUPE.unpack_from(prior)
             if prior[_DEDUPE.size :] == op.digest:
@@ -1292,28 +1385,54 @@ class LmdbStore(Store):
         if info is None:
             return Rejected(ErrorCode.BAD_REQUEST)
         ck = info[0]
-        conv = w.conv(ck, info)
+        hot = w.hot
+        conv = hot.convs.get(ck)
         if conv is None:
-            return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+            conv = w.conv(ck, info)
+            if conv is None:
+                return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
         if op.sender not in conv.member_set and op.sender != SYSTEM:  # the system may post anywhere
             return Rejected(ErrorCode.NOT_MEMBER)
         # Inside the write transaction nobody else can take this seq: the
-        # conversation stays gap-free and strictly increasing.
-        seq = w.last_seq(ck) + 1
-        after_seq = min(op.after_seq, seq - 1)
-        if not txn.put(op.msg_id, _encode_record(seq, op, after_seq), db=self._msgs, overwrite=False):
-            return Rejected(ErrorCode.INTERNAL)  # msg_id reused: nothing written yet
-        w.set_last_seq(ck, seq)
-        txn.put(ck + _U64.pack(seq), op.msg_id + op.sender.encode("ascii"), db=self._convidx)
+        # conversation stays gap-free and strictly increasing.  (w.last_seq
+        # and w.set_last_seq written out.)
+        last = hot.seqs.get(ck)
+        if last is None:
+            last = w.last_seq(ck)
+        seq = last + 1
+        after_seq = op.after_seq if op.after_seq < seq else last
+        msg_id = op.msg_id
+        staging = w.staging
+        plain = not (op.mentions or op.mention_all)
+        if staging and plain:
+            # The three records in one fast-path call (pimcore._pure.fanout).
+            entry = _impl.stage_message(op, seq, after_seq, _record_ids(ck, dk), ck, dkey, w.s_msgs, w.s_convidx,
+                                        w.s_dedupe)
+        else:
+            record = _encode_record(seq, op, after_seq)
+            entry = _INBOX.pack(msg_id, op.server_time)
+            if staging:
+                w.s_msgs.append((msg_id, record))
+                w.s_convidx.append((ck + _U64.pack(seq), msg_id + op.sender.encode("ascii")))
+            else:
+                if not txn.put(msg_id, record, db=self._msgs, overwrite=False):
+                    return Rejected(ErrorCode.INTERNAL)  # msg_id reused: nothing written yet
+                txn.put(ck + _U64.pack(seq), msg_id + op.sender.encode("ascii"), db=self._convidx)
+        hot.seqs[ck] = seq
+        w._dirty_seqs.add(ck)
         # Every member's next inbox position; the entries are written at flush.
-        positions = w.fanout(conv, _INBOX.pack(op.msg_id, op.server_time))
+        positions = w.fanout(conv, entry)
         if not conv.flagged:
             # The has-messages flag is never cleared (removing a member clears
             # only the member bit), so once set for every member it stays.
             for uk in conv.uks:
                 self._flag(txn, uk + ck, _HAS_MESSAGES, True)
             conv.flagged = True
-        txn.put(dkey, _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest, db=self._dedupe)
+        if staging:
+            if not plain:
+                w.s_dedupe[dkey] = _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest
+        else:
+            txn.put(dkey, _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest, db=self._dedupe)
         if op.mentions or op.mention_all or op.event:
             m = StoredMessage(
                 op.msg_id, op.conv, seq, op.sender, op.device, op.local_id, op.client_time, op.server_time, op.payload,
@@ -2214,6 +2333,10 @@ class LmdbStore(Store):
         state = "closed" if self._env is None else self._durability
         return f"LmdbStore({self._path!r}, {state})"
 
+
+#: The ops that may run while NewMessage records are staged (see _Batch):
+#: of msgs, convidx and dedupe they read only dedupe, through _Batch.prior.
+_STAGE_SAFE = frozenset((NewMessage, AckPosition, TouchDevice))
 
 _HANDLERS: dict[type, Callable[[LmdbStore, _Batch, Op], Result]] = {
     NewMessage: LmdbStore._new_message,  # type: ignore[dict-item]
