@@ -763,7 +763,12 @@ class RedisStore(AsyncStore):
                     # every op has run, so the batch takes no effect.
                     raise StoreError(f"batch {request.request_id} not committed: {exc!r}") from exc
                 await self._flush(tx)
-                return tuple(results)
+            if self.cluster is not None:
+                # The user's devices on other nodes hear of new conversation
+                # settings (a hint: cluster.tell).
+                await self.cluster.tell([(r.user, f"U {r.user} {r.conv}") for r in results
+                                         if type(r) is ConversationSet and r.changed])
+            return tuple(results)
         tx = _Tx(self)
         return tuple([await self._read(tx, op) for op in request.ops])  # type: ignore[arg-type]
 

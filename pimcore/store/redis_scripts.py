@@ -48,7 +48,14 @@ node) -- a wake-up only: delivery correctness comes from inbox positions,
 and a lost hint only delays until the device's next read (each node also
 re-checks the heads of its online users every ``recheck`` seconds).  A login
 records the device's node; if another node held it, that node gets
-``R user device`` and closes its session with REPLACED.
+``R user device`` and closes its session with REPLACED.  What is not an
+inbox entry travels the same way, pushed after its commit to the nodes
+where the user concerned has a device online (:func:`_parse_hint` gives the
+formats): a read marker (``M``) to the reader's other nodes and its receipt
+(``C``) to a 1:1 peer's; a revocation (``V``); conversation settings
+(``U``); a host's kick (``K``, nothing stored).  Those have no periodic
+re-check: a lost one leaves a device behind until its next login or the
+next change (docs/OPERATIONS.md, Redis Cluster).
 
 Epoch: one per namespace (``epoch`` in ``NS:{meta}``), shared by every
 node.  A node remembers the seqs and inbox positions it handed out; a script
@@ -515,6 +522,42 @@ class _Round:
         return len(self.calls) - 1
 
 
+def _parse_hint(raw: bytes) -> tuple[str, str, Any]:
+    """A hint as pushed to a node's list -> (kind, user, value).  Text,
+    fields separated by one space (user, device and conversation ids hold
+    no whitespace; a kick reason, last, may):
+
+    ``I user head``                        -> head: int (the inbox grew)
+    ``R user device``                      -> device (logged in elsewhere)
+    ``M user conv read_seq last_seq unread`` -> (conv, read_seq, last_seq, unread)
+    ``C user conv reader read_seq``        -> (conv, reader, read_seq): a receipt for ``user``
+    ``V user device|* before``             -> (device or None, before µs): tokens revoked
+    ``K user device|* reason``             -> (device or None, reason): kicked by the host
+    ``U user conv``                        -> conv: the user's settings of it changed
+
+    ValueError for anything else."""
+    kind, user, rest = raw.decode().split(" ", 2)
+    if kind == "I":
+        return kind, user, int(rest)
+    if kind in ("R", "U"):
+        if " " in rest:
+            raise ValueError(rest)
+        return kind, user, rest
+    if kind == "M":
+        conv, read_seq, last_seq, unread = rest.split(" ")
+        return kind, user, (conv, int(read_seq), int(last_seq), int(unread))
+    if kind == "C":
+        conv, reader, read_seq = rest.split(" ")
+        return kind, user, (conv, reader, int(read_seq))
+    if kind == "V":
+        device, before = rest.split(" ")
+        return kind, user, (None if device == "*" else device, int(before))
+    if kind == "K":
+        device, reason = rest.split(" ", 1)
+        return kind, user, (None if device == "*" else device, reason)
+    raise ValueError(kind)
+
+
 class ClusterOps:
     """The scripted write path and the cross-node services of one
     :class:`RedisStore` (one per ``pimcore serve`` node)."""
@@ -734,9 +777,13 @@ class ClusterOps:
         elif kind is MarkRead:
             results[idx[0]] = await self._mark_read(op)
         elif kind is RevokeTokens:
-            (old_new,) = await self.run(self._one("MAXSET", self.s._k_user(op.user),
-                                                  ("rv:" + op.device, op.before, 1 << 62)))
+            rnd = self._one("MAXSET", self.s._k_user(op.user), ("rv:" + op.device, op.before, 1 << 62))
+            rnd.raw(self.online_key(op.user), "HVALS", self.online_key(op.user))
+            old_new, nodes = await self.run(rnd)
             results[idx[0]] = Revoked(op.user, op.device, int(old_new[1]))
+            # The sessions on other nodes end too (the revocation is durable
+            # already; a login anywhere reads it).
+            await self._push([(self._others(nodes), f"V {op.user} {op.device or '*'} {op.before}")])
         elif kind is AppendEvent:
             (eid,) = await self.run(self._one("EVENT", self.s._ev, ("", op.now, op.data)))
             results[idx[0]] = EventAppended(int(eid))
@@ -989,10 +1036,23 @@ class ClusterOps:
         if not spans:
             return Rejected(ErrorCode.NOT_MEMBER)
         last = last_visible(spans, int(await tx.get(s._k_conv(op.conv), "last") or 0))
-        (ans,) = await self.run(self._one("MAXSET", s._k_user(op.user), ("rd:" + op.conv, op.seq, last)))
+        # With the marker, where the reader's devices (and a 1:1 peer's) are
+        # online (same slots: no extra round trip), for the hints.
+        rnd = self._one("MAXSET", s._k_user(op.user), ("rd:" + op.conv, op.seq, last))
+        pair = direct_members(op.conv)
+        peer = (pair[1] if pair[0] == op.user else pair[0]) if pair is not None else None
+        for user in (op.user, peer) if peer is not None else (op.user,):
+            rnd.raw(self.online_key(user), "HVALS", self.online_key(user))
+        ans, *nodes = await self.run(rnd)
         old, new = int(ans[0]), int(ans[1])
         tx = _Tx(s)
-        return ReadMarked(op.user, op.conv, new, last, await s._unread(tx, op.user, op.conv), new != old)
+        res = ReadMarked(op.user, op.conv, new, last, await s._unread(tx, op.user, op.conv), new != old)
+        if res.changed:
+            hints = [(self._others(nodes[0]), f"M {op.user} {op.conv} {new} {last} {res.unread}")]
+            if peer is not None:
+                hints.append((self._others(nodes[1]), f"C {peer} {op.conv} {op.user} {new}"))
+            await self._push(hints)
+        return res
 
     async def _reclaim(self, op: Reclaim) -> Result:
         s = self.s
@@ -1021,6 +1081,42 @@ class ClusterOps:
             rnd.push(self.hint_key(old), f"R {user} {device}".encode())
             await self.run(rnd, wait=False)
 
+    def _others(self, nodes: Any) -> set[str]:
+        """The node ids of an HVALS answer on a user's online record, less
+        this node (whose core heard the change itself)."""
+        me = self.node_hex
+        return {n.decode() if isinstance(n, bytes) else n for n in nodes or ()} - {me}
+
+    async def _push(self, hints: Sequence[tuple[set[str], str]]) -> None:
+        """Push each hint (nodes, text) to those nodes' lists, in one round
+        without a wait.  After a commit, so best effort: a hint that cannot
+        be pushed is dropped (a hint is a wake-up; see :meth:`hints`)."""
+        rnd = _Round()
+        for nodes, text in hints:
+            for node in sorted(nodes):
+                rnd.push(self.hint_key(node), text.encode())
+        try:
+            await self.run(rnd, wait=False)
+        except StoreError:
+            pass
+
+    async def tell(self, hints: Sequence[tuple[str, str]]) -> None:
+        """Push each hint ``(user, text)`` to every other node where ``user``
+        has a device online (read from the device-to-node records); best
+        effort, as :meth:`_push`."""
+        users = sorted({user for user, _ in hints})
+        if not users:
+            return
+        rnd = _Round()
+        for user in users:
+            rnd.raw(self.online_key(user), "HVALS", self.online_key(user))
+        try:
+            answers = await self.run(rnd, wait=False)
+        except StoreError:
+            return
+        nodes = {user: self._others(ans) for user, ans in zip(users, answers)}
+        await self._push([(nodes[user], text) for user, text in hints])
+
     async def device_offline(self, user: str, device: str) -> None:
         devs = self.online.get(user)
         if devs is not None:
@@ -1031,8 +1127,8 @@ class ClusterOps:
 
     async def hints(self, deliver: Callable[[str, str, Any], None], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run forever: take this node's hints (BLPOP on its list) and hand
-        them to ``deliver(kind, user, value)`` (kind "I": value = head;
-        "R": value = device).  Also re-checks the heads of this node's online
+        them to ``deliver(kind, user, value)``, value as :func:`_parse_hint`
+        gives it.  Also re-checks the heads of this node's online
         users every ``recheck`` seconds (hints are wake-ups: one lost only
         delays), sweeps outboxes and watches the epoch."""
         self.local_hints = deliver
@@ -1057,9 +1153,9 @@ class ClusterOps:
             if not got:
                 continue
             try:
-                kind, user, value = got[1].decode().split(" ", 2)
+                kind, user, value = _parse_hint(got[1])
             except ValueError:
-                continue
+                continue  # not one of ours (a newer node's kind?): a hint only wakes up
             if kind == "R":
                 # Only if the device is still recorded elsewhere (it may have
                 # come back here since).
@@ -1069,7 +1165,7 @@ class ClusterOps:
                     holder = None
                 if holder is not None and holder.decode() == self.node_hex:
                     continue
-            deliver(kind, user, int(value) if kind == "I" else value)
+            deliver(kind, user, value)
 
     async def _recheck_loop(self, deliver: Callable[[str, str, Any], None]) -> None:
         s = self.s
