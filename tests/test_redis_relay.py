@@ -106,6 +106,24 @@ async def test_a_read_on_one_node_reaches_the_readers_devices_and_the_peer_on_an
             assert got["laptop"].state.unread == 0 and got["laptop"].state.last_seq == 3
             assert got["bob"] == ReceiptReceived(AB, "alice", 3)
             assert laptop.read_state(AB).read_seq == 3 and bob.receipt(AB, "alice") == 3
+            # The other way: the laptop (node 1) reads a group on which the
+            # phone (node 0) waits; groups have no receipts.
+            await nodes[1].create_group("team", ["alice", "bob"])
+            for i in range(2):
+                await bob.send("team", b"g%d" % i)
+            assert [m.seq async for m in _take(laptop, 2)] == [1, 2]
+            with trio.fail_after(10):
+                async with trio.open_nursery() as n:
+                    n.start_soon(marker_of, phone, "team", 2, got)
+                    await laptop.mark_read("team", 2)
+            assert got["team"].state == laptop.read_state("team") == phone.read_state("team")
+            assert phone.read_state("team").read_seq == 2
+            assert all(conv == AB for conv, _ in bob.receipts)
+
+
+async def marker_of(client: Any, conv: str, seq: int, got: dict[str, Any]) -> None:
+    got[conv] = await first(client, lambda ev: isinstance(ev, ReadStateChanged)
+                            and ev.state.conv == conv and ev.state.read_seq == seq)
 
 
 async def _take(client: Any, n: int) -> AsyncIterator[Any]:
@@ -121,16 +139,21 @@ async def test_the_host_kicks_and_revokes_on_one_node_sessions_on_another(redis_
     with trio.fail_after(60):
         async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
             carol = await login(stack, nodes[1], "carol", "phone")
+            laptop = await login(stack, nodes[1], "carol", "laptop")
             dave = await login(stack, nodes[1], "dave", "phone")
-            await online_everywhere(nodes, {"carol": [1], "dave": [1]})
+            await online_everywhere(nodes, {"carol": [1, 1], "dave": [1]})
 
             def closed(ev: Any) -> bool:
                 return isinstance(ev, Disconnected) and ev.code is not None
 
             with trio.fail_after(10):
-                nodes[0].kick("carol", reason="spam")
+                nodes[0].kick("carol", "phone", reason="two words")
                 ended = await first(carol, closed)
-            assert ended.code is CloseCode.KICKED
+            assert (ended.code, ended.reason) == (CloseCode.KICKED, "two words")
+            # Only that device: the laptop still sends (a round trip after
+            # the hint was handled).
+            await laptop.send(direct_conversation("carol", "dave"), b"still here")
+            assert laptop.connected
             with trio.fail_after(10):
                 await nodes[0].revoke("dave")
                 ended = await first(dave, closed)
