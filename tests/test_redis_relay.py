@@ -2,8 +2,8 @@
 this process (two :func:`open_pimcore` handles, each over its own
 :class:`RedisStore` on one namespace) play two ``pimcore serve`` nodes.  A
 user's devices on different nodes, and a 1:1 peer on another node, hear a
-read marker and a ReadReceipt; the host's kick, revoke and conversation
-settings on one node reach the sessions on the other.  Skipped without
+read marker and a ReadReceipt; the host's kick, revoke, purge and
+conversation settings on one node reach the sessions on the other.  Skipped without
 redis-server/coredis (CI sets PIMCORE_REQUIRE_REDIS=1)."""
 
 from __future__ import annotations
@@ -158,6 +158,11 @@ async def test_the_host_kicks_and_revokes_on_one_node_sessions_on_another(redis_
                 await nodes[0].revoke("dave")
                 ended = await first(dave, closed)
             assert ended.code is CloseCode.TOKEN_REVOKED
+            # A purge of the user ends the sessions there too (as on its node).
+            with trio.fail_after(10):
+                await nodes[0].purge_user("carol")
+                ended = await first(laptop, closed)
+            assert ended.code is CloseCode.KICKED
 
 
 async def test_conversation_settings_set_on_one_node_reach_the_devices_on_another(redis_cluster, tmp_path) -> None:

@@ -1284,7 +1284,7 @@ class BrokerServer:
             self._run(self._core(b.revoked_elsewhere, user, *value))
         elif kind == "K":
             device, reason = value
-            self._run(b.kick(user, device, self.now(), reason))
+            self._run(self._core(lambda now: b.kick(user, device, now, reason)))
         elif kind == "U":
             self._run(self._core(b.conversation_changed, user, value))
 

@@ -718,6 +718,14 @@ class RedisStore(AsyncStore):
     # ------------------------------------------------------------ requests
 
     async def execute(self, request: StoreRequest) -> tuple[Result, ...]:
+        results = await self._execute(request)
+        if request.write and self.cluster is not None:
+            # Read markers, receipts, revocations, purges and conversation
+            # settings reach the user's devices on other nodes (hints).
+            await self.cluster.after_commit(request.ops, results)
+        return results
+
+    async def _execute(self, request: StoreRequest) -> tuple[Result, ...]:
         self._check_open()
         if request.write:
             from .redis_scripts import SCRIPTED
@@ -745,7 +753,7 @@ class RedisStore(AsyncStore):
                         if scripted:
                             merged.extend(await self.cluster.execute(request.ops[i:j]))
                         else:
-                            merged.extend(await self.execute(StoreRequest(request.request_id, tuple(request.ops[i:j]), True)))
+                            merged.extend(await self._execute(StoreRequest(request.request_id, tuple(request.ops[i:j]), True)))
                         i = j
                     return tuple(merged)
             async with self._write_lock:
@@ -763,12 +771,7 @@ class RedisStore(AsyncStore):
                     # every op has run, so the batch takes no effect.
                     raise StoreError(f"batch {request.request_id} not committed: {exc!r}") from exc
                 await self._flush(tx)
-            if self.cluster is not None:
-                # The user's devices on other nodes hear of new conversation
-                # settings (a hint: cluster.tell).
-                await self.cluster.tell([(r.user, f"U {r.user} {r.conv}") for r in results
-                                         if type(r) is ConversationSet and r.changed])
-            return tuple(results)
+                return tuple(results)
         tx = _Tx(self)
         return tuple([await self._read(tx, op) for op in request.ops])  # type: ignore[arg-type]
 

@@ -49,11 +49,13 @@ and a lost hint only delays until the device's next read (each node also
 re-checks the heads of its online users every ``recheck`` seconds).  A login
 records the device's node; if another node held it, that node gets
 ``R user device`` and closes its session with REPLACED.  What is not an
-inbox entry travels the same way, pushed after its commit to the nodes
-where the user concerned has a device online (:func:`_parse_hint` gives the
-formats): a read marker (``M``) to the reader's other nodes and its receipt
-(``C``) to a 1:1 peer's; a revocation (``V``); conversation settings
-(``U``); a host's kick (``K``, nothing stored).  Those have no periodic
+inbox entry travels the same way, pushed after its write request committed
+(:meth:`ClusterOps.after_commit`, either write path) to the nodes where the
+user concerned has a device online (:func:`_parse_hint` gives the formats):
+a read marker (``M``) to the reader's other nodes and its receipt (``C``) to
+a 1:1 peer's; a revocation (``V``); a purge of the user (``K`` and ``V``);
+conversation settings (``U``); a host's kick (``K``, nothing stored: pushed
+by the node's server).  Those have no periodic
 re-check: a lost one leaves a device behind until its next login or the
 next change (docs/OPERATIONS.md, Redis Cluster).
 
@@ -777,13 +779,9 @@ class ClusterOps:
         elif kind is MarkRead:
             results[idx[0]] = await self._mark_read(op)
         elif kind is RevokeTokens:
-            rnd = self._one("MAXSET", self.s._k_user(op.user), ("rv:" + op.device, op.before, 1 << 62))
-            rnd.raw(self.online_key(op.user), "HVALS", self.online_key(op.user))
-            old_new, nodes = await self.run(rnd)
+            (old_new,) = await self.run(self._one("MAXSET", self.s._k_user(op.user),
+                                                  ("rv:" + op.device, op.before, 1 << 62)))
             results[idx[0]] = Revoked(op.user, op.device, int(old_new[1]))
-            # The sessions on other nodes end too (the revocation is durable
-            # already; a login anywhere reads it).
-            await self._push([(self._others(nodes), f"V {op.user} {op.device or '*'} {op.before}")])
         elif kind is AppendEvent:
             (eid,) = await self.run(self._one("EVENT", self.s._ev, ("", op.now, op.data)))
             results[idx[0]] = EventAppended(int(eid))
@@ -1036,23 +1034,10 @@ class ClusterOps:
         if not spans:
             return Rejected(ErrorCode.NOT_MEMBER)
         last = last_visible(spans, int(await tx.get(s._k_conv(op.conv), "last") or 0))
-        # With the marker, where the reader's devices (and a 1:1 peer's) are
-        # online (same slots: no extra round trip), for the hints.
-        rnd = self._one("MAXSET", s._k_user(op.user), ("rd:" + op.conv, op.seq, last))
-        pair = direct_members(op.conv)
-        peer = (pair[1] if pair[0] == op.user else pair[0]) if pair is not None else None
-        for user in (op.user, peer) if peer is not None else (op.user,):
-            rnd.raw(self.online_key(user), "HVALS", self.online_key(user))
-        ans, *nodes = await self.run(rnd)
+        (ans,) = await self.run(self._one("MAXSET", s._k_user(op.user), ("rd:" + op.conv, op.seq, last)))
         old, new = int(ans[0]), int(ans[1])
         tx = _Tx(s)
-        res = ReadMarked(op.user, op.conv, new, last, await s._unread(tx, op.user, op.conv), new != old)
-        if res.changed:
-            hints = [(self._others(nodes[0]), f"M {op.user} {op.conv} {new} {last} {res.unread}")]
-            if peer is not None:
-                hints.append((self._others(nodes[1]), f"C {peer} {op.conv} {op.user} {new}"))
-            await self._push(hints)
-        return res
+        return ReadMarked(op.user, op.conv, new, last, await s._unread(tx, op.user, op.conv), new != old)
 
     async def _reclaim(self, op: Reclaim) -> Result:
         s = self.s
@@ -1081,29 +1066,45 @@ class ClusterOps:
             rnd.push(self.hint_key(old), f"R {user} {device}".encode())
             await self.run(rnd, wait=False)
 
+    async def after_commit(self, ops: Sequence[Any], results: Sequence[Result]) -> None:
+        """A write request committed (either path): tell the other nodes
+        where a user concerned has a device online what is not an inbox
+        entry (read markers, receipts, revocations, purges, conversation
+        settings; formats in :func:`_parse_hint`).  Nothing to tell (sends,
+        acks...): no round trip."""
+        from .base import ConversationSet, Purged, PurgeUser
+
+        hints: list[tuple[str, str]] = []
+        for op, res in zip(ops, results):
+            if isinstance(res, ReadMarked) and res.changed:
+                hints.append((res.user, f"M {res.user} {res.conv} {res.read_seq} {res.last_seq} {res.unread}"))
+                pair = direct_members(res.conv)
+                if pair is not None:
+                    peer = pair[1] if pair[0] == res.user else pair[0]
+                    hints.append((peer, f"C {peer} {res.conv} {res.user} {res.read_seq}"))
+            elif isinstance(res, Revoked):
+                hints.append((res.user, f"V {res.user} {res.device or '*'} {res.before}"))
+            elif isinstance(res, ConversationSet) and res.changed:
+                hints.append((res.user, f"U {res.user} {res.conv}"))
+            elif isinstance(res, Purged) and isinstance(op, PurgeUser):
+                # As purge_user on its node: sessions end (KICKED), and every
+                # token issued before the purge is refused.
+                hints.append((op.user, f"K {op.user} * this user's data was deleted"))
+                hints.append((op.user, f"V {op.user} * {op.now}"))
+        await self.tell(hints)
+
     def _others(self, nodes: Any) -> set[str]:
         """The node ids of an HVALS answer on a user's online record, less
         this node (whose core heard the change itself)."""
         me = self.node_hex
         return {n.decode() if isinstance(n, bytes) else n for n in nodes or ()} - {me}
 
-    async def _push(self, hints: Sequence[tuple[set[str], str]]) -> None:
-        """Push each hint (nodes, text) to those nodes' lists, in one round
-        without a wait.  After a commit, so best effort: a hint that cannot
-        be pushed is dropped (a hint is a wake-up; see :meth:`hints`)."""
-        rnd = _Round()
-        for nodes, text in hints:
-            for node in sorted(nodes):
-                rnd.push(self.hint_key(node), text.encode())
-        try:
-            await self.run(rnd, wait=False)
-        except StoreError:
-            pass
-
     async def tell(self, hints: Sequence[tuple[str, str]]) -> None:
-        """Push each hint ``(user, text)`` to every other node where ``user``
-        has a device online (read from the device-to-node records); best
-        effort, as :meth:`_push`."""
+        """Push each hint ``(user, text)``, in order, to every other node
+        where ``user`` has a device online (read from the device-to-node
+        records): two rounds without a replication wait.  Best effort, after
+        a commit: a hint that cannot be pushed is dropped (a hint is a
+        wake-up; see :meth:`hints`)."""
         users = sorted({user for user, _ in hints})
         if not users:
             return
@@ -1112,10 +1113,14 @@ class ClusterOps:
             rnd.raw(self.online_key(user), "HVALS", self.online_key(user))
         try:
             answers = await self.run(rnd, wait=False)
+            nodes = {user: self._others(ans) for user, ans in zip(users, answers)}
+            rnd = _Round()
+            for user, text in hints:
+                for node in sorted(nodes[user]):
+                    rnd.push(self.hint_key(node), text.encode())
+            await self.run(rnd, wait=False)
         except StoreError:
-            return
-        nodes = {user: self._others(ans) for user, ans in zip(users, answers)}
-        await self._push([(nodes[user], text) for user, text in hints])
+            pass
 
     async def device_offline(self, user: str, device: str) -> None:
         devs = self.online.get(user)
