@@ -884,6 +884,12 @@ class Broker:
         # (user, device or "") -> µs: revocations in force (also stored, and
         # read with every login; kept here for logins that raced one).
         self._revoked: dict[tuple[str, str], int] = {}
+        # user -> conv (own marker) or "r:" + conv (the 1:1 peer's receipt)
+        # -> highest seq sent to the user's devices here, for users online
+        # here only (dropped with their last device): a marker or receipt
+        # hint from another node at or below it is stale and ignored
+        # (markers never move back).
+        self._marks: dict[str, dict[str, int]] = {}
         # Positions acked by devices whose AckPosition is not durable yet: a
         # quick re-login must resume from here, not from the older stored one.
         self._acks_unsaved: dict[tuple[str, str], int] = {}
@@ -1563,6 +1569,57 @@ class Broker:
         self._maybe_commit(out, now)
         return out
 
+    # Cluster hints about state that is not an inbox entry (read markers,
+    # receipts, revocations, conversation settings, kicks): another node
+    # committed the change and tells the nodes where the user has a device
+    # online.  Like inbox_advanced they are wake-ups for the devices online
+    # here: the store stays authoritative, a login reads everything afresh,
+    # so a repeated or stale hint changes nothing (markers and receipts
+    # never move back: one at or below what was sent here is ignored) and a
+    # lost one only leaves a device behind until its next login, its next
+    # conversation list read, or the next change of that state.
+
+    def read_elsewhere(self, user: str, conv: str, read_seq: int, last_seq: int, unread: int, now: int) -> list[Command]:
+        """Cluster hint: ``user`` marked ``conv`` read up to ``read_seq`` on
+        another node (the store answered ``last_seq`` and ``unread`` then).
+        Their devices online here get the ReadStates and the ConvUpdate a
+        Read on this node would have sent them."""
+        out: list[Command] = []
+        self._send_marker(user, conv, read_seq, last_seq, unread, True, out)
+        return out
+
+    def receipt_elsewhere(self, user: str, conv: str, reader: str, read_seq: int, now: int) -> list[Command]:
+        """Cluster hint: ``reader``, ``user``'s peer in the 1:1 chat
+        ``conv``, read up to ``read_seq`` on another node.  ``user``'s
+        devices online here get the ReadReceipt.  A ``conv`` that is not the
+        1:1 chat of the two is ignored."""
+        out: list[Command] = []
+        pair = direct_members(conv)
+        if pair is not None and user in pair and reader in pair and user != reader:
+            self._send_receipt(user, conv, reader, read_seq, True, out)
+        return out
+
+    def revoked_elsewhere(self, user: str, device: Optional[str], before: int, now: int) -> list[Command]:
+        """Cluster hint: the host revoked ``user``'s tokens (only
+        ``device``'s if given) issued before ``before`` (µs) on another node,
+        durably.  The sessions here that used one end with
+        ``Close(TOKEN_REVOKED)``, as :meth:`revoke` ends them on its node;
+        nothing is stored (the other node did)."""
+        out: list[Command] = []
+        key = (user, device or "")
+        self._revoked[key] = max(self._revoked.get(key, 0), before)
+        self._close_revoked(user, device, before, out)
+        self._maybe_commit(out, now)
+        return out
+
+    def conversation_changed(self, user: str, conv: str, now: int) -> list[Command]:
+        """Cluster hint: ``user``'s settings of ``conv`` (pinned, muted,
+        hidden) changed on another node.  Their devices online here get the
+        entry as the store has it now (ConvUpdate)."""
+        out: list[Command] = []
+        self._conv_update(user, conv, out)
+        return out
+
     def set_retention(self, conv: str, max_age: int, max_count: int, now: int, *, ref: int = 0) -> list[Command]:
         """Control plane: the history retention of ``conv`` (:class:`SetRetention`:
         ``max_age`` µs, ``max_count`` entries; per field -1 = the broker
@@ -1627,6 +1684,12 @@ class Broker:
         # now, not after the next fsync).
         self._revoked[key] = max(self._revoked.get(key, 0), before)
         out: list[Command] = []
+        self._close_revoked(user, device, before, out)
+        self._propose(RevokeTokens(user, device or "", before), _AdminCtx(ref))
+        self._maybe_commit(out, now)
+        return out
+
+    def _close_revoked(self, user: str, device: Optional[str], before: int, out: list[Command]) -> None:
         for c in list(self._conns.values()):
             if (
                 c.state is _ConnState.ACTIVE
@@ -1636,9 +1699,6 @@ class Broker:
             ):
                 self._stats["revoked_sessions"] += 1
                 self._close(c, CloseCode.TOKEN_REVOKED, "this token was revoked; get a new one", out)
-        self._propose(RevokeTokens(user, device or "", before), _AdminCtx(ref))
-        self._maybe_commit(out, now)
-        return out
 
     def post(
         self,
@@ -2411,16 +2471,50 @@ class Broker:
         # Every device of the reader, the reading one included: for it, the
         # ReadStates confirms the marker is durable and carries the store's
         # unread count (a client cannot count what it never downloaded).
-        state = F.ReadStates((F.ReadState(res.conv, res.read_seq, res.last_seq, res.unread),))
-        for dev in self._online.get(res.user, {}).values():
-            self._send(dev.conn, state, out)
-        self._conv_update(res.user, res.conv, out)
+        self._send_marker(res.user, res.conv, res.read_seq, res.last_seq, res.unread, False, out)
         pair = direct_members(res.conv)
         if pair is not None:
             peer = pair[1] if pair[0] == res.user else pair[0]
-            receipt = F.ReadReceipt(res.conv, res.user, res.read_seq)
-            for dev in self._online.get(peer, {}).values():
-                self._send(dev.conn, receipt, out)
+            self._send_receipt(peer, res.conv, res.user, res.read_seq, False, out)
+
+    def _mark_seen(self, user: str, key: str, seq: int, hint: bool) -> bool:
+        """Record that ``user``'s devices here are sent ``seq`` for ``key``
+        (the highest kept); whether to send it: not if none is online here,
+        nor for a hint at or below what was sent already (stale).  A change
+        committed here is always sent (the store said it moved)."""
+        if user not in self._online:
+            return False
+        marks = self._marks.setdefault(user, {})
+        old = marks.get(key, -1)
+        if hint and old >= seq:
+            return False
+        if seq > old:
+            marks[key] = seq
+        return True
+
+    def _send_marker(
+        self, user: str, conv: str, read_seq: int, last_seq: int, unread: int, hint: bool, out: list[Command]
+    ) -> None:
+        """``user``'s read marker of ``conv`` moved to ``read_seq``: a
+        ReadStates to each of their devices online here, the reading one
+        included (for it the ReadStates confirms the marker is durable and
+        carries the store's unread count: a client cannot count what it
+        never downloaded), then the ConvUpdate (read from the store)."""
+        if not self._mark_seen(user, conv, read_seq, hint):
+            return
+        state = F.ReadStates((F.ReadState(conv, read_seq, last_seq, unread),))
+        for dev in self._online.get(user, {}).values():
+            self._send(dev.conn, state, out)
+        self._conv_update(user, conv, out)
+
+    def _send_receipt(self, peer: str, conv: str, reader: str, read_seq: int, hint: bool, out: list[Command]) -> None:
+        """The ReadReceipt of ``reader`` (``conv`` is their 1:1 chat) to each
+        device of ``peer`` online here."""
+        if not self._mark_seen(peer, "r:" + conv, read_seq, hint):
+            return
+        receipt = F.ReadReceipt(conv, reader, read_seq)
+        for dev in self._online.get(peer, {}).values():
+            self._send(dev.conn, receipt, out)
 
     # ------------------------------------------------------------ history & misc
 
@@ -2985,6 +3079,7 @@ class Broker:
                 del devices[c.device]
             if not devices:
                 del self._online[c.user]
+                self._marks.pop(c.user, None)
                 if c.user not in self._head_refs:
                     self._heads.pop(c.user, None)
         # SendReqs of this connection stay in their batch: they will be stored

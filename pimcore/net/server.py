@@ -1106,6 +1106,11 @@ class BrokerServer:
         log.info("kick user=%s device=%s reason=%r", user, device or "*", reason,
                  extra={"event": "kick", "user": user, "device": device or "*", "reason": reason})
         self._run(self.broker.kick(user, device, self.now(), reason))
+        cluster = getattr(self.store, "cluster", None) if self._async_store else None
+        if cluster is not None:
+            # The user's sessions on other nodes sharing the store end too
+            # (a hint; nothing is stored, as on one node).
+            self._spawn(cluster.tell, [(user, f"K {user} {device or '*'} {reason}")])
 
     async def _admin(self, method: Callable[..., list[Command]], conv: str, users: list[str]) -> GroupChanged:
         result = await self.admin_result(method, conv, users)
@@ -1260,13 +1265,28 @@ class BrokerServer:
             self._run(cmds)
 
     def _cluster_hint(self, kind: str, user: str, value: Any) -> None:
-        """A hint from another node sharing the store: ``("I", user, head)``
-        the user's inbox grew; ``("R", user, device)`` the device logged in
-        on another node."""
+        """A hint from another node sharing the store (kinds and values as
+        pimcore.store.redis_scripts._parse_hint gives them): ``I`` the
+        user's inbox grew; ``R`` the device logged in on another node; ``M``
+        the user's read marker moved; ``C`` the 1:1 peer read (a receipt);
+        ``V`` tokens revoked; ``K`` the host kicked; ``U`` conversation
+        settings changed."""
+        b = self.broker
         if kind == "I":
-            self._run(self._core(self.broker.inbox_advanced, user, value))
+            self._run(self._core(b.inbox_advanced, user, value))
         elif kind == "R":
-            self._run(self._core(self.broker.replaced_elsewhere, user, value))
+            self._run(self._core(b.replaced_elsewhere, user, value))
+        elif kind == "M":
+            self._run(self._core(b.read_elsewhere, user, *value))
+        elif kind == "C":
+            self._run(self._core(b.receipt_elsewhere, user, *value))
+        elif kind == "V":
+            self._run(self._core(b.revoked_elsewhere, user, *value))
+        elif kind == "K":
+            device, reason = value
+            self._run(self._core(lambda now: b.kick(user, device, now, reason)))
+        elif kind == "U":
+            self._run(self._core(b.conversation_changed, user, value))
 
     async def _presence_writer(self, cluster: Any, presence: Any) -> None:
         """Record this node's logins and logouts in the store, in order (a

@@ -718,6 +718,14 @@ class RedisStore(AsyncStore):
     # ------------------------------------------------------------ requests
 
     async def execute(self, request: StoreRequest) -> tuple[Result, ...]:
+        results = await self._execute(request)
+        if request.write and self.cluster is not None:
+            # Read markers, receipts, revocations, purges and conversation
+            # settings reach the user's devices on other nodes (hints).
+            await self.cluster.after_commit(request.ops, results)
+        return results
+
+    async def _execute(self, request: StoreRequest) -> tuple[Result, ...]:
         self._check_open()
         if request.write:
             from .redis_scripts import SCRIPTED
@@ -745,7 +753,7 @@ class RedisStore(AsyncStore):
                         if scripted:
                             merged.extend(await self.cluster.execute(request.ops[i:j]))
                         else:
-                            merged.extend(await self.execute(StoreRequest(request.request_id, tuple(request.ops[i:j]), True)))
+                            merged.extend(await self._execute(StoreRequest(request.request_id, tuple(request.ops[i:j]), True)))
                         i = j
                     return tuple(merged)
             async with self._write_lock:

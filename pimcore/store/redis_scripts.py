@@ -48,7 +48,16 @@ node) -- a wake-up only: delivery correctness comes from inbox positions,
 and a lost hint only delays until the device's next read (each node also
 re-checks the heads of its online users every ``recheck`` seconds).  A login
 records the device's node; if another node held it, that node gets
-``R user device`` and closes its session with REPLACED.
+``R user device`` and closes its session with REPLACED.  What is not an
+inbox entry travels the same way, pushed after its write request committed
+(:meth:`ClusterOps.after_commit`, either write path) to the nodes where the
+user concerned has a device online (:func:`_parse_hint` gives the formats):
+a read marker (``M``) to the reader's other nodes and its receipt (``C``) to
+a 1:1 peer's; a revocation (``V``); a purge of the user (``K`` and ``V``);
+conversation settings (``U``); a host's kick (``K``, nothing stored: pushed
+by the node's server).  Those have no periodic
+re-check: a lost one leaves a device behind until its next login or the
+next change (docs/OPERATIONS.md, Redis Cluster).
 
 Epoch: one per namespace (``epoch`` in ``NS:{meta}``), shared by every
 node.  A node remembers the seqs and inbox positions it handed out; a script
@@ -478,6 +487,42 @@ class _Round:
     def push(self, key: str, value: bytes) -> int:
         self.calls.append(("push", "", (key,), (value,)))
         return len(self.calls) - 1
+
+
+def _parse_hint(raw: bytes) -> tuple[str, str, Any]:
+    """A hint as pushed to a node's list -> (kind, user, value).  Text,
+    fields separated by one space (user, device and conversation ids hold
+    no whitespace; a kick reason, last, may):
+
+    ``I user head``                        -> head: int (the inbox grew)
+    ``R user device``                      -> device (logged in elsewhere)
+    ``M user conv read_seq last_seq unread`` -> (conv, read_seq, last_seq, unread)
+    ``C user conv reader read_seq``        -> (conv, reader, read_seq): a receipt for ``user``
+    ``V user device|* before``             -> (device or None, before µs): tokens revoked
+    ``K user device|* reason``             -> (device or None, reason): kicked by the host
+    ``U user conv``                        -> conv: the user's settings of it changed
+
+    ValueError for anything else."""
+    kind, user, rest = raw.decode().split(" ", 2)
+    if kind == "I":
+        return kind, user, int(rest)
+    if kind in ("R", "U"):
+        if " " in rest:
+            raise ValueError(rest)
+        return kind, user, rest
+    if kind == "M":
+        conv, read_seq, last_seq, unread = rest.split(" ")
+        return kind, user, (conv, int(read_seq), int(last_seq), int(unread))
+    if kind == "C":
+        conv, reader, read_seq = rest.split(" ")
+        return kind, user, (conv, reader, int(read_seq))
+    if kind == "V":
+        device, before = rest.split(" ")
+        return kind, user, (None if device == "*" else device, int(before))
+    if kind == "K":
+        device, reason = rest.split(" ", 1)
+        return kind, user, (None if device == "*" else device, reason)
+    raise ValueError(kind)
 
 
 class ClusterOps:
@@ -986,6 +1031,62 @@ class ClusterOps:
             rnd.push(self.hint_key(old), f"R {user} {device}".encode())
             await self.run(rnd, wait=False)
 
+    async def after_commit(self, ops: Sequence[Any], results: Sequence[Result]) -> None:
+        """A write request committed (either path): tell the other nodes
+        where a user concerned has a device online what is not an inbox
+        entry (read markers, receipts, revocations, purges, conversation
+        settings; formats in :func:`_parse_hint`).  Nothing to tell (sends,
+        acks...): no round trip."""
+        from .base import ConversationSet, Purged, PurgeUser
+
+        hints: list[tuple[str, str]] = []
+        for op, res in zip(ops, results):
+            if isinstance(res, ReadMarked) and res.changed:
+                hints.append((res.user, f"M {res.user} {res.conv} {res.read_seq} {res.last_seq} {res.unread}"))
+                pair = direct_members(res.conv)
+                if pair is not None:
+                    peer = pair[1] if pair[0] == res.user else pair[0]
+                    hints.append((peer, f"C {peer} {res.conv} {res.user} {res.read_seq}"))
+            elif isinstance(res, Revoked):
+                hints.append((res.user, f"V {res.user} {res.device or '*'} {res.before}"))
+            elif isinstance(res, ConversationSet) and res.changed:
+                hints.append((res.user, f"U {res.user} {res.conv}"))
+            elif isinstance(res, Purged) and isinstance(op, PurgeUser):
+                # As purge_user on its node: sessions end (KICKED), and every
+                # token issued before the purge is refused.
+                hints.append((op.user, f"K {op.user} * this user's data was deleted"))
+                hints.append((op.user, f"V {op.user} * {op.now}"))
+        await self.tell(hints)
+
+    def _others(self, nodes: Any) -> set[str]:
+        """The node ids of an HVALS answer on a user's online record, less
+        this node (whose core heard the change itself)."""
+        me = self.node_hex
+        return {n.decode() if isinstance(n, bytes) else n for n in nodes or ()} - {me}
+
+    async def tell(self, hints: Sequence[tuple[str, str]]) -> None:
+        """Push each hint ``(user, text)``, in order, to every other node
+        where ``user`` has a device online (read from the device-to-node
+        records): two rounds without a replication wait.  Best effort, after
+        a commit: a hint that cannot be pushed is dropped (a hint is a
+        wake-up; see :meth:`hints`)."""
+        users = sorted({user for user, _ in hints})
+        if not users:
+            return
+        rnd = _Round()
+        for user in users:
+            rnd.raw(self.online_key(user), "HVALS", self.online_key(user))
+        try:
+            answers = await self.run(rnd, wait=False)
+            nodes = {user: self._others(ans) for user, ans in zip(users, answers)}
+            rnd = _Round()
+            for user, text in hints:
+                for node in sorted(nodes[user]):
+                    rnd.push(self.hint_key(node), text.encode())
+            await self.run(rnd, wait=False)
+        except StoreError:
+            pass
+
     async def device_offline(self, user: str, device: str) -> None:
         devs = self.online.get(user)
         if devs is not None:
@@ -996,8 +1097,8 @@ class ClusterOps:
 
     async def hints(self, deliver: Callable[[str, str, Any], None], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run forever: take this node's hints (BLPOP on its list) and hand
-        them to ``deliver(kind, user, value)`` (kind "I": value = head;
-        "R": value = device).  Also re-checks the heads of this node's online
+        them to ``deliver(kind, user, value)``, value as :func:`_parse_hint`
+        gives it.  Also re-checks the heads of this node's online
         users every ``recheck`` seconds (hints are wake-ups: one lost only
         delays), sweeps outboxes and watches the epoch."""
         self.local_hints = deliver
@@ -1022,9 +1123,9 @@ class ClusterOps:
             if not got:
                 continue
             try:
-                kind, user, value = got[1].decode().split(" ", 2)
+                kind, user, value = _parse_hint(got[1])
             except ValueError:
-                continue
+                continue  # not one of ours (a newer node's kind?): a hint only wakes up
             if kind == "R":
                 # Only if the device is still recorded elsewhere (it may have
                 # come back here since).
@@ -1034,7 +1135,7 @@ class ClusterOps:
                     holder = None
                 if holder is not None and holder.decode() == self.node_hex:
                     continue
-            deliver(kind, user, int(value) if kind == "I" else value)
+            deliver(kind, user, value)
 
     async def _recheck_loop(self, deliver: Callable[[str, str, Any], None]) -> None:
         s = self.s

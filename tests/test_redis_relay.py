@@ -1,0 +1,185 @@
+"""Cross-node relay of what is not an inbox entry (issue 16): two brokers in
+this process (two :func:`open_pimcore` handles, each over its own
+:class:`RedisStore` on one namespace) play two ``pimcore serve`` nodes.  A
+user's devices on different nodes, and a 1:1 peer on another node, hear a
+read marker and a ReadReceipt; the host's kick, revoke, purge and
+conversation settings on one node reach the sessions on the other.  Skipped without
+redis-server/coredis (CI sets PIMCORE_REQUIRE_REDIS=1)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+import trio
+
+from pimcore.client import ClientConfig, open_client
+from pimcore.client_session import ConversationUpdated, Disconnected, ReadStateChanged, ReceiptReceived
+from pimcore.embed import open_pimcore
+from pimcore.errors import CloseCode
+from pimcore.ids import direct_conversation
+
+from _net import SECRET
+
+pytestmark = [pytest.mark.redis]
+
+CFG = ClientConfig(ack_timeout=2.0, send_timeout=30.0, connect_timeout=10.0, backoff_initial=0.05, backoff_max=0.5)
+AB = direct_conversation("alice", "bob")
+
+
+@asynccontextmanager
+async def two_nodes(cluster: Any, tmp_path: Any) -> AsyncIterator[list[Any]]:
+    """Two brokers sharing one namespace; each listens on loopback."""
+    from pimcore.store.redis import RedisStore
+
+    ns = "t" + os.urandom(6).hex()
+    async with AsyncExitStack() as stack:
+        nodes = []
+        for i in range(2):
+            store = await stack.enter_async_context(RedisStore.connect(cluster.url, namespace=ns))
+            nodes.append(await stack.enter_async_context(open_pimcore(
+                data_dir=tmp_path / f"node{i}", listen=["tcp://127.0.0.1:0"], store=store,
+                secret=SECRET.decode())))
+        yield nodes
+
+
+async def login(stack: AsyncExitStack, node: Any, user: str, device: str) -> Any:
+    c = await stack.enter_async_context(open_client(node.urls[0], node.issue_token(user), device, config=CFG))
+    await c.wait_connected()
+    return c
+
+
+async def first(client: Any, match: Callable[[Any], bool]) -> Any:
+    """The first event of ``client`` that ``match`` accepts."""
+    async for ev in client.events():
+        if match(ev):
+            return ev
+    raise AssertionError("the client closed before the event came")
+
+
+async def online_everywhere(nodes: list[Any], where: dict[str, list[int]]) -> None:
+    """Wait until every login is recorded in the store (the device-to-node
+    records are written after the login, as on any node)."""
+    from pimcore.store.redis import RedisStore
+
+    while True:
+        ok = True
+        for user, idx in where.items():
+            store: RedisStore = nodes[0].server.store
+            recs = await store._r.hvals(store.cluster.online_key(user))
+            if len(recs) < len(idx):
+                ok = False
+        if ok:
+            return
+        await trio.sleep(0.02)
+
+
+async def test_a_read_on_one_node_reaches_the_readers_devices_and_the_peer_on_another(redis_cluster, tmp_path) -> None:
+    """alice's phone (node 0) reads the 1:1 chat; her laptop (node 1) gets
+    the read marker, bob (node 1) the ReadReceipt."""
+    with trio.fail_after(60):
+        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+            phone = await login(stack, nodes[0], "alice", "phone")
+            laptop = await login(stack, nodes[1], "alice", "laptop")
+            bob = await login(stack, nodes[1], "bob", "phone")
+            await online_everywhere(nodes, {"alice": [0, 1], "bob": [1]})
+            for i in range(3):
+                await bob.send(AB, b"m%d" % i)
+            seen = [m.seq async for m in _take(phone, 3)]
+            assert seen == [1, 2, 3]
+            got: dict[str, Any] = {}
+
+            async def marker() -> None:
+                got["laptop"] = await first(laptop, lambda ev: isinstance(ev, ReadStateChanged)
+                                            and ev.state.conv == AB and ev.state.read_seq == 3)
+
+            async def receipt() -> None:
+                got["bob"] = await first(bob, lambda ev: isinstance(ev, ReceiptReceived) and ev.seq == 3)
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as n:
+                    n.start_soon(marker)
+                    n.start_soon(receipt)
+                    await phone.mark_read(AB, 3)
+            assert got["laptop"].state.unread == 0 and got["laptop"].state.last_seq == 3
+            assert got["bob"] == ReceiptReceived(AB, "alice", 3)
+            assert laptop.read_state(AB).read_seq == 3 and bob.receipt(AB, "alice") == 3
+            # The other way: the laptop (node 1) reads a group on which the
+            # phone (node 0) waits; groups have no receipts.
+            await nodes[1].create_group("team", ["alice", "bob"])
+            for i in range(2):
+                await bob.send("team", b"g%d" % i)
+            assert [m.seq async for m in _take(laptop, 2)] == [1, 2]
+            with trio.fail_after(10):
+                async with trio.open_nursery() as n:
+                    n.start_soon(marker_of, phone, "team", 2, got)
+                    await laptop.mark_read("team", 2)
+            assert got["team"].state == laptop.read_state("team") == phone.read_state("team")
+            assert phone.read_state("team").read_seq == 2
+            assert all(conv == AB for conv, _ in bob.receipts)
+
+
+async def marker_of(client: Any, conv: str, seq: int, got: dict[str, Any]) -> None:
+    got[conv] = await first(client, lambda ev: isinstance(ev, ReadStateChanged)
+                            and ev.state.conv == conv and ev.state.read_seq == seq)
+
+
+async def _take(client: Any, n: int) -> AsyncIterator[Any]:
+    k = 0
+    async for m in client.messages():
+        yield m
+        k += 1
+        if k == n:
+            return
+
+
+async def test_the_host_kicks_and_revokes_on_one_node_sessions_on_another(redis_cluster, tmp_path) -> None:
+    with trio.fail_after(60):
+        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+            carol = await login(stack, nodes[1], "carol", "phone")
+            laptop = await login(stack, nodes[1], "carol", "laptop")
+            dave = await login(stack, nodes[1], "dave", "phone")
+            await online_everywhere(nodes, {"carol": [1, 1], "dave": [1]})
+
+            def closed(ev: Any) -> bool:
+                return isinstance(ev, Disconnected) and ev.code is not None
+
+            with trio.fail_after(10):
+                nodes[0].kick("carol", "phone", reason="two words")
+                ended = await first(carol, closed)
+            assert (ended.code, ended.reason) == (CloseCode.KICKED, "two words")
+            # Only that device: the laptop still sends (a round trip after
+            # the hint was handled).
+            await laptop.send(direct_conversation("carol", "dave"), b"still here")
+            assert laptop.connected
+            with trio.fail_after(10):
+                await nodes[0].revoke("dave")
+                ended = await first(dave, closed)
+            assert ended.code is CloseCode.TOKEN_REVOKED
+            # A purge of the user ends the sessions there too (as on its node).
+            with trio.fail_after(10):
+                await nodes[0].purge_user("carol")
+                ended = await first(laptop, closed)
+            assert ended.code is CloseCode.KICKED
+
+
+async def test_conversation_settings_set_on_one_node_reach_the_devices_on_another(redis_cluster, tmp_path) -> None:
+    with trio.fail_after(60):
+        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+            bob = await login(stack, nodes[1], "bob", "phone")
+            alice = await login(stack, nodes[0], "alice", "phone")
+            await online_everywhere(nodes, {"alice": [0], "bob": [1]})
+            await alice.send(AB, b"hi")
+            with trio.fail_after(10):
+                async with trio.open_nursery() as n:
+                    got: list[Any] = []
+
+                    async def update() -> None:
+                        got.append(await first(bob, lambda ev: isinstance(ev, ConversationUpdated)
+                                               and ev.entry.conv == AB and ev.entry.pinned))
+
+                    n.start_soon(update)
+                    await nodes[0].set_conversation("bob", AB, pinned=True)
+            assert bob.conversation_entries[AB].pinned
