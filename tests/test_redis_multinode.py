@@ -481,3 +481,109 @@ async def test_writes_lost_in_a_failover_are_detected_and_the_epoch_changes(redi
         async with RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
             assert await s2.epoch() != old
             assert old not in await s2.epochs()
+
+
+def _amend(conv: str, sender: str, local_id: int, t: int, node: bytes, kind: int, target: int,
+           payload: bytes = b"") -> Any:
+    from pimcore.core import message_digest
+    from pimcore.store import AmendMessage
+
+    return AmendMessage(t.to_bytes(8, "big") + node, conv, sender, "tablet", local_id, t, t, kind, target, payload,
+                        message_digest(conv, bytes((kind,)) + target.to_bytes(8, "big") + payload))
+
+
+async def test_amends_on_one_node_beside_sends_on_another_keep_seqs_and_inboxes_exact(redis_cluster) -> None:
+    """One store (node) sends many messages into a group and a 1:1
+    conversation while another recalls and edits earlier ones (and bob
+    deletes some for himself) at the same time, several rounds: seqs are
+    1..N gap-free with none used twice, every acked send and amend entry is
+    in history once at its seq, every recipient's inbox holds each once (a
+    DELETE entry only in its sender's), and the targets show the amends."""
+    from pimcore.errors import ErrorCode
+    from pimcore.store import Appended, Rejected
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    RECALL, EDIT, DELETE = int(F.MessageKind.RECALL), int(F.MessageKind.EDIT), int(F.MessageKind.DELETE)
+    with trio.fail_after(180):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            await s1.execute(StoreRequest(1, (CreateGroup(GROUP, ("alice", "bob", "carol"), 1),), True))
+            sends: list[tuple[str, Any]] = []
+            amends: list[tuple[str, int, Any]] = []
+            deletes: list[Any] = []
+            refused: list[Any] = []
+            clock = iter(range(1_000_000, 9_000_000))
+            done = {GROUP: 0, AB: 0}
+
+            async def sender(w: int) -> None:
+                for k in range(20):
+                    conv = (GROUP, AB)[(w + k) % 2]
+                    (res,) = await s1.execute(StoreRequest(k, (_send(conv, "alice", w * 1000 + k, next(clock),
+                                                                     b"\x01" * 8),), True))
+                    assert isinstance(res, Appended), res
+                    sends.append((conv, res))
+
+            async def amender(w: int) -> None:
+                k = 0
+                while done[GROUP] < 3 or done[AB] < 3 or k < 20:
+                    k += 1
+                    conv = (GROUP, AB)[(w + k) % 2]
+                    mine = [r.seq for c, r in sends if c == conv]
+                    if not mine:
+                        await trio.sleep(0.001)
+                        continue
+                    target = mine[(k * 7 + w) % len(mine)]
+                    if w == 2:
+                        op = _amend(conv, "bob", 50_000 + w * 1000 + k, next(clock), b"\x02" * 8, DELETE, target)
+                    else:
+                        kind = RECALL if k % 3 == 0 else EDIT
+                        op = _amend(conv, "alice", 50_000 + w * 1000 + k, next(clock), b"\x02" * 8, kind, target,
+                                    b"edit %d %d" % (w, k) if kind == EDIT else b"")
+                    (res,) = await s2.execute(StoreRequest(k, (op,), True))
+                    if isinstance(res, Rejected):
+                        refused.append((op, res))
+                    elif op.kind == DELETE:
+                        assert isinstance(res, Appended) and res.seq == 0, res
+                        deletes.append((op, res))
+                    else:
+                        assert isinstance(res, Appended), res
+                        amends.append((conv, op.kind, res))
+                        done[conv] += 1
+                    if k > 200:
+                        break
+
+            async with trio.open_nursery() as n:
+                for w in range(6):
+                    n.start_soon(sender, w)
+                for w in range(3):
+                    n.start_soon(amender, w)
+            for conv in (GROUP, AB):
+                acked = [r for c, r in sends if c == conv] + [r for c, _, r in amends if c == conv]
+                seqs = sorted(r.seq for r in acked)
+                assert seqs == list(range(1, len(seqs) + 1)), (conv, seqs)
+                log = await s2.history(conv, 0, 10_000)
+                assert [m.seq for m in log] == seqs, conv
+                assert {m.seq: m.msg_id for m in log} == {r.seq: r.msg_id for r in acked}, conv
+                for c, kind, r in amends:
+                    if c == conv:
+                        entry = log[r.seq - 1]
+                        assert entry.kind == kind and entry.sender == "alice"
+                        target = log[entry.target - 1]
+                        assert target.kind == F.MessageKind.MESSAGE
+                        assert target.recalled or target.edited, (conv, entry.target)
+            for user in ("alice", "bob", "carol"):
+                inbox = await s2.inbox_range(user, 0, 100_000)
+                assert [p for p, _ in inbox] == list(range(1, len(inbox) + 1)), user
+                ids = [m.msg_id for _, m in inbox]
+                assert len(ids) == len(set(ids)), user
+                want = {r.msg_id for c, r in sends if user in (("alice", "bob", "carol") if c == GROUP
+                                                             else ("alice", "bob"))}
+                want |= {r.msg_id for c, _, r in amends if user in (("alice", "bob", "carol") if c == GROUP
+                                                                   else ("alice", "bob"))}
+                if user == "bob":
+                    want |= {op.msg_id for op, _ in deletes}
+                assert set(ids) == want, (user, len(set(ids) - want), len(want - set(ids)))
+            # Only RECALLED (an edit or recall of a recalled message) may be refused.
+            assert {r.code for _, r in refused} <= {ErrorCode.RECALLED}, refused
