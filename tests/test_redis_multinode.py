@@ -587,3 +587,50 @@ async def test_amends_on_one_node_beside_sends_on_another_keep_seqs_and_inboxes_
                 assert set(ids) == want, (user, len(set(ids) - want), len(want - set(ids)))
             # Only RECALLED (an edit or recall of a recalled message) may be refused.
             assert {r.code for _, r in refused} <= {ErrorCode.RECALLED}, refused
+
+
+async def test_purges_of_users_on_one_node_beside_sends_on_another_keep_seqs_exact(redis_cluster) -> None:
+    """PurgeUser on one store removes users from a group (a LEFT entry each)
+    while another store sends into that group: every seq is taken once --
+    the sends' and the LEFT entries' together are 1..N gap-free -- and the
+    members left have each entry in their inbox once."""
+    from pimcore.store import Appended, Purged, PurgeUser
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    users = [f"p{i}" for i in range(8)]
+    with trio.fail_after(180):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            await s1.execute(StoreRequest(1, (CreateGroup(GROUP, ("alice", "bob", *users), 1),), True))
+            sends: list[Any] = []
+            lefts: list[Any] = []
+            clock = iter(range(1_000_000, 9_000_000))
+
+            async def sender(w: int) -> None:
+                for k in range(15):
+                    (res,) = await s1.execute(StoreRequest(k, (_send(GROUP, ("alice", "bob")[w % 2], w * 1000 + k,
+                                                                     next(clock), b"\x01" * 8),), True))
+                    assert isinstance(res, Appended), res
+                    sends.append(res)
+
+            async def purger() -> None:
+                for k, user in enumerate(users):
+                    await trio.sleep(0.005)
+                    (res,) = await s2.execute(StoreRequest(k, (PurgeUser(user, 5_000_000 + k),), True))
+                    assert isinstance(res, Purged) and len(res.changes) == 1, res
+                    lefts.extend(res.changes[0].entries)
+
+            async with trio.open_nursery() as n:
+                for w in range(4):
+                    n.start_soon(sender, w)
+                n.start_soon(purger)
+            seqs = sorted([r.seq for r in sends] + [m.seq for m in lefts])
+            assert seqs == list(range(1, len(seqs) + 1)), seqs
+            log = await s2.history(GROUP, 0, 10_000)
+            assert {m.seq: m.msg_id for m in log} == {**{r.seq: r.msg_id for r in sends},
+                                                       **{m.seq: m.msg_id for m in lefts}}
+            assert await s2.members(GROUP) == ("alice", "bob")
+            for user in ("alice", "bob"):
+                ids = [m.msg_id for _, m in await s2.inbox_range(user, 0, 100_000)]
+                assert sorted(ids) == sorted({m.msg_id for m in log}), user

@@ -395,6 +395,14 @@ class _Tx:
         self.cache[(key, field)] = None
         self.dirty.setdefault(key, {})[field] = None
 
+    def forget(self, key: str) -> None:
+        """Drop what was read of ``key`` (not this request's writes): it was
+        changed outside this request (a scripted op), read it again."""
+        self.full.pop(key, None)
+        mine = self.dirty.get(key, {})
+        for k in [k for k in self.cache if k[0] == key and k[1] not in mine]:
+            del self.cache[k]
+
 
 class RedisStore(AsyncStore):
     """The store over a Redis Cluster reached at ``nodes`` ([(host, port)],
@@ -1289,8 +1297,17 @@ class RedisStore(AsyncStore):
         for conv in await self._conversations(tx, user):
             members = await self._group_members(tx, conv) if direct_members(conv) is None else None
             if members is not None and user in members:
-                res = await self._change_members(tx, RemoveMembers(conv, (user,), op.now))
-                assert isinstance(res, GroupChanged)
+                if self.cluster is not None:
+                    # Scripted (redis_scripts CHANGE): the LEFT entry takes
+                    # its seq atomically beside other nodes' sends; what it
+                    # changed (the conversation, the user's inbox and flags)
+                    # is read again below.
+                    (res,) = await self.cluster.execute((RemoveMembers(conv, (user,), op.now),))
+                    tx.forget(self._k_conv(conv))
+                    tx.forget(uk)
+                else:
+                    res = await self._change_members(tx, RemoveMembers(conv, (user,), op.now))
+                assert isinstance(res, GroupChanged), res
                 changes.append(res)
         fields = await tx.getall(uk)
         tombstones = entries = devices = 0
