@@ -634,3 +634,33 @@ async def test_purges_of_users_on_one_node_beside_sends_on_another_keep_seqs_exa
             for user in ("alice", "bob"):
                 ids = [m.msg_id for _, m in await s2.inbox_range(user, 0, 100_000)]
                 assert sorted(ids) == sorted({m.msg_id for m in log}), user
+
+
+async def test_settings_of_one_conversation_changed_on_two_nodes_at_once_are_both_kept(redis_cluster) -> None:
+    """A user pins conversations through one node while muting them through
+    another at the same moment (two devices): every conversation ends up
+    pinned AND muted -- neither change overwrites the other."""
+    from pimcore.store import ConversationSet, SetConversation
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    convs = [f"g:s{i}" for i in range(24)]
+    with trio.fail_after(120):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            for i, conv in enumerate(convs):
+                await s1.execute(StoreRequest(i, (CreateGroup(conv, ("alice", "bob"), 1),), True))
+
+            async def change(store: Any, conv: str, pinned: int, muted: int) -> None:
+                (res,) = await store.execute(StoreRequest(1, (SetConversation("alice", conv, pinned, muted),), True))
+                assert isinstance(res, ConversationSet) and res.changed, res
+
+            async with trio.open_nursery() as n:
+                for conv in convs:
+                    n.start_soon(change, s1, conv, 1, 0)
+                    n.start_soon(change, s2, conv, 0, 1)
+            from pimcore.store import ReadConversations
+
+            (page,) = await s2.execute(StoreRequest(2, (ReadConversations("alice", limit=100),), False))
+            got = {e.conv: (e.pinned, e.muted) for e in page.entries}
+            assert got == {conv: (True, True) for conv in convs}

@@ -77,6 +77,7 @@ from .base import (
     AddMembers,
     AppendEvent,
     Appended,
+    ConversationSet,
     CreateGroup,
     Duplicate,
     EventAppended,
@@ -93,6 +94,7 @@ from .base import (
     Result,
     RevokeTokens,
     Revoked,
+    SetConversation,
     StoredMessage,
     TouchDevice,
     Touched,
@@ -117,7 +119,7 @@ __all__ = ["SCRIPTED", "ClusterOps", "DataLost"]
 #: The ops this module runs (every op the core makes); others take the
 #: generic request path.
 SCRIPTED = frozenset({NewMessage, AmendMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers,
-                      RemoveMembers, RevokeTokens, AppendEvent, AckEvents})
+                      RemoveMembers, RevokeTokens, AppendEvent, AckEvents, SetConversation})
 
 _LIB = """
 local function S(n) return string.format('%.0f', n) end
@@ -217,6 +219,25 @@ redis.call('HSET', u, ARGV[1], ARGV[2], ARGV[3], '1', 'i:' .. S(head), ARGV[4], 
 local f = N(redis.call('HGET', u, 'cv:' .. ARGV[6]))
 if f % 4 < 2 then redis.call('HSET', u, 'cv:' .. ARGV[6], S(f + 2)) end
 return {head, head, redis.call('HVALS', KEYS[2]), fresh}
+"""
+
+# SetConversation: the user's settings of a conversation (one field,
+# PINNED:MUTED:HIDDEN_AT), merged here so that two devices changing
+# different settings through two nodes at once both win.
+# KEYS: user. ARGV: conv, pinned, muted, hidden (0 keep, 1 on, 2 off),
+# hidden_at for hidden on.  -> {old, new} ('0:0:0' = none)
+SETCONV = """
+local k = 'cs:' .. ARGV[1]
+local old = redis.call('HGET', KEYS[1], k) or '0:0:0'
+local p, m, h = string.match(old, '^(%d):(%d):(%d+)$')
+if ARGV[2] == '1' then p = '1' elseif ARGV[2] == '2' then p = '0' end
+if ARGV[3] == '1' then m = '1' elseif ARGV[3] == '2' then m = '0' end
+if ARGV[4] == '1' then h = ARGV[5] elseif ARGV[4] == '2' then h = '0' end
+local new = p .. ':' .. m .. ':' .. h
+if new ~= old then
+  if new == '0:0:0' then redis.call('HDEL', KEYS[1], k) else redis.call('HSET', KEYS[1], k, new) end
+end
+return {old, new}
 """
 
 # KEYS: conv. ARGV: now, hv, members (\\n-joined), users...  -> 1 created, 0 exists
@@ -442,7 +463,7 @@ return 0
 """
 
 _SCRIPTS = {name: globals()[name] for name in (
-    "CLAIM", "SEND", "AMEND", "DELETE", "CREATE", "CHANGE", "FANOUT", "FLAG", "REGISTER", "MAXSET", "EVACK", "EVENT", "RECLAIM",
+    "CLAIM", "SEND", "AMEND", "DELETE", "SETCONV", "CREATE", "CHANGE", "FANOUT", "FLAG", "REGISTER", "MAXSET", "EVACK", "EVENT", "RECLAIM",
     "EVRECLAIM", "ONLINE", "OFFLINE")}
 
 _MEMBER, _HAS_MESSAGES = 1, 2
@@ -799,6 +820,8 @@ class ClusterOps:
             results[idx[0]] = await self._change_members(op)
         elif kind is MarkRead:
             results[idx[0]] = await self._mark_read(op)
+        elif kind is SetConversation:
+            results[idx[0]] = await self._set_conversation(op)
         elif kind is RevokeTokens:
             (old_new,) = await self.run(self._one("MAXSET", self.s._k_user(op.user),
                                                   ("rv:" + op.device, op.before, 1 << 62)))
@@ -1205,6 +1228,20 @@ class ClusterOps:
         old, new = int(ans[0]), int(ans[1])
         tx = _Tx(s)
         return ReadMarked(op.user, op.conv, new, last, await s._unread(tx, op.user, op.conv), new != old)
+
+    async def _set_conversation(self, op: SetConversation) -> Result:
+        from .redis import _Tx
+
+        s = self.s
+        tx = _Tx(s)
+        code = await s._list_access(tx, op.user, op.conv)
+        if code is not ErrorCode.OK:
+            return Rejected(code)
+        last_seq = last_visible(await s._spans_of(tx, op.conv, op.user),
+                                int(await tx.get(s._k_conv(op.conv), "last") or 0))
+        (ans,) = await self.run(self._one("SETCONV", s._k_user(op.user), (
+            op.conv, op.pinned, op.muted, op.hidden, last_seq + 1)))
+        return ConversationSet(op.user, op.conv, await s._entry(_Tx(s), op.user, op.conv), ans[0] != ans[1])
 
     async def _reclaim(self, op: Reclaim) -> Result:
         s = self.s
