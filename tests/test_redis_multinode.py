@@ -664,3 +664,31 @@ async def test_settings_of_one_conversation_changed_on_two_nodes_at_once_are_bot
             (page,) = await s2.execute(StoreRequest(2, (ReadConversations("alice", limit=100),), False))
             got = {e.conv: (e.pinned, e.muted) for e in page.entries}
             assert got == {conv: (True, True) for conv in convs}
+
+
+async def test_a_node_starting_later_never_replays_a_completed_request_over_newer_writes(redis_cluster) -> None:
+    """Generic requests (PurgeUser here) keep a redo record for a writer that
+    dies half-way.  Once the request is complete, other nodes move on (the
+    purged user is added to a group again, a revoke moves the user's token
+    time later); a node that starts afterwards must not replay the old
+    record over that."""
+    from pimcore.store import AddMembers, GroupChanged, Purged, PurgeUser, RevokeTokens
+    from pimcore.store.base import OPEN
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            await s1.execute(StoreRequest(1, (CreateGroup(GROUP, ("alice", "carol"), 1),), True))
+            await s1.execute(StoreRequest(2, (_send(GROUP, "carol", 1, 1_000_000, b"\x01" * 8),), True))
+            (res,) = await s1.execute(StoreRequest(3, (PurgeUser("carol", 2_000_000),), True))
+            assert isinstance(res, Purged) and res.messages == 1, res
+            (res,) = await s2.execute(StoreRequest(4, (AddMembers(GROUP, ("carol",), 3_000_000),), True))
+            assert isinstance(res, GroupChanged) and "carol" in res.members, res
+            await s2.execute(StoreRequest(5, (RevokeTokens("carol", "", 4_000_000),), True))
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s3:
+            assert await s3.revoked_before("carol", "phone") == 4_000_000
+            assert (await s3.spans(GROUP, "carol"))[-1] == (3, OPEN)
+            assert await s3.is_member(GROUP, "carol")
+            assert GROUP in await s3.conversations("carol")

@@ -322,6 +322,10 @@ def _dec_writes(b: bytes) -> dict[str, dict[str, Optional[bytes]]]:
     return out
 
 
+# KEYS: the redo record. ARGV: a write set -> HDEL of it if it is that one.
+_UNLOG = "if redis.call('HGET', KEYS[1], 'w') == ARGV[1] then return redis.call('HDEL', KEYS[1], 'w') end return 0"
+
+
 class _Tx:
     """One request's view: cached reads, buffered writes (see the module
     docstring).  Keys are str, fields str, values bytes (None = absent)."""
@@ -656,6 +660,12 @@ class RedisStore(AsyncStore):
                 await trio.sleep(0.2)
                 await self._refresh_layout()
         self._pending = None
+        # Complete: the redo record goes (if it is still this one -- another
+        # node may have written its own since).  A record left behind would
+        # be replayed by every node that starts later, writing values
+        # computed then over what other nodes wrote since (a revoke undone,
+        # a membership span deleted).  Lost in a failover: replayed once more.
+        await self._call(lambda: self._r.eval(_UNLOG, keys=[self._wal], args=[_enc_writes(writes)]))
 
     async def _write_groups(self, writes: dict[str, dict[str, Optional[bytes]]], what: str) -> None:
         by_master: dict[int, tuple[Any, list[str]]] = {}
