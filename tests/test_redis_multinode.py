@@ -692,3 +692,43 @@ async def test_a_node_starting_later_never_replays_a_completed_request_over_newe
             assert (await s3.spans(GROUP, "carol"))[-1] == (3, OPEN)
             assert await s3.is_member(GROUP, "carol")
             assert GROUP in await s3.conversations("carol")
+
+
+async def test_an_edit_and_a_recall_of_one_message_on_two_nodes_at_once_never_bring_the_payload_back(redis_cluster) -> None:
+    """For each of many messages an EDIT through one node and a RECALL
+    through another at the same moment: the recall always wins in the end
+    (the record is recalled, its payload gone), and an edit is either
+    refused (RECALLED) or ordered before the recall (a lower seq)."""
+    from pimcore.errors import ErrorCode
+    from pimcore.store import Appended, Rejected
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    RECALL, EDIT = int(F.MessageKind.RECALL), int(F.MessageKind.EDIT)
+    with trio.fail_after(120):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            n = 30
+            for k in range(n):
+                await s1.execute(StoreRequest(k, (_send(AB, "alice", k, 1_000_000 + k, b"\x01" * 8),), True))
+            got: dict[tuple[int, int], Any] = {}
+            clock = iter(range(2_000_000, 9_000_000))
+
+            async def amend(store: Any, node: bytes, kind: int, target: int) -> None:
+                op = _amend(AB, "alice", 10_000 + kind * 1000 + target, next(clock), node, kind, target,
+                            b"edited" if kind == EDIT else b"")
+                (got[(kind, target)],) = await store.execute(StoreRequest(target, (op,), True))
+
+            async with trio.open_nursery() as nursery:
+                for target in range(1, n + 1):
+                    nursery.start_soon(amend, s1, b"\x01" * 8, EDIT, target)
+                    nursery.start_soon(amend, s2, b"\x02" * 8, RECALL, target)
+            log = await s2.history(AB, 0, 10_000)
+            assert [m.seq for m in log] == list(range(1, len(log) + 1))
+            for target in range(1, n + 1):
+                recall, edit = got[(RECALL, target)], got[(EDIT, target)]
+                assert isinstance(recall, Appended), recall
+                assert edit == Rejected(ErrorCode.RECALLED) or (isinstance(edit, Appended) and edit.seq < recall.seq)
+                m = log[target - 1]
+                assert m.recalled and m.payload == b"", m
