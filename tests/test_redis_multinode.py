@@ -732,3 +732,71 @@ async def test_an_edit_and_a_recall_of_one_message_on_two_nodes_at_once_never_br
                 assert edit == Rejected(ErrorCode.RECALLED) or (isinstance(edit, Appended) and edit.seq < recall.seq)
                 m = log[target - 1]
                 assert m.recalled and m.payload == b"", m
+
+
+async def test_an_amend_whose_node_died_half_way_is_finished_by_the_sweep_or_the_retry(redis_cluster) -> None:
+    """An EDIT whose node died before its fan-out: another node's outbox
+    sweep delivers the entry and finishes the dedupe record (the retry is a
+    Duplicate).  An EDIT whose node died after its claim, before the entry:
+    the retry through another node finishes THAT amend (same msg id)."""
+    from pimcore.store import Appended, Duplicate
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    EDIT = int(F.MessageKind.EDIT)
+    first = _amend(AB, "alice", 20, 5_000_000, b"\x03" * 8, EDIT, 1, b"one")
+    second = _amend(AB, "alice", 21, 5_100_000, b"\x03" * 8, EDIT, 1, b"two")
+
+    class Died(Exception):
+        pass
+
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            await s1.execute(StoreRequest(1, (_send(AB, "alice", 1, 4_000_000, b"\x03" * 8),), True))
+
+            async def die(self: Any) -> Any:
+                raise Died()
+
+            real = redis_scripts._Fanout.run
+            redis_scripts._Fanout.run = die  # type: ignore[method-assign]
+            try:
+                with pytest.raises(Died):
+                    await s1.execute(StoreRequest(2, (first,), True))
+            finally:
+                redis_scripts._Fanout.run = real  # type: ignore[method-assign]
+            assert await s2.last_seq(AB) == 2 and await s2.inbox_head("bob") == 1
+            assert await s2.cluster.sweep(older_than=0) == 1
+            assert [m.msg_id for _, m in await s2.inbox_range("bob", 0, 10)][1:] == [first.msg_id]
+            retry = _amend(AB, "alice", 20, 6_000_000, b"\x04" * 8, EDIT, 1, b"one")
+            (res,) = await s2.execute(StoreRequest(3, (retry,), True))
+            assert res == Duplicate(first.msg_id, 2, first.server_time)
+
+            real_run = redis_scripts.ClusterOps.run
+            calls = {"n": 0}
+
+            async def run_then_die(self: Any, rnd: Any, wait: bool = True) -> Any:
+                calls["n"] += 1
+                if calls["n"] == 2:  # the AMEND round never happens
+                    raise Died()
+                return await real_run(self, rnd, wait)
+
+            redis_scripts.ClusterOps.run = run_then_die  # type: ignore[method-assign]
+            try:
+                with pytest.raises(Died):
+                    await s1.execute(StoreRequest(4, (second,), True))
+            finally:
+                redis_scripts.ClusterOps.run = real_run  # type: ignore[method-assign]
+            assert await s2.last_seq(AB) == 2
+            retry = _amend(AB, "alice", 21, 7_000_000, b"\x05" * 8, EDIT, 1, b"two")
+            (res,) = await s2.execute(StoreRequest(5, (retry,), True))
+            assert isinstance(res, Appended) and (res.msg_id, res.seq, res.server_time) == (
+                second.msg_id, 3, second.server_time), res
+            (again,) = await s1.execute(StoreRequest(6, (second,), True))
+            assert again == Duplicate(second.msg_id, 3, second.server_time)
+            log = await s1.history(AB, 0, 10)
+            assert [m.seq for m in log] == [1, 2, 3] and log[0].payload == b"two" and log[0].edited == second.server_time
+            assert [m.msg_id for _, m in await s1.inbox_range("bob", 0, 10)] == [log[0].msg_id, first.msg_id,
+                                                                                second.msg_id]
