@@ -1274,8 +1274,16 @@ class RedisStore(AsyncStore):
                 continue
             last = _int(last_b)
             upto = floor = _int(hf)
-            if count and last - count > upto:
-                upto = last - count
+            if self.cluster is not None:
+                # Never past an entry whose fan-out is still under way (its
+                # outbox entry, read after ``last``): the inbox entries it is
+                # about to add would point at a removed message.
+                ob = await self._call(lambda: self._r.hkeys(self.cluster.outbox_key(conv)))
+                pending = [int(f) for f in ob if floor < int(f) <= last]
+                if pending:
+                    last = min(pending) - 1
+            if count and _int(last_b) - count > upto:
+                upto = min(_int(last_b) - count, last)
             if age:
                 cutoff = op.now - age
                 while upto < last and (await self._msg_at(tx, conv, upto + 1)).server_time < cutoff:

@@ -1403,6 +1403,11 @@ class ClusterOps:
                 tx = _Tx(s)
                 blob = await tx.get(s._k_conv(conv), f"s:{seq}")
                 if blob is None:
+                    # Removed (retention, a purge) after its fan-out: nothing
+                    # left to deliver, and the entry must not linger.
+                    gone = _Round()
+                    gone.hdel(ob, f.decode() if isinstance(f, bytes) else f)
+                    await self.run(gone, wait=False)
                     continue
                 m = _dec_msg(blob)
                 recipients = await self._recipients(tx, conv, seq)
