@@ -849,3 +849,51 @@ async def test_expire_on_one_node_never_removes_a_message_another_node_is_still_
             assert res == Expired(1, 1, 2), res
             for user in ("alice", "bob"):
                 assert await s2.inbox_range(user, 0, 10) == [], user
+
+
+async def test_a_purge_on_one_node_during_a_fan_out_on_another_leaves_readable_inboxes(redis_cluster) -> None:
+    """PurgeConversation on one node while a send into that conversation is
+    being fanned out on another: the purge removes the entry (its seq was
+    taken), the late inbox entry points at a removed message below the
+    history floor -- a hole every inbox read skips, never a read error."""
+    from pimcore.store import Appended, Purged, PurgeConversation
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            await s1.execute(StoreRequest(1, (_send(AB, "alice", 1, 1_000_000, b"\x01" * 8),), True))
+            stored, go = trio.Event(), trio.Event()
+            real = redis_scripts._Fanout.run
+
+            async def slow(self: Any) -> Any:
+                stored.set()
+                await go.wait()
+                return await real(self)
+
+            got: list[Any] = []
+
+            async def send() -> None:
+                (res,) = await s1.execute(StoreRequest(2, (_send(AB, "alice", 2, 2_000_000, b"\x01" * 8),), True))
+                got.append(res)
+
+            redis_scripts._Fanout.run = slow  # type: ignore[method-assign]
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send)
+                    await stored.wait()
+                    redis_scripts._Fanout.run = real  # type: ignore[method-assign]
+                    (res,) = await s2.execute(StoreRequest(3, (PurgeConversation(AB),), True))
+                    assert isinstance(res, Purged) and res.messages == 2, res
+                    go.set()
+            finally:
+                redis_scripts._Fanout.run = real  # type: ignore[method-assign]
+            assert isinstance(got[0], Appended) and got[0].seq == 2
+            for user in ("alice", "bob"):
+                assert await s2.inbox_range(user, 0, 10) == [], user
+            (res,) = await s2.execute(StoreRequest(4, (_send(AB, "alice", 3, 3_000_000, b"\x01" * 8),), True))
+            assert isinstance(res, Appended) and res.seq == 3
+            assert [m.seq for _, m in await s2.inbox_range("bob", 0, 10)] == [3]

@@ -994,10 +994,11 @@ class RedisStore(AsyncStore):
             if m.kind == MessageKind.EDIT:
                 # Nothing of a message the user deleted for themselves comes
                 # back through a later edit.
-                if user and await tx.get(self._k_user(user), f"del:{m.conv}/{m.target}"):
-                    m = replace(m, payload=b"")
+                target = await tx.get(self._k_conv(m.conv), f"s:{m.target}")
+                if target is None or (user and await tx.get(self._k_user(user), f"del:{m.conv}/{m.target}")):
+                    m = replace(m, payload=b"")  # (None: retention removed the target)
                 else:
-                    m = replace(m, payload=(await self._msg_at(tx, m.conv, m.target)).payload)
+                    m = replace(m, payload=_dec_msg(target).payload)
             elif user and m.kind == MessageKind.MESSAGE and await tx.get(self._k_user(user), f"del:{m.conv}/{m.seq}"):
                 m = replace(m, payload=b"", deleted=True)
             out.append(m)
@@ -1424,6 +1425,11 @@ class RedisStore(AsyncStore):
                     if v is None:
                         continue  # purged with its conversation
                     out.append((pos, _dec_msg(v)))
+                    continue
+                ck = self._k_conv(conv)
+                if await tx.get(ck, f"s:{seq}") is None and int(seq) <= _int(await tx.get(ck, "hf")):
+                    # Removed by retention or a purge on one node while another
+                    # node was still fanning it out: a hole, like the others.
                     continue
                 out.append((pos, (await self._current(tx, [await self._msg_at(tx, conv, int(seq))], user))[0]))
             start = end + 1
