@@ -897,3 +897,32 @@ async def test_a_purge_on_one_node_during_a_fan_out_on_another_leaves_readable_i
             (res,) = await s2.execute(StoreRequest(4, (_send(AB, "alice", 3, 3_000_000, b"\x01" * 8),), True))
             assert isinstance(res, Appended) and res.seq == 3
             assert [m.seq for _, m in await s2.inbox_range("bob", 0, 10)] == [3]
+
+
+async def test_a_revoke_on_another_node_during_a_purge_of_the_user_stays_in_force(redis_cluster) -> None:
+    """PurgeUser revokes the user's tokens issued before its time; a later
+    revoke through another node that lands while the purge is being written
+    is never moved back by it."""
+    from pimcore.store import Purged, PurgeUser, Revoked, RevokeTokens
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            await s1.execute(StoreRequest(1, (_send(AB, "bob", 1, 1_000_000, b"\x01" * 8),), True))
+            real = RedisStore._flush
+
+            async def revoke_first(self: Any, tx: Any) -> None:
+                (res,) = await s2.execute(StoreRequest(2, (RevokeTokens("bob", "", 9_000_000),), True))
+                assert res == Revoked("bob", "", 9_000_000)
+                await real(self, tx)
+
+            RedisStore._flush = revoke_first  # type: ignore[method-assign]
+            try:
+                (res,) = await s1.execute(StoreRequest(3, (PurgeUser("bob", 2_000_000),), True))
+            finally:
+                RedisStore._flush = real  # type: ignore[method-assign]
+            assert isinstance(res, Purged) and res.messages == 1, res
+            assert await s2.revoked_before("bob", "phone") == 9_000_000

@@ -67,16 +67,29 @@ the record is overwritten by the next request, so it never holds anything
 but the last request's writes.  Outcome of a failed request: unknown (the
 client retries with the same local id; the dedupe record decides).
 
-Several writers.  The path above is right for ONE writer only (values are
-computed from reads).  The ops of :data:`redis_scripts.SCRIPTED` run
-instead as server-side scripts, one slot each (:mod:`pimcore.store.redis_scripts`:
-claims, seqs, idempotent fan-out, outbox sweep, cross-node hints, the
-namespace's epoch), so any number of ``pimcore serve`` nodes may share a
-namespace for them; the others (AmendMessage, SetConversation,
-SetPresencePrivacy, SetRetention, Expire, PurgeConversation, PurgeUser:
-docs/OPERATIONS.md says what breaks) take this generic path and are
-single-writer.  A batch mixing both runs its runs of each in request order.
-Reads running beside a write may see part of it (a message before its inbox
+Several writers.  The path above computes values from reads, which is right
+for one writer only.  The ops of :data:`redis_scripts.SCRIPTED` -- every op
+that takes a seq, an inbox position or merges into a field other ops write
+(sends, amends, acks, read markers, groups, revokes, events, conversation
+settings) -- run instead as server-side scripts, one slot each
+(:mod:`pimcore.store.redis_scripts`: claims, seqs, idempotent fan-out,
+outbox sweep, cross-node hints, the namespace's epoch), so any number of
+``pimcore serve`` nodes may share a namespace.  The rest take this generic
+path, and are safe beside other nodes for these reasons:
+SetPresencePrivacy and SetRetention write absolute values (last writer
+wins, as for any setting); PurgeUser leaves its groups through the scripted
+membership change (the LEFT entries take their seqs atomically), the rest
+of it writes only the purged user's fields and tombstones; Expire stops
+below any entry whose fan-out is still under way (the conversation's
+outbox), and an inbox entry of an entry that a purge removed below the
+history floor during its fan-out is a hole reads skip.  What remains: run
+at most one Expire / PurgeConversation / PurgeUser at a time per namespace
+(admin ops; two at once may write the history floor back), and a send that
+races a PurgeConversation of its conversation may survive it (purge again:
+idempotent).  The redo record is removed once its writes are confirmed, so
+a node that starts replays only a request whose writer died half-way.  A
+batch mixing both paths runs its runs of each in request order.  Reads
+running beside a write may see part of it (a message before its inbox
 entries, never an entry before its message).
 """
 
@@ -778,7 +791,9 @@ class RedisStore(AsyncStore):
                     raise
                 except Exception as exc:
                     # Nothing was written yet: the writes are buffered until
-                    # every op has run, so the batch takes no effect.
+                    # every op has run, so the batch takes no effect (but for
+                    # PurgeUser's scripted group removals and revoke, done at
+                    # once: idempotent, the purge's retry completes them).
                     raise StoreError(f"batch {request.request_id} not committed: {exc!r}") from exc
                 await self._flush(tx)
                 return tuple(results)
@@ -1358,7 +1373,11 @@ class RedisStore(AsyncStore):
         head = _int(fields.get("head"))
         if _int(fields.get("floor")) != head:
             tx.put(uk, "floor", head)
-        if _int(fields.get("rv:")) < op.now:
+        if self.cluster is not None:
+            # Never back (redis_scripts MAXSET): a revoke through another
+            # node since the read above must stay in force.
+            await self.cluster.run(self.cluster._one("MAXSET", uk, ("rv:", op.now, 1 << 62)))
+        elif _int(fields.get("rv:")) < op.now:
             tx.put(uk, "rv:", op.now)
         return Purged(tombstones, entries, devices, tuple(changes))
 

@@ -36,6 +36,15 @@ round, however many sends the batch holds):
 The SendAck goes out after round 3: acked means the message, its seq and
 every recipient's inbox entry are on a replica.
 
+A recall or edit (:class:`AmendMessage`) takes the same three rounds: the
+CLAIM (the key space of sends); AMEND on the conversation's slot, a
+compare-and-set -- the checks of ``amend_problem`` run in Python on one
+snapshot, and the script takes the seq and rewrites the target only if the
+group, the sender's membership and the target's record are still what was
+checked (else read and check again); the same fan-out.  A delete for oneself
+takes no seq: DELETE appends it to the sender's own inbox on the sender's
+slot, with the final dedupe record, atomically.
+
 Crash net: a node that dies between rounds leaves a claim (finished by the
 client's retry) and/or an outbox entry; every node sweeps the outboxes
 (``SCAN`` per master, entries older than ``sweep_after`` seconds) and
@@ -116,8 +125,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["SCRIPTED", "ClusterOps", "DataLost"]
 
-#: The ops this module runs (every op the core makes); others take the
-#: generic request path.
+#: The ops this module runs (every op the core makes, and every op that
+#: takes a seq or an inbox position or merges into a shared field); the
+#: others (SetPresencePrivacy, SetRetention, Expire, PurgeConversation,
+#: PurgeUser) take the generic request path: see the pimcore.store.redis
+#: docstring for why that is safe beside other nodes.
 SCRIPTED = frozenset({NewMessage, AmendMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers,
                       RemoveMembers, RevokeTokens, AppendEvent, AckEvents, SetConversation})
 
