@@ -213,3 +213,17 @@ def test_an_edit_never_brings_back_a_message_deleted_for_oneself(store: Store, m
     assert [(m.seq, m.kind, m.payload) for m in inbox if m.seq] == [(1, 0, b""), (2, EDIT, b"")]
     assert [m.deleted for m in inbox if m.seq == 1] == [True]
     assert [m.payload for _, m in store.inbox_range("carol", 0, 10)] == [b"secret-v2", b"secret-v2"]
+
+
+def test_an_edit_whose_target_retention_removed_reads_with_no_payload(store: Store, mk: Maker) -> None:
+    """Retention removes the edited message but keeps the EDIT entry: every
+    read of the entry (history, inbox) gives it no payload, never an error."""
+    from pimcore.store import Expire, ReadInbox
+
+    mk.commit(store, mk(AB, "alice", payload=b"m"))
+    (edit,) = mk.commit(store, amend(mk, AB, "alice", 1, EDIT, b"e"))
+    assert isinstance(edit, Appended)
+    mk.commit(store, Expire(mk.time + 10**12, 0, 1))
+    assert {s: (m.kind, m.payload) for s, m in history(store, "bob").items()} == {2: (EDIT, b"")}
+    (page,) = store.read([ReadInbox("bob", 0, 100)])
+    assert [(m.seq, m.kind, m.payload) for _, m in page.entries] == [(2, EDIT, b"")]

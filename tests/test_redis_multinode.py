@@ -481,3 +481,448 @@ async def test_writes_lost_in_a_failover_are_detected_and_the_epoch_changes(redi
         async with RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
             assert await s2.epoch() != old
             assert old not in await s2.epochs()
+
+
+def _amend(conv: str, sender: str, local_id: int, t: int, node: bytes, kind: int, target: int,
+           payload: bytes = b"") -> Any:
+    from pimcore.core import message_digest
+    from pimcore.store import AmendMessage
+
+    return AmendMessage(t.to_bytes(8, "big") + node, conv, sender, "tablet", local_id, t, t, kind, target, payload,
+                        message_digest(conv, bytes((kind,)) + target.to_bytes(8, "big") + payload))
+
+
+async def test_amends_on_one_node_beside_sends_on_another_keep_seqs_and_inboxes_exact(redis_cluster) -> None:
+    """One store (node) sends many messages into a group and a 1:1
+    conversation while another recalls and edits earlier ones (and bob
+    deletes some for himself) at the same time, several rounds: seqs are
+    1..N gap-free with none used twice, every acked send and amend entry is
+    in history once at its seq, every recipient's inbox holds each once (a
+    DELETE entry only in its sender's), and the targets show the amends."""
+    from pimcore.errors import ErrorCode
+    from pimcore.store import Appended, Rejected
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    RECALL, EDIT, DELETE = int(F.MessageKind.RECALL), int(F.MessageKind.EDIT), int(F.MessageKind.DELETE)
+    with trio.fail_after(180):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            await s1.execute(StoreRequest(1, (CreateGroup(GROUP, ("alice", "bob", "carol"), 1),), True))
+            sends: list[tuple[str, Any]] = []
+            amends: list[tuple[str, int, Any]] = []
+            deletes: list[Any] = []
+            refused: list[Any] = []
+            clock = iter(range(1_000_000, 9_000_000))
+            done = {GROUP: 0, AB: 0}
+
+            async def sender(w: int) -> None:
+                for k in range(20):
+                    conv = (GROUP, AB)[(w + k) % 2]
+                    (res,) = await s1.execute(StoreRequest(k, (_send(conv, "alice", w * 1000 + k, next(clock),
+                                                                     b"\x01" * 8),), True))
+                    assert isinstance(res, Appended), res
+                    sends.append((conv, res))
+
+            async def amender(w: int) -> None:
+                k = 0
+                while done[GROUP] < 3 or done[AB] < 3 or k < 20:
+                    k += 1
+                    conv = (GROUP, AB)[(w + k) % 2]
+                    mine = [r.seq for c, r in sends if c == conv]
+                    if not mine:
+                        await trio.sleep(0.001)
+                        continue
+                    target = mine[(k * 7 + w) % len(mine)]
+                    if w == 2:
+                        op = _amend(conv, "bob", 50_000 + w * 1000 + k, next(clock), b"\x02" * 8, DELETE, target)
+                    else:
+                        kind = RECALL if k % 3 == 0 else EDIT
+                        op = _amend(conv, "alice", 50_000 + w * 1000 + k, next(clock), b"\x02" * 8, kind, target,
+                                    b"edit %d %d" % (w, k) if kind == EDIT else b"")
+                    (res,) = await s2.execute(StoreRequest(k, (op,), True))
+                    if isinstance(res, Rejected):
+                        refused.append((op, res))
+                    elif op.kind == DELETE:
+                        assert isinstance(res, Appended) and res.seq == 0, res
+                        deletes.append((op, res))
+                    else:
+                        assert isinstance(res, Appended), res
+                        amends.append((conv, op.kind, res))
+                        done[conv] += 1
+                    if k > 200:
+                        break
+
+            async with trio.open_nursery() as n:
+                for w in range(6):
+                    n.start_soon(sender, w)
+                for w in range(3):
+                    n.start_soon(amender, w)
+            for conv in (GROUP, AB):
+                acked = [r for c, r in sends if c == conv] + [r for c, _, r in amends if c == conv]
+                seqs = sorted(r.seq for r in acked)
+                assert seqs == list(range(1, len(seqs) + 1)), (conv, seqs)
+                log = await s2.history(conv, 0, 10_000)
+                assert [m.seq for m in log] == seqs, conv
+                assert {m.seq: m.msg_id for m in log} == {r.seq: r.msg_id for r in acked}, conv
+                for c, kind, r in amends:
+                    if c == conv:
+                        entry = log[r.seq - 1]
+                        assert entry.kind == kind and entry.sender == "alice"
+                        target = log[entry.target - 1]
+                        assert target.kind == F.MessageKind.MESSAGE
+                        assert target.recalled or target.edited, (conv, entry.target)
+            for user in ("alice", "bob", "carol"):
+                inbox = await s2.inbox_range(user, 0, 100_000)
+                assert [p for p, _ in inbox] == list(range(1, len(inbox) + 1)), user
+                ids = [m.msg_id for _, m in inbox]
+                assert len(ids) == len(set(ids)), user
+                want = {r.msg_id for c, r in sends if user in (("alice", "bob", "carol") if c == GROUP
+                                                             else ("alice", "bob"))}
+                want |= {r.msg_id for c, _, r in amends if user in (("alice", "bob", "carol") if c == GROUP
+                                                                   else ("alice", "bob"))}
+                if user == "bob":
+                    want |= {op.msg_id for op, _ in deletes}
+                assert set(ids) == want, (user, len(set(ids) - want), len(want - set(ids)))
+            # Only RECALLED (an edit or recall of a recalled message) may be refused.
+            assert {r.code for _, r in refused} <= {ErrorCode.RECALLED}, refused
+
+
+async def test_purges_of_users_on_one_node_beside_sends_on_another_keep_seqs_exact(redis_cluster) -> None:
+    """PurgeUser on one store removes users from a group (a LEFT entry each)
+    while another store sends into that group: every seq is taken once --
+    the sends' and the LEFT entries' together are 1..N gap-free -- and the
+    members left have each entry in their inbox once."""
+    from pimcore.store import Appended, Purged, PurgeUser
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    users = [f"p{i}" for i in range(8)]
+    with trio.fail_after(180):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            await s1.execute(StoreRequest(1, (CreateGroup(GROUP, ("alice", "bob", *users), 1),), True))
+            sends: list[Any] = []
+            lefts: list[Any] = []
+            clock = iter(range(1_000_000, 9_000_000))
+
+            async def sender(w: int) -> None:
+                for k in range(15):
+                    (res,) = await s1.execute(StoreRequest(k, (_send(GROUP, ("alice", "bob")[w % 2], w * 1000 + k,
+                                                                     next(clock), b"\x01" * 8),), True))
+                    assert isinstance(res, Appended), res
+                    sends.append(res)
+
+            async def purger() -> None:
+                for k, user in enumerate(users):
+                    await trio.sleep(0.005)
+                    (res,) = await s2.execute(StoreRequest(k, (PurgeUser(user, 5_000_000 + k),), True))
+                    assert isinstance(res, Purged) and len(res.changes) == 1, res
+                    lefts.extend(res.changes[0].entries)
+
+            async with trio.open_nursery() as n:
+                for w in range(4):
+                    n.start_soon(sender, w)
+                n.start_soon(purger)
+            seqs = sorted([r.seq for r in sends] + [m.seq for m in lefts])
+            assert seqs == list(range(1, len(seqs) + 1)), seqs
+            log = await s2.history(GROUP, 0, 10_000)
+            assert {m.seq: m.msg_id for m in log} == {**{r.seq: r.msg_id for r in sends},
+                                                       **{m.seq: m.msg_id for m in lefts}}
+            assert await s2.members(GROUP) == ("alice", "bob")
+            for user in ("alice", "bob"):
+                ids = [m.msg_id for _, m in await s2.inbox_range(user, 0, 100_000)]
+                assert sorted(ids) == sorted({m.msg_id for m in log}), user
+
+
+async def test_settings_of_one_conversation_changed_on_two_nodes_at_once_are_both_kept(redis_cluster) -> None:
+    """A user pins conversations through one node while muting them through
+    another at the same moment (two devices): every conversation ends up
+    pinned AND muted -- neither change overwrites the other."""
+    from pimcore.store import ConversationSet, SetConversation
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    convs = [f"g:s{i}" for i in range(24)]
+    with trio.fail_after(120):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            for i, conv in enumerate(convs):
+                await s1.execute(StoreRequest(i, (CreateGroup(conv, ("alice", "bob"), 1),), True))
+
+            async def change(store: Any, conv: str, pinned: int, muted: int) -> None:
+                (res,) = await store.execute(StoreRequest(1, (SetConversation("alice", conv, pinned, muted),), True))
+                assert isinstance(res, ConversationSet) and res.changed, res
+
+            async with trio.open_nursery() as n:
+                for conv in convs:
+                    n.start_soon(change, s1, conv, 1, 0)
+                    n.start_soon(change, s2, conv, 0, 1)
+            from pimcore.store import ReadConversations
+
+            (page,) = await s2.execute(StoreRequest(2, (ReadConversations("alice", limit=100),), False))
+            got = {e.conv: (e.pinned, e.muted) for e in page.entries}
+            assert got == {conv: (True, True) for conv in convs}
+
+
+async def test_a_node_starting_later_never_replays_a_completed_request_over_newer_writes(redis_cluster) -> None:
+    """Generic requests (PurgeUser here) keep a redo record for a writer that
+    dies half-way.  Once the request is complete, other nodes move on (the
+    purged user is added to a group again, a revoke moves the user's token
+    time later); a node that starts afterwards must not replay the old
+    record over that."""
+    from pimcore.store import AddMembers, GroupChanged, Purged, PurgeUser, RevokeTokens
+    from pimcore.store.base import OPEN
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            await s1.execute(StoreRequest(1, (CreateGroup(GROUP, ("alice", "carol"), 1),), True))
+            await s1.execute(StoreRequest(2, (_send(GROUP, "carol", 1, 1_000_000, b"\x01" * 8),), True))
+            (res,) = await s1.execute(StoreRequest(3, (PurgeUser("carol", 2_000_000),), True))
+            assert isinstance(res, Purged) and res.messages == 1, res
+            (res,) = await s2.execute(StoreRequest(4, (AddMembers(GROUP, ("carol",), 3_000_000),), True))
+            assert isinstance(res, GroupChanged) and "carol" in res.members, res
+            await s2.execute(StoreRequest(5, (RevokeTokens("carol", "", 4_000_000),), True))
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s3:
+            assert await s3.revoked_before("carol", "phone") == 4_000_000
+            assert (await s3.spans(GROUP, "carol"))[-1] == (3, OPEN)
+            assert await s3.is_member(GROUP, "carol")
+            assert GROUP in await s3.conversations("carol")
+
+
+async def test_an_edit_and_a_recall_of_one_message_on_two_nodes_at_once_never_bring_the_payload_back(redis_cluster) -> None:
+    """For each of many messages an EDIT through one node and a RECALL
+    through another at the same moment: the recall always wins in the end
+    (the record is recalled, its payload gone), and an edit is either
+    refused (RECALLED) or ordered before the recall (a lower seq)."""
+    from pimcore.errors import ErrorCode
+    from pimcore.store import Appended, Rejected
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    RECALL, EDIT = int(F.MessageKind.RECALL), int(F.MessageKind.EDIT)
+    with trio.fail_after(120):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            n = 30
+            for k in range(n):
+                await s1.execute(StoreRequest(k, (_send(AB, "alice", k, 1_000_000 + k, b"\x01" * 8),), True))
+            got: dict[tuple[int, int], Any] = {}
+            clock = iter(range(2_000_000, 9_000_000))
+
+            async def amend(store: Any, node: bytes, kind: int, target: int) -> None:
+                op = _amend(AB, "alice", 10_000 + kind * 1000 + target, next(clock), node, kind, target,
+                            b"edited" if kind == EDIT else b"")
+                (got[(kind, target)],) = await store.execute(StoreRequest(target, (op,), True))
+
+            async with trio.open_nursery() as nursery:
+                for target in range(1, n + 1):
+                    nursery.start_soon(amend, s1, b"\x01" * 8, EDIT, target)
+                    nursery.start_soon(amend, s2, b"\x02" * 8, RECALL, target)
+            log = await s2.history(AB, 0, 10_000)
+            assert [m.seq for m in log] == list(range(1, len(log) + 1))
+            for target in range(1, n + 1):
+                recall, edit = got[(RECALL, target)], got[(EDIT, target)]
+                assert isinstance(recall, Appended), recall
+                assert edit == Rejected(ErrorCode.RECALLED) or (isinstance(edit, Appended) and edit.seq < recall.seq)
+                m = log[target - 1]
+                assert m.recalled and m.payload == b"", m
+
+
+async def test_an_amend_whose_node_died_half_way_is_finished_by_the_sweep_or_the_retry(redis_cluster) -> None:
+    """An EDIT whose node died before its fan-out: another node's outbox
+    sweep delivers the entry and finishes the dedupe record (the retry is a
+    Duplicate).  An EDIT whose node died after its claim, before the entry:
+    the retry through another node finishes THAT amend (same msg id)."""
+    from pimcore.store import Appended, Duplicate
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    EDIT = int(F.MessageKind.EDIT)
+    first = _amend(AB, "alice", 20, 5_000_000, b"\x03" * 8, EDIT, 1, b"one")
+    second = _amend(AB, "alice", 21, 5_100_000, b"\x03" * 8, EDIT, 1, b"two")
+
+    class Died(Exception):
+        pass
+
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            await s1.execute(StoreRequest(1, (_send(AB, "alice", 1, 4_000_000, b"\x03" * 8),), True))
+
+            async def die(self: Any) -> Any:
+                raise Died()
+
+            real = redis_scripts._Fanout.run
+            redis_scripts._Fanout.run = die  # type: ignore[method-assign]
+            try:
+                with pytest.raises(Died):
+                    await s1.execute(StoreRequest(2, (first,), True))
+            finally:
+                redis_scripts._Fanout.run = real  # type: ignore[method-assign]
+            assert await s2.last_seq(AB) == 2 and await s2.inbox_head("bob") == 1
+            assert await s2.cluster.sweep(older_than=0) == 1
+            assert [m.msg_id for _, m in await s2.inbox_range("bob", 0, 10)][1:] == [first.msg_id]
+            retry = _amend(AB, "alice", 20, 6_000_000, b"\x04" * 8, EDIT, 1, b"one")
+            (res,) = await s2.execute(StoreRequest(3, (retry,), True))
+            assert res == Duplicate(first.msg_id, 2, first.server_time)
+
+            real_run = redis_scripts.ClusterOps.run
+            calls = {"n": 0}
+
+            async def run_then_die(self: Any, rnd: Any, wait: bool = True) -> Any:
+                calls["n"] += 1
+                if calls["n"] == 2:  # the AMEND round never happens
+                    raise Died()
+                return await real_run(self, rnd, wait)
+
+            redis_scripts.ClusterOps.run = run_then_die  # type: ignore[method-assign]
+            try:
+                with pytest.raises(Died):
+                    await s1.execute(StoreRequest(4, (second,), True))
+            finally:
+                redis_scripts.ClusterOps.run = real_run  # type: ignore[method-assign]
+            assert await s2.last_seq(AB) == 2
+            retry = _amend(AB, "alice", 21, 7_000_000, b"\x05" * 8, EDIT, 1, b"two")
+            (res,) = await s2.execute(StoreRequest(5, (retry,), True))
+            assert isinstance(res, Appended) and (res.msg_id, res.seq, res.server_time) == (
+                second.msg_id, 3, second.server_time), res
+            (again,) = await s1.execute(StoreRequest(6, (second,), True))
+            assert again == Duplicate(second.msg_id, 3, second.server_time)
+            log = await s1.history(AB, 0, 10)
+            assert [m.seq for m in log] == [1, 2, 3] and log[0].payload == b"two" and log[0].edited == second.server_time
+            assert [m.msg_id for _, m in await s1.inbox_range("bob", 0, 10)] == [log[0].msg_id, first.msg_id,
+                                                                                second.msg_id]
+
+
+async def test_expire_on_one_node_never_removes_a_message_another_node_is_still_fanning_out(redis_cluster) -> None:
+    """A send stored (seq taken) whose fan-out is still under way on one node
+    when another node runs Expire that would remove it: the entry is kept
+    until its fan-out is done, so no inbox is left pointing at a removed
+    message; the next Expire removes it (and its inbox entries)."""
+    from pimcore.store import Appended, Expire, Expired
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            await s1.execute(StoreRequest(1, (_send(AB, "alice", 1, 1_000_000, b"\x01" * 8),), True))
+            stored, go = trio.Event(), trio.Event()
+            real = redis_scripts._Fanout.run
+
+            async def slow(self: Any) -> Any:
+                stored.set()
+                await go.wait()
+                return await real(self)
+
+            got: list[Any] = []
+
+            async def send() -> None:
+                (res,) = await s1.execute(StoreRequest(2, (_send(AB, "alice", 2, 2_000_000, b"\x01" * 8),), True))
+                got.append(res)
+
+            redis_scripts._Fanout.run = slow  # type: ignore[method-assign]
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send)
+                    await stored.wait()
+                    redis_scripts._Fanout.run = real  # type: ignore[method-assign]
+                    (res,) = await s2.execute(StoreRequest(3, (Expire(10_000_000, max_age=1),), True))
+                    assert res == Expired(1, 1, 2), res  # seq 1 only: seq 2 is still being fanned out
+                    go.set()
+            finally:
+                redis_scripts._Fanout.run = real  # type: ignore[method-assign]
+            assert isinstance(got[0], Appended) and got[0].seq == 2
+            for user in ("alice", "bob"):
+                assert [m.seq for _, m in await s2.inbox_range(user, 0, 10)] == [2], user
+            (res,) = await s2.execute(StoreRequest(4, (Expire(10_000_000, max_age=1),), True))
+            assert res == Expired(1, 1, 2), res
+            for user in ("alice", "bob"):
+                assert await s2.inbox_range(user, 0, 10) == [], user
+
+
+async def test_a_purge_on_one_node_during_a_fan_out_on_another_leaves_readable_inboxes(redis_cluster) -> None:
+    """PurgeConversation on one node while a send into that conversation is
+    being fanned out on another: the purge removes the entry (its seq was
+    taken), the late inbox entry points at a removed message below the
+    history floor -- a hole every inbox read skips, never a read error."""
+    from pimcore.store import Appended, Purged, PurgeConversation
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            await s1.execute(StoreRequest(1, (_send(AB, "alice", 1, 1_000_000, b"\x01" * 8),), True))
+            stored, go = trio.Event(), trio.Event()
+            real = redis_scripts._Fanout.run
+
+            async def slow(self: Any) -> Any:
+                stored.set()
+                await go.wait()
+                return await real(self)
+
+            got: list[Any] = []
+
+            async def send() -> None:
+                (res,) = await s1.execute(StoreRequest(2, (_send(AB, "alice", 2, 2_000_000, b"\x01" * 8),), True))
+                got.append(res)
+
+            redis_scripts._Fanout.run = slow  # type: ignore[method-assign]
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send)
+                    await stored.wait()
+                    redis_scripts._Fanout.run = real  # type: ignore[method-assign]
+                    (res,) = await s2.execute(StoreRequest(3, (PurgeConversation(AB),), True))
+                    assert isinstance(res, Purged) and res.messages == 2, res
+                    go.set()
+            finally:
+                redis_scripts._Fanout.run = real  # type: ignore[method-assign]
+            assert isinstance(got[0], Appended) and got[0].seq == 2
+            for user in ("alice", "bob"):
+                assert await s2.inbox_range(user, 0, 10) == [], user
+            (res,) = await s2.execute(StoreRequest(4, (_send(AB, "alice", 3, 3_000_000, b"\x01" * 8),), True))
+            assert isinstance(res, Appended) and res.seq == 3
+            assert [m.seq for _, m in await s2.inbox_range("bob", 0, 10)] == [3]
+
+
+async def test_a_revoke_on_another_node_during_a_purge_of_the_user_stays_in_force(redis_cluster) -> None:
+    """PurgeUser revokes the user's tokens issued before its time; a later
+    revoke through another node that lands while the purge is being written
+    is never moved back by it."""
+    from pimcore.store import Purged, PurgeUser, Revoked, RevokeTokens
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            await s1.execute(StoreRequest(1, (_send(AB, "bob", 1, 1_000_000, b"\x01" * 8),), True))
+            real = RedisStore._flush
+
+            async def revoke_first(self: Any, tx: Any) -> None:
+                (res,) = await s2.execute(StoreRequest(2, (RevokeTokens("bob", "", 9_000_000),), True))
+                assert res == Revoked("bob", "", 9_000_000)
+                await real(self, tx)
+
+            RedisStore._flush = revoke_first  # type: ignore[method-assign]
+            try:
+                (res,) = await s1.execute(StoreRequest(3, (PurgeUser("bob", 2_000_000),), True))
+            finally:
+                RedisStore._flush = real  # type: ignore[method-assign]
+            assert isinstance(res, Purged) and res.messages == 1, res
+            assert await s2.revoked_before("bob", "phone") == 9_000_000

@@ -67,16 +67,29 @@ the record is overwritten by the next request, so it never holds anything
 but the last request's writes.  Outcome of a failed request: unknown (the
 client retries with the same local id; the dedupe record decides).
 
-Several writers.  The path above is right for ONE writer only (values are
-computed from reads).  The ops of :data:`redis_scripts.SCRIPTED` run
-instead as server-side scripts, one slot each (:mod:`pimcore.store.redis_scripts`:
-claims, seqs, idempotent fan-out, outbox sweep, cross-node hints, the
-namespace's epoch), so any number of ``pimcore serve`` nodes may share a
-namespace for them; the others (AmendMessage, SetConversation,
-SetPresencePrivacy, SetRetention, Expire, PurgeConversation, PurgeUser:
-docs/OPERATIONS.md says what breaks) take this generic path and are
-single-writer.  A batch mixing both runs its runs of each in request order.
-Reads running beside a write may see part of it (a message before its inbox
+Several writers.  The path above computes values from reads, which is right
+for one writer only.  The ops of :data:`redis_scripts.SCRIPTED` -- every op
+that takes a seq, an inbox position or merges into a field other ops write
+(sends, amends, acks, read markers, groups, revokes, events, conversation
+settings) -- run instead as server-side scripts, one slot each
+(:mod:`pimcore.store.redis_scripts`: claims, seqs, idempotent fan-out,
+outbox sweep, cross-node hints, the namespace's epoch), so any number of
+``pimcore serve`` nodes may share a namespace.  The rest take this generic
+path, and are safe beside other nodes for these reasons:
+SetPresencePrivacy and SetRetention write absolute values (last writer
+wins, as for any setting); PurgeUser leaves its groups through the scripted
+membership change (the LEFT entries take their seqs atomically), the rest
+of it writes only the purged user's fields and tombstones; Expire stops
+below any entry whose fan-out is still under way (the conversation's
+outbox), and an inbox entry of an entry that a purge removed below the
+history floor during its fan-out is a hole reads skip.  What remains: run
+at most one Expire / PurgeConversation / PurgeUser at a time per namespace
+(admin ops; two at once may write the history floor back), and a send that
+races a PurgeConversation of its conversation may survive it (purge again:
+idempotent).  The redo record is removed once its writes are confirmed, so
+a node that starts replays only a request whose writer died half-way.  A
+batch mixing both paths runs its runs of each in request order.  Reads
+running beside a write may see part of it (a message before its inbox
 entries, never an entry before its message).
 """
 
@@ -322,6 +335,10 @@ def _dec_writes(b: bytes) -> dict[str, dict[str, Optional[bytes]]]:
     return out
 
 
+# KEYS: the redo record. ARGV: a write set -> HDEL of it if it is that one.
+_UNLOG = "if redis.call('HGET', KEYS[1], 'w') == ARGV[1] then return redis.call('HDEL', KEYS[1], 'w') end return 0"
+
+
 class _Tx:
     """One request's view: cached reads, buffered writes (see the module
     docstring).  Keys are str, fields str, values bytes (None = absent)."""
@@ -394,6 +411,14 @@ class _Tx:
     def delete(self, key: str, field: str) -> None:
         self.cache[(key, field)] = None
         self.dirty.setdefault(key, {})[field] = None
+
+    def forget(self, key: str) -> None:
+        """Drop what was read of ``key`` (not this request's writes): it was
+        changed outside this request (a scripted op), read it again."""
+        self.full.pop(key, None)
+        mine = self.dirty.get(key, {})
+        for k in [k for k in self.cache if k[0] == key and k[1] not in mine]:
+            del self.cache[k]
 
 
 class RedisStore(AsyncStore):
@@ -648,6 +673,12 @@ class RedisStore(AsyncStore):
                 await trio.sleep(0.2)
                 await self._refresh_layout()
         self._pending = None
+        # Complete: the redo record goes (if it is still this one -- another
+        # node may have written its own since).  A record left behind would
+        # be replayed by every node that starts later, writing values
+        # computed then over what other nodes wrote since (a revoke undone,
+        # a membership span deleted).  Lost in a failover: replayed once more.
+        await self._call(lambda: self._r.eval(_UNLOG, keys=[self._wal], args=[_enc_writes(writes)]))
 
     async def _write_groups(self, writes: dict[str, dict[str, Optional[bytes]]], what: str) -> None:
         by_master: dict[int, tuple[Any, list[str]]] = {}
@@ -768,7 +799,9 @@ class RedisStore(AsyncStore):
                     raise
                 except Exception as exc:
                     # Nothing was written yet: the writes are buffered until
-                    # every op has run, so the batch takes no effect.
+                    # every op has run, so the batch takes no effect (but for
+                    # PurgeUser's scripted group removals and revoke, done at
+                    # once: idempotent, the purge's retry completes them).
                     raise StoreError(f"batch {request.request_id} not committed: {exc!r}") from exc
                 await self._flush(tx)
                 return tuple(results)
@@ -984,10 +1017,11 @@ class RedisStore(AsyncStore):
             if m.kind == MessageKind.EDIT:
                 # Nothing of a message the user deleted for themselves comes
                 # back through a later edit.
-                if user and await tx.get(self._k_user(user), f"del:{m.conv}/{m.target}"):
-                    m = replace(m, payload=b"")
+                target = await tx.get(self._k_conv(m.conv), f"s:{m.target}")
+                if target is None or (user and await tx.get(self._k_user(user), f"del:{m.conv}/{m.target}")):
+                    m = replace(m, payload=b"")  # (None: retention removed the target)
                 else:
-                    m = replace(m, payload=(await self._msg_at(tx, m.conv, m.target)).payload)
+                    m = replace(m, payload=_dec_msg(target).payload)
             elif user and m.kind == MessageKind.MESSAGE and await tx.get(self._k_user(user), f"del:{m.conv}/{m.seq}"):
                 m = replace(m, payload=b"", deleted=True)
             out.append(m)
@@ -1264,8 +1298,16 @@ class RedisStore(AsyncStore):
                 continue
             last = _int(last_b)
             upto = floor = _int(hf)
-            if count and last - count > upto:
-                upto = last - count
+            if self.cluster is not None:
+                # Never past an entry whose fan-out is still under way (its
+                # outbox entry, read after ``last``): the inbox entries it is
+                # about to add would point at a removed message.
+                ob = await self._call(lambda: self._r.hkeys(self.cluster.outbox_key(conv)))
+                pending = [int(f) for f in ob if floor < int(f) <= last]
+                if pending:
+                    last = min(pending) - 1
+            if count and _int(last_b) - count > upto:
+                upto = min(_int(last_b) - count, last)
             if age:
                 cutoff = op.now - age
                 while upto < last and (await self._msg_at(tx, conv, upto + 1)).server_time < cutoff:
@@ -1297,8 +1339,17 @@ class RedisStore(AsyncStore):
         for conv in await self._conversations(tx, user):
             members = await self._group_members(tx, conv) if direct_members(conv) is None else None
             if members is not None and user in members:
-                res = await self._change_members(tx, RemoveMembers(conv, (user,), op.now))
-                assert isinstance(res, GroupChanged)
+                if self.cluster is not None:
+                    # Scripted (redis_scripts CHANGE): the LEFT entry takes
+                    # its seq atomically beside other nodes' sends; what it
+                    # changed (the conversation, the user's inbox and flags)
+                    # is read again below.
+                    (res,) = await self.cluster.execute((RemoveMembers(conv, (user,), op.now),))
+                    tx.forget(self._k_conv(conv))
+                    tx.forget(uk)
+                else:
+                    res = await self._change_members(tx, RemoveMembers(conv, (user,), op.now))
+                assert isinstance(res, GroupChanged), res
                 changes.append(res)
         fields = await tx.getall(uk)
         tombstones = entries = devices = 0
@@ -1330,7 +1381,11 @@ class RedisStore(AsyncStore):
         head = _int(fields.get("head"))
         if _int(fields.get("floor")) != head:
             tx.put(uk, "floor", head)
-        if _int(fields.get("rv:")) < op.now:
+        if self.cluster is not None:
+            # Never back (redis_scripts MAXSET): a revoke through another
+            # node since the read above must stay in force.
+            await self.cluster.run(self.cluster._one("MAXSET", uk, ("rv:", op.now, 1 << 62)))
+        elif _int(fields.get("rv:")) < op.now:
             tx.put(uk, "rv:", op.now)
         return Purged(tombstones, entries, devices, tuple(changes))
 
@@ -1408,6 +1463,11 @@ class RedisStore(AsyncStore):
                     if v is None:
                         continue  # purged with its conversation
                     out.append((pos, _dec_msg(v)))
+                    continue
+                ck = self._k_conv(conv)
+                if await tx.get(ck, f"s:{seq}") is None and int(seq) <= _int(await tx.get(ck, "hf")):
+                    # Removed by retention or a purge on one node while another
+                    # node was still fanning it out: a hole, like the others.
                     continue
                 out.append((pos, (await self._current(tx, [await self._msg_at(tx, conv, int(seq))], user))[0]))
             start = end + 1

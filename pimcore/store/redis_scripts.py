@@ -36,6 +36,15 @@ round, however many sends the batch holds):
 The SendAck goes out after round 3: acked means the message, its seq and
 every recipient's inbox entry are on a replica.
 
+A recall or edit (:class:`AmendMessage`) takes the same three rounds: the
+CLAIM (the key space of sends); AMEND on the conversation's slot, a
+compare-and-set -- the checks of ``amend_problem`` run in Python on one
+snapshot, and the script takes the seq and rewrites the target only if the
+group, the sender's membership and the target's record are still what was
+checked (else read and check again); the same fan-out.  A delete for oneself
+takes no seq: DELETE appends it to the sender's own inbox on the sender's
+slot, with the final dedupe record, atomically.
+
 Crash net: a node that dies between rounds leaves a claim (finished by the
 client's retry) and/or an outbox entry; every node sweeps the outboxes
 (``SCAN`` per master, entries older than ``sweep_after`` seconds) and
@@ -70,6 +79,7 @@ never silently skipped.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import hiredis
@@ -80,11 +90,13 @@ from .base import (
     OPEN,
     SYSTEM,
     AckEvents,
+    AmendMessage,
     AckPosition,
     Acked,
     AddMembers,
     AppendEvent,
     Appended,
+    ConversationSet,
     CreateGroup,
     Duplicate,
     EventAppended,
@@ -101,9 +113,13 @@ from .base import (
     Result,
     RevokeTokens,
     Revoked,
+    SetConversation,
     StoredMessage,
     TouchDevice,
     Touched,
+    amend_entry,
+    amend_problem,
+    amended,
     direct_members,
     last_visible,
     malformed,
@@ -111,6 +127,7 @@ from .base import (
     mentioned_recipients,
     message_event,
     valid_conversation,
+    visible_ranges,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -118,10 +135,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["SCRIPTED", "ClusterOps", "DataLost"]
 
-#: The ops this module runs (every op the core makes); others take the
-#: generic request path.
-SCRIPTED = frozenset({NewMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers,
-                      RemoveMembers, RevokeTokens, AppendEvent, AckEvents})
+#: The ops this module runs (every op the core makes, and every op that
+#: takes a seq or an inbox position or merges into a shared field); the
+#: others (SetPresencePrivacy, SetRetention, Expire, PurgeConversation,
+#: PurgeUser) take the generic request path: see the pimcore.store.redis
+#: docstring for why that is safe beside other nodes.
+SCRIPTED = frozenset({NewMessage, AmendMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers,
+                      RemoveMembers, RevokeTokens, AppendEvent, AckEvents, SetConversation})
 
 _LIB = """
 local function S(n) return string.format('%.0f', n) end
@@ -163,6 +183,83 @@ b = string.sub(b, 1, 16) .. struct.pack('>I8', seq) .. string.sub(b, 25, 48) .. 
 redis.call('HSET', c, 'last', S(seq), 's:' .. S(seq), b, 'm:' .. ARGV[1], S(seq))
 redis.call('HSET', KEYS[2], S(seq), ARGV[6] .. ':' .. ARGV[9])
 return {seq, mem, after, tonumber(ARGV[6]), 0}
+"""
+
+# KEYS: conv, outbox. ARGV: msghex, direct, check member ('1': the sender must
+# be a member now), sender, target seq, the target's record as checked, the
+# target's record after the amend, entry blob, server_time, event flag,
+# replay (finishing a claim: the msg id may be stored), direct members.
+# Compare-and-set: the checks (pimcore.store.base.amend_problem) ran in
+# Python on what was read; what they depend on -- the group, the sender's
+# membership, the target's record -- is compared here, next to the data, and
+# anything changed since -> {-4} (read again, check again).
+# -> {seq, members, replayed, entry blob} or {code}: -3 msg id taken, -4 changed
+AMEND = _LIB + """
+local c = KEYS[1]
+local mem
+if ARGV[2] == '1' then mem = ARGV[12] else
+  if not redis.call('HGET', c, 'grp') then return {-4} end
+  mem = redis.call('HGET', c, 'mem') or ''
+end
+local prior = redis.call('HGET', c, 'm:' .. ARGV[1])
+if prior and ARGV[11] ~= '1' then return {-3} end
+if prior then return {tonumber(prior), mem, 1, redis.call('HGET', c, 's:' .. prior)} end
+if ARGV[3] == '1' and not string.find('\\n' .. mem .. '\\n', '\\n' .. ARGV[4] .. '\\n', 1, true) then
+  return {-4}
+end
+if redis.call('HGET', c, 's:' .. ARGV[5]) ~= ARGV[6] then return {-4} end
+local seq = N(redis.call('HGET', c, 'last')) + 1
+local b = ARGV[8]
+b = string.sub(b, 1, 16) .. struct.pack('>I8', seq) .. string.sub(b, 25, 48) .. struct.pack('>I8', seq - 1) .. string.sub(b, 57)
+redis.call('HSET', c, 'last', S(seq), 's:' .. S(seq), b, 'm:' .. ARGV[1], S(seq), 's:' .. ARGV[5], ARGV[7])
+redis.call('HSET', KEYS[2], S(seq), ARGV[9] .. ':' .. ARGV[10])
+return {seq, mem, 0, b}
+"""
+
+# A DELETE (delete for oneself: no seq, only the sender's own inbox).
+# KEYS: user, online. ARGV: dedupe field, final dedupe record, deletion field
+# (del:CONV/SEQ), inbox ref (xMSGID:ST:CONV), msghex, conv.  Idempotent: the
+# final dedupe record is written with the entry, so a retried round that
+# finds it appends nothing (the position then comes from ``lx``, the user's
+# last DELETE: msghex:position).
+# -> {position (0: unknown), head, nodes, was_new}
+DELETE = _LIB + """
+local u = KEYS[1]
+local head = N(redis.call('HGET', u, 'head'))
+if redis.call('HGET', u, ARGV[1]) == ARGV[2] then
+  local lx = redis.call('HGET', u, 'lx') or ''
+  local m, p = string.match(lx, '^(%x+):(%d+)$')
+  local pos = 0
+  if m == ARGV[5] then pos = tonumber(p) end
+  return {pos, head, redis.call('HVALS', KEYS[2]), 0}
+end
+local fresh = 0
+if head == 0 then fresh = 1 end
+head = head + 1
+redis.call('HSET', u, ARGV[1], ARGV[2], ARGV[3], '1', 'i:' .. S(head), ARGV[4], 'head', S(head),
+           'lx', ARGV[5] .. ':' .. S(head))
+local f = N(redis.call('HGET', u, 'cv:' .. ARGV[6]))
+if f % 4 < 2 then redis.call('HSET', u, 'cv:' .. ARGV[6], S(f + 2)) end
+return {head, head, redis.call('HVALS', KEYS[2]), fresh}
+"""
+
+# SetConversation: the user's settings of a conversation (one field,
+# PINNED:MUTED:HIDDEN_AT), merged here so that two devices changing
+# different settings through two nodes at once both win.
+# KEYS: user. ARGV: conv, pinned, muted, hidden (0 keep, 1 on, 2 off),
+# hidden_at for hidden on.  -> {old, new} ('0:0:0' = none)
+SETCONV = """
+local k = 'cs:' .. ARGV[1]
+local old = redis.call('HGET', KEYS[1], k) or '0:0:0'
+local p, m, h = string.match(old, '^(%d):(%d):(%d+)$')
+if ARGV[2] == '1' then p = '1' elseif ARGV[2] == '2' then p = '0' end
+if ARGV[3] == '1' then m = '1' elseif ARGV[3] == '2' then m = '0' end
+if ARGV[4] == '1' then h = ARGV[5] elseif ARGV[4] == '2' then h = '0' end
+local new = p .. ':' .. m .. ':' .. h
+if new ~= old then
+  if new == '0:0:0' then redis.call('HDEL', KEYS[1], k) else redis.call('HSET', KEYS[1], k, new) end
+end
+return {old, new}
 """
 
 # KEYS: conv. ARGV: now, hv, members (\\n-joined), users...  -> 1 created, 0 exists
@@ -388,7 +485,7 @@ return 0
 """
 
 _SCRIPTS = {name: globals()[name] for name in (
-    "CLAIM", "SEND", "CREATE", "CHANGE", "FANOUT", "FLAG", "REGISTER", "MAXSET", "EVACK", "EVENT", "RECLAIM",
+    "CLAIM", "SEND", "AMEND", "DELETE", "SETCONV", "CREATE", "CHANGE", "FANOUT", "FLAG", "REGISTER", "MAXSET", "EVACK", "EVENT", "RECLAIM",
     "EVRECLAIM", "ONLINE", "OFFLINE")}
 
 _MEMBER, _HAS_MESSAGES = 1, 2
@@ -737,12 +834,16 @@ class ClusterOps:
         kind = type(op)
         if kind is NewMessage:
             await self._sends(ops, idx, results)
+        elif kind is AmendMessage:
+            results[idx[0]] = await self._amend(op)
         elif kind is CreateGroup:
             results[idx[0]] = await self._create_group(op)
         elif kind is AddMembers or kind is RemoveMembers:
             results[idx[0]] = await self._change_members(op)
         elif kind is MarkRead:
             results[idx[0]] = await self._mark_read(op)
+        elif kind is SetConversation:
+            results[idx[0]] = await self._set_conversation(op)
         elif kind is RevokeTokens:
             (old_new,) = await self.run(self._one("MAXSET", self.s._k_user(op.user),
                                                   ("rv:" + op.device, op.before, 1 << 62)))
@@ -909,6 +1010,152 @@ class ClusterOps:
 
     _st_written = 0
 
+    # -- recall, edit, delete ---------------------------------------------------
+
+    async def _amend(self, op: AmendMessage) -> Result:
+        """An :class:`AmendMessage` across nodes, like a send: (1) CLAIM of
+        the dedupe record on the sender's slot (the key space of sends: a
+        retry, through any node, is a Duplicate or finishes the claimed
+        amend); (2) the checks of :func:`amend_problem` on one snapshot of
+        the conversation (HMGET), then AMEND on the conversation's slot,
+        which re-compares what they read and only then takes the seq and
+        rewrites the target (anything changed: read and check again);
+        (3) the fan-out of sends, with the final dedupe record.  A DELETE
+        takes no seq: its record goes to the conversation's slot, then
+        DELETE appends it to the sender's own inbox atomically on the
+        sender's slot."""
+        from .redis import _dec_msg, _dec_spans, _enc_msg
+
+        s = self.s
+        uk, dfield = s._k_user(op.sender), f"d:{op.device}/{op.local_id}"
+        rnd = _Round()
+        rnd.script("CLAIM", (uk,), (dfield, f"P:{op.msg_id.hex()}:{op.server_time}:{op.digest.hex()}:{op.conv}"))
+        mkey = s._k_msg(op.msg_id)
+        rnd.raw(mkey, "HEXISTS", mkey, "r")
+        prior, used = await self.run(rnd)
+        replay = False
+        if prior is not None:
+            parts = prior.decode().split(":")
+            if parts[0] != "P":
+                if bytes.fromhex(parts[3]) == op.digest:
+                    return Duplicate(bytes.fromhex(parts[0]), int(parts[1]), int(parts[2]))
+                return Rejected(ErrorCode.DUPLICATE_CONFLICT)
+            if bytes.fromhex(parts[3]) != op.digest:
+                return Rejected(ErrorCode.DUPLICATE_CONFLICT)
+            # A claim of an earlier attempt (a node died half-way, or it is
+            # still at work): finish THAT amend (its msg id and server time).
+            op = replace(op, msg_id=bytes.fromhex(parts[1]), server_time=int(parts[2]))
+            replay = True
+
+        async def refuse(code: ErrorCode) -> Result:
+            undo = _Round()
+            undo.hdel(uk, dfield)
+            await self.run(undo)
+            return Rejected(code)
+
+        if not valid_conversation(op.conv):
+            return await refuse(ErrorCode.BAD_REQUEST)
+        ck = s._k_conv(op.conv)
+        pair = direct_members(op.conv)
+        msghex = op.msg_id.hex()
+        final = f"{msghex}:{{seq}}:{op.server_time}:{op.digest.hex()}"
+        for _ in range(1000):
+            grp, mem, last_b, hv, stored, raw, sp = await s._call(lambda: s._r.hmget(ck, [
+                "grp", "mem", "last", "hv", "m:" + msghex, f"s:{op.target}", "sp:" + op.sender]))
+            if pair is not None:
+                members: Optional[frozenset[str]] = frozenset(pair)
+            elif grp is None:
+                members = None
+            else:
+                members = frozenset(mem.decode().split("\n")) if mem else frozenset()
+            if members is None:
+                return await refuse(ErrorCode.UNKNOWN_CONVERSATION)
+            if not (replay and stored is not None):
+                # (A replay whose entry is stored already skips the checks:
+                # they would see the amend itself, e.g. RECALLED.)
+                target = _dec_msg(raw) if raw is not None and op.target <= int(last_b or 0) else None
+                member, visible = True, True
+                if op.kind == MessageKind.DELETE:
+                    if pair is not None:
+                        spans: tuple[tuple[int, int], ...] = ((0, OPEN),) if op.sender in pair else ()
+                    else:
+                        spans = _dec_spans(sp)
+                    member = bool(spans)
+                    visible = any(lo <= op.target <= hi for lo, hi in visible_ranges(spans, hv == b"1"))
+                elif op.sender != SYSTEM:
+                    member = op.sender in members
+                code = amend_problem(op, member, target, visible)
+                if code is not ErrorCode.OK:
+                    return await refuse(code)
+                assert target is not None and raw is not None
+                if used and not replay:
+                    return await refuse(ErrorCode.INTERNAL)
+            else:
+                target, raw = None, b""
+            if op.kind == MessageKind.DELETE:
+                return await self._delete(op, uk, dfield, final.format(seq=0))
+            rnd = _Round()
+            rnd.script("AMEND", (ck, self.outbox_key(op.conv)), (
+                msghex, "1" if pair else "0", "1" if op.sender != SYSTEM else "0", op.sender, op.target, raw,
+                _enc_msg(amended(target, op)) if target is not None else b"", _enc_msg(amend_entry(op, 0)),
+                op.server_time, "1" if op.event else "0", "1" if replay else "0",
+                "\n".join(sorted(pair)) if pair else ""))
+            (ans,) = await self.run(rnd)
+            code_or_seq = int(ans[0])
+            if code_or_seq == -4:
+                continue  # changed since it was read: read and check again
+            if code_or_seq == -3:
+                return await refuse(ErrorCode.INTERNAL)
+            break
+        else:
+            raise StoreError(f"amend of {op.conv!r} seq {op.target}: the conversation kept changing")
+        seq, mem_s, replayed = code_or_seq, ans[1].decode(), bool(int(ans[2]))
+        self._check_seq(op.conv, seq, replayed)
+        entry = _dec_msg(ans[3])
+        recipients = sorted(mem_s.split("\n")) if mem_s else []
+        fan = _Fanout(self)
+        fan.message(entry, recipients, op.event, (op.sender, dfield, final.format(seq=seq).encode()),
+                    replace(entry, payload=op.payload))
+        positions = await fan.run()
+        return Appended(op.msg_id, seq, op.server_time, positions.get((op.conv, seq), ()), seq - 1)
+
+    async def _delete(self, op: AmendMessage, uk: str, dfield: str, final: str) -> Result:
+        """Round 2 and 3 of a DELETE: its record (conversation's slot) and the
+        msg id lookup, then the sender's inbox entry (sender's slot)."""
+        from .redis import _enc_msg
+
+        s = self.s
+        entry = amend_entry(op, 0)
+        msghex = op.msg_id.hex()
+        rnd = _Round()
+        # Not an entry of the conversation: kept under its msg id, and the
+        # inbox names it by that ("x<msg_id hex>" where a seq goes).
+        rnd.hset(s._k_conv(op.conv), f"x:{msghex}", _enc_msg(entry))
+        rnd.hset(s._k_msg(op.msg_id), "r", f"0:{op.conv}".encode())
+        await self.run(rnd)
+        rnd = _Round()
+        rnd.script("DELETE", (uk, self.online_key(op.sender)), (
+            dfield, final, f"del:{op.conv}/{op.target}", f"x{msghex}:{op.server_time}:{op.conv}", msghex, op.conv))
+        if op.event:
+            rnd.script("EVENT", (s._ev,), (msghex, op.server_time,
+                                           message_event(replace(entry, payload=op.payload), (op.sender,))))
+        answers = await self.run(rnd)
+        pos, head, nodes, fresh = int(answers[0][0]), int(answers[0][1]), answers[0][2], int(answers[0][3])
+        self._check_pos(op.sender, head)
+        done = _Round()
+        if fresh:
+            done.hset(s._users, op.sender, b"1")
+        await self.run(done)
+        hints = _Round()
+        for node in {n.decode() if isinstance(n, bytes) else n for n in nodes}:
+            if node != self.node_hex:
+                hints.push(self.hint_key(node), f"I {op.sender} {head}".encode())
+        if op.server_time > self._st_written:
+            self._st_written = op.server_time
+            hints.script("MAXSET", (s._meta,), ("st", op.server_time, 1 << 62))
+        await self.run(hints, wait=False)
+        return Appended(op.msg_id, 0, op.server_time, ((op.sender, pos),) if pos else (), 0)
+
     # -- groups ---------------------------------------------------------------
 
     async def _create_group(self, op: CreateGroup) -> Result:
@@ -1003,6 +1250,20 @@ class ClusterOps:
         old, new = int(ans[0]), int(ans[1])
         tx = _Tx(s)
         return ReadMarked(op.user, op.conv, new, last, await s._unread(tx, op.user, op.conv), new != old)
+
+    async def _set_conversation(self, op: SetConversation) -> Result:
+        from .redis import _Tx
+
+        s = self.s
+        tx = _Tx(s)
+        code = await s._list_access(tx, op.user, op.conv)
+        if code is not ErrorCode.OK:
+            return Rejected(code)
+        last_seq = last_visible(await s._spans_of(tx, op.conv, op.user),
+                                int(await tx.get(s._k_conv(op.conv), "last") or 0))
+        (ans,) = await self.run(self._one("SETCONV", s._k_user(op.user), (
+            op.conv, op.pinned, op.muted, op.hidden, last_seq + 1)))
+        return ConversationSet(op.user, op.conv, await s._entry(_Tx(s), op.user, op.conv), ans[0] != ans[1])
 
     async def _reclaim(self, op: Reclaim) -> Result:
         s = self.s
@@ -1220,17 +1481,26 @@ class ClusterOps:
                 tx = _Tx(s)
                 blob = await tx.get(s._k_conv(conv), f"s:{seq}")
                 if blob is None:
+                    # Removed (retention, a purge) after its fan-out: nothing
+                    # left to deliver, and the entry must not linger.
+                    gone = _Round()
+                    gone.hdel(ob, f.decode() if isinstance(f, bytes) else f)
+                    await self.run(gone, wait=False)
                     continue
                 m = _dec_msg(blob)
                 recipients = await self._recipients(tx, conv, seq)
                 dedupe = None
-                if m.kind == MessageKind.MESSAGE:
+                event_msg = None
+                if m.kind == MessageKind.EDIT:
+                    target = await tx.get(s._k_conv(conv), f"s:{m.target}")
+                    event_msg = replace(m, payload=_dec_msg(target).payload if target is not None else b"")
+                if m.kind in (MessageKind.MESSAGE, MessageKind.RECALL, MessageKind.EDIT):
                     dkey, dfield = s._k_user(m.sender), f"d:{m.device}/{m.local_id}"
                     prior = await tx.get(dkey, dfield)
                     if prior is not None and prior.startswith(b"P:"):
                         digest_hex = prior.decode().split(":")[3]
                         dedupe = (m.sender, dfield, f"{m.msg_id.hex()}:{seq}:{m.server_time}:{digest_hex}".encode())
-                fan.message(m, recipients, ev == "1", dedupe)
+                fan.message(m, recipients, ev == "1", dedupe, event_msg)
                 finished.append(f.decode() if isinstance(f, bytes) else f)
             if finished:
                 await fan.run()
@@ -1269,15 +1539,21 @@ class _Fanout:
         self.ops = ops
         self.msgs: list[tuple[StoredMessage, list[str], bool, Optional[tuple[str, str, bytes]]]] = []
         self.extra = _Round()
+        self.event_msgs: dict[bytes, StoredMessage] = {}
 
     def message(self, m: StoredMessage, recipients: list[str], event: bool,
-                dedupe: Optional[tuple[str, str, bytes]] = None) -> None:
+                dedupe: Optional[tuple[str, str, bytes]] = None,
+                event_msg: Optional[StoredMessage] = None) -> None:
         """Fan ``m`` out to ``recipients``; ``dedupe`` = (user, field, record):
         the final dedupe record, written with the user's own entry (or alone
-        if the user is not a recipient)."""
+        if the user is not a recipient).  ``event_msg``: what the host event
+        of a RECALL/EDIT entry tells (the entry with the amend's payload; its
+        event names no muted or mentioned users, as in the memory store)."""
         if dedupe is not None and dedupe[0] not in recipients:
             self.extra.hset(self.ops.s._k_user(dedupe[0]), dedupe[1], dedupe[2])
             dedupe = None
+        if event_msg is not None:
+            self.event_msgs[m.msg_id] = event_msg
         self.msgs.append((m, recipients, event, dedupe))
 
     async def run(self) -> dict[tuple[str, int], tuple[tuple[str, int], ...]]:
@@ -1302,7 +1578,10 @@ class _Fanout:
             rnd.hset(s._k_msg(m.msg_id), "r", f"{m.seq}:{m.conv}".encode())
             if m.seq == 1:
                 rnd.hset(s._convs, m.conv, b"1")  # what Expire walks (one write per conversation)
-            if event:
+            if event and m.kind in (MessageKind.RECALL, MessageKind.EDIT):
+                rnd.script("EVENT", (s._ev,), (m.msg_id.hex(), m.server_time, message_event(
+                    self.event_msgs.get(m.msg_id, m), recipients)))
+            elif event:
                 tx = _Tx(s)
                 muted = [u for u in recipients if (await s._settings(tx, u, m.conv))[1]]
                 rnd.script("EVENT", (s._ev,), (m.msg_id.hex(), m.server_time, message_event(
