@@ -611,7 +611,7 @@ class ClusterOps:
         s = self.s
         conn = self._raw.get(addr)
         if conn is None:
-            conn = self._raw[addr] = await _RawConn.open(*addr)
+            conn = self._raw[addr] = await _RawConn.open(*s.dial(addr))
         cmds: list[Sequence[Any]] = []
         for i in idx:
             kind, name, keys, args = rnd.calls[i]
