@@ -3,7 +3,9 @@ clients spread over 3 nodes exchange 1:1 and group messages; every acked
 message is delivered exactly once, in order, with gap-free seqs -- also when
 a node is killed with SIGKILL under load (its clients reconnect to another
 node), when a Redis master is killed under load (failover), and when a node
-is frozen (SIGSTOP) past every timeout and then resumed.
+is frozen (SIGSTOP) past every timeout and then resumed, and when a node is
+partitioned from the cluster (every Redis node behind a proxy of its own,
+reached through the store's address map) and then healed.
 
 Each client reaches its node through a user-space proxy
 (pimcore.testing.chaos) that plays the load balancer: when a node dies its
@@ -47,14 +49,15 @@ def _ns() -> str:
 class Nodes:
     """N `pimcore serve --store redis://...` processes on one namespace."""
 
-    def __init__(self, cluster: Any, tmp_path: Any, n: int) -> None:
+    def __init__(self, cluster: Any, tmp_path: Any, n: int, env: dict[int, dict[str, str]] | None = None) -> None:
         self.cluster, self.tmp, self.n = cluster, tmp_path, n
+        self.env = env or {}
         self.ns = _ns()
         self.procs = ProcGroup()
         self.servers: list[Any] = []
 
     def start(self, i: int) -> Any:
-        env = {"PIMCORE_SECRET": SECRET.decode(), "PIMCORE_STORE_NAMESPACE": self.ns}
+        env = {"PIMCORE_SECRET": SECRET.decode(), "PIMCORE_STORE_NAMESPACE": self.ns, **self.env.get(i, {})}
         server = self.procs.serve("--listen", "tcp://127.0.0.1:0", "--data-dir", self.tmp / f"node{i}",
                                   "--store", self.cluster.url, env=env)
         return server
@@ -93,6 +96,7 @@ class Traffic:
         self.acked: dict[str, list[Any]] = {}  # conv -> SendAcks (any order)
         self.got: dict[str, list[F.Message]] = {u: [] for u in self.users}
         self.node_of: dict[str, int] = {}
+        self.ack_times: dict[str, list[float]] = {u: [] for u in self.users}
 
     def convs_of(self, user: str) -> list[str]:
         i = self.users.index(user)
@@ -131,6 +135,7 @@ class Traffic:
             for conv in convs:
                 ack = await c.send(conv, b"%s %s %03d" % (user.encode(), conv.encode(), k))
                 self.acked.setdefault(conv, []).append(ack)
+                self.ack_times[user].append(trio.current_time())
             if during is not None:
                 await during(user, k)
 
@@ -318,6 +323,83 @@ async def test_a_frozen_node_cut_off_then_resumed_loses_and_duplicates_nothing(r
                     await t.run(during)
                 counts = t.check()
                 print("frozen node:", counts)
+
+
+#: How long the partition lasts (seconds): longer than the partitioned node's
+#: Redis timeouts (10 s per command, 10 + 2 s per script pipeline, 10 s of
+#: retries), so its requests fail rather than just wait.
+CUT = 13.0
+
+
+@pytest.mark.parametrize("cut", ["blackhole", "reset"])
+async def test_a_node_partitioned_from_the_cluster_then_healed_loses_and_duplicates_nothing(
+        redis_cluster, tmp_path, cut: str) -> None:
+    """Node 0 reaches every Redis node only through a proxy of its own (the
+    store's address map: [store] address_map, here PIMCORE_STORE_ADDRESS_MAP),
+    so cutting those proxies partitions it from the cluster while its clients
+    still reach it.  Under load the proxies forward nothing for CUT seconds
+    (new connections are accepted and left hanging), then heal and deliver
+    what they held; "blackhole": the open connections just go silent (no
+    RST, no FIN); "reset": they are reset at the cut, so node 0 fails fast
+    and retries into the silence.  u0
+    stays on node 0 and keeps going after the heal; u3 is moved by the load
+    balancer to node 1 and retries its unacked send there with the same local
+    id.  Every acked message is delivered exactly once to every recipient, in
+    order, seqs gap-free, and no node stops on a new epoch."""
+    from pimcore.testing.chaos import ChaosProxy
+
+    with trio.fail_after(150):
+        async with AsyncExitStack() as outer:
+            links: list[ChaosProxy] = [await outer.enter_async_context(open_chaos_proxy(host, port))
+                                       for host, port in redis_cluster.addresses]
+            amap = ",".join(f"{host}:{port}={p.host}:{p.port}"
+                            for (host, port), p in zip(redis_cluster.addresses, links))
+            async with Nodes(redis_cluster, tmp_path, 3, env={0: {"PIMCORE_STORE_ADDRESS_MAP": amap}}) as nodes:
+                assert sum(p.statistics().connections_total for p in links) > 0  # node 0 is behind them
+                t = Traffic(nodes, 6, 25)
+                await _create_group(redis_cluster, nodes.ns, t.users)
+                window: list[float] = []
+
+                async def during(user: str, k: int) -> None:
+                    if user == "u1" and k == 5 and not window:
+                        window.append(trio.current_time())
+                        for p in links:
+                            p.pause()
+                            if cut == "reset":
+                                p.reset_all()
+                        # The load balancer gives up on node 0 for u3 only.
+                        t.proxies["u3"].target_port = nodes.port(1)
+                        t.node_of["u3"] = 1
+                        t.proxies["u3"].reset_all()
+                        nursery.start_soon(heal)
+
+                async def heal() -> None:
+                    await trio.sleep(CUT)
+                    window.append(trio.current_time())
+                    for p in links:
+                        p.resume()
+
+                async with AsyncExitStack() as stack:
+                    await t.open(stack)
+                    async with trio.open_nursery() as nursery:
+                        await t.run(during)
+                    assert len(window) == 2, "the partition did not happen during the traffic"
+                    counts = t.check()
+                    start, end = window
+                    # Node 0 really was cut off: u0 (staying there) got no ack
+                    # while the partition lasted; u3 (moved) and the others did.
+                    during_cut = {u: sum(1 for x in t.ack_times[u] if start + 0.5 < x < end) for u in t.users}
+                    after_heal = sum(1 for x in t.ack_times["u0"] if x > end)
+                    log = nodes.servers[0].out + nodes.servers[0].err
+                    failed = sum(1 for line in log if "store request" in line and "failed" in line)
+                    print(f"partitioned node ({cut}):", counts, "acks during the cut", during_cut,
+                          "u0 acks after the heal", after_heal, "node 0 store requests failed", failed,
+                          "connects u0/u3", t.clients["u0"].statistics().connects,
+                          t.clients["u3"].statistics().connects)
+                    assert during_cut["u0"] == 0, during_cut
+                    assert during_cut["u3"] > 0 and after_heal > 0, (during_cut, after_heal)
+                    for s in nodes.servers:
+                        assert s.returncode is None, s.describe()  # nobody saw lost data
 
 
 # ---------------------------------------------------------------- store level

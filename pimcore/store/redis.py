@@ -253,15 +253,11 @@ def _mapped_pool(dial: Any) -> Any:
 
     class Connection(ClusterConnection):
         async def _connect(self) -> Any:
-            # TCPConnection._connect, to the mapped address.
+            # TCPConnection._connect, to the mapped address (the store sets
+            # neither TLS nor keepalive options).
             host, port = dial((self.location.host, self.location.port))
             with fail_after(self._connect_timeout):
-                if self._ssl_context:
-                    stream = await connect_tcp(host, port, tls=True, ssl_context=self._ssl_context,
-                                               tls_standard_compatible=False)
-                else:
-                    stream = await connect_tcp(host, port)
-            return stream
+                return await connect_tcp(host, port)
 
     class Node(ClusterNodeLocation):
         def as_client(self, **client_args: Any) -> Any:
