@@ -563,3 +563,57 @@ async def test_writes_lost_in_a_failover_are_detected_and_the_epoch_changes(redi
         async with RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
             assert await s2.epoch() != old
             assert old not in await s2.epochs()
+
+
+async def test_a_login_that_reaches_the_cluster_late_does_not_replace_a_newer_one(redis_cluster) -> None:
+    """Node A (behind proxies, through its address map) records a device's
+    login while cut off from the cluster; the device moves on and logs in on
+    node B; then A's partition heals and its record arrives.  B keeps the
+    device (no REPLACED hint closing its live session: the SDK would stop
+    for good), and A's late logout does not remove B's record either.  A
+    newer login on A still takes the device over (REPLACED to B)."""
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack:
+            links = [await stack.enter_async_context(open_chaos_proxy(host, port))
+                     for host, port in redis_cluster.addresses]
+            amap = [f"{host}:{port}={p.host}:{p.port}" for (host, port), p in zip(redis_cluster.addresses, links)]
+            a = await stack.enter_async_context(
+                RedisStore.connect(redis_cluster.url, namespace=ns, address_map=amap, settle=30))
+            b = await stack.enter_async_context(RedisStore.connect(redis_cluster.url, namespace=ns))
+            to_a: list[Any] = []
+            to_b: list[Any] = []
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            await nursery.start(a.cluster.hints, lambda *hint: to_a.append(hint))
+            await nursery.start(b.cluster.hints, lambda *hint: to_b.append(hint))
+
+            async def holder() -> Any:
+                return await b._r.hget(b.cluster.online_key("u"), "phone")
+
+            for p in links:
+                p.pause()
+            late = trio.Event()
+
+            async def login_on_a(at: int) -> None:
+                await a.cluster.device_online("u", "phone", at)
+                late.set()
+
+            nursery.start_soon(login_on_a, 1_000)  # the login on A, written once the link is back
+            await trio.sleep(1)
+            await b.cluster.device_online("u", "phone", 2_000)  # then the device's login on B
+            for p in links:
+                p.resume()
+            await late.wait()
+            await a.cluster.device_offline("u", "phone")  # A's session ends (late too)
+            await trio.sleep(2.5)  # hints are taken within a second
+            assert ("R", "u", "phone") not in to_b, to_b
+            assert await holder() == b.cluster.node_hex.encode()
+            # A login on A that IS newer takes the device: B is told to close.
+            await a.cluster.device_online("u", "phone", 3_000)
+            with trio.fail_after(10):
+                while ("R", "u", "phone") not in to_b:
+                    await trio.sleep(0.1)
+            assert await holder() == a.cluster.node_hex.encode()
+            nursery.cancel_scope.cancel()

@@ -42,7 +42,8 @@ client's retry) and/or an outbox entry; every node sweeps the outboxes
 completes round 3 for them.
 
 Hints: the fan-out returns the node ids holding the recipient's devices
-(``NS:{u:USER}:on`` device -> node, written at login); a hint ``I user head``
+(``NS:{u:USER}:on`` device -> node, written at login unless a newer login
+of the device is recorded in ``NS:{u:USER}:ont``); a hint ``I user head``
 is pushed to each such node's list ``NS:{n:NODE}`` (``BLPOP``-ed by that
 node) -- a wake-up only: delivery correctness comes from inbox positions,
 and a lost hint only delays until the device's next read (each node also
@@ -364,10 +365,17 @@ if pos ~= floor then redis.call('HSET', e, 'floor', S(pos)) end
 return pos - floor
 """
 
-# KEYS: online. ARGV: device, node -> the node that held the device before ('' none)
+# KEYS: online, login stamps. ARGV: device, node, stamp (µs: when the login
+# happened on its node) -> the node that held the device before ('' none), or
+# '-' when the device's recorded login is newer: this one arrived late (its
+# node was cut off from the cluster meanwhile) and changes nothing -- else it
+# would take the device from the node holding its live session and tell that
+# node to close it (REPLACED).  Stamps stay after OFFLINE for that reason.
 ONLINE = """
+if tonumber(ARGV[3]) < tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') then return '-' end
 local old = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return old
 """
 
@@ -547,6 +555,9 @@ class ClusterOps:
 
     def online_key(self, user: str) -> str:
         return f"{self.s.ns}:{{u:{user}}}:on"
+
+    def login_key(self, user: str) -> str:
+        return f"{self.s.ns}:{{u:{user}}}:ont"
 
     def outbox_key(self, conv: str) -> str:
         return f"{self.s.ns}:{{c:{conv}}}:ob"
@@ -1010,13 +1021,22 @@ class ClusterOps:
 
     # -- presence, hints, sweeping ------------------------------------------------
 
-    async def device_online(self, user: str, device: str) -> None:
-        """Record that ``device`` of ``user`` is on this node; tell the node
-        that held it before (if another) to close its session (REPLACED)."""
+    async def device_online(self, user: str, device: str, at: Optional[int] = None) -> None:
+        """Record that ``device`` of ``user`` is on this node (logged in at
+        ``at``, µs of this node's clock; default now); tell the node that held
+        it before (if another) to close its session (REPLACED).  A login older
+        than the device's recorded one (it reached the cluster late: this
+        node was cut off) records nothing and closes nothing."""
         self.online.setdefault(user, set()).add(device)
-        (old,) = await self.run(self._one("ONLINE", self.online_key(user), (device, self.node_hex)), wait=False)
+        if at is None:
+            import time as _time
+
+            at = _time.time_ns() // 1000
+        rnd = _Round()
+        rnd.script("ONLINE", (self.online_key(user), self.login_key(user)), (device, self.node_hex, at))
+        (old,) = await self.run(rnd, wait=False)
         old = old.decode() if isinstance(old, bytes) else (old or "")
-        if old and old != self.node_hex:
+        if old and old != "-" and old != self.node_hex:
             rnd = _Round()
             rnd.push(self.hint_key(old), f"R {user} {device}".encode())
             await self.run(rnd, wait=False)
