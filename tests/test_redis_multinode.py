@@ -617,3 +617,45 @@ async def test_a_login_that_reaches_the_cluster_late_does_not_replace_a_newer_on
                     await trio.sleep(0.1)
             assert await holder() == a.cluster.node_hex.encode()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_send_whose_answer_was_lost_is_retried_as_the_same_message(redis_cluster) -> None:
+    """The log-entry round of a send reaches Redis but its answer is lost
+    (the connection breaks after the write: a partition with resets, a
+    failover): the round's retry must find its own entry and go on, not
+    take it for another message with the same msg id (a broken clock) --
+    that refused the send (INTERNAL) and dropped its claim, so the client's
+    retry stored it a second time under a new msg id (seq 2 of one message;
+    found by the partition test)."""
+    from pimcore.store import Appended, Duplicate
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    op = _send(AB, "alice", 11, 11_000_000, b"\x08" * 8)
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as store:
+            send_sha = store.cluster.sha["SEND"]
+            real = redis_scripts._RawConn.pipeline
+            lost: list[int] = []
+
+            async def answer_lost(self: Any, cmds: Any, timeout: float) -> Any:
+                if not lost and any(c[0] == "EVALSHA" and c[1] == send_sha for c in cmds):
+                    lost.append(1)
+                    await real(self, cmds, timeout)  # done on Redis...
+                    raise ConnectionError("connection lost")  # ...the answer never arrives
+                return await real(self, cmds, timeout)
+
+            redis_scripts._RawConn.pipeline = answer_lost  # type: ignore[method-assign]
+            try:
+                (res,) = await store.execute(StoreRequest(1, (op,), True))
+            finally:
+                redis_scripts._RawConn.pipeline = real  # type: ignore[method-assign]
+            assert lost
+            assert isinstance(res, Appended) and (res.msg_id, res.seq) == (op.msg_id, 1), res
+            retry = _send(AB, "alice", 11, 12_000_000, b"\x09" * 8)  # the client's retry: same local id
+            (again,) = await store.execute(StoreRequest(2, (retry,), True))
+            assert again == Duplicate(op.msg_id, 1, op.server_time)
+            assert [m.msg_id for m in await store.history(AB, 0, 10)] == [op.msg_id]
+            assert [m.msg_id for _, m in await store.inbox_range("bob", 0, 10)] == [op.msg_id]

@@ -139,7 +139,14 @@ if ARGV[3] == '1' then mem = ARGV[8] else
   mem = redis.call('HGET', c, 'mem') or ''
 end
 local prior = redis.call('HGET', c, 'm:' .. ARGV[1])
-if prior and ARGV[10] ~= '1' then return {-3} end
+if prior and ARGV[10] ~= '1' then
+  -- This very send again (its round retried: the answer was lost after the
+  -- write) finds its own entry -- the same bytes but seq and after_seq;
+  -- anything else with this msg id is another message (a broken clock).
+  local b, a = redis.call('HGET', c, 's:' .. prior), ARGV[4]
+  if not b or string.sub(b, 1, 16) .. string.sub(b, 25, 48) .. string.sub(b, 57)
+      ~= string.sub(a, 1, 16) .. string.sub(a, 25, 48) .. string.sub(a, 57) then return {-3} end
+end
 if prior then
   local b = redis.call('HGET', c, 's:' .. prior)
   return {tonumber(prior), mem, struct.unpack('>I8', b, 49), struct.unpack('>i8', b, 41), 1}
