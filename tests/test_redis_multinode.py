@@ -659,3 +659,49 @@ async def test_a_send_whose_answer_was_lost_is_retried_as_the_same_message(redis
             assert again == Duplicate(op.msg_id, 1, op.server_time)
             assert [m.msg_id for m in await store.history(AB, 0, 10)] == [op.msg_id]
             assert [m.msg_id for _, m in await store.inbox_range("bob", 0, 10)] == [op.msg_id]
+
+
+async def test_a_membership_change_whose_answer_was_lost_is_not_taken_for_a_no_op(redis_cluster) -> None:
+    """The same for AddMembers/RemoveMembers: the retried round finds the
+    member already added (removed) by its own first attempt; the op must
+    still report its JOINED (LEFT) entry, deliver it and set the member's
+    conversation flag -- it answered "nothing changed" (no entry, no flag;
+    only the outbox sweep delivered the entry, seconds later).  The LEFT
+    entry's recipients come from the membership intervals, which once held
+    a phantom member made by CREATE (see the CREATE script)."""
+    from pimcore.store import AddMembers, RemoveMembers
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as store:
+            await store.execute(StoreRequest(1, (CreateGroup(GROUP, ("alice",), 1),), True))
+            change_sha = store.cluster.sha["CHANGE"]
+            real = redis_scripts._RawConn.pipeline
+            lost: list[int] = []
+
+            async def answer_lost(self: Any, cmds: Any, timeout: float) -> Any:
+                if not lost and any(c[0] == "EVALSHA" and c[1] == change_sha for c in cmds):
+                    lost.append(1)
+                    await real(self, cmds, timeout)
+                    raise ConnectionError("connection lost")
+                return await real(self, cmds, timeout)
+
+            stamp = (b"\x0a" * 16, 2_000_000)
+            redis_scripts._RawConn.pipeline = answer_lost  # type: ignore[method-assign]
+            try:
+                (res,) = await store.execute(StoreRequest(2, (AddMembers(GROUP, ("bob",), 2, "alice", (stamp,)),), True))
+                assert lost
+                assert res.members == ("alice", "bob") and [e.seq for e in res.entries] == [1], res
+                assert [m.msg_id for _, m in await store.inbox_range("bob", 0, 10)] == [stamp[0]]
+                assert GROUP in await store.conversations("bob")
+                # And leaving: the LEFT entry reaches the one who left too.
+                lost.clear()
+                left = (b"\x0b" * 16, 3_000_000)
+                (res,) = await store.execute(StoreRequest(3, (RemoveMembers(GROUP, ("bob",), 3, "alice", (left,)),), True))
+                assert lost
+                assert res.members == ("alice",) and [e.seq for e in res.entries] == [2], res
+                assert res.positions == ((("alice", 2), ("bob", 2)),), res.positions
+            finally:
+                redis_scripts._RawConn.pipeline = real  # type: ignore[method-assign]

@@ -168,13 +168,16 @@ CREATE = _LIB + """
 local c = KEYS[1]
 if redis.call('HGET', c, 'grp') then return 0 end
 redis.call('HSET', c, 'grp', ARGV[1], 'hv', ARGV[2], 'mem', ARGV[3])
-for i = 4, #ARGV do redis.call('HSET', c, 'sp:' .. ARGV[i], '0-' .. ARGV[#ARGV]) end
+for i = 4, #ARGV - 1 do redis.call('HSET', c, 'sp:' .. ARGV[i], '0-' .. ARGV[#ARGV]) end
 return 1
 """
-# (the last ARGV of CREATE is OPEN, not a user: see ClusterOps._create_group)
+# (the last ARGV of CREATE is OPEN, not a user: see ClusterOps._create_group;
+# the loop once ran to #ARGV and gave every group a member named OPEN's digits,
+# to whom the outbox sweep then fanned out)
 
 # KEYS: conv, outbox. ARGV: user, add, blob, msghex, server_time, OPEN, event flag.
-# -> {0} no change, {-1} unknown group, {-3} msg id taken, {seq, recipients}
+# -> {0} no change, {-1} unknown group, {-3} msg id taken, {seq, recipients},
+# {seq, '', 1} this change's entry was stored already (recipients: from the spans)
 CHANGE = _LIB + """
 local c = KEYS[1]
 if not redis.call('HGET', c, 'grp') then return {-1} end
@@ -182,7 +185,15 @@ local mem = redis.call('HGET', c, 'mem') or ''
 local user, add = ARGV[1], ARGV[2] == '1'
 local set, list = {}, {}
 for u in string.gmatch(mem, '[^\\n]+') do set[u] = true end
-if (set[user] == true) == add then return {0} end
+if (set[user] == true) == add then
+  -- Already done: by this very change if its entry is stored (the round
+  -- retried after its answer was lost) -> {seq, '', 1}; else a no-op.
+  local own = redis.call('HGET', c, 'm:' .. ARGV[4])
+  local b, a = own and redis.call('HGET', c, 's:' .. own), ARGV[3]
+  if b and string.sub(b, 1, 16) .. string.sub(b, 25, 48) .. string.sub(b, 57)
+      == string.sub(a, 1, 16) .. string.sub(a, 25, 48) .. string.sub(a, 57) then return {tonumber(own), '', 1} end
+  return {0}
+end
 if redis.call('HEXISTS', c, 'm:' .. ARGV[4]) == 1 then return {-3} end
 local seq = N(redis.call('HGET', c, 'last')) + 1
 local spans = redis.call('HGET', c, 'sp:' .. user) or ''
@@ -974,10 +985,16 @@ class ClusterOps:
                 clock = before
                 continue
             seq = code
-            recipients = sorted(ans[1].decode().split("\n")) if ans[1] else []
+            replayed = len(ans) > 2
+            if replayed:
+                from .redis import _Tx
+
+                recipients = await self._recipients(_Tx(s), op.conv, seq)
+            else:
+                recipients = sorted(ans[1].decode().split("\n")) if ans[1] else []
             m = StoredMessage(msg_id, op.conv, seq, user, "", 0, server_time, server_time, op.by.encode("utf-8"),
                               int(MessageKind.JOINED if add else MessageKind.LEFT), seq - 1)
-            self._check_seq(op.conv, seq, False)
+            self._check_seq(op.conv, seq, replayed)
             flags.script("FLAG", (s._k_user(user),), (op.conv, _MEMBER, "1" if add else "0"))
             flags.hset(s._users, user, b"1")
             fan.message(m, recipients, op.event)
