@@ -234,7 +234,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 from .store.redis import RedisStore
 
                 store = await stack.enter_async_context(
-                    RedisStore.connect(settings.store, namespace=settings.store_namespace))
+                    RedisStore.connect(settings.store, namespace=settings.store_namespace,
+                                       address_map=settings.store_address_map))
             await serve()
 
     async def serve() -> None:

@@ -69,6 +69,7 @@ Example (every key optional)::
     [store]                            # default: the embedded LMDB store in <data_dir>/store
     url = "redis://10.0.0.1:7000,10.0.0.2:7000"  # a Redis Cluster (docs/OPERATIONS.md, Redis Cluster); `store = "URL"` is short
     namespace = "pim"                  # prefix of every key: several brokers' data may share a cluster
+    address_map = ["10.0.0.1:7000=127.0.0.1:17000"]  # ANNOUNCED=DIAL: connect here for a node the cluster announces there (NAT, containers, proxies)
 
     [moderation]                       # pre-send moderation call (docs/EMBEDDING.md, Webhooks)
     url = "https://backend.example/moderate"
@@ -156,7 +157,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "batch_size": "int", "max_batch_bytes": "int", "events": "list",
     },
     "moderation": {"url": "str", "secret": "str", "policy": "str", "timeout_ms": "int"},
-    "store": {"url": "str", "namespace": "str"},
+    "store": {"url": "str", "namespace": "str", "address_map": "list"},
     "messages": {"recall_window": "float", "edit_window": "float", "delete_window": "float"},
 }
 #: ``(section or None, key) -> type``, every setting there is.
@@ -280,6 +281,8 @@ class ServeSettings:
     #: ``redis://HOST:PORT[,HOST:PORT...]``: a Redis Cluster store; None: LMDB in <data_dir>/store.
     store: Optional[str] = None
     store_namespace: str = "pim"
+    #: ``ANNOUNCED_HOST:PORT=DIAL_HOST:PORT`` entries (RedisStore ``address_map``).
+    store_address_map: tuple[str, ...] = ()
 
     def endpoints(self) -> tuple[Endpoint, ...]:
         try:
@@ -509,6 +512,8 @@ class ServeSettings:
         out["http"] = {k: http[k] for k in sorted(http)}
         if self.store is not None:
             out["store"] = {"namespace": self.store_namespace, "url": self.store}
+            if self.store_address_map:
+                out["store"]["address_map"] = list(self.store_address_map)
         if self.webhooks.get("url"):
             from .webhooks import WebhookConfig
 
@@ -729,6 +734,7 @@ def load_settings(
         messages={k: v for (sec, k), v in merged.items() if sec == "messages"},
         store=merged.get(("store", "url")) or None,
         store_namespace=str(merged.get(("store", "namespace"), "pim")),
+        store_address_map=tuple(merged.get(("store", "address_map"), ())),
     )
     if s.store is not None:
         from .store.redis import parse_url as parse_store_url
@@ -740,6 +746,14 @@ def load_settings(
             raise ConfigError(f"store.url: {exc}") from None
         if not valid_id(s.store_namespace):
             raise ConfigError(f"store.namespace: not a valid id: {_show(s.store_namespace)}")
+        from .store.redis import parse_address_map
+
+        try:
+            parse_address_map(s.store_address_map)
+        except ValueError as exc:
+            raise ConfigError(f"store.address_map: {exc}") from None
+    elif s.store_address_map:
+        raise ConfigError("store.address_map: only for a Redis store (set store.url)")
     if s.durability not in ("sync", "os"):
         raise ConfigError(f"durability must be 'sync' or 'os', not {s.durability!r}")
     if s.log_level not in LOG_LEVELS:

@@ -926,3 +926,145 @@ async def test_a_revoke_on_another_node_during_a_purge_of_the_user_stays_in_forc
                 RedisStore._flush = real  # type: ignore[method-assign]
             assert isinstance(res, Purged) and res.messages == 1, res
             assert await s2.revoked_before("bob", "phone") == 9_000_000
+
+
+async def test_a_login_that_reaches_the_cluster_late_does_not_replace_a_newer_one(redis_cluster) -> None:
+    """Node A (behind proxies, through its address map) records a device's
+    login while cut off from the cluster; the device moves on and logs in on
+    node B; then A's partition heals and its record arrives.  B keeps the
+    device (no REPLACED hint closing its live session: the SDK would stop
+    for good), and A's late logout does not remove B's record either.  A
+    newer login on A still takes the device over (REPLACED to B)."""
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack:
+            links = [await stack.enter_async_context(open_chaos_proxy(host, port))
+                     for host, port in redis_cluster.addresses]
+            amap = [f"{host}:{port}={p.host}:{p.port}" for (host, port), p in zip(redis_cluster.addresses, links)]
+            a = await stack.enter_async_context(
+                RedisStore.connect(redis_cluster.url, namespace=ns, address_map=amap, settle=30))
+            b = await stack.enter_async_context(RedisStore.connect(redis_cluster.url, namespace=ns))
+            to_a: list[Any] = []
+            to_b: list[Any] = []
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            await nursery.start(a.cluster.hints, lambda *hint: to_a.append(hint))
+            await nursery.start(b.cluster.hints, lambda *hint: to_b.append(hint))
+
+            async def holder() -> Any:
+                return await b._r.hget(b.cluster.online_key("u"), "phone")
+
+            for p in links:
+                p.pause()
+            late = trio.Event()
+
+            async def login_on_a(at: int) -> None:
+                await a.cluster.device_online("u", "phone", at)
+                late.set()
+
+            nursery.start_soon(login_on_a, 1_000)  # the login on A, written once the link is back
+            await trio.sleep(1)
+            await b.cluster.device_online("u", "phone", 2_000)  # then the device's login on B
+            for p in links:
+                p.resume()
+            await late.wait()
+            await a.cluster.device_offline("u", "phone")  # A's session ends (late too)
+            await trio.sleep(2.5)  # hints are taken within a second
+            assert ("R", "u", "phone") not in to_b, to_b
+            assert await holder() == b.cluster.node_hex.encode()
+            # A login on A that IS newer takes the device: B is told to close.
+            await a.cluster.device_online("u", "phone", 3_000)
+            with trio.fail_after(10):
+                while ("R", "u", "phone") not in to_b:
+                    await trio.sleep(0.1)
+            assert await holder() == a.cluster.node_hex.encode()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_send_whose_answer_was_lost_is_retried_as_the_same_message(redis_cluster) -> None:
+    """The log-entry round of a send reaches Redis but its answer is lost
+    (the connection breaks after the write: a partition with resets, a
+    failover): the round's retry must find its own entry and go on, not
+    take it for another message with the same msg id (a broken clock) --
+    that refused the send (INTERNAL) and dropped its claim, so the client's
+    retry stored it a second time under a new msg id (seq 2 of one message;
+    found by the partition test)."""
+    from pimcore.store import Appended, Duplicate
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    op = _send(AB, "alice", 11, 11_000_000, b"\x08" * 8)
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as store:
+            send_sha = store.cluster.sha["SEND"]
+            real = redis_scripts._RawConn.pipeline
+            lost: list[int] = []
+
+            async def answer_lost(self: Any, cmds: Any, timeout: float) -> Any:
+                if not lost and any(c[0] == "EVALSHA" and c[1] == send_sha for c in cmds):
+                    lost.append(1)
+                    await real(self, cmds, timeout)  # done on Redis...
+                    raise ConnectionError("connection lost")  # ...the answer never arrives
+                return await real(self, cmds, timeout)
+
+            redis_scripts._RawConn.pipeline = answer_lost  # type: ignore[method-assign]
+            try:
+                (res,) = await store.execute(StoreRequest(1, (op,), True))
+            finally:
+                redis_scripts._RawConn.pipeline = real  # type: ignore[method-assign]
+            assert lost
+            assert isinstance(res, Appended) and (res.msg_id, res.seq) == (op.msg_id, 1), res
+            retry = _send(AB, "alice", 11, 12_000_000, b"\x09" * 8)  # the client's retry: same local id
+            (again,) = await store.execute(StoreRequest(2, (retry,), True))
+            assert again == Duplicate(op.msg_id, 1, op.server_time)
+            assert [m.msg_id for m in await store.history(AB, 0, 10)] == [op.msg_id]
+            assert [m.msg_id for _, m in await store.inbox_range("bob", 0, 10)] == [op.msg_id]
+
+
+async def test_a_membership_change_whose_answer_was_lost_is_not_taken_for_a_no_op(redis_cluster) -> None:
+    """The same for AddMembers/RemoveMembers: the retried round finds the
+    member already added (removed) by its own first attempt; the op must
+    still report its JOINED (LEFT) entry, deliver it and set the member's
+    conversation flag -- it answered "nothing changed" (no entry, no flag;
+    only the outbox sweep delivered the entry, seconds later).  The LEFT
+    entry's recipients come from the membership intervals, which once held
+    a phantom member made by CREATE (see the CREATE script)."""
+    from pimcore.store import AddMembers, RemoveMembers
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as store:
+            await store.execute(StoreRequest(1, (CreateGroup(GROUP, ("alice",), 1),), True))
+            change_sha = store.cluster.sha["CHANGE"]
+            real = redis_scripts._RawConn.pipeline
+            lost: list[int] = []
+
+            async def answer_lost(self: Any, cmds: Any, timeout: float) -> Any:
+                if not lost and any(c[0] == "EVALSHA" and c[1] == change_sha for c in cmds):
+                    lost.append(1)
+                    await real(self, cmds, timeout)
+                    raise ConnectionError("connection lost")
+                return await real(self, cmds, timeout)
+
+            stamp = (b"\x0a" * 16, 2_000_000)
+            redis_scripts._RawConn.pipeline = answer_lost  # type: ignore[method-assign]
+            try:
+                (res,) = await store.execute(StoreRequest(2, (AddMembers(GROUP, ("bob",), 2, "alice", (stamp,)),), True))
+                assert lost
+                assert res.members == ("alice", "bob") and [e.seq for e in res.entries] == [1], res
+                assert [m.msg_id for _, m in await store.inbox_range("bob", 0, 10)] == [stamp[0]]
+                assert GROUP in await store.conversations("bob")
+                # And leaving: the LEFT entry reaches the one who left too.
+                lost.clear()
+                left = (b"\x0b" * 16, 3_000_000)
+                (res,) = await store.execute(StoreRequest(3, (RemoveMembers(GROUP, ("bob",), 3, "alice", (left,)),), True))
+                assert lost
+                assert res.members == ("alice",) and [e.seq for e in res.entries] == [2], res
+                assert res.positions == ((("alice", 2), ("bob", 2)),), res.positions
+            finally:
+                redis_scripts._RawConn.pipeline = real  # type: ignore[method-assign]

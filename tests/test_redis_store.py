@@ -6,6 +6,7 @@ tests/test_store.py.)  Skipped without redis-server/coredis."""
 from __future__ import annotations
 
 import os
+from contextlib import AsyncExitStack
 
 import pytest
 import trio
@@ -291,3 +292,86 @@ async def test_kill_9_of_a_redis_master_under_load_loses_no_acked_message(redis_
         if not redis_cluster.alive(victim):
             redis_cluster.restart(victim)
         await trio.to_thread.run_sync(redis_cluster.wait_healthy)
+
+
+def test_the_address_map_parses_and_comes_from_file_or_environment(tmp_path) -> None:
+    """[store] address_map (PIMCORE_STORE_ADDRESS_MAP, comma-separated):
+    ANNOUNCED_HOST:PORT=DIAL_HOST:PORT entries; anything else is refused
+    naming the key, and so is a map without a Redis store."""
+    from pimcore.config import ConfigError, load_settings
+    from pimcore.store.redis import RedisStore, parse_address_map
+
+    assert parse_address_map(["10.0.0.1:7000=127.0.0.1:17000", " [::1]:7001 = proxy:17001 "]) == {
+        ("10.0.0.1", 7000): ("127.0.0.1", 17000), ("::1", 7001): ("proxy", 17001)}
+    assert parse_address_map("a:1=b:2,c:3=d:4,") == {("a", 1): ("b", 2), ("c", 3): ("d", 4)}
+    assert parse_address_map("a:1=b:2,a:1=b:2") == {("a", 1): ("b", 2)}  # the same twice is fine
+    for bad in ("a:1", "a:1=b", "a=b:2", "a:1=b:0", "a:1=b:65536", "a:x=b:2", ":1=b:2", "a:1=b:2,a:1=c:2"):
+        with pytest.raises(ValueError, match="address map"):
+            parse_address_map(bad)
+    store = RedisStore([("a", 1)], address_map=["a:1=b:2"])
+    assert store.dial(("a", 1)) == ("b", 2) and store.dial(("c", 3)) == ("c", 3)
+    assert RedisStore([("a", 1)], address_map={("a", 1): ("b", 2)}).dial(("a", 1)) == ("b", 2)
+
+    url = "redis://10.0.0.1:7000"
+    conf = tmp_path / "pimcore.toml"
+    conf.write_text(f'[store]\nurl = "{url}"\naddress_map = ["10.0.0.1:7000=127.0.0.1:17000"]\n')
+    s = load_settings(str(conf), env={})
+    assert s.store_address_map == ("10.0.0.1:7000=127.0.0.1:17000",)
+    assert s.effective()["store"]["address_map"] == ["10.0.0.1:7000=127.0.0.1:17000"]
+    env = {"PIMCORE_STORE": url, "PIMCORE_STORE_ADDRESS_MAP": "10.0.0.1:7000=h:1, 10.0.0.2:7000=h:2"}
+    assert load_settings(env=env).store_address_map == ("10.0.0.1:7000=h:1", "10.0.0.2:7000=h:2")
+    assert "address_map" not in load_settings(env={"PIMCORE_STORE": url}).effective()["store"]
+    with pytest.raises(ConfigError, match="store.address_map: bad address map entry"):
+        load_settings(env={**env, "PIMCORE_STORE_ADDRESS_MAP": "10.0.0.1:7000"})
+    with pytest.raises(ConfigError, match="store.address_map: only for a Redis store"):
+        load_settings(env={"PIMCORE_STORE_ADDRESS_MAP": "a:1=b:2"})
+
+
+def _connections_received(cluster, port: int) -> int:
+    """How many connections the Redis node on ``port`` accepted so far
+    (counting the one asking)."""
+    for line in cluster.cli(port, "info", "stats").splitlines():
+        if line.startswith("total_connections_received:"):
+            return int(line.split(":")[1])
+    raise AssertionError(f"no total_connections_received from {port}")
+
+
+@pytest.mark.redis
+async def test_with_an_address_map_every_connection_to_redis_goes_to_the_mapped_address(redis_cluster) -> None:
+    """Every Redis node (as the cluster announces it) mapped to a proxy of
+    its own: the seeds, the cluster client's connections (slot map, reads),
+    the script connections (sends), the plain per-master clients (generic
+    writes, the hint BLPOP) all dial the proxies: every connection a Redis
+    node accepted meanwhile came from its proxy."""
+    from pimcore.store import SetConversation
+    from pimcore.store.redis import RedisStore
+    from pimcore.testing.chaos import open_chaos_proxy
+
+    ns = _ns()
+    with trio.fail_after(120):
+        before = {port: _connections_received(redis_cluster, port) for _, port in redis_cluster.addresses}
+        async with AsyncExitStack() as stack:
+            proxies = {port: await stack.enter_async_context(open_chaos_proxy(host, port))
+                       for host, port in redis_cluster.addresses}
+            amap = [f"{host}:{port}={p.host}:{p.port}" for (host, port), p in
+                    zip(redis_cluster.addresses, proxies.values())]
+            store = await stack.enter_async_context(RedisStore.connect(redis_cluster.url, namespace=ns,
+                                                                       address_map=amap))
+            srv = await stack.enter_async_context(open_broker_server(store, JwtAuthenticator(SECRET), server_config()))
+            a = await stack.enter_async_context(client(srv.url(), "alice"))
+            b = await stack.enter_async_context(client(srv.url(), "bob"))
+            acked = [await a.send(AB, b"m%d" % i) for i in range(10)]
+            got = await _take(b, 10)
+            assert [m.msg_id for m in got] == [s.msg_id for s in acked]
+            (res,) = await store.execute(StoreRequest(1, (SetConversation("alice", AB, 1, 0, 0),), True))
+            assert type(res).__name__ == "ConversationSet", res
+            assert [m.seq for m in await store.history(AB, 0, 20)] == list(range(1, 11))
+            # The cluster client's slot map refreshed through the map too
+            # (the discovery's own short connections).
+            await store._refresh_layout()
+        for port, proxy in proxies.items():
+            # Minus 1: the connection asking.
+            direct = _connections_received(redis_cluster, port) - before[port] - 1
+            assert direct == proxy.statistics().connections_total, (port, direct, proxy.statistics())
+        total = sum(p.statistics().connections_total for p in proxies.values())
+        assert total >= 3, total  # the cluster client, the script connections, the hint client

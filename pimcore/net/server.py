@@ -504,7 +504,7 @@ class BrokerServer:
                 # Several nodes share the store (RedisStore): hints from the
                 # others (inbox heads, devices logged in elsewhere), and this
                 # node's logins recorded in order.
-                self._presence, presence = trio.open_memory_channel[tuple[str, str, str]](math.inf)
+                self._presence, presence = trio.open_memory_channel[tuple[str, str, str, int]](math.inf)
                 nursery.start_soon(self._presence_writer, cluster, presence)
                 await nursery.start(cluster.hints, self._cluster_hint)
             async with trio.open_nursery() as peers:
@@ -784,13 +784,15 @@ class BrokerServer:
                         self._close_peer(peer, cmd.data)  # type: ignore[union-attr]
                 elif kind is DeviceOnline:
                     if self._presence is not None:
-                        self._presence.send_nowait(("on", cmd.user, cmd.device))  # type: ignore[union-attr]
+                        # Stamped now, not when written: the write may wait
+                        # (the cluster unreachable) behind a newer login elsewhere.
+                        self._presence.send_nowait(("on", cmd.user, cmd.device, self.now()))  # type: ignore[union-attr]
                     if log.isEnabledFor(logging.INFO):
                         log.info("login conn=%d user=%s device=%s", cmd.conn, cmd.user, cmd.device,  # type: ignore[union-attr]
                                  extra={"event": "login", "conn": cmd.conn, "user": cmd.user, "device": cmd.device})  # type: ignore[union-attr]
                 elif kind is DeviceOffline:
                     if self._presence is not None:
-                        self._presence.send_nowait(("off", cmd.user, cmd.device))  # type: ignore[union-attr]
+                        self._presence.send_nowait(("off", cmd.user, cmd.device, 0))  # type: ignore[union-attr]
                     if log.isEnabledFor(logging.INFO):
                         code = cmd.code.name if cmd.code is not None else None  # type: ignore[union-attr]
                         log.info("offline conn=%d user=%s device=%s code=%s reason=%r", cmd.conn, cmd.user, cmd.device,  # type: ignore[union-attr]
@@ -1291,10 +1293,10 @@ class BrokerServer:
     async def _presence_writer(self, cluster: Any, presence: Any) -> None:
         """Record this node's logins and logouts in the store, in order (a
         REPLACED close and the new login of the same device must not swap)."""
-        async for what, user, device in presence:
+        async for what, user, device, at in presence:
             try:
                 if what == "on":
-                    await cluster.device_online(user, device)
+                    await cluster.device_online(user, device, at)
                 else:
                     await cluster.device_offline(user, device)
             except StoreError as exc:

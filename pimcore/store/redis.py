@@ -100,7 +100,7 @@ import os
 import struct
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
-from typing import Any, AsyncIterator, Iterable, Optional, Sequence
+from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
 
 import trio
 
@@ -218,6 +218,87 @@ def parse_url(url: str) -> list[tuple[str, int]]:
             raise ValueError(f"bad HOST:PORT in {url!r}: {part!r}")
         out.append((host.strip("[]"), int(port)))
     return out
+
+
+Address = tuple[str, int]
+
+
+def parse_address_map(entries: Iterable[str] | str) -> dict[Address, Address]:
+    """``["ANNOUNCED_HOST:PORT=DIAL_HOST:PORT", ...]`` (or one string of
+    such entries, comma-separated) -> {announced: dial}.  ValueError for an
+    entry that is not two HOST:PORT joined by ``=``, or an announced address
+    given twice with different targets."""
+    if isinstance(entries, str):
+        entries = [e for e in entries.split(",") if e.strip()]
+    out: dict[Address, Address] = {}
+    for entry in entries:
+        left, sep, right = entry.partition("=")
+        if not sep:
+            raise ValueError(f"bad address map entry {entry!r}: expected ANNOUNCED_HOST:PORT=DIAL_HOST:PORT")
+        pair = []
+        for side in (left, right):
+            host, colon, port = side.strip().rpartition(":")
+            if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"bad address map entry {entry!r}: bad HOST:PORT {side.strip()!r}")
+            pair.append((host.strip("[]"), int(port)))
+        if out.get(pair[0], pair[1]) != pair[1]:
+            raise ValueError(f"address map: {left.strip()} is mapped twice")
+        out[pair[0]] = pair[1]
+    return out
+
+
+def _mapped_pool(dial: Any) -> Any:
+    """A coredis ``ClusterConnectionPool`` class whose every socket goes to
+    ``dial((host, port))`` instead of the address the cluster announced.
+
+    The cluster layout (slot map, MOVED/ASK redirects, the pool's per-node
+    queues) keeps the announced addresses -- only the dial changes, so a
+    redirect to an announced address is dialed through the map too.  coredis
+    (6.9) dials in two places: the pool's connections (its
+    ``connection_class``) and the discovery of the layout (``CLUSTER SLOTS``
+    and ``CONFIG GET`` through ``ClusterNodeLocation.as_client``, on the seeds
+    and then on every node it learnt); both are redirected here."""
+    from anyio import connect_tcp, fail_after
+    from coredis.cluster._discovery import DiscoveryService
+    from coredis.cluster._node import ClusterNodeLocation
+    from coredis.connection import ClusterConnection
+    from coredis.pool import ClusterConnectionPool
+
+    class Connection(ClusterConnection):
+        async def _connect(self) -> Any:
+            # TCPConnection._connect, to the mapped address (the store sets
+            # neither TLS nor keepalive options).
+            host, port = dial((self.location.host, self.location.port))
+            with fail_after(self._connect_timeout):
+                return await connect_tcp(host, port)
+
+    class Node(ClusterNodeLocation):
+        def as_client(self, **client_args: Any) -> Any:
+            return ClusterNodeLocation(*dial((self.host, self.port))).as_client(**client_args)
+
+    def via(nodes: list[Any]) -> None:
+        nodes[:] = [n if isinstance(n, Node) or not n else Node(n.host, n.port) for n in nodes]
+
+    class Discovery(DiscoveryService):
+        async def get_cluster_layout(self) -> Any:
+            # The nodes it asks: the seeds, then (follow_cluster) the nodes
+            # of the last layout, which it refills with plain nodes each time.
+            via(self._startup_nodes)
+            via(self._initial_startup_nodes)
+            return await super().get_cluster_layout()
+
+        async def _node_require_full_coverage(self, node: Any) -> bool:
+            return await super()._node_require_full_coverage(Node(node.host, node.port))
+
+    class Pool(ClusterConnectionPool):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["connection_class"] = Connection
+            super().__init__(*args, **kwargs)
+            # No hook for the discovery's dials: the same object, with the
+            # two methods above (it has no state of its own).
+            self.cluster_layout._discovery_service.__class__ = Discovery
+
+    return Pool
 
 
 #: Kind-byte bits of a stored message (kinds themselves are below 0x40):
@@ -431,14 +512,27 @@ class RedisStore(AsyncStore):
     :class:`StoreError`.  ``replicas``: how many replicas must confirm (1).
     ``settle``: seconds a request keeps retrying writes whose redo record is
     stored (through a failover: about 2 x cluster-node-timeout).
+    ``address_map``: {announced (host, port): (host, port) to dial} (or
+    entries for :func:`parse_address_map`): every connection the store opens
+    to a Redis node -- the seeds in ``nodes``, the nodes the cluster
+    announces (``CLUSTER SLOTS``, ``MOVED``), the script and hint
+    connections -- goes to the mapped address; an address not in the map is
+    dialed as it is (NAT, containers, proxies).
     """
 
     def __init__(self, nodes: Sequence[tuple[str, int]], *, namespace: str = "pim",
-                 wait_ms: int = 2000, replicas: int = 1, settle: float = 10.0) -> None:
+                 wait_ms: int = 2000, replicas: int = 1, settle: float = 10.0,
+                 address_map: Mapping[Address, Address] | Iterable[str] | str | None = None) -> None:
         if not nodes:
             raise ValueError("no Redis node given")
         if not valid_id(namespace):
             raise ValueError(f"bad namespace: {namespace!r}")
+        if address_map is None:
+            address_map = {}
+        elif not isinstance(address_map, Mapping):
+            address_map = parse_address_map(address_map)
+        self.address_map: dict[Address, Address] = {(h, int(p)): (dh, int(dp))
+                                                     for (h, p), (dh, dp) in address_map.items()}
         self.nodes = list(nodes)
         self.ns = namespace
         self.wait_ms = wait_ms
@@ -500,17 +594,26 @@ class RedisStore(AsyncStore):
                         if addr is None:
                             from coredis.connection import TCPLocation
 
+                            extra: dict[str, Any] = {}
+                            if self.address_map:
+                                extra["connection_pool_cls"] = _mapped_pool(self.dial)
                             client: Any = coredis.RedisCluster(
                                 startup_nodes=[TCPLocation(h, p) for h, p in self.nodes],
-                                decode_responses=False, stream_timeout=10, connect_timeout=5,
+                                decode_responses=False, stream_timeout=10, connect_timeout=5, **extra,
                             )
                         else:
-                            client = coredis.Redis(addr[0], addr[1], decode_responses=False,
+                            host, port = self.dial(addr)
+                            client = coredis.Redis(host, port, decode_responses=False,
                                                    stream_timeout=10 + self.wait_ms / 1000, connect_timeout=5)
                         box.append(await stack.enter_async_context(client))
                     except Exception as exc:
                         box.append(exc)
                     done.set()
+
+    def dial(self, addr: Address) -> Address:
+        """Where to connect for the Redis node at ``addr`` (as announced):
+        its entry in :attr:`address_map`, else ``addr`` itself."""
+        return self.address_map.get(addr, addr)
 
     async def _client(self, addr: Optional[tuple[str, int]]) -> Any:
         """A new client entered by the keeper: the cluster client (None) or

@@ -51,7 +51,8 @@ client's retry) and/or an outbox entry; every node sweeps the outboxes
 completes round 3 for them.
 
 Hints: the fan-out returns the node ids holding the recipient's devices
-(``NS:{u:USER}:on`` device -> node, written at login); a hint ``I user head``
+(``NS:{u:USER}:on`` device -> node, written at login unless a newer login
+of the device is recorded in ``NS:{u:USER}:ont``); a hint ``I user head``
 is pushed to each such node's list ``NS:{n:NODE}`` (``BLPOP``-ed by that
 node) -- a wake-up only: delivery correctness comes from inbox positions,
 and a lost hint only delays until the device's next read (each node also
@@ -168,7 +169,14 @@ if ARGV[3] == '1' then mem = ARGV[8] else
   mem = redis.call('HGET', c, 'mem') or ''
 end
 local prior = redis.call('HGET', c, 'm:' .. ARGV[1])
-if prior and ARGV[10] ~= '1' then return {-3} end
+if prior and ARGV[10] ~= '1' then
+  -- This very send again (its round retried: the answer was lost after the
+  -- write) finds its own entry -- the same bytes but seq and after_seq;
+  -- anything else with this msg id is another message (a broken clock).
+  local b, a = redis.call('HGET', c, 's:' .. prior), ARGV[4]
+  if not b or string.sub(b, 1, 16) .. string.sub(b, 25, 48) .. string.sub(b, 57)
+      ~= string.sub(a, 1, 16) .. string.sub(a, 25, 48) .. string.sub(a, 57) then return {-3} end
+end
 if prior then
   local b = redis.call('HGET', c, 's:' .. prior)
   return {tonumber(prior), mem, struct.unpack('>I8', b, 49), struct.unpack('>i8', b, 41), 1}
@@ -267,13 +275,16 @@ CREATE = _LIB + """
 local c = KEYS[1]
 if redis.call('HGET', c, 'grp') then return 0 end
 redis.call('HSET', c, 'grp', ARGV[1], 'hv', ARGV[2], 'mem', ARGV[3])
-for i = 4, #ARGV do redis.call('HSET', c, 'sp:' .. ARGV[i], '0-' .. ARGV[#ARGV]) end
+for i = 4, #ARGV - 1 do redis.call('HSET', c, 'sp:' .. ARGV[i], '0-' .. ARGV[#ARGV]) end
 return 1
 """
-# (the last ARGV of CREATE is OPEN, not a user: see ClusterOps._create_group)
+# (the last ARGV of CREATE is OPEN, not a user: see ClusterOps._create_group;
+# the loop once ran to #ARGV and gave every group a member named OPEN's digits,
+# to whom the outbox sweep then fanned out)
 
 # KEYS: conv, outbox. ARGV: user, add, blob, msghex, server_time, OPEN, event flag.
-# -> {0} no change, {-1} unknown group, {-3} msg id taken, {seq, recipients}
+# -> {0} no change, {-1} unknown group, {-3} msg id taken, {seq, recipients},
+# {seq, '', 1} this change's entry was stored already (recipients: from the spans)
 CHANGE = _LIB + """
 local c = KEYS[1]
 if not redis.call('HGET', c, 'grp') then return {-1} end
@@ -281,7 +292,15 @@ local mem = redis.call('HGET', c, 'mem') or ''
 local user, add = ARGV[1], ARGV[2] == '1'
 local set, list = {}, {}
 for u in string.gmatch(mem, '[^\\n]+') do set[u] = true end
-if (set[user] == true) == add then return {0} end
+if (set[user] == true) == add then
+  -- Already done: by this very change if its entry is stored (the round
+  -- retried after its answer was lost) -> {seq, '', 1}; else a no-op.
+  local own = redis.call('HGET', c, 'm:' .. ARGV[4])
+  local b, a = own and redis.call('HGET', c, 's:' .. own), ARGV[3]
+  if b and string.sub(b, 1, 16) .. string.sub(b, 25, 48) .. string.sub(b, 57)
+      == string.sub(a, 1, 16) .. string.sub(a, 25, 48) .. string.sub(a, 57) then return {tonumber(own), '', 1} end
+  return {0}
+end
 if redis.call('HEXISTS', c, 'm:' .. ARGV[4]) == 1 then return {-3} end
 local seq = N(redis.call('HGET', c, 'last')) + 1
 local spans = redis.call('HGET', c, 'sp:' .. user) or ''
@@ -471,10 +490,17 @@ if pos ~= floor then redis.call('HSET', e, 'floor', S(pos)) end
 return pos - floor
 """
 
-# KEYS: online. ARGV: device, node -> the node that held the device before ('' none)
+# KEYS: online, login stamps. ARGV: device, node, stamp (µs: when the login
+# happened on its node) -> the node that held the device before ('' none), or
+# '-' when the device's recorded login is newer: this one arrived late (its
+# node was cut off from the cluster meanwhile) and changes nothing -- else it
+# would take the device from the node holding its live session and tell that
+# node to close it (REPLACED).  Stamps stay after OFFLINE for that reason.
 ONLINE = """
+if tonumber(ARGV[3]) < tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') then return '-' end
 local old = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return old
 """
 
@@ -655,6 +681,9 @@ class ClusterOps:
     def online_key(self, user: str) -> str:
         return f"{self.s.ns}:{{u:{user}}}:on"
 
+    def login_key(self, user: str) -> str:
+        return f"{self.s.ns}:{{u:{user}}}:ont"
+
     def outbox_key(self, conv: str) -> str:
         return f"{self.s.ns}:{{c:{conv}}}:ob"
 
@@ -718,7 +747,7 @@ class ClusterOps:
         s = self.s
         conn = self._raw.get(addr)
         if conn is None:
-            conn = self._raw[addr] = await _RawConn.open(*addr)
+            conn = self._raw[addr] = await _RawConn.open(*s.dial(addr))
         cmds: list[Sequence[Any]] = []
         for i in idx:
             kind, name, keys, args = rnd.calls[i]
@@ -1213,10 +1242,16 @@ class ClusterOps:
                 clock = before
                 continue
             seq = code
-            recipients = sorted(ans[1].decode().split("\n")) if ans[1] else []
+            replayed = len(ans) > 2
+            if replayed:
+                from .redis import _Tx
+
+                recipients = await self._recipients(_Tx(s), op.conv, seq)
+            else:
+                recipients = sorted(ans[1].decode().split("\n")) if ans[1] else []
             m = StoredMessage(msg_id, op.conv, seq, user, "", 0, server_time, server_time, op.by.encode("utf-8"),
                               int(MessageKind.JOINED if add else MessageKind.LEFT), seq - 1)
-            self._check_seq(op.conv, seq, False)
+            self._check_seq(op.conv, seq, replayed)
             flags.script("FLAG", (s._k_user(user),), (op.conv, _MEMBER, "1" if add else "0"))
             flags.hset(s._users, user, b"1")
             fan.message(m, recipients, op.event)
@@ -1281,13 +1316,22 @@ class ClusterOps:
 
     # -- presence, hints, sweeping ------------------------------------------------
 
-    async def device_online(self, user: str, device: str) -> None:
-        """Record that ``device`` of ``user`` is on this node; tell the node
-        that held it before (if another) to close its session (REPLACED)."""
+    async def device_online(self, user: str, device: str, at: Optional[int] = None) -> None:
+        """Record that ``device`` of ``user`` is on this node (logged in at
+        ``at``, µs of this node's clock; default now); tell the node that held
+        it before (if another) to close its session (REPLACED).  A login older
+        than the device's recorded one (it reached the cluster late: this
+        node was cut off) records nothing and closes nothing."""
         self.online.setdefault(user, set()).add(device)
-        (old,) = await self.run(self._one("ONLINE", self.online_key(user), (device, self.node_hex)), wait=False)
+        if at is None:
+            import time as _time
+
+            at = _time.time_ns() // 1000
+        rnd = _Round()
+        rnd.script("ONLINE", (self.online_key(user), self.login_key(user)), (device, self.node_hex, at))
+        (old,) = await self.run(rnd, wait=False)
         old = old.decode() if isinstance(old, bytes) else (old or "")
-        if old and old != self.node_hex:
+        if old and old != "-" and old != self.node_hex:
             rnd = _Round()
             rnd.push(self.hint_key(old), f"R {user} {device}".encode())
             await self.run(rnd, wait=False)
