@@ -2043,6 +2043,7 @@ class Broker:
             ack = _send_ack(op.local_id, _OK, msg_id, seq, server_time)
             heads, fresh, online = self._heads, self._fresh, self._online
             sender, device = op.sender, op.device
+            mentions: Optional[tuple[F.Mention, ...]] = None  # built once, for the first Message
             for user, pos in res.positions:
                 head = heads.get(user)
                 if head is None:
@@ -2060,17 +2061,14 @@ class Broker:
                     # sender, device and payload that are read), no
                     # Message is built for nobody.
                     m: Union[F.Message, NewMessage] = op
-                elif not (op.mentions or op.mention_all):
-                    # The Push entry as the store would give it back.
-                    m = _message(
-                        pos, msg_id, op.conv, seq, sender, device, op.client_time,
-                        server_time, op.payload, 0, op.local_id, res.after_seq,
-                    )
                 else:
-                    m = F.Message(
-                        pos, msg_id, op.conv, seq, sender, device, op.client_time,
-                        server_time, op.payload, 0, op.local_id, res.after_seq,
-                        mentions=tuple(F.Mention(u) for u in op.mentions), mention_all=op.mention_all,
+                    # The Push entry as the store would give it back (every
+                    # field in order: the record maker's fast path).
+                    if mentions is None:
+                        mentions = tuple(F.Mention(u) for u in op.mentions) if op.mentions else ()
+                    m = _message(
+                        pos, msg_id, op.conv, seq, sender, device, op.client_time, server_time, op.payload,
+                        0, op.local_id, res.after_seq, 0, 0, False, False, mentions, op.mention_all,
                     )
                 entries = fresh.get(user)
                 if entries is None:
