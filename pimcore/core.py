@@ -61,6 +61,7 @@ import heapq
 import inspect
 import os
 from collections import deque
+from functools import lru_cache
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
@@ -755,10 +756,8 @@ _MESSAGE_OVERHEAD = 64
 
 def message_digest(conv: str, payload: bytes) -> bytes:
     """What a retry must repeat exactly: the conversation and the payload."""
-    h = hashlib.blake2b(conv.encode(), digest_size=16)
-    h.update(b"\x00")
-    h.update(payload)
-    return h.digest()
+    # One call over the concatenation: the same digest as feeding the parts.
+    return hashlib.blake2b(conv.encode() + b"\x00" + payload, digest_size=16).digest()
 
 
 # Constructors of the records built once per message on the send path:
@@ -771,6 +770,15 @@ _send_ack = _impl.record_maker(F.SendAck)
 _OK = ErrorCode.OK
 _push = _impl.record_maker(F.Push)
 _ack_position = _impl.record_maker(AckPosition)
+
+
+@lru_cache(maxsize=1 << 16)
+def _conv_members(conv: str) -> Optional[tuple[str, ...]]:
+    """None for a malformed conversation id, () for a group id, the two
+    users of a direct id (Broker._check_conversation)."""
+    if not valid_conversation(conv):
+        return None
+    return direct_members(conv) or ()
 
 
 def _to_frame_message(pos: int, m: StoredMessage) -> F.Message:
@@ -1942,10 +1950,17 @@ class Broker:
         chat the user is not part of.  Whether a group exists and the user is
         a member is the store's to say, inside the transaction (NewMessage,
         MarkRead) or in the read (ReadHistory)."""
-        if not valid_conversation(conv):
+        if type(conv) is str:
+            # One cached look-up per SendReq (the two below, each cached
+            # behind its own wrapper, were a sixth of decoding one).
+            pair = _conv_members(conv)
+            if pair is None:
+                return ErrorCode.BAD_REQUEST
+        elif not valid_conversation(conv):
             return ErrorCode.BAD_REQUEST
-        pair = direct_members(conv)
-        if pair is not None and user not in pair:
+        else:
+            pair = direct_members(conv) or ()
+        if pair and user not in pair:
             return ErrorCode.NOT_MEMBER
         return ErrorCode.OK
 
@@ -1999,11 +2014,19 @@ class Broker:
             self._hooks[rid] = _ContentHook(c.id, f)
             out.append(CheckContent(rid, c.user, f.conv, f.payload, c.device, f.local_id))
             return
-        self._propose_send(c, f, digest, now, out)
+        self._propose_send(c, f, digest, now, out, key)
 
-    def _propose_send(self, c: _Conn, f: F.SendReq, digest: bytes, now: int, out: list[Command]) -> None:
-        key = (c.user, c.device, f.local_id)
-        pending = self._pending_sends.get(key)
+    def _propose_send(
+        self, c: _Conn, f: F.SendReq, digest: bytes, now: int, out: list[Command],
+        checked: Optional[tuple[str, str, int]] = None,
+    ) -> None:
+        """``checked``: the dedupe key, already looked up in _pending_sends
+        just now (in the same call: nothing can have proposed it since)."""
+        key = checked
+        pending = None
+        if key is None:
+            key = (c.user, c.device, f.local_id)
+            pending = self._pending_sends.get(key)
         if pending is not None:
             # Proposed by another connection of the device while this one's
             # content check was out (a reconnect): wait with it.
