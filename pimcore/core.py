@@ -61,6 +61,7 @@ import heapq
 import inspect
 import os
 from collections import deque
+from functools import lru_cache
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
@@ -755,10 +756,8 @@ _MESSAGE_OVERHEAD = 64
 
 def message_digest(conv: str, payload: bytes) -> bytes:
     """What a retry must repeat exactly: the conversation and the payload."""
-    h = hashlib.blake2b(conv.encode(), digest_size=16)
-    h.update(b"\x00")
-    h.update(payload)
-    return h.digest()
+    # One call over the concatenation: the same digest as feeding the parts.
+    return hashlib.blake2b(conv.encode() + b"\x00" + payload, digest_size=16).digest()
 
 
 # Constructors of the records built once per message on the send path:
@@ -768,8 +767,18 @@ def message_digest(conv: str, payload: bytes) -> bytes:
 _new_message = _impl.record_maker(NewMessage)
 _message = _impl.record_maker(F.Message)
 _send_ack = _impl.record_maker(F.SendAck)
+_OK = ErrorCode.OK
 _push = _impl.record_maker(F.Push)
 _ack_position = _impl.record_maker(AckPosition)
+
+
+@lru_cache(maxsize=1 << 16)
+def _conv_members(conv: str) -> Optional[tuple[str, ...]]:
+    """None for a malformed conversation id, () for a group id, the two
+    users of a direct id (Broker._check_conversation)."""
+    if not valid_conversation(conv):
+        return None
+    return direct_members(conv) or ()
 
 
 def _to_frame_message(pos: int, m: StoredMessage) -> F.Message:
@@ -867,7 +876,9 @@ class Broker:
         # Messages the batch being finished appended to online users' inboxes,
         # (pos, message) in position order: a device that is caught up is
         # pushed these without reading them back from the store.
-        self._fresh: dict[str, list[tuple[int, F.Message]]] = {}
+        # (A NewMessage stands in for a Message only the sending device
+        # would be given, which it never is: _finish_send.)
+        self._fresh: dict[str, list[tuple[int, Union[F.Message, NewMessage]]]] = {}
 
         # The batch being built, and the one the store is working on.
         self._ops: list[Op] = []
@@ -1999,10 +2010,17 @@ class Broker:
         chat the user is not part of.  Whether a group exists and the user is
         a member is the store's to say, inside the transaction (NewMessage,
         MarkRead) or in the read (ReadHistory)."""
-        if not valid_conversation(conv):
+        if type(conv) is str:
+            # One cached look-up per SendReq (the two below, each cached
+            # behind its own wrapper, were a sixth of decoding one).
+            pair = _conv_members(conv)
+            if pair is None:
+                return ErrorCode.BAD_REQUEST
+        elif not valid_conversation(conv):
             return ErrorCode.BAD_REQUEST
-        pair = direct_members(conv)
-        if pair is not None and user not in pair:
+        else:
+            pair = direct_members(conv) or ()
+        if pair and user not in pair:
             return ErrorCode.NOT_MEMBER
         return ErrorCode.OK
 
@@ -2056,11 +2074,19 @@ class Broker:
             self._hooks[rid] = _ContentHook(c.id, f)
             out.append(CheckContent(rid, c.user, f.conv, f.payload, c.device, f.local_id))
             return
-        self._propose_send(c, f, digest, now, out)
+        self._propose_send(c, f, digest, now, out, key)
 
-    def _propose_send(self, c: _Conn, f: F.SendReq, digest: bytes, now: int, out: list[Command]) -> None:
-        key = (c.user, c.device, f.local_id)
-        pending = self._pending_sends.get(key)
+    def _propose_send(
+        self, c: _Conn, f: F.SendReq, digest: bytes, now: int, out: list[Command],
+        checked: Optional[tuple[str, str, int]] = None,
+    ) -> None:
+        """``checked``: the dedupe key, already looked up in _pending_sends
+        just now (in the same call: nothing can have proposed it since)."""
+        key = checked
+        pending = None
+        if key is None:
+            key = (c.user, c.device, f.local_id)
+            pending = self._pending_sends.get(key)
         if pending is not None:
             # Proposed by another connection of the device while this one's
             # content check was out (a reconnect): wait with it.
@@ -2096,24 +2122,42 @@ class Broker:
         self._pending_sends.pop(ctx.key, None)
         if isinstance(res, Appended):
             self._stats["messages_stored"] += 1
-            ack = _send_ack(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
+            msg_id, seq, server_time = res.msg_id, res.seq, res.server_time
+            ack = _send_ack(op.local_id, _OK, msg_id, seq, server_time)
             heads, fresh, online = self._heads, self._fresh, self._online
+            sender, device = op.sender, op.device
+            mentions: Optional[tuple[F.Mention, ...]] = None  # built once, for the first Message
             for user, pos in res.positions:
-                if user in heads:
-                    if pos > heads[user]:
-                        heads[user] = pos
-                    if user in online:
-                        to_pump.add(user)
-                        # The Push entry as the store would give it back.
-                        m = _message(
-                            pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time,
-                            res.server_time, op.payload, 0, op.local_id, res.after_seq,
-                        ) if not (op.mentions or op.mention_all) else F.Message(
-                            pos, res.msg_id, op.conv, res.seq, op.sender, op.device, op.client_time,
-                            res.server_time, op.payload, 0, op.local_id, res.after_seq,
-                            mentions=tuple(F.Mention(u) for u in op.mentions), mention_all=op.mention_all,
-                        )
-                        fresh.setdefault(user, []).append((pos, m))
+                head = heads.get(user)
+                if head is None:
+                    continue
+                if pos > head:
+                    heads[user] = pos
+                devs = online.get(user)
+                if devs is None:
+                    continue
+                to_pump.add(user)
+                if user == sender and len(devs) == 1 and device in devs:
+                    # Only the sending device is online, and _push_entries
+                    # never pushes a device its own send (it has the
+                    # SendAck): the op stands in for the entry (it has the
+                    # sender, device and payload that are read), no
+                    # Message is built for nobody.
+                    m: Union[F.Message, NewMessage] = op
+                else:
+                    # The Push entry as the store would give it back (every
+                    # field in order: the record maker's fast path).
+                    if mentions is None:
+                        mentions = tuple(F.Mention(u) for u in op.mentions) if op.mentions else ()
+                    m = _message(
+                        pos, msg_id, op.conv, seq, sender, device, op.client_time, server_time, op.payload,
+                        0, op.local_id, res.after_seq, 0, 0, False, False, mentions, op.mention_all,
+                    )
+                entries = fresh.get(user)
+                if entries is None:
+                    fresh[user] = [(pos, m)]
+                else:
+                    entries.append((pos, m))
         elif isinstance(res, Duplicate):
             self._stats["duplicates"] += 1
             ack = F.SendAck(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)
@@ -2132,7 +2176,20 @@ class Broker:
     ) -> None:
         """Send ``ack`` to every waiter of ``ctx`` -- or, given ``acks``, queue
         it there per connection (a batch being finished: _flush_acks)."""
-        for conn in ctx.waiters:
+        waiters = ctx.waiters
+        only = waiters[0]
+        if acks is not None and len(waiters) == 1 and isinstance(only, int):
+            # The usual case: one waiting connection, acks batched.
+            c = self._conns.get(only)
+            if c is not None:
+                c.inflight -= 1
+                pending = acks.get(only)
+                if pending is None:
+                    acks[only] = [ack]
+                else:
+                    pending.append(ack)
+            return
+        for conn in waiters:
             if isinstance(conn, tuple):  # a host post (Broker.post): ("post", ref[, True])
                 code = ErrorCode(ack.code)
                 dup = code is ErrorCode.OK and (duplicate or len(conn) > 2)
@@ -2360,7 +2417,7 @@ class Broker:
             if room <= 0 or dev.unacked_bytes >= lim.push_window_bytes:
                 return  # wait for a PushAck
             limit = min(room, lim.push_batch)
-            entries: Optional[Sequence[tuple[int, Union[StoredMessage, F.Message]]]] = None
+            entries: Optional[Sequence[tuple[int, Union[StoredMessage, F.Message, NewMessage]]]] = None
             if fresh:
                 # Straight from the batch just committed, if it continues
                 # exactly where this device is (positions are checked, so a
@@ -2379,12 +2436,13 @@ class Broker:
             self._push_entries(dev, entries, out, now)
 
     def _push_entries(
-        self, dev: _Device, entries: Sequence[tuple[int, Union[StoredMessage, F.Message]]], out: list[Command], now: int
+        self, dev: _Device, entries: Sequence[tuple[int, Union[StoredMessage, F.Message, NewMessage]]], out: list[Command], now: int
     ) -> None:
         """Push ``entries`` (the next positions after ``dev.sent_upto``, within
         its window) to the device."""
         lim = self.config.limits
         msgs: tuple[F.Message, ...] = ()
+        size = 0
         if not entries:
             # Everything left was reclaimed (max age): skip to the head so
             # the device can ack past it.
@@ -2392,20 +2450,26 @@ class Broker:
         else:
             # Stay within the byte window too (at least one entry, so a
             # message larger than the window still gets through).
-            budget = lim.push_window_bytes - dev.unacked_bytes
-            for i, (_, m) in enumerate(entries):
-                budget -= len(m.payload) + 32
-                if budget < 0 and i > 0:
-                    entries = entries[:i]
-                    break
-            upto = entries[-1][0]
             # The sending device already has its own message (SendAck);
-            # its position is still covered by `upto`.
-            msgs = tuple(
-                m if isinstance(m, F.Message) else _to_frame_message(pos, m)
-                for pos, m in entries
-                if not (m.device == dev.device and m.sender == dev.user)
-            )
+            # its position is still covered by `upto`.  (An entry of the
+            # batch just committed may be its NewMessage op standing in for
+            # a Message nobody is pushed: _finish_send.)
+            budget = lim.push_window_bytes - dev.unacked_bytes
+            device, user = dev.device, dev.user
+            pushed: list[F.Message] = []
+            i = 0
+            for pos, m in entries:
+                n = len(m.payload) + 32
+                budget -= n
+                if budget < 0 and i > 0:
+                    break
+                i += 1
+                upto = pos
+                if m.device == device and m.sender == user:
+                    continue
+                pushed.append(m if isinstance(m, F.Message) else _to_frame_message(pos, m))  # type: ignore[arg-type]
+                size += n
+            msgs = tuple(pushed)
             if not msgs and dev.acked == dev.sent_upto:
                 # Nothing but this device's own sends, and nothing of
                 # ours outstanding: it has them all (their SendAcks), so
@@ -2415,7 +2479,6 @@ class Broker:
                 self._record_ack(dev, upto, now)
                 return
         dev.sent_upto = upto
-        size = sum(len(m.payload) for m in msgs) + 32 * len(msgs)
         dev.unacked.append((upto, size))
         dev.unacked_bytes += size
         self._stats["pushes"] += 1
