@@ -836,7 +836,7 @@ def _run_against(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], ba
 
     sample("start")
 
-    exe, note = _generator_for(cfg)
+    exe, note = _generator_for(cfg, url)
     if exe is not None:
         from .auth import issue_token
         from .net.streams import parse_url
@@ -1019,10 +1019,14 @@ def c_generator() -> tuple[Optional[str], str]:
     return exe, ""
 
 
-def _generator_for(cfg: BenchConfig) -> tuple[Optional[str], str]:
+def _generator_for(cfg: BenchConfig, url: str) -> tuple[Optional[str], str]:
     """(C generator path or None, note for the report)."""
     if cfg.generator == "python" or cfg.conns == 0:  # idle-only runs: the trio generator holds them for `hold`
         return None, ""
+    if "," in url:  # several nodes sharing one store
+        if cfg.generator == "c":
+            raise BenchError("the C generator drives one broker: use --generator python with several --url")
+        return None, "several --url: the trio generator (the C one drives one broker)"
     if cfg.procs > 1 or cfg.zstd:
         return None, "the C generator runs one process without compression (--procs/--zstd): trio generator"
     exe, why = c_generator()

@@ -168,3 +168,13 @@ def test_progress_bar_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     assert res.errors == {}
     err = capsys.readouterr().err
     assert "[" in err and "acked" in err and "/0.6 s" in err
+
+
+def test_several_urls_run_the_trio_generator_and_the_c_one_says_it_drives_one_broker() -> None:
+    # The same broker named twice stands for two nodes sharing one store.
+    with BrokerProcess(BenchConfig(conns=1, **SMALL)) as broker:
+        urls = f"{broker.url},{broker.url}"
+        res = run_bench(BenchConfig(url=urls, secret=broker.secret, conns=2, count=40, **SMALL))
+        assert res.errors == {} and (res.acked, res.deliveries) == (40, 40)
+        with pytest.raises(BenchError, match="drives one broker"):
+            run_bench(BenchConfig(url=urls, secret=broker.secret, conns=2, count=40, generator="c", **SMALL))
