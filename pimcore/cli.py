@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from . import __version__
 
@@ -316,6 +316,17 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lmdb_only(command: str, settings: Any, instead: str) -> Optional[str]:
+    """Why ``command`` cannot work on these settings' store (None: it can):
+    it opens the data directory's LMDB store, and a broker on Redis
+    (``store.url``) keeps its data elsewhere -- writing a stray LMDB store
+    there would report success and change nothing the broker reads."""
+    if settings.store is None:
+        return None
+    return (f"pimcore {command}: the broker keeps its data in Redis ({settings.store}); this command works on"
+            f" the embedded LMDB store only: {instead}")
+
+
 def _cmd_group(args: argparse.Namespace) -> int:
     """Group administration on the data directory (works while serve runs:
     LMDB serialises writers across processes, and the broker reads
@@ -328,6 +339,10 @@ def _cmd_group(args: argparse.Namespace) -> int:
 
     try:
         settings = _settings(args)
+        why = _lmdb_only("group", settings, "use the HTTP API (POST /v1/groups, docs/HTTP.md)")
+        if why:
+            print(why, file=sys.stderr)
+            return 2
         store = LmdbStore(settings.data_dir / "store", create=args.action == "create", owner=False)
     except (ConfigError, StoreError, ValueError, OSError) as exc:
         print(f"pimcore group: {exc}", file=sys.stderr)
@@ -413,6 +428,10 @@ def _cmd_purge(args: argparse.Namespace) -> int:
             from .store import LmdbStore, PurgeConversation, PurgeUser, Purged, WriteBatch
 
             settings = _settings(args)
+            why = _lmdb_only("purge", settings, "use --http (a running node's HTTP API)")
+            if why:
+                print(why, file=sys.stderr)
+                return 2
             with LmdbStore(settings.data_dir / "store", create=False, owner=False) as store:
                 op = PurgeConversation(args.id) if args.what == "conversation" else PurgeUser(
                     args.id, max(time.time_ns() // 1000, store.last_server_time() + 1))
@@ -457,6 +476,10 @@ def _cmd_retention(args: argparse.Namespace) -> int:
             from .store import LmdbStore, Rejected, SetRetention, WriteBatch
 
             settings = _settings(args)
+            why = _lmdb_only("retention", settings, "use --http (a running node's HTTP API)")
+            if why:
+                print(why, file=sys.stderr)
+                return 2
             with LmdbStore(settings.data_dir / "store", create=False, owner=False) as store:
                 if change:
                     [res] = store.commit(WriteBatch(0, (SetRetention(

@@ -86,6 +86,10 @@ class BenchConfig:
     url: Optional[str] = None  # None: start a broker process of our own; "URL,URL": several nodes
     secret: Optional[str] = None  # the broker's token secret (required with url)
     data_dir: Optional[str] = None  # with url: the broker's data dir (group creation)
+    #: Tags the 1:1 users of this run (bench-RUN-s0 ...): a store keeps every
+    #: (user, device, local id) it acked, so a second run against the same
+    #: broker with the same users would be refused DUPLICATE_CONFLICT.
+    run: str = field(default_factory=lambda: os.urandom(3).hex())
     conns: int = 50  # sending connections
     window: int = 16  # SendReqs in flight per sending connection
     size: int = 100  # payload bytes (at least 8: the send timestamp)
@@ -369,12 +373,12 @@ def _roles(cfg: BenchConfig) -> tuple[list[list[_Role]], list[_Role]]:
             # whose inboxes are written all the same.
             active.append([_Role(_member(i), GROUP_ID, quotas[i], True)])
         else:
-            a, b = f"bench-s{i}", f"bench-r{i}"
+            a, b = f"bench-{cfg.run}-s{i}", f"bench-{cfg.run}-r{i}"
             unit = [_Role(a, direct_conversation(a, b), quotas[i], False)]
             if cfg.online:
                 unit.append(_Role(b, None, 0, True))
             active.append(unit)
-    idle = [_Role(f"bench-idle{i}", None, 0, False) for i in range(cfg.idle)]
+    idle = [_Role(f"bench-{cfg.run}-idle{i}", None, 0, False) for i in range(cfg.idle)]
     return active, idle
 
 

@@ -281,3 +281,16 @@ def test_serve_on_redis_without_the_redis_extra_says_what_to_install(tmp_path, m
     assert code == 2
     err = capsys.readouterr().err
     assert f"needs {module}" in err and "pimcore[redis]" in err
+
+
+@pytest.mark.parametrize("argv", [["group", "create", "team", "alice", "bob"], ["group", "show", "team"],
+                                  ["purge", "conversation", "team"], ["retention", "team", "--max-count", "5"]])
+def test_lmdb_commands_refuse_a_broker_on_redis_and_write_nothing(tmp_path, monkeypatch, capsys, argv):
+    # They open the data directory's LMDB store: with store.url set the broker
+    # reads Redis, so a stray LMDB store would report success and change nothing.
+    monkeypatch.setenv("PIMCORE_SECRET", "s" * 40)
+    monkeypatch.setenv("PIMCORE_STORE", "redis://127.0.0.1:1")
+    assert main([*argv, "--data-dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "keeps its data in Redis" in err and ("/v1/groups" in err or "--http" in err)
+    assert not (tmp_path / "d" / "store").exists()

@@ -178,3 +178,13 @@ def test_several_urls_run_the_trio_generator_and_the_c_one_says_it_drives_one_br
         assert res.errors == {} and (res.acked, res.deliveries) == (40, 40)
         with pytest.raises(BenchError, match="drives one broker"):
             run_bench(BenchConfig(url=urls, secret=broker.secret, conns=2, count=40, generator="c", **SMALL))
+
+
+def test_a_second_run_against_the_same_broker_counts_its_own_sends() -> None:
+    # The store remembers every (user, device, local id) it acked: a rerun
+    # with the same users would be refused DUPLICATE_CONFLICT (or, with the
+    # same payloads, answered with the first run's acks).
+    with BrokerProcess(BenchConfig(conns=1, **SMALL)) as broker:
+        for _ in range(2):
+            res = run_bench(BenchConfig(url=broker.url, secret=broker.secret, conns=2, count=40, **SMALL))
+            assert res.errors == {} and (res.acked, res.deliveries) == (40, 40)
