@@ -294,3 +294,11 @@ def test_lmdb_commands_refuse_a_broker_on_redis_and_write_nothing(tmp_path, monk
     err = capsys.readouterr().err
     assert "keeps its data in Redis" in err and ("/v1/groups" in err or "--http" in err)
     assert not (tmp_path / "d" / "store").exists()
+
+
+@pytest.mark.parametrize("url", ["redis://user:pw@127.0.0.1:7000", "redis://127.0.0.1:7000?ssl=true", "redis://nohost"])
+def test_serve_refuses_a_redis_url_it_cannot_honour_saying_why(tmp_path, monkeypatch, capsys, url):
+    monkeypatch.setenv("PIMCORE_SECRET", "s" * 40)
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--store", url]) == 2
+    err = capsys.readouterr().err
+    assert url in err and ("not supported" in err or "HOST:PORT" in err)

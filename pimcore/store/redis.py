@@ -211,6 +211,9 @@ def parse_url(url: str) -> list[tuple[str, int]]:
     ValueError for anything else."""
     if not url.startswith("redis://"):
         raise ValueError(f"not a redis:// URL: {url!r}")
+    if "@" in url or "?" in url:
+        # Read as a host name, "user:pw@host" would just fail to resolve.
+        raise ValueError(f"credentials and options in a redis:// URL are not supported: {url!r}")
     out = []
     for part in url[len("redis://"):].rstrip("/").split(","):
         host, sep, port = part.strip().rpartition(":")
