@@ -1068,3 +1068,32 @@ async def test_a_membership_change_whose_answer_was_lost_is_not_taken_for_a_no_o
                 assert res.positions == ((("alice", 2), ("bob", 2)),), res.positions
             finally:
                 redis_scripts._RawConn.pipeline = real  # type: ignore[method-assign]
+
+
+async def test_a_burst_of_hints_is_taken_in_bulk_and_inbox_hints_coalesce(redis_cluster) -> None:
+    """Hints queued faster than one command per hint can take them (a busy
+    cross-node run) are taken in bulk after the blocking pop, and the inbox
+    hints of one user collapse into one with the highest head; the other
+    kinds all arrive, in order."""
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    with trio.fail_after(30):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s:
+            key = s.cluster.hint_key(s.cluster.node_hex)
+            burst = [b"I u%d %d" % (k % 5, k) for k in range(300)] + [b"U u1 g:one", b"U u2 g:two"]
+            client = await s._master(key)
+            await client.rpush(key, burst)
+            got: list[Any] = []
+            async with trio.open_nursery() as nursery:
+                await nursery.start(s.cluster.hints, lambda *hint: got.append(hint))
+                while not any(k == "U" and v == "g:two" for k, _, v in got):
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+            heads = [(u, v) for k, u, v in got if k == "I"]
+            # One BLPOP takes the first hint, one LPOP the rest: at most the
+            # first and then one per user.
+            assert len(heads) <= 6, heads
+            assert {u: max(v for uu, v in heads if uu == u) for u, _ in heads} == {
+                f"u{j}": 295 + j for j in range(5)}
+            assert [(u, v) for k, u, v in got if k == "U"] == [("u1", "g:one"), ("u2", "g:two")]

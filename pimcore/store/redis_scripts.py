@@ -516,6 +516,7 @@ _SCRIPTS = {name: globals()[name] for name in (
 
 _MEMBER, _HAS_MESSAGES = 1, 2
 _HINT_CAP = 10_000  # a node's hint list is trimmed to this many (a dead node's stops growing)
+_HINT_BULK = 1_000  # hints taken per LPOP after a BLPOP returned one
 
 
 class DataLost(StoreError):
@@ -1427,20 +1428,40 @@ class ClusterOps:
                 continue
             if not got:
                 continue
+            # Under load hints arrive faster than one command per hint can
+            # take them (a cross-node push then waited for the 1 s re-check):
+            # after the blocking pop, take what else is queued in one LPOP.
+            raws = [got[1]]
             try:
-                kind, user, value = _parse_hint(got[1])
-            except ValueError:
-                continue  # not one of ours (a newer node's kind?): a hint only wakes up
-            if kind == "R":
-                # Only if the device is still recorded elsewhere (it may have
-                # come back here since).
+                raws.extend(await client.lpop(key, _HINT_BULK) or ())
+            except Exception:
+                pass  # the rest waits for the next round
+            hints = []
+            for raw in raws:
                 try:
-                    holder = await s._r.hget(self.online_key(user), value)
-                except Exception:
-                    holder = None
-                if holder is not None and holder.decode() == self.node_hex:
-                    continue
-            deliver(kind, user, value)
+                    hints.append(_parse_hint(raw))
+                except ValueError:
+                    continue  # not one of ours (a newer node's kind?): a hint only wakes up
+            # "The inbox grew to HEAD": only each user's highest matters.
+            top: dict[str, int] = {}
+            for kind, user, value in hints:
+                if kind == "I" and value > top.get(user, -1):
+                    top[user] = value
+            for kind, user, value in hints:
+                if kind == "I":
+                    if user not in top:
+                        continue  # delivered already, with the highest head
+                    value = top.pop(user)
+                elif kind == "R":
+                    # Only if the device is still recorded elsewhere (it may
+                    # have come back here since).
+                    try:
+                        holder = await s._r.hget(self.online_key(user), value)
+                    except Exception:
+                        holder = None
+                    if holder is not None and holder.decode() == self.node_hex:
+                        continue
+                deliver(kind, user, value)
 
     async def _recheck_loop(self, deliver: Callable[[str, str, Any], None]) -> None:
         s = self.s
