@@ -1025,18 +1025,27 @@ class RedisStore(AsyncStore):
 
     # -- write ops ----------------------------------------------------------
 
+    async def _dedupe_answer(self, tx: _Tx, dkey: str, dfield: str, digest: bytes) -> Optional[Result]:
+        """The answer to a send or amend whose dedupe record exists (the
+        original identity, or DUPLICATE_CONFLICT for other content); None
+        if there is none."""
+        prior = await tx.get(dkey, dfield)
+        if prior is None:
+            return None
+        msg_hex, seq_s, st, digest_hex = prior.decode().split(":")
+        if bytes.fromhex(digest_hex) == digest:
+            return Duplicate(bytes.fromhex(msg_hex), int(seq_s), int(st))
+        return Rejected(ErrorCode.DUPLICATE_CONFLICT)
+
     async def _new_message(self, tx: _Tx, op: NewMessage) -> Result:
         # The dedupe record lives in the SENDER's slot: its key (sender,
         # device, local id) names no conversation, and it is looked up before
         # the conversation id is even checked.
         dkey = self._k_user(op.sender)
         dfield = f"d:{op.device}/{op.local_id}"
-        prior = await tx.get(dkey, dfield)
-        if prior is not None:
-            msg_hex, seq_s, st, digest_hex = prior.decode().split(":")
-            if bytes.fromhex(digest_hex) == op.digest:
-                return Duplicate(bytes.fromhex(msg_hex), int(seq_s), int(st))
-            return Rejected(ErrorCode.DUPLICATE_CONFLICT)
+        answer = await self._dedupe_answer(tx, dkey, dfield, op.digest)
+        if answer is not None:
+            return answer
         if not valid_conversation(op.conv):
             return Rejected(ErrorCode.BAD_REQUEST)
         members = await self._group_members(tx, op.conv)
@@ -1061,12 +1070,9 @@ class RedisStore(AsyncStore):
         # Same dedupe slot and record as NewMessage (one key space per device).
         dkey = self._k_user(op.sender)
         dfield = f"d:{op.device}/{op.local_id}"
-        prior = await tx.get(dkey, dfield)
-        if prior is not None:
-            msg_hex, seq_s, st, digest_hex = prior.decode().split(":")
-            if bytes.fromhex(digest_hex) == op.digest:
-                return Duplicate(bytes.fromhex(msg_hex), int(seq_s), int(st))
-            return Rejected(ErrorCode.DUPLICATE_CONFLICT)
+        answer = await self._dedupe_answer(tx, dkey, dfield, op.digest)
+        if answer is not None:
+            return answer
         if not valid_conversation(op.conv):
             return Rejected(ErrorCode.BAD_REQUEST)
         members = await self._group_members(tx, op.conv)
