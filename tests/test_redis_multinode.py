@@ -1097,3 +1097,46 @@ async def test_a_burst_of_hints_is_taken_in_bulk_and_inbox_hints_coalesce(redis_
             assert {u: max(v for uu, v in heads if uu == u) for u, _ in heads} == {
                 f"u{j}": 295 + j for j in range(5)}
             assert [(u, v) for k, u, v in got if k == "U"] == [("u1", "g:one"), ("u2", "g:two")]
+
+
+async def test_a_host_event_whose_answer_was_lost_is_appended_once(redis_cluster) -> None:
+    """AppendEvent's round reaches Redis but its answer is lost: the round's
+    retry must find the event it appended, not append it a second time (the
+    memory and LMDB stores append it once per committed op: an op is the
+    event's identity, not its data -- two equal ops are two events)."""
+    from pimcore.store import AppendEvent, EventAppended, ReadEvents, Reclaim
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore
+
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=_ns()) as store:
+            event_sha = store.cluster.sha["EVENT"]
+            real = redis_scripts._RawConn.pipeline
+            lost: list[int] = []
+
+            async def answer_lost(self: Any, cmds: Any, timeout: float) -> Any:
+                replies = await real(self, cmds, timeout)
+                if not lost and any(c[0] == "EVALSHA" and c[1] == event_sha for c in cmds) and not any(
+                        isinstance(r, redis_scripts._ReplyError) for r in replies):
+                    lost.append(1)  # done on Redis...
+                    raise ConnectionError("connection lost")  # ...the answer never arrives
+                return replies
+
+            redis_scripts._RawConn.pipeline = answer_lost  # type: ignore[method-assign]
+            try:
+                (res,) = await store.execute(StoreRequest(1, (AppendEvent(b'{"a":1}', 5),), True))
+            finally:
+                redis_scripts._RawConn.pipeline = real  # type: ignore[method-assign]
+            assert lost
+            assert res == EventAppended(1)
+            # Two equal ops (one batch, then another request): two events.
+            again = await store.execute(StoreRequest(2, (AppendEvent(b'{"a":1}', 5),) * 2, True))
+            assert again == (EventAppended(2), EventAppended(3))
+            (page,) = await store.execute(StoreRequest(3, (ReadEvents("c", 0, 10),), False))
+            assert [(e.id, e.data) for e in page.events] == [(i, b'{"a":1}') for i in (1, 2, 3)]
+            # The events' idempotency keys go with them when reclaimed (the
+            # events hash stays bounded).
+            keys = [k for k in await store._r.hkeys(store._ev) if k.startswith(b"x:")]
+            assert len(keys) == 3
+            await store.execute(StoreRequest(4, (Reclaim(10**6, 1, 1),), True))
+            assert [k for k in await store._r.hkeys(store._ev) if k.startswith((b"x:", b"e:"))] == []

@@ -469,10 +469,15 @@ EVRECLAIM = _LIB + """
 local e = KEYS[1]
 local all = redis.call('HGETALL', e)
 local acked = nil
+local keys = {}
 for i = 1, #all, 2 do
-  if string.sub(all[i], 1, 2) == 'c:' then
+  local f = string.sub(all[i], 1, 2)
+  if f == 'c:' then
     local v = tonumber(all[i + 1])
     if acked == nil or v < acked then acked = v end
+  elseif f == 'x:' then
+    keys[#keys + 1] = all[i]
+    keys[#keys + 1] = tonumber(all[i + 1])
   end
 end
 if acked == nil then acked = 0 end
@@ -487,6 +492,11 @@ while pos < last do
   redis.call('HDEL', e, 'e:' .. S(pos))
 end
 if pos ~= floor then redis.call('HSET', e, 'floor', S(pos)) end
+-- the idempotency keys of reclaimed events go with them (EVENT: a retry
+-- comes within seconds; a reclaim is max_age later)
+for i = 1, #keys, 2 do
+  if keys[i + 1] <= pos then redis.call('HDEL', e, keys[i]) end
+end
 return pos - floor
 """
 
@@ -879,7 +889,11 @@ class ClusterOps:
                                                   ("rv:" + op.device, op.before, 1 << 62)))
             results[idx[0]] = Revoked(op.user, op.device, int(old_new[1]))
         elif kind is AppendEvent:
-            (eid,) = await self.run(self._one("EVENT", self.s._ev, ("", op.now, op.data)))
+            # The op is the event's identity (two equal ops are two events,
+            # as in the memory store): a key of this attempt makes the
+            # round's retry after a lost answer find the event it appended.
+            key = "op:" + os.urandom(12).hex()
+            (eid,) = await self.run(self._one("EVENT", self.s._ev, (key, op.now, op.data)))
             results[idx[0]] = EventAppended(int(eid))
         elif kind is AckEvents:
             (cur,) = await self.run(self._one("EVACK", self.s._ev, (op.consumer, op.upto)))
