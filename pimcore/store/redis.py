@@ -723,6 +723,9 @@ class RedisStore(AsyncStore):
     def _k_msg(self, msg_id: bytes) -> str:
         return f"{self.ns}:{{m:{msg_id.hex()}}}"
 
+    def _k_node(self, node_hex: str) -> str:
+        return f"{self.ns}:{{n:{node_hex}}}"
+
     async def _master(self, key: str) -> Any:
         """A plain client on the master serving ``key``'s slot (its own
         connection pool: a pipeline there ends with WAIT on the connection
@@ -1496,7 +1499,12 @@ class RedisStore(AsyncStore):
         if self.cluster is not None:
             # Never back (redis_scripts MAXSET): a revoke through another
             # node since the read above must stay in force.
-            await self.cluster.run(self.cluster._one("MAXSET", uk, ("rv:", op.now, 1 << 62)))
+            # (The user's state version moves with it: see ClusterOps.change_key.)
+            from .redis_scripts import _Round
+
+            rnd = _Round()
+            rnd.script("MAXSET", (uk, self.cluster.change_key(user)), ("rv:", op.now, 1 << 62))
+            await self.cluster.run(rnd)
         elif _int(fields.get("rv:")) < op.now:
             tx.put(uk, "rv:", op.now)
         return Purged(tombstones, entries, devices, tuple(changes))
