@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import signal
-from contextlib import AsyncExitStack
-from typing import Any
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, AsyncIterator
 
 import pytest
 import trio
@@ -802,47 +802,59 @@ async def test_an_amend_whose_node_died_half_way_is_finished_by_the_sweep_or_the
                                                                                 second.msg_id]
 
 
+@asynccontextmanager
+async def _admin_during_a_fan_out(redis_cluster: Any, admin: Any) -> AsyncIterator[tuple[Any, Any, Any]]:
+    """Two nodes (stores) on one namespace; seq 1 of the 1:1 chat
+    alice-bob stored; node 1's send of seq 2 is held after its log entry,
+    before its fan-out, while node 2 runs the write op ``admin``; then the
+    fan-out goes on.  Yields (node 2's store, ``admin``'s result, the
+    send's result)."""
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+            RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+        await s1.execute(StoreRequest(1, (_send(AB, "alice", 1, 1_000_000, b"\x01" * 8),), True))
+        stored, go = trio.Event(), trio.Event()
+        real = redis_scripts._Fanout.run
+
+        async def slow(self: Any) -> Any:
+            stored.set()
+            await go.wait()
+            return await real(self)
+
+        got: list[Any] = []
+
+        async def send() -> None:
+            (res,) = await s1.execute(StoreRequest(2, (_send(AB, "alice", 2, 2_000_000, b"\x01" * 8),), True))
+            got.append(res)
+
+        redis_scripts._Fanout.run = slow  # type: ignore[method-assign]
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                await stored.wait()
+                redis_scripts._Fanout.run = real  # type: ignore[method-assign]
+                (res,) = await s2.execute(StoreRequest(3, (admin,), True))
+                go.set()
+        finally:
+            redis_scripts._Fanout.run = real  # type: ignore[method-assign]
+        yield s2, res, got[0]
+
+
 async def test_expire_on_one_node_never_removes_a_message_another_node_is_still_fanning_out(redis_cluster) -> None:
     """A send stored (seq taken) whose fan-out is still under way on one node
     when another node runs Expire that would remove it: the entry is kept
     until its fan-out is done, so no inbox is left pointing at a removed
     message; the next Expire removes it (and its inbox entries)."""
     from pimcore.store import Appended, Expire, Expired
-    from pimcore.store import redis_scripts
-    from pimcore.store.redis import RedisStore
 
-    ns = _ns()
-    AB = direct_conversation("alice", "bob")
     with trio.fail_after(60):
-        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
-                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
-            await s1.execute(StoreRequest(1, (_send(AB, "alice", 1, 1_000_000, b"\x01" * 8),), True))
-            stored, go = trio.Event(), trio.Event()
-            real = redis_scripts._Fanout.run
-
-            async def slow(self: Any) -> Any:
-                stored.set()
-                await go.wait()
-                return await real(self)
-
-            got: list[Any] = []
-
-            async def send() -> None:
-                (res,) = await s1.execute(StoreRequest(2, (_send(AB, "alice", 2, 2_000_000, b"\x01" * 8),), True))
-                got.append(res)
-
-            redis_scripts._Fanout.run = slow  # type: ignore[method-assign]
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(send)
-                    await stored.wait()
-                    redis_scripts._Fanout.run = real  # type: ignore[method-assign]
-                    (res,) = await s2.execute(StoreRequest(3, (Expire(10_000_000, max_age=1),), True))
-                    assert res == Expired(1, 1, 2), res  # seq 1 only: seq 2 is still being fanned out
-                    go.set()
-            finally:
-                redis_scripts._Fanout.run = real  # type: ignore[method-assign]
-            assert isinstance(got[0], Appended) and got[0].seq == 2
+        async with _admin_during_a_fan_out(redis_cluster, Expire(10_000_000, max_age=1)) as (s2, res, sent):
+            assert res == Expired(1, 1, 2), res  # seq 1 only: seq 2 was still being fanned out
+            assert isinstance(sent, Appended) and sent.seq == 2
             for user in ("alice", "bob"):
                 assert [m.seq for _, m in await s2.inbox_range(user, 0, 10)] == [2], user
             (res,) = await s2.execute(StoreRequest(4, (Expire(10_000_000, max_age=1),), True))
@@ -857,41 +869,12 @@ async def test_a_purge_on_one_node_during_a_fan_out_on_another_leaves_readable_i
     taken), the late inbox entry points at a removed message below the
     history floor -- a hole every inbox read skips, never a read error."""
     from pimcore.store import Appended, Purged, PurgeConversation
-    from pimcore.store import redis_scripts
-    from pimcore.store.redis import RedisStore
 
-    ns = _ns()
     AB = direct_conversation("alice", "bob")
     with trio.fail_after(60):
-        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
-                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
-            await s1.execute(StoreRequest(1, (_send(AB, "alice", 1, 1_000_000, b"\x01" * 8),), True))
-            stored, go = trio.Event(), trio.Event()
-            real = redis_scripts._Fanout.run
-
-            async def slow(self: Any) -> Any:
-                stored.set()
-                await go.wait()
-                return await real(self)
-
-            got: list[Any] = []
-
-            async def send() -> None:
-                (res,) = await s1.execute(StoreRequest(2, (_send(AB, "alice", 2, 2_000_000, b"\x01" * 8),), True))
-                got.append(res)
-
-            redis_scripts._Fanout.run = slow  # type: ignore[method-assign]
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(send)
-                    await stored.wait()
-                    redis_scripts._Fanout.run = real  # type: ignore[method-assign]
-                    (res,) = await s2.execute(StoreRequest(3, (PurgeConversation(AB),), True))
-                    assert isinstance(res, Purged) and res.messages == 2, res
-                    go.set()
-            finally:
-                redis_scripts._Fanout.run = real  # type: ignore[method-assign]
-            assert isinstance(got[0], Appended) and got[0].seq == 2
+        async with _admin_during_a_fan_out(redis_cluster, PurgeConversation(AB)) as (s2, res, sent):
+            assert isinstance(res, Purged) and res.messages == 2, res
+            assert isinstance(sent, Appended) and sent.seq == 2
             for user in ("alice", "bob"):
                 assert await s2.inbox_range(user, 0, 10) == [], user
             (res,) = await s2.execute(StoreRequest(4, (_send(AB, "alice", 3, 3_000_000, b"\x01" * 8),), True))
