@@ -76,6 +76,26 @@ async def online_everywhere(nodes: list[Any], where: dict[str, list[int]]) -> No
         await trio.sleep(0.02)
 
 
+async def read_everywhere(phone: Any, laptop: Any, bob: Any) -> dict[str, Any]:
+    """alice's phone reads the 1:1 chat with bob up to seq 3; -> "laptop":
+    the ReadStateChanged her laptop heard, "bob": bob's ReceiptReceived."""
+    got: dict[str, Any] = {}
+
+    async def marker() -> None:
+        got["laptop"] = await first(laptop, lambda ev: isinstance(ev, ReadStateChanged)
+                                    and ev.state.conv == AB and ev.state.read_seq == 3)
+
+    async def receipt() -> None:
+        got["bob"] = await first(bob, lambda ev: isinstance(ev, ReceiptReceived) and ev.seq == 3)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(marker)
+            n.start_soon(receipt)
+            await phone.mark_read(AB, 3)
+    return got
+
+
 async def test_a_read_on_one_node_reaches_the_readers_devices_and_the_peer_on_another(redis_cluster, tmp_path) -> None:
     """alice's phone (node 0) reads the 1:1 chat; her laptop (node 1) gets
     the read marker, bob (node 1) the ReadReceipt."""
@@ -89,20 +109,7 @@ async def test_a_read_on_one_node_reaches_the_readers_devices_and_the_peer_on_an
                 await bob.send(AB, b"m%d" % i)
             seen = [m.seq async for m in _take(phone, 3)]
             assert seen == [1, 2, 3]
-            got: dict[str, Any] = {}
-
-            async def marker() -> None:
-                got["laptop"] = await first(laptop, lambda ev: isinstance(ev, ReadStateChanged)
-                                            and ev.state.conv == AB and ev.state.read_seq == 3)
-
-            async def receipt() -> None:
-                got["bob"] = await first(bob, lambda ev: isinstance(ev, ReceiptReceived) and ev.seq == 3)
-
-            with trio.fail_after(10):
-                async with trio.open_nursery() as n:
-                    n.start_soon(marker)
-                    n.start_soon(receipt)
-                    await phone.mark_read(AB, 3)
+            got = await read_everywhere(phone, laptop, bob)
             assert got["laptop"].state.unread == 0 and got["laptop"].state.last_seq == 3
             assert got["bob"] == ReceiptReceived(AB, "alice", 3)
             assert laptop.read_state(AB).read_seq == 3 and bob.receipt(AB, "alice") == 3
@@ -218,20 +225,7 @@ async def test_lost_hints_are_recovered_by_the_recheck(redis_cluster, tmp_path, 
             for i in range(3):
                 await bob.send(AB, b"m%d" % i)
             assert [m.seq async for m in _take(phone, 3)] == [1, 2, 3]
-            got: dict[str, Any] = {}
-
-            async def marker() -> None:
-                got["laptop"] = await first(laptop, lambda ev: isinstance(ev, ReadStateChanged)
-                                            and ev.state.conv == AB and ev.state.read_seq == 3)
-
-            async def receipt() -> None:
-                got["bob"] = await first(bob, lambda ev: isinstance(ev, ReceiptReceived) and ev.seq == 3)
-
-            with trio.fail_after(10):
-                async with trio.open_nursery() as n:
-                    n.start_soon(marker)
-                    n.start_soon(receipt)
-                    await phone.mark_read(AB, 3)
+            got = await read_everywhere(phone, laptop, bob)
             assert got["laptop"].state.unread == 0 and got["laptop"].state.last_seq == 3
             assert got["bob"] == ReceiptReceived(AB, "alice", 3)
             with trio.fail_after(10):
