@@ -84,6 +84,7 @@ never silently skipped.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
@@ -553,6 +554,7 @@ _SCRIPTS = {name: globals()[name] for name in (
     "EVRECLAIM", "ONLINE", "OFFLINE")}
 
 _MEMBER, _HAS_MESSAGES = 1, 2
+log = logging.getLogger("pimcore.store.redis")
 _HINT_CAP = 10_000  # a node's hint list is trimmed to this many (a dead node's stops growing)
 _HINT_BULK = 1_000  # hints taken per LPOP after a BLPOP returned one
 
@@ -1575,48 +1577,60 @@ class ClusterOps:
         receipts never move back, a revocation closes only older sessions,
         a kick only sessions logged in before it -- but for U: one more
         ConvUpdate)."""
-        from .redis import _Tx
-
         s = self.s
         async with s._r.pipeline(transaction=False) as pipe:
             pending = [pipe.zrangebyscore(self.change_key(u), known + 1, "+inf") for u, known, _ in changed]
         listed = [await p for p in pending]
         for (user, _, now), members in zip(changed, listed):
-            uk = s._k_user(user)
             for raw in members:
                 member = raw.decode() if isinstance(raw, bytes) else raw
-                what, _, key = member.partition(":")
-                if what == "rd":
-                    e = await s._entry(_Tx(s), user, key)
-                    deliver("M", user, (key, e.read_seq, e.last_seq, e.unread))
-                elif what == "rc":
-                    pair = direct_members(key)
-                    if pair is not None and user in pair:
-                        reader = pair[1] if pair[0] == user else pair[0]
-                        seq = await s._call(lambda: s._r.hget(s._k_user(reader), "rd:" + key))
-                        if seq is not None:
-                            deliver("C", user, (key, reader, int(seq)))
-                elif what == "cs":
-                    deliver("U", user, key)
-                elif what == "rv":
-                    before = await s._call(lambda: s._r.hget(uk, member))
-                    if before is not None:
-                        deliver("V", user, (key or None, int(before)))
-                elif what == "kk":
-                    rec = await s._call(lambda: s._r.hget(uk, member))
-                    if rec is None:
-                        continue
-                    stamp_s, _, reason = rec.decode().partition(" ")
-                    stamp = int(stamp_s)
-                    # Only sessions logged in before the kick (a device that
-                    # logged in again since keeps its new session).
-                    logins = await s._call(lambda: s._r.hgetall(self.login_key(user)))
-                    for dev in sorted(self.online.get(user, ()) if not key else (key,)):
-                        at = logins.get(dev.encode())
-                        if at is not None and int(at) < stamp:
-                            deliver("K", user, (dev, reason))
+                try:
+                    await self._catch_up_one(user, member, deliver)
+                except StoreError:
+                    raise  # Redis unavailable: not advanced, the next re-check tries again
+                except Exception:
+                    # Not one this node understands (a newer node's kind?) or
+                    # a record it cannot read: skipped, not retried forever.
+                    log.warning("re-check of %s: change %r skipped", user, member, exc_info=True)
             if user in self._sv:
                 self._sv[user] = max(self._sv[user], now)
+
+    async def _catch_up_one(self, user: str, member: str, deliver: Callable[[str, str, Any], None]) -> None:
+        """Deliver the change ``member`` (see :meth:`change_key`) of ``user``."""
+        from .redis import _Tx
+
+        s = self.s
+        uk = s._k_user(user)
+        what, _, key = member.partition(":")
+        if what == "rd":
+            e = await s._entry(_Tx(s), user, key)
+            deliver("M", user, (key, e.read_seq, e.last_seq, e.unread))
+        elif what == "rc":
+            pair = direct_members(key)
+            if pair is not None and user in pair:
+                reader = pair[1] if pair[0] == user else pair[0]
+                seq = await s._call(lambda: s._r.hget(s._k_user(reader), "rd:" + key))
+                if seq is not None:
+                    deliver("C", user, (key, reader, int(seq)))
+        elif what == "cs":
+            deliver("U", user, key)
+        elif what == "rv":
+            before = await s._call(lambda: s._r.hget(uk, member))
+            if before is not None:
+                deliver("V", user, (key or None, int(before)))
+        elif what == "kk":
+            rec = await s._call(lambda: s._r.hget(uk, member))
+            if rec is None:
+                return
+            stamp_s, _, reason = rec.decode().partition(" ")
+            stamp = int(stamp_s)
+            # Only sessions logged in before the kick (a device that
+            # logged in again since keeps its new session).
+            logins = await s._call(lambda: s._r.hgetall(self.login_key(user)))
+            for dev in sorted(self.online.get(user, ()) if not key else (key,)):
+                at = logins.get(dev.encode())
+                if at is not None and int(at) < stamp:
+                    deliver("K", user, (dev, reason))
 
     async def kick(self, user: str, device: Optional[str], reason: str) -> None:
         """The host kicked ``user``'s sessions (``device``'s only if given)
