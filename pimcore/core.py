@@ -1587,8 +1587,9 @@ class Broker:
     # here: the store stays authoritative, a login reads everything afresh,
     # so a repeated or stale hint changes nothing (markers and receipts
     # never move back: one at or below what was sent here is ignored) and a
-    # lost one only leaves a device behind until its next login, its next
-    # conversation list read, or the next change of that state.
+    # lost one only delays: the store's re-check delivers it again (on Redis
+    # Cluster within a second: redis_scripts ClusterOps._catch_up), so these
+    # must stay idempotent.
 
     def read_elsewhere(self, user: str, conv: str, read_seq: int, last_seq: int, unread: int, now: int) -> list[Command]:
         """Cluster hint: ``user`` marked ``conv`` read up to ``read_seq`` on

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import signal
-from contextlib import AsyncExitStack
-from typing import Any
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, AsyncIterator
 
 import pytest
 import trio
@@ -802,47 +802,59 @@ async def test_an_amend_whose_node_died_half_way_is_finished_by_the_sweep_or_the
                                                                                 second.msg_id]
 
 
+@asynccontextmanager
+async def _admin_during_a_fan_out(redis_cluster: Any, admin: Any) -> AsyncIterator[tuple[Any, Any, Any]]:
+    """Two nodes (stores) on one namespace; seq 1 of the 1:1 chat
+    alice-bob stored; node 1's send of seq 2 is held after its log entry,
+    before its fan-out, while node 2 runs the write op ``admin``; then the
+    fan-out goes on.  Yields (node 2's store, ``admin``'s result, the
+    send's result)."""
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+            RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+        await s1.execute(StoreRequest(1, (_send(AB, "alice", 1, 1_000_000, b"\x01" * 8),), True))
+        stored, go = trio.Event(), trio.Event()
+        real = redis_scripts._Fanout.run
+
+        async def slow(self: Any) -> Any:
+            stored.set()
+            await go.wait()
+            return await real(self)
+
+        got: list[Any] = []
+
+        async def send() -> None:
+            (res,) = await s1.execute(StoreRequest(2, (_send(AB, "alice", 2, 2_000_000, b"\x01" * 8),), True))
+            got.append(res)
+
+        redis_scripts._Fanout.run = slow  # type: ignore[method-assign]
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                await stored.wait()
+                redis_scripts._Fanout.run = real  # type: ignore[method-assign]
+                (res,) = await s2.execute(StoreRequest(3, (admin,), True))
+                go.set()
+        finally:
+            redis_scripts._Fanout.run = real  # type: ignore[method-assign]
+        yield s2, res, got[0]
+
+
 async def test_expire_on_one_node_never_removes_a_message_another_node_is_still_fanning_out(redis_cluster) -> None:
     """A send stored (seq taken) whose fan-out is still under way on one node
     when another node runs Expire that would remove it: the entry is kept
     until its fan-out is done, so no inbox is left pointing at a removed
     message; the next Expire removes it (and its inbox entries)."""
     from pimcore.store import Appended, Expire, Expired
-    from pimcore.store import redis_scripts
-    from pimcore.store.redis import RedisStore
 
-    ns = _ns()
-    AB = direct_conversation("alice", "bob")
     with trio.fail_after(60):
-        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
-                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
-            await s1.execute(StoreRequest(1, (_send(AB, "alice", 1, 1_000_000, b"\x01" * 8),), True))
-            stored, go = trio.Event(), trio.Event()
-            real = redis_scripts._Fanout.run
-
-            async def slow(self: Any) -> Any:
-                stored.set()
-                await go.wait()
-                return await real(self)
-
-            got: list[Any] = []
-
-            async def send() -> None:
-                (res,) = await s1.execute(StoreRequest(2, (_send(AB, "alice", 2, 2_000_000, b"\x01" * 8),), True))
-                got.append(res)
-
-            redis_scripts._Fanout.run = slow  # type: ignore[method-assign]
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(send)
-                    await stored.wait()
-                    redis_scripts._Fanout.run = real  # type: ignore[method-assign]
-                    (res,) = await s2.execute(StoreRequest(3, (Expire(10_000_000, max_age=1),), True))
-                    assert res == Expired(1, 1, 2), res  # seq 1 only: seq 2 is still being fanned out
-                    go.set()
-            finally:
-                redis_scripts._Fanout.run = real  # type: ignore[method-assign]
-            assert isinstance(got[0], Appended) and got[0].seq == 2
+        async with _admin_during_a_fan_out(redis_cluster, Expire(10_000_000, max_age=1)) as (s2, res, sent):
+            assert res == Expired(1, 1, 2), res  # seq 1 only: seq 2 was still being fanned out
+            assert isinstance(sent, Appended) and sent.seq == 2
             for user in ("alice", "bob"):
                 assert [m.seq for _, m in await s2.inbox_range(user, 0, 10)] == [2], user
             (res,) = await s2.execute(StoreRequest(4, (Expire(10_000_000, max_age=1),), True))
@@ -857,41 +869,12 @@ async def test_a_purge_on_one_node_during_a_fan_out_on_another_leaves_readable_i
     taken), the late inbox entry points at a removed message below the
     history floor -- a hole every inbox read skips, never a read error."""
     from pimcore.store import Appended, Purged, PurgeConversation
-    from pimcore.store import redis_scripts
-    from pimcore.store.redis import RedisStore
 
-    ns = _ns()
     AB = direct_conversation("alice", "bob")
     with trio.fail_after(60):
-        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
-                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
-            await s1.execute(StoreRequest(1, (_send(AB, "alice", 1, 1_000_000, b"\x01" * 8),), True))
-            stored, go = trio.Event(), trio.Event()
-            real = redis_scripts._Fanout.run
-
-            async def slow(self: Any) -> Any:
-                stored.set()
-                await go.wait()
-                return await real(self)
-
-            got: list[Any] = []
-
-            async def send() -> None:
-                (res,) = await s1.execute(StoreRequest(2, (_send(AB, "alice", 2, 2_000_000, b"\x01" * 8),), True))
-                got.append(res)
-
-            redis_scripts._Fanout.run = slow  # type: ignore[method-assign]
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(send)
-                    await stored.wait()
-                    redis_scripts._Fanout.run = real  # type: ignore[method-assign]
-                    (res,) = await s2.execute(StoreRequest(3, (PurgeConversation(AB),), True))
-                    assert isinstance(res, Purged) and res.messages == 2, res
-                    go.set()
-            finally:
-                redis_scripts._Fanout.run = real  # type: ignore[method-assign]
-            assert isinstance(got[0], Appended) and got[0].seq == 2
+        async with _admin_during_a_fan_out(redis_cluster, PurgeConversation(AB)) as (s2, res, sent):
+            assert isinstance(res, Purged) and res.messages == 2, res
+            assert isinstance(sent, Appended) and sent.seq == 2
             for user in ("alice", "bob"):
                 assert await s2.inbox_range(user, 0, 10) == [], user
             (res,) = await s2.execute(StoreRequest(4, (_send(AB, "alice", 3, 3_000_000, b"\x01" * 8),), True))
@@ -1097,3 +1080,46 @@ async def test_a_burst_of_hints_is_taken_in_bulk_and_inbox_hints_coalesce(redis_
             assert {u: max(v for uu, v in heads if uu == u) for u, _ in heads} == {
                 f"u{j}": 295 + j for j in range(5)}
             assert [(u, v) for k, u, v in got if k == "U"] == [("u1", "g:one"), ("u2", "g:two")]
+
+
+async def test_a_host_event_whose_answer_was_lost_is_appended_once(redis_cluster) -> None:
+    """AppendEvent's round reaches Redis but its answer is lost: the round's
+    retry must find the event it appended, not append it a second time (the
+    memory and LMDB stores append it once per committed op: an op is the
+    event's identity, not its data -- two equal ops are two events)."""
+    from pimcore.store import AppendEvent, EventAppended, ReadEvents, Reclaim
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore
+
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=_ns()) as store:
+            event_sha = store.cluster.sha["EVENT"]
+            real = redis_scripts._RawConn.pipeline
+            lost: list[int] = []
+
+            async def answer_lost(self: Any, cmds: Any, timeout: float) -> Any:
+                replies = await real(self, cmds, timeout)
+                if not lost and any(c[0] == "EVALSHA" and c[1] == event_sha for c in cmds) and not any(
+                        isinstance(r, redis_scripts._ReplyError) for r in replies):
+                    lost.append(1)  # done on Redis...
+                    raise ConnectionError("connection lost")  # ...the answer never arrives
+                return replies
+
+            redis_scripts._RawConn.pipeline = answer_lost  # type: ignore[method-assign]
+            try:
+                (res,) = await store.execute(StoreRequest(1, (AppendEvent(b'{"a":1}', 5),), True))
+            finally:
+                redis_scripts._RawConn.pipeline = real  # type: ignore[method-assign]
+            assert lost
+            assert res == EventAppended(1)
+            # Two equal ops (one batch, then another request): two events.
+            again = await store.execute(StoreRequest(2, (AppendEvent(b'{"a":1}', 5),) * 2, True))
+            assert again == (EventAppended(2), EventAppended(3))
+            (page,) = await store.execute(StoreRequest(3, (ReadEvents("c", 0, 10),), False))
+            assert [(e.id, e.data) for e in page.events] == [(i, b'{"a":1}') for i in (1, 2, 3)]
+            # The events' idempotency keys go with them when reclaimed (the
+            # events hash stays bounded).
+            keys = [k for k in await store._r.hkeys(store._ev) if k.startswith(b"x:")]
+            assert len(keys) == 3
+            await store.execute(StoreRequest(4, (Reclaim(10**6, 1, 1),), True))
+            assert [k for k in await store._r.hkeys(store._ev) if k.startswith((b"x:", b"e:"))] == []

@@ -76,6 +76,26 @@ async def online_everywhere(nodes: list[Any], where: dict[str, list[int]]) -> No
         await trio.sleep(0.02)
 
 
+async def read_everywhere(phone: Any, laptop: Any, bob: Any) -> dict[str, Any]:
+    """alice's phone reads the 1:1 chat with bob up to seq 3; -> "laptop":
+    the ReadStateChanged her laptop heard, "bob": bob's ReceiptReceived."""
+    got: dict[str, Any] = {}
+
+    async def marker() -> None:
+        got["laptop"] = await first(laptop, lambda ev: isinstance(ev, ReadStateChanged)
+                                    and ev.state.conv == AB and ev.state.read_seq == 3)
+
+    async def receipt() -> None:
+        got["bob"] = await first(bob, lambda ev: isinstance(ev, ReceiptReceived) and ev.seq == 3)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(marker)
+            n.start_soon(receipt)
+            await phone.mark_read(AB, 3)
+    return got
+
+
 async def test_a_read_on_one_node_reaches_the_readers_devices_and_the_peer_on_another(redis_cluster, tmp_path) -> None:
     """alice's phone (node 0) reads the 1:1 chat; her laptop (node 1) gets
     the read marker, bob (node 1) the ReadReceipt."""
@@ -89,20 +109,7 @@ async def test_a_read_on_one_node_reaches_the_readers_devices_and_the_peer_on_an
                 await bob.send(AB, b"m%d" % i)
             seen = [m.seq async for m in _take(phone, 3)]
             assert seen == [1, 2, 3]
-            got: dict[str, Any] = {}
-
-            async def marker() -> None:
-                got["laptop"] = await first(laptop, lambda ev: isinstance(ev, ReadStateChanged)
-                                            and ev.state.conv == AB and ev.state.read_seq == 3)
-
-            async def receipt() -> None:
-                got["bob"] = await first(bob, lambda ev: isinstance(ev, ReceiptReceived) and ev.seq == 3)
-
-            with trio.fail_after(10):
-                async with trio.open_nursery() as n:
-                    n.start_soon(marker)
-                    n.start_soon(receipt)
-                    await phone.mark_read(AB, 3)
+            got = await read_everywhere(phone, laptop, bob)
             assert got["laptop"].state.unread == 0 and got["laptop"].state.last_seq == 3
             assert got["bob"] == ReceiptReceived(AB, "alice", 3)
             assert laptop.read_state(AB).read_seq == 3 and bob.receipt(AB, "alice") == 3
@@ -183,3 +190,69 @@ async def test_conversation_settings_set_on_one_node_reach_the_devices_on_anothe
                     n.start_soon(update)
                     await nodes[0].set_conversation("bob", AB, pinned=True)
             assert bob.conversation_entries[AB].pinned
+
+
+async def test_lost_hints_are_recovered_by_the_recheck(redis_cluster, tmp_path, monkeypatch) -> None:
+    """Every hint but the inbox's (I) and a login's (R) is dropped: the
+    read marker, the receipt, the settings, the revocation and the kick
+    still reach the sessions on the other node within the re-check period
+    (each node re-reads its online users' state version beside their inbox
+    heads, and what changed since it last looked)."""
+    from pimcore.store.redis_scripts import ClusterOps
+
+    tell = ClusterOps.tell
+    dropped: list[str] = []
+
+    async def lossy(self: Any, hints: Any) -> None:
+        dropped.extend(text[0] for _, text in hints if text[0] not in "IR")
+        await tell(self, [(user, text) for user, text in hints if text[0] in "IR"])
+
+    monkeypatch.setattr(ClusterOps, "tell", lossy)
+
+    def closed(ev: Any) -> bool:
+        return isinstance(ev, Disconnected) and ev.code is not None
+
+    with trio.fail_after(60):
+        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+            for node in nodes:
+                node.server.store.cluster.recheck = 0.1
+            phone = await login(stack, nodes[0], "alice", "phone")
+            laptop = await login(stack, nodes[1], "alice", "laptop")
+            bob = await login(stack, nodes[1], "bob", "phone")
+            dave = await login(stack, nodes[1], "dave", "phone")
+            carol = await login(stack, nodes[1], "carol", "phone")
+            await online_everywhere(nodes, {"alice": [0, 1], "bob": [1], "dave": [1], "carol": [1]})
+            for i in range(3):
+                await bob.send(AB, b"m%d" % i)
+            assert [m.seq async for m in _take(phone, 3)] == [1, 2, 3]
+            got = await read_everywhere(phone, laptop, bob)
+            assert got["laptop"].state.unread == 0 and got["laptop"].state.last_seq == 3
+            assert got["bob"] == ReceiptReceived(AB, "alice", 3)
+            with trio.fail_after(10):
+                async with trio.open_nursery() as n:
+                    async def update() -> None:
+                        got["pin"] = await first(bob, lambda ev: isinstance(ev, ConversationUpdated)
+                                                 and ev.entry.conv == AB and ev.entry.pinned)
+
+                    n.start_soon(update)
+                    await nodes[0].set_conversation("bob", AB, pinned=True)
+            with trio.fail_after(10):
+                await nodes[0].revoke("dave")
+                ended = await first(dave, closed)
+            assert ended.code is CloseCode.TOKEN_REVOKED
+            with trio.fail_after(10):
+                nodes[0].kick("carol", "phone", reason="lost hint")
+                ended = await first(carol, closed)
+            assert (ended.code, ended.reason) == (CloseCode.KICKED, "lost hint")
+            assert sorted(set(dropped)) == ["C", "K", "M", "U", "V"]
+            # A kick recorded before a login does not end that later session
+            # (the re-check compares the kick's time with the login's).
+            carol2 = await login(stack, nodes[1], "carol", "phone")
+            cluster = nodes[1].server.store.cluster
+            while "phone" not in cluster.online.get("carol", ()):
+                await trio.sleep(0.01)
+            heard: list[Any] = []
+            await cluster._catch_up([("carol", 0, 1 << 40)], lambda *hint: heard.append(hint))
+            assert heard == []
+            await carol2.send(direct_conversation("carol", "dave"), b"still here")
+            assert carol2.connected

@@ -375,3 +375,76 @@ async def test_with_an_address_map_every_connection_to_redis_goes_to_the_mapped_
             assert direct == proxy.statistics().connections_total, (port, direct, proxy.statistics())
         total = sum(p.statistics().connections_total for p in proxies.values())
         assert total >= 3, total  # the cluster client, the script connections, the hint client
+
+
+@pytest.fixture
+def standalone_redis(tmp_path):
+    """One plain (non-cluster) ``redis-server`` on a free loopback port:
+    its port.  Skipped without redis-server/coredis."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    pytest.importorskip("coredis")
+    pytest.importorskip("hiredis")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"redis-server on port {port} did not start")
+                time.sleep(0.05)
+        yield proc, port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_serve_on_a_standalone_redis_says_it_is_not_a_cluster(standalone_redis, tmp_path, monkeypatch, capsys):
+    """`pimcore serve --store` at a reachable Redis that is not a cluster
+    member: not "cannot reach" (it answered) but what it is and what to do."""
+    from pimcore.cli import main
+
+    _, port = standalone_redis
+    monkeypatch.setenv("PIMCORE_SECRET", "s" * 40)
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--store", f"redis://127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach" not in err, err
+    assert f"127.0.0.1:{port}" in err and "cluster_enabled:0" in err and "cluster-enabled yes" in err, err
+
+
+async def test_a_redis_server_that_dies_is_logged_in_one_clear_line(standalone_redis, caplog) -> None:
+    """coredis logs a connection a dead server closed with exc_info where
+    no exception is being handled: the log showed a bare "NoneType: None"
+    line.  Importing the Redis store filters that into one pimcore line."""
+    import logging
+
+    import coredis
+
+    import pimcore.store.redis  # noqa: F401  (installs the filter)
+
+    proc, port = standalone_redis
+    caplog.set_level(logging.INFO)
+    with trio.fail_after(30):
+        async with coredis.Redis("127.0.0.1", port, connect_timeout=2) as r:
+            await r.ping()
+            proc.kill()
+            proc.wait()
+            with pytest.raises(BaseException):
+                await r.ping()
+    assert "NoneType: None" not in caplog.text, caplog.text
+    lines = [r for r in caplog.records if r.name.startswith("pimcore") and "Redis" in r.getMessage()]
+    assert lines and "closed" in lines[0].getMessage(), caplog.text
+    assert not [r for r in caplog.records if r.name == "coredis" and r.exc_info and r.exc_info[0] is None]

@@ -1111,8 +1111,8 @@ class BrokerServer:
         cluster = getattr(self.store, "cluster", None) if self._async_store else None
         if cluster is not None:
             # The user's sessions on other nodes sharing the store end too
-            # (a hint; nothing is stored, as on one node).
-            self._spawn(cluster.tell, [(user, f"K {user} {device or '*'} {reason}")])
+            # (a hint, and a record their re-check finds if the hint is lost).
+            self._spawn(cluster.kick, user, device, reason)
 
     async def _admin(self, method: Callable[..., list[Command]], conv: str, users: list[str]) -> GroupChanged:
         result = await self.admin_result(method, conv, users)

@@ -96,6 +96,7 @@ entries, never an entry before its message).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import struct
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -204,6 +205,36 @@ MEMBER = 1
 HAS_MESSAGES = 2
 
 _HEAD = struct.Struct(">16sQQqqQB")
+
+log = logging.getLogger("pimcore.store.redis")
+
+
+class _NoBareTraceback(logging.Filter):
+    """On coredis's logger.  coredis logs a connection that a dead Redis
+    server closed, and a failed connection attempt, with a traceback asked
+    for in a ``finally`` block after its handler took the exception: there
+    is none, and the formatter printed a bare "NoneType: None" line.  Such
+    a record is dropped and told as one pimcore line at its level (the
+    store's own retry says what becomes of the request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        info = record.exc_info
+        if not (isinstance(info, tuple) and info[0] is None):
+            return True
+        log.log(record.levelno, "Redis connection: %s (coredis gives no detail: a Redis node died, restarted"
+                " or failed over; the store retries and re-reads the cluster layout)",
+                record.getMessage().rstrip("!").lower().replace("connection ", "", 1),
+                extra={"event": "redis_connection"})
+        return False
+
+
+def _quiet_coredis() -> None:
+    lg = logging.getLogger("coredis")
+    if not any(isinstance(f, _NoBareTraceback) for f in lg.filters):
+        lg.addFilter(_NoBareTraceback())
+
+
+_quiet_coredis()
 
 
 def parse_url(url: str) -> list[tuple[str, int]]:
@@ -629,8 +660,38 @@ class RedisStore(AsyncStore):
             raise StoreError("store is closed") from exc
         await done.wait()
         if isinstance(box[0], Exception):
+            if addr is None:
+                why = await self._not_a_cluster()
+                if why:
+                    raise StoreError(why) from box[0]
             raise StoreError(f"cannot reach Redis at {addr or self.nodes}: {box[0]!r}") from box[0]
         return box[0]
+
+    async def _not_a_cluster(self) -> str:
+        """Why the cluster client failed if a startup node answers but is
+        no cluster member ('' if none does: unreachable, or a cluster in
+        trouble -- the caller's error says that)."""
+        from .redis_scripts import _RawConn
+
+        for addr in self.nodes:
+            with trio.move_on_after(5):
+                try:
+                    conn = await _RawConn.open(*self.dial(addr))
+                except OSError:
+                    continue
+                try:
+                    (info,) = await conn.pipeline([("INFO", "cluster")], 5)
+                except Exception:
+                    continue
+                finally:
+                    await conn.aclose()
+                if isinstance(info, bytes) and b"cluster_enabled:0" in info:
+                    return (f"Redis at {addr[0]}:{addr[1]} is reachable but is not a Redis Cluster node "
+                            f"(INFO cluster: cluster_enabled:0): --store redis:// needs a Redis Cluster -- start "
+                            f"each server with `cluster-enabled yes` and join them (redis-cli --cluster create "
+                            f"... --cluster-replicas 1; docs/OPERATIONS.md, Redis Cluster), or leave --store out "
+                            f"for the embedded LMDB store")
+        return ""
 
     async def _connect(self) -> None:
         self._closed = False
@@ -722,6 +783,9 @@ class RedisStore(AsyncStore):
 
     def _k_msg(self, msg_id: bytes) -> str:
         return f"{self.ns}:{{m:{msg_id.hex()}}}"
+
+    def _k_node(self, node_hex: str) -> str:
+        return f"{self.ns}:{{n:{node_hex}}}"
 
     async def _master(self, key: str) -> Any:
         """A plain client on the master serving ``key``'s slot (its own
@@ -1496,7 +1560,12 @@ class RedisStore(AsyncStore):
         if self.cluster is not None:
             # Never back (redis_scripts MAXSET): a revoke through another
             # node since the read above must stay in force.
-            await self.cluster.run(self.cluster._one("MAXSET", uk, ("rv:", op.now, 1 << 62)))
+            # (The user's state version moves with it: see ClusterOps.change_key.)
+            from .redis_scripts import _Round
+
+            rnd = _Round()
+            rnd.script("MAXSET", (uk, self.cluster.change_key(user)), ("rv:", op.now, 1 << 62))
+            await self.cluster.run(rnd)
         elif _int(fields.get("rv:")) < op.now:
             tx.put(uk, "rv:", op.now)
         return Purged(tombstones, entries, devices, tuple(changes))

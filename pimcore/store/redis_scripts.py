@@ -64,10 +64,15 @@ inbox entry travels the same way, pushed after its write request committed
 user concerned has a device online (:func:`_parse_hint` gives the formats):
 a read marker (``M``) to the reader's other nodes and its receipt (``C``) to
 a 1:1 peer's; a revocation (``V``); a purge of the user (``K`` and ``V``);
-conversation settings (``U``); a host's kick (``K``, nothing stored: pushed
-by the node's server).  Those have no periodic
-re-check: a lost one leaves a device behind until its next login or the
-next change (docs/OPERATIONS.md, Redis Cluster).
+conversation settings (``U``); a host's kick (``K``, recorded as
+``kk:DEVICE`` by :meth:`ClusterOps.kick`).  Each of those changes, in the
+script that makes it, moves the user's state version (``sv`` in the user's
+hash) and lists the change under it (``NS:{u:USER}:sc``, a sorted set;
+a receipt on the peer's slot, in the same round as the marker).  The
+re-check reads ``sv`` beside ``head``; a version past what the node knows
+makes it read what changed since and deliver it as the hints would have: a
+lost hint delays by at most ``recheck`` seconds (a revoked or kicked
+session ends within that; docs/OPERATIONS.md, Redis Cluster).
 
 Epoch: one per namespace (``epoch`` in ``NS:{meta}``), shared by every
 node.  A node remembers the seqs and inbox positions it handed out; a script
@@ -79,6 +84,7 @@ never silently skipped.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
@@ -147,6 +153,15 @@ SCRIPTED = frozenset({NewMessage, AmendMessage, AckPosition, TouchDevice, MarkRe
 _LIB = """
 local function S(n) return string.format('%.0f', n) end
 local function N(v) if v then return tonumber(v) end return 0 end
+-- A change of a user's state that is not an inbox entry: the user's state
+-- version moves and the change is listed under it (ClusterOps.change_key),
+-- in the script that makes the change (a node's re-check finds it even if
+-- its hint is lost).
+local function B(u, sc, member)
+  local v = redis.call('HINCRBY', u, 'sv', 1)
+  redis.call('ZADD', sc, v, member)
+  return v
+end
 """
 
 # KEYS: user. ARGV: field, claim value. -> nil (claimed) or the existing value.
@@ -254,9 +269,9 @@ return {head, head, redis.call('HVALS', KEYS[2]), fresh}
 # SetConversation: the user's settings of a conversation (one field,
 # PINNED:MUTED:HIDDEN_AT), merged here so that two devices changing
 # different settings through two nodes at once both win.
-# KEYS: user. ARGV: conv, pinned, muted, hidden (0 keep, 1 on, 2 off),
+# KEYS: user, the user's changes. ARGV: conv, pinned, muted, hidden (0 keep, 1 on, 2 off),
 # hidden_at for hidden on.  -> {old, new} ('0:0:0' = none)
-SETCONV = """
+SETCONV = _LIB + """
 local k = 'cs:' .. ARGV[1]
 local old = redis.call('HGET', KEYS[1], k) or '0:0:0'
 local p, m, h = string.match(old, '^(%d):(%d):(%d+)$')
@@ -266,6 +281,7 @@ if ARGV[4] == '1' then h = ARGV[5] elseif ARGV[4] == '2' then h = '0' end
 local new = p .. ':' .. m .. ':' .. h
 if new ~= old then
   if new == '0:0:0' then redis.call('HDEL', KEYS[1], k) else redis.call('HSET', KEYS[1], k, new) end
+  B(KEYS[1], KEYS[2], k)
 end
 return {old, new}
 """
@@ -398,12 +414,25 @@ redis.call('HSET', u, 'dv:' .. ARGV[1], S(pos) .. ':' .. S(seen))
 return {pos, new}
 """
 
-# KEYS: key. ARGV: field, value, cap  -> the new value: max(old, min(value, cap))
+# KEYS: key[, the user's changes]. ARGV: field, value, cap  -> {old, new}:
+# new = max(old, min(value, cap)); a change is listed (B) if KEYS[2] is given.
 MAXSET = _LIB + """
 local old = N(redis.call('HGET', KEYS[1], ARGV[1]))
 local new = math.max(old, math.min(tonumber(ARGV[2]), tonumber(ARGV[3])))
-if new ~= old then redis.call('HSET', KEYS[1], ARGV[1], S(new)) end
+if new ~= old then
+  redis.call('HSET', KEYS[1], ARGV[1], S(new))
+  if KEYS[2] then B(KEYS[1], KEYS[2], ARGV[1]) end
+end
 return {old, new}
+"""
+
+# KEYS: user, the user's changes. ARGV: member[, field, value (set first)]
+# -> the new state version.  A receipt for a 1:1 peer (``rc:CONV``: the
+# peer's read marker is on the peer's slot) and a host's kick (``kk:DEVICE``
+# = "LOGIN_BEFORE_µs REASON").
+BUMP = _LIB + """
+if ARGV[2] then redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) end
+return B(KEYS[1], KEYS[2], ARGV[1])
 """
 
 # KEYS: ev. ARGV: consumer, upto
@@ -469,10 +498,15 @@ EVRECLAIM = _LIB + """
 local e = KEYS[1]
 local all = redis.call('HGETALL', e)
 local acked = nil
+local keys = {}
 for i = 1, #all, 2 do
-  if string.sub(all[i], 1, 2) == 'c:' then
+  local f = string.sub(all[i], 1, 2)
+  if f == 'c:' then
     local v = tonumber(all[i + 1])
     if acked == nil or v < acked then acked = v end
+  elseif f == 'x:' then
+    keys[#keys + 1] = all[i]
+    keys[#keys + 1] = tonumber(all[i + 1])
   end
 end
 if acked == nil then acked = 0 end
@@ -487,6 +521,11 @@ while pos < last do
   redis.call('HDEL', e, 'e:' .. S(pos))
 end
 if pos ~= floor then redis.call('HSET', e, 'floor', S(pos)) end
+-- the idempotency keys of reclaimed events go with them (EVENT: a retry
+-- comes within seconds; a reclaim is max_age later)
+for i = 1, #keys, 2 do
+  if keys[i + 1] <= pos then redis.call('HDEL', e, keys[i]) end
+end
 return pos - floor
 """
 
@@ -511,10 +550,11 @@ return 0
 """
 
 _SCRIPTS = {name: globals()[name] for name in (
-    "CLAIM", "SEND", "AMEND", "DELETE", "SETCONV", "CREATE", "CHANGE", "FANOUT", "FLAG", "REGISTER", "MAXSET", "EVACK", "EVENT", "RECLAIM",
+    "CLAIM", "SEND", "AMEND", "DELETE", "SETCONV", "CREATE", "CHANGE", "FANOUT", "FLAG", "REGISTER", "MAXSET", "BUMP", "EVACK", "EVENT", "RECLAIM",
     "EVRECLAIM", "ONLINE", "OFFLINE")}
 
 _MEMBER, _HAS_MESSAGES = 1, 2
+log = logging.getLogger("pimcore.store.redis")
 _HINT_CAP = 10_000  # a node's hint list is trimmed to this many (a dead node's stops growing)
 _HINT_BULK = 1_000  # hints taken per LPOP after a BLPOP returned one
 
@@ -666,6 +706,9 @@ class ClusterOps:
         #: Hints for this node's own core: (kind, user, value).
         self.local_hints: Optional[Callable[[str, str, Any], None]] = None
         self.online: dict[str, set[str]] = {}  # user -> devices online here
+        #: user online here -> the state version (``sv``) whose changes
+        #: this node's sessions have (from hints or the re-check).
+        self._sv: dict[str, int] = {}
         self._inflight = 0
         self._overlap = False
         self._raw: dict[tuple[str, int], _RawConn] = {}
@@ -676,17 +719,26 @@ class ClusterOps:
     def node_hex(self) -> str:
         return self.s._node.hex()
 
+    # Key names: the slot-tagged names are RedisStore._k_*; the keys of a
+    # user's or conversation's slot beside its hash add a suffix.
+
     def hint_key(self, node_hex: str) -> str:
-        return f"{self.s.ns}:{{n:{node_hex}}}"
+        return self.s._k_node(node_hex)
 
     def online_key(self, user: str) -> str:
-        return f"{self.s.ns}:{{u:{user}}}:on"
+        return self.s._k_user(user) + ":on"
 
     def login_key(self, user: str) -> str:
-        return f"{self.s.ns}:{{u:{user}}}:ont"
+        return self.s._k_user(user) + ":ont"
+
+    def change_key(self, user: str) -> str:
+        """The user's changes (a sorted set: ``rd:CONV``, ``rc:CONV``,
+        ``cs:CONV``, ``rv:DEVICE``, ``kk:DEVICE`` scored by the state
+        version ``sv`` of the user's hash that their last change took)."""
+        return self.s._k_user(user) + ":sc"
 
     def outbox_key(self, conv: str) -> str:
-        return f"{self.s.ns}:{{c:{conv}}}:ob"
+        return self.s._k_conv(conv) + ":ob"
 
     async def load(self) -> None:
         """Load every script (SCRIPT LOAD on each master: EVALSHA needs it
@@ -875,11 +927,17 @@ class ClusterOps:
         elif kind is SetConversation:
             results[idx[0]] = await self._set_conversation(op)
         elif kind is RevokeTokens:
-            (old_new,) = await self.run(self._one("MAXSET", self.s._k_user(op.user),
-                                                  ("rv:" + op.device, op.before, 1 << 62)))
+            rnd = _Round()
+            rnd.script("MAXSET", (self.s._k_user(op.user), self.change_key(op.user)),
+                       ("rv:" + op.device, op.before, 1 << 62))
+            (old_new,) = await self.run(rnd)
             results[idx[0]] = Revoked(op.user, op.device, int(old_new[1]))
         elif kind is AppendEvent:
-            (eid,) = await self.run(self._one("EVENT", self.s._ev, ("", op.now, op.data)))
+            # The op is the event's identity (two equal ops are two events,
+            # as in the memory store): a key of this attempt makes the
+            # round's retry after a lost answer find the event it appended.
+            key = "op:" + os.urandom(12).hex()
+            (eid,) = await self.run(self._one("EVENT", self.s._ev, (key, op.now, op.data)))
             results[idx[0]] = EventAppended(int(eid))
         elif kind is AckEvents:
             (cur,) = await self.run(self._one("EVACK", self.s._ev, (op.consumer, op.upto)))
@@ -1282,7 +1340,16 @@ class ClusterOps:
         if not spans:
             return Rejected(ErrorCode.NOT_MEMBER)
         last = last_visible(spans, int(await tx.get(s._k_conv(op.conv), "last") or 0))
-        (ans,) = await self.run(self._one("MAXSET", s._k_user(op.user), ("rd:" + op.conv, op.seq, last)))
+        rnd = _Round()
+        rnd.script("MAXSET", (s._k_user(op.user), self.change_key(op.user)), ("rd:" + op.conv, op.seq, last))
+        pair = direct_members(op.conv)
+        if pair is not None and op.user in pair:
+            # The receipt is the 1:1 peer's state: listed on the peer's slot
+            # in the same round (harmless when the marker did not move: the
+            # peer's nodes re-read a receipt they sent already).
+            peer = pair[1] if pair[0] == op.user else pair[0]
+            rnd.script("BUMP", (s._k_user(peer), self.change_key(peer)), ("rc:" + op.conv,))
+        ans = (await self.run(rnd))[0]
         old, new = int(ans[0]), int(ans[1])
         tx = _Tx(s)
         return ReadMarked(op.user, op.conv, new, last, await s._unread(tx, op.user, op.conv), new != old)
@@ -1297,8 +1364,10 @@ class ClusterOps:
             return Rejected(code)
         last_seq = last_visible(await s._spans_of(tx, op.conv, op.user),
                                 int(await tx.get(s._k_conv(op.conv), "last") or 0))
-        (ans,) = await self.run(self._one("SETCONV", s._k_user(op.user), (
-            op.conv, op.pinned, op.muted, op.hidden, last_seq + 1)))
+        rnd = _Round()
+        rnd.script("SETCONV", (s._k_user(op.user), self.change_key(op.user)), (
+            op.conv, op.pinned, op.muted, op.hidden, last_seq + 1))
+        (ans,) = await self.run(rnd)
         return ConversationSet(op.user, op.conv, await s._entry(_Tx(s), op.user, op.conv), ans[0] != ans[1])
 
     async def _reclaim(self, op: Reclaim) -> Result:
@@ -1330,7 +1399,12 @@ class ClusterOps:
             at = _time.time_ns() // 1000
         rnd = _Round()
         rnd.script("ONLINE", (self.online_key(user), self.login_key(user)), (device, self.node_hex, at))
-        (old,) = await self.run(rnd, wait=False)
+        uk = self.s._k_user(user)
+        rnd.raw(uk, "HGET", uk, "sv")
+        old, sv = await self.run(rnd, wait=False)
+        # What the re-check compares with (see _recheck_loop): changes after
+        # the login are caught up with, the login read those before.
+        self._sv.setdefault(user, int(sv or 0))
         old = old.decode() if isinstance(old, bytes) else (old or "")
         if old and old != "-" and old != self.node_hex:
             rnd = _Round()
@@ -1399,6 +1473,7 @@ class ClusterOps:
             devs.discard(device)
             if not devs:
                 del self.online[user]
+                self._sv.pop(user, None)
         await self.run(self._one("OFFLINE", self.online_key(user), (device, self.node_hex)), wait=False)
 
     async def hints(self, deliver: Callable[[str, str, Any], None], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -1473,15 +1548,107 @@ class ClusterOps:
             try:
                 async def read() -> list[Any]:
                     async with s._r.pipeline(transaction=False) as pipe:
-                        pending = [pipe.hget(s._k_user(u), "head") for u in users]
+                        pending = [pipe.hmget(s._k_user(u), ["head", "sv"]) for u in users]
                     return [await p for p in pending]
 
-                heads = await read()
+                rows = await read()
             except Exception:
                 continue
-            for user, head in zip(users, heads):
+            changed: list[tuple[str, int, int]] = []
+            for user, (head, sv) in zip(users, rows):
                 if head is not None:
                     deliver("I", user, int(head))
+                known = self._sv.get(user)
+                if known is None:
+                    self._sv[user] = int(sv or 0)  # its login's read failed: from now on
+                elif int(sv or 0) > known:
+                    changed.append((user, known, int(sv)))
+            if changed:
+                try:
+                    await self._catch_up(changed, deliver)
+                except Exception:
+                    continue  # not advanced: the next re-check tries again
+
+    async def _catch_up(self, changed: list[tuple[str, int, int]], deliver: Callable[[str, str, Any], None]) -> None:
+        """The state versions of users online here moved past what this
+        node knew (``changed``: (user, known, now)): deliver what changed
+        since, as the hints would have (M, C, U, V, K; a hint that did
+        arrive makes this a repeat, which the core ignores -- markers and
+        receipts never move back, a revocation closes only older sessions,
+        a kick only sessions logged in before it -- but for U: one more
+        ConvUpdate)."""
+        s = self.s
+        async with s._r.pipeline(transaction=False) as pipe:
+            pending = [pipe.zrangebyscore(self.change_key(u), known + 1, "+inf") for u, known, _ in changed]
+        listed = [await p for p in pending]
+        for (user, _, now), members in zip(changed, listed):
+            for raw in members:
+                member = raw.decode() if isinstance(raw, bytes) else raw
+                try:
+                    await self._catch_up_one(user, member, deliver)
+                except StoreError:
+                    raise  # Redis unavailable: not advanced, the next re-check tries again
+                except Exception:
+                    # Not one this node understands (a newer node's kind?) or
+                    # a record it cannot read: skipped, not retried forever.
+                    log.warning("re-check of %s: change %r skipped", user, member, exc_info=True)
+            if user in self._sv:
+                self._sv[user] = max(self._sv[user], now)
+
+    async def _catch_up_one(self, user: str, member: str, deliver: Callable[[str, str, Any], None]) -> None:
+        """Deliver the change ``member`` (see :meth:`change_key`) of ``user``."""
+        from .redis import _Tx
+
+        s = self.s
+        uk = s._k_user(user)
+        what, _, key = member.partition(":")
+        if what == "rd":
+            e = await s._entry(_Tx(s), user, key)
+            deliver("M", user, (key, e.read_seq, e.last_seq, e.unread))
+        elif what == "rc":
+            pair = direct_members(key)
+            if pair is not None and user in pair:
+                reader = pair[1] if pair[0] == user else pair[0]
+                seq = await s._call(lambda: s._r.hget(s._k_user(reader), "rd:" + key))
+                if seq is not None:
+                    deliver("C", user, (key, reader, int(seq)))
+        elif what == "cs":
+            deliver("U", user, key)
+        elif what == "rv":
+            before = await s._call(lambda: s._r.hget(uk, member))
+            if before is not None:
+                deliver("V", user, (key or None, int(before)))
+        elif what == "kk":
+            rec = await s._call(lambda: s._r.hget(uk, member))
+            if rec is None:
+                return
+            stamp_s, _, reason = rec.decode().partition(" ")
+            stamp = int(stamp_s)
+            # Only sessions logged in before the kick (a device that
+            # logged in again since keeps its new session).
+            logins = await s._call(lambda: s._r.hgetall(self.login_key(user)))
+            for dev in sorted(self.online.get(user, ()) if not key else (key,)):
+                at = logins.get(dev.encode())
+                if at is not None and int(at) < stamp:
+                    deliver("K", user, (dev, reason))
+
+    async def kick(self, user: str, device: Optional[str], reason: str) -> None:
+        """The host kicked ``user``'s sessions (``device``'s only if given)
+        on this node: recorded (``kk:DEVICE``, this node's clock) and told
+        to the other nodes where the user is online; their re-check ends
+        the sessions logged in before it even if the hint is lost.  Best
+        effort (a kick stores nothing else): a store error is dropped."""
+        import time as _time
+
+        at = _time.time_ns() // 1000
+        rnd = _Round()
+        field = "kk:" + (device or "")
+        rnd.script("BUMP", (self.s._k_user(user), self.change_key(user)), (field, field, f"{at} {reason}"))
+        try:
+            await self.run(rnd, wait=False)
+        except StoreError:
+            pass
+        await self.tell([(user, f"K {user} {device or '*'} {reason}")])
 
     async def _epoch_loop(self) -> None:
         s = self.s
@@ -1522,7 +1689,8 @@ class ClusterOps:
         import time as _time
 
         now_us = int(_time.time() * 1_000_000)
-        pattern = f"{s.ns}:{{c:*}}:ob"
+        pattern = self.outbox_key("*")
+        ob_head, ob_tail = self.outbox_key("\0").split("\0")
         keys: list[str] = []
         for node in s._r.connection_pool.cluster_layout.primaries:
             client = await s._master_at((node.host, node.port))
@@ -1534,7 +1702,7 @@ class ClusterOps:
                     break
         done = 0
         for ob in keys:
-            conv = ob[len(f"{s.ns}:{{c:"):-len("}:ob")]
+            conv = ob[len(ob_head):-len(ob_tail)]
             entries = await s._call(lambda: s._r.hgetall(ob))
             fan = _Fanout(self)
             finished: list[str] = []
