@@ -1,0 +1,172 @@
+"""Read fan-out for large groups on the Redis Cluster store (issue 16): a
+group above ``read_fanout_above`` members gets no inbox write per member; a
+send writes the conversation log and entries only for the sender and the
+members registered online, and the others take the log's entries when they
+log in (ClusterOps.join_groups / pull).  Two brokers in this process play
+two ``pimcore serve`` nodes over one namespace, with the threshold lowered
+to 2 so a five-member group is "large".  Skipped without redis-server /
+coredis (CI sets PIMCORE_REQUIRE_REDIS=1)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, AsyncIterator
+
+import pytest
+import trio
+
+from pimcore.client import ClientConfig, open_client
+from pimcore.embed import Posted, open_pimcore
+from pimcore.frames import MessageKind
+
+from _net import SECRET
+
+pytestmark = [pytest.mark.redis]
+
+CFG = ClientConfig(ack_timeout=2.0, send_timeout=30.0, connect_timeout=10.0, backoff_initial=0.05, backoff_max=0.5)
+
+
+@asynccontextmanager
+async def two_nodes(cluster: Any, tmp_path: Any, above: int = 2) -> AsyncIterator[list[Any]]:
+    from pimcore.store.redis import RedisStore
+
+    ns = "t" + os.urandom(6).hex()
+    async with AsyncExitStack() as stack:
+        nodes = []
+        for i in range(2):
+            store = await stack.enter_async_context(RedisStore.connect(
+                cluster.url, namespace=ns, read_fanout_above=above))
+            nodes.append(await stack.enter_async_context(open_pimcore(
+                data_dir=tmp_path / f"node{i}", listen=["tcp://127.0.0.1:0"], store=store,
+                secret=SECRET.decode())))
+        yield nodes
+
+
+async def login(stack: AsyncExitStack, node: Any, user: str, device: str = "phone") -> Any:
+    c = await stack.enter_async_context(open_client(node.urls[0], node.issue_token(user), device, config=CFG))
+    await c.wait_connected()
+    return c
+
+
+async def take(client: Any, conv: str, n: int) -> list[Any]:
+    """The next ``n`` chat messages (kind MESSAGE) of ``conv``."""
+    out: list[Any] = []
+    async for m in client.messages():
+        if m.conv == conv and m.kind == MessageKind.MESSAGE:
+            out.append(m)
+            if len(out) == n:
+                return out
+    raise AssertionError("closed")
+
+
+def head(node: Any, user: str) -> Any:
+    return node.server.store.inbox_head(user)
+
+
+async def test_a_large_group_writes_no_entry_for_offline_members_and_they_catch_up_at_login(
+        redis_cluster, tmp_path) -> None:
+    with trio.fail_after(90):
+        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+            await nodes[0].create_group("g:big", ["ann", "bob", "cat", "dan", "eve"])
+            ann = await login(stack, nodes[0], "ann")
+            bob = await login(stack, nodes[1], "bob")
+            cat_head = await head(nodes[0], "cat")
+            for i in range(6):
+                await ann.send("g:big", b"m%d" % i)
+            got = await take(bob, "g:big", 6)
+            assert [m.payload for m in got] == [b"m%d" % i for i in range(6)]
+            # Read fan-out: nothing was written to cat's inbox (offline) ...
+            assert await head(nodes[0], "cat") == cat_head
+            # ... but her unread count comes from the log: exact already.
+            assert await nodes[1].unread("cat", "g:big") == 6
+            # cat logs in on either node: the six arrive once, in order.
+            cat = await login(stack, nodes[1], "cat")
+            got = await take(cat, "g:big", 6)
+            assert [m.payload for m in got] == [b"m%d" % i for i in range(6)]
+            assert [m.seq for m in got] == sorted({m.seq for m in got})
+            # Online now: the next ones reach her live (registered online).
+            await bob.send("g:big", b"live")
+            with trio.fail_after(5):  # not the periodic pull (10 s)
+                (m,) = await take(cat, "g:big", 1)
+            assert m.payload == b"live"
+            assert await head(nodes[0], "cat") > cat_head
+            # dan stays offline throughout: still no entry for him.
+            assert await head(nodes[0], "dan") == cat_head
+
+
+async def test_membership_bounds_what_a_pull_gives(redis_cluster, tmp_path) -> None:
+    """A member removed before some messages and one added after them pull
+    exactly the seqs they were members for."""
+    with trio.fail_after(90):
+        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+            await nodes[0].create_group("g:club", ["ann", "bob", "cat", "dan"])
+            ann = await login(stack, nodes[0], "ann")
+            await ann.send("g:club", b"before")
+            await nodes[0].remove_members("g:club", ["dan"])
+            await ann.send("g:club", b"middle")
+            await nodes[1].add_members("g:club", ["fay"])
+            await ann.send("g:club", b"after")
+            dan = await login(stack, nodes[1], "dan")
+            fay = await login(stack, nodes[0], "fay")
+            assert [m.payload for m in await take(dan, "g:club", 1)] == [b"before"]
+            assert [m.payload for m in await take(fay, "g:club", 1)] == [b"after"]
+            # Nothing more is pending for either (a later message is the next).
+            await ann.send("g:club", b"last")
+            assert [m.payload for m in await take(fay, "g:club", 1)] == [b"last"]
+            with trio.move_on_after(1.0) as late:
+                await take(dan, "g:club", 1)
+            assert late.cancelled_caught, "a removed member got a later message"
+
+
+async def test_a_member_added_while_online_gets_the_group_live(redis_cluster, tmp_path) -> None:
+    with trio.fail_after(90):
+        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+            await nodes[0].create_group("g:open", ["ann", "bob", "cat"])
+            ann = await login(stack, nodes[0], "ann")
+            gus = await login(stack, nodes[1], "gus")
+            await nodes[0].add_members("g:open", ["gus"])
+            await ann.send("g:open", b"welcome")
+            with trio.fail_after(5):  # not the periodic pull (10 s)
+                (m,) = await take(gus, "g:open", 1)
+            assert m.payload == b"welcome"
+
+
+async def test_a_lost_registration_is_repaired_by_the_periodic_pull(redis_cluster, tmp_path) -> None:
+    """The group's online-member record of an online user vanishes (a
+    failover lost it, a logout raced a login): the periodic pull still
+    brings the messages, within a few re-checks."""
+    with trio.fail_after(90):
+        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+            await nodes[0].create_group("g:lossy", ["ann", "bob", "cat"])
+            ann = await login(stack, nodes[0], "ann")
+            bob = await login(stack, nodes[1], "bob")
+            store = nodes[1].server.store
+            cluster = store.cluster
+            cluster.recheck = 0.05
+            # After the login is recorded (device_online registers again first).
+            while not await store._r.hvals(cluster.online_key("bob")):
+                await trio.sleep(0.02)
+            await store._r.hdel(cluster.on_key("g:lossy"), ["bob"])
+            await ann.send("g:lossy", b"hello")
+            with trio.fail_after(10):  # ten re-checks of 0.05 s, on a loaded machine
+                (m,) = await take(bob, "g:lossy", 1)
+            assert m.payload == b"hello"
+
+
+async def test_a_large_group_pull_over_many_messages_is_chunked_and_complete(redis_cluster, tmp_path) -> None:
+    from pimcore.store import redis_scripts
+
+    with trio.fail_after(120):
+        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+            await nodes[0].create_group("g:busy", ["ann", "bob", "cat"])
+            ann = await login(stack, nodes[0], "ann")
+            n = 2 * redis_scripts._PULL_CHUNK + 7
+            posts = [{"sender": "ann", "device": "srv", "conv": "g:busy", "payload": b"%d" % i} for i in range(n)]
+            for k in range(0, n, 200):
+                res = await nodes[0].post_many(posts[k:k + 200])
+                assert not [r for r in res if not isinstance(r, Posted)], res[:1]
+            cat = await login(stack, nodes[1], "cat")
+            got = await take(cat, "g:busy", n)
+            assert [m.payload for m in got] == [b"%d" % i for i in range(n)]
+            del ann
