@@ -170,3 +170,50 @@ async def test_a_large_group_pull_over_many_messages_is_chunked_and_complete(red
             got = await take(cat, "g:busy", n)
             assert [m.payload for m in got] == [b"%d" % i for i in range(n)]
             del ann
+
+
+def test_the_threshold_comes_from_file_or_environment_and_is_checked(tmp_path) -> None:
+    """[store] read_fanout_above (PIMCORE_STORE_READ_FANOUT_ABOVE): an int
+    >= 0, for a Redis store only; RedisStore refuses anything else."""
+    from pimcore.config import ConfigError, load_settings
+    from pimcore.store.redis import READ_FANOUT_ABOVE, RedisStore
+
+    url = "redis://10.0.0.1:7000"
+    conf = tmp_path / "pimcore.toml"
+    conf.write_text(f'[store]\nurl = "{url}"\nread_fanout_above = 250\n')
+    s = load_settings(str(conf), env={})
+    assert s.store_read_fanout_above == 250
+    assert s.effective()["store"]["read_fanout_above"] == 250
+    assert load_settings(env={"PIMCORE_STORE": url, "PIMCORE_STORE_READ_FANOUT_ABOVE": "7"}).store_read_fanout_above == 7
+    assert "read_fanout_above" not in load_settings(env={"PIMCORE_STORE": url}).effective()["store"]
+    with pytest.raises(ConfigError, match="store.read_fanout_above: must be >= 0"):
+        load_settings(env={"PIMCORE_STORE": url, "PIMCORE_STORE_READ_FANOUT_ABOVE": "-1"})
+    with pytest.raises(ConfigError, match="read_fanout_above"):
+        load_settings(env={"PIMCORE_STORE": url, "PIMCORE_STORE_READ_FANOUT_ABOVE": "many"})
+    with pytest.raises(ConfigError, match="store.read_fanout_above: only for a Redis store"):
+        load_settings(env={"PIMCORE_STORE_READ_FANOUT_ABOVE": "5"})
+    assert RedisStore([("a", 1)]).read_fanout_above == READ_FANOUT_ABOVE
+    for bad in (-1, 1.5, "10", True):
+        with pytest.raises(ValueError, match="read_fanout_above"):
+            RedisStore([("a", 1)], read_fanout_above=bad)
+
+
+async def test_members_online_when_the_group_is_created_or_small_get_it_live_once_large(redis_cluster, tmp_path) -> None:
+    """Logged in before the group existed (not in their login's group list),
+    or added while it was below the threshold: still live once it is large."""
+    with trio.fail_after(90):
+        async with two_nodes(redis_cluster, tmp_path, above=3) as nodes, AsyncExitStack() as stack:
+            ann = await login(stack, nodes[0], "ann")
+            bob = await login(stack, nodes[1], "bob")
+            hal = await login(stack, nodes[0], "hal")
+            for u in ("ann", "bob", "hal"):
+                while not await nodes[0].server.store._r.hvals(nodes[0].server.store.cluster.online_key(u)):
+                    await trio.sleep(0.02)
+            await nodes[0].create_group("g:new", ["ann", "bob", "cat"])  # 3: write fan-out
+            await nodes[1].add_members("g:new", ["hal"])  # hal online, group small
+            await nodes[1].add_members("g:new", ["ivy", "jon"])  # 6: read fan-out from now on
+            await ann.send("g:new", b"big now")
+            with trio.fail_after(5):  # not the periodic pull (10 s)
+                (m,) = await take(bob, "g:new", 1)
+                (h,) = await take(hal, "g:new", 1)
+            assert m.payload == h.payload == b"big now"

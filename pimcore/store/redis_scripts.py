@@ -1246,8 +1246,25 @@ class ClusterOps:
         for user in members:
             rnd.script("FLAG", (s._k_user(user),), (op.conv, _MEMBER, "1"))
             rnd.hset(s._users, user, b"1")
-        await self.run(rnd)
+            rnd.raw(self.online_key(user), "HVALS", self.online_key(user))
+        answers = await self.run(rnd)
+        # Members online now logged in before the group existed: register
+        # them (read fan-out writes entries only for registered members).
+        reg = _Round()
+        for user, nodes in zip(members, answers[2::3]):
+            if nodes:
+                self._registered(reg, op.conv, user, nodes)
+        await self.run(reg, wait=False)
         return GroupChanged(op.conv, tuple(members))
+
+    def _registered(self, rnd: _Round, conv: str, user: str, nodes: Any) -> None:
+        """Add to ``rnd`` the registration of ``user`` (online on ``nodes``,
+        an HVALS answer of its online record) in group ``conv``, and note it
+        for this node's own sessions of the user."""
+        rnd.script("ONSET", (self.on_key(conv),), (user, *sorted({n.decode() if isinstance(n, bytes) else n
+                                                                    for n in nodes})))
+        if user in self.online and conv not in self.groups.get(user, ()):
+            self.groups[user] = self.groups.get(user, ()) + (conv,)
 
     async def _change_members(self, op: Any) -> Result:
         from .redis import _enc_msg
@@ -1795,11 +1812,11 @@ class _Fanout:
                 rnd0.raw(ops.on_key(c), "HKEYS", ops.on_key(c))
             for c, ans in zip(big, await ops.run(rnd0, wait=False)):
                 online[c] = {k.decode() if isinstance(k, bytes) else k for k in ans or ()}
-        # JOINED entries of read-fan-out groups: (conv, user).  A member added
-        # while online is registered where its sessions are (else it would
-        # see the group's messages only at the next pull).
-        joined = {(m.conv, m.sender) for m, _, _, _ in self.msgs
-                  if m.conv in online and m.kind == MessageKind.JOINED}
+        # JOINED entries: (conv, user).  A member added while online is
+        # registered where its sessions are, whatever the group's size now
+        # (it may grow past the threshold later; else the member would see
+        # the group's messages only at its next login).
+        joined = {(m.conv, m.sender) for m, _, _, _ in self.msgs if m.kind == MessageKind.JOINED}
         # One FANOUT per (recipient, message), in the batch's order (one
         # pipeline per master runs them in that order: positions follow it).
         for m, recipients, event, dedupe in self.msgs:
@@ -1839,10 +1856,7 @@ class _Fanout:
                 continue
             self._took(ans, user, conv, positions, hints, new_users)
             if (conv, user) in joined and ans[2]:
-                nodes = sorted({n.decode() if isinstance(n, bytes) else n for n in ans[2]})
-                hints.script("ONSET", (ops.on_key(conv),), (user, *nodes))
-                if user in ops.groups and conv not in ops.groups[user]:
-                    ops.groups[user] += (conv,)
+                ops._registered(hints, conv, user, ans[2])
         gaps = [(u, c, lseq, sorted(items), min(items)[0]) for u, c, lseq, items in gapped.values()]
         if gaps:
             await self._backfill(gaps, positions, hints, new_users)
