@@ -14,6 +14,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 import trio
 
 from pimcore.client import ClientConfig, open_client
@@ -217,3 +219,82 @@ async def test_members_online_when_the_group_is_created_or_small_get_it_live_onc
                 (m,) = await take(bob, "g:new", 1)
                 (h,) = await take(hal, "g:new", 1)
             assert m.payload == h.payload == b"big now"
+
+
+USERS = ("u0", "u1", "u2", "u3", "u4", "u5")
+_step = st.one_of(
+    st.tuples(st.just("send"), st.sampled_from(USERS), st.sampled_from(("g:one", "g:two"))),
+    st.tuples(st.just("add"), st.sampled_from(USERS), st.sampled_from(("g:one", "g:two"))),
+    st.tuples(st.just("remove"), st.sampled_from(USERS), st.sampled_from(("g:one", "g:two"))),
+    st.tuples(st.just("login"), st.sampled_from(USERS), st.none()),
+    st.tuples(st.just("logout"), st.sampled_from(USERS), st.none()),
+)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(steps=st.lists(_step, min_size=1, max_size=30))
+@example(steps=[("login", "u5", None), ("add", "u5", "g:one"), ("send", "u0", "g:one")])
+@example(steps=[("login", "u1", None), ("logout", "u1", None), ("send", "u0", "g:one"), ("login", "u1", None)])
+def test_read_fanout_gives_every_member_the_entries_the_memory_store_gives(redis_cluster, steps) -> None:
+    """Random sends, joins, leaves, logins and logouts over two groups with
+    read fan-out for every group (threshold 0), beside the memory store
+    (write fan-out, the oracle).  Online users' inboxes hold, without any
+    pull, exactly the (conversation, seq) entries the oracle gives them;
+    everyone's does after a login; each entry once, each conversation's
+    seqs in position order."""
+    from pimcore.store import MemoryStore, NewMessage, WriteBatch
+    from pimcore.store.base import LoadSession, StoreRequest
+
+    from _redis_store import BlockingRedisStore
+
+    memory = MemoryStore()
+    redis = BlockingRedisStore(redis_cluster.addresses, read_fanout_above=0)
+    try:
+        for store in (memory, redis):
+            store.create_group("g:one", ["u0", "u1", "u2"], now=1)
+            store.create_group("g:two", ["u3", "u4"], now=1)
+        online: set[str] = set()
+        clock = 10_000_000
+        batch = 0
+
+        def login(user: str) -> None:
+            redis.execute(StoreRequest(0, (LoadSession(user, "d"),), False))
+            redis._run(redis.inner.cluster.device_online, user, "d")
+
+        for kind, user, conv in steps:
+            if kind == "send":
+                clock += 1
+                batch += 1
+                op = NewMessage(clock.to_bytes(8, "big") + bytes(8), conv, user, "d", clock, clock, clock, b"x",
+                                bytes(16))
+                a, b = memory.commit(WriteBatch(batch, (op,)))[0], redis.commit(WriteBatch(batch, (op,)))[0]
+                assert type(a) is type(b), (a, b)
+            elif kind in ("add", "remove"):
+                clock += 1
+                for store in (memory, redis):
+                    (store.add_members if kind == "add" else store.remove_members)(conv, [user], now=clock)
+            elif kind == "login" and user not in online:
+                login(user)
+                online.add(user)
+            elif kind == "logout" and user in online:
+                redis._run(redis.inner.cluster.device_offline, user, "d")
+                online.discard(user)
+
+        def entries(store: object, user: str) -> list[tuple[str, int]]:
+            return [(m.conv, m.seq) for _, m in store.inbox_range(user, 0, 10_000)]  # type: ignore[attr-defined]
+
+        def check(user: str) -> None:
+            want, got = entries(memory, user), entries(redis, user)
+            assert sorted(got) == sorted(want), (user, got, want)
+            assert len(set(got)) == len(got), (user, got)
+            for c in ("g:one", "g:two"):
+                seqs = [s for cv, s in got if cv == c]
+                assert seqs == sorted(seqs), (user, c, got)
+
+        for user in sorted(online):
+            check(user)
+        for user in USERS:
+            login(user)
+            check(user)
+    finally:
+        redis.close()
