@@ -1685,16 +1685,17 @@ class RedisStore(AsyncStore):
             return Rejected(ErrorCode.BAD_REQUEST)
         user = op.user
         uk = self._k_user(user)
+        listed = await self._conversations(tx, user)
         if self.cluster is not None:
             # Read fan-out: register this node's session in the user's groups,
             # then take what large groups' logs hold for the user, BEFORE the
-            # head is read (the catch-up then covers them).
-            groups = [c for c in await self._conversations(tx, user) if direct_members(c) is None]
-            await self.cluster.join_groups(user, groups)
+            # head is read (the catch-up then covers them).  The list stays
+            # (a pull adds entries of listed conversations only).
+            await self.cluster.join_groups(user, [c for c in listed if direct_members(c) is None])
             tx = _Tx(self)
         stored = await self._device(tx, user, op.device)
         convs = []
-        for conv in await self._conversations(tx, user):
+        for conv in listed:
             pair = direct_members(conv)
             peer = "" if pair is None else (pair[1] if pair[0] == user else pair[0])
             last = _int(await tx.get(self._k_conv(conv), "last"))
