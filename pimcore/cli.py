@@ -235,7 +235,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
                 store = await stack.enter_async_context(
                     RedisStore.connect(settings.store, namespace=settings.store_namespace,
-                                       address_map=settings.store_address_map))
+                                       address_map=settings.store_address_map,
+                                       **({} if settings.store_read_fanout_above is None else
+                                          {"read_fanout_above": settings.store_read_fanout_above})))
             await serve()
 
     async def serve() -> None:

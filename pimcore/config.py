@@ -70,6 +70,7 @@ Example (every key optional)::
     url = "redis://10.0.0.1:7000,10.0.0.2:7000"  # a Redis Cluster (docs/OPERATIONS.md, Redis Cluster); `store = "URL"` is short
     namespace = "pim"                  # prefix of every key: several brokers' data may share a cluster
     address_map = ["10.0.0.1:7000=127.0.0.1:17000"]  # ANNOUNCED=DIAL: connect here for a node the cluster announces there (NAT, containers, proxies)
+    read_fanout_above = 100            # groups with more members get read fan-out (docs/OPERATIONS.md, Large groups)
 
     [moderation]                       # pre-send moderation call (docs/EMBEDDING.md, Webhooks)
     url = "https://backend.example/moderate"
@@ -157,7 +158,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "batch_size": "int", "max_batch_bytes": "int", "events": "list",
     },
     "moderation": {"url": "str", "secret": "str", "policy": "str", "timeout_ms": "int"},
-    "store": {"url": "str", "namespace": "str", "address_map": "list"},
+    "store": {"url": "str", "namespace": "str", "address_map": "list", "read_fanout_above": "int"},
     "messages": {"recall_window": "float", "edit_window": "float", "delete_window": "float"},
 }
 #: ``(section or None, key) -> type``, every setting there is.
@@ -283,6 +284,8 @@ class ServeSettings:
     store_namespace: str = "pim"
     #: ``ANNOUNCED_HOST:PORT=DIAL_HOST:PORT`` entries (RedisStore ``address_map``).
     store_address_map: tuple[str, ...] = ()
+    #: RedisStore ``read_fanout_above`` (members); None: its default.
+    store_read_fanout_above: Optional[int] = None
 
     def endpoints(self) -> tuple[Endpoint, ...]:
         try:
@@ -514,6 +517,8 @@ class ServeSettings:
             out["store"] = {"namespace": self.store_namespace, "url": self.store}
             if self.store_address_map:
                 out["store"]["address_map"] = list(self.store_address_map)
+            if self.store_read_fanout_above is not None:
+                out["store"]["read_fanout_above"] = self.store_read_fanout_above
         if self.webhooks.get("url"):
             from .webhooks import WebhookConfig
 
@@ -735,6 +740,7 @@ def load_settings(
         store=merged.get(("store", "url")) or None,
         store_namespace=str(merged.get(("store", "namespace"), "pim")),
         store_address_map=tuple(merged.get(("store", "address_map"), ())),
+        store_read_fanout_above=merged.get(("store", "read_fanout_above")),
     )
     if s.store is not None:
         from .store.redis import parse_url as parse_store_url
@@ -752,8 +758,12 @@ def load_settings(
             parse_address_map(s.store_address_map)
         except ValueError as exc:
             raise ConfigError(f"store.address_map: {exc}") from None
+        if s.store_read_fanout_above is not None and s.store_read_fanout_above < 0:
+            raise ConfigError(f"store.read_fanout_above: must be >= 0 members, not {s.store_read_fanout_above}")
     elif s.store_address_map:
         raise ConfigError("store.address_map: only for a Redis store (set store.url)")
+    elif s.store_read_fanout_above is not None:
+        raise ConfigError("store.read_fanout_above: only for a Redis store (set store.url)")
     if s.durability not in ("sync", "os"):
         raise ConfigError(f"durability must be 'sync' or 'os', not {s.durability!r}")
     if s.log_level not in LOG_LEVELS:

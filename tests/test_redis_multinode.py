@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import signal
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 import pytest
 import trio
@@ -47,14 +47,15 @@ def _ns() -> str:
 class Nodes:
     """N `pimcore serve --store redis://...` processes on one namespace."""
 
-    def __init__(self, cluster: Any, tmp_path: Any, n: int) -> None:
+    def __init__(self, cluster: Any, tmp_path: Any, n: int, env: Optional[dict[str, str]] = None) -> None:
         self.cluster, self.tmp, self.n = cluster, tmp_path, n
+        self.env = env or {}
         self.ns = _ns()
         self.procs = ProcGroup()
         self.servers: list[Any] = []
 
     def start(self, i: int) -> Any:
-        env = {"PIMCORE_SECRET": SECRET.decode(), "PIMCORE_STORE_NAMESPACE": self.ns}
+        env = {"PIMCORE_SECRET": SECRET.decode(), "PIMCORE_STORE_NAMESPACE": self.ns, **self.env}
         server = self.procs.serve("--listen", "tcp://127.0.0.1:0", "--data-dir", self.tmp / f"node{i}",
                                   "--store", self.cluster.url, env=env)
         return server
@@ -172,12 +173,18 @@ class Traffic:
                 "duplicated": dup}
 
 
-async def test_three_nodes_one_to_one_and_group_traffic_exactly_once(redis_cluster, tmp_path) -> None:
+#: The group of the traffic tests (6 members) with write fan-out (the
+#: default threshold) and with read fan-out (threshold 2: "large").
+FANOUTS = pytest.mark.parametrize("fanout", [{}, {"PIMCORE_STORE_READ_FANOUT_ABOVE": "2"}], ids=["write", "read"])
+
+
+@FANOUTS
+async def test_three_nodes_one_to_one_and_group_traffic_exactly_once(redis_cluster, tmp_path, fanout) -> None:
     """6 users over 3 nodes (every 1:1 peer on another node), 1:1 and group
     traffic at once; then a second login of u0's device on another node
     closes the first with REPLACED (the device-to-node record and its hint)."""
     with trio.fail_after(180):
-        async with Nodes(redis_cluster, tmp_path, 3) as nodes:
+        async with Nodes(redis_cluster, tmp_path, 3, fanout) as nodes:
             t = Traffic(nodes, 6, 15)
             await _create_group(redis_cluster, nodes.ns, t.users)
             async with AsyncExitStack() as stack:
@@ -210,12 +217,13 @@ async def test_three_nodes_one_to_one_and_group_traffic_exactly_once(redis_clust
                                 break
 
 
-async def test_kill_9_of_a_node_under_load_loses_nothing(redis_cluster, tmp_path) -> None:
+@FANOUTS
+async def test_kill_9_of_a_node_under_load_loses_nothing(redis_cluster, tmp_path, fanout) -> None:
     """Node 0 is killed with SIGKILL mid-stream; its clients reconnect (the
     proxy now leads to node 1) and resume from their positions; the outbox
     sweep finishes fan-outs node 0 left half-done."""
     with trio.fail_after(240):
-        async with Nodes(redis_cluster, tmp_path, 3) as nodes:
+        async with Nodes(redis_cluster, tmp_path, 3, fanout) as nodes:
             t = Traffic(nodes, 6, 30)
             await _create_group(redis_cluster, nodes.ns, t.users)
             killed = trio.Event()

@@ -204,6 +204,12 @@ __all__ = ["RedisStore", "parse_url"]
 MEMBER = 1
 HAS_MESSAGES = 2
 
+#: Default of ``RedisStore(read_fanout_above=)``: groups with more members
+#: than this get read fan-out (members take entries from the conversation
+#: log at login) instead of an inbox write per member.  From
+#: bench/redis_groups.py; see docs/OPERATIONS.md "Large groups".
+READ_FANOUT_ABOVE = 100
+
 _HEAD = struct.Struct(">16sQQqqQB")
 
 log = logging.getLogger("pimcore.store.redis")
@@ -556,7 +562,8 @@ class RedisStore(AsyncStore):
 
     def __init__(self, nodes: Sequence[tuple[str, int]], *, namespace: str = "pim",
                  wait_ms: int = 2000, replicas: int = 1, settle: float = 10.0,
-                 address_map: Mapping[Address, Address] | Iterable[str] | str | None = None) -> None:
+                 address_map: Mapping[Address, Address] | Iterable[str] | str | None = None,
+                 read_fanout_above: int = READ_FANOUT_ABOVE) -> None:
         if not nodes:
             raise ValueError("no Redis node given")
         if not valid_id(namespace):
@@ -567,6 +574,10 @@ class RedisStore(AsyncStore):
             address_map = parse_address_map(address_map)
         self.address_map: dict[Address, Address] = {(h, int(p)): (dh, int(dp))
                                                      for (h, p), (dh, dp) in address_map.items()}
+        if type(read_fanout_above) is not int or read_fanout_above < 0:
+            raise ValueError(f"read_fanout_above must be an int >= 0, not {read_fanout_above!r}")
+        #: Groups with more members get read fan-out (ClusterOps.join_groups).
+        self.read_fanout_above = read_fanout_above
         self.nodes = list(nodes)
         self.ns = namespace
         self.wait_ms = wait_ms
@@ -1743,9 +1754,17 @@ class RedisStore(AsyncStore):
             return Rejected(ErrorCode.BAD_REQUEST)
         user = op.user
         uk = self._k_user(user)
+        listed = await self._conversations(tx, user)
+        if self.cluster is not None:
+            # Read fan-out: register this node's session in the user's groups,
+            # then take what large groups' logs hold for the user, BEFORE the
+            # head is read (the catch-up then covers them).  The list stays
+            # (a pull adds entries of listed conversations only).
+            await self.cluster.join_groups(user, [c for c in listed if direct_members(c) is None])
+            tx = _Tx(self)
         stored = await self._device(tx, user, op.device)
         convs = []
-        for conv in await self._conversations(tx, user):
+        for conv in listed:
             pair = direct_members(conv)
             peer = "" if pair is None else (pair[1] if pair[0] == user else pair[0])
             last = _int(await tx.get(self._k_conv(conv), "last"))

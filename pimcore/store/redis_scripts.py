@@ -549,14 +549,46 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[
 return 0
 """
 
+# The online members of a group under read fan-out: KEYS: the group's
+# online-member hash (field user -> the node ids where the user registered,
+# space-separated).  ONSET ARGV: user, node...: add the nodes.  ONDEL ARGV:
+# user, node: remove one (the field goes with its last node).
+ONSET = """
+local have = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+local set = {}
+for n in string.gmatch(have, '%S+') do set[n] = true end
+local changed = false
+for i = 2, #ARGV do
+  if not set[ARGV[i]] then set[ARGV[i]] = true changed = true end
+end
+if not changed then return 0 end
+local out = {}
+for n in pairs(set) do out[#out + 1] = n end
+table.sort(out)
+redis.call('HSET', KEYS[1], ARGV[1], table.concat(out, ' '))
+return 1
+"""
+
+ONDEL = """
+local have = redis.call('HGET', KEYS[1], ARGV[1])
+if not have then return 0 end
+local out = {}
+for n in string.gmatch(have, '%S+') do if n ~= ARGV[2] then out[#out + 1] = n end end
+if #out == 0 then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], table.concat(out, ' ')) end
+return 1
+"""
+
 _SCRIPTS = {name: globals()[name] for name in (
     "CLAIM", "SEND", "AMEND", "DELETE", "SETCONV", "CREATE", "CHANGE", "FANOUT", "FLAG", "REGISTER", "MAXSET", "BUMP", "EVACK", "EVENT", "RECLAIM",
-    "EVRECLAIM", "ONLINE", "OFFLINE")}
+    "EVRECLAIM", "ONLINE", "OFFLINE", "ONSET", "ONDEL")}
 
 _MEMBER, _HAS_MESSAGES = 1, 2
 log = logging.getLogger("pimcore.store.redis")
 _HINT_CAP = 10_000  # a node's hint list is trimmed to this many (a dead node's stops growing)
 _HINT_BULK = 1_000  # hints taken per LPOP after a BLPOP returned one
+_PULL_CHUNK = 500  # log entries per FANOUT when a member pulls a large group
+_PULL_TICKS = 10  # re-checks between two periodic pulls of the online users' groups
+_GROUPS_CAP = 100_000  # users whose registered groups a node keeps
 
 
 class DataLost(StoreError):
@@ -712,6 +744,12 @@ class ClusterOps:
         self._inflight = 0
         self._overlap = False
         self._raw: dict[tuple[str, int], _RawConn] = {}
+        #: user -> the groups registered for this node's sessions of the user
+        #: (what device_offline takes back, what the periodic pull walks).
+        #: Bounded: a login that loaded its groups but never came online is
+        #: forgotten first when it reaches _GROUPS_CAP users.
+        self.groups: dict[str, tuple[str, ...]] = {}
+        self._ticks = 0
 
     # ------------------------------------------------------------- plumbing
 
@@ -739,6 +777,15 @@ class ClusterOps:
 
     def outbox_key(self, conv: str) -> str:
         return self.s._k_conv(conv) + ":ob"
+
+    def on_key(self, conv: str) -> str:
+        """The group's online members: user -> node ids (ONSET/ONDEL)."""
+        return self.s._k_conv(conv) + ":onm"
+
+    def reads_log(self, conv: str, members: int) -> bool:
+        """Read fan-out for an entry of ``conv`` with ``members`` recipients?
+        Groups above the store's ``read_fanout_above`` (1:1 never)."""
+        return members > self.s.read_fanout_above and direct_members(conv) is None
 
     async def load(self) -> None:
         """Load every script (SCRIPT LOAD on each master: EVALSHA needs it
@@ -1257,8 +1304,25 @@ class ClusterOps:
         for user in members:
             rnd.script("FLAG", (s._k_user(user),), (op.conv, _MEMBER, "1"))
             rnd.hset(s._users, user, b"1")
-        await self.run(rnd)
+            rnd.raw(self.online_key(user), "HVALS", self.online_key(user))
+        answers = await self.run(rnd)
+        # Members online now logged in before the group existed: register
+        # them (read fan-out writes entries only for registered members).
+        reg = _Round()
+        for user, nodes in zip(members, answers[2::3]):
+            if nodes:
+                self._registered(reg, op.conv, user, nodes)
+        await self.run(reg, wait=False)
         return GroupChanged(op.conv, tuple(members))
+
+    def _registered(self, rnd: _Round, conv: str, user: str, nodes: Any) -> None:
+        """Add to ``rnd`` the registration of ``user`` (online on ``nodes``,
+        an HVALS answer of its online record) in group ``conv``, and note it
+        for this node's own sessions of the user."""
+        rnd.script("ONSET", (self.on_key(conv),), (user, *sorted({n.decode() if isinstance(n, bytes) else n
+                                                                    for n in nodes})))
+        if user in self.online and conv not in self.groups.get(user, ()):
+            self.groups[user] = self.groups.get(user, ()) + (conv,)
 
     async def _change_members(self, op: Any) -> Result:
         from .redis import _enc_msg
@@ -1392,7 +1456,13 @@ class ClusterOps:
         it before (if another) to close its session (REPLACED).  A login older
         than the device's recorded one (it reached the cluster late: this
         node was cut off) records nothing and closes nothing."""
+        first = user not in self.online
         self.online.setdefault(user, set()).add(device)
+        if first and user in self.groups:
+            # LoadSession registered and pulled; a logout of the user's
+            # previous session here may have taken the registration back
+            # since (ONDEL after ONSET): register again.
+            await self.join_groups(user, self.groups[user])
         if at is None:
             import time as _time
 
@@ -1469,12 +1539,97 @@ class ClusterOps:
 
     async def device_offline(self, user: str, device: str) -> None:
         devs = self.online.get(user)
+        gone = False
         if devs is not None:
             devs.discard(device)
             if not devs:
                 del self.online[user]
                 self._sv.pop(user, None)
+                gone = True
         await self.run(self._one("OFFLINE", self.online_key(user), (device, self.node_hex)), wait=False)
+        if gone and user in self.groups:
+            # The user's last session here ended: read fan-out stops writing
+            # to the user for this node (a stale registration would only
+            # cost writes, never lose a message).
+            rnd = _Round()
+            for conv in self.groups.pop(user):
+                rnd.script("ONDEL", (self.on_key(conv),), (user, self.node_hex))
+            await self.run(rnd, wait=False)
+
+    # -- read fan-out (large groups) ------------------------------------------
+    #
+    # A group above ``read_fanout_above`` members gets read fan-out: a send
+    # writes the conversation log (SEND) and inbox entries only for the
+    # sender and the members registered online in the group's online-member
+    # hash (on_key); everyone else takes the entries from the log when they
+    # next log in (LoadSession pulls before it reads the inbox head).  Why
+    # nothing is lost: a session registers (ONSET) BEFORE it pulls, and a
+    # fan-out reads the registrations AFTER its SEND committed the seq; so a
+    # fan-out that did not see the registration ran its SEND before the pull
+    # read ``last``, and the pull delivers that seq.  FANOUT is idempotent per
+    # (user, conversation, seq) (the ``ld:`` record), so a pull racing a
+    # fan-out gives each entry one position.  The periodic pull (every
+    # _PULL_TICKS re-checks) bounds what a lost registration (a failover,
+    # a logout racing a login on this node) can delay.
+
+    async def join_groups(self, user: str, convs: Sequence[str]) -> None:
+        """Register ``user`` online on this node in each group of ``convs``
+        (ONSET), then :meth:`pull`.  Two rounds; no-op without groups."""
+        if not convs:
+            self.groups.pop(user, None)
+            return
+        if user not in self.groups and len(self.groups) >= _GROUPS_CAP:
+            for stale in [u for u in self.groups if u not in self.online][:_GROUPS_CAP // 10 or 1]:
+                del self.groups[stale]
+        self.groups[user] = tuple(convs)
+        rnd = _Round()
+        for conv in convs:
+            rnd.script("ONSET", (self.on_key(conv),), (user, self.node_hex))
+        await self.run(rnd, wait=False)
+        await self.pull(user, convs)
+
+    async def pull(self, user: str, convs: Sequence[str]) -> int:
+        """Give ``user`` the inbox entries of ``convs`` it lacks: every seq
+        above its last delivered one (``ld:``) up to the last it may see
+        (membership spans), from the conversation log, at most _PULL_CHUNK
+        per FANOUT.  Returns how many entries were added.  Cost: one
+        pipelined read round, then one FANOUT per chunk (+ its WAIT)."""
+        from .redis import _Tx, _dec_spans, _int
+
+        s = self.s
+        tx = _Tx(s)
+        uk = s._k_user(user)
+        needs: dict[str, set[str]] = {uk: {"ld:" + c for c in convs}}
+        for c in convs:
+            needs.setdefault(s._k_conv(c), set()).update(("last", "hf", "sp:" + user))
+        await tx.prefetch(needs)
+        todo: list[list[Any]] = []
+        for c in convs:
+            ck = s._k_conv(c)
+            top = last_visible(_dec_spans(await tx.get(ck, "sp:" + user)), _int(await tx.get(ck, "last")))
+            ld = await tx.get(uk, "ld:" + c)
+            lseq = int(ld.split(b":")[0]) if ld else 0
+            # Below the history floor retention or a purge removed them all.
+            start = max(lseq, _int(await tx.get(ck, "hf")))
+            if top > start:
+                todo.append([c, start, top])
+        added = 0
+        while todo:
+            fan = _Fanout(self)
+            positions: dict[tuple[str, int], list[tuple[str, int]]] = {}
+            hints, new_users = _Round(), _Round()
+            gaps: list[tuple[str, str, int, list, int]] = []
+            for item in todo:
+                c, start, top = item
+                end = min(top, start + _PULL_CHUNK)
+                gaps.append((user, c, start, [], end + 1))
+                item[1] = end
+            await fan._backfill(gaps, positions, hints, new_users)
+            added += sum(len(v) for v in positions.values())
+            await self.run(new_users)
+            await self.run(hints, wait=False)
+            todo = [item for item in todo if item[1] < item[2]]
+        return added
 
     async def hints(self, deliver: Callable[[str, str, Any], None], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run forever: take this node's hints (BLPOP on its list) and hand
@@ -1554,6 +1709,20 @@ class ClusterOps:
                 rows = await read()
             except Exception:
                 continue
+            self._ticks += 1
+            if self._ticks % _PULL_TICKS == 0:
+                # Read fan-out's safety net (see join_groups): the entries a
+                # lost registration kept from this node's online users.
+                for user in users:
+                    if user in self.groups and user in self.online:
+                        try:
+                            await self.pull(user, self.groups[user])
+                        except Exception:
+                            pass  # the next round tries again
+                try:
+                    rows = await read()
+                except Exception:
+                    continue
             changed: list[tuple[str, int, int]] = []
             for user, (head, sv) in zip(users, rows):
                 if head is not None:
@@ -1800,11 +1969,33 @@ class _Fanout:
             return {}
         rnd = self.extra
         calls: list[tuple[int, str, str, list[tuple[int, str]]]] = []
+        # Read fan-out (large groups, see ClusterOps.join_groups): entries
+        # only for the members registered online, read AFTER the SEND that
+        # took the seq (the ordering the no-loss argument needs).
+        big = sorted({m.conv for m, recipients, _, _ in self.msgs if ops.reads_log(m.conv, len(recipients))})
+        online: dict[str, set[str]] = {}
+        if big:
+            rnd0 = _Round()
+            for c in big:
+                rnd0.raw(ops.on_key(c), "HKEYS", ops.on_key(c))
+            for c, ans in zip(big, await ops.run(rnd0, wait=False)):
+                online[c] = {k.decode() if isinstance(k, bytes) else k for k in ans or ()}
+        # JOINED entries: (conv, user).  A member added while online is
+        # registered where its sessions are, whatever the group's size now
+        # (it may grow past the threshold later; else the member would see
+        # the group's messages only at its next login).
+        joined = {(m.conv, m.sender) for m, _, _, _ in self.msgs if m.kind == MessageKind.JOINED}
         # One FANOUT per (recipient, message), in the batch's order (one
         # pipeline per master runs them in that order: positions follow it).
         for m, recipients, event, dedupe in self.msgs:
             ref = f"{m.seq}:{m.server_time}:{m.conv}"
-            for user in recipients:
+            targets = recipients
+            if m.conv in online:
+                # The sender (its own entry, the dedupe record; the subject of
+                # a JOINED/LEFT entry) always; the online members.
+                here = online[m.conv]
+                targets = [u for u in recipients if u in here or u == m.sender]
+            for user in targets:
                 df, dv = (dedupe[1], dedupe[2]) if dedupe is not None and dedupe[0] == user else ("", b"")
                 idx = rnd.script("FANOUT", (s._k_user(user), ops.online_key(user)), (m.conv, "0", df, dv, m.seq, ref))
                 calls.append((idx, user, m.conv, [(m.seq, ref)]))
@@ -1832,7 +2023,9 @@ class _Fanout:
                 g[3].extend(items)
                 continue
             self._took(ans, user, conv, positions, hints, new_users)
-        gaps = [(u, c, lseq, sorted(items)) for u, c, lseq, items in gapped.values()]
+            if (conv, user) in joined and ans[2]:
+                ops._registered(hints, conv, user, ans[2])
+        gaps = [(u, c, lseq, sorted(items), min(items)[0]) for u, c, lseq, items in gapped.values()]
         if gaps:
             await self._backfill(gaps, positions, hints, new_users)
         await ops.run(new_users)
@@ -1870,9 +2063,8 @@ class _Fanout:
         ops, s = self.ops, self.ops.s
         rnd = _Round()
         calls = []
-        for user, conv, lseq, items in gaps:
+        for user, conv, lseq, items, first in gaps:
             tx = _Tx(s)
-            first = items[0][0]
             pair = direct_members(conv)
             spans = ((0, OPEN),) if pair is not None else _dec_spans(await tx.get(s._k_conv(conv), "sp:" + user))
             ranges = member_ranges(spans)
@@ -1888,6 +2080,8 @@ class _Fanout:
                 m = _dec_msg(b)
                 full.append((q, f"{q}:{m.server_time}:{conv}"))
             full.extend(items)
+            if not full:
+                continue  # all removed: nothing to deliver
             calls.append((rnd.script("FANOUT", (s._k_user(user), ops.online_key(user)),
                                      (conv, "1", "", "", *[x for it in full for x in it])), user, conv))
         answers = await ops.run(rnd)
