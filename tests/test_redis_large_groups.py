@@ -298,3 +298,28 @@ def test_read_fanout_gives_every_member_the_entries_the_memory_store_gives(redis
             check(user)
     finally:
         redis.close()
+
+
+async def test_a_purged_user_leaves_no_registration_delivery_record_or_change_list(redis_cluster, tmp_path) -> None:
+    """PurgeUser over Redis removes what read fan-out and the re-check keep
+    about the user: its online registrations in groups, its last delivered
+    seq per conversation (``ld:``), its change list (but the revocation the
+    purge makes, which other nodes must see)."""
+    with trio.fail_after(90):
+        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+            await nodes[0].create_group("g:gone", ["ann", "bob", "cat"])
+            ann = await login(stack, nodes[0], "ann")
+            bob = await login(stack, nodes[1], "bob")
+            store = nodes[0].server.store
+            cluster = store.cluster
+            while not await store._r.hvals(cluster.online_key("bob")):
+                await trio.sleep(0.02)
+            await ann.send("g:gone", b"hi")
+            await take(bob, "g:gone", 1)
+            await nodes[1].set_conversation("bob", "g:gone", pinned=True)
+            assert await store._r.hget(cluster.on_key("g:gone"), "bob") is not None
+            await nodes[0].purge_user("bob")
+            assert await store._r.hget(cluster.on_key("g:gone"), "bob") is None
+            fields = await store._r.hkeys(store._k_user("bob"))
+            assert not [f for f in fields if f.startswith(b"ld:")], fields
+            assert list(await store._r.zrange(cluster.change_key("bob"), 0, -1)) == [b"rv:"]

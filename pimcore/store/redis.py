@@ -1563,8 +1563,10 @@ class RedisStore(AsyncStore):
                 tx.delete(uk, f)
                 if direct_members(f[3:]) is None:
                     tx.delete(self._k_conv(f[3:]), "sp:" + user)
-            elif f.startswith(("cs:", "del:")) or f == "pv":
-                tx.delete(uk, f)  # the user's settings, deletions for themselves, privacy
+            elif f.startswith(("cs:", "del:", "ld:")) or f == "pv":
+                # The user's settings, deletions for themselves, last seq
+                # delivered per conversation, privacy.
+                tx.delete(uk, f)
         head = _int(fields.get("head"))
         if _int(fields.get("floor")) != head:
             tx.put(uk, "floor", head)
@@ -1575,6 +1577,13 @@ class RedisStore(AsyncStore):
             from .redis_scripts import _Round
 
             rnd = _Round()
+            # What other nodes' re-checks would read of the purged state goes
+            # (the revocation below is listed again), and so do the user's
+            # registrations as online in groups (read fan-out).
+            rnd.raw(self.cluster.change_key(user), "DEL", self.cluster.change_key(user))
+            for f in fields:
+                if f.startswith("cv:") and direct_members(f[3:]) is None:
+                    rnd.hdel(self.cluster.on_key(f[3:]), user)
             rnd.script("MAXSET", (uk, self.cluster.change_key(user)), ("rv:", op.now, 1 << 62))
             await self.cluster.run(rnd)
         elif _int(fields.get("rv:")) < op.now:
