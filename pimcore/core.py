@@ -3092,7 +3092,17 @@ class Broker:
                 code = res.code if isinstance(res, Rejected) else ErrorCode.INTERNAL
                 self._error(asker, code, 0, f"PresencePrivacy: {code.name.lower()}", out)
             return
-        user, hide = res.user, res.hide_last_seen
+        self._privacy_changed(res.user, res.hide_last_seen, asker, out)
+
+    def privacy_elsewhere(self, user: str, hide_last_seen: bool, now: int) -> list[Command]:
+        """Cluster hint: ``user``'s last-seen privacy setting was set on
+        another node (durably).  Their devices online here and the
+        watchers here hear it as for a change made on this node."""
+        out: list[Command] = []
+        self._privacy_changed(user, hide_last_seen, None, out)
+        return out
+
+    def _privacy_changed(self, user: str, hide: bool, asker: Optional[int], out: list[Command]) -> None:
         frame = F.PresencePrivacy(2 if hide else 1)
         # The asker first, then the user's other devices (their settings
         # screens stay in sync).

@@ -167,3 +167,21 @@ def test_a_periodic_check_corrects_lost_hints_and_dead_nodes(store):
     h.run(h.broker.presence_checked({"carol": frozenset()}, h.now))
     assert changes(h, alice) == []
     del carol
+
+
+def test_a_privacy_hint_reaches_the_users_devices_and_the_watchers_here(store):
+    h = shared(store)
+    h.create_group("g", ["alice", "bob"])
+    alice, bob = h.login("alice", "p"), h.login("bob", "phone")
+    assert sub(h, alice, 1, "bob") == [("bob", ONLINE, 0)]
+    h.take(bob)
+    # bob hid his last-seen time on another node: his device here hears it
+    # (settings screens in sync); while he is online, watchers see no change.
+    h.run(h.broker.privacy_elsewhere("bob", True, h.now))
+    assert h.take(bob, F.PresencePrivacy) == [F.PresencePrivacy(2)]
+    assert changes(h, alice) == []
+    h.lose(bob)
+    assert changes(h, alice) == [("bob", OFFLINE, 0)]
+    # Shown again while offline: the watchers get the time back at once.
+    h.run(h.broker.privacy_elsewhere("bob", False, h.now))
+    assert changes(h, alice) == [("bob", OFFLINE, h.now)]
