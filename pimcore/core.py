@@ -959,6 +959,7 @@ class Broker:
         # re-check, a PresenceSub's read), they have a device online.  Kept
         # only while watched here (bounded like _pres_watch).
         self._pres_remote: dict[str, frozenset[str]] = {}
+        self._pres_hinted: dict[str, int] = {}  # watched user -> µs of the last presence hint about them
         #: True when other nodes share the store (BrokerServer sets it over a
         #: RedisStore): a Typing relayed here is also handed on for them
         #: (TypingElsewhere).  False: one node, nothing more is emitted.
@@ -3025,6 +3026,7 @@ class Broker:
             self._pres_told.pop(user, None)
             self._pres_dirty.discard(user)
             self._pres_remote.pop(user, None)
+            self._pres_hinted.pop(user, None)
 
     def _remember_seen(self, user: str, when: int) -> None:
         seen = self._pres_seen
@@ -3171,21 +3173,24 @@ class Broker:
         ignored (nothing is kept)."""
         out: list[Command] = []
         if user in self._pres_watch:
+            self._pres_hinted[user] = now
             nodes = self._pres_remote.get(user, frozenset())
             self._set_remote(user, nodes | {node} if online else nodes - {node}, at)
         self._maybe_commit(out, now)
         return out
 
-    def presence_checked(self, states: "dict[str, frozenset[str]]", now: int) -> list[Command]:
+    def presence_checked(self, states: "dict[str, frozenset[str]]", asked: int, now: int) -> list[Command]:
         """Cluster re-check: for users watched here, the other nodes where
-        the store has a device of theirs online now (live nodes only), as
-        the host read them for :meth:`presence_watched`.  Replaces what
-        hints said (a lost one is repaired); a user found offline
-        everywhere who was online gets ``now`` as their last-seen time.
-        Users not watched (any more) are ignored."""
+        the store has a device of theirs online (live nodes only), as the
+        host read them for :meth:`presence_watched` from ``asked`` (µs, this
+        clock) on.  Replaces what hints said (a lost one is repaired),
+        except for a user a hint came about since ``asked`` (the read may
+        predate it); a user found offline everywhere who was online gets
+        ``now`` as their last-seen time.  Users not watched (any more) are
+        ignored."""
         out: list[Command] = []
         for user, nodes in states.items():
-            if user in self._pres_watch:
+            if user in self._pres_watch and self._pres_hinted.get(user, asked - 1) < asked:
                 self._set_remote(user, frozenset(nodes), now)
         self._maybe_commit(out, now)
         return out

@@ -155,18 +155,29 @@ def test_a_periodic_check_corrects_lost_hints_and_dead_nodes(store):
     assert sub(h, alice, 1, "bob", "carol") == [("bob", OFFLINE, 0), ("carol", OFFLINE, 0)]
     assert sorted(h.broker.presence_watched()) == ["bob", "carol"]
     # bob's "online" hint was lost: the check finds him on n2.
-    h.run(h.broker.presence_checked({"bob": frozenset({"n2"}), "carol": frozenset(), "mallory": frozenset({"n2"})}, h.now))
+    h.run(h.broker.presence_checked({"bob": frozenset({"n2"}), "carol": frozenset(), "mallory": frozenset({"n2"})}, h.now, h.now))
     assert changes(h, alice) == [("bob", ONLINE, 0)]
     # n2 died without a word: the next check no longer counts it.
     h.advance(SECOND)
-    h.run(h.broker.presence_checked({"bob": frozenset(), "carol": frozenset()}, h.now))
+    h.run(h.broker.presence_checked({"bob": frozenset(), "carol": frozenset()}, h.now, h.now))
     assert changes(h, alice) == [("bob", OFFLINE, h.now)]
     # A user online here stays online whatever the others say.
     carol = h.login("carol", "p")
     assert changes(h, alice) == [("carol", ONLINE, 0)]
-    h.run(h.broker.presence_checked({"carol": frozenset()}, h.now))
+    h.run(h.broker.presence_checked({"carol": frozenset()}, h.now, h.now))
     assert changes(h, alice) == []
     del carol
+    # A hint that came while a check was reading wins over the check's
+    # older answer; the next check counts again.
+    asked = h.now
+    h.advance(1000)
+    h.run(h.broker.presence_elsewhere("bob", "n3", True, h.now, h.now))
+    assert changes(h, alice) == [("bob", ONLINE, 0)]
+    h.run(h.broker.presence_checked({"bob": frozenset()}, asked, h.now))
+    assert changes(h, alice) == []
+    h.advance(SECOND)
+    h.run(h.broker.presence_checked({"bob": frozenset()}, h.now, h.now))
+    assert changes(h, alice) == [("bob", OFFLINE, h.now)]
 
 
 def test_a_privacy_hint_reaches_the_users_devices_and_the_watchers_here(store):

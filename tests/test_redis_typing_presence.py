@@ -88,6 +88,8 @@ async def test_typing_on_one_node_reaches_the_members_on_another(redis_cluster, 
             dave = await login(stack, nodes[1], "dave")  # a member of nothing
             for user in ("alice", "bob", "carol", "dave"):
                 await recorded(nodes[0], user, 1)
+            # The host's view on node 0 (nobody subscribed there) counts node 1.
+            assert (await nodes[0].presence("carol")).online
             # 1:1: bob (node 1) sees alice (node 0) typing, then a message
             # from her ends it.
             assert await alice.typing(AB) is True
@@ -123,10 +125,12 @@ async def test_presence_of_a_user_on_another_node(redis_cluster, tmp_path) -> No
                 await recorded(nodes[0], "bob", 1)
                 got = await alice.subscribe_presence(["bob"])
                 assert got["bob"].state == ONLINE  # the answer counts node 1
+                assert (await nodes[0].presence("bob")).online  # and so does the host's view
                 del bob
             # bob's only device leaves node 1: offline, with the time.
             ev = await first(alice, presence_of("bob", OFFLINE))
             assert ev.last_seen > 0
+            assert not (await nodes[0].presence("bob")).online
             async with AsyncExitStack() as bobs:
                 await login(bobs, nodes[1], "bob", "laptop")
                 await first(alice, presence_of("bob", ONLINE))

@@ -1370,12 +1370,13 @@ class BrokerServer:
         while True:
             await trio.sleep(cluster.presence_every)
             users = self.broker.presence_watched()
+            asked = self.now()
             try:
                 states = await cluster.presence_refresh(users)
             except StoreError:
                 continue
             if states:
-                self._run(self._core(self.broker.presence_checked, states))
+                self._run(self._core(self.broker.presence_checked, states, asked))
 
     async def _timer(self) -> None:
         """Sleep until the core's next deadline, then tell it the time.  _run

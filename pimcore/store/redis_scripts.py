@@ -1550,7 +1550,7 @@ class ClusterOps:
         while not self.s._closed:
             try:
                 await self._beat()
-            except StoreError:
+            except Exception:
                 pass  # the key lives node_ttl: four more tries before it lapses
             await trio.sleep(self.node_ttl / 5)
 
