@@ -3195,6 +3195,24 @@ class Broker:
         self._maybe_commit(out, now)
         return out
 
+    def presence_nodes_gone(self, nodes: Iterable[str], now: int) -> list[Command]:
+        """Cluster liveness check: ``nodes`` (other nodes' ids) are no longer
+        live (their liveness key expired: they died without cleanup, or lost
+        the store for that long).  Watched users online only there go
+        offline, last seen ``now``."""
+        out: list[Command] = []
+        gone = frozenset(nodes)
+        for user, where in list(self._pres_remote.items()):
+            if not gone.isdisjoint(where):
+                self._set_remote(user, where - gone, now)
+        self._maybe_commit(out, now)
+        return out
+
+    def presence_nodes(self) -> set[str]:
+        """The other nodes some watched user is online on, as known here:
+        what the host checks for liveness (:meth:`presence_nodes_gone`)."""
+        return set().union(*self._pres_remote.values())
+
     def presence_watched(self) -> list[str]:
         """Users some presence subscription here watches (and may see): what
         the host re-checks on the other nodes (:meth:`presence_checked`)."""

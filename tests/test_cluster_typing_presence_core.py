@@ -196,3 +196,22 @@ def test_a_privacy_hint_reaches_the_users_devices_and_the_watchers_here(store):
     # Shown again while offline: the watchers get the time back at once.
     h.run(h.broker.privacy_elsewhere("bob", False, h.now))
     assert changes(h, alice) == [("bob", OFFLINE, h.now)]
+
+
+def test_nodes_found_dead_take_their_users_offline(store):
+    h = shared(store)
+    h.create_group("g", ["alice", "bob", "carol"])
+    alice = h.login("alice", "p")
+    sub(h, alice, 1, "bob", "carol")
+    h.run(h.broker.presence_elsewhere("bob", "n2", True, h.now, h.now))
+    h.run(h.broker.presence_elsewhere("carol", "n2", True, h.now, h.now))
+    h.run(h.broker.presence_elsewhere("carol", "n3", True, h.now, h.now))
+    assert sorted(changes(h, alice)) == [("bob", ONLINE, 0), ("carol", ONLINE, 0)]
+    assert h.broker.presence_nodes() == {"n2", "n3"}
+    h.advance(SECOND)
+    h.run(h.broker.presence_nodes_gone({"n2", "n9"}, h.now))
+    assert changes(h, alice) == [("bob", OFFLINE, h.now)]  # carol is still on n3
+    assert h.broker.presence_nodes() == {"n3"}
+    # Unsubscribed: nothing is kept about anyone.
+    sub(h, alice, 2)
+    assert h.broker.presence_nodes() == set() and h.broker.presence_watched() == []

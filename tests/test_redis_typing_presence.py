@@ -188,6 +188,22 @@ async def test_a_device_replaced_by_its_own_login_is_no_change_on_another_node(r
             assert alice.presence["bob"].state == ONLINE
 
 
+async def test_a_lost_presence_hint_is_repaired_by_the_recheck(redis_cluster, tmp_path) -> None:
+    with trio.fail_after(60):
+        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+            await nodes[0].create_group("team", ["alice", "bob"])
+            store = nodes[0].server.store
+            ops = store.cluster
+            ops.presence_recheck = 2.0  # (10 s by default)
+            alice = await login(stack, nodes[0], "alice")
+            got = await alice.subscribe_presence(["bob"])
+            assert got["bob"].state == OFFLINE
+            # bob logged in on a live node whose P hint was lost.
+            await store._r.set(ops.alive_key("00cc00cc00cc00cc"), "1", px=30000)
+            await store._r.hset(ops.online_key("bob"), {"phone": "00cc00cc00cc00cc"})
+            await first(alice, presence_of("bob", ONLINE), timeout=15)
+
+
 def test_typing_presence_and_privacy_hints_parse() -> None:
     from pimcore.store.redis_scripts import _parse_hint
 

@@ -1362,21 +1362,35 @@ class BrokerServer:
             await cluster.tell_typing(t.user, t.conv, t.active, t.recipients, t.at)
 
     async def _presence_recheck(self, cluster: Any) -> None:
-        """Every ``cluster.presence_every`` s: re-read where the users
-        watched here are online on other (live) nodes and tell the core
-        (Broker.presence_checked).  This repairs a lost presence hint and
-        drops a node that died without cleanup once its liveness key
-        expired; it also renews this node's watch registrations."""
+        """Every ``cluster.presence_every`` s: check that the other nodes
+        the users watched here are online on are still live, and tell the
+        core those that are not (Broker.presence_nodes_gone: a node that
+        died without cleanup stops counting once its liveness key
+        expired).  Every ``cluster.presence_recheck`` s instead: re-read
+        where every watched user is online (Broker.presence_checked),
+        which repairs a lost presence hint and renews this node's watch
+        registrations."""
+        b = self.broker
+        since = 0.0
         while True:
             await trio.sleep(cluster.presence_every)
-            users = self.broker.presence_watched()
-            asked = self.now()
+            since += cluster.presence_every
             try:
-                states = await cluster.presence_refresh(users)
+                if since >= cluster.presence_recheck:
+                    since = 0.0
+                    users = b.presence_watched()
+                    asked = self.now()
+                    states = await cluster.presence_refresh(users)
+                    if states:
+                        self._run(self._core(b.presence_checked, states, asked))
+                else:
+                    nodes = b.presence_nodes()
+                    if nodes:
+                        gone = nodes - await cluster.live_nodes(nodes)
+                        if gone:
+                            self._run(self._core(b.presence_nodes_gone, gone))
             except StoreError:
                 continue
-            if states:
-                self._run(self._core(self.broker.presence_checked, states, asked))
 
     async def _timer(self) -> None:
         """Sleep until the core's next deadline, then tell it the time.  _run

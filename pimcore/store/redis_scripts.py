@@ -694,10 +694,13 @@ class ClusterOps:
         #: lives, so a node that died without cleanup shows its users online
         #: for at most node_ttl + presence_every s.  A node watching a user
         #: for a presence subscription registers in watch_key (node ->
-        #: registered until, µs; watch_ttl s, renewed at half) and re-reads
-        #: every watched user every presence_every s (BrokerServer).
+        #: registered until, µs; watch_ttl s, renewed at half); BrokerServer
+        #: checks the liveness of the nodes its watched users are on every
+        #: presence_every s, and re-reads every watched user every
+        #: presence_recheck s (repairing lost hints, renewing registrations).
         self.node_ttl = 10.0
         self.presence_every = 1.0
+        self.presence_recheck = 10.0
         self.watch_ttl = 60.0
         self._watching: dict[str, int] = {}  # user -> registered here until (µs)
 
@@ -1568,14 +1571,19 @@ class ClusterOps:
         if any(isinstance(a, _ReplyError) for a in answers):
             raise StoreError("device-to-node records unreadable")
         nodes = {u: self._others(ans) for u, ans in zip(users, answers)}
-        every = sorted(set().union(*nodes.values()))
+        alive = await self.live_nodes(set().union(*nodes.values()))
+        return {u: frozenset(ns & alive) for u, ns in nodes.items()}
+
+    async def live_nodes(self, nodes: "set[str] | Sequence[str]") -> set[str]:
+        """Those of ``nodes`` whose liveness key exists: one round of
+        ``EXISTS`` (none for no nodes).  StoreError if unreachable."""
+        every = sorted(nodes)
         if not every:
-            return {u: frozenset() for u in users}
+            return set()
         rnd = _Round()
         for n in every:
             rnd.raw(self.alive_key(n), "EXISTS", self.alive_key(n))
-        alive = {n for n, ans in zip(every, await self.run(rnd, wait=False)) if ans}
-        return {u: frozenset(ns & alive) for u, ns in nodes.items()}
+        return {n for n, ans in zip(every, await self.run(rnd, wait=False)) if ans == 1}
 
     async def watch(self, users: Sequence[str], *, more: bool = False) -> None:
         """Register this node as watching ``users`` (watch_key, for
