@@ -126,6 +126,11 @@ async def test_presence_of_a_user_on_another_node(redis_cluster, tmp_path) -> No
                 got = await alice.subscribe_presence(["bob"])
                 assert got["bob"].state == ONLINE  # the answer counts node 1
                 assert (await nodes[0].presence("bob")).online  # and so does the host's view
+                # node 0 registered as watching bob (for a limited time), so
+                # node 1 pushes bob's changes there.
+                ops = nodes[0].server.store.cluster
+                assert await nodes[0].server.store._r.hexists(ops.watch_key("bob"), ops.node_hex)
+                assert 0 < await nodes[0].server.store._r.pttl(ops.watch_key("bob")) <= 60_000
                 del bob
             # bob's only device leaves node 1: offline, with the time.
             ev = await first(alice, presence_of("bob", OFFLINE))

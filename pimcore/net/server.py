@@ -1359,7 +1359,10 @@ class BrokerServer:
         """Push the core's TypingElsewhere to the other nodes, in order (a
         "stopped" must not overtake its "typing")."""
         async for t in typing_out:
-            await cluster.tell_typing(t.user, t.conv, t.active, t.recipients, t.at)
+            try:
+                await cluster.tell_typing(t.user, t.conv, t.active, t.recipients, t.at)
+            except Exception:  # best effort, never what stops the broker
+                log.warning("typing of %s in %s not pushed to the other nodes", t.user, t.conv, exc_info=True)
 
     async def _presence_recheck(self, cluster: Any) -> None:
         """Every ``cluster.presence_every`` s: check that the other nodes
@@ -1390,7 +1393,9 @@ class BrokerServer:
                         if gone:
                             self._run(self._core(b.presence_nodes_gone, gone))
             except StoreError:
-                continue
+                continue  # the cluster is unreachable: the next round tries again
+            except Exception:  # best effort, never what stops the broker
+                log.warning("presence re-check failed", exc_info=True)
 
     async def _timer(self) -> None:
         """Sleep until the core's next deadline, then tell it the time.  _run

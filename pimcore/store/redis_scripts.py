@@ -1541,8 +1541,8 @@ class ClusterOps:
             for node, rs in sorted(per_node.items()):
                 rnd.push(self.hint_key(node), f"T {user} {conv} {1 if active else 0} {at} {' '.join(rs)}".encode())
             await self.run(rnd, wait=False)
-        except StoreError:
-            pass
+        except (StoreError, TypeError):
+            pass  # TypeError: an error reply in place of a record
 
     async def _beat(self) -> None:
         rnd = _Round()
@@ -1602,7 +1602,11 @@ class ClusterOps:
             until = old.get(u, 0)
             if until - now < ttl // 2:
                 until = now + ttl
-                rnd.hset(self.watch_key(u), self.node_hex, until)
+                wk = self.watch_key(u)
+                rnd.hset(wk, self.node_hex, until)
+                # A record nobody renews goes away whole (dead nodes' fields
+                # are also deleted by tell_presence as it meets them).
+                rnd.raw(wk, "PEXPIRE", wk, ttl // 1000)
             self._watching[u] = until
         try:
             await self.run(rnd, wait=False)
@@ -1630,8 +1634,8 @@ class ClusterOps:
             nursery.start_soon(self._epoch_loop)
             try:
                 await self._beat()  # alive before the first login here
-            except StoreError:
-                pass
+            except Exception:
+                pass  # _alive_loop tries again
             nursery.start_soon(self._alive_loop)
             task_status.started()
             await self._hint_loop(deliver)
