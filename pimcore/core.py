@@ -833,6 +833,9 @@ _send_data = _impl.record_maker(SendData)
 #: backstop; membership changes through this core update it at once).
 _TYPING_CACHE_MAX = 4096
 _TYPING_CACHE_TTL = 30 * SECOND
+#: The same when other nodes share the store (relay_elsewhere): their
+#: membership changes reach this cache only through it expiring.
+_TYPING_CACHE_TTL_SHARED = 3 * SECOND
 #: Users whose last-seen time the core remembers (most recent first out).
 _PRES_SEEN_MAX = 100_000
 #: The cached "members" of a group too large for typing (compared by
@@ -2831,7 +2834,8 @@ class Broker:
         if len(cache) >= _TYPING_CACHE_MAX and conv not in cache:
             for k in [k for k, (until, _) in cache.items() if until <= now] or list(cache)[: len(cache) // 2]:
                 del cache[k]
-        cache[conv] = (now + _TYPING_CACHE_TTL, self._bounded(members))
+        ttl = _TYPING_CACHE_TTL_SHARED if self.relay_elsewhere else _TYPING_CACHE_TTL
+        cache[conv] = (now + ttl, self._bounded(members))
 
     def _bounded(self, members: frozenset[str]) -> frozenset[str]:
         # A group above typing_max_members gets no typing: remember only

@@ -215,3 +215,18 @@ def test_nodes_found_dead_take_their_users_offline(store):
     # Unsubscribed: nothing is kept about anyone.
     sub(h, alice, 2)
     assert h.broker.presence_nodes() == set() and h.broker.presence_watched() == []
+
+
+def test_membership_changed_on_another_node_reaches_typing_within_seconds(store):
+    from pimcore.store.base import AddMembers, RemoveMembers
+
+    h = shared(store)
+    h.create_group("g", ["alice", "bob"])
+    alice = h.login("alice", "p")
+    h.feed(alice, F.Typing("g", True))  # caches the members
+    assert h.elsewhere[-1].recipients == ("bob",)
+    # Another node adds carol and removes bob: nothing of it passes here.
+    h.store.commit(WriteBatch(1, (AddMembers("g", ("carol",), h.now), RemoveMembers("g", ("bob",), h.now))))
+    h.advance(3 * SECOND)
+    h.feed(alice, F.Typing("g", True))
+    assert h.elsewhere[-1].recipients == ("carol",)
