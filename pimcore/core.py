@@ -138,6 +138,7 @@ __all__ = [
     "CheckContent",
     "DeviceOnline",
     "DeviceOffline",
+    "TypingElsewhere",
     "AdminDone",
     "PostDone",
     "Command",
@@ -454,9 +455,25 @@ class DeviceOffline:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class TypingElsewhere:
+    """Only when :attr:`Broker.relay_elsewhere` (other nodes share the
+    store): ``user`` typing in ``conv`` (``active``, or stopped) was
+    relayed here at ``at`` (µs); tell the nodes where ``recipients`` (the
+    conversation's other members, checked here) have devices online, which
+    hand it to :meth:`Broker.typing_elsewhere`.  Best effort: a host may
+    drop it."""
+
+    user: str
+    conv: str
+    active: bool
+    recipients: tuple[str, ...]
+    at: int
+
+
 Command = Union[
     SendData, CloseConnection, PauseReading, ResumeReading, StoreRequest, Authenticate, CheckContent, AdminDone,
-    PostDone, DeviceOnline, DeviceOffline,
+    PostDone, DeviceOnline, DeviceOffline, TypingElsewhere,
 ]
 
 
@@ -816,6 +833,9 @@ _send_data = _impl.record_maker(SendData)
 #: backstop; membership changes through this core update it at once).
 _TYPING_CACHE_MAX = 4096
 _TYPING_CACHE_TTL = 30 * SECOND
+#: The same when other nodes share the store (relay_elsewhere): their
+#: membership changes reach this cache only through it expiring.
+_TYPING_CACHE_TTL_SHARED = 3 * SECOND
 #: Users whose last-seen time the core remembers (most recent first out).
 _PRES_SEEN_MAX = 100_000
 #: The cached "members" of a group too large for typing (compared by
@@ -937,6 +957,16 @@ class Broker:
         # user -> µs the broker last heard from one of its devices when the
         # last one went offline (bounded; the store's device last_seen backs it).
         self._pres_seen: dict[str, int] = {}
+        # Other nodes sharing the store (a cluster; see relay_elsewhere):
+        # watched user -> the nodes where, as last heard (a hint, a
+        # re-check, a PresenceSub's read), they have a device online.  Kept
+        # only while watched here (bounded like _pres_watch).
+        self._pres_remote: dict[str, frozenset[str]] = {}
+        self._pres_hinted: dict[str, int] = {}  # watched user -> µs of the last presence hint about them
+        #: True when other nodes share the store (BrokerServer sets it over a
+        #: RedisStore): a Typing relayed here is also handed on for them
+        #: (TypingElsewhere).  False: one node, nothing more is emitted.
+        self.relay_elsewhere = False
 
         self._stats = dict.fromkeys(
             (
@@ -2768,11 +2798,11 @@ class Broker:
             return
         pair = direct_members(f.conv)
         if pair is not None:
-            self._relay_typing(c, f.conv, f.active, frozenset(pair), out)
+            self._relay_typing(c, f.conv, f.active, frozenset(pair), now, out)
             return
         cached = self._typing_members.get(f.conv)
         if cached is not None and cached[0] > now:
-            self._typing_to_group(c, f.conv, f.active, cached[1], out)
+            self._typing_to_group(c, f.conv, f.active, cached[1], now, out)
             return
         waiting = self._typing_reads.get(f.conv)
         if waiting is not None:
@@ -2798,14 +2828,15 @@ class Broker:
         for conn, active in waiting:
             c = self._conns.get(conn)
             if c is not None and c.state is _ConnState.ACTIVE:
-                self._typing_to_group(c, ctx.conv, active, members, out)
+                self._typing_to_group(c, ctx.conv, active, members, now, out)
 
     def _cache_members(self, conv: str, members: frozenset[str], now: int) -> None:
         cache = self._typing_members
         if len(cache) >= _TYPING_CACHE_MAX and conv not in cache:
             for k in [k for k, (until, _) in cache.items() if until <= now] or list(cache)[: len(cache) // 2]:
                 del cache[k]
-        cache[conv] = (now + _TYPING_CACHE_TTL, self._bounded(members))
+        ttl = _TYPING_CACHE_TTL_SHARED if self.relay_elsewhere else _TYPING_CACHE_TTL
+        cache[conv] = (now + ttl, self._bounded(members))
 
     def _bounded(self, members: frozenset[str]) -> frozenset[str]:
         # A group above typing_max_members gets no typing: remember only
@@ -2813,7 +2844,7 @@ class Broker:
         # whatever the groups' sizes.
         return members if len(members) <= self.config.typing_max_members else _TOO_LARGE
 
-    def _typing_to_group(self, c: _Conn, conv: str, active: bool, members: frozenset[str], out: list[Command]) -> None:
+    def _typing_to_group(self, c: _Conn, conv: str, active: bool, members: frozenset[str], now: int, out: list[Command]) -> None:
         if members is _TOO_LARGE or len(members) > self.config.typing_max_members:
             self._error(
                 c.id, ErrorCode.TYPING_NOT_RELAYED, 0,
@@ -2822,20 +2853,50 @@ class Broker:
         elif c.user not in members:
             self._error(c.id, ErrorCode.NOT_MEMBER, 0, f"Typing {conv!r}: not_member", out)
         else:
-            self._relay_typing(c, conv, active, members, out)
+            self._relay_typing(c, conv, active, members, now, out)
 
-    def _relay_typing(self, c: _Conn, conv: str, active: bool, members: frozenset[str], out: list[Command]) -> None:
+    def _relay_typing(self, c: _Conn, conv: str, active: bool, members: frozenset[str], now: int, out: list[Command]) -> None:
         cfg = self.config
         frame = F.Typing(conv, active, c.user, cfg.typing_ttl // 1000 if active else 0)
-        online, conns = self._online, self._conns
         for user in members:
-            if user == c.user:
-                continue
-            for dev in online.get(user, {}).values():
-                dc = conns.get(dev.conn)
-                # Best effort: never what makes a device fall behind.
-                if dc is not None and dc.held <= cfg.outbound_pause:
-                    self._send(dev.conn, frame, out)
+            if user != c.user:
+                self._typing_to_user(user, frame, out)
+        if self.relay_elsewhere:
+            # The members' devices on other nodes: membership was checked
+            # here, the receiving nodes only deliver (typing_elsewhere).
+            recipients = tuple(sorted(members - {c.user}))
+            if recipients:
+                out.append(TypingElsewhere(c.user, conv, active, recipients, now))
+
+    def _typing_to_user(self, user: str, frame: F.Typing, out: list[Command]) -> None:
+        cfg, conns = self.config, self._conns
+        for dev in self._online.get(user, {}).values():
+            dc = conns.get(dev.conn)
+            # Best effort: never what makes a device fall behind.
+            if dc is not None and dc.held <= cfg.outbound_pause:
+                self._send(dev.conn, frame, out)
+
+    def typing_elsewhere(self, user: str, conv: str, active: bool, recipients: Sequence[str], at: int, now: int) -> list[Command]:
+        """Cluster hint: ``user`` is typing in ``conv`` (``active``; False:
+        stopped), relayed at ``at`` (µs, the other node's clock) by the node
+        that checked it (membership, rate, group size: the
+        :class:`TypingElsewhere` it emitted).  ``recipients``' devices
+        online here get the Typing frame, with what is left of the TTL: a
+        hint that waited gets a shorter ``ttl_ms``, an expired one (an
+        indicator that would have ended by now) is dropped, and a clock
+        ahead of ours cannot stretch it past ``typing_ttl``.  Never to the
+        sender's own devices; a 1:1 chat only between its two users."""
+        out: list[Command] = []
+        ttl = self.config.typing_ttl
+        left = min(at + ttl - now, ttl)
+        if left < 1000:  # under a millisecond left: it has ended
+            return out
+        frame = F.Typing(conv, active, user, left // 1000 if active else 0)
+        pair = direct_members(conv)
+        for r in recipients:
+            if r != user and (pair is None or (user in pair and r in pair)):
+                self._typing_to_user(r, frame, out)
+        return out
 
     def _membership_changed(self, res: GroupChanged) -> None:
         """A group's members changed (committed): typing goes to the new
@@ -2912,8 +2973,16 @@ class Broker:
         for e in res.entries:
             if e.visible and e.last_seen > self._pres_seen.get(e.user, 0):
                 self._remember_seen(e.user, e.last_seen)
+        if newest and self.relay_elsewhere:
+            # The store's word on the other nodes (as fresh as it gets) for
+            # the users watched from now on; their watchers are told below
+            # if that changes what they were told (_flush_presence).
+            for e in res.entries:
+                if e.visible:
+                    self._set_remote(e.user, frozenset(e.elsewhere))
         entries = tuple(
-            self._presence_entry(e.user, e.hide_last_seen) if e.visible else F.PresenceEntry(e.user, F.PresenceState.UNKNOWN, 0)
+            self._presence_entry(e.user, e.hide_last_seen, bool(e.elsewhere))
+            if e.visible else F.PresenceEntry(e.user, F.PresenceState.UNKNOWN, 0)
             for e in res.entries
         )
         if ctx.req_id:
@@ -2928,8 +2997,8 @@ class Broker:
                 if e.visible:  # watched now: keep the setting for the changes to come
                     self._pres_hide[e.user] = e.hide_last_seen
 
-    def _presence_entry(self, user: str, hide: Optional[bool] = None) -> F.PresenceEntry:
-        if user in self._online:
+    def _presence_entry(self, user: str, hide: Optional[bool] = None, elsewhere: bool = False) -> F.PresenceEntry:
+        if elsewhere or self._is_online(user):
             return F.PresenceEntry(user, F.PresenceState.ONLINE, 0)
         if hide is None:
             hide = self._pres_hide.get(user, False)
@@ -2948,7 +3017,7 @@ class Broker:
             watchers = self._pres_watch.get(u)
             if watchers is None:
                 watchers = self._pres_watch[u] = set()
-                self._pres_told[u] = u in self._online
+                self._pres_told[u] = self._is_online(u)
             watchers.add(conn)
 
     def _unwatch(self, user: str, conn: int) -> None:
@@ -2961,6 +3030,8 @@ class Broker:
             self._pres_hide.pop(user, None)
             self._pres_told.pop(user, None)
             self._pres_dirty.discard(user)
+            self._pres_remote.pop(user, None)
+            self._pres_hinted.pop(user, None)
 
     def _remember_seen(self, user: str, when: int) -> None:
         seen = self._pres_seen
@@ -2983,7 +3054,7 @@ class Broker:
         dirty, self._pres_dirty = self._pres_dirty, set()
         for user in sorted(dirty):
             watchers = self._pres_watch.get(user)
-            online = user in self._online
+            online = self._is_online(user)
             if not watchers or self._pres_told.get(user) == online:
                 continue
             self._pres_told[user] = online
@@ -3028,7 +3099,17 @@ class Broker:
                 code = res.code if isinstance(res, Rejected) else ErrorCode.INTERNAL
                 self._error(asker, code, 0, f"PresencePrivacy: {code.name.lower()}", out)
             return
-        user, hide = res.user, res.hide_last_seen
+        self._privacy_changed(res.user, res.hide_last_seen, asker, out)
+
+    def privacy_elsewhere(self, user: str, hide_last_seen: bool, now: int) -> list[Command]:
+        """Cluster hint: ``user``'s last-seen privacy setting was set on
+        another node (durably).  Their devices online here and the
+        watchers here hear it as for a change made on this node."""
+        out: list[Command] = []
+        self._privacy_changed(user, hide_last_seen, None, out)
+        return out
+
+    def _privacy_changed(self, user: str, hide: bool, asker: Optional[int], out: list[Command]) -> None:
         frame = F.PresencePrivacy(2 if hide else 1)
         # The asker first, then the user's other devices (their settings
         # screens stay in sync).
@@ -3039,7 +3120,7 @@ class Broker:
                 self._send(dev.conn, frame, out)
         if user in self._pres_watch and self._pres_hide.get(user) != hide:
             self._pres_hide[user] = hide
-            if user not in self._online:  # what watchers see changes only while offline
+            if not self._is_online(user):  # what watchers see changes only while offline
                 entry = F.Presence(0, ErrorCode.OK, (self._presence_entry(user),))
                 for conn in sorted(self._pres_watch[user]):
                     self._send(conn, entry, out)
@@ -3052,11 +3133,95 @@ class Broker:
         return self._admin(SetPresencePrivacy(user, hide_last_seen), ref, now)
 
     def presence(self, user: str) -> tuple[bool, int]:
-        """Embedding API: (online on this node, last seen µs or 0 if unknown
-        here) of ``user``, ignoring privacy (the host sees everything)."""
-        if user in self._online:
+        """Embedding API: (online, last seen µs or 0 if unknown here) of
+        ``user``, ignoring privacy (the host sees everything).  Online: on
+        this node, or -- for a user some subscriber here watches, when other
+        nodes share the store -- on another node as last heard."""
+        if self._is_online(user):
             return True, 0
         return False, self._pres_seen.get(user, 0)
+
+    # -- presence across nodes (relay_elsewhere) ------------------------------
+    # A user is online while this node has a device of theirs (_online) or,
+    # for a watched user, while _pres_remote names another node.  That set
+    # comes from three sources, each replacing what it covers: a
+    # PresenceSub's read (the store's device-to-node records of live nodes),
+    # presence hints (a node's first device of the user came / its last
+    # went), and the host's periodic re-check of every watched user (which
+    # repairs a lost hint and drops a node that died without a word: its
+    # records stop counting when its liveness key expires).  Changes go
+    # through _pres_dirty like local ones: watchers hear only real flips.
+
+    def _is_online(self, user: str) -> bool:
+        return user in self._online or bool(self._pres_remote.get(user))
+
+    def _set_remote(self, user: str, nodes: frozenset[str], at: Optional[int] = None) -> None:
+        """``user`` (watched here) is online on ``nodes`` (other nodes).
+        Going offline everywhere records ``at`` (µs; default: unknown, the
+        stored one stays) as the last-seen time."""
+        was = self._is_online(user)
+        if nodes:
+            self._pres_remote[user] = nodes
+        else:
+            self._pres_remote.pop(user, None)
+        if was != self._is_online(user):
+            if was and at is not None and at > self._pres_seen.get(user, 0):
+                self._remember_seen(user, at)
+            self._pres_dirty.add(user)
+
+    def presence_elsewhere(self, user: str, node: str, online: bool, at: int, now: int) -> list[Command]:
+        """Cluster hint: ``node`` (another node's id) got its first device
+        of ``user`` online (``online``) or lost its last one, at ``at`` (µs,
+        that node's clock: the last-seen time if no node has the user
+        now).  Watchers here hear the change as for a local one (privacy
+        and visibility as they were read); a user nobody here watches is
+        ignored (nothing is kept)."""
+        out: list[Command] = []
+        if user in self._pres_watch:
+            self._pres_hinted[user] = now
+            nodes = self._pres_remote.get(user, frozenset())
+            self._set_remote(user, nodes | {node} if online else nodes - {node}, at)
+        self._maybe_commit(out, now)
+        return out
+
+    def presence_checked(self, states: "dict[str, frozenset[str]]", asked: int, now: int) -> list[Command]:
+        """Cluster re-check: for users watched here, the other nodes where
+        the store has a device of theirs online (live nodes only), as the
+        host read them for :meth:`presence_watched` from ``asked`` (µs, this
+        clock) on.  Replaces what hints said (a lost one is repaired),
+        except for a user a hint came about since ``asked`` (the read may
+        predate it); a user found offline everywhere who was online gets
+        ``now`` as their last-seen time.  Users not watched (any more) are
+        ignored."""
+        out: list[Command] = []
+        for user, nodes in states.items():
+            if user in self._pres_watch and self._pres_hinted.get(user, asked - 1) < asked:
+                self._set_remote(user, frozenset(nodes), now)
+        self._maybe_commit(out, now)
+        return out
+
+    def presence_nodes_gone(self, nodes: Iterable[str], now: int) -> list[Command]:
+        """Cluster liveness check: ``nodes`` (other nodes' ids) are no longer
+        live (their liveness key expired: they died without cleanup, or lost
+        the store for that long).  Watched users online only there go
+        offline, last seen ``now``."""
+        out: list[Command] = []
+        gone = frozenset(nodes)
+        for user, where in list(self._pres_remote.items()):
+            if not gone.isdisjoint(where):
+                self._set_remote(user, where - gone, now)
+        self._maybe_commit(out, now)
+        return out
+
+    def presence_nodes(self) -> set[str]:
+        """The other nodes some watched user is online on, as known here:
+        what the host checks for liveness (:meth:`presence_nodes_gone`)."""
+        return set().union(*self._pres_remote.values())
+
+    def presence_watched(self) -> list[str]:
+        """Users some presence subscription here watches (and may see): what
+        the host re-checks on the other nodes (:meth:`presence_checked`)."""
+        return list(self._pres_watch)
 
     _handlers: dict[type, Callable[..., None]] = {
         F.SendReq: _on_send,

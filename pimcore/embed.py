@@ -693,15 +693,16 @@ class Pimcore:
 
     async def presence(self, user: str) -> UserPresence:
         """``user``'s presence as the host sees it (privacy aside): online
-        on this broker (presence is per node), last seen (the latest of
-        this broker's memory and the devices' stored last_seen), and the
-        user's privacy setting.  Raises RequestRefused (BAD_REQUEST) for an
-        invalid user id, StoreError."""
+        on this broker or, over a store shared by several nodes, on another
+        live node; last seen (the latest of this broker's memory and the
+        devices' stored last_seen), and the user's privacy setting.  Raises
+        RequestRefused (BAD_REQUEST) for an invalid user id, StoreError."""
         page = await self._read_one(ReadPresence(user, (user,)))
         if isinstance(page, Rejected):
             raise RequestRefused(page.code, f"invalid user id {user!r}")
         assert isinstance(page, PresencePage)
         online, seen = self.server.broker.presence(user)
+        online = online or bool(page.entries[0].elsewhere)
         last = 0 if online else max(seen, page.entries[0].last_seen)
         return UserPresence(user, online, last, page.hide_last_seen)
 

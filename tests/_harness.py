@@ -51,6 +51,7 @@ from pimcore.core import (
     ResumeReading,
     SendData,
     StoreRequest,
+    TypingElsewhere,
 )
 from pimcore.errors import AuthError, StoreError
 from pimcore.store import GroupChanged, Store
@@ -127,6 +128,7 @@ class Harness:
         # them: one offline per online, for the same conn, user and device.
         self.presence: list = []
         self.online: dict[int, DeviceOnline] = {}
+        self.elsewhere: list[TypingElsewhere] = []  # Typing for the other nodes (Broker.relay_elsewhere)
         self._next_conn = 1
         self._next_ref = 1
         self._local = defaultdict(int)
@@ -180,6 +182,8 @@ class Harness:
                 on = self.online.pop(cmd.conn, None)
                 assert on is not None and (on.user, on.device) == (cmd.user, cmd.device), (on, cmd)
                 self.presence.append(cmd)
+            elif isinstance(cmd, TypingElsewhere):
+                self.elsewhere.append(cmd)
             else:  # pragma: no cover
                 raise AssertionError(f"unknown command {cmd!r}")
         self._settle()

@@ -17,6 +17,9 @@ are executed by :meth:`BrokerServer._run`:
 * ``Authenticate`` / ``CheckContent`` are answered by the configured hooks:
   inline when they are plain functions, in a task of their own when they
   are coroutine functions -- a slow hook then holds up only its connection.
+* ``TypingElsewhere`` (a store shared by several nodes only) is pushed to
+  the other nodes as a typing hint, in order, best effort (dropped when
+  1,000 are waiting);
 * ``DeviceOnline`` / ``DeviceOffline`` are logged (``login``, ``offline``),
   as is every Close sent (``close``; ``login_refused`` and ``slow_consumer``
   at warning level), and counted for ``statistics()`` and ``/metrics``:
@@ -78,6 +81,7 @@ from ..core import (
     CloseConnection,
     Command,
     DeviceOffline,
+    TypingElsewhere,
     DeviceOnline,
     Identity,
     Limits,
@@ -398,6 +402,7 @@ class BrokerServer:
         self._queue: deque[Command] = deque()
         self._admin_refs = itertools.count(1)
         self._presence: Any = None  # logins to record in a shared store (cluster)
+        self._typing_out: Any = None  # TypingElsewhere to push to the other nodes (cluster)
         self._admin_waiters: dict[int, list[Any]] = {}  # ref -> [Event, result]
         if config.commit_in_thread and self._async_store:
             raise ValueError("commit_in_thread is for synchronous stores")
@@ -506,6 +511,12 @@ class BrokerServer:
                 # node's logins recorded in order.
                 self._presence, presence = trio.open_memory_channel[tuple[str, str, str, int]](math.inf)
                 nursery.start_soon(self._presence_writer, cluster, presence)
+                # Typing and presence across nodes (issue 16): the core hands
+                # on relayed Typing frames; watched users are re-read.
+                self.broker.relay_elsewhere = True
+                self._typing_out, typing_out = trio.open_memory_channel[TypingElsewhere](1000)
+                nursery.start_soon(self._typing_writer, cluster, typing_out)
+                nursery.start_soon(self._presence_recheck, cluster)
                 await nursery.start(cluster.hints, self._cluster_hint)
             async with trio.open_nursery() as peers:
                 with self._listen_scope:
@@ -792,12 +803,18 @@ class BrokerServer:
                                  extra={"event": "login", "conn": cmd.conn, "user": cmd.user, "device": cmd.device})  # type: ignore[union-attr]
                 elif kind is DeviceOffline:
                     if self._presence is not None:
-                        self._presence.send_nowait(("off", cmd.user, cmd.device, 0))  # type: ignore[union-attr]
+                        self._presence.send_nowait(("off", cmd.user, cmd.device, self.now()))  # type: ignore[union-attr]
                     if log.isEnabledFor(logging.INFO):
                         code = cmd.code.name if cmd.code is not None else None  # type: ignore[union-attr]
                         log.info("offline conn=%d user=%s device=%s code=%s reason=%r", cmd.conn, cmd.user, cmd.device,  # type: ignore[union-attr]
                                  code, cmd.reason, extra={"event": "offline", "conn": cmd.conn, "user": cmd.user,  # type: ignore[union-attr]
                                                           "device": cmd.device, "code": code, "reason": cmd.reason})  # type: ignore[union-attr]
+                elif kind is TypingElsewhere:
+                    if self._typing_out is not None:
+                        try:
+                            self._typing_out.send_nowait(cmd)
+                        except trio.WouldBlock:
+                            pass  # best effort: the store is not keeping up
                 elif kind is PauseReading:
                     peer = self._peers.get(cmd.conn)  # type: ignore[union-attr]
                     if peer is not None and peer.resume is None:
@@ -1272,7 +1289,9 @@ class BrokerServer:
         user's inbox grew; ``R`` the device logged in on another node; ``M``
         the user's read marker moved; ``C`` the 1:1 peer read (a receipt);
         ``V`` tokens revoked; ``K`` the host kicked; ``U`` conversation
-        settings changed."""
+        settings changed; ``T`` a member is typing; ``P`` a node got a
+        user's first device online or lost their last; ``H`` the user's
+        last-seen privacy setting changed."""
         b = self.broker
         if kind == "I":
             self._run(self._core(b.inbox_advanced, user, value))
@@ -1289,18 +1308,94 @@ class BrokerServer:
             self._run(self._core(lambda now: b.kick(user, device, now, reason)))
         elif kind == "U":
             self._run(self._core(b.conversation_changed, user, value))
+        elif kind == "T":
+            self._run(self._core(b.typing_elsewhere, user, *value))
+        elif kind == "P":
+            self._run(self._core(b.presence_elsewhere, user, *value))
+        elif kind == "H":
+            self._run(self._core(b.privacy_elsewhere, user, value))
 
     async def _presence_writer(self, cluster: Any, presence: Any) -> None:
         """Record this node's logins and logouts in the store, in order (a
-        REPLACED close and the new login of the same device must not swap)."""
-        async for what, user, device, at in presence:
+        REPLACED close and the new login of the same device must not swap).
+        A logout followed at once by a login of the same user (the core
+        queues a device replaced by its own new login together) is no
+        change for the other nodes' watchers: neither is told, as the core
+        tells no flap locally."""
+        held = None
+        while True:
+            if held is not None:
+                item, held = held, None
+            else:
+                try:
+                    item = await presence.receive()
+                except trio.EndOfChannel:
+                    return
+            what, user, device, at = item
             try:
                 if what == "on":
                     await cluster.device_online(user, device, at)
-                else:
-                    await cluster.device_offline(user, device)
+                    continue
+                try:
+                    held = presence.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    held = None
+                if held is None or held[0] != "on" or held[1] != user:
+                    await cluster.device_offline(user, device, at)
+                    continue
+                # The new login first (the user never has no record here
+                # for another node's re-check to see); the same device's
+                # record is simply rewritten.
+                gone, (_, _, device, at), held = device, held, None
+                what = "on"
+                await cluster.device_online(user, device, at, tell=False)
+                if gone != device:
+                    what = "off"
+                    await cluster.device_offline(user, gone, at, tell=False)
             except StoreError as exc:
                 log.warning("presence %s %s/%s not recorded: %s", what, user, device, exc)
+
+    async def _typing_writer(self, cluster: Any, typing_out: Any) -> None:
+        """Push the core's TypingElsewhere to the other nodes, in order (a
+        "stopped" must not overtake its "typing")."""
+        async for t in typing_out:
+            try:
+                await cluster.tell_typing(t.user, t.conv, t.active, t.recipients, t.at)
+            except Exception:  # best effort, never what stops the broker
+                log.warning("typing of %s in %s not pushed to the other nodes", t.user, t.conv, exc_info=True)
+
+    async def _presence_recheck(self, cluster: Any) -> None:
+        """Every ``cluster.presence_every`` s: check that the other nodes
+        the users watched here are online on are still live, and tell the
+        core those that are not (Broker.presence_nodes_gone: a node that
+        died without cleanup stops counting once its liveness key
+        expired).  Every ``cluster.presence_recheck`` s instead: re-read
+        where every watched user is online (Broker.presence_checked),
+        which repairs a lost presence hint and renews this node's watch
+        registrations."""
+        b = self.broker
+        since = 0.0
+        while True:
+            await trio.sleep(cluster.presence_every)
+            since += cluster.presence_every
+            try:
+                if since >= cluster.presence_recheck:
+                    since = 0.0
+                    users = b.presence_watched()
+                    asked = self.now()
+                    states = await cluster.presence_refresh(users)
+                    if states:
+                        self._run(self._core(b.presence_checked, states, asked))
+                else:
+                    nodes = b.presence_nodes()
+                    if nodes:
+                        gone = nodes - await cluster.live_nodes(nodes)
+                        if gone:
+                            self._run(self._core(b.presence_nodes_gone, gone))
+            except StoreError:
+                continue  # the cluster is unreachable: the next round tries again
+            except Exception:  # best effort, never what stops the broker
+                log.warning("presence re-check failed", exc_info=True)
 
     async def _timer(self) -> None:
         """Sleep until the core's next deadline, then tell it the time.  _run

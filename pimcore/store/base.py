@@ -1174,6 +1174,10 @@ class PresenceInfo:
     visible: bool  # shares a conversation with the asking user now
     hide_last_seen: bool  # the user's setting (False when not visible)
     last_seen: int  # µs, latest last_seen of the user's devices; 0 when not visible or none
+    # A store shared by several nodes (RedisStore): the ids (hex) of the
+    # other live nodes where the user has a device online now (visible
+    # users only); () for a store of one node.
+    elsewhere: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

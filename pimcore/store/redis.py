@@ -1343,6 +1343,18 @@ class RedisStore(AsyncStore):
                 continue
             last = max((d.last_seen for d in await self._devices(tx, other)), default=0)
             entries.append(PresenceInfo(other, True, await self._hides_last_seen(tx, other), max(last, 0)))
+        watched = [e.user for e in entries if e.visible]
+        if self.cluster is not None and watched:
+            # Several nodes share this store: register this node as watching
+            # them first (their changes are pushed here from now on), then
+            # say which other live nodes have them online.  Best effort: the
+            # watching node's periodic re-check repairs a failure.
+            try:
+                await self.cluster.watch(watched, more=True)
+                where = await self.cluster.online_elsewhere(watched)
+            except StoreError:
+                where = {}
+            entries = [replace(e, elsewhere=tuple(sorted(where.get(e.user, ())))) if e.visible else e for e in entries]
         return PresencePage(user, await self._hides_last_seen(tx, user), tuple(entries))
 
     async def hides_last_seen(self, user: str) -> bool:

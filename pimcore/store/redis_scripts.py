@@ -697,6 +697,11 @@ def _parse_hint(raw: bytes) -> tuple[str, str, Any]:
     ``V user device|* before``             -> (device or None, before µs): tokens revoked
     ``K user device|* reason``             -> (device or None, reason): kicked by the host
     ``U user conv``                        -> conv: the user's settings of it changed
+    ``T user conv 0|1 at r1 [r2 ...]``     -> (conv, active, (r1, ...), at µs): ``user``
+                                              typing, for recipients with a device here
+    ``P user node 0|1 at``                 -> (node, online, at µs): ``node`` got its
+                                              first device of ``user`` / lost its last one
+    ``H user 0|1``                         -> hide_last_seen: the user's privacy setting
 
     ValueError for anything else."""
     kind, user, rest = raw.decode().split(" ", 2)
@@ -718,6 +723,20 @@ def _parse_hint(raw: bytes) -> tuple[str, str, Any]:
     if kind == "K":
         device, reason = rest.split(" ", 1)
         return kind, user, (None if device == "*" else device, reason)
+    if kind == "T":
+        conv, active, at, *recipients = rest.split(" ")
+        if active not in ("0", "1") or not recipients:
+            raise ValueError(rest)
+        return kind, user, (conv, active == "1", tuple(recipients), int(at))
+    if kind == "H":
+        if rest not in ("0", "1"):
+            raise ValueError(rest)
+        return kind, user, rest == "1"
+    if kind == "P":
+        node, online, at = rest.split(" ")
+        if online not in ("0", "1"):
+            raise ValueError(rest)
+        return kind, user, (node, online == "1", int(at))
     raise ValueError(kind)
 
 
@@ -750,6 +769,21 @@ class ClusterOps:
         #: forgotten first when it reaches _GROUPS_CAP users.
         self.groups: dict[str, tuple[str, ...]] = {}
         self._ticks = 0
+        #: Presence across nodes.  A running node refreshes its liveness key
+        #: (alive_key, expiring after node_ttl s) every node_ttl / 5 s;
+        #: another node's device-to-node records count only while that key
+        #: lives, so a node that died without cleanup shows its users online
+        #: for at most node_ttl + presence_every s.  A node watching a user
+        #: for a presence subscription registers in watch_key (node ->
+        #: registered until, µs; watch_ttl s, renewed at half); BrokerServer
+        #: checks the liveness of the nodes its watched users are on every
+        #: presence_every s, and re-reads every watched user every
+        #: presence_recheck s (repairing lost hints, renewing registrations).
+        self.node_ttl = 10.0
+        self.presence_every = 1.0
+        self.presence_recheck = 10.0
+        self.watch_ttl = 60.0
+        self._watching: dict[str, int] = {}  # user -> registered here until (µs)
 
     # ------------------------------------------------------------- plumbing
 
@@ -774,6 +808,12 @@ class ClusterOps:
         ``cs:CONV``, ``rv:DEVICE``, ``kk:DEVICE`` scored by the state
         version ``sv`` of the user's hash that their last change took)."""
         return self.s._k_user(user) + ":sc"
+
+    def alive_key(self, node_hex: str) -> str:
+        return self.s._k_node(node_hex) + ":up"
+
+    def watch_key(self, user: str) -> str:
+        return self.s._k_user(user) + ":pw"
 
     def outbox_key(self, conv: str) -> str:
         return self.s._k_conv(conv) + ":ob"
@@ -1450,12 +1490,14 @@ class ClusterOps:
 
     # -- presence, hints, sweeping ------------------------------------------------
 
-    async def device_online(self, user: str, device: str, at: Optional[int] = None) -> None:
+    async def device_online(self, user: str, device: str, at: Optional[int] = None, *, tell: bool = True) -> None:
         """Record that ``device`` of ``user`` is on this node (logged in at
         ``at``, µs of this node's clock; default now); tell the node that held
         it before (if another) to close its session (REPLACED).  A login older
         than the device's recorded one (it reached the cluster late: this
-        node was cut off) records nothing and closes nothing."""
+        node was cut off) records nothing and closes nothing.  The user's
+        first device here is told to the nodes watching the user (``P``)
+        unless not ``tell``."""
         first = user not in self.online
         self.online.setdefault(user, set()).add(device)
         if first and user in self.groups:
@@ -1480,6 +1522,8 @@ class ClusterOps:
             rnd = _Round()
             rnd.push(self.hint_key(old), f"R {user} {device}".encode())
             await self.run(rnd, wait=False)
+        if first and tell:
+            await self.tell_presence(user, True, at)
 
     async def after_commit(self, ops: Sequence[Any], results: Sequence[Result]) -> None:
         """A write request committed (either path): tell the other nodes
@@ -1507,6 +1551,11 @@ class ClusterOps:
                 hints.append((op.user, f"K {op.user} * this user's data was deleted"))
                 hints.append((op.user, f"V {op.user} * {op.now}"))
         await self.tell(hints)
+        from .base import PresencePrivacySet
+
+        privacy = [(res.user, res.hide_last_seen) for res in results if isinstance(res, PresencePrivacySet)]
+        if privacy:
+            await self.tell_privacy(privacy)
 
     def _others(self, nodes: Any) -> set[str]:
         """The node ids of an HVALS answer on a user's online record, less
@@ -1537,17 +1586,20 @@ class ClusterOps:
         except StoreError:
             pass
 
-    async def device_offline(self, user: str, device: str) -> None:
+    async def device_offline(self, user: str, device: str, at: Optional[int] = None, *, tell: bool = True) -> None:
+        """Remove the record of ``device`` (if still this node's).  The
+        user's last device here going (at ``at`` µs; default now) is told to
+        the nodes watching the user (``P``) unless not ``tell``."""
         devs = self.online.get(user)
-        gone = False
+        last = False
         if devs is not None:
             devs.discard(device)
             if not devs:
                 del self.online[user]
                 self._sv.pop(user, None)
-                gone = True
+                last = True
         await self.run(self._one("OFFLINE", self.online_key(user), (device, self.node_hex)), wait=False)
-        if gone and user in self.groups:
+        if last and user in self.groups:
             # The user's last session here ended: read fan-out stops writing
             # to the user for this node (a stale registration would only
             # cost writes, never lose a message).
@@ -1555,6 +1607,8 @@ class ClusterOps:
             for conv in self.groups.pop(user):
                 rnd.script("ONDEL", (self.on_key(conv),), (user, self.node_hex))
             await self.run(rnd, wait=False)
+        if last and tell:
+            await self.tell_presence(user, False, at)
 
     # -- read fan-out (large groups) ------------------------------------------
     #
@@ -1631,6 +1685,169 @@ class ClusterOps:
             todo = [item for item in todo if item[1] < item[2]]
         return added
 
+    # -- typing and presence across nodes -------------------------------------
+
+    @staticmethod
+    def _now_us() -> int:
+        import time as _time
+
+        return _time.time_ns() // 1000
+
+    async def tell_presence(self, user: str, online: bool, at: Optional[int] = None) -> None:
+        """Push ``P user NODE 1|0 AT`` to every other node registered as
+        watching ``user`` (watch_key, registration not expired); expired
+        registrations (nodes gone, subscriptions ended) are deleted on the
+        way.  One round when nobody watches, two otherwise; best effort (a
+        lost hint is repaired by the watchers' re-check)."""
+        now = self._now_us()
+        wk = self.watch_key(user)
+        try:
+            (pairs,) = await self.run(self._one_raw(wk, "HGETALL", wk), wait=False)
+            pairs = [p.decode() if isinstance(p, bytes) else str(p) for p in pairs or ()]
+            rnd = _Round()
+            text = f"P {user} {self.node_hex} {1 if online else 0} {now if at is None else at}".encode()
+            for node, until in zip(pairs[0::2], pairs[1::2]):
+                if int(until) <= now:
+                    rnd.hdel(wk, node)
+                elif node != self.node_hex:
+                    rnd.push(self.hint_key(node), text)
+            await self.run(rnd, wait=False)
+        except (StoreError, ValueError, TypeError):
+            pass  # TypeError: an error reply (e.g. WRONGTYPE) in place of the hash
+
+    async def tell_privacy(self, changes: Sequence[tuple[str, bool]]) -> None:
+        """Push ``H user 0|1`` (a last-seen privacy setting committed here)
+        once to every other node where the user has a device online or that
+        watches the user (registration not expired).  Two rounds; best
+        effort (a lost one: the watchers show the old setting until the
+        next subscription)."""
+        now = self._now_us()
+        users = sorted({u for u, _ in changes})
+        rnd = _Round()
+        for u in users:
+            rnd.raw(self.online_key(u), "HVALS", self.online_key(u))
+            rnd.raw(self.watch_key(u), "HGETALL", self.watch_key(u))
+        try:
+            answers = await self.run(rnd, wait=False)
+            nodes: dict[str, set[str]] = {}
+            for k, u in enumerate(users):
+                on, pairs = answers[2 * k], answers[2 * k + 1]
+                pairs = [p.decode() if isinstance(p, bytes) else str(p) for p in pairs or ()]
+                nodes[u] = self._others(on) | {n for n, t in zip(pairs[0::2], pairs[1::2]) if int(t) > now and n != self.node_hex}
+            rnd = _Round()
+            for u, hide in changes:
+                for node in sorted(nodes[u]):
+                    rnd.push(self.hint_key(node), f"H {u} {1 if hide else 0}".encode())
+            await self.run(rnd, wait=False)
+        except (StoreError, ValueError, TypeError):
+            pass
+
+    def _one_raw(self, key: str, *cmd: Any) -> _Round:
+        rnd = _Round()
+        rnd.raw(key, *cmd)
+        return rnd
+
+    async def tell_typing(self, user: str, conv: str, active: bool, recipients: Sequence[str], at: int) -> None:
+        """Push ``T user conv 0|1 at r...`` to every other node where one of
+        ``recipients`` has a device online (one hint per node, naming that
+        node's recipients): two rounds without a replication wait.  Best
+        effort: a typing indicator that cannot be pushed is dropped."""
+        users = sorted(set(recipients))
+        if not users:
+            return
+        rnd = _Round()
+        for r in users:
+            rnd.raw(self.online_key(r), "HVALS", self.online_key(r))
+        try:
+            answers = await self.run(rnd, wait=False)
+            per_node: dict[str, list[str]] = {}
+            for r, ans in zip(users, answers):
+                for node in self._others(ans):
+                    per_node.setdefault(node, []).append(r)
+            rnd = _Round()
+            for node, rs in sorted(per_node.items()):
+                rnd.push(self.hint_key(node), f"T {user} {conv} {1 if active else 0} {at} {' '.join(rs)}".encode())
+            await self.run(rnd, wait=False)
+        except (StoreError, TypeError):
+            pass  # TypeError: an error reply in place of a record
+
+    async def _beat(self) -> None:
+        rnd = _Round()
+        rnd.raw(self.alive_key(self.node_hex), "SET", self.alive_key(self.node_hex), "1", "PX", int(self.node_ttl * 1000))
+        await self.run(rnd, wait=False)
+
+    async def _alive_loop(self) -> None:
+        while not self.s._closed:
+            try:
+                await self._beat()
+            except Exception:
+                pass  # the key lives node_ttl: four more tries before it lapses
+            await trio.sleep(self.node_ttl / 5)
+
+    async def online_elsewhere(self, users: Sequence[str]) -> dict[str, frozenset[str]]:
+        """user -> the other nodes, alive now (their liveness key exists),
+        where the user has a device online (device-to-node records).  Two
+        rounds without a replication wait.  StoreError if unreachable."""
+        users = list(dict.fromkeys(users))
+        if not users:
+            return {}
+        rnd = _Round()
+        for u in users:
+            rnd.raw(self.online_key(u), "HVALS", self.online_key(u))
+        answers = await self.run(rnd, wait=False)
+        if any(isinstance(a, _ReplyError) for a in answers):
+            raise StoreError("device-to-node records unreadable")
+        nodes = {u: self._others(ans) for u, ans in zip(users, answers)}
+        alive = await self.live_nodes(set().union(*nodes.values()))
+        return {u: frozenset(ns & alive) for u, ns in nodes.items()}
+
+    async def live_nodes(self, nodes: "set[str] | Sequence[str]") -> set[str]:
+        """Those of ``nodes`` whose liveness key exists: one round of
+        ``EXISTS`` (none for no nodes).  StoreError if unreachable."""
+        every = sorted(nodes)
+        if not every:
+            return set()
+        rnd = _Round()
+        for n in every:
+            rnd.raw(self.alive_key(n), "EXISTS", self.alive_key(n))
+        return {n for n, ans in zip(every, await self.run(rnd, wait=False)) if ans == 1}
+
+    async def watch(self, users: Sequence[str], *, more: bool = False) -> None:
+        """Register this node as watching ``users`` (watch_key, for
+        watch_ttl s; renewed only past half of it), so their presence
+        changes on other nodes are pushed here.  Forgets the registrations
+        of users not named (they lapse in Redis by themselves) unless
+        ``more`` (a new subscription's users, added).  One round, none when
+        nothing is due."""
+        now = self._now_us()
+        ttl = int(self.watch_ttl * 1_000_000)
+        old = self._watching
+        if not more:
+            self._watching = {}
+        rnd = _Round()
+        for u in users:
+            until = old.get(u, 0)
+            if until - now < ttl // 2:
+                until = now + ttl
+                wk = self.watch_key(u)
+                rnd.hset(wk, self.node_hex, until)
+                # A record nobody renews goes away whole (dead nodes' fields
+                # are also deleted by tell_presence as it meets them).
+                rnd.raw(wk, "PEXPIRE", wk, ttl // 1000)
+            self._watching[u] = until
+        try:
+            await self.run(rnd, wait=False)
+        except StoreError:
+            for u in users:
+                self._watching.pop(u, None)  # due again next time
+            raise
+
+    async def presence_refresh(self, users: Sequence[str]) -> dict[str, frozenset[str]]:
+        """The periodic re-check of the users watched here: register the
+        watches (:meth:`watch`), then :meth:`online_elsewhere`."""
+        await self.watch(users)
+        return await self.online_elsewhere(users)
+
     async def hints(self, deliver: Callable[[str, str, Any], None], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run forever: take this node's hints (BLPOP on its list) and hand
         them to ``deliver(kind, user, value)``, value as :func:`_parse_hint`
@@ -1642,6 +1859,11 @@ class ClusterOps:
             nursery.start_soon(self._recheck_loop, deliver)
             nursery.start_soon(self._sweep_loop)
             nursery.start_soon(self._epoch_loop)
+            try:
+                await self._beat()  # alive before the first login here
+            except Exception:
+                pass  # _alive_loop tries again
+            nursery.start_soon(self._alive_loop)
             task_status.started()
             await self._hint_loop(deliver)
 
