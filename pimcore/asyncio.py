@@ -209,7 +209,8 @@ class AsyncEventStream:
             self._buf = events[::-1]
         ev = self._buf.pop()
         self.after = ev.id
-        return embed.fresh_presence(ev, self._api.handle.online_devices)
+        (ev,) = await self._api._call(embed.fresh_page, self._api.handle, (ev,))
+        return ev
 
 
 @asynccontextmanager

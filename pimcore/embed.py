@@ -26,7 +26,7 @@ import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Sequence, Union
 
 import trio
 
@@ -162,7 +162,8 @@ class HostEvent:
       ``local_id``, ``payload`` (an EDIT's: the new payload),
       ``recipients`` (every user it was fanned out to, the sender included,
       sorted), ``offline_recipients`` (those of them with no device
-      online on this broker when the event was handed to the host: the
+      online on this broker -- nor, over a store shared by several nodes,
+      on another live node -- when the event was handed to the host: the
       push-notification hook), ``target`` (RECALL / EDIT / DELETE: the
       seq of the message acted on), ``muted`` (recipients who muted the
       conversation), ``mentioned`` (recipients the message mentions, the
@@ -294,15 +295,25 @@ class EventStream:
             self.after = after
         ev = self._buf.pop()
         self.after = ev.id
-        return fresh_presence(ev, self._handle.server.broker.online_devices)
+        (ev,) = await fresh_page(self._handle, (ev,))
+        return ev
 
 
-def fresh_presence(ev: HostEvent, online: Callable[[str], list[str]]) -> HostEvent:
+def fresh_presence(ev: HostEvent, online: Callable[[str], Any]) -> HostEvent:
     """``ev`` with ``offline_recipients`` as of now (a page is read ahead:
-    the event streams recompute it when they hand an event out)."""
+    the event streams recompute it when they hand an event out);
+    ``online(user)`` is truthy for a user online now."""
     if ev.type != "message":
         return ev
     return replace(ev, offline_recipients=tuple(u for u in ev.recipients if not online(u)))
+
+
+async def fresh_page(handle: "Pimcore", page: Sequence[HostEvent]) -> list[HostEvent]:
+    """``page`` with every message event's ``offline_recipients`` as of now
+    (:meth:`Pimcore.online_anywhere`: one read for the whole page)."""
+    users = {u for ev in page if ev.type == "message" for u in ev.recipients}
+    online = await handle.online_anywhere(users) if users else frozenset()
+    return [fresh_presence(ev, online.__contains__) for ev in page]
 
 
 class Pimcore:
@@ -691,6 +702,25 @@ class Pimcore:
         """The devices of ``user`` connected to this broker now, sorted."""
         return self.server.broker.online_devices(user)
 
+    async def online_anywhere(self, users: Iterable[str]) -> frozenset[str]:
+        """Those of ``users`` with a device online now: on this broker or,
+        over a store shared by several nodes (Redis Cluster), on another
+        live node (one read of the device-to-node records; if the store
+        cannot answer, this broker's view).  What ``offline_recipients`` of
+        host events is computed from (push notifications go to the others)."""
+        users = list(dict.fromkeys(users))
+        broker = self.server.broker
+        online = {u for u in users if broker.online_devices(u)}
+        cluster = getattr(self.server.store, "cluster", None)
+        rest = [u for u in users if u not in online]
+        if cluster is not None and rest:
+            try:
+                where = await cluster.online_elsewhere(rest)
+            except StoreError:
+                where = {}
+            online.update(u for u, nodes in where.items() if nodes)
+        return frozenset(online)
+
     async def presence(self, user: str) -> UserPresence:
         """``user``'s presence as the host sees it (privacy aside): online
         on this broker or, over a store shared by several nodes, on another
@@ -724,7 +754,7 @@ class Pimcore:
 
     async def conversations(self, user: str) -> list[Conversation]:
         """Every conversation of ``user`` with its read state, sorted by id."""
-        loaded = await self._read_one(LoadSession(user, _READER_DEVICE))
+        loaded = await self._read_one(LoadSession(user, _READER_DEVICE, login=False))
         if isinstance(loaded, Rejected):
             raise RequestRefused(loaded.code, f"invalid user id {user!r}")
         assert isinstance(loaded, SessionLoaded)
@@ -796,7 +826,7 @@ class Pimcore:
         and each known device's acked inbox position with its last-seen
         time (µs) and whether it is online now.  Raises RequestRefused
         (BAD_REQUEST) for an invalid user id, StoreError."""
-        loaded, devs = await self._read(LoadSession(user, _READER_DEVICE), ReadDevices(user))
+        loaded, devs = await self._read(LoadSession(user, _READER_DEVICE, login=False), ReadDevices(user))
         if isinstance(loaded, Rejected) or isinstance(devs, Rejected):
             raise RequestRefused(ErrorCode.BAD_REQUEST, f"invalid user id {user!r}")
         assert isinstance(loaded, SessionLoaded) and isinstance(devs, DevicesPage)

@@ -282,7 +282,9 @@ class WebhookSender:
                                  extra={"event": "webhook_started", "url": cfg.url, "cursor": cursor})
                         task_status.started()
                     _, page = await self.handle.next_events(self.consumer, limit=cfg.batch_size)
-                    body, first, upto, count = self._batch(page)
+                    from .embed import fresh_page
+
+                    body, first, upto, count = self._batch(await fresh_page(self.handle, page))
                     if body is not None:
                         failures = await self._deliver(client, body, first, upto, count, failures)
                     await self.handle.ack_events(upto, self.consumer)
@@ -304,12 +306,11 @@ class WebhookSender:
     def _batch(self, page: list[Any]) -> tuple[Optional[bytes], int, int, int]:
         """(body or None if every event was filtered out, first id sent,
         the id to ack, events in the body) for the longest prefix of
-        ``page`` within the limits."""
-        from .embed import fresh_presence
+        ``page`` (offline_recipients fresh: embed.fresh_page) within the
+        limits."""
         from .http.api import _event  # one JSON shape for an event: GET /v1/events and webhooks
 
         cfg = self.config
-        online = self.handle.online_devices
         docs: list[bytes] = []
         size = 0
         first = upto = 0
@@ -317,7 +318,7 @@ class WebhookSender:
             if cfg.events and ev.type not in cfg.events:
                 upto = ev.id
                 continue
-            doc = json.dumps(_event(fresh_presence(ev, online)), separators=(",", ":")).encode()
+            doc = json.dumps(_event(ev), separators=(",", ":")).encode()
             if docs and size + len(doc) + 1 > cfg.max_batch_bytes:
                 break
             docs.append(doc)

@@ -256,3 +256,41 @@ async def test_lost_hints_are_recovered_by_the_recheck(redis_cluster, tmp_path, 
             assert heard == []
             await carol2.send(direct_conversation("carol", "dave"), b"still here")
             assert carol2.connected
+
+
+async def test_host_events_count_a_recipient_online_on_another_node_as_online(redis_cluster, tmp_path) -> None:
+    """offline_recipients (what a host sends push notifications to) of a
+    message event: bob is online on node 1, the event is read on node 0
+    (the handle's stream, the HTTP page and webhooks share embed.fresh_page):
+    not offline; carol, online nowhere, is."""
+    from pimcore.store.redis import RedisStore
+
+    ns = "t" + os.urandom(6).hex()
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack:
+            nodes = []
+            for i in range(2):
+                store = await stack.enter_async_context(RedisStore.connect(redis_cluster.url, namespace=ns))
+                nodes.append(await stack.enter_async_context(open_pimcore(
+                    data_dir=tmp_path / f"node{i}", listen=["tcp://127.0.0.1:0"], store=store,
+                    secret=SECRET.decode(), events=True)))
+            await nodes[0].create_group("g:push", ["ann", "bob", "carol"])
+            ann = await login(stack, nodes[0], "ann", "phone")
+            await login(stack, nodes[1], "bob", "phone")
+            await online_everywhere(nodes, {"ann": [0], "bob": [1]})
+            sent = await ann.send("g:push", b"ding")
+            stream = nodes[0].events()
+            async for ev in stream:
+                if ev.type == "message" and ev.msg_id == sent.msg_id:
+                    break
+            assert ev.offline_recipients == ("carol",)
+            from pimcore.embed import fresh_page
+
+            (again,) = await fresh_page(nodes[0], (ev,))
+            assert again.offline_recipients == ("carol",)
+            # A host's read of a user's conversations is no login: nothing
+            # registers carol as online in her groups (read fan-out).
+            await nodes[0].conversations("carol")
+            cluster = nodes[0].server.store.cluster
+            assert await nodes[0].server.store._r.hget(cluster.on_key("g:push"), "carol") is None
+            assert await nodes[0].server.store._r.hget(cluster.on_key("g:push"), "bob") is not None

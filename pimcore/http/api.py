@@ -206,7 +206,7 @@ def _guarded(handler: Callable[[Request], Awaitable[tuple[int, Any]]]) -> Callab
 
 def register_api(router: Router, handle: "Pimcore") -> None:
     """Route the server API's endpoints (all behind the API key) to ``handle``."""
-    from ..embed import fresh_presence
+    from ..embed import fresh_page
 
     async def post(request: Request) -> tuple[int, Any]:
         body = _object(request)
@@ -423,8 +423,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         if last > after or wait > 0:
             with trio.move_on_after(wait):
                 after, page = await handle.next_events(consumer, after=after, limit=limit)
-        online = handle.online_devices
-        out = [_event(fresh_presence(ev, online)) for ev in page]
+        out = [_event(ev) for ev in await fresh_page(handle, page)]
         return 200, {"consumer": consumer, "after": after, "events": out,
                      "next": page[-1].id if page else after}
 
@@ -443,7 +442,6 @@ def register_api(router: Router, handle: "Pimcore") -> None:
             after = int(last_id)
         cursor, _ = await handle.event_cursor(consumer)  # refuses a bad consumer before the stream starts
         start = cursor if after is None else after
-        online = handle.online_devices
 
         async def produce(send: Callable[[bytes], Awaitable[None]]) -> None:
             # One page at a time, written before the next is read: what a
@@ -459,8 +457,8 @@ def register_api(router: Router, handle: "Pimcore") -> None:
                     await send(b": keep-alive\n\n")
                     continue
                 out = bytearray()
-                for ev in page:
-                    data = json.dumps(_event(fresh_presence(ev, online)), separators=(",", ":"), ensure_ascii=False)
+                for ev in await fresh_page(handle, page):
+                    data = json.dumps(_event(ev), separators=(",", ":"), ensure_ascii=False)
                     out += b"id: %d\ndata: %s\n\n" % (ev.id, data.encode())
                 pos = page[-1].id
                 await send(bytes(out))

@@ -790,10 +790,13 @@ class LoadSession:
     head and floor, the device's stored position, and the read state of
     every conversation in :meth:`Store.conversations` (with the peer's
     marker for 1:1 chats).  Malformed ids -> Rejected(BAD_REQUEST).
-    Result: SessionLoaded."""
+    Result: SessionLoaded.  ``login``: a session follows (the core's login);
+    False for a host's read, which a store that keeps track of sessions
+    (the Redis store's read fan-out registrations) leaves out."""
 
     user: str
     device: str
+    login: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -1776,7 +1776,7 @@ class RedisStore(AsyncStore):
         user = op.user
         uk = self._k_user(user)
         listed = await self._conversations(tx, user)
-        if self.cluster is not None:
+        if self.cluster is not None and op.login:
             # Read fan-out: register this node's session in the user's groups,
             # then take what large groups' logs hold for the user, BEFORE the
             # head is read (the catch-up then covers them).  The list stays
