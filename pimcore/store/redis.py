@@ -1575,9 +1575,10 @@ class RedisStore(AsyncStore):
                 tx.delete(uk, f)
                 if direct_members(f[3:]) is None:
                     tx.delete(self._k_conv(f[3:]), "sp:" + user)
-            elif f.startswith(("cs:", "del:", "ld:")) or f == "pv":
-                # The user's settings, deletions for themselves, last seq
-                # delivered per conversation, privacy.
+            elif f.startswith(("cs:", "del:")) or f == "pv":
+                # The user's settings, deletions for themselves, privacy.  (The
+                # last seq delivered per conversation, ``ld:``, stays: a
+                # re-added user must not get the entries before it again.)
                 tx.delete(uk, f)
         head = _int(fields.get("head"))
         if _int(fields.get("floor")) != head:

@@ -2164,6 +2164,8 @@ class _Fanout:
         self.msgs: list[tuple[StoredMessage, list[str], bool, Optional[tuple[str, str, bytes]]]] = []
         self.extra = _Round()
         self.event_msgs: dict[bytes, StoredMessage] = {}
+        #: (conv, user) of this round's JOINED entries (see run()).
+        self.joined: set[tuple[str, str]] = set()
 
     def message(self, m: StoredMessage, recipients: list[str], event: bool,
                 dedupe: Optional[tuple[str, str, bytes]] = None,
@@ -2206,7 +2208,7 @@ class _Fanout:
         # registered where its sessions are, whatever the group's size now
         # (it may grow past the threshold later; else the member would see
         # the group's messages only at its next login).
-        joined = {(m.conv, m.sender) for m, _, _, _ in self.msgs if m.kind == MessageKind.JOINED}
+        self.joined = joined = {(m.conv, m.sender) for m, _, _, _ in self.msgs if m.kind == MessageKind.JOINED}
         # One FANOUT per (recipient, message), in the batch's order (one
         # pipeline per master runs them in that order: positions follow it).
         for m, recipients, event, dedupe in self.msgs:
@@ -2309,3 +2311,7 @@ class _Fanout:
         answers = await ops.run(rnd)
         for idx, user, conv in calls:
             self._took(answers[idx], user, conv, positions, hints, new_users)
+            if (conv, user) in self.joined and answers[idx][2]:
+                # A JOINED entry after a gap (the user was not a member for
+                # the seqs before it): registered as in run().
+                self.ops._registered(hints, conv, user, answers[idx][2])
