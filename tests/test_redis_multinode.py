@@ -1131,3 +1131,25 @@ async def test_a_host_event_whose_answer_was_lost_is_appended_once(redis_cluster
             assert len(keys) == 3
             await store.execute(StoreRequest(4, (Reclaim(10**6, 1, 1),), True))
             assert [k for k in await store._r.hkeys(store._ev) if k.startswith((b"x:", b"e:"))] == []
+
+
+async def test_a_round_cancelled_half_way_never_hands_its_replies_to_the_next(redis_cluster) -> None:
+    """A round cancelled after it was sent (a read request's timeout, a
+    closing task) leaves its replies on the way; the next round on that
+    connection must not take them for its own (they read as another user's
+    inbox head: a false "lost writes" verdict that stopped every node)."""
+    from pimcore.store.redis import RedisStore
+    from pimcore.store.redis_scripts import _Round
+
+    async with RedisStore.connect(redis_cluster.url, namespace=_ns()) as store:
+        ops = store.cluster
+        key = store._k_user("slow")
+        with trio.move_on_after(0.2) as scope:
+            rnd = _Round()
+            rnd.raw(key, "BLPOP", key + ":nothing", "1")  # same slot: one connection
+            await ops.run(rnd, wait=False)
+        assert scope.cancelled_caught
+        rnd = _Round()
+        rnd.hset(key, "f", b"v")
+        rnd.raw(key, "HGET", key, "f")
+        assert await ops.run(rnd, wait=False) == [1, b"v"]

@@ -618,6 +618,11 @@ class _RawConn:
     def __init__(self, stream: Any) -> None:
         self.stream = stream
         self.lock = trio.Lock()
+        #: A pipeline was interrupted (timeout, cancel, error) after it was
+        #: sent: its replies may still arrive, and the next pipeline would
+        #: take them for its own (answers of other commands: another user's
+        #: head, another seq).  Such a connection is never used again.
+        self.broken = False
         # RESP parsing is hiredis' C reader (a hand-written Python parser was
         # about an eighth of a node's CPU under load); error replies come
         # back as _ReplyError values in their command's place.
@@ -635,19 +640,27 @@ class _RawConn:
                 b = _arg(a)
                 out.append(b"$%d\r\n%s\r\n" % (len(b), b))
         async with self.lock:
-            with trio.fail_after(timeout):
-                await self.stream.send_all(b"".join(out))
-                replies: list[Any] = []
-                reader = self.reader
-                while len(replies) < len(cmds):
-                    v = reader.gets()
-                    if v is False:  # hiredis: not a whole reply yet
-                        data = await self.stream.receive_some(1 << 16)
-                        if not data:
-                            raise ConnectionError("Redis closed the connection")
-                        reader.feed(data)
-                    else:
-                        replies.append(v)
+            if self.broken:
+                raise ConnectionError("connection dropped: an earlier pipeline on it was interrupted")
+            whole = False
+            try:
+                with trio.fail_after(timeout):
+                    await self.stream.send_all(b"".join(out))
+                    replies: list[Any] = []
+                    reader = self.reader
+                    while len(replies) < len(cmds):
+                        v = reader.gets()
+                        if v is False:  # hiredis: not a whole reply yet
+                            data = await self.stream.receive_some(1 << 16)
+                            if not data:
+                                raise ConnectionError("Redis closed the connection")
+                            reader.feed(data)
+                        else:
+                            replies.append(v)
+                whole = True
+            finally:
+                if not whole:
+                    self.broken = True
         return replies
 
     async def aclose(self) -> None:
@@ -886,7 +899,10 @@ class ClusterOps:
                         wait: bool) -> None:
         s = self.s
         conn = self._raw.get(addr)
-        if conn is None:
+        if conn is None or conn.broken:
+            if conn is not None:
+                with trio.CancelScope(shield=True):
+                    await conn.aclose()
             conn = self._raw[addr] = await _RawConn.open(*s.dial(addr))
         cmds: list[Sequence[Any]] = []
         for i in idx:
