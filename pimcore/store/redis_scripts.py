@@ -1664,6 +1664,16 @@ class ClusterOps:
         (membership spans), from the conversation log, at most _PULL_CHUNK
         per FANOUT.  Returns how many entries were added.  Cost: one
         pipelined read round, then one FANOUT per chunk (+ its WAIT)."""
+        # Counted as a request (as the sweep is): its FANOUT answers may be
+        # processed out of order with a write request's, so the lost-writes
+        # check must not compare them (see _alone).
+        self._enter()
+        try:
+            return await self._pull(user, convs)
+        finally:
+            self._leave()
+
+    async def _pull(self, user: str, convs: Sequence[str]) -> int:
         from .redis import _Tx, _dec_spans, _int
 
         s = self.s
