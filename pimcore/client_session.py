@@ -1428,6 +1428,10 @@ class ClientSession:
             self._rate_mark = (t, self._answers)  # idle until now: a rate sample starts here
         self._pending[lid] = p
         heapq.heappush(self._timeouts, (deadline, lid))
+        # The message ends this user's typing indicator at the other members
+        # (PROTOCOL.md): the next keystroke sends a fresh Typing at once,
+        # not after what is left of typing_interval.
+        self._typing_sent.pop(conv, None)
         self._requeue(p)
         self._fill_window()
         return lid

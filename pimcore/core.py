@@ -581,7 +581,7 @@ class _Device:
     it rather than asking twice.
     """
 
-    __slots__ = ("conn", "user", "device", "acked", "sent_upto", "unacked", "unacked_bytes", "reading")
+    __slots__ = ("conn", "user", "device", "acked", "sent_upto", "unacked", "unacked_bytes", "reading", "typing")
 
     def __init__(self, conn: int, user: str, device: str, position: int) -> None:
         self.conn = conn
@@ -593,6 +593,9 @@ class _Device:
         self.unacked: deque[tuple[int, int]] = deque()
         self.unacked_bytes = 0
         self.reading = False
+        # Typing from another node held until the entries before it are
+        # pushed ((conv, user) -> (frame, expires µs)): see typing_elsewhere.
+        self.typing: Optional[dict[tuple[str, str], tuple[F.Typing, int]]] = None
 
 
 class _PendingSend:
@@ -2508,12 +2511,16 @@ class Broker:
                 # and PushAck round trip per batch for every sender.
                 dev.sent_upto = dev.acked = upto
                 self._record_ack(dev, upto, now)
+                if dev.typing is not None and upto >= self._heads.get(dev.user, 0):
+                    self._release_typing(dev, out, now)
                 return
         dev.sent_upto = upto
         dev.unacked.append((upto, size))
         dev.unacked_bytes += size
         self._stats["pushes"] += 1
         self._send(dev.conn, _push(upto, msgs), out)
+        if dev.typing is not None and upto >= self._heads.get(dev.user, 0):
+            self._release_typing(dev, out, now)
 
     def _on_push_ack(self, c: _Conn, f: F.PushAck, now: int, out: list[Command]) -> None:
         dev = self._online[c.user][c.device]
@@ -2893,10 +2900,40 @@ class Broker:
             return out
         frame = F.Typing(conv, active, user, left // 1000 if active else 0)
         pair = direct_members(conv)
+        cfg, conns = self.config, self._conns
         for r in recipients:
             if r != user and (pair is None or (user in pair and r in pair)):
-                self._typing_to_user(r, frame, out)
+                head = self._heads.get(r, 0)
+                for dev in self._online.get(r, {}).values():
+                    if dev.sent_upto < head:
+                        # Entries announced before this hint (the message the
+                        # typer sent just before typing again, say) are still
+                        # on their way to the device (an inbox read): the
+                        # message would end the indicator that came after it.
+                        # Held (the latest per typer) until they are pushed.
+                        if dev.typing is None:
+                            dev.typing = {}
+                        dev.typing[(conv, user)] = (frame, now + left)
+                        continue
+                    dc = conns.get(dev.conn)
+                    if dc is not None and dc.held <= cfg.outbound_pause:
+                        self._send(dev.conn, frame, out)
         return out
+
+    def _release_typing(self, dev: _Device, out: list[Command], now: int) -> None:
+        """The device caught up with its inbox: the Typing frames held for it
+        (typing_elsewhere) go out after the push, with what is left of their
+        TTL (an expired indicator is dropped)."""
+        held, dev.typing = dev.typing, None
+        dc = self._conns.get(dev.conn)
+        if not held or dc is None or dc.held > self.config.outbound_pause:
+            return
+        for frame, until in held.values():
+            if frame.active:
+                if until - now < 1000:
+                    continue
+                frame = F.Typing(frame.conv, True, frame.user, (until - now) // 1000)
+            self._send(dev.conn, frame, out)
 
     def _membership_changed(self, res: GroupChanged) -> None:
         """A group's members changed (committed): typing goes to the new

@@ -230,3 +230,28 @@ def test_membership_changed_on_another_node_reaches_typing_within_seconds(store)
     h.advance(3 * SECOND)
     h.feed(alice, F.Typing("g", True))
     assert h.elsewhere[-1].recipients == ("carol",)
+
+
+def test_a_typing_hint_after_a_message_still_on_its_way_waits_for_the_push(store):
+    """alice (on another node) sends, then types again: the inbox hint of
+    her message comes first, the typing hint second, but the message is
+    pushed only after an inbox read -- it would end the indicator that came
+    after it.  The Typing waits for that push (PROTOCOL.md: a message ends
+    the indicators before it, not after)."""
+    h = shared(store, typing_ttl=5 * SECOND)
+    other = shared(store)  # another node over the same store
+    bob = h.login("bob", "phone")
+    alice = other.login("alice", "p")
+    h.take(bob)
+    other.send(alice, AB, b"hi")
+    head = store.inbox_head("bob")
+    read = h.broker.inbox_advanced("bob", head, h.now)  # its inbox read not answered yet
+    h.run(h.broker.typing_elsewhere("alice", AB, True, ("bob",), h.now, h.now))
+    assert typing(h, bob) == []
+    h.run(read)
+    got = h.take(bob)
+    assert [type(f).__name__ for f in got] == ["Push", "Typing"]
+    assert got[0].messages[0].payload == b"hi" and (got[1].user, got[1].active) == ("alice", True)
+    # Caught up: the next one goes at once.
+    h.run(h.broker.typing_elsewhere("alice", AB, False, ("bob",), h.now, h.now))
+    assert typing(h, bob) == [(AB, "alice", False, 0)]

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from pimcore import frames as F
-from pimcore.client import ClientConfig, PresenceChanged, TypingChanged, open_client
+from pimcore.client import ClientConfig, MessageReceived, PresenceChanged, TypingChanged, open_client
 from pimcore.embed import open_pimcore
 from pimcore.ids import direct_conversation
 
@@ -98,6 +98,14 @@ async def test_typing_on_one_node_reaches_the_members_on_another(redis_cluster, 
             await alice.send(AB, b"hi")
             await first(bob, typing_of("alice", AB, False))
             assert bob.typing_users(AB) == []
+            # Send, then type again at once (the usual chat pattern): the
+            # typing hint overtakes the message's push on the way; the
+            # message must not end the indicator that came after it.
+            await alice.send(AB, b"and")
+            assert await alice.typing(AB) is True
+            await first(bob, lambda ev: isinstance(ev, MessageReceived) and ev.message.payload == b"and")
+            await first(bob, typing_of("alice", AB, True))
+            assert bob.typing_users(AB) == ["alice"]
             # A group: both members on node 1 see it start and stop.
             assert await alice.typing("team") is True
             for member in (bob, carol):

@@ -28,6 +28,23 @@ def test_typing_is_throttled_and_a_stop_follows_only_a_start():
     assert b.read() == [F.Typing("g", True), F.Typing("h", True), F.Typing("g", True), F.Typing("g", False), F.Typing("g", True)]
 
 
+def test_a_send_ends_the_indicator_so_the_next_keystroke_types_again_at_once():
+    """A message ends its sender's indicator at the other members, so the
+    throttle starts over: typing right after a send goes out at once (it
+    did not, and the others saw no indicator for the rest of the interval);
+    a stop after the send has nothing to stop."""
+    s = session(typing_interval=2.0)
+    b = connect(s, T0)
+    assert s.typing("g", T0) is True
+    s.send("g", b"hi", T0 + 1 * S)
+    assert s.typing("g", T0 + 1 * S, active=False) is False
+    assert s.typing("g", T0 + 1 * S + 1) is True
+    assert s.typing("g", T0 + 1 * S + 2) is False  # throttled again
+    assert s.typing("h", T0 + 1 * S + 3) is True  # another conversation's send reset nothing there
+    frames = [f for f in b.read() if isinstance(f, F.Typing)]
+    assert frames == [F.Typing("g", True), F.Typing("g", True), F.Typing("h", True)]
+
+
 def test_indicators_expire_by_themselves_and_stop_early():
     s = session()
     b = connect(s, T0)

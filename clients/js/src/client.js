@@ -472,6 +472,9 @@ export class PimcoreClient {
     // reconnect would do it again, holding up every send behind it).
     if (this.loginAck && this._refuseOversize(entry)) return entry.promise;
     this._pending.set(lid, entry);
+    // The message ends this user's typing indicator at the other members
+    // (PROTOCOL.md): the next keystroke sends a fresh Typing at once.
+    this._typingSent.delete(conv);
     this._refTicker();
     this._fill(now);
     return entry.promise;

@@ -48,6 +48,11 @@ describe('live broker: typing and presence', () => {
     assert.equal(a.typing('crew', false), true);
     await until(() => b.events.some(([n, e]) => n === 'typing' && !e.active), 5000, 'the stop');
     assert.deepEqual(b.typingUsers('crew'), []);
+    // A send ends the indicator at the others: the next keystroke types again at once.
+    assert.equal(a.typing('crew'), true);
+    await a.send('crew', 'done');
+    assert.equal(a.typing('crew', false), false, 'the send ended it: nothing to stop');
+    assert.equal(a.typing('crew'), true, 'not throttled after a send');
     x.typing('crew'); // not a member: refused, never relayed
     await until(() => x._lastError && x._lastError.code === ErrorCode.NOT_MEMBER, 5000, 'NOT_MEMBER');
     assert.ok(!a.events.some(([n]) => n === 'typing'), 'not to the sender');
