@@ -1776,6 +1776,9 @@ class RedisStore(AsyncStore):
             return Rejected(ErrorCode.BAD_REQUEST)
         user = op.user
         uk = self._k_user(user)
+        if self.cluster is not None and op.login:
+            # Before anything else is read: the re-check starts from here.
+            self.cluster.login_read(user, _int(await tx.get(uk, "sv")))
         listed = await self._conversations(tx, user)
         if self.cluster is not None and op.login:
             # Read fan-out: register this node's session in the user's groups,

@@ -773,6 +773,11 @@ class ClusterOps:
         #: user online here -> the state version (``sv``) whose changes
         #: this node's sessions have (from hints or the re-check).
         self._sv: dict[str, int] = {}
+        #: user -> the state version its login's read (LoadSession) began at:
+        #: what device_online starts the re-check from (a change between that
+        #: read and the login's record is then caught up, not skipped).
+        #: Bounded like ``groups``.
+        self._login_sv: dict[str, int] = {}
         self._inflight = 0
         self._overlap = False
         self._raw: dict[tuple[str, int], _RawConn] = {}
@@ -1532,7 +1537,8 @@ class ClusterOps:
         old, sv = await self.run(rnd, wait=False)
         # What the re-check compares with (see _recheck_loop): changes after
         # the login are caught up with, the login read those before.
-        self._sv.setdefault(user, int(sv or 0))
+        start = self._login_sv.pop(user, None)
+        self._sv.setdefault(user, int(sv or 0) if start is None else min(start, int(sv or 0)))
         old = old.decode() if isinstance(old, bytes) else (old or "")
         if old and old != "-" and old != self.node_hex:
             rnd = _Round()
@@ -1641,6 +1647,13 @@ class ClusterOps:
     # fan-out gives each entry one position.  The periodic pull (every
     # _PULL_TICKS re-checks) bounds what a lost registration (a failover,
     # a logout racing a login on this node) can delay.
+
+    def login_read(self, user: str, sv: int) -> None:
+        """A login's read of ``user`` begins at state version ``sv`` (read
+        first: see ``_login_sv``)."""
+        if user not in self._login_sv and len(self._login_sv) >= _GROUPS_CAP:
+            self._login_sv.clear()  # logins that never came online
+        self._login_sv[user] = min(sv, self._login_sv.get(user, sv))
 
     async def join_groups(self, user: str, convs: Sequence[str]) -> None:
         """Register ``user`` online on this node in each group of ``convs``
