@@ -191,6 +191,7 @@ typedef struct {
 } conn_t;
 
 static int resp_mode;
+static uint64_t lid_base = 1; /* first local id of every connection (set from the time in main) */
 static int window, size;
 static unsigned char *filler;
 static int64_t measure_from, measure_to, stop_sending;
@@ -474,6 +475,11 @@ int main(int argc, char **argv) {
         return 2;
     }
     resp_mode = strcmp(argv[1], "resp") == 0;
+    {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        lid_base = (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+    }
     window = atoi(argv[5]);
     size = atoi(argv[6]);
     double warmup = atof(argv[7]), duration = atof(argv[8]), drain = atof(argv[9]);
@@ -536,7 +542,7 @@ int main(int argc, char **argv) {
         c->mask = slots - 1;
         c->slot_lid = calloc(slots, sizeof *c->slot_lid);
         c->slot_t = calloc(slots, sizeof *c->slot_t);
-        c->next_lid = 1;
+        c->next_lid = lid_base; /* from the time (µs), as the SDK: a second run is no retry of the first */
         c->fifo_head = 1;
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
         epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);

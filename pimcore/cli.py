@@ -512,6 +512,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             url=",".join(args.url) if args.url else None,
             secret=args.secret or os.environ.get("PIMCORE_SECRET") or None,
             data_dir=args.data_dir,
+            store=args.store or (os.environ.get("PIMCORE_STORE") if args.url and args.group else None) or None,
+            namespace=args.namespace or os.environ.get("PIMCORE_STORE_NAMESPACE") or "pim",
             conns=args.conns,
             window=args.window,
             size=args.size,
@@ -674,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
                         " sharing one store, connections spread over them round-robin")
     p.add_argument("--secret", help="the existing broker's token secret (default $PIMCORE_SECRET)")
     p.add_argument("--data-dir", help="the existing broker's data dir (group mode creates the group there)")
+    p.add_argument("--store", help="group mode against nodes over Redis Cluster: their store (redis://...; default"
+                                   " $PIMCORE_STORE), where the group is created")
+    p.add_argument("--namespace", help="with --store: the nodes' namespace (default $PIMCORE_STORE_NAMESPACE or pim)")
     p.add_argument("-c", "--conns", type=int, default=50, help="sending connections (default 50)")
     p.add_argument("-w", "--window", type=int, default=16, help="SendReqs in flight per connection (default 16)")
     p.add_argument("-s", "--size", type=int, default=100, help="payload bytes (default 100)")

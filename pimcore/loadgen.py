@@ -86,6 +86,10 @@ class BenchConfig:
     url: Optional[str] = None  # None: start a broker process of our own; "URL,URL": several nodes
     secret: Optional[str] = None  # the broker's token secret (required with url)
     data_dir: Optional[str] = None  # with url: the broker's data dir (group creation)
+    #: With url, group mode over Redis Cluster: the nodes' store
+    #: (redis://...) and namespace, where the bench group is created.
+    store: Optional[str] = None
+    namespace: str = "pim"
     #: Tags the 1:1 users of this run (bench-RUN-s0 ...): a store keeps every
     #: (user, device, local id) it acked, so a second run against the same
     #: broker with the same users would be refused DUPLICATE_CONFLICT.
@@ -337,6 +341,33 @@ def _create_group(store_dir: str, size: int, durability: str) -> None:
         store.close()
 
 
+def _create_group_redis(url: str, namespace: str, size: int) -> None:
+    """The bench group in a Redis Cluster store the nodes share (created, or
+    its missing members added)."""
+    import trio
+
+    from .errors import StoreError
+    from .store.base import AddMembers, CreateGroup, GroupChanged, Rejected, StoreRequest
+
+    members = tuple(_member(i) for i in range(size))
+
+    async def main() -> None:
+        from .store.redis import RedisStore
+
+        async with RedisStore.connect(url, namespace=namespace) as store:
+            now = time.time_ns() // 1000
+            (res,) = await store.execute(StoreRequest(1, (CreateGroup(GROUP_ID, members, now),), True))
+            if isinstance(res, Rejected) and res.code.name == "ALREADY_EXISTS":
+                (res,) = await store.execute(StoreRequest(2, (AddMembers(GROUP_ID, members, now),), True))
+            if not isinstance(res, GroupChanged):
+                raise BenchError(f"cannot create the bench group in {url}: {res}")
+
+    try:
+        trio.run(main)
+    except (StoreError, OSError, ImportError) as exc:
+        raise BenchError(f"cannot create the bench group in {url}: {exc}") from None
+
+
 def _can_pin() -> bool:
     return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
 
@@ -499,7 +530,9 @@ class _Worker:
         quota = role.quota
         sent_here = 0
         inflight: dict[int, int] = {}
-        local_ids = iter(range(1, 1 << 62))
+        # From the time (µs), as the SDK does: a second run with the same
+        # users and devices (group mode) is not a retry of the first.
+        local_ids = iter(range(time.time_ns() // 1000, 1 << 62))
         filler = self.filler
         mono = time.monotonic_ns
         pushed_upto = 0
@@ -817,9 +850,13 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         res.limit = _diagnose(res)
         return res
     if cfg.mode == "group":
-        if cfg.data_dir is None:
-            raise BenchError("group mode against --url needs --data-dir (to create the bench group)")
-        _create_group(os.path.join(cfg.data_dir, "store"), cfg.group_size, "sync")
+        if cfg.store is not None:
+            _create_group_redis(cfg.store, cfg.namespace, cfg.group_size)
+        elif cfg.data_dir is None:
+            raise BenchError("group mode against --url needs --data-dir (the broker's LMDB store) or --store"
+                             " (the nodes' Redis Cluster store) to create the bench group")
+        else:
+            _create_group(os.path.join(cfg.data_dir, "store"), cfg.group_size, "sync")
     assert cfg.secret is not None
     res = _run_against(cfg, cfg.url, cfg.secret, None, "")
     res.limit = _diagnose(res)
