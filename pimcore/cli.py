@@ -208,16 +208,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"pimcore serve: {exc}", file=sys.stderr)
         return 2
     store: Any = None
+    note = settings.data_dir / _REDIS_NOTE
     if settings.store is None:
         store_dir = settings.data_dir / "store"
         try:
             store = LmdbStore(store_dir, durability=settings.durability)
-        except StoreError as exc:
+            note.unlink(missing_ok=True)  # this data dir is LMDB's again
+        except (StoreError, OSError) as exc:
             print(f"pimcore serve: {exc}", file=sys.stderr)
             return 2
         where = f"data in {settings.data_dir.resolve()} (durability {settings.durability})"
     else:
         # A Redis Cluster store (an AsyncStore): opened inside trio below.
+        try:
+            # What `pimcore group/purge/retention --data-dir` here read: this
+            # broker's data is in Redis, not in an LMDB store they would open.
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            note.write_text(f"{settings.store} {settings.store_namespace}\n")
+        except OSError as exc:
+            print(f"pimcore serve: {exc}", file=sys.stderr)
+            return 2
         for module in ("coredis", "hiredis"):
             try:
                 __import__(module)
@@ -323,10 +333,21 @@ def _lmdb_only(command: str, settings: Any, instead: str) -> Optional[str]:
     it opens the data directory's LMDB store, and a broker on Redis
     (``store.url``) keeps its data elsewhere -- writing a stray LMDB store
     there would report success and change nothing the broker reads."""
-    if settings.store is None:
-        return None
-    return (f"pimcore {command}: the broker keeps its data in Redis ({settings.store}); this command works on"
+    store = settings.store
+    if store is None:
+        # serve --store on the command line is not in the settings here: the
+        # note serve leaves in the data directory says it.
+        try:
+            store = (settings.data_dir / _REDIS_NOTE).read_text().split()[0]
+        except (OSError, IndexError):
+            return None
+    return (f"pimcore {command}: the broker keeps its data in Redis ({store}); this command works on"
             f" the embedded LMDB store only: {instead}")
+
+
+#: Left in the data directory by `serve --store redis://...` (URL and
+#: namespace); removed by a serve on LMDB there.
+_REDIS_NOTE = "redis-store"
 
 
 def _cmd_group(args: argparse.Namespace) -> int:

@@ -302,3 +302,18 @@ def test_serve_refuses_a_redis_url_it_cannot_honour_saying_why(tmp_path, monkeyp
     assert main(["serve", "--data-dir", str(tmp_path / "d"), "--store", url]) == 2
     err = capsys.readouterr().err
     assert url in err and ("not supported" in err or "HOST:PORT" in err)
+
+
+def test_lmdb_commands_refuse_a_data_dir_whose_broker_serves_from_redis(tmp_path, monkeypatch, capsys):
+    # serve --store on its command line is not in the group command's
+    # settings: the note serve leaves in the data directory says it (the
+    # command made a stray LMDB store there and reported success).
+    monkeypatch.setenv("PIMCORE_SECRET", "s" * 40)
+    monkeypatch.setitem(sys.modules, "coredis", None)  # serve stops right after taking the data dir
+    d = str(tmp_path / "d")
+    assert main(["serve", "--data-dir", d, "--store", "redis://127.0.0.1:1"]) == 2
+    capsys.readouterr()
+    assert main(["group", "create", "team", "alice", "bob", "--data-dir", d]) == 2
+    err = capsys.readouterr().err
+    assert "keeps its data in Redis (redis://127.0.0.1:1)" in err
+    assert not (tmp_path / "d" / "store").exists()
