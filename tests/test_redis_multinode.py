@@ -1193,3 +1193,25 @@ async def test_a_pull_beside_a_send_is_no_lost_writes_verdict(redis_cluster) -> 
                 release.set()
         assert type(result[0]).__name__ == "Appended", result
         assert await store.inbox_head("bob") == 4
+
+
+async def test_the_hint_lists_of_dead_nodes_are_deleted(redis_cluster) -> None:
+    """Node ids are new per process: the hint list of a node that died is
+    never read again.  A node deletes the lists of nodes whose liveness key
+    is gone (they grew to 10,000 hints each and stayed); a live node's list
+    stays."""
+    from pimcore.store.redis import RedisStore
+    from pimcore.store.redis_scripts import _Round
+
+    ns = _ns()
+    async with RedisStore.connect(redis_cluster.url, namespace=ns) as a, \
+            RedisStore.connect(redis_cluster.url, namespace=ns) as b:
+        await b.cluster._beat()  # its liveness key (the hints loop beats every 2 s)
+        ghost = os.urandom(8).hex()
+        rnd = _Round()
+        for node in (ghost, b.cluster.node_hex):
+            rnd.push(a.cluster.hint_key(node), b"I nobody 1")
+        await a.cluster.run(rnd, wait=False)
+        assert await a.cluster.drop_dead_hint_lists() == 1
+        assert await a._r.exists([a.cluster.hint_key(ghost)]) == 0
+        assert await a._r.exists([a.cluster.hint_key(b.cluster.node_hex)]) == 1

@@ -2092,14 +2092,44 @@ class ClusterOps:
                 raise DataLost("the namespace has a new epoch (another node detected lost writes): stopping")
 
     async def _sweep_loop(self) -> None:
+        sweeps = 0
         while not self.s._closed:
             await trio.sleep(self.sweep_after)
             try:
                 await self.sweep()
+                sweeps += 1
+                if sweeps % 20 == 0:  # about once a minute
+                    await self.drop_dead_hint_lists()
             except DataLost:
                 raise
             except Exception:
                 pass  # the next sweep tries again
+
+    async def drop_dead_hint_lists(self) -> int:
+        """Delete the hint lists of nodes that are not live (their liveness
+        key is gone: a node that died or stopped; node ids are new per
+        process, so nothing else ever takes them); returns how many.  A
+        live node cut off longer than ``node_ttl`` may lose its queued
+        hints: wake-ups, which its re-checks make up for."""
+        s = self.s
+        prefix = f"{s.ns}:{{n:"
+        lists: list[str] = []
+        for node in s._r.connection_pool.cluster_layout.primaries:
+            client = await s._master_at((node.host, node.port))
+            cursor = 0
+            while True:
+                cursor, batch = await client.scan(cursor, match=prefix + "*}", count=500)
+                lists.extend(k.decode() if isinstance(k, bytes) else k for k in batch)
+                if not cursor:
+                    break
+        nodes = {k[len(prefix):-1] for k in lists if k.endswith("}")} - {self.node_hex}
+        dead = sorted(nodes - await self.live_nodes(nodes))
+        if dead:
+            rnd = _Round()
+            for n in dead:
+                rnd.raw(self.hint_key(n), "DEL", self.hint_key(n))
+            await self.run(rnd, wait=False)
+        return len(dead)
 
     async def sweep(self, older_than: Optional[float] = None) -> int:
         """Finish the fan-outs of outbox entries older than ``older_than``
