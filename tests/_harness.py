@@ -72,6 +72,17 @@ def store_driver(request):
     DRIVER = "inline"
 
 
+@pytest.fixture(name="store", params=["memory", "lmdb"])
+def memory_or_lmdb_store(request, tmp_path):
+    """A test module that imports this has a ``store`` fixture: the test
+    runs over a MemoryStore and over an LmdbStore (durability "os")."""
+    from pimcore.store import LmdbStore, MemoryStore
+
+    s = MemoryStore() if request.param == "memory" else LmdbStore(str(tmp_path / "db"), durability="os")
+    yield s
+    s.close()
+
+
 def token_auth(token: bytes, now: int) -> Identity:
     """Test tokens: ``user`` or ``user/device``; ``expired:...`` is refused."""
     text = token.decode("utf-8", "replace")

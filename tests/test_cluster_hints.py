@@ -11,10 +11,10 @@ import pytest
 
 from pimcore import frames as F
 from pimcore.errors import CloseCode
-from pimcore.store import LmdbStore, MemoryStore, direct_conversation
+from pimcore.store import direct_conversation
 from pimcore.store.base import ConversationSet, SetConversation, WriteBatch
 
-from _harness import Harness, store_driver  # noqa: F401
+from _harness import Harness, memory_or_lmdb_store, store_driver  # noqa: F401
 
 AB = direct_conversation("alice", "bob")
 
@@ -22,13 +22,6 @@ AB = direct_conversation("alice", "bob")
 @pytest.fixture(autouse=True)
 def _every_store_driver(store_driver):
     return store_driver
-
-
-@pytest.fixture(params=["memory", "lmdb"])
-def store(request, tmp_path):
-    s = MemoryStore() if request.param == "memory" else LmdbStore(str(tmp_path / "db"), durability="os")
-    yield s
-    s.close()
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ import pytest
 from pimcore import frames as F
 from pimcore.core import SECOND, BrokerConfig, TypingElsewhere
 from pimcore.errors import ErrorCode
-from pimcore.store import LmdbStore, MemoryStore, direct_conversation
+from pimcore.store import direct_conversation
 from pimcore.store.base import SetPresencePrivacy, WriteBatch
 
-from _harness import Harness, store_driver  # noqa: F401
+from _harness import Harness, memory_or_lmdb_store, store_driver  # noqa: F401
 
 ONLINE, OFFLINE, UNKNOWN = F.PresenceState.ONLINE, F.PresenceState.OFFLINE, F.PresenceState.UNKNOWN
 AB = direct_conversation("alice", "bob")
@@ -27,13 +27,6 @@ AB = direct_conversation("alice", "bob")
 @pytest.fixture(autouse=True)
 def _every_store_driver(store_driver):
     return store_driver
-
-
-@pytest.fixture(params=["memory", "lmdb"])
-def store(request, tmp_path):
-    s = MemoryStore() if request.param == "memory" else LmdbStore(str(tmp_path / "db"), durability="os")
-    yield s
-    s.close()
 
 
 def shared(store, **cfg) -> Harness:

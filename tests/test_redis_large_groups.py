@@ -9,46 +9,21 @@ coredis (CI sets PIMCORE_REQUIRE_REDIS=1)."""
 
 from __future__ import annotations
 
-import os
-from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 import trio
 
-from pimcore.client import ClientConfig, open_client
-from pimcore.embed import Posted, open_pimcore
+from pimcore.embed import Posted
 from pimcore.frames import MessageKind
 
-from _net import SECRET
+from _redis_nodes import login, two_nodes
 
 pytestmark = [pytest.mark.redis]
 
-CFG = ClientConfig(ack_timeout=2.0, send_timeout=30.0, connect_timeout=10.0, backoff_initial=0.05, backoff_max=0.5)
-
-
-@asynccontextmanager
-async def two_nodes(cluster: Any, tmp_path: Any, above: int = 2) -> AsyncIterator[list[Any]]:
-    from pimcore.store.redis import RedisStore
-
-    ns = "t" + os.urandom(6).hex()
-    async with AsyncExitStack() as stack:
-        nodes = []
-        for i in range(2):
-            store = await stack.enter_async_context(RedisStore.connect(
-                cluster.url, namespace=ns, read_fanout_above=above))
-            nodes.append(await stack.enter_async_context(open_pimcore(
-                data_dir=tmp_path / f"node{i}", listen=["tcp://127.0.0.1:0"], store=store,
-                secret=SECRET.decode())))
-        yield nodes
-
-
-async def login(stack: AsyncExitStack, node: Any, user: str, device: str = "phone") -> Any:
-    c = await stack.enter_async_context(open_client(node.urls[0], node.issue_token(user), device, config=CFG))
-    await c.wait_connected()
-    return c
 
 
 async def take(client: Any, conv: str, n: int) -> list[Any]:
@@ -69,7 +44,7 @@ def head(node: Any, user: str) -> Any:
 async def test_a_large_group_writes_no_entry_for_offline_members_and_they_catch_up_at_login(
         redis_cluster, tmp_path) -> None:
     with trio.fail_after(90):
-        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+        async with two_nodes(redis_cluster, tmp_path, read_fanout_above=2) as nodes, AsyncExitStack() as stack:
             await nodes[0].create_group("g:big", ["ann", "bob", "cat", "dan", "eve"])
             ann = await login(stack, nodes[0], "ann")
             bob = await login(stack, nodes[1], "bob")
@@ -101,7 +76,7 @@ async def test_membership_bounds_what_a_pull_gives(redis_cluster, tmp_path) -> N
     """A member removed before some messages and one added after them pull
     exactly the seqs they were members for."""
     with trio.fail_after(90):
-        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+        async with two_nodes(redis_cluster, tmp_path, read_fanout_above=2) as nodes, AsyncExitStack() as stack:
             await nodes[0].create_group("g:club", ["ann", "bob", "cat", "dan"])
             ann = await login(stack, nodes[0], "ann")
             await ann.send("g:club", b"before")
@@ -123,7 +98,7 @@ async def test_membership_bounds_what_a_pull_gives(redis_cluster, tmp_path) -> N
 
 async def test_a_member_added_while_online_gets_the_group_live(redis_cluster, tmp_path) -> None:
     with trio.fail_after(90):
-        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+        async with two_nodes(redis_cluster, tmp_path, read_fanout_above=2) as nodes, AsyncExitStack() as stack:
             await nodes[0].create_group("g:open", ["ann", "bob", "cat"])
             ann = await login(stack, nodes[0], "ann")
             gus = await login(stack, nodes[1], "gus")
@@ -139,7 +114,7 @@ async def test_a_lost_registration_is_repaired_by_the_periodic_pull(redis_cluste
     failover lost it, a logout raced a login): the periodic pull still
     brings the messages, within a few re-checks."""
     with trio.fail_after(90):
-        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+        async with two_nodes(redis_cluster, tmp_path, read_fanout_above=2) as nodes, AsyncExitStack() as stack:
             await nodes[0].create_group("g:lossy", ["ann", "bob", "cat"])
             ann = await login(stack, nodes[0], "ann")
             bob = await login(stack, nodes[1], "bob")
@@ -160,7 +135,7 @@ async def test_a_large_group_pull_over_many_messages_is_chunked_and_complete(red
     from pimcore.store import redis_scripts
 
     with trio.fail_after(120):
-        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+        async with two_nodes(redis_cluster, tmp_path, read_fanout_above=2) as nodes, AsyncExitStack() as stack:
             await nodes[0].create_group("g:busy", ["ann", "bob", "cat"])
             ann = await login(stack, nodes[0], "ann")
             n = 2 * redis_scripts._PULL_CHUNK + 7
@@ -204,7 +179,7 @@ async def test_members_online_when_the_group_is_created_or_small_get_it_live_onc
     """Logged in before the group existed (not in their login's group list),
     or added while it was below the threshold: still live once it is large."""
     with trio.fail_after(90):
-        async with two_nodes(redis_cluster, tmp_path, above=3) as nodes, AsyncExitStack() as stack:
+        async with two_nodes(redis_cluster, tmp_path, read_fanout_above=3) as nodes, AsyncExitStack() as stack:
             ann = await login(stack, nodes[0], "ann")
             bob = await login(stack, nodes[1], "bob")
             hal = await login(stack, nodes[0], "hal")
@@ -306,7 +281,7 @@ async def test_a_purged_user_leaves_no_registration_or_change_list(redis_cluster
     about the user: its online registrations in groups and its change list
     (but the revocation the purge makes, which other nodes must see)."""
     with trio.fail_after(90):
-        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+        async with two_nodes(redis_cluster, tmp_path, read_fanout_above=2) as nodes, AsyncExitStack() as stack:
             await nodes[0].create_group("g:gone", ["ann", "bob", "cat"])
             ann = await login(stack, nodes[0], "ann")
             bob = await login(stack, nodes[1], "bob")

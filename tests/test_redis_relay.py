@@ -8,47 +8,21 @@ redis-server/coredis (CI sets PIMCORE_REQUIRE_REDIS=1)."""
 
 from __future__ import annotations
 
-import os
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from typing import Any, AsyncIterator, Callable
 
 import pytest
 import trio
 
-from pimcore.client import ClientConfig, open_client
 from pimcore.client_session import ConversationUpdated, Disconnected, ReadStateChanged, ReceiptReceived
-from pimcore.embed import open_pimcore
 from pimcore.errors import CloseCode
 from pimcore.ids import direct_conversation
 
-from _net import SECRET
+from _redis_nodes import login, two_nodes
 
 pytestmark = [pytest.mark.redis]
 
-CFG = ClientConfig(ack_timeout=2.0, send_timeout=30.0, connect_timeout=10.0, backoff_initial=0.05, backoff_max=0.5)
 AB = direct_conversation("alice", "bob")
-
-
-@asynccontextmanager
-async def two_nodes(cluster: Any, tmp_path: Any) -> AsyncIterator[list[Any]]:
-    """Two brokers sharing one namespace; each listens on loopback."""
-    from pimcore.store.redis import RedisStore
-
-    ns = "t" + os.urandom(6).hex()
-    async with AsyncExitStack() as stack:
-        nodes = []
-        for i in range(2):
-            store = await stack.enter_async_context(RedisStore.connect(cluster.url, namespace=ns))
-            nodes.append(await stack.enter_async_context(open_pimcore(
-                data_dir=tmp_path / f"node{i}", listen=["tcp://127.0.0.1:0"], store=store,
-                secret=SECRET.decode())))
-        yield nodes
-
-
-async def login(stack: AsyncExitStack, node: Any, user: str, device: str) -> Any:
-    c = await stack.enter_async_context(open_client(node.urls[0], node.issue_token(user), device, config=CFG))
-    await c.wait_connected()
-    return c
 
 
 async def first(client: Any, match: Callable[[Any], bool]) -> Any:
@@ -263,17 +237,9 @@ async def test_host_events_count_a_recipient_online_on_another_node_as_online(re
     message event: bob is online on node 1, the event is read on node 0
     (the handle's stream, the HTTP page and webhooks share embed.fresh_page):
     not offline; carol, online nowhere, is."""
-    from pimcore.store.redis import RedisStore
 
-    ns = "t" + os.urandom(6).hex()
     with trio.fail_after(60):
-        async with AsyncExitStack() as stack:
-            nodes = []
-            for i in range(2):
-                store = await stack.enter_async_context(RedisStore.connect(redis_cluster.url, namespace=ns))
-                nodes.append(await stack.enter_async_context(open_pimcore(
-                    data_dir=tmp_path / f"node{i}", listen=["tcp://127.0.0.1:0"], store=store,
-                    secret=SECRET.decode(), events=True)))
+        async with two_nodes(redis_cluster, tmp_path, events=True) as nodes, AsyncExitStack() as stack:
             await nodes[0].create_group("g:push", ["ann", "bob", "carol"])
             ann = await login(stack, nodes[0], "ann", "phone")
             await login(stack, nodes[1], "bob", "phone")

@@ -11,47 +11,22 @@ PIMCORE_REQUIRE_REDIS=1)."""
 
 from __future__ import annotations
 
-import os
-from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from typing import Any, Callable
 
 import pytest
 import trio
 
 from pimcore import frames as F
-from pimcore.client import ClientConfig, MessageReceived, PresenceChanged, TypingChanged, open_client
-from pimcore.embed import open_pimcore
+from pimcore.client import MessageReceived, PresenceChanged, TypingChanged
 from pimcore.ids import direct_conversation
 
-from _net import SECRET
+from _redis_nodes import login, two_nodes
 
 pytestmark = [pytest.mark.redis]
 
-CFG = ClientConfig(ack_timeout=2.0, send_timeout=30.0, connect_timeout=10.0, backoff_initial=0.05, backoff_max=0.5)
 AB = direct_conversation("alice", "bob")
 ONLINE, OFFLINE = F.PresenceState.ONLINE, F.PresenceState.OFFLINE
-
-
-@asynccontextmanager
-async def two_nodes(cluster: Any, tmp_path: Any) -> AsyncIterator[list[Any]]:
-    """Two brokers sharing one namespace; each listens on loopback."""
-    from pimcore.store.redis import RedisStore
-
-    ns = "t" + os.urandom(6).hex()
-    async with AsyncExitStack() as stack:
-        nodes = []
-        for i in range(2):
-            store = await stack.enter_async_context(RedisStore.connect(cluster.url, namespace=ns))
-            nodes.append(await stack.enter_async_context(open_pimcore(
-                data_dir=tmp_path / f"node{i}", listen=["tcp://127.0.0.1:0"], store=store,
-                secret=SECRET.decode())))
-        yield nodes
-
-
-async def login(stack: AsyncExitStack, node: Any, user: str, device: str = "phone", config: ClientConfig = CFG) -> Any:
-    c = await stack.enter_async_context(open_client(node.urls[0], node.issue_token(user), device, config=config))
-    await c.wait_connected()
-    return c
 
 
 async def recorded(node: Any, user: str, devices: int) -> None:
