@@ -264,3 +264,111 @@ def stage_message(op, seq, after_seq, ids, ck, dkey, msgs, convidx, dedupe):
     (<list>convidx).append((key, value))
     (<dict>dedupe)[dkey] = dvalue
     return entry
+
+
+cdef extern from "Python.h":
+    Py_ssize_t _fo_ulen "PyUnicode_GET_LENGTH"(object)
+    bint _fo_uascii "PyUnicode_IS_ASCII"(object)
+    void *_fo_udata "PyUnicode_DATA"(object)
+    bint _fo_is_str_exact "PyUnicode_CheckExact"(object)
+    long long _fo_as_i64_ovf "PyLong_AsLongLongAndOverflow"(object, int *)
+
+
+# pimcore.ids.ID_CHARS as a table (filled at import)
+cdef unsigned char _FO_ID_CHAR[256]
+for _c in range(256):
+    _FO_ID_CHAR[_c] = 1 if chr(_c) in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.@-" else 0
+
+
+cdef bint _fo_plain_id(object value) noexcept:
+    # pimcore.ids.valid_id for an exact str; anything else is not the common case
+    cdef Py_ssize_t n, i
+    cdef const unsigned char *p
+    if not _fo_is_str_exact(value) or not _fo_uascii(value):
+        return False
+    n = _fo_ulen(value)
+    if n < 1 or n > 64:
+        return False
+    p = <const unsigned char *>_fo_udata(value)
+    for i in range(n):
+        if not _FO_ID_CHAR[p[i]]:
+            return False
+    return True
+
+
+cdef bint _fo_u64_ok(object value) noexcept:
+    # an exact int in [0, 2**64)
+    cdef unsigned long long v
+    if not _fo_is_long_exact(value):
+        return False
+    v = _fo_as_u64(value)
+    if v == _FO_U64_MAX and _fo_err_occurred() != NULL:
+        _fo_err_clear()
+        return False
+    return True
+
+
+cdef bint _fo_i64_ok(object value, bint nonneg) noexcept:
+    # an exact int in [-2**63, 2**63) (nonneg: [0, 2**63))
+    cdef int overflow = 0
+    cdef long long v
+    if not _fo_is_long_exact(value):
+        return False
+    v = _fo_as_i64_ovf(value, &overflow)
+    if overflow:
+        return False
+    return not nonneg or v >= 0
+
+
+def store_plain_message(op, w, dedupe_db, conv_info, device_key, record_ids, appended):
+    """The LMDB store's NewMessage in its common case, in one call, or None
+    for anything else (see pimcore._pure.fanout)."""
+    cdef object sender, device, conv, local_id, after, msg_id, payload, digest, server_time
+    cdef object dk, dkey, info, ck, hot, c, last, seq, after_seq, entry, s_dedupe, positions
+    cdef unsigned char *p
+    if op.mentions or op.mention_all is not False or op.event is not False:
+        return None
+    sender = op.sender
+    device = op.device
+    conv = op.conv
+    if not (_fo_plain_id(sender) and _fo_plain_id(device) and _fo_is_str_exact(conv)):
+        return None
+    local_id = op.local_id
+    after = op.after_seq
+    server_time = op.server_time
+    msg_id = op.msg_id
+    payload = op.payload
+    digest = op.digest
+    if not (_fo_u64_ok(local_id) and _fo_u64_ok(after) and _fo_i64_ok(op.client_time, False)
+            and _fo_i64_ok(server_time, True)
+            and _fo_is_bytes_exact(msg_id) and PyBytes_GET_SIZE(msg_id) == 16
+            and _fo_is_bytes_exact(payload) and _fo_is_bytes_exact(digest)
+            and w.staging is True):
+        return None
+    dk = device_key(sender, device)
+    if not _fo_is_bytes_exact(dk):
+        raise TypeError("device_key must return bytes")
+    dkey = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(dk) + 8)
+    p = _fo_put(<unsigned char *>PyBytes_AS_STRING(dkey), dk)
+    _fo_put_u64(p, _fo_as_u64(local_id))
+    s_dedupe = w.s_dedupe
+    if dkey in s_dedupe or w.txn.get(dkey, None, dedupe_db) is not None:
+        return None  # a retry (or a conflict): the general path answers it
+    info = conv_info(conv)
+    if info is None:
+        return None
+    ck = info[0]
+    hot = w.hot
+    c = hot.convs.get(ck)
+    if c is None or sender not in c.member_set or not c.flagged or c.heads_gen != hot.heads_gen:
+        return None
+    last = hot.seqs.get(ck)
+    if last is None:
+        return None
+    seq = last + 1
+    after_seq = after if after < seq else last
+    entry = stage_message(op, seq, after_seq, record_ids(ck, dk), ck, dkey, w.s_msgs, w.s_convidx, s_dedupe)
+    hot.seqs[ck] = seq
+    w._dirty_seqs.add(ck)
+    positions = fanout(c.users, c.uks, hot.heads, w.pend, entry)
+    return appended(msg_id, seq, server_time, positions, after_seq)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import struct
 from typing import Sequence, Union
 
-__all__ = ["fanout", "inbox_items", "head_items", "stage_message"]
+__all__ = ["fanout", "inbox_items", "head_items", "stage_message", "store_plain_message"]
 
 _U64 = struct.Struct(">Q")
 _HEAD_FLOOR = struct.Struct(">QQ")
@@ -206,3 +206,80 @@ def stage_message(
     convidx.append((ck + _U64.pack(seq), msg_id + sender_raw))
     dedupe[dkey] = msg_id + _U64_I64.pack(seq, server_time) + digest
     return msg_id + _I64.pack(server_time)
+
+
+#: The characters of a user or device id (pimcore.ids.ID_CHARS, spelled out).
+_ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.@-")
+_ID_MAX = 64  # pimcore.ids.MAX_ID_LEN
+
+
+def _plain_id(value: object) -> bool:
+    # pimcore.ids.valid_id for an exact str (anything else: not the common case)
+    if type(value) is not str or not 1 <= len(value) <= _ID_MAX or not value.isascii():
+        return False
+    return all(c in _ID_CHARS for c in value.encode("ascii"))
+
+
+def store_plain_message(
+    op: object, w: object, dedupe_db: object, conv_info: object, device_key: object, record_ids: object,
+    appended: object,
+) -> object:
+    """The LMDB store's NewMessage in its common case, in one call: a plain
+    message (no mentions, no host event) from a user's device, not stored
+    before, into a conversation whose members, last seq and inbox heads the
+    batch ``w`` (a ``pimcore.store.lmdb._Batch``, staging) already holds.
+    Returns ``appended(msg_id, seq, server_time, positions, after_seq)``
+    having staged the records (:func:`stage_message`), moved the last seq
+    and fanned the entry out (:func:`fanout`), exactly as the store's general
+    path would; or None, having changed nothing, for anything else -- a
+    field the general path would refuse or that needs it (mentions, events,
+    the system sender, a retry, an unknown or unloaded conversation, a
+    non-member, a batch not staging) -- so that the caller runs the general
+    path, which gives the answer.
+
+    ``dedupe_db`` is the ``dedupe`` sub-database (read with
+    ``w.txn.get(key, None, dedupe_db)``); ``conv_info``, ``device_key``,
+    ``record_ids`` are the store's cached key helpers.  Raises only what
+    those callables raise.
+    """
+    if op.mentions or op.mention_all is not False or op.event is not False:  # type: ignore[attr-defined]
+        return None
+    sender, device, conv = op.sender, op.device, op.conv  # type: ignore[attr-defined]
+    if not (_plain_id(sender) and _plain_id(device) and type(conv) is str):
+        return None
+    local_id, after, client_time, server_time = (op.local_id, op.after_seq, op.client_time,  # type: ignore[attr-defined]
+                                                 op.server_time)  # type: ignore[attr-defined]
+    msg_id, payload, digest = op.msg_id, op.payload, op.digest  # type: ignore[attr-defined]
+    if not (
+        type(local_id) is int and 0 <= local_id <= _U64_MAX
+        and type(after) is int and 0 <= after <= _U64_MAX
+        and type(client_time) is int and _I64_MIN <= client_time <= _I64_MAX
+        and type(server_time) is int and 0 <= server_time <= _I64_MAX
+        and type(msg_id) is bytes and len(msg_id) == 16
+        and type(payload) is bytes and type(digest) is bytes
+        and w.staging is True  # type: ignore[attr-defined]
+    ):
+        return None
+    dk = device_key(sender, device)  # type: ignore[operator]
+    dkey = dk + _U64.pack(local_id)
+    if dkey in w.s_dedupe or w.txn.get(dkey, None, dedupe_db) is not None:  # type: ignore[attr-defined]
+        return None  # a retry (or a conflict): the general path answers it
+    info = conv_info(conv)  # type: ignore[operator]
+    if info is None:
+        return None
+    ck = info[0]
+    hot = w.hot  # type: ignore[attr-defined]
+    c = hot.convs.get(ck)
+    if c is None or sender not in c.member_set or not c.flagged or c.heads_gen != hot.heads_gen:
+        return None
+    last = hot.seqs.get(ck)
+    if last is None:
+        return None
+    seq = last + 1
+    after_seq = after if after < seq else last
+    entry = stage_message(op, seq, after_seq, record_ids(ck, dk), ck, dkey, w.s_msgs, w.s_convidx,  # type: ignore
+                          w.s_dedupe)  # type: ignore[attr-defined]
+    hot.seqs[ck] = seq
+    w._dirty_seqs.add(ck)  # type: ignore[attr-defined]
+    positions = fanout(c.users, c.uks, hot.heads, w.pend, entry)  # type: ignore[attr-defined]
+    return appended(msg_id, seq, server_time, positions, after_seq)  # type: ignore[operator]

@@ -410,6 +410,7 @@ def _mention_block(mentions: tuple[str, ...], mention_all: bool) -> bytes:
     return bytes((int(mention_all),)) + len(mentions).to_bytes(2, "big") + b"".join(_t(u) for u in mentions)
 # The results built once per op of a batch (pimcore/_pure/records.py).
 _appended = _impl.record_maker(Appended)
+_store_plain = _impl.store_plain_message
 _acked = _impl.record_maker(Acked)
 
 
@@ -1354,6 +1355,11 @@ class LmdbStore(Store):
     def _apply(self, w: _Batch, op: Op) -> Result:
         kind = type(op)
         if kind is NewMessage:  # the hot path: may run while records are staged
+            # Its common case in one fast-path call (pimcore._pure.fanout);
+            # None: not that case, nothing changed, the general path below.
+            res = _store_plain(op, w, self._dedupe, _conv_info, _device_key, _record_ids, _appended)
+            if res is not None:
+                return res  # type: ignore[no-any-return]
             if malformed(op):
                 return Rejected(ErrorCode.BAD_REQUEST)
             return self._new_message(w, op)  # type: ignore[arg-type]

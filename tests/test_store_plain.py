@@ -1,0 +1,274 @@
+"""The LMDB store's NewMessage fast path, ``store_plain_message`` (issue 13).
+
+It takes the common case of a send -- a plain message from a user's device,
+not a retry, into a conversation whose members, last seq and inbox heads the
+batch already holds -- in one fast-path call, and hands everything else back
+(None, nothing changed) to the store's general path.  So:
+
+1. the two backends agree on random input, good and bad: the same result or
+   the same exception, the batch left in the same state; and None always
+   leaves the batch as it was;
+2. a store with the fast path and one without (the general path for every
+   op) give the same results and the same bytes in every sub-database for the
+   same random batches: retries, conflicts, mentions, the system sender,
+   unknown groups, non-members, malformed fields, membership changes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from types import ModuleType, SimpleNamespace
+from typing import Any, Optional
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pimcore.ids import SYSTEM
+from pimcore.store import (
+    AddMembers,
+    Appended,
+    CreateGroup,
+    LmdbStore,
+    NewMessage,
+    RemoveMembers,
+    WriteBatch,
+    direct_conversation,
+)
+from pimcore.store import lmdb as lmdb_module
+
+U64_MAX = (1 << 64) - 1
+
+
+def tk(text: str) -> bytes:
+    return bytes((len(text),)) + text.encode("ascii")
+
+
+def _appended(*fields: Any) -> tuple:
+    return ("appended", *fields)
+
+
+class _Txn:
+    def __init__(self, stored: dict) -> None:
+        self.stored = stored
+
+    def get(self, key: bytes, default: Any = None, db: Any = None) -> Any:
+        assert db == "dedupe-db"
+        return self.stored.get(key, default)
+
+
+def _batch(*, member: bool, flagged: bool, loaded: bool, seq_known: bool, conv_known: bool, staging: bool,
+           staged_retry: bool, stored_retry: bool) -> SimpleNamespace:
+    users = ("al", "bo")
+    conv = SimpleNamespace(users=users if member else ("al", "cy"), uks=tuple(tk(u) for u in (users if member
+                                                                                           else ("al", "cy"))),
+                           member_set=frozenset(users if member else ("al", "cy")), flagged=flagged,
+                           heads_gen=3 if loaded else 2)
+    ck = tk("d:al:bo")
+    heads = {u: 5 for u in conv.uks}
+    hot = SimpleNamespace(convs={ck: conv} if conv_known else {}, seqs={ck: 41} if seq_known else {},
+                          heads=heads, heads_gen=3)
+    dkey = tk("bo") + tk("ph") + (7).to_bytes(8, "big")
+    return SimpleNamespace(
+        staging=staging, s_dedupe={dkey: b"x"} if staged_retry else {}, s_msgs=[], s_convidx=[], hot=hot,
+        _dirty_seqs=set(), pend={}, txn=_Txn({dkey: b"y"} if stored_retry else {}),
+    )
+
+
+def _state(w: SimpleNamespace) -> tuple:
+    return (w.s_dedupe, w.s_msgs, w.s_convidx, w._dirty_seqs, w.pend, w.hot.seqs, w.hot.heads,
+            {k: vars(v) for k, v in w.hot.convs.items()})
+
+
+def _call(backend: ModuleType, op: object, w: SimpleNamespace) -> object:
+    return backend.store_plain_message(op, w, "dedupe-db", lmdb_module._conv_info, lmdb_module._device_key,
+                                       lmdb_module._record_ids, _appended)
+
+
+OP = NewMessage(b"M" * 16, "d:al:bo", "bo", "ph", 7, -5, 1_700_000, b"payload", b"D" * 16, 3)
+GOOD = dict(member=True, flagged=True, loaded=True, seq_known=True, conv_known=True, staging=True,
+            staged_retry=False, stored_retry=False)
+
+
+def test_the_common_case_stages_the_message_and_fans_it_out(backend: ModuleType) -> None:
+    w = _batch(**GOOD)
+    res = _call(backend, OP, w)
+    assert res == ("appended", OP.msg_id, 42, OP.server_time, (("al", 6), ("bo", 6)), 3)
+    assert w.hot.seqs[tk("d:al:bo")] == 42 and w._dirty_seqs == {tk("d:al:bo")}
+    assert [k for k, _ in w.s_msgs] == [OP.msg_id] and len(w.s_convidx) == 1 and len(w.s_dedupe) == 1
+    entry = OP.msg_id + OP.server_time.to_bytes(8, "big")
+    assert w.pend == {tk("al"): [entry], tk("bo"): [entry]}
+    # after_seq at or past the new seq is clamped to the last one (as the general path does)
+    w = _batch(**GOOD)
+    assert _call(backend, dataclasses.replace(OP, after_seq=42), w)[-1] == 41  # type: ignore[index]
+
+
+@pytest.mark.parametrize("change", [
+    {"member": False}, {"flagged": False}, {"loaded": False}, {"seq_known": False}, {"conv_known": False},
+    {"staging": False}, {"staged_retry": True}, {"stored_retry": True},
+])
+def test_anything_but_the_common_case_is_handed_back_untouched(backend: ModuleType, change: dict) -> None:
+    w = _batch(**{**GOOD, **change})
+    before = copy.deepcopy(_state(w))
+    assert _call(backend, OP, w) is None
+    assert _state(w) == before
+
+
+@pytest.mark.parametrize("field, value", [
+    ("mentions", ("al",)), ("mention_all", True), ("event", True), ("event", 1), ("sender", SYSTEM),
+    ("device", SYSTEM), ("sender", "b o"), ("sender", "é"), ("sender", "x" * 65), ("device", b"ph"),
+    ("conv", "bad conv"), ("conv", 5), ("local_id", -1), ("local_id", 1 << 64), ("local_id", True),
+    ("after_seq", -1), ("client_time", 1 << 63), ("client_time", 1.0), ("server_time", -1),
+    ("server_time", 1 << 63), ("msg_id", b"short"), ("msg_id", bytearray(16)), ("payload", bytearray(b"p")),
+    ("digest", None),
+])
+def test_fields_the_general_path_must_judge_are_handed_back(backend: ModuleType, field: str, value: object) -> None:
+    w = _batch(**GOOD)
+    before = copy.deepcopy(_state(w))
+    assert _call(backend, dataclasses.replace(OP, **{field: value}), w) is None
+    assert _state(w) == before
+
+
+def test_the_boundary_values_are_the_common_case(backend: ModuleType) -> None:
+    op = dataclasses.replace(OP, local_id=U64_MAX, after_seq=U64_MAX, client_time=-(1 << 63),
+                             server_time=(1 << 63) - 1, sender="x" * 64, payload=b"")
+    w = _batch(**GOOD)
+    w.hot.convs[tk("d:al:bo")].member_set = frozenset(("al", "bo", "x" * 64))
+    w.s_dedupe = {}
+    assert _call(backend, op, w) is not None
+
+
+_BAD = [
+    ("sender", "al"), ("sender", SYSTEM), ("sender", "x" * 65), ("sender", "b o"), ("sender", "é"), ("sender", b"bo"),
+    ("device", SYSTEM), ("device", "x" * 64), ("device", "a@b.c-_9"), ("device", ""), ("device", 3),
+    ("conv", "d:bo:cy"), ("conv", "g"), ("conv", "bad conv"), ("conv", 5),
+    ("local_id", -1), ("local_id", U64_MAX), ("local_id", 1 << 64), ("local_id", True), ("local_id", 2.0),
+    ("after_seq", U64_MAX), ("after_seq", 1 << 64), ("after_seq", -1),
+    ("client_time", -(1 << 63)), ("client_time", -(1 << 63) - 1), ("client_time", 1 << 63),
+    ("server_time", (1 << 63) - 1), ("server_time", 1 << 63), ("server_time", -1), ("server_time", False),
+    ("msg_id", b"short"), ("msg_id", "M" * 16), ("payload", bytearray(b"p")), ("payload", b""), ("digest", None),
+    ("mentions", ("al",)), ("mention_all", True), ("mention_all", 0), ("event", True), ("event", 0),
+]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    local_id=st.integers(0, 100), after_seq=st.integers(0, 100), client_time=st.integers(-100, 100),
+    server_time=st.integers(0, 100), msg_id=st.binary(min_size=16, max_size=16), payload=st.binary(max_size=8),
+    changes=st.lists(st.sampled_from(_BAD), max_size=2),
+    flipped=st.lists(st.sampled_from(sorted(GOOD)), max_size=2),
+)
+def test_both_backends_agree(both: tuple[ModuleType, ModuleType], local_id: int, after_seq: int, client_time: int,
+                             server_time: int, msg_id: bytes, payload: bytes, changes: list, flipped: list) -> None:
+    # A good op and batch with at most two things changed: most examples
+    # reach the later checks and the success path, every check is reached.
+    op = NewMessage(msg_id, "d:al:bo", "bo", "ph", local_id, client_time, server_time, payload, b"D" * 16, after_seq)
+    op = dataclasses.replace(op, **dict(changes))
+    flags = {k: (not v if k in flipped else v) for k, v in GOOD.items()}
+    outs = []
+    for backend in both:
+        w = _batch(**flags)
+        before = copy.deepcopy(_state(w))
+        try:
+            res: object = _call(backend, op, w)
+        except Exception as exc:  # noqa: BLE001 - compared across backends
+            res = ("err", type(exc), str(exc))
+        if res is None:
+            assert _state(w) == before
+        outs.append((res, _state(w)))
+    assert outs[0] == outs[1]
+
+
+# ------------------------------------------------ store: fast path vs general path
+
+
+def _dump(store: LmdbStore) -> dict:
+    env = store._env
+    out = {}
+    for name in lmdb_module._DB_NAMES:
+        db = env.open_db(name.encode("ascii"))
+        with env.begin(db=db) as txn:
+            out[name] = list(txn.cursor())
+    # Each store draws its own epoch and node id when created.
+    out["meta"] = [(k, v) for k, v in out["meta"] if k not in (b"epoch", b"epochs", b"node")]
+    return out
+
+
+USERS = ["al", "bo", "cy", "di"]
+CONVS = [direct_conversation("al", "bo"), direct_conversation("bo", "cy"), "g1", "g2", "nogroup"]
+
+
+@st.composite
+def _ops(draw: Any, clock: list) -> Any:
+    kind = draw(st.sampled_from(["send"] * 8 + ["add", "remove", "odd"]))
+    clock[0] += 1
+    if kind == "add":
+        return AddMembers(draw(st.sampled_from(["g1", "g2"])), (draw(st.sampled_from(USERS)),), clock[0], "")
+    if kind == "remove":
+        return RemoveMembers(draw(st.sampled_from(["g1", "g2"])), (draw(st.sampled_from(USERS)),), clock[0], "")
+    sender = draw(st.sampled_from(USERS))
+    local_id = draw(st.integers(1, 6))  # small: retries and conflicts happen
+    payload = draw(st.sampled_from([b"a", b"b"]))
+    conv = draw(st.sampled_from(CONVS))
+    op = NewMessage(clock[0].to_bytes(8, "big") + b"N" * 8, conv, sender, "ph", local_id, 5, clock[0], payload,
+                    payload * 16, draw(st.integers(0, 5)))
+    if kind == "odd":
+        field, value = draw(st.sampled_from([
+            ("mentions", ("cy",)), ("mention_all", True), ("sender", SYSTEM), ("device", "b o"),
+            ("local_id", -1), ("server_time", -3), ("payload", bytearray(b"p")), ("event", True),
+        ]))
+        if field == "sender":
+            op = dataclasses.replace(op, sender=SYSTEM, device=SYSTEM)
+        else:
+            op = dataclasses.replace(op, **{field: value})
+    return op
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_the_store_writes_the_same_bytes_with_and_without_the_fast_path(
+    tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    clock = [1_000]
+    batches = data.draw(st.lists(st.lists(_ops(clock), min_size=1, max_size=12), min_size=1, max_size=8))
+    stores = [LmdbStore(str(tmp_path_factory.mktemp("fast"))), LmdbStore(str(tmp_path_factory.mktemp("general")))]
+    real = lmdb_module._store_plain
+    results: list[list] = [[], []]
+    try:
+        for i, store in enumerate(stores):
+            store.commit(WriteBatch(1, (CreateGroup("g1", ("al", "bo", "cy"), 1), CreateGroup("g2", ("bo",), 1))))
+            lmdb_module._store_plain = real if i == 0 else (lambda *a: None)
+            for n, ops in enumerate(batches):
+                results[i].append(store.commit(WriteBatch(n + 2, tuple(ops))))
+            lmdb_module._store_plain = real
+        assert results[0] == results[1]
+        assert _dump(stores[0]) == _dump(stores[1])
+    finally:
+        lmdb_module._store_plain = real
+        for store in stores:
+            store.close()
+
+
+def test_the_fast_path_takes_the_steady_state(tmp_path: Any) -> None:
+    # After the first send of a conversation has loaded it, later sends take the fast path.
+    store = LmdbStore(str(tmp_path))
+    real = lmdb_module._store_plain
+    hits = [0, 0]
+
+    def counted(*a: Any) -> Optional[object]:
+        res = real(*a)
+        hits[res is None] += 1
+        return res
+
+    lmdb_module._store_plain = counted
+    try:
+        conv = direct_conversation("al", "bo")
+        for n in range(5):
+            ops = tuple(NewMessage((10 * n + k + 1).to_bytes(8, "big") + b"N" * 8, conv, "al", "ph", 10 * n + k + 1,
+                                   0, 10 * n + k + 1, b"hi", b"d") for k in range(10))
+            assert all(isinstance(r, Appended) for r in store.commit(WriteBatch(n, ops)))
+    finally:
+        lmdb_module._store_plain = real
+        store.close()
+    assert hits == [49, 1]
