@@ -52,7 +52,10 @@ the inbox writes the bulk of a commit.  They are queued per member and
 written at the end of the batch in key order with one ``Cursor.putmulti``
 (each member's new entries are adjacent keys, so LMDB's cursor stays on the
 leaf page it just wrote); the per-recipient loops are in the fast path
-(:mod:`pimcore._pure.fanout` and its compiled twin).  What a commit read --
+(:mod:`pimcore._pure.fanout` and its compiled twin), as is the whole of a
+plain NewMessage into a conversation the commit already holds
+(``store_plain_message``; anything else takes the general path, and a test
+holds both to the same bytes).  What a commit read --
 members, last seqs, inbox heads and floors, which members already have the
 conversation flagged -- is kept for the next commit as long as LMDB's
 transaction counter proves that nobody else wrote in between
