@@ -6,10 +6,9 @@
 # How it is fast: one C loop per decoded read instead of three Python method
 # calls per SendReq (_dispatch, _on_send, _propose_send), the records stored
 # straight into their slots through the record makers' tables
-# (_fastpath_records.pxi), the msg id and the digest's input built in one
-# buffer each, the clock handed its ticks once per read.
-
-import hashlib as _sp_hashlib
+# (_fastpath_records.pxi), the msg id built in one buffer, the digest by a
+# BLAKE2b in C fed the pieces (no joined copy, no hashlib object), the clock
+# handed its ticks once per read.
 
 from cpython.object cimport PyObject
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -27,7 +26,110 @@ cdef extern from "Python.h":
     PyObject* _sp_dict_get "PyDict_GetItemWithError"(object, object) except? NULL
     unsigned long long _sp_as_u64 "PyLong_AsUnsignedLongLong"(object) except? 0xFFFFFFFFFFFFFFFFULL
 
-_sp_blake2b = _sp_hashlib.blake2b
+cdef extern from *:
+    """
+    /* BLAKE2b (RFC 7693) with a 16-byte digest, no key: the digest of the
+       send path, fed in pieces (conv, NUL, payload) without joining them and
+       without a hashlib object per message.  tests/test_send_fastpath.py
+       holds it to hashlib.blake2b(..., digest_size=16). */
+    #include <stdint.h>
+    #include <string.h>
+    typedef struct {
+        uint64_t h[8];
+        uint64_t t0, t1;
+        unsigned char buf[128];
+        size_t buflen;
+    } pimcore_sp_b2;
+    static const uint64_t pimcore_sp_b2_iv[8] = {
+        0x6a09e667f3bcc908ULL, 0xbb67ae8584caa73bULL, 0x3c6ef372fe94f82bULL, 0xa54ff53a5f1d36f1ULL,
+        0x510e527fade682d1ULL, 0x9b05688c2b3e6c1fULL, 0x1f83d9abfb41bd6bULL, 0x5be0cd19137e2179ULL,
+    };
+    static const unsigned char pimcore_sp_b2_sigma[12][16] = {
+        {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+        {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+        {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4},
+        {7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8},
+        {9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13},
+        {2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9},
+        {12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11},
+        {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
+        {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5},
+        {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
+        {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+        {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+    };
+    static inline uint64_t pimcore_sp_rotr(uint64_t x, int n) { return (x >> n) | (x << (64 - n)); }
+    static inline uint64_t pimcore_sp_load64(const unsigned char *p) {
+        return (uint64_t)p[0] | ((uint64_t)p[1] << 8) | ((uint64_t)p[2] << 16) | ((uint64_t)p[3] << 24)
+            | ((uint64_t)p[4] << 32) | ((uint64_t)p[5] << 40) | ((uint64_t)p[6] << 48) | ((uint64_t)p[7] << 56);
+    }
+    #define PIMCORE_SP_G(r, i, a, b, c, d) do { \
+        a = a + b + m[pimcore_sp_b2_sigma[r][2 * (i)]]; d = pimcore_sp_rotr(d ^ a, 32); \
+        c = c + d; b = pimcore_sp_rotr(b ^ c, 24); \
+        a = a + b + m[pimcore_sp_b2_sigma[r][2 * (i) + 1]]; d = pimcore_sp_rotr(d ^ a, 16); \
+        c = c + d; b = pimcore_sp_rotr(b ^ c, 63); } while (0)
+    static void pimcore_sp_b2_compress(pimcore_sp_b2 *S, const unsigned char *block, int last) {
+        uint64_t m[16], v[16];
+        int i, r;
+        for (i = 0; i < 16; i++) m[i] = pimcore_sp_load64(block + 8 * i);
+        for (i = 0; i < 8; i++) { v[i] = S->h[i]; v[i + 8] = pimcore_sp_b2_iv[i]; }
+        v[12] ^= S->t0;
+        v[13] ^= S->t1;
+        if (last) v[14] = ~v[14];
+        for (r = 0; r < 12; r++) {
+            PIMCORE_SP_G(r, 0, v[0], v[4], v[8], v[12]);
+            PIMCORE_SP_G(r, 1, v[1], v[5], v[9], v[13]);
+            PIMCORE_SP_G(r, 2, v[2], v[6], v[10], v[14]);
+            PIMCORE_SP_G(r, 3, v[3], v[7], v[11], v[15]);
+            PIMCORE_SP_G(r, 4, v[0], v[5], v[10], v[15]);
+            PIMCORE_SP_G(r, 5, v[1], v[6], v[11], v[12]);
+            PIMCORE_SP_G(r, 6, v[2], v[7], v[8], v[13]);
+            PIMCORE_SP_G(r, 7, v[3], v[4], v[9], v[14]);
+        }
+        for (i = 0; i < 8; i++) S->h[i] ^= v[i] ^ v[i + 8];
+    }
+    static void pimcore_sp_b2_init(pimcore_sp_b2 *S) {
+        int i;
+        for (i = 0; i < 8; i++) S->h[i] = pimcore_sp_b2_iv[i];
+        S->h[0] ^= 0x01010000ULL ^ 16;  /* depth 1, fanout 1, no key, 16-byte digest */
+        S->t0 = S->t1 = 0;
+        S->buflen = 0;
+    }
+    static inline void pimcore_sp_b2_count(pimcore_sp_b2 *S, uint64_t n) {
+        S->t0 += n;
+        if (S->t0 < n) S->t1++;
+    }
+    static void pimcore_sp_b2_update(pimcore_sp_b2 *S, const unsigned char *in, size_t n) {
+        /* The last block is compressed by final (with the last-block flag),
+           so a full buffer waits until more input arrives. */
+        while (n > 0) {
+            size_t room;
+            if (S->buflen == 128) {
+                pimcore_sp_b2_count(S, 128);
+                pimcore_sp_b2_compress(S, S->buf, 0);
+                S->buflen = 0;
+            }
+            room = 128 - S->buflen;
+            if (room > n) room = n;
+            memcpy(S->buf + S->buflen, in, room);
+            S->buflen += room;
+            in += room;
+            n -= room;
+        }
+    }
+    static void pimcore_sp_b2_final16(pimcore_sp_b2 *S, unsigned char *out) {
+        int i;
+        pimcore_sp_b2_count(S, (uint64_t)S->buflen);
+        memset(S->buf + S->buflen, 0, 128 - S->buflen);
+        pimcore_sp_b2_compress(S, S->buf, 1);
+        for (i = 0; i < 16; i++) out[i] = (unsigned char)(S->h[i / 8] >> (8 * (i % 8)));
+    }
+    """
+    ctypedef struct pimcore_sp_b2:
+        pass
+    void pimcore_sp_b2_init(pimcore_sp_b2 *S) noexcept
+    void pimcore_sp_b2_update(pimcore_sp_b2 *S, const unsigned char *data, size_t n) noexcept
+    void pimcore_sp_b2_final16(pimcore_sp_b2 *S, unsigned char *out) noexcept
 cdef object _SP_SECOND = 1_000_000
 cdef object _SP_MAX_TIME = (1 << 63) - 1
 cdef object _SP_EMPTY = ()
@@ -48,22 +150,25 @@ cdef object _sp_make(object maker, tuple args):
     return maker(*args)
 
 
-cdef bytes _sp_digest_input(object conv, object payload):
-    # conv (UTF-8) + b"\x00" + payload; None (no exception) when conv cannot
-    # be encoded (a lone surrogate): the caller stops there.
+cdef bytes _sp_digest(object conv, object payload):
+    # BLAKE2b-128 of conv (UTF-8) + b"\x00" + payload (conv a str, payload
+    # bytes); None (no exception) when conv cannot be encoded (a lone
+    # surrogate): the caller stops there.
     cdef Py_ssize_t n
     cdef const char *s
+    cdef pimcore_sp_b2 S
+    cdef unsigned char nul = 0
     cdef bytes out
-    cdef char *p
     try:
         s = _sp_utf8_of(conv, &n)
     except UnicodeEncodeError:
         return None
-    out = PyBytes_FromStringAndSize(NULL, n + 1 + PyBytes_GET_SIZE(payload))
-    p = PyBytes_AS_STRING(out)
-    memcpy(p, s, <size_t>n)
-    p[n] = 0
-    memcpy(p + n + 1, PyBytes_AS_STRING(payload), <size_t>PyBytes_GET_SIZE(payload))
+    pimcore_sp_b2_init(&S)
+    pimcore_sp_b2_update(&S, <const unsigned char *>s, <size_t>n)
+    pimcore_sp_b2_update(&S, &nul, 1)
+    pimcore_sp_b2_update(&S, <const unsigned char *>PyBytes_AS_STRING(payload), <size_t>PyBytes_GET_SIZE(payload))
+    out = PyBytes_FromStringAndSize(NULL, 16)
+    pimcore_sp_b2_final16(&S, <unsigned char *>PyBytes_AS_STRING(out))
     return out
 
 
@@ -74,10 +179,10 @@ def send_digest(conv, payload):
         raise TypeError("conv must be str")
     if not _sp_is_bytes_exact(payload):
         raise TypeError("payload must be bytes")
-    data = _sp_digest_input(conv, payload)
-    if data is None:
+    digest = _sp_digest(conv, payload)
+    if digest is None:
         conv.encode()  # raises the UnicodeEncodeError
-    return _sp_blake2b(data, digest_size=16).digest()
+    return digest
 
 
 def propose_sends(frames, c, now, limits, members, pending, clock, node_id, record_events,
@@ -146,14 +251,13 @@ def propose_sends(frames, c, now, limits, members, pending, clock, node_id, reco
         key = (user, device, local_id)
         if key in <dict>pending:
             break
-        data = _sp_digest_input(conv, payload)
-        if data is None:
+        digest = _sp_digest(conv, payload)
+        if digest is None:
             break
         server_time = now if now > last else last + 1
         if server_time > _SP_MAX_TIME:
             break
         # Taken: nothing below can refuse it.
-        digest = _sp_blake2b(data, digest_size=16).digest()
         if limited:
             tokens = t - 1.0
             refill_at = now

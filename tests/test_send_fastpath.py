@@ -198,6 +198,15 @@ def test_send_digest_differential(both, conv, payload) -> None:
         assert outs[0] == _digest(conv, payload) == core.message_digest(conv, payload)
 
 
+@pytest.mark.parametrize("size", [0, 1, 100, 126, 127, 128, 129, 254, 255, 256, 257, 1000, 70_000])
+def test_send_digest_across_block_boundaries(backend, size) -> None:
+    # conv + NUL + payload fills BLAKE2b's 128-byte blocks exactly, one byte
+    # short or over, with a one-byte and a multi-byte conversation id
+    for conv in ("x", "g:\u00e9t\u00e9-" + "a" * 40):
+        payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+        assert backend.send_digest(conv, payload) == _digest(conv, payload)
+
+
 def test_send_digest_errors(backend) -> None:
     assert backend.send_digest("d:al:bo", b"hi") == core.message_digest("d:al:bo", b"hi")
     assert backend.send_digest("é", b"") == _digest("é", b"")
