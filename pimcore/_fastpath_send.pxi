@@ -133,6 +133,7 @@ cdef extern from *:
 cdef object _SP_SECOND = 1_000_000
 cdef object _SP_MAX_TIME = (1 << 63) - 1
 cdef object _SP_EMPTY = ()
+cdef object _SP_BUDGET_MAX = 1 << 62
 
 
 cdef object _sp_make(object maker, tuple args):
@@ -367,3 +368,35 @@ def finish_send(op, ctx, res, appended, pending, heads, online, fresh, to_pump, 
             queued = <object>found
             queued.append(ack)
     return True
+
+
+def push_slice(entries, budget, device, user, message):
+    """The Push for a device from its next entries, or None (see
+    pimcore._pure.send)."""
+    cdef long long b, n, size = 0
+    cdef Py_ssize_t i = 0
+    cdef list pushed
+    if not _sp_is_list_exact(entries) and not _sp_is_tuple_exact(entries):
+        return None
+    if len(entries) == 0 or not _sp_is_long_exact(budget) or not -_SP_BUDGET_MAX <= budget <= _SP_BUDGET_MAX:
+        return None
+    b = budget
+    pushed = []
+    upto = None
+    for pos, m in entries:
+        payload = m.payload
+        if not _sp_is_bytes_exact(payload):
+            return None
+        n = PyBytes_GET_SIZE(payload) + 32
+        b -= n
+        if b < 0 and i > 0:
+            break
+        i += 1
+        upto = pos
+        if m.device == device and m.sender == user:
+            continue
+        if not isinstance(m, message):
+            return None
+        pushed.append(m)
+        size += n
+    return tuple(pushed), upto, size

@@ -2514,20 +2514,26 @@ class Broker:
             # a Message nobody is pushed: _finish_send.)
             budget = lim.push_window_bytes - dev.unacked_bytes
             device, user = dev.device, dev.user
-            pushed: list[F.Message] = []
-            i = 0
-            for pos, m in entries:
-                n = len(m.payload) + 32
-                budget -= n
-                if budget < 0 and i > 0:
-                    break
-                i += 1
-                upto = pos
-                if m.device == device and m.sender == user:
-                    continue
-                pushed.append(m if isinstance(m, F.Message) else _to_frame_message(pos, m))  # type: ignore[arg-type]
-                size += n
-            msgs = tuple(pushed)
+            # The loop below in one fast-path call when no entry needs
+            # converting (pimcore/_pure/send.py: push_slice).
+            got = _impl.push_slice(entries, budget, device, user, F.Message)
+            if got is not None:
+                msgs, upto, size = got
+            else:
+                pushed: list[F.Message] = []
+                i = 0
+                for pos, m in entries:
+                    n = len(m.payload) + 32
+                    budget -= n
+                    if budget < 0 and i > 0:
+                        break
+                    i += 1
+                    upto = pos
+                    if m.device == device and m.sender == user:
+                        continue
+                    pushed.append(m if isinstance(m, F.Message) else _to_frame_message(pos, m))  # type: ignore[arg-type]
+                    size += n
+                msgs = tuple(pushed)
             if not msgs and dev.acked == dev.sent_upto:
                 # Nothing but this device's own sends, and nothing of
                 # ours outstanding: it has them all (their SendAcks), so

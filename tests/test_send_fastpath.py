@@ -1,11 +1,11 @@
 """The core's send-path fast functions (pimcore._pure.send and its compiled
-twin): ``propose_sends``, ``finish_send``, ``send_digest``.
+twin): ``propose_sends``, ``finish_send``, ``push_slice``, ``send_digest``.
 
 1. through the broker: a run of reads, retries, refusals and commits gives
    the same frames, store ops, closes and statistics with the fast path as
    with it switched off (every send through ``_on_send`` /
-   ``_finish_send``'s own Python), on random scenarios; and the fast path
-   really takes a plain window of SendReqs in one call;
+   ``_finish_send`` / ``_push_entries``' own Python), on random scenarios;
+   and the fast path really takes a plain window of SendReqs in one call;
 2. differential hypothesis tests of each function, Cython against pure, on
    good and bad input: the same result or the same exception, the same
    state left behind;
@@ -41,7 +41,7 @@ BC = direct_conversation("bo", "cy")
 
 
 class _Off:
-    """core._impl with the two fast paths declining everything."""
+    """core._impl with the send-path fast functions declining everything."""
 
     def __init__(self, impl: ModuleType) -> None:
         self._impl = impl
@@ -56,6 +56,10 @@ class _Off:
     @staticmethod
     def finish_send(*args: Any) -> bool:
         return False
+
+    @staticmethod
+    def push_slice(*args: Any) -> None:
+        return None
 
 
 class _Counting(_Off):
@@ -75,6 +79,9 @@ class _Counting(_Off):
         done = self._impl.finish_send(*args)
         self.finished += done
         return done
+
+    def push_slice(self, *args: Any) -> Any:  # type: ignore[override]
+        return self._impl.push_slice(*args)
 
 
 def _scenario(config: BrokerConfig, steps: list) -> dict:
@@ -364,3 +371,57 @@ def test_finish_send_differential(both, res, waiters, op_mentions, mention_all, 
         after = outs[0][1]
         assert after["stats"] == {"messages_stored": 5} and ("al", "ph", 3) not in after["pending"]
         assert after["conns"] == (1 if 7 in waiters else 2)
+
+
+def _msg(pos: int, device: str, sender: str, payload: Any = b"p") -> F.Message:
+    return F.Message(pos, b"M" * 16, AB, pos, sender, device, 0, 1, payload)
+
+
+entry = st.builds(
+    lambda pos, dev, sender, size, kind: (
+        pos,
+        _msg(pos, dev, sender, b"x" * size) if kind == "message"
+        else NewMessage(b"M" * 16, AB, sender, dev, 1, 0, 1, b"x" * size, b"d") if kind == "op"
+        else _msg(pos, dev, sender, bytearray(size)) if kind == "bytearray"
+        else "not a pair" if kind == "junk" else (pos,),
+    ),
+    st.integers(1, 50), st.sampled_from(["ph", "pc"]), st.sampled_from(["al", "bo"]), st.integers(0, 40),
+    st.sampled_from(["message"] * 12 + ["op"] * 3 + ["bytearray", "junk"]),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    entries=_mostly(st.lists(entry, max_size=8), st.sampled_from([(), None, "ab"])),
+    as_tuple=st.booleans(),
+    budget=st.sampled_from([0, 1, 40, 100, 300, 1 << 20, -5, 1 << 62, (1 << 62) + 1, -(1 << 62), 2.0]),
+)
+def test_push_slice_differential(both, entries, as_tuple, budget) -> None:
+    if as_tuple and isinstance(entries, list):
+        entries = tuple(entries)
+    outs = []
+    for backend in both:
+        try:
+            res: Any = backend.push_slice(entries, budget, "ph", "al", F.Message)
+        except (TypeError, ValueError, AttributeError) as exc:
+            res = ("err", type(exc))
+        outs.append(res)
+    assert outs[0] == outs[1]
+
+
+def test_push_slice_is_the_push_entries_loop(backend) -> None:
+    own = NewMessage(b"M" * 16, AB, "al", "ph", 1, 0, 1, b"x" * 10, b"d")
+    entries = [(3, own), (4, _msg(4, "pc", "al", b"y" * 20)), (5, _msg(5, "ph", "bo", b"z" * 30)), (6, _msg(6, "ph", "bo"))]
+    # budget for the first three (42 + 52 + 62): the own send is counted, not pushed
+    msgs, upto, size = backend.push_slice(entries, 42 + 52 + 62, "ph", "al", F.Message)
+    assert (msgs, upto, size) == ((entries[1][1], entries[2][1]), 5, 52 + 62)
+    # at least one entry, even over the budget
+    assert backend.push_slice(entries[1:], 0, "ph", "al", F.Message) == ((entries[1][1],), 4, 52)
+    # only own sends: taken, nothing pushed
+    assert backend.push_slice(entries[:1], 100, "ph", "al", F.Message) == ((), 3, 0)
+    # a stored entry to convert, or not the plain case: the caller's loop
+    assert backend.push_slice([(3, own)], 100, "pc", "al", F.Message) is None
+    assert backend.push_slice([], 100, "ph", "al", F.Message) is None
+    assert backend.push_slice(entries, 1.0, "ph", "al", F.Message) is None
+    with pytest.raises(TypeError):
+        backend.push_slice([3], 100, "ph", "al", F.Message)

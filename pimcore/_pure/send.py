@@ -17,6 +17,9 @@ whichever backend runs:
    waiting connection, and its Push entries queued for the online
    recipients, exactly as ``Broker._finish_send`` + ``Broker._ack_waiters``
    would.  False (and nothing changed) for anything else.
+3. :func:`push_slice`, once per Push: which of a device's next entries go
+   in it (``Broker._push_entries``'s loop), when every entry pushed is
+   already a Message.
 
 Both backends stop/decline on the same inputs and raise the same exceptions
 (tests/test_send_fastpath.py holds them to it).  An exception can only come
@@ -30,9 +33,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable, Optional
 
-__all__ = ["propose_sends", "finish_send", "send_digest"]
+__all__ = ["propose_sends", "finish_send", "push_slice", "send_digest"]
 
 SECOND = 1_000_000
+_BUDGET_MAX = 1 << 62
 _MAX_TIME = (1 << 63) - 1
 _blake2b = hashlib.blake2b
 
@@ -257,3 +261,46 @@ def finish_send(
         else:
             queued.append(ack)
     return True
+
+
+def push_slice(entries: Any, budget: int, device: str, user: str, message: type) -> Optional[tuple[tuple, Any, int]]:
+    """The Push for a device from ``entries`` (a non-empty list or tuple of
+    ``(position, entry)``, the device's next positions): ``(messages, upto,
+    size)``, or None when an entry to push is not already a ``message``
+    (a Message: the caller converts stored entries itself) or the inputs
+    are out of the plain case (``entries`` not a list or tuple, or empty,
+    ``budget`` not an int within +-2**62, a payload not bytes).
+
+    As ``Broker._push_entries``: entries are taken in order while
+    ``budget`` (bytes the device's window has left) covers ``len(payload)
+    + 32`` each, at least one; ``upto`` is the position of the last one
+    taken; entries of ``device`` of ``user`` (its own sends, which it has)
+    are taken but not pushed; ``size`` is the bytes counted for those
+    pushed.  An entry that is not a pair, or lacks ``payload``/``device``/``sender``, raises as
+    unpacking / attribute access does.
+    """
+    if type(entries) is not list and type(entries) is not tuple:
+        return None
+    if not entries or type(budget) is not int or not -_BUDGET_MAX <= budget <= _BUDGET_MAX:
+        return None
+    pushed = []
+    size = 0
+    upto = None
+    i = 0
+    for pos, m in entries:
+        payload = m.payload
+        if type(payload) is not bytes:
+            return None
+        n = len(payload) + 32
+        budget -= n
+        if budget < 0 and i > 0:
+            break
+        i += 1
+        upto = pos
+        if m.device == device and m.sender == user:
+            continue
+        if not isinstance(m, message):
+            return None
+        pushed.append(m)
+        size += n
+    return tuple(pushed), upto, size
