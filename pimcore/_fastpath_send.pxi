@@ -11,8 +11,18 @@
 # handed its ticks once per read.
 
 from cpython.object cimport PyObject
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.ref cimport Py_INCREF
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.string cimport memcpy
+
+cdef extern from *:
+    """
+    static inline int pimcore_sp_generic_getattro(PyObject *t) {
+        return ((PyTypeObject *)t)->tp_getattro == PyObject_GenericGetAttr;
+    }
+    """
+    bint _sp_generic_getattro "pimcore_sp_generic_getattro"(PyObject *t)
 
 cdef extern from "Python.h":
     const char* _sp_utf8_of "PyUnicode_AsUTF8AndSize"(object, Py_ssize_t*) except NULL
@@ -133,22 +143,88 @@ cdef extern from *:
 cdef object _SP_SECOND = 1_000_000
 cdef object _SP_MAX_TIME = (1 << 63) - 1
 cdef object _SP_EMPTY = ()
+cdef object _SP_ZERO = 0
+cdef object _SP_FALSE = False
 cdef object _SP_BUDGET_MAX = 1 << 62
 
 
-cdef object _sp_make(object maker, tuple args):
-    # maker(*args), with a compiled record maker's slot stores done here
-    # (the same as its __call__: every field given, positionally).
+cdef object _sp_make(object maker, PyObject **args, Py_ssize_t n):
+    # maker(*args[:n]) (borrowed references), with a compiled record maker's
+    # slot stores done here: the same as its __call__ when every field is
+    # given, without a tuple of the arguments.
     cdef _RecordMaker m
     cdef Py_ssize_t i
+    cdef tuple t
     if type(maker) is _RecordMaker:
         m = <_RecordMaker>maker
-        if m.n == len(args):
+        if m.n == n:
             obj = pimcore_cd_alloc(m.ptype)
-            for i in range(m.n):
-                pimcore_cd_set_slot(<PyObject*>obj, m.offsets[i], <PyObject*>args[i])
+            for i in range(n):
+                pimcore_cd_set_slot(<PyObject*>obj, m.offsets[i], args[i])
             return obj
-    return maker(*args)
+    t = PyTuple_New(n)
+    for i in range(n):
+        Py_INCREF(<object>args[i])
+        PyTuple_SET_ITEM(t, i, <object>args[i])
+    return maker(*t)
+
+
+# Attribute reads of the records the send path handles (SendReq, NewMessage,
+# Appended, the pending send), as slot reads: for an object whose type is
+# exactly the one a layout was made for, whose attribute access is the
+# generic one, and whose field is a slot of that very type (so the MRO finds
+# its member descriptor first), reading the slot is what getattr does.  An
+# empty slot, or any other type, takes getattr itself (its AttributeError).
+
+cdef class _SpLayout:
+    cdef object cls
+    cdef tuple names
+    cdef bint fast
+    cdef Py_ssize_t off[16]
+
+
+cdef _SpLayout _sp_new_layout(object cls, tuple names):
+    cdef _SpLayout lay = _SpLayout.__new__(_SpLayout)
+    cdef Py_ssize_t i
+    lay.cls = cls
+    lay.names = names
+    lay.fast = _sp_generic_getattro(<PyObject*>cls) and len(names) <= 16
+    if lay.fast:
+        d = cls.__dict__
+        for i in range(len(names)):
+            descr = d.get(names[i])
+            lay.off[i] = pimcore_cd_slot_offset(<PyObject*>cls, <PyObject*>descr if descr is not None else NULL)
+            if lay.off[i] < 0:
+                lay.fast = False
+                break
+    return lay
+
+
+cdef list _sp_layouts = [None, None, None, None]
+cdef tuple _SP_NAMES = (
+    ("payload", "mentions", "mention_all", "conv", "local_id", "client_time", "after_seq"),  # 0: SendReq
+    ("mentions", "local_id", "sender", "device", "conv", "client_time", "payload", "mention_all"),  # 1: NewMessage
+    ("msg_id", "seq", "server_time", "positions", "after_seq"),  # 2: Appended
+    ("waiters", "key"),  # 3: the pending send
+)
+
+
+cdef inline _SpLayout _sp_layout(object obj, int role):
+    cdef object lay = (<list>_sp_layouts)[role]
+    if lay is None or (<_SpLayout>lay).cls is not type(obj):
+        lay = _sp_new_layout(type(obj), (<tuple>_SP_NAMES)[role])
+        (<list>_sp_layouts)[role] = lay
+    return <_SpLayout>lay
+
+
+cdef inline object _sp_get(object obj, _SpLayout lay, int i):
+    # obj.<name i of the layout's role>
+    cdef PyObject *v
+    if lay.fast and type(obj) is lay.cls:
+        v = pimcore_cd_get_slot(<PyObject*>obj, lay.off[i])
+        if v != NULL:
+            return <object>v
+    return getattr(obj, lay.names[i])
 
 
 cdef bytes _sp_digest(object conv, object payload):
@@ -196,6 +272,8 @@ def propose_sends(frames, c, now, limits, members, pending, clock, node_id, reco
     cdef unsigned char *p
     cdef int k
     cdef bint limited
+    cdef _SpLayout lay
+    cdef PyObject *args[13]
     if not _sp_is_list_exact(frames) or not _sp_is_list_exact(ops) or not _sp_is_list_exact(ctxs):
         raise TypeError("frames, ops and ctxs must be lists")
     if not _sp_is_dict_exact(pending):
@@ -226,6 +304,7 @@ def propose_sends(frames, c, now, limits, members, pending, clock, node_id, reco
         f = (<list>frames)[i]
         if type(f) is not sendreq:
             break
+        lay = _sp_layout(f, 0)
         if limited:
             t = tokens + (now - refill_at) * rate / _SP_SECOND
             if not t < burst:
@@ -234,19 +313,19 @@ def propose_sends(frames, c, now, limits, members, pending, clock, node_id, reco
                 break
         if inflight >= window:
             break
-        payload = f.payload
+        payload = _sp_get(f, lay, 0)
         if not _sp_is_bytes_exact(payload) or <object>PyBytes_GET_SIZE(payload) > max_payload:
             break
-        mentions = f.mentions
-        if not _sp_is_tuple_exact(mentions) or len(<tuple>mentions) != 0 or f.mention_all is not False:
+        mentions = _sp_get(f, lay, 1)
+        if not _sp_is_tuple_exact(mentions) or len(<tuple>mentions) != 0 or _sp_get(f, lay, 2) is not False:
             break
-        conv = f.conv
+        conv = _sp_get(f, lay, 3)
         if not _sp_is_str_exact(conv):
             break
         pair = members(conv)
         if not _sp_is_tuple_exact(pair) or (len(<tuple>pair) != 0 and user not in <tuple>pair):
             break
-        local_id = f.local_id
+        local_id = _sp_get(f, lay, 4)
         if not _sp_is_long_exact(local_id):
             break
         key = (user, device, local_id)
@@ -271,11 +350,27 @@ def propose_sends(frames, c, now, limits, members, pending, clock, node_id, reco
             p[k] = <unsigned char>(st & 0xFF)
             st >>= 8
         memcpy(p + 8, PyBytes_AS_STRING(node_id), <size_t>PyBytes_GET_SIZE(node_id))
-        op = _sp_make(new_message, (
-            msg_id, conv, user, device, local_id, f.client_time, server_time,
-            payload, digest, f.after_seq, record_events, _SP_EMPTY, False,
-        ))
-        ctx = _sp_make(new_pending, (key, digest, [conn]))
+        client_time = _sp_get(f, lay, 5)
+        after_seq = _sp_get(f, lay, 6)
+        args[0] = <PyObject*>msg_id
+        args[1] = <PyObject*>conv
+        args[2] = <PyObject*>user
+        args[3] = <PyObject*>device
+        args[4] = <PyObject*>local_id
+        args[5] = <PyObject*>client_time
+        args[6] = <PyObject*>server_time
+        args[7] = <PyObject*>payload
+        args[8] = <PyObject*>digest
+        args[9] = <PyObject*>after_seq
+        args[10] = <PyObject*>record_events
+        args[11] = <PyObject*>_SP_EMPTY
+        args[12] = <PyObject*>_SP_FALSE
+        op = _sp_make(new_message, args, 13)
+        waiters = [conn]
+        args[0] = <PyObject*>key
+        args[1] = <PyObject*>digest
+        args[2] = <PyObject*>waiters
+        ctx = _sp_make(new_pending, args, 3)
         (<dict>pending)[key] = ctx
         (<list>ops).append(op)
         (<list>ctxs).append(ctx)
@@ -295,7 +390,8 @@ def finish_send(op, ctx, res, appended, pending, heads, online, fresh, to_pump, 
     """Finish a stored NewMessage of a committed batch if it is the common
     case (see pimcore._pure.send)."""
     cdef PyObject *found
-    cdef Py_ssize_t np, j
+    cdef _SpLayout lo, lr, lc
+    cdef PyObject *args[18]
     if not (_sp_is_dict_exact(pending) and _sp_is_dict_exact(heads) and _sp_is_dict_exact(online)
             and _sp_is_dict_exact(fresh) and _sp_is_dict_exact(conns) and _sp_is_dict_exact(acks)
             and _sp_is_dict_exact(stats)):
@@ -304,26 +400,35 @@ def finish_send(op, ctx, res, appended, pending, heads, online, fresh, to_pump, 
         raise TypeError("to_pump must be a set")
     if type(res) is not appended:
         return False
-    waiters = ctx.waiters
+    lc = _sp_layout(ctx, 3)
+    waiters = _sp_get(ctx, lc, 0)
     if not _sp_is_list_exact(waiters) or len(<list>waiters) != 1:
         return False
     only = (<list>waiters)[0]
     if not _sp_is_long_exact(only):
         return False
-    mentions = op.mentions
+    lo = _sp_layout(op, 1)
+    mentions = _sp_get(op, lo, 0)
     if not _sp_is_tuple_exact(mentions) or len(<tuple>mentions) != 0:
         return False
-    (<dict>pending).pop(ctx.key, None)
+    (<dict>pending).pop(_sp_get(ctx, lc, 1), None)
     (<dict>stats)["messages_stored"] += 1
-    msg_id = res.msg_id
-    seq = res.seq
-    server_time = res.server_time
-    ack = _sp_make(new_ack, (op.local_id, ok, msg_id, seq, server_time))
-    sender = op.sender
-    device = op.device
-    conv = after_seq = client_time = payload = local_id = mention_all = None
+    lr = _sp_layout(res, 2)
+    msg_id = _sp_get(res, lr, 0)
+    seq = _sp_get(res, lr, 1)
+    server_time = _sp_get(res, lr, 2)
+    local_id = _sp_get(op, lo, 1)
+    args[0] = <PyObject*>local_id
+    args[1] = <PyObject*>ok
+    args[2] = <PyObject*>msg_id
+    args[3] = <PyObject*>seq
+    args[4] = <PyObject*>server_time
+    ack = _sp_make(new_ack, args, 5)
+    sender = _sp_get(op, lo, 2)
+    device = _sp_get(op, lo, 3)
+    conv = after_seq = client_time = payload = mention_all = None
     loaded = False
-    for user, pos in res.positions:
+    for user, pos in _sp_get(res, lr, 3):
         found = _sp_dict_get(heads, user)
         if found == NULL or <object>found is None:
             continue
@@ -340,17 +445,32 @@ def finish_send(op, ctx, res, appended, pending, heads, online, fresh, to_pump, 
             if not loaded:
                 # read once per message, in the order the pure twin reads
                 # them for its first Message
-                conv = op.conv
-                client_time = op.client_time
-                payload = op.payload
-                local_id = op.local_id
-                after_seq = res.after_seq
-                mention_all = op.mention_all
+                conv = _sp_get(op, lo, 4)
+                client_time = _sp_get(op, lo, 5)
+                payload = _sp_get(op, lo, 6)
+                local_id = _sp_get(op, lo, 1)
+                after_seq = _sp_get(res, lr, 4)
+                mention_all = _sp_get(op, lo, 7)
                 loaded = True
-            m = _sp_make(new_message, (
-                pos, msg_id, conv, seq, sender, device, client_time, server_time, payload,
-                0, local_id, after_seq, 0, 0, False, False, _SP_EMPTY, mention_all,
-            ))
+            args[0] = <PyObject*>pos
+            args[1] = <PyObject*>msg_id
+            args[2] = <PyObject*>conv
+            args[3] = <PyObject*>seq
+            args[4] = <PyObject*>sender
+            args[5] = <PyObject*>device
+            args[6] = <PyObject*>client_time
+            args[7] = <PyObject*>server_time
+            args[8] = <PyObject*>payload
+            args[9] = <PyObject*>_SP_ZERO
+            args[10] = <PyObject*>local_id
+            args[11] = <PyObject*>after_seq
+            args[12] = <PyObject*>_SP_ZERO
+            args[13] = <PyObject*>_SP_ZERO
+            args[14] = <PyObject*>_SP_FALSE
+            args[15] = <PyObject*>_SP_FALSE
+            args[16] = <PyObject*>_SP_EMPTY
+            args[17] = <PyObject*>mention_all
+            m = _sp_make(new_message, args, 18)
         found = _sp_dict_get(fresh, user)
         if found == NULL or <object>found is None:
             (<dict>fresh)[user] = [(pos, m)]
