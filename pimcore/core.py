@@ -598,16 +598,15 @@ class _Device:
         self.typing: Optional[dict[tuple[str, str], tuple[F.Typing, int]]] = None
 
 
+@dataclass(slots=True, eq=False)
 class _PendingSend:
-    """A NewMessage proposed to the store; retries of the same key wait on it."""
+    """A NewMessage proposed to the store; retries of the same key wait on it.
+    (A dataclass so that a record maker builds it: _pending_send.)"""
 
-    __slots__ = ("key", "digest", "waiters")
-
-    def __init__(self, key: tuple[str, str, int], digest: bytes, conn: Union[int, tuple[str, int]]) -> None:
-        self.key = key
-        self.digest = digest
-        # Connection ids, or ("post", ref) for a host post (Broker.post).
-        self.waiters: list[Union[int, tuple[Any, ...]]] = [conn]
+    key: tuple[str, str, int]
+    digest: bytes
+    # Connection ids, or ("post", ref) for a host post (Broker.post).
+    waiters: list[Union[int, tuple[Any, ...]]]
 
 
 class _ReadCtx:
@@ -790,6 +789,8 @@ _send_ack = _impl.record_maker(F.SendAck)
 _OK = ErrorCode.OK
 _push = _impl.record_maker(F.Push)
 _ack_position = _impl.record_maker(AckPosition)
+_SendReq = F.SendReq
+_pending_send = _impl.record_maker(_PendingSend)
 
 
 @lru_cache(maxsize=1 << 16)
@@ -1041,6 +1042,22 @@ class Broker:
                     frames = session.next_frames()
                     if not frames:
                         break
+                    if type(frames[0]) is _SendReq and c.state is _ConnState.ACTIVE and self.config.content_filter is None:
+                        # The leading plain SendReqs in one fast-path call:
+                        # what _dispatch -> _on_send -> _propose_send do for
+                        # them (pimcore/_pure/send.py); the first frame that
+                        # needs anything else is dispatched the ordinary way.
+                        taken = _impl.propose_sends(
+                            frames, c, now, self.config.limits, _conv_members, self._pending_sends, self._clock,
+                            self._node_id, self.config.record_events, _new_message, _pending_send, _SendReq,
+                            self._ops, self._ctxs,
+                        )
+                        if taken:
+                            self._stats["frames_in"] += taken
+                            self._eager += taken  # NewMessage is not a lazy op (_propose)
+                            if taken == len(frames):
+                                continue
+                            del frames[:taken]
                     if len(frames) == 1:
                         self._dispatch(c, frames[0], now, out)
                     else:
@@ -1815,7 +1832,7 @@ class Broker:
             msg_id, conv, sender, device, local_id, server_time, server_time, payload, digest, _U64_MAX,
             self.config.record_events, tuple(sorted(set(mentions) - {sender})), bool(mention_all),
         )
-        ctx = _PendingSend(dkey, digest, ("post", ref))
+        ctx = _PendingSend(dkey, digest, [("post", ref)])
         self._pending_sends[dkey] = ctx
         self._stats["posts"] += 1
         self._propose(op, ctx)
@@ -2145,7 +2162,7 @@ class Broker:
                 msg_id, f.conv, c.user, c.device, f.local_id, f.client_time, server_time, f.payload, digest, f.after_seq,
                 self.config.record_events, (), False,
             )
-        ctx = _PendingSend(key, digest, c.id)
+        ctx = _PendingSend(key, digest, [c.id])
         self._pending_sends[key] = ctx
         self._propose(op, ctx)
 
@@ -2153,6 +2170,13 @@ class Broker:
         self, op: NewMessage, ctx: _PendingSend, res: Result, to_pump: set[str], out: list[Command],
         acks: Optional[dict[int, list[F.SendAck]]] = None,
     ) -> None:
+        if acks is not None and _impl.finish_send(
+            op, ctx, res, Appended, self._pending_sends, self._heads, self._online, self._fresh, to_pump,
+            self._conns, acks, self._stats, _send_ack, _message, _OK,
+        ):
+            # The common case in one fast-path call (pimcore/_pure/send.py):
+            # a message without mentions, acked to its one connection.
+            return
         self._pending_sends.pop(ctx.key, None)
         if isinstance(res, Appended):
             self._stats["messages_stored"] += 1
@@ -2336,7 +2360,7 @@ class Broker:
             msg_id, conv, key[0], key[1], key[2], client_time, server_time, action, target, payload, digest, window,
             self.config.record_events,
         )
-        ctx = _PendingSend(key, digest, waiter)
+        ctx = _PendingSend(key, digest, [waiter])
         self._pending_sends[key] = ctx
         self._propose(op, ctx)
 
@@ -2490,20 +2514,26 @@ class Broker:
             # a Message nobody is pushed: _finish_send.)
             budget = lim.push_window_bytes - dev.unacked_bytes
             device, user = dev.device, dev.user
-            pushed: list[F.Message] = []
-            i = 0
-            for pos, m in entries:
-                n = len(m.payload) + 32
-                budget -= n
-                if budget < 0 and i > 0:
-                    break
-                i += 1
-                upto = pos
-                if m.device == device and m.sender == user:
-                    continue
-                pushed.append(m if isinstance(m, F.Message) else _to_frame_message(pos, m))  # type: ignore[arg-type]
-                size += n
-            msgs = tuple(pushed)
+            # The loop below in one fast-path call when no entry needs
+            # converting (pimcore/_pure/send.py: push_slice).
+            got = _impl.push_slice(entries, budget, device, user, F.Message)
+            if got is not None:
+                msgs, upto, size = got
+            else:
+                pushed: list[F.Message] = []
+                i = 0
+                for pos, m in entries:
+                    n = len(m.payload) + 32
+                    budget -= n
+                    if budget < 0 and i > 0:
+                        break
+                    i += 1
+                    upto = pos
+                    if m.device == device and m.sender == user:
+                        continue
+                    pushed.append(m if isinstance(m, F.Message) else _to_frame_message(pos, m))  # type: ignore[arg-type]
+                    size += n
+                msgs = tuple(pushed)
             if not msgs and dev.acked == dev.sent_upto:
                 # Nothing but this device's own sends, and nothing of
                 # ours outstanding: it has them all (their SendAcks), so

@@ -8,5 +8,7 @@ from .order import *  # noqa: F401,F403
 from .order import __all__ as _order_all
 from .records import *  # noqa: F401,F403
 from .records import __all__ as _records_all
+from .send import *  # noqa: F401,F403
+from .send import __all__ as _send_all
 
-__all__ = [*_codec_all, *_order_all, *_fanout_all, *_records_all]
+__all__ = [*_codec_all, *_order_all, *_fanout_all, *_records_all, *_send_all]
