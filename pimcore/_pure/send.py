@@ -65,7 +65,7 @@ def propose_sends(
     record_events: bool,
     new_message: Callable[..., Any],
     new_pending: Callable[..., Any],
-    sendreq: type,
+    sendreq: Any,
     ops: list,
     ctxs: list,
 ) -> int:
@@ -175,7 +175,7 @@ def finish_send(
     op: Any,
     ctx: Any,
     res: Any,
-    appended: type,
+    appended: Any,
     pending: dict,
     heads: dict,
     online: dict,
