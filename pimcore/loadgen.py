@@ -1532,8 +1532,8 @@ class MosquittoProcess:
                 self.port = s.getsockname()[1]
             with open(conf, "w") as f:
                 f.write(self.config())
-            with open(log_path, "ab") as log:
-                self.proc = subprocess.Popen([self.exe, "-c", conf], stdout=log, stderr=log,
+            with open(log_path, "ab") as logf:
+                self.proc = subprocess.Popen([self.exe, "-c", conf], stdout=logf, stderr=logf,
                                              preexec_fn=_die_with_parent)
             if self.pin and _can_pin():
                 os.sched_setaffinity(self.proc.pid, {0})

@@ -257,7 +257,8 @@ def test_compare_mosquitto_counts_senders_only_and_end_to_end() -> None:
     for shape in (dict(conns=2, window=4, online=False), dict(conns=1, window=64, online=True)):
         cfg = BenchConfig(duration=0.4, warmup=0.1, **{**SMALL, **shape})
         runs: list[tuple[int, str, BenchResult]] = []
-        rep = run_compare(cfg, "mosquitto", rounds=1, on_round=lambda i, name, res: runs.append((i, name, res)))
+        rep = run_compare(cfg, "mosquitto", rounds=1,
+                          on_round=lambda i, name, res, runs=runs: runs.append((i, name, res)))
         assert [(i, name) for i, name, _ in runs] == [(0, "pimcore"), (0, "mosquitto")]
         mq = runs[1][2]
         assert mq.peer == "mosquitto" and mq.broker["backend"].startswith("mosquitto 2.")
