@@ -6,11 +6,13 @@
  *
  *   loadgen PROTO HOST PORT PLAN WINDOW SIZE WARMUP_S DURATION_S DRAIN_S DEL_PER_ACK ACK_OUT DEL_OUT
  *
- * PROTO  "pim" (docs/PROTOCOL.md, version 3, no compression) or "resp"
- *        (Redis: XADD KEY MAXLEN ~ 100000 * d PAYLOAD, one reply per command).
+ * PROTO  "pim" (docs/PROTOCOL.md, version 3, no compression), "resp"
+ *        (Redis: XADD KEY MAXLEN ~ 100000 * d PAYLOAD, one reply per command)
+ *        or "mqtt" (MQTT 3.1.1, e.g. Mosquitto: see "MQTT" below).
  * PLAN   one connection per line: "SENDS RECEIVES QUOTA TARGET TOKEN"
  *        SENDS/RECEIVES 0|1; QUOTA messages to send (0: until the clock
- *        stops); TARGET the conversation (pim) or stream key (resp), "-" for
+ *        stops); TARGET the conversation (pim), stream key (resp) or topic
+ *        (mqtt: senders publish to it, receivers subscribe to it), "-" for
  *        none; TOKEN the Login token (pim) or "-".
  * DURATION_S 0 = count mode (every connection sends its QUOTA; everything is
  *        measured).  DEL_PER_ACK: deliveries each measured ack should produce
@@ -28,6 +30,15 @@
  * one write (new requests plus one cumulative PushAck).  The first 8 bytes of
  * every payload are the send time (CLOCK_MONOTONIC ns, big-endian), so a
  * receiver measures send->delivery.
+ *
+ * MQTT: every connection sends CONNECT (3.1.1, clean session, keep-alive 0,
+ * client id "pimbench-PID-N") and waits for CONNACK; a receiver then
+ * SUBSCRIBEs to its topic at QoS 1 and counts as logged in at its SUBACK, so
+ * "ready" means every subscription is in place.  A sender PUBLISHes at QoS 1
+ * with a packet id (WINDOW in flight); the PUBACK is its ack.  A receiver
+ * answers every QoS 1 PUBLISH with a PUBACK (in the same write as the rest of
+ * the read's answers).  A refused CONNECT or SUBSCRIBE, a malformed packet or a
+ * PUBACK for a packet id not in flight exits 2.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -187,10 +198,11 @@ typedef struct {
     int64_t *slot_t;
     uint64_t mask, fifo_head;
     int inflight, done_sending, want_out;
+    int connected; /* mqtt: CONNACK seen (a receiver then waits for its SUBACK) */
     uint64_t pushed_upto, acked_upto;
 } conn_t;
 
-static int resp_mode;
+static int resp_mode, mqtt_mode;
 static uint64_t lid_base = 1; /* first local id of every connection (set from the time in main) */
 static int window, size;
 static unsigned char *filler;
@@ -227,6 +239,7 @@ static void queue_sends(conn_t *c) {
             c->done_sending = 1;
             break;
         }
+        if (mqtt_mode && (c->next_lid & 0xffff) == 0) c->next_lid++; /* packet id 0 is not allowed */
         uint64_t lid = c->next_lid;
         uint64_t slot = lid & c->mask;
         if (c->slot_lid[slot]) break; /* an old one still out: wait for it */
@@ -239,7 +252,23 @@ static void queue_sends(conn_t *c) {
         if (!first_send) first_send = now;
         unsigned char ts[8];
         for (int i = 0; i < 8; i++) ts[i] = (unsigned char)((uint64_t)now >> (56 - 8 * i));
-        if (resp_mode) {
+        if (mqtt_mode) {
+            /* PUBLISH, QoS 1: topic, packet id (lid's low 16 bits: slots
+             * divide 65536, so the id finds its slot), payload. */
+            unsigned char h[4];
+            buf_reserve(&c->out, 1);
+            c->out.p[c->out.len++] = 0x32;
+            put_u(&c->out, 2 + c->target_len + 2 + size); /* MQTT's remaining length is this varint */
+            h[0] = (unsigned char)(c->target_len >> 8);
+            h[1] = (unsigned char)c->target_len;
+            put_raw(&c->out, h, 2);
+            put_raw(&c->out, c->target, c->target_len);
+            h[0] = (unsigned char)(lid >> 8);
+            h[1] = (unsigned char)lid;
+            put_raw(&c->out, h, 2);
+            put_raw(&c->out, ts, 8);
+            put_raw(&c->out, filler, size - 8);
+        } else if (resp_mode) {
             char head[128];
             int n = snprintf(head, sizeof head, "*8\r\n$4\r\nXADD\r\n$%zu\r\n", c->target_len);
             put_raw(&c->out, head, n);
@@ -432,13 +461,147 @@ static void parse_resp(conn_t *c) {
     }
 }
 
+/* ------------------------------------------------------------ MQTT 3.1.1 */
+
+static void die_u(const char *fmt, unsigned v) {
+    fprintf(stderr, "loadgen: ");
+    fprintf(stderr, fmt, v);
+    fprintf(stderr, "\n");
+    exit(2);
+}
+
+static void put_u16(buf_t *b, unsigned v) {
+    unsigned char h[2] = {(unsigned char)(v >> 8), (unsigned char)v};
+    put_raw(b, h, 2);
+}
+
+static void mqtt_connect(conn_t *c, size_t index) {
+    char id[64];
+    int n = snprintf(id, sizeof id, "pimbench-%d-%zu", (int)getpid(), index);
+    /* CONNECT: protocol name "MQTT", level 4, flags: clean session,
+     * keep-alive 0 (off: the run holds the connection busy), client id. */
+    static const unsigned char vh[10] = {0, 4, 'M', 'Q', 'T', 'T', 4, 0x02, 0, 0};
+    buf_reserve(&c->out, 1);
+    c->out.p[c->out.len++] = 0x10;
+    put_u(&c->out, sizeof vh + 2 + n);
+    put_raw(&c->out, vh, sizeof vh);
+    put_u16(&c->out, n);
+    put_raw(&c->out, id, n);
+}
+
+static void mqtt_open(conn_t *c) {
+    c->state = ST_OPEN;
+    logged_in++;
+}
+
+/* One control packet: HEAD is its first byte (type << 4 | flags), [p, end)
+ * the rest after the remaining length.  Anything not in the conversation
+ * this generator holds exits 2: a benchmark must not count on a confused
+ * broker. */
+static void on_mqtt_packet(conn_t *c, unsigned head, const unsigned char *p, const unsigned char *end) {
+    size_t n = end - p;
+    unsigned type = head >> 4;
+    if (type != 3 && (head & 0x0f)) die_u("malformed MQTT packet (type %u with flags set) from the broker", type);
+    switch (type) {
+    case 2: /* CONNACK: session present, return code */
+        if (n != 2) die("%s", "malformed CONNACK from the MQTT broker");
+        if (c->state != ST_LOGIN || c->connected) die("%s", "unexpected CONNACK from the MQTT broker");
+        if (p[1]) die_u("connect refused (CONNACK return code %u)", p[1]);
+        c->connected = 1;
+        if (c->receives) {
+            /* SUBSCRIBE (flags 0010): packet id 1, the topic, QoS 1 */
+            buf_reserve(&c->out, 1);
+            c->out.p[c->out.len++] = 0x82;
+            put_u(&c->out, 2 + 2 + c->target_len + 1);
+            put_u16(&c->out, 1);
+            put_u16(&c->out, c->target_len);
+            put_raw(&c->out, c->target, c->target_len);
+            put_raw(&c->out, "\x01", 1);
+            flush_out(c);
+        } else {
+            mqtt_open(c);
+        }
+        return;
+    case 9: /* SUBACK: packet id, one return code (the granted QoS or 0x80) */
+        if (n != 3) die("%s", "malformed SUBACK from the MQTT broker");
+        if (c->state != ST_LOGIN || !c->connected || !c->receives || p[0] || p[1] != 1)
+            die("%s", "unexpected SUBACK from the MQTT broker");
+        if (p[2] != 1) die_u("subscription refused or not at QoS 1 (SUBACK return code 0x%02x)", p[2]);
+        mqtt_open(c);
+        return;
+    case 4: { /* PUBACK: packet id */
+        if (n != 2) die("%s", "malformed PUBACK from the MQTT broker");
+        unsigned pid = (unsigned)p[0] << 8 | p[1];
+        uint64_t slot = pid & c->mask;
+        if (c->state != ST_OPEN || !pid || !c->slot_lid[slot] || (c->slot_lid[slot] & 0xffff) != pid)
+            die_u("PUBACK for packet id %u, which is not in flight", pid);
+        acked_one(c, slot, 1);
+        return;
+    }
+    case 3: { /* PUBLISH: topic, packet id when QoS > 0, payload */
+        unsigned qos = (head >> 1) & 3;
+        if (qos > 1) die_u("PUBLISH at QoS %u from the MQTT broker (subscribed at QoS 1)", qos);
+        if (n < 2) die("%s", "malformed PUBLISH from the MQTT broker");
+        size_t tl = (size_t)p[0] << 8 | p[1];
+        if (2 + tl + (qos ? 2 : 0) > n) die("%s", "malformed PUBLISH from the MQTT broker");
+        const unsigned char *payload = p + 2 + tl;
+        if (qos) {
+            buf_reserve(&c->out, 4); /* PUBACK with the same packet id: the recipient's ack */
+            c->out.p[c->out.len++] = 0x40;
+            c->out.p[c->out.len++] = 2;
+            c->out.p[c->out.len++] = payload[0];
+            c->out.p[c->out.len++] = payload[1];
+            payload += 2;
+        }
+        if (!c->receives || c->state != ST_OPEN || end - payload < 8) return;
+        int64_t sent_at = 0;
+        for (int k = 0; k < 8; k++) sent_at = (sent_at << 8) | payload[k];
+        if (measure_from <= sent_at && sent_at < measure_to) {
+            deliveries++;
+            sample(&del_lat, now_ns() - sent_at);
+        }
+        return;
+    }
+    case 13: /* PINGRESP */
+        return;
+    default:
+        die_u("unexpected MQTT packet type %u from the broker", type);
+    }
+}
+
+static void parse_mqtt(conn_t *c) {
+    buf_t *b = &c->in;
+    while (c->state != ST_CLOSED) {
+        const unsigned char *p = b->p + b->off, *end = b->p + b->len;
+        /* Fixed header: the first byte, then the remaining length (1-4
+         * bytes of 7 bits, least significant first; 0x80 = more). */
+        if (end - p < 2) return;
+        const unsigned char *q = p + 1;
+        uint64_t n = 0;
+        int i;
+        for (i = 0; i < 4; i++) {
+            if (q >= end) return; /* the length itself is split across reads */
+            unsigned char ch = *q++;
+            n |= (uint64_t)(ch & 0x7f) << (7 * i);
+            if (!(ch & 0x80)) break;
+        }
+        if (i == 4) die("%s", "malformed remaining length from the MQTT broker (more than 4 bytes)");
+        if ((uint64_t)(end - q) < n) {
+            buf_reserve(b, n - (end - q));
+            return;
+        }
+        b->off = (q + n) - b->p;
+        on_mqtt_packet(c, p[0], q, q + n);
+    }
+}
+
 static void on_readable(conn_t *c) {
     for (;;) {
         buf_reserve(&c->in, 65536);
         ssize_t n = recv(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len, 0);
         if (n > 0) {
             c->in.len += n;
-            if (resp_mode) parse_resp(c); else parse_pim(c);
+            if (mqtt_mode) parse_mqtt(c); else if (resp_mode) parse_resp(c); else parse_pim(c);
             if (c->state == ST_CLOSED) return;
             if ((size_t)n < 65536) break;
             continue;
@@ -452,7 +615,7 @@ static void on_readable(conn_t *c) {
     }
     if (c->state != ST_OPEN) return;
     if (measure_to) queue_sends(c); /* the clock runs */
-    if (!resp_mode && c->pushed_upto > c->acked_upto) {
+    if (!resp_mode && !mqtt_mode && c->pushed_upto > c->acked_upto) {
         c->acked_upto = c->pushed_upto;
         frame_begin();
         put_u(&scratch, c->pushed_upto);
@@ -470,11 +633,13 @@ static char *next_field(char **line) {
 
 int main(int argc, char **argv) {
     if (argc != 13) {
-        fprintf(stderr, "usage: loadgen pim|resp HOST PORT PLAN WINDOW SIZE WARMUP_S DURATION_S DRAIN_S"
+        fprintf(stderr, "usage: loadgen pim|resp|mqtt HOST PORT PLAN WINDOW SIZE WARMUP_S DURATION_S DRAIN_S"
                         " DEL_PER_ACK ACK_OUT DEL_OUT\n");
         return 2;
     }
     resp_mode = strcmp(argv[1], "resp") == 0;
+    mqtt_mode = strcmp(argv[1], "mqtt") == 0;
+    if (!resp_mode && !mqtt_mode && strcmp(argv[1], "pim") != 0) die("unknown protocol %s (pim, resp or mqtt)", argv[1]);
     {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
@@ -485,6 +650,7 @@ int main(int argc, char **argv) {
     double warmup = atof(argv[7]), duration = atof(argv[8]), drain = atof(argv[9]);
     long del_per_ack = atol(argv[10]);
     if (window < 1 || size < 8) die("%s", "window must be >= 1 and size >= 8");
+    if (mqtt_mode && window > 16384) die("%s", "mqtt: window must be <= 16384 (16-bit packet ids)");
 
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
@@ -542,13 +708,16 @@ int main(int argc, char **argv) {
         c->mask = slots - 1;
         c->slot_lid = calloc(slots, sizeof *c->slot_lid);
         c->slot_t = calloc(slots, sizeof *c->slot_t);
-        c->next_lid = lid_base; /* from the time (µs), as the SDK: a second run is no retry of the first */
+        c->next_lid = mqtt_mode ? 1 : lid_base; /* from the time (µs), as the SDK: a second run is no retry of the first */
         c->fifo_head = 1;
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
         epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
         if (resp_mode) {
             c->state = ST_OPEN;
             logged_in++;
+        } else if (mqtt_mode) {
+            mqtt_connect(c, i);
+            flush_out(c);
         } else {
             /* Login: token b, device t, client_time s, position u, caps u, epoch b */
             frame_begin();
@@ -658,7 +827,10 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < nconns; i++) {
         conn_t *c = &conns[i];
         if (c->state == ST_CLOSED) continue;
-        if (!resp_mode) {
+        if (mqtt_mode) {
+            put_raw(&c->out, "\xe0\x00", 2); /* DISCONNECT */
+            flush_out(c);
+        } else if (!resp_mode) {
             frame_begin();
             put_u(&scratch, 0);
             put_bytes(&scratch, "bench done", 10);

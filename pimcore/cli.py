@@ -726,8 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): the one-thread C generator (bench/loadgen.c, built with cc on first use)"
                         " when it can run the shape, else the trio one")
     p.add_argument("--compare", choices=["redis", "mosquitto"],
-                   help="also run the same shape against a redis-server it starts (appendfsync always, XADD),"
-                        " alternating; report both, the medians and the ratio")
+                   help="also run the same shape against a redis-server it starts (appendfsync always, XADD;"
+                        " senders only) or a mosquitto it starts (MQTT QoS 1, no fsync; with e2e-1x64 a subscriber"
+                        " that acks every message), alternating; report both, the medians and the ratios")
     p.add_argument("--rounds", type=int, default=3, help="with --compare: alternating rounds (default 3)")
     p.set_defaults(func=_cmd_bench)
 

@@ -33,6 +33,9 @@ Why it is built this way
   ``redis-server`` it starts (``appendfsync always``: fsync before each reply,
   like durability sync), XADD through the C generator's RESP mode,
   alternating with the pimcore run for N rounds; medians and ratios.
+  ``--compare mosquitto``: the same against a ``mosquitto`` it starts, QoS 1
+  PUBLISH/PUBACK through the C generator's MQTT mode, end to end too (a
+  subscriber that PUBACKs every message); Mosquitto never fsyncs per ack.
 * **What limited the run** is stated: the generator's CPU, the server's CPU
   (one core), fsync wait (the broker's commits -- fsync included, run on its
   event loop -- filled most of the time; from its exit line) or round trips.
@@ -70,7 +73,8 @@ from .codec import Decoder, encode_frame
 from .errors import CloseCode, ErrorCode
 
 __all__ = ["BenchConfig", "BenchResult", "run_bench", "format_result", "BrokerProcess", "BenchError", "SHAPES",
-           "c_generator", "RedisProcess", "run_redis", "run_compare", "format_compare"]
+           "c_generator", "RedisProcess", "run_redis", "MosquittoProcess", "run_mosquitto", "mqtt_connect",
+           "run_compare", "format_compare"]
 
 GROUP_ID = "bench-group"
 _NS = 1_000_000_000
@@ -1117,7 +1121,7 @@ def _run_c(cfg: BenchConfig, exe: str, proto: str, host: str, port: int, plan: l
                 proc.kill()
                 proc.wait()
         if proc.returncode == 3:
-            what = "broker" if proto == "pim" else "redis-server"
+            what = {"pim": "broker", "resp": "redis-server", "mqtt": "mosquitto"}[proto]
             raise BenchError(f"cannot reach the {what} at {host}:{port}: {err.strip().split(': ', 2)[-1]}")
         if proc.returncode != 0 or not out:
             raise BenchError(f"the C load generator failed (exit {proc.returncode}): {err.strip()}")
@@ -1205,7 +1209,7 @@ def _diagnose(res: BenchResult) -> str:
     if res.peer == "redis":
         return (f"fsync wait or round trips (appendfsync always: every reply waits for a write+fsync;"
                 f" redis CPU {util:.0%} of one core)")
-    return (f"round trips: neither side was busy (broker CPU {util:.0%}, generator {res.generator_cpu:.0%}"
+    return (f"round trips: neither side was busy ({server} CPU {util:.0%}, generator {res.generator_cpu:.0%}"
             + (f"; {commit}" if commit else "") + "); more in flight would go faster")
 
 
@@ -1475,6 +1479,208 @@ async def _resp_trio(cfg: BenchConfig, port: int, quotas: list[int], on_ready: A
             "wall": wall, "logged_in": len(streams), "connect_seconds": 0.0}
 
 
+# ---------------------------------------------------------------- Mosquitto, the MQTT peer
+
+_MOSQUITTO_MISSING = "--compare mosquitto needs mosquitto on the PATH: apt-get install mosquitto"
+
+
+class MosquittoProcess:
+    """``mosquitto`` (MQTT 3.1.1/5 broker) on loopback and a free port, from a
+    temporary config file: anonymous, ``persistence false`` (Mosquitto never
+    fsyncs before a PUBACK in any setting: its persistence is a periodic
+    snapshot), ``max_inflight_messages 0`` (no per-client limit on QoS 1
+    messages in flight to a subscriber; the default, 20, would throttle a
+    window of 64), ``max_queued_messages 100000`` (default 1000) and
+    ``set_tcp_nodelay true`` (off by default; the broker and Redis both turn
+    Nagle off); pinned to CPU 0 like the broker.  Its log (stderr) goes to a
+    file in the temporary directory.  BenchError when mosquitto is not
+    installed or does not start."""
+
+    def __init__(self, pin: bool = True) -> None:
+        self.exe = shutil.which("mosquitto")
+        if self.exe is None:
+            raise BenchError(_MOSQUITTO_MISSING)
+        self.pin = pin
+        self.dir = tempfile.mkdtemp(prefix="pimcore-bench-mosquitto-")
+        self.port = 0
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.version = ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def config(self) -> str:
+        """The config file's text for ``self.port``."""
+        return (f"listener {self.port} 127.0.0.1\n"
+                "allow_anonymous true\n"
+                "persistence false\n"
+                "max_inflight_messages 0\n"
+                "max_queued_messages 100000\n"
+                "set_tcp_nodelay true\n")
+
+    def __enter__(self) -> "MosquittoProcess":
+        import socket
+
+        assert self.exe is not None
+        log_path = os.path.join(self.dir, "mosquitto.log")
+        conf = os.path.join(self.dir, "mosquitto.conf")
+        for _ in range(5):  # a free port can be taken between probe and bind: try another
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
+            with open(conf, "w") as f:
+                f.write(self.config())
+            with open(log_path, "ab") as logf:
+                self.proc = subprocess.Popen([self.exe, "-c", conf], stdout=logf, stderr=logf,
+                                             preexec_fn=_die_with_parent)
+            if self.pin and _can_pin():
+                os.sched_setaffinity(self.proc.pid, {0})
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    mqtt_connect("127.0.0.1", self.port)
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            else:
+                self._stop()
+                continue
+            try:
+                with open(log_path) as f:
+                    self.version = next((ln.split("version ", 1)[1].split()[0] for ln in f
+                                         if "mosquitto version" in ln), "?")
+            except OSError:
+                self.version = "?"
+            return self
+        log = ""
+        try:
+            with open(log_path) as f:
+                log = f.read()[-2000:]
+        except OSError:
+            pass
+        self.__exit__(None, None, None)
+        raise BenchError(f"mosquitto did not start:\n{log}")
+
+    def _stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def mqtt_connect(host: str, port: int, timeout: float = 2.0) -> None:
+    """One MQTT 3.1.1 CONNECT (clean session) and its CONNACK on a fresh
+    connection, then DISCONNECT: is an MQTT broker there?  OSError when
+    unreachable or the connection closes, BenchError for a refusal or a
+    reply that is not a CONNACK."""
+    import socket
+
+    client_id = f"pimbench-probe-{os.getpid()}".encode()
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(bytes([0x10, len(body)]) + body)
+        buf = b""
+        while len(buf) < 4:
+            chunk = s.recv(4 - len(buf))
+            if not chunk:
+                raise ConnectionError("the MQTT broker closed the connection")
+            buf += chunk
+        if buf[:2] != b"\x20\x02":
+            raise BenchError(f"mqtt: unexpected reply to CONNECT {buf!r}")
+        if buf[3]:
+            raise BenchError(f"mqtt: CONNECT refused (CONNACK return code {buf[3]})")
+        s.sendall(b"\xe0\x00")
+
+
+def run_mosquitto(cfg: BenchConfig) -> BenchResult:
+    """The same shape as ``run_bench(cfg)`` against a fresh mosquitto
+    (:class:`MosquittoProcess`): connection N PUBLISHes at QoS 1 to topic
+    ``bench/sN`` with ``window`` packet ids in flight; send->PUBACK is the ack
+    latency.  With ``cfg.online`` (e.g. the e2e-1x64 shape) each sender has a
+    subscriber on its topic (SUBSCRIBE QoS 1) that PUBACKs every message, and
+    deliveries and send->delivery latency are counted, as for the broker's
+    recipients.  Driven by the C generator's MQTT mode only.  BenchError when
+    mosquitto is missing, for ``generator="python"`` or without a C
+    generator."""
+    if cfg.generator == "python":
+        raise BenchError("--compare mosquitto runs the C generator only (there is no trio MQTT driver)")
+    exe, why = c_generator()
+    if exe is None:
+        raise BenchError(why + "; --compare mosquitto needs the C generator")
+    with MosquittoProcess(cfg.pin) as mq:
+        if cfg.pin and _can_pin():
+            cpus = sorted(os.sched_getaffinity(0))
+            os.sched_setaffinity(0, set(cpus[1:]) or set(cpus))
+        samples: dict[str, Any] = {}
+
+        def sample(name: str) -> None:
+            samples[name] = (_proc_cpu_seconds(mq.pid), _proc_memory(mq.pid), time.monotonic(),
+                             _proc_cpu_wait(mq.pid))
+
+        quotas = [0] * cfg.conns
+        if cfg.count is not None:
+            quotas = [cfg.count // cfg.conns + (1 if i < cfg.count % cfg.conns else 0) for i in range(cfg.conns)]
+        plan = []
+        for i in range(cfg.conns):
+            plan.append(f"1 0 {quotas[i]} bench/s{i} -")
+            if cfg.online:
+                plan.append(f"0 1 0 bench/s{i} -")
+        r = _run_c(cfg, exe, "mqtt", "127.0.0.1", mq.port, plan, 1 if cfg.online else 0, lambda: sample("ready"),
+                   lambda: sample("done"))
+        version = mq.version
+    ack_lat: array[int] = array("q")
+    ack_lat.frombytes(r["ack_lat"])
+    del_lat: array[int] = array("q")
+    del_lat.frombytes(r["del_lat"])
+    seconds = cfg.duration if cfg.count is None else max(1e-9, (r["last_ack"] - r["first_send"]) / _NS)
+    gen_cpu = r["cpu"] / r["wall"] if r["wall"] > 0 else 0.0
+    errors = {**r["errors"], **{f"Close {c}": n for c, n in r["closes"].items()}}
+    res = BenchResult(
+        config=asdict(cfg),
+        broker={"url": f"mqtt://127.0.0.1:{mq.port}", "pid": mq.pid, "backend": f"mosquitto {version}",
+                "connections": len(plan)},
+        seconds=seconds,
+        acked=r["acked"],
+        acked_per_s=r["acked"] / seconds,
+        deliveries=r["deliveries"],
+        deliveries_per_s=r["deliveries"] / seconds,
+        stored_entries_per_s=0.0,  # nothing is stored: persistence false, and a QoS 1 PUBACK means "taken"
+        ack_latency_us=_percentiles(ack_lat),
+        delivery_latency_us=_percentiles(del_lat),
+        errors=errors,
+        generator_cpu=gen_cpu,
+        generator_saturated=gen_cpu >= 0.9,
+        logged_in=r["logged_in"],
+        login_seconds=r["connect_seconds"],
+        ack_histogram=_histogram_buckets(ack_lat),
+        delivery_histogram=_histogram_buckets(del_lat),
+        peer="mosquitto",
+        generator="c",
+        generator_cpu_us_per_msg=r["cpu"] / r["sent"] * 1e6 if r["sent"] else None,
+    )
+    if "ready" in samples and "done" in samples:
+        (cpu0, _, t0, w0), (cpu1, mem, t1, w1) = samples["ready"], samples["done"]
+        if w0 is not None and w1 is not None:
+            res.broker_cpu_wait = (w1 - w0) / max(t1 - t0, 1e-9)
+        # Per message sent (warm-up and drain inside, as for the broker); end
+        # to end that covers its delivery and the subscriber's PUBACK too.
+        res.broker_cpu_us_per_msg = (cpu1 - cpu0) / r["sent"] * 1e6 if r["sent"] else None
+        res.broker_cpu_util = (cpu1 - cpu0) / max(t1 - t0, 1e-9)
+        res.broker_peak_rss = mem.get("VmHWM")
+        res.broker_rss_anon = mem.get("RssAnon")
+    res.limit = _diagnose(res)
+    return res
+
+
 # ---------------------------------------------------------------- side by side
 
 
@@ -1510,29 +1716,37 @@ def run_compare(cfg: BenchConfig, peer: str = "redis", rounds: int = 3,
     summary}], "median": {"pimcore": .., peer: ..}, "ratio": {"acked_per_s":
     pimcore/peer, "p50": pimcore/peer}, "notes": [..]}``; ``on_round(i,
     name, BenchResult)`` is called after each run.  BenchError for an unknown
-    or missing peer (only "redis" is driven; "mosquitto" is refused with the
-    reason)."""
-    if peer == "mosquitto":
-        if shutil.which("mosquitto") is None:
-            raise BenchError("--compare mosquitto needs mosquitto on the PATH: apt-get install mosquitto")
-        raise BenchError("--compare mosquitto: this version drives redis only (no MQTT driver yet)")
-    if peer != "redis":
-        raise BenchError(f"--compare {peer}: unknown peer (redis)")
+    or missing peer ("redis" or "mosquitto").  With ``cfg.online`` (end to
+    end) ``ratio`` also has ``deliveries_per_s`` (None against Redis, which
+    runs the senders only)."""
+    if peer not in ("redis", "mosquitto"):
+        raise BenchError(f"--compare {peer}: unknown peer (redis, mosquitto)")
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
     if cfg.url is not None:
         raise BenchError("--compare starts its own broker: drop --url")
-    if shutil.which("redis-server") is None:
+    if peer == "redis" and shutil.which("redis-server") is None:
         raise BenchError("--compare redis needs redis-server on the PATH: apt-get install redis-server")
+    if peer == "mosquitto":
+        if shutil.which("mosquitto") is None:
+            raise BenchError(_MOSQUITTO_MISSING)
+        if cfg.generator == "python":
+            raise BenchError("--compare mosquitto runs the C generator only (there is no trio MQTT driver)")
+        exe, why = c_generator()
+        if exe is None:
+            raise BenchError(why + "; --compare mosquitto needs the C generator")
     notes = []
     if cfg.mode != "direct":
         raise BenchError("--compare runs 1:1 shapes only (no --group)")
-    if cfg.online:
+    if cfg.online and peer == "redis":
         notes.append("Redis runs the senders only (XADD, no reader): its figures are send->reply, not end to end")
+    if peer == "mosquitto":
+        notes.append(f"Mosquitto: QoS 1, persistence false -- it never fsyncs before a PUBACK"
+                     f" (pimcore: durability {cfg.durability})")
     out: list[dict[str, Any]] = []
     for i in range(rounds):
         row: dict[str, Any] = {}
-        for name, run in (("pimcore", run_bench), (peer, run_redis)):
+        for name, run in (("pimcore", run_bench), (peer, run_redis if peer == "redis" else run_mosquitto)):
             res = run(cfg)
             row[name] = _summary(res)
             if res.generator_note and f"{name}: {res.generator_note}" not in notes:
@@ -1547,14 +1761,18 @@ def run_compare(cfg: BenchConfig, peer: str = "redis", rounds: int = 3,
         a, b = median["pimcore"][k], median[peer][k]
         return a / b if a is not None and b else None
 
+    ratios = {"acked_per_s": ratio("acked_per_s"), "p50": ratio("p50_us"),
+              "server_cpu_us_per_msg": ratio("server_cpu_us_per_msg")}
+    if cfg.online:
+        ratios["deliveries_per_s"] = ratio("deliveries_per_s")
+        ratios["delivery_p50"] = ratio("delivery_p50_us")
     return {
         "peer": peer,
         "shape": {"conns": cfg.conns, "window": cfg.window, "size": cfg.size, "online": cfg.online,
                   "durability": cfg.durability, "duration": cfg.duration, "warmup": cfg.warmup},
         "rounds": out,
         "median": median,
-        "ratio": {"acked_per_s": ratio("acked_per_s"), "p50": ratio("p50_us"),
-                  "server_cpu_us_per_msg": ratio("server_cpu_us_per_msg")},
+        "ratio": ratios,
         "notes": notes,
     }
 
@@ -1566,18 +1784,25 @@ def format_compare(rep: dict[str, Any]) -> str:
     def num(v: Optional[float], fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    head = (f"{'round':<7}{'peer':<9}{'acked/s':>11}{'p50 µs':>9}{'p99 µs':>9}{'CPU µs/msg':>11}"
-            f"{'srv CPU':>8}{'CPU wait':>9}{'gen CPU':>8}  limit")
+    e2e = bool(sh.get("online")) and peer == "mosquitto"  # deliveries on both sides
+    w = 11 if peer == "mosquitto" else 9
+    head = (f"{'round':<7}{'peer':<{w}}{'acked/s':>11}" + (f"{'deliv/s':>11}{'deliv p50':>10}" if e2e else "")
+            + f"{'p50 µs':>9}{'p99 µs':>9}{'CPU µs/msg':>11}{'srv CPU':>8}{'CPU wait':>9}{'gen CPU':>8}  limit")
+    how = ("redis appendfsync always" if peer == "redis"
+           else "mosquitto QoS 1, persistence false (no fsync)")
     lines = [
-        f"pimcore bench --compare {peer}: {sh['conns']} conns x {sh['window']} in flight, {sh['size']} B payloads,"
-        f" pimcore durability {sh['durability']}, {peer} appendfsync always;"
+        f"pimcore bench --compare {peer}: {sh['conns']} conns x {sh['window']} in flight"
+        + (", a recipient acking every message" if sh.get("online") else "") + f", {sh['size']} B payloads,"
+        f" pimcore durability {sh['durability']}, {how};"
         f" {len(rep['rounds'])} alternating round(s) of {sh['duration']:g} s",
         "",
         head,
     ]
 
     def row(label: str, name: str, s: dict[str, Any]) -> str:
-        return (f"{label:<7}{name:<9}{num(s['acked_per_s'], ',.0f'):>11}{num(s['p50_us'], ',.0f'):>9}"
+        deliv = (f"{num(s.get('deliveries_per_s'), ',.0f'):>11}{num(s.get('delivery_p50_us'), ',.0f'):>10}"
+                 if e2e else "")
+        return (f"{label:<7}{name:<{w}}{num(s['acked_per_s'], ',.0f'):>11}{deliv}{num(s['p50_us'], ',.0f'):>9}"
                 f"{num(s['p99_us'], ',.0f'):>9}{num(s['server_cpu_us_per_msg'], '.1f'):>11}"
                 f"{num(s['server_cpu_util'], '.0%'):>8}{num(s.get('server_cpu_wait'), '.0%'):>9}"
                 f"{num(s['generator_cpu'], '.0%'):>8}  {s.get('limit', '')}")
@@ -1592,6 +1817,9 @@ def format_compare(rep: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"pimcore / {peer}: acked sends/s {num(ra['acked_per_s'], '.2f')}x, p50 send->ack"
                  f" {num(ra['p50'], '.2f')}x, server CPU per message {num(ra['server_cpu_us_per_msg'], '.2f')}x")
+    if e2e:
+        lines.append(f"pimcore / {peer}: deliveries/s {num(ra.get('deliveries_per_s'), '.2f')}x, p50 send->delivery"
+                     f" {num(ra.get('delivery_p50'), '.2f')}x")
     if any(r[n]["errors"] for r in rep["rounds"] for n in ("pimcore", peer)):
         lines.append("WARNING: some runs had errors (see --json)")
     for n in rep["notes"]:

@@ -1,24 +1,29 @@
 """The instruments of the throughput issue: the one-thread C load generator
-(bench/loadgen.c) against a live broker and against redis-server, the
-side-by-side report of ``pimcore bench --compare redis``, and what the
-report says limited a run.
+(bench/loadgen.c) against a live broker, against redis-server and against
+mosquitto (and its MQTT mode against a fake MQTT broker that splits every
+packet), the side-by-side report of ``pimcore bench --compare redis`` and
+``--compare mosquitto``, and what the report says limited a run.
 
 No figure is judged here -- only that the instruments count right and say
-what they did.  Tests that need ``cc`` or ``redis-server`` skip with the
-reason when they are missing.
+what they did.  Tests that need ``cc``, ``redis-server`` or ``mosquitto``
+skip with the reason when they are missing.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
 import statistics
+import threading
+import time
 
 import pytest
 
 from pimcore import loadgen
-from pimcore.loadgen import (BenchConfig, BenchError, BenchResult, RedisProcess, c_generator, format_compare,
-                             format_result, resp_command, run_bench, run_compare, run_redis)
+from pimcore.loadgen import (BenchConfig, BenchError, BenchResult, MosquittoProcess, RedisProcess, c_generator,
+                             format_compare, format_result, mqtt_connect, resp_command, run_bench, run_compare,
+                             run_mosquitto, run_redis)
 
 from _proc import run_pimcore
 
@@ -35,6 +40,11 @@ def need_c() -> str:
 def need_redis() -> None:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server not installed (apt-get install redis-server)")
+
+
+def need_mosquitto() -> None:
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto not installed (apt-get install mosquitto)")
 
 
 # ---------------------------------------------------------------- against the broker
@@ -191,7 +201,7 @@ def test_compare_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_cli_compare_and_shapes() -> None:
-    r = run_pimcore("bench", "--shape", "1x1", "--compare", "mosquitto", timeout=60)
+    r = run_pimcore("bench", "--shape", "1x1", "--compare", "mosquitto", "--generator", "python", timeout=60)
     assert r.returncode == 2 and "mosquitto" in r.stderr
     r = run_pimcore("bench", "--shape", "1x64", "-d", "0.3", "--warmup", "0.1", "--durability", "os", "--no-pin",
                     "--json", timeout=120)
@@ -236,3 +246,207 @@ def test_diagnosis_names_the_limit() -> None:
     busy_machine = d(_result(broker_cpu_util=0.3, broker_cpu_wait=0.3, broker_commit_seconds=4.0, broker_batches=1,
                              broker_messages_stored=1))
     assert busy_machine.startswith("CPU contention: the broker waited for its CPU 30% of the time")
+
+
+# ---------------------------------------------------------------- against Mosquitto
+
+
+def test_compare_mosquitto_counts_senders_only_and_end_to_end() -> None:
+    need_mosquitto()
+    need_c()
+    for shape in (dict(conns=2, window=4, online=False), dict(conns=1, window=64, online=True)):
+        cfg = BenchConfig(duration=0.4, warmup=0.1, **{**SMALL, **shape})
+        runs: list[tuple[int, str, BenchResult]] = []
+        rep = run_compare(cfg, "mosquitto", rounds=1,
+                          on_round=lambda i, name, res, runs=runs: runs.append((i, name, res)))
+        assert [(i, name) for i, name, _ in runs] == [(0, "pimcore"), (0, "mosquitto")]
+        mq = runs[1][2]
+        assert mq.peer == "mosquitto" and mq.broker["backend"].startswith("mosquitto 2.")
+        for _, name, res in runs:
+            assert res.errors == {} and res.acked > 0, (name, res.errors)
+            assert res.ack_latency_us["count"] == res.acked
+            if cfg.online:  # every acked send delivered to the acking recipient, once
+                assert res.deliveries == res.acked and res.delivery_latency_us["count"] == res.acked, name
+            else:
+                assert res.deliveries == 0, name
+        assert mq.broker_cpu_us_per_msg is not None and mq.broker_peak_rss and mq.limit
+        assert mq.broker["connections"] == cfg.conns * (2 if cfg.online else 1)
+        assert rep["peer"] == "mosquitto" and rep["rounds"][0]["mosquitto"]["errors"] == 0
+        assert ("deliveries_per_s" in rep["ratio"]) == cfg.online
+        table = format_compare(rep)
+        assert "pimcore / mosquitto: acked sends/s" in table and "persistence false" in table
+        if cfg.online:
+            med = rep["median"]
+            assert rep["ratio"]["deliveries_per_s"] == pytest.approx(
+                med["pimcore"]["deliveries_per_s"] / med["mosquitto"]["deliveries_per_s"])
+            assert "pimcore / mosquitto: deliveries/s" in table and "deliv/s" in table
+        json.dumps(rep)
+
+
+def test_run_mosquitto_count_mode_delivers_every_message_once() -> None:
+    need_mosquitto()
+    need_c()
+    res = run_mosquitto(BenchConfig(conns=3, count=900, online=True, **{**SMALL, "window": 16}))
+    assert res.errors == {} and res.acked == 900 and res.deliveries == 900
+    assert res.logged_in == 6 and res.delivery_latency_us["count"] == 900
+    with MosquittoProcess(pin=False) as mq:
+        mqtt_connect("127.0.0.1", mq.port)
+        assert "max_inflight_messages 0" in mq.config() and "persistence false" in mq.config()
+    with pytest.raises(BenchError, match="C generator only"):
+        run_mosquitto(BenchConfig(conns=1, count=10, generator="python", **SMALL))
+
+
+def test_compare_mosquitto_without_mosquitto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    with pytest.raises(BenchError, match="apt-get install mosquitto"):
+        MosquittoProcess()
+    with pytest.raises(BenchError, match="apt-get install mosquitto"):
+        run_compare(BenchConfig(conns=1, count=10, **SMALL), "mosquitto")
+
+
+class FakeMqtt:
+    """A minimal MQTT 3.1.1 broker for the C generator's MQTT mode: CONNECT,
+    SUBSCRIBE, PUBLISH QoS 1 forwarded to the topic's subscribers (own packet
+    ids), PUBACKs recorded.  Everything it writes is cut into chunks of 1, 2,
+    3, 5 and 7 bytes with a pause between them, so the generator reads
+    packets, fixed headers and remaining lengths split across reads.
+    ``connack`` is the raw reply to CONNECT; ``puback_offset`` shifts the
+    packet id of every PUBACK it sends (nonzero: an id not in flight)."""
+
+    def __init__(self, connack: bytes = b"\x20\x02\x00\x00", puback_offset: int = 0) -> None:
+        self.connack, self.puback_offset = connack, puback_offset
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.subs: dict[bytes, list[FakeMqtt.Conn]] = {}
+        self.forwarded: set[int] = set()  # packet ids of PUBLISHes sent to subscribers
+        self.pubacked: set[int] = set()  # ... and the PUBACKs the subscribers sent back
+        self.lock = threading.Lock()
+        self.stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    class Conn:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock, self.out, self.cv, self.closed = sock, bytearray(), threading.Condition(), False
+
+        def write(self, data: bytes) -> None:
+            with self.cv:
+                self.out += data
+                self.cv.notify()
+
+        def writer(self) -> None:
+            sizes, k = (1, 2, 3, 5, 7), 0
+            while True:
+                with self.cv:
+                    while not self.out and not self.closed:
+                        self.cv.wait(0.1)
+                    if not self.out:
+                        return
+                    n = sizes[k % len(sizes)]
+                    chunk, self.out[:n] = bytes(self.out[:n]), b""
+                k += 1
+                try:
+                    self.sock.sendall(chunk)
+                except OSError:
+                    return
+                time.sleep(0.0002)
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self.stop:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = FakeMqtt.Conn(sock)
+            threading.Thread(target=conn.writer, daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: "FakeMqtt.Conn") -> None:
+        buf = b""
+        next_pid = 0
+        try:
+            while True:
+                chunk = conn.sock.recv(65536)
+                if not chunk:
+                    return
+                buf += chunk
+                while len(buf) >= 2:
+                    n, shift, i = 0, 0, 1
+                    while i < len(buf):
+                        n |= (buf[i] & 0x7F) << shift
+                        shift += 7
+                        i += 1
+                        if not buf[i - 1] & 0x80:
+                            break
+                    else:
+                        break
+                    if len(buf) < i + n:
+                        break
+                    head, body, buf = buf[0], buf[i:i + n], buf[i + n:]
+                    if head == 0x10:
+                        conn.write(self.connack)
+                    elif head == 0x82:  # SUBSCRIBE: pid, topic, qos
+                        tl = int.from_bytes(body[2:4], "big")
+                        with self.lock:
+                            self.subs.setdefault(body[4:4 + tl], []).append(conn)
+                        conn.write(b"\x90\x03" + body[:2] + b"\x01")
+                    elif head == 0x32:  # PUBLISH QoS 1: topic, pid, payload
+                        tl = int.from_bytes(body[:2], "big")
+                        topic, pid, payload = body[2:2 + tl], int.from_bytes(body[2 + tl:4 + tl], "big"), body[4 + tl:]
+                        for sub in self.subs.get(topic, []):
+                            next_pid = next_pid % 65535 + 1
+                            with self.lock:
+                                self.forwarded.add(next_pid)
+                            rest = len(topic).to_bytes(2, "big") + topic + next_pid.to_bytes(2, "big") + payload
+                            assert 127 < len(rest) < 16384  # a two-byte remaining length
+                            sub.write(bytes([0x32, len(rest) & 0x7F | 0x80, len(rest) >> 7]) + rest)
+                        conn.write(b"\x40\x02" + ((pid + self.puback_offset) % 65536).to_bytes(2, "big"))
+                    elif head == 0x40:
+                        with self.lock:
+                            self.pubacked.add(int.from_bytes(body, "big"))
+                    elif head == 0xE0:
+                        return
+        finally:
+            with conn.cv:
+                conn.closed = True
+                conn.cv.notify()
+
+    def close(self) -> None:
+        self.stop = True
+        self.listener.close()
+
+
+def _mqtt_run(fake: FakeMqtt, plan: list[str], count: int, del_per_ack: int) -> dict:
+    exe = need_c()
+    cfg = BenchConfig(conns=1, count=count, window=8, size=200, online=False, durability="os", progress=False,
+                      pin=False, drain=10.0)
+    try:
+        return loadgen._run_c(cfg, exe, "mqtt", "127.0.0.1", fake.port, plan, del_per_ack, lambda: None,
+                              lambda: None)
+    finally:
+        fake.close()
+
+
+def test_mqtt_mode_reads_packets_split_anywhere() -> None:
+    fake = FakeMqtt()
+    r = _mqtt_run(fake, ["0 1 0 bench/x -", "1 0 60 bench/x -"], 60, 1)
+    assert r["errors"] == {} and r["logged_in"] == 2
+    assert (r["acked"], r["sent"], r["deliveries"]) == (60, 60, 60)
+    assert len(r["ack_lat"]) == len(r["del_lat"]) == 60 * 8
+    deadline = time.monotonic() + 5  # the recipient's PUBACKs: one per forwarded packet id
+    while fake.pubacked != fake.forwarded and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(fake.forwarded) == 60 and fake.pubacked == fake.forwarded
+
+
+@pytest.mark.parametrize("fake, message", [
+    (dict(puback_offset=1000), r"exit 2\).*PUBACK for packet id \d+, which is not in flight"),
+    (dict(connack=b"\x20\x02\x00\x05"), r"exit 2\).*connect refused \(CONNACK return code 5\)"),
+    (dict(connack=b"\x20\x80\x80\x80\x80\x01"), r"exit 2\).*malformed remaining length"),
+    (dict(connack=b"\x20\x03\x00\x00\x00"), r"exit 2\).*malformed CONNACK"),
+    (dict(connack=b"\x32\x02\x00\x05"), r"exit 2\).*malformed PUBLISH"),
+])  # fmt: skip
+def test_mqtt_mode_refuses_a_confused_broker(fake: dict, message: str) -> None:
+    with pytest.raises(BenchError, match=message):
+        _mqtt_run(FakeMqtt(**fake), ["1 0 20 bench/x -"], 20, 0)
