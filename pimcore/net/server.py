@@ -10,8 +10,9 @@ are executed by :meth:`BrokerServer._run`:
 * ``CloseConnection`` queues its bytes (the Close frame) and ends the
   connection once they are flushed;
 * ``PauseReading`` / ``ResumeReading`` stop and restart the reader task;
-* ``StoreRequest``: a write goes to the single committer task (group commit:
-  the core keeps one in flight); a read runs inline on a synchronous store
+* ``StoreRequest``: a write goes to the single committer task, or runs
+  inline when nothing else is waiting (group commit: the core keeps one in
+  flight); a read runs inline on a synchronous store
   (local LMDB reads are memory-mapped: microseconds) or in a task of its own
   on an :class:`~pimcore.store.base.AsyncStore`, completing in any order;
 * ``Authenticate`` / ``CheckContent`` are answered by the configured hooks:
@@ -27,7 +28,10 @@ are executed by :meth:`BrokerServer._run`:
   its op count and commit time (bucketed: one bisect per batch).
 
 Where commits run: on the event loop by default (``commit_in_thread``
-False), in a worker thread if asked, or awaited on an AsyncStore.
+False), in a worker thread if asked, or awaited on an AsyncStore.  On the
+event loop a write request runs inline, where the core emitted it, when no
+connection has bytes waiting (see ``_store_request``); otherwise it goes to
+the committer task, and the readers that run first fill the next batch.
 
 No protocol logic lives here, and no frame is looked at: the core's
 per-connection protocol sessions (:mod:`pimcore.protocol`) encode, compress
