@@ -120,3 +120,31 @@ async def test_connections_with_bytes_waiting_still_share_a_commit(store):
             for raw in conns:
                 await raw.aclose()
     assert sum(watch.sizes) == 8 and max(watch.sizes) >= 2, watch.sizes
+
+
+async def test_a_stream_the_probe_cannot_see_turns_inline_commit_off_while_connected(store):
+    """A peer on a stream that is not a plain TCP socket (here a memory
+    stream through serve_stream) might have bytes waiting unseen: while it is
+    connected every commit takes the committer task; once it is gone, a lone
+    TCP connection commits inline again."""
+    from trio.testing import memory_stream_pair
+
+    watch = _Watch(store)
+    with trio.fail_after(20):
+        async with serving(store) as srv:
+            raw = await RawConn.open(srv.endpoints[0].port)
+            await raw.login("alice")
+            async with trio.open_nursery() as nursery:
+                ours, theirs = memory_stream_pair()
+                nursery.start_soon(srv.serve_stream, theirs)
+                other = RawConn(ours)
+                await other.login("carol")
+                await raw.send(F.SendReq(1, AB, 0, b"while carol is here"))
+                assert (await raw.until(F.SendAck)).seq == 1
+                assert watch.tasks and all("_committer" in t for t in watch.tasks), watch.tasks
+                await other.aclose()  # serve_stream returns: the nursery ends
+            watch.tasks.clear()
+            await raw.send(F.SendReq(2, AB, 0, b"alone again"))
+            assert (await raw.until(F.SendAck)).seq == 2
+            assert watch.tasks and not any("_committer" in t for t in watch.tasks), watch.tasks
+            await raw.aclose()
