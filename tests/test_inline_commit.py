@@ -148,3 +148,20 @@ async def test_a_stream_the_probe_cannot_see_turns_inline_commit_off_while_conne
             assert (await raw.until(F.SendAck)).seq == 2
             assert watch.tasks and not any("_committer" in t for t in watch.tasks), watch.tasks
             await raw.aclose()
+
+
+async def test_host_calls_made_together_still_share_a_batch(store):
+    """Posts handed to the core together (host_calls, as the HTTP API's
+    batch does) are not committed one by one inline: the first one's batch
+    commits, the rest share the next."""
+    watch = _Watch(store)
+    with trio.fail_after(20):
+        async with serving(store) as srv:
+            raw = await RawConn.open(srv.endpoints[0].port)  # a lone TCP peer, idle
+            await raw.login("alice")
+            watch.sizes.clear()
+            done = await srv.host_calls([(srv.broker.post, (AB, b"p%d" % i), {"sender": "alice", "device": "api", "key": "k%d" % i}) for i in range(5)])
+            assert [d.code for d in done] == [0] * 5 and [d.seq for d in done] == [1, 2, 3, 4, 5]
+            await raw.aclose()
+    assert sum(watch.sizes) == 5 and max(watch.sizes) >= 2, watch.sizes
+    assert [m.payload for m in store.history(AB, 0, 10)] == [b"p%d" % i for i in range(5)]

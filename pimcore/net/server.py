@@ -29,9 +29,10 @@ are executed by :meth:`BrokerServer._run`:
 
 Where commits run: on the event loop by default (``commit_in_thread``
 False), in a worker thread if asked, or awaited on an AsyncStore.  On the
-event loop a write request runs inline, where the core emitted it, when no
-connection has bytes waiting (see ``_store_request``); otherwise it goes to
-the committer task, and the readers that run first fill the next batch.
+event loop a write request that a plain-TCP read caused runs inline, in
+that reader, when no connection has bytes waiting (see ``_store_request``);
+otherwise it goes to the committer task, and the readers that run first
+fill the next batch.
 
 No protocol logic lives here, and no frame is looked at: the core's
 per-connection protocol sessions (:mod:`pimcore.protocol`) encode, compress
@@ -415,7 +416,8 @@ class BrokerServer:
             raise ValueError(f"commit_in_thread: {type(store).__name__} commits are not thread-safe")
         self._commit_in_thread = config.commit_in_thread
         # Inline commit (a synchronous store committing on the event loop):
-        # a write request runs right where the core emits it, instead of
+        # a write request that a plain-TCP read caused runs right there, in
+        # the reader (see _inline_ok), instead of
         # going through the committer task (a channel hop and one more
         # scheduler round per batch) -- but only when no connection has
         # bytes waiting to be read, so group commit is kept: then the request
@@ -423,12 +425,16 @@ class BrokerServer:
         # the next batch as before.  "Bytes waiting" comes from a private,
         # level-triggered epoll of every plain-TCP connection's socket
         # (trio's own is one-shot: polling it would steal its events); any
-        # other transport (TLS, WebSocket, serve_stream) turns inline commit
-        # off while it is connected.
+        # other stream (TLS, WebSocket, serve_stream of a non-socket) turns
+        # inline commit off while it is connected.
         self._ready_probe: Any = None
         if not self._async_store and not config.commit_in_thread and hasattr(select, "epoll"):
             self._ready_probe = select.epoll()
         self._opaque_peers = 0  # connections the probe cannot see
+        # True only while a plain-TCP reader runs the core's commands: host
+        # calls (the HTTP API, host_calls' list) and the timer take the hop,
+        # so that calls made together still share a batch.
+        self._inline_ok = False
         self._endpoints: list[Endpoint] = []
         self._listen_scope = trio.CancelScope()
         self._stopping = False
@@ -756,7 +762,11 @@ class BrokerServer:
                     self._stats["internal_errors"] += 1
                     self._close_by_server(peer, CloseCode.INTERNAL, "internal error")
                     return
-                self._run(cmds)
+                self._inline_ok = fd >= 0
+                try:
+                    self._run(cmds)
+                finally:
+                    self._inline_ok = False
         # Reading stopped by shutdown(): the connection stays open until
         # shutdown closes it with a reason.
         if self._stopping and peer.state is _PeerState.OPEN:
@@ -890,7 +900,8 @@ class BrokerServer:
     def _store_request(self, req: StoreRequest) -> None:
         if req.write:
             probe = self._ready_probe
-            if probe is not None and not self._opaque_peers and self._commit_idle.is_set() and not probe.poll(0, 1):
+            if (self._inline_ok and probe is not None and not self._opaque_peers and self._commit_idle.is_set()
+                    and not probe.poll(0, 1)):
                 # Inline commit (see __init__): its outcome joins the queue
                 # behind the commands already there, as the committer's would.
                 t0 = time.perf_counter()
