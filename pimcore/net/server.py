@@ -417,9 +417,9 @@ class BrokerServer:
         self._commit_in_thread = config.commit_in_thread
         # Inline commit (a synchronous store committing on the event loop):
         # a write request that a plain-TCP read caused runs right there, in
-        # the reader (see _inline_ok), instead of
-        # going through the committer task (a channel hop and one more
-        # scheduler round per batch) -- but only when no connection has
+        # the reader (see _inline_ok), instead of going through the
+        # committer task (a channel hop and one more scheduler round per
+        # batch) -- but only when no connection has
         # bytes waiting to be read, so group commit is kept: then the request
         # takes the hop, and the readers that run before the committer fill
         # the next batch as before.  "Bytes waiting" comes from a private,
