@@ -10,8 +10,9 @@ are executed by :meth:`BrokerServer._run`:
 * ``CloseConnection`` queues its bytes (the Close frame) and ends the
   connection once they are flushed;
 * ``PauseReading`` / ``ResumeReading`` stop and restart the reader task;
-* ``StoreRequest``: a write goes to the single committer task (group commit:
-  the core keeps one in flight); a read runs inline on a synchronous store
+* ``StoreRequest``: a write goes to the single committer task, or runs
+  inline when nothing else is waiting (group commit: the core keeps one in
+  flight); a read runs inline on a synchronous store
   (local LMDB reads are memory-mapped: microseconds) or in a task of its own
   on an :class:`~pimcore.store.base.AsyncStore`, completing in any order;
 * ``Authenticate`` / ``CheckContent`` are answered by the configured hooks:
@@ -27,7 +28,11 @@ are executed by :meth:`BrokerServer._run`:
   its op count and commit time (bucketed: one bisect per batch).
 
 Where commits run: on the event loop by default (``commit_in_thread``
-False), in a worker thread if asked, or awaited on an AsyncStore.
+False), in a worker thread if asked, or awaited on an AsyncStore.  On the
+event loop a write request that a plain-TCP read caused runs inline, in
+that reader, when no connection has bytes waiting (see ``_store_request``);
+otherwise it goes to the committer task, and the readers that run first
+fill the next batch.
 
 No protocol logic lives here, and no frame is looked at: the core's
 per-connection protocol sessions (:mod:`pimcore.protocol`) encode, compress
@@ -57,6 +62,7 @@ import itertools
 import logging
 import math
 import os
+import select
 import ssl
 import time
 from contextlib import asynccontextmanager
@@ -409,6 +415,26 @@ class BrokerServer:
         if config.commit_in_thread and not getattr(store, "thread_safe_commit", False):
             raise ValueError(f"commit_in_thread: {type(store).__name__} commits are not thread-safe")
         self._commit_in_thread = config.commit_in_thread
+        # Inline commit (a synchronous store committing on the event loop):
+        # a write request that a plain-TCP read caused runs right there, in
+        # the reader (see _inline_ok), instead of going through the
+        # committer task (a channel hop and one more scheduler round per
+        # batch) -- but only when no connection has
+        # bytes waiting to be read, so group commit is kept: then the request
+        # takes the hop, and the readers that run before the committer fill
+        # the next batch as before.  "Bytes waiting" comes from a private,
+        # level-triggered epoll of every plain-TCP connection's socket
+        # (trio's own is one-shot: polling it would steal its events); any
+        # other stream (TLS, WebSocket, serve_stream of a non-socket) turns
+        # inline commit off while it is connected.
+        self._ready_probe: Any = None
+        if not self._async_store and not config.commit_in_thread and hasattr(select, "epoll"):
+            self._ready_probe = select.epoll()
+        self._opaque_peers = 0  # connections the probe cannot see
+        # True only while a plain-TCP reader runs the core's commands: host
+        # calls (the HTTP API, host_calls' list) and the timer take the hop,
+        # so that calls made together still share a batch.
+        self._inline_ok = False
         self._endpoints: list[Endpoint] = []
         self._listen_scope = trio.CancelScope()
         self._stopping = False
@@ -651,7 +677,14 @@ class BrokerServer:
             addr = _peer_address(stream)
             log.info("connect conn=%d peer=%s via %s", peer.id, addr, ep.scheme,
                      extra={"event": "connect", "conn": peer.id, "peer": addr, "transport": ep.scheme})
+        probed: Optional[bool] = None  # True: in the ready probe; False: counted opaque
         try:
+            if peer.fd >= 0 and self._ready_probe is not None:
+                self._ready_probe.register(peer.fd, select.EPOLLIN)
+                probed = True
+            else:
+                self._opaque_peers += 1
+                probed = False
             with trio.CancelScope() as scope:
                 peer.scope = scope
                 self._run(self.broker.connection_made(peer.id, self.now()))
@@ -667,6 +700,13 @@ class BrokerServer:
                     # CLOSING: the writer flushes the Close, then cancels.
         finally:
             del self._peers[peer.id]
+            if probed:
+                try:
+                    self._ready_probe.unregister(peer.fd)  # before the fd is closed
+                except (OSError, ValueError):  # pragma: no cover - closed already
+                    pass
+            elif probed is False:
+                self._opaque_peers -= 1
             if peer.state is _PeerState.OPEN:  # cancelled from outside
                 peer.state = _PeerState.DEAD
                 self._run(self.broker.connection_lost(peer.id, self.now()))
@@ -722,7 +762,11 @@ class BrokerServer:
                     self._stats["internal_errors"] += 1
                     self._close_by_server(peer, CloseCode.INTERNAL, "internal error")
                     return
-                self._run(cmds)
+                self._inline_ok = fd >= 0
+                try:
+                    self._run(cmds)
+                finally:
+                    self._inline_ok = False
         # Reading stopped by shutdown(): the connection stays open until
         # shutdown closes it with a reason.
         if self._stopping and peer.state is _PeerState.OPEN:
@@ -855,6 +899,19 @@ class BrokerServer:
 
     def _store_request(self, req: StoreRequest) -> None:
         if req.write:
+            probe = self._ready_probe
+            if (self._inline_ok and probe is not None and not self._opaque_peers and self._commit_idle.is_set()
+                    and not probe.poll(0, 1)):
+                # Inline commit (see __init__): its outcome joins the queue
+                # behind the commands already there, as the committer's would.
+                t0 = time.perf_counter()
+                try:
+                    results = self.store.execute(req)  # type: ignore[union-attr]
+                except Exception as exc:
+                    self._queue.extend(self._commit_done(req, t0, None, exc))
+                else:
+                    self._queue.extend(self._commit_done(req, t0, results, None))
+                return
             self._commit_idle = trio.Event()
             self._commit_send.send_nowait(req)
         elif self._async_store:
@@ -1268,20 +1325,29 @@ class BrokerServer:
                 else:
                     results = store.execute(req)  # type: ignore[union-attr]
             except Exception as exc:
-                # Nothing of the batch is acked: senders get
-                # STORE_UNAVAILABLE and retry with the same local id.
-                self._store_error(req, exc)
-                cmds = self._core(self.broker.store_failed, req.request_id, exc)
+                cmds = self._commit_done(req, t0, None, exc)
             else:
-                cmds = self._core(self.broker.store_completed, req.request_id, results)
-                self._committed.set()
-                self._committed = trio.Event()
-            took = time.perf_counter() - t0
-            self._stats["commit_seconds"] += took
-            self._commit_time.observe(took)
-            self._batch_ops.observe(len(req.ops))
+                cmds = self._commit_done(req, t0, results, None)
             self._commit_idle.set()
             self._run(cmds)
+
+    def _commit_done(self, req: StoreRequest, t0: float, results: Any, exc: Optional[Exception]) -> list[Command]:
+        """The core's commands for a write request's outcome (``exc`` None:
+        committed, with ``results``), counted in the statistics."""
+        if exc is not None:
+            # Nothing of the batch is acked: senders get
+            # STORE_UNAVAILABLE and retry with the same local id.
+            self._store_error(req, exc)
+            cmds = self._core(self.broker.store_failed, req.request_id, exc)
+        else:
+            cmds = self._core(self.broker.store_completed, req.request_id, results)
+            self._committed.set()
+            self._committed = trio.Event()
+        took = time.perf_counter() - t0
+        self._stats["commit_seconds"] += took
+        self._commit_time.observe(took)
+        self._batch_ops.observe(len(req.ops))
+        return cmds
 
     def _cluster_hint(self, kind: str, user: str, value: Any) -> None:
         """A hint from another node sharing the store (kinds and values as

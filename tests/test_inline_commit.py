@@ -1,0 +1,167 @@
+"""Inline commit (issue 13): with a synchronous store committing on the event
+loop, a write request runs where the core emits it when no connection has
+bytes waiting, instead of hopping to the committer task.  What must not
+change: a SendAck only after its batch committed, acks and seqs in send
+order, a failed commit answered STORE_UNAVAILABLE (a retry with the same
+local id stores the message once), and group commit when several
+connections have sent.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+from pimcore import frames as F
+from pimcore.codec import encode_frame
+from pimcore.errors import ErrorCode, StoreError
+from pimcore.store import LmdbStore, MemoryStore, NewMessage, direct_conversation
+
+from _net import RawConn, serving
+
+AB = direct_conversation("alice", "bob")
+
+
+@pytest.fixture(params=["lmdb", "memory"])
+def store(request, tmp_path):
+    s = LmdbStore(str(tmp_path / "db"), durability="os") if request.param == "lmdb" else MemoryStore()
+    yield s
+    s.close()
+
+
+class _Watch:
+    """Wraps ``store.commit``: what each committed batch held, and in which
+    task it ran; ``fail`` batches raise StoreError instead."""
+
+    def __init__(self, store) -> None:
+        self.real = store.commit
+        self.committed: set[int] = set()  # local ids of committed NewMessages
+        self.sizes: list[int] = []  # NewMessages per committed batch
+        self.tasks: list[str] = []  # of the batches that stored messages
+        self.fail = 0
+        store.commit = self  # type: ignore[method-assign]
+
+    def __call__(self, batch):
+        if any(type(op) is NewMessage for op in batch.ops):
+            self.tasks.append(trio.lowlevel.current_task().name)
+        if self.fail:
+            self.fail -= 1
+            raise StoreError("disk on fire")
+        results = self.real(batch)
+        sent = [op.local_id for op in batch.ops if type(op) is NewMessage]
+        self.sizes.append(len(sent))
+        self.committed.update(sent)
+        return results
+
+
+async def test_a_lone_connection_is_acked_only_after_the_commit_in_send_order(store):
+    watch = _Watch(store)
+    with trio.fail_after(20):
+        async with serving(store) as srv:
+            raw = await RawConn.open(srv.endpoints[0].port)
+            await raw.login("alice")
+            seq = 0
+            for ids in (range(1, 2), range(21, 41), range(41, 61)):  # one, then pipelined
+                await raw.send(*(F.SendReq(i, AB, 0, b"m%d" % i) for i in ids))
+                for i in ids:
+                    ack = await raw.until(F.SendAck)
+                    seq += 1
+                    assert (ack.local_id, ack.code, ack.seq) == (i, 0, seq)
+                    # The ack went out only once its batch had committed.
+                    assert ack.local_id in watch.committed
+            await raw.aclose()
+    assert [m.payload for m in store.history(AB, 0, 100)] == [b"m1"] + [b"m%d" % i for i in range(21, 61)]
+    # A lone plain-TCP connection: the commits ran inline, in its reader.
+    assert watch.tasks and not any("_committer" in t for t in watch.tasks)
+
+
+async def test_a_failed_inline_commit_answers_store_unavailable_and_the_retry_stores_once(store):
+    watch = _Watch(store)
+    with trio.fail_after(20):
+        async with serving(store) as srv:
+            raw = await RawConn.open(srv.endpoints[0].port)
+            await raw.login("alice")
+            await raw.send(F.SendReq(1, AB, 0, b"first"))
+            assert (await raw.until(F.SendAck)).seq == 1
+            watch.fail = 1
+            await raw.send(F.SendReq(2, AB, 0, b"second"))
+            ack = await raw.until(F.SendAck)
+            assert (ack.local_id, ack.code, ack.seq) == (2, ErrorCode.STORE_UNAVAILABLE, 0)
+            await raw.send(F.SendReq(2, AB, 0, b"second"))  # the retry: same local id
+            ack = await raw.until(F.SendAck)
+            assert (ack.local_id, ack.code, ack.seq) == (2, 0, 2)
+            assert srv.statistics().internal_errors == 0  # StoreError is the contract
+            await raw.aclose()
+    assert [m.payload for m in store.history(AB, 0, 10)] == [b"first", b"second"]
+    assert not any("_committer" in t for t in watch.tasks)
+
+
+async def test_connections_with_bytes_waiting_still_share_a_commit(store):
+    """Eight connections send at once (their bytes are all in the kernel
+    before the broker runs): the first one's batch commits alone, the other
+    seven join the next -- not eight commits of one message each."""
+    watch = _Watch(store)
+    with trio.fail_after(20):
+        async with serving(store) as srv:
+            conns = []
+            for i in range(8):
+                raw = await RawConn.open(srv.endpoints[0].port)
+                await raw.login(f"u{i}")
+                conns.append(raw)
+            watch.sizes.clear()
+            for i, raw in enumerate(conns):  # no checkpoint between the writes
+                data = encode_frame(F.SendReq(1, direct_conversation(f"u{i}", "bob"), 0, b"x"))
+                assert os.write(raw.stream.socket.fileno(), data) == len(data)
+            for raw in conns:
+                ack = await raw.until(F.SendAck)
+                assert (ack.code, ack.seq) == (0, 1)
+            for raw in conns:
+                await raw.aclose()
+    assert sum(watch.sizes) == 8 and max(watch.sizes) >= 2, watch.sizes
+
+
+async def test_a_stream_the_probe_cannot_see_turns_inline_commit_off_while_connected(store):
+    """A peer on a stream that is not a plain TCP socket (here a memory
+    stream through serve_stream) might have bytes waiting unseen: while it is
+    connected every commit takes the committer task; once it is gone, a lone
+    TCP connection commits inline again."""
+    from trio.testing import memory_stream_pair
+
+    watch = _Watch(store)
+    with trio.fail_after(20):
+        async with serving(store) as srv:
+            raw = await RawConn.open(srv.endpoints[0].port)
+            await raw.login("alice")
+            async with trio.open_nursery() as nursery:
+                ours, theirs = memory_stream_pair()
+                nursery.start_soon(srv.serve_stream, theirs)
+                other = RawConn(ours)
+                await other.login("carol")
+                await raw.send(F.SendReq(1, AB, 0, b"while carol is here"))
+                assert (await raw.until(F.SendAck)).seq == 1
+                assert watch.tasks and all("_committer" in t for t in watch.tasks), watch.tasks
+                await other.aclose()  # serve_stream returns: the nursery ends
+            watch.tasks.clear()
+            await raw.send(F.SendReq(2, AB, 0, b"alone again"))
+            assert (await raw.until(F.SendAck)).seq == 2
+            assert watch.tasks and not any("_committer" in t for t in watch.tasks), watch.tasks
+            await raw.aclose()
+
+
+async def test_host_calls_made_together_still_share_a_batch(store):
+    """Posts handed to the core together (host_calls, as the HTTP API's
+    batch does) are not committed one by one inline: the first one's batch
+    commits, the rest share the next."""
+    watch = _Watch(store)
+    with trio.fail_after(20):
+        async with serving(store) as srv:
+            raw = await RawConn.open(srv.endpoints[0].port)  # a lone TCP peer, idle
+            await raw.login("alice")
+            watch.sizes.clear()
+            done = await srv.host_calls([(srv.broker.post, (AB, b"p%d" % i), {"sender": "alice", "device": "api", "key": "k%d" % i}) for i in range(5)])
+            assert [d.code for d in done] == [0] * 5 and [d.seq for d in done] == [1, 2, 3, 4, 5]
+            await raw.aclose()
+    assert sum(watch.sizes) == 5 and max(watch.sizes) >= 2, watch.sizes
+    assert [m.payload for m in store.history(AB, 0, 10)] == [b"p%d" % i for i in range(5)]
