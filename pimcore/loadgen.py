@@ -51,6 +51,7 @@ Why it is built this way
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -63,7 +64,7 @@ import tempfile
 import time
 from array import array
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional, TextIO
+from typing import Any, Iterator, Optional, TextIO
 
 import trio
 
@@ -374,6 +375,25 @@ def _create_group_redis(url: str, namespace: str, size: int) -> None:
 
 def _can_pin() -> bool:
     return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+
+
+@contextlib.contextmanager
+def _generator_cpus(pin: bool) -> Iterator[None]:
+    """For one run: this process (the generator's parent; the C generator
+    inherits it) off CPU 0, which the server of the run has; its CPUs are
+    given back afterwards, so that the next run of a ``--compare`` starts
+    its server as the first did (before, a run left this process narrowed,
+    and every later server inherited the generator's CPU)."""
+    if not (pin and _can_pin()):
+        yield
+        return
+    cpus = os.sched_getaffinity(0)
+    ordered = sorted(cpus)
+    os.sched_setaffinity(0, set(ordered[1:]) or cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
 
 
 def _member(i: int) -> str:
@@ -868,9 +888,11 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
 
 
 def _run_against(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], backend: str) -> BenchResult:
-    if cfg.pin and pid is not None and _can_pin():
-        cpus = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, set(cpus[1:]) or set(cpus))
+    with _generator_cpus(cfg.pin and pid is not None):
+        return _drive(cfg, url, secret, pid, backend)
+
+
+def _drive(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], backend: str) -> BenchResult:
     units, idle = _roles(cfg)
     n_conns = sum(len(u) for u in units) + len(idle)
     samples: dict[str, Any] = {}
@@ -1340,10 +1362,7 @@ def run_redis(cfg: BenchConfig) -> BenchResult:
             if cfg.generator == "c":
                 raise BenchError(why)
             note = why + "; Redis driven by the trio RESP driver (its CPU may limit the run)"
-    with RedisProcess(cfg.pin) as redis:
-        if cfg.pin and _can_pin():
-            cpus = sorted(os.sched_getaffinity(0))
-            os.sched_setaffinity(0, set(cpus[1:]) or set(cpus))
+    with RedisProcess(cfg.pin) as redis, _generator_cpus(cfg.pin):
         samples: dict[str, Any] = {}
 
         def sample(name: str) -> None:
@@ -1616,10 +1635,7 @@ def run_mosquitto(cfg: BenchConfig) -> BenchResult:
     exe, why = c_generator()
     if exe is None:
         raise BenchError(why + "; --compare mosquitto needs the C generator")
-    with MosquittoProcess(cfg.pin) as mq:
-        if cfg.pin and _can_pin():
-            cpus = sorted(os.sched_getaffinity(0))
-            os.sched_setaffinity(0, set(cpus[1:]) or set(cpus))
+    with MosquittoProcess(cfg.pin) as mq, _generator_cpus(cfg.pin):
         samples: dict[str, Any] = {}
 
         def sample(name: str) -> None:

@@ -12,6 +12,7 @@ skip with the reason when they are missing.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -450,3 +451,38 @@ def test_mqtt_mode_reads_packets_split_anywhere() -> None:
 def test_mqtt_mode_refuses_a_confused_broker(fake: dict, message: str) -> None:
     with pytest.raises(BenchError, match=message):
         _mqtt_run(FakeMqtt(**fake), ["1 0 20 bench/x -"], 20, 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="pinning needs sched_setaffinity and at least 2 CPUs")
+def test_every_run_of_a_compare_is_pinned_as_the_first() -> None:
+    # Each run pins its server to CPU 0 and the generator (this process) to
+    # the others for the run only: a run that left this process narrowed
+    # made every later server of a --compare inherit the generator's CPU.
+    need_c()
+    need_redis()
+    cpus = os.sched_getaffinity(0)
+    servers: list[set[int]] = []
+    real = loadgen._proc_cpu_seconds
+
+    def seen(pid: int) -> float:
+        servers.append(os.sched_getaffinity(pid))
+        return real(pid)
+
+    cfg = BenchConfig(conns=1, count=50, online=False, **{**SMALL, "pin": True})
+    mp = pytest.MonkeyPatch()
+    mp.setattr(loadgen, "_proc_cpu_seconds", seen)
+    try:
+        for run in (run_bench, run_redis, run_bench, run_redis):
+            servers.clear()
+            run(cfg)
+            assert os.sched_getaffinity(0) == cpus, run.__name__
+            assert servers and all(s == {0} for s in servers), (run.__name__, servers)
+        if shutil.which("mosquitto") is not None:
+            servers.clear()
+            run_mosquitto(cfg)
+            assert os.sched_getaffinity(0) == cpus
+            assert servers and all(s == {0} for s in servers), servers
+    finally:
+        mp.undo()
+        os.sched_setaffinity(0, cpus)
