@@ -1201,6 +1201,13 @@ def _diagnose(res: BenchResult) -> str:
     trips (nobody was busy: more in flight would go faster)."""
     util = res.broker_cpu_util
     server = "broker" if res.peer == "pimcore" else res.peer
+    refused = sum(res.errors.values()) if res.errors else 0
+    if refused and refused >= res.acked:
+        # Most sends were answered with an error (a payload above the
+        # broker's limit, say): whatever else was busy, that is the story.
+        top = ", ".join(f"{code} x{n:,}" for code, n in sorted(res.errors.items(), key=lambda kv: -kv[1])[:3])
+        return (f"refusals: the {server} answered {refused:,} sends with an error ({top}) and acked {res.acked:,};"
+                f" the figures are not a throughput")
     if res.generator_saturated:
         return (f"generator CPU ({res.generator_cpu:.0%} of a core): the figures are a lower bound for the {server}")
     if util is None:
@@ -1500,7 +1507,15 @@ async def _resp_trio(cfg: BenchConfig, port: int, quotas: list[int], on_ready: A
 
 # ---------------------------------------------------------------- Mosquitto, the MQTT peer
 
-_MOSQUITTO_MISSING = "--compare mosquitto needs mosquitto on the PATH: apt-get install mosquitto"
+_MOSQUITTO_MISSING = "--compare mosquitto needs mosquitto on the PATH (or in /usr/sbin): apt-get install mosquitto"
+#: MQTT packet ids are 16 bits: the C generator's MQTT mode keeps at most this many in flight.
+_MQTT_MAX_WINDOW = 16384
+
+
+def _mosquitto_exe() -> Optional[str]:
+    """The mosquitto binary: on the PATH, else where Debian puts it
+    (/usr/sbin, not on an ordinary user's PATH)."""
+    return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin:/sbin")
 
 
 class MosquittoProcess:
@@ -1516,7 +1531,7 @@ class MosquittoProcess:
     installed or does not start."""
 
     def __init__(self, pin: bool = True) -> None:
-        self.exe = shutil.which("mosquitto")
+        self.exe = _mosquitto_exe()
         if self.exe is None:
             raise BenchError(_MOSQUITTO_MISSING)
         self.pin = pin
@@ -1744,8 +1759,10 @@ def run_compare(cfg: BenchConfig, peer: str = "redis", rounds: int = 3,
     if peer == "redis" and shutil.which("redis-server") is None:
         raise BenchError("--compare redis needs redis-server on the PATH: apt-get install redis-server")
     if peer == "mosquitto":
-        if shutil.which("mosquitto") is None:
+        if _mosquitto_exe() is None:
             raise BenchError(_MOSQUITTO_MISSING)
+        if cfg.window > _MQTT_MAX_WINDOW:  # refused before the pimcore rounds run, not after
+            raise BenchError(f"--compare mosquitto: --window must be <= {_MQTT_MAX_WINDOW} (16-bit MQTT packet ids)")
         if cfg.generator == "python":
             raise BenchError("--compare mosquitto runs the C generator only (there is no trio MQTT driver)")
         exe, why = c_generator()
@@ -1759,6 +1776,8 @@ def run_compare(cfg: BenchConfig, peer: str = "redis", rounds: int = 3,
     if peer == "mosquitto":
         notes.append(f"Mosquitto: QoS 1, persistence false -- it never fsyncs before a PUBACK"
                      f" (pimcore: durability {cfg.durability})")
+        if cfg.idle:
+            notes.append(f"--idle {cfg.idle}: the idle connections are held against pimcore only")
     out: list[dict[str, Any]] = []
     for i in range(rounds):
         row: dict[str, Any] = {}

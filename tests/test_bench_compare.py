@@ -44,7 +44,7 @@ def need_redis() -> None:
 
 
 def need_mosquitto() -> None:
-    if shutil.which("mosquitto") is None:
+    if loadgen._mosquitto_exe() is None:
         pytest.skip("mosquitto not installed (apt-get install mosquitto)")
 
 
@@ -197,6 +197,7 @@ def test_compare_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
         run_compare(cfg, "redis")
     with pytest.raises(BenchError, match="apt-get install redis-server"):
         RedisProcess()
+    monkeypatch.setattr(loadgen, "_mosquitto_exe", lambda: None)  # (it is looked for in /usr/sbin too)
     with pytest.raises(BenchError, match="apt-get install mosquitto"):
         run_compare(cfg, "mosquitto")
 
@@ -247,6 +248,10 @@ def test_diagnosis_names_the_limit() -> None:
     busy_machine = d(_result(broker_cpu_util=0.3, broker_cpu_wait=0.3, broker_commit_seconds=4.0, broker_batches=1,
                              broker_messages_stored=1))
     assert busy_machine.startswith("CPU contention: the broker waited for its CPU 30% of the time")
+    # Sends refused (here: payloads above the broker's limit) are the story, whatever else was busy.
+    refused = d(_result(broker_cpu_util=0.95, acked=0, errors={"PAYLOAD_TOO_LARGE": 1200}))
+    assert refused.startswith("refusals: the broker answered 1,200 sends with an error (PAYLOAD_TOO_LARGE x1,200)")
+    assert d(_result(broker_cpu_util=0.95, acked=5000, errors={"RATE_LIMITED": 3})).startswith("broker CPU")
 
 
 # ---------------------------------------------------------------- against Mosquitto
@@ -255,7 +260,7 @@ def test_diagnosis_names_the_limit() -> None:
 def test_compare_mosquitto_counts_senders_only_and_end_to_end() -> None:
     need_mosquitto()
     need_c()
-    for shape in (dict(conns=2, window=4, online=False), dict(conns=1, window=64, online=True)):
+    for shape in (dict(conns=2, window=4, online=False, idle=2), dict(conns=1, window=64, online=True)):
         cfg = BenchConfig(duration=0.4, warmup=0.1, **{**SMALL, **shape})
         runs: list[tuple[int, str, BenchResult]] = []
         rep = run_compare(cfg, "mosquitto", rounds=1,
@@ -274,6 +279,7 @@ def test_compare_mosquitto_counts_senders_only_and_end_to_end() -> None:
         assert mq.broker["connections"] == cfg.conns * (2 if cfg.online else 1)
         assert rep["peer"] == "mosquitto" and rep["rounds"][0]["mosquitto"]["errors"] == 0
         assert ("deliveries_per_s" in rep["ratio"]) == cfg.online
+        assert any("held against pimcore only" in n for n in rep["notes"]) == bool(cfg.idle)
         table = format_compare(rep)
         assert "pimcore / mosquitto: acked sends/s" in table and "persistence false" in table
         if cfg.online:
@@ -303,6 +309,21 @@ def test_compare_mosquitto_without_mosquitto(monkeypatch: pytest.MonkeyPatch) ->
         MosquittoProcess()
     with pytest.raises(BenchError, match="apt-get install mosquitto"):
         run_compare(BenchConfig(conns=1, count=10, **SMALL), "mosquitto")
+
+
+def test_compare_mosquitto_finds_it_in_sbin_and_refuses_a_window_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Debian installs mosquitto in /usr/sbin, which an ordinary user's PATH lacks.
+    monkeypatch.setattr(shutil, "which", lambda name, mode=None, path=None: (
+        "/usr/sbin/" + name if path and "/usr/sbin" in path.split(":") and name == "mosquitto" else None))
+    assert loadgen._mosquitto_exe() == "/usr/sbin/mosquitto"
+    monkeypatch.undo()
+    need_mosquitto()
+    need_c()
+    runs: list = []
+    with pytest.raises(BenchError, match="--window must be <= 16384"):
+        run_compare(BenchConfig(conns=1, count=10, **{**SMALL, "window": 20000}), "mosquitto",
+                    on_round=lambda *a: runs.append(a))
+    assert runs == []  # refused before any round ran
 
 
 class FakeMqtt:
@@ -478,7 +499,7 @@ def test_every_run_of_a_compare_is_pinned_as_the_first() -> None:
             run(cfg)
             assert os.sched_getaffinity(0) == cpus, run.__name__
             assert servers and all(s == {0} for s in servers), (run.__name__, servers)
-        if shutil.which("mosquitto") is not None:
+        if loadgen._mosquitto_exe() is not None:
             servers.clear()
             run_mosquitto(cfg)
             assert os.sched_getaffinity(0) == cpus
