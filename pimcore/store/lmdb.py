@@ -180,9 +180,16 @@ decode in one ``unpack_from`` call, which matters more in Python.
 from __future__ import annotations
 
 import dataclasses
+import io
+import itertools
+import operator
 import os
+import pickle
 import struct
 import threading
+import time
+import typing
+import zlib
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import lru_cache
@@ -190,6 +197,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
 
 import lmdb
 
+from . import wal
 from .._backend import impl as _impl
 from ..errors import ErrorCode, StoreError
 from ..ids import MAX_CONVERSATION_ID_LEN, MAX_ID_LEN
@@ -287,7 +295,7 @@ from .base import (
 __all__ = ["LmdbStore", "SCHEMA_VERSION", "DURABILITY_MODES", "MAX_KEY_LEN"]
 
 SCHEMA_VERSION = 3
-DURABILITY_MODES = ("sync", "os")
+DURABILITY_MODES = ("sync", "os", "log")
 
 #: The sub-databases, in the order they are opened.
 _DB_NAMES = (
@@ -518,6 +526,190 @@ def _abort(txn: _Txn) -> None:
         txn.abort()
     except lmdb.Error:  # already finished (e.g. by a failed commit)
         pass
+
+
+#: The classes a command log record may hold (the write ops, base.Op), the
+#: getter of each one's fields in order, and a fingerprint of both: a record
+#: starts with it, so a log written by code with other op fields is refused
+#: at replay instead of misread (a clean stop leaves nothing to replay).
+_LOG_KINDS: tuple[type, ...] = typing.get_args(Op)
+_LOG_INDEX = {cls: i for i, cls in enumerate(_LOG_KINDS)}
+_LOG_NAMES = [tuple(f.name for f in dataclasses.fields(cls)) for cls in _LOG_KINDS]
+_LOG_GETTERS = [
+    operator.attrgetter(*names) if len(names) > 1 else (lambda op, n=names[0]: (getattr(op, n),))  # type: ignore[misc]
+    for names in _LOG_NAMES
+]
+_LOG_SCHEMA = struct.pack("<I", zlib.crc32(repr([(cls.__name__, n) for cls, n in zip(_LOG_KINDS, _LOG_NAMES)]).encode()))
+
+
+#: Enums an op field may hold (AmendMessage.kind): pickled by name.
+_LOG_ENUMS = (MessageKind,)
+
+
+def _encode_ops(ops: tuple[Op, ...]) -> bytes:
+    """A batch's ops as a command log record: the schema fingerprint, then a
+    pickle (protocol 5) of ``[(kind index, field values), ...]`` -- plain
+    ints, strings, bytes and tuples, so pickle's C encoder does it all
+    (about 0.5 µs per NewMessage; pickling the dataclasses themselves took
+    6 µs)."""
+    index, getters = _LOG_INDEX, _LOG_GETTERS
+    try:
+        runs = [(i, list(map(getters[i], run))) for kind, run in itertools.groupby(ops, type) for i in (index[kind],)]
+    except KeyError as exc:
+        raise StoreError(f"not a store op: {exc.args[0].__name__}") from None
+    buf = io.BytesIO()
+    buf.write(_LOG_SCHEMA)
+    try:
+        _PlainPickler(buf, protocol=5).dump(runs)
+    except pickle.PicklingError as exc:
+        raise StoreError(str(exc)) from None
+    return buf.getvalue()
+
+
+class _PlainPickler(pickle.Pickler):
+    """Pickles plain values only (what :class:`_PlainUnpickler` reads back):
+    a field holding any other object fails here, before the batch runs."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        # Called for every object but None, bools and exact ints, floats,
+        # bytes, strs, tuples, lists, dicts, sets and frozensets.
+        if type(obj) is bytearray or type(obj) in _LOG_ENUMS or any(obj is enum for enum in _LOG_ENUMS):
+            return NotImplemented  # (an enum member is pickled as its class, by name, and its value)
+        raise pickle.PicklingError(f"an op field holds a {type(obj).__name__}, which the command log cannot hold")
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Reads back only plain values and the enums of :data:`_LOG_ENUMS`: a
+    record names no other class or function."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        for enum in _LOG_ENUMS:
+            if enum.__module__ == module and enum.__qualname__ == name:
+                return enum
+        raise pickle.UnpicklingError(f"a command log record names {module}.{name}; records hold plain values only")
+
+
+def _decode_ops(payload: bytes) -> tuple[Op, ...]:
+    """The ops of a record written by :func:`_encode_ops`.  Raises ValueError
+    (another schema, or not such a record) or pickle.UnpicklingError."""
+    if payload[:4] != _LOG_SCHEMA:
+        raise ValueError("the record was written by a pimcore with other store ops (start that version once to apply it)")
+    runs = _PlainUnpickler(io.BytesIO(payload[4:])).load()
+    if not isinstance(runs, list):
+        raise ValueError("a command log record is not a list of runs of ops")
+    ops: list[Op] = []
+    for run in runs:
+        if not (isinstance(run, tuple) and len(run) == 2 and type(run[0]) is int and 0 <= run[0] < len(_LOG_KINDS)
+                and isinstance(run[1], list) and all(isinstance(fields, tuple) for fields in run[1])):
+            raise ValueError("a command log record holds something that is not a run of ops")
+        kind = _LOG_KINDS[run[0]]
+        ops.extend(kind(*fields) for fields in run[1])
+    return tuple(ops)
+
+
+class _LogState:
+    """A ``log``-durability store's command log and checkpoints (module
+    docstring of :mod:`pimcore.store.wal`).
+
+    Checkpoints run in a thread: one at a time, started after a commit once
+    ``checkpoint_bytes`` of log or ``checkpoint_seconds`` have passed since
+    the last.  ``pin`` is the read transaction at the newest durable
+    checkpoint: while it is open LMDB reuses no page that checkpoint's tree
+    (or any later tree) uses.
+    """
+
+    #: Log bytes between checkpoints (bounds replay at start-up).
+    checkpoint_bytes = 4 << 20
+    #: Seconds between checkpoints while anything is written.  Short: until
+    #: a checkpoint moves the pin, no page freed since the last one is reused,
+    #: so the data file grows by every page written meanwhile (about 64 KiB
+    #: per 1-message commit).
+    checkpoint_seconds = 0.25
+
+    def __init__(self, store: "LmdbStore", log: wal.CommandLog) -> None:
+        self.store = store
+        self.log = log
+        self.replaying = False
+        #: Why the store may not write any more (a failed log flush), or None.
+        self.failed: Optional[str] = None
+        self.pin: Optional[_Txn] = None
+        self._thread: Optional[threading.Thread] = None
+        self._last_at = (0, time.monotonic())  # (log bytes appended, monotonic s) at the last checkpoint
+        self._data = os.path.join(store._path, "data.mdb")
+        #: Checkpoints written, for statistics and tests.
+        self.checkpoints = 0
+
+    def _prepare(self) -> Optional[tuple[_Txn, wal.Checkpoint]]:
+        """Under the write lock, with no write transaction open: a pin at the
+        newest commit and the checkpoint that describes it."""
+        env = self.store._env
+        assert env is not None
+        psize = env.stat()["psize"]
+        pin = env.begin()
+        meta = wal.read_meta_pages(self._data, psize)
+        ckpt = wal.Checkpoint(psize, *self.log.position(), meta)
+        if ckpt.txnid != pin.id():  # cannot happen with one writer process; never guess
+            pin.abort()
+            return None
+        self._last_at = (self.log.appended, time.monotonic())
+        return pin, ckpt
+
+    def _finish(self, pin: _Txn, ckpt: wal.Checkpoint) -> None:
+        env = self.store._env
+        try:
+            assert env is not None
+            env.sync(True)
+            wal.write_checkpoint(self.log.dir, ckpt)
+        except BaseException:
+            _abort(pin)  # the previous checkpoint and its pin stay in force
+            raise
+        old, self.pin = self.pin, pin
+        if old is not None:
+            _abort(old)
+        self.log.covered(ckpt.next_lsn)
+        self.checkpoints += 1
+
+    def _run(self, pin: _Txn, ckpt: wal.Checkpoint) -> None:
+        try:
+            self._finish(pin, ckpt)
+        except Exception:  # noqa: BLE001 - retried at the next one; the log keeps everything
+            pass
+
+    def after_commit(self) -> None:
+        """Under the write lock, right after a commit: start a checkpoint if
+        one is due and none is running."""
+        if self._thread is not None:
+            if self._thread.is_alive():
+                return
+            self._thread = None
+        done, at = self._last_at
+        if self.log.appended - done < self.checkpoint_bytes and time.monotonic() - at < self.checkpoint_seconds:
+            return
+        prepared = self._prepare()
+        if prepared is not None:
+            self._thread = threading.Thread(target=self._run, args=prepared, name="pimcore-checkpoint", daemon=True)
+            self._thread.start()
+
+    def join(self) -> None:
+        """Wait for a running checkpoint."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+    def checkpoint_now(self) -> None:
+        """A checkpoint of everything committed so far, before returning
+        (open and close)."""
+        self.join()
+        with self.store._wlock:
+            prepared = self._prepare()
+        if prepared is None:
+            raise StoreError("cannot checkpoint the command log: LMDB's meta pages do not match the commit")
+        self._finish(*prepared)
+
+    def drop_pin(self) -> None:
+        pin, self.pin = self.pin, None
+        if pin is not None:
+            _abort(pin)
 
 
 class _Gate:
@@ -836,10 +1028,8 @@ class LmdbStore(Store):
             os.makedirs(path, exist_ok=True)
         elif not os.path.isfile(os.path.join(path, "data.mdb")):
             raise StoreError(f"no store at {path!r}")
-        sync = durability == "sync"
         initial_size = max(map_size, _MIN_MAP_SIZE)
         self._path = path
-        self._durability = durability
         self._owner = owner
         self._lock_fd = self._take_broker_lock(path) if owner else None
         self._max_map_size = max(max_map_size, initial_size)
@@ -848,26 +1038,43 @@ class LmdbStore(Store):
         #: The cache the last commit kept (see :class:`_Hot`); under _wlock.
         self._hot: Optional[_Hot] = None
         self._env: Optional[lmdb.Environment] = None
+        #: ``log`` durability: the command log and its checkpointer (module
+        #: docstring, Durability); None in the other modes.
+        self._log: Optional[_LogState] = None
+        #: Why this handle may not write (a maintenance open of a store a
+        #: ``log`` broker is running), or None.
+        self._read_only: Optional[str] = None
+        log_dir = os.path.join(path, "log")
+        ckpt = wal.read_checkpoint(log_dir) if os.path.isdir(log_dir) else None
+        if not owner and durability == "log":
+            durability = "sync"  # only the broker writes through the log
+        self._durability = durability
+        temp_lock = False
+        if ckpt is not None and not owner:
+            # A store a log broker wrote.  No broker running: recover it and
+            # leave log durability (under the broker lock meanwhile); else
+            # the broker owns every write.
+            try:
+                self._lock_fd = self._take_broker_lock(path)
+                temp_lock = True
+            except StoreError:
+                self._read_only = (
+                    "a broker with durability 'log' is running on this store: only it writes"
+                    " (use its HTTP API)"
+                )
+                ckpt = None
         try:
-            env = lmdb.open(
-                path,
-                map_size=initial_size,
-                subdir=True,
-                create=create,
-                max_dbs=len(_DB_NAMES),
-                max_readers=max_readers,
-                sync=sync,
-                metasync=sync,
-                lock=True,
-            )
+            if ckpt is not None:
+                self._restore(path, ckpt)
+            env = self._open_env(path, initial_size, create, max_readers, durability if ckpt is None else "log")
         except lmdb.Error as exc:
             self._release_broker_lock()
             raise StoreError(f"cannot open LMDB store at {path!r}: {exc}") from exc
+        except BaseException:
+            self._release_broker_lock()
+            raise
         try:
-            # Reader slots of processes that died holding a read transaction
-            # (e.g. SIGKILL) would pin old pages forever: release them.
-            env.reader_check()
-            dbs = [self._open_db(env, name) for name in _DB_NAMES]
+            self._bind(env)
         except lmdb.Error as exc:
             env.close()
             self._release_broker_lock()
@@ -876,6 +1083,55 @@ class LmdbStore(Store):
             env.close()
             self._release_broker_lock()
             raise
+        try:
+            if ckpt is not None or durability == "log":
+                self._start_log(log_dir, ckpt)
+            if self._log is not None and durability != "log":
+                # Leave log durability: everything replayed to disk, the log
+                # removed, LMDB reopened with this mode's flags.
+                self._end_log(path, initial_size, max_readers)
+            if temp_lock:
+                self._release_broker_lock()
+            if self._read_only is not None:
+                # (A maintenance open of an initialised store: nothing to write.)
+                with self._read() as txn:
+                    self._node, self._epoch, self._epochs = self._init_meta(txn, create)
+            else:
+                self._node, self._epoch, self._epochs = self._write(lambda txn: self._init_meta(txn, create))
+            if self._durability == "os":
+                assert self._env is not None
+                self._env.sync(True)  # the osrun mark must be on disk before any unsynced commit
+            elif self._log is not None:
+                self._log.checkpoint_now()  # this open's epoch durable before any ack
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ plumbing
+
+    @staticmethod
+    def _open_env(path: str, size: int, create: bool, max_readers: int, mode: str) -> lmdb.Environment:
+        """LMDB with the flags of durability ``mode`` (``log`` and ``os``
+        commit without flushing; module docstring, Durability)."""
+        sync = mode == "sync"
+        return lmdb.open(
+            path,
+            map_size=size,
+            subdir=True,
+            create=create,
+            max_dbs=len(_DB_NAMES),
+            max_readers=max_readers,
+            sync=sync,
+            metasync=sync,
+            lock=True,
+        )
+
+    def _bind(self, env: lmdb.Environment) -> None:
+        """Open the sub-databases of ``env`` and make it this store's."""
+        # Reader slots of processes that died holding a read transaction
+        # (e.g. SIGKILL) would pin old pages forever: release them.
+        env.reader_check()
+        dbs = [self._open_db(env, name) for name in _DB_NAMES]
         (
             self._meta,
             self._msgs,
@@ -899,15 +1155,70 @@ class LmdbStore(Store):
             self._retention,
         ) = dbs
         self._env = env
-        try:
-            self._node, self._epoch, self._epochs = self._write(lambda txn: self._init_meta(txn, create))
-            if self._durability == "os":
-                env.sync(True)  # the osrun mark must be on disk before any unsynced commit
-        except BaseException:
-            self.close()
-            raise
 
-    # ------------------------------------------------------------ plumbing
+    @staticmethod
+    def _restore(path: str, ckpt: wal.Checkpoint) -> None:
+        """Before LMDB is opened: put the checkpoint's meta pages back if the
+        data file has others (a crash after the checkpoint; module docstring,
+        Durability).  Refused while another process has the environment open
+        (LMDB then trusts the transaction id in its lock file)."""
+        data = os.path.join(path, "data.mdb")
+        if wal.read_meta_pages(data, ckpt.page_size) == ckpt.meta:
+            return
+        lock_path = os.path.join(path, "lock.mdb")
+        if os.path.exists(lock_path):
+            import fcntl
+
+            fd = os.open(lock_path, os.O_RDWR)
+            try:
+                # Every process with the environment open holds a lock on
+                # byte 0 of lock.mdb (LMDB's mdb_env_excl_lock).
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+            except OSError:
+                raise StoreError(
+                    f"the store at {path!r} needs recovery from its command log, but another process"
+                    " has it open (e.g. pimcore inspect); close that process and start again"
+                ) from None
+            finally:
+                os.close(fd)
+        wal.restore_meta(data, ckpt)
+
+    def _start_log(self, log_dir: str, ckpt: Optional[wal.Checkpoint]) -> None:
+        """Open the command log; replay it after ``ckpt`` (each record is a
+        batch committed again through :meth:`commit`), or start a new one
+        when there is no checkpoint; then checkpoint."""
+        st = self._log = _LogState(self, wal.CommandLog(log_dir))
+        if ckpt is None:
+            st.log.reset()
+        else:
+            st.replaying = True
+            try:
+                for lsn, payload in st.log.records(ckpt):
+                    try:
+                        ops = _decode_ops(payload)
+                        self.commit(WriteBatch(-lsn, ops))
+                    except (StoreError, pickle.UnpicklingError, ValueError, TypeError, EOFError) as exc:
+                        raise StoreError(
+                            f"replaying record {lsn} of the command log in {log_dir!r} failed: {exc}"
+                        ) from exc
+            finally:
+                st.replaying = False
+        st.log.start()
+        st.checkpoint_now()
+
+    def _end_log(self, path: str, size: int, max_readers: int) -> None:
+        """Leave ``log`` durability (after a replay): LMDB flushed whole, the
+        log deleted, the environment reopened with this mode's flags."""
+        st, self._log = self._log, None
+        assert st is not None and self._env is not None
+        st.join()
+        self._env.sync(True)
+        st.drop_pin()
+        st.log.remove()
+        old = self._env
+        self._env = None
+        old.close()
+        self._bind(self._open_env(path, size, False, max_readers, self._durability))
 
     def _open_db(self, env: lmdb.Environment, name: str) -> "lmdb._Database":
         while True:
@@ -1008,40 +1319,69 @@ class LmdbStore(Store):
         with self._gate.exclusive():
             env.set_mapsize(0)
 
-    def _write(self, fn: Callable[[_Txn], T], committed: Optional[Callable[[], None]] = None) -> T:
+    def _write(
+        self, fn: Callable[[_Txn], T], committed: Optional[Callable[[], None]] = None, logged: Optional[bytes] = None
+    ) -> T:
         """Run ``fn`` in one write transaction and commit it.  ``fn`` must not
         have effects outside the transaction: when the map is full the
         transaction is aborted, the map grown and ``fn`` run again.
         ``committed`` is called after a successful commit, still under the
-        write lock."""
+        write lock.  ``logged``: the batch's command log record (``log``
+        durability), appended and flushed once, before LMDB commits."""
         with self._wlock:
             env = self._env
             if env is None:
                 raise StoreError("store is closed")
-            while True:
-                try:
-                    txn = env.begin(write=True)
-                except lmdb.MapResizedError:
-                    self._adopt_map_size(env)
-                    continue
-                except lmdb.Error as exc:
-                    raise StoreError(f"LMDB error: {exc}") from exc
-                try:
-                    result = fn(txn)
-                    txn.commit()
-                except lmdb.MapFullError:
-                    _abort(txn)
-                    self._grow(env)
-                    continue
-                except lmdb.Error as exc:
-                    _abort(txn)
-                    raise StoreError(f"LMDB error: {exc}") from exc
-                except BaseException:
-                    _abort(txn)
-                    raise
-                if committed is not None:
-                    committed()
-                return result
+            if self._read_only is not None:
+                raise StoreError(self._read_only)
+            st = self._log
+            if st is not None and st.failed is not None:
+                raise StoreError(st.failed)
+            appended = False
+            try:
+                while True:
+                    try:
+                        txn = env.begin(write=True)
+                    except lmdb.MapResizedError:
+                        self._adopt_map_size(env)
+                        continue
+                    except lmdb.Error as exc:
+                        raise StoreError(f"LMDB error: {exc}") from exc
+                    try:
+                        result = fn(txn)
+                        if logged is not None and not appended:
+                            assert st is not None
+                            try:
+                                st.log.append(logged)
+                            except OSError as exc:
+                                # After a failed flush the page cache's state
+                                # is unknown (fsync can't be retried): stop.
+                                st.failed = f"the command log could not be written ({exc}); restart the broker"
+                                raise StoreError(st.failed) from exc
+                            appended = True
+                        txn.commit()
+                    except lmdb.MapFullError:
+                        _abort(txn)
+                        self._grow(env)
+                        continue
+                    except lmdb.Error as exc:
+                        _abort(txn)
+                        raise StoreError(f"LMDB error: {exc}") from exc
+                    except BaseException:
+                        _abort(txn)
+                        raise
+                    appended = False  # committed: nothing left to undo
+                    if committed is not None:
+                        committed()
+                    if st is not None and not st.replaying:
+                        st.after_commit()
+                    return result
+            finally:
+                if appended and st is not None:
+                    # The log holds a batch LMDB does not: later batches would
+                    # be logged after it but applied without it.  Recovery
+                    # (restart) replays it, so the caller's retry is a Duplicate.
+                    st.failed = "a logged batch failed to commit in LMDB; restart the broker to recover it"
 
     @contextmanager
     def _read(self) -> Iterator[_Txn]:
@@ -1342,14 +1682,19 @@ class LmdbStore(Store):
             if kept:
                 self._hot = kept[0]
 
+        st = self._log
+        try:
+            logged = _encode_ops(ops) if st is not None and not st.replaying else None
+        except StoreError as exc:
+            raise StoreError(f"batch {batch.batch_id} not committed: {exc}") from None
         try:
             try:
-                return self._write(run, committed)
+                return self._write(run, committed, logged)
             except _MsgIdTaken:
                 # A reused msg_id (a broken clock): run the batch again with
                 # every record put at once, which rejects just that op.
                 staging[0] = False
-                return self._write(run, committed)
+                return self._write(run, committed, logged)
         except StoreError:
             raise
         except Exception as exc:
@@ -2321,6 +2666,20 @@ class LmdbStore(Store):
             if env is None:
                 self._release_broker_lock()
                 return
+            st, self._log = self._log, None
+            if st is not None:
+                # A clean end: a checkpoint of everything, so the next open
+                # replays nothing.  (If it fails the log still has it all.)
+                st.join()
+                if st.failed is None:
+                    try:
+                        prepared = st._prepare()
+                        if prepared is not None:
+                            st._finish(*prepared)
+                    except (OSError, lmdb.Error, StoreError):
+                        pass
+                st.drop_pin()
+                st.log.close()
             # Exclusive: wait for in-flight reads; later ones see None.
             with self._gate.exclusive():
                 self._env = None

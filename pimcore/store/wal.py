@@ -1,0 +1,343 @@
+"""The command log of the LMDB store's ``log`` durability: one flush per
+durable commit.
+
+Why it exists: LMDB's durable commit flushes the disk twice -- the data
+pages, then the meta page that makes them current (a meta page on disk ahead
+of its pages would point at garbage).  On the 2-core VM of BENCHMARKS.md the
+two flushes are about 240 µs of a 1 x 1 round trip; one ``fdatasync`` of a
+few hundred bytes appended to an already written file is about 75 µs.
+
+How (the command log of Redis's AOF and VoltDB, the checkpoint of ARIES-style
+recovery, applied to LMDB's copy-on-write pages):
+
+* Every :class:`~pimcore.store.base.WriteBatch` is appended here and
+  ``fdatasync``'d *before* LMDB commits it, and LMDB commits without flushing
+  (``MDB_NOSYNC``).  A batch is durable when its log record is; the caller acks
+  after :meth:`LmdbStore.commit` returns, as before.
+* A **checkpoint** makes LMDB itself durable up to a transaction S: right
+  after S commits the writer reads LMDB's two meta pages (the page cache holds
+  S's), starts a read transaction at S (the **pin**), and a thread then
+  ``fdatasync``'s the data file and writes the checkpoint file (S's meta
+  pages and the log position after S's record; written to a temporary file,
+  flushed, renamed, directory flushed).  Only then is the previous pin let go.
+* Why the pin: with ``MDB_NOSYNC`` a power cut can leave a later meta page on
+  disk without its pages, and LMDB reuses freed pages once no reader needs
+  them.  A reader at S keeps every page of S's tree (and of every later tree)
+  from being reused, so after a crash S's tree is intact on disk whatever
+  else reached it.
+* Recovery (:func:`restore_meta` then the store's replay): if the data file's
+  meta pages are not the checkpoint's, they are written back (LMDB then opens
+  at S), and every log record after S is applied again, in order, through the
+  same code that applied it first.  Replay is deterministic: a batch carries
+  all its inputs (times, ids), the store reads nothing else.
+* The log is two files used in turn (``log-0``, ``log-1``).  The writer moves
+  to the other file once the current one passes ``switch_bytes`` and a
+  checkpoint has covered everything in the other; each file starts with the
+  LSN of its first record, so recovery continues from one into the other.
+
+Record: ``magic u32 | length u32 | lsn u64 | crc32 u32`` (little endian, the
+CRC over lsn and payload), then ``length`` bytes of payload.  Recovery stops
+at the first record whose magic, length, LSN (must be the next one) or CRC
+does not hold: a torn tail, never acked, or the older records of a reused
+file.
+
+Only one process writes a store in ``log`` durability (the owner: the broker
+or a maintenance open that found no broker running); see
+:class:`~pimcore.store.lmdb.LmdbStore`.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from ..errors import StoreError
+
+__all__ = ["CommandLog", "Checkpoint", "read_checkpoint", "write_checkpoint", "restore_meta", "meta_txnid"]
+
+_REC = struct.Struct("<IIQI")
+_REC_MAGIC = 0x474C4350  # "PCLG"
+_FILE_HEAD = struct.Struct("<8sQ")
+_FILE_MAGIC = b"PCLOG001"
+_CKPT_HEAD = struct.Struct("<8sIQIQ")  # magic, page size, next lsn, file, offset
+_CKPT_MAGIC = b"PCCKPT01"
+_U32 = struct.Struct("<I")
+#: Largest record the log takes (a batch is far smaller: the core bounds
+#: batches; this only stops a garbage length from being believed).
+MAX_RECORD = 1 << 30
+_GROW = 1 << 20  # the log file is extended with written zeros, 1 MiB at a time
+#: Byte offset of ``mm_txnid`` in an LMDB meta page on 64-bit builds: the
+#: 16-byte page header, then magic, version (u32 each), address, mapsize
+#: (8 each), two 48-byte MDB_db records, last_pg (8).  (lmdb.h, MDB_meta.)
+_TXNID_AT = 16 + 4 + 4 + 8 + 8 + 2 * 48 + 8
+_META_MAGIC = 0xBEEFC0DE
+
+
+def meta_txnid(page: bytes) -> int:
+    """The transaction id an LMDB meta page records (-1 if ``page`` is not a
+    meta page)."""
+    if len(page) < _TXNID_AT + 8 or _U32.unpack_from(page, 16)[0] != _META_MAGIC:
+        return -1
+    return int(struct.unpack_from("<Q", page, _TXNID_AT)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """LMDB durable up to the transaction whose meta pages these are; replay
+    the log from ``next_lsn`` at (``file``, ``offset``)."""
+
+    page_size: int
+    next_lsn: int
+    file: int  # 0 or 1: which log file
+    offset: int  # bytes
+    meta: bytes  # pages 0 and 1 of data.mdb, 2 * page_size bytes
+
+    @property
+    def txnid(self) -> int:
+        return max(meta_txnid(self.meta[: self.page_size]), meta_txnid(self.meta[self.page_size :]))
+
+
+def read_checkpoint(dirpath: str) -> Optional[Checkpoint]:
+    """The checkpoint in ``dirpath`` or None if there is none.  Raises
+    StoreError if it is there but damaged (it is written by rename, so it is
+    whole or absent unless the disk lies)."""
+    path = os.path.join(dirpath, "checkpoint")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot read the command log checkpoint {path!r}: {exc}") from exc
+    if len(raw) < _CKPT_HEAD.size + 4 or zlib.crc32(raw[:-4]) != _U32.unpack_from(raw, len(raw) - 4)[0]:
+        raise StoreError(f"the command log checkpoint {path!r} is damaged")
+    magic, psize, next_lsn, file, offset = _CKPT_HEAD.unpack_from(raw)
+    meta = raw[_CKPT_HEAD.size : -4]
+    if magic != _CKPT_MAGIC or file not in (0, 1) or len(meta) != 2 * psize:
+        raise StoreError(f"the command log checkpoint {path!r} is not one this code reads")
+    return Checkpoint(psize, next_lsn, file, offset, meta)
+
+
+def write_checkpoint(dirpath: str, ckpt: Checkpoint) -> None:
+    """Write ``ckpt`` durably: a temporary file, flushed, renamed over the old
+    one, the directory flushed."""
+    body = _CKPT_HEAD.pack(_CKPT_MAGIC, ckpt.page_size, ckpt.next_lsn, ckpt.file, ckpt.offset) + ckpt.meta
+    body += _U32.pack(zlib.crc32(body))
+    tmp = os.path.join(dirpath, "checkpoint.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, body)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, os.path.join(dirpath, "checkpoint"))
+    _sync_dir(dirpath)
+
+
+def _sync_dir(dirpath: str) -> None:
+    fd = os.open(dirpath, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_meta_pages(data_path: str, page_size: int) -> bytes:
+    """Pages 0 and 1 of ``data_path`` as the page cache has them."""
+    fd = os.open(data_path, os.O_RDONLY)
+    try:
+        return os.pread(fd, 2 * page_size, 0)
+    finally:
+        os.close(fd)
+
+
+def restore_meta(data_path: str, ckpt: Checkpoint) -> bool:
+    """Put the checkpoint's meta pages back into ``data_path`` if they are not
+    there (True if they were written).  Call only while no process has the
+    LMDB environment open: LMDB keeps the current transaction id in its lock
+    file while any process has it open."""
+    if read_meta_pages(data_path, ckpt.page_size) == ckpt.meta:
+        return False
+    fd = os.open(data_path, os.O_RDWR)
+    try:
+        os.pwrite(fd, ckpt.meta, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
+class CommandLog:
+    """The two log files of one store (module docstring).
+
+    Not thread-safe: the store calls :meth:`append` and :meth:`position`
+    under its write lock; :meth:`release` (from the checkpoint thread) only
+    moves a number under the log's own lock.
+    """
+
+    def __init__(self, dirpath: str, *, switch_bytes: int = 8 << 20) -> None:
+        os.makedirs(dirpath, exist_ok=True)
+        self.dir = dirpath
+        self.switch_bytes = switch_bytes
+        self._fds: list[int] = []
+        for i in (0, 1):
+            path = os.path.join(dirpath, f"log-{i}")
+            existed = os.path.exists(path)
+            self._fds.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
+            if not existed:
+                _sync_dir(dirpath)
+        self._sizes = [os.fstat(fd).st_size for fd in self._fds]
+        self._lock = threading.Lock()
+        #: The LSN the newest durable checkpoint replays from.
+        self._covered = 0
+        self.file = 0
+        self.offset = _FILE_HEAD.size
+        self.next_lsn = 1
+        #: First LSN held by each file (0: nothing needed in it).
+        self._first = [0, 0]
+        #: Bytes appended by this handle (checkpoint pacing).
+        self.appended = 0
+
+    # ---------------------------------------------------------------- read
+
+    def records(self, ckpt: Checkpoint) -> Iterator[tuple[int, bytes]]:
+        """(lsn, payload) of every record after ``ckpt``, in order (from the
+        file and offset it names, then on into the other file if that file
+        starts with the next LSN); afterwards the writer continues right
+        after the last one."""
+        file, offset, lsn = ckpt.file, ckpt.offset, ckpt.next_lsn
+        switched = False
+        while True:
+            for rec_lsn, payload, end in self._scan(file, offset, lsn):
+                yield rec_lsn, payload
+                lsn, offset = rec_lsn + 1, end
+            other = 1 - file
+            if not switched and self._head_lsn(other) == lsn:
+                file, offset, switched = other, _FILE_HEAD.size, True
+                continue
+            break
+        self.file, self.offset, self.next_lsn = file, offset, lsn
+        # The caller checkpoints before writing, which covers every record
+        # read here: only this file's header still matters (a scan from that
+        # checkpoint starts in this file).
+        self._first = [0, 0]
+        self._first[file] = self._head_lsn(file) or lsn
+        self._covered = lsn
+
+    def reset(self) -> None:
+        """Start a new log (no checkpoint refers to the old one): both files
+        emptied, LSNs from 1."""
+        for fd in self._fds:
+            os.ftruncate(fd, 0)
+            os.fsync(fd)
+        self._sizes = [0, 0]
+        self.file, self.offset, self.next_lsn = 0, _FILE_HEAD.size, 1
+        self._first = [0, 0]
+        self._covered = 1
+
+    def _head_lsn(self, file: int) -> int:
+        raw = os.pread(self._fds[file], _FILE_HEAD.size, 0)
+        if len(raw) < _FILE_HEAD.size:
+            return 0
+        magic, first = _FILE_HEAD.unpack(raw)
+        return int(first) if magic == _FILE_MAGIC else 0
+
+    def _scan(self, file: int, offset: int, lsn: int) -> Iterator[tuple[int, bytes, int]]:
+        fd = self._fds[file]
+        while True:
+            head = os.pread(fd, _REC.size, offset)
+            if len(head) < _REC.size:
+                return
+            magic, length, rec_lsn, crc = _REC.unpack(head)
+            if magic != _REC_MAGIC or rec_lsn != lsn or length > MAX_RECORD:
+                return
+            payload = os.pread(fd, length, offset + _REC.size)
+            if len(payload) != length or zlib.crc32(payload, zlib.crc32(head[8:16])) != crc:
+                return
+            yield rec_lsn, payload, offset + _REC.size + length
+            offset += _REC.size + length
+            lsn += 1
+
+    # --------------------------------------------------------------- write
+
+    def append(self, payload: bytes) -> int:
+        """Write one record and ``fdatasync`` it; returns its LSN.  Raises
+        OSError if the disk refuses (the caller must then stop writing: after
+        a failed flush the page cache's state is unknown)."""
+        lsn = self.next_lsn
+        head = _REC.pack(_REC_MAGIC, len(payload), lsn, zlib.crc32(payload, zlib.crc32(struct.pack("<Q", lsn))))
+        if self.offset >= self.switch_bytes and self._other_free():
+            self._switch(lsn)
+        fd = self._fds[self.file]
+        end = self.offset + _REC.size + len(payload)
+        size = self._sizes[self.file]
+        if end > size:
+            # Extend with written zeros (not a hole, not fallocate: an
+            # overwrite of written blocks needs no journal commit on ext4,
+            # so the per-record flush stays one device flush).
+            new = (end // _GROW + 1) * _GROW
+            os.pwrite(fd, bytes(new - size), size)
+            self._sizes[self.file] = new
+        os.pwrite(fd, head + payload, self.offset)
+        os.fdatasync(fd)
+        self.appended += len(head) + len(payload)
+        self.offset = end
+        self.next_lsn = lsn + 1
+        return lsn
+
+    def _other_free(self) -> bool:
+        with self._lock:
+            # Every record of the other file is older than this file's first:
+            # free once a durable checkpoint replays from this file.
+            return self._first[1 - self.file] == 0 or self._first[self.file] <= self._covered
+
+    def _switch(self, lsn: int) -> None:
+        other = 1 - self.file
+        os.pwrite(self._fds[other], _FILE_HEAD.pack(_FILE_MAGIC, lsn), 0)
+        # (The header is part of the file now: a zero extension starts after it.)
+        self._sizes[other] = max(self._sizes[other], _FILE_HEAD.size)
+        with self._lock:
+            self._first[other] = lsn
+        self.file, self.offset = other, _FILE_HEAD.size
+
+    def start(self) -> None:
+        """Begin writing at the current position: a new file's header is
+        written (and flushed) first."""
+        if self._first[self.file] == 0 or self._head_lsn(self.file) == 0:
+            self._first[self.file] = self.next_lsn
+            os.pwrite(self._fds[self.file], _FILE_HEAD.pack(_FILE_MAGIC, self.next_lsn), 0)
+            os.fdatasync(self._fds[self.file])
+            self._sizes[self.file] = max(self._sizes[self.file], _FILE_HEAD.size)
+
+    def position(self) -> tuple[int, int, int]:
+        """(next lsn, file, offset): where replay after the last appended
+        record would start."""
+        return self.next_lsn, self.file, self.offset
+
+    def covered(self, next_lsn: int) -> None:
+        """A checkpoint replaying from ``next_lsn`` is durable: records below
+        it are needed no more (a file holding only those may be reused)."""
+        with self._lock:
+            if next_lsn > self._covered:
+                self._covered = next_lsn
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
+    def remove(self) -> None:
+        """Close and delete the log and its checkpoint (the store leaves
+        ``log`` durability, with everything already durable in LMDB)."""
+        self.close()
+        for name in ("checkpoint", "log-0", "log-1", "checkpoint.tmp"):
+            try:
+                os.unlink(os.path.join(self.dir, name))
+            except FileNotFoundError:
+                pass
+        _sync_dir(self.dir)
+
