@@ -1,8 +1,8 @@
 """Child process of the crash test (tests/test_store_crash.py); not a test.
 
-Usage: python _crash_child.py STORE_DIR PLAN_FILE SEED
+Usage: python _crash_child.py STORE_DIR PLAN_FILE SEED [DURABILITY]
 
-Opens ``LmdbStore(STORE_DIR, durability="sync")``, creates the test group if
+Opens ``LmdbStore(STORE_DIR, durability=DURABILITY)`` (default "sync"), creates the test group if
 missing, then sends the plan's messages in randomly sized batches.  The plan
 is JSON: a list of ``[sender, device, local_id, conv, payload_hex]`` in send
 order (retries included, as a reconnecting client would send them).  After
@@ -37,11 +37,11 @@ def digest(conv: str, payload: bytes) -> bytes:
     return hashlib.sha256(conv.encode() + b"\0" + payload).digest()[:16]
 
 
-def main(store_dir: str, plan_file: str, seed: int) -> int:
+def main(store_dir: str, plan_file: str, seed: int, durability: str = "sync") -> int:
     rng = random.Random(seed)
     with open(plan_file) as f:
         plan = json.load(f)
-    store = LmdbStore(store_dir, durability="sync")
+    store = LmdbStore(store_dir, durability=durability)
     if not store.conversation_exists(GROUP):
         store.create_group(GROUP, GROUP_MEMBERS, now=0)
     node = store.node_id()
@@ -94,4 +94,4 @@ def main(store_dir: str, plan_file: str, seed: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    sys.exit(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:5]))

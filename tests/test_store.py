@@ -65,9 +65,10 @@ from pimcore.store import (
     direct_conversation,
 )
 from pimcore.store import AmendMessage, SetConversation
+from pimcore.store import lmdb as lmdb_module
 from pimcore.store import Expire, PurgeConversation, PurgeUser, ReadDedupe, ReadRetention, SetRetention
 
-BACKENDS = ["memory", "lmdb"]
+BACKENDS = ["memory", "lmdb", "lmdb-log"]
 AB = direct_conversation("alice", "bob")  # "d:alice:bob"
 GROUP = "team"
 DAY = 86_400 * 1_000_000
@@ -76,6 +77,8 @@ DAY = 86_400 * 1_000_000
 def open_store(kind: str, path: Path, **kwargs: object) -> Store:
     if kind == "memory":
         return MemoryStore()
+    if kind == "lmdb-log":
+        kwargs.setdefault("durability", "log")
     return LmdbStore(path, **kwargs)  # type: ignore[arg-type]
 
 
@@ -90,9 +93,36 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         yield s
         s.close()
         return
-    s = open_store(request.param, tmp_path / "db")
-    yield s
-    s.close()
+    if request.param != "lmdb-log":
+        s = open_store(request.param, tmp_path / "db")
+        yield s
+        s.close()
+        return
+    # Log durability: no checkpoint after the open's, so every batch of the
+    # test is in the command log; at the end a crash copy must replay to the
+    # same bytes (replay is deterministic for every op the test used).
+    from test_command_log import _crash_copy
+    from test_store_plain import _dump
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(lmdb_module._LogState, "checkpoint_bytes", 1 << 40)
+    mp.setattr(lmdb_module._LogState, "checkpoint_seconds", 1e9)
+    try:
+        s = open_store(request.param, tmp_path / "db")
+        yield s
+        assert isinstance(s, LmdbStore)
+        if s._env is not None:
+            copy = _crash_copy(tmp_path / "db", tmp_path / "replayed")
+            want = _dump(s)
+            s.close()
+            again = LmdbStore(copy, durability="log")
+            try:
+                assert _dump(again) == want
+            finally:
+                again.close()
+        s.close()
+    finally:
+        mp.undo()
 
 
 def digest(conv: str, payload: bytes) -> bytes:

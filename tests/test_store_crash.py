@@ -1,7 +1,8 @@
 """Crash safety of LmdbStore: SIGKILL a writer at random moments.
 
 Each cycle starts a child (tests/_crash_child.py) that sends messages through
-``LmdbStore(durability="sync")`` and prints an ack line after each commit;
+``LmdbStore(durability="sync")`` (and ``"log"``: the command log of
+pimcore/store/wal.py) and prints an ack line after each commit;
 the parent kills it with SIGKILL 20-250 ms after the first ack.  The next
 child re-sends, with the same local ids, every message whose ack the parent
 never saw (it may or may not be stored: the kill can land between commit and
@@ -58,7 +59,8 @@ Key = tuple[str, str, int]  # (sender, device, local_id)
 class Run:
     """The parent's view: what was sent and what was acked."""
 
-    def __init__(self, seed: int, store_dir: Path, work: Path) -> None:
+    def __init__(self, seed: int, store_dir: Path, work: Path, durability: str) -> None:
+        self.durability = durability
         self.seed = seed
         self.rng = random.Random(seed)
         self.store_dir = store_dir
@@ -127,7 +129,8 @@ class Run:
         plan_file.write_text(json.dumps([[s, d, i, *self.sent[(s, d, i)]] for s, d, i in plan]))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         child = subprocess.Popen(
-            [sys.executable, str(CHILD), str(self.store_dir), str(plan_file), str(self.rng.getrandbits(32))],
+            [sys.executable, str(CHILD), str(self.store_dir), str(plan_file), str(self.rng.getrandbits(32)),
+             self.durability],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
@@ -236,11 +239,12 @@ class Run:
                     self.fail(f"{user}: {conv} out of seq order in the inbox")
 
 
-def test_sigkill_never_loses_or_duplicates_an_acked_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize("durability", ["sync", "log"])
+def test_sigkill_never_loses_or_duplicates_an_acked_message(tmp_path: Path, durability: str) -> None:
     seed_env: Optional[str] = os.environ.get("PIMCORE_CRASH_SEED")
     seed = int(seed_env) if seed_env else random.SystemRandom().getrandbits(32)
     print(f"PIMCORE_CRASH_SEED={seed}")
-    run = Run(seed, tmp_path / "store", tmp_path)
+    run = Run(seed, tmp_path / "store", tmp_path, durability)
     started = time.monotonic()
     for _ in range(CYCLES):
         run.cycle(NEW_PER_CYCLE, kill=True)
