@@ -598,7 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert", help="PEM certificate chain for tls:// and wss://")
     p.add_argument("--key", help="PEM private key for tls:// and wss://")
     p.add_argument("--secret-file", help="file holding the token secret (default: <data-dir>/secret)")
-    p.add_argument("--durability", choices=["sync", "os"], help="sync = fsync every batch before acking (default)")
+    p.add_argument("--durability", choices=["sync", "log", "os"],
+                   help="sync = LMDB flushes every batch before acking (default); log = a command log flushed"
+                        " once per batch before acking; os = no flush (docs/OPERATIONS.md)")
     p.add_argument("--store", metavar="URL",
                    help="redis://HOST:PORT[,HOST:PORT...]: keep the data in a Redis Cluster instead of the embedded"
                         " LMDB store (needs coredis: pip install 'pimcore[redis]')")
@@ -712,7 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle", type=int, default=0, help="also hold this many authenticated idle connections")
     p.add_argument("--hold", type=float, default=2.0, help="seconds to hold idle connections when --conns 0")
     p.add_argument("--procs", type=int, default=1, help="generator processes (default 1)")
-    p.add_argument("--durability", choices=["sync", "os"], default="sync", help="of the broker it starts (default sync)")
+    p.add_argument("--durability", choices=["sync", "log", "os"], default="sync",
+                   help="of the broker it starts (default sync)")
     p.add_argument("--backend", choices=["cython", "pure"], help="PIMCORE_BACKEND of the broker it starts")
     p.add_argument("--no-pin", action="store_true", help="do not pin broker and generator to different CPUs")
     p.add_argument("--zstd", action="store_true", help="negotiate zstd compression")

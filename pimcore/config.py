@@ -3,7 +3,7 @@
 Example (every key optional)::
 
     data_dir = "pimcore-data"          # embedded LMDB store + generated secret
-    durability = "sync"                # "sync" (fsync per batch) or "os"
+    durability = "sync"                # "sync" (fsync per batch), "log" (one flush per batch) or "os"
     listen = ["tcp://127.0.0.1:7400", "ws://127.0.0.1:7480/im"]
     secret_file = "/etc/pimcore/secret" # default: <data_dir>/secret, created on first run
     content_filter = "mypkg.moderation:check"  # f(user, conv, payload) -> None or a reason to reject
@@ -764,8 +764,8 @@ def load_settings(
         raise ConfigError("store.address_map: only for a Redis store (set store.url)")
     elif s.store_read_fanout_above is not None:
         raise ConfigError("store.read_fanout_above: only for a Redis store (set store.url)")
-    if s.durability not in ("sync", "os"):
-        raise ConfigError(f"durability must be 'sync' or 'os', not {s.durability!r}")
+    if s.durability not in ("sync", "log", "os"):
+        raise ConfigError(f"durability must be 'sync', 'log' or 'os', not {s.durability!r}")
     if s.log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {_show(s.log_level)}")
     if s.log_format not in LOG_FORMATS:

@@ -1227,13 +1227,14 @@ def _diagnose(res: BenchResult) -> str:
     if res.broker_commit_seconds is not None and res.broker_batches:
         busy = res.broker_commit_seconds / max(res.seconds + res.config["warmup"], 1e-9)
         per = (res.broker_messages_stored or 0) / res.broker_batches
-        sync = " (fsync included)" if res.config["durability"] == "sync" else ""
+        mode = res.config["durability"]
+        sync = {"sync": " (fsync included)", "log": " (the log's fdatasync included)"}.get(mode, "")
         commit = f"commits{sync} {min(busy, 1.0):.0%} of the time, {per:,.0f} messages per commit"
         if busy >= 0.5:
             # Commits run on the broker's event loop: the time it is off CPU
             # inside them is the fsync (the broker is idle otherwise); with
             # durability os, the kernel's writeback of the pages it dirtied.
-            what = "fsync wait" if res.config["durability"] == "sync" else "commit wait (durability os: no fsync)"
+            what = "commit wait (durability os: no fsync)" if mode == "os" else "fsync wait"
             return f"{what}: {commit}; broker CPU {util:.0%} of one core, off CPU {1 - util:.0%}"
     if res.peer == "redis":
         return (f"fsync wait or round trips (appendfsync always: every reply waits for a write+fsync;"
