@@ -9,6 +9,7 @@ stdout protocol (one flushed line per event):
 
 from __future__ import annotations
 
+import os
 import sys
 
 from pimcore import frames as F
@@ -24,7 +25,7 @@ def main() -> None:
     store_dir, cursor = sys.argv[1], int(sys.argv[2])
     to_send = [int(x) for x in sys.argv[3:]]
     out = sys.stdout
-    h = Harness(LmdbStore(store_dir, durability="sync"))
+    h = Harness(LmdbStore(store_dir, durability=os.environ.get("PIMCORE_CRASH_DURABILITY", "sync")))
     alice = h.login("alice", "phone")
     bob = h.login("bob", "laptop", position=cursor)
     for i, lid in enumerate(to_send):

@@ -1,4 +1,5 @@
-"""SIGKILL the whole broker (core + durable LMDB store) at random moments.
+"""SIGKILL the whole broker (core + durable LMDB store, durability
+sync and log) at random moments.
 
 Alice's client re-sends every message whose SendAck it did not see, with the
 same local id; Bob's client resumes from the last position its app processed.
@@ -17,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from pimcore.store import LmdbStore, direct_conversation
 
 AB = direct_conversation("alice", "bob")
@@ -24,11 +27,12 @@ CYCLES = 12
 HERE = Path(__file__).resolve().parent
 
 
-def test_broker_killed_mid_traffic_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("durability", ["sync", "log"])
+def test_broker_killed_mid_traffic_loses_and_duplicates_nothing(tmp_path: Path, durability: str) -> None:
     seed = int(os.environ.get("PIMCORE_CRASH_SEED") or random.SystemRandom().getrandbits(32))
     rnd = random.Random(seed)
     store_dir = str(tmp_path / "store")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PIMCORE_CRASH_DURABILITY=durability, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     acked: dict[int, tuple[int, str]] = {}
     got: list[tuple[int, str]] = []
     cursor = 0

@@ -11,6 +11,14 @@ written to the OS page cache (LMDB writes with ``pwrite``, not through a
 writable map), so it survives a crash of the process but not of the machine;
 a power loss can lose the last commits but never tears a transaction (LMDB's
 copy-on-write B-tree falls back to the previous intact meta page).
+``durability="log"`` is as durable as ``sync`` with one flush per commit
+instead of LMDB's two: each batch is appended to a command log and
+``fdatasync``'d before LMDB commits it without flushing; checkpoints in a
+thread flush LMDB, and a start-up after a crash puts the checkpoint's meta
+pages back and replays the log (:mod:`pimcore.store.wal`).  Only the broker
+(the owner) writes a log store: a maintenance open (``owner=False``) while it
+runs is read-only; one while no broker runs recovers the store and leaves log
+durability, as does an owner opened with another durability.
 
 Concurrency
 -----------
@@ -992,7 +1000,7 @@ class LmdbStore(Store):
 
     :param path: directory of the environment (created if missing unless
         ``create=False``, which raises StoreError for a missing store).
-    :param durability: ``"sync"`` or ``"os"`` (module docstring).
+    :param durability: ``"sync"``, ``"log"`` or ``"os"`` (module docstring).
     :param map_size: initial map size in bytes (at least 1 MiB is used); the
         map doubles transparently when full, up to ``max_map_size``.
     :param owner: True (the default) for the process that runs a broker on
