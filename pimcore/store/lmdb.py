@@ -674,7 +674,7 @@ class _LogState:
         old, self.pin = self.pin, pin
         if old is not None:
             _abort(old)
-        self.log.covered(ckpt.next_lsn)
+        self.log.covered(ckpt)
         self.checkpoints += 1
 
     def _run(self, pin: _Txn, ckpt: wal.Checkpoint) -> None:

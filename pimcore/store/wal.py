@@ -32,14 +32,15 @@ recovery, applied to LMDB's copy-on-write pages):
   all its inputs (times, ids), the store reads nothing else.
 * The log is two files used in turn (``log-0``, ``log-1``).  The writer moves
   to the other file once the current one passes ``switch_bytes`` and a
-  checkpoint has covered everything in the other; each file starts with the
-  LSN of its first record, so recovery continues from one into the other.
+  durable checkpoint replays from the current one (so nothing in the other
+  is needed); each file starts with the LSN of its first record and a fresh
+  salt, so recovery continues from one into the other.
 
 Record: ``magic u32 | length u32 | lsn u64 | crc32 u32`` (little endian, the
-CRC over lsn and payload), then ``length`` bytes of payload.  Recovery stops
-at the first record whose magic, length, LSN (must be the next one) or CRC
-does not hold: a torn tail, never acked, or the older records of a reused
-file.
+CRC over the file's salt, the lsn and the payload), then ``length`` bytes of
+payload.  Recovery stops at the first record whose magic, length, LSN (must
+be the next one) or CRC does not hold: a torn tail, never acked, or what an
+earlier use of the file left.
 
 Only one process writes a store in ``log`` durability (the owner: the broker
 or a maintenance open that found no broker running); see
@@ -61,8 +62,8 @@ __all__ = ["CommandLog", "Checkpoint", "read_checkpoint", "write_checkpoint", "r
 
 _REC = struct.Struct("<IIQI")
 _REC_MAGIC = 0x474C4350  # "PCLG"
-_FILE_HEAD = struct.Struct("<8sQ")
-_FILE_MAGIC = b"PCLOG001"
+_FILE_HEAD = struct.Struct("<8sQ8s")  # magic, first lsn, salt
+_FILE_MAGIC = b"PCLOG002"
 _CKPT_HEAD = struct.Struct("<8sIQIQ")  # magic, page size, next lsn, file, offset
 _CKPT_MAGIC = b"PCCKPT01"
 _U32 = struct.Struct("<I")
@@ -75,6 +76,10 @@ _GROW = 1 << 20  # the log file is extended with written zeros, 1 MiB at a time
 #: (8 each), two 48-byte MDB_db records, last_pg (8).  (lmdb.h, MDB_meta.)
 _TXNID_AT = 16 + 4 + 4 + 8 + 8 + 2 * 48 + 8
 _META_MAGIC = 0xBEEFC0DE
+
+
+def _crc(salt: bytes, lsn: int, payload: bytes) -> int:
+    return zlib.crc32(payload, zlib.crc32(salt + struct.pack("<Q", lsn)))
 
 
 def meta_txnid(page: bytes) -> int:
@@ -174,9 +179,15 @@ def restore_meta(data_path: str, ckpt: Checkpoint) -> bool:
 class CommandLog:
     """The two log files of one store (module docstring).
 
+    A file starts with a header: magic, the LSN of its first record and a
+    random salt drawn when the file is (re)started.  The salt is part of
+    every record's CRC, so bytes left from an earlier use of the file --
+    including a payload a client chose, which could look like a record --
+    never pass for a record of this one.
+
     Not thread-safe: the store calls :meth:`append` and :meth:`position`
-    under its write lock; :meth:`release` (from the checkpoint thread) only
-    moves a number under the log's own lock.
+    under its write lock; :meth:`covered` (from the checkpoint thread) only
+    moves numbers under the log's own lock.
     """
 
     def __init__(self, dirpath: str, *, switch_bytes: int = 8 << 20) -> None:
@@ -192,41 +203,35 @@ class CommandLog:
                 _sync_dir(dirpath)
         self._sizes = [os.fstat(fd).st_size for fd in self._fds]
         self._lock = threading.Lock()
-        #: The LSN the newest durable checkpoint replays from.
-        self._covered = 0
+        #: The file the newest durable checkpoint replays from (-1: none yet).
+        self._covered_file = -1
         self.file = 0
         self.offset = _FILE_HEAD.size
         self.next_lsn = 1
-        #: First LSN held by each file (0: nothing needed in it).
-        self._first = [0, 0]
+        self._salts = [b"", b""]
         #: Bytes appended by this handle (checkpoint pacing).
         self.appended = 0
 
     # ---------------------------------------------------------------- read
 
     def records(self, ckpt: Checkpoint) -> Iterator[tuple[int, bytes]]:
-        """(lsn, payload) of every record after ``ckpt``, in order (from the
-        file and offset it names, then on into the other file if that file
-        starts with the next LSN); afterwards the writer continues right
-        after the last one."""
+        """(lsn, payload) of every record after ``ckpt``, in order: from the
+        file and offset it names, then on into the other file whenever that
+        one starts with the next LSN.  Afterwards the writer continues right
+        after the last one; the caller checkpoints before writing."""
         file, offset, lsn = ckpt.file, ckpt.offset, ckpt.next_lsn
-        switched = False
+        moved_at = -1
         while True:
             for rec_lsn, payload, end in self._scan(file, offset, lsn):
                 yield rec_lsn, payload
                 lsn, offset = rec_lsn + 1, end
             other = 1 - file
-            if not switched and self._head_lsn(other) == lsn:
-                file, offset, switched = other, _FILE_HEAD.size, True
-                continue
-            break
+            if self._header(other)[0] != lsn or moved_at == lsn:  # (no record since the last move: stop)
+                break
+            file, offset, moved_at = other, _FILE_HEAD.size, lsn
         self.file, self.offset, self.next_lsn = file, offset, lsn
-        # The caller checkpoints before writing, which covers every record
-        # read here: only this file's header still matters (a scan from that
-        # checkpoint starts in this file).
-        self._first = [0, 0]
-        self._first[file] = self._head_lsn(file) or lsn
-        self._covered = lsn
+        self._salts[file] = self._header(file)[1]
+        self._covered_file = -1
 
     def reset(self) -> None:
         """Start a new log (no checkpoint refers to the old one): both files
@@ -236,18 +241,22 @@ class CommandLog:
             os.fsync(fd)
         self._sizes = [0, 0]
         self.file, self.offset, self.next_lsn = 0, _FILE_HEAD.size, 1
-        self._first = [0, 0]
-        self._covered = 1
+        self._salts = [b"", b""]
+        self._covered_file = -1
 
-    def _head_lsn(self, file: int) -> int:
+    def _header(self, file: int) -> tuple[int, bytes]:
+        """(first lsn, salt) of ``file``, (0, b"") if it has no header."""
         raw = os.pread(self._fds[file], _FILE_HEAD.size, 0)
         if len(raw) < _FILE_HEAD.size:
-            return 0
-        magic, first = _FILE_HEAD.unpack(raw)
-        return int(first) if magic == _FILE_MAGIC else 0
+            return 0, b""
+        magic, first, salt = _FILE_HEAD.unpack(raw)
+        return (int(first), salt) if magic == _FILE_MAGIC else (0, b"")
 
     def _scan(self, file: int, offset: int, lsn: int) -> Iterator[tuple[int, bytes, int]]:
         fd = self._fds[file]
+        salt = self._header(file)[1]
+        if not salt:
+            return
         while True:
             head = os.pread(fd, _REC.size, offset)
             if len(head) < _REC.size:
@@ -256,7 +265,7 @@ class CommandLog:
             if magic != _REC_MAGIC or rec_lsn != lsn or length > MAX_RECORD:
                 return
             payload = os.pread(fd, length, offset + _REC.size)
-            if len(payload) != length or zlib.crc32(payload, zlib.crc32(head[8:16])) != crc:
+            if len(payload) != length or _crc(salt, rec_lsn, payload) != crc:
                 return
             yield rec_lsn, payload, offset + _REC.size + length
             offset += _REC.size + length
@@ -264,15 +273,31 @@ class CommandLog:
 
     # --------------------------------------------------------------- write
 
+    def start(self) -> None:
+        """Begin writing at the current position; a file without a header
+        (a new log) gets one first, flushed."""
+        if not self._salts[self.file]:
+            self._begin_file(self.file, self.next_lsn)
+            os.fdatasync(self._fds[self.file])
+
+    def _begin_file(self, file: int, lsn: int) -> None:
+        salt = os.urandom(8)
+        os.pwrite(self._fds[file], _FILE_HEAD.pack(_FILE_MAGIC, lsn, salt), 0)
+        # (The header is part of the file now: a zero extension starts after it.)
+        self._sizes[file] = max(self._sizes[file], _FILE_HEAD.size)
+        self._salts[file] = salt
+        self.file, self.offset = file, _FILE_HEAD.size
+
     def append(self, payload: bytes) -> int:
         """Write one record and ``fdatasync`` it; returns its LSN.  Raises
         OSError if the disk refuses (the caller must then stop writing: after
         a failed flush the page cache's state is unknown)."""
         lsn = self.next_lsn
-        head = _REC.pack(_REC_MAGIC, len(payload), lsn, zlib.crc32(payload, zlib.crc32(struct.pack("<Q", lsn))))
         if self.offset >= self.switch_bytes and self._other_free():
-            self._switch(lsn)
+            # (Its header reaches the disk with this record's flush.)
+            self._begin_file(1 - self.file, lsn)
         fd = self._fds[self.file]
+        head = _REC.pack(_REC_MAGIC, len(payload), lsn, _crc(self._salts[self.file], lsn, payload))
         end = self.offset + _REC.size + len(payload)
         size = self._sizes[self.file]
         if end > size:
@@ -290,40 +315,21 @@ class CommandLog:
         return lsn
 
     def _other_free(self) -> bool:
+        """May the other file be overwritten?  Only once a durable checkpoint
+        replays from this file: recovery then never reads the other one's
+        old records (nor starts inside them)."""
         with self._lock:
-            # Every record of the other file is older than this file's first:
-            # free once a durable checkpoint replays from this file.
-            return self._first[1 - self.file] == 0 or self._first[self.file] <= self._covered
-
-    def _switch(self, lsn: int) -> None:
-        other = 1 - self.file
-        os.pwrite(self._fds[other], _FILE_HEAD.pack(_FILE_MAGIC, lsn), 0)
-        # (The header is part of the file now: a zero extension starts after it.)
-        self._sizes[other] = max(self._sizes[other], _FILE_HEAD.size)
-        with self._lock:
-            self._first[other] = lsn
-        self.file, self.offset = other, _FILE_HEAD.size
-
-    def start(self) -> None:
-        """Begin writing at the current position: a new file's header is
-        written (and flushed) first."""
-        if self._first[self.file] == 0 or self._head_lsn(self.file) == 0:
-            self._first[self.file] = self.next_lsn
-            os.pwrite(self._fds[self.file], _FILE_HEAD.pack(_FILE_MAGIC, self.next_lsn), 0)
-            os.fdatasync(self._fds[self.file])
-            self._sizes[self.file] = max(self._sizes[self.file], _FILE_HEAD.size)
+            return self._covered_file == self.file
 
     def position(self) -> tuple[int, int, int]:
         """(next lsn, file, offset): where replay after the last appended
         record would start."""
         return self.next_lsn, self.file, self.offset
 
-    def covered(self, next_lsn: int) -> None:
-        """A checkpoint replaying from ``next_lsn`` is durable: records below
-        it are needed no more (a file holding only those may be reused)."""
+    def covered(self, ckpt: Checkpoint) -> None:
+        """``ckpt`` is durable: records before it are needed no more."""
         with self._lock:
-            if next_lsn > self._covered:
-                self._covered = next_lsn
+            self._covered_file = ckpt.file
 
     def close(self) -> None:
         fds, self._fds = self._fds, []
