@@ -68,6 +68,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from . import frames as F
 from ._backend import impl as _impl
+from ._pure.send import fan_out_stored
 from .clock import HybridClock
 from .errors import AuthError, CloseCode, ErrorCode, ProtocolError, StoreError
 from .ids import SYSTEM, direct_members, id_problem, valid_conversation, valid_id
@@ -2180,42 +2181,9 @@ class Broker:
         self._pending_sends.pop(ctx.key, None)
         if isinstance(res, Appended):
             self._stats["messages_stored"] += 1
-            msg_id, seq, server_time = res.msg_id, res.seq, res.server_time
-            ack = _send_ack(op.local_id, _OK, msg_id, seq, server_time)
-            heads, fresh, online = self._heads, self._fresh, self._online
-            sender, device = op.sender, op.device
-            mentions: Optional[tuple[F.Mention, ...]] = None  # built once, for the first Message
-            for user, pos in res.positions:
-                head = heads.get(user)
-                if head is None:
-                    continue
-                if pos > head:
-                    heads[user] = pos
-                devs = online.get(user)
-                if devs is None:
-                    continue
-                to_pump.add(user)
-                if user == sender and len(devs) == 1 and device in devs:
-                    # Only the sending device is online, and _push_entries
-                    # never pushes a device its own send (it has the
-                    # SendAck): the op stands in for the entry (it has the
-                    # sender, device and payload that are read), no
-                    # Message is built for nobody.
-                    m: Union[F.Message, NewMessage] = op
-                else:
-                    # The Push entry as the store would give it back (every
-                    # field in order: the record maker's fast path).
-                    if mentions is None:
-                        mentions = tuple(F.Mention(u) for u in op.mentions) if op.mentions else ()
-                    m = _message(
-                        pos, msg_id, op.conv, seq, sender, device, op.client_time, server_time, op.payload,
-                        0, op.local_id, res.after_seq, 0, 0, False, False, mentions, op.mention_all,
-                    )
-                entries = fresh.get(user)
-                if entries is None:
-                    fresh[user] = [(pos, m)]
-                else:
-                    entries.append((pos, m))
+            ack = _send_ack(op.local_id, _OK, res.msg_id, res.seq, res.server_time)
+            mentions = tuple(F.Mention(u) for u in op.mentions) if op.mentions else ()
+            fan_out_stored(op, res, self._heads, self._online, self._fresh, to_pump, _message, mentions)
         elif isinstance(res, Duplicate):
             self._stats["duplicates"] += 1
             ack = F.SendAck(op.local_id, ErrorCode.OK, res.msg_id, res.seq, res.server_time)

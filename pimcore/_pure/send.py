@@ -171,6 +171,46 @@ def propose_sends(
     return i
 
 
+def fan_out_stored(
+    op: Any, res: Any, heads: dict, online: dict, fresh: dict, to_pump: set, new_message: Callable[..., Any],
+    mentions: tuple,
+) -> None:
+    """The broker's side of a stored NewMessage ``op`` (``res`` its Appended):
+    for each ``(user, pos)`` of ``res.positions`` whose inbox head is known
+    (``heads``) the head moves up to ``pos``; if the user has online devices
+    (``online[user]``, device -> session) the user joins ``to_pump`` and
+    ``(pos, entry)`` is appended to ``fresh[user]``.  The entry is ``op``
+    itself when the sending device is the user's only online device (it is
+    never pushed its own send, so no Message is built for nobody), else
+    ``new_message(...)`` with every field of the Push entry in order and
+    ``mentions`` (F.Mention tuple).  Shared by :func:`finish_send` and the
+    core's general path (``Broker._finish_send``, for sends with mentions)."""
+    msg_id, seq, server_time = res.msg_id, res.seq, res.server_time
+    sender, device = op.sender, op.device
+    for user, pos in res.positions:
+        head = heads.get(user)
+        if head is None:
+            continue
+        if pos > head:
+            heads[user] = pos
+        devs = online.get(user)
+        if devs is None:
+            continue
+        to_pump.add(user)
+        if user == sender and len(devs) == 1 and device in devs:
+            m = op
+        else:
+            m = new_message(
+                pos, msg_id, op.conv, seq, sender, device, op.client_time, server_time, op.payload,
+                0, op.local_id, res.after_seq, 0, 0, False, False, mentions, op.mention_all,
+            )
+        entries = fresh.get(user)
+        if entries is None:
+            fresh[user] = [(pos, m)]
+        else:
+            entries.append((pos, m))
+
+
 def finish_send(
     op: Any,
     ctx: Any,
@@ -227,31 +267,8 @@ def finish_send(
         return False
     pending.pop(ctx.key, None)
     stats["messages_stored"] += 1
-    msg_id, seq, server_time = res.msg_id, res.seq, res.server_time
-    ack = new_ack(op.local_id, ok, msg_id, seq, server_time)
-    sender, device = op.sender, op.device
-    for user, pos in res.positions:
-        head = heads.get(user)
-        if head is None:
-            continue
-        if pos > head:
-            heads[user] = pos
-        devs = online.get(user)
-        if devs is None:
-            continue
-        to_pump.add(user)
-        if user == sender and len(devs) == 1 and device in devs:
-            m = op
-        else:
-            m = new_message(
-                pos, msg_id, op.conv, seq, sender, device, op.client_time, server_time, op.payload,
-                0, op.local_id, res.after_seq, 0, 0, False, False, (), op.mention_all,
-            )
-        entries = fresh.get(user)
-        if entries is None:
-            fresh[user] = [(pos, m)]
-        else:
-            entries.append((pos, m))
+    ack = new_ack(op.local_id, ok, res.msg_id, res.seq, res.server_time)
+    fan_out_stored(op, res, heads, online, fresh, to_pump, new_message, ())
     c = conns.get(only)
     if c is not None:
         c.inflight -= 1
