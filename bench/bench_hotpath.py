@@ -199,7 +199,7 @@ def main() -> None:
     ap.add_argument("-w", "--window", type=int, action="append")
     ap.add_argument("-n", "--count", type=int, default=40_000)
     ap.add_argument("-r", "--rounds", type=int, default=3)
-    ap.add_argument("--durability", default="sync", choices=("sync", "os"))
+    ap.add_argument("--durability", default="sync", choices=("sync", "log", "os"))
     ap.add_argument("--no-gc", action="store_true")
     ap.add_argument("--gc", help="freeze, then these thresholds, e.g. 10000,10,10")
     a = ap.parse_args()
