@@ -11,6 +11,7 @@ blocking sockets in another process.
 from __future__ import annotations
 
 import gc
+import logging
 import subprocess
 import sys
 import tracemalloc
@@ -89,6 +90,12 @@ async def test_idle_authenticated_connection_heap_is_bounded(tmp_path: Path) -> 
     store = LmdbStore(tmp_path / "store", durability="os")
     procs: list[trio.Process] = []
     started = tracemalloc.is_tracing()
+    # With the root logger at INFO (a test before this one may have set it),
+    # pytest's log capture would keep every connect and login record: memory
+    # of the test run, not of the broker.
+    pim_log = logging.getLogger("pimcore")
+    level = pim_log.level
+    pim_log.setLevel(logging.WARNING)
     try:
         with trio.fail_after(120):
             async with serving(store) as srv:
@@ -112,6 +119,7 @@ async def test_idle_authenticated_connection_heap_is_bounded(tmp_path: Path) -> 
                     await p.stdin.aclose()  # type: ignore[union-attr]
                     await p.wait()
     finally:
+        pim_log.setLevel(level)
         if not started and tracemalloc.is_tracing():
             tracemalloc.stop()
         for p in procs:
