@@ -553,17 +553,21 @@ class _Conn:
         # session, and frames already decoded with the one that started the
         # wait (one batch of next_frames) wait in `backlog`, in order.
         self.waiting = 0
-        self.backlog: deque[F.Frame] = deque()
+        # Made at the first batch that leaves frames over (a deque is ~0.7
+        # KiB: an idle connection must not pay for one; issue 13).
+        self.backlog: Optional[deque[F.Frame]] = None
         self.paused = False  # PauseReading was sent
         self.history_reads = 0  # ReadHistory and ReadReaders requests in flight
         self.login: Optional[F.Login] = None
         self.hibernate_mark = -1  # session.compression_activity at the last _HIBERNATE_DUE look
         # Outbound accounting (BrokerConfig.outbound_pause): bytes held by
         # SendData not yet reported written; the wire length of each such
-        # SendData, oldest first, and how much of the oldest was written;
-        # bytes reserved for the replies of history reads in flight.
+        # SendData, oldest first (None while nothing is held: made at a
+        # SendData, dropped once everything is written, so an idle connection
+        # holds no deque), and how much of the oldest was written; bytes
+        # reserved for the replies of history reads in flight.
         self.held = 0
-        self.chunks: deque[int] = deque()
+        self.chunks: Optional[deque[int]] = None
         self.chunk_sent = 0
         self.reserved = 0
         # Replies built without the store (BrokerConfig.control_rate).
@@ -590,8 +594,10 @@ class _Device:
         self.device = device
         self.acked = position
         self.sent_upto = position
-        # (upto, bytes) of each Push not yet covered by a PushAck, oldest first.
-        self.unacked: deque[tuple[int, int]] = deque()
+        # (upto, bytes) of each Push not yet covered by a PushAck, oldest
+        # first; None while there is none (made at a Push, dropped when the
+        # PushAcks covered them all: idle devices hold no deque).
+        self.unacked: Optional[deque[tuple[int, int]]] = None
         self.unacked_bytes = 0
         self.reading = False
         # Typing from another node held until the entries before it are
@@ -1032,11 +1038,12 @@ class Broker:
         """Dispatch what ``c`` sent, in order, until it waits for a request (or
         has as many history reads out as it may), is closed, or needs more
         bytes."""
-        backlog, session, conn = c.backlog, c.session, c.id
+        session, conn = c.session, c.id
         pause = self.config.outbound_pause
         try:
             # Inlined _blocked(c): this runs once per frame.
             while not c.waiting and c.history_reads < _MAX_HISTORY_READS and c.held + c.reserved < pause:
+                backlog = c.backlog  # re-read: made here, lazily (see _Conn)
                 if backlog:
                     self._dispatch(c, backlog.popleft(), now, out)
                 else:
@@ -1062,7 +1069,10 @@ class Broker:
                     if len(frames) == 1:
                         self._dispatch(c, frames[0], now, out)
                     else:
-                        backlog.extend(frames)
+                        if backlog is None:
+                            backlog = c.backlog = deque(frames)
+                        else:
+                            backlog.extend(frames)
                         continue
                 if conn not in self._conns:  # closed by that frame
                     return
@@ -1073,6 +1083,8 @@ class Broker:
             self._stats["protocol_errors"] += 1
             self._close(c, CloseCode.PROTOCOL_ERROR, f"{exc.code.name}: {exc}", out)
             return
+        if c.backlog is not None and not c.backlog:
+            c.backlog = None  # drained: an idle connection holds no deque
         self._check_paused(c, out)
 
     def _check_paused(self, c: _Conn, out: list[Command]) -> None:
@@ -1120,10 +1132,13 @@ class Broker:
         # Only the outbound term of _blocked can change here.
         was_blocked = c.held + c.reserved >= self.config.outbound_pause
         chunks = c.chunks
+        if chunks is None:
+            return out  # nothing held: bytes the core did not count (none expected)
         n = c.chunk_sent + nbytes
         if n >= c.held - _FRAME_OVERHEAD * len(chunks):
-            # Everything written (the usual case): nothing is held.
-            chunks.clear()
+            # Everything written (the usual case): nothing is held, and
+            # the deque goes (an idle connection keeps none).
+            c.chunks = None
             c.held = c.chunk_sent = 0
         else:
             while chunks and n >= chunks[0]:
@@ -2513,6 +2528,8 @@ class Broker:
                     self._release_typing(dev, out, now)
                 return
         dev.sent_upto = upto
+        if dev.unacked is None:
+            dev.unacked = deque()
         dev.unacked.append((upto, size))
         dev.unacked_bytes += size
         self._stats["pushes"] += 1
@@ -2528,8 +2545,11 @@ class Broker:
         if f.position <= dev.acked:
             return  # stale or repeated ack: positions never move back
         dev.acked = f.position
-        while dev.unacked and dev.unacked[0][0] <= f.position:
-            dev.unacked_bytes -= dev.unacked.popleft()[1]
+        unacked = dev.unacked
+        while unacked and unacked[0][0] <= f.position:
+            dev.unacked_bytes -= unacked.popleft()[1]
+        if unacked is not None and not unacked:
+            dev.unacked = None  # all acked: an idle device holds no deque
         self._record_ack(dev, f.position, now)
         self._pump(dev, out, now)
 
@@ -3292,6 +3312,8 @@ class Broker:
             return  # over the hard limit: closed as a slow consumer (_maybe_commit)
         self._stats["frames_out"] += 1
         data = c.session.send(frame)
+        if c.chunks is None:
+            c.chunks = deque()
         c.chunks.append(len(data))
         c.held += len(data) + _FRAME_OVERHEAD
         if c.held > self.config.max_outbound:
@@ -3307,6 +3329,8 @@ class Broker:
             return  # over the hard limit: closed as a slow consumer (_maybe_commit)
         self._stats["frames_out"] += len(frames)
         data = c.session.send_many(frames)
+        if c.chunks is None:
+            c.chunks = deque()
         c.chunks.append(len(data))
         c.held += len(data) + _FRAME_OVERHEAD
         if c.held > self.config.max_outbound:
@@ -3325,7 +3349,8 @@ class Broker:
         c = self._conns.pop(conn, None)
         if c is None:
             return
-        c.backlog.clear()
+        if c.backlog is not None:
+            c.backlog.clear()
         self._ephemeral_forget(c)
         if c.waiting:
             # A hook's answer still to come is ignored (a content check's

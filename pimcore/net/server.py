@@ -309,7 +309,16 @@ class _PeerState(enum.Enum):
 
 
 class _Peer:
-    __slots__ = ("id", "stream", "endpoint", "buf", "queued", "wake", "state", "scope", "reader_scope", "resume", "fd",
+    """One connection of the network layer.
+
+    What an idle connection costs matters (issue 13: 19,000 of them at <= 10
+    KiB each, kernel and allocator included), so it is one task (its reader,
+    in the nursery that ``scope`` cancels) and nothing eager: the writer task
+    runs only while bytes wait that could not be written at once (see
+    _flush/_wake_writer), and no Event exists unless reading is paused.
+    """
+
+    __slots__ = ("id", "stream", "endpoint", "buf", "queued", "state", "scope", "nursery", "writer", "resume", "fd",
                  "sending")
 
     def __init__(self, conn_id: int, stream: trio.abc.Stream, endpoint: Endpoint) -> None:
@@ -318,14 +327,18 @@ class _Peer:
         self.endpoint = endpoint
         self.buf: list[bytes] = []
         self.queued = 0
-        self.wake = trio.Event()
         self.state = _PeerState.OPEN
-        self.scope: Optional[trio.CancelScope] = None  # the whole connection
-        self.reader_scope: Optional[trio.CancelScope] = None
+        # The connection's nursery (the reader is its body, the writer a
+        # child while it runs) and its cancel scope: cancelled ends the
+        # connection; its deadline bounds a Close's flush.  None before the
+        # nursery opens and after it closed.
+        self.scope: Optional[trio.CancelScope] = None
+        self.nursery: Optional[trio.Nursery] = None
+        self.writer = False  # a writer task is running (started by _wake_writer)
         # Set while the core asked not to read (PauseReading); set() resumes.
         self.resume: Optional[trio.Event] = None
         # Plain TCP only: the socket's fd, for writing straight from the
-        # command loop while the writer task is idle (see _flush).
+        # command loop while no writer task is sending (see _flush).
         self.fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
         self.sending = False  # the writer task is inside send_all
 
@@ -568,9 +581,8 @@ class BrokerServer:
             return
         self._stopping = True
         self._listen_scope.cancel()
-        for p in self._peers.values():
-            if p.reader_scope is not None:
-                p.reader_scope.cancel()
+        # The readers stop: each gives the core nothing more once it wakes
+        # (_reader checks _stopping); one waiting for bytes stays asleep.
         with trio.move_on_after(timeout):
             # Whatever was received before the readers stopped is committed
             # and acknowledged; nothing new arrives.
@@ -685,11 +697,10 @@ class BrokerServer:
             else:
                 self._opaque_peers += 1
                 probed = False
-            with trio.CancelScope() as scope:
-                peer.scope = scope
-                self._run(self.broker.connection_made(peer.id, self.now()))
+            try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer, peer)
+                    peer.nursery, peer.scope = nursery, nursery.cancel_scope
+                    self._run(self.broker.connection_made(peer.id, self.now()))
                     await self._reader(peer)
                     if peer.state is _PeerState.OPEN:
                         # EOF or a broken transport: the core forgets the
@@ -698,6 +709,8 @@ class BrokerServer:
                         self._run(self.broker.connection_lost(peer.id, self.now()))
                         nursery.cancel_scope.cancel()
                     # CLOSING: the writer flushes the Close, then cancels.
+            finally:
+                peer.nursery = None  # closed: no writer can start any more
         finally:
             del self._peers[peer.id]
             if probed:
@@ -726,61 +739,75 @@ class BrokerServer:
         # usually finds nothing: an EAGAIN raised and caught, then the same
         # wait -- per message, with many connections each sending now and
         # then.)  The fd is closed only after this task ends (_serve_peer).
+        #
+        # No cancel scope of its own: a connection being closed (CLOSING) is
+        # cancelled as a whole once its Close is flushed, and a reader that
+        # wakes meanwhile, or during shutdown(), hands the core nothing more.
         fd = peer.fd
         wait_readable = trio.lowlevel.wait_readable
-        with trio.CancelScope() as scope:
-            peer.reader_scope = scope
-            while peer.state is _PeerState.OPEN:
-                if peer.resume is not None:
-                    await peer.resume.wait()  # the core waits for a request first
-                    continue
-                data: Union[bytes, bytearray]
-                try:
-                    if fd >= 0:
-                        await wait_readable(fd)
-                        try:
-                            data = os.read(fd, read_size)
-                        except BlockingIOError:
-                            continue
-                    else:
-                        data = await peer.stream.receive_some(read_size)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    log.debug("connection %d broken: %r", peer.id, exc)
-                    return
-                if not data:
-                    return
-                if peer.state is not _PeerState.OPEN:
-                    return
-                self._stats["bytes_in"] += len(data)
-                try:
-                    cmds = self.broker.receive_data(peer.id, bytes(data), self.now())
-                except Exception:
-                    # A bug or a store read failing under this connection's
-                    # request: close this one connection, keep the broker.
-                    # Nothing acked is at risk -- acks only follow commits.
-                    log.exception("internal error on connection %d", peer.id)
-                    self._stats["internal_errors"] += 1
-                    self._close_by_server(peer, CloseCode.INTERNAL, "internal error")
-                    return
-                self._inline_ok = fd >= 0
-                try:
-                    self._run(cmds)
-                finally:
-                    self._inline_ok = False
+        data: Union[bytes, bytearray]
+        while peer.state is _PeerState.OPEN and not self._stopping:
+            if peer.resume is not None:
+                await peer.resume.wait()  # the core waits for a request first
+                continue
+            try:
+                if fd >= 0:
+                    await wait_readable(fd)
+                    if self._stopping:
+                        break
+                    try:
+                        data = os.read(fd, read_size)
+                    except BlockingIOError:
+                        continue
+                else:
+                    data = await peer.stream.receive_some(read_size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                log.debug("connection %d broken: %r", peer.id, exc)
+                return
+            if not data:
+                return
+            if peer.state is not _PeerState.OPEN:
+                return
+            if self._stopping:
+                break
+            self._stats["bytes_in"] += len(data)
+            try:
+                cmds = self.broker.receive_data(peer.id, bytes(data), self.now())
+            except Exception:
+                # A bug or a store read failing under this connection's
+                # request: close this one connection, keep the broker.
+                # Nothing acked is at risk -- acks only follow commits.
+                log.exception("internal error on connection %d", peer.id)
+                self._stats["internal_errors"] += 1
+                self._close_by_server(peer, CloseCode.INTERNAL, "internal error")
+                return
+            # What was read is not kept while this task waits again.
+            data = b""
+            self._inline_ok = fd >= 0
+            try:
+                self._run(cmds)
+            finally:
+                self._inline_ok = False
+            del cmds
         # Reading stopped by shutdown(): the connection stays open until
         # shutdown closes it with a reason.
         if self._stopping and peer.state is _PeerState.OPEN:
             await trio.sleep_forever()
 
+    def _wake_writer(self, peer: _Peer) -> None:
+        """Have ``peer``'s queued bytes written by its writer task, started
+        here unless it is running (it runs until the queue is empty)."""
+        if not peer.writer and peer.nursery is not None:
+            peer.writer = True
+            peer.nursery.start_soon(self._writer, peer)
+
     async def _writer(self, peer: _Peer) -> None:
+        """Write what ``peer`` has queued until nothing is left, then end (the
+        next bytes that cannot go out at once start another: an idle
+        connection has no writer task).  A connection being closed is ended
+        once its Close is out; a broken one is reported to the core."""
         try:
-            while True:
-                if not peer.buf:
-                    if peer.state is not _PeerState.OPEN:
-                        break
-                    await peer.wake.wait()
-                    peer.wake = trio.Event()
-                    continue
+            while peer.buf:
                 # Everything queued goes out in one write: frames produced by
                 # one event (a Push, its SendAcks...) share a syscall.
                 data = b"".join(peer.buf) if len(peer.buf) > 1 else peer.buf[0]
@@ -798,8 +825,10 @@ class BrokerServer:
             if peer.state is _PeerState.OPEN:
                 peer.state = _PeerState.DEAD
                 self._run(self.broker.connection_lost(peer.id, self.now()))
-        # Closing (or dead): end the connection's tasks.
-        if peer.scope is not None:
+        finally:
+            peer.writer = False
+        if peer.state is not _PeerState.OPEN and peer.scope is not None:
+            # Closing (or dead): end the connection's tasks.
             peer.scope.cancel()
 
     # ------------------------------------------------------------ commands
@@ -1204,12 +1233,13 @@ class BrokerServer:
 
         Why not always wake the writer: under load every commit sends to
         most connections, and a task wake-up plus ``send_all`` per connection
-        costs more than the frames themselves.  So for plain TCP, while the
-        writer is idle (nothing of ours is on its way; ordering is kept), the
-        bytes go out with one non-blocking write right here.  Whatever the
-        kernel does not take -- and everything for TLS and WebSocket peers --
-        is left to the writer task as before, including the slow-consumer
-        limit, which counts only what is still queued.
+        costs more than the frames themselves.  So for plain TCP, while no
+        writer task is sending (nothing of ours is on its way; ordering is
+        kept), the bytes go out with one non-blocking write right here.
+        Whatever the kernel does not take -- and everything for TLS and
+        WebSocket peers -- is left to a writer task (started for it, see
+        _wake_writer), including the slow-consumer limit, which counts only
+        what is still queued.
         """
         dirty, self._dirty = self._dirty, []
         sent: list[tuple[int, int]] = []
@@ -1223,7 +1253,7 @@ class BrokerServer:
                 except BlockingIOError:
                     n = 0
                 except OSError:
-                    peer.wake.set()  # broken: the writer finds out and reports it
+                    self._wake_writer(peer)  # broken: the writer finds out and reports it
                     continue
                 self._stats["bytes_out"] += n
                 if n:
@@ -1234,7 +1264,7 @@ class BrokerServer:
                     continue
                 peer.buf[:] = [data[n:]]
                 peer.queued = len(data) - n
-            peer.wake.set()
+            self._wake_writer(peer)
         if sent:  # the core counts them as no longer held
             now, data_sent = self.now(), self.broker.data_sent
             for conn, n in sent:
@@ -1304,9 +1334,9 @@ class BrokerServer:
         peer.state = _PeerState.CLOSING
         if peer.resume is not None:
             peer.resume.set()
-        peer.wake.set()
-        if peer.reader_scope is not None:
-            peer.reader_scope.cancel()
+        # The writer flushes the Close, then cancels the connection (its
+        # reader too: it hands the core nothing more meanwhile).
+        self._wake_writer(peer)
         if peer.scope is not None:
             # A peer that does not read gets close_timeout to take its Close.
             peer.scope.deadline = min(peer.scope.deadline, trio.current_time() + self.config.close_timeout)
