@@ -641,6 +641,9 @@ class _LogState:
         #: Why the store may not write any more (a failed log flush), or None.
         self.failed: Optional[str] = None
         self.pin: Optional[_Txn] = None
+        #: The log position before a record appended but not yet committed
+        #: by LMDB (its commit hit a full map), else None.
+        self.uncommitted: Optional[tuple[int, int, int]] = None
         self._thread: Optional[threading.Thread] = None
         self._last_at = (0, time.monotonic())  # (log bytes appended, monotonic s) at the last checkpoint
         self._data = os.path.join(store._path, "data.mdb")
@@ -655,7 +658,7 @@ class _LogState:
         psize = env.stat()["psize"]
         pin = env.begin()
         meta = wal.read_meta_pages(self._data, psize)
-        ckpt = wal.Checkpoint(psize, *self.log.position(), meta)
+        ckpt = wal.Checkpoint(psize, *(self.uncommitted or self.log.position()), meta)
         if ckpt.txnid != pin.id():  # cannot happen with one writer process; never guess
             pin.abort()
             return None
@@ -712,6 +715,16 @@ class _LogState:
             prepared = self._prepare()
         if prepared is None:
             raise StoreError("cannot checkpoint the command log: LMDB's meta pages do not match the commit")
+        self._finish(*prepared)
+
+    def after_resize(self) -> None:
+        """Under the write lock, after ``set_mapsize`` aborted the pin: a
+        checkpoint of the current state, before any commit can reuse a page
+        the last checkpoint needs (:meth:`LmdbStore._resize`)."""
+        self.pin = None  # (aborted by py-lmdb already)
+        prepared = self._prepare()
+        if prepared is None:
+            raise StoreError("cannot checkpoint the command log after growing the map")
         self._finish(*prepared)
 
     def drop_pin(self) -> None:
@@ -1316,16 +1329,28 @@ class LmdbStore(Store):
         new = min(size * 2, self._max_map_size)
         if new <= size:
             raise StoreError(f"LMDB map full at {size} bytes (max_map_size {self._max_map_size})")
+        self._resize(env, new)
+
+    def _resize(self, env: lmdb.Environment, size: int) -> None:
+        """``set_mapsize(size)`` with the readers drained.  py-lmdb aborts
+        every transaction of the environment there -- in log durability the
+        pin too, after which nothing would keep LMDB from reusing the last
+        checkpoint's pages: so a checkpoint is taken right away (no running
+        one meanwhile; the write lock keeps commits out)."""
+        st = self._log
+        if st is not None:
+            st.join()
         with self._gate.exclusive():
-            env.set_mapsize(new)
+            env.set_mapsize(size)
+        if st is not None:
+            st.after_resize()
 
     def _adopt_map_size(self, env: lmdb.Environment) -> None:
         """Another process (e.g. ``pimcore inspect`` next to a broker, or the
         other way round) grew the map past ours: LMDB refuses new transactions
         until we adopt its size.  Caller holds the write lock and is not
         inside the gate."""
-        with self._gate.exclusive():
-            env.set_mapsize(0)
+        self._resize(env, 0)
 
     def _write(
         self, fn: Callable[[_Txn], T], committed: Optional[Callable[[], None]] = None, logged: Optional[bytes] = None
@@ -1359,6 +1384,9 @@ class LmdbStore(Store):
                         result = fn(txn)
                         if logged is not None and not appended:
                             assert st is not None
+                            # Until LMDB commits it, a checkpoint (the map may
+                            # grow at the commit) must replay this record.
+                            st.uncommitted = st.log.position()
                             try:
                                 st.log.append(logged)
                             except OSError as exc:
@@ -1379,6 +1407,8 @@ class LmdbStore(Store):
                         _abort(txn)
                         raise
                     appended = False  # committed: nothing left to undo
+                    if st is not None:
+                        st.uncommitted = None
                     if committed is not None:
                         committed()
                     if st is not None and not st.replaying:

@@ -221,8 +221,13 @@ class CommandLog:
         after the last one; the caller checkpoints before writing."""
         file, offset, lsn = ckpt.file, ckpt.offset, ckpt.next_lsn
         moved_at = -1
+        self._salts[file] = self._header(file)[1]
         while True:
             for rec_lsn, payload, end in self._scan(file, offset, lsn):
+                # While the caller applies this record the position is the
+                # record's own (a checkpoint taken meanwhile -- the map grew --
+                # replays from it).
+                self.file, self.offset, self.next_lsn = file, offset, lsn
                 yield rec_lsn, payload
                 lsn, offset = rec_lsn + 1, end
             other = 1 - file
