@@ -64,7 +64,7 @@ import tempfile
 import time
 from array import array
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterator, Optional, TextIO
+from typing import Any, Iterator, Optional, TextIO, TypeVar
 
 import trio
 
@@ -1246,18 +1246,28 @@ def _diagnose(res: BenchResult) -> str:
 # ---------------------------------------------------------------- Redis, the reference peer
 
 
-class RedisProcess:
-    """``redis-server`` on loopback, a free port and a temporary directory,
-    with ``appendonly yes`` and ``appendfsync always`` (fsync before each
-    reply, like pimcore's durability sync); pinned to CPU 0 like the broker.
-    BenchError when redis-server is not installed."""
+_P = TypeVar("_P", bound="_ServerProcess")
 
-    def __init__(self, pin: bool = True) -> None:
-        self.exe = shutil.which("redis-server")
-        if self.exe is None:
-            raise BenchError("--compare redis needs redis-server on the PATH: apt-get install redis-server")
+
+class _ServerProcess:
+    """A reference peer's server binary on loopback, a free port and a
+    temporary directory (``dir``, removed on exit), pinned to CPU 0 like the
+    broker unless ``pin`` is False.  A subclass says how to start it
+    (:meth:`_launch`, for ``self.port``) and how to see it ready
+    (:meth:`_probe`); ``__enter__`` tries up to 5 free ports, waiting up to
+    10 s on each, and raises BenchError with the tail of its log file
+    (``log_name`` in ``dir``) when it never answers."""
+
+    name = ""  #: the binary's name, for "<name> did not start"
+    dir_prefix = ""  #: ``dir``'s name starts with it
+    log_name = ""  #: its log file in ``dir``
+
+    def __init__(self, exe: Optional[str], missing: str, pin: bool) -> None:
+        if exe is None:
+            raise BenchError(missing)
+        self.exe: str = exe
         self.pin = pin
-        self.dir = tempfile.mkdtemp(prefix="pimcore-bench-redis-")
+        self.dir = tempfile.mkdtemp(prefix=self.dir_prefix)
         self.port = 0
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.version = ""
@@ -1267,39 +1277,44 @@ class RedisProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def __enter__(self) -> "RedisProcess":
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.dir, self.log_name)
+
+    def _launch(self) -> subprocess.Popen[bytes]:  # pragma: no cover - abstract
+        """Start the server on ``self.port``."""
+        raise NotImplementedError
+
+    def _probe(self) -> None:  # pragma: no cover - abstract
+        """Return once the server answers (setting ``version``); OSError until then."""
+        raise NotImplementedError
+
+    def __enter__(self: _P) -> _P:
         import socket
 
         for _ in range(5):  # a free port can be taken between probe and bind: try another
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 self.port = s.getsockname()[1]
-            assert self.exe is not None
-            cmd = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-                   "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no",
-                   "--daemonize", "no", "--logfile", os.path.join(self.dir, "redis.log")]  # fmt: skip
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         preexec_fn=_die_with_parent)
+            self.proc = self._launch()
             if self.pin and _can_pin():
                 os.sched_setaffinity(self.proc.pid, {0})
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and self.proc.poll() is None:
                 try:
-                    info = resp_command("127.0.0.1", self.port, b"INFO", b"server")
-                    self.version = next((ln.split(":", 1)[1] for ln in info.decode().splitlines()
-                                         if ln.startswith("redis_version:")), "?")
+                    self._probe()
                     return self
                 except OSError:
                     time.sleep(0.05)
             self._stop()
         log = ""
         try:
-            with open(os.path.join(self.dir, "redis.log")) as f:
+            with open(self.log_path) as f:
                 log = f.read()[-2000:]
         except OSError:
             pass
         self.__exit__(None, None, None)
-        raise BenchError(f"redis-server did not start:\n{log}")
+        raise BenchError(f"{self.name} did not start:\n{log}")
 
     def _stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -1313,6 +1328,33 @@ class RedisProcess:
     def __exit__(self, *exc: object) -> None:
         self._stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisProcess(_ServerProcess):
+    """``redis-server`` on loopback, a free port and a temporary directory,
+    with ``appendonly yes`` and ``appendfsync always`` (fsync before each
+    reply, like pimcore's durability sync); pinned to CPU 0 like the broker.
+    BenchError when redis-server is not installed."""
+
+    name = "redis-server"
+    dir_prefix = "pimcore-bench-redis-"
+    log_name = "redis.log"
+
+    def __init__(self, pin: bool = True) -> None:
+        super().__init__(shutil.which("redis-server"),
+                         "--compare redis needs redis-server on the PATH: apt-get install redis-server", pin)
+
+    def _launch(self) -> subprocess.Popen[bytes]:
+        cmd = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+               "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no",
+               "--daemonize", "no", "--logfile", self.log_path]  # fmt: skip
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent)
+
+    def _probe(self) -> None:
+        info = resp_command("127.0.0.1", self.port, b"INFO", b"server")
+        self.version = next((ln.split(":", 1)[1] for ln in info.decode().splitlines()
+                             if ln.startswith("redis_version:")), "?")
 
 
 def resp_encode(*args: bytes) -> bytes:
@@ -1519,7 +1561,7 @@ def _mosquitto_exe() -> Optional[str]:
     return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin:/sbin")
 
 
-class MosquittoProcess:
+class MosquittoProcess(_ServerProcess):
     """``mosquitto`` (MQTT 3.1.1/5 broker) on loopback and a free port, from a
     temporary config file: anonymous, ``persistence false`` (Mosquitto never
     fsyncs before a PUBACK in any setting: its persistence is a periodic
@@ -1531,20 +1573,12 @@ class MosquittoProcess:
     file in the temporary directory.  BenchError when mosquitto is not
     installed or does not start."""
 
-    def __init__(self, pin: bool = True) -> None:
-        self.exe = _mosquitto_exe()
-        if self.exe is None:
-            raise BenchError(_MOSQUITTO_MISSING)
-        self.pin = pin
-        self.dir = tempfile.mkdtemp(prefix="pimcore-bench-mosquitto-")
-        self.port = 0
-        self.proc: Optional[subprocess.Popen[bytes]] = None
-        self.version = ""
+    name = "mosquitto"
+    dir_prefix = "pimcore-bench-mosquitto-"
+    log_name = "mosquitto.log"
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def __init__(self, pin: bool = True) -> None:
+        super().__init__(_mosquitto_exe(), _MOSQUITTO_MISSING, pin)
 
     def config(self) -> str:
         """The config file's text for ``self.port``."""
@@ -1555,61 +1589,21 @@ class MosquittoProcess:
                 "max_queued_messages 100000\n"
                 "set_tcp_nodelay true\n")
 
-    def __enter__(self) -> "MosquittoProcess":
-        import socket
-
-        assert self.exe is not None
-        log_path = os.path.join(self.dir, "mosquitto.log")
+    def _launch(self) -> subprocess.Popen[bytes]:
         conf = os.path.join(self.dir, "mosquitto.conf")
-        for _ in range(5):  # a free port can be taken between probe and bind: try another
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                self.port = s.getsockname()[1]
-            with open(conf, "w") as f:
-                f.write(self.config())
-            with open(log_path, "ab") as logf:
-                self.proc = subprocess.Popen([self.exe, "-c", conf], stdout=logf, stderr=logf,
-                                             preexec_fn=_die_with_parent)
-            if self.pin and _can_pin():
-                os.sched_setaffinity(self.proc.pid, {0})
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
-                    mqtt_connect("127.0.0.1", self.port)
-                    break
-                except OSError:
-                    time.sleep(0.05)
-            else:
-                self._stop()
-                continue
-            try:
-                with open(log_path) as f:
-                    self.version = next((ln.split("version ", 1)[1].split()[0] for ln in f
-                                         if "mosquitto version" in ln), "?")
-            except OSError:
-                self.version = "?"
-            return self
-        log = ""
+        with open(conf, "w") as f:
+            f.write(self.config())
+        with open(self.log_path, "ab") as logf:
+            return subprocess.Popen([self.exe, "-c", conf], stdout=logf, stderr=logf, preexec_fn=_die_with_parent)
+
+    def _probe(self) -> None:
+        mqtt_connect("127.0.0.1", self.port)
         try:
-            with open(log_path) as f:
-                log = f.read()[-2000:]
+            with open(self.log_path) as f:
+                self.version = next((ln.split("version ", 1)[1].split()[0] for ln in f
+                                     if "mosquitto version" in ln), "?")
         except OSError:
-            pass
-        self.__exit__(None, None, None)
-        raise BenchError(f"mosquitto did not start:\n{log}")
-
-    def _stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+            self.version = "?"
 
 
 def mqtt_connect(host: str, port: int, timeout: float = 2.0) -> None:

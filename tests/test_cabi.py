@@ -86,6 +86,13 @@ def libdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def abi_exe(libdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/c/test_abi.c built once against ``libdir`` (read-only: each test
+    runs it in a directory of its own)."""
+    return _gcc(tmp_path_factory.mktemp("test_abi") / "test_abi", TESTS_C / "test_abi.c", libdir)
+
+
 def _exported(lib: Path) -> set[str]:
     nm = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True)
     return {line.split()[-1] for line in nm.stdout.splitlines() if " T " in line}
@@ -101,9 +108,8 @@ def test_the_library_exports_only_the_pim_functions(libdir: Path) -> None:
     assert {n for n in names if not n.startswith("PyInit_")} == declared
 
 
-def test_the_c_program(libdir: Path, tmp_path: Path) -> None:
-    exe = _gcc(tmp_path / "test_abi", TESTS_C / "test_abi.c", libdir)
-    done = subprocess.run([str(exe), "main", str(tmp_path / "data"), sys.executable, str(POSTS_PER_THREAD)],
+def test_the_c_program(abi_exe: Path, tmp_path: Path) -> None:
+    done = subprocess.run([str(abi_exe), "main", str(tmp_path / "data"), sys.executable, str(POSTS_PER_THREAD)],
                           capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
     report = done.stdout + done.stderr
     assert done.returncode == 0 and " 0 failed" in done.stdout, report
@@ -112,10 +118,9 @@ def test_the_c_program(libdir: Path, tmp_path: Path) -> None:
     assert done.stderr == "", done.stderr
 
 
-def test_pim_debug_sends_the_library_log_to_stderr(libdir: Path, tmp_path: Path) -> None:
+def test_pim_debug_sends_the_library_log_to_stderr(abi_exe: Path, tmp_path: Path) -> None:
     """PIM_DEBUG=warning: pimcore's log lines (the bind error) on stderr."""
-    exe = _gcc(tmp_path / "test_abi", TESTS_C / "test_abi.c", libdir)
-    done = subprocess.run([str(exe), "main", str(tmp_path / "data"), sys.executable, "10"],
+    done = subprocess.run([str(abi_exe), "main", str(tmp_path / "data"), sys.executable, "10"],
                           capture_output=True, text=True, env=_env(PIM_DEBUG="warning"), timeout=600, cwd=tmp_path)
     assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout[-3000:]
     assert "libpimcore ERROR" in done.stderr and "Address already in use" in done.stderr, done.stderr
@@ -123,9 +128,8 @@ def test_pim_debug_sends_the_library_log_to_stderr(libdir: Path, tmp_path: Path)
 
 @pytest.mark.parametrize("broken", [{"PIMCORE_PYTHON": "/nonexistent/bin/python"}, {"PYTHONHOME": "/nonexistent"}],
                          ids=["wrong-environment", "no-standard-library"])
-def test_python_failing_to_start_is_a_clear_init_code(libdir: Path, tmp_path: Path, broken: dict[str, str]) -> None:
-    exe = _gcc(tmp_path / "test_abi", TESTS_C / "test_abi.c", libdir)
-    done = subprocess.run([str(exe), "init-fails"], capture_output=True, text=True, env=_env(**broken), timeout=120)
+def test_python_failing_to_start_is_a_clear_init_code(abi_exe: Path, broken: dict[str, str]) -> None:
+    done = subprocess.run([str(abi_exe), "init-fails"], capture_output=True, text=True, env=_env(**broken), timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "the reason: " in done.stdout and ("sys.prefix" in done.stdout or "Python did not start" in done.stdout)
 

@@ -10,6 +10,8 @@ connections have sent.
 from __future__ import annotations
 
 import os
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 import pytest
 import trio
@@ -29,6 +31,18 @@ def store(request, tmp_path):
     s = LmdbStore(str(tmp_path / "db"), durability="os") if request.param == "lmdb" else MemoryStore()
     yield s
     s.close()
+
+
+@asynccontextmanager
+async def _alice_alone(store) -> AsyncIterator[tuple]:
+    """The broker serving ``store`` and one plain-TCP connection logged in as
+    alice, closed at the end; all of it within 20 s."""
+    with trio.fail_after(20):
+        async with serving(store) as srv:
+            raw = await RawConn.open(srv.endpoints[0].port)
+            await raw.login("alice")
+            yield srv, raw
+            await raw.aclose()
 
 
 class _Watch:
@@ -58,20 +72,16 @@ class _Watch:
 
 async def test_a_lone_connection_is_acked_only_after_the_commit_in_send_order(store):
     watch = _Watch(store)
-    with trio.fail_after(20):
-        async with serving(store) as srv:
-            raw = await RawConn.open(srv.endpoints[0].port)
-            await raw.login("alice")
-            seq = 0
-            for ids in (range(1, 2), range(21, 41), range(41, 61)):  # one, then pipelined
-                await raw.send(*(F.SendReq(i, AB, 0, b"m%d" % i) for i in ids))
-                for i in ids:
-                    ack = await raw.until(F.SendAck)
-                    seq += 1
-                    assert (ack.local_id, ack.code, ack.seq) == (i, 0, seq)
-                    # The ack went out only once its batch had committed.
-                    assert ack.local_id in watch.committed
-            await raw.aclose()
+    async with _alice_alone(store) as (srv, raw):
+        seq = 0
+        for ids in (range(1, 2), range(21, 41), range(41, 61)):  # one, then pipelined
+            await raw.send(*(F.SendReq(i, AB, 0, b"m%d" % i) for i in ids))
+            for i in ids:
+                ack = await raw.until(F.SendAck)
+                seq += 1
+                assert (ack.local_id, ack.code, ack.seq) == (i, 0, seq)
+                # The ack went out only once its batch had committed.
+                assert ack.local_id in watch.committed
     assert [m.payload for m in store.history(AB, 0, 100)] == [b"m1"] + [b"m%d" % i for i in range(21, 61)]
     # A lone plain-TCP connection: the commits ran inline, in its reader.
     assert watch.tasks and not any("_committer" in t for t in watch.tasks)
@@ -79,21 +89,17 @@ async def test_a_lone_connection_is_acked_only_after_the_commit_in_send_order(st
 
 async def test_a_failed_inline_commit_answers_store_unavailable_and_the_retry_stores_once(store):
     watch = _Watch(store)
-    with trio.fail_after(20):
-        async with serving(store) as srv:
-            raw = await RawConn.open(srv.endpoints[0].port)
-            await raw.login("alice")
-            await raw.send(F.SendReq(1, AB, 0, b"first"))
-            assert (await raw.until(F.SendAck)).seq == 1
-            watch.fail = 1
-            await raw.send(F.SendReq(2, AB, 0, b"second"))
-            ack = await raw.until(F.SendAck)
-            assert (ack.local_id, ack.code, ack.seq) == (2, ErrorCode.STORE_UNAVAILABLE, 0)
-            await raw.send(F.SendReq(2, AB, 0, b"second"))  # the retry: same local id
-            ack = await raw.until(F.SendAck)
-            assert (ack.local_id, ack.code, ack.seq) == (2, 0, 2)
-            assert srv.statistics().internal_errors == 0  # StoreError is the contract
-            await raw.aclose()
+    async with _alice_alone(store) as (srv, raw):
+        await raw.send(F.SendReq(1, AB, 0, b"first"))
+        assert (await raw.until(F.SendAck)).seq == 1
+        watch.fail = 1
+        await raw.send(F.SendReq(2, AB, 0, b"second"))
+        ack = await raw.until(F.SendAck)
+        assert (ack.local_id, ack.code, ack.seq) == (2, ErrorCode.STORE_UNAVAILABLE, 0)
+        await raw.send(F.SendReq(2, AB, 0, b"second"))  # the retry: same local id
+        ack = await raw.until(F.SendAck)
+        assert (ack.local_id, ack.code, ack.seq) == (2, 0, 2)
+        assert srv.statistics().internal_errors == 0  # StoreError is the contract
     assert [m.payload for m in store.history(AB, 0, 10)] == [b"first", b"second"]
     assert not any("_committer" in t for t in watch.tasks)
 
@@ -130,24 +136,20 @@ async def test_a_stream_the_probe_cannot_see_turns_inline_commit_off_while_conne
     from trio.testing import memory_stream_pair
 
     watch = _Watch(store)
-    with trio.fail_after(20):
-        async with serving(store) as srv:
-            raw = await RawConn.open(srv.endpoints[0].port)
-            await raw.login("alice")
-            async with trio.open_nursery() as nursery:
-                ours, theirs = memory_stream_pair()
-                nursery.start_soon(srv.serve_stream, theirs)
-                other = RawConn(ours)
-                await other.login("carol")
-                await raw.send(F.SendReq(1, AB, 0, b"while carol is here"))
-                assert (await raw.until(F.SendAck)).seq == 1
-                assert watch.tasks and all("_committer" in t for t in watch.tasks), watch.tasks
-                await other.aclose()  # serve_stream returns: the nursery ends
-            watch.tasks.clear()
-            await raw.send(F.SendReq(2, AB, 0, b"alone again"))
-            assert (await raw.until(F.SendAck)).seq == 2
-            assert watch.tasks and not any("_committer" in t for t in watch.tasks), watch.tasks
-            await raw.aclose()
+    async with _alice_alone(store) as (srv, raw):
+        async with trio.open_nursery() as nursery:
+            ours, theirs = memory_stream_pair()
+            nursery.start_soon(srv.serve_stream, theirs)
+            other = RawConn(ours)
+            await other.login("carol")
+            await raw.send(F.SendReq(1, AB, 0, b"while carol is here"))
+            assert (await raw.until(F.SendAck)).seq == 1
+            assert watch.tasks and all("_committer" in t for t in watch.tasks), watch.tasks
+            await other.aclose()  # serve_stream returns: the nursery ends
+        watch.tasks.clear()
+        await raw.send(F.SendReq(2, AB, 0, b"alone again"))
+        assert (await raw.until(F.SendAck)).seq == 2
+        assert watch.tasks and not any("_committer" in t for t in watch.tasks), watch.tasks
 
 
 async def test_host_calls_made_together_still_share_a_batch(store):
@@ -155,13 +157,9 @@ async def test_host_calls_made_together_still_share_a_batch(store):
     batch does) are not committed one by one inline: the first one's batch
     commits, the rest share the next."""
     watch = _Watch(store)
-    with trio.fail_after(20):
-        async with serving(store) as srv:
-            raw = await RawConn.open(srv.endpoints[0].port)  # a lone TCP peer, idle
-            await raw.login("alice")
-            watch.sizes.clear()
-            done = await srv.host_calls([(srv.broker.post, (AB, b"p%d" % i), {"sender": "alice", "device": "api", "key": "k%d" % i}) for i in range(5)])
-            assert [d.code for d in done] == [0] * 5 and [d.seq for d in done] == [1, 2, 3, 4, 5]
-            await raw.aclose()
+    async with _alice_alone(store) as (srv, raw):  # a lone TCP peer, idle
+        watch.sizes.clear()
+        done = await srv.host_calls([(srv.broker.post, (AB, b"p%d" % i), {"sender": "alice", "device": "api", "key": "k%d" % i}) for i in range(5)])
+        assert [d.code for d in done] == [0] * 5 and [d.seq for d in done] == [1, 2, 3, 4, 5]
     assert sum(watch.sizes) == 5 and max(watch.sizes) >= 2, watch.sizes
     assert [m.payload for m in store.history(AB, 0, 10)] == [b"p%d" % i for i in range(5)]
