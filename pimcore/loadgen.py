@@ -892,6 +892,22 @@ def _run_against(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], ba
         return _drive(cfg, url, secret, pid, backend)
 
 
+def _server_figures(res: "BenchResult", samples: dict[str, Any], sent: int) -> None:
+    """Fill ``res``'s server CPU and memory figures from the samples taken at
+    "ready" and "done" (CPU s, /proc memory, monotonic s, CPU wait s).  CPU
+    per message divides by everything sent: the warm-up and the drain are
+    inside the window (end to end that covers the delivery and its ack)."""
+    if "ready" not in samples or "done" not in samples:
+        return
+    (cpu0, _, t0, w0), (cpu1, mem, t1, w1) = samples["ready"], samples["done"]
+    if w0 is not None and w1 is not None:
+        res.broker_cpu_wait = (w1 - w0) / max(t1 - t0, 1e-9)
+    res.broker_cpu_us_per_msg = (cpu1 - cpu0) / sent * 1e6 if sent else None
+    res.broker_cpu_util = (cpu1 - cpu0) / max(t1 - t0, 1e-9)
+    res.broker_peak_rss = mem.get("VmHWM")
+    res.broker_rss_anon = mem.get("RssAnon")
+
+
 def _drive(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], backend: str) -> BenchResult:
     units, idle = _roles(cfg)
     n_conns = sum(len(u) for u in units) + len(idle)
@@ -969,17 +985,8 @@ def _drive(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], backend:
     sent_all = sum(r["sent"] for r in results)
     if sent_all:
         res.generator_cpu_us_per_msg = sum(r["cpu"] for r in results) / sent_all * 1e6
+    _server_figures(res, samples, sent_all)
     if "ready" in samples and "done" in samples:
-        (cpu0, _, t0, w0), (cpu1, mem, t1, w1) = samples["ready"], samples["done"]
-        if w0 is not None and w1 is not None:
-            res.broker_cpu_wait = (w1 - w0) / max(t1 - t0, 1e-9)
-        # From go to done: the warm-up and the drain are inside, so divide
-        # by everything sent, not only the measured sends.
-        sent = sum(r["sent"] for r in results)
-        res.broker_cpu_us_per_msg = (cpu1 - cpu0) / sent * 1e6 if sent else None
-        res.broker_cpu_util = (cpu1 - cpu0) / max(t1 - t0, 1e-9)
-        res.broker_peak_rss = mem.get("VmHWM")
-        res.broker_rss_anon = mem.get("RssAnon")
         if n_conns and "start" in samples:
             res.broker_bytes_per_connection = (samples["ready"][1]["VmRSS"] - samples["start"][1]["VmRSS"]) / n_conns
     return res
@@ -1457,14 +1464,7 @@ def run_redis(cfg: BenchConfig) -> BenchResult:
         generator_note=note,
         generator_cpu_us_per_msg=r["cpu"] / r["sent"] * 1e6 if r["sent"] else None,
     )
-    if "ready" in samples and "done" in samples:
-        (cpu0, _, t0, w0), (cpu1, mem, t1, w1) = samples["ready"], samples["done"]
-        if w0 is not None and w1 is not None:
-            res.broker_cpu_wait = (w1 - w0) / max(t1 - t0, 1e-9)
-        res.broker_cpu_us_per_msg = (cpu1 - cpu0) / r["sent"] * 1e6 if r["sent"] else None
-        res.broker_cpu_util = (cpu1 - cpu0) / max(t1 - t0, 1e-9)
-        res.broker_peak_rss = mem.get("VmHWM")
-        res.broker_rss_anon = mem.get("RssAnon")
+    _server_figures(res, samples, r["sent"])
     res.limit = _diagnose(res)
     return res
 
@@ -1693,16 +1693,7 @@ def run_mosquitto(cfg: BenchConfig) -> BenchResult:
         generator="c",
         generator_cpu_us_per_msg=r["cpu"] / r["sent"] * 1e6 if r["sent"] else None,
     )
-    if "ready" in samples and "done" in samples:
-        (cpu0, _, t0, w0), (cpu1, mem, t1, w1) = samples["ready"], samples["done"]
-        if w0 is not None and w1 is not None:
-            res.broker_cpu_wait = (w1 - w0) / max(t1 - t0, 1e-9)
-        # Per message sent (warm-up and drain inside, as for the broker); end
-        # to end that covers its delivery and the subscriber's PUBACK too.
-        res.broker_cpu_us_per_msg = (cpu1 - cpu0) / r["sent"] * 1e6 if r["sent"] else None
-        res.broker_cpu_util = (cpu1 - cpu0) / max(t1 - t0, 1e-9)
-        res.broker_peak_rss = mem.get("VmHWM")
-        res.broker_rss_anon = mem.get("RssAnon")
+    _server_figures(res, samples, r["sent"])
     res.limit = _diagnose(res)
     return res
 
