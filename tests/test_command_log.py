@@ -361,3 +361,61 @@ def test_the_log_refuses_a_record_that_is_not_a_batch_of_ops(tmp_path: Path, rec
     log.close()
     with pytest.raises(StoreError, match="replaying record 2 of the command log"):
         _open_log(copy)
+
+
+MAINTENANCE_LATER = """
+import sys
+from pimcore.errors import StoreError
+from pimcore.store import CreateGroup, LmdbStore, WriteBatch
+s = LmdbStore(sys.argv[1], create=False, owner=False)
+print("open", flush=True)
+sys.stdin.readline()  # (meanwhile a log broker starts on the store)
+try:
+    s.commit(WriteBatch(2, (CreateGroup("g3", ("al", "bo"), 2),)))
+    print("written", flush=True)
+except StoreError as exc:
+    print("refused:", exc, flush=True)
+s.close()
+"""
+
+
+def test_a_maintenance_handle_opened_before_a_log_broker_started_does_not_write(tmp_path: Path) -> None:
+    # A maintenance open (owner=False) of a store with no log (a sync store,
+    # or no broker) may write.  A log broker that starts while that handle
+    # is still open owns every write from then on: the handle's commit would
+    # reach LMDB but not the log, and the broker's recovery (the checkpoint's
+    # meta pages put back, the log replayed) would drop it -- and replay the
+    # broker's own batches without it (a message into the group it created,
+    # acked, then Rejected at replay).
+    path = tmp_path / "a"
+    LmdbStore(str(path)).close()
+    child = subprocess.Popen(
+        [sys.executable, "-c", MAINTENANCE_LATER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == "open\n"
+        broker = _open_log(path)
+        try:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            said = child.stdout.readline()
+            child.wait(timeout=60)
+            op = NewMessage(b"m" * 16, "g3", "al", "ph", 1, 5, 3, b"p", b"d" * 16)
+            result = broker.commit(WriteBatch(3, (op,)))
+            copy = _crash_copy(path, tmp_path / "b")
+        finally:
+            broker.close()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert said.startswith("refused:") and "log" in said, said
+    again = _open_log(copy)
+    try:
+        # Whatever the broker acked is there after its recovery.
+        if type(result[0]).__name__ == "Appended":
+            assert again.message(b"m" * 16) is not None
+    finally:
+        again.close()
