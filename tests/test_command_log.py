@@ -419,3 +419,67 @@ def test_a_maintenance_handle_opened_before_a_log_broker_started_does_not_write(
             assert again.message(b"m" * 16) is not None
     finally:
         again.close()
+
+
+FULL_DISK = """
+import os, resource, sys
+from pimcore.errors import StoreError
+from pimcore.store import CreateGroup, LmdbStore, NewMessage, WriteBatch
+path, limit, what = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = LmdbStore(path, durability="log", map_size=1 << 20)
+s.commit(WriteBatch(1, (CreateGroup("g1", ("al", "bo"), 1),)))
+big = NewMessage(b"\\xff" * 16, "g1", "bo", "ph", 1, 5, 10**6, b"B" * 100_000, b"b" * 16)
+s.commit(WriteBatch(2, (big,)))
+# (Python ignores SIGXFSZ: a write past the limit writes what fits, then fails with EFBIG, as on a full disk.)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+if what == "close":
+    s.close()  # the clean stop's checkpoint does not fit
+    print("closed", flush=True)
+    os._exit(0)
+n = 0
+try:
+    while True:
+        n += 1
+        # A retry of the big message (a Duplicate: the log grows, LMDB hardly) and a new one.
+        new = NewMessage(n.to_bytes(8, "big") + b"M" * 8, "g1", "al", "ph", n, 5, 10**6 + n, b"x", b"d" * 16)
+        s.commit(WriteBatch(n + 2, (big, new)))
+        print("acked", n, flush=True)
+except StoreError as exc:
+    print("error", exc, flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("limit", [1_572_864, 1_600_000, 2_700_000])
+def test_a_full_disk_loses_no_acked_batch(tmp_path: Path, limit: int) -> None:
+    # The disk fills up in the middle of a log record: the write is short (no
+    # error), the flush succeeds -- that batch must not be acked, or recovery
+    # (which stops at the torn record) loses it.
+    path = tmp_path / "a"
+    child = subprocess.run([sys.executable, "-c", FULL_DISK, str(path), str(limit), "send"], capture_output=True,
+                           text=True, timeout=120)
+    lines = child.stdout.splitlines()
+    assert child.returncode == 0 and lines[-1].startswith("error the command log could not be written"), child
+    acked = [int(line.split()[1]) for line in lines if line.startswith("acked")]
+    assert acked
+    again = _open_log(path)
+    try:
+        for n in acked:
+            assert again.message(n.to_bytes(8, "big") + b"M" * 8) is not None, f"acked message {n} lost"
+    finally:
+        again.close()
+
+
+def test_a_checkpoint_that_does_not_fit_on_the_disk_leaves_the_last_one(tmp_path: Path) -> None:
+    # The checkpoint file is written whole or not at all: a short write (a
+    # full disk) must not replace the good one (the next start would refuse
+    # the store as damaged).
+    path = tmp_path / "a"
+    child = subprocess.run([sys.executable, "-c", FULL_DISK, str(path), "4096", "close"], capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == 0 and child.stdout == "closed\n", child
+    again = _open_log(path)
+    try:
+        assert again.message(b"\xff" * 16) is not None
+    finally:
+        again.close()
