@@ -483,3 +483,49 @@ def test_a_checkpoint_that_does_not_fit_on_the_disk_leaves_the_last_one(tmp_path
         assert again.message(b"\xff" * 16) is not None
     finally:
         again.close()
+
+
+class _SyncFails:
+    """An LMDB environment whose flush fails once (an I/O error)."""
+
+    def __init__(self, env: Any) -> None:
+        self._env = env
+        self.failed = False
+
+    def sync(self, force: bool = False) -> None:
+        if not self.failed:
+            self.failed = True
+            raise lmdb_module.lmdb.Error("mdb_env_sync: Input/output error")
+        self._env.sync(force)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._env, name)
+
+
+def test_a_failed_flush_of_the_data_file_stops_writes(tmp_path: Path) -> None:
+    # After a failed fsync the kernel may have dropped the dirty pages (marked
+    # clean): a later flush succeeds without them, so a checkpoint after it
+    # would claim pages durable that never reached the disk.  The store stops
+    # writing instead; a restart replays the log from the last good checkpoint.
+    batches = _fixed_batches(3, 3)
+    store = _open_log(tmp_path / "a")
+    real = store._env
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        store.commit(WriteBatch(2, tuple(batches[0])))
+        assert store._log is not None
+        store._env = _SyncFails(real)  # type: ignore[assignment]
+        with pytest.raises(lmdb_module.lmdb.Error):
+            store._log.checkpoint_now()
+        with pytest.raises(StoreError, match="restart"):
+            store.commit(WriteBatch(3, tuple(batches[1])))
+        store._env = real
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store._env = real
+        store.close()
+    again = _open_log(copy)
+    try:
+        assert _dump(again) == _reference(tmp_path / "ref", batches[:1])
+    finally:
+        again.close()

@@ -669,7 +669,15 @@ class _LogState:
         env = self.store._env
         try:
             assert env is not None
-            env.sync(True)
+            try:
+                env.sync(True)
+            except Exception as exc:
+                # After a failed fsync the kernel may have marked the dirty
+                # pages clean: a later flush would succeed without them and a
+                # checkpoint after it claim them durable.  Stop writing; a
+                # restart replays the log from the last good checkpoint.
+                self.failed = f"LMDB's data file could not be flushed ({exc}); restart the broker"
+                raise
             wal.write_checkpoint(self.log.dir, ckpt)
         except BaseException:
             _abort(pin)  # the previous checkpoint and its pin stay in force
