@@ -529,3 +529,39 @@ def test_a_failed_flush_of_the_data_file_stops_writes(tmp_path: Path) -> None:
         assert _dump(again) == _reference(tmp_path / "ref", batches[:1])
     finally:
         again.close()
+
+
+def test_a_damaged_record_before_intact_ones_stops_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the last record can be torn (each is flushed before the next is
+    # written): a bad record followed by a good next one is damage to acked
+    # batches, which recovery must not drop silently (and then overwrite).
+    _no_auto_checkpoints(monkeypatch)
+    batches = _fixed_batches(4, 3)
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        assert store._log is not None
+        starts = []
+        for n, ops in enumerate(batches):
+            starts.append(store._log.log.offset)
+            store.commit(WriteBatch(n + 2, tuple(ops)))
+        file = store._log.log.file
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    path = copy / "log" / f"log-{file}"
+    raw = bytearray(path.read_bytes())
+    raw[starts[1] + 30] ^= 0xFF  # in the payload of the second of four records
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="damaged"):
+        _open_log(copy)
+    assert path.read_bytes() == bytes(raw)  # (nothing overwritten)
+    # The byte repaired, the next start replays the rest, the first record
+    # (applied by the refused start) not twice.
+    raw[starts[1] + 30] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    again = _open_log(copy)
+    try:
+        assert _dump(again) == _reference(tmp_path / "ref", batches)
+    finally:
+        again.close()

@@ -244,6 +244,9 @@ class CommandLog:
                 self.file, self.offset, self.next_lsn = file, offset, lsn
                 yield rec_lsn, payload
                 lsn, offset = rec_lsn + 1, end
+                # (Applied: a checkpoint from here on -- the close of a start
+                # the rest of the log stopped -- must not replay it again.)
+                self.offset, self.next_lsn = offset, lsn
             other = 1 - file
             if self._header(other)[0] != lsn or moved_at == lsn:  # (no record since the last move: stop)
                 break
@@ -285,10 +288,31 @@ class CommandLog:
                 return
             payload = os.pread(fd, length, offset + _REC.size)
             if len(payload) != length or _crc(salt, rec_lsn, payload) != crc:
+                # Only the last record can be torn (each is flushed before
+                # the next is written): an intact next one means this one
+                # was acked and damaged since -- stop, do not drop it.
+                if len(payload) == length and self._intact(fd, salt, offset + _REC.size + length, lsn + 1):
+                    raise StoreError(
+                        f"record {lsn} of the command log {self.dir!r}/log-{file} is damaged (at byte {offset})"
+                        " and records after it are intact: the log cannot be replayed; restore the store from"
+                        " a backup"
+                    )
                 return
             yield rec_lsn, payload, offset + _REC.size + length
             offset += _REC.size + length
             lsn += 1
+
+    @staticmethod
+    def _intact(fd: int, salt: bytes, offset: int, lsn: int) -> bool:
+        """Is there a whole record ``lsn`` of this file at ``offset``?"""
+        head = os.pread(fd, _REC.size, offset)
+        if len(head) < _REC.size:
+            return False
+        magic, length, rec_lsn, crc = _REC.unpack(head)
+        if magic != _REC_MAGIC or rec_lsn != lsn or length > MAX_RECORD:
+            return False
+        payload = os.pread(fd, length, offset + _REC.size)
+        return len(payload) == length and _crc(salt, rec_lsn, payload) == crc
 
     # --------------------------------------------------------------- write
 
