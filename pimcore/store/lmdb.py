@@ -1889,7 +1889,9 @@ class LmdbStore(Store):
         while seq >= floor and seq:
             ref = txn.get(ck + _U64.pack(seq), db=self._convidx)
             if ref is None:
-                if seq == last_seq:
+                # (A purge or retention may have removed the last seq too:
+                # then it is at or below the history floor.)
+                if seq == last_seq and seq > self._retention_in(txn, ck)[2]:
                     raise StoreError(f"{conv!r} has no seq {last_seq} (store corrupt)")
                 break  # removed by retention
             if not (len(ref) > 16 and ref[16] == MessageKind.EDIT):
