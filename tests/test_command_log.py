@@ -361,3 +361,207 @@ def test_the_log_refuses_a_record_that_is_not_a_batch_of_ops(tmp_path: Path, rec
     log.close()
     with pytest.raises(StoreError, match="replaying record 2 of the command log"):
         _open_log(copy)
+
+
+MAINTENANCE_LATER = """
+import sys
+from pimcore.errors import StoreError
+from pimcore.store import CreateGroup, LmdbStore, WriteBatch
+s = LmdbStore(sys.argv[1], create=False, owner=False)
+print("open", flush=True)
+sys.stdin.readline()  # (meanwhile a log broker starts on the store)
+try:
+    s.commit(WriteBatch(2, (CreateGroup("g3", ("al", "bo"), 2),)))
+    print("written", flush=True)
+except StoreError as exc:
+    print("refused:", exc, flush=True)
+s.close()
+"""
+
+
+def test_a_maintenance_handle_opened_before_a_log_broker_started_does_not_write(tmp_path: Path) -> None:
+    # A maintenance open (owner=False) of a store with no log (a sync store,
+    # or no broker) may write.  A log broker that starts while that handle
+    # is still open owns every write from then on: the handle's commit would
+    # reach LMDB but not the log, and the broker's recovery (the checkpoint's
+    # meta pages put back, the log replayed) would drop it -- and replay the
+    # broker's own batches without it (a message into the group it created,
+    # acked, then Rejected at replay).
+    path = tmp_path / "a"
+    LmdbStore(str(path)).close()
+    child = subprocess.Popen(
+        [sys.executable, "-c", MAINTENANCE_LATER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == "open\n"
+        broker = _open_log(path)
+        try:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            said = child.stdout.readline()
+            child.wait(timeout=60)
+            op = NewMessage(b"m" * 16, "g3", "al", "ph", 1, 5, 3, b"p", b"d" * 16)
+            result = broker.commit(WriteBatch(3, (op,)))
+            copy = _crash_copy(path, tmp_path / "b")
+        finally:
+            broker.close()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert said.startswith("refused:") and "log" in said, said
+    again = _open_log(copy)
+    try:
+        # Whatever the broker acked is there after its recovery.
+        if type(result[0]).__name__ == "Appended":
+            assert again.message(b"m" * 16) is not None
+    finally:
+        again.close()
+
+
+FULL_DISK = """
+import os, resource, sys
+from pimcore.errors import StoreError
+from pimcore.store import CreateGroup, LmdbStore, NewMessage, WriteBatch
+path, limit, what = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = LmdbStore(path, durability="log", map_size=1 << 20)
+s.commit(WriteBatch(1, (CreateGroup("g1", ("al", "bo"), 1),)))
+big = NewMessage(b"\\xff" * 16, "g1", "bo", "ph", 1, 5, 10**6, b"B" * 100_000, b"b" * 16)
+s.commit(WriteBatch(2, (big,)))
+# (Python ignores SIGXFSZ: a write past the limit writes what fits, then fails with EFBIG, as on a full disk.)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+if what == "close":
+    s.close()  # the clean stop's checkpoint does not fit
+    print("closed", flush=True)
+    os._exit(0)
+n = 0
+try:
+    while True:
+        n += 1
+        # A retry of the big message (a Duplicate: the log grows, LMDB hardly) and a new one.
+        new = NewMessage(n.to_bytes(8, "big") + b"M" * 8, "g1", "al", "ph", n, 5, 10**6 + n, b"x", b"d" * 16)
+        s.commit(WriteBatch(n + 2, (big, new)))
+        print("acked", n, flush=True)
+except StoreError as exc:
+    print("error", exc, flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("limit", [1_572_864, 1_600_000, 2_700_000])
+def test_a_full_disk_loses_no_acked_batch(tmp_path: Path, limit: int) -> None:
+    # The disk fills up in the middle of a log record: the write is short (no
+    # error), the flush succeeds -- that batch must not be acked, or recovery
+    # (which stops at the torn record) loses it.
+    path = tmp_path / "a"
+    child = subprocess.run([sys.executable, "-c", FULL_DISK, str(path), str(limit), "send"], capture_output=True,
+                           text=True, timeout=120)
+    lines = child.stdout.splitlines()
+    assert child.returncode == 0 and lines[-1].startswith("error the command log could not be written"), child
+    acked = [int(line.split()[1]) for line in lines if line.startswith("acked")]
+    assert acked
+    again = _open_log(path)
+    try:
+        for n in acked:
+            assert again.message(n.to_bytes(8, "big") + b"M" * 8) is not None, f"acked message {n} lost"
+    finally:
+        again.close()
+
+
+def test_a_checkpoint_that_does_not_fit_on_the_disk_leaves_the_last_one(tmp_path: Path) -> None:
+    # The checkpoint file is written whole or not at all: a short write (a
+    # full disk) must not replace the good one (the next start would refuse
+    # the store as damaged).
+    path = tmp_path / "a"
+    child = subprocess.run([sys.executable, "-c", FULL_DISK, str(path), "4096", "close"], capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == 0 and child.stdout == "closed\n", child
+    again = _open_log(path)
+    try:
+        assert again.message(b"\xff" * 16) is not None
+    finally:
+        again.close()
+
+
+class _SyncFails:
+    """An LMDB environment whose flush fails once (an I/O error)."""
+
+    def __init__(self, env: Any) -> None:
+        self._env = env
+        self.failed = False
+
+    def sync(self, force: bool = False) -> None:
+        if not self.failed:
+            self.failed = True
+            raise lmdb_module.lmdb.Error("mdb_env_sync: Input/output error")
+        self._env.sync(force)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._env, name)
+
+
+def test_a_failed_flush_of_the_data_file_stops_writes(tmp_path: Path) -> None:
+    # After a failed fsync the kernel may have dropped the dirty pages (marked
+    # clean): a later flush succeeds without them, so a checkpoint after it
+    # would claim pages durable that never reached the disk.  The store stops
+    # writing instead; a restart replays the log from the last good checkpoint.
+    batches = _fixed_batches(3, 3)
+    store = _open_log(tmp_path / "a")
+    real = store._env
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        store.commit(WriteBatch(2, tuple(batches[0])))
+        assert store._log is not None
+        store._env = _SyncFails(real)  # type: ignore[assignment]
+        with pytest.raises(lmdb_module.lmdb.Error):
+            store._log.checkpoint_now()
+        with pytest.raises(StoreError, match="restart"):
+            store.commit(WriteBatch(3, tuple(batches[1])))
+        store._env = real
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store._env = real
+        store.close()
+    again = _open_log(copy)
+    try:
+        assert _dump(again) == _reference(tmp_path / "ref", batches[:1])
+    finally:
+        again.close()
+
+
+def test_a_damaged_record_before_intact_ones_stops_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the last record can be torn (each is flushed before the next is
+    # written): a bad record followed by a good next one is damage to acked
+    # batches, which recovery must not drop silently (and then overwrite).
+    _no_auto_checkpoints(monkeypatch)
+    batches = _fixed_batches(4, 3)
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        assert store._log is not None
+        starts = []
+        for n, ops in enumerate(batches):
+            starts.append(store._log.log.offset)
+            store.commit(WriteBatch(n + 2, tuple(ops)))
+        file = store._log.log.file
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    path = copy / "log" / f"log-{file}"
+    raw = bytearray(path.read_bytes())
+    raw[starts[1] + 30] ^= 0xFF  # in the payload of the second of four records
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="damaged"):
+        _open_log(copy)
+    assert path.read_bytes() == bytes(raw)  # (nothing overwritten)
+    # The byte repaired, the next start replays the rest, the first record
+    # (applied by the refused start) not twice.
+    raw[starts[1] + 30] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    again = _open_log(copy)
+    try:
+        assert _dump(again) == _reference(tmp_path / "ref", batches)
+    finally:
+        again.close()

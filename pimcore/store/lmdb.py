@@ -669,7 +669,15 @@ class _LogState:
         env = self.store._env
         try:
             assert env is not None
-            env.sync(True)
+            try:
+                env.sync(True)
+            except Exception as exc:
+                # After a failed fsync the kernel may have marked the dirty
+                # pages clean: a later flush would succeed without them and a
+                # checkpoint after it claim them durable.  Stop writing; a
+                # restart replays the log from the last good checkpoint.
+                self.failed = f"LMDB's data file could not be flushed ({exc}); restart the broker"
+                raise
             wal.write_checkpoint(self.log.dir, ckpt)
         except BaseException:
             _abort(pin)  # the previous checkpoint and its pin stay in force
@@ -1070,6 +1078,9 @@ class LmdbStore(Store):
         if not owner and durability == "log":
             durability = "sync"  # only the broker writes through the log
         self._durability = durability
+        #: ``log.lock``: held exclusively by the handle that writes through
+        #: the command log, shared by a maintenance write (:meth:`_write`).
+        self._log_lock_fd: Optional[int] = None
         temp_lock = False
         if ckpt is not None and not owner:
             # A store a log broker wrote.  No broker running: recover it and
@@ -1085,6 +1096,8 @@ class LmdbStore(Store):
                 )
                 ckpt = None
         try:
+            if (ckpt is not None or durability == "log") and self._read_only is None:
+                self._log_lock_fd = self._take_log_lock(path)
             if ckpt is not None:
                 self._restore(path, ckpt)
             env = self._open_env(path, initial_size, create, max_readers, durability if ckpt is None else "log")
@@ -1240,6 +1253,9 @@ class LmdbStore(Store):
         self._env = None
         old.close()
         self._bind(self._open_env(path, size, False, max_readers, self._durability))
+        fd, self._log_lock_fd = self._log_lock_fd, None
+        if fd is not None:
+            os.close(fd)  # (no log left: maintenance writes are LMDB's own again)
 
     def _open_db(self, env: lmdb.Environment, name: str) -> "lmdb._Database":
         while True:
@@ -1370,6 +1386,11 @@ class LmdbStore(Store):
             st = self._log
             if st is not None and st.failed is not None:
                 raise StoreError(st.failed)
+            # A maintenance handle writes only while no log broker does (it
+            # may have started since this handle opened): its commit would
+            # be in LMDB but not in the log, and that broker's recovery puts
+            # back the checkpoint's meta pages and replays only the log.
+            guard = self._maintenance_write_lock() if not self._owner and st is None else None
             appended = False
             try:
                 while True:
@@ -1415,6 +1436,8 @@ class LmdbStore(Store):
                         st.after_commit()
                     return result
             finally:
+                if guard is not None:
+                    os.close(guard)
                 if appended and st is not None:
                     # The log holds a batch LMDB does not: later batches would
                     # be logged after it but applied without it.  Recovery
@@ -1866,7 +1889,9 @@ class LmdbStore(Store):
         while seq >= floor and seq:
             ref = txn.get(ck + _U64.pack(seq), db=self._convidx)
             if ref is None:
-                if seq == last_seq:
+                # (A purge or retention may have removed the last seq too:
+                # then it is at or below the history floor.)
+                if seq == last_seq and seq > self._retention_in(txn, ck)[2]:
                     raise StoreError(f"{conv!r} has no seq {last_seq} (store corrupt)")
                 break  # removed by retention
             if not (len(ref) > 16 and ref[16] == MessageKind.EDIT):
@@ -2697,6 +2722,60 @@ class LmdbStore(Store):
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
             os.close(fd)
+        fd, self._log_lock_fd = self._log_lock_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    @staticmethod
+    def _take_log_lock(path: str, wait: float = 10.0) -> Optional[int]:
+        """An exclusive flock on ``log.lock``, held while this handle writes
+        through the command log (and while it recovers one): a maintenance
+        write (which takes it shared) is refused meanwhile.  Waits up to
+        ``wait`` seconds for a maintenance write in progress."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return None
+        fd = os.open(os.path.join(path, "log.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except OSError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise StoreError(
+                        f"a maintenance process is writing the store at {path!r} (it holds log.lock); stop it first"
+                    ) from None
+                time.sleep(0.01)
+
+    def _maintenance_write_lock(self) -> Optional[int]:
+        """For one write of a maintenance handle (owner=False, not in
+        ``log`` durability): a shared flock on ``log.lock``, or StoreError
+        if a log broker runs (it holds the lock) or ran since this handle
+        opened and left a command log (its next start replays that log onto
+        its last checkpoint, which would drop this write)."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return None
+        refused = (
+            "a broker with durability 'log' is running on this store, or ran since this handle opened:"
+            " only it writes (use its HTTP API, or open the store again once it is stopped)"
+        )
+        fd = os.open(os.path.join(self._path, "log.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            if os.path.exists(os.path.join(self._path, "log", "checkpoint")):
+                raise StoreError(refused)
+        except OSError:
+            os.close(fd)
+            raise StoreError(refused) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def close(self) -> None:
         with self._wlock:

@@ -49,6 +49,7 @@ or a maintenance open that found no broker running); see
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -135,12 +136,25 @@ def write_checkpoint(dirpath: str, ckpt: Checkpoint) -> None:
     tmp = os.path.join(dirpath, "checkpoint.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, body)
+        _pwrite_all(fd, body, 0)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, os.path.join(dirpath, "checkpoint"))
     _sync_dir(dirpath)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` or raise OSError.  ``pwrite``
+    writes what fits and returns the count when the disk (or RLIMIT_FSIZE)
+    runs out mid-way; only the next call fails -- a record or checkpoint
+    silently cut short would pass its flush and be lost."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[n:], offset + n
 
 
 def _sync_dir(dirpath: str) -> None:
@@ -169,7 +183,7 @@ def restore_meta(data_path: str, ckpt: Checkpoint) -> bool:
         return False
     fd = os.open(data_path, os.O_RDWR)
     try:
-        os.pwrite(fd, ckpt.meta, 0)
+        _pwrite_all(fd, ckpt.meta, 0)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -230,6 +244,9 @@ class CommandLog:
                 self.file, self.offset, self.next_lsn = file, offset, lsn
                 yield rec_lsn, payload
                 lsn, offset = rec_lsn + 1, end
+                # (Applied: a checkpoint from here on -- the close of a start
+                # the rest of the log stopped -- must not replay it again.)
+                self.offset, self.next_lsn = offset, lsn
             other = 1 - file
             if self._header(other)[0] != lsn or moved_at == lsn:  # (no record since the last move: stop)
                 break
@@ -271,10 +288,31 @@ class CommandLog:
                 return
             payload = os.pread(fd, length, offset + _REC.size)
             if len(payload) != length or _crc(salt, rec_lsn, payload) != crc:
+                # Only the last record can be torn (each is flushed before
+                # the next is written): an intact next one means this one
+                # was acked and damaged since -- stop, do not drop it.
+                if len(payload) == length and self._intact(fd, salt, offset + _REC.size + length, lsn + 1):
+                    raise StoreError(
+                        f"record {lsn} of the command log {self.dir!r}/log-{file} is damaged (at byte {offset})"
+                        " and records after it are intact: the log cannot be replayed; restore the store from"
+                        " a backup"
+                    )
                 return
             yield rec_lsn, payload, offset + _REC.size + length
             offset += _REC.size + length
             lsn += 1
+
+    @staticmethod
+    def _intact(fd: int, salt: bytes, offset: int, lsn: int) -> bool:
+        """Is there a whole record ``lsn`` of this file at ``offset``?"""
+        head = os.pread(fd, _REC.size, offset)
+        if len(head) < _REC.size:
+            return False
+        magic, length, rec_lsn, crc = _REC.unpack(head)
+        if magic != _REC_MAGIC or rec_lsn != lsn or length > MAX_RECORD:
+            return False
+        payload = os.pread(fd, length, offset + _REC.size)
+        return len(payload) == length and _crc(salt, rec_lsn, payload) == crc
 
     # --------------------------------------------------------------- write
 
@@ -287,7 +325,7 @@ class CommandLog:
 
     def _begin_file(self, file: int, lsn: int) -> None:
         salt = os.urandom(8)
-        os.pwrite(self._fds[file], _FILE_HEAD.pack(_FILE_MAGIC, lsn, salt), 0)
+        _pwrite_all(self._fds[file], _FILE_HEAD.pack(_FILE_MAGIC, lsn, salt), 0)
         # (The header is part of the file now: a zero extension starts after it.)
         self._sizes[file] = max(self._sizes[file], _FILE_HEAD.size)
         self._salts[file] = salt
@@ -310,9 +348,9 @@ class CommandLog:
             # overwrite of written blocks needs no journal commit on ext4,
             # so the per-record flush stays one device flush).
             new = (end // _GROW + 1) * _GROW
-            os.pwrite(fd, bytes(new - size), size)
+            _pwrite_all(fd, bytes(new - size), size)
             self._sizes[self.file] = new
-        os.pwrite(fd, head + payload, self.offset)
+        _pwrite_all(fd, head + payload, self.offset)
         os.fdatasync(fd)
         self.appended += len(head) + len(payload)
         self.offset = end
