@@ -828,6 +828,15 @@ class BrokerServer:
         finally:
             peer.writer = False
         if peer.state is not _PeerState.OPEN and peer.scope is not None:
+            if peer.state is _PeerState.CLOSING and not peer.buf and isinstance(peer.stream, trio.SocketStream):
+                # The Close is out: a FIN right behind it.  Closing the socket
+                # with bytes of the peer still unread sends a RST, which can
+                # overtake the Close in a proxy or the peer's kernel (the
+                # peer then sees "connection reset", not SHUTDOWN).
+                try:
+                    await peer.stream.send_eof()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
             # Closing (or dead): end the connection's tasks.
             peer.scope.cancel()
 
