@@ -565,3 +565,36 @@ def test_a_damaged_record_before_intact_ones_stops_the_start(tmp_path: Path, mon
         assert _dump(again) == _reference(tmp_path / "ref", batches)
     finally:
         again.close()
+
+
+def test_a_failed_background_checkpoint_is_logged_and_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A checkpoint that cannot write its file is retried after later commits
+    # (the log still holds everything), and says so in the log.
+    store = _open_log(tmp_path / "a")
+    try:
+        assert store._log is not None
+        store._log.checkpoint_bytes = 1  # a checkpoint after every commit
+        before = store._log.checkpoints
+        real = wal.write_checkpoint
+        fails = [1]
+
+        def once(dirpath: str, ckpt: wal.Checkpoint) -> None:
+            if fails:
+                fails.pop()
+                raise OSError(28, "No space left on device")
+            real(dirpath, ckpt)
+
+        monkeypatch.setattr(wal, "write_checkpoint", once)
+        with caplog.at_level("WARNING", logger="pimcore.store"):
+            store.commit(WriteBatch(1, GROUPS))
+            store._log.join()
+            assert "command log checkpoint failed: [Errno 28] No space left on device; retried" in caplog.text
+        assert store._log.checkpoints == before
+        for n, ops in enumerate(_fixed_batches(2, 3)):
+            store.commit(WriteBatch(n + 2, tuple(ops)))
+            store._log.join()
+        assert store._log.checkpoints > before  # retried, and writes went on
+    finally:
+        store.close()

@@ -190,6 +190,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
+import logging
 import operator
 import os
 import pickle
@@ -536,6 +537,8 @@ def _abort(txn: _Txn) -> None:
         pass
 
 
+_log = logging.getLogger("pimcore.store")
+
 #: The classes a command log record may hold (the write ops, base.Op), the
 #: getter of each one's fields in order, and a fingerprint of both: a record
 #: starts with it, so a log written by code with other op fields is refused
@@ -691,8 +694,11 @@ class _LogState:
     def _run(self, pin: _Txn, ckpt: wal.Checkpoint) -> None:
         try:
             self._finish(pin, ckpt)
-        except Exception:  # noqa: BLE001 - retried at the next one; the log keeps everything
-            pass
+        except Exception as exc:  # noqa: BLE001 - retried at the next one; the log keeps everything
+            # (Until one succeeds the log and the data file keep growing.)
+            _log.warning("command log checkpoint failed: %s%s", exc,
+                         "; the store stops writing" if self.failed else "; retried after the next commits",
+                         extra={"event": "checkpoint_failed"})
 
     def after_commit(self) -> None:
         """Under the write lock, right after a commit: start a checkpoint if
