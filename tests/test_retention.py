@@ -247,19 +247,38 @@ def test_purge_user_leaves_recalled_tombstones_and_no_settings(store: Store, mk:
     assert not any(m.deleted for m in hist.messages)
 
 
-def test_conversation_settings_of_a_purged_conversation(
-    store: Store, mk: Maker, request: pytest.FixtureRequest
-) -> None:
+def test_conversation_settings_of_a_purged_conversation(store: Store, mk: Maker) -> None:
     # The purge keeps the last seq (seqs continue after it) but no entry: a
     # user who then pins or mutes it gets its entry without a last message,
     # not "store corrupt".
     from pimcore.store import ConversationSet, SetConversation
 
-    if request.node.callspec.params.get("store") == "redis":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "RedisStore._entry raises 'missing message' for the purged last seq, and its unread count"
-            " ('missing messages') too: not fixed yet")))
     send(store, mk, 1)
     mk.commit(store, PurgeConversation(AB))
     [res] = mk.commit(store, SetConversation("bob", AB, pinned=2))
     assert isinstance(res, ConversationSet) and res.entry.last is None
+
+
+def test_a_conversation_whose_every_message_expired(store: Store, mk: Maker) -> None:
+    # Age retention removed every message, the last seq's with them: the
+    # conversation list and its settings show the entry without a last
+    # message and nothing unread, never "missing message".
+    from pimcore.store import ConversationSet, ReadConversations, SetConversation
+
+    send(store, mk, 3)
+    assert mk.commit(store, SetRetention(AB, DAY, -1)) == (RetentionSet(AB, DAY, -1),)
+    mk.time += 2 * DAY
+    [res] = mk.commit(store, Expire(mk.time))
+    assert isinstance(res, Expired) and res.messages == 3
+    assert store.last_seq(AB) == 3 and store.unread("bob", AB) == 0
+    [page] = store.read([ReadConversations("bob", conv=AB)])
+    [entry] = page.entries
+    assert entry.last is None and entry.unread == 0 and entry.mention_count == 0
+    [set_] = mk.commit(store, SetConversation("bob", AB, pinned=1))
+    assert isinstance(set_, ConversationSet) and set_.entry.last is None and set_.entry.pinned
+    # Seqs continue after the expired ones, and the entry shows the new message.
+    [app] = mk.commit(store, mk(AB, "alice", payload=b"after"))
+    assert isinstance(app, Appended) and app.seq == 4
+    [page] = store.read([ReadConversations("bob", conv=AB)])
+    assert page.entries[0].last is not None and page.entries[0].last.seq == 4
+    assert page.entries[0].unread == 1

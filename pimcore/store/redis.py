@@ -1711,14 +1711,17 @@ class RedisStore(AsyncStore):
 
     async def _entry(self, tx: _Tx, user: str, conv: str) -> ConversationEntry:
         spans = await self._spans_of(tx, conv, user)
-        last_seq = last_visible(spans, _int(await tx.get(self._k_conv(conv), "last")))
+        stored_last, hf = (_int(v) for v in await tx.mget(self._k_conv(conv), ["last", "hf"]))
+        last_seq = last_visible(spans, stored_last)
         # The last message is the last MESSAGE/JOINED/LEFT entry, as it is now
         # (RECALL/EDIT entries amend it in place): walk back over amend entries.
         seq, floor, last = last_seq, last_message_floor(spans), None
         while seq >= floor and seq:
             v = await tx.get(self._k_conv(conv), f"s:{seq}")
             if v is None:
-                if seq == last_seq:
+                # A purge or retention may have removed the last seq too: it
+                # is then at or below the history floor (seqs continue).
+                if seq == last_seq and seq > hf:
                     raise StoreError(f"missing message {conv!r} seq {seq}")
                 break  # removed by retention
             m = _dec_msg(v)
@@ -1729,7 +1732,7 @@ class RedisStore(AsyncStore):
         marker = _int(await tx.get(self._k_user(user), "rd:" + conv))
         seqs: list[int] = []
         for lo, hi in member_ranges(spans):
-            seqs.extend(range(max(lo, marker + 1), min(hi, last_seq) + 1))
+            seqs.extend(range(max(lo, marker + 1, hf + 1), min(hi, last_seq) + 1))
         mentions = sum(mentions_user(m, user) for m in await self._msgs_at(tx, conv, seqs))
         return conversation_entry(conv, last, marker, await self._unread(tx, user, conv), mentions,
                                   await self._settings(tx, user, conv))
