@@ -37,7 +37,7 @@ from pimcore.errors import StoreError
 from pimcore.store import AddMembers, CreateGroup, LmdbStore, NewMessage, RemoveMembers, WriteBatch
 from pimcore.store import lmdb as lmdb_module
 from pimcore.store import wal
-from test_store_plain import CONVS, USERS, _dump, _ops
+from test_store_plain import CONVS, USERS, _draw_batches, _dump
 
 GROUPS = (CreateGroup("g1", ("al", "bo", "cy"), 1), CreateGroup("g2", ("bo",), 1))
 
@@ -78,13 +78,19 @@ def _open_log(path: Path, **kw: Any) -> LmdbStore:
     return LmdbStore(str(path), durability="log", **kw)
 
 
+def _commit_all(store: LmdbStore, batches: list, first: int = 2, groups: bool = True) -> list:
+    """Commit GROUPS as batch 1 (unless ``groups`` is false), then each of
+    ``batches`` numbered from ``first``; the results of each commit."""
+    results = [store.commit(WriteBatch(1, GROUPS))] if groups else []
+    results += [store.commit(WriteBatch(n + first, tuple(ops))) for n, ops in enumerate(batches)]
+    return results
+
+
 def _reference(tmp: Path, batches: list) -> dict:
     """The same batches through a ``sync`` store: what a recovered store holds."""
     ref = LmdbStore(str(tmp))
     try:
-        ref.commit(WriteBatch(1, GROUPS))
-        for n, ops in enumerate(batches):
-            ref.commit(WriteBatch(n + 2, tuple(ops)))
+        _commit_all(ref, batches)
         return _dump(ref)
     finally:
         ref.close()
@@ -101,7 +107,7 @@ def test_a_crash_of_the_process_loses_no_committed_batch(
     tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
 ) -> None:
     clock = [1_000]
-    batches = data.draw(st.lists(st.lists(_ops(clock), min_size=1, max_size=12), min_size=1, max_size=10))
+    batches = _draw_batches(data, clock, 10)
     root = tmp_path_factory.mktemp("crash")
     store = _open_log(root / "a")
     st_ = store._log
@@ -110,8 +116,7 @@ def test_a_crash_of_the_process_loses_no_committed_batch(
     st_.checkpoint_bytes = data.draw(st.sampled_from([1, 2_000, 1 << 40]))
     st_.log.switch_bytes = data.draw(st.sampled_from([200, 3_000, 1 << 30]))
     try:
-        results = [store.commit(WriteBatch(1, GROUPS))]
-        results += [store.commit(WriteBatch(n + 2, tuple(ops))) for n, ops in enumerate(batches)]
+        results = _commit_all(store, batches)
         st_.join()
         copy = _crash_copy(root / "a", root / "b")
         want = _dump(store)
@@ -134,8 +139,8 @@ def test_a_power_cut_loses_no_committed_batch(
     # flushed it, with any subset of the pages written since (meta pages
     # included) on top -- LMDB committed them without flushing.
     clock = [1_000]
-    before = data.draw(st.lists(st.lists(_ops(clock), min_size=1, max_size=12), min_size=0, max_size=5))
-    after = data.draw(st.lists(st.lists(_ops(clock), min_size=1, max_size=40), min_size=1, max_size=25))
+    before = _draw_batches(data, clock, 5, min_batches=0)
+    after = _draw_batches(data, clock, 25, max_ops=40)
     grow = data.draw(st.booleans(), label="grow")
     if grow:
         after = after + _fixed_batches(150, 20, seed)
@@ -160,13 +165,10 @@ def test_a_power_cut_loses_no_committed_batch(
         mp.setattr(lmdb_module._LogState, "_finish", finish)
         store = _open_log(root / "a", map_size=1 << 20 if grow else 1 << 30)
         try:
-            store.commit(WriteBatch(1, GROUPS))
-            for n, ops in enumerate(before):
-                store.commit(WriteBatch(n + 2, tuple(ops)))
+            _commit_all(store, before)
             assert store._log is not None
             store._log.checkpoint_now()
-            for n, ops in enumerate(after):
-                store.commit(WriteBatch(n + 100, tuple(ops)))
+            _commit_all(store, after, first=100, groups=False)
             assert not grow or store.map_size > 1 << 20
             durable = on_disk[-1]
             cached = (root / "a" / "data.mdb").read_bytes()
@@ -195,9 +197,7 @@ def test_a_torn_last_record_is_a_batch_never_acked(tmp_path: Path, monkeypatch: 
     batches = _fixed_batches(4, 3)
     store = _open_log(tmp_path / "a")
     try:
-        store.commit(WriteBatch(1, GROUPS))
-        for n, ops in enumerate(batches):
-            store.commit(WriteBatch(n + 2, tuple(ops)))
+        _commit_all(store, batches)
         assert store._log is not None
         log = store._log.log
         end, file = log.offset, log.file
@@ -271,9 +271,7 @@ def test_the_map_grows_under_log_durability(tmp_path: Path) -> None:
     store = _open_log(tmp_path / "a", map_size=1 << 20)
     batches = _fixed_batches(300, 20)
     try:
-        store.commit(WriteBatch(1, GROUPS))
-        for n, ops in enumerate(batches):
-            store.commit(WriteBatch(n + 2, tuple(ops)))
+        _commit_all(store, batches)
         assert store.map_size > 1 << 20
         assert store._log is not None
         store._log.join()
@@ -322,9 +320,7 @@ def test_a_broker_with_another_durability_recovers_and_leaves_the_log(tmp_path: 
     batches = _fixed_batches(3, 4)
     store = _open_log(tmp_path / "a")
     try:
-        store.commit(WriteBatch(1, GROUPS))
-        for n, ops in enumerate(batches):
-            store.commit(WriteBatch(n + 2, tuple(ops)))
+        _commit_all(store, batches)
         copy = _crash_copy(tmp_path / "a", tmp_path / "b")
     finally:
         store.close()

@@ -225,13 +225,20 @@ def _ops(draw: Any, clock: list) -> Any:
     return op
 
 
+def _draw_batches(data: st.DataObject, clock: list, max_batches: int, max_ops: int = 12, min_batches: int = 1) -> list:
+    """Batches of :func:`_ops` (each 1..``max_ops`` long) drawn from ``data``,
+    their times from the shared ``clock``."""
+    return data.draw(st.lists(st.lists(_ops(clock), min_size=1, max_size=max_ops),
+                              min_size=min_batches, max_size=max_batches))
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_the_store_writes_the_same_bytes_with_and_without_the_fast_path(
     tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
 ) -> None:
     clock = [1_000]
-    batches = data.draw(st.lists(st.lists(_ops(clock), min_size=1, max_size=12), min_size=1, max_size=8))
+    batches = _draw_batches(data, clock, 8)
     stores = [LmdbStore(str(tmp_path_factory.mktemp("fast"))), LmdbStore(str(tmp_path_factory.mktemp("general")))]
     real = lmdb_module._store_plain
     results: list[list] = [[], []]
