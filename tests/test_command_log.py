@@ -78,6 +78,15 @@ def _open_log(path: Path, **kw: Any) -> LmdbStore:
     return LmdbStore(str(path), durability="log", **kw)
 
 
+def _recovered(copy: Path) -> dict:
+    """What a log broker started on ``copy`` holds after its recovery."""
+    again = _open_log(copy)
+    try:
+        return _dump(again)
+    finally:
+        again.close()
+
+
 def _commit_all(store: LmdbStore, batches: list, first: int = 2, groups: bool = True) -> list:
     """Commit GROUPS as batch 1 (unless ``groups`` is false), then each of
     ``batches`` numbered from ``first``; the results of each commit."""
@@ -122,11 +131,7 @@ def test_a_crash_of_the_process_loses_no_committed_batch(
         want = _dump(store)
     finally:
         store.close()
-    again = _open_log(copy)
-    try:
-        assert _dump(again) == want == _reference(root / "ref", batches)
-    finally:
-        again.close()
+    assert _recovered(copy) == want == _reference(root / "ref", batches)
     assert results  # (the results themselves are compared by test_store_plain's sync stores)
 
 
@@ -185,11 +190,7 @@ def test_a_power_cut_loses_no_committed_batch(
         old, new = durable[i : i + psize], cached[i : i + psize]
         pages.append(new if (not old or rng.random() < 0.5) and new else old)
     (copy / "data.mdb").write_bytes(b"".join(pages))
-    again = _open_log(copy)
-    try:
-        assert _dump(again) == want == _reference(root / "ref", before + after)
-    finally:
-        again.close()
+    assert _recovered(copy) == want == _reference(root / "ref", before + after)
 
 
 def test_a_torn_last_record_is_a_batch_never_acked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -241,11 +242,7 @@ def test_a_failed_log_flush_stops_writes_and_a_restart_recovers(
         copy = _crash_copy(tmp_path / "a", tmp_path / "b")
     finally:
         store.close()
-    again = _open_log(copy)
-    try:
-        assert _dump(again) == _reference(tmp_path / "ref", batches[:1])
-    finally:
-        again.close()
+    assert _recovered(copy) == _reference(tmp_path / "ref", batches[:1])
 
 
 MAINTENANCE = """
@@ -526,11 +523,7 @@ def test_a_failed_flush_of_the_data_file_stops_writes(tmp_path: Path) -> None:
     finally:
         store._env = real
         store.close()
-    again = _open_log(copy)
-    try:
-        assert _dump(again) == _reference(tmp_path / "ref", batches[:1])
-    finally:
-        again.close()
+    assert _recovered(copy) == _reference(tmp_path / "ref", batches[:1])
 
 
 def test_a_damaged_record_before_intact_ones_stops_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -562,11 +555,7 @@ def test_a_damaged_record_before_intact_ones_stops_the_start(tmp_path: Path, mon
     # (applied by the refused start) not twice.
     raw[starts[1] + 30] ^= 0xFF
     path.write_bytes(bytes(raw))
-    again = _open_log(copy)
-    try:
-        assert _dump(again) == _reference(tmp_path / "ref", batches)
-    finally:
-        again.close()
+    assert _recovered(copy) == _reference(tmp_path / "ref", batches)
 
 
 def test_a_failed_background_checkpoint_is_logged_and_retried(
