@@ -389,28 +389,69 @@ def finish_send(op, ctx, res, appended, pending, heads, online, fresh, to_pump, 
                 new_ack, new_message, ok):
     """Finish a stored NewMessage of a committed batch if it is the common
     case (see pimcore._pure.send)."""
-    cdef PyObject *found
-    cdef _SpLayout lo, lr, lc
-    cdef PyObject *args[18]
     if not (_sp_is_dict_exact(pending) and _sp_is_dict_exact(heads) and _sp_is_dict_exact(online)
             and _sp_is_dict_exact(fresh) and _sp_is_dict_exact(conns) and _sp_is_dict_exact(acks)
             and _sp_is_dict_exact(stats)):
         raise TypeError("pending, heads, online, fresh, conns, acks and stats must be dicts")
     if not _sp_is_set_exact(to_pump):
         raise TypeError("to_pump must be a set")
+    return _sp_finish_one(op, ctx, res, appended, pending, heads, online, fresh, to_pump, conns, acks, stats,
+                          new_ack, new_message, ok) == 1
+
+
+def finish_sends(ops, ctxs, results, start, newmessage, appended, pending, heads, online, fresh, to_pump, conns,
+                 acks, stats, new_ack, new_message, ok):
+    """Finish the run of common-case stored NewMessages of a committed batch
+    from index ``start``; the index of the first op not taken (see
+    pimcore._pure.send)."""
+    cdef Py_ssize_t n, i
+    if not ((_sp_is_list_exact(ops) or _sp_is_tuple_exact(ops)) and (_sp_is_list_exact(ctxs) or _sp_is_tuple_exact(ctxs))
+            and (_sp_is_list_exact(results) or _sp_is_tuple_exact(results))):
+        raise TypeError("ops, ctxs and results must be lists or tuples")
+    if not _sp_is_long_exact(start):
+        raise TypeError("start must be int")
+    n = len(ops)
+    if len(ctxs) != n or len(results) != n:
+        raise ValueError("ops, ctxs and results must be of one length")
+    if not 0 <= start <= n:
+        raise ValueError("start must be within 0..len(ops)")
+    if not (_sp_is_dict_exact(pending) and _sp_is_dict_exact(heads) and _sp_is_dict_exact(online)
+            and _sp_is_dict_exact(fresh) and _sp_is_dict_exact(conns) and _sp_is_dict_exact(acks)
+            and _sp_is_dict_exact(stats)):
+        raise TypeError("pending, heads, online, fresh, conns, acks and stats must be dicts")
+    if not _sp_is_set_exact(to_pump):
+        raise TypeError("to_pump must be a set")
+    i = start
+    while i < n:
+        op = ops[i]
+        if type(op) is not newmessage:
+            break
+        if _sp_finish_one(op, ctxs[i], results[i], appended, pending, heads, online, fresh, to_pump, conns, acks,
+                          stats, new_ack, new_message, ok) == 0:
+            break
+        i += 1
+    return i
+
+
+cdef int _sp_finish_one(op, ctx, res, appended, pending, heads, online, fresh, to_pump, conns, acks, stats,
+                        new_ack, new_message, ok) except -1:
+    # finish_send after its checks of the containers: 1 done, 0 declined
+    cdef PyObject *found
+    cdef _SpLayout lo, lr, lc
+    cdef PyObject *args[18]
     if type(res) is not appended:
-        return False
+        return 0
     lc = _sp_layout(ctx, 3)
     waiters = _sp_get(ctx, lc, 0)
     if not _sp_is_list_exact(waiters) or len(<list>waiters) != 1:
-        return False
+        return 0
     only = (<list>waiters)[0]
     if not _sp_is_long_exact(only):
-        return False
+        return 0
     lo = _sp_layout(op, 1)
     mentions = _sp_get(op, lo, 0)
     if not _sp_is_tuple_exact(mentions) or len(<tuple>mentions) != 0:
-        return False
+        return 0
     (<dict>pending).pop(_sp_get(ctx, lc, 1), None)
     (<dict>stats)["messages_stored"] += 1
     lr = _sp_layout(res, 2)
@@ -487,7 +528,7 @@ def finish_send(op, ctx, res, appended, pending, heads, online, fresh, to_pump, 
         else:
             queued = <object>found
             queued.append(ack)
-    return True
+    return 1
 
 
 def push_slice(entries, budget, device, user, message):
