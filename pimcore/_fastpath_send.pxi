@@ -281,6 +281,8 @@ def propose_sends(frames, c, now, limits, members, pending, clock, node_id, reco
     cdef bint limited
     cdef _SpLayout lay
     cdef PyObject *args[13]
+    cdef str last_conv = None
+    last_pair = None
     if not _sp_is_list_exact(frames) or not _sp_is_list_exact(ops) or not _sp_is_list_exact(ctxs):
         raise TypeError("frames, ops and ctxs must be lists")
     if not _sp_is_dict_exact(pending):
@@ -329,7 +331,11 @@ def propose_sends(frames, c, now, limits, members, pending, clock, node_id, reco
         conv = _sp_get(f, lay, 3)
         if not _sp_is_str_exact(conv):
             break
-        pair = members(conv)
+        if last_conv is None or not (conv is last_conv or <str>conv == last_conv):
+            # once per run of frames to one conversation (a window of sends)
+            last_pair = members(conv)
+            last_conv = <str>conv
+        pair = last_pair
         if not _sp_is_tuple_exact(pair) or (len(<tuple>pair) != 0 and user not in <tuple>pair):
             break
         local_id = _sp_get(f, lay, 4)

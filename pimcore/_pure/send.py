@@ -80,7 +80,8 @@ def propose_sends(
     ``c.inflight < limits.window``, the payload is bytes of at most
     ``limits.max_payload``, no mentions and not ``mention_all``, the
     conversation is a str that ``members`` (``core._conv_members``) maps to
-    ``()`` or a pair holding ``c.user``, ``local_id`` is an int, the key
+    ``()`` or a pair holding ``c.user`` (``members`` is called once for
+    each run of frames to one conversation), ``local_id`` is an int, the key
     ``(c.user, c.device, local_id)`` is not in ``pending``, and ``clock``
     (a HybridClock) can tick.  For each: ``c.inflight += 1`` (and the
     bucket's ``tokens``/``refill_at``/``strikes``), a server time from the
@@ -111,6 +112,8 @@ def propose_sends(
         tokens, refill_at = c.tokens, c.refill_at
     window, max_payload = limits.window, limits.max_payload
     last = clock.last
+    last_conv: Optional[str] = None
+    last_pair = None
     i = 0
     while i < n:
         f = frames[i]
@@ -134,7 +137,11 @@ def propose_sends(
         conv = f.conv
         if type(conv) is not str:
             break
-        pair = members(conv)
+        if conv != last_conv:
+            # once per run of frames to one conversation (a window of sends)
+            last_pair = members(conv)
+            last_conv = conv
+        pair = last_pair
         if type(pair) is not tuple or (pair and user not in pair):
             break
         local_id = f.local_id
