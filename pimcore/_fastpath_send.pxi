@@ -153,6 +153,7 @@ cdef object _SP_EMPTY = ()
 cdef object _SP_ZERO = 0
 cdef object _SP_FALSE = False
 cdef object _SP_BUDGET_MAX = 1 << 62
+cdef object _SP_NOBODY = object()  # no user (an empty slot of _SpUsers)
 
 
 cdef object _sp_make(object maker, PyObject **args, Py_ssize_t n):
@@ -398,6 +399,19 @@ def propose_sends(frames, c, now, limits, members, pending, clock, node_id, reco
     return i
 
 
+cdef class _SpUsers:
+    # finish_sends' memory of the last two users of a run's positions whose
+    # head is known and who are online (a 1:1 chat's sender and recipient):
+    # their head as it is now in `heads`, their online devices, their list in
+    # `fresh`, so that a window of messages between them looks each up once
+    # instead of once per message.  Found by identity only (a miss takes the
+    # lookups); right because nothing but the run itself changes those dicts
+    # while it lasts, and to_pump already holds them.
+    cdef object u0, head0, devs0, list0
+    cdef object u1, head1, devs1, list1
+    cdef bint older1  # which slot a new user replaces
+
+
 def finish_send(op, ctx, res, appended, pending, heads, online, fresh, to_pump, conns, acks, stats,
                 new_ack, new_message, ok):
     """Finish a stored NewMessage of a committed batch if it is the common
@@ -409,7 +423,7 @@ def finish_send(op, ctx, res, appended, pending, heads, online, fresh, to_pump, 
     if not _sp_is_set_exact(to_pump):
         raise TypeError("to_pump must be a set")
     return _sp_finish_one(op, ctx, res, appended, pending, heads, online, fresh, to_pump, conns, acks, stats,
-                          new_ack, new_message, ok) == 1
+                          new_ack, new_message, ok, None) == 1
 
 
 def finish_sends(ops, ctxs, results, start, newmessage, appended, pending, heads, online, fresh, to_pump, conns,
@@ -434,22 +448,26 @@ def finish_sends(ops, ctxs, results, start, newmessage, appended, pending, heads
         raise TypeError("pending, heads, online, fresh, conns, acks and stats must be dicts")
     if not _sp_is_set_exact(to_pump):
         raise TypeError("to_pump must be a set")
+    cdef _SpUsers users = _SpUsers.__new__(_SpUsers)
+    users.u0 = users.u1 = _SP_NOBODY
     i = start
     while i < n:
         op = ops[i]
         if type(op) is not newmessage:
             break
         if _sp_finish_one(op, ctxs[i], results[i], appended, pending, heads, online, fresh, to_pump, conns, acks,
-                          stats, new_ack, new_message, ok) == 0:
+                          stats, new_ack, new_message, ok, users) == 0:
             break
         i += 1
     return i
 
 
 cdef int _sp_finish_one(op, ctx, res, appended, pending, heads, online, fresh, to_pump, conns, acks, stats,
-                        new_ack, new_message, ok) except -1:
-    # finish_send after its checks of the containers: 1 done, 0 declined
+                        new_ack, new_message, ok, _SpUsers users) except -1:
+    # finish_send after its checks of the containers: 1 done, 0 declined.
+    # `users`: finish_sends' memory of the run's users (None: none).
     cdef PyObject *found
+    cdef int k
     cdef _SpLayout lo, lr, lc
     cdef PyObject *args[18]
     if type(res) is not appended:
@@ -483,16 +501,34 @@ cdef int _sp_finish_one(op, ctx, res, appended, pending, heads, online, fresh, t
     conv = after_seq = client_time = payload = mention_all = None
     loaded = False
     for user, pos in _sp_get(res, lr, 3):
-        found = _sp_dict_get(heads, user)
-        if found == NULL or <object>found is None:
-            continue
-        if pos > <object>found:
-            (<dict>heads)[user] = pos
-        found = _sp_dict_get(online, user)
-        if found == NULL or <object>found is None:
-            continue
-        devs = <object>found
-        (<set>to_pump).add(user)
+        k = -1
+        if users is not None:
+            if user is users.u0:
+                k = 0
+            elif user is users.u1:
+                k = 1
+        if k >= 0:
+            # known: the same as the lookups below, without them
+            if pos > (users.head0 if k == 0 else users.head1):
+                (<dict>heads)[user] = pos
+                if k == 0:
+                    users.head0 = pos
+                else:
+                    users.head1 = pos
+            devs = users.devs0 if k == 0 else users.devs1
+        else:
+            found = _sp_dict_get(heads, user)
+            if found == NULL or <object>found is None:
+                continue
+            head = <object>found
+            if pos > head:
+                (<dict>heads)[user] = pos
+                head = pos
+            found = _sp_dict_get(online, user)
+            if found == NULL or <object>found is None:
+                continue
+            devs = <object>found
+            (<set>to_pump).add(user)
         if user == sender and len(devs) == 1 and device in devs:
             m = op
         else:
@@ -525,12 +561,23 @@ cdef int _sp_finish_one(op, ctx, res, appended, pending, heads, online, fresh, t
             args[16] = <PyObject*>_SP_EMPTY
             args[17] = <PyObject*>mention_all
             m = _sp_make(new_message, args, 18)
+        if k >= 0:
+            (<list>(users.list0 if k == 0 else users.list1)).append((pos, m))
+            continue
         found = _sp_dict_get(fresh, user)
         if found == NULL or <object>found is None:
-            (<dict>fresh)[user] = [(pos, m)]
+            entries = [(pos, m)]
+            (<dict>fresh)[user] = entries
         else:
             entries = <object>found
             entries.append((pos, m))
+        if users is not None and _sp_is_list_exact(entries):
+            # remembered in place of the one used longer ago
+            if users.older1:
+                users.u1, users.head1, users.devs1, users.list1 = user, head, devs, entries
+            else:
+                users.u0, users.head0, users.devs0, users.list0 = user, head, devs, entries
+            users.older1 = not users.older1
     found = _sp_dict_get(conns, only)
     if found != NULL and <object>found is not None:
         c = <object>found
