@@ -208,12 +208,14 @@ cdef _SpLayout _sp_new_layout(object cls, tuple names):
     return lay
 
 
-cdef list _sp_layouts = [None, None, None, None]
+cdef list _sp_layouts = [None, None, None, None, None, None]
 cdef tuple _SP_NAMES = (
     ("payload", "mentions", "mention_all", "conv", "local_id", "client_time", "after_seq"),  # 0: SendReq
     ("mentions", "local_id", "sender", "device", "conv", "client_time", "payload", "mention_all"),  # 1: NewMessage
     ("msg_id", "seq", "server_time", "positions", "after_seq"),  # 2: Appended
     ("waiters", "key"),  # 3: the pending send
+    ("payload", "device", "sender"),  # 4: a Push entry that is a Message (push_slice)
+    ("payload", "device", "sender"),  # 5: any other Push entry (the sender's own NewMessage)
 )
 
 
@@ -597,6 +599,7 @@ def push_slice(entries, budget, device, user, message):
     cdef long long b, n, size = 0
     cdef Py_ssize_t i = 0
     cdef list pushed
+    cdef _SpLayout lay
     if not _sp_is_list_exact(entries) and not _sp_is_tuple_exact(entries):
         return None
     if len(entries) == 0 or not _sp_is_long_exact(budget) or not -_SP_BUDGET_MAX <= budget <= _SP_BUDGET_MAX:
@@ -605,7 +608,8 @@ def push_slice(entries, budget, device, user, message):
     pushed = []
     upto = None
     for pos, m in entries:
-        payload = m.payload
+        lay = _sp_layout(m, 4 if type(m) is message else 5)
+        payload = _sp_get(m, lay, 0)
         if not _sp_is_bytes_exact(payload):
             return None
         n = PyBytes_GET_SIZE(payload) + 32
@@ -614,7 +618,7 @@ def push_slice(entries, budget, device, user, message):
             break
         i += 1
         upto = pos
-        if m.device == device and m.sender == user:
+        if _sp_get(m, lay, 1) == device and _sp_get(m, lay, 2) == user:
             continue
         if not isinstance(m, message):
             return None
