@@ -1230,8 +1230,26 @@ class Broker:
         # batch sends it: they are flushed before every op that is not a
         # NewMessage, and before the pushes.
         acks: dict[int, list[F.SendAck]] = {}
-        for op, ctx, res in zip(batch.ops, ctxs, results):
+        ops, n, i = batch.ops, len(batch.ops), 0
+        finish_sends = _impl.finish_sends
+        while i < n:
+            op = ops[i]
             kind = type(op)
+            if kind is NewMessage:
+                # A run of stored NewMessages in one fast-path call
+                # (pimcore/_pure/send.py): what _finish_send does for a
+                # message without mentions acked to its one connection (its
+                # SendAck queued in acks).  It stops at the first op that
+                # needs anything else, which takes the way below.
+                j = finish_sends(
+                    ops, ctxs, results, i, NewMessage, Appended, self._pending_sends, self._heads, self._online,
+                    self._fresh, to_pump, self._conns, acks, self._stats, _send_ack, _message, _OK,
+                )
+                if j != i:
+                    i = j
+                    continue
+            ctx, res = ctxs[i], results[i]
+            i += 1
             if kind is not NewMessage and acks:
                 self._flush_acks(acks, out)
             if kind is NewMessage:

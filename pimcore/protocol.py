@@ -574,10 +574,9 @@ class ServerSession:
         if not self._can_send:
             raise SessionClosed("cannot send: the session was closed")
         frames = frames if isinstance(frames, (list, tuple)) else list(frames)
-        for f in frames:
-            t = type(f)
-            if t is _LoginAck or t is _Close:
-                return self._send_many_slow(frames)
+        kinds = set(map(type, frames))  # one C-level pass (a batch's SendAcks: one kind)
+        if _LoginAck in kinds or _Close in kinds:
+            return self._send_many_slow(frames)
         compress = self._compress
         if compress is None:
             data = self._encode_many(frames)

@@ -1,5 +1,6 @@
 """The core's send-path fast functions (pimcore._pure.send and its compiled
-twin): ``propose_sends``, ``finish_send``, ``push_slice``, ``send_digest``.
+twin): ``propose_sends``, ``finish_send``, ``finish_sends``, ``push_slice``,
+``send_digest``.
 
 1. through the broker: a run of reads, retries, refusals and commits gives
    the same frames, store ops, closes and statistics with the fast path as
@@ -30,7 +31,7 @@ from pimcore.codec import encode_frame
 from pimcore.core import BrokerConfig, Limits
 from pimcore.errors import ErrorCode
 from pimcore.ids import direct_conversation
-from pimcore.store import Appended, Duplicate, MemoryStore, NewMessage
+from pimcore.store import AckPosition, Appended, Duplicate, MemoryStore, NewMessage
 
 from _harness import Harness
 
@@ -58,6 +59,10 @@ class _Off:
         return False
 
     @staticmethod
+    def finish_sends(ops: Any, ctxs: Any, results: Any, start: int, *args: Any) -> int:
+        return start
+
+    @staticmethod
     def push_slice(*args: Any) -> None:
         return None
 
@@ -69,6 +74,7 @@ class _Counting(_Off):
         super().__init__(impl)
         self.taken: list[int] = []
         self.finished = 0
+        self.runs: list[int] = []  # what each finish_sends call took
 
     def propose_sends(self, *args: Any) -> int:  # type: ignore[override]
         n = self._impl.propose_sends(*args)
@@ -79,6 +85,12 @@ class _Counting(_Off):
         done = self._impl.finish_send(*args)
         self.finished += done
         return done
+
+    def finish_sends(self, ops: Any, ctxs: Any, results: Any, start: int, *args: Any) -> int:  # type: ignore[override]
+        end = self._impl.finish_sends(ops, ctxs, results, start, *args)
+        self.finished += end - start
+        self.runs.append(end - start)
+        return end
 
     def push_slice(self, *args: Any) -> Any:  # type: ignore[override]
         return self._impl.push_slice(*args)
@@ -371,6 +383,96 @@ def test_finish_send_differential(both, res, waiters, op_mentions, mention_all, 
         after = outs[0][1]
         assert after["stats"] == {"messages_stored": 5} and ("al", "ph", 3) not in after["pending"]
         assert after["conns"] == (1 if 7 in waiters else 2)
+
+
+def _batch_op(kind: str, local_id: int) -> Any:
+    mentions: Any = ("bo",) if kind == "mention" else ()
+    if kind in ("plain", "mention"):
+        return NewMessage(b"M" * 16, AB, "al", "ph", local_id, -1, 1234, b"hi%d" % local_id, b"d" * 16, 0, False,
+                          mentions, False)
+    return AckPosition("al", "ph", local_id, 5) if kind == "ack" else "not an op"
+
+
+batch_item = st.tuples(
+    st.sampled_from(["plain"] * 8 + ["mention", "ack", "junk"]),
+    _mostly(st.builds(_appended, positions, st.integers(0, 3)), st.sampled_from([Duplicate(b"M" * 16, 5, 1234), "x"]), 9),
+    _mostly(st.just([7]), st.sampled_from([[8], [7, 8], [("post", 1)], [], (7,), [True]]), 6),
+)
+
+
+def _finish_sends_state(items: list, heads: dict, online: dict, to_pump: Any) -> dict:
+    ops = tuple(_batch_op(kind, i) for i, (kind, _, _) in enumerate(items))
+    ctxs = [SimpleNamespace(key=("al", "ph", i), digest=b"d" * 16, waiters=copy.copy(w)) for i, (_, _, w) in enumerate(items)]
+    return dict(ops=ops, ctxs=ctxs, results=tuple(r for _, r, _ in items),
+                pending={("al", "ph", i): 0 for i in range(len(items))}, heads=dict(heads), online=copy.deepcopy(online),
+                fresh={}, to_pump=copy.copy(to_pump), conns={7: SimpleNamespace(inflight=20), 9: None}, acks={},
+                stats={"messages_stored": 4})
+
+
+def _finish_sends_args(s: dict) -> tuple:
+    return (s["pending"], s["heads"], s["online"], s["fresh"], s["to_pump"], s["conns"], s["acks"], s["stats"],
+            core._send_ack, core._message, ErrorCode.OK)
+
+
+def _finish_sends_seen(s: dict) -> dict:
+    # comparable: contexts by their waiters, the connection by its inflight
+    return dict(s, ctxs=[c.waiters for c in s["ctxs"]], pending=set(s["pending"]), conns=s["conns"][7].inflight)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    items=st.lists(batch_item, max_size=8),
+    start=st.sampled_from([0] * 12 + [1, 3, -1, 99, 1.0, True]),
+    shape=st.sampled_from(["ok"] * 12 + ["lists", "short ctxs", "short results", "ops as str", "to_pump list"]),
+    heads=st.dictionaries(user_name, st.one_of(st.integers(0, 9), st.just(None)), max_size=3),
+    online=st.dictionaries(user_name, st.sampled_from([{"ph": 1}, {"ph": 1, "pc": 2}, {"pc": 2}, None, "ph"]), max_size=3),
+)
+def test_finish_sends_differential(both, items, start, shape, heads, online) -> None:
+    outs = []
+    for backend in both:
+        s = _finish_sends_state(items, heads, online, ["zz"] if shape == "to_pump list" else {"zz"})
+        ops, ctxs, results = s["ops"], s["ctxs"], s["results"]
+        if shape == "lists":
+            ops, results = list(ops), list(results)
+        elif shape == "short ctxs":
+            ctxs = ctxs[:-1]
+        elif shape == "short results":
+            results = results[1:]
+        elif shape == "ops as str":
+            ops = "abc"
+        try:
+            end: Any = backend.finish_sends(ops, ctxs, results, start, NewMessage, Appended, *_finish_sends_args(s))
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            end = ("err", type(exc))  # the type only, as in test_finish_send_differential
+        outs.append((end, _finish_sends_seen(s)))
+    assert outs[0] == outs[1]
+    end = outs[0][0]
+    if isinstance(end, int) and 0 <= start <= len(items) and type(start) is int:
+        # exactly finish_send op by op, from start to the first op it declines
+        backend = both[1]
+        s = _finish_sends_state(items, heads, online, {"zz"})
+        i = start
+        while i < len(items) and type(s["ops"][i]) is NewMessage and backend.finish_send(
+            s["ops"][i], s["ctxs"][i], s["results"][i], Appended, *_finish_sends_args(s)
+        ):
+            i += 1
+        assert (end, outs[0][1]) == (i, _finish_sends_seen(s))
+
+
+def test_finish_sends_takes_a_run_and_stops_before_the_rest(backend) -> None:
+    items = [("plain", _appended((("bo", 1),)), [7]), ("plain", _appended((("bo", 2),)), [7]),
+             ("ack", None, [7]), ("plain", _appended((("bo", 3),)), [7])]
+    s = _finish_sends_state(items, {"bo": 0}, {"bo": {"ph": 1}}, set())
+    assert backend.finish_sends(s["ops"], s["ctxs"], s["results"], 0, NewMessage, Appended, *_finish_sends_args(s)) == 2
+    assert [a.local_id for a in s["acks"][7]] == [0, 1] and s["heads"] == {"bo": 2}
+    assert [pos for pos, _ in s["fresh"]["bo"]] == [1, 2] and s["to_pump"] == {"bo"}
+    # the op it stopped at, and what follows, untouched; then on from after it
+    assert set(s["pending"]) == {("al", "ph", 2), ("al", "ph", 3)} and s["conns"][7].inflight == 18
+    assert backend.finish_sends(s["ops"], s["ctxs"], s["results"], 2, NewMessage, Appended, *_finish_sends_args(s)) == 2
+    assert backend.finish_sends(s["ops"], s["ctxs"], s["results"], 3, NewMessage, Appended, *_finish_sends_args(s)) == 4
+    assert s["heads"] == {"bo": 3} and s["conns"][7].inflight == 17
+    with pytest.raises(ValueError):
+        backend.finish_sends(s["ops"], s["ctxs"], s["results"], 5, NewMessage, Appended, *_finish_sends_args(s))
 
 
 def _msg(pos: int, device: str, sender: str, payload: Any = b"p") -> F.Message:

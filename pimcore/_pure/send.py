@@ -17,6 +17,8 @@ whichever backend runs:
    waiting connection, and its Push entries queued for the online
    recipients, exactly as ``Broker._finish_send`` + ``Broker._ack_waiters``
    would.  False (and nothing changed) for anything else.
+   :func:`finish_sends` does the same for a run of a batch's ops in one
+   call, stopping at the first op it does not take.
 3. :func:`push_slice`, once per Push: which of a device's next entries go
    in it (``Broker._push_entries``'s loop), when every entry pushed is
    already a Message.
@@ -33,7 +35,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable, Optional
 
-__all__ = ["propose_sends", "finish_send", "push_slice", "send_digest"]
+__all__ = ["propose_sends", "finish_send", "finish_sends", "push_slice", "send_digest"]
 
 SECOND = 1_000_000
 _BUDGET_MAX = 1 << 62
@@ -78,7 +80,8 @@ def propose_sends(
     ``c.inflight < limits.window``, the payload is bytes of at most
     ``limits.max_payload``, no mentions and not ``mention_all``, the
     conversation is a str that ``members`` (``core._conv_members``) maps to
-    ``()`` or a pair holding ``c.user``, ``local_id`` is an int, the key
+    ``()`` or a pair holding ``c.user`` (``members`` is called once for
+    each run of frames to one conversation), ``local_id`` is an int, the key
     ``(c.user, c.device, local_id)`` is not in ``pending``, and ``clock``
     (a HybridClock) can tick.  For each: ``c.inflight += 1`` (and the
     bucket's ``tokens``/``refill_at``/``strikes``), a server time from the
@@ -109,6 +112,8 @@ def propose_sends(
         tokens, refill_at = c.tokens, c.refill_at
     window, max_payload = limits.window, limits.max_payload
     last = clock.last
+    last_conv: Optional[str] = None
+    last_pair = None
     i = 0
     while i < n:
         f = frames[i]
@@ -132,7 +137,11 @@ def propose_sends(
         conv = f.conv
         if type(conv) is not str:
             break
-        pair = members(conv)
+        if conv != last_conv:
+            # once per run of frames to one conversation (a window of sends)
+            last_pair = members(conv)
+            last_conv = conv
+        pair = last_pair
         if type(pair) is not tuple or (pair and user not in pair):
             break
         local_id = f.local_id
@@ -254,6 +263,79 @@ def finish_send(
         raise TypeError("pending, heads, online, fresh, conns, acks and stats must be dicts")
     if type(to_pump) is not set:
         raise TypeError("to_pump must be a set")
+    return _finish_one(op, ctx, res, appended, pending, heads, online, fresh, to_pump, conns, acks, stats, new_ack,
+                       new_message, ok)
+
+
+def finish_sends(
+    ops: Any,
+    ctxs: Any,
+    results: Any,
+    start: int,
+    newmessage: Any,
+    appended: Any,
+    pending: dict,
+    heads: dict,
+    online: dict,
+    fresh: dict,
+    to_pump: set,
+    conns: dict,
+    acks: dict,
+    stats: dict,
+    new_ack: Callable[..., Any],
+    new_message: Callable[..., Any],
+    ok: Any,
+) -> int:
+    """Finish the run of common-case stored NewMessages of a committed batch
+    that starts at index ``start``; return the index of the first op not
+    taken (``len(ops)`` when the run reaches the end).
+
+    ``ops``, ``ctxs`` and ``results`` (lists or tuples of one length: the
+    batch's ops, their contexts, the store's results) are read from
+    ``start`` on; op ``i`` is taken when it is exactly a ``newmessage``
+    (the NewMessage class) and :func:`finish_send` of ``(ops[i], ctxs[i],
+    results[i], appended, ...)`` (the same arguments after those) takes it,
+    with exactly its effects.  The op it stops at is left unchanged, as is
+    everything after it.  Raises TypeError for sequences that are not lists
+    or tuples, a ``start`` that is not an int, or the containers
+    :func:`finish_send` refuses; ValueError for lengths that differ or a
+    ``start`` outside ``0..len(ops)``; anything else as :func:`finish_send`.
+    """
+    if not (type(ops) is list or type(ops) is tuple) or not (type(ctxs) is list or type(ctxs) is tuple) or not (
+        type(results) is list or type(results) is tuple
+    ):
+        raise TypeError("ops, ctxs and results must be lists or tuples")
+    if type(start) is not int:
+        raise TypeError("start must be int")
+    n = len(ops)
+    if len(ctxs) != n or len(results) != n:
+        raise ValueError("ops, ctxs and results must be of one length")
+    if not 0 <= start <= n:
+        raise ValueError("start must be within 0..len(ops)")
+    if not (
+        type(pending) is dict and type(heads) is dict and type(online) is dict and type(fresh) is dict
+        and type(conns) is dict and type(acks) is dict and type(stats) is dict
+    ):
+        raise TypeError("pending, heads, online, fresh, conns, acks and stats must be dicts")
+    if type(to_pump) is not set:
+        raise TypeError("to_pump must be a set")
+    i = start
+    while i < n:
+        op = ops[i]
+        if type(op) is not newmessage or not _finish_one(
+            op, ctxs[i], results[i], appended, pending, heads, online, fresh, to_pump, conns, acks, stats, new_ack,
+            new_message, ok,
+        ):
+            break
+        i += 1
+    return i
+
+
+def _finish_one(
+    op: Any, ctx: Any, res: Any, appended: Any, pending: dict, heads: dict, online: dict, fresh: dict, to_pump: set,
+    conns: dict, acks: dict, stats: dict, new_ack: Callable[..., Any], new_message: Callable[..., Any], ok: Any,
+) -> bool:
+    # finish_send after its checks of the containers
     if type(res) is not appended:
         return False
     waiters = ctx.waiters
