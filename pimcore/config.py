@@ -25,7 +25,7 @@ Example (every key optional)::
 
     [server]
     idle_timeout = 45.0                # seconds
-    ack_delay = 0.02                   # seconds a batch of only delivery acks waits for a message to share its sync
+    ack_delay = 0.02                   # seconds delivery acks wait (coalesced per device) before they are committed
     login_timeout = 10.0               # seconds
     max_outbound_bytes = 8388608       # bytes held for a connection: reading pauses at half, SLOW_CONSUMER beyond
     control_rate = 50.0                # Pongs, CalibrateResps and refusals per second per connection...

@@ -231,12 +231,15 @@ class BrokerConfig:
     # A connection refused this many SendReqs in a row for exceeding
     # Limits.send_rate is closed with RATE_LIMITED (it ignores the refusals).
     rate_limit_strikes: int = 1024
-    # A batch holding nothing but delivery acks (AckPosition, TouchDevice)
-    # waits up to this long (µs) for company -- a message, a read -- before it
-    # is committed alone.  Losing such an op only re-delivers (the position
-    # moves back to an older stored one; clients dedupe by position), so it
-    # need not pay a sync of its own: at one message in flight this halves
-    # the syncs per message (message, then the recipient's ack).  0 = never wait.
+    # Delivery acks (AckPosition, TouchDevice) wait up to this long (µs)
+    # before they are committed, coalesced per device: alone if nothing else
+    # is pending by then, else with the next batch.  Sends do not take them
+    # along before that (at one message in flight an ack per message was
+    # two of a batch's three ops and a sync of its own without the wait);
+    # any other op -- a read, a purge, an admin change -- does, after them,
+    # in the order proposed.  Losing such an op only re-delivers (the
+    # position moves back to an older stored one; clients dedupe by
+    # position).  0 = never wait.
     ack_delay: int = 0
     reclaim_interval: int = 60 * SECOND
     device_retention: int = 30 * DAY  # devices unseen this long stop holding inbox entries
@@ -3434,23 +3437,68 @@ class Broker:
                 self._lazy_since = now
             if now - self._lazy_since < delay:
                 return
-        self._lazy_since = None
         n = self.config.max_batch_ops
+        if delay and not force and len(self._ops) > self._eager and self._eager_are_sends():
+            # Sends with delivery acks pending: the acks do not ride along
+            # until they have waited ack_delay.  At one send per batch (1 x
+            # 1) they were two of its three ops (the recipient's PushAck and
+            # the sender's own position) and a third of its store CPU; a lost
+            # ack costs a re-delivery only, and they still wait no longer
+            # than ack-only batches do.  Only behind sends: an op such as a
+            # purge or a device revocation must run after the acks proposed
+            # before it, as it always did.
+            if self._lazy_since is None:
+                self._lazy_since = now
+            if now - self._lazy_since < delay:
+                self._take_eager(n, out)
+                return
+        self._lazy_since = None
         ops, ctxs = self._ops[:n], self._ctxs[:n]
         del self._ops[:n], self._ctxs[:n]
+        self._reslot()
+        self._commit_batch(ops, ctxs, out)
+
+    def _reslot(self) -> None:
+        """The pending ops moved (a batch was taken from them): count the
+        eager ones again and re-index the coalescing slots, which index
+        into the batch being built."""
         self._eager = sum(1 for op in self._ops if type(op) not in _LAZY_OPS)
-        # Coalescing slots index into the batch being built; it just moved.
         self._ack_slot.clear()
         self._read_slot.clear()
-        if self._ops:
-            for i, op in enumerate(self._ops):
-                if isinstance(op, AckPosition):
-                    self._ack_slot[(op.user, op.device)] = i
-                elif isinstance(op, MarkRead):
-                    self._read_slot[(op.user, op.conv)] = i
+        for i, op in enumerate(self._ops):
+            if isinstance(op, AckPosition):
+                self._ack_slot[(op.user, op.device)] = i
+            elif isinstance(op, MarkRead):
+                self._read_slot[(op.user, op.conv)] = i
+
+    def _commit_batch(self, ops: list[Op], ctxs: list[_Ctx], out: list[Command]) -> None:
         request = StoreRequest(self._request_id(), tuple(ops), True)
         self._inflight = (request, ctxs)
         out.append(request)
+
+    def _eager_are_sends(self) -> bool:
+        """Every op pending is a NewMessage or a delivery ack that may wait."""
+        held = _HELD_OPS
+        return all(type(op) is NewMessage or type(op) in held for op in self._ops)
+
+    def _take_eager(self, n: int, out: list[Command]) -> None:
+        """Commit up to ``n`` of the pending sends; the delivery acks stay
+        pending, in their order, their coalescing slots moved with them."""
+        ops: list[Op] = []
+        ctxs: list[_Ctx] = []
+        keep_ops: list[Op] = []
+        keep_ctxs: list[_Ctx] = []
+        held = _HELD_OPS
+        for op, ctx in zip(self._ops, self._ctxs):
+            if type(op) in held or len(ops) >= n:
+                keep_ops.append(op)
+                keep_ctxs.append(ctx)
+            else:
+                ops.append(op)
+                ctxs.append(ctx)
+        self._ops, self._ctxs = keep_ops, keep_ctxs
+        self._reslot()
+        self._commit_batch(ops, ctxs, out)
 
 
 #: After a failed batch, what is still pending is proposed by the next event or
@@ -3459,6 +3507,9 @@ _RETRY_AFTER_FAILURE = 200_000
 
 #: Ops whose loss only costs a re-delivery: they may wait for a batch (ack_delay).
 _LAZY_OPS = frozenset((AckPosition, TouchDevice, AppendEvent))
+#: The lazy ops that may also wait behind sends (not events: their ids are
+#: the order the host reads them in).
+_HELD_OPS = frozenset((AckPosition, TouchDevice))
 
 
 def _synchronous(value: object, name: str) -> Any:

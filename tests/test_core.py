@@ -875,7 +875,10 @@ def batch_kinds(h):
     return [sorted({type(op).__name__ for op in c.ops}) for c in h.commits]
 
 
-def test_delivery_acks_wait_to_share_a_batch_with_the_next_message(store):
+def test_delivery_acks_wait_ack_delay_also_behind_sends(store):
+    # Delivery acks (and the logins' TouchDevice) do not ride along with a
+    # batch of sends: they wait ack_delay, coalesced per device, then go in
+    # one batch.  (At one send per batch they were two of its three ops.)
     h = Harness(store, BrokerConfig(ack_delay=50_000))
     a = h.login("alice", "phone")
     b = h.login("bob", "laptop")
@@ -883,14 +886,19 @@ def test_delivery_acks_wait_to_share_a_batch_with_the_next_message(store):
     h.send(a, AB, b"one")
     assert [m.payload for m in h.pushed(b)] == [b"one"]
     h.feed(b, F.PushAck(1))
-    # The logins' TouchDevice ops waited for the message; the ack now waits too.
-    assert batch_kinds(h) == [["NewMessage", "TouchDevice"]]
-    assert store.device("bob", "laptop").position == 0
+    assert batch_kinds(h) == [["NewMessage"]]
+    assert store.device("bob", "laptop") is None  # registered, not yet durably
     h.now += 10_000
-    h.send(a, AB, b"two")  # needs a sync anyway: the ack rides along
-    assert batch_kinds(h) == [["NewMessage", "TouchDevice"], ["AckPosition", "NewMessage"]]
-    assert store.device("bob", "laptop").position == 1
+    h.send(a, AB, b"two")
+    assert batch_kinds(h) == [["NewMessage"], ["NewMessage"]]
     assert [m.payload for m in h.pushed(b)] == [b"two"]
+    h.advance(39_000)
+    assert len(batch_kinds(h)) == 2 and store.device("bob", "laptop") is None
+    h.advance(2_000)  # ack_delay after the first send: the acks go, one per device
+    assert batch_kinds(h)[2:] == [["AckPosition", "TouchDevice"]]
+    assert [type(op).__name__ for op in h.commits[2].ops].count("AckPosition") == 2  # bob's, alice's own
+    assert store.device("bob", "laptop").position == 1
+    assert store.device("alice", "phone").position == 2  # its own two sends
 
 
 def test_a_waiting_ack_is_committed_alone_once_the_delay_passed(store):
@@ -901,8 +909,25 @@ def test_a_waiting_ack_is_committed_alone_once_the_delay_passed(store):
     h.pushed(b)
     h.feed(b, F.PushAck(1))
     h.advance(49_000)
-    assert store.device("bob", "laptop").position == 0
+    assert store.device("bob", "laptop") is None
     h.advance(2_000)  # the tick after the delay commits it
+    assert store.device("bob", "laptop").position == 1
+
+
+def test_an_op_other_than_a_send_takes_the_waiting_acks_with_it_in_order(store):
+    # Only sends overtake the waiting acks: any other op (here a Read) goes
+    # in one batch with them, after them, as proposed.
+    h = Harness(store, BrokerConfig(ack_delay=50_000))
+    a = h.login("alice", "phone")
+    b = h.login("bob", "laptop")
+    h.commits.clear()
+    h.send(a, AB, b"one")
+    h.pushed(b)
+    h.feed(b, F.PushAck(1))
+    h.feed(b, F.Read(AB, 1))
+    assert batch_kinds(h)[0] == ["NewMessage"]
+    kinds = [type(op).__name__ for op in h.commits[1].ops]
+    assert kinds[-1] == "MarkRead" and kinds.count("TouchDevice") == 2 and "AckPosition" in kinds
     assert store.device("bob", "laptop").position == 1
 
 
@@ -917,7 +942,7 @@ def test_a_waiting_ack_still_counts_for_a_quick_relogin_and_flush_commits_it(sto
     h.lose(b)
     b2 = h.login("bob", "laptop")  # not durable yet, but known: no re-delivery
     assert h.take(b2, F.LoginAck)[0].position == 3
-    assert store.device("bob", "laptop").position == 0
+    assert store.device("bob", "laptop") is None  # its registration waits too
     h.run(h.broker.flush(h.now))
     assert store.device("bob", "laptop").position == 3
 
