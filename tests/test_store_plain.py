@@ -233,19 +233,19 @@ def test_the_store_writes_the_same_bytes_with_and_without_the_fast_path(
     clock = [1_000]
     batches = data.draw(st.lists(st.lists(_ops(clock), min_size=1, max_size=12), min_size=1, max_size=8))
     stores = [LmdbStore(str(tmp_path_factory.mktemp("fast"))), LmdbStore(str(tmp_path_factory.mktemp("general")))]
-    real = lmdb_module._store_plain
+    real = lmdb_module._store_plain_run
     results: list[list] = [[], []]
     try:
         for i, store in enumerate(stores):
             store.commit(WriteBatch(1, (CreateGroup("g1", ("al", "bo", "cy"), 1), CreateGroup("g2", ("bo",), 1))))
-            lmdb_module._store_plain = real if i == 0 else (lambda *a: None)
+            lmdb_module._store_plain_run = real if i == 0 else (lambda ops, start, *a: start)
             for n, ops in enumerate(batches):
                 results[i].append(store.commit(WriteBatch(n + 2, tuple(ops))))
-            lmdb_module._store_plain = real
+            lmdb_module._store_plain_run = real
         assert results[0] == results[1]
         assert _dump(stores[0]) == _dump(stores[1])
     finally:
-        lmdb_module._store_plain = real
+        lmdb_module._store_plain_run = real
         for store in stores:
             store.close()
 
@@ -253,15 +253,16 @@ def test_the_store_writes_the_same_bytes_with_and_without_the_fast_path(
 def test_the_fast_path_takes_the_steady_state(tmp_path: Any) -> None:
     # After the first send of a conversation has loaded it, later sends take the fast path.
     store = LmdbStore(str(tmp_path))
-    real = lmdb_module._store_plain
-    hits = [0, 0]
+    real = lmdb_module._store_plain_run
+    hits = [0, 0]  # ops the run took, runs that took none
 
-    def counted(*a: Any) -> Optional[object]:
-        res = real(*a)
-        hits[res is None] += 1
-        return res
+    def counted(ops: Any, start: int, *a: Any) -> int:
+        end = real(ops, start, *a)
+        hits[0] += end - start
+        hits[1] += end == start
+        return end
 
-    lmdb_module._store_plain = counted
+    lmdb_module._store_plain_run = counted
     try:
         conv = direct_conversation("al", "bo")
         for n in range(5):
@@ -269,6 +270,121 @@ def test_the_fast_path_takes_the_steady_state(tmp_path: Any) -> None:
                                    0, 10 * n + k + 1, b"hi", b"d") for k in range(10))
             assert all(isinstance(r, Appended) for r in store.commit(WriteBatch(n, ops)))
     finally:
-        lmdb_module._store_plain = real
+        lmdb_module._store_plain_run = real
         store.close()
     assert hits == [49, 1]
+
+
+# ------------------------------------------------ store_plain_run: a run of ops in one call
+
+
+def _run_batch(**flags: bool) -> SimpleNamespace:
+    w = _batch(**{**GOOD, **flags})
+    w.hwm = 1_699_990
+    return w
+
+
+def _run_state(w: SimpleNamespace) -> tuple:
+    return (*_state(w), w.hwm)
+
+
+def _call_run(backend: ModuleType, ops: Any, start: Any, w: SimpleNamespace, results: Any,
+              device_key: Any = lmdb_module._device_key) -> object:
+    return backend.store_plain_run(ops, start, NewMessage, w, "dedupe-db", lmdb_module._conv_info, device_key,
+                                   lmdb_module._record_ids, _appended, results)
+
+
+def _naive_run(backend: ModuleType, ops: list, start: int, w: SimpleNamespace, results: list) -> int:
+    # What the run must equal: store_plain_message op by op until it declines.
+    i = start
+    while i < len(ops) and type(ops[i]) is NewMessage:
+        res = _call(backend, ops[i], w)
+        if res is None:
+            break
+        results.append(res)
+        w.hwm = max(w.hwm, ops[i].server_time)
+        i += 1
+    return i
+
+
+_RUN_BAD = [c for c in _BAD if c[0] not in ("sender",)] + [("sender", "x" * 65), ("sender", SYSTEM)]
+
+
+@st.composite
+def _run_ops(draw: Any) -> list:
+    ops: list = []
+    for k in range(draw(st.integers(0, 8))):
+        if draw(st.integers(0, 9)) == 0:
+            ops.append(draw(st.sampled_from(["not an op", object(), SimpleNamespace(mentions=())])))
+            continue
+        op = NewMessage(bytes((k,)) * 16, "d:al:bo", draw(st.sampled_from(["al", "bo"])),
+                        draw(st.sampled_from(["ph", "pc"])), draw(st.integers(5, 9)), 3,
+                        draw(st.integers(1_699_980, 1_700_000)), b"p", b"D" * 16, draw(st.integers(0, 50)))
+        if draw(st.integers(0, 4)) == 0:
+            op = dataclasses.replace(op, **dict([draw(st.sampled_from(_RUN_BAD))]))
+        ops.append(op)
+    return ops
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_run_ops(), start=st.integers(0, 8), as_list=st.booleans(),
+       flipped=st.lists(st.sampled_from(sorted(GOOD)), max_size=1))
+def test_a_run_takes_exactly_what_store_plain_message_takes(both: tuple[ModuleType, ModuleType], ops: list,
+                                                           start: int, as_list: bool, flipped: list) -> None:
+    # Retries (a local_id seen before in the run, or bo/ph/7 stored), ops of
+    # other types, fields the general path must judge, batches the fast path
+    # cannot take: each backend's run equals store_plain_message op by op,
+    # and the two backends equal each other.
+    start = min(start, len(ops))
+    flags = {k: not GOOD[k] for k in flipped}
+    outs = []
+    for backend in both:
+        w, results = _run_batch(**flags), ["earlier"]
+        end = _call_run(backend, ops if as_list else tuple(ops), start, w, results)
+        w2, expected = _run_batch(**flags), ["earlier"]
+        assert end == _naive_run(backend, ops, start, w2, expected)
+        assert results == expected and _run_state(w) == _run_state(w2)
+        outs.append((end, results, _run_state(w)))
+    assert outs[0] == outs[1]
+
+
+def test_a_run_stops_at_the_first_op_it_does_not_take(backend: ModuleType) -> None:
+    ops = [dataclasses.replace(OP, local_id=n, msg_id=bytes((n,)) * 16, server_time=1_700_000 + n) for n in (1, 2)]
+    ops += [dataclasses.replace(OP, local_id=2, msg_id=b"R" * 16)]  # a retry of the second one
+    ops += [dataclasses.replace(OP, local_id=4, msg_id=b"4" * 16)]
+    w, results = _run_batch(), []
+    assert _call_run(backend, tuple(ops), 0, w, results) == 2
+    assert [r[2] for r in results] == [42, 43] and w.hwm == 1_700_002  # type: ignore[index]
+    assert _call_run(backend, tuple(ops), 2, w, results) == 2  # the general path answers the retry
+    assert _call_run(backend, tuple(ops), 3, w, results) == 4 and results[-1][2] == 44  # type: ignore[index]
+    assert _call_run(backend, tuple(ops), 4, w, results) == 4
+
+
+@pytest.mark.parametrize("ops, start, results, exc, text", [
+    ([OP], 0, (), TypeError, "results must be a list"),
+    ({OP}, 0, [], TypeError, "ops must be a tuple or list"),
+    (iter([OP]), 0, [], TypeError, "ops must be a tuple or list"),
+    ([OP], "0", [], TypeError, "start must be int"),
+    ([OP], 0.0, [], TypeError, "start must be int"),
+    ([OP], -1, [], ValueError, "start out of range"),
+    ([OP], 2, [], ValueError, "start out of range"),
+])
+def test_store_plain_run_rejects_bad_arguments(backend: ModuleType, ops: Any, start: Any, results: Any, exc: type,
+                                              text: str) -> None:
+    w = _run_batch()
+    before = copy.deepcopy(_run_state(w))
+    with pytest.raises(exc, match=text):
+        _call_run(backend, ops, start, w, results)
+    assert _run_state(w) == before
+
+
+def test_a_run_keeps_the_ops_taken_before_an_error(backend: ModuleType) -> None:
+    # The key helpers' errors pass through; what was taken stays taken.
+    def device_key(sender: str, device: str) -> Any:
+        return lmdb_module._device_key(sender, device) if device == "ph" else "not bytes"
+
+    ops = (OP, dataclasses.replace(OP, local_id=8, msg_id=b"8" * 16, device="pc"))
+    w, results = _run_batch(), []
+    with pytest.raises(TypeError, match="device_key must return bytes"):
+        _call_run(backend, ops, 0, w, results, device_key)
+    assert len(results) == 1 and w.hwm == OP.server_time and len(w.s_msgs) == 1

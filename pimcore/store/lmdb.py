@@ -62,8 +62,9 @@ written at the end of the batch in key order with one ``Cursor.putmulti``
 leaf page it just wrote); the per-recipient loops are in the fast path
 (:mod:`pimcore._pure.fanout` and its compiled twin), as is the whole of a
 plain NewMessage into a conversation the commit already holds
-(``store_plain_message``; anything else takes the general path, and a test
-holds both to the same bytes).  What a commit read --
+(``store_plain_run``: each run of such ops in a batch is one call, which
+stops at the first op it does not take; that op takes the general path, and
+a test holds both to the same bytes).  What a commit read --
 members, last seqs, inbox heads and floors, which members already have the
 conversation flagged -- is kept for the next commit as long as LMDB's
 transaction counter proves that nobody else wrote in between
@@ -430,7 +431,7 @@ def _mention_block(mentions: tuple[str, ...], mention_all: bool) -> bytes:
     return bytes((int(mention_all),)) + len(mentions).to_bytes(2, "big") + b"".join(_t(u) for u in mentions)
 # The results built once per op of a batch (pimcore/_pure/records.py).
 _appended = _impl.record_maker(Appended)
-_store_plain = _impl.store_plain_message
+_store_plain_run = _impl.store_plain_run
 _acked = _impl.record_maker(Acked)
 
 
@@ -1717,9 +1718,24 @@ class LmdbStore(Store):
             kept.clear()
             w = _Batch(self, txn, self._take_hot(txn), staging[0])
             stored = w.hwm = _U64.unpack(txn.get(b"hwm", db=self._meta))[0]
-            results = []
+            results: list[Result] = []
             wrote = False
-            for op in ops:
+            i, n = 0, len(ops)
+            while i < n:
+                op = ops[i]
+                if type(op) is NewMessage:
+                    # The hot path: the run of common-case NewMessage ops
+                    # from here in one fast-path call (pimcore._pure.fanout),
+                    # which appends their Appended results and moves w.hwm;
+                    # it stops at the first op it does not take, which then
+                    # takes the general path (_apply) below.
+                    j = _store_plain_run(ops, i, NewMessage, w, self._dedupe, _conv_info, _device_key,
+                                         _record_ids, _appended, results)
+                    if j != i:
+                        wrote = True
+                        i = j
+                        continue
+                i += 1
                 result = self._apply(w, op)
                 kind = type(result)
                 if kind is Appended:
@@ -1769,12 +1785,8 @@ class LmdbStore(Store):
 
     def _apply(self, w: _Batch, op: Op) -> Result:
         kind = type(op)
-        if kind is NewMessage:  # the hot path: may run while records are staged
-            # Its common case in one fast-path call (pimcore._pure.fanout);
-            # None: not that case, nothing changed, the general path below.
-            res = _store_plain(op, w, self._dedupe, _conv_info, _device_key, _record_ids, _appended)
-            if res is not None:
-                return res  # type: ignore[no-any-return]
+        if kind is NewMessage:  # may run while records are staged
+            # (Its common case was offered to _store_plain_run first.)
             if malformed(op):
                 return Rejected(ErrorCode.BAD_REQUEST)
             return self._new_message(w, op)  # type: ignore[arg-type]
