@@ -829,7 +829,7 @@ class _Hot:
     bounded whatever the number of users and conversations.
     """
 
-    __slots__ = ("txnid", "seqs", "heads", "floors", "heads_gen", "convs", "members")
+    __slots__ = ("txnid", "seqs", "heads", "floors", "heads_gen", "convs", "members", "devices")
 
     def __init__(self) -> None:
         self.txnid = -1
@@ -839,6 +839,11 @@ class _Hot:
         self.heads_gen = 0  # bumped whenever heads/floors are cleared
         self.convs: dict[bytes, _Conv] = {}  # T(conv) -> members
         self.members = 0  # sum of len(users) over convs
+        #: T(user) T(device) -> (position, last_seen) of the ``devices``
+        #: record, as the batch left it (written at flush, see _Batch).
+        #: Only Reclaim and PurgeUser delete devices: both sync() first,
+        #: which clears this.
+        self.devices: dict[bytes, tuple[int, int]] = {}
 
     def clear_heads(self) -> None:
         self.heads.clear()
@@ -853,6 +858,8 @@ class _Hot:
         if self.members > _HOT_MEMBERS or len(self.convs) > _HOT_CONVS:
             self.convs.clear()
             self.members = 0
+        if len(self.devices) > _HOT_USERS:
+            self.devices.clear()
 
 
 class _MsgIdTaken(Exception):
@@ -875,7 +882,7 @@ class _Batch:
     """
 
     __slots__ = ("txn", "_store", "hot", "_dirty_seqs", "pend", "hwm", "ev_last", "ev_dirty",
-                 "staging", "s_msgs", "s_convidx", "s_dedupe")
+                 "staging", "s_msgs", "s_convidx", "s_dedupe", "s_devices")
 
     def __init__(self, store: "LmdbStore", txn: _Txn, hot: _Hot, staging: bool = True) -> None:
         self.txn = txn
@@ -886,11 +893,18 @@ class _Batch:
         #: order, dedupe key -> value.  Only NewMessage/AckPosition/
         #: TouchDevice run while anything is staged (:meth:`LmdbStore._apply`
         #: writes it out before any other op), and of the staged databases
-        #: they read only ``dedupe``, through :meth:`prior`: so every read of
-        #: the batch sees every earlier write of it.
+        #: they read only ``dedupe``, through :meth:`prior`, and ``devices``,
+        #: through :attr:`_Hot.devices` (which holds every staged device
+        #: record): so every read of the batch sees every earlier write of it.
         self.s_msgs: list[tuple[bytes, bytes]] = []
         self.s_convidx: list[tuple[bytes, bytes]] = []
         self.s_dedupe: dict[bytes, bytes] = {}
+        #: ``devices`` records changed by AckPosition/TouchDevice (key ->
+        #: value), staged like the above (written with them, in one sorted
+        #: ``putmulti``): an ack reads its device from :attr:`_Hot.devices`
+        #: (once per device while the cache lives), so that a batch's ~50
+        #: acks cost no B-tree search and one put each.
+        self.s_devices: dict[bytes, bytes] = {}
         #: Highest server time stored so far (meta ``hwm``, written at the end).
         self.hwm = 0
         self._store = store
@@ -994,10 +1008,13 @@ class _Batch:
         if self.s_dedupe:
             txn.cursor(db=store._dedupe).putmulti(sorted(self.s_dedupe.items()))
             self.s_dedupe.clear()
+        if self.s_devices:
+            txn.cursor(db=store._devices).putmulti(sorted(self.s_devices.items()))
+            self.s_devices.clear()
 
     def flush(self) -> None:
         store, txn, hot = self._store, self.txn, self.hot
-        if self.s_msgs:
+        if self.s_msgs or self.s_devices:
             self.put_staged()
         if self.ev_dirty:
             txn.put(b"evlast", _U64.pack(self.ev_last), db=store._meta)
@@ -1016,11 +1033,13 @@ class _Batch:
 
     def sync(self) -> None:
         """Flush and forget: for ops that read or write the counters'
-        databases directly (Reclaim rewrites floors).  What is forgotten is
-        read again from the transaction when next needed."""
+        databases directly (Reclaim rewrites floors and deletes devices,
+        PurgeUser deletes devices).  What is forgotten is read again from the
+        transaction when next needed."""
         self.flush()
         self.hot.seqs.clear()
         self.hot.clear_heads()
+        self.hot.devices.clear()
 
 
 class LmdbStore(Store):
@@ -1793,7 +1812,7 @@ class LmdbStore(Store):
         handler = _HANDLERS.get(kind)
         if handler is None:
             raise TypeError(f"not a store op: {kind.__name__}")
-        if w.s_msgs and kind not in _STAGE_SAFE:
+        if (w.s_msgs or w.s_devices) and kind not in _STAGE_SAFE:
             w.put_staged()  # this op may read what the earlier ones staged
         if malformed(op):
             return Rejected(ErrorCode.BAD_REQUEST)
@@ -1982,18 +2001,26 @@ class LmdbStore(Store):
     def _register(self, w: _Batch, user: str, device: str, position: int, now: int) -> tuple[int, bool]:
         """Shared by Touch and Ack: create at the floor if unknown, move
         forward to ``position`` clamped to the head, refresh last_seen."""
-        txn = w.txn
         uk = _t(user)
         dk = uk + _t(device)
         head, floor = w.head_floor(uk)
-        raw = txn.get(dk, db=self._devices)
-        if raw is None:
-            old_pos, old_seen, new = floor, now, True
-        else:
-            old_pos, old_seen = _DEVICE.unpack(raw)
+        # Read through the cache, written at flush (see _Batch.s_devices).
+        devices = w.hot.devices
+        held = devices.get(dk)
+        if held is not None:
+            old_pos, old_seen = held
             new = False
+        else:
+            raw = w.txn.get(dk, db=self._devices)
+            if raw is None:
+                old_pos, old_seen, new = floor, now, True
+            else:
+                old_pos, old_seen = _DEVICE.unpack(raw)
+                new = False
         pos = max(old_pos, min(position, head))
-        txn.put(dk, _DEVICE.pack(pos, max(old_seen, now)), db=self._devices)
+        seen = max(old_seen, now)
+        devices[dk] = (pos, seen)
+        w.s_devices[dk] = _DEVICE.pack(pos, seen)
         return pos, new
 
     def _ack(self, w: _Batch, op: AckPosition) -> Result:
@@ -2837,8 +2864,9 @@ class LmdbStore(Store):
         return f"LmdbStore({self._path!r}, {state})"
 
 
-#: The ops that may run while NewMessage records are staged (see _Batch):
-#: of msgs, convidx and dedupe they read only dedupe, through _Batch.prior.
+#: The ops that may run while NewMessage and device records are staged (see
+#: _Batch): of msgs, convidx, dedupe and devices they read only dedupe, through
+#: _Batch.prior, and devices, through _Hot.devices.
 _STAGE_SAFE = frozenset((NewMessage, AckPosition, TouchDevice))
 
 _HANDLERS: dict[type, Callable[[LmdbStore, _Batch, Op], Result]] = {
