@@ -408,6 +408,7 @@ def store_plain_run(ops, start, kind, w, dedupe_db, conv_info, device_key, recor
     cdef object op, sender, device, conv, local_id, after, msg_id, payload, digest, server_time
     cdef object dk, dkey, info, ck, c, last, seq, after_seq, entry, positions, ids
     cdef object txn_get, s_dedupe, s_msgs, s_convidx, hot, dirty, pend, convs, seqs, heads, heads_gen, hwm
+    cdef object dmax, dk_general, dedupe_last, bound
     cdef object last_sender = None, last_device = None, last_dk = None
     cdef object last_conv = None, last_ck = None, last_c = None, ids_ck = None, ids_dk = None, last_ids = None
     cdef unsigned char *p
@@ -434,6 +435,9 @@ def store_plain_run(ops, start, kind, w, dedupe_db, conv_info, device_key, recor
     seqs = hot.seqs
     heads = hot.heads
     heads_gen = hot.heads_gen
+    dmax = hot.dmax
+    dk_general = w.dk_general
+    dedupe_last = w.dedupe_last
     hwm = w.hwm
     try:
         while i < n:
@@ -469,8 +473,15 @@ def store_plain_run(ops, start, kind, w, dedupe_db, conv_info, device_key, recor
             dkey = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(dk) + 8)
             p = _fo_put(<unsigned char *>PyBytes_AS_STRING(dkey), dk)
             _fo_put_u64(p, _fo_as_u64(local_id))
-            if dkey in s_dedupe or txn_get(dkey, None, dedupe_db) is not None:
+            if dkey in s_dedupe:
                 break  # a retry (or a conflict): the general path answers it
+            # the device's bound: a local_id above it needs no probe
+            bound = dmax.get(dk)
+            if bound is None and dk not in dk_general:
+                bound = dedupe_last(dk)
+                dmax[dk] = bound
+            if (bound is None or local_id <= bound) and txn_get(dkey, None, dedupe_db) is not None:
+                break
             if last_ck is not None and conv == last_conv:
                 ck, c = last_ck, last_c
             else:
@@ -495,6 +506,8 @@ def store_plain_run(ops, start, kind, w, dedupe_db, conv_info, device_key, recor
             entry = _fo_stage_message(op, seq, after_seq, last_ids, ck, dkey, s_msgs, s_convidx, s_dedupe)
             seqs[ck] = seq
             dirty.add(ck)
+            if bound is not None and local_id > bound:
+                dmax[dk] = local_id
             positions = _fo_fanout(c.users, c.uks, heads, pend, entry)
             results.append(_fo_appended(appended, msg_id, seq, server_time, positions, after_seq))
             if server_time > hwm:

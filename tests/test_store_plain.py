@@ -58,10 +58,16 @@ def _appended(*fields: Any) -> tuple:
 class _Txn:
     def __init__(self, stored: dict) -> None:
         self.stored = stored
+        self.gets = 0
 
     def get(self, key: bytes, default: Any = None, db: Any = None) -> Any:
         assert db == "dedupe-db"
+        self.gets += 1
         return self.stored.get(key, default)
+
+    def dedupe_last(self, dk: bytes) -> int:
+        # _Batch.dedupe_last over the stored dedupe keys
+        return max((int.from_bytes(k[len(dk):], "big") for k in self.stored if k[: len(dk)] == dk), default=-1)
 
 
 def _batch(*, member: bool, flagged: bool, loaded: bool, seq_known: bool, conv_known: bool, staging: bool,
@@ -75,10 +81,12 @@ def _batch(*, member: bool, flagged: bool, loaded: bool, seq_known: bool, conv_k
     heads = {u: 5 for u in conv.uks}
     hot = SimpleNamespace(convs={ck: conv} if conv_known else {}, seqs={ck: 41} if seq_known else {},
                           heads=heads, heads_gen=3)
+    hot.dmax = {}
     dkey = tk("bo") + tk("ph") + (7).to_bytes(8, "big")
+    txn = _Txn({dkey: b"y"} if stored_retry else {})
     return SimpleNamespace(
         staging=staging, s_dedupe={dkey: b"x"} if staged_retry else {}, s_msgs=[], s_convidx=[], hot=hot,
-        _dirty_seqs=set(), pend={}, txn=_Txn({dkey: b"y"} if stored_retry else {}),
+        _dirty_seqs=set(), pend={}, txn=txn, dk_general=set(), dedupe_last=txn.dedupe_last,
     )
 
 
@@ -294,6 +302,10 @@ def _run_state(w: SimpleNamespace) -> tuple:
     return (*_state(w), w.hwm)
 
 
+def _run_state_all(w: SimpleNamespace) -> tuple:
+    return (*_run_state(w), w.hot.dmax)
+
+
 def _call_run(backend: ModuleType, ops: Any, start: Any, w: SimpleNamespace, results: Any,
               device_key: Any = lmdb_module._device_key) -> object:
     return backend.store_plain_run(ops, start, NewMessage, w, "dedupe-db", lmdb_module._conv_info, device_key,
@@ -350,7 +362,7 @@ def test_a_run_takes_exactly_what_store_plain_message_takes(both: tuple[ModuleTy
         w2, expected = _run_batch(**flags), ["earlier"]
         assert end == _naive_run(backend, ops, start, w2, expected)
         assert results == expected and _run_state(w) == _run_state(w2)
-        outs.append((end, results, _run_state(w)))
+        outs.append((end, results, _run_state_all(w)))
     assert outs[0] == outs[1]
 
 
@@ -474,3 +486,57 @@ def test_an_ack_after_reclaim_in_the_same_batch_sees_the_device_forgotten(tmp_pa
         assert res[0].position == 3 and store.device("bo", "ph").position == 3  # type: ignore[union-attr]
     finally:
         store.close()
+
+
+
+def test_a_send_above_the_devices_bound_is_not_probed(backend: ModuleType) -> None:
+    # bo/ph stored local_id 7: the run seeds the device's bound (7) once;
+    # 9 and 10 are above it (not probed, the bound rises to 10); 8 is below
+    # it (probed: not stored); 7 is probed and found: a retry.
+    ops = tuple(dataclasses.replace(OP, local_id=n, msg_id=bytes((n,)) * 16) for n in (9, 10, 8, 7))
+    w, results = _run_batch(stored_retry=True), []
+    assert _call_run(backend, ops, 0, w, results) == 3  # 7: a retry, for the general path
+    assert w.txn.gets == 2  # 8 (at or below the bound, 10) and 7; not 9 or 10
+    assert w.hot.dmax == {tk("bo") + tk("ph"): 10}
+    # A device whose dedupe records another path wrote in this batch gets no bound.
+    w, results = _run_batch(stored_retry=True), []
+    w.dk_general.add(tk("bo") + tk("ph"))
+    assert _call_run(backend, ops[:2], 0, w, results) == 2
+    assert w.txn.gets == 2 and w.hot.dmax == {}
+
+
+
+def test_retries_of_local_ids_other_paths_wrote_are_found(tmp_path: Any) -> None:
+    # The bound that spares the dedupe probe must cover what the general path
+    # (a mention) and an amend wrote, in the same batch and the next ones.
+    from pimcore.store import AmendMessage, MessageKind, Rejected
+    from pimcore.store import MemoryStore as Memory
+
+    conv = direct_conversation("al", "bo")
+
+    def send(n: int, digest: bytes = b"d" * 16, **kw: Any) -> NewMessage:
+        return NewMessage(n.to_bytes(8, "big") + b"N" * 8, conv, "al", "ph", n, 0, n, b"hi", digest, **kw)
+
+    edit = AmendMessage((30).to_bytes(8, "big") + b"A" * 8, conv, "al", "ph", 20, 0, 30, MessageKind.EDIT, 1, b"new",
+                        b"a" * 16)
+    batches = [
+        (send(1), send(2), send(3)),
+        (send(4), send(10, mentions=("bo",)), send(10)),  # the general path wrote 10
+        (send(10), send(11), send(10, b"x" * 16), send(5)),
+        (send(13), edit, send(20, b"a" * 16)),  # the amend wrote 20
+        (send(20, b"a" * 16), send(20), send(21), send(3)),
+    ]
+    stores = [LmdbStore(str(tmp_path / "lmdb")), Memory()]
+    try:
+        got = [[store.commit(WriteBatch(n, ops)) for n, ops in enumerate(batches)] for store in stores]
+    finally:
+        stores[0].close()
+    assert got[0] == got[1]
+    kinds = [[r.code.name if isinstance(r, Rejected) else type(r).__name__ for r in b] for b in got[0]]
+    assert kinds == [
+        ["Appended"] * 3,
+        ["Appended", "Appended", "Duplicate"],
+        ["Duplicate", "Appended", "DUPLICATE_CONFLICT", "Appended"],
+        ["Appended", "Appended", "Duplicate"],
+        ["Duplicate", "DUPLICATE_CONFLICT", "Appended", "Duplicate"],
+    ]

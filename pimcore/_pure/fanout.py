@@ -309,7 +309,10 @@ def store_plain_run(
 ) -> int:
     """:func:`store_plain_message` over ``ops[start]``, ``ops[start + 1]``, ...
     for as long as it takes them: the LMDB store's run of common-case
-    NewMessage ops, in one call per run instead of one per op.  Returns the
+    NewMessage ops, in one call per run instead of one per op.  It also
+    reads ``w.hot.dmax``, ``w.dk_general`` and ``w.dedupe_last``: the
+    dedupe probe is skipped for a local_id above the device's bound (see
+    ``pimcore.store.lmdb._Hot.dmax``), which the run seeds and raises.  Returns the
     index of the first op not taken (``len(ops)`` if it took them all); that
     op, if any, changed nothing and goes to the store's general path.
 
@@ -341,6 +344,7 @@ def store_plain_run(
     txn_get, s_dedupe, s_msgs, s_convidx = w.txn.get, w.s_dedupe, w.s_msgs, w.s_convidx
     hot, dirty, pend = w.hot, w._dirty_seqs, w.pend
     convs, seqs, heads, heads_gen = hot.convs, hot.seqs, hot.heads, hot.heads_gen
+    dmax, dk_general, dedupe_last = hot.dmax, w.dk_general, w.dedupe_last
     last_sender = last_device = last_dk = last_conv = last_ck = ids_ck = ids_dk = last_ids = None
     last_c: Any = None
     while i < n:
@@ -356,9 +360,17 @@ def store_plain_run(
             last_sender, last_device, last_dk = sender, device, dk
         else:
             dk = last_dk
-        dkey = dk + _U64.pack(op.local_id)
-        if dkey in s_dedupe or txn_get(dkey, None, dedupe_db) is not None:
+        local_id = op.local_id
+        dkey = dk + _U64.pack(local_id)
+        if dkey in s_dedupe:
             break  # a retry (or a conflict): the general path answers it
+        # The device's bound (seeded once, see LmdbStore's _Hot.dmax): a
+        # local_id above it was never stored, so the probe is skipped.
+        bound = dmax.get(dk)
+        if bound is None and dk not in dk_general:
+            bound = dmax[dk] = dedupe_last(dk)
+        if (bound is None or local_id <= bound) and txn_get(dkey, None, dedupe_db) is not None:
+            break
         if last_ck is not None and conv == last_conv:
             ck, c = last_ck, last_c
         else:
@@ -383,6 +395,8 @@ def store_plain_run(
         entry = stage_message(op, seq, after_seq, last_ids, ck, dkey, s_msgs, s_convidx, s_dedupe)  # type: ignore
         seqs[ck] = seq
         dirty.add(ck)
+        if bound is not None and local_id > bound:
+            dmax[dk] = local_id
         server_time = op.server_time
         results.append(appended(op.msg_id, seq, server_time, fanout(c.users, c.uks, heads, pend, entry), after_seq))
         if server_time > w.hwm:

@@ -66,10 +66,12 @@ plain NewMessage into a conversation the commit already holds
 stops at the first op it does not take; that op takes the general path, and
 a test holds both to the same bytes).  What a commit read --
 members, last seqs, inbox heads and floors, which members already have the
-conversation flagged -- is kept for the next commit as long as LMDB's
-transaction counter proves that nobody else wrote in between
-(:class:`_Hot`), so a steady stream of commits to one group does not re-read
-its 1,000 members and heads every time.
+conversation flagged, device records, each sending device's highest stored
+local_id (a send above it needs no dedupe probe) -- is kept for the next
+commit as long as LMDB's transaction counter proves that nobody else wrote
+in between (:class:`_Hot`), so a steady stream of commits to one group does
+not re-read its 1,000 members and heads every time.  The device records that
+acks change are written once per batch, with the staged message records.
 
 Key layout
 ----------
@@ -829,7 +831,7 @@ class _Hot:
     bounded whatever the number of users and conversations.
     """
 
-    __slots__ = ("txnid", "seqs", "heads", "floors", "heads_gen", "convs", "members", "devices")
+    __slots__ = ("txnid", "seqs", "heads", "floors", "heads_gen", "convs", "members", "devices", "dmax")
 
     def __init__(self) -> None:
         self.txnid = -1
@@ -844,6 +846,13 @@ class _Hot:
         #: Only Reclaim and PurgeUser delete devices: both sync() first,
         #: which clears this.
         self.devices: dict[bytes, tuple[int, int]] = {}
+        #: T(sender) T(device) -> a local_id at or above that of every
+        #: ``dedupe`` record of the device (stored or staged): a send with a
+        #: higher local_id is no retry, and needs no probe.  Kept by
+        #: store_plain_run; a write of a dedupe record by any other path
+        #: drops the device's entry (_Batch.dedupe_written).  Deletions
+        #: leave it a bound.
+        self.dmax: dict[bytes, int] = {}
 
     def clear_heads(self) -> None:
         self.heads.clear()
@@ -860,6 +869,8 @@ class _Hot:
             self.members = 0
         if len(self.devices) > _HOT_USERS:
             self.devices.clear()
+        if len(self.dmax) > _HOT_USERS:
+            self.dmax.clear()
 
 
 class _MsgIdTaken(Exception):
@@ -882,7 +893,7 @@ class _Batch:
     """
 
     __slots__ = ("txn", "_store", "hot", "_dirty_seqs", "pend", "hwm", "ev_last", "ev_dirty",
-                 "staging", "s_msgs", "s_convidx", "s_dedupe", "s_devices")
+                 "staging", "s_msgs", "s_convidx", "s_dedupe", "s_devices", "dk_general")
 
     def __init__(self, store: "LmdbStore", txn: _Txn, hot: _Hot, staging: bool = True) -> None:
         self.txn = txn
@@ -905,6 +916,11 @@ class _Batch:
         #: (once per device while the cache lives), so that a batch's ~50
         #: acks cost no B-tree search and one put each.
         self.s_devices: dict[bytes, bytes] = {}
+        #: The T(sender) T(device) whose dedupe records a path other than
+        #: store_plain_run wrote in this batch: _Hot.dmax is not seeded for
+        #: them until the next batch (their staged records are not in the
+        #: transaction yet, which the seed reads).
+        self.dk_general: set[bytes] = set()
         #: Highest server time stored so far (meta ``hwm``, written at the end).
         self.hwm = 0
         self._store = store
@@ -977,6 +993,28 @@ class _Batch:
                     heads[uk], floors[uk] = load(txn, uk)
             conv.heads_gen = hot.heads_gen
         return _impl.fanout(conv.users, conv.uks, hot.heads, self.pend, entry)
+
+    def dedupe_last(self, dk: bytes) -> int:
+        """The highest local_id of the ``dedupe`` records of the device
+        ``dk`` (T(sender) T(device)) in the transaction, -1 if none: the
+        seed of :attr:`_Hot.dmax`, read by store_plain_run."""
+        cur = self.txn.cursor(db=self._store._dedupe)
+        end = dk + b"\xff" * 8
+        if cur.set_range(end):
+            if cur.key() == end:
+                return _U64_MAX
+            if not cur.prev():
+                return -1
+        elif not cur.last():
+            return -1
+        key = cur.key()
+        # (keys are T(sender) T(device) U64(local_id): no other shape has the prefix dk)
+        return _U64.unpack_from(key, len(dk))[0] if key[: len(dk)] == dk else -1  # type: ignore[no-any-return]
+
+    def dedupe_written(self, dk: bytes) -> None:
+        """A path other than store_plain_run wrote a dedupe record of ``dk``."""
+        self.hot.dmax.pop(dk, None)
+        self.dk_general.add(dk)
 
     def prior(self, dkey: bytes) -> Optional[bytes]:
         """The dedupe record of ``dkey``: staged by this batch, or stored."""
@@ -1676,6 +1714,7 @@ class LmdbStore(Store):
         for uk in recipients.uks:
             self._flag(txn, uk + ck, _HAS_MESSAGES, True)
         txn.put(dkey, _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest, db=self._dedupe)
+        w.dedupe_written(dkey[:-8])
         if op.event:
             w.append_event(op.server_time, message_event(replace(entry, payload=op.payload), [u for u, _ in positions]))
         return Appended(op.msg_id, seq, op.server_time, positions, entry.after_seq)
@@ -1856,6 +1895,7 @@ class LmdbStore(Store):
         msg_id = op.msg_id
         staging = w.staging
         plain = not (op.mentions or op.mention_all)
+        w.dedupe_written(dk)  # (before staging: the bound of _Hot.dmax)
         if staging and plain:
             # The three records in one fast-path call (pimcore._pure.fanout).
             entry = _impl.stage_message(op, seq, after_seq, _record_ids(ck, dk), ck, dkey, w.s_msgs, w.s_convidx,
