@@ -74,6 +74,10 @@ cdef inline bytes _fo_key(object uk, unsigned long long pos):
 def fanout(users, uks, heads, pend, entry):
     """Append ``entry`` to the inbox of every user; return ``(user, position)``
     pairs (see pimcore._pure.fanout)."""
+    return _fo_fanout(users, uks, heads, pend, entry)
+
+
+cdef object _fo_fanout(object users, object uks, object heads, object pend, object entry):
     cdef Py_ssize_t n, i
     cdef unsigned long long h
     cdef object user, uk, queued, pos
@@ -208,6 +212,11 @@ cdef inline unsigned char *_fo_put(unsigned char *p, object b) noexcept:
 def stage_message(op, seq, after_seq, ids, ck, dkey, msgs, convidx, dedupe):
     """Stage the records of a message without mentions; its inbox value
     (see pimcore._pure.fanout)."""
+    return _fo_stage_message(op, seq, after_seq, ids, ck, dkey, msgs, convidx, dedupe)
+
+
+cdef object _fo_stage_message(object op, object seq, object after_seq, object ids, object ck, object dkey,
+                              object msgs, object convidx, object dedupe):
     cdef unsigned long long useq, ulocal, uafter
     cdef long long client_time, server_time
     cdef object msg_id, payload, digest, sender
@@ -372,3 +381,138 @@ def store_plain_message(op, w, dedupe_db, conv_info, device_key, record_ids, app
     w._dirty_seqs.add(ck)
     positions = fanout(c.users, c.uks, hot.heads, w.pend, entry)
     return appended(msg_id, seq, server_time, positions, after_seq)
+
+
+cdef object _fo_appended(object maker, object msg_id, object seq, object server_time, object positions,
+                         object after_seq):
+    # maker(msg_id, seq, server_time, positions, after_seq) without the
+    # argument tuple when it is a record maker of five fields (records.pxi)
+    cdef _RecordMaker m
+    cdef object obj
+    if type(maker) is _RecordMaker and (<_RecordMaker>maker).n == 5:
+        m = <_RecordMaker>maker
+        obj = pimcore_cd_alloc(m.ptype)
+        pimcore_cd_set_slot(<PyObject*>obj, m.offsets[0], <PyObject*>msg_id)
+        pimcore_cd_set_slot(<PyObject*>obj, m.offsets[1], <PyObject*>seq)
+        pimcore_cd_set_slot(<PyObject*>obj, m.offsets[2], <PyObject*>server_time)
+        pimcore_cd_set_slot(<PyObject*>obj, m.offsets[3], <PyObject*>positions)
+        pimcore_cd_set_slot(<PyObject*>obj, m.offsets[4], <PyObject*>after_seq)
+        return obj
+    return maker(msg_id, seq, server_time, positions, after_seq)
+
+
+def store_plain_run(ops, start, kind, w, dedupe_db, conv_info, device_key, record_ids, appended, results):
+    """``store_plain_message`` over ``ops[start:]`` while it takes them; the
+    index of the first op it did not take (see pimcore._pure.fanout)."""
+    cdef Py_ssize_t i, n
+    cdef object op, sender, device, conv, local_id, after, msg_id, payload, digest, server_time
+    cdef object dk, dkey, info, ck, c, last, seq, after_seq, entry, positions, ids
+    cdef object txn_get, s_dedupe, s_msgs, s_convidx, hot, dirty, pend, convs, seqs, heads, heads_gen, hwm
+    cdef object dmax, dk_general, dedupe_last, bound
+    cdef object last_sender = None, last_device = None, last_dk = None
+    cdef object last_conv = None, last_ck = None, last_c = None, ids_ck = None, ids_dk = None, last_ids = None
+    cdef unsigned char *p
+    if not _fo_is_tuple_exact(ops) and not _fo_is_list_exact(ops):
+        raise TypeError("ops must be a tuple or list")
+    if not _fo_is_list_exact(results):
+        raise TypeError("results must be a list")
+    if not _fo_is_long_exact(start):
+        raise TypeError("start must be int")
+    n = len(ops)
+    if not 0 <= start <= n:
+        raise ValueError("start out of range")
+    i = start
+    if i == n or w.staging is not True:
+        return i
+    txn_get = w.txn.get
+    s_dedupe = w.s_dedupe
+    s_msgs = w.s_msgs
+    s_convidx = w.s_convidx
+    hot = w.hot
+    dirty = w._dirty_seqs
+    pend = w.pend
+    convs = hot.convs
+    seqs = hot.seqs
+    heads = hot.heads
+    heads_gen = hot.heads_gen
+    dmax = hot.dmax
+    dk_general = w.dk_general
+    dedupe_last = w.dedupe_last
+    hwm = w.hwm
+    try:
+        while i < n:
+            op = ops[i]
+            if type(op) is not kind:
+                break
+            if op.mentions or op.mention_all is not False or op.event is not False:
+                break
+            sender = op.sender
+            device = op.device
+            conv = op.conv
+            if not (_fo_plain_id(sender) and _fo_plain_id(device) and _fo_is_str_exact(conv)):
+                break
+            local_id = op.local_id
+            after = op.after_seq
+            server_time = op.server_time
+            msg_id = op.msg_id
+            payload = op.payload
+            digest = op.digest
+            if not (_fo_u64_ok(local_id) and _fo_u64_ok(after) and _fo_i64_ok(op.client_time, False)
+                    and _fo_i64_ok(server_time, True)
+                    and _fo_is_bytes_exact(msg_id) and PyBytes_GET_SIZE(msg_id) == 16
+                    and _fo_is_bytes_exact(payload) and _fo_is_bytes_exact(digest)):
+                break
+            # The key helpers are pure: called once per new argument in a row.
+            if last_dk is None or not (sender == last_sender and device == last_device):
+                dk = device_key(sender, device)
+                if not _fo_is_bytes_exact(dk):
+                    raise TypeError("device_key must return bytes")
+                last_sender, last_device, last_dk = sender, device, dk
+            else:
+                dk = last_dk
+            dkey = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(dk) + 8)
+            p = _fo_put(<unsigned char *>PyBytes_AS_STRING(dkey), dk)
+            _fo_put_u64(p, _fo_as_u64(local_id))
+            if dkey in s_dedupe:
+                break  # a retry (or a conflict): the general path answers it
+            # the device's bound: a local_id above it needs no probe
+            bound = dmax.get(dk)
+            if bound is None and dk not in dk_general:
+                bound = dedupe_last(dk)
+                dmax[dk] = bound
+            if (bound is None or local_id <= bound) and txn_get(dkey, None, dedupe_db) is not None:
+                break
+            if last_ck is not None and conv == last_conv:
+                ck, c = last_ck, last_c
+            else:
+                info = conv_info(conv)
+                if info is None:
+                    break
+                ck = info[0]
+                c = convs.get(ck)
+                if c is None or not c.flagged or c.heads_gen != heads_gen:
+                    break
+                last_conv, last_ck, last_c = conv, ck, c
+            if sender not in c.member_set:
+                break
+            last = seqs.get(ck)
+            if last is None:
+                break
+            seq = last + 1
+            after_seq = after if after < seq else last
+            if ids_ck is not ck or ids_dk is not dk:
+                last_ids = record_ids(ck, dk)
+                ids_ck, ids_dk = ck, dk
+            entry = _fo_stage_message(op, seq, after_seq, last_ids, ck, dkey, s_msgs, s_convidx, s_dedupe)
+            seqs[ck] = seq
+            dirty.add(ck)
+            if bound is not None and local_id > bound:
+                dmax[dk] = local_id
+            positions = _fo_fanout(c.users, c.uks, heads, pend, entry)
+            results.append(_fo_appended(appended, msg_id, seq, server_time, positions, after_seq))
+            if server_time > hwm:
+                hwm = server_time
+            i += 1
+    finally:
+        w.hwm = hwm
+    return i

@@ -27,12 +27,18 @@ from hypothesis import strategies as st
 
 from pimcore.ids import SYSTEM
 from pimcore.store import (
+    AckPosition,
     AddMembers,
     Appended,
     CreateGroup,
     LmdbStore,
+    MemoryStore,
     NewMessage,
+    PurgeUser,
+    Reclaim,
     RemoveMembers,
+    TouchDevice,
+    Touched,
     WriteBatch,
     direct_conversation,
 )
@@ -52,10 +58,16 @@ def _appended(*fields: Any) -> tuple:
 class _Txn:
     def __init__(self, stored: dict) -> None:
         self.stored = stored
+        self.gets = 0
 
     def get(self, key: bytes, default: Any = None, db: Any = None) -> Any:
         assert db == "dedupe-db"
+        self.gets += 1
         return self.stored.get(key, default)
+
+    def dedupe_last(self, dk: bytes) -> int:
+        # _Batch.dedupe_last over the stored dedupe keys
+        return max((int.from_bytes(k[len(dk):], "big") for k in self.stored if k[: len(dk)] == dk), default=-1)
 
 
 def _batch(*, member: bool, flagged: bool, loaded: bool, seq_known: bool, conv_known: bool, staging: bool,
@@ -69,10 +81,12 @@ def _batch(*, member: bool, flagged: bool, loaded: bool, seq_known: bool, conv_k
     heads = {u: 5 for u in conv.uks}
     hot = SimpleNamespace(convs={ck: conv} if conv_known else {}, seqs={ck: 41} if seq_known else {},
                           heads=heads, heads_gen=3)
+    hot.dmax = {}
     dkey = tk("bo") + tk("ph") + (7).to_bytes(8, "big")
+    txn = _Txn({dkey: b"y"} if stored_retry else {})
     return SimpleNamespace(
         staging=staging, s_dedupe={dkey: b"x"} if staged_retry else {}, s_msgs=[], s_convidx=[], hot=hot,
-        _dirty_seqs=set(), pend={}, txn=_Txn({dkey: b"y"} if stored_retry else {}),
+        _dirty_seqs=set(), pend={}, txn=txn, dk_general=set(), dedupe_last=txn.dedupe_last,
     )
 
 
@@ -240,19 +254,19 @@ def test_the_store_writes_the_same_bytes_with_and_without_the_fast_path(
     clock = [1_000]
     batches = _draw_batches(data, clock, 8)
     stores = [LmdbStore(str(tmp_path_factory.mktemp("fast"))), LmdbStore(str(tmp_path_factory.mktemp("general")))]
-    real = lmdb_module._store_plain
+    real = lmdb_module._store_plain_run
     results: list[list] = [[], []]
     try:
         for i, store in enumerate(stores):
             store.commit(WriteBatch(1, (CreateGroup("g1", ("al", "bo", "cy"), 1), CreateGroup("g2", ("bo",), 1))))
-            lmdb_module._store_plain = real if i == 0 else (lambda *a: None)
+            lmdb_module._store_plain_run = real if i == 0 else (lambda ops, start, *a: start)
             for n, ops in enumerate(batches):
                 results[i].append(store.commit(WriteBatch(n + 2, tuple(ops))))
-            lmdb_module._store_plain = real
+            lmdb_module._store_plain_run = real
         assert results[0] == results[1]
         assert _dump(stores[0]) == _dump(stores[1])
     finally:
-        lmdb_module._store_plain = real
+        lmdb_module._store_plain_run = real
         for store in stores:
             store.close()
 
@@ -260,15 +274,16 @@ def test_the_store_writes_the_same_bytes_with_and_without_the_fast_path(
 def test_the_fast_path_takes_the_steady_state(tmp_path: Any) -> None:
     # After the first send of a conversation has loaded it, later sends take the fast path.
     store = LmdbStore(str(tmp_path))
-    real = lmdb_module._store_plain
-    hits = [0, 0]
+    real = lmdb_module._store_plain_run
+    hits = [0, 0]  # ops the run took, runs that took none
 
-    def counted(*a: Any) -> Optional[object]:
-        res = real(*a)
-        hits[res is None] += 1
-        return res
+    def counted(ops: Any, start: int, *a: Any) -> int:
+        end = real(ops, start, *a)
+        hits[0] += end - start
+        hits[1] += end == start
+        return end
 
-    lmdb_module._store_plain = counted
+    lmdb_module._store_plain_run = counted
     try:
         conv = direct_conversation("al", "bo")
         for n in range(5):
@@ -276,6 +291,259 @@ def test_the_fast_path_takes_the_steady_state(tmp_path: Any) -> None:
                                    0, 10 * n + k + 1, b"hi", b"d") for k in range(10))
             assert all(isinstance(r, Appended) for r in store.commit(WriteBatch(n, ops)))
     finally:
-        lmdb_module._store_plain = real
+        lmdb_module._store_plain_run = real
         store.close()
     assert hits == [49, 1]
+
+
+# ------------------------------------------------ store_plain_run: a run of ops in one call
+
+
+def _run_batch(**flags: bool) -> SimpleNamespace:
+    w = _batch(**{**GOOD, **flags})
+    w.hwm = 1_699_990
+    return w
+
+
+def _run_state(w: SimpleNamespace) -> tuple:
+    return (*_state(w), w.hwm)
+
+
+def _run_state_all(w: SimpleNamespace) -> tuple:
+    return (*_run_state(w), w.hot.dmax)
+
+
+def _call_run(backend: ModuleType, ops: Any, start: Any, w: SimpleNamespace, results: Any,
+              device_key: Any = lmdb_module._device_key) -> object:
+    return backend.store_plain_run(ops, start, NewMessage, w, "dedupe-db", lmdb_module._conv_info, device_key,
+                                   lmdb_module._record_ids, _appended, results)
+
+
+def _naive_run(backend: ModuleType, ops: list, start: int, w: SimpleNamespace, results: list) -> int:
+    # What the run must equal: store_plain_message op by op until it declines.
+    i = start
+    while i < len(ops) and type(ops[i]) is NewMessage:
+        res = _call(backend, ops[i], w)
+        if res is None:
+            break
+        results.append(res)
+        w.hwm = max(w.hwm, ops[i].server_time)
+        i += 1
+    return i
+
+
+_RUN_BAD = [c for c in _BAD if c[0] not in ("sender",)] + [("sender", "x" * 65), ("sender", SYSTEM)]
+
+
+@st.composite
+def _run_ops(draw: Any) -> list:
+    ops: list = []
+    for k in range(draw(st.integers(0, 8))):
+        if draw(st.integers(0, 9)) == 0:
+            ops.append(draw(st.sampled_from(["not an op", object(), SimpleNamespace(mentions=())])))
+            continue
+        op = NewMessage(bytes((k,)) * 16, "d:al:bo", draw(st.sampled_from(["al", "bo"])),
+                        draw(st.sampled_from(["ph", "pc"])), draw(st.integers(5, 9)), 3,
+                        draw(st.integers(1_699_980, 1_700_000)), b"p", b"D" * 16, draw(st.integers(0, 50)))
+        if draw(st.integers(0, 4)) == 0:
+            op = dataclasses.replace(op, **dict([draw(st.sampled_from(_RUN_BAD))]))
+        ops.append(op)
+    return ops
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_run_ops(), start=st.integers(0, 8), as_list=st.booleans(),
+       flipped=st.lists(st.sampled_from(sorted(GOOD)), max_size=1))
+def test_a_run_takes_exactly_what_store_plain_message_takes(both: tuple[ModuleType, ModuleType], ops: list,
+                                                           start: int, as_list: bool, flipped: list) -> None:
+    # Retries (a local_id seen before in the run, or bo/ph/7 stored), ops of
+    # other types, fields the general path must judge, batches the fast path
+    # cannot take: each backend's run equals store_plain_message op by op,
+    # and the two backends equal each other.
+    start = min(start, len(ops))
+    flags = {k: not GOOD[k] for k in flipped}
+    outs = []
+    for backend in both:
+        w, results = _run_batch(**flags), ["earlier"]
+        end = _call_run(backend, ops if as_list else tuple(ops), start, w, results)
+        w2, expected = _run_batch(**flags), ["earlier"]
+        assert end == _naive_run(backend, ops, start, w2, expected)
+        assert results == expected and _run_state(w) == _run_state(w2)
+        outs.append((end, results, _run_state_all(w)))
+    assert outs[0] == outs[1]
+
+
+def test_a_run_stops_at_the_first_op_it_does_not_take(backend: ModuleType) -> None:
+    ops = [dataclasses.replace(OP, local_id=n, msg_id=bytes((n,)) * 16, server_time=1_700_000 + n) for n in (1, 2)]
+    ops += [dataclasses.replace(OP, local_id=2, msg_id=b"R" * 16)]  # a retry of the second one
+    ops += [dataclasses.replace(OP, local_id=4, msg_id=b"4" * 16)]
+    w, results = _run_batch(), []
+    assert _call_run(backend, tuple(ops), 0, w, results) == 2
+    assert [r[2] for r in results] == [42, 43] and w.hwm == 1_700_002  # type: ignore[index]
+    assert _call_run(backend, tuple(ops), 2, w, results) == 2  # the general path answers the retry
+    assert _call_run(backend, tuple(ops), 3, w, results) == 4 and results[-1][2] == 44  # type: ignore[index]
+    assert _call_run(backend, tuple(ops), 4, w, results) == 4
+
+
+@pytest.mark.parametrize("ops, start, results, exc, text", [
+    ([OP], 0, (), TypeError, "results must be a list"),
+    ({OP}, 0, [], TypeError, "ops must be a tuple or list"),
+    (iter([OP]), 0, [], TypeError, "ops must be a tuple or list"),
+    ([OP], "0", [], TypeError, "start must be int"),
+    ([OP], 0.0, [], TypeError, "start must be int"),
+    ([OP], -1, [], ValueError, "start out of range"),
+    ([OP], 2, [], ValueError, "start out of range"),
+])
+def test_store_plain_run_rejects_bad_arguments(backend: ModuleType, ops: Any, start: Any, results: Any, exc: type,
+                                              text: str) -> None:
+    w = _run_batch()
+    before = copy.deepcopy(_run_state(w))
+    with pytest.raises(exc, match=text):
+        _call_run(backend, ops, start, w, results)
+    assert _run_state(w) == before
+
+
+def test_a_run_keeps_the_ops_taken_before_an_error(backend: ModuleType) -> None:
+    # The key helpers' errors pass through; what was taken stays taken.
+    def device_key(sender: str, device: str) -> Any:
+        return lmdb_module._device_key(sender, device) if device == "ph" else "not bytes"
+
+    ops = (OP, dataclasses.replace(OP, local_id=8, msg_id=b"8" * 16, device="pc"))
+    w, results = _run_batch(), []
+    with pytest.raises(TypeError, match="device_key must return bytes"):
+        _call_run(backend, ops, 0, w, results, device_key)
+    assert len(results) == 1 and w.hwm == OP.server_time and len(w.s_msgs) == 1
+
+
+# ------------------------------------------------ device records: staged, written once per batch
+
+
+@st.composite
+def _device_ops(draw: Any, clock: list) -> Any:
+    kind = draw(st.sampled_from(["ack"] * 5 + ["touch"] * 2 + ["send"] * 3 + ["reclaim"] * 2 + ["purge", "bad"]))
+    clock[0] += draw(st.integers(1, 40))
+    user, device = draw(st.sampled_from(USERS[:3])), draw(st.sampled_from(["ph", "pc"]))
+    if kind == "ack":
+        return AckPosition(user, device, draw(st.integers(0, 12)), clock[0])
+    if kind == "touch":
+        return TouchDevice(user, device, draw(st.integers(0, 12)), clock[0])
+    if kind == "reclaim":  # forgets devices not seen for a while
+        return Reclaim(clock[0], draw(st.integers(1, 60)), 1 << 40)
+    if kind == "purge":
+        return PurgeUser(user, clock[0])
+    if kind == "bad":
+        return AckPosition(user, "b o", 3, clock[0])
+    sender, conv = draw(st.sampled_from([("al", CONVS[0]), ("bo", CONVS[1]), ("cy", "g1"), ("bo", "g1")]))
+    return NewMessage(clock[0].to_bytes(8, "big") + b"D" * 8, conv, sender, device, clock[0], 5, clock[0], b"m",
+                      b"m" * 16)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_device_writes_in_one_batch_equal_one_op_per_batch(tmp_path_factory: pytest.TempPathFactory,
+                                                           data: st.DataObject) -> None:
+    # Acks and touches of several devices, interleaved with sends, Reclaim
+    # (which reads and deletes devices), PurgeUser and refused acks, in
+    # batches of any size: the same results, the same device reads between
+    # batches and the same bytes on disk as committing each op alone; and
+    # the same results and devices as the memory store (which keeps no cache).
+    clock = [1_000]
+    ops = data.draw(st.lists(_device_ops(clock), min_size=1, max_size=30))
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(ops)), max_size=4))) | {0, len(ops)})
+    stores = [LmdbStore(str(tmp_path_factory.mktemp("batched"))), LmdbStore(str(tmp_path_factory.mktemp("alone")))]
+    memory = MemoryStore()
+    try:
+        for store in (*stores, memory):
+            store.commit(WriteBatch(1, (CreateGroup("g1", ("al", "bo", "cy"), 1),)))
+        batched: list = []
+        alone: list = []
+        reference: list = []
+        for a, b in zip(cuts, cuts[1:]):
+            batched.extend(stores[0].commit(WriteBatch(a + 2, tuple(ops[a:b]))))
+            reference.extend(memory.commit(WriteBatch(a + 2, tuple(ops[a:b]))))
+            for n in range(a, b):
+                alone.extend(stores[1].commit(WriteBatch(n + 2, (ops[n],))))
+            for user in USERS[:3]:
+                assert stores[0].devices(user) == stores[1].devices(user) == memory.devices(user)
+                assert stores[0].device(user, "ph") == stores[1].device(user, "ph") == memory.device(user, "ph")
+        assert batched == alone == reference
+        assert _dump(stores[0]) == _dump(stores[1])
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_an_ack_after_reclaim_in_the_same_batch_sees_the_device_forgotten(tmp_path: Any) -> None:
+    store = LmdbStore(str(tmp_path))
+    try:
+        conv = direct_conversation("al", "bo")
+        ops = [NewMessage(n.to_bytes(8, "big") + b"N" * 8, conv, "al", "ph", n, 0, n, b"hi", b"d") for n in (1, 2, 3)]
+        store.commit(WriteBatch(1, tuple(ops)))
+        store.commit(WriteBatch(2, (TouchDevice("bo", "ph", 0, 10), AckPosition("bo", "ph", 2, 10))))
+        assert store.device("bo", "ph").position == 2  # type: ignore[union-attr]
+        # One batch: ack (cached and staged), Reclaim forgets bo/ph (last seen
+        # 20 < 1000 - 100), then a touch finds it new again at the floor.
+        res = store.commit(WriteBatch(3, (AckPosition("bo", "ph", 3, 20), Reclaim(1_000, 100, 1 << 40),
+                                          TouchDevice("bo", "ph", 0, 1_000))))
+        assert res[1].devices == 1  # type: ignore[union-attr]
+        assert res[2] == Touched("bo", "ph", 0, True)
+        assert store.device("bo", "ph").last_seen == 1_000  # type: ignore[union-attr]
+        # The next batch reads it through the cache the last one kept.
+        res = store.commit(WriteBatch(4, (AckPosition("bo", "ph", 3, 1_001),)))
+        assert res[0].position == 3 and store.device("bo", "ph").position == 3  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+
+def test_a_send_above_the_devices_bound_is_not_probed(backend: ModuleType) -> None:
+    # bo/ph stored local_id 7: the run seeds the device's bound (7) once;
+    # 9 and 10 are above it (not probed, the bound rises to 10); 8 is below
+    # it (probed: not stored); 7 is probed and found: a retry.
+    ops = tuple(dataclasses.replace(OP, local_id=n, msg_id=bytes((n,)) * 16) for n in (9, 10, 8, 7))
+    w, results = _run_batch(stored_retry=True), []
+    assert _call_run(backend, ops, 0, w, results) == 3  # 7: a retry, for the general path
+    assert w.txn.gets == 2  # 8 (at or below the bound, 10) and 7; not 9 or 10
+    assert w.hot.dmax == {tk("bo") + tk("ph"): 10}
+    # A device whose dedupe records another path wrote in this batch gets no bound.
+    w, results = _run_batch(stored_retry=True), []
+    w.dk_general.add(tk("bo") + tk("ph"))
+    assert _call_run(backend, ops[:2], 0, w, results) == 2
+    assert w.txn.gets == 2 and w.hot.dmax == {}
+
+
+
+def test_retries_of_local_ids_other_paths_wrote_are_found(tmp_path: Any) -> None:
+    # The bound that spares the dedupe probe must cover what the general path
+    # (a mention) and an amend wrote, in the same batch and the next ones.
+    from pimcore.store import AmendMessage, MessageKind, Rejected
+    from pimcore.store import MemoryStore as Memory
+
+    conv = direct_conversation("al", "bo")
+
+    def send(n: int, digest: bytes = b"d" * 16, **kw: Any) -> NewMessage:
+        return NewMessage(n.to_bytes(8, "big") + b"N" * 8, conv, "al", "ph", n, 0, n, b"hi", digest, **kw)
+
+    edit = AmendMessage((30).to_bytes(8, "big") + b"A" * 8, conv, "al", "ph", 20, 0, 30, MessageKind.EDIT, 1, b"new",
+                        b"a" * 16)
+    batches = [
+        (send(1), send(2), send(3)),
+        (send(4), send(10, mentions=("bo",)), send(10)),  # the general path wrote 10
+        (send(10), send(11), send(10, b"x" * 16), send(5)),
+        (send(13), edit, send(20, b"a" * 16)),  # the amend wrote 20
+        (send(20, b"a" * 16), send(20), send(21), send(3)),
+    ]
+    stores = [LmdbStore(str(tmp_path / "lmdb")), Memory()]
+    try:
+        got = [[store.commit(WriteBatch(n, ops)) for n, ops in enumerate(batches)] for store in stores]
+    finally:
+        stores[0].close()
+    assert got[0] == got[1]
+    kinds = [[r.code.name if isinstance(r, Rejected) else type(r).__name__ for r in b] for b in got[0]]
+    assert kinds == [
+        ["Appended"] * 3,
+        ["Appended", "Appended", "Duplicate"],
+        ["Duplicate", "Appended", "DUPLICATE_CONFLICT", "Appended"],
+        ["Appended", "Appended", "Duplicate"],
+        ["Duplicate", "DUPLICATE_CONFLICT", "Appended", "Duplicate"],
+    ]

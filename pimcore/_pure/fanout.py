@@ -28,9 +28,9 @@ validation is left unchanged, the earlier ones stay applied.
 from __future__ import annotations
 
 import struct
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
-__all__ = ["fanout", "inbox_items", "head_items", "stage_message", "store_plain_message"]
+__all__ = ["fanout", "inbox_items", "head_items", "stage_message", "store_plain_message", "store_plain_run"]
 
 _U64 = struct.Struct(">Q")
 _HEAD_FLOOR = struct.Struct(">QQ")
@@ -283,3 +283,123 @@ def store_plain_message(
     w._dirty_seqs.add(ck)  # type: ignore[attr-defined]
     positions = fanout(c.users, c.uks, hot.heads, w.pend, entry)  # type: ignore[attr-defined]
     return appended(msg_id, seq, server_time, positions, after_seq)  # type: ignore[operator]
+
+
+def _plain_fields(op: Any) -> bool:
+    # store_plain_message's checks of the op's own fields
+    if op.mentions or op.mention_all is not False or op.event is not False:
+        return False
+    if not (_plain_id(op.sender) and _plain_id(op.device) and type(op.conv) is str):
+        return False
+    local_id, after, client_time, server_time = op.local_id, op.after_seq, op.client_time, op.server_time
+    msg_id = op.msg_id
+    return (
+        type(local_id) is int and 0 <= local_id <= _U64_MAX
+        and type(after) is int and 0 <= after <= _U64_MAX
+        and type(client_time) is int and _I64_MIN <= client_time <= _I64_MAX
+        and type(server_time) is int and 0 <= server_time <= _I64_MAX
+        and type(msg_id) is bytes and len(msg_id) == 16
+        and type(op.payload) is bytes and type(op.digest) is bytes
+    )
+
+
+def store_plain_run(
+    ops: Any, start: Any, kind: Any, w: Any, dedupe_db: object, conv_info: Any, device_key: Any,
+    record_ids: Any, appended: Any, results: Any,
+) -> int:
+    """:func:`store_plain_message` over ``ops[start]``, ``ops[start + 1]``, ...
+    for as long as it takes them: the LMDB store's run of common-case
+    NewMessage ops, in one call per run instead of one per op.  It also
+    reads ``w.hot.dmax``, ``w.dk_general`` and ``w.dedupe_last``: the
+    dedupe probe is skipped for a local_id above the device's bound (see
+    ``pimcore.store.lmdb._Hot.dmax``), which the run seeds and raises.  Returns the
+    index of the first op not taken (``len(ops)`` if it took them all); that
+    op, if any, changed nothing and goes to the store's general path.
+
+    An op is taken if its type is exactly ``kind`` (the store's NewMessage)
+    and :func:`store_plain_message` would take it; its ``Appended`` record
+    (``appended(msg_id, seq, server_time, positions, after_seq)``) is
+    appended to ``results`` and ``w.hwm`` is raised to its server time, so
+    the caller inspects no result.  The batch's state is read once per call,
+    and the key helpers (pure functions of their arguments) are called only
+    when their arguments differ from the previous op's.
+
+    TypeError if ``ops`` is not a tuple or list, ``results`` not a list or
+    ``start`` not an int; ValueError if ``start`` is outside ``0..len(ops)``;
+    otherwise raises only what the callables raise (an op taken before the
+    error stays taken).
+    """
+    if type(ops) is not tuple and type(ops) is not list:
+        raise TypeError("ops must be a tuple or list")
+    if type(results) is not list:
+        raise TypeError("results must be a list")
+    if type(start) is not int:
+        raise TypeError("start must be int")
+    n = len(ops)
+    if not 0 <= start <= n:
+        raise ValueError("start out of range")
+    i = start
+    if i == n or w.staging is not True:
+        return i
+    txn_get, s_dedupe, s_msgs, s_convidx = w.txn.get, w.s_dedupe, w.s_msgs, w.s_convidx
+    hot, dirty, pend = w.hot, w._dirty_seqs, w.pend
+    convs, seqs, heads, heads_gen = hot.convs, hot.seqs, hot.heads, hot.heads_gen
+    dmax, dk_general, dedupe_last = hot.dmax, w.dk_general, w.dedupe_last
+    last_sender = last_device = last_dk = last_conv = last_ck = ids_ck = ids_dk = last_ids = None
+    last_c: Any = None
+    while i < n:
+        op = ops[i]
+        if type(op) is not kind or not _plain_fields(op):
+            break
+        sender, device, conv = op.sender, op.device, op.conv
+        # The key helpers are pure: called once per new argument in a row.
+        if last_dk is None or not (sender == last_sender and device == last_device):
+            dk = device_key(sender, device)
+            if type(dk) is not bytes:
+                raise TypeError("device_key must return bytes")
+            last_sender, last_device, last_dk = sender, device, dk
+        else:
+            dk = last_dk
+        local_id = op.local_id
+        dkey = dk + _U64.pack(local_id)
+        if dkey in s_dedupe:
+            break  # a retry (or a conflict): the general path answers it
+        # The device's bound (seeded once, see LmdbStore's _Hot.dmax): a
+        # local_id above it was never stored, so the probe is skipped.
+        bound = dmax.get(dk)
+        if bound is None and dk not in dk_general:
+            bound = dmax[dk] = dedupe_last(dk)
+        if (bound is None or local_id <= bound) and txn_get(dkey, None, dedupe_db) is not None:
+            break
+        if last_ck is not None and conv == last_conv:
+            ck, c = last_ck, last_c
+        else:
+            info = conv_info(conv)
+            if info is None:
+                break
+            ck = info[0]
+            c = convs.get(ck)
+            if c is None or not c.flagged or c.heads_gen != heads_gen:
+                break
+            last_conv, last_ck, last_c = conv, ck, c
+        if sender not in c.member_set:
+            break
+        last = seqs.get(ck)
+        if last is None:
+            break
+        seq = last + 1
+        after = op.after_seq
+        after_seq = after if after < seq else last
+        if ids_ck is not ck or ids_dk is not dk:
+            last_ids, ids_ck, ids_dk = record_ids(ck, dk), ck, dk
+        entry = stage_message(op, seq, after_seq, last_ids, ck, dkey, s_msgs, s_convidx, s_dedupe)  # type: ignore
+        seqs[ck] = seq
+        dirty.add(ck)
+        if bound is not None and local_id > bound:
+            dmax[dk] = local_id
+        server_time = op.server_time
+        results.append(appended(op.msg_id, seq, server_time, fanout(c.users, c.uks, heads, pend, entry), after_seq))
+        if server_time > w.hwm:
+            w.hwm = server_time
+        i += 1
+    return i

@@ -62,13 +62,16 @@ written at the end of the batch in key order with one ``Cursor.putmulti``
 leaf page it just wrote); the per-recipient loops are in the fast path
 (:mod:`pimcore._pure.fanout` and its compiled twin), as is the whole of a
 plain NewMessage into a conversation the commit already holds
-(``store_plain_message``; anything else takes the general path, and a test
-holds both to the same bytes).  What a commit read --
+(``store_plain_run``: each run of such ops in a batch is one call, which
+stops at the first op it does not take; that op takes the general path, and
+a test holds both to the same bytes).  What a commit read --
 members, last seqs, inbox heads and floors, which members already have the
-conversation flagged -- is kept for the next commit as long as LMDB's
-transaction counter proves that nobody else wrote in between
-(:class:`_Hot`), so a steady stream of commits to one group does not re-read
-its 1,000 members and heads every time.
+conversation flagged, device records, each sending device's highest stored
+local_id (a send above it needs no dedupe probe) -- is kept for the next
+commit as long as LMDB's transaction counter proves that nobody else wrote
+in between (:class:`_Hot`), so a steady stream of commits to one group does
+not re-read its 1,000 members and heads every time.  The device records that
+acks change are written once per batch, with the staged message records.
 
 Key layout
 ----------
@@ -430,7 +433,7 @@ def _mention_block(mentions: tuple[str, ...], mention_all: bool) -> bytes:
     return bytes((int(mention_all),)) + len(mentions).to_bytes(2, "big") + b"".join(_t(u) for u in mentions)
 # The results built once per op of a batch (pimcore/_pure/records.py).
 _appended = _impl.record_maker(Appended)
-_store_plain = _impl.store_plain_message
+_store_plain_run = _impl.store_plain_run
 _acked = _impl.record_maker(Acked)
 
 
@@ -828,7 +831,7 @@ class _Hot:
     bounded whatever the number of users and conversations.
     """
 
-    __slots__ = ("txnid", "seqs", "heads", "floors", "heads_gen", "convs", "members")
+    __slots__ = ("txnid", "seqs", "heads", "floors", "heads_gen", "convs", "members", "devices", "dmax")
 
     def __init__(self) -> None:
         self.txnid = -1
@@ -838,6 +841,18 @@ class _Hot:
         self.heads_gen = 0  # bumped whenever heads/floors are cleared
         self.convs: dict[bytes, _Conv] = {}  # T(conv) -> members
         self.members = 0  # sum of len(users) over convs
+        #: T(user) T(device) -> (position, last_seen) of the ``devices``
+        #: record, as the batch left it (written at flush, see _Batch).
+        #: Only Reclaim and PurgeUser delete devices: both sync() first,
+        #: which clears this.
+        self.devices: dict[bytes, tuple[int, int]] = {}
+        #: T(sender) T(device) -> a local_id at or above that of every
+        #: ``dedupe`` record of the device (stored or staged): a send with a
+        #: higher local_id is no retry, and needs no probe.  Kept by
+        #: store_plain_run; a write of a dedupe record by any other path
+        #: drops the device's entry (_Batch.dedupe_written).  Deletions
+        #: leave it a bound.
+        self.dmax: dict[bytes, int] = {}
 
     def clear_heads(self) -> None:
         self.heads.clear()
@@ -852,6 +867,10 @@ class _Hot:
         if self.members > _HOT_MEMBERS or len(self.convs) > _HOT_CONVS:
             self.convs.clear()
             self.members = 0
+        if len(self.devices) > _HOT_USERS:
+            self.devices.clear()
+        if len(self.dmax) > _HOT_USERS:
+            self.dmax.clear()
 
 
 class _MsgIdTaken(Exception):
@@ -874,7 +893,7 @@ class _Batch:
     """
 
     __slots__ = ("txn", "_store", "hot", "_dirty_seqs", "pend", "hwm", "ev_last", "ev_dirty",
-                 "staging", "s_msgs", "s_convidx", "s_dedupe")
+                 "staging", "s_msgs", "s_convidx", "s_dedupe", "s_devices", "dk_general")
 
     def __init__(self, store: "LmdbStore", txn: _Txn, hot: _Hot, staging: bool = True) -> None:
         self.txn = txn
@@ -885,11 +904,23 @@ class _Batch:
         #: order, dedupe key -> value.  Only NewMessage/AckPosition/
         #: TouchDevice run while anything is staged (:meth:`LmdbStore._apply`
         #: writes it out before any other op), and of the staged databases
-        #: they read only ``dedupe``, through :meth:`prior`: so every read of
-        #: the batch sees every earlier write of it.
+        #: they read only ``dedupe``, through :meth:`prior`, and ``devices``,
+        #: through :attr:`_Hot.devices` (which holds every staged device
+        #: record): so every read of the batch sees every earlier write of it.
         self.s_msgs: list[tuple[bytes, bytes]] = []
         self.s_convidx: list[tuple[bytes, bytes]] = []
         self.s_dedupe: dict[bytes, bytes] = {}
+        #: ``devices`` records changed by AckPosition/TouchDevice (key ->
+        #: value), staged like the above (written with them, in one sorted
+        #: ``putmulti``): an ack reads its device from :attr:`_Hot.devices`
+        #: (once per device while the cache lives), so that a batch's ~50
+        #: acks cost no B-tree search and one put each.
+        self.s_devices: dict[bytes, bytes] = {}
+        #: The T(sender) T(device) whose dedupe records a path other than
+        #: store_plain_run wrote in this batch: _Hot.dmax is not seeded for
+        #: them until the next batch (their staged records are not in the
+        #: transaction yet, which the seed reads).
+        self.dk_general: set[bytes] = set()
         #: Highest server time stored so far (meta ``hwm``, written at the end).
         self.hwm = 0
         self._store = store
@@ -963,6 +994,28 @@ class _Batch:
             conv.heads_gen = hot.heads_gen
         return _impl.fanout(conv.users, conv.uks, hot.heads, self.pend, entry)
 
+    def dedupe_last(self, dk: bytes) -> int:
+        """The highest local_id of the ``dedupe`` records of the device
+        ``dk`` (T(sender) T(device)) in the transaction, -1 if none: the
+        seed of :attr:`_Hot.dmax`, read by store_plain_run."""
+        cur = self.txn.cursor(db=self._store._dedupe)
+        end = dk + b"\xff" * 8
+        if cur.set_range(end):
+            if cur.key() == end:
+                return _U64_MAX
+            if not cur.prev():
+                return -1
+        elif not cur.last():
+            return -1
+        key = cur.key()
+        # (keys are T(sender) T(device) U64(local_id): no other shape has the prefix dk)
+        return _U64.unpack_from(key, len(dk))[0] if key[: len(dk)] == dk else -1  # type: ignore[no-any-return]
+
+    def dedupe_written(self, dk: bytes) -> None:
+        """A path other than store_plain_run wrote a dedupe record of ``dk``."""
+        self.hot.dmax.pop(dk, None)
+        self.dk_general.add(dk)
+
     def prior(self, dkey: bytes) -> Optional[bytes]:
         """The dedupe record of ``dkey``: staged by this batch, or stored."""
         staged = self.s_dedupe.get(dkey)
@@ -993,10 +1046,13 @@ class _Batch:
         if self.s_dedupe:
             txn.cursor(db=store._dedupe).putmulti(sorted(self.s_dedupe.items()))
             self.s_dedupe.clear()
+        if self.s_devices:
+            txn.cursor(db=store._devices).putmulti(sorted(self.s_devices.items()))
+            self.s_devices.clear()
 
     def flush(self) -> None:
         store, txn, hot = self._store, self.txn, self.hot
-        if self.s_msgs:
+        if self.s_msgs or self.s_devices:
             self.put_staged()
         if self.ev_dirty:
             txn.put(b"evlast", _U64.pack(self.ev_last), db=store._meta)
@@ -1015,11 +1071,13 @@ class _Batch:
 
     def sync(self) -> None:
         """Flush and forget: for ops that read or write the counters'
-        databases directly (Reclaim rewrites floors).  What is forgotten is
-        read again from the transaction when next needed."""
+        databases directly (Reclaim rewrites floors and deletes devices,
+        PurgeUser deletes devices).  What is forgotten is read again from the
+        transaction when next needed."""
         self.flush()
         self.hot.seqs.clear()
         self.hot.clear_heads()
+        self.hot.devices.clear()
 
 
 class LmdbStore(Store):
@@ -1656,6 +1714,7 @@ class LmdbStore(Store):
         for uk in recipients.uks:
             self._flag(txn, uk + ck, _HAS_MESSAGES, True)
         txn.put(dkey, _DEDUPE.pack(op.msg_id, seq, op.server_time) + op.digest, db=self._dedupe)
+        w.dedupe_written(dkey[:-8])
         if op.event:
             w.append_event(op.server_time, message_event(replace(entry, payload=op.payload), [u for u, _ in positions]))
         return Appended(op.msg_id, seq, op.server_time, positions, entry.after_seq)
@@ -1717,9 +1776,24 @@ class LmdbStore(Store):
             kept.clear()
             w = _Batch(self, txn, self._take_hot(txn), staging[0])
             stored = w.hwm = _U64.unpack(txn.get(b"hwm", db=self._meta))[0]
-            results = []
+            results: list[Result] = []
             wrote = False
-            for op in ops:
+            i, n = 0, len(ops)
+            while i < n:
+                op = ops[i]
+                if type(op) is NewMessage:
+                    # The hot path: the run of common-case NewMessage ops
+                    # from here in one fast-path call (pimcore._pure.fanout),
+                    # which appends their Appended results and moves w.hwm;
+                    # it stops at the first op it does not take, which then
+                    # takes the general path (_apply) below.
+                    j = _store_plain_run(ops, i, NewMessage, w, self._dedupe, _conv_info, _device_key,
+                                         _record_ids, _appended, results)
+                    if j != i:
+                        wrote = True
+                        i = j
+                        continue
+                i += 1
                 result = self._apply(w, op)
                 kind = type(result)
                 if kind is Appended:
@@ -1769,19 +1843,15 @@ class LmdbStore(Store):
 
     def _apply(self, w: _Batch, op: Op) -> Result:
         kind = type(op)
-        if kind is NewMessage:  # the hot path: may run while records are staged
-            # Its common case in one fast-path call (pimcore._pure.fanout);
-            # None: not that case, nothing changed, the general path below.
-            res = _store_plain(op, w, self._dedupe, _conv_info, _device_key, _record_ids, _appended)
-            if res is not None:
-                return res  # type: ignore[no-any-return]
+        if kind is NewMessage:  # may run while records are staged
+            # (Its common case was offered to _store_plain_run first.)
             if malformed(op):
                 return Rejected(ErrorCode.BAD_REQUEST)
             return self._new_message(w, op)  # type: ignore[arg-type]
         handler = _HANDLERS.get(kind)
         if handler is None:
             raise TypeError(f"not a store op: {kind.__name__}")
-        if w.s_msgs and kind not in _STAGE_SAFE:
+        if (w.s_msgs or w.s_devices) and kind not in _STAGE_SAFE:
             w.put_staged()  # this op may read what the earlier ones staged
         if malformed(op):
             return Rejected(ErrorCode.BAD_REQUEST)
@@ -1825,6 +1895,7 @@ class LmdbStore(Store):
         msg_id = op.msg_id
         staging = w.staging
         plain = not (op.mentions or op.mention_all)
+        w.dedupe_written(dk)  # (before staging: the bound of _Hot.dmax)
         if staging and plain:
             # The three records in one fast-path call (pimcore._pure.fanout).
             entry = _impl.stage_message(op, seq, after_seq, _record_ids(ck, dk), ck, dkey, w.s_msgs, w.s_convidx,
@@ -1970,18 +2041,26 @@ class LmdbStore(Store):
     def _register(self, w: _Batch, user: str, device: str, position: int, now: int) -> tuple[int, bool]:
         """Shared by Touch and Ack: create at the floor if unknown, move
         forward to ``position`` clamped to the head, refresh last_seen."""
-        txn = w.txn
         uk = _t(user)
         dk = uk + _t(device)
         head, floor = w.head_floor(uk)
-        raw = txn.get(dk, db=self._devices)
-        if raw is None:
-            old_pos, old_seen, new = floor, now, True
-        else:
-            old_pos, old_seen = _DEVICE.unpack(raw)
+        # Read through the cache, written at flush (see _Batch.s_devices).
+        devices = w.hot.devices
+        held = devices.get(dk)
+        if held is not None:
+            old_pos, old_seen = held
             new = False
+        else:
+            raw = w.txn.get(dk, db=self._devices)
+            if raw is None:
+                old_pos, old_seen, new = floor, now, True
+            else:
+                old_pos, old_seen = _DEVICE.unpack(raw)
+                new = False
         pos = max(old_pos, min(position, head))
-        txn.put(dk, _DEVICE.pack(pos, max(old_seen, now)), db=self._devices)
+        seen = max(old_seen, now)
+        devices[dk] = (pos, seen)
+        w.s_devices[dk] = _DEVICE.pack(pos, seen)
         return pos, new
 
     def _ack(self, w: _Batch, op: AckPosition) -> Result:
@@ -2825,8 +2904,9 @@ class LmdbStore(Store):
         return f"LmdbStore({self._path!r}, {state})"
 
 
-#: The ops that may run while NewMessage records are staged (see _Batch):
-#: of msgs, convidx and dedupe they read only dedupe, through _Batch.prior.
+#: The ops that may run while NewMessage and device records are staged (see
+#: _Batch): of msgs, convidx, dedupe and devices they read only dedupe, through
+#: _Batch.prior, and devices, through _Hot.devices.
 _STAGE_SAFE = frozenset((NewMessage, AckPosition, TouchDevice))
 
 _HANDLERS: dict[type, Callable[[LmdbStore, _Batch, Op], Result]] = {
