@@ -414,16 +414,22 @@ cdef class _SpUsers:
     cdef bint older1  # which slot a new user replaces
 
 
-def finish_send(op, ctx, res, appended, pending, heads, online, fresh, to_pump, conns, acks, stats,
-                new_ack, new_message, ok):
-    """Finish a stored NewMessage of a committed batch if it is the common
-    case (see pimcore._pure.send)."""
+cdef int _sp_check_containers(pending, heads, online, fresh, to_pump, conns, acks, stats) except -1:
+    """The TypeErrors finish_send and finish_sends raise for their containers."""
     if not (_sp_is_dict_exact(pending) and _sp_is_dict_exact(heads) and _sp_is_dict_exact(online)
             and _sp_is_dict_exact(fresh) and _sp_is_dict_exact(conns) and _sp_is_dict_exact(acks)
             and _sp_is_dict_exact(stats)):
         raise TypeError("pending, heads, online, fresh, conns, acks and stats must be dicts")
     if not _sp_is_set_exact(to_pump):
         raise TypeError("to_pump must be a set")
+    return 0
+
+
+def finish_send(op, ctx, res, appended, pending, heads, online, fresh, to_pump, conns, acks, stats,
+                new_ack, new_message, ok):
+    """Finish a stored NewMessage of a committed batch if it is the common
+    case (see pimcore._pure.send)."""
+    _sp_check_containers(pending, heads, online, fresh, to_pump, conns, acks, stats)
     return _sp_finish_one(op, ctx, res, appended, pending, heads, online, fresh, to_pump, conns, acks, stats,
                           new_ack, new_message, ok, None) == 1
 
@@ -444,12 +450,7 @@ def finish_sends(ops, ctxs, results, start, newmessage, appended, pending, heads
         raise ValueError("ops, ctxs and results must be of one length")
     if not 0 <= start <= n:
         raise ValueError("start must be within 0..len(ops)")
-    if not (_sp_is_dict_exact(pending) and _sp_is_dict_exact(heads) and _sp_is_dict_exact(online)
-            and _sp_is_dict_exact(fresh) and _sp_is_dict_exact(conns) and _sp_is_dict_exact(acks)
-            and _sp_is_dict_exact(stats)):
-        raise TypeError("pending, heads, online, fresh, conns, acks and stats must be dicts")
-    if not _sp_is_set_exact(to_pump):
-        raise TypeError("to_pump must be a set")
+    _sp_check_containers(pending, heads, online, fresh, to_pump, conns, acks, stats)
     cdef _SpUsers users = _SpUsers.__new__(_SpUsers)
     users.u0 = users.u1 = _SP_NOBODY
     i = start

@@ -875,17 +875,24 @@ def batch_kinds(h):
     return [sorted({type(op).__name__ for op in c.ops}) for c in h.commits]
 
 
-def test_delivery_acks_wait_ack_delay_also_behind_sends(store):
-    # Delivery acks (and the logins' TouchDevice) do not ride along with a
-    # batch of sends: they wait ack_delay, coalesced per device, then go in
-    # one batch.  (At one send per batch they were two of its three ops.)
-    h = Harness(store, BrokerConfig(ack_delay=50_000))
+def _one_acked_message(store, ack_delay=50_000):
+    """alice sends bob "one" (ack_delay µs), bob acks its Push; the harness
+    keeps the batches from the send on."""
+    h = Harness(store, BrokerConfig(ack_delay=ack_delay))
     a = h.login("alice", "phone")
     b = h.login("bob", "laptop")
     h.commits.clear()
     h.send(a, AB, b"one")
     assert [m.payload for m in h.pushed(b)] == [b"one"]
     h.feed(b, F.PushAck(1))
+    return h, a, b
+
+
+def test_delivery_acks_wait_ack_delay_also_behind_sends(store):
+    # Delivery acks (and the logins' TouchDevice) do not ride along with a
+    # batch of sends: they wait ack_delay, coalesced per device, then go in
+    # one batch.  (At one send per batch they were two of its three ops.)
+    h, a, b = _one_acked_message(store)
     assert batch_kinds(h) == [["NewMessage"]]
     assert store.device("bob", "laptop") is None  # registered, not yet durably
     h.now += 10_000
@@ -902,12 +909,7 @@ def test_delivery_acks_wait_ack_delay_also_behind_sends(store):
 
 
 def test_a_waiting_ack_is_committed_alone_once_the_delay_passed(store):
-    h = Harness(store, BrokerConfig(ack_delay=50_000))
-    a = h.login("alice", "phone")
-    b = h.login("bob", "laptop")
-    h.send(a, AB, b"one")
-    h.pushed(b)
-    h.feed(b, F.PushAck(1))
+    h, _, _ = _one_acked_message(store)
     h.advance(49_000)
     assert store.device("bob", "laptop") is None
     h.advance(2_000)  # the tick after the delay commits it
@@ -917,13 +919,7 @@ def test_a_waiting_ack_is_committed_alone_once_the_delay_passed(store):
 def test_an_op_other_than_a_send_takes_the_waiting_acks_with_it_in_order(store):
     # Only sends overtake the waiting acks: any other op (here a Read) goes
     # in one batch with them, after them, as proposed.
-    h = Harness(store, BrokerConfig(ack_delay=50_000))
-    a = h.login("alice", "phone")
-    b = h.login("bob", "laptop")
-    h.commits.clear()
-    h.send(a, AB, b"one")
-    h.pushed(b)
-    h.feed(b, F.PushAck(1))
+    h, _, b = _one_acked_message(store)
     h.feed(b, F.Read(AB, 1))
     assert batch_kinds(h)[0] == ["NewMessage"]
     kinds = [type(op).__name__ for op in h.commits[1].ops]

@@ -220,6 +220,19 @@ def fan_out_stored(
             entries.append((pos, m))
 
 
+def _check_containers(
+    pending: Any, heads: Any, online: Any, fresh: Any, to_pump: Any, conns: Any, acks: Any, stats: Any
+) -> None:
+    """The TypeErrors finish_send and finish_sends raise for their containers."""
+    if not (
+        type(pending) is dict and type(heads) is dict and type(online) is dict and type(fresh) is dict
+        and type(conns) is dict and type(acks) is dict and type(stats) is dict
+    ):
+        raise TypeError("pending, heads, online, fresh, conns, acks and stats must be dicts")
+    if type(to_pump) is not set:
+        raise TypeError("to_pump must be a set")
+
+
 def finish_send(
     op: Any,
     ctx: Any,
@@ -256,13 +269,7 @@ def finish_send(
     server_time)`` is queued in ``acks[conn]`` and ``conns[conn].inflight``
     drops by one, unless the connection is gone (not in ``conns``).
     """
-    if not (
-        type(pending) is dict and type(heads) is dict and type(online) is dict and type(fresh) is dict
-        and type(conns) is dict and type(acks) is dict and type(stats) is dict
-    ):
-        raise TypeError("pending, heads, online, fresh, conns, acks and stats must be dicts")
-    if type(to_pump) is not set:
-        raise TypeError("to_pump must be a set")
+    _check_containers(pending, heads, online, fresh, to_pump, conns, acks, stats)
     return _finish_one(op, ctx, res, appended, pending, heads, online, fresh, to_pump, conns, acks, stats, new_ack,
                        new_message, ok)
 
@@ -312,13 +319,7 @@ def finish_sends(
         raise ValueError("ops, ctxs and results must be of one length")
     if not 0 <= start <= n:
         raise ValueError("start must be within 0..len(ops)")
-    if not (
-        type(pending) is dict and type(heads) is dict and type(online) is dict and type(fresh) is dict
-        and type(conns) is dict and type(acks) is dict and type(stats) is dict
-    ):
-        raise TypeError("pending, heads, online, fresh, conns, acks and stats must be dicts")
-    if type(to_pump) is not set:
-        raise TypeError("to_pump must be a set")
+    _check_containers(pending, heads, online, fresh, to_pump, conns, acks, stats)
     i = start
     while i < n:
         op = ops[i]
