@@ -527,3 +527,21 @@ def test_push_slice_is_the_push_entries_loop(backend) -> None:
     assert backend.push_slice(entries, 1.0, "ph", "al", F.Message) is None
     with pytest.raises(TypeError):
         backend.push_slice([3], 100, "ph", "al", F.Message)
+
+
+def test_finish_sends_same_for_equal_users_that_are_not_one_object(both) -> None:
+    # The compiled twin remembers a run's last two users by identity; a user
+    # equal to a remembered one but another object (a store decodes names per
+    # conversation) takes the lookups and may move its head: the remembered
+    # head must not then move it back.  Both twins: the same heads.
+    bo, bo2 = "bo", "".join(["b", "o"])
+    assert bo2 == bo and bo2 is not bo
+    items = [("plain", _appended((("bo", 5),)), [7]), ("plain", _appended(((bo2, 7),)), [7]),
+             ("plain", _appended((("bo", 6),)), [7])]
+    outs = []
+    for backend in both:
+        s = _finish_sends_state(items, {"bo": 0}, {"bo": {"ph": 1}}, set())
+        end = backend.finish_sends(s["ops"], s["ctxs"], s["results"], 0, NewMessage, Appended, *_finish_sends_args(s))
+        outs.append((end, _finish_sends_seen(s)))
+    assert outs[0] == outs[1]
+    assert outs[1][1]["heads"] == {"bo": 7}
