@@ -524,6 +524,17 @@ cdef int _sp_finish_one(op, ctx, res, appended, pending, heads, online, fresh, t
             if found == NULL or <object>found is None:
                 continue
             head = <object>found
+            if users is not None:
+                # A user equal to a remembered one but another object (or
+                # not a str: it may equal anything): what is remembered for
+                # it may go stale below (its head, moved by this lookup).
+                if not _sp_is_str_exact(user):
+                    users.u0 = users.u1 = _SP_NOBODY
+                else:
+                    if _sp_is_str_exact(users.u0) and user == users.u0:
+                        users.u0 = _SP_NOBODY
+                    if _sp_is_str_exact(users.u1) and user == users.u1:
+                        users.u1 = _SP_NOBODY
             if pos > head:
                 (<dict>heads)[user] = pos
                 head = pos
@@ -574,13 +585,15 @@ cdef int _sp_finish_one(op, ctx, res, appended, pending, heads, online, fresh, t
         else:
             entries = <object>found
             entries.append((pos, m))
-        if users is not None and _sp_is_list_exact(entries):
-            # remembered in place of the one used longer ago
-            if users.older1:
-                users.u1, users.head1, users.devs1, users.list1 = user, head, devs, entries
-            else:
+        if users is not None and _sp_is_list_exact(entries) and _sp_is_str_exact(user):
+            # remembered in place of a forgotten one, else of the one used
+            # longer ago
+            if users.u0 is _SP_NOBODY or (users.u1 is not _SP_NOBODY and not users.older1):
                 users.u0, users.head0, users.devs0, users.list0 = user, head, devs, entries
-            users.older1 = not users.older1
+                users.older1 = True
+            else:
+                users.u1, users.head1, users.devs1, users.list1 = user, head, devs, entries
+                users.older1 = False
     found = _sp_dict_get(conns, only)
     if found != NULL and <object>found is not None:
         c = <object>found
