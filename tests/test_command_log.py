@@ -26,6 +26,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,14 @@ def _crash_copy(src: Path, dst: Path) -> Path:
     if (src / "log").is_dir():
         shutil.copytree(src / "log", dst / "log")
     return dst
+
+
+@pytest.fixture(autouse=True, params=["flush-inline", "flush-overlapped"])
+def _flush_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test twice: each batch's record flushed after LMDB applied the
+    batch, and flushed by the worker thread while LMDB applies it (what
+    batches of _LogState.overlap_ops or more do)."""
+    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1 if request.param == "flush-overlapped" else 1 << 40)
 
 
 def _open_log(path: Path, **kw: Any) -> LmdbStore:
@@ -222,7 +231,7 @@ def test_a_torn_last_record_is_a_batch_never_acked(tmp_path: Path, monkeypatch: 
 def test_a_failed_log_flush_stops_writes_and_a_restart_recovers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    batches = _fixed_batches(3, 3)
+    batches = _fixed_batches(3, 12)
     store = _open_log(tmp_path / "a")
     try:
         store.commit(WriteBatch(1, GROUPS))
@@ -233,8 +242,12 @@ def test_a_failed_log_flush_stops_writes_and_a_restart_recovers(
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(wal.CommandLog, "append", full)
+        before = _dump(store)
         with pytest.raises(StoreError, match="command log could not be written"):
             store.commit(WriteBatch(3, tuple(batches[1])))
+        # Nothing of the batch is readable: LMDB never holds what the log lacks
+        # (a reader would otherwise see it vanish at the restart).
+        assert _dump(store) == before
         monkeypatch.setattr(wal.CommandLog, "append", real)
         # Even with the disk back, this handle writes no more.
         with pytest.raises(StoreError, match="restart"):
@@ -247,6 +260,7 @@ def test_a_failed_log_flush_stops_writes_and_a_restart_recovers(
 
 MAINTENANCE = """
 import sys
+import threading
 from pimcore.errors import StoreError
 from pimcore.store import AddMembers, CreateGroup, LmdbStore, NewMessage, RemoveMembers, WriteBatch
 s = LmdbStore(sys.argv[1], create=False, owner=False)
@@ -364,6 +378,7 @@ def test_the_log_refuses_a_record_that_is_not_a_batch_of_ops(tmp_path: Path, rec
 
 MAINTENANCE_LATER = """
 import sys
+import threading
 from pimcore.errors import StoreError
 from pimcore.store import CreateGroup, LmdbStore, WriteBatch
 s = LmdbStore(sys.argv[1], create=False, owner=False)
@@ -589,3 +604,31 @@ def test_a_failed_background_checkpoint_is_logged_and_retried(
         assert store._log.checkpoints > before  # retried, and writes went on
     finally:
         store.close()
+
+
+def test_a_batch_of_overlap_ops_or_more_is_flushed_while_lmdb_applies_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 8)
+    real = wal.CommandLog.append
+    flushed_by: list[str] = []
+
+    def append(self: wal.CommandLog, payload: bytes) -> int:
+        flushed_by.append(threading.current_thread().name)
+        return real(self, payload)
+
+    monkeypatch.setattr(wal.CommandLog, "append", append)
+    ops = [NewMessage(i.to_bytes(8, "big") + b"N" * 8, "g1", "al", "ph", i, 5, 1_000 + i, b"x", b"x" * 16, 0)
+           for i in range(1, 16)]
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        store.commit(WriteBatch(2, tuple(ops[:7])))  # 7 ops: flushed in the caller's thread, after the apply
+        store.commit(WriteBatch(3, tuple(ops[7:])))  # 8 ops: by the worker thread
+        assert [store.last_seq("g1")] == [15]
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    me = threading.current_thread().name
+    assert flushed_by[:3] == [me, me, flushed_by[2]] and flushed_by[2].startswith("pimcore-log-flush")
+    assert _recovered(copy) == _reference(tmp_path / "ref", [ops[:7], ops[7:]])
