@@ -193,7 +193,8 @@ typedef struct {
     buf_t in, out;
     uint64_t next_lid;
     /* In flight: pim acks carry the local id (slot = lid & mask, any order);
-     * resp replies come in order (a FIFO of send times, same slots). */
+     * resp replies come in order: fifo_head is the local id of the oldest
+     * command in flight, and slot_lid/slot_t hold it like a pim send. */
     uint64_t *slot_lid;
     int64_t *slot_t;
     uint64_t mask, fifo_head;
@@ -452,11 +453,14 @@ static void parse_resp(conn_t *c) {
             die("%s", "unexpected RESP reply (only bulk, simple, integer and error replies are expected)");
         }
         b->off += used;
-        if (c->inflight == 0) {
+        /* Replies come in command order: this one answers the oldest
+         * command in flight, filed under its local id like every send. */
+        uint64_t lid = c->fifo_head, slot = lid & c->mask;
+        if (c->inflight == 0 || c->slot_lid[slot] != lid) {
             unexpected_acks++;
             continue;
         }
-        uint64_t slot = c->fifo_head++ & c->mask;
+        c->fifo_head++;
         acked_one(c, slot, ok);
     }
 }
@@ -709,7 +713,7 @@ int main(int argc, char **argv) {
         c->slot_lid = calloc(slots, sizeof *c->slot_lid);
         c->slot_t = calloc(slots, sizeof *c->slot_t);
         c->next_lid = mqtt_mode ? 1 : lid_base; /* from the time (µs), as the SDK: a second run is no retry of the first */
-        c->fifo_head = 1;
+        c->fifo_head = c->next_lid; /* resp: the local id of the oldest command in flight */
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
         epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
         if (resp_mode) {

@@ -12,6 +12,7 @@ skip with the reason when they are missing.
 from __future__ import annotations
 
 import json
+from array import array
 import os
 import shutil
 import socket
@@ -132,6 +133,28 @@ def test_resp_driver_xadds_every_message_to_redis() -> None:
         assert resp_command("127.0.0.1", redis.port, b"XLEN", b"bench:b") == b"200"
         with pytest.raises(BenchError, match="WRONGTYPE|wrong kind"):
             resp_command("127.0.0.1", redis.port, b"LPUSH", b"bench:a", b"x")
+
+
+def test_each_redis_reply_is_timed_from_its_own_command() -> None:
+    # Redis answers in order, so the C generator times each reply from the
+    # oldest command in flight.  It used to look that command up by a reply
+    # counter starting at 1 while commands were filed under their local id
+    # (from the time): unless the two agreed modulo the slots (1 run in
+    # 4 * window), each reply was timed from a command sent several round
+    # trips earlier -- or, for the first, from no command at all (time 0).
+    need_redis()
+    exe = need_c()
+    cfg = BenchConfig(conns=2, count=2_000, online=False, **{**SMALL, "window": 64})
+    with RedisProcess(pin=False) as redis:
+        t0 = time.monotonic()
+        r = loadgen._run_c(cfg, exe, "resp", "127.0.0.1", redis.port, ["1 0 1000 bench:a -", "1 0 1000 bench:b -"],
+                           0, lambda: None, lambda: None)
+        wall_ns = (time.monotonic() - t0) * 1e9
+    assert r["errors"] == {} and r["acked"] == 2_000
+    lat = array("q", r["ack_lat"])
+    assert len(lat) == 2_000
+    # No reply can take longer than the whole run (a correctness bound, not a timing target).
+    assert 0 < min(lat) and max(lat) < wall_ns
 
 
 def test_redis_error_replies_are_counted_not_acked() -> None:
