@@ -606,14 +606,14 @@ def build_parser() -> argparse.ArgumentParser:
                         " LMDB store (needs coredis: pip install 'pimcore[redis]')")
     p.add_argument("--content-filter", metavar="MODULE:FUNCTION",
                    help="content-security hook f(user, conv, payload) -> None, or a reason to reject")
-    p.add_argument("--max-frame", type=int)
-    p.add_argument("--max-payload", type=int)
+    p.add_argument("--max-frame", type=int, help="largest frame in bytes (default 1 MiB): larger closes the connection")
+    p.add_argument("--max-payload", type=int, help="largest message payload in bytes (default 64 KiB): larger is refused")
     p.add_argument("--window", type=int, help="SendReqs in flight per connection")
     p.add_argument("--send-rate", type=float, help="sustained SendReqs/s per connection (0 = unlimited)")
-    p.add_argument("--heartbeat-ms", type=int)
+    p.add_argument("--heartbeat-ms", type=int, help="announced to clients: they Ping when idle this long, ms (default 15000)")
     p.add_argument("--idle-timeout", type=float, help="seconds of silence before a connection is dropped")
     p.add_argument("--max-outbound-bytes", type=int, help="queued bytes for a slow reader before it is dropped")
-    p.add_argument("--max-connections", type=int)
+    p.add_argument("--max-connections", type=int, help="connections accepted at once (default 100000)")
     p.add_argument("--http", metavar="URL",
                    help="HTTP listener (health, metrics, server API): tcp://HOST:PORT or tls://HOST:PORT (--cert/--key)")
     p.add_argument("--web", action="store_true",
@@ -723,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE", help="write a latency histogram plot (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--shape", choices=["1x1", "1x64", "50x16", "e2e-1x64"],
-                   help="a shape of issue 13's table (sets --conns, --window and --offline): 1x1, 1x64 and 50x16 are"
+                   help="a shape of BENCHMARKS.md's side-by-side tables (sets --conns, --window and --offline): 1x1, 1x64 and 50x16 are"
                         " senders only; e2e-1x64 has a recipient that acks every push")
     p.add_argument("--generator", choices=["auto", "c", "python"], default="auto",
                    help="auto (default): the one-thread C generator (bench/loadgen.c, built with cc on first use)"
