@@ -93,7 +93,8 @@ async def test_post_errors(tmp_path: Path) -> None:
                          400, "BAD_REQUEST")
             for body, field in (({}, "payload"), ({"payload": 5}, "payload"), ({"payload": "a", "payload_b64": "YQ=="}, "payload"),
                                 ({"payload_b64": "not base64!"}, "payload_b64"), ({"payload": "a", "sender": 1}, "sender"),
-                                ({"payload": "a", "device": "web"}, "device"), ([1], "object")):
+                                ({"payload": "a", "device": "web"}, "device"), ([1], "object"),
+                                ({"payload": "a \ud800 lone surrogate"}, "payload")):
                 status, doc = await call(c, "POST", path, body)
                 assert_error(status, doc, 400, "bad_request")
                 assert field in doc["error"]["message"], (body, doc)

@@ -141,7 +141,12 @@ def _post_fields(body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         except (binascii.Error, ValueError):
             raise _bad("field 'payload_b64' is not base64") from None
     else:
-        payload = text.encode("utf-8", "surrogatepass")
+        try:
+            payload = text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (JSON allows "\ud800") has no UTF-8 form:
+            # storing its surrogatepass bytes would hand readers invalid text.
+            raise _bad("field 'payload' holds a lone surrogate, which is not text: send bytes as 'payload_b64'") from None
     kw: dict[str, Any] = {}
     sender = _field(body, "sender", str, None)
     device = _field(body, "device", str, None)
