@@ -47,7 +47,7 @@ from typing import Any, Iterable, Optional, Union
 
 from . import frames as F
 from .codec import DEFAULT_MAX_FRAME_SIZE, Decoder, encode_frame
-from .errors import CloseCode, ErrorCode, PimError, ProtocolError
+from .errors import CloseCode, EncodeError, ErrorCode, PimError, ProtocolError
 from .heartbeat import HeartbeatTuner
 from .order import display_order
 
@@ -131,6 +131,16 @@ TRANSIENT_CODES = frozenset({ErrorCode.TOO_MANY_IN_FLIGHT, ErrorCode.RATE_LIMITE
 
 
 # ---------------------------------------------------------------- errors
+
+
+def _payload_bytes(payload: Any) -> bytes:
+    """``payload`` as bytes: a bytes-like object only.  Raises EncodeError
+    for anything else -- text is not encoded for the caller, and an int is
+    no length (``bytes(5)`` would be five zero bytes)."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return bytes(payload)
+    raise EncodeError(f"payload must be bytes (bytes, bytearray or memoryview), not {type(payload).__name__}"
+                      + ("; encode text first, e.g. text.encode()" if isinstance(payload, str) else ""))
 
 
 def _check_seq(seq: object) -> None:
@@ -1398,6 +1408,7 @@ class ClientSession:
         limit), BAD_MENTION (not a valid user id); ids of non-members are
         ignored.  A retry must repeat them (the same local id carries the
         same SendReq)."""
+        payload = _payload_bytes(payload)
         self._check_open()
         t = self._tick(now)
         deadline = t + (self._send_timeout if timeout is None else max(0, timeout))
@@ -1409,7 +1420,6 @@ class ClientSession:
                     heapq.heappush(self._timeouts, (deadline, local_id))
                 return local_id
         lid = self._new_local_id(now) if local_id is None else local_id
-        payload = bytes(payload)
         stamp = max(self._last_stamp + 1, now + self._offset)
         # What the user could see when sending: the message must never be
         # displayed above it (pimcore.order).
@@ -1453,6 +1463,7 @@ class ClientSession:
         EncodeError (a ValueError) for other values no AmendReq can carry,
         the terminal error if CLOSED; nothing is queued then."""
         _check_seq(target)
+        payload = _payload_bytes(payload)
         self._check_open()
         t = self._tick(now)
         deadline = t + (self._send_timeout if timeout is None else max(0, timeout))
@@ -1464,7 +1475,6 @@ class ClientSession:
                     heapq.heappush(self._timeouts, (deadline, local_id))
                 return local_id
         lid = self._new_local_id(now) if local_id is None else local_id
-        payload = bytes(payload)
         stamp = max(self._last_stamp + 1, now + self._offset)
         raw = encode_frame(F.AmendReq(lid, conv, target, int(action), stamp, payload))  # EncodeError before any change
         self._last_stamp = stamp

@@ -577,6 +577,11 @@ def test_arguments_no_frame_can_carry_raise_before_anything_changes():
         s.send(CONV, b"x", T0, local_id=1 << 64)
     with pytest.raises(EncodeError):
         s.mark_read("\ud800", 1, T0)
+    # A payload is bytes: text is not encoded for you, and an int is not a
+    # length (bytes(5) would send five zero bytes).
+    for payload in ("hi", 5, None, [104, 105]):
+        with pytest.raises(EncodeError, match="payload must be bytes"):
+            s.send(CONV, payload, T0)  # type: ignore[arg-type]
     assert s.statistics().pending_sends == 0 and s.data_to_send() == b""
 
 
