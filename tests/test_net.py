@@ -13,6 +13,7 @@ import jwt
 import pytest
 import trio
 import trustme
+from trio_websocket import ConnectionClosed
 
 from pimcore import frames as F
 from pimcore.client import (
@@ -26,7 +27,7 @@ from pimcore.client import (
     SendTimeout,
     open_client,
 )
-from pimcore.codec import encode_frame
+from pimcore.codec import Decoder, encode_frame
 from pimcore.core import Limits
 from pimcore.errors import CloseCode, ErrorCode
 from pimcore.auth import JwtAuthenticator
@@ -608,12 +609,28 @@ async def test_websocket_wrong_path_and_text_messages_are_refused(lmdb_store):
                     pass  # pragma: no cover
             async with open_websocket_url(url) as ws:
                 await ws.send_message("a text message is not a frame")
-                with pytest.raises(Exception):  # the broker hangs up
+                with pytest.raises(ConnectionClosed) as closed:  # the broker hangs up, saying why
                     with trio.fail_after(5):
                         while True:
                             await ws.get_message()
+                assert closed.value.reason.code == 1003 and "binary" in (closed.value.reason.reason or "")
             async with client(url, "alice") as a:  # the listener is fine
                 assert (await a.send(AB, b"binary is fine")).seq == 1
+
+
+async def test_an_empty_websocket_message_is_no_end_of_stream(lmdb_store):
+    # An empty binary message carries no bytes; it must not read as the
+    # end of the stream (receive_some's b"") and end the session.
+    from trio_websocket import open_websocket_url
+
+    with trio.fail_after(15):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            async with open_websocket_url(srv.url("ws")) as ws:
+                await ws.send_message(b"")
+                await ws.send_message(encode_frame(F.Login(token("alice").encode(), "d", 0, 0, 0)))
+                decoder = Decoder()
+                decoder.feed(await ws.get_message())
+                assert isinstance(decoder.next_frame(), F.LoginAck)
 
 
 async def test_pages_of_big_messages_are_cut_short_and_say_more_follow(lmdb_store):

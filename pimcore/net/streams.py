@@ -80,6 +80,8 @@ class WebSocketStream(trio.abc.Stream):
     #: would exceed the peer's message-size limit and kill the connection.
     #: Frames are a byte stream here, so splitting anywhere is fine.
     MAX_MESSAGE = 64 * 1024
+    #: Seconds a refused peer gets to answer the close handshake.
+    CLOSE_WAIT = 2.0
 
     def __init__(self, ws: WebSocketConnection) -> None:
         self.ws = ws
@@ -89,15 +91,21 @@ class WebSocketStream(trio.abc.Stream):
         if self._pending:
             data, self._pending = self._pending, b""
         else:
-            try:
-                message = await self.ws.get_message()
-            except ConnectionClosed:
-                return b""
-            if isinstance(message, str):
-                # Text messages are not part of the protocol: treat as a
-                # broken peer rather than guessing an encoding.
-                raise trio.BrokenResourceError("text WebSocket message; pimcore uses binary messages")
-            data = message
+            data = b""
+            while not data:  # an empty message is no end of stream: skip it
+                try:
+                    message = await self.ws.get_message()
+                except ConnectionClosed:
+                    return b""
+                if isinstance(message, str):
+                    # Text messages are not part of the protocol: a broken
+                    # peer, rather than a guess at an encoding.  It is told
+                    # why (1003: a kind of data this endpoint cannot take).
+                    reason = "text WebSocket message; pimcore uses binary messages"
+                    with trio.move_on_after(self.CLOSE_WAIT):  # a peer that never answers the close
+                        await self.ws.aclose(code=1003, reason=reason)
+                    raise trio.BrokenResourceError(reason)
+                data = message
         if max_bytes is not None and len(data) > max_bytes:
             data, self._pending = data[:max_bytes], data[max_bytes:]
         return data
