@@ -317,3 +317,15 @@ def test_lmdb_commands_refuse_a_data_dir_whose_broker_serves_from_redis(tmp_path
     err = capsys.readouterr().err
     assert "keeps its data in Redis (redis://127.0.0.1:1)" in err
     assert not (tmp_path / "d" / "store").exists()
+
+
+def test_a_config_file_that_is_not_utf8_is_an_error_naming_it(tmp_path):
+    import pytest
+
+    from pimcore.config import ConfigError, load_settings
+
+    path = tmp_path / "pimcore.toml"
+    path.write_bytes(b'[server]\nidle_timeout = 1.0  # caf\xe9 in Latin-1\n')
+    with pytest.raises(ConfigError, match="pimcore.toml") as err:
+        load_settings(str(path))
+    assert "UTF-8" in str(err.value)
