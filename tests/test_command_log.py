@@ -26,7 +26,6 @@ import random
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +72,6 @@ def _crash_copy(src: Path, dst: Path) -> Path:
     if (src / "log").is_dir():
         shutil.copytree(src / "log", dst / "log")
     return dst
-
-
-@pytest.fixture(autouse=True, params=["flush-inline", "flush-overlapped"])
-def _flush_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test twice: each batch's record flushed after LMDB applied the
-    batch, and flushed by the worker thread while LMDB applies it (what
-    batches of _LogState.overlap_ops or more do)."""
-    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1 if request.param == "flush-overlapped" else 1 << 40)
 
 
 def _open_log(path: Path, **kw: Any) -> LmdbStore:
@@ -260,7 +251,6 @@ def test_a_failed_log_flush_stops_writes_and_a_restart_recovers(
 
 MAINTENANCE = """
 import sys
-import threading
 from pimcore.errors import StoreError
 from pimcore.store import AddMembers, CreateGroup, LmdbStore, NewMessage, RemoveMembers, WriteBatch
 s = LmdbStore(sys.argv[1], create=False, owner=False)
@@ -378,7 +368,6 @@ def test_the_log_refuses_a_record_that_is_not_a_batch_of_ops(tmp_path: Path, rec
 
 MAINTENANCE_LATER = """
 import sys
-import threading
 from pimcore.errors import StoreError
 from pimcore.store import CreateGroup, LmdbStore, WriteBatch
 s = LmdbStore(sys.argv[1], create=False, owner=False)
@@ -606,29 +595,23 @@ def test_a_failed_background_checkpoint_is_logged_and_retried(
         store.close()
 
 
-def test_a_batch_of_overlap_ops_or_more_is_flushed_while_lmdb_applies_it(
+def test_a_batch_whose_record_is_too_big_for_the_log_is_refused_before_anything_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 8)
-    real = wal.CommandLog.append
-    flushed_by: list[str] = []
-
-    def append(self: wal.CommandLog, payload: bytes) -> int:
-        flushed_by.append(threading.current_thread().name)
-        return real(self, payload)
-
-    monkeypatch.setattr(wal.CommandLog, "append", append)
-    ops = [NewMessage(i.to_bytes(8, "big") + b"N" * 8, "g1", "al", "ph", i, 5, 1_000 + i, b"x", b"x" * 16, 0)
-           for i in range(1, 16)]
+    # Recovery reads a record longer than wal.MAX_RECORD as a torn tail: it
+    # would drop that batch, acked, and every batch after it.
+    monkeypatch.setattr(wal, "MAX_RECORD", 400)  # the big batch: 583 bytes; the small one: 240
+    big, small = _fixed_batches(2, 12)
     store = _open_log(tmp_path / "a")
     try:
         store.commit(WriteBatch(1, GROUPS))
-        store.commit(WriteBatch(2, tuple(ops[:7])))  # 7 ops: flushed in the caller's thread, after the apply
-        store.commit(WriteBatch(3, tuple(ops[7:])))  # 8 ops: by the worker thread
-        assert [store.last_seq("g1")] == [15]
+        before = _dump(store)
+        with pytest.raises(StoreError, match="command log"):
+            store.commit(WriteBatch(2, tuple(big)))
+        assert _dump(store) == before
+        store.commit(WriteBatch(3, tuple(small[:3])))  # the store writes on
         copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+        want = _dump(store)
     finally:
         store.close()
-    me = threading.current_thread().name
-    assert flushed_by[:3] == [me, me, flushed_by[2]] and flushed_by[2].startswith("pimcore-log-flush")
-    assert _recovered(copy) == _reference(tmp_path / "ref", [ops[:7], ops[7:]])
+    assert _recovered(copy) == want

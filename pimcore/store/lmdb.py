@@ -190,7 +190,6 @@ decode in one ``unpack_from`` call, which matters more in Python.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import io
 import itertools
@@ -578,6 +577,11 @@ def _encode_ops(ops: tuple[Op, ...]) -> bytes:
         _PlainPickler(buf, protocol=5).dump(runs)
     except pickle.PicklingError as exc:
         raise StoreError(str(exc)) from None
+    if buf.tell() > wal.MAX_RECORD:
+        # Recovery reads a longer record as a torn tail (and stops there):
+        # refused before anything is written, like any batch that fails.
+        raise StoreError(f"its command log record would be {buf.tell()} bytes, above the log's limit of"
+                         f" {wal.MAX_RECORD}: commit it in smaller batches")
     return buf.getvalue()
 
 
@@ -640,15 +644,6 @@ class _LogState:
     #: so the data file grows by every page written meanwhile (about 64 KiB
     #: per 1-message commit).
     checkpoint_seconds = 0.25
-    #: A batch of at least this many ops has its record written and flushed
-    #: by a worker thread while LMDB applies the batch (:meth:`LmdbStore._write`):
-    #: the flush's wait then overlaps the apply's CPU work, and LMDB still
-    #: commits only after the flush returned.  Smaller batches flush inline,
-    #: where the two hand-offs between threads (about 35 µs of CPU) would
-    #: cost more than the overlap saves.  Measured on 2 vCPUs with the
-    #: broker on one (BENCHMARKS.md, "The log flush overlaps the apply"):
-    #: 400-op batches +8 % acked sends/s; 62-op batches no gain.
-    overlap_ops = 128
 
     def __init__(self, store: "LmdbStore", log: wal.CommandLog) -> None:
         self.store = store
@@ -661,54 +656,10 @@ class _LogState:
         #: by LMDB (its commit hit a full map), else None.
         self.uncommitted: Optional[tuple[int, int, int]] = None
         self._thread: Optional[threading.Thread] = None
-        self._flusher: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._last_at = (0, time.monotonic())  # (log bytes appended, monotonic s) at the last checkpoint
         self._data = os.path.join(store._path, "data.mdb")
         #: Checkpoints written, for statistics and tests.
         self.checkpoints = 0
-
-    def append(self, record: "_LogRecord") -> None:
-        """Under the write lock, before LMDB commits the record's batch:
-        write and flush the record.  Raises StoreError (and the store writes
-        no more) if that failed."""
-        # Until LMDB commits it, a checkpoint (the map may grow at the
-        # commit) must replay this record.
-        self.uncommitted = self.log.position()
-        try:
-            self.log.append(record.data)
-        except OSError as exc:
-            raise self._append_failed(exc) from exc
-        record.appended = True
-
-    def append_soon(self, record: "_LogRecord") -> "concurrent.futures.Future[int]":
-        """Like :meth:`append`, in the worker thread; :meth:`appended`
-        waits for it.  The caller holds the write lock until then."""
-        self.uncommitted = self.log.position()
-        if self._flusher is None:
-            self._flusher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pimcore-log-flush")
-        return self._flusher.submit(self.log.append, record.data)
-
-    def appended(self, record: "_LogRecord", flush: "concurrent.futures.Future[int]") -> None:
-        """Wait for :meth:`append_soon`'s flush of ``record``.  Raises
-        StoreError (and the store writes no more) if it failed."""
-        try:
-            flush.result()
-        except OSError as exc:
-            raise self._append_failed(exc) from exc
-        record.appended = True
-
-    def _append_failed(self, exc: OSError) -> StoreError:
-        # After a failed flush the page cache's state is unknown (fsync
-        # can't be retried): stop.
-        self.failed = f"the command log could not be written ({exc}); restart the broker"
-        return StoreError(self.failed)
-
-    def stop_flusher(self) -> None:
-        """End the worker thread (idle: every flush was waited for under
-        the write lock)."""
-        flusher, self._flusher = self._flusher, None
-        if flusher is not None:
-            flusher.shutdown(wait=True)
 
     def _prepare(self) -> Optional[tuple[_Txn, wal.Checkpoint]]:
         """Under the write lock, with no write transaction open: a pin at the
@@ -925,21 +876,6 @@ class _Hot:
             self.devices.clear()
         if len(self.dmax) > _HOT_USERS:
             self.dmax.clear()
-
-
-class _LogRecord:
-    """A batch's command log record (``log`` durability), and whether it is
-    in the log already: a batch run again after :class:`_MsgIdTaken` (or a
-    full map) keeps its one record."""
-
-    __slots__ = ("data", "overlap", "appended")
-
-    def __init__(self, data: bytes, overlap: bool) -> None:
-        self.data = data
-        #: Flush it in the worker thread while LMDB applies the batch
-        #: (:attr:`_LogState.overlap_ops`).
-        self.overlap = overlap
-        self.appended = False
 
 
 class _MsgIdTaken(Exception):
@@ -1379,7 +1315,6 @@ class LmdbStore(Store):
         st, self._log = self._log, None
         assert st is not None and self._env is not None
         st.join()
-        st.stop_flusher()
         self._env.sync(True)
         st.drop_pin()
         st.log.remove()
@@ -1503,22 +1438,14 @@ class LmdbStore(Store):
         self._resize(env, 0)
 
     def _write(
-        self, fn: Callable[[_Txn], T], committed: Optional[Callable[[], None]] = None,
-        logged: Optional[_LogRecord] = None,
+        self, fn: Callable[[_Txn], T], committed: Optional[Callable[[], None]] = None, logged: Optional[bytes] = None
     ) -> T:
         """Run ``fn`` in one write transaction and commit it.  ``fn`` must not
         have effects outside the transaction: when the map is full the
         transaction is aborted, the map grown and ``fn`` run again.
         ``committed`` is called after a successful commit, still under the
         write lock.  ``logged``: the batch's command log record (``log``
-        durability), appended and flushed once, before LMDB commits: while
-        ``fn`` runs if ``logged.overlap``, else after it.
-
-        Why the overlap is safe: LMDB still commits only after the flush
-        returned, under the same write lock (no checkpoint can start in
-        between, and :attr:`_LogState.uncommitted` covers the record until
-        LMDB has it); if ``fn`` fails, the flush is waited for first and the
-        failure handled as if the record had been appended after ``fn``."""
+        durability), appended and flushed once, before LMDB commits."""
         with self._wlock:
             env = self._env
             if env is None:
@@ -1533,7 +1460,7 @@ class LmdbStore(Store):
             # be in LMDB but not in the log, and that broker's recovery puts
             # back the checkpoint's meta pages and replays only the log.
             guard = self._maintenance_write_lock() if not self._owner and st is None else None
-            done = again = False
+            appended = False
             try:
                 while True:
                     try:
@@ -1544,19 +1471,20 @@ class LmdbStore(Store):
                     except lmdb.Error as exc:
                         raise StoreError(f"LMDB error: {exc}") from exc
                     try:
-                        if logged is not None and not logged.appended:
+                        result = fn(txn)
+                        if logged is not None and not appended:
                             assert st is not None
-                            if logged.overlap:
-                                flush = st.append_soon(logged)
-                                try:
-                                    result = fn(txn)
-                                finally:
-                                    st.appended(logged, flush)
-                            else:
-                                result = fn(txn)
-                                st.append(logged)
-                        else:
-                            result = fn(txn)
+                            # Until LMDB commits it, a checkpoint (the map may
+                            # grow at the commit) must replay this record.
+                            st.uncommitted = st.log.position()
+                            try:
+                                st.log.append(logged)
+                            except OSError as exc:
+                                # After a failed flush the page cache's state
+                                # is unknown (fsync can't be retried): stop.
+                                st.failed = f"the command log could not be written ({exc}); restart the broker"
+                                raise StoreError(st.failed) from exc
+                            appended = True
                         txn.commit()
                     except lmdb.MapFullError:
                         _abort(txn)
@@ -1568,7 +1496,7 @@ class LmdbStore(Store):
                     except BaseException:
                         _abort(txn)
                         raise
-                    done = True
+                    appended = False  # committed: nothing left to undo
                     if st is not None:
                         st.uncommitted = None
                     if committed is not None:
@@ -1576,13 +1504,10 @@ class LmdbStore(Store):
                     if st is not None and not st.replaying:
                         st.after_commit()
                     return result
-            except _MsgIdTaken:
-                again = True  # the caller runs the batch again at once, with this record
-                raise
             finally:
                 if guard is not None:
                     os.close(guard)
-                if not done and not again and logged is not None and logged.appended and st is not None:
+                if appended and st is not None:
                     # The log holds a batch LMDB does not: later batches would
                     # be logged after it but applied without it.  Recovery
                     # (restart) replays it, so the caller's retry is a Duplicate.
@@ -1905,8 +1830,7 @@ class LmdbStore(Store):
 
         st = self._log
         try:
-            logged = (_LogRecord(_encode_ops(ops), len(ops) >= st.overlap_ops)
-                      if st is not None and not st.replaying else None)
+            logged = _encode_ops(ops) if st is not None and not st.replaying else None
         except StoreError as exc:
             raise StoreError(f"batch {batch.batch_id} not committed: {exc}") from None
         try:
@@ -2954,7 +2878,6 @@ class LmdbStore(Store):
                 # A clean end: a checkpoint of everything, so the next open
                 # replays nothing.  (If it fails the log still has it all.)
                 st.join()
-                st.stop_flusher()
                 if st.failed is None:
                     try:
                         prepared = st._prepare()

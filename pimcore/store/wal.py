@@ -13,9 +13,7 @@ recovery, applied to LMDB's copy-on-write pages):
 * Every :class:`~pimcore.store.base.WriteBatch` is appended here and
   ``fdatasync``'d *before* LMDB commits it, and LMDB commits without flushing
   (``MDB_NOSYNC``).  A batch is durable when its log record is; the caller acks
-  after :meth:`LmdbStore.commit` returns, as before.  A big batch's record
-  is written and flushed by a worker thread while LMDB applies the batch
-  (``_LogState.overlap_ops``); LMDB still commits only after the flush.
+  after :meth:`LmdbStore.commit` returns, as before.
 * A **checkpoint** makes LMDB itself durable up to a transaction S: right
   after S commits the writer reads LMDB's two meta pages (the page cache holds
   S's), starts a read transaction at S (the **pin**), and a thread then
