@@ -71,6 +71,7 @@ import trio
 from . import frames as F
 from ._util import BaseExceptionGroup, first_leaf
 from .codec import Decoder, encode_frame
+from .core import Limits
 from .errors import CloseCode, ErrorCode
 
 __all__ = ["BenchConfig", "BenchResult", "run_bench", "format_result", "BrokerProcess", "BenchError", "SHAPES",
@@ -84,6 +85,11 @@ _CLOSE_CODES = frozenset(int(c) for c in CloseCode)
 
 class BenchError(Exception):
     """The benchmark could not run (broker did not start, login refused...)."""
+
+
+#: Largest payload a run sends (bytes): the broker it starts takes frames of
+#: that size, and its max_outbound_bytes (64 MiB) must stay >= 4 frames.
+MAX_SIZE = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +142,8 @@ class BenchConfig:
             raise ValueError("window must be >= 1")
         if self.size < 8:
             raise ValueError("size must be >= 8 (the payload carries an 8-byte send timestamp)")
+        if self.size > MAX_SIZE:
+            raise ValueError(f"size must be <= {MAX_SIZE} bytes")
         if self.count is not None and self.count < 1:
             raise ValueError("count must be >= 1")
         if self.duration <= 0 or self.warmup < 0 or self.hold < 0:
@@ -262,6 +270,10 @@ class BrokerProcess:
             "--idle-timeout", "0",
             "--max-connections", str(cfg.conns * 2 + cfg.idle + 100),
             "--max-outbound-bytes", str(64 << 20),
+            # The payload size asked for, beyond the default limits (a frame
+            # holds one such message and its header).
+            "--max-payload", str(max(cfg.size, Limits().max_payload)),
+            "--max-frame", str(max(cfg.size + 4096, Limits().max_frame)),
             "--log-level", "warning",  # its stderr is read only until ready: a line per login would fill the pipe
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
