@@ -317,3 +317,15 @@ def test_lmdb_commands_refuse_a_data_dir_whose_broker_serves_from_redis(tmp_path
     err = capsys.readouterr().err
     assert "keeps its data in Redis (redis://127.0.0.1:1)" in err
     assert not (tmp_path / "d" / "store").exists()
+
+
+# -- bad input to `pimcore chat` gets a one-line error, not a traceback -------
+
+
+def test_chat_with_yourself_is_refused_saying_why(capsys):
+    from _net import token
+
+    assert main(["chat", "--to", "alice", "--token", token("alice"), "--url", "tcp://127.0.0.1:1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("pimcore chat: ") and "yourself" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
