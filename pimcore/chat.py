@@ -58,6 +58,7 @@ from .client import (
     open_client,
 )
 from .ids import conversation_problem, direct_conversation, id_problem, valid_group, valid_id
+from .net.streams import parse_url
 
 __all__ = ["run_chat", "chat"]
 
@@ -277,6 +278,11 @@ def run_chat(args: argparse.Namespace) -> int:
             return 2
     if args.group is not None and not valid_group(args.group):
         print(f"pimcore chat: invalid group id: {conversation_problem(args.group) or 'd: starts a direct id'}", file=sys.stderr)
+        return 2
+    try:
+        parse_url(args.url)
+    except ValueError as exc:
+        print(f"pimcore chat: --url {exc}", file=sys.stderr)
         return 2
     if args.to is not None and args.to == _token_user(args.token):
         print(f"pimcore chat: cannot chat with yourself: the token is {args.to}'s (--to names another user)", file=sys.stderr)

@@ -329,3 +329,13 @@ def test_chat_with_yourself_is_refused_saying_why(capsys):
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("pimcore chat: ") and "yourself" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:7481", "tcp://", "tcp://127.0.0.1:99999", "foo"])
+def test_chat_refuses_a_bad_url_saying_why(capsys, url):
+    from _net import token
+
+    assert main(["chat", "--to", "bob", "--token", token("alice"), "--url", url]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("pimcore chat: --url ") and url in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
