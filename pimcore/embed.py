@@ -78,6 +78,14 @@ REVOKE_AHEAD = 60 * 1_000_000
 #: Longest token lifetime :meth:`Pimcore.issue_token` issues (s): 366 days.
 MAX_TOKEN_TTL = 366 * 24 * 3600
 
+
+def token_ttl_problem(ttl: object) -> Optional[str]:
+    """Why ``ttl`` is no token lifetime :meth:`Pimcore.issue_token` (and
+    ``pimcore token``) issues -- None if it is one: 1 .. MAX_TOKEN_TTL s."""
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= MAX_TOKEN_TTL:
+        return f"ttl must be 1..{MAX_TOKEN_TTL} seconds (366 days), got {ttl!r}"
+    return None
+
 #: Longest kick reason (UTF-8 bytes): it is logged and stored in events.
 MAX_KICK_REASON = 256
 
@@ -372,8 +380,9 @@ class Pimcore:
         has no secret to sign with)."""
         if self._secret is None:
             raise RuntimeError("this broker authenticates with a custom authenticator: it cannot issue tokens")
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= MAX_TOKEN_TTL:
-            raise ValueError(f"cannot issue a token: ttl must be 1..{MAX_TOKEN_TTL} seconds (366 days), got {ttl!r}")
+        problem = token_ttl_problem(ttl)
+        if problem is not None:
+            raise ValueError(f"cannot issue a token: {problem}")
         return issue_token(self._secret, user, device, ttl=ttl)
 
     # ------------------------------------------------------------ groups

@@ -339,3 +339,16 @@ def test_chat_refuses_a_bad_url_saying_why(capsys, url):
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("pimcore chat: --url ") and url in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("ttl", ["inf", "nan", "0", "-5", "99999999999", "31622401"])
+def test_token_refuses_a_ttl_outside_what_the_http_api_allows(monkeypatch, capsys, ttl):
+    from pimcore.embed import MAX_TOKEN_TTL
+
+    monkeypatch.setenv("PIMCORE_SECRET", "e" * 32)
+    assert main(["token", "--user", "alice", "--ttl", ttl]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("pimcore token: ") and f"1..{MAX_TOKEN_TTL}" in err
+    assert len(err.strip().splitlines()) == 1
+    for ok in ("1", str(MAX_TOKEN_TTL)):
+        assert main(["token", "--user", "alice", "--ttl", ok]) == 0 and capsys.readouterr().out.strip()
