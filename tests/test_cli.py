@@ -352,3 +352,11 @@ def test_token_refuses_a_ttl_outside_what_the_http_api_allows(monkeypatch, capsy
     assert len(err.strip().splitlines()) == 1
     for ok in ("1", str(MAX_TOKEN_TTL)):
         assert main(["token", "--user", "alice", "--ttl", ok]) == 0 and capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("argv", [["info"], ["token", "--user", "alice"]])
+def test_an_unknown_backend_is_one_line_on_stderr_not_a_traceback(argv):
+    env = dict(os.environ, PIMCORE_BACKEND="foo", PIMCORE_SECRET="e" * 32)
+    bad = subprocess.run([sys.executable, "-m", "pimcore", *argv], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip() == "pimcore: PIMCORE_BACKEND='foo': expected 'cython', 'pure' or 'auto'"
