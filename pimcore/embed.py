@@ -708,7 +708,11 @@ class Pimcore:
     # ------------------------------------------------------------ reads
 
     def online_devices(self, user: str) -> list[str]:
-        """The devices of ``user`` connected to this broker now, sorted."""
+        """The devices of ``user`` connected to this broker now, sorted.
+        Raises RequestRefused (BAD_REQUEST) for an invalid user id."""
+        problem = id_problem(user, "user")
+        if problem is not None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"online devices: {problem}")
         return self.server.broker.online_devices(user)
 
     async def online_anywhere(self, users: Iterable[str]) -> frozenset[str]:
@@ -820,7 +824,11 @@ class Pimcore:
         """Exact number of messages from others in ``conv`` after ``user``'s
         read marker (0 for a conversation the user is not in); without
         ``conv``, the sum over all of the user's conversations (a badge).
-        Raises RequestRefused (BAD_REQUEST) for an invalid user id."""
+        Raises RequestRefused (BAD_REQUEST) for an invalid user or
+        conversation id."""
+        problem = None if conv is None else conversation_problem(conv)
+        if problem is not None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"unread: {problem}")
         convs = await self.conversations(user)
         if conv is None:
             return sum(c.unread for c in convs)
