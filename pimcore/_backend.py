@@ -17,7 +17,9 @@ import importlib
 import os
 from types import ModuleType
 
-__all__ = ["NAME", "impl", "load", "available"]
+from .errors import BackendChoiceError
+
+__all__ = ["NAME", "impl", "load", "available", "BackendChoiceError"]
 
 _ENV = "PIMCORE_BACKEND"
 
@@ -48,7 +50,7 @@ def _choose() -> tuple[str, ModuleType]:
     if wanted in ("cython", "pure"):
         return wanted, load(wanted)
     if wanted != "auto":
-        raise ImportError(f"{_ENV}={wanted!r}: expected 'cython', 'pure' or 'auto'")
+        raise BackendChoiceError(f"{_ENV}={wanted!r}: expected 'cython', 'pure' or 'auto'")
     try:
         return "cython", load("cython")
     except ImportError:

@@ -58,6 +58,7 @@ from .client import (
     open_client,
 )
 from .ids import conversation_problem, direct_conversation, id_problem, valid_group, valid_id
+from .net.streams import parse_url
 
 __all__ = ["run_chat", "chat"]
 
@@ -257,6 +258,19 @@ def _stdin_lines(nursery: trio.Nursery, stream: TextIO = sys.stdin) -> trio.abc.
     return recv
 
 
+def _token_user(token: str) -> Optional[str]:
+    """The user a token names (its ``sub``), read without verifying it:
+    only to refuse a chat that cannot work before connecting (the broker
+    checks the token).  None if it names none."""
+    import jwt
+
+    try:
+        user = jwt.decode(token, options={"verify_signature": False}).get("sub")
+    except jwt.InvalidTokenError:
+        return None
+    return user if isinstance(user, str) else None
+
+
 def run_chat(args: argparse.Namespace) -> int:
     for value, what in ((args.to, "peer"), (args.device, "device")):
         if value is not None and not valid_id(value):
@@ -264,6 +278,14 @@ def run_chat(args: argparse.Namespace) -> int:
             return 2
     if args.group is not None and not valid_group(args.group):
         print(f"pimcore chat: invalid group id: {conversation_problem(args.group) or 'd: starts a direct id'}", file=sys.stderr)
+        return 2
+    try:
+        parse_url(args.url)
+    except ValueError as exc:
+        print(f"pimcore chat: --url {exc}", file=sys.stderr)
+        return 2
+    if args.to is not None and args.to == _token_user(args.token):
+        print(f"pimcore chat: cannot chat with yourself: the token is {args.to}'s (--to names another user)", file=sys.stderr)
         return 2
     ctx = None
     if args.cafile:

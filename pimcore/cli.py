@@ -312,6 +312,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_token(args: argparse.Namespace) -> int:
     from .auth import issue_token
     from .config import ConfigError
+    from .embed import token_ttl_problem
     from .ids import id_problem
 
     for what, value in (("user", args.user), ("device", args.device)):
@@ -319,6 +320,10 @@ def _cmd_token(args: argparse.Namespace) -> int:
         if problem is not None:
             print(f"pimcore token: invalid {what} id: {problem}", file=sys.stderr)
             return 2
+    problem = token_ttl_problem(args.ttl)
+    if problem is not None:
+        print(f"pimcore token: invalid --ttl: {problem}", file=sys.stderr)
+        return 2
     try:
         secret = _secret(_settings(args), create=args.create_secret, announce="token")
         print(issue_token(secret, args.user, args.device, ttl=args.ttl))
@@ -630,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("token", help="print a signed token for a user (and device)")
     p.add_argument("--user", required=True)
     p.add_argument("--device", help="bind the token to this device")
-    p.add_argument("--ttl", type=float, default=24 * 3600.0, help="validity in seconds (default 1 day)")
+    p.add_argument("--ttl", type=float, default=24 * 3600.0, help="validity in seconds, up to 366 days (default 1 day)")
     p.add_argument("--config", help="the serve configuration file (for its secret)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
     p.add_argument("--secret-file")
@@ -743,8 +748,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .errors import BackendChoiceError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BackendChoiceError as exc:  # PIMCORE_BACKEND=typo: the message says it all
+        print(f"pimcore: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -78,6 +78,14 @@ REVOKE_AHEAD = 60 * 1_000_000
 #: Longest token lifetime :meth:`Pimcore.issue_token` issues (s): 366 days.
 MAX_TOKEN_TTL = 366 * 24 * 3600
 
+
+def token_ttl_problem(ttl: object) -> Optional[str]:
+    """Why ``ttl`` is no token lifetime :meth:`Pimcore.issue_token` (and
+    ``pimcore token``) issues -- None if it is one: 1 .. MAX_TOKEN_TTL s."""
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= MAX_TOKEN_TTL:
+        return f"ttl must be 1..{MAX_TOKEN_TTL} seconds (366 days), got {ttl!r}"
+    return None
+
 #: Longest kick reason (UTF-8 bytes): it is logged and stored in events.
 MAX_KICK_REASON = 256
 
@@ -372,8 +380,9 @@ class Pimcore:
         has no secret to sign with)."""
         if self._secret is None:
             raise RuntimeError("this broker authenticates with a custom authenticator: it cannot issue tokens")
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= MAX_TOKEN_TTL:
-            raise ValueError(f"cannot issue a token: ttl must be 1..{MAX_TOKEN_TTL} seconds (366 days), got {ttl!r}")
+        problem = token_ttl_problem(ttl)
+        if problem is not None:
+            raise ValueError(f"cannot issue a token: {problem}")
         return issue_token(self._secret, user, device, ttl=ttl)
 
     # ------------------------------------------------------------ groups
@@ -699,7 +708,11 @@ class Pimcore:
     # ------------------------------------------------------------ reads
 
     def online_devices(self, user: str) -> list[str]:
-        """The devices of ``user`` connected to this broker now, sorted."""
+        """The devices of ``user`` connected to this broker now, sorted.
+        Raises RequestRefused (BAD_REQUEST) for an invalid user id."""
+        problem = id_problem(user, "user")
+        if problem is not None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"online devices: {problem}")
         return self.server.broker.online_devices(user)
 
     async def online_anywhere(self, users: Iterable[str]) -> frozenset[str]:
@@ -811,7 +824,11 @@ class Pimcore:
         """Exact number of messages from others in ``conv`` after ``user``'s
         read marker (0 for a conversation the user is not in); without
         ``conv``, the sum over all of the user's conversations (a badge).
-        Raises RequestRefused (BAD_REQUEST) for an invalid user id."""
+        Raises RequestRefused (BAD_REQUEST) for an invalid user or
+        conversation id."""
+        problem = None if conv is None else conversation_problem(conv)
+        if problem is not None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"unread: {problem}")
         convs = await self.conversations(user)
         if conv is None:
             return sum(c.unread for c in convs)

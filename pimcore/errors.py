@@ -17,6 +17,7 @@ __all__ = [
     "EncodeError",
     "StoreError",
     "AuthError",
+    "BackendChoiceError",
 ]
 
 
@@ -119,3 +120,8 @@ class StoreError(PimError):
 
 class AuthError(PimError):
     """A token was rejected (forged, expired, malformed)."""
+
+
+class BackendChoiceError(ImportError):
+    """``PIMCORE_BACKEND`` names no fast-path backend: raised importing
+    :mod:`pimcore._backend` (the ``pimcore`` command says so in one line)."""

@@ -329,3 +329,46 @@ def test_a_config_file_that_is_not_utf8_is_an_error_naming_it(tmp_path):
     with pytest.raises(ConfigError, match="pimcore.toml") as err:
         load_settings(str(path))
     assert "UTF-8" in str(err.value)
+
+
+# -- bad input to `pimcore chat` gets a one-line error, not a traceback -------
+
+
+def test_chat_with_yourself_is_refused_saying_why(capsys):
+    from _net import token
+
+    assert main(["chat", "--to", "alice", "--token", token("alice"), "--url", "tcp://127.0.0.1:1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("pimcore chat: ") and "yourself" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:7481", "tcp://", "tcp://127.0.0.1:99999", "foo"])
+def test_chat_refuses_a_bad_url_saying_why(capsys, url):
+    from _net import token
+
+    assert main(["chat", "--to", "bob", "--token", token("alice"), "--url", url]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("pimcore chat: --url ") and url in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("ttl", ["inf", "nan", "0", "-5", "99999999999", "31622401"])
+def test_token_refuses_a_ttl_outside_what_the_http_api_allows(monkeypatch, capsys, ttl):
+    from pimcore.embed import MAX_TOKEN_TTL
+
+    monkeypatch.setenv("PIMCORE_SECRET", "e" * 32)
+    assert main(["token", "--user", "alice", "--ttl", ttl]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("pimcore token: ") and f"1..{MAX_TOKEN_TTL}" in err
+    assert len(err.strip().splitlines()) == 1
+    for ok in ("1", str(MAX_TOKEN_TTL)):
+        assert main(["token", "--user", "alice", "--ttl", ok]) == 0 and capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("argv", [["info"], ["token", "--user", "alice"]])
+def test_an_unknown_backend_is_one_line_on_stderr_not_a_traceback(argv):
+    env = dict(os.environ, PIMCORE_BACKEND="foo", PIMCORE_SECRET="e" * 32)
+    bad = subprocess.run([sys.executable, "-m", "pimcore", *argv], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip() == "pimcore: PIMCORE_BACKEND='foo': expected 'cython', 'pure' or 'auto'"

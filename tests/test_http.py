@@ -275,6 +275,24 @@ async def test_garbage_is_a_400() -> None:
             assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_request"
 
 
+async def test_a_refused_request_is_not_echoed_back() -> None:
+    """What h11 refuses (a NUL in a header, a bad request line) is a 400
+    with a fixed reason: the body carries none of the request's bytes --
+    not its API key -- and no Python internals (it said bytearray(b'...'))."""
+    with trio.fail_after(20):
+        async with broker_http() as (srv, h):
+            for head in (b"GET /healthz HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer %s\x00x\r\n\r\n" % KEY.encode(),
+                         b"GET /secret-\x00-target HTTP/1.1\r\nHost: t\r\n\r\n",
+                         b"NOT HTTP AT ALL secret-line\r\n\r\n"):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(head)
+                reply = await read_until_eof(stream)
+                assert reply.startswith(b"HTTP/1.1 400 "), reply
+                body = reply.split(b"\r\n\r\n", 1)[1]
+                assert json.loads(body) == {"error": {"code": "bad_request", "message": "malformed HTTP request"}}
+                assert KEY.encode() not in reply and b"secret" not in reply and b"bytearray" not in reply, reply
+
+
 # ---------------------------------------------------------------- readiness, metrics
 
 

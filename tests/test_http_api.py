@@ -556,3 +556,29 @@ async def test_batch_post_items_take_mentions_and_mention_all_as_the_single_post
                 [team] = (await call(c, "GET", f"/v1/users/{user}/conversation-list"))[1]["entries"]
                 counts[user] = (team["last_seq"], team["mention_count"])
             assert counts == {"alice": (2, 1), "bob": (2, 2)}
+
+
+async def test_devices_and_unread_refuse_invalid_ids(tmp_path: Path) -> None:
+    """An invalid user id is 400 BAD_REQUEST for devices as for the other
+    per-user endpoints, and so is an invalid ?conv= of unread (both were
+    200: an empty device list, 0 unread)."""
+    from pimcore.embed import RequestRefused
+    from pimcore.errors import ErrorCode
+
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            for user in ("bad%20user", "%00", "%ZZ"):
+                status, doc = await call(c, "GET", f"/v1/users/{user}/devices")
+                assert_error(status, doc, 400, "BAD_REQUEST")
+                assert "user id" in doc["error"]["message"], doc
+            status, doc = await call(c, "GET", "/v1/users/alice/unread?conv=bad%20conv")
+            assert_error(status, doc, 400, "BAD_REQUEST")
+            assert "'bad conv'" in doc["error"]["message"], doc
+            assert await call(c, "GET", "/v1/users/alice/devices") == (200, {"user": "alice", "devices": []})
+            assert await call(c, "GET", "/v1/users/alice/unread?conv=team") == (200, {"user": "alice", "conv": "team", "unread": 0})
+            with pytest.raises(RequestRefused) as refused:
+                im.online_devices("a b")
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+            with pytest.raises(RequestRefused) as refused:
+                await im.unread("alice", "bad conv")
+            assert refused.value.code is ErrorCode.BAD_REQUEST

@@ -110,7 +110,7 @@ async def test_tokens_of_another_secret_expired_or_for_another_device_are_refuse
             async with open_client(url, forged, "phone", config=FAST):
                 pass  # pragma: no cover
 
-        expired = await in_thread(token_for, "alice", data, "--ttl", "-100")
+        expired = issue_token(secret, "alice", ttl=-100)  # `pimcore token --ttl -100` refuses (exit 2)
         with pytest.raises(AuthFailed):
             async with open_client(url, expired, "phone", config=FAST):
                 pass  # pragma: no cover

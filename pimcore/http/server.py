@@ -358,9 +358,15 @@ class HttpServer:
                                                                f"the request did not arrive within {cfg.request_timeout:g} s"))
                 return
             except h11.RemoteProtocolError as exc:
+                # h11's message quotes the request (a header's value: an API
+                # key): neither the reply nor the log repeats it.
                 status = exc.error_status_hint
-                code = "headers_too_large" if status == 431 else "bad_request"
-                await self._send_error(stream, conn, HttpError(status, code, str(exc) or "malformed HTTP request"))
+                log.debug("refused a malformed HTTP request: %d", status)
+                if status == 431:
+                    err = HttpError(431, "headers_too_large", f"the request head is over {cfg.max_header_bytes} bytes")
+                else:
+                    err = HttpError(status, "bad_request", "malformed HTTP request")
+                await self._send_error(stream, conn, err)
                 return
             except HttpError as exc:  # 413: the body is not read; the connection ends
                 await self._send_error(stream, conn, exc)
