@@ -36,7 +36,7 @@ from .core import Authenticator, ContentFilter, Identity
 from .config import ConfigError, ServeSettings, load_settings
 from .errors import ErrorCode, PimError, StoreError
 from .frames import MessageKind
-from .ids import SYSTEM, conversation_problem, id_problem
+from .ids import DIRECT_PREFIX, SYSTEM, conversation_problem, id_problem
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
 from .store.base import (
@@ -92,6 +92,26 @@ MAX_KICK_REASON = 256
 #: Device id the handle's reads use where the store wants one (never a
 #: real device: it is not registered by a read).
 _READER_DEVICE = "pimcore-host"
+
+
+def _why(code: ErrorCode, *, users: Sequence[object] = (), conv: object = None, group: object = None) -> str:
+    """``": <the rule>"`` for the first invalid id among those given when
+    ``code`` is BAD_REQUEST, else "": the core refuses with the code alone,
+    and a host's error should say which id broke which rule."""
+    if code is not ErrorCode.BAD_REQUEST:
+        return ""
+    if group is not None:
+        problem = conversation_problem(group)
+        if problem is None and isinstance(group, str) and group.startswith(DIRECT_PREFIX):
+            problem = f"a group id cannot start with {DIRECT_PREFIX!r} (direct conversations are not created)"
+        if problem is not None:
+            return f": {problem}"
+    if conv is not None and (problem := conversation_problem(conv)) is not None:
+        return f": {problem}"
+    for user in users:
+        if (problem := id_problem(user)) is not None:
+            return f": {problem}"
+    return ""
 
 
 class RequestRefused(PimError):
@@ -406,7 +426,8 @@ class Pimcore:
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
                 raise StoreError(f"group {conv!r} not changed: the store failed")
-            raise RequestRefused(result.code, f"group {conv!r} not changed: {result.code.name}")
+            raise RequestRefused(result.code, f"group {conv!r} not changed: {result.code.name}"
+                                 + _why(result.code, users=users, group=conv))
         assert isinstance(result, GroupChanged)
         return result
 
@@ -622,7 +643,7 @@ class Pimcore:
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
                 raise StoreError("revocation not stored: the store failed")
-            raise RequestRefused(result.code, f"revoke {user!r}: {result.code.name}")
+            raise RequestRefused(result.code, f"revoke {user!r}: {result.code.name}" + _why(result.code, users=(user,)))
         return int(result.before)
 
     # ------------------------------------------------------------ retention and purge
@@ -790,7 +811,8 @@ class Pimcore:
         page = await self._read_one(ReadConversations(user, bytes(cursor), limit, bool(include_hidden)))
         assert isinstance(page, (ConversationsPage, Rejected))
         if page.code != ErrorCode.OK:
-            raise RequestRefused(page.code, f"conversation list of {user!r}: {page.code.name}")
+            raise RequestRefused(page.code, f"conversation list of {user!r}: {page.code.name}"
+                                 + _why(page.code, users=(user,)))
         entries = list(page.entries)  # type: ignore[union-attr]
         cursor_out = conversation_cursor(entries[-1]) if entries else bytes(cursor)
         return ConversationListPage(entries, cursor_out, page.more)  # type: ignore[union-attr]
@@ -863,7 +885,8 @@ class Pimcore:
         page = await self._read_one(ReadHistory(conv, user, from_seq, limit, backward))
         assert isinstance(page, HistoryPage)
         if page.code != ErrorCode.OK:
-            raise RequestRefused(page.code, f"history of {conv!r} for {user!r}: {page.code.name}")
+            raise RequestRefused(page.code, f"history of {conv!r} for {user!r}: {page.code.name}"
+                                 + _why(page.code, users=(user,), conv=conv))
         return list(page.messages)
 
     async def _read_one(self, op: ReadOp) -> Any:

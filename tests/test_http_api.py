@@ -582,3 +582,24 @@ async def test_devices_and_unread_refuse_invalid_ids(tmp_path: Path) -> None:
             with pytest.raises(RequestRefused) as refused:
                 await im.unread("alice", "bad conv")
             assert refused.value.code is ErrorCode.BAD_REQUEST
+
+
+async def test_a_refused_id_says_which_id_and_why(tmp_path: Path) -> None:
+    """The core answers BAD_REQUEST without saying which id was wrong; the
+    API's message names it and the rule (it said only "BAD_REQUEST")."""
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            for method, path, body, words in (
+                ("POST", "/v1/groups", {"conv": "g", "members": ["alice", "bad user"]}, "'bad user'"),
+                ("POST", "/v1/groups", {"conv": "d:alice:bob", "members": ["alice"]}, "d:"),
+                ("POST", "/v1/groups/team/members", {"users": ["bad user"]}, "'bad user'"),
+                ("GET", "/v1/conversations/bad%20conv/history?user=alice", None, "'bad conv'"),
+                ("GET", "/v1/conversations/team/history?user=bad%20user", None, "'bad user'"),
+                ("POST", "/v1/users/bad%20user/revoke", {}, "'bad user'"),
+                ("GET", "/v1/users/bad%20user/conversation-list", None, "'bad user'"),
+            ):
+                status, doc = await call(c, method, path, body)
+                assert_error(status, doc, 400, "BAD_REQUEST")
+                message = doc["error"]["message"]
+                assert words in message and not message.endswith("BAD_REQUEST"), (path, message)
