@@ -57,7 +57,7 @@ from .client import (
     SendTimeout,
     open_client,
 )
-from .ids import conversation_problem, direct_conversation, id_problem, valid_group, valid_id
+from .ids import direct_conversation, group_problem, id_problem, valid_group, valid_id
 from .net.streams import parse_url
 
 __all__ = ["run_chat", "chat"]
@@ -277,7 +277,7 @@ def run_chat(args: argparse.Namespace) -> int:
             print(f"pimcore chat: invalid {what} id: {id_problem(value, what)}", file=sys.stderr)
             return 2
     if args.group is not None and not valid_group(args.group):
-        print(f"pimcore chat: invalid group id: {conversation_problem(args.group) or 'd: starts a direct id'}", file=sys.stderr)
+        print(f"pimcore chat: invalid group id: {group_problem(args.group)}", file=sys.stderr)
         return 2
     try:
         parse_url(args.url)

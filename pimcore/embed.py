@@ -36,7 +36,7 @@ from .core import Authenticator, ContentFilter, Identity
 from .config import ConfigError, ServeSettings, load_settings
 from .errors import ErrorCode, PimError, StoreError
 from .frames import MessageKind
-from .ids import DIRECT_PREFIX, SYSTEM, conversation_problem, id_problem
+from .ids import SYSTEM, conversation_problem, group_problem, id_problem
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
 from .store.base import (
@@ -100,12 +100,8 @@ def _why(code: ErrorCode, *, users: Sequence[object] = (), conv: object = None, 
     and a host's error should say which id broke which rule."""
     if code is not ErrorCode.BAD_REQUEST:
         return ""
-    if group is not None:
-        problem = conversation_problem(group)
-        if problem is None and isinstance(group, str) and group.startswith(DIRECT_PREFIX):
-            problem = f"a group id cannot start with {DIRECT_PREFIX!r} (direct conversations are not created)"
-        if problem is not None:
-            return f": {problem}"
+    if group is not None and (problem := group_problem(group)) is not None:
+        return f": {problem}"
     if conv is not None and (problem := conversation_problem(conv)) is not None:
         return f": {problem}"
     for user in users:

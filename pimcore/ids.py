@@ -37,6 +37,7 @@ __all__ = [
     "MAX_DEVICE_ID_LEN",
     "ID_CHARS",
     "DIRECT_PREFIX",
+    "group_problem",
     "MAX_DIRECT_ID_LEN",
     "MAX_GROUP_ID_LEN",
     "MAX_CONVERSATION_ID_LEN",
@@ -190,6 +191,14 @@ def conversation_problem(conv: object) -> Optional[str]:
             f" (at most {MAX_DIRECT_ID_LEN} characters)"
         )
     return f"group id {_show(conv)} is not 1-{MAX_GROUP_ID_LEN} printable ASCII characters without spaces"
+
+
+def group_problem(conv: object) -> Optional[str]:
+    """Why ``conv`` is not an acceptable group id, or None when it is (a
+    valid direct id is not one: groups are never named d:...)."""
+    if valid_group(conv):  # type: ignore[arg-type]
+        return None
+    return conversation_problem(conv) or f"{_show(conv)} is a direct (1:1) id: no group id starts with {DIRECT_PREFIX!r}"
 
 
 def check_ids(*ids: str) -> None:

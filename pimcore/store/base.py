@@ -113,6 +113,7 @@ from ..ids import (  # re-exported: the store speaks in these ids
     check_ids,
     conversation_problem,
     direct_conversation,
+    group_problem,
     direct_members,
     is_direct,
     member_set,
@@ -1599,7 +1600,7 @@ class Store(ABC):
                 raise ValueError(f"group exists: {op.conv!r}")  # type: ignore[union-attr]
             conv = op.conv  # type: ignore[union-attr]
             if not valid_group(conv):
-                raise ValueError(f"not a group id: {conversation_problem(conv) or 'd: starts a direct (1:1) id'}")
+                raise ValueError(f"not a group id: {group_problem(conv)}")
             raise ValueError(f"invalid member ids: {op!r}")
         assert isinstance(res, GroupChanged)
         return res
