@@ -577,11 +577,6 @@ def _encode_ops(ops: tuple[Op, ...]) -> bytes:
         _PlainPickler(buf, protocol=5).dump(runs)
     except pickle.PicklingError as exc:
         raise StoreError(str(exc)) from None
-    if buf.tell() > wal.MAX_RECORD:
-        # Recovery reads a longer record as a torn tail (and stops there):
-        # refused before anything is written, like any batch that fails.
-        raise StoreError(f"its command log record would be {buf.tell()} bytes, above the log's limit of"
-                         f" {wal.MAX_RECORD}: commit it in smaller batches")
     return buf.getvalue()
 
 

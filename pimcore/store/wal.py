@@ -334,7 +334,13 @@ class CommandLog:
     def append(self, payload: bytes) -> int:
         """Write one record and ``fdatasync`` it; returns its LSN.  Raises
         OSError if the disk refuses (the caller must then stop writing: after
-        a failed flush the page cache's state is unknown)."""
+        a failed flush the page cache's state is unknown); ValueError, before
+        writing anything, for a payload over MAX_RECORD bytes (recovery would
+        read it as a torn tail and stop there, dropping it and every later
+        record)."""
+        if len(payload) > MAX_RECORD:
+            raise ValueError(f"a command log record holds at most {MAX_RECORD} bytes, not {len(payload)}:"
+                             " commit smaller batches")
         lsn = self.next_lsn
         if self.offset >= self.switch_bytes and self._other_free():
             # (Its header reaches the disk with this record's flush.)
