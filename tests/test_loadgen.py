@@ -35,7 +35,9 @@ def test_direct_with_online_recipients_counts_every_ack_and_delivery() -> None:
     assert res.acked_per_s == pytest.approx(300 / res.seconds)
     assert res.stored_entries_per_s == pytest.approx(2 * res.acked_per_s)  # both inboxes of a 1:1 chat
     assert res.broker["connections"] == 6 and res.logged_in == 6
-    assert res.broker_cpu_us_per_msg is not None and res.broker_cpu_us_per_msg > 0
+    # Read from /proc/<broker pid> in clock ticks (10 ms): a fast machine runs
+    # these 300 messages in fewer, so 0 is a possible reading -- measured, not missing.
+    assert res.broker_cpu_us_per_msg is not None and res.broker_cpu_us_per_msg >= 0
     assert res.broker_peak_rss is not None and res.broker_peak_rss > 1 << 20
     assert sum(n for _, n in res.ack_histogram) == 300
     table = format_result(res)
