@@ -26,6 +26,8 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,14 @@ def _crash_copy(src: Path, dst: Path) -> Path:
     if (src / "log").is_dir():
         shutil.copytree(src / "log", dst / "log")
     return dst
+
+
+@pytest.fixture(autouse=True, params=["flush-inline", "flush-overlapped"])
+def _flush_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test twice: each batch's record flushed after LMDB applied the
+    batch, and flushed by the worker thread while LMDB applies it (what
+    batches of _LogState.overlap_ops or more do)."""
+    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1 if request.param == "flush-overlapped" else 1 << 40)
 
 
 def _open_log(path: Path, **kw: Any) -> LmdbStore:
@@ -251,6 +261,7 @@ def test_a_failed_log_flush_stops_writes_and_a_restart_recovers(
 
 MAINTENANCE = """
 import sys
+import threading
 from pimcore.errors import StoreError
 from pimcore.store import AddMembers, CreateGroup, LmdbStore, NewMessage, RemoveMembers, WriteBatch
 s = LmdbStore(sys.argv[1], create=False, owner=False)
@@ -368,6 +379,7 @@ def test_the_log_refuses_a_record_that_is_not_a_batch_of_ops(tmp_path: Path, rec
 
 MAINTENANCE_LATER = """
 import sys
+import threading
 from pimcore.errors import StoreError
 from pimcore.store import CreateGroup, LmdbStore, WriteBatch
 s = LmdbStore(sys.argv[1], create=False, owner=False)
@@ -615,3 +627,268 @@ def test_a_batch_whose_record_is_too_big_for_the_log_is_refused_before_anything_
     finally:
         store.close()
     assert _recovered(copy) == want
+
+
+def test_a_batch_of_overlap_ops_or_more_is_flushed_while_lmdb_applies_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 8)
+    real = wal.CommandLog.append
+    flushed_by: list[str] = []
+
+    def append(self: wal.CommandLog, payload: bytes) -> int:
+        flushed_by.append(threading.current_thread().name)
+        return real(self, payload)
+
+    monkeypatch.setattr(wal.CommandLog, "append", append)
+    ops = [NewMessage(i.to_bytes(8, "big") + b"N" * 8, "g1", "al", "ph", i, 5, 1_000 + i, b"x", b"x" * 16, 0)
+           for i in range(1, 16)]
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        store.commit(WriteBatch(2, tuple(ops[:7])))  # 7 ops: flushed in the caller's thread, after the apply
+        store.commit(WriteBatch(3, tuple(ops[7:])))  # 8 ops: by the worker thread
+        assert [store.last_seq("g1")] == [15]
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    me = threading.current_thread().name
+    assert flushed_by[:3] == [me, me, flushed_by[2]] and flushed_by[2].startswith("pimcore-log-flush")
+    assert _recovered(copy) == _reference(tmp_path / "ref", [ops[:7], ops[7:]])
+
+
+# -- A record flushed while LMDB applies its batch is durable before the apply
+# -- can fail.  Whatever stops the batch after that, the record is taken back
+# -- out of the log under the same write lock, and the store writes on: the
+# -- log never holds a batch LMDB refused (a restart would apply it, or fail).
+
+
+def _big_sends(count: int, size: int, first: int = 10_000) -> tuple:
+    return tuple(NewMessage(i.to_bytes(8, "big") + b"N" * 8, "g1", "al", "ph", i, 5, i, os.urandom(size), b"x" * 16, 0)
+                 for i in range(first, first + count))
+
+
+def test_a_batch_refused_at_the_map_ceiling_leaves_nothing_in_the_log(tmp_path: Path) -> None:
+    # The store's own ceiling refusal (tests/test_store.py) under log durability.
+    store = _open_log(tmp_path / "a", map_size=1 << 20, max_map_size=1 << 21)
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        before = _dump(store)
+        with pytest.raises(StoreError, match="map full"):
+            store.commit(WriteBatch(2, _big_sends(40, 100_000)))
+        assert _dump(store) == before
+        store.commit(WriteBatch(3, _big_sends(3, 10, first=20_000)))  # the store writes on
+        want = _dump(store)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    assert _recovered(copy) == want  # the refused batch is not replayed
+
+
+def test_an_interrupt_during_the_apply_leaves_nothing_in_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_auto_checkpoints(monkeypatch)
+    real = lmdb_module._Batch.flush
+    calls = [0]
+
+    def flush(self: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 2:  # batch 2's apply (batch 1 is GROUPS)
+            raise KeyboardInterrupt
+        real(self)
+
+    monkeypatch.setattr(lmdb_module._Batch, "flush", flush)
+    batches = _fixed_batches(3, 12)
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        with pytest.raises(KeyboardInterrupt):
+            store.commit(WriteBatch(2, tuple(batches[0])))
+        store.commit(WriteBatch(3, tuple(batches[1])))  # the store writes on
+        want = _dump(store)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    assert _recovered(copy) == want == _reference(tmp_path / "ref", [batches[1]])
+
+
+def test_an_interrupt_while_waiting_for_the_flush_leaves_log_and_lmdb_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C reaches the writer while the worker thread flushes: the writer
+    # still waits for the flush to end (its outcome decides what the log
+    # holds), then answers the interrupt.
+    import _thread
+    import time
+
+    _no_auto_checkpoints(monkeypatch)
+    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1)
+    real = wal.CommandLog.append
+    calls = [0]
+
+    def append(self: wal.CommandLog, payload: bytes) -> int:
+        calls[0] += 1
+        if calls[0] == 2:
+            _thread.interrupt_main()
+            time.sleep(0.2)  # the writer is waiting by now
+        return real(self, payload)
+
+    monkeypatch.setattr(wal.CommandLog, "append", append)
+    batches = _fixed_batches(3, 12)
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        with pytest.raises(KeyboardInterrupt):
+            store.commit(WriteBatch(2, tuple(batches[0])))
+            time.sleep(1)  # (were the interrupt answered late, it lands here)
+        store.commit(WriteBatch(3, tuple(batches[1])))
+        want = _dump(store)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    assert _recovered(copy) == want
+
+
+def test_a_flush_thread_that_cannot_start_means_an_inline_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1)
+    real = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name.startswith("pimcore-log-flush"):
+            raise RuntimeError("can't start new thread")
+        real(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    batches = _fixed_batches(3, 12)
+    store = _open_log(tmp_path / "a")
+    try:
+        _commit_all(store, batches)
+        want = _dump(store)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    assert _recovered(copy) == want == _reference(tmp_path / "ref", batches)
+
+
+class _CountingLock:
+    """A stand-in for the store's write lock that counts acquisitions."""
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+        self.taken = 0
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self.taken += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def acquire(self, *a: Any, **kw: Any) -> bool:
+        self.taken += 1
+        return bool(self._lock.acquire(*a, **kw))
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+def test_a_batch_run_again_for_a_reused_msg_id_keeps_the_write_lock(tmp_path: Path) -> None:
+    # Its record is in the log (the overlap flushed it during the first
+    # run): another thread's commit between the two runs would be logged
+    # after it but applied before it, and a checkpoint in between would skip
+    # it at the next recovery.
+    mk_ops = _big_sends(4, 10)
+    clash = dataclasses_replace(mk_ops[1], local_id=99, sender="bo")  # same msg id, another sender
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        lock = store._wlock = _CountingLock(store._wlock)  # type: ignore[assignment]
+        res = store.commit(WriteBatch(2, (mk_ops[0], mk_ops[1], clash, mk_ops[2])))
+        assert lock.taken == 1
+        assert [type(r).__name__ for r in res] == ["Appended", "Appended", "Rejected", "Appended"]
+        want = _dump(store)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    assert _recovered(copy) == want
+
+
+AT_EXIT = """
+import atexit, sys
+from pimcore.store import CreateGroup, LmdbStore, NewMessage, WriteBatch
+from pimcore.store import lmdb as lmdb_module
+lmdb_module._LogState.overlap_ops = 1
+s = LmdbStore(sys.argv[1], durability="log")
+s.commit(WriteBatch(1, (CreateGroup("g1", ("al", "bo"), 1),)))
+def last() -> None:
+    ops = tuple(NewMessage(i.to_bytes(8, "big") + b"N" * 8, "g1", "al", "ph", i, 5, i, b"x", b"x" * 16, 0)
+                for i in range(1, 200))
+    s.commit(WriteBatch(2, ops))
+    s.close()
+atexit.register(last)
+"""
+
+
+def test_a_batch_committed_at_interpreter_exit(tmp_path: Path) -> None:
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", AT_EXIT, str(tmp_path / "a")], env=env, timeout=120,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    again = _open_log(tmp_path / "a")
+    try:
+        assert again.last_seq("g1") == 199
+    finally:
+        again.close()
+
+
+class _FailingCommitEnv:
+    """An LMDB environment whose next write transaction's commit fails."""
+
+    def __init__(self, env: Any) -> None:
+        self._env = env
+        self.fail = 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._env, name)
+
+    def begin(self, *a: Any, **kw: Any) -> Any:
+        txn = self._env.begin(*a, **kw)
+        if not kw.get("write") or not self.fail:
+            return txn
+        self.fail -= 1
+        return _FailingCommitTxn(txn)
+
+
+class _FailingCommitTxn:
+    def __init__(self, txn: Any) -> None:
+        self._txn = txn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._txn, name)
+
+    def commit(self) -> None:
+        import lmdb
+
+        self._txn.abort()
+        raise lmdb.DiskError("simulated: the commit's page writes failed")
+
+
+def test_a_batch_lmdb_fails_to_commit_is_taken_back_out_of_the_log(tmp_path: Path) -> None:
+    batches = _fixed_batches(3, 12)
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        before = _dump(store)
+        real, store._env = store._env, _FailingCommitEnv(store._env)  # type: ignore[assignment]
+        with pytest.raises(StoreError, match="simulated"):
+            store.commit(WriteBatch(2, tuple(batches[0])))
+        store._env = real
+        assert _dump(store) == before
+        store.commit(WriteBatch(3, tuple(batches[1])))  # the store writes on
+        want = _dump(store)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    assert _recovered(copy) == want == _reference(tmp_path / "ref", [batches[1]])

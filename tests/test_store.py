@@ -100,13 +100,16 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         return
     # Log durability: no checkpoint after the open's, so every batch of the
     # test is in the command log; at the end a crash copy must replay to the
-    # same bytes (replay is deterministic for every op the test used).
+    # same bytes (replay is deterministic for every op the test used).  Every
+    # batch's record is flushed by the worker thread while LMDB applies it
+    # (the overlap of big batches); tests/test_command_log.py runs both ways.
     from test_command_log import _crash_copy
     from test_store_plain import _dump
 
     mp = pytest.MonkeyPatch()
     mp.setattr(lmdb_module._LogState, "checkpoint_bytes", 1 << 40)
     mp.setattr(lmdb_module._LogState, "checkpoint_seconds", 1e9)
+    mp.setattr(lmdb_module._LogState, "overlap_ops", 1)
     try:
         s = open_store(request.param, tmp_path / "db")
         yield s

@@ -13,7 +13,12 @@ recovery, applied to LMDB's copy-on-write pages):
 * Every :class:`~pimcore.store.base.WriteBatch` is appended here and
   ``fdatasync``'d *before* LMDB commits it, and LMDB commits without flushing
   (``MDB_NOSYNC``).  A batch is durable when its log record is; the caller acks
-  after :meth:`LmdbStore.commit` returns, as before.
+  after :meth:`LmdbStore.commit` returns, as before.  A big batch's record
+  is written and flushed by a worker thread while LMDB applies the batch
+  (``_LogState.overlap_ops``); LMDB still commits only after the flush.  A
+  record whose batch then does not commit (the apply or LMDB's commit failed)
+  is taken back out (:meth:`CommandLog.rewind`) before the write lock is let
+  go, so the log holds exactly LMDB's commits, in LMDB's order.
 * A **checkpoint** makes LMDB itself durable up to a transaction S: right
   after S commits the writer reads LMDB's two meta pages (the page cache holds
   S's), starts a read transaction at S (the **pin**), and a thread then
@@ -225,6 +230,8 @@ class CommandLog:
         self._salts = [b"", b""]
         #: Bytes appended by this handle (checkpoint pacing).
         self.appended = 0
+        #: (file, offset) of the last record appended (for :meth:`rewind`).
+        self._last: Optional[tuple[int, int]] = None
 
     # ---------------------------------------------------------------- read
 
@@ -263,6 +270,7 @@ class CommandLog:
             os.fsync(fd)
         self._sizes = [0, 0]
         self.file, self.offset, self.next_lsn = 0, _FILE_HEAD.size, 1
+        self._last = None
         self._salts = [b"", b""]
         self._covered_file = -1
 
@@ -359,9 +367,35 @@ class CommandLog:
         _pwrite_all(fd, head + payload, self.offset)
         os.fdatasync(fd)
         self.appended += len(head) + len(payload)
+        self._last = (self.file, self.offset)
         self.offset = end
         self.next_lsn = lsn + 1
         return lsn
+
+    def rewind(self, position: tuple[int, int, int]) -> None:
+        """Take back the last record: ``position`` is :meth:`position` from
+        right before it was appended.  Its header is overwritten with zeros
+        and flushed, so recovery ends the log before it, and the next record
+        is written in its place.  Raises OSError if the disk refuses (the
+        caller must then stop writing, as after a failed append).
+
+        Why a record is taken back: the store flushes a big batch's record
+        while LMDB applies the batch, so the record can be durable before
+        the apply fails (a map at its ceiling, an interrupt); the log must
+        then not hold it, or a restart would apply a batch that was refused.
+        """
+        lsn = position[0]
+        if self.next_lsn != lsn + 1 or self._last is None:
+            raise ValueError(f"rewind to lsn {lsn}: the last record is lsn {self.next_lsn - 1}")
+        file, offset = self._last
+        fd = self._fds[file]
+        _pwrite_all(fd, bytes(_REC.size), offset)
+        os.fdatasync(fd)
+        # (If the record began the other file, that file's header stays: it
+        # names an LSN recovery finds no record for, and the next switch
+        # writes a new one.)
+        self.next_lsn, self.file, self.offset = position
+        self._last = None
 
     def _other_free(self) -> bool:
         """May the other file be overwritten?  Only once a durable checkpoint
