@@ -383,6 +383,10 @@ class CommandLog:
         while LMDB applies the batch, so the record can be durable before
         the apply fails (a map at its ceiling, an interrupt); the log must
         then not hold it, or a restart would apply a batch that was refused.
+        A crash before this flush completes leaves the record in the log: the
+        restart applies it, and the client, told the batch failed, retries
+        and is answered Duplicate -- as after a crash between any record's
+        flush and its ack.
         """
         lsn = position[0]
         if self.next_lsn != lsn + 1 or self._last is None:
