@@ -670,12 +670,14 @@ def _big_sends(count: int, size: int, first: int = 10_000) -> tuple:
 
 def test_a_batch_refused_at_the_map_ceiling_leaves_nothing_in_the_log(tmp_path: Path) -> None:
     # The store's own ceiling refusal (tests/test_store.py) under log durability.
-    store = _open_log(tmp_path / "a", map_size=1 << 20, max_map_size=1 << 21)
+    # (A ceiling four times the map: big batches are still overlapped, see
+    # LmdbStore._roomy.)
+    store = _open_log(tmp_path / "a", map_size=1 << 20, max_map_size=1 << 22)
     try:
         store.commit(WriteBatch(1, GROUPS))
         before = _dump(store)
         with pytest.raises(StoreError, match="map full"):
-            store.commit(WriteBatch(2, _big_sends(40, 100_000)))
+            store.commit(WriteBatch(2, _big_sends(50, 100_000)))
         assert _dump(store) == before
         store.commit(WriteBatch(3, _big_sends(3, 10, first=20_000)))  # the store writes on
         want = _dump(store)
@@ -892,3 +894,198 @@ def test_a_batch_lmdb_fails_to_commit_is_taken_back_out_of_the_log(tmp_path: Pat
     finally:
         store.close()
     assert _recovered(copy) == want == _reference(tmp_path / "ref", [batches[1]])
+
+
+# -- Interrupts at the edges (a second review): wherever Ctrl-C lands in a
+# -- commit, the log and LMDB agree afterwards, or the store stops writing and
+# -- a restart recovers; never is an acked batch lost.
+
+
+class _HookedEnv(_FailingCommitEnv):
+    """An LMDB environment whose next write transaction calls ``hook`` right
+    after its commit succeeded."""
+
+    def __init__(self, env: Any, hook: Any) -> None:
+        super().__init__(env)
+        self.hook = hook
+
+    def begin(self, *a: Any, **kw: Any) -> Any:
+        txn = self._env.begin(*a, **kw)
+        if not kw.get("write") or not self.fail:
+            return txn
+        self.fail -= 1
+        return _HookedTxn(txn, self.hook)
+
+
+class _HookedTxn(_FailingCommitTxn):
+    def __init__(self, txn: Any, hook: Any) -> None:
+        super().__init__(txn)
+        self.hook = hook
+
+    def commit(self) -> None:
+        self._txn.commit()
+        self.hook()
+
+
+def test_an_interrupt_right_after_lmdb_committed_keeps_the_batch_in_the_log(tmp_path: Path) -> None:
+    import _thread
+
+    batches = _fixed_batches(3, 12)
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        real, store._env = store._env, _HookedEnv(store._env, _thread.interrupt_main)  # type: ignore[assignment]
+        with pytest.raises(KeyboardInterrupt):
+            store.commit(WriteBatch(2, tuple(batches[0])))
+        store._env = real
+        committed = _dump(store)
+        assert committed == _reference(tmp_path / "ref1", [batches[0]])  # LMDB has it: readers see it
+        store.commit(WriteBatch(3, tuple(batches[1])))
+        want = _dump(store)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    assert _recovered(copy) == want == _reference(tmp_path / "ref2", batches[:2])
+
+
+def test_an_interrupt_right_after_the_hand_over_stops_the_store_and_a_restart_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import _thread
+
+    _no_auto_checkpoints(monkeypatch)
+    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1)
+    real_submit = lmdb_module._Flusher.submit
+    armed = [False]
+
+    def submit(self: Any, record: Any) -> None:
+        real_submit(self, record)
+        if armed[0]:
+            armed[0] = False
+            _thread.interrupt_main()  # lands before the writer waits for this flush
+
+    monkeypatch.setattr(lmdb_module._Flusher, "submit", submit)
+    batches = _fixed_batches(3, 12)
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        armed[0] = True
+        with pytest.raises(KeyboardInterrupt):
+            store.commit(WriteBatch(2, tuple(batches[0])))
+        # Whether (and when) its record reaches the log is the flush
+        # thread's business now: no later batch may be logged or acked.
+        with pytest.raises(StoreError, match="restart"):
+            store.commit(WriteBatch(3, tuple(batches[1])))
+    finally:
+        store.close()  # (the flush thread ends after the queued record)
+    again = _open_log(tmp_path / "a")
+    try:
+        assert _dump(again) == _reference(tmp_path / "ref", [batches[0]])  # its record made it: replayed
+        again.commit(WriteBatch(4, tuple(batches[1])))
+    finally:
+        again.close()
+
+
+def test_an_interrupt_in_the_take_back_stops_the_store_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys as _sys
+
+    _no_auto_checkpoints(monkeypatch)
+    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1)  # (inline, the failing apply precedes the append)
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        real_fdatasync(fd)
+        if _sys._getframe(1).f_code.co_name == "rewind":
+            raise KeyboardInterrupt  # Ctrl-C right after the record's header was zeroed
+
+    monkeypatch.setattr(wal.os, "fdatasync", fdatasync)
+    real_flush = lmdb_module._Batch.flush
+    calls = [0]
+
+    def flush(self: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 3:  # batch 3's apply fails after its record may be logged
+            raise RuntimeError("a bug in the apply")
+        real_flush(self)
+
+    monkeypatch.setattr(lmdb_module._Batch, "flush", flush)
+    batches = _fixed_batches(3, 12)
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        store.commit(WriteBatch(2, tuple(batches[0])))
+        want = _dump(store)
+        with pytest.raises(KeyboardInterrupt):
+            store.commit(WriteBatch(3, tuple(batches[1])))
+        with pytest.raises(StoreError, match="restart"):
+            store.commit(WriteBatch(4, tuple(batches[2])))
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    assert _recovered(copy) == want
+
+
+def test_an_append_cut_short_before_it_wrote_never_zeroes_the_record_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An interrupt on entering CommandLog.append: the take-back must not
+    # mistake the previous (committed, acked) record for this one.
+    _no_auto_checkpoints(monkeypatch)
+    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1 << 40)
+    real = wal.CommandLog.append
+    calls = [0]
+
+    def append(self: wal.CommandLog, payload: bytes) -> int:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real(self, payload)
+
+    monkeypatch.setattr(wal.CommandLog, "append", append)
+    batches = _fixed_batches(3, 12)
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        store.commit(WriteBatch(2, tuple(batches[0])))
+        with pytest.raises(KeyboardInterrupt):
+            store.commit(WriteBatch(3, tuple(batches[1])))
+        store.commit(WriteBatch(4, tuple(batches[2])))
+        want = _dump(store)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    assert _recovered(copy) == want == _reference(tmp_path / "ref", [batches[0], batches[2]])
+
+
+KILLED_AT_THE_CEILING = """
+import os, signal, sys
+from pimcore.store import CreateGroup, LmdbStore, NewMessage, WriteBatch
+from pimcore.store import lmdb as lmdb_module
+lmdb_module._LogState.overlap_ops = 1
+s = LmdbStore(sys.argv[1], durability="log", map_size=1 << 20, max_map_size=1 << 21)
+s.commit(WriteBatch(1, (CreateGroup("g1", ("al", "bo"), 1),)))
+real = lmdb_module.LmdbStore._grow
+def grow(self, env):
+    if env.info()["map_size"] >= self._max_map_size:  # about to refuse the batch...
+        os.kill(os.getpid(), signal.SIGKILL)  # ...and the process dies here
+    return real(self, env)
+lmdb_module.LmdbStore._grow = grow
+s.commit(WriteBatch(2, tuple(NewMessage(i.to_bytes(8, "big") + b"N" * 8, "g1", "al", "ph", i, 5, i,
+                                        os.urandom(100_000), b"x" * 16, 0) for i in range(10_000, 10_040))))
+"""
+
+
+def test_a_crash_during_a_batch_refused_at_the_map_ceiling_leaves_a_store_that_starts(tmp_path: Path) -> None:
+    # Near the ceiling a big batch is flushed inline (after the apply): its
+    # record is never in the log while a refusal is possible.
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", KILLED_AT_THE_CEILING, str(tmp_path / "a")], env=env, timeout=120)
+    assert done.returncode == -9
+    again = LmdbStore(str(tmp_path / "a"), durability="log", map_size=1 << 20, max_map_size=1 << 21)
+    try:
+        assert again.last_seq("g1") == 0
+    finally:
+        again.close()

@@ -626,42 +626,41 @@ class _Flusher:
     """The thread that appends and flushes a big batch's command log record
     while the writer applies the batch (:meth:`LmdbStore._write`).
 
-    One record at a time, handed over through two queues: ``submit`` puts
-    the payload, ``result`` takes the outcome (None, or the exception the
-    append raised).  A ``SimpleQueue.get`` interrupted by a signal loses
-    nothing, so the writer can wait again.  Raises RuntimeError if the
+    ``submit`` queues a :class:`_LogRecord`; the thread appends it, puts the
+    outcome on the record (None, or the exception the append raised) and
+    sets the record's own ``flushed`` event.  One event per record: a wait
+    that an interrupt cut short waits again and loses nothing, and no
+    outcome can be taken for another record's.  Raises RuntimeError if the
     thread cannot be started.
     """
 
     def __init__(self, log: wal.CommandLog) -> None:
         self._log = log
-        self._jobs: "queue.SimpleQueue[Optional[bytes]]" = queue.SimpleQueue()
-        self._outcomes: "queue.SimpleQueue[Optional[BaseException]]" = queue.SimpleQueue()
+        self._jobs: "queue.SimpleQueue[Optional[_LogRecord]]" = queue.SimpleQueue()
         # A daemon: a process that exits without closing its store must not
         # hang on it (it is idle whenever no commit is running).
         self._thread = threading.Thread(target=self._run, name="pimcore-log-flush", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        jobs, outcomes, log = self._jobs, self._outcomes, self._log
+        jobs, log = self._jobs, self._log
         while True:
-            payload = jobs.get()
-            if payload is None:
+            record = jobs.get()
+            if record is None:
                 return
+            flushed = record.flushed
+            assert flushed is not None
             try:
-                log.append(payload)
+                log.append(record.data)
             except BaseException as exc:  # noqa: BLE001 - the writer raises it
-                outcomes.put(exc)
-            else:
-                outcomes.put(None)
+                record.outcome = exc
+            flushed.set()
 
-    def submit(self, payload: bytes) -> None:
-        self._jobs.put(payload)
-
-    def result(self) -> Optional[BaseException]:
-        return self._outcomes.get()
+    def submit(self, record: "_LogRecord") -> None:
+        self._jobs.put(record)
 
     def stop(self) -> None:
+        """After the records already queued: end the thread."""
         self._jobs.put(None)
         self._thread.join()
 
@@ -718,11 +717,13 @@ class _LogState:
         # Until LMDB commits it, a checkpoint (the map may grow at the
         # commit) must replay this record.
         self.uncommitted = record.at = self.log.position()
+        # From here on the record may be in the log: whatever stops the
+        # batch now settles it (settle()).
+        record.written = True
         try:
             self.log.append(record.data)
         except OSError as exc:
             raise self._append_failed(exc) from exc
-        record.appended = True
 
     def append_soon(self, record: "_LogRecord") -> bool:
         """Like :meth:`append`, in the worker thread, while the caller
@@ -739,7 +740,11 @@ class _LogState:
                 self.overlap_ops = 1 << 62  # (this store's own value from now on)
                 return False
         self.uncommitted = record.at = self.log.position()
-        flusher.submit(record.data)
+        # Set before the hand-over and cleared only by appended(): while it
+        # is set, whether (and when) the record reaches the log is unknown.
+        record.flushed = threading.Event()
+        record.written = True
+        flusher.submit(record)
         return True
 
     def appended(self, record: "_LogRecord") -> None:
@@ -747,40 +752,61 @@ class _LogState:
         it takes: whatever interrupts the wait (Ctrl-C), the flush goes on,
         and what the log holds decides what happens to the batch, so the
         interrupt is raised only once the flush ended.  Raises StoreError
-        (and the store writes no more) if the flush failed."""
-        assert self._flusher is not None
+        (and the store writes no more) if the flush failed, ValueError for
+        a record over ``wal.MAX_RECORD`` (nothing written)."""
+        flushed = record.flushed
+        assert flushed is not None
         interrupted: Optional[BaseException] = None
-        while True:
+        while not flushed.is_set():
             try:
-                outcome = self._flusher.result()
-                break
+                flushed.wait()
             except BaseException as exc:  # noqa: BLE001 - raised below, after the flush
                 interrupted = exc
-        if outcome is None:
-            record.appended = True
-        elif isinstance(outcome, OSError):
+        record.flushed = None  # (collected)
+        outcome = record.outcome
+        if isinstance(outcome, OSError):
             raise self._append_failed(outcome) from outcome
-        else:  # (ValueError: a record over wal.MAX_RECORD, refused before writing)
+        if outcome is not None:
+            record.written = False  # (refused before anything was written)
             raise outcome
         if interrupted is not None:
             raise interrupted
 
-    def take_back(self, record: "_LogRecord") -> None:
-        """Under the write lock: ``record`` is in the log but its batch did
-        not commit in LMDB (the apply failed after an overlapped flush, or
-        LMDB's commit failed).  Take it back out, so that later batches are
-        logged as LMDB applies them and a restart does not apply it; if the
-        disk refuses, the store writes no more (a restart then replays it,
-        and the caller's retry is a Duplicate)."""
+    def settle(self, record: "_LogRecord", committed: Callable[[], bool]) -> None:
+        """Under the write lock, when :meth:`LmdbStore._write` ends without
+        having committed and ``record`` may be in the log (the apply failed
+        after an overlapped flush, LMDB's commit failed, an interrupt came):
+        make the log hold exactly LMDB's commits again.  ``committed()``
+        asks LMDB whether the batch's transaction committed after all (an
+        interrupt right after its commit): then the record stays.  Else it
+        is taken back out (:meth:`wal.CommandLog.rewind`), so that later
+        batches are logged in LMDB's order and a restart does not apply it.
+
+        Until that is done the store writes no more: an interrupt anywhere
+        in here, a record whose hand-over to the flush thread was cut short
+        (whether it reaches the log is unknown), or a disk that refuses the
+        rewind leave it stopped, and a restart recovers from what the log
+        holds (the record applied, if it is there: the client's retry is
+        then a Duplicate)."""
+        if self.failed is not None:
+            return  # stopped already (a failed flush): the restart decides
+        self.failed = "a commit was cut short while the command log and LMDB disagreed; restart the broker to recover"
+        if record.flushed is not None:
+            return
+        if committed():
+            self.uncommitted = None
+            self.failed = None
+            return
         assert record.at is not None
-        self.uncommitted = None
         try:
             self.log.rewind(record.at)
         except OSError as exc:
             self.failed = (f"a logged batch failed to commit in LMDB and could not be taken back out of the"
                            f" command log ({exc}); restart the broker to recover it")
-        else:
-            record.appended = False
+            return
+        record.written = False
+        self.uncommitted = None
+        self.failed = None
 
     def _append_failed(self, exc: OSError) -> StoreError:
         # After a failed flush the page cache's state is unknown (fsync
@@ -1013,20 +1039,26 @@ class _Hot:
 
 
 class _LogRecord:
-    """A batch's command log record (``log`` durability), and whether it is
-    in the log already: a batch run again after :class:`_MsgIdTaken` (or a
-    full map) keeps its one record."""
+    """A batch's command log record (``log`` durability) and where it is:
+    a batch run again (:class:`_RunAgain`, a full map) keeps its one
+    record."""
 
-    __slots__ = ("data", "overlap", "appended", "at")
+    __slots__ = ("data", "overlap", "written", "at", "flushed", "outcome")
 
     def __init__(self, data: bytes, overlap: bool) -> None:
         self.data = data
         #: Flush it in the worker thread while LMDB applies the batch
         #: (:attr:`_LogState.overlap_ops`).
         self.overlap = overlap
-        self.appended = False
-        #: The log's position right before the record (:meth:`wal.CommandLog.position`).
+        #: It may be in the log (an append of it began and was not refused).
+        self.written = False
+        #: The log's position right before it (:meth:`wal.CommandLog.position`).
         self.at: Optional[tuple[int, int, int]] = None
+        #: Set by the flush thread when its append ended; None once the
+        #: writer collected ``outcome`` (or if it was never handed over).
+        self.flushed: Optional[threading.Event] = None
+        #: What the flush thread's append raised, if anything.
+        self.outcome: Optional[BaseException] = None
 
 
 class _RunAgain(Exception):
@@ -1566,6 +1598,16 @@ class LmdbStore(Store):
             txn.put(key, open_span, db=self._spans)
         txn.put(b"schema", _U64.pack(SCHEMA_VERSION), db=self._meta)
 
+    def _roomy(self) -> bool:
+        """May a batch's log record be flushed while LMDB applies it?  Only
+        while the map can double at least twice more: the record is durable
+        before the apply, so a crash between a refusal at the map's ceiling
+        and the record's take-back would leave a batch the next start must
+        replay and cannot (it fails, naming ``max_map_size``).  Near the
+        ceiling batches flush inline, after the apply."""
+        env = self._env
+        return env is not None and env.info()["map_size"] * 4 <= self._max_map_size
+
     def _grow(self, env: lmdb.Environment) -> None:
         """Double the map.  Caller holds the write lock (or is __init__), so
         no write transaction is open; the gate drains the readers."""
@@ -1618,7 +1660,7 @@ class LmdbStore(Store):
         apply can fail, so whatever stops the batch after it was appended
         (a map at its ceiling, an exception, an interrupt, LMDB's commit
         failing) takes it back out of the log, still under the lock
-        (:meth:`_LogState.take_back`): the log holds exactly the batches
+        (:meth:`_LogState.settle`): the log holds exactly the batches
         LMDB committed, in LMDB's order."""
         with self._wlock:
             env = self._env
@@ -1635,17 +1677,22 @@ class LmdbStore(Store):
             # back the checkpoint's meta pages and replays only the log.
             guard = self._maintenance_write_lock() if not self._owner and st is None else None
             done = False
+            tid = 0  # the write transaction's id (log durability): did LMDB commit it?
             try:
                 while True:
                     try:
+                        if logged is not None and not _TXN_IDS:
+                            tid = env.info()["last_txnid"] + 1
                         txn = env.begin(write=True)
+                        if logged is not None and _TXN_IDS:
+                            tid = txn.id()
                     except lmdb.MapResizedError:
                         self._adopt_map_size(env)
                         continue
                     except lmdb.Error as exc:
                         raise StoreError(f"LMDB error: {exc}") from exc
                     try:
-                        if logged is not None and not logged.appended:
+                        if logged is not None and not logged.written:
                             assert st is not None
                             if logged.overlap and st.append_soon(logged):
                                 try:
@@ -1682,8 +1729,8 @@ class LmdbStore(Store):
             finally:
                 if guard is not None:
                     os.close(guard)
-                if not done and logged is not None and logged.appended and st is not None:
-                    st.take_back(logged)
+                if not done and logged is not None and logged.written and st is not None:
+                    st.settle(logged, lambda: bool(tid) and env.info()["last_txnid"] >= tid)
 
     @contextmanager
     def _read(self) -> Iterator[_Txn]:
@@ -2012,7 +2059,7 @@ class LmdbStore(Store):
 
         st = self._log
         try:
-            logged = (_LogRecord(_encode_ops(ops), len(ops) >= st.overlap_ops)
+            logged = (_LogRecord(_encode_ops(ops), len(ops) >= st.overlap_ops and self._roomy())
                       if st is not None and not st.replaying else None)
         except StoreError as exc:
             raise StoreError(f"batch {batch.batch_id} not committed: {exc}") from None

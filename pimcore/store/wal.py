@@ -346,6 +346,7 @@ class CommandLog:
         writing anything, for a payload over MAX_RECORD bytes (recovery would
         read it as a torn tail and stop there, dropping it and every later
         record)."""
+        self._last = None  # (first: rewind() must never zero an earlier record)
         if len(payload) > MAX_RECORD:
             raise ValueError(f"a command log record holds at most {MAX_RECORD} bytes, not {len(payload)}:"
                              " commit smaller batches")
@@ -364,19 +365,21 @@ class CommandLog:
             new = (end // _GROW + 1) * _GROW
             _pwrite_all(fd, bytes(new - size), size)
             self._sizes[self.file] = new
+        # (Before the write: whatever cuts this append short from here on,
+        # rewind() knows where to zero.)
+        self._last = (self.file, self.offset)
         _pwrite_all(fd, head + payload, self.offset)
         os.fdatasync(fd)
         self.appended += len(head) + len(payload)
-        self._last = (self.file, self.offset)
         self.offset = end
         self.next_lsn = lsn + 1
         return lsn
 
     def rewind(self, position: tuple[int, int, int]) -> None:
-        """Take back the last record: ``position`` is :meth:`position` from
-        right before it was appended.  Its header is overwritten with zeros
-        and flushed, so recovery ends the log before it, and the next record
-        is written in its place.  Raises OSError if the disk refuses (the
+        """Take back the last record, or what an append cut short wrote of
+        it: ``position`` is :meth:`position` from right before that append.
+        Its header is overwritten with zeros and flushed, so recovery ends
+        the log before it, and the next record is written in its place.  Raises OSError if the disk refuses (the
         caller must then stop writing, as after a failed append).
 
         Why a record is taken back: the store flushes a big batch's record
@@ -388,13 +391,17 @@ class CommandLog:
         and is answered Duplicate -- as after a crash between any record's
         flush and its ack.
         """
-        lsn = position[0]
-        if self.next_lsn != lsn + 1 or self._last is None:
-            raise ValueError(f"rewind to lsn {lsn}: the last record is lsn {self.next_lsn - 1}")
-        file, offset = self._last
-        fd = self._fds[file]
-        _pwrite_all(fd, bytes(_REC.size), offset)
-        os.fdatasync(fd)
+        if self._last is not None:  # (None: the append wrote nothing)
+            file, offset = self._last
+            fd = self._fds[file]
+            # Only a header of the record taken back (its LSN is the one
+            # ``position`` names next) is zeroed: an append cut short before
+            # it wrote anything leaves no such header, and an earlier record
+            # (an older LSN) must never be touched.
+            head = os.pread(fd, _REC.size, offset)
+            if len(head) == _REC.size and _REC.unpack(head)[0] == _REC_MAGIC and _REC.unpack(head)[2] == position[0]:
+                _pwrite_all(fd, bytes(_REC.size), offset)
+                os.fdatasync(fd)
         # (If the record began the other file, that file's header stays: it
         # names an LSN recovery finds no record for, and the next switch
         # writes a new one.)
