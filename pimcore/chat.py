@@ -44,6 +44,7 @@ import trio
 from . import frames as F
 from .client import (
     AuthFailed,
+    ClientConfig,
     ClientError,
     Connected,
     ConnectFailed,
@@ -303,6 +304,10 @@ def run_chat(args: argparse.Namespace) -> int:
 
     def out(line: str) -> None:
         print(line, flush=True)
+
+    # Said at once on stderr (stdout's first line stays "connected as ..."):
+    # a broker that does not answer is otherwise connect_timeout of silence.
+    print(f"pimcore chat: connecting to {args.url} (up to {ClientConfig().connect_timeout:g} s)…", file=sys.stderr, flush=True)
 
     try:
         return trio.run(

@@ -3,6 +3,7 @@ when something is wrong (one line on stderr, not a traceback)."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -25,5 +26,26 @@ def test_chat_with_yourself_under_a_non_jwt_authenticator_is_one_line(tmp_path: 
         url = f"tcp://127.0.0.1:{im.port()}"
         assert main(["chat", "--to", "alice", "--token", "alice", "--url", url]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith("pimcore chat: ") and "yourself" in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1
+    assert out == "" and "Traceback" not in err
+    *progress, last = err.strip().splitlines()
+    assert progress == [f"pimcore chat: connecting to {url} (up to 10 s)…"]
+    assert last.startswith("pimcore chat: ") and "yourself" in last
+
+
+def test_chat_says_it_is_connecting_then_a_refused_port_is_one_line_at_once(tmp_path: Path) -> None:
+    """Nothing silent: a line on stderr says where it connects (stdout's
+    first line stays "connected as ..."), and a port that refuses is a
+    one-line error at once, not after connect_timeout of retries."""
+    from _net import token
+    from _proc import run_pimcore
+
+    with socket.socket() as held:  # bound, not listening: connecting is refused
+        held.bind(("127.0.0.1", 0))
+        url = f"tcp://127.0.0.1:{held.getsockname()[1]}"
+        r = run_pimcore("chat", "--to", "bob", "--token", token("alice"), "--url", url, timeout=60)
+    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr, r
+    assert r.stderr.splitlines() == [
+        f"pimcore chat: connecting to {url} (up to 10 s)…",
+        f"pimcore chat: cannot connect to {url}: ConnectionRefusedError: [Errno 111] Error connecting to"
+        f" ('127.0.0.1', {url.rsplit(':', 1)[1]}): Connection refused",
+    ], r.stderr

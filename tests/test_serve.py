@@ -368,7 +368,9 @@ def test_chat_over_tls_needs_the_ca(tmp_path: Path, procs: ProcGroup, tls_files)
 
     refused = run_pimcore(*chat)  # trusts only the system CAs
     assert refused.returncode == 1, (refused.stdout, refused.stderr)
-    assert refused.stderr.startswith("pimcore chat: cannot connect"), refused.stderr
+    connecting, error = refused.stderr.splitlines()  # "connecting to ..." at once, then the error
+    assert connecting.startswith("pimcore chat: connecting to tls://"), refused.stderr
+    assert error.startswith("pimcore chat: cannot connect"), refused.stderr
     assert "certificate verify failed" in refused.stderr and "Traceback" not in refused.stderr
 
 
