@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from pimcore.cli import main
 from pimcore.core import Identity
 from pimcore.threaded import open_pimcore_thread
 
@@ -18,18 +17,19 @@ def _plain_tokens(token: bytes, now: int) -> Identity:
     return Identity(token.decode())
 
 
-def test_chat_with_yourself_under_a_non_jwt_authenticator_is_one_line(tmp_path: Path, capsys) -> None:
+def test_chat_with_yourself_under_a_non_jwt_authenticator_is_one_line(tmp_path: Path) -> None:
     # The CLI cannot read the user out of a token it does not know (JWT
     # only): the broker says who logged in, and the chat refuses then.
+    from _proc import run_pimcore
+
     with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=["tcp://127.0.0.1:0"],
                              authenticate=_plain_tokens) as im:
         url = f"tcp://127.0.0.1:{im.port()}"
-        assert main(["chat", "--to", "alice", "--token", "alice", "--url", url]) == 2
-    out, err = capsys.readouterr()
-    assert out == "" and "Traceback" not in err
-    *progress, last = err.strip().splitlines()
-    assert progress == [f"pimcore chat: connecting to {url} (up to 10 s)…"]
-    assert last.startswith("pimcore chat: ") and "yourself" in last
+        r = run_pimcore("chat", "--to", "alice", "--token", "alice", "--url", url, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r
+    *progress, last = r.stderr.strip().splitlines()
+    assert progress == [f"pimcore chat: connecting to {url} (up to 10 s)…"], r.stderr
+    assert last.startswith("pimcore chat: ") and "yourself" in last, r.stderr
 
 
 def test_chat_says_it_is_connecting_then_a_refused_port_is_one_line_at_once(tmp_path: Path) -> None:
