@@ -394,6 +394,22 @@ def test_secure_listener_without_a_certificate_exits_2(tmp_path: Path, listen: s
     assert_clean_exit_2(r, "certificate", "--cert")
 
 
+@pytest.mark.parametrize("args", [["--listen", "tls://127.0.0.1:0"], ["--listen", "wss://127.0.0.1:0/im"],
+                                  ["--listen", "tcp://127.0.0.1:0", "--http", "tls://127.0.0.1:0"]])
+def test_a_certificate_that_does_not_load_exits_2_naming_the_file(tmp_path: Path, tls_files, args: list[str]) -> None:
+    """A missing file said only "[Errno 2] No such file or directory" (and
+    exit 1 for a listener, found once listening began)."""
+    _, chain, key = tls_files
+    missing = tmp_path / "nope.pem"
+    for cert_args, needle in ((["--cert", missing, "--key", key], str(missing)),
+                              (["--cert", chain, "--key", missing], str(missing)),
+                              (["--cert", key, "--key", key], str(key))):  # a key is no certificate
+        r = run_pimcore("serve", *args, *cert_args, "--data-dir", tmp_path / "d")
+        assert_clean_exit_2(r, needle)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "d").exists()
+
+
 # ---------------------------------------------------------------- the one-minute tour
 
 
