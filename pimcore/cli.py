@@ -161,15 +161,12 @@ class _Start:
     nothing while another broker holds the store's lock (two starts racing
     on one new directory: the one that lost leaves the winner's files)."""
 
-    #: What a start creates in the data directory (the Redis note is kept on
-    #: purpose: it marks the directory for `pimcore group/purge/retention`).
-    MADE = ("secret", "api-key", "webhook-secret", "store")
-
     def __init__(self) -> None:
         self.data_dir: Optional[Path] = None
         self.missing: list[Path] = []  # directories that did not exist, innermost first
         self.before: set[str] = set()
         self.ready = False  # serving: from here on nothing is taken back
+        self.server: Any = None  # the BrokerServer once listening: a connection it accepted is serving too
 
     def begin(self, data_dir: Path) -> None:
         self.data_dir = data_dir
@@ -183,10 +180,18 @@ class _Start:
             self.before = set()
 
     def undo(self) -> None:
+        from .auth import SECRET_FILE
+        from .config import API_KEY_FILE
+        from .webhooks import WEBHOOK_SECRET_FILE
+
         d = self.data_dir
         if d is None or self.ready or _broker_lock_held(d / "store"):
             return
-        for name in self.MADE:
+        if self.server is not None and self.server.statistics().accepted:
+            return  # a client may have sent (and been acked) something
+        # What a start creates there (the Redis note is kept on purpose: it
+        # marks the directory for `pimcore group/purge/retention`).
+        for name in (SECRET_FILE, API_KEY_FILE, WEBHOOK_SECRET_FILE, "store"):
             if name in self.before:
                 continue
             path = d / name
@@ -355,6 +360,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
     async def serve() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with open_broker_server(store, auth, config) as server, trio.open_nursery() as nursery:
+                start.server = server
                 from .embed import Pimcore, start_webhooks
 
                 urls = list(server.urls)
