@@ -62,6 +62,7 @@ from . import frames as F
 from .client_session import (
     AuthFailed,
     ClientClosed,
+    LOGIN_TIMED_OUT,
     ClientConfig,
     ClientError,
     ClientSession,
@@ -849,6 +850,8 @@ def _root_cause(exc: BaseException) -> str:
     "certificate verify failed" says more than "BrokenResourceError"; the
     attempts' own errors rather than trio's "all attempts ... failed")."""
     if isinstance(exc, _SessionEnded):
+        if exc.code is None and exc.reason == LOGIN_TIMED_OUT:
+            return "no answer to the login (is it a pimcore broker?)"
         return str(exc)
     seen = exc
     e: Optional[BaseException] = exc
