@@ -44,6 +44,7 @@ import trio
 from . import frames as F
 from .client import (
     AuthFailed,
+    ClientConfig,
     ClientError,
     Connected,
     ConnectFailed,
@@ -60,7 +61,12 @@ from .client import (
 from .ids import direct_conversation, group_problem, id_problem, valid_group, valid_id
 from .net.streams import parse_url
 
-__all__ = ["run_chat", "chat"]
+__all__ = ["run_chat", "chat", "ChatRefused"]
+
+
+class ChatRefused(ValueError):
+    """The chat cannot work as asked, found once connected (e.g. the peer is
+    the user the broker logged us in as): a usage error, said in one line."""
 
 
 def _notice(m: "F.Message") -> Optional[str]:
@@ -112,6 +118,11 @@ async def chat(
     if (peer is None) == (group is None):
         raise ValueError("chat with a peer or in a group, not both")
     async with open_client(url, token, device, ssl_context=ssl_context) as client:
+        if peer is not None and peer == client.user:
+            # Only a JWT is read before connecting (run_chat): under another
+            # authenticator the broker is the one who says who we are.
+            raise ChatRefused(f"cannot chat with yourself: the broker logged this token in as {peer}"
+                              " (--to names another user)")
         conv = direct_conversation(client.user, peer) if peer is not None else str(group)
         out(
             f"connected as {client.user} ({device}); chatting {'with ' + peer if peer else 'in ' + str(group)}."
@@ -294,10 +305,17 @@ def run_chat(args: argparse.Namespace) -> int:
     def out(line: str) -> None:
         print(line, flush=True)
 
+    # Said at once on stderr (stdout's first line stays "connected as ..."):
+    # a broker that does not answer is otherwise connect_timeout of silence.
+    print(f"pimcore chat: connecting to {args.url} (up to {ClientConfig().connect_timeout:g} s)…", file=sys.stderr, flush=True)
+
     try:
         return trio.run(
             lambda: chat(args.url, args.token, args.to, group=args.group, device=args.device, ssl_context=ctx, out=out)
         )
+    except ChatRefused as exc:
+        print(f"pimcore chat: {exc}", file=sys.stderr)
+        return 2
     except AuthFailed as exc:
         print(f"pimcore chat: token refused: {exc}", file=sys.stderr)
     except ConnectFailed as exc:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import __version__
@@ -146,7 +149,111 @@ def _tune_collector() -> None:
     gc.set_threshold(GC_THRESHOLD0, g1, g2)
 
 
+class _Start:
+    """What one ``pimcore serve`` start found and made in its data directory,
+    so that a start that fails before serving takes back what it made: the
+    next start then behaves as if this one never ran (it creates -- and
+    logs -- its API key, a secret no broker used is not kept...).
+
+    Taken back: the directories it created (the data directory and missing
+    parents, each only if empty), and of the files it creates there only
+    those absent before the start.  Never anything that existed before, and
+    nothing while another broker holds the store's lock (two starts racing
+    on one new directory: the one that lost leaves the winner's files)."""
+
+    def __init__(self) -> None:
+        self.data_dir: Optional[Path] = None
+        self.missing: list[Path] = []  # directories that did not exist, innermost first
+        self.before: set[str] = set()
+        self.ready = False  # serving: from here on nothing is taken back
+        self.server: Any = None  # the BrokerServer once listening: a connection it accepted is serving too
+
+    def begin(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        p = data_dir.absolute()
+        while not p.exists() and p != p.parent:
+            self.missing.append(p)
+            p = p.parent
+        try:
+            self.before = set(os.listdir(data_dir))
+        except OSError:
+            self.before = set()
+
+    def undo(self) -> None:
+        from .auth import SECRET_FILE
+        from .config import API_KEY_FILE
+        from .webhooks import WEBHOOK_SECRET_FILE
+
+        d = self.data_dir
+        if d is None or self.ready or _broker_lock_held(d / "store"):
+            return
+        if self.server is not None and self.server.statistics().accepted:
+            return  # a client may have sent (and been acked) something
+        # What a start creates there (the Redis note is kept on purpose: it
+        # marks the directory for `pimcore group/purge/retention`).
+        for name in (SECRET_FILE, API_KEY_FILE, WEBHOOK_SECRET_FILE, "store"):
+            if name in self.before:
+                continue
+            path = d / name
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError:
+                pass
+        for path in self.missing:
+            try:
+                path.rmdir()  # only if empty: what others put there stays
+            except OSError:
+                return
+
+
+def _broker_lock_held(store_dir: Path) -> bool:
+    """Another broker holds ``store_dir``'s ``broker.lock`` (the flock the
+    LMDB store takes, one broker per store)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover  (no flock: assume the worst if a store is there)
+        return store_dir.exists()
+    try:
+        fd = os.open(store_dir / "broker.lock", os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock
+    return False
+
+
+def _tls_problem(cert: Optional[str], key: Optional[str]) -> Optional[str]:
+    """Why the TLS certificate and key do not load (None: they do), naming
+    the file: ssl says only "[Errno 2] No such file or directory" or "[SSL]
+    PEM lib".  Checked before the data directory is touched."""
+    import ssl
+
+    for what, path, flag in (("certificate", cert, "cert"), ("key", key, "key")):
+        if path is not None and not os.path.isfile(path):
+            return f"TLS {what} {path}: no such file (--{flag} or [tls] {flag})"
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert or "", key)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        return f"TLS certificate {cert} with key {key or cert} does not load: {exc}"
+    return None
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    start = _Start()
+    code = _serve(args, start)
+    if code != 0:
+        start.undo()
+    return code
+
+
+def _serve(args: argparse.Namespace, start: _Start) -> int:
     import signal
 
     import trio
@@ -171,6 +278,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             settings.http_endpoint()
             print(render_toml(settings.effective()), end="")
             return 0
+        start.begin(settings.data_dir)
         setup_logging(settings.log_level, settings.log_format)
         config = settings.server_config()
         if not config.listeners:
@@ -183,10 +291,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError("--web needs an HTTP listener (--http tcp://HOST:PORT): the page is served there")
         if web and not any(ep.websocket for ep in settings.endpoints()):
             raise ConfigError("--web needs a WebSocket listener (--listen ws://HOST:PORT/): the page talks to it")
+        if any(ep.secure for ep in config.listeners) or (http_ep is not None and http_ep.secure):
+            problem = _tls_problem(settings.cert, settings.key)
+            if problem is not None:
+                raise ConfigError(problem)
         secret = _secret(settings)
         auth = JwtAuthenticator(secret)
         webhook = settings.webhook_config()
         http_config = None
+        made_key = False
         if http_ep is not None:
             had_key = (settings.data_dir / "api-key").exists()
             api_keys = settings.load_api_keys()
@@ -198,12 +311,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 ssl_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
                 ssl_ctx.load_cert_chain(settings.cert, settings.key)
             http_config = settings.http_config(ssl_ctx, api_keys)
-            if not settings.api_keys and not had_key:
-                import logging
-
-                path = settings.data_dir / "api-key"
-                logging.getLogger("pimcore.serve").info("created an HTTP API key in %s", path,
-                                                         extra={"event": "api_key_created", "path": str(path)})
+            made_key = not settings.api_keys and not had_key  # said once serving (a failed start takes it back)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"pimcore serve: {exc}", file=sys.stderr)
         return 2
@@ -213,7 +321,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         store_dir = settings.data_dir / "store"
         try:
             store = LmdbStore(store_dir, durability=settings.durability)
-            note.unlink(missing_ok=True)  # this data dir is LMDB's again
         except (StoreError, OSError) as exc:
             print(f"pimcore serve: {exc}", file=sys.stderr)
             return 2
@@ -253,6 +360,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     async def serve() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with open_broker_server(store, auth, config) as server, trio.open_nursery() as nursery:
+                start.server = server
                 from .embed import Pimcore, start_webhooks
 
                 urls = list(server.urls)
@@ -277,6 +385,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 if web:
                     print(f"web demo on {http.url}/web/" + (" (--demo: it mints tokens for ANY user: never expose it)"
                                                              if args.demo else ""), flush=True)
+                start.ready = True
+                if settings.store is None:
+                    note.unlink(missing_ok=True)  # this data dir is LMDB's again
+                if http_config is not None and made_key:
+                    import logging
+
+                    path = settings.data_dir / "api-key"
+                    logging.getLogger("pimcore.serve").info("created an HTTP API key in %s", path,
+                                                             extra={"event": "api_key_created", "path": str(path)})
                 print("ready; Ctrl-C to stop", flush=True)
                 _tune_collector()
                 async for sig in signals:

@@ -62,6 +62,7 @@ from . import frames as F
 from .client_session import (
     AuthFailed,
     ClientClosed,
+    LOGIN_TIMED_OUT,
     ClientConfig,
     ClientError,
     ClientSession,
@@ -786,9 +787,12 @@ class Client:
                     # connect_timeout has passed since open_client began.
                     permanent = isinstance(exc, (ConnectionRefusedError, ssl.SSLError, ConnectionRejected)) or isinstance(
                         exc.__cause__, (ConnectionRefusedError, ssl.SSLError)
-                    )
-                    if permanent or trio.current_time() >= first_deadline:
+                    ) or _all_refused(exc)
+                    if permanent:
                         raise ConnectFailed(f"cannot connect to {self.url}: {_root_cause(exc)}") from exc
+                    if trio.current_time() >= first_deadline:
+                        raise ConnectFailed(f"cannot connect to {self.url} within {self.config.connect_timeout:g} s"
+                                            f" (connect_timeout): {_root_cause(exc)}") from exc
                 log.debug("connection lost: %r", exc)
             if self._closed:
                 return
@@ -823,16 +827,42 @@ class Client:
 _CLEAN_CLOSES = frozenset((CloseCode.SHUTDOWN, CloseCode.NORMAL, CloseCode.IDLE_TIMEOUT, CloseCode.TOKEN_EXPIRED))
 
 
+def _all_refused(exc: BaseException) -> bool:
+    """Every address tried refused the connection.  trio's open_tcp_stream
+    reports that as an OSError ("all attempts to connect ... failed") caused
+    by a group of the attempts' errors, not as a ConnectionRefusedError."""
+    cause = exc if isinstance(exc, BaseExceptionGroup) else exc.__cause__
+    if not isinstance(cause, BaseExceptionGroup):
+        return False
+    leaves = _leaves(cause)
+    return bool(leaves) and all(isinstance(e, ConnectionRefusedError) for e in leaves)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
 def _root_cause(exc: BaseException) -> str:
     """The most telling error in ``exc``'s chain (an SSL or OS error if any:
-    "certificate verify failed" says more than "BrokenResourceError")."""
+    "certificate verify failed" says more than "BrokenResourceError"; the
+    attempts' own errors rather than trio's "all attempts ... failed")."""
     if isinstance(exc, _SessionEnded):
+        if exc.code is None and exc.reason == LOGIN_TIMED_OUT:
+            return "no answer to the login (is it a pimcore broker?)"
         return str(exc)
     seen = exc
     e: Optional[BaseException] = exc
     while e is not None:
         if isinstance(e, trio.TooSlowError):
-            return "timed out (no answer within connect_timeout)"
+            return "no answer"
+        if isinstance(e, OSError) and isinstance(e.__cause__, BaseExceptionGroup):
+            attempts = _leaves(e.__cause__)
+            if attempts and all(isinstance(a, OSError) for a in attempts):
+                # "ConnectionRefusedError: [Errno 111] Error connecting to ('127.0.0.1', 1): Connection refused"
+                return "; ".join(dict.fromkeys(f"{type(a).__name__}: {a}" for a in attempts))
         if isinstance(e, (ssl.SSLError, OSError)):
             return f"{type(e).__name__}: {e}"
         seen = e

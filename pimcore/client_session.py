@@ -151,6 +151,9 @@ def _check_seq(seq: object) -> None:
         raise ValueError(f"seq must be in 1..2**64-1, not {seq}")
 
 
+#: Why a connection ended when no LoginAck came within connect_timeout.
+LOGIN_TIMED_OUT = "timed out: no LoginAck within connect_timeout"
+
 
 class ClientError(PimError):
     """Base class of the SDK's errors."""
@@ -1342,7 +1345,7 @@ class ClientSession:
         state = self._state
         if state is SessionState.AWAITING_LOGIN_ACK:
             if t >= self._login_deadline:
-                self._end_connection(None, "timed out: no LoginAck within connect_timeout")
+                self._end_connection(None, LOGIN_TIMED_OUT)
         elif state is SessionState.CALIBRATING:
             if t >= self._cal_deadline:
                 # A lost or very late answer: calibrate with what we have

@@ -1037,6 +1037,22 @@ class Broker:
             self._maybe_commit(out, now)
         return out
 
+    def close_all(self, code: CloseCode, reason: str, now: int) -> list[Command]:
+        """The host closes every connection at once (a shutdown): what
+        :meth:`close` does for each, in one call -- so no presence change is
+        told: every watcher is closed too.  Telling them one by one (the
+        first closed "went offline" to those closed after) would say the
+        users left when the broker did; each watcher learns from its own
+        Close why the connection ended, and a fresh subscription after it
+        logs in again shows the state then.  Last-seen times and the
+        DeviceOffline commands (events, other nodes) are as for ``close``."""
+        out: list[Command] = []
+        for c in list(self._conns.values()):
+            if c.id in self._conns:  # (closing one never closes another, but be sure)
+                self._close(c, code, reason, out)
+        self._maybe_commit(out, now)
+        return out
+
     def _pull(self, c: _Conn, now: int, out: list[Command]) -> None:
         """Dispatch what ``c`` sent, in order, until it waits for a request (or
         has as many history reads out as it may), is closed, or needs more

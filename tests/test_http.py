@@ -275,6 +275,26 @@ async def test_garbage_is_a_400() -> None:
             assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_request"
 
 
+async def test_only_http_1_0_and_1_1_are_served_others_are_505() -> None:
+    """A request line with another version (HTTP/9.9, HTTP/2.0 spoken as
+    text) is 505 HTTP Version Not Supported, not answered as 1.1; 1.0 and
+    1.1 are served."""
+    with trio.fail_after(20):
+        async with broker_http() as (srv, h):
+            for version in (b"9.9", b"2.0", b"0.9", b"1.2"):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(b"GET /healthz HTTP/%s\r\nHost: t\r\n\r\n" % version)
+                reply = await read_until_eof(stream)
+                assert reply.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n"), reply
+                error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+                assert error["code"] == "http_version_not_supported" and "HTTP/1.1" in error["message"], error
+            for version in (b"1.0", b"1.1"):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(b"GET /healthz HTTP/%s\r\nHost: t\r\nConnection: close\r\n\r\n" % version)
+                reply = await read_until_eof(stream)
+                assert reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply
+
+
 async def test_a_refused_request_is_not_echoed_back() -> None:
     """What h11 refuses (a NUL in a header, a bad request line) is a 400
     with a fixed reason: the body carries none of the request's bytes --

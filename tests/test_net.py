@@ -5,6 +5,7 @@ Every test runs under trio (pytest-trio, trio_mode) with a hard fail_after.
 
 from __future__ import annotations
 
+import socket
 import ssl
 import time
 from collections import Counter
@@ -114,6 +115,47 @@ async def test_tls_client_that_does_not_trust_the_certificate_cannot_connect(lmd
             # The broker is unharmed.
             async with client(srv.url("tls"), "alice", ssl_context=_trusting(ca)) as a:
                 assert (await a.send(AB, b"still fine")).seq == 1
+
+
+def _refused_port() -> tuple[socket.socket, int]:
+    """A loopback port nothing listens on, held (bound, not listening) so
+    that nothing else takes it while the test runs: connecting is refused."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock, sock.getsockname()[1]
+
+
+async def test_a_refused_port_fails_fast_and_says_refused() -> None:
+    """A refused first connection will not get better: ConnectFailed at
+    once, saying refused -- not after connect_timeout of silent retries
+    (trio reports the refusal as an OSError caused by a group of them)."""
+    from pimcore.client import ConnectFailed
+
+    held, port = _refused_port()
+    patient = ClientConfig(connect_timeout=120.0, backoff_max=0.5)  # the hard deadline is far below it
+    with held, trio.fail_after(20):
+        with pytest.raises(ConnectFailed) as err:
+            async with open_client(f"tcp://127.0.0.1:{port}", token("alice"), "phone", config=patient):
+                pass  # pragma: no cover
+    assert "refused" in str(err.value).lower() and f"127.0.0.1:{port}" in str(err.value), str(err.value)
+
+
+async def test_a_listener_that_never_answers_times_out_naming_the_limit() -> None:
+    """Accepted but silent (a wrong service, a stuck broker): ConnectFailed
+    after connect_timeout, saying how long it waited."""
+    from pimcore.client import ConnectFailed
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    with listener, trio.fail_after(20):
+        with pytest.raises(ConnectFailed) as err:
+            async with open_client(f"tcp://127.0.0.1:{port}", token("alice"), "phone",
+                                   config=ClientConfig(connect_timeout=0.5, backoff_max=0.1)):
+                pass  # pragma: no cover
+    assert str(err.value) == (f"cannot connect to tcp://127.0.0.1:{port} within 0.5 s (connect_timeout):"
+                              " no answer to the login (is it a pimcore broker?)")
 
 
 def _trusting(ca) -> ssl.SSLContext:

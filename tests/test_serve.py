@@ -368,7 +368,9 @@ def test_chat_over_tls_needs_the_ca(tmp_path: Path, procs: ProcGroup, tls_files)
 
     refused = run_pimcore(*chat)  # trusts only the system CAs
     assert refused.returncode == 1, (refused.stdout, refused.stderr)
-    assert refused.stderr.startswith("pimcore chat: cannot connect"), refused.stderr
+    connecting, error = refused.stderr.splitlines()  # "connecting to ..." at once, then the error
+    assert connecting.startswith("pimcore chat: connecting to tls://"), refused.stderr
+    assert error.startswith("pimcore chat: cannot connect"), refused.stderr
     assert "certificate verify failed" in refused.stderr and "Traceback" not in refused.stderr
 
 
@@ -390,6 +392,22 @@ async def test_connect_timeout_is_reported_as_a_timeout() -> None:
 def test_secure_listener_without_a_certificate_exits_2(tmp_path: Path, listen: str) -> None:
     r = run_pimcore("serve", "--listen", listen, "--data-dir", tmp_path / "d")
     assert_clean_exit_2(r, "certificate", "--cert")
+
+
+@pytest.mark.parametrize("args", [["--listen", "tls://127.0.0.1:0"], ["--listen", "wss://127.0.0.1:0/im"],
+                                  ["--listen", "tcp://127.0.0.1:0", "--http", "tls://127.0.0.1:0"]])
+def test_a_certificate_that_does_not_load_exits_2_naming_the_file(tmp_path: Path, tls_files, args: list[str]) -> None:
+    """A missing file said only "[Errno 2] No such file or directory" (and
+    exit 1 for a listener, found once listening began)."""
+    _, chain, key = tls_files
+    missing = tmp_path / "nope.pem"
+    for cert_args, needle in ((["--cert", missing, "--key", key], str(missing)),
+                              (["--cert", chain, "--key", missing], str(missing)),
+                              (["--cert", key, "--key", key], str(key))):  # a key is no certificate
+        r = run_pimcore("serve", *args, *cert_args, "--data-dir", tmp_path / "d")
+        assert_clean_exit_2(r, needle)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "d").exists()
 
 
 # ---------------------------------------------------------------- the one-minute tour

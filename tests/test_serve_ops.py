@@ -301,6 +301,67 @@ def test_address_in_use_names_the_address(tmp_path: Path, procs: ProcGroup) -> N
             assert "Traceback" not in r.stderr and "ready" not in r.stdout
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> content); directories as b"<dir>"."""
+    return {str(p.relative_to(root)): (b"<dir>" if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+def _failed_starts(port: int, tmp_path: Path) -> list[list[str]]:
+    """Starts that fail after the data directory was prepared: a port in
+    use (found once the store is open), a TLS HTTP listener whose
+    certificate is missing (found after the secret and the API key)."""
+    return [["--listen", f"tcp://127.0.0.1:{port}", "--http", LOOPBACK],
+            ["--listen", LOOPBACK, "--http", f"tcp://127.0.0.1:{port}"],
+            ["--listen", LOOPBACK, "--http", "tls://127.0.0.1:0", "--cert", str(tmp_path / "no-cert.pem"),
+             "--key", str(tmp_path / "no-key.pem")]]
+
+
+def test_a_failed_start_leaves_no_half_made_data_directory(tmp_path: Path) -> None:
+    """serve made the data directory (and its parent) itself and the start
+    failed: none of it stays (a secret or API key no broker ever used, an
+    empty store)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for args in _failed_starts(taken.getsockname()[1], tmp_path):
+            r = run_pimcore("serve", "--data-dir", tmp_path / "new" / "d", "--log-level", "warning", *args)
+            assert r.returncode in (1, 2) and r.stderr.startswith("pimcore serve: "), (args, r.stdout, r.stderr)
+            assert "Traceback" not in r.stderr and "ready" not in r.stdout, (args, r.stderr)
+            assert not (tmp_path / "new").exists(), (args, _tree(tmp_path / "new"))
+
+
+async def test_a_failed_start_keeps_what_was_there_and_removes_only_what_it_made(tmp_path: Path, procs: ProcGroup) -> None:
+    data = tmp_path / "data"
+    # A data directory with only a secret (and an operator's file): the failed
+    # start's API key and store go, so the next start creates (and logs) its key.
+    data.mkdir()
+    (data / "secret").write_text("s" * 64 + "\n")
+    (data / "notes.txt").write_text("mine\n")
+    before = _tree(data)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for args in _failed_starts(taken.getsockname()[1], tmp_path):
+            r = run_pimcore("serve", "--data-dir", data, "--log-level", "warning", *args)
+            assert r.returncode in (1, 2) and "Traceback" not in r.stderr, (args, r.stdout, r.stderr)
+            assert _tree(data) == before, args
+        # A data directory a broker ran in: a failed start changes nothing in it.
+        with trio.fail_after(60):
+            server = procs.serve("--listen", LOOPBACK, "--http", LOOPBACK, "--data-dir", data)
+            async with open_client(server.url(), await in_thread(token_for, "alice", data), "phone", config=FAST) as alice:
+                await alice.send(AB, b"kept")
+            server.send_signal(signal.SIGTERM)
+            assert server.wait() == 0, server.describe()
+        before = _tree(data)
+        assert "store" in before and "api-key" in before
+        for args in _failed_starts(taken.getsockname()[1], tmp_path):
+            r = run_pimcore("serve", "--data-dir", data, "--log-level", "warning", *args)
+            assert r.returncode in (1, 2) and "Traceback" not in r.stderr, (args, r.stdout, r.stderr)
+            after = _tree(data)
+            assert after.keys() == before.keys() and after["secret"] == before["secret"], args
+            assert after["api-key"] == before["api-key"] and after["notes.txt"] == b"mine\n", args
+
+
 async def test_sigterm_answers_an_in_flight_long_poll_and_ends_a_stream(tmp_path: Path, procs: ProcGroup) -> None:
     """A long-poll waiting when SIGTERM arrives gets a 503 ``unavailable``
     (not a closed connection: curl's exit 52), an SSE stream its last chunk."""

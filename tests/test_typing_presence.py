@@ -16,7 +16,7 @@ import trio
 from pimcore import frames as F
 from pimcore.client import Connected, Disconnected, PresenceChanged, PrivacyChanged, SendError, TypingChanged
 from pimcore.core import SECOND
-from pimcore.errors import ErrorCode
+from pimcore.errors import CloseCode, ErrorCode
 from pimcore.net import Endpoint, ServerConfig
 from pimcore.net.server import DEFAULT_BROKER_CONFIG
 from pimcore.store import LmdbStore, MemoryStore
@@ -197,6 +197,32 @@ async def test_presence_subscription_and_typing_survive_reconnects(store):
                         await a.typing("team")
                         ev = await next_event(b, lambda ev: isinstance(ev, TypingChanged))
                         assert ev.user == "alice" and ev.active
+
+
+async def test_a_broker_shutting_down_tells_nobody_that_their_peers_went_offline(store):
+    """The broker closing every connection (shutdown) is not each user
+    going offline: a watcher is told "connection lost (broker shutting
+    down)", not first that its peers went offline one by one -- they did
+    not leave, the broker did.  (Each user's last seen is still recorded.)"""
+    with trio.fail_after(30):
+        async with serving(store) as srv:
+            await srv.create_group("team", ["alice", "bob", "carol"])
+            url = srv.url()
+            async with client(url, "alice") as a, client(url, "bob") as b, client(url, "carol") as c:
+                for me, others in ((a, ["bob", "carol"]), (b, ["alice", "carol"]), (c, ["alice", "bob"])):
+                    got = await me.subscribe_presence(others)
+                    assert {x.state for x in got.values()} == {ONLINE}
+                await srv.shutdown()
+                for me in (a, b, c):
+                    seen = []
+                    with trio.fail_after(5):
+                        async for ev in me.events():
+                            if isinstance(ev, Disconnected):
+                                assert ev.code is CloseCode.SHUTDOWN
+                                break
+                            seen.append(ev)
+                    assert not [ev for ev in seen if isinstance(ev, PresenceChanged) and ev.state is not ONLINE], seen
+        assert store.devices("alice")[0].last_seen > 0
 
 
 async def test_the_host_reads_presence_and_sets_privacy(tmp_path):

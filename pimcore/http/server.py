@@ -66,7 +66,11 @@ ERROR_CODES: dict[str, int] = {
     "headers_too_large": 431,
     "internal": 500,
     "unavailable": 503,  # not ready (readyz), or too many connections
+    "http_version_not_supported": 505,  # a request line with a version other than HTTP/1.0 or 1.1
 }
+
+#: The request versions served (h11 parses any HTTP/d.d and would answer it as 1.1).
+_VERSIONS = (b"1.0", b"1.1")
 
 
 class HttpError(Exception):
@@ -368,7 +372,7 @@ class HttpServer:
                     err = HttpError(status, "bad_request", "malformed HTTP request")
                 await self._send_error(stream, conn, err)
                 return
-            except HttpError as exc:  # 413: the body is not read; the connection ends
+            except HttpError as exc:  # 413, 505: the body is not read; the connection ends
                 await self._send_error(stream, conn, exc)
                 return
             if request is None:
@@ -446,6 +450,10 @@ class HttpServer:
         if isinstance(event, h11.ConnectionClosed):
             return None
         assert isinstance(event, h11.Request), event
+        if event.http_version not in _VERSIONS:
+            # Refused before the body is read; the connection ends.
+            raise HttpError(505, "http_version_not_supported",
+                            f"HTTP/{event.http_version.decode('ascii')} is not supported: only HTTP/1.1 and HTTP/1.0")
         # h11 bounds only what it buffers while a head is incomplete; a head
         # that arrived in one read is measured here.
         if len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) > self.config.max_header_bytes:

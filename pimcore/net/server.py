@@ -590,8 +590,7 @@ class BrokerServer:
                 self._run(self.broker.flush(self.now()))  # delivery acks too
                 await self._commit_idle.wait()
                 await trio.sleep(0)
-        for p in list(self._peers.values()):
-            self._close_by_server(p, CloseCode.SHUTDOWN, reason)
+        self._close_all_by_server(CloseCode.SHUTDOWN, reason)
         # Give the writers time to flush the Close frames (each connection
         # ends itself once flushed, or after close_timeout).
         with trio.move_on_after(self.config.close_timeout + 0.5):
@@ -1318,6 +1317,31 @@ class BrokerServer:
         if peer.state is _PeerState.OPEN:
             self._closed(CloseConnection(peer.id, code, reason, b""))
             self._close_peer(peer, encode_close(code, reason))
+
+    def _close_all_by_server(self, code: CloseCode, reason: str) -> None:
+        """:meth:`_close_by_server` for every connection, in one call of the
+        core (Broker.close_all: no watcher is told its peers went offline
+        because the broker is closing them all)."""
+        cmds: list[Command] = []
+        try:
+            cmds = self.broker.close_all(code, reason, self.now())
+        except Exception:  # pragma: no cover - a second failure while failing
+            log.exception("internal error closing every connection")
+        rest: list[Command] = []
+        for cmd in cmds:
+            peer = self._peers.get(cmd.conn) if type(cmd) is CloseConnection else None
+            if peer is None:
+                rest.append(cmd)
+                continue
+            assert isinstance(cmd, CloseConnection)
+            if peer.state is _PeerState.OPEN:
+                self._closed(cmd)
+            self._close_peer(peer, cmd.data)  # now, not queued: nothing more is written to it
+        self._run(rest)
+        for peer in list(self._peers.values()):  # the core did not know it (or failed)
+            if peer.state is _PeerState.OPEN:
+                self._closed(CloseConnection(peer.id, code, reason, b""))
+                self._close_peer(peer, encode_close(code, reason))
 
     def _closed(self, cmd: CloseConnection) -> None:
         """Count and log a Close the broker sends (refused logins included)."""

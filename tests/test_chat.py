@@ -1,0 +1,51 @@
+"""``pimcore chat`` against a broker in this process: what the user sees
+when something is wrong (one line on stderr, not a traceback)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from pimcore.core import Identity
+from pimcore.threaded import open_pimcore_thread
+
+
+def _plain_tokens(token: bytes, now: int) -> Identity:
+    """A host's own authenticator: the token is the user id (no JWT)."""
+    return Identity(token.decode())
+
+
+def test_chat_with_yourself_under_a_non_jwt_authenticator_is_one_line(tmp_path: Path) -> None:
+    # The CLI cannot read the user out of a token it does not know (JWT
+    # only): the broker says who logged in, and the chat refuses then.
+    from _proc import run_pimcore
+
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=["tcp://127.0.0.1:0"],
+                             authenticate=_plain_tokens) as im:
+        url = f"tcp://127.0.0.1:{im.port()}"
+        r = run_pimcore("chat", "--to", "alice", "--token", "alice", "--url", url, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r
+    *progress, last = r.stderr.strip().splitlines()
+    assert progress == [f"pimcore chat: connecting to {url} (up to 10 s)…"], r.stderr
+    assert last.startswith("pimcore chat: ") and "yourself" in last, r.stderr
+
+
+def test_chat_says_it_is_connecting_then_a_refused_port_is_one_line_at_once(tmp_path: Path) -> None:
+    """Nothing silent: a line on stderr says where it connects (stdout's
+    first line stays "connected as ..."), and a port that refuses is a
+    one-line error at once, not after connect_timeout of retries."""
+    from _net import token
+    from _proc import run_pimcore
+
+    with socket.socket() as held:  # bound, not listening: connecting is refused
+        held.bind(("127.0.0.1", 0))
+        url = f"tcp://127.0.0.1:{held.getsockname()[1]}"
+        r = run_pimcore("chat", "--to", "bob", "--token", token("alice"), "--url", url, timeout=60)
+    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr, r
+    assert r.stderr.splitlines() == [
+        f"pimcore chat: connecting to {url} (up to 10 s)…",
+        f"pimcore chat: cannot connect to {url}: ConnectionRefusedError: [Errno 111] Error connecting to"
+        f" ('127.0.0.1', {url.rsplit(':', 1)[1]}): Connection refused",
+    ], r.stderr
