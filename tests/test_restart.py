@@ -143,8 +143,16 @@ async def test_broker_sigkilled_twice_under_traffic_loses_and_duplicates_nothing
                     await open_gate(stops[i + 1])
                     while any(started[u] < stops[i] + IN_FLIGHT for u in USERS):
                         await trio.sleep(0)
-                    delay = rnd.uniform(0, 0.002)  # SendReqs on the wire, some committed, some acked
-                    await trio.sleep(delay)
+                    # Kill once a random part of each burst is acked: SendReqs
+                    # on the wire, some committed, some acked.  (A random
+                    # delay of up to 2 ms instead let a fast broker ack the
+                    # whole burst first, and the kill hit no traffic.)
+                    t0 = trio.current_time()
+                    target = {u: stops[i] + rnd.randrange(IN_FLIGHT) for u in USERS}
+                    async with progress:
+                        while any(acked[u] < target[u] for u in USERS):
+                            await progress.wait()
+                    delay = trio.current_time() - t0
                     kills.append({"delay_ms": round(delay * 1000, 2), "pending": pending()})
                     server.kill()  # SIGKILL: no goodbye, a batch possibly mid-fsync
                     with LmdbStore(data / "store", create=False) as store:
