@@ -36,7 +36,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pimcore.errors import StoreError
-from pimcore.store import AddMembers, CreateGroup, LmdbStore, NewMessage, RemoveMembers, WriteBatch
+from pimcore.store import AddMembers, AppendEvent, CreateGroup, LmdbStore, NewMessage, RemoveMembers, WriteBatch
 from pimcore.store import lmdb as lmdb_module
 from pimcore.store import wal
 from test_store_plain import CONVS, USERS, _draw_batches, _dump
@@ -263,7 +263,7 @@ MAINTENANCE = """
 import sys
 import threading
 from pimcore.errors import StoreError
-from pimcore.store import AddMembers, CreateGroup, LmdbStore, NewMessage, RemoveMembers, WriteBatch
+from pimcore.store import AddMembers, AppendEvent, CreateGroup, LmdbStore, NewMessage, RemoveMembers, WriteBatch
 s = LmdbStore(sys.argv[1], create=False, owner=False)
 print("members", s.members("g1"))
 try:
@@ -1089,3 +1089,163 @@ def test_a_crash_during_a_batch_refused_at_the_map_ceiling_leaves_a_store_that_s
         assert again.last_seq("g1") == 0
     finally:
         again.close()
+
+
+# -- A third review: the pin during start-up replay, a resize whose checkpoint
+# -- fails, a start cut short, a failure another thread reports.
+
+
+def test_a_crash_during_the_start_up_replay_leaves_a_store_that_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without a pin at the checkpoint during the replay, the replayed commits
+    # reused pages of its tree, and a crash before the start's own
+    # checkpoint left its meta pages pointing at overwritten pages.
+    _no_auto_checkpoints(monkeypatch)
+    batches = _fixed_batches(45, 20)
+    store = _open_log(tmp_path / "a")
+    try:
+        _commit_all(store, batches[:5])
+        assert store._log is not None
+        store._log.checkpoint_now()
+        for n, ops in enumerate(batches[5:]):
+            store.commit(WriteBatch(100 + n, tuple(ops)))  # in the log only
+        want = _dump(store)
+        first = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    real = LmdbStore.commit
+    replayed = [0]
+
+    def commit(self: LmdbStore, batch: WriteBatch) -> Any:
+        out = real(self, batch)
+        if self._log is not None and self._log.replaying:
+            replayed[0] += 1
+            if replayed[0] == 30:
+                _crash_copy(first, tmp_path / "c")  # a power cut during the first recovery
+        return out
+
+    monkeypatch.setattr(LmdbStore, "commit", commit)
+    assert _recovered(first) == want
+    monkeypatch.setattr(LmdbStore, "commit", real)
+    assert replayed[0] == 40
+    assert _recovered(tmp_path / "c") == want
+
+
+def test_a_start_cut_short_during_its_replay_does_not_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The close() after the interrupted start used to checkpoint at the log
+    # position of a record LMDB already held: the next start applied it twice.
+    _no_auto_checkpoints(monkeypatch)
+    batches = _fixed_batches(4, 12)
+    store = _open_log(tmp_path / "a")
+    try:
+        _commit_all(store, batches[:1])
+        assert store._log is not None
+        store._log.checkpoint_now()
+        for n, ops in enumerate(batches[1:]):
+            # (An event is applied again by a second replay; a send would be
+            # a Duplicate.)
+            store.commit(WriteBatch(10 + n, (*ops, AppendEvent(b'{"n":%d}' % n, 2_000 + n))))
+        want = _dump(store)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    real = LmdbStore.commit
+    replayed = [0]
+
+    def commit(self: LmdbStore, batch: WriteBatch) -> Any:
+        out = real(self, batch)
+        if self._log is not None and self._log.replaying:
+            replayed[0] += 1
+            if replayed[0] == 1:
+                raise KeyboardInterrupt  # Ctrl-C right after the first replayed record committed
+        return out
+
+    monkeypatch.setattr(LmdbStore, "commit", commit)
+    with pytest.raises(KeyboardInterrupt):
+        _open_log(copy)
+    monkeypatch.setattr(LmdbStore, "commit", real)
+    assert _recovered(copy) == want
+
+
+def test_a_resize_whose_checkpoint_fails_stops_the_store_and_a_restart_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # set_mapsize lets go of the pin; without the resize's checkpoint nothing
+    # keeps LMDB from reusing the last checkpoint's pages, so the store may
+    # not write on.
+    import errno
+
+    _no_auto_checkpoints(monkeypatch)
+    store = _open_log(tmp_path / "a", map_size=1 << 20)
+    acked: list = []
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        monkeypatch.setattr(wal, "write_checkpoint", _raises(OSError(errno.ENOSPC, "No space left on device")))
+        with pytest.raises(StoreError):
+            for n in range(2, 200):  # until the map grows
+                store.commit(WriteBatch(n, _big_sends(20, 3_000, first=1_000 * n)))
+                acked.append(n)
+        assert store.map_size > 1 << 20
+        with pytest.raises(StoreError, match="restart"):
+            store.commit(WriteBatch(999, _big_sends(1, 10, first=999_000)))
+        live = store.history("g1", 0, 100_000)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    monkeypatch.undo()
+    again = _open_log(copy, map_size=1 << 20)
+    try:
+        got = again.history("g1", 0, 100_000)
+    finally:
+        again.close()
+    # Every acked batch, the same; and the batch whose resize failed, if its
+    # record was in the log (flushed while LMDB applied it): never acked,
+    # its sender's retry is answered Duplicate.
+    assert acked and len(live) == 20 * len(acked)
+    assert got[: len(live)] == live and len(got) in (len(live), len(live) + 20)
+
+
+def _raises(exc: BaseException) -> Any:
+    def fail(*a: Any, **kw: Any) -> None:
+        raise exc
+
+    return fail
+
+
+def test_a_failure_reported_by_the_checkpoint_thread_outlasts_a_take_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # settle() used to clear whatever stopped the store, including the
+    # checkpoint thread's failed data-file flush that happened meanwhile.
+    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1)
+    store = _open_log(tmp_path / "a")
+    real_rewind = wal.CommandLog.rewind
+
+    def rewind(self: wal.CommandLog, position: Any) -> None:
+        assert store._log is not None
+        store._log.failed = "LMDB's data file could not be flushed (simulated); restart the broker"
+        real_rewind(self, position)
+
+    monkeypatch.setattr(wal.CommandLog, "rewind", rewind)
+    real_flush = lmdb_module._Batch.flush
+    calls = [0]
+
+    def flush(self: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("a bug in the apply")
+        real_flush(self)
+
+    monkeypatch.setattr(lmdb_module._Batch, "flush", flush)
+    batches = _fixed_batches(2, 12)
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        with pytest.raises(StoreError, match="a bug in the apply"):
+            store.commit(WriteBatch(2, tuple(batches[0])))
+        with pytest.raises(StoreError, match="data file could not be flushed"):
+            store.commit(WriteBatch(3, tuple(batches[1])))
+    finally:
+        store.close()

@@ -699,6 +699,14 @@ class _LogState:
         self.replaying = False
         #: Why the store may not write any more (a failed log flush), or None.
         self.failed: Optional[str] = None
+        #: Why the store may not write until a restart because a commit or a
+        #: map resize was cut short (settle(), LmdbStore._resize), or None.
+        #: Apart from ``failed``, which the checkpoint thread sets too: each
+        #: is cleared only by who set it.
+        self.unsettled: Optional[str] = None
+        #: The start's replay and first checkpoint completed (close() may
+        #: checkpoint only then: see LmdbStore._start_log).
+        self.started = False
         self.pin: Optional[_Txn] = None
         #: The log position before a record appended but not yet committed
         #: by LMDB (its commit hit a full map), else None.
@@ -788,25 +796,25 @@ class _LogState:
         rewind leave it stopped, and a restart recovers from what the log
         holds (the record applied, if it is there: the client's retry is
         then a Duplicate)."""
-        if self.failed is not None:
-            return  # stopped already (a failed flush): the restart decides
-        self.failed = "a commit was cut short while the command log and LMDB disagreed; restart the broker to recover"
+        if self.failed is not None or self.unsettled is not None:
+            return  # stopped already (a failed flush, a resize cut short): the restart decides
+        self.unsettled = "a commit was cut short while the command log and LMDB disagreed; restart the broker to recover"
         if record.flushed is not None:
             return
         if committed():
             self.uncommitted = None
-            self.failed = None
+            self.unsettled = None
             return
         assert record.at is not None
         try:
             self.log.rewind(record.at)
         except OSError as exc:
-            self.failed = (f"a logged batch failed to commit in LMDB and could not be taken back out of the"
-                           f" command log ({exc}); restart the broker to recover it")
+            self.unsettled = (f"a logged batch failed to commit in LMDB and could not be taken back out of the"
+                              f" command log ({exc}); restart the broker to recover it")
             return
         record.written = False
         self.uncommitted = None
-        self.failed = None
+        self.unsettled = None
 
     def _append_failed(self, exc: OSError) -> StoreError:
         # After a failed flush the page cache's state is unknown (fsync
@@ -1484,6 +1492,12 @@ class LmdbStore(Store):
         if ckpt is None:
             st.log.reset()
         else:
+            # The pin at S from the first replayed commit on: without it
+            # LMDB would reuse pages of S's tree, and a crash before this
+            # start's own checkpoint (below) would leave S's meta pages --
+            # still the durable checkpoint -- pointing at overwritten pages.
+            assert self._env is not None
+            st.pin = self._env.begin()
             st.replaying = True
             try:
                 for lsn, payload in st.log.records(ckpt):
@@ -1498,6 +1512,7 @@ class LmdbStore(Store):
                 st.replaying = False
         st.log.start()
         st.checkpoint_now()
+        st.started = True
 
     def _end_log(self, path: str, size: int, max_readers: int) -> None:
         """Leave ``log`` durability (after a replay): LMDB flushed whole, the
@@ -1626,10 +1641,19 @@ class LmdbStore(Store):
         st = self._log
         if st is not None:
             st.join()
+            # set_mapsize aborts the pin: until after_resize has a new one
+            # (and its checkpoint) nothing may commit -- LMDB would reuse the
+            # last checkpoint's pages.  Cut short (a failed checkpoint, an
+            # interrupt), the store stays stopped; a restart recovers.
+            unset = st.unsettled is None
+            if unset:
+                st.unsettled = "the map grew and its checkpoint did not complete; restart the broker to recover"
         with self._gate.exclusive():
             env.set_mapsize(size)
         if st is not None:
             st.after_resize()
+            if unset:
+                st.unsettled = None
 
     def _adopt_map_size(self, env: lmdb.Environment) -> None:
         """Another process (e.g. ``pimcore inspect`` next to a broker, or the
@@ -1669,8 +1693,8 @@ class LmdbStore(Store):
             if self._read_only is not None:
                 raise StoreError(self._read_only)
             st = self._log
-            if st is not None and st.failed is not None:
-                raise StoreError(st.failed)
+            if st is not None and (st.failed is not None or st.unsettled is not None):
+                raise StoreError(st.failed or st.unsettled)
             # A maintenance handle writes only while no log broker does (it
             # may have started since this handle opened): its commit would
             # be in LMDB but not in the log, and that broker's recovery puts
@@ -3103,7 +3127,9 @@ class LmdbStore(Store):
                 # replays nothing.  (If it fails the log still has it all.)
                 st.join()
                 st.stop_flusher()
-                if st.failed is None:
+                # (Not after a start whose replay did not complete: the log
+                # position would claim records LMDB may lack, or hold twice.)
+                if st.failed is None and st.unsettled is None and st.started:
                     try:
                         prepared = st._prepare()
                         if prepared is not None:
