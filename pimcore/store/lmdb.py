@@ -689,7 +689,7 @@ class _LogState:
     #: commits only after the flush returned.  Smaller batches flush inline,
     #: where the two hand-offs between threads (about 35 µs of CPU) would
     #: cost more than the overlap saves.  Measured on 2 vCPUs with the
-    #: broker on one (BENCHMARKS.md, "The log flush overlaps the apply"):
+    #: broker on one (BENCHMARKS.md, "Overlapping the log flush with the apply"):
     #: 400-op batches +8 % acked sends/s; 62-op batches no gain.
     overlap_ops = 128
 
