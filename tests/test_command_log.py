@@ -1095,6 +1095,28 @@ def test_a_crash_during_a_batch_refused_at_the_map_ceiling_leaves_a_store_that_s
 # -- fails, a start cut short, a failure another thread reports.
 
 
+def _on_replayed(monkeypatch: pytest.MonkeyPatch, nth: int, action: Any) -> list:
+    """Call ``action()`` once the ``nth`` record replayed at a start has
+    committed; returns the count of replayed records (a one-item list)."""
+    real = LmdbStore.commit
+    replayed = [0]
+
+    def commit(self: LmdbStore, batch: WriteBatch) -> Any:
+        out = real(self, batch)
+        if self._log is not None and self._log.replaying:
+            replayed[0] += 1
+            if replayed[0] == nth:
+                action()
+        return out
+
+    monkeypatch.setattr(LmdbStore, "commit", commit)
+    return replayed
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
 def test_a_crash_during_the_start_up_replay_leaves_a_store_that_recovers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1114,20 +1136,9 @@ def test_a_crash_during_the_start_up_replay_leaves_a_store_that_recovers(
         first = _crash_copy(tmp_path / "a", tmp_path / "b")
     finally:
         store.close()
-    real = LmdbStore.commit
-    replayed = [0]
-
-    def commit(self: LmdbStore, batch: WriteBatch) -> Any:
-        out = real(self, batch)
-        if self._log is not None and self._log.replaying:
-            replayed[0] += 1
-            if replayed[0] == 30:
-                _crash_copy(first, tmp_path / "c")  # a power cut during the first recovery
-        return out
-
-    monkeypatch.setattr(LmdbStore, "commit", commit)
+    replayed = _on_replayed(monkeypatch, 30, lambda: _crash_copy(first, tmp_path / "c"))  # a power cut meanwhile
     assert _recovered(first) == want
-    monkeypatch.setattr(LmdbStore, "commit", real)
+    monkeypatch.undo()
     assert replayed[0] == 40
     assert _recovered(tmp_path / "c") == want
 
@@ -1152,21 +1163,10 @@ def test_a_start_cut_short_during_its_replay_does_not_checkpoint(
         copy = _crash_copy(tmp_path / "a", tmp_path / "b")
     finally:
         store.close()
-    real = LmdbStore.commit
-    replayed = [0]
-
-    def commit(self: LmdbStore, batch: WriteBatch) -> Any:
-        out = real(self, batch)
-        if self._log is not None and self._log.replaying:
-            replayed[0] += 1
-            if replayed[0] == 1:
-                raise KeyboardInterrupt  # Ctrl-C right after the first replayed record committed
-        return out
-
-    monkeypatch.setattr(LmdbStore, "commit", commit)
+    _on_replayed(monkeypatch, 1, _interrupt)  # Ctrl-C right after the first replayed record committed
     with pytest.raises(KeyboardInterrupt):
         _open_log(copy)
-    monkeypatch.setattr(LmdbStore, "commit", real)
+    monkeypatch.undo()
     assert _recovered(copy) == want
 
 
