@@ -1249,3 +1249,111 @@ def test_a_failure_reported_by_the_checkpoint_thread_outlasts_a_take_back(
             store.commit(WriteBatch(3, tuple(batches[1])))
     finally:
         store.close()
+
+
+def _interrupt_checkpoint_join_once(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Ctrl-C during the first wait for a running checkpoint thread
+    (``Thread.join`` interrupted); the count of such interrupts."""
+    real_join = threading.Thread.join
+    hits: list = []
+
+    def join(self: threading.Thread, timeout: Any = None) -> None:
+        if self.name == "pimcore-checkpoint" and not hits:
+            hits.append(self)
+            raise KeyboardInterrupt
+        real_join(self, timeout)
+
+    monkeypatch.setattr(threading.Thread, "join", join)
+    return hits
+
+
+def _held_checkpoints(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list]:
+    """Checkpoint threads wait for the returned event before they write;
+    the list holds [running now, most ever running at once]."""
+    release = threading.Event()
+    running = [0, 0]
+    lock = threading.Lock()
+    real_finish = lmdb_module._LogState._finish
+
+    def finish(self: Any, pin: Any, ckpt: Any) -> None:
+        if threading.current_thread().name == "pimcore-checkpoint":
+            with lock:
+                running[0] += 1
+                running[1] = max(running[1], running[0])
+            try:
+                assert release.wait(20), "the test never let the checkpoint go"
+            finally:
+                with lock:
+                    running[0] -= 1
+        real_finish(self, pin, ckpt)
+
+    monkeypatch.setattr(lmdb_module._LogState, "_finish", finish)
+    return release, running
+
+
+def test_a_resize_interrupted_while_it_waits_for_a_checkpoint_starts_no_second_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # _LogState.join let go of the running checkpoint thread before waiting
+    # for it: a Ctrl-C during that wait (in a map resize) left the thread
+    # running unknown to the store, and the next commit started a second
+    # checkpoint beside it (two threads moving the pin and writing the
+    # checkpoint file at once).
+    store = _open_log(tmp_path / "a", map_size=1 << 20)
+    acked: list = []
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        monkeypatch.setattr(lmdb_module._LogState, "checkpoint_seconds", 0.0)  # one after every commit
+        release, running = _held_checkpoints(monkeypatch)
+        hits = _interrupt_checkpoint_join_once(monkeypatch)
+        with pytest.raises(KeyboardInterrupt):
+            for n in range(2, 200):  # until the map must grow
+                store.commit(WriteBatch(n, _big_sends(20, 3_000, first=1_000 * n)))
+                acked.append(n)
+        assert hits and acked
+        store.commit(WriteBatch(500, _big_sends(1, 10, first=500_000)))  # small: fits
+        assert running[1] == 1
+        release.set()
+        for n in range(600, 640):  # the map grows now
+            store.commit(WriteBatch(n, _big_sends(20, 3_000, first=1_000 * n)))
+        assert store.map_size > 1 << 20
+        assert running[1] == 1
+        want = _dump(store)
+    finally:
+        release.set()
+        store.close()
+    monkeypatch.undo()
+    assert _recovered(tmp_path / "a") == want
+
+
+def test_a_close_interrupted_while_it_waits_for_a_checkpoint_writes_nothing_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # close() let go of the command log before waiting for the running
+    # checkpoint: after a Ctrl-C there the handle still committed, to LMDB
+    # only (without MDB's flush and without the log), so a crash lost what
+    # it had acked.  Now it refuses to write, and a second close() ends it.
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        monkeypatch.setattr(lmdb_module._LogState, "checkpoint_seconds", 0.0)
+        release, running = _held_checkpoints(monkeypatch)
+        store.commit(WriteBatch(2, _big_sends(3, 10, first=2_000)))  # starts a checkpoint, held
+        want = _dump(store)
+        hits = _interrupt_checkpoint_join_once(monkeypatch)
+        with pytest.raises(KeyboardInterrupt):
+            store.close()
+        assert hits
+        with pytest.raises(StoreError, match="closed"):
+            store.commit(WriteBatch(3, _big_sends(3, 10, first=3_000)))
+        assert _dump(store) == want  # reads still answer until the close completes
+        release.set()
+        crashed = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        release.set()
+        store.close()
+    monkeypatch.undo()
+    assert _recovered(crashed) == want
+    assert _recovered(tmp_path / "a") == want
+    with pytest.raises(StoreError, match="closed"):
+        store.commit(WriteBatch(4, _big_sends(3, 10, first=4_000)))

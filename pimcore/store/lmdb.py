@@ -892,10 +892,15 @@ class _LogState:
             self._thread.start()
 
     def join(self) -> None:
-        """Wait for a running checkpoint."""
-        thread, self._thread = self._thread, None
+        """Wait for a running checkpoint.  The thread stays this state's
+        until it has ended: a wait cut short (Ctrl-C) must not leave it
+        running unknown to after_commit, which would start a second
+        checkpoint beside it."""
+        thread = self._thread
         if thread is not None:
             thread.join()
+            if self._thread is thread:  # (not one started meanwhile)
+                self._thread = None
 
     def checkpoint_now(self) -> None:
         """A checkpoint of everything committed so far, before returning
@@ -1340,6 +1345,8 @@ class LmdbStore(Store):
         #: Why this handle may not write (a maintenance open of a store a
         #: ``log`` broker is running), or None.
         self._read_only: Optional[str] = None
+        #: close() has begun: nothing more is written (see close).
+        self._closing = False
         log_dir = os.path.join(path, "log")
         ckpt = wal.read_checkpoint(log_dir) if os.path.isdir(log_dir) else None
         if not owner and durability == "log":
@@ -1688,7 +1695,7 @@ class LmdbStore(Store):
         LMDB committed, in LMDB's order."""
         with self._wlock:
             env = self._env
-            if env is None:
+            if env is None or self._closing:
                 raise StoreError("store is closed")
             if self._read_only is not None:
                 raise StoreError(self._read_only)
@@ -3121,7 +3128,13 @@ class LmdbStore(Store):
             if env is None:
                 self._release_broker_lock()
                 return
-            st, self._log = self._log, None
+            # From here on nothing more is written, even if this close is cut
+            # short (Ctrl-C) before it completes: the log is let go of only at
+            # its end, and a handle without its log would commit to LMDB
+            # alone.  Calling close() again completes it (each step below
+            # may run twice).
+            self._closing = True
+            st = self._log
             if st is not None:
                 # A clean end: a checkpoint of everything, so the next open
                 # replays nothing.  (If it fails the log still has it all.)
@@ -3138,6 +3151,7 @@ class LmdbStore(Store):
                         pass
                 st.drop_pin()
                 st.log.close()
+                self._log = None
             # Exclusive: wait for in-flight reads; later ones see None.
             with self._gate.exclusive():
                 self._env = None
