@@ -1357,3 +1357,26 @@ def test_a_close_interrupted_while_it_waits_for_a_checkpoint_writes_nothing_more
     assert _recovered(tmp_path / "a") == want
     with pytest.raises(StoreError, match="closed"):
         store.commit(WriteBatch(4, _big_sends(3, 10, first=4_000)))
+
+
+def test_whether_the_map_has_room_for_an_overlap_is_asked_under_the_write_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # _roomy() read the map size before the write lock was taken, so a resize
+    # by another thread could come in between the answer and the flush.
+    store = _open_log(tmp_path / "a", map_size=1 << 20, max_map_size=1 << 30)
+    real = LmdbStore._roomy
+    asked: list = []
+
+    def roomy(self: LmdbStore) -> bool:
+        asked.append(self._wlock.locked())
+        return real(self)
+
+    monkeypatch.setattr(LmdbStore, "_roomy", roomy)
+    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 2)
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        store.commit(WriteBatch(2, _big_sends(5, 10)))
+    finally:
+        store.close()
+    assert asked and all(asked)

@@ -1061,7 +1061,8 @@ class _LogRecord:
     def __init__(self, data: bytes, overlap: bool) -> None:
         self.data = data
         #: Flush it in the worker thread while LMDB applies the batch
-        #: (:attr:`_LogState.overlap_ops`).
+        #: (:attr:`_LogState.overlap_ops`), if the map has room then
+        #: (:meth:`LmdbStore._roomy`).
         self.overlap = overlap
         #: It may be in the log (an append of it began and was not refused).
         self.written = False
@@ -1725,7 +1726,9 @@ class LmdbStore(Store):
                     try:
                         if logged is not None and not logged.written:
                             assert st is not None
-                            if logged.overlap and st.append_soon(logged):
+                            # (Whether the map has room is asked here, under the
+                            # write lock: a resize cannot come in between.)
+                            if logged.overlap and self._roomy() and st.append_soon(logged):
                                 try:
                                     result = fn(txn)
                                 finally:
@@ -2090,7 +2093,7 @@ class LmdbStore(Store):
 
         st = self._log
         try:
-            logged = (_LogRecord(_encode_ops(ops), len(ops) >= st.overlap_ops and self._roomy())
+            logged = (_LogRecord(_encode_ops(ops), len(ops) >= st.overlap_ops)
                       if st is not None and not st.replaying else None)
         except StoreError as exc:
             raise StoreError(f"batch {batch.batch_id} not committed: {exc}") from None
