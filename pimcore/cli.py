@@ -229,22 +229,6 @@ def _broker_lock_held(store_dir: Path) -> bool:
     return False
 
 
-def _tls_problem(cert: Optional[str], key: Optional[str]) -> Optional[str]:
-    """Why the TLS certificate and key do not load (None: they do), naming
-    the file: ssl says only "[Errno 2] No such file or directory" or "[SSL]
-    PEM lib".  Checked before the data directory is touched."""
-    import ssl
-
-    for what, path, flag in (("certificate", cert, "cert"), ("key", key, "key")):
-        if path is not None and not os.path.isfile(path):
-            return f"TLS {what} {path}: no such file (--{flag} or [tls] {flag})"
-    try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert or "", key)
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        return f"TLS certificate {cert} with key {key or cert} does not load: {exc}"
-    return None
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     start = _Start()
     code = _serve(args, start)
@@ -291,10 +275,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
             raise ConfigError("--web needs an HTTP listener (--http tcp://HOST:PORT): the page is served there")
         if web and not any(ep.websocket for ep in settings.endpoints()):
             raise ConfigError("--web needs a WebSocket listener (--listen ws://HOST:PORT/): the page talks to it")
-        if any(ep.secure for ep in config.listeners) or (http_ep is not None and http_ep.secure):
-            problem = _tls_problem(settings.cert, settings.key)
-            if problem is not None:
-                raise ConfigError(problem)
+        settings.check_tls()
         secret = _secret(settings)
         auth = JwtAuthenticator(secret)
         webhook = settings.webhook_config()
@@ -305,11 +286,10 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
             api_keys = settings.load_api_keys()
             ssl_ctx = None
             if http_ep.secure:
-                import ssl
+                from .net.server import server_ssl_context
 
-                ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                ssl_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-                ssl_ctx.load_cert_chain(settings.cert, settings.key)
+                assert settings.cert is not None  # http_endpoint() refuses tls:// without one
+                ssl_ctx = server_ssl_context(settings.cert, settings.key)
             http_config = settings.http_config(ssl_ctx, api_keys)
             made_key = not settings.api_keys and not had_key  # said once serving (a failed start takes it back)
     except (ConfigError, ValueError, OSError) as exc:

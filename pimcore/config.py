@@ -107,7 +107,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .core import SECOND, ContentFilter, Limits
-from .net.server import DEFAULT_BROKER_CONFIG, ServerConfig
+from .net.server import DEFAULT_BROKER_CONFIG, ServerConfig, server_ssl_context
 from .net.streams import Endpoint, parse_url
 
 __all__ = [
@@ -375,6 +375,21 @@ class ServeSettings:
         if ep.secure and not self.cert:
             raise ConfigError("a tls:// http listener needs a certificate: --cert/--key or [tls] cert/key")
         return ep
+
+    def check_tls(self) -> None:
+        """If a listener or the HTTP listener is tls:// or wss://: raise
+        ConfigError, naming the file, unless ``cert`` and ``key`` load.
+        Called before the data directory is touched (``pimcore serve``,
+        :func:`pimcore.embed.open_pimcore`)."""
+        http = self.http_endpoint()
+        if not (any(e.secure for e in self.endpoints()) or (http is not None and http.secure)):
+            return
+        if not self.cert:
+            raise ConfigError("tls:// and wss:// listeners need a certificate: --cert/--key or [tls] cert/key")
+        try:
+            server_ssl_context(self.cert, self.key)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (--cert/--key or [tls] cert/key)") from None
 
     def load_api_keys(self, *, create: bool = True) -> tuple[str, ...]:
         """The HTTP API keys: ``api_keys`` (file, $PIMCORE_API_KEYS), else

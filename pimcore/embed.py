@@ -37,7 +37,7 @@ from .config import ConfigError, ServeSettings, load_settings
 from .errors import ErrorCode, PimError, StoreError
 from .frames import MessageKind
 from .ids import SYSTEM, conversation_problem, group_problem, id_problem
-from .net.server import BrokerServer, ServerStatistics, open_broker_server
+from .net.server import BrokerServer, ServerStatistics, open_broker_server, server_ssl_context
 from .store import AsyncStore, LmdbStore, Store
 from .store.base import (
     EventsAcked,
@@ -1083,6 +1083,7 @@ async def open_pimcore(
     elif config_file is not None or overrides:
         raise TypeError("pass either settings or config_file/overrides, not both")
     config = settings.server_config()
+    settings.check_tls()
     if content_filter is not None:
         config = replace(config, broker=replace(config.broker, content_filter=content_filter))  # type: ignore[arg-type]  # async: run by the server
     webhook = settings.webhook_config()
@@ -1127,12 +1128,8 @@ def _http_config(settings: ServeSettings) -> Any:
         return None
     ssl_ctx = None
     if ep.secure:
-        import ssl
-
-        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         assert settings.cert is not None  # http_endpoint() refuses tls:// without one
-        ssl_ctx.load_cert_chain(settings.cert, settings.key)
+        ssl_ctx = server_ssl_context(settings.cert, settings.key)
     return settings.http_config(ssl_ctx, settings.load_api_keys())
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -158,6 +159,45 @@ def test_settings_errors_are_config_errors(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError):
         trio.run(main)
+
+
+@pytest.mark.parametrize("where", [{"listen": "tls://127.0.0.1:0"}, {"listen": "wss://127.0.0.1:0/im"},
+                                   {"http": "tls://127.0.0.1:0"}])
+def test_a_certificate_that_does_not_load_is_a_config_error_naming_the_file(tmp_path: Path, where: dict) -> None:
+    """It was ssl's own FileNotFoundError ("[Errno 2] No such file or
+    directory") or SSLError ("[SSL] PEM lib"), naming no file, raised after
+    the data directory had been made."""
+    import trustme
+
+    from pimcore.config import ConfigError
+
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    chain, key, garbage = tmp_path / "server.pem", tmp_path / "server.key", tmp_path / "garbage.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key))
+    garbage.write_text("not a certificate\n")
+    missing = tmp_path / "nope.pem"
+    for n, (c, k, needle) in enumerate(((missing, key, missing), (chain, missing, missing), (garbage, key, garbage),
+                                        (key, key, key))):  # a key is no certificate
+        data = tmp_path / f"data{n}"
+
+        async def main() -> None:
+            async with open_pimcore(data_dir=data, cert=str(c), key=str(k), **where):
+                pass  # pragma: no cover
+
+        with pytest.raises(ConfigError, match=re.escape(str(needle))):
+            trio.run(main)
+        assert not data.exists()
+
+
+def test_a_server_config_whose_certificate_does_not_load_names_the_file(tmp_path: Path) -> None:
+    from pimcore.net.server import ServerConfig
+    from pimcore.net.streams import Endpoint
+
+    missing = tmp_path / "nope.pem"
+    config = ServerConfig(listeners=(Endpoint("tls"),), certfile=str(missing))
+    with pytest.raises(ValueError, match=re.escape(str(missing))):
+        config.make_ssl_context()
 
 
 # ---------------------------------------------------------------- asyncio

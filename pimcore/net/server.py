@@ -191,10 +191,24 @@ class ServerConfig:
             return None
         if not self.certfile:
             raise ValueError("tls:// and wss:// listeners need certfile (and keyfile)")
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.certfile, self.keyfile)
-        return ctx
+        return server_ssl_context(self.certfile, self.keyfile)
+
+
+def server_ssl_context(cert: str, key: Optional[str] = None) -> ssl.SSLContext:
+    """A server-side TLS context (TLS 1.2 or later) with the certificate
+    chain ``cert`` (PEM) and its private key ``key`` (default: in ``cert``).
+    Raises ValueError naming the file when they do not load: ssl itself says
+    only "[Errno 2] No such file or directory" or "[SSL] PEM lib"."""
+    for what, path in (("certificate", cert), ("key", key)):
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"TLS {what} {path}: no such file")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"TLS certificate {cert} with key {key or cert} does not load: {exc}") from exc
+    return ctx
 
 
 @dataclass(frozen=True, slots=True)
