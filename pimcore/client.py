@@ -552,7 +552,15 @@ class Client:
 
     @property
     def presence(self) -> dict[str, F.PresenceEntry]:
-        """The latest presence of every subscribed user (user -> entry)."""
+        """The presence of every subscribed user (user -> PresenceEntry(user,
+        state, last_seen); ``state`` a frames.PresenceState, ``last_seen``
+        µs of the broker's clock, 0 if online, hidden or unknown) as far as
+        this client can know it now: the latest the broker told while
+        connected.  While the connection is down nobody tells this client
+        anything, so every entry is UNKNOWN (with the last_seen it had,
+        each change also a PresenceChanged event, right after the
+        Disconnected) until the subscription renewed after the reconnect
+        brings the current states.  Read-only by convention."""
         return self._session.presence
 
     async def subscribe_presence(self, users: Iterable[str]) -> dict[str, F.PresenceEntry]:
