@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import ssl
 import time
 from contextlib import asynccontextmanager
@@ -551,7 +552,15 @@ class Client:
 
     @property
     def presence(self) -> dict[str, F.PresenceEntry]:
-        """The latest presence of every subscribed user (user -> entry)."""
+        """The presence of every subscribed user (user -> PresenceEntry(user,
+        state, last_seen); ``state`` a frames.PresenceState, ``last_seen``
+        µs of the broker's clock, 0 if online, hidden or unknown) as far as
+        this client can know it now: the latest the broker told while
+        connected.  While the connection is down nobody tells this client
+        anything, so every entry is UNKNOWN (with the last_seen it had,
+        each change also a PresenceChanged event, right after the
+        Disconnected) until the subscription renewed after the reconnect
+        brings the current states.  Read-only by convention."""
         return self._session.presence
 
     async def subscribe_presence(self, users: Iterable[str]) -> dict[str, F.PresenceEntry]:
@@ -781,10 +790,16 @@ class Client:
                 first = None
             if exc is not None:
                 if first is not None:
-                    # The first connection: a refused port or a certificate
-                    # that does not verify will not get better; anything else
-                    # (a reset mid-login on a bad network...) is retried until
-                    # connect_timeout has passed since open_client began.
+                    # The first connection: a refused port, a certificate
+                    # that does not verify or a host name that does not
+                    # exist will not get better; anything else (a reset
+                    # mid-login on a bad network, a name server not
+                    # reachable yet...) is retried until connect_timeout has
+                    # passed since open_client began.
+                    unknown = _unknown_host(exc)
+                    if unknown is not None:
+                        raise ConnectFailed(f"cannot connect to {self.url}: unknown host {self.endpoint.host!r}"
+                                            f" ({type(unknown).__name__}: {unknown})") from exc
                     permanent = isinstance(exc, (ConnectionRefusedError, ssl.SSLError, ConnectionRejected)) or isinstance(
                         exc.__cause__, (ConnectionRefusedError, ssl.SSLError)
                     ) or _all_refused(exc)
@@ -836,6 +851,32 @@ def _all_refused(exc: BaseException) -> bool:
         return False
     leaves = _leaves(cause)
     return bool(leaves) and all(isinstance(e, ConnectionRefusedError) for e in leaves)
+
+
+#: The resolver's answers that a name does not exist (NXDOMAIN, or no
+#: address for it): EAI_NODATA is not defined everywhere (glibc has it).
+#: EAI_AGAIN (no answer from a name server) and EAI_FAIL are not among them:
+#: a network still coming up gives those, and a retry may succeed.
+_NO_SUCH_HOST = frozenset(e for e in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)) if e is not None)
+
+
+def _unknown_host(exc: BaseException) -> Optional[socket.gaierror]:
+    """The resolver's "no such host" that ended an attempt, if that is what
+    did: trio's open_tcp_stream raises getaddrinfo's gaierror as itself,
+    but look where _all_refused looks too (the cause, every leaf of a
+    group) so that a wrapper (trio-websocket, a future trio) cannot turn a
+    permanent failure back into connect_timeout of silent retries."""
+    if isinstance(exc, socket.gaierror):
+        return exc if exc.errno in _NO_SUCH_HOST else None
+    cause = exc if isinstance(exc, BaseExceptionGroup) else exc.__cause__
+    if isinstance(cause, socket.gaierror):
+        return cause if cause.errno in _NO_SUCH_HOST else None
+    if not isinstance(cause, BaseExceptionGroup):
+        return None
+    leaves = _leaves(cause)
+    if leaves and all(isinstance(e, socket.gaierror) and e.errno in _NO_SUCH_HOST for e in leaves):
+        return leaves[0]  # type: ignore[return-value]
+    return None
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -894,7 +935,9 @@ async def open_client(
     resynchronizes the client (a :class:`Resynced` event).
 
     Raises :class:`AuthFailed` or :class:`ConnectFailed` if the first
-    connection cannot be made."""
+    connection cannot be made: at once for a refused port, a certificate
+    that does not verify or a host name that does not exist ("unknown host
+    'name'"), else after ``connect_timeout`` s of retries."""
     client = Client(
         url, token, device, config=config, ssl_context=ssl_context, clock=clock, seed=seed, position=position, epoch=epoch
     )

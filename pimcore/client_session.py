@@ -342,8 +342,9 @@ class TypingChanged:
 class PresenceChanged:
     """The presence of a subscribed user (the answer to a subscription,
     then every change): ``state`` a frames.PresenceState (UNKNOWN: not
-    visible to this user -- no shared conversation), ``last_seen`` µs of
-    the broker's clock, 0 when online, hidden by the user, or unknown."""
+    visible to this user -- no shared conversation -- or this client is
+    disconnected and cannot know), ``last_seen`` µs of the broker's clock,
+    0 when online, hidden by the user, or unknown."""
 
     user: str
     state: F.PresenceState
@@ -746,7 +747,7 @@ class ClientSession:
         self._presence_wanted: Optional[tuple[int, tuple[str, ...]]] = None  # (req id, users): re-sent after reconnects
         self._presence_waiting: list[int] = []  # req ids of subscriptions not answered yet
         self._presence_users: tuple[str, ...] = ()  # the users of the subscription the broker accepted last
-        self.presence: dict[str, F.PresenceEntry] = {}  # user -> latest state of the subscribed users
+        self.presence: dict[str, F.PresenceEntry] = {}  # user -> latest state of the subscribed users (UNKNOWN while disconnected)
         self._privacy_waiting: dict[int, int] = {}  # req id -> mode asked (0 ask, 1 show, 2 hide), not answered yet
         self.hide_last_seen: Optional[bool] = None  # this user's setting, once the broker told it
 
@@ -909,8 +910,10 @@ class ClientSession:
     def connection_lost(self, now: int, reason: Optional[str] = None) -> None:
         """The driver's stream failed or reached EOF.  Queued bytes are
         discarded; everything unanswered goes again on the next connection.
-        Emits Disconnected(None, reason) (default: an EOF in this state).  A
-        no-op if no connection is open."""
+        Emits Disconnected(None, reason) (default: an EOF in this state),
+        then a PresenceChanged for each subscribed user whose presence
+        turns UNKNOWN (see _presence_unknown).  A no-op if no connection
+        is open."""
         self._tick(now)
         if not self.connection_open:
             return
@@ -940,6 +943,7 @@ class ClientSession:
         d = Disconnected(code, reason)
         self.last_disconnect = d
         self._emit(d)
+        self._presence_unknown()
 
     def close(self, now: int) -> None:
         """The application is done: flush the PushAck of what it took, queue
@@ -1979,6 +1983,24 @@ class ClientSession:
                 self._send(encode_frame(F.PresenceSub(req_id, tuple(F.PresenceUser(u) for u in users))))
         for mode in sorted(set(self._privacy_waiting.values())):
             self._send(encode_frame(F.PresencePrivacy(mode)))
+
+    def _presence_unknown(self) -> None:
+        """The connection is down: whatever this session knew of the
+        subscribed users may be stale by now, and nothing will tell it
+        otherwise (the broker forgot the subscription with the
+        connection), so no entry may go on claiming ONLINE or OFFLINE.
+        Each becomes UNKNOWN -- the protocol's state for a user this
+        client cannot see, which is what the user now is -- with its
+        last_seen kept (still true as a lower bound: the user was online
+        then, or later), and a PresenceChanged
+        so that an app that follows the events alone stops showing it
+        too.  Entries are kept, not dropped: the user set stays what was
+        subscribed.  The subscription renewed at the next establish
+        (_resend_presence) brings the broker's current states back."""
+        for user, e in list(self.presence.items()):
+            if e.state != F.PresenceState.UNKNOWN:
+                self.presence[user] = F.PresenceEntry(user, F.PresenceState.UNKNOWN, e.last_seen)
+                self._emit(PresenceChanged(user, F.PresenceState.UNKNOWN, e.last_seen))
 
     def _on_presence(self, f: F.Presence) -> None:
         wanted = self._presence_wanted

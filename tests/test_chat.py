@@ -49,3 +49,35 @@ def test_chat_says_it_is_connecting_then_a_refused_port_is_one_line_at_once(tmp_
         f"pimcore chat: cannot connect to {url}: ConnectionRefusedError: [Errno 111] Error connecting to"
         f" ('127.0.0.1', {url.rsplit(':', 1)[1]}): Connection refused",
     ], r.stderr
+
+
+def test_chat_with_an_unknown_host_is_one_line_at_once(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A host name that does not exist is said at once, naming the host,
+    not after connect_timeout (10 s) of silence.  In this process, with the
+    system resolver answering NXDOMAIN for the reserved ``.invalid`` TLD
+    (RFC 6761) itself, so that no query leaves the machine."""
+    import time
+
+    from _net import token
+    from pimcore.cli import main
+
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kw):  # type: ignore[no-untyped-def]
+        name = host.decode() if isinstance(host, bytes) else host
+        if isinstance(name, str) and name.endswith(".invalid"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)  # trio's default resolver calls it in a thread
+    url = "tcp://nohost.invalid:7400"
+    began = time.monotonic()
+    rc = main(["chat", "--to", "bob", "--token", token("alice"), "--url", url])
+    elapsed = time.monotonic() - began
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == "" and "Traceback" not in err, (rc, out, err)
+    assert err.splitlines() == [
+        f"pimcore chat: connecting to {url} (up to 10 s)…",
+        f"pimcore chat: cannot connect to {url}: unknown host 'nohost.invalid' (gaierror: [Errno -2] Name or service not known)",
+    ], err
+    assert elapsed < 5.0, elapsed

@@ -140,6 +140,100 @@ async def test_a_refused_port_fails_fast_and_says_refused() -> None:
     assert "refused" in str(err.value).lower() and f"127.0.0.1:{port}" in str(err.value), str(err.value)
 
 
+class _ScriptedResolver(trio.abc.HostnameResolver):
+    """Answers names under the reserved ``.invalid`` TLD (RFC 6761) from a
+    script, so no query leaves the machine: each lookup takes the next of
+    ``answers`` (the last one repeats), an int is the errno of a
+    socket.gaierror, a port number the loopback address to give.  Other
+    names go to the system resolver.  ``calls`` counts the scripted ones."""
+
+    def __init__(self, *answers: object) -> None:
+        self.answers = list(answers)
+        self.calls = 0
+
+    async def getaddrinfo(self, host, port, family=0, type=0, proto=0, flags=0):  # type: ignore[no-untyped-def]
+        if not (isinstance(host, bytes) and host.endswith(b".invalid")):
+            return await trio.to_thread.run_sync(socket.getaddrinfo, host, port, family, type, proto, flags)
+        answer = self.answers[min(self.calls, len(self.answers) - 1)]
+        self.calls += 1
+        if isinstance(answer, tuple):  # ("port", n)
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", answer[1]))]
+        raise socket.gaierror(answer, {socket.EAI_AGAIN: "Temporary failure in name resolution"}.get(answer, "Name or service not known"))
+
+    async def getnameinfo(self, sockaddr, flags):  # type: ignore[no-untyped-def]  # pragma: no cover - never asked
+        raise NotImplementedError
+
+
+_NO_SUCH_NAME = [socket.EAI_NONAME] + ([socket.EAI_NODATA] if hasattr(socket, "EAI_NODATA") else [])
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "ws"])
+@pytest.mark.parametrize("errno", _NO_SUCH_NAME)
+async def test_an_unknown_host_fails_fast_and_names_it(scheme: str, errno: int) -> None:
+    """A host name that does not exist (the resolver's EAI_NONAME, or
+    EAI_NODATA) will not get better, like a refused port: ConnectFailed at
+    once, naming the host -- not after connect_timeout of silent retries."""
+    from pimcore.client import ConnectFailed
+
+    resolver = _ScriptedResolver(errno)
+    trio.socket.set_custom_hostname_resolver(resolver)
+    patient = ClientConfig(connect_timeout=120.0, backoff_max=0.5)  # the hard deadline is far below it
+    with trio.fail_after(5):
+        with pytest.raises(ConnectFailed) as err:
+            async with open_client(f"{scheme}://nohost.invalid:7400", token("alice"), "phone", config=patient):
+                pass  # pragma: no cover
+    assert resolver.calls == 1
+    assert str(err.value).startswith(f"cannot connect to {scheme}://nohost.invalid:7400: unknown host 'nohost.invalid' (gaierror: "), str(err.value)
+    assert isinstance(err.value.__cause__, socket.gaierror) and err.value.__cause__.errno == errno
+
+
+def test_an_unknown_host_is_recognized_however_it_is_wrapped() -> None:
+    """trio raises getaddrinfo's gaierror as itself today; as the cause of
+    an OSError or inside a group (how it reports refusals), it is the same
+    permanent failure -- and a temporary one stays temporary in any wrapper."""
+    from pimcore._util import BaseExceptionGroup
+    from pimcore.client import _unknown_host
+
+    def wrapped(err: BaseException) -> OSError:
+        try:
+            raise OSError("all attempts failed") from err
+        except OSError as exc:
+            return exc
+
+    nxdomain, again = socket.gaierror(socket.EAI_NONAME, "Name or service not known"), socket.gaierror(socket.EAI_AGAIN, "Temporary failure")
+    for exc in (nxdomain, wrapped(nxdomain), BaseExceptionGroup("", [nxdomain]), wrapped(BaseExceptionGroup("", [nxdomain, nxdomain]))):
+        assert _unknown_host(exc) is nxdomain, exc
+    for exc in (again, wrapped(again), BaseExceptionGroup("", [again]), BaseExceptionGroup("", [nxdomain, again]),
+                ConnectionRefusedError(), OSError("all attempts failed")):
+        assert _unknown_host(exc) is None, exc
+
+
+async def test_a_temporary_resolver_failure_is_retried() -> None:
+    """EAI_AGAIN (no answer from the name server: a network that is not up
+    yet) may get better: retried with backoff like a reset, until the name
+    resolves -- or until connect_timeout, saying so."""
+    from pimcore.client import ConnectFailed
+
+    with trio.fail_after(20):
+        async with serving(MemoryStore()) as srv:
+            port = srv.endpoints[0].port
+            resolver = _ScriptedResolver(socket.EAI_AGAIN, socket.EAI_AGAIN, socket.EAI_AGAIN, ("port", port))
+            trio.socket.set_custom_hostname_resolver(resolver)
+            async with client(f"tcp://broker.invalid:{port}", "alice") as a:
+                assert resolver.calls == 4
+                assert (await a.send(AB, b"resolved at last")).seq == 1
+            resolver = _ScriptedResolver(socket.EAI_AGAIN)
+            trio.socket.set_custom_hostname_resolver(resolver)
+            began = trio.current_time()
+            with pytest.raises(ConnectFailed) as err:
+                async with open_client(f"tcp://broker.invalid:{port}", token("alice"), "phone",
+                                       config=ClientConfig(connect_timeout=1.0, backoff_initial=0.05, backoff_max=0.1)):
+                    pass  # pragma: no cover
+            assert trio.current_time() - began >= 1.0 and resolver.calls > 2
+            assert str(err.value) == (f"cannot connect to tcp://broker.invalid:{port} within 1 s (connect_timeout):"
+                                      " gaierror: [Errno -3] Temporary failure in name resolution"), str(err.value)
+
+
 async def test_a_listener_that_never_answers_times_out_naming_the_limit() -> None:
     """Accepted but silent (a wrong service, a stuck broker): ConnectFailed
     after connect_timeout, saying how long it waited."""

@@ -199,6 +199,37 @@ async def test_presence_subscription_and_typing_survive_reconnects(store):
                         assert ev.user == "alice" and ev.active
 
 
+async def test_presence_is_not_claimed_while_disconnected_and_is_current_after_reconnect(store):
+    """Cut off, the client cannot know anyone's presence: it must not keep
+    showing a peer online for the whole outage.  Every known entry turns
+    UNKNOWN (a PresenceChanged each, right after the Disconnected; the
+    last_seen known is kept), and the subscription renewed after the
+    reconnect brings the broker's current state -- here: the peer left
+    during the outage."""
+    with trio.fail_after(40):
+        async with serving(store) as srv:
+            await srv.create_group("team", ["alice", "bob"])
+            async with open_chaos_proxy("127.0.0.1", srv.endpoints[0].port) as proxy:
+                async with client(f"tcp://127.0.0.1:{proxy.port}", "bob") as b:
+                    async with client(srv.url(), "alice") as a:
+                        await a.wait_connected()
+                        got = await b.subscribe_presence(["alice"])
+                        assert got["alice"].state == ONLINE and b.presence["alice"].state == ONLINE
+                        proxy.pause()  # an outage: the redials get nowhere until resume()
+                        proxy.reset_all()  # bob's link breaks
+                        await next_event(b, lambda ev: isinstance(ev, Disconnected))
+                        assert not b.connected
+                        assert b.presence["alice"] == F.PresenceEntry("alice", UNKNOWN, 0)
+                        await next_event(b, presence_of("alice", UNKNOWN))
+                    await trio.sleep(0.3)  # alice is gone; bob is still cut off and still cannot tell
+                    assert b.presence["alice"].state == UNKNOWN and not b.connected
+                    proxy.resume()
+                    await next_event(b, lambda ev: isinstance(ev, Connected))
+                    ev = await next_event(b, presence_of("alice", OFFLINE))
+                    assert ev.last_seen > 0
+                    assert b.presence["alice"].state == OFFLINE and b.presence["alice"].last_seen == ev.last_seen
+
+
 async def test_a_broker_shutting_down_tells_nobody_that_their_peers_went_offline(store):
     """The broker closing every connection (shutdown) is not each user
     going offline: a watcher is told "connection lost (broker shutting

@@ -5,7 +5,7 @@ presence subscriptions re-sent after a reconnect, refusals, privacy."""
 from __future__ import annotations
 
 from pimcore import frames as F
-from pimcore.client_session import PresenceChanged, PresenceCompleted, PrivacyChanged, PrivacyCompleted, SendError, TypingChanged
+from pimcore.client_session import Disconnected, PresenceChanged, PresenceCompleted, PrivacyChanged, PrivacyCompleted, SendError, TypingChanged
 from pimcore.errors import ErrorCode
 
 from test_client_session import MS, S, T0, connect, events, session
@@ -98,6 +98,32 @@ def test_presence_subscription_answers_changes_and_is_renewed_after_a_reconnect(
     b.feed(T0 + 3 * S, F.Presence(new, ErrorCode.OK, ()))
     assert s.completions() == [PresenceCompleted(old, (), None), PresenceCompleted(new, (), None)]
     assert s.presence == {}
+
+
+def test_presence_turns_unknown_while_disconnected_until_the_renewal_answers():
+    """Cut off, the session cannot know: every entry not already UNKNOWN
+    becomes UNKNOWN with its last_seen kept, each with a PresenceChanged
+    right after the Disconnected (the broker's own UNKNOWN entries change
+    nothing); the renewed subscription's answer brings the current state."""
+    s = session()
+    req = s.subscribe_presence(["bob", "carol", "eve"], T0)
+    b = connect(s, T0)
+    entries = (F.PresenceEntry("bob", ONLINE, 0), F.PresenceEntry("carol", OFFLINE, T0 - S), F.PresenceEntry("eve", UNKNOWN, 0))
+    b.feed(T0, F.Presence(req, ErrorCode.OK, entries))
+    events(s, T0)
+    s.connection_lost(T0 + S, "reset")
+    assert events(s, T0 + S) == [Disconnected(None, "reset"), PresenceChanged("bob", UNKNOWN, 0), PresenceChanged("carol", UNKNOWN, T0 - S)]
+    assert s.presence == {"bob": F.PresenceEntry("bob", UNKNOWN, 0), "carol": F.PresenceEntry("carol", UNKNOWN, T0 - S),
+                          "eve": F.PresenceEntry("eve", UNKNOWN, 0)}
+    s.connection_lost(T0 + S)  # no connection: a no-op, no second round of events
+    assert events(s, T0 + S) == []
+    b = connect(s, T0 + 2 * S)
+    [sub] = [f for f in b.read() if isinstance(f, F.PresenceSub)]
+    b.feed(T0 + 2 * S, F.Presence(sub.req_id, ErrorCode.OK, (
+        F.PresenceEntry("bob", OFFLINE, T0 + S), F.PresenceEntry("carol", ONLINE, 0), F.PresenceEntry("eve", UNKNOWN, 0))))
+    assert [e for e in events(s, T0 + 2 * S) if isinstance(e, PresenceChanged)] == [
+        PresenceChanged("bob", OFFLINE, T0 + S), PresenceChanged("carol", ONLINE, 0), PresenceChanged("eve", UNKNOWN, 0)]
+    assert {u: e.state for u, e in s.presence.items()} == {"bob": OFFLINE, "carol": ONLINE, "eve": UNKNOWN}
 
 
 def test_privacy_requests_are_answered_and_sent_again_after_a_reconnect():
