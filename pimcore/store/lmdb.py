@@ -825,9 +825,10 @@ class _LogState:
     def stop_flusher(self) -> None:
         """End the worker thread (idle: every flush was waited for under
         the write lock)."""
-        flusher, self._flusher = self._flusher, None
+        flusher = self._flusher
         if flusher is not None:
-            flusher.stop()
+            flusher.stop()  # (again after a stop cut short: harmless)
+            self._flusher = None
 
     def _prepare(self) -> Optional[tuple[_Txn, wal.Checkpoint]]:
         """Under the write lock, with no write transaction open: a pin at the
@@ -962,8 +963,16 @@ class _Gate:
             while self._exclusive:
                 self._cond.wait()
             self._exclusive = True
-            while self._active:
-                self._cond.wait()
+            try:
+                while self._active:
+                    self._cond.wait()
+            except BaseException:
+                # Cut short (Ctrl-C) while readers finish: let readers in
+                # again, or every later one -- and the retried close() --
+                # would wait for ever.  (wait() took the lock back.)
+                self._exclusive = False
+                self._cond.notify_all()
+                raise
         try:
             yield
         finally:
@@ -1525,12 +1534,15 @@ class LmdbStore(Store):
     def _end_log(self, path: str, size: int, max_readers: int) -> None:
         """Leave ``log`` durability (after a replay): LMDB flushed whole, the
         log deleted, the environment reopened with this mode's flags."""
-        st, self._log = self._log, None
+        st = self._log
         assert st is not None and self._env is not None
+        # The log stays this handle's until it is removed: cut short before
+        # that (Ctrl-C), the close() of the failed open closes it.
         st.join()
         st.stop_flusher()
         self._env.sync(True)
         st.drop_pin()
+        self._log = None
         st.log.remove()
         old = self._env
         self._env = None
@@ -3157,7 +3169,6 @@ class LmdbStore(Store):
                 self._log = None
             # Exclusive: wait for in-flight reads; later ones see None.
             with self._gate.exclusive():
-                self._env = None
                 self._hot = None
                 if self._durability == "os" and self._owner:
                     # A clean end: everything to disk, then drop the mark
@@ -3169,6 +3180,9 @@ class LmdbStore(Store):
                         env.sync(True)
                     except lmdb.Error:
                         pass  # the mark stays: the next open re-epochs, safely
+                # Only now: a close cut short before here (the sync above is
+                # its longest step) is done again by the next close().
+                self._env = None
                 env.close()
                 self._release_broker_lock()
 

@@ -426,9 +426,13 @@ class CommandLog:
             self._covered_file = ckpt.file
 
     def close(self) -> None:
-        fds, self._fds = self._fds, []
-        for fd in fds:
-            os.close(fd)
+        """Close the log's files (again after a close cut short: the rest)."""
+        fds = self._fds
+        while fds:
+            # Forgotten, then closed: a close cut short between the two
+            # leaks that one fd rather than have a second close() close a
+            # number the process may have reused meanwhile.
+            os.close(fds.pop())
 
     def remove(self) -> None:
         """Close and delete the log and its checkpoint (the store leaves
