@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -275,7 +276,9 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
             raise ConfigError("--web needs an HTTP listener (--http tcp://HOST:PORT): the page is served there")
         if web and not any(ep.websocket for ep in settings.endpoints()):
             raise ConfigError("--web needs a WebSocket listener (--listen ws://HOST:PORT/): the page talks to it")
-        settings.check_tls()
+        tls = settings.tls_context()
+        if tls is not None:
+            config = replace(config, ssl_context=tls)
         secret = _secret(settings)
         auth = JwtAuthenticator(secret)
         webhook = settings.webhook_config()
@@ -284,13 +287,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
         if http_ep is not None:
             had_key = (settings.data_dir / "api-key").exists()
             api_keys = settings.load_api_keys()
-            ssl_ctx = None
-            if http_ep.secure:
-                from .net.server import server_ssl_context
-
-                assert settings.cert is not None  # http_endpoint() refuses tls:// without one
-                ssl_ctx = server_ssl_context(settings.cert, settings.key)
-            http_config = settings.http_config(ssl_ctx, api_keys)
+            http_config = settings.http_config(tls if http_ep.secure else None, api_keys)
             made_key = not settings.api_keys and not had_key  # said once serving (a failed start takes it back)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"pimcore serve: {exc}", file=sys.stderr)

@@ -99,7 +99,10 @@ import os
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+if TYPE_CHECKING:
+    import ssl
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -376,18 +379,20 @@ class ServeSettings:
             raise ConfigError("a tls:// http listener needs a certificate: --cert/--key or [tls] cert/key")
         return ep
 
-    def check_tls(self) -> None:
-        """If a listener or the HTTP listener is tls:// or wss://: raise
-        ConfigError, naming the file, unless ``cert`` and ``key`` load.
-        Called before the data directory is touched (``pimcore serve``,
-        :func:`pimcore.embed.open_pimcore`)."""
+    def tls_context(self) -> Optional[ssl.SSLContext]:
+        """The server TLS context of the tls:// and wss:// listeners and of a
+        tls:// HTTP listener, loaded once from ``cert`` and ``key`` (a pipe
+        can be read only once); None if none of them is secure.  Raises
+        ConfigError, naming the file, if they do not load.  ``pimcore
+        serve`` and :func:`pimcore.embed.open_pimcore` call it before the
+        data directory is touched and hand the context to both listeners."""
         http = self.http_endpoint()
         if not (any(e.secure for e in self.endpoints()) or (http is not None and http.secure)):
-            return
+            return None
         if not self.cert:
             raise ConfigError("tls:// and wss:// listeners need a certificate: --cert/--key or [tls] cert/key")
         try:
-            server_ssl_context(self.cert, self.key)
+            return server_ssl_context(self.cert, self.key)
         except ValueError as exc:
             raise ConfigError(f"{exc} (--cert/--key or [tls] cert/key)") from None
 
@@ -622,6 +627,8 @@ def _layer_from_doc(doc: dict[str, Any], here: Path, where: str) -> dict[tuple[O
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         if typ == "path":
+            if value == "":
+                continue  # unset, as an empty variable or flag is (not the file's own directory)
             value = Path(value) if os.path.isabs(value) else here / value
         layer[(section, key)] = value
     return layer
@@ -695,6 +702,8 @@ def _layer_from_flags(flags: Mapping[str, Any]) -> dict[tuple[Optional[str], str
             raise ConfigError(f"unknown setting {name!r}")
         typ = SCHEMA[where]
         value = _check(f"--{name.replace('_', '-')}", typ, value)
+        if typ == "path" and value == "":
+            continue  # unset, as an empty variable is (Path("") would be ".")
         layer[where] = Path(value) if typ == "path" else value
     return layer
 

@@ -26,7 +26,7 @@ import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Sequence, Union
 
 import trio
 
@@ -37,7 +37,7 @@ from .config import ConfigError, ServeSettings, load_settings
 from .errors import ErrorCode, PimError, StoreError
 from .frames import MessageKind
 from .ids import SYSTEM, conversation_problem, group_problem, id_problem
-from .net.server import BrokerServer, ServerStatistics, open_broker_server, server_ssl_context
+from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
 from .store.base import (
     EventsAcked,
@@ -63,6 +63,9 @@ from .store.base import (
     ReadRetention,
     RetentionState,
 )
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = [
     "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ConversationListPage", "ReadPositions", "DevicePosition",
@@ -1083,7 +1086,9 @@ async def open_pimcore(
     elif config_file is not None or overrides:
         raise TypeError("pass either settings or config_file/overrides, not both")
     config = settings.server_config()
-    settings.check_tls()
+    tls = settings.tls_context()
+    if tls is not None:
+        config = replace(config, ssl_context=tls)
     if content_filter is not None:
         config = replace(config, broker=replace(config.broker, content_filter=content_filter))  # type: ignore[arg-type]  # async: run by the server
     webhook = settings.webhook_config()
@@ -1091,7 +1096,7 @@ async def open_pimcore(
     if authenticate is None:
         secret = _secret_of(settings)
         authenticate = JwtAuthenticator(secret)
-    http_config = _http_config(settings)
+    http_config = _http_config(settings, tls)
     own_store = store is None
     if store is None:
         store = LmdbStore(Path(settings.data_dir) / "store", durability=settings.durability)
@@ -1120,17 +1125,14 @@ async def open_pimcore(
                 store.close()
 
 
-def _http_config(settings: ServeSettings) -> Any:
+def _http_config(settings: ServeSettings, tls: Optional[ssl.SSLContext]) -> Any:
     """The HttpConfig of ``settings.http`` (None without one): API keys and
-    TLS as ``pimcore serve --http`` has them (docs/HTTP.md)."""
+    TLS (``tls``: ``settings.tls_context()``) as ``pimcore serve --http``
+    has them (docs/HTTP.md)."""
     ep = settings.http_endpoint()
     if ep is None:
         return None
-    ssl_ctx = None
-    if ep.secure:
-        assert settings.cert is not None  # http_endpoint() refuses tls:// without one
-        ssl_ctx = server_ssl_context(settings.cert, settings.key)
-    return settings.http_config(ssl_ctx, settings.load_api_keys())
+    return settings.http_config(tls if ep.secure else None, settings.load_api_keys())
 
 
 async def start_webhooks(handle: Pimcore, config: Any, nursery: trio.Nursery) -> Any:

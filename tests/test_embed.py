@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -198,6 +200,70 @@ def test_a_server_config_whose_certificate_does_not_load_names_the_file(tmp_path
     config = ServerConfig(listeners=(Endpoint("tls"),), certfile=str(missing))
     with pytest.raises(ValueError, match=re.escape(str(missing))):
         config.make_ssl_context()
+
+
+def _tls_pair(tmp_path: Path) -> tuple[bytes, Path]:
+    """A certificate chain (PEM bytes) and its key written to a file."""
+    import trustme
+
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    key = tmp_path / "server.key"
+    cert.private_key_pem.write_to_path(str(key))
+    return b"".join(blob.bytes() for blob in cert.cert_chain_pems), key
+
+
+def _fed_pipe(path: Path, data: bytes) -> threading.Thread:
+    """A FIFO at ``path`` that a daemon thread writes ``data`` to, once
+    (as a shell's ``--cert <(...)`` would)."""
+    os.mkfifo(path)
+
+    def feed() -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_certificate_from_a_pipe_loads(tmp_path: Path) -> None:
+    """A pipe (a FIFO, /dev/fd/N of a shell's process substitution) was
+    refused as "no such file"; and it can be read once, so the context is
+    loaded once and both listeners share it."""
+    from pimcore.net.server import ServerConfig
+    from pimcore.net.streams import Endpoint
+
+    chain, key = _tls_pair(tmp_path)
+    _fed_pipe(tmp_path / "a.fifo", chain)
+    config = ServerConfig(listeners=(Endpoint("tls"),), certfile=str(tmp_path / "a.fifo"), keyfile=str(key))
+    assert config.make_ssl_context() is not None
+
+    _fed_pipe(tmp_path / "b.fifo", chain)
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with open_pimcore(data_dir=tmp_path / "data", cert=str(tmp_path / "b.fifo"), key=str(key),
+                                    listen="tls://127.0.0.1:0", http="tls://127.0.0.1:0") as im:
+                assert im.urls[0].startswith("tls://") and im.http_url.startswith("https://")
+
+    trio.run(main)
+
+
+def test_an_empty_key_means_the_key_is_in_the_certificate(tmp_path: Path) -> None:
+    """key="" (or --key "") was Path("") -- "." -- and refused as "TLS key
+    .: no such file"; an empty PIMCORE_TLS_KEY was unset already."""
+    import trustme
+
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    combo = tmp_path / "combo.pem"
+    combo.write_bytes(cert.private_key_and_cert_chain_pem.bytes())
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with open_pimcore(data_dir=tmp_path / "data", cert=str(combo), key="", listen="tls://127.0.0.1:0"):
+                pass
+
+    trio.run(main)
 
 
 # ---------------------------------------------------------------- asyncio

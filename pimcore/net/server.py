@@ -200,7 +200,7 @@ def server_ssl_context(cert: str, key: Optional[str] = None) -> ssl.SSLContext:
     Raises ValueError naming the file when they do not load: ssl itself says
     only "[Errno 2] No such file or directory" or "[SSL] PEM lib"."""
     for what, path in (("certificate", cert), ("key", key)):
-        if path is not None and not os.path.isfile(path):
+        if path is not None and not os.path.exists(path):  # (a pipe is a file too)
             raise ValueError(f"TLS {what} {path}: no such file")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
