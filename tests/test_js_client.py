@@ -5,7 +5,8 @@
 * ``test_js_client_node_suite``: the codec against docs/PROTOCOL.md's
   vectors, the display order against pimcore.order, the client against live
   ``pimcore serve`` processes (started by the Node tests with this
-  interpreter, so under this backend), interop with the Python SDK;
+  interpreter, so under this backend), interop with the Python SDK, typing
+  and presence;
 * ``test_web_demo_in_chromium``: ``pimcore serve --web --demo`` driven in
   Debian's Chromium by playwright-core (clients/js/test/browser.test.mjs);
   its screenshot lands in this test's tmp dir.
@@ -83,7 +84,7 @@ def _node_test(env: dict[str, str], *files: str) -> str:
 
 def test_js_client_node_suite(npm_env: dict[str, str]) -> None:
     _node_test(npm_env, "test/codec.test.mjs", "test/order.test.mjs", "test/session.test.mjs", "test/client.test.mjs",
-               "test/interop.test.mjs")
+               "test/interop.test.mjs", "test/typing.test.mjs")
 
 
 def test_web_demo_in_chromium(npm_env: dict[str, str], tmp_path: Path) -> None:

@@ -8,7 +8,7 @@
 // Runs in browsers and in Node >= 20 (`node --experimental-websocket`, or
 // pass a WebSocket class such as the `ws` package's as `WebSocket`).
 import {
-  CloseCode, ErrorCode, FrameDecoder, FrameType, MessageKind, ProtocolError, Setting, codeName,
+  CloseCode, ErrorCode, FrameDecoder, FrameType, MessageKind, PresenceState, ProtocolError, Setting, codeName,
   encodeBody, frame, frameBytes,
 } from './codec.js';
 import { displayOrder } from './order.js';
@@ -122,7 +122,7 @@ export class PimcoreClient {
     this._presenceUsers = []; // the users of the subscription the broker accepted last
     this._presenceWaiting = []; // [{reqId, resolve, reject, deadline}]
     this._privacyWaiting = []; // [{mode, resolve, reject, deadline}]
-    this.presence = new Map(); // user -> {user, state, last_seen}
+    this.presence = new Map(); // user -> {user, state, last_seen} (UNKNOWN while disconnected)
     this.hideLastSeen = null; // this user's setting, once the broker told it
     this._ws = null;
     this._attempt = 0;
@@ -255,6 +255,7 @@ export class PimcoreClient {
     this._setState(State.DISCONNECTED);
     this.lastDisconnect = { code, reason };
     this._emit('disconnected', { code, reason });
+    this._presenceUnknown();
     this._scheduleReconnect(wasActive && code != null && QUICK_RECONNECT.has(code));
   }
 
@@ -807,8 +808,12 @@ export class PimcoreClient {
    * Replace the presence subscription by `users` (empty: unsubscribe).
    * Resolves with {user: {user, state, last_seen}} of every user asked for
    * (state PresenceState.UNKNOWN: shares no conversation with this user);
-   * then every change comes as a 'presence' event.  Sent again after every
-   * reconnect.  Rejects with SendError(PRESENCE_LIMIT), RequestTimeout.
+   * then every change comes as a 'presence' event.  While the connection is
+   * down nobody tells this client anything: right after the 'disconnected'
+   * event every entry of `presence` turns UNKNOWN (last_seen kept), each with
+   * a 'presence' event.  Sent again after every reconnect, whose answer
+   * brings the current states.  Rejects with SendError(PRESENCE_LIMIT),
+   * RequestTimeout.
    */
   subscribePresence(users, { timeout = this.opts.sendTimeout } = {}) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
@@ -844,6 +849,22 @@ export class PimcoreClient {
       this._sendFrame(frame('PresenceSub', { req_id: w.reqId, users: w.users.map((user) => ({ user })) }));
     }
     for (const mode of new Set(this._privacyWaiting.map((x) => x.mode))) this._sendFrame(frame('PresencePrivacy', { mode }));
+  }
+  // The connection is down: what the client knew of the subscribed users may
+  // be stale by now and nothing will tell it otherwise (the broker forgot the
+  // subscription with the connection), so no entry may go on claiming ONLINE
+  // or OFFLINE.  Each becomes UNKNOWN with its last_seen kept (still true as a
+  // lower bound), with a 'presence' event so that an app following the events
+  // alone stops showing it too.  Entries are kept: the user set stays what was
+  // subscribed.  The subscription renewed at the next establish
+  // (_resendPresence) brings the broker's current states back.
+  _presenceUnknown() {
+    for (const [user, e] of [...this.presence]) {
+      if (e.state === PresenceState.UNKNOWN) continue;
+      const entry = { user, state: PresenceState.UNKNOWN, last_seen: e.last_seen };
+      this.presence.set(user, entry);
+      this._emit('presence', { ...entry });
+    }
   }
   _onPresence(f) {
     const w = this._presenceWanted;

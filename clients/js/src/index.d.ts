@@ -11,7 +11,7 @@ export declare const FrameType: Readonly<Record<string, number>>;
 export declare const ErrorCode: Readonly<Record<string, number>>;
 export declare const CloseCode: Readonly<Record<string, number>>;
 export declare const MessageKind: Readonly<{ MESSAGE: 0; JOINED: 1; LEFT: 2; RECALL: 3; EDIT: 4; DELETE: 5 }>;
-/** PresenceEntry.state: UNKNOWN = not visible (no shared conversation). */
+/** PresenceEntry.state: UNKNOWN = not visible (no shared conversation), or this client is disconnected and cannot know. */
 export declare const PresenceState: Readonly<{ UNKNOWN: 0; OFFLINE: 1; ONLINE: 2 }>;
 export declare function codeName(table: Readonly<Record<string, number>>, code: number): string;
 
@@ -117,7 +117,7 @@ export interface ClientEvents {
   state: State;
   /** Another member started or stopped typing (an indicator also stops by itself at `expires`). */
   typing: TypingEvent;
-  /** A subscribed user's presence: the subscription's answer, then every change. */
+  /** A subscribed user's presence: the subscription's answer, then every change; right after `disconnected`, UNKNOWN (last_seen kept) for every entry that was not. */
   presence: PresenceEntry;
   /** This user's last-seen privacy setting as the broker has it. */
   privacy: { hideLastSeen: boolean };
@@ -169,7 +169,7 @@ export declare class PimcoreClient {
   subscribePresence(users: Iterable<string>, options?: { timeout?: number }): Promise<Record<string, PresenceEntry>>;
   /** Hide (true) / show (false) this user's last-seen time, or ask (null); resolves with the setting in force. */
   setPresencePrivacy(hideLastSeen: boolean | null, options?: { timeout?: number }): Promise<boolean>;
-  /** The latest presence of each subscribed user. */
+  /** The latest presence of each subscribed user as far as the client can know it: every entry UNKNOWN (last_seen kept) while disconnected. */
   readonly presence: Map<string, PresenceEntry>;
   readonly hideLastSeen: boolean | null;
 }

@@ -89,4 +89,37 @@ describe('live broker: typing and presence', () => {
     await until(() => p.presence.get('quinn').state === PresenceState.ONLINE, 5000, 'seen through the renewed subscription');
     await Promise.all([p.close(), q3.close()]);
   });
+
+  test('presence: nothing claimed while disconnected, the current state after the reconnect', async () => {
+    pimcore(broker, 'group', 'create', 'duo', 'rae', 'sam');
+    let outage = null; // while set, the token fetch of the redial (hence the redial) waits on it
+    const r = client(broker, 'rae', { token: async () => { await outage; return broker.token('rae'); } });
+    const s = client(broker, 'sam');
+    r.on('disconnected', (ev) => r.events.push(['disconnected', ev]));
+    await Promise.all([r.connect(), s.connect()]);
+    const got = await r.subscribePresence(['sam', 'stranger']);
+    assert.equal(got.sam.state, PresenceState.ONLINE);
+    assert.equal(got.stranger.state, PresenceState.UNKNOWN);
+    r.events.length = 0;
+    let endOutage;
+    outage = new Promise((resolve) => { endOutage = resolve; });
+    r.dropConnection('outage');
+    // cut off, the client cannot know: sam turns UNKNOWN (last_seen kept), announced right after the disconnect;
+    // the stranger was UNKNOWN already: no event
+    const unknown = { user: 'sam', state: PresenceState.UNKNOWN, last_seen: 0 };
+    assert.equal(r.state, 'DISCONNECTED');
+    assert.deepEqual(r.presence.get('sam'), unknown);
+    assert.deepEqual(r.presence.get('stranger'), { user: 'stranger', state: PresenceState.UNKNOWN, last_seen: 0 });
+    assert.deepEqual(r.events, [['disconnected', { code: null, reason: 'outage' }], ['presence', unknown]]);
+    await s.close(); // sam leaves during the outage: rae still cannot tell
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    assert.notEqual(r.state, 'ACTIVE');
+    assert.deepEqual(r.presence.get('sam'), unknown);
+    endOutage(); outage = null;
+    await until(() => r.state === 'ACTIVE', 5000, 'reconnected');
+    await until(() => r.presence.get('sam').state === PresenceState.OFFLINE, 5000, 'the current state from the renewed subscription');
+    assert.ok(r.presence.get('sam').last_seen > 0);
+    assert.deepEqual(r.events.filter(([n, e]) => n === 'presence' && e.user === 'sam').at(-1)[1], r.presence.get('sam'));
+    await r.close();
+  });
 });
