@@ -2,14 +2,20 @@
 // `pimcore serve`: the AmendReq frame, 'amended' events, the local view,
 // unread counts, history in its current state, offline catch-up.
 import assert from 'node:assert/strict';
-import { after, before, describe, test } from 'node:test';
+import { after, afterEach, before, describe, test } from 'node:test';
 import { ErrorCode, MessageKind, PimcoreClient, SendError, directConv, encodeFrame, frame, FrameDecoder } from '../src/index.js';
 import { Broker, until } from './broker.mjs';
 
 const text = (m) => new TextDecoder().decode(m.payload);
 
+// Every client a test makes, closed after it whether it passed or not: a
+// failed assertion used to leave its clients redialling the stopped broker,
+// and node never exited.
+const clients = new Set();
+
 function client(broker, user, opts = {}) {
   const c = new PimcoreClient({ url: broker.url, token: broker.token(user), device: opts.device || 'node', ackTimeout: 2000, ...opts });
+  clients.add(c);
   c.received = []; c.amended = [];
   c.on('message', (m) => c.received.push(m));
   c.on('amended', (ev) => c.amended.push(ev));
@@ -27,6 +33,7 @@ test('AmendReq round-trips through the codec; Message carries target, edited, re
 describe('recall, edit, delete (live broker)', () => {
   let broker;
   before(async () => { broker = await new Broker().start(); });
+  afterEach(async () => { await Promise.all([...clients].map((c) => c.close())); clients.clear(); });
   after(async () => { await broker.dispose(); });
 
   test('edit and recall reach the peer and the view; delete reaches only my other device; errors are final', async () => {
