@@ -67,9 +67,17 @@ describe('recall, edit, delete (live broker)', () => {
     await assert.rejects(a.edit(conv, m2.seq, 'x'), (err) => err instanceof SendError && err.code === ErrorCode.RECALLED);
     await assert.rejects(a.recall(conv, 99), (err) => err instanceof SendError && err.code === ErrorCode.NO_SUCH_MESSAGE);
 
+    // ben deleted seq 1 for himself: nothing of it comes back to him, not
+    // even through the EDIT entry, which carries the message's payload as
+    // ben may see it now -- none (PROTOCOL.md section 6, "Recall, edit,
+    // delete"; broker 34e5c20).  ann, who did not delete it, sees no change.
     const { messages } = await b.history(conv);
     assert.deepEqual(messages.map((m) => [m.seq, m.kind, text(m), m.recalled, m.deleted]), [
-      [1, 0, '', false, true], [2, 0, '', true, false], [3, MessageKind.EDIT, 'hello', false, false], [4, MessageKind.RECALL, '', false, false],
+      [1, 0, '', false, true], [2, 0, '', true, false], [3, MessageKind.EDIT, '', false, false], [4, MessageKind.RECALL, '', false, false],
+    ]);
+    const { messages: annSees } = await a.history(conv);
+    assert.deepEqual(annSees.map((m) => [m.seq, m.kind, text(m), m.recalled, m.deleted]), [
+      [1, 0, 'hello', false, false], [2, 0, '', true, false], [3, MessageKind.EDIT, 'hello', false, false], [4, MessageKind.RECALL, '', false, false],
     ]);
     await a.close(); await b.close(); await b2.close();
   });
