@@ -1,14 +1,19 @@
 // The conversation list, per-user settings and mentions (PROTOCOL.md
 // section 6) with PimcoreClient against a live `pimcore serve`.
 import assert from 'node:assert/strict';
-import { after, before, describe, test } from 'node:test';
+import { after, afterEach, before, describe, test } from 'node:test';
 import { PimcoreClient, SendError, directConv, ErrorCode, encodeFrame, frame, decodeBody, FrameType } from '../src/index.js';
 import { Broker, pimcore, until } from './broker.mjs';
 
 const text = (m) => new TextDecoder().decode(m.payload);
 
+// Every client a test makes, closed after it whether it passed or not (a
+// failed assertion must not leave clients redialling the stopped broker).
+const clients = new Set();
+
 function client(broker, user, opts = {}) {
   const c = new PimcoreClient({ url: broker.url, token: broker.token(user), device: opts.device || 'node', ackTimeout: 2000, ...opts });
+  clients.add(c);
   c.received = []; c.updates = [];
   c.on('message', (m) => c.received.push(m));
   c.on('conversation', (e) => c.updates.push(e));
@@ -29,6 +34,7 @@ test('codec: ConvEntry inside ConvUpdate round-trips; SendReq mentions default t
 describe('live broker', () => {
   let broker;
   before(async () => { broker = await new Broker().start(); });
+  afterEach(async () => { await Promise.all([...clients].map((c) => c.close())); clients.clear(); });
   after(async () => { await broker.dispose(); });
 
   test('list pages, mentions, settings synced to the other device, hidden until the next message', async () => {
