@@ -532,6 +532,16 @@ def _by_seq(m: F.Message) -> int:
     return m.seq
 
 
+def _presence_state(state: int) -> F.PresenceState:
+    """A decoded presence state (an int, 0-2 in PROTOCOL.md's PresenceEntry)
+    as a member; a value this version does not know is UNKNOWN, as it was
+    for the events already."""
+    try:
+        return F.PresenceState(state)
+    except ValueError:
+        return F.PresenceState.UNKNOWN
+
+
 def _error_code(code: int) -> ErrorCode:
     # An unknown code from a newer broker: INTERNAL, i.e. "retry later".
     return ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL
@@ -2004,6 +2014,7 @@ class ClientSession:
 
     def _on_presence(self, f: F.Presence) -> None:
         wanted = self._presence_wanted
+        done: list[int] = []
         if f.req_id:
             if wanted is None or f.req_id != wanted[0]:
                 return  # the answer to a subscription replaced since
@@ -2020,14 +2031,18 @@ class ClientSession:
             self._presence_users = wanted[1]
             for u in [u for u in self.presence if u not in wanted[1]]:
                 del self.presence[u]
-            for req in done:
-                self._completions.append(PresenceCompleted(req, tuple(f.entries), None))
+        # The codec decodes a state as a plain int: make it a PresenceState
+        # (one this version does not know: UNKNOWN) for the answer, the
+        # presence map and the events alike.
+        entries = tuple(F.PresenceEntry(e.user, _presence_state(e.state), e.last_seen) for e in f.entries)
+        for req in done:
+            self._completions.append(PresenceCompleted(req, entries, None))
         users = self._presence_users
-        for e in f.entries:
+        for e in entries:
             if e.user not in users:
                 continue
             self.presence[e.user] = e
-            self._emit(PresenceChanged(e.user, F.PresenceState(e.state) if e.state <= 2 else F.PresenceState.UNKNOWN, e.last_seen))
+            self._emit(PresenceChanged(e.user, _presence_state(e.state), e.last_seen))
 
     def _on_privacy(self, f: F.PresencePrivacy) -> None:
         if f.mode not in (1, 2):

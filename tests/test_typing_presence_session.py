@@ -126,6 +126,23 @@ def test_presence_turns_unknown_while_disconnected_until_the_renewal_answers():
     assert {u: e.state for u, e in s.presence.items()} == {"bob": OFFLINE, "carol": ONLINE, "eve": UNKNOWN}
 
 
+def test_presence_states_are_presence_state_members_as_decoded_from_the_wire():
+    """The codec decodes a state as a plain int: the subscription's answer
+    and ``presence`` held ints (``state.name`` raised AttributeError) while
+    the events held PresenceState members; a state this version does not
+    know is UNKNOWN everywhere."""
+    s = session()
+    req = s.subscribe_presence(["bob", "carol"], T0)
+    b = connect(s, T0)
+    b.feed(T0, F.Presence(req, ErrorCode.OK, (F.PresenceEntry("bob", int(ONLINE), 0), F.PresenceEntry("carol", 9, 0))))
+    [done] = s.completions()
+    assert done.entries == (F.PresenceEntry("bob", ONLINE, 0), F.PresenceEntry("carol", UNKNOWN, 0))
+    assert [type(e.state) for e in done.entries] == [F.PresenceState, F.PresenceState]
+    assert [e.state.name for e in s.presence.values()] == ["ONLINE", "UNKNOWN"]
+    b.feed(T0 + S, F.Presence(0, ErrorCode.OK, (F.PresenceEntry("bob", int(OFFLINE), T0),)))
+    assert type(s.presence["bob"].state) is F.PresenceState and s.presence["bob"].state is OFFLINE
+
+
 def test_privacy_requests_are_answered_and_sent_again_after_a_reconnect():
     s = session()
     b = connect(s, T0)
