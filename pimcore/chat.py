@@ -34,6 +34,7 @@ alice bob ...`` makes one); groups have no read receipts.
 from __future__ import annotations
 
 import argparse
+import os
 import ssl
 import sys
 from datetime import datetime
@@ -300,7 +301,16 @@ def run_chat(args: argparse.Namespace) -> int:
         return 2
     ctx = None
     if args.cafile:
-        ctx = ssl.create_default_context(cafile=args.cafile)
+        # Said in one line naming the file (ssl names none), before anything
+        # connects.
+        if not os.path.exists(args.cafile):
+            print(f"pimcore chat: --cafile {args.cafile}: no such file", file=sys.stderr)
+            return 2
+        try:
+            ctx = ssl.create_default_context(cafile=args.cafile)
+        except (ssl.SSLError, OSError) as exc:
+            print(f"pimcore chat: --cafile {args.cafile} does not load: {exc}", file=sys.stderr)
+            return 2
 
     def out(line: str) -> None:
         print(line, flush=True)

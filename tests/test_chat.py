@@ -51,6 +51,24 @@ def test_chat_says_it_is_connecting_then_a_refused_port_is_one_line_at_once(tmp_
     ], r.stderr
 
 
+@pytest.mark.parametrize("kind", ["missing", "garbage", "directory"])
+def test_chat_with_a_ca_file_that_does_not_load_is_one_line_naming_it(
+    tmp_path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It was a traceback (FileNotFoundError naming no file, or ssl's
+    NO_CERTIFICATE_OR_CRL_FOUND), found before anything connects."""
+    from _net import token
+    from pimcore.cli import main
+
+    cafile = {"missing": tmp_path / "nope.pem", "garbage": tmp_path / "garbage.pem", "directory": tmp_path}[kind]
+    if kind == "garbage":
+        cafile.write_text("garbage\n")
+    rc = main(["chat", "--to", "bob", "--token", token("alice"), "--url", "tls://127.0.0.1:1", "--cafile", str(cafile)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "Traceback" not in err, (rc, out, err)
+    assert len(err.splitlines()) == 1 and err.startswith(f"pimcore chat: --cafile {cafile}"), err
+
+
 def test_chat_with_an_unknown_host_is_one_line_at_once(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A host name that does not exist is said at once, naming the host,
     not after connect_timeout (10 s) of silence.  In this process, with the
