@@ -394,7 +394,7 @@ class ServeSettings:
         try:
             return server_ssl_context(self.cert, self.key)
         except ValueError as exc:
-            raise ConfigError(f"{exc} (--cert/--key or [tls] cert/key)") from None
+            raise ConfigError(f"{exc} (--cert/--key, [tls] cert/key, or cert=/key=)") from None
 
     def load_api_keys(self, *, create: bool = True) -> tuple[str, ...]:
         """The HTTP API keys: ``api_keys`` (file, $PIMCORE_API_KEYS), else

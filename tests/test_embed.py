@@ -220,6 +220,9 @@ def _fed_pipe(path: Path, data: bytes) -> threading.Thread:
     def feed() -> None:
         with open(path, "wb") as f:
             f.write(data)
+        while True:  # a second reader gets an empty file at once, never a hang
+            with open(path, "wb"):
+                pass
 
     t = threading.Thread(target=feed, daemon=True)
     t.start()
@@ -247,6 +250,49 @@ def test_a_certificate_from_a_pipe_loads(tmp_path: Path) -> None:
                 assert im.urls[0].startswith("tls://") and im.http_url.startswith("https://")
 
     trio.run(main)
+
+
+def test_a_combined_certificate_and_key_from_a_pipe_loads(tmp_path: Path) -> None:
+    """ssl reads the certificate file a second time for a key in the same
+    file, which a pipe cannot give ("[Errno 29] Illegal seek")."""
+    import trustme
+
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    _fed_pipe(tmp_path / "combo.fifo", cert.private_key_and_cert_chain_pem.bytes())
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with open_pimcore(data_dir=tmp_path / "data", cert=str(tmp_path / "combo.fifo"),
+                                    listen="tls://127.0.0.1:0") as im:
+                assert im.urls[0].startswith("tls://")
+
+    trio.run(main)
+
+
+def test_a_certificate_error_says_which_file_is_wrong(tmp_path: Path) -> None:
+    """OpenSSL's "[SSL] PEM lib" named neither the file nor whether the
+    certificate or the key was wrong."""
+    from pimcore.config import ConfigError
+
+    chain, key = _tls_pair(tmp_path)
+    (tmp_path / "chain.pem").write_bytes(chain)
+    (tmp_path / "garbage.pem").write_text("garbage\n")
+    cases = [
+        (tmp_path / "garbage.pem", key, f"TLS certificate {tmp_path / 'garbage.pem'} holds no PEM certificate"),
+        (key, key, f"TLS certificate {key} holds no PEM certificate"),
+        (tmp_path / "chain.pem", tmp_path / "garbage.pem", f"TLS key {tmp_path / 'garbage.pem'} holds no PEM private key"),
+        (tmp_path / "chain.pem", None, f"TLS key {tmp_path / 'chain.pem'} holds no PEM private key (and no key file was given)"),
+        (tmp_path / "chain.pem", tmp_path, f"TLS key {tmp_path}: a directory"),
+    ]
+    for n, (c, k, message) in enumerate(cases):
+        async def main() -> None:
+            async with open_pimcore(data_dir=tmp_path / f"d{n}", cert=str(c), key=None if k is None else str(k),
+                                    listen="tls://127.0.0.1:0"):
+                pass  # pragma: no cover
+
+        with pytest.raises(ConfigError) as err:
+            trio.run(main)
+        assert str(err.value).startswith(message), (str(err.value), message)
 
 
 def test_an_empty_key_means_the_key_is_in_the_certificate(tmp_path: Path) -> None:

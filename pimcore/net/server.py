@@ -195,20 +195,57 @@ class ServerConfig:
 
 
 def server_ssl_context(cert: str, key: Optional[str] = None) -> ssl.SSLContext:
-    """A server-side TLS context (TLS 1.2 or later) with the certificate
-    chain ``cert`` (PEM) and its private key ``key`` (default: in ``cert``).
-    Raises ValueError naming the file when they do not load: ssl itself says
-    only "[Errno 2] No such file or directory" or "[SSL] PEM lib"."""
-    for what, path in (("certificate", cert), ("key", key)):
-        if path is not None and not os.path.exists(path):  # (a pipe is a file too)
-            raise ValueError(f"TLS {what} {path}: no such file")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    """A server-side TLS context (TLS 1.2 or later) with the PEM certificate
+    chain ``cert`` and its PEM private key ``key`` (default: in ``cert``).
+    Either may be a pipe (``--cert <(...)``): it is read once.  Raises
+    ValueError naming the file that is wrong -- missing, a directory, no PEM
+    certificate, no PEM private key -- where ssl itself says only "[Errno 2]
+    No such file or directory" or "[SSL] PEM lib"."""
+    texts: dict[str, bytes] = {}
+    paths: dict[str, str] = {}
+    fds: list[int] = []
     try:
-        ctx.load_cert_chain(cert, key)
-    except (ssl.SSLError, OSError) as exc:
-        raise ValueError(f"TLS certificate {cert} with key {key or cert} does not load: {exc}") from exc
-    return ctx
+        for what, path in (("certificate", cert), ("key", key)):
+            if path is None:
+                continue
+            if not os.path.exists(path):  # (a pipe is a file too)
+                raise ValueError(f"TLS {what} {path}: no such file")
+            if os.path.isdir(path):
+                raise ValueError(f"TLS {what} {path}: a directory, not a PEM file")
+            try:
+                with open(path, "rb") as f:
+                    texts[what] = f.read()
+            except OSError as exc:
+                raise ValueError(f"TLS {what} {path} cannot be read: {exc.strerror}") from None
+            if os.path.isfile(path):
+                paths[what] = path
+            else:
+                # ssl opens a file by name, and once more for a key in the
+                # same file: a pipe gives its bytes once, so they are loaded
+                # from memory (an anonymous in-memory file, never the disk).
+                if not hasattr(os, "memfd_create"):  # (not Linux)
+                    raise ValueError(f"TLS {what} {path} is not a regular file: give one")
+                fd = os.memfd_create("pimcore-tls", os.MFD_CLOEXEC)
+                fds.append(fd)
+                with os.fdopen(fd, "wb", closefd=False) as f:
+                    f.write(texts[what])
+                paths[what] = f"/proc/self/fd/{fd}"
+        if b"-----BEGIN CERTIFICATE-----" not in texts["certificate"]:
+            raise ValueError(f"TLS certificate {cert} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+        if key is None and b"PRIVATE KEY-----" not in texts["certificate"]:
+            raise ValueError(f"TLS key {cert} holds no PEM private key (and no key file was given)")
+        if key is not None and b"PRIVATE KEY-----" not in texts["key"]:
+            raise ValueError(f"TLS key {key} holds no PEM private key")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(paths["certificate"], paths.get("key"))
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"TLS certificate {cert} with key {key or cert} does not load: {exc}") from exc
+        return ctx
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
