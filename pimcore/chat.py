@@ -155,8 +155,10 @@ async def chat(
                 sent = await client.send(conv, text.encode())
             except SendError as exc:
                 out(f"✗ not sent ({exc.code.name}): {text}")
-                if exc.code.name in ("UNKNOWN_CONVERSATION", "NOT_MEMBER"):
+                if exc.code.name == "UNKNOWN_CONVERSATION":
                     out("  (create the group and add yourself: pimcore group create NAME USER...)")
+                elif exc.code.name == "NOT_MEMBER" and group is not None:
+                    out(f"  (you are not a member: pimcore group add {group} {client.user})")
             except SendTimeout:
                 out(f"✗ not confirmed in time (it may still arrive): {text}")
             else:

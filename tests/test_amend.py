@@ -319,6 +319,29 @@ async def test_pimcore_chat_shows_edits_and_recalls(store):
                 await b_in.send("/quit")
 
 
+async def test_pimcore_chat_tells_a_non_member_how_to_join_the_group(store):
+    """The hint said to create the group, which exists (a new-user finding)."""
+    from pimcore.chat import chat
+
+    from _net import token
+
+    with trio.fail_after(30):
+        async with serving(store) as srv:
+            await srv.create_group("team", ["alice", "bob"])
+            out: list[str] = []
+            into, lines = trio.open_memory_channel(10)
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: chat(srv.url(), token("zed"), group="team", lines=lines, out=out.append))
+                while not any("connected as zed" in line for line in out):
+                    await trio.sleep(0.01)
+                await into.send("hi")
+                while not any(line.startswith("  (") for line in out):
+                    await trio.sleep(0.01)
+                await into.send("/quit")
+            assert "✗ not sent (NOT_MEMBER): hi" in out
+            assert "  (you are not a member: pimcore group add team zed)" in out, out
+
+
 async def test_http_api_recalls_edits_and_deletes(tmp_path):
     from test_http import assert_error
     from test_http_api import api, call
