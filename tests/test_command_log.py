@@ -1348,6 +1348,10 @@ def test_a_close_interrupted_while_it_waits_for_a_checkpoint_writes_nothing_more
             store.commit(WriteBatch(3, _big_sends(3, 10, first=3_000)))
         assert _dump(store) == want  # reads still answer until the close completes
         release.set()
+        # (The copy is taken once the released checkpoint has ended: copying
+        # files one by one while it renames checkpoint.tmp is no snapshot.)
+        assert store._log is not None
+        store._log.join()
         crashed = _crash_copy(tmp_path / "a", tmp_path / "b")
     finally:
         release.set()

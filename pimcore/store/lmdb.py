@@ -1342,7 +1342,7 @@ class LmdbStore(Store):
         initial_size = max(map_size, _MIN_MAP_SIZE)
         self._path = path
         self._owner = owner
-        self._lock_fd = self._take_broker_lock(path) if owner else None
+        self._lock_file = self._take_broker_lock(path) if owner else None
         self._max_map_size = max(max_map_size, initial_size)
         self._wlock = threading.Lock()
         self._gate = _Gate()
@@ -1364,14 +1364,14 @@ class LmdbStore(Store):
         self._durability = durability
         #: ``log.lock``: held exclusively by the handle that writes through
         #: the command log, shared by a maintenance write (:meth:`_write`).
-        self._log_lock_fd: Optional[int] = None
+        self._log_lock_file: Optional[io.FileIO] = None
         temp_lock = False
         if ckpt is not None and not owner:
             # A store a log broker wrote.  No broker running: recover it and
             # leave log durability (under the broker lock meanwhile); else
             # the broker owns every write.
             try:
-                self._lock_fd = self._take_broker_lock(path)
+                self._lock_file = self._take_broker_lock(path)
                 temp_lock = True
             except StoreError:
                 self._read_only = (
@@ -1381,7 +1381,7 @@ class LmdbStore(Store):
                 ckpt = None
         try:
             if (ckpt is not None or durability == "log") and self._read_only is None:
-                self._log_lock_fd = self._take_log_lock(path)
+                self._log_lock_file = self._take_log_lock(path)
             if ckpt is not None:
                 self._restore(path, ckpt)
             env = self._open_env(path, initial_size, create, max_readers, durability if ckpt is None else "log")
@@ -1548,9 +1548,11 @@ class LmdbStore(Store):
         self._env = None
         old.close()
         self._bind(self._open_env(path, size, False, max_readers, self._durability))
-        fd, self._log_lock_fd = self._log_lock_fd, None
-        if fd is not None:
-            os.close(fd)  # (no log left: maintenance writes are LMDB's own again)
+        if self._log_lock_file is not None:
+            # (No log left: maintenance writes are LMDB's own again.  Closed
+            # before forgotten: see _open_lock_file.)
+            self._log_lock_file.close()
+            self._log_lock_file = None
 
     def _open_db(self, env: lmdb.Environment, name: str) -> "lmdb._Database":
         while True:
@@ -1774,7 +1776,7 @@ class LmdbStore(Store):
                     return result
             finally:
                 if guard is not None:
-                    os.close(guard)
+                    guard.close()
                 if not done and logged is not None and logged.written and st is not None:
                     st.settle(logged, lambda: bool(tid) and env.info()["last_txnid"] >= tid)
 
@@ -3060,34 +3062,44 @@ class LmdbStore(Store):
     # ----------------------------------------------------------- lifecycle
 
     @staticmethod
-    def _take_broker_lock(path: str) -> Optional[int]:
+    def _open_lock_file(path: str) -> io.FileIO:
+        """A lock file, opened (created) for flock.  A file object, not a
+        bare fd: its close() is one C call that marks it closed and closes
+        the fd, so no Ctrl-C can land between the two (a bare fd had to be
+        forgotten before being closed, lest a second close() close a number
+        the process had reused: an interrupt in between kept the lock), and
+        a second close() is a no-op."""
+        return open(path, "r+b", buffering=0, opener=lambda p, flags: os.open(p, os.O_RDWR | os.O_CREAT, 0o644))
+
+    @staticmethod
+    def _take_broker_lock(path: str) -> Optional[io.FileIO]:
         """One broker per store: an exclusive flock on ``broker.lock``, held
         until close (the kernel drops it if the process dies)."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
             return None
-        fd = os.open(os.path.join(path, "broker.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        f = LmdbStore._open_lock_file(os.path.join(path, "broker.lock"))
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            os.close(fd)
+            f.close()
             raise StoreError(
                 f"another broker is running on {path!r} (it holds broker.lock); stop it first,"
                 " or open the store with owner=False for maintenance"
             ) from None
-        return fd
+        return f
 
     def _release_broker_lock(self) -> None:
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            os.close(fd)
-        fd, self._log_lock_fd = self._log_lock_fd, None
-        if fd is not None:
-            os.close(fd)
+        # (Closed before forgotten: a close() cut short closes again, a no-op
+        # for a file already closed; see _open_lock_file.)
+        for f in (self._lock_file, self._log_lock_file):
+            if f is not None:
+                f.close()
+        self._lock_file = self._log_lock_file = None
 
     @staticmethod
-    def _take_log_lock(path: str, wait: float = 10.0) -> Optional[int]:
+    def _take_log_lock(path: str, wait: float = 10.0) -> Optional[io.FileIO]:
         """An exclusive flock on ``log.lock``, held while this handle writes
         through the command log (and while it recovers one): a maintenance
         write (which takes it shared) is refused meanwhile.  Waits up to
@@ -3096,21 +3108,21 @@ class LmdbStore(Store):
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
             return None
-        fd = os.open(os.path.join(path, "log.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        f = LmdbStore._open_lock_file(os.path.join(path, "log.lock"))
         deadline = time.monotonic() + wait
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return f
             except OSError:
                 if time.monotonic() >= deadline:
-                    os.close(fd)
+                    f.close()
                     raise StoreError(
                         f"a maintenance process is writing the store at {path!r} (it holds log.lock); stop it first"
                     ) from None
                 time.sleep(0.01)
 
-    def _maintenance_write_lock(self) -> Optional[int]:
+    def _maintenance_write_lock(self) -> Optional[io.FileIO]:
         """For one write of a maintenance handle (owner=False, not in
         ``log`` durability): a shared flock on ``log.lock``, or StoreError
         if a log broker runs (it holds the lock) or ran since this handle
@@ -3124,18 +3136,18 @@ class LmdbStore(Store):
             "a broker with durability 'log' is running on this store, or ran since this handle opened:"
             " only it writes (use its HTTP API, or open the store again once it is stopped)"
         )
-        fd = os.open(os.path.join(self._path, "log.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        f = self._open_lock_file(os.path.join(self._path, "log.lock"))
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
             if os.path.exists(os.path.join(self._path, "log", "checkpoint")):
                 raise StoreError(refused)
         except OSError:
-            os.close(fd)
+            f.close()
             raise StoreError(refused) from None
         except BaseException:
-            os.close(fd)
+            f.close()
             raise
-        return fd
+        return f
 
     def close(self) -> None:
         with self._wlock:
