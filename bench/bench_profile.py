@@ -3,7 +3,7 @@ the C load generator drives it, stack samples grouped as in the throughput
 issue (core logic, the store's Python side, LMDB's own work, trio and socket
 I/O, the garbage collector, freeing objects, decode and encode).
 
-    python bench/bench_profile.py [--shape 50x16] [--seconds 10] [--durability sync] [--backend cython]
+    python bench/bench_profile.py [--shape 50x16] [--seconds 10] [--durability sync|log|os] [--backend cython]
                                    [--raw FILE]
 
 Needs ``py-spy`` (``pip install py-spy``) and permission to ptrace the broker
@@ -29,11 +29,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 FSYNC = "blocked in fdatasync (off CPU)"
+WAIT = "waiting for the GIL, a lock or a queue (off CPU)"
 
 # (group, test on one frame "function (file:line)" or a native "function (library)"),
 # tried from the leaf up: the first frame that matches names the sample's group.
 GROUPS: list[tuple[str, tuple[str, ...]]] = [
     (FSYNC, ("fdatasync (", "fsync (")),
+    # py-spy leaves out threads idle in epoll_wait but not threads asleep on
+    # a condition variable: an idle worker in SimpleQueue.get, or a thread
+    # back from a syscall that waits to take the GIL again (CPython's
+    # take_gil sleeps in pthread_cond_timedwait).  Neither uses the CPU.
+    (WAIT, ("pthread_cond_timedwait (", "pthread_cond_wait (", "PyThread_acquire_lock", "_queue_SimpleQueue_get",
+            "take_gil (", "sem_clockwait (", "sem_timedwait (", "sem_wait (")),
     ("garbage collector", ("gc_collect", "collect_with_callback", "collect_generations", "gc_collect_main",
                            "(gc)", "deduce_unreachable", "visit_decref", "subtract_refs", "move_unreachable")),
     ("freeing objects", ("_Py_Dealloc", "dealloc", "subtype_dealloc", "tupledealloc", "dict_dealloc",
@@ -103,13 +110,15 @@ def profile(shape: str, seconds: float, durability: str, backend: str | None, ra
     # py-spy leaves out threads idle in epoll_wait, but not one blocked in
     # fdatasync: those samples are wall time, not CPU; shown apart.
     blocked = counts.pop(FSYNC, 0)
+    waiting = counts.pop(WAIT, 0)
     total = sum(counts.values()) or 1
     us = res.broker_cpu_us_per_msg
     wait = f", waited for a CPU {res.broker_cpu_wait:.0%} of the time" if res.broker_cpu_wait is not None else ""
     lines = [f"broker at {shape} ({conns} conns x {window} in flight{', recipients online' if online else ''}),"
              f" durability {durability}, {broker.backend} backend: {res.acked_per_s:,.0f} acked sends/s,"
              f" {us or 0:.1f} µs of broker CPU per acked send ({res.broker_cpu_util or 0:.0%} of a core{wait});"
-             f" {total:,} samples on CPU (py-spy --native, {seconds:g} s), {blocked:,} more blocked in fdatasync",
+             f" {total:,} samples on CPU (py-spy --native, {seconds:g} s), {blocked:,} more blocked in fdatasync,"
+             f" {waiting:,} more waiting for the GIL, a lock or a queue",
              f"limited by: {_diagnose(res)}",
              "", f"  {'group (share of on-CPU samples)':<34}{'share':>7}{'µs/send':>9}"]
     for name, n in counts.most_common():
@@ -128,17 +137,20 @@ def test_grouping_of_samples() -> None:
         "<module> (pimcore/__main__.py:1);run (trio/_core/_run.py:10);epoll_wait (libc.so.6) 4\n"
         "<module> (pimcore/__main__.py:1);run (trio/_core/_run.py:10);_finish_send (pimcore/core.py:1) 1\n"
         "<module> (pimcore/__main__.py:1);commit (pimcore/store/lmdb.py:80);fdatasync (libc.so.6) 6\n"
+        "run (threading.py:982);_run (pimcore/store/lmdb.py:648);_queue_SimpleQueue_get (_queuemodule.c.h:177);"
+        "PyThread_acquire_lock_timed (libpython3.11.so.1.0);0x7f57d1aaed90 (libc.so.6) 9\n"
+        "_finish (pimcore/store/lmdb.py:853);env_sync (lmdb/cpython.c:1);pthread_cond_timedwait (libc.so.6) 2\n"
         "garbage line\n"
     )
     assert summarize(stacks) == Counter({"core logic": 8, "LMDB's own work": 5, "the store's Python side": 3,
-                                         "garbage collector": 2, "trio and socket I/O": 4, FSYNC: 6})
+                                         "garbage collector": 2, "trio and socket I/O": 4, FSYNC: 6, WAIT: 11})
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="50x16", choices=["1x1", "1x64", "50x16", "e2e-1x64"])
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--durability", default="sync", choices=["sync", "os"])
+    ap.add_argument("--durability", default="sync", choices=["sync", "log", "os"])
     ap.add_argument("--backend", choices=["cython", "pure"])
     ap.add_argument("--raw", help="keep py-spy's collapsed stacks in this file")
     a = ap.parse_args()
