@@ -490,3 +490,67 @@ async def test_status_lines_carry_the_standard_reason_phrase() -> None:
                 await stream.send_all(b"GET %s HTTP/1.1\r\nhost: x\r\nconnection: close\r\n%s\r\n" % (path.encode(), auth))
                 reply = await read_until_eof(stream)
                 assert reply.startswith(line), reply[:80]
+
+
+async def test_a_request_target_that_does_not_split_is_a_400_and_the_server_goes_on() -> None:
+    """urlsplit refuses a target such as ``//[`` (an unclosed IPv6 bracket)
+    with ValueError; it used to end the HTTP server and the whole broker
+    with it, from one request that needed no API key."""
+    with trio.fail_after(20):
+        async with broker_http() as (srv, h):
+            for target in (b"//[", b"http://[", b"//[x]/a"):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target)
+                reply = await read_until_eof(stream)
+                assert reply.startswith(b"HTTP/1.1 400 "), (target, reply)
+                assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_request"
+            c = Http(h.url)
+            try:
+                assert (await c.request("GET", "/healthz"))[0] == 200
+            finally:
+                c.close()
+
+
+async def test_a_client_that_stops_reading_responses_is_dropped_and_the_server_goes_on(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pipelined requests whose responses the client never reads: once a
+    response has not been taken for request_timeout the connection is
+    closed (logged, no traceback).  The unguarded write used to raise
+    TooSlowError out of the server, ending the broker."""
+    import socket as stdsocket
+
+    with trio.fail_after(600):
+        async with broker_http(request_timeout=5.0) as (srv, h):
+            host, port = host_port(h.url)
+            sock = trio.socket.socket()
+            sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVBUF, 4096)
+            await sock.connect((host, port))
+            stream = trio.SocketStream(sock)
+            request = b"GET /v1/info HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer %s\r\n\r\n" % KEY.encode()
+            with trio.move_on_after(60):  # sends until the server stops reading (it is stuck writing)
+                try:
+                    while True:
+                        await stream.send_all(request * 50)
+                except trio.BrokenResourceError:
+                    pass  # the server hung up: what it should do after request_timeout
+            await trio.sleep(30)  # past request_timeout
+            # (A trio stream, not http.client's thread: the clock jumps.)
+            probe = await trio.open_tcp_stream(host, port)
+            await probe.send_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            assert (await read_until_eof(probe)).startswith(b"HTTP/1.1 200 OK\r\n")
+            await stream.aclose()
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+async def test_a_transfer_coding_other_than_chunked_is_501_not_implemented() -> None:
+    """RFC 9112 6.1: a server answers 501 to a transfer coding it does not
+    understand; the code says so (it was 501 with code bad_request)."""
+    with trio.fail_after(20):
+        async with broker_http() as (srv, h):
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(b"POST /v1/groups HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n")
+            reply = await read_until_eof(stream)
+            assert reply.startswith(b"HTTP/1.1 501 Not Implemented\r\n"), reply
+            error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+            assert error["code"] == "not_implemented" and "chunked" in error["message"], error

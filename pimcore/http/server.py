@@ -321,6 +321,10 @@ class HttpServer:
             await self._serve_requests(stream, conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("http connection broken: %r", exc)
+        except Exception:
+            # A bug met while serving one connection ends that connection,
+            # never the listener (nor the broker it runs in).
+            log.exception("http connection failed", extra={"event": "http_connection_failed"})
         finally:
             self._conns -= 1
             await trio.aclose_forcefully(stream)
@@ -368,11 +372,13 @@ class HttpServer:
                 log.debug("refused a malformed HTTP request: %d", status)
                 if status == 431:
                     err = HttpError(431, "headers_too_large", f"the request head is over {cfg.max_header_bytes} bytes")
+                elif status == 501:  # h11: a Transfer-Encoding other than chunked
+                    err = HttpError(501, "not_implemented", "only Transfer-Encoding: chunked is supported")
                 else:
                     err = HttpError(status, "bad_request", "malformed HTTP request")
                 await self._send_error(stream, conn, err)
                 return
-            except HttpError as exc:  # 413, 505: the body is not read; the connection ends
+            except HttpError as exc:  # 400, 413, 505: the body is not read; the connection ends
                 await self._send_error(stream, conn, exc)
                 return
             if request is None:
@@ -395,8 +401,14 @@ class HttpServer:
                     with trio.move_on_after(cfg.request_timeout):  # the chunked body's end
                         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
                 return
-            with trio.fail_after(cfg.request_timeout):
+            with trio.move_on_after(cfg.request_timeout) as writing:
                 await self._send(stream, conn, status, headers, body, head=request.method == "HEAD")
+            if writing.cancelled_caught:
+                # The client takes no data (a slow or hostile one, or one that
+                # pipelines requests without reading): hang up on it.
+                log.info("http connection closed: the client took no data of a response for %g s", cfg.request_timeout,
+                         extra={"event": "http_client_not_reading", "path": request.path})
+                return
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
@@ -478,7 +490,10 @@ class HttpServer:
             else:  # ConnectionClosed mid-body
                 raise h11.RemoteProtocolError("connection closed before the body ended")
         target = event.target.decode("latin-1")
-        parts = urlsplit(target)
+        try:
+            parts = urlsplit(target)
+        except ValueError:  # "//[": an unclosed IPv6 bracket, ...
+            raise HttpError(400, "bad_request", "malformed request target") from None
         return Request(
             method=event.method.decode("ascii").upper(),
             path=parts.path,
@@ -495,8 +510,13 @@ class HttpServer:
         connection ends with the stream."""
         timeout = self.config.request_timeout
         hdrs = [*headers, *body.headers, ("connection", "close")]
-        with trio.fail_after(timeout):
+        with trio.move_on_after(timeout) as writing:
             await stream.send_all(conn.send(h11.Response(status_code=status, headers=hdrs, reason=_phrase(status))) or b"")
+        if writing.cancelled_caught:
+            self.streams_dropped += 1
+            log.warning("http stream %s closed: the client took no data for %g s", request.path, timeout,
+                        extra={"event": "http_stream_dropped", "path": request.path, "timeout": timeout})
+            return
         if request.method == "HEAD":
             return
 
