@@ -603,3 +603,47 @@ async def test_a_refused_id_says_which_id_and_why(tmp_path: Path) -> None:
                 assert_error(status, doc, 400, "BAD_REQUEST")
                 message = doc["error"]["message"]
                 assert words in message and not message.endswith("BAD_REQUEST"), (path, message)
+
+
+async def test_numbers_in_paths_and_queries_are_ascii_digits_only(tmp_path: Path) -> None:
+    """"²" is a digit to str.isdigit but not to int(): a seq or Last-Event-ID
+    made of it was a 500 with a traceback; "1_0" is an int to Python but no
+    number a client means.  Each is a 400 naming the parameter, and a range
+    error names the parameter's real range."""
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            await im.post("team", b"x")
+            status, doc = await call(c, "POST", "/v1/conversations/team/messages/%C2%B2/recall")
+            assert_error(status, doc, 400, "bad_request")
+            assert "seq" in doc["error"]["message"], doc
+            for query, name in (("from_seq=1_0", "from_seq"), ("from_seq=%C2%B2", "from_seq"), ("limit=%C2%B2", "limit"),
+                                ("limit=%2B5", "limit"), ("from_seq=%201", "from_seq")):
+                status, doc = await call(c, "GET", f"/v1/conversations/team/history?user=alice&{query}")
+                assert_error(status, doc, 400, "bad_request")
+                assert name in doc["error"]["message"], (query, doc)
+            status, doc = await call(c, "GET", "/v1/conversations/team/history?user=alice&limit=-1")
+            assert_error(status, doc, 400, "bad_request")
+            assert "1..1000" in doc["error"]["message"], doc
+            status, doc = await call(c, "GET", "/v1/users/alice/conversation-list?include_hidden=maybe")
+            assert_error(status, doc, 400, "bad_request")
+            assert "include_hidden" in doc["error"]["message"], doc
+            assert (await call(c, "GET", "/v1/users/alice/conversation-list?include_hidden=true"))[0] == 200
+
+
+async def test_retention_of_an_unknown_group_is_404_to_set_and_its_floor_to_read(tmp_path: Path) -> None:
+    """HTTP.md: setting the retention of a group that does not exist is 404;
+    reading it gives the defaults and the history floor, which a purge
+    keeps (seqs continue after it)."""
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            assert_error(*await call(c, "PUT", "/v1/conversations/nope/retention", {"max_count": 5}),
+                         404, "UNKNOWN_CONVERSATION")
+            assert await call(c, "GET", "/v1/conversations/nope/retention") == (
+                200, {"conv": "nope", "max_age": None, "max_count": None, "floor": 0})
+            await im.create_group("team", ["alice"])
+            for _ in range(3):
+                await im.post("team", b"x")
+            assert (await call(c, "DELETE", "/v1/conversations/team"))[0] == 200
+            assert await call(c, "GET", "/v1/conversations/team/retention") == (
+                200, {"conv": "team", "max_age": None, "max_count": None, "floor": 3})

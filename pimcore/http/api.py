@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
@@ -107,7 +108,11 @@ def _strings(body: dict[str, Any], name: str) -> list[str]:
     return value
 
 
-def _query(request: Request, name: str, kind: type, default: Any) -> Any:
+def _query(request: Request, name: str, kind: type, default: Any, bounds: str = "") -> Any:
+    """The last value of query parameter ``name`` as ``kind`` (str, bool,
+    int >= 0, float >= 0), ``default`` if absent.  HttpError 400 naming the
+    parameter (and ``bounds``, the caller's range in words, if given) for
+    anything else."""
     values = request.query.get(name)
     if not values:
         return default
@@ -120,13 +125,25 @@ def _query(request: Request, name: str, kind: type, default: Any) -> Any:
         if text.lower() in ("0", "false", "no"):
             return False
         raise _bad(f"query parameter {name!r} must be true or false")
-    try:
-        value: Any = kind(text)
-    except ValueError:
-        raise _bad(f"query parameter {name!r} must be {_KIND_NAME.get(kind, 'a number')}") from None
-    if kind is int and not 0 <= value <= _MAX_INT:
-        raise _bad(f"query parameter {name!r} must be 0..2^63-1")
-    return value
+    # ASCII digits only: int() and float() also take "1_0", " 1", "+5",
+    # "nan" and digits of other scripts ("²" is one to str.isdigit).
+    if kind is int:
+        if not _UINT.fullmatch(text):
+            raise _bad(f"query parameter {name!r} must be {bounds or 'a whole number (0..2^63-1)'}")
+        value: Any = int(text)
+        if value > _MAX_INT:
+            raise _bad(f"query parameter {name!r} must be {bounds or '0..2^63-1'}")
+        return value
+    if kind is float:
+        if not _UFLOAT.fullmatch(text):
+            raise _bad(f"query parameter {name!r} must be {bounds or 'a number of seconds'}")
+        return float(text)
+    raise TypeError(f"no query parameter of type {kind.__name__}")  # pragma: no cover - a bug
+
+
+#: A query parameter's whole number, or its number of seconds: ASCII only.
+_UINT = re.compile(r"[0-9]{1,19}")
+_UFLOAT = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
 
 
 def _post_fields(body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
@@ -228,7 +245,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
 
     def _seq(request: Request) -> int:
         text = request.params["seq"]
-        if not text.isdigit() or not 0 < int(text) <= _MAX_INT:
+        if not _UINT.fullmatch(text) or not 0 < int(text) <= _MAX_INT:
             raise _bad("the seq in the path must be 1..2^63-1")
         return int(text)
 
@@ -369,10 +386,10 @@ def register_api(router: Router, handle: "Pimcore") -> None:
             cursor = bytes.fromhex(_query(request, "cursor", str, ""))
         except ValueError:
             raise HttpError(400, "BAD_CURSOR", "query parameter 'cursor' is not one this API gave") from None
-        limit = _query(request, "limit", int, 50)
+        limit = _query(request, "limit", int, 50, "1..1000")
         if not 1 <= limit <= 1000:
             raise _bad("query parameter 'limit' must be 1..1000")
-        include_hidden = _query(request, "include_hidden", str, "false").lower() in ("1", "true", "yes")
+        include_hidden = _query(request, "include_hidden", bool, False)
         page = await handle.conversation_list(request.params["user"], cursor=cursor, limit=limit,
                                               include_hidden=include_hidden)
         return 200, {"entries": [_conv_entry(e) for e in page.entries], "cursor": page.cursor.hex(), "more": page.more}
@@ -388,7 +405,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         if user is None:
             raise _bad("query parameter 'user' is required")
         from_seq = _query(request, "from_seq", int, 0)
-        limit = _query(request, "limit", int, 50)
+        limit = _query(request, "limit", int, 50, "1..1000")
         if from_seq < 0 or not 1 <= limit <= 1000:
             raise _bad("query parameters: 'from_seq' must be >= 0, 'limit' 1..1000")
         msgs = await handle.history(request.params["conv"], user, from_seq=from_seq, limit=limit,
@@ -442,7 +459,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
             raise _bad(f"query parameters: 'limit' 1..{MAX_STREAM_PAGE}, 'keepalive' 0.05..300 seconds")
         last_id = request.headers.get("last-event-id")
         if last_id is not None:  # a reconnecting EventSource: resume after it
-            if not last_id.strip().isdigit() or int(last_id) > _MAX_INT:
+            if not _UINT.fullmatch(last_id.strip()) or int(last_id) > _MAX_INT:
                 raise _bad("header 'Last-Event-ID' must be an event id (0..2^63-1)")
             after = int(last_id)
         cursor, _ = await handle.event_cursor(consumer)  # refuses a bad consumer before the stream starts
