@@ -1099,7 +1099,6 @@ class Broker:
             self._close(c, CloseCode.PROTOCOL_ERROR, str(exc), out)
             return
         except ProtocolError as exc:
-            self._stats["protocol_errors"] += 1
             self._close(c, CloseCode.PROTOCOL_ERROR, f"{exc.code.name}: {exc}", out)
             return
         if c.backlog is not None and not c.backlog:
@@ -1117,7 +1116,6 @@ class Broker:
                 c.paused = True
                 out.append(PauseReading(c.id))
             elif buffered > _PAUSE_BYTES + 2 * self.config.limits.max_frame:
-                self._stats["protocol_errors"] += 1
                 self._close(c, CloseCode.PROTOCOL_ERROR, "too much data while a request was pending", out)
         elif c.paused and not blocked:
             c.paused = False
@@ -1928,7 +1926,6 @@ class Broker:
             return
         handler = self._handlers.get(type(frame))
         if handler is None:
-            self._stats["protocol_errors"] += 1
             self._close(c, CloseCode.PROTOCOL_ERROR, f"unexpected {type(frame).__name__} from a client", out)
             return
         handler(self, c, frame, now, out)
@@ -2828,7 +2825,6 @@ class Broker:
         self._close(c, CloseCode.NORMAL, "closed by client", out)
 
     def _on_login_again(self, c: _Conn, f: F.Login, now: int, out: list[Command]) -> None:
-        self._stats["protocol_errors"] += 1
         self._close(c, CloseCode.PROTOCOL_ERROR, "Login on a connection that is already logged in", out)
 
     # ------------------------------------------------------------ typing and presence
@@ -3379,6 +3375,10 @@ class Broker:
             self._send(conn, F.Error(code, ref, reason), out)
 
     def _close(self, c: _Conn, code: CloseCode, reason: str, out: list[Command]) -> None:
+        if code is CloseCode.PROTOCOL_ERROR and c.id in self._conns:
+            # Counted here, once per connection, whatever the violation
+            # (each call site counting its own missed some).
+            self._stats["protocol_errors"] += 1
         self._forget(c.id, out, code, reason)
         out.append(CloseConnection(c.id, code, reason, c.session.close(code, reason)))
 

@@ -405,6 +405,24 @@ def test_push_ack_beyond_what_was_pushed_is_refused(h):
     assert h.closed[a].code is CloseCode.PROTOCOL_ERROR
 
 
+def test_every_close_for_a_protocol_error_is_counted_once(h):
+    """statistics().protocol_errors (the metric pimcore_protocol_errors)
+    counts every connection closed with PROTOCOL_ERROR, whatever the
+    violation: a SendReq before Login and a PushAck beyond what was pushed
+    were closed without being counted."""
+    violations = [
+        lambda: h.feed(h.open(), F.SendReq(1, AB, 0, b"sneaky")),  # before Login
+        lambda: h.feed(h.login("alice", "phone"), F.PushAck(5)),  # beyond what was pushed
+        lambda: h.feed(h.login("alice", "tablet"), F.Login(b"bob", "phone", 0, 0, 0)),  # a second Login
+        lambda: h.feed(h.login("bob", "laptop"), F.SendAck(1, 0, b"", 0, 0)),  # a broker's frame
+        lambda: h.feed_bytes(h.login("bob", "phone"), b"\x03\x30\x7f\x00"),  # an unknown frame type
+    ]
+    for n, violation in enumerate(violations, 1):
+        violation()
+        assert h.broker.statistics().protocol_errors == n, n
+    assert sum(1 for c in h.closed.values() if c.code is CloseCode.PROTOCOL_ERROR) == len(violations)
+
+
 # ---------------------------------------------------------------- downstream reliability
 
 
