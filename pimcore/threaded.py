@@ -39,7 +39,7 @@ import trio
 from . import embed
 from ._util import first_leaf
 from .config import ServeSettings, load_settings
-from .embed import SYSTEM, Conversation, HostEvent, Pimcore, Posted, RequestRefused
+from .embed import SYSTEM, Conversation, EventsDisabled, HostEvent, Pimcore, Posted, RequestRefused
 from .errors import PimError
 from .store.base import GroupChanged, StoredMessage
 
@@ -379,16 +379,16 @@ class ThreadedPimcore:
         itself: cheaper, but it must not block and every blocking method
         called from it raises WouldDeadlock.
 
-        Raises ValueError when the broker records no events (``events``
-        setting off), RequestRefused (BAD_REQUEST) for an invalid consumer
-        name."""
+        Raises EventsDisabled (a ValueError) when the broker records no
+        events (``events`` off and no ``[webhooks] url``), RequestRefused
+        (BAD_REQUEST) for an invalid consumer name."""
         if getattr(_tls, "dispatching", None) is self:
             raise WouldDeadlock("set_event_handler() from an event handler would wait for itself")
         self._check()
         handle = self.handle
         assert handle is not None
-        if handler is not None and not handle.settings.server.get("events", False):
-            raise ValueError('the broker records no host events: start it with events=True ("server": {"events": true})')
+        if handler is not None and not handle.events_enabled:  # [server] events, or turned on by [webhooks] url
+            raise EventsDisabled()
 
         async def swap() -> None:
             old = self._handlers.pop(consumer, None)

@@ -12,7 +12,7 @@ import trio
 
 from pimcore.client import open_client
 from pimcore.config import ConfigError
-from pimcore.embed import SYSTEM, RequestRefused
+from pimcore.embed import SYSTEM, EventsDisabled, RequestRefused
 from pimcore.errors import ErrorCode
 from pimcore.threaded import BrokerAlreadyRunning, BrokerStopped, WouldDeadlock, open_pimcore_thread
 
@@ -192,11 +192,22 @@ def test_blocking_calls_that_would_deadlock_raise_instead(tmp_path: Path) -> Non
 
 def test_a_handler_needs_events_and_a_valid_consumer(tmp_path: Path) -> None:
     with _start(tmp_path / "d") as im:
-        with pytest.raises(ValueError, match="events"):
+        with pytest.raises(EventsDisabled, match="events"):  # a ValueError
             im.set_event_handler(lambda ev: True)
     with _start(tmp_path / "e", events=True) as im:
         with pytest.raises(RequestRefused):
             im.set_event_handler(lambda ev: True, consumer="no spaces allowed")
+
+
+def test_a_handler_works_when_webhooks_turned_events_on(tmp_path: Path) -> None:
+    # "Setting [webhooks] url turns event recording on": no events=True here.
+    # Nothing listens on the webhook URL; the sender just keeps retrying.
+    with _start(tmp_path / "d", webhooks={"url": "http://127.0.0.1:9/hook"}) as im:
+        got = threading.Event()
+        im.create_group("team", ["alice"])
+        im.set_event_handler(lambda ev: got.set() or True, "push")
+        im.post("team", b"hi")
+        assert got.wait(10)
 
 
 def test_the_synchronous_example_of_embedding_md_runs(tmp_path: Path, monkeypatch, capsys) -> None:
