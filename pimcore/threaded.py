@@ -3,7 +3,9 @@
 :func:`open_pimcore_thread` runs the broker -- the :mod:`pimcore.embed`
 handle a trio host gets -- in a thread of its own (``trio.run`` there) and
 returns a :class:`ThreadedPimcore` whose methods are plain blocking calls
-with the same arguments, results and errors::
+with the same arguments, results and errors (every method and property of
+the trio handle but ``serve_stream``, ``server`` and ``http``, which are
+trio's; ``events()`` is a blocking iterator)::
 
     im = open_pimcore_thread(data_dir="chat-data", listen=["tcp://127.0.0.1:7400"])
     try:
@@ -32,19 +34,21 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import trio
 
 from . import embed
 from ._util import first_leaf
 from .config import ServeSettings, load_settings
-from .embed import SYSTEM, Conversation, EventsDisabled, HostEvent, Pimcore, Posted, RequestRefused
+from .embed import (
+    SYSTEM, Conversation, ConversationListPage, EventsDisabled, HostEvent, Pimcore, Posted, ReadPositions, RequestRefused,
+)
 from .errors import PimError
 from .store.base import GroupChanged, StoredMessage
 
 __all__ = [
-    "open_pimcore_thread", "ThreadedPimcore", "WouldDeadlock", "BrokerStopped", "BrokerAlreadyRunning",
+    "open_pimcore_thread", "ThreadedPimcore", "ThreadedEventStream", "WouldDeadlock", "BrokerStopped", "BrokerAlreadyRunning",
     "RequestRefused", "Posted", "Conversation", "HostEvent", "SYSTEM",
 ]
 
@@ -204,6 +208,38 @@ class ThreadedPimcore:
         raise LookupError(f"no {scheme} listener")
 
     @property
+    def http_url(self) -> Optional[str]:
+        """The HTTP listener's URL (the real port), None unless opened with
+        ``http=URL``."""
+        self._check()
+        assert self.handle is not None
+        return self.handle.http_url
+
+    @property
+    def settings(self) -> ServeSettings:
+        """The settings the broker runs with."""
+        self._check()
+        assert self.handle is not None
+        return self.handle.settings
+
+    @property
+    def webhooks(self) -> Any:
+        """The event webhook sender (:class:`pimcore.webhooks.WebhookSender`)
+        when ``[webhooks]`` is configured, else None: to read its state (it
+        runs in the broker's thread)."""
+        self._check()
+        assert self.handle is not None
+        return self.handle.webhooks
+
+    @property
+    def events_enabled(self) -> bool:
+        """Does the broker record host events (``events=True``, or turned on
+        by ``[webhooks] url``)?"""
+        self._check()
+        assert self.handle is not None
+        return self.handle.events_enabled
+
+    @property
     def epoch(self) -> bytes:
         self._check()
         assert self.handle is not None
@@ -260,20 +296,29 @@ class ThreadedPimcore:
         assert self.handle is not None
         return self._call(self.handle.post_many, list(posts))
 
-    def recall(self, conv: str, seq: int, **kwargs: Any) -> Posted:
+    def recall(
+        self, conv: str, seq: int, *, sender: str = SYSTEM, device: str = SYSTEM,
+        idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
         """As Pimcore.recall: returns once the RECALL entry is durable."""
         assert self.handle is not None
-        return self._call(self.handle.recall, conv, seq, **kwargs)
+        return self._call(self.handle.recall, conv, seq, sender=sender, device=device, idempotency_key=idempotency_key)
 
-    def edit(self, conv: str, seq: int, payload: bytes, **kwargs: Any) -> Posted:
+    def edit(
+        self, conv: str, seq: int, payload: bytes, *, sender: str = SYSTEM, device: str = SYSTEM,
+        idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
         """As Pimcore.edit."""
         assert self.handle is not None
-        return self._call(self.handle.edit, conv, seq, payload, **kwargs)
+        return self._call(self.handle.edit, conv, seq, payload, sender=sender, device=device,
+                          idempotency_key=idempotency_key)
 
-    def delete_for(self, user: str, conv: str, seq: int, **kwargs: Any) -> Posted:
+    def delete_for(
+        self, user: str, conv: str, seq: int, *, device: str = "host", idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
         """As Pimcore.delete_for."""
         assert self.handle is not None
-        return self._call(self.handle.delete_for, user, conv, seq, **kwargs)
+        return self._call(self.handle.delete_for, user, conv, seq, device=device, idempotency_key=idempotency_key)
 
     def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
         assert self.handle is not None
@@ -303,6 +348,11 @@ class ThreadedPimcore:
         assert self.handle is not None
         return self._call_sync(self.handle.online_devices, user)
 
+    def online_anywhere(self, users: Iterable[str]) -> frozenset[str]:
+        """As Pimcore.online_anywhere."""
+        assert self.handle is not None
+        return self._call(self.handle.online_anywhere, list(users))
+
     def conversations(self, user: str) -> list[Conversation]:
         assert self.handle is not None
         return self._call(self.handle.conversations, user)
@@ -315,23 +365,48 @@ class ThreadedPimcore:
         assert self.handle is not None
         return self._call(self.handle.set_presence_privacy, user, hide_last_seen)
 
-    def unread(self, user: str, conv: str) -> int:
+    def unread(self, user: str, conv: Optional[str] = None) -> int:
+        """As Pimcore.unread: without ``conv``, the total over the user's
+        conversations."""
         assert self.handle is not None
         return self._call(self.handle.unread, user, conv)
 
-    def conversation_list(self, user: str, **kwargs: Any) -> Any:
+    def read_positions(self, user: str) -> ReadPositions:
+        """As Pimcore.read_positions."""
+        assert self.handle is not None
+        return self._call(self.handle.read_positions, user)
+
+    def conversation_list(
+        self, user: str, *, cursor: bytes = b"", limit: int = 50, include_hidden: bool = False
+    ) -> ConversationListPage:
         """As Pimcore.conversation_list."""
         assert self.handle is not None
-        return self._call(self.handle.conversation_list, user, **kwargs)
+        return self._call(self.handle.conversation_list, user, cursor=cursor, limit=limit, include_hidden=include_hidden)
 
-    def set_conversation(self, user: str, conv: str, **kwargs: Any) -> Any:
+    def set_conversation(
+        self, user: str, conv: str, *, pinned: Optional[bool] = None, muted: Optional[bool] = None,
+        hidden: Optional[bool] = None,
+    ) -> Any:
         """As Pimcore.set_conversation."""
         assert self.handle is not None
-        return self._call(self.handle.set_conversation, user, conv, **kwargs)
+        return self._call(self.handle.set_conversation, user, conv, pinned=pinned, muted=muted, hidden=hidden)
 
-    def history(self, conv: str, user: str, **kwargs: Any) -> list[StoredMessage]:
+    def history(
+        self, conv: str, user: str, *, from_seq: int = 0, limit: int = 50, backward: bool = True
+    ) -> list[StoredMessage]:
+        """As Pimcore.history."""
         assert self.handle is not None
-        return self._call(self.handle.history, conv, user, **kwargs)
+        return self._call(self.handle.history, conv, user, from_seq=from_seq, limit=limit, backward=backward)
+
+    def events(self, consumer: str = "default", *, after: Optional[int] = None, limit: int = 256) -> "ThreadedEventStream":
+        """As Pimcore.events, as a blocking iterator: ``for ev in
+        im.events(consumer):`` waits for each next event (it never ends by
+        itself; a close() ends the wait with BrokerStopped).  Raises
+        EventsDisabled when the broker records no events; RequestRefused
+        (BAD_REQUEST, an invalid consumer name) when iterated."""
+        self._check()
+        assert self.handle is not None
+        return ThreadedEventStream(self, self.handle.events(consumer, after=after, limit=limit))
 
     def next_events(
         self, consumer: str = "default", *, after: Optional[int] = None, limit: int = 256, timeout: Optional[float] = None
@@ -435,6 +510,33 @@ class ThreadedPimcore:
             return _deliver(handler, events)
         finally:
             _tls.dispatching = None
+
+
+class ThreadedEventStream:
+    """``for ev in im.events(...)``: host events one by one, each
+    :func:`next` blocking until there is one (:class:`pimcore.embed.EventStream`
+    driven from this thread).  Its cursor lives in memory; only
+    :meth:`ThreadedPimcore.ack_events` moves the durable one."""
+
+    def __init__(self, im: ThreadedPimcore, stream: embed.EventStream) -> None:
+        self._im = im
+        self._stream = stream
+
+    @property
+    def consumer(self) -> str:
+        return self._stream.consumer
+
+    @property
+    def after(self) -> Optional[int]:
+        """The id of the last event handed out (None: not started yet)."""
+        return self._stream.after
+
+    def __iter__(self) -> "ThreadedEventStream":
+        return self
+
+    def __next__(self) -> HostEvent:
+        event: HostEvent = self._im._call(self._stream.__anext__)
+        return event
 
 
 def _deliver(handler: EventHandler, events: list[HostEvent]) -> Optional[int]:
