@@ -40,7 +40,7 @@ import trio
 
 from . import embed
 from ._util import first_leaf
-from .config import ServeSettings, load_settings
+from .config import ConfigError, ServeSettings, load_settings
 from .embed import (
     SYSTEM, Conversation, ConversationListPage, EventsDisabled, HostEvent, Pimcore, Posted, ReadPositions, RequestRefused,
 )
@@ -562,7 +562,11 @@ def open_pimcore_thread(
     """Start a broker in a new thread and return its handle once it is up
     (listening, if it listens).  Settings as :func:`pimcore.embed.open_pimcore`
     (``settings``, or ``config_file``/``document``/overrides, listening nowhere
-    unless ``listen`` says so); ``store=``/``authenticate=`` are passed on.
+    unless ``listen`` says so); ``store=``/``authenticate=`` are passed on,
+    and so is ``content_filter=`` when it is a function (a string is the
+    configuration's ``"module:function"``).  Hooks run in the broker's
+    thread: a plain one must not block (and any blocking method of this
+    handle raises WouldDeadlock there), an ``async def`` one is trio code.
     Call :meth:`ThreadedPimcore.close` when done.
 
     Raises, in the calling thread and unwrapped from trio's exception groups,
@@ -570,6 +574,12 @@ def open_pimcore_thread(
     listener cannot bind); BrokerAlreadyRunning when a broker of this process
     already uses the data directory's store."""
     passed: dict[str, Any] = {k: kwargs.pop(k) for k in ("store", "authenticate") if k in kwargs}
+    hook = kwargs.get("content_filter")
+    if hook is not None and not isinstance(hook, str):  # a str is the configuration's "module:function"
+        if not callable(hook):
+            raise ConfigError("content_filter must be a function f(user, conv, payload) -> None | reason "
+                              f"(plain or async def) or a 'module:function' string, not {hook!r:.80}")
+        passed["content_filter"] = kwargs.pop("content_filter")
     if settings is None:
         if not (document and "listen" in document):
             kwargs.setdefault("listen", [])

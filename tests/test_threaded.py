@@ -315,3 +315,30 @@ def test_the_methods_the_trio_handle_has_work_threaded(tmp_path: Path) -> None:
     with _start(tmp_path / "e") as im:
         with pytest.raises(EventsDisabled):
             im.events()
+
+
+def test_a_content_filter_may_be_a_plain_or_async_function(tmp_path: Path) -> None:
+    from pimcore.config import load_settings
+
+    def plain(user: str, conv: str, payload: bytes):
+        return "no swearing" if b"darn" in payload else None
+
+    async def in_trio(user: str, conv: str, payload: bytes):  # runs in the broker's trio thread
+        await trio.sleep(0)
+        return "no shouting" if payload.isupper() else None
+
+    settings = load_settings(None, data_dir=str(tmp_path / "s"), durability="os", listen=[])
+    for im, word, reason in ((_start(tmp_path / "p", content_filter=plain), b"darn", "no swearing"),
+                             (_start(tmp_path / "a", content_filter=in_trio), b"HEY", "no shouting"),
+                             (open_pimcore_thread(settings, content_filter=plain), b"darn", "no swearing")):
+        with im:
+            im.create_group("team", ["alice"])
+            with pytest.raises(RequestRefused, match=reason) as refused:
+                im.post("team", word, sender="alice", device="web")
+            assert refused.value.code is ErrorCode.REJECTED
+            assert im.post("team", b"fine", sender="alice", device="web").seq == 1
+            assert im.post("team", word).seq == 2  # the system is trusted
+    with pytest.raises(ConfigError, match="content_filter"):
+        _start(tmp_path / "n", content_filter=42)
+    with pytest.raises(ConfigError, match="content_filter"):  # "module:function", as in the config file
+        _start(tmp_path / "m", content_filter="no_such_module_here:check")
