@@ -17,12 +17,15 @@ trio's; ``events()`` is a blocking iterator)::
 How a call crosses over: the calling thread enters the broker's trio run
 with ``trio.from_thread.run(..., trio_token=...)`` and blocks until the
 coroutine finished there.  Any number of threads may call at once.  Two
-calls cannot work: from the broker's own thread (an event handler running
-on the loop) every blocking method raises :class:`WouldDeadlock` instead of
-hanging, and so do :meth:`ThreadedPimcore.close` and
+calls cannot work, and raise :class:`WouldDeadlock` instead of hanging: a
+blocking method from the broker's own thread (an event handler running on
+the loop), and :meth:`ThreadedPimcore.close` or
 :meth:`ThreadedPimcore.set_event_handler` from inside an event handler
-(they wait for the handler to return).  After :meth:`ThreadedPimcore.close`
-every method raises :class:`BrokerStopped`.
+(they wait for the handler to return).  What does not wait for the broker
+works from its thread too: ``issue_token``, ``statistics``, ``kick``,
+``online_devices``, ``port``, the properties, and creating (not iterating)
+``events()``.  After :meth:`ThreadedPimcore.close` every method raises
+:class:`BrokerStopped`.
 
 This is also the layer the C ABI (``bindings/``) stands on.
 """
@@ -133,11 +136,20 @@ class ThreadedPimcore:
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()  # event dispatchers; in-flight calls are system tasks
 
-    def _check(self) -> trio.lowlevel.TrioToken:
-        if self._closed or self._token is None:
+    def _alive(self) -> Pimcore:
+        """The trio handle, for a call that does not wait for the broker's
+        thread (it works from there too); BrokerStopped after close()."""
+        if self._closed or self._token is None or self.handle is None:
             raise BrokerStopped("the broker was closed")
+        return self.handle
+
+    def _check(self) -> trio.lowlevel.TrioToken:
+        """The trio token, for a blocking call; WouldDeadlock from the
+        broker's own thread, which that call would wait for."""
+        self._alive()
         if threading.get_ident() == self._loop_ident:
             raise WouldDeadlock("a blocking pimcore call from the broker's own thread (an on-loop event handler) would deadlock")
+        assert self._token is not None
         return self._token
 
     def _call(self, afn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -148,6 +160,11 @@ class ThreadedPimcore:
             raise BrokerStopped("the broker stopped during the call") from (self._error or exc)
 
     def _call_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A synchronous method of the trio handle: in the broker's thread
+        (directly when already there: it does not wait)."""
+        self._alive()
+        if threading.get_ident() == self._loop_ident:
+            return fn(*args)
         token = self._check()
         try:
             return trio.from_thread.run_sync(fn, *args, trio_token=token)
@@ -195,9 +212,7 @@ class ThreadedPimcore:
     @property
     def urls(self) -> list[str]:
         """The listeners' URLs (fixed once started)."""
-        self._check()
-        assert self.handle is not None
-        return self.handle.urls
+        return self._alive().urls
 
     def port(self, scheme: str = "tcp") -> int:
         """The bound port of the first ``scheme`` listener (the one the OS
@@ -211,46 +226,34 @@ class ThreadedPimcore:
     def http_url(self) -> Optional[str]:
         """The HTTP listener's URL (the real port), None unless opened with
         ``http=URL``."""
-        self._check()
-        assert self.handle is not None
-        return self.handle.http_url
+        return self._alive().http_url
 
     @property
     def settings(self) -> ServeSettings:
         """The settings the broker runs with."""
-        self._check()
-        assert self.handle is not None
-        return self.handle.settings
+        return self._alive().settings
 
     @property
     def webhooks(self) -> Any:
         """The event webhook sender (:class:`pimcore.webhooks.WebhookSender`)
         when ``[webhooks]`` is configured, else None: to read its state (it
         runs in the broker's thread)."""
-        self._check()
-        assert self.handle is not None
-        return self.handle.webhooks
+        return self._alive().webhooks
 
     @property
     def events_enabled(self) -> bool:
         """Does the broker record host events (``events=True``, or turned on
         by ``[webhooks] url``)?"""
-        self._check()
-        assert self.handle is not None
-        return self.handle.events_enabled
+        return self._alive().events_enabled
 
     @property
     def epoch(self) -> bytes:
-        self._check()
-        assert self.handle is not None
-        return self.handle.epoch
+        return self._alive().epoch
 
     @property
     def store_id(self) -> str:
         """The store's id (16 hex digits): events are unique by (store_id, id)."""
-        self._check()
-        assert self.handle is not None
-        return self.handle.store_id
+        return self._alive().store_id
 
     def statistics(self) -> Any:
         assert self.handle is not None
@@ -258,9 +261,7 @@ class ThreadedPimcore:
 
     def issue_token(self, user: str, device: Optional[str] = None, *, ttl: int = 3600) -> str:
         """As Pimcore.issue_token (signing only: runs in the calling thread)."""
-        self._check()
-        assert self.handle is not None
-        return self.handle.issue_token(user, device, ttl=ttl)
+        return self._alive().issue_token(user, device, ttl=ttl)
 
     # ------------------------------------------------------------ the handle's methods
 
@@ -404,9 +405,7 @@ class ThreadedPimcore:
         itself; a close() ends the wait with BrokerStopped).  Raises
         EventsDisabled when the broker records no events; RequestRefused
         (BAD_REQUEST, an invalid consumer name) when iterated."""
-        self._check()
-        assert self.handle is not None
-        return ThreadedEventStream(self, self.handle.events(consumer, after=after, limit=limit))
+        return ThreadedEventStream(self, self._alive().events(consumer, after=after, limit=limit))
 
     def next_events(
         self, consumer: str = "default", *, after: Optional[int] = None, limit: int = 256, timeout: Optional[float] = None
@@ -452,7 +451,8 @@ class ThreadedPimcore:
         methods, but not close() or set_event_handler(), which raise
         WouldDeadlock), or with ``on_loop=True`` in the broker's thread
         itself: cheaper, but it must not block and every blocking method
-        called from it raises WouldDeadlock.
+        called from it raises WouldDeadlock (issue_token, statistics, kick,
+        online_devices, port and the properties do not block: they work).
 
         Raises EventsDisabled (a ValueError) when the broker records no
         events (``events`` off and no ``[webhooks] url``), RequestRefused

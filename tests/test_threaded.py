@@ -342,3 +342,35 @@ def test_a_content_filter_may_be_a_plain_or_async_function(tmp_path: Path) -> No
         _start(tmp_path / "n", content_filter=42)
     with pytest.raises(ConfigError, match="content_filter"):  # "module:function", as in the config file
         _start(tmp_path / "m", content_filter="no_such_module_here:check")
+
+
+def test_non_blocking_methods_work_from_an_on_loop_handler(tmp_path: Path) -> None:
+    with _start(tmp_path / "d", events=True, listen=["tcp://127.0.0.1:0"], http="tcp://127.0.0.1:0") as im:
+        im.create_group("team", ["alice"])
+        results: dict[str, object] = {}
+        done = threading.Event()
+        calls = {
+            "issue_token": lambda: im.issue_token("alice"), "urls": lambda: im.urls, "port": im.port,
+            "http_url": lambda: im.http_url, "epoch": lambda: im.epoch, "store_id": lambda: im.store_id,
+            "settings": lambda: im.settings, "webhooks": lambda: im.webhooks,
+            "events_enabled": lambda: im.events_enabled, "statistics": im.statistics,
+            "online_devices": lambda: im.online_devices("alice"), "kick": lambda: im.kick("alice"),
+            "events": lambda: im.events("other"),  # iterating it would block: not done here
+        }
+
+        def on_loop(ev) -> bool:
+            for name, call in calls.items():
+                try:
+                    results[name] = call()
+                except Exception as exc:  # noqa: BLE001 - what the test looks at
+                    results[name] = exc
+            done.set()
+            return True
+
+        im.set_event_handler(on_loop, on_loop=True)
+        im.post("team", b"x")
+        assert done.wait(10)
+        assert {n: v for n, v in results.items() if isinstance(v, Exception)} == {}
+        assert results["urls"] == im.urls and results["port"] == im.port() and results["epoch"] == im.epoch
+        with pytest.raises(RequestRefused):  # the check ran: an invalid id
+            im.kick("no spaces")
