@@ -3,7 +3,9 @@
 :func:`open_pimcore_thread` runs the broker -- the :mod:`pimcore.embed`
 handle a trio host gets -- in a thread of its own (``trio.run`` there) and
 returns a :class:`ThreadedPimcore` whose methods are plain blocking calls
-with the same arguments, results and errors::
+with the same arguments, results and errors (every method and property of
+the trio handle but ``serve_stream``, ``server`` and ``http``, which are
+trio's; ``events()`` is a blocking iterator)::
 
     im = open_pimcore_thread(data_dir="chat-data", listen=["tcp://127.0.0.1:7400"])
     try:
@@ -15,12 +17,15 @@ with the same arguments, results and errors::
 How a call crosses over: the calling thread enters the broker's trio run
 with ``trio.from_thread.run(..., trio_token=...)`` and blocks until the
 coroutine finished there.  Any number of threads may call at once.  Two
-calls cannot work: from the broker's own thread (an event handler running
-on the loop) every blocking method raises :class:`WouldDeadlock` instead of
-hanging, and so do :meth:`ThreadedPimcore.close` and
+calls cannot work, and raise :class:`WouldDeadlock` instead of hanging: a
+blocking method from the broker's own thread (an event handler running on
+the loop), and :meth:`ThreadedPimcore.close` or
 :meth:`ThreadedPimcore.set_event_handler` from inside an event handler
-(they wait for the handler to return).  After :meth:`ThreadedPimcore.close`
-every method raises :class:`BrokerStopped`.
+(they wait for the handler to return).  What does not wait for the broker
+works from its thread too: ``issue_token``, ``statistics``, ``kick``,
+``online_devices``, ``port``, the properties, and creating (not iterating)
+``events()``.  After :meth:`ThreadedPimcore.close` every method raises
+:class:`BrokerStopped`.
 
 This is also the layer the C ABI (``bindings/``) stands on.
 """
@@ -32,19 +37,21 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import trio
 
 from . import embed
 from ._util import first_leaf
-from .config import ServeSettings, load_settings
-from .embed import SYSTEM, Conversation, HostEvent, Pimcore, Posted, RequestRefused
+from .config import ConfigError, ServeSettings, load_settings
+from .embed import (
+    SYSTEM, Conversation, ConversationListPage, EventsDisabled, HostEvent, Pimcore, Posted, ReadPositions, RequestRefused,
+)
 from .errors import PimError
 from .store.base import GroupChanged, StoredMessage
 
 __all__ = [
-    "open_pimcore_thread", "ThreadedPimcore", "WouldDeadlock", "BrokerStopped", "BrokerAlreadyRunning",
+    "open_pimcore_thread", "ThreadedPimcore", "ThreadedEventStream", "WouldDeadlock", "BrokerStopped", "BrokerAlreadyRunning",
     "RequestRefused", "Posted", "Conversation", "HostEvent", "SYSTEM",
 ]
 
@@ -129,11 +136,20 @@ class ThreadedPimcore:
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()  # event dispatchers; in-flight calls are system tasks
 
-    def _check(self) -> trio.lowlevel.TrioToken:
-        if self._closed or self._token is None:
+    def _alive(self) -> Pimcore:
+        """The trio handle, for a call that does not wait for the broker's
+        thread (it works from there too); BrokerStopped after close()."""
+        if self._closed or self._token is None or self.handle is None:
             raise BrokerStopped("the broker was closed")
+        return self.handle
+
+    def _check(self) -> trio.lowlevel.TrioToken:
+        """The trio token, for a blocking call; WouldDeadlock from the
+        broker's own thread, which that call would wait for."""
+        self._alive()
         if threading.get_ident() == self._loop_ident:
             raise WouldDeadlock("a blocking pimcore call from the broker's own thread (an on-loop event handler) would deadlock")
+        assert self._token is not None
         return self._token
 
     def _call(self, afn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -144,6 +160,11 @@ class ThreadedPimcore:
             raise BrokerStopped("the broker stopped during the call") from (self._error or exc)
 
     def _call_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A synchronous method of the trio handle: in the broker's thread
+        (directly when already there: it does not wait)."""
+        self._alive()
+        if threading.get_ident() == self._loop_ident:
+            return fn(*args)
         token = self._check()
         try:
             return trio.from_thread.run_sync(fn, *args, trio_token=token)
@@ -191,9 +212,7 @@ class ThreadedPimcore:
     @property
     def urls(self) -> list[str]:
         """The listeners' URLs (fixed once started)."""
-        self._check()
-        assert self.handle is not None
-        return self.handle.urls
+        return self._alive().urls
 
     def port(self, scheme: str = "tcp") -> int:
         """The bound port of the first ``scheme`` listener (the one the OS
@@ -204,17 +223,37 @@ class ThreadedPimcore:
         raise LookupError(f"no {scheme} listener")
 
     @property
+    def http_url(self) -> Optional[str]:
+        """The HTTP listener's URL (the real port), None unless opened with
+        ``http=URL``."""
+        return self._alive().http_url
+
+    @property
+    def settings(self) -> ServeSettings:
+        """The settings the broker runs with."""
+        return self._alive().settings
+
+    @property
+    def webhooks(self) -> Any:
+        """The event webhook sender (:class:`pimcore.webhooks.WebhookSender`)
+        when ``[webhooks]`` is configured, else None: to read its state (it
+        runs in the broker's thread)."""
+        return self._alive().webhooks
+
+    @property
+    def events_enabled(self) -> bool:
+        """Does the broker record host events (``events=True``, or turned on
+        by ``[webhooks] url``)?"""
+        return self._alive().events_enabled
+
+    @property
     def epoch(self) -> bytes:
-        self._check()
-        assert self.handle is not None
-        return self.handle.epoch
+        return self._alive().epoch
 
     @property
     def store_id(self) -> str:
         """The store's id (16 hex digits): events are unique by (store_id, id)."""
-        self._check()
-        assert self.handle is not None
-        return self.handle.store_id
+        return self._alive().store_id
 
     def statistics(self) -> Any:
         assert self.handle is not None
@@ -222,9 +261,7 @@ class ThreadedPimcore:
 
     def issue_token(self, user: str, device: Optional[str] = None, *, ttl: int = 3600) -> str:
         """As Pimcore.issue_token (signing only: runs in the calling thread)."""
-        self._check()
-        assert self.handle is not None
-        return self.handle.issue_token(user, device, ttl=ttl)
+        return self._alive().issue_token(user, device, ttl=ttl)
 
     # ------------------------------------------------------------ the handle's methods
 
@@ -260,20 +297,29 @@ class ThreadedPimcore:
         assert self.handle is not None
         return self._call(self.handle.post_many, list(posts))
 
-    def recall(self, conv: str, seq: int, **kwargs: Any) -> Posted:
+    def recall(
+        self, conv: str, seq: int, *, sender: str = SYSTEM, device: str = SYSTEM,
+        idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
         """As Pimcore.recall: returns once the RECALL entry is durable."""
         assert self.handle is not None
-        return self._call(self.handle.recall, conv, seq, **kwargs)
+        return self._call(self.handle.recall, conv, seq, sender=sender, device=device, idempotency_key=idempotency_key)
 
-    def edit(self, conv: str, seq: int, payload: bytes, **kwargs: Any) -> Posted:
+    def edit(
+        self, conv: str, seq: int, payload: bytes, *, sender: str = SYSTEM, device: str = SYSTEM,
+        idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
         """As Pimcore.edit."""
         assert self.handle is not None
-        return self._call(self.handle.edit, conv, seq, payload, **kwargs)
+        return self._call(self.handle.edit, conv, seq, payload, sender=sender, device=device,
+                          idempotency_key=idempotency_key)
 
-    def delete_for(self, user: str, conv: str, seq: int, **kwargs: Any) -> Posted:
+    def delete_for(
+        self, user: str, conv: str, seq: int, *, device: str = "host", idempotency_key: Union[str, bytes, None] = None,
+    ) -> Posted:
         """As Pimcore.delete_for."""
         assert self.handle is not None
-        return self._call(self.handle.delete_for, user, conv, seq, **kwargs)
+        return self._call(self.handle.delete_for, user, conv, seq, device=device, idempotency_key=idempotency_key)
 
     def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
         assert self.handle is not None
@@ -303,6 +349,11 @@ class ThreadedPimcore:
         assert self.handle is not None
         return self._call_sync(self.handle.online_devices, user)
 
+    def online_anywhere(self, users: Iterable[str]) -> frozenset[str]:
+        """As Pimcore.online_anywhere."""
+        assert self.handle is not None
+        return self._call(self.handle.online_anywhere, list(users))
+
     def conversations(self, user: str) -> list[Conversation]:
         assert self.handle is not None
         return self._call(self.handle.conversations, user)
@@ -315,23 +366,46 @@ class ThreadedPimcore:
         assert self.handle is not None
         return self._call(self.handle.set_presence_privacy, user, hide_last_seen)
 
-    def unread(self, user: str, conv: str) -> int:
+    def unread(self, user: str, conv: Optional[str] = None) -> int:
+        """As Pimcore.unread: without ``conv``, the total over the user's
+        conversations."""
         assert self.handle is not None
         return self._call(self.handle.unread, user, conv)
 
-    def conversation_list(self, user: str, **kwargs: Any) -> Any:
+    def read_positions(self, user: str) -> ReadPositions:
+        """As Pimcore.read_positions."""
+        assert self.handle is not None
+        return self._call(self.handle.read_positions, user)
+
+    def conversation_list(
+        self, user: str, *, cursor: bytes = b"", limit: int = 50, include_hidden: bool = False
+    ) -> ConversationListPage:
         """As Pimcore.conversation_list."""
         assert self.handle is not None
-        return self._call(self.handle.conversation_list, user, **kwargs)
+        return self._call(self.handle.conversation_list, user, cursor=cursor, limit=limit, include_hidden=include_hidden)
 
-    def set_conversation(self, user: str, conv: str, **kwargs: Any) -> Any:
+    def set_conversation(
+        self, user: str, conv: str, *, pinned: Optional[bool] = None, muted: Optional[bool] = None,
+        hidden: Optional[bool] = None,
+    ) -> Any:
         """As Pimcore.set_conversation."""
         assert self.handle is not None
-        return self._call(self.handle.set_conversation, user, conv, **kwargs)
+        return self._call(self.handle.set_conversation, user, conv, pinned=pinned, muted=muted, hidden=hidden)
 
-    def history(self, conv: str, user: str, **kwargs: Any) -> list[StoredMessage]:
+    def history(
+        self, conv: str, user: str, *, from_seq: int = 0, limit: int = 50, backward: bool = True
+    ) -> list[StoredMessage]:
+        """As Pimcore.history."""
         assert self.handle is not None
-        return self._call(self.handle.history, conv, user, **kwargs)
+        return self._call(self.handle.history, conv, user, from_seq=from_seq, limit=limit, backward=backward)
+
+    def events(self, consumer: str = "default", *, after: Optional[int] = None, limit: int = 256) -> "ThreadedEventStream":
+        """As Pimcore.events, as a blocking iterator: ``for ev in
+        im.events(consumer):`` waits for each next event (it never ends by
+        itself; a close() ends the wait with BrokerStopped).  Raises
+        EventsDisabled when the broker records no events; RequestRefused
+        (BAD_REQUEST, an invalid consumer name) when iterated."""
+        return ThreadedEventStream(self, self._alive().events(consumer, after=after, limit=limit))
 
     def next_events(
         self, consumer: str = "default", *, after: Optional[int] = None, limit: int = 256, timeout: Optional[float] = None
@@ -377,18 +451,19 @@ class ThreadedPimcore:
         methods, but not close() or set_event_handler(), which raise
         WouldDeadlock), or with ``on_loop=True`` in the broker's thread
         itself: cheaper, but it must not block and every blocking method
-        called from it raises WouldDeadlock.
+        called from it raises WouldDeadlock (issue_token, statistics, kick,
+        online_devices, port and the properties do not block: they work).
 
-        Raises ValueError when the broker records no events (``events``
-        setting off), RequestRefused (BAD_REQUEST) for an invalid consumer
-        name."""
+        Raises EventsDisabled (a ValueError) when the broker records no
+        events (``events`` off and no ``[webhooks] url``), RequestRefused
+        (BAD_REQUEST) for an invalid consumer name."""
         if getattr(_tls, "dispatching", None) is self:
             raise WouldDeadlock("set_event_handler() from an event handler would wait for itself")
         self._check()
         handle = self.handle
         assert handle is not None
-        if handler is not None and not handle.settings.server.get("events", False):
-            raise ValueError('the broker records no host events: start it with events=True ("server": {"events": true})')
+        if handler is not None and not handle.events_enabled:  # [server] events, or turned on by [webhooks] url
+            raise EventsDisabled()
 
         async def swap() -> None:
             old = self._handlers.pop(consumer, None)
@@ -437,6 +512,33 @@ class ThreadedPimcore:
             _tls.dispatching = None
 
 
+class ThreadedEventStream:
+    """``for ev in im.events(...)``: host events one by one, each
+    :func:`next` blocking until there is one (:class:`pimcore.embed.EventStream`
+    driven from this thread).  Its cursor lives in memory; only
+    :meth:`ThreadedPimcore.ack_events` moves the durable one."""
+
+    def __init__(self, im: ThreadedPimcore, stream: embed.EventStream) -> None:
+        self._im = im
+        self._stream = stream
+
+    @property
+    def consumer(self) -> str:
+        return self._stream.consumer
+
+    @property
+    def after(self) -> Optional[int]:
+        """The id of the last event handed out (None: not started yet)."""
+        return self._stream.after
+
+    def __iter__(self) -> "ThreadedEventStream":
+        return self
+
+    def __next__(self) -> HostEvent:
+        event: HostEvent = self._im._call(self._stream.__anext__)
+        return event
+
+
 def _deliver(handler: EventHandler, events: list[HostEvent]) -> Optional[int]:
     """Call ``handler`` for each event; the last id it acknowledged, or None."""
     upto = None
@@ -460,7 +562,11 @@ def open_pimcore_thread(
     """Start a broker in a new thread and return its handle once it is up
     (listening, if it listens).  Settings as :func:`pimcore.embed.open_pimcore`
     (``settings``, or ``config_file``/``document``/overrides, listening nowhere
-    unless ``listen`` says so); ``store=``/``authenticate=`` are passed on.
+    unless ``listen`` says so); ``store=``/``authenticate=`` are passed on,
+    and so is ``content_filter=`` when it is a function (a string is the
+    configuration's ``"module:function"``).  Hooks run in the broker's
+    thread: a plain one must not block (and any blocking method of this
+    handle raises WouldDeadlock there), an ``async def`` one is trio code.
     Call :meth:`ThreadedPimcore.close` when done.
 
     Raises, in the calling thread and unwrapped from trio's exception groups,
@@ -468,6 +574,12 @@ def open_pimcore_thread(
     listener cannot bind); BrokerAlreadyRunning when a broker of this process
     already uses the data directory's store."""
     passed: dict[str, Any] = {k: kwargs.pop(k) for k in ("store", "authenticate") if k in kwargs}
+    hook = kwargs.get("content_filter")
+    if hook is not None and not isinstance(hook, str):  # a str is the configuration's "module:function"
+        if not callable(hook):
+            raise ConfigError("content_filter must be a function f(user, conv, payload) -> None | reason "
+                              f"(plain or async def) or a 'module:function' string, not {hook!r:.80}")
+        passed["content_filter"] = kwargs.pop("content_filter")
     if settings is None:
         if not (document and "listen" in document):
             kwargs.setdefault("listen", [])

@@ -12,7 +12,7 @@ import trio
 
 from pimcore.client import open_client
 from pimcore.config import ConfigError
-from pimcore.embed import SYSTEM, RequestRefused
+from pimcore.embed import SYSTEM, EventsDisabled, RequestRefused
 from pimcore.errors import ErrorCode
 from pimcore.threaded import BrokerAlreadyRunning, BrokerStopped, WouldDeadlock, open_pimcore_thread
 
@@ -192,11 +192,22 @@ def test_blocking_calls_that_would_deadlock_raise_instead(tmp_path: Path) -> Non
 
 def test_a_handler_needs_events_and_a_valid_consumer(tmp_path: Path) -> None:
     with _start(tmp_path / "d") as im:
-        with pytest.raises(ValueError, match="events"):
+        with pytest.raises(EventsDisabled, match="events"):  # a ValueError
             im.set_event_handler(lambda ev: True)
     with _start(tmp_path / "e", events=True) as im:
         with pytest.raises(RequestRefused):
             im.set_event_handler(lambda ev: True, consumer="no spaces allowed")
+
+
+def test_a_handler_works_when_webhooks_turned_events_on(tmp_path: Path) -> None:
+    # "Setting [webhooks] url turns event recording on": no events=True here.
+    # Nothing listens on the webhook URL; the sender just keeps retrying.
+    with _start(tmp_path / "d", webhooks={"url": "http://127.0.0.1:9/hook"}) as im:
+        got = threading.Event()
+        im.create_group("team", ["alice"])
+        im.set_event_handler(lambda ev: got.set() or True, "push")
+        im.post("team", b"hi")
+        assert got.wait(10)
 
 
 def test_the_synchronous_example_of_embedding_md_runs(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -211,3 +222,155 @@ def test_the_synchronous_example_of_embedding_md_runs(tmp_path: Path, monkeypatc
     exec(compile(code, "EMBEDDING.md", "exec"), {})  # again on the same data directory: the group exists
     assert re.fullmatch(r"port \d+ - bob has 2 unread\n", capsys.readouterr().out)
     assert (tmp_path / "embedded-sync-data" / "store").is_dir()
+
+
+# Intended differences between the trio handle (pimcore.embed.Pimcore) and
+# the threaded one.  Everything else must be on both, with the same
+# parameters (names, kinds, defaults); keep these short and explained.
+_TRIO_ONLY = {
+    "serve_stream": "takes a trio stream, which only trio code has",
+    "server": "the BrokerServer: trio objects of the broker's thread (reachable as im.handle.server)",
+    "http": "the HTTP listener, likewise (its URL is im.http_url)",
+}
+_THREADED_ONLY = {
+    "handle": "the trio handle itself, running in the broker's thread",
+    "close": "the trio handle's lifetime is its async with block",
+    "closed": "likewise",
+    "port": "a convenience for the blocking host: the bound port of a listener",
+    "set_event_handler": "event callbacks in a thread; a trio host iterates events()",
+}
+#: Parameters only the threaded method has.
+_THREADED_EXTRA_PARAMETERS = {"next_events": {"timeout"}}  # a blocking wait needs a way out
+
+
+def _public(obj: object) -> set[str]:
+    return {n for n in dir(obj) if not n.startswith("_")}
+
+
+def _parameters(fn, skip: set[str] = set()) -> list[tuple]:
+    import inspect
+
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values() if p.name not in skip]
+
+
+def test_the_threaded_handle_has_the_trio_handles_methods_and_signatures(tmp_path: Path) -> None:
+    import inspect
+    import re
+
+    from pimcore.embed import Pimcore, open_pimcore
+    from pimcore.threaded import ThreadedPimcore
+
+    async def trio_names() -> set[str]:  # instance attributes (server, settings, ...) included
+        with trio.fail_after(10):
+            async with open_pimcore(data_dir=tmp_path / "t", durability="os") as h:
+                return _public(h)
+
+    trio_side = trio.run(trio_names)
+    with _start(tmp_path / "d") as im:
+        threaded_side = _public(im)
+    assert trio_side - threaded_side == set(_TRIO_ONLY)
+    assert threaded_side - trio_side == set(_THREADED_ONLY)
+    for name in sorted(trio_side & threaded_side):
+        theirs, ours = inspect.getattr_static(Pimcore, name, None), inspect.getattr_static(ThreadedPimcore, name, None)
+        if theirs is None:  # an instance attribute of the trio handle: a property here
+            assert isinstance(ours, property), name
+            continue
+        assert isinstance(ours, property) == isinstance(theirs, property), name
+        if isinstance(theirs, property):
+            continue
+        assert not inspect.iscoroutinefunction(ours), f"{name} must block, not be async"
+        extra = _THREADED_EXTRA_PARAMETERS.get(name, set())
+        assert _parameters(ours, extra) == _parameters(theirs), name
+        assert {p for p in inspect.signature(ours).parameters} - set(inspect.signature(theirs).parameters) == extra, name
+    # ... and every method the docs' table names is there.
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "EMBEDDING.md").read_text()
+    table = doc.split("## What the handle does", 1)[1].split("\n\n", 2)[1]
+    named = {m for row in table.splitlines()[2:] for m in re.findall(r"`(\w+)", row.split("|")[1])}
+    assert named and named <= threaded_side and named <= trio_side, named - threaded_side
+
+
+def test_the_methods_the_trio_handle_has_work_threaded(tmp_path: Path) -> None:
+    with _start(tmp_path / "d", events=True, http="tcp://127.0.0.1:0") as im:
+        assert im.http_url is not None and im.http_url.startswith("http://127.0.0.1:")
+        assert im.events_enabled and im.webhooks is None and im.settings.durability == "os"
+        im.create_group("team", ["alice", "bob"])
+        im.create_group("other", ["bob"])
+        im.post("team", b"1")
+        im.post("other", b"2")
+        im.post("other", b"3")
+        assert (im.unread("bob"), im.unread("bob", "team"), im.unread("bob", conv="other")) == (3, 1, 2)
+        positions = im.read_positions("bob")
+        assert positions.user == "bob" and dict(positions.markers) == {"team": 0, "other": 0}
+        with pytest.raises(RequestRefused) as refused:
+            im.read_positions("no spaces")
+        assert refused.value.code is ErrorCode.BAD_REQUEST
+        assert im.online_anywhere(["alice", "bob"]) == frozenset()
+        assert [m.payload for m in im.history("other", "bob", from_seq=0, limit=1, backward=True)] == [b"3"]
+        page = im.conversation_list("bob", limit=1)
+        assert len(page.entries) == 1 and page.more
+        stream = im.events("c")
+        got = [next(stream), next(stream), next(stream)]
+        assert [ev.payload for ev in got] == [b"1", b"2", b"3"] and stream.after == got[-1].id
+        assert im.event_cursor("c")[0] == 0  # the stream's cursor is in memory only
+    with _start(tmp_path / "e") as im:
+        with pytest.raises(EventsDisabled):
+            im.events()
+
+
+def test_a_content_filter_may_be_a_plain_or_async_function(tmp_path: Path) -> None:
+    from pimcore.config import load_settings
+
+    def plain(user: str, conv: str, payload: bytes):
+        return "no swearing" if b"darn" in payload else None
+
+    async def in_trio(user: str, conv: str, payload: bytes):  # runs in the broker's trio thread
+        await trio.sleep(0)
+        return "no shouting" if payload.isupper() else None
+
+    settings = load_settings(None, data_dir=str(tmp_path / "s"), durability="os", listen=[])
+    for im, word, reason in ((_start(tmp_path / "p", content_filter=plain), b"darn", "no swearing"),
+                             (_start(tmp_path / "a", content_filter=in_trio), b"HEY", "no shouting"),
+                             (open_pimcore_thread(settings, content_filter=plain), b"darn", "no swearing")):
+        with im:
+            im.create_group("team", ["alice"])
+            with pytest.raises(RequestRefused, match=reason) as refused:
+                im.post("team", word, sender="alice", device="web")
+            assert refused.value.code is ErrorCode.REJECTED
+            assert im.post("team", b"fine", sender="alice", device="web").seq == 1
+            assert im.post("team", word).seq == 2  # the system is trusted
+    with pytest.raises(ConfigError, match="content_filter"):
+        _start(tmp_path / "n", content_filter=42)
+    with pytest.raises(ConfigError, match="content_filter"):  # "module:function", as in the config file
+        _start(tmp_path / "m", content_filter="no_such_module_here:check")
+
+
+def test_non_blocking_methods_work_from_an_on_loop_handler(tmp_path: Path) -> None:
+    with _start(tmp_path / "d", events=True, listen=["tcp://127.0.0.1:0"], http="tcp://127.0.0.1:0") as im:
+        im.create_group("team", ["alice"])
+        results: dict[str, object] = {}
+        done = threading.Event()
+        calls = {
+            "issue_token": lambda: im.issue_token("alice"), "urls": lambda: im.urls, "port": im.port,
+            "http_url": lambda: im.http_url, "epoch": lambda: im.epoch, "store_id": lambda: im.store_id,
+            "settings": lambda: im.settings, "webhooks": lambda: im.webhooks,
+            "events_enabled": lambda: im.events_enabled, "statistics": im.statistics,
+            "online_devices": lambda: im.online_devices("alice"), "kick": lambda: im.kick("alice"),
+            "events": lambda: im.events("other"),  # iterating it would block: not done here
+        }
+
+        def on_loop(ev) -> bool:
+            for name, call in calls.items():
+                try:
+                    results[name] = call()
+                except Exception as exc:  # noqa: BLE001 - what the test looks at
+                    results[name] = exc
+            done.set()
+            return True
+
+        im.set_event_handler(on_loop, on_loop=True)
+        im.post("team", b"x")
+        assert done.wait(10)
+        assert {n: v for n, v in results.items() if isinstance(v, Exception)} == {}
+        assert results["urls"] == im.urls and results["port"] == im.port() and results["epoch"] == im.epoch
+        with pytest.raises(RequestRefused):  # the check ran: an invalid id
+            im.kick("no spaces")
