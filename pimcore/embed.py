@@ -34,7 +34,7 @@ from ._util import unwrap_single
 from .auth import JwtAuthenticator, issue_token, load_or_create_secret
 from .core import Authenticator, ContentFilter, Identity
 from .config import ConfigError, ServeSettings, load_settings
-from .errors import ErrorCode, PimError, StoreError
+from .errors import BrokerStopped, ErrorCode, PimError, StoreError
 from .frames import MessageKind
 from .ids import SYSTEM, conversation_problem, group_problem, id_problem
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ConversationListPage", "ReadPositions", "DevicePosition",
-    "HostEvent", "EventStream", "SYSTEM", "EventsDisabled", "UserPresence", "Retention", "Purged",
+    "HostEvent", "EventStream", "SYSTEM", "EventsDisabled", "UserPresence", "Retention", "Purged", "BrokerStopped",
 ]
 
 _log = logging.getLogger("pimcore.net")
@@ -349,6 +349,9 @@ class Pimcore:
     Methods are trio-async where they wait for the broker or the store, and
     raise :class:`RequestRefused` (with an ErrorCode) for requests the broker
     refuses, :class:`~pimcore.errors.StoreError` when the store failed.
+    Once the ``open_pimcore`` block exits, every method (the properties
+    aside) raises :class:`~pimcore.errors.BrokerStopped`, and so do the
+    calls still waiting for the broker then.
     """
 
     def __init__(self, server: BrokerServer, store: Union[Store, AsyncStore], settings: ServeSettings, secret: Optional[bytes]) -> None:
@@ -397,6 +400,7 @@ class Pimcore:
         the broker's secret.  Raises ValueError for invalid ids or ttl,
         RuntimeError if the broker was opened with its own authenticator (it
         has no secret to sign with)."""
+        self.server.check_running()
         if self._secret is None:
             raise RuntimeError("this broker authenticates with a custom authenticator: it cannot issue tokens")
         problem = token_ttl_problem(ttl)
@@ -617,6 +621,7 @@ class Pimcore:
             size = f'{len(reason.encode("utf-8", "surrogatepass"))} bytes' if isinstance(reason, str) else type(reason).__name__
             raise RequestRefused(ErrorCode.BAD_REQUEST,
                                  f"kick: the reason must be a string of at most {MAX_KICK_REASON} bytes (UTF-8), got {size}")
+        self.server.check_running()
         self.server.kick(user, device, reason)
 
     async def revoke(self, user: str, device: Optional[str] = None, *, before: Optional[int] = None) -> int:
@@ -730,6 +735,7 @@ class Pimcore:
     def online_devices(self, user: str) -> list[str]:
         """The devices of ``user`` connected to this broker now, sorted.
         Raises RequestRefused (BAD_REQUEST) for an invalid user id."""
+        self.server.check_running()
         problem = id_problem(user, "user")
         if problem is not None:
             raise RequestRefused(ErrorCode.BAD_REQUEST, f"online devices: {problem}")
@@ -894,6 +900,7 @@ class Pimcore:
 
     async def _read(self, *ops: ReadOp) -> tuple[Any, ...]:
         """Results of ``ops``, one store request (one snapshot)."""
+        self.server.check_running()
         request = StoreRequest(next(self._ids), ops, False)
         store = self._store
         if isinstance(store, AsyncStore):

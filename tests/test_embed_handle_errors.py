@@ -1,0 +1,92 @@
+"""The trio handle (pimcore.embed) under misuse: calls at and after the
+end of the ``open_pimcore`` block, and arguments of the wrong type or value
+-- each gets one clear, documented error, never a hang or a raw internal
+exception, and nothing half done."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from pimcore.embed import open_pimcore
+from pimcore.errors import BrokerStopped
+
+
+async def test_calls_in_flight_at_close_and_after_it_raise_broker_stopped(tmp_path: Path) -> None:
+    outcomes: list[object] = []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as outer:
+            async with open_pimcore(data_dir=tmp_path / "data") as im:
+                await im.create_group("team", ["alice", "bob"])
+
+                async def poster() -> None:
+                    # Posts until one fails: every post either stores or raises.
+                    while True:
+                        try:
+                            await im.post("team", b"x")
+                        except BrokerStopped as exc:
+                            outcomes.append(exc)
+                            return
+
+                for _ in range(20):
+                    outer.start_soon(poster)
+                await trio.sleep(0.2)
+            server = im.server
+        # Every poster ended (the nursery exited within fail_after).
+        assert len(outcomes) == 20
+        calls = [
+            lambda: im.post("team", b"y"),
+            lambda: im.post_many([{"conv": "team", "payload": b"z"}]),
+            lambda: im.create_group("g", ["a"]),
+            lambda: im.add_members("team", ["carol"]),
+            lambda: im.remove_members("team", ["bob"]),
+            lambda: im.revoke("alice"),
+            lambda: im.recall("team", 1),
+            lambda: im.edit("team", 1, b"e"),
+            lambda: im.delete_for("alice", "team", 1),
+            lambda: im.set_retention("team", max_count=5),
+            lambda: im.purge_conversation("team"),
+            lambda: im.purge_user("bob"),
+            lambda: im.set_presence_privacy("alice", True),
+            lambda: im.set_conversation("alice", "team", pinned=True),
+            lambda: im.history("team", "alice"),
+            lambda: im.conversations("alice"),
+            lambda: im.unread("alice"),
+            lambda: im.read_positions("alice"),
+            lambda: im.presence("alice"),
+            lambda: im.retention("team"),
+            lambda: im.conversation_list("alice"),
+        ]
+        for call in calls:
+            with pytest.raises(BrokerStopped):
+                await call()
+        for sync_call in (lambda: im.kick("alice"), lambda: im.online_devices("alice")):
+            with pytest.raises(BrokerStopped):
+                sync_call()
+        assert server._admin_waiters == {}
+
+
+async def test_event_readers_waiting_at_close_raise_broker_stopped(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        errors: list[BaseException] = []
+        async with trio.open_nursery() as outer:
+            async with open_pimcore(data_dir=tmp_path / "data", events=True) as im:
+                await im.create_group("team", ["alice"])
+                await im.post("team", b"x")
+                _, page = await im.next_events("c")
+                await im.ack_events(page[-1].id, "c")
+
+                async def reader() -> None:
+                    try:
+                        await im.next_events("c")  # caught up: waits for the next commit
+                    except BrokerStopped as exc:
+                        errors.append(exc)
+
+                outer.start_soon(reader)
+                await trio.sleep(0.1)
+        assert len(errors) == 1
+        for call in (lambda: im.next_events("c"), lambda: im.ack_events(1, "c"), lambda: im.event_cursor("c")):
+            with pytest.raises(BrokerStopped):
+                await call()
