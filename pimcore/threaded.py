@@ -40,7 +40,7 @@ from . import embed
 from ._util import first_leaf
 from .config import ServeSettings, load_settings
 from .embed import SYSTEM, Conversation, HostEvent, Pimcore, Posted, RequestRefused
-from .errors import PimError
+from .errors import BrokerStopped, PimError
 from .store.base import GroupChanged, StoredMessage
 
 __all__ = [
@@ -55,11 +55,6 @@ class WouldDeadlock(RuntimeError):
     """A blocking call from a thread the call would have to wait for: the
     broker's loop thread (an event handler with ``on_loop=True``), or
     close/set_event_handler from inside an event handler."""
-
-
-class BrokerStopped(RuntimeError):
-    """The broker was closed (or its thread ended with an error, chained as
-    ``__cause__``)."""
 
 
 class BrokerAlreadyRunning(RuntimeError):

@@ -90,3 +90,10 @@ async def test_event_readers_waiting_at_close_raise_broker_stopped(tmp_path: Pat
         for call in (lambda: im.next_events("c"), lambda: im.ack_events(1, "c"), lambda: im.event_cursor("c")):
             with pytest.raises(BrokerStopped):
                 await call()
+
+
+def test_the_threaded_handle_raises_the_same_broker_stopped() -> None:
+    import pimcore.threaded
+
+    assert pimcore.threaded.BrokerStopped is BrokerStopped
+    assert issubclass(BrokerStopped, RuntimeError)  # as the threaded handle's was
