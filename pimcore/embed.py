@@ -469,6 +469,7 @@ class Pimcore:
         TypeError (nothing stored) unless ``mentions`` is a list or tuple of
         str and ``mention_all`` a bool."""
         ms = _mentions(mentions, mention_all)
+        _refuse_key(idempotency_key, f"post to {conv!r}")
         refused = await self._check_post(conv, payload, sender, device, idempotency_key)
         if refused is not None:
             raise refused
@@ -522,6 +523,7 @@ class Pimcore:
         key: Union[str, bytes, None],
     ) -> Posted:
         _check_seq(seq)
+        _refuse_key(key, f"{_ACTION_NAMES.get(action, 'post')} in {conv!r}")
         if action == MessageKind.EDIT:
             refused = await self._check_post(conv, payload, sender, device, key)
             if refused is not None:
@@ -590,7 +592,11 @@ class Pimcore:
             extra = {"mentions": ms, "mention_all": mention_all} if ms or mention_all else {}
             calls.append((broker.post, (conv, bytes(payload)), {"sender": sender, "device": device, "key": key, **extra}))
         results: list[Union[Posted, PimError, None]] = [None] * len(calls)
-        checked = [i for i, call in enumerate(calls) if self._checked(call[2]["sender"])]
+        for i, (_, (conv, _payload), kw) in enumerate(calls):
+            problem = _key_problem(kw["key"])
+            if problem is not None:  # refused here: the core would raise on it
+                results[i] = RequestRefused(ErrorCode.BAD_REQUEST, f"post to {conv!r} refused: BAD_REQUEST: {problem}")
+        checked = [i for i, call in enumerate(calls) if results[i] is None and self._checked(call[2]["sender"])]
         if checked:
             async def check(i: int) -> None:
                 (conv, payload), kw = calls[i][1], calls[i][2]
@@ -999,12 +1005,33 @@ def _post_problem(conv: str, sender: str, device: str, key: Union[str, bytes, No
     problem = conversation_problem(conv)
     if problem is not None:
         return problem
-    if key is not None:
-        raw = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else key
-        if not isinstance(raw, bytes) or not 0 < len(raw) <= 256:
-            size = f"{len(raw)} bytes" if isinstance(raw, bytes) else type(key).__name__
-            return f"the idempotency key must be 1..256 bytes, got {size}"
+    return _key_problem(key)
+
+
+def _key_problem(key: object) -> Optional[str]:
+    """Why ``key`` is no idempotency key (None if it is one, or None):
+    1..256 bytes, or text of 1..256 bytes in UTF-8."""
+    if key is None:
+        return None
+    if isinstance(key, str):
+        try:
+            raw = key.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"the idempotency key must be valid UTF-8 text, got {key!r:.80} ({exc.reason} at {exc.start})"
+    else:
+        raw = key  # type: ignore[assignment]
+    if not isinstance(raw, bytes) or not 0 < len(raw) <= 256:
+        size = f"{len(raw)} bytes" if isinstance(raw, bytes) else type(key).__name__
+        return f"the idempotency key must be 1..256 bytes, got {size}"
     return None
+
+
+def _refuse_key(key: object, what: str) -> None:
+    """RequestRefused (BAD_REQUEST) for an unusable idempotency key,
+    before anything is handed to the broker."""
+    problem = _key_problem(key)
+    if problem is not None:
+        raise RequestRefused(ErrorCode.BAD_REQUEST, f"{what} refused: BAD_REQUEST: {problem}")
 
 
 def _mentions(mentions: Any, mention_all: Any) -> tuple[str, ...]:
@@ -1017,6 +1044,10 @@ def _mentions(mentions: Any, mention_all: Any) -> tuple[str, ...]:
     if not isinstance(mention_all, bool):
         raise TypeError(f"mention_all must be a bool, got {type(mention_all).__name__}")
     return tuple(mentions)
+
+
+#: What :meth:`Pimcore.recall` / ``edit`` / ``delete_for`` are called in refusals.
+_ACTION_NAMES: dict[int, str] = {MessageKind.RECALL: "recall", MessageKind.EDIT: "edit", MessageKind.DELETE: "delete"}
 
 
 def _check_seq(seq: Any) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from pimcore.embed import open_pimcore
-from pimcore.errors import BrokerStopped
+from pimcore.embed import Posted, RequestRefused, open_pimcore
+from pimcore.errors import BrokerStopped, ErrorCode
 
 
 async def test_calls_in_flight_at_close_and_after_it_raise_broker_stopped(tmp_path: Path) -> None:
@@ -97,3 +97,27 @@ def test_the_threaded_handle_raises_the_same_broker_stopped() -> None:
 
     assert pimcore.threaded.BrokerStopped is BrokerStopped
     assert issubclass(BrokerStopped, RuntimeError)  # as the threaded handle's was
+
+
+async def test_an_idempotency_key_that_is_not_utf8_refuses_that_post_alone(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            await im.create_group("team", ["alice", "bob"])
+            results = await im.post_many([{"conv": "team", "payload": b"good1"},
+                                          {"conv": "team", "payload": b"bad", "idempotency_key": "\udc80"},
+                                          {"conv": "team", "payload": b"good2", "sender": "alice", "device": "web",
+                                           "idempotency_key": "k\ud800"}])
+            assert isinstance(results[0], Posted)
+            for bad in results[1:]:
+                assert isinstance(bad, RequestRefused) and bad.code is ErrorCode.BAD_REQUEST
+                assert "idempotency key" in str(bad) and "UTF-8" in str(bad)
+            assert [m.payload for m in await im.history("team", "alice")] == [b"good1"]
+            for call in (lambda: im.post("team", b"x", idempotency_key="\udc80"),
+                         lambda: im.post("team", b"x", sender="alice", device="web", idempotency_key="\udc80"),
+                         lambda: im.recall("team", 1, idempotency_key="\udc80"),
+                         lambda: im.edit("team", 1, b"e", idempotency_key="\udc80"),
+                         lambda: im.delete_for("alice", "team", 1, idempotency_key="\udc80")):
+                with pytest.raises(RequestRefused, match="idempotency key") as refused:
+                    await call()
+                assert refused.value.code is ErrorCode.BAD_REQUEST
+            assert im.server._admin_waiters == {}
