@@ -466,15 +466,17 @@ class Pimcore:
         ``mentions`` (user ids) and ``mention_all`` mention members as a
         client's send does (their mention counts, the event's
         ``mentioned``); RequestRefused BAD_MENTION / TOO_MANY_MENTIONS.
-        TypeError (nothing stored) unless ``mentions`` is a list or tuple of
-        str and ``mention_all`` a bool."""
+        TypeError (nothing stored) unless ``payload`` is bytes, bytearray or
+        memoryview, ``mentions`` a list or tuple of str and ``mention_all``
+        a bool."""
         ms = _mentions(mentions, mention_all)
+        payload = _payload(payload)
         _refuse_key(idempotency_key, f"post to {conv!r}")
         refused = await self._check_post(conv, payload, sender, device, idempotency_key)
         if refused is not None:
             raise refused
         done = await self.server.host_call(
-            self.server.broker.post, conv, bytes(payload), sender=sender, device=device, key=idempotency_key,
+            self.server.broker.post, conv, payload, sender=sender, device=device, key=idempotency_key,
             mentions=ms, mention_all=mention_all,
         )
         result = _posted(conv, done, sender, device, idempotency_key)
@@ -504,8 +506,10 @@ class Pimcore:
     ) -> Posted:
         """Replace the payload of the message at ``seq`` of ``conv`` (an EDIT
         entry, delivered like a message); as :meth:`recall` otherwise (an
-        edit as a user passes the content checks a post does)."""
-        return await self._amend(conv, seq, MessageKind.EDIT, bytes(payload), sender, device, idempotency_key)
+        edit as a user passes the content checks a post does).  TypeError
+        (nothing stored) unless ``payload`` is bytes, bytearray or
+        memoryview."""
+        return await self._amend(conv, seq, MessageKind.EDIT, _payload(payload), sender, device, idempotency_key)
 
     async def delete_for(
         self, user: str, conv: str, seq: int, *, device: str = "host",
@@ -575,8 +579,8 @@ class Pimcore:
         a user pass the same content checks as :meth:`post` (run
         concurrently, before any is handed to the broker); a refused post
         gets its RequestRefused and the others go on.  Raises TypeError (and
-        posts none) for a dict with other keys, or with ``mentions`` /
-        ``mention_all`` of the wrong type (see :meth:`post`)."""
+        posts none) for a dict with other keys, or with a ``payload``,
+        ``mentions`` or ``mention_all`` of the wrong type (see :meth:`post`)."""
         broker = self.server.broker
         calls = []
         for kw in posts:
@@ -590,9 +594,9 @@ class Pimcore:
             if kw:
                 raise TypeError(f"post_many: unexpected keys {sorted(kw)}")
             extra = {"mentions": ms, "mention_all": mention_all} if ms or mention_all else {}
-            calls.append((broker.post, (conv, bytes(payload)), {"sender": sender, "device": device, "key": key, **extra}))
+            calls.append((broker.post, (conv, _payload(payload)), {"sender": sender, "device": device, "key": key, **extra}))
         results: list[Union[Posted, PimError, None]] = [None] * len(calls)
-        for i, (_, (conv, _payload), kw) in enumerate(calls):
+        for i, (_, (conv, _), kw) in enumerate(calls):
             problem = _key_problem(kw["key"])
             if problem is not None:  # refused here: the core would raise on it
                 results[i] = RequestRefused(ErrorCode.BAD_REQUEST, f"post to {conv!r} refused: BAD_REQUEST: {problem}")
@@ -1048,6 +1052,18 @@ def _mentions(mentions: Any, mention_all: Any) -> tuple[str, ...]:
 
 #: What :meth:`Pimcore.recall` / ``edit`` / ``delete_for`` are called in refusals.
 _ACTION_NAMES: dict[int, str] = {MessageKind.RECALL: "recall", MessageKind.EDIT: "edit", MessageKind.DELETE: "delete"}
+
+
+def _payload(payload: Any) -> bytes:
+    """A message payload as bytes: bytes, bytearray or memoryview are
+    taken; anything else is a TypeError before anything is allocated (an
+    int would be that many zero bytes, a list of ints their bytes)."""
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, (bytearray, memoryview)):
+        return bytes(payload)
+    raise TypeError(f"payload must be bytes, bytearray or memoryview, not {type(payload).__name__}"
+                    + (" (encode text first, e.g. payload.encode())" if isinstance(payload, str) else ""))
 
 
 def _check_seq(seq: Any) -> None:

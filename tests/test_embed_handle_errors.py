@@ -121,3 +121,25 @@ async def test_an_idempotency_key_that_is_not_utf8_refuses_that_post_alone(tmp_p
                     await call()
                 assert refused.value.code is ErrorCode.BAD_REQUEST
             assert im.server._admin_waiters == {}
+
+
+@pytest.mark.parametrize("payload", [5, 10**9, [104, 105], "text", None, {1: 2}])
+async def test_a_payload_that_is_not_bytes_is_a_type_error_and_stores_nothing(tmp_path: Path, payload: object) -> None:
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            await im.create_group("team", ["alice", "bob"])
+            await im.post("team", b"first")
+            for call in (lambda: im.post("team", payload),  # type: ignore[arg-type]
+                         lambda: im.post("team", payload, sender="alice", device="web"),  # type: ignore[arg-type]
+                         lambda: im.edit("team", 1, payload),  # type: ignore[arg-type]
+                         lambda: im.post_many([{"conv": "team", "payload": b"ok"}, {"conv": "team", "payload": payload}])):
+                with pytest.raises(TypeError, match="payload must be bytes"):
+                    await call()
+            assert [m.payload for m in await im.history("team", "alice")] == [b"first"]
+            # The bytes-like types are taken.
+            await im.post("team", bytearray(b"ba"))
+            await im.post("team", memoryview(b"mv"))
+            await im.edit("team", 1, memoryview(b"edited"))
+            (posted,) = await im.post_many([{"conv": "team", "payload": bytearray(b"many")}])
+            assert isinstance(posted, Posted)
+            assert [m.payload for m in await im.history("team", "alice", limit=3)] == [b"many", b"edited", b"mv"]
