@@ -410,22 +410,25 @@ class Pimcore:
 
     # ------------------------------------------------------------ groups
 
-    async def create_group(self, conv: str, members: Sequence[str]) -> GroupChanged:
-        """Create group ``conv`` with ``members``, ordered with the messages
-        around it.  Raises RequestRefused (BAD_REQUEST, ALREADY_EXISTS),
-        StoreError if the store failed."""
-        return await self._admin(self.server.broker.create_group, conv, members)
+    async def create_group(self, conv: str, members: Iterable[str]) -> GroupChanged:
+        """Create group ``conv`` with ``members`` (a list, tuple or set of
+        user ids), ordered with the messages around it.  Raises
+        RequestRefused (BAD_REQUEST, ALREADY_EXISTS), StoreError if the
+        store failed; TypeError (nothing changed) for a str instead of a
+        list -- it would be one user per letter -- or an id that is no str
+        (so do add_members and remove_members)."""
+        return await self._admin(self.server.broker.create_group, conv, _user_ids(members, "members"))
 
-    async def add_members(self, conv: str, users: Sequence[str]) -> GroupChanged:
+    async def add_members(self, conv: str, users: Iterable[str]) -> GroupChanged:
         """Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION), StoreError."""
-        return await self._admin(self.server.broker.add_members, conv, users)
+        return await self._admin(self.server.broker.add_members, conv, _user_ids(users, "users"))
 
-    async def remove_members(self, conv: str, users: Sequence[str]) -> GroupChanged:
+    async def remove_members(self, conv: str, users: Iterable[str]) -> GroupChanged:
         """Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION), StoreError."""
-        return await self._admin(self.server.broker.remove_members, conv, users)
+        return await self._admin(self.server.broker.remove_members, conv, _user_ids(users, "users"))
 
-    async def _admin(self, method: Callable[..., Any], conv: str, users: Sequence[str]) -> GroupChanged:
-        result = await self.server.admin_result(method, conv, list(users))
+    async def _admin(self, method: Callable[..., Any], conv: str, users: list[str]) -> GroupChanged:
+        result = await self.server.admin_result(method, conv, users)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
                 raise StoreError(f"group {conv!r} not changed: the store failed")
@@ -757,7 +760,7 @@ class Pimcore:
         live node (one read of the device-to-node records; if the store
         cannot answer, this broker's view).  What ``offline_recipients`` of
         host events is computed from (push notifications go to the others)."""
-        users = list(dict.fromkeys(users))
+        users = list(dict.fromkeys(_user_ids(users, "users")))
         broker = self.server.broker
         online = {u for u in users if broker.online_devices(u)}
         cluster = getattr(self.server.store, "cluster", None)
@@ -1048,6 +1051,24 @@ def _mentions(mentions: Any, mention_all: Any) -> tuple[str, ...]:
     if not isinstance(mention_all, bool):
         raise TypeError(f"mention_all must be a bool, got {type(mention_all).__name__}")
     return tuple(mentions)
+
+
+def _user_ids(users: Any, what: str) -> list[str]:
+    """``users`` (a list, tuple, set or other iterable of user ids) as a
+    list; TypeError for a str or bytes (it would be iterated letter by
+    letter: one user per letter), a non-iterable or an id that is no str.
+    The ids themselves are the broker's to check (BAD_REQUEST)."""
+    if isinstance(users, (str, bytes, bytearray, memoryview)):
+        raise TypeError(f"{what} must be a list of user ids (str), not a {type(users).__name__}: "
+                        f"write [{users!r:.60}] for one user")
+    try:
+        ids = list(users)
+    except TypeError:
+        raise TypeError(f"{what} must be a list of user ids (str), not {type(users).__name__}") from None
+    for u in ids:
+        if not isinstance(u, str):
+            raise TypeError(f"{what} must be a list of user ids (str), got {type(u).__name__} {u!r:.60} in it")
+    return ids
 
 
 #: What :meth:`Pimcore.recall` / ``edit`` / ``delete_for`` are called in refusals.

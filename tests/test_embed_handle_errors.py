@@ -143,3 +143,23 @@ async def test_a_payload_that_is_not_bytes_is_a_type_error_and_stores_nothing(tm
             (posted,) = await im.post_many([{"conv": "team", "payload": bytearray(b"many")}])
             assert isinstance(posted, Posted)
             assert [m.payload for m in await im.history("team", "alice", limit=3)] == [b"many", b"edited", b"mv"]
+
+
+async def test_a_string_where_a_list_of_user_ids_goes_is_a_type_error(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            for bad in ("alice", b"alice", 5, ["alice", 5], None):
+                with pytest.raises(TypeError, match="user ids"):
+                    await im.create_group("team", bad)  # type: ignore[arg-type]
+            assert await im.conversations("alice") == [] and await im.conversations("a") == []
+            await im.create_group("team", ("alice",))
+            for method in (im.add_members, im.remove_members):
+                with pytest.raises(TypeError, match="user ids"):
+                    await method("team", "bob")  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="user ids"):
+                await im.online_anywhere("bob")
+            assert await im.conversations("b") == [] and await im.conversations("o") == []
+            changed = await im.add_members("team", {"bob"})
+            assert changed.members == ("alice", "bob")
+            assert (await im.remove_members("team", iter(["bob"]))).members == ("alice",)
+            assert im.server._admin_waiters == {}
