@@ -92,6 +92,22 @@ def token_ttl_problem(ttl: object) -> Optional[str]:
 #: Longest kick reason (UTF-8 bytes): it is logged and stored in events.
 MAX_KICK_REASON = 256
 
+def _reason_problem(reason: object) -> Optional[str]:
+    """Why ``reason`` is no kick reason (None if it is one): a str of at
+    most MAX_KICK_REASON bytes in UTF-8 (it is logged, sent in the Close
+    frame and stored in events)."""
+    what = f"the reason must be a string of at most {MAX_KICK_REASON} bytes (UTF-8)"
+    if not isinstance(reason, str):
+        return f"{what}, got {type(reason).__name__}"
+    try:
+        size = len(reason.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        return f"{what}, got text that is not valid UTF-8 ({exc.reason} at {exc.start})"
+    if size > MAX_KICK_REASON:
+        return f"{what}, got {size} bytes"
+    return None
+
+
 #: Device id the handle's reads use where the store wants one (never a
 #: real device: it is not registered by a read).
 _READER_DEVICE = "pimcore-host"
@@ -625,15 +641,15 @@ class Pimcore:
         durable: to keep the user out, :meth:`revoke` too.  ``reason``: at
         most :data:`MAX_KICK_REASON` (256) UTF-8 bytes (it is logged and
         sent).  Raises RequestRefused (BAD_REQUEST: an invalid user or device
-        id, a longer reason)."""
+        id, a longer reason or one that is not UTF-8 text), before anyone is
+        kicked."""
         for value, what in ((user, "user"), (device, "device")):
             problem = None if value is None and what == "device" else id_problem(value, what)
             if problem is not None:
                 raise RequestRefused(ErrorCode.BAD_REQUEST, f"kick: {problem}")
-        if not isinstance(reason, str) or len(reason.encode("utf-8", "surrogatepass")) > MAX_KICK_REASON:
-            size = f'{len(reason.encode("utf-8", "surrogatepass"))} bytes' if isinstance(reason, str) else type(reason).__name__
-            raise RequestRefused(ErrorCode.BAD_REQUEST,
-                                 f"kick: the reason must be a string of at most {MAX_KICK_REASON} bytes (UTF-8), got {size}")
+        problem = _reason_problem(reason)
+        if problem is not None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"kick: {problem}")
         self.server.check_running()
         self.server.kick(user, device, reason)
 

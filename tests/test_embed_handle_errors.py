@@ -163,3 +163,21 @@ async def test_a_string_where_a_list_of_user_ids_goes_is_a_type_error(tmp_path: 
             assert changed.members == ("alice", "bob")
             assert (await im.remove_members("team", iter(["bob"]))).members == ("alice",)
             assert im.server._admin_waiters == {}
+
+
+async def test_a_kick_reason_that_is_not_utf8_is_refused_before_anyone_is_kicked(tmp_path: Path) -> None:
+    from pimcore.client import open_client
+
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"], events=True) as im:
+            await im.create_group("team", ["alice"])
+            async with open_client(im.urls[0], im.issue_token("alice"), "phone"):
+                for reason in ("bye \udc80", "x" * 257, "é" * 129, 5):
+                    with pytest.raises(RequestRefused, match="reason") as refused:
+                        im.kick("alice", reason=reason)  # type: ignore[arg-type]
+                    assert refused.value.code is ErrorCode.BAD_REQUEST
+                assert im.online_devices("alice") == ["phone"]
+                im.kick("alice", reason="é" * 128)  # 256 bytes: the most
+            cursor, last = await im.event_cursor("c")
+            _, events = await im.next_events("c", after=0, limit=100)
+            assert [(e.type, e.reason) for e in events if e.type == "kicked"] == [("kicked", "é" * 128)]
