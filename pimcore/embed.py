@@ -26,7 +26,7 @@ import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import trio
 
@@ -546,15 +546,16 @@ class Pimcore:
         key: Union[str, bytes, None],
     ) -> Posted:
         _check_seq(seq)
-        _refuse_key(key, f"{_ACTION_NAMES.get(action, 'post')} in {conv!r}")
+        what = f"{_ACTION_NAMES.get(action, 'post')} in {conv!r}"
+        _refuse_key(key, what)
         if action == MessageKind.EDIT:
-            refused = await self._check_post(conv, payload, sender, device, key)
+            refused = await self._check_post(conv, payload, sender, device, key, what)
             if refused is not None:
                 raise refused
         done = await self.server.host_call(
             self.server.broker.amend, conv, seq, action, payload=payload, sender=sender, device=device, key=key
         )
-        result = _posted(conv, done, sender, device, key)
+        result = _posted(conv, done, sender, device, key, what)
         if isinstance(result, PimError):
             raise result
         return result
@@ -567,7 +568,7 @@ class Pimcore:
                                      or self.server.moderator is not None)
 
     async def _check_post(
-        self, conv: str, payload: bytes, sender: str, device: str, key: Union[str, bytes, None]
+        self, conv: str, payload: bytes, sender: str, device: str, key: Union[str, bytes, None], what: str = "",
     ) -> Optional[RequestRefused]:
         """The content filter, then moderation, for one post as a user (the
         checks a client's send passes): the refusal (REJECTED, or INTERNAL
@@ -584,7 +585,7 @@ class Pimcore:
             return None
         reason, code = await self.server.check_content(sender, device, conv, bytes(payload), local_id)
         if reason is not None:
-            return RequestRefused(code, f"post to {conv!r} refused: {reason}")
+            return RequestRefused(code, f"{what or f'post to {conv!r}'} refused: {reason}")
         return None
 
     async def post_many(self, posts: Sequence[dict[str, Any]]) -> list[Union[Posted, PimError]]:
@@ -598,12 +599,20 @@ class Pimcore:
         a user pass the same content checks as :meth:`post` (run
         concurrently, before any is handed to the broker); a refused post
         gets its RequestRefused and the others go on.  Raises TypeError (and
-        posts none) for a dict with other keys, or with a ``payload``,
+        posts none) unless ``posts`` is a list of dicts, for a dict without
+        ``conv`` or ``payload`` or with other keys, or with a ``payload``,
         ``mentions`` or ``mention_all`` of the wrong type (see :meth:`post`)."""
+        if isinstance(posts, (str, bytes, bytearray, memoryview, Mapping)) or not isinstance(posts, Iterable):
+            raise TypeError(f"post_many takes a list of dicts (one per post), not a {type(posts).__name__}")
         broker = self.server.broker
         calls = []
-        for kw in posts:
+        for n, kw in enumerate(posts):
+            if not isinstance(kw, Mapping):
+                raise TypeError(f"post_many takes a list of dicts (one per post), got a {type(kw).__name__} at {n}")
             kw = dict(kw)
+            for required in ("conv", "payload"):
+                if required not in kw:
+                    raise TypeError(f"post_many: post {n} has no {required!r}")
             conv, payload = kw.pop("conv"), kw.pop("payload")
             sender = kw.pop("sender", SYSTEM)
             device = kw.pop("device", SYSTEM)
@@ -661,7 +670,10 @@ class Pimcore:
         RequestRefused (BAD_REQUEST: an invalid id, or ``before`` later than
         now + :data:`REVOKE_AHEAD` -- a revocation cannot be lowered again,
         so a time in the future, nanoseconds for µs say, would lock the user
-        out for good), StoreError."""
+        out for good), StoreError; TypeError / ValueError unless ``before``
+        is None or an int >= 0 (µs, not a date or a float)."""
+        if before is not None:
+            _check_int(before, "before (µs since the epoch)", 0, (1 << 63) - 1)
         now = self.server.now()
         when = now if before is None else before
         if when > now + REVOKE_AHEAD:
@@ -676,7 +688,11 @@ class Pimcore:
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
                 raise StoreError("revocation not stored: the store failed")
-            raise RequestRefused(result.code, f"revoke {user!r}: {result.code.name}" + _why(result.code, users=(user,)))
+            why = _why(result.code, users=(user,))
+            if not why and result.code is ErrorCode.BAD_REQUEST and device is not None:
+                problem = id_problem(device, "device")
+                why = f": {problem}" if problem is not None else ""
+            raise RequestRefused(result.code, f"revoke {user!r}: {result.code.name}" + why)
         return int(result.before)
 
     # ------------------------------------------------------------ retention and purge
@@ -842,6 +858,8 @@ class Pimcore:
 
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise RequestRefused(ErrorCode.BAD_REQUEST, f"limit must be 1..1000, got {limit!r}")
+        if not isinstance(cursor, (bytes, bytearray, memoryview)):
+            raise TypeError(f"cursor must be bytes (b\"\" or a page's cursor), not {type(cursor).__name__}")
         page = await self._read_one(ReadConversations(user, bytes(cursor), limit, bool(include_hidden)))
         assert isinstance(page, (ConversationsPage, Rejected))
         if page.code != ErrorCode.OK:
@@ -915,8 +933,12 @@ class Pimcore:
     ) -> list[StoredMessage]:
         """A page of ``conv`` as ``user`` may see it (``from_seq``/``backward``
         as in HistoryReq: backward from ``from_seq`` exclusive, 0 = newest).
-        Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION, NOT_MEMBER)."""
-        page = await self._read_one(ReadHistory(conv, user, from_seq, limit, backward))
+        Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION, NOT_MEMBER);
+        TypeError / ValueError unless ``from_seq`` is an int in 0..2**64-1
+        and ``limit`` an int >= 1."""
+        _check_int(from_seq, "from_seq", 0)
+        _check_int(limit, "limit", 1)
+        page = await self._read_one(ReadHistory(conv, user, from_seq, limit, bool(backward)))
         assert isinstance(page, HistoryPage)
         if page.code != ErrorCode.OK:
             raise RequestRefused(page.code, f"history of {conv!r} for {user!r}: {page.code.name}"
@@ -1103,6 +1125,15 @@ def _payload(payload: Any) -> bytes:
                     + (" (encode text first, e.g. payload.encode())" if isinstance(payload, str) else ""))
 
 
+def _check_int(value: Any, name: str, low: int, high: int = (1 << 64) - 1) -> None:
+    """``value`` is an int (no bool) in low..high: TypeError / ValueError
+    naming ``name`` otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in {low}..{high}, not {value}")
+
+
 def _check_seq(seq: Any) -> None:
     """A message's seq: an int in 1..2**64-1 (TypeError / ValueError)."""
     if not isinstance(seq, int) or isinstance(seq, bool):
@@ -1112,13 +1143,15 @@ def _check_seq(seq: Any) -> None:
 
 
 def _posted(conv: str, done: Any, sender: str = SYSTEM, device: str = SYSTEM,
-            key: Union[str, bytes, None] = None) -> Union[Posted, PimError]:
-    """A PostDone as the handle answers it."""
+            key: Union[str, bytes, None] = None, what: str = "") -> Union[Posted, PimError]:
+    """A PostDone as the handle answers it; ``what`` names the call in
+    errors (default ``post to 'conv'``; ``recall in 'conv'`` ...)."""
+    what = what or f"post to {conv!r}"
     if done.code is ErrorCode.STORE_UNAVAILABLE:
-        return StoreError(f"post to {conv!r} not stored: the store failed")
+        return StoreError(f"{what} not stored: the store failed")
     if done.code is not ErrorCode.OK:
         why = _post_problem(conv, sender, device, key) if done.code is ErrorCode.BAD_REQUEST else None
-        return RequestRefused(done.code, f"post to {conv!r} refused: {done.code.name}" + (f": {why}" if why else ""))
+        return RequestRefused(done.code, f"{what} refused: {done.code.name}" + (f": {why}" if why else ""))
     return Posted(conv, done.msg_id, done.seq, done.server_time, done.duplicate)
 
 
@@ -1167,8 +1200,10 @@ async def open_pimcore(
     (``handle.webhooks``), and events are recorded; with ``[moderation]
     url`` every user's message is moderated (docs/EMBEDDING.md, Webhooks).
 
-    Raises ConfigError for unusable settings, StoreError if the store cannot
-    be opened, OSError if a listener cannot bind.
+    Raises ConfigError for unusable settings (a value of the wrong type, a
+    ``data_dir`` that is not a directory, a ``secret_file`` that cannot be
+    read), StoreError if the store cannot be opened, OSError if a listener
+    cannot bind.
     """
     if settings is None:
         overrides.setdefault("listen", [])
@@ -1176,6 +1211,9 @@ async def open_pimcore(
         settings = load_settings(config_file, **overrides)
     elif config_file is not None or overrides:
         raise TypeError("pass either settings or config_file/overrides, not both")
+    data_dir = Path(settings.data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(f"data_dir {str(data_dir)!r} is not a directory")
     config = settings.server_config()
     tls = settings.tls_context()
     if tls is not None:
@@ -1243,9 +1281,15 @@ def _secret_of(settings: ServeSettings) -> bytes:
     if settings.secret:
         return settings.secret.encode()
     if settings.secret_file is not None:
-        text = Path(settings.secret_file).read_text().strip()
+        try:
+            text = Path(settings.secret_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"secret_file {str(settings.secret_file)!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
         if not text:
             raise ConfigError(f"{settings.secret_file} is empty")
         return text.encode()
-    return load_or_create_secret(Path(settings.data_dir))
+    try:
+        return load_or_create_secret(Path(settings.data_dir))
+    except OSError as exc:
+        raise ConfigError(f"data_dir {str(settings.data_dir)!r}: cannot read or create its secret: {exc.strerror or exc}") from None
 

@@ -181,3 +181,57 @@ async def test_a_kick_reason_that_is_not_utf8_is_refused_before_anyone_is_kicked
             cursor, last = await im.event_cursor("c")
             _, events = await im.next_events("c", after=0, limit=100)
             assert [(e.type, e.reason) for e in events if e.type == "kicked"] == [("kicked", "é" * 128)]
+
+
+async def test_arguments_of_the_wrong_type_or_value_get_clear_documented_errors(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            await im.create_group("team", ["alice", "bob"])
+            await im.post("team", b"one")
+            cases = [
+                (lambda: im.history("team", "alice", from_seq="1"), TypeError, "from_seq"),
+                (lambda: im.history("team", "alice", from_seq=-1), ValueError, "from_seq"),
+                (lambda: im.history("team", "alice", limit="5"), TypeError, "limit"),
+                (lambda: im.history("team", "alice", limit=-1), ValueError, "limit"),
+                (lambda: im.history("team", "alice", limit=0), ValueError, "limit"),
+                (lambda: im.revoke("alice", before="2026-01-01"), TypeError, "before"),
+                (lambda: im.revoke("alice", before=1.5), TypeError, "before"),
+                (lambda: im.revoke("alice", before=-1), ValueError, "before"),
+                (lambda: im.post_many([{"conv": "team"}]), TypeError, "payload"),
+                (lambda: im.post_many([{"payload": b"x"}]), TypeError, "conv"),
+                (lambda: im.post_many("abc"), TypeError, "list of dicts"),
+                (lambda: im.post_many([b"x"]), TypeError, "list of dicts"),
+                (lambda: im.post_many({"conv": "team", "payload": b"x"}), TypeError, "list of dicts"),
+                (lambda: im.conversation_list("alice", cursor="abc"), TypeError, "cursor"),
+            ]
+            for call, error, word in cases:
+                with pytest.raises(error, match=word):
+                    await call()
+            assert [m.payload for m in await im.history("team", "alice")] == [b"one"]
+            with pytest.raises(RequestRefused, match="device") as refused:
+                await im.revoke("alice", "no such device!")
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+            for call, action in ((lambda: im.recall("team", 99), "recall"), (lambda: im.edit("team", 99, b"e"), "edit"),
+                                 (lambda: im.delete_for("alice", "team", 99), "delete")):
+                with pytest.raises(RequestRefused) as refused:
+                    await call()
+                assert refused.value.code is ErrorCode.NO_SUCH_MESSAGE
+                assert str(refused.value).startswith(f"{action} in 'team' refused: NO_SUCH_MESSAGE")
+            assert im.server._admin_waiters == {}
+
+
+async def test_unusable_settings_are_config_errors(tmp_path: Path) -> None:
+    from pimcore.config import ConfigError
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cases = [
+        ({"data_dir": tmp_path / "d1", "secret_file": str(tmp_path / "nonexistent" / "secret")}, "secret"),
+        ({"data_dir": a_file}, "not a directory"),
+        ({"data_dir": tmp_path / "d2", "events": "true"}, "expected a bool"),
+    ]
+    for kw, words in cases:
+        with trio.fail_after(20):
+            with pytest.raises(ConfigError, match=words):
+                async with open_pimcore(**kw):
+                    pass
