@@ -225,15 +225,15 @@ class ThreadedPimcore:
 
     def create_group(self, conv: str, members: Sequence[str]) -> GroupChanged:
         assert self.handle is not None
-        return self._call(self.handle.create_group, conv, list(members))
+        return self._call(self.handle.create_group, conv, embed._user_ids(members, "members"))  # a copy, checked
 
     def add_members(self, conv: str, users: Sequence[str]) -> GroupChanged:
         assert self.handle is not None
-        return self._call(self.handle.add_members, conv, list(users))
+        return self._call(self.handle.add_members, conv, embed._user_ids(users, "users"))
 
     def remove_members(self, conv: str, users: Sequence[str]) -> GroupChanged:
         assert self.handle is not None
-        return self._call(self.handle.remove_members, conv, list(users))
+        return self._call(self.handle.remove_members, conv, embed._user_ids(users, "users"))
 
     def post(
         self,

@@ -235,3 +235,19 @@ async def test_unusable_settings_are_config_errors(tmp_path: Path) -> None:
             with pytest.raises(ConfigError, match=words):
                 async with open_pimcore(**kw):
                     pass
+
+
+def test_the_threaded_handle_refuses_a_string_of_members_too(tmp_path: Path) -> None:
+    from pimcore.threaded import open_pimcore_thread
+
+    im = open_pimcore_thread(data_dir=tmp_path / "data")
+    try:
+        with pytest.raises(TypeError, match="user ids"):
+            im.create_group("team", "alice")  # type: ignore[arg-type]
+        im.create_group("team", ["alice"])
+        for method in (im.add_members, im.remove_members):
+            with pytest.raises(TypeError, match="user ids"):
+                method("team", "bob")  # type: ignore[arg-type]
+        assert im.conversations("a") == [] and im.conversations("b") == []
+    finally:
+        im.close()
