@@ -92,6 +92,7 @@ def token_ttl_problem(ttl: object) -> Optional[str]:
 #: Longest kick reason (UTF-8 bytes): it is logged and stored in events.
 MAX_KICK_REASON = 256
 
+
 def _reason_problem(reason: object) -> Optional[str]:
     """Why ``reason`` is no kick reason (None if it is one): a str of at
     most MAX_KICK_REASON bytes in UTF-8 (it is logged, sent in the Close
@@ -792,6 +793,7 @@ class Pimcore:
         live node (one read of the device-to-node records; if the store
         cannot answer, this broker's view).  What ``offline_recipients`` of
         host events is computed from (push notifications go to the others)."""
+        self.server.check_running()
         users = list(dict.fromkeys(_user_ids(users, "users")))
         broker = self.server.broker
         online = {u for u in users if broker.online_devices(u)}
@@ -969,6 +971,7 @@ class Pimcore:
         ``events=True`` (``[server] events``): without it raises
         EventsDisabled.  Raises RequestRefused (BAD_REQUEST: an invalid
         consumer name) when iterated."""
+        self.server.check_running()
         self._need_events()
         return EventStream(self, consumer, after, limit)
 
@@ -1054,8 +1057,8 @@ def _post_problem(conv: str, sender: str, device: str, key: Union[str, bytes, No
 
 
 def _key_problem(key: object) -> Optional[str]:
-    """Why ``key`` is no idempotency key (None if it is one, or None):
-    1..256 bytes, or text of 1..256 bytes in UTF-8."""
+    """Why ``key`` is no idempotency key, or None when it is one (or is
+    None: no key): 1..256 bytes, or text of 1..256 bytes in UTF-8."""
     if key is None:
         return None
     if isinstance(key, str):

@@ -62,7 +62,7 @@ async def test_calls_in_flight_at_close_and_after_it_raise_broker_stopped(tmp_pa
         for call in calls:
             with pytest.raises(BrokerStopped):
                 await call()
-        for sync_call in (lambda: im.kick("alice"), lambda: im.online_devices("alice")):
+        for sync_call in (lambda: im.kick("alice"), lambda: im.online_devices("alice"), lambda: im.issue_token("alice")):
             with pytest.raises(BrokerStopped):
                 sync_call()
         assert server._admin_waiters == {}
@@ -87,7 +87,10 @@ async def test_event_readers_waiting_at_close_raise_broker_stopped(tmp_path: Pat
                 outer.start_soon(reader)
                 await trio.sleep(0.1)
         assert len(errors) == 1
-        for call in (lambda: im.next_events("c"), lambda: im.ack_events(1, "c"), lambda: im.event_cursor("c")):
+        with pytest.raises(BrokerStopped):
+            im.events("c")
+        for call in (lambda: im.next_events("c"), lambda: im.ack_events(1, "c"), lambda: im.event_cursor("c"),
+                     lambda: im.online_anywhere(["alice"])):
             with pytest.raises(BrokerStopped):
                 await call()
 
