@@ -701,6 +701,9 @@ def _layer_from_flags(flags: Mapping[str, Any]) -> dict[tuple[Optional[str], str
         else:
             raise ConfigError(f"unknown setting {name!r}")
         typ = SCHEMA[where]
+        if typ == "bool" and not isinstance(value, bool):
+            # A keyword argument (open_pimcore(events="true")): not TOML's words.
+            raise ConfigError(f"{name}: expected a bool (True or False), got {type(value).__name__} {value!r:.60}")
         value = _check(f"--{name.replace('_', '-')}", typ, value)
         if typ == "path" and value == "":
             continue  # unset, as an empty variable is (Path("") would be ".")

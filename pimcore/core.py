@@ -332,10 +332,14 @@ class BrokerConfig:
 
 def idempotency_local_id(key: Union[str, bytes, None]) -> Optional[int]:
     """The local id (u64) of a host post's idempotency key (text or 1..256
-    bytes; BLAKE2b), a random one for None, None for an unusable key."""
+    bytes; BLAKE2b), a random one for None, None for an unusable key (of
+    another type, empty, too long, text that is not UTF-8-encodable)."""
     if key is None:
         return int.from_bytes(os.urandom(8), "big")
-    raw_key = key.encode("utf-8") if isinstance(key, str) else key
+    try:
+        raw_key = key.encode("utf-8") if isinstance(key, str) else key
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 text
+        return None
     if not isinstance(raw_key, bytes) or not 0 < len(raw_key) <= 256:
         return None
     return int.from_bytes(hashlib.blake2b(raw_key, digest_size=8, person=b"pimcore-idem").digest(), "big")

@@ -26,7 +26,7 @@ import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import trio
 
@@ -34,7 +34,7 @@ from ._util import unwrap_single
 from .auth import JwtAuthenticator, issue_token, load_or_create_secret
 from .core import Authenticator, ContentFilter, Identity
 from .config import ConfigError, ServeSettings, load_settings
-from .errors import ErrorCode, PimError, StoreError
+from .errors import BrokerStopped, ErrorCode, PimError, StoreError
 from .frames import MessageKind
 from .ids import SYSTEM, conversation_problem, group_problem, id_problem
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ConversationListPage", "ReadPositions", "DevicePosition",
-    "HostEvent", "EventStream", "SYSTEM", "EventsDisabled", "UserPresence", "Retention", "Purged",
+    "HostEvent", "EventStream", "SYSTEM", "EventsDisabled", "UserPresence", "Retention", "Purged", "BrokerStopped",
 ]
 
 _log = logging.getLogger("pimcore.net")
@@ -91,6 +91,23 @@ def token_ttl_problem(ttl: object) -> Optional[str]:
 
 #: Longest kick reason (UTF-8 bytes): it is logged and stored in events.
 MAX_KICK_REASON = 256
+
+
+def _reason_problem(reason: object) -> Optional[str]:
+    """Why ``reason`` is no kick reason (None if it is one): a str of at
+    most MAX_KICK_REASON bytes in UTF-8 (it is logged, sent in the Close
+    frame and stored in events)."""
+    what = f"the reason must be a string of at most {MAX_KICK_REASON} bytes (UTF-8)"
+    if not isinstance(reason, str):
+        return f"{what}, got {type(reason).__name__}"
+    try:
+        size = len(reason.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        return f"{what}, got text that is not valid UTF-8 ({exc.reason} at {exc.start})"
+    if size > MAX_KICK_REASON:
+        return f"{what}, got {size} bytes"
+    return None
+
 
 #: Device id the handle's reads use where the store wants one (never a
 #: real device: it is not registered by a read).
@@ -349,6 +366,9 @@ class Pimcore:
     Methods are trio-async where they wait for the broker or the store, and
     raise :class:`RequestRefused` (with an ErrorCode) for requests the broker
     refuses, :class:`~pimcore.errors.StoreError` when the store failed.
+    Once the ``open_pimcore`` block exits, every method (the properties
+    aside) raises :class:`~pimcore.errors.BrokerStopped`, and so do the
+    calls still waiting for the broker then.
     """
 
     def __init__(self, server: BrokerServer, store: Union[Store, AsyncStore], settings: ServeSettings, secret: Optional[bytes]) -> None:
@@ -397,6 +417,7 @@ class Pimcore:
         the broker's secret.  Raises ValueError for invalid ids or ttl,
         RuntimeError if the broker was opened with its own authenticator (it
         has no secret to sign with)."""
+        self.server.check_running()
         if self._secret is None:
             raise RuntimeError("this broker authenticates with a custom authenticator: it cannot issue tokens")
         problem = token_ttl_problem(ttl)
@@ -406,22 +427,25 @@ class Pimcore:
 
     # ------------------------------------------------------------ groups
 
-    async def create_group(self, conv: str, members: Sequence[str]) -> GroupChanged:
-        """Create group ``conv`` with ``members``, ordered with the messages
-        around it.  Raises RequestRefused (BAD_REQUEST, ALREADY_EXISTS),
-        StoreError if the store failed."""
-        return await self._admin(self.server.broker.create_group, conv, members)
+    async def create_group(self, conv: str, members: Iterable[str]) -> GroupChanged:
+        """Create group ``conv`` with ``members`` (a list, tuple or set of
+        user ids), ordered with the messages around it.  Raises
+        RequestRefused (BAD_REQUEST, ALREADY_EXISTS), StoreError if the
+        store failed; TypeError (nothing changed) for a str instead of a
+        list -- it would be one user per letter -- or an id that is no str
+        (so do add_members and remove_members)."""
+        return await self._admin(self.server.broker.create_group, conv, _user_ids(members, "members"))
 
-    async def add_members(self, conv: str, users: Sequence[str]) -> GroupChanged:
+    async def add_members(self, conv: str, users: Iterable[str]) -> GroupChanged:
         """Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION), StoreError."""
-        return await self._admin(self.server.broker.add_members, conv, users)
+        return await self._admin(self.server.broker.add_members, conv, _user_ids(users, "users"))
 
-    async def remove_members(self, conv: str, users: Sequence[str]) -> GroupChanged:
+    async def remove_members(self, conv: str, users: Iterable[str]) -> GroupChanged:
         """Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION), StoreError."""
-        return await self._admin(self.server.broker.remove_members, conv, users)
+        return await self._admin(self.server.broker.remove_members, conv, _user_ids(users, "users"))
 
-    async def _admin(self, method: Callable[..., Any], conv: str, users: Sequence[str]) -> GroupChanged:
-        result = await self.server.admin_result(method, conv, list(users))
+    async def _admin(self, method: Callable[..., Any], conv: str, users: list[str]) -> GroupChanged:
+        result = await self.server.admin_result(method, conv, users)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
                 raise StoreError(f"group {conv!r} not changed: the store failed")
@@ -462,14 +486,17 @@ class Pimcore:
         ``mentions`` (user ids) and ``mention_all`` mention members as a
         client's send does (their mention counts, the event's
         ``mentioned``); RequestRefused BAD_MENTION / TOO_MANY_MENTIONS.
-        TypeError (nothing stored) unless ``mentions`` is a list or tuple of
-        str and ``mention_all`` a bool."""
+        TypeError (nothing stored) unless ``payload`` is bytes, bytearray or
+        memoryview, ``mentions`` a list or tuple of str and ``mention_all``
+        a bool."""
         ms = _mentions(mentions, mention_all)
+        payload = _payload(payload)
+        _refuse_key(idempotency_key, f"post to {conv!r}")
         refused = await self._check_post(conv, payload, sender, device, idempotency_key)
         if refused is not None:
             raise refused
         done = await self.server.host_call(
-            self.server.broker.post, conv, bytes(payload), sender=sender, device=device, key=idempotency_key,
+            self.server.broker.post, conv, payload, sender=sender, device=device, key=idempotency_key,
             mentions=ms, mention_all=mention_all,
         )
         result = _posted(conv, done, sender, device, idempotency_key)
@@ -499,8 +526,10 @@ class Pimcore:
     ) -> Posted:
         """Replace the payload of the message at ``seq`` of ``conv`` (an EDIT
         entry, delivered like a message); as :meth:`recall` otherwise (an
-        edit as a user passes the content checks a post does)."""
-        return await self._amend(conv, seq, MessageKind.EDIT, bytes(payload), sender, device, idempotency_key)
+        edit as a user passes the content checks a post does).  TypeError
+        (nothing stored) unless ``payload`` is bytes, bytearray or
+        memoryview."""
+        return await self._amend(conv, seq, MessageKind.EDIT, _payload(payload), sender, device, idempotency_key)
 
     async def delete_for(
         self, user: str, conv: str, seq: int, *, device: str = "host",
@@ -518,14 +547,16 @@ class Pimcore:
         key: Union[str, bytes, None],
     ) -> Posted:
         _check_seq(seq)
+        what = f"{_ACTION_NAMES.get(action, 'post')} in {conv!r}"
+        _refuse_key(key, what)
         if action == MessageKind.EDIT:
-            refused = await self._check_post(conv, payload, sender, device, key)
+            refused = await self._check_post(conv, payload, sender, device, key, what)
             if refused is not None:
                 raise refused
         done = await self.server.host_call(
             self.server.broker.amend, conv, seq, action, payload=payload, sender=sender, device=device, key=key
         )
-        result = _posted(conv, done, sender, device, key)
+        result = _posted(conv, done, sender, device, key, what)
         if isinstance(result, PimError):
             raise result
         return result
@@ -538,7 +569,7 @@ class Pimcore:
                                      or self.server.moderator is not None)
 
     async def _check_post(
-        self, conv: str, payload: bytes, sender: str, device: str, key: Union[str, bytes, None]
+        self, conv: str, payload: bytes, sender: str, device: str, key: Union[str, bytes, None], what: str = "",
     ) -> Optional[RequestRefused]:
         """The content filter, then moderation, for one post as a user (the
         checks a client's send passes): the refusal (REJECTED, or INTERNAL
@@ -555,7 +586,7 @@ class Pimcore:
             return None
         reason, code = await self.server.check_content(sender, device, conv, bytes(payload), local_id)
         if reason is not None:
-            return RequestRefused(code, f"post to {conv!r} refused: {reason}")
+            return RequestRefused(code, f"{what or f'post to {conv!r}'} refused: {reason}")
         return None
 
     async def post_many(self, posts: Sequence[dict[str, Any]]) -> list[Union[Posted, PimError]]:
@@ -569,12 +600,20 @@ class Pimcore:
         a user pass the same content checks as :meth:`post` (run
         concurrently, before any is handed to the broker); a refused post
         gets its RequestRefused and the others go on.  Raises TypeError (and
-        posts none) for a dict with other keys, or with ``mentions`` /
-        ``mention_all`` of the wrong type (see :meth:`post`)."""
+        posts none) unless ``posts`` is a list of dicts, for a dict without
+        ``conv`` or ``payload`` or with other keys, or with a ``payload``,
+        ``mentions`` or ``mention_all`` of the wrong type (see :meth:`post`)."""
+        if isinstance(posts, (str, bytes, bytearray, memoryview, Mapping)) or not isinstance(posts, Iterable):
+            raise TypeError(f"post_many takes a list of dicts (one per post), not a {type(posts).__name__}")
         broker = self.server.broker
         calls = []
-        for kw in posts:
+        for n, kw in enumerate(posts):
+            if not isinstance(kw, Mapping):
+                raise TypeError(f"post_many takes a list of dicts (one per post), got a {type(kw).__name__} at {n}")
             kw = dict(kw)
+            for required in ("conv", "payload"):
+                if required not in kw:
+                    raise TypeError(f"post_many: post {n} has no {required!r}")
             conv, payload = kw.pop("conv"), kw.pop("payload")
             sender = kw.pop("sender", SYSTEM)
             device = kw.pop("device", SYSTEM)
@@ -584,9 +623,13 @@ class Pimcore:
             if kw:
                 raise TypeError(f"post_many: unexpected keys {sorted(kw)}")
             extra = {"mentions": ms, "mention_all": mention_all} if ms or mention_all else {}
-            calls.append((broker.post, (conv, bytes(payload)), {"sender": sender, "device": device, "key": key, **extra}))
+            calls.append((broker.post, (conv, _payload(payload)), {"sender": sender, "device": device, "key": key, **extra}))
         results: list[Union[Posted, PimError, None]] = [None] * len(calls)
-        checked = [i for i, call in enumerate(calls) if self._checked(call[2]["sender"])]
+        for i, (_, (conv, _), kw) in enumerate(calls):
+            problem = _key_problem(kw["key"])
+            if problem is not None:  # refused here: the core would raise on it
+                results[i] = RequestRefused(ErrorCode.BAD_REQUEST, f"post to {conv!r} refused: BAD_REQUEST: {problem}")
+        checked = [i for i, call in enumerate(calls) if results[i] is None and self._checked(call[2]["sender"])]
         if checked:
             async def check(i: int) -> None:
                 (conv, payload), kw = calls[i][1], calls[i][2]
@@ -608,15 +651,16 @@ class Pimcore:
         durable: to keep the user out, :meth:`revoke` too.  ``reason``: at
         most :data:`MAX_KICK_REASON` (256) UTF-8 bytes (it is logged and
         sent).  Raises RequestRefused (BAD_REQUEST: an invalid user or device
-        id, a longer reason)."""
+        id, a longer reason or one that is not UTF-8 text), before anyone is
+        kicked."""
         for value, what in ((user, "user"), (device, "device")):
             problem = None if value is None and what == "device" else id_problem(value, what)
             if problem is not None:
                 raise RequestRefused(ErrorCode.BAD_REQUEST, f"kick: {problem}")
-        if not isinstance(reason, str) or len(reason.encode("utf-8", "surrogatepass")) > MAX_KICK_REASON:
-            size = f'{len(reason.encode("utf-8", "surrogatepass"))} bytes' if isinstance(reason, str) else type(reason).__name__
-            raise RequestRefused(ErrorCode.BAD_REQUEST,
-                                 f"kick: the reason must be a string of at most {MAX_KICK_REASON} bytes (UTF-8), got {size}")
+        problem = _reason_problem(reason)
+        if problem is not None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"kick: {problem}")
+        self.server.check_running()
         self.server.kick(user, device, reason)
 
     async def revoke(self, user: str, device: Optional[str] = None, *, before: Optional[int] = None) -> int:
@@ -627,7 +671,10 @@ class Pimcore:
         RequestRefused (BAD_REQUEST: an invalid id, or ``before`` later than
         now + :data:`REVOKE_AHEAD` -- a revocation cannot be lowered again,
         so a time in the future, nanoseconds for µs say, would lock the user
-        out for good), StoreError."""
+        out for good), StoreError; TypeError / ValueError unless ``before``
+        is None or an int >= 0 (µs, not a date or a float)."""
+        if before is not None:
+            _check_int(before, "before (µs since the epoch)", 0, (1 << 63) - 1)
         now = self.server.now()
         when = now if before is None else before
         if when > now + REVOKE_AHEAD:
@@ -642,7 +689,11 @@ class Pimcore:
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
                 raise StoreError("revocation not stored: the store failed")
-            raise RequestRefused(result.code, f"revoke {user!r}: {result.code.name}" + _why(result.code, users=(user,)))
+            why = _why(result.code, users=(user,))
+            if not why and result.code is ErrorCode.BAD_REQUEST and device is not None:
+                problem = id_problem(device, "device")
+                why = f": {problem}" if problem is not None else ""
+            raise RequestRefused(result.code, f"revoke {user!r}: {result.code.name}" + why)
         return int(result.before)
 
     # ------------------------------------------------------------ retention and purge
@@ -730,6 +781,7 @@ class Pimcore:
     def online_devices(self, user: str) -> list[str]:
         """The devices of ``user`` connected to this broker now, sorted.
         Raises RequestRefused (BAD_REQUEST) for an invalid user id."""
+        self.server.check_running()
         problem = id_problem(user, "user")
         if problem is not None:
             raise RequestRefused(ErrorCode.BAD_REQUEST, f"online devices: {problem}")
@@ -741,7 +793,8 @@ class Pimcore:
         live node (one read of the device-to-node records; if the store
         cannot answer, this broker's view).  What ``offline_recipients`` of
         host events is computed from (push notifications go to the others)."""
-        users = list(dict.fromkeys(users))
+        self.server.check_running()
+        users = list(dict.fromkeys(_user_ids(users, "users")))
         broker = self.server.broker
         online = {u for u in users if broker.online_devices(u)}
         cluster = getattr(self.server.store, "cluster", None)
@@ -807,6 +860,8 @@ class Pimcore:
 
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise RequestRefused(ErrorCode.BAD_REQUEST, f"limit must be 1..1000, got {limit!r}")
+        if not isinstance(cursor, (bytes, bytearray, memoryview)):
+            raise TypeError(f"cursor must be bytes (b\"\" or a page's cursor), not {type(cursor).__name__}")
         page = await self._read_one(ReadConversations(user, bytes(cursor), limit, bool(include_hidden)))
         assert isinstance(page, (ConversationsPage, Rejected))
         if page.code != ErrorCode.OK:
@@ -880,8 +935,12 @@ class Pimcore:
     ) -> list[StoredMessage]:
         """A page of ``conv`` as ``user`` may see it (``from_seq``/``backward``
         as in HistoryReq: backward from ``from_seq`` exclusive, 0 = newest).
-        Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION, NOT_MEMBER)."""
-        page = await self._read_one(ReadHistory(conv, user, from_seq, limit, backward))
+        Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION, NOT_MEMBER);
+        TypeError / ValueError unless ``from_seq`` is an int in 0..2**64-1
+        and ``limit`` an int >= 1."""
+        _check_int(from_seq, "from_seq", 0)
+        _check_int(limit, "limit", 1)
+        page = await self._read_one(ReadHistory(conv, user, from_seq, limit, bool(backward)))
         assert isinstance(page, HistoryPage)
         if page.code != ErrorCode.OK:
             raise RequestRefused(page.code, f"history of {conv!r} for {user!r}: {page.code.name}"
@@ -894,6 +953,7 @@ class Pimcore:
 
     async def _read(self, *ops: ReadOp) -> tuple[Any, ...]:
         """Results of ``ops``, one store request (one snapshot)."""
+        self.server.check_running()
         request = StoreRequest(next(self._ids), ops, False)
         store = self._store
         if isinstance(store, AsyncStore):
@@ -911,6 +971,7 @@ class Pimcore:
         ``events=True`` (``[server] events``): without it raises
         EventsDisabled.  Raises RequestRefused (BAD_REQUEST: an invalid
         consumer name) when iterated."""
+        self.server.check_running()
         self._need_events()
         return EventStream(self, consumer, after, limit)
 
@@ -992,12 +1053,33 @@ def _post_problem(conv: str, sender: str, device: str, key: Union[str, bytes, No
     problem = conversation_problem(conv)
     if problem is not None:
         return problem
-    if key is not None:
-        raw = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else key
-        if not isinstance(raw, bytes) or not 0 < len(raw) <= 256:
-            size = f"{len(raw)} bytes" if isinstance(raw, bytes) else type(key).__name__
-            return f"the idempotency key must be 1..256 bytes, got {size}"
+    return _key_problem(key)
+
+
+def _key_problem(key: object) -> Optional[str]:
+    """Why ``key`` is no idempotency key, or None when it is one (or is
+    None: no key): 1..256 bytes, or text of 1..256 bytes in UTF-8."""
+    if key is None:
+        return None
+    if isinstance(key, str):
+        try:
+            raw = key.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"the idempotency key must be valid UTF-8 text, got {key!r:.80} ({exc.reason} at {exc.start})"
+    else:
+        raw = key  # type: ignore[assignment]
+    if not isinstance(raw, bytes) or not 0 < len(raw) <= 256:
+        size = f"{len(raw)} bytes" if isinstance(raw, bytes) else type(key).__name__
+        return f"the idempotency key must be 1..256 bytes, got {size}"
     return None
+
+
+def _refuse_key(key: object, what: str) -> None:
+    """RequestRefused (BAD_REQUEST) for an unusable idempotency key,
+    before anything is handed to the broker."""
+    problem = _key_problem(key)
+    if problem is not None:
+        raise RequestRefused(ErrorCode.BAD_REQUEST, f"{what} refused: BAD_REQUEST: {problem}")
 
 
 def _mentions(mentions: Any, mention_all: Any) -> tuple[str, ...]:
@@ -1012,6 +1094,49 @@ def _mentions(mentions: Any, mention_all: Any) -> tuple[str, ...]:
     return tuple(mentions)
 
 
+def _user_ids(users: Any, what: str) -> list[str]:
+    """``users`` (a list, tuple, set or other iterable of user ids) as a
+    list; TypeError for a str or bytes (it would be iterated letter by
+    letter: one user per letter), a non-iterable or an id that is no str.
+    The ids themselves are the broker's to check (BAD_REQUEST)."""
+    if isinstance(users, (str, bytes, bytearray, memoryview)):
+        raise TypeError(f"{what} must be a list of user ids (str), not a {type(users).__name__}: "
+                        f"write [{users!r:.60}] for one user")
+    try:
+        ids = list(users)
+    except TypeError:
+        raise TypeError(f"{what} must be a list of user ids (str), not {type(users).__name__}") from None
+    for u in ids:
+        if not isinstance(u, str):
+            raise TypeError(f"{what} must be a list of user ids (str), got {type(u).__name__} {u!r:.60} in it")
+    return ids
+
+
+#: What :meth:`Pimcore.recall` / ``edit`` / ``delete_for`` are called in refusals.
+_ACTION_NAMES: dict[int, str] = {MessageKind.RECALL: "recall", MessageKind.EDIT: "edit", MessageKind.DELETE: "delete"}
+
+
+def _payload(payload: Any) -> bytes:
+    """A message payload as bytes: bytes, bytearray or memoryview are
+    taken; anything else is a TypeError before anything is allocated (an
+    int would be that many zero bytes, a list of ints their bytes)."""
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, (bytearray, memoryview)):
+        return bytes(payload)
+    raise TypeError(f"payload must be bytes, bytearray or memoryview, not {type(payload).__name__}"
+                    + (" (encode text first, e.g. payload.encode())" if isinstance(payload, str) else ""))
+
+
+def _check_int(value: Any, name: str, low: int, high: int = (1 << 64) - 1) -> None:
+    """``value`` is an int (no bool) in low..high: TypeError / ValueError
+    naming ``name`` otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in {low}..{high}, not {value}")
+
+
 def _check_seq(seq: Any) -> None:
     """A message's seq: an int in 1..2**64-1 (TypeError / ValueError)."""
     if not isinstance(seq, int) or isinstance(seq, bool):
@@ -1021,13 +1146,15 @@ def _check_seq(seq: Any) -> None:
 
 
 def _posted(conv: str, done: Any, sender: str = SYSTEM, device: str = SYSTEM,
-            key: Union[str, bytes, None] = None) -> Union[Posted, PimError]:
-    """A PostDone as the handle answers it."""
+            key: Union[str, bytes, None] = None, what: str = "") -> Union[Posted, PimError]:
+    """A PostDone as the handle answers it; ``what`` names the call in
+    errors (default ``post to 'conv'``; ``recall in 'conv'`` ...)."""
+    what = what or f"post to {conv!r}"
     if done.code is ErrorCode.STORE_UNAVAILABLE:
-        return StoreError(f"post to {conv!r} not stored: the store failed")
+        return StoreError(f"{what} not stored: the store failed")
     if done.code is not ErrorCode.OK:
         why = _post_problem(conv, sender, device, key) if done.code is ErrorCode.BAD_REQUEST else None
-        return RequestRefused(done.code, f"post to {conv!r} refused: {done.code.name}" + (f": {why}" if why else ""))
+        return RequestRefused(done.code, f"{what} refused: {done.code.name}" + (f": {why}" if why else ""))
     return Posted(conv, done.msg_id, done.seq, done.server_time, done.duplicate)
 
 
@@ -1076,8 +1203,10 @@ async def open_pimcore(
     (``handle.webhooks``), and events are recorded; with ``[moderation]
     url`` every user's message is moderated (docs/EMBEDDING.md, Webhooks).
 
-    Raises ConfigError for unusable settings, StoreError if the store cannot
-    be opened, OSError if a listener cannot bind.
+    Raises ConfigError for unusable settings (a value of the wrong type, a
+    ``data_dir`` that is not a directory, a ``secret_file`` that cannot be
+    read), StoreError if the store cannot be opened, OSError if a listener
+    cannot bind.
     """
     if settings is None:
         overrides.setdefault("listen", [])
@@ -1085,6 +1214,9 @@ async def open_pimcore(
         settings = load_settings(config_file, **overrides)
     elif config_file is not None or overrides:
         raise TypeError("pass either settings or config_file/overrides, not both")
+    data_dir = Path(settings.data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(f"data_dir {str(data_dir)!r} is not a directory")
     config = settings.server_config()
     tls = settings.tls_context()
     if tls is not None:
@@ -1152,9 +1284,15 @@ def _secret_of(settings: ServeSettings) -> bytes:
     if settings.secret:
         return settings.secret.encode()
     if settings.secret_file is not None:
-        text = Path(settings.secret_file).read_text().strip()
+        try:
+            text = Path(settings.secret_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"secret_file {str(settings.secret_file)!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
         if not text:
             raise ConfigError(f"{settings.secret_file} is empty")
         return text.encode()
-    return load_or_create_secret(Path(settings.data_dir))
+    try:
+        return load_or_create_secret(Path(settings.data_dir))
+    except OSError as exc:
+        raise ConfigError(f"data_dir {str(settings.data_dir)!r}: cannot read or create its secret: {exc.strerror or exc}") from None
 

@@ -18,6 +18,7 @@ __all__ = [
     "StoreError",
     "AuthError",
     "BackendChoiceError",
+    "BrokerStopped",
 ]
 
 
@@ -120,6 +121,15 @@ class StoreError(PimError):
 
 class AuthError(PimError):
     """A token was rejected (forged, expired, malformed)."""
+
+
+class BrokerStopped(PimError, RuntimeError):
+    """The embedded broker has stopped (the ``open_pimcore`` block exited,
+    or the threaded handle was closed or its thread ended, the error chained
+    as ``__cause__``): a call made after that, or in flight when it happened,
+    fails with this at once.  A write in flight may or may not have been
+    stored: retry it with the same idempotency key once a broker runs
+    again."""
 
 
 class BackendChoiceError(ImportError):

@@ -47,7 +47,7 @@ from .config import ConfigError, ServeSettings, load_settings
 from .embed import (
     SYSTEM, Conversation, ConversationListPage, EventsDisabled, HostEvent, Pimcore, Posted, ReadPositions, RequestRefused,
 )
-from .errors import PimError
+from .errors import BrokerStopped, PimError
 from .store.base import GroupChanged, StoredMessage
 
 __all__ = [
@@ -62,11 +62,6 @@ class WouldDeadlock(RuntimeError):
     """A blocking call from a thread the call would have to wait for: the
     broker's loop thread (an event handler with ``on_loop=True``), or
     close/set_event_handler from inside an event handler."""
-
-
-class BrokerStopped(RuntimeError):
-    """The broker was closed (or its thread ended with an error, chained as
-    ``__cause__``)."""
 
 
 class BrokerAlreadyRunning(RuntimeError):
@@ -267,15 +262,15 @@ class ThreadedPimcore:
 
     def create_group(self, conv: str, members: Sequence[str]) -> GroupChanged:
         assert self.handle is not None
-        return self._call(self.handle.create_group, conv, list(members))
+        return self._call(self.handle.create_group, conv, embed._user_ids(members, "members"))  # a copy, checked
 
     def add_members(self, conv: str, users: Sequence[str]) -> GroupChanged:
         assert self.handle is not None
-        return self._call(self.handle.add_members, conv, list(users))
+        return self._call(self.handle.add_members, conv, embed._user_ids(users, "users"))
 
     def remove_members(self, conv: str, users: Sequence[str]) -> GroupChanged:
         assert self.handle is not None
-        return self._call(self.handle.remove_members, conv, list(users))
+        return self._call(self.handle.remove_members, conv, embed._user_ids(users, "users"))
 
     def post(
         self,

@@ -7,7 +7,9 @@ Each endpoint is one handle method (docs/HTTP.md, Server API).  Errors:
 * :class:`~pimcore.embed.RequestRefused` -> 4xx with the ErrorCode name as
   the code (:data:`REFUSED_STATUS`), e.g. 404 ``UNKNOWN_CONVERSATION``;
 * :class:`~pimcore.errors.StoreError` -> 503 ``STORE_UNAVAILABLE`` (retry;
-  a post retried with the same Idempotency-Key is stored once).
+  a post retried with the same Idempotency-Key is stored once);
+* :class:`~pimcore.errors.BrokerStopped` -> 503 ``unavailable`` (the
+  broker is shutting down).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
 import trio
 
-from ..errors import ErrorCode, StoreError
+from ..errors import BrokerStopped, ErrorCode, StoreError
 from .server import HttpError, Request, Router, StreamBody
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -222,6 +224,8 @@ def _guarded(handler: Callable[[Request], Awaitable[tuple[int, Any]]]) -> Callab
             raise HttpError(REFUSED_STATUS.get(exc.code, 400), exc.code.name, str(exc)) from None
         except StoreError as exc:
             raise HttpError(503, "STORE_UNAVAILABLE", str(exc) or "the store failed") from None
+        except BrokerStopped as exc:
+            raise HttpError(503, "unavailable", str(exc)) from None
 
     return run
 

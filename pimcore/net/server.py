@@ -96,7 +96,7 @@ from ..core import (
     SendData,
     StoreRequest,
 )
-from ..errors import AuthError, CloseCode, ErrorCode, StoreError
+from ..errors import AuthError, BrokerStopped, CloseCode, ErrorCode, StoreError
 from ..store.base import AsyncStore, Deduped, GroupChanged, ReadDedupe, Rejected, Result, Store, StoreRequest as _StoreRequest
 from ..protocol import encode_close, refuse_connection
 from .streams import Endpoint, WebSocketStream
@@ -587,40 +587,43 @@ class BrokerServer:
                 epoch=await store.epoch(),
                 trusted_epochs=await store.epochs(),
             )
-        async with trio.open_nursery() as nursery:
-            self._tasks = nursery
-            while self._later:
-                fn, args = self._later.popleft()
-                nursery.start_soon(fn, *args)
-            nursery.start_soon(self._committer)
-            nursery.start_soon(self._timer)
-            cluster = getattr(self.store, "cluster", None) if self._async_store else None
-            if cluster is not None:
-                # Several nodes share the store (RedisStore): hints from the
-                # others (inbox heads, devices logged in elsewhere), and this
-                # node's logins recorded in order.
-                self._presence, presence = trio.open_memory_channel[tuple[str, str, str, int]](math.inf)
-                nursery.start_soon(self._presence_writer, cluster, presence)
-                # Typing and presence across nodes (issue 16): the core hands
-                # on relayed Typing frames; watched users are re-read.
-                self.broker.relay_elsewhere = True
-                self._typing_out, typing_out = trio.open_memory_channel[TypingElsewhere](1000)
-                nursery.start_soon(self._typing_writer, cluster, typing_out)
-                nursery.start_soon(self._presence_recheck, cluster)
-                await nursery.start(cluster.hints, self._cluster_hint)
-            async with trio.open_nursery() as peers:
-                with self._listen_scope:
-                    async with trio.open_nursery() as listeners:
-                        for ep in self.config.listeners:
-                            await listeners.start(self._listen, ep, peers)
-                        task_status.started()
-                    # No listener (an embedder's choice): the listeners
-                    # nursery ended at once; the committer and the timer
-                    # must still run until shutdown cancels this scope.
-                    await trio.sleep_forever()
-                # Listeners stopped (shutdown): the peers nursery ends when
-                # every connection has been closed by shutdown().
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._tasks = nursery
+                while self._later:
+                    fn, args = self._later.popleft()
+                    nursery.start_soon(fn, *args)
+                nursery.start_soon(self._committer)
+                nursery.start_soon(self._timer)
+                cluster = getattr(self.store, "cluster", None) if self._async_store else None
+                if cluster is not None:
+                    # Several nodes share the store (RedisStore): hints from the
+                    # others (inbox heads, devices logged in elsewhere), and this
+                    # node's logins recorded in order.
+                    self._presence, presence = trio.open_memory_channel[tuple[str, str, str, int]](math.inf)
+                    nursery.start_soon(self._presence_writer, cluster, presence)
+                    # Typing and presence across nodes (issue 16): the core hands
+                    # on relayed Typing frames; watched users are re-read.
+                    self.broker.relay_elsewhere = True
+                    self._typing_out, typing_out = trio.open_memory_channel[TypingElsewhere](1000)
+                    nursery.start_soon(self._typing_writer, cluster, typing_out)
+                    nursery.start_soon(self._presence_recheck, cluster)
+                    await nursery.start(cluster.hints, self._cluster_hint)
+                async with trio.open_nursery() as peers:
+                    with self._listen_scope:
+                        async with trio.open_nursery() as listeners:
+                            for ep in self.config.listeners:
+                                await listeners.start(self._listen, ep, peers)
+                            task_status.started()
+                        # No listener (an embedder's choice): the listeners
+                        # nursery ended at once; the committer and the timer
+                        # must still run until shutdown cancels this scope.
+                        await trio.sleep_forever()
+                    # Listeners stopped (shutdown): the peers nursery ends when
+                    # every connection has been closed by shutdown().
+                nursery.cancel_scope.cancel()
+        finally:
+            self._stop_waiters()
         if self.moderator is not None:
             with trio.CancelScope(shield=True):
                 await self.moderator.aclose()
@@ -1223,41 +1226,77 @@ class BrokerServer:
         """Remove users from a group; KeyError if it does not exist."""
         return await self._admin(self.broker.remove_members, conv, users)
 
-    async def admin_result(self, method: Callable[..., list[Command]], conv: str, users: list[str], **kw: Any) -> Result:
-        """Run one group admin call of the core (``broker.create_group`` ...)
-        and return the store's answer as it is (GroupChanged or Rejected)."""
+    @property
+    def stopping(self) -> bool:
+        """Has shutdown begun (or the server stopped)?  Host calls then
+        raise :class:`~pimcore.errors.BrokerStopped`."""
+        return self._stopping
+
+    def check_running(self) -> None:
+        """Raise :class:`~pimcore.errors.BrokerStopped` once shutdown has
+        begun: a host call then would wait for a broker that is going away."""
+        if self._stopping:
+            raise BrokerStopped("the broker has stopped (its open_pimcore block exited)")
+
+    def _hand_over(self, method: Callable[..., list[Command]], args: tuple[Any, ...], kw: dict[str, Any]) -> tuple[int, list[Any]]:
+        """Give one host call to the core; its (ref, waiter).  The call's
+        commands are made before the waiter is registered, so a call the
+        core refuses by raising leaves no waiter behind."""
         ref = next(self._admin_refs)
+        cmds = method(*args, self.now(), ref=ref, **kw)
         waiter: list[Any] = [trio.Event(), None]
         self._admin_waiters[ref] = waiter
-        self._run(method(conv, users, self.now(), ref=ref, **kw))
-        await waiter[0].wait()
-        return waiter[1]  # type: ignore[no-any-return]
+        self._run(cmds)
+        return ref, waiter
+
+    async def _answer(self, ref: int, waiter: list[Any]) -> Any:
+        """The answer of a call handed over; BrokerStopped if the server
+        stopped first.  A cancelled wait drops its waiter."""
+        try:
+            await waiter[0].wait()
+        finally:
+            self._admin_waiters.pop(ref, None)
+        if waiter[1] is _STOPPED:
+            raise BrokerStopped("the broker stopped before the call completed (a write may or may not "
+                                "have been stored: retry it with the same idempotency key)")
+        return waiter[1]
+
+    def _stop_waiters(self) -> None:
+        """The server stopped: every host call still waiting gets
+        BrokerStopped (its answer will never come)."""
+        self._stopping = True
+        waiters, self._admin_waiters = self._admin_waiters, {}
+        for waiter in waiters.values():
+            waiter[1] = _STOPPED
+            waiter[0].set()
+        self._committed.set()  # event readers waiting for a commit look again, and stop
+
+    async def admin_result(self, method: Callable[..., list[Command]], conv: str, users: list[str], **kw: Any) -> Result:
+        """Run one group admin call of the core (``broker.create_group`` ...)
+        and return the store's answer as it is (GroupChanged or Rejected).
+        Raises BrokerStopped when the server stopped (or stops first)."""
+        self.check_running()
+        return await self._answer(*self._hand_over(method, (conv, users), kw))  # type: ignore[no-any-return]
 
     async def host_call(self, method: Callable[..., list[Command]], *args: Any, **kw: Any) -> Any:
         """Run one host call of the core that answers with a ``ref``
         (``broker.post`` -> PostDone, ``broker.revoke`` -> AdminDone's
-        result) and return that answer."""
-        ref = next(self._admin_refs)
-        waiter: list[Any] = [trio.Event(), None]
-        self._admin_waiters[ref] = waiter
-        self._run(method(*args, self.now(), ref=ref, **kw))
-        await waiter[0].wait()
-        return waiter[1]
+        result) and return that answer.  Raises BrokerStopped when the
+        server stopped (or stops before the answer)."""
+        self.check_running()
+        return await self._answer(*self._hand_over(method, args, kw))
 
     async def host_calls(self, calls: Sequence[tuple[Callable[..., list[Command]], tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
         """:meth:`host_call` for several calls: all handed to the core in
         list order first (so posts to one conversation get seqs in that
         order and share write batches), then awaited; answers in order."""
-        waiters: list[list[Any]] = []
-        for method, args, kw in calls:
-            ref = next(self._admin_refs)
-            waiter: list[Any] = [trio.Event(), None]
-            self._admin_waiters[ref] = waiter
-            waiters.append(waiter)
-            self._run(method(*args, self.now(), ref=ref, **kw))
-        for waiter in waiters:
-            await waiter[0].wait()
-        return [w[1] for w in waiters]
+        self.check_running()
+        handed = [self._hand_over(method, args, kw) for method, args, kw in calls]
+        try:
+            return [await self._answer(ref, waiter) for ref, waiter in handed]
+        finally:
+            for ref, _ in handed:
+                self._admin_waiters.pop(ref, None)
 
     @property
     def committed(self) -> trio.Event:
@@ -1590,6 +1629,10 @@ class BrokerServer:
                 await trio.sleep_forever()
             self._timer_scope = None
             self._run(self._core(self.broker.handle_timer))
+
+
+#: A host call's answer when the server stopped before it came.
+_STOPPED = object()
 
 
 def _let_through(user: str, conv: str, payload: bytes) -> None:

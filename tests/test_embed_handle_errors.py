@@ -1,0 +1,256 @@
+"""The trio handle (pimcore.embed) under misuse: calls at and after the
+end of the ``open_pimcore`` block, and arguments of the wrong type or value
+-- each gets one clear, documented error, never a hang or a raw internal
+exception, and nothing half done."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from pimcore.embed import Posted, RequestRefused, open_pimcore
+from pimcore.errors import BrokerStopped, ErrorCode
+
+
+async def test_calls_in_flight_at_close_and_after_it_raise_broker_stopped(tmp_path: Path) -> None:
+    outcomes: list[object] = []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as outer:
+            async with open_pimcore(data_dir=tmp_path / "data") as im:
+                await im.create_group("team", ["alice", "bob"])
+
+                async def poster() -> None:
+                    # Posts until one fails: every post either stores or raises.
+                    while True:
+                        try:
+                            await im.post("team", b"x")
+                        except BrokerStopped as exc:
+                            outcomes.append(exc)
+                            return
+
+                for _ in range(20):
+                    outer.start_soon(poster)
+                await trio.sleep(0.2)
+            server = im.server
+        # Every poster ended (the nursery exited within fail_after).
+        assert len(outcomes) == 20
+        calls = [
+            lambda: im.post("team", b"y"),
+            lambda: im.post_many([{"conv": "team", "payload": b"z"}]),
+            lambda: im.create_group("g", ["a"]),
+            lambda: im.add_members("team", ["carol"]),
+            lambda: im.remove_members("team", ["bob"]),
+            lambda: im.revoke("alice"),
+            lambda: im.recall("team", 1),
+            lambda: im.edit("team", 1, b"e"),
+            lambda: im.delete_for("alice", "team", 1),
+            lambda: im.set_retention("team", max_count=5),
+            lambda: im.purge_conversation("team"),
+            lambda: im.purge_user("bob"),
+            lambda: im.set_presence_privacy("alice", True),
+            lambda: im.set_conversation("alice", "team", pinned=True),
+            lambda: im.history("team", "alice"),
+            lambda: im.conversations("alice"),
+            lambda: im.unread("alice"),
+            lambda: im.read_positions("alice"),
+            lambda: im.presence("alice"),
+            lambda: im.retention("team"),
+            lambda: im.conversation_list("alice"),
+        ]
+        for call in calls:
+            with pytest.raises(BrokerStopped):
+                await call()
+        for sync_call in (lambda: im.kick("alice"), lambda: im.online_devices("alice"), lambda: im.issue_token("alice")):
+            with pytest.raises(BrokerStopped):
+                sync_call()
+        assert server._admin_waiters == {}
+
+
+async def test_event_readers_waiting_at_close_raise_broker_stopped(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        errors: list[BaseException] = []
+        async with trio.open_nursery() as outer:
+            async with open_pimcore(data_dir=tmp_path / "data", events=True) as im:
+                await im.create_group("team", ["alice"])
+                await im.post("team", b"x")
+                _, page = await im.next_events("c")
+                await im.ack_events(page[-1].id, "c")
+
+                async def reader() -> None:
+                    try:
+                        await im.next_events("c")  # caught up: waits for the next commit
+                    except BrokerStopped as exc:
+                        errors.append(exc)
+
+                outer.start_soon(reader)
+                await trio.sleep(0.1)
+        assert len(errors) == 1
+        with pytest.raises(BrokerStopped):
+            im.events("c")
+        for call in (lambda: im.next_events("c"), lambda: im.ack_events(1, "c"), lambda: im.event_cursor("c"),
+                     lambda: im.online_anywhere(["alice"])):
+            with pytest.raises(BrokerStopped):
+                await call()
+
+
+def test_the_threaded_handle_raises_the_same_broker_stopped() -> None:
+    import pimcore.threaded
+
+    assert pimcore.threaded.BrokerStopped is BrokerStopped
+    assert issubclass(BrokerStopped, RuntimeError)  # as the threaded handle's was
+
+
+async def test_an_idempotency_key_that_is_not_utf8_refuses_that_post_alone(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            await im.create_group("team", ["alice", "bob"])
+            results = await im.post_many([{"conv": "team", "payload": b"good1"},
+                                          {"conv": "team", "payload": b"bad", "idempotency_key": "\udc80"},
+                                          {"conv": "team", "payload": b"good2", "sender": "alice", "device": "web",
+                                           "idempotency_key": "k\ud800"}])
+            assert isinstance(results[0], Posted)
+            for bad in results[1:]:
+                assert isinstance(bad, RequestRefused) and bad.code is ErrorCode.BAD_REQUEST
+                assert "idempotency key" in str(bad) and "UTF-8" in str(bad)
+            assert [m.payload for m in await im.history("team", "alice")] == [b"good1"]
+            for call in (lambda: im.post("team", b"x", idempotency_key="\udc80"),
+                         lambda: im.post("team", b"x", sender="alice", device="web", idempotency_key="\udc80"),
+                         lambda: im.recall("team", 1, idempotency_key="\udc80"),
+                         lambda: im.edit("team", 1, b"e", idempotency_key="\udc80"),
+                         lambda: im.delete_for("alice", "team", 1, idempotency_key="\udc80")):
+                with pytest.raises(RequestRefused, match="idempotency key") as refused:
+                    await call()
+                assert refused.value.code is ErrorCode.BAD_REQUEST
+            assert im.server._admin_waiters == {}
+
+
+@pytest.mark.parametrize("payload", [5, 10**9, [104, 105], "text", None, {1: 2}])
+async def test_a_payload_that_is_not_bytes_is_a_type_error_and_stores_nothing(tmp_path: Path, payload: object) -> None:
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            await im.create_group("team", ["alice", "bob"])
+            await im.post("team", b"first")
+            for call in (lambda: im.post("team", payload),  # type: ignore[arg-type]
+                         lambda: im.post("team", payload, sender="alice", device="web"),  # type: ignore[arg-type]
+                         lambda: im.edit("team", 1, payload),  # type: ignore[arg-type]
+                         lambda: im.post_many([{"conv": "team", "payload": b"ok"}, {"conv": "team", "payload": payload}])):
+                with pytest.raises(TypeError, match="payload must be bytes"):
+                    await call()
+            assert [m.payload for m in await im.history("team", "alice")] == [b"first"]
+            # The bytes-like types are taken.
+            await im.post("team", bytearray(b"ba"))
+            await im.post("team", memoryview(b"mv"))
+            await im.edit("team", 1, memoryview(b"edited"))
+            (posted,) = await im.post_many([{"conv": "team", "payload": bytearray(b"many")}])
+            assert isinstance(posted, Posted)
+            assert [m.payload for m in await im.history("team", "alice", limit=3)] == [b"many", b"edited", b"mv"]
+
+
+async def test_a_string_where_a_list_of_user_ids_goes_is_a_type_error(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            for bad in ("alice", b"alice", 5, ["alice", 5], None):
+                with pytest.raises(TypeError, match="user ids"):
+                    await im.create_group("team", bad)  # type: ignore[arg-type]
+            assert await im.conversations("alice") == [] and await im.conversations("a") == []
+            await im.create_group("team", ("alice",))
+            for method in (im.add_members, im.remove_members):
+                with pytest.raises(TypeError, match="user ids"):
+                    await method("team", "bob")  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="user ids"):
+                await im.online_anywhere("bob")
+            assert await im.conversations("b") == [] and await im.conversations("o") == []
+            changed = await im.add_members("team", {"bob"})
+            assert changed.members == ("alice", "bob")
+            assert (await im.remove_members("team", iter(["bob"]))).members == ("alice",)
+            assert im.server._admin_waiters == {}
+
+
+async def test_a_kick_reason_that_is_not_utf8_is_refused_before_anyone_is_kicked(tmp_path: Path) -> None:
+    from pimcore.client import open_client
+
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"], events=True) as im:
+            await im.create_group("team", ["alice"])
+            async with open_client(im.urls[0], im.issue_token("alice"), "phone"):
+                for reason in ("bye \udc80", "x" * 257, "é" * 129, 5):
+                    with pytest.raises(RequestRefused, match="reason") as refused:
+                        im.kick("alice", reason=reason)  # type: ignore[arg-type]
+                    assert refused.value.code is ErrorCode.BAD_REQUEST
+                assert im.online_devices("alice") == ["phone"]
+                im.kick("alice", reason="é" * 128)  # 256 bytes: the most
+            cursor, last = await im.event_cursor("c")
+            _, events = await im.next_events("c", after=0, limit=100)
+            assert [(e.type, e.reason) for e in events if e.type == "kicked"] == [("kicked", "é" * 128)]
+
+
+async def test_arguments_of_the_wrong_type_or_value_get_clear_documented_errors(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            await im.create_group("team", ["alice", "bob"])
+            await im.post("team", b"one")
+            cases = [
+                (lambda: im.history("team", "alice", from_seq="1"), TypeError, "from_seq"),
+                (lambda: im.history("team", "alice", from_seq=-1), ValueError, "from_seq"),
+                (lambda: im.history("team", "alice", limit="5"), TypeError, "limit"),
+                (lambda: im.history("team", "alice", limit=-1), ValueError, "limit"),
+                (lambda: im.history("team", "alice", limit=0), ValueError, "limit"),
+                (lambda: im.revoke("alice", before="2026-01-01"), TypeError, "before"),
+                (lambda: im.revoke("alice", before=1.5), TypeError, "before"),
+                (lambda: im.revoke("alice", before=-1), ValueError, "before"),
+                (lambda: im.post_many([{"conv": "team"}]), TypeError, "payload"),
+                (lambda: im.post_many([{"payload": b"x"}]), TypeError, "conv"),
+                (lambda: im.post_many("abc"), TypeError, "list of dicts"),
+                (lambda: im.post_many([b"x"]), TypeError, "list of dicts"),
+                (lambda: im.post_many({"conv": "team", "payload": b"x"}), TypeError, "list of dicts"),
+                (lambda: im.conversation_list("alice", cursor="abc"), TypeError, "cursor"),
+            ]
+            for call, error, word in cases:
+                with pytest.raises(error, match=word):
+                    await call()
+            assert [m.payload for m in await im.history("team", "alice")] == [b"one"]
+            with pytest.raises(RequestRefused, match="device") as refused:
+                await im.revoke("alice", "no such device!")
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+            for call, action in ((lambda: im.recall("team", 99), "recall"), (lambda: im.edit("team", 99, b"e"), "edit"),
+                                 (lambda: im.delete_for("alice", "team", 99), "delete")):
+                with pytest.raises(RequestRefused) as refused:
+                    await call()
+                assert refused.value.code is ErrorCode.NO_SUCH_MESSAGE
+                assert str(refused.value).startswith(f"{action} in 'team' refused: NO_SUCH_MESSAGE")
+            assert im.server._admin_waiters == {}
+
+
+async def test_unusable_settings_are_config_errors(tmp_path: Path) -> None:
+    from pimcore.config import ConfigError
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cases = [
+        ({"data_dir": tmp_path / "d1", "secret_file": str(tmp_path / "nonexistent" / "secret")}, "secret"),
+        ({"data_dir": a_file}, "not a directory"),
+        ({"data_dir": tmp_path / "d2", "events": "true"}, "expected a bool"),
+    ]
+    for kw, words in cases:
+        with trio.fail_after(20):
+            with pytest.raises(ConfigError, match=words):
+                async with open_pimcore(**kw):
+                    pass
+
+
+def test_the_threaded_handle_refuses_a_string_of_members_too(tmp_path: Path) -> None:
+    from pimcore.threaded import open_pimcore_thread
+
+    im = open_pimcore_thread(data_dir=tmp_path / "data")
+    try:
+        with pytest.raises(TypeError, match="user ids"):
+            im.create_group("team", "alice")  # type: ignore[arg-type]
+        im.create_group("team", ["alice"])
+        for method in (im.add_members, im.remove_members):
+            with pytest.raises(TypeError, match="user ids"):
+                method("team", "bob")  # type: ignore[arg-type]
+        assert im.conversations("a") == [] and im.conversations("b") == []
+    finally:
+        im.close()
