@@ -148,6 +148,36 @@ static void pim__init_python(void)
 
 static void _pim_py_hello(void);
 
+/* Run cffi's init code (the glue), which calls _pim_init_done: once per
+ * process, through pim__glue_once.  Why a once of its own, entered before
+ * the GIL is taken: cffi takes its start-up lock inside the first call, and
+ * its init code lets go of the GIL now and then (any os.stat).  Two threads
+ * that both took the GIL before the lock deadlocked: one held the GIL and
+ * waited for the lock, the other held the lock and waited for the GIL.
+ * pthread_once makes the other threads wait without the GIL.
+ *
+ * cffi (before Python 3.12) guards its start-up with a spin lock on
+ * PyCapsule_Type.tp_version_tag, expecting 0 there; in an interpreter that
+ * already looked up an attribute of a capsule it is not 0 and cffi spins
+ * forever (seen loading the library with ctypes into a running Python
+ * 3.11).  Under the GIL, so no lookup runs meanwhile, we hand cffi the 0 it
+ * expects and put the tag back. */
+static pthread_once_t pim__glue_once = PTHREAD_ONCE_INIT;
+
+static void pim__init_glue(void)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+#if PY_VERSION_HEX >= 0x03080000 && PY_VERSION_HEX < 0x030C0000
+    unsigned int tag = PyCapsule_Type.tp_version_tag;
+    PyCapsule_Type.tp_version_tag = 0;
+    _pim_py_hello();
+    PyCapsule_Type.tp_version_tag = tag;
+#else
+    _pim_py_hello();
+#endif
+    PyGILState_Release(gil);
+}
+
 /* PIM_OK once Python and the glue are up in this process, else PIM_ERR_INIT
  * (with the reason in pim_last_error). */
 static int pim__ready(void)
@@ -158,27 +188,7 @@ static int pim__ready(void)
     pthread_once(&pim__once, pim__init_python);
     if (pim__python_failed)
         return pim__fail(PIM_ERR_INIT, "%s", pim__init_msg);
-    if (__atomic_load_n(&pim__glue_state, __ATOMIC_ACQUIRE) == 0) {
-        /* The first call runs cffi's init code (the glue), which calls
-         * _pim_init_done.  cffi (before Python 3.12) guards its start-up with
-         * a spin lock on PyCapsule_Type.tp_version_tag, expecting 0 there;
-         * in an interpreter that already looked up an attribute of a capsule
-         * it is not 0 and cffi spins forever (seen loading the library with
-         * ctypes into a running Python 3.11).  Under the GIL, so no lookup
-         * runs meanwhile, we hand cffi the 0 it expects and put the tag back. */
-        PyGILState_STATE gil = PyGILState_Ensure();
-        if (__atomic_load_n(&pim__glue_state, __ATOMIC_ACQUIRE) == 0) {
-#if PY_VERSION_HEX >= 0x03080000 && PY_VERSION_HEX < 0x030C0000
-            unsigned int tag = PyCapsule_Type.tp_version_tag;
-            PyCapsule_Type.tp_version_tag = 0;
-            _pim_py_hello();
-            PyCapsule_Type.tp_version_tag = tag;
-#else
-            _pim_py_hello();
-#endif
-        }
-        PyGILState_Release(gil);
-    }
+    pthread_once(&pim__glue_once, pim__init_glue);
     switch (__atomic_load_n(&pim__glue_state, __ATOMIC_ACQUIRE)) {
     case 1: return PIM_OK;
     case -1: return pim__fail(PIM_ERR_INIT, "%s", pim__init_msg);

@@ -78,6 +78,15 @@ _tls = threading.local()
 EventHandler = Callable[[HostEvent], bool]
 
 
+def _runs_trio() -> bool:
+    """Is this thread running a trio loop (any broker's, or a trio host's)?"""
+    try:
+        trio.lowlevel.current_root_task()
+    except RuntimeError:
+        return False
+    return True
+
+
 class ThreadedPimcore:
     """A broker running in its own thread; create it with
     :func:`open_pimcore_thread`.  Methods mirror :class:`pimcore.embed.Pimcore`
@@ -95,6 +104,7 @@ class ThreadedPimcore:
         self._error: Optional[BaseException] = None
         self._closed = False
         self._close_lock = threading.Lock()
+        self._close_done = threading.Event()  # set when the first close() has stopped the broker
         self._store_dir: Optional[str] = None
         #: consumer -> (cancel scope, trio.Event set when the dispatcher ended)
         self._handlers: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
@@ -144,6 +154,12 @@ class ThreadedPimcore:
         self._alive()
         if threading.get_ident() == self._loop_ident:
             raise WouldDeadlock("a blocking pimcore call from the broker's own thread (an on-loop event handler) would deadlock")
+        if _runs_trio():
+            # Another broker's loop thread (its on-loop handler), or a trio
+            # host's: a blocking wait there would stall that loop, and trio
+            # refuses from_thread.run inside a run.
+            raise WouldDeadlock("a blocking pimcore call from a thread that runs a trio loop (another broker's on-loop"
+                                " event handler?) would block that loop: call it from another thread")
         assert self._token is not None
         return self._token
 
@@ -179,18 +195,24 @@ class ThreadedPimcore:
         if threading.get_ident() == self._loop_ident or getattr(_tls, "dispatching", None) is self:
             raise WouldDeadlock("close() from an event handler would wait for itself")
         with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
+            first, self._closed = not self._closed, True
+        if not first:
+            # Another thread's close() may still be flushing: return once
+            # the broker is stopped, as that first close() does.
+            self._close_done.wait()
+            return
         try:
             if self._token is not None and self._stop is not None:
                 self._token.run_sync_soon(self._stop.set)
         except trio.RunFinishedError:
             pass
-        assert self._thread is not None
-        self._thread.join()
-        with _running_lock:
-            _running_dirs.discard(self._store_dir or "")
+        try:
+            assert self._thread is not None
+            self._thread.join()
+            with _running_lock:
+                _running_dirs.discard(self._store_dir or "")
+        finally:
+            self._close_done.set()
         error, self._error = self._error, None
         if error is not None:
             exc = first_leaf(error)

@@ -126,6 +126,20 @@ def test_pim_debug_sends_the_library_log_to_stderr(abi_exe: Path, tmp_path: Path
     assert "libpimcore ERROR" in done.stderr and "Address already in use" in done.stderr, done.stderr
 
 
+def test_threads_making_the_first_calls_at_once_all_get_their_answer(abi_exe: Path, tmp_path: Path) -> None:
+    """pimcore.h: "Every function may be called from any thread,
+    concurrently"; the first calls of a process start Python.  Eight
+    threads doing so at once hung the process, every time (the GIL against
+    cffi's start-up lock).  Five runs, a timeout for the hang."""
+    for _ in range(5):
+        try:
+            done = subprocess.run([str(abi_exe), "first-calls-race"], capture_output=True, text=True, env=_env(),
+                                  timeout=60, cwd=tmp_path)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the first calls from 8 threads at once hung the process")
+        assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("broken", [{"PIMCORE_PYTHON": "/nonexistent/bin/python"}, {"PYTHONHOME": "/nonexistent"}],
                          ids=["wrong-environment", "no-standard-library"])
 def test_python_failing_to_start_is_a_clear_init_code(abi_exe: Path, broken: dict[str, str]) -> None:

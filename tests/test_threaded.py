@@ -374,3 +374,61 @@ def test_non_blocking_methods_work_from_an_on_loop_handler(tmp_path: Path) -> No
         assert results["urls"] == im.urls and results["port"] == im.port() and results["epoch"] == im.epoch
         with pytest.raises(RequestRefused):  # the check ran: an invalid id
             im.kick("no spaces")
+
+
+def test_a_blocking_call_from_another_brokers_loop_thread_is_would_deadlock(tmp_path: Path) -> None:
+    """Broker A's on-loop handler posting to broker B: a blocking call from a
+    thread that runs trio cannot wait there (trio refuses from_thread.run
+    inside a run).  It raised a bare RuntimeError ("this is a blocking
+    function; call it from a thread"), PIM_ERR_INTERNAL through the C ABI;
+    it is WouldDeadlock like a call to A itself."""
+    with _start(tmp_path / "a", events=True) as a, _start(tmp_path / "b") as b:
+        a.create_group("team", ["alice"])
+        b.create_group("team", ["alice"])
+        outcomes: list[str] = []
+        done = threading.Event()
+
+        def on_loop(ev) -> bool:
+            if ev.type == "message":
+                try:
+                    b.post("team", b"from A's loop")
+                    outcomes.append("ok")
+                except WouldDeadlock:
+                    outcomes.append("deadlock")
+                except Exception as exc:  # noqa: BLE001 - what the test reports
+                    outcomes.append(repr(exc))
+                done.set()
+            return True
+
+        a.set_event_handler(on_loop, on_loop=True)
+        a.post("team", b"go")
+        assert done.wait(10)
+        assert outcomes == ["deadlock"]
+        assert b.history("team", "alice") == []
+
+
+def test_a_second_close_waits_for_the_first(tmp_path: Path) -> None:
+    """pim_broker_stop: "stopping again is PIM_OK" -- after the broker is
+    stopped.  A close() while another thread's close() was still flushing
+    returned at once, and a restart on the same directory right after it was
+    refused (BrokerAlreadyRunning)."""
+    im = _start(tmp_path / "d", events=True)
+    im.create_group("team", ["alice"])
+    running = threading.Event()
+
+    def slow(ev) -> bool:
+        running.set()
+        threading.Event().wait(0.5)  # a handler close() waits for
+        return True
+
+    im.set_event_handler(slow)
+    im.post("team", b"x")
+    assert running.wait(10)
+    first = threading.Thread(target=im.close)
+    first.start()
+    while not im.closed:
+        threading.Event().wait(0.001)
+    im.close()  # the second: returns once the broker is stopped
+    again = _start(tmp_path / "d")
+    again.close()
+    first.join()

@@ -491,6 +491,39 @@ static int run_init_fails(void)
     return failures != 0;
 }
 
+/* Several threads make the process's first pimcore call at once: each must
+ * get its answer (here PIM_ERR_CONFIG for a config that is no object).  The
+ * first call starts Python and runs cffi's init code; taking the GIL before
+ * cffi's start-up lock deadlocked against the thread running that init code
+ * as soon as it let go of the GIL (an os.stat): a hang, every time, with 2
+ * threads or more. */
+#define RACE_THREADS 8
+static pthread_barrier_t race_barrier;
+static int race_rc[RACE_THREADS];
+
+static void *race_first_call(void *arg)
+{
+    int i = (int)(intptr_t)arg;
+    pim_broker *b = NULL;
+    pthread_barrier_wait(&race_barrier);
+    race_rc[i] = pim_broker_start("[]", &b);
+    return NULL;
+}
+
+static int run_first_calls_race(void)
+{
+    pthread_t t[RACE_THREADS];
+    pthread_barrier_init(&race_barrier, NULL, RACE_THREADS);
+    for (int i = 0; i < RACE_THREADS; i++)
+        pthread_create(&t[i], NULL, race_first_call, (void *)(intptr_t)i);
+    for (int i = 0; i < RACE_THREADS; i++)
+        pthread_join(t[i], NULL);
+    for (int i = 0; i < RACE_THREADS; i++)
+        CHECK(race_rc[i] == PIM_ERR_CONFIG, "thread %d: %d", i, race_rc[i]);
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures != 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -509,6 +542,8 @@ int main(int argc, char **argv)
     }
     if (argc >= 2 && strcmp(argv[1], "init-fails") == 0)
         return run_init_fails();
-    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails\n", argv[0]);
+    if (argc >= 2 && strcmp(argv[1], "first-calls-race") == 0)
+        return run_first_calls_race();
+    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race\n", argv[0]);
     return 2;
 }
