@@ -20,6 +20,11 @@ TrioToken, which may be used from outside the run) to start the handle's
 coroutine in a nursery of the guest run; its outcome comes back through the
 loop's ``call_soon_threadsafe`` into an asyncio future.  Only one guest run
 may exist per thread, so one broker per asyncio loop.
+
+When the ``async with`` block exits, every call still running there (a
+``next_events`` waiting for events included) raises :class:`BrokerStopped`
+-- it may or may not have taken effect, as when a trio caller is cancelled
+-- and so does every call made after it.
 """
 
 from __future__ import annotations
@@ -32,8 +37,12 @@ import trio
 
 from . import embed
 from .embed import SYSTEM, Conversation, HostEvent, Pimcore, Posted, ReadPositions, RequestRefused
+from .threaded import BrokerStopped
 
-__all__ = ["open_pimcore", "AsyncPimcore", "AsyncEventStream", "RequestRefused", "Conversation", "Posted", "HostEvent", "SYSTEM"]
+__all__ = [
+    "open_pimcore", "AsyncPimcore", "AsyncEventStream", "BrokerStopped",
+    "RequestRefused", "Conversation", "Posted", "HostEvent", "SYSTEM",
+]
 
 T = TypeVar("T")
 
@@ -48,27 +57,58 @@ def _settle(fut: "asyncio.Future[Any]", ok: bool, value: Any) -> None:
 
 
 class AsyncPimcore:
-    """The :class:`pimcore.embed.Pimcore` handle, for asyncio code."""
+    """The :class:`pimcore.embed.Pimcore` handle, for asyncio code.  Raises
+    what it raises, plus :class:`BrokerStopped` for a call still running
+    when the broker stops and for every call after that."""
 
     def __init__(self, handle: Pimcore, loop: asyncio.AbstractEventLoop, token: trio.lowlevel.TrioToken, nursery: trio.Nursery) -> None:
         self.handle = handle
         self._loop = loop
         self._token = token
         self._nursery = nursery
+        #: Set when the ``async with`` block exits, or the guest run ended.
+        self._closed = False
+        #: Why the guest run ended, if with an error (the cause of BrokerStopped).
+        self._error: Optional[BaseException] = None
+
+    def _stopped(self, what: str = "the broker was closed") -> BrokerStopped:
+        exc = BrokerStopped(what)
+        exc.__cause__ = self._error
+        return exc
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        if self._closed:
+            raise self._stopped()
         fut: asyncio.Future[T] = self._loop.create_future()
         loop = self._loop
 
         async def run_in_trio() -> None:
+            ok: bool = False
+            value: Any = None
             try:
                 value = await fn(*args, **kwargs)
+                ok = True
             except Exception as exc:  # noqa: BLE001 - handed to the asyncio caller
-                loop.call_soon_threadsafe(_settle, fut, False, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, fut, True, value)
+                value = exc
+            finally:
+                # Cancelled (the broker is stopping) or another BaseException:
+                # the caller must not wait for ever.
+                if not ok and value is None:
+                    value = self._stopped("the broker stopped during the call")
+                loop.call_soon_threadsafe(_settle, fut, ok, value)
 
-        self._token.run_sync_soon(self._nursery.start_soon, run_in_trio)
+        def start() -> None:  # in trio; must not raise (that would crash the run)
+            if fut.done():  # the asyncio caller was cancelled meanwhile
+                return
+            try:
+                self._nursery.start_soon(run_in_trio)
+            except RuntimeError:  # the calls nursery is closed: the broker is stopping
+                loop.call_soon_threadsafe(_settle, fut, False, self._stopped())
+
+        try:
+            self._token.run_sync_soon(start)
+        except trio.RunFinishedError:
+            raise self._stopped() from self._error
         return await fut
 
     # Plain reads of in-memory state run directly: guest mode is the same
@@ -236,9 +276,13 @@ async def open_pimcore(*args: Any, **kwargs: Any) -> AsyncIterator[AsyncPimcore]
     def finished(outcome: Any) -> None:
         # Called by trio when the guest run is over, possibly before `ready`
         # (the broker could not start): the error goes to whoever waits.
+        if ready.done() and not ready.cancelled() and ready.exception() is None:
+            ready.result()._closed = True
         try:
             outcome.unwrap()
         except BaseException as exc:  # noqa: BLE001
+            if ready.done() and not ready.cancelled() and ready.exception() is None:
+                ready.result()._error = exc
             _settle(ready, False, exc)
             _settle(done, False, exc)
         else:
@@ -264,5 +308,9 @@ async def open_pimcore(*args: Any, **kwargs: Any) -> AsyncIterator[AsyncPimcore]
     try:
         yield api
     finally:
-        api._token.run_sync_soon(stop[0].set)
+        api._closed = True  # calls from now on raise BrokerStopped
+        try:
+            api._token.run_sync_soon(stop[0].set)
+        except trio.RunFinishedError:  # the run ended by itself (an error: `done` has it)
+            pass
         await asyncio.shield(done)

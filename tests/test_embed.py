@@ -378,6 +378,27 @@ def test_an_asyncio_host_gets_startup_errors_in_asyncio(tmp_path: Path) -> None:
         asyncio.run(main())
 
 
+def test_asyncio_calls_in_flight_at_close_and_after_it_raise_broker_stopped(tmp_path: Path) -> None:
+    import pimcore.asyncio as pim_asyncio
+
+    async def main() -> None:
+        async with pim_asyncio.open_pimcore(data_dir=tmp_path / "data", events=True) as im:
+            await im.create_group("team", ["alice", "bob"])
+            _, last = await im.event_cursor("w")
+            waiting = asyncio.create_task(im.next_events("w", after=last + 1000))  # waits past the posts below
+            posts = [asyncio.create_task(im.post("team", b"m%d" % i)) for i in range(50)]
+            await asyncio.sleep(0)  # the block exits with every call still on its way
+        results = await asyncio.wait_for(asyncio.gather(waiting, *posts, return_exceptions=True), 5)
+        assert isinstance(results[0], pim_asyncio.BrokerStopped)
+        assert all(isinstance(r, (pim_asyncio.Posted, pim_asyncio.BrokerStopped)) for r in results[1:]), results
+        with pytest.raises(pim_asyncio.BrokerStopped):
+            await asyncio.wait_for(im.post("team", b"late"), 5)
+        with pytest.raises(pim_asyncio.BrokerStopped):
+            await asyncio.wait_for(im.events("w").__anext__(), 5)
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------- docs/EMBEDDING.md
 
 
