@@ -230,7 +230,8 @@ class AsyncPimcore:
 class AsyncEventStream:
     """Host events for asyncio code.  Each page is fetched in trio with
     :meth:`pimcore.embed.Pimcore.next_events`, which changes nothing until it
-    returns: an asyncio caller cancelled while waiting loses no event."""
+    returns, and an event leaves the stream only when ``__anext__`` returns
+    it: an asyncio caller cancelled while waiting loses no event."""
 
     def __init__(self, api: AsyncPimcore, consumer: str, after: Optional[int], limit: int) -> None:
         self._api = api
@@ -247,9 +248,11 @@ class AsyncEventStream:
             after, events = await self._api.next_events(self.consumer, after=self.after, limit=self._limit)
             self.after = after
             self._buf = events[::-1]
-        ev = self._buf.pop()
+        # The event is consumed only when it is returned: a cancellation at
+        # this await (asyncio.wait_for's timeout) leaves it for the next call.
+        (ev,) = await self._api._call(embed.fresh_page, self._api.handle, (self._buf[-1],))
+        self._buf.pop()
         self.after = ev.id
-        (ev,) = await self._api._call(embed.fresh_page, self._api.handle, (ev,))
         return ev
 
 
