@@ -24,7 +24,8 @@ may exist per thread, so one broker per asyncio loop.
 When the ``async with`` block exits, every call still running there (a
 ``next_events`` waiting for events included) raises :class:`BrokerStopped`
 -- it may or may not have taken effect, as when a trio caller is cancelled
--- and so does every call made after it.
+-- and so does every call made after it.  Cancelling an asyncio call
+cancels its trio task (each runs in a cancel scope of its own).
 """
 
 from __future__ import annotations
@@ -81,13 +82,16 @@ class AsyncPimcore:
             raise self._stopped()
         fut: asyncio.Future[T] = self._loop.create_future()
         loop = self._loop
+        # Cancelled when the asyncio caller is: its trio task ends too.
+        scope = trio.CancelScope()
 
         async def run_in_trio() -> None:
             ok: bool = False
             value: Any = None
             try:
-                value = await fn(*args, **kwargs)
-                ok = True
+                with scope:
+                    value = await fn(*args, **kwargs)
+                    ok = True
             except Exception as exc:  # noqa: BLE001 - handed to the asyncio caller
                 value = exc
             finally:
@@ -109,7 +113,15 @@ class AsyncPimcore:
             self._token.run_sync_soon(start)
         except trio.RunFinishedError:
             raise self._stopped() from self._error
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # After `start` (FIFO): a call not started yet never starts.
+            try:
+                self._token.run_sync_soon(scope.cancel)
+            except trio.RunFinishedError:
+                pass
+            raise
 
     # Plain reads of in-memory state run directly: guest mode is the same
     # thread, and these never await.

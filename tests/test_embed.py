@@ -399,6 +399,41 @@ def test_asyncio_calls_in_flight_at_close_and_after_it_raise_broker_stopped(tmp_
     asyncio.run(main())
 
 
+def test_cancelling_an_asyncio_call_cancels_it_in_trio(tmp_path: Path) -> None:
+    import pimcore.asyncio as pim_asyncio
+
+    def running(im: pim_asyncio.AsyncPimcore) -> int:  # the calls' trio tasks
+        return len(im._nursery.child_tasks)
+
+    async def until(cond) -> None:
+        async def poll() -> None:
+            while not cond():
+                await asyncio.sleep(0.001)
+
+        await asyncio.wait_for(poll(), 5)
+
+    async def main() -> None:
+        async with pim_asyncio.open_pimcore(data_dir=tmp_path / "data", events=True) as im:
+            await im.create_group("team", ["alice", "bob"])
+            _, last = await im.event_cursor("push")
+            calls = [asyncio.create_task(im.next_events("push", after=last)) for _ in range(20)]
+            await until(lambda: running(im) == 20)  # all waiting in trio
+            for call in calls:
+                call.cancel()
+            await until(lambda: running(im) == 0)  # none left behind
+            # Cancelled before trio even started it: never started.
+            early = asyncio.create_task(im.next_events("push", after=last))
+            await asyncio.sleep(0)
+            early.cancel()
+            await until(lambda: running(im) == 0)
+            # Still answers.
+            posted = await im.post("team", b"x")
+            _, page = await asyncio.wait_for(im.next_events("push", after=last), 5)
+            assert page[-1].msg_id == posted.msg_id
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------- docs/EMBEDDING.md
 
 
