@@ -4,9 +4,12 @@
 handle a trio host gets -- inside the running asyncio loop, with trio's
 *guest mode* (``trio.lowlevel.start_guest_run``): trio's scheduler is
 driven by asyncio callbacks on the same thread, so no thread is added and
-the asyncio app keeps running its own tasks.  Every method of the returned
-:class:`AsyncPimcore` is an asyncio coroutine (or a plain function) with
-the same arguments, results and errors as :class:`pimcore.embed.Pimcore`::
+the asyncio app keeps running its own tasks.  The returned
+:class:`AsyncPimcore` has the methods of :class:`pimcore.embed.Pimcore`
+with the same arguments, results and errors: its coroutines are asyncio
+coroutines here, its plain functions (``kick``, ``issue_token``,
+``online_devices``, ``statistics``, ``events``) and properties
+(``events_enabled``, ``urls``...) stay plain::
 
     async def main():
         async with pimcore.asyncio.open_pimcore(data_dir="chat-data", listen=["tcp://127.0.0.1:7400"]) as im:
@@ -155,12 +158,19 @@ class AsyncPimcore:
     def online_devices(self, user: str) -> list[str]:
         return self.handle.online_devices(user)
 
-    async def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
-        # Runs in trio: ending sessions touches the broker's streams.
-        async def kick() -> None:
-            self.handle.kick(user, device, reason)
+    @property
+    def events_enabled(self) -> bool:
+        """Does the broker record host events (``[server] events``)?"""
+        return self.handle.events_enabled
 
-        await self._call(kick)
+    def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
+        """As :meth:`pimcore.embed.Pimcore.kick`: a plain call, done when it
+        returns.  Safe from asyncio code: in guest mode trio's run lives on
+        this thread, and kick only uses trio's synchronous calls (which wake
+        the guest run).  Raises BrokerStopped after the broker stopped."""
+        if self._closed:
+            raise self._stopped()
+        self.handle.kick(user, device, reason)
 
     async def post(self, conv: str, payload: bytes, **kwargs: Any) -> Posted:
         return await self._call(self.handle.post, conv, payload, **kwargs)
@@ -226,7 +236,10 @@ class AsyncPimcore:
         return await self._call(self.handle.history, conv, user, **kwargs)
 
     def events(self, consumer: str = "default", *, after: Optional[int] = None, limit: int = 256) -> "AsyncEventStream":
-        """As :meth:`pimcore.embed.Pimcore.events`, an asyncio async iterator."""
+        """As :meth:`pimcore.embed.Pimcore.events`, an asyncio async iterator
+        (raises EventsDisabled here, when the broker records no events)."""
+        if not self.events_enabled:
+            raise embed.EventsDisabled()
         return AsyncEventStream(self, consumer, after, limit)
 
     async def next_events(self, consumer: str = "default", **kwargs: Any) -> tuple[int, list[HostEvent]]:
@@ -273,8 +286,14 @@ async def open_pimcore(*args: Any, **kwargs: Any) -> AsyncIterator[AsyncPimcore]
     """Run a broker inside the running asyncio loop for the duration of the
     block.  Arguments, settings and errors as :func:`pimcore.embed.open_pimcore`
     (raised here, in asyncio).  On exit the broker shuts down gracefully and
-    the guest run ends before this returns."""
+    the guest run ends before this returns.  One broker per event loop: a
+    second one while the first runs raises RuntimeError."""
     loop = asyncio.get_running_loop()
+    if trio.lowlevel.in_trio_run():
+        raise RuntimeError(
+            "pimcore.asyncio.open_pimcore: trio already runs in this thread (another pimcore.asyncio broker "
+            "in this event loop?): one broker per asyncio event loop -- share the first one's handle"
+        )
     ready: asyncio.Future[AsyncPimcore] = loop.create_future()
     done: asyncio.Future[None] = loop.create_future()
     stop: list[trio.Event] = []

@@ -353,7 +353,7 @@ def test_an_asyncio_host_runs_the_broker_while_its_own_tasks_keep_running(tmp_pa
             assert [m.payload for m in await im.history("team", "bob")] == [b"from asyncio"]
             posted = await im.post("team", b"posted from asyncio", idempotency_key="k")
             assert posted.seq == 2 and (await im.post("team", b"posted from asyncio", idempotency_key="k")) == posted
-            await im.kick("alice")
+            assert im.kick("alice") is None  # a plain call, as on the trio handle
             assert im.online_devices("alice") == []
             assert await im.revoke("alice") > 0
             writer.close()
@@ -432,6 +432,30 @@ def test_cancelling_an_asyncio_call_cancels_it_in_trio(tmp_path: Path) -> None:
             assert page[-1].msg_id == posted.msg_id
 
     asyncio.run(main())
+
+
+def test_the_asyncio_handle_has_events_enabled_a_plain_kick_and_one_broker_per_loop(tmp_path: Path) -> None:
+    import pimcore.asyncio as pim_asyncio
+    from pimcore.embed import EventsDisabled
+
+    async def main() -> None:
+        async with pim_asyncio.open_pimcore(data_dir=tmp_path / "a") as im:
+            assert im.events_enabled is False
+            with pytest.raises(EventsDisabled):
+                im.events()  # at call time, as the trio handle's
+            with pytest.raises(pim_asyncio.RequestRefused) as refused:
+                im.kick("no spaces allowed")
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+            with pytest.raises(RuntimeError, match="one broker per asyncio event loop"):
+                async with pim_asyncio.open_pimcore(data_dir=tmp_path / "b"):
+                    pass  # pragma: no cover
+            assert await im.unread("alice") == 0  # the first one runs on
+        with pytest.raises(pim_asyncio.BrokerStopped):
+            im.kick("alice")
+        async with pim_asyncio.open_pimcore(data_dir=tmp_path / "b", events=True) as im:
+            assert im.events_enabled is True
+
+    asyncio.run(asyncio.wait_for(main(), 30))
 
 
 # ---------------------------------------------------------------- docs/EMBEDDING.md
