@@ -4,9 +4,12 @@
 handle a trio host gets -- inside the running asyncio loop, with trio's
 *guest mode* (``trio.lowlevel.start_guest_run``): trio's scheduler is
 driven by asyncio callbacks on the same thread, so no thread is added and
-the asyncio app keeps running its own tasks.  Every method of the returned
-:class:`AsyncPimcore` is an asyncio coroutine (or a plain function) with
-the same arguments, results and errors as :class:`pimcore.embed.Pimcore`::
+the asyncio app keeps running its own tasks.  The returned
+:class:`AsyncPimcore` has the methods of :class:`pimcore.embed.Pimcore`
+with the same arguments, results and errors: its coroutines are asyncio
+coroutines here, its plain functions (``kick``, ``issue_token``,
+``online_devices``, ``statistics``, ``events``) and properties
+(``events_enabled``, ``urls``...) stay plain::
 
     async def main():
         async with pimcore.asyncio.open_pimcore(data_dir="chat-data", listen=["tcp://127.0.0.1:7400"]) as im:
@@ -20,6 +23,12 @@ TrioToken, which may be used from outside the run) to start the handle's
 coroutine in a nursery of the guest run; its outcome comes back through the
 loop's ``call_soon_threadsafe`` into an asyncio future.  Only one guest run
 may exist per thread, so one broker per asyncio loop.
+
+When the ``async with`` block exits, every call still running there (a
+``next_events`` waiting for events included) raises :class:`BrokerStopped`
+-- it may or may not have taken effect, as when a trio caller is cancelled
+-- and so does every call made after it.  Cancelling an asyncio call
+cancels its trio task (each runs in a cancel scope of its own).
 """
 
 from __future__ import annotations
@@ -32,8 +41,12 @@ import trio
 
 from . import embed
 from .embed import SYSTEM, Conversation, HostEvent, Pimcore, Posted, ReadPositions, RequestRefused
+from .threaded import BrokerStopped
 
-__all__ = ["open_pimcore", "AsyncPimcore", "AsyncEventStream", "RequestRefused", "Conversation", "Posted", "HostEvent", "SYSTEM"]
+__all__ = [
+    "open_pimcore", "AsyncPimcore", "AsyncEventStream", "BrokerStopped",
+    "RequestRefused", "Conversation", "Posted", "HostEvent", "SYSTEM",
+]
 
 T = TypeVar("T")
 
@@ -48,28 +61,70 @@ def _settle(fut: "asyncio.Future[Any]", ok: bool, value: Any) -> None:
 
 
 class AsyncPimcore:
-    """The :class:`pimcore.embed.Pimcore` handle, for asyncio code."""
+    """The :class:`pimcore.embed.Pimcore` handle, for asyncio code.  Raises
+    what it raises, plus :class:`BrokerStopped` for a call still running
+    when the broker stops and for every call after that."""
 
     def __init__(self, handle: Pimcore, loop: asyncio.AbstractEventLoop, token: trio.lowlevel.TrioToken, nursery: trio.Nursery) -> None:
         self.handle = handle
         self._loop = loop
         self._token = token
         self._nursery = nursery
+        #: Set when the ``async with`` block exits, or the guest run ended.
+        self._closed = False
+        #: Why the guest run ended, if with an error (the cause of BrokerStopped).
+        self._error: Optional[BaseException] = None
+
+    def _stopped(self, what: str = "the broker was closed") -> BrokerStopped:
+        exc = BrokerStopped(what)
+        exc.__cause__ = self._error
+        return exc
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        if self._closed:
+            raise self._stopped()
         fut: asyncio.Future[T] = self._loop.create_future()
         loop = self._loop
+        # Cancelled when the asyncio caller is: its trio task ends too.
+        scope = trio.CancelScope()
 
         async def run_in_trio() -> None:
+            ok: bool = False
+            value: Any = None
             try:
-                value = await fn(*args, **kwargs)
+                with scope:
+                    value = await fn(*args, **kwargs)
+                    ok = True
             except Exception as exc:  # noqa: BLE001 - handed to the asyncio caller
-                loop.call_soon_threadsafe(_settle, fut, False, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, fut, True, value)
+                value = exc
+            finally:
+                # Cancelled (the broker is stopping) or another BaseException:
+                # the caller must not wait for ever.
+                if not ok and value is None:
+                    value = self._stopped("the broker stopped during the call")
+                loop.call_soon_threadsafe(_settle, fut, ok, value)
 
-        self._token.run_sync_soon(self._nursery.start_soon, run_in_trio)
-        return await fut
+        def start() -> None:  # in trio; must not raise (that would crash the run)
+            if fut.done():  # the asyncio caller was cancelled meanwhile
+                return
+            try:
+                self._nursery.start_soon(run_in_trio)
+            except RuntimeError:  # the calls nursery is closed: the broker is stopping
+                loop.call_soon_threadsafe(_settle, fut, False, self._stopped())
+
+        try:
+            self._token.run_sync_soon(start)
+        except trio.RunFinishedError:
+            raise self._stopped() from self._error
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # After `start` (FIFO): a call not started yet never starts.
+            try:
+                self._token.run_sync_soon(scope.cancel)
+            except trio.RunFinishedError:
+                pass
+            raise
 
     # Plain reads of in-memory state run directly: guest mode is the same
     # thread, and these never await.
@@ -103,12 +158,19 @@ class AsyncPimcore:
     def online_devices(self, user: str) -> list[str]:
         return self.handle.online_devices(user)
 
-    async def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
-        # Runs in trio: ending sessions touches the broker's streams.
-        async def kick() -> None:
-            self.handle.kick(user, device, reason)
+    @property
+    def events_enabled(self) -> bool:
+        """Does the broker record host events (``[server] events``)?"""
+        return self.handle.events_enabled
 
-        await self._call(kick)
+    def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
+        """As :meth:`pimcore.embed.Pimcore.kick`: a plain call, done when it
+        returns.  Safe from asyncio code: in guest mode trio's run lives on
+        this thread, and kick only uses trio's synchronous calls (which wake
+        the guest run).  Raises BrokerStopped after the broker stopped."""
+        if self._closed:
+            raise self._stopped()
+        self.handle.kick(user, device, reason)
 
     async def post(self, conv: str, payload: bytes, **kwargs: Any) -> Posted:
         return await self._call(self.handle.post, conv, payload, **kwargs)
@@ -174,7 +236,10 @@ class AsyncPimcore:
         return await self._call(self.handle.history, conv, user, **kwargs)
 
     def events(self, consumer: str = "default", *, after: Optional[int] = None, limit: int = 256) -> "AsyncEventStream":
-        """As :meth:`pimcore.embed.Pimcore.events`, an asyncio async iterator."""
+        """As :meth:`pimcore.embed.Pimcore.events`, an asyncio async iterator
+        (raises EventsDisabled here, when the broker records no events)."""
+        if not self.events_enabled:
+            raise embed.EventsDisabled()
         return AsyncEventStream(self, consumer, after, limit)
 
     async def next_events(self, consumer: str = "default", **kwargs: Any) -> tuple[int, list[HostEvent]]:
@@ -190,7 +255,8 @@ class AsyncPimcore:
 class AsyncEventStream:
     """Host events for asyncio code.  Each page is fetched in trio with
     :meth:`pimcore.embed.Pimcore.next_events`, which changes nothing until it
-    returns: an asyncio caller cancelled while waiting loses no event."""
+    returns, and an event leaves the stream only when ``__anext__`` returns
+    it: an asyncio caller cancelled while waiting loses no event."""
 
     def __init__(self, api: AsyncPimcore, consumer: str, after: Optional[int], limit: int) -> None:
         self._api = api
@@ -207,9 +273,11 @@ class AsyncEventStream:
             after, events = await self._api.next_events(self.consumer, after=self.after, limit=self._limit)
             self.after = after
             self._buf = events[::-1]
-        ev = self._buf.pop()
+        # The event is consumed only when it is returned: a cancellation at
+        # this await (asyncio.wait_for's timeout) leaves it for the next call.
+        (ev,) = await self._api._call(embed.fresh_page, self._api.handle, (self._buf[-1],))
+        self._buf.pop()
         self.after = ev.id
-        (ev,) = await self._api._call(embed.fresh_page, self._api.handle, (ev,))
         return ev
 
 
@@ -218,8 +286,14 @@ async def open_pimcore(*args: Any, **kwargs: Any) -> AsyncIterator[AsyncPimcore]
     """Run a broker inside the running asyncio loop for the duration of the
     block.  Arguments, settings and errors as :func:`pimcore.embed.open_pimcore`
     (raised here, in asyncio).  On exit the broker shuts down gracefully and
-    the guest run ends before this returns."""
+    the guest run ends before this returns.  One broker per event loop: a
+    second one while the first runs raises RuntimeError."""
     loop = asyncio.get_running_loop()
+    if trio.lowlevel.in_trio_run():
+        raise RuntimeError(
+            "pimcore.asyncio.open_pimcore: trio already runs in this thread (another pimcore.asyncio broker "
+            "in this event loop?): one broker per asyncio event loop -- share the first one's handle"
+        )
     ready: asyncio.Future[AsyncPimcore] = loop.create_future()
     done: asyncio.Future[None] = loop.create_future()
     stop: list[trio.Event] = []
@@ -236,9 +310,13 @@ async def open_pimcore(*args: Any, **kwargs: Any) -> AsyncIterator[AsyncPimcore]
     def finished(outcome: Any) -> None:
         # Called by trio when the guest run is over, possibly before `ready`
         # (the broker could not start): the error goes to whoever waits.
+        if ready.done() and not ready.cancelled() and ready.exception() is None:
+            ready.result()._closed = True
         try:
             outcome.unwrap()
         except BaseException as exc:  # noqa: BLE001
+            if ready.done() and not ready.cancelled() and ready.exception() is None:
+                ready.result()._error = exc
             _settle(ready, False, exc)
             _settle(done, False, exc)
         else:
@@ -264,5 +342,9 @@ async def open_pimcore(*args: Any, **kwargs: Any) -> AsyncIterator[AsyncPimcore]
     try:
         yield api
     finally:
-        api._token.run_sync_soon(stop[0].set)
+        api._closed = True  # calls from now on raise BrokerStopped
+        try:
+            api._token.run_sync_soon(stop[0].set)
+        except trio.RunFinishedError:  # the run ended by itself (an error: `done` has it)
+            pass
         await asyncio.shield(done)

@@ -337,9 +337,10 @@ class EventStream:
             after, self._buf = await self._handle.next_events(self.consumer, after=self.after, limit=self._limit)
             self._buf.reverse()
             self.after = after
-        ev = self._buf.pop()
+        # Consumed only once returned: a cancellation at this await keeps it.
+        (ev,) = await fresh_page(self._handle, (self._buf[-1],))
+        self._buf.pop()
         self.after = ev.id
-        (ev,) = await fresh_page(self._handle, (ev,))
         return ev
 
 

@@ -353,7 +353,7 @@ def test_an_asyncio_host_runs_the_broker_while_its_own_tasks_keep_running(tmp_pa
             assert [m.payload for m in await im.history("team", "bob")] == [b"from asyncio"]
             posted = await im.post("team", b"posted from asyncio", idempotency_key="k")
             assert posted.seq == 2 and (await im.post("team", b"posted from asyncio", idempotency_key="k")) == posted
-            await im.kick("alice")
+            assert im.kick("alice") is None  # a plain call, as on the trio handle
             assert im.online_devices("alice") == []
             assert await im.revoke("alice") > 0
             writer.close()
@@ -376,6 +376,86 @@ def test_an_asyncio_host_gets_startup_errors_in_asyncio(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError):
         asyncio.run(main())
+
+
+def test_asyncio_calls_in_flight_at_close_and_after_it_raise_broker_stopped(tmp_path: Path) -> None:
+    import pimcore.asyncio as pim_asyncio
+
+    async def main() -> None:
+        async with pim_asyncio.open_pimcore(data_dir=tmp_path / "data", events=True) as im:
+            await im.create_group("team", ["alice", "bob"])
+            _, last = await im.event_cursor("w")
+            waiting = asyncio.create_task(im.next_events("w", after=last + 1000))  # waits past the posts below
+            posts = [asyncio.create_task(im.post("team", b"m%d" % i)) for i in range(50)]
+            await asyncio.sleep(0)  # the block exits with every call still on its way
+        results = await asyncio.wait_for(asyncio.gather(waiting, *posts, return_exceptions=True), 5)
+        assert isinstance(results[0], pim_asyncio.BrokerStopped)
+        assert all(isinstance(r, (pim_asyncio.Posted, pim_asyncio.BrokerStopped)) for r in results[1:]), results
+        with pytest.raises(pim_asyncio.BrokerStopped):
+            await asyncio.wait_for(im.post("team", b"late"), 5)
+        with pytest.raises(pim_asyncio.BrokerStopped):
+            await asyncio.wait_for(im.events("w").__anext__(), 5)
+
+    asyncio.run(main())
+
+
+def test_cancelling_an_asyncio_call_cancels_it_in_trio(tmp_path: Path) -> None:
+    import pimcore.asyncio as pim_asyncio
+
+    def running(im: pim_asyncio.AsyncPimcore) -> int:  # the calls' trio tasks
+        return len(im._nursery.child_tasks)
+
+    async def until(cond) -> None:
+        async def poll() -> None:
+            while not cond():
+                await asyncio.sleep(0.001)
+
+        await asyncio.wait_for(poll(), 5)
+
+    async def main() -> None:
+        async with pim_asyncio.open_pimcore(data_dir=tmp_path / "data", events=True) as im:
+            await im.create_group("team", ["alice", "bob"])
+            _, last = await im.event_cursor("push")
+            calls = [asyncio.create_task(im.next_events("push", after=last)) for _ in range(20)]
+            await until(lambda: running(im) == 20)  # all waiting in trio
+            for call in calls:
+                call.cancel()
+            await until(lambda: running(im) == 0)  # none left behind
+            # Cancelled before trio even started it: never started.
+            early = asyncio.create_task(im.next_events("push", after=last))
+            await asyncio.sleep(0)
+            early.cancel()
+            await until(lambda: running(im) == 0)
+            # Still answers.
+            posted = await im.post("team", b"x")
+            _, page = await asyncio.wait_for(im.next_events("push", after=last), 5)
+            assert page[-1].msg_id == posted.msg_id
+
+    asyncio.run(main())
+
+
+def test_the_asyncio_handle_has_events_enabled_a_plain_kick_and_one_broker_per_loop(tmp_path: Path) -> None:
+    import pimcore.asyncio as pim_asyncio
+    from pimcore.embed import EventsDisabled
+
+    async def main() -> None:
+        async with pim_asyncio.open_pimcore(data_dir=tmp_path / "a") as im:
+            assert im.events_enabled is False
+            with pytest.raises(EventsDisabled):
+                im.events()  # at call time, as the trio handle's
+            with pytest.raises(pim_asyncio.RequestRefused) as refused:
+                im.kick("no spaces allowed")
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+            with pytest.raises(RuntimeError, match="one broker per asyncio event loop"):
+                async with pim_asyncio.open_pimcore(data_dir=tmp_path / "b"):
+                    pass  # pragma: no cover
+            assert await im.unread("alice") == 0  # the first one runs on
+        with pytest.raises(pim_asyncio.BrokerStopped):
+            im.kick("alice")
+        async with pim_asyncio.open_pimcore(data_dir=tmp_path / "b", events=True) as im:
+            assert im.events_enabled is True
+
+    asyncio.run(asyncio.wait_for(main(), 30))
 
 
 # ---------------------------------------------------------------- docs/EMBEDDING.md

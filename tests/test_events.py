@@ -310,6 +310,63 @@ def test_asyncio_handle_events_and_ack(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+async def test_trio_event_stream_cancelled_while_handing_an_event_out_loses_nothing(tmp_path: Path) -> None:
+    # The stream refreshes offline_recipients (an await) before it returns an
+    # event: a cancellation landing there must leave the event for the next call.
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data", events=True) as im:
+            await im.create_group("team", ["alice", "bob"])
+            posted = [await im.post("team", b"p%d" % i) for i in range(3)]
+            stream = im.events()
+            first = await stream.__anext__()
+            while first.msg_id != posted[0].msg_id:
+                first = await stream.__anext__()
+            real = im.online_anywhere
+
+            async def cancelled_here(users):  # the caller is cancelled right at this await
+                scope.cancel()
+                await trio.lowlevel.checkpoint()
+                return await real(users)
+
+            im.online_anywhere = cancelled_here  # type: ignore[method-assign]
+            with trio.CancelScope() as scope:
+                await stream.__anext__()
+            assert scope.cancelled_caught
+            del im.online_anywhere
+            assert (await stream.__anext__()).msg_id == posted[1].msg_id  # not lost: handed out now
+            assert (await stream.__anext__()).msg_id == posted[2].msg_id
+
+
+def test_asyncio_event_stream_cancelled_while_handing_an_event_out_loses_nothing(tmp_path: Path) -> None:
+    import pimcore.asyncio as pa
+
+    async def main() -> None:
+        async with pa.open_pimcore(data_dir=tmp_path / "data", events=True) as im:
+            await im.create_group("team", ["alice", "bob"])
+            posted = [await im.post("team", b"p%d" % i) for i in range(3)]
+            stream = im.events()
+            first = await asyncio.wait_for(stream.__anext__(), 5)
+            while first.msg_id != posted[0].msg_id:
+                first = await asyncio.wait_for(stream.__anext__(), 5)
+            real, entered = im.handle.online_anywhere, asyncio.Event()
+
+            async def stuck(users):  # the second await of __anext__ never returns
+                entered.set()
+                await trio.sleep_forever()
+
+            im.handle.online_anywhere = stuck  # type: ignore[method-assign]
+            waiting = asyncio.ensure_future(stream.__anext__())
+            await asyncio.wait_for(entered.wait(), 5)
+            waiting.cancel()  # asyncio.wait_for's timeout does this
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            im.handle.online_anywhere = real  # type: ignore[method-assign]
+            assert (await asyncio.wait_for(stream.__anext__(), 5)).msg_id == posted[1].msg_id  # not lost
+            assert (await asyncio.wait_for(stream.__anext__(), 5)).msg_id == posted[2].msg_id
+
+    asyncio.run(main())
+
+
 def test_config_key_and_default(tmp_path: Path) -> None:
     from pimcore.config import load_settings
 
