@@ -276,6 +276,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
             raise ConfigError("--web needs an HTTP listener (--http tcp://HOST:PORT): the page is served there")
         if web and not any(ep.websocket for ep in settings.endpoints()):
             raise ConfigError("--web needs a WebSocket listener (--listen ws://HOST:PORT/): the page talks to it")
+        settings.check_tls_used()
         tls = settings.tls_context()
         if tls is not None:
             config = replace(config, ssl_context=tls)
