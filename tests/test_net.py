@@ -117,6 +117,47 @@ async def test_tls_client_that_does_not_trust_the_certificate_cannot_connect(lmd
                 assert (await a.send(AB, b"still fine")).seq == 1
 
 
+async def test_a_failed_tls_handshake_is_logged_and_counted(lmdb_store, ca, caplog):
+    """A plain-TCP client on a tls:// port, or one that does not trust the
+    certificate, left no trace: no log line, no counter."""
+    import logging
+
+    from pimcore.http.metrics import BrokerCollector
+
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tls"), ssl_context=server_ssl)) as srv:
+            port = srv.endpoints[0].port
+            plain = await trio.open_tcp_stream("127.0.0.1", port)
+            await plain.send_all(b"hello, plain text\n")
+            while await plain.receive_some():  # the broker hangs up
+                pass
+            await plain.aclose()
+            stranger = await trio.open_tcp_stream("127.0.0.1", port)
+            tls = trio.SSLStream(stranger, ssl.create_default_context(), server_hostname="127.0.0.1")
+            with pytest.raises(trio.BrokenResourceError):
+                await tls.do_handshake()
+            await trio.aclose_forcefully(tls)
+            while srv.statistics().tls_handshake_failures < 2:
+                await trio.sleep(0.01)
+            # The broker is unharmed, and a good handshake is not counted.
+            async with client(srv.url("tls"), "alice", ssl_context=_trusting(ca)) as a:
+                assert (await a.send(AB, b"still fine")).seq == 1
+            assert srv.statistics().tls_handshake_failures == 2
+            metrics = {m.name: m for m in BrokerCollector(srv).collect()}
+            assert metrics["pimcore_tls_handshake_failures"].samples[0].value == 2
+    lines = [r for r in caplog.records if "TLS handshake failed" in r.getMessage()]
+    assert len(lines) == 2, [r.getMessage() for r in caplog.records]
+    assert all(r.exc_info is None and r.levelno >= logging.INFO for r in lines)
+    assert all("peer=127.0.0.1:" in r.getMessage() for r in lines), [r.getMessage() for r in lines]
+    text = " ".join(r.getMessage().lower() for r in lines)
+    assert "wrong version number" in text, text  # plain text, not a TLS record
+    # A trio client hangs up without sending its alert; others say "unknown ca".
+    assert "trust the certificate" in text or "unknown ca" in text, text
+
+
 def _refused_port() -> tuple[socket.socket, int]:
     """A loopback port nothing listens on, held (bound, not listening) so
     that nothing else takes it while the test runs: connecting is refused."""
