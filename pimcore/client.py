@@ -154,7 +154,7 @@ class _SessionEnded(Exception):
 class _Conn:
     """The driver's side of one connection: the stream and its writer's state."""
 
-    __slots__ = ("stream", "wake", "writing", "ended", "settled", "base", "error")
+    __slots__ = ("stream", "wake", "writing", "ended", "settled", "base", "error", "first")
 
     def __init__(self, stream: trio.abc.Stream, base: int) -> None:
         self.stream = stream
@@ -164,6 +164,7 @@ class _Conn:
         self.settled = trio.Event()  # ACTIVE or ended, whichever first
         self.base = base  # session.connections_established before this one
         self.error: Optional[BaseException] = None  # the stream's failure, if that ended it
+        self.first = b""  # the first 2 bytes received (a TLS alert starts 0x15 0x03)
 
 
 class _Waiter:
@@ -226,6 +227,8 @@ class Client:
         self._conn: Optional[_Conn] = None
         self._closed = False
         self._ever_connected = False
+        #: The last first-connection attempt looked like a TLS server (see _serve).
+        self._tls_suspect = False
         self._last_state = self._session.state
         self._state_changed = trio.Event()  # replaced after each change
         self._events_ready = trio.Event()
@@ -674,6 +677,8 @@ class Client:
                     s.connection_lost(self._clock())  # the session words the reason
                     self._pump()
                     return
+                if len(conn.first) < 2:
+                    conn.first += data[: 2 - len(conn.first)]
                 s.receive_data(data, self._clock())
                 self._pump()
         except _IO_ERRORS as exc:
@@ -727,14 +732,20 @@ class Client:
             if s.connection_open:  # cancelled from outside, or a stream error elsewhere
                 s.connection_lost(self._clock(), "connection abandoned")
             self._pump()
+        # A TLS server that a plain-TCP client speaks to hangs up on the
+        # Login, or answers a TLS alert record (0x15 0x03 ...).
+        d = s.last_disconnect
+        hung_up = not conn.first and (d is None or d.reason != LOGIN_TIMED_OUT)  # at once, not a silent server
+        self._tls_suspect = (self.endpoint.scheme == "tcp" and s.connections_established == conn.base
+                             and (conn.first.startswith(b"\x15\x03") or hung_up))
         if conn.error is not None:
             return conn.error
-        d = s.last_disconnect
         return _SessionEnded(d.code, d.reason) if d is not None else None
 
     async def _connect_once(self, first: Optional[trio.TaskStatus[None]]) -> Optional[BaseException]:
         """One connection from dial to hang-up; returns why it ended."""
         end: Optional[BaseException] = None
+        self._tls_suspect = False  # set by _serve, if the stream opens
         try:
             async with trio.open_nursery() as conn_nursery:
                 stream: Optional[trio.abc.Stream] = None
@@ -806,8 +817,13 @@ class Client:
                     if permanent:
                         raise ConnectFailed(f"cannot connect to {self.url}: {_root_cause(exc)}") from exc
                     if trio.current_time() >= first_deadline:
+                        hint = ""
+                        if self._tls_suspect:
+                            ep = self.endpoint
+                            host = f"[{ep.host}]" if ":" in ep.host else ep.host
+                            hint = f" (the server may require TLS: try tls://{host}:{ep.port})"
                         raise ConnectFailed(f"cannot connect to {self.url} within {self.config.connect_timeout:g} s"
-                                            f" (connect_timeout): {_root_cause(exc)}") from exc
+                                            f" (connect_timeout): {_root_cause(exc)}{hint}") from exc
                 log.debug("connection lost: %r", exc)
             if self._closed:
                 return
@@ -822,7 +838,12 @@ class Client:
             # A session that lived a while resets the backoff.
             attempt = 0 if trio.current_time() - began > 5.0 else attempt + 1
             delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** min(attempt, 16))
-            await trio.sleep(delay * (0.5 + self._rng.random()))  # jitter: no thundering herd
+            delay *= 0.5 + self._rng.random()  # jitter: no thundering herd
+            if first is not None:
+                # The first connection gives up at connect_timeout, as it
+                # says: a last attempt then, not a sleep past it.
+                delay = min(delay, max(0.0, first_deadline - trio.current_time()))
+            await trio.sleep(delay)
 
     async def aclose(self) -> None:
         """Say goodbye (Close NORMAL) and stop.  Unacked sends fail with
