@@ -28,7 +28,8 @@ the others you are typing (a line you then send ends it for them).  In a
 ``— bob is offline (last seen 14:02:11)``, no time if bob hides it).
 
 ``--group NAME`` chats in a group instead (``pimcore group create NAME
-alice bob ...`` makes one); groups have no read receipts.
+alice bob ...`` makes one; a group that does not exist is refused, exit 2);
+groups have no read receipts.
 """
 
 from __future__ import annotations
@@ -125,15 +126,20 @@ async def chat(
             raise ChatRefused(f"cannot chat with yourself: the broker logged this token in as {peer}"
                               " (--to names another user)")
         conv = direct_conversation(client.user, peer) if peer is not None else str(group)
+        # The recent history (shown below, oldest first); for a group, also
+        # whether it exists.
+        try:
+            await client.fetch_history(conv, 0, 20, backward=True)
+        except SendError as exc:
+            if group is not None and exc.code.name == "UNKNOWN_CONVERSATION":
+                raise ChatRefused(f"group {group} does not exist: create it with"
+                                  f" pimcore group create {group} {client.user} [USER...]") from None
+        except ClientError:
+            pass
         out(
             f"connected as {client.user} ({device}); chatting {'with ' + peer if peer else 'in ' + str(group)}."
             f" Clock offset {client.clock_offset / 1000:.1f} ms. /quit to leave, /history to reprint"
         )
-        # Show the recent history once, oldest first.
-        try:
-            await client.fetch_history(conv, 0, 20, backward=True)
-        except ClientError:
-            pass
         shown: set[bytes] = set()
         for m in client.view(conv):
             who = "me" if m.sender == client.user else m.sender
@@ -155,8 +161,8 @@ async def chat(
                 sent = await client.send(conv, text.encode())
             except SendError as exc:
                 out(f"✗ not sent ({exc.code.name}): {text}")
-                if exc.code.name == "UNKNOWN_CONVERSATION":
-                    out("  (create the group and add yourself: pimcore group create NAME USER...)")
+                if exc.code.name == "UNKNOWN_CONVERSATION" and group is not None:
+                    out(f"  (the group does not exist: pimcore group create {group} {client.user} [USER...])")
                 elif exc.code.name == "NOT_MEMBER" and group is not None:
                     out(f"  (you are not a member: pimcore group add {group} {client.user})")
             except SendTimeout:

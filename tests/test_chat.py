@@ -100,3 +100,17 @@ def test_chat_with_an_unknown_host_is_one_line_at_once(monkeypatch: pytest.Monke
         f"pimcore chat: cannot connect to {url}: unknown host 'nohost.invalid' (gaierror: [Errno -2] Name or service not known)",
     ], err
     assert lookups == ["nohost.invalid"], lookups  # no retry
+
+
+def test_chat_in_a_group_that_does_not_exist_says_so_and_exits_non_zero(tmp_path: Path) -> None:
+    """It said "chatting in nope" and exited 0 (a refused send aside)."""
+    from _proc import run_pimcore
+
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=["tcp://127.0.0.1:0"],
+                             authenticate=_plain_tokens) as im:
+        url = f"tcp://127.0.0.1:{im.port()}"
+        r = run_pimcore("chat", "--group", "nope", "--token", "alice", "--url", url, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r
+    *progress, last = r.stderr.strip().splitlines()
+    assert progress == [f"pimcore chat: connecting to {url} (up to 10 s)…"], r.stderr
+    assert last == "pimcore chat: group nope does not exist: create it with pimcore group create nope alice [USER...]", r.stderr
