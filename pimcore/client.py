@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import socket
 import ssl
 import time
@@ -665,7 +666,7 @@ class Client:
             conn.error = exc
         s = self._session
         if self._conn is conn and s.connection_open:
-            s.connection_lost(self._clock(), repr(exc))
+            s.connection_lost(self._clock(), _io_failure(exc))
         self._pump()
 
     async def _reader(self, conn: _Conn) -> None:
@@ -815,7 +816,7 @@ class Client:
                         exc.__cause__, (ConnectionRefusedError, ssl.SSLError)
                     ) or _all_refused(exc)
                     if permanent:
-                        raise ConnectFailed(f"cannot connect to {self.url}: {_root_cause(exc)}") from exc
+                        raise ConnectFailed(f"cannot connect to {self.url}: {_root_cause(exc, self.endpoint.path)}") from exc
                     if trio.current_time() >= first_deadline:
                         hint = ""
                         if self._tls_suspect:
@@ -907,10 +908,45 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
-def _root_cause(exc: BaseException) -> str:
+def _rejected(exc: ConnectionRejected, path: Optional[str] = None) -> str:
+    """A refused WebSocket upgrade in words (its repr is a tuple of bytes)."""
+    body = bytes(exc.body or b"").decode("utf-8", "replace").strip()
+    text = f"the server refused the WebSocket upgrade with HTTP {exc.status_code}"
+    if body and len(body) <= 200 and body.isprintable():
+        text += f" ({body})"
+    if exc.status_code == 404 and path:
+        text += f": is the path {path} right?"
+    return text
+
+
+def _io_failure(exc: BaseException) -> str:
+    """Why a working connection broke, in words ("connection reset by
+    peer"), for Disconnected.reason: not an exception's repr."""
+    e: Optional[BaseException] = exc
+    while e is not None:
+        if isinstance(e, ConnectionRejected):
+            return _rejected(e)
+        if isinstance(e, ssl.SSLError):
+            return "TLS error: " + (e.reason.lower().replace("_", " ") if e.reason else str(e))
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror[:1].lower() + e.strerror[1:]
+        e = e.__cause__ or e.__context__
+    text = str(exc)
+    m = re.search(r"\[Errno -?\d+\] (.+)$", text)
+    if m:  # "socket connection broken: [Errno 104] Connection reset by peer"
+        return m.group(1)[:1].lower() + m.group(1)[1:]
+    if isinstance(exc, trio.ClosedResourceError):
+        return "connection closed"
+    return text or "connection broken"
+
+
+def _root_cause(exc: BaseException, path: Optional[str] = None) -> str:
     """The most telling error in ``exc``'s chain (an SSL or OS error if any:
     "certificate verify failed" says more than "BrokenResourceError"; the
-    attempts' own errors rather than trio's "all attempts ... failed")."""
+    attempts' own errors rather than trio's "all attempts ... failed"; a
+    refused WebSocket upgrade in words, asking about the ``path`` on a 404)."""
+    if isinstance(exc, ConnectionRejected):
+        return _rejected(exc, path)
     if isinstance(exc, _SessionEnded):
         if exc.code is None and exc.reason == LOGIN_TIMED_OUT:
             return "no answer to the login (is it a pimcore broker?)"

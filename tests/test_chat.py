@@ -114,3 +114,50 @@ def test_chat_in_a_group_that_does_not_exist_says_so_and_exits_non_zero(tmp_path
     *progress, last = r.stderr.strip().splitlines()
     assert progress == [f"pimcore chat: connecting to {url} (up to 10 s)…"], r.stderr
     assert last == "pimcore chat: group nope does not exist: create it with pimcore group create nope alice [USER...]", r.stderr
+
+
+async def test_chat_says_a_reset_connection_in_words() -> None:
+    """It printed the exception's repr: "(connection lost:
+    BrokenResourceError(...) / ConnectionResetError(104, ...); reconnecting…)"."""
+    import trio
+
+    from _net import serving, token
+    from pimcore.chat import chat
+    from pimcore.store import MemoryStore
+    from pimcore.testing.chaos import open_chaos_proxy
+
+    with trio.fail_after(30):
+        async with serving(MemoryStore()) as srv:
+            async with open_chaos_proxy("127.0.0.1", srv.endpoints[0].port) as proxy:
+                out: list[str] = []
+                into, lines = trio.open_memory_channel[str](10)
+                async with trio.open_nursery() as n:
+                    url = f"tcp://127.0.0.1:{proxy.port}"
+                    n.start_soon(lambda: chat(url, token("alice"), "bob", lines=lines, out=out.append))
+                    while not any(line.startswith("connected as alice") for line in out):
+                        await trio.sleep(0.01)
+                    proxy.reset_all()
+                    while not any(line.startswith("(reconnected") for line in out):
+                        await trio.sleep(0.01)
+                    await into.send("/quit")
+    [lost] = [line for line in out if line.startswith("(connection lost")]
+    assert lost == "(connection lost: connection reset by peer; reconnecting…)", out
+
+
+async def test_a_wrong_websocket_path_is_said_in_words() -> None:
+    """It was "ConnectionRejected: (404, ((b'content-length', b'22'),), b'not a pimcore endpoint')"."""
+    import trio
+
+    from _net import server_config, serving, token
+    from pimcore.client import ClientConfig, ConnectFailed, open_client
+    from pimcore.net import Endpoint
+    from pimcore.store import MemoryStore
+
+    with trio.fail_after(30):
+        async with serving(MemoryStore(), server_config(Endpoint("ws", path="/im"))) as srv:
+            url = srv.url("ws").replace("/im", "/wrong")
+            with pytest.raises(ConnectFailed) as err:
+                async with open_client(url, token("alice"), "phone", config=ClientConfig(connect_timeout=2)):
+                    pass  # pragma: no cover
+    assert str(err.value) == (f"cannot connect to {url}: the server refused the WebSocket upgrade with HTTP 404"
+                              " (not a pimcore endpoint): is the path /wrong right?"), str(err.value)
