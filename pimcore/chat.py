@@ -13,7 +13,8 @@ their state as it advances:
   every device of the peer will get it, online now or later;
 * ``✓✓ read``     -- the peer's read receipt covers it.
 
-Incoming messages are marked read as they are shown.  ``/history`` prints
+Incoming messages are marked read as they are shown; posts by the host or
+the HTTP API (no sender) show as ``[system]``.  ``/history`` prints
 the conversation again in display order, ``/quit`` (or end of input) leaves.
 ``/edit N text`` replaces your message #N, ``/recall N`` recalls it for
 everyone, ``/delete N`` deletes #N for you only; edits and recalls (yours
@@ -100,6 +101,14 @@ def _amended(ev: MessageAmended, me: str) -> str:
     return f"— you deleted #{e.target} (for you)"
 
 
+def _who(m: "F.Message", me: str) -> str:
+    """How a message's sender is shown: "me", "[system]" for a post by the
+    host or the HTTP API (the empty sender), else the user id."""
+    if m.sender == me:
+        return "me"
+    return m.sender or "[system]"
+
+
 def _clock(us: int) -> str:
     return datetime.fromtimestamp(us / 1e6).strftime("%H:%M:%S")
 
@@ -142,8 +151,7 @@ async def chat(
         )
         shown: set[bytes] = set()
         for m in client.view(conv):
-            who = "me" if m.sender == client.user else m.sender
-            out(_notice(m) or f"[{_clock(m.server_time)}] {who}: {_text(m)}  (#{m.seq})")
+            out(_notice(m) or f"[{_clock(m.server_time)}] {_who(m, client.user)}: {_text(m)}  (#{m.seq})")
             shown.add(m.msg_id)
         last_shown = max((m.seq for m in client.view(conv)), default=0)
         if last_shown:
@@ -203,7 +211,7 @@ async def chat(
                         out(f"[{_clock(m.server_time)}] me ({m.device}): {_text(m)}  (#{m.seq})")
                         continue
                     typing_now.discard(m.sender)  # their message ends their typing
-                    out(f"[{_clock(m.server_time)}] {m.sender}: {_text(m)}  (#{m.seq})")
+                    out(f"[{_clock(m.server_time)}] {_who(m, client.user)}: {_text(m)}  (#{m.seq})")
                     await client.mark_read(conv, m.seq)
                 elif isinstance(ev, MessageAmended) and ev.entry.conv == conv:
                     out(_amended(ev, client.user))
@@ -240,8 +248,7 @@ async def chat(
                     continue
                 if text == "/history":
                     for m in client.view(conv):
-                        who = "me" if m.sender == client.user else m.sender
-                        out(_notice(m) or f"  {who}: {_text(m)}  (#{m.seq})")
+                        out(_notice(m) or f"  {_who(m, client.user)}: {_text(m)}  (#{m.seq})")
                     continue
                 command, _, rest = text.partition(" ")
                 if command in ("/edit", "/recall", "/delete"):

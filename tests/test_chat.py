@@ -161,3 +161,32 @@ async def test_a_wrong_websocket_path_is_said_in_words() -> None:
                     pass  # pragma: no cover
     assert str(err.value) == (f"cannot connect to {url}: the server refused the WebSocket upgrade with HTTP 404"
                               " (not a pimcore endpoint): is the path /wrong right?"), str(err.value)
+
+
+async def test_chat_shows_system_posts_as_the_system(tmp_path: Path) -> None:
+    """A post by the host or the HTTP API (empty sender) showed as "[12:00:01] : text"."""
+    import trio
+
+    from pimcore.chat import chat
+    from pimcore.embed import open_pimcore
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["alice", "bob"])
+            await im.post("team", b"welcome")  # shown from the history
+            out: list[str] = []
+            into, lines = trio.open_memory_channel[str](10)
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), group="team", lines=lines, out=out.append))
+                while not any(line.startswith("connected as alice") for line in out):
+                    await trio.sleep(0.01)
+                await im.post("team", b"maintenance at five")  # shown as it comes
+                while not any("maintenance" in line for line in out):
+                    await trio.sleep(0.01)
+                await into.send("/history")
+                await into.send("/quit")
+    said = [line for line in out if "welcome" in line or "maintenance" in line]
+    assert len(said) == 4, out
+    assert said[0].endswith("] [system]: welcome  (#1)"), said
+    assert said[1].endswith("] [system]: maintenance at five  (#2)"), said
+    assert said[2:] == ["  [system]: welcome  (#1)", "  [system]: maintenance at five  (#2)"], said
