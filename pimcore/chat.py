@@ -13,7 +13,8 @@ their state as it advances:
   every device of the peer will get it, online now or later;
 * ``✓✓ read``     -- the peer's read receipt covers it.
 
-Incoming messages are marked read as they are shown.  ``/history`` prints
+Incoming messages are marked read as they are shown; posts by the host or
+the HTTP API (no sender) show as ``[system]``.  ``/history`` prints
 the conversation again in display order, ``/quit`` (or end of input) leaves.
 ``/edit N text`` replaces your message #N, ``/recall N`` recalls it for
 everyone, ``/delete N`` deletes #N for you only; edits and recalls (yours
@@ -28,7 +29,8 @@ the others you are typing (a line you then send ends it for them).  In a
 ``— bob is offline (last seen 14:02:11)``, no time if bob hides it).
 
 ``--group NAME`` chats in a group instead (``pimcore group create NAME
-alice bob ...`` makes one); groups have no read receipts.
+alice bob ...`` makes one; a group that does not exist is refused, exit 2);
+groups have no read receipts.
 """
 
 from __future__ import annotations
@@ -99,6 +101,14 @@ def _amended(ev: MessageAmended, me: str) -> str:
     return f"— you deleted #{e.target} (for you)"
 
 
+def _who(m: "F.Message", me: str) -> str:
+    """How a message's sender is shown: "me", "[system]" for a post by the
+    host or the HTTP API (the empty sender), else the user id."""
+    if m.sender == me:
+        return "me"
+    return m.sender or "[system]"
+
+
 def _clock(us: int) -> str:
     return datetime.fromtimestamp(us / 1e6).strftime("%H:%M:%S")
 
@@ -125,19 +135,23 @@ async def chat(
             raise ChatRefused(f"cannot chat with yourself: the broker logged this token in as {peer}"
                               " (--to names another user)")
         conv = direct_conversation(client.user, peer) if peer is not None else str(group)
+        # The recent history (shown below, oldest first); for a group, also
+        # whether it exists.
+        try:
+            await client.fetch_history(conv, 0, 20, backward=True)
+        except SendError as exc:
+            if group is not None and exc.code.name == "UNKNOWN_CONVERSATION":
+                raise ChatRefused(f"group {group} does not exist: create it with"
+                                  f" pimcore group create {group} {client.user} [USER...]") from None
+        except ClientError:
+            pass
         out(
             f"connected as {client.user} ({device}); chatting {'with ' + peer if peer else 'in ' + str(group)}."
             f" Clock offset {client.clock_offset / 1000:.1f} ms. /quit to leave, /history to reprint"
         )
-        # Show the recent history once, oldest first.
-        try:
-            await client.fetch_history(conv, 0, 20, backward=True)
-        except ClientError:
-            pass
         shown: set[bytes] = set()
         for m in client.view(conv):
-            who = "me" if m.sender == client.user else m.sender
-            out(_notice(m) or f"[{_clock(m.server_time)}] {who}: {_text(m)}  (#{m.seq})")
+            out(_notice(m) or f"[{_clock(m.server_time)}] {_who(m, client.user)}: {_text(m)}  (#{m.seq})")
             shown.add(m.msg_id)
         last_shown = max((m.seq for m in client.view(conv)), default=0)
         if last_shown:
@@ -155,8 +169,8 @@ async def chat(
                 sent = await client.send(conv, text.encode())
             except SendError as exc:
                 out(f"✗ not sent ({exc.code.name}): {text}")
-                if exc.code.name == "UNKNOWN_CONVERSATION":
-                    out("  (create the group and add yourself: pimcore group create NAME USER...)")
+                if exc.code.name == "UNKNOWN_CONVERSATION" and group is not None:
+                    out(f"  (the group does not exist: pimcore group create {group} {client.user} [USER...])")
                 elif exc.code.name == "NOT_MEMBER" and group is not None:
                     out(f"  (you are not a member: pimcore group add {group} {client.user})")
             except SendTimeout:
@@ -197,7 +211,7 @@ async def chat(
                         out(f"[{_clock(m.server_time)}] me ({m.device}): {_text(m)}  (#{m.seq})")
                         continue
                     typing_now.discard(m.sender)  # their message ends their typing
-                    out(f"[{_clock(m.server_time)}] {m.sender}: {_text(m)}  (#{m.seq})")
+                    out(f"[{_clock(m.server_time)}] {_who(m, client.user)}: {_text(m)}  (#{m.seq})")
                     await client.mark_read(conv, m.seq)
                 elif isinstance(ev, MessageAmended) and ev.entry.conv == conv:
                     out(_amended(ev, client.user))
@@ -234,8 +248,7 @@ async def chat(
                     continue
                 if text == "/history":
                     for m in client.view(conv):
-                        who = "me" if m.sender == client.user else m.sender
-                        out(_notice(m) or f"  {who}: {_text(m)}  (#{m.seq})")
+                        out(_notice(m) or f"  {_who(m, client.user)}: {_text(m)}  (#{m.seq})")
                     continue
                 command, _, rest = text.partition(" ")
                 if command in ("/edit", "/recall", "/delete"):

@@ -248,7 +248,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
     from ._util import unwrap_single
     from .auth import JwtAuthenticator
     from .config import ConfigError, render_toml
-    from .errors import StoreError
+    from .errors import StoreError, StoreInUse
     from .logs import setup_logging
     from .net.server import open_broker_server
     from .store import LmdbStore
@@ -276,6 +276,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
             raise ConfigError("--web needs an HTTP listener (--http tcp://HOST:PORT): the page is served there")
         if web and not any(ep.websocket for ep in settings.endpoints()):
             raise ConfigError("--web needs a WebSocket listener (--listen ws://HOST:PORT/): the page talks to it")
+        settings.check_tls_used()
         tls = settings.tls_context()
         if tls is not None:
             config = replace(config, ssl_context=tls)
@@ -298,6 +299,13 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
         store_dir = settings.data_dir / "store"
         try:
             store = LmdbStore(store_dir, durability=settings.durability)
+        except StoreInUse:
+            # The library's hint (owner=False) is for Python embedders.
+            print(f"pimcore serve: another broker is running on the data directory {settings.data_dir}"
+                  " (it holds store/broker.lock): stop it, or give this one another --data-dir"
+                  " (pimcore group, purge and retention work next to a running broker, unless its durability"
+                  " is log)", file=sys.stderr)
+            return 2
         except (StoreError, OSError) as exc:
             print(f"pimcore serve: {exc}", file=sys.stderr)
             return 2

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import socket
 import ssl
 import time
@@ -154,7 +155,7 @@ class _SessionEnded(Exception):
 class _Conn:
     """The driver's side of one connection: the stream and its writer's state."""
 
-    __slots__ = ("stream", "wake", "writing", "ended", "settled", "base", "error")
+    __slots__ = ("stream", "wake", "writing", "ended", "settled", "base", "error", "first")
 
     def __init__(self, stream: trio.abc.Stream, base: int) -> None:
         self.stream = stream
@@ -164,6 +165,7 @@ class _Conn:
         self.settled = trio.Event()  # ACTIVE or ended, whichever first
         self.base = base  # session.connections_established before this one
         self.error: Optional[BaseException] = None  # the stream's failure, if that ended it
+        self.first = b""  # the first 2 bytes received (a TLS alert starts 0x15 0x03)
 
 
 class _Waiter:
@@ -226,6 +228,8 @@ class Client:
         self._conn: Optional[_Conn] = None
         self._closed = False
         self._ever_connected = False
+        #: The last first-connection attempt looked like a TLS server (see _serve).
+        self._tls_suspect = False
         self._last_state = self._session.state
         self._state_changed = trio.Event()  # replaced after each change
         self._events_ready = trio.Event()
@@ -662,7 +666,7 @@ class Client:
             conn.error = exc
         s = self._session
         if self._conn is conn and s.connection_open:
-            s.connection_lost(self._clock(), repr(exc))
+            s.connection_lost(self._clock(), _io_failure(exc))
         self._pump()
 
     async def _reader(self, conn: _Conn) -> None:
@@ -674,6 +678,8 @@ class Client:
                     s.connection_lost(self._clock())  # the session words the reason
                     self._pump()
                     return
+                if len(conn.first) < 2:
+                    conn.first += data[: 2 - len(conn.first)]
                 s.receive_data(data, self._clock())
                 self._pump()
         except _IO_ERRORS as exc:
@@ -727,14 +733,20 @@ class Client:
             if s.connection_open:  # cancelled from outside, or a stream error elsewhere
                 s.connection_lost(self._clock(), "connection abandoned")
             self._pump()
+        # A TLS server that a plain-TCP client speaks to hangs up on the
+        # Login, or answers a TLS alert record (0x15 0x03 ...).
+        d = s.last_disconnect
+        hung_up = not conn.first and (d is None or d.reason != LOGIN_TIMED_OUT)  # at once, not a silent server
+        self._tls_suspect = (self.endpoint.scheme == "tcp" and s.connections_established == conn.base
+                             and (conn.first.startswith(b"\x15\x03") or hung_up))
         if conn.error is not None:
             return conn.error
-        d = s.last_disconnect
         return _SessionEnded(d.code, d.reason) if d is not None else None
 
     async def _connect_once(self, first: Optional[trio.TaskStatus[None]]) -> Optional[BaseException]:
         """One connection from dial to hang-up; returns why it ended."""
         end: Optional[BaseException] = None
+        self._tls_suspect = False  # set by _serve, if the stream opens
         try:
             async with trio.open_nursery() as conn_nursery:
                 stream: Optional[trio.abc.Stream] = None
@@ -804,10 +816,15 @@ class Client:
                         exc.__cause__, (ConnectionRefusedError, ssl.SSLError)
                     ) or _all_refused(exc)
                     if permanent:
-                        raise ConnectFailed(f"cannot connect to {self.url}: {_root_cause(exc)}") from exc
+                        raise ConnectFailed(f"cannot connect to {self.url}: {_root_cause(exc, self.endpoint.path)}") from exc
                     if trio.current_time() >= first_deadline:
+                        hint = ""
+                        if self._tls_suspect:
+                            ep = self.endpoint
+                            host = f"[{ep.host}]" if ":" in ep.host else ep.host
+                            hint = f" (the server may require TLS: try tls://{host}:{ep.port})"
                         raise ConnectFailed(f"cannot connect to {self.url} within {self.config.connect_timeout:g} s"
-                                            f" (connect_timeout): {_root_cause(exc)}") from exc
+                                            f" (connect_timeout): {_root_cause(exc)}{hint}") from exc
                 log.debug("connection lost: %r", exc)
             if self._closed:
                 return
@@ -822,7 +839,12 @@ class Client:
             # A session that lived a while resets the backoff.
             attempt = 0 if trio.current_time() - began > 5.0 else attempt + 1
             delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** min(attempt, 16))
-            await trio.sleep(delay * (0.5 + self._rng.random()))  # jitter: no thundering herd
+            delay *= 0.5 + self._rng.random()  # jitter: no thundering herd
+            if first is not None:
+                # The first connection gives up at connect_timeout, as it
+                # says: a last attempt then, not a sleep past it.
+                delay = min(delay, max(0.0, first_deadline - trio.current_time()))
+            await trio.sleep(delay)
 
     async def aclose(self) -> None:
         """Say goodbye (Close NORMAL) and stop.  Unacked sends fail with
@@ -886,10 +908,45 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
-def _root_cause(exc: BaseException) -> str:
+def _rejected(exc: ConnectionRejected, path: Optional[str] = None) -> str:
+    """A refused WebSocket upgrade in words (its repr is a tuple of bytes)."""
+    body = bytes(exc.body or b"").decode("utf-8", "replace").strip()
+    text = f"the server refused the WebSocket upgrade with HTTP {exc.status_code}"
+    if body and len(body) <= 200 and body.isprintable():
+        text += f" ({body})"
+    if exc.status_code == 404 and path:
+        text += f": is the path {path} right?"
+    return text
+
+
+def _io_failure(exc: BaseException) -> str:
+    """Why a working connection broke, in words ("connection reset by
+    peer"), for Disconnected.reason: not an exception's repr."""
+    e: Optional[BaseException] = exc
+    while e is not None:
+        if isinstance(e, ConnectionRejected):
+            return _rejected(e)
+        if isinstance(e, ssl.SSLError):
+            return "TLS error: " + (e.reason.lower().replace("_", " ") if e.reason else str(e))
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror[:1].lower() + e.strerror[1:]
+        e = e.__cause__ or e.__context__
+    text = str(exc)
+    m = re.search(r"\[Errno -?\d+\] (.+)$", text)
+    if m:  # "socket connection broken: [Errno 104] Connection reset by peer"
+        return m.group(1)[:1].lower() + m.group(1)[1:]
+    if isinstance(exc, trio.ClosedResourceError):
+        return "connection closed"
+    return text or "connection broken"
+
+
+def _root_cause(exc: BaseException, path: Optional[str] = None) -> str:
     """The most telling error in ``exc``'s chain (an SSL or OS error if any:
     "certificate verify failed" says more than "BrokenResourceError"; the
-    attempts' own errors rather than trio's "all attempts ... failed")."""
+    attempts' own errors rather than trio's "all attempts ... failed"; a
+    refused WebSocket upgrade in words, asking about the ``path`` on a 404)."""
+    if isinstance(exc, ConnectionRejected):
+        return _rejected(exc, path)
     if isinstance(exc, _SessionEnded):
         if exc.code is None and exc.reason == LOGIN_TIMED_OUT:
             return "no answer to the login (is it a pimcore broker?)"

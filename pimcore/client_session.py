@@ -958,7 +958,8 @@ class ClientSession:
     def close(self, now: int) -> None:
         """The application is done: flush the PushAck of what it took, queue
         Close(NORMAL) and become CLOSED.  Unfinished sends and history
-        requests complete with ClientClosed.  The driver writes
+        requests complete with ClientClosed; every presence entry turns
+        UNKNOWN (last_seen kept, a PresenceChanged each).  The driver writes
         :meth:`data_to_send` and hangs up.  A no-op if already CLOSED."""
         self._tick(now)
         if self._state is SessionState.CLOSED:
@@ -992,6 +993,9 @@ class ClientSession:
         for req in self._privacy_waiting:
             self._completions.append(PrivacyCompleted(req, False, error))
         self._privacy_waiting.clear()
+        # Nothing will tell this session of presence any more: as on a
+        # dropped connection, no entry goes on claiming ONLINE or OFFLINE.
+        self._presence_unknown()
 
     # ------------------------------------------------------------ bytes in / out
 

@@ -396,6 +396,17 @@ class ServeSettings:
         except ValueError as exc:
             raise ConfigError(f"{exc} (--cert/--key, [tls] cert/key, or cert=/key=)") from None
 
+    def check_tls_used(self) -> None:
+        """ConfigError if a certificate or key is given but no listener (nor
+        the HTTP listener) uses TLS: ``pimcore serve`` would ignore it."""
+        if not (self.cert or self.key):
+            return
+        http = self.http_endpoint()
+        if any(e.secure for e in self.endpoints()) or (http is not None and http.secure):
+            return
+        raise ConfigError("--cert/--key ([tls] cert/key) given but no listener uses TLS: listen on tls:// or wss://,"
+                          " serve --http on https:// (tls://), or drop the certificate")
+
     def load_api_keys(self, *, create: bool = True) -> tuple[str, ...]:
         """The HTTP API keys: ``api_keys`` (file, $PIMCORE_API_KEYS), else
         ``<data_dir>/api-key`` (created on first use, mode 0600, like the

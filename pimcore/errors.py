@@ -16,6 +16,7 @@ __all__ = [
     "FrameTooLarge",
     "EncodeError",
     "StoreError",
+    "StoreInUse",
     "AuthError",
     "BackendChoiceError",
     "BrokerStopped",
@@ -117,6 +118,15 @@ class EncodeError(PimError, ValueError):
 
 class StoreError(PimError):
     """The store could not complete an operation (disk full, corrupt, closed)."""
+
+
+class StoreInUse(StoreError):
+    """Another broker holds the store (its ``broker.lock``): one broker per
+    store.  ``path`` is the store's directory."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class AuthError(PimError):

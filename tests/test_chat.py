@@ -100,3 +100,93 @@ def test_chat_with_an_unknown_host_is_one_line_at_once(monkeypatch: pytest.Monke
         f"pimcore chat: cannot connect to {url}: unknown host 'nohost.invalid' (gaierror: [Errno -2] Name or service not known)",
     ], err
     assert lookups == ["nohost.invalid"], lookups  # no retry
+
+
+def test_chat_in_a_group_that_does_not_exist_says_so_and_exits_non_zero(tmp_path: Path) -> None:
+    """It said "chatting in nope" and exited 0 (a refused send aside)."""
+    from _proc import run_pimcore
+
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=["tcp://127.0.0.1:0"],
+                             authenticate=_plain_tokens) as im:
+        url = f"tcp://127.0.0.1:{im.port()}"
+        r = run_pimcore("chat", "--group", "nope", "--token", "alice", "--url", url, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r
+    *progress, last = r.stderr.strip().splitlines()
+    assert progress == [f"pimcore chat: connecting to {url} (up to 10 s)…"], r.stderr
+    assert last == "pimcore chat: group nope does not exist: create it with pimcore group create nope alice [USER...]", r.stderr
+
+
+async def test_chat_says_a_reset_connection_in_words() -> None:
+    """It printed the exception's repr: "(connection lost:
+    BrokenResourceError(...) / ConnectionResetError(104, ...); reconnecting…)"."""
+    import trio
+
+    from _net import serving, token
+    from pimcore.chat import chat
+    from pimcore.store import MemoryStore
+    from pimcore.testing.chaos import open_chaos_proxy
+
+    with trio.fail_after(30):
+        async with serving(MemoryStore()) as srv:
+            async with open_chaos_proxy("127.0.0.1", srv.endpoints[0].port) as proxy:
+                out: list[str] = []
+                into, lines = trio.open_memory_channel[str](10)
+                async with trio.open_nursery() as n:
+                    url = f"tcp://127.0.0.1:{proxy.port}"
+                    n.start_soon(lambda: chat(url, token("alice"), "bob", lines=lines, out=out.append))
+                    while not any(line.startswith("connected as alice") for line in out):
+                        await trio.sleep(0.01)
+                    proxy.reset_all()
+                    while not any(line.startswith("(reconnected") for line in out):
+                        await trio.sleep(0.01)
+                    await into.send("/quit")
+    [lost] = [line for line in out if line.startswith("(connection lost")]
+    assert lost == "(connection lost: connection reset by peer; reconnecting…)", out
+
+
+async def test_a_wrong_websocket_path_is_said_in_words() -> None:
+    """It was "ConnectionRejected: (404, ((b'content-length', b'22'),), b'not a pimcore endpoint')"."""
+    import trio
+
+    from _net import server_config, serving, token
+    from pimcore.client import ClientConfig, ConnectFailed, open_client
+    from pimcore.net import Endpoint
+    from pimcore.store import MemoryStore
+
+    with trio.fail_after(30):
+        async with serving(MemoryStore(), server_config(Endpoint("ws", path="/im"))) as srv:
+            url = srv.url("ws").replace("/im", "/wrong")
+            with pytest.raises(ConnectFailed) as err:
+                async with open_client(url, token("alice"), "phone", config=ClientConfig(connect_timeout=2)):
+                    pass  # pragma: no cover
+    assert str(err.value) == (f"cannot connect to {url}: the server refused the WebSocket upgrade with HTTP 404"
+                              " (not a pimcore endpoint): is the path /wrong right?"), str(err.value)
+
+
+async def test_chat_shows_system_posts_as_the_system(tmp_path: Path) -> None:
+    """A post by the host or the HTTP API (empty sender) showed as "[12:00:01] : text"."""
+    import trio
+
+    from pimcore.chat import chat
+    from pimcore.embed import open_pimcore
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["alice", "bob"])
+            await im.post("team", b"welcome")  # shown from the history
+            out: list[str] = []
+            into, lines = trio.open_memory_channel[str](10)
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), group="team", lines=lines, out=out.append))
+                while not any(line.startswith("connected as alice") for line in out):
+                    await trio.sleep(0.01)
+                await im.post("team", b"maintenance at five")  # shown as it comes
+                while not any("maintenance" in line for line in out):
+                    await trio.sleep(0.01)
+                await into.send("/history")
+                await into.send("/quit")
+    said = [line for line in out if "welcome" in line or "maintenance" in line]
+    assert len(said) == 4, out
+    assert said[0].endswith("] [system]: welcome  (#1)"), said
+    assert said[1].endswith("] [system]: maintenance at five  (#2)"), said
+    assert said[2:] == ["  [system]: welcome  (#1)", "  [system]: maintenance at five  (#2)"], said

@@ -117,6 +117,47 @@ async def test_tls_client_that_does_not_trust_the_certificate_cannot_connect(lmd
                 assert (await a.send(AB, b"still fine")).seq == 1
 
 
+async def test_a_failed_tls_handshake_is_logged_and_counted(lmdb_store, ca, caplog):
+    """A plain-TCP client on a tls:// port, or one that does not trust the
+    certificate, left no trace: no log line, no counter."""
+    import logging
+
+    from pimcore.http.metrics import BrokerCollector
+
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tls"), ssl_context=server_ssl)) as srv:
+            port = srv.endpoints[0].port
+            plain = await trio.open_tcp_stream("127.0.0.1", port)
+            await plain.send_all(b"hello, plain text\n")
+            while await plain.receive_some():  # the broker hangs up
+                pass
+            await plain.aclose()
+            stranger = await trio.open_tcp_stream("127.0.0.1", port)
+            tls = trio.SSLStream(stranger, ssl.create_default_context(), server_hostname="127.0.0.1")
+            with pytest.raises(trio.BrokenResourceError):
+                await tls.do_handshake()
+            await trio.aclose_forcefully(tls)
+            while srv.statistics().tls_handshake_failures < 2:
+                await trio.sleep(0.01)
+            # The broker is unharmed, and a good handshake is not counted.
+            async with client(srv.url("tls"), "alice", ssl_context=_trusting(ca)) as a:
+                assert (await a.send(AB, b"still fine")).seq == 1
+            assert srv.statistics().tls_handshake_failures == 2
+            metrics = {m.name: m for m in BrokerCollector(srv).collect()}
+            assert metrics["pimcore_tls_handshake_failures"].samples[0].value == 2
+    lines = [r for r in caplog.records if "TLS handshake failed" in r.getMessage()]
+    assert len(lines) == 2, [r.getMessage() for r in caplog.records]
+    assert all(r.exc_info is None and r.levelno >= logging.INFO for r in lines)
+    assert all("peer=127.0.0.1:" in r.getMessage() for r in lines), [r.getMessage() for r in lines]
+    text = " ".join(r.getMessage().lower() for r in lines)
+    assert "wrong version number" in text, text  # plain text, not a TLS record
+    # A trio client hangs up without sending its alert; others say "unknown ca".
+    assert "trust the certificate" in text or "unknown ca" in text, text
+
+
 def _refused_port() -> tuple[socket.socket, int]:
     """A loopback port nothing listens on, held (bound, not listening) so
     that nothing else takes it while the test runs: connecting is refused."""
@@ -250,6 +291,72 @@ async def test_a_listener_that_never_answers_times_out_naming_the_limit() -> Non
                 pass  # pragma: no cover
     assert str(err.value) == (f"cannot connect to tcp://127.0.0.1:{port} within 0.5 s (connect_timeout):"
                               " no answer to the login (is it a pimcore broker?)")
+
+
+async def _tls_like_server(answer: bytes, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """A TLS server as a plain-TCP client sees it: it reads the Login,
+    answers ``answer`` (b"": nothing; a TLS alert record) and hangs up."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await stream.receive_some()
+        if answer:
+            await stream.send_all(answer)
+        await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handler, listeners)
+
+
+@pytest.mark.parametrize("answer", [b"", b"\x15\x03\x03\x00\x02\x02\x46"], ids=["hangs-up", "tls-alert"])
+async def test_plain_tcp_to_a_tls_server_gives_up_at_connect_timeout_and_suggests_tls(autojump_clock, answer) -> None:
+    """A TLS port hangs up on the Login (or answers a TLS alert): the client
+    retried for about 1.5 connect_timeout, not the connect_timeout it names
+    (the last backoff slept past it), and did not suggest tls://."""
+    from pimcore.client import ConnectFailed
+
+    timeout = 10.0
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_tls_like_server, answer)
+        t0 = trio.current_time()
+        with trio.fail_after(10 * timeout), pytest.raises(ConnectFailed) as err:
+            async with open_client(f"tcp://127.0.0.1:{port}", token("alice"), "phone",
+                                   config=ClientConfig(connect_timeout=timeout)):
+                pass  # pragma: no cover
+        waited = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    assert timeout <= waited < timeout + 0.5, waited  # virtual time
+    msg = str(err.value)
+    assert msg.startswith(f"cannot connect to tcp://127.0.0.1:{port} within 10 s (connect_timeout): "), msg
+    assert msg.endswith(f"(the server may require TLS: try tls://127.0.0.1:{port})"), msg
+
+
+async def test_plain_tcp_to_a_pimcore_tls_listener_suggests_tls(lmdb_store, ca) -> None:
+    from pimcore.client import ConnectFailed
+
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    with trio.fail_after(20):
+        async with serving(lmdb_store, server_config(Endpoint("tls"), ssl_context=server_ssl)) as srv:
+            port = srv.endpoints[0].port
+            with pytest.raises(ConnectFailed) as err:
+                async with client(f"tcp://127.0.0.1:{port}", "alice", config=ClientConfig(connect_timeout=0.5)):
+                    pass  # pragma: no cover
+    assert f"the server may require TLS: try tls://127.0.0.1:{port}" in str(err.value), str(err.value)
+
+
+async def test_a_plain_broker_that_hangs_up_is_not_said_to_need_tls() -> None:
+    """The hint is for a plain-text client only, never after a TLS one."""
+    from pimcore.client import ConnectFailed
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_tls_like_server, b"")
+        with trio.fail_after(20), pytest.raises(ConnectFailed) as err:
+            async with open_client(f"tls://127.0.0.1:{port}", token("alice"), "phone",
+                                   config=ClientConfig(connect_timeout=0.5, backoff_max=0.1)):
+                pass  # pragma: no cover
+        nursery.cancel_scope.cancel()
+    assert "may require TLS" not in str(err.value), str(err.value)
 
 
 def _trusting(ca) -> ssl.SSLContext:

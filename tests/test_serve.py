@@ -284,6 +284,19 @@ def test_port_in_use_exits_1_without_a_traceback(tmp_path: Path, procs: ProcGrou
     assert "Traceback" not in r.stderr
 
 
+def test_a_data_dir_in_use_by_another_broker_says_what_a_cli_user_can_do(tmp_path: Path, procs: ProcGroup) -> None:
+    """It said "open the store with owner=False for maintenance", a Python
+    argument a CLI user cannot give."""
+    data = tmp_path / "data"
+    procs.serve("--listen", LOOPBACK, "--data-dir", data)
+    r = run_pimcore("serve", "--listen", LOOPBACK, "--data-dir", data)
+    assert_clean_exit_2(r, str(data), "another broker", "--data-dir", "pimcore group")
+    assert "owner=False" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # What it says works while the other broker runs does.
+    made = run_pimcore("group", "create", "team", "alice", "bob", "--data-dir", data)
+    assert made.returncode == 0, made.stderr
+
+
 # ---------------------------------------------------------------- TLS
 
 
@@ -408,6 +421,37 @@ def test_a_certificate_that_does_not_load_exits_2_naming_the_file(tmp_path: Path
         assert_clean_exit_2(r, needle)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("how", ["flags", "env", "toml"])
+def test_a_certificate_with_no_tls_listener_exits_2(tmp_path: Path, tls_files, how: str) -> None:
+    """--cert/--key ([tls] cert/key, $PIMCORE_TLS_CERT/KEY) with only tcp://
+    and ws:// listeners and no https HTTP listener were silently ignored."""
+    _, chain, key = tls_files
+    args: list = ["--listen", LOOPBACK, "--http", "http://127.0.0.1:0"]
+    env = None
+    if how == "flags":
+        args += ["--cert", chain, "--key", key]
+    elif how == "env":
+        env = {"PIMCORE_TLS_CERT": str(chain), "PIMCORE_TLS_KEY": str(key)}
+    else:
+        config = tmp_path / "pimcore.toml"
+        config.write_text(f'[tls]\ncert = "{chain}"\nkey = "{key}"\n')
+        args += ["--config", config]
+    r = run_pimcore("serve", *args, "--data-dir", tmp_path / "d", env=env)
+    assert_clean_exit_2(r, "--cert", "tls://", "https://")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_certificate_for_the_https_listener_only_is_used(tmp_path: Path, tls_files) -> None:
+    """No TLS broker listener but an https:// HTTP one: the certificate is its."""
+    from pimcore.config import load_settings
+
+    _, chain, key = tls_files
+    settings = load_settings(None, env={}, listen=[LOOPBACK], http="https://127.0.0.1:0", cert=str(chain), key=str(key))
+    assert settings.tls_context() is not None
+    settings.check_tls_used()  # no error
 
 
 # ---------------------------------------------------------------- the one-minute tour

@@ -177,3 +177,26 @@ def test_a_message_from_a_typing_user_ends_their_indicator_in_that_conversation_
     assert s.typing_users("g") == ["carol"]
     s.handle_timer(T0 + 5 * S)
     assert sorted((e.conv, e.user) for e in events(s, T0 + 5 * S)) == [("g", "carol"), ("h", "bob")]  # no second stop for bob in g
+
+
+def test_presence_turns_unknown_when_the_session_ends_for_good():
+    """close() kept the last ONLINE/OFFLINE entries: a closed client went on
+    claiming states it can no longer know.  Now as on a dropped connection:
+    every entry UNKNOWN, last_seen kept, with a PresenceChanged each; a
+    terminal Close (KICKED here) does the same."""
+    from pimcore.errors import CloseCode
+
+    for end in ("close", "kicked"):
+        s = session()
+        req = s.subscribe_presence(["bob", "carol"], T0)
+        b = connect(s, T0)
+        b.feed(T0, F.Presence(req, ErrorCode.OK, (F.PresenceEntry("bob", ONLINE, 0), F.PresenceEntry("carol", OFFLINE, T0 - S))))
+        events(s, T0)
+        if end == "close":
+            s.close(T0 + S)
+        else:
+            b.feed(T0 + S, F.Close(CloseCode.KICKED, "bye"))
+        changed = [e for e in events(s, T0 + S) if isinstance(e, PresenceChanged)]
+        assert changed == [PresenceChanged("bob", UNKNOWN, 0), PresenceChanged("carol", UNKNOWN, T0 - S)], end
+        assert s.presence == {"bob": F.PresenceEntry("bob", UNKNOWN, 0),
+                              "carol": F.PresenceEntry("carol", UNKNOWN, T0 - S)}, end

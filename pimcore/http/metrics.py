@@ -112,6 +112,9 @@ class BrokerCollector(Collector):
         for code in CloseCode:
             closes.add_metric([code.name], st.closes.get(code.name, 0))
         yield closes
+        yield CounterMetricFamily("pimcore_tls_handshake_failures",
+                                  "Connections to a tls:// listener whose TLS handshake failed.",
+                                  value=st.tls_handshake_failures)
         yield CounterMetricFamily("pimcore_slow_consumers", "Connections dropped for not reading (SLOW_CONSUMER).",
                                   value=st.slow_consumers)
         yield CounterMetricFamily("pimcore_internal_errors", "Bugs and unexpected store or hook failures, contained.",

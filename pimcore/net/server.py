@@ -63,6 +63,7 @@ import logging
 import math
 import os
 import select
+import re
 import ssl
 import time
 from contextlib import asynccontextmanager
@@ -321,6 +322,22 @@ def _peer_address(stream: trio.abc.Stream) -> str:
         return "?"
 
 
+def _tls_reason(exc: BaseException) -> str:
+    """ssl's reason for a failed handshake, in words ("wrong version
+    number", "tlsv1 alert unknown ca"), from the error trio wraps."""
+    cause = exc.__cause__ or exc.__context__ or exc
+    if isinstance(cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return "the client hung up during the handshake (does it trust the certificate?)"
+    if isinstance(cause, ssl.SSLError):
+        text = str(cause.args[1]) if len(cause.args) > 1 else str(cause)
+        text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # "[SSL: WRONG_VERSION_NUMBER] "
+        text = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text)  # " (_ssl.c:1006)"
+        return text or (cause.reason or "").lower().replace("_", " ") or "TLS error"
+    if isinstance(cause, OSError):
+        return cause.strerror or str(cause) or type(cause).__name__
+    return str(cause) or "connection closed"
+
+
 async def open_listeners(ep: Endpoint) -> list[trio.SocketListener]:
     """``trio.open_tcp_listeners`` for ``ep``, with an OSError that names
     the address (the bare one says only "Address already in use")."""
@@ -351,6 +368,9 @@ class ServerStatistics:
     auth_failures: dict[str, int] = field(default_factory=dict)
     batch_ops: Optional[HistogramSnapshot] = None  # ops per committed batch
     commit_time: Optional[HistogramSnapshot] = None  # seconds per write request
+    #: Connections to a tls:// listener whose TLS handshake failed (a client
+    #: that does not trust the certificate, plain TCP to a TLS port...).
+    tls_handshake_failures: int = 0
 
 
 class _PeerState(enum.Enum):
@@ -370,7 +390,7 @@ class _Peer:
     """
 
     __slots__ = ("id", "stream", "endpoint", "buf", "queued", "state", "scope", "nursery", "writer", "resume", "fd",
-                 "sending")
+                 "sending", "tls_failed")
 
     def __init__(self, conn_id: int, stream: trio.abc.Stream, endpoint: Endpoint) -> None:
         self.id = conn_id
@@ -386,6 +406,7 @@ class _Peer:
         self.scope: Optional[trio.CancelScope] = None
         self.nursery: Optional[trio.Nursery] = None
         self.writer = False  # a writer task is running (started by _wake_writer)
+        self.tls_failed = False  # its TLS handshake failed (logged and counted once)
         # Set while the core asked not to read (PauseReading); set() resumes.
         self.resume: Optional[trio.Event] = None
         # Plain TCP only: the socket's fd, for writing straight from the
@@ -507,6 +528,7 @@ class BrokerServer:
             "refused": 0,
             "slow_consumers": 0,
             "internal_errors": 0,
+            "tls_handshake_failures": 0,
             "bytes_in": 0,
             "bytes_out": 0,
             "commit_seconds": 0.0,
@@ -550,6 +572,7 @@ class BrokerServer:
             auth_failures=dict(self._auth_failures),
             batch_ops=self._batch_ops.snapshot(),
             commit_time=self._commit_time.snapshot(),
+            tls_handshake_failures=int(st["tls_handshake_failures"]),
         )
 
     def readiness(self) -> Optional[str]:
@@ -815,7 +838,8 @@ class BrokerServer:
                 else:
                     data = await peer.stream.receive_some(read_size)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                log.debug("connection %d broken: %r", peer.id, exc)
+                if not self._tls_handshake_failed(peer, exc):
+                    log.debug("connection %d broken: %r", peer.id, exc)
                 return
             if not data:
                 return
@@ -847,6 +871,26 @@ class BrokerServer:
         if self._stopping and peer.state is _PeerState.OPEN:
             await trio.sleep_forever()
 
+    def _tls_handshake_failed(self, peer: _Peer, exc: BaseException) -> bool:
+        """If ``exc`` ended ``peer``'s TLS handshake (a tls:// connection
+        that never completed one): log it once, with the peer and ssl's
+        reason, count it, and return True."""
+        stream = peer.stream
+        if not isinstance(stream, trio.SSLStream) or peer.tls_failed:
+            return peer.tls_failed
+        try:
+            stream.version()
+            return False  # the handshake completed: a later failure
+        except trio.NeedHandshakeError:
+            pass
+        peer.tls_failed = True
+        self._stats["tls_handshake_failures"] += 1
+        addr = _peer_address(stream)
+        reason = _tls_reason(exc)
+        log.info("TLS handshake failed conn=%d peer=%s via %s: %s", peer.id, addr, peer.endpoint.scheme, reason,
+                 extra={"event": "tls_failed", "conn": peer.id, "peer": addr, "reason": reason})
+        return True
+
     def _wake_writer(self, peer: _Peer) -> None:
         """Have ``peer``'s queued bytes written by its writer task, started
         here unless it is running (it runs until the queue is empty)."""
@@ -874,7 +918,8 @@ class BrokerServer:
                 self._stats["bytes_out"] += len(data)
                 self._run(self._core(self.broker.data_sent, peer.id, len(data)))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.debug("connection %d: write failed: %r", peer.id, exc)
+            if not self._tls_handshake_failed(peer, exc):
+                log.debug("connection %d: write failed: %r", peer.id, exc)
             if peer.state is _PeerState.OPEN:
                 peer.state = _PeerState.DEAD
                 self._run(self.broker.connection_lost(peer.id, self.now()))

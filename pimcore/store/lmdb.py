@@ -212,7 +212,7 @@ import lmdb
 
 from . import wal
 from .._backend import impl as _impl
-from ..errors import ErrorCode, StoreError
+from ..errors import ErrorCode, StoreError, StoreInUse
 from ..ids import MAX_CONVERSATION_ID_LEN, MAX_ID_LEN
 from .base import (
     SYSTEM,
@@ -3084,9 +3084,10 @@ class LmdbStore(Store):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.close()
-            raise StoreError(
+            raise StoreInUse(
                 f"another broker is running on {path!r} (it holds broker.lock); stop it first,"
-                " or open the store with owner=False for maintenance"
+                " or open the store with owner=False for maintenance",
+                path,
             ) from None
         return f
 

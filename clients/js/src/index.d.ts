@@ -117,7 +117,7 @@ export interface ClientEvents {
   state: State;
   /** Another member started or stopped typing (an indicator also stops by itself at `expires`). */
   typing: TypingEvent;
-  /** A subscribed user's presence: the subscription's answer, then every change; right after `disconnected`, UNKNOWN (last_seen kept) for every entry that was not. */
+  /** A subscribed user's presence: the subscription's answer, then every change; right after `disconnected`, and on close() or a terminal error, UNKNOWN (last_seen kept) for every entry that was not. */
   presence: PresenceEntry;
   /** This user's last-seen privacy setting as the broker has it. */
   privacy: { hideLastSeen: boolean };
@@ -169,7 +169,7 @@ export declare class PimcoreClient {
   subscribePresence(users: Iterable<string>, options?: { timeout?: number }): Promise<Record<string, PresenceEntry>>;
   /** Hide (true) / show (false) this user's last-seen time, or ask (null); resolves with the setting in force. */
   setPresencePrivacy(hideLastSeen: boolean | null, options?: { timeout?: number }): Promise<boolean>;
-  /** The latest presence of each subscribed user as far as the client can know it: every entry UNKNOWN (last_seen kept) while disconnected. */
+  /** The latest presence of each subscribed user as far as the client can know it: every entry UNKNOWN (last_seen kept) while disconnected and once closed. */
   readonly presence: Map<string, PresenceEntry>;
   readonly hideLastSeen: boolean | null;
 }

@@ -122,4 +122,20 @@ describe('live broker: typing and presence', () => {
     assert.deepEqual(r.events.filter(([n, e]) => n === 'presence' && e.user === 'sam').at(-1)[1], r.presence.get('sam'));
     await r.close();
   });
+
+  test('presence: nothing claimed after close() either', async () => {
+    // close() kept the last ONLINE/OFFLINE entries; now as on a dropped connection.
+    const u = client(broker, 'uma'); const v = client(broker, 'vic');
+    await Promise.all([u.connect(), v.connect()]);
+    await u.send(directConv('uma', 'vic'), 'hi');
+    const got = await u.subscribePresence(['vic', 'stranger']);
+    assert.equal(got.vic.state, PresenceState.ONLINE);
+    u.events.length = 0;
+    await u.close();
+    const unknown = { user: 'vic', state: PresenceState.UNKNOWN, last_seen: 0 };
+    assert.deepEqual(u.presence.get('vic'), unknown);
+    assert.deepEqual(u.presence.get('stranger'), { user: 'stranger', state: PresenceState.UNKNOWN, last_seen: 0 });
+    assert.deepEqual(u.events.filter(([n]) => n === 'presence'), [['presence', unknown]]);
+    await v.close();
+  });
 });

@@ -206,6 +206,9 @@ export class PimcoreClient {
     for (const w of this._presenceWaiting.splice(0)) w.reject(err);
     for (const w of this._privacyWaiting.splice(0)) w.reject(err);
     for (const w of this._connectWaiters.splice(0)) w.reject(err);
+    // Nothing will tell this client of presence any more: as on a dropped
+    // connection, no entry goes on claiming ONLINE or OFFLINE.
+    this._presenceUnknown();
     this._emit('closed', err);
   }
 
@@ -811,8 +814,8 @@ export class PimcoreClient {
    * then every change comes as a 'presence' event.  While the connection is
    * down nobody tells this client anything: right after the 'disconnected'
    * event every entry of `presence` turns UNKNOWN (last_seen kept), each with
-   * a 'presence' event.  Sent again after every reconnect, whose answer
-   * brings the current states.  Rejects with SendError(PRESENCE_LIMIT),
+   * a 'presence' event, and so after close() or a terminal error.  Sent
+   * again after every reconnect, whose answer brings the current states.  Rejects with SendError(PRESENCE_LIMIT),
    * RequestTimeout.
    */
   subscribePresence(users, { timeout = this.opts.sendTimeout } = {}) {
