@@ -486,6 +486,13 @@ async def test_writes_lost_in_a_failover_are_detected_and_the_epoch_changes(redi
             await s1._r.hset(s1._k_conv(AB), {"last": b"1"})
             with pytest.raises(DataLost):
                 await s1.execute(StoreRequest(9, (_send(AB, "alice", 9, 9_100_000, b"\x07" * 8),), True))
+            # The sender's retry of that send (and any other write) is refused
+            # by this node from now on: the failed request had stored it at
+            # the reused seq, and the retry -- a Duplicate of it -- was acked
+            # there until the node stopped (an adversarial review saw four).
+            for k in (9, 10):
+                with pytest.raises(DataLost):
+                    await s1.execute(StoreRequest(10 + k, (_send(AB, "alice", k, 9_100_000 + k, b"\x07" * 8),), True))
         async with RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
             assert await s2.epoch() != old
             assert old not in await s2.epochs()

@@ -606,9 +606,10 @@ class RedisStore(AsyncStore):
     @classmethod
     @asynccontextmanager
     async def connect(cls, nodes: Sequence[tuple[str, int]] | str, **kwargs: Any) -> AsyncIterator["RedisStore"]:
-        """``async with RedisStore.connect(nodes) as store``: connect, take a
-        new epoch (appended to the trusted list, replicated before the body
-        runs), close at the end.  ``nodes`` may be a redis:// URL.
+        """``async with RedisStore.connect(nodes) as store``: connect, adopt
+        the namespace's epoch (the first node takes one; a later one is
+        taken only when lost writes were detected: :meth:`_lost`), close at
+        the end.  ``nodes`` may be a redis:// URL.
 
         Why a context manager: coredis clients are trio-structured (each
         runs tasks of its own), so they are entered and left by one keeper
@@ -747,11 +748,9 @@ class RedisStore(AsyncStore):
         """Acknowledged writes were lost (see redis_scripts.DataLost): give
         the namespace a new epoch that trusts no older one, so every client
         resynchronizes; every node stops when it sees it."""
+        self._epoch_lost = True  # first: no write may run meanwhile (ClusterOps.execute)
         fresh = os.urandom(16).hex().encode()
-        try:
-            await self._call(lambda: self._r.hset(self._meta, {"epoch": fresh, "epochs": fresh}))
-        finally:
-            self._epoch_lost = True
+        await self._call(lambda: self._r.hset(self._meta, {"epoch": fresh, "epochs": fresh}))
 
     async def _call(self, request: Any) -> Any:
         """Await ``request()`` (a read), retried through a failover for up

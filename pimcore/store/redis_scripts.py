@@ -980,6 +980,12 @@ class ClusterOps:
         then the others, in request order within each kind -- an op later
         in the batch sees what the sends stored."""
         results: list[Optional[Result]] = [None] * len(ops)
+        if self.s._epoch_lost:
+            # Lost writes were detected: this node writes nothing more until
+            # it stops (the epoch loop stops it).  A retry of the request
+            # that found them would be a Duplicate of what that request
+            # stored at a reused seq, acked as if nothing had happened.
+            raise DataLost("lost writes were detected in this namespace: this node no longer writes")
         self._enter()
         try:
             return await self._execute(ops, results)
