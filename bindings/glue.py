@@ -296,6 +296,15 @@ def _pim_glue_main(ffi, lib):
             c.unread = ev.unread
             c.code = s(ev.code) if ev.code is not None else ffi.NULL
             c.reason = s(ev.reason)
+            c.target = ev.target
+            c.local_id = ev.local_id
+            c.muted_recipients, c.n_muted_recipients = names(ev.muted)
+            c.mentioned, c.n_mentioned = names(ev.mentioned)
+            c.mention_all = bool(ev.mention_all)
+            if ev.type == "conversation":
+                c.pinned = bool(ev.pinned)
+                c.muted = bool(ev.muted)
+                c.hidden = bool(ev.hidden)
             return lib._pim_invoke_event_cb(cb, c, userdata) == 0
 
         return handler

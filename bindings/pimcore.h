@@ -47,7 +47,7 @@
 #include <stdint.h>
 
 #define PIM_VERSION_MAJOR 0
-#define PIM_VERSION_MINOR 1
+#define PIM_VERSION_MINOR 2
 #define PIM_VERSION_PATCH 0
 /* The version this header describes; pim_broker_start passes it and the
  * library refuses (PIM_ERR_VERSION) a header newer than itself or of
@@ -90,7 +90,7 @@ enum pim_status {
 /* An embedded broker (opaque). */
 typedef struct pim_broker pim_broker;
 
-/* The library's version ("0.1.0"); each pointer may be NULL. */
+/* The library's version ("0.2.0"); each pointer may be NULL. */
 PIM_EXPORT const char *pim_version(int *major, int *minor, int *patch);
 /* A static description of a status code (never NULL). */
 PIM_EXPORT const char *pim_strerror(int rc);
@@ -171,32 +171,72 @@ PIM_EXPORT int pim_token_issue(pim_broker *b, const char *user, const char *devi
  * marker (0 for a conversation the user is not in). */
 PIM_EXPORT int pim_unread_count(pim_broker *b, const char *user, const char *conv, uint64_t *out_count);
 
+/* What a conversation entry is (pim_event.kind of a "message" event;
+ * pimcore's MessageKind).  Every kind is seq'd, stored and delivered like
+ * a message, except DELETE. */
+#define PIM_KIND_MESSAGE 0  /* a message: payload is the sender's */
+#define PIM_KIND_JOINED 1   /* sender joined the group at this seq (payload: the user who added them, "" the host) */
+#define PIM_KIND_LEFT 2     /* sender left or was removed at this seq (payload as for JOINED) */
+#define PIM_KIND_RECALL 3   /* sender (or the host: sender "") recalled the message at seq target for everyone;
+                             * payload empty.  A consumer that keeps payloads should drop the target's. */
+#define PIM_KIND_EDIT 4     /* sender (or the host) replaced the payload of the message at seq target;
+                             * payload: the message's payload now */
+#define PIM_KIND_DELETE 5   /* sender deleted the message at seq target for themselves only: seq 0 (it takes
+                             * no seq of the conversation), payload empty */
+
 /* One host event (docs/EMBEDDING.md, Events).  Fields a type does not use
- * are 0, NULL or empty.  Valid only during the callback. */
+ * are 0, NULL or empty.  Valid only during the callback.
+ *
+ * type and the fields it fills:
+ *   "message"       a stored entry: conv, seq, msg_id, sender, device, kind
+ *                   (PIM_KIND_*), server_time, local_id, payload,
+ *                   recipients, offline_recipients, target (RECALL, EDIT,
+ *                   DELETE), muted_recipients, mentioned, mention_all
+ *   "conversation"  user changed their settings of conv: pinned, muted,
+ *                   hidden (the settings now), muted_recipients = {user}
+ *                   when muted
+ *   "read"          user's read marker in conv moved to seq (unread left)
+ *   "online"        user's device logged in
+ *   "offline"       user's device's session ended (code, reason)
+ *   "kicked"        the host kicked user's device (reason)
+ * Later versions may add types and kinds: skip (and acknowledge) the ones
+ * you do not know. */
 /* The library allocates every pim_event and hands the callback a pointer to
  * it: later versions only ever append fields, so a program built against an
  * older header reads a valid prefix.  Never allocate or copy one by value. */
 typedef struct pim_event {
     uint64_t id;                  /* gap-free, ascending: the cursor to ack */
-    const char *type;             /* "message", "read", "online", "offline", "kicked" */
+    const char *type;             /* "message", "conversation", "read", "online", "offline", "kicked" */
     int64_t time;                 /* µs since the Unix epoch */
     const char *conv;
     uint64_t seq;
     uint8_t msg_id[16];
     const char *sender;           /* "" for the system */
     const char *device;
-    int kind;                     /* message: 0 a message, 1 JOINED, 2 LEFT */
+    int kind;                     /* message: a PIM_KIND_* */
     int64_t server_time;          /* µs */
     const void *payload;
     size_t payload_len;
-    const char *const *recipients;          /* every user it was fanned out to */
+    const char *const *recipients;          /* every user it was fanned out to, the sender included */
     size_t n_recipients;
     const char *const *offline_recipients;  /* those with no device online: push */
     size_t n_offline_recipients;
-    const char *user;             /* read, online, offline, kicked */
+    const char *user;             /* conversation, read, online, offline, kicked */
     uint64_t unread;              /* read */
     const char *code;             /* offline: the close code's name, NULL if the connection was lost */
-    const char *reason;
+    const char *reason;           /* offline, kicked */
+    /* Since 0.2 (PIM_VERSION_NUMBER 200): */
+    uint64_t target;              /* message, kinds RECALL, EDIT, DELETE: the seq of the message acted on */
+    uint64_t local_id;            /* message: the sending device's local id (0 for a host post) */
+    const char *const *muted_recipients;    /* message: recipients who muted conv (skip or silence their push);
+                                             * conversation: {user} when muted */
+    size_t n_muted_recipients;
+    const char *const *mentioned; /* message: the recipients it mentions (never the sender) */
+    size_t n_mentioned;
+    int mention_all;              /* message: 1 if it mentions everyone */
+    int pinned;                   /* conversation: user's settings of conv after the change, 0 or 1 */
+    int muted;
+    int hidden;
 } pim_event;
 
 /* Return PIM_EVENT_ACK to acknowledge the event (and every earlier one:

@@ -140,6 +140,20 @@ def test_threads_making_the_first_calls_at_once_all_get_their_answer(abi_exe: Pa
         assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
 
 
+def test_the_event_callback_gets_every_kind_with_its_fields(abi_exe: Path, tmp_path: Path) -> None:
+    """A client's edit and recall reach the C callback as kinds 4 and 3 and
+    its settings as a "conversation" event: pimcore.h defines them
+    (PIM_KIND_*) and pim_event has what they need (target, the settings,
+    the mentions).  The header knew kinds 0-2 and types without
+    "conversation", and had no target field."""
+    try:
+        done = subprocess.run([str(abi_exe), "event-kinds", str(tmp_path / "data"), sys.executable],
+                              capture_output=True, text=True, env=_env(), timeout=120, cwd=tmp_path)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"event-kinds hung: {exc.stdout!r}")
+    assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("broken", [{"PIMCORE_PYTHON": "/nonexistent/bin/python"}, {"PYTHONHOME": "/nonexistent"}],
                          ids=["wrong-environment", "no-standard-library"])
 def test_python_failing_to_start_is_a_clear_init_code(abi_exe: Path, broken: dict[str, str]) -> None:
@@ -231,7 +245,7 @@ def test_in_process_through_ctypes(libdir: Path, tmp_path: Path) -> None:
     lib.pim_group_create.argtypes = [vp, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t]
     lib.pim_token_issue.argtypes = [vp, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(vp)]
     lib.pim_free.argtypes = [vp]
-    assert lib.pim_version(None, None, None) == b"0.1.0"
+    assert lib.pim_version(None, None, None) == b"0.2.0"
 
     b = vp()
     config = b'{"data_dir": "%s", "durability": "os", "server": {"events": true}}' % str(tmp_path / "d").encode()
