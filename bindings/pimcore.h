@@ -25,6 +25,17 @@
  *   - pim_last_error() is per thread: read it on the thread that got the
  *     error, before the next call.
  *
+ * FORK
+ *   libpimcore is not fork-safe: use it only in the process that made the
+ *   first call (the one that started the embedded Python).  In a child made
+ *   by fork() every call fails at once with PIM_ERR_INIT (pim_last_error
+ *   says so) instead of waiting for threads the child does not have; the
+ *   parent's brokers run on, unaffected.  pim_broker_free in the child
+ *   releases the handle's memory (and returns PIM_ERR_INIT).  pim_version,
+ *   pim_strerror, pim_last_error and pim_free work anywhere.  A child that
+ *   needs pimcore should exec a program of its own.  A fork before the
+ *   first call is harmless.
+ *
  * CONVENTIONS
  *   - Every function returns an int status: PIM_OK (0) or a PIM_ERR_* code
  *     (stable: codes are never renumbered).  pim_strerror(rc) names a code;
@@ -69,7 +80,8 @@ enum pim_status {
     PIM_OK = 0,
     PIM_ERR_INVALID = 1,              /* a NULL or bad argument (an invalid id, a bad flag) */
     PIM_ERR_CONFIG = 2,               /* the options are not valid JSON or not usable settings */
-    PIM_ERR_INIT = 3,                 /* the embedded Python or pimcore did not start in this process */
+    PIM_ERR_INIT = 3,                 /* the embedded Python or pimcore did not start in this process,
+                                       * or this process is a fork() child of the one that started it */
     PIM_ERR_VERSION = 4,              /* pimcore.h is newer than the library, or of another major version */
     PIM_ERR_STOPPED = 5,              /* the broker was stopped */
     PIM_ERR_ALREADY_RUNNING = 6,      /* a broker of this process already runs on that data directory */
@@ -109,7 +121,9 @@ PIM_EXPORT int pim_broker_start_(const char *config_json, pim_broker **out, int 
  * does not rely on process exit).  The handle stays valid: later calls fail
  * with PIM_ERR_STOPPED; stopping again is PIM_OK.  Then pim_broker_free. */
 PIM_EXPORT int pim_broker_stop(pim_broker *b);
-/* Stop (if needed) and release the handle.  NULL is a no-op. */
+/* Stop (if needed) and release the handle.  NULL is a no-op.  The handle
+ * is released whatever the error, except PIM_ERR_WOULD_DEADLOCK (called
+ * from a callback: free it from another thread). */
 PIM_EXPORT int pim_broker_free(pim_broker *b);
 /* The bound TCP port of the first tcp:// listener (the one the OS chose
  * for port 0).  PIM_ERR_NOT_FOUND without one. */

@@ -18,6 +18,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
 
 #ifndef PIM__BUILD_PYTHON
 #error "PIM__BUILD_PYTHON (the python of the environment pimcore is installed in) must be defined"
@@ -99,6 +101,7 @@ static char pim__init_msg[1024];           /* why start-up failed */
 static int pim__python_failed;             /* Py_InitializeFromConfig failed */
 static char pim__program[4096];            /* the python we started ("" if the host had one) */
 static int pim__glue_state;                /* 0 not yet, 1 up, -1 failed (atomic) */
+static pid_t pim__pid;                     /* the process that started Python here (0: none yet; atomic) */
 
 /* Called by the glue when cffi's init code has run. */
 static void _pim_init_done(int ok, const char *msg)
@@ -123,6 +126,7 @@ static const char *_pim_program(void)
  * host's interpreter is used as it is. */
 static void pim__init_python(void)
 {
+    __atomic_store_n(&pim__pid, getpid(), __ATOMIC_RELEASE);
     if (Py_IsInitialized())
         return;
     const char *prog = getenv("PIMCORE_PYTHON");
@@ -178,11 +182,30 @@ static void pim__init_glue(void)
     PyGILState_Release(gil);
 }
 
+/* Is this process a fork() child of the one that started Python?  Its
+ * copy of the interpreter has none of the parent's threads (the brokers'
+ * loops, whoever held the GIL): any call into it would wait forever. */
+static int pim__forked(void)
+{
+    pid_t pid = __atomic_load_n(&pim__pid, __ATOMIC_ACQUIRE);
+    return pid != 0 && pid != getpid();
+}
+
+static int pim__fail_forked(void)
+{
+    return pim__fail(PIM_ERR_INIT,
+                     "libpimcore is not fork-safe: this process is a fork() child of process %ld, which started"
+                     " pimcore; use the library only there (or exec in the child)",
+                     (long)__atomic_load_n(&pim__pid, __ATOMIC_ACQUIRE));
+}
+
 /* PIM_OK once Python and the glue are up in this process, else PIM_ERR_INIT
  * (with the reason in pim_last_error). */
 static int pim__ready(void)
 {
     pim__err[0] = 0;
+    if (pim__forked())
+        return pim__fail_forked();
     if (__atomic_load_n(&pim__glue_state, __ATOMIC_ACQUIRE) == 1)
         return PIM_OK;
     pthread_once(&pim__once, pim__init_python);
@@ -274,6 +297,10 @@ PIM_EXPORT int pim_broker_free(pim_broker *b)
 {
     if (b == NULL)
         return PIM_OK;
+    if (pim__forked()) { /* the broker runs on in the parent: release this copy of the handle */
+        free(b);
+        return pim__fail_forked();
+    }
     PIM__ENTER(b);
     int rc = _pim_py_stop(b->id, 1);
     if (rc == PIM_ERR_WOULD_DEADLOCK)

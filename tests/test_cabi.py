@@ -154,6 +154,18 @@ def test_the_event_callback_gets_every_kind_with_its_fields(abi_exe: Path, tmp_p
     assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
 
 
+def test_calls_in_a_forked_child_fail_fast(abi_exe: Path, tmp_path: Path) -> None:
+    """libpimcore is not fork-safe: after fork() the child's calls fail at
+    once with PIM_ERR_INIT (pimcore.h says so).  They hung forever: the
+    child has the parent's Python state but none of its threads."""
+    try:
+        done = subprocess.run([str(abi_exe), "fork", str(tmp_path / "data")], capture_output=True, text=True,
+                              env=_env(), timeout=60, cwd=tmp_path)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"a call in the forked child hung: {exc.stdout!r}")
+    assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("broken", [{"PIMCORE_PYTHON": "/nonexistent/bin/python"}, {"PYTHONHOME": "/nonexistent"}],
                          ids=["wrong-environment", "no-standard-library"])
 def test_python_failing_to_start_is_a_clear_init_code(abi_exe: Path, broken: dict[str, str]) -> None:

@@ -10,6 +10,8 @@
  *   test_abi event-kinds DATA_DIR PYTHON
  *       a Python SDK client (PYTHON sdk_editor.py) sends, edits, recalls and
  *       pins: the event callback gets each with its type, kind and fields
+ *   test_abi fork DATA_DIR
+ *       after fork() every call in the child fails fast with PIM_ERR_INIT
  *   test_abi init-fails
  *       Python cannot start (the caller sets PIMCORE_PYTHON or PYTHONHOME
  *       wrong): every call says PIM_ERR_INIT, never PIM_OK
@@ -21,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static int failures, checks;
@@ -659,6 +662,61 @@ static int run_event_kinds(const char *dir, const char *python, const char *test
     return failures != 0;
 }
 
+
+/* ------------------------------------------------------------ fork */
+
+/* The library is not fork-safe: after fork() the child's calls fail at once
+ * with PIM_ERR_INIT (they hung: the child has the parent's Python state but
+ * none of its threads).  The parent goes on as before. */
+static int run_fork(const char *dir)
+{
+    pim_broker *b = NULL;
+    snprintf(config, sizeof config, "{\"data_dir\": \"%s\", \"durability\": \"os\"}", dir);
+    CHECK_RC(pim_broker_start(config, &b), PIM_OK);
+    if (!b)
+        return 1;
+    const char *members[] = {"alice"};
+    CHECK_RC(pim_group_create(b, "team", members, 1), PIM_OK);
+    pid_t pid = fork();
+    if (pid == 0) {
+        /* The child: every call fails fast; exit status 0 if all did as
+         * documented.  A hang ends with SIGALRM (the parent reports it). */
+        alarm(20);
+        int bad = 0;
+        uint64_t n = 0;
+        pim_broker *c = NULL;
+        int rc = pim_post(b, "team", NULL, NULL, "x", 1, NULL, NULL, &n);
+        bad |= rc != PIM_ERR_INIT || strstr(pim_last_error(), "fork") == NULL;
+        printf("#    child: pim_post -> %s: %s\n", pim_strerror(rc), pim_last_error());
+        rc = pim_unread_count(b, "alice", "team", &n);
+        bad |= rc != PIM_ERR_INIT;
+        snprintf(config, sizeof config, "{\"data_dir\": \"%s-child\", \"durability\": \"os\"}", dir);
+        rc = pim_broker_start(config, &c);
+        bad |= rc != PIM_ERR_INIT || c != NULL;
+        printf("#    child: pim_broker_start -> %s: %s\n", pim_strerror(rc), pim_last_error());
+        pim_post_item item = {"team", NULL, NULL, "x", 1, NULL, 0, 0, {0}};
+        rc = pim_post_batch(b, &item, 1);
+        bad |= rc != PIM_ERR_INIT || item.status != PIM_ERR_INIT;
+        bad |= pim_broker_free(b) != PIM_ERR_INIT; /* the handle's memory is released */
+        bad |= strcmp(pim_strerror(PIM_ERR_INIT), "the embedded Python or pimcore did not start") != 0;
+        fflush(stdout);
+        _exit(bad ? 3 : 0);
+    }
+    CHECK(pid > 0, "fork");
+    int status = -1;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "every call in the child failed fast with PIM_ERR_INIT (%d)",
+          WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status));
+    uint64_t seq = 0, n = 0;
+    CHECK_RC(pim_post(b, "team", NULL, NULL, "parent", 6, NULL, NULL, &seq), PIM_OK);
+    CHECK_RC(pim_unread_count(b, "alice", "team", &n), PIM_OK);
+    CHECK(seq == 1 && n == 1, "the parent goes on: seq %llu, unread %llu", (unsigned long long)seq,
+          (unsigned long long)n);
+    CHECK_RC(pim_broker_free(b), PIM_OK);
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures != 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -679,8 +737,10 @@ int main(int argc, char **argv)
         return run_init_fails();
     if (argc >= 2 && strcmp(argv[1], "first-calls-race") == 0)
         return run_first_calls_race();
+    if (argc >= 3 && strcmp(argv[1], "fork") == 0)
+        return run_fork(argv[2]);
     if (argc >= 4 && strcmp(argv[1], "event-kinds") == 0)
         return run_event_kinds(argv[2], argv[3], getenv("PIM_TEST_DIR") ? getenv("PIM_TEST_DIR") : ".");
-    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race | event-kinds DATA_DIR PYTHON\n", argv[0]);
+    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race | event-kinds DATA_DIR PYTHON | fork DATA_DIR\n", argv[0]);
     return 2;
 }
