@@ -8,6 +8,15 @@
 # Every broker is a pimcore.threaded.ThreadedPimcore in a registry keyed by
 # the int64 id the C handle holds.
 
+def _pim_c_text(text, limit=1000):
+    """``text`` as UTF-8 for pim_last_error, at most ``limit`` bytes, cut at a
+    character boundary (the C buffer holds 1023)."""
+    data = text.encode("utf-8", "replace")
+    if len(data) > limit:
+        data = data[:limit].decode("utf-8", "ignore").encode("utf-8")
+    return data
+
+
 def _pim_glue_main(ffi, lib):
     import json
     import os
@@ -105,7 +114,7 @@ def _pim_glue_main(ffi, lib):
                 text = str(exc) or type(exc).__name__
                 if rc == INTERNAL:
                     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                lib._pim_set_error(text.encode("utf-8", "replace")[:1000])
+                lib._pim_set_error(_pim_c_text(text))
                 return rc
 
         call.__name__ = fn.__name__
@@ -223,7 +232,7 @@ def _pim_glue_main(ffi, lib):
         if not failed:
             return OK
         i, status, exc = min(failed, key=lambda f: f[0])
-        lib._pim_set_error(("item %d: %s" % (i, exc)).encode("utf-8", "replace")[:1000])
+        lib._pim_set_error(_pim_c_text("item %d: %s" % (i, exc)))
         return status
 
     @entry
@@ -337,6 +346,6 @@ except ImportError:  # pragma: no cover - the module is registered under its nam
 try:
     _pim_glue_main(ffi, lib)
 except BaseException as _exc:  # noqa: BLE001 - reported to C as PIM_ERR_INIT
-    lib._pim_init_done(0, ("pimcore did not start in the embedded Python: %s: %s" % (type(_exc).__name__, _exc)).encode("utf-8", "replace")[:1000])
+    lib._pim_init_done(0, _pim_c_text("pimcore did not start in the embedded Python: %s: %s" % (type(_exc).__name__, _exc)))
 else:
     lib._pim_init_done(1, b"")

@@ -106,7 +106,11 @@ typedef struct pim_broker pim_broker;
 PIM_EXPORT const char *pim_version(int *major, int *minor, int *patch);
 /* A static description of a status code (never NULL). */
 PIM_EXPORT const char *pim_strerror(int rc);
-/* What went wrong in this thread's last failed call ("" if nothing). */
+/* What went wrong in this thread's last failed call ("" if nothing): UTF-8,
+ * at most 1023 bytes (a longer text is cut at a character boundary).  It
+ * points into the thread's own buffer (valid until the thread ends), whose
+ * text the thread's next pim_* call replaces (all but pim_last_error,
+ * pim_strerror, pim_version and pim_free). */
 PIM_EXPORT const char *pim_last_error(void);
 
 /* Start a broker with the options config_json (see CONVENTIONS) and return

@@ -33,18 +33,39 @@ struct pim_broker {
 
 static __thread char pim__err[1024];
 
+/* After a text was cut to fit buf: drop a UTF-8 sequence cut in the middle
+ * at its end, so that what the caller reads is valid UTF-8 (the glue cuts
+ * at a character boundary already; this covers the C side's messages). */
+static void pim__utf8_trim(char *buf)
+{
+    size_t n = strlen(buf), i = n, cont = 0;
+    while (i > 0 && cont < 4 && ((unsigned char)buf[i - 1] & 0xC0) == 0x80) {
+        i--;
+        cont++;
+    }
+    if (i == 0)
+        return;
+    unsigned char lead = (unsigned char)buf[i - 1];
+    size_t want = lead < 0x80 ? 0 : (lead >> 5) == 6 ? 1 : (lead >> 4) == 14 ? 2 : (lead >> 3) == 30 ? 3 : cont;
+    if (lead >= 0x80 && cont < want)
+        buf[i - 1] = 0; /* the last character lacks bytes: drop it */
+}
+
 /* Called by the glue (Python) too, on the calling thread. */
 static void _pim_set_error(const char *msg)
 {
-    snprintf(pim__err, sizeof pim__err, "%s", msg ? msg : "");
+    if (snprintf(pim__err, sizeof pim__err, "%s", msg ? msg : "") >= (int)sizeof pim__err)
+        pim__utf8_trim(pim__err);
 }
 
 static int pim__fail(int rc, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(pim__err, sizeof pim__err, fmt, ap);
+    int n = vsnprintf(pim__err, sizeof pim__err, fmt, ap);
     va_end(ap);
+    if (n >= (int)sizeof pim__err)
+        pim__utf8_trim(pim__err);
     return rc;
 }
 
@@ -106,8 +127,9 @@ static pid_t pim__pid;                     /* the process that started Python he
 /* Called by the glue when cffi's init code has run. */
 static void _pim_init_done(int ok, const char *msg)
 {
-    if (!ok)
-        snprintf(pim__init_msg, sizeof pim__init_msg, "%s", msg ? msg : "the init code failed");
+    if (!ok && snprintf(pim__init_msg, sizeof pim__init_msg, "%s", msg ? msg : "the init code failed")
+                   >= (int)sizeof pim__init_msg)
+        pim__utf8_trim(pim__init_msg);
     __atomic_store_n(&pim__glue_state, ok ? 1 : -1, __ATOMIC_RELEASE);
 }
 
@@ -142,8 +164,10 @@ static void pim__init_python(void)
         st = Py_InitializeFromConfig(&config);
     PyConfig_Clear(&config);
     if (PyStatus_Exception(st)) {
-        snprintf(pim__init_msg, sizeof pim__init_msg, "Python did not start (program %s): %s%s%s", prog,
-                 st.func ? st.func : "", st.func ? ": " : "", st.err_msg ? st.err_msg : "unknown error");
+        if (snprintf(pim__init_msg, sizeof pim__init_msg, "Python did not start (program %s): %s%s%s", prog,
+                     st.func ? st.func : "", st.func ? ": " : "", st.err_msg ? st.err_msg : "unknown error")
+            >= (int)sizeof pim__init_msg)
+            pim__utf8_trim(pim__init_msg);
         pim__python_failed = 1;
         return;
     }

@@ -166,6 +166,14 @@ def test_calls_in_a_forked_child_fail_fast(abi_exe: Path, tmp_path: Path) -> Non
     assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
 
 
+def test_a_long_error_text_is_cut_at_a_character_boundary(abi_exe: Path, tmp_path: Path) -> None:
+    """pim_last_error() is UTF-8 (pimcore.h, CONVENTIONS): an error naming a
+    conversation of 750 "ü" was cut at 1000 bytes, in the middle of one."""
+    done = subprocess.run([str(abi_exe), "last-error-utf8", str(tmp_path / "data")], capture_output=True, text=True,
+                          env=_env(), timeout=120, cwd=tmp_path)
+    assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("broken", [{"PIMCORE_PYTHON": "/nonexistent/bin/python"}, {"PYTHONHOME": "/nonexistent"}],
                          ids=["wrong-environment", "no-standard-library"])
 def test_python_failing_to_start_is_a_clear_init_code(abi_exe: Path, broken: dict[str, str]) -> None:

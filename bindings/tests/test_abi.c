@@ -12,6 +12,8 @@
  *       pins: the event callback gets each with its type, kind and fields
  *   test_abi fork DATA_DIR
  *       after fork() every call in the child fails fast with PIM_ERR_INIT
+ *   test_abi last-error-utf8 DATA_DIR
+ *       an error text cut to fit is still valid UTF-8
  *   test_abi init-fails
  *       Python cannot start (the caller sets PIMCORE_PYTHON or PYTHONHOME
  *       wrong): every call says PIM_ERR_INIT, never PIM_OK
@@ -717,6 +719,59 @@ static int run_fork(const char *dir)
     return failures != 0;
 }
 
+
+/* ------------------------------------------------------------ pim_last_error is UTF-8 */
+
+static int valid_utf8(const unsigned char *s)
+{
+    while (*s) {
+        int n = *s < 0x80 ? 0 : (*s >> 5) == 6 ? 1 : (*s >> 4) == 14 ? 2 : (*s >> 3) == 30 ? 3 : -1;
+        if (n < 0)
+            return 0;
+        s++;
+        while (n--) {
+            if ((*s & 0xC0) != 0x80)
+                return 0;
+            s++;
+        }
+    }
+    return 1;
+}
+
+/* Error texts naming a long non-ASCII id are cut to fit, at a character
+ * boundary: pim_last_error() is always valid UTF-8. */
+static int run_last_error_utf8(const char *dir)
+{
+    pim_broker *b = NULL;
+    snprintf(config, sizeof config, "{\"data_dir\": \"%s\", \"durability\": \"os\"}", dir);
+    CHECK_RC(pim_broker_start(config, &b), PIM_OK);
+    if (!b)
+        return 1;
+    for (int off = 0; off < 4; off++) {
+        char conv[2000];
+        int k = 0;
+        for (int i = 0; i < off; i++)
+            conv[k++] = 'a';
+        while (k < 1500) { /* "üüü..." */
+            conv[k++] = (char)0xc3;
+            conv[k++] = (char)0xbc;
+        }
+        conv[k] = 0;
+        int rc = pim_post(b, conv, NULL, NULL, "x", 1, NULL, NULL, NULL);
+        const char *e = pim_last_error();
+        CHECK(rc != PIM_OK && *e && valid_utf8((const unsigned char *)e), "offset %d: %s, %zu bytes of valid UTF-8",
+              off, pim_strerror(rc), strlen(e));
+        const char *users[] = {conv};
+        rc = pim_group_create(b, "g", users, 1);
+        e = pim_last_error();
+        CHECK(rc != PIM_OK && *e && valid_utf8((const unsigned char *)e), "group member, offset %d: %s, %zu bytes",
+              off, pim_strerror(rc), strlen(e));
+    }
+    CHECK_RC(pim_broker_free(b), PIM_OK);
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures != 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -737,10 +792,12 @@ int main(int argc, char **argv)
         return run_init_fails();
     if (argc >= 2 && strcmp(argv[1], "first-calls-race") == 0)
         return run_first_calls_race();
+    if (argc >= 3 && strcmp(argv[1], "last-error-utf8") == 0)
+        return run_last_error_utf8(argv[2]);
     if (argc >= 3 && strcmp(argv[1], "fork") == 0)
         return run_fork(argv[2]);
     if (argc >= 4 && strcmp(argv[1], "event-kinds") == 0)
         return run_event_kinds(argv[2], argv[3], getenv("PIM_TEST_DIR") ? getenv("PIM_TEST_DIR") : ".");
-    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race | event-kinds DATA_DIR PYTHON | fork DATA_DIR\n", argv[0]);
+    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race | event-kinds DATA_DIR PYTHON | fork DATA_DIR | last-error-utf8 DATA_DIR\n", argv[0]);
     return 2;
 }
