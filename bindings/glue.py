@@ -137,8 +137,9 @@ def _pim_glue_main(ffi, lib):
 
     @entry
     def _pim_py_start(config_json, out_id):
+        source = text(config_json, "config_json")  # not UTF-8: PIM_ERR_INVALID, as for every string
         try:
-            doc = json.loads(text(config_json, "config_json"))
+            doc = json.loads(source)
         except ValueError as exc:
             raise ConfigError("config_json is not JSON: %s" % exc) from None
         except RecursionError:
@@ -180,8 +181,12 @@ def _pim_glue_main(ffi, lib):
         return OK
 
     def identity(sender, device):
+        # The system is sender and device both NULL; "" is no id (embed's
+        # SYSTEM is "", so it must not get through as a user's identity).
         if sender is None:
             return {}
+        if sender == "" or device == "":
+            raise ValueError("sender and device must be ids, not empty (both NULL: the system)")
         return {"sender": sender, "device": device}
 
     @entry

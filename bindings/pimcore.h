@@ -61,8 +61,10 @@
 #define PIM_VERSION_MINOR 2
 #define PIM_VERSION_PATCH 0
 /* The version this header describes; pim_broker_start passes it and the
- * library refuses (PIM_ERR_VERSION) a header newer than itself or of
- * another major version. */
+ * library refuses (PIM_ERR_VERSION) a header newer than itself, of another
+ * major version, or older than the first (0.1.0 = 100; a negative number
+ * too).  0.2 appended fields to pim_event; a program built with the 0.1
+ * header still runs against this library. */
 #define PIM_VERSION_NUMBER (PIM_VERSION_MAJOR * 10000 + PIM_VERSION_MINOR * 100 + PIM_VERSION_PATCH)
 
 #if defined(PIM_BUILDING)
@@ -79,7 +81,9 @@ extern "C" {
 enum pim_status {
     PIM_OK = 0,
     PIM_ERR_INVALID = 1,              /* a NULL or bad argument (an invalid id, a bad flag) */
-    PIM_ERR_CONFIG = 2,               /* the options are not valid JSON or not usable settings */
+    PIM_ERR_CONFIG = 2,               /* the options are not a JSON object or not usable settings (an unknown
+                                       * key, a wrong type, a data_dir that is not a directory or cannot be
+                                       * created) */
     PIM_ERR_INIT = 3,                 /* the embedded Python or pimcore did not start in this process,
                                        * or this process is a fork() child of the one that started it */
     PIM_ERR_VERSION = 4,              /* pimcore.h is newer than the library, or of another major version */
@@ -92,7 +96,8 @@ enum pim_status {
     PIM_ERR_DUPLICATE_CONFLICT = 11,  /* an idempotency key reused for another message */
     PIM_ERR_PAYLOAD_TOO_LARGE = 12,   /* over limits.max_payload */
     PIM_ERR_REFUSED = 13,             /* another refusal of the broker (pim_last_error says which) */
-    PIM_ERR_STORE = 14,               /* the store failed, or cannot be opened */
+    PIM_ERR_STORE = 14,               /* the store failed, or cannot be opened (another process runs a broker
+                                       * on it, its files are damaged) */
     PIM_ERR_IO = 15,                  /* an operating-system error (a listener cannot bind, ...) */
     PIM_ERR_NOT_FOUND = 16,           /* no such listener */
     PIM_ERR_NOMEM = 17,               /* out of memory */
@@ -114,9 +119,11 @@ PIM_EXPORT const char *pim_strerror(int rc);
 PIM_EXPORT const char *pim_last_error(void);
 
 /* Start a broker with the options config_json (see CONVENTIONS) and return
- * it in *out once it is up (listening, if it listens).  Errors:
- * PIM_ERR_INVALID (NULL), PIM_ERR_CONFIG, PIM_ERR_ALREADY_RUNNING,
- * PIM_ERR_STORE, PIM_ERR_IO, PIM_ERR_INIT, PIM_ERR_VERSION. */
+ * it in *out once it is up (listening, if it listens); *out is NULL after
+ * an error.  Call it through the pim_broker_start macro (header_version:
+ * PIM_VERSION_NUMBER).  Errors: PIM_ERR_INVALID (NULL, config_json not
+ * UTF-8), PIM_ERR_CONFIG, PIM_ERR_ALREADY_RUNNING, PIM_ERR_STORE, PIM_ERR_IO
+ * (a listener cannot bind), PIM_ERR_INIT, PIM_ERR_VERSION. */
 PIM_EXPORT int pim_broker_start_(const char *config_json, pim_broker **out, int header_version);
 #define pim_broker_start(config_json, out) pim_broker_start_((config_json), (out), PIM_VERSION_NUMBER)
 
@@ -136,9 +143,15 @@ PIM_EXPORT int pim_broker_port(pim_broker *b, int *out_port);
 /* Store payload in conv and deliver it like a client's message; returns
  * once it is durable, with its id and seq (either out pointer may be NULL).
  * sender/device: a member and one of its device ids, or both NULL for the
- * system (allowed in every conversation).  idempotency_key (NULL: none, at
+ * system (allowed in every conversation); an empty string is no id
+ * (PIM_ERR_INVALID), not the system.  idempotency_key (NULL: none, at
  * most 256 bytes): posts with the same sender, device and key are one
- * message, and a retry gets the original's id and seq. */
+ * message, and a retry gets the original's id and seq.  Errors:
+ * PIM_ERR_INVALID (conv NULL, payload NULL with a length, only one of
+ * sender/device, an empty or invalid id, a string not UTF-8),
+ * PIM_ERR_UNKNOWN_CONVERSATION, PIM_ERR_NOT_MEMBER,
+ * PIM_ERR_DUPLICATE_CONFLICT, PIM_ERR_PAYLOAD_TOO_LARGE, PIM_ERR_REFUSED,
+ * PIM_ERR_STORE, PIM_ERR_STOPPED. */
 PIM_EXPORT int pim_post(pim_broker *b, const char *conv, const char *sender, const char *device,
                         const void *payload, size_t len, const char *idempotency_key,
                         uint8_t out_msg_id[16], uint64_t *out_seq);
@@ -146,7 +159,7 @@ PIM_EXPORT int pim_post(pim_broker *b, const char *conv, const char *sender, con
 /* One post of pim_post_batch: the inputs as pim_post's, then the outputs. */
 typedef struct pim_post_item {
     const char *conv;
-    const char *sender;          /* NULL with device NULL: the system */
+    const char *sender;          /* NULL with device NULL: the system ("" is refused) */
     const char *device;
     const void *payload;
     size_t len;
@@ -157,7 +170,7 @@ typedef struct pim_post_item {
 } pim_post_item;
 /* n posts at once, committed together where the broker can.  Each item is
  * decided on its own: an invalid item (conv NULL, payload NULL with a length,
- * only one of sender/device, a string not UTF-8) gets PIM_ERR_INVALID and a
+ * only one of sender/device, an empty id, a string not UTF-8) gets PIM_ERR_INVALID and a
  * refused one its refusal, while the valid ones are posted (status PIM_OK,
  * seq and msg_id set).  If the call fails as a whole (broker NULL or stopped,
  * ...) every item not otherwise decided gets that status.  So the status
@@ -271,11 +284,17 @@ typedef int (*pim_event_cb)(const pim_event *event, void *userdata);
  * starting after the consumer's acknowledged cursor: what was not
  * acknowledged is delivered again after a restart (at least once).  cb
  * NULL removes the callback (waiting for a running call to return).
- * The broker needs "server": {"events": true} (else PIM_ERR_INVALID). */
+ * The broker needs "server": {"events": true} (else PIM_ERR_INVALID).
+ * Errors: PIM_ERR_INVALID (no events, unknown flags, consumer not a valid
+ * id -- "" included, also when removing), PIM_ERR_WOULD_DEADLOCK (from an
+ * event callback of this broker), PIM_ERR_STOPPED. */
 PIM_EXPORT int pim_set_event_callback(pim_broker *b, const char *consumer, pim_event_cb cb, void *userdata,
                                       unsigned flags);
-/* consumer has handled every event up to id upto: its durable cursor moves
- * there (never back), durable when this returns.  *out_cursor may be NULL. */
+/* consumer (NULL: "default") has handled every event up to id upto: its
+ * durable cursor moves to min(upto, the last event id), never back, durable
+ * when this returns; *out_cursor (may be NULL) gets the cursor in force.
+ * Errors: PIM_ERR_INVALID (no events, consumer not a valid id),
+ * PIM_ERR_STORE, PIM_ERR_STOPPED. */
 PIM_EXPORT int pim_ack_events(pim_broker *b, const char *consumer, uint64_t upto, uint64_t *out_cursor);
 
 /* Free memory the library returned (pim_token_issue).  NULL is a no-op. */

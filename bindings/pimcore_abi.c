@@ -287,14 +287,20 @@ static void *_pim_malloc(size_t n)
             return rc_;                                          \
     } while (0)
 
+/* The oldest header this library serves: 0.1.0, the first. */
+#define PIM__OLDEST_HEADER 100
+
 PIM_EXPORT int pim_broker_start_(const char *config_json, pim_broker **out, int header_version)
 {
     pim__err[0] = 0;
-    if (header_version / 10000 != PIM_VERSION_MAJOR || header_version > PIM_VERSION_NUMBER)
-        return pim__fail(PIM_ERR_VERSION, "pimcore.h is version %d, the library %d (same major, not newer, needed)",
-                         header_version, PIM_VERSION_NUMBER);
+    if (out != NULL)
+        *out = NULL;
+    if (header_version < PIM__OLDEST_HEADER || header_version / 10000 != PIM_VERSION_MAJOR
+        || header_version > PIM_VERSION_NUMBER)
+        return pim__fail(PIM_ERR_VERSION,
+                         "pimcore.h is version %d, the library %d: it takes headers %d to %d (PIM_VERSION_NUMBER)",
+                         header_version, PIM_VERSION_NUMBER, PIM__OLDEST_HEADER, PIM_VERSION_NUMBER);
     PIM__CHECK(out != NULL, "out is NULL");
-    *out = NULL;
     PIM__CHECK(config_json != NULL, "config_json is NULL (\"{}\" for the defaults)");
     int rc = pim__ready();
     if (rc != PIM_OK)

@@ -174,6 +174,18 @@ def test_a_long_error_text_is_cut_at_a_character_boundary(abi_exe: Path, tmp_pat
     assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
 
 
+def test_arguments_are_checked_as_documented(abi_exe: Path, tmp_path: Path) -> None:
+    """A negative header version, a config string not UTF-8, empty sender
+    and device ids, an empty consumer name, a data_dir that is a file, an
+    ack past the last event: each as pimcore.h and bindings/README.md say.
+    Before: -5 was accepted as a header version, the non-UTF-8 config was
+    PIM_ERR_CONFIG, ("", "") posted as the system and
+    pim_set_event_callback(b, "", NULL, ...) succeeded."""
+    done = subprocess.run([str(abi_exe), "argument-checks", str(tmp_path / "data")], capture_output=True, text=True,
+                          env=_env(), timeout=120, cwd=tmp_path)
+    assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("broken", [{"PIMCORE_PYTHON": "/nonexistent/bin/python"}, {"PYTHONHOME": "/nonexistent"}],
                          ids=["wrong-environment", "no-standard-library"])
 def test_python_failing_to_start_is_a_clear_init_code(abi_exe: Path, broken: dict[str, str]) -> None:

@@ -14,6 +14,8 @@
  *       after fork() every call in the child fails fast with PIM_ERR_INIT
  *   test_abi last-error-utf8 DATA_DIR
  *       an error text cut to fit is still valid UTF-8
+ *   test_abi argument-checks DATA_DIR
+ *       the header version, empty ids, strings not UTF-8, ... as documented
  *   test_abi init-fails
  *       Python cannot start (the caller sets PIMCORE_PYTHON or PYTHONHOME
  *       wrong): every call says PIM_ERR_INIT, never PIM_OK
@@ -772,6 +774,66 @@ static int run_last_error_utf8(const char *dir)
     return failures != 0;
 }
 
+
+/* ------------------------------------------------------------ argument checks */
+
+/* Arguments are checked as pimcore.h and bindings/README.md say. */
+static int run_argument_checks(const char *dir)
+{
+    pim_broker *b = NULL;
+    snprintf(config, sizeof config, "{\"data_dir\": \"%s\", \"durability\": \"os\", \"server\": {\"events\": true}}",
+             dir);
+    /* The header version: 0.1.0 (100) up to this header's. */
+    CHECK_RC(pim_broker_start_(config, &b, -5), PIM_ERR_VERSION);
+    CHECK_RC(pim_broker_start_(config, &b, -10000), PIM_ERR_VERSION);
+    CHECK_RC(pim_broker_start_(config, &b, 99), PIM_ERR_VERSION);
+    CHECK(b == NULL, "no handle");
+    CHECK_RC(pim_broker_start_(config, &b, 100), PIM_OK); /* a program built with the 0.1 header */
+    CHECK_RC(pim_broker_free(b), PIM_OK);
+    b = NULL;
+    /* A string not UTF-8 is PIM_ERR_INVALID, the config string too. */
+    CHECK_RC(pim_broker_start("{\"data_dir\": \"d\xff\"}", &b), PIM_ERR_INVALID);
+    /* A data_dir that is not a directory: unusable settings. */
+    CHECK_RC(pim_broker_start("{\"data_dir\": \"/etc/passwd\"}", &b), PIM_ERR_CONFIG);
+    CHECK(strstr(pim_last_error(), "not a directory") != NULL, "%s", pim_last_error());
+
+    CHECK_RC(pim_broker_start(config, &b), PIM_OK);
+    if (!b)
+        return 1;
+    const char *members[] = {"alice", "bob"};
+    CHECK_RC(pim_group_create(b, "team", members, 2), PIM_OK);
+    /* The system is sender and device both NULL; an empty id is refused. */
+    uint64_t seq = 0;
+    CHECK_RC(pim_post(b, "team", "", "", "x", 1, NULL, NULL, &seq), PIM_ERR_INVALID);
+    CHECK_RC(pim_post(b, "team", "", "web", "x", 1, NULL, NULL, &seq), PIM_ERR_INVALID);
+    CHECK_RC(pim_post(b, "team", "alice", "", "x", 1, NULL, NULL, &seq), PIM_ERR_INVALID);
+    CHECK(seq == 0, "nothing posted (seq %llu)", (unsigned long long)seq);
+    pim_post_item items[2];
+    memset(items, 0, sizeof items);
+    items[0].conv = "team"; items[0].sender = ""; items[0].device = ""; items[0].payload = "x"; items[0].len = 1;
+    items[1].conv = "team"; items[1].payload = "y"; items[1].len = 1;
+    CHECK_RC(pim_post_batch(b, items, 2), PIM_ERR_INVALID);
+    CHECK(items[0].status == PIM_ERR_INVALID && items[0].seq == 0 && items[1].status == PIM_OK && items[1].seq == 1,
+          "batch: the empty sender refused (%s), the system's post stored (seq %llu)", pim_strerror(items[0].status),
+          (unsigned long long)items[1].seq);
+    /* An empty consumer name is refused by every function taking one. */
+    CHECK_RC(pim_set_event_callback(b, "", NULL, NULL, 0), PIM_ERR_INVALID);
+    CHECK_RC(pim_set_event_callback(b, "", on_event, &main_log, 0), PIM_ERR_INVALID);
+    CHECK_RC(pim_ack_events(b, "", 1, NULL), PIM_ERR_INVALID);
+    CHECK_RC(pim_set_event_callback(b, "bad name", NULL, NULL, 0), PIM_ERR_INVALID);
+    /* pim_ack_events past the last event: the cursor stops at the last one. */
+    uint64_t cursor = 0, again = 0;
+    CHECK_RC(pim_ack_events(b, "late", UINT64_MAX, &cursor), PIM_OK);
+    CHECK(cursor > 0, "the cursor moved to the last event (%llu)", (unsigned long long)cursor);
+    CHECK_RC(pim_ack_events(b, "late", cursor + 1000, &again), PIM_OK);
+    CHECK(again == cursor, "and stays there (%llu)", (unsigned long long)again);
+    CHECK_RC(pim_ack_events(b, "late", 1, &again), PIM_OK);
+    CHECK(again == cursor, "never back (%llu)", (unsigned long long)again);
+    CHECK_RC(pim_broker_free(b), PIM_OK);
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures != 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -792,12 +854,14 @@ int main(int argc, char **argv)
         return run_init_fails();
     if (argc >= 2 && strcmp(argv[1], "first-calls-race") == 0)
         return run_first_calls_race();
+    if (argc >= 3 && strcmp(argv[1], "argument-checks") == 0)
+        return run_argument_checks(argv[2]);
     if (argc >= 3 && strcmp(argv[1], "last-error-utf8") == 0)
         return run_last_error_utf8(argv[2]);
     if (argc >= 3 && strcmp(argv[1], "fork") == 0)
         return run_fork(argv[2]);
     if (argc >= 4 && strcmp(argv[1], "event-kinds") == 0)
         return run_event_kinds(argv[2], argv[3], getenv("PIM_TEST_DIR") ? getenv("PIM_TEST_DIR") : ".");
-    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race | event-kinds DATA_DIR PYTHON | fork DATA_DIR | last-error-utf8 DATA_DIR\n", argv[0]);
+    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race | event-kinds DATA_DIR PYTHON | fork DATA_DIR | last-error-utf8 DATA_DIR | argument-checks DATA_DIR\n", argv[0]);
     return 2;
 }
