@@ -50,6 +50,14 @@
  *   - The library writes nothing to stdout or stderr: errors come back as
  *     status codes and pim_last_error().  PIM_DEBUG=debug|info|warning|error
  *     (1: debug) in the environment prints pimcore's log lines on stderr.
+ *     Two exceptions, both start-up failures (PIM_ERR_INIT, once per
+ *     process) that happen before any code of the library's own can catch
+ *     them: CPython itself prints its path configuration when it cannot
+ *     start at all (PYTHONHOME wrong, no standard library), and cffi prints
+ *     its traceback if its module in that environment is present but
+ *     unusable (a cffi too old for the library).  An environment without
+ *     cffi, without pimcore or of another Python is reported through
+ *     pim_last_error only.
  */
 #ifndef PIMCORE_H
 #define PIMCORE_H

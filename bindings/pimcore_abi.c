@@ -192,9 +192,50 @@ static void _pim_py_hello(void);
  * expects and put the tag back. */
 static pthread_once_t pim__glue_once = PTHREAD_ONCE_INIT;
 
+/* cffi's start-up imports _cffi_backend and, if that fails, prints a
+ * traceback on stderr (the library promises to print nothing) and runs
+ * none of the glue.  Import it first ourselves: if it is missing (an
+ * environment without cffi), say so through pim_last_error and never start
+ * cffi.  Under the GIL; 0 if it imports. */
+static int pim__no_cffi_backend(void)
+{
+    PyObject *mod = PyImport_ImportModule("_cffi_backend");
+    if (mod != NULL) {
+        Py_DECREF(mod);
+        return 0;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyObject *text = value ? PyObject_Str(value) : NULL;
+    const char *why = text ? PyUnicode_AsUTF8(text) : NULL;
+    if (why == NULL) {
+        PyErr_Clear();
+        why = "unknown error";
+    }
+    const char *name = type ? ((PyTypeObject *)type)->tp_name : "ImportError";
+    if (snprintf(pim__init_msg, sizeof pim__init_msg,
+                 "cffi's _cffi_backend cannot be imported in the embedded Python (%s%s): %s: %s; install cffi there,"
+                 " or set PIMCORE_PYTHON to the python of the environment pimcore is installed in",
+                 pim__program[0] ? "program " : "the host's interpreter", pim__program, name, why)
+        >= (int)sizeof pim__init_msg)
+        pim__utf8_trim(pim__init_msg);
+    Py_XDECREF(text);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    PyErr_Clear();
+    __atomic_store_n(&pim__glue_state, -1, __ATOMIC_RELEASE);
+    return 1;
+}
+
 static void pim__init_glue(void)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
+    if (pim__no_cffi_backend()) {
+        PyGILState_Release(gil);
+        return;
+    }
 #if PY_VERSION_HEX >= 0x03080000 && PY_VERSION_HEX < 0x030C0000
     unsigned int tag = PyCapsule_Type.tp_version_tag;
     PyCapsule_Type.tp_version_tag = 0;

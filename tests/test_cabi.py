@@ -192,6 +192,27 @@ def test_python_failing_to_start_is_a_clear_init_code(abi_exe: Path, broken: dic
     done = subprocess.run([str(abi_exe), "init-fails"], capture_output=True, text=True, env=_env(**broken), timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "the reason: " in done.stdout and ("sys.prefix" in done.stdout or "Python did not start" in done.stdout)
+    if "PIMCORE_PYTHON" in broken:  # (without a standard library CPython prints its path configuration itself)
+        assert done.stderr == "", done.stderr
+
+
+def test_an_environment_without_cffi_is_a_clear_init_code_and_nothing_on_stderr(abi_exe: Path, tmp_path: Path) -> None:
+    """PIMCORE_PYTHON names a python whose environment lacks cffi's
+    _cffi_backend: every call is PIM_ERR_INIT naming it, and, as pimcore.h
+    says, the library writes nothing on stderr.  cffi printed its start-up
+    traceback there."""
+    venv = tmp_path / "no-cffi"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True,
+                   timeout=120)
+    python = venv / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import _cffi_backend"], capture_output=True, timeout=60)
+    if probe.returncode == 0:  # pragma: no cover - a base Python whose venvs see cffi
+        pytest.skip("a new venv of this Python imports _cffi_backend")
+    done = subprocess.run([str(abi_exe), "init-fails"], capture_output=True, text=True,
+                          env=_env(PIMCORE_PYTHON=str(python)), timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the reason: " in done.stdout and "_cffi_backend" in done.stdout, done.stdout
+    assert done.stderr == "", done.stderr
 
 
 def test_the_c_program_under_address_sanitizer(tmp_path: Path) -> None:
