@@ -35,6 +35,8 @@ typedef struct pim_event {
     const char *const *recipients; size_t n_recipients;
     const char *const *offline_recipients; size_t n_offline_recipients;
     const char *user; uint64_t unread; const char *code; const char *reason;
+    uint64_t target; uint64_t local_id; const char *const *muted_recipients; size_t n_muted_recipients;
+    const char *const *mentioned; size_t n_mentioned; int mention_all; int pinned; int muted; int hidden;
 } pim_event;
 
 static void _pim_set_error(const char *msg);

@@ -8,6 +8,15 @@
 # Every broker is a pimcore.threaded.ThreadedPimcore in a registry keyed by
 # the int64 id the C handle holds.
 
+def _pim_c_text(text, limit=1000):
+    """``text`` as UTF-8 for pim_last_error, at most ``limit`` bytes, cut at a
+    character boundary (the C buffer holds 1023)."""
+    data = text.encode("utf-8", "replace")
+    if len(data) > limit:
+        data = data[:limit].decode("utf-8", "ignore").encode("utf-8")
+    return data
+
+
 def _pim_glue_main(ffi, lib):
     import json
     import os
@@ -105,7 +114,7 @@ def _pim_glue_main(ffi, lib):
                 text = str(exc) or type(exc).__name__
                 if rc == INTERNAL:
                     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                lib._pim_set_error(text.encode("utf-8", "replace")[:1000])
+                lib._pim_set_error(_pim_c_text(text))
                 return rc
 
         call.__name__ = fn.__name__
@@ -128,8 +137,9 @@ def _pim_glue_main(ffi, lib):
 
     @entry
     def _pim_py_start(config_json, out_id):
+        source = text(config_json, "config_json")  # not UTF-8: PIM_ERR_INVALID, as for every string
         try:
-            doc = json.loads(text(config_json, "config_json"))
+            doc = json.loads(source)
         except ValueError as exc:
             raise ConfigError("config_json is not JSON: %s" % exc) from None
         except RecursionError:
@@ -171,8 +181,12 @@ def _pim_glue_main(ffi, lib):
         return OK
 
     def identity(sender, device):
+        # The system is sender and device both NULL; "" is no id (embed's
+        # SYSTEM is "", so it must not get through as a user's identity).
         if sender is None:
             return {}
+        if sender == "" or device == "":
+            raise ValueError("sender and device must be ids, not empty (both NULL: the system)")
         return {"sender": sender, "device": device}
 
     @entry
@@ -223,7 +237,7 @@ def _pim_glue_main(ffi, lib):
         if not failed:
             return OK
         i, status, exc = min(failed, key=lambda f: f[0])
-        lib._pim_set_error(("item %d: %s" % (i, exc)).encode("utf-8", "replace")[:1000])
+        lib._pim_set_error(_pim_c_text("item %d: %s" % (i, exc)))
         return status
 
     @entry
@@ -296,6 +310,15 @@ def _pim_glue_main(ffi, lib):
             c.unread = ev.unread
             c.code = s(ev.code) if ev.code is not None else ffi.NULL
             c.reason = s(ev.reason)
+            c.target = ev.target
+            c.local_id = ev.local_id
+            c.muted_recipients, c.n_muted_recipients = names(ev.muted)
+            c.mentioned, c.n_mentioned = names(ev.mentioned)
+            c.mention_all = bool(ev.mention_all)
+            if ev.type == "conversation":
+                c.pinned = bool(ev.pinned)
+                c.muted = bool(ev.muted)
+                c.hidden = bool(ev.hidden)
             return lib._pim_invoke_event_cb(cb, c, userdata) == 0
 
         return handler
@@ -328,6 +351,6 @@ except ImportError:  # pragma: no cover - the module is registered under its nam
 try:
     _pim_glue_main(ffi, lib)
 except BaseException as _exc:  # noqa: BLE001 - reported to C as PIM_ERR_INIT
-    lib._pim_init_done(0, ("pimcore did not start in the embedded Python: %s: %s" % (type(_exc).__name__, _exc)).encode("utf-8", "replace")[:1000])
+    lib._pim_init_done(0, _pim_c_text("pimcore did not start in the embedded Python: %s: %s" % (type(_exc).__name__, _exc)))
 else:
     lib._pim_init_done(1, b"")

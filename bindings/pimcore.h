@@ -25,6 +25,17 @@
  *   - pim_last_error() is per thread: read it on the thread that got the
  *     error, before the next call.
  *
+ * FORK
+ *   libpimcore is not fork-safe: use it only in the process that made the
+ *   first call (the one that started the embedded Python).  In a child made
+ *   by fork() every call fails at once with PIM_ERR_INIT (pim_last_error
+ *   says so) instead of waiting for threads the child does not have; the
+ *   parent's brokers run on, unaffected.  pim_broker_free in the child
+ *   releases the handle's memory (and returns PIM_ERR_INIT).  pim_version,
+ *   pim_strerror, pim_last_error and pim_free work anywhere.  A child that
+ *   needs pimcore should exec a program of its own.  A fork before the
+ *   first call is harmless.
+ *
  * CONVENTIONS
  *   - Every function returns an int status: PIM_OK (0) or a PIM_ERR_* code
  *     (stable: codes are never renumbered).  pim_strerror(rc) names a code;
@@ -39,6 +50,14 @@
  *   - The library writes nothing to stdout or stderr: errors come back as
  *     status codes and pim_last_error().  PIM_DEBUG=debug|info|warning|error
  *     (1: debug) in the environment prints pimcore's log lines on stderr.
+ *     Two exceptions, both start-up failures (PIM_ERR_INIT, once per
+ *     process) that happen before any code of the library's own can catch
+ *     them: CPython itself prints its path configuration when it cannot
+ *     start at all (PYTHONHOME wrong, no standard library), and cffi prints
+ *     its traceback if its module in that environment is present but
+ *     unusable (a cffi too old for the library).  An environment without
+ *     cffi, without pimcore or of another Python is reported through
+ *     pim_last_error only.
  */
 #ifndef PIMCORE_H
 #define PIMCORE_H
@@ -47,11 +66,13 @@
 #include <stdint.h>
 
 #define PIM_VERSION_MAJOR 0
-#define PIM_VERSION_MINOR 1
+#define PIM_VERSION_MINOR 2
 #define PIM_VERSION_PATCH 0
 /* The version this header describes; pim_broker_start passes it and the
- * library refuses (PIM_ERR_VERSION) a header newer than itself or of
- * another major version. */
+ * library refuses (PIM_ERR_VERSION) a header newer than itself, of another
+ * major version, or older than the first (0.1.0 = 100; a negative number
+ * too).  0.2 appended fields to pim_event; a program built with the 0.1
+ * header still runs against this library. */
 #define PIM_VERSION_NUMBER (PIM_VERSION_MAJOR * 10000 + PIM_VERSION_MINOR * 100 + PIM_VERSION_PATCH)
 
 #if defined(PIM_BUILDING)
@@ -68,8 +89,11 @@ extern "C" {
 enum pim_status {
     PIM_OK = 0,
     PIM_ERR_INVALID = 1,              /* a NULL or bad argument (an invalid id, a bad flag) */
-    PIM_ERR_CONFIG = 2,               /* the options are not valid JSON or not usable settings */
-    PIM_ERR_INIT = 3,                 /* the embedded Python or pimcore did not start in this process */
+    PIM_ERR_CONFIG = 2,               /* the options are not a JSON object or not usable settings (an unknown
+                                       * key, a wrong type, a data_dir that is not a directory or cannot be
+                                       * created) */
+    PIM_ERR_INIT = 3,                 /* the embedded Python or pimcore did not start in this process,
+                                       * or this process is a fork() child of the one that started it */
     PIM_ERR_VERSION = 4,              /* pimcore.h is newer than the library, or of another major version */
     PIM_ERR_STOPPED = 5,              /* the broker was stopped */
     PIM_ERR_ALREADY_RUNNING = 6,      /* a broker of this process already runs on that data directory */
@@ -80,7 +104,8 @@ enum pim_status {
     PIM_ERR_DUPLICATE_CONFLICT = 11,  /* an idempotency key reused for another message */
     PIM_ERR_PAYLOAD_TOO_LARGE = 12,   /* over limits.max_payload */
     PIM_ERR_REFUSED = 13,             /* another refusal of the broker (pim_last_error says which) */
-    PIM_ERR_STORE = 14,               /* the store failed, or cannot be opened */
+    PIM_ERR_STORE = 14,               /* the store failed, or cannot be opened (another process runs a broker
+                                       * on it, its files are damaged) */
     PIM_ERR_IO = 15,                  /* an operating-system error (a listener cannot bind, ...) */
     PIM_ERR_NOT_FOUND = 16,           /* no such listener */
     PIM_ERR_NOMEM = 17,               /* out of memory */
@@ -90,17 +115,23 @@ enum pim_status {
 /* An embedded broker (opaque). */
 typedef struct pim_broker pim_broker;
 
-/* The library's version ("0.1.0"); each pointer may be NULL. */
+/* The library's version ("0.2.0"); each pointer may be NULL. */
 PIM_EXPORT const char *pim_version(int *major, int *minor, int *patch);
 /* A static description of a status code (never NULL). */
 PIM_EXPORT const char *pim_strerror(int rc);
-/* What went wrong in this thread's last failed call ("" if nothing). */
+/* What went wrong in this thread's last failed call ("" if nothing): UTF-8,
+ * at most 1023 bytes (a longer text is cut at a character boundary).  It
+ * points into the thread's own buffer (valid until the thread ends), whose
+ * text the thread's next pim_* call replaces (all but pim_last_error,
+ * pim_strerror, pim_version and pim_free). */
 PIM_EXPORT const char *pim_last_error(void);
 
 /* Start a broker with the options config_json (see CONVENTIONS) and return
- * it in *out once it is up (listening, if it listens).  Errors:
- * PIM_ERR_INVALID (NULL), PIM_ERR_CONFIG, PIM_ERR_ALREADY_RUNNING,
- * PIM_ERR_STORE, PIM_ERR_IO, PIM_ERR_INIT, PIM_ERR_VERSION. */
+ * it in *out once it is up (listening, if it listens); *out is NULL after
+ * an error.  Call it through the pim_broker_start macro (header_version:
+ * PIM_VERSION_NUMBER).  Errors: PIM_ERR_INVALID (NULL, config_json not
+ * UTF-8), PIM_ERR_CONFIG, PIM_ERR_ALREADY_RUNNING, PIM_ERR_STORE, PIM_ERR_IO
+ * (a listener cannot bind), PIM_ERR_INIT, PIM_ERR_VERSION. */
 PIM_EXPORT int pim_broker_start_(const char *config_json, pim_broker **out, int header_version);
 #define pim_broker_start(config_json, out) pim_broker_start_((config_json), (out), PIM_VERSION_NUMBER)
 
@@ -109,7 +140,9 @@ PIM_EXPORT int pim_broker_start_(const char *config_json, pim_broker **out, int 
  * does not rely on process exit).  The handle stays valid: later calls fail
  * with PIM_ERR_STOPPED; stopping again is PIM_OK.  Then pim_broker_free. */
 PIM_EXPORT int pim_broker_stop(pim_broker *b);
-/* Stop (if needed) and release the handle.  NULL is a no-op. */
+/* Stop (if needed) and release the handle.  NULL is a no-op.  The handle
+ * is released whatever the error, except PIM_ERR_WOULD_DEADLOCK (called
+ * from a callback: free it from another thread). */
 PIM_EXPORT int pim_broker_free(pim_broker *b);
 /* The bound TCP port of the first tcp:// listener (the one the OS chose
  * for port 0).  PIM_ERR_NOT_FOUND without one. */
@@ -118,9 +151,15 @@ PIM_EXPORT int pim_broker_port(pim_broker *b, int *out_port);
 /* Store payload in conv and deliver it like a client's message; returns
  * once it is durable, with its id and seq (either out pointer may be NULL).
  * sender/device: a member and one of its device ids, or both NULL for the
- * system (allowed in every conversation).  idempotency_key (NULL: none, at
+ * system (allowed in every conversation); an empty string is no id
+ * (PIM_ERR_INVALID), not the system.  idempotency_key (NULL: none, at
  * most 256 bytes): posts with the same sender, device and key are one
- * message, and a retry gets the original's id and seq. */
+ * message, and a retry gets the original's id and seq.  Errors:
+ * PIM_ERR_INVALID (conv NULL, payload NULL with a length, only one of
+ * sender/device, an empty or invalid id, a string not UTF-8),
+ * PIM_ERR_UNKNOWN_CONVERSATION, PIM_ERR_NOT_MEMBER,
+ * PIM_ERR_DUPLICATE_CONFLICT, PIM_ERR_PAYLOAD_TOO_LARGE, PIM_ERR_REFUSED,
+ * PIM_ERR_STORE, PIM_ERR_STOPPED. */
 PIM_EXPORT int pim_post(pim_broker *b, const char *conv, const char *sender, const char *device,
                         const void *payload, size_t len, const char *idempotency_key,
                         uint8_t out_msg_id[16], uint64_t *out_seq);
@@ -128,7 +167,7 @@ PIM_EXPORT int pim_post(pim_broker *b, const char *conv, const char *sender, con
 /* One post of pim_post_batch: the inputs as pim_post's, then the outputs. */
 typedef struct pim_post_item {
     const char *conv;
-    const char *sender;          /* NULL with device NULL: the system */
+    const char *sender;          /* NULL with device NULL: the system ("" is refused) */
     const char *device;
     const void *payload;
     size_t len;
@@ -139,7 +178,7 @@ typedef struct pim_post_item {
 } pim_post_item;
 /* n posts at once, committed together where the broker can.  Each item is
  * decided on its own: an invalid item (conv NULL, payload NULL with a length,
- * only one of sender/device, a string not UTF-8) gets PIM_ERR_INVALID and a
+ * only one of sender/device, an empty id, a string not UTF-8) gets PIM_ERR_INVALID and a
  * refused one its refusal, while the valid ones are posted (status PIM_OK,
  * seq and msg_id set).  If the call fails as a whole (broker NULL or stopped,
  * ...) every item not otherwise decided gets that status.  So the status
@@ -171,32 +210,72 @@ PIM_EXPORT int pim_token_issue(pim_broker *b, const char *user, const char *devi
  * marker (0 for a conversation the user is not in). */
 PIM_EXPORT int pim_unread_count(pim_broker *b, const char *user, const char *conv, uint64_t *out_count);
 
+/* What a conversation entry is (pim_event.kind of a "message" event;
+ * pimcore's MessageKind).  Every kind is seq'd, stored and delivered like
+ * a message, except DELETE. */
+#define PIM_KIND_MESSAGE 0  /* a message: payload is the sender's */
+#define PIM_KIND_JOINED 1   /* sender joined the group at this seq (payload: the user who added them, "" the host) */
+#define PIM_KIND_LEFT 2     /* sender left or was removed at this seq (payload as for JOINED) */
+#define PIM_KIND_RECALL 3   /* sender (or the host: sender "") recalled the message at seq target for everyone;
+                             * payload empty.  A consumer that keeps payloads should drop the target's. */
+#define PIM_KIND_EDIT 4     /* sender (or the host) replaced the payload of the message at seq target;
+                             * payload: the message's payload now */
+#define PIM_KIND_DELETE 5   /* sender deleted the message at seq target for themselves only: seq 0 (it takes
+                             * no seq of the conversation), payload empty */
+
 /* One host event (docs/EMBEDDING.md, Events).  Fields a type does not use
- * are 0, NULL or empty.  Valid only during the callback. */
+ * are 0, NULL or empty.  Valid only during the callback.
+ *
+ * type and the fields it fills:
+ *   "message"       a stored entry: conv, seq, msg_id, sender, device, kind
+ *                   (PIM_KIND_*), server_time, local_id, payload,
+ *                   recipients, offline_recipients, target (RECALL, EDIT,
+ *                   DELETE), muted_recipients, mentioned, mention_all
+ *   "conversation"  user changed their settings of conv: pinned, muted,
+ *                   hidden (the settings now), muted_recipients = {user}
+ *                   when muted
+ *   "read"          user's read marker in conv moved to seq (unread left)
+ *   "online"        user's device logged in
+ *   "offline"       user's device's session ended (code, reason)
+ *   "kicked"        the host kicked user's device (reason)
+ * Later versions may add types and kinds: skip (and acknowledge) the ones
+ * you do not know. */
 /* The library allocates every pim_event and hands the callback a pointer to
  * it: later versions only ever append fields, so a program built against an
  * older header reads a valid prefix.  Never allocate or copy one by value. */
 typedef struct pim_event {
     uint64_t id;                  /* gap-free, ascending: the cursor to ack */
-    const char *type;             /* "message", "read", "online", "offline", "kicked" */
+    const char *type;             /* "message", "conversation", "read", "online", "offline", "kicked" */
     int64_t time;                 /* µs since the Unix epoch */
     const char *conv;
     uint64_t seq;
     uint8_t msg_id[16];
     const char *sender;           /* "" for the system */
     const char *device;
-    int kind;                     /* message: 0 a message, 1 JOINED, 2 LEFT */
+    int kind;                     /* message: a PIM_KIND_* */
     int64_t server_time;          /* µs */
     const void *payload;
     size_t payload_len;
-    const char *const *recipients;          /* every user it was fanned out to */
+    const char *const *recipients;          /* every user it was fanned out to, the sender included */
     size_t n_recipients;
     const char *const *offline_recipients;  /* those with no device online: push */
     size_t n_offline_recipients;
-    const char *user;             /* read, online, offline, kicked */
+    const char *user;             /* conversation, read, online, offline, kicked */
     uint64_t unread;              /* read */
     const char *code;             /* offline: the close code's name, NULL if the connection was lost */
-    const char *reason;
+    const char *reason;           /* offline, kicked */
+    /* Since 0.2 (PIM_VERSION_NUMBER 200): */
+    uint64_t target;              /* message, kinds RECALL, EDIT, DELETE: the seq of the message acted on */
+    uint64_t local_id;            /* message: the sending device's local id (0 for a host post) */
+    const char *const *muted_recipients;    /* message: recipients who muted conv (skip or silence their push);
+                                             * conversation: {user} when muted */
+    size_t n_muted_recipients;
+    const char *const *mentioned; /* message: the recipients it mentions (never the sender) */
+    size_t n_mentioned;
+    int mention_all;              /* message: 1 if it mentions everyone */
+    int pinned;                   /* conversation: user's settings of conv after the change, 0 or 1 */
+    int muted;
+    int hidden;
 } pim_event;
 
 /* Return PIM_EVENT_ACK to acknowledge the event (and every earlier one:
@@ -213,11 +292,17 @@ typedef int (*pim_event_cb)(const pim_event *event, void *userdata);
  * starting after the consumer's acknowledged cursor: what was not
  * acknowledged is delivered again after a restart (at least once).  cb
  * NULL removes the callback (waiting for a running call to return).
- * The broker needs "server": {"events": true} (else PIM_ERR_INVALID). */
+ * The broker needs "server": {"events": true} (else PIM_ERR_INVALID).
+ * Errors: PIM_ERR_INVALID (no events, unknown flags, consumer not a valid
+ * id -- "" included, also when removing), PIM_ERR_WOULD_DEADLOCK (from an
+ * event callback of this broker), PIM_ERR_STOPPED. */
 PIM_EXPORT int pim_set_event_callback(pim_broker *b, const char *consumer, pim_event_cb cb, void *userdata,
                                       unsigned flags);
-/* consumer has handled every event up to id upto: its durable cursor moves
- * there (never back), durable when this returns.  *out_cursor may be NULL. */
+/* consumer (NULL: "default") has handled every event up to id upto: its
+ * durable cursor moves to min(upto, the last event id), never back, durable
+ * when this returns; *out_cursor (may be NULL) gets the cursor in force.
+ * Errors: PIM_ERR_INVALID (no events, consumer not a valid id),
+ * PIM_ERR_STORE, PIM_ERR_STOPPED. */
 PIM_EXPORT int pim_ack_events(pim_broker *b, const char *consumer, uint64_t upto, uint64_t *out_cursor);
 
 /* Free memory the library returned (pim_token_issue).  NULL is a no-op. */

@@ -18,6 +18,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
 
 #ifndef PIM__BUILD_PYTHON
 #error "PIM__BUILD_PYTHON (the python of the environment pimcore is installed in) must be defined"
@@ -31,18 +33,39 @@ struct pim_broker {
 
 static __thread char pim__err[1024];
 
+/* After a text was cut to fit buf: drop a UTF-8 sequence cut in the middle
+ * at its end, so that what the caller reads is valid UTF-8 (the glue cuts
+ * at a character boundary already; this covers the C side's messages). */
+static void pim__utf8_trim(char *buf)
+{
+    size_t n = strlen(buf), i = n, cont = 0;
+    while (i > 0 && cont < 4 && ((unsigned char)buf[i - 1] & 0xC0) == 0x80) {
+        i--;
+        cont++;
+    }
+    if (i == 0)
+        return;
+    unsigned char lead = (unsigned char)buf[i - 1];
+    size_t want = lead < 0x80 ? 0 : (lead >> 5) == 6 ? 1 : (lead >> 4) == 14 ? 2 : (lead >> 3) == 30 ? 3 : cont;
+    if (lead >= 0x80 && cont < want)
+        buf[i - 1] = 0; /* the last character lacks bytes: drop it */
+}
+
 /* Called by the glue (Python) too, on the calling thread. */
 static void _pim_set_error(const char *msg)
 {
-    snprintf(pim__err, sizeof pim__err, "%s", msg ? msg : "");
+    if (snprintf(pim__err, sizeof pim__err, "%s", msg ? msg : "") >= (int)sizeof pim__err)
+        pim__utf8_trim(pim__err);
 }
 
 static int pim__fail(int rc, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(pim__err, sizeof pim__err, fmt, ap);
+    int n = vsnprintf(pim__err, sizeof pim__err, fmt, ap);
     va_end(ap);
+    if (n >= (int)sizeof pim__err)
+        pim__utf8_trim(pim__err);
     return rc;
 }
 
@@ -99,12 +122,14 @@ static char pim__init_msg[1024];           /* why start-up failed */
 static int pim__python_failed;             /* Py_InitializeFromConfig failed */
 static char pim__program[4096];            /* the python we started ("" if the host had one) */
 static int pim__glue_state;                /* 0 not yet, 1 up, -1 failed (atomic) */
+static pid_t pim__pid;                     /* the process that started Python here (0: none yet; atomic) */
 
 /* Called by the glue when cffi's init code has run. */
 static void _pim_init_done(int ok, const char *msg)
 {
-    if (!ok)
-        snprintf(pim__init_msg, sizeof pim__init_msg, "%s", msg ? msg : "the init code failed");
+    if (!ok && snprintf(pim__init_msg, sizeof pim__init_msg, "%s", msg ? msg : "the init code failed")
+                   >= (int)sizeof pim__init_msg)
+        pim__utf8_trim(pim__init_msg);
     __atomic_store_n(&pim__glue_state, ok ? 1 : -1, __ATOMIC_RELEASE);
 }
 
@@ -123,6 +148,7 @@ static const char *_pim_program(void)
  * host's interpreter is used as it is. */
 static void pim__init_python(void)
 {
+    __atomic_store_n(&pim__pid, getpid(), __ATOMIC_RELEASE);
     if (Py_IsInitialized())
         return;
     const char *prog = getenv("PIMCORE_PYTHON");
@@ -138,8 +164,10 @@ static void pim__init_python(void)
         st = Py_InitializeFromConfig(&config);
     PyConfig_Clear(&config);
     if (PyStatus_Exception(st)) {
-        snprintf(pim__init_msg, sizeof pim__init_msg, "Python did not start (program %s): %s%s%s", prog,
-                 st.func ? st.func : "", st.func ? ": " : "", st.err_msg ? st.err_msg : "unknown error");
+        if (snprintf(pim__init_msg, sizeof pim__init_msg, "Python did not start (program %s): %s%s%s", prog,
+                     st.func ? st.func : "", st.func ? ": " : "", st.err_msg ? st.err_msg : "unknown error")
+            >= (int)sizeof pim__init_msg)
+            pim__utf8_trim(pim__init_msg);
         pim__python_failed = 1;
         return;
     }
@@ -164,9 +192,50 @@ static void _pim_py_hello(void);
  * expects and put the tag back. */
 static pthread_once_t pim__glue_once = PTHREAD_ONCE_INIT;
 
+/* cffi's start-up imports _cffi_backend and, if that fails, prints a
+ * traceback on stderr (the library promises to print nothing) and runs
+ * none of the glue.  Import it first ourselves: if it is missing (an
+ * environment without cffi), say so through pim_last_error and never start
+ * cffi.  Under the GIL; 0 if it imports. */
+static int pim__no_cffi_backend(void)
+{
+    PyObject *mod = PyImport_ImportModule("_cffi_backend");
+    if (mod != NULL) {
+        Py_DECREF(mod);
+        return 0;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyObject *text = value ? PyObject_Str(value) : NULL;
+    const char *why = text ? PyUnicode_AsUTF8(text) : NULL;
+    if (why == NULL) {
+        PyErr_Clear();
+        why = "unknown error";
+    }
+    const char *name = type ? ((PyTypeObject *)type)->tp_name : "ImportError";
+    if (snprintf(pim__init_msg, sizeof pim__init_msg,
+                 "cffi's _cffi_backend cannot be imported in the embedded Python (%s%s): %s: %s; install cffi there,"
+                 " or set PIMCORE_PYTHON to the python of the environment pimcore is installed in",
+                 pim__program[0] ? "program " : "the host's interpreter", pim__program, name, why)
+        >= (int)sizeof pim__init_msg)
+        pim__utf8_trim(pim__init_msg);
+    Py_XDECREF(text);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    PyErr_Clear();
+    __atomic_store_n(&pim__glue_state, -1, __ATOMIC_RELEASE);
+    return 1;
+}
+
 static void pim__init_glue(void)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
+    if (pim__no_cffi_backend()) {
+        PyGILState_Release(gil);
+        return;
+    }
 #if PY_VERSION_HEX >= 0x03080000 && PY_VERSION_HEX < 0x030C0000
     unsigned int tag = PyCapsule_Type.tp_version_tag;
     PyCapsule_Type.tp_version_tag = 0;
@@ -178,11 +247,30 @@ static void pim__init_glue(void)
     PyGILState_Release(gil);
 }
 
+/* Is this process a fork() child of the one that started Python?  Its
+ * copy of the interpreter has none of the parent's threads (the brokers'
+ * loops, whoever held the GIL): any call into it would wait forever. */
+static int pim__forked(void)
+{
+    pid_t pid = __atomic_load_n(&pim__pid, __ATOMIC_ACQUIRE);
+    return pid != 0 && pid != getpid();
+}
+
+static int pim__fail_forked(void)
+{
+    return pim__fail(PIM_ERR_INIT,
+                     "libpimcore is not fork-safe: this process is a fork() child of process %ld, which started"
+                     " pimcore; use the library only there (or exec in the child)",
+                     (long)__atomic_load_n(&pim__pid, __ATOMIC_ACQUIRE));
+}
+
 /* PIM_OK once Python and the glue are up in this process, else PIM_ERR_INIT
  * (with the reason in pim_last_error). */
 static int pim__ready(void)
 {
     pim__err[0] = 0;
+    if (pim__forked())
+        return pim__fail_forked();
     if (__atomic_load_n(&pim__glue_state, __ATOMIC_ACQUIRE) == 1)
         return PIM_OK;
     pthread_once(&pim__once, pim__init_python);
@@ -240,14 +328,20 @@ static void *_pim_malloc(size_t n)
             return rc_;                                          \
     } while (0)
 
+/* The oldest header this library serves: 0.1.0, the first. */
+#define PIM__OLDEST_HEADER 100
+
 PIM_EXPORT int pim_broker_start_(const char *config_json, pim_broker **out, int header_version)
 {
     pim__err[0] = 0;
-    if (header_version / 10000 != PIM_VERSION_MAJOR || header_version > PIM_VERSION_NUMBER)
-        return pim__fail(PIM_ERR_VERSION, "pimcore.h is version %d, the library %d (same major, not newer, needed)",
-                         header_version, PIM_VERSION_NUMBER);
+    if (out != NULL)
+        *out = NULL;
+    if (header_version < PIM__OLDEST_HEADER || header_version / 10000 != PIM_VERSION_MAJOR
+        || header_version > PIM_VERSION_NUMBER)
+        return pim__fail(PIM_ERR_VERSION,
+                         "pimcore.h is version %d, the library %d: it takes headers %d to %d (PIM_VERSION_NUMBER)",
+                         header_version, PIM_VERSION_NUMBER, PIM__OLDEST_HEADER, PIM_VERSION_NUMBER);
     PIM__CHECK(out != NULL, "out is NULL");
-    *out = NULL;
     PIM__CHECK(config_json != NULL, "config_json is NULL (\"{}\" for the defaults)");
     int rc = pim__ready();
     if (rc != PIM_OK)
@@ -274,6 +368,10 @@ PIM_EXPORT int pim_broker_free(pim_broker *b)
 {
     if (b == NULL)
         return PIM_OK;
+    if (pim__forked()) { /* the broker runs on in the parent: release this copy of the handle */
+        free(b);
+        return pim__fail_forked();
+    }
     PIM__ENTER(b);
     int rc = _pim_py_stop(b->id, 1);
     if (rc == PIM_ERR_WOULD_DEADLOCK)

@@ -47,7 +47,8 @@ from .config import ConfigError, ServeSettings, load_settings
 from .embed import (
     SYSTEM, Conversation, ConversationListPage, EventsDisabled, HostEvent, Pimcore, Posted, ReadPositions, RequestRefused,
 )
-from .errors import BrokerStopped, PimError
+from .errors import BrokerStopped, ErrorCode, PimError
+from .ids import _show, valid_id
 from .store.base import GroupChanged, StoredMessage
 
 __all__ = [
@@ -473,10 +474,13 @@ class ThreadedPimcore:
 
         Raises EventsDisabled (a ValueError) when the broker records no
         events (``events`` off and no ``[webhooks] url``), RequestRefused
-        (BAD_REQUEST) for an invalid consumer name."""
+        (BAD_REQUEST) for an invalid consumer name (removing a handler
+        too, as ack_events)."""
         if getattr(_tls, "dispatching", None) is self:
             raise WouldDeadlock("set_event_handler() from an event handler would wait for itself")
         self._check()
+        if not valid_id(consumer):
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"events of {_show(consumer)}: BAD_REQUEST")
         handle = self.handle
         assert handle is not None
         if handler is not None and not handle.events_enabled:  # [server] events, or turned on by [webhooks] url

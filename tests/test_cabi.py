@@ -140,12 +140,79 @@ def test_threads_making_the_first_calls_at_once_all_get_their_answer(abi_exe: Pa
         assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
 
 
+def test_the_event_callback_gets_every_kind_with_its_fields(abi_exe: Path, tmp_path: Path) -> None:
+    """A client's edit and recall reach the C callback as kinds 4 and 3 and
+    its settings as a "conversation" event: pimcore.h defines them
+    (PIM_KIND_*) and pim_event has what they need (target, the settings,
+    the mentions).  The header knew kinds 0-2 and types without
+    "conversation", and had no target field."""
+    try:
+        done = subprocess.run([str(abi_exe), "event-kinds", str(tmp_path / "data"), sys.executable],
+                              capture_output=True, text=True, env=_env(), timeout=120, cwd=tmp_path)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"event-kinds hung: {exc.stdout!r}")
+    assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
+
+
+def test_calls_in_a_forked_child_fail_fast(abi_exe: Path, tmp_path: Path) -> None:
+    """libpimcore is not fork-safe: after fork() the child's calls fail at
+    once with PIM_ERR_INIT (pimcore.h says so).  They hung forever: the
+    child has the parent's Python state but none of its threads."""
+    try:
+        done = subprocess.run([str(abi_exe), "fork", str(tmp_path / "data")], capture_output=True, text=True,
+                              env=_env(), timeout=60, cwd=tmp_path)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"a call in the forked child hung: {exc.stdout!r}")
+    assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_long_error_text_is_cut_at_a_character_boundary(abi_exe: Path, tmp_path: Path) -> None:
+    """pim_last_error() is UTF-8 (pimcore.h, CONVENTIONS): an error naming a
+    conversation of 750 "ü" was cut at 1000 bytes, in the middle of one."""
+    done = subprocess.run([str(abi_exe), "last-error-utf8", str(tmp_path / "data")], capture_output=True, text=True,
+                          env=_env(), timeout=120, cwd=tmp_path)
+    assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
+
+
+def test_arguments_are_checked_as_documented(abi_exe: Path, tmp_path: Path) -> None:
+    """A negative header version, a config string not UTF-8, empty sender
+    and device ids, an empty consumer name, a data_dir that is a file, an
+    ack past the last event: each as pimcore.h and bindings/README.md say.
+    Before: -5 was accepted as a header version, the non-UTF-8 config was
+    PIM_ERR_CONFIG, ("", "") posted as the system and
+    pim_set_event_callback(b, "", NULL, ...) succeeded."""
+    done = subprocess.run([str(abi_exe), "argument-checks", str(tmp_path / "data")], capture_output=True, text=True,
+                          env=_env(), timeout=120, cwd=tmp_path)
+    assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("broken", [{"PIMCORE_PYTHON": "/nonexistent/bin/python"}, {"PYTHONHOME": "/nonexistent"}],
                          ids=["wrong-environment", "no-standard-library"])
 def test_python_failing_to_start_is_a_clear_init_code(abi_exe: Path, broken: dict[str, str]) -> None:
     done = subprocess.run([str(abi_exe), "init-fails"], capture_output=True, text=True, env=_env(**broken), timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "the reason: " in done.stdout and ("sys.prefix" in done.stdout or "Python did not start" in done.stdout)
+    if "PIMCORE_PYTHON" in broken:  # (without a standard library CPython prints its path configuration itself)
+        assert done.stderr == "", done.stderr
+
+
+def test_an_environment_without_cffi_is_a_clear_init_code_and_nothing_on_stderr(abi_exe: Path, tmp_path: Path) -> None:
+    """PIMCORE_PYTHON names a python whose environment lacks cffi's
+    _cffi_backend: every call is PIM_ERR_INIT naming it, and, as pimcore.h
+    says, the library writes nothing on stderr.  cffi printed its start-up
+    traceback there."""
+    venv = tmp_path / "no-cffi"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True,
+                   timeout=120)
+    python = venv / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import _cffi_backend"], capture_output=True, timeout=60)
+    if probe.returncode == 0:  # pragma: no cover - a base Python whose venvs see cffi
+        pytest.skip("a new venv of this Python imports _cffi_backend")
+    done = subprocess.run([str(abi_exe), "init-fails"], capture_output=True, text=True,
+                          env=_env(PIMCORE_PYTHON=str(python)), timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the reason: " in done.stdout and "_cffi_backend" in done.stdout, done.stdout
+    assert done.stderr == "", done.stderr
 
 
 def test_the_c_program_under_address_sanitizer(tmp_path: Path) -> None:
@@ -231,7 +298,7 @@ def test_in_process_through_ctypes(libdir: Path, tmp_path: Path) -> None:
     lib.pim_group_create.argtypes = [vp, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t]
     lib.pim_token_issue.argtypes = [vp, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(vp)]
     lib.pim_free.argtypes = [vp]
-    assert lib.pim_version(None, None, None) == b"0.1.0"
+    assert lib.pim_version(None, None, None) == b"0.2.0"
 
     b = vp()
     config = b'{"data_dir": "%s", "durability": "os", "server": {"events": true}}' % str(tmp_path / "d").encode()

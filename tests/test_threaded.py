@@ -197,6 +197,13 @@ def test_a_handler_needs_events_and_a_valid_consumer(tmp_path: Path) -> None:
     with _start(tmp_path / "e", events=True) as im:
         with pytest.raises(RequestRefused):
             im.set_event_handler(lambda ev: True, consumer="no spaces allowed")
+        # Removing a handler checks the name too, as ack_events does.
+        for name in ("", "no spaces allowed"):
+            with pytest.raises(RequestRefused) as refused:
+                im.set_event_handler(None, consumer=name)
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+            with pytest.raises(RequestRefused):
+                im.ack_events(1, consumer=name)
 
 
 def test_a_handler_works_when_webhooks_turned_events_on(tmp_path: Path) -> None:

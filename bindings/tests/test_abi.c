@@ -7,6 +7,15 @@
  *       everything: errors, a Python SDK client (PYTHON sdk_receiver.py)
  *       receiving what C posts, 4 threads posting, the event callback,
  *       stop and restart on DATA_DIR
+ *   test_abi event-kinds DATA_DIR PYTHON
+ *       a Python SDK client (PYTHON sdk_editor.py) sends, edits, recalls and
+ *       pins: the event callback gets each with its type, kind and fields
+ *   test_abi fork DATA_DIR
+ *       after fork() every call in the child fails fast with PIM_ERR_INIT
+ *   test_abi last-error-utf8 DATA_DIR
+ *       an error text cut to fit is still valid UTF-8
+ *   test_abi argument-checks DATA_DIR
+ *       the header version, empty ids, strings not UTF-8, ... as documented
  *   test_abi init-fails
  *       Python cannot start (the caller sets PIMCORE_PYTHON or PYTHONHOME
  *       wrong): every call says PIM_ERR_INIT, never PIM_OK
@@ -18,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static int failures, checks;
@@ -524,6 +534,306 @@ static int run_first_calls_race(void)
     return failures != 0;
 }
 
+
+/* ------------------------------------------------------------ every event type and kind */
+
+/* A copy of what the event callback saw (the event is valid only during the call). */
+#define KEPT_EVENTS 64
+typedef struct {
+    char type[32], conv[64], user[64], sender[64], payload[64], muted[64], mentioned[64];
+    int kind, mention_all, pinned, muted_setting, hidden;
+    uint64_t seq, target, local_id;
+    size_t n_muted, n_mentioned;
+} kept_event;
+static kept_event kept[KEPT_EVENTS];
+static int n_kept;
+static pthread_mutex_t kept_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void copy_text(char *dst, size_t cap, const char *src, size_t len)
+{
+    if (!src)
+        src = "(null)", len = 6;
+    if (len >= cap)
+        len = cap - 1;
+    memcpy(dst, src, len);
+    dst[len] = 0;
+}
+
+static int keep_event(const pim_event *ev, void *userdata)
+{
+    (void)userdata;
+    pthread_mutex_lock(&kept_mu);
+    if (n_kept < KEPT_EVENTS) {
+        kept_event *k = &kept[n_kept++];
+        copy_text(k->type, sizeof k->type, ev->type, strlen(ev->type));
+        copy_text(k->conv, sizeof k->conv, ev->conv, strlen(ev->conv));
+        copy_text(k->user, sizeof k->user, ev->user, strlen(ev->user));
+        copy_text(k->sender, sizeof k->sender, ev->sender, strlen(ev->sender));
+        copy_text(k->payload, sizeof k->payload, (const char *)ev->payload, ev->payload_len);
+        k->kind = ev->kind;
+        k->seq = ev->seq;
+        k->target = ev->target;
+        k->local_id = ev->local_id;
+        k->n_muted = ev->n_muted_recipients;
+        copy_text(k->muted, sizeof k->muted, ev->n_muted_recipients ? ev->muted_recipients[0] : "", ev->n_muted_recipients ? strlen(ev->muted_recipients[0]) : 0);
+        k->n_mentioned = ev->n_mentioned;
+        copy_text(k->mentioned, sizeof k->mentioned, ev->n_mentioned ? ev->mentioned[0] : "", ev->n_mentioned ? strlen(ev->mentioned[0]) : 0);
+        k->mention_all = ev->mention_all;
+        k->pinned = ev->pinned;
+        k->muted_setting = ev->muted;
+        k->hidden = ev->hidden;
+    }
+    pthread_mutex_unlock(&kept_mu);
+    return PIM_EVENT_ACK;
+}
+
+static const kept_event *find_kept(const char *type, int kind, double timeout)
+{
+    double end = now_s() + timeout;
+    for (;;) {
+        pthread_mutex_lock(&kept_mu);
+        for (int i = 0; i < n_kept; i++) {
+            if (strcmp(kept[i].type, type) == 0 && (kind < 0 || kept[i].kind == kind)) {
+                pthread_mutex_unlock(&kept_mu);
+                return &kept[i];
+            }
+        }
+        pthread_mutex_unlock(&kept_mu);
+        if (now_s() > end)
+            return NULL;
+        usleep(2000);
+    }
+}
+
+/* A Python SDK client (sdk_editor.py) sends, edits and recalls a message
+ * and changes its conversation settings; the C callback gets each event
+ * with the header's kinds and the fields to use them. */
+static int run_event_kinds(const char *dir, const char *python, const char *test_dir)
+{
+    pim_broker *b = NULL;
+    snprintf(config, sizeof config,
+             "{\"data_dir\": \"%s\", \"durability\": \"os\", \"listen\": [\"tcp://127.0.0.1:0\"],"
+             " \"server\": {\"events\": true}}", dir);
+    CHECK_RC(pim_broker_start(config, &b), PIM_OK);
+    if (!b)
+        return 1;
+    int port = 0;
+    CHECK_RC(pim_broker_port(b, &port), PIM_OK);
+    const char *members[] = {"alice", "bob"};
+    CHECK_RC(pim_group_create(b, "team", members, 2), PIM_OK);
+    CHECK_RC(pim_set_event_callback(b, NULL, keep_event, NULL, 0), PIM_OK);
+    const char *carol[] = {"carol"};
+    CHECK_RC(pim_group_add_members(b, "team", carol, 1), PIM_OK);
+    char *token = NULL;
+    CHECK_RC(pim_token_issue(b, "alice", NULL, 600, &token), PIM_OK);
+    char cmd[8192], line[256] = "";
+    snprintf(cmd, sizeof cmd, "'%s' '%s/sdk_editor.py' tcp://127.0.0.1:%d '%s' phone team bob", python, test_dir, port,
+             token ? token : "");
+    pim_free(token);
+    FILE *child = popen(cmd, "r");
+    CHECK(child != NULL, "the SDK client started");
+    if (!child)
+        return 1;
+    unsigned long long seq = 0;
+    int done = fgets(line, sizeof line, child) && sscanf(line, "done %llu", &seq) == 1;
+    CHECK(done && seq > 0, "the SDK client sent, edited, recalled and pinned (%s)", line);
+    CHECK(pclose(child) == 0, "the SDK client exited cleanly");
+
+    CHECK(PIM_KIND_MESSAGE == 0 && PIM_KIND_JOINED == 1 && PIM_KIND_LEFT == 2 && PIM_KIND_RECALL == 3
+              && PIM_KIND_EDIT == 4 && PIM_KIND_DELETE == 5, "the PIM_KIND_* values are pimcore's MessageKind");
+    const kept_event *m = find_kept("message", PIM_KIND_MESSAGE, 20);
+    CHECK(m && m->seq == seq && m->target == 0 && strcmp(m->sender, "alice") == 0 && m->local_id == 7
+              && m->n_mentioned == 1 && strcmp(m->mentioned, "bob") == 0 && m->mention_all == 0,
+          "the message: seq %llu, local id %llu, mentions %zu (%s)", m ? (unsigned long long)m->seq : 0ULL,
+          m ? (unsigned long long)m->local_id : 0ULL, m ? m->n_mentioned : 0, m ? m->mentioned : "");
+    const kept_event *e = find_kept("message", PIM_KIND_EDIT, 20);
+    CHECK(e && e->target == seq && e->seq > seq && strcmp(e->payload, "edited") == 0,
+          "the edit: kind %d, target %llu, payload %s", e ? e->kind : -1, e ? (unsigned long long)e->target : 0ULL,
+          e ? e->payload : "");
+    const kept_event *r = find_kept("message", PIM_KIND_RECALL, 20);
+    CHECK(r && r->target == seq && e && r->seq > e->seq && r->payload[0] == 0,
+          "the recall: kind %d, target %llu", r ? r->kind : -1, r ? (unsigned long long)r->target : 0ULL);
+    const kept_event *c = find_kept("conversation", -1, 20);
+    CHECK(c && strcmp(c->user, "alice") == 0 && strcmp(c->conv, "team") == 0 && c->pinned == 1
+              && c->muted_setting == 1 && c->hidden == 0 && c->n_muted == 1 && strcmp(c->muted, "alice") == 0,
+          "the settings: conversation event of %s in %s, pinned %d, muted %d, hidden %d", c ? c->user : "",
+          c ? c->conv : "", c ? c->pinned : -1, c ? c->muted_setting : -1, c ? c->hidden : -1);
+    const kept_event *j = find_kept("message", PIM_KIND_JOINED, 20);
+    CHECK(j && strcmp(j->sender, "carol") == 0 && j->target == 0 && j->pinned == 0, "carol's JOINED entry (kind %d)",
+          j ? j->kind : -1);
+    CHECK_RC(pim_broker_free(b), PIM_OK);
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures != 0;
+}
+
+
+/* ------------------------------------------------------------ fork */
+
+/* The library is not fork-safe: after fork() the child's calls fail at once
+ * with PIM_ERR_INIT (they hung: the child has the parent's Python state but
+ * none of its threads).  The parent goes on as before. */
+static int run_fork(const char *dir)
+{
+    pim_broker *b = NULL;
+    snprintf(config, sizeof config, "{\"data_dir\": \"%s\", \"durability\": \"os\"}", dir);
+    CHECK_RC(pim_broker_start(config, &b), PIM_OK);
+    if (!b)
+        return 1;
+    const char *members[] = {"alice"};
+    CHECK_RC(pim_group_create(b, "team", members, 1), PIM_OK);
+    pid_t pid = fork();
+    if (pid == 0) {
+        /* The child: every call fails fast; exit status 0 if all did as
+         * documented.  A hang ends with SIGALRM (the parent reports it). */
+        alarm(20);
+        int bad = 0;
+        uint64_t n = 0;
+        pim_broker *c = NULL;
+        int rc = pim_post(b, "team", NULL, NULL, "x", 1, NULL, NULL, &n);
+        bad |= rc != PIM_ERR_INIT || strstr(pim_last_error(), "fork") == NULL;
+        printf("#    child: pim_post -> %s: %s\n", pim_strerror(rc), pim_last_error());
+        rc = pim_unread_count(b, "alice", "team", &n);
+        bad |= rc != PIM_ERR_INIT;
+        snprintf(config, sizeof config, "{\"data_dir\": \"%s-child\", \"durability\": \"os\"}", dir);
+        rc = pim_broker_start(config, &c);
+        bad |= rc != PIM_ERR_INIT || c != NULL;
+        printf("#    child: pim_broker_start -> %s: %s\n", pim_strerror(rc), pim_last_error());
+        pim_post_item item = {"team", NULL, NULL, "x", 1, NULL, 0, 0, {0}};
+        rc = pim_post_batch(b, &item, 1);
+        bad |= rc != PIM_ERR_INIT || item.status != PIM_ERR_INIT;
+        bad |= pim_broker_free(b) != PIM_ERR_INIT; /* the handle's memory is released */
+        bad |= strcmp(pim_strerror(PIM_ERR_INIT), "the embedded Python or pimcore did not start") != 0;
+        fflush(stdout);
+        _exit(bad ? 3 : 0);
+    }
+    CHECK(pid > 0, "fork");
+    int status = -1;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "every call in the child failed fast with PIM_ERR_INIT (%d)",
+          WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status));
+    uint64_t seq = 0, n = 0;
+    CHECK_RC(pim_post(b, "team", NULL, NULL, "parent", 6, NULL, NULL, &seq), PIM_OK);
+    CHECK_RC(pim_unread_count(b, "alice", "team", &n), PIM_OK);
+    CHECK(seq == 1 && n == 1, "the parent goes on: seq %llu, unread %llu", (unsigned long long)seq,
+          (unsigned long long)n);
+    CHECK_RC(pim_broker_free(b), PIM_OK);
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures != 0;
+}
+
+
+/* ------------------------------------------------------------ pim_last_error is UTF-8 */
+
+static int valid_utf8(const unsigned char *s)
+{
+    while (*s) {
+        int n = *s < 0x80 ? 0 : (*s >> 5) == 6 ? 1 : (*s >> 4) == 14 ? 2 : (*s >> 3) == 30 ? 3 : -1;
+        if (n < 0)
+            return 0;
+        s++;
+        while (n--) {
+            if ((*s & 0xC0) != 0x80)
+                return 0;
+            s++;
+        }
+    }
+    return 1;
+}
+
+/* Error texts naming a long non-ASCII id are cut to fit, at a character
+ * boundary: pim_last_error() is always valid UTF-8. */
+static int run_last_error_utf8(const char *dir)
+{
+    pim_broker *b = NULL;
+    snprintf(config, sizeof config, "{\"data_dir\": \"%s\", \"durability\": \"os\"}", dir);
+    CHECK_RC(pim_broker_start(config, &b), PIM_OK);
+    if (!b)
+        return 1;
+    for (int off = 0; off < 4; off++) {
+        char conv[2000];
+        int k = 0;
+        for (int i = 0; i < off; i++)
+            conv[k++] = 'a';
+        while (k < 1500) { /* "üüü..." */
+            conv[k++] = (char)0xc3;
+            conv[k++] = (char)0xbc;
+        }
+        conv[k] = 0;
+        int rc = pim_post(b, conv, NULL, NULL, "x", 1, NULL, NULL, NULL);
+        const char *e = pim_last_error();
+        CHECK(rc != PIM_OK && *e && valid_utf8((const unsigned char *)e), "offset %d: %s, %zu bytes of valid UTF-8",
+              off, pim_strerror(rc), strlen(e));
+        const char *users[] = {conv};
+        rc = pim_group_create(b, "g", users, 1);
+        e = pim_last_error();
+        CHECK(rc != PIM_OK && *e && valid_utf8((const unsigned char *)e), "group member, offset %d: %s, %zu bytes",
+              off, pim_strerror(rc), strlen(e));
+    }
+    CHECK_RC(pim_broker_free(b), PIM_OK);
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures != 0;
+}
+
+
+/* ------------------------------------------------------------ argument checks */
+
+/* Arguments are checked as pimcore.h and bindings/README.md say. */
+static int run_argument_checks(const char *dir)
+{
+    pim_broker *b = NULL;
+    snprintf(config, sizeof config, "{\"data_dir\": \"%s\", \"durability\": \"os\", \"server\": {\"events\": true}}",
+             dir);
+    /* The header version: 0.1.0 (100) up to this header's. */
+    CHECK_RC(pim_broker_start_(config, &b, -5), PIM_ERR_VERSION);
+    CHECK_RC(pim_broker_start_(config, &b, -10000), PIM_ERR_VERSION);
+    CHECK_RC(pim_broker_start_(config, &b, 99), PIM_ERR_VERSION);
+    CHECK(b == NULL, "no handle");
+    CHECK_RC(pim_broker_start_(config, &b, 100), PIM_OK); /* a program built with the 0.1 header */
+    CHECK_RC(pim_broker_free(b), PIM_OK);
+    b = NULL;
+    /* A string not UTF-8 is PIM_ERR_INVALID, the config string too. */
+    CHECK_RC(pim_broker_start("{\"data_dir\": \"d\xff\"}", &b), PIM_ERR_INVALID);
+    /* A data_dir that is not a directory: unusable settings. */
+    CHECK_RC(pim_broker_start("{\"data_dir\": \"/etc/passwd\"}", &b), PIM_ERR_CONFIG);
+    CHECK(strstr(pim_last_error(), "not a directory") != NULL, "%s", pim_last_error());
+
+    CHECK_RC(pim_broker_start(config, &b), PIM_OK);
+    if (!b)
+        return 1;
+    const char *members[] = {"alice", "bob"};
+    CHECK_RC(pim_group_create(b, "team", members, 2), PIM_OK);
+    /* The system is sender and device both NULL; an empty id is refused. */
+    uint64_t seq = 0;
+    CHECK_RC(pim_post(b, "team", "", "", "x", 1, NULL, NULL, &seq), PIM_ERR_INVALID);
+    CHECK_RC(pim_post(b, "team", "", "web", "x", 1, NULL, NULL, &seq), PIM_ERR_INVALID);
+    CHECK_RC(pim_post(b, "team", "alice", "", "x", 1, NULL, NULL, &seq), PIM_ERR_INVALID);
+    CHECK(seq == 0, "nothing posted (seq %llu)", (unsigned long long)seq);
+    pim_post_item items[2];
+    memset(items, 0, sizeof items);
+    items[0].conv = "team"; items[0].sender = ""; items[0].device = ""; items[0].payload = "x"; items[0].len = 1;
+    items[1].conv = "team"; items[1].payload = "y"; items[1].len = 1;
+    CHECK_RC(pim_post_batch(b, items, 2), PIM_ERR_INVALID);
+    CHECK(items[0].status == PIM_ERR_INVALID && items[0].seq == 0 && items[1].status == PIM_OK && items[1].seq == 1,
+          "batch: the empty sender refused (%s), the system's post stored (seq %llu)", pim_strerror(items[0].status),
+          (unsigned long long)items[1].seq);
+    /* An empty consumer name is refused by every function taking one. */
+    CHECK_RC(pim_set_event_callback(b, "", NULL, NULL, 0), PIM_ERR_INVALID);
+    CHECK_RC(pim_set_event_callback(b, "", on_event, &main_log, 0), PIM_ERR_INVALID);
+    CHECK_RC(pim_ack_events(b, "", 1, NULL), PIM_ERR_INVALID);
+    CHECK_RC(pim_set_event_callback(b, "bad name", NULL, NULL, 0), PIM_ERR_INVALID);
+    /* pim_ack_events past the last event: the cursor stops at the last one. */
+    uint64_t cursor = 0, again = 0;
+    CHECK_RC(pim_ack_events(b, "late", UINT64_MAX, &cursor), PIM_OK);
+    CHECK(cursor > 0, "the cursor moved to the last event (%llu)", (unsigned long long)cursor);
+    CHECK_RC(pim_ack_events(b, "late", cursor + 1000, &again), PIM_OK);
+    CHECK(again == cursor, "and stays there (%llu)", (unsigned long long)again);
+    CHECK_RC(pim_ack_events(b, "late", 1, &again), PIM_OK);
+    CHECK(again == cursor, "never back (%llu)", (unsigned long long)again);
+    CHECK_RC(pim_broker_free(b), PIM_OK);
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures != 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -544,6 +854,14 @@ int main(int argc, char **argv)
         return run_init_fails();
     if (argc >= 2 && strcmp(argv[1], "first-calls-race") == 0)
         return run_first_calls_race();
-    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race\n", argv[0]);
+    if (argc >= 3 && strcmp(argv[1], "argument-checks") == 0)
+        return run_argument_checks(argv[2]);
+    if (argc >= 3 && strcmp(argv[1], "last-error-utf8") == 0)
+        return run_last_error_utf8(argv[2]);
+    if (argc >= 3 && strcmp(argv[1], "fork") == 0)
+        return run_fork(argv[2]);
+    if (argc >= 4 && strcmp(argv[1], "event-kinds") == 0)
+        return run_event_kinds(argv[2], argv[3], getenv("PIM_TEST_DIR") ? getenv("PIM_TEST_DIR") : ".");
+    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race | event-kinds DATA_DIR PYTHON | fork DATA_DIR | last-error-utf8 DATA_DIR | argument-checks DATA_DIR\n", argv[0]);
     return 2;
 }
