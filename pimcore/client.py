@@ -40,8 +40,9 @@ What the SDK promises, and how
   by half that RTT).  Outgoing messages are stamped with the calibrated
   local time, never going backwards; :meth:`Client.server_now` estimates the
   broker's clock.
-* **Liveness.**  A Ping when nothing was sent for a heartbeat period; if
-  nothing at all is received for ``dead_after`` heartbeat periods, the
+* **Liveness.**  A Ping when nothing was received or nothing was sent for
+  a heartbeat period; a Ping with no answer at all within the period, or
+  nothing at all received for ``dead_after`` heartbeat periods, and the
   connection is presumed dead and replaced (jittered exponential backoff).
 """
 

@@ -1158,6 +1158,16 @@ class ClientSession:
         """The highest inbox position the app has taken (see epoch)."""
         return self._taken_upto
 
+    def _ping_due(self) -> Optional[int]:
+        """When the heartbeat Ping is due (session µs; None while one is out
+        and nothing came back since): one interval after the last frame
+        received -- a busy client that hears nothing still pings, so a dead
+        link is found within two intervals -- or after the last frame sent,
+        so the broker hears from an idle client every interval."""
+        if self._ping_at is not None and self._last_recv < self._ping_at:
+            return None  # the outstanding Ping decides (_pong_timeout)
+        return min(self._last_recv, self._last_sent) + self._heartbeat
+
     def _pong_timeout(self) -> int:
         """How long a heartbeat Ping may wait for any answer (µs): one
         interval at most (dead within two), and ack_timeout when that is less."""
@@ -1317,7 +1327,9 @@ class ClientSession:
                 consider(self._cal_deadline)
             if self._heartbeat:
                 consider(self._last_recv + int(self._heartbeat * self.config.dead_after))
-                consider(self._last_sent + self._heartbeat)
+                due = self._ping_due()
+                if due is not None:
+                    consider(due)
                 if self._ping_at is not None and self._last_recv < self._ping_at:
                     consider(self._ping_at + self._pong_timeout())
             if self._inflight:
@@ -1377,7 +1389,8 @@ class ClientSession:
             if hb and ping_at is not None and self._last_recv < ping_at and t >= ping_at + self._pong_timeout():
                 # Nothing at all since our Ping: the link is dead -- within two
                 # intervals of its death (the Ping goes at most one interval
-                # after the last traffic, and we wait at most one more).  A
+                # after the last frame received, whatever we sent meanwhile,
+                # and we wait at most one more).  A
                 # death after a full interval of silence is a NAT or carrier
                 # idle timeout: the tuner backs off.
                 if self._tuner is not None:
@@ -1393,7 +1406,8 @@ class ClientSession:
             for h in self._history.values():
                 if h.sent_at is not None and h.sent_at + 2 * self._ack_timeout <= t:
                     self._ask_history(h)
-            if hb and t >= self._last_sent + hb:
+            due = self._ping_due() if hb else None
+            if due is not None and t >= due:
                 self._ping_nonce += 1
                 self._ping_idle = t - max(self._last_sent, self._last_recv)
                 self._send(encode_frame(F.Ping(self._ping_nonce)))

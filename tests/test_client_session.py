@@ -699,6 +699,35 @@ def test_silence_for_dead_after_periods_ends_the_connection():
     assert [f.local_id for f in b.read()] == [lid]  # type: ignore[attr-defined]
 
 
+def run_timers(s: ClientSession, b: Broker, until: int) -> list[object]:
+    """Call handle_timer at every deadline up to ``until`` (a broker that
+    answers nothing); returns every frame the session wrote meanwhile."""
+    frames: list[object] = []
+    for _ in range(1000):
+        at = s.next_deadline()
+        if at is None or at > until or s.state is not SessionState.ACTIVE:
+            break
+        s.handle_timer(at)
+        frames += b.read()
+    else:
+        raise AssertionError("next_deadline does not move")
+    return frames
+
+
+def test_a_silent_broker_is_found_dead_within_two_intervals_even_while_the_client_sends():
+    # ack_timeout (0.4 s) < heartbeat (1 s): the client writes more often
+    # than once an interval; what counts is that nothing came back.
+    s = session(dead_after=3.0, ack_timeout=0.4)
+    b = connect(s, T0, ack_frame(heartbeat_ms=1000))
+    s.send(CONV, b"x", T0)
+    b.read()
+    frames = run_timers(s, b, T0 + 2 * S)
+    assert any(isinstance(f, F.Ping) for f in frames)
+    assert s.state is SessionState.DISCONNECTED  # within 2 x heartbeat of the last frame received
+    ev = [e for e in events(s, T0) if isinstance(e, Disconnected)][-1]
+    assert ev.code is None and "no Pong" in ev.reason  # the Ping rule, not the dead_after fallback
+
+
 # ---------------------------------------------------------------- read state
 
 

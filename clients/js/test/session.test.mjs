@@ -65,6 +65,23 @@ test('a SendReq is retransmitted with the same bytes after ackTimeout, and resen
   await c.close();
 });
 
+test('a silent broker is found dead by an unanswered Ping even while the client sends', async () => {
+  const c = make({ ackTimeout: 50, backoffInitial: 10000 });
+  const p0 = c.connect();
+  await sleep(5);
+  const ws = FakeWS.all.at(-1);
+  const cal = ws.of('CalibrateReq')[0];
+  ws.deliver(loginAck({ heartbeat_ms: 300 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await p0;
+  const disc = []; c.on('disconnected', (d) => disc.push(d));
+  c.send('d:u:v', 'x').catch(() => {});
+  for (let i = 0; i < 40 && !disc.length; i++) await sleep(50);
+  assert.equal(disc.length, 1);
+  assert.ok(ws.of('Ping').length >= 1, 'a Ping went out although the client was sending');
+  assert.match(disc[0].reason, /no Pong/, 'the Ping rule (two intervals), not the deadAfter fallback');
+  await c.close();
+});
+
 test('transient refusals are retried with the same local id after a hold; final ones reject', async () => {
   const c = make();
   const { ws } = await connected(c);

@@ -952,7 +952,10 @@ export class PimcoreClient {
     for (const r of this._requests.values()) {
       if (now - r.askedAt >= 2 * this.opts.ackTimeout * 1000) { r.askedAt = now; this._sendFrame(r.frame); }
     }
-    if (H > 0 && !this._ping && now - this._lastSent >= H) {
+    // A Ping one interval after the last frame received (whatever we sent
+    // meanwhile: a dead link is found within two intervals) or sent (the
+    // broker hears from an idle client).
+    if (H > 0 && !this._ping && (now - this._lastRecv >= H || now - this._lastSent >= H)) {
       const nonce = (this._nonce = (this._nonce || 0) + 1);
       this._ping = { nonce, at: now };
       this._sendFrame(frame('Ping', { nonce }));
