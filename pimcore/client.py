@@ -20,8 +20,9 @@ What the SDK promises, and how
 * **Upstream.**  Every message gets a local id (unique per device, also
   across restarts: it starts from the µs clock).  ``send`` returns only once
   the broker's SendAck says the message is durable.  Until then the SendReq
-  is retransmitted with the *same* local id after ``ack_timeout`` and after
-  every reconnect; the broker dedupes, so a retry can never store a second
+  is sent again with the *same* local id after every reconnect (never twice
+  on one connection: TCP delivers it and the broker answers every request it
+  reads; a silent broker is found by the heartbeat); the broker dedupes, so a retry can never store a second
   copy.  After ``send_timeout`` the caller gets :class:`SendTimeout` (the
   message may still have been stored: retrying with ``local_id=`` of the
   error is safe).  Refusals that ask to slow down (RATE_LIMITED,

@@ -459,7 +459,11 @@ Completion = Union[
 
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
-    ack_timeout: float = 5.0  # s without SendAck before the SendReq is sent again
+    #: s: a calibration sample's deadline, and (capped at the heartbeat
+    #: interval) how long a Ping waits for an answer.  Requests are never
+    #: written twice on one connection (TCP delivers them; the broker answers
+    #: each): they go again only on a new connection.
+    ack_timeout: float = 5.0
     send_timeout: float = 60.0  # s before send() gives up with SendTimeout
     connect_timeout: float = 10.0  # s for connect + Login + LoginAck
     backoff_initial: float = 0.1  # s, first reconnect delay (then doubled, jittered)
@@ -490,7 +494,7 @@ class ClientStatistics:
     """A snapshot of a client's counters (all ints; positions are inbox positions)."""
 
     connects: int  # LoginAcks received
-    retransmits: int  # SendReqs sent again (ack_timeout or reconnect)
+    retransmits: int  # SendReqs sent again (after a reconnect or a refusal)
     duplicates_dropped: int  # re-pushed messages dropped by position
     events_dropped: int  # read-state notifications shed beyond event_limit
     acks_sent: int  # PushAcks sent
@@ -610,7 +614,7 @@ class ClientSession:
     and calibration use it as it is; timers run on a copy that never goes
     backwards (a backward step of the clock is absorbed instead of stalling
     every timer by the size of the step; a forward step fires timers early,
-    which costs at most a retransmit or a reconnect).
+    which costs at most a Ping or a reconnect).
 
     Methods raise the terminal error (:class:`AuthFailed`,
     :class:`ClientClosed`) once the session is CLOSED, and
@@ -694,8 +698,8 @@ class ClientSession:
         # Not on the wire yet, in local-id (= send) order; may hold finished
         # entries, skipped lazily (a dict lookup is cheaper than deque.remove).
         self._queue: deque[_Pending] = deque()
-        # On the wire of this connection, oldest transmission first, so the
-        # next retransmit is always the first entry.
+        # On the wire of this connection (each written once), oldest
+        # transmission first.
         self._inflight: dict[int, _Pending] = {}
         self._timeouts: list[tuple[int, int]] = []  # heap of (deadline, local id); stale entries skipped
         self._hold_until = 0  # session time before which nothing new is sent (the broker asked to slow down)
@@ -1332,15 +1336,10 @@ class ClientSession:
                     consider(due)
                 if self._ping_at is not None and self._last_recv < self._ping_at:
                     consider(self._ping_at + self._pong_timeout())
-            if self._inflight:
-                consider(next(iter(self._inflight.values())).sent_at + self._ack_timeout)  # type: ignore[operator]
             if self._queue and self._hold_until > self._t:
                 consider(self._hold_until)
             if self._ack_at is not None:
                 consider(self._ack_at)
-            for h in self._history.values():
-                if h.sent_at is not None:
-                    consider(h.sent_at + 2 * self._ack_timeout)
         if best is None:
             return None
         return best - self._skew
@@ -1348,8 +1347,8 @@ class ClientSession:
     def handle_timer(self, now: int) -> None:
         """Do what is due at ``now``: send timeouts, history timeouts, the
         LoginAck deadline, the calibration sample deadline, and on an ACTIVE
-        connection dead-link detection, retransmits, the end of a backoff
-        hold, the batched PushAck, history re-asks and the heartbeat Ping.
+        connection dead-link detection, the end of a backoff hold, the
+        batched PushAck and the heartbeat Ping.
         Harmless to call early or often."""
         t = self._tick(now)
         heap = self._timeouts
@@ -1397,15 +1396,8 @@ class ClientSession:
                     self._tuner.died(self._ping_idle, self._hb_ceiling)
                 self._end_connection(None, "no Pong from the broker: dead link")
                 return
-            for p in list(self._inflight.values()):
-                if p.sent_at is None or p.sent_at + self._ack_timeout > t:  # type: ignore[operator]
-                    break  # oldest first: the rest are younger
-                self._transmit(p)
             if self._queue and self._hold_until <= t:
                 self._fill_window()
-            for h in self._history.values():
-                if h.sent_at is not None and h.sent_at + 2 * self._ack_timeout <= t:
-                    self._ask_history(h)
             due = self._ping_due() if hb else None
             if due is not None and t >= due:
                 self._ping_nonce += 1
@@ -1561,12 +1553,12 @@ class ClientSession:
         return True
 
     def _transmit(self, p: _Pending) -> None:
-        if p.sent_at is None:
-            if p.attempts:
-                self._stats["retransmits"] += 1  # again after a reconnect or a refusal
-        else:
-            self._stats["retransmits"] += 1  # again after ack_timeout
-            del self._inflight[p.local_id]  # re-inserted last: it is now the youngest
+        # Written once per connection: the broker answers every SendReq it
+        # reads (or closes the connection), and TCP delivers it, so a copy on
+        # the same connection would only queue behind the first one.
+        assert p.sent_at is None
+        if p.attempts:
+            self._stats["retransmits"] += 1  # again after a reconnect or a refusal
         p.sent_at = self._t
         p.attempts += 1
         self._tx += 1
@@ -1619,7 +1611,7 @@ class ClientSession:
                 del self._inflight[p.local_id]
                 p.sent_at = None
                 self._requeue(p)
-            # else: already back in the queue (a second refusal, for a retransmit).
+            # else: already back in the queue (a second refusal: a late duplicate).
             if code in (ErrorCode.STORE_UNAVAILABLE, ErrorCode.INTERNAL) and self._stalled is None:
                 # Not back-pressure but a failure the app should know of
                 # (a full disk does not pass by itself): say so once.
@@ -1849,8 +1841,8 @@ class ClientSession:
     def request_history(self, conv: str, from_seq: int, limit: int, backward: bool, now: int, *, timeout: Optional[int] = None) -> int:
         """Ask for a page of ``conv``'s history; returns the request id.  Its
         HistoryCompleted comes out of :meth:`completions`; the page is added
-        to :meth:`view`.  Asked again after 2 x ``ack_timeout`` without an
-        answer and on every new connection, until ``timeout`` µs (default
+        to :meth:`view`.  Written once per connection (the broker answers each
+        request it reads) and asked again on every new connection, until ``timeout`` µs (default
         ``send_timeout``) end it with HistoryTimeout.  Raises EncodeError for
         values no HistoryReq can carry, the terminal error if CLOSED."""
         self._check_open()

@@ -64,7 +64,7 @@ const DEFAULTS = {
   position: 0,
   epoch: null, // Uint8Array or hex string: the LoginAck.epoch `position` came from
   compression: null, // e.g. deflateCompression from './deflate.js'; null = Login.caps 0
-  ackTimeout: 5000, // ms: retransmit a SendReq, time out a calibration sample
+  ackTimeout: 5000, // ms: time out a calibration sample; the most a Ping waits (with the heartbeat)
   sendTimeout: 60000, // ms: a send (or history/readers request) fails with SendTimeout
   connectTimeout: 10000, // ms: no LoginAck -> drop the connection and retry
   ackDelay: 20, // ms: PushAcks are batched this long
@@ -130,7 +130,7 @@ export class PimcoreClient {
     this._ackTimer = null;
     this._ticker = null;
     this._connectWaiters = [];
-    // One 100 ms ticker runs every timer (retransmits, deadlines, heartbeat);
+    // One 100 ms ticker runs every timer (deadlines, holds, heartbeat);
     // it holds a Node process open only while a send or request waits.
     this._ticker = setInterval(() => this._tick(), 100);
     this._ticker.unref?.();
@@ -434,7 +434,7 @@ export class PimcoreClient {
     this._fill(now);
     for (const [conv, seq] of this._wanted) this._sendFrame(frame('Read', { conv, seq }));
     if (this.takenUpto > this.ackedUpto) this._armAck();
-    for (const r of this._requests.values()) { r.askedAt = now; this._sendFrame(r.frame); }
+    for (const r of this._requests.values()) this._sendFrame(r.frame);
     this._resendPresence();
     if (this._calib.taken > 0) this._nextSample(now); else this._calib.t0 = null;
   }
@@ -553,7 +553,12 @@ export class PimcoreClient {
     return true;
   }
 
+  // Written once per connection: the broker answers every request it reads
+  // (or closes), and the transport delivers it; a copy on the same
+  // connection would only queue behind the first one.  Sent again after a
+  // reconnect (_establish) or a refusal; a silent broker is the heartbeat's job.
   _transmit(e, now) {
+    if (e.tx) this.stats.retransmits++;
     this._tx++;
     e.tx = this._tx; e.inFlight = true; e.sentAt = now;
     this._sendFrame(e.frame);
@@ -683,7 +688,7 @@ export class PimcoreClient {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
     const now = this.opts.now();
     const reqId = this._nextReqId++;
-    const r = { reqId, frame: frame(name, { req_id: reqId, ...fields }), deadline: now + timeout * 1000, askedAt: now };
+    const r = { reqId, frame: frame(name, { req_id: reqId, ...fields }), deadline: now + timeout * 1000 };
     const p = new Promise((resolve, reject) => { r.resolve = resolve; r.reject = reject; });
     this._requests.set(reqId, r);
     this._refTicker();
@@ -945,13 +950,7 @@ export class PimcoreClient {
         this._lost(null, 'no Pong from the broker: dead link'); return;
       }
     }
-    for (const e of [...this._pending.values()]) {
-      if (e.inFlight && now - e.sentAt >= this.opts.ackTimeout * 1000) { this.stats.retransmits++; this._transmit(e, now); }
-    }
     if (now >= this._holdUntil) this._fill(now);
-    for (const r of this._requests.values()) {
-      if (now - r.askedAt >= 2 * this.opts.ackTimeout * 1000) { r.askedAt = now; this._sendFrame(r.frame); }
-    }
     // A Ping one interval after the last frame received (whatever we sent
     // meanwhile: a dead link is found within two intervals) or sent (the
     // broker hears from an idle client).

@@ -1,5 +1,5 @@
 // The client's protocol rules against a scripted fake broker (a fake
-// WebSocket): retransmits with the same bytes, resend after a reconnect,
+// WebSocket): one SendReq per connection, resent with the same bytes after a reconnect,
 // transient refusals, PushAck only after the handlers ran, malformed bytes.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
@@ -36,7 +36,7 @@ function make(opts = {}) {
   return new PimcoreClient({ url: 'ws://fake/', token: 't', device: 'd', WebSocket: FakeWS, ackTimeout: 100, timeSamples: 1, ackDelay: 5, ...opts });
 }
 
-test('a SendReq is retransmitted with the same bytes after ackTimeout, and resent after a reconnect', async () => {
+test('a SendReq is written once per connection (none again after ackTimeout), and resent with the same bytes after a reconnect', async () => {
   const c = make({ backoffInitial: 1 });
   const { ws } = await connected(c);
   assert.ok(Math.abs(c.clockOffset - (1000 - c.rtt / 2)) <= 1, 'offset = server_time - (t0 + t1) / 2');
@@ -45,9 +45,8 @@ test('a SendReq is retransmitted with the same bytes after ackTimeout, and resen
   const first = ws.sent.at(-1);
   await sleep(250);
   const reqs = ws.of('SendReq');
-  assert.ok(reqs.length >= 2, 'retransmitted');
-  assert.deepEqual(ws.sent.at(-1), first, 'the very same bytes');
-  assert.ok(c.stats.retransmits >= 1);
+  assert.equal(reqs.length, 1, 'no copy on the same connection (well past ackTimeout)');
+  assert.equal(c.stats.retransmits, 0);
   ws.drop();
   await sleep(30);
   const ws2 = FakeWS.all.at(-1);
@@ -60,6 +59,8 @@ test('a SendReq is retransmitted with the same bytes after ackTimeout, and resen
   const again = ws2.of('SendReq');
   assert.equal(again.length, 1);
   assert.equal(again[0].local_id, reqs[0].local_id);
+  assert.ok(ws2.sent.some((x) => x.length === first.length && x.every((v, i) => v === first[i])), 'the very same bytes');
+  assert.equal(c.stats.retransmits, 1);
   ws2.deliver(frame('SendAck', { local_id: again[0].local_id, code: 0, msg_id: new Uint8Array(16), seq: 1, server_time: 5 }));
   assert.equal((await p).seq, 1);
   await c.close();
@@ -79,6 +80,25 @@ test('a silent broker is found dead by an unanswered Ping even while the client 
   assert.equal(disc.length, 1);
   assert.ok(ws.of('Ping').length >= 1, 'a Ping went out although the client was sending');
   assert.match(disc[0].reason, /no Pong/, 'the Ping rule (two intervals), not the deadAfter fallback');
+  await c.close();
+});
+
+test('a history request is written once per connection and asked again after a reconnect', async () => {
+  const c = make({ backoffInitial: 1 });
+  const { ws } = await connected(c);
+  const p = c.history('d:u:v', { fromSeq: 0, limit: 10 });
+  await sleep(350); // more than 2 x ackTimeout
+  assert.equal(ws.of('HistoryReq').length, 1, 'not asked again on the same connection');
+  ws.drop();
+  await sleep(30);
+  const ws2 = FakeWS.all.at(-1);
+  const cal = ws2.of('CalibrateReq')[0];
+  ws2.deliver(loginAck(), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await sleep(5);
+  const [req] = ws2.of('HistoryReq');
+  assert.ok(req, 'asked again on the new connection');
+  ws2.deliver(frame('HistoryResp', { req_id: req.req_id, conv: 'd:u:v', code: 0, messages: [], more: false }));
+  assert.deepEqual((await p).messages, []);
   await c.close();
 });
 
