@@ -85,6 +85,7 @@ from .client_session import (
     MessageReceived,
     ReadStateChanged,
     ReceiptReceived,
+    ReconnectBackoff,
     Resynced,
     SendCompleted,
     SendError,
@@ -774,7 +775,7 @@ class Client:
     async def _connect_loop(self, task_status: trio.TaskStatus[None]) -> None:
         """Connect, serve the session, reconnect with backoff -- until closed."""
         s = self._session
-        attempt = 0
+        backoff = ReconnectBackoff(self.config.backoff_initial, self.config.backoff_max, self._rng)
         first: Optional[trio.TaskStatus[None]] = task_status
         first_deadline = trio.current_time() + self.config.connect_timeout
         while not self._closed:
@@ -814,17 +815,12 @@ class Client:
             if self._closed:
                 return
             d = s.last_disconnect
-            if s.connections_established > established and d is not None and d.code in _CLEAN_CLOSES:
-                # The broker closed a working session on purpose (a restart,
-                # an idle timeout, an expired token): not a failure, so no
-                # backoff -- reconnect at once and resume.  If the broker is
-                # not back yet, that attempt fails and the backoff starts.
-                attempt = 0
-                continue
-            # A session that lived a while resets the backoff.
-            attempt = 0 if trio.current_time() - began > 5.0 else attempt + 1
-            delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** min(attempt, 16))
-            await trio.sleep(delay * (0.5 + self._rng.random()))  # jitter: no thundering herd
+            # A completed login resets the backoff; close codes that ask to
+            # wait do not (ReconnectBackoff, CLIENT.md "Reconnect backoff").
+            delay = backoff.delay(s.connections_established > established, d.code if d is not None else None,
+                                  trio.current_time() - began)
+            if delay > 0:
+                await trio.sleep(delay)
 
     async def aclose(self) -> None:
         """Say goodbye (Close NORMAL) and stop.  Unacked sends fail with
@@ -841,8 +837,6 @@ class Client:
 
 
 #: Closes by the broker after which the client reconnects without backing off.
-_CLEAN_CLOSES = frozenset((CloseCode.SHUTDOWN, CloseCode.NORMAL, CloseCode.IDLE_TIMEOUT, CloseCode.TOKEN_EXPIRED))
-
 
 def _all_refused(exc: BaseException) -> bool:
     """Every address tried refused the connection.  trio's open_tcp_stream

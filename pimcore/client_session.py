@@ -528,6 +528,62 @@ _EOF_REASON = {
 }
 
 
+#: Closes of a working session that ask for nothing but a new login: the
+#: broker restarts (SHUTDOWN), an idle or expired session, a NORMAL close.
+QUICK_RECONNECT_CLOSES = frozenset((CloseCode.SHUTDOWN, CloseCode.NORMAL, CloseCode.IDLE_TIMEOUT, CloseCode.TOKEN_EXPIRED))
+
+
+class ReconnectBackoff:
+    """How long to wait before dialling again after a connection ended
+    (sans-IO: the driver sleeps).  The rule (docs/CLIENT.md, *Reconnect
+    backoff*):
+
+    - a connection that completed its login (reached ACTIVE) and then failed
+      in transport (a reset, an EOF, a dead link: no Close from the broker)
+      resets the backoff: the next dial waits ``backoff_initial`` (jittered);
+    - a working session the broker closed with a code in
+      QUICK_RECONNECT_CLOSES is redialled at once and resets the backoff --
+      unless the dial before it was such an immediate redial too and this
+      session lived less than ``backoff_max``: a broker that closes every
+      login right away gets a growing delay, not a tight loop;
+    - anything else is a failure and doubles the delay (up to
+      ``backoff_max``): a dial, TLS or login that did not complete, and every
+      other Close code -- OVERLOADED, RATE_LIMITED, INTERNAL... ask clients to
+      wait, after a login too.
+
+    Every delay but the immediate one is ``min(backoff_max, backoff_initial
+    x 2^failures)`` times a uniform factor in [0.5, 1.5) (no thundering herd).
+    """
+
+    __slots__ = ("initial", "maximum", "failures", "_rng", "_quick")
+
+    def __init__(self, initial: float, maximum: float, rng: random.Random) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.failures = 0  # since the backoff was last reset
+        self._rng = rng
+        self._quick = False  # the last dial was an immediate redial after a clean close
+
+    def delay(self, established: bool, code: Optional[CloseCode], lived: float) -> float:
+        """Seconds to wait before the next dial, after a connection that
+        reached ACTIVE (``established``) or not, ended by the broker's Close
+        ``code`` (None: a transport failure or our own verdict), ``lived``
+        seconds after the dial began."""
+        if established and code in QUICK_RECONNECT_CLOSES:
+            if not self._quick or lived >= self.maximum:
+                self._quick = True
+                self.failures = 0
+                return 0.0
+            self.failures = min(self.failures + 1, 30)  # closed again right after an immediate redial
+        elif established and code is None:
+            self._quick = False
+            self.failures = 0
+        else:
+            self._quick = False
+            self.failures = min(self.failures + 1, 30)
+        return min(self.maximum, self.initial * 2 ** min(self.failures, 16)) * (0.5 + self._rng.random())
+
+
 def _us(seconds: float) -> int:
     return int(round(seconds * 1_000_000))
 

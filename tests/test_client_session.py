@@ -30,6 +30,7 @@ from pimcore.client_session import (
     MessageReceived,
     ReadStateChanged,
     ReceiptReceived,
+    ReconnectBackoff,
     SendCompleted,
     SendError,
     SendsResumed,
@@ -728,6 +729,34 @@ def test_a_silent_broker_is_found_dead_within_two_intervals_even_while_the_clien
     assert s.state is SessionState.DISCONNECTED  # within 2 x heartbeat of the last frame received
     ev = [e for e in events(s, T0) if isinstance(e, Disconnected)][-1]
     assert ev.code is None and "no Pong" in ev.reason  # the Ping rule, not the dead_after fallback
+
+
+def test_the_reconnect_backoff_resets_at_each_completed_login_and_honours_closes_that_ask_to_wait():
+    import random
+
+    b = ReconnectBackoff(0.1, 10.0, random.Random(1))
+    # Dials that never log in: doubling (jittered x0.5..1.5) up to backoff_max.
+    delays = [b.delay(False, None, 0.0) for _ in range(10)]
+    assert 0.1 <= delays[0] < 0.3 and max(delays) < 15.0 and delays[-1] >= 5.0
+    # A login that worked, then a cut 1.5 s later: back to backoff_initial, every time.
+    for _ in range(20):
+        assert 0.05 <= b.delay(True, None, 1.5) < 0.15
+    # The broker closes right after each login asking clients to wait: the delay grows.
+    for code in (CloseCode.OVERLOADED, CloseCode.RATE_LIMITED, CloseCode.INTERNAL):
+        b = ReconnectBackoff(0.1, 10.0, random.Random(1))
+        assert [round(b.delay(True, code, 0.2) / 0.1 / 2 ** (i + 1), 1) >= 0.5 for i in range(5)] == [True] * 5
+        assert b.failures == 5
+    # A restart (SHUTDOWN) of a session that lived: at once, and the backoff restarts ...
+    b = ReconnectBackoff(0.1, 10.0, random.Random(1))
+    b.failures = 4
+    assert b.delay(True, CloseCode.SHUTDOWN, 1.0) == 0.0 and b.failures == 0
+    # ... also after a short session, once; but a broker that closes every
+    # login at once is no tight loop: after the immediate redial, it grows.
+    assert b.delay(True, CloseCode.SHUTDOWN, 0.1) > 0
+    assert [b.delay(True, CloseCode.SHUTDOWN, 0.1) > 0 for _ in range(3)] == [True] * 3 and b.failures == 4
+    assert b.delay(True, CloseCode.IDLE_TIMEOUT, 60.0) == 0.0  # a session that lived: at once again
+    b.delay(True, None, 1.0)  # a transport failure ends the streak ...
+    assert b.delay(True, CloseCode.SHUTDOWN, 0.1) == 0.0  # ... so a restart is redialled at once
 
 
 # ---------------------------------------------------------------- read state

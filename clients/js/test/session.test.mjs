@@ -102,6 +102,24 @@ test('a history request is written once per connection and asked again after a r
   await c.close();
 });
 
+test('a connection cut right after each login is redialled at the initial backoff every time', { timeout: 10000 }, async () => {
+  const c = make({ backoffInitial: 10, backoffMax: 10000 });
+  await connected(c);
+  for (let i = 0; i < 8; i++) {
+    const ws = FakeWS.all.at(-1);
+    ws.drop();
+    let next = null;
+    for (let j = 0; j < 20 && !next; j++) { await sleep(10); if (FakeWS.all.at(-1) !== ws) next = FakeWS.all.at(-1); }
+    assert.ok(next, `cut ${i + 1}: not redialled within 200 ms (backoffInitial is 10 ms)`);
+    await sleep(5);
+    const cal = next.of('CalibrateReq')[0];
+    next.deliver(loginAck(), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+    await sleep(5);
+    assert.equal(c.state, 'ACTIVE');
+  }
+  await c.close();
+});
+
 test('transient refusals are retried with the same local id after a hold; final ones reject', async () => {
   const c = make();
   const { ws } = await connected(c);
@@ -203,7 +221,7 @@ test('a token function that fails before the first login rejects connect() with 
   assert.equal(calls, 1, 'not asked again');
 });
 
-test('token failures during an outage back off (a connection that lived > 5 s resets the backoff once)', { timeout: 10000 }, async () => {
+test('token failures during an outage back off (a completed login resets the backoff, then it grows again)', { timeout: 10000 }, async () => {
   let clock = Date.now() * 1000;
   const now = () => clock + (Date.now() * 1000 - start);
   const start = Date.now() * 1000;

@@ -126,6 +126,7 @@ export class PimcoreClient {
     this.hideLastSeen = null; // this user's setting, once the broker told it
     this._ws = null;
     this._attempt = 0;
+    this._quick = false; // the last dial was an immediate redial after a clean close
     this._reconnectTimer = null;
     this._ackTimer = null;
     this._ticker = null;
@@ -247,24 +248,36 @@ export class PimcoreClient {
 
   _lost(code, reason) {
     const wasActive = this._conn && this._conn.active;
-    // A connection that lived 5 s restarts the backoff, once: the token
-    // fetches and dials after it back off again from there.
-    if (wasActive && this.opts.now() - this._conn.openedAt > 5e6) this._attempt = 0;
+    const lived = this._conn ? this.opts.now() - this._conn.openedAt : 0;
     this._detach();
     if (this.state === State.CLOSED) return;
     this._setState(State.DISCONNECTED);
     this.lastDisconnect = { code, reason };
     this._emit('disconnected', { code, reason });
     this._presenceUnknown();
-    this._scheduleReconnect(wasActive && code != null && QUICK_RECONNECT.has(code));
+    this._scheduleReconnect(wasActive, code, lived);
   }
 
-  _scheduleReconnect(quick) {
+  // The reconnect backoff (the Python SDK's ReconnectBackoff; CLIENT.md
+  // "Reconnect backoff"): a connection that completed its login and then
+  // failed in transport (code null) resets it -- the next dial waits
+  // backoffInitial, jittered; a working session the broker closed with a
+  // QUICK_RECONNECT code is redialled at once -- unless the dial before was
+  // such an immediate redial too and this session lived less than
+  // backoffMax (no tight loop against a broker closing every login);
+  // anything else (a dial, token or login failure, OVERLOADED, RATE_LIMITED,
+  // ... which ask clients to wait) doubles the delay.
+  _scheduleReconnect(established, code = null, lived = 0) {
     if (!this.opts.reconnect || this.state === State.CLOSED) return;
     let delay = 0;
-    if (!quick) {
-      delay = Math.min(this.opts.backoffMax, this.opts.backoffInitial * 2 ** this._attempt) * (0.5 + Math.random());
-      this._attempt = Math.min(this._attempt + 1, 30);
+    const clean = established && code != null && QUICK_RECONNECT.has(code);
+    if (clean && (!this._quick || lived >= this.opts.backoffMax * 1000)) {
+      this._quick = true;
+      this._attempt = 0;
+    } else {
+      if (!clean) this._quick = false;
+      this._attempt = established && code == null ? 0 : Math.min(this._attempt + 1, 30);
+      delay = Math.min(this.opts.backoffMax, this.opts.backoffInitial * 2 ** Math.min(this._attempt, 16)) * (0.5 + Math.random());
     }
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = setTimeout(() => { this._reconnectTimer = null; this._dial(); }, delay);
@@ -422,7 +435,7 @@ export class PimcoreClient {
 
   _establish(now) {
     this._setState(State.ACTIVE);
-    this._conn.active = true; // the backoff restarts after a connection that lived 5 s (_scheduleReconnect)
+    this._conn.active = true; // a completed login: see _scheduleReconnect
     const ack = this.loginAck;
     const ev = { user: this.user, device: this.device, position: ack.position, gap: ack.gap, clockOffset: this.clockOffset, rtt: this.rtt, epoch: this.epoch };
     this._emit('connected', ev);
