@@ -1816,8 +1816,11 @@ class ClientSession:
         if known:
             seq = min(seq, known)
         if st is not None and seq > st.read_seq:
-            # Optimistic: the confirmation brings the exact unread count.
-            self.read_states[conv] = F.ReadState(conv, seq, st.last_seq, 0 if seq >= st.last_seq else st.unread)
+            # Optimistic: the confirmation brings the exact unread count (own
+            # and recalled messages do not count); until then at most what
+            # lies past the new marker.
+            unread = 0 if seq >= st.last_seq else min(st.unread, st.last_seq - seq)
+            self.read_states[conv] = F.ReadState(conv, seq, st.last_seq, unread)
         if seq > self._read_wanted.get(conv, 0):
             self._read_wanted[conv] = seq
         if self._state is SessionState.ACTIVE:

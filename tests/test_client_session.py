@@ -796,6 +796,23 @@ def test_read_markers_never_move_back_and_receipts_only_forward():
     assert s.read_state(CONV) == F.ReadState(CONV, 9, 9, 0)  # optimistic until confirmed
 
 
+def test_the_unread_count_before_the_confirmation_is_at_most_what_lies_past_the_new_marker():
+    # Found by a reviewer: right after mark_read(4) with last_seq 10 the local
+    # state said unread=10 until the broker confirmed -- at most 6 can be.
+    s = session()
+    b = connect(s, T0)
+    b.feed(T0, F.ReadStates((F.ReadState(CONV, 0, 10, 10), F.ReadState("g", 0, 10, 3))))
+    s.mark_read(CONV, 4, T0)
+    assert s.read_state(CONV) == F.ReadState(CONV, 4, 10, 6)
+    s.mark_read("g", 4, T0)  # 3 unread (others are own or recalled): not raised to 6
+    assert s.read_state("g") == F.ReadState("g", 4, 10, 3)
+    s.mark_read(CONV, 10, T0)
+    assert s.read_state(CONV) == F.ReadState(CONV, 10, 10, 0)
+    b.read()
+    b.feed(T0 + 1, F.ReadStates((F.ReadState(CONV, 10, 10, 0), F.ReadState("g", 4, 10, 2))))
+    assert s.read_state("g") == F.ReadState("g", 4, 10, 2)  # the broker's exact count
+
+
 def test_a_read_marker_beyond_the_last_seq_is_clamped_like_the_broker_does():
     # Found by a new user: mark_read(conv, 100) with one message showed
     # read_seq 100 and, after the next message, unread 0 -- while the broker

@@ -120,6 +120,20 @@ test('a connection cut right after each login is redialled at the initial backof
   await c.close();
 });
 
+test('right after markRead the unread count is at most what lies past the new marker', async () => {
+  const c = make();
+  const { ws } = await connected(c);
+  ws.deliver(frame('ReadStates', { entries: [{ conv: 'g', read_seq: 0, last_seq: 10, unread: 10 }, { conv: 'h', read_seq: 0, last_seq: 10, unread: 3 }] }));
+  await sleep(5);
+  c.markRead('g', 4);
+  assert.deepEqual(c.readState('g'), { conv: 'g', read_seq: 4, last_seq: 10, unread: 6 });
+  c.markRead('h', 4);
+  assert.equal(c.unread('h'), 3, 'never raised (own and recalled messages do not count)');
+  c.markRead('g', 10);
+  assert.equal(c.unread('g'), 0);
+  await c.close();
+});
+
 test('transient refusals are retried with the same local id after a hold; final ones reject', async () => {
   const c = make();
   const { ws } = await connected(c);

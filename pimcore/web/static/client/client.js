@@ -683,7 +683,8 @@ export class PimcoreClient {
     const rs = this._readStates.get(conv);
     if (rs && seq > rs.read_seq) {
       rs.read_seq = seq;
-      if (seq >= rs.last_seq) rs.unread = 0;
+      // Until the broker confirms (with the exact count): at most what lies past the marker.
+      rs.unread = seq >= rs.last_seq ? 0 : Math.min(rs.unread, rs.last_seq - seq);
     }
     this._wanted.set(conv, Math.max(this._wanted.get(conv) || 0, seq));
     if (this.state === State.ACTIVE) this._sendFrame(frame('Read', { conv, seq }));
