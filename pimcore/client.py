@@ -20,8 +20,9 @@ What the SDK promises, and how
 * **Upstream.**  Every message gets a local id (unique per device, also
   across restarts: it starts from the µs clock).  ``send`` returns only once
   the broker's SendAck says the message is durable.  Until then the SendReq
-  is retransmitted with the *same* local id after ``ack_timeout`` and after
-  every reconnect; the broker dedupes, so a retry can never store a second
+  is sent again with the *same* local id after every reconnect (never twice
+  on one connection: TCP delivers it and the broker answers every request it
+  reads; a silent broker is found by the heartbeat); the broker dedupes, so a retry can never store a second
   copy.  After ``send_timeout`` the caller gets :class:`SendTimeout` (the
   message may still have been stored: retrying with ``local_id=`` of the
   error is safe).  Refusals that ask to slow down (RATE_LIMITED,
@@ -40,8 +41,9 @@ What the SDK promises, and how
   by half that RTT).  Outgoing messages are stamped with the calibrated
   local time, never going backwards; :meth:`Client.server_now` estimates the
   broker's clock.
-* **Liveness.**  A Ping when nothing was sent for a heartbeat period; if
-  nothing at all is received for ``dead_after`` heartbeat periods, the
+* **Liveness.**  A Ping when nothing was received or nothing was sent for
+  a heartbeat period; a Ping with no answer at all within the period, or
+  nothing at all received for ``dead_after`` heartbeat periods, and the
   connection is presumed dead and replaced (jittered exponential backoff).
 """
 
@@ -84,6 +86,7 @@ from .client_session import (
     MessageReceived,
     ReadStateChanged,
     ReceiptReceived,
+    ReconnectBackoff,
     Resynced,
     SendCompleted,
     SendError,
@@ -784,7 +787,7 @@ class Client:
     async def _connect_loop(self, task_status: trio.TaskStatus[None]) -> None:
         """Connect, serve the session, reconnect with backoff -- until closed."""
         s = self._session
-        attempt = 0
+        backoff = ReconnectBackoff(self.config.backoff_initial, self.config.backoff_max, self._rng)
         first: Optional[trio.TaskStatus[None]] = task_status
         first_deadline = trio.current_time() + self.config.connect_timeout
         while not self._closed:
@@ -829,22 +832,16 @@ class Client:
             if self._closed:
                 return
             d = s.last_disconnect
-            if s.connections_established > established and d is not None and d.code in _CLEAN_CLOSES:
-                # The broker closed a working session on purpose (a restart,
-                # an idle timeout, an expired token): not a failure, so no
-                # backoff -- reconnect at once and resume.  If the broker is
-                # not back yet, that attempt fails and the backoff starts.
-                attempt = 0
-                continue
-            # A session that lived a while resets the backoff.
-            attempt = 0 if trio.current_time() - began > 5.0 else attempt + 1
-            delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** min(attempt, 16))
-            delay *= 0.5 + self._rng.random()  # jitter: no thundering herd
+            # A completed login resets the backoff; close codes that ask to
+            # wait do not (ReconnectBackoff, CLIENT.md "Reconnect backoff").
+            delay = backoff.delay(s.connections_established > established, d.code if d is not None else None,
+                                  trio.current_time() - began)
             if first is not None:
                 # The first connection gives up at connect_timeout, as it
                 # says: a last attempt then, not a sleep past it.
                 delay = min(delay, max(0.0, first_deadline - trio.current_time()))
-            await trio.sleep(delay)
+            if delay > 0:
+                await trio.sleep(delay)
 
     async def aclose(self) -> None:
         """Say goodbye (Close NORMAL) and stop.  Unacked sends fail with
@@ -858,10 +855,6 @@ class Client:
         self._pump()
         if conn is not None:
             await self._flush(conn, 1.0)
-
-
-#: Closes by the broker after which the client reconnects without backing off.
-_CLEAN_CLOSES = frozenset((CloseCode.SHUTDOWN, CloseCode.NORMAL, CloseCode.IDLE_TIMEOUT, CloseCode.TOKEN_EXPIRED))
 
 
 def _all_refused(exc: BaseException) -> bool:

@@ -459,7 +459,11 @@ Completion = Union[
 
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
-    ack_timeout: float = 5.0  # s without SendAck before the SendReq is sent again
+    #: s: a calibration sample's deadline, and (capped at the heartbeat
+    #: interval) how long a Ping waits for an answer.  Requests are never
+    #: written twice on one connection (TCP delivers them; the broker answers
+    #: each): they go again only on a new connection.
+    ack_timeout: float = 5.0
     send_timeout: float = 60.0  # s before send() gives up with SendTimeout
     connect_timeout: float = 10.0  # s for connect + Login + LoginAck
     backoff_initial: float = 0.1  # s, first reconnect delay (then doubled, jittered)
@@ -490,7 +494,7 @@ class ClientStatistics:
     """A snapshot of a client's counters (all ints; positions are inbox positions)."""
 
     connects: int  # LoginAcks received
-    retransmits: int  # SendReqs sent again (ack_timeout or reconnect)
+    retransmits: int  # SendReqs sent again (after a reconnect or a refusal)
     duplicates_dropped: int  # re-pushed messages dropped by position
     events_dropped: int  # read-state notifications shed beyond event_limit
     acks_sent: int  # PushAcks sent
@@ -522,6 +526,62 @@ _EOF_REASON = {
     SessionState.CALIBRATING: "connection closed during clock calibration",
     SessionState.ACTIVE: "connection closed by the broker",
 }
+
+
+#: Closes of a working session that ask for nothing but a new login: the
+#: broker restarts (SHUTDOWN), an idle or expired session, a NORMAL close.
+QUICK_RECONNECT_CLOSES = frozenset((CloseCode.SHUTDOWN, CloseCode.NORMAL, CloseCode.IDLE_TIMEOUT, CloseCode.TOKEN_EXPIRED))
+
+
+class ReconnectBackoff:
+    """How long to wait before dialling again after a connection ended
+    (sans-IO: the driver sleeps).  The rule (docs/CLIENT.md, *Reconnect
+    backoff*):
+
+    - a connection that completed its login (reached ACTIVE) and then failed
+      in transport (a reset, an EOF, a dead link: no Close from the broker)
+      resets the backoff: the next dial waits ``backoff_initial`` (jittered);
+    - a working session the broker closed with a code in
+      QUICK_RECONNECT_CLOSES is redialled at once and resets the backoff --
+      unless the dial before it was such an immediate redial too and this
+      session lived less than ``backoff_max``: a broker that closes every
+      login right away gets a growing delay, not a tight loop;
+    - anything else is a failure and doubles the delay (up to
+      ``backoff_max``): a dial, TLS or login that did not complete, and every
+      other Close code -- OVERLOADED, RATE_LIMITED, INTERNAL... ask clients to
+      wait, after a login too.
+
+    Every delay but the immediate one is ``min(backoff_max, backoff_initial
+    x 2^failures)`` times a uniform factor in [0.5, 1.5) (no thundering herd).
+    """
+
+    __slots__ = ("initial", "maximum", "failures", "_rng", "_quick")
+
+    def __init__(self, initial: float, maximum: float, rng: random.Random) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.failures = 0  # since the backoff was last reset
+        self._rng = rng
+        self._quick = False  # the last dial was an immediate redial after a clean close
+
+    def delay(self, established: bool, code: Optional[CloseCode], lived: float) -> float:
+        """Seconds to wait before the next dial, after a connection that
+        reached ACTIVE (``established``) or not, ended by the broker's Close
+        ``code`` (None: a transport failure or our own verdict), ``lived``
+        seconds after the dial began."""
+        if established and code in QUICK_RECONNECT_CLOSES:
+            if not self._quick or lived >= self.maximum:
+                self._quick = True
+                self.failures = 0
+                return 0.0
+            self.failures = min(self.failures + 1, 30)  # closed again right after an immediate redial
+        elif established and code is None:
+            self._quick = False
+            self.failures = 0
+        else:
+            self._quick = False
+            self.failures = min(self.failures + 1, 30)
+        return min(self.maximum, self.initial * 2 ** min(self.failures, 16)) * (0.5 + self._rng.random())
 
 
 def _us(seconds: float) -> int:
@@ -610,7 +670,7 @@ class ClientSession:
     and calibration use it as it is; timers run on a copy that never goes
     backwards (a backward step of the clock is absorbed instead of stalling
     every timer by the size of the step; a forward step fires timers early,
-    which costs at most a retransmit or a reconnect).
+    which costs at most a Ping or a reconnect).
 
     Methods raise the terminal error (:class:`AuthFailed`,
     :class:`ClientClosed`) once the session is CLOSED, and
@@ -694,8 +754,8 @@ class ClientSession:
         # Not on the wire yet, in local-id (= send) order; may hold finished
         # entries, skipped lazily (a dict lookup is cheaper than deque.remove).
         self._queue: deque[_Pending] = deque()
-        # On the wire of this connection, oldest transmission first, so the
-        # next retransmit is always the first entry.
+        # On the wire of this connection (each written once), oldest
+        # transmission first.
         self._inflight: dict[int, _Pending] = {}
         self._timeouts: list[tuple[int, int]] = []  # heap of (deadline, local id); stale entries skipped
         self._hold_until = 0  # session time before which nothing new is sent (the broker asked to slow down)
@@ -1162,6 +1222,16 @@ class ClientSession:
         """The highest inbox position the app has taken (see epoch)."""
         return self._taken_upto
 
+    def _ping_due(self) -> Optional[int]:
+        """When the heartbeat Ping is due (session µs; None while one is out
+        and nothing came back since): one interval after the last frame
+        received -- a busy client that hears nothing still pings, so a dead
+        link is found within two intervals -- or after the last frame sent,
+        so the broker hears from an idle client every interval."""
+        if self._ping_at is not None and self._last_recv < self._ping_at:
+            return None  # the outstanding Ping decides (_pong_timeout)
+        return min(self._last_recv, self._last_sent) + self._heartbeat
+
     def _pong_timeout(self) -> int:
         """How long a heartbeat Ping may wait for any answer (µs): one
         interval at most (dead within two), and ack_timeout when that is less."""
@@ -1321,18 +1391,15 @@ class ClientSession:
                 consider(self._cal_deadline)
             if self._heartbeat:
                 consider(self._last_recv + int(self._heartbeat * self.config.dead_after))
-                consider(self._last_sent + self._heartbeat)
+                due = self._ping_due()
+                if due is not None:
+                    consider(due)
                 if self._ping_at is not None and self._last_recv < self._ping_at:
                     consider(self._ping_at + self._pong_timeout())
-            if self._inflight:
-                consider(next(iter(self._inflight.values())).sent_at + self._ack_timeout)  # type: ignore[operator]
             if self._queue and self._hold_until > self._t:
                 consider(self._hold_until)
             if self._ack_at is not None:
                 consider(self._ack_at)
-            for h in self._history.values():
-                if h.sent_at is not None:
-                    consider(h.sent_at + 2 * self._ack_timeout)
         if best is None:
             return None
         return best - self._skew
@@ -1340,8 +1407,8 @@ class ClientSession:
     def handle_timer(self, now: int) -> None:
         """Do what is due at ``now``: send timeouts, history timeouts, the
         LoginAck deadline, the calibration sample deadline, and on an ACTIVE
-        connection dead-link detection, retransmits, the end of a backoff
-        hold, the batched PushAck, history re-asks and the heartbeat Ping.
+        connection dead-link detection, the end of a backoff hold, the
+        batched PushAck and the heartbeat Ping.
         Harmless to call early or often."""
         t = self._tick(now)
         heap = self._timeouts
@@ -1381,23 +1448,18 @@ class ClientSession:
             if hb and ping_at is not None and self._last_recv < ping_at and t >= ping_at + self._pong_timeout():
                 # Nothing at all since our Ping: the link is dead -- within two
                 # intervals of its death (the Ping goes at most one interval
-                # after the last traffic, and we wait at most one more).  A
+                # after the last frame received, whatever we sent meanwhile,
+                # and we wait at most one more).  A
                 # death after a full interval of silence is a NAT or carrier
                 # idle timeout: the tuner backs off.
                 if self._tuner is not None:
                     self._tuner.died(self._ping_idle, self._hb_ceiling)
                 self._end_connection(None, "no Pong from the broker: dead link")
                 return
-            for p in list(self._inflight.values()):
-                if p.sent_at is None or p.sent_at + self._ack_timeout > t:  # type: ignore[operator]
-                    break  # oldest first: the rest are younger
-                self._transmit(p)
             if self._queue and self._hold_until <= t:
                 self._fill_window()
-            for h in self._history.values():
-                if h.sent_at is not None and h.sent_at + 2 * self._ack_timeout <= t:
-                    self._ask_history(h)
-            if hb and t >= self._last_sent + hb:
+            due = self._ping_due() if hb else None
+            if due is not None and t >= due:
                 self._ping_nonce += 1
                 self._ping_idle = t - max(self._last_sent, self._last_recv)
                 self._send(encode_frame(F.Ping(self._ping_nonce)))
@@ -1551,12 +1613,12 @@ class ClientSession:
         return True
 
     def _transmit(self, p: _Pending) -> None:
-        if p.sent_at is None:
-            if p.attempts:
-                self._stats["retransmits"] += 1  # again after a reconnect or a refusal
-        else:
-            self._stats["retransmits"] += 1  # again after ack_timeout
-            del self._inflight[p.local_id]  # re-inserted last: it is now the youngest
+        # Written once per connection: the broker answers every SendReq it
+        # reads (or closes the connection), and TCP delivers it, so a copy on
+        # the same connection would only queue behind the first one.
+        assert p.sent_at is None
+        if p.attempts:
+            self._stats["retransmits"] += 1  # again after a reconnect or a refusal
         p.sent_at = self._t
         p.attempts += 1
         self._tx += 1
@@ -1609,7 +1671,7 @@ class ClientSession:
                 del self._inflight[p.local_id]
                 p.sent_at = None
                 self._requeue(p)
-            # else: already back in the queue (a second refusal, for a retransmit).
+            # else: already back in the queue (a second refusal: a late duplicate).
             if code in (ErrorCode.STORE_UNAVAILABLE, ErrorCode.INTERNAL) and self._stalled is None:
                 # Not back-pressure but a failure the app should know of
                 # (a full disk does not pass by itself): say so once.
@@ -1758,8 +1820,11 @@ class ClientSession:
         if known:
             seq = min(seq, known)
         if st is not None and seq > st.read_seq:
-            # Optimistic: the confirmation brings the exact unread count.
-            self.read_states[conv] = F.ReadState(conv, seq, st.last_seq, 0 if seq >= st.last_seq else st.unread)
+            # Optimistic: the confirmation brings the exact unread count (own
+            # and recalled messages do not count); until then at most what
+            # lies past the new marker.
+            unread = 0 if seq >= st.last_seq else min(st.unread, st.last_seq - seq)
+            self.read_states[conv] = F.ReadState(conv, seq, st.last_seq, unread)
         if seq > self._read_wanted.get(conv, 0):
             self._read_wanted[conv] = seq
         if self._state is SessionState.ACTIVE:
@@ -1839,8 +1904,8 @@ class ClientSession:
     def request_history(self, conv: str, from_seq: int, limit: int, backward: bool, now: int, *, timeout: Optional[int] = None) -> int:
         """Ask for a page of ``conv``'s history; returns the request id.  Its
         HistoryCompleted comes out of :meth:`completions`; the page is added
-        to :meth:`view`.  Asked again after 2 x ``ack_timeout`` without an
-        answer and on every new connection, until ``timeout`` µs (default
+        to :meth:`view`.  Written once per connection (the broker answers each
+        request it reads) and asked again on every new connection, until ``timeout`` µs (default
         ``send_timeout``) end it with HistoryTimeout.  Raises EncodeError for
         values no HistoryReq can carry, the terminal error if CLOSED."""
         self._check_open()

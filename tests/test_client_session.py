@@ -30,6 +30,7 @@ from pimcore.client_session import (
     MessageReceived,
     ReadStateChanged,
     ReceiptReceived,
+    ReconnectBackoff,
     SendCompleted,
     SendError,
     SendsResumed,
@@ -319,19 +320,23 @@ def test_a_compressed_frame_without_a_grant_is_malformed():
 # ---------------------------------------------------------------- sends
 
 
-def test_an_unacked_send_goes_again_after_ack_timeout_with_the_same_local_id():
+def test_an_unacked_send_is_written_once_per_connection_and_again_after_a_reconnect():
+    # TCP delivers the first copy: another on the same connection would only
+    # queue behind it on a slow link.  A silent broker is the heartbeat's job.
     s = session()
     b = connect(s, T0)
     lid = s.send(CONV, b"hello", T0 + 10)
     first = b.read_one(F.SendReq)
     assert first.local_id == lid and first.payload == b"hello"  # type: ignore[attr-defined]
-    assert s.next_deadline() == T0 + 10 + S
-    s.handle_timer(T0 + 10 + S - 1)
-    assert b.read() == []
-    s.handle_timer(T0 + 10 + S)
-    assert b.read() == [first]  # same local id, same stamp, same payload
+    for t in (T0 + 10 + S, T0 + 5 * S, T0 + 20 * S):  # well past ack_timeout (1 s)
+        s.handle_timer(t)
+        assert b.read() == []  # no duplicate on the same connection
+    assert s.statistics().retransmits == 0
+    s.connection_lost(T0 + 21 * S)
+    b2 = connect(s, T0 + 22 * S)
+    assert b2.read() == [first]  # same local id, same stamp, same payload
     assert s.statistics().retransmits == 1
-    b.feed(T0 + 2 * S, ok(lid, 1))
+    b2.feed(T0 + 23 * S, ok(lid, 1))
     [done] = s.completions()
     assert done.local_id == lid and done.error is None and done.result.seq == 1  # type: ignore[union-attr]
     assert done.result.client_time == first.client_time  # type: ignore[union-attr,attr-defined]
@@ -375,12 +380,10 @@ def test_a_duplicate_ack_of_a_finished_send_is_ignored():
     b = connect(s, T0)
     lid = s.send(CONV, b"once", T0)
     b.read()
-    s.handle_timer(T0 + S)  # retransmitted: the broker will answer twice
-    b.read()
     other = s.send(CONV, b"other", T0 + S)
     b.read()
     b.feed(T0 + S + 1, ok(lid, 1))
-    b.feed(T0 + S + 2, ok(lid, 1), F.SendAck(lid, ErrorCode.RATE_LIMITED, b"", 0, 0))
+    b.feed(T0 + S + 2, ok(lid, 1), F.SendAck(lid, ErrorCode.RATE_LIMITED, b"", 0, 0))  # late duplicates
     done = s.completions()
     assert [(c.local_id, c.result.seq) for c in done] == [(lid, 1)]  # type: ignore[union-attr]
     assert s.statistics().pending_sends == 1  # only `other`
@@ -699,6 +702,63 @@ def test_silence_for_dead_after_periods_ends_the_connection():
     assert [f.local_id for f in b.read()] == [lid]  # type: ignore[attr-defined]
 
 
+def run_timers(s: ClientSession, b: Broker, until: int) -> list[object]:
+    """Call handle_timer at every deadline up to ``until`` (a broker that
+    answers nothing); returns every frame the session wrote meanwhile."""
+    frames: list[object] = []
+    for _ in range(1000):
+        at = s.next_deadline()
+        if at is None or at > until or s.state is not SessionState.ACTIVE:
+            break
+        s.handle_timer(at)
+        frames += b.read()
+    else:
+        raise AssertionError("next_deadline does not move")
+    return frames
+
+
+def test_a_silent_broker_is_found_dead_within_two_intervals_even_while_the_client_sends():
+    # ack_timeout (0.4 s) < heartbeat (1 s): the client writes more often
+    # than once an interval; what counts is that nothing came back.
+    s = session(dead_after=3.0, ack_timeout=0.4)
+    b = connect(s, T0, ack_frame(heartbeat_ms=1000))
+    s.send(CONV, b"x", T0)
+    b.read()
+    frames = run_timers(s, b, T0 + 2 * S)
+    assert any(isinstance(f, F.Ping) for f in frames)
+    assert s.state is SessionState.DISCONNECTED  # within 2 x heartbeat of the last frame received
+    ev = [e for e in events(s, T0) if isinstance(e, Disconnected)][-1]
+    assert ev.code is None and "no Pong" in ev.reason  # the Ping rule, not the dead_after fallback
+
+
+def test_the_reconnect_backoff_resets_at_each_completed_login_and_honours_closes_that_ask_to_wait():
+    import random
+
+    b = ReconnectBackoff(0.1, 10.0, random.Random(1))
+    # Dials that never log in: doubling (jittered x0.5..1.5) up to backoff_max.
+    delays = [b.delay(False, None, 0.0) for _ in range(10)]
+    assert 0.1 <= delays[0] < 0.3 and max(delays) < 15.0 and delays[-1] >= 5.0
+    # A login that worked, then a cut 1.5 s later: back to backoff_initial, every time.
+    for _ in range(20):
+        assert 0.05 <= b.delay(True, None, 1.5) < 0.15
+    # The broker closes right after each login asking clients to wait: the delay grows.
+    for code in (CloseCode.OVERLOADED, CloseCode.RATE_LIMITED, CloseCode.INTERNAL):
+        b = ReconnectBackoff(0.1, 10.0, random.Random(1))
+        assert [round(b.delay(True, code, 0.2) / 0.1 / 2 ** (i + 1), 1) >= 0.5 for i in range(5)] == [True] * 5
+        assert b.failures == 5
+    # A restart (SHUTDOWN) of a session that lived: at once, and the backoff restarts ...
+    b = ReconnectBackoff(0.1, 10.0, random.Random(1))
+    b.failures = 4
+    assert b.delay(True, CloseCode.SHUTDOWN, 1.0) == 0.0 and b.failures == 0
+    # ... also after a short session, once; but a broker that closes every
+    # login at once is no tight loop: after the immediate redial, it grows.
+    assert b.delay(True, CloseCode.SHUTDOWN, 0.1) > 0
+    assert [b.delay(True, CloseCode.SHUTDOWN, 0.1) > 0 for _ in range(3)] == [True] * 3 and b.failures == 4
+    assert b.delay(True, CloseCode.IDLE_TIMEOUT, 60.0) == 0.0  # a session that lived: at once again
+    b.delay(True, None, 1.0)  # a transport failure ends the streak ...
+    assert b.delay(True, CloseCode.SHUTDOWN, 0.1) == 0.0  # ... so a restart is redialled at once
+
+
 # ---------------------------------------------------------------- read state
 
 
@@ -734,6 +794,23 @@ def test_read_markers_never_move_back_and_receipts_only_forward():
     assert events(s, T0) == [ReadStateChanged(F.ReadState(CONV, 5, 9, 4)), ReceiptReceived(CONV, "bob", 4)]
     s.mark_read(CONV, 9, T0)
     assert s.read_state(CONV) == F.ReadState(CONV, 9, 9, 0)  # optimistic until confirmed
+
+
+def test_the_unread_count_before_the_confirmation_is_at_most_what_lies_past_the_new_marker():
+    # Found by a reviewer: right after mark_read(4) with last_seq 10 the local
+    # state said unread=10 until the broker confirmed -- at most 6 can be.
+    s = session()
+    b = connect(s, T0)
+    b.feed(T0, F.ReadStates((F.ReadState(CONV, 0, 10, 10), F.ReadState("g", 0, 10, 3))))
+    s.mark_read(CONV, 4, T0)
+    assert s.read_state(CONV) == F.ReadState(CONV, 4, 10, 6)
+    s.mark_read("g", 4, T0)  # 3 unread (others are own or recalled): not raised to 6
+    assert s.read_state("g") == F.ReadState("g", 4, 10, 3)
+    s.mark_read(CONV, 10, T0)
+    assert s.read_state(CONV) == F.ReadState(CONV, 10, 10, 0)
+    b.read()
+    b.feed(T0 + 1, F.ReadStates((F.ReadState(CONV, 10, 10, 0), F.ReadState("g", 4, 10, 2))))
+    assert s.read_state("g") == F.ReadState("g", 4, 10, 2)  # the broker's exact count
 
 
 def test_a_read_marker_beyond_the_last_seq_is_clamped_like_the_broker_does():
@@ -887,7 +964,7 @@ def test_connection_lost_discards_bytes_meant_for_the_dead_connection():
 # ---------------------------------------------------------------- history
 
 
-def test_history_requests_match_by_id_and_are_asked_again_until_answered():
+def test_history_requests_match_by_id_and_are_asked_again_on_each_new_connection_until_answered():
     s = session()
     b = connect(s, T0)
     r1 = s.request_history(CONV, 0, 10, True, T0)
@@ -899,11 +976,12 @@ def test_history_requests_match_by_id_and_are_asked_again_until_answered():
     [done] = s.completions()
     assert done == HistoryCompleted(r2, page, None, more=True)  # the broker said more follow
     assert [m.seq for m in s.view("g:team")] == [6, 7]
-    s.handle_timer(T0 + 2 * S)  # 2 x ack_timeout without an answer: asked again
-    assert b.read() == [F.HistoryReq(r1, CONV, 0, 10, True)]
+    s.handle_timer(T0 + 2 * S)  # 2 x ack_timeout without an answer: not asked again on this connection
+    s.handle_timer(T0 + 3 * S)
+    assert b.read() == []
     s.connection_lost(T0 + 3 * S)
     b = connect(s, T0 + 4 * S)
-    assert b.read() == [F.HistoryReq(r1, CONV, 0, 10, True)]  # and on the new connection
+    assert b.read() == [F.HistoryReq(r1, CONV, 0, 10, True)]  # but on the new connection
     b.feed(T0 + 5 * S, F.HistoryResp(r1, CONV, ErrorCode.NOT_MEMBER, (), False))
     [done] = s.completions()
     assert isinstance(done.error, SendError) and done.error.code is ErrorCode.NOT_MEMBER
@@ -923,19 +1001,19 @@ def test_a_history_request_times_out():
 
 
 def test_a_clock_stepping_back_does_not_stall_the_timers():
-    s = session()
-    b = connect(s, T0)
+    s = session(dead_after=3.0)
+    b = connect(s, T0, ack_frame(heartbeat_ms=1000))
     s.send(CONV, b"x", T0)
     b.read()
     assert s.next_deadline() == T0 + S
-    # The device clock is set back an hour: the retransmit is still one
-    # ack_timeout after the send, counted on the new clock.
+    # The device clock is set back an hour: the Ping is still one heartbeat
+    # interval after the last traffic, counted on the new clock.
     back = T0 - 3600 * S
     s.handle_timer(back)
     assert b.read() == []
     assert s.next_deadline() == back + S
     s.handle_timer(back + S)
-    assert [type(f) for f in b.read()] == [F.SendReq]
+    assert [type(f) for f in b.read()] == [F.Ping]
 
 
 def test_statistics_is_a_frozen_slotted_record():
@@ -1056,6 +1134,10 @@ def test_random_acks_refusals_and_reconnects_never_lose_or_duplicate_a_send(scri
         for a in broker.answers:
             broker.b.feed(now, a)  # type: ignore[union-attr]
         broker.answers.clear()
+        broker.drain()
+        collect()
+        if broker.inbox:
+            continue  # what the answers let out is processed before time moves on
         deadline = s.next_deadline()
         if deadline is not None and deadline > now:
             now = deadline

@@ -166,3 +166,51 @@ async def test_a_dead_link_is_detected_by_heartbeats_and_replaced(store):
                     proxy.resume()
                     sent = await a.send(direct_conversation("alice", "bob"), b"after")
                     assert sent.seq == 2 and a.statistics().connects >= 2
+
+
+async def test_a_link_cut_right_after_each_login_reconnects_at_the_initial_backoff(autojump_clock):
+    # Connections that log in and then die 1.5 s later (a flaky radio): each
+    # completed login resets the backoff, so every reconnect waits only the
+    # jittered backoff_initial -- not a delay growing towards backoff_max as
+    # if each working connection had been a failure.  Virtual time.
+    from pimcore.client import Connected
+    from pimcore.store import MemoryStore
+
+    cfg = ClientConfig(ack_timeout=1.0, send_timeout=60.0, connect_timeout=5.0, backoff_initial=0.1, backoff_max=10.0, compression=False)
+    events: list[tuple[float, object]] = []
+    with trio.fail_after(600):
+        async with serving(MemoryStore(), server_config()) as srv:
+            async with open_chaos_proxy("127.0.0.1", srv.endpoints[0].port, ChaosConfig(seed=1)) as proxy:
+                async with open_client(f"tcp://127.0.0.1:{proxy.port}", token("alice"), "phone", config=cfg) as c:
+
+                    changed = trio.Condition()
+
+                    async def watch() -> None:
+                        async for ev in c.events():
+                            events.append((trio.current_time(), ev))
+                            async with changed:
+                                changed.notify_all()
+
+                    async def until(kind: type, count: int) -> None:
+                        async with changed:
+                            while sum(isinstance(ev, kind) for _, ev in events) < count:
+                                await changed.wait()
+
+                    async with trio.open_nursery() as n:
+                        n.start_soon(watch)
+                        for i in range(12):
+                            await until(Connected, i + 1)
+                            await trio.sleep(1.5)
+                            proxy.reset_all()
+                            await until(Disconnected, i + 1)
+                        await until(Connected, 13)
+                        n.cancel_scope.cancel()
+    gaps, down = [], None
+    for t, ev in events:
+        if isinstance(ev, Disconnected):
+            down = t
+        elif isinstance(ev, Connected) and down is not None:
+            gaps.append(t - down)
+            down = None
+    assert len(gaps) == 12, [(round(t, 2), type(ev).__name__) for t, ev in events]
+    assert max(gaps) < 2 * cfg.backoff_initial, gaps  # backoff_initial x [0.5, 1.5), plus a login

@@ -1,5 +1,5 @@
 // The client's protocol rules against a scripted fake broker (a fake
-// WebSocket): retransmits with the same bytes, resend after a reconnect,
+// WebSocket): one SendReq per connection, resent with the same bytes after a reconnect,
 // transient refusals, PushAck only after the handlers ran, malformed bytes.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
@@ -36,7 +36,7 @@ function make(opts = {}) {
   return new PimcoreClient({ url: 'ws://fake/', token: 't', device: 'd', WebSocket: FakeWS, ackTimeout: 100, timeSamples: 1, ackDelay: 5, ...opts });
 }
 
-test('a SendReq is retransmitted with the same bytes after ackTimeout, and resent after a reconnect', async () => {
+test('a SendReq is written once per connection (none again after ackTimeout), and resent with the same bytes after a reconnect', async () => {
   const c = make({ backoffInitial: 1 });
   const { ws } = await connected(c);
   assert.ok(Math.abs(c.clockOffset - (1000 - c.rtt / 2)) <= 1, 'offset = server_time - (t0 + t1) / 2');
@@ -45,9 +45,8 @@ test('a SendReq is retransmitted with the same bytes after ackTimeout, and resen
   const first = ws.sent.at(-1);
   await sleep(250);
   const reqs = ws.of('SendReq');
-  assert.ok(reqs.length >= 2, 'retransmitted');
-  assert.deepEqual(ws.sent.at(-1), first, 'the very same bytes');
-  assert.ok(c.stats.retransmits >= 1);
+  assert.equal(reqs.length, 1, 'no copy on the same connection (well past ackTimeout)');
+  assert.equal(c.stats.retransmits, 0);
   ws.drop();
   await sleep(30);
   const ws2 = FakeWS.all.at(-1);
@@ -60,8 +59,78 @@ test('a SendReq is retransmitted with the same bytes after ackTimeout, and resen
   const again = ws2.of('SendReq');
   assert.equal(again.length, 1);
   assert.equal(again[0].local_id, reqs[0].local_id);
+  assert.ok(ws2.sent.some((x) => x.length === first.length && x.every((v, i) => v === first[i])), 'the very same bytes');
+  assert.equal(c.stats.retransmits, 1);
   ws2.deliver(frame('SendAck', { local_id: again[0].local_id, code: 0, msg_id: new Uint8Array(16), seq: 1, server_time: 5 }));
   assert.equal((await p).seq, 1);
+  await c.close();
+});
+
+test('a silent broker is found dead by an unanswered Ping even while the client sends', async () => {
+  const c = make({ ackTimeout: 50, backoffInitial: 10000 });
+  const p0 = c.connect();
+  await sleep(5);
+  const ws = FakeWS.all.at(-1);
+  const cal = ws.of('CalibrateReq')[0];
+  ws.deliver(loginAck({ heartbeat_ms: 300 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await p0;
+  const disc = []; c.on('disconnected', (d) => disc.push(d));
+  c.send('d:u:v', 'x').catch(() => {});
+  for (let i = 0; i < 40 && !disc.length; i++) await sleep(50);
+  assert.equal(disc.length, 1);
+  assert.ok(ws.of('Ping').length >= 1, 'a Ping went out although the client was sending');
+  assert.match(disc[0].reason, /no Pong/, 'the Ping rule (two intervals), not the deadAfter fallback');
+  await c.close();
+});
+
+test('a history request is written once per connection and asked again after a reconnect', async () => {
+  const c = make({ backoffInitial: 1 });
+  const { ws } = await connected(c);
+  const p = c.history('d:u:v', { fromSeq: 0, limit: 10 });
+  await sleep(350); // more than 2 x ackTimeout
+  assert.equal(ws.of('HistoryReq').length, 1, 'not asked again on the same connection');
+  ws.drop();
+  await sleep(30);
+  const ws2 = FakeWS.all.at(-1);
+  const cal = ws2.of('CalibrateReq')[0];
+  ws2.deliver(loginAck(), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await sleep(5);
+  const [req] = ws2.of('HistoryReq');
+  assert.ok(req, 'asked again on the new connection');
+  ws2.deliver(frame('HistoryResp', { req_id: req.req_id, conv: 'd:u:v', code: 0, messages: [], more: false }));
+  assert.deepEqual((await p).messages, []);
+  await c.close();
+});
+
+test('a connection cut right after each login is redialled at the initial backoff every time', { timeout: 10000 }, async () => {
+  const c = make({ backoffInitial: 10, backoffMax: 10000 });
+  await connected(c);
+  for (let i = 0; i < 8; i++) {
+    const ws = FakeWS.all.at(-1);
+    ws.drop();
+    let next = null;
+    for (let j = 0; j < 20 && !next; j++) { await sleep(10); if (FakeWS.all.at(-1) !== ws) next = FakeWS.all.at(-1); }
+    assert.ok(next, `cut ${i + 1}: not redialled within 200 ms (backoffInitial is 10 ms)`);
+    await sleep(5);
+    const cal = next.of('CalibrateReq')[0];
+    next.deliver(loginAck(), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+    await sleep(5);
+    assert.equal(c.state, 'ACTIVE');
+  }
+  await c.close();
+});
+
+test('right after markRead the unread count is at most what lies past the new marker', async () => {
+  const c = make();
+  const { ws } = await connected(c);
+  ws.deliver(frame('ReadStates', { entries: [{ conv: 'g', read_seq: 0, last_seq: 10, unread: 10 }, { conv: 'h', read_seq: 0, last_seq: 10, unread: 3 }] }));
+  await sleep(5);
+  c.markRead('g', 4);
+  assert.deepEqual(c.readState('g'), { conv: 'g', read_seq: 4, last_seq: 10, unread: 6 });
+  c.markRead('h', 4);
+  assert.equal(c.unread('h'), 3, 'never raised (own and recalled messages do not count)');
+  c.markRead('g', 10);
+  assert.equal(c.unread('g'), 0);
   await c.close();
 });
 
@@ -166,7 +235,7 @@ test('a token function that fails before the first login rejects connect() with 
   assert.equal(calls, 1, 'not asked again');
 });
 
-test('token failures during an outage back off (a connection that lived > 5 s resets the backoff once)', { timeout: 10000 }, async () => {
+test('token failures during an outage back off (a completed login resets the backoff, then it grows again)', { timeout: 10000 }, async () => {
   let clock = Date.now() * 1000;
   const now = () => clock + (Date.now() * 1000 - start);
   const start = Date.now() * 1000;

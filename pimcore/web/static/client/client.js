@@ -64,7 +64,7 @@ const DEFAULTS = {
   position: 0,
   epoch: null, // Uint8Array or hex string: the LoginAck.epoch `position` came from
   compression: null, // e.g. deflateCompression from './deflate.js'; null = Login.caps 0
-  ackTimeout: 5000, // ms: retransmit a SendReq, time out a calibration sample
+  ackTimeout: 5000, // ms: time out a calibration sample; the most a Ping waits (with the heartbeat)
   sendTimeout: 60000, // ms: a send (or history/readers request) fails with SendTimeout
   connectTimeout: 10000, // ms: no LoginAck -> drop the connection and retry
   ackDelay: 20, // ms: PushAcks are batched this long
@@ -126,11 +126,12 @@ export class PimcoreClient {
     this.hideLastSeen = null; // this user's setting, once the broker told it
     this._ws = null;
     this._attempt = 0;
+    this._quick = false; // the last dial was an immediate redial after a clean close
     this._reconnectTimer = null;
     this._ackTimer = null;
     this._ticker = null;
     this._connectWaiters = [];
-    // One 100 ms ticker runs every timer (retransmits, deadlines, heartbeat);
+    // One 100 ms ticker runs every timer (deadlines, holds, heartbeat);
     // it holds a Node process open only while a send or request waits.
     this._ticker = setInterval(() => this._tick(), 100);
     this._ticker.unref?.();
@@ -250,24 +251,36 @@ export class PimcoreClient {
 
   _lost(code, reason) {
     const wasActive = this._conn && this._conn.active;
-    // A connection that lived 5 s restarts the backoff, once: the token
-    // fetches and dials after it back off again from there.
-    if (wasActive && this.opts.now() - this._conn.openedAt > 5e6) this._attempt = 0;
+    const lived = this._conn ? this.opts.now() - this._conn.openedAt : 0;
     this._detach();
     if (this.state === State.CLOSED) return;
     this._setState(State.DISCONNECTED);
     this.lastDisconnect = { code, reason };
     this._emit('disconnected', { code, reason });
     this._presenceUnknown();
-    this._scheduleReconnect(wasActive && code != null && QUICK_RECONNECT.has(code));
+    this._scheduleReconnect(wasActive, code, lived);
   }
 
-  _scheduleReconnect(quick) {
+  // The reconnect backoff (the Python SDK's ReconnectBackoff; CLIENT.md
+  // "Reconnect backoff"): a connection that completed its login and then
+  // failed in transport (code null) resets it -- the next dial waits
+  // backoffInitial, jittered; a working session the broker closed with a
+  // QUICK_RECONNECT code is redialled at once -- unless the dial before was
+  // such an immediate redial too and this session lived less than
+  // backoffMax (no tight loop against a broker closing every login);
+  // anything else (a dial, token or login failure, OVERLOADED, RATE_LIMITED,
+  // ... which ask clients to wait) doubles the delay.
+  _scheduleReconnect(established, code = null, lived = 0) {
     if (!this.opts.reconnect || this.state === State.CLOSED) return;
     let delay = 0;
-    if (!quick) {
-      delay = Math.min(this.opts.backoffMax, this.opts.backoffInitial * 2 ** this._attempt) * (0.5 + Math.random());
-      this._attempt = Math.min(this._attempt + 1, 30);
+    const clean = established && code != null && QUICK_RECONNECT.has(code);
+    if (clean && (!this._quick || lived >= this.opts.backoffMax * 1000)) {
+      this._quick = true;
+      this._attempt = 0;
+    } else {
+      if (!clean) this._quick = false;
+      this._attempt = established && code == null ? 0 : Math.min(this._attempt + 1, 30);
+      delay = Math.min(this.opts.backoffMax, this.opts.backoffInitial * 2 ** Math.min(this._attempt, 16)) * (0.5 + Math.random());
     }
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = setTimeout(() => { this._reconnectTimer = null; this._dial(); }, delay);
@@ -425,7 +438,7 @@ export class PimcoreClient {
 
   _establish(now) {
     this._setState(State.ACTIVE);
-    this._conn.active = true; // the backoff restarts after a connection that lived 5 s (_scheduleReconnect)
+    this._conn.active = true; // a completed login: see _scheduleReconnect
     const ack = this.loginAck;
     const ev = { user: this.user, device: this.device, position: ack.position, gap: ack.gap, clockOffset: this.clockOffset, rtt: this.rtt, epoch: this.epoch };
     this._emit('connected', ev);
@@ -437,7 +450,7 @@ export class PimcoreClient {
     this._fill(now);
     for (const [conv, seq] of this._wanted) this._sendFrame(frame('Read', { conv, seq }));
     if (this.takenUpto > this.ackedUpto) this._armAck();
-    for (const r of this._requests.values()) { r.askedAt = now; this._sendFrame(r.frame); }
+    for (const r of this._requests.values()) this._sendFrame(r.frame);
     this._resendPresence();
     if (this._calib.taken > 0) this._nextSample(now); else this._calib.t0 = null;
   }
@@ -556,7 +569,12 @@ export class PimcoreClient {
     return true;
   }
 
+  // Written once per connection: the broker answers every request it reads
+  // (or closes), and the transport delivers it; a copy on the same
+  // connection would only queue behind the first one.  Sent again after a
+  // reconnect (_establish) or a refusal; a silent broker is the heartbeat's job.
   _transmit(e, now) {
+    if (e.tx) this.stats.retransmits++;
     this._tx++;
     e.tx = this._tx; e.inFlight = true; e.sentAt = now;
     this._sendFrame(e.frame);
@@ -668,7 +686,8 @@ export class PimcoreClient {
     const rs = this._readStates.get(conv);
     if (rs && seq > rs.read_seq) {
       rs.read_seq = seq;
-      if (seq >= rs.last_seq) rs.unread = 0;
+      // Until the broker confirms (with the exact count): at most what lies past the marker.
+      rs.unread = seq >= rs.last_seq ? 0 : Math.min(rs.unread, rs.last_seq - seq);
     }
     this._wanted.set(conv, Math.max(this._wanted.get(conv) || 0, seq));
     if (this.state === State.ACTIVE) this._sendFrame(frame('Read', { conv, seq }));
@@ -686,7 +705,7 @@ export class PimcoreClient {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
     const now = this.opts.now();
     const reqId = this._nextReqId++;
-    const r = { reqId, frame: frame(name, { req_id: reqId, ...fields }), deadline: now + timeout * 1000, askedAt: now };
+    const r = { reqId, frame: frame(name, { req_id: reqId, ...fields }), deadline: now + timeout * 1000 };
     const p = new Promise((resolve, reject) => { r.resolve = resolve; r.reject = reject; });
     this._requests.set(reqId, r);
     this._refTicker();
@@ -948,14 +967,11 @@ export class PimcoreClient {
         this._lost(null, 'no Pong from the broker: dead link'); return;
       }
     }
-    for (const e of [...this._pending.values()]) {
-      if (e.inFlight && now - e.sentAt >= this.opts.ackTimeout * 1000) { this.stats.retransmits++; this._transmit(e, now); }
-    }
     if (now >= this._holdUntil) this._fill(now);
-    for (const r of this._requests.values()) {
-      if (now - r.askedAt >= 2 * this.opts.ackTimeout * 1000) { r.askedAt = now; this._sendFrame(r.frame); }
-    }
-    if (H > 0 && !this._ping && now - this._lastSent >= H) {
+    // A Ping one interval after the last frame received (whatever we sent
+    // meanwhile: a dead link is found within two intervals) or sent (the
+    // broker hears from an idle client).
+    if (H > 0 && !this._ping && (now - this._lastRecv >= H || now - this._lastSent >= H)) {
       const nonce = (this._nonce = (this._nonce || 0) + 1);
       this._ping = { nonce, at: now };
       this._sendFrame(frame('Ping', { nonce }));
