@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Generator, Optional, TypeVar
 
 import trio
 
@@ -58,6 +58,19 @@ def _settle(fut: "asyncio.Future[Any]", ok: bool, value: Any) -> None:
         fut.set_result(value)
     else:
         fut.set_exception(value)
+
+
+class _Done:
+    """An awaitable that is already done (its result None)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # (a generator: awaiting it returns at once)
+
+
+_DONE = _Done()
 
 
 class AsyncPimcore:
@@ -163,14 +176,17 @@ class AsyncPimcore:
         """Does the broker record host events (``[server] events``)?"""
         return self.handle.events_enabled
 
-    def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
+    def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> "_Done":
         """As :meth:`pimcore.embed.Pimcore.kick`: a plain call, done when it
         returns.  Safe from asyncio code: in guest mode trio's run lives on
         this thread, and kick only uses trio's synchronous calls (which wake
-        the guest run).  Raises BrokerStopped after the broker stopped."""
+        the guest run).  Raises BrokerStopped after the broker stopped.
+        Returns an awaitable that is already done, so that code written when
+        kick was a coroutine (``await im.kick(...)``) keeps working."""
         if self._closed:
             raise self._stopped()
         self.handle.kick(user, device, reason)
+        return _DONE
 
     async def post(self, conv: str, payload: bytes, **kwargs: Any) -> Posted:
         return await self._call(self.handle.post, conv, payload, **kwargs)

@@ -1118,14 +1118,21 @@ _ACTION_NAMES: dict[int, str] = {MessageKind.RECALL: "recall", MessageKind.EDIT:
 
 
 def _payload(payload: Any) -> bytes:
-    """A message payload as bytes: bytes, bytearray or memoryview are
-    taken; anything else is a TypeError before anything is allocated (an
-    int would be that many zero bytes, a list of ints their bytes)."""
+    """A message payload as bytes: bytes, or any object with the buffer
+    protocol (bytearray, memoryview, array.array, mmap, ...) is taken as
+    its bytes; anything else is a TypeError before anything is allocated
+    (``bytes(n)`` of an int would be n zero bytes, of a list its items)."""
     if isinstance(payload, bytes):
         return payload
-    if isinstance(payload, (bytearray, memoryview)):
-        return bytes(payload)
-    raise TypeError(f"payload must be bytes, bytearray or memoryview, not {type(payload).__name__}"
+    if not isinstance(payload, str):
+        try:
+            view = memoryview(payload)
+        except TypeError:
+            pass
+        else:
+            with view:
+                return view.tobytes()
+    raise TypeError(f"payload must be bytes or a bytes-like object (buffer protocol), not {type(payload).__name__}"
                     + (" (encode text first, e.g. payload.encode())" if isinstance(payload, str) else ""))
 
 

@@ -80,9 +80,13 @@ EventHandler = Callable[[HostEvent], bool]
 
 
 def _runs_trio() -> bool:
-    """Is this thread running a trio loop (any broker's, or a trio host's)?"""
+    """Is this call made from inside a trio task (another broker's on-loop
+    handler, a trio host)?  Not merely a thread that hosts a trio guest run
+    (an asyncio loop with a pimcore.asyncio broker): between the guest's
+    ticks no task runs there, and a blocking call from it waits for this
+    broker's thread, never for that run."""
     try:
-        trio.lowlevel.current_root_task()
+        trio.lowlevel.current_task()
     except RuntimeError:
         return False
     return True

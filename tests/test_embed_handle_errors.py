@@ -146,6 +146,11 @@ async def test_a_payload_that_is_not_bytes_is_a_type_error_and_stores_nothing(tm
             (posted,) = await im.post_many([{"conv": "team", "payload": bytearray(b"many")}])
             assert isinstance(posted, Posted)
             assert [m.payload for m in await im.history("team", "alice", limit=3)] == [b"many", b"edited", b"mv"]
+            # Any buffer-protocol object, as bytes() took them before.
+            import array
+
+            await im.post("team", array.array("B", b"arr"))
+            assert (await im.history("team", "alice", limit=1))[0].payload == b"arr"
 
 
 async def test_a_string_where_a_list_of_user_ids_goes_is_a_type_error(tmp_path: Path) -> None:

@@ -629,6 +629,8 @@ async def test_numbers_in_paths_and_queries_are_ascii_digits_only(tmp_path: Path
             assert_error(status, doc, 400, "bad_request")
             assert "include_hidden" in doc["error"]["message"], doc
             assert (await call(c, "GET", "/v1/users/alice/conversation-list?include_hidden=true"))[0] == 200
+            # Leading zeros are still numbers.
+            assert (await call(c, "GET", "/v1/conversations/team/history?user=alice&from_seq=00&limit=010"))[0] == 200
 
 
 async def test_retention_of_an_unknown_group_is_404_to_set_and_its_floor_to_read(tmp_path: Path) -> None:

@@ -530,3 +530,13 @@ async def test_deeply_nested_json_is_a_400_without_a_traceback(tmp_path: Path, c
                 for path in ("/v1/messages", "/v1/groups", "/v1/conversations/team/messages"):
                     assert_error(*await call(c, "POST", path, raw=raw), 400, "bad_request")
             assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+
+
+async def test_a_wait_or_keepalive_of_point_five_or_five_point_is_taken(tmp_path: Path) -> None:
+    """Seconds as '.5' and '5.' (float() takes them; the ASCII-only check
+    first refused them)."""
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            for q in ("wait=.5", "wait=1.", "wait=0.25"):
+                status, doc = await call(c, "GET", f"/v1/events?{q}")
+                assert status == 200, (q, doc)

@@ -23,7 +23,7 @@ import trio
 from pimcore import frames as F
 from pimcore.client import ClientConfig, open_client
 from pimcore.client_session import Disconnected
-from pimcore.errors import CloseCode
+from pimcore.errors import CloseCode, StoreError
 from pimcore.store import CreateGroup, StoreRequest, direct_conversation
 from pimcore.testing.chaos import open_chaos_proxy
 
@@ -1222,3 +1222,49 @@ async def test_the_hint_lists_of_dead_nodes_are_deleted(redis_cluster) -> None:
         assert await a.cluster.drop_dead_hint_lists() == 1
         assert await a._r.exists([a.cluster.hint_key(ghost)]) == 0
         assert await a._r.exists([a.cluster.hint_key(b.cluster.node_hex)]) == 1
+
+
+async def test_lost_writes_whose_new_epoch_redis_refuses_at_first_still_stop_the_node(redis_cluster) -> None:
+    """The node that detects lost writes refuses every write from then on;
+    if Redis does not take the new epoch at once (a transient error), the
+    epoch loop writes it once it can and then stops the node.  Before, the
+    node refused writes for ever without stopping, and no other node or
+    client learned of the loss; the detecting request got the hset's
+    StoreError instead of DataLost."""
+    from pimcore.store.redis import RedisStore
+    from pimcore.store.redis_scripts import DataLost
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    stopped = False
+    with trio.fail_after(60):
+        try:
+            async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, trio.open_nursery() as node:
+                await node.start(s1.cluster.hints, lambda *hint: None)  # as the server runs it: the epoch loop
+                old = await s1.epoch()
+                for k in range(3):
+                    await s1.execute(StoreRequest(k, (_send(AB, "alice", k, 9_000_000 + k, b"\x07" * 8),), True))
+                await s1._r.hset(s1._k_conv(AB), {"last": b"1"})
+                real, fails = s1._write_lost_epoch, [3]
+
+                async def flaky() -> None:
+                    if fails[0]:
+                        fails[0] -= 1
+                        raise StoreError("Redis: ConnectionError (injected)")
+                    await real()
+
+                s1._write_lost_epoch = flaky  # type: ignore[method-assign]
+                with pytest.raises(DataLost):
+                    await s1.execute(StoreRequest(9, (_send(AB, "alice", 9, 9_100_000, b"\x07" * 8),), True))
+                with pytest.raises(DataLost):
+                    await s1.execute(StoreRequest(10, (_send(AB, "alice", 10, 9_200_000, b"\x07" * 8),), True))
+                await trio.sleep_forever()  # until the epoch loop stops the node
+        except BaseException as exc:  # noqa: BLE001 - DataLost, maybe in a group
+            def leaves(e: BaseException) -> list:
+                return [x for sub in e.exceptions for x in leaves(sub)] if isinstance(e, BaseExceptionGroup) else [e]
+
+            assert any(isinstance(e, DataLost) for e in leaves(exc)), exc
+            stopped = True
+    assert stopped and fails == [0]
+    async with RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+        assert await s2.epoch() != old

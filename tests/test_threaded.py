@@ -439,3 +439,24 @@ def test_a_second_close_waits_for_the_first(tmp_path: Path) -> None:
     again = _start(tmp_path / "d")
     again.close()
     first.join()
+
+
+def test_blocking_calls_work_from_an_asyncio_loop_that_hosts_a_pimcore_asyncio_broker(tmp_path: Path) -> None:
+    """A thread that hosts a trio guest run (an asyncio loop with a
+    pimcore.asyncio broker) is no trio task between the guest's ticks: a
+    blocking call there waits for the threaded broker's own thread, never
+    for that run.  The WouldDeadlock check took any thread with a trio run
+    for a trio task and refused these calls."""
+    import asyncio
+
+    import pimcore.asyncio
+
+    with _start(tmp_path / "t") as im:
+        im.create_group("team", ["alice"])
+
+        async def main() -> tuple:
+            async with pimcore.asyncio.open_pimcore(data_dir=tmp_path / "a"):
+                return im.statistics(), im.post("team", b"from the asyncio loop").seq
+
+        stats, seq = asyncio.run(main())
+        assert stats is not None and seq == 1

@@ -143,9 +143,11 @@ def _query(request: Request, name: str, kind: type, default: Any, bounds: str = 
     raise TypeError(f"no query parameter of type {kind.__name__}")  # pragma: no cover - a bug
 
 
-#: A query parameter's whole number, or its number of seconds: ASCII only.
-_UINT = re.compile(r"[0-9]{1,19}")
-_UFLOAT = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
+#: A query parameter's whole number, or its number of seconds: ASCII
+#: digits only (leading zeros and "5." / ".5" allowed), at most 40
+#: characters (int() of thousands of digits is slow, then refused).
+_UINT = re.compile(r"[0-9]{1,40}")
+_UFLOAT = re.compile(r"(?=.{1,40}$)([0-9]+\.?[0-9]*|\.[0-9]+)")
 
 
 def _post_fields(body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:

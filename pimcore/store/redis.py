@@ -599,6 +599,7 @@ class RedisStore(AsyncStore):
         #: The multi-writer path (pimcore.store.redis_scripts), set on connect.
         self.cluster: Any = None
         self._epoch_lost = False
+        self._lost_epoch_written = False  # the new epoch _lost() takes is in Redis
         self._write_lock = trio.Lock()
 
     # ------------------------------------------------------------ plumbing
@@ -749,8 +750,17 @@ class RedisStore(AsyncStore):
         the namespace a new epoch that trusts no older one, so every client
         resynchronizes; every node stops when it sees it."""
         self._epoch_lost = True  # first: no write may run meanwhile (ClusterOps.execute)
+        await self._write_lost_epoch()
+
+    async def _write_lost_epoch(self) -> None:
+        """Store a new epoch for :meth:`_lost` (once; raises StoreError if
+        Redis does not take it: the epoch loop tries again, and stops this
+        node once it is written)."""
+        if self._lost_epoch_written:
+            return
         fresh = os.urandom(16).hex().encode()
         await self._call(lambda: self._r.hset(self._meta, {"epoch": fresh, "epochs": fresh}))
+        self._lost_epoch_written = True
 
     async def _call(self, request: Any) -> Any:
         """Await ``request()`` (a read), retried through a failover for up

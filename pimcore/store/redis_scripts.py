@@ -990,7 +990,10 @@ class ClusterOps:
         try:
             return await self._execute(ops, results)
         except DataLost:
-            await self.s._lost()
+            try:
+                await self.s._lost()
+            except StoreError:
+                pass  # the epoch loop writes the new epoch once Redis takes it
             raise
         finally:
             self._leave()
@@ -2090,6 +2093,15 @@ class ClusterOps:
         s = self.s
         while not s._closed:
             await trio.sleep(1.0)
+            if s._epoch_lost:
+                # This node detected lost writes: it stops once the new
+                # epoch is in Redis (so every node and client learns of
+                # them), and writes nothing meanwhile (execute refuses).
+                try:
+                    await s._write_lost_epoch()
+                except StoreError:
+                    continue
+                raise DataLost("this node detected lost writes and gave the namespace a new epoch: stopping")
             try:
                 epoch = await s._r.hget(s._meta, "epoch")
             except Exception:
