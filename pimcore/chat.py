@@ -47,6 +47,7 @@ import trio
 from . import frames as F
 from .client import (
     AuthFailed,
+    ClientClosed,
     ClientConfig,
     ClientError,
     Connected,
@@ -61,10 +62,21 @@ from .client import (
     SendTimeout,
     open_client,
 )
+from .errors import CloseCode
 from .ids import direct_conversation, group_problem, id_problem, valid_group, valid_id
 from .net.streams import parse_url
 
-__all__ = ["run_chat", "chat", "ChatRefused"]
+__all__ = ["run_chat", "chat", "ChatRefused", "ChatEnded"]
+
+
+#: Closes after which the client does not reconnect (docs/CLIENT.md): the
+#: chat ends instead of saying "reconnecting…".
+_FINAL_CLOSES = frozenset((CloseCode.AUTH_FAILED, CloseCode.TOKEN_REVOKED, CloseCode.KICKED, CloseCode.REPLACED))
+
+
+class ChatEnded(RuntimeError):
+    """The broker closed the chat's connection for good (the same device
+    logged in elsewhere, a kick, a revoked token): the reason."""
 
 
 class ChatRefused(ValueError):
@@ -229,6 +241,9 @@ async def chat(
                 elif isinstance(ev, ReceiptReceived) and ev.conv == conv and ev.reader == peer:
                     out(f"✓✓ read by {peer} (up to #{ev.seq})")
                 elif isinstance(ev, Disconnected):
+                    if ev.code in _FINAL_CLOSES:
+                        out(f"(connection closed by the broker: {ev.reason or ev.code.name}; not reconnecting)")
+                        raise ChatEnded(ev.reason or ev.code.name)
                     out(f"(connection lost: {ev.reason or ev.code}; reconnecting…)")
                 elif isinstance(ev, Connected):
                     if reconnects:  # the first connection was announced above
@@ -341,6 +356,8 @@ def run_chat(args: argparse.Namespace) -> int:
     except ChatRefused as exc:
         print(f"pimcore chat: {exc}", file=sys.stderr)
         return 2
+    except (ChatEnded, ClientClosed) as exc:
+        print(f"pimcore chat: the broker ended this chat: {exc}", file=sys.stderr)
     except AuthFailed as exc:
         print(f"pimcore chat: token refused: {exc}", file=sys.stderr)
     except ConnectFailed as exc:

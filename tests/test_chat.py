@@ -190,3 +190,44 @@ async def test_chat_shows_system_posts_as_the_system(tmp_path: Path) -> None:
     assert said[0].endswith("] [system]: welcome  (#1)"), said
     assert said[1].endswith("] [system]: maintenance at five  (#2)"), said
     assert said[2:] == ["  [system]: welcome  (#1)", "  [system]: maintenance at five  (#2)"], said
+
+
+async def test_chat_replaced_by_the_same_device_elsewhere_says_so_and_ends() -> None:
+    """The same device logging in on another connection closes this one
+    for good (REPLACED; KICKED and TOKEN_REVOKED alike): chat said
+    "reconnecting…", never did, and crashed with a ClientClosed traceback at
+    the next line typed.  It now says it will not reconnect and ends with
+    ChatEnded, which run_chat prints as one line (exit 1)."""
+    import trio
+
+    from _net import serving, token
+    from pimcore.chat import ChatEnded, chat
+    from pimcore.client import open_client
+    from pimcore.store import MemoryStore
+
+    with trio.fail_after(30):
+        async with serving(MemoryStore()) as srv:
+            out: list[str] = []
+            into, lines = trio.open_memory_channel[str](10)
+            url = srv.url("tcp")
+            ended: list[BaseException] = []
+
+            async def run() -> None:
+                try:
+                    await chat(url, token("alice"), "bob", device="terminal", lines=lines, out=out.append)
+                except ChatEnded as exc:
+                    ended.append(exc)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(run)
+                while not any(line.startswith("connected as alice") for line in out):
+                    await trio.sleep(0.01)
+                async with open_client(url, token("alice"), "terminal"):  # the same device, elsewhere
+                    while not ended:
+                        await trio.sleep(0.01)
+                        if len(out) > 50:
+                            break
+                await into.send("typed after the close")  # nobody reads it any more: no traceback either
+    assert ended and "logged in" in str(ended[0]), (ended, out)
+    lost = [line for line in out if line.startswith("(connection")]
+    assert lost and "not reconnecting" in lost[-1] and "reconnecting…" not in lost[-1], out
