@@ -103,6 +103,7 @@ export class PimcoreClient {
     this.rtt = -1;
     this._listeners = new Map();
     this._pending = new Map(); // local id -> send entry
+    this._expired = new Map(); // local id -> {conv, client_time, after_seq} of a send that timed out (for its retry)
     this._lastLocalId = 0;
     this._lastStamp = 0;
     this._cwnd = 65536;
@@ -460,14 +461,19 @@ export class PimcoreClient {
       return e.promise;
     }
     const lid = localId != null ? localId : Math.max(this._lastLocalId + 1, now);
-    this._lastLocalId = Math.max(this._lastLocalId, lid);
-    const stamp = Math.max(this._lastStamp + 1, now + this.clockOffset);
-    this._lastStamp = stamp;
+    // A retry of a send that timed out (same local id, same conv) carries the
+    // first attempt's stamp and after_seq: the same local id carries the same
+    // SendReq, so the broker's original ack matches what was stored.
+    const first = localId != null ? this._expired.get(localId) : undefined;
+    const again = first && first.conv === conv;
+    const stamp = again ? first.client_time : Math.max(this._lastStamp + 1, now + this.clockOffset);
     const f = frame('SendReq', {
-      local_id: lid, conv, client_time: stamp, payload: bytes, after_seq: this._seen.get(conv) || 0,
+      local_id: lid, conv, client_time: stamp, payload: bytes, after_seq: again ? first.after_seq : this._seen.get(conv) || 0,
       mentions: mentions.map((user) => ({ user })), mention_all: !!mentionAll,
     });
     f._body = encodeBody(f); // encoded once: every attempt sends the same bytes
+    this._lastLocalId = Math.max(this._lastLocalId, lid);
+    this._lastStamp = Math.max(this._lastStamp, stamp);
     const entry = { localId: lid, conv, frame: f, deadline: now + timeout * 1000, inFlight: false, sentAt: 0, tx: 0 };
     entry.promise = new Promise((resolve, reject) => { entry.resolve = resolve; entry.reject = reject; });
     entry.promise.catch(() => {}); // rejections are the caller's business
@@ -526,6 +532,14 @@ export class PimcoreClient {
   /** Delete the message at `seq` of `conv` for this user only (see amend()). */
   deleteForMe(conv, seq, opts = {}) { return this.amend(conv, seq, MessageKind.DELETE, new Uint8Array(0), opts); }
 
+  /** Keep what a send that failed unanswered carried, for a retry with its local id (the newest 1000). */
+  _rememberExpired(e) {
+    if (e.action || e.frame.name !== 'SendReq') return;
+    this._expired.delete(e.localId);
+    this._expired.set(e.localId, { conv: e.conv, client_time: e.frame.client_time, after_seq: e.frame.after_seq });
+    if (this._expired.size > 1000) this._expired.delete(this._expired.keys().next().value);
+  }
+
   /** Local ids of the sends not answered yet (in local-id order). */
   pendingSends() { return [...this._pending.keys()].sort((a, b) => a - b); }
 
@@ -567,6 +581,7 @@ export class PimcoreClient {
     if (!e) return; // the answer to a retry of a send already answered
     if (f.code === ErrorCode.OK) {
       this._pending.delete(f.local_id);
+      this._expired.delete(f.local_id);
       if (this._stall) { this._emit('sendsResumed', { since: this._stall.since, pending: this._pending.size }); this._stall = null; }
       this._refusals = 0;
       if (e.tx > this._recover) this._cwnd = Math.min(this._window, this._cwnd + 1);
@@ -576,7 +591,9 @@ export class PimcoreClient {
       const sent = { local_id: f.local_id, conv: e.conv, msg_id: f.msg_id, seq: f.seq, server_time: f.server_time, client_time: e.frame.client_time };
       this._addToView({ position: 0, msg_id: f.msg_id, conv: e.conv, seq: f.seq, sender: this.user, device: this.device,
         client_time: e.frame.client_time, server_time: f.server_time, payload: e.frame.payload, kind: e.action || MessageKind.MESSAGE,
-        local_id: f.local_id, after_seq: e.action ? Math.max(0, f.seq - 1) : e.frame.after_seq, target: e.target || 0,
+        // A message is never shown above what its sender could see, nor does it claim to follow a seq above its own
+        // (an answer to a retry whose frame saw more than the stored first attempt): as the broker stores it.
+        local_id: f.local_id, after_seq: e.action ? Math.max(0, f.seq - 1) : Math.min(e.frame.after_seq, Math.max(0, f.seq - 1)), target: e.target || 0,
         edited: 0, recalled: false, deleted: false });
       e.resolve(sent);
       this._emit('sent', sent);
@@ -914,7 +931,7 @@ export class PimcoreClient {
     this._refTicker();
     const now = this.opts.now();
     for (const e of [...this._pending.values()]) {
-      if (now >= e.deadline) { this._pending.delete(e.localId); e.reject(new SendTimeout(e.localId)); }
+      if (now >= e.deadline) { this._pending.delete(e.localId); this._rememberExpired(e); e.reject(new SendTimeout(e.localId)); }
     }
     for (const r of [...this._requests.values()]) {
       if (now >= r.deadline) { this._requests.delete(r.reqId); r.reject(new RequestTimeout(r.frame.name)); }

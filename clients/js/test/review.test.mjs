@@ -1,0 +1,53 @@
+// Review findings (clients/js): each test failed before its fix.  A live
+// `pimcore serve` (started here) unless the test needs no broker.
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { ClientClosed, EncodeError, PimcoreClient, directConv } from '../src/index.js';
+import { Broker, until } from './broker.mjs';
+
+const text = (m) => new TextDecoder().decode(m.payload);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function client(broker, user, opts = {}) {
+  const c = new PimcoreClient({ url: broker.url, token: broker.token(user), device: opts.device || 'node', ackTimeout: 2000, ...opts });
+  c.received = [];
+  c.on('message', (m) => c.received.push(m));
+  return c;
+}
+
+describe('review findings', () => {
+  let broker;
+  before(async () => { broker = await new Broker({ heartbeatMs: 30000 }).start(); });
+  after(async () => { try { process.kill(broker.proc.pid, 'SIGCONT'); } catch { /* gone */ } await broker.dispose(); });
+
+  test('a retry after SendTimeout (same localId) shows the stored message in the sender view, as elsewhere', async () => {
+    const conv = directConv('rt-a', 'rt-b');
+    const a = client(broker, 'rt-a', { ackTimeout: 5000 });
+    const b = client(broker, 'rt-b', { ackTimeout: 5000 });
+    await a.connect(); await b.connect();
+    await b.send(conv, 'bob first');
+    await until(() => a.view(conv).length === 1, 5000, 'alice sees seq 1');
+    process.kill(broker.proc.pid, 'SIGSTOP');
+    let err;
+    try {
+      const pa = a.send(conv, 'alice hello', { timeout: 300 }).catch((e) => e);
+      await sleep(50);
+      const pb = b.send(conv, 'bob second'); // bob has seen seq 1 only
+      err = await pa;
+      process.kill(broker.proc.pid, 'SIGCONT');
+      await pb;
+    } finally { process.kill(broker.proc.pid, 'SIGCONT'); }
+    assert.equal(err.name, 'SendTimeout');
+    await until(() => a.view(conv).length >= 2 && b.view(conv).length >= 3, 5000, 'both see everything but the retry');
+    const s = await a.send(conv, 'alice hello', { localId: err.localId });
+    const c = client(broker, 'rt-a', { device: 'other' });
+    await c.connect();
+    await c.history(conv);
+    await until(() => b.view(conv).length === 3, 5000, 'bob holds all three');
+    const show = (cl) => cl.view(conv).map((m) => `${m.seq}:${text(m)}:${m.after_seq}:${m.client_time}`);
+    assert.deepEqual(show(a), show(c), 'the sender shows what the broker stored');
+    assert.deepEqual(show(b), show(c));
+    assert.equal(s.client_time, c.view(conv).find((m) => m.seq === s.seq).client_time);
+    for (const x of [a, b, c]) await x.close();
+  });
+});
