@@ -50,4 +50,37 @@ describe('review findings', () => {
     assert.equal(s.client_time, c.view(conv).find((m) => m.seq === s.seq).client_time);
     for (const x of [a, b, c]) await x.close();
   });
+
+  test('requests with arguments no frame can carry reject, register nothing, and reconnects still work', async () => {
+    const conv = directConv('rq-a', 'rq-b');
+    const c = client(broker, 'rq-a', { ackTimeout: 500 });
+    await c.connect();
+    const uncaught = [];
+    const onErr = (e) => uncaught.push(e);
+    process.on('uncaughtException', onErr);
+    try {
+      const calls = [
+        () => c.history(conv, { fromSeq: -1 }),
+        () => c.readers(42),
+        () => c.listConversations({ limit: -1 }),
+        () => c.setConversation('g:\uD800lone', { pinned: true }),
+      ];
+      for (const call of calls) {
+        let p;
+        assert.doesNotThrow(() => { p = call(); });
+        await assert.rejects(p, EncodeError);
+      }
+      assert.equal(c._requests.size, 0, 'no request was left registered');
+      // A re-send of the requests (at reconnect) must not throw either.
+      const again = new Promise((r) => c.on('connected', r));
+      c.dropConnection();
+      c.reconnectNow();
+      await again;
+      const pres = await c.subscribePresence(['rq-b']);
+      assert.ok('rq-b' in pres);
+      assert.equal((await c.send(conv, 'still works')).seq, 1);
+      assert.deepEqual(uncaught, []);
+    } finally { process.off('uncaughtException', onErr); }
+    await c.close();
+  });
 });

@@ -8,7 +8,7 @@
 // Runs in browsers and in Node >= 20 (`node --experimental-websocket`, or
 // pass a WebSocket class such as the `ws` package's as `WebSocket`).
 import {
-  CloseCode, ErrorCode, FrameDecoder, FrameType, MessageKind, PresenceState, ProtocolError, Setting, codeName,
+  CloseCode, EncodeError, ErrorCode, FrameDecoder, FrameType, MessageKind, PresenceState, ProtocolError, Setting, codeName,
   encodeBody, frame, frameBytes,
 } from './codec.js';
 import { displayOrder } from './order.js';
@@ -702,15 +702,23 @@ export class PimcoreClient {
   _request(name, fields, timeout) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
     const now = this.opts.now();
-    const reqId = this._nextReqId++;
-    const r = { reqId, frame: frame(name, { req_id: reqId, ...fields }), deadline: now + timeout * 1000, askedAt: now };
+    const reqId = this._nextReqId;
+    const f = frame(name, { req_id: reqId, ...fields });
+    // Encoded before anything is registered: arguments no frame can carry
+    // reject the promise (EncodeError) and leave nothing to re-send.
+    try { f._body = encodeBody(f); } catch (e) { return Promise.reject(e); }
+    this._nextReqId++;
+    const r = { reqId, frame: f, deadline: now + timeout * 1000, askedAt: now };
     const p = new Promise((resolve, reject) => { r.resolve = resolve; r.reject = reject; });
     this._requests.set(reqId, r);
     this._refTicker();
     if (this.state === State.ACTIVE) this._sendFrame(r.frame);
     return p;
   }
-  /** One page of history: {messages, more}; rejects with SendError(code) or RequestTimeout. */
+  /**
+   * One page of history: {messages, more}; rejects with SendError(code) or RequestTimeout.  This and every
+   * request below reject (never throw) with EncodeError for arguments no frame can carry, and leave nothing behind.
+   */
   history(conv, { fromSeq = 0, limit = 50, backward = false, timeout = this.opts.sendTimeout } = {}) {
     return this._request('HistoryReq', { conv, from_seq: fromSeq, limit, backward }, timeout);
   }
@@ -837,9 +845,14 @@ export class PimcoreClient {
    */
   subscribePresence(users, { timeout = this.opts.sendTimeout } = {}) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
-    const wanted = [...new Set(users)];
-    const reqId = this._nextReqId++;
-    const f = frame('PresenceSub', { req_id: reqId, users: wanted.map((user) => ({ user })) });
+    let wanted, f;
+    const reqId = this._nextReqId;
+    try {
+      wanted = [...new Set(users)];
+      f = frame('PresenceSub', { req_id: reqId, users: wanted.map((user) => ({ user })) });
+      encodeBody(f); // arguments no frame can carry: rejected, the subscription unchanged
+    } catch (e) { return Promise.reject(e instanceof EncodeError ? e : new EncodeError(`users must be an array of user ids: ${e.message}`)); }
+    this._nextReqId++;
     this._presenceWanted = { reqId, users: wanted };
     const p = new Promise((resolve, reject) => {
       this._presenceWaiting.push({ reqId, resolve, reject, deadline: this.opts.now() + timeout * 1000 });
