@@ -83,4 +83,23 @@ describe('review findings', () => {
     } finally { process.off('uncaughtException', onErr); }
     await c.close();
   });
+
+  test('markRead beyond the last seq is clamped: unread stays right afterwards', async () => {
+    const conv = directConv('mr-a', 'mr-b');
+    const a = client(broker, 'mr-a'); const b = client(broker, 'mr-b');
+    await a.connect(); await b.connect();
+    await a.send(conv, 'x');
+    await until(() => b.received.length === 1, 5000, 'bob gets x');
+    b.markRead(conv, 999);
+    assert.equal(b.readState(conv).read_seq, 1);
+    await a.send(conv, 'y'); await a.send(conv, 'z');
+    await until(() => b.received.length === 3, 5000, 'bob gets y, z');
+    const b2 = client(broker, 'mr-b', { device: 'other' });
+    await b2.connect();
+    await until(() => b2.readState(conv) !== undefined, 5000, 'second device has the read state');
+    assert.equal(b2.unread(conv), 2, 'broker truth');
+    await until(() => b.unread(conv) === 2 && b._wanted.size === 0, 5000, `bob's unread follows the broker: ${JSON.stringify(b.readState(conv))}`);
+    assert.equal(b.readState(conv).read_seq, 1);
+    for (const x of [a, b, b2]) await x.close();
+  });
 });

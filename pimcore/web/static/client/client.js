@@ -679,10 +679,20 @@ export class PimcoreClient {
   }
 
   // ------------------------------------------------------------ read state
-  /** Move the user's read marker of `conv` to `seq` (never back); sent again after reconnects until confirmed. */
+  /**
+   * Move the user's read marker of `conv` to `seq` (never back, and never past the last seq this client knows of,
+   * as the broker clamps it); sent again after reconnects until confirmed.  Throws EncodeError for values no Read carries.
+   */
   markRead(conv, seq) {
     if (this.state === State.CLOSED) throw this.error;
+    const f = frame('Read', { conv, seq });
+    f._body = encodeBody(f); // throws EncodeError before any state changes
     const rs = this._readStates.get(conv);
+    // The broker clamps a marker to the last seq the user may see: so does
+    // the client with what it knows, or the lower confirmation would look
+    // like a marker moving back and be ignored (unread wrong for good).
+    const known = Math.max(rs ? rs.last_seq : 0, this._seen.get(conv) || 0);
+    if (known) seq = Math.min(seq, known);
     if (rs && seq > rs.read_seq) {
       rs.read_seq = seq;
       if (seq >= rs.last_seq) rs.unread = 0;
