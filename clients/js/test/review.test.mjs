@@ -102,4 +102,18 @@ describe('review findings', () => {
     assert.equal(b.readState(conv).read_seq, 1);
     for (const x of [a, b, b2]) await x.close();
   });
+
+  test('a message listener attached right after await connect() gets the catch-up', async () => {
+    const conv = directConv('cu-a', 'cu-b');
+    const a = client(broker, 'cu-a');
+    await a.connect();
+    for (let i = 0; i < 5; i++) await a.send(conv, `m${i}`);
+    const b = new PimcoreClient({ url: broker.url, token: broker.token('cu-b'), device: 'phone' });
+    await b.connect();
+    const got = [];
+    b.on('message', (m) => got.push(m.seq));
+    await until(() => got.length === 5, 5000, `catch-up delivered to the listener (got ${got})`);
+    assert.deepEqual(got, [1, 2, 3, 4, 5]);
+    await a.close(); await b.close();
+  });
 });

@@ -157,6 +157,9 @@ export class PimcoreClient {
   /**
    * Connect (and keep reconnecting); resolves at the first login, rejects with AuthFailed / ClientClosed,
    * or with the token function's own error when it fails before the first login (the client ends).
+   * What the broker sends with the login (the catch-up) is handed to the listeners only on a later
+   * turn of the event loop, after the code following `await connect()` ran: a 'message' listener
+   * attached right there gets every message (none is taken, and acked, before).
    */
   connect() {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
@@ -284,6 +287,7 @@ export class PimcoreClient {
     this._lastSent = this._lastRecv = now;
     this._ping = null;
     this._held = [];
+    this._deferred = null;
     this._calib = { t0: now, deadline: now + this.opts.connectTimeout * 1000, taken: 0, login: true };
     this._conn.opened = true;
     this._loginDeadline = now + this.opts.connectTimeout * 1000;
@@ -344,6 +348,7 @@ export class PimcoreClient {
       return;
     }
     if (st !== State.ACTIVE) return;
+    if (this._deferred) { this._deferred.push(f); return; } // connect() resolves first (_establish)
     switch (f.type) {
       case FrameType.CALIBRATE_RESP:
         if (this._calib && f.client_time === this._calib.t0) { this._sample(f, now); this._nextSample(now); }
@@ -431,9 +436,18 @@ export class PimcoreClient {
     const ev = { user: this.user, device: this.device, position: ack.position, gap: ack.gap, clockOffset: this.clockOffset, rtt: this.rtt, epoch: this.epoch };
     this._emit('connected', ev);
     for (const w of this._connectWaiters.splice(0)) w.resolve(ev);
-    const held = this._held; this._held = [];
-    for (const f of held) { if (!this._ws) return; this._handle(f, now); }
-    if (!this._ws) return;
+    // What came during calibration (the catch-up) and whatever comes before
+    // the next macrotask is handled only then: the code after `await
+    // connect()` runs first and can attach its 'message' listener, so no
+    // message is taken (and acked) with nobody there to handle it.
+    this._deferred = this._held; this._held = [];
+    const dec = this._decoder;
+    setTimeout(() => {
+      const frames = this._deferred;
+      if (this._decoder !== dec || !frames) return; // that connection ended: its frames are void
+      this._deferred = null;
+      for (const f of frames) { if (!this._ws || this._decoder !== dec) return; this._handle(f, this.opts.now()); }
+    }, 0);
     for (const e of this._pending.values()) e.inFlight = false;
     this._fill(now);
     for (const [conv, seq] of this._wanted) this._sendFrame(frame('Read', { conv, seq }));
