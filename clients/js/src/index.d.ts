@@ -96,6 +96,8 @@ export interface ClientOptions {
   now?: () => number;
 }
 
+/** A message payload: bytes as a Uint8Array, an ArrayBuffer or any ArrayBuffer view (DataView, typed array), or text sent as UTF-8.  Anything else rejects with EncodeError. */
+export type Payload = Uint8Array | ArrayBuffer | ArrayBufferView | string;
 export interface Sent { local_id: Int; conv: string; msg_id: Uint8Array; seq: Int; server_time: Int; client_time: Int }
 export interface Connected { user: string; device: string; position: Int; gap: boolean; clockOffset: number; rtt: number; epoch: Uint8Array }
 
@@ -145,10 +147,10 @@ export declare class PimcoreClient {
   close(): Promise<void>;
   dropConnection(reason?: string): void;
   reconnectNow(): void;
-  send(conv: string, payload: Uint8Array | string, options?: { localId?: number; timeout?: number; mentions?: string[]; mentionAll?: boolean }): Promise<Sent>;
-  amend(conv: string, target: number, action: number, payload?: Uint8Array | string, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  send(conv: string, payload: Payload, options?: { localId?: number; timeout?: number; mentions?: string[]; mentionAll?: boolean }): Promise<Sent>;
+  amend(conv: string, target: number, action: number, payload?: Payload, options?: { localId?: number; timeout?: number }): Promise<Sent>;
   recall(conv: string, seq: number, options?: { localId?: number; timeout?: number }): Promise<Sent>;
-  edit(conv: string, seq: number, payload: Uint8Array | string, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  edit(conv: string, seq: number, payload: Payload, options?: { localId?: number; timeout?: number }): Promise<Sent>;
   deleteForMe(conv: string, seq: number, options?: { localId?: number; timeout?: number }): Promise<Sent>;
   pendingSends(): number[];
   markRead(conv: string, seq: number): void;

@@ -116,4 +116,29 @@ describe('review findings', () => {
     assert.deepEqual(got, [1, 2, 3, 4, 5]);
     await a.close(); await b.close();
   });
+
+  test('bad arguments reject the promise; ArrayBuffer and views are payloads', async () => {
+    const conv = directConv('ba-a', 'ba-b');
+    const a = client(broker, 'ba-a'); const b = client(broker, 'ba-b');
+    await a.connect(); await b.connect();
+    const bad = [
+      () => a.send(conv, 42),
+      () => a.send('g:\uD800lone', 'p'),
+      () => a.recall(conv, 'abc'),
+      () => a.edit(conv, 1, 42),
+    ];
+    for (const call of bad) {
+      let p;
+      assert.doesNotThrow(() => { p = call(); });
+      await assert.rejects(p, TypeError);
+    }
+    assert.deepEqual(a.pendingSends(), []);
+    const ab = new TextEncoder().encode('ab').buffer;
+    const dv = new DataView(new TextEncoder().encode('xcdx').buffer, 1, 2);
+    const i16 = new Int16Array([0x6665]);
+    await a.send(conv, ab); await a.send(conv, dv); await a.send(conv, i16);
+    await until(() => b.received.length === 3, 5000, 'bob gets them');
+    assert.deepEqual(b.received.map(text), ['ab', 'cd', 'ef']);
+    await a.close(); await b.close();
+  });
 });

@@ -57,6 +57,15 @@ export function fromHex(s) {
   return out;
 }
 
+/** A payload as bytes: a string (UTF-8), a Uint8Array, an ArrayBuffer or any ArrayBuffer view (a DataView, a typed array). */
+function payloadBytes(p) {
+  if (typeof p === 'string') return utf8.encode(p);
+  if (p instanceof Uint8Array) return p;
+  if (p instanceof ArrayBuffer) return new Uint8Array(p);
+  if (ArrayBuffer.isView(p)) return new Uint8Array(p.buffer, p.byteOffset, p.byteLength);
+  throw new EncodeError(`payload must be a string, Uint8Array, ArrayBuffer or ArrayBuffer view, not ${p === null ? 'null' : typeof p}`);
+}
+
 function wallUs() { return Date.now() * 1000; }
 
 const DEFAULTS = {
@@ -461,14 +470,20 @@ export class PimcoreClient {
   get sendWindow() { return Math.max(1, Math.min(this._window || 1, Math.floor(this._cwnd))); }
 
   /**
-   * Send `payload` (Uint8Array, or a string sent as UTF-8) to `conv`.
-   * Resolves with {local_id, conv, msg_id, seq, server_time, client_time}
-   * once durable; rejects with SendError (final code), SendTimeout, ClientClosed.
+   * Send `payload` (Uint8Array, ArrayBuffer or any ArrayBuffer view, or a
+   * string sent as UTF-8) to `conv`.  Resolves with {local_id, conv, msg_id,
+   * seq, server_time, client_time} once durable; rejects with SendError
+   * (final code), SendTimeout, ClientClosed, or EncodeError (never thrown)
+   * for arguments no SendReq can carry.
    */
-  send(conv, payload, { localId = null, timeout = this.opts.sendTimeout, mentions = [], mentionAll = false } = {}) {
+  send(conv, payload, options = {}) {
+    // Bad arguments (EncodeError) reject the promise, never throw.
+    try { return this._send(conv, payload, options); } catch (e) { return Promise.reject(e); }
+  }
+  _send(conv, payload, { localId = null, timeout = this.opts.sendTimeout, mentions = [], mentionAll = false } = {}) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
     const now = this.opts.now();
-    const bytes = typeof payload === 'string' ? utf8.encode(payload) : payload;
+    const bytes = payloadBytes(payload);
     if (localId != null && this._pending.has(localId)) {
       const e = this._pending.get(localId);
       e.deadline = Math.max(e.deadline, now + timeout * 1000);
@@ -512,10 +527,13 @@ export class PimcoreClient {
    * once durable, and the local view shows the change; rejects with
    * SendError (NOT_SENDER, TOO_LATE, RECALLED, NO_SUCH_MESSAGE, ...).
    */
-  amend(conv, target, action, payload = new Uint8Array(0), { localId = null, timeout = this.opts.sendTimeout } = {}) {
+  amend(conv, target, action, payload = new Uint8Array(0), options = {}) {
+    try { return this._amend(conv, target, action, payload, options); } catch (e) { return Promise.reject(e); }
+  }
+  _amend(conv, target, action, payload, { localId = null, timeout = this.opts.sendTimeout } = {}) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
     const now = this.opts.now();
-    const bytes = typeof payload === 'string' ? utf8.encode(payload) : payload;
+    const bytes = payloadBytes(payload);
     if (localId != null && this._pending.has(localId)) {
       const e = this._pending.get(localId);
       e.deadline = Math.max(e.deadline, now + timeout * 1000);
