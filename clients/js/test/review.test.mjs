@@ -141,4 +141,19 @@ describe('review findings', () => {
     assert.deepEqual(b.received.map(text), ['ab', 'cd', 'ef']);
     await a.close(); await b.close();
   });
+
+  test("a user's message ends their typing indicator, before the message event", async () => {
+    const conv = directConv('ty-a', 'ty-b');
+    const a = client(broker, 'ty-a'); const b = client(broker, 'ty-b');
+    await a.connect(); await b.connect();
+    const log = [];
+    b.on('typing', (t) => log.push(`typing ${t.user} ${t.active}`));
+    b.on('message', (m) => log.push(`message ${m.sender} ${JSON.stringify(b.typingUsers(conv))}`));
+    assert.equal(a.typing(conv), true);
+    await until(() => log.length === 1, 5000, 'typing arrives');
+    await a.send(conv, 'done typing');
+    await until(() => log.length >= 2 && log.at(-1).startsWith('message'), 5000, 'message arrives');
+    assert.deepEqual(log, ['typing ty-a true', 'typing ty-a false', 'message ty-a []']);
+    await a.close(); await b.close();
+  });
 });

@@ -672,6 +672,11 @@ export class PimcoreClient {
     // A RECALL / EDIT / DELETE entry is an 'amended' event: {entry, message}
     // (the changed message as held, or null when this client does not hold it).
     for (const m of kept) {
+      // PROTOCOL.md: an indicator ends at a message from that user; the stop
+      // comes before the message itself (as pimcore.client_session does).
+      if (m.kind === MessageKind.MESSAGE && this._typingSeen.delete(`${m.conv}\n${m.sender}`)) {
+        this._emit('typing', { conv: m.conv, user: m.sender, active: false, expires: 0 });
+      }
       if (AMEND_KINDS.has(m.kind)) this._emit('amended', { entry: m, message: this._heldMessage(m.conv, m.target) });
       else this._emit('message', m);
     }
