@@ -902,7 +902,7 @@ export class PimcoreClient {
     this._nextReqId++;
     this._presenceWanted = { reqId, users: wanted };
     const p = new Promise((resolve, reject) => {
-      this._presenceWaiting.push({ reqId, resolve, reject, deadline: this.opts.now() + timeout * 1000 });
+      this._presenceWaiting.push({ reqId, users: wanted, resolve, reject, deadline: this.opts.now() + timeout * 1000 });
     });
     this._refTicker();
     if (this.state === State.ACTIVE) this._sendFrame(f);
@@ -949,8 +949,25 @@ export class PimcoreClient {
   _onPresence(f) {
     const w = this._presenceWanted;
     if (f.req_id) {
-      if (!w || f.req_id !== w.reqId) return; // the answer to a subscription replaced since
-      const done = this._presenceWaiting.splice(0);
+      const answerFor = (users) => {
+        const answer = {};
+        for (const e of f.entries) if (users.includes(e.user)) answer[e.user] = { ...e };
+        return answer;
+      };
+      if (!w || f.req_id !== w.reqId) {
+        // The answer to a subscription replaced since (a newer one is on its
+        // way): it resolves (or rejects) its own call with its own users'
+        // states, and changes nothing else.
+        const i = this._presenceWaiting.findIndex((x) => x.reqId === f.req_id);
+        if (i < 0) return;
+        const [x] = this._presenceWaiting.splice(i, 1);
+        if (f.code !== ErrorCode.OK) x.reject(new SendError(f.code)); else x.resolve(answerFor(x.users));
+        return;
+      }
+      // This answer ends the calls up to it (an earlier one whose own answer
+      // was lost with a connection gets its users' states as far as known).
+      const done = this._presenceWaiting.filter((x) => x.reqId <= f.req_id);
+      this._presenceWaiting = this._presenceWaiting.filter((x) => x.reqId > f.req_id);
       if (f.code !== ErrorCode.OK) {
         // the broker kept the previous subscription: so does the client
         this._presenceWanted = { reqId: f.req_id, users: this._presenceUsers };
@@ -959,9 +976,7 @@ export class PimcoreClient {
       }
       this._presenceUsers = w.users;
       for (const u of [...this.presence.keys()]) if (!w.users.includes(u)) this.presence.delete(u);
-      const answer = {};
-      for (const e of f.entries) answer[e.user] = { ...e };
-      for (const x of done) x.resolve(answer);
+      for (const x of done) x.resolve(answerFor(x.users));
     }
     for (const e of f.entries) {
       if (!this._presenceUsers.includes(e.user)) continue;

@@ -156,4 +156,15 @@ describe('review findings', () => {
     assert.deepEqual(log, ['typing ty-a true', 'typing ty-a false', 'message ty-a []']);
     await a.close(); await b.close();
   });
+
+  test('two quick subscribePresence calls each resolve with their own users', async () => {
+    const a = client(broker, 'ps-a');
+    await a.connect();
+    const p1 = a.subscribePresence(['ps-b']);
+    const p2 = a.subscribePresence(['ps-c', 'ps-d']);
+    assert.deepEqual(Object.keys(await p1), ['ps-b']);
+    assert.deepEqual(Object.keys(await p2).sort(), ['ps-c', 'ps-d']);
+    assert.deepEqual([...a.presence.keys()].sort(), ['ps-c', 'ps-d']);
+    await a.close();
+  });
 });
