@@ -198,7 +198,14 @@ class ConnectFailed(ClientError):
 
 
 class ClientClosed(ClientError):
-    """The client was closed (or stopped for good) while waiting."""
+    """The client was closed (or stopped for good) while waiting.  For a
+    send still pending then, ``local_id`` is its local id (None otherwise):
+    the message may have been stored; a new client finds out without risk
+    with ``send(..., local_id=err.local_id)``, as after SendTimeout."""
+
+    def __init__(self, message: str = "", local_id: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.local_id = local_id
 
 
 # ---------------------------------------------------------------- results & events
@@ -979,7 +986,8 @@ class ClientSession:
         self.error = error
         self._decoder = None
         for p in list(self._pending.values()):
-            self._completions.append(SendCompleted(p.local_id, None, error))
+            err = ClientClosed(str(error), p.local_id) if isinstance(error, ClientClosed) else error
+            self._completions.append(SendCompleted(p.local_id, None, err))
         self._pending.clear()
         self._queue.clear()
         self._inflight.clear()

@@ -861,12 +861,15 @@ def test_close_acks_what_was_taken_then_says_goodbye():
     events(s, T0)
     b.feed(T0, F.Push(1, (msg(1, 1),)))
     events(s, T0)
-    s.send(CONV, b"unanswered", T0)
+    lid = s.send(CONV, b"unanswered", T0)
     b.read()
     s.close(T0)
     assert b.read() == [F.PushAck(1), F.Close(CloseCode.NORMAL, "client closing")]
     [done] = s.completions()
     assert isinstance(done.error, ClientClosed)
+    # The message may have been stored: the error names its local id, for a
+    # retry with it from a new client (as SendTimeout.local_id).
+    assert done.error.local_id == lid and s.error is not None and s.error.local_id is None
     assert s.state is SessionState.CLOSED
     s.close(T0)  # idempotent
 

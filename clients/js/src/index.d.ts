@@ -178,7 +178,8 @@ export declare class PimcoreClient {
 
 export declare class SendError extends Error { code: number; reason: string }
 export declare class SendTimeout extends Error { localId: number }
-export declare class ClientClosed extends Error {}
+/** For a send pending at close, `localId` is its local id (the message may have been stored: send again with it); null otherwise. */
+export declare class ClientClosed extends Error { localId: number | null }
 export declare class AuthFailed extends Error {}
 export declare class RequestTimeout extends Error {}
 export declare function toHex(b: Uint8Array): string;

@@ -167,4 +167,14 @@ describe('review findings', () => {
     assert.deepEqual([...a.presence.keys()].sort(), ['ps-c', 'ps-d']);
     await a.close();
   });
+
+  test('close() with a send pending rejects it with ClientClosed carrying its localId', async () => {
+    const c = new PimcoreClient({ url: 'ws://127.0.0.1:1/', token: 'x', reconnect: false });
+    c.connect().catch(() => {});
+    const p = c.send(directConv('cc-a', 'cc-b'), 'hello', { localId: 77 });
+    await c.close();
+    const err = await p.catch((e) => e);
+    assert.ok(err instanceof ClientClosed);
+    assert.equal(err.localId, 77);
+  });
 });

@@ -29,9 +29,13 @@ export class SendError extends Error {
 export class SendTimeout extends Error {
   constructor(localId) { super(`no SendAck for local id ${localId}`); this.name = 'SendTimeout'; this.localId = localId; }
 }
-/** The client was closed (by the application, or Close(REPLACED/KICKED) from the broker). */
+/**
+ * The client was closed (by the application, or Close(REPLACED/KICKED) from the broker).  For a send
+ * (or amend) still pending then, `localId` is its local id: the message may have been stored; a new
+ * client can send it again with that `localId` (the broker answers with the original ack if it was).
+ */
 export class ClientClosed extends Error {
-  constructor(reason) { super(reason); this.name = 'ClientClosed'; }
+  constructor(reason, localId = null) { super(reason); this.name = 'ClientClosed'; this.localId = localId; }
 }
 /** The broker refused the token (Close(AUTH_FAILED) or TOKEN_REVOKED). */
 export class AuthFailed extends Error {
@@ -189,7 +193,10 @@ export class PimcoreClient {
     this._dial();
   }
 
-  /** PushAck what was taken, Close(NORMAL), stop.  Pending sends fail with ClientClosed. */
+  /**
+   * PushAck what was taken, Close(NORMAL), stop.  Pending sends fail with ClientClosed carrying their
+   * `localId` (they may have been stored: send again with it from a new client).
+   */
   async close() {
     if (this.state === State.CLOSED) return;
     const ws = this._ws;
@@ -212,7 +219,7 @@ export class PimcoreClient {
     clearInterval(this._ticker); this._ticker = null;
     clearTimeout(this._reconnectTimer); this._reconnectTimer = null;
     clearTimeout(this._ackTimer); this._ackTimer = null;
-    for (const e of this._pending.values()) e.reject(err);
+    for (const e of this._pending.values()) e.reject(err instanceof ClientClosed ? new ClientClosed(err.message, e.localId) : err);
     this._pending.clear();
     for (const r of this._requests.values()) r.reject(err);
     this._requests.clear();
