@@ -88,7 +88,7 @@ const DEFAULTS = {
   viewLimit: 1000,
   typingInterval: 2500, // ms: while the user types, typing() sends at most one Typing per conv per interval
   reconnect: true,
-  now: wallUs, // µs, the device clock messages are stamped with
+  now: wallUs, // µs (an integer; a fraction is floored), the device clock messages are stamped with
 };
 
 /**
@@ -99,6 +99,11 @@ const DEFAULTS = {
 export class PimcoreClient {
   constructor(options) {
     this.opts = { ...DEFAULTS, ...options };
+    // now() is µs; wire times are integers, so a fractional clock (e.g.
+    // (performance.timeOrigin + performance.now()) * 1000) is floored here.
+    const clock = this.opts.now;
+    if (typeof clock !== 'function') throw new TypeError('now must be a function returning µs');
+    this.opts.now = () => Math.floor(clock());
     if (!this.opts.url) throw new TypeError('url is required');
     if (!this.opts.token) throw new TypeError('token is required (a string, or a function returning one)');
     this.WebSocket = this.opts.WebSocket || globalThis.WebSocket;

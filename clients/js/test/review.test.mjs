@@ -177,4 +177,13 @@ describe('review findings', () => {
     assert.ok(err instanceof ClientClosed);
     assert.equal(err.localId, 77);
   });
+
+  test('a fractional now() (performance.timeOrigin + performance.now()) still logs in', async () => {
+    const now = () => (performance.timeOrigin + performance.now()) * 1000;
+    const a = client(broker, 'fn-a', { now });
+    await a.connect();
+    const s = await a.send(directConv('fn-a', 'fn-b'), 'hi');
+    assert.ok(Number.isInteger(s.client_time));
+    await a.close();
+  });
 });
