@@ -659,7 +659,7 @@ class Client:
                 f"{ep.host}:{ep.port}",
                 ep.path,
                 message_queue_size=64,
-                max_message_size=max(self.config.max_frame, WebSocketStream.MAX_MESSAGE) + 16,
+                max_message_size=max(self.config.max_frame, WebSocketStream.MAX_PEER_MESSAGE) + 16,
             )
             return WebSocketStream(ws)
         return stream

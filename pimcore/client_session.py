@@ -198,7 +198,14 @@ class ConnectFailed(ClientError):
 
 
 class ClientClosed(ClientError):
-    """The client was closed (or stopped for good) while waiting."""
+    """The client was closed (or stopped for good) while waiting.  For a
+    send still pending then, ``local_id`` is its local id (None otherwise):
+    the message may have been stored; a new client finds out without risk
+    with ``send(..., local_id=err.local_id)``, as after SendTimeout."""
+
+    def __init__(self, message: str = "", local_id: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.local_id = local_id
 
 
 # ---------------------------------------------------------------- results & events
@@ -751,6 +758,9 @@ class ClientSession:
 
         # -- upstream
         self._pending: dict[int, _Pending] = {}
+        # local id -> (conv, client_time, after_seq) of a send that timed out:
+        # its retry (same local id) carries the same SendReq.  The newest 1000.
+        self._expired: dict[int, tuple[str, int, int]] = {}
         # Not on the wire yet, in local-id (= send) order; may hold finished
         # entries, skipped lazily (a dict lookup is cheaper than deque.remove).
         self._queue: deque[_Pending] = deque()
@@ -1039,7 +1049,8 @@ class ClientSession:
         self.error = error
         self._decoder = None
         for p in list(self._pending.values()):
-            self._completions.append(SendCompleted(p.local_id, None, error))
+            err = ClientClosed(str(error), p.local_id) if isinstance(error, ClientClosed) else error
+            self._completions.append(SendCompleted(p.local_id, None, err))
         self._pending.clear()
         self._queue.clear()
         self._inflight.clear()
@@ -1417,6 +1428,11 @@ class ClientSession:
             p = self._pending.get(lid)
             if p is not None and p.deadline == at:
                 self._forget(p)
+                if not p.action:
+                    self._expired.pop(lid, None)
+                    self._expired[lid] = (p.conv, p.client_time, p.after_seq)
+                    if len(self._expired) > 1000:
+                        del self._expired[next(iter(self._expired))]
                 self._completions.append(SendCompleted(lid, None, SendTimeout(lid)))
                 self._fill_window()
         for h in [h for h in self._history.values() if h.deadline <= t]:
@@ -1478,7 +1494,8 @@ class ClientSession:
         With ``local_id`` of a send still pending, nothing new is queued (the
         later of the two deadlines applies).  With the local id of an earlier,
         finished send it is asked again: the broker answers with the original
-        ack if it stored it.  Raises EncodeError for a conv/payload/local id no
+        ack if it stored it (after a SendTimeout, with the first attempt's
+        stamp and after_seq, so that the local view shows what was stored).  Raises EncodeError for a conv/payload/local id no
         SendReq can carry, the terminal error if CLOSED.  A payload above the
         broker's LoginAck.max_payload (or a SendReq above its max_frame; the
         1 MiB default before the first login) is never sent: it completes at
@@ -1507,12 +1524,17 @@ class ClientSession:
         # What the user could see when sending: the message must never be
         # displayed above it (pimcore.order).
         after = self._seen_seq.get(conv, 0) if type(conv) is str else 0
+        first = self._expired.get(lid) if local_id is not None else None
+        if first is not None and first[0] == conv:
+            # A retry after SendTimeout: the first attempt's stamp and place,
+            # so the broker's original ack matches what it stored.
+            stamp, after = first[1], first[2]
         if mentions or mention_all:
             ms = tuple(F.Mention(u) for u in mentions)
             raw = encode_frame(F.SendReq(lid, conv, stamp, payload, after, ms, mention_all))
         else:
             raw = encode_frame(F.SendReq(lid, conv, stamp, payload, after))  # raises EncodeError before any state changes
-        self._last_stamp = stamp
+        self._last_stamp = max(self._last_stamp, stamp)
         self._last_local_id = max(self._last_local_id, lid)
         p = _Pending(lid, conv, payload, stamp, after, raw, deadline)
         if self._refuse_oversize(p):
@@ -1638,6 +1660,7 @@ class ClientSession:
             return  # a late duplicate: the answer to a retry of a send already answered
         code = _error_code(f.code)
         if code is ErrorCode.OK:
+            self._expired.pop(f.local_id, None)
             if self._stalled is not None:
                 self._emit(SendsResumed(self._stalled.since, len(self._pending) - 1))
                 self._stalled = None

@@ -561,6 +561,30 @@ def test_a_send_times_out_even_while_disconnected():
     assert b.read() == []  # given up: not sent any more
 
 
+def test_a_retry_after_send_timeout_carries_the_first_attempts_send_req():
+    """The same local id carries the same SendReq: a retry after SendTimeout
+    stamps and places (after_seq) the message as the first attempt did, so
+    the broker's original ack matches what it stored, and the sender's view
+    shows what every other device shows."""
+    s = session()
+    b = connect(s, T0)
+    b.feed(T0, F.Push(1, (msg(1, 1),)))
+    events(s, T0)
+    lid = s.send(CONV, b"x", T0, timeout=1 * S)
+    [first] = [f for f in b.read() if type(f) is F.SendReq]
+    s.handle_timer(T0 + 1 * S)
+    [done] = s.completions()
+    assert isinstance(done.error, SendTimeout)
+    b.feed(T0 + 1 * S, F.Push(2, (msg(2, 3),)))  # seq 3 seen since
+    events(s, T0 + 1 * S)
+    assert s.send(CONV, b"x", T0 + 2 * S, local_id=lid) == lid
+    [again] = [f for f in b.read() if type(f) is F.SendReq]
+    assert again == first  # type: ignore[comparison-overlap]
+    b.feed(T0 + 2 * S, ok(lid, 2))
+    [sent] = s.completions()
+    assert sent.result is not None and sent.result.client_time == first.client_time  # type: ignore[attr-defined]
+
+
 def test_send_with_a_pending_local_id_does_not_queue_a_second_copy():
     s = session()
     b = connect(s, T0)
@@ -938,12 +962,15 @@ def test_close_acks_what_was_taken_then_says_goodbye():
     events(s, T0)
     b.feed(T0, F.Push(1, (msg(1, 1),)))
     events(s, T0)
-    s.send(CONV, b"unanswered", T0)
+    lid = s.send(CONV, b"unanswered", T0)
     b.read()
     s.close(T0)
     assert b.read() == [F.PushAck(1), F.Close(CloseCode.NORMAL, "client closing")]
     [done] = s.completions()
     assert isinstance(done.error, ClientClosed)
+    # The message may have been stored: the error names its local id, for a
+    # retry with it from a new client (as SendTimeout.local_id).
+    assert done.error.local_id == lid and s.error is not None and s.error.local_id is None
     assert s.state is SessionState.CLOSED
     s.close(T0)  # idempotent
 

@@ -1025,6 +1025,36 @@ async def test_a_websocket_write_larger_than_a_message_limit_is_split(lmdb_store
     assert [m.seq for m in lmdb_store.history(AB, 0, 100)] == list(range(1, 36))
 
 
+async def test_the_login_ack_comes_in_a_small_first_websocket_message(lmdb_store):
+    """The broker writes its byte stream in WebSocket messages of at most
+    WebSocketStream.MAX_MESSAGE (8 KiB): a browser sees nothing of a message
+    before all of it came, so with a LoginAck at the head of a 64 KiB
+    message (a catch-up coalesced behind it) a 4 KB/s link showed no
+    LoginAck within connect_timeout, and a link that cut before 64 KB never
+    logged in at all."""
+    from trio_websocket import open_websocket_url
+
+    from pimcore.net.streams import WebSocketStream
+
+    assert WebSocketStream.MAX_MESSAGE <= 8 * 1024
+    with trio.fail_after(20):
+        async with serving(lmdb_store, server_config(Endpoint("ws"))) as srv:
+            async with client(srv.url("ws"), "alice") as a:
+                for i in range(40):  # a catch-up of ~160 KB for bob
+                    await a.send(AB, bytes([65 + i]) * 4000)
+            async with open_websocket_url(srv.url("ws")) as ws:
+                await ws.send_message(encode_frame(F.Login(token("bob").encode(), "d", 0, 0, 0)))
+                first = await ws.get_message()
+                assert len(first) <= 8 * 1024
+                decoder = Decoder()
+                decoder.feed(first)
+                assert isinstance(decoder.next_frame(), F.LoginAck)
+                sizes = [len(first)]
+                while sum(sizes) < 160_000:
+                    sizes.append(len(await ws.get_message()))
+                assert max(sizes) <= 8 * 1024
+
+
 async def test_websocket_with_a_small_frame_limit_still_carries_coalesced_writes(lmdb_store):
     cfg = server_config(Endpoint("ws"), limits=Limits(max_frame=4096, max_payload=1024, heartbeat_ms=15000))
     with trio.fail_after(15):

@@ -697,9 +697,9 @@ class BrokerServer:
         await trio.serve_listeners(handler, listeners, handler_nursery=peers)
 
     async def _listen_ws(self, ep: Endpoint, peers: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
-        # Peers split writes into MAX_MESSAGE-sized messages whatever the
+        # Peers split writes into messages of up to MAX_PEER_MESSAGE whatever the
         # frame limit (frames span messages); the frame limit is the decoder's.
-        max_msg = max(self.config.broker.limits.max_frame, WebSocketStream.MAX_MESSAGE) + 16
+        max_msg = max(self.config.broker.limits.max_frame, WebSocketStream.MAX_PEER_MESSAGE) + 16
 
         async def handler(request: WebSocketRequest) -> None:
             if request.path != ep.path:

@@ -78,8 +78,15 @@ class WebSocketStream(trio.abc.Stream):
     #: Bytes per WebSocket message.  Writers coalesce many frames into one
     #: send_all (megabytes at a login catch-up); a single message that large
     #: would exceed the peer's message-size limit and kill the connection.
-    #: Frames are a byte stream here, so splitting anywhere is fine.
-    MAX_MESSAGE = 64 * 1024
+    #: Frames are a byte stream here, so splitting anywhere is fine.  Small,
+    #: because a browser sees nothing of a message before all of it came:
+    #: the LoginAck at the head of a 64 KiB message took 16 s on a 4 KB/s
+    #: link (past connect_timeout), and a link cutting before 64 KB never
+    #: delivered it at all.
+    MAX_MESSAGE = 8 * 1024
+    #: What a peer's messages may be (above max_frame): what peers split
+    #: their writes into, 64 KiB before MAX_MESSAGE was made small.
+    MAX_PEER_MESSAGE = 64 * 1024
     #: Seconds a refused peer gets to answer the close handshake.
     CLOSE_WAIT = 2.0
 

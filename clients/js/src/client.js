@@ -8,7 +8,7 @@
 // Runs in browsers and in Node >= 20 (`node --experimental-websocket`, or
 // pass a WebSocket class such as the `ws` package's as `WebSocket`).
 import {
-  CloseCode, ErrorCode, FrameDecoder, FrameType, MessageKind, PresenceState, ProtocolError, Setting, codeName,
+  CloseCode, EncodeError, ErrorCode, FrameDecoder, FrameType, MessageKind, PresenceState, ProtocolError, Setting, codeName,
   encodeBody, frame, frameBytes,
 } from './codec.js';
 import { displayOrder } from './order.js';
@@ -29,9 +29,13 @@ export class SendError extends Error {
 export class SendTimeout extends Error {
   constructor(localId) { super(`no SendAck for local id ${localId}`); this.name = 'SendTimeout'; this.localId = localId; }
 }
-/** The client was closed (by the application, or Close(REPLACED/KICKED) from the broker). */
+/**
+ * The client was closed (by the application, or Close(REPLACED/KICKED) from the broker).  For a send
+ * (or amend) still pending then, `localId` is its local id: the message may have been stored; a new
+ * client can send it again with that `localId` (the broker answers with the original ack if it was).
+ */
 export class ClientClosed extends Error {
-  constructor(reason) { super(reason); this.name = 'ClientClosed'; }
+  constructor(reason, localId = null) { super(reason); this.name = 'ClientClosed'; this.localId = localId; }
 }
 /** The broker refused the token (Close(AUTH_FAILED) or TOKEN_REVOKED). */
 export class AuthFailed extends Error {
@@ -57,6 +61,15 @@ export function fromHex(s) {
   return out;
 }
 
+/** A payload as bytes: a string (UTF-8), a Uint8Array, an ArrayBuffer or any ArrayBuffer view (a DataView, a typed array). */
+function payloadBytes(p) {
+  if (typeof p === 'string') return utf8.encode(p);
+  if (p instanceof Uint8Array) return p;
+  if (p instanceof ArrayBuffer) return new Uint8Array(p);
+  if (ArrayBuffer.isView(p)) return new Uint8Array(p.buffer, p.byteOffset, p.byteLength);
+  throw new EncodeError(`payload must be a string, Uint8Array, ArrayBuffer or ArrayBuffer view, not ${p === null ? 'null' : typeof p}`);
+}
+
 function wallUs() { return Date.now() * 1000; }
 
 const DEFAULTS = {
@@ -75,7 +88,7 @@ const DEFAULTS = {
   viewLimit: 1000,
   typingInterval: 2500, // ms: while the user types, typing() sends at most one Typing per conv per interval
   reconnect: true,
-  now: wallUs, // µs, the device clock messages are stamped with
+  now: wallUs, // µs (an integer; a fraction is floored), the device clock messages are stamped with
 };
 
 /**
@@ -86,6 +99,11 @@ const DEFAULTS = {
 export class PimcoreClient {
   constructor(options) {
     this.opts = { ...DEFAULTS, ...options };
+    // now() is µs; wire times are integers, so a fractional clock (e.g.
+    // (performance.timeOrigin + performance.now()) * 1000) is floored here.
+    const clock = this.opts.now;
+    if (typeof clock !== 'function') throw new TypeError('now must be a function returning µs');
+    this.opts.now = () => Math.floor(clock());
     if (!this.opts.url) throw new TypeError('url is required');
     if (!this.opts.token) throw new TypeError('token is required (a string, or a function returning one)');
     this.WebSocket = this.opts.WebSocket || globalThis.WebSocket;
@@ -103,6 +121,7 @@ export class PimcoreClient {
     this.rtt = -1;
     this._listeners = new Map();
     this._pending = new Map(); // local id -> send entry
+    this._expired = new Map(); // local id -> {conv, client_time, after_seq} of a send that timed out (for its retry)
     this._lastLocalId = 0;
     this._lastStamp = 0;
     this._cwnd = 65536;
@@ -157,6 +176,9 @@ export class PimcoreClient {
   /**
    * Connect (and keep reconnecting); resolves at the first login, rejects with AuthFailed / ClientClosed,
    * or with the token function's own error when it fails before the first login (the client ends).
+   * What the broker sends with the login (the catch-up) is handed to the listeners only on a later
+   * turn of the event loop, after the code following `await connect()` ran: a 'message' listener
+   * attached right there gets every message (none is taken, and acked, before).
    */
   connect() {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
@@ -177,7 +199,10 @@ export class PimcoreClient {
     this._dial();
   }
 
-  /** PushAck what was taken, Close(NORMAL), stop.  Pending sends fail with ClientClosed. */
+  /**
+   * PushAck what was taken, Close(NORMAL), stop.  Pending sends fail with ClientClosed carrying their
+   * `localId` (they may have been stored: send again with it from a new client).
+   */
   async close() {
     if (this.state === State.CLOSED) return;
     const ws = this._ws;
@@ -200,7 +225,7 @@ export class PimcoreClient {
     clearInterval(this._ticker); this._ticker = null;
     clearTimeout(this._reconnectTimer); this._reconnectTimer = null;
     clearTimeout(this._ackTimer); this._ackTimer = null;
-    for (const e of this._pending.values()) e.reject(err);
+    for (const e of this._pending.values()) e.reject(err instanceof ClientClosed ? new ClientClosed(err.message, e.localId) : err);
     this._pending.clear();
     for (const r of this._requests.values()) r.reject(err);
     this._requests.clear();
@@ -296,6 +321,7 @@ export class PimcoreClient {
     this._lastSent = this._lastRecv = now;
     this._ping = null;
     this._held = [];
+    this._deferred = null;
     this._calib = { t0: now, deadline: now + this.opts.connectTimeout * 1000, taken: 0, login: true };
     this._conn.opened = true;
     this._loginDeadline = now + this.opts.connectTimeout * 1000;
@@ -356,6 +382,7 @@ export class PimcoreClient {
       return;
     }
     if (st !== State.ACTIVE) return;
+    if (this._deferred) { this._deferred.push(f); return; } // connect() resolves first (_establish)
     switch (f.type) {
       case FrameType.CALIBRATE_RESP:
         if (this._calib && f.client_time === this._calib.t0) { this._sample(f, now); this._nextSample(now); }
@@ -443,9 +470,18 @@ export class PimcoreClient {
     const ev = { user: this.user, device: this.device, position: ack.position, gap: ack.gap, clockOffset: this.clockOffset, rtt: this.rtt, epoch: this.epoch };
     this._emit('connected', ev);
     for (const w of this._connectWaiters.splice(0)) w.resolve(ev);
-    const held = this._held; this._held = [];
-    for (const f of held) { if (!this._ws) return; this._handle(f, now); }
-    if (!this._ws) return;
+    // What came during calibration (the catch-up) and whatever comes before
+    // the next macrotask is handled only then: the code after `await
+    // connect()` runs first and can attach its 'message' listener, so no
+    // message is taken (and acked) with nobody there to handle it.
+    this._deferred = this._held; this._held = [];
+    const dec = this._decoder;
+    setTimeout(() => {
+      const frames = this._deferred;
+      if (this._decoder !== dec || !frames) return; // that connection ended: its frames are void
+      this._deferred = null;
+      for (const f of frames) { if (!this._ws || this._decoder !== dec) return; this._handle(f, this.opts.now()); }
+    }, 0);
     for (const e of this._pending.values()) e.inFlight = false;
     this._fill(now);
     for (const [conv, seq] of this._wanted) this._sendFrame(frame('Read', { conv, seq }));
@@ -459,28 +495,39 @@ export class PimcoreClient {
   get sendWindow() { return Math.max(1, Math.min(this._window || 1, Math.floor(this._cwnd))); }
 
   /**
-   * Send `payload` (Uint8Array, or a string sent as UTF-8) to `conv`.
-   * Resolves with {local_id, conv, msg_id, seq, server_time, client_time}
-   * once durable; rejects with SendError (final code), SendTimeout, ClientClosed.
+   * Send `payload` (Uint8Array, ArrayBuffer or any ArrayBuffer view, or a
+   * string sent as UTF-8) to `conv`.  Resolves with {local_id, conv, msg_id,
+   * seq, server_time, client_time} once durable; rejects with SendError
+   * (final code), SendTimeout, ClientClosed, or EncodeError (never thrown)
+   * for arguments no SendReq can carry.
    */
-  send(conv, payload, { localId = null, timeout = this.opts.sendTimeout, mentions = [], mentionAll = false } = {}) {
+  send(conv, payload, options = {}) {
+    // Bad arguments (EncodeError) reject the promise, never throw.
+    try { return this._send(conv, payload, options); } catch (e) { return Promise.reject(e); }
+  }
+  _send(conv, payload, { localId = null, timeout = this.opts.sendTimeout, mentions = [], mentionAll = false } = {}) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
     const now = this.opts.now();
-    const bytes = typeof payload === 'string' ? utf8.encode(payload) : payload;
+    const bytes = payloadBytes(payload);
     if (localId != null && this._pending.has(localId)) {
       const e = this._pending.get(localId);
       e.deadline = Math.max(e.deadline, now + timeout * 1000);
       return e.promise;
     }
     const lid = localId != null ? localId : Math.max(this._lastLocalId + 1, now);
-    this._lastLocalId = Math.max(this._lastLocalId, lid);
-    const stamp = Math.max(this._lastStamp + 1, now + this.clockOffset);
-    this._lastStamp = stamp;
+    // A retry of a send that timed out (same local id, same conv) carries the
+    // first attempt's stamp and after_seq: the same local id carries the same
+    // SendReq, so the broker's original ack matches what was stored.
+    const first = localId != null ? this._expired.get(localId) : undefined;
+    const again = first && first.conv === conv;
+    const stamp = again ? first.client_time : Math.max(this._lastStamp + 1, now + this.clockOffset);
     const f = frame('SendReq', {
-      local_id: lid, conv, client_time: stamp, payload: bytes, after_seq: this._seen.get(conv) || 0,
+      local_id: lid, conv, client_time: stamp, payload: bytes, after_seq: again ? first.after_seq : this._seen.get(conv) || 0,
       mentions: mentions.map((user) => ({ user })), mention_all: !!mentionAll,
     });
     f._body = encodeBody(f); // encoded once: every attempt sends the same bytes
+    this._lastLocalId = Math.max(this._lastLocalId, lid);
+    this._lastStamp = Math.max(this._lastStamp, stamp);
     const entry = { localId: lid, conv, frame: f, deadline: now + timeout * 1000, inFlight: false, sentAt: 0, tx: 0 };
     entry.promise = new Promise((resolve, reject) => { entry.resolve = resolve; entry.reject = reject; });
     entry.promise.catch(() => {}); // rejections are the caller's business
@@ -505,10 +552,13 @@ export class PimcoreClient {
    * once durable, and the local view shows the change; rejects with
    * SendError (NOT_SENDER, TOO_LATE, RECALLED, NO_SUCH_MESSAGE, ...).
    */
-  amend(conv, target, action, payload = new Uint8Array(0), { localId = null, timeout = this.opts.sendTimeout } = {}) {
+  amend(conv, target, action, payload = new Uint8Array(0), options = {}) {
+    try { return this._amend(conv, target, action, payload, options); } catch (e) { return Promise.reject(e); }
+  }
+  _amend(conv, target, action, payload, { localId = null, timeout = this.opts.sendTimeout } = {}) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
     const now = this.opts.now();
-    const bytes = typeof payload === 'string' ? utf8.encode(payload) : payload;
+    const bytes = payloadBytes(payload);
     if (localId != null && this._pending.has(localId)) {
       const e = this._pending.get(localId);
       e.deadline = Math.max(e.deadline, now + timeout * 1000);
@@ -538,6 +588,14 @@ export class PimcoreClient {
 
   /** Delete the message at `seq` of `conv` for this user only (see amend()). */
   deleteForMe(conv, seq, opts = {}) { return this.amend(conv, seq, MessageKind.DELETE, new Uint8Array(0), opts); }
+
+  /** Keep what a send that failed unanswered carried, for a retry with its local id (the newest 1000). */
+  _rememberExpired(e) {
+    if (e.action || e.frame.name !== 'SendReq') return;
+    this._expired.delete(e.localId);
+    this._expired.set(e.localId, { conv: e.conv, client_time: e.frame.client_time, after_seq: e.frame.after_seq });
+    if (this._expired.size > 1000) this._expired.delete(this._expired.keys().next().value);
+  }
 
   /** Local ids of the sends not answered yet (in local-id order). */
   pendingSends() { return [...this._pending.keys()].sort((a, b) => a - b); }
@@ -585,6 +643,7 @@ export class PimcoreClient {
     if (!e) return; // the answer to a retry of a send already answered
     if (f.code === ErrorCode.OK) {
       this._pending.delete(f.local_id);
+      this._expired.delete(f.local_id);
       if (this._stall) { this._emit('sendsResumed', { since: this._stall.since, pending: this._pending.size }); this._stall = null; }
       this._refusals = 0;
       if (e.tx > this._recover) this._cwnd = Math.min(this._window, this._cwnd + 1);
@@ -594,7 +653,9 @@ export class PimcoreClient {
       const sent = { local_id: f.local_id, conv: e.conv, msg_id: f.msg_id, seq: f.seq, server_time: f.server_time, client_time: e.frame.client_time };
       this._addToView({ position: 0, msg_id: f.msg_id, conv: e.conv, seq: f.seq, sender: this.user, device: this.device,
         client_time: e.frame.client_time, server_time: f.server_time, payload: e.frame.payload, kind: e.action || MessageKind.MESSAGE,
-        local_id: f.local_id, after_seq: e.action ? Math.max(0, f.seq - 1) : e.frame.after_seq, target: e.target || 0,
+        // A message is never shown above what its sender could see, nor does it claim to follow a seq above its own
+        // (an answer to a retry whose frame saw more than the stored first attempt): as the broker stores it.
+        local_id: f.local_id, after_seq: e.action ? Math.max(0, f.seq - 1) : Math.min(e.frame.after_seq, Math.max(0, f.seq - 1)), target: e.target || 0,
         edited: 0, recalled: false, deleted: false });
       e.resolve(sent);
       this._emit('sent', sent);
@@ -641,6 +702,11 @@ export class PimcoreClient {
     // A RECALL / EDIT / DELETE entry is an 'amended' event: {entry, message}
     // (the changed message as held, or null when this client does not hold it).
     for (const m of kept) {
+      // PROTOCOL.md: an indicator ends at a message from that user; the stop
+      // comes before the message itself (as pimcore.client_session does).
+      if (m.kind === MessageKind.MESSAGE && this._typingSeen.delete(`${m.conv}\n${m.sender}`)) {
+        this._emit('typing', { conv: m.conv, user: m.sender, active: false, expires: 0 });
+      }
       if (AMEND_KINDS.has(m.kind)) this._emit('amended', { entry: m, message: this._heldMessage(m.conv, m.target) });
       else this._emit('message', m);
     }
@@ -680,10 +746,20 @@ export class PimcoreClient {
   }
 
   // ------------------------------------------------------------ read state
-  /** Move the user's read marker of `conv` to `seq` (never back); sent again after reconnects until confirmed. */
+  /**
+   * Move the user's read marker of `conv` to `seq` (never back, and never past the last seq this client knows of,
+   * as the broker clamps it); sent again after reconnects until confirmed.  Throws EncodeError for values no Read carries.
+   */
   markRead(conv, seq) {
     if (this.state === State.CLOSED) throw this.error;
+    const f = frame('Read', { conv, seq });
+    f._body = encodeBody(f); // throws EncodeError before any state changes
     const rs = this._readStates.get(conv);
+    // The broker clamps a marker to the last seq the user may see: so does
+    // the client with what it knows, or the lower confirmation would look
+    // like a marker moving back and be ignored (unread wrong for good).
+    const known = Math.max(rs ? rs.last_seq : 0, this._seen.get(conv) || 0);
+    if (known) seq = Math.min(seq, known);
     if (rs && seq > rs.read_seq) {
       rs.read_seq = seq;
       // Until the broker confirms (with the exact count): at most what lies past the marker.
@@ -704,15 +780,23 @@ export class PimcoreClient {
   _request(name, fields, timeout) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
     const now = this.opts.now();
-    const reqId = this._nextReqId++;
-    const r = { reqId, frame: frame(name, { req_id: reqId, ...fields }), deadline: now + timeout * 1000 };
+    const reqId = this._nextReqId;
+    const f = frame(name, { req_id: reqId, ...fields });
+    // Encoded before anything is registered: arguments no frame can carry
+    // reject the promise (EncodeError) and leave nothing to re-send.
+    try { f._body = encodeBody(f); } catch (e) { return Promise.reject(e); }
+    this._nextReqId++;
+    const r = { reqId, frame: f, deadline: now + timeout * 1000 };
     const p = new Promise((resolve, reject) => { r.resolve = resolve; r.reject = reject; });
     this._requests.set(reqId, r);
     this._refTicker();
     if (this.state === State.ACTIVE) this._sendFrame(r.frame);
     return p;
   }
-  /** One page of history: {messages, more}; rejects with SendError(code) or RequestTimeout. */
+  /**
+   * One page of history: {messages, more}; rejects with SendError(code) or RequestTimeout.  This and every
+   * request below reject (never throw) with EncodeError for arguments no frame can carry, and leave nothing behind.
+   */
   history(conv, { fromSeq = 0, limit = 50, backward = false, timeout = this.opts.sendTimeout } = {}) {
     return this._request('HistoryReq', { conv, from_seq: fromSeq, limit, backward }, timeout);
   }
@@ -839,12 +923,17 @@ export class PimcoreClient {
    */
   subscribePresence(users, { timeout = this.opts.sendTimeout } = {}) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
-    const wanted = [...new Set(users)];
-    const reqId = this._nextReqId++;
-    const f = frame('PresenceSub', { req_id: reqId, users: wanted.map((user) => ({ user })) });
+    let wanted, f;
+    const reqId = this._nextReqId;
+    try {
+      wanted = [...new Set(users)];
+      f = frame('PresenceSub', { req_id: reqId, users: wanted.map((user) => ({ user })) });
+      encodeBody(f); // arguments no frame can carry: rejected, the subscription unchanged
+    } catch (e) { return Promise.reject(e instanceof EncodeError ? e : new EncodeError(`users must be an array of user ids: ${e.message}`)); }
+    this._nextReqId++;
     this._presenceWanted = { reqId, users: wanted };
     const p = new Promise((resolve, reject) => {
-      this._presenceWaiting.push({ reqId, resolve, reject, deadline: this.opts.now() + timeout * 1000 });
+      this._presenceWaiting.push({ reqId, users: wanted, resolve, reject, deadline: this.opts.now() + timeout * 1000 });
     });
     this._refTicker();
     if (this.state === State.ACTIVE) this._sendFrame(f);
@@ -891,8 +980,25 @@ export class PimcoreClient {
   _onPresence(f) {
     const w = this._presenceWanted;
     if (f.req_id) {
-      if (!w || f.req_id !== w.reqId) return; // the answer to a subscription replaced since
-      const done = this._presenceWaiting.splice(0);
+      const answerFor = (users) => {
+        const answer = {};
+        for (const e of f.entries) if (users.includes(e.user)) answer[e.user] = { ...e };
+        return answer;
+      };
+      if (!w || f.req_id !== w.reqId) {
+        // The answer to a subscription replaced since (a newer one is on its
+        // way): it resolves (or rejects) its own call with its own users'
+        // states, and changes nothing else.
+        const i = this._presenceWaiting.findIndex((x) => x.reqId === f.req_id);
+        if (i < 0) return;
+        const [x] = this._presenceWaiting.splice(i, 1);
+        if (f.code !== ErrorCode.OK) x.reject(new SendError(f.code)); else x.resolve(answerFor(x.users));
+        return;
+      }
+      // This answer ends the calls up to it (an earlier one whose own answer
+      // was lost with a connection gets its users' states as far as known).
+      const done = this._presenceWaiting.filter((x) => x.reqId <= f.req_id);
+      this._presenceWaiting = this._presenceWaiting.filter((x) => x.reqId > f.req_id);
       if (f.code !== ErrorCode.OK) {
         // the broker kept the previous subscription: so does the client
         this._presenceWanted = { reqId: f.req_id, users: this._presenceUsers };
@@ -901,9 +1007,7 @@ export class PimcoreClient {
       }
       this._presenceUsers = w.users;
       for (const u of [...this.presence.keys()]) if (!w.users.includes(u)) this.presence.delete(u);
-      const answer = {};
-      for (const e of f.entries) answer[e.user] = { ...e };
-      for (const x of done) x.resolve(answer);
+      for (const x of done) x.resolve(answerFor(x.users));
     }
     for (const e of f.entries) {
       if (!this._presenceUsers.includes(e.user)) continue;
@@ -933,7 +1037,7 @@ export class PimcoreClient {
     this._refTicker();
     const now = this.opts.now();
     for (const e of [...this._pending.values()]) {
-      if (now >= e.deadline) { this._pending.delete(e.localId); e.reject(new SendTimeout(e.localId)); }
+      if (now >= e.deadline) { this._pending.delete(e.localId); this._rememberExpired(e); e.reject(new SendTimeout(e.localId)); }
     }
     for (const r of [...this._requests.values()]) {
       if (now >= r.deadline) { this._requests.delete(r.reqId); r.reject(new RequestTimeout(r.frame.name)); }

@@ -92,10 +92,12 @@ export interface ClientOptions {
   viewLimit?: number; reconnect?: boolean;
   /** ms: while the user types, typing() sends at most one Typing per conversation per interval (default 2500). */
   typingInterval?: number;
-  /** The device clock in µs (default Date.now() * 1000). */
+  /** The device clock in µs (default Date.now() * 1000), e.g. (performance.timeOrigin + performance.now()) * 1000; fractions are floored. */
   now?: () => number;
 }
 
+/** A message payload: bytes as a Uint8Array, an ArrayBuffer or any ArrayBuffer view (DataView, typed array), or text sent as UTF-8.  Anything else rejects with EncodeError. */
+export type Payload = Uint8Array | ArrayBuffer | ArrayBufferView | string;
 export interface Sent { local_id: Int; conv: string; msg_id: Uint8Array; seq: Int; server_time: Int; client_time: Int }
 export interface Connected { user: string; device: string; position: Int; gap: boolean; clockOffset: number; rtt: number; epoch: Uint8Array }
 
@@ -145,10 +147,10 @@ export declare class PimcoreClient {
   close(): Promise<void>;
   dropConnection(reason?: string): void;
   reconnectNow(): void;
-  send(conv: string, payload: Uint8Array | string, options?: { localId?: number; timeout?: number; mentions?: string[]; mentionAll?: boolean }): Promise<Sent>;
-  amend(conv: string, target: number, action: number, payload?: Uint8Array | string, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  send(conv: string, payload: Payload, options?: { localId?: number; timeout?: number; mentions?: string[]; mentionAll?: boolean }): Promise<Sent>;
+  amend(conv: string, target: number, action: number, payload?: Payload, options?: { localId?: number; timeout?: number }): Promise<Sent>;
   recall(conv: string, seq: number, options?: { localId?: number; timeout?: number }): Promise<Sent>;
-  edit(conv: string, seq: number, payload: Uint8Array | string, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  edit(conv: string, seq: number, payload: Payload, options?: { localId?: number; timeout?: number }): Promise<Sent>;
   deleteForMe(conv: string, seq: number, options?: { localId?: number; timeout?: number }): Promise<Sent>;
   pendingSends(): number[];
   markRead(conv: string, seq: number): void;
@@ -176,7 +178,8 @@ export declare class PimcoreClient {
 
 export declare class SendError extends Error { code: number; reason: string }
 export declare class SendTimeout extends Error { localId: number }
-export declare class ClientClosed extends Error {}
+/** For a send pending at close, `localId` is its local id (the message may have been stored: send again with it); null otherwise. */
+export declare class ClientClosed extends Error { localId: number | null }
 export declare class AuthFailed extends Error {}
 export declare class RequestTimeout extends Error {}
 export declare function toHex(b: Uint8Array): string;

@@ -30,6 +30,7 @@ async function connected(c) {
   const cal = ws.of('CalibrateReq')[0];
   ws.deliver(loginAck(), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time + 1000 }));
   await p;
+  await sleep(0); // frames that come with the login are handled after connect() resolved, on a later turn
   return { ws, login };
 }
 function make(opts = {}) {
