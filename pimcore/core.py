@@ -3400,6 +3400,13 @@ class Broker:
             self._hooks.pop(c.waiting, None)
         if c.state is not _ConnState.ACTIVE:
             return
+        if code is not CloseCode.KICKED:
+            # When the device was last heard from, for its stored last_seen
+            # (presence after a restart, device_retention): the login alone
+            # recorded only the login's time.  Lazy, like an ack.  Not after
+            # a host kick: a purge kicks, and this would record the purged
+            # device again.
+            self._propose(TouchDevice(c.user, c.device, 0, c.last_seen), None)
         out.append(DeviceOffline(conn, c.user, c.device, code, reason))
         self._event("offline", user=c.user, device=c.device, code=code.name if code is not None else None, reason=reason)
         devices = self._online.get(c.user)

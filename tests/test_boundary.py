@@ -483,6 +483,13 @@ def test_next_deadline_is_the_earliest_timer_and_an_early_call_changes_nothing()
     h.now = T0 + 6 * SECOND
     h.run(b.handle_timer(h.now))
     assert h.closed[alice].code == CloseCode.IDLE_TIMEOUT
+    # Her going offline stores when she was last heard from (T0 + 3 s): a
+    # lazy TouchDevice, due ack_delay later.
+    commits = len(h.commits)
+    assert b.next_deadline() == T0 + 6 * SECOND + 30 * MS
+    h.now = T0 + 6 * SECOND + 30 * MS
+    h.run(b.handle_timer(h.now))
+    assert [c.ops for c in h.commits[commits:]] == [(TouchDevice("alice", "phone", 0, T0 + 3 * SECOND),)]
 
     # Token expiry before the idle timeout.
     h.now = T0 + 7 * SECOND
@@ -494,6 +501,10 @@ def test_next_deadline_is_the_earliest_timer_and_an_early_call_changes_nothing()
     h.now = T0 + 8 * SECOND
     h.run(b.handle_timer(h.now))
     assert h.closed[carol].code == CloseCode.TOKEN_EXPIRED
+    commits = len(h.commits)
+    h.now = T0 + 8 * SECOND + 30 * MS
+    h.run(b.handle_timer(h.now))  # her last-heard TouchDevice
+    assert [c.ops for c in h.commits[commits:]] == [(TouchDevice("carol", "phone", 0, T0 + 7 * SECOND),)]
 
     # Nothing left but reclamation, due reclaim_interval after the first
     # connection (entries of closed connections may still come due: early,

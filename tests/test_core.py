@@ -423,6 +423,32 @@ def test_every_close_for_a_protocol_error_is_counted_once(h):
     assert sum(1 for c in h.closed.values() if c.code is CloseCode.PROTOCOL_ERROR) == len(violations)
 
 
+def test_a_devices_last_seen_is_stored_when_it_goes_offline(h):
+    """The store's last_seen (presence "last seen" after a restart, and
+    device_retention) was the device's last login: nothing recorded when it
+    was last heard from.  A new-user pass saw "last seen" go back to the
+    login time after restarting the broker.  The time it was last heard
+    from is now stored when it goes offline (a lazy write, with the next
+    batch or after ack_delay) -- except after a host kick, which may be a
+    purge that must not bring the device back."""
+    conn = h.login("alice", "phone")
+    h.advance(5_000_000)
+    h.feed(conn, F.Ping(1))
+    heard = h.now
+    h.advance(1_000_000)
+    h.lose(conn)
+    h.advance(1_000_000)  # past ack_delay
+    [dev] = h.store.devices("alice")
+    assert dev.last_seen == heard
+    # A purge kicks the user's sessions: the device is not recorded again.
+    conn = h.login("bob", "phone")
+    h.advance(1_000_000)
+    h.feed(conn, F.Ping(2))
+    h.run(h.broker.purge_user("bob", h.now, ref=99))
+    h.advance(1_000_000)
+    assert h.store.devices("bob") == []
+
+
 # ---------------------------------------------------------------- downstream reliability
 
 
