@@ -104,6 +104,8 @@ export class PimcoreClient {
     const clock = this.opts.now;
     if (typeof clock !== 'function') throw new TypeError('now must be a function returning µs');
     this.opts.now = () => Math.floor(clock());
+    // Timers run on session time (_sessionNow): the device clock plus a skew, never backwards.
+    this._t = -Infinity; this._skew = 0; this._rawNow = 0;
     if (!this.opts.url) throw new TypeError('url is required');
     if (!this.opts.token) throw new TypeError('token is required (a string, or a function returning one)');
     this.WebSocket = this.opts.WebSocket || globalThis.WebSocket;
@@ -255,8 +257,9 @@ export class PimcoreClient {
     const ws = new this.WebSocket(this.opts.url);
     ws.binaryType = 'arraybuffer';
     this._ws = ws;
-    this._conn = { opened: false, active: false, openedAt: this.opts.now(), closeFrame: null };
-    this._loginDeadline = this.opts.now() + this.opts.connectTimeout * 1000;
+    const now = this._sessionNow();
+    this._conn = { opened: false, active: false, openedAt: now, closeFrame: null };
+    this._loginDeadline = now + this.opts.connectTimeout * 1000;
     ws.onopen = () => { if (this._ws === ws) this._connectionMade(token); };
     ws.onmessage = (ev) => { if (this._ws === ws) this._receive(new Uint8Array(ev.data)); };
     ws.onclose = () => { if (this._ws === ws) this._lost(null, 'connection closed'); };
@@ -276,7 +279,7 @@ export class PimcoreClient {
 
   _lost(code, reason) {
     const wasActive = this._conn && this._conn.active;
-    const lived = this._conn ? this.opts.now() - this._conn.openedAt : 0;
+    const lived = this._conn ? this._sessionNow() - this._conn.openedAt : 0;
     this._detach();
     if (this.state === State.CLOSED) return;
     this._setState(State.DISCONNECTED);
@@ -313,7 +316,8 @@ export class PimcoreClient {
 
   // ------------------------------------------------------------ wire
   _connectionMade(token) {
-    const now = this.opts.now();
+    const now = this._sessionNow();
+    const raw = this._rawNow; // Login and calibration carry the device clock
     this._decoder = new FrameDecoder({ maxFrameSize: 1 << 20 });
     this._deflate = null;
     this._window = 1;
@@ -322,14 +326,14 @@ export class PimcoreClient {
     this._ping = null;
     this._held = [];
     this._deferred = null;
-    this._calib = { t0: now, deadline: now + this.opts.connectTimeout * 1000, taken: 0, login: true };
+    this._calib = { t0: raw, deadline: now + this.opts.connectTimeout * 1000, taken: 0, login: true };
     this._conn.opened = true;
     this._loginDeadline = now + this.opts.connectTimeout * 1000;
     this._setState(State.AWAITING_LOGIN_ACK);
     const tok = typeof token === 'string' ? utf8.encode(token) : token;
     const caps = this.opts.compression ? this.opts.compression.caps : 0;
-    this._sendFrame(frame('Login', { token: tok, device: this.device, client_time: now, position: this.takenUpto, caps, epoch: this.epoch }));
-    this._sendFrame(frame('CalibrateReq', { client_time: now }));
+    this._sendFrame(frame('Login', { token: tok, device: this.device, client_time: raw, position: this.takenUpto, caps, epoch: this.epoch }));
+    this._sendFrame(frame('CalibrateReq', { client_time: raw }));
   }
 
   _sendFrame(f) {
@@ -340,13 +344,13 @@ export class PimcoreClient {
     if (this._deflate && body.length >= (this.opts.compression.minBody || 16)) bytes = frameBytes(f.type, this._deflate(body), 1);
     else bytes = frameBytes(f.type, body);
     ws.send(bytes);
-    this._lastSent = this.opts.now();
+    this._lastSent = this._sessionNow();
     this.stats.framesOut++;
     return true;
   }
 
   _receive(data) {
-    const now = this.opts.now();
+    const now = this._sessionNow();
     this._lastRecv = now;
     const dec = this._decoder;
     dec.push(data);
@@ -376,7 +380,7 @@ export class PimcoreClient {
     }
     if (st === State.CALIBRATING) {
       if (f.type === FrameType.CALIBRATE_RESP && f.client_time === this._calib.t0) {
-        this._sample(f, now);
+        this._sample(f);
         this._establish(now);
       } else this._held.push(f);
       return;
@@ -385,7 +389,7 @@ export class PimcoreClient {
     if (this._deferred) { this._deferred.push(f); return; } // connect() resolves first (_establish)
     switch (f.type) {
       case FrameType.CALIBRATE_RESP:
-        if (this._calib && f.client_time === this._calib.t0) { this._sample(f, now); this._nextSample(now); }
+        if (this._calib && f.client_time === this._calib.t0) { this._sample(f); this._nextSample(now); }
         break;
       case FrameType.SEND_ACK: this._onSendAck(f, now); break;
       case FrameType.PUSH: this._onPush(f, now); break;
@@ -445,10 +449,11 @@ export class PimcoreClient {
     this._calib.deadline = now + this.opts.ackTimeout * 1000;
   }
 
-  _sample(f, now) {
-    const t0 = this._calib.t0;
-    const rtt = Math.max(0, now - t0);
-    const offset = Math.floor(f.server_time - (t0 + now) / 2);
+  _sample(f) {
+    // On the device clock (the one CalibrateReq.client_time carried), as read for this frame.
+    const t0 = this._calib.t0, t1 = this._rawNow;
+    const rtt = Math.max(0, t1 - t0);
+    const offset = Math.floor(f.server_time - (t0 + t1) / 2);
     const c = this._calib;
     c.taken++;
     if (!c.best || rtt < c.best.rtt || (rtt === c.best.rtt && offset < c.best.offset)) c.best = { rtt, offset };
@@ -459,8 +464,8 @@ export class PimcoreClient {
   _nextSample(now) {
     const c = this._calib;
     if (c.taken >= Math.max(1, this.opts.timeSamples)) { c.t0 = null; return; }
-    c.t0 = now; c.deadline = now + this.opts.ackTimeout * 1000;
-    this._sendFrame(frame('CalibrateReq', { client_time: now }));
+    c.t0 = this._rawNow; c.deadline = now + this.opts.ackTimeout * 1000;
+    this._sendFrame(frame('CalibrateReq', { client_time: c.t0 }));
   }
 
   _establish(now) {
@@ -480,7 +485,7 @@ export class PimcoreClient {
       const frames = this._deferred;
       if (this._decoder !== dec || !frames) return; // that connection ended: its frames are void
       this._deferred = null;
-      for (const f of frames) { if (!this._ws || this._decoder !== dec) return; this._handle(f, this.opts.now()); }
+      for (const f of frames) { if (!this._ws || this._decoder !== dec) return; this._handle(f, this._sessionNow()); }
     }, 0);
     for (const e of this._pending.values()) e.inFlight = false;
     this._fill(now);
@@ -507,20 +512,21 @@ export class PimcoreClient {
   }
   _send(conv, payload, { localId = null, timeout = this.opts.sendTimeout, mentions = [], mentionAll = false } = {}) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
-    const now = this.opts.now();
+    const now = this._sessionNow(); // deadlines
+    const raw = this._rawNow; // local ids and stamps
     const bytes = payloadBytes(payload);
     if (localId != null && this._pending.has(localId)) {
       const e = this._pending.get(localId);
       e.deadline = Math.max(e.deadline, now + timeout * 1000);
       return e.promise;
     }
-    const lid = localId != null ? localId : Math.max(this._lastLocalId + 1, now);
+    const lid = localId != null ? localId : Math.max(this._lastLocalId + 1, raw);
     // A retry of a send that timed out (same local id, same conv) carries the
     // first attempt's stamp and after_seq: the same local id carries the same
     // SendReq, so the broker's original ack matches what was stored.
     const first = localId != null ? this._expired.get(localId) : undefined;
     const again = first && first.conv === conv;
-    const stamp = again ? first.client_time : Math.max(this._lastStamp + 1, now + this.clockOffset);
+    const stamp = again ? first.client_time : Math.max(this._lastStamp + 1, raw + this.clockOffset);
     const f = frame('SendReq', {
       local_id: lid, conv, client_time: stamp, payload: bytes, after_seq: again ? first.after_seq : this._seen.get(conv) || 0,
       mentions: mentions.map((user) => ({ user })), mention_all: !!mentionAll,
@@ -557,15 +563,16 @@ export class PimcoreClient {
   }
   _amend(conv, target, action, payload, { localId = null, timeout = this.opts.sendTimeout } = {}) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
-    const now = this.opts.now();
+    const now = this._sessionNow(); // deadlines
+    const raw = this._rawNow; // local ids and stamps
     const bytes = payloadBytes(payload);
     if (localId != null && this._pending.has(localId)) {
       const e = this._pending.get(localId);
       e.deadline = Math.max(e.deadline, now + timeout * 1000);
       return e.promise;
     }
-    const lid = localId != null ? localId : Math.max(this._lastLocalId + 1, now);
-    const stamp = Math.max(this._lastStamp + 1, now + this.clockOffset);
+    const lid = localId != null ? localId : Math.max(this._lastLocalId + 1, raw);
+    const stamp = Math.max(this._lastStamp + 1, raw + this.clockOffset);
     const f = frame('AmendReq', { local_id: lid, conv, target, action, client_time: stamp, payload: bytes });
     f._body = encodeBody(f); // throws EncodeError before any state changes
     this._lastLocalId = Math.max(this._lastLocalId, lid);
@@ -668,8 +675,8 @@ export class PimcoreClient {
       // Transient: back into the queue; one congestion event per window.
       e.inFlight = false;
       if ((f.code === ErrorCode.STORE_UNAVAILABLE || f.code === ErrorCode.INTERNAL) && !this._stall) {
-        this._stall = { since: now };
-        this._emit('sendsStalled', { code: f.code, pending: this._pending.size, since: now });
+        this._stall = { since: this._rawNow }; // device clock
+        this._emit('sendsStalled', { code: f.code, pending: this._pending.size, since: this._stall.since });
       }
       if (e.tx > this._recover) {
         this._recover = this._tx;
@@ -779,7 +786,7 @@ export class PimcoreClient {
   // ------------------------------------------------------------ history, readers, view
   _request(name, fields, timeout) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
-    const now = this.opts.now();
+    const now = this._sessionNow();
     const reqId = this._nextReqId;
     const f = frame(name, { req_id: reqId, ...fields });
     // Encoded before anything is registered: arguments no frame can carry
@@ -886,7 +893,7 @@ export class PimcoreClient {
   typing(conv, active = true) {
     if (this.state === State.CLOSED) throw this.error;
     const f = frame('Typing', { conv, active, user: '', ttl_ms: 0 });
-    const now = this.opts.now();
+    const now = this._sessionNow();
     const last = this._typingSent.get(conv);
     if (active) { if (last !== undefined && now - last < this.opts.typingInterval * 1000) return false; }
     else if (last === undefined) return false;
@@ -897,7 +904,7 @@ export class PimcoreClient {
   }
   /** Users whose typing indicator in `conv` is on now, sorted. */
   typingUsers(conv) {
-    const now = this.opts.now();
+    const now = this._sessionNow();
     return [...this._typingSeen.values()].filter((t) => t.conv === conv && t.until > now).map((t) => t.user).sort();
   }
   _onTyping(f, now) {
@@ -905,7 +912,7 @@ export class PimcoreClient {
     if (f.active && f.ttl_ms) {
       const until = now + f.ttl_ms * 1000;
       this._typingSeen.set(key, { conv: f.conv, user: f.user, until });
-      this._emit('typing', { conv: f.conv, user: f.user, active: true, expires: until });
+      this._emit('typing', { conv: f.conv, user: f.user, active: true, expires: until - this._skew }); // device clock
     } else if (this._typingSeen.delete(key)) {
       this._emit('typing', { conv: f.conv, user: f.user, active: false, expires: 0 });
     }
@@ -933,7 +940,7 @@ export class PimcoreClient {
     this._nextReqId++;
     this._presenceWanted = { reqId, users: wanted };
     const p = new Promise((resolve, reject) => {
-      this._presenceWaiting.push({ reqId, users: wanted, resolve, reject, deadline: this.opts.now() + timeout * 1000 });
+      this._presenceWaiting.push({ reqId, users: wanted, resolve, reject, deadline: this._sessionNow() + timeout * 1000 });
     });
     this._refTicker();
     if (this.state === State.ACTIVE) this._sendFrame(f);
@@ -948,7 +955,7 @@ export class PimcoreClient {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
     const mode = hideLastSeen == null ? 0 : hideLastSeen ? 2 : 1;
     const p = new Promise((resolve, reject) => {
-      this._privacyWaiting.push({ mode, resolve, reject, deadline: this.opts.now() + timeout * 1000 });
+      this._privacyWaiting.push({ mode, resolve, reject, deadline: this._sessionNow() + timeout * 1000 });
     });
     this._refTicker();
     if (this.state === State.ACTIVE) this._sendFrame(frame('PresencePrivacy', { mode }));
@@ -1025,6 +1032,22 @@ export class PimcoreClient {
   }
 
   // ------------------------------------------------------------ timers
+  // Session time, µs: what every timer and deadline runs on (the Python SDK's
+  // ClientSession._tick).  The device clock plus a skew, never backwards: a
+  // backward step of the clock (NTP, the user) is absorbed into the skew, so
+  // deadlines already set keep their distance instead of moving away by the
+  // size of the step.  A forward step fires timers early (at most a Ping, a
+  // reconnect or a send timeout).  Stamps, local ids and calibration use the
+  // device clock as read here (_rawNow).
+  _sessionNow() {
+    const raw = this.opts.now();
+    this._rawNow = raw;
+    let t = raw + this._skew;
+    if (t < this._t) { this._skew += this._t - t; t = this._t; }
+    this._t = t;
+    return t;
+  }
+
   // The ticker keeps a Node process alive only while something waits on it
   // (a send or a request must time out even with no socket up).
   _refTicker() {
@@ -1035,7 +1058,7 @@ export class PimcoreClient {
 
   _tick() {
     this._refTicker();
-    const now = this.opts.now();
+    const now = this._sessionNow();
     for (const e of [...this._pending.values()]) {
       if (now >= e.deadline) { this._pending.delete(e.localId); this._rememberExpired(e); e.reject(new SendTimeout(e.localId)); }
     }

@@ -92,7 +92,7 @@ export interface ClientOptions {
   viewLimit?: number; reconnect?: boolean;
   /** ms: while the user types, typing() sends at most one Typing per conversation per interval (default 2500). */
   typingInterval?: number;
-  /** The device clock in µs (default Date.now() * 1000), e.g. (performance.timeOrigin + performance.now()) * 1000; fractions are floored. */
+  /** The device clock in µs (default Date.now() * 1000), e.g. (performance.timeOrigin + performance.now()) * 1000; fractions are floored. Stamps and local ids use it as read; timers run on a copy that never goes backwards (a backward step is absorbed, a forward step fires timers early). */
   now?: () => number;
 }
 

@@ -84,6 +84,31 @@ test('a silent broker is found dead by an unanswered Ping even while the client 
   await c.close();
 });
 
+test('a backward step of the device clock does not stall the timers: a silent link is still found dead', async () => {
+  // An injected clock (µs) moved by hand; the ticker's work is run right after each move.
+  let clock = 1_700_000_000_000_000;
+  const H = 1_000_000; // heartbeat_ms 1000
+  const c = make({ ackTimeout: 5000, backoffInitial: 10000, now: () => clock });
+  const p0 = c.connect();
+  await sleep(5);
+  const ws = FakeWS.all.at(-1);
+  const cal = ws.of('CalibrateReq')[0];
+  ws.deliver(loginAck({ heartbeat_ms: 1000 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await p0;
+  const disc = []; c.on('disconnected', (d) => disc.push(d));
+  clock += H; c._tick();
+  assert.equal(ws.of('Ping').length, 1, 'a Ping after one interval of silence');
+  clock -= 3600_000_000; // NTP or the user steps the clock back an hour; the broker stays silent
+  let session = 0; // session time since the step
+  while (!disc.length && session < 2 * H) { clock += 100_000; session += 100_000; c._tick(); }
+  assert.equal(disc.length, 1, 'the dead link is found within two heartbeat intervals after the step');
+  assert.match(disc[0].reason, /dead link/);
+  // Local ids (and stamps) keep the device clock as given, not the session time.
+  c.send('d:u:v', 'x').catch(() => {});
+  assert.deepEqual(c.pendingSends(), [clock]);
+  await c.close();
+});
+
 test('a history request is written once per connection and asked again after a reconnect', async () => {
   const c = make({ backoffInitial: 1 });
   const { ws } = await connected(c);
