@@ -41,7 +41,13 @@ def main(store_dir: str, plan_file: str, seed: int, durability: str = "sync") ->
     rng = random.Random(seed)
     with open(plan_file) as f:
         plan = json.load(f)
-    store = LmdbStore(store_dir, durability=durability)
+    # "log-deferred": as a broker runs a log store, several batches share
+    # one LMDB commit (LmdbStore.defer_commits); a kill leaves the open ones
+    # in the command log only.
+    deferred = durability == "log-deferred"
+    store = LmdbStore(store_dir, durability="log" if deferred else durability)
+    if deferred:
+        store.defer_commits(True)
     if not store.conversation_exists(GROUP):
         store.create_group(GROUP, GROUP_MEMBERS, now=0)
     node = store.node_id()

@@ -76,12 +76,25 @@ def _crash_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture(autouse=True, params=["flush-inline", "flush-overlapped"])
-def _flush_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test twice: each batch's record flushed after LMDB applied the
-    batch, and flushed by the worker thread while LMDB applies it (what
-    batches of _LogState.overlap_ops or more do)."""
-    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1 if request.param == "flush-overlapped" else 1 << 40)
+@pytest.fixture(autouse=True, params=["flush-inline", "flush-overlapped", "deferred-inline", "deferred-overlapped"])
+def _flush_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test four times: each batch's record flushed after LMDB applied
+    the batch, or by the worker thread while LMDB applies it (what batches
+    of _LogState.overlap_ops or more do); and each of those with deferred
+    commits (LmdbStore.defer_commits: up to 3 batches share one LMDB commit,
+    the test's thread is the owner), as the broker runs a log store."""
+    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1 if request.param.endswith("overlapped") else 1 << 40)
+    if request.param.startswith("deferred"):
+        monkeypatch.setattr(LmdbStore, "defer_batches", 3)
+        monkeypatch.setattr(LmdbStore, "defer_seconds", 1e9)
+        init = LmdbStore.__init__
+
+        def deferring(self: LmdbStore, *args: Any, **kw: Any) -> None:
+            init(self, *args, **kw)
+            self.defer_commits(True)
+
+        monkeypatch.setattr(LmdbStore, "__init__", deferring)
+    return str(request.param)
 
 
 def _open_log(path: Path, **kw: Any) -> LmdbStore:
@@ -302,6 +315,9 @@ def test_only_the_broker_writes_a_log_store(tmp_path: Path) -> None:
     broker = _open_log(tmp_path / "a")
     try:
         broker.commit(WriteBatch(1, GROUPS))
+        # (Deferred commits: what the broker's committer does within
+        # defer_seconds. The open needs LMDB's writer mutex for a moment.)
+        broker.commit_open()
         # A maintenance open in another process (LMDB opens an environment
         # once per process).
         child = subprocess.run(
@@ -596,11 +612,13 @@ def test_a_failed_background_checkpoint_is_logged_and_retried(
         monkeypatch.setattr(wal, "write_checkpoint", once)
         with caplog.at_level("WARNING", logger="pimcore.store"):
             store.commit(WriteBatch(1, GROUPS))
+            store.commit_open()  # (checkpoints follow LMDB's commits)
             store._log.join()
             assert "command log checkpoint failed: [Errno 28] No space left on device; retried" in caplog.text
         assert store._log.checkpoints == before
         for n, ops in enumerate(_fixed_batches(2, 3)):
             store.commit(WriteBatch(n + 2, tuple(ops)))
+            store.commit_open()
             store._log.join()
         assert store._log.checkpoints > before  # retried, and writes went on
     finally:
@@ -877,7 +895,9 @@ class _FailingCommitTxn:
         raise lmdb.DiskError("simulated: the commit's page writes failed")
 
 
-def test_a_batch_lmdb_fails_to_commit_is_taken_back_out_of_the_log(tmp_path: Path) -> None:
+def test_a_batch_lmdb_fails_to_commit_is_taken_back_out_of_the_log(tmp_path: Path, _flush_mode: str) -> None:
+    if _flush_mode.startswith("deferred"):
+        pytest.skip("deferred: LMDB commits later, for several acked batches (test_a_deferred_commit_lmdb_fails_...)")
     batches = _fixed_batches(3, 12)
     store = _open_log(tmp_path / "a")
     try:
@@ -927,8 +947,11 @@ class _HookedTxn(_FailingCommitTxn):
         self.hook()
 
 
-def test_an_interrupt_right_after_lmdb_committed_keeps_the_batch_in_the_log(tmp_path: Path) -> None:
+def test_an_interrupt_right_after_lmdb_committed_keeps_the_batch_in_the_log(tmp_path: Path, _flush_mode: str) -> None:
     import _thread
+
+    if _flush_mode.startswith("deferred"):
+        pytest.skip("deferred: LMDB commits later (test_an_interrupt_right_after_a_deferred_commit_...)")
 
     batches = _fixed_batches(3, 12)
     store = _open_log(tmp_path / "a")
@@ -1384,3 +1407,117 @@ def test_whether_the_map_has_room_for_an_overlap_is_asked_under_the_write_lock(
     finally:
         store.close()
     assert asked and all(asked)
+
+
+# -- Deferred commits (LmdbStore.defer_commits, what a broker on a log store
+# -- runs): several acked batches share one LMDB commit.  What stops that
+# -- commit must lose none of them.
+
+
+def test_a_deferred_commit_lmdb_fails_stops_the_store_and_a_restart_recovers_every_batch(
+    tmp_path: Path, _flush_mode: str
+) -> None:
+    if not _flush_mode.startswith("deferred"):
+        pytest.skip("deferred commits only")
+    batches = _fixed_batches(3, 12)
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        store.commit_open()
+        real, store._env = store._env, _FailingCommitEnv(store._env)  # type: ignore[assignment]
+        store.commit(WriteBatch(2, tuple(batches[0])))  # acked: its record is flushed
+        store.commit(WriteBatch(3, tuple(batches[1])))
+        with pytest.raises(StoreError, match="deferred commit failed"):
+            store.commit_open()
+        store._env = real
+        with pytest.raises(StoreError, match="restart the broker"):
+            store.commit(WriteBatch(4, tuple(batches[2])))
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    assert _recovered(copy) == _recovered(tmp_path / "a") == _reference(tmp_path / "ref", batches[:2])
+
+
+def test_an_interrupt_right_after_a_deferred_commit_keeps_its_batches(tmp_path: Path, _flush_mode: str) -> None:
+    import _thread
+
+    if not _flush_mode.startswith("deferred"):
+        pytest.skip("deferred commits only")
+    batches = _fixed_batches(3, 12)
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        store.commit_open()
+        real, store._env = store._env, _HookedEnv(store._env, _thread.interrupt_main)  # type: ignore[assignment]
+        store.commit(WriteBatch(2, tuple(batches[0])))
+        with pytest.raises(KeyboardInterrupt):
+            store.commit_open()
+        store._env = real
+        assert store.commit_delay() is None  # nothing left open
+        assert _dump(store) == _reference(tmp_path / "ref1", [batches[0]])
+        store.commit(WriteBatch(3, tuple(batches[1])))  # the store writes on
+        want = _dump(store)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    assert _recovered(copy) == want == _reference(tmp_path / "ref2", batches[:2])
+
+
+def test_a_batch_that_fails_in_a_deferred_transaction_rolls_back_alone(
+    tmp_path: Path, _flush_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The open transaction holds two acked batches when the third fails
+    # half-way (an exception out of one of its ops): the transaction is
+    # aborted, the third batch's record taken back, the two run again; the
+    # fourth is written after them.
+    batches = _fixed_batches(4, 12)
+    store = _open_log(tmp_path / "a")
+    bad = RemoveMembers("g1", ("zz-boom",), 99_999, "")
+    real = lmdb_module._HANDLERS[RemoveMembers]
+
+    def boom(self: LmdbStore, w: Any, op: Any) -> Any:
+        if op is bad:
+            raise RuntimeError("simulated bug in a handler")
+        return real(self, w, op)
+
+    monkeypatch.setitem(lmdb_module._HANDLERS, RemoveMembers, boom)
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        store.commit_open()
+        for n, ops in enumerate(batches[:2]):
+            store.commit(WriteBatch(n + 2, tuple(ops)))
+        if _flush_mode.startswith("deferred"):
+            assert store.commit_delay() is not None  # both are in the open transaction
+        with pytest.raises(StoreError, match="simulated bug"):
+            store.commit(WriteBatch(10, tuple(batches[2]) + (bad,)))
+        store.commit(WriteBatch(11, tuple(batches[3])))
+        want = _dump(store)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    assert _recovered(copy) == want == _reference(tmp_path / "ref", batches[:2] + batches[3:])
+
+
+def test_other_threads_read_what_the_owner_deferred_once_it_commits(tmp_path: Path, _flush_mode: str) -> None:
+    if not _flush_mode.startswith("deferred"):
+        pytest.skip("deferred commits only")
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        store.commit_open()
+        store.commit(WriteBatch(2, (AddMembers("g2", ("di",), 2, ""),)))
+        assert store.commit_delay() is not None  # open: in the log, not yet in LMDB
+        seen: list = []
+        reader = threading.Thread(target=lambda: seen.append(store.members("g2")))
+        reader.start()
+        reader.join(0.2)
+        assert reader.is_alive() and not seen  # it waits for the owner's commit
+        assert store.commit_delay() == 0.0  # ... which is now due
+        store.commit_open()
+        reader.join(10)
+        assert seen == [("bo", "di")]
+        # The owner's own reads commit first.
+        store.commit(WriteBatch(3, (AddMembers("g2", ("al",), 3, ""),)))
+        assert store.members("g2") == ("al", "bo", "di") and store.commit_delay() is None
+    finally:
+        store.close()

@@ -198,6 +198,9 @@ def test_both_backends_agree(both: tuple[ModuleType, ModuleType], local_id: int,
 
 
 def _dump(store: LmdbStore) -> dict:
+    # (Straight through the environment: deferred batches committed first,
+    # or this thread's own open write transaction would block open_db.)
+    store.commit_open()
     env = store._env
     out = {}
     for name in lmdb_module._DB_NAMES:

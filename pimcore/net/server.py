@@ -500,6 +500,9 @@ class BrokerServer:
         if config.commit_in_thread and not getattr(store, "thread_safe_commit", False):
             raise ValueError(f"commit_in_thread: {type(store).__name__} commits are not thread-safe")
         self._commit_in_thread = config.commit_in_thread
+        # Deferred LMDB commits (log durability): on while run() runs.
+        self._deferring = False
+        self._defer_wake = trio.Event()
         # Inline commit (a synchronous store committing on the event loop):
         # a write request that a plain-TCP read caused runs right there, in
         # the reader (see _inline_ok), instead of going through the
@@ -618,6 +621,12 @@ class BrokerServer:
                     nursery.start_soon(fn, *args)
                 nursery.start_soon(self._committer)
                 nursery.start_soon(self._timer)
+                defer = (getattr(self.store, "defer_commits", None)
+                         if not self._async_store and not self._commit_in_thread else None)
+                if defer is not None and defer(True, on_open=self._deferred_opened):
+                    # (The store is LMDB with durability log: see _deferred.)
+                    self._deferring = True
+                    nursery.start_soon(self._deferred)
                 cluster = getattr(self.store, "cluster", None) if self._async_store else None
                 if cluster is not None:
                     # Several nodes share the store (RedisStore): hints from the
@@ -646,6 +655,13 @@ class BrokerServer:
                     # every connection has been closed by shutdown().
                 nursery.cancel_scope.cancel()
         finally:
+            if self._deferring:
+                self._deferring = False
+                try:
+                    self.store.defer_commits(False)  # type: ignore[union-attr]
+                except StoreError as exc:
+                    # (The batches are in the command log: the next start replays them.)
+                    log.error("deferred commit failed at shutdown: %s", exc, extra={"event": "store_error"})
             self._stop_waiters()
         if self.moderator is not None:
             with trio.CancelScope(shield=True):
@@ -1510,6 +1526,35 @@ class BrokerServer:
             peer.scope.deadline = min(peer.scope.deadline, trio.current_time() + self.config.close_timeout)
 
     # ------------------------------------------------------------ background tasks
+
+    def _deferred_opened(self) -> None:
+        # Called by the store, on this thread, when a batch opened a
+        # deferred LMDB transaction: wake _deferred to commit it when due.
+        self._defer_wake.set()
+
+    async def _deferred(self) -> None:
+        """Commit the store's open deferred LMDB transaction when it is due
+        (:meth:`pimcore.store.lmdb.LmdbStore.defer_commits`): a batch is
+        acked once its command log record is flushed, and LMDB's own commit
+        is paid once for up to ``defer_batches`` batches.  This task is what
+        bounds how long a transaction stays open when no further batch
+        comes: other threads' reads wait for it."""
+        store = self.store
+        while True:
+            delay = store.commit_delay()  # type: ignore[union-attr]
+            if delay is None:
+                await self._defer_wake.wait()
+                self._defer_wake = trio.Event()
+                continue
+            if delay > 0:
+                await trio.sleep(delay)
+            try:
+                store.commit_open()  # type: ignore[union-attr]
+            except StoreError as exc:
+                # The store writes no more (its batches are in the command
+                # log); every later commit fails with STORE_UNAVAILABLE.
+                log.error("deferred commit failed: %s", exc, extra={"event": "store_error"})
+                return
 
     async def _committer(self) -> None:
         store = self.store

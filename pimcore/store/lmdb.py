@@ -708,9 +708,13 @@ class _LogState:
         #: checkpoint only then: see LmdbStore._start_log).
         self.started = False
         self.pin: Optional[_Txn] = None
-        #: The log position before a record appended but not yet committed
-        #: by LMDB (its commit hit a full map), else None.
+        #: The log position before the first record appended but not yet
+        #: committed by LMDB (its commit hit a full map, or its batch waits
+        #: in a deferred commit), else None: a checkpoint replays from there.
         self.uncommitted: Optional[tuple[int, int, int]] = None
+        #: The log position before the first batch of the open deferred
+        #: commit (:meth:`LmdbStore.defer_commits`), else None.
+        self.open_at: Optional[tuple[int, int, int]] = None
         self._thread: Optional[threading.Thread] = None
         self._flusher: Optional[_Flusher] = None
         self._last_at = (0, time.monotonic())  # (log bytes appended, monotonic s) at the last checkpoint
@@ -723,8 +727,9 @@ class _LogState:
         write and flush the record.  Raises StoreError (and the store writes
         no more) if that failed."""
         # Until LMDB commits it, a checkpoint (the map may grow at the
-        # commit) must replay this record.
-        self.uncommitted = record.at = self.log.position()
+        # commit) must replay this record (and the deferred ones before it).
+        record.at = self.log.position()
+        self.uncommitted = self.open_at or record.at
         # From here on the record may be in the log: whatever stops the
         # batch now settles it (settle()).
         record.written = True
@@ -747,7 +752,8 @@ class _LogState:
                              extra={"event": "log_flush_thread_failed"})
                 self.overlap_ops = 1 << 62  # (this store's own value from now on)
                 return False
-        self.uncommitted = record.at = self.log.position()
+        record.at = self.log.position()
+        self.uncommitted = self.open_at or record.at
         # Set before the hand-over and cleared only by appended(): while it
         # is set, whether (and when) the record reaches the log is unknown.
         record.flushed = threading.Event()
@@ -813,7 +819,8 @@ class _LogState:
                               f" command log ({exc}); restart the broker to recover it")
             return
         record.written = False
-        self.uncommitted = None
+        # (The deferred batches before it stay in the log: they were acked.)
+        self.uncommitted = self.open_at
         self.unsettled = None
 
     def _append_failed(self, exc: OSError) -> StoreError:
@@ -908,6 +915,7 @@ class _LogState:
         (open and close)."""
         self.join()
         with self.store._wlock:
+            self.store._settle_open()  # (deferred batches first: a checkpoint is of LMDB's commits)
             prepared = self._prepare()
         if prepared is None:
             raise StoreError("cannot checkpoint the command log: LMDB's meta pages do not match the commit")
@@ -1065,10 +1073,12 @@ class _LogRecord:
     a batch run again (:class:`_RunAgain`, a full map) keeps its one
     record."""
 
-    __slots__ = ("data", "overlap", "written", "at", "flushed", "outcome")
+    __slots__ = ("data", "overlap", "ops", "written", "at", "flushed", "outcome")
 
-    def __init__(self, data: bytes, overlap: bool) -> None:
+    def __init__(self, data: bytes, overlap: bool, ops: int = 1) -> None:
         self.data = data
+        #: How many ops the batch has (:attr:`LmdbStore.defer_ops`).
+        self.ops = ops
         #: Flush it in the worker thread while LMDB applies the batch
         #: (:attr:`_LogState.overlap_ops`), if the map has room then
         #: (:meth:`LmdbStore._roomy`).
@@ -1357,6 +1367,34 @@ class LmdbStore(Store):
         self._read_only: Optional[str] = None
         #: close() has begun: nothing more is written (see close).
         self._closing = False
+        #: Deferred commits (``log`` durability, :meth:`defer_commits`): the
+        #: owner thread's ident while they are on, else None.
+        self._defer_owner: Optional[int] = None
+        self._on_open: Optional[Callable[[], None]] = None
+        #: The open deferred write transaction (the owner's), else None; its
+        #: id (the one its commit will take), when it was begun (monotonic
+        #: s), and the ``fn`` of each batch applied to it, in order (run
+        #: again into a new transaction if it has to be aborted).  Under
+        #: _wlock; ``_open_txn`` is read without it only to ask "is anything
+        #: open?".
+        self._open_txn: Optional[_Txn] = None
+        self._open_id = 0
+        self._open_since = 0.0
+        self._open_fns: list[Callable[[_Txn], Any]] = []
+        self._open_ops = 0
+        #: Generations of deferred transactions: begun, and the last one
+        #: committed (or given up); other threads wait for theirs.
+        self._open_gen = 0
+        self._done_gen = 0
+        #: Another thread waits for the open transaction to commit.
+        self._wanted = False
+        self._open_cond = threading.Condition(self._wlock)
+        #: The batch _write runs continues an open deferred transaction
+        #: (:meth:`_take_hot`).
+        self._continuing = False
+        #: Deferred transactions committed, and batches committed in them.
+        self.deferred_commits = 0
+        self.deferred_batches = 0
         log_dir = os.path.join(path, "log")
         ckpt = wal.read_checkpoint(log_dir) if os.path.isdir(log_dir) else None
         if not owner and durability == "log":
@@ -1717,6 +1755,17 @@ class LmdbStore(Store):
             st = self._log
             if st is not None and (st.failed is not None or st.unsettled is not None):
                 raise StoreError(st.failed or st.unsettled)
+            if self._open_txn is not None or self._defer_owner is not None:
+                mine = self._defer_owner == threading.get_ident()
+                if logged is not None and mine and not logged.written and self._roomy():
+                    assert st is not None
+                    return self._write_deferred(env, st, fn, committed, logged)
+                if mine:
+                    self._commit_open()
+                else:
+                    self._await_open()
+                if st is not None and (st.failed is not None or st.unsettled is not None):
+                    raise StoreError(st.failed or st.unsettled)
             # A maintenance handle writes only while no log broker does (it
             # may have started since this handle opened): its commit would
             # be in LMDB but not in the log, and that broker's recovery puts
@@ -1780,6 +1829,290 @@ class LmdbStore(Store):
                 if not done and logged is not None and logged.written and st is not None:
                     st.settle(logged, lambda: bool(tid) and env.info()["last_txnid"] >= tid)
 
+    # ------------------------------------------------------------ deferred commits
+
+    def defer_commits(self, on: bool = True, *, on_open: Optional[Callable[[], None]] = None) -> bool:
+        """Let several logged batches share one LMDB commit (``log``
+        durability only; other modes answer False and change nothing).
+
+        Each batch is still acked only once its command log record is
+        ``fdatasync``'d; LMDB's own commit (its page writes) is left open
+        for up to :attr:`defer_batches` batches, :attr:`defer_ops` ops or
+        :attr:`defer_seconds`, and paid once for all of them.  A crash loses
+        nothing: the records are in the log and the next start replays them.
+        The caller's thread becomes the *owner*: its writes go into the open
+        transaction, its reads commit it first.  Every other thread's read or
+        write waits for the owner's commit, so the owner must call
+        :meth:`commit_open` when :meth:`commit_delay` has passed (the broker's
+        committer does) -- it must not wait for such a thread meanwhile.
+        ``on=False`` commits what is open and ends deferral.  ``on_open``
+        is called (on the owner's thread, under the store's write lock: it
+        must only note the fact) whenever a batch begins a new deferred
+        transaction.  Returns whether deferral is on.  (Measured: BENCHMARKS.md, "Several logged batches
+        per LMDB commit".)"""
+        with self._wlock:
+            me = threading.get_ident()
+            if self._open_txn is not None:
+                if self._defer_owner == me:
+                    self._commit_open()
+                else:
+                    self._await_open()
+            self._defer_owner = me if on and self._log is not None else None
+            self._on_open = on_open if self._defer_owner is not None else None
+            return self._defer_owner is not None
+
+    #: An open deferred transaction is committed once it holds this many
+    #: batches, or this many ops, or has been open this long (s).
+    defer_batches = 16
+    defer_ops = 8192
+    defer_seconds = 0.05
+
+    def commit_delay(self) -> Optional[float]:
+        """Seconds until the open deferred transaction is due (0.0 if it is
+        already), or None if nothing is open: when the owner should call
+        :meth:`commit_open` at the latest."""
+        if self._open_txn is None:
+            return None
+        if self._wanted:
+            return 0.0
+        return max(0.0, self._open_since + self.defer_seconds - time.monotonic())
+
+    def commit_open(self) -> None:
+        """Commit the open deferred transaction now (from the owner; from
+        another thread: wait until the owner has).  Raises StoreError if the
+        commit failed: the store then writes no more, and a restart replays
+        the batches from the command log."""
+        if self._open_txn is None:
+            return
+        with self._wlock:
+            if self._defer_owner == threading.get_ident():
+                self._commit_open()
+            else:
+                self._await_open()
+
+    def _settle_open(self) -> None:
+        """Under _wlock: nothing deferred left open -- committed now by the
+        owner, or waited for by any other thread."""
+        if self._open_txn is not None:
+            if self._defer_owner == threading.get_ident():
+                self._commit_open()
+            else:
+                self._await_open()
+
+    def _await_open(self) -> None:
+        """Under _wlock, not the owner: wait (releasing it) until the
+        transaction open now has been committed or given up."""
+        gen = self._open_gen
+        while self._open_txn is not None and self._done_gen < gen:
+            self._wanted = True
+            self._open_cond.wait()
+
+    def _write_deferred(
+        self, env: lmdb.Environment, st: _LogState, fn: Callable[[_Txn], T],
+        committed: Optional[Callable[[], None]], logged: _LogRecord,
+    ) -> T:
+        """:meth:`_write` for the owner of deferred commits, under _wlock:
+        apply ``fn`` to the open transaction (begun if none), append and
+        flush its record, and leave LMDB's commit for later.
+
+        Why it is safe: a batch is acked only after its record is durable,
+        and records are logged in the order they are applied.  The open
+        transaction holds batches that are acked but in LMDB only once it
+        commits; :attr:`_LogState.uncommitted` keeps the first of them, so a
+        checkpoint never claims them.  A failure of this batch (its apply,
+        its flush, an interrupt) leaves its partial writes mixed with theirs:
+        the transaction is aborted, this batch's record taken back out of the
+        log (:meth:`_LogState.settle`), and the earlier batches' ``fn``s run
+        again into a new transaction (:meth:`_reopen`): ``fn`` is a pure
+        function of the transaction, as it must be for a map that grows.
+        Whatever cannot be done so stops the store; a restart replays."""
+        accepted = False
+        try:
+            while True:
+                txn = self._open_txn
+                continuing = txn is not None
+                if txn is None:
+                    try:
+                        if not _TXN_IDS:
+                            self._open_id = env.info()["last_txnid"] + 1
+                        txn = env.begin(write=True)
+                        if _TXN_IDS:
+                            self._open_id = txn.id()
+                    except lmdb.MapResizedError:
+                        self._adopt_map_size(env)
+                        continue
+                    except lmdb.Error as exc:
+                        raise StoreError(f"LMDB error: {exc}") from exc
+                    self._open_txn = txn
+                    self._open_since = time.monotonic()
+                    self._open_gen += 1
+                    if self._on_open is not None:
+                        self._on_open()
+                try:
+                    self._continuing = continuing
+                    if logged.written:
+                        result = fn(txn)  # (run again: the record is logged already)
+                    elif logged.overlap and st.append_soon(logged):
+                        try:
+                            result = fn(txn)
+                        finally:
+                            st.appended(logged)
+                    else:
+                        result = fn(txn)
+                        st.append(logged)
+                except _RunAgain:
+                    self._drop_open()
+                    self._reopen(env, st)
+                    continue
+                except lmdb.MapFullError:
+                    self._drop_open()
+                    self._grow(env)
+                    self._reopen(env, st)
+                    continue
+                except lmdb.Error as exc:
+                    self._drop_open()
+                    raise StoreError(f"LMDB error: {exc}") from exc
+                except BaseException:
+                    self._drop_open()
+                    raise
+                finally:
+                    self._continuing = False
+                # Acked from here on: the record is durable, and the batch
+                # is in the open transaction (or, once it is given up, run
+                # again from self._open_fns or replayed by the next start).
+                self._open_fns.append(fn)
+                accepted = True
+                if st.open_at is None:
+                    st.open_at = logged.at
+                st.uncommitted = st.open_at
+                self._open_ops += logged.ops
+                if committed is not None:
+                    committed()
+                if (len(self._open_fns) >= self.defer_batches or self._open_ops >= self.defer_ops
+                        or self._wanted or time.monotonic() - self._open_since >= self.defer_seconds):
+                    self._commit_open()
+                return result
+        finally:
+            if not accepted:
+                if logged.written:
+                    st.settle(logged, lambda: False)
+                if self._open_txn is None and self._open_fns and st.unsettled is None and st.failed is None:
+                    try:
+                        self._reopen(env, st)
+                    except BaseException:  # noqa: BLE001 - the store is stopped (unsettled); the batch's own error goes on
+                        pass
+
+    def _drop_open(self) -> None:
+        """Abort the open deferred transaction; its batches stay in
+        ``_open_fns`` (and in the log) to be run again."""
+        txn, self._open_txn = self._open_txn, None
+        self._hot = None
+        if txn is not None:
+            _abort(txn)
+
+    def _reopen(self, env: lmdb.Environment, st: _LogState) -> None:
+        """Under _wlock, nothing open: a new transaction holding every
+        acked batch of ``_open_fns`` again (the map grown as needed).
+        Anything else that stops it stops the store (a restart replays
+        those batches from the log) and is raised."""
+        stop = "deferred batches could not be applied again after a failed batch; restart the broker to recover them"
+        st.unsettled = stop  # (an interrupt anywhere in here leaves the store stopped)
+        while True:
+            try:
+                if not _TXN_IDS:
+                    self._open_id = env.info()["last_txnid"] + 1
+                txn = env.begin(write=True)
+                if _TXN_IDS:
+                    self._open_id = txn.id()
+            except lmdb.MapResizedError:
+                self._adopt_map_size(env)  # (its checkpoint replays the batches: uncommitted)
+                continue
+            except lmdb.Error as exc:
+                raise StoreError(f"{stop}: LMDB error: {exc}") from exc
+            self._hot = None
+            try:
+                for fn in self._open_fns:
+                    fn(txn)
+            except lmdb.MapFullError:
+                _abort(txn)
+                self._grow(env)  # (at the map's ceiling: raises, and the store stays stopped)
+                continue
+            except BaseException:
+                _abort(txn)
+                self._hot = None
+                raise
+            self._hot = None  # (the batches' caches were for their first run)
+            self._open_txn = txn
+            st.unsettled = None
+            return
+
+    def _commit_open(self) -> None:
+        """Under _wlock, the owner: commit the open deferred transaction
+        (a full map: grow it and commit the batches again).  Any other
+        failure stops the store -- its batches are acked and in the log, and
+        a restart replays them -- and raises StoreError (or the interrupt)."""
+        txn = self._open_txn
+        if txn is None:
+            return
+        env = self._env
+        st = self._log
+        assert env is not None and st is not None
+        interrupted: Optional[BaseException] = None
+        while True:
+            try:
+                txn.commit()
+            except lmdb.MapFullError:
+                self._open_txn = None  # (py-lmdb aborted it)
+                self._hot = None
+                try:
+                    self._grow(env)
+                    self._reopen(env, st)
+                except BaseException:
+                    self._gave_up(st, "the map could not grow for deferred batches")
+                    raise
+                txn = self._open_txn
+                assert txn is not None
+                continue
+            except BaseException as exc:
+                try:
+                    done = env.info()["last_txnid"] >= self._open_id  # committed after all?
+                except BaseException:  # noqa: BLE001 - then assume not
+                    done = False
+                if not done:
+                    self._open_txn = None
+                    self._hot = None
+                    self._gave_up(st, f"a deferred commit failed ({exc!r})")
+                    if isinstance(exc, lmdb.Error):
+                        raise StoreError(st.unsettled) from exc
+                    raise
+                interrupted = exc  # (LMDB committed: recorded below, then raised)
+            break
+        self.deferred_commits += 1
+        self.deferred_batches += len(self._open_fns)
+        self._open_txn = None
+        self._open_fns.clear()
+        self._open_ops = 0
+        self._done_gen = self._open_gen
+        self._wanted = False
+        st.open_at = None
+        st.uncommitted = None
+        self._open_cond.notify_all()
+        if not st.replaying:
+            st.after_commit()
+        if interrupted is not None:
+            raise interrupted
+
+    def _gave_up(self, st: _LogState, why: str) -> None:
+        """The open deferred batches cannot reach LMDB in this run: stop
+        writing (the log has them; a restart replays them) and release the
+        threads that wait for them."""
+        st.unsettled = f"{why}; restart the broker to recover the batches from the command log"
+        self._open_fns.clear()
+        self._open_ops = 0
+        self._done_gen = self._open_gen
+        self._wanted = False
+        self._open_cond.notify_all()
+
     @contextmanager
     def _read(self) -> Iterator[_Txn]:
         """A short read transaction, inside the gate."""
@@ -1795,6 +2128,10 @@ class LmdbStore(Store):
     def _begin_read(self) -> _Txn:
         """Enter the gate and begin a read transaction (leaving the gate
         again if that fails)."""
+        if self._open_txn is not None:
+            # Acked batches wait in a deferred transaction: a read must see
+            # them (the owner commits it; another thread waits for that).
+            self.commit_open()
         gate = self._gate
         while True:
             gate.enter()
@@ -2030,7 +2367,9 @@ class LmdbStore(Store):
         :class:`_Hot`), else a new one.  Either way the store lets go of it
         until this commit succeeds: a failed or re-run commit starts empty."""
         hot, self._hot = self._hot, None
-        if hot is None or not _TXN_IDS or hot.txnid + 1 != txn.id():
+        # (In an open deferred transaction the last batch kept the cache
+        # stamped with this very transaction's id.)
+        if hot is None or not _TXN_IDS or hot.txnid + (0 if self._continuing else 1) != txn.id():
             return _Hot()
         hot.trim()
         return hot
@@ -2107,7 +2446,7 @@ class LmdbStore(Store):
 
         st = self._log
         try:
-            logged = (_LogRecord(_encode_ops(ops), len(ops) >= st.overlap_ops)
+            logged = (_LogRecord(_encode_ops(ops), len(ops) >= st.overlap_ops, len(ops))
                       if st is not None and not st.replaying else None)
         except StoreError as exc:
             raise StoreError(f"batch {batch.batch_id} not committed: {exc}") from None
@@ -3152,6 +3491,20 @@ class LmdbStore(Store):
 
     def close(self) -> None:
         with self._wlock:
+            if self._open_txn is not None:
+                # Deferred batches: committed by their owner; from another
+                # thread, wait a while for the owner's commit.  (If neither
+                # happens the log has them, and the next start replays them.)
+                if self._defer_owner == threading.get_ident():
+                    try:
+                        self._commit_open()
+                    except Exception:  # noqa: BLE001 - logged below; the log keeps them
+                        _log.warning("deferred batches not committed at close; the next start replays them",
+                                     extra={"event": "deferred_commit_failed"})
+                else:
+                    self._wanted = True
+                    self._open_cond.wait_for(lambda: self._open_txn is None, timeout=10.0)
+            self._defer_owner = None
             env = self._env
             if env is None:
                 self._release_broker_lock()
