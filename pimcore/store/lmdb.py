@@ -712,9 +712,6 @@ class _LogState:
         #: committed by LMDB (its commit hit a full map, or its batch waits
         #: in a deferred commit), else None: a checkpoint replays from there.
         self.uncommitted: Optional[tuple[int, int, int]] = None
-        #: The log position before the first batch of the open deferred
-        #: commit (:meth:`LmdbStore.defer_commits`), else None.
-        self.open_at: Optional[tuple[int, int, int]] = None
         self._thread: Optional[threading.Thread] = None
         self._flusher: Optional[_Flusher] = None
         self._last_at = (0, time.monotonic())  # (log bytes appended, monotonic s) at the last checkpoint
@@ -722,14 +719,25 @@ class _LogState:
         #: Checkpoints written, for statistics and tests.
         self.checkpoints = 0
 
-    def append(self, record: "_LogRecord") -> None:
+    def _mark(self, record: "_LogRecord", deferred: Optional["_Open"]) -> None:
+        # Until LMDB commits it, a checkpoint (the map may grow at the
+        # commit) must replay this record.  In a deferred transaction
+        # (``deferred``) its first record says where from (_prepare): set
+        # before the append, so that an interrupt right after the append
+        # finds it known, and dropped with that transaction in one step.
+        record.at = self.log.position()
+        if deferred is not None:
+            if deferred.at is None:
+                deferred.at = record.at
+        else:
+            self.uncommitted = record.at
+
+    def append(self, record: "_LogRecord", deferred: Optional["_Open"] = None) -> None:
         """Under the write lock, before LMDB commits the record's batch:
         write and flush the record.  Raises StoreError (and the store writes
-        no more) if that failed."""
-        # Until LMDB commits it, a checkpoint (the map may grow at the
-        # commit) must replay this record (and the deferred ones before it).
-        record.at = self.log.position()
-        self.uncommitted = self.open_at or record.at
+        no more) if that failed.  ``deferred``: the open deferred transaction
+        the batch is in (:meth:`LmdbStore.defer_commits`)."""
+        self._mark(record, deferred)
         # From here on the record may be in the log: whatever stops the
         # batch now settles it (settle()).
         record.written = True
@@ -738,7 +746,7 @@ class _LogState:
         except OSError as exc:
             raise self._append_failed(exc) from exc
 
-    def append_soon(self, record: "_LogRecord") -> bool:
+    def append_soon(self, record: "_LogRecord", deferred: Optional["_Open"] = None) -> bool:
         """Like :meth:`append`, in the worker thread, while the caller
         (holding the write lock until :meth:`appended` returns) applies the
         batch.  False if there is no worker thread (it could not be
@@ -752,8 +760,7 @@ class _LogState:
                              extra={"event": "log_flush_thread_failed"})
                 self.overlap_ops = 1 << 62  # (this store's own value from now on)
                 return False
-        record.at = self.log.position()
-        self.uncommitted = self.open_at or record.at
+        self._mark(record, deferred)
         # Set before the hand-over and cleared only by appended(): while it
         # is set, whether (and when) the record reaches the log is unknown.
         record.flushed = threading.Event()
@@ -819,8 +826,11 @@ class _LogState:
                               f" command log ({exc}); restart the broker to recover it")
             return
         record.written = False
-        # (The deferred batches before it stay in the log: they were acked.)
-        self.uncommitted = self.open_at
+        # (Deferred batches before it stay in the log: they were acked.)
+        op = self.store._open
+        if op is not None and op.at == record.at:
+            op.at = None
+        self.uncommitted = None
         self.unsettled = None
 
     def _append_failed(self, exc: OSError) -> StoreError:
@@ -845,7 +855,9 @@ class _LogState:
         psize = env.stat()["psize"]
         pin = env.begin()
         meta = wal.read_meta_pages(self._data, psize)
-        ckpt = wal.Checkpoint(psize, *(self.uncommitted or self.log.position()), meta)
+        op = self.store._open  # (acked batches LMDB lacks: replayed from the first)
+        start = op.at if op is not None and op.at is not None else self.uncommitted
+        ckpt = wal.Checkpoint(psize, *(start or self.log.position()), meta)
         if ckpt.txnid != pin.id():  # cannot happen with one writer process; never guess
             pin.abort()
             return None
@@ -1066,6 +1078,36 @@ class _Hot:
             self.devices.clear()
         if len(self.dmax) > _HOT_USERS:
             self.dmax.clear()
+
+
+class _Open:
+    """A deferred LMDB write transaction (:meth:`LmdbStore.defer_commits`)
+    and the acked batches in it: ``fns``, each batch's function, in order
+    (run again into a new transaction if this one has to be aborted);
+    ``at``, the log position of the first one's record (a checkpoint replays
+    from there).  ``txn`` None: aborted, its batches to be run again.  The
+    store swaps whole objects, so that each change of state is one
+    assignment."""
+
+    __slots__ = ("txn", "id", "since", "gen", "fns", "ops", "at")
+
+    def __init__(self, txn: Optional[_Txn], tid: int, since: float, gen: int) -> None:
+        self.txn = txn
+        #: The id its commit takes (did LMDB commit it?).
+        self.id = tid
+        self.since = since  # monotonic s
+        self.gen = gen
+        self.fns: list[Callable[[_Txn], Any]] = []
+        self.ops = 0
+        self.at: Optional[tuple[int, int, int]] = None
+
+    def without_txn(self) -> "_Open":
+        return self.with_txn(None, self.id)
+
+    def with_txn(self, txn: Optional[_Txn], tid: int) -> "_Open":
+        op = _Open(txn, tid, self.since, self.gen)
+        op.fns, op.ops, op.at = self.fns, self.ops, self.at
+        return op
 
 
 class _LogRecord:
@@ -1371,23 +1413,14 @@ class LmdbStore(Store):
         #: owner thread's ident while they are on, else None.
         self._defer_owner: Optional[int] = None
         self._on_open: Optional[Callable[[], None]] = None
-        #: The open deferred write transaction (the owner's), else None; its
-        #: id (the one its commit will take), when it was begun (monotonic
-        #: s), and the ``fn`` of each batch applied to it, in order (run
-        #: again into a new transaction if it has to be aborted).  Under
-        #: _wlock; ``_open_txn`` is read without it only to ask "is anything
-        #: open?".
-        self._open_txn: Optional[_Txn] = None
-        self._open_id = 0
-        self._open_since = 0.0
-        self._open_fns: list[Callable[[_Txn], Any]] = []
-        self._open_ops = 0
-        #: Generations of deferred transactions: begun, and the last one
-        #: committed (or given up); other threads wait for theirs.
+        #: The open deferred transaction and the acked batches in it (under
+        #: _wlock; read without it only to ask "is anything open?").
+        self._open: Optional[_Open] = None
+        #: Deferred transactions begun (their _Open.gen).
         self._open_gen = 0
-        self._done_gen = 0
-        #: Another thread waits for the open transaction to commit.
-        self._wanted = False
+        #: Threads (other than the owner) waiting for the open transaction to
+        #: commit: while there are any, the owner defers nothing.
+        self._waiters = 0
         self._open_cond = threading.Condition(self._wlock)
         #: The batch _write runs continues an open deferred transaction
         #: (:meth:`_take_hot`).
@@ -1755,15 +1788,17 @@ class LmdbStore(Store):
             st = self._log
             if st is not None and (st.failed is not None or st.unsettled is not None):
                 raise StoreError(st.failed or st.unsettled)
-            if self._open_txn is not None or self._defer_owner is not None:
+            if self._open is not None and st is not None:
+                self._restore_open(env, st)  # (if it has no transaction; raises if it cannot)
+            if self._open is not None or self._defer_owner is not None:
                 mine = self._defer_owner == threading.get_ident()
-                if logged is not None and mine and not logged.written and self._roomy():
+                if logged is not None and mine and not logged.written and not self._waiters and self._roomy():
                     assert st is not None
                     return self._write_deferred(env, st, fn, committed, logged)
                 if mine:
                     self._commit_open()
                 else:
-                    self._await_open()
+                    self._await_open(writing=True)
                 if st is not None and (st.failed is not None or st.unsettled is not None):
                     raise StoreError(st.failed or st.unsettled)
             # A maintenance handle writes only while no log broker does (it
@@ -1842,27 +1877,28 @@ class LmdbStore(Store):
         nothing: the records are in the log and the next start replays them.
         The caller's thread becomes the *owner*: its writes go into the open
         transaction, its reads commit it first.  Every other thread's read or
-        write waits for the owner's commit, so the owner must call
-        :meth:`commit_open` when :meth:`commit_delay` has passed (the broker's
-        committer does) -- it must not wait for such a thread meanwhile.
-        ``on=False`` commits what is open and ends deferral.  ``on_open``
-        is called (on the owner's thread, under the store's write lock: it
-        must only note the fact) whenever a batch begins a new deferred
-        transaction.  Returns whether deferral is on.  (Measured: BENCHMARKS.md, "Several logged batches
-        per LMDB commit".)"""
+        write (and another process's write, or its first open of the store)
+        waits for the owner's commit, so the owner must call
+        :meth:`commit_open` when :meth:`commit_delay` has passed (the broker
+        does) and must not wait for such a thread meanwhile.  ``on=False``
+        commits what is open and ends deferral.  ``on_open`` is called (on
+        the owner's thread, under the store's write lock: it must only note
+        the fact) whenever a batch begins a new deferred transaction.
+        Returns whether deferral is on.  Raises StoreError as
+        :meth:`commit_open` does.  (Measured: BENCHMARKS.md, "Several logged
+        batches per LMDB commit".)"""
         with self._wlock:
-            me = threading.get_ident()
-            if self._open_txn is not None:
-                if self._defer_owner == me:
-                    self._commit_open()
-                else:
-                    self._await_open()
-            self._defer_owner = me if on and self._log is not None else None
+            if self._defer_owner == threading.get_ident():
+                self._commit_open()
+            else:
+                self._await_open(writing=True)
+            self._defer_owner = threading.get_ident() if on and self._log is not None else None
             self._on_open = on_open if self._defer_owner is not None else None
             return self._defer_owner is not None
 
     #: An open deferred transaction is committed once it holds this many
-    #: batches, or this many ops, or has been open this long (s).
+    #: batches, or this many ops, or has been open this long (s).  The last
+    #: bounds how long another thread's read waits.
     defer_batches = 16
     defer_ops = 8192
     defer_seconds = 0.05
@@ -1871,41 +1907,57 @@ class LmdbStore(Store):
         """Seconds until the open deferred transaction is due (0.0 if it is
         already), or None if nothing is open: when the owner should call
         :meth:`commit_open` at the latest."""
-        if self._open_txn is None:
+        op = self._open
+        if op is None:
             return None
-        if self._wanted:
+        if self._waiters:
             return 0.0
-        return max(0.0, self._open_since + self.defer_seconds - time.monotonic())
+        return max(0.0, op.since + self.defer_seconds - time.monotonic())
 
     def commit_open(self) -> None:
         """Commit the open deferred transaction now (from the owner; from
         another thread: wait until the owner has).  Raises StoreError if the
         commit failed: the store then writes no more, and a restart replays
         the batches from the command log."""
-        if self._open_txn is None:
+        if self._open is None:
             return
         with self._wlock:
-            if self._defer_owner == threading.get_ident():
-                self._commit_open()
-            else:
-                self._await_open()
+            self._settle_open()
 
     def _settle_open(self) -> None:
         """Under _wlock: nothing deferred left open -- committed now by the
         owner, or waited for by any other thread."""
-        if self._open_txn is not None:
+        if self._open is not None:
             if self._defer_owner == threading.get_ident():
                 self._commit_open()
             else:
                 self._await_open()
 
-    def _await_open(self) -> None:
+    def _await_open(self, writing: bool = False) -> None:
         """Under _wlock, not the owner: wait (releasing it) until the
-        transaction open now has been committed or given up."""
-        gen = self._open_gen
-        while self._open_txn is not None and self._done_gen < gen:
-            self._wanted = True
-            self._open_cond.wait()
+        transaction open now has been committed or given up -- or, when
+        ``writing`` (the caller is about to begin a write transaction, which
+        would block on LMDB's writer mutex while holding _wlock), until none
+        is open at all.  While it waits the owner defers nothing
+        (:attr:`_waiters`).  It also ends once the store has stopped writing
+        (the log has the batches; a restart replays them)."""
+        op = self._open
+        if op is None:
+            return
+        self._waiters += 1
+        try:
+            while True:
+                now = self._open
+                if now is None or (not writing and now.gen != op.gen):
+                    return
+                st = self._log
+                if st is None or st.failed is not None or st.unsettled is not None:
+                    return
+                # (A timeout as well as the notify: a stop on any path ends
+                # the wait within 50 ms.)
+                self._open_cond.wait(0.05)
+        finally:
+            self._waiters -= 1
 
     def _write_deferred(
         self, env: lmdb.Environment, st: _LogState, fn: Callable[[_Txn], T],
@@ -1917,57 +1969,58 @@ class LmdbStore(Store):
 
         Why it is safe: a batch is acked only after its record is durable,
         and records are logged in the order they are applied.  The open
-        transaction holds batches that are acked but in LMDB only once it
-        commits; :attr:`_LogState.uncommitted` keeps the first of them, so a
-        checkpoint never claims them.  A failure of this batch (its apply,
-        its flush, an interrupt) leaves its partial writes mixed with theirs:
-        the transaction is aborted, this batch's record taken back out of the
-        log (:meth:`_LogState.settle`), and the earlier batches' ``fn``s run
-        again into a new transaction (:meth:`_reopen`): ``fn`` is a pure
-        function of the transaction, as it must be for a map that grows.
-        Whatever cannot be done so stops the store; a restart replays."""
+        transaction (:class:`_Open`) holds batches that are acked but in
+        LMDB only once it commits; its ``at`` is the log position of the
+        first of them, from which any checkpoint meanwhile replays.  A
+        failure of this batch (its apply, its flush, an interrupt) leaves its
+        partial writes mixed with theirs: the transaction is aborted, this
+        batch's record taken back out of the log (:meth:`_LogState.settle`),
+        and the earlier batches' ``fn``s run again into a new transaction
+        (:meth:`_reopen`): ``fn`` is a pure function of the transaction, as
+        it must be for a map that grows.  Each change of state is one
+        assignment or one list append, so an interrupt lands before or after
+        it; whatever cannot be repaired stops the store, and a restart
+        replays the log."""
         accepted = False
         try:
             while True:
-                txn = self._open_txn
-                continuing = txn is not None
-                if txn is None:
+                op = self._open
+                if op is not None and op.txn is None:
+                    self._restore_open(env, st)  # (raises if it cannot)
+                    continue
+                if op is None:
                     try:
-                        if not _TXN_IDS:
-                            self._open_id = env.info()["last_txnid"] + 1
-                        txn = env.begin(write=True)
-                        if _TXN_IDS:
-                            self._open_id = txn.id()
+                        tid = 0 if _TXN_IDS else env.info()["last_txnid"] + 1
+                        begun = env.begin(write=True)
                     except lmdb.MapResizedError:
                         self._adopt_map_size(env)
                         continue
                     except lmdb.Error as exc:
                         raise StoreError(f"LMDB error: {exc}") from exc
-                    self._open_txn = txn
-                    self._open_since = time.monotonic()
                     self._open_gen += 1
+                    op = self._open = _Open(begun, begun.id() if _TXN_IDS else tid, time.monotonic(), self._open_gen)
                     if self._on_open is not None:
                         self._on_open()
+                txn = op.txn
+                assert txn is not None
                 try:
-                    self._continuing = continuing
+                    self._continuing = bool(op.fns)
                     if logged.written:
                         result = fn(txn)  # (run again: the record is logged already)
-                    elif logged.overlap and st.append_soon(logged):
+                    elif logged.overlap and st.append_soon(logged, op):
                         try:
                             result = fn(txn)
                         finally:
                             st.appended(logged)
                     else:
                         result = fn(txn)
-                        st.append(logged)
+                        st.append(logged, op)
                 except _RunAgain:
                     self._drop_open()
-                    self._reopen(env, st)
                     continue
                 except lmdb.MapFullError:
                     self._drop_open()
                     self._grow(env)
-                    self._reopen(env, st)
                     continue
                 except lmdb.Error as exc:
                     self._drop_open()
@@ -1977,73 +2030,107 @@ class LmdbStore(Store):
                     raise
                 finally:
                     self._continuing = False
-                # Acked from here on: the record is durable, and the batch
-                # is in the open transaction (or, once it is given up, run
-                # again from self._open_fns or replayed by the next start).
-                self._open_fns.append(fn)
-                accepted = True
-                if st.open_at is None:
-                    st.open_at = logged.at
-                st.uncommitted = st.open_at
-                self._open_ops += logged.ops
+                # Acked from the next line on (one atomic list append: an
+                # interrupt lands before or after it, see finally): the
+                # record is durable, and the batch is in the open
+                # transaction (or, if that is given up, run again from
+                # op.fns, or replayed by the next start).
+                op.fns.append(fn)
+                accepted = True  # (_commit_open below ends op)
+                op.ops += logged.ops
                 if committed is not None:
                     committed()
-                if (len(self._open_fns) >= self.defer_batches or self._open_ops >= self.defer_ops
-                        or self._wanted or time.monotonic() - self._open_since >= self.defer_seconds):
-                    self._commit_open()
+                if (len(op.fns) >= self.defer_batches or op.ops >= self.defer_ops or self._waiters
+                        or time.monotonic() - op.since >= self.defer_seconds):
+                    try:
+                        self._commit_open()
+                    except StoreError as exc:
+                        # This batch is acked (its record is durable): its
+                        # result stands.  The store has stopped; the next
+                        # batch fails, and a restart replays them all.
+                        _log.error("%s", exc, extra={"event": "deferred_commit_failed"})
                 return result
         finally:
-            if not accepted:
+            op = self._open
+            if not (accepted or (op is not None and op.fns and op.fns[-1] is fn)):
+                # Not accepted: its writes may be in the open transaction,
+                # mixed with the acked batches' (an exception, or an
+                # interrupt anywhere up to the append above): abort it, take
+                # the record back, run the acked batches again.
+                self._drop_open()
                 if logged.written:
                     st.settle(logged, lambda: False)
-                if self._open_txn is None and self._open_fns and st.unsettled is None and st.failed is None:
-                    try:
-                        self._reopen(env, st)
-                    except BaseException:  # noqa: BLE001 - the store is stopped (unsettled); the batch's own error goes on
-                        pass
+                op = self._open
+                if op is not None and op.txn is None and not op.fns and op.at is None:
+                    self._open = None  # (nothing acked was in it)
+                    self._open_cond.notify_all()
+            op = self._open
+            if op is not None and op.txn is None and st.unsettled is None and st.failed is None:
+                try:
+                    self._restore_open(env, st)
+                except BaseException:  # noqa: BLE001 - the store is stopped (unsettled); the batch's own error goes on
+                    pass
 
     def _drop_open(self) -> None:
-        """Abort the open deferred transaction; its batches stay in
-        ``_open_fns`` (and in the log) to be run again."""
-        txn, self._open_txn = self._open_txn, None
+        """Abort the open deferred transaction; its acked batches stay (in
+        a transaction-less :class:`_Open`, and in the log) to be run again.
+        With none (and no record of a failed batch in the log), nothing is
+        left open."""
+        op = self._open
+        if op is None or op.txn is None:
+            return
         self._hot = None
-        if txn is not None:
-            _abort(txn)
+        # (Kept, too, while ``at`` names the record of the batch that
+        # failed: it may be in the log, and a checkpoint meanwhile -- the
+        # map grows -- must replay from it.)
+        self._open = op.without_txn() if op.fns or op.at is not None else None
+        if self._open is None:
+            self._open_cond.notify_all()
+        _abort(op.txn)
 
-    def _reopen(self, env: lmdb.Environment, st: _LogState) -> None:
-        """Under _wlock, nothing open: a new transaction holding every
-        acked batch of ``_open_fns`` again (the map grown as needed).
-        Anything else that stops it stops the store (a restart replays
-        those batches from the log) and is raised."""
-        stop = "deferred batches could not be applied again after a failed batch; restart the broker to recover them"
-        st.unsettled = stop  # (an interrupt anywhere in here leaves the store stopped)
+    def _restore_open(self, env: lmdb.Environment, st: _LogState) -> None:
+        """Under _wlock: acked deferred batches but no transaction (a
+        failed batch, or a repair cut short): the owner runs them again
+        (:meth:`_reopen`); any other thread stops the store (a restart
+        replays them).  The store is marked stopped first, so that an
+        interrupt anywhere in here leaves it so."""
+        op = self._open
+        if op is None or op.txn is not None:
+            return
+        st.unsettled = "deferred batches are not in LMDB's transaction; restart the broker to recover them"
+        if self._defer_owner == threading.get_ident():
+            self._reopen(env, st, op)
+            st.unsettled = None
+        else:
+            raise StoreError(st.unsettled)
+
+    def _reopen(self, env: lmdb.Environment, st: _LogState, op: "_Open") -> None:
+        """Under _wlock, ``op`` without a transaction: a new one holding
+        every acked batch of ``op.fns`` again (the map grown as needed).
+        Raises whatever stops that (the caller has stopped the store)."""
         while True:
             try:
-                if not _TXN_IDS:
-                    self._open_id = env.info()["last_txnid"] + 1
+                tid = 0 if _TXN_IDS else env.info()["last_txnid"] + 1
                 txn = env.begin(write=True)
-                if _TXN_IDS:
-                    self._open_id = txn.id()
             except lmdb.MapResizedError:
-                self._adopt_map_size(env)  # (its checkpoint replays the batches: uncommitted)
+                self._adopt_map_size(env)  # (its checkpoint replays the batches from op.at)
                 continue
             except lmdb.Error as exc:
-                raise StoreError(f"{stop}: LMDB error: {exc}") from exc
+                raise StoreError(f"LMDB error: {exc}") from exc
             self._hot = None
             try:
-                for fn in self._open_fns:
+                for fn in op.fns:
                     fn(txn)
             except lmdb.MapFullError:
                 _abort(txn)
-                self._grow(env)  # (at the map's ceiling: raises, and the store stays stopped)
+                self._grow(env)  # (at the map's ceiling: raises)
                 continue
             except BaseException:
                 _abort(txn)
-                self._hot = None
                 raise
-            self._hot = None  # (the batches' caches were for their first run)
-            self._open_txn = txn
-            st.unsettled = None
+            finally:
+                self._hot = None  # (the batches' caches were for their first run)
+            self._open = op.with_txn(txn, txn.id() if _TXN_IDS else tid)
             return
 
     def _commit_open(self) -> None:
@@ -2051,51 +2138,49 @@ class LmdbStore(Store):
         (a full map: grow it and commit the batches again).  Any other
         failure stops the store -- its batches are acked and in the log, and
         a restart replays them -- and raises StoreError (or the interrupt)."""
-        txn = self._open_txn
-        if txn is None:
+        if self._open is None:
             return
         env = self._env
         st = self._log
         assert env is not None and st is not None
+        if st.failed is not None or st.unsettled is not None:
+            raise StoreError(st.failed or st.unsettled)
+        self._restore_open(env, st)
         interrupted: Optional[BaseException] = None
         while True:
+            op = self._open
+            assert op is not None and op.txn is not None
             try:
-                txn.commit()
+                op.txn.commit()
+                self._open = None  # committed
             except lmdb.MapFullError:
-                self._open_txn = None  # (py-lmdb aborted it)
+                # (py-lmdb aborted it.)  Grow the map, then the batches again.
                 self._hot = None
+                self._open = op.without_txn()
                 try:
                     self._grow(env)
-                    self._reopen(env, st)
+                    self._restore_open(env, st)
                 except BaseException:
                     self._gave_up(st, "the map could not grow for deferred batches")
                     raise
-                txn = self._open_txn
-                assert txn is not None
                 continue
             except BaseException as exc:
-                try:
-                    done = env.info()["last_txnid"] >= self._open_id  # committed after all?
-                except BaseException:  # noqa: BLE001 - then assume not
-                    done = False
-                if not done:
-                    self._open_txn = None
-                    self._hot = None
-                    self._gave_up(st, f"a deferred commit failed ({exc!r})")
-                    if isinstance(exc, lmdb.Error):
-                        raise StoreError(st.unsettled) from exc
-                    raise
-                interrupted = exc  # (LMDB committed: recorded below, then raised)
+                if self._open is not None:
+                    try:
+                        done = env.info()["last_txnid"] >= op.id  # committed after all?
+                    except BaseException:  # noqa: BLE001 - then assume not
+                        done = False
+                    if not done:
+                        self._hot = None
+                        self._gave_up(st, f"a deferred commit failed ({exc!r})")
+                        if isinstance(exc, lmdb.Error):
+                            raise StoreError(st.unsettled) from exc
+                        raise
+                    self._open = None
+                interrupted = exc  # (LMDB committed: raised below)
             break
         self.deferred_commits += 1
-        self.deferred_batches += len(self._open_fns)
-        self._open_txn = None
-        self._open_fns.clear()
-        self._open_ops = 0
-        self._done_gen = self._open_gen
-        self._wanted = False
-        st.open_at = None
-        st.uncommitted = None
+        self.deferred_batches += len(op.fns)
         self._open_cond.notify_all()
         if not st.replaying:
             st.after_commit()
@@ -2107,10 +2192,7 @@ class LmdbStore(Store):
         writing (the log has them; a restart replays them) and release the
         threads that wait for them."""
         st.unsettled = f"{why}; restart the broker to recover the batches from the command log"
-        self._open_fns.clear()
-        self._open_ops = 0
-        self._done_gen = self._open_gen
-        self._wanted = False
+        self._open = None
         self._open_cond.notify_all()
 
     @contextmanager
@@ -2128,10 +2210,13 @@ class LmdbStore(Store):
     def _begin_read(self) -> _Txn:
         """Enter the gate and begin a read transaction (leaving the gate
         again if that fails)."""
-        if self._open_txn is not None:
+        if self._open is not None:
             # Acked batches wait in a deferred transaction: a read must see
             # them (the owner commits it; another thread waits for that).
-            self.commit_open()
+            try:
+                self.commit_open()
+            except StoreError:
+                pass  # stopped: reads see what LMDB has (a restart replays the rest)
         gate = self._gate
         while True:
             gate.enter()
@@ -2144,6 +2229,10 @@ class LmdbStore(Store):
                 gate.leave()
                 # Write lock first, then the gate: the order _write uses.
                 with self._wlock:
+                    if self._defer_owner == threading.get_ident():
+                        self._commit_open()
+                    else:
+                        self._await_open(writing=True)  # (set_mapsize drops every transaction)
                     if env is not None and self._env is env:  # not closed meanwhile
                         self._adopt_map_size(env)
             except lmdb.Error as exc:
@@ -3491,7 +3580,7 @@ class LmdbStore(Store):
 
     def close(self) -> None:
         with self._wlock:
-            if self._open_txn is not None:
+            if self._open is not None:
                 # Deferred batches: committed by their owner; from another
                 # thread, wait a while for the owner's commit.  (If neither
                 # happens the log has them, and the next start replays them.)
@@ -3502,8 +3591,11 @@ class LmdbStore(Store):
                         _log.warning("deferred batches not committed at close; the next start replays them",
                                      extra={"event": "deferred_commit_failed"})
                 else:
-                    self._wanted = True
-                    self._open_cond.wait_for(lambda: self._open_txn is None, timeout=10.0)
+                    self._waiters += 1
+                    try:
+                        self._open_cond.wait_for(lambda: self._open is None, timeout=10.0)
+                    finally:
+                        self._waiters -= 1
             self._defer_owner = None
             env = self._env
             if env is None:
