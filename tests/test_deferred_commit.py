@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 
 from pimcore.embed import open_pimcore
@@ -49,3 +50,19 @@ async def test_the_broker_commits_an_open_transaction_with_no_further_batch(tmp_
             while store.commit_delay() is not None:  # the committer's timer, not a read, commits it
                 await trio.sleep(0.01)
             assert store.deferred_commits >= 1
+
+
+async def test_a_read_from_another_thread_makes_the_broker_commit_before_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An hour's deadline: only the waiting reader (commit_delay() turns 0)
+    # gets the open transaction committed within the test's time.
+    monkeypatch.setattr(LmdbStore, "defer_seconds", 3600.0)
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", durability="log") as pim:
+            store = pim._store
+            assert isinstance(store, LmdbStore)
+            await pim.post(CONV, b"x", sender="al", device="phone")
+            assert store.commit_delay() is not None
+            page = await trio.to_thread.run_sync(lambda: store.history(CONV, 0, 10), abandon_on_cancel=True)
+            assert [m.payload for m in page] == [b"x"]

@@ -1546,8 +1546,16 @@ class BrokerServer:
                 await self._defer_wake.wait()
                 self._defer_wake = trio.Event()
                 continue
-            if delay > 0:
-                await trio.sleep(delay)
+            # Due at ``deadline`` -- or at once when another thread starts to
+            # wait for it (commit_delay() is then 0): looked at every 10 ms.
+            deadline = trio.current_time() + delay
+            while delay and trio.current_time() < deadline:
+                await trio.sleep(min(0.01, deadline - trio.current_time()))
+                delay = store.commit_delay()  # type: ignore[union-attr]
+                if delay is None:
+                    break
+            if delay is None:
+                continue
             try:
                 store.commit_open()  # type: ignore[union-attr]
             except StoreError as exc:
