@@ -18,7 +18,10 @@ thread flush LMDB, and a start-up after a crash puts the checkpoint's meta
 pages back and replays the log (:mod:`pimcore.store.wal`).  Only the broker
 (the owner) writes a log store: a maintenance open (``owner=False``) while it
 runs is read-only; one while no broker runs recovers the store and leaves log
-durability, as does an owner opened with another durability.
+durability, as does an owner opened with another durability.  Under ``log``
+the broker also lets several batches share one LMDB commit
+(:meth:`LmdbStore.defer_commits`): each is acked when its record is flushed,
+and LMDB commits them together when the broker says (or a reader needs it).
 
 Concurrency
 -----------
@@ -31,7 +34,10 @@ first (:class:`_Gate`); the gate also makes :meth:`LmdbStore.close` safe
 against in-flight reads.  If another process grew the map (LMDB then answers
 MDB_MAP_RESIZED), the new size is adopted the same way and the transaction
 begun again.  A SIGKILLed process may leave a stale reader slot: it is
-released when the store is next opened (``reader_check``).
+released when the store is next opened (``reader_check``).  With deferred
+commits the write transaction stays open between batches on its owner's
+thread: that thread's reads commit it first, other threads' reads and writes
+wait for the owner's commit (:meth:`LmdbStore.defer_commits`).
 
 Batches
 -------
