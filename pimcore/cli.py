@@ -805,7 +805,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an existing broker (tcp://); default: start one.  Several --url (or URL,URL): nodes"
                         " sharing one store, connections spread over them round-robin")
     p.add_argument("--secret", help="the existing broker's token secret (default $PIMCORE_SECRET)")
-    p.add_argument("--data-dir", help="the existing broker's data dir (group mode creates the group there)")
+    p.add_argument("--data-dir", help="the existing broker's data dir (group mode creates the group there;"
+                   " a broker with durability log is its only writer: create it with its HTTP API first)")
     p.add_argument("--store", help="group mode against nodes over Redis Cluster: their store (redis://...; default"
                                    " $PIMCORE_STORE), where the group is created")
     p.add_argument("--namespace", help="with --store: the nodes' namespace (default $PIMCORE_STORE_NAMESPACE or pim)")

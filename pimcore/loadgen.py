@@ -345,15 +345,29 @@ def _die_with_parent() -> None:
 
 
 def _create_group(store_dir: str, size: int, durability: str) -> None:
+    """The bench group (``GROUP_ID``, members ``bench-u0`` ...) in the LMDB
+    store at ``store_dir``: created, or its missing members added.  Raises
+    BenchError if the store refuses the write (a running broker with
+    durability ``log`` is its only writer)."""
+    from .errors import StoreError
     from .store import LmdbStore
 
     store = LmdbStore(store_dir, durability=durability, owner=False)  # setup, not a broker run
+    members = [_member(i) for i in range(size)]
     try:
         if not store.conversation_exists(GROUP_ID):
-            store.create_group(GROUP_ID, [_member(i) for i in range(size)], time.time_ns() // 1000)
+            store.create_group(GROUP_ID, members, time.time_ns() // 1000)
         else:
             have = set(store.members(GROUP_ID))
-            store.add_members(GROUP_ID, [_member(i) for i in range(size) if _member(i) not in have])
+            missing = [m for m in members if m not in have]
+            if missing:
+                store.add_members(GROUP_ID, missing)
+    except StoreError as exc:
+        raise BenchError(
+            f"cannot create the bench group in {store_dir!r}: {exc}. Create it through the broker's HTTP API"
+            f" first (POST /v1/groups with conv {GROUP_ID!r} and members bench-u0 ... bench-u{size - 1}),"
+            " then run the bench again"
+        ) from None
     finally:
         store.close()
 

@@ -243,3 +243,12 @@ def test_group_mode_against_nodes_over_redis_creates_the_group_in_their_store(re
             assert (res.errors, res.acked, res.deliveries) == ({}, 20, 20)  # each to the other sender
     finally:
         procs.close()
+
+
+def test_group_mode_against_a_log_broker_that_lacks_the_group_is_a_clear_error() -> None:
+    # A log broker is the only writer of its store: bench cannot create the
+    # group there itself (it died with a StoreError traceback), and says how.
+    with BrokerProcess(BenchConfig(conns=1, **{**SMALL, "durability": "log"})) as broker:
+        with pytest.raises(BenchError, match=r"POST /v1/groups"):
+            run_bench(BenchConfig(url=broker.url, secret=broker.secret, data_dir=broker.data_dir, conns=2,
+                                  count=10, mode="group", group_size=4, **SMALL))
