@@ -4,6 +4,8 @@ from .codec import *  # noqa: F401,F403
 from .codec import __all__ as _codec_all
 from .fanout import *  # noqa: F401,F403
 from .fanout import __all__ as _fanout_all
+from .log import *  # noqa: F401,F403
+from .log import __all__ as _log_all
 from .order import *  # noqa: F401,F403
 from .order import __all__ as _order_all
 from .records import *  # noqa: F401,F403
@@ -11,4 +13,4 @@ from .records import __all__ as _records_all
 from .send import *  # noqa: F401,F403
 from .send import __all__ as _send_all
 
-__all__ = [*_codec_all, *_order_all, *_fanout_all, *_records_all, *_send_all]
+__all__ = [*_codec_all, *_order_all, *_fanout_all, *_records_all, *_send_all, *_log_all]
