@@ -1463,15 +1463,10 @@ def test_an_interrupt_right_after_a_deferred_commit_keeps_its_batches(tmp_path: 
     assert _recovered(copy) == want == _reference(tmp_path / "ref2", batches[:2])
 
 
-def test_a_batch_that_fails_in_a_deferred_transaction_rolls_back_alone(
-    tmp_path: Path, _flush_mode: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The open transaction holds two acked batches when the third fails
-    # half-way (an exception out of one of its ops): the transaction is
-    # aborted, the third batch's record taken back, the two run again; the
-    # fourth is written after them.
-    batches = _fixed_batches(4, 12)
-    store = _open_log(tmp_path / "a")
+def _failing_op(monkeypatch: pytest.MonkeyPatch) -> RemoveMembers:
+    """An op whose handler raises half-way through its batch (a bug in a
+    handler, simulated): LMDB holds the batch's earlier writes when it
+    fails.  Every other op of its kind is handled as usual."""
     bad = RemoveMembers("g1", ("zz-boom",), 99_999, "")
     real = lmdb_module._HANDLERS[RemoveMembers]
 
@@ -1481,6 +1476,19 @@ def test_a_batch_that_fails_in_a_deferred_transaction_rolls_back_alone(
         return real(self, w, op)
 
     monkeypatch.setitem(lmdb_module._HANDLERS, RemoveMembers, boom)
+    return bad
+
+
+def test_a_batch_that_fails_in_a_deferred_transaction_rolls_back_alone(
+    tmp_path: Path, _flush_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The open transaction holds two acked batches when the third fails
+    # half-way (an exception out of one of its ops): the transaction is
+    # aborted, the third batch's record taken back, the two run again; the
+    # fourth is written after them.
+    batches = _fixed_batches(4, 12)
+    store = _open_log(tmp_path / "a")
+    bad = _failing_op(monkeypatch)
     try:
         store.commit(WriteBatch(1, GROUPS))
         store.commit_open()
@@ -1560,15 +1568,7 @@ def test_a_ctrl_c_on_any_line_of_a_deferred_commit_loses_no_acked_batch(
         pytest.skip("deferred commits only")
     monkeypatch.setattr(LmdbStore, "defer_batches", 3)
     batches = _fixed_batches(4, 6)
-    bad = RemoveMembers("g1", ("zz-boom",), 99_999, "")
-    real = lmdb_module._HANDLERS[RemoveMembers]
-
-    def boom(self: LmdbStore, w: Any, op: Any) -> Any:
-        if op is bad:
-            raise RuntimeError("simulated bug in a handler")
-        return real(self, w, op)
-
-    monkeypatch.setitem(lmdb_module._HANDLERS, RemoveMembers, boom)
+    bad = _failing_op(monkeypatch)
     fn = getattr(LmdbStore, where)
     code = fn.__code__
     lines, first = inspect.getsourcelines(fn)
