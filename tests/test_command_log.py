@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import logging
 import random
 import shutil
 import subprocess
@@ -1625,3 +1626,31 @@ def test_a_ctrl_c_on_any_line_of_a_deferred_commit_loses_no_acked_batch(
         if live is not None:
             assert live == got, f"line {lineno}: the store wrote on but a restart holds something else"
     assert hits >= 5, hits  # (the test interrupted something)
+
+
+def test_a_start_after_a_crash_says_that_it_replayed_the_log(
+    tmp_path: Path, _flush_mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An operator must learn from the log that the last stop was not clean
+    # and what the start did about it; a clean stop's start says nothing.
+    _no_auto_checkpoints(monkeypatch)
+    batches = _fixed_batches(3, 5)
+    store = _open_log(tmp_path / "a")
+    try:
+        _commit_all(store, batches)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    caplog.set_level(logging.INFO, logger="pimcore.store")
+    again = _open_log(tmp_path / "a")  # cleanly closed: nothing to replay
+    again.close()
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "log_replayed"]
+    again = _open_log(copy)
+    try:
+        assert again.replayed == 4  # GROUPS and the three batches
+    finally:
+        again.close()
+    (rec,) = [r for r in caplog.records if getattr(r, "event", None) == "log_replayed"]
+    assert rec.levelno == logging.WARNING and rec.batches == 4
+    assert "replayed 4 batches from the command log" in rec.getMessage()
+    assert "the last stop was not clean" in rec.getMessage()

@@ -1418,6 +1418,10 @@ class LmdbStore(Store):
         #: ``log`` durability: the command log and its checkpointer (module
         #: docstring, Durability); None in the other modes.
         self._log: Optional[_LogState] = None
+        #: ``log`` durability: how many batches this open replayed from the
+        #: command log (more than 0 only after a stop that was not clean:
+        #: a crash, a kill, a power cut).
+        self.replayed = 0
         #: Why this handle may not write (a maintenance open of a store a
         #: ``log`` broker is running), or None.
         self._read_only: Optional[str] = None
@@ -1601,8 +1605,11 @@ class LmdbStore(Store):
             assert self._env is not None
             st.pin = self._env.begin()
             st.replaying = True
+            began = time.monotonic()
+            first = 0
             try:
                 for lsn, payload in st.log.records(ckpt):
+                    first = first or lsn
                     try:
                         ops = _decode_ops(payload)
                         self.commit(WriteBatch(-lsn, ops))
@@ -1610,8 +1617,16 @@ class LmdbStore(Store):
                         raise StoreError(
                             f"replaying record {lsn} of the command log in {log_dir!r} failed: {exc}"
                         ) from exc
+                    self.replayed += 1
             finally:
                 st.replaying = False
+            if self.replayed:
+                # (A clean stop checkpoints everything: a replay means the
+                # last stop was a crash, a kill or a power cut.)
+                _log.warning("replayed %d batches from the command log (records %d-%d) in %.2f s: the last stop"
+                             " was not clean; every acked batch is back", self.replayed, first,
+                             first + self.replayed - 1, time.monotonic() - began,
+                             extra={"event": "log_replayed", "batches": self.replayed, "path": log_dir})
         st.log.start()
         st.checkpoint_now()
         st.started = True
