@@ -525,9 +525,10 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
     except urllib.error.HTTPError as exc:
         try:
             err = json.loads(exc.read())["error"]
-            raise ValueError(f"{err['code']}: {err['message']}") from None
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"HTTP {exc.code} from {base}") from None
+            why = f"{err['code']}: {err['message']}"
+        except (ValueError, KeyError, TypeError):  # (not the API's JSON error: a proxy's page...)
+            why = f"HTTP {exc.code} from {base}"
+        raise ValueError(why) from None
     except urllib.error.URLError as exc:
         raise ValueError(f"cannot reach {base}: {exc.reason}") from None
 

@@ -204,6 +204,19 @@ async def test_cli_purges_through_the_http_api(tmp_path: Path) -> None:
             assert await run(main, ["purge", "conversation", "nope", "--http", h.url, "--api-key", "wrong"]) == 2
 
 
+async def test_cli_shows_the_http_apis_refusal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # The API's error code and message reach the user, not just the status.
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            run = trio.to_thread.run_sync
+            capsys.readouterr()
+            assert await run(main, ["retention", "nope", "--max-count", "5", "--http", h.url, "--api-key", KEY]) == 2
+            err = capsys.readouterr().err
+            assert "UNKNOWN_CONVERSATION" in err and "HTTP 404" not in err, err
+            assert await run(main, ["purge", "user", "bob", "--http", h.url, "--api-key", "wrong"]) == 2
+            assert "unauthorized" in capsys.readouterr().err
+
+
 def test_cli_on_a_stopped_brokers_data_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = tmp_path / "data"
     with LmdbStore(data / "store") as store:
