@@ -15,7 +15,7 @@ their state as it advances:
 
 Incoming messages are marked read as they are shown; posts by the host or
 the HTTP API (no sender) show as ``[system]``.  ``/history`` prints
-the conversation again in display order, ``/quit`` (or end of input) leaves.
+the conversation again in display order (with times), ``/quit`` (or end of input) leaves.
 ``/edit N text`` replaces your message #N, ``/recall N`` recalls it for
 everyone, ``/delete N`` deletes #N for you only; edits and recalls (yours
 from other devices, and the peer's) are shown as they come, and history
@@ -125,6 +125,12 @@ def _clock(us: int) -> str:
     return datetime.fromtimestamp(us / 1e6).strftime("%H:%M:%S")
 
 
+def _line(m: "F.Message", me: str) -> str:
+    """How ``m`` shows in the conversation (at start and by /history):
+    its server time, sender, text and #seq, or its notice (JOINED...)."""
+    return _notice(m) or f"[{_clock(m.server_time)}] {_who(m, me)}: {_text(m)}  (#{m.seq})"
+
+
 async def chat(
     url: str,
     token: str,
@@ -163,7 +169,7 @@ async def chat(
         )
         shown: set[bytes] = set()
         for m in client.view(conv):
-            out(_notice(m) or f"[{_clock(m.server_time)}] {_who(m, client.user)}: {_text(m)}  (#{m.seq})")
+            out(_line(m, client.user))
             shown.add(m.msg_id)
         last_shown = max((m.seq for m in client.view(conv)), default=0)
         if last_shown:
@@ -263,7 +269,7 @@ async def chat(
                     continue
                 if text == "/history":
                     for m in client.view(conv):
-                        out(_notice(m) or f"  {_who(m, client.user)}: {_text(m)}  (#{m.seq})")
+                        out(_line(m, client.user))
                     continue
                 command, _, rest = text.partition(" ")
                 if command in ("/edit", "/recall", "/delete"):
