@@ -57,12 +57,16 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(level: str = "info", fmt: str = "text", stream: Optional[IO[str]] = None) -> None:
     """Configure the root logger: ``level`` debug/info/warning/error,
-    ``fmt`` "text" or "json", to ``stream`` (default stderr)."""
+    ``fmt`` "text" or "json", to ``stream`` (default stderr).  In text,
+    the ``listening`` lines are left out: ``serve`` prints them to stdout."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        # serve prints "listening on URL" to stdout (scripts read it): in
+        # text the log's own line would show every address twice.
+        handler.addFilter(lambda record: getattr(record, "event", None) != "listening")
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

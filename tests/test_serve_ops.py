@@ -145,6 +145,24 @@ async def test_text_logs_and_log_level(tmp_path: Path, procs: ProcGroup) -> None
         assert all(not line.startswith("{") for line in quiet.err)
 
 
+async def test_each_listener_is_announced_once(tmp_path: Path, procs: ProcGroup) -> None:
+    # stdout says "listening on URL" for scripts; the text log at info said
+    # it again on stderr (a new user saw every address twice).  JSON logs
+    # keep the event for log pipelines.
+    with trio.fail_after(60):
+        text = procs.serve("--listen", LOOPBACK, "--http", LOOPBACK, "--data-dir", tmp_path / "a")
+        text.send_signal(signal.SIGTERM)
+        assert await in_thread(text.wait) == 0
+        for url in text.urls:
+            assert sum(url in line for line in text.out + text.err) == 1, text.describe()
+        assert [line for line in text.err if " INFO " in line], text.describe()  # (info lines do show)
+        js = procs.serve("--listen", LOOPBACK, "--http", LOOPBACK, "--data-dir", tmp_path / "b", "--log-format", "json")
+        js.send_signal(signal.SIGTERM)
+        assert await in_thread(js.wait) == 0
+    events = [r for r in json_lines(js.err) if r.get("event") == "listening"]
+    assert sorted(r["url"] for r in events) == sorted(js.urls), js.describe()
+
+
 # ---------------------------------------------------------------- environment, precedence, --print-config
 
 

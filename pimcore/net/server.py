@@ -700,7 +700,8 @@ class BrokerServer:
         sock = listeners[0].socket
         host, port = sock.getsockname()[:2]
         self._endpoints.append(Endpoint(ep.scheme, ep.host, port, ep.path))
-        log.info("listening on %s", self._endpoints[-1].url)
+        url = self._endpoints[-1].url
+        log.info("listening on %s", url, extra={"event": "listening", "url": url})
         task_status.started()
         ssl_ctx = self._ssl if ep.secure else None
 
@@ -746,7 +747,8 @@ class BrokerServer:
 
         server = await peers.start(accept_loop)
         self._endpoints.append(Endpoint(ep.scheme, ep.host, server.port, ep.path))
-        log.info("listening on %s", self._endpoints[-1].url)
+        url = self._endpoints[-1].url
+        log.info("listening on %s", url, extra={"event": "listening", "url": url})
         task_status.started()
         try:
             await trio.sleep_forever()
