@@ -218,8 +218,11 @@ class AsyncPimcore:
     async def purge_user(self, user: str) -> Any:
         return await self._call(self.handle.purge_user, user)
 
-    async def create_group(self, conv: str, members: list[str]) -> Any:
-        return await self._call(self.handle.create_group, conv, members)
+    async def create_group(self, conv: str, members: list[str], *, history_visible: bool = False) -> Any:
+        return await self._call(self.handle.create_group, conv, members, history_visible=history_visible)
+
+    async def members(self, conv: str) -> Any:
+        return await self._call(self.handle.members, conv)
 
     async def add_members(self, conv: str, users: list[str]) -> Any:
         return await self._call(self.handle.add_members, conv, users)

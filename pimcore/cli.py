@@ -458,18 +458,21 @@ _REDIS_NOTE = "redis-store"
 
 
 def _cmd_group(args: argparse.Namespace) -> int:
-    """Group administration on the data directory (works while serve runs:
-    LMDB serialises writers across processes, and the broker reads
-    membership from the store on every send)."""
+    """Group administration through a running broker's HTTP API (--http),
+    or on the data directory's LMDB store (works while serve runs, unless
+    it runs with durability log: LMDB serialises writers across processes,
+    and the broker reads membership from the store on every send)."""
     import time
 
     from .config import ConfigError
     from .errors import StoreError
     from .store import LmdbStore
 
+    if args.http:
+        return _group_over_http(args)
     try:
         settings = _settings(args)
-        why = _lmdb_only("group", settings, "use the HTTP API (POST /v1/groups, docs/HTTP.md)")
+        why = _lmdb_only("group", settings, "use --http (a running node's HTTP API)")
         if why:
             print(why, file=sys.stderr)
             return 2
@@ -491,10 +494,49 @@ def _cmd_group(args: argparse.Namespace) -> int:
             print(f"pimcore group: no group {args.name!r}", file=sys.stderr)
             return 2
         except (ValueError, StoreError) as exc:
-            print(f"pimcore group: {exc}", file=sys.stderr)
+            # A broker with durability log is its store's only writer (the
+            # store's refusal says to use its HTTP API): say how.
+            hint = " -- give --http URL (its HTTP listener) to do this through it" if "HTTP API" in str(exc) else ""
+            print(f"pimcore group: {exc}{hint}", file=sys.stderr)
             return 2
         members = store.members(args.name)
         print(f"{args.name}: {len(members)} members: {' '.join(members)}")
+    return 0
+
+
+def _group_over_http(args: argparse.Namespace) -> int:
+    """``pimcore group ... --http URL``: the same actions through the
+    broker's HTTP API (docs/HTTP.md), printing what the LMDB path prints."""
+    import urllib.parse
+
+    from .ids import id_problem
+
+    group = urllib.parse.quote(args.name, safe="")
+    try:
+        if args.action == "create":
+            out = _http_call(args, "POST", "/v1/groups",
+                             {"conv": args.name, "members": args.users, "history_visible": args.history_visible})
+        elif args.action == "add" and args.users:
+            out = _http_call(args, "POST", f"/v1/groups/{group}/members", {"users": args.users})
+        elif args.action == "remove" and args.users:
+            # One user per DELETE: check every id first, so that a bad one
+            # refuses the whole command as on the data directory.
+            for user in args.users:
+                problem = id_problem(user, "user")
+                if problem is not None:
+                    raise ValueError(f"BAD_REQUEST: {problem}")
+            for user in dict.fromkeys(args.users):
+                out = _http_call(args, "DELETE", f"/v1/groups/{group}/members/{urllib.parse.quote(user, safe='')}")
+        else:  # show, or add/remove no one
+            out = _http_call(args, "GET", f"/v1/groups/{group}/members")
+        members = list(out["members"])
+    except (ValueError, OSError) as exc:
+        print(f"pimcore group: {exc}", file=sys.stderr)
+        return 2
+    except (KeyError, TypeError):
+        print(f"pimcore group: unexpected answer from {args.http} (no member list)", file=sys.stderr)
+        return 2
+    print(f"{args.name}: {len(members)} members: {' '.join(members)}")
     return 0
 
 
@@ -747,7 +789,11 @@ def build_parser() -> argparse.ArgumentParser:
                         " that data directory)")
     p.set_defaults(func=_cmd_token)
 
-    p = sub.add_parser("group", help="create a group, add or remove members, show them")
+    p = sub.add_parser("group", help="create a group, add or remove members, show them",
+                       description="Through a running broker's HTTP API with --http (the way next to a broker with"
+                                   " durability log, its store's only writer, or one on Redis), else on the data"
+                                   " directory's LMDB store (also while the broker runs).  Prints the members after"
+                                   " the change.")
     p.add_argument("action", choices=["create", "add", "remove", "show"])
     p.add_argument("name", help="group id, e.g. team-42")
     p.add_argument("users", nargs="*", metavar="USER", help="members to create with, add or remove")
@@ -756,6 +802,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="create: members added later may read what was said before they joined (default: not)",
     )
+    p.add_argument("--http", metavar="URL", help="the broker's HTTP listener, e.g. http://127.0.0.1:7481")
+    p.add_argument("--api-key", help="HTTP API key (default $PIMCORE_API_KEY, else <data-dir>/api-key)")
     p.add_argument("--config", help="the serve configuration file (for its data directory)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
     p.set_defaults(func=_cmd_group)

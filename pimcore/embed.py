@@ -19,6 +19,7 @@ embedded LMDB store, the memory store and an asynchronous (networked) store.
 from __future__ import annotations
 
 import base64
+import functools
 import itertools
 import json
 import logging
@@ -428,14 +429,35 @@ class Pimcore:
 
     # ------------------------------------------------------------ groups
 
-    async def create_group(self, conv: str, members: Iterable[str]) -> GroupChanged:
+    async def create_group(self, conv: str, members: Iterable[str], *, history_visible: bool = False) -> GroupChanged:
         """Create group ``conv`` with ``members`` (a list, tuple or set of
-        user ids), ordered with the messages around it.  Raises
-        RequestRefused (BAD_REQUEST, ALREADY_EXISTS), StoreError if the
-        store failed; TypeError (nothing changed) for a str instead of a
-        list -- it would be one user per letter -- or an id that is no str
-        (so do add_members and remove_members)."""
-        return await self._admin(self.server.broker.create_group, conv, _user_ids(members, "members"))
+        user ids), ordered with the messages around it.  ``history_visible``:
+        members added later may read what was said before they joined
+        (default: not).  Raises RequestRefused (BAD_REQUEST, ALREADY_EXISTS),
+        StoreError if the store failed; TypeError (nothing changed) for a
+        str instead of a list -- it would be one user per letter -- or an id
+        that is no str (so do add_members and remove_members)."""
+        create = functools.partial(self.server.broker.create_group, history_visible=bool(history_visible))
+        return await self._admin(create, conv, _user_ids(members, "members"))
+
+    async def members(self, conv: str) -> tuple[str, ...]:
+        """The members of group ``conv``, sorted (the two users of a direct
+        conversation id).  Raises RequestRefused (BAD_REQUEST: a malformed
+        id; UNKNOWN_CONVERSATION: no such group), StoreError."""
+        problem = conversation_problem(conv)
+        if problem is not None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"members: {problem}")
+        self.server.check_running()
+        store = self._store
+        if isinstance(store, AsyncStore):
+            members = await store.members(conv)
+            exists = bool(members) or await store.conversation_exists(conv)
+        else:
+            members = store.members(conv)
+            exists = bool(members) or store.conversation_exists(conv)
+        if not exists:
+            raise RequestRefused(ErrorCode.UNKNOWN_CONVERSATION, f"members of {conv!r}: UNKNOWN_CONVERSATION")
+        return tuple(members)
 
     async def add_members(self, conv: str, users: Iterable[str]) -> GroupChanged:
         """Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION), StoreError."""

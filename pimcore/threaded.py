@@ -287,9 +287,14 @@ class ThreadedPimcore:
 
     # ------------------------------------------------------------ the handle's methods
 
-    def create_group(self, conv: str, members: Sequence[str]) -> GroupChanged:
+    def create_group(self, conv: str, members: Sequence[str], *, history_visible: bool = False) -> GroupChanged:
         assert self.handle is not None
-        return self._call(self.handle.create_group, conv, embed._user_ids(members, "members"))  # a copy, checked
+        return self._call(self.handle.create_group, conv, embed._user_ids(members, "members"),  # a copy, checked
+                          history_visible=history_visible)
+
+    def members(self, conv: str) -> tuple[str, ...]:
+        assert self.handle is not None
+        return self._call(self.handle.members, conv)
 
     def add_members(self, conv: str, users: Sequence[str]) -> GroupChanged:
         assert self.handle is not None

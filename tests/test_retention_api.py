@@ -22,6 +22,7 @@ from pimcore.store import LmdbStore, MemoryStore, Purged, direct_conversation
 from _net import FAST_CLIENT, SECRET, token
 from test_http import KEY, assert_error
 from test_http_api import api, call
+from _proc import run_pimcore
 
 AB = direct_conversation("alice", "bob")
 #: A reclaim pass (retention included) every 20 ms.
@@ -204,6 +205,78 @@ async def test_cli_purges_through_the_http_api(tmp_path: Path) -> None:
             assert await run(main, ["purge", "conversation", "nope", "--http", h.url, "--api-key", "wrong"]) == 2
 
 
+#: One script of `pimcore group` calls, run through --http and on a data
+#: directory: (argv, exit code, stdout, what stderr holds over --http).
+GROUP_SCRIPT = [
+    (["create", "team", "alice", "bob"], 0, "team: 2 members: alice bob\n", ""),
+    (["create", "--history-visible", "club", "erin"], 0, "club: 1 members: erin\n", ""),
+    (["add", "team", "carol", "dave"], 0, "team: 4 members: alice bob carol dave\n", ""),
+    (["add", "team"], 0, "team: 4 members: alice bob carol dave\n", ""),
+    (["remove", "team", "alice", "dave", "zed"], 0, "team: 2 members: bob carol\n", ""),
+    (["show", "team"], 0, "team: 2 members: bob carol\n", ""),
+    (["add", "nope", "carol"], 2, "", "UNKNOWN_CONVERSATION"),
+    (["remove", "nope", "carol"], 2, "", "UNKNOWN_CONVERSATION"),
+    (["show", "nope"], 2, "", "UNKNOWN_CONVERSATION"),
+    (["create", "team", "zed"], 2, "", "ALREADY_EXISTS"),
+    (["add", "team", "b b"], 2, "", "BAD_REQUEST"),
+    (["show", "team"], 0, "team: 2 members: bob carol\n", ""),
+]
+
+
+async def test_cli_manages_groups_through_the_http_api(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Next to a broker that is its store's only writer (durability log): the
+    # data directory's store refuses writes, --http goes through the broker.
+    with trio.fail_after(60):
+        async with api(tmp_path / "data", durability="log") as (im, h, c):
+            run = trio.to_thread.run_sync
+            capsys.readouterr()
+            for argv, code, out, err in GROUP_SCRIPT:
+                got = await run(main, ["group", *argv, "--http", h.url, "--api-key", KEY])
+                std = capsys.readouterr()
+                assert (got, std.out) == (code, out), (argv, std)
+                assert std.err.startswith("pimcore group: ") if err else std.err == "", (argv, std.err)
+                assert err in std.err and "Traceback" not in std.err, (argv, std.err)
+            # --history-visible reached the broker: a member added later reads what came before.
+            await im.post("club", b"before", sender="erin", device="web")
+            assert await run(main, ["group", "add", "club", "finn", "--http", h.url, "--api-key", KEY]) == 0
+            assert b"before" in [m.payload for m in await im.history("club", "finn")]
+            assert await run(main, ["group", "show", "team", "--http", h.url, "--api-key", "wrong"]) == 2
+            assert "unauthorized" in capsys.readouterr().err
+            # The data directory's store refuses to write next to this broker, and says to use --http.
+            r = await run(lambda: run_pimcore("group", "add", "team", "erin", "--data-dir", tmp_path / "data"))
+            assert r.returncode == 2 and "--http" in r.stderr and "Traceback" not in r.stderr, r.stderr
+            assert (await im.members("team")) == ("bob", "carol")
+
+
+def test_cli_groups_on_a_data_directory_print_what_http_prints(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    data = str(tmp_path / "data")
+    for argv, code, out, _ in GROUP_SCRIPT:
+        got = main(["group", *argv, "--data-dir", data])
+        std = capsys.readouterr()
+        assert (got, std.out) == (code, out), (argv, std)
+        assert std.err.startswith("pimcore group: ") if code else std.err == "", (argv, std.err)
+
+
+async def test_members_over_http_and_the_handle(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            assert await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["bob", "alice"],
+                                                        "history_visible": True}) == (
+                201, {"conv": "team", "members": ["alice", "bob"]})
+            assert await call(c, "GET", "/v1/groups/team/members") == (200, {"conv": "team", "members": ["alice", "bob"]})
+            assert await im.members("team") == ("alice", "bob")
+            await im.remove_members("team", ["alice", "bob"])
+            assert await call(c, "GET", "/v1/groups/team/members") == (200, {"conv": "team", "members": []})
+            assert_error(*await call(c, "GET", "/v1/groups/nope/members"), 404, "UNKNOWN_CONVERSATION")
+            assert_error(*await call(c, "GET", "/v1/groups/b%20b/members"), 400, "BAD_REQUEST")
+            assert_error(*await call(c, "POST", "/v1/groups", {"conv": "g2", "members": [], "history_visible": 1}),
+                         400, "bad_request")
+            with pytest.raises(RequestRefused) as refused:
+                await im.members("nope")
+            assert refused.value.code is ErrorCode.UNKNOWN_CONVERSATION
+
+
 async def test_cli_shows_the_http_apis_refusal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # The API's error code and message reach the user, not just the status.
     with trio.fail_after(30):
@@ -246,6 +319,8 @@ def test_the_asyncio_and_threaded_handles_delegate(tmp_path: Path) -> None:
     im = open_pimcore_thread(data_dir=tmp_path / "t", secret=SECRET.decode())
     try:
         im.create_group("team", ["alice"])
+        im.create_group("club", ["carol", "bob"], history_visible=True)
+        assert im.members("team") == ("alice",) and im.members("club") == ("bob", "carol")
         assert im.set_retention("team", max_count=4) == Retention("team", None, 4, 0)
         assert im.retention("team").max_count == 4
         assert im.purge_conversation("team").messages == 0
@@ -256,6 +331,8 @@ def test_the_asyncio_and_threaded_handles_delegate(tmp_path: Path) -> None:
     async def main_() -> None:
         async with open_asyncio(data_dir=tmp_path / "a", secret=SECRET.decode()) as h:
             await h.create_group("team", ["alice"])
+            await h.create_group("club", ["carol", "bob"], history_visible=True)
+            assert await h.members("team") == ("alice",) and await h.members("club") == ("bob", "carol")
             assert (await h.set_retention("team", max_age=10)).max_age == 10
             assert (await h.retention("team")).max_age == 10
             assert (await h.purge_conversation("team")).entries == 0

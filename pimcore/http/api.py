@@ -330,8 +330,13 @@ def register_api(router: Router, handle: "Pimcore") -> None:
 
     async def create_group(request: Request) -> tuple[int, Any]:
         body = _object(request)
-        changed = await handle.create_group(_field(body, "conv", str), _strings(body, "members"))
+        changed = await handle.create_group(_field(body, "conv", str), _strings(body, "members"),
+                                            history_visible=_field(body, "history_visible", bool, False))
         return 201, {"conv": changed.conv, "members": list(changed.members)}
+
+    async def members(request: Request) -> tuple[int, Any]:
+        conv = request.params["conv"]
+        return 200, {"conv": conv, "members": list(await handle.members(conv))}
 
     async def add_members(request: Request) -> tuple[int, Any]:
         changed = await handle.add_members(request.params["conv"], _strings(_object(request), "users"))
@@ -533,6 +538,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         ("POST", "/v1/conversations/{conv}/messages/{seq}/delete", delete_for),
         ("GET", "/v1/conversations/{conv}/history", history),
         ("POST", "/v1/groups", create_group),
+        ("GET", "/v1/groups/{conv}/members", members),
         ("POST", "/v1/groups/{conv}/members", add_members),
         ("DELETE", "/v1/groups/{conv}/members/{user}", remove_member),
         ("POST", "/v1/users/{user}/kick", kick),

@@ -1898,5 +1898,13 @@ class AsyncStore(ABC):
         """See :meth:`Store.execute`."""
 
     @abstractmethod
+    async def conversation_exists(self, conv: str) -> bool:
+        """See :meth:`Store.conversation_exists`."""
+
+    @abstractmethod
+    async def members(self, conv: str) -> tuple[str, ...]:
+        """See :meth:`Store.members`."""
+
+    @abstractmethod
     async def aclose(self) -> None:
         """Release the store (idempotent)."""

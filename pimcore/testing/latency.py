@@ -93,6 +93,12 @@ class LatencyStore(AsyncStore):
             self._done_upto = max(self._done_upto, order)
         return results
 
+    async def conversation_exists(self, conv: str) -> bool:
+        return self.inner.conversation_exists(conv)
+
+    async def members(self, conv: str) -> tuple[str, ...]:
+        return self.inner.members(conv)
+
     async def aclose(self) -> None:
         self.inner.close()
 
