@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -105,3 +106,50 @@ class RawConn:
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
+
+
+# ---------------------------------------------------------------- failed TLS handshakes
+
+#: A WebSocket upgrade as a plain ws:// client sends it (to a wss:// port in tests).
+WS_UPGRADE = (b"GET /im HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+async def plain_text_to(port: int, data: bytes) -> None:
+    """Send ``data`` in the clear to a TLS port, then read until the server
+    hangs up (a reset counts: it may close with our bytes unread)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        await stream.send_all(data)
+        while await stream.receive_some():
+            pass
+    except trio.BrokenResourceError:
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def hang_up_mid_handshake(port: int) -> None:
+    """Start a TLS handshake (half of a ClientHello) and hang up."""
+    out = ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out, server_hostname="127.0.0.1")
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = out.read()
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        await stream.send_all(hello[: len(hello) // 2])
+        await stream.send_eof()
+        while await stream.receive_some():
+            pass
+    except trio.BrokenResourceError:
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+def tls_failures(records: list, transport: str) -> list:
+    """The ``tls_failed`` log records of ``transport`` (tls, wss, https)."""
+    return [r for r in records if getattr(r, "event", None) == "tls_failed" and getattr(r, "transport", None) == transport]

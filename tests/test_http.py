@@ -23,7 +23,7 @@ from pimcore.client import AuthFailed, open_client
 from pimcore.http import BrokerHttp, HttpConfig, HttpError, Request, Router, open_http_server
 from pimcore.store import MemoryStore, direct_conversation
 
-from _net import FAST_CLIENT, OTHER_SECRET, client, serving
+from _net import FAST_CLIENT, OTHER_SECRET, client, hang_up_mid_handshake, plain_text_to, serving, tls_failures
 
 AB = direct_conversation("alice", "bob")
 KEY = "test-api-key-0123456789"
@@ -419,6 +419,41 @@ async def test_https_listener_with_a_trusted_certificate() -> None:
             with pytest.raises(ssl.SSLError):
                 await untrusted.request("GET", "/healthz")
             untrusted.close()
+
+
+async def test_a_failed_https_handshake_is_logged_and_counted_like_a_tls_one(caplog: pytest.LogCaptureFixture) -> None:
+    """Plain http:// to the https:// listener (or a client hanging up during
+    the TLS handshake) left no trace: one debug line at most, no counter."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore")
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    with trio.fail_after(20):
+        async with broker_http(scheme="tls", ssl_context=server_ctx) as (srv, h):
+            port = host_port(h.url)[1]
+            await plain_text_to(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await hang_up_mid_handshake(port)
+            while len(tls_failures(caplog.records, "https")) < 2:
+                await trio.sleep(0.01)
+            c = Http(h.url, client_ctx)  # the listener is unharmed, and a good handshake is not counted
+            try:
+                status, _, body = await c.request("GET", "/metrics")
+            finally:
+                c.close()
+            assert status == 200
+    assert metrics(body.decode())[("pimcore_tls_handshake_failures_total", ())] == 2
+    lines = tls_failures(caplog.records, "https")
+    assert len(lines) == 2, [r.getMessage() for r in caplog.records]
+    assert all(r.exc_info is None and r.levelno == logging.INFO for r in lines)
+    assert all(r.peer.startswith("127.0.0.1:") and isinstance(r.conn, int) for r in lines), [r.getMessage() for r in lines]
+    assert len({r.conn for r in lines}) == 2
+    assert lines[0].reason == "http request", [r.getMessage() for r in lines]  # ssl's words for plain HTTP
+    assert "hung up during the handshake" in lines[1].reason, lines[1].reason
+    assert all("via https" in r.getMessage() for r in lines)
 
 
 def test_http_config_is_checked() -> None:

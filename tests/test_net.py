@@ -36,7 +36,20 @@ from pimcore.net import Endpoint
 from pimcore.net.server import BrokerServer
 from pimcore.store import LmdbStore, MemoryStore, direct_conversation
 
-from _net import FAST_CLIENT, OTHER_SECRET, SECRET, RawConn, client, server_config, serving, token
+from _net import (
+    FAST_CLIENT,
+    OTHER_SECRET,
+    SECRET,
+    WS_UPGRADE,
+    RawConn,
+    client,
+    hang_up_mid_handshake,
+    plain_text_to,
+    server_config,
+    serving,
+    tls_failures,
+    token,
+)
 
 AB = direct_conversation("alice", "bob")
 MINUTE = 60_000_000
@@ -156,6 +169,40 @@ async def test_a_failed_tls_handshake_is_logged_and_counted(lmdb_store, ca, capl
     assert "wrong version number" in text, text  # plain text, not a TLS record
     # A trio client hangs up without sending its alert; others say "unknown ca".
     assert "trust the certificate" in text or "unknown ca" in text, text
+    assert len(tls_failures(lines, "tls")) == 2  # the event, with which listener
+
+
+async def test_a_failed_wss_handshake_is_logged_and_counted_like_a_tls_one(lmdb_store, ca, caplog):
+    """A plain ws:// client on a wss:// port (or one hanging up during the
+    TLS handshake) left no trace: trio-websocket swallowed the failure."""
+    import logging
+
+    from pimcore.http.metrics import BrokerCollector
+
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("wss", path="/im"), ssl_context=server_ssl)) as srv:
+            port = srv.endpoints[0].port
+            await plain_text_to(port, WS_UPGRADE)  # ws:// to a wss:// port
+            await hang_up_mid_handshake(port)
+            while srv.statistics().tls_handshake_failures < 2:
+                await trio.sleep(0.01)
+            # The broker is unharmed, and a good handshake is not counted.
+            async with client(srv.url("wss"), "alice", ssl_context=_trusting(ca)) as a:
+                assert (await a.send(AB, b"still fine")).seq == 1
+            assert srv.statistics().tls_handshake_failures == 2
+            metrics = {m.name: m for m in BrokerCollector(srv).collect()}
+            assert metrics["pimcore_tls_handshake_failures"].samples[0].value == 2
+    lines = tls_failures(caplog.records, "wss")
+    assert len(lines) == 2, [r.getMessage() for r in caplog.records]
+    assert all(r.exc_info is None and r.levelno == logging.INFO for r in lines)
+    assert all(r.peer.startswith("127.0.0.1:") and isinstance(r.conn, int) for r in lines), [r.getMessage() for r in lines]
+    assert len({r.conn for r in lines}) == 2
+    assert [r.reason for r in lines][0] == "http request", [r.getMessage() for r in lines]  # ssl's words for it
+    assert "hung up during the handshake" in lines[1].reason, lines[1].reason
+    assert all("via wss" in r.getMessage() for r in lines)
 
 
 def _refused_port() -> tuple[socket.socket, int]:

@@ -40,7 +40,7 @@ class BrokerHttp(HttpServer):
         self.broker_server = server
         self.started = time.time() if started is None else started
         self._t0 = time.monotonic()
-        self.collector = BrokerCollector(server, started=self.started)
+        self.collector = BrokerCollector(server, started=self.started, http=self)
         self.registry = broker_registry(server, started=self.started, collector=self.collector)
         r = self.router
         r.add("GET", "/healthz", self._healthz, auth=False)

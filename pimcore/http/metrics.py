@@ -26,6 +26,7 @@ from ..store.base import EventsPage, ReadEvents, StoreRequest
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..net.server import BrokerServer, HistogramSnapshot
+    from .server import HttpServer
 
 __all__ = ["BrokerCollector", "broker_registry", "render", "CONTENT_TYPE"]
 
@@ -66,8 +67,12 @@ def _histogram(name: str, doc: str, snap: "Optional[HistogramSnapshot]") -> Hist
 class BrokerCollector(Collector):
     """Yields the broker's metrics from one statistics snapshot per scrape."""
 
-    def __init__(self, server: "BrokerServer", *, started: Optional[float] = None) -> None:
+    def __init__(self, server: "BrokerServer", *, started: Optional[float] = None,
+                 http: "Optional[HttpServer]" = None) -> None:
         self.server = server
+        #: The HTTP listener serving these metrics, if any: its failed https://
+        #: handshakes count with the broker's listeners' ones.
+        self.http = http
         self.started = time.time() if started is None else started
         #: (last event id, ((consumer, durable cursor), ...)) as of the last
         #: :meth:`refresh_events`; None before the first.
@@ -112,9 +117,10 @@ class BrokerCollector(Collector):
         for code in CloseCode:
             closes.add_metric([code.name], st.closes.get(code.name, 0))
         yield closes
+        http_tls = self.http.tls_handshake_failures if self.http is not None else 0
         yield CounterMetricFamily("pimcore_tls_handshake_failures",
-                                  "Connections to a tls:// listener whose TLS handshake failed.",
-                                  value=st.tls_handshake_failures)
+                                  "Connections to a tls://, wss:// or https:// listener whose TLS handshake failed.",
+                                  value=st.tls_handshake_failures + http_tls)
         yield CounterMetricFamily("pimcore_slow_consumers", "Connections dropped for not reading (SLOW_CONSUMER).",
                                   value=st.slow_consumers)
         yield CounterMetricFamily("pimcore_internal_errors", "Bugs and unexpected store or hook failures, contained.",

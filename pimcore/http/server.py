@@ -264,6 +264,10 @@ class HttpServer:
         self.requests = 0  # requests answered (any status)
         self.streams = 0  # streamed responses (server-sent events) being written now
         self.streams_dropped = 0  # streams closed because the client took no data for request_timeout
+        self.connections = 0  # connections accepted (each one's number in logs)
+        #: https:// connections whose TLS handshake failed (plain http, an
+        #: untrusted certificate...): logged once each, event tls_failed.
+        self.tls_handshake_failures = 0
         # Graceful shutdown (see shutdown()): the accept loop's scope, and the
         # scopes a connection waits in (keep-alive silence, a long-poll, a
         # stream) that shutdown cancels so each connection ends with an answer.
@@ -312,6 +316,8 @@ class HttpServer:
         stream: trio.abc.Stream = sock
         if self.config.ssl_context is not None:
             stream = trio.SSLStream(sock, self.config.ssl_context, server_side=True)
+        self.connections += 1
+        conn_id = self.connections
         self._conns += 1
         try:
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
@@ -320,7 +326,12 @@ class HttpServer:
                 return
             await self._serve_requests(stream, conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.debug("http connection broken: %r", exc)
+            from ..net.server import tls_handshake_failed
+
+            if tls_handshake_failed(stream, exc, conn=conn_id, transport="https", logger=log):
+                self.tls_handshake_failures += 1
+            else:
+                log.debug("http connection broken: %r", exc)
         except Exception:
             # A bug met while serving one connection ends that connection,
             # never the listener (nor the broker it runs in).

@@ -73,7 +73,7 @@ from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, Union
 
 import trio
-from trio_websocket import WebSocketRequest, serve_websocket
+from trio_websocket import WebSocketRequest, wrap_server_stream
 
 from .._util import unwrap_single
 from ..core import (
@@ -108,6 +108,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("pimcore.net")
+
+#: Seconds a ws:// or wss:// client has for its handshakes (TLS, then the
+#: WebSocket upgrade): trio-websocket's own connect timeout.
+_WS_HANDSHAKE_TIMEOUT = 60.0
 
 SECOND = 1_000_000
 
@@ -338,6 +342,27 @@ def _tls_reason(exc: BaseException) -> str:
     return str(cause) or "connection closed"
 
 
+def tls_handshake_failed(stream: trio.abc.Stream, exc: BaseException, *, conn: int, transport: str,
+                         logger: logging.Logger = log) -> bool:
+    """If ``exc`` ended ``stream``'s TLS handshake (a :class:`trio.SSLStream`
+    that never completed one): log it at info -- event ``tls_failed`` with
+    ``conn``, the peer, ssl's reason and ``transport`` (tls, wss, https) --
+    and return True, for the caller to count it (once per connection).
+    Shared by the tls:// and wss:// listeners and the HTTP server's https://."""
+    if not isinstance(stream, trio.SSLStream):
+        return False
+    try:
+        stream.version()
+        return False  # the handshake completed: a later failure
+    except trio.NeedHandshakeError:
+        pass
+    addr = _peer_address(stream)
+    reason = _tls_reason(exc)
+    logger.info("TLS handshake failed conn=%d peer=%s via %s: %s", conn, addr, transport, reason,
+                extra={"event": "tls_failed", "conn": conn, "peer": addr, "reason": reason, "transport": transport})
+    return True
+
+
 async def open_listeners(ep: Endpoint) -> list[trio.SocketListener]:
     """``trio.open_tcp_listeners`` for ``ep``, with an OSError that names
     the address (the bare one says only "Address already in use")."""
@@ -368,8 +393,9 @@ class ServerStatistics:
     auth_failures: dict[str, int] = field(default_factory=dict)
     batch_ops: Optional[HistogramSnapshot] = None  # ops per committed batch
     commit_time: Optional[HistogramSnapshot] = None  # seconds per write request
-    #: Connections to a tls:// listener whose TLS handshake failed (a client
-    #: that does not trust the certificate, plain TCP to a TLS port...).
+    #: Connections to a tls:// or wss:// listener whose TLS handshake failed
+    #: (a client that does not trust the certificate, plain TCP or ws:// to
+    #: a TLS port...).  (The HTTP server counts its https:// ones itself.)
     tls_handshake_failures: int = 0
 
 
@@ -714,46 +740,48 @@ class BrokerServer:
         await trio.serve_listeners(handler, listeners, handler_nursery=peers)
 
     async def _listen_ws(self, ep: Endpoint, peers: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
-        # Peers split writes into messages of up to MAX_PEER_MESSAGE whatever the
-        # frame limit (frames span messages); the frame limit is the decoder's.
-        max_msg = max(self.config.broker.limits.max_frame, WebSocketStream.MAX_PEER_MESSAGE) + 16
-
-        async def handler(request: WebSocketRequest) -> None:
-            if request.path != ep.path:
-                await request.reject(404, body=b"not a pimcore endpoint")
-                return
-            ws = await request.accept()
-            await self._serve_peer(WebSocketStream(ws), ep)
-
-        # serve_websocket runs its handlers in `peers`; its accept loop runs in
-        # its own scope there too, cancelled when listening stops.
-        ws_scope = trio.CancelScope()
-
-        async def accept_loop(task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
-            with ws_scope:
-                try:
-                    await serve_websocket(
-                        handler,
-                        ep.host,
-                        ep.port,
-                        ssl_context=self._ssl if ep.secure else None,
-                        handler_nursery=peers,
-                        max_message_size=max_msg,
-                        task_status=task_status,
-                    )
-                except OSError as exc:
-                    where = f"[{ep.host}]:{ep.port}" if ":" in ep.host else f"{ep.host}:{ep.port}"
-                    raise OSError(exc.errno, f"cannot listen on {where} ({ep.scheme}): {exc.strerror or exc}") from None
-
-        server = await peers.start(accept_loop)
-        self._endpoints.append(Endpoint(ep.scheme, ep.host, server.port, ep.path))
+        listeners = await open_listeners(ep)
+        port = listeners[0].socket.getsockname()[1]
+        self._endpoints.append(Endpoint(ep.scheme, ep.host, port, ep.path))
         url = self._endpoints[-1].url
         log.info("listening on %s", url, extra={"event": "listening", "url": url})
         task_status.started()
+        await trio.serve_listeners(functools.partial(self._serve_ws, ep), listeners, handler_nursery=peers)
+
+    async def _serve_ws(self, ep: Endpoint, sock: trio.SocketStream) -> None:
+        """One ws:// or wss:// connection: its TLS handshake (wss), the
+        WebSocket one (trio-websocket), then :meth:`_serve_peer`.
+
+        The TLS handshake is done here, not left to trio-websocket's reader
+        (which would swallow its failure: a plain ws:// client on a wss://
+        port, or an untrusted certificate, would leave no trace), so that a
+        failed one is logged and counted as on a tls:// listener."""
+        # Peers split writes into messages of up to MAX_PEER_MESSAGE whatever the
+        # frame limit (frames span messages); the frame limit is the decoder's.
+        max_msg = max(self.config.broker.limits.max_frame, WebSocketStream.MAX_PEER_MESSAGE) + 16
+        stream: trio.abc.Stream = sock
         try:
-            await trio.sleep_forever()
+            async with trio.open_nursery() as nursery:  # the WebSocket's reader task
+                request: Optional[WebSocketRequest] = None
+                with trio.move_on_after(_WS_HANDSHAKE_TIMEOUT):
+                    try:
+                        if ep.secure and self._ssl is not None:
+                            stream = trio.SSLStream(sock, self._ssl, server_side=True, https_compatible=True)
+                            await stream.do_handshake()
+                        request = await wrap_server_stream(nursery, stream, max_message_size=max_msg)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                        if tls_handshake_failed(stream, exc, conn=next(self._ids), transport=ep.scheme):
+                            self._stats["tls_handshake_failures"] += 1
+                        else:
+                            log.debug("%s connection broken before its handshake: %r", ep.scheme, exc)
+                if request is not None:
+                    if request.path != ep.path:
+                        await request.reject(404, body=b"not a pimcore endpoint")
+                    else:
+                        await self._serve_peer(WebSocketStream(await request.accept()), ep)
+                nursery.cancel_scope.cancel()  # closed (or never opened): the reader ends
         finally:
-            ws_scope.cancel()
+            await trio.aclose_forcefully(stream)
 
     # ------------------------------------------------------------ one connection
 
@@ -891,23 +919,12 @@ class BrokerServer:
 
     def _tls_handshake_failed(self, peer: _Peer, exc: BaseException) -> bool:
         """If ``exc`` ended ``peer``'s TLS handshake (a tls:// connection
-        that never completed one): log it once, with the peer and ssl's
-        reason, count it, and return True."""
-        stream = peer.stream
-        if not isinstance(stream, trio.SSLStream) or peer.tls_failed:
-            return peer.tls_failed
-        try:
-            stream.version()
-            return False  # the handshake completed: a later failure
-        except trio.NeedHandshakeError:
-            pass
-        peer.tls_failed = True
-        self._stats["tls_handshake_failures"] += 1
-        addr = _peer_address(stream)
-        reason = _tls_reason(exc)
-        log.info("TLS handshake failed conn=%d peer=%s via %s: %s", peer.id, addr, peer.endpoint.scheme, reason,
-                 extra={"event": "tls_failed", "conn": peer.id, "peer": addr, "reason": reason})
-        return True
+        that never completed one): log it once (:func:`tls_handshake_failed`),
+        count it, and return True."""
+        if not peer.tls_failed and tls_handshake_failed(peer.stream, exc, conn=peer.id, transport=peer.endpoint.scheme):
+            peer.tls_failed = True
+            self._stats["tls_handshake_failures"] += 1
+        return peer.tls_failed
 
     def _wake_writer(self, peer: _Peer) -> None:
         """Have ``peer``'s queued bytes written by its writer task, started
