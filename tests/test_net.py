@@ -1225,3 +1225,22 @@ def test_threaded_commits_need_a_thread_safe_store():
         BrokerServer(MemoryStore(), JwtAuthenticator(SECRET), server_config(commit_in_thread=True))
     with pytest.raises(ValueError, match="true or false"):
         server_config(commit_in_thread="yes")
+
+
+async def test_websocket_clients_that_reset_during_the_upgrade_harm_no_one(lmdb_store):
+    """A client that sends its WebSocket upgrade (to the right path or a
+    wrong one) and resets at once: the broker's answer (accept, or the 404)
+    hits a reset connection.  That one connection ends; the broker serves on."""
+    import struct as _struct
+
+    with trio.fail_after(20):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            port = srv.endpoints[0].port
+            for path in ("/wrong", "/im") * 15:
+                sock = socket.create_connection(("127.0.0.1", port))
+                sock.sendall(WS_UPGRADE.replace(b"GET /im ", f"GET {path} ".encode()))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _struct.pack("ii", 1, 0))
+                sock.close()  # RST
+            await trio.sleep(0.2)
+            async with client(srv.url("ws"), "alice") as a:
+                assert (await a.send(AB, b"still fine")).seq == 1

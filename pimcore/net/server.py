@@ -73,7 +73,7 @@ from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, Union
 
 import trio
-from trio_websocket import WebSocketRequest, wrap_server_stream
+from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
 from .._util import unwrap_single
 from ..core import (
@@ -774,11 +774,20 @@ class BrokerServer:
                             self._stats["tls_handshake_failures"] += 1
                         else:
                             log.debug("%s connection broken before its handshake: %r", ep.scheme, exc)
+                ws = None
                 if request is not None:
-                    if request.path != ep.path:
-                        await request.reject(404, body=b"not a pimcore endpoint")
-                    else:
-                        await self._serve_peer(WebSocketStream(await request.accept()), ep)
+                    try:
+                        if request.path != ep.path:
+                            await request.reject(404, body=b"not a pimcore endpoint")
+                        else:
+                            ws = await request.accept()
+                    except ConnectionClosed as exc:
+                        # The client reset before our answer went out: this
+                        # connection ends here (escaping, it would end the
+                        # broker -- every client could do that).
+                        log.debug("%s connection closed during its upgrade: %r", ep.scheme, exc)
+                if ws is not None:
+                    await self._serve_peer(WebSocketStream(ws), ep)
                 nursery.cancel_scope.cancel()  # closed (or never opened): the reader ends
         finally:
             await trio.aclose_forcefully(stream)
