@@ -186,7 +186,8 @@ async def chat(
             try:
                 sent = await client.send(conv, text.encode())
             except SendError as exc:
-                out(f"✗ not sent ({exc.code.name}): {text}")
+                # (The broker's reason, e.g. a content filter's, is what the user can act on.)
+                out(f"✗ not sent ({exc.code.name}{': ' + exc.reason if exc.reason else ''}): {text}")
                 if exc.code.name == "UNKNOWN_CONVERSATION" and group is not None:
                     out(f"  (the group does not exist: pimcore group create {group} {client.user} [USER...])")
                 elif exc.code.name == "NOT_MEMBER" and group is not None:

@@ -232,3 +232,31 @@ async def test_chat_replaced_by_the_same_device_elsewhere_says_so_and_ends() -> 
     assert ended and "logged in" in str(ended[0]), (ended, out)
     lost = [line for line in out if line.startswith("(connection")]
     assert lost and "not reconnecting" in lost[-1] and "reconnecting…" not in lost[-1], out
+
+
+async def test_chat_shows_why_a_content_filter_refused_a_message(tmp_path: Path) -> None:
+    """A REJECTED send showed only its code; the filter's reason is the
+    part the user can act on."""
+    import trio
+
+    from pimcore.chat import chat
+    from pimcore.embed import open_pimcore
+
+    def no_spam(user: str, conv: str, payload: bytes):  # type: ignore[no-untyped-def]
+        return "no links to that site, please" if b"spam.example" in payload else None
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"], content_filter=no_spam) as im:
+            out: list[str] = []
+            into, lines = trio.open_memory_channel[str](10)
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), "bob", lines=lines, out=out.append))
+                while not any(line.startswith("connected as alice") for line in out):
+                    await trio.sleep(0.01)
+                await into.send("see spam.example")
+                await into.send("hello")
+                while not any("hello" in line and line.startswith("✓") for line in out):
+                    await trio.sleep(0.01)
+                await into.send("/quit")
+    refused = [line for line in out if line.startswith("✗")]
+    assert refused == ["✗ not sent (REJECTED: no links to that site, please): see spam.example"], out
