@@ -262,7 +262,10 @@ async def chat(
             if lines is None:
                 lines = _stdin_lines(nursery)
             async for line in lines:
-                text = line.rstrip("\n")
+                # A byte stdin could not decode arrives as a lone surrogate
+                # (surrogateescape): it goes out as "?" (it cannot be sent
+                # as text, and must not end the chat).
+                text = line.rstrip("\n").encode("utf-8", "replace").decode("utf-8")
                 if text in ("/quit", "/exit"):
                     break
                 if text == "/typing":
@@ -283,7 +286,11 @@ async def chat(
                     continue
                 if text.strip():
                     nursery.start_soon(send, text)
-            # Let sends in flight finish (each has its own deadline).
+            # Let sends in flight finish (each has its own deadline: up to
+            # send_timeout when the broker cannot store them), saying so.
+            pending = client.statistics().pending_sends
+            if pending:
+                out(f"waiting for {pending} unconfirmed message{'s' if pending > 1 else ''} (Ctrl-C to leave now)…")
             while client.statistics().pending_sends:
                 await trio.sleep(0.05)
             nursery.cancel_scope.cancel()

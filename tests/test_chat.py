@@ -260,3 +260,63 @@ async def test_chat_shows_why_a_content_filter_refused_a_message(tmp_path: Path)
                 await into.send("/quit")
     refused = [line for line in out if line.startswith("✗")]
     assert refused == ["✗ not sent (REJECTED: no links to that site, please): see spam.example"], out
+
+
+async def test_chat_takes_a_line_that_is_not_utf8(tmp_path: Path) -> None:
+    """stdin decodes undecodable bytes to lone surrogates (surrogateescape):
+    sending such a line crashed the chat with UnicodeEncodeError and lost
+    every line after it.  Each bad byte is sent as "?"."""
+    import trio
+
+    from pimcore.chat import chat
+    from pimcore.embed import open_pimcore
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            out: list[str] = []
+            into, lines = trio.open_memory_channel[str](10)
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), "bob", lines=lines, out=out.append))
+                while not any(line.startswith("connected as alice") for line in out):
+                    await trio.sleep(0.01)
+                await into.send(b"bad \xff\xfe utf8\n".decode("utf-8", "surrogateescape"))
+                await into.send("after it\n")
+                while sum(line.startswith("✓ delivered") for line in out) < 2:
+                    await trio.sleep(0.01)
+                await into.send("/quit")
+            history = await im.history("d:alice:bob", "bob")
+    assert sorted(m.payload for m in history) == [b"after it", b"bad ?? utf8"], out  # (newest first)
+    assert "✓ delivered (#1): bad ?? utf8" in out, out
+
+
+async def test_chat_says_what_quit_waits_for(tmp_path: Path) -> None:
+    """/quit waits for unconfirmed sends (up to their deadline) -- silently,
+    for up to a minute, when the broker could not store them.  It says so."""
+    import trio
+
+    from pimcore.chat import chat
+    from pimcore.embed import open_pimcore
+
+    calls: list[str] = []
+
+    def broken(user: str, conv: str, payload: bytes):  # type: ignore[no-untyped-def]
+        calls.append(user)
+        raise RuntimeError("moderation is down")  # INTERNAL: the SDK retries
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"], content_filter=broken) as im:
+            out: list[str] = []
+            into, lines = trio.open_memory_channel[str](10)
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), "bob", lines=lines, out=out.append))
+                while not any(line.startswith("connected as alice") for line in out):
+                    await trio.sleep(0.01)
+                await into.send("hello")
+                while not calls:
+                    await trio.sleep(0.01)
+                await into.send("/quit")
+                while not any("waiting" in line for line in out):
+                    await trio.sleep(0.01)
+                n.cancel_scope.cancel()
+    (notice,) = [line for line in out if "waiting" in line]
+    assert notice == "waiting for 1 unconfirmed message (Ctrl-C to leave now)…", out
