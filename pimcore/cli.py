@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -545,6 +546,7 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
     the API key from --api-key, $PIMCORE_API_KEY or <data-dir>/api-key.
     ValueError with the server's message if it refuses."""
     import os
+    import http.client
     import urllib.error
     import urllib.parse
     import urllib.request
@@ -567,12 +569,18 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
     except urllib.error.HTTPError as exc:
         try:
             err = json.loads(exc.read())["error"]
-            why = f"{err['code']}: {err['message']}"
+            code, message = str(err["code"]), str(err["message"])
+            # (The API's messages often end with the code already.)
+            why = message if code in message else f"{code}: {message}"
         except (ValueError, KeyError, TypeError):  # (not the API's JSON error: a proxy's page...)
             why = f"HTTP {exc.code} from {base}"
         raise ValueError(why) from None
     except urllib.error.URLError as exc:
         raise ValueError(f"cannot reach {base}: {exc.reason}") from None
+    except (http.client.HTTPException, ConnectionError) as exc:
+        # Something that does not speak HTTP answered: e.g. the broker's own
+        # tcp:// listener given instead of its HTTP one (both are tcp:// URLs).
+        raise ValueError(f"cannot use {base}: not an HTTP server (is this the --http listener?): {exc!r}") from None
 
 
 def _cmd_purge(args: argparse.Namespace) -> int:
@@ -636,7 +644,12 @@ def _cmd_retention(args: argparse.Namespace) -> int:
         print(f"pimcore retention: {problem}", file=sys.stderr)
         return 2
     change = args.default or args.max_age is not None or args.max_count is not None
-    age = None if args.max_age is None else int(args.max_age * 1_000_000)
+    if args.max_age is not None and not (math.isfinite(args.max_age) and args.max_age * 1_000_000 < 2**63):
+        print(f"pimcore retention: --max-age must be a number of seconds below {2**63 // 1_000_000}, not"
+              f" {args.max_age}", file=sys.stderr)
+        return 2
+    # (µs; a positive age below 1 µs is 1 µs, not 0 -- which means no limit.)
+    age = None if args.max_age is None else max(int(args.max_age * 1_000_000), 1 if args.max_age > 0 else 0)
     if (age is not None and age < 0) or (args.max_count is not None and args.max_count < 0):
         print("pimcore retention: --max-age and --max-count must be >= 0 (0: no limit)", file=sys.stderr)
         return 2

@@ -288,6 +288,24 @@ async def test_cli_shows_the_http_apis_refusal(tmp_path: Path, capsys: pytest.Ca
             assert "UNKNOWN_CONVERSATION" in err and "HTTP 404" not in err, err
             assert await run(main, ["purge", "user", "bob", "--http", h.url, "--api-key", "wrong"]) == 2
             assert "unauthorized" in capsys.readouterr().err
+            # The code once, not "UNKNOWN_CONVERSATION: ...: UNKNOWN_CONVERSATION".
+            assert await run(main, ["group", "show", "nope", "--http", h.url, "--api-key", KEY]) == 2
+            err = capsys.readouterr().err
+            assert err.count("UNKNOWN_CONVERSATION") == 1, err
+            # --http given the broker's binary listener (both are tcp:// URLs)
+            # ended in an http.client traceback.
+            for cmd in (["group", "show", "team"], ["purge", "user", "bob"]):
+                assert await run(main, [*cmd, "--http", im.urls[0], "--api-key", KEY]) == 2
+                err = capsys.readouterr().err
+                assert "not an HTTP server (is this the --http listener?)" in err and "Traceback" not in err, err
+            # A max age that is no number of seconds was a traceback too.
+            for bad in ("nan", "inf", "-inf", "1e300"):
+                assert await run(main, ["retention", "team", f"--max-age={bad}", "--http", h.url, "--api-key", KEY]) == 2
+                assert "--max-age" in capsys.readouterr().err
+            # A positive age below 1 µs is 1 µs: it was stored as 0, "no limit".
+            await im.create_group("team", ["alice"])
+            assert await run(main, ["retention", "team", "--max-age", "0.0000001", "--http", h.url, "--api-key", KEY]) == 0
+            assert (await im.retention("team")).max_age == 1
 
 
 def test_cli_on_a_stopped_brokers_data_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
