@@ -1360,10 +1360,14 @@ class ClientSession:
         elif t is F.Error and f.code == ErrorCode.TYPING_NOT_RELAYED:  # type: ignore[attr-defined]
             log.debug("broker: %s", f.reason)  # type: ignore[attr-defined]  # expected in large groups
         elif t is F.Error:
-            log.warning("broker error %s (ref %s): %s", f.code, f.ref, f.reason)  # type: ignore[attr-defined]
             p = self._pending.get(f.ref) if f.ref else None  # type: ignore[attr-defined]
             if p is not None:
+                # The reason of a send's refusal (its SendAck follows): the
+                # app gets it on SendError.reason, the log only at debug.
                 p.reason = f.reason  # type: ignore[attr-defined]
+                log.debug("broker error %s (ref %s): %s", f.code, f.ref, f.reason)  # type: ignore[attr-defined]
+            else:
+                log.warning("broker error %s (ref %s): %s", f.code, f.ref, f.reason)  # type: ignore[attr-defined]
         elif t is F.Close:  # pragma: no cover - handled in _on_frame
             self._on_close(f)  # type: ignore[arg-type]
         # Pong, a late CalibrateResp, anything else: liveness only (_last_recv).

@@ -407,6 +407,28 @@ def test_a_final_refusal_completes_the_send_with_its_code(code):
     assert connect(s, T0 + 12 * S).read() == []
 
 
+def test_the_reason_of_a_refused_send_goes_to_its_error_not_to_the_log(caplog):
+    # The broker explains a refusal with an Error frame (ref = the local id)
+    # right before the SendAck.  The app gets the reason on SendError; a
+    # warning line per refusal (per retry, for INTERNAL) was noise on the
+    # app's stderr (pimcore chat printed it next to its own line).  An Error
+    # about nothing pending is still a warning.
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="pimcore.client")
+    s = session()
+    b = connect(s, T0)
+    lid = s.send(CONV, b"spam", T0)
+    b.read()
+    b.feed(T0 + 1, F.Error(ErrorCode.REJECTED, lid, "no links, please"), F.SendAck(lid, ErrorCode.REJECTED, b"", 0, 0))
+    [done] = s.completions()
+    assert done.error.reason == "no links, please"  # type: ignore[union-attr]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+    b.feed(T0 + 2, F.Error(ErrorCode.BAD_REQUEST, 0, "something else"))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"broker error {ErrorCode.BAD_REQUEST} (ref 0): something else"]
+
+
 @pytest.mark.parametrize("code", [ErrorCode.STORE_UNAVAILABLE, ErrorCode.TOO_MANY_IN_FLIGHT, ErrorCode.RATE_LIMITED, ErrorCode.INTERNAL, 99])
 def test_a_transient_refusal_holds_then_resends_the_same_local_id(code):
     s = session(backoff_initial=0.1, backoff_max=10.0)
