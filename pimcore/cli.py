@@ -477,10 +477,15 @@ def _cmd_group(args: argparse.Namespace) -> int:
         if why:
             print(why, file=sys.stderr)
             return 2
+        new = args.action == "create" and not (settings.data_dir / "store" / "data.mdb").exists()
         store = LmdbStore(settings.data_dir / "store", create=args.action == "create", owner=False)
     except (ConfigError, StoreError, ValueError, OSError) as exc:
         print(f"pimcore group: {exc}", file=sys.stderr)
         return 2
+    if new:
+        # (Run in the wrong folder, the group would be in a store no broker uses.)
+        print(f"pimcore group: no store in {settings.data_dir} yet: created one (a broker uses it if started with"
+              f" --data-dir {settings.data_dir})", file=sys.stderr)
     with store:
         try:
             if args.action == "create":
