@@ -155,6 +155,37 @@ class _SessionEnded(Exception):
         self.reason = reason
 
 
+class _FirstBytes(trio.abc.Stream):
+    """A stream that remembers the first two bytes it received and whether
+    it saw the end: a TLS port answers a plain WebSocket upgrade request
+    with a TLS alert (0x15 0x03) or a hang-up, never an HTTP response."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.first = b""
+        self.eof = False
+
+    async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        if len(self.first) < 2:
+            self.first += data[: 2 - len(self.first)]
+            self.eof = self.eof or not data
+        return bytes(data)
+
+    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    @property
+    def looks_like_tls(self) -> bool:
+        return self.first.startswith(b"\x15\x03") or (self.eof and not self.first)
+
+
 class _Conn:
     """The driver's side of one connection: the stream and its writer's state."""
 
@@ -233,6 +264,8 @@ class Client:
         self._ever_connected = False
         #: The last first-connection attempt looked like a TLS server (see _serve).
         self._tls_suspect = False
+        #: A ws:// connection's stream while its upgrade is under way (_connect_once).
+        self._upgrade_answer: Optional[_FirstBytes] = None
         self._last_state = self._session.state
         self._state_changed = trio.Event()  # replaced after each change
         self._events_ready = trio.Event()
@@ -651,6 +684,9 @@ class Client:
             # here, as itself, not later as a silent WebSocket stall.
             await stream.do_handshake()
         if ep.websocket:
+            if not ep.secure:
+                # (Kept to tell a TLS port from a plain one if the upgrade fails.)
+                stream = self._upgrade_answer = _FirstBytes(stream)
             # trio-websocket runs its reader in `nursery`, which lives as
             # long as this connection.
             ws = await wrap_client_stream(
@@ -750,12 +786,14 @@ class Client:
         """One connection from dial to hang-up; returns why it ended."""
         end: Optional[BaseException] = None
         self._tls_suspect = False  # set by _serve, if the stream opens
+        self._upgrade_answer = None
         try:
             async with trio.open_nursery() as conn_nursery:
                 stream: Optional[trio.abc.Stream] = None
                 try:
                     with trio.fail_after(self.config.connect_timeout):
                         stream = await self._open_stream(conn_nursery)
+                    self._upgrade_answer = None  # (upgraded, if a WebSocket)
                     end = await self._serve(stream, first)
                 except _DISCONNECTS as exc:
                     end = exc
@@ -776,6 +814,10 @@ class Client:
                 raise
             assert matched is not None
             end = first_leaf(matched)
+        answer, self._upgrade_answer = self._upgrade_answer, None
+        if end is not None and answer is not None:
+            # The WebSocket upgrade failed: a TLS alert or a hang-up for an answer?
+            self._tls_suspect = answer.looks_like_tls
         return end
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -825,7 +867,8 @@ class Client:
                         if self._tls_suspect:
                             ep = self.endpoint
                             host = f"[{ep.host}]" if ":" in ep.host else ep.host
-                            hint = f" (the server may require TLS: try tls://{host}:{ep.port})"
+                            scheme, path = ("wss", ep.path) if ep.websocket else ("tls", "")
+                            hint = f" (the server may require TLS: try {scheme}://{host}:{ep.port}{path})"
                         raise ConnectFailed(f"cannot connect to {self.url} within {self.config.connect_timeout:g} s"
                                             f" (connect_timeout): {_root_cause(exc)}{hint}") from exc
                 log.debug("connection lost: %r", exc)

@@ -392,6 +392,22 @@ async def test_plain_tcp_to_a_pimcore_tls_listener_suggests_tls(lmdb_store, ca) 
     assert f"the server may require TLS: try tls://127.0.0.1:{port}" in str(err.value), str(err.value)
 
 
+async def test_plain_ws_to_a_pimcore_wss_listener_suggests_wss(lmdb_store, ca) -> None:
+    # The broker hangs up on the upgrade request (TLS expected): the SDK
+    # retried until connect_timeout and said only "no answer" (new-user finding).
+    from pimcore.client import ConnectFailed
+
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    with trio.fail_after(20):
+        async with serving(lmdb_store, server_config(Endpoint("wss", path="/im"), ssl_context=server_ssl)) as srv:
+            port = srv.endpoints[0].port
+            with pytest.raises(ConnectFailed) as err:
+                async with client(f"ws://127.0.0.1:{port}/im", "alice", config=ClientConfig(connect_timeout=0.5)):
+                    pass  # pragma: no cover
+    assert f"the server may require TLS: try wss://127.0.0.1:{port}/im" in str(err.value), str(err.value)
+
+
 async def test_a_plain_broker_that_hangs_up_is_not_said_to_need_tls() -> None:
     """The hint is for a plain-text client only, never after a TLS one."""
     from pimcore.client import ConnectFailed
