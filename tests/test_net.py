@@ -1260,3 +1260,25 @@ async def test_websocket_clients_that_reset_during_the_upgrade_harm_no_one(lmdb_
             await trio.sleep(0.2)
             async with client(srv.url("ws"), "alice") as a:
                 assert (await a.send(AB, b"still fine")).seq == 1
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_a_silent_websocket_connection_gets_the_login_timeout(lmdb_store, ca, scheme) -> None:
+    """A connection to a ws:// or wss:// listener that never completes its
+    handshakes was held 60 s (trio-websocket's own limit); one to tcp:// is
+    closed after login_timeout.  Both are now."""
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    cfg = server_config(Endpoint(scheme, path="/im"), ssl_context=server_ssl, login_timeout=0.3)
+    with trio.fail_after(20):
+        async with serving(lmdb_store, cfg) as srv:
+            stream = await trio.open_tcp_stream("127.0.0.1", srv.endpoints[0].port)
+            with trio.fail_after(10):  # (60 s before)
+                try:
+                    while await stream.receive_some(1024):
+                        pass
+                except trio.BrokenResourceError:
+                    pass  # a reset: closed too
+            await stream.aclose()
+            async with client(srv.url(scheme), "alice", ssl_context=_trusting(ca)) as a:
+                assert (await a.send(AB, b"still fine")).seq == 1

@@ -109,10 +109,6 @@ __all__ = [
 
 log = logging.getLogger("pimcore.net")
 
-#: Seconds a ws:// or wss:// client has for its handshakes (TLS, then the
-#: WebSocket upgrade): trio-websocket's own connect timeout.
-_WS_HANDSHAKE_TIMEOUT = 60.0
-
 SECOND = 1_000_000
 
 
@@ -763,7 +759,10 @@ class BrokerServer:
         try:
             async with trio.open_nursery() as nursery:  # the WebSocket's reader task
                 request: Optional[WebSocketRequest] = None
-                with trio.move_on_after(_WS_HANDSHAKE_TIMEOUT):
+                # Its handshakes (TLS, then the upgrade) within login_timeout,
+                # as a tcp:// connection must log in within it: a silent
+                # client does not hold a connection longer here.
+                with trio.move_on_after(self.config.broker.login_timeout / SECOND):
                     try:
                         if ep.secure and self._ssl is not None:
                             stream = trio.SSLStream(sock, self._ssl, server_side=True, https_compatible=True)
