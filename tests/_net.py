@@ -115,18 +115,26 @@ WS_UPGRADE = (b"GET /im HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nCon
               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
 
-async def plain_text_to(port: int, data: bytes) -> None:
-    """Send ``data`` in the clear to a TLS port, then read until the server
-    hangs up (a reset counts: it may close with our bytes unread)."""
+async def _send_then_read_to_the_end(port: int, data: bytes, *, eof: bool = False) -> None:
+    """Connect, send ``data`` (then EOF if ``eof``), and read until the
+    server hangs up (a reset counts: it may close with our bytes unread)."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     try:
         await stream.send_all(data)
+        if eof:
+            await stream.send_eof()
         while await stream.receive_some():
             pass
     except trio.BrokenResourceError:
         pass
     finally:
         await trio.aclose_forcefully(stream)
+
+
+async def plain_text_to(port: int, data: bytes) -> None:
+    """Send ``data`` in the clear to a TLS port, then read until the server
+    hangs up."""
+    await _send_then_read_to_the_end(port, data)
 
 
 async def hang_up_mid_handshake(port: int) -> None:
@@ -138,16 +146,7 @@ async def hang_up_mid_handshake(port: int) -> None:
     except ssl.SSLWantReadError:
         pass
     hello = out.read()
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    try:
-        await stream.send_all(hello[: len(hello) // 2])
-        await stream.send_eof()
-        while await stream.receive_some():
-            pass
-    except trio.BrokenResourceError:
-        pass
-    finally:
-        await trio.aclose_forcefully(stream)
+    await _send_then_read_to_the_end(port, hello[: len(hello) // 2], eof=True)
 
 
 def tls_failures(records: list, transport: str) -> list:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import socket
 import threading
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, AsyncIterator
 
 import pytest
 
@@ -234,30 +236,41 @@ async def test_chat_replaced_by_the_same_device_elsewhere_says_so_and_ends() -> 
     assert lost and "not reconnecting" in lost[-1] and "reconnecting…" not in lost[-1], out
 
 
-async def test_chat_shows_why_a_content_filter_refused_a_message(tmp_path: Path) -> None:
-    """A REJECTED send showed only its code; the filter's reason is the
-    part the user can act on."""
+@asynccontextmanager
+async def _alice_chats_with_bob(tmp_path: Path, **pimcore_kw: Any) -> AsyncIterator[tuple[Any, Any, list[str], Any]]:
+    """An embedded broker (``pimcore_kw``: open_pimcore's) and alice's chat
+    with bob, connected: yields (the broker, the chat's nursery, its output
+    lines, the channel its input lines go into)."""
     import trio
 
     from pimcore.chat import chat
     from pimcore.embed import open_pimcore
 
+    async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"], **pimcore_kw) as im:
+        out: list[str] = []
+        into, lines = trio.open_memory_channel[str](10)
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), "bob", lines=lines, out=out.append))
+            while not any(line.startswith("connected as alice") for line in out):
+                await trio.sleep(0.01)
+            yield im, n, out, into
+
+
+async def test_chat_shows_why_a_content_filter_refused_a_message(tmp_path: Path) -> None:
+    """A REJECTED send showed only its code; the filter's reason is the
+    part the user can act on."""
+    import trio
+
     def no_spam(user: str, conv: str, payload: bytes):  # type: ignore[no-untyped-def]
         return "no links to that site, please" if b"spam.example" in payload else None
 
     with trio.fail_after(30):
-        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"], content_filter=no_spam) as im:
-            out: list[str] = []
-            into, lines = trio.open_memory_channel[str](10)
-            async with trio.open_nursery() as n:
-                n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), "bob", lines=lines, out=out.append))
-                while not any(line.startswith("connected as alice") for line in out):
-                    await trio.sleep(0.01)
-                await into.send("see spam.example")
-                await into.send("hello")
-                while not any("hello" in line and line.startswith("✓") for line in out):
-                    await trio.sleep(0.01)
-                await into.send("/quit")
+        async with _alice_chats_with_bob(tmp_path, content_filter=no_spam) as (im, n, out, into):
+            await into.send("see spam.example")
+            await into.send("hello")
+            while not any("hello" in line and line.startswith("✓") for line in out):
+                await trio.sleep(0.01)
+            await into.send("/quit")
     refused = [line for line in out if line.startswith("✗")]
     assert refused == ["✗ not sent (REJECTED: no links to that site, please): see spam.example"], out
 
@@ -268,22 +281,13 @@ async def test_chat_takes_a_line_that_is_not_utf8(tmp_path: Path) -> None:
     every line after it.  Each bad byte is sent as "?"."""
     import trio
 
-    from pimcore.chat import chat
-    from pimcore.embed import open_pimcore
-
     with trio.fail_after(30):
-        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
-            out: list[str] = []
-            into, lines = trio.open_memory_channel[str](10)
-            async with trio.open_nursery() as n:
-                n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), "bob", lines=lines, out=out.append))
-                while not any(line.startswith("connected as alice") for line in out):
-                    await trio.sleep(0.01)
-                await into.send(b"bad \xff\xfe utf8\n".decode("utf-8", "surrogateescape"))
-                await into.send("after it\n")
-                while sum(line.startswith("✓ delivered") for line in out) < 2:
-                    await trio.sleep(0.01)
-                await into.send("/quit")
+        async with _alice_chats_with_bob(tmp_path) as (im, n, out, into):
+            await into.send(b"bad \xff\xfe utf8\n".decode("utf-8", "surrogateescape"))
+            await into.send("after it\n")
+            while sum(line.startswith("✓ delivered") for line in out) < 2:
+                await trio.sleep(0.01)
+            await into.send("/quit")
             history = await im.history("d:alice:bob", "bob")
     assert sorted(m.payload for m in history) == [b"after it", b"bad ?? utf8"], out  # (newest first)
     assert "✓ delivered (#1): bad ?? utf8" in out, out
@@ -294,9 +298,6 @@ async def test_chat_says_what_quit_waits_for(tmp_path: Path) -> None:
     for up to a minute, when the broker could not store them.  It says so."""
     import trio
 
-    from pimcore.chat import chat
-    from pimcore.embed import open_pimcore
-
     calls: list[str] = []
 
     def broken(user: str, conv: str, payload: bytes):  # type: ignore[no-untyped-def]
@@ -304,19 +305,13 @@ async def test_chat_says_what_quit_waits_for(tmp_path: Path) -> None:
         raise RuntimeError("moderation is down")  # INTERNAL: the SDK retries
 
     with trio.fail_after(30):
-        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"], content_filter=broken) as im:
-            out: list[str] = []
-            into, lines = trio.open_memory_channel[str](10)
-            async with trio.open_nursery() as n:
-                n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), "bob", lines=lines, out=out.append))
-                while not any(line.startswith("connected as alice") for line in out):
-                    await trio.sleep(0.01)
-                await into.send("hello")
-                while not calls:
-                    await trio.sleep(0.01)
-                await into.send("/quit")
-                while not any("waiting" in line for line in out):
-                    await trio.sleep(0.01)
-                n.cancel_scope.cancel()
+        async with _alice_chats_with_bob(tmp_path, content_filter=broken) as (im, n, out, into):
+            await into.send("hello")
+            while not calls:
+                await trio.sleep(0.01)
+            await into.send("/quit")
+            while not any("waiting" in line for line in out):
+                await trio.sleep(0.01)
+            n.cancel_scope.cancel()
     (notice,) = [line for line in out if "waiting" in line]
     assert notice == "waiting for 1 unconfirmed message (Ctrl-C to leave now)…", out

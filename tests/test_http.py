@@ -400,12 +400,19 @@ async def test_two_brokers_in_one_process_have_their_own_metrics() -> None:
 # ---------------------------------------------------------------- TLS
 
 
-async def test_https_listener_with_a_trusted_certificate() -> None:
+def _tls_pair() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for 127.0.0.1 from a new CA, and
+    a client context that trusts that CA."""
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
+    return server_ctx, client_ctx
+
+
+async def test_https_listener_with_a_trusted_certificate() -> None:
+    server_ctx, client_ctx = _tls_pair()
     with trio.fail_after(20):
         async with broker_http(scheme="tls", ssl_context=server_ctx) as (srv, h):
             assert h.url.startswith("https://127.0.0.1:")
@@ -427,11 +434,7 @@ async def test_a_failed_https_handshake_is_logged_and_counted_like_a_tls_one(cap
     import logging
 
     caplog.set_level(logging.INFO, logger="pimcore")
-    ca = trustme.CA()
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
+    server_ctx, client_ctx = _tls_pair()
     with trio.fail_after(20):
         async with broker_http(scheme="tls", ssl_context=server_ctx) as (srv, h):
             port = host_port(h.url)[1]
