@@ -453,6 +453,14 @@ def _lmdb_only(command: str, settings: Any, instead: str) -> Optional[str]:
             f" the embedded LMDB store only: {instead}")
 
 
+def _refusal(command: str, exc: BaseException) -> str:
+    """The line for a maintenance command's failure.  A broker with
+    durability log is its store's only writer, and the store's refusal
+    says to use its HTTP API: the line says how (``--http``)."""
+    hint = " -- give --http URL (its HTTP listener) to do this through it" if "HTTP API" in str(exc) else ""
+    return f"pimcore {command}: {exc}{hint}"
+
+
 #: Left in the data directory by `serve --store redis://...` (URL and
 #: namespace); removed by a serve on LMDB there.
 _REDIS_NOTE = "redis-store"
@@ -500,10 +508,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
             print(f"pimcore group: no group {args.name!r}", file=sys.stderr)
             return 2
         except (ValueError, StoreError) as exc:
-            # A broker with durability log is its store's only writer (the
-            # store's refusal says to use its HTTP API): say how.
-            hint = " -- give --http URL (its HTTP listener) to do this through it" if "HTTP API" in str(exc) else ""
-            print(f"pimcore group: {exc}{hint}", file=sys.stderr)
+            print(_refusal("group", exc), file=sys.stderr)
             return 2
         members = store.members(args.name)
         print(f"{args.name}: {len(members)} members: {' '.join(members)}")
@@ -629,7 +634,7 @@ def _cmd_purge(args: argparse.Namespace) -> int:
             if args.what == "user":
                 out.update(devices=res.devices, left=[c.conv for c in res.changes])
     except (ConfigError, StoreError, ValueError, OSError) as exc:
-        print(f"pimcore purge: {exc}", file=sys.stderr)
+        print(_refusal("purge", exc), file=sys.stderr)
         return 2
     print(json.dumps(out))
     return 0
@@ -681,7 +686,7 @@ def _cmd_retention(args: argparse.Namespace) -> int:
             out = {"conv": args.conv, "max_age": None if state.max_age < 0 else state.max_age,
                    "max_count": None if state.max_count < 0 else state.max_count, "floor": state.floor}
     except (ConfigError, StoreError, ValueError, OSError) as exc:
-        print(f"pimcore retention: {exc}", file=sys.stderr)
+        print(_refusal("retention", exc), file=sys.stderr)
         return 2
     print(json.dumps(out))
     return 0

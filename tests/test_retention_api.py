@@ -245,6 +245,10 @@ async def test_cli_manages_groups_through_the_http_api(tmp_path: Path, capsys: p
             # The data directory's store refuses to write next to this broker, and says to use --http.
             r = await run(lambda: run_pimcore("group", "add", "team", "erin", "--data-dir", tmp_path / "data"))
             assert r.returncode == 2 and "--http" in r.stderr and "Traceback" not in r.stderr, r.stderr
+            # ... as do purge and retention (they said only "use its HTTP API").
+            for cmd in (["purge", "user", "bob"], ["retention", "team", "--max-count", "3"]):
+                r = await run(lambda: run_pimcore(*cmd, "--data-dir", tmp_path / "data"))
+                assert r.returncode == 2 and "give --http URL" in r.stderr, (cmd, r.stderr)
             assert (await im.members("team")) == ("bob", "carol")
 
 
