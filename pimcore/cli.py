@@ -477,6 +477,13 @@ def _cmd_group(args: argparse.Namespace) -> int:
     from .errors import StoreError
     from .store import LmdbStore
 
+    if args.action == "show" and args.users:
+        print("pimcore group: show takes no users (it shows the group's members)", file=sys.stderr)
+        return 2
+    if args.history_visible and args.action != "create":
+        print("pimcore group: --history-visible is for create (a group's history visibility is set when it is"
+              " made)", file=sys.stderr)
+        return 2
     if args.http:
         return _group_over_http(args)
     try:
@@ -511,8 +518,14 @@ def _cmd_group(args: argparse.Namespace) -> int:
             print(_refusal("group", exc), file=sys.stderr)
             return 2
         members = store.members(args.name)
-        print(f"{args.name}: {len(members)} members: {' '.join(members)}")
+        print(_members_line(args.name, members))
     return 0
+
+
+def _members_line(name: str, members: Sequence[str]) -> str:
+    """``team: 2 members: alice bob`` (``club: 1 member: erin``, ``x: 0 members``)."""
+    n = len(members)
+    return f"{name}: {n} member{'' if n == 1 else 's'}" + (f": {' '.join(members)}" if members else "")
 
 
 def _group_over_http(args: argparse.Namespace) -> int:
@@ -547,7 +560,7 @@ def _group_over_http(args: argparse.Namespace) -> int:
     except (KeyError, TypeError):
         print(f"pimcore group: unexpected answer from {args.http} (no member list)", file=sys.stderr)
         return 2
-    print(f"{args.name}: {len(members)} members: {' '.join(members)}")
+    print(_members_line(args.name, members))
     return 0
 
 

@@ -209,7 +209,7 @@ async def test_cli_purges_through_the_http_api(tmp_path: Path) -> None:
 #: directory: (argv, exit code, stdout, what stderr holds over --http).
 GROUP_SCRIPT = [
     (["create", "team", "alice", "bob"], 0, "team: 2 members: alice bob\n", ""),
-    (["create", "--history-visible", "club", "erin"], 0, "club: 1 members: erin\n", ""),
+    (["create", "--history-visible", "club", "erin"], 0, "club: 1 member: erin\n", ""),
     (["add", "team", "carol", "dave"], 0, "team: 4 members: alice bob carol dave\n", ""),
     (["add", "team"], 0, "team: 4 members: alice bob carol dave\n", ""),
     (["remove", "team", "alice", "dave", "zed"], 0, "team: 2 members: bob carol\n", ""),
@@ -220,6 +220,10 @@ GROUP_SCRIPT = [
     (["create", "team", "zed"], 2, "", "ALREADY_EXISTS"),
     (["add", "team", "b b"], 2, "", "BAD_REQUEST"),
     (["show", "team"], 0, "team: 2 members: bob carol\n", ""),
+    (["show", "team", "alice"], 2, "", "show takes no users"),
+    (["add", "--history-visible", "team", "erin"], 2, "", "--history-visible is for create"),
+    (["create", "solo", "ann"], 0, "solo: 1 member: ann\n", ""),
+    (["remove", "solo", "ann"], 0, "solo: 0 members\n", ""),
 ]
 
 
