@@ -49,7 +49,9 @@ What the SDK promises, and how
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import random
 import re
 import socket
@@ -714,7 +716,11 @@ class Client:
             while s.connection_open:
                 data = await conn.stream.receive_some(65536)
                 if not data:
-                    s.connection_lost(self._clock())  # the session words the reason
+                    # An RST can follow the FIN (a proxy or NAT that aborts):
+                    # the kernel then reports the end first and keeps the
+                    # reset for the next call.  Say "connection reset by
+                    # peer" rather than blame the broker for a clean close.
+                    s.connection_lost(self._clock(), _pending_socket_error(conn.stream))  # else the session words it
                     self._pump()
                     return
                 if len(conn.first) < 2:
@@ -953,6 +959,27 @@ def _rejected(exc: ConnectionRejected, path: Optional[str] = None) -> str:
     if exc.status_code == 404 and path:
         text += f": is the path {path} right?"
     return text
+
+
+def _pending_socket_error(stream: trio.abc.Stream) -> Optional[str]:
+    """The error the kernel holds for ``stream``'s TCP socket (SO_ERROR,
+    which also clears it), in words; None if none or no socket is found
+    under the stream's wrappers (TLS, WebSocket, _FirstBytes)."""
+    seen: Any = stream
+    for _ in range(4):
+        if isinstance(seen, trio.SocketStream):
+            try:
+                err = seen.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError:
+                return None
+            if not err:
+                return None
+            # An RST after the FIN is held as EPIPE (Linux's tcp_reset in
+            # CLOSE_WAIT); it is still the peer's reset.
+            text = os.strerror(errno.ECONNRESET if err == errno.EPIPE else err)
+            return text[:1].lower() + text[1:]
+        seen = getattr(seen, "transport_stream", None) or getattr(seen, "inner", None)
+    return None
 
 
 def _io_failure(exc: BaseException) -> str:

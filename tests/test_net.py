@@ -1282,3 +1282,46 @@ async def test_a_silent_websocket_connection_gets_the_login_timeout(lmdb_store, 
             await stream.aclose()
             async with client(srv.url(scheme), "alice", ssl_context=_trusting(ca)) as a:
                 assert (await a.send(AB, b"still fine")).seq == 1
+
+
+async def test_a_reset_after_the_end_is_said_as_a_reset_not_as_the_brokers_close():
+    """A middlebox that aborts can send a FIN and then an RST: the kernel
+    reports the end first and keeps the reset for the next call.  The SDK
+    said "connection closed by the broker" (it was a reset, one time in
+    about 20 in test_chat's reset test)."""
+    import struct
+
+    with trio.fail_after(20):
+        async with serving(MemoryStore()) as srv:
+            to_client: list[trio.SocketStream] = []
+
+            async def pump(src: trio.abc.Stream, dst: trio.abc.Stream) -> None:
+                with trio.move_on_after(30):
+                    try:
+                        while data := await src.receive_some(65536):
+                            await dst.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+
+            async def handle(down: trio.SocketStream) -> None:
+                to_client.append(down)
+                up = await trio.open_tcp_stream("127.0.0.1", srv.endpoints[0].port)
+                async with trio.open_nursery() as n:
+                    n.start_soon(pump, down, up)
+                    n.start_soon(pump, up, down)
+
+            async with trio.open_nursery() as n:
+                [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+                n.start_soon(trio.serve_listeners, handle, [listener])
+                port = listener.socket.getsockname()[1]
+                async with client(f"tcp://127.0.0.1:{port}", "alice") as a:
+                    await a.send(AB, b"through the middlebox")
+                    # FIN then RST in one go: on loopback both reach the
+                    # client's socket before its task runs again.
+                    sock = to_client[0].socket
+                    sock.shutdown(socket.SHUT_WR)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.close()
+                    ev = await wait_for(a, lambda e: isinstance(e, Disconnected))
+                    assert ev.reason == "connection reset by peer"
+                n.cancel_scope.cancel()
