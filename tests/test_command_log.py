@@ -77,6 +77,19 @@ def _crash_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _committed_then_crashed(tmp_path: Path, batches: list[list[Any]]) -> tuple[Path, Any]:
+    """Commit ``batches`` to a log store at tmp_path/"a", take a crash copy
+    at tmp_path/"b" and close the store: (the copy, the store's dump)."""
+    store = _open_log(tmp_path / "a")
+    try:
+        _commit_all(store, batches)
+        want = _dump(store)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    return copy, want
+
+
 @pytest.fixture(autouse=True, params=["flush-inline", "flush-overlapped", "deferred-inline", "deferred-overlapped"])
 def _flush_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test four times: each batch's record flushed after LMDB applied
@@ -347,12 +360,7 @@ def test_only_the_broker_writes_a_log_store(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["sync", "os"])
 def test_a_broker_with_another_durability_recovers_and_leaves_the_log(tmp_path: Path, mode: str) -> None:
     batches = _fixed_batches(3, 4)
-    store = _open_log(tmp_path / "a")
-    try:
-        _commit_all(store, batches)
-        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
-    finally:
-        store.close()
+    copy, _ = _committed_then_crashed(tmp_path, batches)
     again = LmdbStore(str(copy), durability=mode)
     try:
         assert again.durability == mode
@@ -782,13 +790,7 @@ def test_a_flush_thread_that_cannot_start_means_an_inline_flush(
 
     monkeypatch.setattr(threading.Thread, "start", start)
     batches = _fixed_batches(3, 12)
-    store = _open_log(tmp_path / "a")
-    try:
-        _commit_all(store, batches)
-        want = _dump(store)
-        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
-    finally:
-        store.close()
+    copy, want = _committed_then_crashed(tmp_path, batches)
     assert _recovered(copy) == want == _reference(tmp_path / "ref", batches)
 
 
@@ -1635,12 +1637,7 @@ def test_a_start_after_a_crash_says_that_it_replayed_the_log(
     # and what the start did about it; a clean stop's start says nothing.
     _no_auto_checkpoints(monkeypatch)
     batches = _fixed_batches(3, 5)
-    store = _open_log(tmp_path / "a")
-    try:
-        _commit_all(store, batches)
-        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
-    finally:
-        store.close()
+    copy, _ = _committed_then_crashed(tmp_path, batches)
     caplog.set_level(logging.INFO, logger="pimcore.store")
     again = _open_log(tmp_path / "a")  # cleanly closed: nothing to replay
     again.close()
