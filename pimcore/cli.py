@@ -300,9 +300,9 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
         store_dir = settings.data_dir / "store"
         try:
             store = LmdbStore(store_dir, durability=settings.durability)
-        except StoreInUse:
+        except StoreInUse as exc:
             # The library's hint (owner=False) is for Python embedders.
-            print(f"pimcore serve: another broker is running on the data directory {settings.data_dir}"
+            print(f"pimcore serve: the data directory {settings.data_dir} is in use by {exc.holder}"
                   " (it holds store/broker.lock): stop it, or give this one another --data-dir"
                   " (pimcore group, purge and retention work next to a running broker, unless its durability"
                   " is log)", file=sys.stderr)

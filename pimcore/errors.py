@@ -121,12 +121,15 @@ class StoreError(PimError):
 
 
 class StoreInUse(StoreError):
-    """Another broker holds the store (its ``broker.lock``): one broker per
-    store.  ``path`` is the store's directory."""
+    """Another owner (a broker, or a program with the store open as owner)
+    holds the store's ``broker.lock``: one owner per store.  ``path`` is the
+    store's directory; ``holder`` says who in words ("process 123 (pimcore
+    serve)", or "another process" if it did not say)."""
 
-    def __init__(self, message: str, path: str) -> None:
+    def __init__(self, message: str, path: str, holder: str = "another process") -> None:
         super().__init__(message)
         self.path = path
+        self.holder = holder
 
 
 class AuthError(PimError):

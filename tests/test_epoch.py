@@ -17,6 +17,7 @@ through the real ``pimcore serve``).
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -29,7 +30,7 @@ from pimcore.auth import issue_token
 from pimcore.client import ClientConfig, Connected, Disconnected, MessageReceived, Resynced, open_client
 from pimcore.client_session import ClientSession
 from pimcore.codec import Decoder, encode_frame
-from pimcore.errors import CloseCode
+from pimcore.errors import CloseCode, StoreInUse
 from pimcore.store import LmdbStore, MemoryStore, direct_conversation
 from pimcore.store import lmdb as lmdb_store
 
@@ -250,10 +251,17 @@ def test_two_brokers_cannot_run_on_one_store(tmp_path):
     first = LmdbStore(str(data / "store"))
     (data / "secret").write_text("s" * 64)
     r = run_pimcore("serve", "--listen", "tcp://127.0.0.1:0", "--data-dir", data, timeout=30)
-    assert r.returncode == 2 and "another broker is running" in r.stderr, (r.returncode, r.stderr)
+    # It said "another broker is running" whoever held the store: here it
+    # is this test's process, through the library.
+    assert r.returncode == 2 and f"is in use by process {os.getpid()} (" in r.stderr, (r.returncode, r.stderr)
     r = run_pimcore("inspect", data)  # maintenance opens are fine
     assert r.returncode == 0, r.stderr
+    with pytest.raises(StoreInUse) as err:
+        LmdbStore(str(data / "store"))
+    assert err.value.holder.startswith(f"process {os.getpid()} (") and err.value.holder in str(err.value)
     first.close()
+    again = LmdbStore(str(data / "store"))  # the lock went with the close
+    again.close()
 
 
 def test_sync_durability_never_distrusts_a_run(tmp_path, monkeypatch):

@@ -288,9 +288,9 @@ def test_a_data_dir_in_use_by_another_broker_says_what_a_cli_user_can_do(tmp_pat
     """It said "open the store with owner=False for maintenance", a Python
     argument a CLI user cannot give."""
     data = tmp_path / "data"
-    procs.serve("--listen", LOOPBACK, "--data-dir", data)
+    first = procs.serve("--listen", LOOPBACK, "--data-dir", data)
     r = run_pimcore("serve", "--listen", LOOPBACK, "--data-dir", data)
-    assert_clean_exit_2(r, str(data), "another broker", "--data-dir", "pimcore group")
+    assert_clean_exit_2(r, str(data), f"is in use by process {first.popen.pid} (", " serve --listen", "--data-dir", "pimcore group")
     assert "owner=False" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     # What it says works while the other broker runs does.
     made = run_pimcore("group", "create", "team", "alice", "bob", "--data-dir", data)

@@ -202,6 +202,7 @@ import itertools
 import logging
 import operator
 import os
+import sys
 import pickle
 import queue
 import struct
@@ -3542,13 +3543,35 @@ class LmdbStore(Store):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            holder = LmdbStore._lock_holder(f)
             f.close()
             raise StoreInUse(
-                f"another broker is running on {path!r} (it holds broker.lock); stop it first,"
+                f"the store {path!r} is in use by {holder} (it holds broker.lock); stop it first,"
                 " or open the store with owner=False for maintenance",
                 path,
+                holder,
             ) from None
+        # Who holds it, for the message of the next one refused (the lock
+        # itself cannot say: flock has no owner).  Best effort.
+        try:
+            f.truncate(0)
+            f.write(f"{os.getpid()} {' '.join([os.path.basename(sys.argv[0] or 'python'), *sys.argv[1:]])[:200]}\n".encode(errors="replace"))
+        except OSError:
+            pass
         return f
+
+    @staticmethod
+    def _lock_holder(f: io.FileIO) -> str:
+        """Who holds ``broker.lock`` in words: "process 123 (pimcore serve ...)",
+        as its holder wrote it; "another process" if it wrote nothing yet."""
+        try:
+            f.seek(0)
+            pid, _, cmd = f.read(300).decode(errors="replace").strip().partition(" ")
+        except OSError:
+            return "another process"
+        if not pid.isdigit():
+            return "another process"
+        return f"process {pid}" + (f" ({cmd})" if cmd else "")
 
     def _release_broker_lock(self) -> None:
         # (Closed before forgotten: a close() cut short closes again, a no-op
