@@ -676,8 +676,11 @@ class ClientSession:
     Time: every ``now`` is µs of the device clock.  Message stamps, local ids
     and calibration use it as it is; timers run on a copy that never goes
     backwards (a backward step of the clock is absorbed instead of stalling
-    every timer by the size of the step; a forward step fires timers early,
-    which costs at most a Ping or a reconnect).
+    every timer by the size of the step).  A forward step fires every timer
+    it jumps over (pending sends time out, the link is declared dead), so a
+    driver should pass a clock that is not stepped while it runs: the trio
+    driver's default (:class:`pimcore.client.AnchoredClock`) is the wall
+    clock at the start plus monotonic time.
 
     Methods raise the terminal error (:class:`AuthFailed`,
     :class:`ClientClosed`) once the session is CLOSED, and
