@@ -43,10 +43,12 @@ What the SDK promises, and how
   broker's clock.  The device clock defaults to an :class:`AnchoredClock`
   (the wall clock at the start plus monotonic time): a wall clock stepped
   while the client runs fires no deadline early.
-* **Liveness.**  A Ping when nothing was received or nothing was sent for
-  a heartbeat period; a Ping with no answer at all within the period, or
-  nothing at all received for ``dead_after`` heartbeat periods, and the
-  connection is presumed dead and replaced (jittered exponential backoff).
+* **Liveness.**  A Ping when nothing was received, nothing was sent, or
+  nothing answered what was sent for a heartbeat period; a Ping without its
+  Pong within the period (pushes that keep coming are no answer: the way up
+  may be dead), or nothing at all received for ``dead_after`` heartbeat
+  periods, and the connection is presumed dead and replaced (jittered
+  exponential backoff).
 """
 
 from __future__ import annotations
