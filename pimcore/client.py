@@ -40,11 +40,15 @@ What the SDK promises, and how
   the offset of the one with the smallest round trip (its error is bounded
   by half that RTT).  Outgoing messages are stamped with the calibrated
   local time, never going backwards; :meth:`Client.server_now` estimates the
-  broker's clock.
-* **Liveness.**  A Ping when nothing was received or nothing was sent for
-  a heartbeat period; a Ping with no answer at all within the period, or
-  nothing at all received for ``dead_after`` heartbeat periods, and the
-  connection is presumed dead and replaced (jittered exponential backoff).
+  broker's clock.  The device clock defaults to an :class:`AnchoredClock`
+  (the wall clock at the start plus monotonic time): a wall clock stepped
+  while the client runs fires no deadline early.
+* **Liveness.**  A Ping when nothing was received, nothing was sent, or
+  nothing answered what was sent for a heartbeat period; a Ping without its
+  Pong within the period (pushes that keep coming are no answer: the way up
+  may be dead), or nothing at all received for ``dead_after`` heartbeat
+  periods, and the connection is presumed dead and replaced (jittered
+  exponential backoff).
 """
 
 from __future__ import annotations
@@ -109,6 +113,7 @@ from ._util import BaseExceptionGroup, first_leaf, unwrap_single
 
 __all__ = [
     "open_client",
+    "AnchoredClock",
     "Client",
     "ClientConfig",
     "ClientStatistics",
@@ -212,8 +217,56 @@ class _Waiter:
         self.outcome: Optional[Completion] = None
 
 
-def _local_clock_us() -> int:
-    return time.time_ns() // 1000
+# The elapsed-time source of the default clock: CLOCK_BOOTTIME where there is
+# one (Linux: monotonic, never stepped, and it keeps counting while the
+# machine is suspended, as the wall clock does), else time.monotonic_ns.
+if hasattr(time, "CLOCK_BOOTTIME"):
+    _BOOTTIME = time.CLOCK_BOOTTIME
+
+    def _elapsed_ns() -> int:
+        return time.clock_gettime_ns(_BOOTTIME)
+
+else:  # pragma: no cover - not Linux
+    _elapsed_ns = time.monotonic_ns
+
+
+class AnchoredClock:
+    """The SDK's default device clock (µs): the wall clock read once, when the
+    clock is made, plus the monotonic time elapsed since.
+
+    Why not the wall clock itself: the session runs every deadline (send
+    timeouts, the heartbeat, dead-link detection, backoff holds) on the clock
+    it is given, so a wall clock stepped *forward* while the client runs (NTP,
+    the user, a phone leaving airplane mode) would fire them all at once --
+    pending sends would fail with SendTimeout and a live link would be
+    declared dead.  A step after the start is ignored instead.
+
+    Why it starts from the wall clock: local ids start from it to stay unique
+    across restarts of the app, and message stamps are this clock plus the
+    offset calibrated against the broker at each login, so a clock that is
+    off (or is corrected while the client runs) still stamps broker-calibrated
+    times: the offset is measured against this clock, not against the wall.
+    What a correction while running changes: :meth:`Client.local_now` and the
+    device-clock times in events (typing ``expires``, ``SendsStalled.since``)
+    keep following this clock, not the corrected wall clock, until the app
+    makes a new client; compare them with ``local_now()``.  A new client
+    starts from the corrected wall clock (and its local ids from there: a
+    correction *backwards* across a restart is the limit docs/CLIENT.md
+    describes, as before).  Where the monotonic source stops during a
+    suspend (not Linux), stamps lag by the time asleep until the next login
+    recalibrates (after a long sleep the link is usually dead and replaced)."""
+
+    __slots__ = ("_wall0", "_mono0")
+
+    def __init__(self) -> None:
+        self._mono0 = _elapsed_ns()
+        self._wall0 = time.time_ns()
+
+    def __call__(self) -> int:
+        return (self._wall0 + _elapsed_ns() - self._mono0) // 1000
+
+    def __repr__(self) -> str:
+        return f"<AnchoredClock wall0={self._wall0 // 1000} µs>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +299,7 @@ class Client:
         *,
         config: ClientConfig = ClientConfig(),
         ssl_context: Optional[ssl.SSLContext] = None,
-        clock: Callable[[], int] = _local_clock_us,
+        clock: Optional[Callable[[], int]] = None,
         seed: Optional[int] = None,
         position: int = 0,
         epoch: bytes = b"",
@@ -257,7 +310,8 @@ class Client:
         self.config = config
         self._token = token
         self._ssl = ssl_context
-        self._clock = clock
+        #: The device clock (µs): ``clock`` if given, else an AnchoredClock.
+        self._clock: Callable[[], int] = AnchoredClock() if clock is None else clock
         self._rng = random.Random(seed)
         self._session = ClientSession(device, config, seed=seed, position=position, epoch=epoch)
 
@@ -1042,7 +1096,7 @@ async def open_client(
     *,
     config: ClientConfig = ClientConfig(),
     ssl_context: Optional[ssl.SSLContext] = None,
-    clock: Callable[[], int] = _local_clock_us,
+    clock: Optional[Callable[[], int]] = None,
     seed: Optional[int] = None,
     position: int = 0,
     epoch: bytes = b"",
@@ -1053,6 +1107,11 @@ async def open_client(
     ``position`` and ``epoch`` resume where an earlier run of this device
     stopped (its ``taken_upto`` and ``epoch``); from another epoch the broker
     resynchronizes the client (a :class:`Resynced` event).
+
+    ``clock``: the device clock, a callable returning µs (default: an
+    :class:`AnchoredClock` made for this client: the wall clock at the start
+    plus monotonic time, so a wall clock stepped while the client runs fires
+    no deadline early; see its docstring).
 
     Raises :class:`AuthFailed` or :class:`ConnectFailed` if the first
     connection cannot be made: at once for a refused port, a certificate

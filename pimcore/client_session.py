@@ -66,6 +66,15 @@ except ImportError:  # pragma: no cover
 #: Every compression cap this SDK can use (ClientConfig.compression_caps is masked with it).
 _COMPRESSION_CAPS = F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP
 
+#: Frames the broker sends only in answer to something the client sent: their
+#: arrival proves the client -> broker direction works (_last_heard).  Pushes,
+#: read states, receipts, typing and presence come unasked: they prove only
+#: the other direction.
+_ANSWERS = frozenset({F.LoginAck, F.CalibrateResp, F.Pong, F.SendAck, F.HistoryResp, F.ReadersResp, F.ConvListResp, F.ConvSetResp})
+
+#: Disconnected.reason when frames kept coming but the heartbeat Ping got no Pong.
+NO_HEARTBEAT_ANSWER = "no answer to the heartbeat Ping, though the broker kept sending: it does not hear us (dead link)"
+
 __all__ = [
     "ClientSession",
     "SessionState",
@@ -676,8 +685,11 @@ class ClientSession:
     Time: every ``now`` is µs of the device clock.  Message stamps, local ids
     and calibration use it as it is; timers run on a copy that never goes
     backwards (a backward step of the clock is absorbed instead of stalling
-    every timer by the size of the step; a forward step fires timers early,
-    which costs at most a Ping or a reconnect).
+    every timer by the size of the step).  A forward step fires every timer
+    it jumps over (pending sends time out, the link is declared dead), so a
+    driver should pass a clock that is not stepped while it runs: the trio
+    driver's default (:class:`pimcore.client.AnchoredClock`) is the wall
+    clock at the start plus monotonic time.
 
     Methods raise the terminal error (:class:`AuthFailed`,
     :class:`ClientClosed`) once the session is CLOSED, and
@@ -733,6 +745,9 @@ class ClientSession:
         self._heartbeat = 0  # µs, LoginAck.heartbeat_ms; 0 = none
         self._last_sent = 0
         self._last_recv = 0
+        # The last frame that answered something we sent (_ANSWERS): the last
+        # proof that the broker hears us.
+        self._last_heard = 0
         self._login_deadline = 0
         self._login_ack: Optional[F.LoginAck] = None
         # The broker's size limits (LoginAck.max_frame / max_payload) as of the
@@ -966,7 +981,7 @@ class ClientSession:
         self._window = 1
         self._heartbeat = 0
         self._ping_at = None
-        self._last_sent = self._last_recv = t
+        self._last_sent = self._last_recv = self._last_heard = t
         self._login_deadline = t + self._connect_timeout
         self._login_ack = None
         self._samples = []
@@ -1129,6 +1144,8 @@ class ClientSession:
 
     def _on_frame(self, f: object) -> None:
         t = type(f)
+        if t in _ANSWERS:
+            self._last_heard = self._t
         if t is F.Close:
             self._on_close(f)  # type: ignore[arg-type]
         elif self._state is SessionState.ACTIVE:
@@ -1234,19 +1251,37 @@ class ClientSession:
         return self._taken_upto
 
     def _ping_due(self) -> Optional[int]:
-        """When the heartbeat Ping is due (session µs; None while one is out
-        and nothing came back since): one interval after the last frame
-        received -- a busy client that hears nothing still pings, so a dead
-        link is found within two intervals -- or after the last frame sent,
-        so the broker hears from an idle client every interval."""
-        if self._ping_at is not None and self._last_recv < self._ping_at:
-            return None  # the outstanding Ping decides (_pong_timeout)
-        return min(self._last_recv, self._last_sent) + self._heartbeat
+        """When the heartbeat Ping is due (session µs; None while one waits
+        for its Pong): one interval after the last frame received -- a busy
+        client that hears nothing still pings, so a dead link is found within
+        two intervals -- or after the last frame sent, so the broker hears
+        from an idle client every interval, or after the last answer to
+        something we sent (_last_heard) -- pushes flowing in while the
+        client only acks them prove nothing about the way up, so such a
+        client pings once an interval; one whose requests get answered
+        needs no Ping."""
+        if self._ping_at is not None:
+            return None  # the outstanding Ping decides (_pong_deadline)
+        return min(self._last_recv, self._last_sent, self._last_heard) + self._heartbeat
 
     def _pong_timeout(self) -> int:
-        """How long a heartbeat Ping may wait for any answer (µs): one
-        interval at most (dead within two), and ack_timeout when that is less."""
+        """How long a heartbeat Ping may wait for its Pong while nothing at
+        all arrives (µs): one interval at most (dead within two), and
+        ack_timeout when that is less."""
         return min(self._heartbeat, self._ack_timeout)
+
+    def _pong_deadline(self) -> Optional[int]:
+        """When the outstanding heartbeat Ping is unanswered for good (session
+        µs; None when no Ping is out).  Only its Pong answers it: frames the
+        broker sends unasked (pushes) show that the way down works, not that
+        the broker hears us.  ``_pong_timeout`` after the Ping while nothing
+        arrives; one full interval while other frames keep arriving, since
+        the Pong may queue behind them (a slow link draining a backlog)."""
+        if self._ping_at is None:
+            return None
+        if self._last_recv < self._ping_at:
+            return self._ping_at + self._pong_timeout()
+        return self._ping_at + max(self._pong_timeout(), self._heartbeat)
 
     @property
     def heartbeat_interval(self) -> int:
@@ -1409,8 +1444,9 @@ class ClientSession:
                 due = self._ping_due()
                 if due is not None:
                     consider(due)
-                if self._ping_at is not None and self._last_recv < self._ping_at:
-                    consider(self._ping_at + self._pong_timeout())
+                pong_by = self._pong_deadline()
+                if pong_by is not None:
+                    consider(pong_by)
             if self._queue and self._hold_until > self._t:
                 consider(self._hold_until)
             if self._ack_at is not None:
@@ -1465,7 +1501,16 @@ class ClientSession:
                 self._end_connection(None, "no traffic from the broker: dead link")
                 return
             ping_at = self._ping_at
-            if hb and ping_at is not None and self._last_recv < ping_at and t >= ping_at + self._pong_timeout():
+            pong_by = self._pong_deadline() if hb else None
+            if ping_at is not None and pong_by is not None and t >= pong_by:
+                if self._last_recv >= ping_at:
+                    # Frames kept coming (pushes) but never the Pong: the way
+                    # up is dead -- our acks and sends vanish -- found within
+                    # two intervals of the last answer instead of at the
+                    # broker's idle timeout.  Not an idle death: the tuner
+                    # learns nothing.
+                    self._end_connection(None, NO_HEARTBEAT_ANSWER)
+                    return
                 # Nothing at all since our Ping: the link is dead -- within two
                 # intervals of its death (the Ping goes at most one interval
                 # after the last frame received, whatever we sent meanwhile,

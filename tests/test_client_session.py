@@ -28,6 +28,7 @@ from pimcore.client_session import (
     HistoryCompleted,
     HistoryTimeout,
     MessageReceived,
+    NO_HEARTBEAT_ANSWER,
     ReadStateChanged,
     ReceiptReceived,
     ReconnectBackoff,
@@ -775,6 +776,61 @@ def test_a_silent_broker_is_found_dead_within_two_intervals_even_while_the_clien
     assert s.state is SessionState.DISCONNECTED  # within 2 x heartbeat of the last frame received
     ev = [e for e in events(s, T0) if isinstance(e, Disconnected)][-1]
     assert ev.code is None and "no Pong" in ev.reason  # the Ping rule, not the dead_after fallback
+
+
+def test_a_dead_uplink_is_found_though_the_broker_keeps_pushing():
+    # The client -> broker direction is dead (a half-broken route): the broker
+    # still pushes every 100 ms, the client takes and acks every message into
+    # the void, and no Pong ever comes back.  Pushes are no answer to a Ping:
+    # the link is found dead within two intervals of the last proof that the
+    # broker heard us (here the calibration answer at T0), not left to the
+    # broker's idle timeout.
+    s = session(dead_after=3.0, ack_timeout=0.4, ack_delay=0.02)
+    b = connect(s, T0, ack_frame(heartbeat_ms=1000))
+    pings = []
+    now, pos = T0, 0
+    while s.state is SessionState.ACTIVE and now < T0 + 10 * S:
+        now += 100 * MS
+        pos += 1
+        b.feed(now, F.Push(pos, (msg(pos, pos),)))
+        assert [type(e) for e in events(s, now) if not isinstance(e, Connected)] == [MessageReceived]
+        at = s.next_deadline()
+        while at is not None and at <= now + 100 * MS and s.state is SessionState.ACTIVE:
+            s.handle_timer(at)
+            pings += [f for f in b.read() if isinstance(f, F.Ping)]
+            at = s.next_deadline()
+    assert s.state is SessionState.DISCONNECTED
+    assert now <= T0 + 2 * S + 100 * MS  # within two intervals (+ the push step)
+    assert len(pings) == 1  # the acks did not put the Ping off, and it was not repeated
+    ev = [e for e in events(s, now) if isinstance(e, Disconnected)][-1]
+    assert ev.code is None and ev.reason == NO_HEARTBEAT_ANSWER and "no answer to the heartbeat" in ev.reason
+
+
+def test_a_busy_downlink_gives_the_pong_a_full_interval_and_a_pong_keeps_the_link():
+    # Pushes queued ahead of the Pong (a slow link draining a backlog) may
+    # delay it beyond ack_timeout: as long as frames keep coming, the Pong has
+    # one interval.  Its arrival keeps the link; a busy client that only acks
+    # pushes then pings once an interval (nothing else proves the broker hears it).
+    s = session(dead_after=3.0, ack_timeout=0.4, ack_delay=0.02)
+    b = connect(s, T0, ack_frame(heartbeat_ms=1000))
+    pings: list = []
+    now, pos = T0, 0
+    while now < T0 + 5 * S:
+        now += 100 * MS
+        pos += 1
+        frames: list = [F.Push(pos, (msg(pos, pos),))]
+        if pings and now >= pings[-1][0] + 900 * MS and pings[-1][1] is not None:
+            frames.append(F.Pong(pings[-1][1].nonce))  # answered 0.9 s late, behind pushes
+            pings[-1] = (pings[-1][0], None)
+        b.feed(now, *frames)
+        events(s, now)
+        at = s.next_deadline()
+        while at is not None and at <= now + 100 * MS and s.state is SessionState.ACTIVE:
+            s.handle_timer(at)
+            pings += [(at, f) for f in b.read() if isinstance(f, F.Ping)]
+            at = s.next_deadline()
+        assert s.state is SessionState.ACTIVE
+    assert 2 <= len(pings) <= 5  # one per interval while busy, none in between
 
 
 def test_the_reconnect_backoff_resets_at_each_completed_login_and_honours_closes_that_ask_to_wait():

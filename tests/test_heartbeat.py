@@ -193,3 +193,114 @@ async def test_the_sdk_learns_the_nat_idle_timeout_and_then_stays_connected(auto
     deaths = [ev for _, ev in events if isinstance(ev, Disconnected)]
     assert 1 <= len(deaths) <= 6 and all("no Pong" in ev.reason for ev in deaths)
     assert sum(isinstance(ev, Connected) for _, ev in events) == len(deaths) + 1
+
+
+# ------------------------------------------------------------ a dead way up, a live way down
+
+
+class _HalfDeadProxy:
+    """A loopback TCP proxy whose client -> broker direction can be cut
+    silently (:meth:`cut`: every byte the client sends from then on is read
+    and dropped, no FIN, no RST) while broker -> client keeps flowing: a
+    half-broken route.  Connections made after the cut are relayed whole."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._live: list[list[bool]] = []  # per connection: [up direction alive]
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    def cut(self) -> None:
+        for up in self._live:
+            up[0] = False
+
+    async def _handle(self, down: trio.SocketStream) -> None:
+        up_alive = [True]
+        self._live.append(up_alive)
+        async with down, await trio.open_tcp_stream("127.0.0.1", self.target_port) as up:
+
+            async with trio.open_nursery() as n:
+
+                async def pump(src: trio.SocketStream, dst: trio.SocketStream, alive: list[bool]) -> None:
+                    try:
+                        while data := await src.receive_some(65536):
+                            if alive[0]:
+                                await dst.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                    n.cancel_scope.cancel()  # one end is gone: so is the relay
+
+                n.start_soon(pump, down, up, up_alive)
+                n.start_soon(pump, up, down, [True])
+
+
+async def test_a_dead_uplink_is_found_while_the_broker_keeps_pushing(autojump_clock: trio.testing.MockClock) -> None:
+    # Alice's way up dies silently while bob keeps sending: pushes keep
+    # arriving, her acks vanish.  Before, any frame answered her Ping, so
+    # nothing noticed it until the broker's idle timeout (here 1000 s); now her
+    # Ping needs its Pong: Disconnected within two intervals of the cut, a new
+    # connection, and the messages flow again.
+    from pimcore.client_session import NO_HEARTBEAT_ANSWER
+
+    hb = 10.0
+    cfg = server_config(limits=Limits(heartbeat_ms=int(hb * 1000)), idle_timeout=1000.0)
+    client_cfg = ClientConfig(
+        ack_timeout=3.0, send_timeout=60.0, connect_timeout=10.0, backoff_initial=0.5, backoff_max=2.0,
+        compression=False, adaptive_heartbeat=False,
+    )
+    clock = lambda: T0 + int(trio.current_time() * S)  # noqa: E731
+    events: list[tuple[float, object]] = []
+    with trio.fail_after(600):
+        async with serving(MemoryStore(), cfg) as srv, trio.open_nursery() as outer:
+            proxy = _HalfDeadProxy(srv.endpoints[0].port)
+            await outer.start(proxy.serve)
+            url = f"tcp://127.0.0.1:{proxy.port}"
+            async with open_client(url, token("alice"), "phone", config=client_cfg, clock=clock) as a, \
+                    open_client(srv.url(), token("bob"), "laptop", config=client_cfg, clock=clock) as b:
+                conv = "d:alice:bob"
+                got = trio.Event()
+                received: list[int] = []
+
+                async def watch() -> None:
+                    nonlocal got
+                    async for ev in a.events():
+                        events.append((trio.current_time(), ev))
+                        if type(ev).__name__ == "MessageReceived":
+                            received.append(ev.message.seq)  # type: ignore[attr-defined]
+                            got.set()
+
+                async def pusher() -> None:
+                    i = 0
+                    while True:
+                        i += 1
+                        await b.send(conv, b"%d" % i)
+                        await trio.sleep(1.0)  # ten pushes per heartbeat interval
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(watch)
+                    n.start_soon(pusher)
+                    while len(received) < 3:
+                        got = trio.Event()
+                        await got.wait()
+                    proxy.cut()
+                    cut_at = trio.current_time()
+                    while not any(isinstance(ev, Disconnected) for _, ev in events):
+                        await trio.sleep(0.5)
+                    [(dead_at, dead)] = [(t, ev) for t, ev in events if isinstance(ev, Disconnected)]
+                    assert dead.code is None and dead.reason == NO_HEARTBEAT_ANSWER  # type: ignore[attr-defined]
+                    assert dead_at - cut_at <= 2 * hb + 1.0  # not the broker's idle timeout (1000 s)
+                    pushed_while_cut = [t for t, ev in events if cut_at < t < dead_at and type(ev).__name__ == "MessageReceived"]
+                    assert len(pushed_while_cut) >= 5  # the way down kept working all along
+                    # A new connection: what bob sends keeps arriving, nothing lost.
+                    upto = max(received)
+                    while max(received) < upto + 3:
+                        await trio.sleep(0.5)
+                    assert sorted(set(received)) == list(range(1, max(received) + 1))
+                    assert sum(isinstance(ev, Connected) for _, ev in events) == 2
+                    n.cancel_scope.cancel()
+            outer.cancel_scope.cancel()

@@ -722,6 +722,56 @@ async def test_heartbeats_keep_a_quiet_client_and_silent_peers_time_out(lmdb_sto
                 assert (await a.send(AB, b"still here")).seq == 1
 
 
+async def test_a_wall_clock_stepped_forward_while_running_fires_no_deadline_early(lmdb_store, monkeypatch):
+    """The default clock ignores a wall-clock step made after the start (NTP,
+    the user): a send pending across a step of +1 h completes normally and
+    the live link is not declared dead.  (With the wall clock as the device
+    clock, the step expired the send's deadline and the heartbeat's at once:
+    SendTimeout, and a 'dead link' reconnect.)"""
+    from pimcore.net.server import open_broker_server
+    import trio.testing
+
+    from pimcore.testing.chaos import open_chaos_proxy
+
+    real_ns = time.time_ns
+    cfg = server_config(limits=Limits(heartbeat_ms=15000), idle_timeout=45.0)
+    with trio.fail_after(20):
+        # The broker keeps the real wall clock: only the client's steps.
+        async with open_broker_server(lmdb_store, JwtAuthenticator(SECRET, leeway=30.0), cfg, clock=lambda: real_ns() // 1000) as srv:
+            async with open_chaos_proxy("127.0.0.1", srv.endpoints[0].port) as proxy:
+                async with client(f"tcp://127.0.0.1:{proxy.port}", "alice") as a, trio.open_nursery() as nursery:
+                    seen: list = []
+
+                    async def collect() -> None:
+                        async for ev in a.events():
+                            seen.append(ev)
+
+                    nursery.start_soon(collect)
+                    assert (await a.send(AB, b"before")).seq == 1
+                    proxy.pause()  # the next send stays pending across the step
+                    result: list = []
+
+                    async def send_across() -> None:
+                        result.append(await a.send(AB, b"across the step"))
+
+                    nursery.start_soon(send_across)
+                    while a.statistics().in_flight != 1:
+                        await trio.sleep(0.01)
+                    hour_ns = 3600 * 10**9
+                    monkeypatch.setattr(time, "time_ns", lambda: real_ns() + hour_ns)
+                    monkeypatch.setattr(time, "time", lambda: (real_ns() + hour_ns) / 1e9)
+                    await a.typing(AB)  # the client reads its clock and its timers run
+                    await trio.testing.wait_all_tasks_blocked(0.05)
+                    proxy.resume()
+                    while not result:
+                        await trio.sleep(0.01)
+                    assert result[0].seq == 2
+                    assert (await a.send(AB, b"after")).seq == 3
+                    assert not [e for e in seen if isinstance(e, Disconnected)]
+                    assert a.statistics().connects == 1 and a.connected
+                    nursery.cancel_scope.cancel()
+
+
 async def test_send_rate_limit_slows_a_client_down_without_losing_anything(lmdb_store):
     # 40 sends at once against 5 tokens: 35 refusals are unavoidable (they
     # were in flight), but a client that then resent everything at once would

@@ -92,7 +92,7 @@ export interface ClientOptions {
   viewLimit?: number; reconnect?: boolean;
   /** ms: while the user types, typing() sends at most one Typing per conversation per interval (default 2500). */
   typingInterval?: number;
-  /** The device clock in µs (default Date.now() * 1000), e.g. (performance.timeOrigin + performance.now()) * 1000; fractions are floored. Stamps and local ids use it as read; timers run on a copy that never goes backwards (a backward step is absorbed, a forward step fires timers early). */
+  /** The device clock in µs (default: the wall clock at the client's creation plus performance.now() elapsed since, so a wall clock stepped while the client runs is not seen); fractions are floored. Stamps and local ids use it as read; timers run on a copy that never goes backwards (a backward step is absorbed, a forward step fires the timers it jumps over). */
   now?: () => number;
 }
 
@@ -182,5 +182,7 @@ export declare class SendTimeout extends Error { localId: number }
 export declare class ClientClosed extends Error { localId: number | null }
 export declare class AuthFailed extends Error {}
 export declare class RequestTimeout extends Error {}
+/** The `disconnected` reason when frames kept coming but the heartbeat Ping got no Pong (the way up is dead). */
+export declare const NO_HEARTBEAT_ANSWER: string;
 export declare function toHex(b: Uint8Array): string;
 export declare function fromHex(s: string): Uint8Array;

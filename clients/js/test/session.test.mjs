@@ -277,3 +277,70 @@ test('token failures during an outage back off (a completed login resets the bac
   assert.equal(c.state, 'DISCONNECTED');
   await c.close();
 });
+
+test('a wall clock stepped forward while the client runs fires no deadline early (the default clock)', async () => {
+  // The default device clock is the wall clock read once plus monotonic time:
+  // Date.now() jumping an hour ahead (NTP, the user) is not seen.  Read from
+  // Date.now() itself, it expired the pending send and the heartbeat at once.
+  const realNow = Date.now;
+  const c = make({ ackTimeout: 5000, backoffInitial: 10000, sendTimeout: 60000 });
+  try {
+    const p0 = c.connect();
+    await sleep(5);
+    const ws = FakeWS.all.at(-1);
+    const cal = ws.of('CalibrateReq')[0];
+    ws.deliver(loginAck({ heartbeat_ms: 15000 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+    await p0;
+    const disc = []; c.on('disconnected', (d) => disc.push(d));
+    const p = c.send('d:u:v', 'x');
+    let outcome = null;
+    p.then((s) => { outcome = s; }, (e) => { outcome = e; });
+    await sleep(5);
+    const [req] = ws.of('SendReq');
+    Date.now = () => realNow() + 3600_000;
+    c._tick(); // what the ticker does next
+    await sleep(0);
+    assert.equal(outcome, null, 'the send is still pending, not timed out');
+    assert.equal(disc.length, 0, 'the live link is not declared dead');
+    ws.deliver(frame('SendAck', { local_id: req.local_id, code: 0, msg_id: new Uint8Array(16), seq: 1, server_time: 5 }));
+    assert.equal((await p).seq, 1);
+    c._tick();
+    assert.equal(disc.length, 0);
+    assert.ok(Math.abs(c.opts.now() - realNow() * 1000) < 5_000_000, 'the device clock kept the wall time of the start');
+  } finally {
+    Date.now = realNow;
+    await c.close();
+  }
+});
+
+test('a dead way up is found though the broker keeps pushing: a Ping needs its Pong', async () => {
+  // The client's acks vanish (the way up is dead); pushes keep arriving every
+  // 100 ms.  Pushes are no answer to the Ping: the link is declared dead
+  // within two intervals of the last answer (the calibration), not left to
+  // the broker's idle timeout.
+  let clock = 1_700_000_000_000_000;
+  const H = 1_000_000; // heartbeat_ms 1000
+  const c = make({ ackTimeout: 400, backoffInitial: 10000, now: () => clock });
+  const p0 = c.connect();
+  await sleep(5);
+  const ws = FakeWS.all.at(-1);
+  const cal = ws.of('CalibrateReq')[0];
+  ws.deliver(loginAck({ heartbeat_ms: 1000 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await p0;
+  const start = clock;
+  const disc = []; c.on('disconnected', (d) => disc.push(d));
+  const got = []; c.on('message', (m) => got.push(m.seq));
+  for (let pos = 1; !disc.length && clock - start < 10 * H; pos++) {
+    clock += 100_000;
+    ws.deliver(frame('Push', { position: pos, messages: [{ position: pos, msg_id: Uint8Array.of(pos), conv: 'd:u:v', seq: pos, sender: 'v', device: 'x', client_time: 1, server_time: pos, payload: new Uint8Array(0), kind: 0, local_id: pos, after_seq: 0, target: 0, edited: 0, recalled: false, deleted: false }] }));
+    await sleep(10); // the handlers run, the PushAck (ackDelay 5 ms) goes out -- into the void
+    c._tick();
+  }
+  assert.ok(got.length >= 5, 'the pushes were taken');
+  assert.ok(ws.of('PushAck').length >= 5, 'and acked, which did not put the Ping off');
+  assert.equal(disc.length, 1, 'the dead way up is found');
+  assert.ok(clock - start <= 2 * H + 100_000, 'within two intervals of the last answer');
+  assert.equal(ws.of('Ping').length, 1, 'one Ping, not put off by the acks, not repeated');
+  assert.match(disc[0].reason, /no answer to the heartbeat/);
+  await c.close();
+});

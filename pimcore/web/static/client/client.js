@@ -70,7 +70,30 @@ function payloadBytes(p) {
   throw new EncodeError(`payload must be a string, Uint8Array, ArrayBuffer or ArrayBuffer view, not ${p === null ? 'null' : typeof p}`);
 }
 
-function wallUs() { return Date.now() * 1000; }
+// The default device clock (µs), one per client: the wall clock read once,
+// when the client is made, plus the monotonic time elapsed since
+// (performance.now(); Date.now() alone where there is none).  Every deadline
+// runs on this clock (send timeouts, the heartbeat, dead-link detection), so a
+// wall clock stepped *forward* while the client runs (NTP, the user) must not
+// be seen: read from Date.now() it fired them all at once.  Local ids still
+// start from the wall clock (unique across restarts), and stamps are this clock
+// plus the offset calibrated against the broker at each login -- measured
+// against this clock, so a wall clock corrected meanwhile changes nothing.
+function anchoredClock() {
+  const perf = globalThis.performance;
+  if (!perf || typeof perf.now !== 'function') return () => Date.now() * 1000;
+  const wall0 = Date.now();
+  const mono0 = perf.now();
+  return () => (wall0 + (perf.now() - mono0)) * 1000;
+}
+
+// Frames the broker sends only in answer to something the client sent: their
+// arrival proves the way up works (_lastHeard).  Pushes, read states, receipts,
+// typing and presence come unasked.
+const ANSWERS = new Set([FrameType.LOGIN_ACK, FrameType.CALIBRATE_RESP, FrameType.PONG, FrameType.SEND_ACK,
+  FrameType.HISTORY_RESP, FrameType.READERS_RESP, FrameType.CONV_LIST_RESP, FrameType.CONV_SET_RESP]);
+/** The `disconnected` reason when frames kept coming but the heartbeat Ping got no Pong. */
+export const NO_HEARTBEAT_ANSWER = 'no answer to the heartbeat Ping, though the broker kept sending: it does not hear us (dead link)';
 
 const DEFAULTS = {
   device: 'web',
@@ -88,7 +111,7 @@ const DEFAULTS = {
   viewLimit: 1000,
   typingInterval: 2500, // ms: while the user types, typing() sends at most one Typing per conv per interval
   reconnect: true,
-  now: wallUs, // µs (an integer; a fraction is floored), the device clock messages are stamped with
+  now: null, // µs (an integer; a fraction is floored), the device clock messages are stamped with; null = anchoredClock()
 };
 
 /**
@@ -101,7 +124,7 @@ export class PimcoreClient {
     this.opts = { ...DEFAULTS, ...options };
     // now() is µs; wire times are integers, so a fractional clock (e.g.
     // (performance.timeOrigin + performance.now()) * 1000) is floored here.
-    const clock = this.opts.now;
+    const clock = this.opts.now ?? anchoredClock();
     if (typeof clock !== 'function') throw new TypeError('now must be a function returning µs');
     this.opts.now = () => Math.floor(clock());
     // Timers run on session time (_sessionNow): the device clock plus a skew, never backwards.
@@ -322,7 +345,7 @@ export class PimcoreClient {
     this._deflate = null;
     this._window = 1;
     this._heartbeat = 0;
-    this._lastSent = this._lastRecv = now;
+    this._lastSent = this._lastRecv = this._lastHeard = now;
     this._ping = null;
     this._held = [];
     this._deferred = null;
@@ -371,6 +394,7 @@ export class PimcoreClient {
 
   _handle(f, now) {
     this.stats.framesIn++;
+    if (ANSWERS.has(f.type)) this._lastHeard = now; // the broker hears us (a Ping needs one: _tick)
     const st = this.state;
     if (f.type === FrameType.CLOSE) { this._onClose(f); return; }
     if (f.type === FrameType.PING && st !== State.CALIBRATING) { this._sendFrame(frame('Pong', { nonce: f.nonce })); return; }
@@ -1036,9 +1060,10 @@ export class PimcoreClient {
   // ClientSession._tick).  The device clock plus a skew, never backwards: a
   // backward step of the clock (NTP, the user) is absorbed into the skew, so
   // deadlines already set keep their distance instead of moving away by the
-  // size of the step.  A forward step fires timers early (at most a Ping, a
-  // reconnect or a send timeout).  Stamps, local ids and calibration use the
-  // device clock as read here (_rawNow).
+  // size of the step.  A forward step fires the timers it jumps over (a
+  // reconnect, send timeouts): the default clock (anchoredClock) is never
+  // stepped.  Stamps, local ids and calibration use the device clock as read
+  // here (_rawNow).
   _sessionNow() {
     const raw = this.opts.now();
     this._rawNow = raw;
@@ -1090,22 +1115,28 @@ export class PimcoreClient {
     const H = this._heartbeat;
     if (H > 0) {
       if (now - this._lastRecv >= this.opts.deadAfter * H) { this._lost(null, 'no traffic from the broker: dead link'); return; }
+      // Only its Pong answers a Ping (PONG clears _ping): frames the broker
+      // sends unasked (pushes) show the way down works, not that it hears us.
+      // Nothing at all since the Ping: dead after min(H, ackTimeout).  Other
+      // frames arriving (the Pong may queue behind a backlog): one interval.
       if (this._ping && this._lastRecv < this._ping.at && now - this._ping.at >= Math.min(H, this.opts.ackTimeout * 1000)) {
         this._lost(null, 'no Pong from the broker: dead link'); return;
+      }
+      if (this._ping && this._lastRecv >= this._ping.at && now - this._ping.at >= H) {
+        this._lost(null, NO_HEARTBEAT_ANSWER); return;
       }
     }
     if (now >= this._holdUntil) this._fill(now);
     // A Ping one interval after the last frame received (whatever we sent
-    // meanwhile: a dead link is found within two intervals) or sent (the
-    // broker hears from an idle client).
-    if (H > 0 && !this._ping && (now - this._lastRecv >= H || now - this._lastSent >= H)) {
+    // meanwhile: a dead link is found within two intervals), sent (the broker
+    // hears from an idle client), or answering something we sent (pushes
+    // that keep coming while the client only acks them prove nothing about
+    // the way up: such a client pings once an interval; one whose requests
+    // are answered needs no Ping).
+    if (H > 0 && !this._ping && (now - this._lastRecv >= H || now - this._lastSent >= H || now - this._lastHeard >= H)) {
       const nonce = (this._nonce = (this._nonce || 0) + 1);
       this._ping = { nonce, at: now };
       this._sendFrame(frame('Ping', { nonce }));
-    }
-    if (this._ping && this._lastRecv >= this._ping.at && !this._ping.answered) {
-      // anything received since the Ping shows the link is alive
-      if (now - this._ping.at >= H) this._ping = null;
     }
   }
 }
