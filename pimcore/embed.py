@@ -665,7 +665,12 @@ class Pimcore:
         done = await self.server.host_calls([calls[i] for i in todo]) if todo else []
         for i, d in zip(todo, done):
             kw = calls[i][2]
-            results[i] = _posted(calls[i][1][0], d, kw["sender"], kw["device"], kw["key"])
+            if isinstance(d, PimError):
+                results[i] = d
+            elif isinstance(d, Exception):  # a fault in the core, logged by host_calls: this post alone
+                results[i] = RequestRefused(ErrorCode.INTERNAL, f"post to {calls[i][1][0]!r} failed in the broker: {d}")
+            else:
+                results[i] = _posted(calls[i][1][0], d, kw["sender"], kw["device"], kw["key"])
         return results  # type: ignore[return-value]
 
     def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:

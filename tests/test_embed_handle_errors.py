@@ -259,3 +259,29 @@ def test_the_threaded_handle_refuses_a_string_of_members_too(tmp_path: Path) -> 
         assert im.conversations("a") == [] and im.conversations("b") == []
     finally:
         im.close()
+
+
+async def test_a_post_the_core_fails_on_mid_list_keeps_the_others_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """post_many hands its posts to the core one by one.  A hand-over that
+    raised (a fault in the core) ended the call with that exception: the
+    posts handed before it were stored all the same, and their results --
+    their seqs, and that they were stored at all -- were lost to the caller,
+    whose retry without keys would post them twice."""
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            await im.create_group("team", ["alice", "bob"])
+            real = im.server.broker.post
+
+            def post(conv, payload, *args, **kw):  # type: ignore[no-untyped-def]
+                if payload == b"boom":
+                    raise RuntimeError("a fault in the core")
+                return real(conv, payload, *args, **kw)
+
+            monkeypatch.setattr(im.server.broker, "post", post)
+            results = await im.post_many([{"conv": "team", "payload": p} for p in (b"one", b"boom", b"two")])
+            assert isinstance(results[0], Posted) and isinstance(results[2], Posted), results
+            assert isinstance(results[1], RequestRefused) and results[1].code is ErrorCode.INTERNAL, results
+            assert "a fault in the core" in str(results[1])
+            assert sorted(m.payload for m in await im.history("team", "alice")) == [b"one", b"two"]
+            assert results[0].seq < results[2].seq
+            assert im.server._admin_waiters == {}

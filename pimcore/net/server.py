@@ -1377,14 +1377,25 @@ class BrokerServer:
     async def host_calls(self, calls: Sequence[tuple[Callable[..., list[Command]], tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
         """:meth:`host_call` for several calls: all handed to the core in
         list order first (so posts to one conversation get seqs in that
-        order and share write batches), then awaited; answers in order."""
+        order and share write batches), then awaited; answers in order.
+        A call whose hand-over raised (a fault in the core) has that
+        exception as its answer, logged: the calls handed before it are
+        stored all the same, so their answers must still reach the caller."""
         self.check_running()
-        handed = [self._hand_over(method, args, kw) for method, args, kw in calls]
+        handed: list[Union[tuple[int, list[Any]], Exception]] = []
+        for method, args, kw in calls:
+            try:
+                handed.append(self._hand_over(method, args, kw))
+            except Exception as exc:
+                log.exception("host call %s failed in the core", getattr(method, "__name__", method),
+                              extra={"event": "host_call_failed"})
+                handed.append(exc)
         try:
-            return [await self._answer(ref, waiter) for ref, waiter in handed]
+            return [h if isinstance(h, Exception) else await self._answer(*h) for h in handed]
         finally:
-            for ref, _ in handed:
-                self._admin_waiters.pop(ref, None)
+            for h in handed:
+                if not isinstance(h, Exception):
+                    self._admin_waiters.pop(h[0], None)
 
     @property
     def committed(self) -> trio.Event:
