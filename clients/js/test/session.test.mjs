@@ -33,6 +33,16 @@ async function connected(c) {
   await sleep(0); // frames that come with the login are handled after connect() resolved, on a later turn
   return { ws, login };
 }
+async function connectedWithHeartbeat(c) {
+  // Logged in with a 1 s heartbeat, the device clock calibrated at offset 0.
+  const p = c.connect();
+  await sleep(5);
+  const ws = FakeWS.all.at(-1);
+  const cal = ws.of('CalibrateReq')[0];
+  ws.deliver(loginAck({ heartbeat_ms: 1000 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await p;
+  return ws;
+}
 function make(opts = {}) {
   return new PimcoreClient({ url: 'ws://fake/', token: 't', device: 'd', WebSocket: FakeWS, ackTimeout: 100, timeSamples: 1, ackDelay: 5, ...opts });
 }
@@ -89,12 +99,7 @@ test('a backward step of the device clock does not stall the timers: a silent li
   let clock = 1_700_000_000_000_000;
   const H = 1_000_000; // heartbeat_ms 1000
   const c = make({ ackTimeout: 5000, backoffInitial: 10000, now: () => clock });
-  const p0 = c.connect();
-  await sleep(5);
-  const ws = FakeWS.all.at(-1);
-  const cal = ws.of('CalibrateReq')[0];
-  ws.deliver(loginAck({ heartbeat_ms: 1000 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
-  await p0;
+  const ws = await connectedWithHeartbeat(c);
   const disc = []; c.on('disconnected', (d) => disc.push(d));
   clock += H; c._tick();
   assert.equal(ws.of('Ping').length, 1, 'a Ping after one interval of silence');
@@ -321,12 +326,7 @@ test('a dead way up is found though the broker keeps pushing: a Ping needs its P
   let clock = 1_700_000_000_000_000;
   const H = 1_000_000; // heartbeat_ms 1000
   const c = make({ ackTimeout: 400, backoffInitial: 10000, now: () => clock });
-  const p0 = c.connect();
-  await sleep(5);
-  const ws = FakeWS.all.at(-1);
-  const cal = ws.of('CalibrateReq')[0];
-  ws.deliver(loginAck({ heartbeat_ms: 1000 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
-  await p0;
+  const ws = await connectedWithHeartbeat(c);
   const start = clock;
   const disc = []; c.on('disconnected', (d) => disc.push(d));
   const got = []; c.on('message', (m) => got.push(m.seq));
