@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import time
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -147,6 +148,21 @@ async def hang_up_mid_handshake(port: int) -> None:
         pass
     hello = out.read()
     await _send_then_read_to_the_end(port, hello[: len(hello) // 2], eof=True)
+
+
+async def connect_and_close(port: int, *, reset: bool = False) -> None:
+    """What a load balancer's health check does: connect, send nothing,
+    close (with a FIN, or a reset if ``reset``)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    if reset:
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+
+
+def tls_silent(records: list, transport: str) -> list:
+    """The ``tls_silent`` log records of ``transport``: connections to a TLS
+    port closed before sending a byte (no handshake, not a failed one)."""
+    return [r for r in records if getattr(r, "event", None) == "tls_silent" and getattr(r, "transport", None) == transport]
 
 
 def tls_failures(records: list, transport: str) -> list:

@@ -43,11 +43,13 @@ from _net import (
     WS_UPGRADE,
     RawConn,
     client,
+    connect_and_close,
     hang_up_mid_handshake,
     plain_text_to,
     server_config,
     serving,
     tls_failures,
+    tls_silent,
     token,
 )
 
@@ -203,6 +205,39 @@ async def test_a_failed_wss_handshake_is_logged_and_counted_like_a_tls_one(lmdb_
     assert [r.reason for r in lines][0] == "http request", [r.getMessage() for r in lines]  # ssl's words for it
     assert "hung up during the handshake" in lines[1].reason, lines[1].reason
     assert all("via wss" in r.getMessage() for r in lines)
+
+
+@pytest.mark.parametrize("scheme", ["tls", "wss"])
+async def test_a_health_check_on_a_tls_port_is_no_failed_handshake(lmdb_store, ca, caplog, scheme):
+    """A connection closed (or reset) before sending a byte -- a load
+    balancer's health check -- was logged at info and counted as a failed
+    TLS handshake ("hung up during the handshake").  It is a debug line
+    (event tls_silent), not counted; one that hung up mid-handshake still is."""
+    import logging
+
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    caplog.set_level(logging.DEBUG, logger="pimcore.net")
+    ep = Endpoint("wss", path="/im") if scheme == "wss" else Endpoint("tls")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(ep, ssl_context=server_ssl)) as srv:
+            port = srv.endpoints[0].port
+            await connect_and_close(port)
+            await connect_and_close(port, reset=True)
+            while len(tls_silent(caplog.records, scheme)) < 2:
+                await trio.sleep(0.01)
+            assert srv.statistics().tls_handshake_failures == 0
+            await hang_up_mid_handshake(port)  # some bytes, then gone: a failure as before
+            while srv.statistics().tls_handshake_failures < 1:
+                await trio.sleep(0.01)
+            async with client(srv.url(scheme), "alice", ssl_context=_trusting(ca)) as a:
+                assert (await a.send(AB, b"still fine")).seq == 1
+            assert srv.statistics().tls_handshake_failures == 1
+    failed = tls_failures(caplog.records, scheme)
+    assert len(failed) == 1 and "hung up during the handshake" in failed[0].reason, [r.getMessage() for r in failed]
+    silent = tls_silent(caplog.records, scheme)
+    assert len(silent) == 2 and all(r.levelno == logging.DEBUG for r in silent), [r.getMessage() for r in silent]
+    assert not [r for r in caplog.records if r.levelno > logging.INFO], [r.getMessage() for r in caplog.records]
 
 
 def _refused_port() -> tuple[socket.socket, int]:

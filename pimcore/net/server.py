@@ -322,6 +322,43 @@ def _peer_address(stream: trio.abc.Stream) -> str:
         return "?"
 
 
+class _TLSTransport(trio.abc.HalfCloseableStream):
+    """The TCP stream under a server-side :class:`trio.SSLStream` (see
+    :func:`tls_server_stream`), noting whether the client sent anything: a
+    connection closed (or reset) before its first byte -- what a load
+    balancer's TCP health check does -- never began a TLS handshake, so it
+    did not fail one (:func:`tls_handshake_failed`)."""
+
+    def __init__(self, sock: trio.SocketStream) -> None:
+        self.transport_stream = sock
+        self.socket = sock.socket  # as on SocketStream (trio-websocket reads it)
+        self.received = False  # the client sent at least one byte
+
+    async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
+        data = await self.transport_stream.receive_some(max_bytes)
+        if data:
+            self.received = True
+        return data
+
+    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.transport_stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
+def tls_server_stream(sock: trio.SocketStream, ssl_context: ssl.SSLContext, **kw: Any) -> trio.SSLStream:
+    """The server side of TLS over an accepted ``sock``, for the tls:// and
+    wss:// listeners and the HTTP server's https:// (``kw``: SSLStream's)."""
+    return trio.SSLStream(_TLSTransport(sock), ssl_context, server_side=True, **kw)
+
+
 def _tls_reason(exc: BaseException) -> str:
     """ssl's reason for a failed handshake, in words ("wrong version
     number", "tlsv1 alert unknown ca"), from the error trio wraps."""
@@ -344,7 +381,11 @@ def tls_handshake_failed(stream: trio.abc.Stream, exc: BaseException, *, conn: i
     that never completed one): log it at info -- event ``tls_failed`` with
     ``conn``, the peer, ssl's reason and ``transport`` (tls, wss, https) --
     and return True, for the caller to count it (once per connection).
-    Shared by the tls:// and wss:// listeners and the HTTP server's https://."""
+    Shared by the tls:// and wss:// listeners and the HTTP server's https://.
+
+    A connection closed before sending a byte (a load balancer's TCP health
+    check) began no handshake: it is a debug line (event ``tls_silent``),
+    and False -- not counted."""
     if not isinstance(stream, trio.SSLStream):
         return False
     try:
@@ -353,6 +394,11 @@ def tls_handshake_failed(stream: trio.abc.Stream, exc: BaseException, *, conn: i
     except trio.NeedHandshakeError:
         pass
     addr = _peer_address(stream)
+    under = stream.transport_stream
+    if isinstance(under, _TLSTransport) and not under.received:
+        logger.debug("connection closed before sending a byte (no TLS handshake) conn=%d peer=%s via %s",
+                     conn, addr, transport, extra={"event": "tls_silent", "conn": conn, "peer": addr, "transport": transport})
+        return False
     reason = _tls_reason(exc)
     logger.info("TLS handshake failed conn=%d peer=%s via %s: %s", conn, addr, transport, reason,
                 extra={"event": "tls_failed", "conn": conn, "peer": addr, "reason": reason, "transport": transport})
@@ -391,7 +437,8 @@ class ServerStatistics:
     commit_time: Optional[HistogramSnapshot] = None  # seconds per write request
     #: Connections to a tls:// or wss:// listener whose TLS handshake failed
     #: (a client that does not trust the certificate, plain TCP or ws:// to
-    #: a TLS port...).  (The HTTP server counts its https:// ones itself.)
+    #: a TLS port...), not one closed before its first byte (a health
+    #: check).  (The HTTP server counts its https:// ones itself.)
     tls_handshake_failures: int = 0
 
 
@@ -730,7 +777,7 @@ class BrokerServer:
         async def handler(stream: trio.SocketStream) -> None:
             s: trio.abc.Stream = stream
             if ssl_ctx is not None:
-                s = trio.SSLStream(stream, ssl_ctx, server_side=True)
+                s = tls_server_stream(stream, ssl_ctx)
             await self._serve_peer(s, ep)
 
         await trio.serve_listeners(handler, listeners, handler_nursery=peers)
@@ -765,7 +812,7 @@ class BrokerServer:
                 with trio.move_on_after(self.config.broker.login_timeout / SECOND):
                     try:
                         if ep.secure and self._ssl is not None:
-                            stream = trio.SSLStream(sock, self._ssl, server_side=True, https_compatible=True)
+                            stream = tls_server_stream(sock, self._ssl, https_compatible=True)
                             await stream.do_handshake()
                         request = await wrap_server_stream(nursery, stream, max_message_size=max_msg)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
