@@ -138,8 +138,11 @@ async def plain_text_to(port: int, data: bytes) -> None:
     await _send_then_read_to_the_end(port, data)
 
 
-async def hang_up_mid_handshake(port: int) -> None:
-    """Start a TLS handshake (half of a ClientHello) and hang up."""
+async def hang_up_mid_handshake(port: int, *, reset: bool = False) -> None:
+    """Start a TLS handshake (half of a ClientHello) and hang up.  With
+    ``reset``: send the whole ClientHello, wait for the server's answer (so
+    it surely read it) and reset -- the server's socket then forgets the
+    peer's address."""
     out = ssl.MemoryBIO()
     tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out, server_hostname="127.0.0.1")
     try:
@@ -147,7 +150,16 @@ async def hang_up_mid_handshake(port: int) -> None:
     except ssl.SSLWantReadError:
         pass
     hello = out.read()
-    await _send_then_read_to_the_end(port, hello[: len(hello) // 2], eof=True)
+    if not reset:
+        await _send_then_read_to_the_end(port, hello[: len(hello) // 2], eof=True)
+        return
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    try:
+        await stream.send_all(hello)
+        assert await stream.receive_some(), "the server hung up instead of answering the ClientHello"
+    finally:
+        await stream.aclose()
 
 
 async def connect_and_close(port: int, *, reset: bool = False) -> None:

@@ -501,6 +501,22 @@ async def test_a_health_check_on_the_https_port_is_no_failed_handshake(caplog: p
     assert len(silent) == 2 and all(r.levelno == logging.DEBUG for r in silent), [r.getMessage() for r in silent]
 
 
+async def test_a_failed_https_handshake_names_the_peer_even_after_a_reset(caplog: pytest.LogCaptureFixture) -> None:
+    """A client that reset the connection mid-handshake was logged with
+    peer=?: the address was asked of the socket after the reset."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore")
+    server_ctx, _ = _tls_pair()
+    with trio.fail_after(20):
+        async with broker_http(scheme="tls", ssl_context=server_ctx) as (srv, h):
+            await hang_up_mid_handshake(host_port(h.url)[1], reset=True)
+            while not tls_failures(caplog.records, "https"):
+                await trio.sleep(0.01)
+    lines = tls_failures(caplog.records, "https")
+    assert len(lines) == 1 and lines[0].peer.startswith("127.0.0.1:"), [r.getMessage() for r in lines]
+
+
 def test_http_config_is_checked() -> None:
     with pytest.raises(ValueError, match="certificate"):
         HttpConfig(scheme="tls")

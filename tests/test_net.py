@@ -240,6 +240,57 @@ async def test_a_health_check_on_a_tls_port_is_no_failed_handshake(lmdb_store, c
     assert not [r for r in caplog.records if r.levelno > logging.INFO], [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.parametrize("scheme", ["tls", "wss"])
+async def test_a_failed_handshake_follows_a_connect_line_naming_the_peer_even_after_a_reset(lmdb_store, ca, caplog, scheme):
+    """A wss:// connection whose handshake failed had no connect line (tcp://
+    and tls:// ones do), and a reset one's failure said peer=?: the address
+    was asked of the socket after the reset."""
+    import logging
+
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    ep = Endpoint("wss", path="/im") if scheme == "wss" else Endpoint("tls")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(ep, ssl_context=server_ssl)) as srv:
+            port = srv.endpoints[0].port
+            await plain_text_to(port, WS_UPGRADE if scheme == "wss" else b"hello, plain text\n")
+            await hang_up_mid_handshake(port, reset=True)
+            while srv.statistics().tls_handshake_failures < 2:
+                await trio.sleep(0.01)
+    failed = tls_failures(caplog.records, scheme)
+    assert len(failed) == 2, [r.getMessage() for r in caplog.records]
+    assert all(r.peer.startswith("127.0.0.1:") for r in failed), [r.getMessage() for r in failed]
+    connects = [r for r in caplog.records if getattr(r, "event", None) == "connect"]
+    for r in failed:
+        before = [c for c in connects if c.conn == r.conn]
+        assert len(before) == 1, [x.getMessage() for x in caplog.records]
+        assert (before[0].peer, before[0].transport) == (r.peer, scheme), (before[0].getMessage(), r.getMessage())
+        assert caplog.records.index(before[0]) < caplog.records.index(r)
+
+
+async def test_a_ws_connection_logs_connect_when_accepted(lmdb_store, caplog):
+    """ws:// and wss:// connections logged connect only after the WebSocket
+    upgrade: one that never upgraded left no line.  Now at accept, once, with
+    the number the connection keeps."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            port = srv.endpoints[0].port
+            await connect_and_close(port)
+            while not [r for r in caplog.records if getattr(r, "event", None) == "connect"]:
+                await trio.sleep(0.01)
+            async with client(srv.url("ws"), "alice") as a:
+                assert (await a.send(AB, b"fine")).seq == 1
+    connects = [r for r in caplog.records if getattr(r, "event", None) == "connect"]
+    assert len(connects) == 2 and all(r.transport == "ws" for r in connects), [r.getMessage() for r in caplog.records]
+    assert all(r.peer.startswith("127.0.0.1:") for r in connects)
+    logins = [r for r in caplog.records if getattr(r, "event", None) == "login"]
+    assert [r.conn for r in logins] == [connects[1].conn], [r.getMessage() for r in caplog.records]
+
+
 def _refused_port() -> tuple[socket.socket, int]:
     """A loopback port nothing listens on, held (bound, not listening) so
     that nothing else takes it while the test runs: connecting is refused."""

@@ -316,6 +316,8 @@ def _peer_address(stream: trio.abc.Stream) -> str:
         inner: Any = stream
         while isinstance(inner, trio.SSLStream):
             inner = inner.transport_stream
+        if isinstance(inner, _TLSTransport):
+            return inner.peer  # known since accept (a reset socket has forgotten it)
         host, port = inner.socket.getpeername()[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     except Exception:
@@ -327,12 +329,15 @@ class _TLSTransport(trio.abc.HalfCloseableStream):
     :func:`tls_server_stream`), noting whether the client sent anything: a
     connection closed (or reset) before its first byte -- what a load
     balancer's TCP health check does -- never began a TLS handshake, so it
-    did not fail one (:func:`tls_handshake_failed`)."""
+    did not fail one (:func:`tls_handshake_failed`).  It also keeps the
+    peer's address from accept time: after a reset the socket forgets it,
+    and a failed handshake's line would say ``peer=?``."""
 
-    def __init__(self, sock: trio.SocketStream) -> None:
+    def __init__(self, sock: trio.SocketStream, peer: Optional[str] = None) -> None:
         self.transport_stream = sock
         self.socket = sock.socket  # as on SocketStream (trio-websocket reads it)
         self.received = False  # the client sent at least one byte
+        self.peer = peer if peer is not None else _peer_address(sock)
 
     async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
         data = await self.transport_stream.receive_some(max_bytes)
@@ -353,10 +358,12 @@ class _TLSTransport(trio.abc.HalfCloseableStream):
         await self.transport_stream.aclose()
 
 
-def tls_server_stream(sock: trio.SocketStream, ssl_context: ssl.SSLContext, **kw: Any) -> trio.SSLStream:
+def tls_server_stream(sock: trio.SocketStream, ssl_context: ssl.SSLContext, *, peer: Optional[str] = None,
+                      **kw: Any) -> trio.SSLStream:
     """The server side of TLS over an accepted ``sock``, for the tls:// and
-    wss:// listeners and the HTTP server's https:// (``kw``: SSLStream's)."""
-    return trio.SSLStream(_TLSTransport(sock), ssl_context, server_side=True, **kw)
+    wss:// listeners and the HTTP server's https:// (``peer``: its address
+    if known already; ``kw``: SSLStream's)."""
+    return trio.SSLStream(_TLSTransport(sock, peer), ssl_context, server_side=True, **kw)
 
 
 def _tls_reason(exc: BaseException) -> str:
@@ -798,7 +805,16 @@ class BrokerServer:
         The TLS handshake is done here, not left to trio-websocket's reader
         (which would swallow its failure: a plain ws:// client on a wss://
         port, or an untrusted certificate, would leave no trace), so that a
-        failed one is logged and counted as on a tls:// listener."""
+        failed one is logged and counted as on a tls:// listener.
+
+        The connection is numbered and its ``connect`` line logged at
+        accept, as on tcp:// and tls:// (a failed handshake's line follows
+        it, with the same number and address)."""
+        conn_id = next(self._ids)
+        addr = _peer_address(sock)
+        if log.isEnabledFor(logging.INFO):
+            log.info("connect conn=%d peer=%s via %s", conn_id, addr, ep.scheme,
+                     extra={"event": "connect", "conn": conn_id, "peer": addr, "transport": ep.scheme})
         # Peers split writes into messages of up to MAX_PEER_MESSAGE whatever the
         # frame limit (frames span messages); the frame limit is the decoder's.
         max_msg = max(self.config.broker.limits.max_frame, WebSocketStream.MAX_PEER_MESSAGE) + 16
@@ -812,14 +828,14 @@ class BrokerServer:
                 with trio.move_on_after(self.config.broker.login_timeout / SECOND):
                     try:
                         if ep.secure and self._ssl is not None:
-                            stream = tls_server_stream(sock, self._ssl, https_compatible=True)
+                            stream = tls_server_stream(sock, self._ssl, peer=addr, https_compatible=True)
                             await stream.do_handshake()
                         request = await wrap_server_stream(nursery, stream, max_message_size=max_msg)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                        if tls_handshake_failed(stream, exc, conn=next(self._ids), transport=ep.scheme):
+                        if tls_handshake_failed(stream, exc, conn=conn_id, transport=ep.scheme):
                             self._stats["tls_handshake_failures"] += 1
                         else:
-                            log.debug("%s connection broken before its handshake: %r", ep.scheme, exc)
+                            log.debug("%s connection %d broken before its handshake: %r", ep.scheme, conn_id, exc)
                 ws = None
                 if request is not None:
                     try:
@@ -831,9 +847,9 @@ class BrokerServer:
                         # The client reset before our answer went out: this
                         # connection ends here (escaping, it would end the
                         # broker -- every client could do that).
-                        log.debug("%s connection closed during its upgrade: %r", ep.scheme, exc)
+                        log.debug("%s connection %d closed during its upgrade: %r", ep.scheme, conn_id, exc)
                 if ws is not None:
-                    await self._serve_peer(WebSocketStream(ws), ep)
+                    await self._serve_peer(WebSocketStream(ws), ep, conn_id)
                 nursery.cancel_scope.cancel()  # closed (or never opened): the reader ends
         finally:
             await trio.aclose_forcefully(stream)
@@ -846,11 +862,13 @@ class BrokerServer:
         it closes.  The server must be running (:meth:`run`)."""
         await self._serve_peer(stream, Endpoint("tcp"))
 
-    async def _serve_peer(self, stream: trio.abc.Stream, ep: Endpoint) -> None:
+    async def _serve_peer(self, stream: trio.abc.Stream, ep: Endpoint, conn_id: Optional[int] = None) -> None:
+        """Serve one connection; ``conn_id``: its number, given (and its
+        ``connect`` line logged) at accept by a ws:// or wss:// listener."""
         if self._stopping:
             await trio.aclose_forcefully(stream)
             return
-        peer = _Peer(next(self._ids), stream, ep)
+        peer = _Peer(next(self._ids) if conn_id is None else conn_id, stream, ep)
         if len(self._peers) >= self.config.max_connections:
             self._stats["refused"] += 1
             self._closes["OVERLOADED"] = self._closes.get("OVERLOADED", 0) + 1
@@ -862,7 +880,7 @@ class BrokerServer:
             return
         self._stats["accepted"] += 1
         self._peers[peer.id] = peer
-        if log.isEnabledFor(logging.INFO):
+        if conn_id is None and log.isEnabledFor(logging.INFO):
             addr = _peer_address(stream)
             log.info("connect conn=%d peer=%s via %s", peer.id, addr, ep.scheme,
                      extra={"event": "connect", "conn": peer.id, "peer": addr, "transport": ep.scheme})
