@@ -138,18 +138,23 @@ async def plain_text_to(port: int, data: bytes) -> None:
     await _send_then_read_to_the_end(port, data)
 
 
-async def hang_up_mid_handshake(port: int, *, reset: bool = False) -> None:
-    """Start a TLS handshake (half of a ClientHello) and hang up.  With
-    ``reset``: send the whole ClientHello, wait for the server's answer (so
-    it surely read it) and reset -- the server's socket then forgets the
-    peer's address."""
+def client_hello() -> bytes:
+    """A TLS ClientHello, as a client's first bytes."""
     out = ssl.MemoryBIO()
     tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out, server_hostname="127.0.0.1")
     try:
         tls.do_handshake()
     except ssl.SSLWantReadError:
         pass
-    hello = out.read()
+    return out.read()
+
+
+async def hang_up_mid_handshake(port: int, *, reset: bool = False) -> None:
+    """Start a TLS handshake (half of a ClientHello) and hang up.  With
+    ``reset``: send the whole ClientHello, wait for the server's answer (so
+    it surely read it) and reset -- the server's socket then forgets the
+    peer's address."""
+    hello = client_hello()
     if not reset:
         await _send_then_read_to_the_end(port, hello[: len(hello) // 2], eof=True)
         return

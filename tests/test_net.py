@@ -43,6 +43,7 @@ from _net import (
     WS_UPGRADE,
     RawConn,
     client,
+    client_hello,
     connect_and_close,
     hang_up_mid_handshake,
     plain_text_to,
@@ -854,6 +855,34 @@ async def test_graceful_shutdown_acks_what_it_committed_and_says_why(lmdb_store)
                 ev = await wait_for(a, lambda e: isinstance(e, Disconnected))
                 assert ev.code is CloseCode.SHUTDOWN
         assert lmdb_store.history(AB, 0, 10)[0].msg_id == sent.msg_id
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["silent", "partial"])
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_shutdown_does_not_wait_for_a_pending_websocket_handshake(lmdb_store, ca, caplog, scheme, partial):
+    """A ws:// or wss:// connection still in its handshakes (silent, or half
+    a ClientHello / upgrade request sent) when shutdown() came kept run()
+    from returning until login_timeout (60 s here): shutdown cancels them."""
+    import logging
+
+    kw = {}
+    if scheme == "wss":
+        kw["ssl_context"] = server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    srv = BrokerServer(lmdb_store, JwtAuthenticator(SECRET), server_config(Endpoint(scheme, path="/im"), login_timeout=60, **kw))
+    first = client_hello() if scheme == "wss" else WS_UPGRADE
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            pending = await trio.open_tcp_stream("127.0.0.1", srv.endpoints[0].port)
+            if partial:
+                await pending.send_all(first[: len(first) // 2])
+            while not [r for r in caplog.records if getattr(r, "event", None) == "connect"]:
+                await trio.sleep(0.01)  # accepted: its handshake is under way
+            await srv.shutdown()
+        # run() returned: the nursery could close.
+        await trio.aclose_forcefully(pending)
 
 
 async def test_events_and_statistics_are_consistent_after_many_sends(store):

@@ -601,6 +601,9 @@ class BrokerServer:
         self._inline_ok = False
         self._endpoints: list[Endpoint] = []
         self._listen_scope = trio.CancelScope()
+        # ws:// and wss:// connections still in their handshakes (TLS, the
+        # upgrade): not in _peers yet; shutdown() cancels them.
+        self._handshakes: set[trio.CancelScope] = set()
         self._stopping = False
         self._stats = {
             "accepted": 0,
@@ -750,6 +753,10 @@ class BrokerServer:
             return
         self._stopping = True
         self._listen_scope.cancel()
+        # Connections still in their handshakes are dropped (they would hold
+        # run() up to login_timeout): no Close can be sent before them anyway.
+        for scope in list(self._handshakes):
+            scope.cancel()
         # The readers stop: each gives the core nothing more once it wakes
         # (_reader checks _stopping); one waiting for bytes stays asleep.
         with trio.move_on_after(timeout):
@@ -825,29 +832,38 @@ class BrokerServer:
                 # Its handshakes (TLS, then the upgrade) within login_timeout,
                 # as a tcp:// connection must log in within it: a silent
                 # client does not hold a connection longer here.
-                with trio.move_on_after(self.config.broker.login_timeout / SECOND):
-                    try:
-                        if ep.secure and self._ssl is not None:
-                            stream = tls_server_stream(sock, self._ssl, peer=addr, https_compatible=True)
-                            await stream.do_handshake()
-                        request = await wrap_server_stream(nursery, stream, max_message_size=max_msg)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                        if tls_handshake_failed(stream, exc, conn=conn_id, transport=ep.scheme):
-                            self._stats["tls_handshake_failures"] += 1
-                        else:
-                            log.debug("%s connection %d broken before its handshake: %r", ep.scheme, conn_id, exc)
+                # shutdown() cancels them too (they would hold it that long).
                 ws = None
-                if request is not None:
+                with trio.move_on_after(self.config.broker.login_timeout / SECOND) as handshakes:
+                    self._handshakes.add(handshakes)
+                    if self._stopping:
+                        handshakes.cancel()  # accepted as shutdown began
                     try:
-                        if request.path != ep.path:
-                            await request.reject(404, body=b"not a pimcore endpoint")
-                        else:
-                            ws = await request.accept()
-                    except ConnectionClosed as exc:
-                        # The client reset before our answer went out: this
-                        # connection ends here (escaping, it would end the
-                        # broker -- every client could do that).
-                        log.debug("%s connection %d closed during its upgrade: %r", ep.scheme, conn_id, exc)
+                        try:
+                            if ep.secure and self._ssl is not None:
+                                stream = tls_server_stream(sock, self._ssl, peer=addr, https_compatible=True)
+                                await stream.do_handshake()
+                            request = await wrap_server_stream(nursery, stream, max_message_size=max_msg)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                            if tls_handshake_failed(stream, exc, conn=conn_id, transport=ep.scheme):
+                                self._stats["tls_handshake_failures"] += 1
+                            else:
+                                log.debug("%s connection %d broken before its handshake: %r", ep.scheme, conn_id, exc)
+                        if request is not None:
+                            try:
+                                if request.path != ep.path:
+                                    await request.reject(404, body=b"not a pimcore endpoint")
+                                else:
+                                    ws = await request.accept()
+                            except ConnectionClosed as exc:
+                                # The client reset before our answer went out: this
+                                # connection ends here (escaping, it would end the
+                                # broker -- every client could do that).
+                                log.debug("%s connection %d closed during its upgrade: %r", ep.scheme, conn_id, exc)
+                    finally:
+                        self._handshakes.discard(handshakes)
+                if handshakes.cancelled_caught and ws is None:
+                    log.debug("%s connection %d: handshakes not done in time (or shutdown)", ep.scheme, conn_id)
                 if ws is not None:
                     await self._serve_peer(WebSocketStream(ws), ep, conn_id)
                 nursery.cancel_scope.cancel()  # closed (or never opened): the reader ends
