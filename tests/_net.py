@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import time
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -137,16 +138,48 @@ async def plain_text_to(port: int, data: bytes) -> None:
     await _send_then_read_to_the_end(port, data)
 
 
-async def hang_up_mid_handshake(port: int) -> None:
-    """Start a TLS handshake (half of a ClientHello) and hang up."""
+def client_hello() -> bytes:
+    """A TLS ClientHello, as a client's first bytes."""
     out = ssl.MemoryBIO()
     tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out, server_hostname="127.0.0.1")
     try:
         tls.do_handshake()
     except ssl.SSLWantReadError:
         pass
-    hello = out.read()
-    await _send_then_read_to_the_end(port, hello[: len(hello) // 2], eof=True)
+    return out.read()
+
+
+async def hang_up_mid_handshake(port: int, *, reset: bool = False) -> None:
+    """Start a TLS handshake (half of a ClientHello) and hang up.  With
+    ``reset``: send the whole ClientHello, wait for the server's answer (so
+    it surely read it) and reset -- the server's socket then forgets the
+    peer's address."""
+    hello = client_hello()
+    if not reset:
+        await _send_then_read_to_the_end(port, hello[: len(hello) // 2], eof=True)
+        return
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    try:
+        await stream.send_all(hello)
+        assert await stream.receive_some(), "the server hung up instead of answering the ClientHello"
+    finally:
+        await stream.aclose()
+
+
+async def connect_and_close(port: int, *, reset: bool = False) -> None:
+    """What a load balancer's health check does: connect, send nothing,
+    close (with a FIN, or a reset if ``reset``)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    if reset:
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+
+
+def tls_silent(records: list, transport: str) -> list:
+    """The ``tls_silent`` log records of ``transport``: connections to a TLS
+    port closed before sending a byte (no handshake, not a failed one)."""
+    return [r for r in records if getattr(r, "event", None) == "tls_silent" and getattr(r, "transport", None) == transport]
 
 
 def tls_failures(records: list, transport: str) -> list:

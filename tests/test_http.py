@@ -23,7 +23,17 @@ from pimcore.client import AuthFailed, open_client
 from pimcore.http import BrokerHttp, HttpConfig, HttpError, Request, Router, open_http_server
 from pimcore.store import MemoryStore, direct_conversation
 
-from _net import FAST_CLIENT, OTHER_SECRET, client, hang_up_mid_handshake, plain_text_to, serving, tls_failures
+from _net import (
+    FAST_CLIENT,
+    OTHER_SECRET,
+    client,
+    connect_and_close,
+    hang_up_mid_handshake,
+    plain_text_to,
+    serving,
+    tls_failures,
+    tls_silent,
+)
 
 AB = direct_conversation("alice", "bob")
 KEY = "test-api-key-0123456789"
@@ -457,6 +467,54 @@ async def test_a_failed_https_handshake_is_logged_and_counted_like_a_tls_one(cap
     assert lines[0].reason == "http request", [r.getMessage() for r in lines]  # ssl's words for plain HTTP
     assert "hung up during the handshake" in lines[1].reason, lines[1].reason
     assert all("via https" in r.getMessage() for r in lines)
+
+
+async def test_a_health_check_on_the_https_port_is_no_failed_handshake(caplog: pytest.LogCaptureFixture) -> None:
+    """A connection to the https:// listener closed (or reset) before
+    sending a byte -- a load balancer's TCP health check -- was logged at
+    info and counted as a failed TLS handshake.  It is a debug line (event
+    tls_silent), not counted; one that hung up mid-handshake still is."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="pimcore")
+    server_ctx, client_ctx = _tls_pair()
+    with trio.fail_after(20):
+        async with broker_http(scheme="tls", ssl_context=server_ctx) as (srv, h):
+            port = host_port(h.url)[1]
+            await connect_and_close(port)
+            await connect_and_close(port, reset=True)
+            while len(tls_silent(caplog.records, "https")) < 2:
+                await trio.sleep(0.01)
+            await hang_up_mid_handshake(port)
+            while len(tls_failures(caplog.records, "https")) < 1:
+                await trio.sleep(0.01)
+            c = Http(h.url, client_ctx)
+            try:
+                status, _, body = await c.request("GET", "/metrics")
+            finally:
+                c.close()
+            assert status == 200
+    assert metrics(body.decode())[("pimcore_tls_handshake_failures_total", ())] == 1
+    failed = tls_failures(caplog.records, "https")
+    assert len(failed) == 1 and "hung up during the handshake" in failed[0].reason, [r.getMessage() for r in failed]
+    silent = tls_silent(caplog.records, "https")
+    assert len(silent) == 2 and all(r.levelno == logging.DEBUG for r in silent), [r.getMessage() for r in silent]
+
+
+async def test_a_failed_https_handshake_names_the_peer_even_after_a_reset(caplog: pytest.LogCaptureFixture) -> None:
+    """A client that reset the connection mid-handshake was logged with
+    peer=?: the address was asked of the socket after the reset."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore")
+    server_ctx, _ = _tls_pair()
+    with trio.fail_after(20):
+        async with broker_http(scheme="tls", ssl_context=server_ctx) as (srv, h):
+            await hang_up_mid_handshake(host_port(h.url)[1], reset=True)
+            while not tls_failures(caplog.records, "https"):
+                await trio.sleep(0.01)
+    lines = tls_failures(caplog.records, "https")
+    assert len(lines) == 1 and lines[0].peer.startswith("127.0.0.1:"), [r.getMessage() for r in lines]
 
 
 def test_http_config_is_checked() -> None:

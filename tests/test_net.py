@@ -43,11 +43,14 @@ from _net import (
     WS_UPGRADE,
     RawConn,
     client,
+    client_hello,
+    connect_and_close,
     hang_up_mid_handshake,
     plain_text_to,
     server_config,
     serving,
     tls_failures,
+    tls_silent,
     token,
 )
 
@@ -203,6 +206,90 @@ async def test_a_failed_wss_handshake_is_logged_and_counted_like_a_tls_one(lmdb_
     assert [r.reason for r in lines][0] == "http request", [r.getMessage() for r in lines]  # ssl's words for it
     assert "hung up during the handshake" in lines[1].reason, lines[1].reason
     assert all("via wss" in r.getMessage() for r in lines)
+
+
+@pytest.mark.parametrize("scheme", ["tls", "wss"])
+async def test_a_health_check_on_a_tls_port_is_no_failed_handshake(lmdb_store, ca, caplog, scheme):
+    """A connection closed (or reset) before sending a byte -- a load
+    balancer's health check -- was logged at info and counted as a failed
+    TLS handshake ("hung up during the handshake").  It is a debug line
+    (event tls_silent), not counted; one that hung up mid-handshake still is."""
+    import logging
+
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    caplog.set_level(logging.DEBUG, logger="pimcore.net")
+    ep = Endpoint("wss", path="/im") if scheme == "wss" else Endpoint("tls")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(ep, ssl_context=server_ssl)) as srv:
+            port = srv.endpoints[0].port
+            await connect_and_close(port)
+            await connect_and_close(port, reset=True)
+            while len(tls_silent(caplog.records, scheme)) < 2:
+                await trio.sleep(0.01)
+            assert srv.statistics().tls_handshake_failures == 0
+            await hang_up_mid_handshake(port)  # some bytes, then gone: a failure as before
+            while srv.statistics().tls_handshake_failures < 1:
+                await trio.sleep(0.01)
+            async with client(srv.url(scheme), "alice", ssl_context=_trusting(ca)) as a:
+                assert (await a.send(AB, b"still fine")).seq == 1
+            assert srv.statistics().tls_handshake_failures == 1
+    failed = tls_failures(caplog.records, scheme)
+    assert len(failed) == 1 and "hung up during the handshake" in failed[0].reason, [r.getMessage() for r in failed]
+    silent = tls_silent(caplog.records, scheme)
+    assert len(silent) == 2 and all(r.levelno == logging.DEBUG for r in silent), [r.getMessage() for r in silent]
+    assert not [r for r in caplog.records if r.levelno > logging.INFO], [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("scheme", ["tls", "wss"])
+async def test_a_failed_handshake_follows_a_connect_line_naming_the_peer_even_after_a_reset(lmdb_store, ca, caplog, scheme):
+    """A wss:// connection whose handshake failed had no connect line (tcp://
+    and tls:// ones do), and a reset one's failure said peer=?: the address
+    was asked of the socket after the reset."""
+    import logging
+
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    ep = Endpoint("wss", path="/im") if scheme == "wss" else Endpoint("tls")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(ep, ssl_context=server_ssl)) as srv:
+            port = srv.endpoints[0].port
+            await plain_text_to(port, WS_UPGRADE if scheme == "wss" else b"hello, plain text\n")
+            await hang_up_mid_handshake(port, reset=True)
+            while srv.statistics().tls_handshake_failures < 2:
+                await trio.sleep(0.01)
+    failed = tls_failures(caplog.records, scheme)
+    assert len(failed) == 2, [r.getMessage() for r in caplog.records]
+    assert all(r.peer.startswith("127.0.0.1:") for r in failed), [r.getMessage() for r in failed]
+    connects = [r for r in caplog.records if getattr(r, "event", None) == "connect"]
+    for r in failed:
+        before = [c for c in connects if c.conn == r.conn]
+        assert len(before) == 1, [x.getMessage() for x in caplog.records]
+        assert (before[0].peer, before[0].transport) == (r.peer, scheme), (before[0].getMessage(), r.getMessage())
+        assert caplog.records.index(before[0]) < caplog.records.index(r)
+
+
+async def test_a_ws_connection_logs_connect_when_accepted(lmdb_store, caplog):
+    """ws:// and wss:// connections logged connect only after the WebSocket
+    upgrade: one that never upgraded left no line.  Now at accept, once, with
+    the number the connection keeps."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            port = srv.endpoints[0].port
+            await connect_and_close(port)
+            while not [r for r in caplog.records if getattr(r, "event", None) == "connect"]:
+                await trio.sleep(0.01)
+            async with client(srv.url("ws"), "alice") as a:
+                assert (await a.send(AB, b"fine")).seq == 1
+    connects = [r for r in caplog.records if getattr(r, "event", None) == "connect"]
+    assert len(connects) == 2 and all(r.transport == "ws" for r in connects), [r.getMessage() for r in caplog.records]
+    assert all(r.peer.startswith("127.0.0.1:") for r in connects)
+    logins = [r for r in caplog.records if getattr(r, "event", None) == "login"]
+    assert [r.conn for r in logins] == [connects[1].conn], [r.getMessage() for r in caplog.records]
 
 
 def _refused_port() -> tuple[socket.socket, int]:
@@ -818,6 +905,34 @@ async def test_graceful_shutdown_acks_what_it_committed_and_says_why(lmdb_store)
                 ev = await wait_for(a, lambda e: isinstance(e, Disconnected))
                 assert ev.code is CloseCode.SHUTDOWN
         assert lmdb_store.history(AB, 0, 10)[0].msg_id == sent.msg_id
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["silent", "partial"])
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_shutdown_does_not_wait_for_a_pending_websocket_handshake(lmdb_store, ca, caplog, scheme, partial):
+    """A ws:// or wss:// connection still in its handshakes (silent, or half
+    a ClientHello / upgrade request sent) when shutdown() came kept run()
+    from returning until login_timeout (60 s here): shutdown cancels them."""
+    import logging
+
+    kw = {}
+    if scheme == "wss":
+        kw["ssl_context"] = server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    srv = BrokerServer(lmdb_store, JwtAuthenticator(SECRET), server_config(Endpoint(scheme, path="/im"), login_timeout=60, **kw))
+    first = client_hello() if scheme == "wss" else WS_UPGRADE
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            pending = await trio.open_tcp_stream("127.0.0.1", srv.endpoints[0].port)
+            if partial:
+                await pending.send_all(first[: len(first) // 2])
+            while not [r for r in caplog.records if getattr(r, "event", None) == "connect"]:
+                await trio.sleep(0.01)  # accepted: its handshake is under way
+            await srv.shutdown()
+        # run() returned: the nursery could close.
+        await trio.aclose_forcefully(pending)
 
 
 async def test_events_and_statistics_are_consistent_after_many_sends(store):

@@ -313,9 +313,11 @@ class HttpServer:
             await self._all_closed.wait()
 
     async def _serve_conn(self, sock: trio.SocketStream) -> None:
+        from ..net.server import tls_server_stream
+
         stream: trio.abc.Stream = sock
         if self.config.ssl_context is not None:
-            stream = trio.SSLStream(sock, self.config.ssl_context, server_side=True)
+            stream = tls_server_stream(sock, self.config.ssl_context)
         self.connections += 1
         conn_id = self.connections
         self._conns += 1

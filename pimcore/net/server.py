@@ -316,10 +316,54 @@ def _peer_address(stream: trio.abc.Stream) -> str:
         inner: Any = stream
         while isinstance(inner, trio.SSLStream):
             inner = inner.transport_stream
+        if isinstance(inner, _TLSTransport):
+            return inner.peer  # known since accept (a reset socket has forgotten it)
         host, port = inner.socket.getpeername()[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     except Exception:
         return "?"
+
+
+class _TLSTransport(trio.abc.HalfCloseableStream):
+    """The TCP stream under a server-side :class:`trio.SSLStream` (see
+    :func:`tls_server_stream`), noting whether the client sent anything: a
+    connection closed (or reset) before its first byte -- what a load
+    balancer's TCP health check does -- never began a TLS handshake, so it
+    did not fail one (:func:`tls_handshake_failed`).  It also keeps the
+    peer's address from accept time: after a reset the socket forgets it,
+    and a failed handshake's line would say ``peer=?``."""
+
+    def __init__(self, sock: trio.SocketStream, peer: Optional[str] = None) -> None:
+        self.transport_stream = sock
+        self.socket = sock.socket  # as on SocketStream (trio-websocket reads it)
+        self.received = False  # the client sent at least one byte
+        self.peer = peer if peer is not None else _peer_address(sock)
+
+    async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
+        data = await self.transport_stream.receive_some(max_bytes)
+        if data:
+            self.received = True
+        return data
+
+    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.transport_stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
+def tls_server_stream(sock: trio.SocketStream, ssl_context: ssl.SSLContext, *, peer: Optional[str] = None,
+                      **kw: Any) -> trio.SSLStream:
+    """The server side of TLS over an accepted ``sock``, for the tls:// and
+    wss:// listeners and the HTTP server's https:// (``peer``: its address
+    if known already; ``kw``: SSLStream's)."""
+    return trio.SSLStream(_TLSTransport(sock, peer), ssl_context, server_side=True, **kw)
 
 
 def _tls_reason(exc: BaseException) -> str:
@@ -344,7 +388,11 @@ def tls_handshake_failed(stream: trio.abc.Stream, exc: BaseException, *, conn: i
     that never completed one): log it at info -- event ``tls_failed`` with
     ``conn``, the peer, ssl's reason and ``transport`` (tls, wss, https) --
     and return True, for the caller to count it (once per connection).
-    Shared by the tls:// and wss:// listeners and the HTTP server's https://."""
+    Shared by the tls:// and wss:// listeners and the HTTP server's https://.
+
+    A connection closed before sending a byte (a load balancer's TCP health
+    check) began no handshake: it is a debug line (event ``tls_silent``),
+    and False -- not counted."""
     if not isinstance(stream, trio.SSLStream):
         return False
     try:
@@ -353,6 +401,11 @@ def tls_handshake_failed(stream: trio.abc.Stream, exc: BaseException, *, conn: i
     except trio.NeedHandshakeError:
         pass
     addr = _peer_address(stream)
+    under = stream.transport_stream
+    if isinstance(under, _TLSTransport) and not under.received:
+        logger.debug("connection closed before sending a byte (no TLS handshake) conn=%d peer=%s via %s",
+                     conn, addr, transport, extra={"event": "tls_silent", "conn": conn, "peer": addr, "transport": transport})
+        return False
     reason = _tls_reason(exc)
     logger.info("TLS handshake failed conn=%d peer=%s via %s: %s", conn, addr, transport, reason,
                 extra={"event": "tls_failed", "conn": conn, "peer": addr, "reason": reason, "transport": transport})
@@ -391,7 +444,8 @@ class ServerStatistics:
     commit_time: Optional[HistogramSnapshot] = None  # seconds per write request
     #: Connections to a tls:// or wss:// listener whose TLS handshake failed
     #: (a client that does not trust the certificate, plain TCP or ws:// to
-    #: a TLS port...).  (The HTTP server counts its https:// ones itself.)
+    #: a TLS port...), not one closed before its first byte (a health
+    #: check).  (The HTTP server counts its https:// ones itself.)
     tls_handshake_failures: int = 0
 
 
@@ -547,6 +601,9 @@ class BrokerServer:
         self._inline_ok = False
         self._endpoints: list[Endpoint] = []
         self._listen_scope = trio.CancelScope()
+        # ws:// and wss:// connections still in their handshakes (TLS, the
+        # upgrade): not in _peers yet; shutdown() cancels them.
+        self._handshakes: set[trio.CancelScope] = set()
         self._stopping = False
         self._stats = {
             "accepted": 0,
@@ -696,6 +753,10 @@ class BrokerServer:
             return
         self._stopping = True
         self._listen_scope.cancel()
+        # Connections still in their handshakes are dropped (they would hold
+        # run() up to login_timeout): no Close can be sent before them anyway.
+        for scope in list(self._handshakes):
+            scope.cancel()
         # The readers stop: each gives the core nothing more once it wakes
         # (_reader checks _stopping); one waiting for bytes stays asleep.
         with trio.move_on_after(timeout):
@@ -730,7 +791,7 @@ class BrokerServer:
         async def handler(stream: trio.SocketStream) -> None:
             s: trio.abc.Stream = stream
             if ssl_ctx is not None:
-                s = trio.SSLStream(stream, ssl_ctx, server_side=True)
+                s = tls_server_stream(stream, ssl_ctx)
             await self._serve_peer(s, ep)
 
         await trio.serve_listeners(handler, listeners, handler_nursery=peers)
@@ -751,7 +812,16 @@ class BrokerServer:
         The TLS handshake is done here, not left to trio-websocket's reader
         (which would swallow its failure: a plain ws:// client on a wss://
         port, or an untrusted certificate, would leave no trace), so that a
-        failed one is logged and counted as on a tls:// listener."""
+        failed one is logged and counted as on a tls:// listener.
+
+        The connection is numbered and its ``connect`` line logged at
+        accept, as on tcp:// and tls:// (a failed handshake's line follows
+        it, with the same number and address)."""
+        conn_id = next(self._ids)
+        addr = _peer_address(sock)
+        if log.isEnabledFor(logging.INFO):
+            log.info("connect conn=%d peer=%s via %s", conn_id, addr, ep.scheme,
+                     extra={"event": "connect", "conn": conn_id, "peer": addr, "transport": ep.scheme})
         # Peers split writes into messages of up to MAX_PEER_MESSAGE whatever the
         # frame limit (frames span messages); the frame limit is the decoder's.
         max_msg = max(self.config.broker.limits.max_frame, WebSocketStream.MAX_PEER_MESSAGE) + 16
@@ -762,31 +832,40 @@ class BrokerServer:
                 # Its handshakes (TLS, then the upgrade) within login_timeout,
                 # as a tcp:// connection must log in within it: a silent
                 # client does not hold a connection longer here.
-                with trio.move_on_after(self.config.broker.login_timeout / SECOND):
-                    try:
-                        if ep.secure and self._ssl is not None:
-                            stream = trio.SSLStream(sock, self._ssl, server_side=True, https_compatible=True)
-                            await stream.do_handshake()
-                        request = await wrap_server_stream(nursery, stream, max_message_size=max_msg)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                        if tls_handshake_failed(stream, exc, conn=next(self._ids), transport=ep.scheme):
-                            self._stats["tls_handshake_failures"] += 1
-                        else:
-                            log.debug("%s connection broken before its handshake: %r", ep.scheme, exc)
+                # shutdown() cancels them too (they would hold it that long).
                 ws = None
-                if request is not None:
+                with trio.move_on_after(self.config.broker.login_timeout / SECOND) as handshakes:
+                    self._handshakes.add(handshakes)
+                    if self._stopping:
+                        handshakes.cancel()  # accepted as shutdown began
                     try:
-                        if request.path != ep.path:
-                            await request.reject(404, body=b"not a pimcore endpoint")
-                        else:
-                            ws = await request.accept()
-                    except ConnectionClosed as exc:
-                        # The client reset before our answer went out: this
-                        # connection ends here (escaping, it would end the
-                        # broker -- every client could do that).
-                        log.debug("%s connection closed during its upgrade: %r", ep.scheme, exc)
+                        try:
+                            if ep.secure and self._ssl is not None:
+                                stream = tls_server_stream(sock, self._ssl, peer=addr, https_compatible=True)
+                                await stream.do_handshake()
+                            request = await wrap_server_stream(nursery, stream, max_message_size=max_msg)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                            if tls_handshake_failed(stream, exc, conn=conn_id, transport=ep.scheme):
+                                self._stats["tls_handshake_failures"] += 1
+                            else:
+                                log.debug("%s connection %d broken before its handshake: %r", ep.scheme, conn_id, exc)
+                        if request is not None:
+                            try:
+                                if request.path != ep.path:
+                                    await request.reject(404, body=b"not a pimcore endpoint")
+                                else:
+                                    ws = await request.accept()
+                            except ConnectionClosed as exc:
+                                # The client reset before our answer went out: this
+                                # connection ends here (escaping, it would end the
+                                # broker -- every client could do that).
+                                log.debug("%s connection %d closed during its upgrade: %r", ep.scheme, conn_id, exc)
+                    finally:
+                        self._handshakes.discard(handshakes)
+                if handshakes.cancelled_caught and ws is None:
+                    log.debug("%s connection %d: handshakes not done in time (or shutdown)", ep.scheme, conn_id)
                 if ws is not None:
-                    await self._serve_peer(WebSocketStream(ws), ep)
+                    await self._serve_peer(WebSocketStream(ws), ep, conn_id)
                 nursery.cancel_scope.cancel()  # closed (or never opened): the reader ends
         finally:
             await trio.aclose_forcefully(stream)
@@ -799,11 +878,13 @@ class BrokerServer:
         it closes.  The server must be running (:meth:`run`)."""
         await self._serve_peer(stream, Endpoint("tcp"))
 
-    async def _serve_peer(self, stream: trio.abc.Stream, ep: Endpoint) -> None:
+    async def _serve_peer(self, stream: trio.abc.Stream, ep: Endpoint, conn_id: Optional[int] = None) -> None:
+        """Serve one connection; ``conn_id``: its number, given (and its
+        ``connect`` line logged) at accept by a ws:// or wss:// listener."""
         if self._stopping:
             await trio.aclose_forcefully(stream)
             return
-        peer = _Peer(next(self._ids), stream, ep)
+        peer = _Peer(next(self._ids) if conn_id is None else conn_id, stream, ep)
         if len(self._peers) >= self.config.max_connections:
             self._stats["refused"] += 1
             self._closes["OVERLOADED"] = self._closes.get("OVERLOADED", 0) + 1
@@ -815,7 +896,7 @@ class BrokerServer:
             return
         self._stats["accepted"] += 1
         self._peers[peer.id] = peer
-        if log.isEnabledFor(logging.INFO):
+        if conn_id is None and log.isEnabledFor(logging.INFO):
             addr = _peer_address(stream)
             log.info("connect conn=%d peer=%s via %s", peer.id, addr, ep.scheme,
                      extra={"event": "connect", "conn": peer.id, "peer": addr, "transport": ep.scheme})
