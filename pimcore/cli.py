@@ -519,6 +519,8 @@ def _cmd_group(args: argparse.Namespace) -> int:
             return 2
         members = store.members(args.name)
         print(_members_line(args.name, members))
+        if args.action == "show":
+            print(_history_line(store.history_visible(args.name)))
     return 0
 
 
@@ -526,6 +528,13 @@ def _members_line(name: str, members: Sequence[str]) -> str:
     """``team: 2 members: alice bob`` (``club: 1 member: erin``, ``x: 0 members``)."""
     n = len(members)
     return f"{name}: {n} member{'' if n == 1 else 's'}" + (f": {' '.join(members)}" if members else "")
+
+
+def _history_line(visible: object) -> str:
+    """What ``group show`` says of the group's ``history_visible`` (set at
+    ``group create --history-visible``)."""
+    said = visible if isinstance(visible, str) else "yes" if visible else "no"
+    return f"history visible to later members: {said}"
 
 
 def _group_over_http(args: argparse.Namespace) -> int:
@@ -554,6 +563,8 @@ def _group_over_http(args: argparse.Namespace) -> int:
         else:  # show, or add/remove no one
             out = _http_call(args, "GET", f"/v1/groups/{group}/members")
         members = list(out["members"])
+        visible = out.get("history_visible", "unknown (this broker's HTTP API does not say)") \
+            if args.action == "show" else None
     except (ValueError, OSError) as exc:
         print(f"pimcore group: {exc}", file=sys.stderr)
         return 2
@@ -561,6 +572,8 @@ def _group_over_http(args: argparse.Namespace) -> int:
         print(f"pimcore group: unexpected answer from {args.http} (no member list)", file=sys.stderr)
         return 2
     print(_members_line(args.name, members))
+    if visible is not None:
+        print(_history_line(visible))
     return 0
 
 
@@ -829,7 +842,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Through a running broker's HTTP API with --http (the way next to a broker with"
                                    " durability log, its store's only writer, or one on Redis), else on the data"
                                    " directory's LMDB store (also while the broker runs).  Prints the members after"
-                                   " the change.")
+                                   " the change; show also says whether members added later may read what was said"
+                                   " before they joined (create --history-visible).")
     p.add_argument("action", choices=["create", "add", "remove", "show"])
     p.add_argument("name", help="group id, e.g. team-42")
     p.add_argument("users", nargs="*", metavar="USER", help="members to create with, add or remove")

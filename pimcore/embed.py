@@ -459,6 +459,27 @@ class Pimcore:
             raise RequestRefused(ErrorCode.UNKNOWN_CONVERSATION, f"members of {conv!r}: UNKNOWN_CONVERSATION")
         return tuple(members)
 
+    async def history_visible(self, conv: str) -> bool:
+        """Whether members added to group ``conv`` later may read what was
+        said before they joined (``create_group(..., history_visible=True)``,
+        fixed at creation; False for a direct conversation: both users see
+        it all anyway).  Raises RequestRefused (BAD_REQUEST: a malformed id;
+        UNKNOWN_CONVERSATION: no such group), StoreError."""
+        problem = conversation_problem(conv)
+        if problem is not None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"history_visible: {problem}")
+        self.server.check_running()
+        store = self._store
+        if isinstance(store, AsyncStore):
+            exists = await store.conversation_exists(conv)
+            visible = exists and await store.history_visible(conv)
+        else:
+            exists = store.conversation_exists(conv)
+            visible = exists and store.history_visible(conv)
+        if not exists:
+            raise RequestRefused(ErrorCode.UNKNOWN_CONVERSATION, f"group {conv!r}: UNKNOWN_CONVERSATION")
+        return visible
+
     async def add_members(self, conv: str, users: Iterable[str]) -> GroupChanged:
         """Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION), StoreError."""
         return await self._admin(self.server.broker.add_members, conv, _user_ids(users, "users"))

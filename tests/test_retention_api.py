@@ -213,13 +213,14 @@ GROUP_SCRIPT = [
     (["add", "team", "carol", "dave"], 0, "team: 4 members: alice bob carol dave\n", ""),
     (["add", "team"], 0, "team: 4 members: alice bob carol dave\n", ""),
     (["remove", "team", "alice", "dave", "zed"], 0, "team: 2 members: bob carol\n", ""),
-    (["show", "team"], 0, "team: 2 members: bob carol\n", ""),
+    (["show", "team"], 0, "team: 2 members: bob carol\nhistory visible to later members: no\n", ""),
+    (["show", "club"], 0, "club: 1 member: erin\nhistory visible to later members: yes\n", ""),
     (["add", "nope", "carol"], 2, "", "UNKNOWN_CONVERSATION"),
     (["remove", "nope", "carol"], 2, "", "UNKNOWN_CONVERSATION"),
     (["show", "nope"], 2, "", "UNKNOWN_CONVERSATION"),
     (["create", "team", "zed"], 2, "", "ALREADY_EXISTS"),
     (["add", "team", "b b"], 2, "", "BAD_REQUEST"),
-    (["show", "team"], 0, "team: 2 members: bob carol\n", ""),
+    (["show", "team"], 0, "team: 2 members: bob carol\nhistory visible to later members: no\n", ""),
     (["show", "team", "alice"], 2, "", "show takes no users"),
     (["add", "--history-visible", "team", "erin"], 2, "", "--history-visible is for create"),
     (["create", "solo", "ann"], 0, "solo: 1 member: ann\n", ""),
@@ -278,17 +279,24 @@ async def test_members_over_http_and_the_handle(tmp_path: Path) -> None:
             assert await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["bob", "alice"],
                                                         "history_visible": True}) == (
                 201, {"conv": "team", "members": ["alice", "bob"]})
-            assert await call(c, "GET", "/v1/groups/team/members") == (200, {"conv": "team", "members": ["alice", "bob"]})
-            assert await im.members("team") == ("alice", "bob")
+            assert await call(c, "GET", "/v1/groups/team/members") == (
+                200, {"conv": "team", "members": ["alice", "bob"], "history_visible": True})
+            assert await im.members("team") == ("alice", "bob") and await im.history_visible("team") is True
+            await im.create_group("club", ["carol"])
+            assert await call(c, "GET", "/v1/groups/club/members") == (
+                200, {"conv": "club", "members": ["carol"], "history_visible": False})
+            assert await im.history_visible("club") is False
             await im.remove_members("team", ["alice", "bob"])
-            assert await call(c, "GET", "/v1/groups/team/members") == (200, {"conv": "team", "members": []})
+            assert await call(c, "GET", "/v1/groups/team/members") == (
+                200, {"conv": "team", "members": [], "history_visible": True})
             assert_error(*await call(c, "GET", "/v1/groups/nope/members"), 404, "UNKNOWN_CONVERSATION")
             assert_error(*await call(c, "GET", "/v1/groups/b%20b/members"), 400, "BAD_REQUEST")
             assert_error(*await call(c, "POST", "/v1/groups", {"conv": "g2", "members": [], "history_visible": 1}),
                          400, "bad_request")
-            with pytest.raises(RequestRefused) as refused:
-                await im.members("nope")
-            assert refused.value.code is ErrorCode.UNKNOWN_CONVERSATION
+            for read in (im.members, im.history_visible):
+                with pytest.raises(RequestRefused) as refused:
+                    await read("nope")
+                assert refused.value.code is ErrorCode.UNKNOWN_CONVERSATION
 
 
 async def test_cli_shows_the_http_apis_refusal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -354,6 +362,7 @@ def test_the_asyncio_and_threaded_handles_delegate(tmp_path: Path) -> None:
         im.create_group("team", ["alice"])
         im.create_group("club", ["carol", "bob"], history_visible=True)
         assert im.members("team") == ("alice",) and im.members("club") == ("bob", "carol")
+        assert (im.history_visible("team"), im.history_visible("club")) == (False, True)
         assert im.set_retention("team", max_count=4) == Retention("team", None, 4, 0)
         assert im.retention("team").max_count == 4
         assert im.purge_conversation("team").messages == 0
@@ -366,6 +375,7 @@ def test_the_asyncio_and_threaded_handles_delegate(tmp_path: Path) -> None:
             await h.create_group("team", ["alice"])
             await h.create_group("club", ["carol", "bob"], history_visible=True)
             assert await h.members("team") == ("alice",) and await h.members("club") == ("bob", "carol")
+            assert (await h.history_visible("team"), await h.history_visible("club")) == (False, True)
             assert (await h.set_retention("team", max_age=10)).max_age == 10
             assert (await h.retention("team")).max_age == 10
             assert (await h.purge_conversation("team")).entries == 0
