@@ -579,10 +579,13 @@ def _group_over_http(args: argparse.Namespace) -> int:
 
 def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[dict] = None) -> dict:
     """One call of the HTTP server API at ``args.http`` (docs/HTTP.md);
-    the API key from --api-key, $PIMCORE_API_KEY or <data-dir>/api-key.
-    ValueError with the server's message if it refuses."""
+    the API key from --api-key, $PIMCORE_API_KEY or <data-dir>/api-key;
+    an https:// API's certificate verified with --cafile's CAs if given,
+    else the system's.  ValueError with the server's message if it
+    refuses."""
     import os
     import http.client
+    import ssl
     import urllib.error
     import urllib.parse
     import urllib.request
@@ -596,11 +599,21 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
         key = key_file.read_text().strip()
     base = args.http if "://" in args.http else "http://" + args.http
     base = base.replace("tcp://", "http://", 1).replace("tls://", "https://", 1).rstrip("/")
+    context = None
+    cafile = getattr(args, "cafile", None)
+    if cafile is not None:
+        if not base.lower().startswith("https://"):
+            raise ValueError(f"--cafile is for an https:// API (or tls://), not {base}")
+        try:
+            context = ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ValueError(f"--cafile {cafile}: cannot load it as a PEM CA bundle: {why}") from None
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(base + path, data=data, method=method,
                                  headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=30, context=context) as resp:
             return json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
         try:
@@ -612,7 +625,15 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
             why = f"HTTP {exc.code} from {base}"
         raise ValueError(why) from None
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLCertVerificationError):
+            fix = (f"is --cafile {cafile} the CA that signed it?" if cafile is not None else
+                   "give --cafile PATH, the PEM CA bundle that signed it (e.g. for a self-signed certificate)")
+            raise ValueError(f"the certificate of {base} did not verify"
+                             f" ({exc.reason.verify_message or exc.reason}): {fix}") from None
         raise ValueError(f"cannot reach {base}: {exc.reason}") from None
+    except ssl.SSLCertVerificationError as exc:  # (not wrapped in a URLError)
+        raise ValueError(f"the certificate of {base} did not verify ({exc.verify_message or exc}): give --cafile"
+                         " PATH, the PEM CA bundle that signed it") from None
     except (http.client.HTTPException, ConnectionError) as exc:
         # Something that does not speak HTTP answered: e.g. the broker's own
         # tcp:// listener given instead of its HTTP one (both are tcp:// URLs).
@@ -784,6 +805,16 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args)
 
 
+def _http_flags(p: argparse.ArgumentParser) -> None:
+    """--http, --api-key and --cafile: of every command that can work
+    through a running broker's HTTP API (:func:`_http_call`)."""
+    p.add_argument("--http", metavar="URL", help="the broker's HTTP listener, e.g. http://127.0.0.1:7481")
+    p.add_argument("--api-key", help="HTTP API key (default $PIMCORE_API_KEY, else <data-dir>/api-key)")
+    p.add_argument("--cafile", metavar="PATH",
+                   help="with an https:// --http URL: PEM CA bundle to verify the API's certificate with (e.g. the"
+                        " CA of a self-signed one; default: the system's CAs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pimcore", description="pimcore instant-messaging broker core")
     parser.add_argument("--version", action="version", version=f"pimcore {__version__}")
@@ -852,8 +883,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="create: members added later may read what was said before they joined (default: not)",
     )
-    p.add_argument("--http", metavar="URL", help="the broker's HTTP listener, e.g. http://127.0.0.1:7481")
-    p.add_argument("--api-key", help="HTTP API key (default $PIMCORE_API_KEY, else <data-dir>/api-key)")
+    _http_flags(p)
     p.add_argument("--config", help="the serve configuration file (for its data directory)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
     p.set_defaults(func=_cmd_group)
@@ -864,8 +894,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    " connected devices stay until they log in again).  Prints what was removed.")
     p.add_argument("what", choices=["conversation", "user"])
     p.add_argument("id", help="the conversation id (group or d:a:b) or the user id")
-    p.add_argument("--http", metavar="URL", help="the broker's HTTP listener, e.g. http://127.0.0.1:7481")
-    p.add_argument("--api-key", help="HTTP API key (default $PIMCORE_API_KEY, else <data-dir>/api-key)")
+    _http_flags(p)
     p.add_argument("--config", help="the serve configuration file (for its data directory)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
     p.set_defaults(func=_cmd_purge)
@@ -877,8 +906,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-age", type=float, metavar="SECONDS", help="remove entries older than this")
     p.add_argument("--max-count", type=int, metavar="N", help="keep only the newest N entries")
     p.add_argument("--default", action="store_true", help="fields not given follow the broker default")
-    p.add_argument("--http", metavar="URL", help="the broker's HTTP listener, e.g. http://127.0.0.1:7481")
-    p.add_argument("--api-key", help="HTTP API key (default $PIMCORE_API_KEY, else <data-dir>/api-key)")
+    _http_flags(p)
     p.add_argument("--config", help="the serve configuration file (for its data directory)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
     p.set_defaults(func=_cmd_retention)

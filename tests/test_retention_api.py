@@ -382,3 +382,58 @@ def test_the_asyncio_and_threaded_handles_delegate(tmp_path: Path) -> None:
             assert (await h.purge_user("alice")).devices == 0
 
     asyncio.run(main_())
+
+
+async def test_cli_trusts_a_self_signed_https_api_given_its_ca_with_cafile(tmp_path: Path) -> None:
+    # The commands that take --http had no way to trust a private CA: an
+    # https:// API with a self-signed certificate could not be used at all.
+    # (Run as processes: stderr is then the command's alone, not the
+    # embedded broker's log of the refused handshakes too.)
+    import ssl
+
+    import trustme
+
+    from pimcore.http import HttpConfig, open_http_server
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+
+    async def cli(*argv: Any) -> Any:
+        return await trio.to_thread.run_sync(lambda: run_pimcore(*argv))
+
+    with trio.fail_after(60):
+        async with open_pimcore(data_dir=tmp_path / "data", store=MemoryStore(), secret=SECRET.decode()) as im:
+            cfg = HttpConfig(api_keys=(KEY,), scheme="tls", ssl_context=server_ctx)
+            async with open_http_server(im.server, cfg, handle=im) as h:
+                assert h.url.startswith("https://")
+                base = ["--http", h.url, "--api-key", KEY]
+                cmds = (["group", "create", "team", "alice", "bob"], ["group", "show", "team"],
+                        ["retention", "team", "--max-count", "5"], ["retention", "team"],
+                        ["purge", "user", "bob"])
+                for cmd in cmds:
+                    # Without --cafile (or with the wrong CA): refused, saying why and what to give.
+                    for extra in ([], ["--cafile", other]):
+                        r = await cli(*cmd, *base, *extra)
+                        assert r.returncode == 2 and r.stdout == "", (cmd, extra, r)
+                        assert r.stderr.startswith(f"pimcore {cmd[0]}: the certificate of {h.url} did not verify"), (
+                            cmd, r.stderr)
+                        assert "--cafile" in r.stderr and r.stderr.count("\n") == 1, (cmd, r.stderr)
+                    r = await cli(*cmd, *base, "--cafile", ca_file)
+                    assert (r.returncode, r.stderr) == (0, ""), (cmd, r)
+                assert await im.members("team") == ("alice",)
+                assert (await im.retention("team")).max_count == 5
+                # A CA file that does not load, and --cafile for a plain http:// API, are said clearly.
+                for path in (tmp_path / "missing.pem", tmp_path / "data"):
+                    r = await cli("group", "show", "team", *base, "--cafile", path)
+                    assert r.returncode == 2 and r.stderr.startswith(f"pimcore group: --cafile {path}: "), r.stderr
+                    assert r.stderr.count("\n") == 1, r.stderr
+        async with api(tmp_path / "plain") as (im, h, c):
+            await im.create_group("team", ["alice"])
+            r = await cli("group", "show", "team", "--http", h.url, "--api-key", KEY, "--cafile", ca_file)
+            assert r.returncode == 2 and "--cafile is for an https:// API" in r.stderr, r.stderr
+            assert r.stderr.count("\n") == 1, r.stderr
