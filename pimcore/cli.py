@@ -577,12 +577,21 @@ def _group_over_http(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Refused(ValueError):
+    """The HTTP API refused a call: ``code`` is its error code
+    (``UNKNOWN_CONVERSATION``, ``bad_request``...), the message what to print."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[dict] = None) -> dict:
     """One call of the HTTP server API at ``args.http`` (docs/HTTP.md);
     the API key from --api-key, $PIMCORE_API_KEY or <data-dir>/api-key;
     an https:// API's certificate verified with --cafile's CAs if given,
     else the system's.  ValueError with the server's message if it
-    refuses."""
+    refuses (a :class:`_Refused` carrying the API's error code)."""
     import os
     import http.client
     import ssl
@@ -622,8 +631,8 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
             # (The API's messages often end with the code already.)
             why = message if code in message else f"{code}: {message}"
         except (ValueError, KeyError, TypeError):  # (not the API's JSON error: a proxy's page...)
-            why = f"HTTP {exc.code} from {base}"
-        raise ValueError(why) from None
+            raise ValueError(f"HTTP {exc.code} from {base}") from None
+        raise _Refused(code, why) from None
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, ssl.SSLCertVerificationError):
             fix = (f"is --cafile {cafile} the CA that signed it?" if cafile is not None else
@@ -710,11 +719,23 @@ def _cmd_retention(args: argparse.Namespace) -> int:
     if (age is not None and age < 0) or (args.max_count is not None and args.max_count < 0):
         print("pimcore retention: --max-age and --max-count must be >= 0 (0: no limit)", file=sys.stderr)
         return 2
+    # (The store and the API answer a read of any well-formed id: the
+    # defaults, floor 0 -- as if a group never created existed.)
+    no_such = ValueError(f"no such conversation {args.conv!r} (UNKNOWN_CONVERSATION): no group has that id"
+                         " (pimcore group create makes one; a purged group is gone until created again)")
     try:
         if args.http:
-            path = f"/v1/conversations/{urllib.parse.quote(args.conv, safe='')}/retention"
-            out = _http_call(args, "PUT", path, {"max_age": age, "max_count": args.max_count}) if change else \
-                _http_call(args, "GET", path)
+            quoted = urllib.parse.quote(args.conv, safe="")
+            path = f"/v1/conversations/{quoted}/retention"
+            try:
+                if not change:
+                    _http_call(args, "GET", f"/v1/groups/{quoted}/members")  # 404 if it does not exist
+                out = _http_call(args, "PUT", path, {"max_age": age, "max_count": args.max_count}) if change else \
+                    _http_call(args, "GET", path)
+            except _Refused as exc:
+                if exc.code == "UNKNOWN_CONVERSATION":
+                    raise no_such from None
+                raise
         else:
             from .store import LmdbStore, Rejected, SetRetention, WriteBatch
 
@@ -724,6 +745,8 @@ def _cmd_retention(args: argparse.Namespace) -> int:
                 print(why, file=sys.stderr)
                 return 2
             with LmdbStore(settings.data_dir / "store", create=False, owner=False) as store:
+                if not store.conversation_exists(args.conv):
+                    raise no_such
                 if change:
                     [res] = store.commit(WriteBatch(0, (SetRetention(
                         args.conv, -1 if age is None else age, -1 if args.max_count is None else args.max_count),)))
@@ -901,7 +924,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("retention", help="show or set a conversation's history retention",
                        description="Without --max-age/--max-count/--default: show it.  A limit of 0 means none;"
-                                   " --default makes the conversation follow [server] history_max_age/_count.")
+                                   " --default makes the conversation follow [server] history_max_age/_count.  A group"
+                                   " that does not exist is an error (exit 2).")
     p.add_argument("conv", help="the conversation id")
     p.add_argument("--max-age", type=float, metavar="SECONDS", help="remove entries older than this")
     p.add_argument("--max-count", type=int, metavar="N", help="keep only the newest N entries")

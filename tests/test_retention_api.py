@@ -437,3 +437,44 @@ async def test_cli_trusts_a_self_signed_https_api_given_its_ca_with_cafile(tmp_p
             r = await cli("group", "show", "team", "--http", h.url, "--api-key", KEY, "--cafile", ca_file)
             assert r.returncode == 2 and "--cafile is for an https:// API" in r.stderr, r.stderr
             assert r.stderr.count("\n") == 1, r.stderr
+
+
+NO_SUCH = "no such conversation 'nope' (UNKNOWN_CONVERSATION)"
+
+
+def test_cli_retention_of_a_conversation_that_does_not_exist_is_refused(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    # It showed the broker defaults and floor 0 as if the group existed.
+    data = tmp_path / "data"
+    with LmdbStore(data / "store") as store:
+        store.create_group("team", ["alice", "bob"], 1)
+        store.create_group("gone", ["alice"], 1)
+    assert main(["purge", "conversation", "gone", "--data-dir", str(data)]) == 0
+    capsys.readouterr()
+    for conv in ("nope", "gone"):
+        for extra in ([], ["--max-count", "3"], ["--default"]):
+            assert main(["retention", conv, *extra, "--data-dir", str(data)]) == 2, (conv, extra)
+            std = capsys.readouterr()
+            assert std.out == "" and std.err.startswith(
+                f"pimcore retention: {NO_SUCH.replace('nope', conv)}"), (conv, extra, std)
+    # A group, and a direct id (it needs no creation), are shown.
+    for conv in ("team", AB):
+        assert main(["retention", conv, "--data-dir", str(data)]) == 0
+        assert json.loads(capsys.readouterr().out)["conv"] == conv
+
+
+async def test_cli_retention_over_http_of_a_conversation_that_does_not_exist_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            run = trio.to_thread.run_sync
+            base = ["--http", h.url, "--api-key", KEY]
+            capsys.readouterr()
+            for extra in ([], ["--max-count", "3"], ["--default"]):
+                assert await run(main, ["retention", "nope", *extra, *base]) == 2, extra
+                std = capsys.readouterr()
+                assert std.out == "" and std.err.startswith(f"pimcore retention: {NO_SUCH}"), (extra, std)
+            for conv in ("team", AB):
+                assert await run(main, ["retention", conv, *base]) == 0
+                assert json.loads(capsys.readouterr().out)["conv"] == conv
