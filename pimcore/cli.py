@@ -258,10 +258,9 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
 
     try:
         settings = _settings(args)
+        settings.check_listeners()  # (two on one address: refused before anything is made or bound)
         if args.print_config:
             # Effective settings only: nothing is created, opened or imported.
-            settings.endpoints()
-            settings.http_endpoint()
             print(render_toml(settings.effective()), end="")
             return 0
         start.begin(settings.data_dir)
