@@ -485,6 +485,12 @@ def _cmd_group(args: argparse.Namespace) -> int:
         return 2
     if args.http:
         return _group_over_http(args)
+    if args.action == "create" and not args.users:
+        from .ids import EMPTY_GROUP
+
+        # (What the broker and its HTTP API answer: the store would take it.)
+        print(f"pimcore group: group {args.name!r} not changed: BAD_REQUEST: {EMPTY_GROUP}", file=sys.stderr)
+        return 2
     try:
         settings = _settings(args)
         why = _lmdb_only("group", settings, "use --http (a running node's HTTP API)")

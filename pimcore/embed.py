@@ -37,7 +37,7 @@ from .core import Authenticator, ContentFilter, Identity
 from .config import ConfigError, ServeSettings, load_settings
 from .errors import BrokerStopped, ErrorCode, PimError, StoreError
 from .frames import MessageKind
-from .ids import SYSTEM, conversation_problem, group_problem, id_problem
+from .ids import EMPTY_GROUP, SYSTEM, conversation_problem, group_problem, id_problem
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
 from .store.base import (
@@ -433,12 +433,16 @@ class Pimcore:
         """Create group ``conv`` with ``members`` (a list, tuple or set of
         user ids), ordered with the messages around it.  ``history_visible``:
         members added later may read what was said before they joined
-        (default: not).  Raises RequestRefused (BAD_REQUEST, ALREADY_EXISTS),
+        (default: not).  Raises RequestRefused (BAD_REQUEST: a malformed id,
+        or no members -- a group needs at least one; ALREADY_EXISTS),
         StoreError if the store failed; TypeError (nothing changed) for a
         str instead of a list -- it would be one user per letter -- or an id
         that is no str (so do add_members and remove_members)."""
+        users = _user_ids(members, "members")
+        if not users:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"group {conv!r} not changed: BAD_REQUEST: {EMPTY_GROUP}")
         create = functools.partial(self.server.broker.create_group, history_visible=bool(history_visible))
-        return await self._admin(create, conv, _user_ids(members, "members"))
+        return await self._admin(create, conv, users)
 
     async def members(self, conv: str) -> tuple[str, ...]:
         """The members of group ``conv``, sorted (the two users of a direct

@@ -223,6 +223,8 @@ GROUP_SCRIPT = [
     (["show", "team"], 0, "team: 2 members: bob carol\nhistory visible to later members: no\n", ""),
     (["show", "team", "alice"], 2, "", "show takes no users"),
     (["add", "--history-visible", "team", "erin"], 2, "", "--history-visible is for create"),
+    (["create", "empty"], 2, "", "BAD_REQUEST: a group needs at least one member"),
+    (["show", "empty"], 2, "", "UNKNOWN_CONVERSATION"),
     (["create", "solo", "ann"], 0, "solo: 1 member: ann\n", ""),
     (["remove", "solo", "ann"], 0, "solo: 0 members\n", ""),
 ]
@@ -293,6 +295,14 @@ async def test_members_over_http_and_the_handle(tmp_path: Path) -> None:
             assert_error(*await call(c, "GET", "/v1/groups/b%20b/members"), 400, "BAD_REQUEST")
             assert_error(*await call(c, "POST", "/v1/groups", {"conv": "g2", "members": [], "history_visible": 1}),
                          400, "bad_request")
+            # A group of no one is refused (it was created), on every surface.
+            status, body = await call(c, "POST", "/v1/groups", {"conv": "g2", "members": []})
+            assert_error(status, body, 400, "BAD_REQUEST")
+            assert "a group needs at least one member" in body["error"]["message"], body
+            with pytest.raises(RequestRefused) as refused:
+                await im.create_group("g2", [])
+            assert refused.value.code is ErrorCode.BAD_REQUEST and "at least one member" in str(refused.value)
+            assert_error(*await call(c, "GET", "/v1/groups/g2/members"), 404, "UNKNOWN_CONVERSATION")
             for read in (im.members, im.history_visible):
                 with pytest.raises(RequestRefused) as refused:
                     await read("nope")
@@ -363,6 +373,9 @@ def test_the_asyncio_and_threaded_handles_delegate(tmp_path: Path) -> None:
         im.create_group("club", ["carol", "bob"], history_visible=True)
         assert im.members("team") == ("alice",) and im.members("club") == ("bob", "carol")
         assert (im.history_visible("team"), im.history_visible("club")) == (False, True)
+        with pytest.raises(RequestRefused) as refused:
+            im.create_group("empty", [])
+        assert refused.value.code is ErrorCode.BAD_REQUEST
         assert im.set_retention("team", max_count=4) == Retention("team", None, 4, 0)
         assert im.retention("team").max_count == 4
         assert im.purge_conversation("team").messages == 0
@@ -376,6 +389,9 @@ def test_the_asyncio_and_threaded_handles_delegate(tmp_path: Path) -> None:
             await h.create_group("club", ["carol", "bob"], history_visible=True)
             assert await h.members("team") == ("alice",) and await h.members("club") == ("bob", "carol")
             assert (await h.history_visible("team"), await h.history_visible("club")) == (False, True)
+            with pytest.raises(RequestRefused) as refused:
+                await h.create_group("empty", ())
+            assert refused.value.code is ErrorCode.BAD_REQUEST
             assert (await h.set_retention("team", max_age=10)).max_age == 10
             assert (await h.retention("team")).max_age == 10
             assert (await h.purge_conversation("team")).entries == 0
