@@ -224,6 +224,9 @@ class AsyncPimcore:
     async def members(self, conv: str) -> Any:
         return await self._call(self.handle.members, conv)
 
+    async def history_visible(self, conv: str) -> Any:
+        return await self._call(self.handle.history_visible, conv)
+
     async def add_members(self, conv: str, users: list[str]) -> Any:
         return await self._call(self.handle.add_members, conv, users)
 

@@ -258,10 +258,9 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
 
     try:
         settings = _settings(args)
+        settings.check_listeners()  # (two on one address: refused before anything is made or bound)
         if args.print_config:
             # Effective settings only: nothing is created, opened or imported.
-            settings.endpoints()
-            settings.http_endpoint()
             print(render_toml(settings.effective()), end="")
             return 0
         start.begin(settings.data_dir)
@@ -486,6 +485,12 @@ def _cmd_group(args: argparse.Namespace) -> int:
         return 2
     if args.http:
         return _group_over_http(args)
+    if args.action == "create" and not args.users:
+        from .ids import EMPTY_GROUP
+
+        # (What the broker and its HTTP API answer: the store would take it.)
+        print(f"pimcore group: group {args.name!r} not changed: BAD_REQUEST: {EMPTY_GROUP}", file=sys.stderr)
+        return 2
     try:
         settings = _settings(args)
         why = _lmdb_only("group", settings, "use --http (a running node's HTTP API)")
@@ -519,6 +524,8 @@ def _cmd_group(args: argparse.Namespace) -> int:
             return 2
         members = store.members(args.name)
         print(_members_line(args.name, members))
+        if args.action == "show":
+            print(_history_line(store.history_visible(args.name)))
     return 0
 
 
@@ -526,6 +533,13 @@ def _members_line(name: str, members: Sequence[str]) -> str:
     """``team: 2 members: alice bob`` (``club: 1 member: erin``, ``x: 0 members``)."""
     n = len(members)
     return f"{name}: {n} member{'' if n == 1 else 's'}" + (f": {' '.join(members)}" if members else "")
+
+
+def _history_line(visible: object) -> str:
+    """What ``group show`` says of the group's ``history_visible`` (set at
+    ``group create --history-visible``)."""
+    said = visible if isinstance(visible, str) else "yes" if visible else "no"
+    return f"history visible to later members: {said}"
 
 
 def _group_over_http(args: argparse.Namespace) -> int:
@@ -554,6 +568,8 @@ def _group_over_http(args: argparse.Namespace) -> int:
         else:  # show, or add/remove no one
             out = _http_call(args, "GET", f"/v1/groups/{group}/members")
         members = list(out["members"])
+        visible = out.get("history_visible", "unknown (this broker's HTTP API does not say)") \
+            if args.action == "show" else None
     except (ValueError, OSError) as exc:
         print(f"pimcore group: {exc}", file=sys.stderr)
         return 2
@@ -561,15 +577,29 @@ def _group_over_http(args: argparse.Namespace) -> int:
         print(f"pimcore group: unexpected answer from {args.http} (no member list)", file=sys.stderr)
         return 2
     print(_members_line(args.name, members))
+    if visible is not None:
+        print(_history_line(visible))
     return 0
+
+
+class _Refused(ValueError):
+    """The HTTP API refused a call: ``code`` is its error code
+    (``UNKNOWN_CONVERSATION``, ``bad_request``...), the message what to print."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[dict] = None) -> dict:
     """One call of the HTTP server API at ``args.http`` (docs/HTTP.md);
-    the API key from --api-key, $PIMCORE_API_KEY or <data-dir>/api-key.
-    ValueError with the server's message if it refuses."""
+    the API key from --api-key, $PIMCORE_API_KEY or <data-dir>/api-key;
+    an https:// API's certificate verified with --cafile's CAs if given,
+    else the system's.  ValueError with the server's message if it
+    refuses (a :class:`_Refused` carrying the API's error code)."""
     import os
     import http.client
+    import ssl
     import urllib.error
     import urllib.parse
     import urllib.request
@@ -583,11 +613,21 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
         key = key_file.read_text().strip()
     base = args.http if "://" in args.http else "http://" + args.http
     base = base.replace("tcp://", "http://", 1).replace("tls://", "https://", 1).rstrip("/")
+    context = None
+    cafile = getattr(args, "cafile", None)
+    if cafile is not None:
+        if not base.lower().startswith("https://"):
+            raise ValueError(f"--cafile is for an https:// API (or tls://), not {base}")
+        try:
+            context = ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ValueError(f"--cafile {cafile}: cannot load it as a PEM CA bundle: {why}") from None
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(base + path, data=data, method=method,
                                  headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=30, context=context) as resp:
             return json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
         try:
@@ -596,10 +636,18 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
             # (The API's messages often end with the code already.)
             why = message if code in message else f"{code}: {message}"
         except (ValueError, KeyError, TypeError):  # (not the API's JSON error: a proxy's page...)
-            why = f"HTTP {exc.code} from {base}"
-        raise ValueError(why) from None
+            raise ValueError(f"HTTP {exc.code} from {base}") from None
+        raise _Refused(code, why) from None
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLCertVerificationError):
+            fix = (f"is --cafile {cafile} the CA that signed it?" if cafile is not None else
+                   "give --cafile PATH, the PEM CA bundle that signed it (e.g. for a self-signed certificate)")
+            raise ValueError(f"the certificate of {base} did not verify"
+                             f" ({exc.reason.verify_message or exc.reason}): {fix}") from None
         raise ValueError(f"cannot reach {base}: {exc.reason}") from None
+    except ssl.SSLCertVerificationError as exc:  # (not wrapped in a URLError)
+        raise ValueError(f"the certificate of {base} did not verify ({exc.verify_message or exc}): give --cafile"
+                         " PATH, the PEM CA bundle that signed it") from None
     except (http.client.HTTPException, ConnectionError) as exc:
         # Something that does not speak HTTP answered: e.g. the broker's own
         # tcp:// listener given instead of its HTTP one (both are tcp:// URLs).
@@ -676,11 +724,23 @@ def _cmd_retention(args: argparse.Namespace) -> int:
     if (age is not None and age < 0) or (args.max_count is not None and args.max_count < 0):
         print("pimcore retention: --max-age and --max-count must be >= 0 (0: no limit)", file=sys.stderr)
         return 2
+    # (The store and the API answer a read of any well-formed id: the
+    # defaults, floor 0 -- as if a group never created existed.)
+    no_such = ValueError(f"no such conversation {args.conv!r} (UNKNOWN_CONVERSATION): no group has that id"
+                         " (pimcore group create makes one; a purged group is gone until created again)")
     try:
         if args.http:
-            path = f"/v1/conversations/{urllib.parse.quote(args.conv, safe='')}/retention"
-            out = _http_call(args, "PUT", path, {"max_age": age, "max_count": args.max_count}) if change else \
-                _http_call(args, "GET", path)
+            quoted = urllib.parse.quote(args.conv, safe="")
+            path = f"/v1/conversations/{quoted}/retention"
+            try:
+                if not change:
+                    _http_call(args, "GET", f"/v1/groups/{quoted}/members")  # 404 if it does not exist
+                out = _http_call(args, "PUT", path, {"max_age": age, "max_count": args.max_count}) if change else \
+                    _http_call(args, "GET", path)
+            except _Refused as exc:
+                if exc.code == "UNKNOWN_CONVERSATION":
+                    raise no_such from None
+                raise
         else:
             from .store import LmdbStore, Rejected, SetRetention, WriteBatch
 
@@ -690,6 +750,8 @@ def _cmd_retention(args: argparse.Namespace) -> int:
                 print(why, file=sys.stderr)
                 return 2
             with LmdbStore(settings.data_dir / "store", create=False, owner=False) as store:
+                if not store.conversation_exists(args.conv):
+                    raise no_such
                 if change:
                     [res] = store.commit(WriteBatch(0, (SetRetention(
                         args.conv, -1 if age is None else age, -1 if args.max_count is None else args.max_count),)))
@@ -771,6 +833,16 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args)
 
 
+def _http_flags(p: argparse.ArgumentParser) -> None:
+    """--http, --api-key and --cafile: of every command that can work
+    through a running broker's HTTP API (:func:`_http_call`)."""
+    p.add_argument("--http", metavar="URL", help="the broker's HTTP listener, e.g. http://127.0.0.1:7481")
+    p.add_argument("--api-key", help="HTTP API key (default $PIMCORE_API_KEY, else <data-dir>/api-key)")
+    p.add_argument("--cafile", metavar="PATH",
+                   help="with an https:// --http URL: PEM CA bundle to verify the API's certificate with (e.g. the"
+                        " CA of a self-signed one; default: the system's CAs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pimcore", description="pimcore instant-messaging broker core")
     parser.add_argument("--version", action="version", version=f"pimcore {__version__}")
@@ -829,7 +901,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Through a running broker's HTTP API with --http (the way next to a broker with"
                                    " durability log, its store's only writer, or one on Redis), else on the data"
                                    " directory's LMDB store (also while the broker runs).  Prints the members after"
-                                   " the change.")
+                                   " the change; show also says whether members added later may read what was said"
+                                   " before they joined (create --history-visible).")
     p.add_argument("action", choices=["create", "add", "remove", "show"])
     p.add_argument("name", help="group id, e.g. team-42")
     p.add_argument("users", nargs="*", metavar="USER", help="members to create with, add or remove")
@@ -838,8 +911,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="create: members added later may read what was said before they joined (default: not)",
     )
-    p.add_argument("--http", metavar="URL", help="the broker's HTTP listener, e.g. http://127.0.0.1:7481")
-    p.add_argument("--api-key", help="HTTP API key (default $PIMCORE_API_KEY, else <data-dir>/api-key)")
+    _http_flags(p)
     p.add_argument("--config", help="the serve configuration file (for its data directory)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
     p.set_defaults(func=_cmd_group)
@@ -850,21 +922,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    " connected devices stay until they log in again).  Prints what was removed.")
     p.add_argument("what", choices=["conversation", "user"])
     p.add_argument("id", help="the conversation id (group or d:a:b) or the user id")
-    p.add_argument("--http", metavar="URL", help="the broker's HTTP listener, e.g. http://127.0.0.1:7481")
-    p.add_argument("--api-key", help="HTTP API key (default $PIMCORE_API_KEY, else <data-dir>/api-key)")
+    _http_flags(p)
     p.add_argument("--config", help="the serve configuration file (for its data directory)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
     p.set_defaults(func=_cmd_purge)
 
     p = sub.add_parser("retention", help="show or set a conversation's history retention",
                        description="Without --max-age/--max-count/--default: show it.  A limit of 0 means none;"
-                                   " --default makes the conversation follow [server] history_max_age/_count.")
+                                   " --default makes the conversation follow [server] history_max_age/_count.  A group"
+                                   " that does not exist is an error (exit 2).")
     p.add_argument("conv", help="the conversation id")
     p.add_argument("--max-age", type=float, metavar="SECONDS", help="remove entries older than this")
     p.add_argument("--max-count", type=int, metavar="N", help="keep only the newest N entries")
     p.add_argument("--default", action="store_true", help="fields not given follow the broker default")
-    p.add_argument("--http", metavar="URL", help="the broker's HTTP listener, e.g. http://127.0.0.1:7481")
-    p.add_argument("--api-key", help="HTTP API key (default $PIMCORE_API_KEY, else <data-dir>/api-key)")
+    _http_flags(p)
     p.add_argument("--config", help="the serve configuration file (for its data directory)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
     p.set_defaults(func=_cmd_retention)

@@ -190,6 +190,26 @@ def env_name(section: Optional[str], key: str) -> str:
     return "PIMCORE_" + (f"{section}_{key}" if section else key).upper()
 
 
+def _addresses(host: str) -> set[tuple[int, str]]:
+    """What binding ``host`` takes: (IP version, address) pairs, the
+    address "*" for a wildcard (0.0.0.0, ::)."""
+    import ipaddress
+
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return {(4, "127.0.0.1"), (6, "::1")}
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        return {(0, name)}  # a host name: only the same name is known to overlap
+    return {(ip.version, "*" if ip.is_unspecified else str(ip))}
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Do binds of hosts ``a`` and ``b`` (on one port) take a same address?"""
+    return any(va == vb and (x == y or (va and "*" in (x, y))) for va, x in _addresses(a) for vb, y in _addresses(b))
+
+
 class ConfigError(ValueError):
     """A configuration file, variable or flag that cannot be used (message says which)."""
 
@@ -360,6 +380,25 @@ class ServeSettings:
                                 moderation=self.moderation_config(), **srv)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"server: {exc}") from None
+
+    def check_listeners(self) -> None:
+        """ConfigError if two listeners (``listen`` and ``http``) would take
+        the same address and port: the second could not bind.  Port 0 (a
+        free port) never collides; ``0.0.0.0`` / ``::`` hold the port on
+        every IPv4 / IPv6 address, ``localhost`` on 127.0.0.1 and ::1 (other
+        host names are not resolved: binding says which listener failed)."""
+        named = [(f"listen {ep.url}", ep) for ep in self.endpoints()]
+        http = self.http_endpoint()
+        if http is not None:
+            host = f"[{http.host}]" if ":" in http.host else http.host
+            named.append((f"http {'https' if http.secure else 'http'}://{host}:{http.port}", http))
+        for i, (first, a) in enumerate(named):
+            for second, b in named[i + 1:]:
+                if a.port and a.port == b.port and _overlap(a.host, b.host):
+                    where = f"[{b.host}]" if ":" in b.host else b.host
+                    wide = "" if a.host == b.host else f" ({a.host} and {b.host} overlap)"
+                    raise ConfigError(f"{first} and {second} are on the same address {where}:{b.port}{wide}:"
+                                      " give each listener its own port")
 
     def http_endpoint(self) -> Optional[Endpoint]:
         """The HTTP listener's address (scheme tcp or tls), or None."""

@@ -1587,10 +1587,14 @@ class Broker:
         with the messages around it).  ``history_visible``: members added
         later may read what was said before (default: they see the
         conversation from their JOINED entry on).  :class:`AdminDone` with
-        ``ref`` says how it went."""
+        ``ref`` says how it went: Rejected(BAD_REQUEST) at once, nothing
+        stored, for no members (:data:`pimcore.ids.EMPTY_GROUP`)."""
         if isinstance(members, str):
             raise ValueError("members must be an iterable of user ids, not a string")
-        return self._admin(CreateGroup(conv, tuple(sorted(set(members))), now, bool(history_visible)), ref, now)
+        users = tuple(sorted(set(members)))
+        if not users:
+            return [AdminDone(ref, Rejected(ErrorCode.BAD_REQUEST))]
+        return self._admin(CreateGroup(conv, users, now, bool(history_visible)), ref, now)
 
     def add_members(self, conv: str, users: Iterable[str], now: int, *, ref: int = 0) -> list[Command]:
         """Add users to a group (see :meth:`create_group`).  Each user who

@@ -37,7 +37,7 @@ from .core import Authenticator, ContentFilter, Identity
 from .config import ConfigError, ServeSettings, load_settings
 from .errors import BrokerStopped, ErrorCode, PimError, StoreError
 from .frames import MessageKind
-from .ids import SYSTEM, conversation_problem, group_problem, id_problem
+from .ids import EMPTY_GROUP, SYSTEM, conversation_problem, group_problem, id_problem
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
 from .store.base import (
@@ -433,12 +433,16 @@ class Pimcore:
         """Create group ``conv`` with ``members`` (a list, tuple or set of
         user ids), ordered with the messages around it.  ``history_visible``:
         members added later may read what was said before they joined
-        (default: not).  Raises RequestRefused (BAD_REQUEST, ALREADY_EXISTS),
+        (default: not).  Raises RequestRefused (BAD_REQUEST: a malformed id,
+        or no members -- a group needs at least one; ALREADY_EXISTS),
         StoreError if the store failed; TypeError (nothing changed) for a
         str instead of a list -- it would be one user per letter -- or an id
         that is no str (so do add_members and remove_members)."""
+        users = _user_ids(members, "members")
+        if not users:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"group {conv!r} not changed: BAD_REQUEST: {EMPTY_GROUP}")
         create = functools.partial(self.server.broker.create_group, history_visible=bool(history_visible))
-        return await self._admin(create, conv, _user_ids(members, "members"))
+        return await self._admin(create, conv, users)
 
     async def members(self, conv: str) -> tuple[str, ...]:
         """The members of group ``conv``, sorted (the two users of a direct
@@ -458,6 +462,27 @@ class Pimcore:
         if not exists:
             raise RequestRefused(ErrorCode.UNKNOWN_CONVERSATION, f"members of {conv!r}: UNKNOWN_CONVERSATION")
         return tuple(members)
+
+    async def history_visible(self, conv: str) -> bool:
+        """Whether members added to group ``conv`` later may read what was
+        said before they joined (``create_group(..., history_visible=True)``,
+        fixed at creation; False for a direct conversation: both users see
+        it all anyway).  Raises RequestRefused (BAD_REQUEST: a malformed id;
+        UNKNOWN_CONVERSATION: no such group), StoreError."""
+        problem = conversation_problem(conv)
+        if problem is not None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"history_visible: {problem}")
+        self.server.check_running()
+        store = self._store
+        if isinstance(store, AsyncStore):
+            exists = await store.conversation_exists(conv)
+            visible = exists and await store.history_visible(conv)
+        else:
+            exists = store.conversation_exists(conv)
+            visible = exists and store.history_visible(conv)
+        if not exists:
+            raise RequestRefused(ErrorCode.UNKNOWN_CONVERSATION, f"group {conv!r}: UNKNOWN_CONVERSATION")
+        return visible
 
     async def add_members(self, conv: str, users: Iterable[str]) -> GroupChanged:
         """Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION), StoreError."""

@@ -193,6 +193,11 @@ def conversation_problem(conv: object) -> Optional[str]:
     return f"group id {_show(conv)} is not 1-{MAX_GROUP_ID_LEN} printable ASCII characters without spaces"
 
 
+#: Why a group of no one is refused (BAD_REQUEST): no one could post to it
+#: or see it -- a group starts with its creator or an owner.
+EMPTY_GROUP = "a group needs at least one member (its creator or an owner)"
+
+
 def group_problem(conv: object) -> Optional[str]:
     """Why ``conv`` is not an acceptable group id, or None when it is (a
     valid direct id is not one: groups are never named d:...)."""

@@ -296,6 +296,10 @@ class ThreadedPimcore:
         assert self.handle is not None
         return self._call(self.handle.members, conv)
 
+    def history_visible(self, conv: str) -> bool:
+        assert self.handle is not None
+        return self._call(self.handle.history_visible, conv)
+
     def add_members(self, conv: str, users: Sequence[str]) -> GroupChanged:
         assert self.handle is not None
         return self._call(self.handle.add_members, conv, embed._user_ids(users, "users"))

@@ -378,3 +378,15 @@ def test_random_joins_leaves_sends_and_reads_follow_membership(tmp_path, kind, s
                 assert rr.code == ErrorCode.NOT_MEMBER
     finally:
         store.close()
+
+
+def test_a_group_with_no_members_is_not_created(h):
+    # The core created it: a group no one is in, no one can post to, and
+    # only the host knows exists.
+    from pimcore.store import Rejected
+
+    assert h.host_call(h.broker.create_group, "empty", []) == Rejected(ErrorCode.BAD_REQUEST)
+    assert h.host_call(h.broker.create_group, "empty", set()) == Rejected(ErrorCode.BAD_REQUEST)
+    assert not h.store.conversation_exists("empty")
+    h.create_group("empty", ["alice"])  # the id is still free
+    assert h.store.members("empty") == ("alice",)

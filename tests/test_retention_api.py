@@ -213,15 +213,18 @@ GROUP_SCRIPT = [
     (["add", "team", "carol", "dave"], 0, "team: 4 members: alice bob carol dave\n", ""),
     (["add", "team"], 0, "team: 4 members: alice bob carol dave\n", ""),
     (["remove", "team", "alice", "dave", "zed"], 0, "team: 2 members: bob carol\n", ""),
-    (["show", "team"], 0, "team: 2 members: bob carol\n", ""),
+    (["show", "team"], 0, "team: 2 members: bob carol\nhistory visible to later members: no\n", ""),
+    (["show", "club"], 0, "club: 1 member: erin\nhistory visible to later members: yes\n", ""),
     (["add", "nope", "carol"], 2, "", "UNKNOWN_CONVERSATION"),
     (["remove", "nope", "carol"], 2, "", "UNKNOWN_CONVERSATION"),
     (["show", "nope"], 2, "", "UNKNOWN_CONVERSATION"),
     (["create", "team", "zed"], 2, "", "ALREADY_EXISTS"),
     (["add", "team", "b b"], 2, "", "BAD_REQUEST"),
-    (["show", "team"], 0, "team: 2 members: bob carol\n", ""),
+    (["show", "team"], 0, "team: 2 members: bob carol\nhistory visible to later members: no\n", ""),
     (["show", "team", "alice"], 2, "", "show takes no users"),
     (["add", "--history-visible", "team", "erin"], 2, "", "--history-visible is for create"),
+    (["create", "empty"], 2, "", "BAD_REQUEST: a group needs at least one member"),
+    (["show", "empty"], 2, "", "UNKNOWN_CONVERSATION"),
     (["create", "solo", "ann"], 0, "solo: 1 member: ann\n", ""),
     (["remove", "solo", "ann"], 0, "solo: 0 members\n", ""),
 ]
@@ -278,17 +281,32 @@ async def test_members_over_http_and_the_handle(tmp_path: Path) -> None:
             assert await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["bob", "alice"],
                                                         "history_visible": True}) == (
                 201, {"conv": "team", "members": ["alice", "bob"]})
-            assert await call(c, "GET", "/v1/groups/team/members") == (200, {"conv": "team", "members": ["alice", "bob"]})
-            assert await im.members("team") == ("alice", "bob")
+            assert await call(c, "GET", "/v1/groups/team/members") == (
+                200, {"conv": "team", "members": ["alice", "bob"], "history_visible": True})
+            assert await im.members("team") == ("alice", "bob") and await im.history_visible("team") is True
+            await im.create_group("club", ["carol"])
+            assert await call(c, "GET", "/v1/groups/club/members") == (
+                200, {"conv": "club", "members": ["carol"], "history_visible": False})
+            assert await im.history_visible("club") is False
             await im.remove_members("team", ["alice", "bob"])
-            assert await call(c, "GET", "/v1/groups/team/members") == (200, {"conv": "team", "members": []})
+            assert await call(c, "GET", "/v1/groups/team/members") == (
+                200, {"conv": "team", "members": [], "history_visible": True})
             assert_error(*await call(c, "GET", "/v1/groups/nope/members"), 404, "UNKNOWN_CONVERSATION")
             assert_error(*await call(c, "GET", "/v1/groups/b%20b/members"), 400, "BAD_REQUEST")
             assert_error(*await call(c, "POST", "/v1/groups", {"conv": "g2", "members": [], "history_visible": 1}),
                          400, "bad_request")
+            # A group of no one is refused (it was created), on every surface.
+            status, body = await call(c, "POST", "/v1/groups", {"conv": "g2", "members": []})
+            assert_error(status, body, 400, "BAD_REQUEST")
+            assert "a group needs at least one member" in body["error"]["message"], body
             with pytest.raises(RequestRefused) as refused:
-                await im.members("nope")
-            assert refused.value.code is ErrorCode.UNKNOWN_CONVERSATION
+                await im.create_group("g2", [])
+            assert refused.value.code is ErrorCode.BAD_REQUEST and "at least one member" in str(refused.value)
+            assert_error(*await call(c, "GET", "/v1/groups/g2/members"), 404, "UNKNOWN_CONVERSATION")
+            for read in (im.members, im.history_visible):
+                with pytest.raises(RequestRefused) as refused:
+                    await read("nope")
+                assert refused.value.code is ErrorCode.UNKNOWN_CONVERSATION
 
 
 async def test_cli_shows_the_http_apis_refusal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -354,6 +372,10 @@ def test_the_asyncio_and_threaded_handles_delegate(tmp_path: Path) -> None:
         im.create_group("team", ["alice"])
         im.create_group("club", ["carol", "bob"], history_visible=True)
         assert im.members("team") == ("alice",) and im.members("club") == ("bob", "carol")
+        assert (im.history_visible("team"), im.history_visible("club")) == (False, True)
+        with pytest.raises(RequestRefused) as refused:
+            im.create_group("empty", [])
+        assert refused.value.code is ErrorCode.BAD_REQUEST
         assert im.set_retention("team", max_count=4) == Retention("team", None, 4, 0)
         assert im.retention("team").max_count == 4
         assert im.purge_conversation("team").messages == 0
@@ -366,9 +388,109 @@ def test_the_asyncio_and_threaded_handles_delegate(tmp_path: Path) -> None:
             await h.create_group("team", ["alice"])
             await h.create_group("club", ["carol", "bob"], history_visible=True)
             assert await h.members("team") == ("alice",) and await h.members("club") == ("bob", "carol")
+            assert (await h.history_visible("team"), await h.history_visible("club")) == (False, True)
+            with pytest.raises(RequestRefused) as refused:
+                await h.create_group("empty", ())
+            assert refused.value.code is ErrorCode.BAD_REQUEST
             assert (await h.set_retention("team", max_age=10)).max_age == 10
             assert (await h.retention("team")).max_age == 10
             assert (await h.purge_conversation("team")).entries == 0
             assert (await h.purge_user("alice")).devices == 0
 
     asyncio.run(main_())
+
+
+async def test_cli_trusts_a_self_signed_https_api_given_its_ca_with_cafile(tmp_path: Path) -> None:
+    # The commands that take --http had no way to trust a private CA: an
+    # https:// API with a self-signed certificate could not be used at all.
+    # (Run as processes: stderr is then the command's alone, not the
+    # embedded broker's log of the refused handshakes too.)
+    import ssl
+
+    import trustme
+
+    from pimcore.http import HttpConfig, open_http_server
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+
+    async def cli(*argv: Any) -> Any:
+        return await trio.to_thread.run_sync(lambda: run_pimcore(*argv))
+
+    with trio.fail_after(60):
+        async with open_pimcore(data_dir=tmp_path / "data", store=MemoryStore(), secret=SECRET.decode()) as im:
+            cfg = HttpConfig(api_keys=(KEY,), scheme="tls", ssl_context=server_ctx)
+            async with open_http_server(im.server, cfg, handle=im) as h:
+                assert h.url.startswith("https://")
+                base = ["--http", h.url, "--api-key", KEY]
+                cmds = (["group", "create", "team", "alice", "bob"], ["group", "show", "team"],
+                        ["retention", "team", "--max-count", "5"], ["retention", "team"],
+                        ["purge", "user", "bob"])
+                for cmd in cmds:
+                    # Without --cafile (or with the wrong CA): refused, saying why and what to give.
+                    for extra in ([], ["--cafile", other]):
+                        r = await cli(*cmd, *base, *extra)
+                        assert r.returncode == 2 and r.stdout == "", (cmd, extra, r)
+                        assert r.stderr.startswith(f"pimcore {cmd[0]}: the certificate of {h.url} did not verify"), (
+                            cmd, r.stderr)
+                        assert "--cafile" in r.stderr and r.stderr.count("\n") == 1, (cmd, r.stderr)
+                    r = await cli(*cmd, *base, "--cafile", ca_file)
+                    assert (r.returncode, r.stderr) == (0, ""), (cmd, r)
+                assert await im.members("team") == ("alice",)
+                assert (await im.retention("team")).max_count == 5
+                # A CA file that does not load, and --cafile for a plain http:// API, are said clearly.
+                for path in (tmp_path / "missing.pem", tmp_path / "data"):
+                    r = await cli("group", "show", "team", *base, "--cafile", path)
+                    assert r.returncode == 2 and r.stderr.startswith(f"pimcore group: --cafile {path}: "), r.stderr
+                    assert r.stderr.count("\n") == 1, r.stderr
+        async with api(tmp_path / "plain") as (im, h, c):
+            await im.create_group("team", ["alice"])
+            r = await cli("group", "show", "team", "--http", h.url, "--api-key", KEY, "--cafile", ca_file)
+            assert r.returncode == 2 and "--cafile is for an https:// API" in r.stderr, r.stderr
+            assert r.stderr.count("\n") == 1, r.stderr
+
+
+NO_SUCH = "no such conversation 'nope' (UNKNOWN_CONVERSATION)"
+
+
+def test_cli_retention_of_a_conversation_that_does_not_exist_is_refused(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    # It showed the broker defaults and floor 0 as if the group existed.
+    data = tmp_path / "data"
+    with LmdbStore(data / "store") as store:
+        store.create_group("team", ["alice", "bob"], 1)
+        store.create_group("gone", ["alice"], 1)
+    assert main(["purge", "conversation", "gone", "--data-dir", str(data)]) == 0
+    capsys.readouterr()
+    for conv in ("nope", "gone"):
+        for extra in ([], ["--max-count", "3"], ["--default"]):
+            assert main(["retention", conv, *extra, "--data-dir", str(data)]) == 2, (conv, extra)
+            std = capsys.readouterr()
+            assert std.out == "" and std.err.startswith(
+                f"pimcore retention: {NO_SUCH.replace('nope', conv)}"), (conv, extra, std)
+    # A group, and a direct id (it needs no creation), are shown.
+    for conv in ("team", AB):
+        assert main(["retention", conv, "--data-dir", str(data)]) == 0
+        assert json.loads(capsys.readouterr().out)["conv"] == conv
+
+
+async def test_cli_retention_over_http_of_a_conversation_that_does_not_exist_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            run = trio.to_thread.run_sync
+            base = ["--http", h.url, "--api-key", KEY]
+            capsys.readouterr()
+            for extra in ([], ["--max-count", "3"], ["--default"]):
+                assert await run(main, ["retention", "nope", *extra, *base]) == 2, extra
+                std = capsys.readouterr()
+                assert std.out == "" and std.err.startswith(f"pimcore retention: {NO_SUCH}"), (extra, std)
+            for conv in ("team", AB):
+                assert await run(main, ["retention", conv, *base]) == 0
+                assert json.loads(capsys.readouterr().out)["conv"] == conv

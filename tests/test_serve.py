@@ -534,7 +534,7 @@ def test_groups_are_administered_while_serving_and_chatted_in(tmp_path: Path, pr
     carol.write("still here?")
     carol.expect(r"^✗ not sent \(NOT_MEMBER\): still here\?$")
     shown = run_pimcore("group", "show", "team", "--data-dir", data)
-    assert shown.stdout.strip() == "team: 2 members: alice bob"
+    assert shown.stdout == "team: 2 members: alice bob\nhistory visible to later members: no\n", shown
     for p in (alice, carol):
         p.write("/quit")
         assert p.wait(timeout=15) == 0, p.describe()

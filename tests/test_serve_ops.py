@@ -304,19 +304,72 @@ def test_http_settings_serve_refuses_are_refused_by_print_config_too(tmp_path: P
 # ---------------------------------------------------------------- address in use
 
 
-def test_address_in_use_names_the_address(tmp_path: Path, procs: ProcGroup) -> None:
+def test_address_in_use_names_the_listener(tmp_path: Path, procs: ProcGroup) -> None:
+    # It said "cannot listen on 127.0.0.1:P (tcp)" for the HTTP listener too:
+    # which listener was it?
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        for args in (["--listen", f"tcp://127.0.0.1:{port}"],
-                     ["--listen", f"ws://127.0.0.1:{port}/im"],
-                     ["--listen", LOOPBACK, "--http", f"tcp://127.0.0.1:{port}"]):
+        for args, url in ((["--listen", f"tcp://127.0.0.1:{port}"], f"tcp://127.0.0.1:{port}"),
+                          (["--listen", f"ws://127.0.0.1:{port}/im"], f"ws://127.0.0.1:{port}/im"),
+                          (["--listen", LOOPBACK, "--http", f"tcp://127.0.0.1:{port}"], f"http://127.0.0.1:{port}")):
             r = run_pimcore("serve", "--data-dir", tmp_path / "d", "--log-level", "warning", *args)
             assert r.returncode == 1, (args, r.stdout, r.stderr)
-            assert r.stderr.startswith("pimcore serve: "), (args, r.stderr)
-            assert f"127.0.0.1:{port}" in r.stderr and "in use" in r.stderr, (args, r.stderr)
-            assert "Traceback" not in r.stderr and "ready" not in r.stdout
+            assert r.stderr == f"pimcore serve: cannot listen on {url}: address already in use\n", (args, r.stderr)
+            assert "ready" not in r.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_listeners_on_one_address_are_a_configuration_error_naming_both(tmp_path: Path) -> None:
+    # It bound the first and then said only "Address already in use".
+    port = _free_port()
+    cases = [
+        (["--listen", f"tcp://127.0.0.1:{port}", "--http", f"tcp://127.0.0.1:{port}"],
+         f"listen tcp://127.0.0.1:{port} and http http://127.0.0.1:{port}"),
+        (["--listen", f"tcp://127.0.0.1:{port}", "--listen", f"ws://127.0.0.1:{port}/im"],
+         f"listen tcp://127.0.0.1:{port} and listen ws://127.0.0.1:{port}/im"),
+        (["--listen", LOOPBACK, "--listen", f"ws://127.0.0.1:{port}/a", "--http", f"http://127.0.0.1:{port}"],
+         f"listen ws://127.0.0.1:{port}/a and http http://127.0.0.1:{port}"),
+    ]
+    for args, both in cases:
+        for extra in ([], ["--print-config"]):
+            r = run_pimcore("serve", "--data-dir", tmp_path / "d", *args, *extra)
+            assert r.returncode == 2, (args, extra, r.stdout, r.stderr)
+            assert r.stderr.startswith(f"pimcore serve: {both} are on the same address 127.0.0.1:{port}"), (
+                args, r.stderr)
+            assert "Traceback" not in r.stderr and r.stdout == "", (args, r.stdout)
+            assert not (tmp_path / "d").exists()  # refused before anything was made
+    # Port 0 (any free port) never collides.
+    r = run_pimcore("serve", "--data-dir", tmp_path / "d", "--listen", LOOPBACK, "--listen", "ws://127.0.0.1:0/",
+                    "--http", LOOPBACK, "--print-config")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("listen, http, clash", [
+    (["tcp://127.0.0.1:7400"], "tcp://127.0.0.1:7400", True),
+    (["tcp://0.0.0.0:7400"], "tcp://127.0.0.1:7400", True),  # the wildcard holds the port on every address
+    (["tcp://[::]:7400"], "tcp://[::1]:7400", True),
+    (["tcp://127.0.0.1:7400", "ws://127.0.0.2:7400/"], None, False),  # two addresses, one port each
+    (["tcp://0.0.0.0:7400"], "tcp://[::1]:7400", False),  # IPv4 and IPv6: two sockets
+    (["tcp://127.0.0.1:7400"], "tcp://127.0.0.1:7481", False),
+    (["tcp://127.0.0.1:0", "ws://127.0.0.1:0/"], "tcp://127.0.0.1:0", False),
+])
+def test_the_listener_clash_rule(listen: list[str], http: Optional[str], clash: bool) -> None:
+    # (Checked on the settings: nothing is bound.)
+    from pimcore.config import ConfigError, load_settings
+
+    settings = load_settings(None, listen=listen, http=http)
+    if clash:
+        with pytest.raises(ConfigError, match="are on the same address"):
+            settings.check_listeners()
+    else:
+        settings.check_listeners()
 
 
 def _tree(root: Path) -> dict[str, bytes]:

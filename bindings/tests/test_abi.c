@@ -282,6 +282,7 @@ static int run_main(const char *dir, const char *python, const char *test_dir, i
     CHECK_RC(pim_group_create(b, NULL, members, 2), PIM_ERR_INVALID);
     CHECK_RC(pim_group_create(NULL, "g2", members, 2), PIM_ERR_INVALID);
     CHECK_RC(pim_group_create(b, "g2", bad_id, 1), PIM_ERR_INVALID);
+    CHECK_RC(pim_group_create(b, "g2", members, 0), PIM_ERR_INVALID); /* a group of no one */
     CHECK_RC(pim_group_add_members(b, "nope", members, 2), PIM_ERR_UNKNOWN_CONVERSATION);
     CHECK_RC(pim_group_remove_members(b, "nope", members, 2), PIM_ERR_UNKNOWN_CONVERSATION);
     const char *carol[] = {"carol"};

@@ -336,7 +336,8 @@ def register_api(router: Router, handle: "Pimcore") -> None:
 
     async def members(request: Request) -> tuple[int, Any]:
         conv = request.params["conv"]
-        return 200, {"conv": conv, "members": list(await handle.members(conv))}
+        members = list(await handle.members(conv))
+        return 200, {"conv": conv, "members": members, "history_visible": await handle.history_visible(conv)}
 
     async def add_members(request: Request) -> tuple[int, Any]:
         changed = await handle.add_members(request.params["conv"], _strings(_object(request), "users"))

@@ -281,10 +281,11 @@ class HttpServer:
         from ..net.streams import Endpoint
 
         cfg = self.config
-        listeners = await open_listeners(Endpoint(cfg.scheme, cfg.host, cfg.port))
-        port = listeners[0].socket.getsockname()[1]
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        self.url = f"{'https' if cfg.scheme == 'tls' else 'http'}://{host}:{port}"
+        web = "https" if cfg.scheme == "tls" else "http"
+        listeners = await open_listeners(Endpoint(cfg.scheme, cfg.host, cfg.port), f"{web}://{host}:{cfg.port}")
+        port = listeners[0].socket.getsockname()[1]
+        self.url = f"{web}://{host}:{port}"
         log.info("http listening on %s", self.url, extra={"event": "listening", "url": self.url})
         async with trio.open_nursery() as connections:
             with trio.CancelScope() as self._accepting:

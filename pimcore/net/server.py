@@ -412,14 +412,24 @@ def tls_handshake_failed(stream: trio.abc.Stream, exc: BaseException, *, conn: i
     return True
 
 
-async def open_listeners(ep: Endpoint) -> list[trio.SocketListener]:
-    """``trio.open_tcp_listeners`` for ``ep``, with an OSError that names
-    the address (the bare one says only "Address already in use")."""
+class ListenError(OSError):
+    """A listener could not be opened; the message names it (its str is the
+    message alone, without "[Errno N]")."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+async def open_listeners(ep: Endpoint, name: Optional[str] = None) -> list[trio.SocketListener]:
+    """``trio.open_tcp_listeners`` for ``ep``, with an OSError (ListenError)
+    that names the listener: ``name`` (e.g. ``http://127.0.0.1:7481``), else
+    ``ep``'s URL -- the bare error says only "Address already in use"."""
     try:
         return await trio.open_tcp_listeners(ep.port, host=ep.host)
     except OSError as exc:
-        where = f"[{ep.host}]:{ep.port}" if ":" in ep.host else f"{ep.host}:{ep.port}"
-        raise OSError(exc.errno, f"cannot listen on {where} ({ep.scheme}): {exc.strerror or exc}") from None
+        why = exc.strerror or str(exc)
+        why = why[:1].lower() + why[1:]
+        raise ListenError(exc.errno, f"cannot listen on {name or ep.url}: {why}") from None
 
 
 @dataclass(frozen=True, slots=True)

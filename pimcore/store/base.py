@@ -1906,5 +1906,9 @@ class AsyncStore(ABC):
         """See :meth:`Store.members`."""
 
     @abstractmethod
+    async def history_visible(self, conv: str) -> bool:
+        """See :meth:`Store.history_visible`."""
+
+    @abstractmethod
     async def aclose(self) -> None:
         """Release the store (idempotent)."""

@@ -99,6 +99,9 @@ class LatencyStore(AsyncStore):
     async def members(self, conv: str) -> tuple[str, ...]:
         return self.inner.members(conv)
 
+    async def history_visible(self, conv: str) -> bool:
+        return self.inner.history_visible(conv)
+
     async def aclose(self) -> None:
         self.inner.close()
 
