@@ -448,20 +448,27 @@ class Pimcore:
         """The members of group ``conv``, sorted (the two users of a direct
         conversation id).  Raises RequestRefused (BAD_REQUEST: a malformed
         id; UNKNOWN_CONVERSATION: no such group), StoreError."""
+        members = await self._group_read(conv, "members", lambda store: store.members(conv))
+        if members is None:
+            raise RequestRefused(ErrorCode.UNKNOWN_CONVERSATION, f"members of {conv!r}: UNKNOWN_CONVERSATION")
+        return tuple(members)
+
+    async def _group_read(self, conv: str, what: str, read: Callable[[Any], Any]) -> Any:
+        """``read(store)`` (awaited for an AsyncStore) for a well-formed
+        ``conv`` (else RequestRefused BAD_REQUEST naming ``what``); None if
+        the conversation does not exist (an empty answer is asked about)."""
         problem = conversation_problem(conv)
         if problem is not None:
-            raise RequestRefused(ErrorCode.BAD_REQUEST, f"members: {problem}")
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"{what}: {problem}")
         self.server.check_running()
         store = self._store
         if isinstance(store, AsyncStore):
-            members = await store.members(conv)
-            exists = bool(members) or await store.conversation_exists(conv)
+            value = await read(store)
+            exists = bool(value) or await store.conversation_exists(conv)
         else:
-            members = store.members(conv)
-            exists = bool(members) or store.conversation_exists(conv)
-        if not exists:
-            raise RequestRefused(ErrorCode.UNKNOWN_CONVERSATION, f"members of {conv!r}: UNKNOWN_CONVERSATION")
-        return tuple(members)
+            value = read(store)
+            exists = bool(value) or store.conversation_exists(conv)
+        return value if exists else None
 
     async def history_visible(self, conv: str) -> bool:
         """Whether members added to group ``conv`` later may read what was
@@ -469,20 +476,10 @@ class Pimcore:
         fixed at creation; False for a direct conversation: both users see
         it all anyway).  Raises RequestRefused (BAD_REQUEST: a malformed id;
         UNKNOWN_CONVERSATION: no such group), StoreError."""
-        problem = conversation_problem(conv)
-        if problem is not None:
-            raise RequestRefused(ErrorCode.BAD_REQUEST, f"history_visible: {problem}")
-        self.server.check_running()
-        store = self._store
-        if isinstance(store, AsyncStore):
-            exists = await store.conversation_exists(conv)
-            visible = exists and await store.history_visible(conv)
-        else:
-            exists = store.conversation_exists(conv)
-            visible = exists and store.history_visible(conv)
-        if not exists:
+        visible = await self._group_read(conv, "history_visible", lambda store: store.history_visible(conv))
+        if visible is None:
             raise RequestRefused(ErrorCode.UNKNOWN_CONVERSATION, f"group {conv!r}: UNKNOWN_CONVERSATION")
-        return visible
+        return bool(visible)
 
     async def add_members(self, conv: str, users: Iterable[str]) -> GroupChanged:
         """Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION), StoreError."""

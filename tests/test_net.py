@@ -100,8 +100,7 @@ def ca():
 async def test_round_trip_on_every_transport(scheme, lmdb_store, ca):
     server_ssl = client_ssl = None
     if scheme in ("tls", "wss"):
-        server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+        server_ssl = _serving_tls(ca)
         client_ssl = ssl.create_default_context()
         ca.configure_trust(client_ssl)
     cfg = server_config(Endpoint(scheme, path="/im"), ssl_context=server_ssl)
@@ -121,8 +120,7 @@ async def test_round_trip_on_every_transport(scheme, lmdb_store, ca):
 async def test_tls_client_that_does_not_trust_the_certificate_cannot_connect(lmdb_store, ca):
     from pimcore.client import ConnectFailed
 
-    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    server_ssl = _serving_tls(ca)
     with trio.fail_after(10):
         async with serving(lmdb_store, server_config(Endpoint("tls"), ssl_context=server_ssl)) as srv:
             with pytest.raises(ConnectFailed):
@@ -140,8 +138,7 @@ async def test_a_failed_tls_handshake_is_logged_and_counted(lmdb_store, ca, capl
 
     from pimcore.http.metrics import BrokerCollector
 
-    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    server_ssl = _serving_tls(ca)
     caplog.set_level(logging.INFO, logger="pimcore.net")
     with trio.fail_after(10):
         async with serving(lmdb_store, server_config(Endpoint("tls"), ssl_context=server_ssl)) as srv:
@@ -182,8 +179,7 @@ async def test_a_failed_wss_handshake_is_logged_and_counted_like_a_tls_one(lmdb_
 
     from pimcore.http.metrics import BrokerCollector
 
-    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    server_ssl = _serving_tls(ca)
     caplog.set_level(logging.INFO, logger="pimcore.net")
     with trio.fail_after(10):
         async with serving(lmdb_store, server_config(Endpoint("wss", path="/im"), ssl_context=server_ssl)) as srv:
@@ -216,8 +212,7 @@ async def test_a_health_check_on_a_tls_port_is_no_failed_handshake(lmdb_store, c
     (event tls_silent), not counted; one that hung up mid-handshake still is."""
     import logging
 
-    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    server_ssl = _serving_tls(ca)
     caplog.set_level(logging.DEBUG, logger="pimcore.net")
     ep = Endpoint("wss", path="/im") if scheme == "wss" else Endpoint("tls")
     with trio.fail_after(10):
@@ -248,8 +243,7 @@ async def test_a_failed_handshake_follows_a_connect_line_naming_the_peer_even_af
     was asked of the socket after the reset."""
     import logging
 
-    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    server_ssl = _serving_tls(ca)
     caplog.set_level(logging.INFO, logger="pimcore.net")
     ep = Endpoint("wss", path="/im") if scheme == "wss" else Endpoint("tls")
     with trio.fail_after(10):
@@ -468,8 +462,7 @@ async def test_plain_tcp_to_a_tls_server_gives_up_at_connect_timeout_and_suggest
 async def test_plain_tcp_to_a_pimcore_tls_listener_suggests_tls(lmdb_store, ca) -> None:
     from pimcore.client import ConnectFailed
 
-    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    server_ssl = _serving_tls(ca)
     with trio.fail_after(20):
         async with serving(lmdb_store, server_config(Endpoint("tls"), ssl_context=server_ssl)) as srv:
             port = srv.endpoints[0].port
@@ -484,8 +477,7 @@ async def test_plain_ws_to_a_pimcore_wss_listener_suggests_wss(lmdb_store, ca) -
     # retried until connect_timeout and said only "no answer" (new-user finding).
     from pimcore.client import ConnectFailed
 
-    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    server_ssl = _serving_tls(ca)
     with trio.fail_after(20):
         async with serving(lmdb_store, server_config(Endpoint("wss", path="/im"), ssl_context=server_ssl)) as srv:
             port = srv.endpoints[0].port
@@ -512,6 +504,13 @@ async def test_a_plain_broker_that_hangs_up_is_not_said_to_need_tls() -> None:
 def _trusting(ca) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
+    return ctx
+
+
+def _serving_tls(ca) -> ssl.SSLContext:
+    """A server's TLS context with a certificate for 127.0.0.1 from ``ca``."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
     return ctx
 
 
@@ -1432,8 +1431,7 @@ async def test_a_silent_websocket_connection_gets_the_login_timeout(lmdb_store, 
     """A connection to a ws:// or wss:// listener that never completes its
     handshakes was held 60 s (trio-websocket's own limit); one to tcp:// is
     closed after login_timeout.  Both are now."""
-    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    server_ssl = _serving_tls(ca)
     cfg = server_config(Endpoint(scheme, path="/im"), ssl_context=server_ssl, login_timeout=0.3)
     with trio.fail_after(20):
         async with serving(lmdb_store, cfg) as srv:
