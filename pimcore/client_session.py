@@ -748,6 +748,11 @@ class ClientSession:
         # The last frame that answered something we sent (_ANSWERS): the last
         # proof that the broker hears us.
         self._last_heard = 0
+        # The outstanding Ping's send time on the broker's clock, and when the
+        # last push that may be queued ahead of its Pong arrived (session µs;
+        # 0: none since the Ping).  See _pong_deadline.
+        self._ping_server = 0
+        self._backlog_at = 0
         self._login_deadline = 0
         self._login_ack: Optional[F.LoginAck] = None
         # The broker's size limits (LoginAck.max_frame / max_payload) as of the
@@ -1146,6 +1151,10 @@ class ClientSession:
         t = type(f)
         if t in _ANSWERS:
             self._last_heard = self._t
+        elif t is F.Push and self._ping_at is not None:
+            msgs = f.messages  # type: ignore[attr-defined]
+            if msgs and max(m.server_time for m in msgs) <= self._ping_server + self._pong_timeout():
+                self._backlog_at = self._t
         if t is F.Close:
             self._on_close(f)  # type: ignore[arg-type]
         elif self._state is SessionState.ACTIVE:
@@ -1275,13 +1284,24 @@ class ClientSession:
         µs; None when no Ping is out).  Only its Pong answers it: frames the
         broker sends unasked (pushes) show that the way down works, not that
         the broker hears us.  ``_pong_timeout`` after the Ping while nothing
-        arrives; one full interval while other frames keep arriving, since
-        the Pong may queue behind them (a slow link draining a backlog)."""
+        arrives; one full interval while other frames arrive.
+
+        A slow way down draining a backlog queues the Pong behind it, several
+        intervals late (12 KB/s behind a 1 MB push window is 80 s).  A push of
+        messages stored no later than the Ping's send time on the broker's
+        clock plus ``_pong_timeout`` (the calibration's error, the Ping's way
+        up) may be ahead of the Pong, so each one gives it another interval.
+        A push of anything stored later was queued after the Pong -- had the
+        broker heard the Ping -- and gives no more time: a dead way up with
+        fresh messages still flowing down is found within an interval plus
+        ``_pong_timeout`` of the Ping;
+        with only the backlog flowing, once the push window is spent (the
+        broker pushes no further without our acks)."""
         if self._ping_at is None:
             return None
         if self._last_recv < self._ping_at:
             return self._ping_at + self._pong_timeout()
-        return self._ping_at + max(self._pong_timeout(), self._heartbeat)
+        return max(self._ping_at, self._backlog_at) + max(self._pong_timeout(), self._heartbeat)
 
     @property
     def heartbeat_interval(self) -> int:
@@ -1529,6 +1549,11 @@ class ClientSession:
                 self._ping_idle = t - max(self._last_sent, self._last_recv)
                 self._send(encode_frame(F.Ping(self._ping_nonce)))
                 self._ping_at = t
+                # The broker's clock now, as calibrated: a push of anything
+                # stored later than this (plus _pong_timeout of leeway) was
+                # queued after the Pong (_pong_deadline).
+                self._ping_server = self._raw_now + self._offset
+                self._backlog_at = 0
 
     # ------------------------------------------------------------ upstream
 

@@ -8,7 +8,7 @@ import struct
 import time
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 import trio
 
@@ -45,8 +45,11 @@ def server_config(*listeners: Endpoint, limits: Optional[Limits] = None, **kw: o
 
 
 @asynccontextmanager
-async def serving(store: Store, config: Optional[ServerConfig] = None, *, leeway: float = 30.0) -> AsyncIterator[BrokerServer]:
-    async with open_broker_server(store, JwtAuthenticator(SECRET, leeway=leeway), config or server_config()) as srv:
+async def serving(store: Store, config: Optional[ServerConfig] = None, *, leeway: float = 30.0,
+                  clock: Optional[Callable[[], int]] = None) -> AsyncIterator[BrokerServer]:
+    """A broker on ``store`` (``clock``: its µs clock, default the wall clock)."""
+    kw = {} if clock is None else {"clock": clock}
+    async with open_broker_server(store, JwtAuthenticator(SECRET, leeway=leeway), config or server_config(), **kw) as srv:
         yield srv
 
 

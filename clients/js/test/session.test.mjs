@@ -43,6 +43,10 @@ async function connectedWithHeartbeat(c) {
   await p;
   return ws;
 }
+function pushOf(pos, serverTime) {
+  // A Push of one message at inbox position pos, stored at serverTime (µs).
+  return frame('Push', { position: pos, messages: [{ position: pos, msg_id: Uint8Array.of(pos % 256), conv: 'd:u:v', seq: pos, sender: 'v', device: 'x', client_time: 1, server_time: serverTime, payload: new Uint8Array(0), kind: 0, local_id: pos, after_seq: 0, target: 0, edited: 0, recalled: false, deleted: false }] });
+}
 function make(opts = {}) {
   return new PimcoreClient({ url: 'ws://fake/', token: 't', device: 'd', WebSocket: FakeWS, ackTimeout: 100, timeSamples: 1, ackDelay: 5, ...opts });
 }
@@ -318,6 +322,37 @@ test('a wall clock stepped forward while the client runs fires no deadline early
   }
 });
 
+test('a slow way down draining a backlog keeps the link until the late Pong comes', async () => {
+  // The Pong is queued behind a backlog stored before the Ping (12 KB/s
+  // behind a full push window): each push of it gives the Pong another
+  // interval.  The client said NO_HEARTBEAT_ANSWER one interval after the
+  // Ping and reconnected over and over (new-user finding).
+  let clock = 1_700_000_000_000_000;
+  const H = 1_000_000; // heartbeat_ms 1000
+  const c = make({ ackTimeout: 400, backoffInitial: 10000, now: () => clock });
+  const ws = await connectedWithHeartbeat(c);
+  const start = clock;
+  const disc = []; c.on('disconnected', (d) => disc.push(d));
+  let answered = 0;
+  for (let pos = 1; clock - start < 8 * H; pos++) {
+    clock += 300_000;
+    const pings = ws.of('Ping');
+    const ping = pings.at(-1);
+    if (ping && !ping.answered && clock - ping.sentAt >= 5 * H) {
+      ping.answered = true; answered++;
+      ws.deliver(pushOf(pos, start - 60_000_000 + pos), frame('Pong', { nonce: ping.nonce })); // five intervals late
+    } else {
+      ws.deliver(pushOf(pos, start - 60_000_000 + pos)); // stored a minute before the login
+    }
+    await sleep(10);
+    c._tick();
+    for (const p of ws.of('Ping')) if (p.sentAt === undefined) p.sentAt = clock;
+    assert.equal(disc.length, 0, disc.length ? disc[0].reason : '');
+  }
+  assert.ok(answered >= 1, 'a late Pong came and kept the link');
+  await c.close();
+});
+
 test('a dead way up is found though the broker keeps pushing: a Ping needs its Pong', async () => {
   // The client's acks vanish (the way up is dead); pushes keep arriving every
   // 100 ms.  Pushes are no answer to the Ping: the link is declared dead
@@ -332,14 +367,16 @@ test('a dead way up is found though the broker keeps pushing: a Ping needs its P
   const got = []; c.on('message', (m) => got.push(m.seq));
   for (let pos = 1; !disc.length && clock - start < 10 * H; pos++) {
     clock += 100_000;
-    ws.deliver(frame('Push', { position: pos, messages: [{ position: pos, msg_id: Uint8Array.of(pos), conv: 'd:u:v', seq: pos, sender: 'v', device: 'x', client_time: 1, server_time: pos, payload: new Uint8Array(0), kind: 0, local_id: pos, after_seq: 0, target: 0, edited: 0, recalled: false, deleted: false }] }));
+    ws.deliver(pushOf(pos, clock - 50_000)); // new messages, stored just now
     await sleep(10); // the handlers run, the PushAck (ackDelay 5 ms) goes out -- into the void
     c._tick();
   }
   assert.ok(got.length >= 5, 'the pushes were taken');
   assert.ok(ws.of('PushAck').length >= 5, 'and acked, which did not put the Ping off');
   assert.equal(disc.length, 1, 'the dead way up is found');
-  assert.ok(clock - start <= 2 * H + 100_000, 'within two intervals of the last answer');
+  // Two intervals of the last answer, plus ackTimeout: messages stored up to
+  // then after the Ping may be ahead of its Pong (+ the push step).
+  assert.ok(clock - start <= 2 * H + 400_000 + 100_000, 'within two intervals of the last answer');
   assert.equal(ws.of('Ping').length, 1, 'one Ping, not put off by the acks, not repeated');
   assert.match(disc[0].reason, /no answer to the heartbeat/);
   await c.close();

@@ -395,6 +395,14 @@ export class PimcoreClient {
   _handle(f, now) {
     this.stats.framesIn++;
     if (ANSWERS.has(f.type)) this._lastHeard = now; // the broker hears us (a Ping needs one: _tick)
+    else if (f.type === FrameType.PUSH && this._ping && f.messages && f.messages.length) {
+      // Messages stored before the Ping's send time on the broker's clock
+      // (plus the Pong's timeout) may be queued ahead of its Pong: each such
+      // push gives the Pong another interval (a slow way down draining a
+      // backlog).  Ones stored later were queued after it: no more time.
+      const newest = Math.max(...f.messages.map((m) => Number(m.server_time)));
+      if (newest <= this._ping.server + this._pongTimeout()) this._ping.backlogAt = now;
+    }
     const st = this.state;
     if (f.type === FrameType.CLOSE) { this._onClose(f); return; }
     if (f.type === FrameType.PING && st !== State.CALIBRATING) { this._sendFrame(frame('Pong', { nonce: f.nonce })); return; }
@@ -1081,6 +1089,9 @@ export class PimcoreClient {
     else this._ticker.unref?.();
   }
 
+  /** How long a heartbeat Ping may wait for its Pong while nothing at all arrives (µs). */
+  _pongTimeout() { return Math.min(this._heartbeat, this.opts.ackTimeout * 1000); }
+
   _tick() {
     this._refTicker();
     const now = this._sessionNow();
@@ -1118,11 +1129,12 @@ export class PimcoreClient {
       // Only its Pong answers a Ping (PONG clears _ping): frames the broker
       // sends unasked (pushes) show the way down works, not that it hears us.
       // Nothing at all since the Ping: dead after min(H, ackTimeout).  Other
-      // frames arriving (the Pong may queue behind a backlog): one interval.
-      if (this._ping && this._lastRecv < this._ping.at && now - this._ping.at >= Math.min(H, this.opts.ackTimeout * 1000)) {
+      // frames arriving: one interval after the Ping, or after the last push
+      // of a backlog that may be queued ahead of the Pong (_handle).
+      if (this._ping && this._lastRecv < this._ping.at && now - this._ping.at >= this._pongTimeout()) {
         this._lost(null, 'no Pong from the broker: dead link'); return;
       }
-      if (this._ping && this._lastRecv >= this._ping.at && now - this._ping.at >= H) {
+      if (this._ping && this._lastRecv >= this._ping.at && now - Math.max(this._ping.at, this._ping.backlogAt) >= Math.max(H, this._pongTimeout())) {
         this._lost(null, NO_HEARTBEAT_ANSWER); return;
       }
     }
@@ -1135,7 +1147,8 @@ export class PimcoreClient {
     // are answered needs no Ping).
     if (H > 0 && !this._ping && (now - this._lastRecv >= H || now - this._lastSent >= H || now - this._lastHeard >= H)) {
       const nonce = (this._nonce = (this._nonce || 0) + 1);
-      this._ping = { nonce, at: now };
+      // server: the broker's clock now, as calibrated; backlogAt: see _handle.
+      this._ping = { nonce, at: now, server: this.serverNow(), backlogAt: 0 };
       this._sendFrame(frame('Ping', { nonce }));
     }
   }
