@@ -719,11 +719,12 @@ def _cmd_retention(args: argparse.Namespace) -> int:
         print(f"pimcore retention: --max-age must be a number of seconds below {2**63 // 1_000_000}, not"
               f" {args.max_age}", file=sys.stderr)
         return 2
-    # (µs; a positive age below 1 µs is 1 µs, not 0 -- which means no limit.)
-    age = None if args.max_age is None else max(int(args.max_age * 1_000_000), 1 if args.max_age > 0 else 0)
-    if (age is not None and age < 0) or (args.max_count is not None and args.max_count < 0):
+    # (The sign is checked on the value given: clamped first, -5 was 0, "no limit".)
+    if (args.max_age is not None and args.max_age < 0) or (args.max_count is not None and args.max_count < 0):
         print("pimcore retention: --max-age and --max-count must be >= 0 (0: no limit)", file=sys.stderr)
         return 2
+    # (µs; a positive age below 1 µs is 1 µs, not 0 -- which means no limit.)
+    age = None if args.max_age is None else max(int(args.max_age * 1_000_000), 1 if args.max_age > 0 else 0)
     # (The store and the API answer a read of any well-formed id: the
     # defaults, floor 0 -- as if a group never created existed.)
     no_such = ValueError(f"no such conversation {args.conv!r} (UNKNOWN_CONVERSATION): no group has that id"

@@ -494,3 +494,30 @@ async def test_cli_retention_over_http_of_a_conversation_that_does_not_exist_is_
             for conv in ("team", AB):
                 assert await run(main, ["retention", conv, *base]) == 0
                 assert json.loads(capsys.readouterr().out)["conv"] == conv
+
+
+async def test_cli_refuses_a_negative_max_age_locally_and_over_http(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--max-age -5 was clamped to 0 before the sign check: exit 0 and "no
+    limit" set, silently (--max-count -1 was refused).  Refused like it."""
+    data = tmp_path / "data"
+    with LmdbStore(data / "store") as store:
+        store.create_group("team", ["alice", "bob"], 1)
+    assert main(["retention", "team", "--max-age", "60", "--data-dir", str(data)]) == 0
+    capsys.readouterr()
+    for bad in ("-5", "-0.0000001", "-1e9"):
+        assert main(["retention", "team", f"--max-age={bad}", "--data-dir", str(data)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "--max-age and --max-count must be >= 0" in err, (bad, out, err)
+    assert main(["retention", "team", "--data-dir", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out)["max_age"] == 60_000_000  # unchanged
+    with trio.fail_after(30):
+        async with api(tmp_path / "api") as (im, h, c):
+            await im.create_group("team", ["alice"])
+            await im.set_retention("team", max_age=60_000_000)
+            run = trio.to_thread.run_sync
+            capsys.readouterr()
+            for bad in ("-5", "-0.0000001"):
+                assert await run(main, ["retention", "team", f"--max-age={bad}", "--http", h.url, "--api-key", KEY]) == 2
+                out, err = capsys.readouterr()
+                assert out == "" and "--max-age and --max-count must be >= 0" in err, (bad, out, err)
+            assert (await im.retention("team")).max_age == 60_000_000
