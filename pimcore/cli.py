@@ -591,6 +591,45 @@ class _Refused(ValueError):
         self.code = code
 
 
+#: --http URL schemes and what they mean (tcp:// and tls://, as the
+#: listeners are written in serve's settings, stand for http:// and https://).
+_HTTP_SCHEMES = {"http": "http", "https": "https", "tcp": "http", "tls": "https"}
+
+
+def _http_base(url: str) -> str:
+    """The base URL (``http[s]://HOST[:PORT]``) of an --http URL, or
+    ValueError saying what is wrong with it (in a sentence that does not
+    repeat a URL holding a user name or password).  HOST:PORT alone is
+    http://; only a host and an optional port may follow the scheme (the
+    API's paths are its own)."""
+    import urllib.parse
+
+    if "@" in url:
+        # (Said without the URL: a password there would be echoed.)
+        raise ValueError("--http URL: a user name or password in the URL is not supported (the API key goes in"
+                         " --api-key or $PIMCORE_API_KEY)")
+    if not url or any(c.isspace() or not c.isprintable() for c in url):
+        raise ValueError(f"--http {url!r}: not a URL (http://HOST:PORT or https://HOST:PORT)")
+    full = url if "://" in url else "http://" + url
+    parts = urllib.parse.urlsplit(full)
+    scheme = _HTTP_SCHEMES.get(parts.scheme.lower())
+    if scheme is None:
+        raise ValueError(f"--http {url}: the HTTP API is at an http:// or https:// URL, not {parts.scheme}://")
+    if "?" in full or "#" in full:
+        raise ValueError(f"--http {url}: give the listener's address without a query or fragment"
+                         " (http://HOST:PORT)")
+    if parts.path not in ("", "/"):
+        raise ValueError(f"--http {url}: give the listener's address without a path (http://HOST:PORT):"
+                         " the API's paths are /v1/...")
+    if not parts.hostname:
+        raise ValueError(f"--http {url}: no host (http://HOST:PORT)")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"--http {url}: the port must be a number 0..65535") from None
+    return f"{scheme}://{parts.netloc}"
+
+
 def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[dict] = None) -> dict:
     """One call of the HTTP server API at ``args.http`` (docs/HTTP.md);
     the API key from --api-key, $PIMCORE_API_KEY or <data-dir>/api-key;
@@ -611,8 +650,7 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
         if not key_file.is_file():
             raise ValueError(f"no API key: give --api-key or $PIMCORE_API_KEY (none in {key_file})")
         key = key_file.read_text().strip()
-    base = args.http if "://" in args.http else "http://" + args.http
-    base = base.replace("tcp://", "http://", 1).replace("tls://", "https://", 1).rstrip("/")
+    base = _http_base(args.http)
     context = None
     cafile = getattr(args, "cafile", None)
     if cafile is not None:
@@ -844,6 +882,17 @@ def _http_flags(p: argparse.ArgumentParser) -> None:
                         " CA of a self-signed one; default: the system's CAs)")
 
 
+def _http_flags_problem(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with the --http flags (:func:`_http_flags`) as given,
+    found before anything is opened or connected; None if nothing."""
+    if args.http is not None:
+        try:
+            _http_base(args.http)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pimcore", description="pimcore instant-messaging broker core")
     parser.add_argument("--version", action="version", version=f"pimcore {__version__}")
@@ -1011,6 +1060,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import BackendChoiceError
 
     args = build_parser().parse_args(argv)
+    if args.command in ("group", "purge", "retention"):
+        problem = _http_flags_problem(args)
+        if problem is not None:
+            print(f"pimcore {args.command}: {problem}", file=sys.stderr)
+            return 2
     try:
         return int(args.func(args))
     except BackendChoiceError as exc:  # PIMCORE_BACKEND=typo: the message says it all

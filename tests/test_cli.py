@@ -372,3 +372,38 @@ def test_an_unknown_backend_is_one_line_on_stderr_not_a_traceback(argv):
     bad = subprocess.run([sys.executable, "-m", "pimcore", *argv], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == "pimcore: PIMCORE_BACKEND='foo': expected 'cython', 'pure' or 'auto'"
+
+
+# -- --http URL of group, purge and retention --------------------------------
+
+_HTTP_COMMANDS = [["group", "show", "team"], ["purge", "user", "bob"], ["retention", "team"]]
+
+
+@pytest.mark.parametrize("cmd", _HTTP_COMMANDS, ids=lambda c: c[0])
+@pytest.mark.parametrize("url, why", [
+    ("ftp://127.0.0.1:1/", "http:// or https://"),  # hung 30 s, then an empty reason
+    ("file:///tmp/f", "http:// or https://"),  # read a local file as if it were the API
+    ("http://127.0.0.1:1/?x=1", "query"),  # "no endpoint /"
+    ("http://127.0.0.1:1#top", "fragment"),
+    ("http://127.0.0.1:1/v1", "path"),
+    ("http://:7481", "host"),
+    ("http://127.0.0.1:port", "port"),
+    ("http://127.0.0.1:99999", "port"),
+    ("https://admin:s3cret@127.0.0.1:1", "user name or password"),  # echoed the password
+    ("https://admin:s3/cret@127.0.0.1:1/", "user name or password"),  # (a "/" in the password)
+])
+def test_a_bad_http_url_is_refused_up_front_in_one_line(tmp_path, capsys, cmd, url, why):
+    rc = main([*cmd, "--http", url, "--api-key", "k", "--data-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "Traceback" not in err, (rc, out, err)
+    assert len(err.splitlines()) == 1 and err.startswith(f"pimcore {cmd[0]}: --http "), err
+    assert why in err, err
+    assert "s3" not in err and "cret" not in err, err  # never the password
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:1", "http://127.0.0.1:1", "http://127.0.0.1:1/", "HTTPS://127.0.0.1:1",
+                                 "tcp://127.0.0.1:1", "tls://localhost:1", "http://[::1]:1/"])
+def test_a_good_http_url_gets_past_the_check(tmp_path, capsys, url):
+    assert main(["group", "show", "team", "--http", url, "--api-key", "k"]) == 2  # (nothing listens on port 1)
+    err = capsys.readouterr().err
+    assert err.startswith("pimcore group: cannot reach "), err
