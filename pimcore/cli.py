@@ -10,7 +10,7 @@ import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 from . import __version__
 
@@ -893,10 +893,30 @@ def _http_flags_problem(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser; with ``intermixed`` set its options may come
+    between its positionals (``group create vis --history-visible alice
+    bob``: plain argparse ends the USER list at the option and refuses
+    what follows).  Subcommands without it parse as argparse does."""
+
+    intermixed = False
+    _mixing = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
+        if not self.intermixed or self._mixing:
+            return super().parse_known_args(args, namespace)
+        # (parse_known_intermixed_args calls parse_known_args itself, twice.)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pimcore", description="pimcore instant-messaging broker core")
     parser.add_argument("--version", action="version", version=f"pimcore {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
 
     p = sub.add_parser("serve", help="run the broker (TCP on 127.0.0.1:7400, LMDB in ./pimcore-data by default)")
     p.add_argument("--config", help="TOML configuration file (see pimcore.config)")
@@ -965,6 +985,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="the serve configuration file (for its data directory)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
     p.set_defaults(func=_cmd_group)
+    cast(_SubcommandParser, p).intermixed = True  # options anywhere among the users
 
     p = sub.add_parser("purge", help="delete a conversation or all data of a user (idempotent)",
                        description="Through a running broker's HTTP API with --http (a purged user's sessions are"

@@ -210,6 +210,9 @@ async def test_cli_purges_through_the_http_api(tmp_path: Path) -> None:
 GROUP_SCRIPT = [
     (["create", "team", "alice", "bob"], 0, "team: 2 members: alice bob\n", ""),
     (["create", "--history-visible", "club", "erin"], 0, "club: 1 member: erin\n", ""),
+    # Options among the positionals ("unrecognized arguments: gina hal").
+    (["create", "vis", "--history-visible", "gina", "hal"], 0, "vis: 2 members: gina hal\n", ""),
+    (["show", "vis"], 0, "vis: 2 members: gina hal\nhistory visible to later members: yes\n", ""),
     (["add", "team", "carol", "dave"], 0, "team: 4 members: alice bob carol dave\n", ""),
     (["add", "team"], 0, "team: 4 members: alice bob carol dave\n", ""),
     (["remove", "team", "alice", "dave", "zed"], 0, "team: 2 members: bob carol\n", ""),
@@ -223,6 +226,7 @@ GROUP_SCRIPT = [
     (["show", "team"], 0, "team: 2 members: bob carol\nhistory visible to later members: no\n", ""),
     (["show", "team", "alice"], 2, "", "show takes no users"),
     (["add", "--history-visible", "team", "erin"], 2, "", "--history-visible is for create"),
+    (["add", "team", "--history-visible", "erin"], 2, "", "--history-visible is for create"),
     (["create", "empty"], 2, "", "BAD_REQUEST: a group needs at least one member"),
     (["show", "empty"], 2, "", "UNKNOWN_CONVERSATION"),
     (["create", "solo", "ann"], 0, "solo: 1 member: ann\n", ""),
