@@ -630,6 +630,32 @@ def _http_base(url: str) -> str:
     return f"{scheme}://{parts.netloc}"
 
 
+def _speaks_tls(base: str, timeout: float = 5.0) -> bool:
+    """Whether the server at ``base`` (``http://HOST[:PORT]``) completes a
+    TLS handshake, or answers one with a TLS alert: to say "try https://"
+    when a plain HTTP request got no HTTP answer.  Nothing is verified (it
+    only tells TLS from not TLS) and nothing is sent after the handshake."""
+    import socket
+    import ssl
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(base)
+    host, port = parts.hostname or "", parts.port or 80
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host):
+                return True
+    except ssl.SSLError as exc:
+        # (A TLS server that refuses us -- no common cipher, a client
+        # certificate wanted -- still says so in TLS: an alert.)
+        return "ALERT" in str(exc.reason or "")
+    except (OSError, ValueError):
+        return False
+
+
 def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[dict] = None) -> dict:
     """One call of the HTTP server API at ``args.http`` (docs/HTTP.md);
     the API key from --api-key, $PIMCORE_API_KEY or <data-dir>/api-key;
@@ -687,8 +713,12 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
         raise ValueError(f"the certificate of {base} did not verify ({exc.verify_message or exc}): give --cafile"
                          " PATH, the PEM CA bundle that signed it") from None
     except (http.client.HTTPException, ConnectionError) as exc:
-        # Something that does not speak HTTP answered: e.g. the broker's own
-        # tcp:// listener given instead of its HTTP one (both are tcp:// URLs).
+        # Something that does not speak HTTP answered: an https:// listener
+        # asked in plain HTTP (it closes, resets or answers with a TLS
+        # alert), or e.g. the broker's own tcp:// listener given instead of
+        # its HTTP one (both are tcp:// URLs).
+        if base.startswith("http://") and _speaks_tls(base):
+            raise ValueError(f"cannot use {base}: the server speaks TLS: try https://{base[len('http://'):]}") from None
         raise ValueError(f"cannot use {base}: not an HTTP server (is this the --http listener?): {exc!r}") from None
 
 

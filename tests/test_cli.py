@@ -407,3 +407,36 @@ def test_a_good_http_url_gets_past_the_check(tmp_path, capsys, url):
     assert main(["group", "show", "team", "--http", url, "--api-key", "k"]) == 2  # (nothing listens on port 1)
     err = capsys.readouterr().err
     assert err.startswith("pimcore group: cannot reach "), err
+
+
+def test_http_at_a_server_answering_with_a_tls_alert_says_to_use_https(capsys):
+    """Another TLS server's answer to a plain HTTP request: a TLS alert
+    record (0x15 0x03 ...), read by http.client as a bad status line; as to
+    the handshake the CLI then tries.  Said as "try https://"."""
+    import socket
+    import threading
+
+    alert = b"\x15\x03\x01\x00\x02\x02\x46"  # fatal protocol_version
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        srv.settimeout(20)
+        port = srv.getsockname()[1]
+
+        def answer() -> None:
+            for _ in range(2):  # the request, then the handshake
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.settimeout(20)
+                    conn.recv(4096)
+                    conn.sendall(alert)
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        rc = main(["group", "show", "team", "--http", f"http://127.0.0.1:{port}", "--api-key", "k"])
+        t.join(20)
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", (rc, out, err)
+    assert err == (f"pimcore group: cannot use http://127.0.0.1:{port}: the server speaks TLS:"
+                   f" try https://127.0.0.1:{port}\n"), err

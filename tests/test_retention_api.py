@@ -525,3 +525,30 @@ async def test_cli_refuses_a_negative_max_age_locally_and_over_http(tmp_path: Pa
                 out, err = capsys.readouterr()
                 assert out == "" and "--max-age and --max-count must be >= 0" in err, (bad, out, err)
             assert (await im.retention("team")).max_age == 60_000_000
+
+
+async def test_cli_says_to_use_https_for_an_api_that_speaks_tls(tmp_path: Path) -> None:
+    """--http http://HOST:PORT at an https:// listener said "not an HTTP
+    server (is this the --http listener?)": the server closes the plain
+    request without an answer.  The CLI then tries a TLS handshake there
+    and, if the server speaks TLS, says to use https://."""
+    import ssl
+
+    import trustme
+
+    from pimcore.http import HttpConfig, open_http_server
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    with trio.fail_after(60):
+        async with open_pimcore(data_dir=tmp_path / "data", store=MemoryStore(), secret=SECRET.decode()) as im:
+            cfg = HttpConfig(api_keys=(KEY,), scheme="tls", ssl_context=server_ctx)
+            async with open_http_server(im.server, cfg, handle=im) as h:
+                tls_url = h.url.rstrip("/")
+                plain = tls_url.replace("https://", "http://", 1)
+                for url in (plain, plain.replace("http://", "", 1)):  # (HOST:PORT is http:// too)
+                    r = await trio.to_thread.run_sync(
+                        lambda: run_pimcore("group", "show", "team", "--http", url, "--api-key", KEY))
+                    assert r.returncode == 2 and r.stdout == "", r
+                    assert r.stderr == f"pimcore group: cannot use {plain}: the server speaks TLS: try {tls_url}\n", r.stderr
