@@ -915,6 +915,11 @@ def _http_flags(p: argparse.ArgumentParser) -> None:
 def _http_flags_problem(args: argparse.Namespace) -> Optional[str]:
     """What is wrong with the --http flags (:func:`_http_flags`) as given,
     found before anything is opened or connected; None if nothing."""
+    if args.cafile == "":
+        return "--cafile: the path is empty"
+    if args.cafile is not None and args.http is None:
+        # (It was ignored: the data directory's store was used, verifying nothing.)
+        return "--cafile is for an https:// API given with --http URL"
     if args.http is not None:
         try:
             _http_base(args.http)

@@ -440,3 +440,23 @@ def test_http_at_a_server_answering_with_a_tls_alert_says_to_use_https(capsys):
     assert rc == 2 and out == "", (rc, out, err)
     assert err == (f"pimcore group: cannot use http://127.0.0.1:{port}: the server speaks TLS:"
                    f" try https://127.0.0.1:{port}\n"), err
+
+
+@pytest.mark.parametrize("cmd", _HTTP_COMMANDS, ids=lambda c: c[0])
+def test_cafile_without_http_or_empty_is_refused(tmp_path, capsys, cmd):
+    """--cafile without --http was ignored silently (the data directory was
+    used), and --cafile '' said nothing useful."""
+    data = tmp_path / "data"
+    with LmdbStore(data / "store") as store:
+        store.create_group("team", ["alice", "bob"], 1)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read\n")
+    assert main([*cmd, "--cafile", str(ca), "--data-dir", str(data)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"pimcore {cmd[0]}: --cafile is for an https:// API given with --http URL\n", err
+    for extra in ([], ["--http", "https://127.0.0.1:1"]):
+        assert main([*cmd, "--cafile", "", *extra, "--api-key", "k", "--data-dir", str(data)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"pimcore {cmd[0]}: --cafile: the path is empty\n", err
+    with LmdbStore(data / "store", owner=False) as store:
+        assert store.members("team") == ("alice", "bob")  # nothing done
