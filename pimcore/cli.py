@@ -476,12 +476,22 @@ def _cmd_group(args: argparse.Namespace) -> int:
     from .errors import StoreError
     from .store import LmdbStore
 
-    if args.action == "show" and args.users:
-        print("pimcore group: show takes no users (it shows the group's members)", file=sys.stderr)
+    if args.name is None:
+        # (argparse said "the following arguments are required: name, USER".)
+        print(f"pimcore group: {args.action}: the group name is required (pimcore group {args.action} NAME"
+              f"{'' if args.action == 'show' else ' USER...'})", file=sys.stderr)
         return 2
     if args.history_visible and args.action != "create":
         print("pimcore group: --history-visible is for create (a group's history visibility is set when it is"
               " made)", file=sys.stderr)
+        return 2
+    if args.action in ("add", "remove") and not args.users:
+        # (It exited 0 and changed nothing.)
+        print(f"pimcore group: {args.action}: give at least one user (pimcore group {args.action} {args.name}"
+              " USER...)", file=sys.stderr)
+        return 2
+    if args.action == "show" and args.users:
+        print("pimcore group: show takes no users (it shows the group's members)", file=sys.stderr)
         return 2
     if args.http:
         return _group_over_http(args)
@@ -554,9 +564,9 @@ def _group_over_http(args: argparse.Namespace) -> int:
         if args.action == "create":
             out = _http_call(args, "POST", "/v1/groups",
                              {"conv": args.name, "members": args.users, "history_visible": args.history_visible})
-        elif args.action == "add" and args.users:
+        elif args.action == "add":
             out = _http_call(args, "POST", f"/v1/groups/{group}/members", {"users": args.users})
-        elif args.action == "remove" and args.users:
+        elif args.action == "remove":
             # One user per DELETE: check every id first, so that a bad one
             # refuses the whole command as on the data directory.
             for user in args.users:
@@ -565,7 +575,7 @@ def _group_over_http(args: argparse.Namespace) -> int:
                     raise ValueError(f"BAD_REQUEST: {problem}")
             for user in dict.fromkeys(args.users):
                 out = _http_call(args, "DELETE", f"/v1/groups/{group}/members/{urllib.parse.quote(user, safe='')}")
-        else:  # show, or add/remove no one
+        else:  # show
             out = _http_call(args, "GET", f"/v1/groups/{group}/members")
         members = list(out["members"])
         visible = out.get("history_visible", "unknown (this broker's HTTP API does not say)") \
@@ -1009,7 +1019,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    " the change; show also says whether members added later may read what was said"
                                    " before they joined (create --history-visible).")
     p.add_argument("action", choices=["create", "add", "remove", "show"])
-    p.add_argument("name", help="group id, e.g. team-42")
+    p.add_argument("name", nargs="?", help="group id, e.g. team-42 (required: checked by _cmd_group, to say so)")
     p.add_argument("users", nargs="*", metavar="USER", help="members to create with, add or remove")
     p.add_argument(
         "--history-visible",

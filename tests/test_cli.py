@@ -460,3 +460,18 @@ def test_cafile_without_http_or_empty_is_refused(tmp_path, capsys, cmd):
         assert out == "" and err == f"pimcore {cmd[0]}: --cafile: the path is empty\n", err
     with LmdbStore(data / "store", owner=False) as store:
         assert store.members("team") == ("alice", "bob")  # nothing done
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["group", "show"], "pimcore group: show: the group name is required (pimcore group show NAME)"),
+    (["group", "add"], "pimcore group: add: the group name is required (pimcore group add NAME USER...)"),
+    (["group", "add", "g1"], "pimcore group: add: give at least one user (pimcore group add g1 USER...)"),
+    (["group", "remove", "g1"], "pimcore group: remove: give at least one user (pimcore group remove g1 USER...)"),
+])
+def test_group_without_its_name_or_users_says_what_is_missing(tmp_path, capsys, argv, said):
+    """add/remove with no user exited 0 silently; show with no name said
+    "the following arguments are required: name, USER"."""
+    assert main([*argv, "--data-dir", str(tmp_path / "d")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == said + "\n", err
+    assert not (tmp_path / "d").exists()  # nothing opened

@@ -214,7 +214,9 @@ GROUP_SCRIPT = [
     (["create", "vis", "--history-visible", "gina", "hal"], 0, "vis: 2 members: gina hal\n", ""),
     (["show", "vis"], 0, "vis: 2 members: gina hal\nhistory visible to later members: yes\n", ""),
     (["add", "team", "carol", "dave"], 0, "team: 4 members: alice bob carol dave\n", ""),
-    (["add", "team"], 0, "team: 4 members: alice bob carol dave\n", ""),
+    (["add", "team"], 2, "", "add: give at least one user"),  # (exit 0, nothing said)
+    (["remove", "team", "--history-visible"], 2, "", "--history-visible is for create"),
+    (["remove", "team"], 2, "", "remove: give at least one user"),
     (["remove", "team", "alice", "dave", "zed"], 0, "team: 2 members: bob carol\n", ""),
     (["show", "team"], 0, "team: 2 members: bob carol\nhistory visible to later members: no\n", ""),
     (["show", "club"], 0, "club: 1 member: erin\nhistory visible to later members: yes\n", ""),
