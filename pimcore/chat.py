@@ -31,6 +31,17 @@ the others you are typing (a line you then send ends it for them).  In a
 ``--group NAME`` chats in a group instead (``pimcore group create NAME
 alice bob ...`` makes one; a group that does not exist is refused, exit 2);
 groups have no read receipts.
+
+Text from others is shown, never obeyed: every line the chat prints has its
+control characters and bidi controls replaced by visible escapes, so that a
+peer cannot forge a line (a newline followed by ``[17:30:00] me: ...``),
+retitle or clear the terminal, colour it, or reverse text.  ``\\n``, ``\\r``
+and ``\\t`` stand for a newline, carriage return and tab; ``\\xHH`` for any other
+C0 control, DEL and the C1 controls U+0080..U+009F (``\\x1b`` is ESC);
+``\\uHHHH`` for the bidi controls U+061C, U+200E, U+200F, U+202A..U+202E,
+U+2066..U+2069 and the line/paragraph separators U+2028, U+2029.  A
+multi-line message thus shows on one line, its line breaks as ``\\n``.  A
+backslash typed as such is shown as is.
 """
 
 from __future__ import annotations
@@ -82,6 +93,27 @@ class ChatEnded(RuntimeError):
 class ChatRefused(ValueError):
     """The chat cannot work as asked, found once connected (e.g. the peer is
     the user the broker logged us in as): a usage error, said in one line."""
+
+
+#: Characters a terminal acts on rather than shows -- C0 controls (newline,
+#: ESC...), DEL, the C1 controls, bidi controls and the Unicode line and
+#: paragraph separators -- mapped to their visible escape (module docstring).
+_UNSAFE = {c: ("\\x%02x" % c if c < 0x100 else "\\u%04x" % c)
+           for c in (*range(0x20), *range(0x7F, 0xA0), 0x61C, 0x200E, 0x200F,
+                     *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029)}
+_UNSAFE.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def safe_text(text: str) -> str:
+    """``text`` as one line a terminal only shows: its control characters
+    and bidi controls replaced by visible escapes (``\\n``, ``\\x1b``,
+    ``\\u202e``...)."""
+    return text.translate(_UNSAFE)
+
+
+def _safe_lines(out: Callable[[str], None]) -> Callable[[str], None]:
+    """``out`` with every line passed through safe_text first."""
+    return lambda line: out(safe_text(line))
 
 
 def _notice(m: "F.Message") -> Optional[str]:
@@ -146,6 +178,10 @@ async def chat(
     input lines (stdin if None)."""
     if (peer is None) == (group is None):
         raise ValueError("chat with a peer or in a group, not both")
+    # Every line goes out through safe_text: message texts, edits, the
+    # broker's reasons are others' text (module docstring).
+    out = _safe_lines(out)
+
     async with open_client(url, token, device, ssl_context=ssl_context) as client:
         if peer is not None and peer == client.user:
             # Only a JWT is read before connecting (run_chat): under another
@@ -368,14 +404,14 @@ def run_chat(args: argparse.Namespace) -> int:
             lambda: chat(args.url, args.token, args.to, group=args.group, device=args.device, ssl_context=ctx, out=out)
         )
     except ChatRefused as exc:
-        print(f"pimcore chat: {exc}", file=sys.stderr)
+        print(f"pimcore chat: {safe_text(str(exc))}", file=sys.stderr)
         return 2
     except (ChatEnded, ClientClosed) as exc:
-        print(f"pimcore chat: the broker ended this chat: {exc}", file=sys.stderr)
+        print(f"pimcore chat: the broker ended this chat: {safe_text(str(exc))}", file=sys.stderr)
     except AuthFailed as exc:
-        print(f"pimcore chat: token refused: {exc}", file=sys.stderr)
+        print(f"pimcore chat: token refused: {safe_text(str(exc))}", file=sys.stderr)
     except ConnectFailed as exc:
-        print(f"pimcore chat: {exc}", file=sys.stderr)
+        print(f"pimcore chat: {safe_text(str(exc))}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
     return 1

@@ -10,7 +10,7 @@ import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 from . import __version__
 
@@ -476,12 +476,22 @@ def _cmd_group(args: argparse.Namespace) -> int:
     from .errors import StoreError
     from .store import LmdbStore
 
-    if args.action == "show" and args.users:
-        print("pimcore group: show takes no users (it shows the group's members)", file=sys.stderr)
+    if args.name is None:
+        # (argparse said "the following arguments are required: name, USER".)
+        print(f"pimcore group: {args.action}: the group name is required (pimcore group {args.action} NAME"
+              f"{'' if args.action == 'show' else ' USER...'})", file=sys.stderr)
         return 2
     if args.history_visible and args.action != "create":
         print("pimcore group: --history-visible is for create (a group's history visibility is set when it is"
               " made)", file=sys.stderr)
+        return 2
+    if args.action in ("add", "remove") and not args.users:
+        # (It exited 0 and changed nothing.)
+        print(f"pimcore group: {args.action}: give at least one user (pimcore group {args.action} {args.name}"
+              " USER...)", file=sys.stderr)
+        return 2
+    if args.action == "show" and args.users:
+        print("pimcore group: show takes no users (it shows the group's members)", file=sys.stderr)
         return 2
     if args.http:
         return _group_over_http(args)
@@ -554,9 +564,9 @@ def _group_over_http(args: argparse.Namespace) -> int:
         if args.action == "create":
             out = _http_call(args, "POST", "/v1/groups",
                              {"conv": args.name, "members": args.users, "history_visible": args.history_visible})
-        elif args.action == "add" and args.users:
+        elif args.action == "add":
             out = _http_call(args, "POST", f"/v1/groups/{group}/members", {"users": args.users})
-        elif args.action == "remove" and args.users:
+        elif args.action == "remove":
             # One user per DELETE: check every id first, so that a bad one
             # refuses the whole command as on the data directory.
             for user in args.users:
@@ -565,7 +575,7 @@ def _group_over_http(args: argparse.Namespace) -> int:
                     raise ValueError(f"BAD_REQUEST: {problem}")
             for user in dict.fromkeys(args.users):
                 out = _http_call(args, "DELETE", f"/v1/groups/{group}/members/{urllib.parse.quote(user, safe='')}")
-        else:  # show, or add/remove no one
+        else:  # show
             out = _http_call(args, "GET", f"/v1/groups/{group}/members")
         members = list(out["members"])
         visible = out.get("history_visible", "unknown (this broker's HTTP API does not say)") \
@@ -591,6 +601,71 @@ class _Refused(ValueError):
         self.code = code
 
 
+#: --http URL schemes and what they mean (tcp:// and tls://, as the
+#: listeners are written in serve's settings, stand for http:// and https://).
+_HTTP_SCHEMES = {"http": "http", "https": "https", "tcp": "http", "tls": "https"}
+
+
+def _http_base(url: str) -> str:
+    """The base URL (``http[s]://HOST[:PORT]``) of an --http URL, or
+    ValueError saying what is wrong with it (in a sentence that does not
+    repeat a URL holding a user name or password).  HOST:PORT alone is
+    http://; only a host and an optional port may follow the scheme (the
+    API's paths are its own)."""
+    import urllib.parse
+
+    if "@" in url:
+        # (Said without the URL: a password there would be echoed.)
+        raise ValueError("--http URL: a user name or password in the URL is not supported (the API key goes in"
+                         " --api-key or $PIMCORE_API_KEY)")
+    if not url or any(c.isspace() or not c.isprintable() for c in url):
+        raise ValueError(f"--http {url!r}: not a URL (http://HOST:PORT or https://HOST:PORT)")
+    full = url if "://" in url else "http://" + url
+    parts = urllib.parse.urlsplit(full)
+    scheme = _HTTP_SCHEMES.get(parts.scheme.lower())
+    if scheme is None:
+        raise ValueError(f"--http {url}: the HTTP API is at an http:// or https:// URL, not {parts.scheme}://")
+    if "?" in full or "#" in full:
+        raise ValueError(f"--http {url}: give the listener's address without a query or fragment"
+                         " (http://HOST:PORT)")
+    if parts.path not in ("", "/"):
+        raise ValueError(f"--http {url}: give the listener's address without a path (http://HOST:PORT):"
+                         " the API's paths are /v1/...")
+    if not parts.hostname:
+        raise ValueError(f"--http {url}: no host (http://HOST:PORT)")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"--http {url}: the port must be a number 0..65535") from None
+    return f"{scheme}://{parts.netloc}"
+
+
+def _speaks_tls(base: str, timeout: float = 5.0) -> bool:
+    """Whether the server at ``base`` (``http://HOST[:PORT]``) completes a
+    TLS handshake, or answers one with a TLS alert: to say "try https://"
+    when a plain HTTP request got no HTTP answer.  Nothing is verified (it
+    only tells TLS from not TLS) and nothing is sent after the handshake."""
+    import socket
+    import ssl
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(base)
+    host, port = parts.hostname or "", parts.port or 80
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host):
+                return True
+    except ssl.SSLError as exc:
+        # (A TLS server that refuses us -- no common cipher, a client
+        # certificate wanted -- still says so in TLS: an alert.)
+        return "ALERT" in str(exc.reason or "")
+    except (OSError, ValueError):
+        return False
+
+
 def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[dict] = None) -> dict:
     """One call of the HTTP server API at ``args.http`` (docs/HTTP.md);
     the API key from --api-key, $PIMCORE_API_KEY or <data-dir>/api-key;
@@ -611,8 +686,7 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
         if not key_file.is_file():
             raise ValueError(f"no API key: give --api-key or $PIMCORE_API_KEY (none in {key_file})")
         key = key_file.read_text().strip()
-    base = args.http if "://" in args.http else "http://" + args.http
-    base = base.replace("tcp://", "http://", 1).replace("tls://", "https://", 1).rstrip("/")
+    base = _http_base(args.http)
     context = None
     cafile = getattr(args, "cafile", None)
     if cafile is not None:
@@ -649,8 +723,12 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
         raise ValueError(f"the certificate of {base} did not verify ({exc.verify_message or exc}): give --cafile"
                          " PATH, the PEM CA bundle that signed it") from None
     except (http.client.HTTPException, ConnectionError) as exc:
-        # Something that does not speak HTTP answered: e.g. the broker's own
-        # tcp:// listener given instead of its HTTP one (both are tcp:// URLs).
+        # Something that does not speak HTTP answered: an https:// listener
+        # asked in plain HTTP (it closes, resets or answers with a TLS
+        # alert), or e.g. the broker's own tcp:// listener given instead of
+        # its HTTP one (both are tcp:// URLs).
+        if base.startswith("http://") and _speaks_tls(base):
+            raise ValueError(f"cannot use {base}: the server speaks TLS: try https://{base[len('http://'):]}") from None
         raise ValueError(f"cannot use {base}: not an HTTP server (is this the --http listener?): {exc!r}") from None
 
 
@@ -719,11 +797,12 @@ def _cmd_retention(args: argparse.Namespace) -> int:
         print(f"pimcore retention: --max-age must be a number of seconds below {2**63 // 1_000_000}, not"
               f" {args.max_age}", file=sys.stderr)
         return 2
-    # (µs; a positive age below 1 µs is 1 µs, not 0 -- which means no limit.)
-    age = None if args.max_age is None else max(int(args.max_age * 1_000_000), 1 if args.max_age > 0 else 0)
-    if (age is not None and age < 0) or (args.max_count is not None and args.max_count < 0):
+    # (The sign is checked on the value given: clamped first, -5 was 0, "no limit".)
+    if (args.max_age is not None and args.max_age < 0) or (args.max_count is not None and args.max_count < 0):
         print("pimcore retention: --max-age and --max-count must be >= 0 (0: no limit)", file=sys.stderr)
         return 2
+    # (µs; a positive age below 1 µs is 1 µs, not 0 -- which means no limit.)
+    age = None if args.max_age is None else max(int(args.max_age * 1_000_000), 1 if args.max_age > 0 else 0)
     # (The store and the API answer a read of any well-formed id: the
     # defaults, floor 0 -- as if a group never created existed.)
     no_such = ValueError(f"no such conversation {args.conv!r} (UNKNOWN_CONVERSATION): no group has that id"
@@ -843,10 +922,46 @@ def _http_flags(p: argparse.ArgumentParser) -> None:
                         " CA of a self-signed one; default: the system's CAs)")
 
 
+def _http_flags_problem(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with the --http flags (:func:`_http_flags`) as given,
+    found before anything is opened or connected; None if nothing."""
+    if args.cafile == "":
+        return "--cafile: the path is empty"
+    if args.cafile is not None and args.http is None:
+        # (It was ignored: the data directory's store was used, verifying nothing.)
+        return "--cafile is for an https:// API given with --http URL"
+    if args.http is not None:
+        try:
+            _http_base(args.http)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser; with ``intermixed`` set its options may come
+    between its positionals (``group create vis --history-visible alice
+    bob``: plain argparse ends the USER list at the option and refuses
+    what follows).  Subcommands without it parse as argparse does."""
+
+    intermixed = False
+    _mixing = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
+        if not self.intermixed or self._mixing:
+            return super().parse_known_args(args, namespace)
+        # (parse_known_intermixed_args calls parse_known_args itself, twice.)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pimcore", description="pimcore instant-messaging broker core")
     parser.add_argument("--version", action="version", version=f"pimcore {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
 
     p = sub.add_parser("serve", help="run the broker (TCP on 127.0.0.1:7400, LMDB in ./pimcore-data by default)")
     p.add_argument("--config", help="TOML configuration file (see pimcore.config)")
@@ -904,7 +1019,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    " the change; show also says whether members added later may read what was said"
                                    " before they joined (create --history-visible).")
     p.add_argument("action", choices=["create", "add", "remove", "show"])
-    p.add_argument("name", help="group id, e.g. team-42")
+    p.add_argument("name", nargs="?", help="group id, e.g. team-42 (required: checked by _cmd_group, to say so)")
     p.add_argument("users", nargs="*", metavar="USER", help="members to create with, add or remove")
     p.add_argument(
         "--history-visible",
@@ -915,6 +1030,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="the serve configuration file (for its data directory)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
     p.set_defaults(func=_cmd_group)
+    cast(_SubcommandParser, p).intermixed = True  # options anywhere among the users
 
     p = sub.add_parser("purge", help="delete a conversation or all data of a user (idempotent)",
                        description="Through a running broker's HTTP API with --http (a purged user's sessions are"
@@ -1010,6 +1126,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import BackendChoiceError
 
     args = build_parser().parse_args(argv)
+    if args.command in ("group", "purge", "retention"):
+        problem = _http_flags_problem(args)
+        if problem is not None:
+            print(f"pimcore {args.command}: {problem}", file=sys.stderr)
+            return 2
     try:
         return int(args.func(args))
     except BackendChoiceError as exc:  # PIMCORE_BACKEND=typo: the message says it all

@@ -322,3 +322,50 @@ async def test_chat_says_what_quit_waits_for(tmp_path: Path) -> None:
             n.cancel_scope.cancel()
     (notice,) = [line for line in out if "waiting" in line]
     assert notice == "waiting for 1 unconfirmed message (Ctrl-C to leave now)…", out
+
+
+_PEER_TEXTS = [
+    "ok\n[17:30:00] me: I transfer you 1000 USD  (#999)",  # a forged line of mine
+    "\x1b]0;pwned\x07title",  # OSC: retitles the terminal
+    "\x1b[2J\x1b[Hcleared",  # clears the screen
+    "\x1b[31mred\x1b[0m",
+    "over\rwritten",
+    "c1 \x9b31m csi, \x85 nel, del \x7f, tab\t",
+    "bidi \u202etxt.exe\u202c \u2066iso\u2069 \u2028sep",
+]
+
+
+async def test_chat_shows_others_control_characters_as_visible_escapes(tmp_path: Path) -> None:
+    """A peer's text was printed raw: a newline forged a line that looked
+    like the user's own, escape sequences retitled, cleared and coloured the
+    terminal, bidi overrides reversed text.  Every line the chat prints now
+    has them as visible escapes (message texts, an edit, a broker's reason)."""
+    import unicodedata
+
+    import trio
+
+    from pimcore.client import open_client
+
+    def filter_(user: str, conv: str, payload: bytes):  # type: ignore[no-untyped-def]
+        return "no\n[17:30:01] bob: \x1b[32mreally" if payload == b"refuse me" else None
+
+    with trio.fail_after(30):
+        async with _alice_chats_with_bob(tmp_path, content_filter=filter_) as (im, n, out, into):
+            async with open_client(im.urls[0], im.issue_token("bob"), "phone") as bob:
+                for text in _PEER_TEXTS:
+                    sent = await bob.send("d:alice:bob", text.encode())
+                await bob.edit("d:alice:bob", sent.seq, "edited\n[17:30:02] me: \x1b[8mhidden".encode())
+                await into.send("refuse me")
+                while not (any("edited #" in line for line in out) and any(line.startswith("✗") for line in out)):
+                    await trio.sleep(0.01)
+            await into.send("/quit")
+    for line in out:
+        bad = [c for c in line if unicodedata.category(c) == "Cc" or c in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029"]
+        assert not bad, (line, out)
+    assert not any(line.startswith(("[17:30:0", "me:")) for line in out), out
+    shown = "\n".join(out)
+    for escaped in ["ok\\n[17:30:00] me: I transfer you 1000 USD  (#999)", "\\x1b]0;pwned\\x07title", "\\x1b[2J\\x1b[Hcleared",
+                    "\\x1b[31mred\\x1b[0m", "over\\rwritten", "c1 \\x9b31m csi, \\x85 nel, del \\x7f, tab\\t",
+                    "bidi \\u202etxt.exe\\u202c \\u2066iso\\u2069 \\u2028sep", "edited\\n[17:30:02] me: \\x1b[8mhidden",
+                    "(REJECTED: no\\n[17:30:01] bob: \\x1b[32mreally): refuse me"]:
+        assert escaped in shown, (escaped, out)

@@ -372,3 +372,106 @@ def test_an_unknown_backend_is_one_line_on_stderr_not_a_traceback(argv):
     bad = subprocess.run([sys.executable, "-m", "pimcore", *argv], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == "pimcore: PIMCORE_BACKEND='foo': expected 'cython', 'pure' or 'auto'"
+
+
+# -- --http URL of group, purge and retention --------------------------------
+
+_HTTP_COMMANDS = [["group", "show", "team"], ["purge", "user", "bob"], ["retention", "team"]]
+
+
+@pytest.mark.parametrize("cmd", _HTTP_COMMANDS, ids=lambda c: c[0])
+@pytest.mark.parametrize("url, why", [
+    ("ftp://127.0.0.1:1/", "http:// or https://"),  # hung 30 s, then an empty reason
+    ("file:///tmp/f", "http:// or https://"),  # read a local file as if it were the API
+    ("http://127.0.0.1:1/?x=1", "query"),  # "no endpoint /"
+    ("http://127.0.0.1:1#top", "fragment"),
+    ("http://127.0.0.1:1/v1", "path"),
+    ("http://:7481", "host"),
+    ("http://127.0.0.1:port", "port"),
+    ("http://127.0.0.1:99999", "port"),
+    ("https://admin:s3cret@127.0.0.1:1", "user name or password"),  # echoed the password
+    ("https://admin:s3/cret@127.0.0.1:1/", "user name or password"),  # (a "/" in the password)
+])
+def test_a_bad_http_url_is_refused_up_front_in_one_line(tmp_path, capsys, cmd, url, why):
+    rc = main([*cmd, "--http", url, "--api-key", "k", "--data-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "Traceback" not in err, (rc, out, err)
+    assert len(err.splitlines()) == 1 and err.startswith(f"pimcore {cmd[0]}: --http "), err
+    assert why in err, err
+    assert "s3" not in err and "cret" not in err, err  # never the password
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:1", "http://127.0.0.1:1", "http://127.0.0.1:1/", "HTTPS://127.0.0.1:1",
+                                 "tcp://127.0.0.1:1", "tls://localhost:1", "http://[::1]:1/"])
+def test_a_good_http_url_gets_past_the_check(tmp_path, capsys, url):
+    assert main(["group", "show", "team", "--http", url, "--api-key", "k"]) == 2  # (nothing listens on port 1)
+    err = capsys.readouterr().err
+    assert err.startswith("pimcore group: cannot reach "), err
+
+
+def test_http_at_a_server_answering_with_a_tls_alert_says_to_use_https(capsys):
+    """Another TLS server's answer to a plain HTTP request: a TLS alert
+    record (0x15 0x03 ...), read by http.client as a bad status line; as to
+    the handshake the CLI then tries.  Said as "try https://"."""
+    import socket
+    import threading
+
+    alert = b"\x15\x03\x01\x00\x02\x02\x46"  # fatal protocol_version
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        srv.settimeout(20)
+        port = srv.getsockname()[1]
+
+        def answer() -> None:
+            for _ in range(2):  # the request, then the handshake
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.settimeout(20)
+                    conn.recv(4096)
+                    conn.sendall(alert)
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        rc = main(["group", "show", "team", "--http", f"http://127.0.0.1:{port}", "--api-key", "k"])
+        t.join(20)
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", (rc, out, err)
+    assert err == (f"pimcore group: cannot use http://127.0.0.1:{port}: the server speaks TLS:"
+                   f" try https://127.0.0.1:{port}\n"), err
+
+
+@pytest.mark.parametrize("cmd", _HTTP_COMMANDS, ids=lambda c: c[0])
+def test_cafile_without_http_or_empty_is_refused(tmp_path, capsys, cmd):
+    """--cafile without --http was ignored silently (the data directory was
+    used), and --cafile '' said nothing useful."""
+    data = tmp_path / "data"
+    with LmdbStore(data / "store") as store:
+        store.create_group("team", ["alice", "bob"], 1)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read\n")
+    assert main([*cmd, "--cafile", str(ca), "--data-dir", str(data)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"pimcore {cmd[0]}: --cafile is for an https:// API given with --http URL\n", err
+    for extra in ([], ["--http", "https://127.0.0.1:1"]):
+        assert main([*cmd, "--cafile", "", *extra, "--api-key", "k", "--data-dir", str(data)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"pimcore {cmd[0]}: --cafile: the path is empty\n", err
+    with LmdbStore(data / "store", owner=False) as store:
+        assert store.members("team") == ("alice", "bob")  # nothing done
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["group", "show"], "pimcore group: show: the group name is required (pimcore group show NAME)"),
+    (["group", "add"], "pimcore group: add: the group name is required (pimcore group add NAME USER...)"),
+    (["group", "add", "g1"], "pimcore group: add: give at least one user (pimcore group add g1 USER...)"),
+    (["group", "remove", "g1"], "pimcore group: remove: give at least one user (pimcore group remove g1 USER...)"),
+])
+def test_group_without_its_name_or_users_says_what_is_missing(tmp_path, capsys, argv, said):
+    """add/remove with no user exited 0 silently; show with no name said
+    "the following arguments are required: name, USER"."""
+    assert main([*argv, "--data-dir", str(tmp_path / "d")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == said + "\n", err
+    assert not (tmp_path / "d").exists()  # nothing opened

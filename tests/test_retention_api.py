@@ -210,8 +210,13 @@ async def test_cli_purges_through_the_http_api(tmp_path: Path) -> None:
 GROUP_SCRIPT = [
     (["create", "team", "alice", "bob"], 0, "team: 2 members: alice bob\n", ""),
     (["create", "--history-visible", "club", "erin"], 0, "club: 1 member: erin\n", ""),
+    # Options among the positionals ("unrecognized arguments: gina hal").
+    (["create", "vis", "--history-visible", "gina", "hal"], 0, "vis: 2 members: gina hal\n", ""),
+    (["show", "vis"], 0, "vis: 2 members: gina hal\nhistory visible to later members: yes\n", ""),
     (["add", "team", "carol", "dave"], 0, "team: 4 members: alice bob carol dave\n", ""),
-    (["add", "team"], 0, "team: 4 members: alice bob carol dave\n", ""),
+    (["add", "team"], 2, "", "add: give at least one user"),  # (exit 0, nothing said)
+    (["remove", "team", "--history-visible"], 2, "", "--history-visible is for create"),
+    (["remove", "team"], 2, "", "remove: give at least one user"),
     (["remove", "team", "alice", "dave", "zed"], 0, "team: 2 members: bob carol\n", ""),
     (["show", "team"], 0, "team: 2 members: bob carol\nhistory visible to later members: no\n", ""),
     (["show", "club"], 0, "club: 1 member: erin\nhistory visible to later members: yes\n", ""),
@@ -223,6 +228,7 @@ GROUP_SCRIPT = [
     (["show", "team"], 0, "team: 2 members: bob carol\nhistory visible to later members: no\n", ""),
     (["show", "team", "alice"], 2, "", "show takes no users"),
     (["add", "--history-visible", "team", "erin"], 2, "", "--history-visible is for create"),
+    (["add", "team", "--history-visible", "erin"], 2, "", "--history-visible is for create"),
     (["create", "empty"], 2, "", "BAD_REQUEST: a group needs at least one member"),
     (["show", "empty"], 2, "", "UNKNOWN_CONVERSATION"),
     (["create", "solo", "ann"], 0, "solo: 1 member: ann\n", ""),
@@ -494,3 +500,57 @@ async def test_cli_retention_over_http_of_a_conversation_that_does_not_exist_is_
             for conv in ("team", AB):
                 assert await run(main, ["retention", conv, *base]) == 0
                 assert json.loads(capsys.readouterr().out)["conv"] == conv
+
+
+async def test_cli_refuses_a_negative_max_age_locally_and_over_http(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--max-age -5 was clamped to 0 before the sign check: exit 0 and "no
+    limit" set, silently (--max-count -1 was refused).  Refused like it."""
+    data = tmp_path / "data"
+    with LmdbStore(data / "store") as store:
+        store.create_group("team", ["alice", "bob"], 1)
+    assert main(["retention", "team", "--max-age", "60", "--data-dir", str(data)]) == 0
+    capsys.readouterr()
+    for bad in ("-5", "-0.0000001", "-1e9"):
+        assert main(["retention", "team", f"--max-age={bad}", "--data-dir", str(data)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "--max-age and --max-count must be >= 0" in err, (bad, out, err)
+    assert main(["retention", "team", "--data-dir", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out)["max_age"] == 60_000_000  # unchanged
+    with trio.fail_after(30):
+        async with api(tmp_path / "api") as (im, h, c):
+            await im.create_group("team", ["alice"])
+            await im.set_retention("team", max_age=60_000_000)
+            run = trio.to_thread.run_sync
+            capsys.readouterr()
+            for bad in ("-5", "-0.0000001"):
+                assert await run(main, ["retention", "team", f"--max-age={bad}", "--http", h.url, "--api-key", KEY]) == 2
+                out, err = capsys.readouterr()
+                assert out == "" and "--max-age and --max-count must be >= 0" in err, (bad, out, err)
+            assert (await im.retention("team")).max_age == 60_000_000
+
+
+async def test_cli_says_to_use_https_for_an_api_that_speaks_tls(tmp_path: Path) -> None:
+    """--http http://HOST:PORT at an https:// listener said "not an HTTP
+    server (is this the --http listener?)": the server closes the plain
+    request without an answer.  The CLI then tries a TLS handshake there
+    and, if the server speaks TLS, says to use https://."""
+    import ssl
+
+    import trustme
+
+    from pimcore.http import HttpConfig, open_http_server
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    with trio.fail_after(60):
+        async with open_pimcore(data_dir=tmp_path / "data", store=MemoryStore(), secret=SECRET.decode()) as im:
+            cfg = HttpConfig(api_keys=(KEY,), scheme="tls", ssl_context=server_ctx)
+            async with open_http_server(im.server, cfg, handle=im) as h:
+                tls_url = h.url.rstrip("/")
+                plain = tls_url.replace("https://", "http://", 1)
+                for url in (plain, plain.replace("http://", "", 1)):  # (HOST:PORT is http:// too)
+                    r = await trio.to_thread.run_sync(
+                        lambda: run_pimcore("group", "show", "team", "--http", url, "--api-key", KEY))
+                    assert r.returncode == 2 and r.stdout == "", r
+                    assert r.stderr == f"pimcore group: cannot use {plain}: the server speaks TLS: try {tls_url}\n", r.stderr
