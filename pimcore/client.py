@@ -1045,6 +1045,11 @@ def _io_failure(exc: BaseException) -> str:
             return _rejected(e)
         if isinstance(e, ssl.SSLError):
             return "TLS error: " + (e.reason.lower().replace("_", " ") if e.reason else str(e))
+        if isinstance(e, OSError) and e.errno == errno.EPIPE:
+            # A send after the peer's FIN then RST (Linux holds the reset as
+            # EPIPE then): the peer reset, as _pending_socket_error says when
+            # the reader meets it first.
+            return os.strerror(errno.ECONNRESET).lower()
         if isinstance(e, OSError) and e.strerror:
             return e.strerror[:1].lower() + e.strerror[1:]
         e = e.__cause__ or e.__context__

@@ -1451,7 +1451,8 @@ async def test_a_reset_after_the_end_is_said_as_a_reset_not_as_the_brokers_close
     """A middlebox that aborts can send a FIN and then an RST: the kernel
     reports the end first and keeps the reset for the next call.  The SDK
     said "connection closed by the broker" (it was a reset, one time in
-    about 20 in test_chat's reset test)."""
+    about 20 in test_chat's reset test), or "broken pipe" when its writer
+    met the reset first (a CI run under load)."""
     import struct
 
     with trio.fail_after(20):
