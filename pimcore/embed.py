@@ -437,11 +437,14 @@ class Pimcore:
         or no members -- a group needs at least one; ALREADY_EXISTS),
         StoreError if the store failed; TypeError (nothing changed) for a
         str instead of a list -- it would be one user per letter -- or an id
-        that is no str (so do add_members and remove_members)."""
+        that is no str (so do add_members and remove_members), and for a
+        ``history_visible`` that is not True or False (a str such as
+        ``'false'``, or 0/1, as POST /v1/groups refuses them)."""
+        visible = _history_flag(history_visible)
         users = _user_ids(members, "members")
         if not users:
             raise RequestRefused(ErrorCode.BAD_REQUEST, f"group {conv!r} not changed: BAD_REQUEST: {EMPTY_GROUP}")
-        create = functools.partial(self.server.broker.create_group, history_visible=bool(history_visible))
+        create = functools.partial(self.server.broker.create_group, history_visible=visible)
         return await self._admin(create, conv, users)
 
     async def members(self, conv: str) -> tuple[str, ...]:
@@ -1160,6 +1163,15 @@ def _user_ids(users: Any, what: str) -> list[str]:
         if not isinstance(u, str):
             raise TypeError(f"{what} must be a list of user ids (str), got {type(u).__name__} {u!r:.60} in it")
     return ids
+
+
+def _history_flag(value: Any) -> bool:
+    """``create_group``'s ``history_visible``: True or False exactly.  Any
+    other value is a TypeError: its truthiness is no answer (``'false'`` is
+    true), and 0/1 are refused as POST /v1/groups refuses them."""
+    if type(value) is not bool:
+        raise TypeError(f"history_visible must be a bool (True or False), not {type(value).__name__} {value!r:.60}")
+    return value
 
 
 #: What :meth:`Pimcore.recall` / ``edit`` / ``delete_for`` are called in refusals.
