@@ -37,7 +37,7 @@ from .core import Authenticator, ContentFilter, Identity
 from .config import ConfigError, ServeSettings, load_settings
 from .errors import BrokerStopped, ErrorCode, PimError, StoreError
 from .frames import MessageKind
-from .ids import EMPTY_GROUP, SYSTEM, conversation_problem, group_problem, id_problem
+from .ids import EMPTY_GROUP, LAST_MEMBERS, SYSTEM, conversation_problem, group_problem, id_problem
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
 from .store.base import (
@@ -489,16 +489,24 @@ class Pimcore:
         return await self._admin(self.server.broker.add_members, conv, _user_ids(users, "users"))
 
     async def remove_members(self, conv: str, users: Iterable[str]) -> GroupChanged:
-        """Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION), StoreError."""
-        return await self._admin(self.server.broker.remove_members, conv, _user_ids(users, "users"))
+        """Raises RequestRefused (BAD_REQUEST: a malformed id, or the
+        removal would leave the group with no member -- refused as a whole,
+        no one removed; purge the group to delete it; UNKNOWN_CONVERSATION),
+        StoreError."""
+        return await self._admin(self.server.broker.remove_members, conv, _user_ids(users, "users"),
+                                 bad_request=LAST_MEMBERS)
 
-    async def _admin(self, method: Callable[..., Any], conv: str, users: list[str]) -> GroupChanged:
+    async def _admin(self, method: Callable[..., Any], conv: str, users: list[str], *,
+                     bad_request: str = "") -> GroupChanged:
+        """``bad_request``: why a BAD_REQUEST with well-formed ids is."""
         result = await self.server.admin_result(method, conv, users)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
                 raise StoreError(f"group {conv!r} not changed: the store failed")
-            raise RequestRefused(result.code, f"group {conv!r} not changed: {result.code.name}"
-                                 + _why(result.code, users=users, group=conv))
+            why = _why(result.code, users=users, group=conv)
+            if not why and result.code is ErrorCode.BAD_REQUEST and bad_request:
+                why = f": {bad_request}"
+            raise RequestRefused(result.code, f"group {conv!r} not changed: {result.code.name}" + why)
         assert isinstance(result, GroupChanged)
         return result
 
