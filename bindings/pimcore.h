@@ -188,9 +188,11 @@ typedef struct pim_post_item {
 PIM_EXPORT int pim_post_batch(pim_broker *b, pim_post_item *items, size_t n);
 
 /* Group administration, ordered with the messages around it.  members: n
- * user ids (create: n >= 1, a group needs at least one member).  Errors:
- * PIM_ERR_ALREADY_EXISTS (create), PIM_ERR_UNKNOWN_CONVERSATION (add,
- * remove), PIM_ERR_INVALID. */
+ * user ids (create: n >= 1, a group needs at least one member; remove: a
+ * removal that would leave the group with no member is refused as a whole,
+ * PIM_ERR_INVALID, no one removed -- purge the conversation to delete a
+ * group).  Errors: PIM_ERR_ALREADY_EXISTS (create),
+ * PIM_ERR_UNKNOWN_CONVERSATION (add, remove), PIM_ERR_INVALID. */
 PIM_EXPORT int pim_group_create(pim_broker *b, const char *conv, const char *const *members, size_t n);
 PIM_EXPORT int pim_group_add_members(pim_broker *b, const char *conv, const char *const *users, size_t n);
 PIM_EXPORT int pim_group_remove_members(pim_broker *b, const char *conv, const char *const *users, size_t n);

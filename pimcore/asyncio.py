@@ -219,7 +219,8 @@ class AsyncPimcore:
         return await self._call(self.handle.purge_user, user)
 
     async def create_group(self, conv: str, members: list[str], *, history_visible: bool = False) -> Any:
-        return await self._call(self.handle.create_group, conv, members, history_visible=history_visible)
+        visible = embed._history_flag(history_visible)  # checked before crossing over
+        return await self._call(self.handle.create_group, conv, members, history_visible=visible)
 
     async def members(self, conv: str) -> Any:
         return await self._call(self.handle.members, conv)

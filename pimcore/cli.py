@@ -557,7 +557,8 @@ def _group_over_http(args: argparse.Namespace) -> int:
     broker's HTTP API (docs/HTTP.md), printing what the LMDB path prints."""
     import urllib.parse
 
-    from .ids import id_problem
+    from .ids import LAST_MEMBERS, id_problem
+    from .store.base import removes_everyone
 
     group = urllib.parse.quote(args.name, safe="")
     try:
@@ -567,14 +568,28 @@ def _group_over_http(args: argparse.Namespace) -> int:
         elif args.action == "add":
             out = _http_call(args, "POST", f"/v1/groups/{group}/members", {"users": args.users})
         elif args.action == "remove":
-            # One user per DELETE: check every id first, so that a bad one
-            # refuses the whole command as on the data directory.
+            # One user per DELETE: check every id first, and that some member
+            # stays, so that a bad id or removing everyone refuses the whole
+            # command as on the data directory (nothing removed).
             for user in args.users:
                 problem = id_problem(user, "user")
                 if problem is not None:
                     raise ValueError(f"BAD_REQUEST: {problem}")
-            for user in dict.fromkeys(args.users):
-                out = _http_call(args, "DELETE", f"/v1/groups/{group}/members/{urllib.parse.quote(user, safe='')}")
+            users = list(dict.fromkeys(args.users))
+            if removes_everyone(_http_call(args, "GET", f"/v1/groups/{group}/members")["members"], users):
+                raise ValueError(f"group {args.name!r} not changed: BAD_REQUEST: {LAST_MEMBERS}")
+            removed: list[str] = []
+            for user in users:
+                try:
+                    out = _http_call(args, "DELETE", f"/v1/groups/{group}/members/{urllib.parse.quote(user, safe='')}")
+                except ValueError as exc:
+                    if not removed:
+                        raise
+                    # The others left meanwhile (another admin's removal):
+                    # the broker refused to remove the last one.
+                    raise ValueError(f"removed {' '.join(removed)} from {args.name!r}, then {user!r} was refused"
+                                     f" ({exc}); not removed: {' '.join(users[len(removed):])}") from None
+                removed.append(user)
         else:  # show
             out = _http_call(args, "GET", f"/v1/groups/{group}/members")
         members = list(out["members"])

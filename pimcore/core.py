@@ -1607,7 +1607,9 @@ class Broker:
     def remove_members(self, conv: str, users: Iterable[str], now: int, *, ref: int = 0) -> list[Command]:
         """Remove users from a group (see :meth:`create_group`).  Each user
         who was a member gets a LEFT entry, pushed to the members and to
-        the leaving user."""
+        the leaving user.  A removal that would leave the group with no
+        member is refused by the store as a whole: Rejected(BAD_REQUEST),
+        no one removed (:data:`pimcore.ids.LAST_MEMBERS`)."""
         if isinstance(users, str):
             raise ValueError("users must be an iterable of user ids, not a string")
         return self._change_members(RemoveMembers, conv, users, ref, now)

@@ -37,7 +37,7 @@ from .core import Authenticator, ContentFilter, Identity
 from .config import ConfigError, ServeSettings, load_settings
 from .errors import BrokerStopped, ErrorCode, PimError, StoreError
 from .frames import MessageKind
-from .ids import EMPTY_GROUP, SYSTEM, conversation_problem, group_problem, id_problem
+from .ids import EMPTY_GROUP, LAST_MEMBERS, SYSTEM, conversation_problem, group_problem, id_problem
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
 from .store.base import (
@@ -437,11 +437,14 @@ class Pimcore:
         or no members -- a group needs at least one; ALREADY_EXISTS),
         StoreError if the store failed; TypeError (nothing changed) for a
         str instead of a list -- it would be one user per letter -- or an id
-        that is no str (so do add_members and remove_members)."""
+        that is no str (so do add_members and remove_members), and for a
+        ``history_visible`` that is not True or False (a str such as
+        ``'false'``, or 0/1, as POST /v1/groups refuses them)."""
+        visible = _history_flag(history_visible)
         users = _user_ids(members, "members")
         if not users:
             raise RequestRefused(ErrorCode.BAD_REQUEST, f"group {conv!r} not changed: BAD_REQUEST: {EMPTY_GROUP}")
-        create = functools.partial(self.server.broker.create_group, history_visible=bool(history_visible))
+        create = functools.partial(self.server.broker.create_group, history_visible=visible)
         return await self._admin(create, conv, users)
 
     async def members(self, conv: str) -> tuple[str, ...]:
@@ -486,16 +489,24 @@ class Pimcore:
         return await self._admin(self.server.broker.add_members, conv, _user_ids(users, "users"))
 
     async def remove_members(self, conv: str, users: Iterable[str]) -> GroupChanged:
-        """Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION), StoreError."""
-        return await self._admin(self.server.broker.remove_members, conv, _user_ids(users, "users"))
+        """Raises RequestRefused (BAD_REQUEST: a malformed id, or the
+        removal would leave the group with no member -- refused as a whole,
+        no one removed; purge the group to delete it; UNKNOWN_CONVERSATION),
+        StoreError."""
+        return await self._admin(self.server.broker.remove_members, conv, _user_ids(users, "users"),
+                                 bad_request=LAST_MEMBERS)
 
-    async def _admin(self, method: Callable[..., Any], conv: str, users: list[str]) -> GroupChanged:
+    async def _admin(self, method: Callable[..., Any], conv: str, users: list[str], *,
+                     bad_request: str = "") -> GroupChanged:
+        """``bad_request``: why a BAD_REQUEST with well-formed ids is."""
         result = await self.server.admin_result(method, conv, users)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
                 raise StoreError(f"group {conv!r} not changed: the store failed")
-            raise RequestRefused(result.code, f"group {conv!r} not changed: {result.code.name}"
-                                 + _why(result.code, users=users, group=conv))
+            why = _why(result.code, users=users, group=conv)
+            if not why and result.code is ErrorCode.BAD_REQUEST and bad_request:
+                why = f": {bad_request}"
+            raise RequestRefused(result.code, f"group {conv!r} not changed: {result.code.name}" + why)
         assert isinstance(result, GroupChanged)
         return result
 
@@ -1160,6 +1171,15 @@ def _user_ids(users: Any, what: str) -> list[str]:
         if not isinstance(u, str):
             raise TypeError(f"{what} must be a list of user ids (str), got {type(u).__name__} {u!r:.60} in it")
     return ids
+
+
+def _history_flag(value: Any) -> bool:
+    """``create_group``'s ``history_visible``: True or False exactly.  Any
+    other value is a TypeError: its truthiness is no answer (``'false'`` is
+    true), and 0/1 are refused as POST /v1/groups refuses them."""
+    if type(value) is not bool:
+        raise TypeError(f"history_visible must be a bool (True or False), not {type(value).__name__} {value!r:.60}")
+    return value
 
 
 #: What :meth:`Pimcore.recall` / ``edit`` / ``delete_for`` are called in refusals.

@@ -197,6 +197,13 @@ def conversation_problem(conv: object) -> Optional[str]:
 #: or see it -- a group starts with its creator or an owner.
 EMPTY_GROUP = "a group needs at least one member (its creator or an owner)"
 
+#: Why a removal of every remaining member is refused (BAD_REQUEST, no one
+#: removed): the store decides it as it applies the op, so concurrent
+#: removals cannot leave a group of no one either.
+LAST_MEMBERS = ("a group needs at least one member: removing all its remaining members is refused"
+                " (no one removed); to delete the group, purge it (pimcore purge conversation CONV,"
+                " purge_conversation, DELETE /v1/conversations/CONV)")
+
 
 def group_problem(conv: object) -> Optional[str]:
     """Why ``conv`` is not an acceptable group id, or None when it is (a

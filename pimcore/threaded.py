@@ -289,8 +289,9 @@ class ThreadedPimcore:
 
     def create_group(self, conv: str, members: Sequence[str], *, history_visible: bool = False) -> GroupChanged:
         assert self.handle is not None
+        visible = embed._history_flag(history_visible)  # checked in the caller's thread
         return self._call(self.handle.create_group, conv, embed._user_ids(members, "members"),  # a copy, checked
-                          history_visible=history_visible)
+                          history_visible=visible)
 
     def members(self, conv: str) -> tuple[str, ...]:
         assert self.handle is not None

@@ -285,3 +285,53 @@ async def test_a_post_the_core_fails_on_mid_list_keeps_the_others_results(tmp_pa
             assert sorted(m.payload for m in await im.history("team", "alice")) == [b"one", b"two"]
             assert results[0].seq < results[2].seq
             assert im.server._admin_waiters == {}
+
+
+_NOT_A_BOOL = ["false", "true", "", 0, 1, None, [], 1.0]
+
+
+async def test_history_visible_must_be_a_bool_and_nothing_is_created_otherwise(tmp_path: Path) -> None:
+    """``create_group(..., history_visible='false')`` took the string's
+    truthiness: the group was created with history visible.  Anything but
+    True or False (0 and 1 too, as POST /v1/groups refuses them) is a
+    TypeError, and no group is created."""
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            for bad in _NOT_A_BOOL:
+                with pytest.raises(TypeError, match="history_visible must be a bool"):
+                    await im.create_group("gf", ["alice"], history_visible=bad)  # type: ignore[arg-type]
+            assert await im.conversations("alice") == []
+            await im.create_group("gf", ["alice"], history_visible=False)
+            assert await im.history_visible("gf") is False
+            await im.create_group("gt", ["alice"], history_visible=True)
+            assert await im.history_visible("gt") is True
+            assert im.server._admin_waiters == {}
+
+
+def test_history_visible_must_be_a_bool_on_the_threaded_and_asyncio_handles(tmp_path: Path) -> None:
+    import asyncio
+
+    import pimcore.asyncio
+    from pimcore.threaded import open_pimcore_thread
+
+    im = open_pimcore_thread(data_dir=tmp_path / "t")
+    try:
+        for bad in _NOT_A_BOOL:
+            with pytest.raises(TypeError, match="history_visible must be a bool"):
+                im.create_group("gf", ["alice"], history_visible=bad)  # type: ignore[arg-type]
+        assert im.conversations("alice") == []
+        im.create_group("gt", ["alice"], history_visible=True)
+        assert im.history_visible("gt") is True
+    finally:
+        im.close()
+
+    async def main() -> None:
+        async with pimcore.asyncio.open_pimcore(data_dir=tmp_path / "a") as aim:
+            for bad in _NOT_A_BOOL:
+                with pytest.raises(TypeError, match="history_visible must be a bool"):
+                    await aim.create_group("gf", ["alice"], history_visible=bad)  # type: ignore[arg-type]
+            assert await aim.conversations("alice") == []
+            await aim.create_group("gt", ["alice"], history_visible=True)
+            assert await aim.history_visible("gt") is True
+
+    asyncio.run(main())

@@ -448,3 +448,54 @@ async def test_a_redis_server_that_dies_is_logged_in_one_clear_line(standalone_r
     lines = [r for r in caplog.records if r.name.startswith("pimcore") and "Redis" in r.getMessage()]
     assert lines and "closed" in lines[0].getMessage(), caplog.text
     assert not [r for r in caplog.records if r.name == "coredis" and r.exc_info and r.exc_info[0] is None]
+
+
+@pytest.mark.redis
+async def test_concurrent_removals_on_two_nodes_never_leave_a_group_of_no_one(redis_cluster) -> None:
+    """The rule that a removal may not leave a group with no member is the
+    CHANGE script's (it knows the membership atomically): two nodes that
+    each remove a different one of the two members at once -- each check
+    alone would pass -- get one removal and one Rejected(BAD_REQUEST).
+    With three members and removals of two and of one racing, the group
+    keeps a member whatever the interleaving."""
+    from pimcore.errors import ErrorCode
+    from pimcore.store import CreateGroup, GroupChanged, Rejected, RemoveMembers
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as one, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as two:
+            async def run(store, op) -> object:
+                (res,) = await store.execute(StoreRequest(0, (op,), True))
+                return res
+
+            for i in range(10):
+                await run(one, CreateGroup(f"g{i}", ("alice", "bob"), 1))
+                await run(one, CreateGroup(f"h{i}", ("alice", "bob", "carol"), 1))
+            results: dict[str, list[object]] = {}
+
+            times = iter(range(10**6, 2 * 10**6))
+
+            async def remove(store, conv: str, users: tuple[str, ...]) -> None:
+                # Stamps as the core makes them (its node id in the msg id):
+                # two nodes' store-made ids could be the same.
+                node = await store.node_id()
+                stamps = tuple((t.to_bytes(8, "big") + node, t) for t in (next(times) for _ in users))
+                op = RemoveMembers(conv, users, 1, "", stamps)
+                results.setdefault(conv, []).append(await run(store, op))
+
+            async with trio.open_nursery() as n:
+                for i in range(10):
+                    n.start_soon(remove, one, f"g{i}", ("alice",))
+                    n.start_soon(remove, two, f"g{i}", ("bob",))
+                    n.start_soon(remove, one, f"h{i}", ("alice", "bob"))
+                    n.start_soon(remove, two, f"h{i}", ("carol",))
+            for i in range(10):
+                got = results[f"g{i}"]
+                assert sorted(type(r).__name__ for r in got) == ["GroupChanged", "Rejected"], got
+                assert Rejected(ErrorCode.BAD_REQUEST) in got
+                assert len(await one.members(f"g{i}")) == 1
+                assert all(isinstance(r, GroupChanged) or r == Rejected(ErrorCode.BAD_REQUEST)
+                           for r in results[f"h{i}"]), results[f"h{i}"]
+                assert len(await two.members(f"h{i}")) >= 1

@@ -225,6 +225,8 @@ GROUP_SCRIPT = [
     (["show", "nope"], 2, "", "UNKNOWN_CONVERSATION"),
     (["create", "team", "zed"], 2, "", "ALREADY_EXISTS"),
     (["add", "team", "b b"], 2, "", "BAD_REQUEST"),
+    # Removing everyone is refused as a whole (nothing removed): purge to delete a group.
+    (["remove", "team", "carol", "bob"], 2, "", "BAD_REQUEST: a group needs at least one member: removing all"),
     (["show", "team"], 0, "team: 2 members: bob carol\nhistory visible to later members: no\n", ""),
     (["show", "team", "alice"], 2, "", "show takes no users"),
     (["add", "--history-visible", "team", "erin"], 2, "", "--history-visible is for create"),
@@ -232,7 +234,8 @@ GROUP_SCRIPT = [
     (["create", "empty"], 2, "", "BAD_REQUEST: a group needs at least one member"),
     (["show", "empty"], 2, "", "UNKNOWN_CONVERSATION"),
     (["create", "solo", "ann"], 0, "solo: 1 member: ann\n", ""),
-    (["remove", "solo", "ann"], 0, "solo: 0 members\n", ""),
+    (["remove", "solo", "ann"], 2, "", "to delete the group, purge it (pimcore purge conversation CONV"),
+    (["show", "solo"], 0, "solo: 1 member: ann\nhistory visible to later members: no\n", ""),
 ]
 
 
@@ -294,9 +297,9 @@ async def test_members_over_http_and_the_handle(tmp_path: Path) -> None:
             assert await call(c, "GET", "/v1/groups/club/members") == (
                 200, {"conv": "club", "members": ["carol"], "history_visible": False})
             assert await im.history_visible("club") is False
-            await im.remove_members("team", ["alice", "bob"])
+            await im.remove_members("team", ["alice"])
             assert await call(c, "GET", "/v1/groups/team/members") == (
-                200, {"conv": "team", "members": [], "history_visible": True})
+                200, {"conv": "team", "members": ["bob"], "history_visible": True})
             assert_error(*await call(c, "GET", "/v1/groups/nope/members"), 404, "UNKNOWN_CONVERSATION")
             assert_error(*await call(c, "GET", "/v1/groups/b%20b/members"), 400, "BAD_REQUEST")
             assert_error(*await call(c, "POST", "/v1/groups", {"conv": "g2", "members": [], "history_visible": 1}),
@@ -313,6 +316,71 @@ async def test_members_over_http_and_the_handle(tmp_path: Path) -> None:
                 with pytest.raises(RequestRefused) as refused:
                     await read("nope")
                 assert refused.value.code is ErrorCode.UNKNOWN_CONVERSATION
+
+
+async def test_removing_every_member_is_refused_by_the_handle_and_the_http_api(tmp_path: Path) -> None:
+    """Removing every member left a group of no one (``team: 0 members``),
+    and a post to it was stored.  Now the handle and DELETE
+    /v1/groups/{conv}/members/{user} refuse such a removal (BAD_REQUEST,
+    saying to purge the group to delete it) and remove no one."""
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["alice", "bob", "carol"])
+            with pytest.raises(RequestRefused) as refused:
+                await im.remove_members("team", ["alice", "bob", "carol"])
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+            assert "removing all its remaining members is refused" in str(refused.value)
+            assert "purge_conversation" in str(refused.value)
+            assert await im.members("team") == ("alice", "bob", "carol")
+            assert (await im.remove_members("team", ["alice"])).members == ("bob", "carol")
+            # Over HTTP one DELETE per user: the last remaining one is refused.
+            assert await call(c, "DELETE", "/v1/groups/team/members/bob") == (200, {"conv": "team", "members": ["carol"]})
+            status, body = await call(c, "DELETE", "/v1/groups/team/members/carol")
+            assert_error(status, body, 400, "BAD_REQUEST")
+            assert "to delete the group, purge it" in body["error"]["message"], body
+            assert await im.members("team") == ("carol",)
+            with pytest.raises(RequestRefused, match="purge"):
+                await im.remove_members("team", ["carol"])
+            # A LEFT entry each for alice and bob, then the post: nothing of the refusals.
+            assert (await im.post("team", b"still here", sender="carol", device="web")).seq == 3
+            # Purging the group deletes it.
+            await im.purge_conversation("team")
+            assert_error(*await call(c, "GET", "/v1/groups/team/members"), 404, "UNKNOWN_CONVERSATION")
+
+
+async def test_cli_says_what_it_removed_when_the_last_member_is_refused_over_http(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``group remove --http`` sends one DELETE per user, after checking that
+    someone stays.  Should the others leave meanwhile (another admin's
+    removal), the broker refuses the last one: the CLI says whom it removed
+    and whom not, and exits 2."""
+    import pimcore.store.base
+
+    with trio.fail_after(30):
+        async with api(tmp_path / "data") as (im, h, c):
+            await im.create_group("team", ["alice", "bob"])
+            monkeypatch.setattr(pimcore.store.base, "removes_everyone", lambda members, users: False)  # the race
+            capsys.readouterr()
+            got = await trio.to_thread.run_sync(main, ["group", "remove", "team", "alice", "bob", "--http", h.url,
+                                                       "--api-key", KEY])
+            std = capsys.readouterr()
+            assert got == 2 and std.out == "", std
+            assert std.err.startswith("pimcore group: removed alice from 'team', then 'bob' was refused"), std.err
+            assert "purge" in std.err and "not removed: bob" in std.err and "Traceback" not in std.err, std.err
+            assert await im.members("team") == ("bob",)
+
+
+def test_cli_on_a_data_directory_says_to_purge_when_removing_everyone(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    data = str(tmp_path / "data")
+    assert main(["group", "create", "team", "alice", "bob", "--data-dir", data]) == 0
+    capsys.readouterr()
+    assert main(["group", "remove", "team", "alice", "bob", "--data-dir", data]) == 2
+    std = capsys.readouterr()
+    assert std.out == "" and std.err.startswith("pimcore group: group 'team' not changed: BAD_REQUEST: a group"), std
+    assert "pimcore purge conversation" in std.err, std.err
+    assert main(["group", "show", "team", "--data-dir", data]) == 0
+    assert capsys.readouterr().out.startswith("team: 2 members: alice bob\n")
 
 
 async def test_cli_shows_the_http_apis_refusal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

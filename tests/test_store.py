@@ -655,6 +655,37 @@ def test_group_admin_ops_are_ordered_inside_a_batch(store: Store, mk: Maker) -> 
     assert bad == Rejected(ErrorCode.BAD_REQUEST)
 
 
+def test_a_removal_that_would_leave_a_group_of_no_one_is_refused_as_a_whole(store: Store, mk: Maker) -> None:
+    """Removing every member left a group of no one (to which a post was
+    then stored).  The store, which knows the membership when it applies
+    the op, refuses such a RemoveMembers as a whole: Rejected(BAD_REQUEST),
+    no one removed, no LEFT entry stored -- also when the op's users come
+    last in the same batch, after earlier removals.  A purge of the last
+    member's data still takes them out (a purge is no removal to refuse)."""
+    (created,) = mk.commit(store, CreateGroup(GROUP, ("alice", "bob", "carol"), 1))
+    assert created == GroupChanged(GROUP, ("alice", "bob", "carol"))
+    (everyone,) = mk.commit(store, RemoveMembers(GROUP, ("alice", "bob", "carol", "zed")))
+    assert everyone == Rejected(ErrorCode.BAD_REQUEST)
+    assert store.members(GROUP) == ("alice", "bob", "carol")
+    (some,) = mk.commit(store, RemoveMembers(GROUP, ("alice", "zed")))
+    assert isinstance(some, GroupChanged) and some.members == ("bob", "carol")
+    assert [(e.kind, e.sender, e.seq) for e in some.entries] == [(LEFT, "alice", 1)]  # no entry of the refusal
+    one, rest = mk.commit(store, RemoveMembers(GROUP, ("bob",)), RemoveMembers(GROUP, ("carol",)))
+    assert isinstance(one, GroupChanged) and one.members == ("carol",)
+    assert rest == Rejected(ErrorCode.BAD_REQUEST)
+    assert store.members(GROUP) == ("carol",)
+    (noop,) = mk.commit(store, RemoveMembers(GROUP, ("zed",)))  # removes no one: leaves carol
+    assert isinstance(noop, GroupChanged) and noop.members == ("carol",) and noop.entries == ()
+    (last,) = mk.commit(store, RemoveMembers(GROUP, ("carol",)))
+    assert last == Rejected(ErrorCode.BAD_REQUEST)
+    with pytest.raises(ValueError, match="purge"):
+        store.remove_members(GROUP, ["carol"])
+    (sent,) = mk.commit(store, mk(GROUP, "carol"))
+    assert isinstance(sent, Appended) and sent.seq == 3  # LEFT alice 1, LEFT bob 2: nothing else stored
+    mk.commit(store, PurgeUser("carol", 10**9))
+    assert store.members(GROUP) == ()
+
+
 def test_read_requests(store: Store, mk: Maker) -> None:
     """The read ops the core sends: one LoadSession answers a whole login."""
     store.create_group(GROUP, ["alice", "bob", "carol"], now=1)

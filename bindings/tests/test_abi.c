@@ -288,6 +288,9 @@ static int run_main(const char *dir, const char *python, const char *test_dir, i
     const char *carol[] = {"carol"};
     CHECK_RC(pim_group_add_members(b, "team", carol, 1), PIM_OK);
     CHECK_RC(pim_group_remove_members(b, "team", carol, 1), PIM_OK);
+    /* Removing every remaining member is refused (no one removed): purge to delete a group. */
+    CHECK_RC(pim_group_remove_members(b, "team", members, 2), PIM_ERR_INVALID);
+    CHECK(strstr(pim_last_error(), "purge") != NULL, "the refusal says to purge: %s", pim_last_error());
 
     uint8_t id1[16], id2[16];
     uint64_t seq1 = 0, seq2 = 0, n = 0;

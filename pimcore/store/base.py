@@ -110,6 +110,7 @@ from ..ids import (  # re-exported: the store speaks in these ids
     SYSTEM,
     CONV_RE,
     ID_RE,
+    LAST_MEMBERS,
     check_ids,
     conversation_problem,
     direct_conversation,
@@ -133,6 +134,7 @@ __all__ = [
     "check_ids",
     "malformed",
     "member_set",
+    "removes_everyone",
     "StoredMessage",
     "NewMessage",
     "AmendMessage",
@@ -516,7 +518,13 @@ class RemoveMembers:
     a LEFT entry (as for :class:`AddMembers`), appended to the inbox of every
     member at that seq, the leaving one included (so they learn it); their
     membership interval closes at that seq.  Removing a non-member is a
-    no-op.  Errors as for :class:`AddMembers`.  Result: GroupChanged."""
+    no-op.  A removal that would leave the group with no member (every
+    remaining member among ``users``) is refused as a whole:
+    Rejected(BAD_REQUEST), no one removed, no entry (a group needs one;
+    :data:`pimcore.ids.LAST_MEMBERS` -- purge it to delete it).  The store
+    decides it as it applies the op, so concurrent removals cannot empty a
+    group either.  (:class:`PurgeUser` still takes a last member out.)
+    Other errors as for :class:`AddMembers`.  Result: GroupChanged."""
 
     conv: str
     users: tuple[str, ...]
@@ -682,6 +690,19 @@ def amended(target: StoredMessage, op: AmendMessage) -> StoredMessage:
     if op.kind == MessageKind.RECALL:
         return replace(target, payload=b"", recalled=True)
     return replace(target, payload=op.payload, edited=op.server_time)
+
+
+def removes_everyone(members: Iterable[str], users: Iterable[str]) -> bool:
+    """Would removing ``users`` leave a group of ``members`` (its members
+    now) with no one?  A group with no members is left as it is (False):
+    such a removal removes no one.  Stops at the first member kept."""
+    gone = set(users)
+    empty = True
+    for member in members:
+        if member not in gone:
+            return False
+        empty = False
+    return not empty
 
 
 def purged_tombstone(m: StoredMessage) -> StoredMessage:
@@ -1601,6 +1622,8 @@ class Store(ABC):
             conv = op.conv  # type: ignore[union-attr]
             if not valid_group(conv):
                 raise ValueError(f"not a group id: {group_problem(conv)}")
+            if isinstance(op, RemoveMembers) and all(valid_id(u) for u in op.users) and not op.stamps:
+                raise ValueError(f"group {conv!r} not changed: BAD_REQUEST: {LAST_MEMBERS}")
             raise ValueError(f"invalid member ids: {op!r}")
         assert isinstance(res, GroupChanged)
         return res

@@ -222,6 +222,7 @@ from .._backend import impl as _impl
 from ..errors import ErrorCode, StoreError, StoreInUse
 from ..ids import MAX_CONVERSATION_ID_LEN, MAX_ID_LEN
 from .base import (
+    removes_everyone,
     SYSTEM,
     AmendMessage,
     amend_entry,
@@ -2947,11 +2948,20 @@ class LmdbStore(Store):
         w.forget_conv(ck)
         return GroupChanged(op.conv, tuple(sorted(set(op.members))))
 
-    def _change_members(self, w: _Batch, op: Union[AddMembers, RemoveMembers]) -> Result:
+    def _change_members(self, w: _Batch, op: Union[AddMembers, RemoveMembers], *, last_may_leave: bool = False) -> Result:
+        """AddMembers / RemoveMembers.  A removal that would leave no member
+        is refused as a whole (BAD_REQUEST, see :class:`RemoveMembers`),
+        unless ``last_may_leave`` (a purge of the user's data)."""
         txn = w.txn
         ck = _t(op.conv)
         if txn.get(ck, db=self._groups) is None:
             return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        if type(op) is RemoveMembers and not last_may_leave:
+            # Stops at the first member the op keeps: no full scan of a big group.
+            n = len(ck)
+            members = (_take_t(key, n)[0] for key, _ in self._scan(txn, self._members, ck))
+            if removes_everyone(members, op.users):
+                return Rejected(ErrorCode.BAD_REQUEST)
         if any(txn.get(st[0], db=self._msgs) is not None for st in op.stamps):
             return Rejected(ErrorCode.INTERNAL)  # a broken clock: nothing changed
         add = type(op) is AddMembers
@@ -3473,7 +3483,7 @@ class LmdbStore(Store):
                 groups.append(conv)
         changes = []
         for conv in sorted(groups):
-            res = self._change_members(w, RemoveMembers(conv, (user,), op.now))
+            res = self._change_members(w, RemoveMembers(conv, (user,), op.now), last_may_leave=True)
             assert isinstance(res, GroupChanged)
             changes.append(res)
         w.sync()  # the LEFT entries' inbox writes, before the deletions below

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import ErrorCode, StoreError
 from .base import (
+    removes_everyone,
     SYSTEM,
     AckEvents,
     AppendEvent,
@@ -536,9 +537,14 @@ class MemoryStore(Store):
             self._set(self._spans, (op.conv, user), ((0, OPEN),))
         return GroupChanged(op.conv, tuple(sorted(op.members)))
 
-    def _change_members(self, op: Any) -> Result:
+    def _change_members(self, op: Any, *, last_may_leave: bool = False) -> Result:
+        """AddMembers / RemoveMembers.  A removal that would leave no member
+        is refused as a whole (BAD_REQUEST, see :class:`RemoveMembers`),
+        unless ``last_may_leave`` (a purge of the user's data)."""
         if op.conv not in self._groups:
             return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        if type(op) is RemoveMembers and not last_may_leave and removes_everyone(self._members[op.conv], op.users):
+            return Rejected(ErrorCode.BAD_REQUEST)
         add = type(op) is AddMembers
         if any(st[0] in self._msgs for st in op.stamps):
             return Rejected(ErrorCode.INTERNAL)  # a broken clock: nothing changed
@@ -699,7 +705,7 @@ class MemoryStore(Store):
         changes = []
         for conv in sorted(self._userconv.get(user, {})):
             if conv in self._groups and user in self._members[conv]:
-                res = self._change_members(RemoveMembers(conv, (user,), op.now))
+                res = self._change_members(RemoveMembers(conv, (user,), op.now), last_may_leave=True)
                 assert isinstance(res, GroupChanged)
                 changes.append(res)
         tombstones = 0

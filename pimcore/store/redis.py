@@ -107,6 +107,7 @@ import trio
 
 from ..errors import ErrorCode, StoreError
 from .base import (
+    removes_everyone,
     ConversationEntry,
     ConversationSet,
     ConversationsPage,
@@ -1396,12 +1397,14 @@ class RedisStore(AsyncStore):
             tx.put(ck, "sp:" + user, _enc_spans(((0, OPEN),)))
         return GroupChanged(op.conv, tuple(sorted(op.members)))
 
-    async def _change_members(self, tx: _Tx, op: Any) -> Result:
+    async def _change_members(self, tx: _Tx, op: Any, *, last_may_leave: bool = False) -> Result:
         conv = op.conv
         ck = self._k_conv(conv)
         current = await self._group_members(tx, conv)
         if current is None:
             return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+        if type(op) is RemoveMembers and not last_may_leave and removes_everyone(current, op.users):
+            return Rejected(ErrorCode.BAD_REQUEST)  # a group needs a member (see RemoveMembers)
         add = type(op) is AddMembers
         for st in op.stamps:
             if await tx.get(self._k_msg(st[0]), "r") is not None:
@@ -1552,11 +1555,11 @@ class RedisStore(AsyncStore):
                     # its seq atomically beside other nodes' sends; what it
                     # changed (the conversation, the user's inbox and flags)
                     # is read again below.
-                    (res,) = await self.cluster.execute((RemoveMembers(conv, (user,), op.now),))
+                    (res,) = await self.cluster.execute((RemoveMembers(conv, (user,), op.now),), last_may_leave=True)
                     tx.forget(self._k_conv(conv))
                     tx.forget(uk)
                 else:
-                    res = await self._change_members(tx, RemoveMembers(conv, (user,), op.now))
+                    res = await self._change_members(tx, RemoveMembers(conv, (user,), op.now), last_may_leave=True)
                 assert isinstance(res, GroupChanged), res
                 changes.append(res)
         fields = await tx.getall(uk)

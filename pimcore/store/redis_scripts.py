@@ -298,9 +298,15 @@ return 1
 # the loop once ran to #ARGV and gave every group a member named OPEN's digits,
 # to whom the outbox sweep then fanned out)
 
-# KEYS: conv, outbox. ARGV: user, add, blob, msghex, server_time, OPEN, event flag.
-# -> {0} no change, {-1} unknown group, {-3} msg id taken, {seq, recipients},
-# {seq, '', 1} this change's entry was stored already (recipients: from the spans)
+# KEYS: conv, outbox. ARGV: user, add, blob, msghex, server_time, OPEN, event
+# flag, guard ('1': a removal may not leave the group with no member; '0': a
+# purge of the user's data), then the users the same RemoveMembers removes
+# after this one.
+# -> {0} no change, {-1} unknown group, {-3} msg id taken, {-4} refused: no
+# member would be left (every member is this user or one of the rest; decided
+# here, atomically, so concurrent removals cannot empty a group), {seq,
+# recipients}, {seq, '', 1} this change's entry was stored already
+# (recipients: from the spans)
 CHANGE = _LIB + """
 local c = KEYS[1]
 if not redis.call('HGET', c, 'grp') then return {-1} end
@@ -316,6 +322,15 @@ if (set[user] == true) == add then
   if b and string.sub(b, 1, 16) .. string.sub(b, 25, 48) .. string.sub(b, 57)
       == string.sub(a, 1, 16) .. string.sub(a, 25, 48) .. string.sub(a, 57) then return {tonumber(own), '', 1} end
   return {0}
+end
+if not add and ARGV[8] == '1' then
+  local rest = {}
+  for i = 9, #ARGV do rest[ARGV[i]] = true end
+  local kept = false
+  for u in pairs(set) do
+    if u ~= user and not rest[u] then kept = true break end
+  end
+  if not kept then return {-4} end
 end
 if redis.call('HEXISTS', c, 'm:' .. ARGV[4]) == 1 then return {-3} end
 local seq = N(redis.call('HGET', c, 'last')) + 1
@@ -974,11 +989,12 @@ class ClusterOps:
 
     # ------------------------------------------------------------- requests
 
-    async def execute(self, ops: Sequence[Any]) -> list[Result]:
+    async def execute(self, ops: Sequence[Any], *, last_may_leave: bool = False) -> list[Result]:
         """Run a write request's ops (every one in :data:`SCRIPTED`).  Sends
         and membership changes first (their rounds shared by the batch),
         then the others, in request order within each kind -- an op later
-        in the batch sees what the sends stored."""
+        in the batch sees what the sends stored.  ``last_may_leave``: a
+        RemoveMembers may take out a group's last member (PurgeUser's)."""
         results: list[Optional[Result]] = [None] * len(ops)
         if self.s._epoch_lost:
             # Lost writes were detected: this node writes nothing more until
@@ -988,7 +1004,7 @@ class ClusterOps:
             raise DataLost("lost writes were detected in this namespace: this node no longer writes")
         self._enter()
         try:
-            return await self._execute(ops, results)
+            return await self._execute(ops, results, last_may_leave)
         except DataLost:
             try:
                 await self.s._lost()
@@ -1008,7 +1024,8 @@ class ClusterOps:
         if not self._inflight:
             self._overlap = False
 
-    async def _execute(self, ops: Sequence[Any], results: list[Optional[Result]]) -> list[Result]:
+    async def _execute(self, ops: Sequence[Any], results: list[Optional[Result]],
+                       last_may_leave: bool = False) -> list[Result]:
         # In request order; a run of consecutive sends (or acks/touches)
         # shares its rounds (group commit), so a later op sees earlier ones.
         i = 0
@@ -1024,11 +1041,12 @@ class ClusterOps:
                 if malformed(ops[k]):
                     results[k] = Rejected(ErrorCode.BAD_REQUEST)
             if run:
-                await self._one_kind(ops, run, results)
+                await self._one_kind(ops, run, results, last_may_leave)
             i = j
         return results  # type: ignore[return-value]
 
-    async def _one_kind(self, ops: Sequence[Any], idx: list[int], results: list[Optional[Result]]) -> None:
+    async def _one_kind(self, ops: Sequence[Any], idx: list[int], results: list[Optional[Result]],
+                        last_may_leave: bool = False) -> None:
         op = ops[idx[0]]
         kind = type(op)
         if kind is NewMessage:
@@ -1038,7 +1056,7 @@ class ClusterOps:
         elif kind is CreateGroup:
             results[idx[0]] = await self._create_group(op)
         elif kind is AddMembers or kind is RemoveMembers:
-            results[idx[0]] = await self._change_members(op)
+            results[idx[0]] = await self._change_members(op, last_may_leave=last_may_leave)
         elif kind is MarkRead:
             results[idx[0]] = await self._mark_read(op)
         elif kind is SetConversation:
@@ -1394,7 +1412,18 @@ class ClusterOps:
         if user in self.online and conv not in self.groups.get(user, ()):
             self.groups[user] = self.groups.get(user, ()) + (conv,)
 
-    async def _change_members(self, op: Any) -> Result:
+    async def _change_members(self, op: Any, *, last_may_leave: bool = False) -> Result:
+        """AddMembers / RemoveMembers, one CHANGE script per user.  A
+        removal that would leave the group with no member is refused by the
+        script (-4: it knows the membership atomically), before anything is
+        stored: each call carries the users the op removes after this one,
+        so the first call refuses when every member is among them.
+        ``last_may_leave``: no such check (a purge of the user's data).  Only
+        if another node removed the members this op would keep between two
+        of its calls is a later user refused after earlier ones were
+        removed: what was removed is fanned out and returned (its
+        GroupChanged lists who is still a member); the group is never left
+        empty."""
         from .redis import _enc_msg
 
         s = self.s
@@ -1423,10 +1452,14 @@ class ClusterOps:
                               int(MessageKind.JOINED if add else MessageKind.LEFT), 0)
             (ans,) = await self.run(self._change_round(ck, op.conv, (
                 user, "1" if add else "0", _enc_msg(m), msg_id.hex(), server_time, OPEN,
-                "1" if op.event else "0")))
+                "1" if op.event else "0", "0" if add or last_may_leave else "1", *op.users[i + 1:])))
             code = int(ans[0])
             if code == -1:
                 return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
+            if code == -4:
+                if not entries:
+                    return Rejected(ErrorCode.BAD_REQUEST)
+                break  # a concurrent removal elsewhere: finish what was stored
             if code == -3:
                 return Rejected(ErrorCode.INTERNAL)
             if code == 0:
