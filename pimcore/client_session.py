@@ -1126,12 +1126,19 @@ class ClientSession:
         assert decoder is not None
         try:
             decoder.feed(data)
+            whole = 0
             while self.connection_open:
                 frame = decoder.next_frame()
                 if frame is None:
                     break
+                whole += 1
                 self._stats["frames_in"] += 1
                 self._on_frame(frame)
+            if not whole and self._ping_at is not None:
+                # Bytes of a frame still arriving (one Push of 64 messages
+                # can take longer than an interval on a slow way down): the
+                # Pong may be behind it (_pong_deadline).
+                self._backlog_at = self._t
         except ProtocolError as exc:
             if not self.connection_open:  # pragma: no cover - the loop stops first
                 return
@@ -1294,7 +1301,8 @@ class ClientSession:
         A push of anything stored later was queued after the Pong -- had the
         broker heard the Ping -- and gives no more time: a dead way up with
         fresh messages still flowing down is found within an interval plus
-        ``_pong_timeout`` of the Ping;
+        ``_pong_timeout`` of the Ping (bytes of a frame still arriving count
+        as backlog: a frame can take longer than an interval);
         with only the backlog flowing, once the push window is spent (the
         broker pushes no further without our acks)."""
         if self._ping_at is None:

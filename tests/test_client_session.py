@@ -873,6 +873,32 @@ def test_a_slow_downlink_draining_a_backlog_keeps_the_link_until_the_pong_comes(
     assert answered >= 1  # (a late Pong did come, and kept the link)
 
 
+def test_a_push_frame_longer_than_an_interval_on_the_wire_keeps_the_link():
+    # One Push frame (up to 64 messages) can take longer than an interval to
+    # arrive on a slow way down: the Pong queued behind it is late.  Only a
+    # finished push gave the Pong more time, so the session said
+    # NO_HEARTBEAT_ANSWER in the middle of the frame (a new-user recheck: 64
+    # x 8 KiB at 20 KB/s).  Bytes of a frame still arriving give it more time.
+    s = session(dead_after=3.0, ack_timeout=0.4, ack_delay=0.02)
+    b = connect(s, T0, ack_frame(heartbeat_ms=1000))
+    now = T0 + 1 * S
+    s.handle_timer(now)
+    [ping] = [f for f in b.read() if isinstance(f, F.Ping)]
+    big = b.encode(F.Push(1, (msg(1, 1, payload=b"x" * 50_000, server_time=T0 - 60 * S),)))
+    for i in range(0, len(big), 1_000):  # 1 KB every 200 ms: 10 s, ten intervals
+        now += 200 * MS
+        at = s.next_deadline()
+        while at is not None and at <= now and s.state is SessionState.ACTIVE:
+            s.handle_timer(at)
+            at = s.next_deadline()
+        assert s.state is SessionState.ACTIVE, [e for e in events(s, now) if isinstance(e, Disconnected)]
+        s.receive_data(big[i:i + 1_000], now)
+    b.feed(now, F.Pong(ping.nonce))  # behind the frame
+    assert [e.message.seq for e in events(s, now) if isinstance(e, MessageReceived)] == [1]
+    s.handle_timer(now + 500 * MS)
+    assert s.state is SessionState.ACTIVE
+
+
 def test_the_reconnect_backoff_resets_at_each_completed_login_and_honours_closes_that_ask_to_wait():
     import random
 

@@ -377,7 +377,7 @@ export class PimcoreClient {
     this._lastRecv = now;
     const dec = this._decoder;
     dec.push(data);
-    for (;;) {
+    for (let whole = 0; ; whole++) {
       let f;
       try {
         f = dec.next();
@@ -386,7 +386,12 @@ export class PimcoreClient {
         this._lost(null, `malformed data from the broker: ${e.message}`);
         return;
       }
-      if (!f) return;
+      if (!f) {
+        // Bytes of a frame still arriving (one Push can take longer than an
+        // interval on a slow way down): the Pong may be behind it.
+        if (!whole && this._ping) this._ping.backlogAt = now;
+        return;
+      }
       this._handle(f, now);
       if (!this._ws || this._decoder !== dec) return; // processing stops the moment the connection ends
     }

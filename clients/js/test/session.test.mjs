@@ -322,6 +322,34 @@ test('a wall clock stepped forward while the client runs fires no deadline early
   }
 });
 
+test('a push frame longer than an interval on the wire keeps the link', async () => {
+  // One Push (up to 64 messages) can take longer than an interval to arrive
+  // on a slow way down: bytes of a frame still arriving give the queued
+  // Pong more time (a new-user recheck: 64 x 8 KiB at 20 KB/s reconnected).
+  let clock = 1_700_000_000_000_000;
+  const H = 1_000_000; // heartbeat_ms 1000
+  const c = make({ ackTimeout: 400, backoffInitial: 10000, now: () => clock });
+  const ws = await connectedWithHeartbeat(c);
+  const disc = []; c.on('disconnected', (d) => disc.push(d));
+  const got = []; c.on('message', (m) => got.push(m.seq));
+  clock += H; c._tick();
+  const [ping] = ws.of('Ping');
+  assert.ok(ping, 'a Ping after an interval');
+  const big = encodeFrame(frame('Push', { position: 1, messages: [{ position: 1, msg_id: Uint8Array.of(1), conv: 'd:u:v', seq: 1, sender: 'v', device: 'x', client_time: 1, server_time: clock - 60_000_000, payload: new Uint8Array(50_000), kind: 0, local_id: 1, after_seq: 0, target: 0, edited: 0, recalled: false, deleted: false }] }));
+  for (let i = 0; i < big.length; i += 1000) { // 1 KB every 200 ms: ten intervals
+    clock += 200_000;
+    c._tick();
+    assert.equal(disc.length, 0, disc.length ? disc[0].reason : '');
+    ws.onmessage?.({ data: big.slice(i, i + 1000).buffer });
+  }
+  ws.deliver(frame('Pong', { nonce: ping.nonce }));
+  await sleep(10);
+  assert.deepEqual(got, [1]);
+  clock += 500_000; c._tick();
+  assert.equal(disc.length, 0);
+  await c.close();
+});
+
 test('a slow way down draining a backlog keeps the link until the late Pong comes', async () => {
   // The Pong is queued behind a backlog stored before the Ping (12 KB/s
   // behind a full push window): each push of it gives the Pong another
