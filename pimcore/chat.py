@@ -39,9 +39,12 @@ retitle or clear the terminal, colour it, or reverse text.  ``\\n``, ``\\r``
 and ``\\t`` stand for a newline, carriage return and tab; ``\\xHH`` for any other
 C0 control, DEL and the C1 controls U+0080..U+009F (``\\x1b`` is ESC);
 ``\\uHHHH`` for the bidi controls U+061C, U+200E, U+200F, U+202A..U+202E,
-U+2066..U+2069 and the line/paragraph separators U+2028, U+2029.  A
-multi-line message thus shows on one line, its line breaks as ``\\n``.  A
-backslash typed as such is shown as is.
+U+2066..U+2069, the line/paragraph separators U+2028, U+2029, and
+every other invisible format character (Unicode category Cf: zero-width
+spaces, the soft hyphen, U+FEFF, tags...) but U+200D, the zero-width joiner
+of emoji sequences (``\\UXXXXXXXX`` above U+FFFF).  A user whose id is
+``me`` shows as ``user:me``, not as you.  A multi-line message thus shows on
+one line, its line breaks as ``\\n``.  A backslash typed as such is shown as is.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import argparse
 import os
 import ssl
 import sys
+import unicodedata
 from datetime import datetime
 from typing import Callable, Optional, TextIO
 
@@ -102,13 +106,27 @@ _UNSAFE = {c: ("\\x%02x" % c if c < 0x100 else "\\u%04x" % c)
            for c in (*range(0x20), *range(0x7F, 0xA0), 0x61C, 0x200E, 0x200F,
                      *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029)}
 _UNSAFE.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+#: The categories shown escaped beyond _UNSAFE (see safe_text); a lone
+#: surrogate (Cs) too: a terminal cannot show it.
+_INVISIBLE = frozenset(("Cc", "Cf", "Cs", "Zl", "Zp"))
+
+
+def _escape(c: str) -> str:
+    n = ord(c)
+    return "\\x%02x" % n if n < 0x100 else "\\u%04x" % n if n < 0x10000 else "\\U%08x" % n
 
 
 def safe_text(text: str) -> str:
-    """``text`` as one line a terminal only shows: its control characters
-    and bidi controls replaced by visible escapes (``\\n``, ``\\x1b``,
-    ``\\u202e``...)."""
-    return text.translate(_UNSAFE)
+    """``text`` as one line a terminal only shows: its control characters,
+    bidi controls and other invisible format characters replaced by visible
+    escapes (``\\n``, ``\\x1b``, ``\\u202e``, ``\\u200b``...).  Format
+    characters are Unicode's category Cf (zero-width spaces, the soft
+    hyphen, U+FEFF, tags...) except U+200D, the zero-width joiner of emoji
+    sequences."""
+    text = text.translate(_UNSAFE)
+    if text.isprintable():
+        return text
+    return "".join(_escape(c) if unicodedata.category(c) in _INVISIBLE and c != "\u200d" else c for c in text)
 
 
 def _safe_lines(out: Callable[[str], None]) -> Callable[[str], None]:
@@ -150,6 +168,10 @@ def _who(m: "F.Message", me: str) -> str:
     host or the HTTP API (the empty sender), else the user id."""
     if m.sender == me:
         return "me"
+    if m.sender == "me":
+        # Another user whose id is "me" must not look like you (ids cannot
+        # hold ":", so "user:me" is no one else either).
+        return "user:me"
     return m.sender or "[system]"
 
 

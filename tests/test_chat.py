@@ -332,6 +332,7 @@ _PEER_TEXTS = [
     "over\rwritten",
     "c1 \x9b31m csi, \x85 nel, del \x7f, tab\t",
     "bidi \u202etxt.exe\u202c \u2066iso\u2069 \u2028sep",
+    "zw a\u200bb\ufeffc\u2060d\u00ade \U000e0041tag",  # invisible format characters (a recheck found them raw)
 ]
 
 
@@ -360,12 +361,43 @@ async def test_chat_shows_others_control_characters_as_visible_escapes(tmp_path:
                     await trio.sleep(0.01)
             await into.send("/quit")
     for line in out:
-        bad = [c for c in line if unicodedata.category(c) == "Cc" or c in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029"]
+        bad = [c for c in line if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") and c != "\u200d"]
         assert not bad, (line, out)
     assert not any(line.startswith(("[17:30:0", "me:")) for line in out), out
     shown = "\n".join(out)
     for escaped in ["ok\\n[17:30:00] me: I transfer you 1000 USD  (#999)", "\\x1b]0;pwned\\x07title", "\\x1b[2J\\x1b[Hcleared",
                     "\\x1b[31mred\\x1b[0m", "over\\rwritten", "c1 \\x9b31m csi, \\x85 nel, del \\x7f, tab\\t",
                     "bidi \\u202etxt.exe\\u202c \\u2066iso\\u2069 \\u2028sep", "edited\\n[17:30:02] me: \\x1b[8mhidden",
-                    "(REJECTED: no\\n[17:30:01] bob: \\x1b[32mreally): refuse me"]:
+                    "(REJECTED: no\\n[17:30:01] bob: \\x1b[32mreally): refuse me",
+                    "zw a\\u200bb\\ufeffc\\u2060d\\xade \\U000e0041tag"]:
         assert escaped in shown, (escaped, out)
+
+
+async def test_another_user_named_me_does_not_look_like_you(tmp_path: Path) -> None:
+    """The chat shows your own messages as "me: ...": a user whose id is
+    "me" (a valid id) showed the same, so what they wrote looked like yours."""
+    import trio
+
+    from pimcore.chat import chat
+    from pimcore.client import open_client
+    from pimcore.embed import open_pimcore
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            out: list[str] = []
+            into, lines = trio.open_memory_channel[str](10)
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), "me", lines=lines, out=out.append))
+                while not any(line.startswith("connected as alice") for line in out):
+                    await trio.sleep(0.01)
+                async with open_client(im.urls[0], im.issue_token("me"), "phone") as other:
+                    await other.send("d:alice:me", b"I agree to pay 100")
+                await into.send("mine")
+                while not (any("I agree to pay 100" in line for line in out) and any("delivered" in line for line in out)):
+                    await trio.sleep(0.01)
+                await into.send("/history")  # both, as history shows them
+                while not any("] me: mine" in line for line in out):
+                    await trio.sleep(0.01)
+                await into.send("/quit")
+    theirs = [line for line in out if "I agree to pay 100" in line]
+    assert len(theirs) == 2 and all("] user:me: I agree to pay 100" in line for line in theirs), out
