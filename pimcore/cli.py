@@ -636,7 +636,10 @@ def _http_base(url: str) -> str:
     if not url or any(c.isspace() or not c.isprintable() for c in url):
         raise ValueError(f"--http {url!r}: not a URL (http://HOST:PORT or https://HOST:PORT)")
     full = url if "://" in url else "http://" + url
-    parts = urllib.parse.urlsplit(full)
+    try:
+        parts = urllib.parse.urlsplit(full)
+    except ValueError as exc:  # ("Invalid IPv6 URL", without naming the option)
+        raise ValueError(f"--http {url}: not a URL ({exc})") from None
     scheme = _HTTP_SCHEMES.get(parts.scheme.lower())
     if scheme is None:
         raise ValueError(f"--http {url}: the HTTP API is at an http:// or https:// URL, not {parts.scheme}://")
@@ -733,6 +736,11 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
                    "give --cafile PATH, the PEM CA bundle that signed it (e.g. for a self-signed certificate)")
             raise ValueError(f"the certificate of {base} did not verify"
                              f" ({exc.reason.verify_message or exc.reason}): {fix}") from None
+        if isinstance(exc.reason, ssl.SSLError) and exc.reason.reason == "WRONG_VERSION_NUMBER" \
+                and base.startswith("https://"):
+            # (It was "[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)".)
+            raise ValueError(f"cannot use {base}: the server does not speak TLS: try"
+                             f" http://{base[len('https://'):]}") from None
         raise ValueError(f"cannot reach {base}: {exc.reason}") from None
     except ssl.SSLCertVerificationError as exc:  # (not wrapped in a URLError)
         raise ValueError(f"the certificate of {base} did not verify ({exc.verify_message or exc}): give --cafile"
@@ -1034,7 +1042,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    " the change; show also says whether members added later may read what was said"
                                    " before they joined (create --history-visible).")
     p.add_argument("action", choices=["create", "add", "remove", "show"])
-    p.add_argument("name", nargs="?", help="group id, e.g. team-42 (required: checked by _cmd_group, to say so)")
+    p.add_argument("name", nargs="?", help="group id, e.g. team-42 (required)")
     p.add_argument("users", nargs="*", metavar="USER", help="members to create with, add or remove")
     p.add_argument(
         "--history-visible",

@@ -622,3 +622,23 @@ async def test_cli_says_to_use_https_for_an_api_that_speaks_tls(tmp_path: Path) 
                         lambda: run_pimcore("group", "show", "team", "--http", url, "--api-key", KEY))
                     assert r.returncode == 2 and r.stdout == "", r
                     assert r.stderr == f"pimcore group: cannot use {plain}: the server speaks TLS: try {tls_url}\n", r.stderr
+
+
+async def test_cli_says_to_use_http_for_an_api_that_does_not_speak_tls(tmp_path: Path) -> None:
+    """--http https://HOST:PORT at a plain http:// listener printed ssl's
+    "[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)"; the
+    other way round said "try https://".  And a malformed URL said only
+    "Invalid IPv6 URL", without naming --http."""
+    from pimcore.http import HttpConfig, open_http_server
+
+    with trio.fail_after(60):
+        async with open_pimcore(data_dir=tmp_path / "data", store=MemoryStore(), secret=SECRET.decode()) as im:
+            async with open_http_server(im.server, HttpConfig(api_keys=(KEY,)), handle=im) as h:
+                plain = h.url.rstrip("/")
+                tls = plain.replace("http://", "https://", 1)
+                r = await trio.to_thread.run_sync(
+                    lambda: run_pimcore("group", "show", "team", "--http", tls, "--api-key", KEY))
+                assert r.returncode == 2 and r.stdout == "", r
+                assert r.stderr == f"pimcore group: cannot use {tls}: the server does not speak TLS: try {plain}\n", r.stderr
+    r = await trio.to_thread.run_sync(lambda: run_pimcore("group", "show", "team", "--http", "http://[::1", "--api-key", KEY))
+    assert r.returncode == 2 and r.stderr.startswith("pimcore group: --http http://[::1: not a URL ("), r.stderr
