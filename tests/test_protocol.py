@@ -510,8 +510,15 @@ def test_garbage_never_crashes_and_both_backends_agree(both: tuple[ModuleType, M
     cy, pure = both
     got = garbage_run(cy, wire, cuts, zstd)
     assert got == garbage_run(pure, wire, cuts, zstd)
-    # ...and the session decodes exactly what a bare Decoder does.
+    # ...and the session decodes exactly what a bare Decoder does, up to a
+    # Close from the client: the session ignores what follows it (PEER_CLOSED,
+    # pimcore/protocol.py), so there only the frames up to it are compared.
+    # (Hypothesis found a Close followed by more bytes in a CI run.)
     ref = feed_split(pure.Decoder(1 << 20, DECOMP if zstd else None), wire, cuts)
+    closes = [i for i, f in enumerate(ref[0]) if type(f) is F.Close]
+    if closes:
+        assert got[0] == ref[0][: closes[0] + 1]
+        return
     assert got[0] == ref[0]
     assert got[1] == (ref[1][:1] + ref[1][2:3] if ref[1][0] == "error" else ref[1])
 
