@@ -107,6 +107,7 @@ from .client_session import (
     PresenceCompleted,
     PrivacyCompleted,
 )
+from .clock import elapsed_ns as _elapsed_ns
 from .errors import CloseCode
 from .net.streams import Endpoint, WebSocketStream, parse_url
 from ._util import BaseExceptionGroup, first_leaf, unwrap_single
@@ -215,19 +216,6 @@ class _Waiter:
     def __init__(self) -> None:
         self.done = trio.Event()
         self.outcome: Optional[Completion] = None
-
-
-# The elapsed-time source of the default clock: CLOCK_BOOTTIME where there is
-# one (Linux: monotonic, never stepped, and it keeps counting while the
-# machine is suspended, as the wall clock does), else time.monotonic_ns.
-if hasattr(time, "CLOCK_BOOTTIME"):
-    _BOOTTIME = time.CLOCK_BOOTTIME
-
-    def _elapsed_ns() -> int:
-        return time.clock_gettime_ns(_BOOTTIME)
-
-else:  # pragma: no cover - not Linux
-    _elapsed_ns = time.monotonic_ns
 
 
 class AnchoredClock:

@@ -17,12 +17,17 @@ comparable with wall time and a plain 64-bit integer on the wire.  Drift from
 the wall clock is bounded by the number of events issued while it lags, and is
 visible as :meth:`drift`.
 
-Sans-IO: the clock never reads the time; ``wall`` is always passed in.
+Sans-IO: the clock never reads the time; ``wall`` is always passed in.  The
+hosts' clocks that do read it are here too: :class:`WallClock`, the served
+broker's default ``now``, which tells the core when the wall clock is stepped.
 """
 
 from __future__ import annotations
 
-__all__ = ["HybridClock"]
+import time
+from typing import Callable, Optional
+
+__all__ = ["HybridClock", "WallClock", "elapsed_ns"]
 
 _MAX = (1 << 63) - 1
 
@@ -66,3 +71,59 @@ class HybridClock:
 
     def __repr__(self) -> str:
         return f"HybridClock(last={self._last})"
+
+
+# The elapsed-time source of the hosts' clocks: CLOCK_BOOTTIME where there is
+# one (Linux: monotonic, never stepped, and it keeps counting while the
+# machine is suspended, as the wall clock does), else time.monotonic_ns.
+if hasattr(time, "CLOCK_BOOTTIME"):
+    _BOOTTIME = time.CLOCK_BOOTTIME
+
+    def elapsed_ns() -> int:
+        """ns of a clock that is never stepped (CLOCK_BOOTTIME on Linux)."""
+        return time.clock_gettime_ns(_BOOTTIME)
+
+else:  # pragma: no cover - not Linux
+    elapsed_ns = time.monotonic_ns
+
+
+class WallClock:
+    """The served broker's default clock: wall-clock µs since the epoch, read
+    afresh at each call, that notices when the wall clock is *stepped*.
+
+    Why both: stamps must follow the wall clock (they are display times and
+    the first bytes of message ids, and an operator fixing a wrong clock
+    expects new messages at the right time), while the core's durations
+    (idle timeouts, rate buckets, ack_delay) must keep their real length.
+    So each call compares how far the wall clock moved since the last call
+    with how far a clock that never steps moved (:func:`elapsed_ns`); a
+    difference beyond ``threshold`` µs is a step, and ``on_step(step_µs)``
+    is called with it before the new time is returned.  The served broker
+    sets ``on_step`` to :meth:`pimcore.core.Broker.clock_stepped`.
+
+    A slew (NTP's gradual correction, at most 500 ppm) stays below the
+    threshold between calls; if calls are far enough apart for a slew to
+    pass it, the "step" it reports is small and harmless (durations keep
+    their real length either way).  Not thread-safe: one host thread."""
+
+    __slots__ = ("_wall", "_elapsed", "threshold", "on_step")
+
+    def __init__(self, threshold: int = 100_000, on_step: Optional[Callable[[int], None]] = None) -> None:
+        if threshold <= 0:
+            raise ValueError(f"threshold must be > 0 µs, got {threshold}")
+        self.threshold = threshold
+        self.on_step = on_step
+        self._elapsed = elapsed_ns()
+        self._wall = time.time_ns()
+
+    def __call__(self) -> int:
+        wall = time.time_ns()
+        elapsed = elapsed_ns()
+        step = ((wall - self._wall) - (elapsed - self._elapsed)) // 1000
+        self._wall, self._elapsed = wall, elapsed
+        if (step > self.threshold or step < -self.threshold) and self.on_step is not None:
+            self.on_step(step)
+        return wall // 1000
+
+    def __repr__(self) -> str:
+        return f"<WallClock threshold={self.threshold} µs>"

@@ -1578,6 +1578,59 @@ class Broker:
         self._timer_seq += 1
         heapq.heappush(timers, (due, self._timer_seq, kind, conn))
 
+    def clock_stepped(self, step: int) -> None:
+        """The host's clock (the one ``now`` is read from) was stepped by
+        ``step`` µs (> 0: forward) since the last call: NTP correcting it, an
+        operator, a VM restored from a snapshot -- a jump, not a slew.
+
+        Why: every duration the core measures is a difference of two ``now``
+        values, so a step is taken for elapsed time.  Forward, each
+        connection not heard from since the step was closed for idleness at
+        the next call; backward, every send-rate bucket went negative for the
+        length of the step (sends refused as RATE_LIMITED for as long), and
+        idle timeouts, ack_delay and reclamation waited as long.  So the
+        reference times of durations move by ``step`` here: idle and login
+        timeouts, compression hibernation, ack_delay, the retry after a
+        failed batch, reclamation, the send, control and typing rate buckets,
+        held typing frames and the typing membership cache.  What is a time
+        of day keeps its meaning: a token's expiry (the wall-clock time it
+        carries), and stamps (the hybrid clock follows the new ``now``
+        forward and never goes back).  Times the host holds across the step
+        (``asked`` of :meth:`presence_checked`) are not moved: that read may
+        be taken or dropped once.
+
+        A host whose ``now`` cannot step need not call it; the served broker
+        calls it from its default clock (:class:`pimcore.net.server.WallClock`).
+        O(connections): meant for rare steps.  No commands: ask
+        :meth:`next_deadline` again after it."""
+        if not step:
+            return
+        for c in self._conns.values():
+            c.opened += step
+            c.last_seen += step
+            c.refill_at += step
+            c.ctl_at += step
+        # A token's expiry is a wall-clock time: its timer stays.
+        self._timers[:] = [(due if kind == _TOKEN_DUE else due + step, seq, kind, conn)
+                           for due, seq, kind, conn in self._timers]
+        heapq.heapify(self._timers)
+        if self._lazy_since is not None:
+            self._lazy_since += step
+        if self._retry_at is not None:
+            self._retry_at += step
+        if self._next_reclaim is not None:
+            self._next_reclaim += step
+        for conn, (tokens, at) in list(self._typing_tokens.items()):
+            self._typing_tokens[conn] = (tokens, at + step)
+        for conv, (until, members) in list(self._typing_members.items()):
+            self._typing_members[conv] = (until + step, members)
+        for user, at in list(self._pres_hinted.items()):
+            self._pres_hinted[user] = at + step
+        for devices in self._online.values():
+            for dev in devices.values():
+                if dev.typing:
+                    dev.typing = {key: (frame, until + step) for key, (frame, until) in dev.typing.items()}
+
     # ------------------------------------------------------------ embedding API
 
     def create_group(

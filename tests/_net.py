@@ -60,6 +60,24 @@ async def client(url: str, user: str, device: str = "phone", **kw: object) -> As
         yield c
 
 
+async def take_messages(c: Client, n: int) -> list[F.Message]:
+    """The next ``n`` messages ``c`` receives."""
+    got = []
+    async for m in c.messages():
+        got.append(m)
+        if len(got) == n:
+            return got
+    raise AssertionError("event stream ended")
+
+
+async def wait_for(c: Client, pred: Callable[[object], bool]) -> object:
+    """The next event of ``c`` that ``pred`` accepts."""
+    async for ev in c.events():
+        if pred(ev):
+            return ev
+    raise AssertionError("event stream ended")
+
+
 class RawConn:
     """A hand-driven connection speaking frames, for abuse tests."""
 

@@ -142,6 +142,40 @@ def test_send_rate_limit_refuses_with_a_clear_code_and_refills(store):
     assert [m.payload for m in h.store.history(AB, 0, 10)] == [b"m0", b"m1", b"m2", b"later"]
 
 
+def test_a_clock_step_keeps_durations_at_their_real_length_and_token_expiry_at_its_time(store):
+    """Broker.clock_stepped: the host's clock jumped.  Before it existed a
+    step back of an hour refused sends as RATE_LIMITED for an hour and put
+    every timeout an hour off; forward, it closed every quiet connection."""
+    hour, second = 3600 * 1_000_000, 1_000_000
+    cfg = BrokerConfig(limits=Limits(send_rate=10.0, send_burst=2), idle_timeout=3 * second, rate_limit_strikes=5)
+    h = Harness(store, cfg)
+    a = h.login("alice", "phone", token=b"until:%d:alice" % (T0 + 20 * second))
+    b = h.login("bob", "phone")
+    h.take(a)
+    h.take(b)
+    due = h.broker.next_deadline()
+    assert due is not None and due <= T0 + 3 * second  # the idle timeouts
+    h.now -= hour
+    h.broker.clock_stepped(-hour)
+    assert h.broker.next_deadline() == due - hour
+    h.advance(second)
+    assert not h.closed
+    h.send(a, AB, b"m0")
+    h.send(a, AB, b"m1")
+    h.send(a, AB, b"m2")
+    assert [ack.code for ack in h.acks(a)] == [ErrorCode.OK, ErrorCode.OK, ErrorCode.RATE_LIMITED]  # the burst, as before the step
+    # Bob is idle 3 s after his login, by elapsed time, not an hour later.
+    h.advance(2 * second)
+    assert h.closed[b].code is CloseCode.IDLE_TIMEOUT and a not in h.closed
+    # Forward, 20 s past the token's expiry (a time of day): it ends
+    # Alice's session; her idle timeout has not come (she sent 2 s ago).
+    h.now += hour + 20 * second
+    h.broker.clock_stepped(hour + 20 * second)
+    h.advance(1)
+    assert h.closed[a].code is CloseCode.TOKEN_EXPIRED
+    assert [m.payload for m in h.store.history(AB, 0, 10)] == [b"m0", b"m1"]
+
+
 def test_a_client_ignoring_rate_limit_refusals_is_closed(store):
     h = Harness(store, BrokerConfig(limits=Limits(send_rate=1.0, send_burst=1), rate_limit_strikes=4))
     a = h.login("alice", "phone")

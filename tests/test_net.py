@@ -49,9 +49,11 @@ from _net import (
     plain_text_to,
     server_config,
     serving,
+    take_messages,
     tls_failures,
     tls_silent,
     token,
+    wait_for,
 )
 
 AB = direct_conversation("alice", "bob")
@@ -70,22 +72,6 @@ def lmdb_store(tmp_path):
     s = LmdbStore(str(tmp_path / "db"), durability="os")
     yield s
     s.close()
-
-
-async def take_messages(c, n: int) -> list[F.Message]:
-    got = []
-    async for m in c.messages():
-        got.append(m)
-        if len(got) == n:
-            return got
-    raise AssertionError("event stream ended")
-
-
-async def wait_for(c, pred):
-    async for ev in c.events():
-        if pred(ev):
-            return ev
-    raise AssertionError("event stream ended")
 
 
 # ---------------------------------------------------------------- transports

@@ -76,6 +76,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
 from .._util import unwrap_single
+from ..clock import WallClock
 from ..core import (
     AdminDone,
     PostDone,
@@ -113,8 +114,10 @@ SECOND = 1_000_000
 
 
 def wall_clock_us() -> int:
-    """The broker's ``now``: wall-clock µs.  The core's hybrid clock turns it
-    into a server time that never goes backwards, even if this does."""
+    """Wall-clock µs, read afresh.  The core's hybrid clock turns it into a
+    server time that never goes backwards, even if this does.  As a
+    broker's ``clock`` it does not report steps: the default,
+    :class:`pimcore.clock.WallClock`, does."""
     return time.time_ns() // 1000
 
 
@@ -510,7 +513,7 @@ class BrokerServer:
         authenticate: Union[Authenticator, Callable[[bytes, int], Awaitable[Identity]]],
         config: ServerConfig = ServerConfig(),
         *,
-        clock: Callable[[], int] = wall_clock_us,
+        clock: Optional[Callable[[], int]] = None,
         node_id: Optional[bytes] = None,
     ) -> None:
         self.store = store
@@ -556,6 +559,14 @@ class BrokerServer:
         self._filter_is_async = hook is not None and (
             inspect.iscoroutinefunction(hook) or inspect.iscoroutinefunction(getattr(hook, "__call__", None))
         )
+        # The clock: µs since the epoch.  By default a WallClock, which
+        # reports its steps to the core (Broker.clock_stepped), so a wall
+        # clock set back or forward keeps every timeout at its real length;
+        # a clock passed in is used as it is (a test's, a host's own).
+        if clock is None:
+            clock = WallClock()
+        if isinstance(clock, WallClock) and clock.on_step is None:
+            clock.on_step = self._clock_stepped
         self._clock = clock
         self._ssl = config.make_ssl_context()
         self._peers: dict[int, _Peer] = {}
@@ -687,7 +698,17 @@ class BrokerServer:
         return None
 
     def now(self) -> int:
+        """µs since the epoch, by the broker's clock (see ``clock``)."""
         return self._clock()
+
+    def _clock_stepped(self, step: int) -> None:
+        # Called by the default WallClock from within now(), so always
+        # between two calls into the core (now() is read before each).
+        log.warning("the wall clock was stepped %s by %.3f s: timeouts and rate limits keep their real length",
+                    "forward" if step > 0 else "back", abs(step) / SECOND,
+                    extra={"event": "clock_step", "step_us": step})
+        if self.broker is not None:
+            self.broker.clock_stepped(step)
 
     # ------------------------------------------------------------ running
 
@@ -1874,12 +1895,15 @@ async def open_broker_server(
     authenticate: Union[Authenticator, Callable[[bytes, int], Awaitable[Identity]]],
     config: ServerConfig = ServerConfig(),
     *,
-    clock: Callable[[], int] = wall_clock_us,
+    clock: Optional[Callable[[], int]] = None,
     node_id: Optional[bytes] = None,
 ) -> AsyncIterator[BrokerServer]:
     """Serve a broker for the duration of the block; on exit it shuts down
     gracefully (acks of committed batches flushed, Close(SHUTDOWN) sent).
-    The store stays open: it belongs to the caller."""
+    The store stays open: it belongs to the caller.  ``clock``: µs since
+    the epoch; default a :class:`pimcore.clock.WallClock`, whose steps keep
+    the core's timeouts at their real length (a clock passed in is trusted
+    not to step, or to be a WallClock)."""
     server = BrokerServer(store, authenticate, config, clock=clock, node_id=node_id)
     with unwrap_single():
         async with trio.open_nursery() as nursery:
