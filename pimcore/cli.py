@@ -476,6 +476,10 @@ def _cmd_group(args: argparse.Namespace) -> int:
     from .errors import StoreError
     from .store import LmdbStore
 
+    if args.action is None:
+        print("pimcore group: give an action: create, add, remove or show (pimcore group ACTION NAME [USER...])",
+              file=sys.stderr)
+        return 2
     if args.name is None:
         # (argparse said "the following arguments are required: name, USER".)
         print(f"pimcore group: {args.action}: the group name is required (pimcore group {args.action} NAME"
@@ -1036,12 +1040,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_token)
 
     p = sub.add_parser("group", help="create a group, add or remove members, show them",
+                       usage="pimcore group [options] {create,add,remove,show} NAME [USER ...]",
                        description="Through a running broker's HTTP API with --http (the way next to a broker with"
                                    " durability log, its store's only writer, or one on Redis), else on the data"
                                    " directory's LMDB store (also while the broker runs).  Prints the members after"
                                    " the change; show also says whether members added later may read what was said"
                                    " before they joined (create --history-visible).")
-    p.add_argument("action", choices=["create", "add", "remove", "show"])
+    # nargs="?": argparse's own message for a missing action named USER too.
+    p.add_argument("action", nargs="?", choices=["create", "add", "remove", "show"])
     p.add_argument("name", nargs="?", help="group id, e.g. team-42 (required)")
     p.add_argument("users", nargs="*", metavar="USER", help="members to create with, add or remove")
     p.add_argument(

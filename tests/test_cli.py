@@ -463,6 +463,7 @@ def test_cafile_without_http_or_empty_is_refused(tmp_path, capsys, cmd):
 
 
 @pytest.mark.parametrize("argv, said", [
+    (["group"], "pimcore group: give an action: create, add, remove or show (pimcore group ACTION NAME [USER...])"),
     (["group", "show"], "pimcore group: show: the group name is required (pimcore group show NAME)"),
     (["group", "add"], "pimcore group: add: the group name is required (pimcore group add NAME USER...)"),
     (["group", "add", "g1"], "pimcore group: add: give at least one user (pimcore group add g1 USER...)"),
@@ -470,7 +471,8 @@ def test_cafile_without_http_or_empty_is_refused(tmp_path, capsys, cmd):
 ])
 def test_group_without_its_name_or_users_says_what_is_missing(tmp_path, capsys, argv, said):
     """add/remove with no user exited 0 silently; show with no name said
-    "the following arguments are required: name, USER"."""
+    "the following arguments are required: name, USER", and no action at all
+    "required: action, USER"."""
     assert main([*argv, "--data-dir", str(tmp_path / "d")]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err == said + "\n", err
