@@ -33,6 +33,16 @@ async function connected(c) {
   await sleep(0); // frames that come with the login are handled after connect() resolved, on a later turn
   return { ws, login };
 }
+async function connectedWithHeartbeat(c, heartbeatMs) {
+  // Logged in with a heartbeat of heartbeatMs, the device clock calibrated at offset 0.
+  const p = c.connect();
+  await sleep(5);
+  const ws = FakeWS.all.at(-1);
+  const cal = ws.of('CalibrateReq')[0];
+  ws.deliver(loginAck({ heartbeat_ms: heartbeatMs }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await p;
+  return ws;
+}
 function pushOf(pos, serverTime) {
   // A Push of one message at inbox position pos, stored at serverTime (µs).
   return frame('Push', { position: pos, messages: [{ position: pos, msg_id: Uint8Array.of(pos % 256), conv: 'd:u:v', seq: pos, sender: 'v', device: 'x', client_time: 1, server_time: serverTime, payload: new Uint8Array(0), kind: 0, local_id: pos, after_seq: 0, target: 0, edited: 0, recalled: false, deleted: false }] });
@@ -43,18 +53,12 @@ function make(opts = {}) {
 const H = 1_000_000; // the heartbeat interval of handTicked's login (heartbeat_ms 1000), in µs
 async function handTicked(opts = {}) {
   // A client (make's, ackTimeout 400, with opts) on an injected device clock
-  // (µs) moved by hand -- t.clock -- logged in with a 1 s heartbeat and the
-  // clock calibrated at offset 0; the ticker's work is run by hand
-  // (t.c._tick()).  Returns t: { c, ws, clock, start (the clock at login),
-  // disc (the disconnected events from then on) }.
+  // (µs) moved by hand -- t.clock -- connectedWithHeartbeat (1 s); the
+  // ticker's work is run by hand (t.c._tick()).  Returns t: { c, ws, clock,
+  // start (the clock at login), disc (the disconnected events from then on) }.
   const t = { clock: 1_700_000_000_000_000, disc: [] };
   t.c = make({ ackTimeout: 400, backoffInitial: 10000, now: () => t.clock, ...opts });
-  const p = t.c.connect();
-  await sleep(5);
-  t.ws = FakeWS.all.at(-1);
-  const cal = t.ws.of('CalibrateReq')[0];
-  t.ws.deliver(loginAck({ heartbeat_ms: 1000 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
-  await p;
+  t.ws = await connectedWithHeartbeat(t.c, 1000);
   t.start = t.clock;
   t.c.on('disconnected', (d) => t.disc.push(d));
   return t;
@@ -92,12 +96,7 @@ test('a SendReq is written once per connection (none again after ackTimeout), an
 
 test('a silent broker is found dead by an unanswered Ping even while the client sends', async () => {
   const c = make({ ackTimeout: 50, backoffInitial: 10000 });
-  const p0 = c.connect();
-  await sleep(5);
-  const ws = FakeWS.all.at(-1);
-  const cal = ws.of('CalibrateReq')[0];
-  ws.deliver(loginAck({ heartbeat_ms: 300 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
-  await p0;
+  const ws = await connectedWithHeartbeat(c, 300);
   const disc = []; c.on('disconnected', (d) => disc.push(d));
   c.send('d:u:v', 'x').catch(() => {});
   for (let i = 0; i < 40 && !disc.length; i++) await sleep(50);
@@ -300,12 +299,7 @@ test('a wall clock stepped forward while the client runs fires no deadline early
   const realNow = Date.now;
   const c = make({ ackTimeout: 5000, backoffInitial: 10000, sendTimeout: 60000 });
   try {
-    const p0 = c.connect();
-    await sleep(5);
-    const ws = FakeWS.all.at(-1);
-    const cal = ws.of('CalibrateReq')[0];
-    ws.deliver(loginAck({ heartbeat_ms: 15000 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
-    await p0;
+    const ws = await connectedWithHeartbeat(c, 15000);
     const disc = []; c.on('disconnected', (d) => disc.push(d));
     const p = c.send('d:u:v', 'x');
     let outcome = null;
