@@ -124,8 +124,6 @@ async def test_a_failed_tls_handshake_is_logged_and_counted(lmdb_store, ca, capl
     certificate, left no trace: no log line, no counter."""
     import logging
 
-    from pimcore.http.metrics import BrokerCollector
-
     caplog.set_level(logging.INFO, logger="pimcore.net")
     async with _tls_listener(lmdb_store, ca, "tls") as (srv, port):
         plain = await trio.open_tcp_stream("127.0.0.1", port)
@@ -138,14 +136,7 @@ async def test_a_failed_tls_handshake_is_logged_and_counted(lmdb_store, ca, capl
         with pytest.raises(trio.BrokenResourceError):
             await tls.do_handshake()
         await trio.aclose_forcefully(tls)
-        while srv.statistics().tls_handshake_failures < 2:
-            await trio.sleep(0.01)
-        # The broker is unharmed, and a good handshake is not counted.
-        async with client(srv.url("tls"), "alice", ssl_context=_trusting(ca)) as a:
-            assert (await a.send(AB, b"still fine")).seq == 1
-        assert srv.statistics().tls_handshake_failures == 2
-        metrics = {m.name: m for m in BrokerCollector(srv).collect()}
-        assert metrics["pimcore_tls_handshake_failures"].samples[0].value == 2
+        await _failed_handshakes_counted(srv, ca, "tls", 2)
     lines = [r for r in caplog.records if "TLS handshake failed" in r.getMessage()]
     assert len(lines) == 2, [r.getMessage() for r in caplog.records]
     assert all(r.exc_info is None and r.levelno >= logging.INFO for r in lines)
@@ -162,20 +153,11 @@ async def test_a_failed_wss_handshake_is_logged_and_counted_like_a_tls_one(lmdb_
     TLS handshake) left no trace: trio-websocket swallowed the failure."""
     import logging
 
-    from pimcore.http.metrics import BrokerCollector
-
     caplog.set_level(logging.INFO, logger="pimcore.net")
     async with _tls_listener(lmdb_store, ca, "wss") as (srv, port):
         await plain_text_to(port, WS_UPGRADE)  # ws:// to a wss:// port
         await hang_up_mid_handshake(port)
-        while srv.statistics().tls_handshake_failures < 2:
-            await trio.sleep(0.01)
-        # The broker is unharmed, and a good handshake is not counted.
-        async with client(srv.url("wss"), "alice", ssl_context=_trusting(ca)) as a:
-            assert (await a.send(AB, b"still fine")).seq == 1
-        assert srv.statistics().tls_handshake_failures == 2
-        metrics = {m.name: m for m in BrokerCollector(srv).collect()}
-        assert metrics["pimcore_tls_handshake_failures"].samples[0].value == 2
+        await _failed_handshakes_counted(srv, ca, "wss", 2)
     lines = tls_failures(caplog.records, "wss")
     assert len(lines) == 2, [r.getMessage() for r in caplog.records]
     assert all(r.exc_info is None and r.levelno == logging.INFO for r in lines)
@@ -497,6 +479,21 @@ async def _tls_listener(store, ca, scheme: str) -> AsyncIterator[tuple[BrokerSer
     with trio.fail_after(10):
         async with serving(store, server_config(ep, ssl_context=_serving_tls(ca))) as srv:
             yield srv, srv.endpoints[0].port
+
+
+async def _failed_handshakes_counted(srv: BrokerServer, ca, scheme: str, failures: int) -> None:
+    """Once ``srv`` has counted ``failures`` failed TLS handshakes: it is
+    unharmed (alice sends over ``scheme``), and her good handshake is not
+    counted, in its statistics nor in its metrics."""
+    from pimcore.http.metrics import BrokerCollector
+
+    while srv.statistics().tls_handshake_failures < failures:
+        await trio.sleep(0.01)
+    async with client(srv.url(scheme), "alice", ssl_context=_trusting(ca)) as a:
+        assert (await a.send(AB, b"still fine")).seq == 1
+    assert srv.statistics().tls_handshake_failures == failures
+    metrics = {m.name: m for m in BrokerCollector(srv).collect()}
+    assert metrics["pimcore_tls_handshake_failures"].samples[0].value == failures
 
 
 # ---------------------------------------------------------------- authentication
