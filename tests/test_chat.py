@@ -244,10 +244,10 @@ async def test_chat_replaced_by_the_same_device_elsewhere_says_so_and_ends() -> 
 
 
 @asynccontextmanager
-async def _alice_chats_with_bob(tmp_path: Path, **pimcore_kw: Any) -> AsyncIterator[tuple[Any, Any, list[str], Any]]:
+async def _alice_chats_with(tmp_path: Path, peer: str = "bob", **pimcore_kw: Any) -> AsyncIterator[tuple[Any, Any, list[str], Any]]:
     """An embedded broker (``pimcore_kw``: open_pimcore's) and alice's chat
-    with bob, connected: yields (the broker, the chat's nursery, its output
-    lines, the channel its input lines go into)."""
+    with ``peer``, connected: yields (the broker, the chat's nursery, its
+    output lines, the channel its input lines go into)."""
     import trio
 
     from pimcore.chat import chat
@@ -257,7 +257,7 @@ async def _alice_chats_with_bob(tmp_path: Path, **pimcore_kw: Any) -> AsyncItera
         out: list[str] = []
         into, lines = trio.open_memory_channel[str](10)
         async with trio.open_nursery() as n:
-            n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), "bob", lines=lines, out=out.append))
+            n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), peer, lines=lines, out=out.append))
             while not any(line.startswith("connected as alice") for line in out):
                 await trio.sleep(0.01)
             yield im, n, out, into
@@ -272,7 +272,7 @@ async def test_chat_shows_why_a_content_filter_refused_a_message(tmp_path: Path)
         return "no links to that site, please" if b"spam.example" in payload else None
 
     with trio.fail_after(30):
-        async with _alice_chats_with_bob(tmp_path, content_filter=no_spam) as (im, n, out, into):
+        async with _alice_chats_with(tmp_path, content_filter=no_spam) as (im, n, out, into):
             await into.send("see spam.example")
             await into.send("hello")
             while not any("hello" in line and line.startswith("✓") for line in out):
@@ -289,7 +289,7 @@ async def test_chat_takes_a_line_that_is_not_utf8(tmp_path: Path) -> None:
     import trio
 
     with trio.fail_after(30):
-        async with _alice_chats_with_bob(tmp_path) as (im, n, out, into):
+        async with _alice_chats_with(tmp_path) as (im, n, out, into):
             await into.send(b"bad \xff\xfe utf8\n".decode("utf-8", "surrogateescape"))
             await into.send("after it\n")
             while sum(line.startswith("✓ delivered") for line in out) < 2:
@@ -312,7 +312,7 @@ async def test_chat_says_what_quit_waits_for(tmp_path: Path) -> None:
         raise RuntimeError("moderation is down")  # INTERNAL: the SDK retries
 
     with trio.fail_after(30):
-        async with _alice_chats_with_bob(tmp_path, content_filter=broken) as (im, n, out, into):
+        async with _alice_chats_with(tmp_path, content_filter=broken) as (im, n, out, into):
             await into.send("hello")
             while not calls:
                 await trio.sleep(0.01)
@@ -351,7 +351,7 @@ async def test_chat_shows_others_control_characters_as_visible_escapes(tmp_path:
         return "no\n[17:30:01] bob: \x1b[32mreally" if payload == b"refuse me" else None
 
     with trio.fail_after(30):
-        async with _alice_chats_with_bob(tmp_path, content_filter=filter_) as (im, n, out, into):
+        async with _alice_chats_with(tmp_path, content_filter=filter_) as (im, n, out, into):
             async with open_client(im.urls[0], im.issue_token("bob"), "phone") as bob:
                 for text in _PEER_TEXTS:
                     sent = await bob.send("d:alice:bob", text.encode())
@@ -378,26 +378,18 @@ async def test_another_user_named_me_does_not_look_like_you(tmp_path: Path) -> N
     "me" (a valid id) showed the same, so what they wrote looked like yours."""
     import trio
 
-    from pimcore.chat import chat
     from pimcore.client import open_client
-    from pimcore.embed import open_pimcore
 
     with trio.fail_after(30):
-        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
-            out: list[str] = []
-            into, lines = trio.open_memory_channel[str](10)
-            async with trio.open_nursery() as n:
-                n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), "me", lines=lines, out=out.append))
-                while not any(line.startswith("connected as alice") for line in out):
-                    await trio.sleep(0.01)
-                async with open_client(im.urls[0], im.issue_token("me"), "phone") as other:
-                    await other.send("d:alice:me", b"I agree to pay 100")
-                await into.send("mine")
-                while not (any("I agree to pay 100" in line for line in out) and any("delivered" in line for line in out)):
-                    await trio.sleep(0.01)
-                await into.send("/history")  # both, as history shows them
-                while not any("] me: mine" in line for line in out):
-                    await trio.sleep(0.01)
-                await into.send("/quit")
+        async with _alice_chats_with(tmp_path, peer="me") as (im, n, out, into):
+            async with open_client(im.urls[0], im.issue_token("me"), "phone") as other:
+                await other.send("d:alice:me", b"I agree to pay 100")
+            await into.send("mine")
+            while not (any("I agree to pay 100" in line for line in out) and any("delivered" in line for line in out)):
+                await trio.sleep(0.01)
+            await into.send("/history")  # both, as history shows them
+            while not any("] me: mine" in line for line in out):
+                await trio.sleep(0.01)
+            await into.send("/quit")
     theirs = [line for line in out if "I agree to pay 100" in line]
     assert len(theirs) == 2 and all("] user:me: I agree to pay 100" in line for line in theirs), out

@@ -9,6 +9,8 @@ import socket
 import ssl
 import time
 from collections import Counter
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 import jwt
 import pytest
@@ -122,31 +124,19 @@ async def test_a_failed_tls_handshake_is_logged_and_counted(lmdb_store, ca, capl
     certificate, left no trace: no log line, no counter."""
     import logging
 
-    from pimcore.http.metrics import BrokerCollector
-
-    server_ssl = _serving_tls(ca)
     caplog.set_level(logging.INFO, logger="pimcore.net")
-    with trio.fail_after(10):
-        async with serving(lmdb_store, server_config(Endpoint("tls"), ssl_context=server_ssl)) as srv:
-            port = srv.endpoints[0].port
-            plain = await trio.open_tcp_stream("127.0.0.1", port)
-            await plain.send_all(b"hello, plain text\n")
-            while await plain.receive_some():  # the broker hangs up
-                pass
-            await plain.aclose()
-            stranger = await trio.open_tcp_stream("127.0.0.1", port)
-            tls = trio.SSLStream(stranger, ssl.create_default_context(), server_hostname="127.0.0.1")
-            with pytest.raises(trio.BrokenResourceError):
-                await tls.do_handshake()
-            await trio.aclose_forcefully(tls)
-            while srv.statistics().tls_handshake_failures < 2:
-                await trio.sleep(0.01)
-            # The broker is unharmed, and a good handshake is not counted.
-            async with client(srv.url("tls"), "alice", ssl_context=_trusting(ca)) as a:
-                assert (await a.send(AB, b"still fine")).seq == 1
-            assert srv.statistics().tls_handshake_failures == 2
-            metrics = {m.name: m for m in BrokerCollector(srv).collect()}
-            assert metrics["pimcore_tls_handshake_failures"].samples[0].value == 2
+    async with _tls_listener(lmdb_store, ca, "tls") as (srv, port):
+        plain = await trio.open_tcp_stream("127.0.0.1", port)
+        await plain.send_all(b"hello, plain text\n")
+        while await plain.receive_some():  # the broker hangs up
+            pass
+        await plain.aclose()
+        stranger = await trio.open_tcp_stream("127.0.0.1", port)
+        tls = trio.SSLStream(stranger, ssl.create_default_context(), server_hostname="127.0.0.1")
+        with pytest.raises(trio.BrokenResourceError):
+            await tls.do_handshake()
+        await trio.aclose_forcefully(tls)
+        await _failed_handshakes_counted(srv, ca, "tls", 2)
     lines = [r for r in caplog.records if "TLS handshake failed" in r.getMessage()]
     assert len(lines) == 2, [r.getMessage() for r in caplog.records]
     assert all(r.exc_info is None and r.levelno >= logging.INFO for r in lines)
@@ -163,23 +153,11 @@ async def test_a_failed_wss_handshake_is_logged_and_counted_like_a_tls_one(lmdb_
     TLS handshake) left no trace: trio-websocket swallowed the failure."""
     import logging
 
-    from pimcore.http.metrics import BrokerCollector
-
-    server_ssl = _serving_tls(ca)
     caplog.set_level(logging.INFO, logger="pimcore.net")
-    with trio.fail_after(10):
-        async with serving(lmdb_store, server_config(Endpoint("wss", path="/im"), ssl_context=server_ssl)) as srv:
-            port = srv.endpoints[0].port
-            await plain_text_to(port, WS_UPGRADE)  # ws:// to a wss:// port
-            await hang_up_mid_handshake(port)
-            while srv.statistics().tls_handshake_failures < 2:
-                await trio.sleep(0.01)
-            # The broker is unharmed, and a good handshake is not counted.
-            async with client(srv.url("wss"), "alice", ssl_context=_trusting(ca)) as a:
-                assert (await a.send(AB, b"still fine")).seq == 1
-            assert srv.statistics().tls_handshake_failures == 2
-            metrics = {m.name: m for m in BrokerCollector(srv).collect()}
-            assert metrics["pimcore_tls_handshake_failures"].samples[0].value == 2
+    async with _tls_listener(lmdb_store, ca, "wss") as (srv, port):
+        await plain_text_to(port, WS_UPGRADE)  # ws:// to a wss:// port
+        await hang_up_mid_handshake(port)
+        await _failed_handshakes_counted(srv, ca, "wss", 2)
     lines = tls_failures(caplog.records, "wss")
     assert len(lines) == 2, [r.getMessage() for r in caplog.records]
     assert all(r.exc_info is None and r.levelno == logging.INFO for r in lines)
@@ -198,23 +176,19 @@ async def test_a_health_check_on_a_tls_port_is_no_failed_handshake(lmdb_store, c
     (event tls_silent), not counted; one that hung up mid-handshake still is."""
     import logging
 
-    server_ssl = _serving_tls(ca)
     caplog.set_level(logging.DEBUG, logger="pimcore.net")
-    ep = Endpoint("wss", path="/im") if scheme == "wss" else Endpoint("tls")
-    with trio.fail_after(10):
-        async with serving(lmdb_store, server_config(ep, ssl_context=server_ssl)) as srv:
-            port = srv.endpoints[0].port
-            await connect_and_close(port)
-            await connect_and_close(port, reset=True)
-            while len(tls_silent(caplog.records, scheme)) < 2:
-                await trio.sleep(0.01)
-            assert srv.statistics().tls_handshake_failures == 0
-            await hang_up_mid_handshake(port)  # some bytes, then gone: a failure as before
-            while srv.statistics().tls_handshake_failures < 1:
-                await trio.sleep(0.01)
-            async with client(srv.url(scheme), "alice", ssl_context=_trusting(ca)) as a:
-                assert (await a.send(AB, b"still fine")).seq == 1
-            assert srv.statistics().tls_handshake_failures == 1
+    async with _tls_listener(lmdb_store, ca, scheme) as (srv, port):
+        await connect_and_close(port)
+        await connect_and_close(port, reset=True)
+        while len(tls_silent(caplog.records, scheme)) < 2:
+            await trio.sleep(0.01)
+        assert srv.statistics().tls_handshake_failures == 0
+        await hang_up_mid_handshake(port)  # some bytes, then gone: a failure as before
+        while srv.statistics().tls_handshake_failures < 1:
+            await trio.sleep(0.01)
+        async with client(srv.url(scheme), "alice", ssl_context=_trusting(ca)) as a:
+            assert (await a.send(AB, b"still fine")).seq == 1
+        assert srv.statistics().tls_handshake_failures == 1
     failed = tls_failures(caplog.records, scheme)
     assert len(failed) == 1 and "hung up during the handshake" in failed[0].reason, [r.getMessage() for r in failed]
     silent = tls_silent(caplog.records, scheme)
@@ -229,16 +203,12 @@ async def test_a_failed_handshake_follows_a_connect_line_naming_the_peer_even_af
     was asked of the socket after the reset."""
     import logging
 
-    server_ssl = _serving_tls(ca)
     caplog.set_level(logging.INFO, logger="pimcore.net")
-    ep = Endpoint("wss", path="/im") if scheme == "wss" else Endpoint("tls")
-    with trio.fail_after(10):
-        async with serving(lmdb_store, server_config(ep, ssl_context=server_ssl)) as srv:
-            port = srv.endpoints[0].port
-            await plain_text_to(port, WS_UPGRADE if scheme == "wss" else b"hello, plain text\n")
-            await hang_up_mid_handshake(port, reset=True)
-            while srv.statistics().tls_handshake_failures < 2:
-                await trio.sleep(0.01)
+    async with _tls_listener(lmdb_store, ca, scheme) as (srv, port):
+        await plain_text_to(port, WS_UPGRADE if scheme == "wss" else b"hello, plain text\n")
+        await hang_up_mid_handshake(port, reset=True)
+        while srv.statistics().tls_handshake_failures < 2:
+            await trio.sleep(0.01)
     failed = tls_failures(caplog.records, scheme)
     assert len(failed) == 2, [r.getMessage() for r in caplog.records]
     assert all(r.peer.startswith("127.0.0.1:") for r in failed), [r.getMessage() for r in failed]
@@ -498,6 +468,32 @@ def _serving_tls(ca) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(ctx)
     return ctx
+
+
+@asynccontextmanager
+async def _tls_listener(store, ca, scheme: str) -> AsyncIterator[tuple[BrokerServer, int]]:
+    """A broker on ``store`` with one listener, tls:// or wss:// (path /im)
+    by ``scheme``, its certificate from ``ca``; all within 10 s.  Yields the
+    broker and that listener's port."""
+    ep = Endpoint("wss", path="/im") if scheme == "wss" else Endpoint("tls")
+    with trio.fail_after(10):
+        async with serving(store, server_config(ep, ssl_context=_serving_tls(ca))) as srv:
+            yield srv, srv.endpoints[0].port
+
+
+async def _failed_handshakes_counted(srv: BrokerServer, ca, scheme: str, failures: int) -> None:
+    """Once ``srv`` has counted ``failures`` failed TLS handshakes: it is
+    unharmed (alice sends over ``scheme``), and her good handshake is not
+    counted, in its statistics nor in its metrics."""
+    from pimcore.http.metrics import BrokerCollector
+
+    while srv.statistics().tls_handshake_failures < failures:
+        await trio.sleep(0.01)
+    async with client(srv.url(scheme), "alice", ssl_context=_trusting(ca)) as a:
+        assert (await a.send(AB, b"still fine")).seq == 1
+    assert srv.statistics().tls_handshake_failures == failures
+    metrics = {m.name: m for m in BrokerCollector(srv).collect()}
+    assert metrics["pimcore_tls_handshake_failures"].samples[0].value == failures
 
 
 # ---------------------------------------------------------------- authentication

@@ -33,13 +33,13 @@ async function connected(c) {
   await sleep(0); // frames that come with the login are handled after connect() resolved, on a later turn
   return { ws, login };
 }
-async function connectedWithHeartbeat(c) {
-  // Logged in with a 1 s heartbeat, the device clock calibrated at offset 0.
+async function connectedWithHeartbeat(c, heartbeatMs) {
+  // Logged in with a heartbeat of heartbeatMs, the device clock calibrated at offset 0.
   const p = c.connect();
   await sleep(5);
   const ws = FakeWS.all.at(-1);
   const cal = ws.of('CalibrateReq')[0];
-  ws.deliver(loginAck({ heartbeat_ms: 1000 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  ws.deliver(loginAck({ heartbeat_ms: heartbeatMs }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
   await p;
   return ws;
 }
@@ -49,6 +49,19 @@ function pushOf(pos, serverTime) {
 }
 function make(opts = {}) {
   return new PimcoreClient({ url: 'ws://fake/', token: 't', device: 'd', WebSocket: FakeWS, ackTimeout: 100, timeSamples: 1, ackDelay: 5, ...opts });
+}
+const H = 1_000_000; // the heartbeat interval of handTicked's login (heartbeat_ms 1000), in µs
+async function handTicked(opts = {}) {
+  // A client (make's, ackTimeout 400, with opts) on an injected device clock
+  // (µs) moved by hand -- t.clock -- connectedWithHeartbeat (1 s); the
+  // ticker's work is run by hand (t.c._tick()).  Returns t: { c, ws, clock,
+  // start (the clock at login), disc (the disconnected events from then on) }.
+  const t = { clock: 1_700_000_000_000_000, disc: [] };
+  t.c = make({ ackTimeout: 400, backoffInitial: 10000, now: () => t.clock, ...opts });
+  t.ws = await connectedWithHeartbeat(t.c, 1000);
+  t.start = t.clock;
+  t.c.on('disconnected', (d) => t.disc.push(d));
+  return t;
 }
 
 test('a SendReq is written once per connection (none again after ackTimeout), and resent with the same bytes after a reconnect', async () => {
@@ -83,12 +96,7 @@ test('a SendReq is written once per connection (none again after ackTimeout), an
 
 test('a silent broker is found dead by an unanswered Ping even while the client sends', async () => {
   const c = make({ ackTimeout: 50, backoffInitial: 10000 });
-  const p0 = c.connect();
-  await sleep(5);
-  const ws = FakeWS.all.at(-1);
-  const cal = ws.of('CalibrateReq')[0];
-  ws.deliver(loginAck({ heartbeat_ms: 300 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
-  await p0;
+  const ws = await connectedWithHeartbeat(c, 300);
   const disc = []; c.on('disconnected', (d) => disc.push(d));
   c.send('d:u:v', 'x').catch(() => {});
   for (let i = 0; i < 40 && !disc.length; i++) await sleep(50);
@@ -99,22 +107,19 @@ test('a silent broker is found dead by an unanswered Ping even while the client 
 });
 
 test('a backward step of the device clock does not stall the timers: a silent link is still found dead', async () => {
-  // An injected clock (µs) moved by hand; the ticker's work is run right after each move.
-  let clock = 1_700_000_000_000_000;
-  const H = 1_000_000; // heartbeat_ms 1000
-  const c = make({ ackTimeout: 5000, backoffInitial: 10000, now: () => clock });
-  const ws = await connectedWithHeartbeat(c);
-  const disc = []; c.on('disconnected', (d) => disc.push(d));
-  clock += H; c._tick();
+  // The ticker's work is run right after each move of the clock.
+  const t = await handTicked({ ackTimeout: 5000 });
+  const { c, ws, disc } = t;
+  t.clock += H; c._tick();
   assert.equal(ws.of('Ping').length, 1, 'a Ping after one interval of silence');
-  clock -= 3600_000_000; // NTP or the user steps the clock back an hour; the broker stays silent
+  t.clock -= 3600_000_000; // NTP or the user steps the clock back an hour; the broker stays silent
   let session = 0; // session time since the step
-  while (!disc.length && session < 2 * H) { clock += 100_000; session += 100_000; c._tick(); }
+  while (!disc.length && session < 2 * H) { t.clock += 100_000; session += 100_000; c._tick(); }
   assert.equal(disc.length, 1, 'the dead link is found within two heartbeat intervals after the step');
   assert.match(disc[0].reason, /dead link/);
   // Local ids (and stamps) keep the device clock as given, not the session time.
   c.send('d:u:v', 'x').catch(() => {});
-  assert.deepEqual(c.pendingSends(), [clock]);
+  assert.deepEqual(c.pendingSends(), [t.clock]);
   await c.close();
 });
 
@@ -294,12 +299,7 @@ test('a wall clock stepped forward while the client runs fires no deadline early
   const realNow = Date.now;
   const c = make({ ackTimeout: 5000, backoffInitial: 10000, sendTimeout: 60000 });
   try {
-    const p0 = c.connect();
-    await sleep(5);
-    const ws = FakeWS.all.at(-1);
-    const cal = ws.of('CalibrateReq')[0];
-    ws.deliver(loginAck({ heartbeat_ms: 15000 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
-    await p0;
+    const ws = await connectedWithHeartbeat(c, 15000);
     const disc = []; c.on('disconnected', (d) => disc.push(d));
     const p = c.send('d:u:v', 'x');
     let outcome = null;
@@ -326,18 +326,15 @@ test('a push frame longer than an interval on the wire keeps the link', async ()
   // One Push (up to 64 messages) can take longer than an interval to arrive
   // on a slow way down: bytes of a frame still arriving give the queued
   // Pong more time (a new-user recheck: 64 x 8 KiB at 20 KB/s reconnected).
-  let clock = 1_700_000_000_000_000;
-  const H = 1_000_000; // heartbeat_ms 1000
-  const c = make({ ackTimeout: 400, backoffInitial: 10000, now: () => clock });
-  const ws = await connectedWithHeartbeat(c);
-  const disc = []; c.on('disconnected', (d) => disc.push(d));
+  const t = await handTicked();
+  const { c, ws, disc } = t;
   const got = []; c.on('message', (m) => got.push(m.seq));
-  clock += H; c._tick();
+  t.clock += H; c._tick();
   const [ping] = ws.of('Ping');
   assert.ok(ping, 'a Ping after an interval');
-  const big = encodeFrame(frame('Push', { position: 1, messages: [{ position: 1, msg_id: Uint8Array.of(1), conv: 'd:u:v', seq: 1, sender: 'v', device: 'x', client_time: 1, server_time: clock - 60_000_000, payload: new Uint8Array(50_000), kind: 0, local_id: 1, after_seq: 0, target: 0, edited: 0, recalled: false, deleted: false }] }));
+  const big = encodeFrame(frame('Push', { position: 1, messages: [{ position: 1, msg_id: Uint8Array.of(1), conv: 'd:u:v', seq: 1, sender: 'v', device: 'x', client_time: 1, server_time: t.clock - 60_000_000, payload: new Uint8Array(50_000), kind: 0, local_id: 1, after_seq: 0, target: 0, edited: 0, recalled: false, deleted: false }] }));
   for (let i = 0; i < big.length; i += 1000) { // 1 KB every 200 ms: ten intervals
-    clock += 200_000;
+    t.clock += 200_000;
     c._tick();
     assert.equal(disc.length, 0, disc.length ? disc[0].reason : '');
     ws.onmessage?.({ data: big.slice(i, i + 1000).buffer });
@@ -345,7 +342,7 @@ test('a push frame longer than an interval on the wire keeps the link', async ()
   ws.deliver(frame('Pong', { nonce: ping.nonce }));
   await sleep(10);
   assert.deepEqual(got, [1]);
-  clock += 500_000; c._tick();
+  t.clock += 500_000; c._tick();
   assert.equal(disc.length, 0);
   await c.close();
 });
@@ -355,18 +352,14 @@ test('a slow way down draining a backlog keeps the link until the late Pong come
   // behind a full push window): each push of it gives the Pong another
   // interval.  The client said NO_HEARTBEAT_ANSWER one interval after the
   // Ping and reconnected over and over (new-user finding).
-  let clock = 1_700_000_000_000_000;
-  const H = 1_000_000; // heartbeat_ms 1000
-  const c = make({ ackTimeout: 400, backoffInitial: 10000, now: () => clock });
-  const ws = await connectedWithHeartbeat(c);
-  const start = clock;
-  const disc = []; c.on('disconnected', (d) => disc.push(d));
+  const t = await handTicked();
+  const { c, ws, start, disc } = t;
   let answered = 0;
-  for (let pos = 1; clock - start < 8 * H; pos++) {
-    clock += 300_000;
+  for (let pos = 1; t.clock - start < 8 * H; pos++) {
+    t.clock += 300_000;
     const pings = ws.of('Ping');
     const ping = pings.at(-1);
-    if (ping && !ping.answered && clock - ping.sentAt >= 5 * H) {
+    if (ping && !ping.answered && t.clock - ping.sentAt >= 5 * H) {
       ping.answered = true; answered++;
       ws.deliver(pushOf(pos, start - 60_000_000 + pos), frame('Pong', { nonce: ping.nonce })); // five intervals late
     } else {
@@ -374,7 +367,7 @@ test('a slow way down draining a backlog keeps the link until the late Pong come
     }
     await sleep(10);
     c._tick();
-    for (const p of ws.of('Ping')) if (p.sentAt === undefined) p.sentAt = clock;
+    for (const p of ws.of('Ping')) if (p.sentAt === undefined) p.sentAt = t.clock;
     assert.equal(disc.length, 0, disc.length ? disc[0].reason : '');
   }
   assert.ok(answered >= 1, 'a late Pong came and kept the link');
@@ -386,16 +379,12 @@ test('a dead way up is found though the broker keeps pushing: a Ping needs its P
   // 100 ms.  Pushes are no answer to the Ping: the link is declared dead
   // within two intervals of the last answer (the calibration), not left to
   // the broker's idle timeout.
-  let clock = 1_700_000_000_000_000;
-  const H = 1_000_000; // heartbeat_ms 1000
-  const c = make({ ackTimeout: 400, backoffInitial: 10000, now: () => clock });
-  const ws = await connectedWithHeartbeat(c);
-  const start = clock;
-  const disc = []; c.on('disconnected', (d) => disc.push(d));
+  const t = await handTicked();
+  const { c, ws, start, disc } = t;
   const got = []; c.on('message', (m) => got.push(m.seq));
-  for (let pos = 1; !disc.length && clock - start < 10 * H; pos++) {
-    clock += 100_000;
-    ws.deliver(pushOf(pos, clock - 50_000)); // new messages, stored just now
+  for (let pos = 1; !disc.length && t.clock - start < 10 * H; pos++) {
+    t.clock += 100_000;
+    ws.deliver(pushOf(pos, t.clock - 50_000)); // new messages, stored just now
     await sleep(10); // the handlers run, the PushAck (ackDelay 5 ms) goes out -- into the void
     c._tick();
   }
@@ -404,7 +393,7 @@ test('a dead way up is found though the broker keeps pushing: a Ping needs its P
   assert.equal(disc.length, 1, 'the dead way up is found');
   // Two intervals of the last answer, plus ackTimeout: messages stored up to
   // then after the Ping may be ahead of its Pong (+ the push step).
-  assert.ok(clock - start <= 2 * H + 400_000 + 100_000, 'within two intervals of the last answer');
+  assert.ok(t.clock - start <= 2 * H + 400_000 + 100_000, 'within two intervals of the last answer');
   assert.equal(ws.of('Ping').length, 1, 'one Ping, not put off by the acks, not repeated');
   assert.match(disc[0].reason, /no answer to the heartbeat/);
   await c.close();
