@@ -20,6 +20,8 @@ cdef extern from "Python.h":
     object _fo_from_u64 "PyLong_FromUnsignedLongLong"(unsigned long long)
     PyObject* _fo_dict_get "PyDict_GetItemWithError"(object, object) except? NULL
     bint _fo_is_str "PyUnicode_Check"(object)
+    bint _fo_is_str_exact "PyUnicode_CheckExact"(object)
+    void _fo_gc_untrack "PyObject_GC_UnTrack"(object)
     bint _fo_is_long_exact "PyLong_CheckExact"(object)
     bint _fo_is_bytes_exact "PyBytes_CheckExact"(object)
     bint _fo_is_list_exact "PyList_CheckExact"(object)
@@ -114,20 +116,28 @@ cdef object _fo_fanout(object users, object uks, object heads, object pend, obje
         else:
             (<list>queued).append(entry)
         pair = (user, pos)
+        if _fo_is_str_exact(user):
+            # A tuple of a str and an int can never be in a reference cycle:
+            # out of the collector's sight from the start (CPython's own
+            # collector untracks such tuples at their first collection, after
+            # visiting them).  A 1,000-member group makes 1,000 per message;
+            # they live until the batch is answered, often across a
+            # collection.  (A str subclass may hold a cycle: left tracked.)
+            _fo_gc_untrack(pair)
         Py_INCREF(pair)  # PyTuple_SET_ITEM steals a reference
         PyTuple_SET_ITEM(out, i, pair)
     return out
 
 
 def inbox_items(uks, pend, heads):
-    """``(uk + U64(position), value)`` for the queued values of each ``uk``
-    (see pimcore._pure.fanout)."""
+    """An iterator of ``(uk + U64(position), value)`` for the queued values of
+    each ``uk`` (see pimcore._pure.fanout): everything is checked here, the
+    pairs are made as they are taken."""
     cdef Py_ssize_t j, count
-    cdef unsigned long long h, pos
+    cdef unsigned long long h
     cdef object queued, value
-    cdef list out
+    cdef _InboxItems it
     _fo_check_args(uks, pend, heads, "pend and heads")
-    out = []
     for uk in uks:
         if not _fo_is_bytes_exact(uk):
             raise TypeError("uk must be bytes")
@@ -138,18 +148,70 @@ def inbox_items(uks, pend, heads):
         count = PyList_GET_SIZE(queued)
         if <unsigned long long>count > h:
             raise ValueError("more pending entries than inbox positions")
-        pos = h - <unsigned long long>count
-        # Index loop re-reading the size: a value's validation cannot run
-        # Python code, but stay safe against a list that changes anyway.
-        j = 0
-        while j < PyList_GET_SIZE(queued):
+        for j in range(count):
             value = <object>PyList_GET_ITEM(queued, j)
             if not _fo_is_bytes_exact(value):
                 raise TypeError("pending entry must be bytes")
-            pos += 1
-            out.append((_fo_key(uk, pos), value))
-            j += 1
-    return out
+    it = _InboxItems.__new__(_InboxItems)
+    it.uks = tuple(uks)
+    it.pend = <dict>pend
+    it.heads = <dict>heads
+    return it
+
+
+cdef class _InboxItems:
+    """What inbox_items returns.  Why an iterator and not a list: the pairs
+    go to one ``Cursor.putmulti``, which drops each pair after its put, so
+    each key and tuple is freed (and its memory reused, still in cache) before
+    the next is made -- rather than a list of one pair per inbox entry (a
+    1,000-member group's batch of 50 messages: 50,000 pairs) built, walked
+    and freed.  The inputs were checked by inbox_items; they are read again
+    here (a change in between is caught with the same errors, never a
+    crash)."""
+
+    cdef tuple uks
+    cdef dict pend
+    cdef dict heads
+    cdef Py_ssize_t i  # next index in uks
+    cdef Py_ssize_t j  # next index in queued
+    cdef object uk
+    cdef object queued  # pend[uk] of the user being written, None between users
+    cdef unsigned long long pos  # the last position made for uk
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        cdef object value
+        cdef unsigned long long h
+        cdef Py_ssize_t count
+        while True:
+            if self.queued is not None:
+                if self.j < PyList_GET_SIZE(self.queued):
+                    value = <object>PyList_GET_ITEM(self.queued, self.j)
+                    if not _fo_is_bytes_exact(value):
+                        raise TypeError("pending entry must be bytes")
+                    self.j += 1
+                    self.pos += 1
+                    return (_fo_key(self.uk, self.pos), value)
+                self.queued = None
+            if self.i >= len(self.uks):
+                raise StopIteration
+            uk = self.uks[self.i]
+            self.i += 1
+            if not _fo_is_bytes_exact(uk):
+                raise TypeError("uk must be bytes")
+            queued = self.pend[uk]
+            if not _fo_is_list_exact(queued):
+                raise TypeError("pending entries must be a list")
+            h = _fo_head(self.heads, uk)
+            count = PyList_GET_SIZE(queued)
+            if <unsigned long long>count > h:
+                raise ValueError("more pending entries than inbox positions")
+            self.uk = uk
+            self.queued = queued
+            self.j = 0
+            self.pos = h - <unsigned long long>count
 
 
 def head_items(uks, heads, floors):

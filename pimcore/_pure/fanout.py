@@ -28,7 +28,7 @@ validation is left unchanged, the earlier ones stay applied.
 from __future__ import annotations
 
 import struct
-from typing import Any, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 __all__ = ["fanout", "inbox_items", "head_items", "stage_message", "store_plain_message", "store_plain_run"]
 
@@ -106,12 +106,36 @@ def inbox_items(
     uks: Union[Sequence[bytes], tuple[bytes, ...]],
     pend: dict[bytes, list[bytes]],
     heads: dict[bytes, int],
-) -> list[tuple[bytes, bytes]]:
-    """``(uk + U64(position), value)`` for the queued values of each ``uk`` in
-    ``uks`` (a list or tuple; pass them sorted for key order), positions
-    ending at ``heads[uk]``."""
+) -> Iterator[tuple[bytes, bytes]]:
+    """An iterator of ``(uk + U64(position), value)`` for the queued values
+    of each ``uk`` in ``uks`` (a list or tuple; pass them sorted for key
+    order), positions ending at ``heads[uk]``.  Every input is checked here
+    (the errors below come from this call, not from the iteration); the
+    pairs are made as they are taken, so leave ``pend`` and ``heads`` alone
+    until the iterator is spent (it reads them again; a change in between
+    raises the same errors).  Why an iterator: the one ``Cursor.putmulti``
+    it feeds drops each pair after its put, so no list of one pair per
+    inbox entry is built and freed.  Raises TypeError (a non-bytes uk or
+    value, a non-list queue), KeyError (a uk without a queue or head),
+    ValueError (a head out of range, more values than positions)."""
     _check_args(uks, pend, heads, "pend and heads")
-    out: list[tuple[bytes, bytes]] = []
+    for uk in uks:
+        if type(uk) is not bytes:
+            raise TypeError("uk must be bytes")
+        queued = pend[uk]
+        if type(queued) is not list:
+            raise TypeError("pending entries must be a list")
+        head = _head(heads, uk)
+        if len(queued) > head:
+            raise ValueError("more pending entries than inbox positions")
+        for value in queued:
+            if type(value) is not bytes:
+                raise TypeError("pending entry must be bytes")
+    return _inbox_pairs(tuple(uks), pend, heads)
+
+
+def _inbox_pairs(uks: tuple[bytes, ...], pend: dict[bytes, list[bytes]],
+                 heads: dict[bytes, int]) -> Iterator[tuple[bytes, bytes]]:
     for uk in uks:
         if type(uk) is not bytes:
             raise TypeError("uk must be bytes")
@@ -122,12 +146,14 @@ def inbox_items(
         if len(queued) > head:
             raise ValueError("more pending entries than inbox positions")
         pos = head - len(queued)
-        for value in queued:
+        j = 0
+        while j < len(queued):  # (re-read: the same as the compiled twin)
+            value = queued[j]
             if type(value) is not bytes:
                 raise TypeError("pending entry must be bytes")
+            j += 1
             pos += 1
-            out.append((uk + _U64.pack(pos), value))
-    return out
+            yield uk + _U64.pack(pos), value
 
 
 def head_items(
