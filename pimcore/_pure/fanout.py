@@ -120,32 +120,30 @@ def inbox_items(
     ValueError (a head out of range, more values than positions)."""
     _check_args(uks, pend, heads, "pend and heads")
     for uk in uks:
-        if type(uk) is not bytes:
-            raise TypeError("uk must be bytes")
-        queued = pend[uk]
-        if type(queued) is not list:
-            raise TypeError("pending entries must be a list")
-        head = _head(heads, uk)
-        if len(queued) > head:
-            raise ValueError("more pending entries than inbox positions")
+        queued, _ = _queued(uk, pend, heads)
         for value in queued:
             if type(value) is not bytes:
                 raise TypeError("pending entry must be bytes")
     return _inbox_pairs(tuple(uks), pend, heads)
 
 
+def _queued(uk: bytes, pend: dict[bytes, list[bytes]], heads: dict[bytes, int]) -> tuple[list[bytes], int]:
+    """``pend[uk]`` and the position before its first value, checked."""
+    if type(uk) is not bytes:
+        raise TypeError("uk must be bytes")
+    queued = pend[uk]
+    if type(queued) is not list:
+        raise TypeError("pending entries must be a list")
+    head = _head(heads, uk)
+    if len(queued) > head:
+        raise ValueError("more pending entries than inbox positions")
+    return queued, head - len(queued)
+
+
 def _inbox_pairs(uks: tuple[bytes, ...], pend: dict[bytes, list[bytes]],
                  heads: dict[bytes, int]) -> Iterator[tuple[bytes, bytes]]:
     for uk in uks:
-        if type(uk) is not bytes:
-            raise TypeError("uk must be bytes")
-        queued = pend[uk]
-        if type(queued) is not list:
-            raise TypeError("pending entries must be a list")
-        head = _head(heads, uk)
-        if len(queued) > head:
-            raise ValueError("more pending entries than inbox positions")
-        pos = head - len(queued)
+        queued, pos = _queued(uk, pend, heads)
         j = 0
         while j < len(queued):  # (re-read: the same as the compiled twin)
             value = queued[j]
