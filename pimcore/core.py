@@ -1022,6 +1022,12 @@ class Broker:
             return []
         c.last_seen = now
         out: list[Command] = []
+        if c.expires is not None and c.expires <= now:
+            # The token expired and its timer has not run yet (a clock
+            # stepped past it, or a busy host): nothing more is taken.
+            self._close(c, CloseCode.TOKEN_EXPIRED, _TOKEN_EXPIRED, out)
+            self._maybe_commit(out, now)
+            return out
         c.session.receive_data(data)
         if self._blocked(c):
             self._check_paused(c, out)
@@ -1555,7 +1561,7 @@ class Broker:
                 c.hibernate_mark = activity
                 self._arm(now + self.config.compression_idle, _HIBERNATE_DUE, conn)
             elif c.expires is not None and c.expires <= now:
-                self._close(c, CloseCode.TOKEN_EXPIRED, "the session's token expired; log in with a fresh one", out)
+                self._close(c, CloseCode.TOKEN_EXPIRED, _TOKEN_EXPIRED, out)
         if self._retry_at is not None and now >= self._retry_at:
             self._retry_at = None  # due: _maybe_commit below proposes what waits
         if self._next_reclaim is None:
@@ -3592,6 +3598,7 @@ class Broker:
 _RETRY_AFTER_FAILURE = 200_000
 
 #: Ops whose loss only costs a re-delivery: they may wait for a batch (ack_delay).
+_TOKEN_EXPIRED = "the session's token expired; log in with a fresh one"
 _LAZY_OPS = frozenset((AckPosition, TouchDevice, AppendEvent))
 #: The lazy ops that may also wait behind sends (not events: their ids are
 #: the order the host reads them in).

@@ -171,7 +171,9 @@ def test_a_clock_step_keeps_durations_at_their_real_length_and_token_expiry_at_i
     # Alice's session; her idle timeout has not come (she sent 2 s ago).
     h.now += hour + 20 * second
     h.broker.clock_stepped(hour + 20 * second)
-    h.advance(1)
+    # Her send arrives before the timer has run (found by a new-user pass:
+    # it was stored and acked, then she was closed): refused with the close.
+    h.send(a, AB, b"after expiry")
     assert h.closed[a].code is CloseCode.TOKEN_EXPIRED
     assert [m.payload for m in h.store.history(AB, 0, 10)] == [b"m0", b"m1"]
 
