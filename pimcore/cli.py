@@ -497,6 +497,19 @@ def _cmd_group(args: argparse.Namespace) -> int:
     if args.action == "show" and args.users:
         print("pimcore group: show takes no users (it shows the group's members)", file=sys.stderr)
         return 2
+    # Ids before anything else: a refused name must not leave a new data
+    # directory behind (it made ./pimcore-data, then said "not a group id").
+    from .ids import check_ids, group_problem
+
+    problem = group_problem(args.name)
+    if problem is not None:
+        print(f"pimcore group: not a group id: {problem}", file=sys.stderr)
+        return 2
+    try:
+        check_ids(*args.users)
+    except ValueError as exc:
+        print(f"pimcore group: {exc}", file=sys.stderr)
+        return 2
     if args.http:
         return _group_over_http(args)
     if args.action == "create" and not args.users:
@@ -1047,8 +1060,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    " the change; show also says whether members added later may read what was said"
                                    " before they joined (create --history-visible).")
     # nargs="?": argparse's own message for a missing action named USER too.
-    p.add_argument("action", nargs="?", choices=["create", "add", "remove", "show"])
-    p.add_argument("name", nargs="?", help="group id, e.g. team-42 (required)")
+    p.add_argument("action", nargs="?", choices=["create", "add", "remove", "show"], metavar="ACTION",
+                   help="create (a group with its first members), add (members), remove (members), show (the members"
+                        " and whether history is visible to later members)")
+    p.add_argument("name", nargs="?", metavar="NAME", help="group id, e.g. team-42 (required)")
     p.add_argument("users", nargs="*", metavar="USER", help="members to create with, add or remove")
     p.add_argument(
         "--history-visible",
