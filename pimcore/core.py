@@ -1606,7 +1606,7 @@ class Broker:
         be taken or dropped once.
 
         A host whose ``now`` cannot step need not call it; the served broker
-        calls it from its default clock (:class:`pimcore.net.server.WallClock`).
+        calls it from its default clock (:class:`pimcore.clock.WallClock`).
         O(connections): meant for rare steps.  No commands: ask
         :meth:`next_deadline` again after it."""
         if not step:
@@ -3597,8 +3597,9 @@ class Broker:
 #: by the timer this long after (µs), whichever comes first.
 _RETRY_AFTER_FAILURE = 200_000
 
-#: Ops whose loss only costs a re-delivery: they may wait for a batch (ack_delay).
+#: The reason of a Close(TOKEN_EXPIRED).
 _TOKEN_EXPIRED = "the session's token expired; log in with a fresh one"
+#: Ops whose loss only costs a re-delivery: they may wait for a batch (ack_delay).
 _LAZY_OPS = frozenset((AckPosition, TouchDevice, AppendEvent))
 #: The lazy ops that may also wait behind sends (not events: their ids are
 #: the order the host reads them in).
