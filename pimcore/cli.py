@@ -499,16 +499,14 @@ def _cmd_group(args: argparse.Namespace) -> int:
         return 2
     # Ids before anything else: a refused name must not leave a new data
     # directory behind (it made ./pimcore-data, then said "not a group id").
-    from .ids import check_ids, group_problem
+    # (Worded as the broker's HTTP API refuses them: BAD_REQUEST.)
+    from .ids import group_problem, id_problem
 
-    problem = group_problem(args.name)
+    problems = [group_problem(args.name)] + [id_problem(user, "user") for user in args.users]
+    problem = next((p for p in problems if p is not None), None)
     if problem is not None:
-        print(f"pimcore group: not a group id: {problem}", file=sys.stderr)
-        return 2
-    try:
-        check_ids(*args.users)
-    except ValueError as exc:
-        print(f"pimcore group: {exc}", file=sys.stderr)
+        what = "not a group id: " if problems[0] is not None else ""
+        print(f"pimcore group: BAD_REQUEST: {what}{problem}", file=sys.stderr)
         return 2
     if args.http:
         return _group_over_http(args)

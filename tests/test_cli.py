@@ -469,11 +469,11 @@ def test_cafile_without_http_or_empty_is_refused(tmp_path, capsys, cmd):
     (["group", "add", "g1"], "pimcore group: add: give at least one user (pimcore group add g1 USER...)"),
     (["group", "remove", "g1"], "pimcore group: remove: give at least one user (pimcore group remove g1 USER...)"),
     # (These made the data directory, then refused.)
-    (["group", "create", "bad name", "alice"],
-     "pimcore group: not a group id: group id 'bad name' is not 1-128 printable ASCII characters without spaces"),
+    (["group", "create", "bad name", "alice"], "pimcore group: BAD_REQUEST: not a group id: group id 'bad name' is not"
+                                                " 1-128 printable ASCII characters without spaces"),
     (["group", "create", "g1", "alice", "bad user"],
-     "pimcore group: invalid user or device id: user or device id 'bad user' has the character ' ' (user or device"
-     " ids are 1-64 ASCII characters from A-Z a-z 0-9 _ . @ -)"),
+     "pimcore group: BAD_REQUEST: user id 'bad user' has the character ' ' (user ids are 1-64 ASCII characters from"
+     " A-Z a-z 0-9 _ . @ -)"),
 ])
 def test_group_without_its_name_or_users_says_what_is_missing(tmp_path, capsys, argv, said):
     """add/remove with no user exited 0 silently; show with no name said
