@@ -285,6 +285,46 @@ def test_group_commit_gathers_every_connection_into_one_batch(h):
     assert seqs == list(range(1, 11))
 
 
+def test_batches_held_by_the_host_start_as_one_batch_when_released(h):
+    """A host that knows more connections have bytes waiting holds the next
+    batch while it feeds them (Broker.hold_batches): their sends start one
+    batch together on release, not the first connection's alone and then
+    one of the rest.  A hold never acks anything early, and flush() (the
+    host's shutdown) commits through it."""
+    conns = {u: h.login(u, "d") for u in ("alice", "bob", "carol")}
+    h.hold_commits = True  # (the harness keeps the write requests to look at)
+    h.commits.clear()
+    assert h.broker.batch_in_flight is False
+    h.broker.hold_batches()
+    for u, c in conns.items():
+        h.send(c, direct_conversation(u, "zed"), u.encode())
+    assert h.commits == [] and not any(h.acks(c) for c in conns.values())
+    h.run(h.broker.release_batches(h.now))
+    [batch] = h.held
+    assert sorted(op.payload for op in batch.ops if hasattr(op, "payload")) == [b"alice", b"bob", b"carol"]
+    assert h.broker.batch_in_flight is True
+    # Held while a batch is in flight: its completion starts no next batch.
+    h.broker.hold_batches()
+    h.send(conns["alice"], direct_conversation("alice", "zed"), b"second")
+    h.commit(h.held.pop(0))
+    assert h.held == [] and h.broker.batch_in_flight is False
+    assert [a.seq for a in h.acks(conns["alice"])] == [1]
+    # flush() commits what is pending even while held; the hold stays.
+    h.run(h.broker.flush(h.now))
+    [batch] = h.held
+    assert [op.payload for op in batch.ops if hasattr(op, "payload")] == [b"second"]
+    h.release()
+    assert [a.seq for a in h.acks(conns["alice"])] == [2]
+    h.send(conns["bob"], direct_conversation("bob", "zed"), b"held again")
+    assert h.held == []
+    # Releasing twice is harmless; the second has nothing to start.
+    h.run(h.broker.release_batches(h.now))
+    assert len(h.held) == 1
+    assert h.broker.release_batches(h.now) == []
+    h.release()
+    assert [a.code for a in h.acks(conns["bob"])] == [0, 0]
+
+
 def test_store_failure_answers_store_unavailable_and_a_retry_succeeds(h):
     a = h.login("alice", "phone")
     h.fail_commits = True

@@ -104,10 +104,12 @@ async def test_a_failed_inline_commit_answers_store_unavailable_and_the_retry_st
     assert not any("_committer" in t for t in watch.tasks)
 
 
-async def test_connections_with_bytes_waiting_still_share_a_commit(store):
+async def test_connections_with_bytes_waiting_share_one_commit(store):
     """Eight connections send at once (their bytes are all in the kernel
-    before the broker runs): the first one's batch commits alone, the other
-    seven join the next -- not eight commits of one message each."""
+    before the broker runs): the broker holds the batch while their readers
+    run (Broker.hold_batches), so the eight messages share one commit -- not
+    eight commits of one, nor the first connection's alone and then the
+    other seven's."""
     watch = _Watch(store)
     with trio.fail_after(20):
         async with serving(store) as srv:
@@ -125,7 +127,52 @@ async def test_connections_with_bytes_waiting_still_share_a_commit(store):
                 assert (ack.code, ack.seq) == (0, 1)
             for raw in conns:
                 await raw.aclose()
-    assert sum(watch.sizes) == 8 and max(watch.sizes) >= 2, watch.sizes
+    assert [n for n in watch.sizes if n] == [8], watch.sizes  # (then batches of acks alone)
+
+
+async def test_a_connection_whose_reading_is_paused_does_not_hold_the_others_sends(tmp_path):
+    """Bytes waiting on a connection the broker stopped reading (its client
+    reads none of its replies) stay waiting however long a hold would wait
+    for them: the hold ends after its few scheduler passes, and the others'
+    sends commit."""
+    from test_outbound import fill, settle
+
+    store = LmdbStore(str(tmp_path / "db"), durability="os")
+    try:
+        fill(store, AB, 200, 16 * 1024)  # (a page of 100: 1.6 MB)
+        watch = _Watch(store)
+        with trio.fail_after(30):
+            async with serving(store) as srv:
+                port = srv.endpoints[0].port
+                greedy = await RawConn.open(port, rcvbuf=4096)
+                await greedy.login("alice", "greedy")
+                await greedy.send_bytes(b"".join(encode_frame(F.HistoryReq(r, AB, 0, 100, False)) for r in range(40)))
+                await settle(srv)  # its replies fill its outbound side: nothing more of it is decoded
+                # What it sends next is buffered, undecoded, up to 256 KiB;
+                # then its reading is paused and the rest waits in the kernel.
+                await greedy.send_bytes(b"".join(encode_frame(F.SendReq(i, AB, 0, b"y" * 48_000)) for i in range(1, 10)))
+                await settle(srv)
+                read = srv.statistics().bytes_in
+                await trio.sleep(0.2)
+                assert srv.statistics().bytes_in == read < 400_000  # the rest unread
+                conns = []
+                for i in range(2):
+                    raw = await RawConn.open(port)
+                    await raw.login(f"u{i}")
+                    conns.append(raw)
+                watch.sizes.clear()
+                for i, raw in enumerate(conns):  # no checkpoint between the writes
+                    data = encode_frame(F.SendReq(1, direct_conversation(f"u{i}", "bob"), 0, b"x"))
+                    assert os.write(raw.stream.socket.fileno(), data) == len(data)
+                for raw in conns:
+                    ack = await raw.until(F.SendAck)
+                    assert (ack.code, ack.seq) == (0, 1)
+                assert [n for n in watch.sizes if n] == [2], watch.sizes
+                for raw in conns:
+                    await raw.aclose()
+                await greedy.aclose()
+    finally:
+        store.close()
 
 
 async def test_a_stream_the_probe_cannot_see_turns_inline_commit_off_while_connected(store):

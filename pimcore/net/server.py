@@ -504,6 +504,17 @@ class _Peer:
         self.sending = False  # the writer task is inside send_all
 
 
+#: Scheduler passes a held batch waits at most for readers with bytes
+#: waiting (BrokerServer._releaser).
+_HOLD_PASSES = 2
+#: A reader holds the next batch only when at least this many sockets have
+#: bytes waiting.  Measured (BENCHMARKS.md, "One batch for the connections
+#: that have bytes waiting"): with one (e2e 1 x 64: the recipient's acks
+#: waiting behind the sender's read) the pass the hold costs was dearer than
+#: the small batch it saved.
+_HOLD_MIN_WAITING = 2
+
+
 class BrokerServer:
     """A broker serving the configured listeners.  Use :func:`open_broker_server`."""
 
@@ -616,6 +627,12 @@ class BrokerServer:
         if not self._async_store and not config.commit_in_thread and hasattr(select, "epoll"):
             self._ready_probe = select.epoll()
         self._opaque_peers = 0  # connections the probe cannot see
+        # Group commit across the connections that have bytes waiting: a
+        # reader that finds the store idle and other bytes waiting holds the
+        # core's next batch (Broker.hold_batches) until the readers that
+        # can run have run; _releaser then lets it start, as one batch.
+        self._holding = False
+        self._release_wake = trio.Event()
         # True only while a plain-TCP reader runs the core's commands: host
         # calls (the HTTP API, host_calls' list) and the timer take the hop,
         # so that calls made together still share a batch.
@@ -731,6 +748,8 @@ class BrokerServer:
                     nursery.start_soon(fn, *args)
                 nursery.start_soon(self._committer)
                 nursery.start_soon(self._timer)
+                if self._ready_probe is not None:
+                    nursery.start_soon(self._releaser)
                 defer = (getattr(self.store, "defer_commits", None)
                          if not self._async_store and not self._commit_in_thread else None)
                 if defer is not None and defer(True, on_open=self._deferred_opened):
@@ -1014,6 +1033,16 @@ class BrokerServer:
             if self._stopping:
                 break
             self._stats["bytes_in"] += len(data)
+            if fd >= 0 and not self._holding and self._tasks is not None and not self.broker.batch_in_flight:
+                probe = self._ready_probe
+                if probe is not None and len(probe.poll(0, _HOLD_MIN_WAITING)) >= _HOLD_MIN_WAITING:
+                    # The store is idle and other connections have bytes
+                    # waiting: what this read proposes would start a batch
+                    # of its own, and theirs the next one.  Hold it while
+                    # they are read (see _releaser).
+                    self._holding = True
+                    self.broker.hold_batches()
+                    self._release_wake.set()
             try:
                 cmds = self.broker.receive_data(peer.id, bytes(data), self.now())
             except Exception:
@@ -1731,6 +1760,32 @@ class BrokerServer:
                 cmds = self._commit_done(req, t0, results, None)
             self._commit_idle.set()
             self._run(cmds)
+
+    async def _releaser(self) -> None:
+        """End each hold of the core's next batch (see _reader) once the
+        readers that had bytes waiting have run: one scheduler pass (trio
+        runs every task woken by the same I/O poll in one pass), more while
+        the probe still sees bytes waiting, up to _HOLD_PASSES -- bytes that
+        keep coming, or a connection whose reading is paused, cannot hold
+        the batch longer than that.  The released batch commits inline here
+        if no bytes are waiting by then (as a reader's would), else through
+        the committer task."""
+        probe = self._ready_probe
+        while True:
+            await self._release_wake.wait()
+            self._release_wake = trio.Event()
+            try:
+                for _ in range(_HOLD_PASSES):
+                    await trio.sleep(0)
+                    if not probe.poll(0, 1):
+                        break
+            finally:
+                self._holding = False
+                self._inline_ok = True
+                try:
+                    self._run(self._core(self.broker.release_batches))
+                finally:
+                    self._inline_ok = False
 
     def _commit_done(self, req: StoreRequest, t0: float, results: Any, exc: Optional[Exception]) -> list[Command]:
         """The core's commands for a write request's outcome (``exc`` None:
