@@ -1610,7 +1610,14 @@ class Broker:
         A host whose ``now`` cannot step need not call it; the served broker
         calls it from its default clock (:class:`pimcore.clock.WallClock`).
         O(connections): meant for rare steps.  No commands: ask
-        :meth:`next_deadline` again after it."""
+        :meth:`next_deadline` again after it.  Raises TypeError if ``step``
+        is not an ``int`` (a float would turn every deadline into one),
+        ValueError if it is outside a signed 64-bit µs value; nothing
+        changed then."""
+        if type(step) is not int:
+            raise TypeError(f"clock step must be an int of µs, not {type(step).__name__}")
+        if not -(1 << 63) < step < (1 << 63):
+            raise ValueError(f"clock step of {step} µs is outside a signed 64-bit value")
         if not step:
             return
         for c in self._conns.values():

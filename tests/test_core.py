@@ -142,6 +142,21 @@ def test_send_rate_limit_refuses_with_a_clear_code_and_refills(store):
     assert [m.payload for m in h.store.history(AB, 0, 10)] == [b"m0", b"m1", b"m2", b"later"]
 
 
+def test_a_clock_step_that_is_not_whole_microseconds_is_refused_and_changes_nothing(h):
+    """clock_stepped takes an int of µs, like every ``now``: a float step
+    turned every deadline into a float, a str failed halfway through."""
+    a = h.login("alice", "phone")
+    h.take(a)
+    due = h.broker.next_deadline()
+    for bad in (1.5, "60", None, True, 10**20):
+        with pytest.raises((TypeError, ValueError)) as err:
+            h.broker.clock_stepped(bad)
+        assert "step" in str(err.value)
+        assert h.broker.next_deadline() == due
+    h.send(a, AB, b"still fine")
+    assert [ack.code for ack in h.acks(a)] == [ErrorCode.OK]
+
+
 def test_a_clock_step_keeps_durations_at_their_real_length_and_token_expiry_at_its_time(store):
     """Broker.clock_stepped: the host's clock jumped.  Before it existed a
     step back of an hour refused sends as RATE_LIMITED for an hour and put
