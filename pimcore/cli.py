@@ -532,12 +532,15 @@ def _cmd_group(args: argparse.Namespace) -> int:
         print(f"pimcore group: no store in {settings.data_dir} yet: created one (a broker uses it if started with"
               f" --data-dir {settings.data_dir})", file=sys.stderr)
     with store:
+        before: Sequence[str] = ()
         try:
             if args.action == "create":
                 store.create_group(args.name, args.users, time.time_ns() // 1000, history_visible=args.history_visible)
             elif args.action == "add":
+                before = store.members(args.name) if store.conversation_exists(args.name) else ()
                 store.add_members(args.name, args.users)
             elif args.action == "remove":
+                before = store.members(args.name) if store.conversation_exists(args.name) else ()
                 store.remove_members(args.name, args.users)
             elif not store.conversation_exists(args.name):
                 raise KeyError(args.name)
@@ -549,9 +552,27 @@ def _cmd_group(args: argparse.Namespace) -> int:
             return 2
         members = store.members(args.name)
         print(_members_line(args.name, members))
+        _note_unchanged(args, before)
         if args.action == "show":
             print(_history_line(store.history_visible(args.name)))
     return 0
+
+
+def _note_unchanged(args: argparse.Namespace, before: Sequence[str]) -> None:
+    """After ``group add``/``remove`` did what it was asked: name the users
+    it had nothing to do for (already members, not members), on stderr."""
+    if args.action not in ("add", "remove"):
+        return
+    was = set(before)
+    users = list(dict.fromkeys(args.users))
+    if args.action == "add":
+        same = [u for u in users if u in was]
+        what = f"already a member of {args.name!r}, so not added"
+    else:
+        same = [u for u in users if u not in was]
+        what = f"not a member of {args.name!r}, so not removed"
+    if same:
+        print(f"pimcore group: {what}: {' '.join(same)}", file=sys.stderr)
 
 
 def _members_line(name: str, members: Sequence[str]) -> str:
@@ -576,11 +597,13 @@ def _group_over_http(args: argparse.Namespace) -> int:
     from .store.base import removes_everyone
 
     group = urllib.parse.quote(args.name, safe="")
+    before: Sequence[str] = ()
     try:
         if args.action == "create":
             out = _http_call(args, "POST", "/v1/groups",
                              {"conv": args.name, "members": args.users, "history_visible": args.history_visible})
         elif args.action == "add":
+            before = _http_call(args, "GET", f"/v1/groups/{group}/members")["members"]
             out = _http_call(args, "POST", f"/v1/groups/{group}/members", {"users": args.users})
         elif args.action == "remove":
             # One user per DELETE: check every id first, and that some member
@@ -591,10 +614,13 @@ def _group_over_http(args: argparse.Namespace) -> int:
                 if problem is not None:
                     raise ValueError(f"BAD_REQUEST: {problem}")
             users = list(dict.fromkeys(args.users))
-            if removes_everyone(_http_call(args, "GET", f"/v1/groups/{group}/members")["members"], users):
+            before = _http_call(args, "GET", f"/v1/groups/{group}/members")["members"]
+            if removes_everyone(before, users):
                 raise ValueError(f"group {args.name!r} not changed: BAD_REQUEST: {LAST_MEMBERS}")
             removed: list[str] = []
-            for user in users:
+            out = {"members": before}
+            todo = [u for u in users if u in before]
+            for user in todo:
                 try:
                     out = _http_call(args, "DELETE", f"/v1/groups/{group}/members/{urllib.parse.quote(user, safe='')}")
                 except ValueError as exc:
@@ -603,7 +629,7 @@ def _group_over_http(args: argparse.Namespace) -> int:
                     # The others left meanwhile (another admin's removal):
                     # the broker refused to remove the last one.
                     raise ValueError(f"removed {' '.join(removed)} from {args.name!r}, then {user!r} was refused"
-                                     f" ({exc}); not removed: {' '.join(users[len(removed):])}") from None
+                                     f" ({exc}); not removed: {' '.join(todo[len(removed):])}") from None
                 removed.append(user)
         else:  # show
             out = _http_call(args, "GET", f"/v1/groups/{group}/members")
@@ -617,6 +643,7 @@ def _group_over_http(args: argparse.Namespace) -> int:
         print(f"pimcore group: unexpected answer from {args.http} (no member list)", file=sys.stderr)
         return 2
     print(_members_line(args.name, members))
+    _note_unchanged(args, before)
     if visible is not None:
         print(_history_line(visible))
     return 0

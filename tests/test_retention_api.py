@@ -217,7 +217,12 @@ GROUP_SCRIPT = [
     (["add", "team"], 2, "", "add: give at least one user"),  # (exit 0, nothing said)
     (["remove", "team", "--history-visible"], 2, "", "--history-visible is for create"),
     (["remove", "team"], 2, "", "remove: give at least one user"),
-    (["remove", "team", "alice", "dave", "zed"], 0, "team: 2 members: bob carol\n", ""),
+    # A user who is not a member is named, not silently skipped (exit 0: the
+    # group is as asked); nor is one who already is.
+    (["remove", "team", "alice", "dave", "zed"], 0, "team: 2 members: bob carol\n",
+     "pimcore group: not a member of 'team', so not removed: zed\n"),
+    (["add", "team", "bob"], 0, "team: 2 members: bob carol\n",
+     "pimcore group: already a member of 'team', so not added: bob\n"),
     (["show", "team"], 0, "team: 2 members: bob carol\nhistory visible to later members: no\n", ""),
     (["show", "club"], 0, "club: 1 member: erin\nhistory visible to later members: yes\n", ""),
     (["add", "nope", "carol"], 2, "", "UNKNOWN_CONVERSATION"),
@@ -251,6 +256,8 @@ async def test_cli_manages_groups_through_the_http_api(tmp_path: Path, capsys: p
                 std = capsys.readouterr()
                 assert (got, std.out) == (code, out), (argv, std)
                 assert std.err.startswith("pimcore group: ") if err else std.err == "", (argv, std.err)
+                if err and not code:  # a note on a command that did what it was asked
+                    assert std.err == err, (argv, std.err)
                 assert err in std.err and "Traceback" not in std.err, (argv, std.err)
             # --history-visible reached the broker: a member added later reads what came before.
             await im.post("club", b"before", sender="erin", device="web")
@@ -271,7 +278,7 @@ async def test_cli_manages_groups_through_the_http_api(tmp_path: Path, capsys: p
 def test_cli_groups_on_a_data_directory_print_what_http_prints(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
     data = str(tmp_path / "data")
-    for i, (argv, code, out, _) in enumerate(GROUP_SCRIPT):
+    for i, (argv, code, out, err) in enumerate(GROUP_SCRIPT):
         got = main(["group", *argv, "--data-dir", data])
         std = capsys.readouterr()
         assert (got, std.out) == (code, out), (argv, std)
@@ -281,7 +288,7 @@ def test_cli_groups_on_a_data_directory_print_what_http_prints(tmp_path: Path,
             assert std.err == (f"pimcore group: no store in {data} yet: created one (a broker uses it if started"
                                f" with --data-dir {data})\n"), std.err
             continue
-        assert std.err.startswith("pimcore group: ") if code else std.err == "", (argv, std.err)
+        assert std.err.startswith("pimcore group: ") if code else std.err == err, (argv, std.err)
 
 
 async def test_members_over_http_and_the_handle(tmp_path: Path) -> None:
