@@ -567,12 +567,12 @@ def _note_unchanged(args: argparse.Namespace, before: Sequence[str]) -> None:
     users = list(dict.fromkeys(args.users))
     if args.action == "add":
         same = [u for u in users if u in was]
-        what = f"already a member of {args.name!r}, so not added"
+        what = f"already {'a member' if len(same) == 1 else 'members'} of {args.name!r}, so not added"
     else:
         same = [u for u in users if u not in was]
-        what = f"not a member of {args.name!r}, so not removed"
+        what = f"not {'a member' if len(same) == 1 else 'members'} of {args.name!r}, so not removed"
     if same:
-        print(f"pimcore group: {what}: {' '.join(same)}", file=sys.stderr)
+        print(f"pimcore group: {what}: {', '.join(same)}", file=sys.stderr)
 
 
 def _members_line(name: str, members: Sequence[str]) -> str:

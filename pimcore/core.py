@@ -1612,12 +1612,13 @@ class Broker:
         O(connections): meant for rare steps.  No commands: ask
         :meth:`next_deadline` again after it.  Raises TypeError if ``step``
         is not an ``int`` (a float would turn every deadline into one),
-        ValueError if it is outside a signed 64-bit µs value; nothing
-        changed then."""
+        ValueError if ``abs(step)`` is 2**62 µs (146,000 years) or more: no
+        clock steps that far, and deadlines moved by it would leave the
+        signed 64-bit µs a host may keep them in.  Nothing changed then."""
         if type(step) is not int:
             raise TypeError(f"clock step must be an int of µs, not {type(step).__name__}")
-        if not -(1 << 63) < step < (1 << 63):
-            raise ValueError(f"clock step of {step} µs is outside a signed 64-bit value")
+        if not -_MAX_STEP < step < _MAX_STEP:
+            raise ValueError(f"clock step of {step} µs is out of range (|step| < 2**62 µs)")
         if not step:
             return
         for c in self._conns.values():
@@ -3647,6 +3648,8 @@ class Broker:
 #: by the timer this long after (µs), whichever comes first.
 _RETRY_AFTER_FAILURE = 200_000
 
+#: clock_stepped() refuses a step of this many µs or more (146,000 years).
+_MAX_STEP = 1 << 62
 #: The reason of a Close(TOKEN_EXPIRED).
 _TOKEN_EXPIRED = "the session's token expired; log in with a fresh one"
 #: Ops whose loss only costs a re-delivery: they may wait for a batch (ack_delay).

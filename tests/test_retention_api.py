@@ -223,6 +223,8 @@ GROUP_SCRIPT = [
      "pimcore group: not a member of 'team', so not removed: zed\n"),
     (["add", "team", "bob"], 0, "team: 2 members: bob carol\n",
      "pimcore group: already a member of 'team', so not added: bob\n"),
+    (["remove", "team", "yan", "zed", "yan"], 0, "team: 2 members: bob carol\n",
+     "pimcore group: not members of 'team', so not removed: yan, zed\n"),
     (["show", "team"], 0, "team: 2 members: bob carol\nhistory visible to later members: no\n", ""),
     (["show", "club"], 0, "club: 1 member: erin\nhistory visible to later members: yes\n", ""),
     (["add", "nope", "carol"], 2, "", "UNKNOWN_CONVERSATION"),
