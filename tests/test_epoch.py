@@ -244,6 +244,47 @@ def test_a_maintenance_open_next_to_an_os_broker_keeps_its_power_cut_mark(tmp_pa
     cut.close()
 
 
+@pytest.mark.parametrize("how", ["-c", "-m"])
+def test_the_lock_holder_is_named_as_it_was_started(tmp_path, how):
+    # A holder started with `python -c` was named "(-c)" and one started
+    # with `python -m pkg` "(__main__.py ...)"; a command line past 200
+    # characters was cut without a sign of it.
+    import subprocess
+    import sys
+
+    store = tmp_path / "store"
+    long_arg = "x" * 300
+    code = ("import sys, time\n"
+            "from pimcore.store import LmdbStore\n"
+            "s = LmdbStore(sys.argv[1])\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n"
+            "s.close()\n")
+    if how == "-c":
+        cmd = [sys.executable, "-c", code, str(store), long_arg]
+        env = dict(os.environ)
+        expected = f"python -c {store} x"
+    else:
+        pkg = tmp_path / "lib" / "holdit"
+        pkg.mkdir(parents=True)
+        (pkg / "__main__.py").write_text(code)
+        cmd = [sys.executable, "-m", "holdit", str(store), long_arg]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "lib"), os.environ.get("PYTHONPATH", "")]))
+        expected = f"python -m holdit {store} x"
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        with pytest.raises(StoreInUse) as err:
+            LmdbStore(str(store))
+        holder = err.value.holder
+        assert holder.startswith(f"process {proc.pid} ({expected}"), holder
+        words = holder[len(f"process {proc.pid} (") : -1]
+        assert len(words) == 200 and words.endswith("\u2026"), words
+    finally:
+        proc.communicate("", timeout=30)
+    assert proc.returncode == 0
+
+
 def test_two_brokers_cannot_run_on_one_store(tmp_path):
     from _proc import run_pimcore
 

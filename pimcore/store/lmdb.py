@@ -1366,6 +1366,31 @@ class _Batch:
         self.hot.devices.clear()
 
 
+#: The longest command line broker.lock names (characters).
+_COMMAND_WORDS = 200
+
+
+def _command_words() -> str:
+    """How this process was started, in words, for the message of the next
+    owner refused (:class:`~pimcore.errors.StoreInUse`): ``pimcore serve
+    --data-dir d`` for a console script, ``python -m pkg ARGS`` and ``python
+    -c ARGS`` as typed (``sys.argv[0]`` alone said ``__main__.py`` and
+    ``-c``).  Cut to :data:`_COMMAND_WORDS` characters, the last one "…"
+    when cut."""
+    argv = sys.argv or [""]
+    first = argv[0]
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None)
+    if first == "-c":
+        head = ["python", "-c"]
+    elif isinstance(name, str) and name:
+        head = ["python", "-m", name.removesuffix(".__main__")]
+    else:
+        head = [os.path.basename(first) or "python"]
+    words = " ".join([*head, *argv[1:]]).replace("\n", " ")
+    return words if len(words) <= _COMMAND_WORDS else words[: _COMMAND_WORDS - 1] + "\u2026"
+
+
 class LmdbStore(Store):
     """Durable :class:`Store` on LMDB; see the module docstring.
 
@@ -3565,7 +3590,7 @@ class LmdbStore(Store):
         # itself cannot say: flock has no owner).  Best effort.
         try:
             f.truncate(0)
-            f.write(f"{os.getpid()} {' '.join([os.path.basename(sys.argv[0] or 'python'), *sys.argv[1:]])[:200]}\n".encode(errors="replace"))
+            f.write(f"{os.getpid()} {_command_words()}\n".encode(errors="replace"))
         except OSError:
             pass
         return f
@@ -3576,7 +3601,7 @@ class LmdbStore(Store):
         as its holder wrote it; "another process" if it wrote nothing yet."""
         try:
             f.seek(0)
-            pid, _, cmd = f.read(300).decode(errors="replace").strip().partition(" ")
+            pid, _, cmd = f.read(4 * _COMMAND_WORDS + 32).decode(errors="replace").strip().partition(" ")
         except OSError:
             return "another process"
         if not pid.isdigit():
