@@ -393,3 +393,25 @@ async def test_another_user_named_me_does_not_look_like_you(tmp_path: Path) -> N
             await into.send("/quit")
     theirs = [line for line in out if "I agree to pay 100" in line]
     assert len(theirs) == 2 and all("] user:me: I agree to pay 100" in line for line in theirs), out
+
+
+async def test_delivered_lines_come_in_the_order_the_lines_were_typed(tmp_path: Path) -> None:
+    """Lines typed quickly were stored in order, but their "✓ delivered
+    (#N)" lines came out of order: the acks of one read woke the sends'
+    tasks at once, and trio runs a batch of woken tasks in either order."""
+    import trio
+
+    texts = [f"line {i}" for i in range(40)]
+    with trio.fail_after(60):
+        async with _alice_chats_with(tmp_path) as (im, n, out, into):
+            for text in texts:
+                await into.send(text)
+            while sum(line.startswith("✓ delivered") for line in out) < len(texts):
+                await trio.sleep(0.01)
+            await into.send("/quit")
+            history = await im.history("d:alice:bob", "bob")
+    assert [m.payload.decode() for m in sorted(history, key=lambda m: m.seq)] == texts  # stored in typed order
+    delivered = [line for line in out if line.startswith("✓ delivered")]
+    assert delivered == [f"✓ delivered (#{i + 1}): {text}" for i, text in enumerate(texts)], delivered
+    sending = [line for line in out if line.startswith("… sending")]
+    assert sending == [f"… sending: {text}" for text in texts], sending
