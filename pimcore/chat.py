@@ -33,8 +33,9 @@ the others you are typing (a line you then send ends it for them).  In a
 ``— bob is offline (last seen 14:02:11)``, no time if bob hides it).
 
 ``--group NAME`` chats in a group instead (``pimcore group create NAME
-alice bob ...`` makes one; a group that does not exist is refused, exit 2);
-groups have no read receipts.
+alice bob ...`` makes one; a group that does not exist, or of which the
+user is not a member now, is refused at the start, exit 2, saying how to
+create it or be added); groups have no read receipts.
 
 Text from others is shown, never obeyed: every line the chat prints has its
 control characters and bidi controls replaced by visible escapes, so that a
@@ -215,8 +216,23 @@ async def chat(
             raise ChatRefused(f"cannot chat with yourself: the broker logged this token in as {peer}"
                               " (--to names another user)")
         conv = direct_conversation(client.user, peer) if peer is not None else str(group)
-        # The recent history (shown below, oldest first); for a group, also
-        # whether it exists.
+        if group is not None:
+            # Whether the group exists and we are a member now, said before
+            # anything is typed (a refused send said it at the first line):
+            # the readers of a group are asked of its current members only
+            # (history is not: a former member still reads what they were shown).
+            try:
+                await client.readers(conv)
+            except SendError as exc:
+                if exc.code.name == "NOT_MEMBER":
+                    raise ChatRefused(f"you ({client.user}) are not a member of group {group}: ask a member or the"
+                                      f" operator to add you (pimcore group add {group} {client.user})") from None
+                if exc.code.name == "UNKNOWN_CONVERSATION":
+                    raise ChatRefused(f"group {group} does not exist: create it with"
+                                      f" pimcore group create {group} {client.user} [USER...]") from None
+            except (ClientError, trio.TooSlowError):
+                pass  # (a send says it, as before)
+        # The recent history (shown below, oldest first).
         try:
             await client.fetch_history(conv, 0, 20, backward=True)
         except SendError as exc:

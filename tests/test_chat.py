@@ -415,3 +415,37 @@ async def test_delivered_lines_come_in_the_order_the_lines_were_typed(tmp_path: 
     assert delivered == [f"✓ delivered (#{i + 1}): {text}" for i, text in enumerate(texts)], delivered
     sending = [line for line in out if line.startswith("… sending")]
     assert sending == [f"… sending: {text}" for text in texts], sending
+
+
+@pytest.mark.parametrize("former", [False, True], ids=["never-a-member", "removed"])
+async def test_chat_in_a_group_of_which_one_is_not_a_member_says_so_before_anything_is_typed(
+        tmp_path: Path, former: bool) -> None:
+    """It connected, said "chatting in team", and said NOT_MEMBER (with the
+    `group add` hint) only at the first line typed.  It is refused at the
+    start, like a group that does not exist, for a user never a member and
+    for one removed (who may still read what they were shown)."""
+    import trio
+
+    from pimcore.chat import ChatRefused, chat
+    from pimcore.embed import open_pimcore
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["bob", "carol", *(["alice"] if former else [])])
+            if former:
+                await im.remove_members("team", ["alice"])
+            out: list[str] = []
+            typed, lines = trio.open_memory_channel[str](1)  # nothing is ever typed
+            with pytest.raises(ChatRefused) as refused:
+                await chat(im.urls[0], im.issue_token("alice"), group="team", lines=lines, out=out.append)
+            assert out == [], out  # not "connected as ..."
+            assert str(refused.value) == ("you (alice) are not a member of group team: ask a member or the operator"
+                                          " to add you (pimcore group add team alice)"), refused.value
+            # A member chats as before.
+            chatted: list[str] = []
+            typed, lines = trio.open_memory_channel[str](1)
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: chat(im.urls[0], im.issue_token("bob"), group="team", lines=lines, out=chatted.append))
+                while not any(line.startswith("connected as bob") for line in chatted):
+                    await trio.sleep(0.01)
+                await typed.send("/quit")
