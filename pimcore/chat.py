@@ -33,9 +33,11 @@ the others you are typing (a line you then send ends it for them).  In a
 ``— bob is offline (last seen 14:02:11)``, no time if bob hides it).
 
 ``--group NAME`` chats in a group instead (``pimcore group create NAME
-alice bob ...`` makes one; a group that does not exist, or of which the
-user is not a member now, is refused at the start, exit 2, saying how to
-create it or be added); groups have no read receipts.
+alice bob ...`` makes one; a group that does not exist is refused, exit 2);
+groups have no read receipts.  A user who is not a member of the group now
+is told so at the start, under the ``connected as`` line, with the ``pimcore
+group add`` that lets them in: what they type is refused until then, and
+once added the chat shows the group's messages.
 
 Text from others is shown, never obeyed: every line the chat prints has its
 control characters and bidi controls replaced by visible escapes, so that a
@@ -216,17 +218,18 @@ async def chat(
             raise ChatRefused(f"cannot chat with yourself: the broker logged this token in as {peer}"
                               " (--to names another user)")
         conv = direct_conversation(client.user, peer) if peer is not None else str(group)
+        not_member = False
         if group is not None:
             # Whether the group exists and we are a member now, said before
             # anything is typed (a refused send said it at the first line):
             # the readers of a group are asked of its current members only
-            # (history is not: a former member still reads what they were shown).
+            # (history is not: a former member still reads what they were
+            # shown).  Not a member is a warning, not the end: added while
+            # the chat runs, the user gets the group's messages from then on.
             try:
                 await client.readers(conv)
             except SendError as exc:
-                if exc.code.name == "NOT_MEMBER":
-                    raise ChatRefused(f"you ({client.user}) are not a member of group {group}: ask a member or the"
-                                      f" operator to add you (pimcore group add {group} {client.user})") from None
+                not_member = exc.code.name == "NOT_MEMBER"
                 if exc.code.name == "UNKNOWN_CONVERSATION":
                     raise ChatRefused(f"group {group} does not exist: create it with"
                                       f" pimcore group create {group} {client.user} [USER...]") from None
@@ -245,6 +248,9 @@ async def chat(
             f"connected as {client.user} ({device}); chatting {'with ' + peer if peer else 'in ' + str(group)}."
             f" Clock offset {client.clock_offset / 1000:.1f} ms. /quit to leave, /history to reprint"
         )
+        if not_member:
+            out(f"⚠ you ({client.user}) are not a member of group {group}: what you type is refused until a member"
+                f" or the operator adds you (pimcore group add {group} {client.user}); this chat then shows the group")
         shown: set[bytes] = set()
         for m in client.view(conv):
             out(_line(m, client.user))
