@@ -13,6 +13,10 @@ their state as it advances:
   every device of the peer will get it, online now or later;
 * ``✓✓ read``     -- the peer's read receipt covers it.
 
+The outcome of each line (``✓ delivered (#N)``, ``✗ not sent``...) is
+said in the order the lines were typed, which is their seq order: a line's
+waits for those typed before it.
+
 Incoming messages are marked read as they are shown; posts by the host or
 the HTTP API (no sender) show as ``[system]``.  ``/history`` prints
 the conversation again in display order (with times), ``/quit`` (or end of input) leaves.
@@ -30,7 +34,10 @@ the others you are typing (a line you then send ends it for them).  In a
 
 ``--group NAME`` chats in a group instead (``pimcore group create NAME
 alice bob ...`` makes one; a group that does not exist is refused, exit 2);
-groups have no read receipts.
+groups have no read receipts.  A user who is not a member of the group now
+is told so at the start, under the ``connected as`` line, with the ``pimcore
+group add`` that lets them in: what they type is refused until then, and
+once added the chat shows the group's messages.
 
 Text from others is shown, never obeyed: every line the chat prints has its
 control characters and bidi controls replaced by visible escapes, so that a
@@ -211,8 +218,24 @@ async def chat(
             raise ChatRefused(f"cannot chat with yourself: the broker logged this token in as {peer}"
                               " (--to names another user)")
         conv = direct_conversation(client.user, peer) if peer is not None else str(group)
-        # The recent history (shown below, oldest first); for a group, also
-        # whether it exists.
+        not_member = False
+        if group is not None:
+            # Whether the group exists and we are a member now, said before
+            # anything is typed (a refused send said it at the first line):
+            # the readers of a group are asked of its current members only
+            # (history is not: a former member still reads what they were
+            # shown).  Not a member is a warning, not the end: added while
+            # the chat runs, the user gets the group's messages from then on.
+            try:
+                await client.readers(conv)
+            except SendError as exc:
+                not_member = exc.code.name == "NOT_MEMBER"
+                if exc.code.name == "UNKNOWN_CONVERSATION":
+                    raise ChatRefused(f"group {group} does not exist: create it with"
+                                      f" pimcore group create {group} {client.user} [USER...]") from None
+            except (ClientError, trio.TooSlowError):
+                pass  # (a send says it, as before)
+        # The recent history (shown below, oldest first).
         try:
             await client.fetch_history(conv, 0, 20, backward=True)
         except SendError as exc:
@@ -225,6 +248,9 @@ async def chat(
             f"connected as {client.user} ({device}); chatting {'with ' + peer if peer else 'in ' + str(group)}."
             f" Clock offset {client.clock_offset / 1000:.1f} ms. /quit to leave, /history to reprint"
         )
+        if not_member:
+            out(f"⚠ you ({client.user}) are not a member of group {group}: what you type is refused until a member"
+                f" or the operator adds you (pimcore group add {group} {client.user}); this chat then shows the group")
         shown: set[bytes] = set()
         for m in client.view(conv):
             out(_line(m, client.user))
@@ -239,21 +265,40 @@ async def chat(
                 pass
         typing_now: set[str] = set()  # users shown as typing (a refresh is not shown again)
 
-        async def send(text: str) -> None:
-            out(f"… sending: {text}")
+        # The outcome of each line typed is said in the order the lines were
+        # typed (= their seq order: one device's sends are stored in send
+        # order): the acks of one read wake their send tasks at once, and
+        # trio runs woken tasks in either order.  A line's outcome waits for
+        # those of the lines typed before it.
+        typed = 0  # lines sent so far: the next one's turn
+        said = 0  # the turn whose outcome is said next
+        outcomes: dict[int, list[str]] = {}
+
+        def say_in_turn(turn: int, lines: list[str]) -> None:
+            nonlocal said
+            outcomes[turn] = lines
+            while said in outcomes:
+                for line in outcomes.pop(said):
+                    out(line)
+                said += 1
+
+        async def send(turn: int, text: str) -> None:
+            lines: list[str] = []
             try:
                 sent = await client.send(conv, text.encode())
             except SendError as exc:
                 # (The broker's reason, e.g. a content filter's, is what the user can act on.)
-                out(f"✗ not sent ({exc.code.name}{': ' + exc.reason if exc.reason else ''}): {text}")
+                lines.append(f"✗ not sent ({exc.code.name}{': ' + exc.reason if exc.reason else ''}): {text}")
                 if exc.code.name == "UNKNOWN_CONVERSATION" and group is not None:
-                    out(f"  (the group does not exist: pimcore group create {group} {client.user} [USER...])")
+                    lines.append(f"  (the group does not exist: pimcore group create {group} {client.user} [USER...])")
                 elif exc.code.name == "NOT_MEMBER" and group is not None:
-                    out(f"  (you are not a member: pimcore group add {group} {client.user})")
+                    lines.append(f"  (you are not a member: pimcore group add {group} {client.user})")
             except SendTimeout:
-                out(f"✗ not confirmed in time (it may still arrive): {text}")
+                lines.append(f"✗ not confirmed in time (it may still arrive): {text}")
             else:
-                out(f"✓ delivered (#{sent.seq}): {text}")
+                lines.append(f"✓ delivered (#{sent.seq}): {text}")
+            finally:
+                say_in_turn(turn, lines)  # (cancelled: nothing to say, but the later lines' turn comes)
 
         async def amend(command: str, seq: int, text: str) -> None:
             try:
@@ -343,7 +388,9 @@ async def chat(
                         out("usage: /edit N text, /recall N, /delete N  (N: the #number of a message)")
                     continue
                 if text.strip():
-                    nursery.start_soon(send, text)
+                    out(f"… sending: {text}")
+                    nursery.start_soon(send, typed, text)
+                    typed += 1
             # Let sends in flight finish (each has its own deadline: up to
             # send_timeout when the broker cannot store them), saying so.
             pending = client.statistics().pending_sends

@@ -658,9 +658,12 @@ class _Refused(ValueError):
         self.code = code
 
 
-#: --http URL schemes and what they mean (tcp:// and tls://, as the
-#: listeners are written in serve's settings, stand for http:// and https://).
-_HTTP_SCHEMES = {"http": "http", "https": "https", "tcp": "http", "tls": "https"}
+#: --http URL schemes of the commands that call the HTTP API.  tcp:// and
+#: tls:// -- how serve's settings write its HTTP listener -- are refused with
+#: the http:// or https:// URL to give instead: taken as aliases, they made
+#: the broker's binary listener (a tcp:// URL too) look like a valid --http.
+_HTTP_SCHEMES = {"http": "http", "https": "https"}
+_LISTENER_SCHEMES = {"tcp": "http", "tls": "https"}
 
 
 def _http_base(url: str) -> str:
@@ -683,6 +686,11 @@ def _http_base(url: str) -> str:
     except ValueError as exc:  # ("Invalid IPv6 URL", without naming the option)
         raise ValueError(f"--http {url}: not a URL ({exc})") from None
     scheme = _HTTP_SCHEMES.get(parts.scheme.lower())
+    web = _LISTENER_SCHEMES.get(parts.scheme.lower())
+    if web is not None:
+        plain = parts.scheme.lower()
+        raise ValueError(f"--http {url}: the HTTP API is at an http:// or https:// URL, not {plain}:// (serve's --http"
+                         f" {plain}://HOST:PORT is {web}://HOST:PORT here: --http {web}://{parts.netloc})")
     if scheme is None:
         raise ValueError(f"--http {url}: the HTTP API is at an http:// or https:// URL, not {parts.scheme}://")
     if "?" in full or "#" in full:
@@ -751,7 +759,7 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
     cafile = getattr(args, "cafile", None)
     if cafile is not None:
         if not base.lower().startswith("https://"):
-            raise ValueError(f"--cafile is for an https:// API (or tls://), not {base}")
+            raise ValueError(f"--cafile is for an https:// API, not {base}")
         try:
             context = ssl.create_default_context(cafile=cafile)
         except (OSError, ssl.SSLError) as exc:

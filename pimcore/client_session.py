@@ -72,6 +72,20 @@ _COMPRESSION_CAPS = F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP
 #: the other direction.
 _ANSWERS = frozenset({F.LoginAck, F.CalibrateResp, F.Pong, F.SendAck, F.HistoryResp, F.ReadersResp, F.ConvListResp, F.ConvSetResp})
 
+#: Calibration outliers (see ClientSession._choose_sample).  A sample's
+#: offset is off by at most half its round trip, so, as NTP's clock filter
+#: does (RFC 5905 section 10: of the recent samples, the one with the
+#: least delay), the estimate is the sample with the smallest rtt.  A new
+#: login starts its samples afresh (the broker, the path or the device clock
+#: may have changed), but a sample whose rtt is above
+#: max(CALIBRATION_RTT_FACTOR x the rtt of the estimate in use,
+#: CALIBRATION_RTT_FLOOR µs) is an outlier -- the client stopped or the
+#: link stalled while it was out (a 3.8 s rtt after a SIGSTOP: 1.9 s of
+#: error) -- and does not replace that estimate unless a second sample of
+#: the login is as slow (then the path itself is slower).
+CALIBRATION_RTT_FACTOR = 4
+CALIBRATION_RTT_FLOOR = 100_000
+
 #: Disconnected.reason when frames kept coming but the heartbeat Ping got no Pong.
 NO_HEARTBEAT_ANSWER = "no answer to the heartbeat Ping, though the broker kept sending: it does not hear us (dead link)"
 
@@ -764,7 +778,8 @@ class ClientSession:
         self._max_payload = 0  # 0 = not announced
         self._cal_t0 = 0  # device clock of the outstanding CalibrateReq (its echo key)
         self._cal_deadline = 0
-        self._samples: list[tuple[int, int]] = []  # (rtt, offset)
+        self._samples: list[tuple[int, int]] = []  # (rtt, offset) of this login's samples
+        self._cal_adopted = False  # the estimate in use is one of this login's samples
         self._bg_cal = False  # ACTIVE and still taking calibration samples
         self._held: list[object] = []  # frames that arrived during calibration
         self._ping_nonce = 0
@@ -1233,6 +1248,7 @@ class ClientSession:
         self._stats["connects"] += 1
         self._state = SessionState.CALIBRATING
         self._samples = []
+        self._cal_adopted = False
         # The sample sent with the Login is on its way (see connection_made).
         self._cal_deadline = self._t + self._ack_timeout
 
@@ -1340,16 +1356,37 @@ class ClientSession:
             self._establish()  # ACTIVE at the first sample; the rest in the background
             return
         # A background sample on the ACTIVE connection: keep the best one.
-        self._rtt, self._offset = min(self._samples)
-        if len(self._samples) >= max(1, self.config.time_samples):
+        self._choose_sample()
+        if self._calibrated():
             self._bg_cal = False
         else:
             self._calibrate_next()
 
+    def _choose_sample(self) -> None:
+        """Make the best (smallest rtt) sample of this login the estimate in
+        use, unless it is an outlier (see CALIBRATION_RTT_FACTOR): while
+        this login has no other sample, one whose rtt is above
+        max(CALIBRATION_RTT_FACTOR x rtt in use, CALIBRATION_RTT_FLOOR)
+        leaves the estimate of an earlier login in place.  With no estimate
+        at all (the first login) any sample is taken: a bound of rtt/2 is
+        better than none, and the next samples refine it."""
+        best = min(self._samples)
+        if (not self._cal_adopted and self._rtt >= 0 and len(self._samples) < 2
+                and best[0] > max(CALIBRATION_RTT_FACTOR * self._rtt, CALIBRATION_RTT_FLOOR)):
+            return
+        self._rtt, self._offset = best
+        self._cal_adopted = True
+
+    def _calibrated(self) -> bool:
+        """Enough samples for this login: ``time_samples``, and one of them
+        in use (an outlier alone asks for one more: a second as slow is
+        taken, _choose_sample)."""
+        return len(self._samples) >= max(1, self.config.time_samples) and self._cal_adopted
+
     def _establish(self) -> None:
         """Calibration is over (all samples, or one timed out): ACTIVE."""
         if self._samples:
-            self._rtt, self._offset = min(self._samples)
+            self._choose_sample()
         # else: no sample answered; keep the previous login's offset.
         self._state = SessionState.ACTIVE
         self._established += 1
@@ -1375,7 +1412,7 @@ class ClientSession:
         for h in self._history.values():
             self._ask_history(h)
         self._resend_presence()
-        if self._samples and len(self._samples) < self.config.time_samples:
+        if self._samples and not self._calibrated():
             self._bg_cal = True
             self._calibrate_next()
 

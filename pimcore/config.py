@@ -190,19 +190,61 @@ def env_name(section: Optional[str], key: str) -> str:
     return "PIMCORE_" + (f"{section}_{key}" if section else key).upper()
 
 
+def _ip_literal(name: str) -> Optional[Any]:
+    """``name`` as the IP address binding it takes, if it is an IP literal
+    (an ipaddress.IPv4Address/IPv6Address), else None.  Beyond what
+    :mod:`ipaddress` reads, the C library's numeric forms are literals too
+    -- inet_aton's ``127.1``, ``0x7f.0.0.1``, ``2130706433``, ``0`` -- as
+    bind reads them: asked of getaddrinfo with AI_NUMERICHOST, which never
+    looks a name up (a host name stays a name)."""
+    import ipaddress
+    import socket
+
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(name, None, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except (OSError, UnicodeError):
+        return None
+    found = {info[4][0] for info in infos}
+    if len(found) != 1:  # pragma: no cover - a numeric host is one address
+        return None
+    try:
+        return ipaddress.ip_address(found.pop())
+    except ValueError:  # pragma: no cover
+        return None
+
+
 def _addresses(host: str) -> set[tuple[int, str]]:
     """What binding ``host`` takes: (IP version, address) pairs, the
-    address "*" for a wildcard (0.0.0.0, ::)."""
-    import ipaddress
-
+    address "*" for a wildcard (0.0.0.0, ::); an IP literal in its
+    canonical form (``127.1`` is ``127.0.0.1``, see _ip_literal)."""
     name = host.strip("[]").lower()
     if name == "localhost":
         return {(4, "127.0.0.1"), (6, "::1")}
-    try:
-        ip = ipaddress.ip_address(name)
-    except ValueError:
+    ip = _ip_literal(name)
+    if ip is None:
         return {(0, name)}  # a host name: only the same name is known to overlap
     return {(ip.version, "*" if ip.is_unspecified else str(ip))}
+
+
+def _clash_note(a: str, b: str) -> str:
+    """Why listener hosts ``a`` and ``b`` (different strings) clash, for the
+    error: "127.1 is 127.0.0.1" for two spellings of one address, else
+    "0.0.0.0 and 127.0.0.1 overlap" (a wildcard, localhost)."""
+    aa, bb = _addresses(a), _addresses(b)
+    if aa == bb and len(aa) == 1:
+        [(_, canon)] = aa
+        if canon != "*":
+            a, b = a.strip("[]"), b.strip("[]")
+            if b.lower() == canon:
+                return f"{a} is {canon}"
+            if a.lower() == canon:
+                return f"{b} is {canon}"
+            return f"{a} and {b} are both {canon}"
+    return f"{a} and {b} overlap"
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -385,8 +427,10 @@ class ServeSettings:
         """ConfigError if two listeners (``listen`` and ``http``) would take
         the same address and port: the second could not bind.  Port 0 (a
         free port) never collides; ``0.0.0.0`` / ``::`` hold the port on
-        every IPv4 / IPv6 address, ``localhost`` on 127.0.0.1 and ::1 (other
-        host names are not resolved: binding says which listener failed)."""
+        every IPv4 / IPv6 address, ``localhost`` on 127.0.0.1 and ::1; IP
+        literals are compared as the addresses bind takes (``127.1`` is
+        ``127.0.0.1``, ``::0:1`` is ``::1``); other host names are not
+        resolved: binding says which listener failed."""
         named = [(f"listen {ep.url}", ep) for ep in self.endpoints()]
         http = self.http_endpoint()
         if http is not None:
@@ -396,7 +440,7 @@ class ServeSettings:
             for second, b in named[i + 1:]:
                 if a.port and a.port == b.port and _overlap(a.host, b.host):
                     where = f"[{b.host}]" if ":" in b.host else b.host
-                    wide = "" if a.host == b.host else f" ({a.host} and {b.host} overlap)"
+                    wide = "" if a.host == b.host else f" ({_clash_note(a.host, b.host)})"
                     raise ConfigError(f"{first} and {second} are on the same address {where}:{b.port}{wide}:"
                                       " give each listener its own port")
 

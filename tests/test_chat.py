@@ -393,3 +393,70 @@ async def test_another_user_named_me_does_not_look_like_you(tmp_path: Path) -> N
             await into.send("/quit")
     theirs = [line for line in out if "I agree to pay 100" in line]
     assert len(theirs) == 2 and all("] user:me: I agree to pay 100" in line for line in theirs), out
+
+
+async def test_delivered_lines_come_in_the_order_the_lines_were_typed(tmp_path: Path) -> None:
+    """Lines typed quickly were stored in order, but their "✓ delivered
+    (#N)" lines came out of order: the acks of one read woke the sends'
+    tasks at once, and trio runs a batch of woken tasks in either order."""
+    import trio
+
+    texts = [f"line {i}" for i in range(40)]
+    with trio.fail_after(60):
+        async with _alice_chats_with(tmp_path) as (im, n, out, into):
+            for text in texts:
+                await into.send(text)
+            while sum(line.startswith("✓ delivered") for line in out) < len(texts):
+                await trio.sleep(0.01)
+            await into.send("/quit")
+            history = await im.history("d:alice:bob", "bob")
+    assert [m.payload.decode() for m in sorted(history, key=lambda m: m.seq)] == texts  # stored in typed order
+    delivered = [line for line in out if line.startswith("✓ delivered")]
+    assert delivered == [f"✓ delivered (#{i + 1}): {text}" for i, text in enumerate(texts)], delivered
+    sending = [line for line in out if line.startswith("… sending")]
+    assert sending == [f"… sending: {text}" for text in texts], sending
+
+
+@pytest.mark.parametrize("former", [False, True], ids=["never-a-member", "removed"])
+async def test_chat_in_a_group_of_which_one_is_not_a_member_says_so_before_anything_is_typed(
+        tmp_path: Path, former: bool) -> None:
+    """It connected, said "chatting in team", and said NOT_MEMBER (with the
+    `group add` hint) only at the first line typed.  It says so at the
+    start, for a user never a member and for one removed (who may still
+    read what they were shown), and stays: added meanwhile, the user chats."""
+    import trio
+
+    from pimcore.chat import chat
+    from pimcore.embed import open_pimcore
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["bob", "carol", *(["alice"] if former else [])])
+            if former:
+                await im.remove_members("team", ["alice"])
+            out: list[str] = []
+            typed, lines = trio.open_memory_channel[str](1)
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), group="team", lines=lines, out=out.append))
+                while len(out) < 2:
+                    await trio.sleep(0.01)
+                assert out[0].startswith("connected as alice (terminal); chatting in team."), out
+                assert out[1] == ("⚠ you (alice) are not a member of group team: what you type is refused until a"
+                                  " member or the operator adds you (pimcore group add team alice); this chat then"
+                                  " shows the group"), out  # (then what a former member was shown)
+                await im.add_members("team", ["alice"])
+                while not any("joined" in line for line in out):
+                    await trio.sleep(0.01)
+                await typed.send("in at last")
+                while not any(line.startswith("✓ delivered") for line in out):
+                    await trio.sleep(0.01)
+                await typed.send("/quit")
+            # A member is told nothing of the kind.
+            chatted: list[str] = []
+            typed, lines = trio.open_memory_channel[str](1)
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: chat(im.urls[0], im.issue_token("bob"), group="team", lines=lines, out=chatted.append))
+                while not any(line.startswith("connected as bob") for line in chatted):
+                    await trio.sleep(0.01)
+                await typed.send("/quit")
+            assert not any("not a member" in line for line in chatted), chatted

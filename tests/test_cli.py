@@ -391,6 +391,12 @@ _HTTP_COMMANDS = [["group", "show", "team"], ["purge", "user", "bob"], ["retenti
     ("http://127.0.0.1:99999", "port"),
     ("https://admin:s3cret@127.0.0.1:1", "user name or password"),  # echoed the password
     ("https://admin:s3/cret@127.0.0.1:1/", "user name or password"),  # (a "/" in the password)
+    # serve's spelling of its listener, taken as http:// and https:// here:
+    # the broker's binary listener is a tcp:// URL too (new-user pass).
+    ("tcp://127.0.0.1:1", "http:// or https:// URL, not tcp:// (serve's --http tcp://HOST:PORT is http://HOST:PORT"
+                          " here: --http http://127.0.0.1:1)"),
+    ("TLS://localhost:1", "http:// or https:// URL, not tls:// (serve's --http tls://HOST:PORT is https://HOST:PORT"
+                          " here: --http https://localhost:1)"),
 ])
 def test_a_bad_http_url_is_refused_up_front_in_one_line(tmp_path, capsys, cmd, url, why):
     rc = main([*cmd, "--http", url, "--api-key", "k", "--data-dir", str(tmp_path)])
@@ -402,7 +408,7 @@ def test_a_bad_http_url_is_refused_up_front_in_one_line(tmp_path, capsys, cmd, u
 
 
 @pytest.mark.parametrize("url", ["127.0.0.1:1", "http://127.0.0.1:1", "http://127.0.0.1:1/", "HTTPS://127.0.0.1:1",
-                                 "tcp://127.0.0.1:1", "tls://localhost:1", "http://[::1]:1/"])
+                                 "http://[::1]:1/"])
 def test_a_good_http_url_gets_past_the_check(tmp_path, capsys, url):
     assert main(["group", "show", "team", "--http", url, "--api-key", "k"]) == 2  # (nothing listens on port 1)
     err = capsys.readouterr().err

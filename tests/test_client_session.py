@@ -255,6 +255,105 @@ def test_an_unanswered_calibration_sample_ends_calibration_with_what_it_has():
     assert s.clock_offset == 777
 
 
+def _login(s: ClientSession, t: int) -> tuple[Broker, int]:
+    """connection_made and LoginAck at ``t``, the first sample unanswered:
+    (the broker end, that sample's t0)."""
+    s.connection_made(t, b"t")
+    b = Broker(s)
+    _, req = b.read()
+    b.feed(t, ack_frame())
+    return b, req.client_time  # type: ignore[attr-defined]
+
+
+def _answer(b: Broker, t0: int, rtt: int, offset: int, *, read_at: int = 0) -> None:
+    """Answer the sample sent at ``t0`` after ``rtt``: the broker (whose clock
+    is the device's + ``offset``) read its clock ``read_at`` µs into the round trip."""
+    b.feed(t0 + rtt, F.CalibrateResp(t0, t0 + read_at + offset))
+
+
+def test_a_slow_sample_at_login_does_not_replace_a_better_estimate():
+    """The client was stopped (SIGSTOP) for 5 s while its first sample was
+    out: that sample's rtt was 3.8 s and its offset 1.9 s off, and the SDK
+    took it (it was the login's only one so far).  A sample far slower than
+    the estimate in use is an outlier: the previous estimate stays."""
+    skew = 7 * S
+    s = session(time_samples=3)
+    b, t0 = _login(s, T0)
+    _answer(b, t0, 2 * MS, skew, read_at=1 * MS)
+    for _ in range(2):
+        t0 = b.read_one(F.CalibrateReq).client_time  # type: ignore[attr-defined]
+        _answer(b, t0, 2 * MS, skew, read_at=1 * MS)
+    assert (s.rtt, s.clock_offset) == (2 * MS, skew)
+    events(s, T0 + S)
+    s.connection_lost(T0 + 10 * S)
+    t = T0 + 20 * S
+    b, t0 = _login(s, t)
+    # Stopped right after writing the Login: the broker answered at once,
+    # the answer was read 3.8 s later (the midpoint is then 1.9 s off).
+    _answer(b, t0, 3_800 * MS, skew, read_at=0)
+    assert s.state is SessionState.ACTIVE
+    [connected] = [e for e in events(s, t0 + 3_800 * MS) if isinstance(e, Connected)]
+    assert (connected.clock_offset, connected.rtt) == (skew, 2 * MS)  # type: ignore[attr-defined]
+    assert (s.rtt, s.clock_offset) == (2 * MS, skew)
+    s.send(CONV, b"x", t0 + 3_800 * MS)
+    frames = b.read()
+    [req] = [f for f in frames if type(f) is F.SendReq]
+    assert req.client_time == t0 + 3_800 * MS + skew  # type: ignore[attr-defined]  # not 1.9 s early
+    # The next sample is a good one: it is this login's estimate.
+    [cal] = [f for f in frames if type(f) is F.CalibrateReq]
+    _answer(b, cal.client_time, 3 * MS, skew, read_at=1 * MS + 500)  # type: ignore[attr-defined]
+    assert (s.rtt, s.clock_offset) == (3 * MS, skew)
+
+
+def test_a_slow_only_sample_is_used_at_the_first_login_and_refined():
+    """With no estimate yet, a slow sample is better than none: taken, then
+    replaced by the next, faster one."""
+    s = session(time_samples=2)
+    b, t0 = _login(s, T0)
+    _answer(b, t0, 4 * S, 0, read_at=0)
+    assert (s.rtt, s.clock_offset) == (4 * S, -2 * S)
+    t0 = b.read_one(F.CalibrateReq).client_time  # type: ignore[attr-defined]
+    _answer(b, t0, 2 * MS, 0, read_at=1 * MS)
+    assert (s.rtt, s.clock_offset) == (2 * MS, 0)
+
+
+def test_two_slow_samples_of_a_login_are_a_slower_path_not_an_outlier():
+    """Every sample of a login far slower than the last estimate: the path
+    itself got slower (or the broker is another one): the login's best is
+    taken once two samples agree -- with time_samples=1, one more sample
+    is taken to see whether the first was an outlier."""
+    s = session(time_samples=1)
+    b, t0 = _login(s, T0)
+    _answer(b, t0, 1 * MS, 5 * S, read_at=500)
+    assert (s.rtt, s.clock_offset) == (1 * MS, 5 * S)
+    assert b.read() == []  # time_samples=1
+    s.connection_lost(T0 + S)
+    t = T0 + 2 * S
+    b, t0 = _login(s, t)
+    _answer(b, t0, 900 * MS, 6 * S, read_at=450 * MS)
+    assert (s.rtt, s.clock_offset) == (1 * MS, 5 * S)  # an outlier so far
+    t0 = b.read_one(F.CalibrateReq).client_time  # type: ignore[attr-defined]  # one more, to tell
+    _answer(b, t0, 800 * MS, 6 * S, read_at=400 * MS)
+    assert (s.rtt, s.clock_offset) == (800 * MS, 6 * S)
+    assert b.read() == []  # calibration is over
+
+
+def test_a_sample_below_the_floor_is_never_an_outlier():
+    """A fast estimate (rtt 0 on loopback) does not make every later
+    sample an outlier: up to CALIBRATION_RTT_FLOOR (an error of at most half
+    of it) a new login's sample replaces the old estimate."""
+    from pimcore.client_session import CALIBRATION_RTT_FLOOR
+
+    s = session(time_samples=1)
+    b, t0 = _login(s, T0)
+    _answer(b, t0, 0, 5 * S)
+    s.connection_lost(T0 + S)
+    b, t0 = _login(s, T0 + 2 * S)
+    _answer(b, t0, CALIBRATION_RTT_FLOOR, 6 * S, read_at=CALIBRATION_RTT_FLOOR // 2)
+    assert (s.rtt, s.clock_offset) == (CALIBRATION_RTT_FLOOR, 6 * S)
+    assert b.read() == []
+
+
 def test_frames_during_calibration_are_held_until_connected_is_out():
     s = session(time_samples=1)
     s.connection_made(T0, b"t")

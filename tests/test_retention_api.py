@@ -409,8 +409,15 @@ async def test_cli_shows_the_http_apis_refusal(tmp_path: Path, capsys: pytest.Ca
             assert err.count("UNKNOWN_CONVERSATION") == 1, err
             # --http given the broker's binary listener (both are tcp:// URLs)
             # ended in an http.client traceback.
+            # As tcp://, it is refused up front (the settings' spelling of the
+            # HTTP listener is not taken for http://); as http://, the
+            # broker's answer says it is no HTTP server.
+            binary = "http://" + im.urls[0].removeprefix("tcp://")
             for cmd in (["group", "show", "team"], ["purge", "user", "bob"]):
                 assert await run(main, [*cmd, "--http", im.urls[0], "--api-key", KEY]) == 2  # (not raised)
+                err = capsys.readouterr().err
+                assert f"pimcore {cmd[0]}: --http {im.urls[0]}: the HTTP API is at an http:// or https:// URL" in err, err
+                assert await run(main, [*cmd, "--http", binary, "--api-key", KEY]) == 2  # (not raised)
                 err = capsys.readouterr().err
                 assert f"pimcore {cmd[0]}: cannot use " in err, err
                 assert "not an HTTP server (is this the --http listener?)" in err, err

@@ -516,6 +516,7 @@ def test_groups_are_administered_while_serving_and_chatted_in(tmp_path: Path, pr
     carol = procs.start("chat", "--url", url, "--token", token_for("carol", data), "--group", "team", stdin=True)
     alice.expect(r"^connected as alice \(terminal\); chatting in team")
     carol.expect(r"^connected as carol \(terminal\); chatting in team")
+    carol.expect(r"^⚠ you \(carol\) are not a member of group team: .*\(pimcore group add team carol\)")  # before typing
     carol.write("let me in")
     carol.expect(r"^✗ not sent \(NOT_MEMBER\): let me in$")
 

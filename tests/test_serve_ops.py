@@ -372,6 +372,44 @@ def test_the_listener_clash_rule(listen: list[str], http: Optional[str], clash: 
         settings.check_listeners()
 
 
+@pytest.mark.parametrize("a, b, said", [
+    # IPv4 literals in the short forms inet_aton takes (and bind uses):
+    # they bound the same address and failed at bind time.
+    ("127.1", "127.0.0.1", "127.1 is 127.0.0.1"),
+    ("0x7f.0.0.1", "127.0.0.1", "0x7f.0.0.1 is 127.0.0.1"),
+    ("2130706433", "127.0.0.1", "2130706433 is 127.0.0.1"),
+    ("0", "127.0.0.1", "0 and 127.0.0.1 overlap"),  # "0" is 0.0.0.0, the wildcard
+    ("[::0:1]", "[::1]", ":0:1 is ::1"),
+])
+def test_listener_hosts_that_are_ip_literals_are_compared_as_addresses(a: str, b: str, said: str) -> None:
+    from pimcore.config import ConfigError, load_settings
+
+    settings = load_settings(None, listen=[f"tcp://{a}:7400", f"ws://{b}:7400/"])
+    with pytest.raises(ConfigError) as e:
+        settings.check_listeners()
+    msg = str(e.value)
+    assert msg.startswith(f"listen tcp://{a}:7400 and listen ws://{b}:7400/ are on the same address"), msg
+    assert said in msg, msg
+
+
+def test_listener_host_names_are_not_looked_up_to_compare_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only numeric hosts are normalised (AI_NUMERICHOST): a name is never
+    resolved by the check (binding says which listener failed)."""
+    import socket
+
+    from pimcore.config import load_settings
+
+    real = socket.getaddrinfo
+
+    def numeric_only(host, *a, **kw):  # type: ignore[no-untyped-def]
+        flags = kw.get("flags", a[4] if len(a) > 4 else 0)  # (host, port, family, type, proto, flags)
+        assert flags & socket.AI_NUMERICHOST, host
+        return real(host, *a, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", numeric_only)
+    load_settings(None, listen=["tcp://box.example:7400", "ws://127.0.0.1:7400/", "tcp://127.1.2:7401"]).check_listeners()
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` (relative path -> content); directories as b"<dir>"."""
     return {str(p.relative_to(root)): (b"<dir>" if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
