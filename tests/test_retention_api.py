@@ -483,6 +483,54 @@ def test_the_asyncio_and_threaded_handles_delegate(tmp_path: Path) -> None:
     asyncio.run(main_())
 
 
+def test_adding_or_removing_no_one_is_refused_by_every_handle(tmp_path: Path) -> None:
+    """add_members/remove_members of an empty list returned a GroupChanged
+    that changed nothing, where `pimcore group add NAME` (no user) and
+    create_group refuse: a ValueError now, on the trio, threaded and asyncio
+    handles alike; POST /v1/groups/{conv}/members answers 400."""
+    import asyncio
+
+    from pimcore.asyncio import open_pimcore as open_asyncio
+    from pimcore.threaded import open_pimcore_thread
+
+    async def trio_main() -> None:
+        with trio.fail_after(30):
+            async with api(tmp_path / "h") as (im, h, c):
+                await im.create_group("team", ["alice"])
+                for change in (im.add_members, im.remove_members):
+                    for empty in ([], (), set()):
+                        with pytest.raises(ValueError, match="at least one user"):
+                            await change("team", empty)
+                status, body = await call(c, "POST", "/v1/groups/team/members", {"users": []})
+                assert_error(status, body, 400, "bad_request")
+                assert "at least one user" in body["error"]["message"], body
+                assert await im.members("team") == ("alice",)
+                # (A LEFT or JOINED entry would have taken seq 1.)
+                assert (await im.post("team", b"x", sender="alice", device="web")).seq == 1
+
+    trio.run(trio_main)
+
+    im = open_pimcore_thread(data_dir=tmp_path / "t", secret=SECRET.decode())
+    try:
+        im.create_group("team", ["alice"])
+        for change in (im.add_members, im.remove_members):
+            with pytest.raises(ValueError, match="at least one user"):
+                change("team", [])
+        assert im.members("team") == ("alice",)
+    finally:
+        im.close()
+
+    async def asyncio_main() -> None:
+        async with open_asyncio(data_dir=tmp_path / "a", secret=SECRET.decode()) as h:
+            await h.create_group("team", ["alice"])
+            for change in (h.add_members, h.remove_members):
+                with pytest.raises(ValueError, match="at least one user"):
+                    await change("team", [])
+            assert await h.members("team") == ("alice",)
+
+    asyncio.run(asyncio_main())
+
+
 async def test_cli_trusts_a_self_signed_https_api_given_its_ca_with_cafile(tmp_path: Path) -> None:
     # The commands that take --http had no way to trust a private CA: an
     # https:// API with a self-signed certificate could not be used at all.

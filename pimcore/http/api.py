@@ -339,8 +339,16 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         members = list(await handle.members(conv))
         return 200, {"conv": conv, "members": members, "history_visible": await handle.history_visible(conv)}
 
+    def _users(request: Request) -> list[str]:
+        """The ``users`` of a body adding or removing several members (at
+        least one: a change of no one is refused, as the handle refuses it)."""
+        users = _strings(_object(request), "users")
+        if not users:
+            raise _bad("field 'users' must hold at least one user id")
+        return users
+
     async def add_members(request: Request) -> tuple[int, Any]:
-        changed = await handle.add_members(request.params["conv"], _strings(_object(request), "users"))
+        changed = await handle.add_members(request.params["conv"], _users(request))
         return 200, {"conv": changed.conv, "members": list(changed.members)}
 
     async def remove_member(request: Request) -> tuple[int, Any]:
