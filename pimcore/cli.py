@@ -593,9 +593,6 @@ def _group_over_http(args: argparse.Namespace) -> int:
     broker's HTTP API (docs/HTTP.md), printing what the LMDB path prints."""
     import urllib.parse
 
-    from .ids import LAST_MEMBERS, id_problem
-    from .store.base import removes_everyone
-
     group = urllib.parse.quote(args.name, safe="")
     before: Sequence[str] = ()
     try:
@@ -606,31 +603,10 @@ def _group_over_http(args: argparse.Namespace) -> int:
             before = _http_call(args, "GET", f"/v1/groups/{group}/members")["members"]
             out = _http_call(args, "POST", f"/v1/groups/{group}/members", {"users": args.users})
         elif args.action == "remove":
-            # One user per DELETE: check every id first, and that some member
-            # stays, so that a bad id or removing everyone refuses the whole
-            # command as on the data directory (nothing removed).
-            for user in args.users:
-                problem = id_problem(user, "user")
-                if problem is not None:
-                    raise ValueError(f"BAD_REQUEST: {problem}")
-            users = list(dict.fromkeys(args.users))
-            before = _http_call(args, "GET", f"/v1/groups/{group}/members")["members"]
-            if removes_everyone(before, users):
-                raise ValueError(f"group {args.name!r} not changed: BAD_REQUEST: {LAST_MEMBERS}")
-            removed: list[str] = []
-            out = {"members": before}
-            todo = [u for u in users if u in before]
-            for user in todo:
-                try:
-                    out = _http_call(args, "DELETE", f"/v1/groups/{group}/members/{urllib.parse.quote(user, safe='')}")
-                except ValueError as exc:
-                    if not removed:
-                        raise
-                    # The others left meanwhile (another admin's removal):
-                    # the broker refused to remove the last one.
-                    raise ValueError(f"removed {' '.join(removed)} from {args.name!r}, then {user!r} was refused"
-                                     f" ({exc}); not removed: {' '.join(todo[len(removed):])}") from None
-                removed.append(user)
+            # All in one call: one store op, refused as a whole (a bad id, or
+            # no member left) as on the data directory -- nothing removed.
+            out = _http_call(args, "POST", f"/v1/groups/{group}/members/remove", {"users": args.users})
+            before = [*out["members"], *out["removed"]]
         else:  # show
             out = _http_call(args, "GET", f"/v1/groups/{group}/members")
         members = list(out["members"])

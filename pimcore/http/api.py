@@ -351,6 +351,15 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         changed = await handle.add_members(request.params["conv"], _users(request))
         return 200, {"conv": changed.conv, "members": list(changed.members)}
 
+    async def remove_members(request: Request) -> tuple[int, Any]:
+        # Several users in one RemoveMembers op (one commit), where a DELETE
+        # per user is a commit each.
+        users = _users(request)
+        changed = await handle.remove_members(request.params["conv"], users)
+        removed = sorted(m.sender for m in changed.entries)  # a LEFT entry per user removed
+        return 200, {"conv": changed.conv, "members": list(changed.members), "removed": removed,
+                     "not_members": sorted(set(users) - set(removed))}
+
     async def remove_member(request: Request) -> tuple[int, Any]:
         changed = await handle.remove_members(request.params["conv"], [request.params["user"]])
         return 200, {"conv": changed.conv, "members": list(changed.members)}
@@ -549,6 +558,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         ("POST", "/v1/groups", create_group),
         ("GET", "/v1/groups/{conv}/members", members),
         ("POST", "/v1/groups/{conv}/members", add_members),
+        ("POST", "/v1/groups/{conv}/members/remove", remove_members),
         ("DELETE", "/v1/groups/{conv}/members/{user}", remove_member),
         ("POST", "/v1/users/{user}/kick", kick),
         ("POST", "/v1/users/{user}/revoke", revoke),
