@@ -842,6 +842,11 @@ def _cmd_retention(args: argparse.Namespace) -> int:
     if (args.max_age is not None and args.max_age < 0) or (args.max_count is not None and args.max_count < 0):
         print("pimcore retention: --max-age and --max-count must be >= 0 (0: no limit)", file=sys.stderr)
         return 2
+    # (The store refused a count past 64 bits with only "refused: BAD_REQUEST".)
+    if args.max_count is not None and args.max_count > 2**63 - 1:
+        print(f"pimcore retention: --max-count must be at most 2^63-1 ({2**63 - 1}; 0: no limit), not"
+              f" {args.max_count}", file=sys.stderr)
+        return 2
     # (µs; a positive age below 1 µs is 1 µs, not 0 -- which means no limit.)
     age = None if args.max_age is None else max(int(args.max_age * 1_000_000), 1 if args.max_age > 0 else 0)
     # (The store and the API answer a read of any well-formed id: the

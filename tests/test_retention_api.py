@@ -660,6 +660,31 @@ async def test_cli_refuses_a_negative_max_age_locally_and_over_http(tmp_path: Pa
             assert (await im.retention("team")).max_age == 60_000_000
 
 
+async def test_cli_says_what_is_wrong_with_a_huge_max_count_locally_and_over_http(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--max-count 2^63 said only "refused: BAD_REQUEST" on a data directory
+    (the HTTP API named the field and its range): both say the limit now."""
+    data = tmp_path / "data"
+    with LmdbStore(data / "store") as store:
+        store.create_group("team", ["alice", "bob"], 1)
+    said = "pimcore retention: --max-count must be at most 2^63-1 (9223372036854775807; 0: no limit), not "
+    for huge in (str(2**63), str(10**30)):
+        assert main(["retention", "team", "--max-count", huge, "--data-dir", str(data)]) == 2
+        out, err = capsys.readouterr()
+        assert (out, err) == ("", f"{said}{huge}\n"), (huge, out, err)
+    assert main(["retention", "team", "--max-count", str(2**63 - 1), "--data-dir", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out)["max_count"] == 2**63 - 1
+    with trio.fail_after(30):
+        async with api(tmp_path / "api") as (im, h, c):
+            await im.create_group("team", ["alice"])
+            capsys.readouterr()
+            got = await trio.to_thread.run_sync(
+                main, ["retention", "team", "--max-count", str(2**63), "--http", h.url, "--api-key", KEY])
+            out, err = capsys.readouterr()
+            assert (got, out, err) == (2, "", f"{said}{2**63}\n")
+            assert (await im.retention("team")).max_count is None
+
+
 async def test_cli_says_to_use_https_for_an_api_that_speaks_tls(tmp_path: Path) -> None:
     """--http http://HOST:PORT at an https:// listener said "not an HTTP
     server (is this the --http listener?)": the server closes the plain
