@@ -178,6 +178,37 @@ async def test_several_members_are_removed_in_one_call(tmp_path: Path, monkeypat
                 200, {"conv": "g", "members": ["alice", "dave"]})
 
 
+async def test_a_refusals_message_does_not_repeat_its_code(tmp_path: Path) -> None:
+    """The error's ``code`` is a field of its own: the message said it again
+    ("code": "BAD_REQUEST", "message": "group 'g' not changed: BAD_REQUEST:
+    a group needs ...").  It says what is wrong once, in words."""
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("g", ["alice"])
+            refusals = {
+                ("GET", "/v1/groups/nope/members", None): (404, "UNKNOWN_CONVERSATION",
+                                                           "members of 'nope': no such conversation"),
+                ("POST", "/v1/groups", (("conv", "g"), ("members", ("bob",)))): (
+                    409, "ALREADY_EXISTS", "group 'g' not changed: it exists already"),
+                ("POST", "/v1/groups", (("conv", "e"), ("members", ()))): (
+                    400, "BAD_REQUEST", "group 'e' not changed: a group needs at least one member"),
+                ("DELETE", "/v1/groups/g/members/alice", None): (
+                    400, "BAD_REQUEST", "group 'g' not changed: a group needs at least one member: removing all"),
+                ("GET", "/v1/conversations/g/history?user=mallory", None): (
+                    403, "NOT_MEMBER", "history of 'g' for 'mallory': not a member of the conversation"),
+            }
+            for (method, path, body), (status, code, said) in refusals.items():
+                got, doc = await call(c, method, path, None if body is None else
+                                      {k: list(v) if isinstance(v, tuple) else v for k, v in body})
+                assert_error(got, doc, status, code)
+                assert doc["error"]["message"].startswith(said) and code not in doc["error"]["message"], doc
+            # ... nor does a result of a batch post.
+            status, doc = await call(c, "POST", "/v1/messages", {"messages": [
+                {"conv": "g", "payload": "x", "sender": "mallory", "device": "web"}]})
+            assert status == 200 and doc["results"][0]["code"] == "NOT_MEMBER", doc
+            assert "NOT_MEMBER" not in doc["results"][0]["message"] and doc["results"][0]["message"], doc
+
+
 async def test_conversations_show_unread_after_a_client_sends(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with api(tmp_path) as (im, h, c):

@@ -53,6 +53,45 @@ REFUSED_STATUS: dict[ErrorCode, int] = {
     ErrorCode.BAD_ACTION: 400,
 }
 
+#: What each refusal's code means, in words: the error's message says it
+#: there instead of repeating the code (which is a field of its own).
+_SAID: dict[ErrorCode, str] = {
+    ErrorCode.BAD_REQUEST: "a malformed request",
+    ErrorCode.UNKNOWN_CONVERSATION: "no such conversation",
+    ErrorCode.NOT_MEMBER: "not a member of the conversation",
+    ErrorCode.BAD_CURSOR: "not a cursor the broker gave",
+    ErrorCode.BAD_MENTION: "a mention is not a valid user id",
+    ErrorCode.TOO_MANY_MENTIONS: "too many mentions",
+    ErrorCode.ALREADY_EXISTS: "it exists already",
+    ErrorCode.DUPLICATE_CONFLICT: "the idempotency key was used for a different message",
+    ErrorCode.PAYLOAD_TOO_LARGE: "the payload is too large",
+    ErrorCode.RATE_LIMITED: "rate limited: retry later",
+    ErrorCode.TOO_MANY_IN_FLIGHT: "too many requests in flight: retry later",
+    ErrorCode.REJECTED: "rejected by the content policy",
+    ErrorCode.INTERNAL: "the broker could not answer: retry",
+    ErrorCode.NO_SUCH_MESSAGE: "no such message",
+    ErrorCode.NOT_SENDER: "only its sender may change the message",
+    ErrorCode.TOO_LATE: "the time to do this has passed",
+    ErrorCode.RECALLED: "the message was recalled",
+    ErrorCode.BAD_ACTION: "not an action (recall, edit or delete)",
+    ErrorCode.STORE_UNAVAILABLE: "the store failed: retry",
+}
+
+
+def refusal_message(code: ErrorCode, message: str) -> str:
+    """A handle refusal's message without its code (the handle's say
+    ``group 'g' not changed: BAD_REQUEST: <why>``, or end with the code):
+    the code is the error's ``code``; the message says why in words."""
+    name = code.name
+    if f": {name}: " in message:
+        return message.replace(f": {name}: ", ": ", 1)
+    if message.endswith(f": {name}"):
+        return message[: -len(name)] + _SAID.get(code, name.lower().replace("_", " "))
+    if message.startswith(f"{name}: "):
+        return message[len(name) + 2:]
+    return message
+
+
 #: Longest ``wait`` (seconds) a ``GET /v1/events`` long-poll may ask for.
 MAX_EVENT_WAIT = 60.0
 
@@ -223,7 +262,8 @@ def _guarded(handler: Callable[[Request], Awaitable[tuple[int, Any]]]) -> Callab
         try:
             return await handler(request)
         except RequestRefused as exc:
-            raise HttpError(REFUSED_STATUS.get(exc.code, 400), exc.code.name, str(exc)) from None
+            status = REFUSED_STATUS.get(exc.code, 400)
+            raise HttpError(status, exc.code.name, refusal_message(exc.code, str(exc))) from None
         except StoreError as exc:
             raise HttpError(503, "STORE_UNAVAILABLE", str(exc) or "the store failed") from None
         except BrokerStopped as exc:
@@ -325,7 +365,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
             else:
                 code = getattr(res, "code", None)
                 results[i] = {"status": "error", "code": code.name if code is not None else "STORE_UNAVAILABLE",
-                              "message": str(res)}
+                              "message": refusal_message(code, str(res)) if code is not None else str(res)}
         return 200, {"results": results}
 
     async def create_group(request: Request) -> tuple[int, Any]:

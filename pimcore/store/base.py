@@ -1628,7 +1628,7 @@ class Store(ABC):
             if not valid_group(conv):
                 raise ValueError(f"not a group id: {group_problem(conv)}")
             if isinstance(op, RemoveMembers) and all(valid_id(u) for u in op.users) and not op.stamps:
-                raise ValueError(f"group {conv!r} not changed: BAD_REQUEST: {LAST_MEMBERS}")
+                raise ValueError(f"group {conv!r} not changed: {LAST_MEMBERS}")
             raise ValueError(f"invalid member ids: {op!r}")
         assert isinstance(res, GroupChanged)
         return res
