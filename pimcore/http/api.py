@@ -5,7 +5,8 @@ Each endpoint is one handle method (docs/HTTP.md, Server API).  Errors:
 * a malformed body or query (not JSON, a field missing or of the wrong
   type) -> 400 ``bad_request`` with a message naming the field;
 * :class:`~pimcore.embed.RequestRefused` -> 4xx with the ErrorCode name as
-  the code (:data:`REFUSED_STATUS`), e.g. 404 ``UNKNOWN_CONVERSATION``;
+  the code (:data:`REFUSED_STATUS`), e.g. 404 ``UNKNOWN_CONVERSATION``, and
+  its message without the code (:func:`refusal_message`);
 * :class:`~pimcore.errors.StoreError` -> 503 ``STORE_UNAVAILABLE`` (retry;
   a post retried with the same Idempotency-Key is stored once);
 * :class:`~pimcore.errors.BrokerStopped` -> 503 ``unavailable`` (the
@@ -79,9 +80,10 @@ _SAID: dict[ErrorCode, str] = {
 
 
 def refusal_message(code: ErrorCode, message: str) -> str:
-    """A handle refusal's message without its code (the handle's say
-    ``group 'g' not changed: BAD_REQUEST: <why>``, or end with the code):
-    the code is the error's ``code``; the message says why in words."""
+    """A handle refusal's message without its code: the handle's messages
+    say ``group 'g' not changed: BAD_REQUEST: <why>``, or end with the code
+    (``members of 'x': UNKNOWN_CONVERSATION``), where the code is the HTTP
+    error's ``code`` already; the message says why in words."""
     name = code.name
     if f": {name}: " in message:
         return message.replace(f": {name}: ", ": ", 1)
