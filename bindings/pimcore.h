@@ -188,7 +188,8 @@ typedef struct pim_post_item {
 PIM_EXPORT int pim_post_batch(pim_broker *b, pim_post_item *items, size_t n);
 
 /* Group administration, ordered with the messages around it.  members: n
- * user ids (create: n >= 1, a group needs at least one member; remove: a
+ * user ids, n >= 1 (create: a group needs at least one member; add and
+ * remove of no users: PIM_ERR_INVALID, nothing changed; remove: a
  * removal that would leave the group with no member is refused as a whole,
  * PIM_ERR_INVALID, no one removed -- purge the conversation to delete a
  * group).  Errors: PIM_ERR_ALREADY_EXISTS (create),

@@ -229,10 +229,10 @@ class AsyncPimcore:
         return await self._call(self.handle.history_visible, conv)
 
     async def add_members(self, conv: str, users: list[str]) -> Any:
-        return await self._call(self.handle.add_members, conv, users)
+        return await self._call(self.handle.add_members, conv, embed._some_users(users, "add_members", conv))
 
     async def remove_members(self, conv: str, users: list[str]) -> Any:
-        return await self._call(self.handle.remove_members, conv, users)
+        return await self._call(self.handle.remove_members, conv, embed._some_users(users, "remove_members", conv))
 
     async def conversations(self, user: str) -> list[Conversation]:
         return await self._call(self.handle.conversations, user)

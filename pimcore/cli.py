@@ -514,7 +514,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
         from .ids import EMPTY_GROUP
 
         # (What the broker and its HTTP API answer: the store would take it.)
-        print(f"pimcore group: group {args.name!r} not changed: BAD_REQUEST: {EMPTY_GROUP}", file=sys.stderr)
+        print(f"pimcore group: group {args.name!r} not changed: {EMPTY_GROUP}", file=sys.stderr)
         return 2
     try:
         settings = _settings(args)
@@ -535,6 +535,9 @@ def _cmd_group(args: argparse.Namespace) -> int:
         before: Sequence[str] = ()
         try:
             if args.action == "create":
+                if store.conversation_exists(args.name):
+                    print(f"pimcore group: {_GROUP_REFUSED['ALREADY_EXISTS'].format(name=args.name)}", file=sys.stderr)
+                    return 2
                 store.create_group(args.name, args.users, time.time_ns() // 1000, history_visible=args.history_visible)
             elif args.action == "add":
                 before = store.members(args.name) if store.conversation_exists(args.name) else ()
@@ -545,7 +548,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
             elif not store.conversation_exists(args.name):
                 raise KeyError(args.name)
         except KeyError:
-            print(f"pimcore group: no group {args.name!r}", file=sys.stderr)
+            print(f"pimcore group: {_GROUP_REFUSED['UNKNOWN_CONVERSATION'].format(name=args.name)}", file=sys.stderr)
             return 2
         except (ValueError, StoreError) as exc:
             print(_refusal("group", exc), file=sys.stderr)
@@ -556,6 +559,27 @@ def _cmd_group(args: argparse.Namespace) -> int:
         if args.action == "show":
             print(_history_line(store.history_visible(args.name)))
     return 0
+
+
+#: What ``pimcore group`` says of a refusal, by the HTTP API's code: the
+#: same sentence on a data directory and over --http.
+_GROUP_REFUSED = {
+    "UNKNOWN_CONVERSATION": "no group {name!r}",
+    "ALREADY_EXISTS": "group {name!r} exists already",
+}
+
+
+def _group_refusal(name: str, exc: BaseException) -> str:
+    """The line (without ``pimcore group: ``) for a failure of ``group ...
+    --http``: a refusal of the broker worded as on the data directory (the
+    API's message, without its code, for a BAD_REQUEST -- the store's
+    words); anything else as the HTTP call says it."""
+    if isinstance(exc, _Refused):
+        if exc.code in _GROUP_REFUSED:
+            return _GROUP_REFUSED[exc.code].format(name=name)
+        if exc.code == "BAD_REQUEST":
+            return exc.message
+    return str(exc)
 
 
 def _note_unchanged(args: argparse.Namespace, before: Sequence[str]) -> None:
@@ -593,9 +617,6 @@ def _group_over_http(args: argparse.Namespace) -> int:
     broker's HTTP API (docs/HTTP.md), printing what the LMDB path prints."""
     import urllib.parse
 
-    from .ids import LAST_MEMBERS, id_problem
-    from .store.base import removes_everyone
-
     group = urllib.parse.quote(args.name, safe="")
     before: Sequence[str] = ()
     try:
@@ -606,38 +627,17 @@ def _group_over_http(args: argparse.Namespace) -> int:
             before = _http_call(args, "GET", f"/v1/groups/{group}/members")["members"]
             out = _http_call(args, "POST", f"/v1/groups/{group}/members", {"users": args.users})
         elif args.action == "remove":
-            # One user per DELETE: check every id first, and that some member
-            # stays, so that a bad id or removing everyone refuses the whole
-            # command as on the data directory (nothing removed).
-            for user in args.users:
-                problem = id_problem(user, "user")
-                if problem is not None:
-                    raise ValueError(f"BAD_REQUEST: {problem}")
-            users = list(dict.fromkeys(args.users))
-            before = _http_call(args, "GET", f"/v1/groups/{group}/members")["members"]
-            if removes_everyone(before, users):
-                raise ValueError(f"group {args.name!r} not changed: BAD_REQUEST: {LAST_MEMBERS}")
-            removed: list[str] = []
-            out = {"members": before}
-            todo = [u for u in users if u in before]
-            for user in todo:
-                try:
-                    out = _http_call(args, "DELETE", f"/v1/groups/{group}/members/{urllib.parse.quote(user, safe='')}")
-                except ValueError as exc:
-                    if not removed:
-                        raise
-                    # The others left meanwhile (another admin's removal):
-                    # the broker refused to remove the last one.
-                    raise ValueError(f"removed {' '.join(removed)} from {args.name!r}, then {user!r} was refused"
-                                     f" ({exc}); not removed: {' '.join(todo[len(removed):])}") from None
-                removed.append(user)
+            # All in one call: one store op, refused as a whole (a bad id, or
+            # no member left) as on the data directory -- nothing removed.
+            out = _http_call(args, "POST", f"/v1/groups/{group}/members/remove", {"users": args.users})
+            before = [*out["members"], *out["removed"]]
         else:  # show
             out = _http_call(args, "GET", f"/v1/groups/{group}/members")
         members = list(out["members"])
         visible = out.get("history_visible", "unknown (this broker's HTTP API does not say)") \
             if args.action == "show" else None
     except (ValueError, OSError) as exc:
-        print(f"pimcore group: {exc}", file=sys.stderr)
+        print(f"pimcore group: {_group_refusal(args.name, exc)}", file=sys.stderr)
         return 2
     except (KeyError, TypeError):
         print(f"pimcore group: unexpected answer from {args.http} (no member list)", file=sys.stderr)
@@ -651,11 +651,13 @@ def _group_over_http(args: argparse.Namespace) -> int:
 
 class _Refused(ValueError):
     """The HTTP API refused a call: ``code`` is its error code
-    (``UNKNOWN_CONVERSATION``, ``bad_request``...), the message what to print."""
+    (``UNKNOWN_CONVERSATION``, ``bad_request``...), the exception's text
+    what to print (the code and the message), ``message`` the API's message."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, code: str, text: str, message: str = "") -> None:
+        super().__init__(text)
         self.code = code
+        self.message = message or text
 
 
 #: --http URL schemes of the commands that call the HTTP API.  tcp:// and
@@ -775,11 +777,11 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
         try:
             err = json.loads(exc.read())["error"]
             code, message = str(err["code"]), str(err["message"])
-            # (The API's messages often end with the code already.)
+            # (An older broker's messages hold the code already.)
             why = message if code in message else f"{code}: {message}"
         except (ValueError, KeyError, TypeError):  # (not the API's JSON error: a proxy's page...)
             raise ValueError(f"HTTP {exc.code} from {base}") from None
-        raise _Refused(code, why) from None
+        raise _Refused(code, why, message) from None
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, ssl.SSLCertVerificationError):
             fix = (f"is --cafile {cafile} the CA that signed it?" if cafile is not None else
@@ -873,6 +875,11 @@ def _cmd_retention(args: argparse.Namespace) -> int:
     # (The sign is checked on the value given: clamped first, -5 was 0, "no limit".)
     if (args.max_age is not None and args.max_age < 0) or (args.max_count is not None and args.max_count < 0):
         print("pimcore retention: --max-age and --max-count must be >= 0 (0: no limit)", file=sys.stderr)
+        return 2
+    # (The store refused a count past 64 bits with only "refused: BAD_REQUEST".)
+    if args.max_count is not None and args.max_count > 2**63 - 1:
+        print(f"pimcore retention: --max-count must be at most 2^63-1 ({2**63 - 1}; 0: no limit), not"
+              f" {args.max_count}", file=sys.stderr)
         return 2
     # (µs; a positive age below 1 µs is 1 µs, not 0 -- which means no limit.)
     age = None if args.max_age is None else max(int(args.max_age * 1_000_000), 1 if args.max_age > 0 else 0)

@@ -485,15 +485,16 @@ class Pimcore:
         return bool(visible)
 
     async def add_members(self, conv: str, users: Iterable[str]) -> GroupChanged:
-        """Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION), StoreError."""
-        return await self._admin(self.server.broker.add_members, conv, _user_ids(users, "users"))
+        """Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION), StoreError;
+        ValueError (nothing changed) for no users."""
+        return await self._admin(self.server.broker.add_members, conv, _some_users(users, "add_members", conv))
 
     async def remove_members(self, conv: str, users: Iterable[str]) -> GroupChanged:
         """Raises RequestRefused (BAD_REQUEST: a malformed id, or the
         removal would leave the group with no member -- refused as a whole,
         no one removed; purge the group to delete it; UNKNOWN_CONVERSATION),
-        StoreError."""
-        return await self._admin(self.server.broker.remove_members, conv, _user_ids(users, "users"),
+        StoreError; ValueError (nothing changed) for no users."""
+        return await self._admin(self.server.broker.remove_members, conv, _some_users(users, "remove_members", conv),
                                  bad_request=LAST_MEMBERS)
 
     async def _admin(self, method: Callable[..., Any], conv: str, users: list[str], *,
@@ -1170,6 +1171,17 @@ def _user_ids(users: Any, what: str) -> list[str]:
     for u in ids:
         if not isinstance(u, str):
             raise TypeError(f"{what} must be a list of user ids (str), got {type(u).__name__} {u!r:.60} in it")
+    return ids
+
+
+def _some_users(users: Any, call: str, conv: str) -> list[str]:
+    """:func:`_user_ids` of ``add_members``/``remove_members`` (``call``),
+    and ValueError for none: a change of no one is refused, as ``pimcore
+    group add/remove NAME`` without users and create_group refuse it (it
+    returned a GroupChanged that changed nothing)."""
+    ids = _user_ids(users, "users")
+    if not ids:
+        raise ValueError(f"{call} of group {conv!r}: give at least one user (no user given, nothing changed)")
     return ids
 
 

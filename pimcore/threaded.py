@@ -303,11 +303,13 @@ class ThreadedPimcore:
 
     def add_members(self, conv: str, users: Sequence[str]) -> GroupChanged:
         assert self.handle is not None
-        return self._call(self.handle.add_members, conv, embed._user_ids(users, "users"))
+        users = embed._some_users(users, "add_members", conv)  # checked in the caller's thread
+        return self._call(self.handle.add_members, conv, users)
 
     def remove_members(self, conv: str, users: Sequence[str]) -> GroupChanged:
         assert self.handle is not None
-        return self._call(self.handle.remove_members, conv, embed._user_ids(users, "users"))
+        users = embed._some_users(users, "remove_members", conv)  # checked in the caller's thread
+        return self._call(self.handle.remove_members, conv, users)
 
     def post(
         self,

@@ -307,6 +307,11 @@ def test_in_process_through_ctypes(libdir: Path, tmp_path: Path) -> None:
     assert lib.pim_broker_start_(config, ctypes.byref(b), 100) == 0, lib.pim_last_error()
     members = (ctypes.c_char_p * 2)(b"alice", b"bob")
     assert lib.pim_group_create(b, b"team", members, 2) == 0
+    # Adding or removing no one is refused (it "changed" nothing, PIM_OK).
+    for change in (lib.pim_group_add_members, lib.pim_group_remove_members):
+        change.argtypes = lib.pim_group_create.argtypes
+        assert change(b, b"team", members, 0) == 1  # PIM_ERR_INVALID
+        assert b"at least one user" in lib.pim_last_error()
     seq = ctypes.c_uint64()
     msg_id = (ctypes.c_uint8 * 16)()
     assert lib.pim_post(b, b"team", b"alice", b"web", b"hi", 2, b"k", msg_id, ctypes.byref(seq)) == 0

@@ -618,8 +618,12 @@ def test_group_administration(store: Store) -> None:
     assert store.members(GROUP) == ("alice", "bob", "carol")
     store.remove_members(GROUP, ["carol", "dave"])
     assert store.members(GROUP) == ("alice", "bob")
-    store.create_group("empty", [], now=1)
-    assert store.conversation_exists("empty") and store.members("empty") == ()
+    # A group of no one is refused, as the broker and every handle refuse it
+    # (the store took it: "empty: 0 members").
+    for empty in ([], (), set()):
+        with pytest.raises(ValueError, match="at least one member"):
+            store.create_group("empty", empty, now=1)
+    assert not store.conversation_exists("empty") and store.members("empty") == ()
 
 
 def test_group_admin_ops_are_ordered_inside_a_batch(store: Store, mk: Maker) -> None:

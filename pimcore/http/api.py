@@ -5,7 +5,8 @@ Each endpoint is one handle method (docs/HTTP.md, Server API).  Errors:
 * a malformed body or query (not JSON, a field missing or of the wrong
   type) -> 400 ``bad_request`` with a message naming the field;
 * :class:`~pimcore.embed.RequestRefused` -> 4xx with the ErrorCode name as
-  the code (:data:`REFUSED_STATUS`), e.g. 404 ``UNKNOWN_CONVERSATION``;
+  the code (:data:`REFUSED_STATUS`), e.g. 404 ``UNKNOWN_CONVERSATION``, and
+  its message without the code (:func:`refusal_message`);
 * :class:`~pimcore.errors.StoreError` -> 503 ``STORE_UNAVAILABLE`` (retry;
   a post retried with the same Idempotency-Key is stored once);
 * :class:`~pimcore.errors.BrokerStopped` -> 503 ``unavailable`` (the
@@ -52,6 +53,46 @@ REFUSED_STATUS: dict[ErrorCode, int] = {
     ErrorCode.RECALLED: 409,
     ErrorCode.BAD_ACTION: 400,
 }
+
+#: What each refusal's code means, in words: the error's message says it
+#: there instead of repeating the code (which is a field of its own).
+_SAID: dict[ErrorCode, str] = {
+    ErrorCode.BAD_REQUEST: "a malformed request",
+    ErrorCode.UNKNOWN_CONVERSATION: "no such conversation",
+    ErrorCode.NOT_MEMBER: "not a member of the conversation",
+    ErrorCode.BAD_CURSOR: "not a cursor the broker gave",
+    ErrorCode.BAD_MENTION: "a mention is not a valid user id",
+    ErrorCode.TOO_MANY_MENTIONS: "too many mentions",
+    ErrorCode.ALREADY_EXISTS: "it exists already",
+    ErrorCode.DUPLICATE_CONFLICT: "the idempotency key was used for a different message",
+    ErrorCode.PAYLOAD_TOO_LARGE: "the payload is too large",
+    ErrorCode.RATE_LIMITED: "rate limited: retry later",
+    ErrorCode.TOO_MANY_IN_FLIGHT: "too many requests in flight: retry later",
+    ErrorCode.REJECTED: "rejected by the content policy",
+    ErrorCode.INTERNAL: "the broker could not answer: retry",
+    ErrorCode.NO_SUCH_MESSAGE: "no such message",
+    ErrorCode.NOT_SENDER: "only its sender may change the message",
+    ErrorCode.TOO_LATE: "the time to do this has passed",
+    ErrorCode.RECALLED: "the message was recalled",
+    ErrorCode.BAD_ACTION: "not an action (recall, edit or delete)",
+    ErrorCode.STORE_UNAVAILABLE: "the store failed: retry",
+}
+
+
+def refusal_message(code: ErrorCode, message: str) -> str:
+    """A handle refusal's message without its code: the handle's messages
+    say ``group 'g' not changed: BAD_REQUEST: <why>``, or end with the code
+    (``members of 'x': UNKNOWN_CONVERSATION``), where the code is the HTTP
+    error's ``code`` already; the message says why in words."""
+    name = code.name
+    if f": {name}: " in message:
+        return message.replace(f": {name}: ", ": ", 1)
+    if message.endswith(f": {name}"):
+        return message[: -len(name)] + _SAID.get(code, name.lower().replace("_", " "))
+    if message.startswith(f"{name}: "):
+        return message[len(name) + 2:]
+    return message
+
 
 #: Longest ``wait`` (seconds) a ``GET /v1/events`` long-poll may ask for.
 MAX_EVENT_WAIT = 60.0
@@ -223,7 +264,8 @@ def _guarded(handler: Callable[[Request], Awaitable[tuple[int, Any]]]) -> Callab
         try:
             return await handler(request)
         except RequestRefused as exc:
-            raise HttpError(REFUSED_STATUS.get(exc.code, 400), exc.code.name, str(exc)) from None
+            status = REFUSED_STATUS.get(exc.code, 400)
+            raise HttpError(status, exc.code.name, refusal_message(exc.code, str(exc))) from None
         except StoreError as exc:
             raise HttpError(503, "STORE_UNAVAILABLE", str(exc) or "the store failed") from None
         except BrokerStopped as exc:
@@ -325,7 +367,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
             else:
                 code = getattr(res, "code", None)
                 results[i] = {"status": "error", "code": code.name if code is not None else "STORE_UNAVAILABLE",
-                              "message": str(res)}
+                              "message": refusal_message(code, str(res)) if code is not None else str(res)}
         return 200, {"results": results}
 
     async def create_group(request: Request) -> tuple[int, Any]:
@@ -339,9 +381,26 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         members = list(await handle.members(conv))
         return 200, {"conv": conv, "members": members, "history_visible": await handle.history_visible(conv)}
 
+    def _users(request: Request) -> list[str]:
+        """The ``users`` of a body adding or removing several members (at
+        least one: a change of no one is refused, as the handle refuses it)."""
+        users = _strings(_object(request), "users")
+        if not users:
+            raise _bad("field 'users' must hold at least one user id")
+        return users
+
     async def add_members(request: Request) -> tuple[int, Any]:
-        changed = await handle.add_members(request.params["conv"], _strings(_object(request), "users"))
+        changed = await handle.add_members(request.params["conv"], _users(request))
         return 200, {"conv": changed.conv, "members": list(changed.members)}
+
+    async def remove_members(request: Request) -> tuple[int, Any]:
+        # Several users in one RemoveMembers op (one commit), where a DELETE
+        # per user is a commit each.
+        users = _users(request)
+        changed = await handle.remove_members(request.params["conv"], users)
+        removed = sorted(m.sender for m in changed.entries)  # a LEFT entry per user removed
+        return 200, {"conv": changed.conv, "members": list(changed.members), "removed": removed,
+                     "not_members": sorted(set(users) - set(removed))}
 
     async def remove_member(request: Request) -> tuple[int, Any]:
         changed = await handle.remove_members(request.params["conv"], [request.params["user"]])
@@ -541,6 +600,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         ("POST", "/v1/groups", create_group),
         ("GET", "/v1/groups/{conv}/members", members),
         ("POST", "/v1/groups/{conv}/members", add_members),
+        ("POST", "/v1/groups/{conv}/members/remove", remove_members),
         ("DELETE", "/v1/groups/{conv}/members/{user}", remove_member),
         ("POST", "/v1/users/{user}/kick", kick),
         ("POST", "/v1/users/{user}/revoke", revoke),

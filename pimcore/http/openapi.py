@@ -16,6 +16,7 @@ _STR = {"type": "string"}
 _INT = {"type": "integer", "minimum": 0}
 _STRINGS = {"type": "array", "items": _STR}
 _BOOL = {"type": "boolean"}
+_SOME_USERS = {**_STRINGS, "minItems": 1}
 
 
 def _obj(required: tuple[str, ...] = (), **props: Any) -> dict[str, Any]:
@@ -76,8 +77,13 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
     ("GET", "/v1/groups/{conv}/members",
      "A group's members, and whether members added later may read what was said before they joined", None, (), 200,
      _obj(("conv", "members", "history_visible"), conv=_STR, members=_STRINGS, history_visible=_BOOL)),
-    ("POST", "/v1/groups/{conv}/members", "Add members (JOINED entries)", _obj(("users",), users=_STRINGS), (),
+    ("POST", "/v1/groups/{conv}/members", "Add members (JOINED entries)", _obj(("users",), users=_SOME_USERS), (),
      200, _MEMBERS),
+    ("POST", "/v1/groups/{conv}/members/remove",
+     "Remove several members in one store op (a LEFT entry each); refused as a whole if no member would stay",
+     _obj(("users",), users=_SOME_USERS), (), 200,
+     _obj(("conv", "members", "removed", "not_members"), conv=_STR, members=_STRINGS, removed=_STRINGS,
+          not_members=_STRINGS)),
     ("DELETE", "/v1/groups/{conv}/members/{user}", "Remove a member (a LEFT entry)", None, (), 200, _MEMBERS),
     ("POST", "/v1/users/{user}/kick", "End a user's sessions now (Close KICKED)", _obj(device=_STR, reason=_STR), (),
      200, _obj(user=_STR, devices=_STRINGS)),

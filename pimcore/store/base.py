@@ -110,6 +110,7 @@ from ..ids import (  # re-exported: the store speaks in these ids
     SYSTEM,
     CONV_RE,
     ID_RE,
+    EMPTY_GROUP,
     LAST_MEMBERS,
     check_ids,
     conversation_problem,
@@ -1596,8 +1597,12 @@ class Store(ABC):
     def create_group(self, conv: str, members: Iterable[str], now: int, *, history_visible: bool = False) -> None:
         """Create group ``conv`` with ``members`` (ValueError if it exists, the
         id is a direct id or malformed, or a member id is invalid).  A batch
-        of one :class:`CreateGroup`."""
-        self._admin(CreateGroup(conv, tuple(sorted(member_set(members))), now, history_visible))
+        of one :class:`CreateGroup`.  ValueError too for no members, nothing
+        stored (:data:`pimcore.ids.EMPTY_GROUP`), as the broker refuses it."""
+        users = tuple(sorted(member_set(members)))
+        if not users:
+            raise ValueError(f"group {conv!r} not changed: {EMPTY_GROUP}")
+        self._admin(CreateGroup(conv, users, now, history_visible))
 
     def add_members(self, conv: str, users: Iterable[str], now: Optional[int] = None) -> GroupChanged:
         """Add users to an existing group (KeyError if unknown; ValueError for
@@ -1623,7 +1628,7 @@ class Store(ABC):
             if not valid_group(conv):
                 raise ValueError(f"not a group id: {group_problem(conv)}")
             if isinstance(op, RemoveMembers) and all(valid_id(u) for u in op.users) and not op.stamps:
-                raise ValueError(f"group {conv!r} not changed: BAD_REQUEST: {LAST_MEMBERS}")
+                raise ValueError(f"group {conv!r} not changed: {LAST_MEMBERS}")
             raise ValueError(f"invalid member ids: {op!r}")
         assert isinstance(res, GroupChanged)
         return res
