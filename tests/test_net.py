@@ -5,8 +5,10 @@ Every test runs under trio (pytest-trio, trio_mode) with a hard fail_after.
 
 from __future__ import annotations
 
+import functools
 import socket
 import ssl
+import struct
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
@@ -377,14 +379,17 @@ async def test_a_listener_that_never_answers_times_out_naming_the_limit() -> Non
                               " no answer to the login (is it a pimcore broker?)")
 
 
-async def _tls_like_server(answer: bytes, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def _tls_like_server(answer: bytes, task_status=trio.TASK_STATUS_IGNORED, *, reset: bool = False) -> None:
     """A TLS server as a plain-TCP client sees it: it reads the Login,
-    answers ``answer`` (b"": nothing; a TLS alert record) and hangs up."""
+    answers ``answer`` (b"": nothing; a TLS alert record) and hangs up
+    (with a reset if ``reset``)."""
 
     async def handler(stream: trio.SocketStream) -> None:
         await stream.receive_some()
         if answer:
             await stream.send_all(answer)
+        if reset:
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await stream.aclose()
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -393,15 +398,37 @@ async def _tls_like_server(answer: bytes, task_status=trio.TASK_STATUS_IGNORED) 
 
 
 @pytest.mark.parametrize("answer", [b"", b"\x15\x03\x03\x00\x02\x02\x46"], ids=["hangs-up", "tls-alert"])
-async def test_plain_tcp_to_a_tls_server_gives_up_at_connect_timeout_and_suggests_tls(autojump_clock, answer) -> None:
+async def test_plain_tcp_to_a_tls_server_fails_at_once_and_suggests_tls(autojump_clock, answer) -> None:
     """A TLS port hangs up on the Login (or answers a TLS alert): the client
-    retried for about 1.5 connect_timeout, not the connect_timeout it names
-    (the last backoff slept past it), and did not suggest tls://."""
+    retried until connect_timeout before it suggested tls:// -- the answer
+    does not change.  Now ConnectFailed at once, with the hint."""
     from pimcore.client import ConnectFailed
 
     timeout = 10.0
     async with trio.open_nursery() as nursery:
         port = await nursery.start(_tls_like_server, answer)
+        t0 = trio.current_time()
+        with trio.fail_after(10 * timeout), pytest.raises(ConnectFailed) as err:
+            async with open_client(f"tcp://127.0.0.1:{port}", token("alice"), "phone",
+                                   config=ClientConfig(connect_timeout=timeout)):
+                pass  # pragma: no cover
+        waited = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    assert waited < 1.0, waited  # virtual time: no backoff slept, one attempt
+    msg = str(err.value)
+    assert msg.startswith(f"cannot connect to tcp://127.0.0.1:{port}: "), msg
+    assert msg.endswith(f"(the server may require TLS: try tls://127.0.0.1:{port})"), msg
+
+
+async def test_a_reset_on_the_login_is_retried_until_connect_timeout_then_suggests_tls(autojump_clock) -> None:
+    """A reset with nothing read may be a bad network, not a TLS port: the
+    first connection is retried for connect_timeout (not about 1.5 of it:
+    the last backoff does not sleep past it), then fails with the hint."""
+    from pimcore.client import ConnectFailed
+
+    timeout = 10.0
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(functools.partial(_tls_like_server, b"", reset=True))
         t0 = trio.current_time()
         with trio.fail_after(10 * timeout), pytest.raises(ConnectFailed) as err:
             async with open_client(f"tcp://127.0.0.1:{port}", token("alice"), "phone",
@@ -426,6 +453,24 @@ async def test_plain_tcp_to_a_pimcore_tls_listener_suggests_tls(lmdb_store, ca) 
                 async with client(f"tcp://127.0.0.1:{port}", "alice", config=ClientConfig(connect_timeout=0.5)):
                     pass  # pragma: no cover
     assert f"the server may require TLS: try tls://127.0.0.1:{port}" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("scheme", ["tls", "wss"])
+async def test_plain_text_to_a_pimcore_tls_listener_fails_at_once_with_the_hint(lmdb_store, ca, scheme) -> None:
+    """The broker's TLS port hangs up on a plain Login (or upgrade request)
+    at once, but the SDK retried until connect_timeout (30 s here) before
+    it gave its hint: a hang-up with nothing read is a TLS port's answer,
+    not a bad network's (a reset mid-login is still retried)."""
+    from pimcore.client import ConnectFailed
+
+    async with _tls_listener(lmdb_store, ca, scheme) as (srv, port):  # (fail_after 10: well before 30 s)
+        plain, path = ("ws", "/im") if scheme == "wss" else ("tcp", "")
+        with pytest.raises(ConnectFailed) as err:
+            async with client(f"{plain}://127.0.0.1:{port}{path}", "alice", config=ClientConfig(connect_timeout=30.0)):
+                pass  # pragma: no cover
+    msg = str(err.value)
+    assert msg.startswith(f"cannot connect to {plain}://127.0.0.1:{port}{path}: "), msg
+    assert msg.endswith(f"(the server may require TLS: try {scheme}://127.0.0.1:{port}{path})"), msg
 
 
 async def test_plain_ws_to_a_pimcore_wss_listener_suggests_wss(lmdb_store, ca) -> None:
