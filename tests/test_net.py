@@ -961,6 +961,35 @@ async def test_shutdown_does_not_wait_for_a_pending_websocket_handshake(lmdb_sto
         await trio.aclose_forcefully(pending)
 
 
+@pytest.mark.parametrize("partial", [False, True], ids=["silent", "partial"])
+async def test_shutdown_does_not_wait_for_a_tls_connection_stuck_in_its_handshake(lmdb_store, ca, caplog, partial):
+    """A tls:// connection that never finished its TLS handshake (a raw TCP
+    client, silent or half a ClientHello sent) held shutdown() for
+    close_timeout (30 s here): the Close it was sent waited for that
+    handshake.  Nothing can reach it: it is hung up on at once, while a
+    logged-in tls:// client still gets its Close SHUTDOWN."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    cfg = server_config(Endpoint("tls"), login_timeout=60, close_timeout=30.0, ssl_context=_serving_tls(ca))
+    srv = BrokerServer(lmdb_store, JwtAuthenticator(SECRET), cfg)
+    with trio.fail_after(10):  # well before close_timeout
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            async with client(srv.url("tls"), "alice", ssl_context=_trusting(ca)) as a:
+                pending = await trio.open_tcp_stream("127.0.0.1", srv.endpoints[0].port)
+                if partial:
+                    hello = client_hello()
+                    await pending.send_all(hello[: len(hello) // 2])
+                while len([r for r in caplog.records if getattr(r, "event", None) == "connect"]) < 2:
+                    await trio.sleep(0.01)  # accepted: its handshake is under way
+                await srv.shutdown()
+                ev = await wait_for(a, lambda e: isinstance(e, Disconnected))
+                assert ev.code is CloseCode.SHUTDOWN
+        # run() returned: the nursery could close.
+        await trio.aclose_forcefully(pending)
+
+
 async def test_events_and_statistics_are_consistent_after_many_sends(store):
     """Many concurrent sends in flight over one connection, windowed."""
     with trio.fail_after(30):

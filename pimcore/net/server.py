@@ -327,6 +327,18 @@ def _peer_address(stream: trio.abc.Stream) -> str:
         return "?"
 
 
+def _handshake_pending(stream: trio.abc.Stream) -> bool:
+    """``stream`` is TLS (a tls:// connection's) and has not completed its
+    handshake: nothing can be written to it before the client's part."""
+    if not isinstance(stream, trio.SSLStream):
+        return False
+    try:
+        stream.version()
+    except trio.NeedHandshakeError:
+        return True
+    return False
+
+
 class _TLSTransport(trio.abc.HalfCloseableStream):
     """The TCP stream under a server-side :class:`trio.SSLStream` (see
     :func:`tls_server_stream`), noting whether the client sent anything: a
@@ -1691,6 +1703,15 @@ class BrokerServer:
 
     def _close_peer(self, peer: _Peer, data: bytes) -> None:
         if peer.state is not _PeerState.OPEN:
+            return
+        if _handshake_pending(peer.stream):
+            # A tls:// peer that has not finished its TLS handshake (a raw
+            # TCP client that sent nothing, half a ClientHello...) cannot be
+            # sent a Close: the write would wait for that handshake, up to
+            # close_timeout -- and shutdown() with it.  Hang up at once.
+            peer.state = _PeerState.CLOSING
+            if peer.scope is not None:
+                peer.scope.cancel()
             return
         peer.buf.append(data)
         peer.queued += len(data)
