@@ -244,6 +244,30 @@ async def test_a_ws_connection_logs_connect_when_accepted(lmdb_store, caplog):
     assert [r.conn for r in logins] == [connects[1].conn], [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.parametrize("scheme", ["tcp", "tls", "ws", "wss"])
+async def test_the_connect_line_names_a_peer_that_reset_before_the_broker_read_its_address(lmdb_store, ca, caplog, scheme):
+    """A client that resets before the broker asked the socket its peer's
+    address had ``peer=?`` on its connect line: accept() knew the address."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    ep = Endpoint(scheme, path="/im") if scheme in ("ws", "wss") else Endpoint(scheme)
+    kw = {"ssl_context": _serving_tls(ca)} if scheme in ("tls", "wss") else {}
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(ep, **kw)) as srv:
+            # Connected and reset without a checkpoint: the broker (same
+            # event loop) accepts it only afterwards, reset.
+            sock = socket.create_connection(("127.0.0.1", srv.endpoints[0].port))
+            host, port = sock.getsockname()[:2]
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            while not [r for r in caplog.records if getattr(r, "event", None) == "connect"]:
+                await trio.sleep(0.01)
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "connect"]
+    assert (line.peer, line.transport) == (f"{host}:{port}", scheme), line.getMessage()
+    assert f"peer={host}:{port} " in line.getMessage(), line.getMessage()
+
+
 def _refused_port() -> tuple[socket.socket, int]:
     """A loopback port nothing listens on, held (bound, not listening) so
     that nothing else takes it while the test runs: connecting is refused."""

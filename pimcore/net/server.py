@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import errno
 import functools
 import itertools
 import logging
@@ -310,6 +311,12 @@ def _auth_failure_kind(reason: str) -> str:
     return "other"
 
 
+def _host_port(addr: Any) -> str:
+    """A socket address (``(host, port, ...)``) as ``host:port`` (``[host]:port`` for IPv6)."""
+    host, port = addr[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _peer_address(stream: trio.abc.Stream) -> str:
     """``host:port`` of the other end, for logs ("?" when unknown)."""
     try:
@@ -321,10 +328,59 @@ def _peer_address(stream: trio.abc.Stream) -> str:
             inner = inner.transport_stream
         if isinstance(inner, _TLSTransport):
             return inner.peer  # known since accept (a reset socket has forgotten it)
-        host, port = inner.socket.getpeername()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return _host_port(inner.socket.getpeername())
     except Exception:
         return "?"
+
+
+@dataclass(frozen=True, slots=True)
+class _Accepted(trio.abc.AsyncResource):
+    """A connection a listener accepted and its peer's address (``host:port``)
+    as accept() returned it: a client that resets before the broker asks
+    the socket has made the socket forget it (the connect line said
+    ``peer=?``)."""
+
+    stream: trio.SocketStream
+    peer: str
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+#: accept() errors that concern only the connection being accepted (as
+#: trio.SocketListener ignores them: a firewall's EPERM, an early reset...).
+_IGNORED_ACCEPT_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN",
+                                      "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH") if hasattr(errno, name)
+)
+
+
+class _AddressedListener(trio.abc.Listener[_Accepted]):
+    """trio.SocketListener's accept loop, keeping the address that accept()
+    returns (trio's drops it) -- for trio.serve_listeners, which also
+    handles running out of file descriptors."""
+
+    def __init__(self, inner: trio.SocketListener) -> None:
+        self.inner = inner
+
+    async def accept(self) -> _Accepted:
+        while True:
+            try:
+                sock, addr = await self.inner.socket.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                    raise trio.ClosedResourceError from None
+                if exc.errno not in _IGNORED_ACCEPT_ERRNOS:
+                    raise
+            else:
+                try:
+                    peer = _host_port(addr)
+                except Exception:  # pragma: no cover - not an IP address
+                    peer = "?"
+                return _Accepted(trio.SocketStream(sock), peer)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 def _handshake_pending(stream: trio.abc.Stream) -> bool:
@@ -850,13 +906,13 @@ class BrokerServer:
         task_status.started()
         ssl_ctx = self._ssl if ep.secure else None
 
-        async def handler(stream: trio.SocketStream) -> None:
-            s: trio.abc.Stream = stream
+        async def handler(accepted: _Accepted) -> None:
+            s: trio.abc.Stream = accepted.stream
             if ssl_ctx is not None:
-                s = tls_server_stream(stream, ssl_ctx)
-            await self._serve_peer(s, ep)
+                s = tls_server_stream(accepted.stream, ssl_ctx, peer=accepted.peer)
+            await self._serve_peer(s, ep, addr=accepted.peer)
 
-        await trio.serve_listeners(handler, listeners, handler_nursery=peers)
+        await trio.serve_listeners(handler, [_AddressedListener(x) for x in listeners], handler_nursery=peers)
 
     async def _listen_ws(self, ep: Endpoint, peers: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
         listeners = await open_listeners(ep)
@@ -865,9 +921,10 @@ class BrokerServer:
         url = self._endpoints[-1].url
         log.info("listening on %s", url, extra={"event": "listening", "url": url})
         task_status.started()
-        await trio.serve_listeners(functools.partial(self._serve_ws, ep), listeners, handler_nursery=peers)
+        await trio.serve_listeners(functools.partial(self._serve_ws, ep), [_AddressedListener(x) for x in listeners],
+                                   handler_nursery=peers)
 
-    async def _serve_ws(self, ep: Endpoint, sock: trio.SocketStream) -> None:
+    async def _serve_ws(self, ep: Endpoint, accepted: _Accepted) -> None:
         """One ws:// or wss:// connection: its TLS handshake (wss), the
         WebSocket one (trio-websocket), then :meth:`_serve_peer`.
 
@@ -880,7 +937,7 @@ class BrokerServer:
         accept, as on tcp:// and tls:// (a failed handshake's line follows
         it, with the same number and address)."""
         conn_id = next(self._ids)
-        addr = _peer_address(sock)
+        sock, addr = accepted.stream, accepted.peer
         if log.isEnabledFor(logging.INFO):
             log.info("connect conn=%d peer=%s via %s", conn_id, addr, ep.scheme,
                      extra={"event": "connect", "conn": conn_id, "peer": addr, "transport": ep.scheme})
@@ -940,9 +997,11 @@ class BrokerServer:
         it closes.  The server must be running (:meth:`run`)."""
         await self._serve_peer(stream, Endpoint("tcp"))
 
-    async def _serve_peer(self, stream: trio.abc.Stream, ep: Endpoint, conn_id: Optional[int] = None) -> None:
+    async def _serve_peer(self, stream: trio.abc.Stream, ep: Endpoint, conn_id: Optional[int] = None, *,
+                          addr: Optional[str] = None) -> None:
         """Serve one connection; ``conn_id``: its number, given (and its
-        ``connect`` line logged) at accept by a ws:// or wss:// listener."""
+        ``connect`` line logged) at accept by a ws:// or wss:// listener;
+        ``addr``: its peer's address, as accept() returned it."""
         if self._stopping:
             await trio.aclose_forcefully(stream)
             return
@@ -951,7 +1010,7 @@ class BrokerServer:
             self._stats["refused"] += 1
             self._closes["OVERLOADED"] = self._closes.get("OVERLOADED", 0) + 1
             log.warning("connection refused: max_connections (%d) reached", self.config.max_connections,
-                        extra={"event": "overloaded", "peer": _peer_address(stream)})
+                        extra={"event": "overloaded", "peer": addr if addr is not None else _peer_address(stream)})
             with trio.move_on_after(self.config.close_timeout):
                 await stream.send_all(refuse_connection())
             await trio.aclose_forcefully(stream)
@@ -959,7 +1018,8 @@ class BrokerServer:
         self._stats["accepted"] += 1
         self._peers[peer.id] = peer
         if conn_id is None and log.isEnabledFor(logging.INFO):
-            addr = _peer_address(stream)
+            if addr is None:  # (serve_stream: not from a listener)
+                addr = _peer_address(stream)
             log.info("connect conn=%d peer=%s via %s", peer.id, addr, ep.scheme,
                      extra={"event": "connect", "conn": peer.id, "peer": addr, "transport": ep.scheme})
         probed: Optional[bool] = None  # True: in the ready probe; False: counted opaque
