@@ -139,7 +139,8 @@ async def test_a_failed_tls_handshake_is_logged_and_counted(lmdb_store, ca, capl
             await tls.do_handshake()
         await trio.aclose_forcefully(tls)
         await _failed_handshakes_counted(srv, ca, "tls", 2)
-    lines = [r for r in caplog.records if "TLS handshake failed" in r.getMessage()]
+    # (Their close lines say "TLS handshake failed" too: the tls_failed lines.)
+    lines = [r for r in caplog.records if "TLS handshake failed" in r.getMessage() and r.event == "tls_failed"]
     assert len(lines) == 2, [r.getMessage() for r in caplog.records]
     assert all(r.exc_info is None and r.levelno >= logging.INFO for r in lines)
     assert all("peer=127.0.0.1:" in r.getMessage() for r in lines), [r.getMessage() for r in lines]
@@ -266,6 +267,49 @@ async def test_the_connect_line_names_a_peer_that_reset_before_the_broker_read_i
     [line] = [r for r in caplog.records if getattr(r, "event", None) == "connect"]
     assert (line.peer, line.transport) == (f"{host}:{port}", scheme), line.getMessage()
     assert f"peer={host}:{port} " in line.getMessage(), line.getMessage()
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "tls", "ws", "wss"])
+async def test_every_accepted_connection_is_counted_and_has_a_connect_and_a_close_line(lmdb_store, ca, caplog, scheme):
+    """pimcore_connections_accepted_total counted tls:// health checks but
+    not wss:// (nor ws://) ones, and a health check (or any connection that
+    ended without a Close from the broker) had a connect line and no close
+    line.  One rule for all four: counted and logged (connect) at accept,
+    and one close line when it ends -- code null when no Close was sent."""
+    import logging
+
+    from pimcore.http.metrics import BrokerCollector
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    secure = scheme in ("tls", "wss")
+    ep = Endpoint(scheme, path="/im") if scheme in ("ws", "wss") else Endpoint(scheme)
+    kw = {"ssl_context": _serving_tls(ca)} if secure else {}
+
+    def lines(event: str) -> list:
+        return [r for r in caplog.records if getattr(r, "event", None) == event]
+
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(ep, **kw)) as srv:
+            port = srv.endpoints[0].port
+            await connect_and_close(port)  # a health check
+            await connect_and_close(port, reset=True)
+            while len(lines("close")) < 2:
+                await trio.sleep(0.01)
+            async with client(srv.url(scheme), "alice", ssl_context=_trusting(ca) if secure else None) as a:
+                assert (await a.send(AB, b"fine")).seq == 1
+            while len(lines("close")) < 3:
+                await trio.sleep(0.01)
+            metrics = {m.name: m for m in BrokerCollector(srv).collect()}
+            assert metrics["pimcore_connections_accepted"].samples[0].value == 3
+            assert srv.statistics().accepted == 3
+    connects, closes = lines("connect"), lines("close")
+    assert sorted(r.conn for r in connects) == sorted(r.conn for r in closes) == [1, 2, 3], [r.getMessage() for r in caplog.records]
+    assert all(r.levelno == logging.INFO and r.transport == scheme for r in connects)
+    by_conn = {r.conn: r for r in closes}
+    assert by_conn[1].code is None and by_conn[2].code is None, [r.getMessage() for r in closes]  # no Close sent
+    assert by_conn[3].code == "NORMAL", by_conn[3].getMessage()  # the client said goodbye, so did the broker
+    assert all(caplog.records.index(c) < caplog.records.index(by_conn[c.conn]) for c in connects)
+    assert "code=None" not in by_conn[1].getMessage() and by_conn[1].reason, by_conn[1].getMessage()
 
 
 def _refused_port() -> tuple[socket.socket, int]:
