@@ -1058,6 +1058,29 @@ async def test_shutdown_does_not_wait_for_a_tls_connection_stuck_in_its_handshak
         await trio.aclose_forcefully(pending)
 
 
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_a_websocket_client_that_hangs_up_before_its_upgrade_is_let_go_at_once(lmdb_store, ca, caplog, scheme):
+    """A ws:// client that connected and hung up without an upgrade request
+    (a health check), or a wss:// one that did so after its TLS handshake,
+    was held until login_timeout (60 s here): trio-websocket waited for the
+    request on and on.  Its close line now follows at once."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    kw = {"ssl_context": _serving_tls(ca)} if scheme == "wss" else {}
+    with trio.fail_after(10):  # well before login_timeout
+        async with serving(lmdb_store, server_config(Endpoint(scheme, path="/im"), login_timeout=60, **kw)) as srv:
+            stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", srv.endpoints[0].port)
+            if scheme == "wss":
+                stream = trio.SSLStream(stream, _trusting(ca), server_hostname="127.0.0.1")
+                await stream.do_handshake()
+            await stream.aclose()
+            while not [r for r in caplog.records if getattr(r, "event", None) == "close"]:
+                await trio.sleep(0.01)
+    [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+    assert close.code is None and close.reason == "the client hung up before its WebSocket upgrade", close.getMessage()
+
+
 async def test_events_and_statistics_are_consistent_after_many_sends(store):
     """Many concurrent sends in flight over one connection, windowed."""
     with trio.fail_after(30):

@@ -407,42 +407,24 @@ def _why_lost(stream: trio.abc.Stream, exc: BaseException) -> str:
 
 class _Transport(trio.abc.HalfCloseableStream):
     """The TCP stream under a server-side :class:`trio.SSLStream` (see
-    :func:`tls_server_stream`), or under a ws:// connection's WebSocket,
-    noting whether the client sent anything: a
+    :func:`tls_server_stream`), noting whether the client sent anything: a
     connection closed (or reset) before its first byte -- what a load
     balancer's TCP health check does -- never began a TLS handshake, so it
     did not fail one (:func:`tls_handshake_failed`).  It also keeps the
     peer's address from accept time: after a reset the socket forgets it,
-    and a failed handshake's line would say ``peer=?``.
-
-    ``on_end``, if set, is called when the client hangs up or the stream
-    breaks: trio-websocket (0.12) waits for an upgrade request on and on
-    after the client hung up, and BrokerServer._serve_ws ends that wait."""
+    and a failed handshake's line would say ``peer=?``."""
 
     def __init__(self, sock: trio.SocketStream, peer: Optional[str] = None) -> None:
         self.transport_stream = sock
         self.socket = sock.socket  # as on SocketStream (trio-websocket reads it)
         self.received = False  # the client sent at least one byte
-        self.ended = False  # the client hung up, or the stream broke
-        self.on_end: Optional[Callable[[], object]] = None
         self.peer = peer if peer is not None else _peer_address(sock)
 
     async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
-        try:
-            data = await self.transport_stream.receive_some(max_bytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            self._end()
-            raise
+        data = await self.transport_stream.receive_some(max_bytes)
         if data:
             self.received = True
-        else:
-            self._end()
         return data
-
-    def _end(self) -> None:
-        self.ended = True
-        if self.on_end is not None:
-            self.on_end()
 
     async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
         await self.transport_stream.send_all(data)
@@ -455,6 +437,43 @@ class _Transport(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self.transport_stream.aclose()
+
+
+class _EndWatch(trio.abc.Stream):
+    """The stream a ws:// or wss:// connection's WebSocket reads (the socket,
+    or TLS over it), calling ``on_end`` when the client hangs up (EOF, or a
+    TLS close_notify) or the stream breaks: trio-websocket (0.12) waits for
+    an upgrade request on and on after that -- its reader saw the end --
+    and BrokerServer._serve_ws ends that wait with it."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.ended = False  # the client hung up, or the stream broke
+        self.on_end: Optional[Callable[[], object]] = None
+
+    async def receive_some(self, max_bytes: Optional[int] = None) -> Union[bytes, bytearray]:
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self._end()
+            raise
+        if not data:
+            self._end()
+        return data
+
+    def _end(self) -> None:
+        self.ended = True
+        if self.on_end is not None:
+            self.on_end()
+
+    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 def tls_server_stream(sock: trio.SocketStream, ssl_context: ssl.SSLContext, *, peer: Optional[str] = None,
@@ -993,16 +1012,13 @@ class BrokerServer:
                     # login_timeout: see _Transport).
                     if ep.secure and self._ssl is not None:
                         stream = tls_server_stream(sock, self._ssl, peer=addr, https_compatible=True)
-                        transport = stream.transport_stream
-                    else:
-                        stream = transport = _Transport(sock, addr)
-                    assert isinstance(transport, _Transport)
-                    transport.on_end = handshakes.cancel
+                    watch = _EndWatch(stream)
+                    watch.on_end = handshakes.cancel
                     try:
                         try:
                             if isinstance(stream, trio.SSLStream):
                                 await stream.do_handshake()
-                            request = await wrap_server_stream(nursery, stream, max_message_size=max_msg)
+                            request = await wrap_server_stream(nursery, watch, max_message_size=max_msg)
                         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                             ended = _why_lost(stream, exc)
                             if tls_handshake_failed(stream, exc, conn=conn_id, transport=ep.scheme):
@@ -1023,11 +1039,11 @@ class BrokerServer:
                                 ended = "the client hung up during its WebSocket upgrade"
                                 log.debug("%s connection %d closed during its upgrade: %r", ep.scheme, conn_id, exc)
                     finally:
-                        transport.on_end = None
+                        watch.on_end = None
                         self._handshakes.discard(handshakes)
                 if handshakes.cancelled_caught and ws is None and ended is None:
                     ended = ("broker shutting down" if self._stopping
-                             else "the client hung up before its WebSocket upgrade" if transport.ended
+                             else "the client hung up before its WebSocket upgrade" if watch.ended
                              else "handshakes not done within login_timeout")
                     log.debug("%s connection %d: handshakes not done in time (or shutdown)", ep.scheme, conn_id)
                 if ws is not None:
