@@ -1056,6 +1056,11 @@ async def test_shutdown_does_not_wait_for_a_tls_connection_stuck_in_its_handshak
                 assert ev.code is CloseCode.SHUTDOWN
         # run() returned: the nursery could close.
         await trio.aclose_forcefully(pending)
+    # No Close was written to it, so none is counted; its close line says why.
+    assert srv.statistics().closes == {"SHUTDOWN": 1}, srv.statistics().closes
+    closes = {r.conn: r for r in caplog.records if getattr(r, "event", None) == "close"}
+    assert closes[1].code == "SHUTDOWN" and closes[2].code is None, [r.getMessage() for r in caplog.records]
+    assert "no Close sent: its TLS handshake was not done" in closes[2].reason, closes[2].reason
 
 
 @pytest.mark.parametrize("scheme", ["ws", "wss"])
