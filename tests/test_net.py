@@ -1123,6 +1123,29 @@ async def test_connections_beyond_the_limit_are_refused_with_a_reason(lmdb_store
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+async def test_a_client_that_resets_while_the_broker_is_full_does_not_end_the_broker(lmdb_store, caplog):
+    """At max_connections, the refusal (Close OVERLOADED) written to a client
+    that had reset already raised BrokenResourceError out of the listener's
+    handler: it ended the broker, for every client -- anyone could."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(max_connections=1)) as srv:
+            async with client(srv.url(), "alice") as a:
+                # Connected and reset without a checkpoint: the broker (same
+                # event loop) accepts it only afterwards, reset.
+                sock = socket.create_connection(("127.0.0.1", srv.endpoints[0].port))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+                while srv.statistics().refused < 1:
+                    await trio.sleep(0.01)
+                assert (await a.send(AB, b"unaffected")).seq == 1
+    [refused] = [r for r in caplog.records if getattr(r, "event", None) == "overloaded"]
+    closes = [r for r in caplog.records if getattr(r, "event", None) == "close" and r.conn == refused.conn]
+    assert [r.code for r in closes] == ["OVERLOADED"], [r.getMessage() for r in caplog.records]
+
+
 def _no_spam(user: str, conv: str, payload: bytes):
     return "looks like spam" if b"BUY NOW" in payload else None
 

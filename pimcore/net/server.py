@@ -1105,7 +1105,12 @@ class BrokerServer:
                         extra={"event": "overloaded", "conn": conn_id,
                                "peer": addr if addr is not None else _peer_address(stream)})
             with trio.move_on_after(self.config.close_timeout):
-                await stream.send_all(refuse_connection())
+                try:
+                    await stream.send_all(refuse_connection())
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    # Gone already (a reset, a failed TLS handshake): escaping,
+                    # this ended the broker -- any client could do that.
+                    pass
             self._ended(conn_id, CloseCode.OVERLOADED, "too many connections")
             await trio.aclose_forcefully(stream)
             return
