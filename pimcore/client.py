@@ -172,12 +172,21 @@ class _FirstBytes(trio.abc.Stream):
         self.inner = inner
         self.first = b""
         self.eof = False
+        #: Called when the stream ends or breaks (see Client._open_stream).
+        self.on_end: Optional[Callable[[], object]] = None
 
     async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
-        data = await self.inner.receive_some(max_bytes)
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        except _IO_ERRORS:
+            if self.on_end is not None:
+                self.on_end()
+            raise
         if len(self.first) < 2:
             self.first += data[: 2 - len(self.first)]
             self.eof = self.eof or not data
+        if not data and self.on_end is not None:
+            self.on_end()
         return bytes(data)
 
     async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
@@ -308,6 +317,7 @@ class Client:
         self._ever_connected = False
         #: The last first-connection attempt looked like a TLS server (see _serve).
         self._tls_suspect = False
+        self._tls_answer = False  # ... and surely, by its answer (see _serve)
         #: A ws:// connection's stream while its upgrade is under way (_connect_once).
         self._upgrade_answer: Optional[_FirstBytes] = None
         self._last_state = self._session.state
@@ -728,19 +738,28 @@ class Client:
             # here, as itself, not later as a silent WebSocket stall.
             await stream.do_handshake()
         if ep.websocket:
+            watched = _FirstBytes(stream)
             if not ep.secure:
                 # (Kept to tell a TLS port from a plain one if the upgrade fails.)
-                stream = self._upgrade_answer = _FirstBytes(stream)
+                self._upgrade_answer = watched
             # trio-websocket runs its reader in `nursery`, which lives as
-            # long as this connection.
-            ws = await wrap_client_stream(
-                nursery,
-                stream,  # type: ignore[arg-type]
-                f"{ep.host}:{ep.port}",
-                ep.path,
-                message_queue_size=64,
-                max_message_size=max(self.config.max_frame, WebSocketStream.MAX_PEER_MESSAGE) + 16,
-            )
+            # long as this connection.  Its wait for the upgrade's answer is
+            # not woken when the server hangs up instead (trio-websocket
+            # 0.12: its reader sees the end, the wait goes on): that wait
+            # lasted connect_timeout, so the stream's end cancels it here.
+            with trio.CancelScope() as upgrade:
+                watched.on_end = upgrade.cancel
+                ws = await wrap_client_stream(
+                    nursery,
+                    watched,  # type: ignore[arg-type]
+                    f"{ep.host}:{ep.port}",
+                    ep.path,
+                    message_queue_size=64,
+                    max_message_size=max(self.config.max_frame, WebSocketStream.MAX_PEER_MESSAGE) + 16,
+                )
+            watched.on_end = None
+            if upgrade.cancelled_caught:
+                raise trio.BrokenResourceError("the server hung up before answering the WebSocket upgrade")
             return WebSocketStream(ws)
         return stream
 
@@ -821,11 +840,14 @@ class Client:
                 s.connection_lost(self._clock(), "connection abandoned")
             self._pump()
         # A TLS server that a plain-TCP client speaks to hangs up on the
-        # Login, or answers a TLS alert record (0x15 0x03 ...).
+        # Login, or answers a TLS alert record (0x15 0x03 ...).  Both are a
+        # clear answer (_tls_answer: the first connection fails at once);
+        # a reset with nothing read may be a bad network too (only the hint).
         d = s.last_disconnect
         hung_up = not conn.first and (d is None or d.reason != LOGIN_TIMED_OUT)  # at once, not a silent server
-        self._tls_suspect = (self.endpoint.scheme == "tcp" and s.connections_established == conn.base
-                             and (conn.first.startswith(b"\x15\x03") or hung_up))
+        plain = self.endpoint.scheme == "tcp" and s.connections_established == conn.base
+        self._tls_suspect = plain and (conn.first.startswith(b"\x15\x03") or hung_up)
+        self._tls_answer = plain and (conn.first.startswith(b"\x15\x03") or (hung_up and conn.error is None))
         if conn.error is not None:
             return conn.error
         return _SessionEnded(d.code, d.reason) if d is not None else None
@@ -833,7 +855,7 @@ class Client:
     async def _connect_once(self, first: Optional[trio.TaskStatus[None]]) -> Optional[BaseException]:
         """One connection from dial to hang-up; returns why it ended."""
         end: Optional[BaseException] = None
-        self._tls_suspect = False  # set by _serve, if the stream opens
+        self._tls_suspect = self._tls_answer = False  # set by _serve, if the stream opens
         self._upgrade_answer = None
         try:
             async with trio.open_nursery() as conn_nursery:
@@ -865,7 +887,7 @@ class Client:
         answer, self._upgrade_answer = self._upgrade_answer, None
         if end is not None and answer is not None:
             # The WebSocket upgrade failed: a TLS alert or a hang-up for an answer?
-            self._tls_suspect = answer.looks_like_tls
+            self._tls_suspect = self._tls_answer = answer.looks_like_tls
         return end
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -910,13 +932,19 @@ class Client:
                     ) or _all_refused(exc)
                     if permanent:
                         raise ConnectFailed(f"cannot connect to {self.url}: {_root_cause(exc, self.endpoint.path)}") from exc
+                    hint = ""
+                    if self._tls_suspect:
+                        ep = self.endpoint
+                        host = f"[{ep.host}]" if ":" in ep.host else ep.host
+                        scheme, path = ("wss", ep.path) if ep.websocket else ("tls", "")
+                        hint = f" (the server may require TLS: try {scheme}://{host}:{ep.port}{path})"
+                    if self._tls_answer:
+                        # A TLS port's answer to plain text (a TLS alert, or a
+                        # hang-up on the Login or upgrade request with nothing
+                        # sent back) will not change either: retrying it until
+                        # connect_timeout only delayed the hint.
+                        raise ConnectFailed(f"cannot connect to {self.url}: {_root_cause(exc)}{hint}") from exc
                     if trio.current_time() >= first_deadline:
-                        hint = ""
-                        if self._tls_suspect:
-                            ep = self.endpoint
-                            host = f"[{ep.host}]" if ":" in ep.host else ep.host
-                            scheme, path = ("wss", ep.path) if ep.websocket else ("tls", "")
-                            hint = f" (the server may require TLS: try {scheme}://{host}:{ep.port}{path})"
                         raise ConnectFailed(f"cannot connect to {self.url} within {self.config.connect_timeout:g} s"
                                             f" (connect_timeout): {_root_cause(exc)}{hint}") from exc
                 log.debug("connection lost: %r", exc)

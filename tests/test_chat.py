@@ -54,6 +54,36 @@ def test_chat_says_it_is_connecting_then_a_refused_port_is_one_line_at_once(tmp_
     ], r.stderr
 
 
+@pytest.mark.parametrize("scheme", ["tls", "wss"])
+def test_chat_with_a_plain_url_to_a_tls_port_suggests_tls_at_once(tmp_path: Path, scheme: str) -> None:
+    """tcp:// to a broker's tls:// port (ws:// to wss://) waited out
+    connect_timeout (10 s) of retries, then said "within 10 s
+    (connect_timeout): ... may require TLS".  The TLS port hangs up on the
+    plain Login at once, and the chat says so at once, with the hint."""
+    import trustme
+
+    from _net import token
+    from _proc import run_pimcore
+
+    ca = trustme.CA()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    issued = ca.issue_cert("127.0.0.1")
+    issued.private_key_pem.write_to_path(str(key))
+    with cert.open("wb") as f:
+        for blob in issued.cert_chain_pems:
+            f.write(blob.bytes())
+    listen = f"{scheme}://127.0.0.1:0" + ("/im" if scheme == "wss" else "")
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=[listen], cert=str(cert), key=str(key)) as im:
+        port, path = im.port(scheme), "/im" if scheme == "wss" else ""
+        url = f"{'ws' if scheme == 'wss' else 'tcp'}://127.0.0.1:{port}{path}"
+        r = run_pimcore("chat", "--to", "bob", "--token", token("alice"), "--url", url, timeout=60)
+    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr, r
+    progress, last = r.stderr.strip().splitlines()
+    assert progress == f"pimcore chat: connecting to {url} (up to 10 s)…", r.stderr
+    assert last.startswith(f"pimcore chat: cannot connect to {url}: "), last  # not "within 10 s (connect_timeout)"
+    assert last.endswith(f"(the server may require TLS: try {scheme}://127.0.0.1:{port}{path})"), last
+
+
 @pytest.mark.parametrize("kind", ["missing", "garbage", "directory"])
 def test_chat_with_a_ca_file_that_does_not_load_is_one_line_naming_it(
     tmp_path, kind: str, capsys: pytest.CaptureFixture[str]

@@ -5,8 +5,10 @@ Every test runs under trio (pytest-trio, trio_mode) with a hard fail_after.
 
 from __future__ import annotations
 
+import functools
 import socket
 import ssl
+import struct
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
@@ -137,7 +139,8 @@ async def test_a_failed_tls_handshake_is_logged_and_counted(lmdb_store, ca, capl
             await tls.do_handshake()
         await trio.aclose_forcefully(tls)
         await _failed_handshakes_counted(srv, ca, "tls", 2)
-    lines = [r for r in caplog.records if "TLS handshake failed" in r.getMessage()]
+    # (Their close lines say "TLS handshake failed" too: the tls_failed lines.)
+    lines = [r for r in caplog.records if "TLS handshake failed" in r.getMessage() and r.event == "tls_failed"]
     assert len(lines) == 2, [r.getMessage() for r in caplog.records]
     assert all(r.exc_info is None and r.levelno >= logging.INFO for r in lines)
     assert all("peer=127.0.0.1:" in r.getMessage() for r in lines), [r.getMessage() for r in lines]
@@ -240,6 +243,73 @@ async def test_a_ws_connection_logs_connect_when_accepted(lmdb_store, caplog):
     assert all(r.peer.startswith("127.0.0.1:") for r in connects)
     logins = [r for r in caplog.records if getattr(r, "event", None) == "login"]
     assert [r.conn for r in logins] == [connects[1].conn], [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "tls", "ws", "wss"])
+async def test_the_connect_line_names_a_peer_that_reset_before_the_broker_read_its_address(lmdb_store, ca, caplog, scheme):
+    """A client that resets before the broker asked the socket its peer's
+    address had ``peer=?`` on its connect line: accept() knew the address."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    ep = Endpoint(scheme, path="/im") if scheme in ("ws", "wss") else Endpoint(scheme)
+    kw = {"ssl_context": _serving_tls(ca)} if scheme in ("tls", "wss") else {}
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(ep, **kw)) as srv:
+            # Connected and reset without a checkpoint: the broker (same
+            # event loop) accepts it only afterwards, reset.
+            sock = socket.create_connection(("127.0.0.1", srv.endpoints[0].port))
+            host, port = sock.getsockname()[:2]
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            while not [r for r in caplog.records if getattr(r, "event", None) == "connect"]:
+                await trio.sleep(0.01)
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "connect"]
+    assert (line.peer, line.transport) == (f"{host}:{port}", scheme), line.getMessage()
+    assert f"peer={host}:{port} " in line.getMessage(), line.getMessage()
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "tls", "ws", "wss"])
+async def test_every_accepted_connection_is_counted_and_has_a_connect_and_a_close_line(lmdb_store, ca, caplog, scheme):
+    """pimcore_connections_accepted_total counted tls:// health checks but
+    not wss:// (nor ws://) ones, and a health check (or any connection that
+    ended without a Close from the broker) had a connect line and no close
+    line.  One rule for all four: counted and logged (connect) at accept,
+    and one close line when it ends -- code null when no Close was sent."""
+    import logging
+
+    from pimcore.http.metrics import BrokerCollector
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    secure = scheme in ("tls", "wss")
+    ep = Endpoint(scheme, path="/im") if scheme in ("ws", "wss") else Endpoint(scheme)
+    kw = {"ssl_context": _serving_tls(ca)} if secure else {}
+
+    def lines(event: str) -> list:
+        return [r for r in caplog.records if getattr(r, "event", None) == event]
+
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(ep, **kw)) as srv:
+            port = srv.endpoints[0].port
+            await connect_and_close(port)  # a health check
+            await connect_and_close(port, reset=True)
+            while len(lines("close")) < 2:
+                await trio.sleep(0.01)
+            async with client(srv.url(scheme), "alice", ssl_context=_trusting(ca) if secure else None) as a:
+                assert (await a.send(AB, b"fine")).seq == 1
+            while len(lines("close")) < 3:
+                await trio.sleep(0.01)
+            metrics = {m.name: m for m in BrokerCollector(srv).collect()}
+            assert metrics["pimcore_connections_accepted"].samples[0].value == 3
+            assert srv.statistics().accepted == 3
+    connects, closes = lines("connect"), lines("close")
+    assert sorted(r.conn for r in connects) == sorted(r.conn for r in closes) == [1, 2, 3], [r.getMessage() for r in caplog.records]
+    assert all(r.levelno == logging.INFO and r.transport == scheme for r in connects)
+    by_conn = {r.conn: r for r in closes}
+    assert by_conn[1].code is None and by_conn[2].code is None, [r.getMessage() for r in closes]  # no Close sent
+    assert by_conn[3].code == "NORMAL", by_conn[3].getMessage()  # the client said goodbye, so did the broker
+    assert all(caplog.records.index(c) < caplog.records.index(by_conn[c.conn]) for c in connects)
+    assert "code=None" not in by_conn[1].getMessage() and by_conn[1].reason, by_conn[1].getMessage()
 
 
 def _refused_port() -> tuple[socket.socket, int]:
@@ -377,14 +447,17 @@ async def test_a_listener_that_never_answers_times_out_naming_the_limit() -> Non
                               " no answer to the login (is it a pimcore broker?)")
 
 
-async def _tls_like_server(answer: bytes, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def _tls_like_server(answer: bytes, task_status=trio.TASK_STATUS_IGNORED, *, reset: bool = False) -> None:
     """A TLS server as a plain-TCP client sees it: it reads the Login,
-    answers ``answer`` (b"": nothing; a TLS alert record) and hangs up."""
+    answers ``answer`` (b"": nothing; a TLS alert record) and hangs up
+    (with a reset if ``reset``)."""
 
     async def handler(stream: trio.SocketStream) -> None:
         await stream.receive_some()
         if answer:
             await stream.send_all(answer)
+        if reset:
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await stream.aclose()
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -393,15 +466,37 @@ async def _tls_like_server(answer: bytes, task_status=trio.TASK_STATUS_IGNORED) 
 
 
 @pytest.mark.parametrize("answer", [b"", b"\x15\x03\x03\x00\x02\x02\x46"], ids=["hangs-up", "tls-alert"])
-async def test_plain_tcp_to_a_tls_server_gives_up_at_connect_timeout_and_suggests_tls(autojump_clock, answer) -> None:
+async def test_plain_tcp_to_a_tls_server_fails_at_once_and_suggests_tls(autojump_clock, answer) -> None:
     """A TLS port hangs up on the Login (or answers a TLS alert): the client
-    retried for about 1.5 connect_timeout, not the connect_timeout it names
-    (the last backoff slept past it), and did not suggest tls://."""
+    retried until connect_timeout before it suggested tls:// -- the answer
+    does not change.  Now ConnectFailed at once, with the hint."""
     from pimcore.client import ConnectFailed
 
     timeout = 10.0
     async with trio.open_nursery() as nursery:
         port = await nursery.start(_tls_like_server, answer)
+        t0 = trio.current_time()
+        with trio.fail_after(10 * timeout), pytest.raises(ConnectFailed) as err:
+            async with open_client(f"tcp://127.0.0.1:{port}", token("alice"), "phone",
+                                   config=ClientConfig(connect_timeout=timeout)):
+                pass  # pragma: no cover
+        waited = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    assert waited < 1.0, waited  # virtual time: no backoff slept, one attempt
+    msg = str(err.value)
+    assert msg.startswith(f"cannot connect to tcp://127.0.0.1:{port}: "), msg
+    assert msg.endswith(f"(the server may require TLS: try tls://127.0.0.1:{port})"), msg
+
+
+async def test_a_reset_on_the_login_is_retried_until_connect_timeout_then_suggests_tls(autojump_clock) -> None:
+    """A reset with nothing read may be a bad network, not a TLS port: the
+    first connection is retried for connect_timeout (not about 1.5 of it:
+    the last backoff does not sleep past it), then fails with the hint."""
+    from pimcore.client import ConnectFailed
+
+    timeout = 10.0
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(functools.partial(_tls_like_server, b"", reset=True))
         t0 = trio.current_time()
         with trio.fail_after(10 * timeout), pytest.raises(ConnectFailed) as err:
             async with open_client(f"tcp://127.0.0.1:{port}", token("alice"), "phone",
@@ -426,6 +521,24 @@ async def test_plain_tcp_to_a_pimcore_tls_listener_suggests_tls(lmdb_store, ca) 
                 async with client(f"tcp://127.0.0.1:{port}", "alice", config=ClientConfig(connect_timeout=0.5)):
                     pass  # pragma: no cover
     assert f"the server may require TLS: try tls://127.0.0.1:{port}" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("scheme", ["tls", "wss"])
+async def test_plain_text_to_a_pimcore_tls_listener_fails_at_once_with_the_hint(lmdb_store, ca, scheme) -> None:
+    """The broker's TLS port hangs up on a plain Login (or upgrade request)
+    at once, but the SDK retried until connect_timeout (30 s here) before
+    it gave its hint: a hang-up with nothing read is a TLS port's answer,
+    not a bad network's (a reset mid-login is still retried)."""
+    from pimcore.client import ConnectFailed
+
+    async with _tls_listener(lmdb_store, ca, scheme) as (srv, port):  # (fail_after 10: well before 30 s)
+        plain, path = ("ws", "/im") if scheme == "wss" else ("tcp", "")
+        with pytest.raises(ConnectFailed) as err:
+            async with client(f"{plain}://127.0.0.1:{port}{path}", "alice", config=ClientConfig(connect_timeout=30.0)):
+                pass  # pragma: no cover
+    msg = str(err.value)
+    assert msg.startswith(f"cannot connect to {plain}://127.0.0.1:{port}{path}: "), msg
+    assert msg.endswith(f"(the server may require TLS: try {scheme}://127.0.0.1:{port}{path})"), msg
 
 
 async def test_plain_ws_to_a_pimcore_wss_listener_suggests_wss(lmdb_store, ca) -> None:
@@ -916,6 +1029,63 @@ async def test_shutdown_does_not_wait_for_a_pending_websocket_handshake(lmdb_sto
         await trio.aclose_forcefully(pending)
 
 
+@pytest.mark.parametrize("partial", [False, True], ids=["silent", "partial"])
+async def test_shutdown_does_not_wait_for_a_tls_connection_stuck_in_its_handshake(lmdb_store, ca, caplog, partial):
+    """A tls:// connection that never finished its TLS handshake (a raw TCP
+    client, silent or half a ClientHello sent) held shutdown() for
+    close_timeout (30 s here): the Close it was sent waited for that
+    handshake.  Nothing can reach it: it is hung up on at once, while a
+    logged-in tls:// client still gets its Close SHUTDOWN."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    cfg = server_config(Endpoint("tls"), login_timeout=60, close_timeout=30.0, ssl_context=_serving_tls(ca))
+    srv = BrokerServer(lmdb_store, JwtAuthenticator(SECRET), cfg)
+    with trio.fail_after(10):  # well before close_timeout
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            async with client(srv.url("tls"), "alice", ssl_context=_trusting(ca)) as a:
+                pending = await trio.open_tcp_stream("127.0.0.1", srv.endpoints[0].port)
+                if partial:
+                    hello = client_hello()
+                    await pending.send_all(hello[: len(hello) // 2])
+                while len([r for r in caplog.records if getattr(r, "event", None) == "connect"]) < 2:
+                    await trio.sleep(0.01)  # accepted: its handshake is under way
+                await srv.shutdown()
+                ev = await wait_for(a, lambda e: isinstance(e, Disconnected))
+                assert ev.code is CloseCode.SHUTDOWN
+        # run() returned: the nursery could close.
+        await trio.aclose_forcefully(pending)
+    # No Close was written to it, so none is counted; its close line says why.
+    assert srv.statistics().closes == {"SHUTDOWN": 1}, srv.statistics().closes
+    closes = {r.conn: r for r in caplog.records if getattr(r, "event", None) == "close"}
+    assert closes[1].code == "SHUTDOWN" and closes[2].code is None, [r.getMessage() for r in caplog.records]
+    assert "no Close sent: its TLS handshake was not done" in closes[2].reason, closes[2].reason
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_a_websocket_client_that_hangs_up_before_its_upgrade_is_let_go_at_once(lmdb_store, ca, caplog, scheme):
+    """A ws:// client that connected and hung up without an upgrade request
+    (a health check), or a wss:// one that did so after its TLS handshake,
+    was held until login_timeout (60 s here): trio-websocket waited for the
+    request on and on.  Its close line now follows at once."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    kw = {"ssl_context": _serving_tls(ca)} if scheme == "wss" else {}
+    with trio.fail_after(10):  # well before login_timeout
+        async with serving(lmdb_store, server_config(Endpoint(scheme, path="/im"), login_timeout=60, **kw)) as srv:
+            stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", srv.endpoints[0].port)
+            if scheme == "wss":
+                stream = trio.SSLStream(stream, _trusting(ca), server_hostname="127.0.0.1")
+                await stream.do_handshake()
+            await stream.aclose()
+            while not [r for r in caplog.records if getattr(r, "event", None) == "close"]:
+                await trio.sleep(0.01)
+    [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+    assert close.code is None and close.reason == "the client hung up before its WebSocket upgrade", close.getMessage()
+
+
 async def test_events_and_statistics_are_consistent_after_many_sends(store):
     """Many concurrent sends in flight over one connection, windowed."""
     with trio.fail_after(30):
@@ -951,6 +1121,29 @@ async def test_connections_beyond_the_limit_are_refused_with_a_reason(lmdb_store
                 assert await extra.next() is None
                 assert srv.statistics().refused == 1
                 assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+async def test_a_client_that_resets_while_the_broker_is_full_does_not_end_the_broker(lmdb_store, caplog):
+    """At max_connections, the refusal (Close OVERLOADED) written to a client
+    that had reset already raised BrokenResourceError out of the listener's
+    handler: it ended the broker, for every client -- anyone could."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(max_connections=1)) as srv:
+            async with client(srv.url(), "alice") as a:
+                # Connected and reset without a checkpoint: the broker (same
+                # event loop) accepts it only afterwards, reset.
+                sock = socket.create_connection(("127.0.0.1", srv.endpoints[0].port))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+                while srv.statistics().refused < 1:
+                    await trio.sleep(0.01)
+                assert (await a.send(AB, b"unaffected")).seq == 1
+    [refused] = [r for r in caplog.records if getattr(r, "event", None) == "overloaded"]
+    closes = [r for r in caplog.records if getattr(r, "event", None) == "close" and r.conn == refused.conn]
+    assert [r.code for r in closes] == ["OVERLOADED"], [r.getMessage() for r in caplog.records]
 
 
 def _no_spam(user: str, conv: str, payload: bytes):

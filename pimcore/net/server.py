@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import errno
 import functools
 import itertools
 import logging
@@ -310,6 +311,12 @@ def _auth_failure_kind(reason: str) -> str:
     return "other"
 
 
+def _host_port(addr: Any) -> str:
+    """A socket address (``(host, port, ...)``) as ``host:port`` (``[host]:port`` for IPv6)."""
+    host, port = addr[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _peer_address(stream: trio.abc.Stream) -> str:
     """``host:port`` of the other end, for logs ("?" when unknown)."""
     try:
@@ -319,15 +326,86 @@ def _peer_address(stream: trio.abc.Stream) -> str:
         inner: Any = stream
         while isinstance(inner, trio.SSLStream):
             inner = inner.transport_stream
-        if isinstance(inner, _TLSTransport):
+        if isinstance(inner, _Transport):
             return inner.peer  # known since accept (a reset socket has forgotten it)
-        host, port = inner.socket.getpeername()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return _host_port(inner.socket.getpeername())
     except Exception:
         return "?"
 
 
-class _TLSTransport(trio.abc.HalfCloseableStream):
+@dataclass(frozen=True, slots=True)
+class _Accepted(trio.abc.AsyncResource):
+    """A connection a listener accepted and its peer's address (``host:port``)
+    as accept() returned it: a client that resets before the broker asks
+    the socket has made the socket forget it (the connect line said
+    ``peer=?``)."""
+
+    stream: trio.SocketStream
+    peer: str
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+#: accept() errors that concern only the connection being accepted (as
+#: trio.SocketListener ignores them: a firewall's EPERM, an early reset...).
+_IGNORED_ACCEPT_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN",
+                                      "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH") if hasattr(errno, name)
+)
+
+
+class _AddressedListener(trio.abc.Listener[_Accepted]):
+    """trio.SocketListener's accept loop, keeping the address that accept()
+    returns (trio's drops it) -- for trio.serve_listeners, which also
+    handles running out of file descriptors."""
+
+    def __init__(self, inner: trio.SocketListener) -> None:
+        self.inner = inner
+
+    async def accept(self) -> _Accepted:
+        while True:
+            try:
+                sock, addr = await self.inner.socket.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                    raise trio.ClosedResourceError from None
+                if exc.errno not in _IGNORED_ACCEPT_ERRNOS:
+                    raise
+            else:
+                try:
+                    peer = _host_port(addr)
+                except Exception:  # pragma: no cover - not an IP address
+                    peer = "?"
+                return _Accepted(trio.SocketStream(sock), peer)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _handshake_pending(stream: trio.abc.Stream) -> bool:
+    """``stream`` is TLS (a tls:// connection's) and has not completed its
+    handshake: nothing can be written to it before the client's part."""
+    if not isinstance(stream, trio.SSLStream):
+        return False
+    try:
+        stream.version()
+    except trio.NeedHandshakeError:
+        return True
+    return False
+
+
+def _why_lost(stream: trio.abc.Stream, exc: BaseException) -> str:
+    """What ended ``stream`` when ``exc`` broke it, for its close line."""
+    if _handshake_pending(stream):
+        under = stream.transport_stream  # type: ignore[attr-defined]
+        if isinstance(under, _Transport) and not under.received:
+            return "closed before sending a byte (no TLS handshake)"
+        return f"TLS handshake failed: {_tls_reason(exc)}"
+    return f"connection lost: {_tls_reason(exc)}"
+
+
+class _Transport(trio.abc.HalfCloseableStream):
     """The TCP stream under a server-side :class:`trio.SSLStream` (see
     :func:`tls_server_stream`), noting whether the client sent anything: a
     connection closed (or reset) before its first byte -- what a load
@@ -361,12 +439,49 @@ class _TLSTransport(trio.abc.HalfCloseableStream):
         await self.transport_stream.aclose()
 
 
+class _EndWatch(trio.abc.Stream):
+    """The stream a ws:// or wss:// connection's WebSocket reads (the socket,
+    or TLS over it), calling ``on_end`` when the client hangs up (EOF, or a
+    TLS close_notify) or the stream breaks: trio-websocket (0.12) waits for
+    an upgrade request on and on after that -- its reader saw the end --
+    and BrokerServer._serve_ws ends that wait with it."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.ended = False  # the client hung up, or the stream broke
+        self.on_end: Optional[Callable[[], object]] = None
+
+    async def receive_some(self, max_bytes: Optional[int] = None) -> Union[bytes, bytearray]:
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self._end()
+            raise
+        if not data:
+            self._end()
+        return data
+
+    def _end(self) -> None:
+        self.ended = True
+        if self.on_end is not None:
+            self.on_end()
+
+    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 def tls_server_stream(sock: trio.SocketStream, ssl_context: ssl.SSLContext, *, peer: Optional[str] = None,
                       **kw: Any) -> trio.SSLStream:
     """The server side of TLS over an accepted ``sock``, for the tls:// and
     wss:// listeners and the HTTP server's https:// (``peer``: its address
     if known already; ``kw``: SSLStream's)."""
-    return trio.SSLStream(_TLSTransport(sock, peer), ssl_context, server_side=True, **kw)
+    return trio.SSLStream(_Transport(sock, peer), ssl_context, server_side=True, **kw)
 
 
 def _tls_reason(exc: BaseException) -> str:
@@ -405,7 +520,7 @@ def tls_handshake_failed(stream: trio.abc.Stream, exc: BaseException, *, conn: i
         pass
     addr = _peer_address(stream)
     under = stream.transport_stream
-    if isinstance(under, _TLSTransport) and not under.received:
+    if isinstance(under, _Transport) and not under.received:
         logger.debug("connection closed before sending a byte (no TLS handshake) conn=%d peer=%s via %s",
                      conn, addr, transport, extra={"event": "tls_silent", "conn": conn, "peer": addr, "transport": transport})
         return False
@@ -439,7 +554,7 @@ async def open_listeners(ep: Endpoint, name: Optional[str] = None) -> list[trio.
 class ServerStatistics:
     """A snapshot of :meth:`BrokerServer.statistics`."""
 
-    accepted: int  # connections served
+    accepted: int  # connections accepted on any listener, at accept (before any handshake; refused ones too)
     refused: int  # connections refused at max_connections (Close OVERLOADED)
     slow_consumers: int  # connections dropped for not reading (Close SLOW_CONSUMER)
     internal_errors: int  # bugs and unexpected store or hook failures, each contained
@@ -479,7 +594,7 @@ class _Peer:
     """
 
     __slots__ = ("id", "stream", "endpoint", "buf", "queued", "state", "scope", "nursery", "writer", "resume", "fd",
-                 "sending", "tls_failed")
+                 "sending", "tls_failed", "close_code", "ended")
 
     def __init__(self, conn_id: int, stream: trio.abc.Stream, endpoint: Endpoint) -> None:
         self.id = conn_id
@@ -496,6 +611,10 @@ class _Peer:
         self.nursery: Optional[trio.Nursery] = None
         self.writer = False  # a writer task is running (started by _wake_writer)
         self.tls_failed = False  # its TLS handshake failed (logged and counted once)
+        # Why it ended, for its close line (BrokerServer._ended): the Close
+        # the broker sent (code, reason), else what ended it (code None).
+        self.close_code: Optional[CloseCode] = None
+        self.ended: Optional[str] = None
         # Set while the core asked not to read (PauseReading); set() resumes.
         self.resume: Optional[trio.Event] = None
         # Plain TCP only: the socket's fd, for writing straight from the
@@ -838,13 +957,14 @@ class BrokerServer:
         task_status.started()
         ssl_ctx = self._ssl if ep.secure else None
 
-        async def handler(stream: trio.SocketStream) -> None:
-            s: trio.abc.Stream = stream
+        async def handler(accepted: _Accepted) -> None:
+            conn_id = self._connected(ep, accepted.peer)
+            s: trio.abc.Stream = accepted.stream
             if ssl_ctx is not None:
-                s = tls_server_stream(stream, ssl_ctx)
-            await self._serve_peer(s, ep)
+                s = tls_server_stream(accepted.stream, ssl_ctx, peer=accepted.peer)
+            await self._serve_peer(s, ep, conn_id, addr=accepted.peer)
 
-        await trio.serve_listeners(handler, listeners, handler_nursery=peers)
+        await trio.serve_listeners(handler, [_AddressedListener(x) for x in listeners], handler_nursery=peers)
 
     async def _listen_ws(self, ep: Endpoint, peers: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
         listeners = await open_listeners(ep)
@@ -853,9 +973,10 @@ class BrokerServer:
         url = self._endpoints[-1].url
         log.info("listening on %s", url, extra={"event": "listening", "url": url})
         task_status.started()
-        await trio.serve_listeners(functools.partial(self._serve_ws, ep), listeners, handler_nursery=peers)
+        await trio.serve_listeners(functools.partial(self._serve_ws, ep), [_AddressedListener(x) for x in listeners],
+                                   handler_nursery=peers)
 
-    async def _serve_ws(self, ep: Endpoint, sock: trio.SocketStream) -> None:
+    async def _serve_ws(self, ep: Endpoint, accepted: _Accepted) -> None:
         """One ws:// or wss:// connection: its TLS handshake (wss), the
         WebSocket one (trio-websocket), then :meth:`_serve_peer`.
 
@@ -864,18 +985,18 @@ class BrokerServer:
         port, or an untrusted certificate, would leave no trace), so that a
         failed one is logged and counted as on a tls:// listener.
 
-        The connection is numbered and its ``connect`` line logged at
-        accept, as on tcp:// and tls:// (a failed handshake's line follows
-        it, with the same number and address)."""
-        conn_id = next(self._ids)
-        addr = _peer_address(sock)
-        if log.isEnabledFor(logging.INFO):
-            log.info("connect conn=%d peer=%s via %s", conn_id, addr, ep.scheme,
-                     extra={"event": "connect", "conn": conn_id, "peer": addr, "transport": ep.scheme})
+        The connection is numbered, counted and its ``connect`` line logged
+        at accept, as on tcp:// and tls:// (a failed handshake's line
+        follows it, with the same number and address); one that ends before
+        its upgrade has its close line here, the others in _serve_peer."""
+        sock, addr = accepted.stream, accepted.peer
+        conn_id = self._connected(ep, addr)
+        ended: Optional[str] = None  # why it ended before its upgrade, for its close line
         # Peers split writes into messages of up to MAX_PEER_MESSAGE whatever the
         # frame limit (frames span messages); the frame limit is the decoder's.
         max_msg = max(self.config.broker.limits.max_frame, WebSocketStream.MAX_PEER_MESSAGE) + 16
         stream: trio.abc.Stream = sock
+        ws = None
         try:
             async with trio.open_nursery() as nursery:  # the WebSocket's reader task
                 request: Optional[WebSocketRequest] = None
@@ -883,18 +1004,23 @@ class BrokerServer:
                 # as a tcp:// connection must log in within it: a silent
                 # client does not hold a connection longer here.
                 # shutdown() cancels them too (they would hold it that long).
-                ws = None
                 with trio.move_on_after(self.config.broker.login_timeout / SECOND) as handshakes:
                     self._handshakes.add(handshakes)
                     if self._stopping:
                         handshakes.cancel()  # accepted as shutdown began
+                    # The client hanging up ends them at once (not at
+                    # login_timeout: see _Transport).
+                    if ep.secure and self._ssl is not None:
+                        stream = tls_server_stream(sock, self._ssl, peer=addr, https_compatible=True)
+                    watch = _EndWatch(stream)
+                    watch.on_end = handshakes.cancel
                     try:
                         try:
-                            if ep.secure and self._ssl is not None:
-                                stream = tls_server_stream(sock, self._ssl, peer=addr, https_compatible=True)
+                            if isinstance(stream, trio.SSLStream):
                                 await stream.do_handshake()
-                            request = await wrap_server_stream(nursery, stream, max_message_size=max_msg)
+                            request = await wrap_server_stream(nursery, watch, max_message_size=max_msg)
                         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                            ended = _why_lost(stream, exc)
                             if tls_handshake_failed(stream, exc, conn=conn_id, transport=ep.scheme):
                                 self._stats["tls_handshake_failures"] += 1
                             else:
@@ -902,6 +1028,7 @@ class BrokerServer:
                         if request is not None:
                             try:
                                 if request.path != ep.path:
+                                    ended = f"WebSocket upgrade refused (HTTP 404): path {request.path!r} is not {ep.path!r}"
                                     await request.reject(404, body=b"not a pimcore endpoint")
                                 else:
                                     ws = await request.accept()
@@ -909,15 +1036,22 @@ class BrokerServer:
                                 # The client reset before our answer went out: this
                                 # connection ends here (escaping, it would end the
                                 # broker -- every client could do that).
+                                ended = "the client hung up during its WebSocket upgrade"
                                 log.debug("%s connection %d closed during its upgrade: %r", ep.scheme, conn_id, exc)
                     finally:
+                        watch.on_end = None
                         self._handshakes.discard(handshakes)
-                if handshakes.cancelled_caught and ws is None:
+                if handshakes.cancelled_caught and ws is None and ended is None:
+                    ended = ("broker shutting down" if self._stopping
+                             else "the client hung up before its WebSocket upgrade" if watch.ended
+                             else "handshakes not done within login_timeout")
                     log.debug("%s connection %d: handshakes not done in time (or shutdown)", ep.scheme, conn_id)
                 if ws is not None:
-                    await self._serve_peer(WebSocketStream(ws), ep, conn_id)
+                    await self._serve_peer(WebSocketStream(ws), ep, conn_id, addr=addr)
                 nursery.cancel_scope.cancel()  # closed (or never opened): the reader ends
         finally:
+            if ws is None:
+                self._ended(conn_id, None, ended or "ended before its WebSocket upgrade")
             await trio.aclose_forcefully(stream)
 
     # ------------------------------------------------------------ one connection
@@ -928,28 +1062,59 @@ class BrokerServer:
         it closes.  The server must be running (:meth:`run`)."""
         await self._serve_peer(stream, Endpoint("tcp"))
 
-    async def _serve_peer(self, stream: trio.abc.Stream, ep: Endpoint, conn_id: Optional[int] = None) -> None:
-        """Serve one connection; ``conn_id``: its number, given (and its
-        ``connect`` line logged) at accept by a ws:// or wss:// listener."""
+    def _connected(self, ep: Endpoint, addr: Optional[str], stream: Optional[trio.abc.Stream] = None) -> int:
+        """A connection accepted (``addr``: its peer's address, else asked of
+        ``stream``): its number, counted and logged (``connect``) -- at
+        accept, before any handshake, on every transport alike.  Its close
+        line (:meth:`_ended`) follows, once, however it ends."""
+        conn_id = next(self._ids)
+        self._stats["accepted"] += 1
+        if log.isEnabledFor(logging.INFO):
+            if addr is None:
+                addr = _peer_address(stream) if stream is not None else "?"
+            log.info("connect conn=%d peer=%s via %s", conn_id, addr, ep.scheme,
+                     extra={"event": "connect", "conn": conn_id, "peer": addr, "transport": ep.scheme})
+        return conn_id
+
+    def _ended(self, conn_id: int, code: Optional[CloseCode], reason: str) -> None:
+        """The close line of a connection (every one that :meth:`_connected`
+        counted): the Close the broker sent (``code``), or None and what
+        ended it (the client hung up, a failed TLS handshake...)."""
+        if log.isEnabledFor(logging.INFO):
+            name = code.name if code is not None else None
+            log.info("close conn=%d code=%s reason=%r", conn_id, name or "-", reason,
+                     extra={"event": "close", "conn": conn_id, "code": name, "reason": reason})
+
+    async def _serve_peer(self, stream: trio.abc.Stream, ep: Endpoint, conn_id: Optional[int] = None, *,
+                          addr: Optional[str] = None) -> None:
+        """Serve one connection; ``conn_id``: its number, given (and the
+        connection counted, its ``connect`` line logged) at accept by the
+        listener; ``addr``: its peer's address, as accept() returned it.
+        Its close line is logged here when it ends."""
+        if conn_id is None:  # (serve_stream: not from a listener)
+            conn_id = self._connected(ep, addr, stream)
         if self._stopping:
+            self._ended(conn_id, None, "broker shutting down")
             await trio.aclose_forcefully(stream)
             return
-        peer = _Peer(next(self._ids) if conn_id is None else conn_id, stream, ep)
+        peer = _Peer(conn_id, stream, ep)
         if len(self._peers) >= self.config.max_connections:
             self._stats["refused"] += 1
             self._closes["OVERLOADED"] = self._closes.get("OVERLOADED", 0) + 1
-            log.warning("connection refused: max_connections (%d) reached", self.config.max_connections,
-                        extra={"event": "overloaded", "peer": _peer_address(stream)})
+            log.warning("connection refused conn=%d: max_connections (%d) reached", conn_id, self.config.max_connections,
+                        extra={"event": "overloaded", "conn": conn_id,
+                               "peer": addr if addr is not None else _peer_address(stream)})
             with trio.move_on_after(self.config.close_timeout):
-                await stream.send_all(refuse_connection())
+                try:
+                    await stream.send_all(refuse_connection())
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    # Gone already (a reset, a failed TLS handshake): escaping,
+                    # this ended the broker -- any client could do that.
+                    pass
+            self._ended(conn_id, CloseCode.OVERLOADED, "too many connections")
             await trio.aclose_forcefully(stream)
             return
-        self._stats["accepted"] += 1
         self._peers[peer.id] = peer
-        if conn_id is None and log.isEnabledFor(logging.INFO):
-            addr = _peer_address(stream)
-            log.info("connect conn=%d peer=%s via %s", peer.id, addr, ep.scheme,
-                     extra={"event": "connect", "conn": peer.id, "peer": addr, "transport": ep.scheme})
         probed: Optional[bool] = None  # True: in the ready probe; False: counted opaque
         try:
             if peer.fd >= 0 and self._ready_probe is not None:
@@ -992,6 +1157,7 @@ class BrokerServer:
                         pass
                 if not isinstance(stream, WebSocketStream):
                     await trio.aclose_forcefully(stream)
+            self._ended(peer.id, peer.close_code, peer.ended or "connection ended")
 
     async def _reader(self, peer: _Peer) -> None:
         read_size = self.config.read_size
@@ -1023,10 +1189,14 @@ class BrokerServer:
                 else:
                     data = await peer.stream.receive_some(read_size)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                if peer.ended is None:
+                    peer.ended = _why_lost(peer.stream, exc)
                 if not self._tls_handshake_failed(peer, exc):
                     log.debug("connection %d broken: %r", peer.id, exc)
                 return
             if not data:
+                if peer.ended is None:
+                    peer.ended = "the client hung up"
                 return
             if peer.state is not _PeerState.OPEN:
                 return
@@ -1102,6 +1272,8 @@ class BrokerServer:
                 self._stats["bytes_out"] += len(data)
                 self._run(self._core(self.broker.data_sent, peer.id, len(data)))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if peer.ended is None:
+                peer.ended = _why_lost(peer.stream, exc)
             if not self._tls_handshake_failed(peer, exc):
                 log.debug("connection %d: write failed: %r", peer.id, exc)
             if peer.state is _PeerState.OPEN:
@@ -1155,8 +1327,7 @@ class BrokerServer:
                     if cmd.code is CloseCode.SLOW_CONSUMER:  # type: ignore[union-attr]
                         self._stats["slow_consumers"] += 1  # the core's outbound limit
                     if peer is not None:
-                        self._closed(cmd)  # type: ignore[arg-type]
-                        self._close_peer(peer, cmd.data)  # type: ignore[union-attr]
+                        self._close_peer(peer, cmd)  # type: ignore[arg-type]
                 elif kind is DeviceOnline:
                     if self._presence is not None:
                         # Stamped now, not when written: the write may wait
@@ -1640,13 +1811,10 @@ class BrokerServer:
             log.exception("internal error closing connection %d", peer.id)
         for cmd in cmds:
             if type(cmd) is CloseConnection and cmd.conn == peer.id:
-                if peer.state is _PeerState.OPEN:
-                    self._closed(cmd)
-                self._close_peer(peer, cmd.data)  # now, not queued: nothing more is written to it
+                self._close_peer(peer, cmd)  # now, not queued: nothing more is written to it
         self._run([c for c in cmds if not (type(c) is CloseConnection and c.conn == peer.id)])
         if peer.state is _PeerState.OPEN:
-            self._closed(CloseConnection(peer.id, code, reason, b""))
-            self._close_peer(peer, encode_close(code, reason))
+            self._close_peer(peer, CloseConnection(peer.id, code, reason, encode_close(code, reason)))
 
     def _close_all_by_server(self, code: CloseCode, reason: str) -> None:
         """:meth:`_close_by_server` for every connection, in one call of the
@@ -1664,19 +1832,19 @@ class BrokerServer:
                 rest.append(cmd)
                 continue
             assert isinstance(cmd, CloseConnection)
-            if peer.state is _PeerState.OPEN:
-                self._closed(cmd)
-            self._close_peer(peer, cmd.data)  # now, not queued: nothing more is written to it
+            self._close_peer(peer, cmd)  # now, not queued: nothing more is written to it
         self._run(rest)
         for peer in list(self._peers.values()):  # the core did not know it (or failed)
             if peer.state is _PeerState.OPEN:
-                self._closed(CloseConnection(peer.id, code, reason, b""))
-                self._close_peer(peer, encode_close(code, reason))
+                self._close_peer(peer, CloseConnection(peer.id, code, reason, encode_close(code, reason)))
 
-    def _closed(self, cmd: CloseConnection) -> None:
-        """Count and log a Close the broker sends (refused logins included)."""
+    def _closed(self, peer: _Peer, cmd: CloseConnection) -> None:
+        """Count a Close the broker sends (refused logins included), log the
+        refused logins and slow consumers, and keep it for the connection's
+        close line (logged when it ends: _ended)."""
         name = cmd.code.name
         self._closes[name] = self._closes.get(name, 0) + 1
+        peer.close_code, peer.ended = cmd.code, cmd.reason
         if cmd.code is CloseCode.AUTH_FAILED:
             kind = _auth_failure_kind(cmd.reason)
             self._auth_failures[kind] = self._auth_failures.get(kind, 0) + 1
@@ -1685,13 +1853,25 @@ class BrokerServer:
         elif cmd.code is CloseCode.SLOW_CONSUMER:
             log.warning("slow consumer conn=%d reason=%r", cmd.conn, cmd.reason,
                         extra={"event": "slow_consumer", "conn": cmd.conn, "code": name, "reason": cmd.reason})
-        elif log.isEnabledFor(logging.INFO):
-            log.info("close conn=%d code=%s reason=%r", cmd.conn, name, cmd.reason,
-                     extra={"event": "close", "conn": cmd.conn, "code": name, "reason": cmd.reason})
 
-    def _close_peer(self, peer: _Peer, data: bytes) -> None:
+    def _close_peer(self, peer: _Peer, cmd: CloseConnection) -> None:
+        """Close ``peer`` with ``cmd``'s Close frame (counted: _closed), unless
+        it is closing already."""
         if peer.state is not _PeerState.OPEN:
             return
+        if _handshake_pending(peer.stream):
+            # A tls:// peer that has not finished its TLS handshake (a raw
+            # TCP client that sent nothing, half a ClientHello...) cannot be
+            # sent a Close: the write would wait for that handshake, up to
+            # close_timeout -- and shutdown() with it.  Hang up at once (no
+            # Close is counted; its close line says why).
+            peer.state = _PeerState.CLOSING
+            peer.ended = f"{cmd.reason} (no Close sent: its TLS handshake was not done)"
+            if peer.scope is not None:
+                peer.scope.cancel()
+            return
+        self._closed(peer, cmd)
+        data = cmd.data
         peer.buf.append(data)
         peer.queued += len(data)
         peer.state = _PeerState.CLOSING
