@@ -185,6 +185,11 @@ class _FirstBytes(trio.abc.Stream):
         if len(self.first) < 2:
             self.first += data[: 2 - len(self.first)]
             self.eof = self.eof or not data
+            if self.first.startswith(b"\x15\x03"):
+                # A TLS alert is no HTTP response: the WebSocket's parser
+                # would fail on it with an error of its own (h11's).  Kept in
+                # ``first``, it ends the stream here.
+                data = b""
         if not data and self.on_end is not None:
             self.on_end()
         return bytes(data)
@@ -840,14 +845,16 @@ class Client:
                 s.connection_lost(self._clock(), "connection abandoned")
             self._pump()
         # A TLS server that a plain-TCP client speaks to hangs up on the
-        # Login, or answers a TLS alert record (0x15 0x03 ...).  Both are a
-        # clear answer (_tls_answer: the first connection fails at once);
-        # a reset with nothing read may be a bad network too (only the hint).
+        # Login, or answers a TLS alert record (0x15 0x03 ...; pimcore's
+        # tls:// listener does).  The alert is a clear answer (_tls_answer:
+        # the first connection fails at once); a hang-up or a reset with
+        # nothing read may also be a load balancer with no broker behind it
+        # yet, or a broker stopping: retried, with the hint at the end.
         d = s.last_disconnect
         hung_up = not conn.first and (d is None or d.reason != LOGIN_TIMED_OUT)  # at once, not a silent server
         plain = self.endpoint.scheme == "tcp" and s.connections_established == conn.base
         self._tls_suspect = plain and (conn.first.startswith(b"\x15\x03") or hung_up)
-        self._tls_answer = plain and (conn.first.startswith(b"\x15\x03") or (hung_up and conn.error is None))
+        self._tls_answer = plain and conn.first.startswith(b"\x15\x03")
         if conn.error is not None:
             return conn.error
         return _SessionEnded(d.code, d.reason) if d is not None else None
@@ -887,7 +894,8 @@ class Client:
         answer, self._upgrade_answer = self._upgrade_answer, None
         if end is not None and answer is not None:
             # The WebSocket upgrade failed: a TLS alert or a hang-up for an answer?
-            self._tls_suspect = self._tls_answer = answer.looks_like_tls
+            self._tls_suspect = answer.looks_like_tls
+            self._tls_answer = answer.first.startswith(b"\x15\x03")
         return end
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -939,10 +947,9 @@ class Client:
                         scheme, path = ("wss", ep.path) if ep.websocket else ("tls", "")
                         hint = f" (the server may require TLS: try {scheme}://{host}:{ep.port}{path})"
                     if self._tls_answer:
-                        # A TLS port's answer to plain text (a TLS alert, or a
-                        # hang-up on the Login or upgrade request with nothing
-                        # sent back) will not change either: retrying it until
-                        # connect_timeout only delayed the hint.
+                        # A TLS port's answer to plain text (a TLS alert to the
+                        # Login or the upgrade request) will not change:
+                        # retrying it until connect_timeout only delayed the hint.
                         raise ConnectFailed(f"cannot connect to {self.url}: {_root_cause(exc)}{hint}") from exc
                     if trio.current_time() >= first_deadline:
                         raise ConnectFailed(f"cannot connect to {self.url} within {self.config.connect_timeout:g} s"

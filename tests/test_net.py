@@ -465,16 +465,15 @@ async def _tls_like_server(answer: bytes, task_status=trio.TASK_STATUS_IGNORED, 
     await trio.serve_listeners(handler, listeners)
 
 
-@pytest.mark.parametrize("answer", [b"", b"\x15\x03\x03\x00\x02\x02\x46"], ids=["hangs-up", "tls-alert"])
-async def test_plain_tcp_to_a_tls_server_fails_at_once_and_suggests_tls(autojump_clock, answer) -> None:
-    """A TLS port hangs up on the Login (or answers a TLS alert): the client
-    retried until connect_timeout before it suggested tls:// -- the answer
+async def test_a_tls_alert_on_the_login_fails_at_once_and_suggests_tls(autojump_clock) -> None:
+    """A TLS port answers the Login with a TLS alert record: the client
+    retried until connect_timeout before it suggested tls:// -- that answer
     does not change.  Now ConnectFailed at once, with the hint."""
     from pimcore.client import ConnectFailed
 
     timeout = 10.0
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(_tls_like_server, answer)
+        port = await nursery.start(_tls_like_server, b"\x15\x03\x03\x00\x02\x02\x46")
         t0 = trio.current_time()
         with trio.fail_after(10 * timeout), pytest.raises(ConnectFailed) as err:
             async with open_client(f"tcp://127.0.0.1:{port}", token("alice"), "phone",
@@ -488,15 +487,17 @@ async def test_plain_tcp_to_a_tls_server_fails_at_once_and_suggests_tls(autojump
     assert msg.endswith(f"(the server may require TLS: try tls://127.0.0.1:{port})"), msg
 
 
-async def test_a_reset_on_the_login_is_retried_until_connect_timeout_then_suggests_tls(autojump_clock) -> None:
-    """A reset with nothing read may be a bad network, not a TLS port: the
+@pytest.mark.parametrize("reset", [False, True], ids=["hangs-up", "resets"])
+async def test_a_hang_up_on_the_login_is_retried_until_connect_timeout_then_suggests_tls(autojump_clock, reset) -> None:
+    """A hang-up (or a reset) with nothing read may be a TLS port, but also
+    a load balancer with no broker behind it yet, or a broker stopping: the
     first connection is retried for connect_timeout (not about 1.5 of it:
     the last backoff does not sleep past it), then fails with the hint."""
     from pimcore.client import ConnectFailed
 
     timeout = 10.0
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(functools.partial(_tls_like_server, b"", reset=True))
+        port = await nursery.start(functools.partial(_tls_like_server, b"", reset=reset))
         t0 = trio.current_time()
         with trio.fail_after(10 * timeout), pytest.raises(ConnectFailed) as err:
             async with open_client(f"tcp://127.0.0.1:{port}", token("alice"), "phone",
@@ -508,6 +509,30 @@ async def test_a_reset_on_the_login_is_retried_until_connect_timeout_then_sugges
     msg = str(err.value)
     assert msg.startswith(f"cannot connect to tcp://127.0.0.1:{port} within 10 s (connect_timeout): "), msg
     assert msg.endswith(f"(the server may require TLS: try tls://127.0.0.1:{port})"), msg
+
+
+@pytest.mark.parametrize("first", [b"\x00\x10plain pimcore..", b"GET /im HTTP/1.1\r\n\r\n"], ids=["login", "http"])
+async def test_the_brokers_tls_port_answers_plain_text_with_a_tls_alert(lmdb_store, ca, first) -> None:
+    """Plain text to a tls:// listener: the broker hung up without a word,
+    which a client cannot tell from a load balancer with no broker behind
+    it.  It answers with a fatal TLS alert record (RFC 8446 section 6:
+    unexpected_message), then hangs up."""
+    server_ssl = _serving_tls(ca)
+    with trio.fail_after(20):
+        async with serving(lmdb_store, server_config(Endpoint("tls"), ssl_context=server_ssl)) as srv:
+            stream = await trio.open_tcp_stream("127.0.0.1", srv.endpoints[0].port)
+            await stream.send_all(first)
+            got = b""
+            try:
+                while True:
+                    data = await stream.receive_some(64)
+                    if not data:
+                        break
+                    got += data
+            except trio.BrokenResourceError:
+                pass
+            await stream.aclose()
+    assert got == b"\x15\x03\x03\x00\x02\x02\x0a", got
 
 
 async def test_plain_tcp_to_a_pimcore_tls_listener_suggests_tls(lmdb_store, ca) -> None:
@@ -525,10 +550,10 @@ async def test_plain_tcp_to_a_pimcore_tls_listener_suggests_tls(lmdb_store, ca) 
 
 @pytest.mark.parametrize("scheme", ["tls", "wss"])
 async def test_plain_text_to_a_pimcore_tls_listener_fails_at_once_with_the_hint(lmdb_store, ca, scheme) -> None:
-    """The broker's TLS port hangs up on a plain Login (or upgrade request)
-    at once, but the SDK retried until connect_timeout (30 s here) before
-    it gave its hint: a hang-up with nothing read is a TLS port's answer,
-    not a bad network's (a reset mid-login is still retried)."""
+    """The broker's TLS port answers a plain Login (or upgrade request)
+    with a TLS alert, but the SDK retried until connect_timeout (30 s here)
+    before it gave its hint: the alert is a TLS port's answer, not a bad
+    network's (a hang-up or a reset with nothing read is still retried)."""
     from pimcore.client import ConnectFailed
 
     async with _tls_listener(lmdb_store, ca, scheme) as (srv, port):  # (fail_after 10: well before 30 s)

@@ -405,6 +405,12 @@ def _why_lost(stream: trio.abc.Stream, exc: BaseException) -> str:
     return f"connection lost: {_tls_reason(exc)}"
 
 
+#: The first byte of a TLS record holding a handshake message (a ClientHello).
+_TLS_HANDSHAKE_RECORD = 0x16
+#: A fatal TLS alert record, unexpected_message (RFC 8446 sections 5.1, 6).
+_TLS_ALERT_UNEXPECTED_MESSAGE = b"\x15\x03\x03\x00\x02\x02\x0a"
+
+
 class _Transport(trio.abc.HalfCloseableStream):
     """The TCP stream under a server-side :class:`trio.SSLStream` (see
     :func:`tls_server_stream`), noting whether the client sent anything: a
@@ -422,8 +428,20 @@ class _Transport(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
         data = await self.transport_stream.receive_some(max_bytes)
-        if data:
+        if data and not self.received:
             self.received = True
+            if data[0] != _TLS_HANDSHAKE_RECORD:
+                # Plain text (a tcp:// Login, a ws:// upgrade, plain HTTP) to
+                # a TLS port.  OpenSSL fails on it without a word, and a
+                # silent hang-up is also what a load balancer with no broker
+                # behind it does, which a client must retry.  Answer as TLS
+                # does (RFC 8446 section 6: a fatal alert, unexpected_message),
+                # so the client knows at once (pimcore.client).  The SSL
+                # object then fails on these bytes and the connection ends.
+                try:
+                    await self.transport_stream.send_all(_TLS_ALERT_UNEXPECTED_MESSAGE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
+                    pass
         return data
 
     async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
