@@ -109,7 +109,7 @@ from .client_session import (
 )
 from .clock import elapsed_ns as _elapsed_ns
 from .errors import CloseCode
-from .net.streams import Endpoint, WebSocketStream, parse_url
+from .net.streams import Endpoint, StreamWrapper, WebSocketStream, parse_url
 from ._util import BaseExceptionGroup, first_leaf, unwrap_single
 
 __all__ = [
@@ -163,13 +163,13 @@ class _SessionEnded(Exception):
         self.reason = reason
 
 
-class _FirstBytes(trio.abc.Stream):
+class _FirstBytes(StreamWrapper):
     """A stream that remembers the first two bytes it received and whether
     it saw the end: a TLS port answers a plain WebSocket upgrade request
     with a TLS alert (0x15 0x03) or a hang-up, never an HTTP response."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.first = b""
         self.eof = False
         #: Called when the stream ends or breaks (see Client._open_stream).
@@ -193,15 +193,6 @@ class _FirstBytes(trio.abc.Stream):
         if not data and self.on_end is not None:
             self.on_end()
         return bytes(data)
-
-    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
     @property
     def looks_like_tls(self) -> bool:

@@ -26,6 +26,20 @@ AB = direct_conversation("alice", "bob")
 JSON = {"Content-Type": "application/json"}
 
 
+def count_remove_calls(monkeypatch: pytest.MonkeyPatch, im: Pimcore) -> list[list[str]]:
+    """The users of each ``im.remove_members`` call from now on (one call is
+    one RemoveMembers op: one commit)."""
+    calls: list[list[str]] = []
+    handle_remove = im.remove_members
+
+    async def counted(conv: str, users: Any) -> Any:
+        calls.append(list(users))
+        return await handle_remove(conv, users)
+
+    monkeypatch.setattr(im, "remove_members", counted)
+    return calls
+
+
 @asynccontextmanager
 async def api(tmp_path: Path, **kw: Any) -> AsyncIterator[tuple[Pimcore, BrokerHttp, Http]]:
     """An embedded broker (LMDB in ``tmp_path`` unless ``store=``), its HTTP
@@ -142,14 +156,7 @@ async def test_several_members_are_removed_in_one_call(tmp_path: Path, monkeypat
     with trio.fail_after(30):
         async with api(tmp_path) as (im, h, c):
             await im.create_group("g", ["alice", "bob", "carol", "dave", "remove"])
-            calls: list[list[str]] = []
-            handle_remove = im.remove_members
-
-            async def counted(conv: str, users: Any) -> Any:
-                calls.append(list(users))
-                return await handle_remove(conv, users)
-
-            monkeypatch.setattr(im, "remove_members", counted)
+            calls = count_remove_calls(monkeypatch, im)
             path = "/v1/groups/g/members/remove"
             assert await call(c, "POST", path, {"users": ["carol", "zed", "bob", "carol", "yan"]}) == (
                 200, {"conv": "g", "members": ["alice", "dave", "remove"], "removed": ["bob", "carol"],

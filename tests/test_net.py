@@ -465,15 +465,13 @@ async def _tls_like_server(answer: bytes, task_status=trio.TASK_STATUS_IGNORED, 
     await trio.serve_listeners(handler, listeners)
 
 
-async def test_a_tls_alert_on_the_login_fails_at_once_and_suggests_tls(autojump_clock) -> None:
-    """A TLS port answers the Login with a TLS alert record: the client
-    retried until connect_timeout before it suggested tls:// -- that answer
-    does not change.  Now ConnectFailed at once, with the hint."""
+async def _first_login_to_a_tls_like_server(answer: bytes, reset: bool, timeout: float) -> tuple[int, float, str]:
+    """open_client over tcp:// to _tls_like_server: its port, how long the
+    ConnectFailed took (trio's clock) and its message."""
     from pimcore.client import ConnectFailed
 
-    timeout = 10.0
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(_tls_like_server, b"\x15\x03\x03\x00\x02\x02\x46")
+        port = await nursery.start(functools.partial(_tls_like_server, answer, reset=reset))
         t0 = trio.current_time()
         with trio.fail_after(10 * timeout), pytest.raises(ConnectFailed) as err:
             async with open_client(f"tcp://127.0.0.1:{port}", token("alice"), "phone",
@@ -481,8 +479,15 @@ async def test_a_tls_alert_on_the_login_fails_at_once_and_suggests_tls(autojump_
                 pass  # pragma: no cover
         waited = trio.current_time() - t0
         nursery.cancel_scope.cancel()
+    return port, waited, str(err.value)
+
+
+async def test_a_tls_alert_on_the_login_fails_at_once_and_suggests_tls(autojump_clock) -> None:
+    """A TLS port answers the Login with a TLS alert record: the client
+    retried until connect_timeout before it suggested tls:// -- that answer
+    does not change.  Now ConnectFailed at once, with the hint."""
+    port, waited, msg = await _first_login_to_a_tls_like_server(b"\x15\x03\x03\x00\x02\x02\x46", False, 10.0)
     assert waited < 1.0, waited  # virtual time: no backoff slept, one attempt
-    msg = str(err.value)
     assert msg.startswith(f"cannot connect to tcp://127.0.0.1:{port}: "), msg
     assert msg.endswith(f"(the server may require TLS: try tls://127.0.0.1:{port})"), msg
 
@@ -493,20 +498,9 @@ async def test_a_hang_up_on_the_login_is_retried_until_connect_timeout_then_sugg
     a load balancer with no broker behind it yet, or a broker stopping: the
     first connection is retried for connect_timeout (not about 1.5 of it:
     the last backoff does not sleep past it), then fails with the hint."""
-    from pimcore.client import ConnectFailed
-
     timeout = 10.0
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(functools.partial(_tls_like_server, b"", reset=reset))
-        t0 = trio.current_time()
-        with trio.fail_after(10 * timeout), pytest.raises(ConnectFailed) as err:
-            async with open_client(f"tcp://127.0.0.1:{port}", token("alice"), "phone",
-                                   config=ClientConfig(connect_timeout=timeout)):
-                pass  # pragma: no cover
-        waited = trio.current_time() - t0
-        nursery.cancel_scope.cancel()
+    port, waited, msg = await _first_login_to_a_tls_like_server(b"", reset, timeout)
     assert timeout <= waited < timeout + 0.5, waited  # virtual time
-    msg = str(err.value)
     assert msg.startswith(f"cannot connect to tcp://127.0.0.1:{port} within 10 s (connect_timeout): "), msg
     assert msg.endswith(f"(the server may require TLS: try tls://127.0.0.1:{port})"), msg
 

@@ -21,7 +21,7 @@ from pimcore.store import LmdbStore, MemoryStore, Purged, direct_conversation
 
 from _net import FAST_CLIENT, SECRET, token
 from test_http import KEY, assert_error
-from test_http_api import api, call
+from test_http_api import api, call, count_remove_calls
 from _proc import run_pimcore
 
 AB = direct_conversation("alice", "bob")
@@ -373,14 +373,7 @@ async def test_cli_removes_several_members_over_http_in_one_call(
         async with api(tmp_path / "data") as (im, h, c):
             users = [f"u{i}" for i in range(30)]
             await im.create_group("team", [*users, "keep"])
-            calls: list[list[str]] = []
-            handle_remove = im.remove_members
-
-            async def counted(conv: str, who: Any) -> Any:
-                calls.append(list(who))
-                return await handle_remove(conv, who)
-
-            monkeypatch.setattr(im, "remove_members", counted)
+            calls = count_remove_calls(monkeypatch, im)
             capsys.readouterr()
             got = await trio.to_thread.run_sync(main, ["group", "remove", "team", *users, "zed", "yan", "--http",
                                                        h.url, "--api-key", KEY])

@@ -102,7 +102,7 @@ from ..core import (
 from ..errors import AuthError, BrokerStopped, CloseCode, ErrorCode, StoreError
 from ..store.base import AsyncStore, Deduped, GroupChanged, ReadDedupe, Rejected, Result, Store, StoreRequest as _StoreRequest
 from ..protocol import encode_close, refuse_connection
-from .streams import Endpoint, WebSocketStream
+from .streams import Endpoint, StreamWrapper, WebSocketStream
 
 __all__ = [
     "ServerConfig", "ServerStatistics", "HistogramSnapshot", "BrokerServer", "open_broker_server", "wall_clock_us",
@@ -457,7 +457,7 @@ class _Transport(trio.abc.HalfCloseableStream):
         await self.transport_stream.aclose()
 
 
-class _EndWatch(trio.abc.Stream):
+class _EndWatch(StreamWrapper):
     """The stream a ws:// or wss:// connection's WebSocket reads (the socket,
     or TLS over it), calling ``on_end`` when the client hangs up (EOF, or a
     TLS close_notify) or the stream breaks: trio-websocket (0.12) waits for
@@ -465,7 +465,7 @@ class _EndWatch(trio.abc.Stream):
     and BrokerServer._serve_ws ends that wait with it."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.ended = False  # the client hung up, or the stream broke
         self.on_end: Optional[Callable[[], object]] = None
 
@@ -483,15 +483,6 @@ class _EndWatch(trio.abc.Stream):
         self.ended = True
         if self.on_end is not None:
             self.on_end()
-
-    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 def tls_server_stream(sock: trio.SocketStream, ssl_context: ssl.SSLContext, *, peer: Optional[str] = None,

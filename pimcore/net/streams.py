@@ -10,7 +10,7 @@ network layer never knows which transport it runs on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 from urllib.parse import urlsplit
 
 import trio
@@ -70,6 +70,27 @@ def parse_url(url: str, *, default_port: Optional[int] = None) -> Endpoint:
     if port is None:
         port = default_port if default_port is not None else _DEFAULT_PORTS[scheme]
     return Endpoint(scheme, parts.hostname, port, parts.path or "/")
+
+
+class StreamWrapper(trio.abc.Stream):
+    """A stream over ``inner`` that passes everything through: subclasses
+    watch what :meth:`receive_some` returns (the first bytes, the end) --
+    the SDK's TLS-port detection, the server's WebSocket end watch."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def receive_some(self, max_bytes: Optional[int] = None) -> Union[bytes, bytearray]:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 class WebSocketStream(trio.abc.Stream):
