@@ -1165,6 +1165,26 @@ async def test_a_client_that_resets_while_the_broker_is_full_does_not_end_the_br
     assert [r.code for r in closes] == ["OVERLOADED"], [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.parametrize("request_bytes", [b"GET /im HTTP/1.1\r\n\r\n", b"\x03\x03\x03", b"x\r\n\r\n"],
+                         ids=["no-host", "binary", "not-http"])
+async def test_a_bad_upgrade_request_then_a_reset_does_not_end_the_broker(lmdb_store, request_bytes):
+    """A malformed upgrade request and a reset at once: trio-websocket's
+    reader, answering 400 to a peer gone, raised ConnectionClosed out of the
+    connection's nursery and ended the broker (a new-user pass)."""
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            for _ in range(3):
+                sock = socket.create_connection(("127.0.0.1", srv.endpoints[0].port))
+                sock.sendall(request_bytes)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            while srv.statistics().accepted < 3:
+                await trio.sleep(0.01)
+            await trio.sleep(0.2)  # (the handshakes run and fail)
+            async with client(srv.url("ws"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
 def _no_spam(user: str, conv: str, payload: bytes):
     return "looks like spam" if b"BUY NOW" in payload else None
 

@@ -76,7 +76,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
-from .._util import unwrap_single
+from .._util import BaseExceptionGroup, first_leaf, unwrap_single
 from ..clock import WallClock
 from ..core import (
     AdminDone,
@@ -404,6 +404,10 @@ def _why_lost(stream: trio.abc.Stream, exc: BaseException) -> str:
         return f"TLS handshake failed: {_tls_reason(exc)}"
     return f"connection lost: {_tls_reason(exc)}"
 
+
+#: What a connection's own tasks raise when its peer is gone: its end, not
+#: the broker's.
+_PEER_GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 #: The first byte of a TLS record holding a handshake message (a ClientHello).
 _TLS_HANDSHAKE_RECORD = 0x16
@@ -1058,6 +1062,17 @@ class BrokerServer:
                 if ws is not None:
                     await self._serve_peer(WebSocketStream(ws), ep, conn_id, addr=addr)
                 nursery.cancel_scope.cancel()  # closed (or never opened): the reader ends
+        except BaseExceptionGroup as group:
+            # trio-websocket's reader task fails with the peer: answering a
+            # malformed upgrade request with 400 to a client that reset
+            # already raises ConnectionClosed out of this nursery.  That is
+            # this connection's end, never the broker's (escaping, it ended
+            # the broker: any client could do it).  Anything else goes on.
+            _, rest = group.split(_PEER_GONE)
+            if rest is not None:
+                raise rest from None
+            if ended is None:
+                ended = f"connection lost: {_tls_reason(first_leaf(group))}"
         finally:
             if ws is None:
                 self._ended(conn_id, None, ended or "ended before its WebSocket upgrade")
