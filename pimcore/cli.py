@@ -1216,10 +1216,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"pimcore {args.command}: {problem}", file=sys.stderr)
             return 2
     try:
-        return int(args.func(args))
+        rc = int(args.func(args))
+        sys.stdout.flush()  # (here: a reader gone away shows now, not at exit)
+        return rc
     except BackendChoiceError as exc:  # PIMCORE_BACKEND=typo: the message says it all
         print(f"pimcore: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our output went away (`pimcore group show ... | head
+        # -1`): stop quietly, as Python's documentation recommends (signal,
+        # "Note on SIGPIPE"): stdout to devnull, so that the interpreter's
+        # last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,6 +37,7 @@ from .core import Authenticator, ContentFilter, Identity
 from .config import ConfigError, ServeSettings, load_settings
 from .errors import BrokerStopped, ErrorCode, PimError, StoreError
 from .frames import MessageKind
+from . import ids
 from .ids import EMPTY_GROUP, LAST_MEMBERS, SYSTEM, conversation_problem, group_problem, id_problem
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
@@ -487,15 +488,34 @@ class Pimcore:
     async def add_members(self, conv: str, users: Iterable[str]) -> GroupChanged:
         """Raises RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION), StoreError;
         ValueError (nothing changed) for no users."""
-        return await self._admin(self.server.broker.add_members, conv, _some_users(users, "add_members", conv))
+        some = _some_users(users, "add_members", conv)
+        await self._check_membership_change(conv, some, adding=True)
+        return await self._admin(self.server.broker.add_members, conv, some)
 
     async def remove_members(self, conv: str, users: Iterable[str]) -> GroupChanged:
         """Raises RequestRefused (BAD_REQUEST: a malformed id, or the
         removal would leave the group with no member -- refused as a whole,
         no one removed; purge the group to delete it; UNKNOWN_CONVERSATION),
         StoreError; ValueError (nothing changed) for no users."""
-        return await self._admin(self.server.broker.remove_members, conv, _some_users(users, "remove_members", conv),
-                                 bad_request=LAST_MEMBERS)
+        some = _some_users(users, "remove_members", conv)
+        await self._check_membership_change(conv, some, adding=False)
+        return await self._admin(self.server.broker.remove_members, conv, some, bad_request=LAST_MEMBERS)
+
+    async def _check_membership_change(self, conv: str, users: list[str], *, adding: bool) -> None:
+        """RequestRefused (BAD_REQUEST, nothing changed) for a change of
+        several users past :data:`pimcore.ids.MAX_MEMBERSHIP_ENTRIES` (see
+        :func:`~pimcore.ids.membership_change_problem`).  The members are
+        read first: a change racing it is bounded as of that read."""
+        distinct = len(set(users))
+        if distinct < 2 or group_problem(conv) is not None:
+            return  # (one user is always taken; a malformed id is refused by the change itself)
+        try:
+            members = len(await self.members(conv)) + (distinct if adding else 0)
+        except RequestRefused:
+            return  # (no such group: the change itself says so)
+        problem = ids.membership_change_problem(distinct, members)
+        if problem is not None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"group {conv!r} not changed: BAD_REQUEST: {problem}")
 
     async def _admin(self, method: Callable[..., Any], conv: str, users: list[str], *,
                      bad_request: str = "") -> GroupChanged:

@@ -489,3 +489,20 @@ def test_group_without_its_name_or_users_says_what_is_missing(tmp_path, capsys, 
     out, err = capsys.readouterr()
     assert out == "" and err == said + "\n", err
     assert not (tmp_path / "d").exists()  # nothing opened
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    # `pimcore group show team --data-dir D | head -1`: the rest of the output
+    # hit a closed pipe, and the command printed a BrokenPipeError traceback.
+    data = tmp_path / "data"
+    store = LmdbStore(str(data / "store"))
+    store.create_group("team", [f"user{i}" for i in range(2000)], now=1)
+    store.close()
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "pimcore.cli", "group", "show", "team", "--data-dir", str(data)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # gone before the command writes a byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -148,6 +148,27 @@ async def test_groups_and_members(tmp_path: Path) -> None:
 
 
 
+async def test_a_membership_change_past_the_bound_is_a_400_saying_how_many(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change of many users in a large group wrote users x members inbox
+    entries in one commit (a new-user pass: 22 GB, the broker silent): it
+    is refused past MAX_MEMBERSHIP_ENTRIES, saying how many at a time."""
+    from pimcore import ids
+
+    monkeypatch.setattr(ids, "MAX_MEMBERSHIP_ENTRIES", 20)
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("g", ["alice", "bob", "carol", "dave"])
+            status, body = await call(c, "POST", "/v1/groups/g/members", {"users": ["u1", "u2", "u3", "u4", "u5"]})
+            assert status == 400 and body["error"]["code"] == "BAD_REQUEST", body
+            assert body["error"]["message"].startswith("group 'g' not changed: 5 users x 9 members"), body
+            assert "at most 2 users at a time" in body["error"]["message"], body
+            assert tuple(await im.members("g")) == ("alice", "bob", "carol", "dave")
+            monkeypatch.setattr(ids, "MAX_MEMBERSHIP_ENTRIES", 10)
+            status, body = await call(c, "POST", "/v1/groups/g/members/remove", {"users": ["alice", "bob", "carol"]})
+            assert status == 400 and "3 users x 4 members" in body["error"]["message"], body
+            assert tuple((await im.remove_members("g", ["alice"])).members) == ("bob", "carol", "dave")  # one: always
+
+
 async def test_several_members_are_removed_in_one_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """POST /v1/groups/{conv}/members/remove removes several users with one
     store op (`pimcore group remove --http` sent one DELETE per user, each

@@ -587,6 +587,30 @@ def test_reads_of_malformed_ids_find_nothing(store: Store, mk: Maker) -> None:
 # ---------------------------------------------------------------- membership
 
 
+def test_a_membership_change_is_bounded_by_the_entries_it_writes(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each added or removed user's entry goes to every member's inbox: one
+    # call of 20,000 users in a group of 20,000 wrote 400M inbox entries in
+    # one commit (22 GB, the broker silent for minutes).  Past
+    # MAX_MEMBERSHIP_ENTRIES a change of several users is refused, nothing
+    # changed; one user at a time is always taken (it costs one message).
+    from pimcore import ids
+
+    monkeypatch.setattr(ids, "MAX_MEMBERSHIP_ENTRIES", 20)
+    store.create_group("g", ["a", "b", "c", "d"], now=1)
+    with pytest.raises(ValueError, match=r"group 'g' not changed: 5 users x 9 members"):
+        store.add_members("g", ["u1", "u2", "u3", "u4", "u5"])
+    assert store.members("g") == ("a", "b", "c", "d")
+    store.add_members("g", ["u1", "u2"])  # 2 x 6 = 12
+    store.add_members("g", ["u3"])
+    with pytest.raises(ValueError, match=r"at most 2 users at a time"):
+        store.remove_members("g", ["a", "b", "c", "d"])  # 4 x 7 = 28
+    assert len(store.members("g")) == 7
+    store.remove_members("g", ["a", "b"])  # 2 x 7 = 14
+    monkeypatch.setattr(ids, "MAX_MEMBERSHIP_ENTRIES", 1)
+    store.remove_members("g", ["c"])  # one user: always
+    assert store.members("g") == ("d", "u1", "u2", "u3")
+
+
 def test_group_administration(store: Store) -> None:
     assert not store.conversation_exists(GROUP)
     store.create_group(GROUP, ["carol", "alice", "alice"], now=1)

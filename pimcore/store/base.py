@@ -104,6 +104,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Union
 
+from .. import ids
 from ..errors import ErrorCode, StoreError
 from ..frames import MessageKind
 from ..ids import (  # re-exported: the store speaks in these ids
@@ -1609,13 +1610,27 @@ class Store(ABC):
         a direct or malformed id or an invalid user id).  A batch of one
         :class:`AddMembers`; the entries' server times start at ``now`` (µs,
         default: the wall clock)."""
-        return self._admin(AddMembers(conv, tuple(sorted(member_set(users))), _wall(now)))
+        users = tuple(sorted(member_set(users)))
+        self._check_membership_change(conv, users, adding=True)
+        return self._admin(AddMembers(conv, users, _wall(now)))
 
     def remove_members(self, conv: str, users: Iterable[str], now: Optional[int] = None) -> GroupChanged:
         """Remove users from an existing group (KeyError if unknown;
         ValueError as for :meth:`add_members`).  A batch of one
         :class:`RemoveMembers`."""
-        return self._admin(RemoveMembers(conv, tuple(sorted(member_set(users))), _wall(now)))
+        users = tuple(sorted(member_set(users)))
+        self._check_membership_change(conv, users, adding=False)
+        return self._admin(RemoveMembers(conv, users, _wall(now)))
+
+    def _check_membership_change(self, conv: str, users: tuple[str, ...], *, adding: bool) -> None:
+        """ValueError, nothing changed, for a change of several users past
+        :data:`pimcore.ids.MAX_MEMBERSHIP_ENTRIES` (see
+        :func:`~pimcore.ids.membership_change_problem`)."""
+        if len(users) > 1 and valid_group(conv) and self.conversation_exists(conv):
+            members = len(self.members(conv)) + (len(users) if adding else 0)
+            problem = ids.membership_change_problem(len(users), members)
+            if problem is not None:
+                raise ValueError(f"group {conv!r} not changed: {problem}")
 
     def _admin(self, op: Op) -> GroupChanged:
         [res] = self.commit(WriteBatch(0, (op,)))
