@@ -733,6 +733,7 @@ def _layer_from_doc(doc: dict[str, Any], here: Path, where: str) -> dict[tuple[O
 #: settings' variables; any other ``PIMCORE_*`` is a ConfigError, like an
 #: unknown key in the file (a typo must not be ignored silently).
 OTHER_ENV = frozenset({"PIMCORE_CONFIG", "PIMCORE_BACKEND", "PIMCORE_PYTHON", "PIMCORE_NO_EXT",
+                       "PIMCORE_API_KEY",  # the key of `pimcore group/purge/retention --http` (cli.py)
                        "PIMCORE_CHROMIUM", "PIMCORE_ARTIFACTS"})  # the browser tests' (tests/test_js_client.py)
 OTHER_ENV_PREFIXES = ("PIMCORE_REQUIRE_", "PIMCORE_CHAOS_", "PIMCORE_CRASH_")
 

@@ -506,14 +506,17 @@ class Pimcore:
         several users past :data:`pimcore.ids.MAX_MEMBERSHIP_ENTRIES` (see
         :func:`~pimcore.ids.membership_change_problem`).  The members are
         read first: a change racing it is bounded as of that read."""
-        distinct = len(set(users))
-        if distinct < 2 or group_problem(conv) is not None:
+        distinct = set(users)
+        if len(distinct) < 2 or group_problem(conv) is not None or any(id_problem(u) for u in distinct):
             return  # (one user is always taken; a malformed id is refused by the change itself)
         try:
-            members = len(await self.members(conv)) + (distinct if adding else 0)
+            current = set(await self.members(conv))
         except RequestRefused:
             return  # (no such group: the change itself says so)
-        problem = ids.membership_change_problem(distinct, members)
+        # Only the users that change write entries (a retry of a change done
+        # writes none).
+        changing = len(distinct - current) if adding else len(distinct & current)
+        problem = ids.membership_change_problem(changing, len(current) + (changing if adding else 0))
         if problem is not None:
             raise RequestRefused(ErrorCode.BAD_REQUEST, f"group {conv!r} not changed: BAD_REQUEST: {problem}")
 

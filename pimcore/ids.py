@@ -216,15 +216,17 @@ MAX_MEMBERSHIP_ENTRIES = 1_000_000
 
 
 def membership_change_problem(users: int, members: int) -> Optional[str]:
-    """Why a change of ``users`` users (distinct ids) of a group that has, or
+    """Why a change of ``users`` users (distinct ids that change: not
+    members yet for an add, members for a remove) of a group that has, or
     will have, ``members`` members is refused (BAD_REQUEST, nothing
     changed), or None: ``users`` x ``members`` above
     :data:`MAX_MEMBERSHIP_ENTRIES`, for more than one user."""
     limit = MAX_MEMBERSHIP_ENTRIES
     if users <= 1 or users * members <= limit:
         return None
+    fit = max(1, limit // members)
     return (f"{users:,} users x {members:,} members is {users * members:,} membership entries for the members'"
-            f" inboxes in one commit, above {limit:,}: change at most {max(1, limit // members):,} users at a time")
+            f" inboxes in one commit, above {limit:,}: change at most {fit:,} user{'s' if fit > 1 else ''} at a time")
 
 
 def group_problem(conv: object) -> Optional[str]:

@@ -506,3 +506,13 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 1
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_the_api_key_variable_of_the_http_commands_does_not_upset_the_others(tmp_path):
+    # OPERATIONS.md gives $PIMCORE_API_KEY to `pimcore group --http`; set, it
+    # made every other command refuse to start ("unknown environment
+    # variable $PIMCORE_API_KEY: not a setting").
+    env = dict(os.environ, PIMCORE_API_KEY="k" * 32, PYTHONIOENCODING="utf-8")
+    r = subprocess.run([sys.executable, "-m", "pimcore.cli", "token", "--data-dir", str(tmp_path / "data"), "--user", "alice", "--create-secret"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip(), (r.returncode, r.stderr)

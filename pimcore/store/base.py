@@ -1627,8 +1627,11 @@ class Store(ABC):
         :data:`pimcore.ids.MAX_MEMBERSHIP_ENTRIES` (see
         :func:`~pimcore.ids.membership_change_problem`)."""
         if len(users) > 1 and valid_group(conv) and self.conversation_exists(conv):
-            members = len(self.members(conv)) + (len(users) if adding else 0)
-            problem = ids.membership_change_problem(len(users), members)
+            current = set(self.members(conv))
+            # Only the users that change write entries (a retry of a change
+            # done writes none).
+            changing = len(set(users) - current) if adding else len(set(users) & current)
+            problem = ids.membership_change_problem(changing, len(current) + (changing if adding else 0))
             if problem is not None:
                 raise ValueError(f"group {conv!r} not changed: {problem}")
 
