@@ -71,7 +71,7 @@ from ._backend import impl as _impl
 from ._pure.send import fan_out_stored
 from .clock import HybridClock
 from .errors import AuthError, CloseCode, ErrorCode, ProtocolError, StoreError
-from .ids import SYSTEM, direct_members, id_problem, valid_conversation, valid_id
+from .ids import DIRECT_PREFIX, SYSTEM, direct_members, id_problem, valid_conversation, valid_id
 from .protocol import Compression, ServerSession, UnexpectedFrame
 from .store.base import (
     AckEvents,
@@ -223,6 +223,15 @@ ContentFilter = Callable[[str, str, bytes], Optional[str]]
 class BrokerConfig:
     limits: Limits = field(default_factory=Limits)
     max_batch_ops: int = 4096  # ops in one store transaction
+    # Inbox entries one store transaction may write (the fan-out budget): a
+    # batch is closed before the op that would pass it, counting a message
+    # to a group as its members (the size learned from the store's last
+    # answer about that group; not yet known: the whole budget, so it goes
+    # alone) and a direct message as 2.  An op larger than the budget goes
+    # in a batch of its own.  Bounds the commit's time and its results'
+    # memory: 300 posts to a group of 20,000 were one commit of 6,000,000
+    # entries (14.5 s silent, +560 MB).
+    max_batch_entries: int = 65_536
     login_timeout: int = 10 * SECOND  # a connection must log in within this
     # A logged-in connection that sends nothing (not even a Ping) for this long
     # is a dead peer: closed with IDLE_TIMEOUT.  0 = never.  Pick it a few
@@ -310,8 +319,8 @@ class BrokerConfig:
             raise ValueError("BrokerConfig.outbound_pause must be >= 512 bytes and max_outbound >= 2 * outbound_pause")
         if self.control_rate < 0 or self.control_burst < 1:
             raise ValueError("BrokerConfig.control_rate must be >= 0 and control_burst >= 1")
-        if self.max_batch_ops < 1 or self.rate_limit_strikes < 1:
-            raise ValueError("BrokerConfig.max_batch_ops and rate_limit_strikes must be >= 1")
+        if self.max_batch_ops < 1 or self.max_batch_entries < 1 or self.rate_limit_strikes < 1:
+            raise ValueError("BrokerConfig.max_batch_ops, max_batch_entries and rate_limit_strikes must be >= 1")
         for name in ("login_timeout", "reclaim_interval", "device_retention", "inbox_max_age"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"BrokerConfig.{name} must be > 0 µs")
@@ -923,6 +932,15 @@ class Broker:
         self._eager = 0  # ops in _ops that must not wait (not delivery acks)
         self._lazy_since: Optional[int] = None  # when an ack-only batch started waiting
         self._ctxs: list[_Ctx] = []
+        # Members of each group, as the store last answered (GroupChanged,
+        # a NewMessage's Appended): what a message to it weighs against
+        # max_batch_entries.  At most _MAX_SIZES groups, the oldest answer
+        # forgotten first; a group not here weighs the whole budget.
+        self._sizes: dict[str, int] = {}
+        # The indices of the in-flight batch's group messages (their
+        # answers are read for _sizes).
+        self._inflight_groups: list[int] = []
+        self._batch_entries = 0  # the next batch's, as _batch_end counted them
         self._ack_slot: dict[tuple[str, str], int] = {}  # coalesce acks in _ops
         self._read_slot: dict[tuple[str, str], int] = {}  # coalesce reads in _ops
         self._pending_sends: dict[tuple[str, str, int], _PendingSend] = {}
@@ -1252,6 +1270,8 @@ class Broker:
             raise ValueError("one result per op expected")
         self._inflight = None
         self._stats["batches"] += 1
+        if self._inflight_groups:
+            self._learn_sizes(batch.ops, results)
         out: list[Command] = []
         to_pump: set[str] = set()
         # The SendAcks of each connection, in order, go out as one SendData
@@ -1310,10 +1330,15 @@ class Broker:
                 if isinstance(res, Revoked):
                     key = (res.user, res.device)
                     self._revoked[key] = max(self._revoked.get(key, 0), res.before)
-                elif isinstance(res, GroupChanged) and res.entries:
-                    self._finish_admin(res, to_pump)
+                elif isinstance(res, GroupChanged):
+                    self._note_size(res.conv, len(res.members))
+                    if res.entries:
+                        self._finish_admin(res, to_pump)
                 elif isinstance(res, Purged):
+                    if isinstance(op, PurgeConversation):
+                        self._sizes.pop(op.conv, None)
                     for change in res.changes:  # a purged user's LEFT entries
+                        self._note_size(change.conv, len(change.members))
                         self._finish_admin(change, to_pump)
                 out.append(AdminDone(ctx.ref, res))
             elif kind is Reclaim and isinstance(res, Reclaimed):
@@ -1342,6 +1367,7 @@ class Broker:
     def _batch_failed(self, inflight: tuple[StoreRequest, list[_Ctx]], now: int) -> list[Command]:
         batch, ctxs = inflight
         self._inflight = None
+        self._inflight_groups = []
         self._stats["batch_failures"] += 1
         out: list[Command] = []
         for op, ctx in zip(batch.ops, ctxs):
@@ -3596,10 +3622,76 @@ class Broker:
                 self._take_eager(n, out)
                 return
         self._lazy_since = None
+        n = self._batch_end(self._ops, n)
         ops, ctxs = self._ops[:n], self._ctxs[:n]
         del self._ops[:n], self._ctxs[:n]
         self._reslot()
         self._commit_batch(ops, ctxs, out)
+
+    def _batch_end(self, ops: list[Op], n: int) -> int:
+        """How many of ``ops`` the next batch takes: at most ``n``, and no
+        more than fit max_batch_entries -- at least one.  Notes the indices
+        of the group messages taken (_inflight_groups), whose answers tell
+        the groups' sizes.  Why a budget: the commit's time and its results'
+        memory grow with the inbox entries written, and a group message
+        writes one per member."""
+        budget = self.config.max_batch_entries
+        sizes = self._sizes
+        groups: list[int] = []
+        total = 0
+        end = min(n, len(ops))
+        for i in range(end):
+            op = ops[i]
+            kind = type(op)
+            if kind is NewMessage or kind is AmendMessage:
+                conv = op.conv  # type: ignore[union-attr]
+                if conv.startswith(DIRECT_PREFIX):
+                    w = 2
+                elif kind is AmendMessage and op.kind == F.MessageKind.DELETE:  # type: ignore[union-attr]
+                    w = 1  # to the sender's own inbox only
+                else:
+                    w = sizes.get(conv, budget) or 1
+                    if kind is NewMessage:
+                        groups.append(i)
+            elif kind is AddMembers or kind is RemoveMembers:
+                size = sizes.get(op.conv)  # type: ignore[union-attr]
+                users = len(op.users)  # type: ignore[union-attr]
+                # An entry per user changed to every member (a joiner too).
+                w = budget if size is None else users * (size + users)
+            elif kind is PurgeUser or kind is PurgeConversation:
+                w = budget  # LEFT entries to each of the user's groups / a whole conversation's
+            else:
+                w = 1
+            total += w
+            if total > budget and i:
+                end = i
+                total -= w
+                break
+        self._inflight_groups = [i for i in groups if i < end]
+        self._batch_entries = total
+        return end
+
+    def _learn_sizes(self, ops: tuple[Any, ...], results: tuple[Result, ...]) -> None:
+        """Note the members of each group a committed NewMessage went to
+        (its Appended names every recipient); an unknown group weighs 1."""
+        sizes = self._sizes
+        for i in self._inflight_groups:
+            res = results[i]
+            if type(res) is Appended:
+                size = len(res.positions)  # type: ignore[union-attr]
+            elif type(res) is Rejected and res.code is ErrorCode.UNKNOWN_CONVERSATION:  # type: ignore[union-attr]
+                size = 0
+            else:
+                continue
+            self._note_size(ops[i].conv, size)  # type: ignore[union-attr]
+        self._inflight_groups = []
+
+    def _note_size(self, conv: str, size: int) -> None:
+        sizes = self._sizes
+        sizes.pop(conv, None)
+        if len(sizes) >= _MAX_SIZES:
+            del sizes[next(iter(sizes))]
+        sizes[conv] = size
 
     def _reslot(self) -> None:
         """The pending ops moved (a batch was taken from them): count the
@@ -3615,7 +3707,7 @@ class Broker:
                 self._read_slot[(op.user, op.conv)] = i
 
     def _commit_batch(self, ops: list[Op], ctxs: list[_Ctx], out: list[Command]) -> None:
-        request = StoreRequest(self._request_id(), tuple(ops), True)
+        request = StoreRequest(self._request_id(), tuple(ops), True, self._batch_entries)
         self._inflight = (request, ctxs)
         out.append(request)
 
@@ -3639,6 +3731,13 @@ class Broker:
             else:
                 ops.append(op)
                 ctxs.append(ctx)
+        end = self._batch_end(ops, n)
+        if end < len(ops):
+            # The fan-out budget closed the batch early: the sends it leaves
+            # go back in front of the acks, in their order (an ack's slot is
+            # only about the acks: _reslot).
+            keep_ops[:0], keep_ctxs[:0] = ops[end:], ctxs[end:]
+            del ops[end:], ctxs[end:]
         self._ops, self._ctxs = keep_ops, keep_ctxs
         self._reslot()
         self._commit_batch(ops, ctxs, out)
@@ -3648,6 +3747,9 @@ class Broker:
 #: by the timer this long after (µs), whichever comes first.
 _RETRY_AFTER_FAILURE = 200_000
 
+#: Groups whose size the core keeps (BrokerConfig.max_batch_entries); about
+#: 100 bytes each.
+_MAX_SIZES = 65_536
 #: clock_stepped() refuses a step of this many µs or more (146,000 years).
 _MAX_STEP = 1 << 62
 #: The reason of a Close(TOKEN_EXPIRED).

@@ -965,6 +965,12 @@ class StoreRequest:
     request_id: int
     ops: tuple[Union[Op, ReadOp], ...]
     write: bool
+    #: A write's inbox entries as the core counts them against
+    #: ``BrokerConfig.max_batch_entries`` (a message to a group whose size
+    #: it does not know counts as the whole budget); 0 for a read.  A host
+    #: may commit a large batch off its event loop (pimcore.net does from
+    #: 16,384 entries on).
+    entries: int = 0
 
 
 @dataclass(frozen=True, slots=True)
