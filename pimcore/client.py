@@ -926,7 +926,10 @@ class Client:
                     if unknown is not None:
                         raise ConnectFailed(f"cannot connect to {self.url}: unknown host {self.endpoint.host!r}"
                                             f" ({type(unknown).__name__}: {unknown})") from exc
-                    permanent = isinstance(exc, (ConnectionRefusedError, ssl.SSLError, ConnectionRejected)) or isinstance(
+                    # (HTTP 503 is a ws:// broker at max_connections, as
+                    # Close OVERLOADED is a tcp:// one's: retried.)
+                    permanent = isinstance(exc, (ConnectionRefusedError, ssl.SSLError)) or (
+                        isinstance(exc, ConnectionRejected) and exc.status_code != 503) or isinstance(
                         exc.__cause__, (ConnectionRefusedError, ssl.SSLError)
                     ) or _all_refused(exc)
                     if permanent:

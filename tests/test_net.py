@@ -1165,6 +1165,128 @@ async def test_a_client_that_resets_while_the_broker_is_full_does_not_end_the_br
     assert [r.code for r in closes] == ["OVERLOADED"], [r.getMessage() for r in caplog.records]
 
 
+# ---------------------------------------------------------------- max_connections on ws:// listeners
+
+
+async def _raw_ws_conn(port: int, data: bytes = b"") -> trio.SocketStream:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    if data:
+        await stream.send_all(data)
+    return stream
+
+
+async def _read_to_the_end(stream: trio.abc.Stream) -> bytes:
+    got = b""
+    try:
+        while True:
+            data = await stream.receive_some()
+            if not data:
+                break
+            got += data
+    except trio.BrokenResourceError:
+        pass
+    await trio.aclose_forcefully(stream)
+    return got
+
+
+async def _until_closes(caplog, n: int) -> None:
+    """Until the broker logged ``n`` close lines (the connections' ends seen)."""
+    while len([r for r in caplog.records if getattr(r, "event", None) == "close"]) < n:
+        await trio.sleep(0.01)
+
+
+async def test_ws_connections_still_in_their_upgrade_count_against_max_connections(lmdb_store, caplog):
+    """A ws:// connection counted against max_connections only once its
+    WebSocket upgrade was done: sockets that never finish the upgrade were
+    held beyond the limit (until login_timeout).  Now they count from
+    accept; the one over the limit gets HTTP 503 and is closed (counted and
+    logged as tcp's refusal), and their slots come back when they end."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    cfg = server_config(Endpoint("ws", path="/im"), max_connections=2, login_timeout=600)
+    with trio.fail_after(20):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            silent = await _raw_ws_conn(port)  # sends nothing
+            half = await _raw_ws_conn(port, WS_UPGRADE[:20])  # half an upgrade request
+            while srv.statistics().accepted < 2:
+                await trio.sleep(0.01)
+            third = await _raw_ws_conn(port, WS_UPGRADE)
+            answer = await _read_to_the_end(third)
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert answer.endswith(b"too many connections"), answer
+            assert srv.statistics().refused == 1
+            assert srv.statistics().closes.get("OVERLOADED") == 1
+            [refused] = [r for r in caplog.records if getattr(r, "event", None) == "overloaded"]
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close" and r.conn == refused.conn]
+            assert close.code == "OVERLOADED", close.getMessage()
+            # The client ends them: a FIN, and a reset.
+            await silent.aclose()
+            half.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await half.aclose()
+            await _until_closes(caplog, 3)
+            async with client(srv.url("ws"), "alice") as a, client(srv.url("ws"), "bob") as b:
+                assert (await a.send(AB, b"both in")).seq == 1
+                assert (await take_messages(b, 1))[0].payload == b"both in"
+
+
+@pytest.mark.parametrize("ending", ["wrong-path", "malformed", "logged-out"])
+async def test_every_way_a_ws_connection_ends_gives_its_slot_back(lmdb_store, caplog, ending):
+    """Three ws:// connections end one after the other (a refused upgrade,
+    a malformed one, a client that logged in and left) at max_connections=2: then two clients log in together, and a
+    third connection is refused -- the count neither leaked nor went below."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    cfg = server_config(Endpoint("ws", path="/im"), max_connections=2, login_timeout=600)
+    with trio.fail_after(30):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            for i in range(3):
+                if ending == "logged-out":
+                    async with client(srv.url("ws"), f"u{i}"):
+                        pass
+                else:
+                    data = {"wrong-path": WS_UPGRADE.replace(b"GET /im ", b"GET /elsewhere "),
+                            "malformed": b"GET /im HTTP/1.1\r\n\r\n",
+                            "not-http": encode_frame(F.Login(token("alice").encode(), "d", 0, 0, 0))}[ending]
+                    answer = await _read_to_the_end(await _raw_ws_conn(port, data))
+                    assert answer.startswith(b"HTTP/1.1 4"), answer
+                await _until_closes(caplog, i + 1)
+            async with client(srv.url("ws"), "alice") as a, client(srv.url("ws"), "bob") as b:
+                answer = await _read_to_the_end(await _raw_ws_conn(port, WS_UPGRADE))
+                assert answer.startswith(b"HTTP/1.1 503 "), answer
+                assert (await a.send(AB, b"both in")).seq == 1
+                assert (await take_messages(b, 1))[0].payload == b"both in"
+            assert srv.statistics().refused == 1
+
+
+async def test_a_ws_client_refused_at_max_connections_retries_like_a_tcp_one(lmdb_store):
+    """HTTP 503 to the upgrade is the ws:// refusal at max_connections (tcp://
+    gets Close OVERLOADED, which the SDK retries); the SDK took it for a
+    permanent refusal and failed at once.  Now it retries until
+    connect_timeout: the client gets in once a slot frees."""
+    cfg = server_config(Endpoint("ws", path="/im"), max_connections=1, login_timeout=600)
+    with trio.fail_after(30):
+        async with serving(lmdb_store, cfg) as srv:
+            logged_in = trio.Event()
+
+            async def bob() -> None:
+                async with client(srv.url("ws"), "bob", config=ClientConfig(connect_timeout=600.0, backoff_max=0.1)) as b:
+                    logged_in.set()
+                    assert (await take_messages(b, 1))[0].payload == b"left for you"
+
+            async with trio.open_nursery() as nursery:
+                async with client(srv.url("ws"), "alice") as a:
+                    nursery.start_soon(bob)
+                    while srv.statistics().refused < 2:  # bob was refused, and retried
+                        await trio.sleep(0.01)
+                    assert not logged_in.is_set()
+                    await a.send(AB, b"left for you")
+                await logged_in.wait()
+
+
 @pytest.mark.parametrize("request_bytes", [b"GET /im HTTP/1.1\r\n\r\n", b"\x03\x03\x03", b"x\r\n\r\n"],
                          ids=["no-host", "binary", "not-http"])
 async def test_a_bad_upgrade_request_then_a_reset_does_not_end_the_broker(lmdb_store, request_bytes):
