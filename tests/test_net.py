@@ -589,6 +589,73 @@ async def test_a_plain_broker_that_hangs_up_is_not_said_to_need_tls() -> None:
     assert "may require TLS" not in str(err.value), str(err.value)
 
 
+# ---------------------------------------------------------------- the wrong kind of port
+
+
+@pytest.mark.parametrize("broker,sdk", [("tcp", "ws"), ("tls", "wss")])
+async def test_a_websocket_url_at_a_binary_port_fails_at_once_suggesting_it(lmdb_store, ca, broker, sdk) -> None:
+    """ws:// at a tcp:// port (wss:// at tls://): the broker answers the
+    upgrade request with its own Close frame, and the SDK waited out
+    connect_timeout (600 s here) with no hint.  Now that answer fails the
+    first connection at once, naming the URL to try."""
+    from pimcore.client import ConnectFailed
+
+    ctx = {"ssl_context": _serving_tls(ca)} if broker == "tls" else {}
+    with trio.fail_after(20):
+        async with serving(lmdb_store, server_config(Endpoint(broker), **ctx)) as srv:
+            port = srv.endpoints[0].port
+            with pytest.raises(ConnectFailed) as err:
+                kw = {"ssl_context": _trusting(ca)} if sdk == "wss" else {}
+                async with client(f"{sdk}://127.0.0.1:{port}/im", "alice", config=ClientConfig(connect_timeout=600.0), **kw):
+                    pass  # pragma: no cover
+    msg = str(err.value)
+    assert msg.startswith(f"cannot connect to {sdk}://127.0.0.1:{port}/im: the server answered the WebSocket upgrade"
+                          " in pimcore's binary protocol"), msg
+    assert msg.endswith(f"(it is not a WebSocket endpoint: try {broker}://127.0.0.1:{port})"), msg
+
+
+@pytest.mark.parametrize("broker,sdk", [("ws", "tcp"), ("wss", "tls")])
+async def test_a_binary_url_at_a_websocket_port_fails_at_once_suggesting_it(lmdb_store, ca, broker, sdk) -> None:
+    """tcp:// at a ws:// port (tls:// at wss://): the listener waited for the
+    end of an HTTP request line (login_timeout), the SDK for connect_timeout
+    (600 s here), and then said "no answer to the login".  The listener now
+    answers bytes that are no HTTP with 400 naming itself, and the SDK fails
+    at once on an HTTP answer, naming the URL to try."""
+    from pimcore.client import ConnectFailed
+
+    ctx = {"ssl_context": _serving_tls(ca)} if broker == "wss" else {}
+    with trio.fail_after(20):
+        async with serving(lmdb_store, server_config(Endpoint(broker, path="/im"), login_timeout=600, **ctx)) as srv:
+            port = srv.endpoints[0].port
+            with pytest.raises(ConnectFailed) as err:
+                kw = {"ssl_context": _trusting(ca)} if sdk == "tls" else {}
+                async with client(f"{sdk}://127.0.0.1:{port}", "alice", config=ClientConfig(connect_timeout=600.0), **kw):
+                    pass  # pragma: no cover
+            async with client(srv.url(broker), "alice", **kw):  # the listener is fine
+                pass
+    msg = str(err.value)
+    assert msg.startswith(f"cannot connect to {sdk}://127.0.0.1:{port}: the server answered the login with HTTP"
+                          " (HTTP/1.1 400 Bad Request)"), msg
+    http = "HTTPS" if broker == "wss" else "HTTP"
+    assert msg.endswith(f"(it may be a {broker}:// or {http} port: try {broker}://127.0.0.1:{port}/im)"), msg
+
+
+async def test_a_tcp_url_at_an_http_server_fails_at_once_suggesting_ws() -> None:
+    """Any HTTP server's answer to the binary Login (here a 400 at once)."""
+    from pimcore.client import ConnectFailed
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_tls_like_server, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        with trio.fail_after(20), pytest.raises(ConnectFailed) as err:
+            async with open_client(f"tcp://127.0.0.1:{port}", token("alice"), "phone",
+                                   config=ClientConfig(connect_timeout=600.0)):
+                pass  # pragma: no cover
+        nursery.cancel_scope.cancel()
+    msg = str(err.value)
+    assert msg == (f"cannot connect to tcp://127.0.0.1:{port}: the server answered the login with HTTP"
+                   f" (HTTP/1.1 400 Bad Request) (it may be a ws:// or HTTP port: try ws://127.0.0.1:{port}/)"), msg
+
+
 def _trusting(ca) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
@@ -1231,10 +1298,11 @@ async def test_ws_connections_still_in_their_upgrade_count_against_max_connectio
                 assert (await take_messages(b, 1))[0].payload == b"both in"
 
 
-@pytest.mark.parametrize("ending", ["wrong-path", "malformed", "logged-out"])
+@pytest.mark.parametrize("ending", ["wrong-path", "malformed", "not-http", "logged-out"])
 async def test_every_way_a_ws_connection_ends_gives_its_slot_back(lmdb_store, caplog, ending):
     """Three ws:// connections end one after the other (a refused upgrade,
-    a malformed one, a client that logged in and left) at max_connections=2: then two clients log in together, and a
+    a malformed one, bytes that are no HTTP, a client that logged in and
+    left) at max_connections=2: then two clients log in together, and a
     third connection is refused -- the count neither leaked nor went below."""
     import logging
 

@@ -480,6 +480,11 @@ class _EndWatch(StreamWrapper):
         super().__init__(inner)
         self.ended = False  # the client hung up, or the stream broke
         self.closed = False  # trio-websocket closed it (a malformed upgrade request, answered 400)
+        # The client's first bytes are no HTTP request (pimcore's binary
+        # protocol: a tcp:// client): h11 would wait for a line end until
+        # login_timeout, and the client with it.  _serve_ws answers 400.
+        self.not_http = False
+        self._first = b""
         self.on_end: Optional[Callable[[], object]] = None
 
     async def aclose(self) -> None:
@@ -495,12 +500,35 @@ class _EndWatch(StreamWrapper):
             raise
         if not data:
             self._end()
+        elif len(self._first) < 2:
+            self._first += bytes(data[: 2 - len(self._first)])
+            if not _http_start(self._first):
+                self.not_http = True
+                self._end()
+                await trio.sleep_forever()  # (its reader waits, until _serve_ws cancels it)
         return data
 
     def _end(self) -> None:
         self.ended = True
         if self.on_end is not None:
             self.on_end()
+
+
+def _http_start(first: bytes) -> bool:
+    """``first`` (a client's first 1 or 2 bytes) may begin an HTTP request:
+    a method is letters.  A pimcore frame never begins so: its length (a
+    varint) is followed by its head, 0x30-0x3f, or its first byte is >= 0x80."""
+    return all(65 <= b <= 90 or 97 <= b <= 122 for b in first)
+
+
+def _not_http_answer(ep: Endpoint) -> bytes:
+    """A ws:// or wss:// listener's answer to bytes that are no HTTP request
+    (a tcp:// client's Login): 400, naming the listener (the SDK suggests
+    its URL from it: pimcore.client)."""
+    body = (f"this is a pimcore {ep.scheme}:// listener (path {ep.path}): not a WebSocket upgrade request"
+            ).encode()
+    return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
 
 
 def tls_server_stream(sock: trio.SocketStream, ssl_context: ssl.SSLContext, *, peer: Optional[str] = None,
@@ -1079,6 +1107,13 @@ class BrokerServer:
                     finally:
                         watch.on_end = None
                         self._handshakes.discard(handshakes)
+                if watch.not_http and ended is None and not self._stopping:
+                    ended = "not a WebSocket upgrade request (binary: a tcp:// client?): answered HTTP 400"
+                    with trio.move_on_after(self.config.close_timeout):
+                        try:
+                            await stream.send_all(_not_http_answer(ep))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                            pass  # gone already
                 if handshakes.cancelled_caught and ws is None and ended is None:
                     ended = ("broker shutting down" if self._stopping
                              else "WebSocket upgrade refused (HTTP 400): a malformed upgrade request" if watch.closed
