@@ -164,9 +164,10 @@ class _SessionEnded(Exception):
 
 
 class _FirstBytes(StreamWrapper):
-    """A stream that remembers the first two bytes it received and whether
-    it saw the end: a TLS port answers a plain WebSocket upgrade request
-    with a TLS alert (0x15 0x03) or a hang-up, never an HTTP response."""
+    """A stream that remembers the first bytes it received and whether it
+    saw the end: a TLS port answers a plain WebSocket upgrade request with a
+    TLS alert (0x15 0x03) or a hang-up, a pimcore tcp:// (tls://) port with
+    a Close frame, never an HTTP response."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         super().__init__(inner)
@@ -182,13 +183,14 @@ class _FirstBytes(StreamWrapper):
             if self.on_end is not None:
                 self.on_end()
             raise
-        if len(self.first) < 2:
-            self.first += data[: 2 - len(self.first)]
+        if len(self.first) < _FIRST_BYTES:
+            self.first += data[: _FIRST_BYTES - len(self.first)]
             self.eof = self.eof or not data
-            if self.first.startswith(b"\x15\x03"):
-                # A TLS alert is no HTTP response: the WebSocket's parser
-                # would fail on it with an error of its own (h11's).  Kept in
-                # ``first``, it ends the stream here.
+            if self.first.startswith(b"\x15\x03") or self.looks_like_pimcore:
+                # A TLS alert, or a pimcore frame, is no HTTP response: the
+                # WebSocket's parser would wait for a line end or fail with an
+                # error of its own (h11's).  Kept in ``first``, it ends the
+                # stream here.
                 data = b""
         if not data and self.on_end is not None:
             self.on_end()
@@ -197,6 +199,44 @@ class _FirstBytes(StreamWrapper):
     @property
     def looks_like_tls(self) -> bool:
         return self.first.startswith(b"\x15\x03") or (self.eof and not self.first)
+
+    @property
+    def looks_like_pimcore(self) -> bool:
+        return _pimcore_frame_start(self.first)
+
+
+#: Bytes of an answer kept to tell what answered: a TLS alert (2), "HTTP/"
+#: (5), a pimcore frame's length, head and type (<= 7).
+_FIRST_BYTES = 8
+
+
+def _pimcore_frame_start(first: bytes) -> bool:
+    """``first`` begins a pimcore frame the way a broker answers a stranger:
+    a Close (its length, a varint of 1-5 bytes, >= 2; its head, a protocol
+    version in the high nibble; the type CLOSE).  "HTTP/", a TLS alert or
+    any text never does (its third byte would be 0x11)."""
+    length = shift = 0
+    for i, b in enumerate(first[:5]):
+        length |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            rest = first[i + 1:]
+            return length >= 2 and len(rest) >= 2 and rest[0] >> 4 != 0 and rest[1] == F.FrameType.CLOSE
+    return False
+
+
+class _WrongPort(OSError):
+    """The first connection's answer says it is the wrong kind of port (HTTP
+    to a Login, a pimcore frame to an upgrade request): ``hint`` is the URL
+    to try.  It will not change: ConnectFailed at once."""
+
+    def __init__(self, what: str, hint: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.what
 
 
 class _Conn:
@@ -212,7 +252,7 @@ class _Conn:
         self.settled = trio.Event()  # ACTIVE or ended, whichever first
         self.base = base  # session.connections_established before this one
         self.error: Optional[BaseException] = None  # the stream's failure, if that ended it
-        self.first = b""  # the first 2 bytes received (a TLS alert starts 0x15 0x03)
+        self.first = b""  # the first bytes received (a TLS alert starts 0x15 0x03, HTTP with "HTTP/")
 
 
 class _Waiter:
@@ -735,9 +775,9 @@ class Client:
             await stream.do_handshake()
         if ep.websocket:
             watched = _FirstBytes(stream)
-            if not ep.secure:
-                # (Kept to tell a TLS port from a plain one if the upgrade fails.)
-                self._upgrade_answer = watched
+            # (Kept to tell a TLS port, or a pimcore tcp:// one, from a
+            # WebSocket one if the upgrade fails.)
+            self._upgrade_answer = watched
             # trio-websocket runs its reader in `nursery`, which lives as
             # long as this connection.  Its wait for the upgrade's answer is
             # not woken when the server hangs up instead (trio-websocket
@@ -758,6 +798,18 @@ class Client:
                 raise trio.BrokenResourceError("the server hung up before answering the WebSocket upgrade")
             return WebSocketStream(ws)
         return stream
+
+    def _http_answered(self, data: bytes) -> _WrongPort:
+        """The error of a Login answered with HTTP (``data``: the answer's first
+        bytes), suggesting the WebSocket URL: with the path a pimcore ws://
+        listener names in its 400, else /."""
+        status = data.split(b"\r\n", 1)[0][:100].decode("ascii", "replace").strip()
+        m = re.search(rb"pimcore wss?:// listener \(path (/[^\s)]*)\)", data)
+        path = m.group(1).decode("ascii", "replace") if m else "/"
+        ep = self.endpoint
+        scheme, http = ("wss", "HTTPS") if ep.secure else ("ws", "HTTP")
+        return _WrongPort(f"the server answered the login with HTTP ({status})",
+                          f"it may be a {scheme}:// or {http} port: try {scheme}://{_host(ep)}:{ep.port}{path}")
 
     def _stream_failed(self, conn: _Conn, exc: BaseException) -> None:
         if conn.error is None:
@@ -780,8 +832,14 @@ class Client:
                     s.connection_lost(self._clock(), _pending_socket_error(conn.stream))  # else the session words it
                     self._pump()
                     return
-                if len(conn.first) < 2:
-                    conn.first += data[: 2 - len(conn.first)]
+                if len(conn.first) < _FIRST_BYTES:
+                    conn.first += data[: _FIRST_BYTES - len(conn.first)]
+                    if conn.first.startswith(b"HTTP/") and s.connections_established == conn.base:
+                        # An HTTP answer to the Login: a ws:// (or HTTP) port.
+                        # It will not change (the session would wait for
+                        # the rest of a "frame" that never comes).
+                        self._stream_failed(conn, self._http_answered(bytes(data)))
+                        return
                 s.receive_data(data, self._clock())
                 self._pump()
         except _IO_ERRORS as exc:
@@ -884,9 +942,17 @@ class Client:
             end = first_leaf(matched)
         answer, self._upgrade_answer = self._upgrade_answer, None
         if end is not None and answer is not None:
-            # The WebSocket upgrade failed: a TLS alert or a hang-up for an answer?
-            self._tls_suspect = answer.looks_like_tls
-            self._tls_answer = answer.first.startswith(b"\x15\x03")
+            ep = self.endpoint
+            if answer.looks_like_pimcore:
+                # pimcore's binary protocol answered the upgrade request: a
+                # tcp:// (tls://) port.
+                scheme = "tls" if ep.secure else "tcp"
+                return _WrongPort("the server answered the WebSocket upgrade in pimcore's binary protocol",
+                                  f"it is not a WebSocket endpoint: try {scheme}://{_host(ep)}:{ep.port}")
+            if not ep.secure:
+                # The WebSocket upgrade failed: a TLS alert or a hang-up for an answer?
+                self._tls_suspect = answer.looks_like_tls
+                self._tls_answer = answer.first.startswith(b"\x15\x03")
         return end
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -926,17 +992,22 @@ class Client:
                     if unknown is not None:
                         raise ConnectFailed(f"cannot connect to {self.url}: unknown host {self.endpoint.host!r}"
                                             f" ({type(unknown).__name__}: {unknown})") from exc
-                    permanent = isinstance(exc, (ConnectionRefusedError, ssl.SSLError, ConnectionRejected)) or isinstance(
+                    # (HTTP 503 is a ws:// broker at max_connections, as
+                    # Close OVERLOADED is a tcp:// one's: retried.)
+                    permanent = isinstance(exc, (ConnectionRefusedError, ssl.SSLError)) or (
+                        isinstance(exc, ConnectionRejected) and exc.status_code != 503) or isinstance(
                         exc.__cause__, (ConnectionRefusedError, ssl.SSLError)
                     ) or _all_refused(exc)
                     if permanent:
                         raise ConnectFailed(f"cannot connect to {self.url}: {_root_cause(exc, self.endpoint.path)}") from exc
+                    if isinstance(exc, _WrongPort):
+                        # The wrong kind of port said so: that will not change.
+                        raise ConnectFailed(f"cannot connect to {self.url}: {exc.what} ({exc.hint})") from exc
                     hint = ""
                     if self._tls_suspect:
                         ep = self.endpoint
-                        host = f"[{ep.host}]" if ":" in ep.host else ep.host
                         scheme, path = ("wss", ep.path) if ep.websocket else ("tls", "")
-                        hint = f" (the server may require TLS: try {scheme}://{host}:{ep.port}{path})"
+                        hint = f" (the server may require TLS: try {scheme}://{_host(ep)}:{ep.port}{path})"
                     if self._tls_answer:
                         # A TLS port's answer to plain text (a TLS alert to the
                         # Login or the upgrade request) will not change:
@@ -972,6 +1043,11 @@ class Client:
         self._pump()
         if conn is not None:
             await self._flush(conn, 1.0)
+
+
+def _host(ep: Endpoint) -> str:
+    """``ep``'s host as a URL writes it (an IPv6 address in brackets)."""
+    return f"[{ep.host}]" if ":" in ep.host else ep.host
 
 
 def _all_refused(exc: BaseException) -> bool:

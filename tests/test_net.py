@@ -589,6 +589,73 @@ async def test_a_plain_broker_that_hangs_up_is_not_said_to_need_tls() -> None:
     assert "may require TLS" not in str(err.value), str(err.value)
 
 
+# ---------------------------------------------------------------- the wrong kind of port
+
+
+@pytest.mark.parametrize("broker,sdk", [("tcp", "ws"), ("tls", "wss")])
+async def test_a_websocket_url_at_a_binary_port_fails_at_once_suggesting_it(lmdb_store, ca, broker, sdk) -> None:
+    """ws:// at a tcp:// port (wss:// at tls://): the broker answers the
+    upgrade request with its own Close frame, and the SDK waited out
+    connect_timeout (600 s here) with no hint.  Now that answer fails the
+    first connection at once, naming the URL to try."""
+    from pimcore.client import ConnectFailed
+
+    ctx = {"ssl_context": _serving_tls(ca)} if broker == "tls" else {}
+    with trio.fail_after(20):
+        async with serving(lmdb_store, server_config(Endpoint(broker), **ctx)) as srv:
+            port = srv.endpoints[0].port
+            with pytest.raises(ConnectFailed) as err:
+                kw = {"ssl_context": _trusting(ca)} if sdk == "wss" else {}
+                async with client(f"{sdk}://127.0.0.1:{port}/im", "alice", config=ClientConfig(connect_timeout=600.0), **kw):
+                    pass  # pragma: no cover
+    msg = str(err.value)
+    assert msg.startswith(f"cannot connect to {sdk}://127.0.0.1:{port}/im: the server answered the WebSocket upgrade"
+                          " in pimcore's binary protocol"), msg
+    assert msg.endswith(f"(it is not a WebSocket endpoint: try {broker}://127.0.0.1:{port})"), msg
+
+
+@pytest.mark.parametrize("broker,sdk", [("ws", "tcp"), ("wss", "tls")])
+async def test_a_binary_url_at_a_websocket_port_fails_at_once_suggesting_it(lmdb_store, ca, broker, sdk) -> None:
+    """tcp:// at a ws:// port (tls:// at wss://): the listener waited for the
+    end of an HTTP request line (login_timeout), the SDK for connect_timeout
+    (600 s here), and then said "no answer to the login".  The listener now
+    answers bytes that are no HTTP with 400 naming itself, and the SDK fails
+    at once on an HTTP answer, naming the URL to try."""
+    from pimcore.client import ConnectFailed
+
+    ctx = {"ssl_context": _serving_tls(ca)} if broker == "wss" else {}
+    with trio.fail_after(20):
+        async with serving(lmdb_store, server_config(Endpoint(broker, path="/im"), login_timeout=600, **ctx)) as srv:
+            port = srv.endpoints[0].port
+            with pytest.raises(ConnectFailed) as err:
+                kw = {"ssl_context": _trusting(ca)} if sdk == "tls" else {}
+                async with client(f"{sdk}://127.0.0.1:{port}", "alice", config=ClientConfig(connect_timeout=600.0), **kw):
+                    pass  # pragma: no cover
+            async with client(srv.url(broker), "alice", **kw):  # the listener is fine
+                pass
+    msg = str(err.value)
+    assert msg.startswith(f"cannot connect to {sdk}://127.0.0.1:{port}: the server answered the login with HTTP"
+                          " (HTTP/1.1 400 Bad Request)"), msg
+    http = "HTTPS" if broker == "wss" else "HTTP"
+    assert msg.endswith(f"(it may be a {broker}:// or {http} port: try {broker}://127.0.0.1:{port}/im)"), msg
+
+
+async def test_a_tcp_url_at_an_http_server_fails_at_once_suggesting_ws() -> None:
+    """Any HTTP server's answer to the binary Login (here a 400 at once)."""
+    from pimcore.client import ConnectFailed
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_tls_like_server, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        with trio.fail_after(20), pytest.raises(ConnectFailed) as err:
+            async with open_client(f"tcp://127.0.0.1:{port}", token("alice"), "phone",
+                                   config=ClientConfig(connect_timeout=600.0)):
+                pass  # pragma: no cover
+        nursery.cancel_scope.cancel()
+    msg = str(err.value)
+    assert msg == (f"cannot connect to tcp://127.0.0.1:{port}: the server answered the login with HTTP"
+                   f" (HTTP/1.1 400 Bad Request) (it may be a ws:// or HTTP port: try ws://127.0.0.1:{port}/)"), msg
+
+
 def _trusting(ca) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
@@ -1163,6 +1230,129 @@ async def test_a_client_that_resets_while_the_broker_is_full_does_not_end_the_br
     [refused] = [r for r in caplog.records if getattr(r, "event", None) == "overloaded"]
     closes = [r for r in caplog.records if getattr(r, "event", None) == "close" and r.conn == refused.conn]
     assert [r.code for r in closes] == ["OVERLOADED"], [r.getMessage() for r in caplog.records]
+
+
+# ---------------------------------------------------------------- max_connections on ws:// listeners
+
+
+async def _raw_ws_conn(port: int, data: bytes = b"") -> trio.SocketStream:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    if data:
+        await stream.send_all(data)
+    return stream
+
+
+async def _read_to_the_end(stream: trio.abc.Stream) -> bytes:
+    got = b""
+    try:
+        while True:
+            data = await stream.receive_some()
+            if not data:
+                break
+            got += data
+    except trio.BrokenResourceError:
+        pass
+    await trio.aclose_forcefully(stream)
+    return got
+
+
+async def _until_closes(caplog, n: int) -> None:
+    """Until the broker logged ``n`` close lines (the connections' ends seen)."""
+    while len([r for r in caplog.records if getattr(r, "event", None) == "close"]) < n:
+        await trio.sleep(0.01)
+
+
+async def test_ws_connections_still_in_their_upgrade_count_against_max_connections(lmdb_store, caplog):
+    """A ws:// connection counted against max_connections only once its
+    WebSocket upgrade was done: sockets that never finish the upgrade were
+    held beyond the limit (until login_timeout).  Now they count from
+    accept; the one over the limit gets HTTP 503 and is closed (counted and
+    logged as tcp's refusal), and their slots come back when they end."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    cfg = server_config(Endpoint("ws", path="/im"), max_connections=2, login_timeout=600)
+    with trio.fail_after(20):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            silent = await _raw_ws_conn(port)  # sends nothing
+            half = await _raw_ws_conn(port, WS_UPGRADE[:20])  # half an upgrade request
+            while srv.statistics().accepted < 2:
+                await trio.sleep(0.01)
+            third = await _raw_ws_conn(port, WS_UPGRADE)
+            answer = await _read_to_the_end(third)
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert answer.endswith(b"too many connections"), answer
+            assert srv.statistics().refused == 1
+            assert srv.statistics().closes.get("OVERLOADED") == 1
+            [refused] = [r for r in caplog.records if getattr(r, "event", None) == "overloaded"]
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close" and r.conn == refused.conn]
+            assert close.code == "OVERLOADED", close.getMessage()
+            # The client ends them: a FIN, and a reset.
+            await silent.aclose()
+            half.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await half.aclose()
+            await _until_closes(caplog, 3)
+            async with client(srv.url("ws"), "alice") as a, client(srv.url("ws"), "bob") as b:
+                assert (await a.send(AB, b"both in")).seq == 1
+                assert (await take_messages(b, 1))[0].payload == b"both in"
+
+
+@pytest.mark.parametrize("ending", ["wrong-path", "malformed", "not-http", "logged-out"])
+async def test_every_way_a_ws_connection_ends_gives_its_slot_back(lmdb_store, caplog, ending):
+    """Three ws:// connections end one after the other (a refused upgrade,
+    a malformed one, bytes that are no HTTP, a client that logged in and
+    left) at max_connections=2: then two clients log in together, and a
+    third connection is refused -- the count neither leaked nor went below."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    cfg = server_config(Endpoint("ws", path="/im"), max_connections=2, login_timeout=600)
+    with trio.fail_after(30):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            for i in range(3):
+                if ending == "logged-out":
+                    async with client(srv.url("ws"), f"u{i}"):
+                        pass
+                else:
+                    data = {"wrong-path": WS_UPGRADE.replace(b"GET /im ", b"GET /elsewhere "),
+                            "malformed": b"GET /im HTTP/1.1\r\n\r\n",
+                            "not-http": encode_frame(F.Login(token("alice").encode(), "d", 0, 0, 0))}[ending]
+                    answer = await _read_to_the_end(await _raw_ws_conn(port, data))
+                    assert answer.startswith(b"HTTP/1.1 4"), answer
+                await _until_closes(caplog, i + 1)
+            async with client(srv.url("ws"), "alice") as a, client(srv.url("ws"), "bob") as b:
+                answer = await _read_to_the_end(await _raw_ws_conn(port, WS_UPGRADE))
+                assert answer.startswith(b"HTTP/1.1 503 "), answer
+                assert (await a.send(AB, b"both in")).seq == 1
+                assert (await take_messages(b, 1))[0].payload == b"both in"
+            assert srv.statistics().refused == 1
+
+
+async def test_a_ws_client_refused_at_max_connections_retries_like_a_tcp_one(lmdb_store):
+    """HTTP 503 to the upgrade is the ws:// refusal at max_connections (tcp://
+    gets Close OVERLOADED, which the SDK retries); the SDK took it for a
+    permanent refusal and failed at once.  Now it retries until
+    connect_timeout: the client gets in once a slot frees."""
+    cfg = server_config(Endpoint("ws", path="/im"), max_connections=1, login_timeout=600)
+    with trio.fail_after(30):
+        async with serving(lmdb_store, cfg) as srv:
+            logged_in = trio.Event()
+
+            async def bob() -> None:
+                async with client(srv.url("ws"), "bob", config=ClientConfig(connect_timeout=600.0, backoff_max=0.1)) as b:
+                    logged_in.set()
+                    assert (await take_messages(b, 1))[0].payload == b"left for you"
+
+            async with trio.open_nursery() as nursery:
+                async with client(srv.url("ws"), "alice") as a:
+                    nursery.start_soon(bob)
+                    while srv.statistics().refused < 2:  # bob was refused, and retried
+                        await trio.sleep(0.01)
+                    assert not logged_in.is_set()
+                    await a.send(AB, b"left for you")
+                await logged_in.wait()
 
 
 @pytest.mark.parametrize("request_bytes", [b"GET /im HTTP/1.1\r\n\r\n", b"\x03\x03\x03", b"x\r\n\r\n"],

@@ -418,6 +418,11 @@ def _why_lost(stream: trio.abc.Stream, exc: BaseException) -> str:
 #: the broker's.
 _PEER_GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
+#: What a ws:// or wss:// connection accepted at max_connections is answered
+#: (BrokerServer._refuse_ws): the HTTP server's refusal at its limit.
+_WS_REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+               b"Content-Length: 20\r\nConnection: close\r\n\r\ntoo many connections")
+
 #: The first byte of a TLS record holding a handshake message (a ClientHello).
 _TLS_HANDSHAKE_RECORD = 0x16
 #: A fatal TLS alert record, unexpected_message (RFC 8446 sections 5.1, 6).
@@ -475,12 +480,26 @@ class _EndWatch(StreamWrapper):
     or TLS over it), calling ``on_end`` when the client hangs up (EOF, or a
     TLS close_notify) or the stream breaks: trio-websocket (0.12) waits for
     an upgrade request on and on after that -- its reader saw the end --
-    and BrokerServer._serve_ws ends that wait with it."""
+    and BrokerServer._serve_ws ends that wait with it.  So does the reader
+    closing the stream itself, having answered a malformed upgrade request
+    with HTTP 400 (the wait went on until login_timeout, holding one of
+    max_connections)."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         super().__init__(inner)
         self.ended = False  # the client hung up, or the stream broke
+        self.closed = False  # trio-websocket closed it (a malformed upgrade request, answered 400)
+        # The client's first bytes are no HTTP request (pimcore's binary
+        # protocol: a tcp:// client): h11 would wait for a line end until
+        # login_timeout, and the client with it.  _serve_ws answers 400.
+        self.not_http = False
+        self._first = b""
         self.on_end: Optional[Callable[[], object]] = None
+
+    async def aclose(self) -> None:
+        self.closed = True
+        self._end()
+        await super().aclose()
 
     async def receive_some(self, max_bytes: Optional[int] = None) -> Union[bytes, bytearray]:
         try:
@@ -490,12 +509,35 @@ class _EndWatch(StreamWrapper):
             raise
         if not data:
             self._end()
+        elif len(self._first) < 2:
+            self._first += bytes(data[: 2 - len(self._first)])
+            if not _http_start(self._first):
+                self.not_http = True
+                self._end()
+                await trio.sleep_forever()  # (its reader waits, until _serve_ws cancels it)
         return data
 
     def _end(self) -> None:
         self.ended = True
         if self.on_end is not None:
             self.on_end()
+
+
+def _http_start(first: bytes) -> bool:
+    """``first`` (a client's first 1 or 2 bytes) may begin an HTTP request:
+    a method is letters.  A pimcore frame never begins so: its length (a
+    varint) is followed by its head, 0x30-0x3f, or its first byte is >= 0x80."""
+    return all(65 <= b <= 90 or 97 <= b <= 122 for b in first)
+
+
+def _not_http_answer(ep: Endpoint) -> bytes:
+    """A ws:// or wss:// listener's answer to bytes that are no HTTP request
+    (a tcp:// client's Login): 400, naming the listener (the SDK suggests
+    its URL from it: pimcore.client)."""
+    body = (f"this is a pimcore {ep.scheme}:// listener (path {ep.path}): not a WebSocket upgrade request"
+            ).encode()
+    return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
 
 
 def tls_server_stream(sock: trio.SocketStream, ssl_context: ssl.SSLContext, *, peer: Optional[str] = None,
@@ -783,6 +825,10 @@ class BrokerServer:
         # ws:// and wss:// connections still in their handshakes (TLS, the
         # upgrade): not in _peers yet; shutdown() cancels them.
         self._handshakes: set[trio.CancelScope] = set()
+        # How many ws:// and wss:// connections are between accept and
+        # _serve_peer (their handshakes): they count against max_connections
+        # from accept, as tcp:// and tls:// ones do (see _full).
+        self._upgrading = 0
         self._stopping = False
         self._stats = {
             "accepted": 0,
@@ -1013,6 +1059,13 @@ class BrokerServer:
         its upgrade has its close line here, the others in _serve_peer."""
         sock, addr = accepted.stream, accepted.peer
         conn_id = self._connected(ep, addr)
+        if self._full() and not self._stopping:
+            await self._refuse_ws(ep, sock, conn_id, addr)
+            return
+        # It holds one of max_connections from here: _serve_peer takes it
+        # over, or the finally below gives it back, however it ends.
+        self._upgrading += 1
+        upgrading = True
         ended: Optional[str] = None  # why it ended before its upgrade, for its close line
         # Peers split writes into messages of up to MAX_PEER_MESSAGE whatever the
         # frame limit (frames span messages); the frame limit is the decoder's.
@@ -1063,12 +1116,22 @@ class BrokerServer:
                     finally:
                         watch.on_end = None
                         self._handshakes.discard(handshakes)
+                if watch.not_http and ended is None and not self._stopping:
+                    ended = "not a WebSocket upgrade request (binary: a tcp:// client?): answered HTTP 400"
+                    with trio.move_on_after(self.config.close_timeout):
+                        try:
+                            await stream.send_all(_not_http_answer(ep))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                            pass  # gone already
                 if handshakes.cancelled_caught and ws is None and ended is None:
                     ended = ("broker shutting down" if self._stopping
+                             else "WebSocket upgrade refused (HTTP 400): a malformed upgrade request" if watch.closed
                              else "the client hung up before its WebSocket upgrade" if watch.ended
                              else "handshakes not done within login_timeout")
                     log.debug("%s connection %d: handshakes not done in time (or shutdown)", ep.scheme, conn_id)
                 if ws is not None:
+                    self._upgrading -= 1  # (no checkpoint before _serve_peer counts it in _peers)
+                    upgrading = False
                     await self._serve_peer(WebSocketStream(ws), ep, conn_id, addr=addr)
                 nursery.cancel_scope.cancel()  # closed (or never opened): the reader ends
         except BaseExceptionGroup as group:
@@ -1083,9 +1146,39 @@ class BrokerServer:
             if ended is None:
                 ended = f"connection lost: {_tls_reason(first_leaf(group))}"
         finally:
+            if upgrading:
+                self._upgrading -= 1
             if ws is None:
                 self._ended(conn_id, None, ended or "ended before its WebSocket upgrade")
             await trio.aclose_forcefully(stream)
+
+    async def _refuse_ws(self, ep: Endpoint, sock: trio.SocketStream, conn_id: int, addr: str) -> None:
+        """A ws:// or wss:// connection accepted at max_connections: HTTP 503
+        (what a refused upgrade can say before any WebSocket exists; tcp://
+        gets Close OVERLOADED), over TLS on wss://, then hang up.  Counted
+        and logged as tcp's refusal."""
+        self._count_refusal(conn_id, addr)
+        stream: trio.abc.Stream = sock
+        if ep.secure and self._ssl is not None:
+            stream = tls_server_stream(sock, self._ssl, peer=addr, https_compatible=True)
+        with trio.move_on_after(self.config.close_timeout):
+            try:
+                await stream.send_all(_WS_REFUSAL)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # gone already (a reset, a failed TLS handshake)
+        self._ended(conn_id, CloseCode.OVERLOADED, "too many connections (HTTP 503 to the WebSocket upgrade)")
+        await trio.aclose_forcefully(stream)
+
+    def _full(self) -> bool:
+        """max_connections reached: connections served (_peers) and ws://
+        and wss:// ones in their handshakes (_upgrading) alike."""
+        return len(self._peers) + self._upgrading >= self.config.max_connections
+
+    def _count_refusal(self, conn_id: int, addr: str) -> None:
+        self._stats["refused"] += 1
+        self._closes["OVERLOADED"] = self._closes.get("OVERLOADED", 0) + 1
+        log.warning("connection refused conn=%d: max_connections (%d) reached", conn_id, self.config.max_connections,
+                    extra={"event": "overloaded", "conn": conn_id, "peer": addr})
 
     # ------------------------------------------------------------ one connection
 
@@ -1131,12 +1224,8 @@ class BrokerServer:
             await trio.aclose_forcefully(stream)
             return
         peer = _Peer(conn_id, stream, ep)
-        if len(self._peers) >= self.config.max_connections:
-            self._stats["refused"] += 1
-            self._closes["OVERLOADED"] = self._closes.get("OVERLOADED", 0) + 1
-            log.warning("connection refused conn=%d: max_connections (%d) reached", conn_id, self.config.max_connections,
-                        extra={"event": "overloaded", "conn": conn_id,
-                               "peer": addr if addr is not None else _peer_address(stream)})
+        if self._full():
+            self._count_refusal(conn_id, addr if addr is not None else _peer_address(stream))
             with trio.move_on_after(self.config.close_timeout):
                 try:
                     await stream.send_all(refuse_connection())
