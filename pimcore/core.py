@@ -230,8 +230,10 @@ class BrokerConfig:
     # alone) and a direct message as 2.  An op larger than the budget goes
     # in a batch of its own.  Bounds the commit's time and its results'
     # memory: 300 posts to a group of 20,000 were one commit of 6,000,000
-    # entries (14.5 s silent, +560 MB).
-    max_batch_entries: int = 65_536
+    # entries (11.5 s, +1 GB).  Each commit rewrites a page of every
+    # member's inbox, so a smaller budget costs throughput: for those 300
+    # posts 65,536 took 35 s and 262,144 15 s (BENCHMARKS.md).
+    max_batch_entries: int = 262_144
     login_timeout: int = 10 * SECOND  # a connection must log in within this
     # A logged-in connection that sends nothing (not even a Ping) for this long
     # is a dead peer: closed with IDLE_TIMEOUT.  0 = never.  Pick it a few

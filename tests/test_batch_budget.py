@@ -66,10 +66,10 @@ def _post_many(h: Harness, conv: str, n: int) -> list:
 
 @DRIVERS
 def test_posts_to_a_large_group_are_split_at_the_default_budget(store, driver):
-    # The default budget (65,536 entries) against 300 posts to a group of
-    # 300: 90,000 entries, which were one batch.
+    # The default budget (262,144 entries) against 300 posts to a group of
+    # 1,000: 300,000 entries, which were one batch.
     h = Harness(store, driver=driver)
-    members = [f"u{i}" for i in range(300)]
+    members = [f"u{i}" for i in range(1000)]
     h.create_group("big", members)
     done = _post_many(h, "big", 300)
     assert [d.code for d in done] == [ErrorCode.OK] * 300
