@@ -230,7 +230,7 @@ async def test_a_served_broker_commits_a_large_fanout_in_a_worker_thread(tmp_pat
     threads: list[tuple[str, bool]] = []
 
     def commit(batch):
-        kinds = {op.conv for op in batch.ops if isinstance(op, NewMessage)}
+        kinds = {op.conv for op in batch.ops if isinstance(op, (NewMessage, AddMembers))}
         for conv in kinds:
             threads.append((conv, threading.current_thread() is threading.main_thread()))
         return real(batch)
@@ -247,12 +247,17 @@ async def test_a_served_broker_commits_a_large_fanout_in_a_worker_thread(tmp_pat
                 await raw.send(F.SendReq(2, direct_conversation("u1", "u2"), 0, b"to one"))
                 ack = await raw.until(F.SendAck)
                 assert ack.code == ErrorCode.OK
+                # A membership change: 2 users x 20,002 members (the size the
+                # message's answer told), off the loop too; a small one on it.
+                await srv.add_members("huge", ["n1", "n2"])
+                await srv.create_group("small", ["u1"])
+                await srv.add_members("small", ["u2"])
                 await raw.aclose()
     finally:
         store.close()
-    assert threads == [("huge", False), (direct_conversation("u1", "u2"), True)]
+    assert threads == [("huge", False), (direct_conversation("u1", "u2"), True), ("huge", False), ("small", True)]
     store = LmdbStore(str(tmp_path / "db"), durability=durability)
     try:
-        assert store.inbox_head("u19999") == 1
+        assert store.inbox_head("u19999") == 3  # the message, n1 and n2 JOINED
     finally:
         store.close()
