@@ -3624,9 +3624,13 @@ class Broker:
                 self._take_eager(n, out)
                 return
         self._lazy_since = None
-        n = self._batch_end(self._ops, n)
-        ops, ctxs = self._ops[:n], self._ctxs[:n]
-        del self._ops[:n], self._ctxs[:n]
+        end = self._batch_end(self._ops, n)
+        if end < n and end < len(self._ops):
+            # The fan-out budget closed the batch: what may still ride along.
+            ops, ctxs, self._ops, self._ctxs = self._split(self._ops, self._ctxs, end, self._ride_along(self._ops, end, n - end))
+        else:
+            ops, ctxs = self._ops[:end], self._ctxs[:end]
+            del self._ops[:end], self._ctxs[:end]
         self._reslot()
         self._commit_batch(ops, ctxs, out)
 
@@ -3662,6 +3666,10 @@ class Broker:
                 w = budget if size is None else users * (size + users)
             elif kind is PurgeUser or kind is PurgeConversation:
                 w = budget  # LEFT entries to each of the user's groups / a whole conversation's
+            elif kind is CreateGroup:
+                # No inbox entries, but a record per member: a group of
+                # 300,000 took 4 s to create, and goes off the loop so.
+                w = len(op.members)  # type: ignore[union-attr]
             else:
                 w = 1
             total += w
@@ -3672,6 +3680,60 @@ class Broker:
         self._inflight_groups = [i for i in groups if i < end]
         self._batch_entries = total
         return end
+
+    def _ride_along(self, ops: list[Op], end: int, room: int) -> list[int]:
+        """The indices past ``end`` of the messages that may still join a
+        batch the fan-out budget closed at ``end`` (at most ``room``, within
+        the budget left or a quarter of it, whichever is more).  Why: a
+        backlog of large group messages (a post of 1,000 messages to a
+        group of 20,000 is 77 commits) would otherwise hold up every
+        message proposed after it, in any conversation, until all of it is
+        stored.  Order is kept where it is owed: a message never passes an
+        op of its own conversation, nor one of its own sending device (its
+        SendAcks go out in send order); the host (SYSTEM) answers each post
+        on its own.  Delivery acks, read markers and conversation settings
+        are passed; any other op (an event, a revocation, a purge of a
+        user) ends the search."""
+        budget = self.config.max_batch_entries
+        allowance = max(budget - self._batch_entries, budget >> 2)
+        sizes = self._sizes
+        convs: set[str] = set()
+        senders: set[tuple[str, str]] = set()
+        taken: list[int] = []
+        total = 0
+        for j in range(end, len(ops)):
+            if len(taken) >= room:
+                break
+            op = ops[j]
+            kind = type(op)
+            if kind is NewMessage or kind is AmendMessage:
+                conv, sender = op.conv, (op.sender, op.device)  # type: ignore[union-attr]
+                if j > end and kind is NewMessage and conv not in convs and (sender[0] == SYSTEM or sender not in senders):
+                    w = 2 if conv.startswith(DIRECT_PREFIX) else sizes.get(conv)
+                    if w is not None and total + max(w, 1) <= allowance:
+                        total += max(w, 1)
+                        if not conv.startswith(DIRECT_PREFIX):
+                            self._inflight_groups.append(end + len(taken))  # (its index in the batch)
+                        taken.append(j)
+                        continue
+                convs.add(conv)
+                if sender[0] != SYSTEM:
+                    senders.add(sender)
+            elif kind is AddMembers or kind is RemoveMembers or kind is CreateGroup or kind is PurgeConversation:
+                convs.add(op.conv)  # type: ignore[union-attr]
+            elif kind not in _PASSED_OPS:
+                break
+        self._batch_entries += total
+        return taken
+
+    @staticmethod
+    def _split(ops: list[Any], ctxs: list[Any], end: int, extra: list[int]) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+        """(batch ops, their ctxs, the ops left, their ctxs): the first
+        ``end`` and those at ``extra`` (ascending) are the batch."""
+        take = set(extra)
+        rest = [j for j in range(end, len(ops)) if j not in take]
+        return (ops[:end] + [ops[j] for j in extra], ctxs[:end] + [ctxs[j] for j in extra],
+                [ops[j] for j in rest], [ctxs[j] for j in rest])
 
     def _learn_sizes(self, ops: tuple[Any, ...], results: tuple[Result, ...]) -> None:
         """Note the members of each group a committed NewMessage went to
@@ -3736,10 +3798,10 @@ class Broker:
         end = self._batch_end(ops, n)
         if end < len(ops):
             # The fan-out budget closed the batch early: the sends it leaves
-            # go back in front of the acks, in their order (an ack's slot is
-            # only about the acks: _reslot).
-            keep_ops[:0], keep_ctxs[:0] = ops[end:], ctxs[end:]
-            del ops[end:], ctxs[end:]
+            # (but those that ride along) go back in front of the acks, in
+            # their order (an ack's slot is only about the acks: _reslot).
+            ops, ctxs, left, left_ctxs = self._split(ops, ctxs, end, self._ride_along(ops, end, n - end))
+            keep_ops[:0], keep_ctxs[:0] = left, left_ctxs
         self._ops, self._ctxs = keep_ops, keep_ctxs
         self._reslot()
         self._commit_batch(ops, ctxs, out)
@@ -3749,6 +3811,9 @@ class Broker:
 #: by the timer this long after (µs), whichever comes first.
 _RETRY_AFTER_FAILURE = 200_000
 
+#: Ops a message may pass to ride along in a batch (Broker._ride_along):
+#: they do not touch a conversation's order.
+_PASSED_OPS = frozenset((AckPosition, TouchDevice, MarkRead, SetConversation))
 #: Groups whose size the core keeps (BrokerConfig.max_batch_entries); about
 #: 100 bytes each.
 _MAX_SIZES = 65_536
