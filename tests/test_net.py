@@ -1228,6 +1228,10 @@ async def test_a_client_that_resets_while_the_broker_is_full_does_not_end_the_br
                     await trio.sleep(0.01)
                 assert (await a.send(AB, b"unaffected")).seq == 1
     [refused] = [r for r in caplog.records if getattr(r, "event", None) == "overloaded"]
+    # The text line names the peer too, as the connect line does (OPERATIONS.md).
+    assert refused.peer.startswith("127.0.0.1:"), refused.peer
+    assert refused.getMessage() == (f"connection refused conn={refused.conn} peer={refused.peer}:"
+                                    " max_connections (1) reached"), refused.getMessage()
     closes = [r for r in caplog.records if getattr(r, "event", None) == "close" and r.conn == refused.conn]
     assert [r.code for r in closes] == ["OVERLOADED"], [r.getMessage() for r in caplog.records]
 
