@@ -1003,7 +1003,14 @@ class Client:
                     ) or _all_refused(exc)
                     if permanent:
                         ep = self.endpoint
-                        raise ConnectFailed(f"cannot connect to {self.url}: {_root_cause(exc, ep.path, ep.secure)}") from exc
+                        hint = ""
+                        if ep.secure and _ssl_reason(exc) == "WRONG_VERSION_NUMBER":
+                            # No TLS record for an answer: a plain port (a
+                            # pimcore Close, an HTTP 400...).
+                            scheme, path = ("ws", ep.path) if ep.websocket else ("tcp", "")
+                            hint = f" (the server may not use TLS: try {scheme}://{_host(ep)}:{ep.port}{path})"
+                        raise ConnectFailed(f"cannot connect to {self.url}:"
+                                            f" {_root_cause(exc, ep.path, ep.secure)}{hint}") from exc
                     if isinstance(exc, _WrongPort):
                         # The wrong kind of port said so: that will not change.
                         raise ConnectFailed(f"cannot connect to {self.url}: {exc.what} ({exc.hint})") from exc
@@ -1107,6 +1114,19 @@ def _api_hint(secure: bool) -> str:
     pair = "tls:// or wss://" if secure else "tcp:// or ws://"
     return (f"it is pimcore's HTTP API port, not a broker listener: use the {pair} address"
             " `pimcore serve` prints as 'listening on'")
+
+
+def _ssl_reason(exc: BaseException) -> Optional[str]:
+    """The reason ("WRONG_VERSION_NUMBER") of the first ssl.SSLError in
+    ``exc``'s chain, if any."""
+    e: Optional[BaseException] = exc
+    for _ in range(8):
+        if e is None:
+            return None
+        if isinstance(e, ssl.SSLError):
+            return e.reason
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _rejected(exc: ConnectionRejected, path: Optional[str] = None, secure: bool = False) -> str:

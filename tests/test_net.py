@@ -714,6 +714,27 @@ async def test_a_websocket_url_at_the_http_api_says_it_is_the_http_api(lmdb_stor
     assert msg == (f"cannot connect to {sdk}://127.0.0.1:{port}/im: the server refused the WebSocket upgrade"
                    f" with HTTP 404 " + _API_HINT.format(pair=pair)), msg
 
+
+@pytest.mark.parametrize("broker,sdk", [("tcp", "tls"), ("ws", "wss")])
+async def test_a_tls_url_at_a_plain_listener_fails_at_once_suggesting_plain(lmdb_store, broker, sdk) -> None:
+    """tls:// at a tcp:// port (wss:// at ws://) failed at once but said only
+    "SSLError: [SSL: WRONG_VERSION_NUMBER] ...": the plain URL is suggested."""
+    from pimcore.client import ConnectFailed
+
+    path = "/im" if broker == "ws" else ""
+    ep = Endpoint(broker, path=path) if path else Endpoint(broker)
+    with trio.fail_after(20):
+        async with serving(lmdb_store, server_config(ep, login_timeout=600)) as srv:
+            port = srv.endpoints[0].port
+            with pytest.raises(ConnectFailed) as err:
+                async with client(f"{sdk}://127.0.0.1:{port}{path}", "alice", config=ClientConfig(connect_timeout=600.0)):
+                    pass  # pragma: no cover
+    msg = str(err.value)
+    assert msg.startswith(f"cannot connect to {sdk}://127.0.0.1:{port}{path}: SSLError: "), msg
+    assert "WRONG_VERSION_NUMBER" in msg, msg
+    assert msg.endswith(f"(the server may not use TLS: try {broker}://127.0.0.1:{port}{path})"), msg
+
+
 def _trusting(ca) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
