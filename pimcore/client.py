@@ -804,9 +804,12 @@ class Client:
         bytes), suggesting the WebSocket URL: with the path a pimcore ws://
         listener names in its 400, else /."""
         status = data.split(b"\r\n", 1)[0][:100].decode("ascii", "replace").strip()
+        ep = self.endpoint
+        if _HTTP_API.search(data):
+            # pimcore's own HTTP API port (its 400 names it): no WebSocket URL to suggest.
+            return _WrongPort(f"the server answered the login with HTTP ({status})", _api_hint(ep.secure))
         m = re.search(rb"pimcore wss?:// listener \(path (/[^\s)]*)\)", data)
         path = m.group(1).decode("ascii", "replace") if m else "/"
-        ep = self.endpoint
         scheme, http = ("wss", "HTTPS") if ep.secure else ("ws", "HTTP")
         return _WrongPort(f"the server answered the login with HTTP ({status})",
                           f"it may be a {scheme}:// or {http} port: try {scheme}://{_host(ep)}:{ep.port}{path}")
@@ -999,7 +1002,15 @@ class Client:
                         exc.__cause__, (ConnectionRefusedError, ssl.SSLError)
                     ) or _all_refused(exc)
                     if permanent:
-                        raise ConnectFailed(f"cannot connect to {self.url}: {_root_cause(exc, self.endpoint.path)}") from exc
+                        ep = self.endpoint
+                        hint = ""
+                        if ep.secure and _ssl_reason(exc) == "WRONG_VERSION_NUMBER":
+                            # No TLS record for an answer: a plain port (a
+                            # pimcore Close, an HTTP 400...).
+                            scheme, path = ("ws", ep.path) if ep.websocket else ("tcp", "")
+                            hint = f" (the server may not use TLS: try {scheme}://{_host(ep)}:{ep.port}{path})"
+                        raise ConnectFailed(f"cannot connect to {self.url}:"
+                                            f" {_root_cause(exc, ep.path, ep.secure)}{hint}") from exc
                     if isinstance(exc, _WrongPort):
                         # The wrong kind of port said so: that will not change.
                         raise ConnectFailed(f"cannot connect to {self.url}: {exc.what} ({exc.hint})") from exc
@@ -1094,10 +1105,37 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
-def _rejected(exc: ConnectionRejected, path: Optional[str] = None) -> str:
+#: What pimcore's HTTP API port says to a broker client (its 400 to a binary
+#: Login, its 404 to a WebSocket upgrade: pimcore.http.server).
+_HTTP_API = re.compile(rb"this is pimcore's HTTP API \(https?://\)")
+
+
+def _api_hint(secure: bool) -> str:
+    pair = "tls:// or wss://" if secure else "tcp:// or ws://"
+    return (f"it is pimcore's HTTP API port, not a broker listener: use the {pair} address"
+            " `pimcore serve` prints as 'listening on'")
+
+
+def _ssl_reason(exc: BaseException) -> Optional[str]:
+    """The reason ("WRONG_VERSION_NUMBER") of the first ssl.SSLError in
+    ``exc``'s chain, if any."""
+    e: Optional[BaseException] = exc
+    for _ in range(8):
+        if e is None:
+            return None
+        if isinstance(e, ssl.SSLError):
+            return e.reason
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _rejected(exc: ConnectionRejected, path: Optional[str] = None, secure: bool = False) -> str:
     """A refused WebSocket upgrade in words (its repr is a tuple of bytes)."""
-    body = bytes(exc.body or b"").decode("utf-8", "replace").strip()
+    raw = bytes(exc.body or b"")
     text = f"the server refused the WebSocket upgrade with HTTP {exc.status_code}"
+    if _HTTP_API.search(raw):
+        return f"{text} ({_api_hint(secure)})"
+    body = raw.decode("utf-8", "replace").strip()
     if body and len(body) <= 200 and body.isprintable():
         text += f" ({body})"
     if exc.status_code == 404 and path:
@@ -1152,13 +1190,13 @@ def _io_failure(exc: BaseException) -> str:
     return text or "connection broken"
 
 
-def _root_cause(exc: BaseException, path: Optional[str] = None) -> str:
+def _root_cause(exc: BaseException, path: Optional[str] = None, secure: bool = False) -> str:
     """The most telling error in ``exc``'s chain (an SSL or OS error if any:
     "certificate verify failed" says more than "BrokenResourceError"; the
     attempts' own errors rather than trio's "all attempts ... failed"; a
     refused WebSocket upgrade in words, asking about the ``path`` on a 404)."""
     if isinstance(exc, ConnectionRejected):
-        return _rejected(exc, path)
+        return _rejected(exc, path, secure)
     if isinstance(exc, _SessionEnded):
         if exc.code is None and exc.reason == LOGIN_TIMED_OUT:
             return "no answer to the login (is it a pimcore broker?)"

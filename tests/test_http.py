@@ -285,6 +285,34 @@ async def test_garbage_is_a_400() -> None:
             assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_request"
 
 
+async def test_bytes_no_request_begins_with_are_a_400_at_once_naming_the_port() -> None:
+    """A pimcore tcp:// client's binary Login at this port: h11 waited for a
+    line end until request_timeout (600 s here; the SDK's connect_timeout
+    raced it).  Answered at once (a method is letters), naming the HTTP API
+    (h11 said "malformed HTTP request", when it answered).  A WebSocket upgrade
+    (a broker ws:// URL) gets its 404 naming the port too; other 404s do not."""
+    named = "this is pimcore's HTTP API (http://): not a broker listener"
+    with trio.fail_after(20):
+        async with broker_http(request_timeout=600) as (srv, h):
+            for first in (b"\x07\x30\x01login", b"\x16\x03\x01\x02\x00"):  # a Login-like frame, a ClientHello
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(first)
+                reply = await read_until_eof(stream)
+                assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n"), reply
+                assert json.loads(reply.split(b"\r\n\r\n", 1)[1]) == {"error": {"code": "bad_request",
+                                                                              "message": named}}
+            stream = await trio.open_tcp_stream(*host_port(h.url))  # a request still is one
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            assert (await read_until_eof(stream)).startswith(b"HTTP/1.1 200 OK\r\n")
+            for upgrade, message in ((b"Upgrade: websocket\r\nConnection: Upgrade\r\n", f"no endpoint /im ({named})"),
+                                     (b"", "no endpoint /im")):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(b"GET /im HTTP/1.1\r\nHost: t\r\n%sConnection: close\r\n\r\n" % upgrade)
+                reply = await read_until_eof(stream)
+                assert reply.startswith(b"HTTP/1.1 404 Not Found\r\n"), reply
+                assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["message"] == message, reply
+
+
 async def test_only_http_1_0_and_1_1_are_served_others_are_505() -> None:
     """A request line with another version (HTTP/9.9, HTTP/2.0 spoken as
     text) is 505 HTTP Version Not Supported, not answered as 1.1; 1.0 and

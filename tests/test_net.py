@@ -656,6 +656,85 @@ async def test_a_tcp_url_at_an_http_server_fails_at_once_suggesting_ws() -> None
                    f" (HTTP/1.1 400 Bad Request) (it may be a ws:// or HTTP port: try ws://127.0.0.1:{port}/)"), msg
 
 
+
+_API_HINT = ("(it is pimcore's HTTP API port, not a broker listener: use the {pair} address"
+             " `pimcore serve` prints as 'listening on')")
+
+
+@asynccontextmanager
+async def _http_api(store, ca, scheme: str) -> AsyncIterator[int]:
+    """A broker on ``store`` and its HTTP API (``scheme`` tcp: http://, tls:
+    https://, certificate from ``ca``) with request_timeout 600 s; yields
+    the HTTP API's port."""
+    from pimcore.http import HttpConfig, open_http_server
+
+    ctx = {"ssl_context": _serving_tls(ca)} if scheme == "tls" else {}
+    async with serving(store) as srv, open_http_server(srv, HttpConfig(scheme=scheme, request_timeout=600, **ctx)) as h:
+        assert h.url is not None
+        yield int(h.url.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("sdk", ["tcp", "tls"])
+async def test_a_binary_url_at_the_http_api_fails_at_once_saying_so(lmdb_store, ca, sdk) -> None:
+    """tcp:// at the broker's HTTP API port (tls:// at https://): the HTTP
+    listener waited for a request line until request_timeout (10 s, 600 s
+    here), racing connect_timeout, and the hint then said "try ws://...:/"
+    (a 404 there).  It now answers bytes that cannot start a request with 400
+    naming itself, and the SDK says it is the HTTP API port."""
+    from pimcore.client import ConnectFailed
+
+    with trio.fail_after(20):
+        async with _http_api(lmdb_store, ca, sdk) as port:
+            with pytest.raises(ConnectFailed) as err:
+                kw = {"ssl_context": _trusting(ca)} if sdk == "tls" else {}
+                async with client(f"{sdk}://127.0.0.1:{port}", "alice", config=ClientConfig(connect_timeout=600.0), **kw):
+                    pass  # pragma: no cover
+    pair = "tls:// or wss://" if sdk == "tls" else "tcp:// or ws://"
+    msg = str(err.value)
+    assert msg == (f"cannot connect to {sdk}://127.0.0.1:{port}: the server answered the login with HTTP"
+                   f" (HTTP/1.1 400 Bad Request) " + _API_HINT.format(pair=pair)), msg
+
+
+@pytest.mark.parametrize("sdk", ["ws", "wss"])
+async def test_a_websocket_url_at_the_http_api_says_it_is_the_http_api(lmdb_store, ca, sdk) -> None:
+    """ws:// at the HTTP API port got "refused the WebSocket upgrade with
+    HTTP 404 ... is the path /im right?", nothing saying which port it was.
+    The HTTP API's 404 to an upgrade request names it; the SDK says so."""
+    from pimcore.client import ConnectFailed
+
+    with trio.fail_after(20):
+        async with _http_api(lmdb_store, ca, "tls" if sdk == "wss" else "tcp") as port:
+            with pytest.raises(ConnectFailed) as err:
+                kw = {"ssl_context": _trusting(ca)} if sdk == "wss" else {}
+                async with client(f"{sdk}://127.0.0.1:{port}/im", "alice", config=ClientConfig(connect_timeout=600.0),
+                                  **kw):
+                    pass  # pragma: no cover
+    pair = "tls:// or wss://" if sdk == "wss" else "tcp:// or ws://"
+    msg = str(err.value)
+    assert msg == (f"cannot connect to {sdk}://127.0.0.1:{port}/im: the server refused the WebSocket upgrade"
+                   f" with HTTP 404 " + _API_HINT.format(pair=pair)), msg
+
+
+@pytest.mark.parametrize("broker,sdk", [("tcp", "tls"), ("ws", "wss")])
+async def test_a_tls_url_at_a_plain_listener_fails_at_once_suggesting_plain(lmdb_store, broker, sdk) -> None:
+    """tls:// at a tcp:// port (wss:// at ws://) failed at once but said only
+    "SSLError: [SSL: WRONG_VERSION_NUMBER] ...": the plain URL is suggested."""
+    from pimcore.client import ConnectFailed
+
+    path = "/im" if broker == "ws" else ""
+    ep = Endpoint(broker, path=path) if path else Endpoint(broker)
+    with trio.fail_after(20):
+        async with serving(lmdb_store, server_config(ep, login_timeout=600)) as srv:
+            port = srv.endpoints[0].port
+            with pytest.raises(ConnectFailed) as err:
+                async with client(f"{sdk}://127.0.0.1:{port}{path}", "alice", config=ClientConfig(connect_timeout=600.0)):
+                    pass  # pragma: no cover
+    msg = str(err.value)
+    assert msg.startswith(f"cannot connect to {sdk}://127.0.0.1:{port}{path}: SSLError: "), msg
+    assert "WRONG_VERSION_NUMBER" in msg, msg
+    assert msg.endswith(f"(the server may not use TLS: try {broker}://127.0.0.1:{port}{path})"), msg
+
+
 def _trusting(ca) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
@@ -1228,6 +1307,10 @@ async def test_a_client_that_resets_while_the_broker_is_full_does_not_end_the_br
                     await trio.sleep(0.01)
                 assert (await a.send(AB, b"unaffected")).seq == 1
     [refused] = [r for r in caplog.records if getattr(r, "event", None) == "overloaded"]
+    # The text line names the peer too, as the connect line does (OPERATIONS.md).
+    assert refused.peer.startswith("127.0.0.1:"), refused.peer
+    assert refused.getMessage() == (f"connection refused conn={refused.conn} peer={refused.peer}:"
+                                    " max_connections (1) reached"), refused.getMessage()
     closes = [r for r in caplog.records if getattr(r, "event", None) == "close" and r.conn == refused.conn]
     assert [r.code for r in closes] == ["OVERLOADED"], [r.getMessage() for r in caplog.records]
 

@@ -234,6 +234,15 @@ class _StreamDropped(Exception):
     """A stream's client stopped reading (internal to _send_stream)."""
 
 
+def _request_start(buffered: bytes | bytearray) -> bool:
+    """``buffered`` (a request's first bytes; empty lines before it are
+    allowed) may begin an HTTP request: the broker's ws:// listeners' rule
+    (a method is letters)."""
+    from ..net.server import _http_start
+
+    return _http_start(bytes(buffered[:8]).lstrip(b"\r\n")[:2])
+
+
 def _phrase(status: int) -> str:
     """The standard reason phrase ("OK", "Not Found"); "" for a status
     http.HTTPStatus does not know."""
@@ -275,6 +284,9 @@ class HttpServer:
         self._accepting: Optional[trio.CancelScope] = None
         self._waits: set[trio.CancelScope] = set()
         self._all_closed = trio.Event()
+        #: What a broker client (binary Login, WebSocket upgrade) is told here.
+        self._not_a_broker = f"this is pimcore's HTTP API ({'https' if config.scheme == 'tls' else 'http'}://):" \
+                             " not a broker listener"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from ..net.server import open_listeners
@@ -372,6 +384,12 @@ class HttpServer:
                         return
                 if not conn.trailing_data[0] and conn.their_state is h11.IDLE:
                     return  # silent for keepalive_timeout (or shutting down): hang up
+            if conn.their_state is h11.IDLE and not _request_start(conn.trailing_data[0]):
+                # Bytes no request begins with (a pimcore tcp:// client's
+                # Login): h11 would wait for a line end until request_timeout.
+                # Answered at once, naming this port (the SDK says so).
+                await self._send_error(stream, conn, HttpError(400, "bad_request", self._not_a_broker))
+                return
             try:
                 with trio.fail_after(cfg.request_timeout):
                     request = await self._read_request(stream, conn)
@@ -570,7 +588,11 @@ class HttpServer:
                                                  request.body, params))
         except HttpError as exc:
             status, extra = exc.status, exc.headers
-            body = RawBody("application/json", error_body(exc.code, exc.message))
+            message = exc.message
+            if status == 404 and "websocket" in request.headers.get("upgrade", "").lower():
+                # A WebSocket client at this port: a broker's ws:// URL is meant.
+                message = f"{message} ({self._not_a_broker})"
+            body = RawBody("application/json", error_body(exc.code, message))
         except Exception:
             log.exception("http handler failed: %s %s", request.method, request.path)
             status, body = 500, RawBody("application/json", error_body("internal", "internal error"))

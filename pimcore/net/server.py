@@ -1177,8 +1177,8 @@ class BrokerServer:
     def _count_refusal(self, conn_id: int, addr: str) -> None:
         self._stats["refused"] += 1
         self._closes["OVERLOADED"] = self._closes.get("OVERLOADED", 0) + 1
-        log.warning("connection refused conn=%d: max_connections (%d) reached", conn_id, self.config.max_connections,
-                    extra={"event": "overloaded", "conn": conn_id, "peer": addr})
+        log.warning("connection refused conn=%d peer=%s: max_connections (%d) reached", conn_id, addr,
+                    self.config.max_connections, extra={"event": "overloaded", "conn": conn_id, "peer": addr})
 
     # ------------------------------------------------------------ one connection
 
