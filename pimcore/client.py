@@ -997,10 +997,9 @@ class Client:
                                             f" ({type(unknown).__name__}: {unknown})") from exc
                     # (HTTP 503 is a ws:// broker at max_connections, as
                     # Close OVERLOADED is a tcp:// one's: retried.)
-                    permanent = isinstance(exc, (ConnectionRefusedError, ssl.SSLError)) or (
-                        isinstance(exc, ConnectionRejected) and exc.status_code != 503) or isinstance(
-                        exc.__cause__, (ConnectionRefusedError, ssl.SSLError)
-                    ) or _all_refused(exc)
+                    permanent = _refusal(exc) or (
+                        isinstance(exc, ConnectionRejected) and exc.status_code != 503) or _refusal(
+                        exc.__cause__) or _all_refused(exc)
                     if permanent:
                         ep = self.endpoint
                         hint = ""
@@ -1054,6 +1053,15 @@ class Client:
         self._pump()
         if conn is not None:
             await self._flush(conn, 1.0)
+
+
+def _refusal(exc: Optional[BaseException]) -> bool:
+    """``exc`` will not change on a retry: a refused port, a TLS failure
+    (a certificate that does not verify, a plain port's answer) -- but not
+    an EOF in the TLS handshake, which is a hang-up like any other (a load
+    balancer with no broker behind it yet, a broker stopping)."""
+    return isinstance(exc, (ConnectionRefusedError, ssl.SSLError)) and not isinstance(
+        exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
 
 
 def _host(ep: Endpoint) -> str:

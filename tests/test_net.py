@@ -505,6 +505,32 @@ async def test_a_hang_up_on_the_login_is_retried_until_connect_timeout_then_sugg
     assert msg.endswith(f"(the server may require TLS: try tls://127.0.0.1:{port})"), msg
 
 
+@pytest.mark.parametrize("scheme", ["tls", "wss"])
+@pytest.mark.parametrize("reset", [False, True], ids=["hangs-up", "resets"])
+async def test_a_hang_up_in_the_tls_handshake_is_retried_until_connect_timeout(autojump_clock, ca, scheme, reset) -> None:
+    """A TLS port that hangs up in the handshake (a load balancer with no
+    broker behind it yet, a broker stopping) is retried like a plain one:
+    the EOF in the handshake (SSLEOFError) was taken for a certificate
+    failure and failed at once."""
+    from pimcore.client import ConnectFailed
+
+    client_ssl = ssl.create_default_context()
+    ca.configure_trust(client_ssl)
+    timeout = 10.0
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(functools.partial(_tls_like_server, b"", reset=reset))
+        t0 = trio.current_time()
+        url = f"{scheme}://127.0.0.1:{port}" + ("/im" if scheme == "wss" else "")
+        with trio.fail_after(10 * timeout), pytest.raises(ConnectFailed) as err:
+            async with open_client(url, token("alice"), "phone", ssl_context=client_ssl,
+                                   config=ClientConfig(connect_timeout=timeout)):
+                pass  # pragma: no cover
+        waited = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    assert timeout <= waited < timeout + 0.5, waited  # virtual time
+    assert str(err.value).startswith(f"cannot connect to {url} within 10 s (connect_timeout): "), str(err.value)
+
+
 @pytest.mark.parametrize("first", [b"\x00\x10plain pimcore..", b"GET /im HTTP/1.1\r\n\r\n"], ids=["login", "http"])
 async def test_the_brokers_tls_port_answers_plain_text_with_a_tls_alert(lmdb_store, ca, first) -> None:
     """Plain text to a tls:// listener: the broker hung up without a word,
