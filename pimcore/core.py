@@ -3690,10 +3690,11 @@ class Broker:
         message proposed after it, in any conversation, until all of it is
         stored.  Order is kept where it is owed: a message never passes an
         op of its own conversation, nor one of its own sending device (its
-        SendAcks go out in send order); the host (SYSTEM) answers each post
-        on its own.  Delivery acks, read markers and conversation settings
-        are passed; any other op (an event, a revocation, a purge of a
-        user) ends the search."""
+        stored messages' SendAcks go out in send order); the host (SYSTEM)
+        answers each post on its own.  A message to a group whose size is
+        not known yet may ride along once per batch.  Delivery acks, read
+        markers and conversation settings are passed; any other op (an
+        event, a revocation, a purge of a user) ends the search."""
         budget = self.config.max_batch_entries
         allowance = max(budget - self._batch_entries, budget >> 2)
         sizes = self._sizes
@@ -3701,6 +3702,7 @@ class Broker:
         senders: set[tuple[str, str]] = set()
         taken: list[int] = []
         total = 0
+        unknown = False  # a message to a group of unknown size taken
         for j in range(end, len(ops)):
             if len(taken) >= room:
                 break
@@ -3710,6 +3712,14 @@ class Broker:
                 conv, sender = op.conv, (op.sender, op.device)  # type: ignore[union-attr]
                 if j > end and kind is NewMessage and conv not in convs and (sender[0] == SYSTEM or sender not in senders):
                     w = 2 if conv.startswith(DIRECT_PREFIX) else sizes.get(conv)
+                    if w is None and not unknown:
+                        # A group whose size is not known yet (after a
+                        # restart every group's): one per batch, its answer
+                        # tells the size -- else it would wait for the whole
+                        # backlog.  At most one group's fan-out past the
+                        # budget, as a lone op larger than it is.
+                        unknown = True
+                        w = 1
                     if w is not None and total + max(w, 1) <= allowance:
                         total += max(w, 1)
                         if not conv.startswith(DIRECT_PREFIX):
