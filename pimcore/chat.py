@@ -9,11 +9,11 @@ Each line typed is sent to the peer.  Under your own messages the chat shows
 their state as it advances:
 
 * ``… sending``   -- on its way, not yet acknowledged (retried if needed);
-* ``✓ delivered`` -- the broker made it durable in the peer's inbox, so
+* ``✓ sent``      -- the broker made it durable in the peer's inbox, so
   every device of the peer will get it, online now or later;
 * ``✓✓ read``     -- the peer's read receipt covers it.
 
-The outcome of each line (``✓ delivered (#N)``, ``✗ not sent``...) is
+The outcome of each line (``✓ sent (#N)``, ``✗ not sent``...) is
 said in the order the lines were typed, which is their seq order: a line's
 waits for those typed before it.
 
@@ -296,7 +296,7 @@ async def chat(
             except SendTimeout:
                 lines.append(f"✗ not confirmed in time (it may still arrive): {text}")
             else:
-                lines.append(f"✓ delivered (#{sent.seq}): {text}")
+                lines.append(f"✓ sent (#{sent.seq}): {text}")
             finally:
                 say_in_turn(turn, lines)  # (cancelled: nothing to say, but the later lines' turn comes)
 

@@ -322,12 +322,12 @@ async def test_chat_takes_a_line_that_is_not_utf8(tmp_path: Path) -> None:
         async with _alice_chats_with(tmp_path) as (im, n, out, into):
             await into.send(b"bad \xff\xfe utf8\n".decode("utf-8", "surrogateescape"))
             await into.send("after it\n")
-            while sum(line.startswith("✓ delivered") for line in out) < 2:
+            while sum(line.startswith("✓ sent") for line in out) < 2:
                 await trio.sleep(0.01)
             await into.send("/quit")
             history = await im.history("d:alice:bob", "bob")
     assert sorted(m.payload for m in history) == [b"after it", b"bad ?? utf8"], out  # (newest first)
-    assert "✓ delivered (#1): bad ?? utf8" in out, out
+    assert "✓ sent (#1): bad ?? utf8" in out, out
 
 
 async def test_chat_says_what_quit_waits_for(tmp_path: Path) -> None:
@@ -415,7 +415,7 @@ async def test_another_user_named_me_does_not_look_like_you(tmp_path: Path) -> N
             async with open_client(im.urls[0], im.issue_token("me"), "phone") as other:
                 await other.send("d:alice:me", b"I agree to pay 100")
             await into.send("mine")
-            while not (any("I agree to pay 100" in line for line in out) and any("delivered" in line for line in out)):
+            while not (any("I agree to pay 100" in line for line in out) and any("✓ sent" in line for line in out)):
                 await trio.sleep(0.01)
             await into.send("/history")  # both, as history shows them
             while not any("] me: mine" in line for line in out):
@@ -425,8 +425,8 @@ async def test_another_user_named_me_does_not_look_like_you(tmp_path: Path) -> N
     assert len(theirs) == 2 and all("] user:me: I agree to pay 100" in line for line in theirs), out
 
 
-async def test_delivered_lines_come_in_the_order_the_lines_were_typed(tmp_path: Path) -> None:
-    """Lines typed quickly were stored in order, but their "✓ delivered
+async def test_sent_lines_come_in_the_order_the_lines_were_typed(tmp_path: Path) -> None:
+    """Lines typed quickly were stored in order, but their "✓ sent
     (#N)" lines came out of order: the acks of one read woke the sends'
     tasks at once, and trio runs a batch of woken tasks in either order."""
     import trio
@@ -436,13 +436,13 @@ async def test_delivered_lines_come_in_the_order_the_lines_were_typed(tmp_path: 
         async with _alice_chats_with(tmp_path) as (im, n, out, into):
             for text in texts:
                 await into.send(text)
-            while sum(line.startswith("✓ delivered") for line in out) < len(texts):
+            while sum(line.startswith("✓ sent") for line in out) < len(texts):
                 await trio.sleep(0.01)
             await into.send("/quit")
             history = await im.history("d:alice:bob", "bob")
     assert [m.payload.decode() for m in sorted(history, key=lambda m: m.seq)] == texts  # stored in typed order
-    delivered = [line for line in out if line.startswith("✓ delivered")]
-    assert delivered == [f"✓ delivered (#{i + 1}): {text}" for i, text in enumerate(texts)], delivered
+    sent = [line for line in out if line.startswith("✓ sent")]
+    assert sent == [f"✓ sent (#{i + 1}): {text}" for i, text in enumerate(texts)], sent
     sending = [line for line in out if line.startswith("… sending")]
     assert sending == [f"… sending: {text}" for text in texts], sending
 
@@ -478,7 +478,7 @@ async def test_chat_in_a_group_of_which_one_is_not_a_member_says_so_before_anyth
                 while not any("joined" in line for line in out):
                     await trio.sleep(0.01)
                 await typed.send("in at last")
-                while not any(line.startswith("✓ delivered") for line in out):
+                while not any(line.startswith("✓ sent") for line in out):
                     await trio.sleep(0.01)
                 await typed.send("/quit")
             # A member is told nothing of the kind.

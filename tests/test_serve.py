@@ -471,12 +471,12 @@ def test_one_minute_tour(tmp_path: Path, procs: ProcGroup) -> None:
     bob.expect(r"^connected as bob \(terminal\); chatting with alice")
 
     alice.write("hello bob")
-    alice.expect(r"^✓ delivered \(#1\): hello bob$")
+    alice.expect(r"^✓ sent \(#1\): hello bob$")
     bob.expect(r"\] alice: hello bob  \(#1\)$")
     alice.expect(r"^✓✓ read by bob \(up to #1\)$")
 
     bob.write("hi alice")
-    bob.expect(r"^✓ delivered \(#2\): hi alice$")
+    bob.expect(r"^✓ sent \(#2\): hi alice$")
     alice.expect(r"\] bob: hi alice  \(#2\)$")
     bob.expect(r"^✓✓ read by alice \(up to #2\)$")
 
@@ -524,7 +524,7 @@ def test_groups_are_administered_while_serving_and_chatted_in(tmp_path: Path, pr
     assert added.returncode == 0 and added.stdout.strip() == "team: 3 members: alice bob carol", added
     # Adding her is entry #1 of the conversation (JOINED), shown as a notice.
     alice.write("welcome carol")
-    alice.expect(r"^✓ delivered \(#2\): welcome carol$")
+    alice.expect(r"^✓ sent \(#2\): welcome carol$")
     carol.expect(r"^— carol joined  \(#1\)$")
     carol.expect(r"\] alice: welcome carol  \(#2\)$")
     carol.write("thanks")

@@ -71,7 +71,7 @@ describe('web demo in Chromium', { skip }, () => {
     await a.page.getByTestId('peer').fill('bob');
     await a.page.getByTestId('open-chat').click();
     await say(a.page, 'hello bob');
-    await a.page.locator('#messages li[data-mine="true"] [data-mark="delivered"], #messages li[data-mine="true"] [data-mark="read"]').first().waitFor();
+    await a.page.locator('#messages li[data-mine="true"] [data-mark="sent"], #messages li[data-mine="true"] [data-mark="read"]').first().waitFor();
     const bobConv = b.page.locator('#convs li[data-conv="d:alice:bob"]');
     await bobConv.locator('.badge[data-unread="1"]').waitFor();
     await bobConv.click();
@@ -85,7 +85,7 @@ describe('web demo in Chromium', { skip }, () => {
     await b.context.setOffline(true);
     await b.page.locator('#status[data-state="DISCONNECTED"]').waitFor({ timeout: 10000 });
     for (const t of ['while you were away 1', 'while you were away 2', 'while you were away 3']) await say(a.page, t);
-    await until(async () => (await a.page.locator('#messages [data-mark="delivered"]').count()) === 3, 'stored while bob is away');
+    await until(async () => (await a.page.locator('#messages [data-mark="sent"]').count()) === 3, 'stored while bob is away');
     await b.context.setOffline(false);
     await connected(b.page);
     const afterOffline = ['hello bob', 'hi alice', 'while you were away 1', 'while you were away 2', 'while you were away 3'];
@@ -150,7 +150,7 @@ describe('web demo in Chromium', { skip }, () => {
     // a U+202E in a message cannot move the mark: it stays right of the text
     await say(page, 'pay \u202Etnuocca ot 001$');
     const li = page.locator('#messages li[data-mine="true"]').first();
-    await li.locator('[data-mark="delivered"], [data-mark="read"]').waitFor();
+    await li.locator('[data-mark="sent"], [data-mark="read"]').waitFor();
     const tb = await li.locator('.text').boundingBox(); const mb = await li.locator('.mark').boundingBox();
     assert.ok(mb.x >= tb.x + tb.width - 1, `mark at ${mb.x}, text ends at ${tb.x + tb.width}`);
 

@@ -88,7 +88,7 @@ function draw() {
     if (mine) {
       const read = peer ? client.receipt(current, peer) >= m.seq
         : (groupReads.get(current) || []).some((r) => r.user !== me && r.read_seq >= m.seq);
-      li.append(markSpan(read ? 'read' : 'delivered'));
+      li.append(markSpan(read ? 'read' : 'sent'));
     }
     ul.append(li);
   }
@@ -108,8 +108,8 @@ function draw() {
 function markSpan(mark) {
   const s = document.createElement('span');
   s.className = 'mark'; s.dataset.mark = mark; s.dataset.testid = 'mark';
-  s.textContent = { sending: '⏳ sending', delivered: '✓ delivered', read: '✓✓ read', failed: '✗ failed' }[mark];
-  s.title = { sending: 'not acked by the broker yet', delivered: 'stored by the broker', read: 'read by the recipient', failed: 'refused' }[mark];
+  s.textContent = { sending: '⏳ sending', sent: '✓ sent', read: '✓✓ read', failed: '✗ failed' }[mark];
+  s.title = { sending: 'not acked by the broker yet', sent: 'stored by the broker in the recipients\' inboxes', read: 'read by the recipient', failed: 'refused' }[mark];
   return s;
 }
 
