@@ -1009,7 +1009,7 @@ class Client:
                             scheme, path = ("ws", ep.path) if ep.websocket else ("tcp", "")
                             hint = f" (the server may not use TLS: try {scheme}://{_host(ep)}:{ep.port}{path})"
                         raise ConnectFailed(f"cannot connect to {self.url}:"
-                                            f" {_root_cause(exc, ep.path, ep.secure)}{hint}") from exc
+                                            f" {_root_cause(exc, ep)}{hint}") from exc
                     if isinstance(exc, _WrongPort):
                         # The wrong kind of port said so: that will not change.
                         raise ConnectFailed(f"cannot connect to {self.url}: {exc.what} ({exc.hint})") from exc
@@ -1116,6 +1116,8 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 #: What pimcore's HTTP API port says to a broker client (its 400 to a binary
 #: Login, its 404 to a WebSocket upgrade: pimcore.http.server).
 _HTTP_API = re.compile(rb"this is pimcore's HTTP API \(https?://\)")
+#: A pimcore ws:// listener's 404 names its path (pimcore.net.server).
+_WS_PATH = re.compile(rb"the broker's path here is (/[!-~]*)")
 
 
 def _api_hint(secure: bool) -> str:
@@ -1137,8 +1139,11 @@ def _ssl_reason(exc: BaseException) -> Optional[str]:
     return None
 
 
-def _rejected(exc: ConnectionRejected, path: Optional[str] = None, secure: bool = False) -> str:
-    """A refused WebSocket upgrade in words (its repr is a tuple of bytes)."""
+def _rejected(exc: ConnectionRejected, ep: Optional[Endpoint] = None) -> str:
+    """A refused WebSocket upgrade in words (its repr is a tuple of bytes);
+    on a 404 from the endpoint ``ep``, the URL to try when a pimcore
+    listener named its path, else a question about the path."""
+    secure = ep is not None and ep.secure
     raw = bytes(exc.body or b"")
     text = f"the server refused the WebSocket upgrade with HTTP {exc.status_code}"
     if _HTTP_API.search(raw):
@@ -1146,8 +1151,12 @@ def _rejected(exc: ConnectionRejected, path: Optional[str] = None, secure: bool 
     body = raw.decode("utf-8", "replace").strip()
     if body and len(body) <= 200 and body.isprintable():
         text += f" ({body})"
-    if exc.status_code == 404 and path:
-        text += f": is the path {path} right?"
+    if exc.status_code == 404 and ep is not None and ep.path:
+        named = _WS_PATH.search(raw)
+        if named:
+            text += f": try {'wss' if secure else 'ws'}://{_host(ep)}:{ep.port}{named.group(1).decode()}"
+        else:
+            text += f": is the path {ep.path} right?"
     return text
 
 
@@ -1198,13 +1207,14 @@ def _io_failure(exc: BaseException) -> str:
     return text or "connection broken"
 
 
-def _root_cause(exc: BaseException, path: Optional[str] = None, secure: bool = False) -> str:
+def _root_cause(exc: BaseException, ep: Optional[Endpoint] = None) -> str:
     """The most telling error in ``exc``'s chain (an SSL or OS error if any:
     "certificate verify failed" says more than "BrokenResourceError"; the
     attempts' own errors rather than trio's "all attempts ... failed"; a
-    refused WebSocket upgrade in words, asking about the ``path`` on a 404)."""
+    refused WebSocket upgrade in words, about the endpoint ``ep``'s path on
+    a 404)."""
     if isinstance(exc, ConnectionRejected):
-        return _rejected(exc, path, secure)
+        return _rejected(exc, ep)
     if isinstance(exc, _SessionEnded):
         if exc.code is None and exc.reason == LOGIN_TIMED_OUT:
             return "no answer to the login (is it a pimcore broker?)"

@@ -198,8 +198,10 @@ async def test_a_wrong_websocket_path_is_said_in_words() -> None:
             with pytest.raises(ConnectFailed) as err:
                 async with open_client(url, token("alice"), "phone", config=ClientConfig(connect_timeout=2)):
                     pass  # pragma: no cover
+    # The listener names its path (a new-user pass: the question alone did not say which).
     assert str(err.value) == (f"cannot connect to {url}: the server refused the WebSocket upgrade with HTTP 404"
-                              " (not a pimcore endpoint): is the path /wrong right?"), str(err.value)
+                              " (not a pimcore endpoint: the broker's path here is /im): try "
+                              f"{url.replace('/wrong', '/im')}"), str(err.value)
 
 
 async def test_chat_shows_system_posts_as_the_system(tmp_path: Path) -> None:

@@ -1105,7 +1105,8 @@ class BrokerServer:
                             try:
                                 if request.path != ep.path:
                                     ended = f"WebSocket upgrade refused (HTTP 404): path {request.path!r} is not {ep.path!r}"
-                                    await request.reject(404, body=b"not a pimcore endpoint")
+                                    # (The body names the path: the SDK turns it into a URL to try.)
+                                    await request.reject(404, body=f"not a pimcore endpoint: the broker's path here is {ep.path}".encode())
                                 else:
                                     ws = await request.accept()
                             except ConnectionClosed as exc:
