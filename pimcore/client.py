@@ -205,6 +205,28 @@ class _FirstBytes(StreamWrapper):
         return _pimcore_frame_start(self.first)
 
 
+class _Handshake(StreamWrapper):
+    """Under a TLS stream: the first bytes received, while the handshake
+    runs.  A TLS client at a plain port gets WRONG_VERSION_NUMBER from the
+    ssl module, which keeps no bytes; these tell whose plain answer it was
+    (pimcore's HTTP API names itself in its 400).  After the handshake it
+    passes everything through."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        super().__init__(inner)
+        self.first = b""
+        self.keeping = True
+
+    async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        if self.keeping and len(self.first) < _HANDSHAKE_BYTES:
+            self.first += data[: _HANDSHAKE_BYTES - len(self.first)]
+        return bytes(data)
+
+
+#: Bytes of a plain answer to a TLS handshake kept (an HTTP 400's head and body).
+_HANDSHAKE_BYTES = 512
+
 #: Bytes of an answer kept to tell what answered: a TLS alert (2), "HTTP/"
 #: (5), a pimcore frame's length, head and type (<= 7).
 _FIRST_BYTES = 8
@@ -356,6 +378,8 @@ class Client:
         self._tls_answer = False  # ... and surely, by its answer (see _serve)
         #: A ws:// connection's stream while its upgrade is under way (_connect_once).
         self._upgrade_answer: Optional[_FirstBytes] = None
+        #: The last TLS connection's plain answer to its handshake (see _Handshake).
+        self._handshake_answer: Optional[_Handshake] = None
         self._last_state = self._session.state
         self._state_changed = trio.Event()  # replaced after each change
         self._events_ready = trio.Event()
@@ -769,10 +793,13 @@ class Client:
         stream: trio.abc.Stream = await trio.open_tcp_stream(ep.host, ep.port)
         if ep.secure:
             ctx = self._ssl or ssl.create_default_context()
-            stream = trio.SSLStream(stream, ctx, server_hostname=ep.host)
+            raw = self._handshake_answer = _Handshake(stream)
+            stream = trio.SSLStream(raw, ctx, server_hostname=ep.host)
             # Handshake now: a certificate that does not verify is reported
             # here, as itself, not later as a silent WebSocket stall.
             await stream.do_handshake()
+            raw.keeping = False
+            raw.first = b""
         if ep.websocket:
             watched = _FirstBytes(stream)
             # (Kept to tell a TLS port, or a pimcore tcp:// one, from a
@@ -1006,8 +1033,13 @@ class Client:
                         if ep.secure and _ssl_reason(exc) == "WRONG_VERSION_NUMBER":
                             # No TLS record for an answer: a plain port (a
                             # pimcore Close, an HTTP 400...).
-                            scheme, path = ("ws", ep.path) if ep.websocket else ("tcp", "")
-                            hint = f" (the server may not use TLS: try {scheme}://{_host(ep)}:{ep.port}{path})"
+                            answer = self._handshake_answer
+                            if answer is not None and _HTTP_API.search(answer.first):
+                                # pimcore's plain HTTP API: no broker URL there to suggest.
+                                hint = f" ({_api_hint(True)})"
+                            else:
+                                scheme, path = ("ws", ep.path) if ep.websocket else ("tcp", "")
+                                hint = f" (the server may not use TLS: try {scheme}://{_host(ep)}:{ep.port}{path})"
                         raise ConnectFailed(f"cannot connect to {self.url}:"
                                             f" {_root_cause(exc, ep)}{hint}") from exc
                     if isinstance(exc, _WrongPort):

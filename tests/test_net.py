@@ -741,6 +741,26 @@ async def test_a_websocket_url_at_the_http_api_says_it_is_the_http_api(lmdb_stor
                    f" with HTTP 404 " + _API_HINT.format(pair=pair)), msg
 
 
+@pytest.mark.parametrize("sdk", ["tls", "wss"])
+async def test_a_tls_url_at_a_plain_http_api_says_it_is_the_http_api(lmdb_store, sdk) -> None:
+    """tls:// (wss://) at a plain http:// API port said "the server may not
+    use TLS: try tcp://..." (ws://), and following that then said it was the
+    HTTP API port (re-check pass).  The plain answer to the TLS handshake is
+    kept, and its 400 names the HTTP API: the SDK says so at once."""
+    from pimcore.client import ConnectFailed
+
+    path = "/im" if sdk == "wss" else ""
+    with trio.fail_after(20):
+        async with _http_api(lmdb_store, None, "tcp") as port:
+            with pytest.raises(ConnectFailed) as err:
+                async with client(f"{sdk}://127.0.0.1:{port}{path}", "alice", config=ClientConfig(connect_timeout=600.0)):
+                    pass  # pragma: no cover
+    msg = str(err.value)
+    assert msg.startswith(f"cannot connect to {sdk}://127.0.0.1:{port}{path}: SSLError: "), msg
+    assert "WRONG_VERSION_NUMBER" in msg and "try tcp://" not in msg and "try ws://" not in msg, msg
+    assert msg.endswith(" " + _API_HINT.format(pair="tls:// or wss://")), msg
+
+
 @pytest.mark.parametrize("broker,sdk", [("tcp", "tls"), ("ws", "wss")])
 async def test_a_tls_url_at_a_plain_listener_fails_at_once_suggesting_plain(lmdb_store, broker, sdk) -> None:
     """tls:// at a tcp:// port (wss:// at ws://) failed at once but said only
