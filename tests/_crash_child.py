@@ -24,6 +24,7 @@ import hashlib
 import json
 import random
 import sys
+import threading
 import time
 
 from pimcore.clock import HybridClock
@@ -44,7 +45,12 @@ def main(store_dir: str, plan_file: str, seed: int, durability: str = "sync") ->
     # "log-deferred": as a broker runs a log store, several batches share
     # one LMDB commit (LmdbStore.defer_commits); a kill leaves the open ones
     # in the command log only.
-    deferred = durability == "log-deferred"
+    # "log-offload": deferred too, and some batches committed from a worker
+    # thread, as a served broker commits a large batch (pimcore.net.server:
+    # the owner commits its open transaction first, then the thread's batch
+    # is logged and committed on its own).
+    offload = durability == "log-offload"
+    deferred = durability == "log-deferred" or offload
     store = LmdbStore(store_dir, durability="log" if deferred else durability)
     if deferred:
         store.defer_commits(True)
@@ -83,7 +89,16 @@ def main(store_dir: str, plan_file: str, seed: int, durability: str = "sync") ->
                 )
             )
         batch_id += 1
-        results = store.commit(WriteBatch(batch_id, tuple(ops)))
+        batch = WriteBatch(batch_id, tuple(ops))
+        if offload and rng.random() < 0.3:
+            store.commit_open()
+            done: list = []
+            worker = threading.Thread(target=lambda: done.append(store.commit(batch)))
+            worker.start()
+            worker.join()
+            results = done[0]
+        else:
+            results = store.commit(batch)
         lines = []
         for op, res in zip(ops, results):
             key = f"{op.sender} {op.device} {op.local_id}"
