@@ -835,7 +835,7 @@ class Client:
         if _HTTP_API.search(data):
             # pimcore's own HTTP API port (its 400 names it): no WebSocket URL to suggest.
             return _WrongPort(f"the server answered the login with HTTP ({status})", _api_hint(ep.secure))
-        m = re.search(rb"pimcore wss?:// listener \(path (/[^\s)]*)\)", data)
+        m = _WS_LISTENER.search(data)
         path = m.group(1).decode("ascii", "replace") if m else "/"
         scheme, http = ("wss", "HTTPS") if ep.secure else ("ws", "HTTP")
         return _WrongPort(f"the server answered the login with HTTP ({status})",
@@ -1033,12 +1033,20 @@ class Client:
                         if ep.secure and _ssl_reason(exc) == "WRONG_VERSION_NUMBER":
                             # No TLS record for an answer: a plain port (a
                             # pimcore Close, an HTTP 400...).
-                            answer = self._handshake_answer
-                            if answer is not None and _HTTP_API.search(answer.first):
+                            # Its plain answer (kept by _Handshake) may say
+                            # which listener it is.
+                            plain = self._handshake_answer.first if self._handshake_answer is not None else b""
+                            listener = _WS_LISTENER.search(plain)
+                            if _HTTP_API.search(plain):
                                 # pimcore's plain HTTP API: no broker URL there to suggest.
                                 hint = f" ({_api_hint(True)})"
                             else:
-                                scheme, path = ("ws", ep.path) if ep.websocket else ("tcp", "")
+                                if listener:  # a pimcore ws:// listener, naming its path
+                                    scheme, path = "ws", listener.group(1).decode("ascii", "replace")
+                                elif _pimcore_frame_start(plain):  # a pimcore tcp:// listener's Close
+                                    scheme, path = "tcp", ""
+                                else:
+                                    scheme, path = ("ws", ep.path) if ep.websocket else ("tcp", "")
                                 hint = f" (the server may not use TLS: try {scheme}://{_host(ep)}:{ep.port}{path})"
                         raise ConnectFailed(f"cannot connect to {self.url}:"
                                             f" {_root_cause(exc, ep)}{hint}") from exc
@@ -1148,6 +1156,9 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 #: What pimcore's HTTP API port says to a broker client (its 400 to a binary
 #: Login, its 404 to a WebSocket upgrade: pimcore.http.server).
 _HTTP_API = re.compile(rb"this is pimcore's HTTP API \(https?://\)")
+#: A pimcore ws:// listener's 400 to bytes that are no HTTP request names
+#: its path (pimcore.net.server._not_http_answer).
+_WS_LISTENER = re.compile(rb"pimcore wss?:// listener \(path (/[^\s)]*)\)")
 #: A pimcore ws:// listener's 404 names its path (pimcore.net.server).
 _WS_PATH = re.compile(rb"the broker's path here is (/[!-~]*)")
 

@@ -761,10 +761,16 @@ async def test_a_tls_url_at_a_plain_http_api_says_it_is_the_http_api(lmdb_store,
     assert msg.endswith(" " + _API_HINT.format(pair="tls:// or wss://")), msg
 
 
-@pytest.mark.parametrize("broker,sdk", [("tcp", "tls"), ("ws", "wss")])
-async def test_a_tls_url_at_a_plain_listener_fails_at_once_suggesting_plain(lmdb_store, broker, sdk) -> None:
+@pytest.mark.parametrize("broker,sdk,sdk_path", [
+    ("tcp", "tls", ""), ("ws", "wss", "/im"),
+    # The listener's plain answer says which it is (re-check pass: tls:// at a
+    # ws:// listener suggested tcp://, whose answer then suggested ws://...).
+    ("ws", "tls", ""), ("tcp", "wss", "/im"), ("ws", "wss", "/wrong"),
+])
+async def test_a_tls_url_at_a_plain_listener_fails_at_once_suggesting_plain(lmdb_store, broker, sdk, sdk_path) -> None:
     """tls:// at a tcp:// port (wss:// at ws://) failed at once but said only
-    "SSLError: [SSL: WRONG_VERSION_NUMBER] ...": the plain URL is suggested."""
+    "SSLError: [SSL: WRONG_VERSION_NUMBER] ...": the plain URL of the
+    listener that answered is suggested, with its own path."""
     from pimcore.client import ConnectFailed
 
     path = "/im" if broker == "ws" else ""
@@ -773,10 +779,11 @@ async def test_a_tls_url_at_a_plain_listener_fails_at_once_suggesting_plain(lmdb
         async with serving(lmdb_store, server_config(ep, login_timeout=600)) as srv:
             port = srv.endpoints[0].port
             with pytest.raises(ConnectFailed) as err:
-                async with client(f"{sdk}://127.0.0.1:{port}{path}", "alice", config=ClientConfig(connect_timeout=600.0)):
+                async with client(f"{sdk}://127.0.0.1:{port}{sdk_path}", "alice",
+                                  config=ClientConfig(connect_timeout=600.0)):
                     pass  # pragma: no cover
     msg = str(err.value)
-    assert msg.startswith(f"cannot connect to {sdk}://127.0.0.1:{port}{path}: SSLError: "), msg
+    assert msg.startswith(f"cannot connect to {sdk}://127.0.0.1:{port}{sdk_path}: SSLError: "), msg
     assert "WRONG_VERSION_NUMBER" in msg, msg
     assert msg.endswith(f"(the server may not use TLS: try {broker}://127.0.0.1:{port}{path})"), msg
 

@@ -2061,9 +2061,10 @@ class BrokerServer:
         commit the deferred transaction this thread holds (up to
         ``defer_batches`` small batches, already acked).  Why: a write from
         another thread waits until none is open, and only this thread can
-        commit it -- the worker would wait for the loop it blocks.  One
-        batch is in flight at a time, so none opens again until the worker
-        is done.  Raises StoreError as ``commit_open`` does."""
+        commit it (_deferred would, seeing the waiter, within its 10 ms
+        look): done here, the worker starts at once.  One batch is in
+        flight at a time, so none opens again until the worker is done.
+        Raises StoreError as ``commit_open`` does."""
         if self._deferring:
             self.store.commit_open()  # type: ignore[union-attr]
 
