@@ -51,7 +51,10 @@ def main(store_dir: str, plan_file: str, seed: int, durability: str = "sync") ->
     # is logged and committed on its own).
     offload = durability == "log-offload"
     deferred = durability == "log-deferred" or offload
-    store = LmdbStore(store_dir, durability="log" if deferred else durability)
+    # (log-offload: a 1 MiB map, so that it grows, with its checkpoint, in
+    # worker commits too -- the riskiest step of that path.)
+    store = LmdbStore(store_dir, durability="log" if deferred else durability,
+                      **({"map_size": 1 << 20} if offload else {}))
     if deferred:
         store.defer_commits(True)
     if not store.conversation_exists(GROUP):
@@ -95,6 +98,10 @@ def main(store_dir: str, plan_file: str, seed: int, durability: str = "sync") ->
             done: list = []
             worker = threading.Thread(target=lambda: done.append(store.commit(batch)))
             worker.start()
+            while worker.is_alive():
+                # The owner reads meanwhile, as the loop does.
+                store.inbox_head("alice")
+                store.history(GROUP, 0, 3, backward=True)
             worker.join()
             results = done[0]
         else:

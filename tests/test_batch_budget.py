@@ -266,6 +266,92 @@ async def test_a_served_broker_commits_a_large_fanout_in_a_worker_thread(tmp_pat
         store.close()
 
 
+@pytest.mark.parametrize("map_size", [1 << 20, 1 << 30])
+async def test_log_durability_large_batches_in_a_thread_alongside_loop_traffic(tmp_path, map_size):
+    # log durability: the loop owns the deferred transaction, commits it, and
+    # hands each large batch to a worker, while small sends, reads on the
+    # loop's thread and admin writes go on; with a 1 MiB map it grows (and
+    # checkpoints) in the worker's commits too.  Nothing acked is lost,
+    # reordered or duplicated, and nothing deadlocks.  (After the re-check
+    # pass of adde551.)
+    import threading
+
+    import trio
+
+    from _net import RawConn, serving
+
+    store = LmdbStore(str(tmp_path / "db"), durability="log", map_size=map_size)
+    store.create_group("huge", [f"u{i}" for i in range(20_000)], 1)
+    big_acked: list[tuple[int, int]] = []
+    small_acked: list[tuple[int, int]] = []
+    on_loop: set[bool] = set()
+    real = store.commit
+
+    def commit(batch):
+        on_loop.add(threading.current_thread() is threading.main_thread())
+        return real(batch)
+
+    store.commit = commit  # type: ignore[method-assign]
+    dm = direct_conversation("a", "b")
+    try:
+        with trio.fail_after(240):
+            async with serving(store) as srv:
+                big = await RawConn.open(srv.endpoints[0].port)
+                await big.login("u0")
+                small = await RawConn.open(srv.endpoints[0].port)
+                await small.login("a")
+                done = trio.Event()
+
+                async def post_big():
+                    for i in range(1, 31):
+                        await big.send(F.SendReq(i, "huge", 0, b"big%d" % i))
+                        ack = await big.until(F.SendAck)
+                        assert ack.code == ErrorCode.OK, ack
+                        big_acked.append((i, ack.seq))
+                    done.set()
+
+                async def post_small():
+                    i = 0
+                    while not done.is_set():
+                        i += 1
+                        await small.send(F.SendReq(i, dm, 0, b"s%d" % i))
+                        ack = await small.until(F.SendAck)
+                        assert ack.code == ErrorCode.OK, ack
+                        small_acked.append((i, ack.seq))
+
+                async def reads():
+                    while not done.is_set():
+                        store.inbox_head("u5")
+                        store.history("huge", 0, 5, backward=True)
+                        await trio.sleep(0.003)
+
+                async def admin():
+                    await srv.create_group("g", ["a"])
+                    n = 0
+                    while not done.is_set():
+                        n += 1
+                        await srv.add_members("g", [f"x{n}"])
+                        await trio.sleep(0.01)
+
+                async with trio.open_nursery() as nursery:
+                    for fn in (post_big, post_small, reads, admin):
+                        nursery.start_soon(fn)
+                await big.aclose()
+                await small.aclose()
+    finally:
+        store.close()
+    assert on_loop == {True, False}
+    store = LmdbStore(str(tmp_path / "db"), durability="log")
+    try:
+        history = store.history("huge", 0, 1000)
+        assert [(m.payload, m.seq) for m in history] == [(b"big%d" % i, seq) for i, seq in big_acked]
+        history = store.history(dm, 0, 100_000)
+        assert [(m.payload, m.seq) for m in history] == [(b"s%d" % i, seq) for i, seq in small_acked]
+        assert store.inbox_head("u19999") == len(big_acked)
+    finally:
+        store.close()
+
+
 # ---------------------------------------------------------------- a backlog holds up only its own
 
 
