@@ -28,6 +28,7 @@ Example (every key optional)::
     ack_delay = 0.02                   # seconds delivery acks wait (coalesced per device) before they are committed
     login_timeout = 10.0               # seconds
     max_outbound_bytes = 8388608       # bytes held for a connection: reading pauses at half, SLOW_CONSUMER beyond
+    max_outbound_total = 536870912     # bytes held for all connections: pushes wait beyond; 5 s beyond, the biggest holders get SLOW_CONSUMER
     control_rate = 50.0                # Pongs, CalibrateResps and refusals per second per connection...
     control_burst = 200                # ...and at once; beyond: Close(RATE_LIMITED)
     max_connections = 100000
@@ -146,7 +147,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
     "limits": {f.name: _TYPE_OF_DEFAULT[type(f.default)] for f in fields(Limits)},
     "server": {
         "idle_timeout": "float", "login_timeout": "float", "ack_delay": "float", "max_outbound_bytes": "int",
-        "max_connections": "int", "commit_in_thread": "bool", "hook_timeout": "float", "read_timeout": "float",
+        "max_outbound_total": "int", "max_connections": "int", "commit_in_thread": "bool", "hook_timeout": "float", "read_timeout": "float",
         "control_rate": "float", "control_burst": "int", "events": "bool",
         "typing_ttl": "float", "typing_rate": "float", "typing_burst": "int", "typing_max_members": "int",
         "presence_max_users": "int",
@@ -401,7 +402,7 @@ class ServeSettings:
             broker = replace(broker, record_events=True)  # the webhook sender reads the event log
         for key, value in self.messages.items():
             broker = replace(broker, **{key: int(float(value) * SECOND)})  # type: ignore[arg-type]
-        for key in ("control_rate", "control_burst", "history_max_count"):
+        for key in ("control_rate", "control_burst", "history_max_count", "max_outbound_total"):
             if key in srv:
                 try:
                     broker = replace(broker, **{key: srv.pop(key)})
@@ -589,12 +590,12 @@ class ServeSettings:
             "typing_ttl": b.typing_ttl / SECOND,
             **{k: getattr(b, k) for k in _EPHEMERAL_KEYS if k != "typing_ttl"},
             "history_max_age": b.history_max_age / SECOND, "history_max_count": b.history_max_count,
-            "reclaim_interval": b.reclaim_interval / SECOND,
+            "reclaim_interval": b.reclaim_interval / SECOND, "max_outbound_total": b.max_outbound_total,
             **{
                 k: getattr(base, k)
                 for k in _SERVER_KEYS
                 if k not in ("idle_timeout", "login_timeout", "ack_delay", "control_rate", "control_burst", "events",
-                             "history_max_age", "history_max_count", "reclaim_interval")
+                             "history_max_age", "history_max_count", "reclaim_interval", "max_outbound_total")
                 and k not in _EPHEMERAL_KEYS
             },
         }

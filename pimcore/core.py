@@ -278,6 +278,18 @@ class BrokerConfig:
     # ServerConfig.max_outbound_bytes.
     outbound_pause: int = 4 << 20
     max_outbound: int = 8 << 20
+    # ...and for all connections together (bytes, counted the same way):
+    # each connection's bound alone let 4,000 connections that never read
+    # pin their push windows, 4 GB.  Past max_outbound_total no push is
+    # built (the devices wait; their inbox has the messages) until held
+    # bytes are written; when the sum stays past it for outbound_total_grace
+    # (µs), the connections holding the most are closed with SLOW_CONSUMER
+    # until it is down to three quarters (they catch up when they return).
+    # A burst to many readers drains within the grace; a stalled reader
+    # holds on.  (As Redis's client-output-buffer-limit soft limit: a bound
+    # that may be passed for a while.)
+    max_outbound_total: int = 512 << 20
+    outbound_total_grace: int = 5 * SECOND
     # Replies built without the store -- Pong, CalibrateResp, and refusals
     # (a SendReq, Read or HistoryReq turned down before any store request,
     # RATE_LIMITED refusals aside: those have rate_limit_strikes) -- per
@@ -319,6 +331,10 @@ class BrokerConfig:
     def __post_init__(self) -> None:
         if self.outbound_pause < 512 or self.max_outbound < 2 * self.outbound_pause:
             raise ValueError("BrokerConfig.outbound_pause must be >= 512 bytes and max_outbound >= 2 * outbound_pause")
+        if self.max_outbound_total < 1:
+            raise ValueError("BrokerConfig.max_outbound_total must be >= 1 byte")
+        if self.outbound_total_grace < 0:
+            raise ValueError("BrokerConfig.outbound_total_grace must be >= 0 µs")
         if self.control_rate < 0 or self.control_burst < 1:
             raise ValueError("BrokerConfig.control_rate must be >= 0 and control_burst >= 1")
         if self.max_batch_ops < 1 or self.max_batch_entries < 1 or self.rate_limit_strikes < 1:
@@ -591,6 +607,10 @@ class _Conn:
         # Replies built without the store (BrokerConfig.control_rate).
         self.ctl_tokens = 0.0
         self.ctl_at = now
+
+
+def _held_bytes(c: "_Conn") -> int:
+    return c.held
 
 
 class _Device:
@@ -916,6 +936,13 @@ class Broker:
 
         self._conns: dict[int, _Conn] = {}
         self._slow: list[_Conn] = []  # went past max_outbound; closed by _maybe_commit
+        # Bytes held for all connections (the sum of _Conn.held), and since
+        # when it has been past max_outbound_total (None: it is not).
+        self._held_total = 0
+        self._over_since: Optional[int] = None
+        # Devices whose pushes wait for held bytes to go below
+        # max_outbound_total (an ordered set: pumped in the order they came).
+        self._starved: dict[_Device, None] = {}
         self._online: dict[str, dict[str, _Device]] = {}  # user -> device -> session
         # Inbox head of every user with an online device or a login read in
         # flight (refcounted in _head_refs): a login that read the head
@@ -1137,6 +1164,25 @@ class Broker:
             c.backlog = None  # drained: an idle connection holds no deque
         self._check_paused(c, out)
 
+    def _drop_biggest_holders(self, out: list[Command], now: int) -> None:
+        """Held bytes stayed past max_outbound_total for outbound_total_grace:
+        close the connections holding the most (SLOW_CONSUMER) until the sum
+        is down to three quarters of it, then push to those that waited."""
+        cfg = self.config
+        target = cfg.max_outbound_total * 3 // 4
+        total = self._held_total
+        for c in sorted(self._conns.values(), key=_held_bytes, reverse=True):
+            if self._held_total <= target or not c.held:
+                break
+            self._close(
+                c, CloseCode.SLOW_CONSUMER,
+                f"not reading fast enough: the broker held {total} bytes of frames not taken for all connections"
+                f" (max_outbound_total {cfg.max_outbound_total}), this one {c.held} of them", out,
+            )
+        self._over_since = now if self._held_total > cfg.max_outbound_total else None
+        if self._starved and self._held_total < cfg.max_outbound_total:
+            self._unstarve(out, now)
+
     def _check_paused(self, c: _Conn, out: list[Command]) -> None:
         """Flow control: a connection that waits and keeps sending is paused
         at _PAUSE_BYTES buffered; a host that ignores that is closed at a
@@ -1183,6 +1229,7 @@ class Broker:
         chunks = c.chunks
         if chunks is None:
             return out  # nothing held: bytes the core did not count (none expected)
+        before = c.held
         n = c.chunk_sent + nbytes
         if n >= c.held - _FRAME_OVERHEAD * len(chunks):
             # Everything written (the usual case): nothing is held, and
@@ -1195,6 +1242,11 @@ class Broker:
                 n -= size
                 c.held -= size + _FRAME_OVERHEAD
             c.chunk_sent = n if chunks else 0
+        self._held_total -= before - c.held
+        if self._starved and self._held_total < self.config.max_outbound_total:
+            self._unstarve(out, now)
+            if not (was_blocked and not self._blocked(c)):
+                self._maybe_commit(out, now)
         if was_blocked and not self._blocked(c):
             self._pull(c, now, out)
             self._maybe_commit(out, now)
@@ -1412,6 +1464,11 @@ class Broker:
             if self._online.get(dev.user, {}).get(dev.device) is not dev:
                 return  # the device went away meanwhile
             if isinstance(res, InboxPage) and dev.sent_upto == ctx.after:
+                if self._held_total >= self.config.max_outbound_total:
+                    # Past the bound since the read went out: the page is
+                    # read again when held bytes are written (_unstarve).
+                    self._starved[dev] = None
+                    return
                 self._push_entries(dev, res.entries, out, now)
                 self._pump(dev, out, now)
             elif res is None:
@@ -1557,6 +1614,9 @@ class Broker:
             due = t if due is None or t < due else due
         if self._retry_at is not None and not self._holding:
             due = self._retry_at if due is None or self._retry_at < due else due
+        if self._over_since is not None:
+            t = self._over_since + self.config.outbound_total_grace
+            due = t if due is None or t < due else due
         return due
 
     def handle_timer(self, now: int) -> list[Command]:
@@ -2598,6 +2658,9 @@ class Broker:
             room = lim.push_window - (dev.sent_upto - dev.acked)
             if room <= 0 or dev.unacked_bytes >= lim.push_window_bytes:
                 return  # wait for a PushAck
+            if self._held_total >= self.config.max_outbound_total:
+                self._starved[dev] = None  # wait for held bytes to be written (_unstarve)
+                return
             limit = min(room, lim.push_batch)
             entries: Optional[Sequence[tuple[int, Union[StoredMessage, F.Message, NewMessage]]]] = None
             if fresh:
@@ -2616,6 +2679,25 @@ class Broker:
                 out.append(StoreRequest(rid, (ReadInbox(dev.user, dev.sent_upto, limit),), False))
                 return
             self._push_entries(dev, entries, out, now)
+
+    def _unstarve(self, out: list[Command], now: int) -> None:
+        """Held bytes went below max_outbound_total: pump the devices that
+        waited for that, in the order they came, while it stays below --
+        those whose connection holds nothing now: one that still holds bytes
+        has enough to read, and waits until it has read them (data_sent
+        comes back here)."""
+        starved = self._starved
+        limit = self.config.max_outbound_total
+        for dev in list(starved):
+            if self._held_total >= limit:
+                return
+            c = self._conns.get(dev.conn)
+            devices = self._online.get(dev.user)
+            if c is None or devices is None or devices.get(dev.device) is not dev:
+                del starved[dev]  # gone: its next login pumps it
+            elif not c.held:
+                del starved[dev]
+                self._pump(dev, out, now)
 
     def _push_entries(
         self, dev: _Device, entries: Sequence[tuple[int, Union[StoredMessage, F.Message, NewMessage]]], out: list[Command], now: int
@@ -3456,6 +3538,7 @@ class Broker:
             c.chunks = deque()
         c.chunks.append(len(data))
         c.held += len(data) + _FRAME_OVERHEAD
+        self._held_total += len(data) + _FRAME_OVERHEAD
         if c.held > self.config.max_outbound:
             self._slow.append(c)
         out.append(_send_data(conn, data))
@@ -3473,6 +3556,7 @@ class Broker:
             c.chunks = deque()
         c.chunks.append(len(data))
         c.held += len(data) + _FRAME_OVERHEAD
+        self._held_total += len(data) + _FRAME_OVERHEAD
         if c.held > self.config.max_outbound:
             self._slow.append(c)
         out.append(_send_data(conn, data))
@@ -3493,6 +3577,10 @@ class Broker:
         c = self._conns.pop(conn, None)
         if c is None:
             return
+        if c.held:
+            # (What the host still writes of it is not reported: gone.)
+            self._held_total -= c.held
+            c.held = 0
         if c.backlog is not None:
             c.backlog.clear()
         self._ephemeral_forget(c)
@@ -3591,6 +3679,15 @@ class Broker:
                         c, CloseCode.SLOW_CONSUMER,
                         f"more than {self.config.max_outbound} bytes of frames not taken: not reading fast enough", out,
                     )
+        if self._held_total > self.config.max_outbound_total:
+            if self._over_since is None:
+                self._over_since = now
+            elif now - self._over_since >= self.config.outbound_total_grace:
+                self._drop_biggest_holders(out, now)
+        elif self._over_since is not None:
+            self._over_since = None
+            if self._starved:
+                self._unstarve(out, now)
         if self._lazy_events:
             for data in self._lazy_events:
                 self._propose(AppendEvent(data, now), None)

@@ -299,6 +299,56 @@ def test_frames_not_asked_for_past_max_outbound_close_slow_consumer(store_driver
     assert [m.seq for m in h.drain_device(b)] == list(range(1, 21))
 
 
+def test_frames_held_for_all_connections_are_bounded_and_the_biggest_holders_dropped(store_driver):
+    """New-user pass HIGH: 4,000 connections that never read each pinned its
+    push window (1 MiB), 4 GB in all, for none went past its own
+    max_outbound.  max_outbound_total bounds the sum: past it pushes wait
+    (the inbox has them), and when it stays past for outbound_total_grace the
+    connections holding the most are closed SLOW_CONSUMER, so the others'
+    pushes go on.  Nothing is lost: a dropped device catches up."""
+    budget = 256 * 1024
+    h = Harness(MemoryStore(), BrokerConfig(max_outbound_total=budget, outbound_total_grace=2_000_000))
+    h.create_group("big", ["alice", "reader"] + [f"lazy{i}" for i in range(20)])
+    lazies = []
+    for i in range(20):
+        c = h.login(f"lazy{i}", "d")
+        h.take(c)
+        h.stalled.add(c)
+        lazies.append(c)
+    reader = h.login("reader", "r")
+    h.take(reader)
+    a = h.login("alice", "phone")
+    for i in range(40):  # 320 KiB for every member
+        h.send(a, "big", os.urandom(8 * 1024))
+        assert h.acks(a)[0].code == ErrorCode.OK
+    held = sum(len(d) for c in lazies for d in h.unsent.get(c, ()))
+    assert held <= budget + 64 * 1024, held  # (one push frame may pass it)
+    assert not h.closed
+    got = h.drain_device(reader)
+    for _ in range(40):  # each grace, the biggest holders go (the reader holds nothing)
+        h.advance(2_000_000)
+        held = sum(len(d) for c in lazies if c not in h.closed for d in h.unsent.get(c, ()))
+        assert held <= budget + 64 * 1024, held
+        got += h.drain_device(reader)
+        if len(got) == 40:
+            break
+    assert [m.seq for m in got] == list(range(1, 41))
+    dropped = [c for c in lazies if c in h.closed]
+    assert dropped and all(h.closed[c].code is CloseCode.SLOW_CONSUMER for c in dropped)
+    assert all("max_outbound_total" in h.closed[c].reason for c in dropped), h.closed[dropped[0]].reason
+    back = h.login("lazy0", "d")
+    assert [m.seq for m in h.drain_device(back)] == list(range(1, 41))
+
+
+def test_max_outbound_total_must_be_positive():
+    import pytest
+
+    with pytest.raises(ValueError, match="max_outbound_total"):
+        BrokerConfig(max_outbound_total=0)
+    with pytest.raises(ValueError, match="outbound_total_grace"):
+        BrokerConfig(outbound_total_grace=-1)
+
+
 async def test_ping_flood_over_the_network_is_closed_rate_limited(tmp_path):
     store = LmdbStore(str(tmp_path / "db"), durability="os")
     try:
@@ -333,6 +383,19 @@ def test_control_rate_is_a_server_setting(tmp_path):
     cfg.write_text("[server]\ncontrol_rate = 5.0\ncontrol_burst = 9\nmax_outbound_bytes = 1048576\n")
     broker = load_settings(str(cfg)).server_config().broker
     assert (broker.control_rate, broker.control_burst) == (5.0, 9)
+
+
+def test_max_outbound_total_is_a_server_setting(tmp_path, monkeypatch):
+    from pimcore.config import ConfigError, load_settings
+
+    cfg = tmp_path / "pimcore.toml"
+    cfg.write_text("[server]\nmax_outbound_total = 67108864\n")
+    assert load_settings(str(cfg)).server_config().broker.max_outbound_total == 64 << 20
+    monkeypatch.setenv("PIMCORE_SERVER_MAX_OUTBOUND_TOTAL", "0")
+    import pytest
+
+    with pytest.raises(ConfigError, match="max_outbound_total"):
+        load_settings(None).server_config()
 
 
 def test_partial_writes_free_frames_in_order(store_driver):
