@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import ssl
 import sys
 import unicodedata
@@ -478,9 +479,16 @@ def run_chat(args: argparse.Namespace) -> int:
     except (ChatEnded, ClientClosed) as exc:
         print(f"pimcore chat: the broker ended this chat: {safe_text(str(exc))}", file=sys.stderr)
     except AuthFailed as exc:
-        print(f"pimcore chat: token refused: {safe_text(str(exc))}", file=sys.stderr)
+        hint = ""
+        bound = re.search(r"token is bound to device '([^']*)'", str(exc))
+        if bound:
+            hint = f" (pimcore chat --device {safe_text(bound.group(1))})"
+        print(f"pimcore chat: token refused: {safe_text(str(exc))}{hint}", file=sys.stderr)
     except ConnectFailed as exc:
-        print(f"pimcore chat: {safe_text(str(exc))}", file=sys.stderr)
+        hint = ""
+        if args.cafile is None and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            hint = " (give --cafile PATH: the CA certificate that signed the broker's)"
+        print(f"pimcore chat: {safe_text(str(exc))}{hint}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
     return 1

@@ -2127,7 +2127,7 @@ class Broker:
             if not valid_id(f.device):
                 raise AuthError(f"invalid device id: {id_problem(f.device, 'device')}")
             if ident.device is not None and ident.device != f.device:
-                raise AuthError("token is bound to another device")
+                raise AuthError(f"token is bound to device {ident.device!r}, not {f.device!r}")
         except AuthError as exc:
             self._stats["auth_failures"] += 1
             self._close(c, CloseCode.AUTH_FAILED, str(exc) or "authentication failed", out)

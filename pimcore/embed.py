@@ -579,7 +579,7 @@ class Pimcore:
             self.server.broker.post, conv, payload, sender=sender, device=device, key=idempotency_key,
             mentions=ms, mention_all=mention_all,
         )
-        result = _posted(conv, done, sender, device, idempotency_key)
+        result = _posted(conv, done, sender, device, idempotency_key, size=self._size(payload))
         if isinstance(result, PimError):
             raise result
         return result
@@ -636,7 +636,7 @@ class Pimcore:
         done = await self.server.host_call(
             self.server.broker.amend, conv, seq, action, payload=payload, sender=sender, device=device, key=key
         )
-        result = _posted(conv, done, sender, device, key, what)
+        result = _posted(conv, done, sender, device, key, what, size=self._size(payload) if payload is not None else "")
         if isinstance(result, PimError):
             raise result
         return result
@@ -727,8 +727,13 @@ class Pimcore:
             elif isinstance(d, Exception):  # a fault in the core, logged by host_calls: this post alone
                 results[i] = RequestRefused(ErrorCode.INTERNAL, f"post to {calls[i][1][0]!r} failed in the broker: {d}")
             else:
-                results[i] = _posted(calls[i][1][0], d, kw["sender"], kw["device"], kw["key"])
+                results[i] = _posted(calls[i][1][0], d, kw["sender"], kw["device"], kw["key"], size=self._size(calls[i][1][1]))
         return results  # type: ignore[return-value]
+
+    def _size(self, payload: Any) -> str:
+        """A payload's size against ``Limits.max_payload``, in words."""
+        n = len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else 0
+        return f"{n} bytes, max_payload is {self.server.broker.config.limits.max_payload}" if n else ""
 
     def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
         """End ``user``'s sessions now (only ``device``'s if given) with
@@ -1258,14 +1263,18 @@ def _check_seq(seq: Any) -> None:
 
 
 def _posted(conv: str, done: Any, sender: str = SYSTEM, device: str = SYSTEM,
-            key: Union[str, bytes, None] = None, what: str = "") -> Union[Posted, PimError]:
+            key: Union[str, bytes, None] = None, what: str = "", size: str = "") -> Union[Posted, PimError]:
     """A PostDone as the handle answers it; ``what`` names the call in
-    errors (default ``post to 'conv'``; ``recall in 'conv'`` ...)."""
+    errors (default ``post to 'conv'``; ``recall in 'conv'`` ...);
+    ``size``: the payload's size against the limit, said for
+    PAYLOAD_TOO_LARGE."""
     what = what or f"post to {conv!r}"
     if done.code is ErrorCode.STORE_UNAVAILABLE:
         return StoreError(f"{what} not stored: the store failed")
     if done.code is not ErrorCode.OK:
         why = _post_problem(conv, sender, device, key) if done.code is ErrorCode.BAD_REQUEST else None
+        if done.code is ErrorCode.PAYLOAD_TOO_LARGE and size:
+            why = size
         return RequestRefused(done.code, f"{what} refused: {done.code.name}" + (f": {why}" if why else ""))
     return Posted(conv, done.msg_id, done.seq, done.server_time, done.duplicate)
 

@@ -102,6 +102,22 @@ def test_the_threaded_handle_raises_the_same_broker_stopped() -> None:
     assert issubclass(BrokerStopped, RuntimeError)  # as the threaded handle's was
 
 
+async def test_a_payload_too_large_says_its_size_and_the_limit(tmp_path: Path) -> None:
+    """It said only "refused: PAYLOAD_TOO_LARGE" (a new-user pass)."""
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            await im.create_group("team", ["alice", "bob"])
+            expected = "PAYLOAD_TOO_LARGE: 70000 bytes, max_payload is 65536"
+            with pytest.raises(RequestRefused, match=expected) as refused:
+                await im.post("team", b"x" * 70_000)
+            assert refused.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+            [result] = await im.post_many([{"conv": "team", "payload": b"x" * 70_000}])
+            assert isinstance(result, RequestRefused) and expected in str(result), result
+            await im.post("team", b"ok")
+            with pytest.raises(RequestRefused, match=expected):
+                await im.edit("team", 1, b"x" * 70_000)
+
+
 async def test_an_idempotency_key_that_is_not_utf8_refuses_that_post_alone(tmp_path: Path) -> None:
     with trio.fail_after(20):
         async with open_pimcore(data_dir=tmp_path / "data") as im:

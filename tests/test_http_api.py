@@ -545,6 +545,8 @@ async def test_kick_validates_like_revoke_and_caps_the_reason(tmp_path: Path) ->
                 status, doc = await call(c, "POST", path)
                 assert_error(status, doc, 400, "BAD_REQUEST")
                 assert "'a b'" in doc["error"]["message"], doc
+                # In the endpoint's own words (a new-user pass saw "online devices: ..." for kick).
+                assert doc["error"]["message"].startswith(path.rsplit("/", 1)[1]), doc
             assert_error(*await call(c, "POST", "/v1/users/alice/kick", {"device": "a b"}), 400, "BAD_REQUEST")
             status, doc = await call(c, "POST", "/v1/users/alice/kick", {"reason": "r" * 300_000})
             assert_error(status, doc, 400, "BAD_REQUEST")

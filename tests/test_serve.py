@@ -385,6 +385,20 @@ def test_chat_over_tls_needs_the_ca(tmp_path: Path, procs: ProcGroup, tls_files)
     assert connecting.startswith("pimcore chat: connecting to tls://"), refused.stderr
     assert error.startswith("pimcore chat: cannot connect"), refused.stderr
     assert "certificate verify failed" in refused.stderr and "Traceback" not in refused.stderr
+    # (A new-user pass: nothing said how to trust the broker's CA.)
+    assert error.endswith("(give --cafile PATH: the CA certificate that signed the broker's)"), refused.stderr
+
+
+def test_chat_with_a_token_bound_to_another_device_names_it(tmp_path: Path, procs: ProcGroup) -> None:
+    """It said only "token is bound to another device" (a new-user pass)."""
+    data = tmp_path / "data"
+    server = procs.serve("--listen", LOOPBACK, "--data-dir", data)
+    tok = token_for("bob", data, "--device", "term2")
+    refused = run_pimcore("chat", "--url", server.url(), "--token", tok, "--to", "alice")
+    assert refused.returncode == 1, (refused.stdout, refused.stderr)
+    error = refused.stderr.splitlines()[-1]
+    assert error == ("pimcore chat: token refused: token is bound to device 'term2', not 'terminal'"
+                     " (pimcore chat --device term2)"), refused.stderr
 
 
 async def test_connect_timeout_is_reported_as_a_timeout() -> None:

@@ -411,6 +411,14 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         user = request.params["user"]
         device = _field(body, "device", str, None)
         reason = _field(body, "reason", str, "")
+        from ..embed import RequestRefused
+        from ..ids import id_problem
+
+        problem = id_problem(user, "user")
+        if problem is not None:
+            # Refused in the kick's words (the listing below said "online
+            # devices: ...": a new-user pass).
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"kick: {problem}")
         online = handle.online_devices(user)
         handle.kick(user, device, reason)
         kicked = [d for d in online if device is None or d == device]
