@@ -26,6 +26,7 @@ from pimcore.store import MemoryStore, direct_conversation
 from _net import (
     FAST_CLIENT,
     OTHER_SECRET,
+    SECRET,
     client,
     connect_and_close,
     hang_up_mid_handshake,
@@ -391,6 +392,10 @@ async def test_metrics_show_logins_messages_refusals_and_histograms_after_traffi
                 with pytest.raises(AuthFailed):
                     async with open_client(srv.url(), issue_token(OTHER_SECRET, "mallory"), "x", config=FAST_CLIENT):
                         pass  # pragma: no cover
+                with pytest.raises(AuthFailed, match="bound to device 'phone'"):
+                    async with open_client(srv.url(), issue_token(SECRET, "carol", device="phone"), "x",
+                                           config=FAST_CLIENT):
+                        pass  # pragma: no cover
                 c = Http(h.url)
                 try:
                     status, headers, body = await c.request("GET", "/metrics")
@@ -406,8 +411,9 @@ async def test_metrics_show_logins_messages_refusals_and_histograms_after_traffi
             assert m[("pimcore_connections", ())] == 2
             assert m[("pimcore_online_devices", ())] == 2
             assert m[("pimcore_auth_failures_total", (("reason", "signature"),))] == 1
+            assert m[("pimcore_auth_failures_total", (("reason", "device"),))] == 1
             assert m[("pimcore_auth_failures_total", (("reason", "expired"),))] == 0
-            assert m[("pimcore_closes_total", (("code", "AUTH_FAILED"),))] == 1
+            assert m[("pimcore_closes_total", (("code", "AUTH_FAILED"),))] == 2
             assert m[("pimcore_closes_total", (("code", "SLOW_CONSUMER"),))] == 0
             assert m[("pimcore_outbound_queue_bytes", ())] >= 0
             batches = m[("pimcore_batches_total", ())]

@@ -312,7 +312,7 @@ def _auth_failure_kind(reason: str) -> str:
         return "expired"
     if "signature" in r:
         return "signature"
-    if "another device" in r:
+    if "bound to device" in r:  # "token is bound to device 'x', not 'y'" (pimcore.core)
         return "device"
     if "invalid user id" in r or "invalid device id" in r:
         return "invalid_id"
