@@ -38,7 +38,7 @@ from .config import ConfigError, ServeSettings, load_settings
 from .errors import BrokerStopped, ErrorCode, PimError, StoreError
 from .frames import MessageKind
 from . import ids
-from .ids import EMPTY_GROUP, LAST_MEMBERS, SYSTEM, conversation_problem, group_problem, id_problem
+from .ids import EMPTY_GROUP, LAST_MEMBERS, SYSTEM, _show, conversation_problem, group_problem, id_problem
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
 from .store.base import (
@@ -444,7 +444,7 @@ class Pimcore:
         visible = _history_flag(history_visible)
         users = _user_ids(members, "members")
         if not users:
-            raise RequestRefused(ErrorCode.BAD_REQUEST, f"group {conv!r} not changed: BAD_REQUEST: {EMPTY_GROUP}")
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"group {_show(conv)} not changed: BAD_REQUEST: {EMPTY_GROUP}")
         create = functools.partial(self.server.broker.create_group, history_visible=visible)
         return await self._admin(create, conv, users)
 
@@ -454,7 +454,7 @@ class Pimcore:
         id; UNKNOWN_CONVERSATION: no such group), StoreError."""
         members = await self._group_read(conv, "members", lambda store: store.members(conv))
         if members is None:
-            raise RequestRefused(ErrorCode.UNKNOWN_CONVERSATION, f"members of {conv!r}: UNKNOWN_CONVERSATION")
+            raise RequestRefused(ErrorCode.UNKNOWN_CONVERSATION, f"members of {_show(conv)}: UNKNOWN_CONVERSATION")
         return tuple(members)
 
     async def _group_read(self, conv: str, what: str, read: Callable[[Any], Any]) -> Any:
@@ -482,7 +482,7 @@ class Pimcore:
         UNKNOWN_CONVERSATION: no such group), StoreError."""
         visible = await self._group_read(conv, "history_visible", lambda store: store.history_visible(conv))
         if visible is None:
-            raise RequestRefused(ErrorCode.UNKNOWN_CONVERSATION, f"group {conv!r}: UNKNOWN_CONVERSATION")
+            raise RequestRefused(ErrorCode.UNKNOWN_CONVERSATION, f"group {_show(conv)}: UNKNOWN_CONVERSATION")
         return bool(visible)
 
     async def add_members(self, conv: str, users: Iterable[str]) -> GroupChanged:
@@ -518,7 +518,7 @@ class Pimcore:
         changing = len(distinct - current) if adding else len(distinct & current)
         problem = ids.membership_change_problem(changing, len(current) + (changing if adding else 0))
         if problem is not None:
-            raise RequestRefused(ErrorCode.BAD_REQUEST, f"group {conv!r} not changed: BAD_REQUEST: {problem}")
+            raise RequestRefused(ErrorCode.BAD_REQUEST, f"group {_show(conv)} not changed: BAD_REQUEST: {problem}")
 
     async def _admin(self, method: Callable[..., Any], conv: str, users: list[str], *,
                      bad_request: str = "") -> GroupChanged:
@@ -526,11 +526,11 @@ class Pimcore:
         result = await self.server.admin_result(method, conv, users)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
-                raise StoreError(f"group {conv!r} not changed: the store failed")
+                raise StoreError(f"group {_show(conv)} not changed: the store failed")
             why = _why(result.code, users=users, group=conv)
             if not why and result.code is ErrorCode.BAD_REQUEST and bad_request:
                 why = f": {bad_request}"
-            raise RequestRefused(result.code, f"group {conv!r} not changed: {result.code.name}" + why)
+            raise RequestRefused(result.code, f"group {_show(conv)} not changed: {result.code.name}" + why)
         assert isinstance(result, GroupChanged)
         return result
 
@@ -571,7 +571,7 @@ class Pimcore:
         a bool."""
         ms = _mentions(mentions, mention_all)
         payload = _payload(payload)
-        _refuse_key(idempotency_key, f"post to {conv!r}")
+        _refuse_key(idempotency_key, f"post to {_show(conv)}")
         refused = await self._check_post(conv, payload, sender, device, idempotency_key)
         if refused is not None:
             raise refused
@@ -627,7 +627,7 @@ class Pimcore:
         key: Union[str, bytes, None],
     ) -> Posted:
         _check_seq(seq)
-        what = f"{_ACTION_NAMES.get(action, 'post')} in {conv!r}"
+        what = f"{_ACTION_NAMES.get(action, 'post')} in {_show(conv)}"
         _refuse_key(key, what)
         if action == MessageKind.EDIT:
             refused = await self._check_post(conv, payload, sender, device, key, what)
@@ -666,7 +666,7 @@ class Pimcore:
             return None
         reason, code = await self.server.check_content(sender, device, conv, bytes(payload), local_id)
         if reason is not None:
-            return RequestRefused(code, f"{what or f'post to {conv!r}'} refused: {reason}")
+            return RequestRefused(code, f"{what or f'post to {_show(conv)}'} refused: {reason}")
         return None
 
     async def post_many(self, posts: Sequence[dict[str, Any]]) -> list[Union[Posted, PimError]]:
@@ -708,7 +708,7 @@ class Pimcore:
         for i, (_, (conv, _), kw) in enumerate(calls):
             problem = _key_problem(kw["key"])
             if problem is not None:  # refused here: the core would raise on it
-                results[i] = RequestRefused(ErrorCode.BAD_REQUEST, f"post to {conv!r} refused: BAD_REQUEST: {problem}")
+                results[i] = RequestRefused(ErrorCode.BAD_REQUEST, f"post to {_show(conv)} refused: BAD_REQUEST: {problem}")
         checked = [i for i, call in enumerate(calls) if results[i] is None and self._checked(call[2]["sender"])]
         if checked:
             async def check(i: int) -> None:
@@ -806,13 +806,13 @@ class Pimcore:
         for value, what in ((max_age, "max_age"), (max_count, "max_count")):
             if value is not None and (type(value) is not int or not 0 <= value < 1 << 63):
                 raise RequestRefused(ErrorCode.BAD_REQUEST,
-                                     f"retention of {conv!r}: {what} must be None or an integer 0..2^63-1, got {value!r}")
+                                     f"retention of {_show(conv)}: {what} must be None or an integer 0..2^63-1, got {value!r}")
             limits.append(-1 if value is None else value)
         result = await self.server.host_call(self.server.broker.set_retention, conv, *limits)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
-                raise StoreError(f"retention of {conv!r} not stored: the store failed")
-            raise RequestRefused(result.code, f"retention of {conv!r}: {result.code.name}")
+                raise StoreError(f"retention of {_show(conv)} not stored: the store failed")
+            raise RequestRefused(result.code, f"retention of {_show(conv)}: {result.code.name}")
         return await self.retention(conv)
 
     async def retention(self, conv: str) -> Retention:
@@ -981,8 +981,8 @@ class Pimcore:
         )
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
-                raise StoreError(f"settings of {conv!r} for {user!r} not changed: the store failed")
-            raise RequestRefused(result.code, f"settings of {conv!r} for {user!r}: {result.code.name}")
+                raise StoreError(f"settings of {_show(conv)} for {user!r} not changed: the store failed")
+            raise RequestRefused(result.code, f"settings of {_show(conv)} for {user!r}: {result.code.name}")
         assert isinstance(result, ConversationSet)
         return result.entry
 
@@ -1033,7 +1033,7 @@ class Pimcore:
         page = await self._read_one(ReadHistory(conv, user, from_seq, limit, bool(backward)))
         assert isinstance(page, HistoryPage)
         if page.code != ErrorCode.OK:
-            raise RequestRefused(page.code, f"history of {conv!r} for {user!r}: {page.code.name}"
+            raise RequestRefused(page.code, f"history of {_show(conv)} for {user!r}: {page.code.name}"
                                  + _why(page.code, users=(user,), conv=conv))
         return list(page.messages)
 
@@ -1209,7 +1209,7 @@ def _some_users(users: Any, call: str, conv: str) -> list[str]:
     returned a GroupChanged that changed nothing)."""
     ids = _user_ids(users, "users")
     if not ids:
-        raise ValueError(f"{call} of group {conv!r}: give at least one user (no user given, nothing changed)")
+        raise ValueError(f"{call} of group {_show(conv)}: give at least one user (no user given, nothing changed)")
     return ids
 
 
@@ -1268,7 +1268,7 @@ def _posted(conv: str, done: Any, sender: str = SYSTEM, device: str = SYSTEM,
     errors (default ``post to 'conv'``; ``recall in 'conv'`` ...);
     ``size``: the payload's size against the limit, said for
     PAYLOAD_TOO_LARGE."""
-    what = what or f"post to {conv!r}"
+    what = what or f"post to {_show(conv)}"
     if done.code is ErrorCode.STORE_UNAVAILABLE:
         return StoreError(f"{what} not stored: the store failed")
     if done.code is not ErrorCode.OK:

@@ -118,6 +118,16 @@ async def test_a_payload_too_large_says_its_size_and_the_limit(tmp_path: Path) -
                 await im.edit("team", 1, b"x" * 70_000)
 
 
+async def test_a_long_conversation_id_is_cut_short_in_refusals(tmp_path: Path) -> None:
+    """A 5,000-character id came back whole in "post to '...' refused" (a new-user pass)."""
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            for call in (lambda conv: im.post(conv, b"x"), lambda conv: im.recall(conv, 1)):
+                with pytest.raises(RequestRefused) as refused:
+                    await call("a" * 5000)
+                assert len(str(refused.value)) < 400 and "...(5000 chars)" in str(refused.value), str(refused.value)
+
+
 async def test_an_idempotency_key_that_is_not_utf8_refuses_that_post_alone(tmp_path: Path) -> None:
     with trio.fail_after(20):
         async with open_pimcore(data_dir=tmp_path / "data") as im:
