@@ -1062,7 +1062,9 @@ class Client:
                         # A TLS port's answer to plain text (a TLS alert to the
                         # Login or the upgrade request) will not change:
                         # retrying it until connect_timeout only delayed the hint.
-                        raise ConnectFailed(f"cannot connect to {self.url}: {_root_cause(exc)}{hint}") from exc
+                        # (Said as such: the decoder's complaint about its bytes
+                        # -- "UNSUPPORTED_VERSION: protocol version 0" -- is noise.)
+                        raise ConnectFailed(f"cannot connect to {self.url}: the server answered with a TLS alert{hint}") from exc
                     if trio.current_time() >= first_deadline:
                         raise ConnectFailed(f"cannot connect to {self.url} within {self.config.connect_timeout:g} s"
                                             f" (connect_timeout): {_root_cause(exc)}{hint}") from exc
