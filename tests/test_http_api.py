@@ -532,6 +532,21 @@ async def test_refusals_say_what_was_wrong(tmp_path: Path) -> None:
                 await im.post("team", b"x", idempotency_key=b"")
 
 
+async def test_a_malformed_percent_escape_in_a_path_is_400(tmp_path: Path) -> None:
+    """/v1/conversations/%ZZ/messages was taken literally, conversation
+    '%ZZ', and got 404 UNKNOWN_CONVERSATION (a new-user pass)."""
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("a+b", ["alice"])
+            for path in ("/v1/conversations/%ZZ/messages", "/v1/conversations/a%2/messages",
+                         "/v1/conversations/%FF/messages"):
+                status, doc = await call(c, "POST", path, {"payload": "x"})
+                assert_error(status, doc, 400, "bad_request")
+                assert "path segment" in doc["error"]["message"], doc
+            status, doc = await call(c, "POST", "/v1/conversations/a%2Bb/messages", {"payload": "x"})
+            assert status == 201 and doc["conv"] == "a+b", doc
+
+
 async def test_kick_validates_like_revoke_and_caps_the_reason(tmp_path: Path) -> None:
     """An invalid user id is 400 BAD_REQUEST for kick as for revoke and
     unread (it was 200); a reason over 256 bytes is 400 (it was logged
@@ -676,10 +691,12 @@ async def test_devices_and_unread_refuse_invalid_ids(tmp_path: Path) -> None:
 
     with trio.fail_after(30):
         async with api(tmp_path) as (im, h, c):
-            for user in ("bad%20user", "%00", "%ZZ"):
+            for user in ("bad%20user", "%00"):
                 status, doc = await call(c, "GET", f"/v1/users/{user}/devices")
                 assert_error(status, doc, 400, "BAD_REQUEST")
                 assert "user id" in doc["error"]["message"], doc
+            # (A malformed escape is refused by the router, before any id check.)
+            assert_error(*await call(c, "GET", "/v1/users/%ZZ/devices"), 400, "bad_request")
             status, doc = await call(c, "GET", "/v1/users/alice/unread?conv=bad%20conv")
             assert_error(status, doc, 400, "BAD_REQUEST")
             assert "'bad conv'" in doc["error"]["message"], doc

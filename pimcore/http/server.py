@@ -142,6 +142,22 @@ class _Route:
     auth: bool
 
 
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _path_param(raw: str) -> str:
+    """A ``{name}`` segment percent-decoded (RFC 3986 2.1), as UTF-8.
+    HttpError 400 for a ``%`` not followed by two hex digits, or bytes that
+    are not UTF-8: taken literally they named some other id (``%ZZ``) and
+    got a 404 for it (a new-user pass)."""
+    if _BAD_ESCAPE.search(raw):
+        raise HttpError(400, "bad_request", f"path segment {raw[:80]!r}: '%' must be followed by two hex digits")
+    try:
+        return unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise HttpError(400, "bad_request", f"path segment {raw[:80]!r}: the percent-escapes are not UTF-8") from None
+
+
 class Router:
     """``(method, path pattern) -> handler``.  Later routes never shadow
     earlier ones: registering the same method and pattern twice is a
@@ -171,7 +187,7 @@ class Router:
             if m is None:
                 continue
             if r.method == method or (method == "HEAD" and r.method == "GET"):
-                return r.handler, {k: unquote(v) for k, v in m.groupdict().items()}, r.auth
+                return r.handler, {k: _path_param(v) for k, v in m.groupdict().items()}, r.auth
             allowed.append(r.method)
         if allowed:
             raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {path}",
