@@ -480,9 +480,9 @@ def run_chat(args: argparse.Namespace) -> int:
         print(f"pimcore chat: the broker ended this chat: {safe_text(str(exc))}", file=sys.stderr)
     except AuthFailed as exc:
         hint = ""
-        bound = re.search(r"token is bound to device '([^']*)'", str(exc))
+        bound = re.search(r"token is bound to device (['\"])(.*?)\1, not ", str(exc))
         if bound:
-            hint = f" (pimcore chat --device {safe_text(bound.group(1))})"
+            hint = f" (pimcore chat --device {safe_text(bound.group(2))})"
         print(f"pimcore chat: token refused: {safe_text(str(exc))}{hint}", file=sys.stderr)
     except ConnectFailed as exc:
         hint = ""

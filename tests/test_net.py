@@ -2031,3 +2031,13 @@ async def test_a_reset_after_the_end_is_said_as_a_reset_not_as_the_brokers_close
                     ev = await wait_for(a, lambda e: isinstance(e, Disconnected))
                     assert ev.reason == "connection reset by peer"
                 n.cancel_scope.cancel()
+
+
+def test_a_device_bound_refusal_is_labelled_device_whatever_the_ids_say() -> None:
+    """The reason names the client's ids now: a device "signature-pad" was
+    counted as a bad signature (a re-check pass)."""
+    from pimcore.net.server import _auth_failure_kind
+
+    assert _auth_failure_kind("token is bound to device 'phone', not 'signature-pad'") == "device"
+    assert _auth_failure_kind("token is bound to device 'expired-x', not 'y'") == "device"
+    assert _auth_failure_kind("invalid token: Signature verification failed") == "signature"

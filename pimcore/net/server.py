@@ -308,12 +308,12 @@ def _auth_failure_kind(reason: str) -> str:
     free text as a label): expired, signature, device, invalid_id, malformed,
     other."""
     r = reason.lower()
+    if "bound to device" in r:  # (first: the ids it names are the client's, "signature-pad" say)
+        return "device"
     if "expired" in r:
         return "expired"
     if "signature" in r:
         return "signature"
-    if "bound to device" in r:  # "token is bound to device 'x', not 'y'" (pimcore.core)
-        return "device"
     if "invalid user id" in r or "invalid device id" in r:
         return "invalid_id"
     if "invalid" in r or "malformed" in r or "wrong type" in r:
