@@ -1160,7 +1160,7 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 _HTTP_API = re.compile(rb"this is pimcore's HTTP API \(https?://\)")
 #: A pimcore ws:// listener's 400 to bytes that are no HTTP request names
 #: its path (pimcore.net.server._not_http_answer).
-_WS_LISTENER = re.compile(rb"pimcore wss?:// listener \(path (/[^\s)]*)\)")
+_WS_LISTENER = re.compile(rb"pimcore wss?:// listener \(path (/[!-(*-~]*)\)")
 #: A pimcore ws:// listener's 404 names its path (pimcore.net.server).
 _WS_PATH = re.compile(rb"the broker's path here is (/[!-~]*)")
 

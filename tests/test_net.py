@@ -37,6 +37,7 @@ from pimcore.core import Limits
 from pimcore.errors import CloseCode, ErrorCode
 from pimcore.auth import JwtAuthenticator
 from pimcore.net import Endpoint
+from pimcore.net.streams import parse_url
 from pimcore.net.server import BrokerServer
 from pimcore.store import LmdbStore, MemoryStore, direct_conversation
 
@@ -2041,3 +2042,16 @@ def test_a_device_bound_refusal_is_labelled_device_whatever_the_ids_say() -> Non
     assert _auth_failure_kind("token is bound to device 'phone', not 'signature-pad'") == "device"
     assert _auth_failure_kind("token is bound to device 'expired-x', not 'y'") == "device"
     assert _auth_failure_kind("invalid token: Signature verification failed") == "signature"
+
+
+@pytest.mark.parametrize("path", ["/\u010dat", "/a b", "/im\x1b[2J", "im", ""])
+def test_a_websocket_path_must_be_printable_ascii_from_a_slash(path) -> None:
+    """A listener on /čat answered hints whose path the SDK cut at the first
+    other character (a re-check pass); control characters went into
+    errors.  Such a path is refused where the endpoint is made."""
+    with pytest.raises(ValueError, match="path"):
+        Endpoint("ws", path=path)
+    with pytest.raises(ValueError, match="path"):
+        parse_url(f"wss://127.0.0.1:1{path}") if path.startswith("/") else Endpoint("wss", path=path)
+    assert Endpoint("ws", path="/im%20x/~v1").path == "/im%20x/~v1"
+    assert Endpoint("tcp").path == "/"

@@ -9,6 +9,7 @@ network layer never knows which transport it runs on.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional, Union
 from urllib.parse import urlsplit
@@ -20,6 +21,7 @@ __all__ = ["Endpoint", "parse_url", "WebSocketStream", "SCHEMES"]
 
 SCHEMES = ("tcp", "tls", "ws", "wss")
 _DEFAULT_PORTS = {"tcp": 7400, "tls": 7401, "ws": 7480, "wss": 7443}
+_WS_PATH = re.compile(r"/[!-~]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,11 @@ class Endpoint:
             raise ValueError(f"unknown scheme {self.scheme!r}; expected one of {', '.join(SCHEMES)}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} out of range")
+        if self.websocket and not _WS_PATH.fullmatch(self.path):
+            # (RFC 3986: a path is ASCII; anything else is percent-encoded.
+            # The request line carries it as is, and hints quote it.)
+            raise ValueError(f"path {self.path!r}: a WebSocket path is '/' then printable ASCII without"
+                             " spaces (percent-encode the rest)")
 
     @property
     def secure(self) -> bool:
