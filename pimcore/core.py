@@ -280,10 +280,10 @@ class BrokerConfig:
     max_outbound: int = 8 << 20
     # ...and for all connections together (bytes, counted the same way):
     # each connection's bound alone let 4,000 connections that never read
-    # pin their push windows, 4 GB.  Past max_outbound_total no push is
+    # pin their push windows, 4 GB.  At max_outbound_total no push is
     # built (the devices wait; their inbox has the messages) until held
-    # bytes are written; when the sum stays past it for outbound_total_grace
-    # (µs), the connections holding the most are closed with SLOW_CONSUMER
+    # bytes are written; when the sum stays at or past it for
+    # outbound_total_grace (µs), the connections holding the most are closed with SLOW_CONSUMER
     # until it is down to three quarters (they catch up when they return).
     # A burst to many readers drains within the grace; a stalled reader
     # holds on.  (As Redis's client-output-buffer-limit soft limit: a bound
@@ -1171,7 +1171,7 @@ class Broker:
         self._check_paused(c, out)
 
     def _drop_biggest_holders(self, out: list[Command], now: int) -> None:
-        """Held bytes stayed past max_outbound_total for outbound_total_grace:
+        """Held bytes stayed at or past max_outbound_total for outbound_total_grace:
         close the connections holding the most (SLOW_CONSUMER) until the sum
         is down to three quarters of it, then push to those that waited."""
         cfg = self.config
