@@ -283,10 +283,10 @@ class BrokerConfig:
     # pin their push windows, 4 GB.  At max_outbound_total no push is
     # built (the devices wait; their inbox has the messages) until held
     # bytes are written; when the sum stays at or past it for
-    # outbound_total_grace (µs), the connections holding the most are closed with SLOW_CONSUMER
-    # until it is down to three quarters (they catch up when they return).
-    # A burst to many readers drains within the grace; a stalled reader
-    # holds on.  (As Redis's client-output-buffer-limit soft limit: a bound
+    # outbound_total_grace (µs), the connections that in that time had
+    # nothing written of what they hold, or owed PushAcks and sent none,
+    # are closed with SLOW_CONSUMER (they catch up when they return).  A
+    # burst to many readers drains; readers, however slow, stay.  (As Redis's client-output-buffer-limit soft limit: a bound
     # that may be passed for a while.)
     max_outbound_total: int = 512 << 20
     outbound_total_grace: int = 5 * SECOND
@@ -564,7 +564,7 @@ class _Conn:
         "id", "state", "opened", "last_seen", "session", "user", "device", "inflight", "tokens", "refill_at", "strikes",
         "expires", "waiting", "backlog", "history_reads", "login", "paused", "issued_at",
         "held", "chunks", "chunk_sent", "reserved", "ctl_tokens", "ctl_at",
-        "hibernate_mark",
+        "hibernate_mark", "wrote",
     )
 
     def __init__(self, conn_id: int, now: int, session: ServerSession) -> None:
@@ -604,13 +604,13 @@ class _Conn:
         self.chunks: Optional[deque[int]] = None
         self.chunk_sent = 0
         self.reserved = 0
+        # The look (Broker._look) in which the host last reported a write:
+        # a connection that holds bytes and wrote none of them during a
+        # whole look is stalled (max_outbound_total).
+        self.wrote = -1
         # Replies built without the store (BrokerConfig.control_rate).
         self.ctl_tokens = 0.0
         self.ctl_at = now
-
-
-def _held_bytes(c: "_Conn") -> int:
-    return c.held
 
 
 class _Device:
@@ -624,7 +624,8 @@ class _Device:
     it rather than asking twice.
     """
 
-    __slots__ = ("conn", "user", "device", "acked", "sent_upto", "unacked", "unacked_bytes", "reading", "typing")
+    __slots__ = ("conn", "user", "device", "acked", "sent_upto", "unacked", "unacked_bytes", "reading", "typing",
+                 "acked_look")
 
     def __init__(self, conn: int, user: str, device: str, position: int) -> None:
         self.conn = conn
@@ -638,6 +639,9 @@ class _Device:
         self.unacked: Optional[deque[tuple[int, int]]] = None
         self.unacked_bytes = 0
         self.reading = False
+        # The look (Broker._look) of its last PushAck that moved ``acked``,
+        # or of the push that left it owing acks when it owed none.
+        self.acked_look = -1
         # Typing from another node held until the entries before it are
         # pushed ((conv, user) -> (frame, expires µs)): see typing_elsewhere.
         self.typing: Optional[dict[tuple[str, str], tuple[F.Typing, int]]] = None
@@ -940,9 +944,19 @@ class Broker:
         # when it has been past max_outbound_total (None: it is not).
         self._held_total = 0
         self._over_since: Optional[int] = None
+        # Counts the looks at the connections: one begins each time held
+        # bytes reach max_outbound_total, and again each outbound_total_grace
+        # while they stay there (_drop_stalled).  A connection is judged by
+        # the look that lasted the whole grace.
+        self._look = 0
         # Devices whose pushes wait for held bytes to go below
         # max_outbound_total (an ordered set: pumped in the order they came).
         self._starved: dict[_Device, None] = {}
+        # ...served before them: those that acked every push -- readers,
+        # which connections that stopped reading must not keep waiting (a
+        # new-user pass: 60 of them ahead in the line stalled three readers
+        # for a minute).
+        self._readers: dict[_Device, None] = {}
         # ...and those of them whose own connection held bytes when their turn
         # came (conn id -> device): back in line once it has written them
         # (data_sent).  Kept apart so that connections that never read cost
@@ -1170,24 +1184,46 @@ class Broker:
             c.backlog = None  # drained: an idle connection holds no deque
         self._check_paused(c, out)
 
-    def _drop_biggest_holders(self, out: list[Command], now: int) -> None:
-        """Held bytes stayed at or past max_outbound_total for outbound_total_grace:
-        close the connections holding the most (SLOW_CONSUMER) until the sum
-        is down to three quarters of it, then push to those that waited."""
+    def _drop_stalled(self, out: list[Command], now: int) -> None:
+        """Held bytes stayed at or past max_outbound_total for
+        outbound_total_grace (this look): close with SLOW_CONSUMER every
+        connection, open when the look began, that holds bytes and had none
+        of them written during it -- a client that does not read, whose window
+        would otherwise be filled again at each turn, holding up everyone's
+        pushes (a new-user pass: 60 such connections stalled three readers
+        for 55 s when the biggest holders were dropped a quarter at a time).
+        Readers, however slow, wrote something and stay.  Then a new look
+        begins if the sum is still there."""
         cfg = self.config
-        target = cfg.max_outbound_total * 3 // 4
-        total = self._held_total
-        for c in sorted(self._conns.values(), key=_held_bytes, reverse=True):
-            if self._held_total <= target or not c.held:
-                break
-            self._close(
-                c, CloseCode.SLOW_CONSUMER,
-                f"not reading fast enough: the broker held {total} bytes of frames not taken for all connections"
-                f" (max_outbound_total {cfg.max_outbound_total}), this one {c.held} of them", out,
-            )
-        self._over_since = now if self._held_total >= cfg.max_outbound_total else None
-        if self._starved and self._held_total < cfg.max_outbound_total:
-            self._unstarve(out, now)
+        look, since, total = self._look, self._over_since, self._held_total
+        assert since is not None
+        grace = cfg.outbound_total_grace / SECOND
+        # Stalled: bytes held and none written in the look; or pushes owed
+        # acks since before the look and no PushAck in it -- which finds, at once, the
+        # clients that stopped reading after the kernel's buffers took their
+        # first pushes (they hold nothing, and would each take the bound
+        # again at their turn: a look per connection).
+        stalled = [c for c in self._conns.values() if c.held and c.wrote != look and c.opened <= since]
+        for devices in self._online.values():
+            for dev in devices.values():
+                if dev.sent_upto > dev.acked and dev.acked_look != look:
+                    c = self._conns.get(dev.conn)
+                    if c is not None and c.opened <= since and not (c.held and c.wrote != look):
+                        stalled.append(c)
+        for c in stalled:
+            if c.id in self._conns:
+                self._close(
+                    c, CloseCode.SLOW_CONSUMER,
+                    f"not reading: nothing written or acked in {grace:g} s while the broker held {total} bytes"
+                    f" for all connections (max_outbound_total {cfg.max_outbound_total}); {c.held} of them for it", out,
+                )
+        if self._held_total >= cfg.max_outbound_total:
+            self._look += 1
+            self._over_since = now
+        else:
+            self._over_since = None
+            if self._starved or self._readers:
+                self._unstarve(out, now)
 
     def _check_paused(self, c: _Conn, out: list[Command]) -> None:
         """Flow control: a connection that waits and keeps sending is paused
@@ -1236,6 +1272,7 @@ class Broker:
         if chunks is None:
             return out  # nothing held: bytes the core did not count (none expected)
         before = c.held
+        c.wrote = self._look
         n = c.chunk_sent + nbytes
         if n >= c.held - _FRAME_OVERHEAD * len(chunks):
             # Everything written (the usual case): nothing is held, and
@@ -1252,8 +1289,8 @@ class Broker:
         if not c.held and self._parked:
             dev = self._parked.pop(c.id, None)
             if dev is not None:
-                self._starved[dev] = None
-        if self._starved and self._held_total < self.config.max_outbound_total:
+                self._wait(dev)
+        if (self._starved or self._readers) and self._held_total < self.config.max_outbound_total:
             self._unstarve(out, now)
             if not (was_blocked and not self._blocked(c)):
                 self._maybe_commit(out, now)
@@ -1477,7 +1514,7 @@ class Broker:
                 if self._held_total >= self.config.max_outbound_total:
                     # Past the bound since the read went out: the page is
                     # read again when held bytes are written (_unstarve).
-                    self._starved[dev] = None
+                    self._wait(dev)
                     return
                 self._push_entries(dev, res.entries, out, now)
                 self._pump(dev, out, now)
@@ -2669,7 +2706,7 @@ class Broker:
             if room <= 0 or dev.unacked_bytes >= lim.push_window_bytes:
                 return  # wait for a PushAck
             if self._held_total >= self.config.max_outbound_total:
-                self._starved[dev] = None  # wait for held bytes to be written (_unstarve)
+                self._wait(dev)  # for held bytes to be written (_unstarve)
                 return
             limit = min(room, lim.push_batch)
             entries: Optional[Sequence[tuple[int, Union[StoredMessage, F.Message, NewMessage]]]] = None
@@ -2690,27 +2727,35 @@ class Broker:
                 return
             self._push_entries(dev, entries, out, now)
 
+    def _wait(self, dev: _Device) -> None:
+        """``dev`` waits for held bytes to go below max_outbound_total: ahead
+        (_readers) if it has acked every push it was sent -- proof that it
+        reads, which a client that stopped reading cannot give (bytes the
+        kernel's buffers took for it count as written, so writes prove
+        nothing)."""
+        (self._readers if dev.acked >= dev.sent_upto else self._starved)[dev] = None
+
     def _unstarve(self, out: list[Command], now: int) -> None:
-        """Held bytes went below max_outbound_total: pump the devices that
-        waited for that, in the order they came, while it stays below --
-        those whose connection holds nothing now: one that still holds bytes
-        has enough to read, and waits until it has read them (data_sent
-        comes back here)."""
-        starved = self._starved
+        """Held bytes are below max_outbound_total: pump the devices that
+        waited for that while it stays below -- readers first, each line in
+        the order it came.  One whose connection still holds bytes has
+        enough to read: it waits apart (_parked) until that connection has
+        written them (data_sent puts it back in line)."""
         limit = self.config.max_outbound_total
-        # Each turn takes one device out of the line (pumped, parked or
-        # gone): the work is the devices served, never the whole line.
-        while starved and self._held_total < limit:
-            dev = next(iter(starved))
-            del starved[dev]
-            c = self._conns.get(dev.conn)
-            devices = self._online.get(dev.user)
-            if c is None or devices is None or devices.get(dev.device) is not dev:
-                continue  # gone: its next login pumps it
-            if c.held:
-                self._parked[c.id] = dev  # (data_sent puts it back in line)
-            else:
-                self._pump(dev, out, now)
+        for line in (self._readers, self._starved):
+            # Each turn takes one device out of the line (pumped, parked or
+            # gone): the work is the devices served, never the whole line.
+            while line and self._held_total < limit:
+                dev = next(iter(line))
+                del line[dev]
+                c = self._conns.get(dev.conn)
+                devices = self._online.get(dev.user)
+                if c is None or devices is None or devices.get(dev.device) is not dev:
+                    continue  # gone: its next login pumps it
+                if c.held:
+                    self._parked[c.id] = dev  # (data_sent puts it back in line)
+                else:
+                    self._pump(dev, out, now)
 
     def _push_entries(
         self, dev: _Device, entries: Sequence[tuple[int, Union[StoredMessage, F.Message, NewMessage]]], out: list[Command], now: int
@@ -2732,6 +2777,13 @@ class Broker:
             # batch just committed may be its NewMessage op standing in for
             # a Message nobody is pushed: _finish_send.)
             budget = lim.push_window_bytes - dev.unacked_bytes
+            # Near max_outbound_total, a quarter of the room left at most (at
+            # least one entry, below): one device -- one that does not read,
+            # say, whose inbox read came back first -- cannot take it all
+            # while others wait.  (Far from it, the push window is smaller.)
+            share = (self.config.max_outbound_total - self._held_total) >> 2
+            if share < budget:
+                budget = share
             device, user = dev.device, dev.user
             # The loop below in one fast-path call when no entry needs
             # converting (pimcore/_pure/send.py: push_slice).
@@ -2763,6 +2815,8 @@ class Broker:
                 if dev.typing is not None and upto >= self._heads.get(dev.user, 0):
                     self._release_typing(dev, out, now)
                 return
+        if dev.sent_upto <= dev.acked:
+            dev.acked_look = self._look  # (owes acks from this look on: see _drop_stalled)
         dev.sent_upto = upto
         if dev.unacked is None:
             dev.unacked = deque()
@@ -2781,6 +2835,7 @@ class Broker:
         if f.position <= dev.acked:
             return  # stale or repeated ack: positions never move back
         dev.acked = f.position
+        dev.acked_look = self._look
         unacked = dev.unacked
         while unacked and unacked[0][0] <= f.position:
             dev.unacked_bytes -= unacked.popleft()[1]
@@ -3597,6 +3652,7 @@ class Broker:
         parked = self._parked.pop(conn, None) if self._parked else None
         if parked is not None:
             self._starved.pop(parked, None)
+            self._readers.pop(parked, None)
         if c.backlog is not None:
             c.backlog.clear()
         self._ephemeral_forget(c)
@@ -3621,8 +3677,9 @@ class Broker:
             dev = devices.get(c.device)
             if dev is not None and dev.conn == conn:
                 del devices[c.device]
-                if self._starved:
+                if self._starved or self._readers:
                     self._starved.pop(dev, None)
+                    self._readers.pop(dev, None)
             if not devices:
                 del self._online[c.user]
                 self._marks.pop(c.user, None)
@@ -3702,12 +3759,13 @@ class Broker:
         # wake it -- a re-check pass.)
         if self._held_total >= self.config.max_outbound_total:
             if self._over_since is None:
+                self._look += 1  # (a look begins: see _drop_stalled)
                 self._over_since = now
             elif now - self._over_since >= self.config.outbound_total_grace:
-                self._drop_biggest_holders(out, now)
+                self._drop_stalled(out, now)
         else:
             self._over_since = None
-            if self._starved:
+            if self._starved or self._readers:
                 self._unstarve(out, now)
         if self._lazy_events:
             for data in self._lazy_events:
