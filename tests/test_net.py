@@ -2053,9 +2053,9 @@ async def test_a_reset_after_the_end_is_said_as_a_reset_not_as_the_brokers_close
                     sock.close()
                     # Loopback hands each segment to a softirq, which a busy
                     # machine defers to ksoftirqd: the client's reader could
-                    # then meet the FIN before the RST has landed (one CI run
-                    # in several).  Wait, without yielding to the client's
-                    # tasks, until its kernel socket has taken the RST.
+                    # then meet the FIN before the RST has landed, and a
+                    # clean end would be right then.  Wait, without yielding
+                    # to the client's tasks, until its socket took the RST.
                     mine = _tcp_socket(a._conn.stream)  # type: ignore[union-attr]
                     _wait_for_tcp_close(mine)
                     if take_error:
