@@ -1515,6 +1515,31 @@ async def test_a_bad_upgrade_request_then_a_reset_does_not_end_the_broker(lmdb_s
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /im HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/html\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GET /im HTTP/1.1\r\n\r\n",
+], ids=["browser", "other-path", "no-host"])
+async def test_a_plain_http_request_at_a_ws_listener_is_answered_in_words(lmdb_store, request_bytes):
+    """A browser or curl at a ws:// listener got trio-websocket's 400 with
+    no body at all (a new-user pass LOW): the answer now says what the port
+    is and how to reach it, as the one to a tcp:// client's bytes does."""
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            stream = await trio.open_tcp_stream("127.0.0.1", srv.endpoints[0].port)
+            async with stream:
+                await stream.send_all(request_bytes)
+                answer = b""
+                while data := await stream.receive_some(4096):
+                    answer += data
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 ")
+            assert b"content-type: text/plain" in head.lower()
+            assert body == b"this is a pimcore ws:// listener (path /im): not a WebSocket upgrade request"
+            async with client(srv.url("ws"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
 def _no_spam(user: str, conv: str, payload: bytes):
     return "looks like spam" if b"BUY NOW" in payload else None
 

@@ -486,8 +486,11 @@ class _EndWatch(StreamWrapper):
     with HTTP 400 (the wait went on until login_timeout, holding one of
     max_connections)."""
 
-    def __init__(self, inner: trio.abc.Stream) -> None:
+    def __init__(self, inner: trio.abc.Stream, refusal: bytes = b"") -> None:
         super().__init__(inner)
+        # What to say instead of trio-websocket's 400 without a body (its
+        # answer to an HTTP request that is no upgrade: a browser, curl).
+        self.refusal = refusal
         self.ended = False  # the client hung up, or the stream broke
         self.closed = False  # trio-websocket closed it (a malformed upgrade request, answered 400)
         # The client's first bytes are no HTTP request (pimcore's binary
@@ -518,6 +521,14 @@ class _EndWatch(StreamWrapper):
                 await trio.sleep_forever()  # (its reader waits, until _serve_ws cancels it)
         return data
 
+    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        # trio-websocket (through wsproto) answers what it cannot upgrade
+        # with "HTTP/1.1 400 \r\ncontent-length: 0\r\n\r\n", then closes:
+        # the one answer it sends before an upgrade that has no body.
+        if self.refusal and bytes(data[:13]) == b"HTTP/1.1 400 " and b"\r\ncontent-length: 0\r\n" in bytes(data).lower():
+            data = self.refusal
+        await self.inner.send_all(data)
+
     def _end(self) -> None:
         self.ended = True
         if self.on_end is not None:
@@ -533,8 +544,9 @@ def _http_start(first: bytes) -> bool:
 
 def _not_http_answer(ep: Endpoint) -> bytes:
     """A ws:// or wss:// listener's answer to bytes that are no HTTP request
-    (a tcp:// client's Login): 400, naming the listener (the SDK suggests
-    its URL from it: pimcore.client)."""
+    (a tcp:// client's Login), or to an HTTP request that is no upgrade (a
+    browser, curl): 400, naming the listener (the SDK suggests its URL from
+    it: pimcore.client)."""
     body = (f"this is a pimcore {ep.scheme}:// listener (path {ep.path}): not a WebSocket upgrade request"
             ).encode()
     return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -1088,7 +1100,7 @@ class BrokerServer:
                     # login_timeout: see _Transport).
                     if ep.secure and self._ssl is not None:
                         stream = tls_server_stream(sock, self._ssl, peer=addr, https_compatible=True)
-                    watch = _EndWatch(stream)
+                    watch = _EndWatch(stream, _not_http_answer(ep))
                     watch.on_end = handshakes.cancel
                     try:
                         try:
