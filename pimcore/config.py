@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields, replace
@@ -278,7 +279,7 @@ def _check(name: str, typ: str, value: Any) -> Any:
     if not ok:
         raise ConfigError(f"{name}: expected {_EXPECTED[typ]}, got {_show(value)}")
     if typ == "float":
-        return float(value)
+        return _finite(name, float(value))
     if typ == "list":
         return [value] if isinstance(value, str) else list(value)
     return value
@@ -290,6 +291,21 @@ _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "http.max_header_bytes": (1, True), "http.max_body_bytes": (1, True), "http.max_connections": (1, True),
     "http.request_timeout": (0, False), "http.keepalive_timeout": (0, False),
 }
+
+
+#: The largest number a setting takes (in magnitude): seconds become µs in a
+#: signed 64-bit integer (9,223,372,036,854 s is about 292,000 years); the
+#: rates and everything else stay far below it.
+_MAX_NUMBER = 9_223_372_036_854
+
+
+def _finite(name: str, value: float) -> float:
+    """``value`` if finite and within :data:`_MAX_NUMBER`, else ConfigError
+    naming ``name`` ("inf" and "nan" parse as floats, and made a traceback
+    (OverflowError) or a broker with no limit: a new-user pass)."""
+    if not math.isfinite(value) or abs(value) > _MAX_NUMBER:
+        raise ConfigError(f"{name}: expected a number from -{_MAX_NUMBER} to {_MAX_NUMBER}, got {value!r}")
+    return value
 
 
 def _in_range(name: str, value: Any) -> Any:
@@ -308,8 +324,10 @@ def _parse_env(name: str, typ: str, text: str) -> Any:
         if typ == "int":
             return int(s)
         if typ == "float":
-            return float(s)
-    except ValueError:
+            return _finite(name, float(s))
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
         raise ConfigError(f"{name}: expected {_EXPECTED[typ]}, got {_show(text)}") from None
     if typ == "bool":
         low = s.lower()

@@ -145,6 +145,35 @@ def test_inspect_accepts_the_data_directory_as_every_other_command_does(tmp_path
 # -- settings: environment by one rule, typed errors (issue 11, section 3) ----
 
 
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "1e30", "1e400"])
+@pytest.mark.parametrize("how", ["file", "env", "flag"])
+def test_a_number_that_is_not_finite_or_too_large_is_refused_naming_the_key(tmp_path, how, text):
+    """--idle-timeout inf was a traceback (OverflowError, turning seconds
+    into µs) and --send-rate nan a broker that started with it (a new-user
+    pass): every number setting is refused when it is not finite or past
+    what seconds in 64-bit µs hold, from a file, a variable or a flag."""
+    from pimcore.config import SCHEMA, ConfigError, env_name, load_settings
+
+    floats = [(section, key) for (section, key), typ in SCHEMA.items() if typ == "float"]
+    assert ("server", "idle_timeout") in floats and ("limits", "send_rate") in floats
+    for section, key in floats:
+        cfg = tmp_path / "pimcore.toml"
+        if how == "file":
+            literal = {"1e400": "1e400"}.get(text, text)
+            cfg.write_text((f"[{section}]\n" if section else "") + f"{key} = {literal}\n")
+            load = lambda: load_settings(str(cfg), env={})  # noqa: E731
+        elif how == "env":
+            load = lambda: load_settings(env={env_name(section, key): text})  # noqa: E731
+        else:
+            if section not in (None, "limits", "server"):
+                continue  # (flags exist for the top level, [limits] and [server] only)
+            load = lambda: load_settings(env={}, **{key: float(text)})  # noqa: E731
+        with pytest.raises(ConfigError) as err:
+            load().server_config()
+        assert key in str(err.value) or f"--{key.replace('_', '-')}:" in str(err.value), (section, key, str(err.value))
+        assert "expected a number" in str(err.value)
+
+
 def test_every_setting_has_an_environment_variable_by_one_rule():
     from pimcore.config import SCHEMA, env_name, load_settings
 
