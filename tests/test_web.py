@@ -101,9 +101,17 @@ async def test_demo_mints_tokens_that_log_in_and_creates_groups(tmp_path: Path, 
     status, _, body = await trio.to_thread.run_sync(_request, base, "POST", "/web/group", {"name": "team", "members": ["alice", "bob"]})
     assert (status, json.loads(body)) == (200, {"name": "team", "members": ["alice", "bob"]})
     status, _, body = await trio.to_thread.run_sync(_request, base, "POST", "/web/group", {"name": "team", "members": ["carol"]})
-    assert status == 200  # exists: carol is added
+    # exists: carol is added, and the answer is the group's members now
+    assert (status, json.loads(body)) == (200, {"name": "team", "members": ["alice", "bob", "carol"]})
     status, _, _ = await trio.to_thread.run_sync(_request, base, "POST", "/web/group", {"name": "team"})
     assert status == 400
+    # A refusal says why, as POST /v1/groups does (it said "group 'bad name': BAD_REQUEST").
+    for grp, needle in (({"name": "d:alice:bob", "members": ["alice"]}, "direct"),
+                        ({"name": "g2", "members": ["bad user"]}, "bad user"),
+                        ({"name": "g3", "members": []}, "at least one member")):
+        status, _, body = await trio.to_thread.run_sync(_request, base, "POST", "/web/group", grp)
+        message = json.loads(body)["error"]["message"]
+        assert status == 400 and needle in message and "BAD_REQUEST" not in message, (grp, message)
     with trio.fail_after(20):
         async with open_client(server.url("ws"), token, device="t") as c:
             sent = await c.send("team", b"hi")

@@ -34,6 +34,8 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
+from ..embed import _show
+from ..http.api import refusal_message
 from ..http.server import HttpError, RawBody, Request, Router
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -160,8 +162,10 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
         body = request.json()
         name = body.get("name") if isinstance(body, dict) else None
         members = body.get("members") if isinstance(body, dict) else None
-        if not isinstance(name, str) or not isinstance(members, list) or not all(isinstance(m, str) for m in members) or not members:
+        if not isinstance(name, str) or not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             raise HttpError(400, "bad_request", 'the body must be {"name": "<group id>", "members": ["<user id>", ...]}')
+        if not members:
+            raise HttpError(400, "bad_request", f"group {_show(name)}: a group needs at least one member")
         try:
             try:
                 await handle.create_group(name, members)
@@ -169,9 +173,11 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
                 if exc.code.name != "ALREADY_EXISTS":
                     raise
                 await handle.add_members(name, members)
+            now = list(await handle.members(name))
         except RequestRefused as exc:
-            raise HttpError(400, "bad_request", f"group {name!r}: {exc.code.name}") from None
-        return 200, {"name": name, "members": members}
+            # The reason in words, as POST /v1/groups gives it.
+            raise HttpError(400, "bad_request", refusal_message(exc.code, str(exc))) from None
+        return 200, {"name": name, "members": now}
 
     router.add("GET", "/web", index, auth=False)
     router.add("GET", "/web/", index, auth=False)
