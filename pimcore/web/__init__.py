@@ -34,7 +34,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
-from ..embed import _show
+from ..ids import EMPTY_GROUP, _show
 from ..http.api import refusal_message
 from ..http.server import HttpError, RawBody, Request, Router
 
@@ -165,7 +165,7 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
         if not isinstance(name, str) or not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             raise HttpError(400, "bad_request", 'the body must be {"name": "<group id>", "members": ["<user id>", ...]}')
         if not members:
-            raise HttpError(400, "bad_request", f"group {_show(name)}: a group needs at least one member")
+            raise HttpError(400, "bad_request", f"group {_show(name)}: {EMPTY_GROUP}")
         try:
             try:
                 await handle.create_group(name, members)
