@@ -352,6 +352,11 @@ async def chat(
                 elif isinstance(ev, ReceiptReceived) and ev.conv == conv and ev.reader == peer:
                     out(f"✓✓ read by {peer} (up to #{ev.seq})")
                 elif isinstance(ev, Disconnected):
+                    if not reconnects and ev.code not in _FINAL_CLOSES:
+                        # An attempt of open_client's before the first login
+                        # (refused OVERLOADED, say): it retried until it got
+                        # in, and "connected as" is printed already.
+                        continue
                     if ev.code in _FINAL_CLOSES:
                         out(f"(connection closed by the broker: {ev.reason or ev.code.name}; not reconnecting)")
                         raise ChatEnded(ev.reason or ev.code.name)

@@ -183,6 +183,39 @@ async def test_chat_says_a_reset_connection_in_words() -> None:
     ), out
 
 
+async def test_refusals_before_the_first_login_are_not_said_as_lost_connections() -> None:
+    """With the broker full, chat printed nothing until it got in, then
+    "connected as ..." and after it one "(connection lost: too many
+    connections; reconnecting…)" per refused attempt, though it was
+    connected (a new-user pass): those attempts are open_client's, which
+    retried them until it got in."""
+    import trio
+
+    from _net import server_config, serving, token
+    from pimcore.chat import chat
+    from pimcore.store import MemoryStore
+
+    with trio.fail_after(30):
+        async with serving(MemoryStore(), server_config(max_connections=1, login_timeout=1.5)) as srv:
+            # A connection that never logs in holds the only slot until its
+            # login_timeout: chat's first attempts are refused OVERLOADED.
+            hog = await trio.open_tcp_stream("127.0.0.1", srv.endpoints[0].port)
+            while srv.statistics().accepted < 1:
+                await trio.sleep(0.01)
+            out: list[str] = []
+            into, lines = trio.open_memory_channel[str](10)
+            async with hog, trio.open_nursery() as n:
+                n.start_soon(lambda: chat(srv.url(), token("alice"), "bob", lines=lines, out=out.append))
+                while not any(line.startswith("connected as alice") for line in out):
+                    await trio.sleep(0.01)
+                await into.send("hello")
+                while not any("✓ sent" in line for line in out):
+                    await trio.sleep(0.01)
+                await into.send("/quit")
+            assert srv.statistics().refused >= 1, "no attempt was refused: the test did not test"
+    assert not [line for line in out if line.startswith("(connection lost")], out
+
+
 async def test_a_wrong_websocket_path_is_said_in_words() -> None:
     """It was "ConnectionRejected: (404, ((b'content-length', b'22'),), b'not a pimcore endpoint')"."""
     import trio
