@@ -404,7 +404,8 @@ class ServeSettings:
         try:
             limits = replace(base.limits, **self.limits)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"limits: {exc}") from None
+            # Said by the settings' names ("limits.window"), not the class's.
+            raise ConfigError(str(exc).replace("Limits.", "limits.") if "Limits." in str(exc) else f"limits: {exc}") from None
         broker = replace(base, limits=limits, content_filter=self.load_content_filter())
         srv = dict(self.server)
         for key in ("idle_timeout", "login_timeout", "ack_delay", "history_max_age", "reclaim_interval"):
@@ -598,7 +599,8 @@ class ServeSettings:
         try:
             limits = replace(limits, **self.limits)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"limits: {exc}") from None
+            # Said by the settings' names ("limits.window"), not the class's.
+            raise ConfigError(str(exc).replace("Limits.", "limits.") if "Limits." in str(exc) else f"limits: {exc}") from None
         b = DEFAULT_BROKER_CONFIG
         base = ServerConfig()
         server: dict[str, Any] = {

@@ -186,11 +186,12 @@ class Limits:
     def __post_init__(self) -> None:
         for name in ("max_frame", "max_payload", "window", "push_batch", "push_window", "push_window_bytes", "history_page", "read_state_batch", "send_burst", "conv_page"):
             if getattr(self, name) < 1:
-                raise ValueError(f"Limits.{name} must be >= 1")
-        if self.heartbeat_ms < 0 or self.send_rate < 0:
-            raise ValueError("Limits.heartbeat_ms and Limits.send_rate must be >= 0")
+                raise ValueError(f"Limits.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("heartbeat_ms", "send_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Limits.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_payload > self.max_frame:
-            raise ValueError("Limits.max_payload cannot exceed max_frame")
+            raise ValueError(f"Limits.max_payload ({self.max_payload}) cannot exceed Limits.max_frame ({self.max_frame})")
 
 
 @dataclass(frozen=True, slots=True)

@@ -174,6 +174,23 @@ def test_a_number_that_is_not_finite_or_too_large_is_refused_naming_the_key(tmp_
         assert "expected a number" in str(err.value)
 
 
+@pytest.mark.parametrize("flags, said", [
+    ({"window": -1}, "limits.window must be >= 1, got -1"),
+    ({"heartbeat_ms": -1}, "limits.heartbeat_ms must be >= 0, got -1"),
+    ({"send_rate": -2.5}, "limits.send_rate must be >= 0, got -2.5"),
+    ({"max_frame": 1}, "limits.max_payload (65536) cannot exceed limits.max_frame (1)"),
+], ids=["window", "heartbeat", "send-rate", "payload-over-frame"])
+def test_a_limit_out_of_range_is_said_by_its_setting_and_value(flags, said):
+    """It said "limits: Limits.window must be >= 1" (the class's name), and
+    "Limits.heartbeat_ms and Limits.send_rate must be >= 0" for either (a
+    new-user pass)."""
+    from pimcore.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={}, **flags).server_config()
+    assert str(err.value) == said
+
+
 def test_every_setting_has_an_environment_variable_by_one_rule():
     from pimcore.config import SCHEMA, env_name, load_settings
 
