@@ -106,11 +106,16 @@ def _secret(settings, *, create: bool = True, announce: Optional[str] = None) ->
     if env:
         return env.encode()
     if settings.secret_file is not None:
-        text = settings.secret_file.read_text().strip()
+        try:
+            text = settings.secret_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:  # said as the token secret's file, not a bare errno
+            raise ValueError(f"the token secret file {settings.secret_file}: {getattr(exc, 'strerror', None) or exc}") from None
         if not text:
             raise ValueError(f"{settings.secret_file} is empty")
         return text.encode()
     path = settings.data_dir / SECRET_FILE
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        raise ValueError(f"the data directory {settings.data_dir} is a file, not a directory")
     if path.exists():
         return load_or_create_secret(settings.data_dir)
     if not create:

@@ -276,6 +276,18 @@ def test_bad_flags_exit_2_with_a_clear_message(tmp_path: Path, args: list[str], 
     assert_clean_exit_2(r, *needles)
 
 
+def test_a_data_dir_that_is_a_file_or_a_missing_secret_file_is_said_in_words(tmp_path: Path) -> None:
+    """They were bare errnos: "[Errno 20] Not a directory: '.../secret'" and
+    "[Errno 2] No such file or directory: '/nonexistent'" (a new-user pass)."""
+    (tmp_path / "afile").write_text("")
+    r = run_pimcore("serve", "--data-dir", tmp_path / "afile", "--listen", "tcp://127.0.0.1:0", cwd=tmp_path)
+    assert_clean_exit_2(r, "the data directory", "is a file, not a directory")
+    r = run_pimcore("serve", "--data-dir", tmp_path / "d", "--secret-file", tmp_path / "nope", "--listen", "tcp://127.0.0.1:0",
+                    cwd=tmp_path)
+    assert_clean_exit_2(r, "the token secret file", "No such file or directory")
+    assert not (tmp_path / "d").exists()
+
+
 def test_port_in_use_exits_1_without_a_traceback(tmp_path: Path, procs: ProcGroup) -> None:
     first = procs.serve("--listen", LOOPBACK, "--data-dir", tmp_path / "a")
     r = run_pimcore("serve", "--listen", first.url(), "--data-dir", tmp_path / "b")
