@@ -280,6 +280,8 @@ def _check(name: str, typ: str, value: Any) -> Any:
         raise ConfigError(f"{name}: expected {_EXPECTED[typ]}, got {_show(value)}")
     if typ == "float":
         return _finite(name, float(value))
+    if typ == "int":
+        return _finite(name, value)
     if typ == "list":
         return [value] if isinstance(value, str) else list(value)
     return value
@@ -299,7 +301,7 @@ _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
 _MAX_NUMBER = 9_223_372_036_854
 
 
-def _finite(name: str, value: float) -> float:
+def _finite(name: str, value: Any) -> Any:
     """``value`` if finite and within :data:`_MAX_NUMBER`, else ConfigError
     naming ``name`` ("inf" and "nan" parse as floats, and made a traceback
     (OverflowError) or a broker with no limit: a new-user pass)."""
@@ -322,7 +324,7 @@ def _parse_env(name: str, typ: str, text: str) -> Any:
     s = text.strip()
     try:
         if typ == "int":
-            return int(s)
+            return _finite(name, int(s))
         if typ == "float":
             return _finite(name, float(s))
     except ValueError as exc:

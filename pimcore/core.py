@@ -159,9 +159,14 @@ SUPPORTED_CAPS = F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP
 # ---------------------------------------------------------------- configuration
 
 
+#: The largest value of an integer :class:`Limits` field (2**32 - 1).
+_MAX_LIMIT = (1 << 32) - 1
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Per-connection and per-request limits, announced in LoginAck."""
+    """Per-connection and per-request limits, announced in LoginAck.
+    ValueError for a field out of range (integers 1 or 0 to 2**32 - 1)."""
 
     max_frame: int = 1 << 20  # bytes, one frame on the wire
     max_payload: int = 64 * 1024  # bytes, one message's payload
@@ -188,8 +193,17 @@ class Limits:
             if getattr(self, name) < 1:
                 raise ValueError(f"Limits.{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("heartbeat_ms", "send_rate"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # (NaN too)
                 raise ValueError(f"Limits.{name} must be >= 0, got {getattr(self, name)!r}")
+        # Announced in LoginAck and kept by clients (JavaScript's numbers
+        # among them): a bound far past any real use, and a rate that is a
+        # number of its own.
+        for name in ("max_frame", "max_payload", "window", "push_batch", "push_window", "push_window_bytes",
+                     "history_page", "read_state_batch", "heartbeat_ms", "send_burst", "max_mentions", "conv_page"):
+            if getattr(self, name) > _MAX_LIMIT:
+                raise ValueError(f"Limits.{name} must be at most {_MAX_LIMIT}, got {getattr(self, name)!r}")
+        if self.send_rate == float("inf"):
+            raise ValueError("Limits.send_rate must be finite (0 = unlimited), got inf")
         if self.max_payload > self.max_frame:
             raise ValueError(f"Limits.max_payload ({self.max_payload}) cannot exceed Limits.max_frame ({self.max_frame})")
 

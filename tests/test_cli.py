@@ -174,12 +174,35 @@ def test_a_number_that_is_not_finite_or_too_large_is_refused_naming_the_key(tmp_
         assert "expected a number" in str(err.value)
 
 
+@pytest.mark.parametrize("how", ["file", "env"])
+def test_an_integer_past_64_bit_us_is_refused_naming_the_key(tmp_path, how):
+    """PIMCORE_LIMITS_WINDOW=10**30 started a broker whose every login
+    failed (EncodeError: the LoginAck's window does not fit in 64 bits, a
+    re-check pass): integers are bounded as numbers are."""
+    from pimcore.config import SCHEMA, ConfigError, env_name, load_settings
+
+    ints = [(section, key) for (section, key), typ in SCHEMA.items() if typ == "int"]
+    assert ("limits", "window") in ints and ("server", "max_outbound_total") in ints
+    for section, key in ints:
+        if how == "file":
+            cfg = tmp_path / "pimcore.toml"
+            cfg.write_text((f"[{section}]\n" if section else "") + f"{key} = {10**30}\n")
+            load = lambda: load_settings(str(cfg), env={})  # noqa: E731
+        else:
+            load = lambda: load_settings(env={env_name(section, key): str(10**30)})  # noqa: E731
+        with pytest.raises(ConfigError) as err:
+            load().server_config()
+        assert key in str(err.value) and "expected" in str(err.value), (section, key, str(err.value))
+
+
 @pytest.mark.parametrize("flags, said", [
     ({"window": -1}, "limits.window must be >= 1, got -1"),
     ({"heartbeat_ms": -1}, "limits.heartbeat_ms must be >= 0, got -1"),
     ({"send_rate": -2.5}, "limits.send_rate must be >= 0, got -2.5"),
     ({"max_frame": 1}, "limits.max_payload (65536) cannot exceed limits.max_frame (1)"),
-], ids=["window", "heartbeat", "send-rate", "payload-over-frame"])
+    ({"window": 1 << 40}, "limits.window must be at most 4294967295, got 1099511627776"),
+    ({"heartbeat_ms": 1 << 40}, "limits.heartbeat_ms must be at most 4294967295, got 1099511627776"),
+], ids=["window", "heartbeat", "send-rate", "payload-over-frame", "window-huge", "heartbeat-huge"])
 def test_a_limit_out_of_range_is_said_by_its_setting_and_value(flags, said):
     """It said "limits: Limits.window must be >= 1" (the class's name), and
     "Limits.heartbeat_ms and Limits.send_rate must be >= 0" for either (a
