@@ -87,6 +87,19 @@ def _settings(args: argparse.Namespace):  # -> ServeSettings
     return load_settings(getattr(args, "config", None), **flags)
 
 
+def _check_data_dir(data_dir: "Path") -> None:
+    """ValueError in words when ``data_dir``, or the nearest of its parents
+    that exists, is no directory (it was a bare "[Errno 20] Not a
+    directory: '.../secret'")."""
+    seen = data_dir
+    while not seen.exists() and seen.parent != seen:
+        seen = seen.parent
+    if seen.exists() and not seen.is_dir():
+        if seen == data_dir:
+            raise ValueError(f"the data directory {data_dir} is a file, not a directory")
+        raise ValueError(f"the data directory {data_dir} cannot be made: {seen} is a file, not a directory")
+
+
 def _secret(settings, *, create: bool = True, announce: Optional[str] = None) -> bytes:  # settings: ServeSettings
     """--secret / [secret] / $PIMCORE_SECRET / --secret-file, else the data
     directory's own (created on first use, mode 0600).
@@ -108,14 +121,15 @@ def _secret(settings, *, create: bool = True, announce: Optional[str] = None) ->
     if settings.secret_file is not None:
         try:
             text = settings.secret_file.read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:  # said as the token secret's file, not a bare errno
-            raise ValueError(f"the token secret file {settings.secret_file}: {getattr(exc, 'strerror', None) or exc}") from None
+        except OSError as exc:  # said as the token secret's file, not a bare errno
+            raise ValueError(f"the token secret file {settings.secret_file}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"the token secret file {settings.secret_file} is not UTF-8 text") from None
         if not text:
             raise ValueError(f"{settings.secret_file} is empty")
         return text.encode()
     path = settings.data_dir / SECRET_FILE
-    if settings.data_dir.exists() and not settings.data_dir.is_dir():
-        raise ValueError(f"the data directory {settings.data_dir} is a file, not a directory")
+    _check_data_dir(settings.data_dir)
     if path.exists():
         return load_or_create_secret(settings.data_dir)
     if not create:

@@ -301,12 +301,13 @@ _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
 _MAX_NUMBER = 9_223_372_036_854
 
 
-def _finite(name: str, value: Any) -> Any:
+def _finite(name: str, value: Any, shown: str = "") -> Any:
     """``value`` if finite and within :data:`_MAX_NUMBER`, else ConfigError
     naming ``name`` ("inf" and "nan" parse as floats, and made a traceback
     (OverflowError) or a broker with no limit: a new-user pass)."""
     if not math.isfinite(value) or abs(value) > _MAX_NUMBER:
-        raise ConfigError(f"{name}: expected a number from -{_MAX_NUMBER} to {_MAX_NUMBER}, got {value!r}")
+        raise ConfigError(f"{name}: {shown or repr(value)} is out of range (a number must be finite and at most"
+                          f" {_MAX_NUMBER} in magnitude)")
     return value
 
 
@@ -324,9 +325,9 @@ def _parse_env(name: str, typ: str, text: str) -> Any:
     s = text.strip()
     try:
         if typ == "int":
-            return _finite(name, int(s))
+            return _finite(name, int(s), s)
         if typ == "float":
-            return _finite(name, float(s))
+            return _finite(name, float(s), s)
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise
@@ -412,7 +413,10 @@ class ServeSettings:
         srv = dict(self.server)
         for key in ("idle_timeout", "login_timeout", "ack_delay", "history_max_age", "reclaim_interval"):
             if key in srv:
-                timeouts: dict[str, Any] = {key: int(float(srv.pop(key)) * SECOND)}
+                seconds = float(srv.pop(key))
+                if seconds < 0:  # (BrokerConfig would say it in its own names, in µs)
+                    raise ConfigError(f"server.{key}: expected seconds >= 0, got {seconds:g}")
+                timeouts: dict[str, Any] = {key: int(seconds * SECOND)}
                 try:
                     broker = replace(broker, **timeouts)
                 except (TypeError, ValueError) as exc:

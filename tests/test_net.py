@@ -1535,7 +1535,7 @@ async def test_a_plain_http_request_at_a_ws_listener_is_answered_in_words(lmdb_s
             head, _, body = answer.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 400 ")
             assert b"content-type: text/plain" in head.lower()
-            assert body == b"this is a pimcore ws:// listener (path /im): not a WebSocket upgrade request"
+            assert body == b"this is a pimcore ws:// listener (path /im): it takes a WebSocket upgrade request to /im and nothing else"
             async with client(srv.url("ws"), "alice") as a:
                 assert (await a.send(AB, b"unaffected")).seq == 1
 

@@ -59,10 +59,10 @@ async def next_event(client, kind, timeout: float = 10.0):
     raise AssertionError(f"events ended before a {kind.__name__}")
 
 
-def assert_clean_exit_2(r, *needles: str) -> None:
+def assert_clean_exit_2(r, *needles: str, command: str = "serve") -> None:
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.startswith("pimcore serve: "), r.stderr
+    assert r.stderr.startswith(f"pimcore {command}: "), r.stderr
     for n in needles:
         assert n in r.stderr, r.stderr
     assert "ready" not in r.stdout
@@ -286,6 +286,16 @@ def test_a_data_dir_that_is_a_file_or_a_missing_secret_file_is_said_in_words(tmp
                     cwd=tmp_path)
     assert_clean_exit_2(r, "the token secret file", "No such file or directory")
     assert not (tmp_path / "d").exists()
+    # A parent that is a file (a re-check pass: a bare errno again, and
+    # `token` suggested --create-secret, which then failed the same way).
+    r = run_pimcore("serve", "--data-dir", tmp_path / "afile" / "sub", "--listen", "tcp://127.0.0.1:0", cwd=tmp_path)
+    assert_clean_exit_2(r, "cannot be made", "afile is a file, not a directory")
+    for extra in ([], ["--create-secret"]):
+        r = run_pimcore("token", "--data-dir", tmp_path / "afile" / "sub", "--user", "alice", *extra, cwd=tmp_path)
+        assert_clean_exit_2(r, "cannot be made", "afile is a file, not a directory", command="token")
+    (tmp_path / "garbage").write_bytes(bytes(range(128, 256)))
+    r = run_pimcore("token", "--data-dir", tmp_path / "d", "--secret-file", tmp_path / "garbage", "--user", "alice", cwd=tmp_path)
+    assert_clean_exit_2(r, "the token secret file", "is not UTF-8 text", command="token")
 
 
 def test_port_in_use_exits_1_without_a_traceback(tmp_path: Path, procs: ProcGroup) -> None:

@@ -547,8 +547,8 @@ def _not_http_answer(ep: Endpoint) -> bytes:
     (a tcp:// client's Login), or to an HTTP request that is no upgrade (a
     browser, curl): 400, naming the listener (the SDK suggests its URL from
     it: pimcore.client)."""
-    body = (f"this is a pimcore {ep.scheme}:// listener (path {ep.path}): not a WebSocket upgrade request"
-            ).encode()
+    body = (f"this is a pimcore {ep.scheme}:// listener (path {ep.path}): it takes a WebSocket upgrade request"
+            f" to {ep.path} and nothing else").encode()
     return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
 
