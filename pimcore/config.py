@@ -279,7 +279,7 @@ def _check(name: str, typ: str, value: Any) -> Any:
     if not ok:
         raise ConfigError(f"{name}: expected {_EXPECTED[typ]}, got {_show(value)}")
     if typ == "float":
-        return _finite(name, float(value))
+        return _finite(name, float(_finite(name, value)))
     if typ == "int":
         return _finite(name, value)
     if typ == "list":
@@ -305,8 +305,14 @@ def _finite(name: str, value: Any, shown: str = "") -> Any:
     """``value`` if finite and within :data:`_MAX_NUMBER`, else ConfigError
     naming ``name`` ("inf" and "nan" parse as floats, and made a traceback
     (OverflowError) or a broker with no limit: a new-user pass)."""
-    if not math.isfinite(value) or abs(value) > _MAX_NUMBER:
-        raise ConfigError(f"{name}: {shown or repr(value)} is out of range (a number must be finite and at most"
+    # (An int is compared as it is: one past a float's range cannot be made
+    # a float, and math.isfinite would raise OverflowError.)
+    fits = abs(value) <= _MAX_NUMBER if isinstance(value, int) else math.isfinite(value) and abs(value) <= _MAX_NUMBER
+    if not fits:
+        text = shown or repr(value)
+        if len(text) > 40:
+            text = text[:39] + "\u2026"
+        raise ConfigError(f"{name}: {text} is out of range (a number must be finite and at most"
                           f" {_MAX_NUMBER} in magnitude)")
     return value
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -145,7 +146,7 @@ def test_inspect_accepts_the_data_directory_as_every_other_command_does(tmp_path
 # -- settings: environment by one rule, typed errors (issue 11, section 3) ----
 
 
-@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "1e30", "1e400"])
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "1e30", "1e400", "9" * 400])
 @pytest.mark.parametrize("how", ["file", "env", "flag"])
 def test_a_number_that_is_not_finite_or_too_large_is_refused_naming_the_key(tmp_path, how, text):
     """--idle-timeout inf was a traceback (OverflowError, turning seconds
@@ -159,8 +160,7 @@ def test_a_number_that_is_not_finite_or_too_large_is_refused_naming_the_key(tmp_
     for section, key in floats:
         cfg = tmp_path / "pimcore.toml"
         if how == "file":
-            literal = {"1e400": "1e400"}.get(text, text)
-            cfg.write_text((f"[{section}]\n" if section else "") + f"{key} = {literal}\n")
+            cfg.write_text((f"[{section}]\n" if section else "") + f"{key} = {text}\n")
             load = lambda: load_settings(str(cfg), env={})  # noqa: E731
         elif how == "env":
             load = lambda: load_settings(env={env_name(section, key): text})  # noqa: E731
@@ -183,13 +183,13 @@ def test_an_integer_past_64_bit_us_is_refused_naming_the_key(tmp_path, how):
 
     ints = [(section, key) for (section, key), typ in SCHEMA.items() if typ == "int"]
     assert ("limits", "window") in ints and ("server", "max_outbound_total") in ints
-    for section, key in ints:
+    for (section, key), big in itertools.product(ints, (10**30, -(10**30), int("9" * 400))):
         if how == "file":
             cfg = tmp_path / "pimcore.toml"
-            cfg.write_text((f"[{section}]\n" if section else "") + f"{key} = {10**30}\n")
+            cfg.write_text((f"[{section}]\n" if section else "") + f"{key} = {big}\n")
             load = lambda: load_settings(str(cfg), env={})  # noqa: E731
         else:
-            load = lambda: load_settings(env={env_name(section, key): str(10**30)})  # noqa: E731
+            load = lambda: load_settings(env={env_name(section, key): str(big)})  # noqa: E731
         with pytest.raises(ConfigError) as err:
             load().server_config()
         assert key in str(err.value) and "is out of range" in str(err.value), (section, key, str(err.value))
