@@ -92,6 +92,9 @@ from .net.streams import parse_url
 __all__ = ["run_chat", "chat", "ChatRefused", "ChatEnded"]
 
 
+#: The device of a chat given no --device and a token bound to none.
+DEFAULT_DEVICE = "terminal"
+
 #: Closes after which the client does not reconnect (docs/CLIENT.md): the
 #: chat ends instead of saying "reconnecting…".
 _FINAL_CLOSES = frozenset((CloseCode.AUTH_FAILED, CloseCode.TOKEN_REVOKED, CloseCode.KICKED, CloseCode.REPLACED))
@@ -199,7 +202,7 @@ async def chat(
     peer: Optional[str] = None,
     *,
     group: Optional[str] = None,
-    device: str = "terminal",
+    device: str = DEFAULT_DEVICE,
     ssl_context: Optional[ssl.SSLContext] = None,
     lines: Optional[trio.abc.ReceiveChannel[str]] = None,
     out: Callable[[str], None] = print,
@@ -425,20 +428,25 @@ def _stdin_lines(nursery: trio.Nursery, stream: TextIO = sys.stdin) -> trio.abc.
     return recv
 
 
-def _token_user(token: str) -> Optional[str]:
-    """The user a token names (its ``sub``), read without verifying it:
-    only to refuse a chat that cannot work before connecting (the broker
-    checks the token).  None if it names none."""
+def _token_claim(token: str, claim: str) -> Optional[str]:
+    """A claim of the token (``sub``: its user, ``dev``: the device it is
+    bound to), read without verifying it: only to refuse a chat that cannot
+    work, or pick the device, before connecting (the broker checks the
+    token).  None if it has no such string claim."""
     import jwt
 
     try:
-        user = jwt.decode(token, options={"verify_signature": False}).get("sub")
-    except jwt.InvalidTokenError:
+        value = jwt.decode(token, options={"verify_signature": False}).get(claim)
+    except (jwt.InvalidTokenError, AttributeError):
         return None
-    return user if isinstance(user, str) else None
+    return value if isinstance(value, str) else None
+
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    if args.device is None:
+        # A token bound to a device logs in only as that one: take it.
+        args.device = _token_claim(args.token, "dev") or DEFAULT_DEVICE
     for value, what in ((args.to, "peer"), (args.device, "device")):
         if value is not None and not valid_id(value):
             print(f"pimcore chat: invalid {what} id: {id_problem(value, what)}", file=sys.stderr)
@@ -451,7 +459,7 @@ def run_chat(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"pimcore chat: --url {exc}", file=sys.stderr)
         return 2
-    if args.to is not None and args.to == _token_user(args.token):
+    if args.to is not None and args.to == _token_claim(args.token, "sub"):
         print(f"pimcore chat: cannot chat with yourself: the token is {args.to}'s (--to names another user)", file=sys.stderr)
         return 2
     ctx = None

@@ -1165,7 +1165,8 @@ def build_parser() -> argparse.ArgumentParser:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--to", metavar="PEER", help="the user to chat with")
     who.add_argument("--group", metavar="GROUP", help="a group to chat in (see `pimcore group`)")
-    p.add_argument("--device", default="terminal")
+    p.add_argument("--device", help="the device to log in as (default: the token's device if it is bound to one,"
+                                     " else 'terminal')")
     p.add_argument("--cafile", help="CA certificate to trust for tls:// and wss://")
     p.set_defaults(func=_cmd_chat)
 

@@ -416,11 +416,16 @@ def test_chat_with_a_token_bound_to_another_device_names_it(tmp_path: Path, proc
     data = tmp_path / "data"
     server = procs.serve("--listen", LOOPBACK, "--data-dir", data)
     tok = token_for("bob", data, "--device", "term2")
-    refused = run_pimcore("chat", "--url", server.url(), "--token", tok, "--to", "alice")
+    refused = run_pimcore("chat", "--url", server.url(), "--token", tok, "--to", "alice", "--device", "terminal")
     assert refused.returncode == 1, (refused.stdout, refused.stderr)
     error = refused.stderr.splitlines()[-1]
     assert error == ("pimcore chat: token refused: token is bound to device 'term2', not 'terminal'"
                      " (pimcore chat --device term2)"), refused.stderr
+    # Without --device, chat takes the token's device (it was refused the
+    # same way, though the token says which device: a new-user pass).
+    ok = run_pimcore("chat", "--url", server.url(), "--token", tok, "--to", "alice")
+    assert ok.returncode == 0, (ok.stdout, ok.stderr)
+    assert ok.stdout.startswith("connected as bob (term2)"), ok.stdout
 
 
 async def test_connect_timeout_is_reported_as_a_timeout() -> None:
