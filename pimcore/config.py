@@ -279,7 +279,7 @@ def _check(name: str, typ: str, value: Any) -> Any:
     if not ok:
         raise ConfigError(f"{name}: expected {_EXPECTED[typ]}, got {_show(value)}")
     if typ == "float":
-        return _finite(name, float(_finite(name, value)))
+        return float(_finite(name, value))  # (checked first: an int past a float's range cannot be made one)
     if typ == "int":
         return _finite(name, value)
     if typ == "list":
@@ -324,6 +324,13 @@ def _in_range(name: str, value: Any) -> Any:
         what = "an integer >= %d" % bound[0] if bound[1] else "a number > %g" % bound[0]
         raise ConfigError(f"{name}: expected {what}, got {_show(value)}")
     return value
+
+
+def _limits_error(exc: Exception) -> ConfigError:
+    """A Limits refusal said by the settings' names ("limits.window must be
+    >= 1, got -1"), not the class's."""
+    text = str(exc)
+    return ConfigError(text.replace("Limits.", "limits.") if "Limits." in text else f"limits: {text}")
 
 
 def _parse_env(name: str, typ: str, text: str) -> Any:
@@ -413,8 +420,7 @@ class ServeSettings:
         try:
             limits = replace(base.limits, **self.limits)
         except (TypeError, ValueError) as exc:
-            # Said by the settings' names ("limits.window"), not the class's.
-            raise ConfigError(str(exc).replace("Limits.", "limits.") if "Limits." in str(exc) else f"limits: {exc}") from None
+            raise _limits_error(exc) from None
         broker = replace(base, limits=limits, content_filter=self.load_content_filter())
         srv = dict(self.server)
         for key in ("idle_timeout", "login_timeout", "ack_delay", "history_max_age", "reclaim_interval"):
@@ -611,8 +617,7 @@ class ServeSettings:
         try:
             limits = replace(limits, **self.limits)
         except (TypeError, ValueError) as exc:
-            # Said by the settings' names ("limits.window"), not the class's.
-            raise ConfigError(str(exc).replace("Limits.", "limits.") if "Limits." in str(exc) else f"limits: {exc}") from None
+            raise _limits_error(exc) from None
         b = DEFAULT_BROKER_CONFIG
         base = ServerConfig()
         server: dict[str, Any] = {

@@ -525,6 +525,8 @@ class _EndWatch(StreamWrapper):
         # trio-websocket (through wsproto) answers what it cannot upgrade
         # with "HTTP/1.1 400 \r\ncontent-length: 0\r\n\r\n", then closes:
         # the one answer it sends before an upgrade that has no body.
+        # (_serve_ws clears refusal once the upgrade is accepted: the
+        # WebSocket's frames pass with one falsy test.)
         if self.refusal and bytes(data[:13]) == b"HTTP/1.1 400 " and b"\r\ncontent-length: 0\r\n" in bytes(data).lower():
             data = self.refusal
         await self.inner.send_all(data)
@@ -1121,6 +1123,7 @@ class BrokerServer:
                                     await request.reject(404, body=f"not a pimcore endpoint: the broker's path here is {ep.path}".encode())
                                 else:
                                     ws = await request.accept()
+                                    watch.refusal = b""
                             except ConnectionClosed as exc:
                                 # The client reset before our answer went out: this
                                 # connection ends here (escaping, it would end the
