@@ -525,3 +525,70 @@ async def test_chat_in_a_group_of_which_one_is_not_a_member_says_so_before_anyth
                     await trio.sleep(0.01)
                 await typed.send("/quit")
             assert not any("not a member" in line for line in chatted), chatted
+
+
+def _hand_signed(secret: bytes, **claims: object) -> str:
+    """A token signed by hand, as an operator's own code might: ``claims``
+    over a valid sub/aud/exp, unchecked (``dev`` may be anything)."""
+    import time
+
+    import jwt
+
+    from pimcore.auth import AUDIENCE
+
+    body: dict[str, object] = {"sub": "alice", "aud": AUDIENCE, "exp": int(time.time()) + 600, **claims}
+    return jwt.encode(body, secret, algorithm="HS256")
+
+
+_RULE = "device ids are 1-64 ASCII characters from A-Z a-z 0-9 _ . @ -"
+
+
+@pytest.mark.parametrize("dev, shown", [
+    ("my phone", "'my phone'"),
+    ("", "''"),
+    ("x" * 200, "'" + "x" * 69 + "...(200 chars)"),
+    (5, "5"),
+], ids=["space", "empty", "long", "number"])
+def test_a_token_bound_to_an_invalid_device_says_its_dev_claim_is_the_problem(
+        dev: object, shown: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --device, chat logs in as the token's device (its dev claim).
+    A hand-signed token whose dev claim is no device id was said as
+    "invalid device id: device id 'my phone' ..." as if the user had typed
+    it; an empty claim went to the broker as 'terminal' and came back with
+    the hint "(pimcore chat --device )".  No device can log in with such a
+    token: said before connecting, naming the claim, exit 2."""
+    from _net import SECRET
+    from pimcore.cli import main
+
+    tok = _hand_signed(SECRET, dev=dev)
+    rc = main(["chat", "--to", "bob", "--token", tok, "--url", "tcp://127.0.0.1:1"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "Traceback" not in err, (rc, out, err)
+    assert err.splitlines() == [
+        f"pimcore chat: the token's dev claim {shown} is not a valid device id ({_RULE}): no device can log in"
+        " with this token; get another: pimcore token --user alice --device DEVICE"
+    ], err
+
+
+def test_a_token_bound_to_an_invalid_device_gets_no_unusable_device_hint(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With --device given, the broker refuses the token ("bound to device
+    'my phone', not 'terminal'"): the hint was "(pimcore chat --device my
+    phone)", unquoted, and no --device can log in with it anyway.  The hint
+    names --device only for a valid device id (those need no quoting)."""
+    from pimcore.cli import main
+
+    secret = b"chat-test-secret-0123456789abcdef-0123"
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=["tcp://127.0.0.1:0"], secret=secret.decode()) as im:
+        url = f"tcp://127.0.0.1:{im.port()}"
+        refused = main(["chat", "--to", "bob", "--token", _hand_signed(secret, dev="my phone"), "--url", url,
+                        "--device", "terminal"])
+        _, bad = capsys.readouterr()
+        other = main(["chat", "--to", "bob", "--token", _hand_signed(secret, dev="pad-2"), "--url", url,
+                      "--device", "terminal"])
+        _, good = capsys.readouterr()
+    assert refused == 1 and "Traceback" not in bad, bad
+    assert bad.splitlines()[-1] == ("pimcore chat: token refused: token is bound to device 'my phone', not 'terminal'"
+                                    f" (not a valid device id: {_RULE}; no device can log in with this token)"), bad
+    assert other == 1 and good.splitlines()[-1] == ("pimcore chat: token refused: token is bound to device 'pad-2',"
+                                                    " not 'terminal' (pimcore chat --device pad-2)"), good
