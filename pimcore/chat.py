@@ -461,8 +461,13 @@ def _bound_hint(reason: str) -> str:
     return f" (not a valid device id: {id_rule('device')}; no device can log in with this token)"
 
 
-
 def run_chat(args: argparse.Namespace) -> int:
+    if not args.token.strip():
+        # (A "$(pimcore token ...)" that printed nothing, say: the broker's
+        # refusal was PyJWT's "Not enough segments".)
+        print(f"pimcore chat: the token is empty{' (only whitespace)' if args.token else ''}:"
+              " get one with pimcore token --user ME", file=sys.stderr)
+        return 2
     if args.device is None:
         # A token bound to a device logs in only as that one: take it.
         dev = _token_claims(args.token).get("dev")

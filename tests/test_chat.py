@@ -592,3 +592,20 @@ def test_a_token_bound_to_an_invalid_device_gets_no_unusable_device_hint(
                                     f" (not a valid device id: {_RULE}; no device can log in with this token)"), bad
     assert other == 1 and good.splitlines()[-1] == ("pimcore chat: token refused: token is bound to device 'pad-2',"
                                                     " not 'terminal' (pimcore chat --device pad-2)"), good
+
+
+@pytest.mark.parametrize("tok, said", [("", "empty"), ("   ", "empty (only whitespace)"),
+                                       ("\t\n", "empty (only whitespace)")], ids=["empty", "spaces", "tab-newline"])
+def test_an_empty_token_says_so_and_how_to_get_one(tmp_path: Path, tok: str, said: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """--token '' (a "$(pimcore token ...)" that printed nothing, say) went
+    to the broker and came back as PyJWT's "token is invalid: Not enough
+    segments".  Said before connecting (to a broker that is up: it did
+    connect), with where a token comes from, exit 2."""
+    from pimcore.cli import main
+
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=["tcp://127.0.0.1:0"]) as im:
+        rc = main(["chat", "--to", "bob", "--token", tok, "--url", f"tcp://127.0.0.1:{im.port()}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "Traceback" not in err, (rc, out, err)
+    assert err.splitlines() == [f"pimcore chat: the token is {said}: get one with pimcore token --user ME"], err
