@@ -17,6 +17,11 @@ The outcome of each line (``✓ sent (#N)``, ``✗ not sent``...) is
 said in the order the lines were typed, which is their seq order: a line's
 waits for those typed before it.
 
+While the first connection is retried (a broker at max_connections, a
+load balancer with no broker behind it yet), the chat says why an attempt
+failed, once per reason, and that it retries until the connect timeout
+(on stderr, under ``pimcore chat: connecting to ...``).
+
 Incoming messages are marked read as they are shown; posts by the host or
 the HTTP API (no sender) show as ``[system]``.  ``/history`` prints
 the conversation again in display order (with times), ``/quit`` (or end of input) leaves.
@@ -206,16 +211,29 @@ async def chat(
     ssl_context: Optional[ssl.SSLContext] = None,
     lines: Optional[trio.abc.ReceiveChannel[str]] = None,
     out: Callable[[str], None] = print,
+    progress: Optional[Callable[[str], None]] = None,
 ) -> int:
     """Run the chat with ``peer`` or in ``group``; ``lines`` are the user's
-    input lines (stdin if None)."""
+    input lines (stdin if None).  ``progress`` takes the lines said while
+    the first connection is retried (``out`` if None)."""
     if (peer is None) == (group is None):
         raise ValueError("chat with a peer or in a group, not both")
     # Every line goes out through safe_text: message texts, edits, the
     # broker's reasons are others' text (module docstring).
     out = _safe_lines(out)
+    note = out if progress is None else _safe_lines(progress)
+    config = ClientConfig()
+    failures: set[str] = set()
 
-    async with open_client(url, token, device, ssl_context=ssl_context) as client:
+    def retrying(reason: str) -> None:
+        # An attempt before the first login failed: open_client retries it
+        # until connect_timeout.  Said once per reason, not per attempt.
+        if reason not in failures:
+            failures.add(reason)
+            note(f"connect failed: {reason}; retrying until the connect timeout ({config.connect_timeout:g} s)…")
+
+    async with open_client(url, token, device, config=config, ssl_context=ssl_context,
+                           on_connect_retry=retrying) as client:
         if peer is not None and peer == client.user:
             # Only a JWT is read before connecting (run_chat): under another
             # authenticator the broker is the one who says who we are.
@@ -512,13 +530,17 @@ def run_chat(args: argparse.Namespace) -> int:
     def out(line: str) -> None:
         print(line, flush=True)
 
+    def progress(line: str) -> None:
+        print(f"pimcore chat: {line}", file=sys.stderr, flush=True)
+
     # Said at once on stderr (stdout's first line stays "connected as ..."):
     # a broker that does not answer is otherwise connect_timeout of silence.
     print(f"pimcore chat: connecting to {args.url} (up to {ClientConfig().connect_timeout:g} s)…", file=sys.stderr, flush=True)
 
     try:
         return trio.run(
-            lambda: chat(args.url, args.token, args.to, group=args.group, device=args.device, ssl_context=ctx, out=out)
+            lambda: chat(args.url, args.token, args.to, group=args.group, device=args.device, ssl_context=ctx, out=out,
+                         progress=progress)
         )
     except ChatRefused as exc:
         print(f"pimcore chat: {safe_text(str(exc))}", file=sys.stderr)

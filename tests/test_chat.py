@@ -609,3 +609,71 @@ def test_an_empty_token_says_so_and_how_to_get_one(tmp_path: Path, tok: str, sai
     out, err = capsys.readouterr()
     assert rc == 2 and out == "" and "Traceback" not in err, (rc, out, err)
     assert err.splitlines() == [f"pimcore chat: the token is {said}: get one with pimcore token --user ME"], err
+
+
+_RETRYING = "; retrying until the connect timeout (10 s)…"
+
+
+async def test_chat_says_why_the_first_connect_is_retried_once_per_reason(autojump_clock: Any) -> None:
+    """While the first connection was retried (a load balancer with no
+    broker behind it yet hangs up, a broker at max_connections refuses),
+    chat said nothing but "connecting…" for up to connect_timeout.  It says
+    why an attempt failed and that it retries, once per reason (not once
+    per attempt).  (Virtual time: the clock jumps over the backoff.)"""
+    import trio
+
+    from _net import token
+    from pimcore import frames as F
+    from pimcore.chat import chat
+    from pimcore.client import ConnectFailed
+    from pimcore.codec import encode_frame
+    from pimcore.errors import CloseCode
+
+    attempts = 0
+
+    async def not_yet(stream: trio.SocketStream) -> None:
+        # Hangs up on the first two Logins, then refuses as a full broker does.
+        nonlocal attempts
+        attempts += 1
+        async with stream:
+            await stream.receive_some()  # the Login
+            if attempts > 2:
+                await stream.send_all(encode_frame(F.Close(CloseCode.OVERLOADED, "too many connections")))
+            await stream.send_eof()
+            with trio.move_on_after(5):  # until the client hangs up too (no unread bytes: no reset)
+                while await stream.receive_some():
+                    pass
+
+    out: list[str] = []
+    async with trio.open_nursery() as n:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        n.start_soon(trio.serve_listeners, not_yet, listeners)
+        url = f"tcp://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        t0 = trio.current_time()
+        with trio.fail_after(100), pytest.raises(ConnectFailed):
+            await chat(url, token("alice"), "bob", out=out.append)
+        waited = trio.current_time() - t0
+        n.cancel_scope.cancel()
+    assert attempts >= 5 and 10 <= waited < 10.5, (attempts, waited)  # retried until connect_timeout
+    assert out == ["connect failed: connection closed before LoginAck" + _RETRYING,
+                   "connect failed: too many connections" + _RETRYING], out
+
+
+def test_chat_says_on_stderr_why_it_retries_then_connects(tmp_path: Path) -> None:
+    """The CLI: the retry notes go to stderr under "connecting to ..." (stdout's
+    first line stays "connected as ..."), and the attempts refused before
+    the login are still not said as lost connections (abf81af)."""
+    from _proc import run_pimcore
+
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=["tcp://127.0.0.1:0"],
+                             max_connections=1, login_timeout=1.5) as im:
+        # A connection that never logs in holds the only slot until its
+        # login_timeout: chat's first attempts are refused OVERLOADED.
+        with socket.create_connection(("127.0.0.1", im.port())) as hog:
+            hog.recv(0)
+            url = f"tcp://127.0.0.1:{im.port()}"
+            r = run_pimcore("chat", "--to", "bob", "--token", im.issue_token("alice"), "--url", url, timeout=60)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r
+    assert r.stderr.splitlines() == [f"pimcore chat: connecting to {url} (up to 10 s)…",
+                                     "pimcore chat: connect failed: too many connections" + _RETRYING], r.stderr
+    assert r.stdout.startswith("connected as alice (terminal)") and "(connection" not in r.stdout, r.stdout
