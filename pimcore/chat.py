@@ -17,6 +17,11 @@ The outcome of each line (``✓ sent (#N)``, ``✗ not sent``...) is
 said in the order the lines were typed, which is their seq order: a line's
 waits for those typed before it.
 
+While the first connection is retried (a broker at max_connections, a
+load balancer with no broker behind it yet), the chat says why an attempt
+failed, once per reason, and that it retries until the connect timeout
+(on stderr, under ``pimcore chat: connecting to ...``).
+
 Incoming messages are marked read as they are shown; posts by the host or
 the HTTP API (no sender) show as ``[system]``.  ``/history`` prints
 the conversation again in display order (with times), ``/quit`` (or end of input) leaves.
@@ -86,7 +91,7 @@ from .client import (
     open_client,
 )
 from .errors import CloseCode
-from .ids import direct_conversation, group_problem, id_problem, valid_group, valid_id
+from .ids import _show, direct_conversation, group_problem, id_problem, id_rule, valid_group, valid_id
 from .net.streams import parse_url
 
 __all__ = ["run_chat", "chat", "ChatRefused", "ChatEnded"]
@@ -206,16 +211,29 @@ async def chat(
     ssl_context: Optional[ssl.SSLContext] = None,
     lines: Optional[trio.abc.ReceiveChannel[str]] = None,
     out: Callable[[str], None] = print,
+    progress: Optional[Callable[[str], None]] = None,
 ) -> int:
     """Run the chat with ``peer`` or in ``group``; ``lines`` are the user's
-    input lines (stdin if None)."""
+    input lines (stdin if None).  ``progress`` takes the lines said while
+    the first connection is retried (``out`` if None)."""
     if (peer is None) == (group is None):
         raise ValueError("chat with a peer or in a group, not both")
     # Every line goes out through safe_text: message texts, edits, the
     # broker's reasons are others' text (module docstring).
     out = _safe_lines(out)
+    note = out if progress is None else _safe_lines(progress)
+    config = ClientConfig()
+    failures: set[str] = set()
 
-    async with open_client(url, token, device, ssl_context=ssl_context) as client:
+    def retrying(reason: str) -> None:
+        # An attempt before the first login failed: open_client retries it
+        # until connect_timeout.  Said once per reason, not per attempt.
+        if reason not in failures:
+            failures.add(reason)
+            note(f"connect failed: {reason}; retrying until the connect timeout ({config.connect_timeout:g} s)…")
+
+    async with open_client(url, token, device, config=config, ssl_context=ssl_context,
+                           on_connect_retry=retrying) as client:
         if peer is not None and peer == client.user:
             # Only a JWT is read before connecting (run_chat): under another
             # authenticator the broker is the one who says who we are.
@@ -428,25 +446,59 @@ def _stdin_lines(nursery: trio.Nursery, stream: TextIO = sys.stdin) -> trio.abc.
     return recv
 
 
-def _token_claim(token: str, claim: str) -> Optional[str]:
-    """A claim of the token (``sub``: its user, ``dev``: the device it is
+def _token_claims(token: str) -> dict[str, object]:
+    """The token's claims (``sub``: its user, ``dev``: the device it is
     bound to), read without verifying it: only to refuse a chat that cannot
     work, or pick the device, before connecting (the broker checks the
-    token).  None if it has no such string claim."""
+    token).  Empty if it is no JWT."""
     import jwt
 
     try:
-        value = jwt.decode(token, options={"verify_signature": False}).get(claim)
-    except (jwt.InvalidTokenError, AttributeError):
-        return None
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def _token_claim(token: str, claim: str) -> Optional[str]:
+    """A string claim of the token (see _token_claims), None if it has none."""
+    value = _token_claims(token).get(claim)
     return value if isinstance(value, str) else None
 
 
+def _bound_hint(reason: str) -> str:
+    """The hint under a refusal "token is bound to device 'X', not 'Y'":
+    the --device to give if X is a device id (one needs no quoting), else
+    that no device can log in with the token."""
+    bound = re.search(r"token is bound to device (.*), not '", reason)
+    if bound is None:
+        return ""
+    shown = bound.group(1)  # (the broker's repr of X, cut short if long)
+    if len(shown) > 2 and shown[0] == shown[-1] == "'" and valid_id(shown[1:-1]):
+        return f" (pimcore chat --device {shown[1:-1]})"
+    return f" (not a valid device id: {id_rule('device')}; no device can log in with this token)"
+
 
 def run_chat(args: argparse.Namespace) -> int:
+    if not args.token.strip():
+        # (A "$(pimcore token ...)" that printed nothing, say: the broker's
+        # refusal was PyJWT's "Not enough segments".)
+        print(f"pimcore chat: the token is empty{' (only whitespace)' if args.token else ''}:"
+              " get one with pimcore token --user ME", file=sys.stderr)
+        return 2
     if args.device is None:
         # A token bound to a device logs in only as that one: take it.
-        args.device = _token_claim(args.token, "dev") or DEFAULT_DEVICE
+        dev = _token_claims(args.token).get("dev")
+        if dev is not None and not (isinstance(dev, str) and valid_id(dev)):
+            # Not a device id typed: the token's (hand-signed, say), and
+            # the broker refuses it whatever the device.
+            user = _token_claim(args.token, "sub")
+            print(f"pimcore chat: the token's dev claim {safe_text(_show(dev))} is not a valid device id"
+                  f" ({id_rule('device')}): no device can log in with this token; get another:"
+                  f" pimcore token --user {user if user is not None and valid_id(user) else 'ME'} --device DEVICE",
+                  file=sys.stderr)
+            return 2
+        args.device = DEFAULT_DEVICE if dev is None else dev
     for value, what in ((args.to, "peer"), (args.device, "device")):
         if value is not None and not valid_id(value):
             print(f"pimcore chat: invalid {what} id: {id_problem(value, what)}", file=sys.stderr)
@@ -478,13 +530,17 @@ def run_chat(args: argparse.Namespace) -> int:
     def out(line: str) -> None:
         print(line, flush=True)
 
+    def progress(line: str) -> None:
+        print(f"pimcore chat: {line}", file=sys.stderr, flush=True)
+
     # Said at once on stderr (stdout's first line stays "connected as ..."):
     # a broker that does not answer is otherwise connect_timeout of silence.
     print(f"pimcore chat: connecting to {args.url} (up to {ClientConfig().connect_timeout:g} s)…", file=sys.stderr, flush=True)
 
     try:
         return trio.run(
-            lambda: chat(args.url, args.token, args.to, group=args.group, device=args.device, ssl_context=ctx, out=out)
+            lambda: chat(args.url, args.token, args.to, group=args.group, device=args.device, ssl_context=ctx, out=out,
+                         progress=progress)
         )
     except ChatRefused as exc:
         print(f"pimcore chat: {safe_text(str(exc))}", file=sys.stderr)
@@ -492,11 +548,7 @@ def run_chat(args: argparse.Namespace) -> int:
     except (ChatEnded, ClientClosed) as exc:
         print(f"pimcore chat: the broker ended this chat: {safe_text(str(exc))}", file=sys.stderr)
     except AuthFailed as exc:
-        hint = ""
-        bound = re.search(r"token is bound to device (['\"])(.*?)\1, not ", str(exc))
-        if bound:
-            hint = f" (pimcore chat --device {safe_text(bound.group(2))})"
-        print(f"pimcore chat: token refused: {safe_text(str(exc))}{hint}", file=sys.stderr)
+        print(f"pimcore chat: token refused: {safe_text(str(exc))}{_bound_hint(str(exc))}", file=sys.stderr)
     except ConnectFailed as exc:
         hint = ""
         if args.cafile is None and "CERTIFICATE_VERIFY_FAILED" in str(exc):

@@ -359,6 +359,7 @@ class Client:
         seed: Optional[int] = None,
         position: int = 0,
         epoch: bytes = b"",
+        on_connect_retry: Optional[Callable[[str], None]] = None,
     ) -> None:
         self.endpoint: Endpoint = parse_url(url)
         self.url = url
@@ -366,6 +367,7 @@ class Client:
         self.config = config
         self._token = token
         self._ssl = ssl_context
+        self._on_connect_retry = on_connect_retry
         #: The device clock (µs): ``clock`` if given, else an AnchoredClock.
         self._clock: Callable[[], int] = AnchoredClock() if clock is None else clock
         self._rng = random.Random(seed)
@@ -1069,6 +1071,8 @@ class Client:
                     if trio.current_time() >= first_deadline:
                         raise ConnectFailed(f"cannot connect to {self.url} within {self.config.connect_timeout:g} s"
                                             f" (connect_timeout): {_root_cause(exc)}{hint}") from exc
+                    if self._on_connect_retry is not None and not self._closed:
+                        self._on_connect_retry(_attempt_failure(exc, self.endpoint))
                 log.debug("connection lost: %r", exc)
             if self._closed:
                 return
@@ -1303,6 +1307,21 @@ def _root_cause(exc: BaseException, ep: Optional[Endpoint] = None) -> str:
     return f"{type(seen).__name__}: {seen}" if str(seen) else repr(exc)
 
 
+def _attempt_failure(exc: BaseException, ep: Endpoint) -> str:
+    """Why an attempt of the first connection failed, in words, for
+    ``on_connect_retry``: the broker's reason ("too many connections"), the
+    transport's ("connection reset by peer"), not an exception's repr."""
+    if isinstance(exc, _SessionEnded):
+        if exc.code is None and exc.reason == LOGIN_TIMED_OUT:
+            return "no answer to the login (is it a pimcore broker?)"
+        return exc.reason or (exc.code.name if exc.code is not None else "connection ended")
+    if isinstance(exc, ConnectionRejected):
+        return _rejected(exc, ep)
+    if isinstance(exc, trio.TooSlowError):
+        return "no answer"
+    return _io_failure(exc)
+
+
 @asynccontextmanager
 async def open_client(
     url: str,
@@ -1315,6 +1334,7 @@ async def open_client(
     seed: Optional[int] = None,
     position: int = 0,
     epoch: bytes = b"",
+    on_connect_retry: Optional[Callable[[str], None]] = None,
 ) -> AsyncIterator[Client]:
     """Connect (URL schemes tcp, tls, ws, wss), log in, calibrate the clock;
     keep the connection alive and reconnect while the block runs.
@@ -1331,9 +1351,15 @@ async def open_client(
     Raises :class:`AuthFailed` or :class:`ConnectFailed` if the first
     connection cannot be made: at once for a refused port, a certificate
     that does not verify or a host name that does not exist ("unknown host
-    'name'"), else after ``connect_timeout`` s of retries."""
+    'name'"), else after ``connect_timeout`` s of retries.
+
+    ``on_connect_retry``: called (in the client's task: it must not block)
+    with why an attempt of the first connection failed, in words ("too many
+    connections"), each time that attempt is to be retried; a failure of a
+    later connection is a :class:`Disconnected` event instead."""
     client = Client(
-        url, token, device, config=config, ssl_context=ssl_context, clock=clock, seed=seed, position=position, epoch=epoch
+        url, token, device, config=config, ssl_context=ssl_context, clock=clock, seed=seed, position=position,
+        epoch=epoch, on_connect_retry=on_connect_retry,
     )
     with unwrap_single():
         async with trio.open_nursery() as nursery:

@@ -50,6 +50,7 @@ __all__ = [
     "valid_conversation",
     "valid_group",
     "id_problem",
+    "id_rule",
     "conversation_problem",
     "check_ids",
     "member_set",
@@ -101,6 +102,11 @@ def _show(value: object) -> str:
     return text if len(text) <= 80 else text[:70] + "...(" + str(len(value) if isinstance(value, str) else "?") + " chars)"
 
 
+def id_rule(what: str = "user") -> str:
+    """What a valid ``what`` (user or device) id is, in words."""
+    return f"{what} ids are 1-{MAX_ID_LEN} ASCII characters from A-Z a-z 0-9 _ . @ -"
+
+
 def id_problem(value: object, what: str = "user") -> Optional[str]:
     """Why ``value`` is not a valid ``what`` (user or device) id, in words
     that quote the rule, or None when it is valid."""
@@ -108,7 +114,7 @@ def id_problem(value: object, what: str = "user") -> Optional[str]:
         return None
     if not isinstance(value, str):
         return f"a {what} id must be text, not {type(value).__name__}"
-    rule = f"{what} ids are 1-{MAX_ID_LEN} ASCII characters from A-Z a-z 0-9 _ . @ -"
+    rule = id_rule(what)
     if not value:
         return f"empty {what} id ({rule})"
     if not value.isascii():

@@ -525,3 +525,155 @@ async def test_chat_in_a_group_of_which_one_is_not_a_member_says_so_before_anyth
                     await trio.sleep(0.01)
                 await typed.send("/quit")
             assert not any("not a member" in line for line in chatted), chatted
+
+
+def _hand_signed(secret: bytes, **claims: object) -> str:
+    """A token signed by hand, as an operator's own code might: ``claims``
+    over a valid sub/aud/exp, unchecked (``dev`` may be anything)."""
+    import time
+
+    import jwt
+
+    from pimcore.auth import AUDIENCE
+
+    body: dict[str, object] = {"sub": "alice", "aud": AUDIENCE, "exp": int(time.time()) + 600, **claims}
+    return jwt.encode(body, secret, algorithm="HS256")
+
+
+_RULE = "device ids are 1-64 ASCII characters from A-Z a-z 0-9 _ . @ -"
+
+
+@pytest.mark.parametrize("dev, shown", [
+    ("my phone", "'my phone'"),
+    ("", "''"),
+    ("x" * 200, "'" + "x" * 69 + "...(200 chars)"),
+    (5, "5"),
+], ids=["space", "empty", "long", "number"])
+def test_a_token_bound_to_an_invalid_device_says_its_dev_claim_is_the_problem(
+        dev: object, shown: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --device, chat logs in as the token's device (its dev claim).
+    A hand-signed token whose dev claim is no device id was said as
+    "invalid device id: device id 'my phone' ..." as if the user had typed
+    it; an empty claim went to the broker as 'terminal' and came back with
+    the hint "(pimcore chat --device )".  No device can log in with such a
+    token: said before connecting, naming the claim, exit 2."""
+    from _net import SECRET
+    from pimcore.cli import main
+
+    tok = _hand_signed(SECRET, dev=dev)
+    rc = main(["chat", "--to", "bob", "--token", tok, "--url", "tcp://127.0.0.1:1"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "Traceback" not in err, (rc, out, err)
+    assert err.splitlines() == [
+        f"pimcore chat: the token's dev claim {shown} is not a valid device id ({_RULE}): no device can log in"
+        " with this token; get another: pimcore token --user alice --device DEVICE"
+    ], err
+
+
+def test_a_token_bound_to_an_invalid_device_gets_no_unusable_device_hint(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With --device given, the broker refuses the token ("bound to device
+    'my phone', not 'terminal'"): the hint was "(pimcore chat --device my
+    phone)", unquoted, and no --device can log in with it anyway.  The hint
+    names --device only for a valid device id (those need no quoting)."""
+    from pimcore.cli import main
+
+    secret = b"chat-test-secret-0123456789abcdef-0123"
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=["tcp://127.0.0.1:0"], secret=secret.decode()) as im:
+        url = f"tcp://127.0.0.1:{im.port()}"
+        refused = main(["chat", "--to", "bob", "--token", _hand_signed(secret, dev="my phone"), "--url", url,
+                        "--device", "terminal"])
+        _, bad = capsys.readouterr()
+        other = main(["chat", "--to", "bob", "--token", _hand_signed(secret, dev="pad-2"), "--url", url,
+                      "--device", "terminal"])
+        _, good = capsys.readouterr()
+    assert refused == 1 and "Traceback" not in bad, bad
+    assert bad.splitlines()[-1] == ("pimcore chat: token refused: token is bound to device 'my phone', not 'terminal'"
+                                    f" (not a valid device id: {_RULE}; no device can log in with this token)"), bad
+    assert other == 1 and good.splitlines()[-1] == ("pimcore chat: token refused: token is bound to device 'pad-2',"
+                                                    " not 'terminal' (pimcore chat --device pad-2)"), good
+
+
+@pytest.mark.parametrize("tok, said", [("", "empty"), ("   ", "empty (only whitespace)"),
+                                       ("\t\n", "empty (only whitespace)")], ids=["empty", "spaces", "tab-newline"])
+def test_an_empty_token_says_so_and_how_to_get_one(tmp_path: Path, tok: str, said: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """--token '' (a "$(pimcore token ...)" that printed nothing, say) went
+    to the broker and came back as PyJWT's "token is invalid: Not enough
+    segments".  Said before connecting (to a broker that is up: it did
+    connect), with where a token comes from, exit 2."""
+    from pimcore.cli import main
+
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=["tcp://127.0.0.1:0"]) as im:
+        rc = main(["chat", "--to", "bob", "--token", tok, "--url", f"tcp://127.0.0.1:{im.port()}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "Traceback" not in err, (rc, out, err)
+    assert err.splitlines() == [f"pimcore chat: the token is {said}: get one with pimcore token --user ME"], err
+
+
+_RETRYING = "; retrying until the connect timeout (10 s)…"
+
+
+async def test_chat_says_why_the_first_connect_is_retried_once_per_reason(autojump_clock: Any) -> None:
+    """While the first connection was retried (a load balancer with no
+    broker behind it yet hangs up, a broker at max_connections refuses),
+    chat said nothing but "connecting…" for up to connect_timeout.  It says
+    why an attempt failed and that it retries, once per reason (not once
+    per attempt).  (Virtual time: the clock jumps over the backoff.)"""
+    import trio
+
+    from _net import token
+    from pimcore import frames as F
+    from pimcore.chat import chat
+    from pimcore.client import ConnectFailed
+    from pimcore.codec import encode_frame
+    from pimcore.errors import CloseCode
+
+    attempts = 0
+
+    async def not_yet(stream: trio.SocketStream) -> None:
+        # Hangs up on the first two Logins, then refuses as a full broker does.
+        nonlocal attempts
+        attempts += 1
+        async with stream:
+            await stream.receive_some()  # the Login
+            if attempts > 2:
+                await stream.send_all(encode_frame(F.Close(CloseCode.OVERLOADED, "too many connections")))
+            await stream.send_eof()
+            with trio.move_on_after(5):  # until the client hangs up too (no unread bytes: no reset)
+                while await stream.receive_some():
+                    pass
+
+    out: list[str] = []
+    async with trio.open_nursery() as n:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        n.start_soon(trio.serve_listeners, not_yet, listeners)
+        url = f"tcp://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        t0 = trio.current_time()
+        with trio.fail_after(100), pytest.raises(ConnectFailed):
+            await chat(url, token("alice"), "bob", out=out.append)
+        waited = trio.current_time() - t0
+        n.cancel_scope.cancel()
+    assert attempts >= 5 and 10 <= waited < 10.5, (attempts, waited)  # retried until connect_timeout
+    assert out == ["connect failed: connection closed before LoginAck" + _RETRYING,
+                   "connect failed: too many connections" + _RETRYING], out
+
+
+def test_chat_says_on_stderr_why_it_retries_then_connects(tmp_path: Path) -> None:
+    """The CLI: the retry notes go to stderr under "connecting to ..." (stdout's
+    first line stays "connected as ..."), and the attempts refused before
+    the login are still not said as lost connections (abf81af)."""
+    from _proc import run_pimcore
+
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=["tcp://127.0.0.1:0"],
+                             max_connections=1, login_timeout=1.5) as im:
+        # A connection that never logs in holds the only slot until its
+        # login_timeout: chat's first attempts are refused OVERLOADED.
+        with socket.create_connection(("127.0.0.1", im.port())) as hog:
+            hog.recv(0)
+            url = f"tcp://127.0.0.1:{im.port()}"
+            r = run_pimcore("chat", "--to", "bob", "--token", im.issue_token("alice"), "--url", url, timeout=60)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r
+    assert r.stderr.splitlines() == [f"pimcore chat: connecting to {url} (up to 10 s)…",
+                                     "pimcore chat: connect failed: too many connections" + _RETRYING], r.stderr
+    assert r.stdout.startswith("connected as alice (terminal)") and "(connection" not in r.stdout, r.stdout
