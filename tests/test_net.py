@@ -26,6 +26,7 @@ from pimcore.client import (
     AuthFailed,
     ClientClosed,
     ClientConfig,
+    ConnectFailed,
     Disconnected,
     ReadStateChanged,
     ReceiptReceived,
@@ -2116,3 +2117,33 @@ def test_a_websocket_path_must_be_printable_ascii_from_a_slash(path) -> None:
         parse_url(f"wss://127.0.0.1:1{path}") if path.startswith("/") else Endpoint("wss", path=path)
     assert Endpoint("ws", path="/im%20x/~v1").path == "/im%20x/~v1"
     assert Endpoint("tcp").path == "/"
+
+
+async def test_on_connect_retry_hears_each_failed_first_attempt_in_words(autojump_clock):
+    """open_client(on_connect_retry=f): f is called once per failed attempt
+    of the first connection that is retried (not for the attempt that
+    succeeds, nor once a session is up), with the reason in words."""
+    attempts = 0
+
+    async def refuse_twice(stream: trio.SocketStream) -> None:
+        nonlocal attempts
+        attempts += 1
+        async with stream:
+            await stream.receive_some()  # the Login
+            await stream.send_all(encode_frame(F.Close(CloseCode.OVERLOADED, "too many connections")))
+            await stream.send_eof()
+            with trio.move_on_after(5):
+                while await stream.receive_some():
+                    pass
+
+    heard: list[str] = []
+    async with trio.open_nursery() as n:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        n.start_soon(trio.serve_listeners, refuse_twice, listeners)
+        url = f"tcp://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        with trio.fail_after(100), pytest.raises(ConnectFailed):
+            async with open_client(url, token("alice"), "phone", on_connect_retry=heard.append):
+                pass
+        n.cancel_scope.cancel()
+    # Every attempt but the last (which ran into connect_timeout and raised) was retried.
+    assert attempts >= 3 and heard == ["too many connections"] * (attempts - 1), (attempts, heard)
