@@ -1163,10 +1163,11 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 #: What pimcore's HTTP API port says to a broker client (its 400 to a binary
 #: Login, its 404 to a WebSocket upgrade: pimcore.http.server).
 _HTTP_API = re.compile(rb"this is pimcore's HTTP API \(https?://\)")
-#: A pimcore ws:// listener's 400 to bytes that are no HTTP request names
-#: its path (pimcore.net.server._not_http_answer).
+#: A pimcore ws:// listener's 400 to bytes that are no HTTP request, and its
+#: 404 to an upgrade to another path, name its path
+#: (pimcore.net.server._not_http_answer, _wrong_path_answer).
 _WS_LISTENER = re.compile(rb"pimcore wss?:// listener \(path (/[!-(*-~]*)\)")
-#: A pimcore ws:// listener's 404 names its path (pimcore.net.server).
+#: An older pimcore ws:// listener's 404 named its path so.
 _WS_PATH = re.compile(rb"the broker's path here is (/[!-~]*)")
 
 
@@ -1202,7 +1203,7 @@ def _rejected(exc: ConnectionRejected, ep: Optional[Endpoint] = None) -> str:
     if body and len(body) <= 200 and body.isprintable():
         text += f" ({body})"
     if exc.status_code == 404 and ep is not None and ep.path:
-        named = _WS_PATH.search(raw)
+        named = _WS_LISTENER.search(raw) or _WS_PATH.search(raw)
         if named:
             text += f": try {'wss' if secure else 'ws'}://{_host(ep)}:{ep.port}{named.group(1).decode()}"
         else:

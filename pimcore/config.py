@@ -89,7 +89,9 @@ are comma-separated.  ``PIMCORE_CONFIG`` names the file.  Any other
 key in the file (except the project's own :data:`OTHER_ENV`, e.g.
 ``PIMCORE_BACKEND``; an empty one is unset).  Precedence: flags
 > environment > file > defaults.  A value of the wrong type is a
-:class:`ConfigError` naming the key: ``limits.send_rate: expected a number, got "fast"``.
+:class:`ConfigError` naming the key: ``limits.send_rate: expected a number, got "fast"``;
+so is any other unusable value, and each says where it came from:
+``pimcore.toml: ...``, ``... (from $PIMCORE_LIMITS_SEND_RATE)``, or the flag (``--send-rate``).
 """
 
 from __future__ import annotations
@@ -98,10 +100,11 @@ import importlib
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 if TYPE_CHECKING:
     import ssl
@@ -124,6 +127,7 @@ DEFAULT_LISTEN = "tcp://127.0.0.1:7400"
 API_KEY_FILE = "api-key"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+DURABILITY_MODES = ("sync", "log", "os")
 
 # ---------------------------------------------------------------- the schema
 # Types: "str", "path" (relative to the file in a file, to the cwd elsewhere),
@@ -258,6 +262,42 @@ class ConfigError(ValueError):
     """A configuration file, variable or flag that cannot be used (message says which)."""
 
 
+#: A setting, ``(section or None, key)``.
+_Key = tuple[Optional[str], str]
+#: Where a setting's value came from: ``("file", PATH)`` (or ``"settings"``,
+#: load_settings' ``document``), ``("env", "$NAME")`` or ``("flag", "--name")``.
+_Origin = tuple[str, str]
+
+
+def _said_name(key: _Key) -> str:
+    """A setting's name in errors: ``limits.window``, ``listen``; ``http``
+    for ``[http] listen``."""
+    section, name = key
+    return "http" if key == ("http", "listen") else f"{section}.{name}" if section else name
+
+
+def _from(text: str, name: str, origin: _Origin) -> ConfigError:
+    """The error ``text`` about setting ``name`` saying where its value came
+    from, one way for every check: ``FILE: text``, ``text (from $NAME)``, or
+    the flag's name for the setting's."""
+    kind, label = origin
+    if kind == "file":
+        return ConfigError(f"{label}: {text}")
+    if kind == "flag" and name in text:
+        return ConfigError(text.replace(name, label, 1))
+    return ConfigError(f"{text} (from {label})")
+
+
+def _flag_origin(key: _Key) -> Optional[_Origin]:
+    """The flag (load_settings' keyword) that sets ``key``; None for a key of
+    a section given whole (``webhooks={...}``: its own names say it)."""
+    section, name = key
+    if section in ("webhooks", "moderation"):
+        return None
+    flag = "http" if key == ("http", "listen") else "store" if key == ("store", "url") else name
+    return ("flag", "--" + flag.replace("_", "-"))
+
+
 def _show(value: Any) -> str:
     return json.dumps(value, default=str) if not isinstance(value, bool) else str(value).lower()
 
@@ -326,11 +366,15 @@ def _in_range(name: str, value: Any) -> Any:
     return value
 
 
-def _limits_error(exc: Exception) -> ConfigError:
+def _limits_text(exc: Exception) -> str:
     """A Limits refusal said by the settings' names ("limits.window must be
     >= 1, got -1"), not the class's."""
     text = str(exc)
-    return ConfigError(text.replace("Limits.", "limits.") if "Limits." in text else f"limits: {text}")
+    return text.replace("Limits.", "limits.") if "Limits." in text else f"limits: {text}"
+
+
+#: A setting named in an error's text: ``limits.window``, ``webhooks.url``.
+_NAMED = re.compile(r"\b(" + "|".join(_SECTIONS) + r")\.(\w+)")
 
 
 def _parse_env(name: str, typ: str, text: str) -> Any:
@@ -386,12 +430,38 @@ class ServeSettings:
     store_address_map: tuple[str, ...] = ()
     #: RedisStore ``read_fanout_above`` (members); None: its default.
     store_read_fanout_above: Optional[int] = None
+    #: Where each value given came from (load_settings), for errors found
+    #: after the type check: they say it as the type check does.
+    origins: dict[_Key, _Origin] = field(default_factory=dict, compare=False, repr=False)
+
+    def _refused(self, text: str, *keys: _Key) -> ConfigError:
+        """ConfigError ``text``, about the first of ``keys`` whose value was
+        given, saying where that came from (:func:`_from`)."""
+        for key in keys:
+            origin = self.origins.get(key)
+            if origin is not None:
+                return _from(text, _said_name(key), origin)
+        return ConfigError(text)
+
+    def _named(self, text: str) -> ConfigError:
+        """:meth:`_refused` for the settings ``text`` names (``limits.window``)."""
+        keys = [(m[1], m[2]) for m in _NAMED.finditer(text) if (m[1], m[2]) in SCHEMA]
+        return self._refused(text, *keys)
+
+    def _section_error(self, section: str, exc: Exception) -> ConfigError:
+        """A refusal of a class built from ``[section]`` ("max_connections
+        must be >= 1"), said by the setting's name and where it came from."""
+        text = str(exc)
+        key = text.split(" ", 1)[0].rstrip(":")
+        if (section, key) in SCHEMA:
+            return self._refused(f"{section}.{text}", (section, key))
+        return ConfigError(f"{section}: {text}")
 
     def endpoints(self) -> tuple[Endpoint, ...]:
         try:
             return tuple(parse_url(u) for u in self.listen)
         except ValueError as exc:
-            raise ConfigError(f"listen: {exc}") from None
+            raise self._refused(f"listen: {exc}", (None, "listen")) from None
 
     def load_content_filter(self) -> Optional[ContentFilter]:
         """Import the ``module:function`` content-security hook, if any.  The
@@ -401,18 +471,19 @@ class ServeSettings:
             return None
         module, _, name = self.content_filter.partition(":")
         if not module or not name:
-            raise ConfigError(f"content_filter must be 'module:function', not {self.content_filter!r}")
+            raise self._refused(f"content_filter must be 'module:function', not {self.content_filter!r}",
+                                (None, "content_filter"))
         extra = [str(p) for p in (self.config_dir, Path.cwd()) if p is not None and str(p) not in sys.path]
         sys.path[:0] = extra
         try:
             fn = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"content_filter {self.content_filter!r}: {exc}") from None
+            raise self._refused(f"content_filter {self.content_filter!r}: {exc}", (None, "content_filter")) from None
         finally:
             for p in extra:
                 sys.path.remove(p)
         if not callable(fn):
-            raise ConfigError(f"content_filter {self.content_filter!r} is not callable")
+            raise self._refused(f"content_filter {self.content_filter!r} is not callable", (None, "content_filter"))
         return fn  # type: ignore[no-any-return]
 
     def server_config(self) -> ServerConfig:
@@ -420,19 +491,19 @@ class ServeSettings:
         try:
             limits = replace(base.limits, **self.limits)
         except (TypeError, ValueError) as exc:
-            raise _limits_error(exc) from None
+            raise self._named(_limits_text(exc)) from None
         broker = replace(base, limits=limits, content_filter=self.load_content_filter())
         srv = dict(self.server)
         for key in ("idle_timeout", "login_timeout", "ack_delay", "history_max_age", "reclaim_interval"):
             if key in srv:
                 seconds = float(srv.pop(key))
                 if seconds < 0:  # (BrokerConfig would say it in its own names, in µs)
-                    raise ConfigError(f"server.{key}: expected seconds >= 0, got {seconds:g}")
+                    raise self._refused(f"server.{key}: expected seconds >= 0, got {seconds:g}", ("server", key))
                 timeouts: dict[str, Any] = {key: int(seconds * SECOND)}
                 try:
                     broker = replace(broker, **timeouts)
                 except (TypeError, ValueError) as exc:
-                    raise ConfigError(f"server: {key}: {exc}") from None
+                    raise self._refused(f"server.{key}: {exc}", ("server", key)) from None
         if "events" in srv:
             broker = replace(broker, record_events=bool(srv.pop("events")))
         if self.webhooks.get("url"):
@@ -444,14 +515,14 @@ class ServeSettings:
                 try:
                     broker = replace(broker, **{key: srv.pop(key)})
                 except (TypeError, ValueError) as exc:
-                    raise ConfigError(f"server: {key}: {exc}") from None
+                    raise self._refused(f"server.{key}: {exc}", ("server", key)) from None
         for key in _EPHEMERAL_KEYS:  # typing and presence (PROTOCOL.md, "Typing and presence")
             if key in srv:
                 value = srv.pop(key)
                 try:
                     broker = replace(broker, **{key: int(float(value) * SECOND) if key == "typing_ttl" else value})  # type: ignore[arg-type]
                 except (TypeError, ValueError) as exc:
-                    raise ConfigError(f"server: {key}: {exc}") from None
+                    raise self._refused(f"server.{key}: {exc}", ("server", key)) from None
         endpoints = self.endpoints()
         if any(e.secure for e in endpoints) and not self.cert:
             raise ConfigError("tls:// and wss:// listeners need a certificate: --cert/--key or [tls] cert/key")
@@ -459,7 +530,7 @@ class ServeSettings:
             return ServerConfig(listeners=endpoints, certfile=self.cert, keyfile=self.key, broker=broker,
                                 moderation=self.moderation_config(), **srv)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"server: {exc}") from None
+            raise self._section_error("server", exc) from None
 
     def check_listeners(self) -> None:
         """ConfigError if two listeners (``listen`` and ``http``) would take
@@ -493,9 +564,9 @@ class ServeSettings:
         try:
             ep = parse_url(url, default_port=7481)
         except ValueError as exc:
-            raise ConfigError(f"http: {exc}") from None
+            raise self._refused(f"http: {exc}", ("http", "listen")) from None
         if ep.scheme not in ("tcp", "tls"):
-            raise ConfigError(f"http: {self.http!r}: scheme must be tcp, tls, http or https")
+            raise self._refused(f"http: {self.http!r}: scheme must be tcp, tls, http or https", ("http", "listen"))
         if ep.secure and not self.cert:
             raise ConfigError("a tls:// http listener needs a certificate: --cert/--key or [tls] cert/key")
         return ep
@@ -534,7 +605,7 @@ class ServeSettings:
         token secret).  ValueError for an empty key."""
         if self.api_keys:
             if any(not k.strip() for k in self.api_keys):
-                raise ConfigError("api_keys: an API key cannot be empty")
+                raise self._refused("api_keys: an API key cannot be empty", (None, "api_keys"))
             return tuple(k.strip() for k in self.api_keys)
         from .auth import load_or_create_secret
 
@@ -549,7 +620,7 @@ class ServeSettings:
         given = self.webhooks.get("secret")
         if given is not None:
             if not given.strip():
-                raise ConfigError("webhooks.secret: cannot be empty")
+                raise self._refused("webhooks.secret: cannot be empty", ("webhooks", "secret"))
             return given.strip().encode()
         from .auth import load_or_create_secret
         from .webhooks import WEBHOOK_SECRET_FILE
@@ -563,7 +634,8 @@ class ServeSettings:
         w = dict(self.webhooks)
         if not w.get("url"):
             if set(w) - {"url", "secret"}:
-                raise ConfigError(f"webhooks: {sorted(set(w) - {'url', 'secret'})[0]} is set but webhooks.url is not")
+                key = sorted(set(w) - {"url", "secret"})[0]
+                raise self._refused(f"webhooks: {key} is set but webhooks.url is not", ("webhooks", key))
             return None
         from .webhooks import WebhookConfig
 
@@ -573,7 +645,7 @@ class ServeSettings:
         try:
             return WebhookConfig(secret=secret or self.webhook_secret(), **w)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(str(exc)) from None
+            raise self._named(str(exc)) from None
 
     def moderation_config(self, secret: Optional[bytes] = None) -> Any:  # -> Optional[pimcore.webhooks.ModerationConfig]
         """The moderation webhook's settings, or None without ``[moderation]
@@ -581,7 +653,8 @@ class ServeSettings:
         m = dict(self.moderation)
         if not m.get("url"):
             if set(m) - {"url", "secret"}:
-                raise ConfigError(f"moderation: {sorted(set(m) - {'url', 'secret'})[0]} is set but moderation.url is not")
+                key = sorted(set(m) - {"url", "secret"})[0]
+                raise self._refused(f"moderation: {key} is set but moderation.url is not", ("moderation", key))
             return None
         if "policy" not in m:
             raise ConfigError('moderation.policy: required with moderation.url: "open" (no answer lets a message'
@@ -590,11 +663,11 @@ class ServeSettings:
 
         own = m.pop("secret", None)
         if own is not None and not own.strip():
-            raise ConfigError("moderation.secret: cannot be empty")
+            raise self._refused("moderation.secret: cannot be empty", ("moderation", "secret"))
         try:
             return ModerationConfig(secret=secret or (own.strip().encode() if own else self.webhook_secret()), **m)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(str(exc)) from None
+            raise self._named(str(exc)) from None
 
     def http_config(self, ssl_context: Any = None, api_keys: tuple[str, ...] = ()) -> Any:  # -> HttpConfig
         """The HTTP listener's :class:`~pimcore.http.HttpConfig` (None without one)."""
@@ -608,7 +681,7 @@ class ServeSettings:
             return HttpConfig(host=ep.host, port=ep.port, scheme=ep.scheme, ssl_context=ssl_context if ep.secure else None,
                               api_keys=api_keys, **opts)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"http: {exc}") from None
+            raise self._section_error("http", exc) from None
 
     def effective(self) -> dict[str, Any]:
         """Every setting with its effective value (defaults filled in),
@@ -617,7 +690,7 @@ class ServeSettings:
         try:
             limits = replace(limits, **self.limits)
         except (TypeError, ValueError) as exc:
-            raise _limits_error(exc) from None
+            raise self._named(_limits_text(exc)) from None
         b = DEFAULT_BROKER_CONFIG
         base = ServerConfig()
         server: dict[str, Any] = {
@@ -757,7 +830,7 @@ def _layer_from_doc(doc: dict[str, Any], here: Path, where: str) -> dict[tuple[O
         try:
             value = _in_range(name, _check(name, typ, table[key]))
         except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            raise _from(str(exc), name, ("file", where)) from None
         if typ == "path":
             if value == "":
                 continue  # unset, as an empty variable or flag is (not the file's own directory)
@@ -798,10 +871,11 @@ def _layer_from_env(env: Mapping[str, str]) -> dict[tuple[Optional[str], str], A
         text = env.get(name)
         if text is None or text == "":
             continue  # an empty variable is unset (docker-compose "FOO=")
+        key_name = f"{section}.{key}" if section else key
         try:
-            value = _in_range(f"{section}.{key}", _parse_env(f"{section}.{key}" if section else key, typ, text))
+            value = _in_range(key_name, _parse_env(key_name, typ, text))
         except ConfigError as exc:
-            raise ConfigError(f"{exc} (from ${name})") from None
+            raise _from(str(exc), key_name, ("env", f"${name}")) from None
         layer[(section, key)] = Path(value) if typ == "path" else value
     return layer
 
@@ -859,22 +933,34 @@ def load_settings(
     for the names), then the flags that are not None.  ConfigError (naming
     the key) for anything that cannot be used."""
     env = os.environ if env is None else env
-    merged: dict[tuple[Optional[str], str], Any] = {}
+    merged: dict[_Key, Any] = {}
+    origins: dict[_Key, _Origin] = {}
+
+    def take(layer: dict[_Key, Any], origin: Callable[[_Key], Optional[_Origin]]) -> None:
+        merged.update(layer)
+        for key in layer:
+            o = origin(key)
+            if o is None:
+                origins.pop(key, None)
+            else:
+                origins[key] = o
+
     config_file = config_file or env.get("PIMCORE_CONFIG") or None
     config_dir = None
     if config_file:
         path = Path(config_file)
-        merged.update(_layer_from_file(path))
+        take(_layer_from_file(path), lambda key: ("file", str(path)))
         config_dir = path.parent
     if document is not None:
         if not isinstance(document, Mapping):
             raise ConfigError(f"settings: expected an object, got {_show(document)}")
-        merged.update(_layer_from_doc(_check_doc(dict(document), "settings"), Path("."), "settings"))
-    merged.update(_layer_from_env(env))
+        take(_layer_from_doc(_check_doc(dict(document), "settings"), Path("."), "settings"),
+             lambda key: ("file", "settings"))
+    take(_layer_from_env(env), lambda key: ("env", "$" + env_name(*key)))
     flag_layer = _layer_from_flags(flags)
     if (None, "secret_file") in flag_layer and (None, "secret") not in flag_layer:
         merged.pop((None, "secret"), None)  # a --secret-file flag beats a secret from the file or environment
-    merged.update(flag_layer)
+    take(flag_layer, _flag_origin)
 
     top = {k: v for (s, k), v in merged.items() if s is None}
     tls = {k: v for (s, k), v in merged.items() if s == "tls"}
@@ -903,6 +989,7 @@ def load_settings(
         store_namespace=str(merged.get(("store", "namespace"), "pim")),
         store_address_map=tuple(merged.get(("store", "address_map"), ())),
         store_read_fanout_above=merged.get(("store", "read_fanout_above")),
+        origins=origins,
     )
     if s.store is not None:
         from .store.redis import parse_url as parse_store_url
@@ -911,30 +998,31 @@ def load_settings(
         try:
             parse_store_url(s.store)
         except ValueError as exc:
-            raise ConfigError(f"store.url: {exc}") from None
+            raise s._refused(f"store.url: {exc}", ("store", "url")) from None
         if not valid_id(s.store_namespace):
-            raise ConfigError(f"store.namespace: not a valid id: {_show(s.store_namespace)}")
+            raise s._refused(f"store.namespace: not a valid id: {_show(s.store_namespace)}", ("store", "namespace"))
         from .store.redis import parse_address_map
 
         try:
             parse_address_map(s.store_address_map)
         except ValueError as exc:
-            raise ConfigError(f"store.address_map: {exc}") from None
+            raise s._refused(f"store.address_map: {exc}", ("store", "address_map")) from None
         if s.store_read_fanout_above is not None and s.store_read_fanout_above < 0:
-            raise ConfigError(f"store.read_fanout_above: must be >= 0 members, not {s.store_read_fanout_above}")
+            raise s._refused(f"store.read_fanout_above: must be >= 0 members, not {s.store_read_fanout_above}",
+                             ("store", "read_fanout_above"))
     elif s.store_address_map:
-        raise ConfigError("store.address_map: only for a Redis store (set store.url)")
+        raise s._refused("store.address_map: only for a Redis store (set store.url)", ("store", "address_map"))
     elif s.store_read_fanout_above is not None:
-        raise ConfigError("store.read_fanout_above: only for a Redis store (set store.url)")
-    if s.durability not in ("sync", "log", "os"):
-        raise ConfigError(f"durability must be 'sync', 'log' or 'os', not {s.durability!r}")
-    if s.log_level not in LOG_LEVELS:
-        raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {_show(s.log_level)}")
-    if s.log_format not in LOG_FORMATS:
-        raise ConfigError(f"log_format: expected one of {', '.join(LOG_FORMATS)}, got {_show(s.log_format)}")
+        raise s._refused("store.read_fanout_above: only for a Redis store (set store.url)",
+                         ("store", "read_fanout_above"))
+    for key, value, allowed in (("durability", s.durability, DURABILITY_MODES), ("log_level", s.log_level, LOG_LEVELS),
+                                ("log_format", s.log_format, LOG_FORMATS)):
+        if value not in allowed:
+            raise s._refused(f"{key}: expected one of {', '.join(allowed)}, got {_show(value)}", (None, key))
     for key, value in s.messages.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2**63 / SECOND:
-            raise ConfigError(f"messages.{key}: expected a number of seconds >= 0 (0 = no limit), got {_show(value)}")
+            raise s._refused(f"messages.{key}: expected a number of seconds >= 0 (0 = no limit), got {_show(value)}",
+                             ("messages", key))
     # Check the webhook sections now (naming the key), without creating a secret.
     s.webhook_config(secret=b"-")
     s.moderation_config(secret=b"-")

@@ -233,7 +233,8 @@ async def test_a_wrong_websocket_path_is_said_in_words() -> None:
                     pass  # pragma: no cover
     # The listener names its path (a new-user pass: the question alone did not say which).
     assert str(err.value) == (f"cannot connect to {url}: the server refused the WebSocket upgrade with HTTP 404"
-                              " (not a pimcore endpoint: the broker's path here is /im): try "
+                              " (this is a pimcore ws:// listener (path /im): it takes WebSocket upgrades at /im only,"
+                              " not /wrong): try "
                               f"{url.replace('/wrong', '/im')}"), str(err.value)
 
 

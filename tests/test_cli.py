@@ -196,23 +196,103 @@ def test_an_integer_past_64_bit_us_is_refused_naming_the_key(tmp_path, how):
 
 
 @pytest.mark.parametrize("flags, said", [
-    ({"window": -1}, "limits.window must be >= 1, got -1"),
-    ({"heartbeat_ms": -1}, "limits.heartbeat_ms must be >= 0, got -1"),
-    ({"send_rate": -2.5}, "limits.send_rate must be >= 0, got -2.5"),
-    ({"max_frame": 1}, "limits.max_payload (65536) cannot exceed limits.max_frame (1)"),
-    ({"idle_timeout": -5.0}, "server.idle_timeout: expected seconds >= 0, got -5"),
-    ({"window": 1 << 40}, "limits.window must be at most 4294967295, got 1099511627776"),
-    ({"heartbeat_ms": 1 << 40}, "limits.heartbeat_ms must be at most 4294967295, got 1099511627776"),
+    ({"window": -1}, "--window must be >= 1, got -1"),
+    ({"heartbeat_ms": -1}, "--heartbeat-ms must be >= 0, got -1"),
+    ({"send_rate": -2.5}, "--send-rate must be >= 0, got -2.5"),
+    ({"max_frame": 1}, "limits.max_payload (65536) cannot exceed --max-frame (1)"),
+    ({"idle_timeout": -5.0}, "--idle-timeout: expected seconds >= 0, got -5"),
+    ({"window": 1 << 40}, "--window must be at most 4294967295, got 1099511627776"),
+    ({"heartbeat_ms": 1 << 40}, "--heartbeat-ms must be at most 4294967295, got 1099511627776"),
 ], ids=["window", "heartbeat", "send-rate", "payload-over-frame", "idle-timeout", "window-huge", "heartbeat-huge"])
 def test_a_limit_out_of_range_is_said_by_its_setting_and_value(flags, said):
     """It said "limits: Limits.window must be >= 1" (the class's name), and
     "Limits.heartbeat_ms and Limits.send_rate must be >= 0" for either (a
-    new-user pass)."""
+    new-user pass).  Given as flags, each is said by its flag, as a type
+    error is; from the environment or a file, by its setting."""
     from pimcore.config import ConfigError, load_settings
 
     with pytest.raises(ConfigError) as err:
         load_settings(env={}, **flags).server_config()
     assert str(err.value) == said
+    [(key, value)] = flags.items()
+    section = "server" if key == "idle_timeout" else "limits"
+    var = f"PIMCORE_{section}_{key}".upper()
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={var: str(value)}).server_config()
+    assert str(err.value) == f"{said.replace('--' + key.replace('_', '-'), f'{section}.{key}')} (from ${var})"
+
+
+_DURABILITY = 'durability: expected one of sync, log, os, got "bogus"'
+_LOG_LEVEL = 'log_level: expected one of debug, info, warning, error, got "loud"'
+_LISTEN = "listen: 'bogus://127.0.0.1:0': scheme must be one of tcp, tls, ws, wss"
+_HTTP = "http: 'ws://127.0.0.1:0': scheme must be tcp, tls, http or https"
+
+
+@pytest.mark.parametrize("args, env, toml, said", [
+    ([], {"PIMCORE_DURABILITY": "bogus"}, "", f"{_DURABILITY} (from $PIMCORE_DURABILITY)"),
+    ([], {}, 'durability = "bogus"\n', f"{{cfg}}: {_DURABILITY}"),
+    ([], {"PIMCORE_LOG_LEVEL": "loud"}, "", f"{_LOG_LEVEL} (from $PIMCORE_LOG_LEVEL)"),
+    ([], {}, 'log_level = "LOUD"\n', f"{{cfg}}: {_LOG_LEVEL}"),
+    (["--listen", "bogus://127.0.0.1:0"], {}, "", _LISTEN.replace("listen", "--listen", 1)),
+    ([], {"PIMCORE_LISTEN": "bogus://127.0.0.1:0"}, "", f"{_LISTEN} (from $PIMCORE_LISTEN)"),
+    ([], {}, 'listen = ["bogus://127.0.0.1:0"]\n', f"{{cfg}}: {_LISTEN}"),
+    (["--http", "ws://127.0.0.1:0"], {}, "", _HTTP.replace("http", "--http", 1)),
+    ([], {"PIMCORE_HTTP": "ws://127.0.0.1:0"}, "", f"{_HTTP} (from $PIMCORE_HTTP)"),
+    ([], {}, 'http = "ws://127.0.0.1:0"\n', f"{{cfg}}: {_HTTP}"),
+    (["--window", "0"], {}, "", "--window must be >= 1, got 0"),
+    ([], {"PIMCORE_LIMITS_WINDOW": "0"}, "", "limits.window must be >= 1, got 0 (from $PIMCORE_LIMITS_WINDOW)"),
+    ([], {}, "[limits]\nwindow = 0\n", "{cfg}: limits.window must be >= 1, got 0"),
+    (["--max-frame", "1"], {}, "", "limits.max_payload (65536) cannot exceed --max-frame (1)"),
+    (["--store", "redis://h"], {}, "", "--store: bad HOST:PORT in 'redis://h': 'h'"),
+    ([], {}, "[messages]\nrecall_window = -1\n",
+     "{cfg}: messages.recall_window: expected a number of seconds >= 0 (0 = no limit), got -1.0"),
+    ([], {"PIMCORE_WEBHOOKS_URL": "http://127.0.0.1:1/x", "PIMCORE_WEBHOOKS_BATCH_SIZE": "0"}, "",
+     "webhooks.batch_size: must be 1..10000, got 0 (from $PIMCORE_WEBHOOKS_BATCH_SIZE)"),
+], ids=["durability-env", "durability-file", "log-level-env", "log-level-file", "listen-flag", "listen-env",
+        "listen-file", "http-flag", "http-env", "http-file", "window-flag", "window-env", "window-file",
+        "frame-flag", "store-flag", "messages-file", "webhooks-env"])
+def test_a_value_refused_after_its_type_check_says_where_it_came_from(tmp_path, monkeypatch, capsys, args, env,
+                                                                      toml, said):
+    """`PIMCORE_DURABILITY=bogus pimcore serve` said "durability must be
+    'sync', 'log' or 'os', not 'bogus'", a bad listen URL "listen: ...":
+    which flag, variable or file it came from was left to guess, where a
+    type error says it.  Now said as the type check says it."""
+    for name in [n for n in os.environ if n.startswith("PIMCORE_") and n != "PIMCORE_BACKEND"]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "pimcore.toml"
+    if toml:
+        cfg.write_text(toml)
+        args = [*args, "--config", str(cfg)]
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--print-config", *args]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == f"pimcore serve: {said.format(cfg=cfg)}\n"
+    assert list(tmp_path.iterdir()) == ([cfg] if toml else [])
+
+
+@pytest.mark.parametrize("args, env, toml, said", [
+    (["--max-connections", "0"], {}, "", "--max-connections must be >= 1"),
+    ([], {"PIMCORE_SERVER_MAX_CONNECTIONS": "0"}, "", "server.max_connections must be >= 1 (from $PIMCORE_SERVER_MAX_CONNECTIONS)"),
+    ([], {}, "[server]\nmax_connections = 0\n", "{cfg}: server.max_connections must be >= 1"),
+    (["--idle-timeout", "-5"], {}, "", "--idle-timeout: expected seconds >= 0, got -5"),
+], ids=["flag", "env", "file", "timeout-flag"])
+def test_a_server_setting_serve_refuses_says_where_it_came_from(tmp_path, args, env, toml, said):
+    """As above, for what only serve checks (--print-config does not build
+    the server's configuration); in a process of its own: serve sets up
+    logging before it gets there."""
+    cfg = tmp_path / "pimcore.toml"
+    if toml:
+        cfg.write_text(toml)
+        args = [*args, "--config", str(cfg)]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PIMCORE_") or k == "PIMCORE_BACKEND"}
+    clean["PYTHONPATH"] = os.path.dirname(os.path.dirname(pimcore.__file__))  # this pimcore, whatever the cwd
+    r = subprocess.run([sys.executable, "-m", "pimcore", "serve", "--data-dir", str(tmp_path / "d"),
+                        "--listen", "tcp://127.0.0.1:0", *args], env={**clean, **env}, capture_output=True,
+                       text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (2, ""), (r.returncode, r.stdout, r.stderr)
+    assert r.stderr == f"pimcore serve: {said.format(cfg=cfg)}\n", r.stderr
 
 
 def test_every_setting_has_an_environment_variable_by_one_rule():

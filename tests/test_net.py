@@ -1541,6 +1541,42 @@ async def test_a_plain_http_request_at_a_ws_listener_is_answered_in_words(lmdb_s
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+@pytest.mark.parametrize("path, said", [("/foo", "/foo"), ("/" + "x" * 5000, "/" + "x" * 59 + "...")],
+                         ids=["short", "long"])
+async def test_an_upgrade_to_another_path_is_answered_404_not_found_in_words(lmdb_store, path, said):
+    """An upgrade request to a path not the listener's got "HTTP/1.1 404 "
+    with no reason phrase and no Content-Type (trio-websocket's reject): it
+    is now a 404 Not Found as the listener's 400 is, naming both paths (the
+    one asked for cut short)."""
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            stream = await trio.open_tcp_stream("127.0.0.1", srv.endpoints[0].port)
+            async with stream:
+                await stream.send_all(WS_UPGRADE.replace(b"GET /im ", f"GET {path} ".encode()))
+                answer = b""
+                while data := await stream.receive_some(4096):
+                    answer += data
+            head, _, body = answer.partition(b"\r\n\r\n")
+            lines = head.lower().split(b"\r\n")
+            assert lines[0] == b"http/1.1 404 not found", head
+            assert b"content-type: text/plain; charset=utf-8" in lines, head
+            assert f"content-length: {len(body)}".encode() in lines, head
+            assert body.decode() == ("this is a pimcore ws:// listener (path /im): it takes WebSocket upgrades"
+                                     f" at /im only, not {said}")
+            async with client(srv.url("ws"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+def test_a_requested_path_is_quoted_safely():
+    """What a client asked for, echoed in an answer or a log line: printable
+    ASCII, cut short (h11 refuses anything else in a request line today)."""
+    from pimcore.net.server import _quoted_path
+
+    assert _quoted_path("/im?x=1") == "/im?x=1"
+    assert _quoted_path("/a b\x1b[31m\r\né") == "/a%20b%1B[31m%0D%0A%C3%A9"
+    assert _quoted_path("/" + "y" * 100) == "/" + "y" * 59 + "..."
+
+
 def _no_spam(user: str, conv: str, payload: bytes):
     return "looks like spam" if b"BUY NOW" in payload else None
 

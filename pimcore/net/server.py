@@ -419,10 +419,18 @@ def _why_lost(stream: trio.abc.Stream, exc: BaseException) -> str:
 #: the broker's.
 _PEER_GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
+
+def _http_answer(status: str, body: str) -> bytes:
+    """A ws:// or wss:// listener's plain-text HTTP answer before (or instead
+    of) an upgrade (``status``: "400 Bad Request"), after which it hangs up."""
+    data = body.encode()
+    return (b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (status.encode(), len(data), data))
+
+
 #: What a ws:// or wss:// connection accepted at max_connections is answered
 #: (BrokerServer._refuse_ws): the HTTP server's refusal at its limit.
-_WS_REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
-               b"Content-Length: 20\r\nConnection: close\r\n\r\ntoo many connections")
+_WS_REFUSAL = _http_answer("503 Service Unavailable", "too many connections")
 
 #: The first byte of a TLS record holding a handshake message (a ClientHello).
 _TLS_HANDSHAKE_RECORD = 0x16
@@ -488,8 +496,9 @@ class _EndWatch(StreamWrapper):
 
     def __init__(self, inner: trio.abc.Stream, refusal: bytes = b"") -> None:
         super().__init__(inner)
-        # What to say instead of trio-websocket's 400 without a body (its
-        # answer to an HTTP request that is no upgrade: a browser, curl).
+        # What to say instead of trio-websocket's next answer of the same
+        # status without a body: its 400 to an HTTP request that is no
+        # upgrade (a browser, curl), or the 404 that _serve_ws has it send.
         self.refusal = refusal
         self.ended = False  # the client hung up, or the stream broke
         self.closed = False  # trio-websocket closed it (a malformed upgrade request, answered 400)
@@ -523,11 +532,13 @@ class _EndWatch(StreamWrapper):
 
     async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
         # trio-websocket (through wsproto) answers what it cannot upgrade
-        # with "HTTP/1.1 400 \r\ncontent-length: 0\r\n\r\n", then closes:
-        # the one answer it sends before an upgrade that has no body.
-        # (_serve_ws clears refusal once the upgrade is accepted: the
-        # WebSocket's frames pass with one falsy test.)
-        if self.refusal and bytes(data[:13]) == b"HTTP/1.1 400 " and b"\r\ncontent-length: 0\r\n" in bytes(data).lower():
+        # with "HTTP/1.1 400 \r\ncontent-length: 0\r\n\r\n", then closes;
+        # a reject() without a body is the same with its status: no reason
+        # phrase, no Content-Type.  It is replaced by the refusal of that
+        # status.  (_serve_ws clears refusal once the upgrade is accepted:
+        # the WebSocket's frames pass with one falsy test.)
+        if (self.refusal and bytes(data[:13]) == self.refusal[:13]
+                and b"\r\ncontent-length: 0\r\n" in bytes(data).lower()):
             data = self.refusal
         await self.inner.send_all(data)
 
@@ -549,10 +560,29 @@ def _not_http_answer(ep: Endpoint) -> bytes:
     (a tcp:// client's Login), or to an HTTP request that is no upgrade (a
     browser, curl): 400, naming the listener (the SDK suggests its URL from
     it: pimcore.client)."""
-    body = (f"this is a pimcore {ep.scheme}:// listener (path {ep.path}): it takes a WebSocket upgrade request"
-            f" to {ep.path} and nothing else").encode()
-    return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    return _http_answer("400 Bad Request", f"this is a pimcore {ep.scheme}:// listener (path {ep.path}): it takes"
+                                           f" a WebSocket upgrade request to {ep.path} and nothing else")
+
+
+def _wrong_path_answer(ep: Endpoint, path: str) -> bytes:
+    """A ws:// or wss:// listener's answer to an upgrade request to ``path``,
+    not its own: 404, naming both (the SDK suggests its URL from it as from
+    the 400: pimcore.client)."""
+    return _http_answer("404 Not Found", f"this is a pimcore {ep.scheme}:// listener (path {ep.path}): it takes"
+                                         f" WebSocket upgrades at {ep.path} only, not {_quoted_path(path)}")
+
+
+#: The longest requested path echoed in full (_quoted_path).
+_QUOTED_PATH_MAX = 60
+
+
+def _quoted_path(path: str) -> str:
+    """A path a client asked for, fit to echo in an answer or a log line:
+    anything but printable ASCII percent-encoded (as UTF-8), cut after
+    _QUOTED_PATH_MAX characters with "..."."""
+    quoted = "".join(c if "!" <= c <= "~" else "".join(f"%{b:02X}" for b in c.encode("utf-8", "replace"))
+                     for c in path[:_QUOTED_PATH_MAX + 1])
+    return quoted if len(quoted) <= _QUOTED_PATH_MAX else quoted[:_QUOTED_PATH_MAX] + "..."
 
 
 def tls_server_stream(sock: trio.SocketStream, ssl_context: ssl.SSLContext, *, peer: Optional[str] = None,
@@ -1118,9 +1148,12 @@ class BrokerServer:
                         if request is not None:
                             try:
                                 if request.path != ep.path:
-                                    ended = f"WebSocket upgrade refused (HTTP 404): path {request.path!r} is not {ep.path!r}"
-                                    # (The body names the path: the SDK turns it into a URL to try.)
-                                    await request.reject(404, body=f"not a pimcore endpoint: the broker's path here is {ep.path}".encode())
+                                    ended = (f"WebSocket upgrade refused (HTTP 404): path {_quoted_path(request.path)}"
+                                             f" is not {ep.path}")
+                                    # Said by the watch, as its 400 is (the body
+                                    # names the path: the SDK turns it into a URL).
+                                    watch.refusal = _wrong_path_answer(ep, request.path)
+                                    await request.reject(404)
                                 else:
                                     ws = await request.accept()
                                     watch.refusal = b""
