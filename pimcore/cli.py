@@ -279,7 +279,10 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
         settings = _settings(args)
         settings.check_listeners()  # (two on one address: refused before anything is made or bound)
         if args.print_config:
-            # Effective settings only: nothing is created, opened or imported.
+            # Effective settings only: nothing is created, opened or imported;
+            # but what serve would refuse is refused here too.
+            settings.server_config(check_only=True)
+            settings.http_endpoint()
             print(render_toml(settings.effective()), end="")
             return 0
         start.begin(settings.data_dir)

@@ -463,16 +463,22 @@ class ServeSettings:
         except ValueError as exc:
             raise self._refused(f"listen: {exc}", (None, "listen")) from None
 
+    def _content_filter_parts(self) -> tuple[str, str]:
+        """``content_filter``'s module and function names; ConfigError if it
+        is not of the form ``module:function``."""
+        module, _, name = (self.content_filter or "").partition(":")
+        if not module or not name:
+            raise self._refused(f"content_filter must be 'module:function', not {self.content_filter!r}",
+                                (None, "content_filter"))
+        return module, name
+
     def load_content_filter(self) -> Optional[ContentFilter]:
         """Import the ``module:function`` content-security hook, if any.  The
         module is looked for next to the config file, then in the current
         folder, then on the usual import path (as ``python -m`` would)."""
         if not self.content_filter:
             return None
-        module, _, name = self.content_filter.partition(":")
-        if not module or not name:
-            raise self._refused(f"content_filter must be 'module:function', not {self.content_filter!r}",
-                                (None, "content_filter"))
+        module, name = self._content_filter_parts()
         extra = [str(p) for p in (self.config_dir, Path.cwd()) if p is not None and str(p) not in sys.path]
         sys.path[:0] = extra
         try:
@@ -486,13 +492,25 @@ class ServeSettings:
             raise self._refused(f"content_filter {self.content_filter!r} is not callable", (None, "content_filter"))
         return fn  # type: ignore[no-any-return]
 
-    def server_config(self) -> ServerConfig:
+    def server_config(self, *, check_only: bool = False) -> ServerConfig:
+        """The broker's ServerConfig.  Raises ConfigError naming the setting
+        (and where its value came from) for a value it refuses.
+        ``check_only`` (``serve --print-config``): the same checks, with
+        nothing imported or created -- the content filter's
+        ``module:function`` form is checked, not imported, and no webhook
+        secret file is read or made."""
         base = DEFAULT_BROKER_CONFIG
         try:
             limits = replace(base.limits, **self.limits)
         except (TypeError, ValueError) as exc:
             raise self._named(_limits_text(exc)) from None
-        broker = replace(base, limits=limits, content_filter=self.load_content_filter())
+        if check_only:
+            if self.content_filter:
+                self._content_filter_parts()
+            hook = None
+        else:
+            hook = self.load_content_filter()
+        broker = replace(base, limits=limits, content_filter=hook)
         srv = dict(self.server)
         for key in ("idle_timeout", "login_timeout", "ack_delay", "history_max_age", "reclaim_interval"):
             if key in srv:
@@ -528,7 +546,7 @@ class ServeSettings:
             raise ConfigError("tls:// and wss:// listeners need a certificate: --cert/--key or [tls] cert/key")
         try:
             return ServerConfig(listeners=endpoints, certfile=self.cert, keyfile=self.key, broker=broker,
-                                moderation=self.moderation_config(), **srv)
+                                moderation=self.moderation_config(secret=b"(not read)" if check_only else None), **srv)
         except (TypeError, ValueError) as exc:
             raise self._section_error("server", exc) from None
 
@@ -561,10 +579,16 @@ class ServeSettings:
         for web, plain in (("http://", "tcp://"), ("https://", "tls://")):
             if url.lower().startswith(web):
                 url = plain + url[len(web):]
+        scheme = url.partition("://")[0].lower() if "://" in url else "tcp"
         try:
+            if scheme not in ("tcp", "tls"):  # (parse_url would list the broker listener's schemes)
+                raise ValueError
             ep = parse_url(url, default_port=7481)
         except ValueError as exc:
-            raise self._refused(f"http: {exc}", ("http", "listen")) from None
+            if scheme in ("tcp", "tls"):
+                raise self._refused(f"http: {exc}", ("http", "listen")) from None
+            raise self._refused(f"http: {self.http!r}: scheme must be tcp, tls, http or https",
+                                ("http", "listen")) from None
         if ep.scheme not in ("tcp", "tls"):
             raise self._refused(f"http: {self.http!r}: scheme must be tcp, tls, http or https", ("http", "listen"))
         if ep.secure and not self.cert:

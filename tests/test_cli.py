@@ -272,12 +272,16 @@ def test_a_value_refused_after_its_type_check_says_where_it_came_from(tmp_path, 
     assert list(tmp_path.iterdir()) == ([cfg] if toml else [])
 
 
-@pytest.mark.parametrize("args, env, toml, said", [
-    (["--max-connections", "0"], {}, "", "--max-connections must be >= 1"),
-    ([], {"PIMCORE_SERVER_MAX_CONNECTIONS": "0"}, "", "server.max_connections must be >= 1 (from $PIMCORE_SERVER_MAX_CONNECTIONS)"),
-    ([], {}, "[server]\nmax_connections = 0\n", "{cfg}: server.max_connections must be >= 1"),
+_SERVER_REFUSED = [
+    (["--max-connections", "0"], {}, "", "--max-connections must be >= 1, got 0"),
+    ([], {"PIMCORE_SERVER_MAX_CONNECTIONS": "0"}, "",
+     "server.max_connections must be >= 1, got 0 (from $PIMCORE_SERVER_MAX_CONNECTIONS)"),
+    ([], {}, "[server]\nmax_connections = 0\n", "{cfg}: server.max_connections must be >= 1, got 0"),
     (["--idle-timeout", "-5"], {}, "", "--idle-timeout: expected seconds >= 0, got -5"),
-], ids=["flag", "env", "file", "timeout-flag"])
+]
+
+
+@pytest.mark.parametrize("args, env, toml, said", _SERVER_REFUSED, ids=["flag", "env", "file", "timeout-flag"])
 def test_a_server_setting_serve_refuses_says_where_it_came_from(tmp_path, args, env, toml, said):
     """As above, for what only serve checks (--print-config does not build
     the server's configuration); in a process of its own: serve sets up
@@ -293,6 +297,52 @@ def test_a_server_setting_serve_refuses_says_where_it_came_from(tmp_path, args, 
                        text=True, timeout=60)
     assert (r.returncode, r.stdout) == (2, ""), (r.returncode, r.stdout, r.stderr)
     assert r.stderr == f"pimcore serve: {said.format(cfg=cfg)}\n", r.stderr
+
+
+@pytest.mark.parametrize("args, env, toml, said", [
+    *_SERVER_REFUSED,
+    ([], {"PIMCORE_SERVER_IDLE_TIMEOUT": "-1"}, "", "server.idle_timeout: expected seconds >= 0, got -1"
+                                                    " (from $PIMCORE_SERVER_IDLE_TIMEOUT)"),
+    (["--http", "ftp://127.0.0.1:1"], {}, "", "--http: 'ftp://127.0.0.1:1': scheme must be tcp, tls, http or https"),
+    ([], {}, 'http = "ftp://127.0.0.1:1"\n', "{cfg}: http: 'ftp://127.0.0.1:1': scheme must be tcp, tls, http or https"),
+    (["--content-filter", "nocolon"], {}, "", "--content-filter must be 'module:function', not 'nocolon'"),
+], ids=["flag", "env", "file", "timeout-flag", "timeout-env", "http-scheme-flag", "http-scheme-file", "content-filter"])
+def test_print_config_refuses_what_serve_refuses(tmp_path, monkeypatch, capsys, args, env, toml, said):
+    """`serve --print-config --idle-timeout -1` (or max_connections 0, a
+    content_filter that is no module:function) printed the settings and
+    exited 0; serve then refused them (a new-user pass).  It refuses them
+    too now, in the same words -- still without importing the filter or
+    creating anything.  An unknown --http scheme was said with the broker
+    listener's schemes (tcp, tls, ws, wss)."""
+    for name in [n for n in os.environ if n.startswith("PIMCORE_") and n != "PIMCORE_BACKEND"]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "pimcore.toml"
+    if toml:
+        cfg.write_text(toml)
+        args = [*args, "--config", str(cfg)]
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--print-config", *args]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == f"pimcore serve: {said.format(cfg=cfg)}\n", out
+    assert list(tmp_path.iterdir()) == ([cfg] if toml else [])
+
+
+def test_print_config_imports_no_content_filter_and_makes_no_secret(tmp_path, monkeypatch, capsys):
+    """The checks --print-config now runs import nothing and create nothing:
+    a content_filter naming a module that does not exist, and a moderation
+    webhook whose secret would be made in the data dir, still print."""
+    for name in [n for n in os.environ if n.startswith("PIMCORE_") and n != "PIMCORE_BACKEND"]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "pimcore.toml"
+    cfg.write_text('content_filter = "no_such_module_here:check"\n'
+                   '[moderation]\nurl = "http://127.0.0.1:9/m"\npolicy = "open"\n')
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--print-config", "--config", str(cfg)]) == 0
+    out = capsys.readouterr()
+    assert 'content_filter = "no_such_module_here:check"' in out.out, out
+    assert list(tmp_path.iterdir()) == [cfg]
 
 
 def test_every_setting_has_an_environment_variable_by_one_rule():

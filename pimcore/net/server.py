@@ -193,7 +193,7 @@ class ServerConfig:
         if not isinstance(self.commit_in_thread, bool):
             raise ValueError("commit_in_thread must be true or false")
         if self.max_connections < 1:
-            raise ValueError("max_connections must be >= 1")
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
         if not self.read_timeout > 0:
             raise ValueError("read_timeout must be > 0 seconds")
         if not self.hook_timeout > 0:
