@@ -74,6 +74,7 @@ from .client_session import (
     AuthFailed,
     ClientClosed,
     LOGIN_TIMED_OUT,
+    MALFORMED,
     ClientConfig,
     ClientError,
     ClientSession,
@@ -248,6 +249,14 @@ def _pimcore_frame_start(first: bytes) -> bool:
     return False
 
 
+def _is_text(first: bytes) -> bool:
+    """``first`` (the first bytes a server sent, up to _FIRST_BYTES) is
+    printable ASCII text, at least 4 bytes: another service's banner or
+    error.  A pimcore frame never is: its head byte holds the protocol
+    version, its type byte is below 0x20."""
+    return len(first) >= 4 and all(0x20 <= b < 0x7F or b in b"\t\r\n" for b in first)
+
+
 class _WrongPort(OSError):
     """The first connection's answer says it is the wrong kind of port (HTTP
     to a Login, a pimcore frame to an upgrade request): ``hint`` is the URL
@@ -379,6 +388,9 @@ class Client:
         #: The last first-connection attempt looked like a TLS server (see _serve).
         self._tls_suspect = False
         self._tls_answer = False  # ... and surely, by its answer (see _serve)
+        #: The first bytes of the last first-connection attempt's answer, if
+        #: they were text and no pimcore frame (see _serve).
+        self._text_answer: Optional[bytes] = None
         #: A ws:// connection's stream while its upgrade is under way (_connect_once).
         self._upgrade_answer: Optional[_FirstBytes] = None
         #: The last TLS connection's plain answer to its handshake (see _Handshake).
@@ -937,6 +949,12 @@ class Client:
         plain = self.endpoint.scheme == "tcp" and s.connections_established == conn.base
         self._tls_suspect = plain and (conn.first.startswith(b"\x15\x03") or hung_up)
         self._tls_answer = plain and conn.first.startswith(b"\x15\x03")
+        # Text where the LoginAck should be (an SSH or SMTP banner, a Redis
+        # error: another service's port) will not change either: the first
+        # connection fails at once, saying so (the decoder's complaint about
+        # its bytes -- "UNSUPPORTED_VERSION: protocol version 5" -- is noise).
+        self._text_answer = (conn.first if s.connections_established == conn.base and d is not None and d.code is None
+                             and d.reason.startswith(MALFORMED) and _is_text(conn.first) else None)
         if conn.error is not None:
             return conn.error
         return _SessionEnded(d.code, d.reason) if d is not None else None
@@ -945,6 +963,7 @@ class Client:
         """One connection from dial to hang-up; returns why it ended."""
         end: Optional[BaseException] = None
         self._tls_suspect = self._tls_answer = False  # set by _serve, if the stream opens
+        self._text_answer = None
         self._upgrade_answer = None
         try:
             async with trio.open_nursery() as conn_nursery:
@@ -1068,6 +1087,11 @@ class Client:
                         # (Said as such: the decoder's complaint about its bytes
                         # -- "UNSUPPORTED_VERSION: protocol version 0" -- is noise.)
                         raise ConnectFailed(f"cannot connect to {self.url}: the server answered with a TLS alert{hint}") from exc
+                    if self._text_answer is not None:
+                        shown = self._text_answer.decode("ascii").replace("\r", "\\r").replace("\n", "\\n")
+                        raise ConnectFailed(f"cannot connect to {self.url}: the server answered in text"
+                                            f" ('{shown}...'), not in pimcore's protocol: is it another service's"
+                                            " port?") from exc
                     if trio.current_time() >= first_deadline:
                         raise ConnectFailed(f"cannot connect to {self.url} within {self.config.connect_timeout:g} s"
                                             f" (connect_timeout): {_root_cause(exc)}{hint}") from exc

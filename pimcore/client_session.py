@@ -176,6 +176,8 @@ def _check_seq(seq: object) -> None:
 
 #: Why a connection ended when no LoginAck came within connect_timeout.
 LOGIN_TIMED_OUT = "timed out: no LoginAck within connect_timeout"
+#: How a Disconnected's reason begins when the broker's bytes could not be decoded.
+MALFORMED = "malformed data from the broker"
 
 
 class ClientError(PimError):
@@ -1165,7 +1167,7 @@ class ClientSession:
             if self._compress is not None:
                 close = self._compress(close)  # type: ignore[operator]
             self._stats["frames_out"] += 1
-            self._end_connection(None, f"malformed data from the broker: {why}", farewell=close)
+            self._end_connection(None, f"{MALFORMED}: {why}", farewell=close)
 
     # ------------------------------------------------------------ frames by state
 
