@@ -84,7 +84,7 @@ def _settings(args: argparse.Namespace):  # -> ServeSettings
         flags["log_level"] = "debug"
     if getattr(args, "listen", None):
         flags["listen"] = args.listen
-    return load_settings(getattr(args, "config", None), **flags)
+    return load_settings(getattr(args, "config", None), flags_are_options=True, **flags)
 
 
 def _check_data_dir(data_dir: "Path") -> None:

@@ -288,14 +288,16 @@ def _from(text: str, name: str, origin: _Origin) -> ConfigError:
     return ConfigError(f"{text} (from {label})")
 
 
-def _flag_origin(key: _Key) -> Optional[_Origin]:
-    """The flag (load_settings' keyword) that sets ``key``; None for a key of
-    a section given whole (``webhooks={...}``: its own names say it)."""
+def _flag_origin(key: _Key, options: bool) -> Optional[_Origin]:
+    """The flag (load_settings' keyword) that sets ``key``, as a command-line
+    option (``--max-connections``) if ``options``, else as the keyword an
+    embedding host gave (``max_connections``); None for a key of a section
+    given whole (``webhooks={...}``: its own names say it)."""
     section, name = key
     if section in ("webhooks", "moderation"):
         return None
     flag = "http" if key == ("http", "listen") else "store" if key == ("store", "url") else name
-    return ("flag", "--" + flag.replace("_", "-"))
+    return ("flag", "--" + flag.replace("_", "-")) if options else ("flag", flag)
 
 
 def _show(value: Any) -> str:
@@ -947,6 +949,7 @@ def load_settings(
     *,
     env: Optional[Mapping[str, str]] = None,
     document: Optional[Mapping[str, Any]] = None,
+    flags_are_options: bool = False,
     **flags: Any,
 ) -> ServeSettings:
     """Settings from the defaults, then ``config_file`` (or
@@ -955,7 +958,9 @@ def load_settings(
     relative to the working directory), then the
     environment (``env``, default ``os.environ``; see the module docstring
     for the names), then the flags that are not None.  ConfigError (naming
-    the key) for anything that cannot be used."""
+    the key, and where its value came from) for anything that cannot be
+    used; a flag is named as the keyword given (``max_connections``), or as
+    the command-line option if ``flags_are_options`` (``--max-connections``)."""
     env = os.environ if env is None else env
     merged: dict[_Key, Any] = {}
     origins: dict[_Key, _Origin] = {}
@@ -984,7 +989,7 @@ def load_settings(
     flag_layer = _layer_from_flags(flags)
     if (None, "secret_file") in flag_layer and (None, "secret") not in flag_layer:
         merged.pop((None, "secret"), None)  # a --secret-file flag beats a secret from the file or environment
-    take(flag_layer, _flag_origin)
+    take(flag_layer, lambda key: _flag_origin(key, flags_are_options))
 
     top = {k: v for (s, k), v in merged.items() if s is None}
     tls = {k: v for (s, k), v in merged.items() if s == "tls"}

@@ -208,13 +208,18 @@ def test_a_limit_out_of_range_is_said_by_its_setting_and_value(flags, said):
     """It said "limits: Limits.window must be >= 1" (the class's name), and
     "Limits.heartbeat_ms and Limits.send_rate must be >= 0" for either (a
     new-user pass).  Given as flags, each is said by its flag, as a type
-    error is; from the environment or a file, by its setting."""
+    error is (by the keyword an embedding host gave, e.g. open_pimcore's;
+    by the option on the command line); from the environment or a file, by
+    its setting."""
     from pimcore.config import ConfigError, load_settings
 
+    [(key, value)] = flags.items()
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={}, flags_are_options=True, **flags).server_config()
+    assert str(err.value) == said
     with pytest.raises(ConfigError) as err:
         load_settings(env={}, **flags).server_config()
-    assert str(err.value) == said
-    [(key, value)] = flags.items()
+    assert str(err.value) == said.replace("--" + key.replace("_", "-"), key)
     section = "server" if key == "idle_timeout" else "limits"
     var = f"PIMCORE_{section}_{key}".upper()
     with pytest.raises(ConfigError) as err:
