@@ -153,6 +153,21 @@ async def _send_then_read_to_the_end(port: int, data: bytes, *, eof: bool = Fals
         await trio.aclose_forcefully(stream)
 
 
+async def answer_login(stream: trio.abc.HalfCloseableStream, answer: bytes = b"") -> None:
+    """A fake server's one connection: read the Login, send ``answer`` (a
+    Close frame, another service's banner; nothing: a hang-up), end our
+    side, then read until the client hangs up too (no unread bytes: no
+    reset overtakes the answer)."""
+    async with stream:
+        await stream.receive_some()  # the Login
+        if answer:
+            await stream.send_all(answer)
+        await stream.send_eof()
+        with trio.move_on_after(5):
+            while await stream.receive_some():
+                pass
+
+
 async def plain_text_to(port: int, data: bytes) -> None:
     """Send ``data`` in the clear to a TLS port, then read until the server
     hangs up."""

@@ -623,7 +623,7 @@ async def test_chat_says_why_the_first_connect_is_retried_once_per_reason(autoju
     per attempt).  (Virtual time: the clock jumps over the backoff.)"""
     import trio
 
-    from _net import token
+    from _net import answer_login, token
     from pimcore import frames as F
     from pimcore.chat import chat
     from pimcore.client import ConnectFailed
@@ -636,14 +636,8 @@ async def test_chat_says_why_the_first_connect_is_retried_once_per_reason(autoju
         # Hangs up on the first two Logins, then refuses as a full broker does.
         nonlocal attempts
         attempts += 1
-        async with stream:
-            await stream.receive_some()  # the Login
-            if attempts > 2:
-                await stream.send_all(encode_frame(F.Close(CloseCode.OVERLOADED, "too many connections")))
-            await stream.send_eof()
-            with trio.move_on_after(5):  # until the client hangs up too (no unread bytes: no reset)
-                while await stream.receive_some():
-                    pass
+        full = encode_frame(F.Close(CloseCode.OVERLOADED, "too many connections"))
+        await answer_login(stream, full if attempts > 2 else b"")
 
     out: list[str] = []
     async with trio.open_nursery() as n:

@@ -233,6 +233,25 @@ _LISTEN = "listen: 'bogus://127.0.0.1:0': scheme must be one of tcp, tls, ws, ws
 _HTTP = "http: 'ws://127.0.0.1:0': scheme must be tcp, tls, http or https"
 
 
+def _print_config_refuses(tmp_path, monkeypatch, capsys, args, env, toml, said):
+    """`serve --print-config ARGS` with only ``env`` of the PIMCORE_ variables
+    (and ``toml`` as the config file, if any) exits 2 saying ``said``
+    ({cfg}: the file's path), prints nothing and creates nothing."""
+    for name in [n for n in os.environ if n.startswith("PIMCORE_") and n != "PIMCORE_BACKEND"]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "pimcore.toml"
+    if toml:
+        cfg.write_text(toml)
+        args = [*args, "--config", str(cfg)]
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--print-config", *args]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == f"pimcore serve: {said.format(cfg=cfg)}\n", out
+    assert list(tmp_path.iterdir()) == ([cfg] if toml else [])
+
+
 @pytest.mark.parametrize("args, env, toml, said", [
     ([], {"PIMCORE_DURABILITY": "bogus"}, "", f"{_DURABILITY} (from $PIMCORE_DURABILITY)"),
     ([], {}, 'durability = "bogus"\n', f"{{cfg}}: {_DURABILITY}"),
@@ -262,19 +281,7 @@ def test_a_value_refused_after_its_type_check_says_where_it_came_from(tmp_path, 
     'sync', 'log' or 'os', not 'bogus'", a bad listen URL "listen: ...":
     which flag, variable or file it came from was left to guess, where a
     type error says it.  Now said as the type check says it."""
-    for name in [n for n in os.environ if n.startswith("PIMCORE_") and n != "PIMCORE_BACKEND"]:
-        monkeypatch.delenv(name)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.chdir(tmp_path)
-    cfg = tmp_path / "pimcore.toml"
-    if toml:
-        cfg.write_text(toml)
-        args = [*args, "--config", str(cfg)]
-    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--print-config", *args]) == 2
-    out = capsys.readouterr()
-    assert out.out == "" and out.err == f"pimcore serve: {said.format(cfg=cfg)}\n"
-    assert list(tmp_path.iterdir()) == ([cfg] if toml else [])
+    _print_config_refuses(tmp_path, monkeypatch, capsys, args, env, toml, said)
 
 
 _SERVER_REFUSED = [
@@ -319,19 +326,7 @@ def test_print_config_refuses_what_serve_refuses(tmp_path, monkeypatch, capsys, 
     too now, in the same words -- still without importing the filter or
     creating anything.  An unknown --http scheme was said with the broker
     listener's schemes (tcp, tls, ws, wss)."""
-    for name in [n for n in os.environ if n.startswith("PIMCORE_") and n != "PIMCORE_BACKEND"]:
-        monkeypatch.delenv(name)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.chdir(tmp_path)
-    cfg = tmp_path / "pimcore.toml"
-    if toml:
-        cfg.write_text(toml)
-        args = [*args, "--config", str(cfg)]
-    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--print-config", *args]) == 2
-    out = capsys.readouterr()
-    assert out.out == "" and out.err == f"pimcore serve: {said.format(cfg=cfg)}\n", out
-    assert list(tmp_path.iterdir()) == ([cfg] if toml else [])
+    _print_config_refuses(tmp_path, monkeypatch, capsys, args, env, toml, said)
 
 
 def test_print_config_imports_no_content_filter_and_makes_no_secret(tmp_path, monkeypatch, capsys):

@@ -45,6 +45,7 @@ from pimcore.store import LmdbStore, MemoryStore, direct_conversation
 
 from _net import (
     FAST_CLIENT,
+    answer_login,
     OTHER_SECRET,
     SECRET,
     WS_UPGRADE,
@@ -2164,13 +2165,7 @@ async def test_on_connect_retry_hears_each_failed_first_attempt_in_words(autojum
     async def refuse_twice(stream: trio.SocketStream) -> None:
         nonlocal attempts
         attempts += 1
-        async with stream:
-            await stream.receive_some()  # the Login
-            await stream.send_all(encode_frame(F.Close(CloseCode.OVERLOADED, "too many connections")))
-            await stream.send_eof()
-            with trio.move_on_after(5):
-                while await stream.receive_some():
-                    pass
+        await answer_login(stream, encode_frame(F.Close(CloseCode.OVERLOADED, "too many connections")))
 
     heard: list[str] = []
     async with trio.open_nursery() as n:
