@@ -97,9 +97,18 @@ def valid_id(value: str) -> bool:
 
 
 def _show(value: object) -> str:
-    """``repr(value)``, cut short: refusals quote the id, never 1 MiB of it."""
+    """``repr(value)``, cut short: refusals quote the id, never 1 MiB of it.
+    A long string is shown as the whole repr of a prefix (its closing quote
+    kept, no escape cut in two) and its length: ``'xx...x'...(200 chars)``."""
     text = repr(value)
-    return text if len(text) <= 80 else text[:70] + "...(" + str(len(value) if isinstance(value, str) else "?") + " chars)"
+    if len(text) <= 80:
+        return text
+    if not isinstance(value, str):
+        return text[:70] + "...(? chars)"
+    n = 70
+    while len(text := repr(value[:n])) > 72:  # (an escape is up to 10 characters: a few rounds)
+        n = n * 2 // 3
+    return f"{text}...({len(value)} chars)"
 
 
 def id_rule(what: str = "user") -> str:

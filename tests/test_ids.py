@@ -305,3 +305,19 @@ def test_the_protocol_token_vector_is_what_the_broker_accepts() -> None:
         auth(_hand_made_token(claims, b"x" * 32), 1_700_000_000 * 1_000_000)
     ident = auth(_hand_made_token({"sub": "alice", "aud": "pimcore", "exp": 1_700_003_600}), 1_700_000_000 * 1_000_000)
     assert ident.device is None  # no dev: any device of alice
+
+
+@pytest.mark.parametrize("value", ["x" * 200, "\x1b" * 300, "é" * 81, "a'b" * 40], ids=["plain", "escapes", "non-ascii", "quotes"])
+def test_an_id_cut_short_in_a_refusal_keeps_its_closing_quote(value: str) -> None:
+    """A refusal quotes at most about 80 characters of an id.  The cut was
+    of the repr, so the quote that closed it was lost ('xxx...(200
+    chars)') and an escape could be cut in two ('\\x1...)."""
+    from pimcore.ids import _show, id_problem
+
+    shown = id_problem(value, "device")
+    assert shown is not None
+    text = _show(value)
+    head, sep, tail = text.rpartition("...(")
+    assert sep and tail == f"{len(value)} chars)", text
+    assert len(head) <= 80 and head == repr(value[: len(eval(head))]), text  # a whole repr of a prefix
+    assert f"device id {text} " in shown
