@@ -87,17 +87,18 @@ def _settings(args: argparse.Namespace):  # -> ServeSettings
     return load_settings(getattr(args, "config", None), flags_are_options=True, **flags)
 
 
-def _check_data_dir(data_dir: "Path") -> None:
-    """ValueError in words when ``data_dir``, or the nearest of its parents
-    that exists, is no directory (it was a bare "[Errno 20] Not a
-    directory: '.../secret'")."""
-    seen = data_dir
+def _check_data_dir(settings) -> None:  # settings: ServeSettings
+    """ConfigError in words, saying where the path came from, when the data
+    directory or the nearest of its parents that exists is no directory (it
+    was a bare "[Errno 20] Not a directory: '.../secret'")."""
+    data_dir = seen = settings.data_dir
     while not seen.exists() and seen.parent != seen:
         seen = seen.parent
     if seen.exists() and not seen.is_dir():
         if seen == data_dir:
-            raise ValueError(f"the data directory {data_dir} is a file, not a directory")
-        raise ValueError(f"the data directory {data_dir} cannot be made: {seen} is a file, not a directory")
+            raise settings._refused(f"the data directory {data_dir} is a file, not a directory", (None, "data_dir"))
+        raise settings._refused(f"the data directory {data_dir} cannot be made: {seen} is a file, not a directory",
+                                (None, "data_dir"))
 
 
 def _secret(settings, *, create: bool = True, announce: Optional[str] = None) -> bytes:  # settings: ServeSettings
@@ -119,17 +120,19 @@ def _secret(settings, *, create: bool = True, announce: Optional[str] = None) ->
     if env:
         return env.encode()
     if settings.secret_file is not None:
+        # (Refusals say where the path came from, as every setting's do.)
+        key = (None, "secret_file")
         try:
             text = settings.secret_file.read_text().strip()
         except OSError as exc:  # said as the token secret's file, not a bare errno
-            raise ValueError(f"the token secret file {settings.secret_file}: {exc.strerror or exc}") from None
+            raise settings._refused(f"the token secret file {settings.secret_file}: {exc.strerror or exc}", key) from None
         except UnicodeDecodeError:
-            raise ValueError(f"the token secret file {settings.secret_file} is not UTF-8 text") from None
+            raise settings._refused(f"the token secret file {settings.secret_file} is not UTF-8 text", key) from None
         if not text:
-            raise ValueError(f"{settings.secret_file} is empty")
+            raise settings._refused(f"the token secret file {settings.secret_file} is empty", key)
         return text.encode()
     path = settings.data_dir / SECRET_FILE
-    _check_data_dir(settings.data_dir)
+    _check_data_dir(settings)
     if path.exists():
         return load_or_create_secret(settings.data_dir)
     if not create:

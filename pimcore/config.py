@@ -283,8 +283,12 @@ def _from(text: str, name: str, origin: _Origin) -> ConfigError:
     kind, label = origin
     if kind == "file":
         return ConfigError(f"{label}: {text}")
-    if kind == "flag" and name in text:
-        return ConfigError(text.replace(name, label, 1))
+    if kind == "flag":
+        # The setting's name as a word of its own: not inside a path or a
+        # value that happens to contain it (a --data-dir of /tmp/x_data_dir_y).
+        said = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w/-])", lambda _: label, text, count=1)
+        if said != text:
+            return ConfigError(said)
     return ConfigError(f"{text} (from {label})")
 
 

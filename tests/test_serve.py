@@ -298,6 +298,32 @@ def test_a_data_dir_that_is_a_file_or_a_missing_secret_file_is_said_in_words(tmp
     assert_clean_exit_2(r, "the token secret file", "is not UTF-8 text", command="token")
 
 
+def test_a_refused_data_dir_or_secret_file_says_where_the_path_came_from(tmp_path: Path) -> None:
+    """Every other refused setting says where its value came from (a flag, a
+    variable, a file); the data directory and the secret file did not -- a
+    $PIMCORE_DATA_DIR left in a shell looked like a broken --data-dir
+    default (a LOW of the last notes)."""
+    (tmp_path / "afile").write_text("")
+    listen = ("--listen", "tcp://127.0.0.1:0")
+    r = run_pimcore("serve", *listen, env={"PIMCORE_DATA_DIR": str(tmp_path / "afile")}, cwd=tmp_path)
+    assert_clean_exit_2(r, f"the data directory {tmp_path / 'afile'} is a file, not a directory (from $PIMCORE_DATA_DIR)")
+    cfg = write_config(tmp_path / "p.toml", f'data_dir = "{tmp_path / "afile" / "sub"}"\n')
+    r = run_pimcore("token", "--config", cfg, "--user", "alice", cwd=tmp_path)
+    assert_clean_exit_2(r, f"{cfg}: the data directory {tmp_path / 'afile' / 'sub'} cannot be made", command="token")
+    # (A path with the setting's name in it stays as it is: the name was
+    # replaced by the option's wherever it was found first.)
+    (tmp_path / "my_data_dir").write_text("")
+    r = run_pimcore("serve", "--data-dir", tmp_path / "my_data_dir", *listen, cwd=tmp_path)
+    assert_clean_exit_2(r, f"the data directory {tmp_path / 'my_data_dir'} is a file, not a directory (from --data-dir)")
+    r = run_pimcore("serve", "--data-dir", tmp_path / "d", *listen, env={"PIMCORE_SECRET_FILE": str(tmp_path / "nope")},
+                    cwd=tmp_path)
+    assert_clean_exit_2(r, f"the token secret file {tmp_path / 'nope'}: No such file or directory (from $PIMCORE_SECRET_FILE)")
+    (tmp_path / "empty").write_text("\n")
+    cfg = write_config(tmp_path / "q.toml", f'secret_file = "{tmp_path / "empty"}"\n')
+    r = run_pimcore("token", "--config", cfg, "--user", "alice", cwd=tmp_path)
+    assert_clean_exit_2(r, f"{cfg}: the token secret file {tmp_path / 'empty'} is empty", command="token")
+
+
 def test_port_in_use_exits_1_without_a_traceback(tmp_path: Path, procs: ProcGroup) -> None:
     first = procs.serve("--listen", LOOPBACK, "--data-dir", tmp_path / "a")
     r = run_pimcore("serve", "--listen", first.url(), "--data-dir", tmp_path / "b")
