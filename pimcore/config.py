@@ -284,12 +284,17 @@ def _from(text: str, name: str, origin: _Origin) -> ConfigError:
     if kind == "file":
         return ConfigError(f"{label}: {text}")
     if kind == "flag":
-        # The setting's name as a word of its own: not inside a path or a
-        # value that happens to contain it (a --data-dir of /tmp/x_data_dir_y).
-        said = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w/-])", lambda _: label, text, count=1)
+        said = _as_flag(text, name, label)
         if said != text:
             return ConfigError(said)
     return ConfigError(f"{text} (from {label})")
+
+
+def _as_flag(text: str, name: str, flag: str) -> str:
+    """``text`` with the setting's ``name`` said as the ``flag`` that gave
+    it: where it stands as a word of its own, not inside a path or a value
+    that happens to contain it (a --data-dir of /tmp/x_data_dir_y)."""
+    return re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w/-])", lambda _: flag, text, count=1)
 
 
 def _flag_origin(key: _Key, options: bool) -> Optional[_Origin]:
@@ -441,13 +446,24 @@ class ServeSettings:
     origins: dict[_Key, _Origin] = field(default_factory=dict, compare=False, repr=False)
 
     def _refused(self, text: str, *keys: _Key) -> ConfigError:
-        """ConfigError ``text``, about the first of ``keys`` whose value was
-        given, saying where that came from (:func:`_from`)."""
-        for key in keys:
-            origin = self.origins.get(key)
-            if origin is not None:
-                return _from(text, _said_name(key), origin)
-        return ConfigError(text)
+        """ConfigError ``text`` about ``keys``, saying where each given value
+        came from: for one (or all from one file) as :func:`_from` does;
+        else each flag by its name and the others after the text,
+        ``(limits.max_payload from p.toml; limits.max_frame from $X)``."""
+        given = [(key, origin) for key in keys if (origin := self.origins.get(key)) is not None]
+        if not given:
+            return ConfigError(text)
+        if len(given) == 1 or all(origin == given[0][1] and origin[0] == "file" for _, origin in given):
+            return _from(text, _said_name(given[0][0]), given[0][1])
+        sources = []
+        for key, (kind, label) in given:
+            name = _said_name(key)
+            said = _as_flag(text, name, label) if kind == "flag" else text
+            if said != text:
+                text = said
+            else:
+                sources.append(f"{name} from {label}")
+        return ConfigError(f"{text} ({'; '.join(sources)})" if sources else text)
 
     def _named(self, text: str) -> ConfigError:
         """:meth:`_refused` for the settings ``text`` names (``limits.window``)."""

@@ -227,6 +227,31 @@ def test_a_limit_out_of_range_is_said_by_its_setting_and_value(flags, said):
     assert str(err.value) == f"{said.replace('--' + key.replace('_', '-'), f'{section}.{key}')} (from ${var})"
 
 
+def test_a_refusal_of_two_settings_says_where_each_came_from(tmp_path):
+    """"limits.max_payload (70000) cannot exceed limits.max_frame (1000)"
+    named the source of the first given setting only (a LOW of the last
+    notes): with max_payload in a file and max_frame in the environment it
+    said the file, and the variable that made the frame small went
+    unsaid."""
+    from pimcore.config import ConfigError, load_settings
+
+    cfg = tmp_path / "p.toml"
+    cfg.write_text("[limits]\nmax_payload = 70000\n")
+    env = {"PIMCORE_LIMITS_MAX_FRAME": "1000"}
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg), env=env).server_config()
+    assert str(err.value) == (f"limits.max_payload (70000) cannot exceed limits.max_frame (1000)"
+                              f" (limits.max_payload from {cfg}; limits.max_frame from $PIMCORE_LIMITS_MAX_FRAME)")
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg), env={}, flags_are_options=True, max_frame=1000).server_config()
+    assert str(err.value) == f"limits.max_payload (70000) cannot exceed --max-frame (1000) (limits.max_payload from {cfg})"
+    # Both from one file: said once, as a single setting's refusal is.
+    cfg.write_text("[limits]\nmax_payload = 70000\nmax_frame = 1000\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg), env={}).server_config()
+    assert str(err.value) == f"{cfg}: limits.max_payload (70000) cannot exceed limits.max_frame (1000)"
+
+
 _DURABILITY = 'durability: expected one of sync, log, os, got "bogus"'
 _LOG_LEVEL = 'log_level: expected one of debug, info, warning, error, got "loud"'
 _LISTEN = "listen: 'bogus://127.0.0.1:0': scheme must be one of tcp, tls, ws, wss"
