@@ -1568,6 +1568,28 @@ async def test_an_upgrade_to_another_path_is_answered_404_not_found_in_words(lmd
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+@pytest.mark.parametrize("query", ["?x=1", "?next=/im&v=2"])
+async def test_an_upgrade_with_a_query_string_is_taken_at_the_listeners_path(lmdb_store, query):
+    """A browser or an SDK may put a query string in the URL
+    (ws://host:port/im?x=1): the listener compared the whole request target
+    with its path and answered 404.  The path is the part before "?" (the
+    query is ignored); another path with a query still gets its 404."""
+    from trio_websocket import open_websocket_url
+
+    with trio.fail_after(15):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            async with open_websocket_url(srv.url("ws") + query) as ws:
+                await ws.send_message(encode_frame(F.Login(token("alice").encode(), "d", 0, 0, 0)))
+                decoder = Decoder()
+                decoder.feed(await ws.get_message())
+                assert isinstance(decoder.next_frame(), F.LoginAck)
+            for other in (f"/im2{query}", f"/elsewhere{query}/im"):
+                wrong = WS_UPGRADE.replace(b"GET /im ", f"GET {other} ".encode())
+                answer = await _read_to_the_end(await _raw_ws_conn(srv.endpoints[0].port, wrong))
+                assert answer.startswith(b"HTTP/1.1 404 Not Found\r\n"), answer
+                assert answer.endswith(f"at /im only, not {other}".encode()), answer
+
+
 def test_a_requested_path_is_quoted_safely():
     """What a client asked for, echoed in an answer or a log line: printable
     ASCII, cut short (h11 refuses anything else in a request line today)."""

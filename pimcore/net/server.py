@@ -572,6 +572,14 @@ def _wrong_path_answer(ep: Endpoint, path: str) -> bytes:
                                          f" WebSocket upgrades at {ep.path} only, not {_quoted_path(path)}")
 
 
+def _path_of(target: str) -> str:
+    """The path of an upgrade request's target, the part before any "?": a
+    browser or an SDK may add a query string (ws://host:port/im?x=1) to the
+    listener's URL, and it is ignored, as an HTTP server ignores a query
+    its resource does not take."""
+    return target.partition("?")[0]
+
+
 #: The longest requested path echoed in full (_quoted_path).
 _QUOTED_PATH_MAX = 60
 
@@ -1147,7 +1155,7 @@ class BrokerServer:
                                 log.debug("%s connection %d broken before its handshake: %r", ep.scheme, conn_id, exc)
                         if request is not None:
                             try:
-                                if request.path != ep.path:
+                                if _path_of(request.path) != ep.path:
                                     ended = (f"WebSocket upgrade refused (HTTP 404): path {_quoted_path(request.path)}"
                                              f" is not {ep.path}")
                                     # Said by the watch, as its 400 is (the body
