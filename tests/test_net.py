@@ -1590,6 +1590,49 @@ async def test_an_upgrade_with_a_query_string_is_taken_at_the_listeners_path(lmd
                 assert answer.endswith(f"at /im only, not {other}".encode()), answer
 
 
+async def _upgrade_answer(scheme: str, port: int, request: bytes, ca) -> bytes:
+    """The whole answer of a ws:// (wss://, trusting ``ca``) listener to ``request``."""
+    stream: trio.abc.Stream = await _raw_ws_conn(port)
+    if scheme == "wss":
+        stream = trio.SSLStream(stream, _trusting(ca), server_hostname="127.0.0.1")
+    await stream.send_all(request)
+    return await _read_to_the_end(stream)
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_a_full_ws_listener_answers_an_upgrade_to_another_path_404_not_503(lmdb_store, ca, scheme):
+    """At max_connections a ws:// listener answered 503 "too many
+    connections" before it looked at the path: a client at a wrong path
+    retried that (a full broker's answer) until its connect_timeout, then
+    was told "too many connections".  The path is checked first: a wrong one
+    gets its 404, and the SDK says which URL to try at once; the right one
+    still gets the 503 (the only refusal counted)."""
+    server_ssl = _serving_tls(ca) if scheme == "wss" else None
+    cfg = server_config(Endpoint(scheme, path="/im"), max_connections=1, login_timeout=600, ssl_context=server_ssl)
+    with trio.fail_after(20):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            hog = await _raw_ws_conn(port)  # holds the only slot (its handshakes not begun)
+            while srv.statistics().accepted < 1:
+                await trio.sleep(0.01)
+            elsewhere = WS_UPGRADE.replace(b"GET /im ", b"GET /elsewhere?x=1 ")
+            answer = await _upgrade_answer(scheme, port, elsewhere, ca)
+            assert answer.startswith(b"HTTP/1.1 404 Not Found\r\n"), answer
+            assert answer.endswith(b"at /im only, not /elsewhere?x=1"), answer
+            url = srv.url(scheme)
+            with trio.fail_after(5), pytest.raises(ConnectFailed) as err:  # not connect_timeout
+                async with client(url.replace("/im", "/elsewhere"), "alice", ssl_context=_trusting(ca),
+                                  config=ClientConfig(connect_timeout=600.0)):
+                    pass  # pragma: no cover
+            assert "HTTP 404" in str(err.value) and str(err.value).endswith(f": try {url}"), err.value
+            assert srv.statistics().refused == 0
+            answer = await _upgrade_answer(scheme, port, WS_UPGRADE, ca)
+            assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+            assert answer.endswith(b"too many connections"), answer
+            assert srv.statistics().refused == 1
+            await hog.aclose()
+
+
 def test_a_requested_path_is_quoted_safely():
     """What a client asked for, echoed in an answer or a log line: printable
     ASCII, cut short (h11 refuses anything else in a request line today)."""

@@ -572,6 +572,40 @@ def _wrong_path_answer(ep: Endpoint, path: str) -> bytes:
                                          f" WebSocket upgrades at {ep.path} only, not {_quoted_path(path)}")
 
 
+def _wrong_path_refused(ep: Endpoint, path: str) -> str:
+    """The close line's reason of an upgrade to ``path``, answered 404."""
+    return f"WebSocket upgrade refused (HTTP 404): path {_quoted_path(path)} is not {ep.path}"
+
+
+#: The longest head of an upgrade request read: h11's own limit (its
+#: max_incomplete_event_size).  At or under it, h11 never refuses a head
+#: first (with a 400 that would not say why).
+_WS_MAX_HEAD = 16 * 1024
+
+
+async def _request_target(stream: trio.abc.Stream) -> Optional[str]:
+    """The target ("/im?x=1") of the HTTP request that ``stream`` begins
+    with, read up to the end of its request line; None if the bytes are no
+    HTTP request line, or it is over _WS_MAX_HEAD bytes, or the stream ends
+    or breaks first (a reset, a failed TLS handshake).  What follows it
+    stays unread."""
+    line = b""
+    while b"\n" not in line:
+        if len(line) >= _WS_MAX_HEAD:
+            return None
+        try:
+            data = await stream.receive_some(_WS_MAX_HEAD - len(line))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return None
+        line += data
+        if not data or not _http_start(line[:2]):
+            return None
+    parts = line.split(b"\n", 1)[0].rstrip(b"\r").split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+        return None
+    return parts[1].decode("ascii", "replace")
+
+
 def _path_of(target: str) -> str:
     """The path of an upgrade request's target, the part before any "?": a
     browser or an SDK may add a query string (ws://host:port/im?x=1) to the
@@ -1156,8 +1190,7 @@ class BrokerServer:
                         if request is not None:
                             try:
                                 if _path_of(request.path) != ep.path:
-                                    ended = (f"WebSocket upgrade refused (HTTP 404): path {_quoted_path(request.path)}"
-                                             f" is not {ep.path}")
+                                    ended = _wrong_path_refused(ep, request.path)
                                     # Said by the watch, as its 400 is (the body
                                     # names the path: the SDK turns it into a URL).
                                     watch.refusal = _wrong_path_answer(ep, request.path)
@@ -1214,17 +1247,34 @@ class BrokerServer:
         """A ws:// or wss:// connection accepted at max_connections: HTTP 503
         (what a refused upgrade can say before any WebSocket exists; tcp://
         gets Close OVERLOADED), over TLS on wss://, then hang up.  Counted
-        and logged as tcp's refusal."""
-        self._count_refusal(conn_id, addr)
+        and logged as tcp's refusal.
+
+        Its request line is read first (within close_timeout, as the answer
+        is sent: a silent client holds nothing longer): an upgrade to
+        another path gets its 404 as below the limit, not counted as a
+        refusal.  A 503 to it told a client at a wrong URL to retry until
+        its connect_timeout, then "too many connections"."""
         stream: trio.abc.Stream = sock
         if ep.secure and self._ssl is not None:
             stream = tls_server_stream(sock, self._ssl, peer=addr, https_compatible=True)
+        target: Optional[str] = None
+        with trio.move_on_after(self.config.close_timeout) as reading:
+            self._handshakes.add(reading)  # (shutdown() cancels the wait)
+            try:
+                target = await _request_target(stream)
+            finally:
+                self._handshakes.discard(reading)
+        if target is not None and _path_of(target) != ep.path:
+            answer, code, why = _wrong_path_answer(ep, target), None, _wrong_path_refused(ep, target)
+        else:
+            self._count_refusal(conn_id, addr)
+            answer, code, why = _WS_REFUSAL, CloseCode.OVERLOADED, "too many connections (HTTP 503 to the WebSocket upgrade)"
         with trio.move_on_after(self.config.close_timeout):
             try:
-                await stream.send_all(_WS_REFUSAL)
+                await stream.send_all(answer)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass  # gone already (a reset, a failed TLS handshake)
-        self._ended(conn_id, CloseCode.OVERLOADED, "too many connections (HTTP 503 to the WebSocket upgrade)")
+        self._ended(conn_id, code, why)
         await trio.aclose_forcefully(stream)
 
     def _full(self) -> bool:
