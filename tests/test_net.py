@@ -1633,6 +1633,104 @@ async def test_a_full_ws_listener_answers_an_upgrade_to_another_path_404_not_503
             await hog.aclose()
 
 
+#: An upgrade request whose head (a 70 KB cookie) is over the listener's limit.
+_HUGE_UPGRADE = WS_UPGRADE.replace(b"\r\n\r\n", b"\r\nCookie: c=" + b"c" * 70_000 + b"\r\n\r\n")
+
+
+def _whole_http_answer(answer: bytes) -> bool:
+    """``answer`` holds an HTTP head and all the body its Content-Length says."""
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    sizes = [line[15:] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length: ")]
+    return bool(sep and sizes) and len(body) >= int(sizes[0])
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_an_upgrade_request_with_a_huge_header_is_answered_431_in_full(lmdb_store, ca, scheme):
+    """A 70 KB upgrade request head got the listener's 400 ("it takes a
+    WebSocket upgrade request ... and nothing else": not why) and then a
+    reset, the broker closing with the rest of it unread: a client still
+    sending it could not read the answer.  Now it is 431, naming the limit,
+    then the broker ends its side (not on TLS: no half-close there) and
+    reads (and drops) what still comes for a short while before it closes:
+    the client, sending in pieces as the network lets it, sends it all and
+    reads the whole answer, then the end."""
+    from pimcore.net.server import _WS_MAX_HEAD
+
+    server_ssl = _serving_tls(ca) if scheme == "wss" else None
+    with trio.fail_after(15):
+        async with serving(lmdb_store, server_config(Endpoint(scheme, path="/im"), ssl_context=server_ssl)) as srv:
+            stream: trio.abc.Stream = await _raw_ws_conn(srv.endpoints[0].port)
+            if scheme == "wss":
+                stream = trio.SSLStream(stream, _trusting(ca), server_hostname="127.0.0.1")
+            answer = b""
+
+            async def send_in_pieces() -> None:
+                for i in range(0, len(_HUGE_UPGRADE), 8192):
+                    await stream.send_all(_HUGE_UPGRADE[i:i + 8192])  # a reset raises here...
+                    await trio.sleep(0.01)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_in_pieces)
+                while not _whole_http_answer(answer):
+                    data = await stream.receive_some(65536)  # ... or here
+                    assert data, answer
+                    answer += data
+            if scheme == "ws":
+                assert await stream.receive_some() == b"", answer  # a clean end
+            await trio.aclose_forcefully(stream)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.lower().split(b"\r\n")[0] == b"http/1.1 431 request header fields too large", answer
+            assert body.decode() == (f"this is a pimcore {scheme}:// listener (path /im): the upgrade request's header"
+                                     f" is over its limit of {_WS_MAX_HEAD} bytes: send a shorter one"), body
+            async with client(srv.url(scheme), "alice", ssl_context=_trusting(ca)) as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+@pytest.mark.parametrize("over", [0, 1])
+@pytest.mark.parametrize("cut", [None, -1, -2, -3], ids=["whole", "cut-1", "cut-2", "cut-3"])
+async def test_the_upgrade_request_head_limit_is_exact_wherever_its_end_is_cut(lmdb_store, over, cut):
+    """A head of exactly _WS_MAX_HEAD bytes is taken, one byte more gets
+    the 431 -- also when its blank line comes in two reads."""
+    from pimcore.net.server import _WS_MAX_HEAD
+
+    pad = _WS_MAX_HEAD + over - len(WS_UPGRADE) - len(b"X-Pad: \r\n")
+    request = WS_UPGRADE.replace(b"\r\n\r\n", b"\r\nX-Pad: " + b"p" * pad + b"\r\n\r\n")
+    assert len(request) == _WS_MAX_HEAD + over
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            stream = await _raw_ws_conn(srv.endpoints[0].port)
+            async with stream:
+                for piece in ([request] if cut is None else [request[:cut], request[cut:]]):
+                    await stream.send_all(piece)
+                    await trio.sleep(0.05)  # (read apart)
+                answer = await stream.receive_some(65536)
+            assert answer.startswith(b"HTTP/1.1 431 " if over else b"HTTP/1.1 101 "), answer
+
+
+async def test_a_client_that_never_stops_sending_a_huge_header_is_hung_up_on(lmdb_store, caplog):
+    """After its 431, the broker reads what the client still sends for a
+    bounded time and number of bytes only: one that never stops is hung
+    up on (its slot back, its close line saying why)."""
+    import logging
+
+    from pimcore.net.server import _WS_MAX_HEAD
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    cfg = server_config(Endpoint("ws", path="/im"), max_connections=1, login_timeout=600)
+    with trio.fail_after(15):
+        async with serving(lmdb_store, cfg) as srv:
+            stream = await _raw_ws_conn(srv.endpoints[0].port, _HUGE_UPGRADE)
+            async with stream:
+                with pytest.raises(trio.BrokenResourceError):
+                    while True:
+                        await stream.send_all(b"x" * 65536)
+            await _until_closes(caplog, 1)
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert close.reason == f"WebSocket upgrade refused (HTTP 431): its header is over {_WS_MAX_HEAD} bytes", close.reason
+            async with client(srv.url("ws"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
 def test_a_requested_path_is_quoted_safely():
     """What a client asked for, echoed in an answer or a log line: printable
     ASCII, cut short (h11 refuses anything else in a request line today)."""
