@@ -2343,13 +2343,16 @@ async def test_on_connect_retry_hears_each_failed_first_attempt_in_words(autojum
     assert attempts >= 3 and heard == ["too many connections"] * (attempts - 1), (attempts, heard)
 
 
+@pytest.mark.parametrize("scheme", ["tcp", "ws"])
 @pytest.mark.parametrize("banner", [b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", b"-ERR unknown command\r\n", b"220 mail ESMTP\r\n"])
-async def test_another_services_text_answer_fails_the_first_connect_at_once(banner):
+async def test_another_services_text_answer_fails_the_first_connect_at_once(banner, scheme):
     """A tcp:// URL at another service's port (an SSH or SMTP banner, a
     Redis error): the SDK said "malformed data from the broker:
     UNSUPPORTED_VERSION: protocol version 5 is not supported" and retried it
     until connect_timeout (a new-user pass).  It will not change: now
-    ConnectFailed at once, saying the server answered in text."""
+    ConnectFailed at once, saying the server answered in text.  A ws://
+    URL there waited for an HTTP answer to its upgrade until
+    connect_timeout, then said "no answer": the same now."""
     async def service(stream: trio.SocketStream) -> None:
         async with stream:
             await stream.send_all(banner)
@@ -2360,7 +2363,7 @@ async def test_another_services_text_answer_fails_the_first_connect_at_once(bann
     async with trio.open_nursery() as n:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         n.start_soon(trio.serve_listeners, service, listeners)
-        url = f"tcp://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        url = f"{scheme}://127.0.0.1:{listeners[0].socket.getsockname()[1]}" + ("/im" if scheme == "ws" else "")
         with trio.fail_after(5):  # connect_timeout is 10 s
             with pytest.raises(ConnectFailed) as err:
                 async with open_client(url, token("alice"), "phone"):
