@@ -169,7 +169,8 @@ class _FirstBytes(StreamWrapper):
     """A stream that remembers the first bytes it received and whether it
     saw the end: a TLS port answers a plain WebSocket upgrade request with a
     TLS alert (0x15 0x03) or a hang-up, a pimcore tcp:// (tls://) port with
-    a Close frame, never an HTTP response."""
+    a Close frame, another service's port (SSH, SMTP) with text of its
+    own, never an HTTP response."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         super().__init__(inner)
@@ -188,11 +189,12 @@ class _FirstBytes(StreamWrapper):
         if len(self.first) < _FIRST_BYTES:
             self.first += data[: _FIRST_BYTES - len(self.first)]
             self.eof = self.eof or not data
-            if self.first.startswith(b"\x15\x03") or self.looks_like_pimcore:
-                # A TLS alert, or a pimcore frame, is no HTTP response: the
-                # WebSocket's parser would wait for a line end or fail with an
-                # error of its own (h11's).  Kept in ``first``, it ends the
-                # stream here.
+            if self.first.startswith(b"\x15\x03") or self.looks_like_pimcore or self.looks_like_text:
+                # A TLS alert, a pimcore frame or a banner is no HTTP
+                # response: the WebSocket's parser would wait for a line end
+                # (a blank one, after a banner: until connect_timeout) or
+                # fail with an error of its own (h11's).  Kept in ``first``,
+                # it ends the stream here.
                 data = b""
         if not data and self.on_end is not None:
             self.on_end()
@@ -205,6 +207,12 @@ class _FirstBytes(StreamWrapper):
     @property
     def looks_like_pimcore(self) -> bool:
         return _pimcore_frame_start(self.first)
+
+    @property
+    def looks_like_text(self) -> bool:
+        """Text, but not an HTTP response's start ("HTTP/", or as much of
+        it as came): another service's banner or error."""
+        return _is_text(self.first) and not b"HTTP/".startswith(self.first[:5])
 
 
 class _Handshake(StreamWrapper):
@@ -389,7 +397,8 @@ class Client:
         self._tls_suspect = False
         self._tls_answer = False  # ... and surely, by its answer (see _serve)
         #: The first bytes of the last first-connection attempt's answer, if
-        #: they were text and no pimcore frame (see _serve).
+        #: they were text and no pimcore frame (or, on ws://, no HTTP: see
+        #: _serve, _connect_once).
         self._text_answer: Optional[bytes] = None
         #: A ws:// connection's stream while its upgrade is under way (_connect_once).
         self._upgrade_answer: Optional[_FirstBytes] = None
@@ -1001,7 +1010,11 @@ class Client:
                 scheme = "tls" if ep.secure else "tcp"
                 return _WrongPort("the server answered the WebSocket upgrade in pimcore's binary protocol",
                                   f"it is not a WebSocket endpoint: try {scheme}://{_host(ep)}:{ep.port}")
-            if not ep.secure:
+            if answer.looks_like_text:
+                # Text for an answer (an SSH banner: a service that speaks
+                # first) will not change: failed at once, as on tcp:// (_serve).
+                self._text_answer = answer.first
+            elif not ep.secure:
                 # The WebSocket upgrade failed: a TLS alert or a hang-up for an answer?
                 self._tls_suspect = answer.looks_like_tls
                 self._tls_answer = answer.first.startswith(b"\x15\x03")

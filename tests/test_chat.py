@@ -134,6 +134,50 @@ def test_chat_with_an_unknown_host_is_one_line_at_once(monkeypatch: pytest.Monke
     assert lookups == ["nohost.invalid"], lookups  # no retry
 
 
+@pytest.mark.parametrize("scheme", ["tcp", "ws"])
+def test_chat_at_another_services_port_says_it_answered_in_text_at_once(scheme: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A ws:// URL at an SSH port (it speaks first: its banner): chat waited
+    out connect_timeout (10 s), then said "no answer".  As for tcp://, the
+    text is quoted at once, with the question whether it is another
+    service's port."""
+    import time
+
+    from _net import token
+    from pimcore.cli import main
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def ssh() -> None:  # every connection gets the banner, then is read until it ends
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return  # shut: the test is over
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+                while conn.recv(65536):
+                    pass
+
+    thread = threading.Thread(target=ssh, daemon=True)
+    thread.start()
+    try:
+        url = f"{scheme}://127.0.0.1:{server.getsockname()[1]}" + ("/im" if scheme == "ws" else "")
+        began = time.monotonic()
+        rc = main(["chat", "--to", "bob", "--token", token("alice"), "--url", url])
+        took = time.monotonic() - began
+    finally:
+        server.shutdown(socket.SHUT_RDWR)  # (wakes its accept)
+        server.close()
+        thread.join(5)
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == "" and took < 5, (rc, out, err, took)  # connect_timeout is 10 s
+    assert err.splitlines() == [
+        f"pimcore chat: connecting to {url} (up to 10 s)…",
+        f"pimcore chat: cannot connect to {url}: the server answered in text ('SSH-2.0-...'), not in pimcore's protocol:"
+        " is it another service's port?",
+    ], err
+
+
 def test_chat_in_a_group_that_does_not_exist_says_so_and_exits_non_zero(tmp_path: Path) -> None:
     """It said "chatting in nope" and exited 0 (a refused send aside)."""
     from _proc import run_pimcore

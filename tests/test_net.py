@@ -1568,6 +1568,169 @@ async def test_an_upgrade_to_another_path_is_answered_404_not_found_in_words(lmd
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+@pytest.mark.parametrize("query", ["?x=1", "?next=/im&v=2"])
+async def test_an_upgrade_with_a_query_string_is_taken_at_the_listeners_path(lmdb_store, query):
+    """A browser or an SDK may put a query string in the URL
+    (ws://host:port/im?x=1): the listener compared the whole request target
+    with its path and answered 404.  The path is the part before "?" (the
+    query is ignored); another path with a query still gets its 404."""
+    from trio_websocket import open_websocket_url
+
+    with trio.fail_after(15):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            async with open_websocket_url(srv.url("ws") + query) as ws:
+                await ws.send_message(encode_frame(F.Login(token("alice").encode(), "d", 0, 0, 0)))
+                decoder = Decoder()
+                decoder.feed(await ws.get_message())
+                assert isinstance(decoder.next_frame(), F.LoginAck)
+            for other in (f"/im2{query}", f"/elsewhere{query}/im"):
+                wrong = WS_UPGRADE.replace(b"GET /im ", f"GET {other} ".encode())
+                answer = await _read_to_the_end(await _raw_ws_conn(srv.endpoints[0].port, wrong))
+                assert answer.startswith(b"HTTP/1.1 404 Not Found\r\n"), answer
+                assert answer.endswith(f"at /im only, not {other}".encode()), answer
+
+
+async def _upgrade_answer(scheme: str, port: int, request: bytes, ca) -> bytes:
+    """The whole answer of a ws:// (wss://, trusting ``ca``) listener to ``request``."""
+    stream: trio.abc.Stream = await _raw_ws_conn(port)
+    if scheme == "wss":
+        stream = trio.SSLStream(stream, _trusting(ca), server_hostname="127.0.0.1")
+    await stream.send_all(request)
+    return await _read_to_the_end(stream)
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_a_full_ws_listener_answers_an_upgrade_to_another_path_404_not_503(lmdb_store, ca, scheme):
+    """At max_connections a ws:// listener answered 503 "too many
+    connections" before it looked at the path: a client at a wrong path
+    retried that (a full broker's answer) until its connect_timeout, then
+    was told "too many connections".  The path is checked first: a wrong one
+    gets its 404, and the SDK says which URL to try at once; the right one
+    still gets the 503 (the only refusal counted)."""
+    server_ssl = _serving_tls(ca) if scheme == "wss" else None
+    cfg = server_config(Endpoint(scheme, path="/im"), max_connections=1, login_timeout=600, ssl_context=server_ssl)
+    with trio.fail_after(20):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            hog = await _raw_ws_conn(port)  # holds the only slot (its handshakes not begun)
+            while srv.statistics().accepted < 1:
+                await trio.sleep(0.01)
+            elsewhere = WS_UPGRADE.replace(b"GET /im ", b"GET /elsewhere?x=1 ")
+            answer = await _upgrade_answer(scheme, port, elsewhere, ca)
+            assert answer.startswith(b"HTTP/1.1 404 Not Found\r\n"), answer
+            assert answer.endswith(b"at /im only, not /elsewhere?x=1"), answer
+            url = srv.url(scheme)
+            with trio.fail_after(5), pytest.raises(ConnectFailed) as err:  # not connect_timeout
+                async with client(url.replace("/im", "/elsewhere"), "alice", ssl_context=_trusting(ca),
+                                  config=ClientConfig(connect_timeout=600.0)):
+                    pass  # pragma: no cover
+            assert "HTTP 404" in str(err.value) and str(err.value).endswith(f": try {url}"), err.value
+            assert srv.statistics().refused == 0
+            answer = await _upgrade_answer(scheme, port, WS_UPGRADE, ca)
+            assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+            assert answer.endswith(b"too many connections"), answer
+            assert srv.statistics().refused == 1
+            await hog.aclose()
+
+
+#: An upgrade request whose head (a 70 KB cookie) is over the listener's limit.
+_HUGE_UPGRADE = WS_UPGRADE.replace(b"\r\n\r\n", b"\r\nCookie: c=" + b"c" * 70_000 + b"\r\n\r\n")
+
+
+def _whole_http_answer(answer: bytes) -> bool:
+    """``answer`` holds an HTTP head and all the body its Content-Length says."""
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    sizes = [line[15:] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length: ")]
+    return bool(sep and sizes) and len(body) >= int(sizes[0])
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_an_upgrade_request_with_a_huge_header_is_answered_431_in_full(lmdb_store, ca, scheme):
+    """A 70 KB upgrade request head got the listener's 400 ("it takes a
+    WebSocket upgrade request ... and nothing else": not why) and then a
+    reset, the broker closing with the rest of it unread: a client still
+    sending it could not read the answer.  Now it is 431, naming the limit,
+    then the broker ends its side (not on TLS: no half-close there) and
+    reads (and drops) what still comes for a short while before it closes:
+    the client, sending in pieces as the network lets it, sends it all and
+    reads the whole answer, then the end."""
+    from pimcore.net.server import _WS_MAX_HEAD
+
+    server_ssl = _serving_tls(ca) if scheme == "wss" else None
+    with trio.fail_after(15):
+        async with serving(lmdb_store, server_config(Endpoint(scheme, path="/im"), ssl_context=server_ssl)) as srv:
+            stream: trio.abc.Stream = await _raw_ws_conn(srv.endpoints[0].port)
+            if scheme == "wss":
+                stream = trio.SSLStream(stream, _trusting(ca), server_hostname="127.0.0.1")
+            answer = b""
+
+            async def send_in_pieces() -> None:
+                for i in range(0, len(_HUGE_UPGRADE), 8192):
+                    await stream.send_all(_HUGE_UPGRADE[i:i + 8192])  # a reset raises here...
+                    await trio.sleep(0.01)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_in_pieces)
+                while not _whole_http_answer(answer):
+                    data = await stream.receive_some(65536)  # ... or here
+                    assert data, answer
+                    answer += data
+            if scheme == "ws":
+                assert await stream.receive_some() == b"", answer  # a clean end
+            await trio.aclose_forcefully(stream)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.lower().split(b"\r\n")[0] == b"http/1.1 431 request header fields too large", answer
+            assert body.decode() == (f"this is a pimcore {scheme}:// listener (path /im): the upgrade request's header"
+                                     f" is over its limit of {_WS_MAX_HEAD} bytes: send a shorter one"), body
+            async with client(srv.url(scheme), "alice", ssl_context=_trusting(ca)) as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+@pytest.mark.parametrize("over", [0, 1])
+@pytest.mark.parametrize("cut", [None, -1, -2, -3], ids=["whole", "cut-1", "cut-2", "cut-3"])
+async def test_the_upgrade_request_head_limit_is_exact_wherever_its_end_is_cut(lmdb_store, over, cut):
+    """A head of exactly _WS_MAX_HEAD bytes is taken, one byte more gets
+    the 431 -- also when its blank line comes in two reads."""
+    from pimcore.net.server import _WS_MAX_HEAD
+
+    pad = _WS_MAX_HEAD + over - len(WS_UPGRADE) - len(b"X-Pad: \r\n")
+    request = WS_UPGRADE.replace(b"\r\n\r\n", b"\r\nX-Pad: " + b"p" * pad + b"\r\n\r\n")
+    assert len(request) == _WS_MAX_HEAD + over
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            stream = await _raw_ws_conn(srv.endpoints[0].port)
+            async with stream:
+                for piece in ([request] if cut is None else [request[:cut], request[cut:]]):
+                    await stream.send_all(piece)
+                    await trio.sleep(0.05)  # (read apart)
+                answer = await stream.receive_some(65536)
+            assert answer.startswith(b"HTTP/1.1 431 " if over else b"HTTP/1.1 101 "), answer
+
+
+async def test_a_client_that_never_stops_sending_a_huge_header_is_hung_up_on(lmdb_store, caplog):
+    """After its 431, the broker reads what the client still sends for a
+    bounded time and number of bytes only: one that never stops is hung
+    up on (its slot back, its close line saying why)."""
+    import logging
+
+    from pimcore.net.server import _WS_MAX_HEAD
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    cfg = server_config(Endpoint("ws", path="/im"), max_connections=1, login_timeout=600)
+    with trio.fail_after(15):
+        async with serving(lmdb_store, cfg) as srv:
+            stream = await _raw_ws_conn(srv.endpoints[0].port, _HUGE_UPGRADE)
+            async with stream:
+                with pytest.raises(trio.BrokenResourceError):
+                    while True:
+                        await stream.send_all(b"x" * 65536)
+            await _until_closes(caplog, 1)
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert close.reason == f"WebSocket upgrade refused (HTTP 431): its header is over {_WS_MAX_HEAD} bytes", close.reason
+            async with client(srv.url("ws"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
 def test_a_requested_path_is_quoted_safely():
     """What a client asked for, echoed in an answer or a log line: printable
     ASCII, cut short (h11 refuses anything else in a request line today)."""
@@ -2180,13 +2343,16 @@ async def test_on_connect_retry_hears_each_failed_first_attempt_in_words(autojum
     assert attempts >= 3 and heard == ["too many connections"] * (attempts - 1), (attempts, heard)
 
 
+@pytest.mark.parametrize("scheme", ["tcp", "ws"])
 @pytest.mark.parametrize("banner", [b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", b"-ERR unknown command\r\n", b"220 mail ESMTP\r\n"])
-async def test_another_services_text_answer_fails_the_first_connect_at_once(banner):
+async def test_another_services_text_answer_fails_the_first_connect_at_once(banner, scheme):
     """A tcp:// URL at another service's port (an SSH or SMTP banner, a
     Redis error): the SDK said "malformed data from the broker:
     UNSUPPORTED_VERSION: protocol version 5 is not supported" and retried it
     until connect_timeout (a new-user pass).  It will not change: now
-    ConnectFailed at once, saying the server answered in text."""
+    ConnectFailed at once, saying the server answered in text.  A ws://
+    URL there waited for an HTTP answer to its upgrade until
+    connect_timeout, then said "no answer": the same now."""
     async def service(stream: trio.SocketStream) -> None:
         async with stream:
             await stream.send_all(banner)
@@ -2197,7 +2363,7 @@ async def test_another_services_text_answer_fails_the_first_connect_at_once(bann
     async with trio.open_nursery() as n:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         n.start_soon(trio.serve_listeners, service, listeners)
-        url = f"tcp://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        url = f"{scheme}://127.0.0.1:{listeners[0].socket.getsockname()[1]}" + ("/im" if scheme == "ws" else "")
         with trio.fail_after(5):  # connect_timeout is 10 s
             with pytest.raises(ConnectFailed) as err:
                 async with open_client(url, token("alice"), "phone"):

@@ -492,7 +492,9 @@ class _EndWatch(StreamWrapper):
     and BrokerServer._serve_ws ends that wait with it.  So does the reader
     closing the stream itself, having answered a malformed upgrade request
     with HTTP 400 (the wait went on until login_timeout, holding one of
-    max_connections)."""
+    max_connections).  It also ends the wait on an upgrade request whose
+    head is over _WS_MAX_HEAD bytes (h11 would refuse it with a bare 400):
+    _serve_ws answers 431."""
 
     def __init__(self, inner: trio.abc.Stream, refusal: bytes = b"") -> None:
         super().__init__(inner)
@@ -506,7 +508,14 @@ class _EndWatch(StreamWrapper):
         # protocol: a tcp:// client): h11 would wait for a line end until
         # login_timeout, and the client with it.  _serve_ws answers 400.
         self.not_http = False
+        # The upgrade request's head is over _WS_MAX_HEAD bytes: _serve_ws answers 431.
+        self.too_large = False
         self._first = b""
+        # Bytes the request's head may still take (None once its end was
+        # seen: the WebSocket's frames then pass with one test), and the
+        # last bytes read, in case its end straddles two reads.
+        self._head_left: Optional[int] = _WS_MAX_HEAD
+        self._tail = b""
         self.on_end: Optional[Callable[[], object]] = None
 
     async def aclose(self) -> None:
@@ -522,13 +531,32 @@ class _EndWatch(StreamWrapper):
             raise
         if not data:
             self._end()
-        elif len(self._first) < 2:
-            self._first += bytes(data[: 2 - len(self._first)])
-            if not _http_start(self._first):
-                self.not_http = True
+        elif self._head_left is not None:
+            if len(self._first) < 2:
+                self._first += bytes(data[: 2 - len(self._first)])
+                self.not_http = not _http_start(self._first)
+            self.too_large = not self.not_http and self._head_over(data)
+            if self.not_http or self.too_large:
+                # (Not given to h11: it would wait for a line end, or refuse
+                # with a 400 that does not say why.)
                 self._end()
                 await trio.sleep_forever()  # (its reader waits, until _serve_ws cancels it)
         return data
+
+    def _head_over(self, data: Union[bytes, bytearray]) -> bool:
+        """``data``, the request's next bytes, take its head over
+        _WS_MAX_HEAD bytes; its end (a blank line, as h11 finds it) stops
+        the watch."""
+        seen = self._tail + bytes(data)
+        end = _HEAD_END.search(seen)
+        assert self._head_left is not None
+        if end is not None:
+            over = end.end() - len(self._tail) > self._head_left
+            self._head_left = None
+            return over
+        self._head_left -= len(data)
+        self._tail = seen[-2:]
+        return self._head_left < 0
 
     async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
         # trio-websocket (through wsproto) answers what it cannot upgrade
@@ -560,16 +588,76 @@ def _not_http_answer(ep: Endpoint) -> bytes:
     (a tcp:// client's Login), or to an HTTP request that is no upgrade (a
     browser, curl): 400, naming the listener (the SDK suggests its URL from
     it: pimcore.client)."""
-    return _http_answer("400 Bad Request", f"this is a pimcore {ep.scheme}:// listener (path {ep.path}): it takes"
-                                           f" a WebSocket upgrade request to {ep.path} and nothing else")
+    return _listener_answer(ep, "400 Bad Request", f"it takes a WebSocket upgrade request to {ep.path} and nothing else")
 
 
 def _wrong_path_answer(ep: Endpoint, path: str) -> bytes:
     """A ws:// or wss:// listener's answer to an upgrade request to ``path``,
     not its own: 404, naming both (the SDK suggests its URL from it as from
     the 400: pimcore.client)."""
-    return _http_answer("404 Not Found", f"this is a pimcore {ep.scheme}:// listener (path {ep.path}): it takes"
-                                         f" WebSocket upgrades at {ep.path} only, not {_quoted_path(path)}")
+    return _listener_answer(ep, "404 Not Found", f"it takes WebSocket upgrades at {ep.path} only, not {_quoted_path(path)}")
+
+
+def _head_too_large_answer(ep: Endpoint) -> bytes:
+    """A ws:// or wss:// listener's answer to an upgrade request whose head
+    is over _WS_MAX_HEAD bytes (a browser's many cookies): 431, with the
+    limit."""
+    return _listener_answer(ep, "431 Request Header Fields Too Large",
+                            f"the upgrade request's header is over its limit of {_WS_MAX_HEAD} bytes: send a shorter one")
+
+
+def _listener_answer(ep: Endpoint, status: str, what: str) -> bytes:
+    """A ws:// or wss:// listener's refusal (``status``) naming it first:
+    the SDK reads the path from those words (pimcore.client._WS_LISTENER)."""
+    return _http_answer(status, f"this is a pimcore {ep.scheme}:// listener (path {ep.path}): {what}")
+
+
+def _wrong_path_refused(ep: Endpoint, path: str) -> str:
+    """The close line's reason of an upgrade to ``path``, answered 404."""
+    return f"WebSocket upgrade refused (HTTP 404): path {_quoted_path(path)} is not {ep.path}"
+
+
+#: The longest head of an upgrade request read: h11's own limit (its
+#: max_incomplete_event_size).  At or under it, h11 never refuses a head
+#: first (with a 400 that would not say why).
+_WS_MAX_HEAD = 16 * 1024
+#: The end of an HTTP head: a blank line (h11 takes a bare LF too).
+_HEAD_END = re.compile(rb"\n\r?\n")
+#: After a refusal, what the client still sends is read and dropped for
+#: this long and this many bytes at the most (BrokerServer._answer_and_hang_up).
+_LINGER_SECONDS = 1.0
+_LINGER_BYTES = 1 << 20
+
+
+async def _request_target(stream: trio.abc.Stream) -> Optional[str]:
+    """The target ("/im?x=1") of the HTTP request that ``stream`` begins
+    with, read up to the end of its request line; None if the bytes are no
+    HTTP request line, or it is over _WS_MAX_HEAD bytes, or the stream ends
+    or breaks first (a reset, a failed TLS handshake).  What follows it
+    stays unread."""
+    line = b""
+    while b"\n" not in line:
+        if len(line) >= _WS_MAX_HEAD:
+            return None
+        try:
+            data = await stream.receive_some(_WS_MAX_HEAD - len(line))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return None
+        line += data
+        if not data or not _http_start(line[:2]):
+            return None
+    parts = line.split(b"\n", 1)[0].rstrip(b"\r").split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+        return None
+    return parts[1].decode("ascii", "replace")
+
+
+def _path_of(target: str) -> str:
+    """The path of an upgrade request's target, the part before any "?": a
+    browser or an SDK may add a query string (ws://host:port/im?x=1) to the
+    listener's URL, and it is ignored, as an HTTP server ignores a query
+    its resource does not take."""
+    return target.partition("?")[0]
 
 
 #: The longest requested path echoed in full (_quoted_path).
@@ -1147,9 +1235,8 @@ class BrokerServer:
                                 log.debug("%s connection %d broken before its handshake: %r", ep.scheme, conn_id, exc)
                         if request is not None:
                             try:
-                                if request.path != ep.path:
-                                    ended = (f"WebSocket upgrade refused (HTTP 404): path {_quoted_path(request.path)}"
-                                             f" is not {ep.path}")
+                                if _path_of(request.path) != ep.path:
+                                    ended = _wrong_path_refused(ep, request.path)
                                     # Said by the watch, as its 400 is (the body
                                     # names the path: the SDK turns it into a URL).
                                     watch.refusal = _wrong_path_answer(ep, request.path)
@@ -1166,13 +1253,14 @@ class BrokerServer:
                     finally:
                         watch.on_end = None
                         self._handshakes.discard(handshakes)
-                if watch.not_http and ended is None and not self._stopping:
-                    ended = "not a WebSocket upgrade request (binary: a tcp:// client?): answered HTTP 400"
-                    with trio.move_on_after(self.config.close_timeout):
-                        try:
-                            await stream.send_all(_not_http_answer(ep))
-                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                            pass  # gone already
+                if (watch.not_http or watch.too_large) and ended is None and not self._stopping:
+                    if watch.not_http:
+                        ended, answer = ("not a WebSocket upgrade request (binary: a tcp:// client?): answered HTTP 400",
+                                         _not_http_answer(ep))
+                    else:
+                        ended, answer = (f"WebSocket upgrade refused (HTTP 431): its header is over {_WS_MAX_HEAD} bytes",
+                                         _head_too_large_answer(ep))
+                    await self._answer_and_hang_up(stream, answer)
                 if handshakes.cancelled_caught and ws is None and ended is None:
                     ended = ("broker shutting down" if self._stopping
                              else "WebSocket upgrade refused (HTTP 400): a malformed upgrade request" if watch.closed
@@ -1206,18 +1294,61 @@ class BrokerServer:
         """A ws:// or wss:// connection accepted at max_connections: HTTP 503
         (what a refused upgrade can say before any WebSocket exists; tcp://
         gets Close OVERLOADED), over TLS on wss://, then hang up.  Counted
-        and logged as tcp's refusal."""
-        self._count_refusal(conn_id, addr)
+        and logged as tcp's refusal.
+
+        Its request line is read first (within close_timeout, as the answer
+        is sent: a silent client holds nothing longer): an upgrade to
+        another path gets its 404 as below the limit, not counted as a
+        refusal.  A 503 to it told a client at a wrong URL to retry until
+        its connect_timeout, then "too many connections"."""
         stream: trio.abc.Stream = sock
         if ep.secure and self._ssl is not None:
             stream = tls_server_stream(sock, self._ssl, peer=addr, https_compatible=True)
-        with trio.move_on_after(self.config.close_timeout):
+        target: Optional[str] = None
+        with trio.move_on_after(self.config.close_timeout) as reading:
+            self._handshakes.add(reading)  # (shutdown() cancels the wait)
             try:
-                await stream.send_all(_WS_REFUSAL)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass  # gone already (a reset, a failed TLS handshake)
-        self._ended(conn_id, CloseCode.OVERLOADED, "too many connections (HTTP 503 to the WebSocket upgrade)")
+                target = await _request_target(stream)
+            finally:
+                self._handshakes.discard(reading)
+        if target is not None and _path_of(target) != ep.path:
+            answer, code, why = _wrong_path_answer(ep, target), None, _wrong_path_refused(ep, target)
+        else:
+            self._count_refusal(conn_id, addr)
+            answer, code, why = _WS_REFUSAL, CloseCode.OVERLOADED, "too many connections (HTTP 503 to the WebSocket upgrade)"
+        await self._answer_and_hang_up(stream, answer)
+        self._ended(conn_id, code, why)
         await trio.aclose_forcefully(stream)
+
+    async def _answer_and_hang_up(self, stream: trio.abc.Stream, answer: bytes) -> None:
+        """Send ``answer`` (an HTTP refusal, before any WebSocket) within
+        close_timeout, then end cleanly.  Closed with the client's bytes
+        unread (the rest of a 70 KB head), the socket sends a reset, which
+        fails the client's sending and may drop the answer unread.  So our
+        side is shut (the client sees the answer end; TLS has no half-close,
+        but the answer says its length and Connection: close), and what
+        still comes is read and dropped until the client hangs up -- for
+        _LINGER_SECONDS and _LINGER_BYTES at the most: a client that never
+        stops holds nothing longer.  The caller closes the stream."""
+        with trio.move_on_after(self.config.close_timeout) as sending:
+            try:
+                await stream.send_all(answer)
+                if isinstance(stream, trio.abc.HalfCloseableStream):
+                    await stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return  # gone already (a reset, a failed TLS handshake)
+        if sending.cancelled_caught:
+            return  # (a client that does not read: no more time for it)
+        left = _LINGER_BYTES
+        with trio.move_on_after(_LINGER_SECONDS):
+            try:
+                while left > 0:
+                    data = await stream.receive_some(min(left, 65536))
+                    if not data:
+                        return
+                    left -= len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
 
     def _full(self) -> bool:
         """max_connections reached: connections served (_peers) and ws://
