@@ -2420,12 +2420,7 @@ class Broker:
         if pending is not None:
             # Proposed by another connection of the device while this one's
             # content check was out (a reconnect): wait with it.
-            if pending.digest != digest:
-                c.inflight -= 1
-                self._stats["rejected"] += 1
-                self._send(c.id, F.SendAck(f.local_id, ErrorCode.DUPLICATE_CONFLICT, b"", 0, 0), out)
-            else:
-                pending.waiters.append(c.id)
+            self._join_checked(c, pending, f.local_id, digest, out)
             return
         server_time = self._clock.tick(now)
         msg_id = server_time.to_bytes(8, "big") + self._node_id
@@ -2512,6 +2507,17 @@ class Broker:
             else:
                 self._send(conn, ack, out)
 
+    def _join_checked(self, c: _Conn, pending: _PendingSend, local_id: int, digest: bytes, out: list[Command]) -> None:
+        """``c``'s newest request, counted in c.inflight and its content
+        check passed, finds its key proposed meanwhile by another connection
+        of the device (a reconnect): a conflict, or it waits with that send."""
+        if pending.digest != digest:
+            c.inflight -= 1
+            self._stats["rejected"] += 1
+            self._send(c.id, F.SendAck(local_id, ErrorCode.DUPLICATE_CONFLICT, b"", 0, 0), out)
+        else:
+            pending.waiters.append(c.id)
+
     # ------------------------------------------------------------ recall, edit, delete
     #
     # An AmendReq is a send in every way that matters for safety: the same
@@ -2586,12 +2592,7 @@ class Broker:
         digest = self.amend_digest(f.conv, f.target, f.action, f.payload)
         pending = self._pending_sends.get(key)
         if pending is not None:
-            if pending.digest != digest:
-                c.inflight -= 1
-                self._stats["rejected"] += 1
-                self._send(c.id, F.SendAck(f.local_id, ErrorCode.DUPLICATE_CONFLICT, b"", 0, 0), out)
-            else:
-                pending.waiters.append(c.id)
+            self._join_checked(c, pending, f.local_id, digest, out)
             return
         window = getattr(self.config, self._AMEND_WINDOWS[F.MessageKind(f.action)])
         self._propose_amend_op(key, f.conv, f.target, f.action, f.payload, f.client_time, window, digest, c.id, now)
