@@ -579,7 +579,7 @@ class _Conn:
         "id", "state", "opened", "last_seen", "session", "user", "device", "inflight", "tokens", "refill_at", "strikes",
         "expires", "waiting", "backlog", "history_reads", "login", "paused", "issued_at",
         "held", "chunks", "chunk_sent", "reserved", "ctl_tokens", "ctl_at",
-        "hibernate_mark", "wrote",
+        "hibernate_mark", "wrote", "acks_held", "acks_out",
     )
 
     def __init__(self, conn_id: int, now: int, session: ServerSession) -> None:
@@ -597,8 +597,15 @@ class _Conn:
         self.user = ""
         self.device = ""
         self.inflight = 0  # SendReqs of this connection awaiting a SendAck
+        # Answers that must wait for the SendAcks owed before them (a
+        # connection's SendAcks leave in SendReq order: Broker._hold), oldest
+        # first; None while there is none.  acks_out counts the SendAcks
+        # sent while there is one (their places: _HeldAck.ordinal).
+        self.acks_held: Optional[deque[_HeldAck]] = None
+        self.acks_out = 0
         # The request (hook or login read) this connection waits for, 0 if
-        # none.  Meanwhile nothing more is decoded: new bytes wait in the
+        # none; _ACKS_HELD while it holds its window of answers (acks_held).
+        # Meanwhile nothing more is decoded: new bytes wait in the
         # session, and frames already decoded with the one that started the
         # wait (one batch of next_frames) wait in `backlog`, in order.
         self.waiting = 0
@@ -669,8 +676,26 @@ class _PendingSend:
 
     key: tuple[str, str, int]
     digest: bytes
-    # Connection ids, or ("post", ref) for a host post (Broker.post).
-    waiters: list[Union[int, tuple[Any, ...]]]
+    # Connection ids, ("post", ref) for a host post (Broker.post), or the
+    # place of a retry among its connection's SendAcks (_HeldAck).
+    waiters: list[Union[int, tuple[Any, ...], "_HeldAck"]]
+
+
+class _HeldAck:
+    """An answer to a SendReq/AmendReq of ``conn`` that waits for the
+    SendAcks the connection owes for the ones it sent before (Broker._hold):
+    ``ordinal`` is its place among the connection's SendAcks (sent when
+    ``conn.acks_out`` reaches it), ``frames`` what goes then -- the SendAck,
+    after the Error with a content filter's reason -- or None while it is a
+    retry waiting with its original in flight (a waiter of that
+    _PendingSend), which the original's outcome answers."""
+
+    __slots__ = ("conn", "ordinal", "frames")
+
+    def __init__(self, conn: _Conn, ordinal: int, frames: Optional[list[F.Frame]]) -> None:
+        self.conn = conn
+        self.ordinal = ordinal
+        self.frames = frames
 
 
 class _ReadCtx:
@@ -817,6 +842,11 @@ class _ContentHook:
 
 # Timer kinds (entries of Broker._timers).
 _LOGIN_DUE, _IDLE_DUE, _TOKEN_DUE, _HIBERNATE_DUE = 0, 1, 2, 3
+
+#: _Conn.waiting of a connection that holds as many answers as its window
+#: (Broker._hold): nothing more of it is decoded until some of them go.
+#: (No request id: those count up from 1.)
+_ACKS_HELD = -1
 
 #: Bytes a waiting connection may have buffered before the host is asked to
 #: stop reading it (PauseReading).
@@ -1029,6 +1059,9 @@ class Broker:
         self._holding = False
         self._reads: dict[int, _AnyRead] = {}
         self._hooks: dict[int, Union[_LoginHook, _ContentHook]] = {}
+        # Connections that stopped waiting for their held answers (_due)
+        # while a batch's outcome was being handled: read on after it.
+        self._unheld: list[_Conn] = []
         self._next_request = 1  # ids of store requests and hook requests
         self._next_reclaim: Optional[int] = None
         self._retry_at: Optional[int] = None  # pending ops wait after a failed batch until then
@@ -1469,11 +1502,19 @@ class Broker:
             for dev in self._online.get(user, {}).values():
                 self._pump(dev, out, now)
         self._fresh.clear()
+        if self._unheld:
+            self._read_on(now, out)
         self._maybe_commit(out, now)
         return out
 
     def _flush_acks(self, acks: dict[int, list[F.SendAck]], out: list[Command]) -> None:
+        conns = self._conns
         for conn, frames in acks.items():
+            c = conns.get(conn)
+            if c is not None and c.acks_held is not None:
+                frames = self._in_order(c, frames)  # type: ignore[assignment]
+                if not frames:
+                    continue
             if len(frames) == 1:
                 self._send(conn, frames[0], out)
             else:
@@ -1503,6 +1544,8 @@ class Broker:
             # A lost AckPosition/TouchDevice only leaves the stored position
             # behind the real one: the device re-acks or re-logs in, and the
             # worst case is a re-delivery the client dedupes by position.
+        if self._unheld:
+            self._read_on(now, out)
         # Do not immediately retry with whatever is pending: the driver reports
         # the failure, and the next event proposes the next batch -- or, if
         # none comes, the timer shortly after (ops must never be stranded).
@@ -1649,9 +1692,7 @@ class Broker:
         if reason is not None:
             c.inflight -= 1
             self._stats["rejected"] += 1
-            # The reason first: the client has it when the SendAck ends the send.
-            self._error(c.id, code, f.local_id, str(reason), out)
-            self._send(c.id, F.SendAck(f.local_id, code, b"", 0, 0), out)
+            self._refuse_send(c, f.local_id, code, out, str(reason))
         elif type(f) is F.AmendReq:
             self._propose_amend(c, f, now, out)
         else:
@@ -2358,7 +2399,7 @@ class Broker:
         def refuse(code: ErrorCode) -> None:
             self._stats["rejected"] += 1
             if code is ErrorCode.RATE_LIMITED or self._control(c, now, "refused SendReq", out):
-                self._send(c.id, F.SendAck(f.local_id, code, b"", 0, 0), out)
+                self._refuse_send(c, f.local_id, code, out)
 
         lim = self.config.limits
         if lim.send_rate:
@@ -2392,7 +2433,7 @@ class Broker:
             # The original is still on its way to disk: wait with it.
             if pending.digest != digest:
                 return refuse(ErrorCode.DUPLICATE_CONFLICT)
-            pending.waiters.append(c.id)
+            pending.waiters.append(self._waiter(c))
             c.inflight += 1
             return
         c.inflight += 1
@@ -2420,12 +2461,7 @@ class Broker:
         if pending is not None:
             # Proposed by another connection of the device while this one's
             # content check was out (a reconnect): wait with it.
-            if pending.digest != digest:
-                c.inflight -= 1
-                self._stats["rejected"] += 1
-                self._send(c.id, F.SendAck(f.local_id, ErrorCode.DUPLICATE_CONFLICT, b"", 0, 0), out)
-            else:
-                pending.waiters.append(c.id)
+            self._join_checked(c, pending, f.local_id, digest, out)
             return
         server_time = self._clock.tick(now)
         msg_id = server_time.to_bytes(8, "big") + self._node_id
@@ -2499,6 +2535,22 @@ class Broker:
                 dup = code is ErrorCode.OK and (duplicate or len(conn) > 2)
                 out.append(PostDone(conn[1], code, ack.msg_id, ack.seq, ack.server_time, dup))
                 continue
+            if isinstance(conn, _HeldAck):
+                # A retry that waited with this original, in its place.
+                held = conn
+                c = held.conn
+                if self._conns.get(c.id) is not c:
+                    continue  # gone (its id may be another connection's by now)
+                c.inflight -= 1
+                held.frames = [ack]
+                if acks is not None:
+                    acks.setdefault(c.id, [])  # (_flush_acks places it among c's SendAcks)
+                else:
+                    frames: list[F.Frame] = []
+                    self._due(c, frames)
+                    if frames:
+                        self._send_many(c.id, frames, out)
+                continue
             c = self._conns.get(conn)
             if c is None:  # gone: the client retries after reconnecting
                 continue
@@ -2509,8 +2561,123 @@ class Broker:
                     acks[conn] = [ack]
                 else:
                     pending.append(ack)
+            elif c.acks_held is not None:
+                self._send_many(conn, self._in_order(c, [ack]), out)
             else:
                 self._send(conn, ack, out)
+
+    # ------------------------------------------------------------ SendAck order
+    #
+    # A connection's SendAcks leave in the order of its SendReqs and
+    # AmendReqs (one window, one sequence of local ids): a client, the SDK,
+    # may match them up by order, and a refusal must not arrive before the
+    # SendAck of a send made before it.  The SendAcks of its stored sends
+    # are in that order by construction: they are proposed in order, a
+    # device's ops never pass each other into a batch (_ride_along), and a
+    # batch's SendAcks go out per connection in op order (_flush_acks).
+    # What is answered otherwise would overtake them: a refusal made
+    # without the store (the window, the rate, the checks, a
+    # DUPLICATE_CONFLICT, a content filter's REJECTED or INTERNAL) while
+    # the connection still waits for earlier SendAcks, and a retry that
+    # waits with an original proposed before sends of its connection that
+    # are still owed (the original's batch answers it first).  Those wait
+    # in c.acks_held (_HeldAck), each for its place: the number of SendAcks
+    # owed before it when it was made.  Both kinds are made in SendReq
+    # order, and every SendAck owed before one is made before it is (a
+    # later send is proposed after the original a retry waits with), so
+    # the oldest held is always the next to go once its place is reached.
+    # Bounded: a connection holding ``window`` answers is not decoded
+    # further (_ACKS_HELD) until they go -- paused past _PAUSE_BYTES, as
+    # for a hook.  A connection that holds none costs nothing here but a
+    # test of c.acks_held per connection of a batch (_flush_acks).
+
+    def _hold(self, c: _Conn, frames: Optional[list[F.Frame]]) -> _HeldAck:
+        """Hold an answer (``frames``; None: a retry joining its original)
+        of ``c``'s newest SendReq/AmendReq behind the SendAcks owed before
+        it: those awaited (c.inflight, held retries among them) and those
+        held with their answer."""
+        held = c.acks_held
+        if held is None:
+            held = c.acks_held = deque()
+            owed = c.inflight
+        else:
+            owed = c.inflight + sum(1 for h in held if h.frames is not None)
+        entry = _HeldAck(c, c.acks_out + owed, frames)
+        held.append(entry)
+        if len(held) >= self.config.limits.window and not c.waiting:
+            c.waiting = _ACKS_HELD
+        return entry
+
+    def _due(self, c: _Conn, frames: list[F.Frame]) -> None:
+        """Move to ``frames`` the held answers of ``c`` whose place has come."""
+        held = c.acks_held
+        assert held is not None
+        # (<=: a place passed is due too -- an answer late is still sent,
+        # never stuck.)
+        while held and held[0].frames is not None and held[0].ordinal <= c.acks_out:
+            frames.extend(held.popleft().frames)  # type: ignore[arg-type]
+            c.acks_out += 1
+        if not held:
+            c.acks_held = None
+        if c.waiting == _ACKS_HELD and len(held) < self.config.limits.window:
+            c.waiting = 0
+            self._unheld.append(c)
+
+    def _in_order(self, c: _Conn, acks: list[F.SendAck]) -> list[F.Frame]:
+        """``c``'s SendAcks ``acks`` (of its sends, made in the order sent)
+        with its held answers in their places among them and after them."""
+        frames: list[F.Frame] = []
+        self._due(c, frames)
+        for ack in acks:
+            frames.append(ack)
+            c.acks_out += 1
+            if c.acks_held is not None:
+                self._due(c, frames)
+        return frames
+
+    def _read_on(self, now: int, out: list[Command]) -> None:
+        """Decode what the connections that held their window of answers
+        (_ACKS_HELD) sent meanwhile, now that some of them went."""
+        unheld, self._unheld = self._unheld, []
+        for c in unheld:
+            if self._conns.get(c.id) is c:
+                self._pull(c, now, out)
+
+    def _refuse_send(self, c: _Conn, local_id: int, code: ErrorCode, out: list[Command], reason: Optional[str] = None) -> None:
+        """Answer ``c``'s newest SendReq/AmendReq, ``local_id``, with a
+        SendAck of ``code`` -- after an Error with ``reason``, if given, so
+        the client has it when the SendAck ends the send -- now if no
+        SendAck is owed before it, else in its place (_hold)."""
+        ack = F.SendAck(local_id, code, b"", 0, 0)
+        if c.inflight or c.acks_held is not None:
+            self._hold(c, [ack] if reason is None else [F.Error(code, local_id, reason), ack])
+            return
+        if reason is not None:
+            self._error(c.id, code, local_id, reason, out)
+        self._send(c.id, ack, out)
+
+    def _waiter(self, c: _Conn) -> Union[int, _HeldAck]:
+        """What ``c``'s newest SendReq/AmendReq waits as, joining a send in
+        flight (before c.inflight counts it): the connection's id when no
+        SendAck is owed before it; else its place (_hold), which the
+        original -- proposed before the sends owed, so answered before them
+        -- must not take."""
+        if c.inflight or c.acks_held is not None:
+            return self._hold(c, None)
+        return c.id
+
+    def _join_checked(self, c: _Conn, pending: _PendingSend, local_id: int, digest: bytes, out: list[Command]) -> None:
+        """``c``'s newest request, counted in c.inflight and its content
+        check passed, finds its key proposed meanwhile by another connection
+        of the device (a reconnect): a conflict, or it waits with that send.
+        It waits as ``c.id``, in order: everything ``c`` sent before was
+        proposed, or joined a send proposed, before that one."""
+        if pending.digest != digest:
+            c.inflight -= 1
+            self._stats["rejected"] += 1
+            self._refuse_send(c, local_id, ErrorCode.DUPLICATE_CONFLICT, out)
+        else:
+            pending.waiters.append(c.id)
 
     # ------------------------------------------------------------ recall, edit, delete
     #
@@ -2535,7 +2702,7 @@ class Broker:
         def refuse(code: ErrorCode) -> None:
             self._stats["rejected"] += 1
             if code is ErrorCode.RATE_LIMITED or self._control(c, now, "refused AmendReq", out):
-                self._send(c.id, F.SendAck(f.local_id, code, b"", 0, 0), out)
+                self._refuse_send(c, f.local_id, code, out)
 
         lim = self.config.limits
         if lim.send_rate:
@@ -2569,7 +2736,7 @@ class Broker:
         if pending is not None:
             if pending.digest != digest:
                 return refuse(ErrorCode.DUPLICATE_CONFLICT)
-            pending.waiters.append(c.id)
+            pending.waiters.append(self._waiter(c))
             c.inflight += 1
             return
         c.inflight += 1
@@ -2586,12 +2753,7 @@ class Broker:
         digest = self.amend_digest(f.conv, f.target, f.action, f.payload)
         pending = self._pending_sends.get(key)
         if pending is not None:
-            if pending.digest != digest:
-                c.inflight -= 1
-                self._stats["rejected"] += 1
-                self._send(c.id, F.SendAck(f.local_id, ErrorCode.DUPLICATE_CONFLICT, b"", 0, 0), out)
-            else:
-                pending.waiters.append(c.id)
+            self._join_checked(c, pending, f.local_id, digest, out)
             return
         window = getattr(self.config, self._AMEND_WINDOWS[F.MessageKind(f.action)])
         self._propose_amend_op(key, f.conv, f.target, f.action, f.payload, f.client_time, window, digest, c.id, now)
@@ -3670,6 +3832,10 @@ class Broker:
             self._readers.pop(parked, None)
         if c.backlog is not None:
             c.backlog.clear()
+        # Its held answers go with it (each points back at it: no cycle left
+        # for the collector; a retry's place that its original's outcome
+        # still reaches finds the connection gone).
+        c.acks_held = None
         self._ephemeral_forget(c)
         if c.waiting:
             # A hook's answer still to come is ignored (a content check's

@@ -262,14 +262,14 @@ def test_same_local_id_with_different_content_is_a_conflict(h):
     h.send(a, AB, b"something else", local_id=5)
     ok, conflict = h.acks(a)
     assert ok.code == ErrorCode.OK and conflict.code == ErrorCode.DUPLICATE_CONFLICT
-    # ... also when the original is still in flight
+    # ... also when the original is still in flight (answered after it:
+    # SendAcks come in SendReq order)
     h.hold_commits = True
     h.send(a, AB, b"v1", local_id=6)
     h.send(a, AB, b"v2", local_id=6)
-    [conflict] = h.acks(a)
-    assert conflict.code == ErrorCode.DUPLICATE_CONFLICT
+    assert h.acks(a) == []
     h.release()
-    assert [x.code for x in h.acks(a)] == [ErrorCode.OK]
+    assert [x.code for x in h.acks(a)] == [ErrorCode.OK, ErrorCode.DUPLICATE_CONFLICT]
     assert h.store.last_seq(AB) == 2
 
 
@@ -409,10 +409,11 @@ def test_in_flight_window(store):
     h.hold_commits = True
     for _ in range(3):
         h.send(a, AB, b"x")
-    [refused] = h.acks(a)
-    assert refused.code == ErrorCode.TOO_MANY_IN_FLIGHT and refused.local_id == 3
+    assert h.acks(a) == []  # the refusal waits for the SendAcks of the two before it
     h.release()
-    assert [x.code for x in h.acks(a)] == [ErrorCode.OK, ErrorCode.OK]
+    ok1, ok2, refused = h.acks(a)
+    assert ok1.code == ok2.code == ErrorCode.OK
+    assert refused.code == ErrorCode.TOO_MANY_IN_FLIGHT and refused.local_id == 3
     h.send(a, AB, b"x")  # the window reopened with the acks
     h.release()
     assert h.acks(a)[0].code == ErrorCode.OK
@@ -430,6 +431,211 @@ def test_content_filter_rejects_before_storing(store):
     assert refused.code == ErrorCode.REJECTED and ok.code == ErrorCode.OK and ok.seq == 1
     [err] = h.take(a, F.Error)
     assert err.code == ErrorCode.REJECTED and "spam" in err.reason and err.ref == refused.local_id
+
+
+# ---------------------------------------------------------------- SendAck order
+
+
+def _send_answers(frames: list) -> list[tuple]:
+    """What a client learns of its sends, in the order it learns it: each
+    SendAck as (local_id, code), each Error naming a send as ("error",
+    ref, code)."""
+    got: list[tuple] = []
+    for f in frames:
+        if isinstance(f, F.SendAck):
+            got.append((f.local_id, ErrorCode(f.code)))
+        elif isinstance(f, F.Error) and f.ref:
+            got.append(("error", f.ref, ErrorCode(f.code)))
+    return got
+
+
+OK, REJECTED = ErrorCode.OK, ErrorCode.REJECTED
+
+
+def test_a_content_filter_refusal_waits_for_the_sendacks_of_earlier_sends(store):
+    """The filter's refusal of send 2 is known at once, while send 1 still
+    waits for its batch: its SendAck (and the Error with the reason, just
+    before it) must not overtake send 1's -- a connection's SendAcks come
+    in the order of its SendReqs -- and send 3, proposed after it, comes
+    after it."""
+
+    def no_spam(user, conv, payload):
+        return "spam is not welcome" if b"spam" in payload else None
+
+    h = Harness(store, BrokerConfig(content_filter=no_spam))
+    a = h.login("alice", "phone")
+    h.take(a)
+    h.hold_commits = True
+    h.send(a, AB, b"hello")  # 1: the batch in flight
+    h.send(a, AB, b"buy spam now")  # 2: refused by the filter
+    h.send(a, AB, b"bye")  # 3: the next batch
+    assert _send_answers(h.take(a)) == []
+    h.release()
+    assert _send_answers(h.take(a)) == [(1, OK), ("error", 2, REJECTED), (2, REJECTED), (3, OK)]
+    assert [m.payload for m in h.store.history(AB, 0, 10)] == [b"hello", b"bye"]
+
+
+_MANY_MENTIONS = tuple(F.Mention(f"u{k}") for k in range(Limits().max_mentions + 1))
+
+
+@pytest.mark.parametrize(
+    "limits, refused, code",
+    [
+        (Limits(), F.SendReq(3, AB, T0, b"x" * (Limits().max_payload + 1)), ErrorCode.PAYLOAD_TOO_LARGE),
+        (Limits(), F.SendReq(3, direct_conversation("bob", "carol"), T0, b"x"), ErrorCode.NOT_MEMBER),
+        (Limits(), F.SendReq(3, "has space", T0, b"x"), ErrorCode.BAD_REQUEST),
+        (Limits(), F.SendReq(3, AB, T0, b"x", mentions=_MANY_MENTIONS), ErrorCode.TOO_MANY_MENTIONS),
+        (Limits(), F.SendReq(3, AB, T0, b"x", mentions=(F.Mention("no such id!"),)), ErrorCode.BAD_MENTION),
+        # Local id 1 is in flight with another payload.
+        (Limits(), F.SendReq(1, AB, T0, b"not m1"), ErrorCode.DUPLICATE_CONFLICT),
+        (Limits(window=2), F.SendReq(3, AB, T0, b"x"), ErrorCode.TOO_MANY_IN_FLIGHT),
+        (Limits(send_rate=1.0, send_burst=2), F.SendReq(3, AB, T0, b"x"), ErrorCode.RATE_LIMITED),
+        (Limits(), F.AmendReq(3, AB, 1, 99, T0), ErrorCode.BAD_ACTION),
+        (Limits(), F.AmendReq(1, AB, 1, F.MessageKind.RECALL, T0), ErrorCode.DUPLICATE_CONFLICT),
+    ],
+    ids=["payload", "not-member", "bad-conv", "mentions", "bad-mention", "conflict", "window", "rate",
+         "amend-action", "amend-conflict"],
+)
+def test_a_refusal_before_the_store_waits_for_the_sendacks_of_earlier_sends(store, limits, refused, code):
+    """Without a content filter too: a SendReq (or AmendReq) refused
+    without the store, behind sends of the same connection still waiting
+    for their batch (one in flight, one in the next), is answered after
+    them, and a send after it after it."""
+    h = Harness(store, BrokerConfig(limits=limits))
+    a = h.login("alice", "phone")
+    h.take(a)
+    h.hold_commits = True
+    h.send(a, AB, b"m1")  # the batch in flight
+    h.send(a, AB, b"m2")  # the next batch
+    h.feed(a, refused)
+    h.send(a, AB, b"m4", local_id=4)
+    assert _send_answers(h.take(a)) == []  # nothing overtakes send 1
+    h.release()
+    answers = _send_answers(h.take(a))
+    assert answers[:3] == [(1, OK), (2, OK), (refused.local_id, code)]
+    # (send 4 is refused too where the window or the rate still is full)
+    assert answers[3:] == [(4, code if limits != Limits() else OK)]
+
+
+def test_a_retry_waiting_with_its_original_keeps_its_place_among_the_sendacks(h):
+    """A retry of a send still in flight waits with the original and gets
+    its answer -- but in its own place: after the SendAcks of the sends its
+    connection made before it, which the original's batch may precede."""
+    a = h.login("alice", "phone")
+    h.hold_commits = True
+    h.send(a, AB, b"m1", local_id=1)  # the batch in flight
+    h.send(a, AB, b"m2", local_id=2)  # the next batch
+    h.send(a, AB, b"m1", local_id=1)  # a retry of 1 (the client timed out)
+    h.release()
+    first, second, retry = h.acks(a)
+    assert (first.local_id, second.local_id) == (1, 2) and retry == first
+    # After a reconnect: the new connection sends a fresh message, then the
+    # retry of one the old connection left in flight.
+    h.send(a, AB, b"m3", local_id=3)  # in flight
+    h.lose(a)
+    a2 = h.login("alice", "phone")
+    h.send(a2, AB, b"m9", local_id=9)  # the next batch
+    h.send(a2, AB, b"m3", local_id=3)  # waits with the original, in flight
+    h.release()
+    assert [(x.local_id, x.code) for x in h.acks(a2)] == [(9, OK), (3, OK)]
+    assert [m.local_id for m in h.store.history(AB, 0, 10)] == [1, 2, 3, 9]
+
+
+def test_sendacks_keep_their_order_when_a_batch_fails(h):
+    """The batch in flight fails: its sends get STORE_UNAVAILABLE at once;
+    a refusal made behind a send of the next batch still waits for that
+    send's SendAck."""
+    a = h.login("alice", "phone")
+    h.take(a)
+    h.hold_commits = True
+    h.send(a, AB, b"m1")  # the batch that fails
+    h.send(a, AB, b"m2")  # the next batch
+    h.feed(a, F.SendReq(3, AB, T0, b"x" * (Limits().max_payload + 1)))
+    h.fail_commits = True
+    h.release()
+    assert _send_answers(h.take(a)) == [(1, ErrorCode.STORE_UNAVAILABLE)]
+    h.fail_commits = h.hold_commits = False
+    h.advance(h.broker.next_deadline() - h.now)  # the retry of what waited
+    assert _send_answers(h.take(a)) == [(2, OK), (3, ErrorCode.PAYLOAD_TOO_LARGE)]
+
+
+_order_steps = st.lists(
+    st.one_of(
+        st.sampled_from(["send", "spam", "too-large", "not-member", "bad-action", "commit", "fail", "tick", "reconnect"]),
+        st.tuples(st.sampled_from(["retry", "conflict"]), st.integers(0, 30)),
+    ),
+    max_size=40,
+)
+
+
+@pytest.mark.parametrize("filtered", [False, True], ids=["no-filter", "content-filter"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=_order_steps)
+def test_every_sendreq_gets_one_sendack_in_the_order_sent(filtered, steps):
+    """Model-based: whatever a device sends -- fresh messages, retries and
+    conflicting reuses of its local ids, requests refused before the store
+    (by the filter, the window, the rate, the checks), over reconnects --
+    while batches commit or fail one at a time and time passes, each
+    connection gets exactly one SendAck per SendReq/AmendReq, in the
+    order it sent them (a connection lost meanwhile: a prefix of them)."""
+
+    def no_spam(user, conv, payload):
+        return "no spam" if payload.startswith(b"spam") else None
+
+    store = MemoryStore()
+    cfg = BrokerConfig(
+        limits=Limits(window=3, send_rate=50.0, send_burst=5), control_rate=0, rate_limit_strikes=10_000,
+        content_filter=no_spam if filtered else None,
+    )
+    h = Harness(store, cfg)
+    conn = h.login("alice", "phone")
+    sent: dict[int, list[int]] = {conn: []}  # connection -> local ids in the order sent
+    stored: list[tuple[int, bytes]] = []  # (local id, payload) of the sends that may be retried
+    next_lid = 1
+    h.hold_commits = True
+    for step in steps:
+        kind, k = step if isinstance(step, tuple) else (step, 0)
+        if kind == "commit" or kind == "fail":
+            if h.held:
+                h.fail_commits = kind == "fail"
+                h.commit(h.held.pop(0))
+                h.fail_commits = False
+            continue
+        if kind == "tick":
+            h.advance(250_000)
+            continue
+        if kind == "reconnect":
+            h.lose(conn)
+            conn = h.login("alice", "phone")
+            sent[conn] = []
+            continue
+        if kind in ("retry", "conflict"):
+            if not stored:
+                continue
+            lid, payload = stored[k % len(stored)]
+            frame = F.SendReq(lid, AB, h.now, payload if kind == "retry" else payload + b"!")
+        else:
+            lid, next_lid = next_lid, next_lid + 1
+            if kind == "bad-action":
+                frame = F.AmendReq(lid, AB, 1, 99, h.now)
+            elif kind == "not-member":
+                frame = F.SendReq(lid, direct_conversation("bob", "carol"), h.now, b"x")
+            else:
+                payload = {"send": b"m%d" % lid, "spam": b"spam %d" % lid, "too-large": b"x" * (Limits().max_payload + 1)}[kind]
+                frame = F.SendReq(lid, AB, h.now, payload)
+                if kind == "send":
+                    stored.append((lid, payload))
+        h.feed(conn, frame)
+        sent[conn].append(lid)
+        h.now += 1_000
+    h.hold_commits = False
+    h.release()
+    for _ in range(4):  # what waited behind a failed batch, and the retry timer
+        h.advance(250_000)
+    assert conn not in h.closed
+    for c, lids in sent.items():
+        got = [x.local_id for x in h.acks(c)]
+        assert got == lids if c == conn else got == lids[: len(got)], (c, got, lids)
 
 
 def test_a_connection_waiting_for_a_hook_is_paused_not_buffered_without_bound(store):

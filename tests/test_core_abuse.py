@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pimcore import frames as F
+from pimcore.codec import encode_frame
 from pimcore.core import BrokerConfig, CloseConnection, Limits
 from pimcore.errors import CloseCode, ErrorCode
 from pimcore.store import LmdbStore, MemoryStore, direct_conversation
@@ -102,5 +103,43 @@ def test_abusive_client_cannot_crash_the_broker_or_lose_acked_data(tmp_path_fact
         assert ack.code == ErrorCode.OK
         acked[(AB, lid)] = ack
         _check_acked_data(h, acked)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("backend_store", ["memory", "lmdb"])
+def test_refusals_held_behind_sends_in_flight_are_bounded_then_the_client_is_paused(tmp_path, backend_store):
+    """A refusal waits for the SendAcks its connection owes for earlier
+    sends (they come in SendReq order).  A client that keeps sending what
+    gets refused meanwhile does not make the broker hold answers without
+    bound: at ``window`` held, nothing more of it is decoded, its bytes
+    wait in the session, and past 256 KiB the host is told to stop
+    reading it -- until the sends it waits for are acked.  Then every
+    SendReq gets its one SendAck, in order.  (control_rate 0: the control
+    bucket, which would close it first, is not what bounds this.)"""
+    store = MemoryStore() if backend_store == "memory" else LmdbStore(str(tmp_path / "db"), durability="os")
+    try:
+        h = Harness(store, BrokerConfig(limits=Limits(window=2), control_rate=0))
+        a = h.login("alice", "phone")
+        h.take(a)
+        h.hold_commits = True
+        sent = [h.send(a, AB, b"in flight")]
+        for lid in (2, 3):  # refused behind it: 2 held, the window's worth
+            h.feed(a, F.SendReq(lid, direct_conversation("bob", "carol"), h.now, b"x"))
+            sent.append(lid)
+        sent.append(h.send(a, AB, b"not decoded yet", local_id=4))
+        assert h.take(a) == [] and h.broker.statistics().pending_ops == 0 and a not in h.paused
+        chunk = b"".join(encode_frame(F.SendReq(100 + i, AB, h.now, bytes([i % 256]) * 1500)) for i in range(200))
+        h.feed_bytes(a, chunk)  # ~300 KiB
+        sent += range(100, 300)
+        assert a in h.paused and h.broker.statistics().pending_ops == 0
+        h.hold_commits = False
+        h.release()
+        assert a not in h.paused and a not in h.closed
+        answers = h.acks(a)
+        assert [x.local_id for x in answers] == sent
+        assert answers[0].code == answers[3].code == ErrorCode.OK
+        assert {ErrorCode(x.code) for x in answers[1:3]} == {ErrorCode.NOT_MEMBER}
+        assert {ErrorCode(x.code) for x in answers[4:]} <= {ErrorCode.OK, ErrorCode.TOO_MANY_IN_FLIGHT}
     finally:
         store.close()
