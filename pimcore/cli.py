@@ -96,9 +96,9 @@ def _check_data_dir(settings) -> None:  # settings: ServeSettings
         seen = seen.parent
     if seen.exists() and not seen.is_dir():
         if seen == data_dir:
-            raise settings._refused(f"the data directory {data_dir} is a file, not a directory", (None, "data_dir"))
+            raise settings._refused(f"the data directory {data_dir} is a file, not a directory", (None, "data_dir"), named=False)
         raise settings._refused(f"the data directory {data_dir} cannot be made: {seen} is a file, not a directory",
-                                (None, "data_dir"))
+                                (None, "data_dir"), named=False)
 
 
 def _secret(settings, *, create: bool = True, announce: Optional[str] = None) -> bytes:  # settings: ServeSettings
@@ -125,11 +125,11 @@ def _secret(settings, *, create: bool = True, announce: Optional[str] = None) ->
         try:
             text = settings.secret_file.read_text().strip()
         except OSError as exc:  # said as the token secret's file, not a bare errno
-            raise settings._refused(f"the token secret file {settings.secret_file}: {exc.strerror or exc}", key) from None
+            raise settings._refused(f"the token secret file {settings.secret_file}: {exc.strerror or exc}", key, named=False) from None
         except UnicodeDecodeError:
-            raise settings._refused(f"the token secret file {settings.secret_file} is not UTF-8 text", key) from None
+            raise settings._refused(f"the token secret file {settings.secret_file} is not UTF-8 text", key, named=False) from None
         if not text:
-            raise settings._refused(f"the token secret file {settings.secret_file} is empty", key)
+            raise settings._refused(f"the token secret file {settings.secret_file} is empty", key, named=False)
         return text.encode()
     path = settings.data_dir / SECRET_FILE
     _check_data_dir(settings)

@@ -276,14 +276,14 @@ def _said_name(key: _Key) -> str:
     return "http" if key == ("http", "listen") else f"{section}.{name}" if section else name
 
 
-def _from(text: str, name: str, origin: _Origin) -> ConfigError:
+def _from(text: str, name: str, origin: _Origin, named: bool = True) -> ConfigError:
     """The error ``text`` about setting ``name`` saying where its value came
     from, one way for every check: ``FILE: text``, ``text (from $NAME)``, or
     the flag's name for the setting's."""
     kind, label = origin
     if kind == "file":
         return ConfigError(f"{label}: {text}")
-    if kind == "flag":
+    if kind == "flag" and named:
         said = _as_flag(text, name, label)
         if said != text:
             return ConfigError(said)
@@ -445,16 +445,19 @@ class ServeSettings:
     #: after the type check: they say it as the type check does.
     origins: dict[_Key, _Origin] = field(default_factory=dict, compare=False, repr=False)
 
-    def _refused(self, text: str, *keys: _Key) -> ConfigError:
+    def _refused(self, text: str, *keys: _Key, named: bool = True) -> ConfigError:
         """ConfigError ``text`` about ``keys``, saying where each given value
         came from: for one (or all from one file) as :func:`_from` does;
         else each flag by its name and the others after the text,
-        ``(limits.max_payload from p.toml; limits.max_frame from $X)``."""
+        ``(limits.max_payload from p.toml; limits.max_frame from $X)``.
+        ``named=False``: ``text`` does not name the setting (it quotes a
+        path, which may be the setting's name: ``--data-dir data_dir``), so
+        a flag is said after it, never put in its place."""
         given = [(key, origin) for key in keys if (origin := self.origins.get(key)) is not None]
         if not given:
             return ConfigError(text)
         if len(given) == 1 or all(origin == given[0][1] and origin[0] == "file" for _, origin in given):
-            return _from(text, _said_name(given[0][0]), given[0][1])
+            return _from(text, _said_name(given[0][0]), given[0][1], named)
         sources = []
         for key, (kind, label) in given:
             name = _said_name(key)

@@ -312,9 +312,15 @@ def test_a_refused_data_dir_or_secret_file_says_where_the_path_came_from(tmp_pat
     assert_clean_exit_2(r, f"{cfg}: the data directory {tmp_path / 'afile' / 'sub'} cannot be made", command="token")
     # (A path with the setting's name in it stays as it is: the name was
     # replaced by the option's wherever it was found first.)
-    (tmp_path / "my_data_dir").write_text("")
-    r = run_pimcore("serve", "--data-dir", tmp_path / "my_data_dir", *listen, cwd=tmp_path)
-    assert_clean_exit_2(r, f"the data directory {tmp_path / 'my_data_dir'} is a file, not a directory (from --data-dir)")
+    # A path that is, or has as a word, the setting's name too (a new-user
+    # pass: `--data-dir data_dir` was said as "the data directory --data-dir").
+    for name in ("my_data_dir", "data_dir", "my data_dir.d"):
+        (tmp_path / name).write_text("")
+        r = run_pimcore("serve", "--data-dir", name, *listen, cwd=tmp_path)
+        assert_clean_exit_2(r, f"the data directory {name} is a file, not a directory (from --data-dir)")
+    (tmp_path / "secret_file").write_text("")
+    r = run_pimcore("serve", "--data-dir", tmp_path / "d", "--secret-file", "secret_file", *listen, cwd=tmp_path)
+    assert_clean_exit_2(r, "the token secret file secret_file is empty (from --secret-file)")
     r = run_pimcore("serve", "--data-dir", tmp_path / "d", *listen, env={"PIMCORE_SECRET_FILE": str(tmp_path / "nope")},
                     cwd=tmp_path)
     assert_clean_exit_2(r, f"the token secret file {tmp_path / 'nope'}: No such file or directory (from $PIMCORE_SECRET_FILE)")
