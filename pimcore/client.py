@@ -189,12 +189,22 @@ class _FirstBytes(StreamWrapper):
         if len(self.first) < _FIRST_BYTES:
             self.first += data[: _FIRST_BYTES - len(self.first)]
             self.eof = self.eof or not data
-            if self.first.startswith(b"\x15\x03") or self.looks_like_pimcore or self.looks_like_text:
-                # A TLS alert, a pimcore frame or a banner is no HTTP
-                # response: the WebSocket's parser would wait for a line end
-                # (a blank one, after a banner: until connect_timeout) or
-                # fail with an error of its own (h11's).  Kept in ``first``,
-                # it ends the stream here.
+            if not self.could_be_http:
+                # A TLS alert, a pimcore frame, a banner, any binary: no
+                # HTTP response begins so.  The WebSocket's parser would
+                # wait for a line end (a blank one, after a banner: until
+                # connect_timeout) or fail with an error of its own (h11's
+                # LocalProtocolError, escaping from trio-websocket's reader
+                # task).  Kept in ``first``, it ends the stream here -- once
+                # enough of it came to tell text from binary: a banner may
+                # arrive in pieces (the connect's timeout bounds the wait).
+                try:
+                    while not self.eof and len(self.first) < _TEXT_MIN and _is_text(self.first, short=True):
+                        more = await self.inner.receive_some(max_bytes)
+                        self.first += more[: _FIRST_BYTES - len(self.first)]
+                        self.eof = not more
+                except _IO_ERRORS:
+                    self.eof = True
                 data = b""
         if not data and self.on_end is not None:
             self.on_end()
@@ -209,10 +219,15 @@ class _FirstBytes(StreamWrapper):
         return _pimcore_frame_start(self.first)
 
     @property
-    def looks_like_text(self) -> bool:
-        """Text, but not an HTTP response's start ("HTTP/", or as much of
-        it as came): another service's banner or error."""
-        return _is_text(self.first) and not b"HTTP/".startswith(self.first[:5])
+    def could_be_http(self) -> bool:
+        """The bytes so far begin "HTTP/" (or are as much of it as came)."""
+        return b"HTTP/".startswith(self.first[:5])
+
+    @property
+    def looks_like_other(self) -> bool:
+        """Neither HTTP nor a TLS alert nor pimcore's Close: another
+        service's banner, error or binary greeting."""
+        return not (self.could_be_http or self.first.startswith(b"\x15\x03") or self.looks_like_pimcore)
 
 
 class _Handshake(StreamWrapper):
@@ -257,12 +272,46 @@ def _pimcore_frame_start(first: bytes) -> bool:
     return False
 
 
-def _is_text(first: bytes) -> bool:
+#: Bytes of text that make an answer text rather than binary (_is_text).
+_TEXT_MIN = 4
+
+
+def _is_text(first: bytes, *, short: bool = False) -> bool:
     """``first`` (the first bytes a server sent, up to _FIRST_BYTES) is
-    printable ASCII text, at least 4 bytes: another service's banner or
-    error.  A pimcore frame never is: its head byte holds the protocol
-    version, its type byte is below 0x20."""
-    return len(first) >= 4 and all(0x20 <= b < 0x7F or b in b"\t\r\n" for b in first)
+    printable ASCII text, at least _TEXT_MIN bytes (any length if
+    ``short``): another service's banner or error.  A pimcore frame never
+    is: its head byte holds the protocol version, its type byte is below
+    0x20."""
+    return (short or len(first) >= _TEXT_MIN) and all(0x20 <= b < 0x7F or b in b"\t\r\n" for b in first)
+
+
+def _could_be_broker(first: bytes) -> bool:
+    """``first`` could begin a broker's first frame to a client: its
+    length (a varint of 1-5 bytes, >= 2), its head (a protocol version in
+    the high nibble, any version) and a type a broker answers a Login
+    with (LoginAck, Error, Close).  Fewer bytes than that: it could."""
+    length = shift = 0
+    for i, b in enumerate(first[:5]):
+        length |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            rest = first[i + 1:]
+            if length < 2 or (rest and rest[0] >> 4 == 0):
+                return False
+            return len(rest) < 2 or rest[1] in (F.FrameType.LOGIN_ACK, F.FrameType.ERROR, F.FrameType.CLOSE)
+    return len(first) < 5
+
+
+def _other_service(first: bytes) -> str:
+    """How the first connection's refusal says ``first`` (what a server
+    that is not a pimcore broker answered with): quoted if text, in hex if
+    binary."""
+    if _is_text(first):
+        shown = first.decode("ascii").replace("\r", "\\r").replace("\n", "\\n")
+        said = f"in text ('{shown}...')"
+    else:
+        said = f"in binary ({first.hex(' ')}{' ...' if len(first) >= _FIRST_BYTES else ''})"
+    return f"the server answered {said}, not in pimcore's protocol: is it another service's port?"
 
 
 class _WrongPort(OSError):
@@ -399,7 +448,7 @@ class Client:
         #: The first bytes of the last first-connection attempt's answer, if
         #: they were text and no pimcore frame (or, on ws://, no HTTP: see
         #: _serve, _connect_once).
-        self._text_answer: Optional[bytes] = None
+        self._other_answer: Optional[bytes] = None
         #: A ws:// connection's stream while its upgrade is under way (_connect_once).
         self._upgrade_answer: Optional[_FirstBytes] = None
         #: The last TLS connection's plain answer to its handshake (see _Handshake).
@@ -958,12 +1007,14 @@ class Client:
         plain = self.endpoint.scheme == "tcp" and s.connections_established == conn.base
         self._tls_suspect = plain and (conn.first.startswith(b"\x15\x03") or hung_up)
         self._tls_answer = plain and conn.first.startswith(b"\x15\x03")
-        # Text where the LoginAck should be (an SSH or SMTP banner, a Redis
-        # error: another service's port) will not change either: the first
-        # connection fails at once, saying so (the decoder's complaint about
-        # its bytes -- "UNSUPPORTED_VERSION: protocol version 5" -- is noise).
-        self._text_answer = (conn.first if s.connections_established == conn.base and d is not None and d.code is None
-                             and d.reason.startswith(MALFORMED) and _is_text(conn.first) else None)
+        # Text or binary where the LoginAck should be (an SSH or SMTP
+        # banner, a Redis error, a MySQL handshake: another service's port)
+        # will not change either: the first connection fails at once, saying
+        # so (the decoder's complaint about its bytes -- "UNSUPPORTED_VERSION:
+        # protocol version 5" -- is noise).  No frame was decoded (no Close);
+        # the bytes cannot begin one a broker sends first.
+        self._other_answer = (conn.first if s.connections_established == conn.base and conn.first
+                              and (d is None or d.code is None) and not _could_be_broker(conn.first) else None)
         if conn.error is not None:
             return conn.error
         return _SessionEnded(d.code, d.reason) if d is not None else None
@@ -972,7 +1023,7 @@ class Client:
         """One connection from dial to hang-up; returns why it ended."""
         end: Optional[BaseException] = None
         self._tls_suspect = self._tls_answer = False  # set by _serve, if the stream opens
-        self._text_answer = None
+        self._other_answer = None
         self._upgrade_answer = None
         try:
             async with trio.open_nursery() as conn_nursery:
@@ -1010,10 +1061,11 @@ class Client:
                 scheme = "tls" if ep.secure else "tcp"
                 return _WrongPort("the server answered the WebSocket upgrade in pimcore's binary protocol",
                                   f"it is not a WebSocket endpoint: try {scheme}://{_host(ep)}:{ep.port}")
-            if answer.looks_like_text:
-                # Text for an answer (an SSH banner: a service that speaks
-                # first) will not change: failed at once, as on tcp:// (_serve).
-                self._text_answer = answer.first
+            if answer.looks_like_other:
+                # Text or binary for an answer (an SSH banner, a MySQL
+                # handshake: a service that speaks first) will not change:
+                # failed at once, as on tcp:// (_serve).
+                self._other_answer = answer.first
             elif not ep.secure:
                 # The WebSocket upgrade failed: a TLS alert or a hang-up for an answer?
                 self._tls_suspect = answer.looks_like_tls
@@ -1100,11 +1152,8 @@ class Client:
                         # (Said as such: the decoder's complaint about its bytes
                         # -- "UNSUPPORTED_VERSION: protocol version 0" -- is noise.)
                         raise ConnectFailed(f"cannot connect to {self.url}: the server answered with a TLS alert{hint}") from exc
-                    if self._text_answer is not None:
-                        shown = self._text_answer.decode("ascii").replace("\r", "\\r").replace("\n", "\\n")
-                        raise ConnectFailed(f"cannot connect to {self.url}: the server answered in text"
-                                            f" ('{shown}...'), not in pimcore's protocol: is it another service's"
-                                            " port?") from exc
+                    if self._other_answer is not None:
+                        raise ConnectFailed(f"cannot connect to {self.url}: {_other_service(self._other_answer)}") from exc
                     if trio.current_time() >= first_deadline:
                         raise ConnectFailed(f"cannot connect to {self.url} within {self.config.connect_timeout:g} s"
                                             f" (connect_timeout): {_root_cause(exc)}{hint}") from exc

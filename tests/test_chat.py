@@ -135,11 +135,18 @@ def test_chat_with_an_unknown_host_is_one_line_at_once(monkeypatch: pytest.Monke
 
 
 @pytest.mark.parametrize("scheme", ["tcp", "ws"])
-def test_chat_at_another_services_port_says_it_answered_in_text_at_once(scheme: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("greeting, said", [
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "in text ('SSH-2.0-...')"),
+    (b"\x00\x01\x02\xff\xfe\xfd\xfc\xfb\xfa", "in binary (00 01 02 ff fe fd fc fb ...)"),
+], ids=["text", "binary"])
+def test_chat_at_another_services_port_says_what_it_answered_at_once(scheme: str, greeting: bytes, said: str,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """A ws:// URL at an SSH port (it speaks first: its banner): chat waited
     out connect_timeout (10 s), then said "no answer".  As for tcp://, the
     text is quoted at once, with the question whether it is another
-    service's port."""
+    service's port.  A port that answers in binary (no HTTP) ended in a
+    traceback on ws:// (h11's LocalProtocolError, a new-user pass) and was
+    retried as "malformed data" on tcp://: its bytes are shown in hex."""
     import time
 
     from _net import token
@@ -154,7 +161,7 @@ def test_chat_at_another_services_port_says_it_answered_in_text_at_once(scheme: 
             except OSError:
                 return  # shut: the test is over
             with conn:
-                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+                conn.sendall(greeting)
                 while conn.recv(65536):
                     pass
 
@@ -173,7 +180,7 @@ def test_chat_at_another_services_port_says_it_answered_in_text_at_once(scheme: 
     assert rc == 1 and out == "" and took < 5, (rc, out, err, took)  # connect_timeout is 10 s
     assert err.splitlines() == [
         f"pimcore chat: connecting to {url} (up to 10 s)…",
-        f"pimcore chat: cannot connect to {url}: the server answered in text ('SSH-2.0-...'), not in pimcore's protocol:"
+        f"pimcore chat: cannot connect to {url}: the server answered {said}, not in pimcore's protocol:"
         " is it another service's port?",
     ], err
 

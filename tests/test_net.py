@@ -2343,6 +2343,53 @@ async def test_on_connect_retry_hears_each_failed_first_attempt_in_words(autojum
     assert attempts >= 3 and heard == ["too many connections"] * (attempts - 1), (attempts, heard)
 
 
+#: Binary greetings of services that speak first, none of them HTTP or
+#: pimcore: a MySQL server's handshake (its packet length, 74, then 0x00
+#: and protocol version 10), bytes that no protocol starts with, a TLS
+#: handshake record (0x16 0x03: not the alert a TLS port answers with),
+#: a length no frame has, a one-byte greeting followed by a hang-up.
+_BINARY_GREETINGS = [
+    b"J\x00\x00\x00\n8.0.35\x00\x08\x00\x00\x00" + bytes(range(20)) + b"\x00" * 40,
+    b"\x00\x01\x02\xff\xfe\xfd\xfc\xfb\xfa",
+    b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00",
+    b"\xff\xff\xff\xff\x0f\x01\x02",
+    b"\x00",
+]
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "ws"])
+@pytest.mark.parametrize("greeting", _BINARY_GREETINGS, ids=["mysql", "noise", "tls-handshake", "huge-length", "one-byte"])
+async def test_another_services_binary_answer_fails_the_first_connect_at_once(greeting, scheme):
+    """A ws:// URL at a port that answers in binary that is no HTTP: h11's
+    LocalProtocolError escaped from trio-websocket's reader task as a
+    traceback (a new-user pass).  A tcp:// URL there said "malformed data
+    from the broker: UNSUPPORTED_VERSION" and retried it until
+    connect_timeout.  Neither will change: ConnectFailed at once, quoting
+    the first bytes in hex and asking whether it is another service's port."""
+    async def service(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(greeting)
+            if len(greeting) == 1:
+                return  # (and hangs up)
+            with trio.move_on_after(5):
+                while await stream.receive_some():
+                    pass
+
+    async with trio.open_nursery() as n:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        n.start_soon(trio.serve_listeners, service, listeners)
+        url = f"{scheme}://127.0.0.1:{listeners[0].socket.getsockname()[1]}" + ("/im" if scheme == "ws" else "")
+        with trio.fail_after(5):  # connect_timeout is 10 s
+            with pytest.raises(ConnectFailed) as err:
+                async with open_client(url, token("alice"), "phone"):
+                    pass
+        n.cancel_scope.cancel()
+    shown = greeting[:8].hex(" ")
+    assert str(err.value) == (f"cannot connect to {url}: the server answered in binary ({shown}"
+                              f"{' ...' if len(greeting) > 8 else ''}), not in pimcore's protocol:"
+                              " is it another service's port?"), err.value
+
+
 @pytest.mark.parametrize("scheme", ["tcp", "ws"])
 @pytest.mark.parametrize("banner", [b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", b"-ERR unknown command\r\n", b"220 mail ESMTP\r\n"])
 async def test_another_services_text_answer_fails_the_first_connect_at_once(banner, scheme):
