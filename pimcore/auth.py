@@ -116,13 +116,24 @@ class JwtAuthenticator:
         return Identity(user, device, expires=int((exp + self._leeway) * 1_000_000), issued_at=issued_at)
 
 
+#: How a refusal names each file load_or_create_secret keeps.
+_KEPT_AS = {SECRET_FILE: "token secret", "api-key": "HTTP API key", "webhook-secret": "webhook secret"}
+
+
 def load_or_create_secret(data_dir: Union[str, Path], name: str = SECRET_FILE) -> bytes:
     """The broker's token secret, kept in ``data_dir/secret`` (mode 0600);
     created with 32 random bytes on first use so a first run needs no setup.
-    ``name``: another file made the same way (the HTTP API key, ``api-key``)."""
+    ``name``: another file made the same way (the HTTP API key, ``api-key``).
+
+    Raises ValueError in words for a file that is there but cannot be used
+    ("the token secret file d/secret is not UTF-8 text", "...: Is a
+    directory", "... is empty"); OSError for one that cannot be made."""
     path = Path(data_dir) / name
+    what = f"the {_KEPT_AS.get(name, name)} file {path}"
     try:
         text = path.read_text().strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} is not UTF-8 text") from None
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
         text = secrets.token_hex(32)
@@ -135,6 +146,8 @@ def load_or_create_secret(data_dir: Union[str, Path], name: str = SECRET_FILE) -
             f.write(text + "\n")
             f.flush()
             os.fsync(f.fileno())
+    except OSError as exc:  # a directory, no permission...
+        raise ValueError(f"{what}: {exc.strerror or exc}") from None
     if not text:
-        raise ValueError(f"{path} is empty")
+        raise ValueError(f"{what} is empty")
     return text.encode()

@@ -101,6 +101,17 @@ def _check_data_dir(settings) -> None:  # settings: ServeSettings
                                 (None, "data_dir"), named=False)
 
 
+def _kept_secret(settings) -> bytes:  # settings: ServeSettings
+    """``<data_dir>/secret``, made on first use; a file there that cannot be
+    used is refused saying where the data directory came from."""
+    from .auth import load_or_create_secret
+
+    try:
+        return load_or_create_secret(settings.data_dir)
+    except ValueError as exc:
+        raise settings._refused(str(exc), (None, "data_dir"), named=False) from None
+
+
 def _secret(settings, *, create: bool = True, announce: Optional[str] = None) -> bytes:  # settings: ServeSettings
     """--secret / [secret] / $PIMCORE_SECRET / --secret-file, else the data
     directory's own (created on first use, mode 0600).
@@ -112,7 +123,7 @@ def _secret(settings, *, create: bool = True, announce: Optional[str] = None) ->
     ``announce`` (a command name): say on stderr that a secret was created."""
     import os
 
-    from .auth import SECRET_FILE, load_or_create_secret
+    from .auth import SECRET_FILE
 
     if settings.secret:
         return settings.secret.encode()
@@ -134,7 +145,7 @@ def _secret(settings, *, create: bool = True, announce: Optional[str] = None) ->
     path = settings.data_dir / SECRET_FILE
     _check_data_dir(settings)
     if path.exists():
-        return load_or_create_secret(settings.data_dir)
+        return _kept_secret(settings)
     if not create:
         raise ValueError(
             f"no token secret in {path}: is {settings.data_dir} the data directory of `pimcore serve`?"
@@ -142,7 +153,7 @@ def _secret(settings, *, create: bool = True, announce: Optional[str] = None) ->
             " the secret with --secret-file or $PIMCORE_SECRET; --create-secret makes a new one there"
             " (then start the broker with that data directory, or it refuses these tokens)"
         )
-    secret = load_or_create_secret(settings.data_dir)
+    secret = _kept_secret(settings)
     if announce:
         print(f"pimcore {announce}: created a new token secret in {path}; only a broker started with"
               f" --data-dir {settings.data_dir} accepts these tokens", file=sys.stderr)

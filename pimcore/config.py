@@ -661,7 +661,10 @@ class ServeSettings:
         path = self.data_dir / API_KEY_FILE
         if not create and not path.exists():
             return ()
-        return (load_or_create_secret(self.data_dir, API_KEY_FILE).decode(),)
+        try:
+            return (load_or_create_secret(self.data_dir, API_KEY_FILE).decode(),)
+        except ValueError as exc:  # (said with where the data directory came from)
+            raise self._refused(str(exc), (None, "data_dir"), named=False) from None
 
     def webhook_secret(self) -> bytes:
         """``[webhooks] secret`` ($PIMCORE_WEBHOOKS_SECRET), else
@@ -674,7 +677,10 @@ class ServeSettings:
         from .auth import load_or_create_secret
         from .webhooks import WEBHOOK_SECRET_FILE
 
-        return load_or_create_secret(self.data_dir, WEBHOOK_SECRET_FILE)
+        try:
+            return load_or_create_secret(self.data_dir, WEBHOOK_SECRET_FILE)
+        except ValueError as exc:
+            raise self._refused(str(exc), (None, "data_dir"), named=False) from None
 
     def webhook_config(self, secret: Optional[bytes] = None) -> Any:  # -> Optional[pimcore.webhooks.WebhookConfig]
         """The event webhook's settings, or None without ``[webhooks] url``.

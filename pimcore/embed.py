@@ -1414,6 +1414,8 @@ def _secret_of(settings: ServeSettings) -> bytes:
         return text.encode()
     try:
         return load_or_create_secret(Path(settings.data_dir))
+    except ValueError as exc:  # a file there that cannot be used, said in words
+        raise ConfigError(f"data_dir {str(settings.data_dir)!r}: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"data_dir {str(settings.data_dir)!r}: cannot read or create its secret: {exc.strerror or exc}") from None
 

@@ -298,6 +298,44 @@ def test_a_data_dir_that_is_a_file_or_a_missing_secret_file_is_said_in_words(tmp
     assert_clean_exit_2(r, "the token secret file", "is not UTF-8 text", command="token")
 
 
+@pytest.mark.parametrize("bad", ["not-utf8", "directory", "empty"])
+def test_a_bad_secret_in_the_data_dir_is_said_in_words_with_where_the_dir_came_from(tmp_path: Path, bad: str) -> None:
+    """``<data_dir>/secret`` not UTF-8, a directory: Python's bare error
+    ("'utf-8' codec can't decode byte 0xff", "[Errno 21] Is a directory"), as
+    --secret-file's were before (a new-user pass).  Said now as
+    --secret-file's are, with where the data directory came from; and the
+    same for the HTTP API key's file next to it."""
+    listen = ("--listen", "tcp://127.0.0.1:0")
+    data = tmp_path / "d"
+    data.mkdir()
+    said = {"not-utf8": "is not UTF-8 text", "directory": ": Is a directory", "empty": " is empty"}[bad]
+    for name, what, command, args in [
+        ("secret", "the token secret file", "serve", ["serve", *listen]),
+        ("secret", "the token secret file", "token", ["token", "--user", "alice"]),
+        ("api-key", "the HTTP API key file", "serve", ["serve", *listen, "--http", "http://127.0.0.1:0"]),
+    ]:
+        path = data / name
+        if path.is_dir():
+            path.rmdir()
+        elif path.exists():
+            path.unlink()
+        if bad == "not-utf8":
+            path.write_bytes(b"\xff\xfe" + bytes(range(128, 200)))
+        elif bad == "directory":
+            path.mkdir()
+        else:
+            path.write_text("\n")
+        if name == "api-key":  # (a good token secret next to it)
+            if (data / "secret").is_dir():
+                (data / "secret").rmdir()
+            (data / "secret").write_text("s" * 64 + "\n")
+        r = run_pimcore(*args, "--data-dir", data, cwd=tmp_path)
+        sep = "" if said.startswith((":", " ")) else " "
+        assert_clean_exit_2(r, f"{what} {path}{sep}{said} (from --data-dir)", command=command)
+        r = run_pimcore(*args, env={"PIMCORE_DATA_DIR": str(data)}, cwd=tmp_path)
+        assert_clean_exit_2(r, f"{what} {path}{sep}{said} (from $PIMCORE_DATA_DIR)", command=command)
+
+
 def test_a_refused_data_dir_or_secret_file_says_where_the_path_came_from(tmp_path: Path) -> None:
     """Every other refused setting says where its value came from (a flag, a
     variable, a file); the data directory and the secret file did not -- a
