@@ -446,8 +446,9 @@ class Client:
         self._tls_suspect = False
         self._tls_answer = False  # ... and surely, by its answer (see _serve)
         #: The first bytes of the last first-connection attempt's answer, if
-        #: they were text and no pimcore frame (or, on ws://, no HTTP: see
-        #: _serve, _connect_once).
+        #: they were another service's (text or binary that begins no frame
+        #: a broker sends first, or, on ws://, no HTTP: see _serve,
+        #: _connect_once).
         self._other_answer: Optional[bytes] = None
         #: A ws:// connection's stream while its upgrade is under way (_connect_once).
         self._upgrade_answer: Optional[_FirstBytes] = None
