@@ -600,7 +600,14 @@ _RULE = "device ids are 1-64 ASCII characters from A-Z a-z 0-9 _ . @ -"
     ("", "''"),
     ("x" * 200, "'" + "x" * 70 + "'...(200 chars)"),  # (cut short, its quote kept)
     (5, "5"),
-], ids=["space", "empty", "long", "number"])
+    # Long, and not text: cut at an item, its closing bracket kept, with
+    # what it is and how long (its closing bracket was lost: "...19,...(?
+    # chars)").
+    (list(range(300)), "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]...(a list of 300 items)"),
+    ({str(i): i for i in range(50)}, "{'0': 0, '1': 1, '2': 2, '3': 3, '4': 4, '5': 5, '6': 6, '7': 7}...(a dict of 50 items)"),
+    (10**100, "1" + "0" * 69 + "...(an int of 101 digits)"),
+    (["x" * 200], "['" + "x" * 70 + "'...(200 chars)]"),  # (all of it there: only its item cut)
+], ids=["space", "empty", "long", "number", "long-list", "long-dict", "long-int", "list-of-a-long-string"])
 def test_a_token_bound_to_an_invalid_device_says_its_dev_claim_is_the_problem(
         dev: object, shown: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Without --device, chat logs in as the token's device (its dev claim).
