@@ -110,6 +110,20 @@ def _a(kind: str) -> str:
     return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
 
 
+def _int_head(n: int) -> tuple[str, int]:
+    """The first _SHOW_CUT characters of ``str(n)`` and how many digits
+    ``n`` has, without ``str(n)``: past ``sys.get_int_max_str_digits()``
+    digits (4,300) that is Python's ValueError, and slow."""
+    sign = "-" if n < 0 else ""
+    n = abs(int(n))
+    k = max(0, int((n.bit_length() - 1) * 0.30102999566398120) - 1)  # (at most its digits - 1)
+    power = 10 ** (k + 1)
+    while power <= n:
+        k, power = k + 1, power * 10
+    digits = k + 1
+    return sign + str(n // 10 ** max(0, digits - (_SHOW_CUT - len(sign)))), digits
+
+
 def _show(value: object, _depth: int = 0) -> str:
     """``repr(value)``, cut short: refusals quote the id, never 1 MiB of it.
     A long value is shown as the whole repr of a prefix -- its closing quote
@@ -118,27 +132,31 @@ def _show(value: object, _depth: int = 0) -> str:
     * a string: a prefix of it (no escape cut in two) and its length:
       ``'xx...x'...(200 chars)``;
     * an int: its first digits and how many it has:
-      ``1000...0...(an int of 101 digits)``;
+      ``1000...0...(an int of 101 digits)`` (never Python's ValueError for
+      one of more digits than ``repr`` converts);
     * a list, tuple or dict: its first items (each one shown this way) and
       how many it has: ``[0, 1, ..., 19]...(a list of 300 items)``;
     * anything else: its repr cut, with its type and length:
       ``Foo(...)...(a Foo, 200 chars)``.
 
-    (``_depth``: how deep in a value being shown this one is; below a few
-    levels a long list is ``[...]`` and its length, as one that holds
-    itself.)"""
-    text = repr(value)
-    if len(text) <= _SHOW_WHOLE:
+    (``_depth``: how deep inside the value being shown this one is; 3
+    levels down a long list, tuple or dict is ``[...]`` and its length, so
+    one that holds itself is shown too.)"""
+    try:
+        text: Optional[str] = repr(value)
+    except Exception:  # (an int of over 4,300 digits, in a list, say; a __repr__ that fails)
+        text = None
+    if text is not None and len(text) <= _SHOW_WHOLE:
         return text
-    if isinstance(value, str):
+    if isinstance(value, str) and text is not None:
         n = _SHOW_CUT
         while len(text := repr(value[:n])) > _SHOW_CUT + 2:  # (an escape is up to 10 characters: a few rounds)
             n = n * 2 // 3
         return f"{text}...({len(value)} chars)"
     kind = type(value).__name__
-    if isinstance(value, int) and text.lstrip("-").isdigit():  # (not an IntEnum's <Color.RED: 1>)
-        digits = len(text.lstrip("-"))
-        return f"{text[:_SHOW_CUT]}...({_a(kind)} of {_count(digits, 'digit')})"
+    if isinstance(value, int) and (text is None or text.lstrip("-").isdigit()):  # (not an IntEnum's <Color.RED: 1>)
+        head, digits = _int_head(value) if text is None else (text[:_SHOW_CUT], len(text.lstrip("-")))
+        return f"{head}...({_a(kind)} of {_count(digits, 'digit')})"
     if type(value) in (list, tuple, dict):  # (a subclass's repr is its own: namedtuple(a=...))
         assert isinstance(value, (list, tuple, dict))
         items = value.items() if isinstance(value, dict) else value
@@ -158,6 +176,8 @@ def _show(value: object, _depth: int = 0) -> str:
         if len(shown) == len(value):
             return body  # (all its items there, some cut)
         return f"{body}...({_a(kind)} of {_count(len(value), 'item')})"
+    if text is None:
+        return f"<{_a(kind)}>"
     return f"{text[:_SHOW_CUT]}...({_a(kind)}, {len(text):,} chars)"
 
 
