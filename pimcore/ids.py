@@ -110,6 +110,26 @@ def _a(kind: str) -> str:
     return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
 
 
+class LongNumber:
+    """A JSON integer of more digits than Python reads as an int
+    (``sys.get_int_max_str_digits()``, 4,300: ``int()`` of it is a
+    ValueError that says to raise the limit), kept as its text.  A token's
+    claims are read with these (:mod:`pimcore._jwt`), so one of 10**5000 is
+    refused in words, and shown cut (:func:`_show`), like any bad claim."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    @property
+    def digits(self) -> int:
+        return len(self.text.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 def _int_head(n: int) -> tuple[str, int]:
     """The first _SHOW_CUT characters of ``str(n)`` and how many digits
     ``n`` has, without ``str(n)``: past ``sys.get_int_max_str_digits()``
@@ -133,7 +153,8 @@ def _show(value: object, _depth: int = 0) -> str:
       ``'xx...x'...(200 chars)``;
     * an int: its first digits and how many it has:
       ``1000...0...(an int of 101 digits)`` (never Python's ValueError for
-      one of more digits than ``repr`` converts);
+      one of more digits than ``repr`` converts), and so a
+      :class:`LongNumber`;
     * a list, tuple or dict: its first items (each one shown this way) and
       how many it has: ``[0, 1, ..., 19]...(a list of 300 items)``;
     * anything else: its repr cut, with its type and length:
@@ -154,6 +175,8 @@ def _show(value: object, _depth: int = 0) -> str:
             n = n * 2 // 3
         return f"{text}...({len(value)} chars)"
     kind = type(value).__name__
+    if isinstance(value, LongNumber):
+        return f"{value.text[:_SHOW_CUT]}...(an int of {_count(value.digits, 'digit')})"
     if isinstance(value, int) and (text is None or text.lstrip("-").isdigit()):  # (not an IntEnum's <Color.RED: 1>)
         head, digits = _int_head(value) if text is None else (text[:_SHOW_CUT], len(text.lstrip("-")))
         return f"{head}...({_a(kind)} of {_count(digits, 'digit')})"

@@ -629,6 +629,53 @@ def test_a_token_bound_to_an_invalid_device_says_its_dev_claim_is_the_problem(
     ], err
 
 
+#: 10**5000 as JSON: 5,001 digits, more than Python reads as an int
+#: (sys.get_int_max_str_digits(): 4,300) -- nor json.dumps writes.
+_HUGE = "1" + "0" * 5000
+_HUGE_SHOWN = "1" + "0" * 69 + "...(an int of 5,001 digits)"
+
+
+def _hand_signed_json(secret: bytes, **claims: str) -> str:
+    """Like _hand_signed, each claim given as its JSON text (_HUGE, say)."""
+    import json
+    import time
+
+    from jwt.api_jws import PyJWS
+
+    from pimcore.auth import AUDIENCE
+
+    body = {"sub": '"alice"', "aud": json.dumps(AUDIENCE), "exp": str(int(time.time()) + 600), **claims}
+    payload = "{" + ", ".join(f"{json.dumps(name)}: {text}" for name, text in body.items()) + "}"
+    return PyJWS().encode(payload.encode(), secret, algorithm="HS256")
+
+
+@pytest.mark.parametrize("claims, shown, user", [
+    ({"dev": _HUGE}, _HUGE_SHOWN, "alice"),
+    ({"dev": f"-{_HUGE}"}, "-" + _HUGE_SHOWN[:69] + _HUGE_SHOWN[70:], "alice"),
+    ({"dev": f"[{_HUGE}, 1]"}, f"[{_HUGE_SHOWN}]...(a list of 2 items)", "alice"),
+    ({"dev": _HUGE, "sub": _HUGE}, _HUGE_SHOWN, "ME"),
+], ids=["number", "negative", "in-a-list", "and-sub"])
+def test_a_dev_claim_of_more_digits_than_python_reads_is_refused_like_any_bad_one(
+        claims: dict[str, str], shown: str, user: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A dev claim of 5,001 digits made the whole token unreadable to chat
+    (Python's "Exceeds the limit (4300 digits) for integer string
+    conversion"): it was taken as no dev claim, chat connected as
+    'terminal' and the broker refused the token with Python's advice to
+    call sys.set_int_max_str_digits().  Refused before connecting like any
+    dev claim that is no device id, shown cut: its first digits and how
+    many it has."""
+    from _net import SECRET
+    from pimcore.cli import main
+
+    rc = main(["chat", "--to", "bob", "--token", _hand_signed_json(SECRET, **claims), "--url", "tcp://127.0.0.1:1"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "Traceback" not in err, (rc, out, err)
+    assert err.splitlines() == [
+        f"pimcore chat: the token's dev claim {shown} is not a valid device id ({_RULE}): no device can log in"
+        f" with this token; get another: pimcore token --user {user} --device DEVICE"
+    ], err
+
+
 def test_a_token_bound_to_an_invalid_device_gets_no_unusable_device_hint(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """With --device given, the broker refuses the token ("bound to device
