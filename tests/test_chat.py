@@ -676,6 +676,31 @@ def test_a_dev_claim_of_more_digits_than_python_reads_is_refused_like_any_bad_on
     ], err
 
 
+def test_the_broker_refuses_a_claim_of_more_digits_than_python_reads_in_words(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The broker refused a token with any number of 5,001 digits in its
+    claims with Python's own error: "token is invalid: Invalid payload
+    string: Exceeds the limit (4300 digits) for integer string conversion:
+    value has 5001 digits; use sys.set_int_max_str_digits() to increase the
+    limit" -- advice for the broker's code, naming no claim.  Still refused
+    (whatever the claim: it was before), in words that name the claim."""
+    from pimcore.cli import main
+
+    secret = b"chat-test-secret-0123456789abcdef-0123"
+    cases = [({"dev": _HUGE}, "its claim 'dev' is a number of 5,001 digits"),
+             ({"exp": _HUGE}, "its claim 'exp' is a number of 5,001 digits"),
+             ({"sub": f"-{_HUGE}"}, "its claim 'sub' is a number of 5,001 digits"),
+             ({"roles": f'["admin", {{"level": {_HUGE}}}]'}, "its claim 'roles' holds a number of 5,001 digits")]
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=["tcp://127.0.0.1:0"], secret=secret.decode()) as im:
+        url = f"tcp://127.0.0.1:{im.port()}"
+        for claims, said in cases:
+            rc = main(["chat", "--to", "bob", "--token", _hand_signed_json(secret, **claims), "--url", url,
+                       "--device", "terminal"])
+            _, err = capsys.readouterr()
+            assert rc == 1 and "Traceback" not in err, (claims.keys(), err)
+            assert err.splitlines()[-1] == f"pimcore chat: token refused: token is invalid: {said} (at most 4,300 are read)", err
+
+
 def test_a_token_bound_to_an_invalid_device_gets_no_unusable_device_hint(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """With --device given, the broker refuses the token ("bound to device
