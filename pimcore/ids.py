@@ -96,19 +96,112 @@ def valid_id(value: str) -> bool:
     return isinstance(value, str) and ID_RE.match(value) is not None
 
 
-def _show(value: object) -> str:
+#: A repr up to this long is shown whole; a longer one is cut to about
+#: _SHOW_CUT characters (see _show).
+_SHOW_WHOLE = 80
+_SHOW_CUT = 70
+
+
+def _count(n: int, unit: str) -> str:
+    return f"{n:,} {unit}{'' if n == 1 else 's'}"
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
+
+
+class LongNumber:
+    """A JSON integer of more digits than Python reads as an int
+    (``sys.get_int_max_str_digits()``, 4,300: ``int()`` of it is a
+    ValueError that says to raise the limit), kept as its text.  A token's
+    claims are read with these (:mod:`pimcore._jwt`), so one of 10**5000 is
+    refused in words, and shown cut (:func:`_show`), like any bad claim."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    @property
+    def digits(self) -> int:
+        return len(self.text.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _int_head(n: int) -> tuple[str, int]:
+    """The first _SHOW_CUT characters of ``str(n)`` and how many digits
+    ``n`` has, without ``str(n)``: past ``sys.get_int_max_str_digits()``
+    digits (4,300) that is Python's ValueError, and slow."""
+    sign = "-" if n < 0 else ""
+    n = abs(int(n))
+    k = max(0, int((n.bit_length() - 1) * 0.30102999566398120) - 1)  # (at most its digits - 1)
+    power = 10 ** (k + 1)
+    while power <= n:
+        k, power = k + 1, power * 10
+    digits = k + 1
+    return sign + str(n // 10 ** max(0, digits - (_SHOW_CUT - len(sign)))), digits
+
+
+def _show(value: object, _depth: int = 0) -> str:
     """``repr(value)``, cut short: refusals quote the id, never 1 MiB of it.
-    A long string is shown as the whole repr of a prefix (its closing quote
-    kept, no escape cut in two) and its length: ``'xx...x'...(200 chars)``."""
-    text = repr(value)
-    if len(text) <= 80:
+    A long value is shown as the whole repr of a prefix -- its closing quote
+    or bracket kept -- then ``...(`` how long it is ``)``:
+
+    * a string: a prefix of it (no escape cut in two) and its length:
+      ``'xx...x'...(200 chars)``;
+    * an int: its first digits and how many it has:
+      ``1000...0...(an int of 101 digits)`` (never Python's ValueError for
+      one of more digits than ``repr`` converts), and so a
+      :class:`LongNumber`;
+    * a list, tuple or dict: its first items (each one shown this way) and
+      how many it has: ``[0, 1, ..., 19]...(a list of 300 items)``;
+    * anything else: its repr cut, with its type and length:
+      ``Foo(...)...(a Foo, 200 chars)``.
+
+    (``_depth``: how deep inside the value being shown this one is; 3
+    levels down a long list, tuple or dict is ``[...]`` and its length, so
+    one that holds itself is shown too.)"""
+    try:
+        text: Optional[str] = repr(value)
+    except Exception:  # (an int of over 4,300 digits, in a list, say; a __repr__ that fails)
+        text = None
+    if text is not None and len(text) <= _SHOW_WHOLE:
         return text
-    if not isinstance(value, str):
-        return text[:70] + "...(? chars)"
-    n = 70
-    while len(text := repr(value[:n])) > 72:  # (an escape is up to 10 characters: a few rounds)
-        n = n * 2 // 3
-    return f"{text}...({len(value)} chars)"
+    if isinstance(value, str) and text is not None:
+        n = _SHOW_CUT
+        while len(text := repr(value[:n])) > _SHOW_CUT + 2:  # (an escape is up to 10 characters: a few rounds)
+            n = n * 2 // 3
+        return f"{text}...({len(value)} chars)"
+    kind = type(value).__name__
+    if isinstance(value, LongNumber):
+        return f"{value.text[:_SHOW_CUT]}...(an int of {_count(value.digits, 'digit')})"
+    if isinstance(value, int) and (text is None or text.lstrip("-").isdigit()):  # (not an IntEnum's <Color.RED: 1>)
+        head, digits = _int_head(value) if text is None else (text[:_SHOW_CUT], len(text.lstrip("-")))
+        return f"{head}...({_a(kind)} of {_count(digits, 'digit')})"
+    if type(value) in (list, tuple, dict):  # (a subclass's repr is its own: namedtuple(a=...))
+        assert isinstance(value, (list, tuple, dict))
+        items = value.items() if isinstance(value, dict) else value
+        shown: list[str] = []
+        size = 2
+        for item in items if _depth < 3 else ():
+            part = (f"{_show(item[0], _depth + 1)}: {_show(item[1], _depth + 1)}" if isinstance(value, dict)
+                    else _show(item, _depth + 1))
+            size += len(part) + 2 * bool(shown)
+            if shown and size > _SHOW_CUT:
+                break
+            shown.append(part)
+        open_, close = "{}" if isinstance(value, dict) else "[]" if isinstance(value, list) else "()"
+        if isinstance(value, tuple) and len(shown) == 1:
+            close = ",)"
+        body = f"{open_}{', '.join(shown) or '...'}{close}"
+        if len(shown) == len(value):
+            return body  # (all its items there, some cut)
+        return f"{body}...({_a(kind)} of {_count(len(value), 'item')})"
+    if text is None:
+        return f"<{_a(kind)}>"
+    return f"{text[:_SHOW_CUT]}...({_a(kind)}, {len(text):,} chars)"
 
 
 def id_rule(what: str = "user") -> str:

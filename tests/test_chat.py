@@ -600,7 +600,14 @@ _RULE = "device ids are 1-64 ASCII characters from A-Z a-z 0-9 _ . @ -"
     ("", "''"),
     ("x" * 200, "'" + "x" * 70 + "'...(200 chars)"),  # (cut short, its quote kept)
     (5, "5"),
-], ids=["space", "empty", "long", "number"])
+    # Long, and not text: cut at an item, its closing bracket kept, with
+    # what it is and how long (its closing bracket was lost: "...19,...(?
+    # chars)").
+    (list(range(300)), "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]...(a list of 300 items)"),
+    ({str(i): i for i in range(50)}, "{'0': 0, '1': 1, '2': 2, '3': 3, '4': 4, '5': 5, '6': 6, '7': 7}...(a dict of 50 items)"),
+    (10**100, "1" + "0" * 69 + "...(an int of 101 digits)"),
+    (["x" * 200], "['" + "x" * 70 + "'...(200 chars)]"),  # (all of it there: only its item cut)
+], ids=["space", "empty", "long", "number", "long-list", "long-dict", "long-int", "list-of-a-long-string"])
 def test_a_token_bound_to_an_invalid_device_says_its_dev_claim_is_the_problem(
         dev: object, shown: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Without --device, chat logs in as the token's device (its dev claim).
@@ -620,6 +627,78 @@ def test_a_token_bound_to_an_invalid_device_says_its_dev_claim_is_the_problem(
         f"pimcore chat: the token's dev claim {shown} is not a valid device id ({_RULE}): no device can log in"
         " with this token; get another: pimcore token --user alice --device DEVICE"
     ], err
+
+
+#: 10**5000 as JSON: 5,001 digits, more than Python reads as an int
+#: (sys.get_int_max_str_digits(): 4,300) -- nor json.dumps writes.
+_HUGE = "1" + "0" * 5000
+_HUGE_SHOWN = "1" + "0" * 69 + "...(an int of 5,001 digits)"
+
+
+def _hand_signed_json(secret: bytes, **claims: str) -> str:
+    """Like _hand_signed, each claim given as its JSON text (_HUGE, say)."""
+    import json
+    import time
+
+    from jwt.api_jws import PyJWS
+
+    from pimcore.auth import AUDIENCE
+
+    body = {"sub": '"alice"', "aud": json.dumps(AUDIENCE), "exp": str(int(time.time()) + 600), **claims}
+    payload = "{" + ", ".join(f"{json.dumps(name)}: {text}" for name, text in body.items()) + "}"
+    return PyJWS().encode(payload.encode(), secret, algorithm="HS256")
+
+
+@pytest.mark.parametrize("claims, shown, user", [
+    ({"dev": _HUGE}, _HUGE_SHOWN, "alice"),
+    ({"dev": f"-{_HUGE}"}, "-" + _HUGE_SHOWN[:69] + _HUGE_SHOWN[70:], "alice"),
+    ({"dev": f"[{_HUGE}, 1]"}, f"[{_HUGE_SHOWN}]...(a list of 2 items)", "alice"),
+    ({"dev": _HUGE, "sub": _HUGE}, _HUGE_SHOWN, "ME"),
+], ids=["number", "negative", "in-a-list", "and-sub"])
+def test_a_dev_claim_of_more_digits_than_python_reads_is_refused_like_any_bad_one(
+        claims: dict[str, str], shown: str, user: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A dev claim of 5,001 digits made the whole token unreadable to chat
+    (Python's "Exceeds the limit (4300 digits) for integer string
+    conversion"): it was taken as no dev claim, chat connected as
+    'terminal' and the broker refused the token with Python's advice to
+    call sys.set_int_max_str_digits().  Refused before connecting like any
+    dev claim that is no device id, shown cut: its first digits and how
+    many it has."""
+    from _net import SECRET
+    from pimcore.cli import main
+
+    rc = main(["chat", "--to", "bob", "--token", _hand_signed_json(SECRET, **claims), "--url", "tcp://127.0.0.1:1"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "Traceback" not in err, (rc, out, err)
+    assert err.splitlines() == [
+        f"pimcore chat: the token's dev claim {shown} is not a valid device id ({_RULE}): no device can log in"
+        f" with this token; get another: pimcore token --user {user} --device DEVICE"
+    ], err
+
+
+def test_the_broker_refuses_a_claim_of_more_digits_than_python_reads_in_words(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The broker refused a token with any number of 5,001 digits in its
+    claims with Python's own error: "token is invalid: Invalid payload
+    string: Exceeds the limit (4300 digits) for integer string conversion:
+    value has 5001 digits; use sys.set_int_max_str_digits() to increase the
+    limit" -- advice for the broker's code, naming no claim.  Still refused
+    (whatever the claim: it was before), in words that name the claim."""
+    from pimcore.cli import main
+
+    secret = b"chat-test-secret-0123456789abcdef-0123"
+    cases = [({"dev": _HUGE}, "its claim 'dev' is a number of 5,001 digits"),
+             ({"exp": _HUGE}, "its claim 'exp' is a number of 5,001 digits"),
+             ({"sub": f"-{_HUGE}"}, "its claim 'sub' is a number of 5,001 digits"),
+             ({"roles": f'["admin", {{"level": {_HUGE}}}]'}, "its claim 'roles' holds a number of 5,001 digits")]
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=["tcp://127.0.0.1:0"], secret=secret.decode()) as im:
+        url = f"tcp://127.0.0.1:{im.port()}"
+        for claims, said in cases:
+            rc = main(["chat", "--to", "bob", "--token", _hand_signed_json(secret, **claims), "--url", url,
+                       "--device", "terminal"])
+            _, err = capsys.readouterr()
+            assert rc == 1 and "Traceback" not in err, (claims.keys(), err)
+            assert err.splitlines()[-1] == f"pimcore chat: token refused: token is invalid: {said} (at most 4,300 are read)", err
 
 
 def test_a_token_bound_to_an_invalid_device_gets_no_unusable_device_hint(

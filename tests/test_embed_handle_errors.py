@@ -128,6 +128,24 @@ async def test_a_long_conversation_id_is_cut_short_in_refusals(tmp_path: Path) -
                 assert len(str(refused.value)) < 400 and "...(5000 chars)" in str(refused.value), str(refused.value)
 
 
+async def test_a_conversation_id_that_is_a_huge_int_is_refused_in_words(tmp_path: Path) -> None:
+    """An int of 5,001 digits as a conversation id raised Python's own
+    ValueError ("Exceeds the limit (4300 digits) for integer string
+    conversion ... use sys.set_int_max_str_digits()"): the refusal's repr
+    of it.  Refused like any other id that is not text, shown cut: its
+    first digits and how many it has."""
+    huge = 10**5000
+    shown = "1" + "0" * 69 + "...(an int of 5,001 digits)"
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            for call in (lambda: im.post(huge, b"x"), lambda: im.recall(huge, 1), lambda: im.history(huge, "alice"),
+                         lambda: im.add_members(huge, ["alice"]), lambda: im.post([huge], b"x")):
+                with pytest.raises(RequestRefused) as refused:
+                    await call()
+                said = str(refused.value)
+                assert shown in said and "sys.set_int_max_str_digits" not in said and len(said) < 400, said
+
+
 async def test_an_idempotency_key_that_is_not_utf8_refuses_that_post_alone(tmp_path: Path) -> None:
     with trio.fail_after(20):
         async with open_pimcore(data_dir=tmp_path / "data") as im:
