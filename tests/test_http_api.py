@@ -113,6 +113,13 @@ async def test_post_errors(tmp_path: Path) -> None:
                 assert_error(status, doc, 400, "bad_request")
                 assert field in doc["error"]["message"], (body, doc)
             assert_error(*await call(c, "POST", path, raw=b"{nope"), 400, "bad_request")
+            # A number of more digits than Python reads: its message was
+            # Python's advice to call sys.set_int_max_str_digits().
+            for raw, said in ((b'{"payload": "x", "sender": ' + b"9" * 5001 + b"}", "5,001"), (b"[-" + b"1" * 4301 + b"]", "4,301")):
+                status, doc = await call(c, "POST", path, raw=raw)
+                assert_error(status, doc, 400, "bad_request")
+                assert doc["error"]["message"] == (f"the body is not JSON that can be read: it holds a number of {said}"
+                                                   " digits (at most 4,300 are read)"), doc
             assert_error(*await call(c, "POST", path, {"payload": "x"}, key=None), 401, "unauthorized")
             assert await im.history("team", "alice") == []  # nothing refused was stored
             # A sender without a device posts from the device "http".
