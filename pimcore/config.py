@@ -309,8 +309,29 @@ def _flag_origin(key: _Key, options: bool) -> Optional[_Origin]:
     return ("flag", "--" + flag.replace("_", "-")) if options else ("flag", flag)
 
 
+#: A value's JSON up to this long is shown whole in a refusal, a longer one
+#: cut (_show): a 5,001-digit $PIMCORE_LIMITS_WINDOW was echoed whole.
+_SHOW_WHOLE = 80
+
+
 def _show(value: Any) -> str:
-    return json.dumps(value, default=str) if not isinstance(value, bool) else str(value).lower()
+    """``value`` as a refusal quotes it: JSON (a bool as TOML writes it),
+    cut past _SHOW_WHOLE characters to the JSON of a prefix (its closing
+    quote kept) and how long it was: ``"99...9"...(5,001 chars)``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    try:
+        text = json.dumps(value, default=str)
+    except ValueError:  # (an int of more digits than Python converts)
+        text = "a number of more than 4,300 digits"
+    if len(text) <= _SHOW_WHOLE:
+        return text
+    if isinstance(value, str):
+        n = _SHOW_WHOLE - 10
+        while len(cut := json.dumps(value[:n])) > _SHOW_WHOLE - 8:  # (an escape is up to 12 characters)
+            n = n * 2 // 3
+        return f"{cut}...({len(value):,} chars)"
+    return f"{text[:_SHOW_WHOLE - 10]}...({len(text):,} chars)"
 
 
 _EXPECTED = {"str": "a string", "path": "a string (a path)", "int": "an integer", "float": "a number",
@@ -847,7 +868,24 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: {exc}") from None
     except UnicodeDecodeError as exc:  # (tomllib decodes before parsing)
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
+    except ValueError:
+        # tomllib's int() of more digits than Python reads: its message
+        # is advice to raise sys.set_int_max_str_digits().  Said by where
+        # the number is and how long it is, found in the file itself.
+        raise ConfigError(_long_number(path)) from None
     return _check_doc(doc, str(path))
+
+
+def _long_number(path: Path) -> str:
+    """Where in ``path`` the first number of more digits than Python reads
+    is, in words (for a ValueError out of tomllib)."""
+    limit = sys.get_int_max_str_digits()
+    data = path.read_bytes()
+    found = re.search(rb"\d{%d,}" % (limit + 1), data) if limit else None
+    if found is None:
+        return f"{path}: holds a number Python cannot read"
+    line = data.count(b"\n", 0, found.start()) + 1
+    return f"{path}: line {line}: a number of {len(found.group()):,} digits (at most {limit:,} are read)"
 
 
 def _check_doc(doc: dict[str, Any], where: str) -> dict[str, Any]:

@@ -261,6 +261,22 @@ def test_bad_config_file_exits_2_with_a_clear_message(tmp_path: Path, text: str,
     assert_clean_exit_2(r, *needles)
 
 
+def test_a_number_of_more_digits_than_python_reads_is_refused_in_words_and_shown_cut(tmp_path: Path) -> None:
+    """A config file with ``window = 999...9`` (5,001 digits) was refused with
+    Python's own advice to call sys.set_int_max_str_digits(); the same from
+    $PIMCORE_LIMITS_WINDOW quoted all 5,001 digits back.  A value is shown
+    cut, as ids are, and the file's number by its line and length."""
+    big = "9" * 5001
+    cfg = write_config(tmp_path / "p.toml", f'data_dir = "d"\n[limits]\n# a comment 123\nwindow = {big}\n')
+    r = run_pimcore("serve", "--config", cfg, "--listen", "tcp://127.0.0.1:0", cwd=tmp_path)
+    assert_clean_exit_2(r, f"{cfg}: line 4: a number of 5,001 digits (at most 4,300 are read)")
+    assert "set_int_max_str_digits" not in r.stderr
+    r = run_pimcore("serve", "--data-dir", tmp_path / "d", "--listen", "tcp://127.0.0.1:0",
+                    env={"PIMCORE_LIMITS_WINDOW": big}, cwd=tmp_path)
+    assert_clean_exit_2(r, 'limits.window: expected an integer, got "99999', '9"...(5,001 chars) (from $PIMCORE_LIMITS_WINDOW)')
+    assert len(r.stderr) < 300, r.stderr
+
+
 @pytest.mark.parametrize(
     "args, needles",
     [
