@@ -1424,7 +1424,7 @@ async def test_ws_connections_still_in_their_upgrade_count_against_max_connectio
             third = await _raw_ws_conn(port, WS_UPGRADE)
             answer = await _read_to_the_end(third)
             assert answer.startswith(b"HTTP/1.1 503 "), answer
-            assert answer.endswith(b"too many connections"), answer
+            assert answer.endswith(b"too many connections at %s (max_connections 2)" % srv.url("ws").encode()), answer
             assert srv.statistics().refused == 1
             assert srv.statistics().closes.get("OVERLOADED") == 1
             [refused] = [r for r in caplog.records if getattr(r, "event", None) == "overloaded"]
@@ -1628,7 +1628,30 @@ async def test_a_full_ws_listener_answers_an_upgrade_to_another_path_404_not_503
             assert srv.statistics().refused == 0
             answer = await _upgrade_answer(scheme, port, WS_UPGRADE, ca)
             assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
-            assert answer.endswith(b"too many connections"), answer
+            assert answer.endswith(b"too many connections at %s (max_connections 1)" % url.encode()), answer
+            assert srv.statistics().refused == 1
+            await hog.aclose()
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_a_full_ws_listeners_503_names_it_and_its_limit_and_says_when_to_retry(lmdb_store, ca, scheme):
+    """The 503 at max_connections said "too many connections" and nothing
+    more (a new-user pass LOW): not which listener was full (a client may
+    know several), nor when to come back.  It now names the listener and
+    its limit, and sends Retry-After."""
+    server_ssl = _serving_tls(ca) if scheme == "wss" else None
+    cfg = server_config(Endpoint(scheme, path="/im"), max_connections=1, login_timeout=600, ssl_context=server_ssl)
+    with trio.fail_after(15):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            hog = await _raw_ws_conn(port)  # holds the only slot (its handshakes not begun)
+            while srv.statistics().accepted < 1:
+                await trio.sleep(0.01)
+            answer = await _upgrade_answer(scheme, port, WS_UPGRADE, ca)
+            body = f"too many connections at {scheme}://127.0.0.1:{port}/im (max_connections 1)".encode()
+            assert answer == (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                              b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+                              % (len(body), body)), answer
             assert srv.statistics().refused == 1
             await hog.aclose()
 

@@ -420,17 +420,33 @@ def _why_lost(stream: trio.abc.Stream, exc: BaseException) -> str:
 _PEER_GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-def _http_answer(status: str, body: str) -> bytes:
+def _http_answer(status: str, body: str, headers: bytes = b"") -> bytes:
     """A ws:// or wss:// listener's plain-text HTTP answer before (or instead
-    of) an upgrade (``status``: "400 Bad Request"), after which it hangs up."""
+    of) an upgrade (``status``: "400 Bad Request"; ``headers``: more header
+    lines, each ending in CRLF), after which it hangs up."""
     data = body.encode()
     return (b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (status.encode(), len(data), data))
+            b"%sConnection: close\r\n\r\n%s" % (status.encode(), len(data), headers, data))
 
 
-#: What a ws:// or wss:// connection accepted at max_connections is answered
-#: (BrokerServer._refuse_ws): the HTTP server's refusal at its limit.
-_WS_REFUSAL = _http_answer("503 Service Unavailable", "too many connections")
+#: The Retry-After (seconds) of a full ws:// or wss:// listener's 503.  The
+#: SDK does not read it: it retries a 503 as Close OVERLOADED, after its own
+#: reconnect backoff (backoff_initial 0.1 s, doubled at each refusal, so
+#: about 1 s by its fourth try, jittered).  It is for other clients (a
+#: browser's code, a proxy): 1 s asks them to wait about what the SDK does
+#: once a few of its tries were refused -- slots come back as connections
+#: end -- and is the least the header says in whole seconds (0 would invite
+#: a retry loop with no wait at all).
+_WS_RETRY_AFTER = 1
+
+
+def _full_answer(ep: Endpoint, max_connections: int) -> bytes:
+    """What a ws:// or wss:// listener (``ep``, with its real port) answers
+    an upgrade it would take but for max_connections (BrokerServer._refuse_ws):
+    the HTTP server's refusal at its limit, saying which listener is full
+    (a client may know several) and when to come back."""
+    return _http_answer("503 Service Unavailable", f"too many connections at {ep.url} (max_connections {max_connections})",
+                        b"Retry-After: %d\r\n" % _WS_RETRY_AFTER)
 
 #: The first byte of a TLS record holding a handshake message (a ClientHello).
 _TLS_HANDSHAKE_RECORD = 0x16
@@ -1174,7 +1190,9 @@ class BrokerServer:
         url = self._endpoints[-1].url
         log.info("listening on %s", url, extra={"event": "listening", "url": url})
         task_status.started()
-        await trio.serve_listeners(functools.partial(self._serve_ws, ep), [_AddressedListener(x) for x in listeners],
+        # (Served with its real port, after port 0: the 503 names it.)
+        await trio.serve_listeners(functools.partial(self._serve_ws, self._endpoints[-1]),
+                                   [_AddressedListener(x) for x in listeners],
                                    handler_nursery=peers)
 
     async def _serve_ws(self, ep: Endpoint, accepted: _Accepted) -> None:
@@ -1315,7 +1333,8 @@ class BrokerServer:
             answer, code, why = _wrong_path_answer(ep, target), None, _wrong_path_refused(ep, target)
         else:
             self._count_refusal(conn_id, addr)
-            answer, code, why = _WS_REFUSAL, CloseCode.OVERLOADED, "too many connections (HTTP 503 to the WebSocket upgrade)"
+            answer, code, why = (_full_answer(ep, self.config.max_connections), CloseCode.OVERLOADED,
+                                 "too many connections (HTTP 503 to the WebSocket upgrade)")
         await self._answer_and_hang_up(stream, answer)
         self._ended(conn_id, code, why)
         await trio.aclose_forcefully(stream)
