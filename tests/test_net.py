@@ -1542,6 +1542,48 @@ async def test_a_plain_http_request_at_a_ws_listener_is_answered_in_words(lmdb_s
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+#: Upgrade requests with a header wsproto (1.3) cannot decode: it raises
+#: UnicodeError, not the RemoteProtocolError it answers with a 400.
+_UNDECODABLE_UPGRADES = {
+    "idna-host": WS_UPGRADE.replace(b"Host: 127.0.0.1", b"Host: xn--zz"),
+    "utf8-host": WS_UPGRADE.replace(b"Host: 127.0.0.1", "Host: é.example".encode()),
+    "connection": WS_UPGRADE.replace(b"Connection: Upgrade", b"Connection: Upgrade, \xff"),
+    "protocol": WS_UPGRADE.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Protocol: \xff\r\n\r\n"),
+}
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+@pytest.mark.parametrize("kind", list(_UNDECODABLE_UPGRADES))
+async def test_an_upgrade_request_with_an_undecodable_header_is_answered_400_and_ends_nothing_else(
+        lmdb_store, ca, caplog, scheme, kind):
+    """An upgrade request with "Host: xn--zz" (no IDNA) or a non-ASCII
+    Connection header made wsproto raise UnicodeError out of trio-websocket's
+    reader task: it escaped the connection and ended the broker, for every
+    client -- one unauthenticated request could.  It is now a malformed
+    upgrade request: the listener's 400, as one with no Host gets."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    server_ssl = _serving_tls(ca) if scheme == "wss" else None
+    with trio.fail_after(15):
+        async with serving(lmdb_store, server_config(Endpoint(scheme, path="/im"), ssl_context=server_ssl)) as srv:
+            port = srv.endpoints[0].port
+            answer = await _upgrade_answer(scheme, port, _UNDECODABLE_UPGRADES[kind], ca)
+            assert answer == _answer_400(scheme), answer
+            await _until_closes(caplog, 1)
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert close.reason == "WebSocket upgrade refused (HTTP 400): a malformed upgrade request", close.reason
+            async with client(srv.url(scheme), "alice", ssl_context=_trusting(ca)) as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+def _answer_400(scheme: str) -> bytes:
+    """A ws:// (wss://) listener at /im's 400 to what is no upgrade request."""
+    body = f"this is a pimcore {scheme}:// listener (path /im): it takes a WebSocket upgrade request to /im and nothing else"
+    return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body.encode()))
+
+
 @pytest.mark.parametrize("path, said", [("/foo", "/foo"), ("/" + "x" * 5000, "/" + "x" * 59 + "...")],
                          ids=["short", "long"])
 async def test_an_upgrade_to_another_path_is_answered_404_not_found_in_words(lmdb_store, path, said):

@@ -1297,9 +1297,23 @@ class BrokerServer:
             # this connection's end, never the broker's (escaping, it ended
             # the broker: any client could do it).  Anything else goes on.
             _, rest = group.split(_PEER_GONE)
+            undecodable = None
+            if rest is not None and ws is None:
+                # wsproto (1.3) decodes an upgrade request's Host as IDNA and
+                # its Connection, Sec-WebSocket-Protocol... headers as ASCII,
+                # and their failure ("Host: xn--zz", a byte 0xff) is a
+                # UnicodeError, not the RemoteProtocolError that trio-websocket
+                # answers 400: it left the reader task, and ended the broker
+                # (one request of anyone's could).  Before the upgrade only
+                # that handshake runs here: it is a malformed upgrade
+                # request, answered as one with no Host is (nothing was sent).
+                undecodable, rest = rest.split(UnicodeError)
             if rest is not None:
                 raise rest from None
-            if ended is None:
+            if undecodable is not None:
+                ended = "WebSocket upgrade refused (HTTP 400): a malformed upgrade request"
+                await self._answer_and_hang_up(stream, _not_http_answer(ep))
+            elif ended is None:
                 ended = f"connection lost: {_tls_reason(first_leaf(group))}"
         finally:
             if upgrading:
