@@ -1709,6 +1709,72 @@ def _whole_http_answer(answer: bytes) -> bool:
     return bool(sep and sizes) and len(body) >= int(sizes[0])
 
 
+async def _answer_to(scheme: str, port: int, request: bytes, ca) -> bytes:
+    """All a ws:// (wss://, trusting ``ca``) listener answers ``request``, sent
+    as the answer is read (a refusal may come before the end of it), until
+    it hangs up (or resets: what came before counts)."""
+    stream: trio.abc.Stream = await _raw_ws_conn(port)
+    if scheme == "wss":
+        stream = trio.SSLStream(stream, _trusting(ca), server_hostname="127.0.0.1")
+    answer = b""
+
+    async def read() -> None:
+        nonlocal answer
+        answer = await _read_to_the_end(stream)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        try:
+            await stream.send_all(request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # (the answer was sent, or the test says what came)
+    return answer
+
+
+#: Requests a ws:// listener does not take, for all it knows at their first line.
+_NOT_UPGRADES = {
+    "browser": b"GET /im HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/html\r\n\r\n",
+    "browser-elsewhere": b"GET /elsewhere HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    "no-host": WS_UPGRADE.replace(b"Host: 127.0.0.1\r\n", b""),
+    "post": WS_UPGRADE.replace(b"GET ", b"POST "),
+    "old-version": WS_UPGRADE.replace(b"Version: 13", b"Version: 8"),
+    "binary": encode_frame(F.Login(token("alice").encode(), "d", 0, 0, 0)),
+    "huge": WS_UPGRADE.replace(b"\r\n\r\n", b"\r\nCookie: c=" + b"c" * 70_000 + b"\r\n\r\n"),
+    "idna-host": _UNDECODABLE_UPGRADES["idna-host"],
+    "ascii-connection": _UNDECODABLE_UPGRADES["connection"],
+}
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+@pytest.mark.parametrize("kind", list(_NOT_UPGRADES))
+async def test_a_full_ws_listener_answers_what_is_no_upgrade_as_below_its_limit(lmdb_store, ca, caplog, scheme, kind):
+    """At max_connections, a ws:// listener read the request line only and
+    answered 503 to everything at its path: a browser or curl (no Upgrade
+    header), a malformed upgrade, an oversize head (431 below the limit) --
+    even bytes that are no HTTP (a tcp:// client's Login).  Nothing there is
+    an upgrade the listener would take, so a 503 ("retry later") told those
+    clients to retry what will never work.  Each now gets, byte for byte,
+    the answer it gets below the limit, and no refusal is counted."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    server_ssl = _serving_tls(ca) if scheme == "wss" else None
+    cfg = server_config(Endpoint(scheme, path="/im"), max_connections=1, login_timeout=600, ssl_context=server_ssl)
+    with trio.fail_after(20):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            below = await _answer_to(scheme, port, _NOT_UPGRADES[kind], ca)
+            assert below.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 426 ", b"HTTP/1.1 431 ")), below
+            await _until_closes(caplog, 1)  # (its slot back)
+            hog = await _raw_ws_conn(port)  # holds the only slot (its handshakes not begun)
+            while srv.statistics().accepted < 2:
+                await trio.sleep(0.01)
+            at = await _answer_to(scheme, port, _NOT_UPGRADES[kind], ca)
+            assert at == below, (at, below)
+            assert srv.statistics().refused == 0
+            await hog.aclose()
+
+
 @pytest.mark.parametrize("scheme", ["ws", "wss"])
 async def test_an_upgrade_request_with_a_huge_header_is_answered_431_in_full(lmdb_store, ca, scheme):
     """A 70 KB upgrade request head got the listener's 400 ("it takes a
@@ -1770,6 +1836,32 @@ async def test_the_upgrade_request_head_limit_is_exact_wherever_its_end_is_cut(l
                     await trio.sleep(0.05)  # (read apart)
                 answer = await stream.receive_some(65536)
             assert answer.startswith(b"HTTP/1.1 431 " if over else b"HTTP/1.1 101 "), answer
+
+
+@pytest.mark.parametrize("over", [0, 1])
+@pytest.mark.parametrize("cut", [None, -2], ids=["whole", "cut-2"])
+async def test_a_full_ws_listener_keeps_the_same_head_limit(lmdb_store, over, cut):
+    """At max_connections, a head of exactly _WS_MAX_HEAD bytes is an
+    upgrade the listener would take (503), one byte more gets its 431 as
+    below the limit -- also when its blank line comes in two reads."""
+    from pimcore.net.server import _WS_MAX_HEAD
+
+    pad = _WS_MAX_HEAD + over - len(WS_UPGRADE) - len(b"X-Pad: \r\n")
+    request = WS_UPGRADE.replace(b"\r\n\r\n", b"\r\nX-Pad: " + b"p" * pad + b"\r\n\r\n")
+    cfg = server_config(Endpoint("ws", path="/im"), max_connections=1, login_timeout=600)
+    with trio.fail_after(10):
+        async with serving(lmdb_store, cfg) as srv:
+            hog = await _raw_ws_conn(srv.endpoints[0].port)  # holds the only slot
+            while srv.statistics().accepted < 1:
+                await trio.sleep(0.01)
+            stream = await _raw_ws_conn(srv.endpoints[0].port)
+            for piece in ([request] if cut is None else [request[:cut], request[cut:]]):
+                await stream.send_all(piece)
+                await trio.sleep(0.05)  # (read apart)
+            answer = await _read_to_the_end(stream)
+            assert answer.startswith(b"HTTP/1.1 431 " if over else b"HTTP/1.1 503 "), answer
+            assert srv.statistics().refused == 1 - over
+            await hog.aclose()
 
 
 async def test_a_client_that_never_stops_sending_a_huge_header_is_hung_up_on(lmdb_store, caplog):

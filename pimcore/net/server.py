@@ -75,6 +75,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, 
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import RejectConnection, Request
+from wsproto.utilities import RemoteProtocolError
 
 from .._util import BaseExceptionGroup, first_leaf, unwrap_single
 from ..clock import WallClock
@@ -575,21 +578,27 @@ class _EndWatch(StreamWrapper):
         return self._head_left < 0
 
     async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
-        # trio-websocket (through wsproto) answers what it cannot upgrade
-        # with "HTTP/1.1 400 \r\ncontent-length: 0\r\n\r\n", then closes;
-        # a reject() without a body is the same with its status: no reason
-        # phrase, no Content-Type.  It is replaced by the refusal of that
-        # status.  (_serve_ws clears refusal once the upgrade is accepted:
-        # the WebSocket's frames pass with one falsy test.)
-        if (self.refusal and bytes(data[:13]) == self.refusal[:13]
-                and b"\r\ncontent-length: 0\r\n" in bytes(data).lower()):
-            data = self.refusal
-        await self.inner.send_all(data)
+        # (_serve_ws clears refusal once the upgrade is accepted: the
+        # WebSocket's frames pass with one falsy test.)
+        await self.inner.send_all(_said(data, self.refusal) if self.refusal else data)
 
     def _end(self) -> None:
         self.ended = True
         if self.on_end is not None:
             self.on_end()
+
+
+def _said(data: Union[bytes, bytearray, memoryview], refusal: bytes) -> Union[bytes, bytearray, memoryview]:
+    """What is sent for ``data``, trio-websocket's next bytes: ``refusal`` if
+    they are its answer of the same status without a body.  It (through
+    wsproto) answers what it cannot upgrade with "HTTP/1.1 400
+    \\r\\ncontent-length: 0\\r\\n\\r\\n", then closes; a reject() without a
+    body is the same with its status: no reason phrase, no Content-Type.
+    Another status (wsproto's 426 to an unknown Sec-WebSocket-Version)
+    passes as it is."""
+    if bytes(data[:13]) == refusal[:13] and b"\r\ncontent-length: 0\r\n" in bytes(data).lower():
+        return refusal
+    return data
 
 
 def _http_start(first: bytes) -> bool:
@@ -643,29 +652,70 @@ _HEAD_END = re.compile(rb"\n\r?\n")
 #: this long and this many bytes at the most (BrokerServer._answer_and_hang_up).
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 1 << 20
+#: The close line's reason of bytes that are no HTTP request, answered 400.
+_NOT_HTTP_ENDED = "not a WebSocket upgrade request (binary: a tcp:// client?): answered HTTP 400"
+#: The close line's reason of an upgrade request's head over its limit, answered 431.
+_TOO_LARGE_ENDED = f"WebSocket upgrade refused (HTTP 431): its header is over {_WS_MAX_HEAD} bytes"
 
 
-async def _request_target(stream: trio.abc.Stream) -> Optional[str]:
-    """The target ("/im?x=1") of the HTTP request that ``stream`` begins
-    with, read up to the end of its request line; None if the bytes are no
-    HTTP request line, or it is over _WS_MAX_HEAD bytes, or the stream ends
-    or breaks first (a reset, a failed TLS handshake).  What follows it
-    stays unread."""
-    line = b""
-    while b"\n" not in line:
-        if len(line) >= _WS_MAX_HEAD:
-            return None
+@dataclass(frozen=True)
+class _Head:
+    """The verdict on the first bytes of a ws:// or wss:// connection accepted
+    at max_connections (:func:`_read_head`): what it would be below the
+    limit, so that each gets the answer it gets there, and only an upgrade
+    the listener would take gets the 503.  All false and None: no verdict
+    (the client hung up, reset or stalled before its head's end)."""
+
+    not_http: bool = False  # bytes that are no HTTP request (a tcp:// Login): 400, as _EndWatch finds them
+    too_large: bool = False  # a head over _WS_MAX_HEAD bytes: 431, as _EndWatch finds it
+    #: wsproto's refusal (as trio-websocket sends it: see _said) of a head
+    #: that is no WebSocket upgrade (a browser, curl; no Host; a POST...).
+    rejected: Optional[bytes] = None
+    target: Optional[str] = None  # an upgrade request wsproto takes: its target ("/im?x=1")
+
+
+async def _read_head(stream: trio.abc.Stream) -> _Head:
+    """The head of the HTTP request ``stream`` begins with, judged as below
+    max_connections: the first bytes and the head's size as _EndWatch does,
+    then the head as trio-websocket does (wsproto over h11: the same code,
+    so the same verdict).  At most _WS_MAX_HEAD + 1 bytes are read: one
+    more says it is over.  What follows the head stays unread (the caller
+    drains it: _answer_and_hang_up); the caller bounds the time."""
+    head = bytearray()  # (grown in place: a client sending a byte at a time costs no copies)
+    while True:
         try:
-            data = await stream.receive_some(_WS_MAX_HEAD - len(line))
+            data = await stream.receive_some(_WS_MAX_HEAD + 1 - len(head))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return None
-        line += data
-        if not data or not _http_start(line[:2]):
-            return None
-    parts = line.split(b"\n", 1)[0].rstrip(b"\r").split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
-        return None
-    return parts[1].decode("ascii", "replace")
+            return _Head()  # (a reset, a failed TLS handshake)
+        if not data:
+            return _Head()
+        # (Each read is scanned once, with the 2 bytes before it: the blank
+        # line may straddle two reads.)
+        scanned = max(0, len(head) - 2)
+        head += data
+        if not _http_start(bytes(head[:2])):
+            return _Head(not_http=True)
+        end = _HEAD_END.search(head, scanned)
+        if end is not None:
+            if end.end() > _WS_MAX_HEAD:
+                return _Head(too_large=True)
+            break
+        if len(head) > _WS_MAX_HEAD:
+            return _Head(too_large=True)
+    ws = WSConnection(ConnectionType.SERVER)
+    try:
+        ws.receive_data(bytes(head[:end.end()]))
+    except RemoteProtocolError as exc:
+        # (wsproto gives each refusal of a handshake its answer.)
+        return _Head(rejected=ws.send(exc.event_hint or RejectConnection()))
+    except UnicodeError:
+        # A header wsproto cannot decode ("Host: xn--zz"): a malformed
+        # upgrade request, as _serve_ws takes it below the limit.
+        return _Head(rejected=ws.send(RejectConnection()))
+    for event in ws.events():
+        if isinstance(event, Request):
+            return _Head(target=event.target)
+    return _Head()  # (h11 wants more: not after a blank line)
 
 
 def _path_of(target: str) -> str:
@@ -1273,11 +1323,9 @@ class BrokerServer:
                         self._handshakes.discard(handshakes)
                 if (watch.not_http or watch.too_large) and ended is None and not self._stopping:
                     if watch.not_http:
-                        ended, answer = ("not a WebSocket upgrade request (binary: a tcp:// client?): answered HTTP 400",
-                                         _not_http_answer(ep))
+                        ended, answer = _NOT_HTTP_ENDED, _not_http_answer(ep)
                     else:
-                        ended, answer = (f"WebSocket upgrade refused (HTTP 431): its header is over {_WS_MAX_HEAD} bytes",
-                                         _head_too_large_answer(ep))
+                        ended, answer = _TOO_LARGE_ENDED, _head_too_large_answer(ep)
                     await self._answer_and_hang_up(stream, answer)
                 if handshakes.cancelled_caught and ws is None and ended is None:
                     ended = ("broker shutting down" if self._stopping
@@ -1328,23 +1376,39 @@ class BrokerServer:
         gets Close OVERLOADED), over TLS on wss://, then hang up.  Counted
         and logged as tcp's refusal.
 
-        Its request line is read first (within close_timeout, as the answer
-        is sent: a silent client holds nothing longer): an upgrade to
-        another path gets its 404 as below the limit, not counted as a
-        refusal.  A 503 to it told a client at a wrong URL to retry until
-        its connect_timeout, then "too many connections"."""
+        Its request head is read first (within close_timeout, as the answer
+        is sent: a silent client holds nothing longer; _WS_MAX_HEAD + 1
+        bytes at the most) and judged as below the limit (_read_head): what
+        the listener would not take there gets the same answer, not counted
+        as a refusal -- an upgrade to another path its 404, a browser or a
+        malformed upgrade the 400 (or wsproto's 426), an oversize head its
+        431, a tcp:// client's bytes the 400.  A 503 ("retry later") told
+        them to retry what will never work (a client at a wrong URL retried
+        until its connect_timeout, then heard "too many connections")."""
         stream: trio.abc.Stream = sock
         if ep.secure and self._ssl is not None:
             stream = tls_server_stream(sock, self._ssl, peer=addr, https_compatible=True)
-        target: Optional[str] = None
+        head = _Head()
         with trio.move_on_after(self.config.close_timeout) as reading:
             self._handshakes.add(reading)  # (shutdown() cancels the wait)
             try:
-                target = await _request_target(stream)
+                head = await _read_head(stream)
             finally:
                 self._handshakes.discard(reading)
-        if target is not None and _path_of(target) != ep.path:
-            answer, code, why = _wrong_path_answer(ep, target), None, _wrong_path_refused(ep, target)
+        # The answer below the limit; the 503 (the one refusal counted) to
+        # an upgrade the listener would take, or with no verdict -- the
+        # client hung up or reset (nothing hears it), or stalled past
+        # close_timeout (a slow upgrade request may still be one).
+        code: Optional[CloseCode] = None
+        if head.not_http:
+            answer, why = _not_http_answer(ep), _NOT_HTTP_ENDED
+        elif head.too_large:
+            answer, why = _head_too_large_answer(ep), _TOO_LARGE_ENDED
+        elif head.rejected is not None:
+            answer = bytes(_said(head.rejected, _not_http_answer(ep)))
+            why = f"WebSocket upgrade refused (HTTP {answer[9:12].decode()}): a malformed upgrade request"
+        elif head.target is not None and _path_of(head.target) != ep.path:
+            answer, why = _wrong_path_answer(ep, head.target), _wrong_path_refused(ep, head.target)
         else:
             self._count_refusal(conn_id, addr)
             answer, code, why = (_full_answer(ep, self.config.max_connections), CloseCode.OVERLOADED,
