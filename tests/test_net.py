@@ -1632,6 +1632,42 @@ async def test_an_upgrade_with_a_query_string_is_taken_at_the_listeners_path(lmd
                 assert answer.endswith(f"at /im only, not {other}".encode()), answer
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["below-the-limit", "at-the-limit"])
+@pytest.mark.parametrize("form", ["http://127.0.0.1:{port}", "http://127.0.0.1:{port}/im?x=1", "ws://localhost",
+                                  "HTTP://[::1]:{port}"])
+async def test_an_absolute_form_upgrade_request_is_taken_at_the_listeners_path(lmdb_store, full, form):
+    """An upgrade request whose target is in absolute form ("GET
+    http://127.0.0.1:7401/im HTTP/1.1", RFC 9112 section 3.2.2: what a
+    proxy sends) was compared whole with the listener's path and answered
+    404, at the limit too, where "GET /im" is taken.  Its scheme and host
+    are ignored as its query is: its path is what counts, below the limit
+    and at it; another path in absolute form still gets its 404."""
+    cfg = server_config(Endpoint("ws", path="/im"), max_connections=1, login_timeout=600)
+    with trio.fail_after(15):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            target = form.format(port=port)
+            if "/im" not in target:
+                target += "/im"
+            hog = None
+            if full:
+                hog = await _raw_ws_conn(port)  # holds the only slot
+                while srv.statistics().accepted < 1:
+                    await trio.sleep(0.01)
+            stream = await _raw_ws_conn(port, WS_UPGRADE.replace(b"GET /im ", f"GET {target} ".encode()))
+            answer = await stream.receive_some(65536)
+            assert answer.startswith(b"HTTP/1.1 503 " if full else b"HTTP/1.1 101 "), answer
+            await trio.aclose_forcefully(stream)
+            other = target.replace("/im", "/elsewhere")
+            wrong = WS_UPGRADE.replace(b"GET /im ", f"GET {other} ".encode())
+            answer = await _read_to_the_end(await _raw_ws_conn(port, wrong))
+            assert answer.startswith(b"HTTP/1.1 404 Not Found\r\n"), answer
+            assert answer.endswith(f"at /im only, not {other}".encode()), answer
+            assert srv.statistics().refused == (1 if full else 0)
+            if hog is not None:
+                await hog.aclose()
+
+
 async def _upgrade_answer(scheme: str, port: int, request: bytes, ca) -> bytes:
     """The whole answer of a ws:// (wss://, trusting ``ca``) listener to ``request``."""
     stream: trio.abc.Stream = await _raw_ws_conn(port)
@@ -1886,6 +1922,16 @@ async def test_a_client_that_never_stops_sending_a_huge_header_is_hung_up_on(lmd
             assert close.reason == f"WebSocket upgrade refused (HTTP 431): its header is over {_WS_MAX_HEAD} bytes", close.reason
             async with client(srv.url("ws"), "alice") as a:
                 assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+def test_the_path_of_a_request_target_in_each_form():
+    """Origin form and absolute form (RFC 9112 section 3.2): the path, its
+    query dropped; an absolute form's empty path is "/"."""
+    from pimcore.net.server import _path_of
+
+    assert [_path_of(t) for t in ("/im?x=1", "http://h:1/im?x=1", "wss://[::1]:7/a/b", "http://h", "http://h?x=1",
+                                  "http:/im", "*", "/http://h/im")] == [
+        "/im", "/im", "/a/b", "/", "/", "http:/im", "*", "/http://h/im"]
 
 
 def test_a_requested_path_is_quoted_safely():

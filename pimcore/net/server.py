@@ -718,11 +718,24 @@ async def _read_head(stream: trio.abc.Stream) -> _Head:
     return _Head()  # (h11 wants more: not after a blank line)
 
 
+#: The scheme and authority of a request target in absolute form (RFC 9112
+#: section 3.2.2: "http://127.0.0.1:7401" before "/im"), what a proxy sends.
+_ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+
+
 def _path_of(target: str) -> str:
     """The path of an upgrade request's target, the part before any "?": a
     browser or an SDK may add a query string (ws://host:port/im?x=1) to the
     listener's URL, and it is ignored, as an HTTP server ignores a query
-    its resource does not take."""
+    its resource does not take.  So are the scheme and host of a target in
+    absolute form (http://host:port/im: a proxy's), as a server takes it
+    (RFC 9112 section 3.2.2): whichever host it names reached this
+    listener.  Its empty path is "/" (RFC 9110 section 4.2.3)."""
+    absolute = _ABSOLUTE_FORM.match(target)
+    if absolute is not None:
+        target = target[absolute.end():]
+        if not target.startswith("/"):
+            target = "/" + target
     return target.partition("?")[0]
 
 
