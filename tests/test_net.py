@@ -1900,6 +1900,72 @@ async def test_a_full_ws_listener_keeps_the_same_head_limit(lmdb_store, over, cu
             await hog.aclose()
 
 
+async def _whole_answer_while_sending(stream: trio.abc.Stream, data: bytes) -> bytes:
+    """Send ``data`` to ``stream`` in pieces, as the network lets a client,
+    while reading the answer, until it is whole (its Content-Length): a
+    reset fails the test (the send raises, or the read)."""
+    answer = b""
+
+    async def send_in_pieces() -> None:
+        for i in range(0, len(data), 8192):
+            await stream.send_all(data[i:i + 8192])  # a reset raises here...
+            await trio.sleep(0.005)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_in_pieces)
+        while not _whole_http_answer(answer):
+            got = await stream.receive_some(65536)  # ... or here
+            assert got, answer
+            answer += got
+    return answer
+
+
+#: Upgrade requests a ws:// listener refuses in its handshake (trio-websocket's
+#: 400, its 404), each followed by more bytes (a POST's body; what a client
+#: sends on before it reads the answer).
+_REFUSED_THEN_MORE = {
+    "post-body": (WS_UPGRADE.replace(b"GET ", b"POST ").replace(b"\r\n\r\n", b"\r\nContent-Length: 200000\r\n\r\n")
+                  + b"b" * 200_000, b"HTTP/1.1 400 Bad Request\r\n"),
+    "no-host-then-more": (WS_UPGRADE.replace(b"Host: 127.0.0.1\r\n", b"") + b"m" * 200_000,
+                          b"HTTP/1.1 400 Bad Request\r\n"),
+    "elsewhere-then-more": (WS_UPGRADE.replace(b"GET /im ", b"GET /elsewhere ") + b"m" * 200_000,
+                            b"HTTP/1.1 404 Not Found\r\n"),
+}
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+@pytest.mark.parametrize("kind", list(_REFUSED_THEN_MORE))
+async def test_a_refusal_in_the_websocket_handshake_is_read_in_full_before_the_end(lmdb_store, ca, caplog, scheme, kind):
+    """trio-websocket's 400 to a malformed upgrade request (a POST with a
+    body, no Host) closed the socket at once, as did the broker after its
+    404, with the client's further bytes unread: the socket sent a reset,
+    which failed the client's sending and could drop the answer unread.
+    They now end as the listener's own refusals do (_answer_and_hang_up):
+    our side shut (not on TLS), what still comes read and dropped for a
+    bounded while, then closed -- the client sends it all and reads the
+    whole answer, then the end."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    request, status = _REFUSED_THEN_MORE[kind]
+    server_ssl = _serving_tls(ca) if scheme == "wss" else None
+    with trio.fail_after(15):
+        async with serving(lmdb_store, server_config(Endpoint(scheme, path="/im"), ssl_context=server_ssl)) as srv:
+            stream: trio.abc.Stream = await _raw_ws_conn(srv.endpoints[0].port)
+            if scheme == "wss":
+                stream = trio.SSLStream(stream, _trusting(ca), server_hostname="127.0.0.1")
+            answer = await _whole_answer_while_sending(stream, request)
+            assert answer.startswith(status), answer
+            if scheme == "ws":
+                assert await stream.receive_some() == b"", answer  # a clean end
+            await trio.aclose_forcefully(stream)
+            await _until_closes(caplog, 1)
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert close.reason.startswith(f"WebSocket upgrade refused (HTTP {status[9:12].decode()}):"), close.reason
+            async with client(srv.url(scheme), "alice", ssl_context=_trusting(ca)) as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
 async def test_a_client_that_never_stops_sending_a_huge_header_is_hung_up_on(lmdb_store, caplog):
     """After its 431, the broker reads what the client still sends for a
     bounded time and number of bytes only: one that never stops is hung

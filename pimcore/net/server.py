@@ -513,7 +513,14 @@ class _EndWatch(StreamWrapper):
     with HTTP 400 (the wait went on until login_timeout, holding one of
     max_connections).  It also ends the wait on an upgrade request whose
     head is over _WS_MAX_HEAD bytes (h11 would refuse it with a bare 400):
-    _serve_ws answers 431."""
+    _serve_ws answers 431.
+
+    Before the upgrade, the reader's close is not passed on: closed at once
+    after its 400, with what the client still sent unread (a POST's body),
+    the socket sent a reset, which failed the client's sending and could
+    drop the 400 unread.  _serve_ws ends it as the listener's own refusals
+    (_answer_and_hang_up); keep_open is cleared at the upgrade, after which
+    trio-websocket's close (its close handshake done) is the socket's."""
 
     def __init__(self, inner: trio.abc.Stream, refusal: bytes = b"") -> None:
         super().__init__(inner)
@@ -523,6 +530,7 @@ class _EndWatch(StreamWrapper):
         self.refusal = refusal
         self.ended = False  # the client hung up, or the stream broke
         self.closed = False  # trio-websocket closed it (a malformed upgrade request, answered 400)
+        self.keep_open = True  # its close leaves the stream open (before the upgrade)
         # The client's first bytes are no HTTP request (pimcore's binary
         # protocol: a tcp:// client): h11 would wait for a line end until
         # login_timeout, and the client with it.  _serve_ws answers 400.
@@ -540,6 +548,9 @@ class _EndWatch(StreamWrapper):
     async def aclose(self) -> None:
         self.closed = True
         self._end()
+        if self.keep_open:
+            await trio.lowlevel.checkpoint()
+            return
         await super().aclose()
 
     async def receive_some(self, max_bytes: Optional[int] = None) -> Union[bytes, bytearray]:
@@ -1281,6 +1292,10 @@ class BrokerServer:
         self._upgrading += 1
         upgrading = True
         ended: Optional[str] = None  # why it ended before its upgrade, for its close line
+        # A refusal went out in the WebSocket handshake (trio-websocket's 400,
+        # our 404): once its reader is done, _answer_and_hang_up ends it
+        # (no reset overtaking the answer: see _EndWatch).
+        linger = False
         # Peers split writes into messages of up to MAX_PEER_MESSAGE whatever the
         # frame limit (frames span messages); the frame limit is the decoder's.
         max_msg = max(self.config.broker.limits.max_frame, WebSocketStream.MAX_PEER_MESSAGE) + 16
@@ -1322,9 +1337,11 @@ class BrokerServer:
                                     # names the path: the SDK turns it into a URL).
                                     watch.refusal = _wrong_path_answer(ep, request.path)
                                     await request.reject(404)
+                                    linger = True
                                 else:
                                     ws = await request.accept()
                                     watch.refusal = b""
+                                    watch.keep_open = False
                             except ConnectionClosed as exc:
                                 # The client reset before our answer went out: this
                                 # connection ends here (escaping, it would end the
@@ -1350,7 +1367,12 @@ class BrokerServer:
                     self._upgrading -= 1  # (no checkpoint before _serve_peer counts it in _peers)
                     upgrading = False
                     await self._serve_peer(WebSocketStream(ws), ep, conn_id, addr=addr)
+                elif watch.closed:
+                    linger = True  # (its 400 sent: the reader ended itself)
                 nursery.cancel_scope.cancel()  # closed (or never opened): the reader ends
+            if linger and not self._stopping:
+                # (Out of the nursery: no reader left, the stream is ours to read.)
+                await self._answer_and_hang_up(stream, b"")
         except BaseExceptionGroup as group:
             # trio-websocket's reader task fails with the peer: answering a
             # malformed upgrade request with 400 to a client that reset
@@ -1431,8 +1453,8 @@ class BrokerServer:
         await trio.aclose_forcefully(stream)
 
     async def _answer_and_hang_up(self, stream: trio.abc.Stream, answer: bytes) -> None:
-        """Send ``answer`` (an HTTP refusal, before any WebSocket) within
-        close_timeout, then end cleanly.  Closed with the client's bytes
+        """Send ``answer`` (an HTTP refusal, before any WebSocket; empty: it
+        was sent) within close_timeout, then end cleanly.  Closed with the client's bytes
         unread (the rest of a 70 KB head), the socket sends a reset, which
         fails the client's sending and may drop the answer unread.  So our
         side is shut (the client sees the answer end; TLS has no half-close,
@@ -1442,7 +1464,8 @@ class BrokerServer:
         stops holds nothing longer.  The caller closes the stream."""
         with trio.move_on_after(self.config.close_timeout) as sending:
             try:
-                await stream.send_all(answer)
+                if answer:
+                    await stream.send_all(answer)
                 if isinstance(stream, trio.abc.HalfCloseableStream):
                     await stream.send_eof()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
