@@ -1424,7 +1424,7 @@ async def test_ws_connections_still_in_their_upgrade_count_against_max_connectio
             third = await _raw_ws_conn(port, WS_UPGRADE)
             answer = await _read_to_the_end(third)
             assert answer.startswith(b"HTTP/1.1 503 "), answer
-            assert answer.endswith(b"too many connections"), answer
+            assert answer.endswith(b"too many connections at %s (max_connections 2)" % srv.url("ws").encode()), answer
             assert srv.statistics().refused == 1
             assert srv.statistics().closes.get("OVERLOADED") == 1
             [refused] = [r for r in caplog.records if getattr(r, "event", None) == "overloaded"]
@@ -1542,6 +1542,48 @@ async def test_a_plain_http_request_at_a_ws_listener_is_answered_in_words(lmdb_s
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+#: Upgrade requests with a header wsproto (1.3) cannot decode: it raises
+#: UnicodeError, not the RemoteProtocolError it answers with a 400.
+_UNDECODABLE_UPGRADES = {
+    "idna-host": WS_UPGRADE.replace(b"Host: 127.0.0.1", b"Host: xn--zz"),
+    "utf8-host": WS_UPGRADE.replace(b"Host: 127.0.0.1", "Host: é.example".encode()),
+    "connection": WS_UPGRADE.replace(b"Connection: Upgrade", b"Connection: Upgrade, \xff"),
+    "protocol": WS_UPGRADE.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Protocol: \xff\r\n\r\n"),
+}
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+@pytest.mark.parametrize("kind", list(_UNDECODABLE_UPGRADES))
+async def test_an_upgrade_request_with_an_undecodable_header_is_answered_400_and_ends_nothing_else(
+        lmdb_store, ca, caplog, scheme, kind):
+    """An upgrade request with "Host: xn--zz" (no IDNA) or a non-ASCII
+    Connection header made wsproto raise UnicodeError out of trio-websocket's
+    reader task: it escaped the connection and ended the broker, for every
+    client -- one unauthenticated request could.  It is now a malformed
+    upgrade request: the listener's 400, as one with no Host gets."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    server_ssl = _serving_tls(ca) if scheme == "wss" else None
+    with trio.fail_after(15):
+        async with serving(lmdb_store, server_config(Endpoint(scheme, path="/im"), ssl_context=server_ssl)) as srv:
+            port = srv.endpoints[0].port
+            answer = await _upgrade_answer(scheme, port, _UNDECODABLE_UPGRADES[kind], ca)
+            assert answer == _answer_400(scheme), answer
+            await _until_closes(caplog, 1)
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert close.reason == "WebSocket upgrade refused (HTTP 400): a malformed upgrade request", close.reason
+            async with client(srv.url(scheme), "alice", ssl_context=_trusting(ca)) as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+def _answer_400(scheme: str) -> bytes:
+    """A ws:// (wss://) listener at /im's 400 to what is no upgrade request."""
+    body = f"this is a pimcore {scheme}:// listener (path /im): it takes a WebSocket upgrade request to /im and nothing else"
+    return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body.encode()))
+
+
 @pytest.mark.parametrize("path, said", [("/foo", "/foo"), ("/" + "x" * 5000, "/" + "x" * 59 + "...")],
                          ids=["short", "long"])
 async def test_an_upgrade_to_another_path_is_answered_404_not_found_in_words(lmdb_store, path, said):
@@ -1590,6 +1632,42 @@ async def test_an_upgrade_with_a_query_string_is_taken_at_the_listeners_path(lmd
                 assert answer.endswith(f"at /im only, not {other}".encode()), answer
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["below-the-limit", "at-the-limit"])
+@pytest.mark.parametrize("form", ["http://127.0.0.1:{port}", "http://127.0.0.1:{port}/im?x=1", "ws://localhost",
+                                  "HTTP://[::1]:{port}"])
+async def test_an_absolute_form_upgrade_request_is_taken_at_the_listeners_path(lmdb_store, full, form):
+    """An upgrade request whose target is in absolute form ("GET
+    http://127.0.0.1:7401/im HTTP/1.1", RFC 9112 section 3.2.2: what a
+    proxy sends) was compared whole with the listener's path and answered
+    404, at the limit too, where "GET /im" is taken.  Its scheme and host
+    are ignored as its query is: its path is what counts, below the limit
+    and at it; another path in absolute form still gets its 404."""
+    cfg = server_config(Endpoint("ws", path="/im"), max_connections=1, login_timeout=600)
+    with trio.fail_after(15):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            target = form.format(port=port)
+            if "/im" not in target:
+                target += "/im"
+            hog = None
+            if full:
+                hog = await _raw_ws_conn(port)  # holds the only slot
+                while srv.statistics().accepted < 1:
+                    await trio.sleep(0.01)
+            stream = await _raw_ws_conn(port, WS_UPGRADE.replace(b"GET /im ", f"GET {target} ".encode()))
+            answer = await stream.receive_some(65536)
+            assert answer.startswith(b"HTTP/1.1 503 " if full else b"HTTP/1.1 101 "), answer
+            await trio.aclose_forcefully(stream)
+            other = target.replace("/im", "/elsewhere")
+            wrong = WS_UPGRADE.replace(b"GET /im ", f"GET {other} ".encode())
+            answer = await _read_to_the_end(await _raw_ws_conn(port, wrong))
+            assert answer.startswith(b"HTTP/1.1 404 Not Found\r\n"), answer
+            assert answer.endswith(f"at /im only, not {other}".encode()), answer
+            assert srv.statistics().refused == (1 if full else 0)
+            if hog is not None:
+                await hog.aclose()
+
+
 async def _upgrade_answer(scheme: str, port: int, request: bytes, ca) -> bytes:
     """The whole answer of a ws:// (wss://, trusting ``ca``) listener to ``request``."""
     stream: trio.abc.Stream = await _raw_ws_conn(port)
@@ -1628,7 +1706,30 @@ async def test_a_full_ws_listener_answers_an_upgrade_to_another_path_404_not_503
             assert srv.statistics().refused == 0
             answer = await _upgrade_answer(scheme, port, WS_UPGRADE, ca)
             assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
-            assert answer.endswith(b"too many connections"), answer
+            assert answer.endswith(b"too many connections at %s (max_connections 1)" % url.encode()), answer
+            assert srv.statistics().refused == 1
+            await hog.aclose()
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_a_full_ws_listeners_503_names_it_and_its_limit_and_says_when_to_retry(lmdb_store, ca, scheme):
+    """The 503 at max_connections said "too many connections" and nothing
+    more (a new-user pass LOW): not which listener was full (a client may
+    know several), nor when to come back.  It now names the listener and
+    its limit, and sends Retry-After."""
+    server_ssl = _serving_tls(ca) if scheme == "wss" else None
+    cfg = server_config(Endpoint(scheme, path="/im"), max_connections=1, login_timeout=600, ssl_context=server_ssl)
+    with trio.fail_after(15):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            hog = await _raw_ws_conn(port)  # holds the only slot (its handshakes not begun)
+            while srv.statistics().accepted < 1:
+                await trio.sleep(0.01)
+            answer = await _upgrade_answer(scheme, port, WS_UPGRADE, ca)
+            body = f"too many connections at {scheme}://127.0.0.1:{port}/im (max_connections 1)".encode()
+            assert answer == (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                              b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+                              % (len(body), body)), answer
             assert srv.statistics().refused == 1
             await hog.aclose()
 
@@ -1642,6 +1743,72 @@ def _whole_http_answer(answer: bytes) -> bool:
     head, sep, body = answer.partition(b"\r\n\r\n")
     sizes = [line[15:] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length: ")]
     return bool(sep and sizes) and len(body) >= int(sizes[0])
+
+
+async def _answer_to(scheme: str, port: int, request: bytes, ca) -> bytes:
+    """All a ws:// (wss://, trusting ``ca``) listener answers ``request``, sent
+    as the answer is read (a refusal may come before the end of it), until
+    it hangs up (or resets: what came before counts)."""
+    stream: trio.abc.Stream = await _raw_ws_conn(port)
+    if scheme == "wss":
+        stream = trio.SSLStream(stream, _trusting(ca), server_hostname="127.0.0.1")
+    answer = b""
+
+    async def read() -> None:
+        nonlocal answer
+        answer = await _read_to_the_end(stream)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        try:
+            await stream.send_all(request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # (the answer was sent, or the test says what came)
+    return answer
+
+
+#: Requests a ws:// listener does not take, for all it knows at their first line.
+_NOT_UPGRADES = {
+    "browser": b"GET /im HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/html\r\n\r\n",
+    "browser-elsewhere": b"GET /elsewhere HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    "no-host": WS_UPGRADE.replace(b"Host: 127.0.0.1\r\n", b""),
+    "post": WS_UPGRADE.replace(b"GET ", b"POST "),
+    "old-version": WS_UPGRADE.replace(b"Version: 13", b"Version: 8"),
+    "binary": encode_frame(F.Login(token("alice").encode(), "d", 0, 0, 0)),
+    "huge": WS_UPGRADE.replace(b"\r\n\r\n", b"\r\nCookie: c=" + b"c" * 70_000 + b"\r\n\r\n"),
+    "idna-host": _UNDECODABLE_UPGRADES["idna-host"],
+    "ascii-connection": _UNDECODABLE_UPGRADES["connection"],
+}
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+@pytest.mark.parametrize("kind", list(_NOT_UPGRADES))
+async def test_a_full_ws_listener_answers_what_is_no_upgrade_as_below_its_limit(lmdb_store, ca, caplog, scheme, kind):
+    """At max_connections, a ws:// listener read the request line only and
+    answered 503 to everything at its path: a browser or curl (no Upgrade
+    header), a malformed upgrade, an oversize head (431 below the limit) --
+    even bytes that are no HTTP (a tcp:// client's Login).  Nothing there is
+    an upgrade the listener would take, so a 503 ("retry later") told those
+    clients to retry what will never work.  Each now gets, byte for byte,
+    the answer it gets below the limit, and no refusal is counted."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    server_ssl = _serving_tls(ca) if scheme == "wss" else None
+    cfg = server_config(Endpoint(scheme, path="/im"), max_connections=1, login_timeout=600, ssl_context=server_ssl)
+    with trio.fail_after(20):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            below = await _answer_to(scheme, port, _NOT_UPGRADES[kind], ca)
+            assert below.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 426 ", b"HTTP/1.1 431 ")), below
+            await _until_closes(caplog, 1)  # (its slot back)
+            hog = await _raw_ws_conn(port)  # holds the only slot (its handshakes not begun)
+            while srv.statistics().accepted < 2:
+                await trio.sleep(0.01)
+            at = await _answer_to(scheme, port, _NOT_UPGRADES[kind], ca)
+            assert at == below, (at, below)
+            assert srv.statistics().refused == 0
+            await hog.aclose()
 
 
 @pytest.mark.parametrize("scheme", ["ws", "wss"])
@@ -1707,6 +1874,98 @@ async def test_the_upgrade_request_head_limit_is_exact_wherever_its_end_is_cut(l
             assert answer.startswith(b"HTTP/1.1 431 " if over else b"HTTP/1.1 101 "), answer
 
 
+@pytest.mark.parametrize("over", [0, 1])
+@pytest.mark.parametrize("cut", [None, -2], ids=["whole", "cut-2"])
+async def test_a_full_ws_listener_keeps_the_same_head_limit(lmdb_store, over, cut):
+    """At max_connections, a head of exactly _WS_MAX_HEAD bytes is an
+    upgrade the listener would take (503), one byte more gets its 431 as
+    below the limit -- also when its blank line comes in two reads."""
+    from pimcore.net.server import _WS_MAX_HEAD
+
+    pad = _WS_MAX_HEAD + over - len(WS_UPGRADE) - len(b"X-Pad: \r\n")
+    request = WS_UPGRADE.replace(b"\r\n\r\n", b"\r\nX-Pad: " + b"p" * pad + b"\r\n\r\n")
+    cfg = server_config(Endpoint("ws", path="/im"), max_connections=1, login_timeout=600)
+    with trio.fail_after(10):
+        async with serving(lmdb_store, cfg) as srv:
+            hog = await _raw_ws_conn(srv.endpoints[0].port)  # holds the only slot
+            while srv.statistics().accepted < 1:
+                await trio.sleep(0.01)
+            stream = await _raw_ws_conn(srv.endpoints[0].port)
+            for piece in ([request] if cut is None else [request[:cut], request[cut:]]):
+                await stream.send_all(piece)
+                await trio.sleep(0.05)  # (read apart)
+            answer = await _read_to_the_end(stream)
+            assert answer.startswith(b"HTTP/1.1 431 " if over else b"HTTP/1.1 503 "), answer
+            assert srv.statistics().refused == 1 - over
+            await hog.aclose()
+
+
+async def _whole_answer_while_sending(stream: trio.abc.Stream, data: bytes) -> bytes:
+    """Send ``data`` to ``stream`` in pieces, as the network lets a client,
+    while reading the answer, until it is whole (its Content-Length): a
+    reset fails the test (the send raises, or the read)."""
+    answer = b""
+
+    async def send_in_pieces() -> None:
+        for i in range(0, len(data), 8192):
+            await stream.send_all(data[i:i + 8192])  # a reset raises here...
+            await trio.sleep(0.005)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_in_pieces)
+        while not _whole_http_answer(answer):
+            got = await stream.receive_some(65536)  # ... or here
+            assert got, answer
+            answer += got
+    return answer
+
+
+#: Upgrade requests a ws:// listener refuses in its handshake (trio-websocket's
+#: 400, its 404), each followed by more bytes (a POST's body; what a client
+#: sends on before it reads the answer).
+_REFUSED_THEN_MORE = {
+    "post-body": (WS_UPGRADE.replace(b"GET ", b"POST ").replace(b"\r\n\r\n", b"\r\nContent-Length: 200000\r\n\r\n")
+                  + b"b" * 200_000, b"HTTP/1.1 400 Bad Request\r\n"),
+    "no-host-then-more": (WS_UPGRADE.replace(b"Host: 127.0.0.1\r\n", b"") + b"m" * 200_000,
+                          b"HTTP/1.1 400 Bad Request\r\n"),
+    "elsewhere-then-more": (WS_UPGRADE.replace(b"GET /im ", b"GET /elsewhere ") + b"m" * 200_000,
+                            b"HTTP/1.1 404 Not Found\r\n"),
+}
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+@pytest.mark.parametrize("kind", list(_REFUSED_THEN_MORE))
+async def test_a_refusal_in_the_websocket_handshake_is_read_in_full_before_the_end(lmdb_store, ca, caplog, scheme, kind):
+    """trio-websocket's 400 to a malformed upgrade request (a POST with a
+    body, no Host) closed the socket at once, as did the broker after its
+    404, with the client's further bytes unread: the socket sent a reset,
+    which failed the client's sending and could drop the answer unread.
+    They now end as the listener's own refusals do (_answer_and_hang_up):
+    our side shut (not on TLS), what still comes read and dropped for a
+    bounded while, then closed -- the client sends it all and reads the
+    whole answer, then the end."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    request, status = _REFUSED_THEN_MORE[kind]
+    server_ssl = _serving_tls(ca) if scheme == "wss" else None
+    with trio.fail_after(15):
+        async with serving(lmdb_store, server_config(Endpoint(scheme, path="/im"), ssl_context=server_ssl)) as srv:
+            stream: trio.abc.Stream = await _raw_ws_conn(srv.endpoints[0].port)
+            if scheme == "wss":
+                stream = trio.SSLStream(stream, _trusting(ca), server_hostname="127.0.0.1")
+            answer = await _whole_answer_while_sending(stream, request)
+            assert answer.startswith(status), answer
+            if scheme == "ws":
+                assert await stream.receive_some() == b"", answer  # a clean end
+            await trio.aclose_forcefully(stream)
+            await _until_closes(caplog, 1)
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert close.reason.startswith(f"WebSocket upgrade refused (HTTP {status[9:12].decode()}):"), close.reason
+            async with client(srv.url(scheme), "alice", ssl_context=_trusting(ca)) as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
 async def test_a_client_that_never_stops_sending_a_huge_header_is_hung_up_on(lmdb_store, caplog):
     """After its 431, the broker reads what the client still sends for a
     bounded time and number of bytes only: one that never stops is hung
@@ -1729,6 +1988,16 @@ async def test_a_client_that_never_stops_sending_a_huge_header_is_hung_up_on(lmd
             assert close.reason == f"WebSocket upgrade refused (HTTP 431): its header is over {_WS_MAX_HEAD} bytes", close.reason
             async with client(srv.url("ws"), "alice") as a:
                 assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+def test_the_path_of_a_request_target_in_each_form():
+    """Origin form and absolute form (RFC 9112 section 3.2): the path, its
+    query dropped; an absolute form's empty path is "/"."""
+    from pimcore.net.server import _path_of
+
+    assert [_path_of(t) for t in ("/im?x=1", "http://h:1/im?x=1", "wss://[::1]:7/a/b", "http://h", "http://h?x=1",
+                                  "http:/im", "*", "/http://h/im")] == [
+        "/im", "/im", "/a/b", "/", "/", "http:/im", "*", "/http://h/im"]
 
 
 def test_a_requested_path_is_quoted_safely():

@@ -75,6 +75,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, 
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import RejectConnection, Request
+from wsproto.utilities import RemoteProtocolError
 
 from .._util import BaseExceptionGroup, first_leaf, unwrap_single
 from ..clock import WallClock
@@ -420,17 +423,33 @@ def _why_lost(stream: trio.abc.Stream, exc: BaseException) -> str:
 _PEER_GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-def _http_answer(status: str, body: str) -> bytes:
+def _http_answer(status: str, body: str, headers: bytes = b"") -> bytes:
     """A ws:// or wss:// listener's plain-text HTTP answer before (or instead
-    of) an upgrade (``status``: "400 Bad Request"), after which it hangs up."""
+    of) an upgrade (``status``: "400 Bad Request"; ``headers``: more header
+    lines, each ending in CRLF), after which it hangs up."""
     data = body.encode()
     return (b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (status.encode(), len(data), data))
+            b"%sConnection: close\r\n\r\n%s" % (status.encode(), len(data), headers, data))
 
 
-#: What a ws:// or wss:// connection accepted at max_connections is answered
-#: (BrokerServer._refuse_ws): the HTTP server's refusal at its limit.
-_WS_REFUSAL = _http_answer("503 Service Unavailable", "too many connections")
+#: The Retry-After (seconds) of a full ws:// or wss:// listener's 503.  The
+#: SDK does not read it: it retries a 503 as Close OVERLOADED, after its own
+#: reconnect backoff (backoff_initial 0.1 s, doubled at each refusal, so
+#: about 1 s by its fourth try, jittered).  It is for other clients (a
+#: browser's code, a proxy): 1 s asks them to wait about what the SDK does
+#: once a few of its tries were refused -- slots come back as connections
+#: end -- and is the least the header says in whole seconds (0 would invite
+#: a retry loop with no wait at all).
+_WS_RETRY_AFTER = 1
+
+
+def _full_answer(ep: Endpoint, max_connections: int) -> bytes:
+    """What a ws:// or wss:// listener (``ep``, with its real port) answers
+    an upgrade it would take but for max_connections (BrokerServer._refuse_ws):
+    the HTTP server's refusal at its limit, saying which listener is full
+    (a client may know several) and when to come back."""
+    return _http_answer("503 Service Unavailable", f"too many connections at {ep.url} (max_connections {max_connections})",
+                        b"Retry-After: %d\r\n" % _WS_RETRY_AFTER)
 
 #: The first byte of a TLS record holding a handshake message (a ClientHello).
 _TLS_HANDSHAKE_RECORD = 0x16
@@ -494,7 +513,14 @@ class _EndWatch(StreamWrapper):
     with HTTP 400 (the wait went on until login_timeout, holding one of
     max_connections).  It also ends the wait on an upgrade request whose
     head is over _WS_MAX_HEAD bytes (h11 would refuse it with a bare 400):
-    _serve_ws answers 431."""
+    _serve_ws answers 431.
+
+    Before the upgrade, the reader's close is not passed on: closed at once
+    after its 400, with what the client still sent unread (a POST's body),
+    the socket sent a reset, which failed the client's sending and could
+    drop the 400 unread.  _serve_ws ends it as the listener's own refusals
+    (_answer_and_hang_up); keep_open is cleared at the upgrade, after which
+    trio-websocket's close (its close handshake done) is the socket's."""
 
     def __init__(self, inner: trio.abc.Stream, refusal: bytes = b"") -> None:
         super().__init__(inner)
@@ -504,6 +530,7 @@ class _EndWatch(StreamWrapper):
         self.refusal = refusal
         self.ended = False  # the client hung up, or the stream broke
         self.closed = False  # trio-websocket closed it (a malformed upgrade request, answered 400)
+        self.keep_open = True  # its close leaves the stream open (before the upgrade)
         # The client's first bytes are no HTTP request (pimcore's binary
         # protocol: a tcp:// client): h11 would wait for a line end until
         # login_timeout, and the client with it.  _serve_ws answers 400.
@@ -521,6 +548,9 @@ class _EndWatch(StreamWrapper):
     async def aclose(self) -> None:
         self.closed = True
         self._end()
+        if self.keep_open:
+            await trio.lowlevel.checkpoint()
+            return
         await super().aclose()
 
     async def receive_some(self, max_bytes: Optional[int] = None) -> Union[bytes, bytearray]:
@@ -559,21 +589,27 @@ class _EndWatch(StreamWrapper):
         return self._head_left < 0
 
     async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
-        # trio-websocket (through wsproto) answers what it cannot upgrade
-        # with "HTTP/1.1 400 \r\ncontent-length: 0\r\n\r\n", then closes;
-        # a reject() without a body is the same with its status: no reason
-        # phrase, no Content-Type.  It is replaced by the refusal of that
-        # status.  (_serve_ws clears refusal once the upgrade is accepted:
-        # the WebSocket's frames pass with one falsy test.)
-        if (self.refusal and bytes(data[:13]) == self.refusal[:13]
-                and b"\r\ncontent-length: 0\r\n" in bytes(data).lower()):
-            data = self.refusal
-        await self.inner.send_all(data)
+        # (_serve_ws clears refusal once the upgrade is accepted: the
+        # WebSocket's frames pass with one falsy test.)
+        await self.inner.send_all(_said(data, self.refusal) if self.refusal else data)
 
     def _end(self) -> None:
         self.ended = True
         if self.on_end is not None:
             self.on_end()
+
+
+def _said(data: Union[bytes, bytearray, memoryview], refusal: bytes) -> Union[bytes, bytearray, memoryview]:
+    """What is sent for ``data``, trio-websocket's next bytes: ``refusal`` if
+    they are its answer of the same status without a body.  It (through
+    wsproto) answers what it cannot upgrade with "HTTP/1.1 400
+    \\r\\ncontent-length: 0\\r\\n\\r\\n", then closes; a reject() without a
+    body is the same with its status: no reason phrase, no Content-Type.
+    Another status (wsproto's 426 to an unknown Sec-WebSocket-Version)
+    passes as it is."""
+    if bytes(data[:13]) == refusal[:13] and b"\r\ncontent-length: 0\r\n" in bytes(data).lower():
+        return refusal
+    return data
 
 
 def _http_start(first: bytes) -> bool:
@@ -627,36 +663,90 @@ _HEAD_END = re.compile(rb"\n\r?\n")
 #: this long and this many bytes at the most (BrokerServer._answer_and_hang_up).
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 1 << 20
+#: The close line's reason of bytes that are no HTTP request, answered 400.
+_NOT_HTTP_ENDED = "not a WebSocket upgrade request (binary: a tcp:// client?): answered HTTP 400"
+#: The close line's reason of an upgrade request's head over its limit, answered 431.
+_TOO_LARGE_ENDED = f"WebSocket upgrade refused (HTTP 431): its header is over {_WS_MAX_HEAD} bytes"
 
 
-async def _request_target(stream: trio.abc.Stream) -> Optional[str]:
-    """The target ("/im?x=1") of the HTTP request that ``stream`` begins
-    with, read up to the end of its request line; None if the bytes are no
-    HTTP request line, or it is over _WS_MAX_HEAD bytes, or the stream ends
-    or breaks first (a reset, a failed TLS handshake).  What follows it
-    stays unread."""
-    line = b""
-    while b"\n" not in line:
-        if len(line) >= _WS_MAX_HEAD:
-            return None
+@dataclass(frozen=True)
+class _Head:
+    """The verdict on the first bytes of a ws:// or wss:// connection accepted
+    at max_connections (:func:`_read_head`): what it would be below the
+    limit, so that each gets the answer it gets there, and only an upgrade
+    the listener would take gets the 503.  All false and None: no verdict
+    (the client hung up, reset or stalled before its head's end)."""
+
+    not_http: bool = False  # bytes that are no HTTP request (a tcp:// Login): 400, as _EndWatch finds them
+    too_large: bool = False  # a head over _WS_MAX_HEAD bytes: 431, as _EndWatch finds it
+    #: wsproto's refusal (as trio-websocket sends it: see _said) of a head
+    #: that is no WebSocket upgrade (a browser, curl; no Host; a POST...).
+    rejected: Optional[bytes] = None
+    target: Optional[str] = None  # an upgrade request wsproto takes: its target ("/im?x=1")
+
+
+async def _read_head(stream: trio.abc.Stream) -> _Head:
+    """The head of the HTTP request ``stream`` begins with, judged as below
+    max_connections: the first bytes and the head's size as _EndWatch does,
+    then the head as trio-websocket does (wsproto over h11: the same code,
+    so the same verdict).  At most _WS_MAX_HEAD + 1 bytes are read: one
+    more says it is over.  What follows the head stays unread (the caller
+    drains it: _answer_and_hang_up); the caller bounds the time."""
+    head = bytearray()  # (grown in place: a client sending a byte at a time costs no copies)
+    while True:
         try:
-            data = await stream.receive_some(_WS_MAX_HEAD - len(line))
+            data = await stream.receive_some(_WS_MAX_HEAD + 1 - len(head))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return None
-        line += data
-        if not data or not _http_start(line[:2]):
-            return None
-    parts = line.split(b"\n", 1)[0].rstrip(b"\r").split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
-        return None
-    return parts[1].decode("ascii", "replace")
+            return _Head()  # (a reset, a failed TLS handshake)
+        if not data:
+            return _Head()
+        # (Each read is scanned once, with the 2 bytes before it: the blank
+        # line may straddle two reads.)
+        scanned = max(0, len(head) - 2)
+        head += data
+        if not _http_start(bytes(head[:2])):
+            return _Head(not_http=True)
+        end = _HEAD_END.search(head, scanned)
+        if end is not None:
+            if end.end() > _WS_MAX_HEAD:
+                return _Head(too_large=True)
+            break
+        if len(head) > _WS_MAX_HEAD:
+            return _Head(too_large=True)
+    ws = WSConnection(ConnectionType.SERVER)
+    try:
+        ws.receive_data(bytes(head[:end.end()]))
+    except RemoteProtocolError as exc:
+        # (wsproto gives each refusal of a handshake its answer.)
+        return _Head(rejected=ws.send(exc.event_hint or RejectConnection()))
+    except UnicodeError:
+        # A header wsproto cannot decode ("Host: xn--zz"): a malformed
+        # upgrade request, as _serve_ws takes it below the limit.
+        return _Head(rejected=ws.send(RejectConnection()))
+    for event in ws.events():
+        if isinstance(event, Request):
+            return _Head(target=event.target)
+    return _Head()  # (h11 wants more: not after a blank line)
+
+
+#: The scheme and authority of a request target in absolute form (RFC 9112
+#: section 3.2.2: "http://127.0.0.1:7401" before "/im"), what a proxy sends.
+_ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
 
 
 def _path_of(target: str) -> str:
     """The path of an upgrade request's target, the part before any "?": a
     browser or an SDK may add a query string (ws://host:port/im?x=1) to the
     listener's URL, and it is ignored, as an HTTP server ignores a query
-    its resource does not take."""
+    its resource does not take.  So are the scheme and host of a target in
+    absolute form (http://host:port/im: a proxy's), as a server takes it
+    (RFC 9112 section 3.2.2): whichever host it names reached this
+    listener.  Its empty path is "/" (RFC 9110 section 4.2.3)."""
+    absolute = _ABSOLUTE_FORM.match(target)
+    if absolute is not None:
+        target = target[absolute.end():]
+        if not target.startswith("/"):
+            target = "/" + target
     return target.partition("?")[0]
 
 
@@ -1174,7 +1264,9 @@ class BrokerServer:
         url = self._endpoints[-1].url
         log.info("listening on %s", url, extra={"event": "listening", "url": url})
         task_status.started()
-        await trio.serve_listeners(functools.partial(self._serve_ws, ep), [_AddressedListener(x) for x in listeners],
+        # (Served with its real port, after port 0: the 503 names it.)
+        await trio.serve_listeners(functools.partial(self._serve_ws, self._endpoints[-1]),
+                                   [_AddressedListener(x) for x in listeners],
                                    handler_nursery=peers)
 
     async def _serve_ws(self, ep: Endpoint, accepted: _Accepted) -> None:
@@ -1200,6 +1292,10 @@ class BrokerServer:
         self._upgrading += 1
         upgrading = True
         ended: Optional[str] = None  # why it ended before its upgrade, for its close line
+        # A refusal went out in the WebSocket handshake (trio-websocket's 400,
+        # our 404): once its reader is done, _answer_and_hang_up ends it
+        # (no reset overtaking the answer: see _EndWatch).
+        linger = False
         # Peers split writes into messages of up to MAX_PEER_MESSAGE whatever the
         # frame limit (frames span messages); the frame limit is the decoder's.
         max_msg = max(self.config.broker.limits.max_frame, WebSocketStream.MAX_PEER_MESSAGE) + 16
@@ -1241,9 +1337,11 @@ class BrokerServer:
                                     # names the path: the SDK turns it into a URL).
                                     watch.refusal = _wrong_path_answer(ep, request.path)
                                     await request.reject(404)
+                                    linger = True
                                 else:
                                     ws = await request.accept()
                                     watch.refusal = b""
+                                    watch.keep_open = False
                             except ConnectionClosed as exc:
                                 # The client reset before our answer went out: this
                                 # connection ends here (escaping, it would end the
@@ -1255,11 +1353,9 @@ class BrokerServer:
                         self._handshakes.discard(handshakes)
                 if (watch.not_http or watch.too_large) and ended is None and not self._stopping:
                     if watch.not_http:
-                        ended, answer = ("not a WebSocket upgrade request (binary: a tcp:// client?): answered HTTP 400",
-                                         _not_http_answer(ep))
+                        ended, answer = _NOT_HTTP_ENDED, _not_http_answer(ep)
                     else:
-                        ended, answer = (f"WebSocket upgrade refused (HTTP 431): its header is over {_WS_MAX_HEAD} bytes",
-                                         _head_too_large_answer(ep))
+                        ended, answer = _TOO_LARGE_ENDED, _head_too_large_answer(ep)
                     await self._answer_and_hang_up(stream, answer)
                 if handshakes.cancelled_caught and ws is None and ended is None:
                     ended = ("broker shutting down" if self._stopping
@@ -1271,7 +1367,12 @@ class BrokerServer:
                     self._upgrading -= 1  # (no checkpoint before _serve_peer counts it in _peers)
                     upgrading = False
                     await self._serve_peer(WebSocketStream(ws), ep, conn_id, addr=addr)
+                elif watch.closed:
+                    linger = True  # (its 400 sent: the reader ended itself)
                 nursery.cancel_scope.cancel()  # closed (or never opened): the reader ends
+            if linger and not self._stopping:
+                # (Out of the nursery: no reader left, the stream is ours to read.)
+                await self._answer_and_hang_up(stream, b"")
         except BaseExceptionGroup as group:
             # trio-websocket's reader task fails with the peer: answering a
             # malformed upgrade request with 400 to a client that reset
@@ -1279,9 +1380,23 @@ class BrokerServer:
             # this connection's end, never the broker's (escaping, it ended
             # the broker: any client could do it).  Anything else goes on.
             _, rest = group.split(_PEER_GONE)
+            undecodable = None
+            if rest is not None and ws is None:
+                # wsproto (1.3) decodes an upgrade request's Host as IDNA and
+                # its Connection, Sec-WebSocket-Protocol... headers as ASCII,
+                # and their failure ("Host: xn--zz", a byte 0xff) is a
+                # UnicodeError, not the RemoteProtocolError that trio-websocket
+                # answers 400: it left the reader task, and ended the broker
+                # (one request of anyone's could).  Before the upgrade only
+                # that handshake runs here: it is a malformed upgrade
+                # request, answered as one with no Host is (nothing was sent).
+                undecodable, rest = rest.split(UnicodeError)
             if rest is not None:
                 raise rest from None
-            if ended is None:
+            if undecodable is not None:
+                ended = "WebSocket upgrade refused (HTTP 400): a malformed upgrade request"
+                await self._answer_and_hang_up(stream, _not_http_answer(ep))
+            elif ended is None:
                 ended = f"connection lost: {_tls_reason(first_leaf(group))}"
         finally:
             if upgrading:
@@ -1296,33 +1411,50 @@ class BrokerServer:
         gets Close OVERLOADED), over TLS on wss://, then hang up.  Counted
         and logged as tcp's refusal.
 
-        Its request line is read first (within close_timeout, as the answer
-        is sent: a silent client holds nothing longer): an upgrade to
-        another path gets its 404 as below the limit, not counted as a
-        refusal.  A 503 to it told a client at a wrong URL to retry until
-        its connect_timeout, then "too many connections"."""
+        Its request head is read first (within close_timeout, as the answer
+        is sent: a silent client holds nothing longer; _WS_MAX_HEAD + 1
+        bytes at the most) and judged as below the limit (_read_head): what
+        the listener would not take there gets the same answer, not counted
+        as a refusal -- an upgrade to another path its 404, a browser or a
+        malformed upgrade the 400 (or wsproto's 426), an oversize head its
+        431, a tcp:// client's bytes the 400.  A 503 ("retry later") told
+        them to retry what will never work (a client at a wrong URL retried
+        until its connect_timeout, then heard "too many connections")."""
         stream: trio.abc.Stream = sock
         if ep.secure and self._ssl is not None:
             stream = tls_server_stream(sock, self._ssl, peer=addr, https_compatible=True)
-        target: Optional[str] = None
+        head = _Head()
         with trio.move_on_after(self.config.close_timeout) as reading:
             self._handshakes.add(reading)  # (shutdown() cancels the wait)
             try:
-                target = await _request_target(stream)
+                head = await _read_head(stream)
             finally:
                 self._handshakes.discard(reading)
-        if target is not None and _path_of(target) != ep.path:
-            answer, code, why = _wrong_path_answer(ep, target), None, _wrong_path_refused(ep, target)
+        # The answer below the limit; the 503 (the one refusal counted) to
+        # an upgrade the listener would take, or with no verdict -- the
+        # client hung up or reset (nothing hears it), or stalled past
+        # close_timeout (a slow upgrade request may still be one).
+        code: Optional[CloseCode] = None
+        if head.not_http:
+            answer, why = _not_http_answer(ep), _NOT_HTTP_ENDED
+        elif head.too_large:
+            answer, why = _head_too_large_answer(ep), _TOO_LARGE_ENDED
+        elif head.rejected is not None:
+            answer = bytes(_said(head.rejected, _not_http_answer(ep)))
+            why = f"WebSocket upgrade refused (HTTP {answer[9:12].decode()}): a malformed upgrade request"
+        elif head.target is not None and _path_of(head.target) != ep.path:
+            answer, why = _wrong_path_answer(ep, head.target), _wrong_path_refused(ep, head.target)
         else:
             self._count_refusal(conn_id, addr)
-            answer, code, why = _WS_REFUSAL, CloseCode.OVERLOADED, "too many connections (HTTP 503 to the WebSocket upgrade)"
+            answer, code, why = (_full_answer(ep, self.config.max_connections), CloseCode.OVERLOADED,
+                                 "too many connections (HTTP 503 to the WebSocket upgrade)")
         await self._answer_and_hang_up(stream, answer)
         self._ended(conn_id, code, why)
         await trio.aclose_forcefully(stream)
 
     async def _answer_and_hang_up(self, stream: trio.abc.Stream, answer: bytes) -> None:
-        """Send ``answer`` (an HTTP refusal, before any WebSocket) within
-        close_timeout, then end cleanly.  Closed with the client's bytes
+        """Send ``answer`` (an HTTP refusal, before any WebSocket; empty: it
+        was sent) within close_timeout, then end cleanly.  Closed with the client's bytes
         unread (the rest of a 70 KB head), the socket sends a reset, which
         fails the client's sending and may drop the answer unread.  So our
         side is shut (the client sees the answer end; TLS has no half-close,
@@ -1332,7 +1464,8 @@ class BrokerServer:
         stops holds nothing longer.  The caller closes the stream."""
         with trio.move_on_after(self.config.close_timeout) as sending:
             try:
-                await stream.send_all(answer)
+                if answer:
+                    await stream.send_all(answer)
                 if isinstance(stream, trio.abc.HalfCloseableStream):
                     await stream.send_eof()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
