@@ -329,6 +329,12 @@ def _check(name: str, typ: str, value: Any) -> Any:
     }[typ]
     if not ok:
         raise ConfigError(f"{name}: expected {_EXPECTED[typ]}, got {_show(value)}")
+    if typ == "path" and value == "":
+        # It names nothing: taken as unset, a shell's unset "$DIR" given as
+        # --data-dir put the data in ./pimcore-data silently; as a Path it
+        # is "." (or the file's folder).  (An empty variable stays unset:
+        # the environment's one rule, for docker-compose's "FOO=".)
+        raise ConfigError(f"{name}: cannot be empty")
     if typ == "float":
         return float(_finite(name, value))  # (checked first: an int past a float's range cannot be made one)
     if typ == "int":
@@ -887,8 +893,6 @@ def _layer_from_doc(doc: dict[str, Any], here: Path, where: str) -> dict[tuple[O
         except ConfigError as exc:
             raise _from(str(exc), name, ("file", where)) from None
         if typ == "path":
-            if value == "":
-                continue  # unset, as an empty variable or flag is (not the file's own directory)
             value = Path(value) if os.path.isabs(value) else here / value
         layer[(section, key)] = value
     return layer
@@ -935,7 +939,9 @@ def _layer_from_env(env: Mapping[str, str]) -> dict[tuple[Optional[str], str], A
     return layer
 
 
-def _layer_from_flags(flags: Mapping[str, Any]) -> dict[tuple[Optional[str], str], Any]:
+def _layer_from_flags(flags: Mapping[str, Any], options: bool) -> dict[tuple[Optional[str], str], Any]:
+    """The flags' layer; a refused one named as the command-line option if
+    ``options`` (``--data-dir``), else as the keyword an embedding host gave."""
     layer: dict[tuple[Optional[str], str], Any] = {}
     for name, value in flags.items():
         if value is None:
@@ -966,9 +972,7 @@ def _layer_from_flags(flags: Mapping[str, Any]) -> dict[tuple[Optional[str], str
         if typ == "bool" and not isinstance(value, bool):
             # A keyword argument (open_pimcore(events="true")): not TOML's words.
             raise ConfigError(f"{name}: expected a bool (True or False), got {type(value).__name__} {value!r:.60}")
-        value = _check(f"--{name.replace('_', '-')}", typ, value)
-        if typ == "path" and value == "":
-            continue  # unset, as an empty variable is (Path("") would be ".")
+        value = _check(f"--{name.replace('_', '-')}" if options else name, typ, value)
         layer[where] = Path(value) if typ == "path" else value
     return layer
 
@@ -1015,7 +1019,7 @@ def load_settings(
         take(_layer_from_doc(_check_doc(dict(document), "settings"), Path("."), "settings"),
              lambda key: ("file", "settings"))
     take(_layer_from_env(env), lambda key: ("env", "$" + env_name(*key)))
-    flag_layer = _layer_from_flags(flags)
+    flag_layer = _layer_from_flags(flags, flags_are_options)
     if (None, "secret_file") in flag_layer and (None, "secret") not in flag_layer:
         merged.pop((None, "secret"), None)  # a --secret-file flag beats a secret from the file or environment
     take(flag_layer, lambda key: _flag_origin(key, flags_are_options))
