@@ -450,28 +450,41 @@ class ServeSettings:
     #: Where each value given came from (load_settings), for errors found
     #: after the type check: they say it as the type check does.
     origins: dict[_Key, _Origin] = field(default_factory=dict, compare=False, repr=False)
+    #: Every setting given a value (load_settings), its origin said or not
+    #: (a section an embedding host gave whole has none): the others are
+    #: the defaults.
+    given: frozenset[_Key] = field(default=frozenset(), compare=False, repr=False)
 
     def _refused(self, text: str, *keys: _Key, named: bool = True) -> ConfigError:
         """ConfigError ``text`` about ``keys``, saying where each given value
         came from: for one (or all from one file) as :func:`_from` does;
         else each flag by its name and the others after the text,
-        ``(limits.max_payload from p.toml; limits.max_frame from $X)``.
-        ``named=False``: ``text`` does not name the setting (it quotes a
-        path, which may be the setting's name: ``--data-dir data_dir``), so
-        a flag is said after it, never put in its place."""
+        ``(limits.max_payload from p.toml; limits.max_frame from $X)``, and
+        one given nowhere as the default (``limits.max_frame is the
+        default``: unsaid, its value looked given too, to be looked for in
+        vain).  ``named=False``: ``text`` does not name the setting (it
+        quotes a path, which may be the setting's name: ``--data-dir
+        data_dir``), so a flag is said after it, never put in its place."""
+        keys = tuple(dict.fromkeys(keys))
         given = [(key, origin) for key in keys if (origin := self.origins.get(key)) is not None]
         if not given:
             return ConfigError(text)
-        if len(given) == 1 or all(origin == given[0][1] and origin[0] == "file" for _, origin in given):
+        defaults = [key for key in keys if key not in self.given]
+        if not defaults and (len(given) == 1
+                             or all(origin == given[0][1] and origin[0] == "file" for _, origin in given)):
             return _from(text, _said_name(given[0][0]), given[0][1], named)
         sources = []
-        for key, (kind, label) in given:
+        for key in keys:
             name = _said_name(key)
-            said = _as_flag(text, name, label) if kind == "flag" else text
-            if said != text:
-                text = said
-            else:
-                sources.append(f"{name} from {label}")
+            if key in defaults:
+                sources.append(f"{name} is the default")
+            elif key in self.origins:
+                kind, label = self.origins[key]
+                said = _as_flag(text, name, label) if kind == "flag" else text
+                if said != text:
+                    text = said
+                else:
+                    sources.append(f"{name} from {label}")
         return ConfigError(f"{text} ({'; '.join(sources)})" if sources else text)
 
     def _named(self, text: str) -> ConfigError:
@@ -1052,6 +1065,7 @@ def load_settings(
         store_address_map=tuple(merged.get(("store", "address_map"), ())),
         store_read_fanout_above=merged.get(("store", "read_fanout_above")),
         origins=origins,
+        given=frozenset(merged),
     )
     if s.store is not None:
         from .store.redis import parse_url as parse_store_url
