@@ -90,15 +90,20 @@ def _settings(args: argparse.Namespace):  # -> ServeSettings
 def _check_data_dir(settings) -> None:  # settings: ServeSettings
     """ConfigError in words, saying where the path came from, when the data
     directory or the nearest of its parents that exists is no directory (it
-    was a bare "[Errno 20] Not a directory: '.../secret'")."""
+    was a bare "[Errno 20] Not a directory: '.../secret'"), or is a symbolic
+    link to nothing: mkdir does not make a link's target, it said "[Errno
+    17] File exists"."""
     data_dir = seen = settings.data_dir
-    while not seen.exists() and seen.parent != seen:
+    while not seen.exists() and not seen.is_symlink() and seen.parent != seen:
         seen = seen.parent
-    if seen.exists() and not seen.is_dir():
-        if seen == data_dir:
-            raise settings._refused(f"the data directory {data_dir} is a file, not a directory", (None, "data_dir"), named=False)
-        raise settings._refused(f"the data directory {data_dir} cannot be made: {seen} is a file, not a directory",
-                                (None, "data_dir"), named=False)
+    if seen.is_symlink() and not seen.exists():
+        what = f"{seen} is a symbolic link to {os.readlink(seen)}, which does not exist"
+    elif seen.exists() and not seen.is_dir():
+        what = f"{seen} is a file, not a directory"
+    else:
+        return
+    said = f"the data directory {what}" if seen == data_dir else f"the data directory {data_dir} cannot be made: {what}"
+    raise settings._refused(said, (None, "data_dir"), named=False)
 
 
 def _kept_secret(settings) -> bytes:  # settings: ServeSettings
@@ -316,6 +321,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
         tls = settings.tls_context()
         if tls is not None:
             config = replace(config, ssl_context=tls)
+        _check_data_dir(settings)  # (also when the secret is not kept there: the store is)
         secret = _secret(settings)
         auth = JwtAuthenticator(secret)
         webhook = settings.webhook_config()

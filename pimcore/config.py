@@ -350,6 +350,12 @@ def _check(name: str, typ: str, value: Any) -> Any:
     }[typ]
     if not ok:
         raise ConfigError(f"{name}: expected {_EXPECTED[typ]}, got {_show(value)}")
+    if typ == "path" and value == "":
+        # It names nothing: taken as unset, a shell's unset "$DIR" given as
+        # --data-dir put the data in ./pimcore-data silently; as a Path it
+        # is "." (or the file's folder).  (An empty variable stays unset:
+        # the environment's one rule, for docker-compose's "FOO=".)
+        raise ConfigError(f"{name}: cannot be empty")
     if typ == "float":
         return float(_finite(name, value))  # (checked first: an int past a float's range cannot be made one)
     if typ == "int":
@@ -465,28 +471,41 @@ class ServeSettings:
     #: Where each value given came from (load_settings), for errors found
     #: after the type check: they say it as the type check does.
     origins: dict[_Key, _Origin] = field(default_factory=dict, compare=False, repr=False)
+    #: Every setting given a value (load_settings), its origin said or not
+    #: (a section an embedding host gave whole has none): the others are
+    #: the defaults.
+    given: frozenset[_Key] = field(default=frozenset(), compare=False, repr=False)
 
     def _refused(self, text: str, *keys: _Key, named: bool = True) -> ConfigError:
         """ConfigError ``text`` about ``keys``, saying where each given value
         came from: for one (or all from one file) as :func:`_from` does;
         else each flag by its name and the others after the text,
-        ``(limits.max_payload from p.toml; limits.max_frame from $X)``.
-        ``named=False``: ``text`` does not name the setting (it quotes a
-        path, which may be the setting's name: ``--data-dir data_dir``), so
-        a flag is said after it, never put in its place."""
+        ``(limits.max_payload from p.toml; limits.max_frame from $X)``, and
+        one given nowhere as the default (``limits.max_frame is the
+        default``: unsaid, its value looked given too, to be looked for in
+        vain).  ``named=False``: ``text`` does not name the setting (it
+        quotes a path, which may be the setting's name: ``--data-dir
+        data_dir``), so a flag is said after it, never put in its place."""
+        keys = tuple(dict.fromkeys(keys))
         given = [(key, origin) for key in keys if (origin := self.origins.get(key)) is not None]
         if not given:
             return ConfigError(text)
-        if len(given) == 1 or all(origin == given[0][1] and origin[0] == "file" for _, origin in given):
+        defaults = [key for key in keys if key not in self.given]
+        if not defaults and (len(given) == 1
+                             or all(origin == given[0][1] and origin[0] == "file" for _, origin in given)):
             return _from(text, _said_name(given[0][0]), given[0][1], named)
         sources = []
-        for key, (kind, label) in given:
+        for key in keys:
             name = _said_name(key)
-            said = _as_flag(text, name, label) if kind == "flag" else text
-            if said != text:
-                text = said
-            else:
-                sources.append(f"{name} from {label}")
+            if key in defaults:
+                sources.append(f"{name} is the default")
+            elif key in self.origins:
+                kind, label = self.origins[key]
+                said = _as_flag(text, name, label) if kind == "flag" else text
+                if said != text:
+                    text = said
+                else:
+                    sources.append(f"{name} from {label}")
         return ConfigError(f"{text} ({'; '.join(sources)})" if sources else text)
 
     def _named(self, text: str) -> ConfigError:
@@ -925,8 +944,6 @@ def _layer_from_doc(doc: dict[str, Any], here: Path, where: str) -> dict[tuple[O
         except ConfigError as exc:
             raise _from(str(exc), name, ("file", where)) from None
         if typ == "path":
-            if value == "":
-                continue  # unset, as an empty variable or flag is (not the file's own directory)
             value = Path(value) if os.path.isabs(value) else here / value
         layer[(section, key)] = value
     return layer
@@ -973,7 +990,9 @@ def _layer_from_env(env: Mapping[str, str]) -> dict[tuple[Optional[str], str], A
     return layer
 
 
-def _layer_from_flags(flags: Mapping[str, Any]) -> dict[tuple[Optional[str], str], Any]:
+def _layer_from_flags(flags: Mapping[str, Any], options: bool) -> dict[tuple[Optional[str], str], Any]:
+    """The flags' layer; a refused one named as the command-line option if
+    ``options`` (``--data-dir``), else as the keyword an embedding host gave."""
     layer: dict[tuple[Optional[str], str], Any] = {}
     for name, value in flags.items():
         if value is None:
@@ -1004,9 +1023,7 @@ def _layer_from_flags(flags: Mapping[str, Any]) -> dict[tuple[Optional[str], str
         if typ == "bool" and not isinstance(value, bool):
             # A keyword argument (open_pimcore(events="true")): not TOML's words.
             raise ConfigError(f"{name}: expected a bool (True or False), got {type(value).__name__} {value!r:.60}")
-        value = _check(f"--{name.replace('_', '-')}", typ, value)
-        if typ == "path" and value == "":
-            continue  # unset, as an empty variable is (Path("") would be ".")
+        value = _check(f"--{name.replace('_', '-')}" if options else name, typ, value)
         layer[where] = Path(value) if typ == "path" else value
     return layer
 
@@ -1053,7 +1070,7 @@ def load_settings(
         take(_layer_from_doc(_check_doc(dict(document), "settings"), Path("."), "settings"),
              lambda key: ("file", "settings"))
     take(_layer_from_env(env), lambda key: ("env", "$" + env_name(*key)))
-    flag_layer = _layer_from_flags(flags)
+    flag_layer = _layer_from_flags(flags, flags_are_options)
     if (None, "secret_file") in flag_layer and (None, "secret") not in flag_layer:
         merged.pop((None, "secret"), None)  # a --secret-file flag beats a secret from the file or environment
     take(flag_layer, lambda key: _flag_origin(key, flags_are_options))
@@ -1086,6 +1103,7 @@ def load_settings(
         store_address_map=tuple(merged.get(("store", "address_map"), ())),
         store_read_fanout_above=merged.get(("store", "read_fanout_above")),
         origins=origins,
+        given=frozenset(merged),
     )
     if s.store is not None:
         from .store.redis import parse_url as parse_store_url

@@ -295,18 +295,35 @@ def test_a_certificate_error_says_which_file_is_wrong(tmp_path: Path) -> None:
         assert str(err.value).startswith(message), (str(err.value), message)
 
 
-def test_an_empty_key_means_the_key_is_in_the_certificate(tmp_path: Path) -> None:
-    """key="" (or --key "") was Path("") -- "." -- and refused as "TLS key
-    .: no such file"; an empty PIMCORE_TLS_KEY was unset already."""
+def test_an_empty_path_is_refused_naming_the_keyword(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """key="" was Path("") -- "." -- and refused as "TLS key .: no such
+    file"; then it was unset, and so was data_dir="", which put the data in
+    ./pimcore-data silently (a new-user pass of serve): an empty path is
+    refused, named as the keyword given.  key=None is the key in the
+    certificate; an empty PIMCORE_TLS_KEY is unset, as every empty variable."""
     import trustme
 
+    from pimcore.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)  # (where the default ./pimcore-data would be)
     cert = trustme.CA().issue_cert("127.0.0.1")
     combo = tmp_path / "combo.pem"
     combo.write_bytes(cert.private_key_and_cert_chain_pem.bytes())
 
+    for given, said in (({"key": ""}, "key"), ({"data_dir": ""}, "data_dir"), ({"secret_file": ""}, "secret_file")):
+        async def refused() -> None:
+            async with open_pimcore(**{"data_dir": tmp_path / "data", **given}, cert=str(combo),
+                                    listen="tls://127.0.0.1:0"):
+                pass  # pragma: no cover
+
+        with pytest.raises(ConfigError) as err:
+            trio.run(refused)
+        assert str(err.value) == f"{said}: cannot be empty"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["combo.pem"]
+
     async def main() -> None:
         with trio.fail_after(20):
-            async with open_pimcore(data_dir=tmp_path / "data", cert=str(combo), key="", listen="tls://127.0.0.1:0"):
+            async with open_pimcore(data_dir=tmp_path / "data", cert=str(combo), key=None, listen="tls://127.0.0.1:0"):
                 pass
 
     trio.run(main)

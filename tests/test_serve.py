@@ -314,6 +314,60 @@ def test_a_data_dir_that_is_a_file_or_a_missing_secret_file_is_said_in_words(tmp
     assert_clean_exit_2(r, "the token secret file", "is not UTF-8 text", command="token")
 
 
+def test_a_data_dir_that_is_a_dangling_symlink_is_said_in_words(tmp_path: Path) -> None:
+    """``ln -s /nonexistent d; pimcore serve --data-dir d`` said a bare
+    "[Errno 17] File exists: 'd'", and `token` suggested --create-secret,
+    which then failed the same way (a new-user pass).  Said as the other
+    refused data directories are, also when the secret comes from elsewhere
+    (the store's directory was the first thing made there, and a data
+    directory that is a file said "[Errno 20] Not a directory")."""
+    listen = ("--listen", "tcp://127.0.0.1:0")
+    gone = tmp_path / "gone"
+    (tmp_path / "d").symlink_to(gone)
+    dangling = f"d is a symbolic link to {gone}, which does not exist"
+    r = run_pimcore("serve", "--data-dir", "d", *listen, cwd=tmp_path)
+    assert_clean_exit_2(r, f"the data directory {dangling} (from --data-dir)")
+    r = run_pimcore("serve", *listen, env={"PIMCORE_DATA_DIR": "d"}, cwd=tmp_path)
+    assert_clean_exit_2(r, f"the data directory {dangling} (from $PIMCORE_DATA_DIR)")
+    for extra in ([], ["--create-secret"]):
+        r = run_pimcore("token", "--data-dir", "d", "--user", "alice", *extra, cwd=tmp_path)
+        assert_clean_exit_2(r, f"the data directory {dangling} (from --data-dir)", command="token")
+    r = run_pimcore("serve", "--data-dir", Path("d") / "sub", *listen, cwd=tmp_path)
+    assert_clean_exit_2(r, f"the data directory {Path('d') / 'sub'} cannot be made: {dangling} (from --data-dir)")
+    (tmp_path / "secret").write_text("s" * 64 + "\n")
+    (tmp_path / "afile").write_text("")
+    for data, said in (("d", dangling), ("afile", "afile is a file, not a directory")):
+        for how in (["--secret-file", "secret"], ["--store", "redis://127.0.0.1:1"]):
+            r = run_pimcore("serve", "--data-dir", data, *how, *listen, cwd=tmp_path)
+            assert_clean_exit_2(r, f"the data directory {said} (from --data-dir)")
+    assert (tmp_path / "d").is_symlink() and not gone.exists()  # nothing made through the link
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "d", "secret"]
+
+
+def test_an_empty_path_setting_is_refused_naming_it(tmp_path: Path) -> None:
+    """``--data-dir ""`` (a shell's unset "$DIR") or ``data_dir = ""`` used
+    ./pimcore-data silently, and an empty --secret-file was ignored for the
+    data directory's secret (a new-user pass): an empty path is no path.
+    Refused for every path setting, naming it and where it came from.  (An
+    empty variable stays unset, OPERATIONS.md's one rule for them.)"""
+    listen = ("--listen", "tcp://127.0.0.1:0")
+    data = ("--data-dir", tmp_path / "d")
+    for flag in ("--data-dir", "--secret-file"):
+        args = (*data, flag, "") if flag != "--data-dir" else (flag, "")
+        r = run_pimcore("serve", *args, *listen, cwd=tmp_path)
+        assert_clean_exit_2(r, f"{flag}: cannot be empty")
+        r = run_pimcore("token", *args, "--user", "alice", "--create-secret", cwd=tmp_path)
+        assert_clean_exit_2(r, f"{flag}: cannot be empty", command="token")
+    r = run_pimcore("serve", *data, "--key", "", *listen, cwd=tmp_path)
+    assert_clean_exit_2(r, "--key: cannot be empty")
+    for section, key in ((None, "data_dir"), (None, "secret_file"), ("tls", "cert"), ("tls", "key")):
+        cfg = write_config(tmp_path / "p.toml", (f"[{section}]\n" if section else "") + f'{key} = ""\n')
+        name = f"{section}.{key}" if section else key
+        r = run_pimcore("token", "--config", cfg, "--user", "alice", "--create-secret", cwd=tmp_path)
+        assert_clean_exit_2(r, f"{cfg}: {name}: cannot be empty", command="token")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.toml"]  # no ./pimcore-data, no d/secret
+
+
 @pytest.mark.parametrize("bad", ["not-utf8", "directory", "empty"])
 def test_a_bad_secret_in_the_data_dir_is_said_in_words_with_where_the_dir_came_from(tmp_path: Path, bad: str) -> None:
     """``<data_dir>/secret`` not UTF-8, a directory: Python's bare error
