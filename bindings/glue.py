@@ -18,7 +18,6 @@ def _pim_c_text(text, limit=1000):
 
 
 def _pim_glue_main(ffi, lib):
-    import json
     import os
     import sys
     import threading
@@ -56,6 +55,7 @@ def _pim_glue_main(ffi, lib):
         pim_log.addHandler(to_stderr)
         pim_log.setLevel(logging.DEBUG if debug == "1" else getattr(logging, debug.upper(), logging.DEBUG))
 
+    from pimcore._util import TooManyDigits, read_json
     from pimcore.config import ConfigError
     from pimcore.errors import ErrorCode, PimError, StoreError
     from pimcore.embed import RequestRefused
@@ -139,7 +139,9 @@ def _pim_glue_main(ffi, lib):
     def _pim_py_start(config_json, out_id):
         source = text(config_json, "config_json")  # not UTF-8: PIM_ERR_INVALID, as for every string
         try:
-            doc = json.loads(source)
+            doc = read_json(source)
+        except TooManyDigits as exc:  # (Python's own words: advice to raise its limit)
+            raise ConfigError("config_json holds %s" % exc) from None
         except ValueError as exc:
             raise ConfigError("config_json is not JSON: %s" % exc) from None
         except RecursionError:

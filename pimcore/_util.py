@@ -1,10 +1,11 @@
-"""Small trio helpers shared by the server and the client."""
+"""Small helpers shared by the server, the client and the bindings."""
 
 from __future__ import annotations
 
+import json
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator, Union
 
 if sys.version_info >= (3, 11):
     import builtins
@@ -13,7 +14,33 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # a trio dependency there
 
-__all__ = ["unwrap_single", "first_leaf", "BaseExceptionGroup"]
+__all__ = ["unwrap_single", "first_leaf", "BaseExceptionGroup", "TooManyDigits", "read_json"]
+
+
+class TooManyDigits(ValueError):
+    """A JSON integer of more digits than ``int()`` reads
+    (``sys.get_int_max_str_digits()``, 4,300).  Python's own ValueError for
+    it names no field and advises raising the limit; a refusal says this
+    one's ``digits`` and the ``limit`` instead."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+        self.limit = sys.get_int_max_str_digits()
+        super().__init__(f"a number of {digits:,} digits (at most {self.limit:,} are read)")
+
+
+def _json_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise TooManyDigits(len(text.lstrip("-"))) from None
+
+
+def read_json(text: Union[str, bytes]) -> Any:
+    """``json.loads(text)`` for text from outside (an HTTP body, a C
+    caller's config): as it, but :class:`TooManyDigits` (a ValueError) for
+    a number of more digits than Python reads."""
+    return json.loads(text, parse_int=_json_int)
 
 
 @contextmanager

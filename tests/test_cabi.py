@@ -304,6 +304,10 @@ def test_in_process_through_ctypes(libdir: Path, tmp_path: Path) -> None:
     config = b'{"data_dir": "%s", "durability": "os", "server": {"events": true}}' % str(tmp_path / "d").encode()
     assert lib.pim_broker_start_(b"{not json", ctypes.byref(b), 100) == 2  # PIM_ERR_CONFIG
     assert b"JSON" in lib.pim_last_error()
+    # A number of more digits than Python reads: said so, not Python's
+    # advice to call sys.set_int_max_str_digits().
+    assert lib.pim_broker_start_(b'{"limits": {"window": %s}}' % (b"9" * 5001), ctypes.byref(b), 100) == 2
+    assert lib.pim_last_error() == b"config_json holds a number of 5,001 digits (at most 4,300 are read)", lib.pim_last_error()
     assert lib.pim_broker_start_(config, ctypes.byref(b), 100) == 0, lib.pim_last_error()
     members = (ctypes.c_char_p * 2)(b"alice", b"bob")
     assert lib.pim_group_create(b, b"team", members, 2) == 0

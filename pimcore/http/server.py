@@ -31,7 +31,6 @@ import json
 import logging
 import re
 import ssl
-import sys
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Optional
@@ -39,6 +38,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
 import trio
+
+from .._util import TooManyDigits, read_json
 
 __all__ = [
     "HttpConfig",
@@ -125,33 +126,13 @@ class Request:
         is nested deeper than the decoder goes, about 1000 levels, or holds
         a number of more digits than Python reads, 4,300)."""
         try:
-            return json.loads(self.body or b"null", parse_int=_json_int)
-        except _LongNumber as exc:  # (Python's own words were advice to raise the limit)
-            raise HttpError(400, "bad_request", f"the body is not JSON that can be read: it holds a number of"
-                                                f" {exc.digits:,} digits (at most {sys.get_int_max_str_digits():,} are read)") from None
+            return read_json(self.body or b"null")
+        except TooManyDigits as exc:  # (Python's own words were advice to raise the limit)
+            raise HttpError(400, "bad_request", f"the body is not JSON that can be read: it holds {exc}") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise HttpError(400, "bad_request", f"the body is not JSON: {exc}") from None
         except RecursionError:  # "[" * 100000: the decoder's nesting limit, not a bug
             raise HttpError(400, "bad_request", "the body is JSON nested too deeply") from None
-
-
-class _LongNumber(Exception):
-    """A JSON integer of more digits than ``int()`` reads
-    (``sys.get_int_max_str_digits()``)."""
-
-    def __init__(self, digits: int) -> None:
-        super().__init__(digits)
-        self.digits = digits
-
-
-def _json_int(text: str) -> int:
-    """json's ``parse_int``: ``int(text)``, but _LongNumber (not Python's
-    ValueError, which names no field and says to raise the limit) past the
-    limit."""
-    try:
-        return int(text)
-    except ValueError:
-        raise _LongNumber(len(text.lstrip("-"))) from None
 
 
 Handler = Callable[[Request], Awaitable[tuple[int, Any]]]
