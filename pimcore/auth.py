@@ -29,7 +29,7 @@ from .core import Identity
 from .errors import AuthError
 from .ids import id_problem
 
-__all__ = ["AUDIENCE", "issue_token", "JwtAuthenticator", "load_or_create_secret", "SECRET_FILE"]
+__all__ = ["AUDIENCE", "issue_token", "JwtAuthenticator", "load_or_create_secret", "read_kept_secret", "SECRET_FILE"]
 
 AUDIENCE = "pimcore"
 ALGORITHM = "HS256"
@@ -124,14 +124,12 @@ class JwtAuthenticator:
 _KEPT_AS = {SECRET_FILE: "token secret", "api-key": "HTTP API key", "webhook-secret": "webhook secret"}
 
 
-def load_or_create_secret(data_dir: Union[str, Path], name: str = SECRET_FILE) -> bytes:
-    """The broker's token secret, kept in ``data_dir/secret`` (mode 0600);
-    created with 32 random bytes on first use so a first run needs no setup.
-    ``name``: another file made the same way (the HTTP API key, ``api-key``).
-
-    Raises ValueError in words for a file that is there but cannot be used
-    ("the token secret file d/secret is not UTF-8 text", "...: Is a
-    directory", "... is empty"); OSError for one that cannot be made."""
+def read_kept_secret(data_dir: Union[str, Path], name: str = SECRET_FILE) -> bytes:
+    """The secret kept in ``data_dir/name`` (as :func:`load_or_create_secret`
+    makes it), never made: FileNotFoundError if it is not there; ValueError
+    in words for a file that is there but cannot be used ("the HTTP API key
+    file d/api-key is not UTF-8 text", "...: Is a directory", "... is
+    empty")."""
     path = Path(data_dir) / name
     what = f"the {_KEPT_AS.get(name, name)} file {path}"
     try:
@@ -139,19 +137,35 @@ def load_or_create_secret(data_dir: Union[str, Path], name: str = SECRET_FILE) -
     except UnicodeDecodeError:
         raise ValueError(f"{what} is not UTF-8 text") from None
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = secrets.token_hex(32)
-        # O_EXCL: two processes racing to create it cannot both win.
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return load_or_create_secret(data_dir, name)
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        raise
     except OSError as exc:  # a directory, no permission...
         raise ValueError(f"{what}: {exc.strerror or exc}") from None
     if not text:
         raise ValueError(f"{what} is empty")
+    return text.encode()
+
+
+def load_or_create_secret(data_dir: Union[str, Path], name: str = SECRET_FILE) -> bytes:
+    """The broker's token secret, kept in ``data_dir/secret`` (mode 0600);
+    created with 32 random bytes on first use so a first run needs no setup.
+    ``name``: another file made the same way (the HTTP API key, ``api-key``).
+
+    Raises ValueError in words for a file that is there but cannot be used
+    (:func:`read_kept_secret`); OSError for one that cannot be made."""
+    try:
+        return read_kept_secret(data_dir, name)
+    except FileNotFoundError:
+        pass
+    path = Path(data_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = secrets.token_hex(32)
+    # O_EXCL: two processes racing to create it cannot both win.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return load_or_create_secret(data_dir, name)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     return text.encode()

@@ -792,12 +792,18 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
     import urllib.request
     from pathlib import Path
 
+    from .auth import read_kept_secret
+    from .config import API_KEY_FILE
+
     key = args.api_key or os.environ.get("PIMCORE_API_KEY")
     if not key:
-        key_file = Path(args.data_dir or "pimcore-data") / "api-key"
-        if not key_file.is_file():
-            raise ValueError(f"no API key: give --api-key or $PIMCORE_API_KEY (none in {key_file})")
-        key = key_file.read_text().strip()
+        if args.data_dir == "":  # (as serve refuses it: not ./pimcore-data, silently)
+            raise ValueError("--data-dir: cannot be empty")
+        data_dir = Path(args.data_dir or "pimcore-data")
+        try:
+            key = read_kept_secret(data_dir, API_KEY_FILE).decode()
+        except FileNotFoundError:
+            raise ValueError(f"no API key: give --api-key or $PIMCORE_API_KEY (none in {data_dir / API_KEY_FILE})") from None
     base = _http_base(args.http)
     context = None
     cafile = getattr(args, "cafile", None)

@@ -669,6 +669,33 @@ def test_a_good_http_url_gets_past_the_check(tmp_path, capsys, url):
     assert err.startswith("pimcore group: cannot reach "), err
 
 
+@pytest.mark.parametrize("bad", ["empty-dir", "not-utf8", "directory", "empty-key"])
+def test_an_admin_commands_api_key_file_that_cannot_be_used_is_said_in_words(tmp_path, capsys, monkeypatch, bad):
+    """`pimcore group show --http URL` reads the API key from
+    <data-dir>/api-key: `--data-dir ""` meant ./pimcore-data silently (serve
+    refuses it), a key file not UTF-8 was Python's "'utf-8' codec can't
+    decode byte 0xff", an empty one was sent as an empty key."""
+    monkeypatch.delenv("PIMCORE_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    key = tmp_path / "d" / "api-key"
+    key.parent.mkdir()
+    if bad == "not-utf8":
+        key.write_bytes(b"\xff\xfe key")
+    elif bad == "directory":
+        key.mkdir()
+    elif bad == "empty-key":
+        key.write_text("\n")
+    data_dir = "" if bad == "empty-dir" else str(tmp_path / "d")
+    rc = main(["group", "show", "team", "--http", "http://127.0.0.1:1", "--data-dir", data_dir])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "Traceback" not in err, (rc, out, err)
+    said = {"empty-dir": "--data-dir: cannot be empty",
+            "not-utf8": f"the HTTP API key file {key} is not UTF-8 text",
+            "directory": f"the HTTP API key file {key}: Is a directory",
+            "empty-key": f"the HTTP API key file {key} is empty"}[bad]
+    assert err == f"pimcore group: {said}\n", err
+
+
 def test_http_at_a_server_answering_with_a_tls_alert_says_to_use_https(capsys):
     """Another TLS server's answer to a plain HTTP request: a TLS alert
     record (0x15 0x03 ...), read by http.client as a bad status line; as to
