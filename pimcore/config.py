@@ -114,7 +114,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .core import SECOND, ContentFilter, Limits
+from .core import SECOND, BrokerConfig, ContentFilter, Limits
 from .net.server import DEFAULT_BROKER_CONFIG, ServerConfig, server_ssl_context
 from .net.streams import Endpoint, parse_url
 
@@ -557,6 +557,28 @@ class ServeSettings:
             raise self._refused(f"content_filter {self.content_filter!r} is not callable", (None, "content_filter"))
         return fn  # type: ignore[no-any-return]
 
+    def _check_idle_timeout(self, broker: BrokerConfig) -> None:
+        """ConfigError for an idle timeout that closes sessions doing right:
+        clients Ping when idle for the heartbeat (LoginAck.heartbeat_ms, the
+        ceiling of their adaptive interval), so a timeout no longer than it,
+        or any timeout without heartbeats, closes every idle session and
+        the client reconnects, over and over ("--heartbeat-ms 10000
+        --idle-timeout 3" started and did that).  Only here, for settings:
+        BrokerConfig itself (a host's, a test's) may pair them freely."""
+        idle, beat = broker.idle_timeout, broker.limits.heartbeat_ms
+        if not idle or (beat and idle > beat * 1000):  # (µs and ms)
+            return
+        keys = (("server", "idle_timeout"), ("limits", "heartbeat_ms"))
+        if beat:
+            raise self._refused(
+                f"server.idle_timeout ({idle / SECOND:g} s) must be longer than limits.heartbeat_ms ({beat} ms):"
+                " clients Ping only after that long idle, so every idle session would be closed as idle; a few"
+                f" heartbeats is usual ({DEFAULT_BROKER_CONFIG.idle_timeout / SECOND:g} s and"
+                f" {DEFAULT_BROKER_CONFIG.limits.heartbeat_ms} ms by default)", *keys)
+        raise self._refused(
+            f"server.idle_timeout ({idle / SECOND:g} s) needs heartbeats: with limits.heartbeat_ms 0 clients never"
+            " Ping, so every idle session would be closed as idle; set server.idle_timeout to 0 too", *keys)
+
     def server_config(self, *, check_only: bool = False) -> ServerConfig:
         """The broker's ServerConfig.  Raises ConfigError naming the setting
         (and where its value came from) for a value it refuses.
@@ -587,6 +609,7 @@ class ServeSettings:
                     broker = replace(broker, **timeouts)
                 except (TypeError, ValueError) as exc:
                     raise self._refused(f"server.{key}: {exc}", ("server", key)) from None
+        self._check_idle_timeout(broker)
         if "events" in srv:
             broker = replace(broker, record_events=bool(srv.pop("events")))
         if self.webhooks.get("url"):

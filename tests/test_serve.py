@@ -261,6 +261,28 @@ def test_bad_config_file_exits_2_with_a_clear_message(tmp_path: Path, text: str,
     assert_clean_exit_2(r, *needles)
 
 
+@pytest.mark.parametrize("args, said", [
+    (["--heartbeat-ms", "10000", "--idle-timeout", "3"],
+     "--idle-timeout (3 s) must be longer than --heartbeat-ms (10000 ms): clients Ping only after that long idle,"
+     " so every idle session would be closed as idle; a few heartbeats is usual (45 s and 15000 ms by default)"),
+    (["--idle-timeout", "0.001"],
+     "--idle-timeout (0.001 s) must be longer than limits.heartbeat_ms (15000 ms): clients Ping only after that long"
+     " idle, so every idle session would be closed as idle; a few heartbeats is usual (45 s and 15000 ms by default)"
+     " (limits.heartbeat_ms is the default)"),
+    (["--heartbeat-ms", "0"],
+     "server.idle_timeout (45 s) needs heartbeats: with --heartbeat-ms 0 clients never Ping, so every idle session"
+     " would be closed as idle; set server.idle_timeout to 0 too (server.idle_timeout is the default)"),
+], ids=["under-heartbeat", "tiny", "no-heartbeat"])
+def test_an_idle_timeout_no_longer_than_the_heartbeat_is_refused(tmp_path: Path, args: list[str], said: str) -> None:
+    """`--heartbeat-ms 10000 --idle-timeout 3` started: every idle client
+    was closed IDLE_TIMEOUT and reconnected, six times in 13 s; with
+    `--idle-timeout 0.001` nothing could connect, and chat said no reason
+    (a new-user pass).  Clients Ping when idle for the heartbeat, so an
+    idle timeout must be longer."""
+    r = run_pimcore("serve", "--data-dir", tmp_path / "d", "--listen", "tcp://127.0.0.1:0", *args, cwd=tmp_path)
+    assert_clean_exit_2(r, said)
+
+
 def test_a_number_of_more_digits_than_python_reads_is_refused_in_words_and_shown_cut(tmp_path: Path) -> None:
     """A config file with ``window = 999...9`` (5,001 digits) was refused with
     Python's own advice to call sys.set_int_max_str_digits(); the same from
