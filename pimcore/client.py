@@ -110,6 +110,7 @@ from .client_session import (
     PrivacyCompleted,
 )
 from .clock import elapsed_ns as _elapsed_ns
+from .codec import DEFAULT_MAX_FRAME_SIZE
 from .errors import CloseCode
 from .net.streams import Endpoint, StreamWrapper, WebSocketStream, parse_url
 from ._util import BaseExceptionGroup, first_leaf, unwrap_single
@@ -314,6 +315,18 @@ def _other_service(first: bytes) -> str:
     return f"the server answered {said}, not in pimcore's protocol: is it another service's port?"
 
 
+#: A Login frame above this many bytes is no usual one (a JWT is a few
+#: hundred): a connection broken while it was written may be a broker's
+#: max_frame below it (see Client._connect_loop).
+_LARGE_LOGIN = 16 * 1024
+
+
+class _LoginTooLarge(Exception):
+    """The first connection's Login would be over the frame limit (the
+    token is too large): never sent, since the broker would close every
+    attempt (FRAME_TOO_LARGE).  ConnectFailed at once."""
+
+
 class _WrongPort(OSError):
     """The first connection's answer says it is the wrong kind of port (HTTP
     to a Login, a pimcore frame to an upgrade request): ``hint`` is the URL
@@ -331,7 +344,7 @@ class _WrongPort(OSError):
 class _Conn:
     """The driver's side of one connection: the stream and its writer's state."""
 
-    __slots__ = ("stream", "wake", "writing", "ended", "settled", "base", "error", "first")
+    __slots__ = ("stream", "wake", "writing", "ended", "settled", "base", "error", "first", "login_written")
 
     def __init__(self, stream: trio.abc.Stream, base: int) -> None:
         self.stream = stream
@@ -342,6 +355,7 @@ class _Conn:
         self.base = base  # session.connections_established before this one
         self.error: Optional[BaseException] = None  # the stream's failure, if that ended it
         self.first = b""  # the first bytes received (a TLS alert starts 0x15 0x03, HTTP with "HTTP/")
+        self.login_written = False  # the first write (the Login) went out whole
 
 
 class _Waiter:
@@ -454,6 +468,13 @@ class Client:
         self._upgrade_answer: Optional[_FirstBytes] = None
         #: The last TLS connection's plain answer to its handshake (see _Handshake).
         self._handshake_answer: Optional[_Handshake] = None
+        #: The last Login's frame length and its token's, for what a failed
+        #: first connection says (see _connect_loop).
+        self._login_sizes = (0, 0)
+        #: The last attempt broke while its Login was being written, nothing
+        #: received: a broker whose max_frame the Login is over may close so
+        #: (its Close lost to the reset).  Said when the first connection fails.
+        self._login_broke = False
         self._last_state = self._session.state
         self._state_changed = trio.Event()  # replaced after each change
         self._events_ready = trio.Event()
@@ -963,6 +984,7 @@ class Client:
                 conn.writing = True
                 await conn.stream.send_all(data)
                 conn.writing = False
+                conn.login_written = True
         except _IO_ERRORS as exc:
             conn.writing = False
             self._stream_failed(conn, exc)
@@ -973,10 +995,10 @@ class Client:
             while (self._session.has_data_to_send or conn.writing) and conn.error is None:
                 await trio.sleep(0.002)
 
-    async def _serve(self, stream: trio.abc.Stream, first: Optional[trio.TaskStatus[None]]) -> Optional[BaseException]:
+    async def _serve(self, stream: trio.abc.Stream, token: bytes,
+                     first: Optional[trio.TaskStatus[None]]) -> Optional[BaseException]:
         """One connection, from Login until it ends; returns why it ended."""
         s = self._session
-        token = await self._resolve_token()
         conn = _Conn(stream, s.connections_established)
         self._conn = conn
         try:
@@ -1004,6 +1026,7 @@ class Client:
         # nothing read may also be a load balancer with no broker behind it
         # yet, or a broker stopping: retried, with the hint at the end.
         d = s.last_disconnect
+        self._login_broke = conn.error is not None and not conn.login_written and not conn.first
         hung_up = not conn.first and (d is None or d.reason != LOGIN_TIMED_OUT)  # at once, not a silent server
         plain = self.endpoint.scheme == "tcp" and s.connections_established == conn.base
         self._tls_suspect = plain and (conn.first.startswith(b"\x15\x03") or hung_up)
@@ -1016,6 +1039,11 @@ class Client:
         # the bytes cannot begin one a broker sends first.
         self._other_answer = (conn.first if s.connections_established == conn.base and conn.first
                               and (d is None or d.code is None) and not _could_be_broker(conn.first) else None)
+        if (d is not None and d.code is CloseCode.PROTOCOL_ERROR and d.reason.startswith("FRAME_TOO_LARGE")
+                and s.connections_established == conn.base):
+            # The broker's Close to a Login over its max_frame came before
+            # the write of the rest broke (a broken pipe): the Close says why.
+            return _SessionEnded(d.code, d.reason)
         if conn.error is not None:
             return conn.error
         return _SessionEnded(d.code, d.reason) if d is not None else None
@@ -1024,8 +1052,19 @@ class Client:
         """One connection from dial to hang-up; returns why it ended."""
         end: Optional[BaseException] = None
         self._tls_suspect = self._tls_answer = False  # set by _serve, if the stream opens
+        self._login_broke = False  # ... and this
         self._other_answer = None
         self._upgrade_answer = None
+        # The token before the dial: a Login over the frame limit is
+        # refused here, without connecting (the first connection's; a later
+        # one goes, and the broker's Close says why in a Disconnected event).
+        token = await self._resolve_token()
+        now = self._clock()
+        self._login_sizes = (self._session.login_frame_length(now, token), len(token))
+        if first is not None and not self._ever_connected:
+            too_large = self._session.login_too_large(now, token)
+            if too_large is not None:
+                return _LoginTooLarge(too_large)
         try:
             async with trio.open_nursery() as conn_nursery:
                 stream: Optional[trio.abc.Stream] = None
@@ -1033,7 +1072,7 @@ class Client:
                     with trio.fail_after(self.config.connect_timeout):
                         stream = await self._open_stream(conn_nursery)
                     self._upgrade_answer = None  # (upgraded, if a WebSocket)
-                    end = await self._serve(stream, first)
+                    end = await self._serve(stream, token, first)
                 except _DISCONNECTS as exc:
                     end = exc
                 finally:
@@ -1106,6 +1145,16 @@ class Client:
                     # mid-login on a bad network, a name server not
                     # reachable yet...) is retried until connect_timeout has
                     # passed since open_client began.
+                    if isinstance(exc, _LoginTooLarge):
+                        raise ConnectFailed(f"cannot connect to {self.url}: {exc}") from None
+                    frame, token_bytes = self._login_sizes
+                    if (isinstance(exc, _SessionEnded) and exc.code is CloseCode.PROTOCOL_ERROR
+                            and exc.reason.startswith("FRAME_TOO_LARGE") and s.connections_established == established):
+                        # The broker's max_frame is below the Login (below
+                        # this client's max_frame): a retry sends the same.
+                        raise ConnectFailed(f"cannot connect to {self.url}: the broker refused the Login frame"
+                                            f" ({frame:,} bytes; the token is {token_bytes:,} bytes) as too large:"
+                                            f" Close PROTOCOL_ERROR: {exc.reason}") from exc
                     unknown = _unknown_host(exc)
                     if unknown is not None:
                         raise ConnectFailed(f"cannot connect to {self.url}: unknown host {self.endpoint.host!r}"
@@ -1155,6 +1204,17 @@ class Client:
                         raise ConnectFailed(f"cannot connect to {self.url}: the server answered with a TLS alert{hint}") from exc
                     if self._other_answer is not None:
                         raise ConnectFailed(f"cannot connect to {self.url}: {_other_service(self._other_answer)}") from exc
+                    if self._login_broke and (frame > _LARGE_LOGIN or not hint):
+                        # What is known: a broker closes a connection whose
+                        # frame is over its max_frame, sending a Close that
+                        # a reset can lose while the Login is still going out.
+                        # (A Login this large is no usual one: likelier than
+                        # the TLS port a hang-up may also mean.)
+                        default = (f", the protocol's default {DEFAULT_MAX_FRAME_SIZE:,} bytes unless the broker raised it"
+                                   if frame > DEFAULT_MAX_FRAME_SIZE else "")
+                        hint = (f" (the connection broke while the Login frame ({frame:,} bytes; the token is"
+                                f" {token_bytes:,} bytes) was being written, before any answer: it may be over the"
+                                f" broker's max_frame{default})")
                     if trio.current_time() >= first_deadline:
                         raise ConnectFailed(f"cannot connect to {self.url} within {self.config.connect_timeout:g} s"
                                             f" (connect_timeout): {_root_cause(exc)}{hint}") from exc

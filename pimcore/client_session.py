@@ -777,6 +777,7 @@ class ClientSession:
         # the broker close the connection (FRAME_TOO_LARGE) and, resent at
         # every reconnect, stall everything queued behind it.
         self._max_frame = DEFAULT_MAX_FRAME_SIZE
+        self._max_frame_announced = False  # a LoginAck announced _max_frame
         self._max_payload = 0  # 0 = not announced
         self._cal_t0 = 0  # device clock of the outstanding CalibrateReq (its echo key)
         self._cal_deadline = 0
@@ -984,6 +985,33 @@ class ClientSession:
             raise self.error
 
     # ------------------------------------------------------------ connection lifecycle
+
+    def login_frame_length(self, now: int, token: bytes) -> int:
+        """The length of the Login :meth:`connection_made` would queue for
+        ``token``, as the broker checks it against its max_frame (the bytes
+        after the length prefix)."""
+        raw = encode_frame(F.Login(bytes(token), self.device, now, self._taken_upto, self._caps, self._epoch))
+        i = 0
+        while raw[i] & 0x80:  # the length prefix is a LEB128 varint
+            i += 1
+        return len(raw) - i - 1
+
+    def login_too_large(self, now: int, token: bytes) -> Optional[str]:
+        """Why the Login that :meth:`connection_made` would queue for
+        ``token`` is over the frame limit, in words, or None if it is not.
+        The limit: the broker's ``max_frame`` from the last LoginAck, else
+        ``ClientConfig.max_frame`` (the protocol's 1 MiB default unless
+        raised for a broker that allows more).  Sent, such a Login makes
+        the broker close the connection (FRAME_TOO_LARGE), at every retry."""
+        frame = self.login_frame_length(now, token)
+        if self._max_frame_announced:
+            limit, whose = self._max_frame, f"the broker's max_frame ({self._max_frame:,} bytes)"
+        else:
+            limit = self.config.max_frame
+            whose = f"max_frame ({limit:,} bytes; ClientConfig.max_frame, until a broker announces its own)"
+        if frame <= limit:
+            return None
+        return f"the token is {len(token):,} bytes: its Login frame ({frame:,} bytes) is over {whose}"
 
     def connection_made(self, now: int, token: bytes) -> None:
         """A new byte stream to the broker is open: queue Login (token, this
@@ -1246,6 +1274,7 @@ class ClientSession:
         self._login_ack = ack
         if ack.max_frame > 0:
             self._max_frame = ack.max_frame
+            self._max_frame_announced = True
         self._max_payload = ack.max_payload
         self._stats["connects"] += 1
         self._state = SessionState.CALIBRATING

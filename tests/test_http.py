@@ -684,3 +684,31 @@ async def test_a_transfer_coding_other_than_chunked_is_501_not_implemented() -> 
             assert reply.startswith(b"HTTP/1.1 501 Not Implemented\r\n"), reply
             error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
             assert error["code"] == "not_implemented" and "chunked" in error["message"], error
+
+
+async def test_content_length_with_transfer_encoding_is_a_400_and_the_connection_closes() -> None:
+    """RFC 9112 6.1: a request with both Content-Length and Transfer-Encoding
+    may be a smuggling attempt (a proxy in front may frame it by the other
+    header): a 400 naming both, ``connection: close``, and the connection
+    ends -- a request pipelined after it is never answered.  h11 alone took
+    Transfer-Encoding, ignored Content-Length and kept the connection."""
+    pipelined = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    with trio.fail_after(20):
+        async with broker_http() as (srv, h):
+            for head in (b"POST /v1/tokens HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+                         b"POST /v1/tokens HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: Chunked\r\nContent-Length: 5\r\n",
+                         b"GET /healthz HTTP/1.1\r\nHost: t\r\ncontent-length: 0\r\ntransfer-encoding: chunked\r\n"):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(head + b"Authorization: Bearer %s\r\n\r\n0\r\n\r\n" % KEY.encode() + pipelined)
+                reply = await read_until_eof(stream)
+                assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n"), reply
+                response_head, body = reply.split(b"\r\n\r\n", 1)
+                assert b"\r\nconnection: close" in response_head.lower(), reply
+                assert json.loads(body) == {"error": {"code": "bad_request", "message":
+                    "the request has both Content-Length and Transfer-Encoding (RFC 9112 6.1: refused, a request "
+                    "smuggling risk)"}}, reply
+                assert reply.count(b"HTTP/1.1 ") == 1, reply  # the pipelined request got no answer
+            # The server goes on.
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(pipelined)
+            assert (await read_until_eof(stream)).startswith(b"HTTP/1.1 200 OK\r\n")

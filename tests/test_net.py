@@ -2688,3 +2688,74 @@ async def test_another_services_text_answer_fails_the_first_connect_at_once(bann
     shown = banner[:8].decode().replace("\r", "\\r").replace("\n", "\\n")
     assert str(err.value) == (f"cannot connect to {url}: the server answered in text ('{shown}...'),"
                               " not in pimcore's protocol: is it another service's port?"), err.value
+
+
+async def test_a_token_whose_login_is_over_max_frame_fails_at_once_before_connecting():
+    """A Login frame over max_frame is never sent: the broker would close
+    every attempt (FRAME_TOO_LARGE) -- the SDK used to retry until
+    connect_timeout and then say "BrokenPipeError: [Errno 32] Broken pipe".
+    ConnectFailed at once, naming the sizes, and no connection is made."""
+    with trio.fail_after(20):
+        async with serving(MemoryStore()) as srv:
+            url = srv.urls[0]
+            before = srv.statistics().accepted
+            t0 = trio.current_time()
+            with pytest.raises(ConnectFailed) as info:
+                async with open_client(url, "a" * 2_000_000, "d1", config=ClientConfig(connect_timeout=5)):
+                    pass
+            assert trio.current_time() - t0 < 1.0
+            assert str(info.value) == (f"cannot connect to {url}: the token is 2,000,000 bytes: its Login frame"
+                                       " (2,000,019 bytes) is over max_frame (1,048,576 bytes; ClientConfig.max_frame,"
+                                       " until a broker announces its own)"), info.value
+            assert srv.statistics().accepted == before  # no connection was made
+            # A token source (called at each connect) is checked the same way.
+            with pytest.raises(ConnectFailed, match=r"the token is 2,000,000 bytes"):
+                async with open_client(url, lambda: b"a" * 2_000_000, "d1", config=ClientConfig(connect_timeout=5)):
+                    pass
+            assert trio.current_time() - t0 < 2.0
+
+
+async def test_a_login_the_broker_refuses_as_too_large_fails_at_once_saying_so():
+    """A broker whose max_frame is below the client's: its Close
+    PROTOCOL_ERROR FRAME_TOO_LARGE to the Login will not change on a retry,
+    so the first connection fails at once, saying it (not after
+    connect_timeout of retries)."""
+    limits = Limits(max_frame=4096, max_payload=1024)
+    with trio.fail_after(20):
+        async with serving(MemoryStore(), server_config(limits=limits)) as srv:
+            url = srv.urls[0]
+            t0 = trio.current_time()
+            with pytest.raises(ConnectFailed) as info:
+                async with open_client(url, "a" * 10_000, "d1", config=ClientConfig(connect_timeout=5)):
+                    pass
+            assert trio.current_time() - t0 < 2.0, info.value
+            assert str(info.value) == (f"cannot connect to {url}: the broker refused the Login frame (10,018 bytes;"
+                                       " the token is 10,000 bytes) as too large: Close PROTOCOL_ERROR: FRAME_TOO_LARGE:"
+                                       " frame length 10018 exceeds max_frame_size 4096"), info.value
+
+
+async def test_a_large_login_the_server_breaks_off_is_said_after_connect_timeout():
+    """A server that hangs up on a large Login before answering (a broker
+    whose Close was lost to the reset): retried like any hang-up, and what
+    is known is said at the end -- the Login's size, and that it may be over
+    the broker's max_frame -- not only "Broken pipe"."""
+
+    async def rude(stream: trio.SocketStream) -> None:
+        await stream.receive_some(1000)
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+        await stream.aclose()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(functools.partial(trio.serve_tcp, rude, 0, host="127.0.0.1"))
+            url = f"tcp://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+            with pytest.raises(ConnectFailed) as info:
+                async with open_client(url, "a" * 2_000_000, "d1",
+                                       config=ClientConfig(connect_timeout=1, max_frame=4 << 20, backoff_max=0.1)):
+                    pass
+            nursery.cancel_scope.cancel()
+    message = str(info.value)
+    assert message.startswith(f"cannot connect to {url} within 1 s (connect_timeout): "), message
+    assert message.endswith(" (the connection broke while the Login frame (2,000,019 bytes; the token is 2,000,000"
+                            " bytes) was being written, before any answer: it may be over the broker's max_frame,"
+                            " the protocol's default 1,048,576 bytes unless the broker raised it)"), message

@@ -528,6 +528,15 @@ class HttpServer:
             key = name.decode("ascii").lower()
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        if "content-length" in headers and "transfer-encoding" in headers:
+            # RFC 9112 6.1: "ought to be handled as an error", and the
+            # connection MUST close -- a proxy in front may have framed the
+            # body by Content-Length, so what follows could be a smuggled
+            # request.  h11 refuses a second Transfer-Encoding or one other
+            # than chunked (501) and conflicting Content-Lengths (400), but
+            # takes this pair (chunked wins) and keeps the connection.
+            raise HttpError(400, "bad_request", "the request has both Content-Length and Transfer-Encoding"
+                                                " (RFC 9112 6.1: refused, a request smuggling risk)")
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
             raise HttpError(413, "payload_too_large", f"the body is over {self.config.max_body_bytes} bytes")
