@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import socket
 import ssl
 import struct
@@ -2125,6 +2126,39 @@ async def test_websocket_wrong_path_and_text_messages_are_refused(lmdb_store):
                 assert closed.value.reason.code == 1003 and "binary" in (closed.value.reason.reason or "")
             async with client(url, "alice") as a:  # the listener is fine
                 assert (await a.send(AB, b"binary is fine")).seq == 1
+
+
+@pytest.mark.parametrize("frame, code", [
+    (b"\x82\x03abc", 1002),  # a client frame that is not masked
+    (b"\x83\x80\x00\x00\x00\x00", 1002),  # a reserved opcode (3), masked
+    (b"\x81\x82\x00\x00\x00\x00\xff\xfe", 1007),  # a text frame that is not UTF-8
+    (b"\x09\x80\x00\x00\x00\x00", 1002),  # a fragmented Ping
+], ids=["unmasked", "reserved-opcode", "bad-utf8", "fragmented-ping"])
+async def test_a_websocket_protocol_error_gets_its_close_code_and_is_logged_as_such(lmdb_store, caplog, frame, code):
+    """A client's WebSocket frame that breaks RFC 6455 was answered by a
+    hang-up with no Close frame (the browser sees 1006), and the close line
+    said "the client hung up": it is the broker that ends it, for a
+    protocol error (a new-user pass).  The client now gets the Close with
+    the code wsproto found (1002, 1007; RFC 6455 section 7.4.1) before the
+    end, and the close line says it."""
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    with trio.fail_after(15):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            stream = await _raw_ws_conn(srv.endpoints[0].port, WS_UPGRADE)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive_some()
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            rest = head.split(b"\r\n\r\n", 1)[1]
+            await stream.send_all(frame)
+            rest += await _read_to_the_end(stream)
+            # One Close frame from the server (unmasked, FIN), then the end.
+            assert rest[:1] == b"\x88" and rest[1] == len(rest) - 2, rest
+            assert int.from_bytes(rest[2:4], "big") == code, rest
+            async with client(srv.url("ws"), "alice") as a:  # the listener is fine
+                assert (await a.send(AB, b"still fine")).seq == 1
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "close" and r.code is None]
+    assert line.reason.startswith(f"connection lost: WebSocket protocol error ({code}: "), line.getMessage()
 
 
 async def test_an_empty_websocket_message_is_no_end_of_stream(lmdb_store):

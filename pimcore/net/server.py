@@ -105,7 +105,7 @@ from ..core import (
 from ..errors import AuthError, BrokerStopped, CloseCode, ErrorCode, StoreError
 from ..store.base import AsyncStore, Deduped, GroupChanged, ReadDedupe, Rejected, Result, Store, StoreRequest as _StoreRequest
 from ..protocol import encode_close, refuse_connection
-from .streams import Endpoint, StreamWrapper, WebSocketStream
+from .streams import _PROTOCOL_CLOSES, Endpoint, StreamWrapper, WebSocketStream
 
 __all__ = [
     "ServerConfig", "ServerStatistics", "HistogramSnapshot", "BrokerServer", "open_broker_server", "wall_clock_us",
@@ -531,6 +531,10 @@ class _EndWatch(StreamWrapper):
         self.ended = False  # the client hung up, or the stream broke
         self.closed = False  # trio-websocket closed it (a malformed upgrade request, answered 400)
         self.keep_open = True  # its close leaves the stream open (before the upgrade)
+        #: The WebSocket, once upgraded, and whether a Close frame went out
+        #: (see aclose: a protocol error's Close).
+        self.ws: Optional[Any] = None
+        self.close_sent = False
         # The client's first bytes are no HTTP request (pimcore's binary
         # protocol: a tcp:// client): h11 would wait for a line end until
         # login_timeout, and the client with it.  _serve_ws answers 400.
@@ -551,6 +555,23 @@ class _EndWatch(StreamWrapper):
         if self.keep_open:
             await trio.lowlevel.checkpoint()
             return
+        ws = self.ws
+        if ws is not None and not self.close_sent and ws.closed is not None and ws.closed.code in _PROTOCOL_CLOSES:
+            # A frame that breaks RFC 6455 (unmasked, a reserved opcode, a
+            # text frame that is no UTF-8): wsproto names the close code,
+            # but trio-websocket sends a Close only in answer to the peer's
+            # own, and hangs up -- the client saw 1006 (abnormal), no
+            # reason.  RFC 6455 section 7.1.7 / 7.4.1: fail the connection
+            # with a Close of that code first.  (A server's frame is not
+            # masked; the reason cut to fit a control frame's 125 bytes.)
+            reason = (ws.closed.reason or "").encode("utf-8")[:_CLOSE_REASON_MAX].decode("utf-8", "ignore").encode()
+            frame = bytes((0x88, 2 + len(reason))) + ws.closed.code.to_bytes(2, "big") + reason
+            with trio.move_on_after(1):
+                try:
+                    await self.inner.send_all(frame)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            self.close_sent = True
         await super().aclose()
 
     async def receive_some(self, max_bytes: Optional[int] = None) -> Union[bytes, bytearray]:
@@ -590,13 +611,20 @@ class _EndWatch(StreamWrapper):
 
     async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
         # (_serve_ws clears refusal once the upgrade is accepted: the
-        # WebSocket's frames pass with one falsy test.)
+        # WebSocket's frames pass with one falsy test.  trio-websocket sends
+        # each frame with a send_all of its own: a Close frame starts 0x88.)
+        if data[:1] == b"\x88":
+            self.close_sent = True
         await self.inner.send_all(_said(data, self.refusal) if self.refusal else data)
 
     def _end(self) -> None:
         self.ended = True
         if self.on_end is not None:
             self.on_end()
+
+
+#: A Close frame's reason, in bytes: a control frame carries 125 at most, 2 of them the code.
+_CLOSE_REASON_MAX = 123
 
 
 def _said(data: Union[bytes, bytearray, memoryview], refusal: bytes) -> Union[bytes, bytearray, memoryview]:
@@ -774,7 +802,8 @@ def tls_server_stream(sock: trio.SocketStream, ssl_context: ssl.SSLContext, *, p
 def _tls_reason(exc: BaseException) -> str:
     """ssl's reason for a failed handshake, in words ("wrong version
     number", "tlsv1 alert unknown ca"), from the error trio wraps."""
-    cause = exc.__cause__ or exc.__context__ or exc
+    # (Raised "from None": its own words, not what it replaced.)
+    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__) or exc
     if isinstance(cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
         return "the client hung up during the handshake (does it trust the certificate?)"
     if isinstance(cause, ssl.SSLError):
@@ -1342,6 +1371,7 @@ class BrokerServer:
                                     ws = await request.accept()
                                     watch.refusal = b""
                                     watch.keep_open = False
+                                    watch.ws = ws
                             except ConnectionClosed as exc:
                                 # The client reset before our answer went out: this
                                 # connection ends here (escaping, it would end the

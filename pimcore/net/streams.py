@@ -100,6 +100,11 @@ class StreamWrapper(trio.abc.Stream):
         await self.inner.aclose()
 
 
+#: Close codes that end a WebSocket for a protocol error (RFC 6455 section
+#: 7.4.1: 1002 protocol error, 1007 data not of its type, 1009 too big).
+_PROTOCOL_CLOSES = frozenset((1002, 1007, 1009))
+
+
 class WebSocketStream(trio.abc.Stream):
     """A trio-websocket connection as a byte stream of binary messages."""
 
@@ -130,7 +135,14 @@ class WebSocketStream(trio.abc.Stream):
             while not data:  # an empty message is no end of stream: skip it
                 try:
                     message = await self.ws.get_message()
-                except ConnectionClosed:
+                except ConnectionClosed as exc:
+                    closed = exc.reason
+                    if closed is not None and closed.code in _PROTOCOL_CLOSES:
+                        # A frame that broke RFC 6455 (or the peer's Close
+                        # saying ours did): no hang-up, a protocol error,
+                        # as the connection's close line says.
+                        why = f": {closed.reason}" if closed.reason else ""
+                        raise trio.BrokenResourceError(f"WebSocket protocol error ({closed.code}{why})") from None
                     return b""
                 if isinstance(message, str):
                     # Text messages are not part of the protocol: a broken
