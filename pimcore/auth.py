@@ -179,21 +179,30 @@ def load_or_create_secret(data_dir: Union[str, Path], name: str = SECRET_FILE) -
     ``name``: another file made the same way (the HTTP API key, ``api-key``).
 
     Raises ValueError in words for a file that is there but cannot be used
-    (:func:`read_kept_secret`); OSError for one that cannot be made."""
+    (:func:`read_kept_secret`), and for one that cannot be made ("cannot
+    make the token secret file d/secret: Read-only file system"; it was
+    Python's bare "[Errno 30] ...")."""
     try:
         return read_kept_secret(data_dir, name)
     except FileNotFoundError:
         pass
     path = Path(data_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = secrets.token_hex(32)
-    # O_EXCL: two processes racing to create it cannot both win.
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return load_or_create_secret(data_dir, name)
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: two processes racing to create it cannot both win.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return load_or_create_secret(data_dir, name)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:  # (no space...): no empty file left to be refused as such next time
+            path.unlink(missing_ok=True)
+            raise
+    except OSError as exc:  # a read-only file system, no permission, no space...
+        raise ValueError(f"cannot make the {_KEPT_AS.get(name, name)} file {path}: {exc.strerror or exc}") from None
     return text.encode()
