@@ -174,6 +174,37 @@ def test_kept_secrets_that_cannot_be_made_are_value_errors_in_words(tmp_path, mo
         settings.webhook_secret()
 
 
+def test_a_short_token_secret_says_where_it_came_from(tmp_path, monkeypatch, capsys):
+    # Was "the token secret must be at least 32 bytes", whichever of five
+    # places it came from.
+    monkeypatch.delenv("PIMCORE_SECRET", raising=False)
+    monkeypatch.chdir(tmp_path)
+    rule = "is 5 bytes; it must be at least 32"
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "secret").write_text("short\n")
+    (tmp_path / "short").write_text("short\n")
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('secret = "short"\n')
+    os.chmod(cfg, 0o600)
+    for args, env, said in [
+        ([], {"PIMCORE_SECRET": "short"}, f"the token secret from $PIMCORE_SECRET {rule}"),
+        (["--config", str(cfg)], {}, f"the token secret from {cfg} {rule}"),
+        (["--secret-file", "short"], {}, f"the token secret from the file short {rule} (from --secret-file)"),
+        ([], {"PIMCORE_SECRET_FILE": "short"}, f"the token secret from the file short {rule} (from $PIMCORE_SECRET_FILE)"),
+        (["--data-dir", str(data)], {}, f"the token secret from the file {data / 'secret'} {rule} (from --data-dir)"),
+    ]:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        for command, more in (("token", ["--user", "alice"]), ("serve", ["--listen", "tcp://127.0.0.1:0"])):
+            if command == "serve" and "--data-dir" not in args:
+                more = [*more, "--data-dir", str(data)]
+            assert main([command, *more, *args]) == 2
+            assert capsys.readouterr().err == f"pimcore {command}: {said}\n"
+        for name in env:
+            monkeypatch.delenv(name)
+
+
 def test_inspect_accepts_the_data_directory_as_every_other_command_does(tmp_path, capsys):
     data = tmp_path / "pimcore-data"
     with LmdbStore(str(data / "store")) as store:  # the layout `pimcore serve` makes
