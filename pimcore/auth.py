@@ -16,6 +16,7 @@ checked against the broker's clock, not read inside PyJWT.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import time
@@ -36,6 +37,11 @@ ALGORITHM = "HS256"
 SECRET_FILE = "secret"
 #: HS256 keys shorter than this are refused: they are guessable offline.
 MIN_SECRET_BYTES = 32
+#: A token's exp and iat (seconds) must be within this of 1970 (2**62 µs,
+#: ~146,000 years): made µs (plus the leeway) they must fit the signed 64-bit
+#: µs times they become (Identity.expires / issued_at: the broker's timers,
+#: next_deadline, revocation times).
+_MAX_TOKEN_SECONDS = (1 << 62) // 1_000_000
 
 
 def _key(secret: Union[str, bytes]) -> bytes:
@@ -84,7 +90,10 @@ class JwtAuthenticator:
 
     def __init__(self, secret: Union[str, bytes], *, leeway: float = 30.0) -> None:
         self._key = _key(secret)
-        self._leeway = leeway
+        if isinstance(leeway, bool) or not isinstance(leeway, (int, float)) or not 0 <= leeway < _MAX_TOKEN_SECONDS:
+            raise ValueError(f"the token leeway must be a number of seconds from 0 to {_MAX_TOKEN_SECONDS}, not {leeway!r}")
+        # (µs, an int: added to a token's expiry made µs, exactly.)
+        self._leeway = int(leeway * 1_000_000)
 
     def __call__(self, token: bytes, now: int) -> Identity:
         try:
@@ -106,7 +115,10 @@ class JwtAuthenticator:
         exp = claims["exp"]
         if not isinstance(exp, (int, float)) or isinstance(exp, bool):
             raise AuthError("token expiry is not a number")
-        if now / 1_000_000 > exp + self._leeway:
+        if exp < -_MAX_TOKEN_SECONDS:  # (-inf, -1e308: long past)
+            raise AuthError("token has expired")
+        expires = _token_us(exp, "token expiry") + self._leeway
+        if now > expires:
             raise AuthError("token has expired")
         user = claims["sub"]
         device = claims.get("dev")
@@ -116,8 +128,24 @@ class JwtAuthenticator:
         if iat is not None and (not isinstance(iat, (int, float)) or isinstance(iat, bool)):
             raise AuthError("token issue time is not a number")
         # A token without iat counts as issued at 0: any revocation ends it.
-        issued_at = int(round(iat * 1_000_000)) if iat is not None else 0
-        return Identity(user, device, expires=int((exp + self._leeway) * 1_000_000), issued_at=issued_at)
+        issued_at = _token_us(iat, "token issue time", rounded=True) if iat is not None else 0
+        return Identity(user, device, expires=expires, issued_at=issued_at)
+
+
+def _token_us(seconds: Union[int, float], what: str, *, rounded: bool = False) -> int:
+    """A token's time (exp, iat: seconds since 1970) as µs; AuthError in words
+    for NaN or an infinity (PyJWT reads them in a token's JSON) and for a time
+    further from 1970 than _MAX_TOKEN_SECONDS (made µs it overflowed, or left
+    the 64-bit µs it is kept in).  ``rounded``: to the nearest µs (iat), else
+    truncated (exp)."""
+    if isinstance(seconds, float) and not math.isfinite(seconds):
+        raise AuthError(f"{what} is not a finite number of seconds")
+    if not -_MAX_TOKEN_SECONDS < seconds < _MAX_TOKEN_SECONDS:
+        raise AuthError(f"{what} is out of range: {seconds:.6g} seconds since 1970"
+                        f" (it must be within {_MAX_TOKEN_SECONDS} of 1970, ~146,000 years)")
+    if isinstance(seconds, int):
+        return seconds * 1_000_000
+    return int(round(seconds * 1_000_000)) if rounded else int(seconds * 1_000_000)
 
 
 #: How a refusal names each file load_or_create_secret keeps.
@@ -151,21 +179,30 @@ def load_or_create_secret(data_dir: Union[str, Path], name: str = SECRET_FILE) -
     ``name``: another file made the same way (the HTTP API key, ``api-key``).
 
     Raises ValueError in words for a file that is there but cannot be used
-    (:func:`read_kept_secret`); OSError for one that cannot be made."""
+    (:func:`read_kept_secret`), and for one that cannot be made ("cannot
+    make the token secret file d/secret: Read-only file system"; it was
+    Python's bare "[Errno 30] ...")."""
     try:
         return read_kept_secret(data_dir, name)
     except FileNotFoundError:
         pass
     path = Path(data_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = secrets.token_hex(32)
-    # O_EXCL: two processes racing to create it cannot both win.
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return load_or_create_secret(data_dir, name)
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: two processes racing to create it cannot both win.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return load_or_create_secret(data_dir, name)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:  # (no space...): no empty file left to be refused as such next time
+            path.unlink(missing_ok=True)
+            raise
+    except OSError as exc:  # a read-only file system, no permission, no space...
+        raise ValueError(f"cannot make the {_KEPT_AS.get(name, name)} file {path}: {exc.strerror or exc}") from None
     return text.encode()

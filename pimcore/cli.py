@@ -117,6 +117,23 @@ def _kept_secret(settings) -> bytes:  # settings: ServeSettings
         raise settings._refused(str(exc), (None, "data_dir"), named=False) from None
 
 
+def _long_enough(settings, secret: bytes, source: str, path_key: Optional[tuple[Optional[str], str]] = None) -> bytes:
+    """``secret`` if it is long enough to sign tokens with, else a ConfigError
+    saying where it came from ("the token secret from $PIMCORE_SECRET is 5
+    bytes; it must be at least 32"): JwtAuthenticator's own refusal names no
+    source.  ``path_key``: the setting ``source``'s file came from, said as
+    every refused path is ("(from --secret-file)")."""
+    from .auth import MIN_SECRET_BYTES
+    from .config import ConfigError
+
+    if len(secret) >= MIN_SECRET_BYTES:
+        return secret
+    text = f"the token secret from {source} is {len(secret)} bytes; it must be at least {MIN_SECRET_BYTES}"
+    if path_key is None:
+        raise ConfigError(text)
+    raise settings._refused(text, path_key, named=False)
+
+
 def _secret(settings, *, create: bool = True, announce: Optional[str] = None) -> bytes:  # settings: ServeSettings
     """--secret / [secret] / $PIMCORE_SECRET / --secret-file, else the data
     directory's own (created on first use, mode 0600).
@@ -131,10 +148,11 @@ def _secret(settings, *, create: bool = True, announce: Optional[str] = None) ->
     from .auth import SECRET_FILE
 
     if settings.secret:
-        return settings.secret.encode()
+        origin = settings.origins.get((None, "secret"))
+        return _long_enough(settings, settings.secret.encode(), origin[1] if origin else "the secret setting")
     env = os.environ.get("PIMCORE_SECRET")
     if env:
-        return env.encode()
+        return _long_enough(settings, env.encode(), "$PIMCORE_SECRET")
     if settings.secret_file is not None:
         # (Refusals say where the path came from, as every setting's do.)
         key = (None, "secret_file")
@@ -146,11 +164,11 @@ def _secret(settings, *, create: bool = True, announce: Optional[str] = None) ->
             raise settings._refused(f"the token secret file {settings.secret_file} is not UTF-8 text", key, named=False) from None
         if not text:
             raise settings._refused(f"the token secret file {settings.secret_file} is empty", key, named=False)
-        return text.encode()
+        return _long_enough(settings, text.encode(), f"the file {settings.secret_file}", key)
     path = settings.data_dir / SECRET_FILE
     _check_data_dir(settings)
     if path.exists():
-        return _kept_secret(settings)
+        return _long_enough(settings, _kept_secret(settings), f"the file {path}", (None, "data_dir"))
     if not create:
         raise ValueError(
             f"no token secret in {path}: is {settings.data_dir} the data directory of `pimcore serve`?"

@@ -128,6 +128,83 @@ def test_token_refuses_invalid_ids_saying_why(tmp_path, monkeypatch, capsys):
     assert "non-ASCII" in capsys.readouterr().err
 
 
+def _read_only(monkeypatch, data) -> None:
+    """Creating a file in ``data`` fails as on a read-only file system."""
+    import errno
+
+    import pimcore.auth
+
+    real_open = os.open
+
+    def fake_open(path, flags, *args, **kw):
+        if os.path.dirname(os.fspath(path)) == str(data) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(pimcore.auth.os, "open", fake_open)
+
+
+def test_a_secret_on_a_read_only_data_dir_is_said_in_words(tmp_path, monkeypatch, capsys):
+    # Was a bare "[Errno 30] Read-only file system: '.../secret'".
+    data = tmp_path / "d"
+    data.mkdir()
+    _read_only(monkeypatch, data)
+    said = f"cannot make the token secret file {data / 'secret'}: Read-only file system"
+    assert main(["token", "--user", "alice", "--data-dir", str(data), "--create-secret"]) == 2
+    assert capsys.readouterr().err == f"pimcore token: {said} (from --data-dir)\n"
+    monkeypatch.setenv("PIMCORE_DATA_DIR", str(data))
+    assert main(["serve", "--listen", "tcp://127.0.0.1:0"]) == 2
+    assert capsys.readouterr().err == f"pimcore serve: {said} (from $PIMCORE_DATA_DIR)\n"
+    assert sorted(os.listdir(data)) == []
+
+
+def test_kept_secrets_that_cannot_be_made_are_value_errors_in_words(tmp_path, monkeypatch):
+    from pimcore.auth import load_or_create_secret
+    from pimcore.config import load_settings
+
+    data = tmp_path / "d"
+    data.mkdir()
+    _read_only(monkeypatch, data)
+    with pytest.raises(ValueError, match=r"^cannot make the HTTP API key file .*api-key: Read-only file system$"):
+        load_or_create_secret(data, "api-key")
+    settings = load_settings(None, flags_are_options=True, data_dir=str(data))
+    with pytest.raises(ValueError, match=r"cannot make the HTTP API key file .*: Read-only file system \(from --data-dir\)"):
+        settings.load_api_keys()
+    with pytest.raises(ValueError, match=r"cannot make the webhook secret file .*: Read-only file system \(from --data-dir\)"):
+        settings.webhook_secret()
+
+
+def test_a_short_token_secret_says_where_it_came_from(tmp_path, monkeypatch, capsys):
+    # Was "the token secret must be at least 32 bytes", whichever of five
+    # places it came from.
+    monkeypatch.delenv("PIMCORE_SECRET", raising=False)
+    monkeypatch.chdir(tmp_path)
+    rule = "is 5 bytes; it must be at least 32"
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "secret").write_text("short\n")
+    (tmp_path / "short").write_text("short\n")
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('secret = "short"\n')
+    os.chmod(cfg, 0o600)
+    for args, env, said in [
+        ([], {"PIMCORE_SECRET": "short"}, f"the token secret from $PIMCORE_SECRET {rule}"),
+        (["--config", str(cfg)], {}, f"the token secret from {cfg} {rule}"),
+        (["--secret-file", "short"], {}, f"the token secret from the file short {rule} (from --secret-file)"),
+        ([], {"PIMCORE_SECRET_FILE": "short"}, f"the token secret from the file short {rule} (from $PIMCORE_SECRET_FILE)"),
+        (["--data-dir", str(data)], {}, f"the token secret from the file {data / 'secret'} {rule} (from --data-dir)"),
+    ]:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        for command, more in (("token", ["--user", "alice"]), ("serve", ["--listen", "tcp://127.0.0.1:0"])):
+            if command == "serve" and "--data-dir" not in args:
+                more = [*more, "--data-dir", str(data)]
+            assert main([command, *more, *args]) == 2
+            assert capsys.readouterr().err == f"pimcore {command}: {said}\n"
+        for name in env:
+            monkeypatch.delenv(name)
+
+
 def test_inspect_accepts_the_data_directory_as_every_other_command_does(tmp_path, capsys):
     data = tmp_path / "pimcore-data"
     with LmdbStore(str(data / "store")) as store:  # the layout `pimcore serve` makes

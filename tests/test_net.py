@@ -859,6 +859,71 @@ async def test_bad_tokens_are_refused_with_a_clear_error(bad, lmdb_store):
             assert srv.statistics().broker.auth_failures == 1
 
 
+#: exp / iat values no µs time can hold: PyJWT reads NaN and Infinity in a
+#: token's JSON, and a float of 1e308 seconds overflows when made µs.
+_UNTIMELY = [
+    pytest.param(v, id=i) for v, i in (
+        (1e308, "1e308"), (float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-inf"),
+        (-1e308, "-1e308"), (1e20, "1e20"), (10**30, "int-1e30"),
+    )
+]
+
+
+def _timed_token(claim: str, value: object) -> str:
+    """A token signed with the broker's secret whose ``claim`` is ``value``."""
+    claims: dict[str, object] = {"sub": "alice", "aud": "pimcore", "exp": int(time.time()) + 600,
+                                 "iat": int(time.time())}
+    claims[claim] = value
+    return jwt.encode(claims, SECRET, "HS256")
+
+
+@pytest.mark.parametrize("claim", ["exp", "iat"])
+@pytest.mark.parametrize("value", _UNTIMELY)
+def test_a_token_time_out_of_range_is_refused_in_words(claim, value):
+    from pimcore.errors import AuthError
+
+    with pytest.raises(AuthError) as err:
+        JwtAuthenticator(SECRET)(_timed_token(claim, value).encode(), int(time.time() * 1_000_000))
+    said = str(err.value)
+    if claim == "exp" and isinstance(value, float) and value < 0:
+        assert said == "token has expired"
+    else:
+        what = "token expiry" if claim == "exp" else "token issue time"
+        assert said.startswith(what + " is "), said
+        assert "finite" in said or "out of range" in said, said
+
+
+def test_token_times_in_range_still_become_64_bit_us():
+    auth = JwtAuthenticator(SECRET)
+    far = 4_000_000_000_000  # seconds: ~126,000 years from 1970, still held in an i64 of µs
+    ident = auth(_timed_token("exp", far).encode(), int(time.time() * 1_000_000))
+    assert ident.expires == (far + 30) * 1_000_000 < 1 << 63
+    ident = auth(_timed_token("iat", -far).encode(), int(time.time() * 1_000_000))
+    assert ident.issued_at == -far * 1_000_000
+
+
+@pytest.mark.parametrize("leeway", [float("nan"), float("inf"), -1.0, 1e300])
+def test_an_authenticator_leeway_out_of_range_is_refused(leeway):
+    with pytest.raises(ValueError, match="leeway"):
+        JwtAuthenticator(SECRET, leeway=leeway)
+
+
+@pytest.mark.parametrize("claim", ["exp", "iat"])
+@pytest.mark.parametrize("value", [1e308, float("nan"), float("inf"), 10**30])
+async def test_a_token_time_out_of_range_fails_the_login_at_once(claim, value, lmdb_store, caplog):
+    # Was: the authenticator raised OverflowError/ValueError, the broker
+    # logged a traceback and closed with INTERNAL, and the SDK retried
+    # until connect_timeout (5 s here).
+    with trio.fail_after(3):
+        async with serving(lmdb_store) as srv:
+            with pytest.raises(AuthFailed) as err:
+                async with open_client(srv.url(), _timed_token(claim, value), "phone", config=FAST_CLIENT):
+                    pass
+            assert ("token expiry" if claim == "exp" else "token issue time") in str(err.value)
+            assert srv.statistics().broker.auth_failures == 1
+    assert not [r for r in caplog.records if r.exc_info or "authenticator failed" in r.getMessage()]
+
+
 async def test_nothing_but_login_is_accepted_before_the_token_is_checked(lmdb_store):
     with trio.fail_after(10):
         async with serving(lmdb_store) as srv:

@@ -428,6 +428,46 @@ def test_a_bad_secret_in_the_data_dir_is_said_in_words_with_where_the_dir_came_f
         assert_clean_exit_2(r, f"{what} {path}{sep}{said} (from $PIMCORE_DATA_DIR)", command=command)
 
 
+def _uncreatable_dir() -> Path:
+    """A directory where even root cannot create a file (sysfs: EACCES), or
+    a skip: what a read-only file system does to ``<data_dir>/secret``."""
+    import os
+
+    d = Path("/sys")
+    try:
+        os.close(os.open(d / "secret", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:
+        return d
+    else:
+        os.unlink(d / "secret")
+    pytest.skip("no directory here refuses to have a file made in it")
+
+
+def test_a_kept_secret_that_cannot_be_made_is_said_in_words(tmp_path: Path) -> None:
+    """``<data_dir>/secret`` on a read-only file system (or another OSError
+    making it) said a bare "[Errno 30] Read-only file system: '.../secret'",
+    where every other refused data directory says where its path came from.
+    The same for the HTTP API key's and the webhook secret's files."""
+    data = _uncreatable_dir()
+    listen = ("--listen", "tcp://127.0.0.1:0")
+    (tmp_path / "s").write_text("s" * 64 + "\n")
+    why = "Permission denied"  # (sysfs; a read-only mount says "Read-only file system")
+    r = run_pimcore("serve", "--data-dir", data, *listen, cwd=tmp_path)
+    assert_clean_exit_2(r, f"cannot make the token secret file {data / 'secret'}: {why} (from --data-dir)")
+    r = run_pimcore("serve", *listen, env={"PIMCORE_DATA_DIR": str(data)}, cwd=tmp_path)
+    assert_clean_exit_2(r, f"cannot make the token secret file {data / 'secret'}: {why} (from $PIMCORE_DATA_DIR)")
+    r = run_pimcore("token", "--data-dir", data, "--user", "alice", "--create-secret", cwd=tmp_path)
+    assert_clean_exit_2(r, f"cannot make the token secret file {data / 'secret'}: {why} (from --data-dir)", command="token")
+    r = run_pimcore("serve", "--data-dir", data, "--secret-file", "s", "--http", "http://127.0.0.1:0", *listen, cwd=tmp_path)
+    assert_clean_exit_2(r, f"cannot make the HTTP API key file {data / 'api-key'}: {why} (from --data-dir)")
+    cfg = write_config(tmp_path / "p.toml", f'data_dir = "{data}"\n[webhooks]\nurl = "http://127.0.0.1:1/hook"\n')
+    r = run_pimcore("serve", "--config", cfg, "--secret-file", "s", *listen, cwd=tmp_path)
+    assert_clean_exit_2(r, f"{cfg}: cannot make the webhook secret file {data / 'webhook-secret'}: {why}")
+    assert not any((data / name).exists() for name in ("secret", "api-key", "webhook-secret"))
+
+
 def test_a_refused_data_dir_or_secret_file_says_where_the_path_came_from(tmp_path: Path) -> None:
     """Every other refused setting says where its value came from (a flag, a
     variable, a file); the data directory and the secret file did not -- a
