@@ -778,6 +778,16 @@ def _speaks_tls(base: str, timeout: float = 5.0) -> bool:
         return False
 
 
+#: Seconds :func:`_http_call` waits to connect, and then for each part of
+#: the answer.  The API answers an admin call (one store operation) well
+#: within a second, and its server gives a request request_timeout (10 s by
+#: default) to arrive; the SDK's connect_timeout is 10 s too.  A port that
+#: accepts and never answers (another service waiting for its own
+#: protocol's first bytes, a stuck process) was urlopen's 30 s, then a bare
+#: "timed out".  (Tests make it short.)
+_HTTP_TIMEOUT = 10.0
+
+
 def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[dict] = None) -> dict:
     """One call of the HTTP server API at ``args.http`` (docs/HTTP.md);
     the API key from --api-key, $PIMCORE_API_KEY or <data-dir>/api-key;
@@ -819,8 +829,11 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
     req = urllib.request.Request(base + path, data=data, method=method,
                                  headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=30, context=context) as resp:
+        with urllib.request.urlopen(req, timeout=_HTTP_TIMEOUT, context=context) as resp:
             return json.loads(resp.read() or b"{}")
+    except TimeoutError:  # (connected and sent: the answer did not come)
+        raise ValueError(f"no answer from {base} within {_HTTP_TIMEOUT:g} s: is it pimcore's HTTP API"
+                         " (serve --http)?") from None
     except urllib.error.HTTPError as exc:
         try:
             err = json.loads(exc.read())["error"]
@@ -841,6 +854,8 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
             # (It was "[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)".)
             raise ValueError(f"cannot use {base}: the server does not speak TLS: try"
                              f" http://{base[len('https://'):]}") from None
+        if isinstance(exc.reason, TimeoutError):  # (connecting, or sending the request)
+            raise ValueError(f"cannot reach {base}: no connection within {_HTTP_TIMEOUT:g} s") from None
         raise ValueError(f"cannot reach {base}: {exc.reason}") from None
     except ssl.SSLCertVerificationError as exc:  # (not wrapped in a URLError)
         raise ValueError(f"the certificate of {base} did not verify ({exc.verify_message or exc}): give --cafile"

@@ -729,6 +729,30 @@ def test_http_at_a_server_answering_with_a_tls_alert_says_to_use_https(capsys):
                    f" try https://127.0.0.1:{port}\n"), err
 
 
+def test_http_at_a_port_that_never_answers_says_so_after_a_bounded_wait(capsys, monkeypatch):
+    """A port that accepts and never answers (another service waiting for
+    its own protocol's first bytes, a stuck process): it was about 32 s
+    (urlopen's timeout=30), then a bare "timed out".  Said with the URL,
+    the wait and a hint; the wait made short here (the default is 10 s)."""
+    import socket
+    import time
+
+    import pimcore.cli
+
+    assert pimcore.cli._HTTP_TIMEOUT == 10.0
+    monkeypatch.setattr(pimcore.cli, "_HTTP_TIMEOUT", 0.5)
+    with socket.create_server(("127.0.0.1", 0)) as srv:  # (the kernel accepts; nobody reads)
+        port = srv.getsockname()[1]
+        started = time.monotonic()
+        rc = main(["group", "show", "team", "--http", f"http://127.0.0.1:{port}", "--api-key", "k"])
+        took = time.monotonic() - started
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", (rc, out, err)
+    assert err == (f"pimcore group: no answer from http://127.0.0.1:{port} within 0.5 s:"
+                   " is it pimcore's HTTP API (serve --http)?\n"), err
+    assert took < 5, took
+
+
 @pytest.mark.parametrize("cmd", _HTTP_COMMANDS, ids=lambda c: c[0])
 def test_cafile_without_http_or_empty_is_refused(tmp_path, capsys, cmd):
     """--cafile without --http was ignored silently (the data directory was
