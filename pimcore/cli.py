@@ -778,6 +778,16 @@ def _speaks_tls(base: str, timeout: float = 5.0) -> bool:
         return False
 
 
+def _first_line(text: str, limit: int = 200) -> str:
+    """The first non-blank line of ``text`` (another server's words), cut
+    at ``limit`` characters and with what is not printable escaped (no
+    terminal escapes from a stranger); "" if there is none."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    cut = len(line) > limit
+    said = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in line[:limit])
+    return said + ("..." if cut else "")
+
+
 #: Seconds :func:`_http_call` waits to connect, and then for each part of
 #: the answer.  The API answers an admin call (one store operation) well
 #: within a second, and its server gives a request request_timeout (10 s by
@@ -865,9 +875,27 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
         # asked in plain HTTP (it closes, resets or answers with a TLS
         # alert), or e.g. the broker's own tcp:// listener given instead of
         # its HTTP one (both are tcp:// URLs).
+        if isinstance(exc, http.client.BadStatusLine) and not isinstance(exc, http.client.RemoteDisconnected):
+            from .client import _pimcore_frame_start
+
+            first = exc.line.encode("latin-1", "replace")  # (http.client read it as Latin-1)
+            if _pimcore_frame_start(first):  # the broker's Close to a stranger (UNSUPPORTED_VERSION)
+                tls = base.startswith("https://")
+                raise ValueError(f"cannot use {base}: it is a pimcore {'tls' if tls else 'tcp'}:// broker listener,"
+                                 " not the HTTP API: use the --http URL `pimcore serve` prints as 'listening on"
+                                 f" http://...'{' (or https://...)' if tls else ''}") from None
         if base.startswith("http://") and _speaks_tls(base):
             raise ValueError(f"cannot use {base}: the server speaks TLS: try https://{base[len('http://'):]}") from None
-        raise ValueError(f"cannot use {base}: not an HTTP server (is this the --http listener?): {exc!r}") from None
+        if isinstance(exc, http.client.RemoteDisconnected):
+            what = "it closed the connection without an answer"
+        elif isinstance(exc, http.client.BadStatusLine):
+            said = _first_line(exc.line)
+            what = f'it answered "{said}"' if said else "its answer was no HTTP status line"
+        elif isinstance(exc, ConnectionResetError):
+            what = "it reset the connection"
+        else:
+            what = _first_line(str(exc)) or type(exc).__name__
+        raise ValueError(f"cannot use {base}: not an HTTP server (is this the --http listener?): {what}") from None
 
 
 def _cmd_purge(args: argparse.Namespace) -> int:
