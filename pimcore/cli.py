@@ -846,12 +846,21 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
                          " (serve --http)?") from None
     except urllib.error.HTTPError as exc:
         try:
-            err = json.loads(exc.read())["error"]
+            raw = exc.read(64 * 1024)
+        except (OSError, http.client.HTTPException):
+            raw = b""
+        try:
+            err = json.loads(raw)["error"]
             code, message = str(err["code"]), str(err["message"])
             # (An older broker's messages hold the code already.)
             why = message if code in message else f"{code}: {message}"
         except (ValueError, KeyError, TypeError):  # (not the API's JSON error: a proxy's page...)
-            raise ValueError(f"HTTP {exc.code} from {base}") from None
+            # A short plain-text answer says whose it is (the broker's
+            # ws:// listener names itself): its first line.  Not HTML.
+            said = ""
+            if exc.headers is not None and exc.headers.get_content_type() == "text/plain":
+                said = _first_line(raw.decode("utf-8", "replace"))
+            raise ValueError(f"HTTP {exc.code} from {base}" + (f": {said}" if said else "")) from None
         raise _Refused(code, why, message) from None
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, ssl.SSLCertVerificationError):

@@ -767,7 +767,7 @@ def _tls_files(tmp_path):
     return cert, key, cafile
 
 
-@pytest.mark.parametrize("listener", ["tcp", "tls"])
+@pytest.mark.parametrize("listener", ["tcp", "tls", "ws"])
 def test_http_at_one_of_the_brokers_other_listeners_says_which_it_is(tmp_path, capsys, listener):
     """--http at the broker's tcp:// listener printed the Close frame's raw
     bytes in a BadStatusLine repr; at its ws:// listener only "HTTP 400",
@@ -825,6 +825,41 @@ def test_http_at_another_service_says_what_it_answered_in_words(capsys, answer, 
     assert rc == 2 and out == "", (rc, out, err)
     assert err == (f"pimcore group: cannot use http://127.0.0.1:{port}: not an HTTP server (is this the --http"
                    f" listener?): {said}\n"), err
+
+
+@pytest.mark.parametrize("ctype, body, said", [
+    ("text/html", b"<html><body><h1>404 Not Found</h1></body></html>", ""),  # (no markup)
+    ("text/plain; charset=utf-8", b"no such page\r\nsecond line\n", ": no such page"),
+    ("text/plain", b"bell\x07 \x1b[31mred\n", ": bell\\x07 \\x1b[31mred"),  # (no terminal escapes)
+    ("text/plain", b"x" * 500, ": " + "x" * 200 + "..."),
+    ("text/plain", b"", ""),
+])
+def test_http_at_another_http_server_says_its_status_and_a_short_plain_text(capsys, ctype, body, said):
+    import socket
+    import threading
+
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        srv.settimeout(20)
+        port = srv.getsockname()[1]
+
+        def answer() -> None:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(20)
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                             b"Connection: close\r\n\r\n%s" % (ctype.encode(), len(body), body))
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        rc = main(["group", "show", "team", "--http", f"http://127.0.0.1:{port}", "--api-key", "k"])
+        t.join(20)
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", (rc, out, err)
+    assert err == f"pimcore group: HTTP 404 from http://127.0.0.1:{port}{said}\n", err
 
 
 @pytest.mark.parametrize("cmd", _HTTP_COMMANDS, ids=lambda c: c[0])
