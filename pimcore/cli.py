@@ -884,10 +884,12 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
         # asked in plain HTTP (it closes, resets or answers with a TLS
         # alert), or e.g. the broker's own tcp:// listener given instead of
         # its HTTP one (both are tcp:// URLs).
-        if isinstance(exc, http.client.BadStatusLine) and not isinstance(exc, http.client.RemoteDisconnected):
+        # (BadStatusLine's line: what came, read as Latin-1; typeshed lacks it.)
+        line = str(getattr(exc, "line", "")) if isinstance(exc, http.client.BadStatusLine) else ""
+        if line and not isinstance(exc, http.client.RemoteDisconnected):
             from .client import _pimcore_frame_start
 
-            first = exc.line.encode("latin-1", "replace")  # (http.client read it as Latin-1)
+            first = line.encode("latin-1", "replace")
             if _pimcore_frame_start(first):  # the broker's Close to a stranger (UNSUPPORTED_VERSION)
                 tls = base.startswith("https://")
                 raise ValueError(f"cannot use {base}: it is a pimcore {'tls' if tls else 'tcp'}:// broker listener,"
@@ -898,7 +900,7 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
         if isinstance(exc, http.client.RemoteDisconnected):
             what = "it closed the connection without an answer"
         elif isinstance(exc, http.client.BadStatusLine):
-            said = _first_line(exc.line)
+            said = _first_line(line)
             what = f'it answered "{said}"' if said else "its answer was no HTTP status line"
         elif isinstance(exc, ConnectionResetError):
             what = "it reset the connection"
