@@ -796,6 +796,26 @@ def _speaks_tls(base: str, timeout: float = 5.0) -> bool:
         return False
 
 
+def _first_line(text: str, limit: int = 200) -> str:
+    """The first non-blank line of ``text`` (another server's words), cut
+    at ``limit`` characters and with what is not printable escaped (no
+    terminal escapes from a stranger); "" if there is none."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    cut = len(line) > limit
+    said = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in line[:limit])
+    return said + ("..." if cut else "")
+
+
+#: Seconds :func:`_http_call` waits to connect, and then for each part of
+#: the answer.  The API answers an admin call (one store operation) well
+#: within a second, and its server gives a request request_timeout (10 s by
+#: default) to arrive; the SDK's connect_timeout is 10 s too.  A port that
+#: accepts and never answers (another service waiting for its own
+#: protocol's first bytes, a stuck process) was urlopen's 30 s, then a bare
+#: "timed out".  (Tests make it short.)
+_HTTP_TIMEOUT = 10.0
+
+
 def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[dict] = None) -> dict:
     """One call of the HTTP server API at ``args.http`` (docs/HTTP.md);
     the API key from --api-key, $PIMCORE_API_KEY or <data-dir>/api-key;
@@ -837,16 +857,28 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
     req = urllib.request.Request(base + path, data=data, method=method,
                                  headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=30, context=context) as resp:
+        with urllib.request.urlopen(req, timeout=_HTTP_TIMEOUT, context=context) as resp:
             return json.loads(resp.read() or b"{}")
+    except TimeoutError:  # (connected and sent: the answer did not come)
+        raise ValueError(f"no answer from {base} within {_HTTP_TIMEOUT:g} s: is it pimcore's HTTP API"
+                         " (serve --http)?") from None
     except urllib.error.HTTPError as exc:
         try:
-            err = json.loads(exc.read())["error"]
+            raw = exc.read(64 * 1024)
+        except (OSError, http.client.HTTPException):
+            raw = b""
+        try:
+            err = json.loads(raw)["error"]
             code, message = str(err["code"]), str(err["message"])
             # (An older broker's messages hold the code already.)
             why = message if code in message else f"{code}: {message}"
         except (ValueError, KeyError, TypeError):  # (not the API's JSON error: a proxy's page...)
-            raise ValueError(f"HTTP {exc.code} from {base}") from None
+            # A short plain-text answer says whose it is (the broker's
+            # ws:// listener names itself): its first line.  Not HTML.
+            said = ""
+            if exc.headers is not None and exc.headers.get_content_type() == "text/plain":
+                said = _first_line(raw.decode("utf-8", "replace"))
+            raise ValueError(f"HTTP {exc.code} from {base}" + (f": {said}" if said else "")) from None
         raise _Refused(code, why, message) from None
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, ssl.SSLCertVerificationError):
@@ -859,6 +891,8 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
             # (It was "[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)".)
             raise ValueError(f"cannot use {base}: the server does not speak TLS: try"
                              f" http://{base[len('https://'):]}") from None
+        if isinstance(exc.reason, TimeoutError):  # (connecting, or sending the request)
+            raise ValueError(f"cannot reach {base}: no connection within {_HTTP_TIMEOUT:g} s") from None
         raise ValueError(f"cannot reach {base}: {exc.reason}") from None
     except ssl.SSLCertVerificationError as exc:  # (not wrapped in a URLError)
         raise ValueError(f"the certificate of {base} did not verify ({exc.verify_message or exc}): give --cafile"
@@ -868,9 +902,29 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
         # asked in plain HTTP (it closes, resets or answers with a TLS
         # alert), or e.g. the broker's own tcp:// listener given instead of
         # its HTTP one (both are tcp:// URLs).
+        # (BadStatusLine's line: what came, read as Latin-1; typeshed lacks it.)
+        line = str(getattr(exc, "line", "")) if isinstance(exc, http.client.BadStatusLine) else ""
+        if line and not isinstance(exc, http.client.RemoteDisconnected):
+            from .client import _pimcore_frame_start
+
+            first = line.encode("latin-1", "replace")
+            if _pimcore_frame_start(first):  # the broker's Close to a stranger (UNSUPPORTED_VERSION)
+                tls = base.startswith("https://")
+                raise ValueError(f"cannot use {base}: it is a pimcore {'tls' if tls else 'tcp'}:// broker listener,"
+                                 " not the HTTP API: use the --http URL `pimcore serve` prints as 'listening on"
+                                 f" http://...'{' (or https://...)' if tls else ''}") from None
         if base.startswith("http://") and _speaks_tls(base):
             raise ValueError(f"cannot use {base}: the server speaks TLS: try https://{base[len('http://'):]}") from None
-        raise ValueError(f"cannot use {base}: not an HTTP server (is this the --http listener?): {exc!r}") from None
+        if isinstance(exc, http.client.RemoteDisconnected):
+            what = "it closed the connection without an answer"
+        elif isinstance(exc, http.client.BadStatusLine):
+            said = _first_line(line)
+            what = f'it answered "{said}"' if said else "its answer was no HTTP status line"
+        elif isinstance(exc, ConnectionResetError):
+            what = "it reset the connection"
+        else:
+            what = _first_line(str(exc)) or type(exc).__name__
+        raise ValueError(f"cannot use {base}: not an HTTP server (is this the --http listener?): {what}") from None
 
 
 def _cmd_purge(args: argparse.Namespace) -> int:

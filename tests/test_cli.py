@@ -806,6 +806,145 @@ def test_http_at_a_server_answering_with_a_tls_alert_says_to_use_https(capsys):
                    f" try https://127.0.0.1:{port}\n"), err
 
 
+def test_http_at_a_port_that_never_answers_says_so_after_a_bounded_wait(capsys, monkeypatch):
+    """A port that accepts and never answers (another service waiting for
+    its own protocol's first bytes, a stuck process): it was about 32 s
+    (urlopen's timeout=30), then a bare "timed out".  Said with the URL,
+    the wait and a hint; the wait made short here (the default is 10 s)."""
+    import socket
+    import time
+
+    import pimcore.cli
+
+    assert pimcore.cli._HTTP_TIMEOUT == 10.0
+    monkeypatch.setattr(pimcore.cli, "_HTTP_TIMEOUT", 0.5)
+    with socket.create_server(("127.0.0.1", 0)) as srv:  # (the kernel accepts; nobody reads)
+        port = srv.getsockname()[1]
+        started = time.monotonic()
+        rc = main(["group", "show", "team", "--http", f"http://127.0.0.1:{port}", "--api-key", "k"])
+        took = time.monotonic() - started
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", (rc, out, err)
+    assert err == (f"pimcore group: no answer from http://127.0.0.1:{port} within 0.5 s:"
+                   " is it pimcore's HTTP API (serve --http)?\n"), err
+    assert took < 5, took
+
+
+def _tls_files(tmp_path):
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    cert, key, cafile = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    issued.private_key_pem.write_to_path(str(key))
+    with cert.open("wb") as f:
+        for blob in issued.cert_chain_pems:
+            f.write(blob.bytes())
+    ca.cert_pem.write_to_path(str(cafile))
+    return cert, key, cafile
+
+
+@pytest.mark.parametrize("listener", ["tcp", "tls", "ws"])
+def test_http_at_one_of_the_brokers_other_listeners_says_which_it_is(tmp_path, capsys, caplog, listener):
+    """--http at the broker's tcp:// listener printed the Close frame's raw
+    bytes in a BadStatusLine repr; at its ws:// listener only "HTTP 400",
+    dropping the text/plain body that names the listener."""
+    import logging
+
+    from pimcore.threaded import open_pimcore_thread
+
+    # (The in-test broker's info lines are no part of the CLI's output: kept
+    # out of stderr, where an earlier test's logging setup may send them.)
+    caplog.set_level(logging.WARNING, logger="pimcore")
+
+    cert, key, cafile = _tls_files(tmp_path)
+    listen = f"{listener}://127.0.0.1:0" + ("/im" if listener == "ws" else "")
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=[listen], cert=str(cert), key=str(key)) as im:
+        port = im.port(listener)
+        scheme = "https" if listener == "tls" else "http"
+        base = f"{scheme}://127.0.0.1:{port}"
+        rc = main(["group", "show", "team", "--http", base, "--api-key", "k",
+                   *(["--cafile", str(cafile)] if listener == "tls" else [])])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", (rc, out, err)
+    said = {"tcp": f"cannot use {base}: it is a pimcore tcp:// broker listener, not the HTTP API: use the --http URL"
+                   " `pimcore serve` prints as 'listening on http://...'",
+            "tls": f"cannot use {base}: it is a pimcore tls:// broker listener, not the HTTP API: use the --http URL"
+                   " `pimcore serve` prints as 'listening on http://...' (or https://...)",
+            "ws": f"HTTP 400 from {base}: this is a pimcore ws:// listener (path /im): it takes a WebSocket upgrade"
+                  " request to /im and nothing else"}[listener]
+    assert err == f"pimcore group: {said}\n", err
+
+
+@pytest.mark.parametrize("answer, said", [
+    (b"SSH-2.0-OpenSSH_9.6\r\n", 'it answered "SSH-2.0-OpenSSH_9.6"'),
+    (b"\x00\x01\x1b[2J junk\n", 'it answered "\\x00\\x01\\x1b[2J junk"'),  # (escaped, not a repr)
+    (b"", "it closed the connection without an answer"),
+])
+def test_http_at_another_service_says_what_it_answered_in_words(capsys, answer, said):
+    import socket
+    import threading
+
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        srv.settimeout(20)
+        port = srv.getsockname()[1]
+
+        def serve() -> None:
+            for _ in range(2):  # the request, then the TLS handshake tried
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.settimeout(20)
+                    conn.recv(4096)
+                    conn.sendall(answer)
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        rc = main(["group", "show", "team", "--http", f"http://127.0.0.1:{port}", "--api-key", "k"])
+        t.join(20)
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", (rc, out, err)
+    assert err == (f"pimcore group: cannot use http://127.0.0.1:{port}: not an HTTP server (is this the --http"
+                   f" listener?): {said}\n"), err
+
+
+@pytest.mark.parametrize("ctype, body, said", [
+    ("text/html", b"<html><body><h1>404 Not Found</h1></body></html>", ""),  # (no markup)
+    ("text/plain; charset=utf-8", b"no such page\r\nsecond line\n", ": no such page"),
+    ("text/plain", b"bell\x07 \x1b[31mred\n", ": bell\\x07 \\x1b[31mred"),  # (no terminal escapes)
+    ("text/plain", b"x" * 500, ": " + "x" * 200 + "..."),
+    ("text/plain", b"", ""),
+])
+def test_http_at_another_http_server_says_its_status_and_a_short_plain_text(capsys, ctype, body, said):
+    import socket
+    import threading
+
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        srv.settimeout(20)
+        port = srv.getsockname()[1]
+
+        def answer() -> None:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(20)
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                             b"Connection: close\r\n\r\n%s" % (ctype.encode(), len(body), body))
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        rc = main(["group", "show", "team", "--http", f"http://127.0.0.1:{port}", "--api-key", "k"])
+        t.join(20)
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", (rc, out, err)
+    assert err == f"pimcore group: HTTP 404 from http://127.0.0.1:{port}{said}\n", err
+
+
 @pytest.mark.parametrize("cmd", _HTTP_COMMANDS, ids=lambda c: c[0])
 def test_cafile_without_http_or_empty_is_refused(tmp_path, capsys, cmd):
     """--cafile without --http was ignored silently (the data directory was
