@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from types import ModuleType
+from typing import Iterator
 
 import pytest
 from hypothesis import settings
@@ -15,6 +17,21 @@ from pimcore import _backend
 # blob that reproduces them (@reproduce_failure).
 settings.register_profile("pimcore", deadline=None, print_blob=True)
 settings.load_profile("pimcore")
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """The root logger as the test found it.  A test that runs a command in
+    this process (``cli.main(["serve", ...])``) configures logging to that
+    moment's stderr -- pytest's capture, closed after the test -- and every
+    later test's broker thread then logged "--- Logging error ---" into its
+    own captured stderr (a test asserting no traceback failed only when run
+    after such a test)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(params=["cython", "pure"], scope="session")

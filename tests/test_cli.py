@@ -810,13 +810,13 @@ def test_http_at_a_port_that_never_answers_says_so_after_a_bounded_wait(capsys, 
     """A port that accepts and never answers (another service waiting for
     its own protocol's first bytes, a stuck process): it was about 32 s
     (urlopen's timeout=30), then a bare "timed out".  Said with the URL,
-    the wait and a hint; the wait made short here (the default is 10 s)."""
+    the wait and a hint; the wait made short here (the default is 30 s)."""
     import socket
     import time
 
     import pimcore.cli
 
-    assert pimcore.cli._HTTP_TIMEOUT == 10.0
+    assert pimcore.cli._HTTP_TIMEOUT == 30.0
     monkeypatch.setattr(pimcore.cli, "_HTTP_TIMEOUT", 0.5)
     with socket.create_server(("127.0.0.1", 0)) as srv:  # (the kernel accepts; nobody reads)
         port = srv.getsockname()[1]
