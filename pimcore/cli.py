@@ -516,7 +516,9 @@ def _refusal(command: str, exc: BaseException) -> str:
     """The line for a maintenance command's failure.  A broker with
     durability log is its store's only writer, and the store's refusal
     says to use its HTTP API: the line says how (``--http``)."""
-    hint = " -- give --http URL (its HTTP listener) to do this through it" if "HTTP API" in str(exc) else ""
+    # (Only the store's refusal, "(use its HTTP API...)": an --http call's
+    # own failure may name the HTTP API too, and --http was given then.)
+    hint = " -- give --http URL (its HTTP listener) to do this through it" if "use its HTTP API" in str(exc) else ""
     return f"pimcore {command}: {exc}{hint}"
 
 
