@@ -790,8 +790,12 @@ def test_chat_says_on_stderr_why_it_retries_then_connects(tmp_path: Path) -> Non
     the login are still not said as lost connections (abf81af)."""
     from _proc import run_pimcore
 
+    # login_timeout 4 s: the hog must still hold the slot when chat's first
+    # attempt comes, after its process started (1.5 s was passed on a
+    # loaded CI machine with the pure backend: chat got in at once), and
+    # free it well within chat's connect_timeout (10 s).
     with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=["tcp://127.0.0.1:0"],
-                             max_connections=1, login_timeout=1.5) as im:
+                             max_connections=1, login_timeout=4) as im:
         # A connection that never logs in holds the only slot until its
         # login_timeout: chat's first attempts are refused OVERLOADED.
         with socket.create_connection(("127.0.0.1", im.port())) as hog:
