@@ -258,19 +258,29 @@ _HANDSHAKE_BYTES = 512
 _FIRST_BYTES = 8
 
 
-def _pimcore_frame_start(first: bytes) -> bool:
-    """``first`` begins a pimcore frame the way a broker answers a stranger:
-    a Close (its length, a varint of 1-5 bytes, >= 2; its head, a protocol
-    version in the high nibble; the type CLOSE).  "HTTP/", a TLS alert or
-    any text never does (its third byte would be 0x11)."""
+def _frame_length(first: bytes) -> Optional[tuple[int, bytes]]:
+    """The length prefix of the frame ``first`` begins (a LEB128 varint of
+    1-5 bytes) and the bytes after it; None if the prefix is not complete
+    in ``first`` (or runs past 5 bytes)."""
     length = shift = 0
     for i, b in enumerate(first[:5]):
         length |= (b & 0x7F) << shift
         shift += 7
         if b < 0x80:
-            rest = first[i + 1:]
-            return length >= 2 and len(rest) >= 2 and rest[0] >> 4 != 0 and rest[1] == F.FrameType.CLOSE
-    return False
+            return length, first[i + 1:]
+    return None
+
+
+def _pimcore_frame_start(first: bytes) -> bool:
+    """``first`` begins a pimcore frame the way a broker answers a stranger:
+    a Close (its length, a varint of 1-5 bytes, >= 2; its head, a protocol
+    version in the high nibble; the type CLOSE).  "HTTP/", a TLS alert or
+    any text never does (its third byte would be 0x11)."""
+    head = _frame_length(first)
+    if head is None:
+        return False
+    length, rest = head
+    return length >= 2 and len(rest) >= 2 and rest[0] >> 4 != 0 and rest[1] == F.FrameType.CLOSE
 
 
 #: Bytes of text that make an answer text rather than binary (_is_text).
@@ -291,16 +301,13 @@ def _could_be_broker(first: bytes) -> bool:
     length (a varint of 1-5 bytes, >= 2), its head (a protocol version in
     the high nibble, any version) and a type a broker answers a Login
     with (LoginAck, Error, Close).  Fewer bytes than that: it could."""
-    length = shift = 0
-    for i, b in enumerate(first[:5]):
-        length |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            rest = first[i + 1:]
-            if length < 2 or (rest and rest[0] >> 4 == 0):
-                return False
-            return len(rest) < 2 or rest[1] in (F.FrameType.LOGIN_ACK, F.FrameType.ERROR, F.FrameType.CLOSE)
-    return len(first) < 5
+    head = _frame_length(first)
+    if head is None:
+        return len(first) < 5
+    length, rest = head
+    if length < 2 or (rest and rest[0] >> 4 == 0):
+        return False
+    return len(rest) < 2 or rest[1] in (F.FrameType.LOGIN_ACK, F.FrameType.ERROR, F.FrameType.CLOSE)
 
 
 def _other_service(first: bytes) -> str:
