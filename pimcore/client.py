@@ -177,13 +177,28 @@ class _FirstBytes(StreamWrapper):
         super().__init__(inner)
         self.first = b""
         self.eof = False
+        #: The stream broke (a reset) while the request was written or its answer awaited.
+        self.broke = False
         #: Called when the stream ends or breaks (see Client._open_stream).
         self.on_end: Optional[Callable[[], object]] = None
+
+    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        # A reset while the upgrade request is written: trio-websocket's
+        # reader then stops without waking the wait for the upgrade's
+        # answer, which lasted connect_timeout ("no answer").
+        try:
+            await self.inner.send_all(data)
+        except _IO_ERRORS:
+            self.broke = True
+            if self.on_end is not None:
+                self.on_end()
+            raise
 
     async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
         try:
             data = await self.inner.receive_some(max_bytes)
         except _IO_ERRORS:
+            self.broke = True
             if self.on_end is not None:
                 self.on_end()
             raise
@@ -213,7 +228,9 @@ class _FirstBytes(StreamWrapper):
 
     @property
     def looks_like_tls(self) -> bool:
-        return self.first.startswith(b"\x15\x03") or (self.eof and not self.first)
+        """A TLS alert, or a hang-up or a reset with nothing received (as
+        on tcp://, where either gets the hint: see Client._serve)."""
+        return self.first.startswith(b"\x15\x03") or ((self.eof or self.broke) and not self.first)
 
     @property
     def looks_like_pimcore(self) -> bool:
@@ -924,7 +941,8 @@ class Client:
                 )
             watched.on_end = None
             if upgrade.cancelled_caught:
-                raise trio.BrokenResourceError("the server hung up before answering the WebSocket upgrade")
+                raise trio.BrokenResourceError(f"the server {'reset the connection' if watched.broke else 'hung up'}"
+                                               " before answering the WebSocket upgrade")
             return WebSocketStream(ws)
         return stream
 

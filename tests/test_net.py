@@ -452,13 +452,16 @@ async def test_a_listener_that_never_answers_times_out_naming_the_limit() -> Non
                               " no answer to the login (is it a pimcore broker?)")
 
 
-async def _tls_like_server(answer: bytes, task_status=trio.TASK_STATUS_IGNORED, *, reset: bool = False) -> None:
-    """A TLS server as a plain-TCP client sees it: it reads the Login,
-    answers ``answer`` (b"": nothing; a TLS alert record) and hangs up
-    (with a reset if ``reset``)."""
+async def _tls_like_server(answer: bytes, task_status=trio.TASK_STATUS_IGNORED, *, reset: bool = False,
+                           read: bool = True) -> None:
+    """A TLS server as a plain-TCP client sees it: it reads the Login (not
+    if ``read`` is False: it accepts and closes at once), answers ``answer``
+    (b"": nothing; a TLS alert record) and hangs up (with a reset if
+    ``reset``)."""
 
     async def handler(stream: trio.SocketStream) -> None:
-        await stream.receive_some()
+        if read:
+            await stream.receive_some()
         if answer:
             await stream.send_all(answer)
         if reset:
@@ -510,6 +513,32 @@ async def test_a_hang_up_on_the_login_is_retried_until_connect_timeout_then_sugg
     assert timeout <= waited < timeout + 0.5, waited  # virtual time
     assert msg.startswith(f"cannot connect to tcp://127.0.0.1:{port} within 10 s (connect_timeout): "), msg
     assert msg.endswith(f"(the server may require TLS: try tls://127.0.0.1:{port})"), msg
+
+
+@pytest.mark.parametrize("read", [True, False], ids=["after-reading", "at-once"])
+@pytest.mark.parametrize("reset", [False, True], ids=["hangs-up", "resets"])
+@pytest.mark.parametrize("scheme", ["tcp", "ws"])
+async def test_a_port_that_hangs_up_gets_the_tls_hint_on_tcp_and_ws_alike(scheme, reset, read) -> None:
+    """A port that accepts and closes (or resets) at once -- a TLS port, or
+    one with no broker behind it yet -- is retried until connect_timeout,
+    then hinted "may require TLS" on tcp://.  On ws:// a reset got no
+    "try wss://" hint (the reset was not taken for a hang-up), and a reset
+    while the upgrade request was being written was waited out as
+    "no answer" (new-user pass): both get the matching hint now."""
+    from pimcore.client import ConnectFailed
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(functools.partial(_tls_like_server, b"", reset=reset, read=read))
+        url = f"{scheme}://127.0.0.1:{port}" + ("/im" if scheme == "ws" else "")
+        with trio.fail_after(30), pytest.raises(ConnectFailed) as err:
+            async with open_client(url, token("alice"), "phone",
+                                   config=ClientConfig(connect_timeout=1.0, backoff_max=0.2)):
+                pass  # pragma: no cover
+        nursery.cancel_scope.cancel()
+    msg = str(err.value)
+    secure, path = ("wss", "/im") if scheme == "ws" else ("tls", "")
+    assert msg.startswith(f"cannot connect to {url} within 1 s (connect_timeout): "), msg
+    assert msg.endswith(f" (the server may require TLS: try {secure}://127.0.0.1:{port}{path})"), msg
 
 
 @pytest.mark.parametrize("scheme", ["tls", "wss"])
