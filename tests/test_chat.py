@@ -49,8 +49,7 @@ def test_chat_says_it_is_connecting_then_a_refused_port_is_one_line_at_once(tmp_
     assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr, r
     assert r.stderr.splitlines() == [
         f"pimcore chat: connecting to {url} (up to 10 s)…",
-        f"pimcore chat: cannot connect to {url}: ConnectionRefusedError: [Errno 111] Error connecting to"
-        f" ('127.0.0.1', {url.rsplit(':', 1)[1]}): Connection refused",
+        f"pimcore chat: cannot connect to {url}: connection refused",
     ], r.stderr
 
 
@@ -129,7 +128,7 @@ def test_chat_with_an_unknown_host_is_one_line_at_once(monkeypatch: pytest.Monke
     assert rc == 1 and out == "" and "Traceback" not in err, (rc, out, err)
     assert err.splitlines() == [
         f"pimcore chat: connecting to {url} (up to 10 s)…",
-        f"pimcore chat: cannot connect to {url}: unknown host 'nohost.invalid' (gaierror: [Errno -2] Name or service not known)",
+        f"pimcore chat: cannot connect to {url}: unknown host 'nohost.invalid' (name or service not known)",
     ], err
     assert lookups == ["nohost.invalid"], lookups  # no retry
 
