@@ -1192,6 +1192,40 @@ async def test_refusals_are_final_errors_with_their_code(lmdb_store):
                 assert (await a.send("team", b"ok")).seq == 1
 
 
+async def test_refusals_of_conversation_and_membership_say_why_in_words(lmdb_store):
+    """A SendError for NOT_MEMBER, UNKNOWN_CONVERSATION or BAD_REQUEST had
+    no reason ("send refused: NOT_MEMBER"), where the others (REJECTED,
+    PAYLOAD_TOO_LARGE) have one (new-user pass): each now says which
+    conversation, which user, what was bad -- for a send, an amendment and
+    the requests about a conversation alike."""
+    lmdb_store.create_group("team", ["alice", "carol"], 0)
+    dm = direct_conversation("alice", "carol")
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            async with client(srv.url(), "bob") as b:
+                for call, code, reason in [
+                    (lambda: b.send("team", b"x"), ErrorCode.NOT_MEMBER, "bob is not a member of group 'team'"),
+                    (lambda: b.send(dm, b"x"), ErrorCode.NOT_MEMBER,
+                     f"bob is not one of the two users of the 1:1 conversation '{dm}' (alice and carol)"),
+                    (lambda: b.send("nosuch", b"x"), ErrorCode.UNKNOWN_CONVERSATION, "group 'nosuch' does not exist"),
+                    (lambda: b.send("not a conv", b"x"), ErrorCode.BAD_REQUEST,
+                     "invalid conversation id: group id 'not a conv' is not 1-"),
+                    (lambda: b.edit("team", 1, b"y"), ErrorCode.NOT_MEMBER, "bob is not a member of group 'team'"),
+                    (lambda: b.recall("not a conv", 1), ErrorCode.BAD_REQUEST, "invalid conversation id: "),
+                    (lambda: b.readers("team"), ErrorCode.NOT_MEMBER, "bob is not a member of group 'team'"),
+                    (lambda: b.readers("nosuch"), ErrorCode.UNKNOWN_CONVERSATION, "group 'nosuch' does not exist"),
+                    (lambda: b.fetch_history("team", 0, 10), ErrorCode.NOT_MEMBER, "bob is not a member of group 'team'"),
+                    (lambda: b.fetch_history("x y", 0, 10), ErrorCode.BAD_REQUEST, "invalid conversation id: "),
+                    (lambda: b.set_conversation("nosuch", muted=True), ErrorCode.UNKNOWN_CONVERSATION,
+                     "group 'nosuch' does not exist"),
+                ]:
+                    with pytest.raises(SendError) as err:
+                        await call()
+                    assert err.value.code is code, (err.value, code)
+                    assert err.value.reason.startswith(reason), (err.value.reason, reason)
+                    assert str(err.value).endswith(f"{code.name}: {err.value.reason}"), str(err.value)
+
+
 async def test_oversized_and_malformed_frames_close_only_that_connection(lmdb_store):
     cfg = server_config(limits=Limits(max_frame=4096, max_payload=1024, heartbeat_ms=15000))
     with trio.fail_after(10):
