@@ -28,7 +28,12 @@ the conversation again in display order (with times), ``/quit`` (or end of input
 ``/edit N text`` replaces your message #N, ``/recall N`` recalls it for
 everyone, ``/delete N`` deletes #N for you only; edits and recalls (yours
 from other devices, and the peer's) are shown as they come, and history
-marks messages ``(edited)``, ``(recalled)`` or ``(deleted)``.
+marks messages ``(edited)``, ``(recalled)`` or ``(deleted)``.  ``/help``
+lists the commands.  Any other line that starts with ``/`` is refused as an
+unknown command (a typo must not reach the peer): to send a line that
+starts with ``/``, type ``//`` (``//shrug`` sends ``/shrug``).  A line that
+is not UTF-8 text (the terminal's encoding is another) is refused, not
+sent mangled; a very long line is shown cut, with its length.
 
 Typing and presence: ``… bob is typing`` shows when another member starts
 typing (the indicator is ephemeral: it expires by itself).  A terminal
@@ -268,7 +273,7 @@ async def chat(
             pass
         out(
             f"connected as {client.user} ({device}); chatting {'with ' + peer if peer else 'in ' + str(group)}."
-            f" Clock offset {client.clock_offset / 1000:.1f} ms. /quit to leave, /history to reprint"
+            f" Clock offset {client.clock_offset / 1000:.1f} ms. /quit to leave, /history to reprint, /help for more"
         )
         if not_member:
             out(f"⚠ you ({client.user}) are not a member of group {group}: what you type is refused until a member"
@@ -310,15 +315,15 @@ async def chat(
                 sent = await client.send(conv, text.encode())
             except SendError as exc:
                 # (The broker's reason, e.g. a content filter's, is what the user can act on.)
-                lines.append(f"✗ not sent ({exc.code.name}{': ' + exc.reason if exc.reason else ''}): {text}")
+                lines.append(f"✗ not sent ({exc.code.name}{': ' + exc.reason if exc.reason else ''}): {_shown(text)}")
                 if exc.code.name == "UNKNOWN_CONVERSATION" and group is not None:
                     lines.append(f"  (the group does not exist: pimcore group create {group} {client.user} [USER...])")
                 elif exc.code.name == "NOT_MEMBER" and group is not None:
                     lines.append(f"  (you are not a member: pimcore group add {group} {client.user})")
             except SendTimeout:
-                lines.append(f"✗ not confirmed in time (it may still arrive): {text}")
+                lines.append(f"✗ not confirmed in time (it may still arrive): {_shown(text)}")
             else:
-                lines.append(f"✓ sent (#{sent.seq}): {text}")
+                lines.append(f"✓ sent (#{sent.seq}): {_shown(text)}")
             finally:
                 say_in_turn(turn, lines)  # (cancelled: nothing to say, but the later lines' turn comes)
 
@@ -326,7 +331,7 @@ async def chat(
             try:
                 if command == "/edit":
                     await client.edit(conv, seq, text.encode())
-                    out(f"✓ edited #{seq}: {text}")
+                    out(f"✓ edited #{seq}: {_shown(text)}")
                 elif command == "/recall":
                     await client.recall(conv, seq)
                     out(f"✓ recalled #{seq}")
@@ -334,7 +339,7 @@ async def chat(
                     await client.delete_for_me(conv, seq)
                     out(f"✓ deleted #{seq} (for you)")
             except SendError as exc:
-                out(f"✗ {command[1:]} #{seq} refused ({exc.code.name})")
+                out(f"✗ {command[1:]} #{seq} refused ({exc.code.name}{': ' + exc.reason if exc.reason else ''})")
             except SendTimeout:
                 out(f"✗ {command[1:]} #{seq} not confirmed in time (it may still happen)")
 
@@ -392,12 +397,24 @@ async def chat(
             if lines is None:
                 lines = _stdin_lines(nursery)
             async for line in lines:
-                # A byte stdin could not decode arrives as a lone surrogate
-                # (surrogateescape): it goes out as "?" (it cannot be sent
-                # as text, and must not end the chat).
-                text = line.rstrip("\n").encode("utf-8", "replace").decode("utf-8")
+                text = line.rstrip("\n")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    # A byte stdin could not decode arrives as a lone
+                    # surrogate (surrogateescape): not text, and sent as "?"
+                    # it would reach the peer mangled.  Refused, showing
+                    # the bytes (the chat goes on).
+                    typed_bytes = text.encode("utf-8", "surrogateescape")
+                    out(f"✗ not sent: the line is not UTF-8 text ({_show(typed_bytes)}):"
+                        " is the terminal's encoding UTF-8?")
+                    continue
                 if text in ("/quit", "/exit"):
                     break
+                if text == "/help":
+                    for help_line in _HELP:
+                        out(help_line)
+                    continue
                 if text == "/typing":
                     await client.typing(conv)
                     continue
@@ -414,8 +431,15 @@ async def chat(
                     else:
                         out("usage: /edit N text, /recall N, /delete N  (N: the #number of a message)")
                     continue
+                if text.startswith("//"):
+                    text = text[1:]  # the escape of a line that starts with /: sent as "/..."
+                elif text.startswith("/"):
+                    # A typo of a command must not reach the peer as a message.
+                    out(f"✗ unknown command {_shown(command)} (not sent): the commands are {', '.join(COMMANDS)};"
+                        f" to send a line that starts with /, type // (/{_shown(text)} sends {_shown(text)})")
+                    continue
                 if text.strip():
-                    out(f"… sending: {text}")
+                    out(f"… sending: {_shown(text)}")
                     nursery.start_soon(send, typed, text)
                     typed += 1
             # Let sends in flight finish (each has its own deadline: up to
@@ -428,6 +452,26 @@ async def chat(
             nursery.cancel_scope.cancel()
     out("bye")
     return 0
+
+
+#: The commands, as /help and the refusal of an unknown one list them.
+COMMANDS = ("/help", "/history", "/typing", "/edit N text", "/recall N", "/delete N", "/quit")
+
+#: The help /help prints, a line each.
+_HELP = (
+    "commands: /help (this), /history (the conversation again), /typing (tell the others you are typing),",
+    "  /edit N text (replace your message #N), /recall N (recall it for everyone), /delete N (for you only),",
+    "  /quit (or /exit, or end of input: leave).  Any other line is sent; to send one that starts with /,",
+    "  type // (//shrug sends /shrug).",
+)
+
+#: Characters of a typed line shown as they are: a longer one is shown cut (ids._show).
+_SHOWN_CHARS = 200
+
+
+def _shown(text: str) -> str:
+    """A typed line as the chat echoes it: as is, or cut with its length if long."""
+    return text if len(text) <= _SHOWN_CHARS else _show(text)
 
 
 def _stdin_lines(nursery: trio.Nursery, stream: TextIO = sys.stdin) -> trio.abc.ReceiveChannel[str]:

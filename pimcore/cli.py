@@ -1206,12 +1206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("token", help="print a signed token for a user (and device)")
-    p.add_argument("--user", required=True)
+    p.add_argument("--user", required=True, help="the user the token logs in as (a user id, e.g. alice)")
     p.add_argument("--device", help="bind the token to this device")
     p.add_argument("--ttl", type=float, default=24 * 3600.0, help="validity in seconds, up to 366 days (default 1 day)")
     p.add_argument("--config", help="the serve configuration file (for its secret)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
-    p.add_argument("--secret-file")
+    p.add_argument("--secret-file", metavar="PATH",
+                   help="the file of the secret to sign with (default: the data directory's secret)")
     p.add_argument("--create-secret", action="store_true",
                    help="create <data-dir>/secret if there is none (default: refuse, exit 2; the broker must then use"
                         " that data directory)")
@@ -1265,8 +1266,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
     p.set_defaults(func=_cmd_retention)
 
-    p = sub.add_parser("chat", help="interactive terminal chat with one peer or a group")
-    p.add_argument("--url", default="tcp://127.0.0.1:7400")
+    p = sub.add_parser("chat", help="interactive terminal chat with one peer or a group",
+                       description="Each line typed is sent.  Commands: /help, /history, /typing, /edit N text,"
+                                   " /recall N, /delete N, /quit; any other line that starts with / is refused"
+                                   " as an unknown command: type // to send one (//shrug sends /shrug).")
+    p.add_argument("--url", default="tcp://127.0.0.1:7400",
+                   help="the broker's URL: tcp://, tls://, ws://HOST:PORT/PATH or wss://... (default %(default)s)")
     p.add_argument("--token", required=True, help="from `pimcore token --user ME`")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--to", metavar="PEER", help="the user to chat with")

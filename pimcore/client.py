@@ -177,13 +177,28 @@ class _FirstBytes(StreamWrapper):
         super().__init__(inner)
         self.first = b""
         self.eof = False
+        #: The stream broke (a reset) while the request was written or its answer awaited.
+        self.broke = False
         #: Called when the stream ends or breaks (see Client._open_stream).
         self.on_end: Optional[Callable[[], object]] = None
+
+    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        # A reset while the upgrade request is written: trio-websocket's
+        # reader then stops without waking the wait for the upgrade's
+        # answer, which lasted connect_timeout ("no answer").
+        try:
+            await self.inner.send_all(data)
+        except _IO_ERRORS:
+            self.broke = True
+            if self.on_end is not None:
+                self.on_end()
+            raise
 
     async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
         try:
             data = await self.inner.receive_some(max_bytes)
         except _IO_ERRORS:
+            self.broke = True
             if self.on_end is not None:
                 self.on_end()
             raise
@@ -213,7 +228,9 @@ class _FirstBytes(StreamWrapper):
 
     @property
     def looks_like_tls(self) -> bool:
-        return self.first.startswith(b"\x15\x03") or (self.eof and not self.first)
+        """A TLS alert, or a hang-up or a reset with nothing received (as
+        on tcp://, where either gets the hint: see Client._serve)."""
+        return self.first.startswith(b"\x15\x03") or ((self.eof or self.broke) and not self.first)
 
     @property
     def looks_like_pimcore(self) -> bool:
@@ -332,6 +349,16 @@ class _LoginTooLarge(Exception):
     """The first connection's Login would be over the frame limit (the
     token is too large): never sent, since the broker would close every
     attempt (FRAME_TOO_LARGE).  ConnectFailed at once."""
+
+
+class _NoAnswer(trio.TooSlowError):
+    """connect_timeout passed while the server, connected, said nothing to
+    ``what`` (the TLS handshake, the WebSocket upgrade), as the Login's
+    LOGIN_TIMED_OUT says for tcp://."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"no answer to {what} (is it a pimcore broker?)")
+        self.what = what
 
 
 class _WrongPort(OSError):
@@ -475,6 +502,8 @@ class Client:
         self._upgrade_answer: Optional[_FirstBytes] = None
         #: The last TLS connection's plain answer to its handshake (see _Handshake).
         self._handshake_answer: Optional[_Handshake] = None
+        #: What _open_stream waits for an answer to, once connected (None: the connect itself).
+        self._dialing: Optional[str] = None
         #: The last Login's frame length and its token's, for what a failed
         #: first connection says (see _connect_loop).
         self._login_sizes = (0, 0)
@@ -892,8 +921,10 @@ class Client:
 
     async def _open_stream(self, nursery: trio.Nursery) -> trio.abc.Stream:
         ep = self.endpoint
+        self._dialing = None
         stream: trio.abc.Stream = await trio.open_tcp_stream(ep.host, ep.port)
         if ep.secure:
+            self._dialing = "the TLS handshake"
             ctx = self._ssl or ssl.create_default_context()
             raw = self._handshake_answer = _Handshake(stream)
             stream = trio.SSLStream(raw, ctx, server_hostname=ep.host)
@@ -903,6 +934,7 @@ class Client:
             raw.keeping = False
             raw.first = b""
         if ep.websocket:
+            self._dialing = "the WebSocket upgrade"
             watched = _FirstBytes(stream)
             # (Kept to tell a TLS port, or a pimcore tcp:// one, from a
             # WebSocket one if the upgrade fails.)
@@ -924,7 +956,8 @@ class Client:
                 )
             watched.on_end = None
             if upgrade.cancelled_caught:
-                raise trio.BrokenResourceError("the server hung up before answering the WebSocket upgrade")
+                raise trio.BrokenResourceError(f"the server {'reset the connection' if watched.broke else 'hung up'}"
+                                               " before answering the WebSocket upgrade")
             return WebSocketStream(ws)
         return stream
 
@@ -1079,6 +1112,7 @@ class Client:
                     with trio.fail_after(self.config.connect_timeout):
                         stream = await self._open_stream(conn_nursery)
                     self._upgrade_answer = None  # (upgraded, if a WebSocket)
+                    self._dialing = None
                     end = await self._serve(stream, token, first)
                 except _DISCONNECTS as exc:
                     end = exc
@@ -1099,6 +1133,11 @@ class Client:
                 raise
             assert matched is not None
             end = first_leaf(matched)
+        if isinstance(end, trio.TooSlowError) and self._dialing is not None:
+            # Connected, and connect_timeout of silence: said as on tcp://
+            # (no answer to the login), not only "no answer".
+            end = _NoAnswer(self._dialing)
+        self._dialing = None
         answer, self._upgrade_answer = self._upgrade_answer, None
         if end is not None and answer is not None:
             ep = self.endpoint
@@ -1165,7 +1204,7 @@ class Client:
                     unknown = _unknown_host(exc)
                     if unknown is not None:
                         raise ConnectFailed(f"cannot connect to {self.url}: unknown host {self.endpoint.host!r}"
-                                            f" ({type(unknown).__name__}: {unknown})") from exc
+                                            f" ({_words(unknown)})") from exc
                     # (HTTP 503 is a ws:// broker at max_connections, as
                     # Close OVERLOADED is a tcp:// one's: retried.)
                     permanent = _refusal(exc) or (
@@ -1354,8 +1393,13 @@ def _rejected(exc: ConnectionRejected, ep: Optional[Endpoint] = None) -> str:
     if _HTTP_API.search(raw):
         return f"{text} ({_api_hint(secure)})"
     body = raw.decode("utf-8", "replace").strip()
-    if body and len(body) <= 200 and body.isprintable():
-        text += f" ({body})"
+    shown = f" ({body})" if body and len(body) <= 200 and body.isprintable() else ""
+    if exc.status_code < 400:
+        # No refusal: an answer (200 OK...) of a server that does not speak
+        # WebSocket there, a web server's.
+        return (f"the server answered the WebSocket upgrade with a plain HTTP {exc.status_code}{shown}, not a"
+                f" WebSocket upgrade: is it a web server, not pimcore's {'wss' if secure else 'ws'}:// listener?")
+    text += shown
     if exc.status_code == 404 and ep is not None and ep.path:
         named = _WS_LISTENER.search(raw) or _WS_PATH.search(raw)
         if named:
@@ -1412,14 +1456,14 @@ def _io_failure(exc: BaseException) -> str:
         if isinstance(e, ConnectionRejected):
             return _rejected(e)
         if isinstance(e, ssl.SSLError):
-            return "TLS error: " + (e.reason.lower().replace("_", " ") if e.reason else str(e))
+            return _words(e)
         if isinstance(e, OSError) and e.errno == errno.EPIPE:
             # A send after the peer's FIN then RST (Linux holds the reset as
             # EPIPE then): the peer reset, as _pending_socket_error says when
             # the reader meets it first.
             return os.strerror(errno.ECONNRESET).lower()
         if isinstance(e, OSError) and e.strerror:
-            return e.strerror[:1].lower() + e.strerror[1:]
+            return _words(e)
         e = e.__cause__ or e.__context__
     text = str(exc)
     m = re.search(r"\[Errno -?\d+\] (.+)$", text)
@@ -1446,20 +1490,39 @@ def _root_cause(exc: BaseException, ep: Optional[Endpoint] = None) -> str:
     e: Optional[BaseException] = exc
     while e is not None:
         if isinstance(e, trio.TooSlowError):
-            return "no answer"
+            return str(e) if isinstance(e, _NoAnswer) else "no answer"
         if isinstance(e, OSError) and isinstance(e.__cause__, BaseExceptionGroup):
             attempts = _leaves(e.__cause__)
             if attempts and all(isinstance(a, OSError) for a in attempts):
-                # "ConnectionRefusedError: [Errno 111] Error connecting to ('127.0.0.1', 1): Connection refused"
-                return "; ".join(dict.fromkeys(f"{type(a).__name__}: {a}" for a in attempts))
+                # "[Errno 111] Error connecting to ('127.0.0.1', 1): Connection refused"
+                # for each address tried: "connection refused", once.
+                return "; ".join(dict.fromkeys(_words(a) for a in attempts))
         if isinstance(e, (ssl.SSLError, OSError)):
-            return f"{type(e).__name__}: {e}"
+            return _words(e)
         seen = e
         nxt = e.__cause__ or e.__context__
         if isinstance(nxt, trio.Cancelled):  # the mechanism of a timeout, never the cause
             break
         e = nxt
-    return f"{type(seen).__name__}: {seen}" if str(seen) else repr(exc)
+    # (trio's BrokenResourceError("the server hung up before ..."): its words.)
+    return str(seen) or _io_failure(seen)
+
+
+def _words(e: BaseException) -> str:
+    """An OS, resolver or TLS error in words ("connection refused", "TLS
+    error: certificate verify failed: ... (CERTIFICATE_VERIFY_FAILED)"), not
+    Python's class name and errno ("ConnectionRefusedError: [Errno 111]
+    ..."): a user reads it."""
+    if isinstance(e, ssl.SSLError):
+        text = str(e.strerror or e)
+        text = re.sub(r" \(_ssl\.c:\d+\)$", "", re.sub(r"^\[SSL: [A-Z0-9_]+\] ", "", text))
+        return f"TLS error: {text}" + (f" ({e.reason})" if e.reason and e.reason not in text else "")
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:
+        # (trio's strerror of a failed connect names the address, which the
+        # URL in the message already does: the errno's own words.)
+        text = e.strerror if isinstance(e, socket.gaierror) or e.errno <= 0 else os.strerror(e.errno)
+        return text[:1].lower() + text[1:]
+    return str(e) or type(e).__name__
 
 
 def _attempt_failure(exc: BaseException, ep: Endpoint) -> str:
@@ -1473,7 +1536,7 @@ def _attempt_failure(exc: BaseException, ep: Endpoint) -> str:
     if isinstance(exc, ConnectionRejected):
         return _rejected(exc, ep)
     if isinstance(exc, trio.TooSlowError):
-        return "no answer"
+        return str(exc) if isinstance(exc, _NoAnswer) else "no answer"
     return _io_failure(exc)
 
 

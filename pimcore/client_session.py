@@ -49,6 +49,7 @@ from . import frames as F
 from .codec import DEFAULT_MAX_FRAME_SIZE, Decoder, encode_frame
 from .errors import CloseCode, EncodeError, ErrorCode, PimError, ProtocolError
 from .heartbeat import HeartbeatTuner
+from .ids import _show, conversation_problem, direct_members
 from .order import display_order
 
 try:  # zstandard is a dependency; without it the session just does not ask for zstd
@@ -193,6 +194,26 @@ class SendError(ClientError):
         self.code = code
         self.local_id = local_id
         self.reason = reason
+
+
+def _refusal_reason(code: ErrorCode, conv: Optional[str], user: str) -> str:
+    """Why the broker refused a request about ``conv`` by ``user`` with
+    ``code``, in words, when it gave no reason of its own: the codes of the
+    conversation and its membership (NOT_MEMBER, UNKNOWN_CONVERSATION,
+    BAD_REQUEST), "" for the others (their own reason, or their name, says it)."""
+    if code is ErrorCode.BAD_REQUEST:
+        problem = conversation_problem(conv) if conv is not None else None
+        if problem is not None:
+            return f"invalid conversation id: {problem}"
+        return "the broker found a field of the request invalid"
+    if conv is None or code not in (ErrorCode.NOT_MEMBER, ErrorCode.UNKNOWN_CONVERSATION):
+        return ""
+    pair = direct_members(conv) if isinstance(conv, str) else None
+    if code is ErrorCode.UNKNOWN_CONVERSATION:
+        return f"{'conversation' if pair else 'group'} {_show(conv)} does not exist"
+    if pair is not None:
+        return f"{user} is not one of the two users of the 1:1 conversation {_show(conv)} ({pair[0]} and {pair[1]})"
+    return f"{user} is not a member of group {_show(conv)}"
 
 
 class SendTimeout(ClientError):
@@ -1834,7 +1855,8 @@ class ClientSession:
             self._completions.append(SendCompleted(p.local_id, Sent(p.local_id, p.conv, f.msg_id, f.seq, f.server_time, p.client_time), None))
         elif code in FINAL_CODES:
             self._forget(p)
-            self._completions.append(SendCompleted(p.local_id, None, SendError(code, p.local_id, reason=p.reason)))
+            reason = p.reason or _refusal_reason(code, p.conv, self.user)
+            self._completions.append(SendCompleted(p.local_id, None, SendError(code, p.local_id, reason=reason)))
         else:
             # STORE_UNAVAILABLE, TOO_MANY_IN_FLIGHT, RATE_LIMITED...: the broker
             # wants us to slow down.  Hold the whole queue (not just this
@@ -2118,6 +2140,12 @@ class ClientSession:
             self._ask_history(h)
         return req_id
 
+    def _request_error(self, code: ErrorCode, what: str, conv: Optional[str]) -> SendError:
+        """The SendError of a refused request (``what``: "history of 'team'"),
+        with the reason in words (_refusal_reason) when there is one."""
+        reason = _refusal_reason(code, conv, self.user)
+        return SendError(code, 0, f"{what}: {code.name}" + (f": {reason}" if reason else ""), reason=reason)
+
     def _on_readers(self, f: F.ReadersResp) -> None:
         h = self._history.get(f.req_id)
         if h is None or not h.readers or h.kind:
@@ -2125,7 +2153,7 @@ class ClientSession:
         del self._history[f.req_id]
         if f.code != ErrorCode.OK:
             code = _error_code(f.code)
-            self._completions.append(ReadersCompleted(f.req_id, (), SendError(code, 0, f"readers of {h.conv!r}: {code.name}")))
+            self._completions.append(ReadersCompleted(f.req_id, (), self._request_error(code, f"readers of {h.conv!r}", h.conv)))
             return
         self._completions.append(ReadersCompleted(f.req_id, tuple(f.readers), None))
 
@@ -2138,7 +2166,7 @@ class ClientSession:
             return  # cancelled, timed out, or the answer to a re-ask already answered
         if f.code != ErrorCode.OK:
             code = _error_code(f.code)
-            self._completions.append(HistoryCompleted(f.req_id, (), SendError(code, 0, f"history of {h.conv!r}: {code.name}")))
+            self._completions.append(HistoryCompleted(f.req_id, (), self._request_error(code, f"history of {h.conv!r}", h.conv)))
             return
         for m in f.messages:
             self._remember(m)
@@ -2263,7 +2291,7 @@ class ClientSession:
             done, self._presence_waiting = self._presence_waiting, []
             if f.code != ErrorCode.OK:
                 code = _error_code(f.code)
-                err = SendError(code, 0, f"presence subscription: {code.name}")
+                err = self._request_error(code, "presence subscription", None)
                 # The broker kept the previous subscription: so does the session
                 # (and sends that one again after a reconnect).
                 self._presence_wanted = (f.req_id, self._presence_users)
@@ -2360,7 +2388,7 @@ class ClientSession:
         if f.code != ErrorCode.OK:
             code = _error_code(f.code)
             self._completions.append(
-                ConversationsCompleted(f.req_id, (), b"", False, SendError(code, 0, f"conversation list: {code.name}"))
+                ConversationsCompleted(f.req_id, (), b"", False, self._request_error(code, "conversation list", None))
             )
             return
         for e in f.entries:
@@ -2374,7 +2402,7 @@ class ClientSession:
         error = None
         if f.code != ErrorCode.OK:
             code = _error_code(f.code)
-            error = SendError(code, 0, f"settings of {f.conv!r}: {code.name}")
+            error = self._request_error(code, f"settings of {f.conv!r}", f.conv)
         self._completions.append(ConversationSetCompleted(f.req_id, f.conv, error))
 
     def _adopt_entry(self, e: F.ConvEntry) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import re
 import socket
 import ssl
 import struct
@@ -325,19 +326,23 @@ def _refused_port() -> tuple[socket.socket, int]:
     return sock, sock.getsockname()[1]
 
 
-async def test_a_refused_port_fails_fast_and_says_refused() -> None:
+@pytest.mark.parametrize("scheme", ["tcp", "ws"])
+async def test_a_refused_port_fails_fast_and_says_refused(scheme) -> None:
     """A refused first connection will not get better: ConnectFailed at
     once, saying refused -- not after connect_timeout of silent retries
-    (trio reports the refusal as an OSError caused by a group of them)."""
+    (trio reports the refusal as an OSError caused by a group of them).
+    Said in words: it was "ConnectionRefusedError: [Errno 111] Error
+    connecting to ('127.0.0.1', N): Connection refused" (new-user pass)."""
     from pimcore.client import ConnectFailed
 
     held, port = _refused_port()
     patient = ClientConfig(connect_timeout=120.0, backoff_max=0.5)  # the hard deadline is far below it
+    url = f"{scheme}://127.0.0.1:{port}" + ("/im" if scheme == "ws" else "")
     with held, trio.fail_after(20):
         with pytest.raises(ConnectFailed) as err:
-            async with open_client(f"tcp://127.0.0.1:{port}", token("alice"), "phone", config=patient):
+            async with open_client(url, token("alice"), "phone", config=patient):
                 pass  # pragma: no cover
-    assert "refused" in str(err.value).lower() and f"127.0.0.1:{port}" in str(err.value), str(err.value)
+    assert str(err.value) == f"cannot connect to {url}: connection refused", str(err.value)
 
 
 class _ScriptedResolver(trio.abc.HostnameResolver):
@@ -383,7 +388,8 @@ async def test_an_unknown_host_fails_fast_and_names_it(scheme: str, errno: int) 
             async with open_client(f"{scheme}://nohost.invalid:7400", token("alice"), "phone", config=patient):
                 pass  # pragma: no cover
     assert resolver.calls == 1
-    assert str(err.value).startswith(f"cannot connect to {scheme}://nohost.invalid:7400: unknown host 'nohost.invalid' (gaierror: "), str(err.value)
+    assert str(err.value).startswith(f"cannot connect to {scheme}://nohost.invalid:7400: unknown host 'nohost.invalid' ("), str(err.value)
+    assert "gaierror" not in str(err.value) and "Errno" not in str(err.value), str(err.value)
     assert isinstance(err.value.__cause__, socket.gaierror) and err.value.__cause__.errno == errno
 
 
@@ -431,34 +437,81 @@ async def test_a_temporary_resolver_failure_is_retried() -> None:
                     pass  # pragma: no cover
             assert trio.current_time() - began >= 1.0 and resolver.calls > 2
             assert str(err.value) == (f"cannot connect to tcp://broker.invalid:{port} within 1 s (connect_timeout):"
-                                      " gaierror: [Errno -3] Temporary failure in name resolution"), str(err.value)
+                                      " temporary failure in name resolution"), str(err.value)
 
 
-async def test_a_listener_that_never_answers_times_out_naming_the_limit() -> None:
+@pytest.mark.parametrize("scheme, what", [("tcp", "the login"), ("ws", "the WebSocket upgrade"),
+                                           ("tls", "the TLS handshake")])
+async def test_a_listener_that_never_answers_times_out_naming_the_limit(scheme, what) -> None:
     """Accepted but silent (a wrong service, a stuck broker): ConnectFailed
-    after connect_timeout, saying how long it waited."""
+    after connect_timeout, saying how long it waited.  ws:// (tls://) said
+    only "no answer" where tcp:// asks whether it is a pimcore broker
+    (new-user pass): each says what got no answer, and asks."""
     from pimcore.client import ConnectFailed
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
     port = listener.getsockname()[1]
+    url = f"{scheme}://127.0.0.1:{port}" + ("/im" if scheme == "ws" else "")
     with listener, trio.fail_after(20):
         with pytest.raises(ConnectFailed) as err:
-            async with open_client(f"tcp://127.0.0.1:{port}", token("alice"), "phone",
+            async with open_client(url, token("alice"), "phone",
                                    config=ClientConfig(connect_timeout=0.5, backoff_max=0.1)):
                 pass  # pragma: no cover
-    assert str(err.value) == (f"cannot connect to tcp://127.0.0.1:{port} within 0.5 s (connect_timeout):"
-                              " no answer to the login (is it a pimcore broker?)")
+    assert str(err.value) == (f"cannot connect to {url} within 0.5 s (connect_timeout):"
+                              f" no answer to {what} (is it a pimcore broker?)"), str(err.value)
 
 
-async def _tls_like_server(answer: bytes, task_status=trio.TASK_STATUS_IGNORED, *, reset: bool = False) -> None:
-    """A TLS server as a plain-TCP client sees it: it reads the Login,
-    answers ``answer`` (b"": nothing; a TLS alert record) and hangs up
-    (with a reset if ``reset``)."""
+@pytest.mark.parametrize("status, sdk", [(b"200 OK", "ws"), (b"302 Found", "ws"), (b"200 OK", "wss")])
+async def test_a_plain_http_answer_to_the_upgrade_says_it_is_no_websocket_upgrade(ca, status, sdk) -> None:
+    """A web server answers the WebSocket upgrade with a plain HTTP 200:
+    that was worded "the server refused the WebSocket upgrade with HTTP
+    200" (new-user pass).  It is said as what it is, asking whether it is
+    a web server rather than the broker's ws:// listener."""
+    from pimcore.client import ConnectFailed
+
+    async def web(stream: trio.abc.Stream) -> None:
+        if sdk == "wss":
+            stream = trio.SSLStream(stream, _serving_tls(ca), server_side=True)
+        async with stream:
+            got = b""
+            while b"\r\n\r\n" not in got:
+                data = await stream.receive_some()
+                if not data:
+                    return
+                got += data
+            await stream.send_all(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\nhi")
+            with trio.move_on_after(5):
+                while await stream.receive_some():
+                    pass
+
+    async with trio.open_nursery() as n:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        n.start_soon(trio.serve_listeners, web, listeners)
+        port = listeners[0].socket.getsockname()[1]
+        url = f"{sdk}://127.0.0.1:{port}/im"
+        kw = {"ssl_context": _trusting(ca)} if sdk == "wss" else {}
+        with trio.fail_after(20), pytest.raises(ConnectFailed) as err:
+            async with open_client(url, token("alice"), "phone", config=ClientConfig(connect_timeout=600.0), **kw):
+                pass  # pragma: no cover
+        n.cancel_scope.cancel()
+    code = status.split()[0].decode()
+    assert str(err.value) == (f"cannot connect to {url}: the server answered the WebSocket upgrade with a plain"
+                              f" HTTP {code} (hi), not a WebSocket upgrade: is it a web server, not pimcore's"
+                              f" {sdk}:// listener?"), str(err.value)
+
+
+async def _tls_like_server(answer: bytes, task_status=trio.TASK_STATUS_IGNORED, *, reset: bool = False,
+                           read: bool = True) -> None:
+    """A TLS server as a plain-TCP client sees it: it reads the Login (not
+    if ``read`` is False: it accepts and closes at once), answers ``answer``
+    (b"": nothing; a TLS alert record) and hangs up (with a reset if
+    ``reset``)."""
 
     async def handler(stream: trio.SocketStream) -> None:
-        await stream.receive_some()
+        if read:
+            await stream.receive_some()
         if answer:
             await stream.send_all(answer)
         if reset:
@@ -510,6 +563,34 @@ async def test_a_hang_up_on_the_login_is_retried_until_connect_timeout_then_sugg
     assert timeout <= waited < timeout + 0.5, waited  # virtual time
     assert msg.startswith(f"cannot connect to tcp://127.0.0.1:{port} within 10 s (connect_timeout): "), msg
     assert msg.endswith(f"(the server may require TLS: try tls://127.0.0.1:{port})"), msg
+
+
+@pytest.mark.parametrize("read", [True, False], ids=["after-reading", "at-once"])
+@pytest.mark.parametrize("reset", [False, True], ids=["hangs-up", "resets"])
+@pytest.mark.parametrize("scheme", ["tcp", "ws"])
+async def test_a_port_that_hangs_up_gets_the_tls_hint_on_tcp_and_ws_alike(scheme, reset, read) -> None:
+    """A port that accepts and closes (or resets) at once -- a TLS port, or
+    one with no broker behind it yet -- is retried until connect_timeout,
+    then hinted "may require TLS" on tcp://.  On ws:// a reset got no
+    "try wss://" hint (the reset was not taken for a hang-up), and a reset
+    while the upgrade request was being written was waited out as
+    "no answer" (new-user pass): both get the matching hint now."""
+    from pimcore.client import ConnectFailed
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(functools.partial(_tls_like_server, b"", reset=reset, read=read))
+        url = f"{scheme}://127.0.0.1:{port}" + ("/im" if scheme == "ws" else "")
+        with trio.fail_after(30), pytest.raises(ConnectFailed) as err:
+            async with open_client(url, token("alice"), "phone",
+                                   config=ClientConfig(connect_timeout=1.0, backoff_max=0.2)):
+                pass  # pragma: no cover
+        nursery.cancel_scope.cancel()
+    msg = str(err.value)
+    secure, path = ("wss", "/im") if scheme == "ws" else ("tls", "")
+    assert msg.startswith(f"cannot connect to {url} within 1 s (connect_timeout): "), msg
+    assert msg.endswith(f" (the server may require TLS: try {secure}://127.0.0.1:{port}{path})"), msg
+    # In words ("connection reset by peer"), not "ConnectionResetError: [Errno 104] ..."
+    assert not re.search(r"[A-Z]\w*Error|Errno", msg), msg
 
 
 @pytest.mark.parametrize("scheme", ["tls", "wss"])
@@ -763,7 +844,7 @@ async def test_a_tls_url_at_a_plain_http_api_says_it_is_the_http_api(lmdb_store,
                 async with client(f"{sdk}://127.0.0.1:{port}{path}", "alice", config=ClientConfig(connect_timeout=600.0)):
                     pass  # pragma: no cover
     msg = str(err.value)
-    assert msg.startswith(f"cannot connect to {sdk}://127.0.0.1:{port}{path}: SSLError: "), msg
+    assert msg.startswith(f"cannot connect to {sdk}://127.0.0.1:{port}{path}: TLS error: "), msg
     assert "WRONG_VERSION_NUMBER" in msg and "try tcp://" not in msg and "try ws://" not in msg, msg
     assert msg.endswith(" " + _API_HINT.format(pair="tls:// or wss://")), msg
 
@@ -790,7 +871,7 @@ async def test_a_tls_url_at_a_plain_listener_fails_at_once_suggesting_plain(lmdb
                                   config=ClientConfig(connect_timeout=600.0)):
                     pass  # pragma: no cover
     msg = str(err.value)
-    assert msg.startswith(f"cannot connect to {sdk}://127.0.0.1:{port}{sdk_path}: SSLError: "), msg
+    assert msg.startswith(f"cannot connect to {sdk}://127.0.0.1:{port}{sdk_path}: TLS error: "), msg
     assert "WRONG_VERSION_NUMBER" in msg, msg
     assert msg.endswith(f"(the server may not use TLS: try {broker}://127.0.0.1:{port}{path})"), msg
 
@@ -1109,6 +1190,40 @@ async def test_refusals_are_final_errors_with_their_code(lmdb_store):
                             await a.send(conv, payload)
                         assert err.value.code is code
                 assert (await a.send("team", b"ok")).seq == 1
+
+
+async def test_refusals_of_conversation_and_membership_say_why_in_words(lmdb_store):
+    """A SendError for NOT_MEMBER, UNKNOWN_CONVERSATION or BAD_REQUEST had
+    no reason ("send refused: NOT_MEMBER"), where the others (REJECTED,
+    PAYLOAD_TOO_LARGE) have one (new-user pass): each now says which
+    conversation, which user, what was bad -- for a send, an amendment and
+    the requests about a conversation alike."""
+    lmdb_store.create_group("team", ["alice", "carol"], 0)
+    dm = direct_conversation("alice", "carol")
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            async with client(srv.url(), "bob") as b:
+                for call, code, reason in [
+                    (lambda: b.send("team", b"x"), ErrorCode.NOT_MEMBER, "bob is not a member of group 'team'"),
+                    (lambda: b.send(dm, b"x"), ErrorCode.NOT_MEMBER,
+                     f"bob is not one of the two users of the 1:1 conversation '{dm}' (alice and carol)"),
+                    (lambda: b.send("nosuch", b"x"), ErrorCode.UNKNOWN_CONVERSATION, "group 'nosuch' does not exist"),
+                    (lambda: b.send("not a conv", b"x"), ErrorCode.BAD_REQUEST,
+                     "invalid conversation id: group id 'not a conv' is not 1-"),
+                    (lambda: b.edit("team", 1, b"y"), ErrorCode.NOT_MEMBER, "bob is not a member of group 'team'"),
+                    (lambda: b.recall("not a conv", 1), ErrorCode.BAD_REQUEST, "invalid conversation id: "),
+                    (lambda: b.readers("team"), ErrorCode.NOT_MEMBER, "bob is not a member of group 'team'"),
+                    (lambda: b.readers("nosuch"), ErrorCode.UNKNOWN_CONVERSATION, "group 'nosuch' does not exist"),
+                    (lambda: b.fetch_history("team", 0, 10), ErrorCode.NOT_MEMBER, "bob is not a member of group 'team'"),
+                    (lambda: b.fetch_history("x y", 0, 10), ErrorCode.BAD_REQUEST, "invalid conversation id: "),
+                    (lambda: b.set_conversation("nosuch", muted=True), ErrorCode.UNKNOWN_CONVERSATION,
+                     "group 'nosuch' does not exist"),
+                ]:
+                    with pytest.raises(SendError) as err:
+                        await call()
+                    assert err.value.code is code, (err.value, code)
+                    assert err.value.reason.startswith(reason), (err.value.reason, reason)
+                    assert str(err.value).endswith(f"{code.name}: {err.value.reason}"), str(err.value)
 
 
 async def test_oversized_and_malformed_frames_close_only_that_connection(lmdb_store):
