@@ -16,6 +16,16 @@ from . import __version__
 
 __all__ = ["main"]
 
+#: Exit codes (docs/OPERATIONS.md, "Exit codes"): 0 done; 1 the command as
+#: given could not be done now, for a reason outside it (a port in use, a
+#: host that does not resolve, a store, broker or HTTP API that cannot be
+#: reached, another broker holding the data directory; bench: sends that
+#: failed): the same command may work later; 2 refused as given (usage,
+#: settings, files, ids, a refusal of the broker): nothing was done, and
+#: the same command fails the same way until it is changed.
+EXIT_FAILED = 1
+EXIT_REFUSED = 2
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import pimcore
@@ -365,7 +375,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
                   " (it holds store/broker.lock): stop it, or give this one another --data-dir"
                   " (pimcore group, purge and retention work next to a running broker, unless its durability"
                   " is log)", file=sys.stderr)
-            return 2
+            return EXIT_FAILED  # (held by another process, as a port in use: it may be free later)
         except (StoreError, OSError) as exc:
             print(f"pimcore serve: {exc}", file=sys.stderr)
             return 2
@@ -389,8 +399,10 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
                 return 2
         where = f"data in {settings.store} (namespace {settings.store_namespace})"
 
+    connected = False  # (a Redis store's connect failing is said as the setting's)
+
     async def run() -> None:
-        nonlocal store
+        nonlocal store, connected
         async with AsyncExitStack() as stack:
             if settings.store is not None:
                 from .store.redis import RedisStore
@@ -400,6 +412,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
                                        address_map=settings.store_address_map,
                                        **({} if settings.store_read_fanout_above is None else
                                           {"read_fanout_above": settings.store_read_fanout_above})))
+            connected = True
             await serve()
 
     async def serve() -> None:
@@ -462,8 +475,18 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
         # receiver closes -- after the graceful shutdown already finished.
         pass
     except (OSError, StoreError) as exc:
-        print(f"pimcore serve: {exc}", file=sys.stderr)
-        return 1
+        said = str(exc)
+        if settings.store is not None and not connected and isinstance(exc, StoreError):
+            # (It was "cannot reach Redis at [('127.0.0.1', 1)]: RedisClusterError('...')".)
+            prefix = "cannot reach Redis at "
+            if said.startswith(prefix):
+                said = said.split(": ", 1)[-1]
+                text = f"cannot reach the Redis store {settings.store} (store.url): {said}"
+            else:
+                text = f"the Redis store {settings.store} (store.url): {said}"
+            said = str(settings._refused(text, ("store", "url")))
+        print(f"pimcore serve: {said}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if isinstance(store, LmdbStore):
             store.close()
@@ -700,7 +723,7 @@ def _group_over_http(args: argparse.Namespace) -> int:
             if args.action == "show" else None
     except (ValueError, OSError) as exc:
         print(f"pimcore group: {_group_refusal(args.name, exc)}", file=sys.stderr)
-        return 2
+        return _exit_code(exc)
     except (KeyError, TypeError):
         print(f"pimcore group: unexpected answer from {args.http} (no member list)", file=sys.stderr)
         return 2
@@ -709,6 +732,17 @@ def _group_over_http(args: argparse.Namespace) -> int:
     if visible is not None:
         print(_history_line(visible))
     return 0
+
+
+class _Unreachable(ValueError):
+    """:func:`_http_call` could not connect to the HTTP API (nothing
+    listening, a host that does not resolve, no connection in time): not
+    the command's mistake, so exit 1 (:data:`EXIT_FAILED`)."""
+
+
+def _exit_code(exc: BaseException) -> int:
+    """The exit code of a maintenance command that failed with ``exc``."""
+    return EXIT_FAILED if isinstance(exc, _Unreachable) else EXIT_REFUSED
 
 
 class _Refused(ValueError):
@@ -897,8 +931,8 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
             raise ValueError(f"cannot use {base}: the server does not speak TLS: try"
                              f" http://{base[len('https://'):]}") from None
         if isinstance(exc.reason, TimeoutError):  # (connecting, or sending the request)
-            raise ValueError(f"cannot reach {base}: no connection within {_HTTP_TIMEOUT:g} s") from None
-        raise ValueError(f"cannot reach {base}: {exc.reason}") from None
+            raise _Unreachable(f"cannot reach {base}: no connection within {_HTTP_TIMEOUT:g} s") from None
+        raise _Unreachable(f"cannot reach {base}: {exc.reason}") from None
     except ssl.SSLCertVerificationError as exc:  # (not wrapped in a URLError)
         raise ValueError(f"the certificate of {base} did not verify ({exc.verify_message or exc}): give --cafile"
                          " PATH, the PEM CA bundle that signed it") from None
@@ -974,7 +1008,7 @@ def _cmd_purge(args: argparse.Namespace) -> int:
                 out.update(devices=res.devices, left=[c.conv for c in res.changes])
     except (ConfigError, StoreError, ValueError, OSError) as exc:
         print(_refusal("purge", exc), file=sys.stderr)
-        return 2
+        return _exit_code(exc)
     print(json.dumps(out))
     return 0
 
@@ -1046,7 +1080,7 @@ def _cmd_retention(args: argparse.Namespace) -> int:
                    "max_count": None if state.max_count < 0 else state.max_count, "floor": state.floor}
     except (ConfigError, StoreError, ValueError, OSError) as exc:
         print(_refusal("retention", exc), file=sys.stderr)
-        return 2
+        return _exit_code(exc)
     print(json.dumps(out))
     return 0
 
@@ -1054,8 +1088,8 @@ def _cmd_retention(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import os
 
-    from .loadgen import (SHAPES, BenchConfig, BenchError, format_compare, plot_histograms, print_result, run_bench,
-                          run_compare)
+    from .loadgen import (SHAPES, BenchConfig, BenchError, BenchUnreachable, format_compare, plot_histograms,
+                          print_result, run_bench, run_compare)
 
     if args.shape:
         args.conns, args.window, online = SHAPES[args.shape]
@@ -1106,7 +1140,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             plot_histograms(res, args.plot)
     except (ValueError, BenchError, OSError) as exc:
         print(f"pimcore bench: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_FAILED if isinstance(exc, BenchUnreachable) else EXIT_REFUSED
     print_result(res, args.json)
     return 1 if res.errors else 0
 
@@ -1164,7 +1198,11 @@ class _SubcommandParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pimcore", description="pimcore instant-messaging broker core")
+    parser = argparse.ArgumentParser(
+        prog="pimcore", description="pimcore instant-messaging broker core",
+        epilog="exit codes: 0 done; 1 could not be done now, for a reason outside the command (a port in use, a"
+               " store, broker or HTTP API that cannot be reached): it may work later; 2 refused as given (usage,"
+               " settings, files, ids, a refusal of the broker): nothing done (docs/OPERATIONS.md, Exit codes)")
     parser.add_argument("--version", action="version", version=f"pimcore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
 

@@ -741,7 +741,7 @@ def test_a_bad_http_url_is_refused_up_front_in_one_line(tmp_path, capsys, cmd, u
 @pytest.mark.parametrize("url", ["127.0.0.1:1", "http://127.0.0.1:1", "http://127.0.0.1:1/", "HTTPS://127.0.0.1:1",
                                  "http://[::1]:1/"])
 def test_a_good_http_url_gets_past_the_check(tmp_path, capsys, url):
-    assert main(["group", "show", "team", "--http", url, "--api-key", "k"]) == 2  # (nothing listens on port 1)
+    assert main(["group", "show", "team", "--http", url, "--api-key", "k"]) == 1  # (nothing listens on port 1)
     err = capsys.readouterr().err
     assert err.startswith("pimcore group: cannot reach "), err
 
@@ -1013,3 +1013,60 @@ def test_the_api_key_variable_of_the_http_commands_does_not_upset_the_others(tmp
     r = subprocess.run([sys.executable, "-m", "pimcore.cli", "token", "--data-dir", str(tmp_path / "data"), "--user", "alice", "--create-secret"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0 and r.stdout.strip(), (r.returncode, r.stderr)
+
+
+# -- exit codes: 1 could not be done now, 2 refused as given (OPERATIONS.md) --
+
+
+def _refusing_port():
+    """A loopback socket bound but not listening: connecting is refused at once."""
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    return held
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_serve_on_a_redis_store_it_cannot_reach_exits_1_naming_the_url_and_the_setting(tmp_path, monkeypatch, capsys,
+                                                                                        how):
+    """It said "cannot reach Redis at [('127.0.0.1', 1)]: RedisClusterError('Redis
+    Cluster cannot be connected...')": a Python list and an exception's repr."""
+    pytest.importorskip("coredis")
+    monkeypatch.setenv("PIMCORE_SECRET", "s" * 40)
+    with _refusing_port() as held:
+        url = f"redis://127.0.0.1:{held.getsockname()[1]}"
+        if how == "env":
+            monkeypatch.setenv("PIMCORE_STORE", url)
+        argv = ["serve", "--data-dir", str(tmp_path / "d"), "--log-level", "warning"]
+        code = main(argv + (["--store", url] if how == "flag" else []))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1, err
+    where = "(--store)" if how == "flag" else "(store.url)"
+    assert err.startswith(f"pimcore serve: cannot reach the Redis store {url} {where}: "), err
+    assert "RedisClusterError(" not in err and "[('" not in err, err
+    if how == "env":
+        assert err.endswith(" (from $PIMCORE_STORE)"), err
+
+
+@pytest.mark.parametrize("cmd", _HTTP_COMMANDS, ids=lambda c: c[0])
+def test_an_admin_command_that_cannot_reach_the_http_api_exits_1(tmp_path, capsys, cmd):
+    """Nothing listening is no mistake in the command (a broker down, not yet
+    up): exit 1, as serve's port in use and chat's refused connection; it was
+    2, the code of a command refused as given."""
+    with _refusing_port() as held:
+        base = f"http://127.0.0.1:{held.getsockname()[1]}"
+        rc = main([*cmd, "--http", base, "--api-key", "k"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == "", (rc, out, err)
+    assert err.startswith(f"pimcore {cmd[0]}: cannot reach {base}: "), err
+
+
+def test_bench_that_cannot_reach_its_broker_exits_1(capsys):
+    with _refusing_port() as held:
+        url = f"tcp://127.0.0.1:{held.getsockname()[1]}"
+        rc = main(["bench", "--url", url, "--secret", "s" * 32, "-n", "1", "--warmup", "0", "--no-progress",
+                   "--generator", "python"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == "", (rc, out, err)
+    assert err.startswith(f"pimcore bench: cannot reach the broker at {url}"), err

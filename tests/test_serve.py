@@ -59,8 +59,9 @@ async def next_event(client, kind, timeout: float = 10.0):
     raise AssertionError(f"events ended before a {kind.__name__}")
 
 
-def assert_clean_exit_2(r, *needles: str, command: str = "serve") -> None:
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+def assert_clean_exit_2(r, *needles: str, command: str = "serve", code: int = 2) -> None:
+    """A one-line refusal (exit 2: refused as given; ``code`` 1: could not be done now)."""
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith(f"pimcore {command}: "), r.stderr
     for n in needles:
@@ -514,7 +515,9 @@ def test_a_data_dir_in_use_by_another_broker_says_what_a_cli_user_can_do(tmp_pat
     data = tmp_path / "data"
     first = procs.serve("--listen", LOOPBACK, "--data-dir", data)
     r = run_pimcore("serve", "--listen", LOOPBACK, "--data-dir", data)
-    assert_clean_exit_2(r, str(data), f"is in use by process {first.popen.pid} (", " serve --listen", "--data-dir", "pimcore group")
+    # Exit 1, as a port in use: held by another process, not a mistake in the command (it was 2).
+    assert_clean_exit_2(r, str(data), f"is in use by process {first.popen.pid} (", " serve --listen", "--data-dir",
+                        "pimcore group", code=1)
     assert "owner=False" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     # What it says works while the other broker runs does.
     made = run_pimcore("group", "create", "team", "alice", "bob", "--data-dir", data)
