@@ -258,6 +258,30 @@ def _overlap(a: str, b: str) -> bool:
     return any(va == vb and (x == y or (va and "*" in (x, y))) for va, x in _addresses(a) for vb, y in _addresses(b))
 
 
+def _listen_url_problem(url: str, http: bool = False) -> Optional[str]:
+    """What a listen URL (``listen``, ``http``) holds that a listener would
+    drop silently, said without repeating a password; None if nothing.
+    parse_url takes them (a client's URL may carry a query), but a
+    listener binds a host and port and, for WebSocket, serves one path."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None  # (parse_url says what is wrong with it)
+    if "@" in parts.netloc:
+        return "a listen URL has no user name or password"
+    if "?" in url or "#" in url:
+        return f"{url!r}: a listen URL has no query or fragment"
+    if parts.path not in ("", "/"):
+        if http:
+            return f"{url!r}: an HTTP listen URL has no path (the API's paths are its own)"
+        scheme = parts.scheme.lower()
+        if scheme in ("tcp", "tls"):
+            return f"{url!r}: a {scheme}:// listen URL has no path (paths are for ws:// and wss://)"
+    return None
+
+
 class ConfigError(ValueError):
     """A configuration file, variable or flag that cannot be used (message says which)."""
 
@@ -523,6 +547,10 @@ class ServeSettings:
         return ConfigError(f"{section}: {text}")
 
     def endpoints(self) -> tuple[Endpoint, ...]:
+        for url in self.listen:
+            problem = _listen_url_problem(url)
+            if problem is not None:
+                raise self._refused(f"listen: {problem}", (None, "listen"))
         try:
             return tuple(parse_url(u) for u in self.listen)
         except ValueError as exc:
@@ -664,6 +692,9 @@ class ServeSettings:
         if not self.http:
             return None
         url = self.http
+        problem = _listen_url_problem(url, http=True)
+        if problem is not None:
+            raise self._refused(f"http: {problem}", ("http", "listen"))
         for web, plain in (("http://", "tcp://"), ("https://", "tls://")):
             if url.lower().startswith(web):
                 url = plain + url[len(web):]

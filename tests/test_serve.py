@@ -315,6 +315,53 @@ def test_bad_flags_exit_2_with_a_clear_message(tmp_path: Path, args: list[str], 
     assert_clean_exit_2(r, *needles)
 
 
+@pytest.mark.parametrize(
+    "args, toml, said",
+    [
+        # A port out of range was Python's "Port out of range 0-65535".
+        (["--listen", "tcp://127.0.0.1:99999"], None,
+         "--listen: 'tcp://127.0.0.1:99999': the port must be a number 0-65535, not '99999'"),
+        (["--listen", "ws://127.0.0.1:port/im"], None,
+         "--listen: 'ws://127.0.0.1:port/im': the port must be a number 0-65535, not 'port'"),
+        ([], 'listen = ["tcp://127.0.0.1:99999"]\n',
+         "listen: 'tcp://127.0.0.1:99999': the port must be a number 0-65535, not '99999'"),
+        (["--http", "tcp://127.0.0.1:70000"], None,
+         "--http: 'tcp://127.0.0.1:70000': the port must be a number 0-65535, not '70000'"),
+        # A ws:// listen URL's query and fragment were dropped silently; so
+        # were a tcp:// one's path and any URL's user name and password.
+        (["--listen", "ws://127.0.0.1:0/im?x=1"], None,
+         "--listen: 'ws://127.0.0.1:0/im?x=1': a listen URL has no query or fragment"),
+        (["--listen", "ws://127.0.0.1:0/im#top"], None,
+         "--listen: 'ws://127.0.0.1:0/im#top': a listen URL has no query or fragment"),
+        ([], 'listen = ["wss://127.0.0.1:0/im?v=2"]\n',
+         "listen: 'wss://127.0.0.1:0/im?v=2': a listen URL has no query or fragment"),
+        (["--http", "tcp://127.0.0.1:0/?x=1"], None,
+         "--http: 'tcp://127.0.0.1:0/?x=1': a listen URL has no query or fragment"),
+        (["--listen", "tcp://127.0.0.1:0/im"], None,
+         "--listen: 'tcp://127.0.0.1:0/im': a tcp:// listen URL has no path (paths are for ws:// and wss://)"),
+        (["--http", "http://127.0.0.1:0/v1"], None,
+         "--http: 'http://127.0.0.1:0/v1': an HTTP listen URL has no path (the API's paths are its own)"),
+        (["--listen", "tcp://me:pw@127.0.0.1:0"], None,
+         "--listen: a listen URL has no user name or password"),
+    ],
+    ids=["port", "port-name", "port-toml", "http-port", "query", "fragment", "query-toml", "http-query", "tcp-path",
+         "http-path", "userinfo"],
+)
+def test_a_listen_url_with_a_bad_port_or_parts_it_would_drop_is_refused_naming_the_setting(
+        tmp_path: Path, args: list[str], toml, said: str) -> None:
+    if toml is not None:
+        cfg = tmp_path / "p.toml"
+        cfg.write_text(toml)
+        args = [*args, "--config", cfg]
+        said = f"{cfg}: {said}"
+    for extra in (["--print-config"], []):
+        r = run_pimcore("serve", "--data-dir", tmp_path / "d", *args, *extra, cwd=tmp_path)
+        assert_clean_exit_2(r)
+        assert r.stderr == f"pimcore serve: {said}\n", (extra, r.stderr)
+        assert "pw" not in r.stderr
+    assert not (tmp_path / "d").exists()
+
+
 def test_a_data_dir_that_is_a_file_or_a_missing_secret_file_is_said_in_words(tmp_path: Path) -> None:
     """They were bare errnos: "[Errno 20] Not a directory: '.../secret'" and
     "[Errno 2] No such file or directory: '/nonexistent'" (a new-user pass)."""
