@@ -120,11 +120,18 @@ from .net.streams import Endpoint, parse_url
 
 __all__ = [
     "ServeSettings", "load_settings", "ConfigError", "DEFAULT_LISTEN", "SCHEMA", "env_name", "render_toml",
-    "API_KEY_FILE", "LOG_LEVELS", "LOG_FORMATS",
+    "API_KEY_FILE", "MIN_API_KEY_BYTES", "LOG_LEVELS", "LOG_FORMATS",
 ]
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:7400"
 API_KEY_FILE = "api-key"
+#: HTTP API keys shorter than this are refused, wherever they come from
+#: (``api_keys``, ``$PIMCORE_API_KEYS``, ``<data_dir>/api-key``): 128 bits.
+#: Below the token secret's 32 bytes (auth.MIN_SECRET_BYTES) on purpose: a
+#: token is an HS256 signature, and one token lets its key be guessed
+#: offline; an API key is only compared, so it can be guessed only by
+#: asking the broker.  A key made by ``serve`` is 64 characters.
+MIN_API_KEY_BYTES = 16
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 DURABILITY_MODES = ("sync", "log", "os")
@@ -362,17 +369,37 @@ _EXPECTED = {"str": "a string", "path": "a string (a path)", "int": "an integer"
              "bool": "true or false", "list": "a list of strings"}
 
 
+#: Settings (as _check is given their names) whose values are secrets: a
+#: refusal of one says what kind of value it got, never the value.
+_SECRET_NAMES = frozenset({"secret", "api_keys", "webhooks.secret", "moderation.secret"})
+#: List settings that take one string as a list of it (``listen = "URL"``);
+#: the others refuse a string: ``api_keys = "k1,k2"`` was the one key "k1,k2"
+#: (the comma rule is the environment's, not the file's).
+_ONE_STRING_IS_A_LIST = frozenset({"listen"})
+
+
 def _check(name: str, typ: str, value: Any) -> Any:
     """``value`` (from TOML or a flag) as ``typ``, or ConfigError naming ``name``."""
+    bare = name.lstrip("-").replace("-", "_")
     ok = {
         "str": isinstance(value, str),
         "path": isinstance(value, (str, Path)),
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
-        "list": isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)),
+        "list": (isinstance(value, str) and bare in _ONE_STRING_IS_A_LIST)
+        or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)),
     }[typ]
     if not ok:
+        if typ == "list" and isinstance(value, str):
+            shown = "" if bare in _SECRET_NAMES else f": write [{_show(value)}]"
+            raise ConfigError(f"{name}: expected a list of strings, got a string{shown}")
+        if bare in _SECRET_NAMES:  # (not echoed: the other values of a list may be good keys)
+            odd = next(type(v).__name__ for v in value if not isinstance(v, str)) \
+                if isinstance(value, (list, tuple)) else type(value).__name__
+            got = ("a list holding " if isinstance(value, (list, tuple)) else "") + \
+                ("an " if odd[0] in "aeiou" else "a ") + odd
+            raise ConfigError(f"{name}: expected {_EXPECTED[typ]}, got {got}")
         raise ConfigError(f"{name}: expected {_EXPECTED[typ]}, got {_show(value)}")
     if typ == "path" and value == "":
         # It names nothing: taken as unset, a shell's unset "$DIR" given as
@@ -747,8 +774,7 @@ class ServeSettings:
         ``<data_dir>/api-key`` (created on first use, mode 0600, like the
         token secret).  ValueError for an empty key."""
         if self.api_keys:
-            if any(not k.strip() for k in self.api_keys):
-                raise self._refused("api_keys: an API key cannot be empty", (None, "api_keys"))
+            self._check_api_keys()
             return tuple(k.strip() for k in self.api_keys)
         from .auth import load_or_create_secret
 
@@ -756,9 +782,24 @@ class ServeSettings:
         if not create and not path.exists():
             return ()
         try:
-            return (load_or_create_secret(self.data_dir, API_KEY_FILE).decode(),)
+            key = load_or_create_secret(self.data_dir, API_KEY_FILE)
         except ValueError as exc:  # (said with where the data directory came from)
             raise self._refused(str(exc), (None, "data_dir"), named=False) from None
+        if len(key) < MIN_API_KEY_BYTES:  # (as the token secret's file: said with its source)
+            raise self._refused(f"the HTTP API key from the file {path} is {len(key)} bytes; it must be at least"
+                                f" {MIN_API_KEY_BYTES}", (None, "data_dir"), named=False)
+        return (key.decode(),)
+
+    def _check_api_keys(self) -> None:
+        """ConfigError, saying where they came from, for ``api_keys`` that
+        are empty or shorter than :data:`MIN_API_KEY_BYTES` (never quoted)."""
+        for i, key in enumerate(self.api_keys, 1):
+            size = len(key.strip().encode())
+            if not size:
+                raise self._refused("api_keys: an API key cannot be empty", (None, "api_keys"))
+            if size < MIN_API_KEY_BYTES:
+                raise self._refused(f"api_keys: HTTP API key {i} is {size} bytes; it must be at least"
+                                    f" {MIN_API_KEY_BYTES}", (None, "api_keys"))
 
     def webhook_secret(self) -> bytes:
         """``[webhooks] secret`` ($PIMCORE_WEBHOOKS_SECRET), else
@@ -1191,6 +1232,7 @@ def load_settings(
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2**63 / SECOND:
             raise s._refused(f"messages.{key}: expected a number of seconds >= 0 (0 = no limit), got {_show(value)}",
                              ("messages", key))
+    s._check_api_keys()  # (so that --print-config refuses them too)
     # Check the webhook sections now (naming the key), without creating a secret.
     s.webhook_config(secret=b"-")
     s.moderation_config(secret=b"-")

@@ -1070,3 +1070,91 @@ def test_bench_that_cannot_reach_its_broker_exits_1(capsys):
     out, err = capsys.readouterr()
     assert rc == 1 and out == "", (rc, out, err)
     assert err.startswith(f"pimcore bench: cannot reach the broker at {url}"), err
+
+
+# -- api_keys: a list of strings, each long enough, refused naming its source --
+
+
+@pytest.mark.parametrize("key, text", [
+    ("api_keys", 'api_keys = "abc-0123456789-0123456789"\n'),
+    ("webhooks.events", '[webhooks]\nurl = "http://127.0.0.1:9/"\nevents = "message"\n'),
+    ("store.address_map", '[store]\nurl = "redis://127.0.0.1:7000"\naddress_map = "10.0.0.1:7000=127.0.0.1:7000"\n'),
+])
+def test_a_string_where_a_list_of_strings_is_expected_is_refused(tmp_path, key, text):
+    """`api_keys = "abc..."` was taken as one key (and `api_keys = "k1,k2"` as
+    the one key "k1,k2", the environment's comma rule not being the file's).
+    `listen = "URL"` stays the short form of one listener."""
+    from pimcore.config import ConfigError, load_settings
+
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg), env={})
+    said = str(err.value)
+    assert said.startswith(f"{cfg}: {key}: expected a list of strings, got a string"), said
+    if key == "api_keys":
+        assert "abc" not in said, said  # (a secret is not echoed)
+    cfg.write_text('listen = "tcp://127.0.0.1:0"\n')
+    assert load_settings(str(cfg), env={}).listen == ("tcp://127.0.0.1:0",)
+
+
+def test_a_secret_of_the_wrong_type_is_not_echoed(tmp_path):
+    from pimcore.config import ConfigError, load_settings
+
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('api_keys = ["good-key-0123456789", 12345678901234567]\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg), env={})
+    assert "12345678901234567" not in str(err.value) and "good-key" not in str(err.value), str(err.value)
+    assert str(err.value).startswith(f"{cfg}: api_keys: expected a list of strings"), str(err.value)
+
+
+@pytest.mark.parametrize("how", ["file", "env", "keyword", "kept"])
+def test_a_short_api_key_is_refused_saying_where_it_came_from(tmp_path, how, capsys):
+    """API keys had no minimum length ("k" was a key of the HTTP API)."""
+    from pimcore.config import MIN_API_KEY_BYTES, ConfigError, load_settings
+
+    assert MIN_API_KEY_BYTES == 16
+    cfg = tmp_path / "p.toml"
+    data = tmp_path / "d"
+    env: dict = {}
+    kw: dict = {}
+    if how == "file":
+        cfg.write_text('api_keys = ["long-enough-0123456789", "short"]\n')
+        said = f"{cfg}: api_keys: HTTP API key 2 is 5 bytes; it must be at least 16"
+    elif how == "env":
+        env = {"PIMCORE_API_KEYS": "short,long-enough-0123456789"}
+        said = "api_keys: HTTP API key 1 is 5 bytes; it must be at least 16 (from $PIMCORE_API_KEYS)"
+    elif how == "keyword":
+        kw = {"api_keys": ["short"]}
+        said = "api_keys: HTTP API key 1 is 5 bytes; it must be at least 16 (from api_keys)"
+    else:
+        data.mkdir()
+        (data / "api-key").write_text("short\n")
+        said = f"the HTTP API key from the file {data / 'api-key'} is 5 bytes; it must be at least 16 (from data_dir)"
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg) if how == "file" else None, env=env, data_dir=str(data), **kw).load_api_keys()
+    assert str(err.value) == said, str(err.value)
+    # serve (and --print-config, for those in the settings) refuses it, exit 2.
+    argv = ["serve", "--data-dir", str(data), "--listen", "tcp://127.0.0.1:0", "--http", "tcp://127.0.0.1:0"]
+    if how == "file":
+        argv += ["--config", str(cfg)]
+    if how == "keyword":
+        return
+    import os as _os
+
+    old = {k: _os.environ.get(k) for k in env}
+    _os.environ.update(env)
+    try:
+        for extra in ([], ["--print-config"]) if how != "kept" else ([],):
+            assert main([*argv, *extra]) == 2
+            err_text = capsys.readouterr().err
+            expected = said.replace("(from data_dir)", "(from --data-dir)")
+            assert err_text == f"pimcore serve: {expected}\n", err_text
+    finally:
+        for k, v in old.items():
+            if v is None:
+                _os.environ.pop(k, None)
+            else:
+                _os.environ[k] = v
+    assert not (data / "store").exists()
