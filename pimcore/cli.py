@@ -1009,8 +1009,39 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     except (ConfigError, StoreError, ValueError, OSError) as exc:
         print(_refusal("purge", exc), file=sys.stderr)
         return _exit_code(exc)
-    print(json.dumps(out))
+    print(json.dumps(out) if args.json else _purged_line(out))
     return 0
+
+
+def _count(n: int, what: str) -> str:
+    """``1 inbox entry``, ``0 devices``."""
+    plural = {"entry": "entries", "inbox entry": "inbox entries"}.get(what, what + "s")
+    return f"{n} {what if n == 1 else plural}"
+
+
+def _purged_line(out: dict) -> str:
+    """What ``pimcore purge`` prints (its --json: the HTTP API's object):
+    ``team: 3 entries and 5 inbox entries removed``, ``bob: 2 messages
+    tombstoned, 4 inbox entries and 1 device removed; left 1 group: team``."""
+    if "user" in out:
+        left = list(out.get("left", ()))
+        line = (f"{out['user']}: {_count(out['messages'], 'message')} tombstoned, {_count(out['entries'], 'inbox entry')}"
+                f" and {_count(out.get('devices', 0), 'device')} removed")
+        return line + (f"; left {_count(len(left), 'group')}: {' '.join(left)}" if left else "")
+    return f"{out['conv']}: {_count(out['messages'], 'entry')} and {_count(out['entries'], 'inbox entry')} removed"
+
+
+def _retention_line(out: dict) -> str:
+    """What ``pimcore retention`` prints (its --json: the HTTP API's object):
+    ``team: max age 90 s, max count no limit, history floor 12`` (a field
+    the conversation does not set: "the broker default")."""
+    def said(value: Any, unit: str = "") -> str:
+        if value is None:
+            return "the broker default"
+        return "no limit" if value == 0 else f"{value / 1_000_000:g} s" if unit == "s" else str(value)
+
+    return (f"{out['conv']}: max age {said(out.get('max_age'), 's')}, max count {said(out.get('max_count'))},"
+            f" history floor {out.get('floor')}")
 
 
 def _cmd_retention(args: argparse.Namespace) -> int:
@@ -1081,7 +1112,7 @@ def _cmd_retention(args: argparse.Namespace) -> int:
     except (ConfigError, StoreError, ValueError, OSError) as exc:
         print(_refusal("retention", exc), file=sys.stderr)
         return _exit_code(exc)
-    print(json.dumps(out))
+    print(json.dumps(out) if args.json else _retention_line(out))
     return 0
 
 
@@ -1282,9 +1313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("purge", help="delete a conversation or all data of a user (idempotent)",
                        description="Through a running broker's HTTP API with --http (a purged user's sessions are"
                                    " closed), else on the data directory's store (stop the broker first, or its"
-                                   " connected devices stay until they log in again).  Prints what was removed.")
+                                   " connected devices stay until they log in again).  Prints what was removed"
+                                   " (--json: as a JSON object).")
     p.add_argument("what", choices=["conversation", "user"])
     p.add_argument("id", help="the conversation id (group or d:a:b) or the user id")
+    p.add_argument("--json", action="store_true", help="machine-readable output (the HTTP API's JSON object)")
     _http_flags(p)
     p.add_argument("--config", help="the serve configuration file (for its data directory)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
@@ -1298,6 +1331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-age", type=float, metavar="SECONDS", help="remove entries older than this")
     p.add_argument("--max-count", type=int, metavar="N", help="keep only the newest N entries")
     p.add_argument("--default", action="store_true", help="fields not given follow the broker default")
+    p.add_argument("--json", action="store_true", help="machine-readable output (the HTTP API's JSON object)")
     _http_flags(p)
     p.add_argument("--config", help="the serve configuration file (for its data directory)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")

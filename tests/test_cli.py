@@ -1158,3 +1158,34 @@ def test_a_short_api_key_is_refused_saying_where_it_came_from(tmp_path, how, cap
             else:
                 _os.environ[k] = v
     assert not (data / "store").exists()
+
+
+# -- purge and retention print text, as group does (--json: the API's object) --
+
+
+def test_purge_and_retention_print_text_like_group_and_json_with_json(tmp_path, capsys):
+    """retention (and purge) printed a JSON object where group prints a line
+    of text: text now, the JSON object with --json (as info and bench)."""
+    data = tmp_path / "data"
+    with LmdbStore(data / "store") as store:
+        store.create_group("team", ["alice", "bob"], 1)
+        store.create_group("club", ["alice"], 1)
+    d = ["--data-dir", str(data)]
+    assert main(["group", "show", "team", *d]) == 0
+    assert capsys.readouterr().out.startswith("team: 2 members: alice bob\n")
+    assert main(["retention", "team", *d]) == 0
+    assert capsys.readouterr().out == "team: max age the broker default, max count the broker default, history floor 0\n"
+    assert main(["retention", "team", "--max-count", "2", "--max-age", "90", *d]) == 0
+    assert capsys.readouterr().out == "team: max age 90 s, max count 2, history floor 0\n"
+    assert main(["retention", "team", "--max-count", "0", *d]) == 0  # (the age not given: the default again)
+    assert capsys.readouterr().out == "team: max age the broker default, max count no limit, history floor 0\n"
+    assert main(["retention", "team", "--json", *d]) == 0
+    assert json.loads(capsys.readouterr().out) == {"conv": "team", "max_age": None, "max_count": 0, "floor": 0}
+    assert main(["purge", "user", "bob", *d]) == 0
+    assert capsys.readouterr().out == "bob: 0 messages tombstoned, 1 inbox entry and 0 devices removed; left 1 group: team\n"
+    assert main(["purge", "user", "bob", "--json", *d]) == 0
+    assert json.loads(capsys.readouterr().out) == {"user": "bob", "messages": 0, "entries": 0, "devices": 0, "left": []}
+    assert main(["purge", "conversation", "team", *d]) == 0
+    assert capsys.readouterr().out == "team: 1 entry and 1 inbox entry removed\n"
+    assert main(["purge", "conversation", "club", "--json", *d]) == 0
+    assert json.loads(capsys.readouterr().out) == {"conv": "club", "messages": 0, "entries": 0}
