@@ -98,96 +98,37 @@ def _settings(args: argparse.Namespace):  # -> ServeSettings
 
 
 def _check_data_dir(settings) -> None:  # settings: ServeSettings
-    """ConfigError in words, saying where the path came from, when the data
-    directory or the nearest of its parents that exists is no directory (it
-    was a bare "[Errno 20] Not a directory: '.../secret'"), or is a symbolic
-    link to nothing: mkdir does not make a link's target, it said "[Errno
-    17] File exists"."""
-    data_dir = seen = settings.data_dir
-    while not seen.exists() and not seen.is_symlink() and seen.parent != seen:
-        seen = seen.parent
-    if seen.is_symlink() and not seen.exists():
-        what = f"{seen} is a symbolic link to {os.readlink(seen)}, which does not exist"
-    elif seen.exists() and not seen.is_dir():
-        what = f"{seen} is a file, not a directory"
-    else:
-        return
-    said = f"the data directory {what}" if seen == data_dir else f"the data directory {data_dir} cannot be made: {what}"
-    raise settings._refused(said, (None, "data_dir"), named=False)
+    """:func:`pimcore.config._check_data_dir`: the data directory's checks
+    are the settings' (``pimcore serve``, ``token`` and
+    :func:`pimcore.embed.open_pimcore` say the same sentences)."""
+    from .config import _check_data_dir as check
 
-
-def _kept_secret(settings) -> bytes:  # settings: ServeSettings
-    """``<data_dir>/secret``, made on first use; a file there that cannot be
-    used is refused saying where the data directory came from."""
-    from .auth import load_or_create_secret
-
-    try:
-        return load_or_create_secret(settings.data_dir)
-    except ValueError as exc:
-        raise settings._refused(str(exc), (None, "data_dir"), named=False) from None
-
-
-def _long_enough(settings, secret: bytes, source: str, path_key: Optional[tuple[Optional[str], str]] = None) -> bytes:
-    """``secret`` if it is long enough to sign tokens with, else a ConfigError
-    saying where it came from ("the token secret from $PIMCORE_SECRET is 5
-    bytes; it must be at least 32"): JwtAuthenticator's own refusal names no
-    source.  ``path_key``: the setting ``source``'s file came from, said as
-    every refused path is ("(from --secret-file)")."""
-    from .auth import MIN_SECRET_BYTES
-    from .config import ConfigError
-
-    if len(secret) >= MIN_SECRET_BYTES:
-        return secret
-    text = f"the token secret from {source} is {len(secret)} bytes; it must be at least {MIN_SECRET_BYTES}"
-    if path_key is None:
-        raise ConfigError(text)
-    raise settings._refused(text, path_key, named=False)
+    check(settings)
 
 
 def _secret(settings, *, create: bool = True, announce: Optional[str] = None) -> bytes:  # settings: ServeSettings
     """--secret / [secret] / $PIMCORE_SECRET / --secret-file, else the data
-    directory's own (created on first use, mode 0600).
+    directory's own (created on first use, mode 0600): :func:`pimcore.config.token_secret`.
 
     ``create=False`` (``pimcore token`` without ``--create-secret``): a
     missing ``<data_dir>/secret`` is a ValueError saying where it looked,
     not a new secret -- a token signed with a secret the broker does not use
     is refused at login ("signature is invalid"), far from the mistake.
     ``announce`` (a command name): say on stderr that a secret was created."""
-    import os
-
     from .auth import SECRET_FILE
+    from .config import token_secret
 
-    if settings.secret:
-        origin = settings.origins.get((None, "secret"))
-        return _long_enough(settings, settings.secret.encode(), origin[1] if origin else "the secret setting")
-    env = os.environ.get("PIMCORE_SECRET")
-    if env:
-        return _long_enough(settings, env.encode(), "$PIMCORE_SECRET")
-    if settings.secret_file is not None:
-        # (Refusals say where the path came from, as every setting's do.)
-        key = (None, "secret_file")
-        try:
-            text = settings.secret_file.read_text().strip()
-        except OSError as exc:  # said as the token secret's file, not a bare errno
-            raise settings._refused(f"the token secret file {settings.secret_file}: {exc.strerror or exc}", key, named=False) from None
-        except UnicodeDecodeError:
-            raise settings._refused(f"the token secret file {settings.secret_file} is not UTF-8 text", key, named=False) from None
-        if not text:
-            raise settings._refused(f"the token secret file {settings.secret_file} is empty", key, named=False)
-        return _long_enough(settings, text.encode(), f"the file {settings.secret_file}", key)
     path = settings.data_dir / SECRET_FILE
-    _check_data_dir(settings)
-    if path.exists():
-        return _long_enough(settings, _kept_secret(settings), f"the file {path}", (None, "data_dir"))
-    if not create:
+    had = path.exists()
+    secret = token_secret(settings, create=create)
+    if secret is None:
         raise ValueError(
             f"no token secret in {path}: is {settings.data_dir} the data directory of `pimcore serve`?"
             " Run this where the broker keeps its data, name it with --data-dir or --config, or give"
             " the secret with --secret-file or $PIMCORE_SECRET; --create-secret makes a new one there"
             " (then start the broker with that data directory, or it refuses these tokens)"
         )
-    secret = _kept_secret(settings)
-    if announce:
+    if announce and not had and path.exists():
         print(f"pimcore {announce}: created a new token secret in {path}; only a broker started with"
               f" --data-dir {settings.data_dir} accepts these tokens", file=sys.stderr)
     return secret
@@ -1125,10 +1066,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.shape:
         args.conns, args.window, online = SHAPES[args.shape]
         args.offline = not online
+    secret = args.secret or os.environ.get("PIMCORE_SECRET") or None
+    if secret is not None:
+        from .auth import MIN_SECRET_BYTES
+
+        size = len(secret.encode())
+        if size < MIN_SECRET_BYTES:  # (said as serve says it: where it came from)
+            where = "--secret" if args.secret else "$PIMCORE_SECRET"
+            print(f"pimcore bench: the token secret from {where} is {size} bytes; it must be at least"
+                  f" {MIN_SECRET_BYTES}", file=sys.stderr)
+            return EXIT_REFUSED
     try:
         cfg = BenchConfig(
             url=",".join(args.url) if args.url else None,
-            secret=args.secret or os.environ.get("PIMCORE_SECRET") or None,
+            secret=secret,
             data_dir=args.data_dir,
             store=args.store or (os.environ.get("PIMCORE_STORE") if args.url and args.group else None) or None,
             namespace=args.namespace or os.environ.get("PIMCORE_STORE_NAMESPACE") or "pim",

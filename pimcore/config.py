@@ -1239,3 +1239,103 @@ def load_settings(
     # No listener is fine for an embedded broker (pimcore.embed); `pimcore
     # serve` refuses it itself.
     return s
+
+
+# ---------------------------------------------------------------- the token secret and the data directory
+# (``pimcore serve``, ``pimcore token`` and pimcore.embed.open_pimcore: one
+# set of refusals, each naming where its value came from.)
+
+
+def _check_data_dir(settings: ServeSettings) -> None:
+    """ConfigError in words, saying where the path came from, when the data
+    directory or the nearest of its parents that exists is no directory (it
+    was a bare "[Errno 20] Not a directory: '.../secret'"), or is a symbolic
+    link to nothing: mkdir does not make a link's target, it said "[Errno
+    17] File exists"."""
+    data_dir = seen = settings.data_dir
+    while not seen.exists() and not seen.is_symlink() and seen.parent != seen:
+        seen = seen.parent
+    if seen.is_symlink() and not seen.exists():
+        what = f"{seen} is a symbolic link to {os.readlink(seen)}, which does not exist"
+    elif seen.exists() and not seen.is_dir():
+        what = f"{seen} is a file, not a directory"
+    else:
+        return
+    said = f"the data directory {what}" if seen == data_dir else f"the data directory {data_dir} cannot be made: {what}"
+    raise settings._refused(said, (None, "data_dir"), named=False)
+
+
+def _kept_secret(settings: ServeSettings) -> bytes:
+    """``<data_dir>/secret``, made on first use; a file there that cannot be
+    used is refused saying where the data directory came from."""
+    from .auth import load_or_create_secret
+
+    try:
+        return load_or_create_secret(settings.data_dir)
+    except ValueError as exc:
+        raise settings._refused(str(exc), (None, "data_dir"), named=False) from None
+
+
+def _long_enough(settings: ServeSettings, secret: bytes, source: str,
+                 path_key: Optional[tuple[Optional[str], str]] = None) -> bytes:
+    """``secret`` if it is long enough to sign tokens with, else a ConfigError
+    saying where it came from ("the token secret from $PIMCORE_SECRET is 5
+    bytes; it must be at least 32"): JwtAuthenticator's own refusal names no
+    source.  ``path_key``: the setting ``source``'s file came from, said as
+    every refused path is ("(from --secret-file)")."""
+    from .auth import MIN_SECRET_BYTES
+
+    if len(secret) >= MIN_SECRET_BYTES:
+        return secret
+    text = f"the token secret from {source} is {len(secret)} bytes; it must be at least {MIN_SECRET_BYTES}"
+    if path_key is None:
+        raise ConfigError(text)
+    raise settings._refused(text, path_key, named=False)
+
+
+def _said_source(origin: Optional[_Origin], default: str) -> str:
+    """Where a value came from, as a refusal's "from ..." says it: the file,
+    ``$NAME``, ``--option``, or ``the NAME argument`` (a keyword of
+    load_settings / open_pimcore)."""
+    if origin is None:
+        return default
+    kind, label = origin
+    return f"the {label} argument" if kind == "flag" and not label.startswith("--") else label
+
+
+def token_secret(settings: ServeSettings, *, create: bool = True) -> Optional[bytes]:
+    """The token secret: ``secret`` ([secret], $PIMCORE_SECRET, a keyword),
+    else ``secret_file``, else ``<data_dir>/secret`` (made on first use,
+    mode 0600, unless not ``create``: then None if there is none).
+    ConfigError naming where it came from for one that cannot be used: a
+    file that cannot be read, or a secret shorter than
+    auth.MIN_SECRET_BYTES ("the token secret from $PIMCORE_SECRET is 5
+    bytes; it must be at least 32")."""
+    from .auth import SECRET_FILE
+
+    if settings.secret:
+        source = _said_source(settings.origins.get((None, "secret")), "the secret setting")
+        return _long_enough(settings, settings.secret.encode(), source)
+    env = os.environ.get("PIMCORE_SECRET")
+    if env:
+        return _long_enough(settings, env.encode(), "$PIMCORE_SECRET")
+    if settings.secret_file is not None:
+        key: _Key = (None, "secret_file")
+        try:
+            text = settings.secret_file.read_text().strip()
+        except OSError as exc:  # said as the token secret's file, not a bare errno
+            raise settings._refused(f"the token secret file {settings.secret_file}: {exc.strerror or exc}", key,
+                                    named=False) from None
+        except UnicodeDecodeError:
+            raise settings._refused(f"the token secret file {settings.secret_file} is not UTF-8 text", key,
+                                    named=False) from None
+        if not text:
+            raise settings._refused(f"the token secret file {settings.secret_file} is empty", key, named=False)
+        return _long_enough(settings, text.encode(), f"the file {settings.secret_file}", key)
+    path = settings.data_dir / SECRET_FILE
+    _check_data_dir(settings)
+    if path.exists():
+        return _long_enough(settings, _kept_secret(settings), f"the file {path}", (None, "data_dir"))
+    if not create:
+        return None
+    return _kept_secret(settings)

@@ -1189,3 +1189,18 @@ def test_purge_and_retention_print_text_like_group_and_json_with_json(tmp_path, 
     assert capsys.readouterr().out == "team: 1 entry and 1 inbox entry removed\n"
     assert main(["purge", "conversation", "club", "--json", *d]) == 0
     assert json.loads(capsys.readouterr().out) == {"conv": "club", "messages": 0, "entries": 0}
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_bench_with_a_short_secret_says_where_it_came_from(monkeypatch, capsys, how):
+    """It said "the token secret must be at least 32 bytes", as serve did
+    before it named the source."""
+    monkeypatch.delenv("PIMCORE_SECRET", raising=False)
+    argv = ["bench", "--url", "tcp://127.0.0.1:1", "-n", "1", "--no-progress"]
+    if how == "option":
+        argv += ["--secret", "short"]
+    else:
+        monkeypatch.setenv("PIMCORE_SECRET", "short")
+    assert main(argv) == 2
+    where = "--secret" if how == "option" else "$PIMCORE_SECRET"
+    assert capsys.readouterr().err == f"pimcore bench: the token secret from {where} is 5 bytes; it must be at least 32\n"
