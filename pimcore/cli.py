@@ -255,7 +255,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
 
     from ._util import unwrap_single
     from .auth import JwtAuthenticator
-    from .config import ConfigError, render_toml
+    from .config import ConfigError, render_toml, store_refusal
     from .errors import StoreError, StoreInUse
     from .logs import setup_logging
     from .net.server import open_broker_server
@@ -317,8 +317,11 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
                   " (pimcore group, purge and retention work next to a running broker, unless its durability"
                   " is log)", file=sys.stderr)
             return EXIT_FAILED  # (held by another process, as a port in use: it may be free later)
-        except (StoreError, OSError) as exc:
+        except StoreError as exc:
             print(f"pimcore serve: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # (a bare "[Errno 30] Read-only file system: 'd/store'")
+            print(f"pimcore serve: {store_refusal(settings, exc, store_dir)}", file=sys.stderr)
             return 2
         where = f"data in {settings.data_dir.resolve()} (durability {settings.durability})"
     else:
@@ -329,7 +332,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             note.write_text(f"{settings.store} {settings.store_namespace}\n")
         except OSError as exc:
-            print(f"pimcore serve: {exc}", file=sys.stderr)
+            print(f"pimcore serve: {store_refusal(settings, exc, note)}", file=sys.stderr)
             return 2
         for module in ("coredis", "hiredis"):
             try:
@@ -549,7 +552,12 @@ def _cmd_group(args: argparse.Namespace) -> int:
             print(why, file=sys.stderr)
             return 2
         new = args.action == "create" and not (settings.data_dir / "store" / "data.mdb").exists()
-        store = LmdbStore(settings.data_dir / "store", create=args.action == "create", owner=False)
+        try:
+            store = LmdbStore(settings.data_dir / "store", create=args.action == "create", owner=False)
+        except OSError as exc:
+            from .config import store_refusal
+
+            raise store_refusal(settings, exc, settings.data_dir / "store") from None
     except (ConfigError, StoreError, ValueError, OSError) as exc:
         print(f"pimcore group: {exc}", file=sys.stderr)
         return 2

@@ -1303,6 +1303,22 @@ def _said_source(origin: Optional[_Origin], default: str) -> str:
     return f"the {label} argument" if kind == "flag" and not label.startswith("--") else label
 
 
+def store_refusal(settings: ServeSettings, exc: OSError, store_dir: Path) -> ConfigError:
+    """A store (``<data_dir>/store``, or the Redis store's note) that could
+    not be opened or made, in words and saying where the data directory came
+    from: "cannot make the store d/store: Read-only file system (from
+    --data-dir)"; it was a bare "[Errno 30] Read-only file system: 'd/store'"."""
+    where = Path(exc.filename) if isinstance(exc.filename, (str, Path)) else store_dir
+    if where == settings.data_dir:
+        what = f"the data directory {where}"
+    elif where == store_dir:
+        what = f"the store {where}"
+    else:
+        what = str(where)
+    verb = "open" if where.exists() else "make"
+    return settings._refused(f"cannot {verb} {what}: {exc.strerror or exc}", (None, "data_dir"), named=False)
+
+
 def token_secret(settings: ServeSettings, *, create: bool = True) -> Optional[bytes]:
     """The token secret: ``secret`` ([secret], $PIMCORE_SECRET, a keyword),
     else ``secret_file``, else ``<data_dir>/secret`` (made on first use,

@@ -34,7 +34,7 @@ import trio
 from ._util import unwrap_single
 from .auth import JwtAuthenticator, issue_token
 from .core import Authenticator, ContentFilter, Identity
-from .config import ConfigError, ServeSettings, _check_data_dir, load_settings, token_secret
+from .config import ConfigError, ServeSettings, _check_data_dir, load_settings, store_refusal, token_secret
 from .errors import BrokerStopped, ErrorCode, PimError, StoreError
 from .frames import MessageKind
 from . import ids
@@ -1350,7 +1350,10 @@ async def open_pimcore(
     http_config = _http_config(settings, tls)
     own_store = store is None
     if store is None:
-        store = LmdbStore(Path(settings.data_dir) / "store", durability=settings.durability)
+        try:
+            store = LmdbStore(Path(settings.data_dir) / "store", durability=settings.durability)
+        except OSError as exc:  # (as pimcore serve says it: what, and where data_dir came from)
+            raise store_refusal(settings, exc, Path(settings.data_dir) / "store") from None
     try:
         with unwrap_single():
             async with open_broker_server(store, authenticate, config) as server:

@@ -8,6 +8,7 @@ on every subprocess wait; the ``procs`` fixture kills what is left.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import ssl
@@ -514,6 +515,44 @@ def test_a_kept_secret_that_cannot_be_made_is_said_in_words(tmp_path: Path) -> N
     r = run_pimcore("serve", "--config", cfg, "--secret-file", "s", *listen, cwd=tmp_path)
     assert_clean_exit_2(r, f"{cfg}: cannot make the webhook secret file {data / 'webhook-secret'}: {why}")
     assert not any((data / name).exists() for name in ("secret", "api-key", "webhook-secret"))
+
+
+def test_a_store_that_cannot_be_made_in_the_data_directory_is_said_in_words(tmp_path: Path) -> None:
+    """With --secret-file nothing is made in the data directory before the
+    store, and a read-only one said a bare "[Errno 30] Read-only file system:
+    '.../store'" (or "[Errno 1] Operation not permitted"): serve, group, the
+    Redis store's note and embedding say what could not be made, and where
+    the data directory came from."""
+    from pimcore.config import ConfigError
+    from pimcore.embed import open_pimcore
+
+    base = _uncreatable_dir()
+    listen = ("--listen", "tcp://127.0.0.1:0")
+    (tmp_path / "s").write_text("s" * 64 + "\n")
+    for data, what in ((base, f"the store {base / 'store'}"), (base / "pimcore-x", f"the data directory {base / 'pimcore-x'}")):
+        r = run_pimcore("serve", "--data-dir", data, "--secret-file", "s", *listen, cwd=tmp_path)
+        assert_clean_exit_2(r, f"cannot make {what}: ")
+        assert r.stderr.endswith(" (from --data-dir)\n") and "[Errno" not in r.stderr, r.stderr
+        assert len(r.stderr.splitlines()) == 1, r.stderr
+        r = run_pimcore("serve", "--secret-file", "s", *listen, env={"PIMCORE_DATA_DIR": str(data)}, cwd=tmp_path)
+        assert r.stderr.startswith(f"pimcore serve: cannot make {what}: ") and "[Errno" not in r.stderr, r.stderr
+        assert r.stderr.endswith(" (from $PIMCORE_DATA_DIR)\n"), r.stderr
+        r = run_pimcore("group", "create", "team", "alice", "--data-dir", data, cwd=tmp_path)
+        assert_clean_exit_2(r, f"cannot make {what}: ", " (from --data-dir)", command="group")
+        assert "[Errno" not in r.stderr, r.stderr
+
+        async def main() -> None:
+            async with open_pimcore(data_dir=data, secret_file=str(tmp_path / "s")):
+                pass  # pragma: no cover
+
+        with pytest.raises(ConfigError) as err:
+            trio.run(main)
+        assert str(err.value).startswith(f"cannot make {what}: ") and str(err.value).endswith(" (from data_dir)"), err.value
+    # A broker on Redis leaves a note in its data directory: the same.
+    r = run_pimcore("serve", "--data-dir", base / "pimcore-x", "--secret-file", "s", "--store", "redis://127.0.0.1:1",
+                    *listen, cwd=tmp_path)
+    assert_clean_exit_2(r, f"cannot make the data directory {base / 'pimcore-x'}: ", " (from --data-dir)")
+    assert "[Errno" not in r.stderr, r.stderr
 
 
 def test_a_refused_data_dir_or_secret_file_says_where_the_path_came_from(tmp_path: Path) -> None:
