@@ -773,20 +773,21 @@ def test_an_admin_commands_api_key_file_that_cannot_be_used_is_said_in_words(tmp
     assert err == f"pimcore group: {said}\n", err
 
 
-def test_http_at_a_server_answering_with_a_tls_alert_says_to_use_https(capsys):
-    """Another TLS server's answer to a plain HTTP request: a TLS alert
-    record (0x15 0x03 ...), read by http.client as a bad status line; as to
-    the handshake the CLI then tries.  Said as "try https://"."""
+def _group_show_at_a_server_answering(answer: bytes, connections: int, capsys):
+    """``pimcore group show team --http`` at a loopback server that answers
+    each of its first ``connections`` connections with ``answer`` once it has
+    read the request (or the TLS handshake the CLI tries next): (exit code,
+    stdout, stderr, port).  The set-up of the tests of servers that are not
+    pimcore's HTTP API."""
     import socket
     import threading
 
-    alert = b"\x15\x03\x01\x00\x02\x02\x46"  # fatal protocol_version
     with socket.create_server(("127.0.0.1", 0)) as srv:
         srv.settimeout(20)
         port = srv.getsockname()[1]
 
-        def answer() -> None:
-            for _ in range(2):  # the request, then the handshake
+        def serve() -> None:
+            for _ in range(connections):
                 try:
                     conn, _ = srv.accept()
                 except OSError:
@@ -794,13 +795,22 @@ def test_http_at_a_server_answering_with_a_tls_alert_says_to_use_https(capsys):
                 with conn:
                     conn.settimeout(20)
                     conn.recv(4096)
-                    conn.sendall(alert)
+                    conn.sendall(answer)
 
-        t = threading.Thread(target=answer, daemon=True)
+        t = threading.Thread(target=serve, daemon=True)
         t.start()
         rc = main(["group", "show", "team", "--http", f"http://127.0.0.1:{port}", "--api-key", "k"])
         t.join(20)
     out, err = capsys.readouterr()
+    return rc, out, err, port
+
+
+def test_http_at_a_server_answering_with_a_tls_alert_says_to_use_https(capsys):
+    """Another TLS server's answer to a plain HTTP request: a TLS alert
+    record (0x15 0x03 ...), read by http.client as a bad status line; as to
+    the handshake the CLI then tries.  Said as "try https://"."""
+    alert = b"\x15\x03\x01\x00\x02\x02\x46"  # fatal protocol_version
+    rc, out, err, port = _group_show_at_a_server_answering(alert, 2, capsys)  # the request, then the handshake
     assert rc == 2 and out == "", (rc, out, err)
     assert err == (f"pimcore group: cannot use http://127.0.0.1:{port}: the server speaks TLS:"
                    f" try https://127.0.0.1:{port}\n"), err
@@ -882,29 +892,7 @@ def test_http_at_one_of_the_brokers_other_listeners_says_which_it_is(tmp_path, c
     (b"", "it closed the connection without an answer"),
 ])
 def test_http_at_another_service_says_what_it_answered_in_words(capsys, answer, said):
-    import socket
-    import threading
-
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        srv.settimeout(20)
-        port = srv.getsockname()[1]
-
-        def serve() -> None:
-            for _ in range(2):  # the request, then the TLS handshake tried
-                try:
-                    conn, _ = srv.accept()
-                except OSError:
-                    return
-                with conn:
-                    conn.settimeout(20)
-                    conn.recv(4096)
-                    conn.sendall(answer)
-
-        t = threading.Thread(target=serve, daemon=True)
-        t.start()
-        rc = main(["group", "show", "team", "--http", f"http://127.0.0.1:{port}", "--api-key", "k"])
-        t.join(20)
-    out, err = capsys.readouterr()
+    rc, out, err, port = _group_show_at_a_server_answering(answer, 2, capsys)  # the request, then the TLS handshake tried
     assert rc == 2 and out == "", (rc, out, err)
     assert err == (f"pimcore group: cannot use http://127.0.0.1:{port}: not an HTTP server (is this the --http"
                    f" listener?): {said}\n"), err
@@ -918,29 +906,9 @@ def test_http_at_another_service_says_what_it_answered_in_words(capsys, answer, 
     ("text/plain", b"", ""),
 ])
 def test_http_at_another_http_server_says_its_status_and_a_short_plain_text(capsys, ctype, body, said):
-    import socket
-    import threading
-
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        srv.settimeout(20)
-        port = srv.getsockname()[1]
-
-        def answer() -> None:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(20)
-                conn.recv(4096)
-                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                             b"Connection: close\r\n\r\n%s" % (ctype.encode(), len(body), body))
-
-        t = threading.Thread(target=answer, daemon=True)
-        t.start()
-        rc = main(["group", "show", "team", "--http", f"http://127.0.0.1:{port}", "--api-key", "k"])
-        t.join(20)
-    out, err = capsys.readouterr()
+    answer = (b"HTTP/1.1 404 Not Found\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+              b"Connection: close\r\n\r\n%s" % (ctype.encode(), len(body), body))
+    rc, out, err, port = _group_show_at_a_server_answering(answer, 1, capsys)
     assert rc == 2 and out == "", (rc, out, err)
     assert err == f"pimcore group: HTTP 404 from http://127.0.0.1:{port}{said}\n", err
 
