@@ -16,6 +16,16 @@ from . import __version__
 
 __all__ = ["main"]
 
+#: Exit codes (docs/OPERATIONS.md, "Exit codes"): 0 done; 1 the command as
+#: given could not be done now, for a reason outside it (a port in use, a
+#: host that does not resolve, a store, broker or HTTP API that cannot be
+#: reached, another broker holding the data directory; bench: sends that
+#: failed): the same command may work later; 2 refused as given (usage,
+#: settings, files, ids, a refusal of the broker): nothing was done, and
+#: the same command fails the same way until it is changed.
+EXIT_FAILED = 1
+EXIT_REFUSED = 2
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import pimcore
@@ -88,96 +98,37 @@ def _settings(args: argparse.Namespace):  # -> ServeSettings
 
 
 def _check_data_dir(settings) -> None:  # settings: ServeSettings
-    """ConfigError in words, saying where the path came from, when the data
-    directory or the nearest of its parents that exists is no directory (it
-    was a bare "[Errno 20] Not a directory: '.../secret'"), or is a symbolic
-    link to nothing: mkdir does not make a link's target, it said "[Errno
-    17] File exists"."""
-    data_dir = seen = settings.data_dir
-    while not seen.exists() and not seen.is_symlink() and seen.parent != seen:
-        seen = seen.parent
-    if seen.is_symlink() and not seen.exists():
-        what = f"{seen} is a symbolic link to {os.readlink(seen)}, which does not exist"
-    elif seen.exists() and not seen.is_dir():
-        what = f"{seen} is a file, not a directory"
-    else:
-        return
-    said = f"the data directory {what}" if seen == data_dir else f"the data directory {data_dir} cannot be made: {what}"
-    raise settings._refused(said, (None, "data_dir"), named=False)
+    """:func:`pimcore.config._check_data_dir`: the data directory's checks
+    are the settings' (``pimcore serve``, ``token`` and
+    :func:`pimcore.embed.open_pimcore` say the same sentences)."""
+    from .config import _check_data_dir as check
 
-
-def _kept_secret(settings) -> bytes:  # settings: ServeSettings
-    """``<data_dir>/secret``, made on first use; a file there that cannot be
-    used is refused saying where the data directory came from."""
-    from .auth import load_or_create_secret
-
-    try:
-        return load_or_create_secret(settings.data_dir)
-    except ValueError as exc:
-        raise settings._refused(str(exc), (None, "data_dir"), named=False) from None
-
-
-def _long_enough(settings, secret: bytes, source: str, path_key: Optional[tuple[Optional[str], str]] = None) -> bytes:
-    """``secret`` if it is long enough to sign tokens with, else a ConfigError
-    saying where it came from ("the token secret from $PIMCORE_SECRET is 5
-    bytes; it must be at least 32"): JwtAuthenticator's own refusal names no
-    source.  ``path_key``: the setting ``source``'s file came from, said as
-    every refused path is ("(from --secret-file)")."""
-    from .auth import MIN_SECRET_BYTES
-    from .config import ConfigError
-
-    if len(secret) >= MIN_SECRET_BYTES:
-        return secret
-    text = f"the token secret from {source} is {len(secret)} bytes; it must be at least {MIN_SECRET_BYTES}"
-    if path_key is None:
-        raise ConfigError(text)
-    raise settings._refused(text, path_key, named=False)
+    check(settings)
 
 
 def _secret(settings, *, create: bool = True, announce: Optional[str] = None) -> bytes:  # settings: ServeSettings
     """--secret / [secret] / $PIMCORE_SECRET / --secret-file, else the data
-    directory's own (created on first use, mode 0600).
+    directory's own (created on first use, mode 0600): :func:`pimcore.config.token_secret`.
 
     ``create=False`` (``pimcore token`` without ``--create-secret``): a
     missing ``<data_dir>/secret`` is a ValueError saying where it looked,
     not a new secret -- a token signed with a secret the broker does not use
     is refused at login ("signature is invalid"), far from the mistake.
     ``announce`` (a command name): say on stderr that a secret was created."""
-    import os
-
     from .auth import SECRET_FILE
+    from .config import token_secret
 
-    if settings.secret:
-        origin = settings.origins.get((None, "secret"))
-        return _long_enough(settings, settings.secret.encode(), origin[1] if origin else "the secret setting")
-    env = os.environ.get("PIMCORE_SECRET")
-    if env:
-        return _long_enough(settings, env.encode(), "$PIMCORE_SECRET")
-    if settings.secret_file is not None:
-        # (Refusals say where the path came from, as every setting's do.)
-        key = (None, "secret_file")
-        try:
-            text = settings.secret_file.read_text().strip()
-        except OSError as exc:  # said as the token secret's file, not a bare errno
-            raise settings._refused(f"the token secret file {settings.secret_file}: {exc.strerror or exc}", key, named=False) from None
-        except UnicodeDecodeError:
-            raise settings._refused(f"the token secret file {settings.secret_file} is not UTF-8 text", key, named=False) from None
-        if not text:
-            raise settings._refused(f"the token secret file {settings.secret_file} is empty", key, named=False)
-        return _long_enough(settings, text.encode(), f"the file {settings.secret_file}", key)
     path = settings.data_dir / SECRET_FILE
-    _check_data_dir(settings)
-    if path.exists():
-        return _long_enough(settings, _kept_secret(settings), f"the file {path}", (None, "data_dir"))
-    if not create:
+    had = path.exists()
+    secret = token_secret(settings, create=create)
+    if secret is None:
         raise ValueError(
             f"no token secret in {path}: is {settings.data_dir} the data directory of `pimcore serve`?"
             " Run this where the broker keeps its data, name it with --data-dir or --config, or give"
             " the secret with --secret-file or $PIMCORE_SECRET; --create-secret makes a new one there"
             " (then start the broker with that data directory, or it refuses these tokens)"
         )
-    secret = _kept_secret(settings)
-    if announce:
+    if announce and not had and path.exists():
         print(f"pimcore {announce}: created a new token secret in {path}; only a broker started with"
               f" --data-dir {settings.data_dir} accepts these tokens", file=sys.stderr)
     return secret
@@ -304,7 +255,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
 
     from ._util import unwrap_single
     from .auth import JwtAuthenticator
-    from .config import ConfigError, render_toml
+    from .config import ConfigError, render_toml, store_refusal
     from .errors import StoreError, StoreInUse
     from .logs import setup_logging
     from .net.server import open_broker_server
@@ -365,9 +316,12 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
                   " (it holds store/broker.lock): stop it, or give this one another --data-dir"
                   " (pimcore group, purge and retention work next to a running broker, unless its durability"
                   " is log)", file=sys.stderr)
-            return 2
-        except (StoreError, OSError) as exc:
+            return EXIT_FAILED  # (held by another process, as a port in use: it may be free later)
+        except StoreError as exc:
             print(f"pimcore serve: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # (a bare "[Errno 30] Read-only file system: 'd/store'")
+            print(f"pimcore serve: {store_refusal(settings, exc, store_dir)}", file=sys.stderr)
             return 2
         where = f"data in {settings.data_dir.resolve()} (durability {settings.durability})"
     else:
@@ -378,7 +332,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             note.write_text(f"{settings.store} {settings.store_namespace}\n")
         except OSError as exc:
-            print(f"pimcore serve: {exc}", file=sys.stderr)
+            print(f"pimcore serve: {store_refusal(settings, exc, note)}", file=sys.stderr)
             return 2
         for module in ("coredis", "hiredis"):
             try:
@@ -389,8 +343,10 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
                 return 2
         where = f"data in {settings.store} (namespace {settings.store_namespace})"
 
+    connected = False  # (a Redis store's connect failing is said as the setting's)
+
     async def run() -> None:
-        nonlocal store
+        nonlocal store, connected
         async with AsyncExitStack() as stack:
             if settings.store is not None:
                 from .store.redis import RedisStore
@@ -400,6 +356,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
                                        address_map=settings.store_address_map,
                                        **({} if settings.store_read_fanout_above is None else
                                           {"read_fanout_above": settings.store_read_fanout_above})))
+            connected = True
             await serve()
 
     async def serve() -> None:
@@ -462,8 +419,18 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
         # receiver closes -- after the graceful shutdown already finished.
         pass
     except (OSError, StoreError) as exc:
-        print(f"pimcore serve: {exc}", file=sys.stderr)
-        return 1
+        said = str(exc)
+        if settings.store is not None and not connected and isinstance(exc, StoreError):
+            # (It was "cannot reach Redis at [('127.0.0.1', 1)]: RedisClusterError('...')".)
+            prefix = "cannot reach Redis at "
+            if said.startswith(prefix):
+                said = said.split(": ", 1)[-1]
+                text = f"cannot reach the Redis store {settings.store} (store.url): {said}"
+            else:
+                text = f"the Redis store {settings.store} (store.url): {said}"
+            said = str(settings._refused(text, ("store", "url")))
+        print(f"pimcore serve: {said}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if isinstance(store, LmdbStore):
             store.close()
@@ -585,7 +552,12 @@ def _cmd_group(args: argparse.Namespace) -> int:
             print(why, file=sys.stderr)
             return 2
         new = args.action == "create" and not (settings.data_dir / "store" / "data.mdb").exists()
-        store = LmdbStore(settings.data_dir / "store", create=args.action == "create", owner=False)
+        try:
+            store = LmdbStore(settings.data_dir / "store", create=args.action == "create", owner=False)
+        except OSError as exc:
+            from .config import store_refusal
+
+            raise store_refusal(settings, exc, settings.data_dir / "store") from None
     except (ConfigError, StoreError, ValueError, OSError) as exc:
         print(f"pimcore group: {exc}", file=sys.stderr)
         return 2
@@ -700,7 +672,7 @@ def _group_over_http(args: argparse.Namespace) -> int:
             if args.action == "show" else None
     except (ValueError, OSError) as exc:
         print(f"pimcore group: {_group_refusal(args.name, exc)}", file=sys.stderr)
-        return 2
+        return _exit_code(exc)
     except (KeyError, TypeError):
         print(f"pimcore group: unexpected answer from {args.http} (no member list)", file=sys.stderr)
         return 2
@@ -709,6 +681,17 @@ def _group_over_http(args: argparse.Namespace) -> int:
     if visible is not None:
         print(_history_line(visible))
     return 0
+
+
+class _Unreachable(ValueError):
+    """:func:`_http_call` could not connect to the HTTP API (nothing
+    listening, a host that does not resolve, no connection in time): not
+    the command's mistake, so exit 1 (:data:`EXIT_FAILED`)."""
+
+
+def _exit_code(exc: BaseException) -> int:
+    """The exit code of a maintenance command that failed with ``exc``."""
+    return EXIT_FAILED if isinstance(exc, _Unreachable) else EXIT_REFUSED
 
 
 class _Refused(ValueError):
@@ -897,8 +880,8 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
             raise ValueError(f"cannot use {base}: the server does not speak TLS: try"
                              f" http://{base[len('https://'):]}") from None
         if isinstance(exc.reason, TimeoutError):  # (connecting, or sending the request)
-            raise ValueError(f"cannot reach {base}: no connection within {_HTTP_TIMEOUT:g} s") from None
-        raise ValueError(f"cannot reach {base}: {exc.reason}") from None
+            raise _Unreachable(f"cannot reach {base}: no connection within {_HTTP_TIMEOUT:g} s") from None
+        raise _Unreachable(f"cannot reach {base}: {exc.reason}") from None
     except ssl.SSLCertVerificationError as exc:  # (not wrapped in a URLError)
         raise ValueError(f"the certificate of {base} did not verify ({exc.verify_message or exc}): give --cafile"
                          " PATH, the PEM CA bundle that signed it") from None
@@ -974,9 +957,40 @@ def _cmd_purge(args: argparse.Namespace) -> int:
                 out.update(devices=res.devices, left=[c.conv for c in res.changes])
     except (ConfigError, StoreError, ValueError, OSError) as exc:
         print(_refusal("purge", exc), file=sys.stderr)
-        return 2
-    print(json.dumps(out))
+        return _exit_code(exc)
+    print(json.dumps(out) if args.json else _purged_line(out))
     return 0
+
+
+def _count(n: int, what: str) -> str:
+    """``1 inbox entry``, ``0 devices``."""
+    plural = {"entry": "entries", "inbox entry": "inbox entries"}.get(what, what + "s")
+    return f"{n} {what if n == 1 else plural}"
+
+
+def _purged_line(out: dict) -> str:
+    """What ``pimcore purge`` prints (its --json: the HTTP API's object):
+    ``team: 3 entries and 5 inbox entries removed``, ``bob: 2 messages
+    tombstoned, 4 inbox entries and 1 device removed; left 1 group: team``."""
+    if "user" in out:
+        left = list(out.get("left", ()))
+        line = (f"{out['user']}: {_count(out['messages'], 'message')} tombstoned, {_count(out['entries'], 'inbox entry')}"
+                f" and {_count(out.get('devices', 0), 'device')} removed")
+        return line + (f"; left {_count(len(left), 'group')}: {' '.join(left)}" if left else "")
+    return f"{out['conv']}: {_count(out['messages'], 'entry')} and {_count(out['entries'], 'inbox entry')} removed"
+
+
+def _retention_line(out: dict) -> str:
+    """What ``pimcore retention`` prints (its --json: the HTTP API's object):
+    ``team: max age 90 s, max count no limit, history floor 12`` (a field
+    the conversation does not set: "the broker default")."""
+    def said(value: Any, unit: str = "") -> str:
+        if value is None:
+            return "the broker default"
+        return "no limit" if value == 0 else f"{value / 1_000_000:g} s" if unit == "s" else str(value)
+
+    return (f"{out['conv']}: max age {said(out.get('max_age'), 's')}, max count {said(out.get('max_count'))},"
+            f" history floor {out.get('floor')}")
 
 
 def _cmd_retention(args: argparse.Namespace) -> int:
@@ -1046,24 +1060,34 @@ def _cmd_retention(args: argparse.Namespace) -> int:
                    "max_count": None if state.max_count < 0 else state.max_count, "floor": state.floor}
     except (ConfigError, StoreError, ValueError, OSError) as exc:
         print(_refusal("retention", exc), file=sys.stderr)
-        return 2
-    print(json.dumps(out))
+        return _exit_code(exc)
+    print(json.dumps(out) if args.json else _retention_line(out))
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     import os
 
-    from .loadgen import (SHAPES, BenchConfig, BenchError, format_compare, plot_histograms, print_result, run_bench,
-                          run_compare)
+    from .loadgen import (SHAPES, BenchConfig, BenchError, BenchUnreachable, format_compare, plot_histograms,
+                          print_result, run_bench, run_compare)
 
     if args.shape:
         args.conns, args.window, online = SHAPES[args.shape]
         args.offline = not online
+    secret = args.secret or os.environ.get("PIMCORE_SECRET") or None
+    if secret is not None:
+        from .auth import MIN_SECRET_BYTES
+
+        size = len(secret.encode())
+        if size < MIN_SECRET_BYTES:  # (said as serve says it: where it came from)
+            where = "--secret" if args.secret else "$PIMCORE_SECRET"
+            print(f"pimcore bench: the token secret from {where} is {size} bytes; it must be at least"
+                  f" {MIN_SECRET_BYTES}", file=sys.stderr)
+            return EXIT_REFUSED
     try:
         cfg = BenchConfig(
             url=",".join(args.url) if args.url else None,
-            secret=args.secret or os.environ.get("PIMCORE_SECRET") or None,
+            secret=secret,
             data_dir=args.data_dir,
             store=args.store or (os.environ.get("PIMCORE_STORE") if args.url and args.group else None) or None,
             namespace=args.namespace or os.environ.get("PIMCORE_STORE_NAMESPACE") or "pim",
@@ -1106,7 +1130,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             plot_histograms(res, args.plot)
     except (ValueError, BenchError, OSError) as exc:
         print(f"pimcore bench: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_FAILED if isinstance(exc, BenchUnreachable) else EXIT_REFUSED
     print_result(res, args.json)
     return 1 if res.errors else 0
 
@@ -1164,7 +1188,11 @@ class _SubcommandParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pimcore", description="pimcore instant-messaging broker core")
+    parser = argparse.ArgumentParser(
+        prog="pimcore", description="pimcore instant-messaging broker core",
+        epilog="exit codes: 0 done; 1 could not be done now, for a reason outside the command (a port in use, a"
+               " store, broker or HTTP API that cannot be reached): it may work later; 2 refused as given (usage,"
+               " settings, files, ids, a refusal of the broker): nothing done (docs/OPERATIONS.md, Exit codes)")
     parser.add_argument("--version", action="version", version=f"pimcore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
 
@@ -1245,9 +1273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("purge", help="delete a conversation or all data of a user (idempotent)",
                        description="Through a running broker's HTTP API with --http (a purged user's sessions are"
                                    " closed), else on the data directory's store (stop the broker first, or its"
-                                   " connected devices stay until they log in again).  Prints what was removed.")
+                                   " connected devices stay until they log in again).  Prints what was removed"
+                                   " (--json: as a JSON object).")
     p.add_argument("what", choices=["conversation", "user"])
     p.add_argument("id", help="the conversation id (group or d:a:b) or the user id")
+    p.add_argument("--json", action="store_true", help="machine-readable output (the HTTP API's JSON object)")
     _http_flags(p)
     p.add_argument("--config", help="the serve configuration file (for its data directory)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
@@ -1261,6 +1291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-age", type=float, metavar="SECONDS", help="remove entries older than this")
     p.add_argument("--max-count", type=int, metavar="N", help="keep only the newest N entries")
     p.add_argument("--default", action="store_true", help="fields not given follow the broker default")
+    p.add_argument("--json", action="store_true", help="machine-readable output (the HTTP API's JSON object)")
     _http_flags(p)
     p.add_argument("--config", help="the serve configuration file (for its data directory)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")

@@ -120,11 +120,18 @@ from .net.streams import Endpoint, parse_url
 
 __all__ = [
     "ServeSettings", "load_settings", "ConfigError", "DEFAULT_LISTEN", "SCHEMA", "env_name", "render_toml",
-    "API_KEY_FILE", "LOG_LEVELS", "LOG_FORMATS",
+    "API_KEY_FILE", "MIN_API_KEY_BYTES", "LOG_LEVELS", "LOG_FORMATS",
 ]
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:7400"
 API_KEY_FILE = "api-key"
+#: HTTP API keys shorter than this are refused, wherever they come from
+#: (``api_keys``, ``$PIMCORE_API_KEYS``, ``<data_dir>/api-key``): 128 bits.
+#: Below the token secret's 32 bytes (auth.MIN_SECRET_BYTES) on purpose: a
+#: token is an HS256 signature, and one token lets its key be guessed
+#: offline; an API key is only compared, so it can be guessed only by
+#: asking the broker.  A key made by ``serve`` is 64 characters.
+MIN_API_KEY_BYTES = 16
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 DURABILITY_MODES = ("sync", "log", "os")
@@ -258,6 +265,30 @@ def _overlap(a: str, b: str) -> bool:
     return any(va == vb and (x == y or (va and "*" in (x, y))) for va, x in _addresses(a) for vb, y in _addresses(b))
 
 
+def _listen_url_problem(url: str, http: bool = False) -> Optional[str]:
+    """What a listen URL (``listen``, ``http``) holds that a listener would
+    drop silently, said without repeating a password; None if nothing.
+    parse_url takes them (a client's URL may carry a query), but a
+    listener binds a host and port and, for WebSocket, serves one path."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None  # (parse_url says what is wrong with it)
+    if "@" in parts.netloc:
+        return "a listen URL has no user name or password"
+    if "?" in url or "#" in url:
+        return f"{url!r}: a listen URL has no query or fragment"
+    if parts.path not in ("", "/"):
+        if http:
+            return f"{url!r}: an HTTP listen URL has no path (the API's paths are its own)"
+        scheme = parts.scheme.lower()
+        if scheme in ("tcp", "tls"):
+            return f"{url!r}: a {scheme}:// listen URL has no path (paths are for ws:// and wss://)"
+    return None
+
+
 class ConfigError(ValueError):
     """A configuration file, variable or flag that cannot be used (message says which)."""
 
@@ -338,17 +369,37 @@ _EXPECTED = {"str": "a string", "path": "a string (a path)", "int": "an integer"
              "bool": "true or false", "list": "a list of strings"}
 
 
+#: Settings (as _check is given their names) whose values are secrets: a
+#: refusal of one says what kind of value it got, never the value.
+_SECRET_NAMES = frozenset({"secret", "api_keys", "webhooks.secret", "moderation.secret"})
+#: List settings that take one string as a list of it (``listen = "URL"``);
+#: the others refuse a string: ``api_keys = "k1,k2"`` was the one key "k1,k2"
+#: (the comma rule is the environment's, not the file's).
+_ONE_STRING_IS_A_LIST = frozenset({"listen"})
+
+
 def _check(name: str, typ: str, value: Any) -> Any:
     """``value`` (from TOML or a flag) as ``typ``, or ConfigError naming ``name``."""
+    bare = name.lstrip("-").replace("-", "_")
     ok = {
         "str": isinstance(value, str),
         "path": isinstance(value, (str, Path)),
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
-        "list": isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)),
+        "list": (isinstance(value, str) and bare in _ONE_STRING_IS_A_LIST)
+        or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)),
     }[typ]
     if not ok:
+        if typ == "list" and isinstance(value, str):
+            shown = "" if bare in _SECRET_NAMES else f": write [{_show(value)}]"
+            raise ConfigError(f"{name}: expected a list of strings, got a string{shown}")
+        if bare in _SECRET_NAMES:  # (not echoed: the other values of a list may be good keys)
+            odd = next(type(v).__name__ for v in value if not isinstance(v, str)) \
+                if isinstance(value, (list, tuple)) else type(value).__name__
+            got = ("a list holding " if isinstance(value, (list, tuple)) else "") + \
+                ("an " if odd[0] in "aeiou" else "a ") + odd
+            raise ConfigError(f"{name}: expected {_EXPECTED[typ]}, got {got}")
         raise ConfigError(f"{name}: expected {_EXPECTED[typ]}, got {_show(value)}")
     if typ == "path" and value == "":
         # It names nothing: taken as unset, a shell's unset "$DIR" given as
@@ -523,6 +574,10 @@ class ServeSettings:
         return ConfigError(f"{section}: {text}")
 
     def endpoints(self) -> tuple[Endpoint, ...]:
+        for url in self.listen:
+            problem = _listen_url_problem(url)
+            if problem is not None:
+                raise self._refused(f"listen: {problem}", (None, "listen"))
         try:
             return tuple(parse_url(u) for u in self.listen)
         except ValueError as exc:
@@ -664,6 +719,9 @@ class ServeSettings:
         if not self.http:
             return None
         url = self.http
+        problem = _listen_url_problem(url, http=True)
+        if problem is not None:
+            raise self._refused(f"http: {problem}", ("http", "listen"))
         for web, plain in (("http://", "tcp://"), ("https://", "tls://")):
             if url.lower().startswith(web):
                 url = plain + url[len(web):]
@@ -716,8 +774,7 @@ class ServeSettings:
         ``<data_dir>/api-key`` (created on first use, mode 0600, like the
         token secret).  ValueError for an empty key."""
         if self.api_keys:
-            if any(not k.strip() for k in self.api_keys):
-                raise self._refused("api_keys: an API key cannot be empty", (None, "api_keys"))
+            self._check_api_keys()
             return tuple(k.strip() for k in self.api_keys)
         from .auth import load_or_create_secret
 
@@ -725,9 +782,24 @@ class ServeSettings:
         if not create and not path.exists():
             return ()
         try:
-            return (load_or_create_secret(self.data_dir, API_KEY_FILE).decode(),)
+            key = load_or_create_secret(self.data_dir, API_KEY_FILE)
         except ValueError as exc:  # (said with where the data directory came from)
             raise self._refused(str(exc), (None, "data_dir"), named=False) from None
+        if len(key) < MIN_API_KEY_BYTES:  # (as the token secret's file: said with its source)
+            raise self._refused(f"the HTTP API key from the file {path} is {len(key)} bytes; it must be at least"
+                                f" {MIN_API_KEY_BYTES}", (None, "data_dir"), named=False)
+        return (key.decode(),)
+
+    def _check_api_keys(self) -> None:
+        """ConfigError, saying where they came from, for ``api_keys`` that
+        are empty or shorter than :data:`MIN_API_KEY_BYTES` (never quoted)."""
+        for i, key in enumerate(self.api_keys, 1):
+            size = len(key.strip().encode())
+            if not size:
+                raise self._refused("api_keys: an API key cannot be empty", (None, "api_keys"))
+            if size < MIN_API_KEY_BYTES:
+                raise self._refused(f"api_keys: HTTP API key {i} is {size} bytes; it must be at least"
+                                    f" {MIN_API_KEY_BYTES}", (None, "api_keys"))
 
     def webhook_secret(self) -> bytes:
         """``[webhooks] secret`` ($PIMCORE_WEBHOOKS_SECRET), else
@@ -1160,9 +1232,126 @@ def load_settings(
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2**63 / SECOND:
             raise s._refused(f"messages.{key}: expected a number of seconds >= 0 (0 = no limit), got {_show(value)}",
                              ("messages", key))
+    s._check_api_keys()  # (so that --print-config refuses them too)
     # Check the webhook sections now (naming the key), without creating a secret.
     s.webhook_config(secret=b"-")
     s.moderation_config(secret=b"-")
     # No listener is fine for an embedded broker (pimcore.embed); `pimcore
     # serve` refuses it itself.
     return s
+
+
+# ---------------------------------------------------------------- the token secret and the data directory
+# (``pimcore serve``, ``pimcore token`` and pimcore.embed.open_pimcore: one
+# set of refusals, each naming where its value came from.)
+
+
+def _check_data_dir(settings: ServeSettings) -> None:
+    """ConfigError in words, saying where the path came from, when the data
+    directory or the nearest of its parents that exists is no directory (it
+    was a bare "[Errno 20] Not a directory: '.../secret'"), or is a symbolic
+    link to nothing: mkdir does not make a link's target, it said "[Errno
+    17] File exists"."""
+    data_dir = seen = settings.data_dir
+    while not seen.exists() and not seen.is_symlink() and seen.parent != seen:
+        seen = seen.parent
+    if seen.is_symlink() and not seen.exists():
+        what = f"{seen} is a symbolic link to {os.readlink(seen)}, which does not exist"
+    elif seen.exists() and not seen.is_dir():
+        what = f"{seen} is a file, not a directory"
+    else:
+        return
+    said = f"the data directory {what}" if seen == data_dir else f"the data directory {data_dir} cannot be made: {what}"
+    raise settings._refused(said, (None, "data_dir"), named=False)
+
+
+def _kept_secret(settings: ServeSettings) -> bytes:
+    """``<data_dir>/secret``, made on first use; a file there that cannot be
+    used is refused saying where the data directory came from."""
+    from .auth import load_or_create_secret
+
+    try:
+        return load_or_create_secret(settings.data_dir)
+    except ValueError as exc:
+        raise settings._refused(str(exc), (None, "data_dir"), named=False) from None
+
+
+def _long_enough(settings: ServeSettings, secret: bytes, source: str,
+                 path_key: Optional[tuple[Optional[str], str]] = None) -> bytes:
+    """``secret`` if it is long enough to sign tokens with, else a ConfigError
+    saying where it came from ("the token secret from $PIMCORE_SECRET is 5
+    bytes; it must be at least 32"): JwtAuthenticator's own refusal names no
+    source.  ``path_key``: the setting ``source``'s file came from, said as
+    every refused path is ("(from --secret-file)")."""
+    from .auth import MIN_SECRET_BYTES
+
+    if len(secret) >= MIN_SECRET_BYTES:
+        return secret
+    text = f"the token secret from {source} is {len(secret)} bytes; it must be at least {MIN_SECRET_BYTES}"
+    if path_key is None:
+        raise ConfigError(text)
+    raise settings._refused(text, path_key, named=False)
+
+
+def _said_source(origin: Optional[_Origin], default: str) -> str:
+    """Where a value came from, as a refusal's "from ..." says it: the file,
+    ``$NAME``, ``--option``, or ``the NAME argument`` (a keyword of
+    load_settings / open_pimcore)."""
+    if origin is None:
+        return default
+    kind, label = origin
+    return f"the {label} argument" if kind == "flag" and not label.startswith("--") else label
+
+
+def store_refusal(settings: ServeSettings, exc: OSError, store_dir: Path) -> ConfigError:
+    """A store (``<data_dir>/store``, or the Redis store's note) that could
+    not be opened or made, in words and saying where the data directory came
+    from: "cannot make the store d/store: Read-only file system (from
+    --data-dir)"; it was a bare "[Errno 30] Read-only file system: 'd/store'"."""
+    where = Path(exc.filename) if isinstance(exc.filename, (str, Path)) else store_dir
+    if where == settings.data_dir:
+        what = f"the data directory {where}"
+    elif where == store_dir:
+        what = f"the store {where}"
+    else:
+        what = str(where)
+    verb = "open" if where.exists() else "make"
+    return settings._refused(f"cannot {verb} {what}: {exc.strerror or exc}", (None, "data_dir"), named=False)
+
+
+def token_secret(settings: ServeSettings, *, create: bool = True) -> Optional[bytes]:
+    """The token secret: ``secret`` ([secret], $PIMCORE_SECRET, a keyword),
+    else ``secret_file``, else ``<data_dir>/secret`` (made on first use,
+    mode 0600, unless not ``create``: then None if there is none).
+    ConfigError naming where it came from for one that cannot be used: a
+    file that cannot be read, or a secret shorter than
+    auth.MIN_SECRET_BYTES ("the token secret from $PIMCORE_SECRET is 5
+    bytes; it must be at least 32")."""
+    from .auth import SECRET_FILE
+
+    if settings.secret:
+        source = _said_source(settings.origins.get((None, "secret")), "the secret setting")
+        return _long_enough(settings, settings.secret.encode(), source)
+    env = os.environ.get("PIMCORE_SECRET")
+    if env:
+        return _long_enough(settings, env.encode(), "$PIMCORE_SECRET")
+    if settings.secret_file is not None:
+        key: _Key = (None, "secret_file")
+        try:
+            text = settings.secret_file.read_text().strip()
+        except OSError as exc:  # said as the token secret's file, not a bare errno
+            raise settings._refused(f"the token secret file {settings.secret_file}: {exc.strerror or exc}", key,
+                                    named=False) from None
+        except UnicodeDecodeError:
+            raise settings._refused(f"the token secret file {settings.secret_file} is not UTF-8 text", key,
+                                    named=False) from None
+        if not text:
+            raise settings._refused(f"the token secret file {settings.secret_file} is empty", key, named=False)
+        return _long_enough(settings, text.encode(), f"the file {settings.secret_file}", key)
+    path = settings.data_dir / SECRET_FILE
+    _check_data_dir(settings)
+    if path.exists():
+        return _long_enough(settings, _kept_secret(settings), f"the file {path}", (None, "data_dir"))
+    if not create:
+        return None
+    return _kept_secret(settings)

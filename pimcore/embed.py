@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Itera
 import trio
 
 from ._util import unwrap_single
-from .auth import JwtAuthenticator, issue_token, load_or_create_secret
+from .auth import JwtAuthenticator, issue_token
 from .core import Authenticator, ContentFilter, Identity
-from .config import ConfigError, ServeSettings, load_settings
+from .config import ConfigError, ServeSettings, _check_data_dir, load_settings, store_refusal, token_secret
 from .errors import BrokerStopped, ErrorCode, PimError, StoreError
 from .frames import MessageKind
 from . import ids
@@ -1335,9 +1335,7 @@ async def open_pimcore(
         settings = load_settings(config_file, **overrides)
     elif config_file is not None or overrides:
         raise TypeError("pass either settings or config_file/overrides, not both")
-    data_dir = Path(settings.data_dir)
-    if data_dir.exists() and not data_dir.is_dir():
-        raise ConfigError(f"data_dir {str(data_dir)!r} is not a directory")
+    _check_data_dir(settings)  # (as pimcore serve says it, naming where data_dir came from)
     config = settings.server_config()
     tls = settings.tls_context()
     if tls is not None:
@@ -1348,11 +1346,14 @@ async def open_pimcore(
     secret: Optional[bytes] = None
     if authenticate is None:
         secret = _secret_of(settings)
-        authenticate = JwtAuthenticator(secret)
+        authenticate = JwtAuthenticator(secret)  # (long enough: _secret_of says where a short one came from)
     http_config = _http_config(settings, tls)
     own_store = store is None
     if store is None:
-        store = LmdbStore(Path(settings.data_dir) / "store", durability=settings.durability)
+        try:
+            store = LmdbStore(Path(settings.data_dir) / "store", durability=settings.durability)
+        except OSError as exc:  # (as pimcore serve says it: what, and where data_dir came from)
+            raise store_refusal(settings, exc, Path(settings.data_dir) / "store") from None
     try:
         with unwrap_single():
             async with open_broker_server(store, authenticate, config) as server:
@@ -1402,20 +1403,14 @@ async def start_webhooks(handle: Pimcore, config: Any, nursery: trio.Nursery) ->
 
 
 def _secret_of(settings: ServeSettings) -> bytes:
-    if settings.secret:
-        return settings.secret.encode()
-    if settings.secret_file is not None:
-        try:
-            text = Path(settings.secret_file).read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"secret_file {str(settings.secret_file)!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
-        if not text:
-            raise ConfigError(f"{settings.secret_file} is empty")
-        return text.encode()
+    """The token secret as ``pimcore serve`` finds it (config.token_secret):
+    a refusal says where it came from ("the token secret from the secret
+    argument is 5 bytes; it must be at least 32"), and a data directory
+    whose secret cannot be read or made says so in words."""
     try:
-        return load_or_create_secret(Path(settings.data_dir))
-    except ValueError as exc:  # a file there that cannot be used, said in words
-        raise ConfigError(f"data_dir {str(settings.data_dir)!r}: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"data_dir {str(settings.data_dir)!r}: cannot read or create its secret: {exc.strerror or exc}") from None
-
+        secret = token_secret(settings)
+    except OSError as exc:  # (not a ConfigError: made one, naming where data_dir came from)
+        raise settings._refused(f"the data directory {settings.data_dir}: cannot read or create its token secret:"
+                                f" {exc.strerror or exc}", (None, "data_dir"), named=False) from None
+    assert secret is not None  # (create: made if missing)
+    return secret

@@ -87,6 +87,11 @@ class BenchError(Exception):
     """The benchmark could not run (broker did not start, login refused...)."""
 
 
+class BenchUnreachable(BenchError):
+    """A broker (or the peer of --compare) did not take the connection: no
+    mistake in the command (``pimcore bench`` exits 1 for it, not 2)."""
+
+
 #: Largest payload a run sends (bytes): the broker it starts takes frames of
 #: that size, and its max_outbound_bytes (64 MiB) must stay >= 4 frames.
 MAX_SIZE = 16 << 20
@@ -823,10 +828,10 @@ def _run_trio(cfg: BenchConfig, url: str, secret: str, roles: list[_Role], idle:
         if isinstance(leaf, BenchError):
             raise leaf from None
         if isinstance(leaf, OSError):
-            raise BenchError(f"cannot reach the broker at {url}: {leaf}") from None
+            raise BenchUnreachable(f"cannot reach the broker at {url}: {leaf}") from None
         raise
     except OSError as exc:
-        raise BenchError(f"cannot reach the broker at {url}: {exc}") from None
+        raise BenchUnreachable(f"cannot reach the broker at {url}: {exc}") from None
 
 
 def _child(cfg: BenchConfig, url: str, secret: str, roles: list[_Role], idle: list[_Role], conn: Any) -> None:
@@ -1177,7 +1182,7 @@ def _run_c(cfg: BenchConfig, exe: str, proto: str, host: str, port: int, plan: l
                 proc.wait()
         if proc.returncode == 3:
             what = {"pim": "broker", "resp": "redis-server", "mqtt": "mosquitto"}[proto]
-            raise BenchError(f"cannot reach the {what} at {host}:{port}: {err.strip().split(': ', 2)[-1]}")
+            raise BenchUnreachable(f"cannot reach the {what} at {host}:{port}: {err.strip().split(': ', 2)[-1]}")
         if proc.returncode != 0 or not out:
             raise BenchError(f"the C load generator failed (exit {proc.returncode}): {err.strip()}")
         with open(ack_path, "rb") as f:

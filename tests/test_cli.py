@@ -741,7 +741,7 @@ def test_a_bad_http_url_is_refused_up_front_in_one_line(tmp_path, capsys, cmd, u
 @pytest.mark.parametrize("url", ["127.0.0.1:1", "http://127.0.0.1:1", "http://127.0.0.1:1/", "HTTPS://127.0.0.1:1",
                                  "http://[::1]:1/"])
 def test_a_good_http_url_gets_past_the_check(tmp_path, capsys, url):
-    assert main(["group", "show", "team", "--http", url, "--api-key", "k"]) == 2  # (nothing listens on port 1)
+    assert main(["group", "show", "team", "--http", url, "--api-key", "k"]) == 1  # (nothing listens on port 1)
     err = capsys.readouterr().err
     assert err.startswith("pimcore group: cannot reach "), err
 
@@ -773,20 +773,21 @@ def test_an_admin_commands_api_key_file_that_cannot_be_used_is_said_in_words(tmp
     assert err == f"pimcore group: {said}\n", err
 
 
-def test_http_at_a_server_answering_with_a_tls_alert_says_to_use_https(capsys):
-    """Another TLS server's answer to a plain HTTP request: a TLS alert
-    record (0x15 0x03 ...), read by http.client as a bad status line; as to
-    the handshake the CLI then tries.  Said as "try https://"."""
+def _group_show_at_a_server_answering(answer: bytes, connections: int, capsys):
+    """``pimcore group show team --http`` at a loopback server that answers
+    each of its first ``connections`` connections with ``answer`` once it has
+    read the request (or the TLS handshake the CLI tries next): (exit code,
+    stdout, stderr, port).  The set-up of the tests of servers that are not
+    pimcore's HTTP API."""
     import socket
     import threading
 
-    alert = b"\x15\x03\x01\x00\x02\x02\x46"  # fatal protocol_version
     with socket.create_server(("127.0.0.1", 0)) as srv:
         srv.settimeout(20)
         port = srv.getsockname()[1]
 
-        def answer() -> None:
-            for _ in range(2):  # the request, then the handshake
+        def serve() -> None:
+            for _ in range(connections):
                 try:
                     conn, _ = srv.accept()
                 except OSError:
@@ -794,13 +795,22 @@ def test_http_at_a_server_answering_with_a_tls_alert_says_to_use_https(capsys):
                 with conn:
                     conn.settimeout(20)
                     conn.recv(4096)
-                    conn.sendall(alert)
+                    conn.sendall(answer)
 
-        t = threading.Thread(target=answer, daemon=True)
+        t = threading.Thread(target=serve, daemon=True)
         t.start()
         rc = main(["group", "show", "team", "--http", f"http://127.0.0.1:{port}", "--api-key", "k"])
         t.join(20)
     out, err = capsys.readouterr()
+    return rc, out, err, port
+
+
+def test_http_at_a_server_answering_with_a_tls_alert_says_to_use_https(capsys):
+    """Another TLS server's answer to a plain HTTP request: a TLS alert
+    record (0x15 0x03 ...), read by http.client as a bad status line; as to
+    the handshake the CLI then tries.  Said as "try https://"."""
+    alert = b"\x15\x03\x01\x00\x02\x02\x46"  # fatal protocol_version
+    rc, out, err, port = _group_show_at_a_server_answering(alert, 2, capsys)  # the request, then the handshake
     assert rc == 2 and out == "", (rc, out, err)
     assert err == (f"pimcore group: cannot use http://127.0.0.1:{port}: the server speaks TLS:"
                    f" try https://127.0.0.1:{port}\n"), err
@@ -882,29 +892,7 @@ def test_http_at_one_of_the_brokers_other_listeners_says_which_it_is(tmp_path, c
     (b"", "it closed the connection without an answer"),
 ])
 def test_http_at_another_service_says_what_it_answered_in_words(capsys, answer, said):
-    import socket
-    import threading
-
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        srv.settimeout(20)
-        port = srv.getsockname()[1]
-
-        def serve() -> None:
-            for _ in range(2):  # the request, then the TLS handshake tried
-                try:
-                    conn, _ = srv.accept()
-                except OSError:
-                    return
-                with conn:
-                    conn.settimeout(20)
-                    conn.recv(4096)
-                    conn.sendall(answer)
-
-        t = threading.Thread(target=serve, daemon=True)
-        t.start()
-        rc = main(["group", "show", "team", "--http", f"http://127.0.0.1:{port}", "--api-key", "k"])
-        t.join(20)
-    out, err = capsys.readouterr()
+    rc, out, err, port = _group_show_at_a_server_answering(answer, 2, capsys)  # the request, then the TLS handshake tried
     assert rc == 2 and out == "", (rc, out, err)
     assert err == (f"pimcore group: cannot use http://127.0.0.1:{port}: not an HTTP server (is this the --http"
                    f" listener?): {said}\n"), err
@@ -918,29 +906,9 @@ def test_http_at_another_service_says_what_it_answered_in_words(capsys, answer, 
     ("text/plain", b"", ""),
 ])
 def test_http_at_another_http_server_says_its_status_and_a_short_plain_text(capsys, ctype, body, said):
-    import socket
-    import threading
-
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        srv.settimeout(20)
-        port = srv.getsockname()[1]
-
-        def answer() -> None:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(20)
-                conn.recv(4096)
-                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                             b"Connection: close\r\n\r\n%s" % (ctype.encode(), len(body), body))
-
-        t = threading.Thread(target=answer, daemon=True)
-        t.start()
-        rc = main(["group", "show", "team", "--http", f"http://127.0.0.1:{port}", "--api-key", "k"])
-        t.join(20)
-    out, err = capsys.readouterr()
+    answer = (b"HTTP/1.1 404 Not Found\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+              b"Connection: close\r\n\r\n%s" % (ctype.encode(), len(body), body))
+    rc, out, err, port = _group_show_at_a_server_answering(answer, 1, capsys)
     assert rc == 2 and out == "", (rc, out, err)
     assert err == f"pimcore group: HTTP 404 from http://127.0.0.1:{port}{said}\n", err
 
@@ -1013,3 +981,194 @@ def test_the_api_key_variable_of_the_http_commands_does_not_upset_the_others(tmp
     r = subprocess.run([sys.executable, "-m", "pimcore.cli", "token", "--data-dir", str(tmp_path / "data"), "--user", "alice", "--create-secret"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0 and r.stdout.strip(), (r.returncode, r.stderr)
+
+
+# -- exit codes: 1 could not be done now, 2 refused as given (OPERATIONS.md) --
+
+
+def _refusing_port():
+    """A loopback socket bound but not listening: connecting is refused at once."""
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    return held
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_serve_on_a_redis_store_it_cannot_reach_exits_1_naming_the_url_and_the_setting(tmp_path, monkeypatch, capsys,
+                                                                                        how):
+    """It said "cannot reach Redis at [('127.0.0.1', 1)]: RedisClusterError('Redis
+    Cluster cannot be connected...')": a Python list and an exception's repr."""
+    pytest.importorskip("coredis")
+    monkeypatch.setenv("PIMCORE_SECRET", "s" * 40)
+    with _refusing_port() as held:
+        url = f"redis://127.0.0.1:{held.getsockname()[1]}"
+        if how == "env":
+            monkeypatch.setenv("PIMCORE_STORE", url)
+        argv = ["serve", "--data-dir", str(tmp_path / "d"), "--log-level", "warning"]
+        code = main(argv + (["--store", url] if how == "flag" else []))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1, err
+    where = "(--store)" if how == "flag" else "(store.url)"
+    assert err.startswith(f"pimcore serve: cannot reach the Redis store {url} {where}: "), err
+    assert "RedisClusterError(" not in err and "[('" not in err, err
+    if how == "env":
+        assert err.endswith(" (from $PIMCORE_STORE)"), err
+
+
+@pytest.mark.parametrize("cmd", _HTTP_COMMANDS, ids=lambda c: c[0])
+def test_an_admin_command_that_cannot_reach_the_http_api_exits_1(tmp_path, capsys, cmd):
+    """Nothing listening is no mistake in the command (a broker down, not yet
+    up): exit 1, as serve's port in use and chat's refused connection; it was
+    2, the code of a command refused as given."""
+    with _refusing_port() as held:
+        base = f"http://127.0.0.1:{held.getsockname()[1]}"
+        rc = main([*cmd, "--http", base, "--api-key", "k"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == "", (rc, out, err)
+    assert err.startswith(f"pimcore {cmd[0]}: cannot reach {base}: "), err
+
+
+def test_bench_that_cannot_reach_its_broker_exits_1(capsys):
+    with _refusing_port() as held:
+        url = f"tcp://127.0.0.1:{held.getsockname()[1]}"
+        rc = main(["bench", "--url", url, "--secret", "s" * 32, "-n", "1", "--warmup", "0", "--no-progress",
+                   "--generator", "python"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == "", (rc, out, err)
+    assert err.startswith(f"pimcore bench: cannot reach the broker at {url}"), err
+
+
+# -- api_keys: a list of strings, each long enough, refused naming its source --
+
+
+@pytest.mark.parametrize("key, text", [
+    ("api_keys", 'api_keys = "abc-0123456789-0123456789"\n'),
+    ("webhooks.events", '[webhooks]\nurl = "http://127.0.0.1:9/"\nevents = "message"\n'),
+    ("store.address_map", '[store]\nurl = "redis://127.0.0.1:7000"\naddress_map = "10.0.0.1:7000=127.0.0.1:7000"\n'),
+])
+def test_a_string_where_a_list_of_strings_is_expected_is_refused(tmp_path, key, text):
+    """`api_keys = "abc..."` was taken as one key (and `api_keys = "k1,k2"` as
+    the one key "k1,k2", the environment's comma rule not being the file's).
+    `listen = "URL"` stays the short form of one listener."""
+    from pimcore.config import ConfigError, load_settings
+
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg), env={})
+    said = str(err.value)
+    assert said.startswith(f"{cfg}: {key}: expected a list of strings, got a string"), said
+    if key == "api_keys":
+        assert "abc" not in said, said  # (a secret is not echoed)
+    cfg.write_text('listen = "tcp://127.0.0.1:0"\n')
+    assert load_settings(str(cfg), env={}).listen == ("tcp://127.0.0.1:0",)
+
+
+def test_a_secret_of_the_wrong_type_is_not_echoed(tmp_path):
+    from pimcore.config import ConfigError, load_settings
+
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('api_keys = ["good-key-0123456789", 12345678901234567]\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg), env={})
+    assert "12345678901234567" not in str(err.value) and "good-key" not in str(err.value), str(err.value)
+    assert str(err.value).startswith(f"{cfg}: api_keys: expected a list of strings"), str(err.value)
+
+
+@pytest.mark.parametrize("how", ["file", "env", "keyword", "kept"])
+def test_a_short_api_key_is_refused_saying_where_it_came_from(tmp_path, how, capsys):
+    """API keys had no minimum length ("k" was a key of the HTTP API)."""
+    from pimcore.config import MIN_API_KEY_BYTES, ConfigError, load_settings
+
+    assert MIN_API_KEY_BYTES == 16
+    cfg = tmp_path / "p.toml"
+    data = tmp_path / "d"
+    env: dict = {}
+    kw: dict = {}
+    if how == "file":
+        cfg.write_text('api_keys = ["long-enough-0123456789", "short"]\n')
+        said = f"{cfg}: api_keys: HTTP API key 2 is 5 bytes; it must be at least 16"
+    elif how == "env":
+        env = {"PIMCORE_API_KEYS": "short,long-enough-0123456789"}
+        said = "api_keys: HTTP API key 1 is 5 bytes; it must be at least 16 (from $PIMCORE_API_KEYS)"
+    elif how == "keyword":
+        kw = {"api_keys": ["short"]}
+        said = "api_keys: HTTP API key 1 is 5 bytes; it must be at least 16 (from api_keys)"
+    else:
+        data.mkdir()
+        (data / "api-key").write_text("short\n")
+        said = f"the HTTP API key from the file {data / 'api-key'} is 5 bytes; it must be at least 16 (from data_dir)"
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg) if how == "file" else None, env=env, data_dir=str(data), **kw).load_api_keys()
+    assert str(err.value) == said, str(err.value)
+    # serve (and --print-config, for those in the settings) refuses it, exit 2.
+    argv = ["serve", "--data-dir", str(data), "--listen", "tcp://127.0.0.1:0", "--http", "tcp://127.0.0.1:0"]
+    if how == "file":
+        argv += ["--config", str(cfg)]
+    if how == "keyword":
+        return
+    import os as _os
+
+    old = {k: _os.environ.get(k) for k in env}
+    _os.environ.update(env)
+    try:
+        for extra in ([], ["--print-config"]) if how != "kept" else ([],):
+            assert main([*argv, *extra]) == 2
+            err_text = capsys.readouterr().err
+            expected = said.replace("(from data_dir)", "(from --data-dir)")
+            assert err_text == f"pimcore serve: {expected}\n", err_text
+    finally:
+        for k, v in old.items():
+            if v is None:
+                _os.environ.pop(k, None)
+            else:
+                _os.environ[k] = v
+    assert not (data / "store").exists()
+
+
+# -- purge and retention print text, as group does (--json: the API's object) --
+
+
+def test_purge_and_retention_print_text_like_group_and_json_with_json(tmp_path, capsys):
+    """retention (and purge) printed a JSON object where group prints a line
+    of text: text now, the JSON object with --json (as info and bench)."""
+    data = tmp_path / "data"
+    with LmdbStore(data / "store") as store:
+        store.create_group("team", ["alice", "bob"], 1)
+        store.create_group("club", ["alice"], 1)
+    d = ["--data-dir", str(data)]
+    assert main(["group", "show", "team", *d]) == 0
+    assert capsys.readouterr().out.startswith("team: 2 members: alice bob\n")
+    assert main(["retention", "team", *d]) == 0
+    assert capsys.readouterr().out == "team: max age the broker default, max count the broker default, history floor 0\n"
+    assert main(["retention", "team", "--max-count", "2", "--max-age", "90", *d]) == 0
+    assert capsys.readouterr().out == "team: max age 90 s, max count 2, history floor 0\n"
+    assert main(["retention", "team", "--max-count", "0", *d]) == 0  # (the age not given: the default again)
+    assert capsys.readouterr().out == "team: max age the broker default, max count no limit, history floor 0\n"
+    assert main(["retention", "team", "--json", *d]) == 0
+    assert json.loads(capsys.readouterr().out) == {"conv": "team", "max_age": None, "max_count": 0, "floor": 0}
+    assert main(["purge", "user", "bob", *d]) == 0
+    assert capsys.readouterr().out == "bob: 0 messages tombstoned, 1 inbox entry and 0 devices removed; left 1 group: team\n"
+    assert main(["purge", "user", "bob", "--json", *d]) == 0
+    assert json.loads(capsys.readouterr().out) == {"user": "bob", "messages": 0, "entries": 0, "devices": 0, "left": []}
+    assert main(["purge", "conversation", "team", *d]) == 0
+    assert capsys.readouterr().out == "team: 1 entry and 1 inbox entry removed\n"
+    assert main(["purge", "conversation", "club", "--json", *d]) == 0
+    assert json.loads(capsys.readouterr().out) == {"conv": "club", "messages": 0, "entries": 0}
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_bench_with_a_short_secret_says_where_it_came_from(monkeypatch, capsys, how):
+    """It said "the token secret must be at least 32 bytes", as serve did
+    before it named the source."""
+    monkeypatch.delenv("PIMCORE_SECRET", raising=False)
+    argv = ["bench", "--url", "tcp://127.0.0.1:1", "-n", "1", "--no-progress"]
+    if how == "option":
+        argv += ["--secret", "short"]
+    else:
+        monkeypatch.setenv("PIMCORE_SECRET", "short")
+    assert main(argv) == 2
+    where = "--secret" if how == "option" else "$PIMCORE_SECRET"
+    assert capsys.readouterr().err == f"pimcore bench: the token secret from {where} is 5 bytes; it must be at least 32\n"

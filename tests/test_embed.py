@@ -163,6 +163,59 @@ def test_settings_errors_are_config_errors(tmp_path: Path) -> None:
         trio.run(main)
 
 
+def test_a_short_token_secret_says_where_it_came_from(tmp_path: Path, monkeypatch) -> None:
+    """open_pimcore said "the token secret must be at least 32 bytes" (the
+    authenticator's words), whichever place the secret came from; serve
+    says the place: so does embedding, naming the argument."""
+    from pimcore.config import ConfigError
+
+    monkeypatch.delenv("PIMCORE_SECRET", raising=False)
+    rule = "is 5 bytes; it must be at least 32"
+    (tmp_path / "short").write_text("short\n")
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "secret").write_text("short\n")
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('secret = "short"\n')
+    for kw, env, said in [
+        ({"secret": "short"}, {}, f"the token secret from the secret argument {rule}"),
+        ({}, {"PIMCORE_SECRET": "short"}, f"the token secret from $PIMCORE_SECRET {rule}"),
+        ({"config_file": str(cfg)}, {}, f"the token secret from {cfg} {rule}"),
+        ({"secret_file": str(tmp_path / "short")}, {},
+         f"the token secret from the file {tmp_path / 'short'} {rule} (from secret_file)"),
+        ({"data_dir": kept}, {}, f"the token secret from the file {kept / 'secret'} {rule} (from data_dir)"),
+    ]:
+        kw.setdefault("data_dir", tmp_path / "d")
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+
+        async def main() -> None:
+            async with open_pimcore(**kw):
+                pass  # pragma: no cover
+
+        with pytest.raises(ConfigError) as err:
+            trio.run(main)
+        assert str(err.value) == said, (kw, env, str(err.value))
+        for name in env:
+            monkeypatch.delenv(name)
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_data_dir_that_is_a_file_says_where_it_came_from(tmp_path: Path) -> None:
+    """It said "data_dir '...' is not a directory"; serve's words name the source."""
+    from pimcore.config import ConfigError
+
+    (tmp_path / "afile").write_text("")
+
+    async def main() -> None:
+        async with open_pimcore(data_dir=tmp_path / "afile"):
+            pass  # pragma: no cover
+
+    with pytest.raises(ConfigError) as err:
+        trio.run(main)
+    assert str(err.value) == f"the data directory {tmp_path / 'afile'} is a file, not a directory (from data_dir)"
+
+
 @pytest.mark.parametrize("where", [{"listen": "tls://127.0.0.1:0"}, {"listen": "wss://127.0.0.1:0/im"},
                                    {"http": "tls://127.0.0.1:0"}])
 def test_a_certificate_that_does_not_load_is_a_config_error_naming_the_file(tmp_path: Path, where: dict) -> None:

@@ -441,14 +441,14 @@ def test_cli_on_a_stopped_brokers_data_directory(tmp_path: Path, capsys: pytest.
     data = tmp_path / "data"
     with LmdbStore(data / "store") as store:
         store.create_group("team", ["alice", "bob"], 1)
-    assert main(["retention", "team", "--max-count", "2", "--data-dir", str(data)]) == 0
+    assert main(["retention", "team", "--max-count", "2", "--data-dir", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"conv": "team", "max_age": None, "max_count": 2, "floor": 0}
-    assert main(["retention", "team", "--data-dir", str(data)]) == 0
+    assert main(["retention", "team", "--data-dir", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["max_count"] == 2
-    assert main(["purge", "user", "bob", "--data-dir", str(data)]) == 0
+    assert main(["purge", "user", "bob", "--data-dir", str(data), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out == {"user": "bob", "messages": 0, "entries": 1, "devices": 0, "left": ["team"]}
-    assert main(["purge", "conversation", "team", "--data-dir", str(data)]) == 0
+    assert main(["purge", "conversation", "team", "--data-dir", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"conv": "team", "messages": 1, "entries": 1}  # alice's LEFT entry
     with LmdbStore(data / "store", owner=False) as store:
         assert not store.conversation_exists("team") and store.conversations("bob") == []
@@ -619,7 +619,7 @@ def test_cli_retention_of_a_conversation_that_does_not_exist_is_refused(tmp_path
                 f"pimcore retention: {NO_SUCH.replace('nope', conv)}"), (conv, extra, std)
     # A group, and a direct id (it needs no creation), are shown.
     for conv in ("team", AB):
-        assert main(["retention", conv, "--data-dir", str(data)]) == 0
+        assert main(["retention", conv, "--data-dir", str(data), "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["conv"] == conv
 
 
@@ -636,7 +636,7 @@ async def test_cli_retention_over_http_of_a_conversation_that_does_not_exist_is_
                 std = capsys.readouterr()
                 assert std.out == "" and std.err.startswith(f"pimcore retention: {NO_SUCH}"), (extra, std)
             for conv in ("team", AB):
-                assert await run(main, ["retention", conv, *base]) == 0
+                assert await run(main, ["retention", conv, *base, "--json"]) == 0
                 assert json.loads(capsys.readouterr().out)["conv"] == conv
 
 
@@ -652,7 +652,7 @@ async def test_cli_refuses_a_negative_max_age_locally_and_over_http(tmp_path: Pa
         assert main(["retention", "team", f"--max-age={bad}", "--data-dir", str(data)]) == 2
         out, err = capsys.readouterr()
         assert out == "" and "--max-age and --max-count must be >= 0" in err, (bad, out, err)
-    assert main(["retention", "team", "--data-dir", str(data)]) == 0
+    assert main(["retention", "team", "--data-dir", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["max_age"] == 60_000_000  # unchanged
     with trio.fail_after(30):
         async with api(tmp_path / "api") as (im, h, c):
@@ -679,7 +679,7 @@ async def test_cli_says_what_is_wrong_with_a_huge_max_count_locally_and_over_htt
         assert main(["retention", "team", "--max-count", huge, "--data-dir", str(data)]) == 2
         out, err = capsys.readouterr()
         assert (out, err) == ("", f"{said}{huge}\n"), (huge, out, err)
-    assert main(["retention", "team", "--max-count", str(2**63 - 1), "--data-dir", str(data)]) == 0
+    assert main(["retention", "team", "--max-count", str(2**63 - 1), "--data-dir", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["max_count"] == 2**63 - 1
     with trio.fail_after(30):
         async with api(tmp_path / "api") as (im, h, c):

@@ -8,6 +8,7 @@ on every subprocess wait; the ``procs`` fixture kills what is left.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import ssl
@@ -59,8 +60,9 @@ async def next_event(client, kind, timeout: float = 10.0):
     raise AssertionError(f"events ended before a {kind.__name__}")
 
 
-def assert_clean_exit_2(r, *needles: str, command: str = "serve") -> None:
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+def assert_clean_exit_2(r, *needles: str, command: str = "serve", code: int = 2) -> None:
+    """A one-line refusal (exit 2: refused as given; ``code`` 1: could not be done now)."""
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith(f"pimcore {command}: "), r.stderr
     for n in needles:
@@ -314,6 +316,53 @@ def test_bad_flags_exit_2_with_a_clear_message(tmp_path: Path, args: list[str], 
     assert_clean_exit_2(r, *needles)
 
 
+@pytest.mark.parametrize(
+    "args, toml, said",
+    [
+        # A port out of range was Python's "Port out of range 0-65535".
+        (["--listen", "tcp://127.0.0.1:99999"], None,
+         "--listen: 'tcp://127.0.0.1:99999': the port must be a number 0-65535, not '99999'"),
+        (["--listen", "ws://127.0.0.1:port/im"], None,
+         "--listen: 'ws://127.0.0.1:port/im': the port must be a number 0-65535, not 'port'"),
+        ([], 'listen = ["tcp://127.0.0.1:99999"]\n',
+         "listen: 'tcp://127.0.0.1:99999': the port must be a number 0-65535, not '99999'"),
+        (["--http", "tcp://127.0.0.1:70000"], None,
+         "--http: 'tcp://127.0.0.1:70000': the port must be a number 0-65535, not '70000'"),
+        # A ws:// listen URL's query and fragment were dropped silently; so
+        # were a tcp:// one's path and any URL's user name and password.
+        (["--listen", "ws://127.0.0.1:0/im?x=1"], None,
+         "--listen: 'ws://127.0.0.1:0/im?x=1': a listen URL has no query or fragment"),
+        (["--listen", "ws://127.0.0.1:0/im#top"], None,
+         "--listen: 'ws://127.0.0.1:0/im#top': a listen URL has no query or fragment"),
+        ([], 'listen = ["wss://127.0.0.1:0/im?v=2"]\n',
+         "listen: 'wss://127.0.0.1:0/im?v=2': a listen URL has no query or fragment"),
+        (["--http", "tcp://127.0.0.1:0/?x=1"], None,
+         "--http: 'tcp://127.0.0.1:0/?x=1': a listen URL has no query or fragment"),
+        (["--listen", "tcp://127.0.0.1:0/im"], None,
+         "--listen: 'tcp://127.0.0.1:0/im': a tcp:// listen URL has no path (paths are for ws:// and wss://)"),
+        (["--http", "http://127.0.0.1:0/v1"], None,
+         "--http: 'http://127.0.0.1:0/v1': an HTTP listen URL has no path (the API's paths are its own)"),
+        (["--listen", "tcp://me:pw@127.0.0.1:0"], None,
+         "--listen: a listen URL has no user name or password"),
+    ],
+    ids=["port", "port-name", "port-toml", "http-port", "query", "fragment", "query-toml", "http-query", "tcp-path",
+         "http-path", "userinfo"],
+)
+def test_a_listen_url_with_a_bad_port_or_parts_it_would_drop_is_refused_naming_the_setting(
+        tmp_path: Path, args: list[str], toml, said: str) -> None:
+    if toml is not None:
+        cfg = tmp_path / "p.toml"
+        cfg.write_text(toml)
+        args = [*args, "--config", cfg]
+        said = f"{cfg}: {said}"
+    for extra in (["--print-config"], []):
+        r = run_pimcore("serve", "--data-dir", tmp_path / "d", *args, *extra, cwd=tmp_path)
+        assert_clean_exit_2(r)
+        assert r.stderr == f"pimcore serve: {said}\n", (extra, r.stderr)
+        assert "pw" not in r.stderr
+    assert not (tmp_path / "d").exists()
+
+
 def test_a_data_dir_that_is_a_file_or_a_missing_secret_file_is_said_in_words(tmp_path: Path) -> None:
     """They were bare errnos: "[Errno 20] Not a directory: '.../secret'" and
     "[Errno 2] No such file or directory: '/nonexistent'" (a new-user pass)."""
@@ -468,6 +517,44 @@ def test_a_kept_secret_that_cannot_be_made_is_said_in_words(tmp_path: Path) -> N
     assert not any((data / name).exists() for name in ("secret", "api-key", "webhook-secret"))
 
 
+def test_a_store_that_cannot_be_made_in_the_data_directory_is_said_in_words(tmp_path: Path) -> None:
+    """With --secret-file nothing is made in the data directory before the
+    store, and a read-only one said a bare "[Errno 30] Read-only file system:
+    '.../store'" (or "[Errno 1] Operation not permitted"): serve, group, the
+    Redis store's note and embedding say what could not be made, and where
+    the data directory came from."""
+    from pimcore.config import ConfigError
+    from pimcore.embed import open_pimcore
+
+    base = _uncreatable_dir()
+    listen = ("--listen", "tcp://127.0.0.1:0")
+    (tmp_path / "s").write_text("s" * 64 + "\n")
+    for data, what in ((base, f"the store {base / 'store'}"), (base / "pimcore-x", f"the data directory {base / 'pimcore-x'}")):
+        r = run_pimcore("serve", "--data-dir", data, "--secret-file", "s", *listen, cwd=tmp_path)
+        assert_clean_exit_2(r, f"cannot make {what}: ")
+        assert r.stderr.endswith(" (from --data-dir)\n") and "[Errno" not in r.stderr, r.stderr
+        assert len(r.stderr.splitlines()) == 1, r.stderr
+        r = run_pimcore("serve", "--secret-file", "s", *listen, env={"PIMCORE_DATA_DIR": str(data)}, cwd=tmp_path)
+        assert r.stderr.startswith(f"pimcore serve: cannot make {what}: ") and "[Errno" not in r.stderr, r.stderr
+        assert r.stderr.endswith(" (from $PIMCORE_DATA_DIR)\n"), r.stderr
+        r = run_pimcore("group", "create", "team", "alice", "--data-dir", data, cwd=tmp_path)
+        assert_clean_exit_2(r, f"cannot make {what}: ", " (from --data-dir)", command="group")
+        assert "[Errno" not in r.stderr, r.stderr
+
+        async def main() -> None:
+            async with open_pimcore(data_dir=data, secret_file=str(tmp_path / "s")):
+                pass  # pragma: no cover
+
+        with pytest.raises(ConfigError) as err:
+            trio.run(main)
+        assert str(err.value).startswith(f"cannot make {what}: ") and str(err.value).endswith(" (from data_dir)"), err.value
+    # A broker on Redis leaves a note in its data directory: the same.
+    r = run_pimcore("serve", "--data-dir", base / "pimcore-x", "--secret-file", "s", "--store", "redis://127.0.0.1:1",
+                    *listen, cwd=tmp_path)
+    assert_clean_exit_2(r, f"cannot make the data directory {base / 'pimcore-x'}: ", " (from --data-dir)")
+    assert "[Errno" not in r.stderr, r.stderr
+
+
 def test_a_refused_data_dir_or_secret_file_says_where_the_path_came_from(tmp_path: Path) -> None:
     """Every other refused setting says where its value came from (a flag, a
     variable, a file); the data directory and the secret file did not -- a
@@ -514,7 +601,9 @@ def test_a_data_dir_in_use_by_another_broker_says_what_a_cli_user_can_do(tmp_pat
     data = tmp_path / "data"
     first = procs.serve("--listen", LOOPBACK, "--data-dir", data)
     r = run_pimcore("serve", "--listen", LOOPBACK, "--data-dir", data)
-    assert_clean_exit_2(r, str(data), f"is in use by process {first.popen.pid} (", " serve --listen", "--data-dir", "pimcore group")
+    # Exit 1, as a port in use: held by another process, not a mistake in the command (it was 2).
+    assert_clean_exit_2(r, str(data), f"is in use by process {first.popen.pid} (", " serve --listen", "--data-dir",
+                        "pimcore group", code=1)
     assert "owner=False" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     # What it says works while the other broker runs does.
     made = run_pimcore("group", "create", "team", "alice", "bob", "--data-dir", data)

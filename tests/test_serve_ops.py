@@ -174,14 +174,14 @@ async def test_settings_from_environment_variables(tmp_path: Path, procs: ProcGr
         "PIMCORE_HTTP": "tcp://127.0.0.1:0",
         "PIMCORE_LOG_LEVEL": "warning",
         "PIMCORE_LIMITS_MAX_PAYLOAD": "100",
-        "PIMCORE_API_KEYS": "key-one, key-two",
+        "PIMCORE_API_KEYS": "key-one-0123456789, key-two-0123456789",
     }
     with trio.fail_after(60):
         server = procs.serve(env=env, cwd=tmp_path)
         assert [u.split(":")[0] for u in server.urls] == ["tcp", "ws", "http"]
         assert (data / "secret").is_file() and not (data / "api-key").exists()
-        assert (await in_thread(http_get, server.url("http"), "/v1/info", "key-two"))[0] == 200
-        assert (await in_thread(http_get, server.url("http"), "/v1/info", "key-three"))[0] == 401
+        assert (await in_thread(http_get, server.url("http"), "/v1/info", "key-two-0123456789"))[0] == 200
+        assert (await in_thread(http_get, server.url("http"), "/v1/info", "key-three-0123456789"))[0] == 401
         tok = await in_thread(token_for, "alice", data)
         async with open_client(server.url(), tok, "phone", config=FAST) as alice:
             assert (await alice.send(AB, b"x" * 100)).seq == 1
@@ -201,7 +201,7 @@ def test_print_config_shows_effective_settings_flags_over_env_over_file(tmp_path
     cfg = tmp_path / "pimcore.toml"
     cfg.write_text(
         'data_dir = "from-file"\nlisten = "tcp://127.0.0.1:1"\nsecret = "file-secret-0123456789-0123456789"\n'
-        'api_keys = ["file-key"]\nhttp = "tcp://127.0.0.1:9"\n'
+        'api_keys = ["file-key-0123456789"]\nhttp = "tcp://127.0.0.1:9"\n'
         "[limits]\nwindow = 8\nsend_rate = 5.0\nmax_payload = 100\n[server]\nidle_timeout = 30.0\n"
     )
     env = {"PIMCORE_CONFIG": str(cfg), "PIMCORE_LIMITS_WINDOW": "16", "PIMCORE_SERVER_IDLE_TIMEOUT": "20",

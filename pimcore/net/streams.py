@@ -72,8 +72,9 @@ def parse_url(url: str, *, default_port: Optional[int] = None) -> Endpoint:
         raise ValueError(f"{url!r}: no host")
     try:
         port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"{url!r}: {exc}") from None
+    except ValueError:  # (Python's "Port out of range 0-65535", "Port could not be cast to integer value as 'x'")
+        given = parts.netloc.rpartition("]")[2].rpartition(":")[2]
+        raise ValueError(f"{url!r}: the port must be a number 0-65535, not {given!r}") from None
     if port is None:
         port = default_port if default_port is not None else _DEFAULT_PORTS[scheme]
     return Endpoint(scheme, parts.hostname, port, parts.path or "/")

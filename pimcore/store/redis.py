@@ -678,7 +678,8 @@ class RedisStore(AsyncStore):
                 why = await self._not_a_cluster()
                 if why:
                     raise StoreError(why) from box[0]
-            raise StoreError(f"cannot reach Redis at {addr or self.nodes}: {box[0]!r}") from box[0]
+            where = ", ".join(f"{h}:{p}" for h, p in ([addr] if addr else self.nodes))
+            raise StoreError(f"cannot reach Redis at {where}: {box[0] or type(box[0]).__name__}") from box[0]
         return box[0]
 
     async def _not_a_cluster(self) -> str:
