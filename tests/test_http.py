@@ -305,8 +305,8 @@ async def test_bytes_no_request_begins_with_are_a_400_at_once_naming_the_port() 
             stream = await trio.open_tcp_stream(*host_port(h.url))  # a request still is one
             await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             assert (await read_until_eof(stream)).startswith(b"HTTP/1.1 200 OK\r\n")
-            for upgrade, message in ((b"Upgrade: websocket\r\nConnection: Upgrade\r\n", f"no endpoint /im ({named})"),
-                                     (b"", "no endpoint /im")):
+            for upgrade, message in ((b"Upgrade: websocket\r\nConnection: Upgrade\r\n", f"no endpoint '/im' ({named})"),
+                                     (b"", "no endpoint '/im'")):
                 stream = await trio.open_tcp_stream(*host_port(h.url))
                 await stream.send_all(b"GET /im HTTP/1.1\r\nHost: t\r\n%sConnection: close\r\n\r\n" % upgrade)
                 reply = await read_until_eof(stream)

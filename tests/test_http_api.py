@@ -782,3 +782,42 @@ async def test_retention_of_an_unknown_group_is_404_to_set_and_its_floor_to_read
             assert (await call(c, "DELETE", "/v1/conversations/team"))[0] == 200
             assert await call(c, "GET", "/v1/conversations/team/retention") == (
                 200, {"conv": "team", "max_age": None, "max_count": None, "floor": 3})
+
+
+async def test_a_refusal_cuts_the_input_it_echoes(tmp_path: Path) -> None:
+    """A 10,000-character id (in a path, a query or a body) was echoed
+    whole in the 400's message (10 KB of it); every refusal now shows it
+    cut by ids._show: a prefix and its length."""
+    long = "u" * 10_000
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            for method, path, body in (
+                ("GET", f"/v1/users/{long}/devices", None),
+                ("GET", f"/v1/users/{long}/unread", None),
+                ("GET", f"/v1/users/{long}/presence", None),
+                ("GET", f"/v1/users/{long}/read-positions", None),
+                ("GET", f"/v1/users/{long}/conversations", None),
+                ("GET", f"/v1/users/{long}/conversation-list", None),
+                ("POST", f"/v1/users/{long}/kick", None),
+                ("POST", f"/v1/users/{long}/revoke", None),
+                ("DELETE", f"/v1/users/{long}", None),
+                ("DELETE", f"/v1/groups/team/members/{long}", None),
+                ("POST", f"/v1/users/{long}/conversations/team/settings", {"muted": True}),
+                ("GET", f"/v1/conversations/team/history?user={long}", None),
+                ("GET", f"/v1/conversations/{long}/history?user=alice", None),
+                ("POST", f"/v1/conversations/{long}/messages", {"payload": "x"}),
+                ("GET", f"/v1/conversations/{long}/retention", None),
+                ("GET", f"/v1/users/alice/unread?conv={long}", None),
+                ("GET", f"/v1/events?consumer={long}", None),
+                ("GET", f"/v1/events/stream?consumer={long}", None),
+                ("POST", "/v1/events/ack", {"consumer": long, "upto": 0}),
+                ("POST", "/v1/tokens", {"user": long}),
+                ("POST", "/v1/groups", {"conv": "g", "members": [long]}),
+                ("GET", f"/{long}", None),  # 404
+                ("GET", f"/v1/users/%ZZ{long}/devices", None),  # the router's own refusal
+            ):
+                status, doc = await call(c, method, path, body)
+                assert status in (400, 404), (path[:60], status, doc)
+                message = doc["error"]["message"]
+                assert len(message) < 400 and "...(" in message, (method, path[:60], message[:300])

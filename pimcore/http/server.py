@@ -40,6 +40,7 @@ import h11
 import trio
 
 from .._util import TooManyDigits, read_json
+from ..ids import _show
 
 __all__ = [
     "HttpConfig",
@@ -156,11 +157,11 @@ def _path_param(raw: str) -> str:
     are not UTF-8: taken literally they named some other id (``%ZZ``) and
     got a 404 for it (a new-user pass)."""
     if _BAD_ESCAPE.search(raw):
-        raise HttpError(400, "bad_request", f"path segment {raw[:80]!r}: '%' must be followed by two hex digits")
+        raise HttpError(400, "bad_request", f"path segment {_show(raw)}: '%' must be followed by two hex digits")
     try:
         return unquote(raw, errors="strict")
     except UnicodeDecodeError:
-        raise HttpError(400, "bad_request", f"path segment {raw[:80]!r}: the percent-escapes are not UTF-8") from None
+        raise HttpError(400, "bad_request", f"path segment {_show(raw)}: the percent-escapes are not UTF-8") from None
 
 
 class Router:
@@ -195,9 +196,9 @@ class Router:
                 return r.handler, {k: _path_param(v) for k, v in m.groupdict().items()}, r.auth
             allowed.append(r.method)
         if allowed:
-            raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {path}",
+            raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {_show(path)}",
                             [("allow", ", ".join(sorted(set(allowed))))])
-        raise HttpError(404, "not_found", f"no endpoint {path}")
+        raise HttpError(404, "not_found", f"no endpoint {_show(path)}")
 
 
 def check_api_key(headers: dict[str, str], keys: tuple[bytes, ...]) -> None:
