@@ -821,3 +821,46 @@ async def test_a_refusal_cuts_the_input_it_echoes(tmp_path: Path) -> None:
                 assert status in (400, 404), (path[:60], status, doc)
                 message = doc["error"]["message"]
                 assert len(message) < 400 and "...(" in message, (method, path[:60], message[:300])
+
+
+async def test_a_key_or_query_parameter_given_twice_is_refused_naming_it(tmp_path: Path) -> None:
+    """{"user": "a", "user": "b"} and ?limit=1&limit=2 were taken silently,
+    the last one winning: now 400 bad_request naming the key or parameter,
+    on every endpoint, nested objects included, and nothing is done."""
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            for method, path, raw, key in (
+                ("POST", "/v1/groups", b'{"conv": "g", "conv": "h", "members": ["alice"]}', "conv"),
+                ("POST", "/v1/tokens", b'{"user": "alice", "user": "bob"}', "user"),
+                ("POST", "/v1/conversations/team/messages", b'{"payload": "x", "payload": "y"}', "payload"),
+                ("POST", "/v1/messages", b'{"messages": [{"conv": "team", "payload": "x", "sender": "a", "sender": "b"}]}',
+                 "sender"),
+                ("POST", "/v1/events/ack", b'{"upto": 0, "upto": 1}', "upto"),
+                ("POST", "/v1/users/alice/kick", b'{"reason": "a", "reason": "b"}', "reason"),
+                ("PUT", "/v1/conversations/team/retention", b'{"max_count": 1, "max_count": 2}', "max_count"),
+            ):
+                status, doc = await call(c, method, path, raw=raw)
+                assert_error(status, doc, 400, "bad_request")
+                assert f"the key '{key}' twice" in doc["error"]["message"], (path, doc)
+            for path, name in (
+                ("/v1/users/alice/conversation-list?limit=1&limit=2", "limit"),
+                ("/v1/conversations/team/history?user=alice&user=bob", "user"),
+                ("/v1/events?consumer=a&consumer=b", "consumer"),
+                ("/v1/events/stream?after=1&after=1", "after"),
+                ("/v1/users/alice/unread?conv=team&conv=", "conv"),
+                ("/v1/info?x=1&x=2", "x"),
+            ):
+                c.close()  # (a refused request target ends its connection)
+                c = Http(h.url)
+                status, doc = await call(c, "GET", path)
+                assert_error(status, doc, 400, "bad_request")
+                assert f"query parameter '{name}' is given 2 times" in doc["error"]["message"], (path, doc)
+            assert await im.history("team", "alice") == []
+            from pimcore.embed import RequestRefused
+
+            with pytest.raises(RequestRefused):
+                await im.members("h")  # the group was not created as "h" (nor as "g")
+            with pytest.raises(RequestRefused):
+                await im.members("g")
+            c.close()

@@ -31,15 +31,16 @@ import json
 import logging
 import re
 import ssl
+from collections import Counter
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Optional
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
 import h11
 import trio
 
-from .._util import TooManyDigits, read_json
+from .._util import DuplicateKey, TooManyDigits, read_json
 from ..ids import _show
 
 __all__ = [
@@ -113,7 +114,9 @@ class StreamBody:
 class Request:
     """One request as a handler sees it.  ``headers``: lower-case names
     (repeated headers joined with ", "); ``params``: the path pattern's
-    ``{name}`` segments, percent-decoded; ``query``: parsed query string."""
+    ``{name}`` segments, percent-decoded; ``query``: parsed query string
+    (each name once: a parameter given twice is refused before a handler
+    runs; a blank one is absent)."""
 
     method: str
     path: str
@@ -125,9 +128,12 @@ class Request:
     def json(self) -> Any:
         """The body as JSON; HttpError 400 ``bad_request`` if it is not (or
         is nested deeper than the decoder goes, about 1000 levels, or holds
-        a number of more digits than Python reads, 4,300)."""
+        a number of more digits than Python reads, 4,300, or an object that
+        gives a key twice)."""
         try:
             return read_json(self.body or b"null")
+        except DuplicateKey as exc:
+            raise HttpError(400, "bad_request", f"the body holds {exc}") from None
         except TooManyDigits as exc:  # (Python's own words were advice to raise the limit)
             raise HttpError(400, "bad_request", f"the body is not JSON that can be read: it holds {exc}") from None
         except (ValueError, UnicodeDecodeError) as exc:
@@ -162,6 +168,18 @@ def _path_param(raw: str) -> str:
         return unquote(raw, errors="strict")
     except UnicodeDecodeError:
         raise HttpError(400, "bad_request", f"path segment {_show(raw)}: the percent-escapes are not UTF-8") from None
+
+
+def _parse_query(text: str) -> dict[str, list[str]]:
+    """A request's query string as ``parse_qs`` reads it (a blank value,
+    ``?limit=``, is absent); HttpError 400 for a parameter given twice
+    (``?limit=1&limit=2``, blank or not): which one was meant is not ours
+    to guess (parse_qs keeps both and a reader took the last)."""
+    counts = Counter(name for name, _ in parse_qsl(text, keep_blank_values=True))
+    for name, n in counts.items():
+        if n > 1:
+            raise HttpError(400, "bad_request", f"query parameter {_show(name)} is given {n} times: give it once")
+    return parse_qs(text)
 
 
 class Router:
@@ -560,7 +578,7 @@ class HttpServer:
         return Request(
             method=event.method.decode("ascii").upper(),
             path=parts.path,
-            query=parse_qs(parts.query),
+            query=_parse_query(parts.query),
             headers=headers,
             body=bytes(body),
         )
