@@ -757,7 +757,7 @@ async def test_numbers_in_paths_and_queries_are_ascii_digits_only(tmp_path: Path
                 assert name in doc["error"]["message"], (query, doc)
             status, doc = await call(c, "GET", "/v1/conversations/team/history?user=alice&limit=-1")
             assert_error(status, doc, 400, "bad_request")
-            assert "1..1000" in doc["error"]["message"], doc
+            assert "from 1 to 1000" in doc["error"]["message"], doc
             status, doc = await call(c, "GET", "/v1/users/alice/conversation-list?include_hidden=maybe")
             assert_error(status, doc, 400, "bad_request")
             assert "include_hidden" in doc["error"]["message"], doc
@@ -864,3 +864,41 @@ async def test_a_key_or_query_parameter_given_twice_is_refused_naming_it(tmp_pat
             with pytest.raises(RequestRefused):
                 await im.members("g")
             c.close()
+
+
+async def test_every_query_parameter_refusal_is_worded_the_same_way(tmp_path: Path) -> None:
+    """Refusals of query parameters were worded four ways ("must be
+    1..1000", "query parameters: 'limit' 1..10000, 'wait' 0..60 seconds,
+    'after' >= 0" for any of three, "must be a number of seconds"...) and
+    never said what was given.  Now one form: the parameter, its rule, and
+    the value given (cut when long)."""
+    top = "2^63-1"
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            for path, name, rule, given in (
+                ("/v1/users/alice/conversation-list?limit=x", "limit", "an integer from 1 to 1000", "'x'"),
+                ("/v1/users/alice/conversation-list?limit=0", "limit", "an integer from 1 to 1000", "'0'"),
+                ("/v1/users/alice/conversation-list?include_hidden=maybe", "include_hidden", "true or false", "'maybe'"),
+                ("/v1/users/alice/conversation-list?cursor=zz", "cursor", "a cursor this API gave (a page's \"cursor\")", "'zz'"),
+                ("/v1/conversations/team/history?user=alice&from_seq=-1", "from_seq", f"an integer from 0 to {top}", "'-1'"),
+                ("/v1/conversations/team/history?user=alice&limit=1001", "limit", "an integer from 1 to 1000", "'1001'"),
+                ("/v1/conversations/team/history?user=alice&backward=2", "backward", "true or false", "'2'"),
+                ("/v1/events?limit=0", "limit", "an integer from 1 to 10000", "'0'"),
+                ("/v1/events?after=x", "after", f"an integer from 0 to {top}", "'x'"),
+                ("/v1/events?after=99999999999999999999999", "after", f"an integer from 0 to {top}", "'99999999999999999999999'"),
+                ("/v1/events?wait=61", "wait", "a number of seconds from 0 to 60", "'61'"),
+                ("/v1/events?wait=soon", "wait", "a number of seconds from 0 to 60", "'soon'"),
+                ("/v1/events/stream?limit=501", "limit", "an integer from 1 to 500", "'501'"),
+                ("/v1/events/stream?keepalive=0.01", "keepalive", "a number of seconds from 0.05 to 300", "'0.01'"),
+                ("/v1/users/alice/conversation-list?limit=" + "9" * 10_000, "limit", "an integer from 1 to 1000",
+                 "'" + "9" * 70 + "'...(10000 chars)"),
+            ):
+                status, doc = await call(c, "GET", path)
+                assert status == 400, (path[:80], doc)
+                assert doc["error"]["message"] == f"query parameter '{name}' must be {rule}, not {given}", (path[:80], doc)
+            # The header a reconnecting EventSource sends, and a seq in a path, in the same form.
+            status, doc = await call(c, "GET", "/v1/events/stream", headers={"Last-Event-ID": "x"})
+            assert (status, doc["error"]["message"]) == (400, f"header 'Last-Event-ID' must be an integer from 0 to {top}, not 'x'")
+            status, doc = await call(c, "POST", "/v1/conversations/team/messages/0/recall")
+            assert (status, doc["error"]["message"]) == (400, f"the seq in the path must be an integer from 1 to {top}, not '0'")
