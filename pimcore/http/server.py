@@ -16,8 +16,9 @@ Shape:
   stable ``code`` (:data:`ERROR_CODES`); a handler raises :class:`HttpError`.
 * Limits, so a slow or hostile client cannot hold the server:
   ``max_header_bytes`` (431), ``max_body_bytes`` (413, refused from
-  Content-Length before reading the body), ``request_timeout`` seconds to
-  receive a whole request once its first byte came (408, then hang up),
+  Content-Length before reading the body, or from a chunk's size line
+  before its data), ``request_timeout`` seconds to receive a whole
+  request once its first byte came (408, then hang up),
   ``keepalive_timeout`` seconds of silence between requests (hang up), and
   ``request_timeout`` again to write a response (for a :class:`StreamBody`,
   server-sent events, to write each chunk).  ``max_connections``
@@ -155,6 +156,11 @@ class _Route:
 
 
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+#: The start of a chunk's size line (RFC 9112 7.1; h11 reads at most 20
+#: hex digits), after the CRLF that ends the chunk before it, if still buffered.
+_CHUNK_SIZE = re.compile(rb"(?:\r\n|\n)?([0-9A-Fa-f]{1,20})")
 
 
 def _path_param(raw: str) -> str:
@@ -559,13 +565,35 @@ class HttpServer:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
             raise HttpError(413, "payload_too_large", f"the body is over {self.config.max_body_bytes} bytes")
+        limit = self.config.max_body_bytes
+        too_large = HttpError(413, "payload_too_large", f"the body is over {limit} bytes")
         body = bytearray()
+        # A chunked body: each chunk's size line is read here before h11
+        # reads it (h11 does not say a chunk's size), so a chunk declared
+        # past the limit is refused at once, not read (or waited for until
+        # request_timeout, 408).  at_size: the bytes h11 reads next are
+        # (the CRLF that ends the last chunk, then) a chunk's size line.
+        at_size = headers.get("transfer-encoding", "").strip().lower() == "chunked"
         while True:
-            ev = await self._receive(stream, conn)
-            if isinstance(ev, h11.Data):
+            size_line_whole = False
+            if at_size:
+                buffered = conn.trailing_data[0]
+                m = _CHUNK_SIZE.match(buffered)
+                if m is not None:
+                    # The hex digits so far are at most the chunk's size.
+                    if len(body) + int(m[1], 16) > limit:
+                        raise too_large
+                    size_line_whole = buffered.find(b"\r\n", m.end()) != -1
+            ev = conn.next_event()
+            if ev is h11.NEED_DATA:
+                if size_line_whole:
+                    at_size = False  # h11 took the size line; the chunk's data is next
+                conn.receive_data(bytes(await stream.receive_some(64 * 1024)))
+            elif isinstance(ev, h11.Data):
                 body += ev.data
-                if len(body) > self.config.max_body_bytes:
-                    raise HttpError(413, "payload_too_large", f"the body is over {self.config.max_body_bytes} bytes")
+                if len(body) > limit:
+                    raise too_large
+                at_size = ev.chunk_end
             elif isinstance(ev, h11.EndOfMessage):
                 break
             else:  # ConnectionClosed mid-body
