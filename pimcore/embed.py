@@ -1084,6 +1084,7 @@ class Pimcore:
         Raises EventsDisabled when the broker records none (it would wait
         forever), RequestRefused (BAD_REQUEST) for an invalid consumer."""
         self._need_events()
+        _check_consumer(consumer, "events")
         while True:
             committed = self.server.committed  # before the read: no wake-up is missed
             page = await self._read_one(ReadEvents(consumer, after, max(1, limit)))
@@ -1101,6 +1102,7 @@ class Pimcore:
         """(``consumer``'s durable cursor, the last event id): the events
         still to handle are ``last - cursor`` at most.  Raises RequestRefused
         (BAD_REQUEST) for an invalid consumer name."""
+        _check_consumer(consumer, "events")
         page = await self._read_one(ReadEvents(consumer, None, 0))
         if isinstance(page, Rejected):
             raise RequestRefused(page.code, f"events of {_show(consumer)}: {page.code.name}")
@@ -1113,6 +1115,7 @@ class Pimcore:
         EventsDisabled when the broker records none, RequestRefused
         (BAD_REQUEST), StoreError."""
         self._need_events()
+        _check_consumer(consumer, "ack_events")
         result = await self.server.host_call(self.server.broker.ack_events, consumer, upto)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
@@ -1127,6 +1130,15 @@ class Pimcore:
         """Serve one client over an already open byte stream (an in-process
         pipe, a socket accepted by the host): returns when it ends."""
         await self.server.serve_stream(stream)
+
+
+def _check_consumer(consumer: str, call: str) -> None:
+    """RequestRefused (BAD_REQUEST) saying why, in ``call``'s words, unless
+    ``consumer`` is a valid consumer name (the id rule: the store said only
+    BAD_REQUEST, which left a caller to guess the rule)."""
+    problem = id_problem(consumer, "consumer")
+    if problem is not None:
+        raise RequestRefused(ErrorCode.BAD_REQUEST, f"{call}: {problem}")
 
 
 def _post_problem(conv: str, sender: str, device: str, key: Union[str, bytes, None]) -> Optional[str]:

@@ -902,3 +902,38 @@ async def test_every_query_parameter_refusal_is_worded_the_same_way(tmp_path: Pa
             assert (status, doc["error"]["message"]) == (400, f"header 'Last-Event-ID' must be an integer from 0 to {top}, not 'x'")
             status, doc = await call(c, "POST", "/v1/conversations/team/messages/0/recall")
             assert (status, doc["error"]["message"]) == (400, f"the seq in the path must be an integer from 1 to {top}, not '0'")
+
+
+async def test_an_ack_past_the_last_event_is_409_and_a_bad_consumer_name_says_the_rule(tmp_path: Path) -> None:
+    """POST /v1/events/ack {"upto": 10**9} was taken (clamped to the last
+    id, 200): a client acking an id no event has is confused, now 409
+    past_last_event naming the last id, and the cursor does not move.  An
+    invalid consumer name said only "a malformed request": now which
+    character or length, and the rule, on every event endpoint."""
+    rule = "consumer ids are 1-64 ASCII characters from A-Z a-z 0-9 _ . @ -"
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            status, doc = await call(c, "POST", "/v1/events/ack", {"consumer": "push", "upto": 1})
+            assert_error(status, doc, 409, "past_last_event")
+            assert doc["error"]["message"] == "upto 1 is past the last event id, 0 (no event yet): nothing acked", doc
+            await im.create_group("team", ["alice"])
+            await im.post("team", b"x")
+            last = (await im.event_cursor("push"))[1]
+            assert last > 0
+            for upto in (last + 1, 10**9):
+                status, doc = await call(c, "POST", "/v1/events/ack", {"consumer": "push", "upto": upto})
+                assert_error(status, doc, 409, "past_last_event")
+                assert doc["error"]["message"] == f"upto {upto} is past the last event id, {last}: nothing acked", doc
+            assert await im.event_cursor("push") == (0, last)  # not moved
+            assert await call(c, "POST", "/v1/events/ack", {"consumer": "push", "upto": last}) == (
+                200, {"consumer": "push", "cursor": last})
+            for method, path, body, why in (
+                ("GET", "/v1/events?consumer=bad%0Aname", None, "has the character '\\n'"),
+                ("GET", "/v1/events/stream?consumer=a%20b", None, "has the character ' '"),
+                ("POST", "/v1/events/ack", {"consumer": "x" * 65, "upto": 0}, "is 65 characters long"),
+                ("POST", "/v1/events/ack", {"consumer": "", "upto": 0}, "empty consumer id"),
+                ("GET", "/v1/events?consumer=caf%C3%A9", None, "has the non-ASCII character 'é'"),
+            ):
+                status, doc = await call(c, method, path, body)
+                assert_error(status, doc, 400, "BAD_REQUEST")
+                assert why in doc["error"]["message"] and f"({rule})" in doc["error"]["message"], (path, doc)

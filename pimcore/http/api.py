@@ -579,6 +579,14 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         body = _object(request)
         consumer = _field(body, "consumer", str, "default")
         upto = _field(body, "upto", int)
+        # The handle clamps an ack past the last event to it; a client
+        # that acks an id no event has is confused (another broker's id, a
+        # store that was replaced): said, and nothing acked.  (Races are
+        # none: an id a client saw was the last one or below when read.)
+        _, last = await handle.event_cursor(consumer)
+        if upto > last:
+            raise HttpError(409, "past_last_event", f"upto {upto} is past the last event id, {last}"
+                                                    f"{' (no event yet)' if last == 0 else ''}: nothing acked")
         return 200, {"consumer": consumer, "cursor": await handle.ack_events(upto, consumer)}
 
     async def get_retention(request: Request) -> tuple[int, Any]:
