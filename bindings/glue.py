@@ -55,7 +55,7 @@ def _pim_glue_main(ffi, lib):
         pim_log.addHandler(to_stderr)
         pim_log.setLevel(logging.DEBUG if debug == "1" else getattr(logging, debug.upper(), logging.DEBUG))
 
-    from pimcore._util import TooManyDigits, read_json
+    from pimcore._util import DuplicateKey, TooManyDigits, read_json
     from pimcore.config import ConfigError
     from pimcore.errors import ErrorCode, PimError, StoreError
     from pimcore.embed import RequestRefused
@@ -140,7 +140,7 @@ def _pim_glue_main(ffi, lib):
         source = text(config_json, "config_json")  # not UTF-8: PIM_ERR_INVALID, as for every string
         try:
             doc = read_json(source)
-        except TooManyDigits as exc:  # (Python's own words: advice to raise its limit)
+        except (TooManyDigits, DuplicateKey) as exc:  # (Python's own words: advice to raise its limit)
             raise ConfigError("config_json holds %s" % exc) from None
         except ValueError as exc:
             raise ConfigError("config_json is not JSON: %s" % exc) from None

@@ -14,7 +14,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # a trio dependency there
 
-__all__ = ["unwrap_single", "first_leaf", "BaseExceptionGroup", "TooManyDigits", "read_json"]
+__all__ = ["unwrap_single", "first_leaf", "BaseExceptionGroup", "TooManyDigits", "DuplicateKey", "read_json"]
 
 
 class TooManyDigits(ValueError):
@@ -36,11 +36,35 @@ def _json_int(text: str) -> int:
         raise TooManyDigits(len(text.lstrip("-"))) from None
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that gives one ``key`` twice (``{"user": "a", "user":
+    "b"}``).  ``json.loads`` keeps the last silently; text from outside
+    meant one of them, and which is not ours to guess."""
+
+    def __init__(self, key: str) -> None:
+        from .ids import _show
+
+        self.key = key
+        super().__init__(f"the key {_show(key)} twice in one object (give each key once)")
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
 def read_json(text: Union[str, bytes]) -> Any:
     """``json.loads(text)`` for text from outside (an HTTP body, a C
     caller's config): as it, but :class:`TooManyDigits` (a ValueError) for
-    a number of more digits than Python reads."""
-    return json.loads(text, parse_int=_json_int)
+    a number of more digits than Python reads, and :class:`DuplicateKey`
+    (a ValueError) for an object that gives a key twice."""
+    return json.loads(text, parse_int=_json_int, object_pairs_hook=_json_object)
 
 
 @contextmanager

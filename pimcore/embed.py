@@ -725,7 +725,7 @@ class Pimcore:
             if isinstance(d, PimError):
                 results[i] = d
             elif isinstance(d, Exception):  # a fault in the core, logged by host_calls: this post alone
-                results[i] = RequestRefused(ErrorCode.INTERNAL, f"post to {calls[i][1][0]!r} failed in the broker: {d}")
+                results[i] = RequestRefused(ErrorCode.INTERNAL, f"post to {_show(calls[i][1][0])} failed in the broker: {d}")
             else:
                 results[i] = _posted(calls[i][1][0], d, kw["sender"], kw["device"], kw["key"], size=self._size(calls[i][1][1]))
         return results  # type: ignore[return-value]
@@ -770,7 +770,7 @@ class Pimcore:
         if when > now + REVOKE_AHEAD:
             raise RequestRefused(
                 ErrorCode.BAD_REQUEST,
-                f"revoke {user!r}: before={when} is more than {REVOKE_AHEAD // 1_000_000} s after now ({now}); "
+                f"revoke {_show(user)}: before={when} is more than {REVOKE_AHEAD // 1_000_000} s after now ({now}); "
                 "it is µs since the epoch (not ns), and a revocation cannot be undone",
             )
         _log.info("revoke user=%s device=%s before=%d", user, device or "*", when,
@@ -783,7 +783,7 @@ class Pimcore:
             if not why and result.code is ErrorCode.BAD_REQUEST and device is not None:
                 problem = id_problem(device, "device")
                 why = f": {problem}" if problem is not None else ""
-            raise RequestRefused(result.code, f"revoke {user!r}: {result.code.name}" + why)
+            raise RequestRefused(result.code, f"revoke {_show(user)}: {result.code.name}" + why)
         return int(result.before)
 
     # ------------------------------------------------------------ retention and purge
@@ -855,7 +855,7 @@ class Pimcore:
         if problem is not None:
             raise RequestRefused(ErrorCode.BAD_REQUEST, f"purge: {problem}")
         _log.info("purge user=%s", user, extra={"event": "purge", "user": user})
-        return self._purged(await self.server.host_call(self.server.broker.purge_user, user), f"user {user!r}")
+        return self._purged(await self.server.host_call(self.server.broker.purge_user, user), f"user {_show(user)}")
 
     @staticmethod
     def _purged(result: Any, what: str) -> Purged:
@@ -905,7 +905,7 @@ class Pimcore:
         RequestRefused (BAD_REQUEST) for an invalid user id, StoreError."""
         page = await self._read_one(ReadPresence(user, (user,)))
         if isinstance(page, Rejected):
-            raise RequestRefused(page.code, f"invalid user id {user!r}")
+            raise RequestRefused(page.code, id_problem(user) or f"invalid user id {_show(user)}")
         assert isinstance(page, PresencePage)
         online, seen = self.server.broker.presence(user)
         online = online or bool(page.entries[0].elsewhere)
@@ -924,7 +924,7 @@ class Pimcore:
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
                 raise StoreError("presence setting not stored: the store failed")
-            raise RequestRefused(result.code, f"presence privacy of {user!r}: {result.code.name}")
+            raise RequestRefused(result.code, f"presence privacy of {_show(user)}: {result.code.name}")
         assert isinstance(result, PresencePrivacySet)
         return result.hide_last_seen
 
@@ -932,7 +932,7 @@ class Pimcore:
         """Every conversation of ``user`` with its read state, sorted by id."""
         loaded = await self._read_one(LoadSession(user, _READER_DEVICE, login=False))
         if isinstance(loaded, Rejected):
-            raise RequestRefused(loaded.code, f"invalid user id {user!r}")
+            raise RequestRefused(loaded.code, id_problem(user) or f"invalid user id {_show(user)}")
         assert isinstance(loaded, SessionLoaded)
         return [_conversation(c) for c in loaded.conversations]
 
@@ -955,7 +955,7 @@ class Pimcore:
         page = await self._read_one(ReadConversations(user, bytes(cursor), limit, bool(include_hidden)))
         assert isinstance(page, (ConversationsPage, Rejected))
         if page.code != ErrorCode.OK:
-            raise RequestRefused(page.code, f"conversation list of {user!r}: {page.code.name}"
+            raise RequestRefused(page.code, f"conversation list of {_show(user)}: {page.code.name}"
                                  + _why(page.code, users=(user,)))
         entries = list(page.entries)  # type: ignore[union-attr]
         cursor_out = conversation_cursor(entries[-1]) if entries else bytes(cursor)
@@ -981,8 +981,8 @@ class Pimcore:
         )
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
-                raise StoreError(f"settings of {_show(conv)} for {user!r} not changed: the store failed")
-            raise RequestRefused(result.code, f"settings of {_show(conv)} for {user!r}: {result.code.name}")
+                raise StoreError(f"settings of {_show(conv)} for {_show(user)} not changed: the store failed")
+            raise RequestRefused(result.code, f"settings of {_show(conv)} for {_show(user)}: {result.code.name}")
         assert isinstance(result, ConversationSet)
         return result.entry
 
@@ -1011,7 +1011,7 @@ class Pimcore:
         (BAD_REQUEST) for an invalid user id, StoreError."""
         loaded, devs = await self._read(LoadSession(user, _READER_DEVICE, login=False), ReadDevices(user))
         if isinstance(loaded, Rejected) or isinstance(devs, Rejected):
-            raise RequestRefused(ErrorCode.BAD_REQUEST, f"invalid user id {user!r}")
+            raise RequestRefused(ErrorCode.BAD_REQUEST, id_problem(user) or f"invalid user id {_show(user)}")
         assert isinstance(loaded, SessionLoaded) and isinstance(devs, DevicesPage)
         online = set(self.online_devices(user))
         return ReadPositions(
@@ -1033,7 +1033,7 @@ class Pimcore:
         page = await self._read_one(ReadHistory(conv, user, from_seq, limit, bool(backward)))
         assert isinstance(page, HistoryPage)
         if page.code != ErrorCode.OK:
-            raise RequestRefused(page.code, f"history of {_show(conv)} for {user!r}: {page.code.name}"
+            raise RequestRefused(page.code, f"history of {_show(conv)} for {_show(user)}: {page.code.name}"
                                  + _why(page.code, users=(user,), conv=conv))
         return list(page.messages)
 
@@ -1084,11 +1084,12 @@ class Pimcore:
         Raises EventsDisabled when the broker records none (it would wait
         forever), RequestRefused (BAD_REQUEST) for an invalid consumer."""
         self._need_events()
+        _check_consumer(consumer, "events")
         while True:
             committed = self.server.committed  # before the read: no wake-up is missed
             page = await self._read_one(ReadEvents(consumer, after, max(1, limit)))
             if isinstance(page, Rejected):
-                raise RequestRefused(page.code, f"events of {consumer!r}: {page.code.name}")
+                raise RequestRefused(page.code, f"events of {_show(consumer)}: {page.code.name}")
             assert isinstance(page, EventsPage)
             if after is None:
                 after = page.cursor
@@ -1101,9 +1102,10 @@ class Pimcore:
         """(``consumer``'s durable cursor, the last event id): the events
         still to handle are ``last - cursor`` at most.  Raises RequestRefused
         (BAD_REQUEST) for an invalid consumer name."""
+        _check_consumer(consumer, "events")
         page = await self._read_one(ReadEvents(consumer, None, 0))
         if isinstance(page, Rejected):
-            raise RequestRefused(page.code, f"events of {consumer!r}: {page.code.name}")
+            raise RequestRefused(page.code, f"events of {_show(consumer)}: {page.code.name}")
         return page.cursor, page.last_id
 
     async def ack_events(self, upto: int, consumer: str = "default") -> int:
@@ -1113,11 +1115,12 @@ class Pimcore:
         EventsDisabled when the broker records none, RequestRefused
         (BAD_REQUEST), StoreError."""
         self._need_events()
+        _check_consumer(consumer, "ack_events")
         result = await self.server.host_call(self.server.broker.ack_events, consumer, upto)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
                 raise StoreError("event ack not stored: the store failed")
-            raise RequestRefused(result.code, f"ack_events {consumer!r}: {result.code.name}")
+            raise RequestRefused(result.code, f"ack_events {_show(consumer)}: {result.code.name}")
         assert isinstance(result, EventsAcked)
         return result.cursor
 
@@ -1129,12 +1132,21 @@ class Pimcore:
         await self.server.serve_stream(stream)
 
 
+def _check_consumer(consumer: str, call: str) -> None:
+    """RequestRefused (BAD_REQUEST) saying why, in ``call``'s words, unless
+    ``consumer`` is a valid consumer name (the id rule: the store said only
+    BAD_REQUEST, which left a caller to guess the rule)."""
+    problem = id_problem(consumer, "consumer")
+    if problem is not None:
+        raise RequestRefused(ErrorCode.BAD_REQUEST, f"{call}: {problem}")
+
+
 def _post_problem(conv: str, sender: str, device: str, key: Union[str, bytes, None]) -> Optional[str]:
     """Why the broker refused a post with BAD_REQUEST, in words (it says
     only the code): asked after the refusal, so a post pays nothing."""
     if sender == SYSTEM:
         if device != SYSTEM:
-            return f"sender {sender!r} is the system, which posts without a device (device {device!r} must be {SYSTEM!r} too)"
+            return f"sender {sender!r} is the system, which posts without a device (device {_show(device)} must be {SYSTEM!r} too)"
     else:
         for value, what in ((sender, "sender"), (device, "device")):
             problem = id_problem(value, "device" if what == "device" else "user")

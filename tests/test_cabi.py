@@ -308,6 +308,11 @@ def test_in_process_through_ctypes(libdir: Path, tmp_path: Path) -> None:
     # advice to call sys.set_int_max_str_digits().
     assert lib.pim_broker_start_(b'{"limits": {"window": %s}}' % (b"9" * 5001), ctypes.byref(b), 100) == 2
     assert lib.pim_last_error() == b"config_json holds a number of 5,001 digits (at most 4,300 are read)", lib.pim_last_error()
+    # A key given twice: json kept the last silently (read_json refuses it, as for an HTTP body).
+    twice = b'{"data_dir": "%s", "data_dir": "%s"}' % (str(tmp_path / "a").encode(), str(tmp_path / "b").encode())
+    assert lib.pim_broker_start_(twice, ctypes.byref(b), 100) == 2
+    assert lib.pim_last_error() == b"config_json holds the key 'data_dir' twice in one object (give each key once)", \
+        lib.pim_last_error()
     assert lib.pim_broker_start_(config, ctypes.byref(b), 100) == 0, lib.pim_last_error()
     members = (ctypes.c_char_p * 2)(b"alice", b"bob")
     assert lib.pim_group_create(b, b"team", members, 2) == 0

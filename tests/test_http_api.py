@@ -757,7 +757,7 @@ async def test_numbers_in_paths_and_queries_are_ascii_digits_only(tmp_path: Path
                 assert name in doc["error"]["message"], (query, doc)
             status, doc = await call(c, "GET", "/v1/conversations/team/history?user=alice&limit=-1")
             assert_error(status, doc, 400, "bad_request")
-            assert "1..1000" in doc["error"]["message"], doc
+            assert "from 1 to 1000" in doc["error"]["message"], doc
             status, doc = await call(c, "GET", "/v1/users/alice/conversation-list?include_hidden=maybe")
             assert_error(status, doc, 400, "bad_request")
             assert "include_hidden" in doc["error"]["message"], doc
@@ -782,3 +782,158 @@ async def test_retention_of_an_unknown_group_is_404_to_set_and_its_floor_to_read
             assert (await call(c, "DELETE", "/v1/conversations/team"))[0] == 200
             assert await call(c, "GET", "/v1/conversations/team/retention") == (
                 200, {"conv": "team", "max_age": None, "max_count": None, "floor": 3})
+
+
+async def test_a_refusal_cuts_the_input_it_echoes(tmp_path: Path) -> None:
+    """A 10,000-character id (in a path, a query or a body) was echoed
+    whole in the 400's message (10 KB of it); every refusal now shows it
+    cut by ids._show: a prefix and its length."""
+    long = "u" * 10_000
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            for method, path, body in (
+                ("GET", f"/v1/users/{long}/devices", None),
+                ("GET", f"/v1/users/{long}/unread", None),
+                ("GET", f"/v1/users/{long}/presence", None),
+                ("GET", f"/v1/users/{long}/read-positions", None),
+                ("GET", f"/v1/users/{long}/conversations", None),
+                ("GET", f"/v1/users/{long}/conversation-list", None),
+                ("POST", f"/v1/users/{long}/kick", None),
+                ("POST", f"/v1/users/{long}/revoke", None),
+                ("DELETE", f"/v1/users/{long}", None),
+                ("DELETE", f"/v1/groups/team/members/{long}", None),
+                ("POST", f"/v1/users/{long}/conversations/team/settings", {"muted": True}),
+                ("GET", f"/v1/conversations/team/history?user={long}", None),
+                ("GET", f"/v1/conversations/{long}/history?user=alice", None),
+                ("POST", f"/v1/conversations/{long}/messages", {"payload": "x"}),
+                ("GET", f"/v1/conversations/{long}/retention", None),
+                ("GET", f"/v1/users/alice/unread?conv={long}", None),
+                ("GET", f"/v1/events?consumer={long}", None),
+                ("GET", f"/v1/events/stream?consumer={long}", None),
+                ("POST", "/v1/events/ack", {"consumer": long, "upto": 0}),
+                ("POST", "/v1/tokens", {"user": long}),
+                ("POST", "/v1/groups", {"conv": "g", "members": [long]}),
+                ("GET", f"/{long}", None),  # 404
+                ("GET", f"/v1/users/%ZZ{long}/devices", None),  # the router's own refusal
+            ):
+                status, doc = await call(c, method, path, body)
+                assert status in (400, 404), (path[:60], status, doc)
+                message = doc["error"]["message"]
+                assert len(message) < 400 and "...(" in message, (method, path[:60], message[:300])
+
+
+async def test_a_key_or_query_parameter_given_twice_is_refused_naming_it(tmp_path: Path) -> None:
+    """{"user": "a", "user": "b"} and ?limit=1&limit=2 were taken silently,
+    the last one winning: now 400 bad_request naming the key or parameter,
+    on every endpoint, nested objects included, and nothing is done."""
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            for method, path, raw, key in (
+                ("POST", "/v1/groups", b'{"conv": "g", "conv": "h", "members": ["alice"]}', "conv"),
+                ("POST", "/v1/tokens", b'{"user": "alice", "user": "bob"}', "user"),
+                ("POST", "/v1/conversations/team/messages", b'{"payload": "x", "payload": "y"}', "payload"),
+                ("POST", "/v1/messages", b'{"messages": [{"conv": "team", "payload": "x", "sender": "a", "sender": "b"}]}',
+                 "sender"),
+                ("POST", "/v1/events/ack", b'{"upto": 0, "upto": 1}', "upto"),
+                ("POST", "/v1/users/alice/kick", b'{"reason": "a", "reason": "b"}', "reason"),
+                ("PUT", "/v1/conversations/team/retention", b'{"max_count": 1, "max_count": 2}', "max_count"),
+            ):
+                status, doc = await call(c, method, path, raw=raw)
+                assert_error(status, doc, 400, "bad_request")
+                assert f"the key '{key}' twice" in doc["error"]["message"], (path, doc)
+            for path, name in (
+                ("/v1/users/alice/conversation-list?limit=1&limit=2", "limit"),
+                ("/v1/conversations/team/history?user=alice&user=bob", "user"),
+                ("/v1/events?consumer=a&consumer=b", "consumer"),
+                ("/v1/events/stream?after=1&after=1", "after"),
+                ("/v1/users/alice/unread?conv=team&conv=", "conv"),
+                ("/v1/info?x=1&x=2", "x"),
+            ):
+                c.close()  # (a refused request target ends its connection)
+                c = Http(h.url)
+                status, doc = await call(c, "GET", path)
+                assert_error(status, doc, 400, "bad_request")
+                assert f"query parameter '{name}' is given 2 times" in doc["error"]["message"], (path, doc)
+            assert await im.history("team", "alice") == []
+            from pimcore.embed import RequestRefused
+
+            with pytest.raises(RequestRefused):
+                await im.members("h")  # the group was not created as "h" (nor as "g")
+            with pytest.raises(RequestRefused):
+                await im.members("g")
+            c.close()
+
+
+async def test_every_query_parameter_refusal_is_worded_the_same_way(tmp_path: Path) -> None:
+    """Refusals of query parameters were worded four ways ("must be
+    1..1000", "query parameters: 'limit' 1..10000, 'wait' 0..60 seconds,
+    'after' >= 0" for any of three, "must be a number of seconds"...) and
+    never said what was given.  Now one form: the parameter, its rule, and
+    the value given (cut when long)."""
+    top = "2^63-1"
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            for path, name, rule, given in (
+                ("/v1/users/alice/conversation-list?limit=x", "limit", "an integer from 1 to 1000", "'x'"),
+                ("/v1/users/alice/conversation-list?limit=0", "limit", "an integer from 1 to 1000", "'0'"),
+                ("/v1/users/alice/conversation-list?include_hidden=maybe", "include_hidden", "true or false", "'maybe'"),
+                ("/v1/users/alice/conversation-list?cursor=zz", "cursor", "a cursor this API gave (a page's \"cursor\")", "'zz'"),
+                ("/v1/conversations/team/history?user=alice&from_seq=-1", "from_seq", f"an integer from 0 to {top}", "'-1'"),
+                ("/v1/conversations/team/history?user=alice&limit=1001", "limit", "an integer from 1 to 1000", "'1001'"),
+                ("/v1/conversations/team/history?user=alice&backward=2", "backward", "true or false", "'2'"),
+                ("/v1/events?limit=0", "limit", "an integer from 1 to 10000", "'0'"),
+                ("/v1/events?after=x", "after", f"an integer from 0 to {top}", "'x'"),
+                ("/v1/events?after=99999999999999999999999", "after", f"an integer from 0 to {top}", "'99999999999999999999999'"),
+                ("/v1/events?wait=61", "wait", "a number of seconds from 0 to 60", "'61'"),
+                ("/v1/events?wait=soon", "wait", "a number of seconds from 0 to 60", "'soon'"),
+                ("/v1/events/stream?limit=501", "limit", "an integer from 1 to 500", "'501'"),
+                ("/v1/events/stream?keepalive=0.01", "keepalive", "a number of seconds from 0.05 to 300", "'0.01'"),
+                ("/v1/users/alice/conversation-list?limit=" + "9" * 10_000, "limit", "an integer from 1 to 1000",
+                 "'" + "9" * 70 + "'...(10000 chars)"),
+            ):
+                status, doc = await call(c, "GET", path)
+                assert status == 400, (path[:80], doc)
+                assert doc["error"]["message"] == f"query parameter '{name}' must be {rule}, not {given}", (path[:80], doc)
+            # The header a reconnecting EventSource sends, and a seq in a path, in the same form.
+            status, doc = await call(c, "GET", "/v1/events/stream", headers={"Last-Event-ID": "x"})
+            assert (status, doc["error"]["message"]) == (400, f"header 'Last-Event-ID' must be an integer from 0 to {top}, not 'x'")
+            status, doc = await call(c, "POST", "/v1/conversations/team/messages/0/recall")
+            assert (status, doc["error"]["message"]) == (400, f"the seq in the path must be an integer from 1 to {top}, not '0'")
+
+
+async def test_an_ack_past_the_last_event_is_409_and_a_bad_consumer_name_says_the_rule(tmp_path: Path) -> None:
+    """POST /v1/events/ack {"upto": 10**9} was taken (clamped to the last
+    id, 200): a client acking an id no event has is confused, now 409
+    past_last_event naming the last id, and the cursor does not move.  An
+    invalid consumer name said only "a malformed request": now which
+    character or length, and the rule, on every event endpoint."""
+    rule = "consumer ids are 1-64 ASCII characters from A-Z a-z 0-9 _ . @ -"
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            status, doc = await call(c, "POST", "/v1/events/ack", {"consumer": "push", "upto": 1})
+            assert_error(status, doc, 409, "past_last_event")
+            assert doc["error"]["message"] == "upto 1 is past the last event id, 0 (no event yet): nothing acked", doc
+            await im.create_group("team", ["alice"])
+            await im.post("team", b"x")
+            last = (await im.event_cursor("push"))[1]
+            assert last > 0
+            for upto in (last + 1, 10**9):
+                status, doc = await call(c, "POST", "/v1/events/ack", {"consumer": "push", "upto": upto})
+                assert_error(status, doc, 409, "past_last_event")
+                assert doc["error"]["message"] == f"upto {upto} is past the last event id, {last}: nothing acked", doc
+            assert await im.event_cursor("push") == (0, last)  # not moved
+            assert await call(c, "POST", "/v1/events/ack", {"consumer": "push", "upto": last}) == (
+                200, {"consumer": "push", "cursor": last})
+            for method, path, body, why in (
+                ("GET", "/v1/events?consumer=bad%0Aname", None, "has the character '\\n'"),
+                ("GET", "/v1/events/stream?consumer=a%20b", None, "has the character ' '"),
+                ("POST", "/v1/events/ack", {"consumer": "x" * 65, "upto": 0}, "is 65 characters long"),
+                ("POST", "/v1/events/ack", {"consumer": "", "upto": 0}, "empty consumer id"),
+                ("GET", "/v1/events?consumer=caf%C3%A9", None, "has the non-ASCII character 'é'"),
+            ):
+                status, doc = await call(c, method, path, body)
+                assert_error(status, doc, 400, "BAD_REQUEST")
+                assert why in doc["error"]["message"] and f"({rule})" in doc["error"]["message"], (path, doc)

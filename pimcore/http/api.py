@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 import trio
 
 from ..errors import BrokerStopped, ErrorCode, StoreError
+from ..ids import _show
 from .server import HttpError, Request, Router, StreamBody
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -151,15 +152,36 @@ def _strings(body: dict[str, Any], name: str) -> list[str]:
     return value
 
 
-def _query(request: Request, name: str, kind: type, default: Any, bounds: str = "") -> Any:
-    """The last value of query parameter ``name`` as ``kind`` (str, bool,
-    int >= 0, float >= 0), ``default`` if absent.  HttpError 400 naming the
-    parameter (and ``bounds``, the caller's range in words, if given) for
-    anything else."""
+def _refused(what: str, rule: str, given: str) -> HttpError:
+    """The one wording of a refused query parameter (``what``: "query
+    parameter 'limit'"; a header or a path segment the same way): 400
+    ``<what> must be <rule>, not <given>``, the value cut when long."""
+    return _bad(f"{what} must be {rule}, not {_show(given)}")
+
+
+def _int_rule(lo: int, hi: int) -> str:
+    return f"an integer from {lo} to {'2^63-1' if hi == _MAX_INT else hi}"
+
+
+def _whole(what: str, text: str, lo: int = 0, hi: int = _MAX_INT) -> int:
+    """``text`` as an integer ``lo..hi`` (ASCII digits only), else
+    :func:`_refused` naming ``what``."""
+    if not _UINT.fullmatch(text) or not lo <= int(text) <= hi:
+        raise _refused(what, _int_rule(lo, hi), text)
+    return int(text)
+
+
+def _query(request: Request, name: str, kind: type, default: Any, lo: Any = 0, hi: Any = None) -> Any:
+    """The value of query parameter ``name`` as ``kind`` (str, bool, int
+    ``lo..hi``, default 0..2^63-1, or float seconds ``lo..hi``), ``default``
+    if absent.  HttpError 400 (:func:`_refused`: the parameter, its rule and
+    the value given) for anything else.  (A parameter given twice never
+    gets here: the server refuses it.)"""
     values = request.query.get(name)
     if not values:
         return default
     text = values[-1]
+    what = f"query parameter {name!r}"
     if kind is str:
         return text
     if kind is bool:
@@ -167,19 +189,15 @@ def _query(request: Request, name: str, kind: type, default: Any, bounds: str = 
             return True
         if text.lower() in ("0", "false", "no"):
             return False
-        raise _bad(f"query parameter {name!r} must be true or false")
+        raise _refused(what, "true or false", text)
     # ASCII digits only: int() and float() also take "1_0", " 1", "+5",
     # "nan" and digits of other scripts ("²" is one to str.isdigit).
     if kind is int:
-        if not _UINT.fullmatch(text):
-            raise _bad(f"query parameter {name!r} must be {bounds or 'a whole number (0..2^63-1)'}")
-        value: Any = int(text)
-        if value > _MAX_INT:
-            raise _bad(f"query parameter {name!r} must be {bounds or '0..2^63-1'}")
-        return value
+        return _whole(what, text, lo, _MAX_INT if hi is None else hi)
     if kind is float:
-        if not _UFLOAT.fullmatch(text):
-            raise _bad(f"query parameter {name!r} must be {bounds or 'a number of seconds'}")
+        assert hi is not None
+        if not _UFLOAT.fullmatch(text) or not lo <= float(text) <= hi:
+            raise _refused(what, f"a number of seconds from {lo:g} to {hi:g}", text)
         return float(text)
     raise TypeError(f"no query parameter of type {kind.__name__}")  # pragma: no cover - a bug
 
@@ -292,10 +310,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         return 201, _posted(posted)
 
     def _seq(request: Request) -> int:
-        text = request.params["seq"]
-        if not _UINT.fullmatch(text) or not 0 < int(text) <= _MAX_INT:
-            raise _bad("the seq in the path must be 1..2^63-1")
-        return int(text)
+        return _whole("the seq in the path", request.params["seq"], 1)
 
     def _as(body: dict[str, Any]) -> dict[str, Any]:
         kw: dict[str, Any] = {}
@@ -461,13 +476,13 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         return 200, {"conversations": [asdict(c) for c in convs]}
 
     async def conversation_list(request: Request) -> tuple[int, Any]:
+        text = _query(request, "cursor", str, "")
         try:
-            cursor = bytes.fromhex(_query(request, "cursor", str, ""))
+            cursor = bytes.fromhex(text)
         except ValueError:
-            raise HttpError(400, "BAD_CURSOR", "query parameter 'cursor' is not one this API gave") from None
-        limit = _query(request, "limit", int, 50, "1..1000")
-        if not 1 <= limit <= 1000:
-            raise _bad("query parameter 'limit' must be 1..1000")
+            bad = _refused("query parameter 'cursor'", "a cursor this API gave (a page's \"cursor\")", text)
+            raise HttpError(400, "BAD_CURSOR", bad.message) from None
+        limit = _query(request, "limit", int, 50, 1, 1000)
         include_hidden = _query(request, "include_hidden", bool, False)
         page = await handle.conversation_list(request.params["user"], cursor=cursor, limit=limit,
                                               include_hidden=include_hidden)
@@ -484,9 +499,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         if user is None:
             raise _bad("query parameter 'user' is required")
         from_seq = _query(request, "from_seq", int, 0)
-        limit = _query(request, "limit", int, 50, "1..1000")
-        if from_seq < 0 or not 1 <= limit <= 1000:
-            raise _bad("query parameters: 'from_seq' must be >= 0, 'limit' 1..1000")
+        limit = _query(request, "limit", int, 50, 1, 1000)
         msgs = await handle.history(request.params["conv"], user, from_seq=from_seq, limit=limit,
                                     backward=_query(request, "backward", bool, True))
         return 200, {"messages": [_message(m) for m in msgs]}
@@ -510,10 +523,8 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         need_events()
         consumer = _query(request, "consumer", str, "default")
         after: Optional[int] = _query(request, "after", int, None)
-        limit = _query(request, "limit", int, 256)
-        wait = _query(request, "wait", float, 0.0)
-        if not 1 <= limit <= 10000 or not 0 <= wait <= MAX_EVENT_WAIT or (after is not None and after < 0):
-            raise _bad(f"query parameters: 'limit' 1..10000, 'wait' 0..{MAX_EVENT_WAIT:g} seconds, 'after' >= 0")
+        limit = _query(request, "limit", int, 256, 1, 10000)
+        wait = _query(request, "wait", float, 0.0, 0, MAX_EVENT_WAIT)
         cursor, last = await handle.event_cursor(consumer)
         if after is None:
             after = cursor
@@ -532,15 +543,11 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         need_events()
         consumer = _query(request, "consumer", str, "default")
         after: Optional[int] = _query(request, "after", int, None)
-        limit = _query(request, "limit", int, 50)
-        keepalive = _query(request, "keepalive", float, 15.0)
-        if not 1 <= limit <= MAX_STREAM_PAGE or not 0.05 <= keepalive <= 300:
-            raise _bad(f"query parameters: 'limit' 1..{MAX_STREAM_PAGE}, 'keepalive' 0.05..300 seconds")
+        limit = _query(request, "limit", int, 50, 1, MAX_STREAM_PAGE)
+        keepalive = _query(request, "keepalive", float, 15.0, 0.05, 300)
         last_id = request.headers.get("last-event-id")
         if last_id is not None:  # a reconnecting EventSource: resume after it
-            if not _UINT.fullmatch(last_id.strip()) or int(last_id) > _MAX_INT:
-                raise _bad("header 'Last-Event-ID' must be an event id (0..2^63-1)")
-            after = int(last_id)
+            after = _whole("header 'Last-Event-ID'", last_id.strip())
         cursor, _ = await handle.event_cursor(consumer)  # refuses a bad consumer before the stream starts
         start = cursor if after is None else after
 
@@ -572,6 +579,14 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         body = _object(request)
         consumer = _field(body, "consumer", str, "default")
         upto = _field(body, "upto", int)
+        # The handle clamps an ack past the last event to it; a client
+        # that acks an id no event has is confused (another broker's id, a
+        # store that was replaced): said, and nothing acked.  (Races are
+        # none: an id a client saw was the last one or below when read.)
+        _, last = await handle.event_cursor(consumer)
+        if upto > last:
+            raise HttpError(409, "past_last_event", f"upto {upto} is past the last event id, {last}"
+                                                    f"{' (no event yet)' if last == 0 else ''}: nothing acked")
         return 200, {"consumer": consumer, "cursor": await handle.ack_events(upto, consumer)}
 
     async def get_retention(request: Request) -> tuple[int, Any]:

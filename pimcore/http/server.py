@@ -16,8 +16,9 @@ Shape:
   stable ``code`` (:data:`ERROR_CODES`); a handler raises :class:`HttpError`.
 * Limits, so a slow or hostile client cannot hold the server:
   ``max_header_bytes`` (431), ``max_body_bytes`` (413, refused from
-  Content-Length before reading the body), ``request_timeout`` seconds to
-  receive a whole request once its first byte came (408, then hang up),
+  Content-Length before reading the body, or from a chunk's size line
+  before its data), ``request_timeout`` seconds to receive a whole
+  request once its first byte came (408, then hang up),
   ``keepalive_timeout`` seconds of silence between requests (hang up), and
   ``request_timeout`` again to write a response (for a :class:`StreamBody`,
   server-sent events, to write each chunk).  ``max_connections``
@@ -31,15 +32,17 @@ import json
 import logging
 import re
 import ssl
+from collections import Counter
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Optional
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
 import h11
 import trio
 
-from .._util import TooManyDigits, read_json
+from .._util import DuplicateKey, TooManyDigits, read_json
+from ..ids import _show
 
 __all__ = [
     "HttpConfig",
@@ -112,7 +115,9 @@ class StreamBody:
 class Request:
     """One request as a handler sees it.  ``headers``: lower-case names
     (repeated headers joined with ", "); ``params``: the path pattern's
-    ``{name}`` segments, percent-decoded; ``query``: parsed query string."""
+    ``{name}`` segments, percent-decoded; ``query``: parsed query string
+    (each name once: a parameter given twice is refused before a handler
+    runs; a blank one is absent)."""
 
     method: str
     path: str
@@ -124,9 +129,12 @@ class Request:
     def json(self) -> Any:
         """The body as JSON; HttpError 400 ``bad_request`` if it is not (or
         is nested deeper than the decoder goes, about 1000 levels, or holds
-        a number of more digits than Python reads, 4,300)."""
+        a number of more digits than Python reads, 4,300, or an object that
+        gives a key twice)."""
         try:
             return read_json(self.body or b"null")
+        except DuplicateKey as exc:
+            raise HttpError(400, "bad_request", f"the body holds {exc}") from None
         except TooManyDigits as exc:  # (Python's own words were advice to raise the limit)
             raise HttpError(400, "bad_request", f"the body is not JSON that can be read: it holds {exc}") from None
         except (ValueError, UnicodeDecodeError) as exc:
@@ -150,17 +158,34 @@ class _Route:
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
+#: The start of a chunk's size line (RFC 9112 7.1; h11 reads at most 20
+#: hex digits), after the CRLF that ends the chunk before it, if still buffered.
+_CHUNK_SIZE = re.compile(rb"(?:\r\n|\n)?([0-9A-Fa-f]{1,20})")
+
+
 def _path_param(raw: str) -> str:
     """A ``{name}`` segment percent-decoded (RFC 3986 2.1), as UTF-8.
     HttpError 400 for a ``%`` not followed by two hex digits, or bytes that
     are not UTF-8: taken literally they named some other id (``%ZZ``) and
     got a 404 for it (a new-user pass)."""
     if _BAD_ESCAPE.search(raw):
-        raise HttpError(400, "bad_request", f"path segment {raw[:80]!r}: '%' must be followed by two hex digits")
+        raise HttpError(400, "bad_request", f"path segment {_show(raw)}: '%' must be followed by two hex digits")
     try:
         return unquote(raw, errors="strict")
     except UnicodeDecodeError:
-        raise HttpError(400, "bad_request", f"path segment {raw[:80]!r}: the percent-escapes are not UTF-8") from None
+        raise HttpError(400, "bad_request", f"path segment {_show(raw)}: the percent-escapes are not UTF-8") from None
+
+
+def _parse_query(text: str) -> dict[str, list[str]]:
+    """A request's query string as ``parse_qs`` reads it (a blank value,
+    ``?limit=``, is absent); HttpError 400 for a parameter given twice
+    (``?limit=1&limit=2``, blank or not): which one was meant is not ours
+    to guess (parse_qs keeps both and a reader took the last)."""
+    counts = Counter(name for name, _ in parse_qsl(text, keep_blank_values=True))
+    for name, n in counts.items():
+        if n > 1:
+            raise HttpError(400, "bad_request", f"query parameter {_show(name)} is given {n} times: give it once")
+    return parse_qs(text)
 
 
 class Router:
@@ -195,9 +220,9 @@ class Router:
                 return r.handler, {k: _path_param(v) for k, v in m.groupdict().items()}, r.auth
             allowed.append(r.method)
         if allowed:
-            raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {path}",
+            raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {_show(path)}",
                             [("allow", ", ".join(sorted(set(allowed))))])
-        raise HttpError(404, "not_found", f"no endpoint {path}")
+        raise HttpError(404, "not_found", f"no endpoint {_show(path)}")
 
 
 def check_api_key(headers: dict[str, str], keys: tuple[bytes, ...]) -> None:
@@ -540,13 +565,35 @@ class HttpServer:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
             raise HttpError(413, "payload_too_large", f"the body is over {self.config.max_body_bytes} bytes")
+        limit = self.config.max_body_bytes
+        too_large = HttpError(413, "payload_too_large", f"the body is over {limit} bytes")
         body = bytearray()
+        # A chunked body: each chunk's size line is read here before h11
+        # reads it (h11 does not say a chunk's size), so a chunk declared
+        # past the limit is refused at once, not read (or waited for until
+        # request_timeout, 408).  at_size: the bytes h11 reads next are
+        # (the CRLF that ends the last chunk, then) a chunk's size line.
+        at_size = headers.get("transfer-encoding", "").strip().lower() == "chunked"
         while True:
-            ev = await self._receive(stream, conn)
-            if isinstance(ev, h11.Data):
+            size_line_whole = False
+            if at_size:
+                buffered = conn.trailing_data[0]
+                m = _CHUNK_SIZE.match(buffered)
+                if m is not None:
+                    # The hex digits so far are at most the chunk's size.
+                    if len(body) + int(m[1], 16) > limit:
+                        raise too_large
+                    size_line_whole = buffered.find(b"\r\n", m.end()) != -1
+            ev = conn.next_event()
+            if ev is h11.NEED_DATA:
+                if size_line_whole:
+                    at_size = False  # h11 took the size line; the chunk's data is next
+                conn.receive_data(bytes(await stream.receive_some(64 * 1024)))
+            elif isinstance(ev, h11.Data):
                 body += ev.data
-                if len(body) > self.config.max_body_bytes:
-                    raise HttpError(413, "payload_too_large", f"the body is over {self.config.max_body_bytes} bytes")
+                if len(body) > limit:
+                    raise too_large
+                at_size = ev.chunk_end
             elif isinstance(ev, h11.EndOfMessage):
                 break
             else:  # ConnectionClosed mid-body
@@ -559,7 +606,7 @@ class HttpServer:
         return Request(
             method=event.method.decode("ascii").upper(),
             path=parts.path,
-            query=parse_qs(parts.query),
+            query=_parse_query(parts.query),
             headers=headers,
             body=bytes(body),
         )
