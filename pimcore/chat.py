@@ -44,7 +44,9 @@ the others you are typing (a line you then send ends it for them).  In a
 
 ``--group NAME`` chats in a group instead (``pimcore group create NAME
 alice bob ...`` makes one; a group that does not exist is refused, exit 2);
-groups have no read receipts.  A user who is not a member of the group now
+groups have no read receipts.  A refused token, or a broker certificate
+not trusted, also exits 2 (refused as given); a broker that cannot be
+reached exits 1 (docs/OPERATIONS.md, Exit codes).  A user who is not a member of the group now
 is told so at the start, under the ``connected as`` line, with the ``pimcore
 group add`` that lets them in: what they type is refused until then, and
 once added the chat shows the group's messages.
@@ -590,12 +592,17 @@ def run_chat(args: argparse.Namespace) -> int:
     except (ChatEnded, ClientClosed) as exc:
         print(f"pimcore chat: the broker ended this chat: {safe_text(str(exc))}", file=sys.stderr)
     except AuthFailed as exc:
+        # Refused as given: the same token is refused again (OPERATIONS.md, Exit codes).
         print(f"pimcore chat: token refused: {safe_text(str(exc))}{_bound_hint(str(exc))}", file=sys.stderr)
+        return 2
     except ConnectFailed as exc:
-        hint = ""
-        if args.cafile is None and "CERTIFICATE_VERIFY_FAILED" in str(exc):
-            hint = " (give --cafile PATH: the CA certificate that signed the broker's)"
-        print(f"pimcore chat: {safe_text(str(exc))}{hint}", file=sys.stderr)
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            # Refused as given too: the broker's certificate is not trusted
+            # until --cafile (or the system's CAs) change.
+            hint = " (give --cafile PATH: the CA certificate that signed the broker's)" if args.cafile is None else ""
+            print(f"pimcore chat: {safe_text(str(exc))}{hint}", file=sys.stderr)
+            return 2
+        print(f"pimcore chat: {safe_text(str(exc))}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
     return 1

@@ -769,7 +769,7 @@ def test_the_broker_refuses_a_claim_of_more_digits_than_python_reads_in_words(
             rc = main(["chat", "--to", "bob", "--token", _hand_signed_json(secret, **claims), "--url", url,
                        "--device", "terminal"])
             _, err = capsys.readouterr()
-            assert rc == 1 and "Traceback" not in err, (claims.keys(), err)
+            assert rc == 2 and "Traceback" not in err, (claims.keys(), err)  # refused as given (OPERATIONS.md, Exit codes)
             assert err.splitlines()[-1] == f"pimcore chat: token refused: token is invalid: {said} (at most 4,300 are read)", err
 
 
@@ -790,10 +790,10 @@ def test_a_token_bound_to_an_invalid_device_gets_no_unusable_device_hint(
         other = main(["chat", "--to", "bob", "--token", _hand_signed(secret, dev="pad-2"), "--url", url,
                       "--device", "terminal"])
         _, good = capsys.readouterr()
-    assert refused == 1 and "Traceback" not in bad, bad
+    assert refused == 2 and "Traceback" not in bad, bad
     assert bad.splitlines()[-1] == ("pimcore chat: token refused: token is bound to device 'my phone', not 'terminal'"
                                     f" (not a valid device id: {_RULE}; no device can log in with this token)"), bad
-    assert other == 1 and good.splitlines()[-1] == ("pimcore chat: token refused: token is bound to device 'pad-2',"
+    assert other == 2 and good.splitlines()[-1] == ("pimcore chat: token refused: token is bound to device 'pad-2',"
                                                     " not 'terminal' (pimcore chat --device pad-2)"), good
 
 

@@ -693,7 +693,7 @@ def test_chat_over_tls_needs_the_ca(tmp_path: Path, procs: ProcGroup, tls_files)
     assert ok.wait() == 0, ok.describe()
 
     refused = run_pimcore(*chat)  # trusts only the system CAs
-    assert refused.returncode == 1, (refused.stdout, refused.stderr)
+    assert refused.returncode == 2, (refused.stdout, refused.stderr)
     connecting, error = refused.stderr.splitlines()  # "connecting to ..." at once, then the error
     assert connecting.startswith("pimcore chat: connecting to tls://"), refused.stderr
     assert error.startswith("pimcore chat: cannot connect"), refused.stderr
@@ -708,7 +708,7 @@ def test_chat_with_a_token_bound_to_another_device_names_it(tmp_path: Path, proc
     server = procs.serve("--listen", LOOPBACK, "--data-dir", data)
     tok = token_for("bob", data, "--device", "term2")
     refused = run_pimcore("chat", "--url", server.url(), "--token", tok, "--to", "alice", "--device", "terminal")
-    assert refused.returncode == 1, (refused.stdout, refused.stderr)
+    assert refused.returncode == 2, (refused.stdout, refused.stderr)
     error = refused.stderr.splitlines()[-1]
     assert error == ("pimcore chat: token refused: token is bound to device 'term2', not 'terminal'"
                      " (pimcore chat --device term2)"), refused.stderr
