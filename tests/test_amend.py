@@ -340,7 +340,7 @@ async def test_pimcore_chat_tells_a_non_member_how_to_join_the_group(store):
                 while not any(line.startswith("  (") for line in out):
                     await trio.sleep(0.01)
                 await into.send("/quit")
-            assert "✗ not sent (NOT_MEMBER): hi" in out
+            assert "✗ not sent (NOT_MEMBER: zed is not a member of group 'team'): hi" in out, out
             assert "  (you are not a member: pimcore group add team zed)" in out, out
 
 

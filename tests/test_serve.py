@@ -850,7 +850,7 @@ def test_groups_are_administered_while_serving_and_chatted_in(tmp_path: Path, pr
     carol.expect(r"^connected as carol \(terminal\); chatting in team")
     carol.expect(r"^⚠ you \(carol\) are not a member of group team: .*\(pimcore group add team carol\)")  # before typing
     carol.write("let me in")
-    carol.expect(r"^✗ not sent \(NOT_MEMBER\): let me in$")
+    carol.expect(r"^✗ not sent \(NOT_MEMBER: carol is not a member of group 'team'\): let me in$")
 
     added = run_pimcore("group", "add", "team", "carol", "--data-dir", data)  # while serving
     assert added.returncode == 0 and added.stdout.strip() == "team: 3 members: alice bob carol", added
@@ -865,7 +865,7 @@ def test_groups_are_administered_while_serving_and_chatted_in(tmp_path: Path, pr
     removed = run_pimcore("group", "remove", "team", "carol", "--data-dir", data)
     assert removed.returncode == 0 and "carol" not in removed.stdout.split(":")[-1]
     carol.write("still here?")
-    carol.expect(r"^✗ not sent \(NOT_MEMBER\): still here\?$")
+    carol.expect(r"^✗ not sent \(NOT_MEMBER: carol is not a member of group 'team'\): still here\?$")
     shown = run_pimcore("group", "show", "team", "--data-dir", data)
     assert shown.stdout == "team: 2 members: alice bob\nhistory visible to later members: no\n", shown
     for p in (alice, carol):
