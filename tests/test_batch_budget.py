@@ -266,6 +266,7 @@ async def test_a_served_broker_commits_a_large_fanout_in_a_worker_thread(tmp_pat
         store.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("map_size", [1 << 20, 1 << 30])
 async def test_log_durability_large_batches_in_a_thread_alongside_loop_traffic(tmp_path, map_size):
     # log durability: the loop owns the deferred transaction, commits it, and

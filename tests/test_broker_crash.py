@@ -27,6 +27,7 @@ CYCLES = 12
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("durability", ["sync", "log"])
 def test_broker_killed_mid_traffic_loses_and_duplicates_nothing(tmp_path: Path, durability: str) -> None:
     seed = int(os.environ.get("PIMCORE_CRASH_SEED") or random.SystemRandom().getrandbits(32))

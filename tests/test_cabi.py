@@ -108,6 +108,7 @@ def test_the_library_exports_only_the_pim_functions(libdir: Path) -> None:
     assert {n for n in names if not n.startswith("PyInit_")} == declared
 
 
+@pytest.mark.slow
 def test_the_c_program(abi_exe: Path, tmp_path: Path) -> None:
     done = subprocess.run([str(abi_exe), "main", str(tmp_path / "data"), sys.executable, str(POSTS_PER_THREAD)],
                           capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
@@ -215,6 +216,7 @@ def test_an_environment_without_cffi_is_a_clear_init_code_and_nothing_on_stderr(
     assert done.stderr == "", done.stderr
 
 
+@pytest.mark.slow
 def test_the_c_program_under_address_sanitizer(tmp_path: Path) -> None:
     asan = tmp_path / "asan"
     try:

@@ -172,6 +172,7 @@ def test_a_crash_of_the_process_loses_no_committed_batch(
     assert results  # (the results themselves are compared by test_store_plain's sync stores)
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(data=st.data(), seed=st.integers(0, 2**32 - 1))
 def test_a_power_cut_loses_no_committed_batch(
@@ -1317,6 +1318,7 @@ def _held_checkpoints(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event,
     return release, running
 
 
+@pytest.mark.slow
 def test_a_resize_interrupted_while_it_waits_for_a_checkpoint_starts_no_second_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

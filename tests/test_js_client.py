@@ -95,10 +95,12 @@ def test_every_node_test_file_is_run() -> None:
     assert on_disk - {"test/browser.test.mjs"} == set(NODE_SUITE)
 
 
+@pytest.mark.slow
 def test_js_client_node_suite(npm_env: dict[str, str]) -> None:
     _node_test(npm_env, *NODE_SUITE)
 
 
+@pytest.mark.slow
 def test_web_demo_in_chromium(npm_env: dict[str, str], tmp_path: Path) -> None:
     chromium = _chromium()
     _need(chromium is not None, "no Chromium at /usr/bin/chromium (apt-get install chromium; never a downloaded build)")

@@ -483,6 +483,7 @@ def check(h):
     assert b._held_total == live, (b._held_total, live)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(6))
 def test_held_total_stays_the_sum_of_what_connections_hold_under_churn(store_driver, seed):
     """Lots of traffic with connections coming and going (stall, lose, kick,
@@ -596,6 +597,7 @@ def test_a_device_parked_at_exactly_the_bound_is_pushed_when_the_holder_leaves(s
     assert [m.seq for m in got] == [1], (got, h2.broker._starved, h2.broker.next_deadline())
 
 
+@pytest.mark.slow
 def test_readers_of_a_big_group_that_passes_the_bound_for_a_while_are_not_dropped(store_driver):
     h = Harness(MemoryStore(), BrokerConfig(max_outbound_total=4 << 20, outbound_total_grace=500_000))
     users = [f"r{i}" for i in range(300)]

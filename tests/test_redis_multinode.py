@@ -178,6 +178,7 @@ class Traffic:
 FANOUTS = pytest.mark.parametrize("fanout", [{}, {"PIMCORE_STORE_READ_FANOUT_ABOVE": "2"}], ids=["write", "read"])
 
 
+@pytest.mark.slow
 @FANOUTS
 async def test_three_nodes_one_to_one_and_group_traffic_exactly_once(redis_cluster, tmp_path, fanout) -> None:
     """6 users over 3 nodes (every 1:1 peer on another node), 1:1 and group
@@ -217,6 +218,7 @@ async def test_three_nodes_one_to_one_and_group_traffic_exactly_once(redis_clust
                                 break
 
 
+@pytest.mark.slow
 @FANOUTS
 async def test_kill_9_of_a_node_under_load_loses_nothing(redis_cluster, tmp_path, fanout) -> None:
     """Node 0 is killed with SIGKILL mid-stream; its clients reconnect (the

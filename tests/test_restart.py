@@ -43,6 +43,7 @@ def peer_of(user: str) -> str:
     return USERS[(USERS.index(user) + 1) % len(USERS)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("durability", ["sync", "log"])
 async def test_broker_sigkilled_twice_under_traffic_loses_and_duplicates_nothing(
     tmp_path: Path, procs: ProcGroup, durability: str

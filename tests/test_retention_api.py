@@ -544,6 +544,7 @@ def test_adding_or_removing_no_one_is_refused_by_every_handle(tmp_path: Path) ->
     asyncio.run(asyncio_main())
 
 
+@pytest.mark.slow
 async def test_cli_trusts_a_self_signed_https_api_given_its_ca_with_cafile(tmp_path: Path) -> None:
     # The commands that take --http had no way to trust a private CA: an
     # https:// API with a self-signed certificate could not be used at all.

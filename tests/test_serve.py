@@ -832,6 +832,7 @@ def test_one_minute_tour(tmp_path: Path, procs: ProcGroup) -> None:
     assert server.wait() == 0 and server.out[-1] == "stopped", server.describe()
 
 
+@pytest.mark.slow
 def test_groups_are_administered_while_serving_and_chatted_in(tmp_path: Path, procs: ProcGroup) -> None:
     data = tmp_path / "data"
     server = procs.serve("--listen", LOOPBACK, "--data-dir", data)

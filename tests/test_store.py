@@ -1247,9 +1247,11 @@ StoreModel.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+StoreModel.TestCase.pytestmark = [pytest.mark.slow]
 test_lmdb_matches_memory_model = StoreModel.TestCase
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_redis_matches_memory_model(redis_cluster) -> None:
     """The same model, with RedisStore (behind its blocking face, a fresh

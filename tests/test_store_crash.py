@@ -239,6 +239,7 @@ class Run:
                     self.fail(f"{user}: {conv} out of seq order in the inbox")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("durability", ["sync", "log", "log-deferred", "log-offload"])
 def test_sigkill_never_loses_or_duplicates_an_acked_message(tmp_path: Path, durability: str) -> None:
     seed_env: Optional[str] = os.environ.get("PIMCORE_CRASH_SEED")
