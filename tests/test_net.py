@@ -486,16 +486,9 @@ async def test_a_plain_http_answer_to_the_upgrade_says_it_is_no_websocket_upgrad
                 while await stream.receive_some():
                     pass
 
-    async with trio.open_nursery() as n:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        n.start_soon(trio.serve_listeners, web, listeners)
-        port = listeners[0].socket.getsockname()[1]
-        url = f"{sdk}://127.0.0.1:{port}/im"
-        kw = {"ssl_context": _trusting(ca)} if sdk == "wss" else {}
-        with trio.fail_after(20), pytest.raises(ConnectFailed) as err:
-            async with open_client(url, token("alice"), "phone", config=ClientConfig(connect_timeout=600.0), **kw):
-                pass  # pragma: no cover
-        n.cancel_scope.cancel()
+    kw = {"ssl_context": _trusting(ca)} if sdk == "wss" else {}
+    url, err = await _first_connect_to(web, f"{sdk}://127.0.0.1:{{port}}/im", 20,
+                                       config=ClientConfig(connect_timeout=600.0), **kw)
     code = status.split()[0].decode()
     assert str(err.value) == (f"cannot connect to {url}: the server answered the WebSocket upgrade with a plain"
                               f" HTTP {code} (hi), not a WebSocket upgrade: is it a web server, not pimcore's"
@@ -2802,6 +2795,21 @@ def test_a_websocket_path_must_be_printable_ascii_from_a_slash(path) -> None:
     assert Endpoint("tcp").path == "/"
 
 
+async def _first_connect_to(handler, url: str, within: float, **client_kw) -> tuple[str, pytest.ExceptionInfo]:
+    """``handler`` serving a loopback port, and open_client's first connect
+    to ``url`` (its ``{port}`` filled in) failing with ConnectFailed within
+    ``within`` seconds (a test failure otherwise): the URL and the error."""
+    async with trio.open_nursery() as n:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        n.start_soon(trio.serve_listeners, handler, listeners)
+        url = url.format(port=listeners[0].socket.getsockname()[1])
+        with trio.fail_after(within), pytest.raises(ConnectFailed) as err:
+            async with open_client(url, token("alice"), "phone", **client_kw):
+                pass  # pragma: no cover
+        n.cancel_scope.cancel()
+    return url, err
+
+
 async def test_on_connect_retry_hears_each_failed_first_attempt_in_words(autojump_clock):
     """open_client(on_connect_retry=f): f is called once per failed attempt
     of the first connection that is retried (not for the attempt that
@@ -2814,14 +2822,7 @@ async def test_on_connect_retry_hears_each_failed_first_attempt_in_words(autojum
         await answer_login(stream, encode_frame(F.Close(CloseCode.OVERLOADED, "too many connections")))
 
     heard: list[str] = []
-    async with trio.open_nursery() as n:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        n.start_soon(trio.serve_listeners, refuse_twice, listeners)
-        url = f"tcp://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-        with trio.fail_after(100), pytest.raises(ConnectFailed):
-            async with open_client(url, token("alice"), "phone", on_connect_retry=heard.append):
-                pass
-        n.cancel_scope.cancel()
+    await _first_connect_to(refuse_twice, "tcp://127.0.0.1:{port}", 100, on_connect_retry=heard.append)
     # Every attempt but the last (which ran into connect_timeout and raised) was retried.
     assert attempts >= 3 and heard == ["too many connections"] * (attempts - 1), (attempts, heard)
 
@@ -2858,15 +2859,8 @@ async def test_another_services_binary_answer_fails_the_first_connect_at_once(gr
                 while await stream.receive_some():
                     pass
 
-    async with trio.open_nursery() as n:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        n.start_soon(trio.serve_listeners, service, listeners)
-        url = f"{scheme}://127.0.0.1:{listeners[0].socket.getsockname()[1]}" + ("/im" if scheme == "ws" else "")
-        with trio.fail_after(5):  # connect_timeout is 10 s
-            with pytest.raises(ConnectFailed) as err:
-                async with open_client(url, token("alice"), "phone"):
-                    pass
-        n.cancel_scope.cancel()
+    url, err = await _first_connect_to(service, f"{scheme}://127.0.0.1:{{port}}" + ("/im" if scheme == "ws" else ""),
+                                       5)  # (connect_timeout is 10 s: at once)
     shown = greeting[:8].hex(" ")
     assert str(err.value) == (f"cannot connect to {url}: the server answered in binary ({shown}"
                               f"{' ...' if len(greeting) > 8 else ''}), not in pimcore's protocol:"
@@ -2890,15 +2884,8 @@ async def test_another_services_text_answer_fails_the_first_connect_at_once(bann
                 while await stream.receive_some():
                     pass
 
-    async with trio.open_nursery() as n:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        n.start_soon(trio.serve_listeners, service, listeners)
-        url = f"{scheme}://127.0.0.1:{listeners[0].socket.getsockname()[1]}" + ("/im" if scheme == "ws" else "")
-        with trio.fail_after(5):  # connect_timeout is 10 s
-            with pytest.raises(ConnectFailed) as err:
-                async with open_client(url, token("alice"), "phone"):
-                    pass
-        n.cancel_scope.cancel()
+    url, err = await _first_connect_to(service, f"{scheme}://127.0.0.1:{{port}}" + ("/im" if scheme == "ws" else ""),
+                                       5)  # (connect_timeout is 10 s: at once)
     shown = banner[:8].decode().replace("\r", "\\r").replace("\n", "\\n")
     assert str(err.value) == (f"cannot connect to {url}: the server answered in text ('{shown}...'),"
                               " not in pimcore's protocol: is it another service's port?"), err.value
