@@ -567,7 +567,9 @@ async def test_cli_trusts_a_self_signed_https_api_given_its_ca_with_cafile(tmp_p
     async def cli(*argv: Any) -> Any:
         return await trio.to_thread.run_sync(lambda: run_pimcore(*argv))
 
-    with trio.fail_after(60):
+    # (18 commands, each a process of about a second's start, more on a
+    # loaded machine: 60 s ran out once with four workers on two cores.)
+    with trio.fail_after(240):
         async with open_pimcore(data_dir=tmp_path / "data", store=MemoryStore(), secret=SECRET.decode()) as im:
             cfg = HttpConfig(api_keys=(KEY,), scheme="tls", ssl_context=server_ctx)
             async with open_http_server(im.server, cfg, handle=im) as h:
