@@ -937,3 +937,64 @@ async def test_an_ack_past_the_last_event_is_409_and_a_bad_consumer_name_says_th
                 status, doc = await call(c, method, path, body)
                 assert_error(status, doc, 400, "BAD_REQUEST")
                 assert why in doc["error"]["message"] and f"({rule})" in doc["error"]["message"], (path, doc)
+
+
+async def test_an_unknown_field_in_a_body_is_refused_naming_it_and_the_fields_taken(tmp_path: Path) -> None:
+    """{"payload": "x", "Sender": "alice"} was posted as the system, a batch
+    item's "idempotencykey" stored without a key, {"history-visible": true}
+    made a group whose history is not visible: unknown fields were ignored
+    silently, so a typo changed what was stored.  Now 400 bad_request naming
+    the field and the fields the endpoint takes, on every endpoint that reads
+    a body, and nothing is done."""
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice", "bob"])
+            await im.post("team", b"first", sender="alice", device="d")
+            for method, path, body, field, takes in (
+                ("POST", "/v1/conversations/team/messages", {"payload": "x", "Sender": "alice"}, "Sender",
+                 "'payload', 'payload_b64', 'sender', 'device', 'mentions', 'mention_all'"),
+                ("POST", "/v1/messages", {"messages": [], "atomic": True}, "atomic", "'messages'"),
+                ("POST", "/v1/groups", {"conv": "t", "members": ["a"], "history-visible": True}, "history-visible",
+                 "'conv', 'members', 'history_visible'"),
+                ("POST", "/v1/conversations/team/messages/1/recall", {"Sender": "alice"}, "Sender", "'sender', 'device'"),
+                ("POST", "/v1/conversations/team/messages/1/edit", {"payload": "y", "mentions": []}, "mentions",
+                 "'payload', 'payload_b64', 'sender', 'device'"),
+                ("POST", "/v1/conversations/team/messages/1/delete", {"user": "bob", "sender": "bob"}, "sender",
+                 "'user', 'device'"),
+                ("POST", "/v1/groups/team/members", {"users": ["carol"], "user": "dave"}, "user", "'users'"),
+                ("POST", "/v1/groups/team/members/remove", {"users": ["bob"], "reason": "x"}, "reason", "'users'"),
+                ("POST", "/v1/users/alice/kick", {"devices": "d"}, "devices", "'device', 'reason'"),
+                ("POST", "/v1/users/alice/revoke", {"device": "d", "before_us": 1}, "before_us", "'device', 'before'"),
+                ("POST", "/v1/tokens", {"user": "alice", "ttl_s": 60}, "ttl_s", "'user', 'device', 'ttl'"),
+                ("POST", "/v1/users/alice/conversations/team/settings", {"pin": True}, "pin",
+                 "'pinned', 'muted', 'hidden'"),
+                ("POST", "/v1/events/ack", {"upto": 0, "consumer_id": "push"}, "consumer_id", "'consumer', 'upto'"),
+                ("PUT", "/v1/conversations/team/retention", {"max_age_s": 5}, "max_age_s", "'max_age', 'max_count'"),
+            ):
+                status, doc = await call(c, method, path, body)
+                assert_error(status, doc, 400, "bad_request")
+                assert doc["error"]["message"] == f"unknown field {field!r}: this endpoint takes {takes}", (path, doc)
+            # A batch item's unknown field is that item's error; the others are posted.
+            status, doc = await call(c, "POST", "/v1/messages", {"messages": [
+                {"conv": "team", "payload": "x", "idempotencykey": "k1"},
+                {"conv": "team", "payload": "y", "idempotency_key": "k2"}]})
+            assert status == 200, doc
+            bad, good = doc["results"]
+            assert bad == {"status": "error", "code": "bad_request", "message":
+                           "messages[0]: unknown field 'idempotencykey': each message takes 'conv', 'payload', "
+                           "'payload_b64', 'sender', 'device', 'idempotency_key', 'mentions', 'mention_all'"}, bad
+            assert good["status"] == "stored", good
+            # A long unknown name is cut as other echoed input is.
+            status, doc = await call(c, "POST", "/v1/tokens", {"user": "alice", "u" * 10_000: 1})
+            assert_error(status, doc, 400, "bad_request")
+            assert "'u" in doc["error"]["message"] and "(10000 chars)" in doc["error"]["message"], doc
+            assert len(doc["error"]["message"]) < 300, doc
+            # Nothing was done by the refused requests.
+            assert [m.payload for m in await im.history("team", "alice", backward=False)] == [b"first", b"y"]
+            assert await im.members("team") == ("alice", "bob") or list(await im.members("team")) == ["alice", "bob"]
+            from pimcore.embed import RequestRefused
+
+            with pytest.raises(RequestRefused):
+                await im.members("t")
+            assert (await im.retention("team")).max_age is None
+            assert await im.event_cursor("push") == (0, (await im.event_cursor("push"))[1])
