@@ -998,3 +998,36 @@ async def test_an_unknown_field_in_a_body_is_refused_naming_it_and_the_fields_ta
                 await im.members("t")
             assert (await im.retention("team")).max_age is None
             assert await im.event_cursor("push") == (0, (await im.event_cursor("push"))[1])
+
+
+async def test_a_single_valued_header_given_twice_is_refused_naming_it(tmp_path: Path) -> None:
+    """Idempotency-Key: a and Idempotency-Key: b were joined, "a, b", and
+    taken as one key: now 400 bad_request naming the header, as a query
+    parameter given twice is, for every header the API reads that has one
+    value (Authorization, Idempotency-Key, Last-Event-ID); nothing is done
+    and the connection ends."""
+    from test_http import host_port, read_until_eof
+
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            for name, request in (
+                ("Idempotency-Key", b"POST /v1/conversations/team/messages HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nIdempotency-Key: a\r\nidempotency-key: b\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 15\r\n\r\n{\"payload\":\"x\"}"),
+                ("Last-Event-ID", b"GET /v1/events/stream HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nLast-Event-ID: 1\r\nLast-Event-ID: 1\r\n\r\n"),
+                ("Authorization", b"GET /v1/info HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n"),
+            ):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(request)
+                reply = await read_until_eof(stream)
+                await stream.aclose()
+                assert reply.startswith(b"HTTP/1.1 400 "), (name, reply)
+                doc = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+                assert_error(400, doc, 400, "bad_request")
+                assert doc["error"]["message"] == f"header '{name}' is given 2 times: give it once", doc
+                assert KEY.encode() not in reply
+            assert await im.history("team", "alice") == []
+            c.close()
