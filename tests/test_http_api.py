@@ -1031,3 +1031,38 @@ async def test_a_single_valued_header_given_twice_is_refused_naming_it(tmp_path:
                 assert KEY.encode() not in reply
             assert await im.history("team", "alice") == []
             c.close()
+
+
+async def test_reading_events_after_an_id_past_the_last_is_409_as_acking_it_is(tmp_path: Path) -> None:
+    """GET /v1/events?after=999999 was 200 with "next": 999999, an id an
+    ack then refused (409 past_last_event), and events recorded later were
+    skipped until their ids passed it.  Now reading after an id past the
+    last event is the same 409 past_last_event, on /v1/events (after) and
+    /v1/events/stream (after, Last-Event-ID); after the last id itself is
+    a page of nothing, then what comes next."""
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            status, doc = await call(c, "GET", "/v1/events?after=1")
+            assert_error(status, doc, 409, "past_last_event")
+            assert doc["error"]["message"] == "after 1 is past the last event id, 0 (no event yet): nothing read", doc
+            await im.create_group("team", ["alice"])
+            await im.post("team", b"first")
+            last = (await im.event_cursor("default"))[1]
+            assert last > 0
+            for path, headers, what in (
+                (f"/v1/events?after={last + 1}", {}, f"after {last + 1}"),
+                ("/v1/events?after=999999", {}, "after 999999"),
+                ("/v1/events/stream?after=999999", {}, "after 999999"),
+                ("/v1/events/stream", {"Last-Event-ID": "999999"}, "Last-Event-ID 999999"),
+            ):
+                status, doc = await call(c, "GET", path, headers=headers)
+                assert_error(status, doc, 409, "past_last_event")
+                assert doc["error"]["message"] == f"{what} is past the last event id, {last}: nothing read", (path, doc)
+            status, doc = await call(c, "GET", f"/v1/events?after={last}")
+            assert (status, doc["events"], doc["next"]) == (200, [], last), doc
+            await im.post("team", b"x")
+            status, doc = await call(c, "GET", f"/v1/events?after={doc['next']}")
+            assert status == 200 and [e["type"] for e in doc["events"]] != [], doc
+            assert await call(c, "POST", "/v1/events/ack", {"upto": doc["next"]}) == (
+                200, {"consumer": "default", "cursor": doc["next"]})
+            c.close()

@@ -539,6 +539,15 @@ def register_api(router: Router, handle: "Pimcore") -> None:
 
             raise HttpError(409, "events_disabled", EVENTS_DISABLED)
 
+    def past_last(what: str, last: int, nothing: str) -> HttpError:
+        """409 past_last_event: ``what`` ("upto 7", "after 7") names an id
+        no event has.  A client holding one is confused (another broker's
+        id, a store that was replaced); read from it, events recorded later
+        would be skipped until their ids passed it.  (Races are none: an id
+        a client saw was the last one or below when read.)"""
+        return HttpError(409, "past_last_event", f"{what} is past the last event id, {last}"
+                                                 f"{' (no event yet)' if last == 0 else ''}: {nothing}")
+
     async def events(request: Request) -> tuple[int, Any]:
         need_events()
         consumer = _query(request, "consumer", str, "default")
@@ -548,6 +557,8 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         cursor, last = await handle.event_cursor(consumer)
         if after is None:
             after = cursor
+        elif after > last:
+            raise past_last(f"after {after}", last, "nothing read")
         page: list[Any] = []
         # next_events waits for at least one: it is called only when there
         # is one (wait=0) or for at most `wait` seconds.  A long-poll that
@@ -565,10 +576,14 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         after: Optional[int] = _query(request, "after", int, None)
         limit = _query(request, "limit", int, 50, 1, MAX_STREAM_PAGE)
         keepalive = _query(request, "keepalive", float, 15.0, 0.05, 300)
+        what = f"after {after}"
         last_id = request.headers.get("last-event-id")
         if last_id is not None:  # a reconnecting EventSource: resume after it
             after = _whole("header 'Last-Event-ID'", last_id.strip())
-        cursor, _ = await handle.event_cursor(consumer)  # refuses a bad consumer before the stream starts
+            what = f"Last-Event-ID {after}"
+        cursor, last = await handle.event_cursor(consumer)  # refuses a bad consumer before the stream starts
+        if after is not None and after > last:
+            raise past_last(what, last, "nothing read")
         start = cursor if after is None else after
 
         async def produce(send: Callable[[bytes], Awaitable[None]]) -> None:
@@ -599,14 +614,11 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         body = _object(request, ("consumer", "upto"))
         consumer = _field(body, "consumer", str, "default")
         upto = _field(body, "upto", int)
-        # The handle clamps an ack past the last event to it; a client
-        # that acks an id no event has is confused (another broker's id, a
-        # store that was replaced): said, and nothing acked.  (Races are
-        # none: an id a client saw was the last one or below when read.)
+        # The handle clamps an ack past the last event to it: refused here
+        # (past_last), nothing acked.
         _, last = await handle.event_cursor(consumer)
         if upto > last:
-            raise HttpError(409, "past_last_event", f"upto {upto} is past the last event id, {last}"
-                                                    f"{' (no event yet)' if last == 0 else ''}: nothing acked")
+            raise past_last(f"upto {upto}", last, "nothing acked")
         return 200, {"consumer": consumer, "cursor": await handle.ack_events(upto, consumer)}
 
     async def get_retention(request: Request) -> tuple[int, Any]:
