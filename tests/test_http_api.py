@@ -1066,3 +1066,36 @@ async def test_reading_events_after_an_id_past_the_last_is_409_as_acking_it_is(t
             assert await call(c, "POST", "/v1/events/ack", {"upto": doc["next"]}) == (
                 200, {"consumer": "default", "cursor": doc["next"]})
             c.close()
+
+
+async def test_every_body_refuses_the_fields_its_openapi_schema_does_not_list(tmp_path: Path) -> None:
+    """The fields an endpoint takes are the ones its OpenAPI request body
+    lists (additionalProperties false, items of a batch too): a field not
+    listed is refused, and the refusal lists exactly the schema's fields."""
+    import re
+
+    from pimcore.http.openapi import openapi_document
+
+    doc = openapi_document("test")
+    bodies = [(m.upper(), p, op["requestBody"]["content"]["application/json"]["schema"])
+              for p, ops in doc["paths"].items() for m, op in ops.items() if "requestBody" in op]
+    assert len(bodies) >= 14
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice", "bob"])
+            for method, pattern, schema in bodies:
+                assert schema.get("additionalProperties") is False, (pattern, schema)
+                path = pattern.replace("{conv}", "team").replace("{seq}", "1").replace("{user}", "alice")
+                status, out = await call(c, method, path, {"zz_unknown": 1})
+                assert_error(status, out, 400, "bad_request")
+                message = out["error"]["message"]
+                assert message.startswith("unknown field 'zz_unknown': this endpoint takes "), (path, message)
+                assert set(re.findall(r"'([a-z_0-9]+)'", message.split("takes ", 1)[1])) == set(schema["properties"]), (
+                    path, message)
+            item = next(s for m, p, s in bodies if p == "/v1/messages")
+            item = item["properties"]["messages"]["items"]
+            assert item.get("additionalProperties") is False
+            status, out = await call(c, "POST", "/v1/messages", {"messages": [{"conv": "team", "payload": "x", "zz": 1}]})
+            message = out["results"][0]["message"]
+            assert set(re.findall(r"'([a-z_0-9]+)'", message.split("takes ", 1)[1])) == set(item["properties"]), message
+            c.close()
