@@ -937,3 +937,165 @@ async def test_an_ack_past_the_last_event_is_409_and_a_bad_consumer_name_says_th
                 status, doc = await call(c, method, path, body)
                 assert_error(status, doc, 400, "BAD_REQUEST")
                 assert why in doc["error"]["message"] and f"({rule})" in doc["error"]["message"], (path, doc)
+
+
+async def test_an_unknown_field_in_a_body_is_refused_naming_it_and_the_fields_taken(tmp_path: Path) -> None:
+    """{"payload": "x", "Sender": "alice"} was posted as the system, a batch
+    item's "idempotencykey" stored without a key, {"history-visible": true}
+    made a group whose history is not visible: unknown fields were ignored
+    silently, so a typo changed what was stored.  Now 400 bad_request naming
+    the field and the fields the endpoint takes, on every endpoint that reads
+    a body, and nothing is done."""
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice", "bob"])
+            await im.post("team", b"first", sender="alice", device="d")
+            for method, path, body, field, takes in (
+                ("POST", "/v1/conversations/team/messages", {"payload": "x", "Sender": "alice"}, "Sender",
+                 "'payload', 'payload_b64', 'sender', 'device', 'mentions', 'mention_all'"),
+                ("POST", "/v1/messages", {"messages": [], "atomic": True}, "atomic", "'messages'"),
+                ("POST", "/v1/groups", {"conv": "t", "members": ["a"], "history-visible": True}, "history-visible",
+                 "'conv', 'members', 'history_visible'"),
+                ("POST", "/v1/conversations/team/messages/1/recall", {"Sender": "alice"}, "Sender", "'sender', 'device'"),
+                ("POST", "/v1/conversations/team/messages/1/edit", {"payload": "y", "mentions": []}, "mentions",
+                 "'payload', 'payload_b64', 'sender', 'device'"),
+                ("POST", "/v1/conversations/team/messages/1/delete", {"user": "bob", "sender": "bob"}, "sender",
+                 "'user', 'device'"),
+                ("POST", "/v1/groups/team/members", {"users": ["carol"], "user": "dave"}, "user", "'users'"),
+                ("POST", "/v1/groups/team/members/remove", {"users": ["bob"], "reason": "x"}, "reason", "'users'"),
+                ("POST", "/v1/users/alice/kick", {"devices": "d"}, "devices", "'device', 'reason'"),
+                ("POST", "/v1/users/alice/revoke", {"device": "d", "before_us": 1}, "before_us", "'device', 'before'"),
+                ("POST", "/v1/tokens", {"user": "alice", "ttl_s": 60}, "ttl_s", "'user', 'device', 'ttl'"),
+                ("POST", "/v1/users/alice/conversations/team/settings", {"pin": True}, "pin",
+                 "'pinned', 'muted', 'hidden'"),
+                ("POST", "/v1/events/ack", {"upto": 0, "consumer_id": "push"}, "consumer_id", "'consumer', 'upto'"),
+                ("PUT", "/v1/conversations/team/retention", {"max_age_s": 5}, "max_age_s", "'max_age', 'max_count'"),
+            ):
+                status, doc = await call(c, method, path, body)
+                assert_error(status, doc, 400, "bad_request")
+                assert doc["error"]["message"] == f"unknown field {field!r}: this endpoint takes {takes}", (path, doc)
+            # A batch item's unknown field is that item's error; the others are posted.
+            status, doc = await call(c, "POST", "/v1/messages", {"messages": [
+                {"conv": "team", "payload": "x", "idempotencykey": "k1"},
+                {"conv": "team", "payload": "y", "idempotency_key": "k2"}]})
+            assert status == 200, doc
+            bad, good = doc["results"]
+            assert bad == {"status": "error", "code": "bad_request", "message":
+                           "messages[0]: unknown field 'idempotencykey': each message takes 'conv', 'payload', "
+                           "'payload_b64', 'sender', 'device', 'idempotency_key', 'mentions', 'mention_all'"}, bad
+            assert good["status"] == "stored", good
+            # A long unknown name is cut as other echoed input is.
+            status, doc = await call(c, "POST", "/v1/tokens", {"user": "alice", "u" * 10_000: 1})
+            assert_error(status, doc, 400, "bad_request")
+            assert "'u" in doc["error"]["message"] and "(10000 chars)" in doc["error"]["message"], doc
+            assert len(doc["error"]["message"]) < 300, doc
+            # Nothing was done by the refused requests.
+            assert [m.payload for m in await im.history("team", "alice", backward=False)] == [b"first", b"y"]
+            assert await im.members("team") == ("alice", "bob") or list(await im.members("team")) == ["alice", "bob"]
+            from pimcore.embed import RequestRefused
+
+            with pytest.raises(RequestRefused):
+                await im.members("t")
+            assert (await im.retention("team")).max_age is None
+            assert await im.event_cursor("push") == (0, (await im.event_cursor("push"))[1])
+
+
+async def test_a_single_valued_header_given_twice_is_refused_naming_it(tmp_path: Path) -> None:
+    """Idempotency-Key: a and Idempotency-Key: b were joined, "a, b", and
+    taken as one key: now 400 bad_request naming the header, as a query
+    parameter given twice is, for every header the API reads that has one
+    value (Authorization, Idempotency-Key, Last-Event-ID); nothing is done
+    and the connection ends."""
+    from test_http import host_port, read_until_eof
+
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            for name, request in (
+                ("Idempotency-Key", b"POST /v1/conversations/team/messages HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nIdempotency-Key: a\r\nidempotency-key: b\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 15\r\n\r\n{\"payload\":\"x\"}"),
+                ("Last-Event-ID", b"GET /v1/events/stream HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nLast-Event-ID: 1\r\nLast-Event-ID: 1\r\n\r\n"),
+                ("Authorization", b"GET /v1/info HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n"),
+            ):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(request)
+                reply = await read_until_eof(stream)
+                await stream.aclose()
+                assert reply.startswith(b"HTTP/1.1 400 "), (name, reply)
+                doc = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+                assert_error(400, doc, 400, "bad_request")
+                assert doc["error"]["message"] == f"header '{name}' is given 2 times: give it once", doc
+                assert KEY.encode() not in reply
+            assert await im.history("team", "alice") == []
+            c.close()
+
+
+async def test_reading_events_after_an_id_past_the_last_is_409_as_acking_it_is(tmp_path: Path) -> None:
+    """GET /v1/events?after=999999 was 200 with "next": 999999, an id an
+    ack then refused (409 past_last_event), and events recorded later were
+    skipped until their ids passed it.  Now reading after an id past the
+    last event is the same 409 past_last_event, on /v1/events (after) and
+    /v1/events/stream (after, Last-Event-ID); after the last id itself is
+    a page of nothing, then what comes next."""
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            status, doc = await call(c, "GET", "/v1/events?after=1")
+            assert_error(status, doc, 409, "past_last_event")
+            assert doc["error"]["message"] == "after 1 is past the last event id, 0 (no event yet): nothing read", doc
+            await im.create_group("team", ["alice"])
+            await im.post("team", b"first")
+            last = (await im.event_cursor("default"))[1]
+            assert last > 0
+            for path, headers, what in (
+                (f"/v1/events?after={last + 1}", {}, f"after {last + 1}"),
+                ("/v1/events?after=999999", {}, "after 999999"),
+                ("/v1/events/stream?after=999999", {}, "after 999999"),
+                ("/v1/events/stream", {"Last-Event-ID": "999999"}, "Last-Event-ID 999999"),
+            ):
+                status, doc = await call(c, "GET", path, headers=headers)
+                assert_error(status, doc, 409, "past_last_event")
+                assert doc["error"]["message"] == f"{what} is past the last event id, {last}: nothing read", (path, doc)
+            status, doc = await call(c, "GET", f"/v1/events?after={last}")
+            assert (status, doc["events"], doc["next"]) == (200, [], last), doc
+            await im.post("team", b"x")
+            status, doc = await call(c, "GET", f"/v1/events?after={doc['next']}")
+            assert status == 200 and [e["type"] for e in doc["events"]] != [], doc
+            assert await call(c, "POST", "/v1/events/ack", {"upto": doc["next"]}) == (
+                200, {"consumer": "default", "cursor": doc["next"]})
+            c.close()
+
+
+async def test_every_body_refuses_the_fields_its_openapi_schema_does_not_list(tmp_path: Path) -> None:
+    """The fields an endpoint takes are the ones its OpenAPI request body
+    lists (additionalProperties false, items of a batch too): a field not
+    listed is refused, and the refusal lists exactly the schema's fields."""
+    import re
+
+    from pimcore.http.openapi import openapi_document
+
+    doc = openapi_document("test")
+    bodies = [(m.upper(), p, op["requestBody"]["content"]["application/json"]["schema"])
+              for p, ops in doc["paths"].items() for m, op in ops.items() if "requestBody" in op]
+    assert len(bodies) >= 14
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice", "bob"])
+            for method, pattern, schema in bodies:
+                assert schema.get("additionalProperties") is False, (pattern, schema)
+                path = pattern.replace("{conv}", "team").replace("{seq}", "1").replace("{user}", "alice")
+                status, out = await call(c, method, path, {"zz_unknown": 1})
+                assert_error(status, out, 400, "bad_request")
+                message = out["error"]["message"]
+                assert message.startswith("unknown field 'zz_unknown': this endpoint takes "), (path, message)
+                assert set(re.findall(r"'([a-z_0-9]+)'", message.split("takes ", 1)[1])) == set(schema["properties"]), (
+                    path, message)
+            item = next(s for m, p, s in bodies if p == "/v1/messages")
+            item = item["properties"]["messages"]["items"]
+            assert item.get("additionalProperties") is False
+            status, out = await call(c, "POST", "/v1/messages", {"messages": [{"conv": "team", "payload": "x", "zz": 1}]})
+            message = out["results"][0]["message"]
+            assert set(re.findall(r"'([a-z_0-9]+)'", message.split("takes ", 1)[1])) == set(item["properties"]), message
+            c.close()

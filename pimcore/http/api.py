@@ -115,14 +115,33 @@ def _bad(message: str) -> HttpError:
     return HttpError(400, "bad_request", message)
 
 
-def _object(request: Request, *, optional: bool = False) -> dict[str, Any]:
-    """The JSON object body ({} for an empty body when ``optional``)."""
+def _object(request: Request, takes: tuple[str, ...], *, optional: bool = False) -> dict[str, Any]:
+    """The JSON object body ({} for an empty body when ``optional``), whose
+    fields are all among ``takes`` (:func:`_only`)."""
     if optional and not request.body.strip():
         return {}
     body = request.json()
     if not isinstance(body, dict):
         raise _bad("the body must be a JSON object")
+    return _only(body, takes, "this endpoint takes")
+
+
+def _only(body: dict[str, Any], takes: tuple[str, ...], who: str) -> dict[str, Any]:
+    """``body`` if it has no field outside ``takes``; else 400 naming the
+    first unknown field and the fields taken.  (Ignored, a typo changed
+    what was stored: "Sender" posted as the system, a batch item's
+    "idempotencykey" stored without a key: a new-user pass.)"""
+    for name in body:
+        if name not in takes:
+            raise _bad(f"unknown field {_show(name)}: {who} {', '.join(repr(t) for t in takes)}")
     return body
+
+
+#: The fields of a post's body (``POST /v1/conversations/{conv}/messages``),
+#: of a batch post's item, and of an edit's body.
+_POST_FIELDS = ("payload", "payload_b64", "sender", "device", "mentions", "mention_all")
+_ITEM_FIELDS = ("conv", "payload", "payload_b64", "sender", "device", "idempotency_key", "mentions", "mention_all")
+_EDIT_FIELDS = ("payload", "payload_b64", "sender", "device")
 
 
 def _field(body: dict[str, Any], name: str, kind: type, default: Any = _MISSING) -> Any:
@@ -297,7 +316,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
     from ..embed import fresh_page
 
     async def post(request: Request) -> tuple[int, Any]:
-        body = _object(request)
+        body = _object(request, _POST_FIELDS)
         payload, kw = _post_fields(body)
         key = request.headers.get("idempotency-key")
         if key is not None:
@@ -329,25 +348,25 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         return kw
 
     async def recall(request: Request) -> tuple[int, Any]:
-        body = _object(request, optional=True)
+        body = _object(request, ("sender", "device"), optional=True)
         posted = await handle.recall(request.params["conv"], _seq(request), **_key(request, _as(body)))
         return 201, _posted(posted)
 
     async def edit(request: Request) -> tuple[int, Any]:
-        body = _object(request)
+        body = _object(request, _EDIT_FIELDS)
         payload, kw = _post_fields(body)
         posted = await handle.edit(request.params["conv"], _seq(request), payload, **_key(request, kw))
         return 201, _posted(posted)
 
     async def delete_for(request: Request) -> tuple[int, Any]:
-        body = _object(request)
+        body = _object(request, ("user", "device"))
         user = _field(body, "user", str)
         kw = _key(request, {"device": _field(body, "device", str, "http")})
         posted = await handle.delete_for(user, request.params["conv"], _seq(request), **kw)
         return 201, _posted(posted)
 
     async def post_batch(request: Request) -> tuple[int, Any]:
-        body = _object(request)
+        body = _object(request, ("messages",))
         items = _field(body, "messages", list)
         if not 1 <= len(items) <= MAX_BATCH:
             raise _bad(f"field 'messages' must hold 1..{MAX_BATCH} messages")
@@ -359,6 +378,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
             try:
                 if not isinstance(item, dict):
                     raise _bad("expected a JSON object")
+                _only(item, _ITEM_FIELDS, "each message takes")
                 conv = _field(item, "conv", str)
                 payload, kw = _post_fields(item)
                 key = _field(item, "idempotency_key", str, None)
@@ -386,7 +406,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         return 200, {"results": results}
 
     async def create_group(request: Request) -> tuple[int, Any]:
-        body = _object(request)
+        body = _object(request, ("conv", "members", "history_visible"))
         changed = await handle.create_group(_field(body, "conv", str), _strings(body, "members"),
                                             history_visible=_field(body, "history_visible", bool, False))
         return 201, {"conv": changed.conv, "members": list(changed.members)}
@@ -399,7 +419,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
     def _users(request: Request) -> list[str]:
         """The ``users`` of a body adding or removing several members (at
         least one: a change of no one is refused, as the handle refuses it)."""
-        users = _strings(_object(request), "users")
+        users = _strings(_object(request, ("users",)), "users")
         if not users:
             raise _bad("field 'users' must hold at least one user id")
         return users
@@ -422,7 +442,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         return 200, {"conv": changed.conv, "members": list(changed.members)}
 
     async def kick(request: Request) -> tuple[int, Any]:
-        body = _object(request, optional=True)
+        body = _object(request, ("device", "reason"), optional=True)
         user = request.params["user"]
         device = _field(body, "device", str, None)
         reason = _field(body, "reason", str, "")
@@ -440,14 +460,14 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         return 200, {"user": user, "devices": kicked}
 
     async def revoke(request: Request) -> tuple[int, Any]:
-        body = _object(request, optional=True)
+        body = _object(request, ("device", "before"), optional=True)
         user = request.params["user"]
         device = _field(body, "device", str, None)
         before = await handle.revoke(user, device, before=_field(body, "before", int, None))
         return 200, {"user": user, "device": device, "before": before}
 
     async def tokens(request: Request) -> tuple[int, Any]:
-        body = _object(request)
+        body = _object(request, ("user", "device", "ttl"))
         user = _field(body, "user", str)
         ttl = _field(body, "ttl", int, 3600)
         try:
@@ -489,7 +509,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         return 200, {"entries": [_conv_entry(e) for e in page.entries], "cursor": page.cursor.hex(), "more": page.more}
 
     async def conversation_settings(request: Request) -> tuple[int, Any]:
-        body = _object(request)
+        body = _object(request, ("pinned", "muted", "hidden"))
         kw = {name: _field(body, name, bool, None) for name in ("pinned", "muted", "hidden")}
         entry = await handle.set_conversation(request.params["user"], request.params["conv"], **kw)
         return 200, _conv_entry(entry)
@@ -519,6 +539,15 @@ def register_api(router: Router, handle: "Pimcore") -> None:
 
             raise HttpError(409, "events_disabled", EVENTS_DISABLED)
 
+    def past_last(what: str, last: int, nothing: str) -> HttpError:
+        """409 past_last_event: ``what`` ("upto 7", "after 7") names an id
+        no event has.  A client holding one is confused (another broker's
+        id, a store that was replaced); read from it, events recorded later
+        would be skipped until their ids passed it.  (Races are none: an id
+        a client saw was the last one or below when read.)"""
+        return HttpError(409, "past_last_event", f"{what} is past the last event id, {last}"
+                                                 f"{' (no event yet)' if last == 0 else ''}: {nothing}")
+
     async def events(request: Request) -> tuple[int, Any]:
         need_events()
         consumer = _query(request, "consumer", str, "default")
@@ -528,6 +557,8 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         cursor, last = await handle.event_cursor(consumer)
         if after is None:
             after = cursor
+        elif after > last:
+            raise past_last(f"after {after}", last, "nothing read")
         page: list[Any] = []
         # next_events waits for at least one: it is called only when there
         # is one (wait=0) or for at most `wait` seconds.  A long-poll that
@@ -545,10 +576,14 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         after: Optional[int] = _query(request, "after", int, None)
         limit = _query(request, "limit", int, 50, 1, MAX_STREAM_PAGE)
         keepalive = _query(request, "keepalive", float, 15.0, 0.05, 300)
+        what = f"after {after}"
         last_id = request.headers.get("last-event-id")
         if last_id is not None:  # a reconnecting EventSource: resume after it
             after = _whole("header 'Last-Event-ID'", last_id.strip())
-        cursor, _ = await handle.event_cursor(consumer)  # refuses a bad consumer before the stream starts
+            what = f"Last-Event-ID {after}"
+        cursor, last = await handle.event_cursor(consumer)  # refuses a bad consumer before the stream starts
+        if after is not None and after > last:
+            raise past_last(what, last, "nothing read")
         start = cursor if after is None else after
 
         async def produce(send: Callable[[bytes], Awaitable[None]]) -> None:
@@ -576,24 +611,21 @@ def register_api(router: Router, handle: "Pimcore") -> None:
 
     async def ack(request: Request) -> tuple[int, Any]:
         need_events()
-        body = _object(request)
+        body = _object(request, ("consumer", "upto"))
         consumer = _field(body, "consumer", str, "default")
         upto = _field(body, "upto", int)
-        # The handle clamps an ack past the last event to it; a client
-        # that acks an id no event has is confused (another broker's id, a
-        # store that was replaced): said, and nothing acked.  (Races are
-        # none: an id a client saw was the last one or below when read.)
+        # The handle clamps an ack past the last event to it: refused here
+        # (past_last), nothing acked.
         _, last = await handle.event_cursor(consumer)
         if upto > last:
-            raise HttpError(409, "past_last_event", f"upto {upto} is past the last event id, {last}"
-                                                    f"{' (no event yet)' if last == 0 else ''}: nothing acked")
+            raise past_last(f"upto {upto}", last, "nothing acked")
         return 200, {"consumer": consumer, "cursor": await handle.ack_events(upto, consumer)}
 
     async def get_retention(request: Request) -> tuple[int, Any]:
         return 200, asdict(await handle.retention(request.params["conv"]))
 
     async def put_retention(request: Request) -> tuple[int, Any]:
-        body = _object(request, optional=True)
+        body = _object(request, ("max_age", "max_count"), optional=True)
         ret = await handle.set_retention(request.params["conv"], max_age=_field(body, "max_age", int, None),
                                          max_count=_field(body, "max_count", int, None))
         return 200, asdict(ret)

@@ -162,6 +162,21 @@ _CONTENT_TYPE = {("GET", "/v1/events/stream"): "text/event-stream",
 _ERROR = _obj(("error",), error=_obj(("code", "message"), code=_STR, message=_STR))
 
 
+def _closed(schema: Any) -> Any:
+    """A request body's schema with ``additionalProperties: false`` on each
+    object in it: the API refuses a field it does not take (400
+    ``unknown field``), a batch post's items too."""
+    if isinstance(schema, dict):
+        out = {k: _closed(v) for k, v in schema.items()}
+        if "properties" in schema:
+            out["properties"] = {k: _closed(v) for k, v in schema["properties"].items()}
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_closed(v) for v in schema]
+    return schema
+
+
 def openapi_document(version: str) -> dict[str, Any]:
     """The document (a JSON-ready dict) for pimcore ``version``."""
     paths: dict[str, dict[str, Any]] = {}
@@ -184,7 +199,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             op["parameters"] = params
         if body is not None:
             op["requestBody"] = {"required": method == "POST" and bool(body.get("required")),
-                                 "content": {"application/json": {"schema": body}}}
+                                 "content": {"application/json": {"schema": _closed(body)}}}
         paths.setdefault(path, {})[method.lower()] = op
     return {
         "openapi": "3.1.0",

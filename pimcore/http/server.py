@@ -114,7 +114,8 @@ class StreamBody:
 @dataclass(frozen=True, slots=True)
 class Request:
     """One request as a handler sees it.  ``headers``: lower-case names
-    (repeated headers joined with ", "); ``params``: the path pattern's
+    (repeated headers joined with ", "; Authorization, Idempotency-Key and
+    Last-Event-ID given twice are refused before a handler runs); ``params``: the path pattern's
     ``{name}`` segments, percent-decoded; ``query``: parsed query string
     (each name once: a parameter given twice is refused before a handler
     runs; a blank one is absent)."""
@@ -174,6 +175,12 @@ def _path_param(raw: str) -> str:
         return unquote(raw, errors="strict")
     except UnicodeDecodeError:
         raise HttpError(400, "bad_request", f"path segment {_show(raw)}: the percent-escapes are not UTF-8") from None
+
+
+#: The request headers read as one value (h11 gives header names as
+#: lower-case bytes): given twice, refused rather than joined with ", ".
+_SINGLE_HEADERS = {b"authorization": "Authorization", b"idempotency-key": "Idempotency-Key",
+                   b"last-event-id": "Last-Event-ID"}
 
 
 def _parse_query(text: str) -> dict[str, list[str]]:
@@ -553,6 +560,13 @@ class HttpServer:
             key = name.decode("ascii").lower()
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        counts = Counter(name.lower() for name, _ in event.headers if name.lower() in _SINGLE_HEADERS)
+        for key, n in counts.items():
+            if n > 1:
+                # Joined, "a, b" was taken as one Idempotency-Key: which one
+                # was meant is not ours to guess (as a query parameter given
+                # twice).  The values are not echoed (an API key).
+                raise HttpError(400, "bad_request", f"header {_SINGLE_HEADERS[key]!r} is given {n} times: give it once")
         if "content-length" in headers and "transfer-encoding" in headers:
             # RFC 9112 6.1: "ought to be handled as an error", and the
             # connection MUST close -- a proxy in front may have framed the
