@@ -1024,6 +1024,13 @@ class BrokerServer:
         # Set (and replaced by a fresh one) whenever a write batch committed:
         # what a host event reader that is caught up waits for.
         self._committed = trio.Event()
+        # Why the store refuses writes (the last failed write's StoreError),
+        # until a write succeeds again: /readyz is 503 meanwhile.  A store
+        # error is logged once per change of its text (_store_error), the
+        # repeats at DEBUG and counted here.
+        self._store_failing: Optional[str] = None
+        self._store_logged: Optional[str] = None
+        self._store_repeats = 0
         # Work the core asked for that runs as a task (async reads, async
         # hooks); started once run() has a nursery.
         self._tasks: Optional[trio.Nursery] = None
@@ -1136,8 +1143,9 @@ class BrokerServer:
 
     def readiness(self) -> Optional[str]:
         """None when the broker accepts work (running, listening, store
-        open), else why not (for ``/readyz``).  Probes a synchronous store
-        with a cheap in-memory call; an AsyncStore is taken as open."""
+        open, its last write did not fail), else why not (for ``/readyz``).
+        Probes a synchronous store with a cheap in-memory call; an AsyncStore
+        is taken as open."""
         if self._stopping:
             return "shutting down"
         # A broker configured without listeners (embedded: host posts, the
@@ -1151,6 +1159,8 @@ class BrokerServer:
                 return f"store unavailable: {exc}"
             except Exception as exc:  # a store bug is not readiness either
                 return f"store unavailable: {exc!r}"
+        if self._store_failing is not None:
+            return f"store failing writes: {self._store_failing}"
         return None
 
     def now(self) -> int:
@@ -1908,14 +1918,33 @@ class BrokerServer:
         else:
             self._run(self._core(self.broker.store_completed, req.request_id, results))
 
-    def _store_error(self, req: StoreRequest, exc: BaseException) -> None:
+    def _store_error(self, req: StoreRequest, exc: BaseException, write: bool = False) -> None:
         # StoreError is the contract; anything else is a store bug, handled
         # the same way: nothing of the request took effect.
         if not isinstance(exc, StoreError):
             log.error("store request %d failed unexpectedly", req.request_id, exc_info=exc)
             self._stats["internal_errors"] += 1
+            return
+        text = str(exc)
+        if write:
+            self._store_failing = text
+        if text != self._store_logged:
+            # Once per change of state: a full disk refuses every request
+            # alike until space is freed (or until a restart).
+            self._store_logged = text
+            log.error("store request %d failed: %s", req.request_id, text,
+                      extra={"event": "store_error", "write": write})
         else:
-            log.error("store request %d failed: %s", req.request_id, exc)
+            self._store_repeats += 1
+            log.debug("store request %d failed: %s", req.request_id, text)
+
+    def _store_writes_again(self) -> None:
+        """A write committed: the store is no longer failing (see _store_error)."""
+        if self._store_failing is not None:
+            log.warning("store writes succeed again (%d more requests failed the same way meanwhile)",
+                        self._store_repeats, extra={"event": "store_recovered"})
+        self._store_failing = self._store_logged = None
+        self._store_repeats = 0
 
     # Hooks.  A refusal is the hook's answer (AuthError, a reason); a hook that
     # fails or does not answer within hook_timeout is not an answer: the
@@ -2387,6 +2416,7 @@ class BrokerServer:
                 # The store writes no more (its batches are in the command
                 # log); every later commit fails with STORE_UNAVAILABLE.
                 log.error("deferred commit failed: %s", exc, extra={"event": "store_error"})
+                self._store_failing = self._store_logged = str(exc)
                 return
 
     def _may_offload(self) -> bool:
@@ -2463,9 +2493,11 @@ class BrokerServer:
         if exc is not None:
             # Nothing of the batch is acked: senders get
             # STORE_UNAVAILABLE and retry with the same local id.
-            self._store_error(req, exc)
+            self._store_error(req, exc, write=True)
             cmds = self._core(self.broker.store_failed, req.request_id, exc)
         else:
+            if self._store_failing is not None or self._store_logged is not None:
+                self._store_writes_again()
             cmds = self._core(self.broker.store_completed, req.request_id, results)
             self._committed.set()
             self._committed = trio.Event()

@@ -197,6 +197,7 @@ decode in one ``unpack_from`` call, which matters more in Python.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import itertools
 import logging
@@ -551,6 +552,40 @@ def _abort(txn: _Txn) -> None:
 
 _log = logging.getLogger("pimcore.store")
 
+#: Under this many free bytes on the data directory's file system, an I/O
+#: error of a write (LMDB reports a short ``pwrite`` as EIO) is taken as the
+#: disk being full.
+_LOW_SPACE = 1 << 20
+
+
+def _no_space(path: str, exc: BaseException) -> Optional[str]:
+    """"no space left on the data directory's file system (``path``)" if
+    ``exc`` (an OSError or lmdb.Error of a write under ``path``) comes from
+    a full disk or quota: ENOSPC/EDQUOT, or EIO with (almost) nothing free
+    there -- else None."""
+    if isinstance(exc, OSError):
+        code: Optional[int] = exc.errno
+    elif isinstance(exc, lmdb.DiskError) or os.strerror(errno.ENOSPC) in str(exc):
+        code = errno.ENOSPC
+    elif os.strerror(errno.EDQUOT) in str(exc):
+        code = errno.EDQUOT
+    elif os.strerror(errno.EIO) in str(exc):
+        code = errno.EIO
+    else:
+        return None
+    if code == errno.EIO:
+        try:
+            st = os.statvfs(path)
+        except OSError:
+            return None
+        # (root may write into the blocks reserved for it: f_bfree.)
+        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+        if free >= _LOW_SPACE:
+            return None
+    elif code not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return f"no space left on the data directory's file system ({path})"
+
 #: The classes a command log record may hold (the write ops, base.Op), the
 #: getter of each one's fields in order, and a fingerprint of both: a record
 #: starts with it, so a log written by code with other op fields is refused
@@ -852,7 +887,12 @@ class _LogState:
     def _append_failed(self, exc: OSError) -> StoreError:
         # After a failed flush the page cache's state is unknown (fsync
         # can't be retried): stop.
-        self.failed = f"the command log could not be written ({exc}); restart the broker"
+        full = _no_space(self.store._path, exc)
+        if full is not None:
+            self.failed = (f"the command log could not be written: {full} ({exc}); free space there (or move"
+                           " the data directory to a larger disk), then restart the broker")
+        else:
+            self.failed = f"the command log could not be written ({exc}); restart the broker"
         return StoreError(self.failed)
 
     def stop_flusher(self) -> None:
@@ -1776,13 +1816,23 @@ class LmdbStore(Store):
         env = self._env
         return env is not None and self._mapped * 4 <= self._max_map_size
 
+    def _lmdb_error(self, exc: lmdb.Error) -> StoreError:
+        """The StoreError for LMDB's failure ``exc``, in words when the disk is full."""
+        full = _no_space(self._path, exc)
+        if full is not None:
+            return StoreError(f"LMDB error: {full} ({exc}): free space there (or move the data directory to a"
+                              " larger disk); writes are retried by the clients")
+        return StoreError(f"LMDB error: {exc}")
+
     def _grow(self, env: lmdb.Environment) -> None:
         """Double the map.  Caller holds the write lock (or is __init__), so
         no write transaction is open; the gate drains the readers."""
         size = env.info()["map_size"]
         new = min(size * 2, self._max_map_size)
         if new <= size:
-            raise StoreError(f"LMDB map full at {size} bytes (max_map_size {self._max_map_size})")
+            raise StoreError(f"the store's map is full (LMDB map full at {size} bytes, its ceiling max_map_size"
+                             f" {self._max_map_size}): open the store with a larger max_map_size, or purge"
+                             " old messages (retention) to make room")
         self._resize(env, new)
 
     def _resize(self, env: lmdb.Environment, size: int) -> None:
@@ -1881,7 +1931,7 @@ class LmdbStore(Store):
                         self._adopt_map_size(env)
                         continue
                     except lmdb.Error as exc:
-                        raise StoreError(f"LMDB error: {exc}") from exc
+                        raise self._lmdb_error(exc) from exc
                     try:
                         if logged is not None and not logged.written:
                             assert st is not None
@@ -1907,7 +1957,7 @@ class LmdbStore(Store):
                         continue
                     except lmdb.Error as exc:
                         _abort(txn)
-                        raise StoreError(f"LMDB error: {exc}") from exc
+                        raise self._lmdb_error(exc) from exc
                     except BaseException:
                         _abort(txn)
                         raise
@@ -2059,7 +2109,7 @@ class LmdbStore(Store):
                         self._adopt_map_size(env)
                         continue
                     except lmdb.Error as exc:
-                        raise StoreError(f"LMDB error: {exc}") from exc
+                        raise self._lmdb_error(exc) from exc
                     self._open_gen += 1
                     op = self._open = _Open(begun, begun.id() if _TXN_IDS else tid, time.monotonic(), self._open_gen)
                     if self._on_open is not None:
@@ -2087,7 +2137,7 @@ class LmdbStore(Store):
                     continue
                 except lmdb.Error as exc:
                     self._drop_open()
-                    raise StoreError(f"LMDB error: {exc}") from exc
+                    raise self._lmdb_error(exc) from exc
                 except BaseException:
                     self._drop_open()
                     raise
@@ -2179,7 +2229,7 @@ class LmdbStore(Store):
                 self._adopt_map_size(env)  # (its checkpoint replays the batches from op.at)
                 continue
             except lmdb.Error as exc:
-                raise StoreError(f"LMDB error: {exc}") from exc
+                raise self._lmdb_error(exc) from exc
             self._hot = None
             try:
                 for fn in op.fns:
@@ -2265,7 +2315,7 @@ class LmdbStore(Store):
         try:
             yield txn
         except lmdb.Error as exc:
-            raise StoreError(f"LMDB error: {exc}") from exc
+            raise self._lmdb_error(exc) from exc
         finally:
             txn.abort()
             self._gate.leave()
@@ -2300,7 +2350,7 @@ class LmdbStore(Store):
                         self._adopt_map_size(env)
             except lmdb.Error as exc:
                 gate.leave()
-                raise StoreError(f"LMDB error: {exc}") from exc
+                raise self._lmdb_error(exc) from exc
             except BaseException:
                 gate.leave()
                 raise

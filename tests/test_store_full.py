@@ -1,0 +1,102 @@
+"""A store that cannot write because its disk (or its map) is full: the
+error says so in words, is logged once per change of state, and ``/readyz``
+answers 503 while writes fail (docs/OPERATIONS.md, "When the disk is full")."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import trio
+
+from pimcore.store import wal
+
+from test_http import assert_error
+from test_http_api import api, call
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "pimcore.net" and r.levelno >= logging.ERROR]
+
+
+async def _post(c: Any, text: str) -> tuple[int, Any]:
+    return await call(c, "POST", "/v1/conversations/team/messages", {"payload": text})
+
+
+async def test_a_command_log_without_space_is_named_logged_once_and_not_ready(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pimcore")
+    with trio.fail_after(30):
+        async with api(tmp_path, durability="log") as (im, h, c):
+            assert (await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["alice", "bob"]}))[0] == 201
+            assert (await _post(c, "fits"))[0] == 201
+            assert await c.json("GET", "/readyz") == (200, {"status": "ready"})
+
+            def full(fd: int, data: bytes, offset: int) -> None:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            monkeypatch.setattr(wal, "_pwrite_all", full)
+            for i in range(5):
+                assert_error(*await _post(c, f"no room {i}"), 503, "STORE_UNAVAILABLE")
+            errors = _errors(caplog)
+            assert len(errors) == 1, errors  # not one per refused request
+            assert "no space left on the data directory's file system" in errors[0], errors
+            assert str(tmp_path) in errors[0]
+            status, doc = await c.json("GET", "/readyz")
+            assert_error(status, doc, 503, "unavailable")
+            assert "no space left" in doc["error"]["message"], doc
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (needs root and mount: else the test is skipped)."""
+    where = tmp_path / "tiny"
+    where.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill(where: Path) -> Path:
+    filler = where / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_a_full_disk_under_lmdb_is_named_not_ready_and_ready_again_once_a_write_succeeds(
+        tiny_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pimcore")
+    with trio.fail_after(60):
+        async with api(tiny_fs / "d") as (im, h, c):
+            assert (await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["alice", "bob"]}))[0] == 201
+            assert await c.json("GET", "/readyz") == (200, {"status": "ready"})
+            filler = _fill(tiny_fs)
+            big = "x" * 60_000
+            for i in range(5):
+                assert_error(*await _post(c, big), 503, "STORE_UNAVAILABLE")
+            errors = _errors(caplog)
+            assert len(errors) == 1, errors
+            assert "no space left on the data directory's file system" in errors[0], errors
+            status, doc = await c.json("GET", "/readyz")
+            assert_error(status, doc, 503, "unavailable")
+            assert "no space left" in doc["error"]["message"], doc
+            filler.unlink()
+            assert (await _post(c, big))[0] == 201
+            assert await c.json("GET", "/readyz") == (200, {"status": "ready"})
+            assert any("succeed" in r.getMessage() for r in caplog.records if r.name == "pimcore.net"), caplog.text
