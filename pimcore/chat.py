@@ -45,8 +45,9 @@ the others you are typing (a line you then send ends it for them).  In a
 ``--group NAME`` chats in a group instead (``pimcore group create NAME
 alice bob ...`` makes one; a group that does not exist is refused, exit 2);
 groups have no read receipts.  A refused token, or a broker certificate
-not trusted, also exits 2 (refused as given); a broker that cannot be
-reached exits 1 (docs/OPERATIONS.md, Exit codes).  A user who is not a member of the group now
+not trusted, or a URL at the wrong kind of port (another service's, the
+HTTP API's, TLS or not, a WebSocket path not served) also exits 2 (refused
+as given); a broker that cannot be reached exits 1 (docs/OPERATIONS.md, Exit codes).  A user who is not a member of the group now
 is told so at the start, under the ``connected as`` line, with the ``pimcore
 group add`` that lets them in: what they type is refused until then, and
 once added the chat shows the group's messages.
@@ -603,6 +604,10 @@ def run_chat(args: argparse.Namespace) -> int:
             print(f"pimcore chat: {safe_text(str(exc))}{hint}", file=sys.stderr)
             return 2
         print(f"pimcore chat: {safe_text(str(exc))}", file=sys.stderr)
+        if exc.wrong_port:
+            # The URL names the wrong kind of port or path (another service,
+            # the HTTP API, TLS or not, a path not served): refused as given.
+            return 2
     except KeyboardInterrupt:
         return 130
     return 1
