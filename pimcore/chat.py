@@ -412,6 +412,14 @@ async def chat(
                     out(f"✗ not sent: the line is not UTF-8 text ({_show(typed_bytes)}):"
                         " is the terminal's encoding UTF-8?")
                     continue
+                command, _, rest = text.partition(" ")
+                if command in _NO_ARGUMENTS:
+                    if rest.strip():
+                        # A known command, not a typo of one: say what is wrong with it.
+                        out(f"✗ {command} takes no arguments (not sent): type {command} alone, or // to send the"
+                            f" line (/{_shown(text)} sends {_shown(text)})")
+                        continue
+                    text = command  # (a trailing space is no argument)
                 if text in ("/quit", "/exit"):
                     break
                 if text == "/help":
@@ -425,7 +433,6 @@ async def chat(
                     for m in client.view(conv):
                         out(_line(m, client.user))
                     continue
-                command, _, rest = text.partition(" ")
                 if command in ("/edit", "/recall", "/delete"):
                     number, _, new_text = rest.strip().partition(" ")
                     # N is a seq: 1..2**64-1 (ASCII digits only: int() takes others too).
@@ -459,6 +466,9 @@ async def chat(
 
 #: The commands, as /help and the refusal of an unknown one list them.
 COMMANDS = ("/help", "/history", "/typing", "/edit N text", "/recall N", "/delete N", "/quit")
+
+#: The commands that take no arguments.
+_NO_ARGUMENTS = frozenset(("/help", "/history", "/typing", "/quit", "/exit"))
 
 #: The help /help prints, a line each.
 _HELP = (

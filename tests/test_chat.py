@@ -482,6 +482,24 @@ async def test_chat_refuses_an_unknown_command_and_sends_a_slash_escaped(tmp_pat
     assert any("//" in line for line in helped), out
 
 
+async def test_chat_says_a_command_takes_no_arguments(tmp_path: Path) -> None:
+    """"/quit now" was refused as an "unknown command ... the commands are
+    ..., /quit" (new-user pass): it is known, it takes no arguments.  Said
+    so, for each command that takes none; a trailing space is no argument."""
+    import trio
+
+    with trio.fail_after(30):
+        async with _alice_chats_with(tmp_path) as (im, n, out, into):
+            for line in ("/quit now", "/exit now", "/help me", "/history all", "/typing yes", "/help "):
+                await into.send(line)
+            await into.send("/quit")
+    refused = [line for line in out if line.startswith("✗")]
+    assert refused == [f"✗ {c} takes no arguments (not sent): type {c} alone, or // to send the line ({'/' + c} {a}"
+                       f" sends {c} {a})" for c, a in (("/quit", "now"), ("/exit", "now"), ("/help", "me"),
+                                                     ("/history", "all"), ("/typing", "yes"))], out
+    assert sum(line.startswith("commands: /help") for line in out) == 1, out  # "/help " helped
+
+
 async def test_chat_shows_a_very_long_line_cut(tmp_path: Path) -> None:
     """A 70,000-character line was echoed twice in full ("… sending: ..."
     and its outcome), flooding the terminal (new-user pass): both show it
