@@ -45,8 +45,9 @@ the others you are typing (a line you then send ends it for them).  In a
 ``--group NAME`` chats in a group instead (``pimcore group create NAME
 alice bob ...`` makes one; a group that does not exist is refused, exit 2);
 groups have no read receipts.  A refused token, or a broker certificate
-not trusted, also exits 2 (refused as given); a broker that cannot be
-reached exits 1 (docs/OPERATIONS.md, Exit codes).  A user who is not a member of the group now
+not trusted, or a URL at the wrong kind of port (another service's, the
+HTTP API's, TLS or not, a WebSocket path not served) also exits 2 (refused
+as given); a broker that cannot be reached exits 1 (docs/OPERATIONS.md, Exit codes).  A user who is not a member of the group now
 is told so at the start, under the ``connected as`` line, with the ``pimcore
 group add`` that lets them in: what they type is refused until then, and
 once added the chat shows the group's messages.
@@ -411,6 +412,14 @@ async def chat(
                     out(f"✗ not sent: the line is not UTF-8 text ({_show(typed_bytes)}):"
                         " is the terminal's encoding UTF-8?")
                     continue
+                command, _, rest = text.partition(" ")
+                if command in _NO_ARGUMENTS:
+                    if rest.strip():
+                        # A known command, not a typo of one: say what is wrong with it.
+                        out(f"✗ {command} takes no arguments (not sent): type {command} alone, or // to send the"
+                            f" line (/{_shown(text)} sends {_shown(text)})")
+                        continue
+                    text = command  # (a trailing space is no argument)
                 if text in ("/quit", "/exit"):
                     break
                 if text == "/help":
@@ -424,7 +433,6 @@ async def chat(
                     for m in client.view(conv):
                         out(_line(m, client.user))
                     continue
-                command, _, rest = text.partition(" ")
                 if command in ("/edit", "/recall", "/delete"):
                     number, _, new_text = rest.strip().partition(" ")
                     # N is a seq: 1..2**64-1 (ASCII digits only: int() takes others too).
@@ -458,6 +466,9 @@ async def chat(
 
 #: The commands, as /help and the refusal of an unknown one list them.
 COMMANDS = ("/help", "/history", "/typing", "/edit N text", "/recall N", "/delete N", "/quit")
+
+#: The commands that take no arguments.
+_NO_ARGUMENTS = frozenset(("/help", "/history", "/typing", "/quit", "/exit"))
 
 #: The help /help prints, a line each.
 _HELP = (
@@ -603,6 +614,10 @@ def run_chat(args: argparse.Namespace) -> int:
             print(f"pimcore chat: {safe_text(str(exc))}{hint}", file=sys.stderr)
             return 2
         print(f"pimcore chat: {safe_text(str(exc))}", file=sys.stderr)
+        if exc.wrong_port:
+            # The URL names the wrong kind of port or path (another service,
+            # the HTTP API, TLS or not, a path not served): refused as given.
+            return 2
     except KeyboardInterrupt:
         return 130
     return 1

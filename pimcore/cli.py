@@ -881,7 +881,7 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
                              f" http://{base[len('https://'):]}") from None
         if isinstance(exc.reason, TimeoutError):  # (connecting, or sending the request)
             raise _Unreachable(f"cannot reach {base}: no connection within {_HTTP_TIMEOUT:g} s") from None
-        raise _Unreachable(f"cannot reach {base}: {exc.reason}") from None
+        raise _Unreachable(f"cannot reach {base}: {_in_words(exc.reason)}") from None
     except ssl.SSLCertVerificationError as exc:  # (not wrapped in a URLError)
         raise ValueError(f"the certificate of {base} did not verify ({exc.verify_message or exc}): give --cafile"
                          " PATH, the PEM CA bundle that signed it") from None
@@ -980,14 +980,30 @@ def _purged_line(out: dict) -> str:
     return f"{out['conv']}: {_count(out['messages'], 'entry')} and {_count(out['entries'], 'inbox entry')} removed"
 
 
+def _in_words(reason: Any) -> str:
+    """A URLError's reason as chat says it ("connection refused"), not
+    "[Errno 111] Connection refused"."""
+    import socket
+
+    if isinstance(reason, OSError) and reason.errno is not None and reason.strerror:
+        text = reason.strerror if isinstance(reason, socket.gaierror) or reason.errno <= 0 else os.strerror(reason.errno)
+        return text[:1].lower() + text[1:]
+    return str(reason)
+
+
 def _retention_line(out: dict) -> str:
     """What ``pimcore retention`` prints (its --json: the HTTP API's object):
     ``team: max age 90 s, max count no limit, history floor 12`` (a field
     the conversation does not set: "the broker default")."""
+    from decimal import Decimal
+
     def said(value: Any, unit: str = "") -> str:
         if value is None:
             return "the broker default"
-        return "no limit" if value == 0 else f"{value / 1_000_000:g} s" if unit == "s" else str(value)
+        if value == 0:
+            return "no limit"
+        # (Exact and in full: 30 days was "2.592e+06 s".)
+        return f"{Decimal(value) / 1_000_000:f} s" if unit == "s" else str(value)
 
     return (f"{out['conv']}: max age {said(out.get('max_age'), 's')}, max count {said(out.get('max_count'))},"
             f" history floor {out.get('floor')}")
@@ -1007,6 +1023,12 @@ def _cmd_retention(args: argparse.Namespace) -> int:
         print(f"pimcore retention: {problem}", file=sys.stderr)
         return 2
     change = args.default or args.max_age is not None or args.max_count is not None
+    given = "--max-age" if args.max_age is not None else "--max-count" if args.max_count is not None else None
+    if args.default and given is not None:
+        # (It was ignored: the limit given was set.)
+        print(f"pimcore retention: --default puts both limits back to the broker default: give it alone, or {given}"
+              " alone (the other limit then follows the default)", file=sys.stderr)
+        return 2
     if args.max_age is not None and not (math.isfinite(args.max_age) and args.max_age * 1_000_000 < 2**63):
         print(f"pimcore retention: --max-age must be a number of seconds below {2**63 // 1_000_000}, not"
               f" {args.max_age}", file=sys.stderr)
@@ -1290,7 +1312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("conv", help="the conversation id")
     p.add_argument("--max-age", type=float, metavar="SECONDS", help="remove entries older than this")
     p.add_argument("--max-count", type=int, metavar="N", help="keep only the newest N entries")
-    p.add_argument("--default", action="store_true", help="fields not given follow the broker default")
+    p.add_argument("--default", action="store_true", help="both limits follow the broker default (alone: with"
+                   " --max-age or --max-count, the limit not given follows it already)")
     p.add_argument("--json", action="store_true", help="machine-readable output (the HTTP API's JSON object)")
     _http_flags(p)
     p.add_argument("--config", help="the serve configuration file (for its data directory)")

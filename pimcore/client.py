@@ -1232,10 +1232,12 @@ class Client:
                                     scheme, path = ("ws", ep.path) if ep.websocket else ("tcp", "")
                                 hint = f" (the server may not use TLS: try {scheme}://{_host(ep)}:{ep.port}{path})"
                         raise ConnectFailed(f"cannot connect to {self.url}:"
-                                            f" {_root_cause(exc, ep)}{hint}") from exc
+                                            f" {_root_cause(exc, ep)}{hint}",
+                                            wrong_port=bool(hint) or _wrong_kind(exc)) from exc
                     if isinstance(exc, _WrongPort):
                         # The wrong kind of port said so: that will not change.
-                        raise ConnectFailed(f"cannot connect to {self.url}: {exc.what} ({exc.hint})") from exc
+                        raise ConnectFailed(f"cannot connect to {self.url}: {exc.what} ({exc.hint})",
+                                            wrong_port=True) from exc
                     hint = ""
                     if self._tls_suspect:
                         ep = self.endpoint
@@ -1247,9 +1249,11 @@ class Client:
                         # retrying it until connect_timeout only delayed the hint.
                         # (Said as such: the decoder's complaint about its bytes
                         # -- "UNSUPPORTED_VERSION: protocol version 0" -- is noise.)
-                        raise ConnectFailed(f"cannot connect to {self.url}: the server answered with a TLS alert{hint}") from exc
+                        raise ConnectFailed(f"cannot connect to {self.url}: the server answered with a TLS alert{hint}",
+                                            wrong_port=True) from exc
                     if self._other_answer is not None:
-                        raise ConnectFailed(f"cannot connect to {self.url}: {_other_service(self._other_answer)}") from exc
+                        raise ConnectFailed(f"cannot connect to {self.url}: {_other_service(self._other_answer)}",
+                                            wrong_port=True) from exc
                     if self._login_broke and (frame > _LARGE_LOGIN or not hint):
                         # What is known: a broker closes a connection whose
                         # frame is over its max_frame, sending a Close that
@@ -1302,6 +1306,14 @@ def _refusal(exc: Optional[BaseException]) -> bool:
     balancer with no broker behind it yet, a broker stopping)."""
     return isinstance(exc, (ConnectionRefusedError, ssl.SSLError)) and not isinstance(
         exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
+
+
+def _wrong_kind(exc: BaseException) -> bool:
+    """A refused WebSocket upgrade that says the URL is the wrong kind of
+    port or path: not a WebSocket endpoint (an answer below 400, a 400), a
+    path not served (404), pimcore's HTTP API (ConnectFailed.wrong_port)."""
+    return isinstance(exc, ConnectionRejected) and (
+        exc.status_code < 401 or exc.status_code == 404 or bool(_HTTP_API.search(bytes(exc.body or b""))))
 
 
 def _host(ep: Endpoint) -> str:

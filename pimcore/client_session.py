@@ -240,7 +240,18 @@ class AuthFailed(ClientError):
 
 
 class ConnectFailed(ClientError):
-    """The first connection could not be established."""
+    """The first connection could not be established.
+
+    ``wrong_port`` is True when the answer says the URL is the wrong kind
+    of port or path: another service's port, pimcore's HTTP API, a TLS port
+    given a plain URL or a plain port given a TLS one, a WebSocket path the
+    listener does not serve.  The same URL then fails the same way (fix
+    the URL); False for what may work later (a refused or silent port, an
+    unknown host) and for other failures."""
+
+    def __init__(self, message: str = "", *, wrong_port: bool = False) -> None:
+        super().__init__(message)
+        self.wrong_port = wrong_port
 
 
 class ClientClosed(ClientError):

@@ -904,6 +904,9 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
             res.broker_messages_stored = int(broker.final["messages_stored"])
         res.limit = _diagnose(res)
         return res
+    assert cfg.secret is not None
+    for one in cfg.url.split(","):
+        _check_broker(one, cfg.secret)
     if cfg.mode == "group":
         if cfg.store is not None:
             _create_group_redis(cfg.store, cfg.namespace, cfg.group_size)
@@ -916,6 +919,30 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     res = _run_against(cfg, cfg.url, cfg.secret, None, "")
     res.limit = _diagnose(res)
     return res
+
+
+def _check_broker(url: str, secret: str) -> None:
+    """One SDK connect to ``url`` before the load starts: a port that is not
+    a pimcore broker's is said in the SDK's words within its connect_timeout
+    (the generators waited up to 60 s for logins, then said less).  Raises
+    BenchUnreachable (exit 1) for what may work later, BenchError (exit 2)
+    for the wrong kind of port or a refused token.  It logs in as a user of
+    its own (bench-probe), never one the run sends to."""
+    from .auth import issue_token
+    from .client import AuthFailed, ConnectFailed, open_client
+
+    async def probe() -> None:
+        async with open_client(url.strip(), issue_token(secret, "bench-probe", ttl=600), device="bench-probe"):
+            pass
+
+    try:
+        trio.run(probe)
+    except ConnectFailed as exc:
+        if exc.wrong_port:
+            raise BenchError(str(exc)) from None
+        raise BenchUnreachable(str(exc)) from None
+    except AuthFailed as exc:
+        raise BenchError(f"login refused by the broker at {url.strip()}: {exc} (is --secret its token secret?)") from None
 
 
 def _run_against(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], backend: str) -> BenchResult:

@@ -76,7 +76,8 @@ def test_chat_with_a_plain_url_to_a_tls_port_suggests_tls_at_once(tmp_path: Path
         port, path = im.port(scheme), "/im" if scheme == "wss" else ""
         url = f"{'ws' if scheme == 'wss' else 'tcp'}://127.0.0.1:{port}{path}"
         r = run_pimcore("chat", "--to", "bob", "--token", token("alice"), "--url", url, timeout=60)
-    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr, r
+    # The wrong kind of port for the URL: refused as given (exit 2, OPERATIONS.md, Exit codes).
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r
     progress, last = r.stderr.strip().splitlines()
     assert progress == f"pimcore chat: connecting to {url} (up to 10 s)…", r.stderr
     assert last.startswith(f"pimcore chat: cannot connect to {url}: "), last  # not "within 10 s (connect_timeout)"
@@ -176,12 +177,39 @@ def test_chat_at_another_services_port_says_what_it_answered_at_once(scheme: str
         server.close()
         thread.join(5)
     out, err = capsys.readouterr()
-    assert rc == 1 and out == "" and took < 5, (rc, out, err, took)  # connect_timeout is 10 s
+    # Another service's port: refused as given (exit 2), as for the admin commands' --http.
+    assert rc == 2 and out == "" and took < 5, (rc, out, err, took)  # connect_timeout is 10 s
     assert err.splitlines() == [
         f"pimcore chat: connecting to {url} (up to 10 s)…",
         f"pimcore chat: cannot connect to {url}: the server answered {said}, not in pimcore's protocol:"
         " is it another service's port?",
     ], err
+
+
+@pytest.mark.parametrize("case", ["ws-wrong-path", "wss-at-a-plain-port", "tcp-at-the-http-api"])
+def test_chat_at_the_wrong_kind_of_port_exits_2(tmp_path: Path, case: str) -> None:
+    """Exited 1 ("may work later") for URLs that are refused as given: a
+    ws:// path the listener does not serve (404), wss:// at a plain port,
+    tcp:// at the HTTP API.  The same URL fails the same way: exit 2, as
+    the admin commands' --http at a broker's port does."""
+    from _net import token
+    from _proc import run_pimcore
+
+    listen = ["ws://127.0.0.1:0/im"] if case != "tcp-at-the-http-api" else ["tcp://127.0.0.1:0"]
+    extra = {"http": "http://127.0.0.1:0"} if case == "tcp-at-the-http-api" else {}
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=listen, **extra) as im:
+        if case == "ws-wrong-path":
+            url = f"ws://127.0.0.1:{im.port('ws')}/wrong"
+        elif case == "wss-at-a-plain-port":
+            url = f"wss://127.0.0.1:{im.port('ws')}/im"
+        else:
+            assert im.http_url is not None
+            url = "tcp://" + im.http_url.split("://", 1)[1].rstrip("/")
+        r = run_pimcore("chat", "--to", "bob", "--token", token("alice"), "--url", url, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r
+    progress, last = r.stderr.strip().splitlines()
+    assert last.startswith(f"pimcore chat: cannot connect to {url}: "), last
+    assert "within" not in last, last  # said at once, not after connect_timeout
 
 
 def test_chat_in_a_group_that_does_not_exist_says_so_and_exits_non_zero(tmp_path: Path) -> None:
@@ -452,6 +480,24 @@ async def test_chat_refuses_an_unknown_command_and_sends_a_slash_escaped(tmp_pat
     helped = out[out.index("✓ sent (#1): /frobnicate is a command") + 1:]
     assert helped[0].startswith("commands: /help"), out
     assert any("//" in line for line in helped), out
+
+
+async def test_chat_says_a_command_takes_no_arguments(tmp_path: Path) -> None:
+    """"/quit now" was refused as an "unknown command ... the commands are
+    ..., /quit" (new-user pass): it is known, it takes no arguments.  Said
+    so, for each command that takes none; a trailing space is no argument."""
+    import trio
+
+    with trio.fail_after(30):
+        async with _alice_chats_with(tmp_path) as (im, n, out, into):
+            for line in ("/quit now", "/exit now", "/help me", "/history all", "/typing yes", "/help "):
+                await into.send(line)
+            await into.send("/quit")
+    refused = [line for line in out if line.startswith("✗")]
+    assert refused == [f"✗ {c} takes no arguments (not sent): type {c} alone, or // to send the line ({'/' + c} {a}"
+                       f" sends {c} {a})" for c, a in (("/quit", "now"), ("/exit", "now"), ("/help", "me"),
+                                                     ("/history", "all"), ("/typing", "yes"))], out
+    assert sum(line.startswith("commands: /help") for line in out) == 1, out  # "/help " helped
 
 
 async def test_chat_shows_a_very_long_line_cut(tmp_path: Path) -> None:

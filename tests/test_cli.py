@@ -1037,7 +1037,7 @@ def test_bench_that_cannot_reach_its_broker_exits_1(capsys):
                    "--generator", "python"])
     out, err = capsys.readouterr()
     assert rc == 1 and out == "", (rc, out, err)
-    assert err.startswith(f"pimcore bench: cannot reach the broker at {url}"), err
+    assert err == f"pimcore bench: cannot connect to {url}: connection refused\n", err  # the SDK's words
 
 
 # -- api_keys: a list of strings, each long enough, refused naming its source --
@@ -1129,6 +1129,38 @@ def test_a_short_api_key_is_refused_saying_where_it_came_from(tmp_path, how, cap
 
 
 # -- purge and retention print text, as group does (--json: the API's object) --
+
+
+def test_retention_prints_a_long_age_in_whole_seconds_and_refuses_default_with_a_limit(tmp_path, capsys):
+    """--max-age 2592000 (30 days) printed "max age 2.592e+06 s"; --max-age
+    10 --default set the age and silently ignored --default (which puts both
+    limits back to the broker default): refused, exit 2, nothing changed."""
+    data = tmp_path / "data"
+    with LmdbStore(data / "store") as store:
+        store.create_group("g1", ["alice"], 1)
+    d = ["--data-dir", str(data)]
+    assert main(["retention", "g1", "--max-age", "2592000", *d]) == 0
+    assert capsys.readouterr().out == "g1: max age 2592000 s, max count the broker default, history floor 0\n"
+    assert main(["retention", "g1", "--max-age", "0.5", *d]) == 0  # (a fraction stays one)
+    assert capsys.readouterr().out == "g1: max age 0.5 s, max count the broker default, history floor 0\n"
+    for limit in (["--max-age", "10"], ["--max-count", "3"]):
+        assert main(["retention", "g1", *limit, "--default", *d]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == (f"pimcore retention: --default puts both limits back to the broker default:"
+                                     f" give it alone, or {limit[0]} alone (the other limit then follows the"
+                                     f" default)\n"), err
+    assert main(["retention", "g1", *d]) == 0
+    assert capsys.readouterr().out == "g1: max age 0.5 s, max count the broker default, history floor 0\n"
+
+
+def test_admin_command_at_a_closed_port_says_connection_refused_in_words(capsys):
+    """It said "cannot reach http://...: [Errno 111] Connection refused"."""
+    with _refusing_port() as held:
+        base = f"http://127.0.0.1:{held.getsockname()[1]}"
+        rc = main(["group", "show", "g1", "--http", base, "--api-key", "k"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == "", (rc, out, err)
+    assert err == f"pimcore group: cannot reach {base}: connection refused\n", err
 
 
 def test_purge_and_retention_print_text_like_group_and_json_with_json(tmp_path, capsys):

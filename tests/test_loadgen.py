@@ -97,7 +97,7 @@ def test_external_broker_with_a_wrong_secret_is_a_clear_error() -> None:
 def test_unreachable_broker_is_a_clear_error() -> None:
     with BrokerProcess(BenchConfig(conns=1, **SMALL)) as broker:
         url = broker.url
-    with pytest.raises(BenchError, match="cannot reach the broker"):
+    with pytest.raises(BenchError, match=f"cannot connect to {url}: connection refused"):
         run_bench(BenchConfig(url=url, secret="x" * 40, conns=1, count=1, **SMALL))
 
 
@@ -252,3 +252,111 @@ def test_group_mode_against_a_log_broker_that_lacks_the_group_is_a_clear_error()
         with pytest.raises(BenchError, match=r"POST /v1/groups"):
             run_bench(BenchConfig(url=broker.url, secret=broker.secret, data_dir=broker.data_dir, conns=2,
                                   count=10, mode="group", group_size=4, **SMALL))
+
+
+# -- bench --url at what is not a pimcore broker: the SDK's words, at once --
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bench_at(url: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from pimcore.cli import main
+
+    rc = main(["bench", "--url", url, "--secret", "s" * 32, "-n", "1", "-c", "1", "--warmup", "0", "--no-progress",
+               "--no-pin"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("service", ["redis-server", "mosquitto"])
+def test_bench_at_another_services_port_says_so_with_the_sdks_words(tmp_path, capsys, service: str) -> None:
+    """At a redis-server the C generator waited 60 s in silence, then "the C
+    load generator failed (exit 2): loadgen: logins did not complete within
+    60 s"; at mosquitto "connection closed during login", exit 2.  bench
+    checks the URL with one SDK connect first: its words, and exit 1 (a
+    port that does not answer as a broker may be one that is not up yet)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which(service) or shutil.which(service, path="/usr/sbin:/usr/local/sbin")
+    if exe is None:
+        pytest.skip(f"no {service}")
+    port = _free_port()
+    if service == "redis-server":
+        argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    else:
+        conf = tmp_path / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+        argv = [exe, "-c", str(conf)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import socket
+        import time
+
+        for _ in range(500):  # until it listens (not a timing assertion)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        url = f"tcp://127.0.0.1:{port}"
+        rc, out, err = _bench_at(url, capsys)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert rc == 1 and out == "" and "Traceback" not in err, (rc, out, err)
+    assert err.startswith(f"pimcore bench: cannot connect to {url}"), err
+    assert "load generator" not in err and len(err.splitlines()) == 1, err
+    if service == "redis-server":
+        assert err.rstrip().endswith("no answer to the login (is it a pimcore broker?)"), err
+
+
+def test_bench_at_a_port_that_speaks_first_is_refused_as_given(capsys) -> None:
+    """A service that speaks first (an SSH banner): the SDK says it is
+    another service's port, and the same URL fails the same way: exit 2."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def ssh() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+                while conn.recv(65536):
+                    pass
+
+    thread = threading.Thread(target=ssh, daemon=True)
+    thread.start()
+    try:
+        url = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+        rc, out, err = _bench_at(url, capsys)
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(5)
+    assert rc == 2 and out == "", (rc, out, err)
+    assert err == (f"pimcore bench: cannot connect to {url}: the server answered in text ('SSH-2.0-...'), not in"
+                   " pimcore's protocol: is it another service's port?\n"), err
+
+
+def test_bench_at_a_closed_port_says_connection_refused_in_words(capsys) -> None:
+    """It said the C generator's raw "Connection refused"."""
+    import socket
+
+    with socket.socket() as held:  # bound, not listening
+        held.bind(("127.0.0.1", 0))
+        url = f"tcp://127.0.0.1:{held.getsockname()[1]}"
+        rc, out, err = _bench_at(url, capsys)
+    assert rc == 1 and out == "", (rc, out, err)
+    assert err == f"pimcore bench: cannot connect to {url}: connection refused\n", err
