@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
-import { PimcoreClient } from '../src/index.js';
+import { PimcoreClient, State } from '../src/index.js';
 import { Broker } from './broker.mjs';
 
 const JS = fileURLToPath(new URL('..', import.meta.url));
@@ -84,7 +84,7 @@ describe('connect() failures', () => {
     assert.equal(err.name, 'ConnectFailed');
     assert.match(err.message, new RegExp(`cannot connect to ws://127\\.0\\.0\\.1:${port}/ within 1\\.5 s \\(connectTimeout\\): .*refused`));
     assert.ok(Date.now() - t0 < 30000);
-    assert.equal(c.state, 'closed');
+    assert.equal(c.state, State.CLOSED);
   });
 
   describe('a live broker', () => {
