@@ -41,6 +41,13 @@ export class ClientClosed extends Error {
 export class AuthFailed extends Error {
   constructor(reason) { super(reason); this.name = 'AuthFailed'; }
 }
+/**
+ * The first connection failed: a URL that is not ws:// or wss://, a server that refused the WebSocket
+ * upgrade, or no login within `connectTimeout` (with the last attempt's reason).  The client ends.
+ */
+export class ConnectFailed extends Error {
+  constructor(reason) { super(reason); this.name = 'ConnectFailed'; }
+}
 /** A history or readers request unanswered within its timeout. */
 export class RequestTimeout extends Error {
   constructor(what) { super(`${what}: no answer in time`); this.name = 'RequestTimeout'; }
@@ -53,6 +60,55 @@ const FINAL_CODES = new Set([ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_CONVERSATI
 const AMEND_KINDS = new Set([MessageKind.RECALL, MessageKind.EDIT, MessageKind.DELETE]);
 const QUICK_RECONNECT = new Set([CloseCode.SHUTDOWN, CloseCode.IDLE_TIMEOUT, CloseCode.TOKEN_EXPIRED, CloseCode.NORMAL]);
 const utf8 = new TextEncoder();
+
+/** A ConnectFailed for a URL the client cannot dial (not ws:// or wss://, or no URL), else null. */
+function checkUrl(url) {
+  let u;
+  try { u = new URL(url); } catch {
+    return new ConnectFailed(`cannot connect to ${url}: not a valid URL (the client takes ws:// or wss:// URLs, e.g. ws://127.0.0.1:7480/)`);
+  }
+  if (u.protocol === 'ws:' || u.protocol === 'wss:') return null;
+  const hint = u.protocol === 'tcp:' || u.protocol === 'tls:'
+    ? ` (${u.protocol}// listeners speak the raw protocol, for the Python SDK: give the broker a ws:// listener, \`pimcore serve --listen ws://127.0.0.1:7480/\`, and use that URL)`
+    : '';
+  return new ConnectFailed(`cannot connect to ${url}: the client takes ws:// or wss:// URLs, not ${u.protocol}//${hint}`);
+}
+
+/**
+ * Why a WebSocket upgrade failed, asked again with a plain HTTP upgrade request (Node only: the
+ * WebSocket API says nothing): {reason, final} (final: an HTTP refusal a retry will not change), or null.
+ */
+async function probeUpgrade(url, ms) {
+  if (!globalThis.process?.versions?.node) return null;
+  const u = new URL(url);
+  const name = u.protocol === 'wss:' ? 'node:https' : 'node:http';
+  const http = await import(name);
+  return new Promise((resolve) => {
+    const req = http.request({ host: u.hostname.replace(/^\[|\]$/g, ''), port: u.port || (u.protocol === 'wss:' ? 443 : 80), path: u.pathname + u.search,
+      headers: { Connection: 'Upgrade', Upgrade: 'websocket', 'Sec-WebSocket-Version': '13',
+        'Sec-WebSocket-Key': btoa(String.fromCharCode(...globalThis.crypto.getRandomValues(new Uint8Array(16)))) } });
+    const timer = setTimeout(() => { req.destroy(); resolve({ reason: 'no answer to the WebSocket upgrade', final: false }); }, ms);
+    req.on('upgrade', (res, socket) => { clearTimeout(timer); socket.destroy(); resolve(null); });
+    req.on('response', (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (d) => { if (body.length < 300) body += d; });
+      res.on('end', () => {
+        clearTimeout(timer);
+        const text = body.trim().split('\n')[0].slice(0, 200);
+        const status = res.statusCode;
+        const final = status >= 400 && status < 500 && status !== 408 && status !== 429;
+        resolve({ reason: `the server refused the WebSocket upgrade with HTTP ${status}${text ? ` (${text})` : ''}`, final });
+      });
+    });
+    req.on('error', (e) => {
+      clearTimeout(timer);
+      const words = { ECONNREFUSED: 'connection refused', ECONNRESET: 'connection reset by peer', ENOTFOUND: `unknown host '${u.hostname}'`, ETIMEDOUT: 'connection timed out' };
+      resolve({ reason: words[e.code] || e.message, final: false });
+    });
+    req.end();
+  });
+}
 
 export function toHex(b) { return Array.from(b, (x) => x.toString(16).padStart(2, '0')).join(''); }
 export function fromHex(s) {
@@ -102,7 +158,7 @@ const DEFAULTS = {
   compression: null, // e.g. deflateCompression from './deflate.js'; null = Login.caps 0
   ackTimeout: 5000, // ms: time out a calibration sample; the most a Ping waits (with the heartbeat)
   sendTimeout: 60000, // ms: a send (or history/readers request) fails with SendTimeout
-  connectTimeout: 10000, // ms: no LoginAck -> drop the connection and retry
+  connectTimeout: 10000, // ms: no LoginAck -> drop the connection and retry; the first connect() gives up after it (ConnectFailed)
   ackDelay: 20, // ms: PushAcks are batched this long
   timeSamples: 5,
   backoffInitial: 100, // ms
@@ -207,7 +263,13 @@ export class PimcoreClient {
    */
   connect() {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
+    const bad = checkUrl(this.opts.url);
+    if (bad) { this._terminate(bad); return Promise.reject(bad); }
+    // The first connection gives up at connectTimeout (as the Python SDK's):
+    // ConnectFailed with the last attempt's reason.
+    if (this.stats.connects === 0 && this._firstDeadline == null) this._firstDeadline = this._sessionNow() + this.opts.connectTimeout * 1000;
     const p = new Promise((resolve, reject) => this._connectWaiters.push({ resolve, reject }));
+    this._refTicker();
     if (!this._ws && !this._reconnectTimer) this._dial();
     return p;
   }
@@ -277,7 +339,11 @@ export class PimcoreClient {
       }
     }
     if (this.state === State.CLOSED || this._ws) return;
-    const ws = new this.WebSocket(this.opts.url);
+    let ws;
+    try { ws = new this.WebSocket(this.opts.url); } catch (e) {
+      if (this.stats.connects === 0) { this._terminate(new ConnectFailed(`cannot connect to ${this.opts.url}: ${e.message}`)); return; }
+      this._scheduleReconnect(false); return;
+    }
     ws.binaryType = 'arraybuffer';
     this._ws = ws;
     const now = this._sessionNow();
@@ -285,9 +351,35 @@ export class PimcoreClient {
     this._loginDeadline = now + this.opts.connectTimeout * 1000;
     ws.onopen = () => { if (this._ws === ws) this._connectionMade(token); };
     ws.onmessage = (ev) => { if (this._ws === ws) this._receive(new Uint8Array(ev.data)); };
-    ws.onclose = () => { if (this._ws === ws) this._lost(null, 'connection closed'); };
+    ws.onclose = () => { if (this._ws === ws) this._failed(ws, 'connection closed'); };
     // Browsers follow an error with a close event; Node 20's WebSocket may not.
-    ws.onerror = () => { if (this._ws === ws) this._lost(null, 'connection failed'); };
+    ws.onerror = () => { if (this._ws === ws) this._failed(ws, 'connection failed'); };
+  }
+
+  // A connection ended by the transport.  Before the first login, one that
+  // never opened is asked why (Node: refused, an HTTP status; browsers do
+  // not say): the reason the first connect() gives up with.
+  _failed(ws, reason) {
+    const opened = this._conn && this._conn.opened;
+    this._lost(null, reason);
+    if (opened || this.stats.connects > 0 || this.state === State.CLOSED) return;
+    // (Kept from an earlier attempt until this one's answer: the probe may be
+    // slower than the last retry at the deadline.)
+    this._lastAttempt ??= 'no WebSocket connection (the WebSocket API gives no reason)';
+    const left = Math.max(1000, (this._firstDeadline - this._sessionNow()) / 1000);
+    probeUpgrade(this.opts.url, Math.min(5000, left)).then((why) => {
+      if (!why || this.state === State.CLOSED || this.stats.connects > 0) return;
+      this._lastAttempt = why.reason;
+      // A refused upgrade (404: the wrong path) will not change on a retry.
+      if (why.final) this._terminate(new ConnectFailed(`cannot connect to ${this.opts.url}: ${why.reason}`));
+    }, () => {});
+  }
+
+  _giveUp(now) {
+    let why = this._lastAttempt || 'no answer';
+    if (this._ws && this._conn) why = this._conn.opened ? 'no LoginAck (is it a pimcore broker?)' : 'no answer to the WebSocket upgrade';
+    const s = this.opts.connectTimeout / 1000;
+    this._terminate(new ConnectFailed(`cannot connect to ${this.opts.url} within ${s} s (connectTimeout): ${why}`));
   }
 
   _detach() {
@@ -333,6 +425,8 @@ export class PimcoreClient {
       this._attempt = established && code == null ? 0 : Math.min(this._attempt + 1, 30);
       delay = Math.min(this.opts.backoffMax, this.opts.backoffInitial * 2 ** Math.min(this._attempt, 16)) * (0.5 + Math.random());
     }
+    // The first connection: a last attempt at its deadline, not a sleep past it.
+    if (this.stats.connects === 0 && this._firstDeadline != null) delay = Math.min(delay, Math.max(0, (this._firstDeadline - this._sessionNow()) / 1000));
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = setTimeout(() => { this._reconnectTimer = null; this._dial(); }, delay);
   }
@@ -1090,7 +1184,7 @@ export class PimcoreClient {
   // (a send or a request must time out even with no socket up).
   _refTicker() {
     if (!this._ticker) return;
-    if (this._pending.size || this._requests.size || this._presenceWaiting.length || this._privacyWaiting.length) this._ticker.ref?.();
+    if (this._pending.size || this._requests.size || this._presenceWaiting.length || this._privacyWaiting.length || this._connectWaiters.length) this._ticker.ref?.();
     else this._ticker.unref?.();
   }
 
@@ -1116,6 +1210,7 @@ export class PimcoreClient {
         for (const x of late) x.reject(new RequestTimeout(name === '_presenceWaiting' ? 'PresenceSub' : 'PresencePrivacy'));
       }
     }
+    if (this.stats.connects === 0 && this._firstDeadline != null && now >= this._firstDeadline && this.state !== State.CLOSED) { this._giveUp(now); return; }
     if (!this._ws) return;
     const st = this.state;
     if (st === State.AWAITING_LOGIN_ACK || (st === State.DISCONNECTED && this._conn && !this._conn.opened)) {

@@ -1,0 +1,112 @@
+// New-user findings (clients/js): each test failed before its fix.
+// Loopback only; the install test asks the npm registry for pako (or the
+// local npm cache).
+import assert from 'node:assert/strict';
+import { execSync, spawnSync } from 'node:child_process';
+import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { after, before, describe, test } from 'node:test';
+import { PimcoreClient, State } from '../src/index.js';
+import { Broker } from './broker.mjs';
+
+const JS = fileURLToPath(new URL('..', import.meta.url));
+
+/** A loopback port nothing listens on (bound, then closed). */
+async function freePort() {
+  const srv = createServer();
+  await new Promise((r) => srv.listen(0, '127.0.0.1', r));
+  const { port } = srv.address();
+  await new Promise((r) => srv.close(r));
+  return port;
+}
+
+/** Fail the test if an unhandled rejection happens while fn runs. */
+async function noUnhandled(fn) {
+  const seen = [];
+  const on = (e) => seen.push(e);
+  process.on('unhandledRejection', on);
+  try {
+    const out = await fn();
+    await new Promise((r) => setTimeout(r, 200));
+    assert.deepEqual(seen.map(String), [], 'unhandled rejections');
+    return out;
+  } finally { process.off('unhandledRejection', on); }
+}
+
+describe('README install line', () => {
+  test('the documented npm install gives a project pako too (a fresh clone has no node_modules)', () => {
+    const readme = readFileSync(join(JS, 'README.md'), 'utf-8');
+    const m = readme.match(/`(npm install [^`]*\.\/clients\/js)`/);
+    assert.ok(m, 'README names an npm install of ./clients/js');
+    const root = mkdtempSync(join(tmpdir(), 'pimcore-js-install-'));
+    try {
+      // The repository as a fresh clone has it: clients/js without node_modules.
+      const pkg = join(root, 'repo', 'clients', 'js');
+      for (const f of ['package.json', 'README.md', 'src']) cpSync(join(JS, f), join(pkg, f), { recursive: true });
+      // The project lives next to the clone, not in it: the README's path, from there.
+      const proj = join(root, 'app');
+      mkdirSync(proj);
+      writeFileSync(join(proj, 'package.json'), JSON.stringify({ name: 'app', version: '1.0.0', type: 'module' }));
+      execSync(`${m[1].replace('./clients/js', '../repo/clients/js')} --prefer-offline --no-audit --no-fund --loglevel=error`, { cwd: proj, stdio: 'pipe', timeout: 180000 });
+      writeFileSync(join(proj, 'check.mjs'),
+        "import { PimcoreClient } from '@pimcore/client';\nimport { deflateCompression } from '@pimcore/client/deflate';\n"
+        + "console.log(typeof PimcoreClient, deflateCompression.caps);\n");
+      const r = spawnSync(process.execPath, ['check.mjs'], { cwd: proj, encoding: 'utf-8' });
+      assert.equal(r.status, 0, r.stderr);
+      assert.match(r.stdout, /^function \d+/);
+    } finally { rmSync(root, { recursive: true, force: true }); }
+  });
+});
+
+describe('connect() failures', () => {
+  test('a URL that is not ws:// or wss:// rejects connect(), no unhandled rejection', async () => {
+    for (const url of ['tcp://127.0.0.1:7400', 'http://127.0.0.1:7400/', 'not a url']) {
+      const err = await noUnhandled(async () => {
+        const c = new PimcoreClient({ url, token: 'x' });
+        try { await c.connect(); } catch (e) { return e; }
+        return null;
+      });
+      assert.ok(err, `connect() rejected for ${url}`);
+      assert.match(err.message, /ws:\/\/ or wss:\/\//, url);
+      assert.ok(err.message.includes(url), url);
+    }
+  });
+
+  test('a refused port: the first connect() rejects after connectTimeout, saying refused', { timeout: 30000 }, async () => {
+    const port = await freePort();
+    const c = new PimcoreClient({ url: `ws://127.0.0.1:${port}/`, token: 'x', connectTimeout: 1500 });
+    const t0 = Date.now();
+    const err = await noUnhandled(() => c.connect().then(() => null, (e) => e));
+    assert.ok(err, 'connect() rejected');
+    assert.equal(err.name, 'ConnectFailed');
+    assert.match(err.message, new RegExp(`cannot connect to ws://127\\.0\\.0\\.1:${port}/ within 1\\.5 s \\(connectTimeout\\): .*refused`));
+    assert.ok(Date.now() - t0 < 30000);
+    assert.equal(c.state, State.CLOSED);
+  });
+
+  describe('a live broker', () => {
+    let broker;
+    before(async () => { broker = await new Broker({ heartbeatMs: 30000 }).start(); });
+    after(async () => { await broker.dispose(); });
+
+    test('a wrong path: connect() rejects naming the HTTP status and the listener path', { timeout: 30000 }, async () => {
+      const url = broker.url.replace(/\/$/, '') + '/wrong';
+      const c = new PimcoreClient({ url, token: broker.token('np-a'), connectTimeout: 1500 });
+      const err = await noUnhandled(() => c.connect().then(() => null, (e) => e));
+      assert.ok(err, 'connect() rejected');
+      assert.equal(err.name, 'ConnectFailed');
+      assert.match(err.message, /HTTP 404/);
+      assert.match(err.message, /pimcore ws:\/\/ listener/);
+    });
+
+    test('the default connectTimeout is 10 s, and a right URL still connects', async () => {
+      const c = new PimcoreClient({ url: broker.url, token: broker.token('np-b') });
+      assert.equal(c.opts.connectTimeout, 10000);
+      await c.connect();
+      await c.close();
+    });
+  });
+});
