@@ -33,16 +33,6 @@ def pytest_configure(config: pytest.Config) -> None:
         compileall.compile_dir(os.path.dirname(_backend.__file__), quiet=2)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked ``slow`` first, in their order, then the rest in theirs.
-    Under xdist a test of two minutes that came up last ran alone at the end
-    of a pass; started first, it runs beside the many short ones.  Workers
-    take one test at a time (``--maxschedchunk 1``, pyproject.toml): in
-    xdist's default chunks of a quarter of a worker's share, one worker got
-    every slow test.  (The same order on every worker: xdist requires it.)"""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: two workers per CPU (README's command caps them with
     ``--maxprocesses``).  Most tests wait -- on sockets, fsyncs, child
