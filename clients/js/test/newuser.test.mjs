@@ -82,7 +82,7 @@ describe('connect() failures', () => {
     const err = await noUnhandled(() => c.connect().then(() => null, (e) => e));
     assert.ok(err, 'connect() rejected');
     assert.equal(err.name, 'ConnectFailed');
-    assert.match(err.message, new RegExp(`cannot connect to ws://127\\.0\\.0\\.1:${port}/ within 1\\.5 s \\(connectTimeout\\): .*refused`));
+    assert.match(err.message, new RegExp(`cannot connect to ws://127\\.0\\.0\\.1:${port}/ within 1\\.5 s \\(connectTimeout\\): .*(refused|no answer to the WebSocket upgrade)`));  // (an attempt still in flight at the deadline, under load: no answer)
     assert.ok(Date.now() - t0 < 30000);
     assert.equal(c.state, State.CLOSED);
   });
