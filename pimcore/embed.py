@@ -381,6 +381,7 @@ class Pimcore:
         self._secret = secret
         self._started = time.monotonic()
         self._ids = itertools.count(1)
+        self._held: set[str] = set()  # consumers whose durable cursor this handle made sure of
         #: The HTTP listener (server API, /metrics...) when opened with ``http=URL``.
         self.http: Optional[Any] = None
         #: The event webhook sender (pimcore.webhooks.WebhookSender) when ``[webhooks]`` is configured.
@@ -1080,11 +1081,16 @@ class Pimcore:
         """One page of host events after ``after`` (None: ``consumer``'s
         durable cursor), waiting until there is at least one: (the ``after``
         used, the events ascending, at most ``limit``).  Nothing changes
-        until the page is returned, so a cancelled call loses nothing.
+        until the page is returned, so a cancelled call loses nothing --
+        except that reading from the durable cursor creates it (at 0) if
+        the consumer has none: from then on the reclaim keeps every event
+        it has not acknowledged.
         Raises EventsDisabled when the broker records none (it would wait
         forever), RequestRefused (BAD_REQUEST) for an invalid consumer."""
         self._need_events()
         _check_consumer(consumer, "events")
+        if after is None:
+            await self._hold_events(consumer)
         while True:
             committed = self.server.committed  # before the read: no wake-up is missed
             page = await self._read_one(ReadEvents(consumer, after, max(1, limit)))
@@ -1097,6 +1103,25 @@ class Pimcore:
                 online = self.server.broker.online_devices
                 return after, [_host_event(ev, online) for ev in page.events]
             await committed.wait()
+
+    async def _hold_events(self, consumer: str) -> None:
+        """Make sure ``consumer`` has a durable cursor, once per consumer
+        and handle: an ack of 0 creates it at 0 and moves an existing one
+        nowhere.  Why: the reclaim keeps an event until every consumer *with
+        a cursor* has acked it, so a consumer that reads from its cursor but
+        has not acked yet must have one, or the events it is handling can be
+        dropped under it once the others ack (after a restart it would
+        start past them).  A store failing writes does not fail the read:
+        the next one tries again."""
+        if consumer in self._held:
+            return
+        try:
+            await self.ack_events(0, consumer)
+        except StoreError:
+            return
+        if len(self._held) >= 4096:  # a cache, not a registry: bounded, and re-holding is harmless
+            self._held.clear()
+        self._held.add(consumer)
 
     async def event_cursor(self, consumer: str = "default") -> tuple[int, int]:
         """(``consumer``'s durable cursor, the last event id): the events

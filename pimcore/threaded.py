@@ -509,6 +509,7 @@ class ThreadedPimcore:
                 await old[1].wait()
             if handler is not None:
                 await handle.event_cursor(consumer)  # RequestRefused for a bad consumer name, here
+                await handle._hold_events(consumer)  # its cursor exists before this returns: nothing reclaimed under it
                 assert self._nursery is not None
                 self._handlers[consumer] = await self._nursery.start(self._dispatch, handler, consumer, on_loop)
 

@@ -483,3 +483,36 @@ async def test_offline_recipients_are_as_of_when_the_event_is_handed_out(tmp_pat
             async with open_client(im.urls[0], im.issue_token("bob"), "phone"):
                 second = await stream.__anext__()
                 assert second.payload == b"two" and second.offline_recipients == ("alice",)
+
+
+async def test_a_consumer_that_reads_but_never_acks_keeps_its_events_from_reclaim(tmp_path: Path) -> None:
+    # Was: a consumer had a durable cursor only once it acked, so the
+    # reclaim dropped what every *other* consumer had acked while this one
+    # was still reading: after a restart it started past events it never
+    # handled (the C program's "keeper" consumer, under a slow CI run).
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "d", events=True, reclaim_interval=0.02) as im:
+            await im.create_group("team", ["alice", "bob"])
+            await im.set_retention("team", max_count=1)  # its floor shows a reclaim pass ran
+            for i in range(3):
+                await im.post("team", b"m%d" % i)
+            reading = im.events("late")
+            first = await reading.__anext__()  # read, never acked
+            _, last = await im.event_cursor("audit")
+            assert await im.ack_events(last, "audit") == last  # another consumer handled everything
+            await im.post("team", b"m3")
+            while (await im.retention("team")).floor < 3:
+                await trio.sleep(0.01)
+            # A fresh reader of "late" starts after its durable cursor: nothing
+            # it has not acked was reclaimed.
+            again = await im.events("late").__anext__()
+            assert again.id == first.id == 1
+            assert (await im.event_cursor("late"))[0] == 0
+            # Once every consumer has acked, the reclaim does drop them.
+            _, last = await im.event_cursor("late")
+            await im.ack_events(last, "late")
+            await im.ack_events(last, "audit")
+            await im.post("team", b"m4")
+            while (await im.retention("team")).floor < 4:
+                await trio.sleep(0.01)
+            assert (await im.events(after=0).__anext__()).id > last

@@ -1099,3 +1099,24 @@ async def test_every_body_refuses_the_fields_its_openapi_schema_does_not_list(tm
             message = out["results"][0]["message"]
             assert set(re.findall(r"'([a-z_0-9]+)'", message.split("takes ", 1)[1])) == set(item["properties"]), message
             c.close()
+
+
+async def test_a_polling_consumer_keeps_the_events_it_has_not_acked_from_reclaim(tmp_path: Path) -> None:
+    """Was: GET /v1/events from a consumer's cursor did not create the
+    cursor, so once another consumer acked, the reclaim dropped events this
+    one had read but not acked yet, and its next poll skipped them."""
+    with trio.fail_after(30):
+        async with api(tmp_path, events=True, reclaim_interval=0.02) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            await im.set_retention("team", max_count=1)  # its floor shows a reclaim pass ran
+            for i in range(2):
+                await im.post("team", b"m%d" % i)
+            status, doc = await call(c, "GET", "/v1/events?consumer=poller&limit=1")
+            assert status == 200 and doc["events"][0]["id"] == 1
+            _, last = await im.event_cursor("other")
+            await im.ack_events(last, "other")
+            await im.post("team", b"m2")
+            while (await im.retention("team")).floor < 2:
+                await trio.sleep(0.01)
+            status, again = await call(c, "GET", "/v1/events?consumer=poller&limit=1")
+            assert status == 200 and again["events"] == doc["events"]

@@ -556,6 +556,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         wait = _query(request, "wait", float, 0.0, 0, MAX_EVENT_WAIT)
         cursor, last = await handle.event_cursor(consumer)
         if after is None:
+            await handle._hold_events(consumer)  # reading from its cursor: the reclaim keeps what it has not acked
             after = cursor
         elif after > last:
             raise past_last(f"after {after}", last, "nothing read")
@@ -584,6 +585,8 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         cursor, last = await handle.event_cursor(consumer)  # refuses a bad consumer before the stream starts
         if after is not None and after > last:
             raise past_last(what, last, "nothing read")
+        if after is None:
+            await handle._hold_events(consumer)  # reading from its cursor: the reclaim keeps what it has not acked
         start = cursor if after is None else after
 
         async def produce(send: Callable[[bytes], Awaitable[None]]) -> None:
