@@ -1391,15 +1391,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options that say an empty value in their own words (chat --token: where a token comes from).
+_OWN_EMPTY_CHECK = frozenset({("chat", "--token")})
+
+
+def _empty_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[str]:
+    """The first option given an empty value (``--config ''``, ``--api-key
+    ''``, one ``--listen ''`` of several), as its name; None if none.  An
+    empty value is never a choice: taken, it fell back silently to the
+    default (./pimcore-data, $PIMCORE_API_KEY or the key file, no CA
+    file...), which a shell's unset "$VAR" gives without a word."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[args.command]._actions:
+        if not action.option_strings or (args.command, action.option_strings[-1]) in _OWN_EMPTY_CHECK:
+            continue
+        value = getattr(args, action.dest, None)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and v == "" for v in values):
+            return action.option_strings[-1]
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import BackendChoiceError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command in ("group", "purge", "retention"):
         problem = _http_flags_problem(args)
         if problem is not None:
             print(f"pimcore {args.command}: {problem}", file=sys.stderr)
             return 2
+    empty = _empty_option(parser, args)
+    if empty is not None:
+        print(f"pimcore {args.command}: {empty}: cannot be empty", file=sys.stderr)
+        return 2
     try:
         rc = int(args.func(args))
         sys.stdout.flush()  # (here: a reader gone away shows now, not at exit)

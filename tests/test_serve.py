@@ -439,6 +439,67 @@ def test_an_empty_path_setting_is_refused_naming_it(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.toml"]  # no ./pimcore-data, no d/secret
 
 
+@pytest.mark.parametrize("text, said", [
+    ('secret = ""', "secret: cannot be empty"),
+    ('content_filter = ""', "content_filter: cannot be empty"),
+    ('http = ""', "http.listen: cannot be empty"),
+    ('store = ""', "store.url: cannot be empty"),
+    ("api_keys = []", "api_keys: the list is empty: give at least one key, or leave the setting out"),
+    ("listen = []", "listen: the list is empty: give at least one URL"),
+    ('[webhooks]\nurl = "http://127.0.0.1:1/e"\nevents = []',
+     "webhooks.events: the list is empty: give at least one event type"),
+    ('[webhooks]\nurl = ""', "webhooks.url: cannot be empty"),
+], ids=["secret", "content_filter", "http", "store", "api_keys", "listen", "events", "webhooks.url"])
+def test_an_empty_value_in_the_file_is_refused_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         text: str, said: str) -> None:
+    """``secret = ""`` used the data directory's secret, ``api_keys = []``
+    the key file, ``http = ""`` no HTTP listener, ``events = []`` every
+    webhook event type: an empty value was taken silently (a new-user
+    review).  Refused as an empty path is, naming the setting and the file."""
+    from pimcore.cli import main
+
+    cfg = write_config(tmp_path / "p.toml", text + "\n")
+    assert main(["serve", "--config", str(cfg), "--data-dir", str(tmp_path / "d"), "--print-config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"pimcore serve: {cfg}: {said}"), err
+    assert "Traceback" not in err and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("name, text, said", [
+    ("PIMCORE_API_KEYS", ",", "api_keys: the list is empty: give at least one key"),
+    ("PIMCORE_LISTEN", " , ", "listen: the list is empty: give at least one URL"),
+])
+def test_a_list_variable_of_only_commas_is_refused_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch, name: str, text: str,
+                                                             said: str) -> None:
+    """``PIMCORE_API_KEYS=","`` was no key, and the key file was used
+    silently.  (An empty variable stays unset: the environment's one rule.)"""
+    from pimcore.cli import main
+
+    monkeypatch.setenv(name, text)
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--print-config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"pimcore serve: {said}") and f"(from ${name})" in err, err
+
+
+def test_an_empty_config_option_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pimcore serve --config ''`` read $PIMCORE_CONFIG's file, or none,
+    silently; so did load_settings(""), open_pimcore's config_file."""
+    from pimcore.cli import main
+    from pimcore.config import ConfigError, load_settings
+
+    other = write_config(tmp_path / "other.toml", 'listen = ["tcp://127.0.0.1:0"]\n')
+    monkeypatch.setenv("PIMCORE_CONFIG", str(other))
+    for cmd in (["serve", "--print-config"], ["token", "--user", "alice"], ["group", "show", "team"]):
+        assert main([*cmd, "--config", "", "--data-dir", str(tmp_path / "d")]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"pimcore {cmd[0]}: --config: cannot be empty\n", err
+    with pytest.raises(ConfigError, match="^config_file: cannot be empty$"):
+        load_settings("")
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("bad", ["not-utf8", "directory", "empty"])
 def test_a_bad_secret_in_the_data_dir_is_said_in_words_with_where_the_dir_came_from(tmp_path: Path, bad: str) -> None:
     """``<data_dir>/secret`` not UTF-8, a directory: Python's bare error
