@@ -1005,7 +1005,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path}: {_said_toml_error(path, str(exc))}") from None
     except UnicodeDecodeError as exc:  # (tomllib decodes before parsing)
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
     except ValueError:
@@ -1014,6 +1014,53 @@ def _read_toml(path: Path) -> dict[str, Any]:
         # the number is and how long it is, found in the file itself.
         raise ConfigError(_long_number(path)) from None
     return _check_doc(doc, str(path))
+
+
+_TOML_AT = re.compile(r"\(at line (\d+), column (\d+)\)$")
+_TOML_KEY = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*"""
+_TOML_KEY_LINE = re.compile(rf"\s*({_TOML_KEY})\s*=")
+_TOML_TABLE_LINE = re.compile(rf"\s*\[\s*({_TOML_KEY})\s*\]\s*(?:#.*)?$")
+
+
+def _said_toml_error(path: Path, text: str) -> str:
+    """tomllib's message ``text`` about ``path``; "Cannot overwrite a value
+    (at line 2, column 15)", a key given twice, said with the key's name
+    (``limits.window is given twice ...``), found from the line the error
+    is at: the key whose value ends there (on a line of its own or a
+    multi-line one's first), or the [table] declared there over a key."""
+    at = _TOML_AT.search(text)
+    twice = re.match(r"Cannot declare \((.*)\) twice ", text)
+    if twice is not None and at is not None:  # "Cannot declare ('limits',) twice": Python's tuple
+        table = ".".join(re.findall(r"'([^']*)'", twice.group(1))) or twice.group(1)
+        return f"the table [{table}] is declared twice {at.group(0)}: a table may be declared once"
+    if not text.startswith("Cannot overwrite a value") or at is None:
+        return text
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeError):  # pragma: no cover - it was just read
+        return text
+    line = int(at.group(1))
+    name = None
+    for i in range(min(line, len(lines)) - 1, -1, -1):
+        table = _TOML_TABLE_LINE.match(lines[i])
+        if table is not None:
+            if i == line - 1:  # `http = "URL"`, then [http]
+                return f"[{table.group(1)}] is given twice, as a table and as a key above it {at.group(0)}"
+            break
+        key = _TOML_KEY_LINE.match(lines[i])
+        if key is not None:
+            name = key.group(1)
+            section = None
+            for j in range(i - 1, -1, -1):
+                table = _TOML_TABLE_LINE.match(lines[j])
+                if table is not None:
+                    section = table.group(1)
+                    break
+            name = f"{section}.{name}" if section else name
+            break
+    if name is None:  # pragma: no cover - a line tomllib read holds its key
+        return text
+    return f"{name} is given twice {at.group(0)}: a key may be given once"
 
 
 def _long_number(path: Path) -> str:

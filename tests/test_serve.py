@@ -285,6 +285,28 @@ def test_an_idle_timeout_no_longer_than_the_heartbeat_is_refused(tmp_path: Path,
     assert_clean_exit_2(r, said)
 
 
+@pytest.mark.parametrize("text, said", [
+    ('data_dir = "a"\ndata_dir = "b"\n', "data_dir is given twice (at line 2, column 15): a key may be given once"),
+    ('[limits]\nwindow = 8\n# again\nwindow = 9  # more\n', "limits.window is given twice (at line 4, column 11)"),
+    ('listen = [\n  "tcp://127.0.0.1:1",\n]\nlisten = [\n  "tcp://127.0.0.1:2",\n]\n',
+     "listen is given twice (at line 6, column 2)"),
+    ('[webhooks]\nurl = "http://a/"\n[limits]\nwindow = 8\n[webhooks]\n',
+     "the table [webhooks] is declared twice (at line 5, column 10)"),
+    ('http = "tcp://127.0.0.1:1"\n[http]\nlisten = "tcp://127.0.0.1:2"\n',
+     "[http] is given twice, as a table and as a key above it (at line 2, column 6)"),
+], ids=["top", "section", "multi-line", "table", "key-then-table"])
+def test_a_key_given_twice_in_the_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str,
+                                                said: str) -> None:
+    """A key given twice was tomllib's bare "Cannot overwrite a value (at
+    line 2, column 18)": which key?  Named, with the file and the position."""
+    from pimcore.cli import main
+
+    cfg = write_config(tmp_path / "p.toml", text)
+    assert main(["serve", "--config", str(cfg), "--print-config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"pimcore serve: {cfg}: {said}") and err.count("\n") == 1, err
+
+
 def test_a_number_of_more_digits_than_python_reads_is_refused_in_words_and_shown_cut(tmp_path: Path) -> None:
     """A config file with ``window = 999...9`` (5,001 digits) was refused with
     Python's own advice to call sys.set_int_max_str_digits(); the same from
