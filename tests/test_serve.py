@@ -522,6 +522,42 @@ def test_an_empty_config_option_is_refused(tmp_path: Path, capsys: pytest.Captur
     assert not (tmp_path / "d").exists()
 
 
+def test_a_data_dir_that_cannot_be_made_is_said_as_the_data_dir_with_where_it_came_from(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data directory that cannot be made (no permission on its parent, a
+    read-only file system) was said as the token secret's file, made first
+    in it: "cannot make the token secret file d/secret: Permission denied".
+    Said as the data directory, with where it came from; the same for the
+    HTTP API key's and the webhook secret's files.  (mkdir refused in
+    process: the tests may run as root, whom a mode 0555 folder does not stop.)"""
+    from pimcore.cli import main
+    from pimcore.config import load_settings
+
+    data = tmp_path / "ro" / "d"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        if self == data:
+            raise PermissionError(13, "Permission denied", str(self))
+        real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    said = f"cannot make the data directory {data}: Permission denied"
+    assert main(["token", "--user", "alice", "--data-dir", str(data), "--create-secret"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"pimcore token: {said} (from --data-dir)\n", err
+    monkeypatch.setenv("PIMCORE_DATA_DIR", str(data))
+    assert main(["token", "--user", "alice", "--create-secret"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"pimcore token: {said} (from $PIMCORE_DATA_DIR)\n", err
+    monkeypatch.delenv("PIMCORE_DATA_DIR")
+    settings = load_settings(data_dir=str(data), flags_are_options=True, env={})
+    for make in (settings.load_api_keys, settings.webhook_secret):
+        with pytest.raises(ValueError) as info:
+            make()
+        assert str(info.value) == f"{said} (from --data-dir)"
+
+
 @pytest.mark.parametrize("bad", ["not-utf8", "directory", "empty"])
 def test_a_bad_secret_in_the_data_dir_is_said_in_words_with_where_the_dir_came_from(tmp_path: Path, bad: str) -> None:
     """``<data_dir>/secret`` not UTF-8, a directory: Python's bare error
