@@ -1096,6 +1096,8 @@ def _bench_flags_problem(args: argparse.Namespace) -> Optional[str]:
     checks = [
         ("--group", args.group, args.group is None or args.group >= 2,
          "a group has at least 2 members (the senders are members)"),
+        ("--group", args.group, args.group is None or args.group >= args.conns,
+         f"must be >= --conns ({args.conns}): the senders are members"),
         ("--conns", args.conns, args.conns >= 0, "must be >= 0 (0: only the --idle connections)"),
         ("--idle", args.idle, args.idle >= 0, "must be >= 0"),
         ("--conns", args.conns, args.conns > 0 or args.idle > 0, "0 needs --idle N (then only idle connections are held)"),

@@ -132,6 +132,7 @@ def test_cli_table_and_bad_flags() -> None:
     (["--group", "0"], "--group 0: a group has at least 2 members"),
     (["--group", "1"], "--group 1: a group has at least 2 members"),
     (["--group", "-3"], "--group -3: a group has at least 2 members"),
+    (["--group", "2", "-c", "5"], "--group 2: must be >= --conns (5): the senders are members"),
     (["-c", "-1"], "--conns -1: must be >= 0"),
     (["-c", "0"], "--conns 0: 0 needs --idle N"),
     (["--idle", "-1"], "--idle -1: must be >= 0"),
