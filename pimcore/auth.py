@@ -181,7 +181,8 @@ def load_or_create_secret(data_dir: Union[str, Path], name: str = SECRET_FILE) -
     Raises ValueError in words for a file that is there but cannot be used
     (:func:`read_kept_secret`), and for one that cannot be made ("cannot
     make the token secret file d/secret: Read-only file system"; it was
-    Python's bare "[Errno 30] ...")."""
+    Python's bare "[Errno 30] ..."), or whose data directory cannot be made
+    ("cannot make the data directory d: Permission denied")."""
     try:
         return read_kept_secret(data_dir, name)
     except FileNotFoundError:
@@ -190,6 +191,9 @@ def load_or_create_secret(data_dir: Union[str, Path], name: str = SECRET_FILE) -
     text = secrets.token_hex(32)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # said as the data directory's, not the file's: it is made first
+        raise ValueError(f"cannot make the data directory {path.parent}: {exc.strerror or exc}") from None
+    try:
         # O_EXCL: two processes racing to create it cannot both win.
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -1087,6 +1087,35 @@ def _cmd_retention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_flags_problem(args: argparse.Namespace) -> Optional[str]:
+    """What is meaningless in bench's numeric flags as given, naming the
+    flag; None if nothing.  ``--group 0`` ran a 1:1 benchmark silently (0
+    read as "no --group"), ``--duration nan`` never ended and ``--duration
+    inf`` or ``--warmup nan`` measured nothing; the others were refused by
+    BenchConfig's field names (``window must be >= 1``), not the flags'."""
+    checks = [
+        ("--group", args.group, args.group is None or args.group >= 2,
+         "a group has at least 2 members (the senders are members)"),
+        ("--group", args.group, args.group is None or args.group >= args.conns,
+         f"must be >= --conns ({args.conns}): the senders are members"),
+        ("--conns", args.conns, args.conns >= 0, "must be >= 0 (0: only the --idle connections)"),
+        ("--idle", args.idle, args.idle >= 0, "must be >= 0"),
+        ("--conns", args.conns, args.conns > 0 or args.idle > 0, "0 needs --idle N (then only idle connections are held)"),
+        ("--window", args.window, args.window >= 1, "must be >= 1 (SendReqs in flight per connection)"),
+        ("--size", args.size, args.size >= 8, "must be >= 8 bytes (the payload carries an 8-byte send timestamp)"),
+        ("--count", args.count, args.count is None or args.count >= 1, "must be >= 1"),
+        ("--duration", args.duration, math.isfinite(args.duration) and args.duration > 0, "must be a number of seconds > 0"),
+        ("--warmup", args.warmup, math.isfinite(args.warmup) and args.warmup >= 0, "must be a number of seconds >= 0"),
+        ("--hold", args.hold, math.isfinite(args.hold) and args.hold >= 0, "must be a number of seconds >= 0"),
+        ("--procs", args.procs, args.procs >= 1, "must be >= 1"),
+        ("--rounds", args.rounds, args.rounds >= 1, "must be >= 1"),
+    ]
+    for flag, value, ok, rule in checks:
+        if not ok:
+            return f"{flag} {value:g}: {rule}" if isinstance(value, float) else f"{flag} {value}: {rule}"
+    return None
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import os
 
@@ -1096,6 +1125,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.shape:
         args.conns, args.window, online = SHAPES[args.shape]
         args.offline = not online
+    problem = _bench_flags_problem(args)
+    if problem is not None:
+        print(f"pimcore bench: {problem}", file=sys.stderr)
+        return EXIT_REFUSED
     secret = args.secret or os.environ.get("PIMCORE_SECRET") or None
     if secret is not None:
         from .auth import MIN_SECRET_BYTES
@@ -1111,7 +1144,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             url=",".join(args.url) if args.url else None,
             secret=secret,
             data_dir=args.data_dir,
-            store=args.store or (os.environ.get("PIMCORE_STORE") if args.url and args.group else None) or None,
+            store=args.store or (os.environ.get("PIMCORE_STORE") if args.url and args.group is not None else None) or None,
             namespace=args.namespace or os.environ.get("PIMCORE_STORE_NAMESPACE") or "pim",
             conns=args.conns,
             window=args.window,
@@ -1119,7 +1152,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             count=args.count,
             duration=args.duration,
             warmup=args.warmup,
-            mode="group" if args.group else "direct",
+            mode="group" if args.group is not None else "direct",
             group_size=args.group or 1000,
             online=not args.offline,
             idle=args.idle,
@@ -1391,15 +1424,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options that say an empty value in their own words (chat --token: where a token comes from).
+_OWN_EMPTY_CHECK = frozenset({("chat", "--token")})
+
+
+def _empty_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[str]:
+    """The first option given an empty value (``--config ''``, ``--api-key
+    ''``, one ``--listen ''`` of several), as its name; None if none.  An
+    empty value is never a choice: taken, it fell back silently to the
+    default (./pimcore-data, $PIMCORE_API_KEY or the key file, no CA
+    file...), which a shell's unset "$VAR" gives without a word."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[args.command]._actions:
+        if not action.option_strings or (args.command, action.option_strings[-1]) in _OWN_EMPTY_CHECK:
+            continue
+        value = getattr(args, action.dest, None)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and v == "" for v in values):
+            return action.option_strings[-1]
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import BackendChoiceError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command in ("group", "purge", "retention"):
         problem = _http_flags_problem(args)
         if problem is not None:
             print(f"pimcore {args.command}: {problem}", file=sys.stderr)
             return 2
+    empty = _empty_option(parser, args)
+    if empty is not None:
+        print(f"pimcore {args.command}: {empty}: cannot be empty", file=sys.stderr)
+        return 2
     try:
         rc = int(args.func(args))
         sys.stdout.flush()  # (here: a reader gone away shows now, not at exit)

@@ -54,6 +54,7 @@ What the SDK promises, and how
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 import os
 import random
@@ -458,6 +459,24 @@ class ConversationsPage:
     more: bool
 
 
+_TOKEN_EXPECTED = ("str or bytes (from `pimcore token --user USER` or pimcore.auth.issue_token), or a callable"
+                   " returning one (or an awaitable of one)")
+
+
+def _check_arguments(url: Any, token: Any, device: Any) -> None:
+    """TypeError at the call, saying what is expected, for an argument of
+    open_client of the wrong type: ``token=None`` was a bare "object
+    NoneType can't be used in 'await' expression" from deep inside, a
+    ``device`` of None the codec's "field 'device': expected str"."""
+    if not isinstance(url, str):
+        raise TypeError(f"open_client: url must be a str (tcp://HOST:PORT, tls://, ws://HOST:PORT/PATH or wss://),"
+                        f" not {type(url).__name__}")
+    if not (isinstance(token, (str, bytes)) or callable(token)):
+        raise TypeError(f"open_client: token must be a {_TOKEN_EXPECTED}, not {type(token).__name__}")
+    if not isinstance(device, str):
+        raise TypeError(f"open_client: device must be a str (a device id, e.g. \"phone\"), not {type(device).__name__}")
+
+
 class Client:
     """A connected client.  Create with :func:`open_client`."""
 
@@ -475,6 +494,7 @@ class Client:
         epoch: bytes = b"",
         on_connect_retry: Optional[Callable[[str], None]] = None,
     ) -> None:
+        _check_arguments(url, token, device)
         self.endpoint: Endpoint = parse_url(url)
         self.url = url
         self.device = device
@@ -915,8 +935,11 @@ class Client:
     async def _resolve_token(self) -> bytes:
         source = self._token
         tok: Union[str, bytes, Awaitable[Union[str, bytes]]] = source() if callable(source) else source
-        if not isinstance(tok, (str, bytes)):
+        if not isinstance(tok, (str, bytes)) and inspect.isawaitable(tok):
             tok = await tok
+        if not isinstance(tok, (str, bytes)):  # (a token source's result; the token itself is checked at the call)
+            raise TypeError(f"open_client: the token source returned {type(tok).__name__}; it must return a"
+                            f" {_TOKEN_EXPECTED.split(', or a callable')[0]}")
         return tok.encode() if isinstance(tok, str) else bytes(tok)
 
     async def _open_stream(self, nursery: trio.Nursery) -> trio.abc.Stream:

@@ -378,8 +378,36 @@ _SECRET_NAMES = frozenset({"secret", "api_keys", "webhooks.secret", "moderation.
 _ONE_STRING_IS_A_LIST = frozenset({"listen"})
 
 
-def _check(name: str, typ: str, value: Any) -> Any:
-    """``value`` (from TOML or a flag) as ``typ``, or ConfigError naming ``name``."""
+#: What an empty list setting would hold, and what leaving it out means,
+#: for its refusal (:func:`_not_empty`).
+_EMPTY_LIST_SAID = {
+    "api_keys": ("key", " (then <data_dir>/api-key is used)"),
+    "listen": ("URL", ""),
+    "webhooks.events": ("event type", " (then every type is sent)"),
+    "store.address_map": ("ANNOUNCED=DIAL entry", ""),
+}
+
+
+def _not_empty(name: str, typ: str, value: Any) -> Any:
+    """``value``, or ConfigError naming ``name`` if it is empty: a string
+    ``""`` or a list of nothing (``api_keys = []``, ``$PIMCORE_API_KEYS=","``)
+    given explicitly.  Taken, each fell back silently to the default (the
+    key file, the data directory's secret, no HTTP listener, every webhook
+    event type) or meant nothing."""
+    if typ in ("str", "path") and value == "":
+        # (A path: it names nothing; taken as unset, a shell's unset "$DIR"
+        # given as --data-dir put the data in ./pimcore-data silently; as a
+        # Path it is "." (or the file's folder).)
+        raise ConfigError(f"{name}: cannot be empty")
+    if typ == "list" and not isinstance(value, str) and len(value) == 0:
+        what, default = _EMPTY_LIST_SAID.get(name.lstrip("-").replace("-", "_"), ("value", ""))
+        raise ConfigError(f"{name}: the list is empty: give at least one {what}, or leave the setting out{default}")
+    return value
+
+
+def _check(name: str, typ: str, value: Any, empty_ok: bool = False) -> Any:
+    """``value`` (from TOML or a flag) as ``typ``, or ConfigError naming
+    ``name``; an empty one too (:func:`_not_empty`) unless ``empty_ok``."""
     bare = name.lstrip("-").replace("-", "_")
     ok = {
         "str": isinstance(value, str),
@@ -401,12 +429,10 @@ def _check(name: str, typ: str, value: Any) -> Any:
                 ("an " if odd[0] in "aeiou" else "a ") + odd
             raise ConfigError(f"{name}: expected {_EXPECTED[typ]}, got {got}")
         raise ConfigError(f"{name}: expected {_EXPECTED[typ]}, got {_show(value)}")
-    if typ == "path" and value == "":
-        # It names nothing: taken as unset, a shell's unset "$DIR" given as
-        # --data-dir put the data in ./pimcore-data silently; as a Path it
-        # is "." (or the file's folder).  (An empty variable stays unset:
-        # the environment's one rule, for docker-compose's "FOO=".)
-        raise ConfigError(f"{name}: cannot be empty")
+    if not empty_ok:
+        # (An empty variable stays unset: the environment's one rule, for
+        # docker-compose's "FOO="; a list variable of only commas is refused.)
+        _not_empty(name, typ, value)
     if typ == "float":
         return float(_finite(name, value))  # (checked first: an int past a float's range cannot be made one)
     if typ == "int":
@@ -486,7 +512,7 @@ def _parse_env(name: str, typ: str, text: str) -> Any:
             return False
         raise ConfigError(f"{name}: expected true or false, got {_show(text)}")
     if typ == "list":
-        return [part.strip() for part in s.split(",") if part.strip()]
+        return _not_empty(name, typ, [part.strip() for part in s.split(",") if part.strip()])
     return text
 
 
@@ -979,7 +1005,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path}: {_said_toml_error(path, str(exc))}") from None
     except UnicodeDecodeError as exc:  # (tomllib decodes before parsing)
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
     except ValueError:
@@ -988,6 +1014,53 @@ def _read_toml(path: Path) -> dict[str, Any]:
         # the number is and how long it is, found in the file itself.
         raise ConfigError(_long_number(path)) from None
     return _check_doc(doc, str(path))
+
+
+_TOML_AT = re.compile(r"\(at line (\d+), column (\d+)\)$")
+_TOML_KEY = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*"""
+_TOML_KEY_LINE = re.compile(rf"\s*({_TOML_KEY})\s*=")
+_TOML_TABLE_LINE = re.compile(rf"\s*\[\s*({_TOML_KEY})\s*\]\s*(?:#.*)?$")
+
+
+def _said_toml_error(path: Path, text: str) -> str:
+    """tomllib's message ``text`` about ``path``; "Cannot overwrite a value
+    (at line 2, column 15)", a key given twice, said with the key's name
+    (``limits.window is given twice ...``), found from the line the error
+    is at: the key whose value ends there (on a line of its own or a
+    multi-line one's first), or the [table] declared there over a key."""
+    at = _TOML_AT.search(text)
+    twice = re.match(r"Cannot declare \((.*)\) twice ", text)
+    if twice is not None and at is not None:  # "Cannot declare ('limits',) twice": Python's tuple
+        table = ".".join(re.findall(r"'([^']*)'", twice.group(1))) or twice.group(1)
+        return f"the table [{table}] is declared twice {at.group(0)}: a table may be declared once"
+    if not text.startswith("Cannot overwrite a value") or at is None:
+        return text
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeError):  # pragma: no cover - it was just read
+        return text
+    line = int(at.group(1))
+    name = None
+    for i in range(min(line, len(lines)) - 1, -1, -1):
+        table = _TOML_TABLE_LINE.match(lines[i])
+        if table is not None:
+            if i == line - 1:  # `http = "URL"`, then [http]
+                return f"[{table.group(1)}] is given twice, as a table and as a key above it {at.group(0)}"
+            break
+        key = _TOML_KEY_LINE.match(lines[i])
+        if key is not None:
+            name = key.group(1)
+            section = None
+            for j in range(i - 1, -1, -1):
+                table = _TOML_TABLE_LINE.match(lines[j])
+                if table is not None:
+                    section = table.group(1)
+                    break
+            name = f"{section}.{name}" if section else name
+            break
+    if name is None:  # pragma: no cover - a line tomllib read holds its key
+        return text
+    return f"{name} is given twice {at.group(0)}: a key may be given once"
 
 
 def _long_number(path: Path) -> str:
@@ -1118,7 +1191,10 @@ def _layer_from_flags(flags: Mapping[str, Any], options: bool) -> dict[tuple[Opt
         if typ == "bool" and not isinstance(value, bool):
             # A keyword argument (open_pimcore(events="true")): not TOML's words.
             raise ConfigError(f"{name}: expected a bool (True or False), got {type(value).__name__} {value!r:.60}")
-        value = _check(f"--{name.replace('_', '-')}" if options else name, typ, value)
+        # (open_pimcore's own defaults, listen=[] and http="": no listener
+        # unless asked for there, as an embedding host may say too.)
+        empty_ok = not options and where in ((None, "listen"), ("http", "listen"))
+        value = _check(f"--{name.replace('_', '-')}" if options else name, typ, value, empty_ok)
         layer[where] = Path(value) if typ == "path" else value
     return layer
 
@@ -1153,6 +1229,8 @@ def load_settings(
             else:
                 origins[key] = o
 
+    if config_file == "":  # (not $PIMCORE_CONFIG's file, silently: `pimcore serve --config ''` is refused before)
+        raise ConfigError("config_file: cannot be empty")
     config_file = config_file or env.get("PIMCORE_CONFIG") or None
     config_dir = None
     if config_file:

@@ -1204,3 +1204,28 @@ def test_bench_with_a_short_secret_says_where_it_came_from(monkeypatch, capsys, 
     assert main(argv) == 2
     where = "--secret" if how == "option" else "$PIMCORE_SECRET"
     assert capsys.readouterr().err == f"pimcore bench: the token secret from {where} is 5 bytes; it must be at least 32\n"
+
+
+@pytest.mark.parametrize("cmd", [
+    ["chat", "--to", "bob", "--token", "t", "--cafile", ""],
+    ["chat", "--to", "bob", "--token", "t", "--device", ""],
+    ["chat", "--to", "bob", "--token", "t", "--url", ""],
+    ["group", "show", "team", "--http", "http://127.0.0.1:1", "--api-key", ""],
+    ["purge", "user", "bob", "--http", "http://127.0.0.1:1", "--api-key", ""],
+    ["retention", "team", "--data-dir", ""],
+    ["token", "--user", "alice", "--device", ""],
+    ["bench", "--secret", ""],
+    ["bench", "--url", "tcp://127.0.0.1:1", "--url", ""],
+    ["serve", "--listen", "tcp://127.0.0.1:0", "--listen", ""],
+], ids=lambda c: f"{c[0]}{c[-2]}")
+def test_an_empty_option_is_refused_naming_it(tmp_path, capsys, monkeypatch, cmd):
+    """An option given '' (a shell's unset "$VAR") fell back silently:
+    --api-key '' to $PIMCORE_API_KEY or the key file, --cafile '' to the
+    system's CAs, bench --secret '' to $PIMCORE_SECRET.  Refused naming the
+    option, exit 2, nothing done."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PIMCORE_API_KEY", "k" * 32)
+    assert main(cmd) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"pimcore {cmd[0]}: {cmd[-2]}: cannot be empty\n", err
+    assert list(tmp_path.iterdir()) == []

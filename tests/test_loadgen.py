@@ -125,7 +125,39 @@ def test_cli_table_and_bad_flags() -> None:
     assert r.returncode == 0, r.stderr
     assert "acked sends" in r.stdout and "20" in r.stdout
     bad = run_pimcore("bench", "--size", "3")
-    assert bad.returncode == 2 and "size must be >= 8" in bad.stderr
+    assert bad.returncode == 2 and "--size 3: must be >= 8" in bad.stderr
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--group", "0"], "--group 0: a group has at least 2 members"),
+    (["--group", "1"], "--group 1: a group has at least 2 members"),
+    (["--group", "-3"], "--group -3: a group has at least 2 members"),
+    (["--group", "2", "-c", "5"], "--group 2: must be >= --conns (5): the senders are members"),
+    (["-c", "-1"], "--conns -1: must be >= 0"),
+    (["-c", "0"], "--conns 0: 0 needs --idle N"),
+    (["--idle", "-1"], "--idle -1: must be >= 0"),
+    (["-w", "0"], "--window 0: must be >= 1"),
+    (["-s", "0"], "--size 0: must be >= 8 bytes"),
+    (["-n", "0"], "--count 0: must be >= 1"),
+    (["-d", "0"], "--duration 0: must be a number of seconds > 0"),
+    (["-d", "nan"], "--duration nan: must be a number of seconds > 0"),
+    (["-d", "inf"], "--duration inf: must be a number of seconds > 0"),
+    (["--warmup", "nan"], "--warmup nan: must be a number of seconds >= 0"),
+    (["--hold", "-1"], "--hold -1: must be a number of seconds >= 0"),
+    (["--procs", "0"], "--procs 0: must be >= 1"),
+    (["--rounds", "0", "--compare", "redis"], "--rounds 0: must be >= 1"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_meaningless_numeric_flags_are_refused_naming_the_flag(flags: list, said: str, capsys) -> None:
+    """``--group 0`` ran a 1:1 benchmark silently (0 read as no --group);
+    ``-d nan`` never ended, ``-d inf`` and ``--warmup nan`` measured
+    nothing; the others were named by BenchConfig's fields.  Refused before
+    a broker starts, naming the flag, exit 2.  (``-c 0 --idle N`` holds idle
+    connections only: kept.)"""
+    from pimcore.cli import main
+
+    assert main(["bench", *flags, "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"pimcore bench: {said}") and err.count("\n") == 1, err
 
 
 def test_percentiles_match_the_samples() -> None:

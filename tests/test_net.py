@@ -2442,6 +2442,33 @@ async def test_a_token_function_is_asked_for_a_fresh_token_at_every_connect(lmdb
                     assert len(issued) == a.statistics().connects == 2
 
 
+@pytest.mark.parametrize("url, tok, device, said", [
+    (None, "t", "d1", "open_client: url must be a str (tcp://HOST:PORT, tls://, ws://HOST:PORT/PATH or wss://), not NoneType"),
+    (b"tcp://127.0.0.1:1", "t", "d1", "open_client: url must be a str (tcp://HOST:PORT, tls://, ws://HOST:PORT/PATH or wss://),"
+     " not bytes"),
+    ("", None, "d1", "open_client: token must be a str or bytes (from `pimcore token --user USER` or"
+     " pimcore.auth.issue_token), or a callable returning one (or an awaitable of one), not NoneType"),
+    ("", 42, "d1", "open_client: token must be a str or bytes (from `pimcore token --user USER` or"
+     " pimcore.auth.issue_token), or a callable returning one (or an awaitable of one), not int"),
+    ("", "t", None, 'open_client: device must be a str (a device id, e.g. "phone"), not NoneType'),
+    ("", "t", 7, 'open_client: device must be a str (a device id, e.g. "phone"), not int'),
+    ("", lambda: None, "d1", "open_client: the token source returned NoneType; it must return a str or bytes (from"
+     " `pimcore token --user USER` or pimcore.auth.issue_token)"),
+], ids=["url-None", "url-bytes", "token-None", "token-int", "device-None", "device-int", "source-None"])
+async def test_an_argument_of_the_wrong_type_is_a_type_error_saying_what_is_expected(lmdb_store, url, tok, device,
+                                                                                       said):
+    """open_client(url, None, ...) raised "object NoneType can't be used in
+    'await' expression" from deep inside, a device of None the codec's
+    "field 'device': expected str", a url of bytes a ValueError about its
+    scheme.  A TypeError at the call saying what is expected."""
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            with pytest.raises(TypeError) as info:
+                async with open_client(url if url != "" else srv.urls[0], tok, device, config=FAST_CLIENT):
+                    pass
+            assert str(info.value) == said
+
+
 @pytest.mark.parametrize("scheme", ["ws", "tcp"])
 async def test_catching_up_on_large_messages_over_every_transport(lmdb_store, scheme):
     """Many large messages at login: the broker writes megabytes at once; a

@@ -285,6 +285,28 @@ def test_an_idle_timeout_no_longer_than_the_heartbeat_is_refused(tmp_path: Path,
     assert_clean_exit_2(r, said)
 
 
+@pytest.mark.parametrize("text, said", [
+    ('data_dir = "a"\ndata_dir = "b"\n', "data_dir is given twice (at line 2, column 15): a key may be given once"),
+    ('[limits]\nwindow = 8\n# again\nwindow = 9  # more\n', "limits.window is given twice (at line 4, column 11)"),
+    ('listen = [\n  "tcp://127.0.0.1:1",\n]\nlisten = [\n  "tcp://127.0.0.1:2",\n]\n',
+     "listen is given twice (at line 6, column 2)"),
+    ('[webhooks]\nurl = "http://a/"\n[limits]\nwindow = 8\n[webhooks]\n',
+     "the table [webhooks] is declared twice (at line 5, column 10)"),
+    ('http = "tcp://127.0.0.1:1"\n[http]\nlisten = "tcp://127.0.0.1:2"\n',
+     "[http] is given twice, as a table and as a key above it (at line 2, column 6)"),
+], ids=["top", "section", "multi-line", "table", "key-then-table"])
+def test_a_key_given_twice_in_the_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str,
+                                                said: str) -> None:
+    """A key given twice was tomllib's bare "Cannot overwrite a value (at
+    line 2, column 18)": which key?  Named, with the file and the position."""
+    from pimcore.cli import main
+
+    cfg = write_config(tmp_path / "p.toml", text)
+    assert main(["serve", "--config", str(cfg), "--print-config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"pimcore serve: {cfg}: {said}") and err.count("\n") == 1, err
+
+
 def test_a_number_of_more_digits_than_python_reads_is_refused_in_words_and_shown_cut(tmp_path: Path) -> None:
     """A config file with ``window = 999...9`` (5,001 digits) was refused with
     Python's own advice to call sys.set_int_max_str_digits(); the same from
@@ -437,6 +459,103 @@ def test_an_empty_path_setting_is_refused_naming_it(tmp_path: Path) -> None:
         r = run_pimcore("token", "--config", cfg, "--user", "alice", "--create-secret", cwd=tmp_path)
         assert_clean_exit_2(r, f"{cfg}: {name}: cannot be empty", command="token")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.toml"]  # no ./pimcore-data, no d/secret
+
+
+@pytest.mark.parametrize("text, said", [
+    ('secret = ""', "secret: cannot be empty"),
+    ('content_filter = ""', "content_filter: cannot be empty"),
+    ('http = ""', "http.listen: cannot be empty"),
+    ('store = ""', "store.url: cannot be empty"),
+    ("api_keys = []", "api_keys: the list is empty: give at least one key, or leave the setting out"),
+    ("listen = []", "listen: the list is empty: give at least one URL"),
+    ('[webhooks]\nurl = "http://127.0.0.1:1/e"\nevents = []',
+     "webhooks.events: the list is empty: give at least one event type"),
+    ('[webhooks]\nurl = ""', "webhooks.url: cannot be empty"),
+], ids=["secret", "content_filter", "http", "store", "api_keys", "listen", "events", "webhooks.url"])
+def test_an_empty_value_in_the_file_is_refused_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         text: str, said: str) -> None:
+    """``secret = ""`` used the data directory's secret, ``api_keys = []``
+    the key file, ``http = ""`` no HTTP listener, ``events = []`` every
+    webhook event type: an empty value was taken silently (a new-user
+    review).  Refused as an empty path is, naming the setting and the file."""
+    from pimcore.cli import main
+
+    cfg = write_config(tmp_path / "p.toml", text + "\n")
+    assert main(["serve", "--config", str(cfg), "--data-dir", str(tmp_path / "d"), "--print-config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"pimcore serve: {cfg}: {said}"), err
+    assert "Traceback" not in err and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("name, text, said", [
+    ("PIMCORE_API_KEYS", ",", "api_keys: the list is empty: give at least one key"),
+    ("PIMCORE_LISTEN", " , ", "listen: the list is empty: give at least one URL"),
+])
+def test_a_list_variable_of_only_commas_is_refused_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch, name: str, text: str,
+                                                             said: str) -> None:
+    """``PIMCORE_API_KEYS=","`` was no key, and the key file was used
+    silently.  (An empty variable stays unset: the environment's one rule.)"""
+    from pimcore.cli import main
+
+    monkeypatch.setenv(name, text)
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--print-config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"pimcore serve: {said}") and f"(from ${name})" in err, err
+
+
+def test_an_empty_config_option_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pimcore serve --config ''`` read $PIMCORE_CONFIG's file, or none,
+    silently; so did load_settings(""), open_pimcore's config_file."""
+    from pimcore.cli import main
+    from pimcore.config import ConfigError, load_settings
+
+    other = write_config(tmp_path / "other.toml", 'listen = ["tcp://127.0.0.1:0"]\n')
+    monkeypatch.setenv("PIMCORE_CONFIG", str(other))
+    for cmd in (["serve", "--print-config"], ["token", "--user", "alice"], ["group", "show", "team"]):
+        assert main([*cmd, "--config", "", "--data-dir", str(tmp_path / "d")]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"pimcore {cmd[0]}: --config: cannot be empty\n", err
+    with pytest.raises(ConfigError, match="^config_file: cannot be empty$"):
+        load_settings("")
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_data_dir_that_cannot_be_made_is_said_as_the_data_dir_with_where_it_came_from(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data directory that cannot be made (no permission on its parent, a
+    read-only file system) was said as the token secret's file, made first
+    in it: "cannot make the token secret file d/secret: Permission denied".
+    Said as the data directory, with where it came from; the same for the
+    HTTP API key's and the webhook secret's files.  (mkdir refused in
+    process: the tests may run as root, whom a mode 0555 folder does not stop.)"""
+    from pimcore.cli import main
+    from pimcore.config import load_settings
+
+    data = tmp_path / "ro" / "d"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        if self == data:
+            raise PermissionError(13, "Permission denied", str(self))
+        real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    said = f"cannot make the data directory {data}: Permission denied"
+    assert main(["token", "--user", "alice", "--data-dir", str(data), "--create-secret"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"pimcore token: {said} (from --data-dir)\n", err
+    monkeypatch.setenv("PIMCORE_DATA_DIR", str(data))
+    assert main(["token", "--user", "alice", "--create-secret"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"pimcore token: {said} (from $PIMCORE_DATA_DIR)\n", err
+    monkeypatch.delenv("PIMCORE_DATA_DIR")
+    settings = load_settings(data_dir=str(data), flags_are_options=True, env={})
+    for make in (settings.load_api_keys, settings.webhook_secret):
+        with pytest.raises(ValueError) as info:
+            make()
+        assert str(info.value) == f"{said} (from --data-dir)"
 
 
 @pytest.mark.parametrize("bad", ["not-utf8", "directory", "empty"])
