@@ -267,26 +267,12 @@ def _overlap(a: str, b: str) -> bool:
 
 def _listen_url_problem(url: str, http: bool = False) -> Optional[str]:
     """What a listen URL (``listen``, ``http``) holds that a listener would
-    drop silently, said without repeating a password; None if nothing.
-    parse_url takes them (a client's URL may carry a query), but a
-    listener binds a host and port and, for WebSocket, serves one path."""
-    from urllib.parse import urlsplit
+    drop silently, said without repeating a password; None if nothing.  A
+    listener binds a host and port and, for WebSocket, serves one path:
+    the rules clients' URLs follow too (url_extra_problem)."""
+    from .net.streams import url_extra_problem
 
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return None  # (parse_url says what is wrong with it)
-    if "@" in parts.netloc:
-        return "a listen URL has no user name or password"
-    if "?" in url or "#" in url:
-        return f"{url!r}: a listen URL has no query or fragment"
-    if parts.path not in ("", "/"):
-        if http:
-            return f"{url!r}: an HTTP listen URL has no path (the API's paths are its own)"
-        scheme = parts.scheme.lower()
-        if scheme in ("tcp", "tls"):
-            return f"{url!r}: a {scheme}:// listen URL has no path (paths are for ws:// and wss://)"
-    return None
+    return url_extra_problem(url, listen=True, http=http)
 
 
 class ConfigError(ValueError):

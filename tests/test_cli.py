@@ -684,6 +684,29 @@ def test_chat_refuses_a_bad_url_saying_why(capsys, url):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("cmd", ["chat", "bench"])
+@pytest.mark.parametrize("url, why", [
+    ("tcp://127.0.0.1:1/foo", "'tcp://127.0.0.1:1/foo': a tcp:// URL has no path"),
+    ("tcp://bob:s3cret@127.0.0.1:1", "a URL to connect to has no user name or password"),
+    ("ws://127.0.0.1:1/im?x=1", "'ws://127.0.0.1:1/im?x=1': a URL to connect to has no query or fragment"),
+    ("tls://127.0.0.1:1#top", "has no query or fragment"),
+])
+def test_chat_and_bench_refuse_a_url_part_they_would_ignore(capsys, cmd, url, why):
+    """chat and bench connected to ``tcp://127.0.0.1:1/foo`` (or with a user
+    name, a query...) dropping the part silently: refused up front, exit 2,
+    never echoing a password."""
+    from _net import token
+
+    if cmd == "chat":
+        argv = ["chat", "--to", "bob", "--token", token("alice"), "--url", url]
+    else:
+        argv = ["bench", "--url", url, "--secret", "s" * 32, "-n", "1", "--warmup", "0", "--no-progress"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"pimcore {cmd}: ") and why in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "s3cret" not in err
+
+
 @pytest.mark.parametrize("ttl", ["inf", "nan", "0", "-5", "99999999999", "31622401"])
 def test_token_refuses_a_ttl_outside_what_the_http_api_allows(monkeypatch, capsys, ttl):
     from pimcore.embed import MAX_TOKEN_TTL

@@ -2795,6 +2795,31 @@ def test_a_websocket_path_must_be_printable_ascii_from_a_slash(path) -> None:
     assert Endpoint("tcp").path == "/"
 
 
+@pytest.mark.parametrize("url, why", [
+    ("tcp://127.0.0.1:7400/foo", "'tcp://127.0.0.1:7400/foo': a tcp:// URL has no path (paths are for ws:// and wss://)"),
+    ("TLS://127.0.0.1:7401/im", "a tls:// URL has no path"),
+    ("tcp://bob@127.0.0.1:7400", "a URL to connect to has no user name or password (the token is the credential)"),
+    ("wss://bob:s3cret@127.0.0.1:7443/im", "a URL to connect to has no user name or password"),
+    ("tcp://127.0.0.1:7400?x=1", "'tcp://127.0.0.1:7400?x=1': a URL to connect to has no query or fragment"),
+    ("ws://127.0.0.1:7480/im?v=2", "has no query or fragment"),
+    ("tls://127.0.0.1:7401#top", "has no query or fragment"),
+    ("ws://127.0.0.1:7480/im#top", "has no query or fragment"),
+])
+async def test_a_client_url_with_a_part_that_would_be_ignored_is_refused(url, why) -> None:
+    """``tcp://127.0.0.1:7400/foo``, ``tcp://bob@...``, a query or fragment:
+    open_client connected with the extra part dropped silently (a new-user
+    review).  Refused as the listen URLs are, in the same words; a
+    WebSocket path is meant (the upgrade's path) and stays."""
+    with pytest.raises(ValueError) as err:
+        parse_url(url)
+    assert why in str(err.value) and "s3cret" not in str(err.value)
+    with pytest.raises(ValueError, match=re.escape(why)):
+        async with open_client(url, token("alice"), "phone", config=FAST_CLIENT):
+            pass  # pragma: no cover
+    assert parse_url("ws://127.0.0.1:7480/im").path == "/im"
+    assert parse_url("tcp://127.0.0.1:7400/").port == 7400
+
+
 async def _first_connect_to(handler, url: str, within: float, **client_kw) -> tuple[str, pytest.ExceptionInfo]:
     """``handler`` serving a loopback port, and open_client's first connect
     to ``url`` (its ``{port}`` filled in) failing with ConnectFailed within

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-__all__ = ["Endpoint", "parse_url", "WebSocketStream", "SCHEMES"]
+__all__ = ["Endpoint", "parse_url", "url_extra_problem", "WebSocketStream", "SCHEMES"]
 
 SCHEMES = ("tcp", "tls", "ws", "wss")
 _DEFAULT_PORTS = {"tcp": 7400, "tls": 7401, "ws": 7480, "wss": 7443}
@@ -62,12 +62,44 @@ class Endpoint:
         return self.url
 
 
+def url_extra_problem(url: str, *, listen: bool = False, http: bool = False) -> Optional[str]:
+    """What ``url`` holds that would be dropped silently, in words (said
+    without repeating a password); None if nothing.  One set of rules for
+    the broker's listen URLs (``listen``, ``[http] listen``: ``listen``
+    True, ``http`` for the HTTP listener) and the URLs clients connect to
+    (the SDK, ``pimcore chat --url``, ``pimcore bench --url``): no user name
+    or password (the token is the credential), no query or fragment, and a
+    path only on ws:// and wss:// (the upgrade request's path)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None  # (parse_url says what is wrong with it)
+    a = "a listen URL" if listen else "a URL to connect to"
+    if "@" in parts.netloc:
+        return f"{a} has no user name or password" + ("" if listen else " (the token is the credential)")
+    if "?" in url or "#" in url:
+        return f"{url!r}: {a} has no query or fragment"
+    if parts.path not in ("", "/"):
+        if http:
+            return f"{url!r}: an HTTP listen URL has no path (the API's paths are its own)"
+        scheme = parts.scheme.lower()
+        if scheme in ("tcp", "tls"):
+            noun = "listen URL" if listen else "URL"
+            return f"{url!r}: a {scheme}:// {noun} has no path (paths are for ws:// and wss://)"
+    return None
+
+
 def parse_url(url: str, *, default_port: Optional[int] = None) -> Endpoint:
-    """``tcp://127.0.0.1:7400``, ``tls://host:7401``, ``ws://host:7480/im``..."""
+    """``tcp://127.0.0.1:7400``, ``tls://host:7401``, ``ws://host:7480/im``...
+    A part that would be dropped (a user name, a query, a fragment, a path
+    on tcp:// or tls://) is a ValueError (:func:`url_extra_problem`)."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         raise ValueError(f"{url!r}: scheme must be one of {', '.join(SCHEMES)}")
+    problem = url_extra_problem(url)
+    if problem is not None:
+        raise ValueError(problem)
     if not parts.hostname:
         raise ValueError(f"{url!r}: no host")
     try:
