@@ -10,9 +10,10 @@ import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Sequence, cast
+from typing import Any, NoReturn, Optional, Sequence, cast
 
 from . import __version__
+from .ids import quote_arg
 
 __all__ = ["main"]
 
@@ -543,7 +544,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
         from .ids import EMPTY_GROUP
 
         # (What the broker and its HTTP API answer: the store would take it.)
-        print(f"pimcore group: group {args.name!r} not changed: {EMPTY_GROUP}", file=sys.stderr)
+        print(f"pimcore group: group {quote_arg(args.name)} not changed: {EMPTY_GROUP}", file=sys.stderr)
         return 2
     try:
         settings = _settings(args)
@@ -570,7 +571,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
         try:
             if args.action == "create":
                 if store.conversation_exists(args.name):
-                    print(f"pimcore group: {_GROUP_REFUSED['ALREADY_EXISTS'].format(name=args.name)}", file=sys.stderr)
+                    print(f"pimcore group: {_GROUP_REFUSED['ALREADY_EXISTS'].format(name=quote_arg(args.name))}", file=sys.stderr)
                     return 2
                 store.create_group(args.name, args.users, time.time_ns() // 1000, history_visible=args.history_visible)
             elif args.action == "add":
@@ -582,7 +583,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
             elif not store.conversation_exists(args.name):
                 raise KeyError(args.name)
         except KeyError:
-            print(f"pimcore group: {_GROUP_REFUSED['UNKNOWN_CONVERSATION'].format(name=args.name)}", file=sys.stderr)
+            print(f"pimcore group: {_GROUP_REFUSED['UNKNOWN_CONVERSATION'].format(name=quote_arg(args.name))}", file=sys.stderr)
             return 2
         except (ValueError, StoreError) as exc:
             print(_refusal("group", exc), file=sys.stderr)
@@ -598,8 +599,8 @@ def _cmd_group(args: argparse.Namespace) -> int:
 #: What ``pimcore group`` says of a refusal, by the HTTP API's code: the
 #: same sentence on a data directory and over --http.
 _GROUP_REFUSED = {
-    "UNKNOWN_CONVERSATION": "no group {name!r}",
-    "ALREADY_EXISTS": "group {name!r} exists already",
+    "UNKNOWN_CONVERSATION": "no group {name}",
+    "ALREADY_EXISTS": "group {name} exists already",
 }
 
 
@@ -610,7 +611,7 @@ def _group_refusal(name: str, exc: BaseException) -> str:
     words); anything else as the HTTP call says it."""
     if isinstance(exc, _Refused):
         if exc.code in _GROUP_REFUSED:
-            return _GROUP_REFUSED[exc.code].format(name=name)
+            return _GROUP_REFUSED[exc.code].format(name=quote_arg(name))
         if exc.code == "BAD_REQUEST":
             return exc.message
     return str(exc)
@@ -625,10 +626,10 @@ def _note_unchanged(args: argparse.Namespace, before: Sequence[str]) -> None:
     users = list(dict.fromkeys(args.users))
     if args.action == "add":
         same = [u for u in users if u in was]
-        what = f"already {'a member' if len(same) == 1 else 'members'} of {args.name!r}, so not added"
+        what = f"already {'a member' if len(same) == 1 else 'members'} of {quote_arg(args.name)}, so not added"
     else:
         same = [u for u in users if u not in was]
-        what = f"not {'a member' if len(same) == 1 else 'members'} of {args.name!r}, so not removed"
+        what = f"not {'a member' if len(same) == 1 else 'members'} of {quote_arg(args.name)}, so not removed"
     if same:
         print(f"pimcore group: {what}: {', '.join(same)}", file=sys.stderr)
 
@@ -726,7 +727,7 @@ def _http_base(url: str) -> str:
         raise ValueError("--http URL: a user name or password in the URL is not supported (the API key goes in"
                          " --api-key or $PIMCORE_API_KEY)")
     if not url or any(c.isspace() or not c.isprintable() for c in url):
-        raise ValueError(f"--http {url!r}: not a URL (http://HOST:PORT or https://HOST:PORT)")
+        raise ValueError(f"--http {quote_arg(url)}: not a URL (http://HOST:PORT or https://HOST:PORT)")
     full = url if "://" in url else "http://" + url
     try:
         parts = urllib.parse.urlsplit(full)
@@ -822,6 +823,13 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
     from .config import API_KEY_FILE
 
     key = args.api_key or os.environ.get("PIMCORE_API_KEY")
+    bad = next((c for c in key or "" if not (" " <= c <= "~")), None)
+    if bad is not None:
+        # (An HTTP header cannot carry it: urllib's "'latin-1' codec can't
+        # encode character '\udcff'".)
+        given = "--api-key" if args.api_key else "$PIMCORE_API_KEY"
+        raise ValueError(f"{given}: an API key is printable ASCII (an HTTP header carries it), and this one has"
+                         f" the character {quote_arg(bad)}")
     if not key:
         if args.data_dir == "":  # (as serve refuses it: not ./pimcore-data, silently)
             raise ValueError("--data-dir: cannot be empty")
@@ -1046,7 +1054,7 @@ def _cmd_retention(args: argparse.Namespace) -> int:
     age = None if args.max_age is None else max(int(args.max_age * 1_000_000), 1 if args.max_age > 0 else 0)
     # (The store and the API answer a read of any well-formed id: the
     # defaults, floor 0 -- as if a group never created existed.)
-    no_such = ValueError(f"no such conversation {args.conv!r} (UNKNOWN_CONVERSATION): no group has that id"
+    no_such = ValueError(f"no such conversation {quote_arg(args.conv)} (UNKNOWN_CONVERSATION): no group has that id"
                          " (pimcore group create makes one; a purged group is gone until created again)")
     try:
         if args.http:
@@ -1189,7 +1197,17 @@ def _http_flags_problem(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
-class _SubcommandParser(argparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose refusals show a byte of an argument that is
+    not UTF-8 as ``\\xff`` (ids.quote_arg), not Python's ``'\\udcff'``."""
+
+    def error(self, message: str) -> NoReturn:
+        from .ids import bytes_readable
+
+        super().error(bytes_readable(message))
+
+
+class _SubcommandParser(_Parser):
     """A subcommand's parser; with ``intermixed`` set its options may come
     between its positionals (``group create vis --history-visible alice
     bob``: plain argparse ends the USER list at the option and refuses
@@ -1210,7 +1228,7 @@ class _SubcommandParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pimcore", description="pimcore instant-messaging broker core",
         epilog="exit codes: 0 done; 1 could not be done now, for a reason outside the command (a port in use, a"
                " store, broker or HTTP API that cannot be reached): it may work later; 2 refused as given (usage,"

@@ -707,6 +707,37 @@ def test_chat_and_bench_refuse_a_url_part_they_would_ignore(capsys, cmd, url, wh
     assert len(err.strip().splitlines()) == 1 and "s3cret" not in err
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["chat", "--to", "b\udcffob", "--token", "{token}", "--url", "tcp://127.0.0.1:1"], "'b\\xffob'"),
+    (["chat", "--to", "bob", "--token", "{token}", "--url", "tcp://\udcff:1"], "'tcp://\\xff:1': '\\xff' is not a host name"),
+    (["chat", "--to", "bob", "--token", "{token}", "--url", "ws://127.0.0.1:1/\udcff"], "'/\\xff'"),
+    (["group", "sh\udcffow", "team"], "invalid choice: 'sh\\xffow'"),
+    (["sh\udcffow"], "invalid choice: 'sh\\xffow'"),
+    (["token", "--user", "alice", "\udcff"], "unrecognized arguments: \\xff"),
+    (["group", "show", "team", "--http", "http://127.0.0.1:1/\udcff", "--api-key", "k"], "'http://127.0.0.1:1/\\xff'"),
+    (["serve", "--content-filter", "a\udcff"], "not 'a\\xff'"),
+    (["serve", "--http", "ftp://\udcff"], "'ftp://\\xff'"),
+    (["chat", "--to", "bob", "--token", "x\udcff", "--url", "tcp://127.0.0.1:1"], "the character '\\xff'"),
+    (["group", "show", "team", "--http", "http://127.0.0.1:1", "--api-key", "k\udcff"], "the character '\\xff'"),
+])
+def test_an_argument_that_is_not_utf8_is_echoed_with_its_bytes_readable(tmp_path, capsys, argv, said):
+    """A byte that is not UTF-8 in an argument was echoed as Python's
+    surrogate escape ('b\\udcffob'; a host name's was a UnicodeError
+    traceback): shown as the byte, '\\xff', in one line, exit 2."""
+    from _net import token
+
+    argv = [a.replace("{token}", token("alice")) for a in argv]
+    if argv[0] == "serve":
+        argv += ["--data-dir", str(tmp_path / "d")]
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # (argparse's refusals)
+        rc = exc.code
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", (rc, out, err)
+    assert said in err and "udc" not in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("ttl", ["inf", "nan", "0", "-5", "99999999999", "31622401"])
 def test_token_refuses_a_ttl_outside_what_the_http_api_allows(monkeypatch, capsys, ttl):
     from pimcore.embed import MAX_TOKEN_TTL
