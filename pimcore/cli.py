@@ -756,14 +756,21 @@ def _http_base(url: str) -> str:
     return f"{scheme}://{parts.netloc}"
 
 
-def _speaks_tls(base: str, timeout: float = 5.0) -> bool:
-    """Whether the server at ``base`` (``http://HOST[:PORT]``) completes a
-    TLS handshake, or answers one with a TLS alert: to say "try https://"
-    when a plain HTTP request got no HTTP answer.  Nothing is verified (it
-    only tells TLS from not TLS) and nothing is sent after the handshake."""
+def _tls_probe(base: str, timeout: float = 5.0) -> Optional[str]:
+    """What the server at ``base`` (``http://HOST[:PORT]``) is, if it
+    speaks TLS: to say "try https://" when a plain HTTP request got no
+    HTTP answer only if an HTTPS request gets one.  None: no TLS;
+    "https": an HTTP answer over TLS; "pimcore": a pimcore frame (the
+    broker's tls:// listener's Close to a stranger); "tls": TLS, but no
+    HTTP answer over it; "alert": a TLS server that refused the handshake
+    (no common cipher, a client certificate wanted), which says so in TLS.
+    Nothing is verified (it only tells what speaks there); a HEAD request
+    is all that is sent."""
     import socket
     import ssl
     import urllib.parse
+
+    from .client import _pimcore_frame_start
 
     parts = urllib.parse.urlsplit(base)
     host, port = parts.hostname or "", parts.port or 80
@@ -772,14 +779,24 @@ def _speaks_tls(base: str, timeout: float = 5.0) -> bool:
     ctx.verify_mode = ssl.CERT_NONE
     try:
         with socket.create_connection((host, port), timeout=timeout) as raw:
-            with ctx.wrap_socket(raw, server_hostname=host):
-                return True
+            with ctx.wrap_socket(raw, server_hostname=host) as tls:
+                try:
+                    tls.sendall(f"HEAD / HTTP/1.0\r\nHost: {parts.netloc}\r\n\r\n".encode("ascii", "replace"))
+                    first = b""
+                    while len(first) < 8:
+                        more = tls.recv(8 - len(first))
+                        if not more:
+                            break
+                        first += more
+                except (OSError, ValueError):
+                    first = b""
     except ssl.SSLError as exc:
-        # (A TLS server that refuses us -- no common cipher, a client
-        # certificate wanted -- still says so in TLS: an alert.)
-        return "ALERT" in str(exc.reason or "")
+        return "alert" if "ALERT" in str(exc.reason or "") else None
     except (OSError, ValueError):
-        return False
+        return None
+    if first.startswith(b"HTTP/"):
+        return "https"
+    return "pimcore" if _pimcore_frame_start(first) else "tls"
 
 
 def _first_line(text: str, limit: int = 200) -> str:
@@ -905,12 +922,15 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
 
             first = line.encode("latin-1", "replace")
             if _pimcore_frame_start(first):  # the broker's Close to a stranger (UNSUPPORTED_VERSION)
-                tls = base.startswith("https://")
-                raise ValueError(f"cannot use {base}: it is a pimcore {'tls' if tls else 'tcp'}:// broker listener,"
-                                 " not the HTTP API: use the --http URL `pimcore serve` prints as 'listening on"
-                                 f" http://...'{' (or https://...)' if tls else ''}") from None
-        if base.startswith("http://") and _speaks_tls(base):
+                _not_the_api(base, base.startswith("https://"))
+        probe = _tls_probe(base) if base.startswith("http://") else None
+        if probe == "pimcore":  # (its TLS alert to the plain request, then its Close over TLS)
+            _not_the_api(base, True)
+        if probe in ("https", "alert"):
             raise ValueError(f"cannot use {base}: the server speaks TLS: try https://{base[len('http://'):]}") from None
+        if probe == "tls":
+            raise ValueError(f"cannot use {base}: the server speaks TLS, but gave no HTTP answer over it either (is this"
+                             " the --http listener?)") from None
         if isinstance(exc, http.client.RemoteDisconnected):
             what = "it closed the connection without an answer"
         elif isinstance(exc, http.client.BadStatusLine):
@@ -921,6 +941,13 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
         else:
             what = _first_line(str(exc)) or type(exc).__name__
         raise ValueError(f"cannot use {base}: not an HTTP server (is this the --http listener?): {what}") from None
+
+
+def _not_the_api(base: str, tls: bool) -> NoReturn:
+    """Refuse ``base``: a pimcore tcp:// (``tls``: tls://) broker listener."""
+    raise ValueError(f"cannot use {base}: it is a pimcore {'tls' if tls else 'tcp'}:// broker listener,"
+                     " not the HTTP API: use the --http URL `pimcore serve` prints as 'listening on"
+                     f" http://...'{' (or https://...)' if tls else ''}") from None
 
 
 def _cmd_purge(args: argparse.Namespace) -> int:

@@ -870,6 +870,58 @@ def test_http_at_a_server_answering_with_a_tls_alert_says_to_use_https(capsys):
                    f" try https://127.0.0.1:{port}\n"), err
 
 
+@pytest.mark.parametrize("over_tls", [b"", b"\x00\x01\x02 not http\r\n", b"HTTP/1.0 404 Not Found\r\n\r\n"],
+                         ids=["hangs-up", "not-http", "http"])
+def test_http_at_a_tls_server_says_try_https_only_if_it_answers_http_over_tls(tmp_path, capsys, over_tls):
+    """A TLS server (its alert to the plain request, then a handshake):
+    "the server speaks TLS: try https://" was said whatever it then spoke,
+    so https:// failed in turn (at the broker's tls:// listener, at any
+    TLS service that is no HTTPS one).  Said only if it answers HTTP over
+    TLS; otherwise that it speaks TLS but no HTTP."""
+    import socket
+    import ssl
+    import threading
+
+    cert, key, _ = _tls_files(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        srv.settimeout(20)
+        port = srv.getsockname()[1]
+
+        def serve() -> None:
+            for i in range(2):  # the plain request, then the CLI's probe over TLS
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.settimeout(20)
+                    if i == 0:
+                        conn.recv(4096)
+                        conn.sendall(b"\x15\x03\x03\x00\x02\x02\x0a")
+                        continue
+                    try:
+                        with ctx.wrap_socket(conn, server_side=True) as tls:
+                            tls.recv(4096)
+                            tls.sendall(over_tls)
+                    except (OSError, ssl.SSLError):
+                        pass
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        rc = main(["group", "show", "team", "--http", f"http://127.0.0.1:{port}", "--api-key", "k"])
+        t.join(20)
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", (rc, out, err)
+    if over_tls.startswith(b"HTTP/"):
+        assert err == (f"pimcore group: cannot use http://127.0.0.1:{port}: the server speaks TLS:"
+                       f" try https://127.0.0.1:{port}\n"), err
+    else:
+        assert err == (f"pimcore group: cannot use http://127.0.0.1:{port}: the server speaks TLS, but gave no HTTP"
+                       " answer over it either (is this the --http listener?)\n"), err
+
+
 def test_http_at_a_port_that_never_answers_says_so_after_a_bounded_wait(capsys, monkeypatch):
     """A port that accepts and never answers (another service waiting for
     its own protocol's first bytes, a stuck process): it was about 32 s
@@ -908,11 +960,13 @@ def _tls_files(tmp_path):
     return cert, key, cafile
 
 
-@pytest.mark.parametrize("listener", ["tcp", "tls", "ws"])
+@pytest.mark.parametrize("listener", ["tcp", "tls", "ws", "tls-as-http"])
 def test_http_at_one_of_the_brokers_other_listeners_says_which_it_is(tmp_path, capsys, caplog, listener):
     """--http at the broker's tcp:// listener printed the Close frame's raw
     bytes in a BadStatusLine repr; at its ws:// listener only "HTTP 400",
-    dropping the text/plain body that names the listener."""
+    dropping the text/plain body that names the listener.  http:// at its
+    tls:// listener said "the server speaks TLS: try https://", which then
+    failed again (the listener is no HTTPS server): said at once."""
     import logging
 
     from pimcore.threaded import open_pimcore_thread
@@ -922,13 +976,15 @@ def test_http_at_one_of_the_brokers_other_listeners_says_which_it_is(tmp_path, c
     caplog.set_level(logging.WARNING, logger="pimcore")
 
     cert, key, cafile = _tls_files(tmp_path)
+    plain_at_tls = listener == "tls-as-http"
+    listener = listener.partition("-")[0]
     listen = f"{listener}://127.0.0.1:0" + ("/im" if listener == "ws" else "")
     with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=[listen], cert=str(cert), key=str(key)) as im:
         port = im.port(listener)
-        scheme = "https" if listener == "tls" else "http"
+        scheme = "https" if listener == "tls" and not plain_at_tls else "http"
         base = f"{scheme}://127.0.0.1:{port}"
         rc = main(["group", "show", "team", "--http", base, "--api-key", "k",
-                   *(["--cafile", str(cafile)] if listener == "tls" else [])])
+                   *(["--cafile", str(cafile)] if scheme == "https" else [])])
     out, err = capsys.readouterr()
     assert rc == 2 and out == "", (rc, out, err)
     said = {"tcp": f"cannot use {base}: it is a pimcore tcp:// broker listener, not the HTTP API: use the --http URL"
@@ -937,6 +993,9 @@ def test_http_at_one_of_the_brokers_other_listeners_says_which_it_is(tmp_path, c
                    " `pimcore serve` prints as 'listening on http://...' (or https://...)",
             "ws": f"HTTP 400 from {base}: this is a pimcore ws:// listener (path /im): it takes a WebSocket upgrade"
                   " request to /im and nothing else"}[listener]
+    if plain_at_tls:
+        said = (f"cannot use {base}: it is a pimcore tls:// broker listener, not the HTTP API: use the --http URL"
+                " `pimcore serve` prints as 'listening on http://...' (or https://...)")
     assert err == f"pimcore group: {said}\n", err
 
 
