@@ -1231,6 +1231,10 @@ class Client:
                             if _HTTP_API.search(plain):
                                 # pimcore's plain HTTP API: no broker URL there to suggest.
                                 hint = f" ({_api_hint(True)})"
+                            elif plain and not (b"HTTP/".startswith(plain[:5]) or _pimcore_frame_start(plain)):
+                                # Another service's banner or binary (SSH,
+                                # Redis): its plain URL would only say so next.
+                                hint = f" ({_other_service(plain[:_FIRST_BYTES])})"
                             else:
                                 if listener:  # a pimcore ws:// listener, naming its path
                                     scheme, path = "ws", listener.group(1).decode("ascii", "replace")

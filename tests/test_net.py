@@ -3009,3 +3009,25 @@ async def test_a_large_login_the_server_breaks_off_is_said_after_connect_timeout
     assert message.endswith(" (the connection broke while the Login frame (2,000,019 bytes; the token is 2,000,000"
                             " bytes) was being written, before any answer: it may be over the broker's max_frame,"
                             " the protocol's default 1,048,576 bytes unless the broker raised it)"), message
+
+
+@pytest.mark.parametrize("scheme", ["tls", "wss"])
+@pytest.mark.parametrize("banner", [b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", b"-ERR unknown command\r\n",
+                                    b"\x00\x01\x02\xff\xfe\xfd\xfc\xfb\xfa"], ids=["ssh", "redis", "binary"])
+async def test_a_tls_url_at_another_services_plain_port_says_so_not_try_plain(scheme, banner):
+    """tls:// (wss://) at a plain port of another service (an SSH banner,
+    a Redis error) was hinted "the server may not use TLS: try tcp://"
+    (ws://), whose answer was then "another service's port": the plain
+    bytes already say so, and are said at once."""
+    async def service(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(banner)
+            with trio.move_on_after(5):
+                while await stream.receive_some():
+                    pass
+
+    url, err = await _first_connect_to(service, f"{scheme}://127.0.0.1:{{port}}" + ("/im" if scheme == "wss" else ""), 5)
+    msg = str(err.value)
+    assert msg.startswith(f"cannot connect to {url}: TLS error: "), msg
+    assert "try " not in msg and msg.endswith("not in pimcore's protocol: is it another service's port?)"), msg
+    assert err.value.wrong_port, msg
