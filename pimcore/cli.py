@@ -1438,7 +1438,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import BackendChoiceError
+    from .ids import readable_stderr
 
+    readable_stderr()  # (paths and values echoed as given: their bytes that are not UTF-8 as \xff)
     args = build_parser().parse_args(argv)
     if args.command in ("group", "purge", "retention"):
         problem = _http_flags_problem(args)

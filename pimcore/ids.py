@@ -166,6 +166,33 @@ def bytes_readable(message: str) -> str:
     return re.sub("[\udc80-\udcff]", lambda m: f"\\x{ord(m.group(0)) - 0xDC00:02x}", message)
 
 
+def _bytes_as_escapes(exc: UnicodeError) -> tuple[str, int]:
+    """A codec error handler (``pimcore.bytes``, see cli.main): a byte
+    that was not UTF-8 in an argument (U+DC80..U+DCFF) written as ``\\xff``,
+    any other character the encoding lacks as ``backslashreplace`` does."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    bad = exc.object[exc.start:exc.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff"
+                   else c.encode("ascii", "backslashreplace").decode("ascii") for c in bad), exc.end
+
+
+def readable_stderr() -> None:
+    """Make the process's stderr write a byte of an argument that was not
+    UTF-8 (a path echoed as given: ``--cafile /tmp/\\xff: no such file``) as
+    ``\\xff``, as quote_arg does, not as Python's ``\\udcff``."""
+    import codecs
+    import sys
+
+    try:
+        codecs.lookup_error("pimcore.bytes")
+    except LookupError:
+        codecs.register_error("pimcore.bytes", _bytes_as_escapes)
+    stream = sys.stderr
+    if stream is not None and stream is sys.__stderr__ and hasattr(stream, "reconfigure"):
+        stream.reconfigure(errors="pimcore.bytes")
+
+
 def _show(value: object, _depth: int = 0) -> str:
     """``repr(value)``, cut short: refusals quote the id, never 1 MiB of it.
     A long value is shown as the whole repr of a prefix -- its closing quote

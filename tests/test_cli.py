@@ -738,6 +738,26 @@ def test_an_argument_that_is_not_utf8_is_echoed_with_its_bytes_readable(tmp_path
     assert said in err and "udc" not in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("argv, said", [
+    ([b"chat", b"--to", b"bob", b"--token", b"{token}", b"--url", b"tcp://127.0.0.1:1", b"--cafile", b"/nonexistent/\xff"],
+     "--cafile /nonexistent/\\xff: no such file"),
+    ([b"inspect", b"/nonexistent/\xffno"], "no pimcore store in /nonexistent/\\xffno"),
+    ([b"group", b"show", b"team", b"--data-dir", b"/nonexistent/\xffno"], "'/nonexistent/\\xffno/store'"),
+])
+def test_a_path_that_is_not_utf8_is_echoed_with_its_bytes_readable(argv, said):
+    """A path (or other value) echoed as given, unquoted or quoted by the
+    store, was written as Python's surrogate escape ('/tmp/\\udcff'): the
+    CLI's stderr writes such a byte as '\\xff' (a real process: its
+    arguments are bytes)."""
+    from _net import token
+
+    argv = [a.replace(b"{token}", token("alice").encode()) for a in argv]
+    r = subprocess.run([sys.executable, "-m", "pimcore", *argv], capture_output=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(pimcore.__file__))))
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode in (1, 2) and said in err and "udc" not in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("ttl", ["inf", "nan", "0", "-5", "99999999999", "31622401"])
 def test_token_refuses_a_ttl_outside_what_the_http_api_allows(monkeypatch, capsys, ttl):
     from pimcore.embed import MAX_TOKEN_TTL

@@ -221,7 +221,7 @@ import lmdb
 from . import wal
 from .._backend import impl as _impl
 from ..errors import ErrorCode, StoreError, StoreInUse
-from ..ids import MAX_CONVERSATION_ID_LEN, MAX_ID_LEN
+from ..ids import MAX_CONVERSATION_ID_LEN, MAX_ID_LEN, quote_arg
 from .base import (
     removes_everyone,
     SYSTEM,
@@ -1479,7 +1479,7 @@ class LmdbStore(Store):
         if create:
             os.makedirs(path, exist_ok=True)
         elif not os.path.isfile(os.path.join(path, "data.mdb")):
-            raise StoreError(f"no store at {path!r}")
+            raise StoreError(f"no store at {quote_arg(str(path))}")
         initial_size = max(map_size, _MIN_MAP_SIZE)
         self._path = path
         self._owner = owner
