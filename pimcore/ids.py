@@ -150,7 +150,7 @@ def _int_head(n: int) -> tuple[str, int]:
 _ESCAPED_BYTE = re.compile(r"\\(\\|udc[89a-f][0-9a-f])")
 
 
-def quote_arg(text: str) -> str:
+def quote_arg(text: object) -> str:
     """``repr(text)`` with each byte that was not UTF-8 in a command-line
     argument (Python's surrogate escape ``\\udcff``) shown as the byte,
     ``\\xff``: how the CLI quotes what it was given, whole."""
@@ -188,9 +188,9 @@ def readable_stderr() -> None:
         codecs.lookup_error("pimcore.bytes")
     except LookupError:
         codecs.register_error("pimcore.bytes", _bytes_as_escapes)
-    stream = sys.stderr
-    if stream is not None and stream is sys.__stderr__ and hasattr(stream, "reconfigure"):
-        stream.reconfigure(errors="pimcore.bytes")
+    reconfigure = getattr(sys.stderr, "reconfigure", None)
+    if sys.stderr is sys.__stderr__ and reconfigure is not None:
+        reconfigure(errors="pimcore.bytes")
 
 
 def _show(value: object, _depth: int = 0) -> str:
