@@ -541,6 +541,12 @@ def run_chat(args: argparse.Namespace) -> int:
         print(f"pimcore chat: the token is empty{' (only whitespace)' if args.token else ''}:"
               " get one with pimcore token --user ME", file=sys.stderr)
         return 2
+    bad = next((c for c in args.token if not c.isascii()), None)
+    if bad is not None:
+        # (Read for its claims, it was a UnicodeEncodeError traceback.)
+        print(f"pimcore chat: the token is no JWT: it has the character {_show(bad)} (a JWT is ASCII):"
+              " get one with pimcore token --user ME", file=sys.stderr)
+        return 2
     if args.device is None:
         # A token bound to a device logs in only as that one: take it.
         dev = _token_claims(args.token).get("dev")

@@ -10,9 +10,10 @@ import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Sequence, cast
+from typing import Any, NoReturn, Optional, Sequence, cast
 
 from . import __version__
+from .ids import quote_arg
 
 __all__ = ["main"]
 
@@ -543,7 +544,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
         from .ids import EMPTY_GROUP
 
         # (What the broker and its HTTP API answer: the store would take it.)
-        print(f"pimcore group: group {args.name!r} not changed: {EMPTY_GROUP}", file=sys.stderr)
+        print(f"pimcore group: group {quote_arg(args.name)} not changed: {EMPTY_GROUP}", file=sys.stderr)
         return 2
     try:
         settings = _settings(args)
@@ -570,7 +571,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
         try:
             if args.action == "create":
                 if store.conversation_exists(args.name):
-                    print(f"pimcore group: {_GROUP_REFUSED['ALREADY_EXISTS'].format(name=args.name)}", file=sys.stderr)
+                    print(f"pimcore group: {_GROUP_REFUSED['ALREADY_EXISTS'].format(name=quote_arg(args.name))}", file=sys.stderr)
                     return 2
                 store.create_group(args.name, args.users, time.time_ns() // 1000, history_visible=args.history_visible)
             elif args.action == "add":
@@ -582,7 +583,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
             elif not store.conversation_exists(args.name):
                 raise KeyError(args.name)
         except KeyError:
-            print(f"pimcore group: {_GROUP_REFUSED['UNKNOWN_CONVERSATION'].format(name=args.name)}", file=sys.stderr)
+            print(f"pimcore group: {_GROUP_REFUSED['UNKNOWN_CONVERSATION'].format(name=quote_arg(args.name))}", file=sys.stderr)
             return 2
         except (ValueError, StoreError) as exc:
             print(_refusal("group", exc), file=sys.stderr)
@@ -598,8 +599,8 @@ def _cmd_group(args: argparse.Namespace) -> int:
 #: What ``pimcore group`` says of a refusal, by the HTTP API's code: the
 #: same sentence on a data directory and over --http.
 _GROUP_REFUSED = {
-    "UNKNOWN_CONVERSATION": "no group {name!r}",
-    "ALREADY_EXISTS": "group {name!r} exists already",
+    "UNKNOWN_CONVERSATION": "no group {name}",
+    "ALREADY_EXISTS": "group {name} exists already",
 }
 
 
@@ -610,7 +611,7 @@ def _group_refusal(name: str, exc: BaseException) -> str:
     words); anything else as the HTTP call says it."""
     if isinstance(exc, _Refused):
         if exc.code in _GROUP_REFUSED:
-            return _GROUP_REFUSED[exc.code].format(name=name)
+            return _GROUP_REFUSED[exc.code].format(name=quote_arg(name))
         if exc.code == "BAD_REQUEST":
             return exc.message
     return str(exc)
@@ -625,10 +626,10 @@ def _note_unchanged(args: argparse.Namespace, before: Sequence[str]) -> None:
     users = list(dict.fromkeys(args.users))
     if args.action == "add":
         same = [u for u in users if u in was]
-        what = f"already {'a member' if len(same) == 1 else 'members'} of {args.name!r}, so not added"
+        what = f"already {'a member' if len(same) == 1 else 'members'} of {quote_arg(args.name)}, so not added"
     else:
         same = [u for u in users if u not in was]
-        what = f"not {'a member' if len(same) == 1 else 'members'} of {args.name!r}, so not removed"
+        what = f"not {'a member' if len(same) == 1 else 'members'} of {quote_arg(args.name)}, so not removed"
     if same:
         print(f"pimcore group: {what}: {', '.join(same)}", file=sys.stderr)
 
@@ -726,7 +727,7 @@ def _http_base(url: str) -> str:
         raise ValueError("--http URL: a user name or password in the URL is not supported (the API key goes in"
                          " --api-key or $PIMCORE_API_KEY)")
     if not url or any(c.isspace() or not c.isprintable() for c in url):
-        raise ValueError(f"--http {url!r}: not a URL (http://HOST:PORT or https://HOST:PORT)")
+        raise ValueError(f"--http {quote_arg(url)}: not a URL (http://HOST:PORT or https://HOST:PORT)")
     full = url if "://" in url else "http://" + url
     try:
         parts = urllib.parse.urlsplit(full)
@@ -755,14 +756,21 @@ def _http_base(url: str) -> str:
     return f"{scheme}://{parts.netloc}"
 
 
-def _speaks_tls(base: str, timeout: float = 5.0) -> bool:
-    """Whether the server at ``base`` (``http://HOST[:PORT]``) completes a
-    TLS handshake, or answers one with a TLS alert: to say "try https://"
-    when a plain HTTP request got no HTTP answer.  Nothing is verified (it
-    only tells TLS from not TLS) and nothing is sent after the handshake."""
+def _tls_probe(base: str, timeout: float = 5.0) -> Optional[str]:
+    """What the server at ``base`` (``http://HOST[:PORT]``) is, if it
+    speaks TLS: to say "try https://" when a plain HTTP request got no
+    HTTP answer only if an HTTPS request gets one.  None: no TLS;
+    "https": an HTTP answer over TLS; "pimcore": a pimcore frame (the
+    broker's tls:// listener's Close to a stranger); "tls": TLS, but no
+    HTTP answer over it; "alert": a TLS server that refused the handshake
+    (no common cipher, a client certificate wanted), which says so in TLS.
+    Nothing is verified (it only tells what speaks there); a HEAD request
+    is all that is sent."""
     import socket
     import ssl
     import urllib.parse
+
+    from .client import _pimcore_frame_start
 
     parts = urllib.parse.urlsplit(base)
     host, port = parts.hostname or "", parts.port or 80
@@ -771,14 +779,24 @@ def _speaks_tls(base: str, timeout: float = 5.0) -> bool:
     ctx.verify_mode = ssl.CERT_NONE
     try:
         with socket.create_connection((host, port), timeout=timeout) as raw:
-            with ctx.wrap_socket(raw, server_hostname=host):
-                return True
+            with ctx.wrap_socket(raw, server_hostname=host) as tls:
+                try:
+                    tls.sendall(f"HEAD / HTTP/1.0\r\nHost: {parts.netloc}\r\n\r\n".encode("ascii", "replace"))
+                    first = b""
+                    while len(first) < 8:
+                        more = tls.recv(8 - len(first))
+                        if not more:
+                            break
+                        first += more
+                except (OSError, ValueError):
+                    first = b""
     except ssl.SSLError as exc:
-        # (A TLS server that refuses us -- no common cipher, a client
-        # certificate wanted -- still says so in TLS: an alert.)
-        return "ALERT" in str(exc.reason or "")
+        return "alert" if "ALERT" in str(exc.reason or "") else None
     except (OSError, ValueError):
-        return False
+        return None
+    if first.startswith(b"HTTP/"):
+        return "https"
+    return "pimcore" if _pimcore_frame_start(first) else "tls"
 
 
 def _first_line(text: str, limit: int = 200) -> str:
@@ -822,6 +840,13 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
     from .config import API_KEY_FILE
 
     key = args.api_key or os.environ.get("PIMCORE_API_KEY")
+    bad = next((c for c in key or "" if not (" " <= c <= "~")), None)
+    if bad is not None:
+        # (An HTTP header cannot carry it: urllib's "'latin-1' codec can't
+        # encode character '\udcff'".)
+        given = "--api-key" if args.api_key else "$PIMCORE_API_KEY"
+        raise ValueError(f"{given}: an API key is printable ASCII (an HTTP header carries it), and this one has"
+                         f" the character {quote_arg(bad)}")
     if not key:
         if args.data_dir == "":  # (as serve refuses it: not ./pimcore-data, silently)
             raise ValueError("--data-dir: cannot be empty")
@@ -897,12 +922,15 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
 
             first = line.encode("latin-1", "replace")
             if _pimcore_frame_start(first):  # the broker's Close to a stranger (UNSUPPORTED_VERSION)
-                tls = base.startswith("https://")
-                raise ValueError(f"cannot use {base}: it is a pimcore {'tls' if tls else 'tcp'}:// broker listener,"
-                                 " not the HTTP API: use the --http URL `pimcore serve` prints as 'listening on"
-                                 f" http://...'{' (or https://...)' if tls else ''}") from None
-        if base.startswith("http://") and _speaks_tls(base):
+                _not_the_api(base, base.startswith("https://"))
+        probe = _tls_probe(base) if base.startswith("http://") else None
+        if probe == "pimcore":  # (its TLS alert to the plain request, then its Close over TLS)
+            _not_the_api(base, True)
+        if probe in ("https", "alert"):
             raise ValueError(f"cannot use {base}: the server speaks TLS: try https://{base[len('http://'):]}") from None
+        if probe == "tls":
+            raise ValueError(f"cannot use {base}: the server speaks TLS, but gave no HTTP answer over it either (is this"
+                             " the --http listener?)") from None
         if isinstance(exc, http.client.RemoteDisconnected):
             what = "it closed the connection without an answer"
         elif isinstance(exc, http.client.BadStatusLine):
@@ -913,6 +941,13 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
         else:
             what = _first_line(str(exc)) or type(exc).__name__
         raise ValueError(f"cannot use {base}: not an HTTP server (is this the --http listener?): {what}") from None
+
+
+def _not_the_api(base: str, tls: bool) -> NoReturn:
+    """Refuse ``base``: a pimcore tcp:// (``tls``: tls://) broker listener."""
+    raise ValueError(f"cannot use {base}: it is a pimcore {'tls' if tls else 'tcp'}:// broker listener,"
+                     " not the HTTP API: use the --http URL `pimcore serve` prints as 'listening on"
+                     f" http://...'{' (or https://...)' if tls else ''}") from None
 
 
 def _cmd_purge(args: argparse.Namespace) -> int:
@@ -1046,7 +1081,7 @@ def _cmd_retention(args: argparse.Namespace) -> int:
     age = None if args.max_age is None else max(int(args.max_age * 1_000_000), 1 if args.max_age > 0 else 0)
     # (The store and the API answer a read of any well-formed id: the
     # defaults, floor 0 -- as if a group never created existed.)
-    no_such = ValueError(f"no such conversation {args.conv!r} (UNKNOWN_CONVERSATION): no group has that id"
+    no_such = ValueError(f"no such conversation {quote_arg(args.conv)} (UNKNOWN_CONVERSATION): no group has that id"
                          " (pimcore group create makes one; a purged group is gone until created again)")
     try:
         if args.http:
@@ -1222,7 +1257,17 @@ def _http_flags_problem(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
-class _SubcommandParser(argparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose refusals show a byte of an argument that is
+    not UTF-8 as ``\\xff`` (ids.quote_arg), not Python's ``'\\udcff'``."""
+
+    def error(self, message: str) -> NoReturn:
+        from .ids import bytes_readable
+
+        super().error(bytes_readable(message))
+
+
+class _SubcommandParser(_Parser):
     """A subcommand's parser; with ``intermixed`` set its options may come
     between its positionals (``group create vis --history-visible alice
     bob``: plain argparse ends the USER list at the option and refuses
@@ -1243,7 +1288,7 @@ class _SubcommandParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pimcore", description="pimcore instant-messaging broker core",
         epilog="exit codes: 0 done; 1 could not be done now, for a reason outside the command (a port in use, a"
                " store, broker or HTTP API that cannot be reached): it may work later; 2 refused as given (usage,"
@@ -1447,7 +1492,9 @@ def _empty_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import BackendChoiceError
+    from .ids import readable_stderr
 
+    readable_stderr()  # (paths and values echoed as given: their bytes that are not UTF-8 as \xff)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("group", "purge", "retention"):

@@ -229,9 +229,8 @@ class _FirstBytes(StreamWrapper):
 
     @property
     def looks_like_tls(self) -> bool:
-        """A TLS alert, or a hang-up or a reset with nothing received (as
-        on tcp://, where either gets the hint: see Client._serve)."""
-        return self.first.startswith(b"\x15\x03") or ((self.eof or self.broke) and not self.first)
+        """A TLS record (an alert): a TLS port's answer (see _tls_record)."""
+        return _tls_record(self.first)
 
     @property
     def looks_like_pimcore(self) -> bool:
@@ -246,7 +245,7 @@ class _FirstBytes(StreamWrapper):
     def looks_like_other(self) -> bool:
         """Neither HTTP nor a TLS alert nor pimcore's Close: another
         service's banner, error or binary greeting."""
-        return not (self.could_be_http or self.first.startswith(b"\x15\x03") or self.looks_like_pimcore)
+        return not (self.could_be_http or _tls_record(self.first) or self.looks_like_pimcore)
 
 
 class _Handshake(StreamWrapper):
@@ -274,6 +273,18 @@ _HANDSHAKE_BYTES = 512
 #: Bytes of an answer kept to tell what answered: a TLS alert (2), "HTTP/"
 #: (5), a pimcore frame's length, head and type (<= 7).
 _FIRST_BYTES = 8
+
+
+def _tls_record(first: bytes) -> bool:
+    """``first`` begins a TLS alert record (0x15, then version 3.x): how a
+    TLS port answers plain text (pimcore's tls:// and wss:// listeners do).
+    The only evidence of a TLS port taken: a hang-up or a reset with
+    nothing read is also a load balancer with no broker behind it yet, a
+    broker stopping, or another service dropping what it cannot parse
+    (mosquitto resets a Login, redis-server hangs up on an HTTP request).
+    (A handshake record, 0x16, is no server's answer to plain text: a
+    service that speaks first, another service's port.)"""
+    return first[:1] == b"\x15" and first[1:2] in (b"", b"\x03")
 
 
 def _frame_length(first: bytes) -> Optional[tuple[int, bytes]]:
@@ -510,9 +521,8 @@ class Client:
         self._conn: Optional[_Conn] = None
         self._closed = False
         self._ever_connected = False
-        #: The last first-connection attempt looked like a TLS server (see _serve).
-        self._tls_suspect = False
-        self._tls_answer = False  # ... and surely, by its answer (see _serve)
+        #: The last first-connection attempt's answer if a TLS record (see _serve), else b"".
+        self._tls_answer = b""
         #: The first bytes of the last first-connection attempt's answer, if
         #: they were another service's (text or binary that begins no frame
         #: a broker sends first, or, on ws://, no HTTP: see _serve,
@@ -1082,18 +1092,17 @@ class Client:
             if s.connection_open:  # cancelled from outside, or a stream error elsewhere
                 s.connection_lost(self._clock(), "connection abandoned")
             self._pump()
-        # A TLS server that a plain-TCP client speaks to hangs up on the
-        # Login, or answers a TLS alert record (0x15 0x03 ...; pimcore's
-        # tls:// listener does).  The alert is a clear answer (_tls_answer:
-        # the first connection fails at once); a hang-up or a reset with
-        # nothing read may also be a load balancer with no broker behind it
-        # yet, or a broker stopping: retried, with the hint at the end.
+        # A TLS server that a plain-TCP client speaks to answers the Login
+        # with a TLS alert record (0x15 0x03 ...; pimcore's tls:// listener
+        # does): a clear answer (_tls_answer: the first connection fails at
+        # once, with the hint).  A hang-up or a reset with nothing read is
+        # no evidence of TLS (a load balancer with no broker behind it yet,
+        # a broker stopping, mosquitto dropping a Login): retried, and said
+        # as it happened, without a hint.
         d = s.last_disconnect
         self._login_broke = conn.error is not None and not conn.login_written and not conn.first
-        hung_up = not conn.first and (d is None or d.reason != LOGIN_TIMED_OUT)  # at once, not a silent server
         plain = self.endpoint.scheme == "tcp" and s.connections_established == conn.base
-        self._tls_suspect = plain and (conn.first.startswith(b"\x15\x03") or hung_up)
-        self._tls_answer = plain and conn.first.startswith(b"\x15\x03")
+        self._tls_answer = conn.first if plain and len(conn.first) >= 2 and _tls_record(conn.first) else b""
         # Text or binary where the LoginAck should be (an SSH or SMTP
         # banner, a Redis error, a MySQL handshake: another service's port)
         # will not change either: the first connection fails at once, saying
@@ -1114,7 +1123,7 @@ class Client:
     async def _connect_once(self, first: Optional[trio.TaskStatus[None]]) -> Optional[BaseException]:
         """One connection from dial to hang-up; returns why it ended."""
         end: Optional[BaseException] = None
-        self._tls_suspect = self._tls_answer = False  # set by _serve, if the stream opens
+        self._tls_answer = b""  # set by _serve, if the stream opens
         self._login_broke = False  # ... and this
         self._other_answer = None
         self._upgrade_answer = None
@@ -1177,8 +1186,7 @@ class Client:
                 self._other_answer = answer.first
             elif not ep.secure:
                 # The WebSocket upgrade failed: a TLS alert or a hang-up for an answer?
-                self._tls_suspect = answer.looks_like_tls
-                self._tls_answer = answer.first.startswith(b"\x15\x03")
+                self._tls_answer = answer.first if len(answer.first) >= 2 and answer.looks_like_tls else b""
         return end
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -1246,6 +1254,10 @@ class Client:
                             if _HTTP_API.search(plain):
                                 # pimcore's plain HTTP API: no broker URL there to suggest.
                                 hint = f" ({_api_hint(True)})"
+                            elif plain and not (b"HTTP/".startswith(plain[:5]) or _pimcore_frame_start(plain)):
+                                # Another service's banner or binary (SSH,
+                                # Redis): its plain URL would only say so next.
+                                hint = f" ({_other_service(plain[:_FIRST_BYTES])})"
                             else:
                                 if listener:  # a pimcore ws:// listener, naming its path
                                     scheme, path = "ws", listener.group(1).decode("ascii", "replace")
@@ -1262,27 +1274,27 @@ class Client:
                         raise ConnectFailed(f"cannot connect to {self.url}: {exc.what} ({exc.hint})",
                                             wrong_port=True) from exc
                     hint = ""
-                    if self._tls_suspect:
-                        ep = self.endpoint
-                        scheme, path = ("wss", ep.path) if ep.websocket else ("tls", "")
-                        hint = f" (the server may require TLS: try {scheme}://{_host(ep)}:{ep.port}{path})"
                     if self._tls_answer:
                         # A TLS port's answer to plain text (a TLS alert to the
                         # Login or the upgrade request) will not change:
                         # retrying it until connect_timeout only delayed the hint.
                         # (Said as such: the decoder's complaint about its bytes
                         # -- "UNSUPPORTED_VERSION: protocol version 0" -- is noise.)
+                        ep = self.endpoint
+                        scheme, path = ("wss", ep.path) if ep.websocket else ("tls", "")
+                        hint = f" (the server may require TLS: try {scheme}://{_host(ep)}:{ep.port}{path})"
                         raise ConnectFailed(f"cannot connect to {self.url}: the server answered with a TLS alert{hint}",
                                             wrong_port=True) from exc
                     if self._other_answer is not None:
                         raise ConnectFailed(f"cannot connect to {self.url}: {_other_service(self._other_answer)}",
                                             wrong_port=True) from exc
-                    if self._login_broke and (frame > _LARGE_LOGIN or not hint):
+                    if self._login_broke and (frame > _LARGE_LOGIN or self.endpoint.secure):
                         # What is known: a broker closes a connection whose
                         # frame is over its max_frame, sending a Close that
                         # a reset can lose while the Login is still going out.
-                        # (A Login this large is no usual one: likelier than
-                        # the TLS port a hang-up may also mean.)
+                        # (A Login this large is no usual one.  A small one
+                        # on tcp:// or ws:// is written at once: a reset
+                        # then is the port's, not the frame's.)
                         default = (f", the protocol's default {DEFAULT_MAX_FRAME_SIZE:,} bytes unless the broker raised it"
                                    if frame > DEFAULT_MAX_FRAME_SIZE else "")
                         hint = (f" (the connection broke while the Login frame ({frame:,} bytes; the token is"

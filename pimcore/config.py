@@ -115,6 +115,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .core import SECOND, BrokerConfig, ContentFilter, Limits
+from .ids import quote_arg
 from .net.server import DEFAULT_BROKER_CONFIG, ServerConfig, server_ssl_context
 from .net.streams import Endpoint, parse_url
 
@@ -267,26 +268,12 @@ def _overlap(a: str, b: str) -> bool:
 
 def _listen_url_problem(url: str, http: bool = False) -> Optional[str]:
     """What a listen URL (``listen``, ``http``) holds that a listener would
-    drop silently, said without repeating a password; None if nothing.
-    parse_url takes them (a client's URL may carry a query), but a
-    listener binds a host and port and, for WebSocket, serves one path."""
-    from urllib.parse import urlsplit
+    drop silently, said without repeating a password; None if nothing.  A
+    listener binds a host and port and, for WebSocket, serves one path:
+    the rules clients' URLs follow too (url_extra_problem)."""
+    from .net.streams import url_extra_problem
 
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return None  # (parse_url says what is wrong with it)
-    if "@" in parts.netloc:
-        return "a listen URL has no user name or password"
-    if "?" in url or "#" in url:
-        return f"{url!r}: a listen URL has no query or fragment"
-    if parts.path not in ("", "/"):
-        if http:
-            return f"{url!r}: an HTTP listen URL has no path (the API's paths are its own)"
-        scheme = parts.scheme.lower()
-        if scheme in ("tcp", "tls"):
-            return f"{url!r}: a {scheme}:// listen URL has no path (paths are for ws:// and wss://)"
-    return None
+    return url_extra_problem(url, listen=True, http=http)
 
 
 class ConfigError(ValueError):
@@ -614,7 +601,7 @@ class ServeSettings:
         is not of the form ``module:function``."""
         module, _, name = (self.content_filter or "").partition(":")
         if not module or not name:
-            raise self._refused(f"content_filter must be 'module:function', not {self.content_filter!r}",
+            raise self._refused(f"content_filter must be 'module:function', not {quote_arg(self.content_filter)}",
                                 (None, "content_filter"))
         return module, name
 
@@ -630,12 +617,12 @@ class ServeSettings:
         try:
             fn = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as exc:
-            raise self._refused(f"content_filter {self.content_filter!r}: {exc}", (None, "content_filter")) from None
+            raise self._refused(f"content_filter {quote_arg(self.content_filter)}: {exc}", (None, "content_filter")) from None
         finally:
             for p in extra:
                 sys.path.remove(p)
         if not callable(fn):
-            raise self._refused(f"content_filter {self.content_filter!r} is not callable", (None, "content_filter"))
+            raise self._refused(f"content_filter {quote_arg(self.content_filter)} is not callable", (None, "content_filter"))
         return fn  # type: ignore[no-any-return]
 
     def _check_idle_timeout(self, broker: BrokerConfig) -> None:
@@ -759,10 +746,10 @@ class ServeSettings:
         except ValueError as exc:
             if scheme in ("tcp", "tls"):
                 raise self._refused(f"http: {exc}", ("http", "listen")) from None
-            raise self._refused(f"http: {self.http!r}: scheme must be tcp, tls, http or https",
+            raise self._refused(f"http: {quote_arg(self.http)}: scheme must be tcp, tls, http or https",
                                 ("http", "listen")) from None
         if ep.scheme not in ("tcp", "tls"):
-            raise self._refused(f"http: {self.http!r}: scheme must be tcp, tls, http or https", ("http", "listen"))
+            raise self._refused(f"http: {quote_arg(self.http)}: scheme must be tcp, tls, http or https", ("http", "listen"))
         if ep.secure and not self.cert:
             raise ConfigError("a tls:// http listener needs a certificate: --cert/--key or [tls] cert/key")
         return ep
@@ -1186,7 +1173,7 @@ def _layer_from_flags(flags: Mapping[str, Any], options: bool) -> dict[tuple[Opt
         elif name in _TOP:
             where = (None, name)
         else:
-            raise ConfigError(f"unknown setting {name!r}")
+            raise ConfigError(f"unknown setting {quote_arg(name)}")
         typ = SCHEMA[where]
         if typ == "bool" and not isinstance(value, bool):
             # A keyword argument (open_pimcore(events="true")): not TOML's words.

@@ -7,6 +7,7 @@ in SendAck.code, HistoryResp.code, Error.code and Close.code.  Never renumber.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Optional
 
 __all__ = [
     "ErrorCode",
@@ -117,7 +118,16 @@ class EncodeError(PimError, ValueError):
 
 
 class StoreError(PimError):
-    """The store could not complete an operation (disk full, corrupt, closed)."""
+    """The store could not complete an operation (disk full, corrupt, closed).
+
+    ``cause``: why, in words without file system paths, when the store
+    knows ("no space left on the data directory's file system: free space
+    there ..."): what the HTTP API's 503 says, where the message (logged
+    for the operator) names the data directory."""
+
+    def __init__(self, *args: object, cause: Optional[str] = None) -> None:
+        super().__init__(*args)
+        self.cause = cause
 
 
 class StoreInUse(StoreError):

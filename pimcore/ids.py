@@ -144,6 +144,55 @@ def _int_head(n: int) -> tuple[str, int]:
     return sign + str(n // 10 ** max(0, digits - (_SHOW_CUT - len(sign)))), digits
 
 
+#: In a str's repr: an escaped backslash, or the escape of a lone surrogate
+#: U+DC80..U+DCFF -- how Python decodes a byte that is not UTF-8 in a
+#: command-line argument (surrogateescape).
+_ESCAPED_BYTE = re.compile(r"\\(\\|udc[89a-f][0-9a-f])")
+
+
+def quote_arg(text: object) -> str:
+    """``repr(text)`` with each byte that was not UTF-8 in a command-line
+    argument (Python's surrogate escape ``\\udcff``) shown as the byte,
+    ``\\xff``: how the CLI quotes what it was given, whole."""
+    return _ESCAPED_BYTE.sub(lambda m: "\\\\" if m.group(1) == "\\" else "\\x" + m.group(1)[-2:], repr(text))
+
+
+def bytes_readable(message: str) -> str:
+    """``message`` (argparse's, say) with the bytes that were not UTF-8 in
+    the arguments it quotes (``'\\udcff'`` in a repr) or repeats as they
+    are (a lone surrogate, which stderr writes as ``\\udcff``) shown as
+    ``\\xff``, as :func:`quote_arg` shows them."""
+    message = _ESCAPED_BYTE.sub(lambda m: m.group(0) if m.group(1) == "\\" else "\\x" + m.group(1)[-2:], message)
+    return re.sub("[\udc80-\udcff]", lambda m: f"\\x{ord(m.group(0)) - 0xDC00:02x}", message)
+
+
+def _bytes_as_escapes(exc: UnicodeError) -> tuple[str, int]:
+    """A codec error handler (``pimcore.bytes``, see cli.main): a byte
+    that was not UTF-8 in an argument (U+DC80..U+DCFF) written as ``\\xff``,
+    any other character the encoding lacks as ``backslashreplace`` does."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    bad = exc.object[exc.start:exc.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff"
+                   else c.encode("ascii", "backslashreplace").decode("ascii") for c in bad), exc.end
+
+
+def readable_stderr() -> None:
+    """Make the process's stderr write a byte of an argument that was not
+    UTF-8 (a path echoed as given: ``--cafile /tmp/\\xff: no such file``) as
+    ``\\xff``, as quote_arg does, not as Python's ``\\udcff``."""
+    import codecs
+    import sys
+
+    try:
+        codecs.lookup_error("pimcore.bytes")
+    except LookupError:
+        codecs.register_error("pimcore.bytes", _bytes_as_escapes)
+    reconfigure = getattr(sys.stderr, "reconfigure", None)
+    if sys.stderr is sys.__stderr__ and reconfigure is not None:
+        reconfigure(errors="pimcore.bytes")
+
+
 def _show(value: object, _depth: int = 0) -> str:
     """``repr(value)``, cut short: refusals quote the id, never 1 MiB of it.
     A long value is shown as the whole repr of a prefix -- its closing quote
@@ -164,14 +213,14 @@ def _show(value: object, _depth: int = 0) -> str:
     levels down a long list, tuple or dict is ``[...]`` and its length, so
     one that holds itself is shown too.)"""
     try:
-        text: Optional[str] = repr(value)
+        text: Optional[str] = quote_arg(value) if isinstance(value, str) else repr(value)
     except Exception:  # (an int of over 4,300 digits, in a list, say; a __repr__ that fails)
         text = None
     if text is not None and len(text) <= _SHOW_WHOLE:
         return text
     if isinstance(value, str) and text is not None:
         n = _SHOW_CUT
-        while len(text := repr(value[:n])) > _SHOW_CUT + 2:  # (an escape is up to 10 characters: a few rounds)
+        while len(text := quote_arg(value[:n])) > _SHOW_CUT + 2:  # (an escape is up to 10 characters: a few rounds)
             n = n * 2 // 3
         return f"{text}...({len(value)} chars)"
     kind = type(value).__name__
@@ -221,7 +270,7 @@ def id_problem(value: object, what: str = "user") -> Optional[str]:
         return f"empty {what} id ({rule})"
     if not value.isascii():
         bad = next(ch for ch in value if not ch.isascii())
-        return f"{what} id {_show(value)} has the non-ASCII character {bad!r} ({rule})"
+        return f"{what} id {_show(value)} has the non-ASCII character {quote_arg(bad)} ({rule})"
     if len(value) > MAX_ID_LEN:
         return f"{what} id {_show(value)} is {len(value)} characters long ({rule})"
     bad = next(ch for ch in value if not ID_RE.match(ch))

@@ -684,6 +684,80 @@ def test_chat_refuses_a_bad_url_saying_why(capsys, url):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("cmd", ["chat", "bench"])
+@pytest.mark.parametrize("url, why", [
+    ("tcp://127.0.0.1:1/foo", "'tcp://127.0.0.1:1/foo': a tcp:// URL has no path"),
+    ("tcp://bob:s3cret@127.0.0.1:1", "a URL to connect to has no user name or password"),
+    ("ws://127.0.0.1:1/im?x=1", "'ws://127.0.0.1:1/im?x=1': a URL to connect to has no query or fragment"),
+    ("tls://127.0.0.1:1#top", "has no query or fragment"),
+])
+def test_chat_and_bench_refuse_a_url_part_they_would_ignore(capsys, cmd, url, why):
+    """chat and bench connected to ``tcp://127.0.0.1:1/foo`` (or with a user
+    name, a query...) dropping the part silently: refused up front, exit 2,
+    never echoing a password."""
+    from _net import token
+
+    if cmd == "chat":
+        argv = ["chat", "--to", "bob", "--token", token("alice"), "--url", url]
+    else:
+        argv = ["bench", "--url", url, "--secret", "s" * 32, "-n", "1", "--warmup", "0", "--no-progress"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"pimcore {cmd}: ") and why in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "s3cret" not in err
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["chat", "--to", "b\udcffob", "--token", "{token}", "--url", "tcp://127.0.0.1:1"], "'b\\xffob'"),
+    (["chat", "--to", "bob", "--token", "{token}", "--url", "tcp://\udcff:1"], "'tcp://\\xff:1': '\\xff' is not a host name"),
+    (["chat", "--to", "bob", "--token", "{token}", "--url", "ws://127.0.0.1:1/\udcff"], "'/\\xff'"),
+    (["group", "sh\udcffow", "team"], "invalid choice: 'sh\\xffow'"),
+    (["sh\udcffow"], "invalid choice: 'sh\\xffow'"),
+    (["token", "--user", "alice", "\udcff"], "unrecognized arguments: \\xff"),
+    (["group", "show", "team", "--http", "http://127.0.0.1:1/\udcff", "--api-key", "k"], "'http://127.0.0.1:1/\\xff'"),
+    (["serve", "--content-filter", "a\udcff"], "not 'a\\xff'"),
+    (["serve", "--http", "ftp://\udcff"], "'ftp://\\xff'"),
+    (["chat", "--to", "bob", "--token", "x\udcff", "--url", "tcp://127.0.0.1:1"], "the character '\\xff'"),
+    (["group", "show", "team", "--http", "http://127.0.0.1:1", "--api-key", "k\udcff"], "the character '\\xff'"),
+])
+def test_an_argument_that_is_not_utf8_is_echoed_with_its_bytes_readable(tmp_path, capsys, argv, said):
+    """A byte that is not UTF-8 in an argument was echoed as Python's
+    surrogate escape ('b\\udcffob'; a host name's was a UnicodeError
+    traceback): shown as the byte, '\\xff', in one line, exit 2."""
+    from _net import token
+
+    argv = [a.replace("{token}", token("alice")) for a in argv]
+    if argv[0] == "serve":
+        argv += ["--data-dir", str(tmp_path / "d")]
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # (argparse's refusals)
+        rc = exc.code
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", (rc, out, err)
+    assert said in err and "udc" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv, said", [
+    ([b"chat", b"--to", b"bob", b"--token", b"{token}", b"--url", b"tcp://127.0.0.1:1", b"--cafile", b"/nonexistent/\xff"],
+     "--cafile /nonexistent/\\xff: no such file"),
+    ([b"inspect", b"/nonexistent/\xffno"], "no pimcore store in /nonexistent/\\xffno"),
+    ([b"group", b"show", b"team", b"--data-dir", b"/nonexistent/\xffno"], "'/nonexistent/\\xffno/store'"),
+])
+def test_a_path_that_is_not_utf8_is_echoed_with_its_bytes_readable(argv, said):
+    """A path (or other value) echoed as given, unquoted or quoted by the
+    store, was written as Python's surrogate escape ('/tmp/\\udcff'): the
+    CLI's stderr writes such a byte as '\\xff' (a real process: its
+    arguments are bytes)."""
+    from _net import token
+
+    argv = [a.replace(b"{token}", token("alice").encode()) for a in argv]
+    r = subprocess.run([sys.executable, "-m", "pimcore", *argv], capture_output=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(pimcore.__file__))))
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode in (1, 2) and said in err and "udc" not in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("ttl", ["inf", "nan", "0", "-5", "99999999999", "31622401"])
 def test_token_refuses_a_ttl_outside_what_the_http_api_allows(monkeypatch, capsys, ttl):
     from pimcore.embed import MAX_TOKEN_TTL
@@ -816,6 +890,58 @@ def test_http_at_a_server_answering_with_a_tls_alert_says_to_use_https(capsys):
                    f" try https://127.0.0.1:{port}\n"), err
 
 
+@pytest.mark.parametrize("over_tls", [b"", b"\x00\x01\x02 not http\r\n", b"HTTP/1.0 404 Not Found\r\n\r\n"],
+                         ids=["hangs-up", "not-http", "http"])
+def test_http_at_a_tls_server_says_try_https_only_if_it_answers_http_over_tls(tmp_path, capsys, over_tls):
+    """A TLS server (its alert to the plain request, then a handshake):
+    "the server speaks TLS: try https://" was said whatever it then spoke,
+    so https:// failed in turn (at the broker's tls:// listener, at any
+    TLS service that is no HTTPS one).  Said only if it answers HTTP over
+    TLS; otherwise that it speaks TLS but no HTTP."""
+    import socket
+    import ssl
+    import threading
+
+    cert, key, _ = _tls_files(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        srv.settimeout(20)
+        port = srv.getsockname()[1]
+
+        def serve() -> None:
+            for i in range(2):  # the plain request, then the CLI's probe over TLS
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.settimeout(20)
+                    if i == 0:
+                        conn.recv(4096)
+                        conn.sendall(b"\x15\x03\x03\x00\x02\x02\x0a")
+                        continue
+                    try:
+                        with ctx.wrap_socket(conn, server_side=True) as tls:
+                            tls.recv(4096)
+                            tls.sendall(over_tls)
+                    except (OSError, ssl.SSLError):
+                        pass
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        rc = main(["group", "show", "team", "--http", f"http://127.0.0.1:{port}", "--api-key", "k"])
+        t.join(20)
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", (rc, out, err)
+    if over_tls.startswith(b"HTTP/"):
+        assert err == (f"pimcore group: cannot use http://127.0.0.1:{port}: the server speaks TLS:"
+                       f" try https://127.0.0.1:{port}\n"), err
+    else:
+        assert err == (f"pimcore group: cannot use http://127.0.0.1:{port}: the server speaks TLS, but gave no HTTP"
+                       " answer over it either (is this the --http listener?)\n"), err
+
+
 def test_http_at_a_port_that_never_answers_says_so_after_a_bounded_wait(capsys, monkeypatch):
     """A port that accepts and never answers (another service waiting for
     its own protocol's first bytes, a stuck process): it was about 32 s
@@ -854,11 +980,13 @@ def _tls_files(tmp_path):
     return cert, key, cafile
 
 
-@pytest.mark.parametrize("listener", ["tcp", "tls", "ws"])
+@pytest.mark.parametrize("listener", ["tcp", "tls", "ws", "tls-as-http"])
 def test_http_at_one_of_the_brokers_other_listeners_says_which_it_is(tmp_path, capsys, caplog, listener):
     """--http at the broker's tcp:// listener printed the Close frame's raw
     bytes in a BadStatusLine repr; at its ws:// listener only "HTTP 400",
-    dropping the text/plain body that names the listener."""
+    dropping the text/plain body that names the listener.  http:// at its
+    tls:// listener said "the server speaks TLS: try https://", which then
+    failed again (the listener is no HTTPS server): said at once."""
     import logging
 
     from pimcore.threaded import open_pimcore_thread
@@ -868,13 +996,15 @@ def test_http_at_one_of_the_brokers_other_listeners_says_which_it_is(tmp_path, c
     caplog.set_level(logging.WARNING, logger="pimcore")
 
     cert, key, cafile = _tls_files(tmp_path)
+    plain_at_tls = listener == "tls-as-http"
+    listener = listener.partition("-")[0]
     listen = f"{listener}://127.0.0.1:0" + ("/im" if listener == "ws" else "")
     with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=[listen], cert=str(cert), key=str(key)) as im:
         port = im.port(listener)
-        scheme = "https" if listener == "tls" else "http"
+        scheme = "https" if listener == "tls" and not plain_at_tls else "http"
         base = f"{scheme}://127.0.0.1:{port}"
         rc = main(["group", "show", "team", "--http", base, "--api-key", "k",
-                   *(["--cafile", str(cafile)] if listener == "tls" else [])])
+                   *(["--cafile", str(cafile)] if scheme == "https" else [])])
     out, err = capsys.readouterr()
     assert rc == 2 and out == "", (rc, out, err)
     said = {"tcp": f"cannot use {base}: it is a pimcore tcp:// broker listener, not the HTTP API: use the --http URL"
@@ -883,6 +1013,9 @@ def test_http_at_one_of_the_brokers_other_listeners_says_which_it_is(tmp_path, c
                    " `pimcore serve` prints as 'listening on http://...' (or https://...)",
             "ws": f"HTTP 400 from {base}: this is a pimcore ws:// listener (path /im): it takes a WebSocket upgrade"
                   " request to /im and nothing else"}[listener]
+    if plain_at_tls:
+        said = (f"cannot use {base}: it is a pimcore tls:// broker listener, not the HTTP API: use the --http URL"
+                " `pimcore serve` prints as 'listening on http://...' (or https://...)")
     assert err == f"pimcore group: {said}\n", err
 
 

@@ -321,3 +321,25 @@ def test_an_id_cut_short_in_a_refusal_keeps_its_closing_quote(value: str) -> Non
     assert sep and tail == f"{len(value)} chars)", text
     assert len(head) <= 80 and head == repr(value[: len(eval(head))]), text  # a whole repr of a prefix
     assert f"device id {text} " in shown
+
+
+@pytest.mark.parametrize("value, shown", [
+    ("b\udcffob", r"'b\xffob'"),  # a byte that was not UTF-8 in an argument (surrogateescape)
+    ("\udc80", r"'\x80'"),
+    ("a\\udcff", r"'a\\udcff'"),  # a backslash then "udcff": text, kept as repr says it
+    ("a\\\udcff", r"'a\\\xff'"),
+    ("\ud800", r"'\ud800'"),  # a surrogate no decoding gives: as repr
+    ("é", "'é'"),
+])
+def test_a_byte_that_was_not_utf8_is_shown_as_the_byte(value: str, shown: str) -> None:
+    """An argument holding a byte that is not UTF-8 was echoed in refusals
+    as Python's surrogate escape ('\\udcff'): quote_arg() and _show() show the
+    byte ('\\xff'), and id_problem quotes the character that way too."""
+    from pimcore.ids import _show, bytes_readable, id_problem, quote_arg
+
+    assert quote_arg(value) == shown and _show(value) == shown
+    assert bytes_readable(f"invalid choice: {value!r}") == f"invalid choice: {shown}"
+    assert bytes_readable("unrecognized arguments: a\udcffb") == r"unrecognized arguments: a\xffb"
+    assert id_problem("b\udcffob") == (r"user id 'b\xffob' has the non-ASCII character '\xff' (user ids are 1-64"
+                                       " ASCII characters from A-Z a-z 0-9 _ . @ -)")
+    assert _show("x" * 100 + "\udcff").endswith("...(101 chars)")

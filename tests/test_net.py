@@ -545,29 +545,54 @@ async def test_a_tls_alert_on_the_login_fails_at_once_and_suggests_tls(autojump_
                    f" (the server may require TLS: try tls://127.0.0.1:{port})"), msg
 
 
+@pytest.mark.parametrize("scheme", ["tcp", "ws"])
+async def test_a_tls_alert_for_an_answer_is_what_gets_the_tls_hint(autojump_clock, scheme) -> None:
+    """A TLS alert record is a TLS port's answer to plain text: at once,
+    with the hint, on tcp:// and ws:// alike."""
+    answer = b"\x15\x03\x03\x00\x02\x02\x46"
+    from pimcore.client import ConnectFailed
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(functools.partial(_tls_like_server, answer, reset=False))
+        url = f"{scheme}://127.0.0.1:{port}" + ("/im" if scheme == "ws" else "")
+        t0 = trio.current_time()
+        with trio.fail_after(100), pytest.raises(ConnectFailed) as err:
+            async with open_client(url, token("alice"), "phone", config=ClientConfig(connect_timeout=10.0)):
+                pass  # pragma: no cover
+        waited = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    secure, path = ("wss", "/im") if scheme == "ws" else ("tls", "")
+    assert waited < 1.0 and err.value.wrong_port, (waited, str(err.value))
+    assert str(err.value).endswith(f"(the server may require TLS: try {secure}://127.0.0.1:{port}{path})"), str(err.value)
+
+
 @pytest.mark.parametrize("reset", [False, True], ids=["hangs-up", "resets"])
-async def test_a_hang_up_on_the_login_is_retried_until_connect_timeout_then_suggests_tls(autojump_clock, reset) -> None:
-    """A hang-up (or a reset) with nothing read may be a TLS port, but also
-    a load balancer with no broker behind it yet, or a broker stopping: the
+async def test_a_hang_up_on_the_login_is_retried_until_connect_timeout_without_a_tls_hint(autojump_clock, reset) -> None:
+    """A hang-up (or a reset) with nothing read may be a load balancer with
+    no broker behind it yet, a broker stopping, or another service that
+    drops what it cannot parse (mosquitto resets a pimcore Login): the
     first connection is retried for connect_timeout (not about 1.5 of it:
-    the last backoff does not sleep past it), then fails with the hint."""
+    the last backoff does not sleep past it), then fails saying what
+    happened.  It was hinted "may require TLS: try tls://", which sent a
+    user at mosquitto's port to a second error: a TLS port answers plain
+    text with a TLS alert (as pimcore's does), the only evidence taken."""
     timeout = 10.0
     port, waited, msg = await _first_login_to_a_tls_like_server(b"", reset, timeout)
     assert timeout <= waited < timeout + 0.5, waited  # virtual time
     assert msg.startswith(f"cannot connect to tcp://127.0.0.1:{port} within 10 s (connect_timeout): "), msg
-    assert msg.endswith(f"(the server may require TLS: try tls://127.0.0.1:{port})"), msg
+    assert "TLS" not in msg and "try " not in msg, msg
 
 
 @pytest.mark.parametrize("read", [True, False], ids=["after-reading", "at-once"])
 @pytest.mark.parametrize("reset", [False, True], ids=["hangs-up", "resets"])
 @pytest.mark.parametrize("scheme", ["tcp", "ws"])
-async def test_a_port_that_hangs_up_gets_the_tls_hint_on_tcp_and_ws_alike(scheme, reset, read) -> None:
-    """A port that accepts and closes (or resets) at once -- a TLS port, or
-    one with no broker behind it yet -- is retried until connect_timeout,
-    then hinted "may require TLS" on tcp://.  On ws:// a reset got no
-    "try wss://" hint (the reset was not taken for a hang-up), and a reset
-    while the upgrade request was being written was waited out as
-    "no answer" (new-user pass): both get the matching hint now."""
+async def test_a_port_that_hangs_up_gets_no_tls_hint_on_tcp_and_ws_alike(scheme, reset, read) -> None:
+    """A port that accepts and closes (or resets) at once -- one with no
+    broker behind it yet, or another service (redis-server hangs up on an
+    HTTP request: ws:// to it was hinted "try wss://") -- is retried until
+    connect_timeout, then said in words, with no guess at TLS.  (A reset
+    while the upgrade request was being written was waited out as "no
+    answer": it ends the attempt.)"""
     from pimcore.client import ConnectFailed
 
     async with trio.open_nursery() as nursery:
@@ -579,9 +604,8 @@ async def test_a_port_that_hangs_up_gets_the_tls_hint_on_tcp_and_ws_alike(scheme
                 pass  # pragma: no cover
         nursery.cancel_scope.cancel()
     msg = str(err.value)
-    secure, path = ("wss", "/im") if scheme == "ws" else ("tls", "")
     assert msg.startswith(f"cannot connect to {url} within 1 s (connect_timeout): "), msg
-    assert msg.endswith(f" (the server may require TLS: try {secure}://127.0.0.1:{port}{path})"), msg
+    assert "TLS" not in msg and "try " not in msg and not err.value.wrong_port, msg
     # In words ("connection reset by peer"), not "ConnectionResetError: [Errno 104] ..."
     assert not re.search(r"[A-Z]\w*Error|Errno", msg), msg
 
@@ -2822,6 +2846,31 @@ def test_a_websocket_path_must_be_printable_ascii_from_a_slash(path) -> None:
     assert Endpoint("tcp").path == "/"
 
 
+@pytest.mark.parametrize("url, why", [
+    ("tcp://127.0.0.1:7400/foo", "'tcp://127.0.0.1:7400/foo': a tcp:// URL has no path (paths are for ws:// and wss://)"),
+    ("TLS://127.0.0.1:7401/im", "a tls:// URL has no path"),
+    ("tcp://bob@127.0.0.1:7400", "a URL to connect to has no user name or password (the token is the credential)"),
+    ("wss://bob:s3cret@127.0.0.1:7443/im", "a URL to connect to has no user name or password"),
+    ("tcp://127.0.0.1:7400?x=1", "'tcp://127.0.0.1:7400?x=1': a URL to connect to has no query or fragment"),
+    ("ws://127.0.0.1:7480/im?v=2", "has no query or fragment"),
+    ("tls://127.0.0.1:7401#top", "has no query or fragment"),
+    ("ws://127.0.0.1:7480/im#top", "has no query or fragment"),
+])
+async def test_a_client_url_with_a_part_that_would_be_ignored_is_refused(url, why) -> None:
+    """``tcp://127.0.0.1:7400/foo``, ``tcp://bob@...``, a query or fragment:
+    open_client connected with the extra part dropped silently (a new-user
+    review).  Refused as the listen URLs are, in the same words; a
+    WebSocket path is meant (the upgrade's path) and stays."""
+    with pytest.raises(ValueError) as err:
+        parse_url(url)
+    assert why in str(err.value) and "s3cret" not in str(err.value)
+    with pytest.raises(ValueError, match=re.escape(why)):
+        async with open_client(url, token("alice"), "phone", config=FAST_CLIENT):
+            pass  # pragma: no cover
+    assert parse_url("ws://127.0.0.1:7480/im").path == "/im"
+    assert parse_url("tcp://127.0.0.1:7400/").port == 7400
+
+
 async def _first_connect_to(handler, url: str, within: float, **client_kw) -> tuple[str, pytest.ExceptionInfo]:
     """``handler`` serving a loopback port, and open_client's first connect
     to ``url`` (its ``{port}`` filled in) failing with ConnectFailed within
@@ -2987,3 +3036,25 @@ async def test_a_large_login_the_server_breaks_off_is_said_after_connect_timeout
     assert message.endswith(" (the connection broke while the Login frame (2,000,019 bytes; the token is 2,000,000"
                             " bytes) was being written, before any answer: it may be over the broker's max_frame,"
                             " the protocol's default 1,048,576 bytes unless the broker raised it)"), message
+
+
+@pytest.mark.parametrize("scheme", ["tls", "wss"])
+@pytest.mark.parametrize("banner", [b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", b"-ERR unknown command\r\n",
+                                    b"\x00\x01\x02\xff\xfe\xfd\xfc\xfb\xfa"], ids=["ssh", "redis", "binary"])
+async def test_a_tls_url_at_another_services_plain_port_says_so_not_try_plain(scheme, banner):
+    """tls:// (wss://) at a plain port of another service (an SSH banner,
+    a Redis error) was hinted "the server may not use TLS: try tcp://"
+    (ws://), whose answer was then "another service's port": the plain
+    bytes already say so, and are said at once."""
+    async def service(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(banner)
+            with trio.move_on_after(5):
+                while await stream.receive_some():
+                    pass
+
+    url, err = await _first_connect_to(service, f"{scheme}://127.0.0.1:{{port}}" + ("/im" if scheme == "wss" else ""), 5)
+    msg = str(err.value)
+    assert msg.startswith(f"cannot connect to {url}: TLS error: "), msg
+    assert "try " not in msg and msg.endswith("not in pimcore's protocol: is it another service's port?)"), msg
+    assert err.value.wrong_port, msg

@@ -293,8 +293,11 @@ def _event(ev: "HostEvent") -> dict[str, Any]:
     return d
 
 
-def _guarded(handler: Callable[[Request], Awaitable[tuple[int, Any]]]) -> Callable[[Request], Awaitable[tuple[int, Any]]]:
-    """Map the handle's errors to HTTP errors (the module docstring)."""
+def _guarded(handler: Callable[[Request], Awaitable[tuple[int, Any]]],
+             store_cause: Callable[[], Optional[str]] = lambda: None) -> Callable[[Request], Awaitable[tuple[int, Any]]]:
+    """Map the handle's errors to HTTP errors (the module docstring).
+    ``store_cause``: why the store refuses writes, if it said (the server's
+    store_failure_cause), for a 503's message."""
     from ..embed import RequestRefused
 
     async def run(request: Request) -> tuple[int, Any]:
@@ -304,16 +307,32 @@ def _guarded(handler: Callable[[Request], Awaitable[tuple[int, Any]]]) -> Callab
             status = REFUSED_STATUS.get(exc.code, 400)
             raise HttpError(status, exc.code.name, refusal_message(exc.code, str(exc))) from None
         except StoreError as exc:
-            raise HttpError(503, "STORE_UNAVAILABLE", str(exc) or "the store failed") from None
+            raise HttpError(503, "STORE_UNAVAILABLE", _store_failed(exc, store_cause())) from None
         except BrokerStopped as exc:
             raise HttpError(503, "unavailable", str(exc)) from None
 
     return run
 
 
+def _store_failed(exc: StoreError, cause: Optional[str]) -> str:
+    """A 503's message for the store's failure ``exc``: the handle's words
+    ("post to 'team' not stored: the store failed") and the cause, in words
+    without file system paths ("no space left on the data directory's file
+    system: free space there ..."; StoreError.cause).  An API client is no
+    operator: the data directory's path stays in the log, which names it."""
+    if exc.cause is not None:  # the store's own error: its text names the data directory
+        return f"the store failed: {exc.cause}"
+    text = str(exc) or "the store failed"
+    return f"{text}: {cause}" if cause is not None and cause not in text else text
+
+
 def register_api(router: Router, handle: "Pimcore") -> None:
     """Route the server API's endpoints (all behind the API key) to ``handle``."""
     from ..embed import fresh_page
+
+    def store_cause() -> Optional[str]:
+        """Why the store refuses writes, if it said (for a 503's message)."""
+        return handle.server.store_failure_cause()
 
     async def post(request: Request) -> tuple[int, Any]:
         body = _object(request, _POST_FIELDS)
@@ -402,7 +421,9 @@ def register_api(router: Router, handle: "Pimcore") -> None:
             else:
                 code = getattr(res, "code", None)
                 results[i] = {"status": "error", "code": code.name if code is not None else "STORE_UNAVAILABLE",
-                              "message": refusal_message(code, str(res)) if code is not None else str(res)}
+                              "message": refusal_message(code, str(res)) if code is not None
+                              else _store_failed(res, store_cause())
+                              if isinstance(res, StoreError) else str(res)}
         return 200, {"results": results}
 
     async def create_group(request: Request) -> tuple[int, Any]:
@@ -674,4 +695,4 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         ("GET", "/v1/events/stream", event_stream),
         ("POST", "/v1/events/ack", ack),
     ):
-        router.add(method, pattern, _guarded(handler))
+        router.add(method, pattern, _guarded(handler, store_cause))

@@ -1029,6 +1029,8 @@ class BrokerServer:
         # error is logged once per change of its text (_store_error), the
         # repeats at DEBUG and counted here.
         self._store_failing: Optional[str] = None
+        #: ... and its cause without paths, if the store said it (StoreError.cause).
+        self._store_cause: Optional[str] = None
         self._store_logged: Optional[str] = None
         self._store_repeats = 0
         # Work the core asked for that runs as a task (async reads, async
@@ -1160,8 +1162,16 @@ class BrokerServer:
             except Exception as exc:  # a store bug is not readiness either
                 return f"store unavailable: {exc!r}"
         if self._store_failing is not None:
-            return f"store failing writes: {self._store_failing}"
+            # (/readyz needs no API key: the cause without the data
+            # directory's path, when the store said one; the log has it.)
+            return f"store failing writes: {self._store_cause or self._store_failing}"
         return None
+
+    def store_failure_cause(self) -> Optional[str]:
+        """Why the store refuses writes, in words without file system paths
+        (StoreError.cause: "no space left on the data directory's file
+        system: ..."), while it does and the store said; else None."""
+        return self._store_cause if self._store_failing is not None else None
 
     def now(self) -> int:
         """µs since the epoch, by the broker's clock (see ``clock``)."""
@@ -1927,6 +1937,8 @@ class BrokerServer:
             return
         text = str(exc)
         if write:
+            if text != self._store_failing or exc.cause is not None:
+                self._store_cause = exc.cause  # (a repeat of the same failure may say its text only)
             self._store_failing = text
         if text != self._store_logged:
             # Once per change of state: a full disk refuses every request
@@ -1943,7 +1955,7 @@ class BrokerServer:
         if self._store_failing is not None:
             log.warning("store writes succeed again (%d more requests failed the same way meanwhile)",
                         self._store_repeats, extra={"event": "store_recovered"})
-        self._store_failing = self._store_logged = None
+        self._store_failing = self._store_logged = self._store_cause = None
         self._store_repeats = 0
 
     # Hooks.  A refusal is the hook's answer (AuthError, a reason); a hook that
@@ -2417,6 +2429,7 @@ class BrokerServer:
                 # log); every later commit fails with STORE_UNAVAILABLE.
                 log.error("deferred commit failed: %s", exc, extra={"event": "store_error"})
                 self._store_failing = self._store_logged = str(exc)
+                self._store_cause = exc.cause
                 return
 
     def _may_offload(self) -> bool:

@@ -17,7 +17,9 @@ from urllib.parse import urlsplit
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-__all__ = ["Endpoint", "parse_url", "WebSocketStream", "SCHEMES"]
+from ..ids import quote_arg
+
+__all__ = ["Endpoint", "parse_url", "url_extra_problem", "WebSocketStream", "SCHEMES"]
 
 SCHEMES = ("tcp", "tls", "ws", "wss")
 _DEFAULT_PORTS = {"tcp": 7400, "tls": 7401, "ws": 7480, "wss": 7443}
@@ -35,13 +37,13 @@ class Endpoint:
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
-            raise ValueError(f"unknown scheme {self.scheme!r}; expected one of {', '.join(SCHEMES)}")
+            raise ValueError(f"unknown scheme {quote_arg(self.scheme)}; expected one of {', '.join(SCHEMES)}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} out of range")
         if self.websocket and not _WS_PATH.fullmatch(self.path):
             # (RFC 3986: a path is ASCII; anything else is percent-encoded.
             # The request line carries it as is, and hints quote it.)
-            raise ValueError(f"path {self.path!r}: a WebSocket path is '/' then printable ASCII without"
+            raise ValueError(f"path {quote_arg(self.path)}: a WebSocket path is '/' then printable ASCII without"
                              " spaces (percent-encode the rest)")
 
     @property
@@ -62,19 +64,55 @@ class Endpoint:
         return self.url
 
 
+def url_extra_problem(url: str, *, listen: bool = False, http: bool = False) -> Optional[str]:
+    """What ``url`` holds that would be dropped silently, in words (said
+    without repeating a password); None if nothing.  One set of rules for
+    the broker's listen URLs (``listen``, ``[http] listen``: ``listen``
+    True, ``http`` for the HTTP listener) and the URLs clients connect to
+    (the SDK, ``pimcore chat --url``, ``pimcore bench --url``): no user name
+    or password (the token is the credential), no query or fragment, and a
+    path only on ws:// and wss:// (the upgrade request's path)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None  # (parse_url says what is wrong with it)
+    a = "a listen URL" if listen else "a URL to connect to"
+    if "@" in parts.netloc:
+        return f"{a} has no user name or password" + ("" if listen else " (the token is the credential)")
+    if "?" in url or "#" in url:
+        return f"{quote_arg(url)}: {a} has no query or fragment"
+    if parts.path not in ("", "/"):
+        if http:
+            return f"{quote_arg(url)}: an HTTP listen URL has no path (the API's paths are its own)"
+        scheme = parts.scheme.lower()
+        if scheme in ("tcp", "tls"):
+            noun = "listen URL" if listen else "URL"
+            return f"{quote_arg(url)}: a {scheme}:// {noun} has no path (paths are for ws:// and wss://)"
+    return None
+
+
 def parse_url(url: str, *, default_port: Optional[int] = None) -> Endpoint:
-    """``tcp://127.0.0.1:7400``, ``tls://host:7401``, ``ws://host:7480/im``..."""
+    """``tcp://127.0.0.1:7400``, ``tls://host:7401``, ``ws://host:7480/im``...
+    A part that would be dropped (a user name, a query, a fragment, a path
+    on tcp:// or tls://) is a ValueError (:func:`url_extra_problem`)."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
-        raise ValueError(f"{url!r}: scheme must be one of {', '.join(SCHEMES)}")
+        raise ValueError(f"{quote_arg(url)}: scheme must be one of {', '.join(SCHEMES)}")
+    problem = url_extra_problem(url)
+    if problem is not None:
+        raise ValueError(problem)
     if not parts.hostname:
-        raise ValueError(f"{url!r}: no host")
+        raise ValueError(f"{quote_arg(url)}: no host")
+    try:
+        parts.hostname.encode("idna")
+    except UnicodeError:  # (a byte that is not UTF-8, a space...: the resolver's traceback)
+        raise ValueError(f"{quote_arg(url)}: {quote_arg(parts.hostname)} is not a host name") from None
     try:
         port = parts.port
     except ValueError:  # (Python's "Port out of range 0-65535", "Port could not be cast to integer value as 'x'")
         given = parts.netloc.rpartition("]")[2].rpartition(":")[2]
-        raise ValueError(f"{url!r}: the port must be a number 0-65535, not {given!r}") from None
+        raise ValueError(f"{quote_arg(url)}: the port must be a number 0-65535, not {quote_arg(given)}") from None
     if port is None:
         port = default_port if default_port is not None else _DEFAULT_PORTS[scheme]
     return Endpoint(scheme, parts.hostname, port, parts.path or "/")

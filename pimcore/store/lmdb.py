@@ -221,7 +221,7 @@ import lmdb
 from . import wal
 from .._backend import impl as _impl
 from ..errors import ErrorCode, StoreError, StoreInUse
-from ..ids import MAX_CONVERSATION_ID_LEN, MAX_ID_LEN
+from ..ids import MAX_CONVERSATION_ID_LEN, MAX_ID_LEN, quote_arg
 from .base import (
     removes_everyone,
     SYSTEM,
@@ -584,7 +584,13 @@ def _no_space(path: str, exc: BaseException) -> Optional[str]:
             return None
     elif code not in (errno.ENOSPC, errno.EDQUOT):
         return None
-    return f"no space left on the data directory's file system ({path})"
+    return f"{_NO_SPACE} ({path})"
+
+
+#: A full disk in words, without its path (StoreError.cause: the HTTP API's
+#: 503 says it; the path is in the message, which the operator's log has).
+_NO_SPACE = "no space left on the data directory's file system"
+_FREE_SPACE = "free space there (or move the data directory to a larger disk)"
 
 #: The classes a command log record may hold (the write ops, base.Op), the
 #: getter of each one's fields in order, and a fingerprint of both: a record
@@ -888,12 +894,14 @@ class _LogState:
         # After a failed flush the page cache's state is unknown (fsync
         # can't be retried): stop.
         full = _no_space(self.store._path, exc)
+        cause = None
         if full is not None:
             self.failed = (f"the command log could not be written: {full} ({exc}); free space there (or move"
                            " the data directory to a larger disk), then restart the broker")
+            cause = f"{_NO_SPACE}: {_FREE_SPACE}, then restart the broker"
         else:
             self.failed = f"the command log could not be written ({exc}); restart the broker"
-        return StoreError(self.failed)
+        return StoreError(self.failed, cause=cause)
 
     def stop_flusher(self) -> None:
         """End the worker thread (idle: every flush was waited for under
@@ -1471,7 +1479,7 @@ class LmdbStore(Store):
         if create:
             os.makedirs(path, exist_ok=True)
         elif not os.path.isfile(os.path.join(path, "data.mdb")):
-            raise StoreError(f"no store at {path!r}")
+            raise StoreError(f"no store at {quote_arg(str(path))}")
         initial_size = max(map_size, _MIN_MAP_SIZE)
         self._path = path
         self._owner = owner
@@ -1821,7 +1829,7 @@ class LmdbStore(Store):
         full = _no_space(self._path, exc)
         if full is not None:
             return StoreError(f"LMDB error: {full} ({exc}): free space there (or move the data directory to a"
-                              " larger disk); writes are retried by the clients")
+                              " larger disk); writes are retried by the clients", cause=f"{_NO_SPACE}: {_FREE_SPACE}")
         return StoreError(f"LMDB error: {exc}")
 
     def _grow(self, env: lmdb.Environment) -> None:
