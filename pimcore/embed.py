@@ -1086,7 +1086,9 @@ class Pimcore:
         the consumer has none: from then on the reclaim keeps every event
         it has not acknowledged.
         Raises EventsDisabled when the broker records none (it would wait
-        forever), RequestRefused (BAD_REQUEST) for an invalid consumer."""
+        forever), RequestRefused (BAD_REQUEST) for an invalid consumer or
+        an ``after`` past the last event id (events recorded later would be
+        skipped until their ids passed it)."""
         self._need_events()
         _check_consumer(consumer, "events")
         if after is None:
@@ -1099,6 +1101,14 @@ class Pimcore:
             assert isinstance(page, EventsPage)
             if after is None:
                 after = page.cursor
+            elif after > page.last_id and not page.events:
+                # (The HTTP API's 409 past_last_event.)  An id no event has
+                # is a confused caller's (another broker's, a store that was
+                # replaced): read from it, events recorded later would be
+                # skipped, silently, until their ids passed it.
+                raise RequestRefused(ErrorCode.BAD_REQUEST,
+                                     f"events of {_show(consumer)}: after {after} is past the last event id, "
+                                     f"{page.last_id}{' (no event yet)' if page.last_id == 0 else ''}: nothing read")
             if page.events:
                 online = self.server.broker.online_devices
                 return after, [_host_event(ev, online) for ev in page.events]
@@ -1172,6 +1182,9 @@ def _post_problem(conv: str, sender: str, device: str, key: Union[str, bytes, No
     if sender == SYSTEM:
         if device != SYSTEM:
             return f"sender {sender!r} is the system, which posts without a device (device {_show(device)} must be {SYSTEM!r} too)"
+    elif device == SYSTEM:  # (post(conv, b"..", sender="alice") and no device)
+        return (f"device: empty device id: a post as {_show(sender)} needs one of its device ids (device=...;"
+                f" the HTTP API's default is \"http\"); only the system, the default sender, posts without one")
     else:
         for value, what in ((sender, "sender"), (device, "device")):
             problem = id_problem(value, "device" if what == "device" else "user")

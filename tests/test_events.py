@@ -516,3 +516,22 @@ async def test_a_consumer_that_reads_but_never_acks_keeps_its_events_from_reclai
             while (await im.retention("team")).floor < 4:
                 await trio.sleep(0.01)
             assert (await im.events(after=0).__anext__()).id > last
+
+
+async def test_reading_after_an_id_past_the_last_event_is_refused_not_a_silent_skip(tmp_path: Path) -> None:
+    # Was: next_events(after=50) with the last id 1 waited, then skipped
+    # events 2..50 recorded later (the HTTP API answered 409 for this).
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "d", events=True) as im:
+            await im.create_group("team", ["alice"])
+            await im.post("team", b"m0")
+            _, last = await im.event_cursor("c")
+            for read in (lambda: im.next_events("c", after=last + 49), lambda: im.events("c", after=last + 1).__anext__()):
+                with pytest.raises(RequestRefused) as refused:
+                    await read()
+                assert refused.value.code is ErrorCode.BAD_REQUEST
+                assert f"is past the last event id, {last}: nothing read" in str(refused.value)
+            # At the last id it waits for the next event, as before.
+            await im.post("team", b"m1")
+            _, page = await im.next_events("c", after=last)
+            assert page[0].id == last + 1

@@ -532,7 +532,7 @@ async def test_refusals_say_what_was_wrong(tmp_path: Path) -> None:
             assert "256 bytes" in res[0]["message"], res
             assert res[1]["message"].count("messages[1]") == 1, res
             assert "device" in res[2]["message"] and "'a b'" in res[2]["message"], res
-            with pytest.raises(RequestRefused, match="empty device id") as refused:
+            with pytest.raises(RequestRefused, match="empty device id: a post as .alice. needs one of its device ids") as refused:
                 await im.post("team", b"x", sender="alice", device=SYSTEM)
             assert refused.value.code is ErrorCode.BAD_REQUEST
             with pytest.raises(RequestRefused, match="256 bytes"):

@@ -142,7 +142,10 @@ def test_event_handlers_see_every_message_and_acks_are_durable(tmp_path: Path) -
         assert [p for _, p in seen] == [b"%d" % i for i in range(30)]
         im.set_event_handler(None)
         assert im.event_cursor()[0] == 12
-        assert im.next_events(after=10**6, timeout=0.05) == (10**6, [])
+        last = im.event_cursor()[1]
+        assert im.next_events(after=last, timeout=0.05) == (last, [])  # caught up: empty at the timeout
+        with pytest.raises(RequestRefused, match="past the last event id"):
+            im.next_events(after=last + 1, timeout=0.05)
     with _start(tmp_path / "d", events=True) as im:
         after, events = im.next_events()
         assert after == 12 and events[0].id == 13  # not acknowledged: delivered again
