@@ -387,8 +387,13 @@ async def chat(
                         # in, and "connected as" is printed already.
                         continue
                     if ev.code in _FINAL_CLOSES:
-                        out(f"(connection closed by the broker: {ev.reason or ev.code.name}; not reconnecting)")
-                        raise ChatEnded(ev.reason or ev.code.name)
+                        why = ev.reason or ev.code.name
+                        if ev.code is CloseCode.REPLACED:
+                            # Two chats as one user both default to device
+                            # "terminal": the second ends the first for good.
+                            why += f" (another client logged in as device {_show(device)}: give each chat its own --device)"
+                        out(f"(connection closed by the broker: {why}; not reconnecting)")
+                        raise ChatEnded(why)
                     out(f"(connection lost: {ev.reason or ev.code}; reconnecting…)")
                 elif isinstance(ev, Connected):
                     if reconnects:  # the first connection was announced above

@@ -385,6 +385,8 @@ async def test_chat_replaced_by_the_same_device_elsewhere_says_so_and_ends() -> 
     assert ended and "logged in" in str(ended[0]), (ended, out)
     lost = [line for line in out if line.startswith("(connection")]
     assert lost and "not reconnecting" in lost[-1] and "reconnecting…" not in lost[-1], out
+    # Two chats as one user share the default device: say how to run both.
+    assert "give each chat its own --device" in lost[-1] and "--device" in str(ended[0]), out
 
 
 @asynccontextmanager
