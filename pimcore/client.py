@@ -31,9 +31,11 @@ What the SDK promises, and how
   the broker's side (STORE_UNAVAILABLE, INTERNAL) is also reported in
   :meth:`Client.events` as :class:`SendsStalled`, then :class:`SendsResumed`.
 * **Downstream.**  Messages come out of :meth:`Client.events` in inbox
-  order.  A Push is acknowledged (cumulatively, batched) only after the
-  application has *taken* every message it carried, so a crash of the app
-  can never lose a message it did not see.  On reconnect the client resumes
+  order.  Each message is acknowledged (cumulatively, batched) up to its
+  inbox position once the application has *taken* it -- also one in the
+  middle of a Push that carried many -- so a crash of the app can never
+  lose a message it did not see, and leaving the ``async with`` block acks
+  what was taken.  On reconnect the client resumes
   from what it took; re-pushed messages it already has are dropped by
   position.
 * **Time.**  At each login the SDK takes several calibration samples (CalibrateReq) and keeps

@@ -1937,8 +1937,9 @@ class ClientSession:
 
     def next_event(self, now: int) -> Optional[Event]:
         """Take the next event for the application (None if none is queued).
-        Taking the last message of a Push is what lets the session
-        acknowledge it: the batched PushAck goes out ``ack_delay`` later."""
+        Taking a message is what lets the session acknowledge it (up to its
+        inbox position; the last message of a Push: the whole Push): the
+        batched PushAck goes out ``ack_delay`` later."""
         t = self._tick(now)
         while self._events:
             ev, ack = self._events.popleft()
@@ -2002,9 +2003,13 @@ class ClientSession:
                 # PROTOCOL.md: an indicator ends at a newer Typing or a message
                 # from that user; the stop comes before the message itself.
                 self._emit(TypingChanged(m.conv, m.sender, False, 0))
-            # The push's position is acked once its last message was taken.
+            # Taking a message acks up to its own position (the positions
+            # before it in this Push are taken, or not this device's to
+            # show); taking the last one acks the whole Push (the positions
+            # after it are not this device's either).  A catch-up Push of
+            # many messages is thus acked as far as the app took it.
             ev: Event = MessageAmended(m, self._held_message(m.conv, m.target)) if m.kind in AMEND_KINDS else MessageReceived(m)
-            self._emit(ev, f.position if i == len(fresh) - 1 else 0)
+            self._emit(ev, f.position if i == len(fresh) - 1 else m.position)
         if not fresh:
             self._emit(None, f.position)  # nothing to show (own messages): ack in turn
 

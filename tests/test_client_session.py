@@ -749,8 +749,6 @@ def test_pushes_are_acked_cumulatively_only_after_the_app_took_them():
     t = T0 + 10 * S
     assert s.next_event(t).message.position == 1  # type: ignore[union-attr]
     assert s.next_event(t).message.position == 2  # type: ignore[union-attr]
-    s.handle_timer(t + S)
-    assert b.read() == []  # the push is acked once its *last* message was taken
     assert s.next_event(t).message.position == 3  # type: ignore[union-attr]
     assert s.next_deadline() == t + 20 * MS  # ack_delay: batch with more takes
     b.feed(t + 1, F.Push(5, (msg(4, 4), msg(5, 5))))
@@ -760,6 +758,45 @@ def test_pushes_are_acked_cumulatively_only_after_the_app_took_them():
     s.handle_timer(t + 20 * MS)
     assert b.read() == [F.PushAck(5)]  # one cumulative ack for both pushes
     assert s.statistics().acks_sent == 1 and s.statistics().taken_upto == 5
+
+
+def test_each_message_taken_from_a_catch_up_push_moves_taken_upto_and_the_ack():
+    """A catch-up Push carries many messages (holes between them are
+    entries this device does not need): taking one moves taken_upto to its
+    own position, the batched PushAck acks what was taken so far, and the
+    last one taken acks the whole Push."""
+    s = session()
+    b = connect(s, T0)
+    events(s, T0)
+    # Positions 2, 5 and 7 are not this device's to show (its own sends).
+    b.feed(T0, F.Push(7, (msg(1, 1), msg(3, 2), msg(4, 3), msg(6, 4))))
+    t = T0 + S
+    assert s.taken_upto == 0
+    assert s.next_event(t).message.position == 1  # type: ignore[union-attr]
+    assert s.taken_upto == 1 and s.next_deadline() == t + 20 * MS
+    assert s.next_event(t).message.position == 3  # type: ignore[union-attr]
+    assert s.taken_upto == 3
+    s.handle_timer(t + 20 * MS)
+    assert b.read() == [F.PushAck(3)]  # one batched ack, in the middle of the Push
+    assert s.next_event(t + S).message.position == 4  # type: ignore[union-attr]
+    assert s.taken_upto == 4
+    assert s.next_event(t + S).message.position == 6  # type: ignore[union-attr]
+    assert s.taken_upto == 7  # the last message taken covers the whole Push
+    s.handle_timer(t + S + 20 * MS)
+    assert b.read() == [F.PushAck(7)]
+    assert s.statistics().acks_sent == 2 and s.statistics().taken_upto == 7
+
+
+def test_closing_mid_push_acks_what_was_taken_and_no_more():
+    s = session()
+    b = connect(s, T0)
+    events(s, T0)
+    b.feed(T0, F.Push(5, tuple(msg(i, i) for i in range(1, 6))))
+    taken = [s.next_event(T0).message.position for _ in range(3)]  # type: ignore[union-attr]
+    assert taken == [1, 2, 3] and s.taken_upto == 3
+    s.close(T0)
+    assert b.read()[0] == F.PushAck(3)  # the 4th and 5th are pushed again next time
+    assert s.taken_upto == 3
 
 
 def test_a_push_of_only_own_messages_is_acked_in_turn():

@@ -867,6 +867,24 @@ def test_resume_from_acked_position_no_loss_no_duplicates(h):
     assert h.drain_device(b3) == []
 
 
+def test_a_push_ack_in_the_middle_of_a_catch_up_push_is_kept_and_the_rest_pushed_again(h):
+    """The SDK acks each message taken, so a PushAck may fall inside one
+    Push: the broker records that position, pushes nothing more of what it
+    covers, and the next login gets only the rest."""
+    a = h.login("alice", "phone")
+    for k in range(5):
+        h.send(a, AB, b"m%d" % k)
+    b = h.login("bob", "laptop")
+    [push] = h.take(b, F.Push)  # catch-up: one Push of the five
+    assert push.position == 5 and [m.position for m in push.messages] == [1, 2, 3, 4, 5]
+    h.feed(b, F.PushAck(3))  # took three, then left
+    assert h.take(b, F.Push) == [] and not h.take(b, F.Error)
+    h.lose(b)
+    b2 = h.login("bob", "laptop", position=0)  # the stored ack, not the client's
+    assert h.take(b2, F.LoginAck)[0].position == 3
+    assert [m.payload for m in h.drain_device(b2)] == [b"m3", b"m4"]
+
+
 def test_each_device_has_its_own_offline_list(h):
     a = h.login("alice", "phone")
     laptop = h.login("bob", "laptop")

@@ -1060,6 +1060,35 @@ async def test_offline_recipient_gets_everything_once_in_order(store):
                 assert m.payload == b"later"
 
 
+async def test_leaving_mid_catch_up_acks_what_was_taken_and_only_the_rest_comes_again(store):
+    """Five messages while bob was offline arrive in one catch-up Push: the
+    three he takes are acked when he leaves, the next session brings only
+    the other two; taken_upto counts each message taken."""
+    with trio.fail_after(30):
+        async with serving(store) as srv:
+            async with client(srv.url(), "alice") as a:
+                for i in range(5):
+                    await a.send(AB, b"m%d" % i)
+            pushes = srv.statistics().broker.pushes
+            async with client(srv.url(), "bob", "app") as b:
+                seen = []
+                async for m in b.messages():
+                    seen.append((m.payload, m.position, b.taken_upto))
+                    if len(seen) == 3:
+                        break
+                assert srv.statistics().broker.pushes == pushes + 1  # one catch-up Push
+                assert seen == [(b"m0", 1, 1), (b"m1", 2, 2), (b"m2", 3, 3)]
+            async with client(srv.url(), "bob", "app") as b:
+                got = await take_messages(b, 2)
+                assert [m.payload for m in got] == [b"m3", b"m4"]
+                assert b.taken_upto == 5
+            async with client(srv.url(), "bob", "app") as b:
+                async with client(srv.url(), "alice") as a:
+                    await a.send(AB, b"later")
+                [m] = await take_messages(b, 1)
+                assert m.payload == b"later"
+
+
 @pytest.mark.parametrize("threaded", [False, True], ids=["inline-commit", "threaded-commit"])
 async def test_lost_send_ack_is_retried_and_stored_once(lmdb_store, threaded):
     """The broker commits, then the connection dies before the SendAck gets
@@ -2292,16 +2321,18 @@ async def test_messages_the_app_did_not_take_are_delivered_again(lmdb_store):
                     await trio.sleep(0.01)
                 first = await take_messages(b, 2)
                 assert [m.payload for m in first] == [b"m0", b"m1"]
+                assert b.taken_upto == 2
             async with client(srv.url(), "bob") as b:
                 again = await take_messages(b, 3)
-            # One Push carried all five, so none was acked: at-least-once to the
-            # app means they come again, in order; nothing is skipped.
-            assert [m.payload for m in again] == [b"m0", b"m1", b"m2"]
+            # One Push carried all five, but the two taken were acked as the
+            # app left: at-least-once to the app means the other three come
+            # again, in order; nothing is skipped, nothing taken comes twice.
+            assert [m.payload for m in again] == [b"m2", b"m3", b"m4"]
             async with client(srv.url(), "alice") as a:
                 await a.send(AB, b"m5")
             async with client(srv.url(), "bob") as b:
-                rest = await take_messages(b, 6)
-                assert [m.payload for m in rest] == [b"m%d" % i for i in range(6)]
+                rest = await take_messages(b, 1)
+                assert [m.payload for m in rest] == [b"m5"]
 
 
 async def test_websocket_wrong_path_and_text_messages_are_refused(lmdb_store):
