@@ -779,10 +779,15 @@ class Client:
         await trio.lowlevel.checkpoint()
 
     async def fetch_history(self, conv: str, from_seq: int = 0, limit: int = 100, *, backward: bool = False) -> list[F.Message]:
-        """A page of ``conv``'s stored history (also added to :meth:`view`).
-        The page may hold fewer than ``limit`` messages before the end (cut to
-        fit one frame): use :meth:`fetch_page` to know whether more follow.
-        Raises SendError with the broker's code, trio.TooSlowError after
+        """A page of ``conv``'s stored history (also added to :meth:`view`):
+        forward, the messages *after* ``from_seq`` (seq > from_seq,
+        ascending: the next page is from the last seq of this one); with
+        ``backward``, those before it (seq < from_seq, descending; 0 = from
+        the newest).  At most ``limit`` (>= 1; the broker caps it at its
+        ``history_page``).  The page may hold fewer than ``limit`` messages
+        before the end (cut to fit one frame): use :meth:`fetch_page` to
+        know whether more follow.  Raises ValueError for a ``limit`` < 1,
+        SendError with the broker's code, trio.TooSlowError after
         ``send_timeout``, AuthFailed/ClientClosed (client stopped)."""
         return (await self.fetch_page(conv, from_seq, limit, backward=backward)).messages
 
@@ -790,6 +795,8 @@ class Client:
         """As :meth:`fetch_history`, with whether more follow: page on from
         the last seq of the page while ``more`` (not while the page is full:
         a page of big messages is cut short to fit one frame)."""
+        if type(limit) is not int or limit < 1:  # (the broker took 0 as 1: the handle and HTTP refuse it)
+            raise ValueError(f"fetch_history: limit must be an int >= 1, got {limit!r:.40}")
         self._check_alive()
         s = self._session
         req = s.request_history(conv, from_seq, limit, backward, self._clock(), timeout=int(self.config.send_timeout * 1e6))

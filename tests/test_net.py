@@ -1270,6 +1270,10 @@ async def test_refusals_of_conversation_and_membership_say_why_in_words(lmdb_sto
                     assert err.value.code is code, (err.value, code)
                     assert err.value.reason.startswith(reason), (err.value.reason, reason)
                     assert str(err.value).endswith(f"{code.name}: {err.value.reason}"), str(err.value)
+                # A page of no messages is no request (the broker took 0 as 1).
+                for limit in (0, -1):
+                    with pytest.raises(ValueError, match="limit must be an int >= 1"):
+                        await b.fetch_history("team", 0, limit)
 
 
 async def test_oversized_and_malformed_frames_close_only_that_connection(lmdb_store):
