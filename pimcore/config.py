@@ -1316,8 +1316,20 @@ def _check_data_dir(settings: ServeSettings) -> None:
     directory or the nearest of its parents that exists is no directory (it
     was a bare "[Errno 20] Not a directory: '.../secret'"), or is a symbolic
     link to nothing: mkdir does not make a link's target, it said "[Errno
-    17] File exists"."""
+    17] File exists".  Also when it is a store's own directory (``pimcore
+    inspect`` takes either): it holds LMDB's data.mdb or lock.mdb, or the
+    command log's log/ (pimcore.store.lmdb, wal).  It was taken as a data
+    directory, and a new secret and a nested ``store/`` were made inside a
+    live broker's store."""
     data_dir = seen = settings.data_dir
+    held = [name for name in ("data.mdb", "lock.mdb") if (data_dir / name).exists()]
+    if any((data_dir / "log" / name).exists() for name in ("checkpoint", "log-0", "log-1")):
+        held.append("the command log folder log/")  # (a folder "log" of the user's own is no store's)
+    if held:  # (serve would make a secret and a store/ inside the live store)
+        parent = data_dir.resolve().parent if data_dir.name in ("", ".", "..") else data_dir.parent
+        raise settings._refused(
+            f"the data directory {data_dir} is a store directory (it holds {', '.join(held)}), not a data directory:"
+            f" give its parent, {parent}, as the data directory", (None, "data_dir"), named=False)
     while not seen.exists() and not seen.is_symlink() and seen.parent != seen:
         seen = seen.parent
     if seen.is_symlink() and not seen.exists():
