@@ -1167,6 +1167,19 @@ class BrokerServer:
             return f"store failing writes: {self._store_cause or self._store_failing}"
         return None
 
+    def liveness(self) -> Optional[str]:
+        """None while the broker can serve again without a restart, else
+        why not (for ``/healthz``): the store says it writes no more until
+        the process restarts (:meth:`Store.halted`; a full disk that
+        recovers by itself is only not ready)."""
+        halted = getattr(self.store, "halted", None)
+        if halted is None:
+            return None
+        try:
+            return halted()  # type: ignore[no-any-return]
+        except Exception:  # noqa: BLE001 - a store bug is no reason to be restarted over and over
+            return None
+
     def store_failure_cause(self) -> Optional[str]:
         """Why the store refuses writes, in words without file system paths
         (StoreError.cause: "no space left on the data directory's file
