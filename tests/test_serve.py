@@ -239,6 +239,8 @@ max_connections = 2
     "text, needles",
     [
         ('listen = "tcp://127.0.0.1:0"\nlisten_backlog = 5\n', ["unknown keys", "listen_backlog"]),
+        ('events = true\n', ["unknown keys ['events']; events belongs in [server]\n"]),
+        ('[server]\nmax_payload = 10\n', ["unknown keys in [server]: ['max_payload']; max_payload belongs in [limits]"]),
         ('[limits]\nmax_payloads = 10\n', ["[limits]", "max_payloads"]),
         ('[server]\nidle = 3\n', ["[server]", "idle"]),
         ('[tls]\ncertificate = "x.pem"\n', ["[tls]", "certificate"]),
@@ -253,7 +255,7 @@ max_connections = 2
         ("[server]\nhook_timeout = 0\n", ["server", "hook_timeout"]),
     ],
     ids=[
-        "top-key", "limits-key", "server-key", "tls-key", "scheme", "port", "durability", "payload>frame", "syntax",
+        "top-key", "section-key-at-the-top", "key-of-another-section", "limits-key", "server-key", "tls-key", "scheme", "port", "durability", "payload>frame", "syntax",
         "login-timeout", "idle-timeout", "max-connections", "hook-timeout",
     ],
 )
