@@ -696,6 +696,10 @@ _LINGER_BYTES = 1 << 20
 #: tcp:// or tls:// listener (a pimcore frame never starts with a letter:
 #: _http_start).
 _HTTP_REQUEST_LINE = re.compile(rb"(GET|POST|HEAD|PUT|DELETE|OPTIONS|PATCH) ")
+#: ... but a WebSocket upgrade (a ws:// URL at a tcp:// port) keeps the
+#: broker's binary Close: the SDKs read it to suggest the tcp:// URL
+#: (pimcore.client, "answered the WebSocket upgrade in pimcore's binary protocol").
+_WS_UPGRADE_HEADER = re.compile(rb"(?im)^upgrade:[ \t]*websocket")
 #: The close line's reason of bytes that are no HTTP request, answered 400.
 _NOT_HTTP_ENDED = "not a WebSocket upgrade request (binary: a tcp:// client?): answered HTTP 400"
 #: The close line's reason of an upgrade request's head over its limit, answered 431.
@@ -1713,7 +1717,7 @@ class BrokerServer:
             if first:
                 first = False
                 method = _HTTP_REQUEST_LINE.match(data)
-                if method is not None:
+                if method is not None and not _WS_UPGRADE_HEADER.search(data):
                     await self._http_at_stream(peer, method.group(1).decode())
                     return
             self._stats["bytes_in"] += len(data)
