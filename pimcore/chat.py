@@ -47,7 +47,8 @@ alice bob ...`` makes one; a group that does not exist is refused, exit 2);
 groups have no read receipts.  A refused token, or a broker certificate
 not trusted, or a URL at the wrong kind of port (another service's, the
 HTTP API's, TLS or not, a WebSocket path not served) also exits 2 (refused
-as given); a broker that cannot be reached exits 1 (docs/OPERATIONS.md, Exit codes).  A user who is not a member of the group now
+as given), as does a chat ended by its token expiring or being revoked (a
+new token is needed); a broker that cannot be reached exits 1 (docs/OPERATIONS.md, Exit codes).  A user who is not a member of the group now
 is told so at the start, under the ``connected as`` line, with the ``pimcore
 group add`` that lets them in: what they type is refused until then, and
 once added the chat shows the group's messages.
@@ -110,12 +111,25 @@ DEFAULT_DEVICE = "terminal"
 
 #: Closes after which the client does not reconnect (docs/CLIENT.md): the
 #: chat ends instead of saying "reconnecting…".
-_FINAL_CLOSES = frozenset((CloseCode.AUTH_FAILED, CloseCode.TOKEN_REVOKED, CloseCode.KICKED, CloseCode.REPLACED))
+#: An expired token too: the SDK reconnects after it (a host hands it a
+#: fresh token), but the chat has only the one it was given, which the
+#: broker then refuses ("token has expired").
+_FINAL_CLOSES = frozenset((CloseCode.AUTH_FAILED, CloseCode.TOKEN_REVOKED, CloseCode.TOKEN_EXPIRED, CloseCode.KICKED,
+                           CloseCode.REPLACED))
+
+#: Final closes that need a new token: the same one is refused on the next
+#: run too, so they exit 2 (refused as given), as a refused first login does.
+_TOKEN_CLOSES = frozenset((CloseCode.AUTH_FAILED, CloseCode.TOKEN_REVOKED, CloseCode.TOKEN_EXPIRED))
 
 
 class ChatEnded(RuntimeError):
     """The broker closed the chat's connection for good (the same device
-    logged in elsewhere, a kick, a revoked token): the reason."""
+    logged in elsewhere, a kick, a revoked or expired token): the reason;
+    ``code``, the close's CloseCode."""
+
+    def __init__(self, reason: str, code: Optional[CloseCode] = None) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 class ChatRefused(ValueError):
@@ -393,7 +407,7 @@ async def chat(
                             # "terminal": the second ends the first for good.
                             why += f" (another client logged in as device {_show(device)}: give each chat its own --device)"
                         out(f"(connection closed by the broker: {why}; not reconnecting)")
-                        raise ChatEnded(why)
+                        raise ChatEnded(why, ev.code)
                     out(f"(connection lost: {ev.reason or ev.code}; reconnecting…)")
                 elif isinstance(ev, Connected):
                     if reconnects:  # the first connection was announced above
@@ -611,7 +625,16 @@ def run_chat(args: argparse.Namespace) -> int:
     except ChatRefused as exc:
         print(f"pimcore chat: {safe_text(str(exc))}", file=sys.stderr)
         return 2
-    except (ChatEnded, ClientClosed) as exc:
+    except ChatEnded as exc:
+        print(f"pimcore chat: the broker ended this chat: {safe_text(str(exc))}", file=sys.stderr)
+        if exc.code in _TOKEN_CLOSES:
+            # Refused as given: the same token is refused on the next run
+            # too (it exited 1, "may work later", and that run then 2).
+            user = _token_claim(args.token, "sub")
+            print(f"pimcore chat: the token is no longer accepted: get a new one (pimcore token --user"
+                  f" {user if user is not None and valid_id(user) else 'ME'})", file=sys.stderr)
+            return 2
+    except ClientClosed as exc:
         print(f"pimcore chat: the broker ended this chat: {safe_text(str(exc))}", file=sys.stderr)
     except AuthFailed as exc:
         # Refused as given: the same token is refused again (OPERATIONS.md, Exit codes).

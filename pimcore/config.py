@@ -1062,12 +1062,59 @@ def _long_number(path: Path) -> str:
     return f"{path}: line {line}: a number of {len(found.group()):,} digits (at most {limit:,} are read)"
 
 
-def _check_doc(doc: dict[str, Any], where: str) -> dict[str, Any]:
-    """``doc`` (a configuration file's tables, or the same shape from JSON)
-    with its keys checked; ``where`` names it in errors."""
+def _misplaced(doc: dict[str, Any], keys: set[str], section: Optional[str], as_json: bool) -> str:
+    """The hint after "unknown keys" for those of ``keys`` (given in
+    ``section``, None: at the top) that are settings elsewhere: where each
+    belongs, as the form of ``doc`` says it -- ``; events belongs in
+    [server]`` (TOML) or ``; did you mean {"server": {"events": true}}?``
+    (a settings document: the C ABI's JSON, open_pimcore_thread's mapping,
+    where the keyword ``events=True`` suggests the flat form).  "" if none."""
+    table = doc if section is None else doc.get(section, {})
+    said = []
+    for key in sorted(keys):
+        homes = [s for s in (None, *_SECTIONS) if s != section and (s, key) in SCHEMA
+                 and not (s is None and key in _SECTIONS)]
+        fits = [h for h in homes if _fits(SCHEMA[(h, key)], table[key])]
+        homes = fits or homes  # (events = true is [server]'s, not [webhooks]' list of kinds)
+        if not homes:
+            continue
+        if not as_json:
+            said.append(f"{key} belongs " + " or ".join("at the top (before any [section])" if h is None else f"in [{h}]"
+                                                        for h in homes))
+            continue
+        try:
+            value = json.dumps(table[key])
+        except (TypeError, ValueError):
+            value = "..."
+        said.append(" or ".join(f'{{"{key}": {value}}} at the top' if h is None else f'{{"{h}": {{"{key}": {value}}}}}'
+                                for h in homes))
+    if not said:
+        return ""
+    return f"; did you mean {' and '.join(said)}?" if as_json else f"; {'; '.join(said)}"
+
+
+def _fits(typ: str, value: Any) -> bool:
+    """Whether ``value`` (as given, before the type check) is of the
+    schema type ``typ``: a string fits all (the environment's form)."""
+    if isinstance(value, str):
+        return True
+    if isinstance(value, bool):
+        return typ == "bool"
+    if isinstance(value, (int, float)):
+        return typ in ("int", "float")
+    if isinstance(value, list):
+        return typ == "list"
+    return False
+
+
+def _check_doc(doc: dict[str, Any], where: str, *, as_json: bool = False) -> dict[str, Any]:
+    """``doc`` (a configuration file's tables, or the same shape from JSON:
+    ``as_json``, and errors say its keys in that form) with its keys
+    checked; ``where`` names it in errors.  An unknown key that is a setting
+    of another section (or of the top) is said with where it belongs."""
     unknown = set(doc) - _TOP_KEYS
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}{_misplaced(doc, unknown, None, as_json)}")
     if isinstance(doc.get("http"), str):
         doc["http"] = {"listen": doc["http"]}  # http = "URL" is short for [http] listen
     if isinstance(doc.get("store"), str):
@@ -1079,7 +1126,8 @@ def _check_doc(doc: dict[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: {section}: expected a table [{section}]{also}, got {_show(value)}")
         bad = set(value) - set(allowed)
         if bad:
-            raise ConfigError(f"{where}: unknown keys in [{section}]: {sorted(bad)}")
+            raise ConfigError(f"{where}: unknown keys in [{section}]: {sorted(bad)}"
+                              f"{_misplaced(doc, bad, section, as_json)}")
     return doc
 
 
@@ -1227,7 +1275,7 @@ def load_settings(
     if document is not None:
         if not isinstance(document, Mapping):
             raise ConfigError(f"settings: expected an object, got {_show(document)}")
-        take(_layer_from_doc(_check_doc(dict(document), "settings"), Path("."), "settings"),
+        take(_layer_from_doc(_check_doc(dict(document), "settings", as_json=True), Path("."), "settings"),
              lambda key: ("file", "settings"))
     take(_layer_from_env(env), lambda key: ("env", "$" + env_name(*key)))
     flag_layer = _layer_from_flags(flags, flags_are_options)
@@ -1316,8 +1364,20 @@ def _check_data_dir(settings: ServeSettings) -> None:
     directory or the nearest of its parents that exists is no directory (it
     was a bare "[Errno 20] Not a directory: '.../secret'"), or is a symbolic
     link to nothing: mkdir does not make a link's target, it said "[Errno
-    17] File exists"."""
+    17] File exists".  Also when it is a store's own directory (``pimcore
+    inspect`` takes either): it holds LMDB's data.mdb or lock.mdb, or the
+    command log's log/ (pimcore.store.lmdb, wal).  It was taken as a data
+    directory, and a new secret and a nested ``store/`` were made inside a
+    live broker's store."""
     data_dir = seen = settings.data_dir
+    held = [name for name in ("data.mdb", "lock.mdb") if (data_dir / name).exists()]
+    if any((data_dir / "log" / name).exists() for name in ("checkpoint", "log-0", "log-1")):
+        held.append("the command log folder log/")  # (a folder "log" of the user's own is no store's)
+    if held:  # (serve would make a secret and a store/ inside the live store)
+        parent = data_dir.resolve().parent if data_dir.name in ("", ".", "..") else data_dir.parent
+        raise settings._refused(
+            f"the data directory {data_dir} is a store directory (it holds {', '.join(held)}), not a data directory:"
+            f" give its parent, {parent}, as the data directory", (None, "data_dir"), named=False)
     while not seen.exists() and not seen.is_symlink() and seen.parent != seen:
         seen = seen.parent
     if seen.is_symlink() and not seen.exists():

@@ -926,3 +926,39 @@ def test_chat_says_on_stderr_why_it_retries_then_connects(tmp_path: Path) -> Non
     assert r.stderr.splitlines() == [f"pimcore chat: connecting to {url} (up to 10 s)…",
                                      "pimcore chat: connect failed: too many connections" + _RETRYING], r.stderr
     assert r.stdout.startswith("connected as alice (terminal)") and "(connection" not in r.stdout, r.stdout
+
+
+def test_a_token_that_expires_mid_chat_exits_2_as_it_does_on_the_next_run(tmp_path: Path) -> None:
+    """A token that expired needs a new token: the chat it ended exited 1
+    ("may work later") while the same token's next run exited 2 (refused
+    as given).  Both exit 2 now, saying to get a new token."""
+    import subprocess
+    import time
+
+    from _proc import PIMCORE, _env, run_pimcore
+    from pimcore.auth import JwtAuthenticator, issue_token
+
+    secret = b"s" * 32  # (no leeway: the session ends when the token does, not 30 s later)
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=["tcp://127.0.0.1:0"],
+                             authenticate=JwtAuthenticator(secret, leeway=0)) as im:
+        url = f"tcp://127.0.0.1:{im.port()}"
+        tok = issue_token(secret, "alice", ttl=6)
+        expires = time.time() + 6
+        p = subprocess.Popen([*PIMCORE, "chat", "--to", "bob", "--token", tok, "--url", url], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                             errors="replace", env=_env())
+        try:
+            p.wait(timeout=60)  # (stdin kept open: only the broker ends it)
+        finally:
+            if p.poll() is None:
+                p.kill()
+            assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+            p.stdin.close()
+            out, err = p.stdout.read(), p.stderr.read()
+        assert out.startswith("connected as alice"), (out, err)  # (it got in before the token expired)
+        assert time.time() >= expires - 1, (out, err)
+        assert p.returncode == 2 and "Traceback" not in err, (p.returncode, out, err)
+        assert "pimcore token --user alice" in err.splitlines()[-1], err
+        assert "reconnecting…" not in out and "token expired" in out, out  # (the same token is refused again)
+        r = run_pimcore("chat", "--to", "bob", "--token", tok, "--url", url, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r

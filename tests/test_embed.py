@@ -216,6 +216,27 @@ def test_a_data_dir_that_is_a_file_says_where_it_came_from(tmp_path: Path) -> No
     assert str(err.value) == f"the data directory {tmp_path / 'afile'} is a file, not a directory (from data_dir)"
 
 
+def test_a_data_dir_that_is_a_store_directory_is_refused_naming_its_parent(tmp_path: Path) -> None:
+    """A store's own directory (LMDB's files, or only the command log's
+    folder) given as data_dir: a secret and a nested store/ were made in it."""
+    from pimcore.config import ConfigError
+
+    store = tmp_path / "d" / "store"
+    (store / "log").mkdir(parents=True)
+    (store / "log" / "checkpoint").write_bytes(b"")
+
+    async def main() -> None:
+        async with open_pimcore(data_dir=store):
+            pass  # pragma: no cover
+
+    with pytest.raises(ConfigError) as err:
+        trio.run(main)
+    assert str(err.value) == (f"the data directory {store} is a store directory (it holds the command log folder"
+                              f" log/), not a data directory: give its parent, {tmp_path / 'd'}, as the data"
+                              " directory (from data_dir)")
+    assert sorted(p.name for p in store.iterdir()) == ["log"]
+
+
 @pytest.mark.parametrize("where", [{"listen": "tls://127.0.0.1:0"}, {"listen": "wss://127.0.0.1:0/im"},
                                    {"http": "tls://127.0.0.1:0"}])
 def test_a_certificate_that_does_not_load_is_a_config_error_naming_the_file(tmp_path: Path, where: dict) -> None:

@@ -1773,6 +1773,44 @@ async def test_a_plain_http_request_at_a_ws_listener_is_answered_in_words(lmdb_s
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+@pytest.mark.parametrize("request_bytes", [
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1:7400\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n",
+    b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+    b"OPTIONS * HTTP/1.1\r\n\r\n",
+], ids=["curl", "post", "options"])
+async def test_an_http_request_at_a_tcp_listener_is_answered_400_in_words(lmdb_store, caplog, request_bytes):
+    """``curl http://127.0.0.1:7400/`` at the tcp:// listener: its bytes were
+    decoded as a frame, the broker logged "UNSUPPORTED_VERSION: protocol
+    version 4" and sent a Close, which curl called "HTTP/0.9 when not
+    allowed".  It is now a plain-text 400 saying what the port is."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
+            stream = await trio.open_tcp_stream("127.0.0.1", srv.endpoints[0].port)
+            async with stream:
+                await stream.send_all(request_bytes)
+                answer = b""
+                while data := await stream.receive_some(4096):
+                    answer += data
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+            assert b"content-type: text/plain" in head.lower() and b"connection: close" in head.lower(), head
+            said = ("this is the pimcore broker's tcp:// listener (its binary protocol), not HTTP: the HTTP API is"
+                    " elsewhere (the [http] listen setting, pimcore serve --http)")
+            assert body == said.encode() + b"\n"
+            await _until_closes(caplog, 1)
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            method = request_bytes.split(b" ", 1)[0].decode()
+            assert close.reason == f"an HTTP request ({method}) at the tcp:// listener: answered HTTP 400 ({said})"
+            assert "UNSUPPORTED_VERSION" not in caplog.text, caplog.text
+            # (A WebSocket upgrade keeps the binary Close the SDKs read:
+            # test_a_websocket_url_at_a_binary_port_fails_at_once_suggesting_it.)
+            async with client(srv.url("tcp"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
 #: Upgrade requests with a header wsproto (1.3) cannot decode: it raises
 #: UnicodeError, not the RemoteProtocolError it answers with a 400.
 _UNDECODABLE_UPGRADES = {

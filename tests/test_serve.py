@@ -239,6 +239,8 @@ max_connections = 2
     "text, needles",
     [
         ('listen = "tcp://127.0.0.1:0"\nlisten_backlog = 5\n', ["unknown keys", "listen_backlog"]),
+        ('events = true\n', ["unknown keys ['events']; events belongs in [server]\n"]),
+        ('[server]\nmax_payload = 10\n', ["unknown keys in [server]: ['max_payload']; max_payload belongs in [limits]"]),
         ('[limits]\nmax_payloads = 10\n', ["[limits]", "max_payloads"]),
         ('[server]\nidle = 3\n', ["[server]", "idle"]),
         ('[tls]\ncertificate = "x.pem"\n', ["[tls]", "certificate"]),
@@ -253,7 +255,7 @@ max_connections = 2
         ("[server]\nhook_timeout = 0\n", ["server", "hook_timeout"]),
     ],
     ids=[
-        "top-key", "limits-key", "server-key", "tls-key", "scheme", "port", "durability", "payload>frame", "syntax",
+        "top-key", "section-key-at-the-top", "key-of-another-section", "limits-key", "server-key", "tls-key", "scheme", "port", "durability", "payload>frame", "syntax",
         "login-timeout", "idle-timeout", "max-connections", "hook-timeout",
     ],
 )
@@ -405,6 +407,24 @@ def test_a_data_dir_that_is_a_file_or_a_missing_secret_file_is_said_in_words(tmp
     (tmp_path / "garbage").write_bytes(bytes(range(128, 256)))
     r = run_pimcore("token", "--data-dir", tmp_path / "d", "--secret-file", tmp_path / "garbage", "--user", "alice", cwd=tmp_path)
     assert_clean_exit_2(r, "the token secret file", "is not UTF-8 text", command="token")
+
+
+async def test_a_data_dir_that_is_a_live_store_directory_is_refused_naming_its_parent(tmp_path: Path,
+                                                                                     procs: ProcGroup) -> None:
+    """``serve --data-dir pimcore-data/store`` (the folder ``pimcore inspect``
+    also takes) was taken as a data directory while another broker used that
+    store: a new ``secret`` and a nested ``store/`` were made inside the live
+    LMDB directory and an empty broker served (a new-user review)."""
+    data = tmp_path / "data"
+    with trio.fail_after(60):
+        procs.serve("--listen", LOOPBACK, "--data-dir", data, "--durability", "log")
+        before = sorted(p.name for p in (data / "store").iterdir())
+        for command in ("serve", "token"):
+            args = ["--listen", LOOPBACK] if command == "serve" else ["--user", "alice", "--create-secret"]
+            r = run_pimcore(command, "--data-dir", data / "store", *args, cwd=tmp_path)
+            assert_clean_exit_2(r, f"the data directory {data / 'store'} is a store directory (it holds data.mdb,",
+                                f"give its parent, {data}, as the data directory (from --data-dir)", command=command)
+        assert sorted(p.name for p in (data / "store").iterdir()) == before  # no secret, no store/ made in it
 
 
 def test_a_data_dir_that_is_a_dangling_symlink_is_said_in_words(tmp_path: Path) -> None:

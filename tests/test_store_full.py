@@ -69,6 +69,31 @@ async def test_a_command_log_without_space_is_named_logged_once_and_not_ready(
             assert str(tmp_path) not in doc["error"]["message"], doc  # (/readyz needs no API key)
 
 
+async def test_a_store_that_writes_no_more_until_a_restart_fails_healthz(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``durability log`` a failed flush of the command log stops the
+    store until a restart (/readyz said so), but /healthz stayed 200: a
+    liveness probe (or systemd Restart=on-failure) never restarted it."""
+    with trio.fail_after(30):
+        async with api(tmp_path, durability="log") as (im, h, c):
+            assert (await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["alice", "bob"]}))[0] == 201
+            assert await c.json("GET", "/healthz") == (200, {"status": "ok"})
+
+            def full(fd: int, data: bytes, offset: int) -> None:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            monkeypatch.setattr(wal, "_pwrite_all", full)
+            assert_error(*await _post(c, "no room"), 503, "STORE_UNAVAILABLE")
+            monkeypatch.undo()  # (space again: the store still writes no more until a restart)
+            status, doc = await c.json("GET", "/healthz")
+            assert_error(status, doc, 503, "unavailable")
+            assert doc["error"]["message"] == ("the store writes no more: no space left on the data directory's file"
+                                               " system: free space there (or move the data directory to a larger"
+                                               " disk), then restart the broker"), doc
+            assert str(tmp_path) not in str(doc)  # (/healthz needs no API key)
+            assert_error(*await _post(c, "room again"), 503, "STORE_UNAVAILABLE")
+
+
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs (needs root and mount: else the test is skipped)."""
@@ -118,6 +143,8 @@ async def test_a_full_disk_under_lmdb_is_named_not_ready_and_ready_again_once_a_
             status, doc = await c.json("GET", "/readyz")
             assert_error(status, doc, 503, "unavailable")
             assert "no space left" in doc["error"]["message"], doc
+            # Not ready, but alive: it recovers by itself (no restart needed).
+            assert await c.json("GET", "/healthz") == (200, {"status": "ok"})
             filler.unlink()
             assert (await _post(c, big))[0] == 201
             assert await c.json("GET", "/readyz") == (200, {"status": "ready"})

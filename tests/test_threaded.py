@@ -59,6 +59,24 @@ def test_blocking_calls_drive_a_broker_that_clients_reach(tmp_path: Path) -> Non
         assert [m.payload for m in im.history("team", "alice", limit=2)] != []
 
 
+def test_a_section_setting_given_at_the_top_says_where_it_belongs(tmp_path: Path) -> None:
+    """The C ABI's ``{"events": true}`` (the keyword ``events=True`` suggests
+    the flat form) said only "unknown keys ['events']"."""
+    cases = [
+        ({"events": True}, """settings: unknown keys ['events']; did you mean {"server": {"events": true}}?"""),
+        ({"max_payload": 5, "nonsense": 1},
+         """settings: unknown keys ['max_payload', 'nonsense']; did you mean {"limits": {"max_payload": 5}}?"""),
+        ({"server": {"max_payload": 5}},
+         """settings: unknown keys in [server]: ['max_payload']; did you mean {"limits": {"max_payload": 5}}?"""),
+        ({"nonsense": 1}, "settings: unknown keys ['nonsense']"),
+    ]
+    for doc, said in cases:
+        with pytest.raises(ConfigError) as err:
+            open_pimcore_thread(document={"data_dir": str(tmp_path / "a"), **doc})
+        assert str(err.value) == said
+    assert not (tmp_path / "a").exists()
+
+
 def test_start_up_errors_are_raised_in_the_caller_unwrapped(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         _start(tmp_path / "a", durability="sometimes")

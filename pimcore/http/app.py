@@ -61,6 +61,9 @@ class BrokerHttp(HttpServer):
         return 200, openapi_document(__version__)
 
     async def _healthz(self, request: Request) -> tuple[int, Any]:
+        reason = self.broker_server.liveness()
+        if reason is not None:  # (only what a restart mends: a liveness probe restarts)
+            raise HttpError(503, "unavailable", reason)
         return 200, {"status": "ok"}
 
     async def _readyz(self, request: Request) -> tuple[int, Any]:

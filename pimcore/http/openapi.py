@@ -144,7 +144,8 @@ OPS_ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ..
     ("GET", "/v1/info", "The broker: version, backend, uptime, epoch, listeners", None, (), 200,
      _obj(version=_STR, backend=_STR, uptime_seconds={"type": "number"}, started={"type": "number"},
           epoch={"type": ["string", "null"]}, listeners=_STRINGS)),
-    ("GET", "/healthz", "Liveness: 200 while the process serves HTTP", None, (), 200, _obj(status=_STR)),
+    ("GET", "/healthz", "Liveness: 200 while the process serves HTTP; 503 unavailable with the reason when the"
+     " store writes no more until the broker is restarted", None, (), 200, _obj(status=_STR)),
     ("GET", "/readyz", "Readiness: 200 when the store is open and the broker accepts; else 503 unavailable with the"
      " reason", None, (), 200, _obj(status=_STR)),
     ("GET", "/metrics", "Prometheus metrics (text exposition format)", None, (), 200,

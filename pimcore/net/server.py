@@ -425,8 +425,9 @@ _PEER_GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceErr
 
 def _http_answer(status: str, body: str, headers: bytes = b"") -> bytes:
     """A ws:// or wss:// listener's plain-text HTTP answer before (or instead
-    of) an upgrade (``status``: "400 Bad Request"; ``headers``: more header
-    lines, each ending in CRLF), after which it hangs up."""
+    of) an upgrade, or a tcp:// or tls:// one's to an HTTP request
+    (``status``: "400 Bad Request"; ``headers``: more header lines, each
+    ending in CRLF), after which it hangs up."""
     data = body.encode()
     return (b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
             b"%sConnection: close\r\n\r\n%s" % (status.encode(), len(data), headers, data))
@@ -691,6 +692,14 @@ _HEAD_END = re.compile(rb"\n\r?\n")
 #: this long and this many bytes at the most (BrokerServer._answer_and_hang_up).
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 1 << 20
+#: An HTTP request line's start: what curl or a browser sends first to a
+#: tcp:// or tls:// listener (a pimcore frame never starts with a letter:
+#: _http_start).
+_HTTP_REQUEST_LINE = re.compile(rb"(GET|POST|HEAD|PUT|DELETE|OPTIONS|PATCH) ")
+#: ... but a WebSocket upgrade (a ws:// URL at a tcp:// port) keeps the
+#: broker's binary Close: the SDKs read it to suggest the tcp:// URL
+#: (pimcore.client, "answered the WebSocket upgrade in pimcore's binary protocol").
+_WS_UPGRADE_HEADER = re.compile(rb"(?im)^upgrade:[ \t]*websocket")
 #: The close line's reason of bytes that are no HTTP request, answered 400.
 _NOT_HTTP_ENDED = "not a WebSocket upgrade request (binary: a tcp:// client?): answered HTTP 400"
 #: The close line's reason of an upgrade request's head over its limit, answered 431.
@@ -1166,6 +1175,19 @@ class BrokerServer:
             # directory's path, when the store said one; the log has it.)
             return f"store failing writes: {self._store_cause or self._store_failing}"
         return None
+
+    def liveness(self) -> Optional[str]:
+        """None while the broker can serve again without a restart, else
+        why not (for ``/healthz``): the store says it writes no more until
+        the process restarts (:meth:`Store.halted`; a full disk that
+        recovers by itself is only not ready)."""
+        halted = getattr(self.store, "halted", None)
+        if halted is None:
+            return None
+        try:
+            return halted()  # type: ignore[no-any-return]
+        except Exception:  # noqa: BLE001 - a store bug is no reason to be restarted over and over
+            return None
 
     def store_failure_cause(self) -> Optional[str]:
         """Why the store refuses writes, in words without file system paths
@@ -1647,6 +1669,10 @@ class BrokerServer:
 
     async def _reader(self, peer: _Peer) -> None:
         read_size = self.config.read_size
+        # A tcp:// (tls://) connection's first read only: an HTTP request
+        # (curl, a browser) is answered in words (_http_at_stream), not
+        # decoded as a frame ("UNSUPPORTED_VERSION: protocol version 4").
+        first = not peer.endpoint.websocket
         # Plain TCP: wait until readable, then one read.  (receive_some reads
         # first, and on a connection with one message in flight that read
         # usually finds nothing: an EAGAIN raised and caught, then the same
@@ -1688,6 +1714,12 @@ class BrokerServer:
                 return
             if self._stopping:
                 break
+            if first:
+                first = False
+                method = _HTTP_REQUEST_LINE.match(data)
+                if method is not None and not _WS_UPGRADE_HEADER.search(data):
+                    await self._http_at_stream(peer, method.group(1).decode())
+                    return
             self._stats["bytes_in"] += len(data)
             if fd >= 0 and not self._holding and self._tasks is not None and not self.broker.batch_in_flight:
                 probe = self._ready_probe
@@ -1721,6 +1753,17 @@ class BrokerServer:
         # shutdown closes it with a reason.
         if self._stopping and peer.state is _PeerState.OPEN:
             await trio.sleep_forever()
+
+    async def _http_at_stream(self, peer: _Peer, method: str) -> None:
+        """``peer``'s first bytes, at a tcp:// or tls:// listener, are an
+        HTTP request line: answer 400 in words (curl said "HTTP/0.9 when not
+        allowed" to the broker's Close, and the broker logged
+        UNSUPPORTED_VERSION), then hang up.  The core never saw a byte."""
+        scheme = peer.endpoint.scheme
+        said = (f"this is the pimcore broker's {scheme}:// listener (its binary protocol), not HTTP:"
+                " the HTTP API is elsewhere (the [http] listen setting, pimcore serve --http)")
+        peer.ended = f"an HTTP request ({method}) at the {scheme}:// listener: answered HTTP 400 ({said})"
+        await self._answer_and_hang_up(peer.stream, _http_answer("400 Bad Request", said + "\n"))
 
     def _tls_handshake_failed(self, peer: _Peer, exc: BaseException) -> bool:
         """If ``exc`` ended ``peer``'s TLS handshake (a tls:// connection

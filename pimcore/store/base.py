@@ -1419,6 +1419,15 @@ class Store(ABC):
 
     # -- identity and clock ------------------------------------------------
 
+    def halted(self) -> Optional[str]:
+        """Why this store writes no more until the process restarts (a
+        failed flush of LMDB's command log, a commit cut short), in words
+        without file system paths; None while it may write (also while
+        writes fail for a while, a full disk that may recover by itself).
+        ``/healthz`` answers 503 with it: a liveness probe restarts the
+        broker."""
+        return None
+
     @abstractmethod
     def node_id(self) -> bytes:
         """8 random bytes chosen when the store was created, then fixed."""

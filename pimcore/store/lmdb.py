@@ -2540,6 +2540,28 @@ class LmdbStore(Store):
 
     # ------------------------------------------------- identity and clock
 
+    def halted(self) -> Optional[str]:
+        st = self._log
+        if st is None or self._env is None:
+            return None
+        failed = st.failed
+        if failed is None:
+            # ``unsettled`` is set for a moment under the write lock by
+            # every settle and map resize, and cleared if they complete:
+            # read only when no write is under way (held: not halted yet).
+            if not self._wlock.acquire(blocking=False):
+                return None
+            try:
+                if st.unsettled is None:
+                    return None
+            finally:
+                self._wlock.release()
+            return ("the store writes no more: a commit was cut short while the command log and LMDB disagreed;"
+                    " restart the broker to recover")
+        if _NO_SPACE in failed:
+            return f"the store writes no more: {_NO_SPACE}: {_FREE_SPACE}, then restart the broker"
+        return "the store writes no more: its command log or data file could not be flushed; restart the broker"
+
     def node_id(self) -> bytes:
         if self._env is None:
             raise StoreError("store is closed")
