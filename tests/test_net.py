@@ -1759,18 +1759,25 @@ async def test_a_plain_http_request_at_a_ws_listener_is_answered_in_words(lmdb_s
     is and how to reach it, as the one to a tcp:// client's bytes does."""
     with trio.fail_after(10):
         async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
-            stream = await trio.open_tcp_stream("127.0.0.1", srv.endpoints[0].port)
-            async with stream:
-                await stream.send_all(request_bytes)
-                answer = b""
-                while data := await stream.receive_some(4096):
-                    answer += data
-            head, _, body = answer.partition(b"\r\n\r\n")
+            answer, head, body = await _http_exchange(srv.endpoints[0].port, request_bytes)
             assert head.startswith(b"HTTP/1.1 400 ")
             assert b"content-type: text/plain" in head.lower()
             assert body == b"this is a pimcore ws:// listener (path /im): it takes a WebSocket upgrade request to /im and nothing else"
             async with client(srv.url("ws"), "alice") as a:
                 assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+async def _http_exchange(port: int, request_bytes: bytes) -> tuple[bytes, bytes, bytes]:
+    """Send ``request_bytes`` to ``port`` and read until the broker hangs
+    up: (the whole answer, its head, its body)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(request_bytes)
+        answer = b""
+        while data := await stream.receive_some(4096):
+            answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return answer, head, body
 
 
 @pytest.mark.parametrize("request_bytes", [
@@ -1788,13 +1795,7 @@ async def test_an_http_request_at_a_tcp_listener_is_answered_400_in_words(lmdb_s
     caplog.set_level(logging.INFO, logger="pimcore")
     with trio.fail_after(10):
         async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
-            stream = await trio.open_tcp_stream("127.0.0.1", srv.endpoints[0].port)
-            async with stream:
-                await stream.send_all(request_bytes)
-                answer = b""
-                while data := await stream.receive_some(4096):
-                    answer += data
-            head, _, body = answer.partition(b"\r\n\r\n")
+            answer, head, body = await _http_exchange(srv.endpoints[0].port, request_bytes)
             assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
             assert b"content-type: text/plain" in head.lower() and b"connection: close" in head.lower(), head
             said = ("this is the pimcore broker's tcp:// listener (its binary protocol), not HTTP: the HTTP API is"
