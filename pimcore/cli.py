@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from dataclasses import replace
@@ -783,19 +784,23 @@ def _tls_probe(base: str, timeout: float = 5.0) -> Optional[str]:
                 try:
                     tls.sendall(f"HEAD / HTTP/1.0\r\nHost: {parts.netloc}\r\n\r\n".encode("ascii", "replace"))
                     first = b""
-                    while len(first) < 8:
-                        more = tls.recv(8 - len(first))
+                    # 8 bytes tell a frame from HTTP; an HTTP answer is read
+                    # on (the broker's listener says what it is, then hangs up).
+                    while len(first) < 8 or (first.startswith(b"HTTP/") and len(first) < 2048):
+                        more = tls.recv(2048 - len(first))
                         if not more:
                             break
                         first += more
                 except (OSError, ValueError):
-                    first = b""
+                    first = first if first.startswith(b"HTTP/") else b""
     except ssl.SSLError as exc:
         return "alert" if "ALERT" in str(exc.reason or "") else None
     except (OSError, ValueError):
         return None
     if first.startswith(b"HTTP/"):
-        return "https"
+        # The broker's tls:// listener answers an HTTP request in words
+        # (BrokerServer._http_at_stream): it is no HTTPS API.
+        return "pimcore" if b"this is the pimcore broker's tls:// listener" in first else "https"
     return "pimcore" if _pimcore_frame_start(first) else "tls"
 
 
@@ -891,6 +896,11 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
             said = ""
             if exc.headers is not None and exc.headers.get_content_type() == "text/plain":
                 said = _first_line(raw.decode("utf-8", "replace"))
+                # The broker's tcp:// or tls:// listener answers an HTTP
+                # request so (BrokerServer._http_at_stream): say what to use.
+                binary = re.match(r"this is the pimcore broker's (tcp|tls):// listener", said)
+                if binary is not None:
+                    _not_the_api(base, binary.group(1) == "tls")
             raise ValueError(f"HTTP {exc.code} from {base}" + (f": {said}" if said else "")) from None
         raise _Refused(code, why, message) from None
     except urllib.error.URLError as exc:
