@@ -15,7 +15,7 @@ import struct
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import jwt
 import pytest
@@ -3027,12 +3027,7 @@ async def test_another_services_text_answer_fails_the_first_connect_at_once(bann
     ConnectFailed at once, saying the server answered in text.  A ws://
     URL there waited for an HTTP answer to its upgrade until
     connect_timeout, then said "no answer": the same now."""
-    async def service(stream: trio.SocketStream) -> None:
-        async with stream:
-            await stream.send_all(banner)
-            with trio.move_on_after(5):
-                while await stream.receive_some():
-                    pass
+    service = _says_first(banner)
 
     url, err = await _first_connect_to(service, f"{scheme}://127.0.0.1:{{port}}" + ("/im" if scheme == "ws" else ""),
                                        5)  # (connect_timeout is 10 s: at once)
@@ -3112,6 +3107,19 @@ async def test_a_large_login_the_server_breaks_off_is_said_after_connect_timeout
                             " the protocol's default 1,048,576 bytes unless the broker raised it)"), message
 
 
+def _says_first(banner: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """Another service's port: it sends ``banner`` first, then reads what
+    comes for up to 5 s (an SSH server, a Redis error...)."""
+    async def service(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(banner)
+            with trio.move_on_after(5):
+                while await stream.receive_some():
+                    pass
+
+    return service
+
+
 @pytest.mark.parametrize("scheme", ["tls", "wss"])
 @pytest.mark.parametrize("banner", [b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", b"-ERR unknown command\r\n",
                                     b"\x00\x01\x02\xff\xfe\xfd\xfc\xfb\xfa"], ids=["ssh", "redis", "binary"])
@@ -3120,12 +3128,7 @@ async def test_a_tls_url_at_another_services_plain_port_says_so_not_try_plain(sc
     a Redis error) was hinted "the server may not use TLS: try tcp://"
     (ws://), whose answer was then "another service's port": the plain
     bytes already say so, and are said at once."""
-    async def service(stream: trio.SocketStream) -> None:
-        async with stream:
-            await stream.send_all(banner)
-            with trio.move_on_after(5):
-                while await stream.receive_some():
-                    pass
+    service = _says_first(banner)
 
     url, err = await _first_connect_to(service, f"{scheme}://127.0.0.1:{{port}}" + ("/im" if scheme == "wss" else ""), 5)
     msg = str(err.value)
