@@ -94,6 +94,7 @@ from .client import (
     MessageReceived,
     PresenceChanged,
     ReceiptReceived,
+    RequestRefused,
     TypingChanged,
     SendError,
     SendTimeout,
@@ -394,6 +395,8 @@ async def chat(
                         out(f"— {peer} is offline" + (f" (last seen {_clock(ev.last_seen)})" if ev.last_seen else ""))
                 elif isinstance(ev, ReceiptReceived) and ev.conv == conv and ev.reader == peer:
                     out(f"✓✓ read by {peer} (up to #{ev.seq})")
+                elif isinstance(ev, RequestRefused):  # e.g. a read marker (it has no request id)
+                    out(f"⚠ the broker refused a request ({ev.code.name}): {ev.reason}")
                 elif isinstance(ev, Disconnected):
                     if not reconnects and ev.code not in _FINAL_CLOSES:
                         # An attempt of open_client's before the first login
