@@ -347,3 +347,43 @@ def test_typing_and_presence_limits_are_settings(tmp_path):
     cfg.write_text("[server]\ntyping_ttl = 0\n")
     with pytest.raises(ConfigError, match="typing_ttl"):
         load_settings(str(cfg)).server_config()
+
+
+def _dead_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    return port
+
+
+async def test_after_a_broker_restart_presence_shows_when_peers_were_last_seen(tmp_path):
+    """Two users chatting, the broker restarted, both log in again: the
+    first back asks the second's presence before the second is back, and
+    its last-seen time was that of the second's *login* long before (the
+    Close at the shutdown recorded nothing: its TouchDevice was never
+    committed), not when the broker went down."""
+    import time
+
+    store = LmdbStore(str(tmp_path / "db"), durability="os")
+    try:
+        with trio.fail_after(40):
+            async with serving(store) as old, open_chaos_proxy("127.0.0.1", old.endpoints[0].port) as pa, \
+                    open_chaos_proxy("127.0.0.1", old.endpoints[0].port) as pb:
+                async with client(f"tcp://127.0.0.1:{pa.port}", "alice") as a, client(f"tcp://127.0.0.1:{pb.port}", "bob") as b:
+                    await a.send("d:alice:bob", b"hi")
+                    assert (await a.subscribe_presence(["bob"]))["bob"].state == ONLINE
+                    await trio.sleep(1.0)  # bob is connected, and idle, all along
+                    down = time.time() * 1e6
+                    pb.target_port = pa.target_port = _dead_port()  # nobody gets in while it restarts
+                    await old.shutdown()
+                    async with serving(store) as new:
+                        pa.target_port = new.endpoints[0].port  # alice is back first
+                        ev = await next_event(a, presence_of("bob", OFFLINE))
+                        assert ev.last_seen >= down - 0.2e6, (down - ev.last_seen) / 1e6
+                        pb.target_port = new.endpoints[0].port
+                        await next_event(a, presence_of("bob", ONLINE))
+    finally:
+        store.close()
