@@ -272,6 +272,14 @@ async def chat(
                               " (--to names another user)")
         conv = direct_conversation(client.user, peer) if peer is not None else str(group)
         not_member = False
+
+        def no_such_group() -> str:
+            # The broker answers only a logged-in device, and a login
+            # replaces the device's running session (PROTOCOL.md): learning
+            # that the group does not exist ended a chat of the same device.
+            return (f"group {group} does not exist: create it with pimcore group create {group} {client.user} [USER...]"
+                    f" (finding out took a login as device {device}, which ended another chat of {client.user}"
+                    f" on that device, if one was running: give each chat its own --device)")
         if group is not None:
             # Whether the group exists and we are a member now, said before
             # anything is typed (a refused send said it at the first line):
@@ -284,8 +292,7 @@ async def chat(
             except SendError as exc:
                 not_member = exc.code.name == "NOT_MEMBER"
                 if exc.code.name == "UNKNOWN_CONVERSATION":
-                    raise ChatRefused(f"group {group} does not exist: create it with"
-                                      f" pimcore group create {group} {client.user} [USER...]") from None
+                    raise ChatRefused(no_such_group()) from None
             except (ClientError, trio.TooSlowError):
                 pass  # (a send says it, as before)
         # The recent history (shown below, oldest first).
@@ -293,8 +300,7 @@ async def chat(
             await client.fetch_history(conv, 0, 20, backward=True)
         except SendError as exc:
             if group is not None and exc.code.name == "UNKNOWN_CONVERSATION":
-                raise ChatRefused(f"group {group} does not exist: create it with"
-                                  f" pimcore group create {group} {client.user} [USER...]") from None
+                raise ChatRefused(no_such_group()) from None
         except ClientError:
             pass
         out(
