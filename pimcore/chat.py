@@ -94,7 +94,7 @@ from .client import (
     MessageReceived,
     PresenceChanged,
     ReceiptReceived,
-    RequestRefused,
+    BrokerRefused,
     TypingChanged,
     SendError,
     SendTimeout,
@@ -442,7 +442,7 @@ async def chat(
                     renewed = False
                 elif isinstance(ev, ReceiptReceived) and ev.conv == conv and ev.reader == peer:
                     out(f"✓✓ read by {peer} (up to #{ev.seq})")
-                elif isinstance(ev, RequestRefused):  # e.g. a read marker (it has no request id)
+                elif isinstance(ev, BrokerRefused):  # e.g. a read marker (it has no request id)
                     out(f"⚠ the broker refused a request ({ev.code.name}): {ev.reason}")
                 elif isinstance(ev, Disconnected):
                     if not reconnects and ev.code not in _FINAL_CLOSES:

@@ -104,7 +104,7 @@ from .client_session import (
     Sent,
     SendsResumed,
     SendsStalled,
-    RequestRefused,
+    BrokerRefused,
     SendTimeout,
     SessionState,
     TypingChanged,
@@ -138,7 +138,7 @@ __all__ = [
     "ConversationsPage",
     "SendsStalled",
     "SendsResumed",
-    "RequestRefused",
+    "BrokerRefused",
     "TypingChanged",
     "PresenceChanged",
     "PrivacyChanged",
@@ -780,7 +780,7 @@ class Client:
         user); EncodeError for values no Read can carry; AuthFailed /
         ClientClosed (client stopped).  A Read carries no request id, so
         the broker's refusal of a group (NOT_MEMBER, UNKNOWN_CONVERSATION)
-        cannot be tied to this call: it comes as a :class:`RequestRefused`
+        cannot be tied to this call: it comes as a :class:`BrokerRefused`
         event (and such a marker is sent again after each reconnect, and
         refused again)."""
         self._check_alive()

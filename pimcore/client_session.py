@@ -104,7 +104,7 @@ __all__ = [
     "Disconnected",
     "SendsStalled",
     "SendsResumed",
-    "RequestRefused",
+    "BrokerRefused",
     "TypingChanged",
     "PresenceChanged",
     "PrivacyChanged",
@@ -426,7 +426,7 @@ class PrivacyChanged:
 
 
 @dataclass(frozen=True, slots=True)
-class RequestRefused:
+class BrokerRefused:
     """The broker refused a request the SDK cannot tie to a call: its Error
     frame names no request (``ref`` 0, or an id no longer waited for).  A
     ``Read`` carries no request id, so this is how a refused
@@ -445,7 +445,7 @@ class RequestRefused:
 Event = Union[
     MessageReceived, MessageAmended, ReadStateChanged, ReceiptReceived, Connected, Disconnected, SendsStalled, SendsResumed, Resynced,
     TypingChanged, PresenceChanged, PrivacyChanged,
-    ConversationUpdated, RequestRefused,
+    ConversationUpdated, BrokerRefused,
 ]
 
 
@@ -1551,7 +1551,7 @@ class ClientSession:
                 # Nothing waits for it (a refused Read has no id): the app
                 # gets it as an event, not only as a log line.
                 log.info("broker error %s (ref %s): %s", f.code, f.ref, f.reason)  # type: ignore[attr-defined]
-                self._emit(RequestRefused(_error_code(f.code), f.ref, f.reason))  # type: ignore[attr-defined]
+                self._emit(BrokerRefused(_error_code(f.code), f.ref, f.reason))  # type: ignore[attr-defined]
         elif t is F.Close:  # pragma: no cover - handled in _on_frame
             self._on_close(f)  # type: ignore[arg-type]
         # Pong, a late CalibrateResp, anything else: liveness only (_last_recv).
@@ -2045,7 +2045,7 @@ class ClientSession:
         user (once the first login named the user); EncodeError for values no Read can carry, the terminal error
         if CLOSED.  A Read carries no request id, so the broker's refusal of
         a group (NOT_MEMBER, UNKNOWN_CONVERSATION) cannot be tied to this
-        call: it comes as a :class:`RequestRefused` event."""
+        call: it comes as a :class:`BrokerRefused` event."""
         self._check_open()
         raw = encode_frame(F.Read(conv, seq))
         if conversation_problem(conv) is not None:

@@ -32,7 +32,7 @@ from pimcore.client import (
     Disconnected,
     ReadStateChanged,
     ReceiptReceived,
-    RequestRefused,
+    BrokerRefused,
     SendError,
     SendTimeout,
     open_client,
@@ -1283,7 +1283,7 @@ async def test_mark_read_refused_raises_what_the_sdk_knows_and_reports_the_broke
     so the broker's Error (ref 0) cannot be tied to one call: what the SDK
     knows itself (a malformed id, a 1:1 id without the user) now raises
     SendError at once, and the broker's refusal of a group it alone can
-    judge comes as a RequestRefused event with its code and words."""
+    judge comes as a BrokerRefused event with its code and words."""
     lmdb_store.create_group("team", ["alice", "carol"], 0)
     dm = direct_conversation("alice", "carol")
     with trio.fail_after(20):
@@ -1299,7 +1299,7 @@ async def test_mark_read_refused_raises_what_the_sdk_knows_and_reports_the_broke
                     assert b.read_state(conv).read_seq == 0
                 for conv, code in [("team", ErrorCode.NOT_MEMBER), ("nosuch", ErrorCode.UNKNOWN_CONVERSATION)]:
                     await b.mark_read(conv, 1)
-                    ev = await wait_for(b, lambda e: isinstance(e, RequestRefused))
+                    ev = await wait_for(b, lambda e: isinstance(e, BrokerRefused))
                     assert ev.code is code and ev.ref == 0 and repr(conv) in ev.reason, ev
                 await b.mark_read(AB, 1)  # still fine where bob belongs
 
