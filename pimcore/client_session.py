@@ -2039,12 +2039,13 @@ class ClientSession:
     def mark_read(self, conv: str, seq: int, now: int) -> None:
         """Move the user's read marker of ``conv`` to ``seq`` (never back).
         The broker confirms with a ReadStates; until then the Read is sent
-        again on every new connection.  Raises SendError (nothing sent) for
-        what the session knows the broker refuses: BAD_REQUEST for a
-        malformed conversation id, NOT_MEMBER for a 1:1 id without this
-        user (once the first login named the user); EncodeError for values no Read can carry, the terminal error
-        if CLOSED.  A Read carries no request id, so the broker's refusal of
-        a group (NOT_MEMBER, UNKNOWN_CONVERSATION) cannot be tied to this
+        again on every new connection.  Raises SendError (nothing sent,
+        nothing remembered) for what the session knows the broker refuses:
+        BAD_REQUEST for a malformed conversation id, NOT_MEMBER for a 1:1
+        id without this user (once the first login named the user);
+        EncodeError for values no Read can carry; the terminal error if
+        CLOSED.  A Read carries no request id, so the broker's refusal of a
+        group (NOT_MEMBER, UNKNOWN_CONVERSATION) cannot be tied to this
         call: it comes as a :class:`BrokerRefused` event."""
         self._check_open()
         raw = encode_frame(F.Read(conv, seq))
