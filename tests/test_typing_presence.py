@@ -401,7 +401,7 @@ async def test_pimcore_chat_shows_no_offline_flash_for_a_peer_back_after_a_broke
     from pimcore import chat as chat_mod
     from _net import token
 
-    monkeypatch.setattr(chat_mod, "PRESENCE_GRACE", 1.5)
+    monkeypatch.setattr(chat_mod, "PRESENCE_GRACE", 3.0)  # (bob is back well within it)
     store = LmdbStore(str(tmp_path / "db"), durability="os")
     lines_in, lines = trio.open_memory_channel[str](8)
     shown: list[str] = []
