@@ -434,7 +434,8 @@ class BrokerRefused:
     broker's ErrorCode (NOT_MEMBER, UNKNOWN_CONVERSATION for a group this
     user is not in or that does not exist, STORE_UNAVAILABLE when the marker
     could not be saved), ``reason`` the broker's words (they name the
-    conversation).  TYPING_NOT_RELAYED is not reported (expected in large
+    conversation).  A refused Typing (NOT_MEMBER) or PresencePrivacy comes
+    the same way.  TYPING_NOT_RELAYED is not reported (expected in large
     groups)."""
 
     code: ErrorCode

@@ -686,6 +686,12 @@ async def test_chat_in_a_group_of_which_one_is_not_a_member_says_so_before_anyth
                 assert out[1] == ("⚠ you (alice) are not a member of group team: what you type is refused until a"
                                   " member or the operator adds you (pimcore group add team alice); this chat then"
                                   " shows the group"), out  # (then what a former member was shown)
+                # A refusal tied to no request (its Error has no id: Typing,
+                # Read) is said in the chat, not only logged.
+                await typed.send("/typing")
+                with trio.fail_after(5):
+                    while "⚠ the broker refused a request (NOT_MEMBER): Typing 'team': not_member" not in out:
+                        await trio.sleep(0.01)
                 await im.add_members("team", ["alice"])
                 while not any("joined" in line for line in out):
                     await trio.sleep(0.01)
