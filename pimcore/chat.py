@@ -94,6 +94,7 @@ from .client import (
     MessageReceived,
     PresenceChanged,
     ReceiptReceived,
+    BrokerRefused,
     TypingChanged,
     SendError,
     SendTimeout,
@@ -108,6 +109,14 @@ __all__ = ["run_chat", "chat", "ChatRefused", "ChatEnded"]
 
 #: The device of a chat given no --device and a token bound to none.
 DEFAULT_DEVICE = "terminal"
+
+#: Seconds an "offline" of the peer is held after a reconnect when the chat
+#: showed them online: a restarted broker cannot know who was online before
+#: it, so the first of two chats back is told the other offline until that
+#: one logs in again too -- within its reconnect delay (at most the SDK's
+#: backoff_max, 10 s).  Back within it: no change is said; not back: said
+#: offline then.
+PRESENCE_GRACE = 12.0
 
 #: Closes after which the client does not reconnect (docs/CLIENT.md): the
 #: chat ends instead of saying "reconnecting…".
@@ -263,6 +272,14 @@ async def chat(
                               " (--to names another user)")
         conv = direct_conversation(client.user, peer) if peer is not None else str(group)
         not_member = False
+
+        def no_such_group() -> str:
+            # The broker answers only a logged-in device, and a login
+            # replaces the device's running session (PROTOCOL.md): learning
+            # that the group does not exist ended a chat of the same device.
+            return (f"group {group} does not exist: create it with pimcore group create {group} {client.user} [USER...]"
+                    f" (finding out took a login as device {device}, which ended another chat of {client.user}"
+                    f" on that device, if one was running: give each chat its own --device)")
         if group is not None:
             # Whether the group exists and we are a member now, said before
             # anything is typed (a refused send said it at the first line):
@@ -275,8 +292,7 @@ async def chat(
             except SendError as exc:
                 not_member = exc.code.name == "NOT_MEMBER"
                 if exc.code.name == "UNKNOWN_CONVERSATION":
-                    raise ChatRefused(f"group {group} does not exist: create it with"
-                                      f" pimcore group create {group} {client.user} [USER...]") from None
+                    raise ChatRefused(no_such_group()) from None
             except (ClientError, trio.TooSlowError):
                 pass  # (a send says it, as before)
         # The recent history (shown below, oldest first).
@@ -284,8 +300,7 @@ async def chat(
             await client.fetch_history(conv, 0, 20, backward=True)
         except SendError as exc:
             if group is not None and exc.code.name == "UNKNOWN_CONVERSATION":
-                raise ChatRefused(f"group {group} does not exist: create it with"
-                                  f" pimcore group create {group} {client.user} [USER...]") from None
+                raise ChatRefused(no_such_group()) from None
         except ClientError:
             pass
         out(
@@ -361,8 +376,31 @@ async def chat(
                 out(f"✗ {command[1:]} #{seq} not confirmed in time (it may still happen)")
 
         reconnects: list[Connected] = []
+        # The peer's presence as last said, and an "offline" held after a
+        # reconnect (PRESENCE_GRACE): a state said again is not said twice.
+        shown_presence: Optional[F.PresenceState] = None
+        held: Optional[trio.CancelScope] = None
+        renewed = False
+
+        def say_presence(ev: PresenceChanged) -> None:
+            nonlocal shown_presence
+            if ev.state is shown_presence:
+                return
+            shown_presence = ev.state
+            if ev.state is F.PresenceState.ONLINE:
+                out(f"— {peer} is online")
+            else:
+                out(f"— {peer} is offline" + (f" (last seen {_clock(ev.last_seen)})" if ev.last_seen else ""))
+
+        async def say_presence_later(scope: trio.CancelScope, ev: PresenceChanged) -> None:
+            nonlocal held
+            with scope:
+                await trio.sleep(PRESENCE_GRACE)
+                held = None
+                say_presence(ev)
 
         async def events() -> None:
+            nonlocal held, renewed
             async for ev in client.events():
                 if isinstance(ev, MessageReceived) and ev.message.conv == conv:
                     m = ev.message
@@ -388,12 +426,24 @@ async def chat(
                     elif not ev.active:
                         typing_now.discard(ev.user)
                 elif isinstance(ev, PresenceChanged) and ev.user == peer:
-                    if ev.state is F.PresenceState.ONLINE:
-                        out(f"— {peer} is online")
-                    elif ev.state is F.PresenceState.OFFLINE:
-                        out(f"— {peer} is offline" + (f" (last seen {_clock(ev.last_seen)})" if ev.last_seen else ""))
+                    if ev.state is F.PresenceState.UNKNOWN:
+                        continue  # (while disconnected: the state after the reconnect is what counts)
+                    if held is not None:
+                        held.cancel()  # the newer state decides
+                        held = None
+                    if ev.state is F.PresenceState.OFFLINE and renewed and shown_presence is F.PresenceState.ONLINE:
+                        # The first answer after a reconnect: the peer may be
+                        # reconnecting too (a broker restart): said if they
+                        # are not back within the grace.
+                        held = trio.CancelScope()
+                        nursery.start_soon(say_presence_later, held, ev)
+                    else:
+                        say_presence(ev)
+                    renewed = False
                 elif isinstance(ev, ReceiptReceived) and ev.conv == conv and ev.reader == peer:
                     out(f"✓✓ read by {peer} (up to #{ev.seq})")
+                elif isinstance(ev, BrokerRefused):  # e.g. a read marker (it has no request id)
+                    out(f"⚠ the broker refused a request ({ev.code.name}): {ev.reason}")
                 elif isinstance(ev, Disconnected):
                     if not reconnects and ev.code not in _FINAL_CLOSES:
                         # An attempt of open_client's before the first login
@@ -412,6 +462,7 @@ async def chat(
                 elif isinstance(ev, Connected):
                     if reconnects:  # the first connection was announced above
                         out(f"(reconnected; clock offset {ev.clock_offset / 1000:.1f} ms, rtt {ev.rtt / 1000:.1f} ms)")
+                        renewed = True  # the next presence is the renewed subscription's answer
                     reconnects.append(ev)
 
         async with trio.open_nursery() as nursery:

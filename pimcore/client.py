@@ -104,6 +104,7 @@ from .client_session import (
     Sent,
     SendsResumed,
     SendsStalled,
+    BrokerRefused,
     SendTimeout,
     SessionState,
     TypingChanged,
@@ -137,6 +138,7 @@ __all__ = [
     "ConversationsPage",
     "SendsStalled",
     "SendsResumed",
+    "BrokerRefused",
     "TypingChanged",
     "PresenceChanged",
     "PrivacyChanged",
@@ -772,7 +774,15 @@ class Client:
         """Move this user's read marker of ``conv`` to ``seq`` (never back).
         The broker confirms with a ReadStates; other devices get one too and
         the 1:1 peer a ReadReceipt.  Until confirmed, the marker is sent
-        again after every reconnect."""
+        again after every reconnect.  Raises SendError at once, sending
+        nothing, for what the SDK knows the broker refuses: BAD_REQUEST (a
+        malformed conversation id), NOT_MEMBER (a 1:1 id without this
+        user); EncodeError for values no Read can carry; AuthFailed /
+        ClientClosed (client stopped).  A Read carries no request id, so
+        the broker's refusal of a group (NOT_MEMBER, UNKNOWN_CONVERSATION)
+        cannot be tied to this call: it comes as a :class:`BrokerRefused`
+        event (and such a marker is sent again after each reconnect, and
+        refused again)."""
         self._check_alive()
         self._session.mark_read(conv, seq, self._clock())
         self._pump()

@@ -104,6 +104,7 @@ __all__ = [
     "Disconnected",
     "SendsStalled",
     "SendsResumed",
+    "BrokerRefused",
     "TypingChanged",
     "PresenceChanged",
     "PrivacyChanged",
@@ -424,10 +425,28 @@ class PrivacyChanged:
     hide_last_seen: bool
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerRefused:
+    """The broker refused a request the SDK cannot tie to a call: its Error
+    frame names no request (``ref`` 0, or an id no longer waited for).  A
+    ``Read`` carries no request id, so this is how a refused
+    :meth:`ClientSession.mark_read` reaches the application: ``code`` the
+    broker's ErrorCode (NOT_MEMBER, UNKNOWN_CONVERSATION for a group this
+    user is not in or that does not exist, STORE_UNAVAILABLE when the marker
+    could not be saved), ``reason`` the broker's words (they name the
+    conversation).  A refused Typing (NOT_MEMBER) or PresencePrivacy comes
+    the same way.  TYPING_NOT_RELAYED is not reported (expected in large
+    groups)."""
+
+    code: ErrorCode
+    ref: int
+    reason: str
+
+
 Event = Union[
     MessageReceived, MessageAmended, ReadStateChanged, ReceiptReceived, Connected, Disconnected, SendsStalled, SendsResumed, Resynced,
     TypingChanged, PresenceChanged, PrivacyChanged,
-    ConversationUpdated,
+    ConversationUpdated, BrokerRefused,
 ]
 
 
@@ -1530,7 +1549,10 @@ class ClientSession:
                 p.reason = f.reason  # type: ignore[attr-defined]
                 log.debug("broker error %s (ref %s): %s", f.code, f.ref, f.reason)  # type: ignore[attr-defined]
             else:
-                log.warning("broker error %s (ref %s): %s", f.code, f.ref, f.reason)  # type: ignore[attr-defined]
+                # Nothing waits for it (a refused Read has no id): the app
+                # gets it as an event, not only as a log line.
+                log.info("broker error %s (ref %s): %s", f.code, f.ref, f.reason)  # type: ignore[attr-defined]
+                self._emit(BrokerRefused(_error_code(f.code), f.ref, f.reason))  # type: ignore[attr-defined]
         elif t is F.Close:  # pragma: no cover - handled in _on_frame
             self._on_close(f)  # type: ignore[arg-type]
         # Pong, a late CalibrateResp, anything else: liveness only (_last_recv).
@@ -2018,10 +2040,21 @@ class ClientSession:
     def mark_read(self, conv: str, seq: int, now: int) -> None:
         """Move the user's read marker of ``conv`` to ``seq`` (never back).
         The broker confirms with a ReadStates; until then the Read is sent
-        again on every new connection.  Raises EncodeError for values no
-        Read can carry, the terminal error if CLOSED."""
+        again on every new connection.  Raises SendError (nothing sent,
+        nothing remembered) for what the session knows the broker refuses:
+        BAD_REQUEST for a malformed conversation id, NOT_MEMBER for a 1:1
+        id without this user (once the first login named the user);
+        EncodeError for values no Read can carry; the terminal error if
+        CLOSED.  A Read carries no request id, so the broker's refusal of a
+        group (NOT_MEMBER, UNKNOWN_CONVERSATION) cannot be tied to this
+        call: it comes as a :class:`BrokerRefused` event."""
         self._check_open()
         raw = encode_frame(F.Read(conv, seq))
+        if conversation_problem(conv) is not None:
+            raise self._request_error(ErrorCode.BAD_REQUEST, f"mark_read of {_show(conv)}", conv)
+        pair = direct_members(conv)
+        if pair is not None and self.user and self.user not in pair:  # (the user is known from the first login)
+            raise self._request_error(ErrorCode.NOT_MEMBER, f"mark_read of {_show(conv)}", conv)
         self._tick(now)
         st = self.read_states.get(conv)
         # The broker clamps a marker to the last seq the user may see: do the

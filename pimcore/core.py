@@ -1171,11 +1171,15 @@ class Broker:
         first closed "went offline" to those closed after) would say the
         users left when the broker did; each watcher learns from its own
         Close why the connection ended, and a fresh subscription after it
-        logs in again shows the state then.  Last-seen times and the
-        DeviceOffline commands (events, other nodes) are as for ``close``."""
+        logs in again shows the state then.  The DeviceOffline commands
+        (events, other nodes) are as for ``close``; each user's last-seen
+        time is ``now``: they were online until the broker closed them (not
+        the last byte they sent: an idle chat was last seen at its login
+        after a restart)."""
         out: list[Command] = []
         for c in list(self._conns.values()):
             if c.id in self._conns:  # (closing one never closes another, but be sure)
+                c.last_seen = max(c.last_seen, now)
                 self._close(c, code, reason, out)
         self._maybe_commit(out, now)
         return out

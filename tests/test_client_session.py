@@ -32,6 +32,7 @@ from pimcore.client_session import (
     ReadStateChanged,
     ReceiptReceived,
     ReconnectBackoff,
+    BrokerRefused,
     SendCompleted,
     SendError,
     SendsResumed,
@@ -514,7 +515,8 @@ def test_the_reason_of_a_refused_send_goes_to_its_error_not_to_the_log(caplog):
     # right before the SendAck.  The app gets the reason on SendError; a
     # warning line per refusal (per retry, for INTERNAL) was noise on the
     # app's stderr (pimcore chat printed it next to its own line).  An Error
-    # about nothing pending is still a warning.
+    # about nothing pending (a refused Read has no id) goes to the app as a
+    # BrokerRefused event, the log only at info.
     import logging
 
     caplog.set_level(logging.DEBUG, logger="pimcore.client")
@@ -526,9 +528,9 @@ def test_the_reason_of_a_refused_send_goes_to_its_error_not_to_the_log(caplog):
     [done] = s.completions()
     assert done.error.reason == "no links, please"  # type: ignore[union-attr]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
-    b.feed(T0 + 2, F.Error(ErrorCode.BAD_REQUEST, 0, "something else"))
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
-        f"broker error {ErrorCode.BAD_REQUEST} (ref 0): something else"]
+    b.feed(T0 + 2, F.Error(ErrorCode.BAD_REQUEST, 0, "something else"), F.Error(ErrorCode.TYPING_NOT_RELAYED, 0, "big group"))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+    assert [e for e in events(s, T0 + 3) if isinstance(e, BrokerRefused)] == [BrokerRefused(ErrorCode.BAD_REQUEST, 0, "something else")]
 
 
 @pytest.mark.parametrize("code", [ErrorCode.STORE_UNAVAILABLE, ErrorCode.TOO_MANY_IN_FLIGHT, ErrorCode.RATE_LIMITED, ErrorCode.INTERNAL, 99])

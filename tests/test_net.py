@@ -32,6 +32,7 @@ from pimcore.client import (
     Disconnected,
     ReadStateChanged,
     ReceiptReceived,
+    BrokerRefused,
     SendError,
     SendTimeout,
     open_client,
@@ -1274,6 +1275,33 @@ async def test_refusals_of_conversation_and_membership_say_why_in_words(lmdb_sto
                 for limit in (0, -1):
                     with pytest.raises(ValueError, match="limit must be an int >= 1"):
                         await b.fetch_history("team", 0, limit)
+
+
+async def test_mark_read_refused_raises_what_the_sdk_knows_and_reports_the_brokers_refusal(lmdb_store):
+    """mark_read of a conversation the user is not in returned normally and
+    the broker's Error only reached a log line.  A Read has no request id,
+    so the broker's Error (ref 0) cannot be tied to one call: what the SDK
+    knows itself (a malformed id, a 1:1 id without the user) now raises
+    SendError at once, and the broker's refusal of a group it alone can
+    judge comes as a BrokerRefused event with its code and words."""
+    lmdb_store.create_group("team", ["alice", "carol"], 0)
+    dm = direct_conversation("alice", "carol")
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            async with client(srv.url(), "bob") as b:
+                for conv, code, reason in [
+                    (dm, ErrorCode.NOT_MEMBER, f"bob is not one of the two users of the 1:1 conversation '{dm}'"),
+                    ("not a conv", ErrorCode.BAD_REQUEST, "invalid conversation id: "),
+                ]:
+                    with pytest.raises(SendError) as err:
+                        await b.mark_read(conv, 1)
+                    assert err.value.code is code and err.value.reason.startswith(reason), err.value
+                    assert b.read_state(conv).read_seq == 0
+                for conv, code in [("team", ErrorCode.NOT_MEMBER), ("nosuch", ErrorCode.UNKNOWN_CONVERSATION)]:
+                    await b.mark_read(conv, 1)
+                    ev = await wait_for(b, lambda e: isinstance(e, BrokerRefused))
+                    assert ev.code is code and ev.ref == 0 and repr(conv) in ev.reason, ev
+                await b.mark_read(AB, 1)  # still fine where bob belongs
 
 
 async def test_oversized_and_malformed_frames_close_only_that_connection(lmdb_store):

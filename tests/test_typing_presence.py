@@ -347,3 +347,115 @@ def test_typing_and_presence_limits_are_settings(tmp_path):
     cfg.write_text("[server]\ntyping_ttl = 0\n")
     with pytest.raises(ConfigError, match="typing_ttl"):
         load_settings(str(cfg)).server_config()
+
+
+def _dead_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    return port
+
+
+async def test_after_a_broker_restart_presence_shows_when_peers_were_last_seen(tmp_path):
+    """Two users chatting, the broker restarted, both log in again: the
+    first back asks the second's presence before the second is back, and
+    its last-seen time was that of the second's *login* long before (the
+    Close at the shutdown recorded nothing: its TouchDevice was never
+    committed), not when the broker went down."""
+    import time
+
+    store = LmdbStore(str(tmp_path / "db"), durability="os")
+    try:
+        with trio.fail_after(40):
+            async with serving(store) as old, open_chaos_proxy("127.0.0.1", old.endpoints[0].port) as pa, \
+                    open_chaos_proxy("127.0.0.1", old.endpoints[0].port) as pb:
+                async with client(f"tcp://127.0.0.1:{pa.port}", "alice") as a, client(f"tcp://127.0.0.1:{pb.port}", "bob") as b:
+                    await a.send("d:alice:bob", b"hi")
+                    assert (await a.subscribe_presence(["bob"]))["bob"].state == ONLINE
+                    await trio.sleep(1.0)  # bob is connected, and idle, all along
+                    down = time.time() * 1e6
+                    pb.target_port = pa.target_port = _dead_port()  # nobody gets in while it restarts
+                    await old.shutdown()
+                    async with serving(store) as new:
+                        pa.target_port = new.endpoints[0].port  # alice is back first
+                        ev = await next_event(a, presence_of("bob", OFFLINE))
+                        assert ev.last_seen >= down - 0.2e6, (down - ev.last_seen) / 1e6
+                        pb.target_port = new.endpoints[0].port
+                        await next_event(a, presence_of("bob", ONLINE))
+    finally:
+        store.close()
+
+
+async def test_pimcore_chat_shows_no_offline_flash_for_a_peer_back_after_a_broker_restart(tmp_path, monkeypatch):
+    """Two users chatting, the broker restarted: the first back was told
+    the other offline (the restarted broker cannot know who was online
+    before it, nor who is about to log in again), then online a moment
+    later: "— bob is offline (last seen ...)" then "— bob is online" for a
+    peer who never left.  After a reconnect the chat holds an "offline"
+    for a peer it showed online for a grace (the reconnect delay of a
+    client): a peer back within it is no change; one who is not is said
+    offline at its end."""
+    from pimcore import chat as chat_mod
+    from _net import token
+
+    monkeypatch.setattr(chat_mod, "PRESENCE_GRACE", 3.0)  # (bob is back well within it)
+    store = LmdbStore(str(tmp_path / "db"), durability="os")
+    lines_in, lines = trio.open_memory_channel[str](8)
+    shown: list[str] = []
+
+    async def wait_for(text: str, start: int = 0) -> int:
+        with trio.fail_after(10):
+            while True:
+                for i, line in enumerate(shown[start:], start):
+                    if text in line:
+                        return i
+                await trio.sleep(0.01)
+
+    async def restart(old, then) -> None:
+        pa.target_port = pb.target_port = _dead_port()  # nobody gets in while it restarts
+        await old.shutdown()
+        async with serving(store) as new:
+            await then(new)
+
+    try:
+        with trio.fail_after(40):
+            async with serving(store) as old, open_chaos_proxy("127.0.0.1", old.endpoints[0].port) as pa, \
+                    open_chaos_proxy("127.0.0.1", old.endpoints[0].port) as pb, trio.open_nursery() as n:
+                async with client(f"tcp://127.0.0.1:{pb.port}", "bob") as b:
+                    await b.send("d:alice:bob", b"first")  # a shared conversation: presence is told
+                    n.start_soon(lambda: chat_mod.chat(f"tcp://127.0.0.1:{pa.port}", token("alice"), "bob",
+                                                       lines=lines, out=shown.append))
+                    await wait_for("— bob is online")
+
+                    async def alice_back_first(new) -> None:
+                        pa.target_port = new.endpoints[0].port
+                        back = await wait_for("(reconnected")
+                        await trio.sleep(0.5)  # bob is not back yet
+                        pb.target_port = new.endpoints[0].port
+                        await next_event(b, lambda ev: isinstance(ev, Connected))
+                        await b.send("d:alice:bob", b"back")
+                        await wait_for("bob: back", back)
+                        assert not [line for line in shown[back:] if "bob is" in line], shown[back:]
+                        await restart(new, bob_not_back)
+
+                    async def bob_not_back(new) -> None:
+                        pa.target_port = new.endpoints[0].port
+                        back = await wait_for("(reconnected")
+                        await trio.sleep(0.5)
+                        assert not [line for line in shown[back:] if "bob is" in line], shown[back:]
+                        # Not back within the grace: said offline, as of the shutdown.
+                        at = await wait_for("— bob is offline (last seen ", back)
+                        assert len(shown) == at + 1, shown[back:]
+                        # Back later: said online, and leaving for good is said at once.
+                        pb.target_port = new.endpoints[0].port
+                        at = await wait_for("— bob is online", at)
+                        await b.aclose()
+                        await wait_for("— bob is offline (last seen ", at)
+
+                    await restart(old, alice_back_first)
+                    await lines_in.send("/quit")
+    finally:
+        store.close()

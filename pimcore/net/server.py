@@ -1290,19 +1290,29 @@ class BrokerServer:
             scope.cancel()
         # The readers stop: each gives the core nothing more once it wakes
         # (_reader checks _stopping); one waiting for bytes stays asleep.
-        with trio.move_on_after(timeout):
-            # Whatever was received before the readers stopped is committed
-            # and acknowledged; nothing new arrives.
-            while self.broker.statistics().batch_in_flight or self.broker.statistics().pending_ops:
-                self._run(self.broker.flush(self.now()))  # delivery acks too
-                await self._commit_idle.wait()
-                await trio.sleep(0)
+        deadline = trio.current_time() + timeout
+        # Whatever was received before the readers stopped is committed and
+        # acknowledged; nothing new arrives.
+        await self._drain_commits(deadline)
         self._close_all_by_server(CloseCode.SHUTDOWN, reason)
+        # Closing recorded each device's last-seen time (TouchDevice, lazy
+        # like an ack): committed too, or a peer's "last seen" after the
+        # restart was its login, long before the broker went down.
+        await self._drain_commits(deadline)
         # Give the writers time to flush the Close frames (each connection
         # ends itself once flushed, or after close_timeout).
         with trio.move_on_after(self.config.close_timeout + 0.5):
             while self._peers:
                 await trio.sleep(0.01)
+
+    async def _drain_commits(self, deadline: float) -> None:
+        """Commit what the core holds (lazy ops too) until nothing is
+        pending or in flight, or ``deadline`` (trio time) passes."""
+        with trio.move_on_at(deadline):
+            while self.broker.statistics().batch_in_flight or self.broker.statistics().pending_ops:
+                self._run(self.broker.flush(self.now()))  # delivery acks too
+                await self._commit_idle.wait()
+                await trio.sleep(0)
 
     # ------------------------------------------------------------ listeners
 
