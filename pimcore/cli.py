@@ -54,6 +54,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     next to a running broker (docs/OPERATIONS.md, "Inspecting the store")."""
     from .errors import StoreError
     from .store import LmdbStore
+    from .store.lmdb import SCHEMA_VERSION
 
     root = Path(args.data_dir)
     path = None
@@ -80,6 +81,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     with store:
         try:
             summary = store.summary()
+            missing = [key for key, count in summary.entries.items() if count is None]
+            if args.user and (missing or summary.schema != SCHEMA_VERSION):
+                print(f"pimcore inspect: --user needs a store in this version's format (schema {SCHEMA_VERSION},"
+                      f" every table); this one is schema {summary.schema}"
+                      + (f" without {', '.join(missing)}" if missing else "")
+                      + ": a broker of this version upgrades it when it next opens it (without --user the summary"
+                      " works)", file=sys.stderr)
+                return EXIT_REFUSED
             users = {user: _inspect_user(store, user) for user in args.user}
         except StoreError as exc:
             print(f"pimcore inspect: {exc}", file=sys.stderr)

@@ -286,3 +286,32 @@ def test_broker_state_is_a_probe_not_a_lock(tmp_path):
             with pytest.raises(OSError):
                 fcntl.flock(g, fcntl.LOCK_SH | fcntl.LOCK_NB)
     assert LmdbStore.broker_state(tmp_path / "nowhere") == ("not running", None)
+
+
+@pytest.mark.parametrize("older", ["missing tables", "schema 2"])
+def test_a_store_of_an_older_version_is_summarised_as_is_and_not_upgraded(tmp_path, capsys, older):
+    data = tmp_path / "data"
+    _sent(data, 2)
+    env = lmdb.open(str(data / "store"), max_dbs=32)
+    with env.begin(write=True) as txn:
+        if older == "missing tables":
+            for name in (b"retention", b"deleted"):
+                txn.drop(env.open_db(name, txn=txn), delete=True)
+        else:
+            txn.put(b"schema", (2).to_bytes(8, "big"), db=env.open_db(b"meta", txn=txn))
+    env.close()
+    before = _files(data / "store")
+    assert main(["inspect", str(data), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["entries"]["messages"] == 2
+    if older == "missing tables":
+        assert out["entries"]["retention"] is None and out["entries"]["deleted_for_user"] is None
+        assert main(["inspect", str(data)]) == 0
+        assert re.search(r"^  retention +absent  ", capsys.readouterr().out, re.M)
+    else:
+        assert out["schema"] == 2
+        assert main(["inspect", str(data)]) == 0
+        assert "schema 2 (older than this code's 3: upgraded when a broker next opens it)" in capsys.readouterr().out
+    assert main(["inspect", str(data), "--user", "bob"]) == 2
+    assert "pimcore inspect: --user needs a store in this version's format" in capsys.readouterr().err
+    assert _files(data / "store") == before  # not upgraded

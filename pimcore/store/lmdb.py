@@ -1533,7 +1533,8 @@ class LmdbStore(Store):
         Epochs) and holds ``broker.lock`` in the directory, so a second
         broker on the same store is refused (StoreError).  False for a
         maintenance open next to a running broker (``pimcore group``,
-        ``pimcore inspect``): epochs and marks are left as they are.
+        ``purge``): epochs and marks are left as they are (``pimcore
+        inspect`` opens with ``read_only``, below).
     :param max_readers: LMDB reader slots (concurrent read transactions
         across all processes using the environment).
     :param read_only: True for a look that changes nothing (``pimcore
@@ -1614,12 +1615,13 @@ class LmdbStore(Store):
         #: Deferred transactions committed, and batches committed in them.
         self.deferred_commits = 0
         self.deferred_batches = 0
-        self._max_readers = max_readers
         #: The store's schema version as read at open.
         self._schema: Optional[int] = SCHEMA_VERSION
+        #: ``log.lock``: held exclusively by the handle that writes through
+        #: the command log, shared by a maintenance write (:meth:`_write`).
+        self._log_lock_file: Optional[io.FileIO] = None
         if read_only:
             self._durability = durability
-            self._log_lock_file = None
             self._open_read_only(path, max_readers)
             return
         log_dir = os.path.join(path, "log")
@@ -1627,9 +1629,6 @@ class LmdbStore(Store):
         if not owner and durability == "log":
             durability = "sync"  # only the broker writes through the log
         self._durability = durability
-        #: ``log.lock``: held exclusively by the handle that writes through
-        #: the command log, shared by a maintenance write (:meth:`_write`).
-        self._log_lock_file: Optional[io.FileIO] = None
         temp_lock = False
         if ckpt is not None and not owner:
             # A store a log broker wrote.  No broker running: recover it and
@@ -1749,7 +1748,9 @@ class LmdbStore(Store):
         """Open the sub-databases of ``env`` and make it this store's
         (``read_only``: those it has; the others are None)."""
         if read_only:
-            dbs = [self._find_db(env, name) for name in _DB_NAMES]
+            # (A missing one is None: summary() says so; the other reads
+            # assume them all, see inspect --user.)
+            dbs = typing.cast("list[lmdb._Database]", [self._find_db(env, name) for name in _DB_NAMES])
         else:
             # Reader slots of processes that died holding a read transaction
             # (e.g. SIGKILL) would pin old pages forever: release them.
