@@ -169,6 +169,7 @@ def _inspect_lines(summary: Any) -> list[str]:
     """``inspect`` as text: one figure a line."""
     import time
 
+    from .ids import bytes_readable
     from .store.lmdb import _DB_LABELS, SCHEMA_VERSION
 
     broker = summary.broker
@@ -181,7 +182,7 @@ def _inspect_lines(summary: Any) -> list[str]:
         schema += f" (older than this code's {SCHEMA_VERSION}: upgraded when a broker next opens it)"
     t = summary.last_server_time
     lines = [
-        f"store               {summary.path}",
+        f"store               {bytes_readable(summary.path)}",
         f"broker              {broker}",
         f"format              schema {schema}",
         f"node id             {summary.node_id}",
@@ -192,7 +193,7 @@ def _inspect_lines(summary: Any) -> list[str]:
         f"used                {_size(summary.bytes_used)}: {summary.pages_used} pages of {summary.page_size} bytes"
         f" ({100 * summary.bytes_used / summary.map_size:.1f} % of the map)",
         f"data.mdb            {_size(summary.file_size)}",
-        f"readers             {summary.readers} of {summary.max_readers} slots (this inspect's included)",
+        f"reader slots        {summary.readers} of {summary.max_readers} used (high-water mark; this inspect's included)",
         f"last transaction    {summary.last_txnid}",
         "entries",
     ]
@@ -204,7 +205,7 @@ def _inspect_lines(summary: Any) -> list[str]:
     if log is None:
         lines.append("command log         none (durability sync or os)")
         return lines
-    lines.append(f"command log         {log.path}")
+    lines.append(f"command log         {bytes_readable(log.path)}")
     for f in log.files:
         first = f"first record {f.first_lsn}" if f.first_lsn else "unused"
         lines.append(f"  {f.name:16}  {_size(f.size)}, {first}")

@@ -315,3 +315,16 @@ def test_a_store_of_an_older_version_is_summarised_as_is_and_not_upgraded(tmp_pa
     assert main(["inspect", str(data), "--user", "bob"]) == 2
     assert "pimcore inspect: --user needs a store in this version's format" in capsys.readouterr().err
     assert _files(data / "store") == before  # not upgraded
+
+
+def test_a_store_path_that_is_not_utf8_is_inspected_and_shown_with_its_bytes(tmp_path):
+    _sent(tmp_path / "data", 1)  # (the broker's own open takes UTF-8 paths only)
+    os.rename(bytes(tmp_path) + b"/data", bytes(tmp_path) + b"/data\xff")
+    data = Path(os.fsdecode(bytes(tmp_path) + b"/data\xff"))
+    r = subprocess.run([sys.executable, "-m", "pimcore", "inspect", os.fsencode(data)], capture_output=True,
+                       timeout=60, env=_env())
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    assert f"store               {tmp_path}/data\\xff/store\n".encode() in r.stdout
+    r = subprocess.run([sys.executable, "-m", "pimcore", "inspect", "--json", os.fsencode(data)], capture_output=True,
+                       timeout=60, env=_env())
+    assert r.returncode == 0 and json.loads(r.stdout)["path"] == str(data / "store")

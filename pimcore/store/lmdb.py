@@ -394,7 +394,9 @@ class StoreSummary:
       number + 1); ``bytes_used``: ``pages_used * page_size`` (free pages
       LMDB will reuse included); ``file_size``: ``data.mdb``'s size in bytes.
     * ``last_txnid``: LMDB's last committed transaction; ``readers``: reader
-      slots in use (all processes, this one's included) of ``max_readers``.
+      slots of the lock file used so far (LMDB's high-water mark, all
+      processes, this handle's included; a slot is reused once free) of
+      ``max_readers``.
     * ``entries``: entry count of each sub-database, keyed by the names of
       :data:`_DB_LABELS` (``messages``, ``inbox_entries``, ...), in a fixed
       order; None for a sub-database the store does not have yet (written
@@ -1694,7 +1696,8 @@ class LmdbStore(Store):
         self._read_only = "this store handle is read-only"
         try:
             # map_size 0: the map size the store's writer set.
-            env = lmdb.open(path, map_size=0, subdir=True, create=False, readonly=True, lock=True,
+            # (As bytes: a path that is not UTF-8 opens too.)
+            env = lmdb.open(os.fsencode(path), map_size=0, subdir=True, create=False, readonly=True, lock=True,
                             max_dbs=len(_DB_NAMES), max_readers=max_readers)
         except (lmdb.Error, OSError) as exc:
             raise StoreError(f"cannot open LMDB store at {quote_arg(path)}: {exc}") from exc
