@@ -69,8 +69,29 @@ def _files(store: Path) -> dict[str, tuple[int, int, str]]:
     return out
 
 
+#: ``pimcore inspect`` in a process whose audit hook fails it (exit 3) on a
+#: flock or lockf, or a Python-level open for writing, creating or
+#: truncating, or a rename/remove (LMDB's own C open is checked by
+#: test_inspect_opens_nothing_for_writing_and_takes_no_lock).
+_AUDITED = """
+import os, sys
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+def hook(event, args):
+    bad = event in ("fcntl.flock", "fcntl.lockf", "os.rename", "os.remove", "os.truncate", "shutil.rmtree")
+    if event == "open" and isinstance(args[0], (str, bytes)):
+        mode, flags = args[1], args[2]
+        bad = bool((mode and any(c in mode for c in "wax+")) or (mode is None and flags & WRITE))
+    if bad:
+        print("inspect did", event, args, file=sys.stderr)
+        os._exit(3)
+sys.addaudithook(hook)
+from pimcore.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _inspect_json(*args: str) -> dict:
-    r = subprocess.run([sys.executable, "-m", "pimcore", "inspect", "--json", *args], capture_output=True,
+    r = subprocess.run([sys.executable, "-c", _AUDITED, "inspect", "--json", *args], capture_output=True,
                        text=True, timeout=60, env=_env())
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     return json.loads(r.stdout)
