@@ -349,3 +349,29 @@ def test_a_store_path_that_is_not_utf8_is_inspected_and_shown_with_its_bytes(tmp
     r = subprocess.run([sys.executable, "-m", "pimcore", "inspect", "--json", os.fsencode(data)], capture_output=True,
                        timeout=60, env=_env())
     assert r.returncode == 0 and json.loads(r.stdout)["path"] == str(data / "store")
+
+
+def test_the_command_log_summary_counts_the_records_after_the_checkpoint(tmp_path):
+    from pimcore.store import wal
+
+    log_dir = str(tmp_path / "log")
+    log = wal.CommandLog(log_dir)
+    log.reset()
+    log.start()
+    log.append(b"one")
+    lsn, file, offset = log.position()
+    for payload in (b"two", b"three", b"four"):
+        log.append(payload)
+    log.close()
+    wal.write_checkpoint(log_dir, wal.Checkpoint(4096, lsn, file, offset, bytes(2 * 4096)))
+    before = _files(tmp_path)
+    s = wal.summarize(log_dir)
+    assert _files(tmp_path) == before
+    assert (s.checkpoint_next_lsn, s.checkpoint_file, s.records_after_checkpoint, s.problem) == (2, 0, 3, None)
+    assert [(f.name, f.first_lsn) for f in s.files] == [("log-0", 1), ("log-1", 0)]
+    assert s.files[0].size >= 1 << 20 and s.checkpoint_written_at is not None
+    # A damaged checkpoint is said, not raised.
+    with open(os.path.join(log_dir, "checkpoint"), "r+b") as f:
+        f.write(b"X")
+    s = wal.summarize(log_dir)
+    assert s.checkpoint_next_lsn is None and "damaged" in s.problem

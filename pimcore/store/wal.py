@@ -236,6 +236,16 @@ class CommandLog:
         #: (file, offset) of the last record appended (for :meth:`rewind`).
         self._last: Optional[tuple[int, int]] = None
 
+    @classmethod
+    def _reader(cls, dirpath: str, fds: list[int]) -> "CommandLog":
+        """A log over ``fds`` (the two files, opened read-only by the
+        caller, who closes them) for :meth:`records` only: unlike
+        ``__init__`` it creates nothing."""
+        log = cls.__new__(cls)
+        log.dir, log._fds, log._salts = dirpath, fds, [b"", b""]
+        log.file, log.offset, log.next_lsn, log._covered_file = 0, _FILE_HEAD.size, 1, -1
+        return log
+
     # ---------------------------------------------------------------- read
 
     def records(self, ckpt: Checkpoint) -> Iterator[tuple[int, bytes]]:
@@ -505,8 +515,7 @@ def summarize(dirpath: str) -> LogSummary:
             else:
                 files.append(LogFile(f"log-{i}", os.fstat(fd).st_size, 0))
             fds.append(fd)
-        reader = CommandLog.__new__(CommandLog)  # (no __init__: it creates the files)
-        reader.dir, reader._fds, reader._salts = dirpath, fds, [b"", b""]
+        reader = CommandLog._reader(dirpath, fds)
         files = [replace(f, first_lsn=reader._header(int(f.name[-1]))[0]) for f in files]
         try:
             ckpt = read_checkpoint(dirpath)
