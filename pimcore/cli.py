@@ -48,37 +48,180 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    """Summarise a data directory's LMDB store: users' inboxes and devices.
-    Takes the data directory (as every other command does) or its store/."""
-    from pathlib import Path
-
+    """Summarise a data directory's LMDB store (:meth:`LmdbStore.summary`)
+    and, with ``--user``, users' inboxes and devices.  Takes the data
+    directory (as every other command does) or its store/.  Read-only: safe
+    next to a running broker (docs/OPERATIONS.md, "Inspecting the store")."""
     from .errors import StoreError
     from .store import LmdbStore
+    from .store.lmdb import SCHEMA_VERSION
 
     root = Path(args.data_dir)
-    path = root / "store" if (root / "store" / "data.mdb").is_file() else root
-    if not (path / "data.mdb").is_file():
+    path = None
+    for candidate in (root / "store", root):
+        try:
+            if (candidate / "data.mdb").is_file():
+                path = candidate
+                break
+            os.listdir(candidate)  # (is_file() says False for a directory it may not read)
+        except PermissionError as exc:
+            print(f"pimcore inspect: cannot read {quote_arg(str(candidate))}: {exc.strerror}", file=sys.stderr)
+            return EXIT_REFUSED
+        except OSError:
+            pass
+    if path is None:
         print(f"pimcore inspect: no pimcore store in {root} (give the data directory of `pimcore serve`,"
               " which holds store/, or that store/ directory)", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     try:
-        store = LmdbStore(str(path), create=False, owner=False)
+        store = LmdbStore(str(path), read_only=True)
     except StoreError as exc:
-        print(f"pimcore: {exc}", file=sys.stderr)
-        return 2
+        print(f"pimcore inspect: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     with store:
-        print(f"node id             {store.node_id().hex()}")
-        print(f"last server time    {store.last_server_time()}")
-        for user in args.user:
-            print(f"user {user}: inbox head {store.inbox_head(user)}, floor {store.inbox_floor(user)}")
-            for dev in store.devices(user):
-                print(f"  device {dev.device}: position {dev.position}, last seen {dev.last_seen}")
-            for conv in store.conversations(user):
-                print(
-                    f"  {conv}: last seq {store.last_seq(conv)}, read {store.read_marker(user, conv)},"
-                    f" unread {store.unread(user, conv)}"
-                )
+        try:
+            summary = store.summary()
+            missing = [key for key, count in summary.entries.items() if count is None]
+            if args.user and (missing or summary.schema != SCHEMA_VERSION):
+                print(f"pimcore inspect: --user needs a store in this version's format (schema {SCHEMA_VERSION},"
+                      f" every table); this one is schema {summary.schema}"
+                      + (f" without {', '.join(missing)}" if missing else "")
+                      + ": a broker of this version upgrades it when it next opens it (without --user the summary"
+                      " works)", file=sys.stderr)
+                return EXIT_REFUSED
+            users = {user: _inspect_user(store, user) for user in args.user}
+        except StoreError as exc:
+            print(f"pimcore inspect: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+    if args.json:
+        print(json.dumps(_inspect_json(summary, users)))
+        return 0
+    for line in _inspect_lines(summary):
+        print(line)
+    for user, seen in users.items():
+        print(f"user {user}: inbox head {seen['inbox_head']}, floor {seen['inbox_floor']}")
+        for dev in seen["devices"]:
+            print(f"  device {dev['device']}: position {dev['position']}, last seen {dev['last_seen']}")
+        for conv in seen["conversations"]:
+            print(f"  {conv['conversation']}: last seq {conv['last_seq']}, read {conv['read']},"
+                  f" unread {conv['unread']}")
     return 0
+
+
+def _inspect_user(store: Any, user: str) -> dict[str, Any]:
+    """``inspect --user``: one user's inbox, devices and conversations."""
+    return {
+        "inbox_head": store.inbox_head(user),
+        "inbox_floor": store.inbox_floor(user),
+        "devices": [{"device": d.device, "position": d.position, "last_seen": d.last_seen} for d in store.devices(user)],
+        "conversations": [
+            {"conversation": conv, "last_seq": store.last_seq(conv), "read": store.read_marker(user, conv),
+             "unread": store.unread(user, conv)}
+            for conv in store.conversations(user)
+        ],
+    }
+
+
+def _utc(us: Optional[int]) -> Optional[str]:
+    """Microseconds since the Unix epoch (server time, pimcore.clock) as an
+    ISO 8601 UTC date-time, ``2026-12-03T17:26:32.123456Z``; None for None
+    or 0 (nothing stored yet) and for a value past year 9999."""
+    import datetime
+
+    if not us:
+        return None
+    try:
+        when = datetime.datetime(1970, 1, 1) + datetime.timedelta(microseconds=us)
+    except OverflowError:
+        return None
+    return when.isoformat(timespec="microseconds") + "Z"
+
+
+def _size(n: int) -> str:
+    """Bytes in words: ``512 bytes``, ``1.5 MiB (1572864 bytes)``."""
+    if n < 1024:
+        return f"{n} bytes"
+    value, unit = float(n), "bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{value:.1f} {unit} ({n} bytes)"
+
+
+def _inspect_json(summary: Any, users: dict[str, Any]) -> dict[str, Any]:
+    """``inspect --json``: the summary's fields (docs/OPERATIONS.md lists
+    the keys) plus ``last_server_time_utc``, the checkpoint's
+    ``checkpoint_written_at_utc`` and ``users`` (``--user``)."""
+    import dataclasses
+
+    out = dataclasses.asdict(summary)
+    out["epochs"] = list(summary.epochs)
+    out["last_server_time_utc"] = _utc(summary.last_server_time)
+    if summary.log is not None:
+        out["log"]["files"] = [dataclasses.asdict(f) for f in summary.log.files]
+        out["log"]["checkpoint_written_at_utc"] = _utc(summary.log.checkpoint_written_at)
+    out["users"] = users
+    return out
+
+
+def _inspect_lines(summary: Any) -> list[str]:
+    """``inspect`` as text: one figure a line."""
+    import time
+
+    from .ids import bytes_readable
+    from .store.lmdb import _DB_LABELS, SCHEMA_VERSION
+
+    broker = summary.broker
+    if summary.broker_holder:
+        broker += f": {summary.broker_holder}"
+    elif broker == "unknown":
+        broker += " (broker.lock could not be probed without taking it)"
+    schema = str(summary.schema)
+    if summary.schema is not None and summary.schema < SCHEMA_VERSION:
+        schema += f" (older than this code's {SCHEMA_VERSION}: upgraded when a broker next opens it)"
+    t = summary.last_server_time
+    lines = [
+        f"store               {bytes_readable(summary.path)}",
+        f"broker              {broker}",
+        f"format              schema {schema}",
+        f"node id             {summary.node_id}",
+        f"last server time    {t} ({_utc(t) or 'nothing stored yet'})",
+        f"epoch               {summary.epoch or '(none yet)'}",
+        f"trusted epochs      {len(summary.epochs)}" + "".join(f"\n  {e}" for e in summary.epochs),
+        f"map size            {_size(summary.map_size)}",
+        f"used                {_size(summary.bytes_used)}: {summary.pages_used} pages of {summary.page_size} bytes"
+        f" ({100 * summary.bytes_used / summary.map_size:.1f} % of the map)",
+        f"data.mdb            {_size(summary.file_size)}",
+        f"reader slots        {summary.readers} of {summary.max_readers} used (high-water mark; this inspect's included)",
+        f"last transaction    {summary.last_txnid}",
+        "entries",
+    ]
+    words = {key: text for key, text in _DB_LABELS.values()}
+    width = max(len(key) for key in summary.entries)
+    for key, count in summary.entries.items():
+        lines.append(f"  {key:{width}}  {'absent' if count is None else count:>10}  {words[key]}")
+    log = summary.log
+    if log is None:
+        lines.append("command log         none (durability sync or os)")
+        return lines
+    lines.append(f"command log         {bytes_readable(log.path)}")
+    for f in log.files:
+        first = f"first record {f.first_lsn}" if f.first_lsn else "unused"
+        lines.append(f"  {f.name:16}  {_size(f.size)}, {first}")
+    if log.checkpoint_next_lsn is not None:
+        age = ""
+        if log.checkpoint_written_at is not None:
+            age = f", written {_utc(log.checkpoint_written_at)} ({max(0.0, time.time() - log.checkpoint_written_at / 1e6):.1f} s ago)"
+        lines.append(f"  checkpoint        LMDB transaction {log.checkpoint_txnid}; replay from record"
+                     f" {log.checkpoint_next_lsn} (log-{log.checkpoint_file} at byte {log.checkpoint_offset}){age}")
+        lines.append(f"  after checkpoint  {log.records_after_checkpoint} records (replayed by the next start if the"
+                     " broker does not stop cleanly)")
+    else:
+        lines.append("  checkpoint        none")
+    if log.problem:
+        lines.append(f"  problem           {log.problem}")
+    return lines
 
 
 def _settings(args: argparse.Namespace):  # -> ServeSettings
@@ -1472,9 +1615,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="with --compare: alternating rounds (default 3)")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("inspect", help="summarise an LMDB data directory")
+    p = sub.add_parser("inspect", help="summarise an LMDB data directory, read-only (safe next to a running broker)")
     p.add_argument("data_dir", help="the data directory of `pimcore serve` (or its store/ directory)")
-    p.add_argument("--user", action="append", default=[], help="show this user's inbox, devices and conversations")
+    p.add_argument("--user", action="append", default=[],
+                   help="show this user's inbox, devices and conversations (repeatable)")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as one JSON object (keys: docs/OPERATIONS.md, \"Inspecting the store\")")
     p.set_defaults(func=_cmd_inspect)
     return parser
 

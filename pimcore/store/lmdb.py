@@ -314,7 +314,7 @@ from .base import (
     valid_id,
 )
 
-__all__ = ["LmdbStore", "SCHEMA_VERSION", "DURABILITY_MODES", "MAX_KEY_LEN"]
+__all__ = ["LmdbStore", "StoreSummary", "SCHEMA_VERSION", "DURABILITY_MODES", "MAX_KEY_LEN"]
 
 SCHEMA_VERSION = 3
 DURABILITY_MODES = ("sync", "os", "log")
@@ -342,6 +342,89 @@ _DB_NAMES = (
     "deleted",
     "retention",
 )
+#: Each sub-database as :meth:`LmdbStore.summary` names it: (its key in
+#: ``StoreSummary.entries`` and ``pimcore inspect --json``, what one entry is
+#: in plain words).  Stable: scripts read these keys.
+_DB_LABELS: dict[str, tuple[str, str]] = {
+    "meta": ("meta", "store metadata keys"),
+    "msgs": ("messages", "stored messages (with edit, recall and delete entries)"),
+    "convs": ("conversations", "conversations"),
+    "convidx": ("conversation_entries", "conversation history entries (messages and joins/leaves)"),
+    "groups": ("groups", "groups"),
+    "members": ("group_members", "group memberships"),
+    "userconvs": ("user_conversations", "conversation list entries (user x conversation)"),
+    "inbox": ("inbox_entries", "inbox entries (one per recipient of a message)"),
+    "inboxmeta": ("inboxes", "inboxes (users with an inbox head)"),
+    "devices": ("devices", "devices"),
+    "dedupe": ("dedupe", "retry (dedupe) records"),
+    "reads": ("read_markers", "read markers"),
+    "revoked": ("revocations", "token revocations"),
+    "spans": ("membership_spans", "membership intervals"),
+    "events": ("events", "host events not yet reclaimed"),
+    "evcursors": ("event_consumers", "host event consumers"),
+    "convset": ("conversation_settings", "conversation settings (pinned, muted, hidden)"),
+    "mentionidx": ("mentions", "mentions"),
+    "deleted": ("deleted_for_user", "messages deleted for one user"),
+    "retention": ("retention", "retention settings"),
+}
+assert tuple(_DB_LABELS) == _DB_NAMES
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSummary:
+    """What :meth:`LmdbStore.summary` reads: one consistent read transaction
+    plus a look at the files, nothing written.
+
+    * ``path``: the store directory (the one holding ``data.mdb``).
+    * ``broker``: ``"running"`` (a process holds ``broker.lock``: a broker,
+      or a maintenance process recovering a ``log`` store), ``"not
+      running"`` or ``"unknown"`` (the lock could not be probed without
+      taking it: not Linux, or ``/proc/locks`` unreadable);
+      ``broker_holder``: who, as the holder wrote it in ``broker.lock``
+      ("process 123 (pimcore serve ...)"), or None.
+    * ``schema``: the store's format version (:data:`SCHEMA_VERSION` is this
+      code's; an older one is upgraded when a broker next opens it).
+    * ``node_id``: 8 bytes, hex.  ``epoch``: the current epoch (16 bytes,
+      hex; empty if no broker ever opened the store); ``epochs``: every
+      trusted epoch, oldest first.
+    * ``last_server_time``: the highest server time ever stored,
+      microseconds since the Unix epoch (0: nothing stored yet).
+    * ``map_size``: LMDB's map size in bytes (it doubles when full);
+      ``page_size``: bytes; ``pages_used``: pages in use (LMDB's last page
+      number + 1); ``bytes_used``: ``pages_used * page_size`` (free pages
+      LMDB will reuse included); ``file_size``: ``data.mdb``'s size in bytes.
+    * ``last_txnid``: LMDB's last committed transaction; ``readers``: reader
+      slots of the lock file used so far (LMDB's high-water mark, all
+      processes, this handle's included; a slot is reused once free) of
+      ``max_readers``.
+    * ``entries``: entry count of each sub-database, keyed by the names of
+      :data:`_DB_LABELS` (``messages``, ``inbox_entries``, ...), in a fixed
+      order; None for a sub-database the store does not have yet (written
+      by an older version).
+    * ``log``: the command log (``durability="log"``), or None if the store
+      has no ``log/`` directory (:class:`pimcore.store.wal.LogSummary`).
+    """
+
+    path: str
+    broker: str
+    broker_holder: Optional[str]
+    schema: Optional[int]
+    node_id: str
+    epoch: str
+    epochs: tuple[str, ...]
+    last_server_time: int
+    map_size: int
+    page_size: int
+    pages_used: int
+    bytes_used: int
+    file_size: int
+    last_txnid: int
+    readers: int
+    max_readers: int
+    entries: dict[str, Optional[int]]
+    log: Optional[wal.LogSummary]
+
+
 #: Below this LMDB cannot even hold the sub-database catalogue comfortably.
 _MIN_MAP_SIZE = 1 << 20
 
@@ -1452,9 +1535,19 @@ class LmdbStore(Store):
         Epochs) and holds ``broker.lock`` in the directory, so a second
         broker on the same store is refused (StoreError).  False for a
         maintenance open next to a running broker (``pimcore group``,
-        ``pimcore inspect``): epochs and marks are left as they are.
+        ``purge``): epochs and marks are left as they are (``pimcore
+        inspect`` opens with ``read_only``, below).
     :param max_readers: LMDB reader slots (concurrent read transactions
         across all processes using the environment).
+    :param read_only: True for a look that changes nothing (``pimcore
+        inspect``): LMDB opened read-only (``data.mdb`` is opened for
+        reading; LMDB's ``lock.mdb`` gets a reader slot, as for any reader),
+        no lock of this store taken, no command log replayed or recovered,
+        no epoch, mark or schema upgrade written; implies ``owner=False``,
+        ``create=False``, and every write raises StoreError.  A ``log``
+        store whose broker stopped uncleanly is read as LMDB last wrote it
+        (the batches after its checkpoint are in the command log until the
+        next start replays them: :meth:`summary` counts them).
     """
 
     #: Reads may run on the event loop while a commit syncs in a worker thread.
@@ -1470,7 +1563,10 @@ class LmdbStore(Store):
         max_readers: int = 256,
         create: bool = True,
         owner: bool = True,
+        read_only: bool = False,
     ) -> None:
+        if read_only:
+            owner = create = False
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
         if map_size <= 0 or max_map_size < map_size:
@@ -1521,14 +1617,20 @@ class LmdbStore(Store):
         #: Deferred transactions committed, and batches committed in them.
         self.deferred_commits = 0
         self.deferred_batches = 0
+        #: The store's schema version as read at open.
+        self._schema: Optional[int] = SCHEMA_VERSION
+        #: ``log.lock``: held exclusively by the handle that writes through
+        #: the command log, shared by a maintenance write (:meth:`_write`).
+        self._log_lock_file: Optional[io.FileIO] = None
+        if read_only:
+            self._durability = durability
+            self._open_read_only(path, max_readers)
+            return
         log_dir = os.path.join(path, "log")
         ckpt = wal.read_checkpoint(log_dir) if os.path.isdir(log_dir) else None
         if not owner and durability == "log":
             durability = "sync"  # only the broker writes through the log
         self._durability = durability
-        #: ``log.lock``: held exclusively by the handle that writes through
-        #: the command log, shared by a maintenance write (:meth:`_write`).
-        self._log_lock_file: Optional[io.FileIO] = None
         temp_lock = False
         if ckpt is not None and not owner:
             # A store a log broker wrote.  No broker running: recover it and
@@ -1589,6 +1691,43 @@ class LmdbStore(Store):
             self.close()
             raise
 
+    def _open_read_only(self, path: str, max_readers: int) -> None:
+        """The open of ``read_only=True`` (see the class docstring)."""
+        self._read_only = "this store handle is read-only"
+        try:
+            # map_size 0: the map size the store's writer set.
+            # (As bytes: a path that is not UTF-8 opens too.)
+            env = lmdb.open(os.fsencode(path), map_size=0, subdir=True, create=False, readonly=True, lock=True,
+                            max_dbs=len(_DB_NAMES), max_readers=max_readers)
+        except (lmdb.Error, OSError) as exc:
+            raise StoreError(f"cannot open LMDB store at {quote_arg(path)}: {exc}") from exc
+        try:
+            self._bind(env, read_only=True)
+            with self._read() as txn:
+                self._node, self._epoch, self._epochs = self._read_meta(txn)
+        except lmdb.Error as exc:
+            self.close()
+            raise StoreError(f"cannot open LMDB store at {quote_arg(path)}: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_meta(self, txn: _Txn) -> tuple[bytes, bytes, tuple[bytes, ...]]:
+        """:meth:`_init_meta` of a read-only handle: (node id, epoch, trusted
+        epochs) as stored, nothing created or upgraded."""
+        node = txn.get(b"node", db=self._meta) if self._meta is not None else None
+        if node is None:
+            raise StoreError(f"{quote_arg(self._path)} is not an initialised pimcore store")
+        raw = txn.get(b"schema", db=self._meta)
+        version = _U64.unpack(raw)[0] if raw is not None else None
+        if version is not None and version > SCHEMA_VERSION:
+            raise StoreError(f"store schema version {version}, this code reads {SCHEMA_VERSION}"
+                             " (a newer pimcore wrote it: use that version)")
+        self._schema = version
+        raw = txn.get(b"epochs", db=self._meta) or b""
+        trusted = tuple(bytes(raw[i : i + 16]) for i in range(0, len(raw), 16))
+        return bytes(node), bytes(txn.get(b"epoch", db=self._meta) or b""), trusted
+
     # ------------------------------------------------------------ plumbing
 
     @staticmethod
@@ -1608,12 +1747,18 @@ class LmdbStore(Store):
             lock=True,
         )
 
-    def _bind(self, env: lmdb.Environment) -> None:
-        """Open the sub-databases of ``env`` and make it this store's."""
-        # Reader slots of processes that died holding a read transaction
-        # (e.g. SIGKILL) would pin old pages forever: release them.
-        env.reader_check()
-        dbs = [self._open_db(env, name) for name in _DB_NAMES]
+    def _bind(self, env: lmdb.Environment, read_only: bool = False) -> None:
+        """Open the sub-databases of ``env`` and make it this store's
+        (``read_only``: those it has; the others are None)."""
+        if read_only:
+            # (A missing one is None: summary() says so; the other reads
+            # assume them all, see inspect --user.)
+            dbs = typing.cast("list[lmdb._Database]", [self._find_db(env, name) for name in _DB_NAMES])
+        else:
+            # Reader slots of processes that died holding a read transaction
+            # (e.g. SIGKILL) would pin old pages forever: release them.
+            env.reader_check()
+            dbs = [self._open_db(env, name) for name in _DB_NAMES]
         (
             self._meta,
             self._msgs,
@@ -1732,6 +1877,14 @@ class LmdbStore(Store):
             # before forgotten: see _open_lock_file.)
             self._log_lock_file.close()
             self._log_lock_file = None
+
+    @staticmethod
+    def _find_db(env: lmdb.Environment, name: str) -> Optional["lmdb._Database"]:
+        """A sub-database of a read-only environment, None if it has none."""
+        try:
+            return env.open_db(name.encode("ascii"), create=False)
+        except lmdb.NotFoundError:
+            return None
 
     def _open_db(self, env: lmdb.Environment, name: str) -> "lmdb._Database":
         while True:
@@ -2591,6 +2744,84 @@ class LmdbStore(Store):
     @property
     def durability(self) -> str:
         return self._durability
+
+    def summary(self) -> StoreSummary:
+        """What the store holds and how big it is (:class:`StoreSummary`
+        gives the fields and their units), read in one read transaction:
+        nothing is written, no lock taken (the broker's included: it is
+        probed, see :meth:`broker_state`), no command log replayed.  Safe
+        on a store a broker is running on; ``pimcore inspect`` prints it."""
+        with self._read() as txn:
+            env = self._env
+            assert env is not None
+            info = env.info()
+            psize = int(env.stat()["psize"])
+            hwm = txn.get(b"hwm", db=self._meta)
+            entries: dict[str, Optional[int]] = {}
+            for name in _DB_NAMES:
+                db = getattr(self, "_" + name)
+                entries[_DB_LABELS[name][0]] = None if db is None else int(txn.stat(db)["entries"])
+        try:
+            file_size = os.stat(os.path.join(self._path, "data.mdb")).st_size
+        except OSError:
+            file_size = 0
+        broker, holder = self.broker_state(self._path)
+        log_dir = os.path.join(self._path, "log")
+        return StoreSummary(
+            path=self._path,
+            broker=broker,
+            broker_holder=holder,
+            schema=self._schema,
+            node_id=self._node.hex(),
+            epoch=self._epoch.hex(),
+            epochs=tuple(e.hex() for e in self._epochs),
+            last_server_time=_U64.unpack(hwm)[0] if hwm is not None else 0,
+            map_size=int(info["map_size"]),
+            page_size=psize,
+            pages_used=int(info["last_pgno"]) + 1,
+            bytes_used=(int(info["last_pgno"]) + 1) * psize,
+            file_size=file_size,
+            last_txnid=int(info["last_txnid"]),
+            readers=int(info["num_readers"]),
+            max_readers=int(info["max_readers"]),
+            entries=entries,
+            log=wal.summarize(log_dir) if os.path.isdir(log_dir) else None,
+        )
+
+    @staticmethod
+    def broker_state(path: Union[str, "os.PathLike[str]"]) -> tuple[str, Optional[str]]:
+        """Does a process hold the store's ``broker.lock``?  (``"running"``,
+        who in words as the holder wrote it in the file) if so,
+        (``"not running"``, None) if not, (``"unknown"``, None) if that cannot
+        be told without taking the lock.  A probe, not a lock attempt (a
+        shared flock, even for a moment, would refuse a broker starting
+        then): Linux lists every flock in ``/proc/locks`` by device and
+        inode.  The file is opened read-only, never created."""
+        lock = os.path.join(os.fspath(path), "broker.lock")
+        try:
+            st = os.stat(lock)
+        except FileNotFoundError:
+            return "not running", None  # (every broker makes it)
+        except OSError:
+            return "unknown", None
+        try:
+            with open("/proc/locks", encoding="ascii", errors="replace") as f:
+                table = f.read()
+        except OSError:
+            return "unknown", None
+        dev_ino = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        held = any(
+            len(words) > 5 and words[1] == "FLOCK" and words[5] == dev_ino
+            for words in (line.split() for line in table.splitlines())
+        )
+        if not held:
+            return "not running", None
+        try:
+            with open(lock, "rb", buffering=0) as f:
+                holder = LmdbStore._lock_holder(f)  # type: ignore[arg-type]
+        except OSError:
+            holder = "another process"
+        return "running", holder
 
     # -------------------------------------------------------------- writes
 

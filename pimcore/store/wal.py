@@ -59,12 +59,15 @@ import os
 import struct
 import threading
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Optional
 
 from ..errors import StoreError
 
-__all__ = ["CommandLog", "Checkpoint", "read_checkpoint", "write_checkpoint", "restore_meta", "meta_txnid"]
+__all__ = [
+    "CommandLog", "Checkpoint", "read_checkpoint", "write_checkpoint", "restore_meta", "meta_txnid", "LogFile",
+    "LogSummary", "summarize",
+]
 
 _REC = struct.Struct("<IIQI")
 _REC_MAGIC = 0x474C4350  # "PCLG"
@@ -232,6 +235,16 @@ class CommandLog:
         self.appended = 0
         #: (file, offset) of the last record appended (for :meth:`rewind`).
         self._last: Optional[tuple[int, int]] = None
+
+    @classmethod
+    def _reader(cls, dirpath: str, fds: list[int]) -> "CommandLog":
+        """A log over ``fds`` (the two files, opened read-only by the
+        caller, who closes them) for :meth:`records` only: unlike
+        ``__init__`` it creates nothing."""
+        log = cls.__new__(cls)
+        log.dir, log._fds, log._salts = dirpath, fds, [b"", b""]
+        log.file, log.offset, log.next_lsn, log._covered_file = 0, _FILE_HEAD.size, 1, -1
+        return log
 
     # ---------------------------------------------------------------- read
 
@@ -445,3 +458,84 @@ class CommandLog:
                 pass
         _sync_dir(self.dir)
 
+
+
+@dataclass(frozen=True, slots=True)
+class LogFile:
+    """One file of the command log as :func:`summarize` found it."""
+
+    name: str  # "log-0" or "log-1"
+    size: int  # bytes (the file is extended 1 MiB at a time, so mostly zeros at its end)
+    first_lsn: int  # the LSN its header names; 0: no header yet (an unused file)
+
+
+@dataclass(frozen=True, slots=True)
+class LogSummary:
+    """What a store's ``log/`` directory holds, read without writing,
+    creating or locking anything (:func:`summarize`).  The ``checkpoint_*``
+    fields are None when there is no checkpoint (or it cannot be read:
+    ``problem`` says why).
+
+    * ``checkpoint_next_lsn``: the first record a recovery would replay.
+    * ``checkpoint_file``, ``checkpoint_offset``: where it starts (0 or 1;
+      bytes into that file).
+    * ``checkpoint_txnid``: the LMDB transaction the checkpoint made durable.
+    * ``checkpoint_written_at``: when the checkpoint file was written (its
+      mtime), microseconds since the Unix epoch.
+    * ``records_after_checkpoint``: intact records after the checkpoint at
+      the time of reading: batches a recovery would replay (while a broker
+      runs, those it committed since its last checkpoint).
+    """
+
+    path: str
+    files: tuple[LogFile, ...]
+    checkpoint_next_lsn: Optional[int] = None
+    checkpoint_file: Optional[int] = None
+    checkpoint_offset: Optional[int] = None
+    checkpoint_txnid: Optional[int] = None
+    checkpoint_written_at: Optional[int] = None
+    records_after_checkpoint: Optional[int] = None
+    problem: Optional[str] = None
+
+
+def summarize(dirpath: str) -> LogSummary:
+    """The command log in ``dirpath`` (a store's ``log/``), read only: files
+    opened read-only, nothing created, written or locked, no record
+    replayed.  Safe while a broker writes the log (a record being appended
+    is not counted yet)."""
+    files = []
+    fds = []
+    try:
+        for i in (0, 1):
+            path = os.path.join(dirpath, f"log-{i}")
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                fd = os.open(os.devnull, os.O_RDONLY)  # (reads as empty: no header, no record)
+            else:
+                files.append(LogFile(f"log-{i}", os.fstat(fd).st_size, 0))
+            fds.append(fd)
+        reader = CommandLog._reader(dirpath, fds)
+        files = [replace(f, first_lsn=reader._header(int(f.name[-1]))[0]) for f in files]
+        try:
+            ckpt = read_checkpoint(dirpath)
+        except StoreError as exc:
+            return LogSummary(dirpath, tuple(files), problem=str(exc))
+        if ckpt is None:
+            return LogSummary(dirpath, tuple(files))
+        try:
+            written = os.stat(os.path.join(dirpath, "checkpoint")).st_mtime_ns // 1000
+        except OSError:
+            written = None
+        problem = None
+        count = 0
+        try:
+            for _ in reader.records(ckpt):
+                count += 1
+        except (StoreError, OSError) as exc:
+            problem = str(exc)
+        return LogSummary(dirpath, tuple(files), ckpt.next_lsn, ckpt.file, ckpt.offset, ckpt.txnid, written,
+                          count, problem)
+    finally:
+        for fd in fds:
+            os.close(fd)
