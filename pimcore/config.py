@@ -84,7 +84,8 @@ or ``PIMCORE_<SECTION>_<KEY>`` (in a section), upper case:
 ``PIMCORE_DATA_DIR``, ``PIMCORE_LIMITS_SEND_RATE``, ``PIMCORE_HTTP_REQUEST_TIMEOUT``;
 ``PIMCORE_HTTP`` is ``[http] listen``, ``PIMCORE_STORE`` is ``[store] url``.  Values are read by the key's type
 (a number, ``true``/``false``, a string); lists (``listen``, ``api_keys``)
-are comma-separated.  ``PIMCORE_CONFIG`` names the file.  Any other
+are comma-separated (an empty item, ``"k1,,k2"`` or ``"k1,"``, is refused
+by its position).  ``PIMCORE_CONFIG`` names the file.  Any other
 ``PIMCORE_*`` variable is a :class:`ConfigError` naming it, like an unknown
 key in the file (except the project's own :data:`OTHER_ENV`, e.g.
 ``PIMCORE_BACKEND``; an empty one is unset).  Precedence: flags
@@ -499,7 +500,16 @@ def _parse_env(name: str, typ: str, text: str) -> Any:
             return False
         raise ConfigError(f"{name}: expected true or false, got {_show(text)}")
     if typ == "list":
-        return _not_empty(name, typ, [part.strip() for part in s.split(",") if part.strip()])
+        parts = [part.strip() for part in s.split(",")]
+        _not_empty(name, typ, [part for part in parts if part])  # (only commas: "the list is empty")
+        if "" in parts:
+            # ("k1,,k2" or "k1,": the empty item was dropped silently, a key
+            # lost to a typo.  Said by its position, never its neighbours:
+            # they may be keys.)
+            what = _EMPTY_LIST_SAID.get(name, ("value", ""))[0]
+            raise ConfigError(f"{name}: item {parts.index('') + 1} of the list is empty (two commas, or one at"
+                              f" an end): give one {what} between each two commas")
+        return parts
     return text
 
 

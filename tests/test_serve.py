@@ -524,6 +524,32 @@ def test_a_list_variable_of_only_commas_is_refused_naming_it(tmp_path: Path, cap
     assert out == "" and err.startswith(f"pimcore serve: {said}") and f"(from ${name})" in err, err
 
 
+@pytest.mark.parametrize("name, text, said", [
+    ("PIMCORE_API_KEYS", "key-one-0123456789,,key-two-0123456789",
+     "api_keys: item 2 of the list is empty (two commas, or one at an end): give one key between each two commas"),
+    ("PIMCORE_API_KEYS", "key-one-0123456789,",
+     "api_keys: item 2 of the list is empty (two commas, or one at an end): give one key between each two commas"),
+    ("PIMCORE_API_KEYS", ", key-one-0123456789",
+     "api_keys: item 1 of the list is empty (two commas, or one at an end): give one key between each two commas"),
+    ("PIMCORE_LISTEN", "tcp://127.0.0.1:0, ,tcp://127.0.0.1:0",
+     "listen: item 2 of the list is empty (two commas, or one at an end): give one URL between each two commas"),
+], ids=["between", "trailing", "leading", "listen"])
+def test_an_empty_item_of_a_list_variable_is_refused_naming_its_position(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        name: str, text: str, said: str) -> None:
+    """``PIMCORE_API_KEYS="k1,,k2"`` (or ``"k1,"``) dropped the empty item
+    silently, though ``","`` alone is refused: a key lost to a typo, or a
+    variable pasted short, said nothing.  Refused naming the variable and
+    the item's position (never its neighbours: they may be keys)."""
+    from pimcore.cli import main
+
+    monkeypatch.setenv(name, text)
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--print-config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"pimcore serve: {said} (from ${name})\n", err
+    assert "0123456789" not in err and not (tmp_path / "d").exists()
+
+
 def test_an_empty_config_option_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """``pimcore serve --config ''`` read $PIMCORE_CONFIG's file, or none,
