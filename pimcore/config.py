@@ -1117,6 +1117,12 @@ def _fits(typ: str, value: Any) -> bool:
     return False
 
 
+#: Sections a string stands for one key of: ``http = "URL"`` is short for
+#: ``[http] listen``, ``store = "URL"`` for ``[store] url``.  A refusal of
+#: the string names the section, as written (``http: cannot be empty``).
+_SHORT_FORMS = {"http": "listen", "store": "url"}
+
+
 def _check_doc(doc: dict[str, Any], where: str, *, as_json: bool = False) -> dict[str, Any]:
     """``doc`` (a configuration file's tables, or the same shape from JSON:
     ``as_json``, and errors say its keys in that form) with its keys
@@ -1125,12 +1131,10 @@ def _check_doc(doc: dict[str, Any], where: str, *, as_json: bool = False) -> dic
     unknown = set(doc) - _TOP_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}{_misplaced(doc, unknown, None, as_json)}")
-    if isinstance(doc.get("http"), str):
-        doc["http"] = {"listen": doc["http"]}  # http = "URL" is short for [http] listen
-    if isinstance(doc.get("store"), str):
-        doc["store"] = {"url": doc["store"]}  # store = "URL" is short for [store] url
     for section, allowed in _SECTIONS.items():
         value = doc.get(section, {})
+        if isinstance(value, str) and section in _SHORT_FORMS:
+            continue  # (read as its table's key by _layer_from_doc)
         if not isinstance(value, dict):
             also = f' or a URL string ({section} = "tcp://HOST:PORT")' if section == "http" else ""
             raise ConfigError(f"{where}: {section}: expected a table [{section}]{also}, got {_show(value)}")
@@ -1149,9 +1153,11 @@ def _layer_from_doc(doc: dict[str, Any], here: Path, where: str) -> dict[tuple[O
     layer: dict[tuple[Optional[str], str], Any] = {}
     for (section, key), typ in SCHEMA.items():
         table = doc.get(section, {}) if section else doc
+        name = f"{section}.{key}" if section else key
+        if isinstance(table, str):  # http = "URL": said as written, not as http.listen
+            table, name = {_SHORT_FORMS[section]: table}, section
         if key not in table or (section is None and key in _SECTIONS):
             continue
-        name = f"{section}.{key}" if section else key
         try:
             value = _in_range(name, _check(name, typ, table[key]))
         except ConfigError as exc:

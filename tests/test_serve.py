@@ -484,20 +484,25 @@ def test_an_empty_path_setting_is_refused_naming_it(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text, said", [
     ('secret = ""', "secret: cannot be empty"),
     ('content_filter = ""', "content_filter: cannot be empty"),
-    ('http = ""', "http.listen: cannot be empty"),
-    ('store = ""', "store.url: cannot be empty"),
+    ('http = ""', "http: cannot be empty"),
+    ('[http]\nlisten = ""', "http.listen: cannot be empty"),
+    ('store = ""', "store: cannot be empty"),
+    ('[store]\nurl = ""', "store.url: cannot be empty"),
     ("api_keys = []", "api_keys: the list is empty: give at least one key, or leave the setting out"),
     ("listen = []", "listen: the list is empty: give at least one URL"),
     ('[webhooks]\nurl = "http://127.0.0.1:1/e"\nevents = []',
      "webhooks.events: the list is empty: give at least one event type"),
     ('[webhooks]\nurl = ""', "webhooks.url: cannot be empty"),
-], ids=["secret", "content_filter", "http", "store", "api_keys", "listen", "events", "webhooks.url"])
+], ids=["secret", "content_filter", "http", "http.listen", "store", "store.url", "api_keys", "listen", "events",
+        "webhooks.url"])
 def test_an_empty_value_in_the_file_is_refused_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                          text: str, said: str) -> None:
     """``secret = ""`` used the data directory's secret, ``api_keys = []``
     the key file, ``http = ""`` no HTTP listener, ``events = []`` every
     webhook event type: an empty value was taken silently (a new-user
-    review).  Refused as an empty path is, naming the setting and the file."""
+    review).  Refused as an empty path is, naming the setting and the file;
+    the short forms (``http = ""``, ``store = ""``) by what was written, not
+    the table key they stand for (``http.listen``, which the file did not say)."""
     from pimcore.cli import main
 
     cfg = write_config(tmp_path / "p.toml", text + "\n")
