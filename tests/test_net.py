@@ -2567,6 +2567,28 @@ async def test_an_argument_of_the_wrong_type_is_a_type_error_saying_what_is_expe
             assert str(info.value) == said
 
 
+@pytest.mark.parametrize("tok, said", [
+    ("", "open_client: token cannot be empty: give a token (from `pimcore token --user USER` or"
+     " pimcore.auth.issue_token)"),
+    (b"", "open_client: token cannot be empty: give a token (from `pimcore token --user USER` or"
+     " pimcore.auth.issue_token)"),
+    (lambda: "", "open_client: the token source returned an empty token: it must return a token (from"
+     " `pimcore token --user USER` or pimcore.auth.issue_token)"),
+], ids=["str", "bytes", "source"])
+async def test_an_empty_token_is_a_value_error_at_the_call(lmdb_store, caplog, tok, said):
+    """open_client(url, "") sent the empty token, and the broker refused it
+    later, as a login failure far from the call that gave it.  A ValueError
+    at the call naming ``token`` (a token source's empty result, at the
+    first connect); the broker never sees a login."""
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            with pytest.raises(ValueError) as info:
+                async with open_client(srv.urls[0], tok, "d1", config=FAST_CLIENT):
+                    pass
+            assert str(info.value) == said
+    assert "login refused" not in caplog.text, caplog.text
+
+
 @pytest.mark.parametrize("scheme", ["ws", "tcp"])
 async def test_catching_up_on_large_messages_over_every_transport(lmdb_store, scheme):
     """Many large messages at login: the broker writes megabytes at once; a
