@@ -1812,6 +1812,33 @@ async def test_an_http_request_at_a_tcp_listener_is_answered_400_in_words(lmdb_s
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+async def test_a_websocket_upgrade_at_a_tcp_listener_is_logged_as_one_and_still_answered_with_a_close(
+        lmdb_store, caplog):
+    """A ws:// client pointed at the tcp:// listener: the broker's close line
+    said "UNSUPPORTED_VERSION: protocol version 4 is not supported", its
+    core's view of the request line's "G".  It says what arrived and which
+    listener to use; the answer stays the binary Close the SDKs read (to
+    suggest tcp://: test_a_websocket_url_at_a_binary_port_fails_at_once_suggesting_it)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
+            answer, _, _ = await _http_exchange(srv.endpoints[0].port, WS_UPGRADE)
+            decoder = Decoder()
+            decoder.feed(answer)
+            close = decoder.next_frame()
+            assert isinstance(close, F.Close) and close.reason.startswith("UNSUPPORTED_VERSION: "), close
+            await _until_closes(caplog, 1)
+            [line] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert line.code == "PROTOCOL_ERROR"
+            assert line.reason == ("a WebSocket upgrade request at the tcp:// listener (use the ws:// listener"
+                                   " instead): answered with a binary Close, which the SDKs read"), line.reason
+            assert "UNSUPPORTED_VERSION" not in caplog.text, caplog.text
+            async with client(srv.url("tcp"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
 #: Upgrade requests with a header wsproto (1.3) cannot decode: it raises
 #: UnicodeError, not the RemoteProtocolError it answers with a 400.
 _UNDECODABLE_UPGRADES = {

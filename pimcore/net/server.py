@@ -660,6 +660,18 @@ def _http_start(first: bytes) -> bool:
     return all(65 <= b <= 90 or 97 <= b <= 122 for b in first)
 
 
+def _upgrade_at_stream(peer: "_Peer") -> None:
+    """``peer``'s first bytes, at a tcp:// or tls:// listener, were a
+    WebSocket upgrade request, which the core refused with a binary Close
+    (PROTOCOL_ERROR, "UNSUPPORTED_VERSION: protocol version 4": the "G" of
+    GET): its close line says what arrived instead, and where to send it."""
+    if peer.close_code is CloseCode.PROTOCOL_ERROR:
+        scheme = peer.endpoint.scheme
+        ws = "wss" if scheme == "tls" else "ws"
+        peer.ended = (f"a WebSocket upgrade request at the {scheme}:// listener (use the {ws}:// listener instead):"
+                      " answered with a binary Close, which the SDKs read")
+
+
 def _not_http_answer(ep: Endpoint) -> bytes:
     """A ws:// or wss:// listener's answer to bytes that are no HTTP request
     (a tcp:// client's Login), or to an HTTP request that is no upgrade (a
@@ -1698,6 +1710,10 @@ class BrokerServer:
         # (curl, a browser) is answered in words (_http_at_stream), not
         # decoded as a frame ("UNSUPPORTED_VERSION: protocol version 4").
         first = not peer.endpoint.websocket
+        # ... a WebSocket upgrade request (a ws:// client) is decoded as one:
+        # its binary Close is what the SDKs read to suggest tcp://.  Only its
+        # close line says what arrived (_upgrade_at_stream).
+        upgrade = False
         # Plain TCP: wait until readable, then one read.  (receive_some reads
         # first, and on a connection with one message in flight that read
         # usually finds nothing: an EAGAIN raised and caught, then the same
@@ -1742,9 +1758,11 @@ class BrokerServer:
             if first:
                 first = False
                 method = _HTTP_REQUEST_LINE.match(data)
-                if method is not None and not _WS_UPGRADE_HEADER.search(data):
-                    await self._http_at_stream(peer, method.group(1).decode())
-                    return
+                if method is not None:
+                    if not _WS_UPGRADE_HEADER.search(data):
+                        await self._http_at_stream(peer, method.group(1).decode())
+                        return
+                    upgrade = True
             self._stats["bytes_in"] += len(data)
             if fd >= 0 and not self._holding and self._tasks is not None and not self.broker.batch_in_flight:
                 probe = self._ready_probe
@@ -1774,6 +1792,9 @@ class BrokerServer:
             finally:
                 self._inline_ok = False
             del cmds
+            if upgrade:
+                upgrade = False
+                _upgrade_at_stream(peer)
         # Reading stopped by shutdown(): the connection stays open until
         # shutdown closes it with a reason.
         if self._stopping and peer.state is _PeerState.OPEN:
