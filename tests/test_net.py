@@ -1812,8 +1812,9 @@ async def test_an_http_request_at_a_tcp_listener_is_answered_400_in_words(lmdb_s
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+@pytest.mark.parametrize("scheme", ["tcp", "tls"])
 async def test_a_websocket_upgrade_at_a_tcp_listener_is_logged_as_one_and_still_answered_with_a_close(
-        lmdb_store, caplog):
+        lmdb_store, ca, caplog, scheme):
     """A ws:// client pointed at the tcp:// listener: the broker's close line
     said "UNSUPPORTED_VERSION: protocol version 4 is not supported", its
     core's view of the request line's "G".  It says what arrived and which
@@ -1823,8 +1824,9 @@ async def test_a_websocket_upgrade_at_a_tcp_listener_is_logged_as_one_and_still_
 
     caplog.set_level(logging.INFO, logger="pimcore")
     with trio.fail_after(10):
-        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
-            answer, _, _ = await _http_exchange(srv.endpoints[0].port, WS_UPGRADE)
+        ctx = {"ssl_context": _serving_tls(ca)} if scheme == "tls" else {}
+        async with serving(lmdb_store, server_config(Endpoint(scheme), **ctx)) as srv:
+            answer = await _upgrade_answer("wss" if scheme == "tls" else "ws", srv.endpoints[0].port, WS_UPGRADE, ca)
             decoder = Decoder()
             decoder.feed(answer)
             close = decoder.next_frame()
@@ -1832,10 +1834,12 @@ async def test_a_websocket_upgrade_at_a_tcp_listener_is_logged_as_one_and_still_
             await _until_closes(caplog, 1)
             [line] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
             assert line.code == "PROTOCOL_ERROR"
-            assert line.reason == ("a WebSocket upgrade request at the tcp:// listener (use the ws:// listener"
+            ws = "wss" if scheme == "tls" else "ws"
+            assert line.reason == (f"a WebSocket upgrade request at the {scheme}:// listener (use the {ws}:// listener"
                                    " instead): answered with a binary Close, which the SDKs read"), line.reason
             assert "UNSUPPORTED_VERSION" not in caplog.text, caplog.text
-            async with client(srv.url("tcp"), "alice") as a:
+            kw = {"ssl_context": _trusting(ca)} if scheme == "tls" else {}
+            async with client(srv.url(scheme), "alice", **kw) as a:
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
