@@ -476,18 +476,24 @@ class ConversationsPage:
 
 _TOKEN_EXPECTED = ("str or bytes (from `pimcore token --user USER` or pimcore.auth.issue_token), or a callable"
                    " returning one (or an awaitable of one)")
+#: Where a token comes from, for the refusal of an empty one.
+_TOKEN_FROM = "(from `pimcore token --user USER` or pimcore.auth.issue_token)"
 
 
 def _check_arguments(url: Any, token: Any, device: Any) -> None:
     """TypeError at the call, saying what is expected, for an argument of
     open_client of the wrong type: ``token=None`` was a bare "object
     NoneType can't be used in 'await' expression" from deep inside, a
-    ``device`` of None the codec's "field 'device': expected str"."""
+    ``device`` of None the codec's "field 'device': expected str".
+    ValueError for an empty token (``""`` was sent, and refused by the
+    broker as "token is invalid: Not enough segments")."""
     if not isinstance(url, str):
         raise TypeError(f"open_client: url must be a str (tcp://HOST:PORT, tls://, ws://HOST:PORT/PATH or wss://),"
                         f" not {type(url).__name__}")
     if not (isinstance(token, (str, bytes)) or callable(token)):
         raise TypeError(f"open_client: token must be a {_TOKEN_EXPECTED}, not {type(token).__name__}")
+    if isinstance(token, (str, bytes)) and len(token) == 0:
+        raise ValueError(f"open_client: token cannot be empty: give a token {_TOKEN_FROM}")
     if not isinstance(device, str):
         raise TypeError(f"open_client: device must be a str (a device id, e.g. \"phone\"), not {type(device).__name__}")
 
@@ -969,6 +975,9 @@ class Client:
         if not isinstance(tok, (str, bytes)):  # (a token source's result; the token itself is checked at the call)
             raise TypeError(f"open_client: the token source returned {type(tok).__name__}; it must return a"
                             f" {_TOKEN_EXPECTED.split(', or a callable')[0]}")
+        if len(tok) == 0:
+            raise ValueError(f"open_client: the token source returned an empty token: it must return a token"
+                             f" {_TOKEN_FROM}")
         return tok.encode() if isinstance(tok, str) else bytes(tok)
 
     async def _open_stream(self, nursery: trio.Nursery) -> trio.abc.Stream:

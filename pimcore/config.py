@@ -84,7 +84,8 @@ or ``PIMCORE_<SECTION>_<KEY>`` (in a section), upper case:
 ``PIMCORE_DATA_DIR``, ``PIMCORE_LIMITS_SEND_RATE``, ``PIMCORE_HTTP_REQUEST_TIMEOUT``;
 ``PIMCORE_HTTP`` is ``[http] listen``, ``PIMCORE_STORE`` is ``[store] url``.  Values are read by the key's type
 (a number, ``true``/``false``, a string); lists (``listen``, ``api_keys``)
-are comma-separated.  ``PIMCORE_CONFIG`` names the file.  Any other
+are comma-separated (an empty item, ``"k1,,k2"`` or ``"k1,"``, is refused
+by its position).  ``PIMCORE_CONFIG`` names the file.  Any other
 ``PIMCORE_*`` variable is a :class:`ConfigError` naming it, like an unknown
 key in the file (except the project's own :data:`OTHER_ENV`, e.g.
 ``PIMCORE_BACKEND``; an empty one is unset).  Precedence: flags
@@ -499,7 +500,16 @@ def _parse_env(name: str, typ: str, text: str) -> Any:
             return False
         raise ConfigError(f"{name}: expected true or false, got {_show(text)}")
     if typ == "list":
-        return _not_empty(name, typ, [part.strip() for part in s.split(",") if part.strip()])
+        parts = [part.strip() for part in s.split(",")]
+        _not_empty(name, typ, [part for part in parts if part])  # (only commas: "the list is empty")
+        if "" in parts:
+            # ("k1,,k2" or "k1,": the empty item was dropped silently, a key
+            # lost to a typo.  Said by its position, never its neighbours:
+            # they may be keys.)
+            what = _EMPTY_LIST_SAID.get(name, ("value", ""))[0]
+            raise ConfigError(f"{name}: item {parts.index('') + 1} of the list is empty (two commas, or one at"
+                              f" an end): give one {what} between each two commas")
+        return parts
     return text
 
 
@@ -1107,6 +1117,12 @@ def _fits(typ: str, value: Any) -> bool:
     return False
 
 
+#: Sections a string stands for one key of: ``http = "URL"`` is short for
+#: ``[http] listen``, ``store = "URL"`` for ``[store] url``.  A refusal of
+#: the string names the section, as written (``http: cannot be empty``).
+_SHORT_FORMS = {"http": "listen", "store": "url"}
+
+
 def _check_doc(doc: dict[str, Any], where: str, *, as_json: bool = False) -> dict[str, Any]:
     """``doc`` (a configuration file's tables, or the same shape from JSON:
     ``as_json``, and errors say its keys in that form) with its keys
@@ -1115,12 +1131,10 @@ def _check_doc(doc: dict[str, Any], where: str, *, as_json: bool = False) -> dic
     unknown = set(doc) - _TOP_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}{_misplaced(doc, unknown, None, as_json)}")
-    if isinstance(doc.get("http"), str):
-        doc["http"] = {"listen": doc["http"]}  # http = "URL" is short for [http] listen
-    if isinstance(doc.get("store"), str):
-        doc["store"] = {"url": doc["store"]}  # store = "URL" is short for [store] url
     for section, allowed in _SECTIONS.items():
         value = doc.get(section, {})
+        if isinstance(value, str) and section in _SHORT_FORMS:
+            continue  # (read as its table's key by _layer_from_doc)
         if not isinstance(value, dict):
             also = f' or a URL string ({section} = "tcp://HOST:PORT")' if section == "http" else ""
             raise ConfigError(f"{where}: {section}: expected a table [{section}]{also}, got {_show(value)}")
@@ -1139,9 +1153,11 @@ def _layer_from_doc(doc: dict[str, Any], here: Path, where: str) -> dict[tuple[O
     layer: dict[tuple[Optional[str], str], Any] = {}
     for (section, key), typ in SCHEMA.items():
         table = doc.get(section, {}) if section else doc
+        name = f"{section}.{key}" if section else key
+        if isinstance(table, str):  # http = "URL": said as written, not as http.listen
+            table, name = {_SHORT_FORMS[section]: table}, section
         if key not in table or (section is None and key in _SECTIONS):
             continue
-        name = f"{section}.{key}" if section else key
         try:
             value = _in_range(name, _check(name, typ, table[key]))
         except ConfigError as exc:

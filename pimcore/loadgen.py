@@ -355,6 +355,7 @@ def _create_group(store_dir: str, size: int, durability: str) -> None:
     BenchError if the store refuses the write (a running broker with
     durability ``log`` is its only writer)."""
     from .errors import StoreError
+    from .ids import quote_arg
     from .store import LmdbStore
 
     store = LmdbStore(store_dir, durability=durability, owner=False)  # setup, not a broker run
@@ -369,7 +370,7 @@ def _create_group(store_dir: str, size: int, durability: str) -> None:
                 store.add_members(GROUP_ID, missing)
     except StoreError as exc:
         raise BenchError(
-            f"cannot create the bench group in {store_dir!r}: {exc}. Create it through the broker's HTTP API"
+            f"cannot create the bench group in {quote_arg(store_dir)}: {exc}. Create it through the broker's HTTP API"
             f" first (POST /v1/groups with conv {GROUP_ID!r} and members bench-u0 ... bench-u{size - 1}),"
             " then run the bench again"
         ) from None

@@ -486,7 +486,7 @@ def test_every_setting_has_an_environment_variable_by_one_rule():
     assert names["PIMCORE_HTTP"] == ("http", "listen")
     assert names["PIMCORE_HTTP_REQUEST_TIMEOUT"] == ("http", "request_timeout")
     s = load_settings(env={"PIMCORE_LIMITS_SEND_RATE": "12.5", "PIMCORE_LIMITS_WINDOW": "9", "PIMCORE_SERVER_COMMIT_IN_THREAD": "yes",
-                           "PIMCORE_LISTEN": "tcp://127.0.0.1:1,,tcp://127.0.0.1:2", "PIMCORE_LOG_FORMAT": "JSON",
+                           "PIMCORE_LISTEN": "tcp://127.0.0.1:1, tcp://127.0.0.1:2", "PIMCORE_LOG_FORMAT": "JSON",
                            "PIMCORE_BACKEND": "pure", "PIMCORE_DATA_DIR": ""})  # not settings / empty: ignored
     assert s.limits == {"send_rate": 12.5, "window": 9} and s.server == {"commit_in_thread": True}
     assert s.listen == ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2") and s.log_format == "json"

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pimcore.auth import issue_token
 from pimcore.client import AuthFailed, open_client
 from pimcore.http import BrokerHttp, HttpConfig, HttpError, Request, Router, open_http_server
+from pimcore.errors import StoreError
 from pimcore.store import MemoryStore, direct_conversation
 
 from _net import (
@@ -398,6 +399,48 @@ async def test_readyz_is_503_with_a_reason_when_the_store_is_closed() -> None:
                 assert_error(status, doc, 503, "unavailable")
                 assert "store" in doc["error"]["message"] and "closed" in doc["error"]["message"]
                 assert await c.json("GET", "/healthz") == (200, {"status": "ok"})  # alive all the same
+            finally:
+                c.close()
+
+
+async def test_readyz_says_a_store_that_cannot_be_read_without_the_path_in_its_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """/readyz (no API key) said the store's probe error as it was: a store
+    whose error names a file put that path in the body.  Said by its kind
+    (a StoreError's cause if it gave one); the broker's log has the error
+    whole, once per change."""
+    where = "/srv/pimcore-data/store/data.mdb"
+
+    class Failing(MemoryStore):
+        broken: "Optional[Exception]" = None
+
+        def epoch(self) -> bytes:
+            if self.broken is not None:
+                raise self.broken
+            return super().epoch()
+
+    store = Failing()
+    with trio.fail_after(20):
+        async with broker_http(store) as (srv, h):
+            c = Http(h.url)
+            try:
+                assert (await c.json("GET", "/readyz"))[0] == 200
+                for broken, said in [
+                        (StoreError(f"cannot read {where}: Input/output error"),
+                         "store unavailable: the store could not be read (the broker's log says why)"),
+                        (StoreError(f"cannot read {where}", cause="the disk failed"), "store unavailable: the disk failed"),
+                        (OSError(5, "Input/output error", where),
+                         "store unavailable: the store raised OSError (the broker's log says why)")]:
+                    store.broken = broken
+                    caplog.clear()
+                    for _ in range(2):
+                        status, doc = await c.json("GET", "/readyz")
+                        assert_error(status, doc, 503, "unavailable")
+                        assert doc["error"]["message"] == said, doc
+                    logged = [r.getMessage() for r in caplog.records if r.name == "pimcore.net"]
+                    assert len(logged) == 1 and where in logged[0], logged  # once, whole
+                store.broken = None
+                assert (await c.json("GET", "/readyz"))[0] == 200
             finally:
                 c.close()
 

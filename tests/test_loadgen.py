@@ -392,3 +392,34 @@ def test_bench_at_a_closed_port_says_connection_refused_in_words(capsys) -> None
         rc, out, err = _bench_at(url, capsys)
     assert rc == 1 and out == "", (rc, out, err)
     assert err == f"pimcore bench: cannot connect to {url}: connection refused\n", err
+
+
+def test_a_path_that_is_not_utf8_is_echoed_with_its_bytes_as_the_cli_says_them(monkeypatch, tmp_path) -> None:
+    """bench echoed the --data-dir it was given with ``!r``: a byte that was
+    not UTF-8 read ``'\\udcff'`` (Python's surrogate escape), not ``\\xff``
+    as every other refusal of the CLI says it (ids.quote_arg).  (The store
+    is a stand-in that refuses the write: LMDB itself refuses such a path
+    before this message.)"""
+    import os
+
+    import pimcore.store
+    from pimcore.errors import StoreError
+    from pimcore.loadgen import _create_group
+
+    class Refusing:
+        def __init__(self, path: str, **kwargs: object) -> None:
+            pass
+
+        def conversation_exists(self, conv: str) -> bool:
+            raise StoreError("a broker with durability 'log' is running on this store: only it writes")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(pimcore.store, "LmdbStore", Refusing)
+    store_dir = os.path.join(os.fsdecode(bytes(tmp_path) + b"/d\xff"), "store")
+    with pytest.raises(BenchError) as err:
+        _create_group(store_dir, 4, "sync")
+    said = str(err.value)
+    assert said.startswith(f"cannot create the bench group in '{tmp_path}/d\\xff/store': a broker with"), said
+    assert "udcff" not in said

@@ -1840,6 +1840,37 @@ async def test_an_http_request_at_a_tcp_listener_is_answered_400_in_words(lmdb_s
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+@pytest.mark.parametrize("scheme", ["tcp", "tls"])
+async def test_a_websocket_upgrade_at_a_tcp_listener_is_logged_as_one_and_still_answered_with_a_close(
+        lmdb_store, ca, caplog, scheme):
+    """A ws:// client pointed at the tcp:// listener: the broker's close line
+    said "UNSUPPORTED_VERSION: protocol version 4 is not supported", its
+    core's view of the request line's "G".  It says what arrived and which
+    listener to use; the answer stays the binary Close the SDKs read (to
+    suggest tcp://: test_a_websocket_url_at_a_binary_port_fails_at_once_suggesting_it)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore")
+    with trio.fail_after(10):
+        ctx = {"ssl_context": _serving_tls(ca)} if scheme == "tls" else {}
+        async with serving(lmdb_store, server_config(Endpoint(scheme), **ctx)) as srv:
+            answer = await _upgrade_answer("wss" if scheme == "tls" else "ws", srv.endpoints[0].port, WS_UPGRADE, ca)
+            decoder = Decoder()
+            decoder.feed(answer)
+            close = decoder.next_frame()
+            assert isinstance(close, F.Close) and close.reason.startswith("UNSUPPORTED_VERSION: "), close
+            await _until_closes(caplog, 1)
+            [line] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert line.code == "PROTOCOL_ERROR"
+            ws = "wss" if scheme == "tls" else "ws"
+            assert line.reason == (f"a WebSocket upgrade request at the {scheme}:// listener (use the {ws}:// listener"
+                                   " instead): answered with a binary Close, which the SDKs read"), line.reason
+            assert "UNSUPPORTED_VERSION" not in caplog.text, caplog.text
+            kw = {"ssl_context": _trusting(ca)} if scheme == "tls" else {}
+            async with client(srv.url(scheme), "alice", **kw) as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
 #: Upgrade requests with a header wsproto (1.3) cannot decode: it raises
 #: UnicodeError, not the RemoteProtocolError it answers with a 400.
 _UNDECODABLE_UPGRADES = {
@@ -2593,6 +2624,28 @@ async def test_an_argument_of_the_wrong_type_is_a_type_error_saying_what_is_expe
                 async with open_client(url if url != "" else srv.urls[0], tok, device, config=FAST_CLIENT):
                     pass
             assert str(info.value) == said
+
+
+@pytest.mark.parametrize("tok, said", [
+    ("", "open_client: token cannot be empty: give a token (from `pimcore token --user USER` or"
+     " pimcore.auth.issue_token)"),
+    (b"", "open_client: token cannot be empty: give a token (from `pimcore token --user USER` or"
+     " pimcore.auth.issue_token)"),
+    (lambda: "", "open_client: the token source returned an empty token: it must return a token (from"
+     " `pimcore token --user USER` or pimcore.auth.issue_token)"),
+], ids=["str", "bytes", "source"])
+async def test_an_empty_token_is_a_value_error_at_the_call(lmdb_store, caplog, tok, said):
+    """open_client(url, "") sent the empty token, and the broker refused it
+    later, as a login failure far from the call that gave it.  A ValueError
+    at the call naming ``token`` (a token source's empty result, at the
+    first connect); the broker never sees a login."""
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            with pytest.raises(ValueError) as info:
+                async with open_client(srv.urls[0], tok, "d1", config=FAST_CLIENT):
+                    pass
+            assert str(info.value) == said
+    assert "login refused" not in caplog.text, caplog.text
 
 
 @pytest.mark.parametrize("scheme", ["ws", "tcp"])

@@ -484,20 +484,25 @@ def test_an_empty_path_setting_is_refused_naming_it(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text, said", [
     ('secret = ""', "secret: cannot be empty"),
     ('content_filter = ""', "content_filter: cannot be empty"),
-    ('http = ""', "http.listen: cannot be empty"),
-    ('store = ""', "store.url: cannot be empty"),
+    ('http = ""', "http: cannot be empty"),
+    ('[http]\nlisten = ""', "http.listen: cannot be empty"),
+    ('store = ""', "store: cannot be empty"),
+    ('[store]\nurl = ""', "store.url: cannot be empty"),
     ("api_keys = []", "api_keys: the list is empty: give at least one key, or leave the setting out"),
     ("listen = []", "listen: the list is empty: give at least one URL"),
     ('[webhooks]\nurl = "http://127.0.0.1:1/e"\nevents = []',
      "webhooks.events: the list is empty: give at least one event type"),
     ('[webhooks]\nurl = ""', "webhooks.url: cannot be empty"),
-], ids=["secret", "content_filter", "http", "store", "api_keys", "listen", "events", "webhooks.url"])
+], ids=["secret", "content_filter", "http", "http.listen", "store", "store.url", "api_keys", "listen", "events",
+        "webhooks.url"])
 def test_an_empty_value_in_the_file_is_refused_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                          text: str, said: str) -> None:
     """``secret = ""`` used the data directory's secret, ``api_keys = []``
     the key file, ``http = ""`` no HTTP listener, ``events = []`` every
     webhook event type: an empty value was taken silently (a new-user
-    review).  Refused as an empty path is, naming the setting and the file."""
+    review).  Refused as an empty path is, naming the setting and the file;
+    the short forms (``http = ""``, ``store = ""``) by what was written, not
+    the table key they stand for (``http.listen``, which the file did not say)."""
     from pimcore.cli import main
 
     cfg = write_config(tmp_path / "p.toml", text + "\n")
@@ -522,6 +527,32 @@ def test_a_list_variable_of_only_commas_is_refused_naming_it(tmp_path: Path, cap
     assert main(["serve", "--data-dir", str(tmp_path / "d"), "--print-config"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"pimcore serve: {said}") and f"(from ${name})" in err, err
+
+
+@pytest.mark.parametrize("name, text, said", [
+    ("PIMCORE_API_KEYS", "key-one-0123456789,,key-two-0123456789",
+     "api_keys: item 2 of the list is empty (two commas, or one at an end): give one key between each two commas"),
+    ("PIMCORE_API_KEYS", "key-one-0123456789,",
+     "api_keys: item 2 of the list is empty (two commas, or one at an end): give one key between each two commas"),
+    ("PIMCORE_API_KEYS", ", key-one-0123456789",
+     "api_keys: item 1 of the list is empty (two commas, or one at an end): give one key between each two commas"),
+    ("PIMCORE_LISTEN", "tcp://127.0.0.1:0, ,tcp://127.0.0.1:0",
+     "listen: item 2 of the list is empty (two commas, or one at an end): give one URL between each two commas"),
+], ids=["between", "trailing", "leading", "listen"])
+def test_an_empty_item_of_a_list_variable_is_refused_naming_its_position(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        name: str, text: str, said: str) -> None:
+    """``PIMCORE_API_KEYS="k1,,k2"`` (or ``"k1,"``) dropped the empty item
+    silently, though ``","`` alone is refused: a key lost to a typo, or a
+    variable pasted short, said nothing.  Refused naming the variable and
+    the item's position (never its neighbours: they may be keys)."""
+    from pimcore.cli import main
+
+    monkeypatch.setenv(name, text)
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--print-config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"pimcore serve: {said} (from ${name})\n", err
+    assert "0123456789" not in err and not (tmp_path / "d").exists()
 
 
 def test_an_empty_config_option_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -149,3 +149,31 @@ async def test_a_full_disk_under_lmdb_is_named_not_ready_and_ready_again_once_a_
             assert (await _post(c, big))[0] == 201
             assert await c.json("GET", "/readyz") == (200, {"status": "ready"})
             assert any("succeed" in r.getMessage() for r in caplog.records if r.name == "pimcore.net"), caplog.text
+
+
+async def test_a_store_failure_whose_text_holds_a_path_is_said_by_its_kind_on_the_probes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """/readyz (no API key) said a failed write's raw StoreError when the
+    store gave no cause: a failure other than a full disk ("the command log
+    could not be written ([Errno 5] Input/output error: '/srv/d/store/log'
+    ...)") put the data directory's path in its body.  Said by its kind;
+    the operator's log keeps the error whole."""
+    caplog.set_level(logging.INFO, logger="pimcore")
+    with trio.fail_after(30):
+        async with api(tmp_path, durability="log") as (im, h, c):
+            assert (await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["alice", "bob"]}))[0] == 201
+            where = str(tmp_path / "store" / "log")
+
+            def broken(fd: int, data: bytes, offset: int) -> None:
+                raise OSError(errno.EIO, os.strerror(errno.EIO), where)
+
+            monkeypatch.setattr(wal, "_pwrite_all", broken)
+            assert_error(*await _post(c, "lost"), 503, "STORE_UNAVAILABLE")
+            status, doc = await c.json("GET", "/readyz")
+            assert_error(status, doc, 503, "unavailable")
+            assert doc["error"]["message"] == ("store failing writes: a write to the store failed (the broker's log"
+                                               " says why)"), doc
+            status, doc = await c.json("GET", "/healthz")
+            assert_error(status, doc, 503, "unavailable")
+            assert str(tmp_path) not in str(doc) and "the store writes no more" in doc["error"]["message"], doc
+            assert any(where in e for e in _errors(caplog)), caplog.text  # (the operator's log has it whole)

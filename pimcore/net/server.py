@@ -138,6 +138,18 @@ def wall_clock_us() -> int:
 #: Below it, committing on the loop is cheaper (see commit_in_thread).
 _OFF_LOOP_ENTRIES = 16_384
 
+#: /readyz's words for a failed write whose StoreError gave no cause (its
+#: text may name the data directory: /readyz needs no API key).
+_WRITE_FAILED = "a write to the store failed (the broker's log says why)"
+#: A closed store's StoreError text (every store's, Store's contract): said as it is.
+_STORE_CLOSED = "store is closed"
+
+
+def _probe_kind(exc: StoreError) -> str:
+    """/readyz's words for the readiness probe's StoreError without a
+    cause: "store is closed", or its kind (the text may hold a path)."""
+    return _STORE_CLOSED if str(exc) == _STORE_CLOSED else "the store could not be read (the broker's log says why)"
+
 DEFAULT_BROKER_CONFIG = BrokerConfig(
     limits=Limits(heartbeat_ms=15_000, send_rate=2000.0, send_burst=512),
     idle_timeout=45 * SECOND,
@@ -648,6 +660,18 @@ def _http_start(first: bytes) -> bool:
     return all(65 <= b <= 90 or 97 <= b <= 122 for b in first)
 
 
+def _upgrade_at_stream(peer: "_Peer") -> None:
+    """``peer``'s first bytes, at a tcp:// or tls:// listener, were a
+    WebSocket upgrade request, which the core refused with a binary Close
+    (PROTOCOL_ERROR, "UNSUPPORTED_VERSION: protocol version 4": the "G" of
+    GET): its close line says what arrived instead, and where to send it."""
+    if peer.close_code is CloseCode.PROTOCOL_ERROR:
+        scheme = peer.endpoint.scheme
+        ws = "wss" if scheme == "tls" else "ws"
+        peer.ended = (f"a WebSocket upgrade request at the {scheme}:// listener (use the {ws}:// listener instead):"
+                      " answered with a binary Close, which the SDKs read")
+
+
 def _not_http_answer(ep: Endpoint) -> bytes:
     """A ws:// or wss:// listener's answer to bytes that are no HTTP request
     (a tcp:// client's Login), or to an HTTP request that is no upgrade (a
@@ -1042,6 +1066,8 @@ class BrokerServer:
         self._store_cause: Optional[str] = None
         self._store_logged: Optional[str] = None
         self._store_repeats = 0
+        #: The readiness probe's last store error logged (_log_probe_failure).
+        self._probe_logged: Optional[str] = None
         # Work the core asked for that runs as a task (async reads, async
         # hooks); started once run() has a nursery.
         self._tasks: Optional[trio.Nursery] = None
@@ -1163,18 +1189,29 @@ class BrokerServer:
         # HTTP API, serve_stream) is ready once running.
         if self.broker is None or len(self._endpoints) < len(self.config.listeners):
             return "not listening yet"
+        # (/readyz needs no API key: a store's error is said by its kind,
+        # or by its cause without the data directory's path when the store
+        # said one (StoreError.cause); the operator's log has it whole.)
         if not self._async_store:
             try:
                 self.store.epoch()  # type: ignore[union-attr]
-            except StoreError as exc:
-                return f"store unavailable: {exc}"
-            except Exception as exc:  # a store bug is not readiness either
-                return f"store unavailable: {exc!r}"
+            except Exception as exc:  # (another exception: a store bug, not readiness either)
+                self._log_probe_failure(exc)
+                if isinstance(exc, StoreError):
+                    return f"store unavailable: {exc.cause or _probe_kind(exc)}"
+                return f"store unavailable: the store raised {type(exc).__name__} (the broker's log says why)"
+        self._probe_logged = None
         if self._store_failing is not None:
-            # (/readyz needs no API key: the cause without the data
-            # directory's path, when the store said one; the log has it.)
-            return f"store failing writes: {self._store_cause or self._store_failing}"
+            return f"store failing writes: {self._store_cause or _WRITE_FAILED}"
         return None
+
+    def _log_probe_failure(self, exc: Exception) -> None:
+        """The readiness probe's store error, whole, for the operator: once
+        per change of its text (a probe asks every few seconds)."""
+        text = f"{type(exc).__name__}: {exc}"
+        if text != self._probe_logged:
+            self._probe_logged = text
+            log.error("readiness: the store did not answer: %s", text, extra={"event": "store_error"})
 
     def liveness(self) -> Optional[str]:
         """None while the broker can serve again without a restart, else
@@ -1683,6 +1720,10 @@ class BrokerServer:
         # (curl, a browser) is answered in words (_http_at_stream), not
         # decoded as a frame ("UNSUPPORTED_VERSION: protocol version 4").
         first = not peer.endpoint.websocket
+        # ... a WebSocket upgrade request (a ws:// client) is decoded as one:
+        # its binary Close is what the SDKs read to suggest tcp://.  Only its
+        # close line says what arrived (_upgrade_at_stream).
+        upgrade = False
         # Plain TCP: wait until readable, then one read.  (receive_some reads
         # first, and on a connection with one message in flight that read
         # usually finds nothing: an EAGAIN raised and caught, then the same
@@ -1727,9 +1768,11 @@ class BrokerServer:
             if first:
                 first = False
                 method = _HTTP_REQUEST_LINE.match(data)
-                if method is not None and not _WS_UPGRADE_HEADER.search(data):
-                    await self._http_at_stream(peer, method.group(1).decode())
-                    return
+                if method is not None:
+                    if not _WS_UPGRADE_HEADER.search(data):
+                        await self._http_at_stream(peer, method.group(1).decode())
+                        return
+                    upgrade = True
             self._stats["bytes_in"] += len(data)
             if fd >= 0 and not self._holding and self._tasks is not None and not self.broker.batch_in_flight:
                 probe = self._ready_probe
@@ -1759,6 +1802,9 @@ class BrokerServer:
             finally:
                 self._inline_ok = False
             del cmds
+            if upgrade:
+                upgrade = False
+                _upgrade_at_stream(peer)
         # Reading stopped by shutdown(): the connection stays open until
         # shutdown closes it with a reason.
         if self._stopping and peer.state is _PeerState.OPEN:
