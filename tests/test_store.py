@@ -1599,3 +1599,23 @@ def test_presence_privacy_survives_reopening_lmdb(tmp_path: Path) -> None:
         assert s.hides_last_seen("bob")
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("durability", ["sync", "os", "log"])
+def test_an_lmdb_store_in_a_directory_whose_name_is_not_utf8_opens_stores_and_reopens(
+    tmp_path: Path, durability: str
+) -> None:
+    # A Linux path is any bytes: "new\xff" comes to Python as "new\udcff"
+    # (surrogateescape).  LMDB was given the str, which py-lmdb encodes as
+    # UTF-8: a UnicodeEncodeError traceback from `pimcore serve --data-dir`,
+    # after the directory was made.
+    path = os.fsdecode(os.fsencode(str(tmp_path)) + b"/store\xff")
+    with LmdbStore(path, durability=durability) as store:
+        mk = Maker(store.node_id())
+        op = mk(AB, "alice")
+        (res,) = mk.commit(store, op)
+        assert isinstance(res, Appended)
+    assert os.path.isfile(os.path.join(os.fsencode(path), b"data.mdb"))
+    with LmdbStore(path, durability=durability) as store:
+        stored = store.message(op.msg_id)
+        assert stored is not None and stored.payload == op.payload

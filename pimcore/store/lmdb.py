@@ -1736,7 +1736,10 @@ class LmdbStore(Store):
         commit without flushing; module docstring, Durability)."""
         sync = mode == "sync"
         return lmdb.open(
-            path,
+            # (As bytes: py-lmdb encodes a str as UTF-8, and a directory
+            # whose name is not UTF-8 -- "\udcff" in Python -- was a
+            # UnicodeEncodeError; os.fsencode gives the name's own bytes.)
+            os.fsencode(path),
             map_size=size,
             subdir=True,
             create=create,
