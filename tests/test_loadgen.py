@@ -14,7 +14,7 @@ import pytest
 
 from pimcore.loadgen import BenchConfig, BenchError, BrokerProcess, format_result, run_bench
 
-from _proc import run_pimcore
+from _proc import free_port, run_pimcore
 
 # Small runs on "os" durability: these tests check counting, not speed.
 SMALL = dict(window=4, durability="os", progress=False, pin=False, drain=20.0)
@@ -289,14 +289,6 @@ def test_group_mode_against_a_log_broker_that_lacks_the_group_is_a_clear_error()
 # -- bench --url at what is not a pimcore broker: the SDK's words, at once --
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _bench_at(url: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     from pimcore.cli import main
 
@@ -319,7 +311,7 @@ def test_bench_at_another_services_port_says_so_with_the_sdks_words(tmp_path, ca
     exe = shutil.which(service) or shutil.which(service, path="/usr/sbin:/usr/local/sbin")
     if exe is None:
         pytest.skip(f"no {service}")
-    port = _free_port()
+    port = free_port()
     if service == "redis-server":
         argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     else:

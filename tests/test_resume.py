@@ -25,18 +25,9 @@ from pimcore.store import MemoryStore, direct_conversation
 from pimcore.testing.chaos import ChaosConfig, open_chaos_proxy
 
 from _net import FAST_CLIENT, client, serving, token
+from _proc import free_port
 
 AB = direct_conversation("alice", "bob")
-
-
-def _dead_port() -> int:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    return port
 
 
 def _trace(session: Any, log: list) -> None:
@@ -80,7 +71,7 @@ async def test_the_first_missed_message_arrives_one_round_trip_after_the_connect
                         assert m.payload == b"before"
                         break
                     # The link goes down (the proxy cannot reach the broker)...
-                    proxy.target_port = _dead_port()
+                    proxy.target_port = free_port()
                     proxy.reset_all()
                     for i in range(3):
                         await a.send(AB, b"missed %d" % i)
@@ -105,7 +96,7 @@ async def test_the_sdk_reconnects_at_once_after_a_broker_shutdown_and_backs_off_
     cfg = ClientConfig(ack_timeout=1.0, send_timeout=20.0, connect_timeout=5.0, backoff_initial=20.0, backoff_max=40.0)
     with trio.fail_after(15):
         async with serving(MemoryStore()) as new:
-            async with open_chaos_proxy("127.0.0.1", _dead_port()) as proxy:
+            async with open_chaos_proxy("127.0.0.1", free_port()) as proxy:
                 async with serving(MemoryStore()) as old:
                     proxy.target_port = old.endpoints[0].port
                     async with open_client(f"tcp://127.0.0.1:{proxy.port}", token("bob"), "phone", config=cfg) as b:

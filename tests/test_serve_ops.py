@@ -30,7 +30,7 @@ from pimcore.client import AuthFailed, ClientConfig, SendError, open_client
 from pimcore.errors import ErrorCode
 from pimcore.store import direct_conversation
 
-from _proc import ProcGroup, procs, run_pimcore, token_for  # noqa: F401  (procs is a fixture)
+from _proc import ProcGroup, free_port, procs, run_pimcore, token_for  # noqa: F401  (procs is a fixture)
 
 AB = direct_conversation("alice", "bob")
 LOOPBACK = "tcp://127.0.0.1:0"
@@ -320,15 +320,9 @@ def test_address_in_use_names_the_listener(tmp_path: Path, procs: ProcGroup) -> 
             assert "ready" not in r.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_two_listeners_on_one_address_are_a_configuration_error_naming_both(tmp_path: Path) -> None:
     # It bound the first and then said only "Address already in use".
-    port = _free_port()
+    port = free_port()
     cases = [
         (["--listen", f"tcp://127.0.0.1:{port}", "--http", f"tcp://127.0.0.1:{port}"],
          f"listen tcp://127.0.0.1:{port} and http http://127.0.0.1:{port}"),

@@ -23,6 +23,7 @@ from pimcore.store import LmdbStore, MemoryStore
 from pimcore.testing.chaos import open_chaos_proxy
 
 from _net import FAST_CLIENT, client, serving
+from _proc import free_port
 
 ONLINE, OFFLINE, UNKNOWN = F.PresenceState.ONLINE, F.PresenceState.OFFLINE, F.PresenceState.UNKNOWN
 
@@ -349,16 +350,6 @@ def test_typing_and_presence_limits_are_settings(tmp_path):
         load_settings(str(cfg)).server_config()
 
 
-def _dead_port() -> int:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    return port
-
-
 async def test_after_a_broker_restart_presence_shows_when_peers_were_last_seen(tmp_path):
     """Two users chatting, the broker restarted, both log in again: the
     first back asks the second's presence before the second is back, and
@@ -377,7 +368,7 @@ async def test_after_a_broker_restart_presence_shows_when_peers_were_last_seen(t
                     assert (await a.subscribe_presence(["bob"]))["bob"].state == ONLINE
                     await trio.sleep(1.0)  # bob is connected, and idle, all along
                     down = time.time() * 1e6
-                    pb.target_port = pa.target_port = _dead_port()  # nobody gets in while it restarts
+                    pb.target_port = pa.target_port = free_port()  # nobody gets in while it restarts
                     await old.shutdown()
                     async with serving(store) as new:
                         pa.target_port = new.endpoints[0].port  # alice is back first
@@ -415,7 +406,7 @@ async def test_pimcore_chat_shows_no_offline_flash_for_a_peer_back_after_a_broke
                 await trio.sleep(0.01)
 
     async def restart(old, then) -> None:
-        pa.target_port = pb.target_port = _dead_port()  # nobody gets in while it restarts
+        pa.target_port = pb.target_port = free_port()  # nobody gets in while it restarts
         await old.shutdown()
         async with serving(store) as new:
             await then(new)
