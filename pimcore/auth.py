@@ -190,7 +190,7 @@ def load_or_create_secret(data_dir: Union[str, Path], name: str = SECRET_FILE) -
     path = Path(data_dir) / name
     text = secrets.token_hex(32)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # (private: it will hold the store)
     except OSError as exc:  # said as the data directory's, not the file's: it is made first
         raise ValueError(f"cannot make the data directory {path.parent}: {exc.strerror or exc}") from None
     try:

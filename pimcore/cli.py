@@ -474,7 +474,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
         try:
             # What `pimcore group/purge/retention --data-dir` here read: this
             # broker's data is in Redis, not in an LMDB store they would open.
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             note.write_text(f"{settings.store} {settings.store_namespace}\n")
         except OSError as exc:
             print(f"pimcore serve: {store_refusal(settings, exc, note)}", file=sys.stderr)

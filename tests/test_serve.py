@@ -84,6 +84,10 @@ async def test_serve_creates_a_private_secret_and_accepts_its_tokens(tmp_path: P
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
         assert len(secret.read_text().strip()) >= 32
         assert (data / "store" / "data.mdb").is_file()
+        # The data directory, the store and its files: the owner's alone (they hold every message).
+        for path in (data, data / "store"):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+        assert stat.S_IMODE((data / "store" / "data.mdb").stat().st_mode) == 0o600
 
         alice_tok = await in_thread(token_for, "alice", data)
         bob_tok = await in_thread(token_for, "bob", data)

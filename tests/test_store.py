@@ -1619,3 +1619,26 @@ def test_an_lmdb_store_in_a_directory_whose_name_is_not_utf8_opens_stores_and_re
     with LmdbStore(path, durability=durability) as store:
         stored = store.message(op.msg_id)
         assert stored is not None and stored.payload == op.payload
+
+
+@pytest.mark.parametrize("durability", ["sync", "os", "log"])
+def test_a_new_lmdb_store_is_private_to_its_owner(tmp_path: Path, durability: str) -> None:
+    # The store holds every message in clear: under the usual umask (022)
+    # its files were 0644 and its directory 0755, readable by every local
+    # user, while the token secret beside it is 0600.  Now 0600 and 0700, as
+    # a database's data directory is (PostgreSQL refuses to start on a
+    # group- or world-readable one).
+    import stat
+
+    path = tmp_path / "store"
+    with LmdbStore(str(path), durability=durability) as store:
+        mk = Maker(store.node_id())
+        mk.commit(store, mk(AB, "alice"))
+        made = sorted(p for p in path.rglob("*"))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+        for p in made:
+            want = 0o700 if p.is_dir() else 0o600
+            assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
+        assert any(p.name == "data.mdb" for p in made) and any(p.name == "broker.lock" for p in made)
+        if durability == "log":
+            assert any(p.parent.name == "log" for p in made)

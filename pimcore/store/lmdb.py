@@ -425,6 +425,12 @@ class StoreSummary:
     log: Optional[wal.LogSummary]
 
 
+#: What the store makes is its owner's alone: it holds every message in
+#: clear (the token secret beside it is 0600 too).  A directory or file that
+#: exists keeps its mode: an operator may have widened it on purpose.
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+
 #: Below this LMDB cannot even hold the sub-database catalogue comfortably.
 _MIN_MAP_SIZE = 1 << 20
 
@@ -1573,7 +1579,7 @@ class LmdbStore(Store):
             raise ValueError("need 0 < map_size <= max_map_size")
         path = os.fspath(path)
         if create:
-            os.makedirs(path, exist_ok=True)
+            os.makedirs(path, mode=_DIR_MODE, exist_ok=True)
         elif not os.path.isfile(os.path.join(path, "data.mdb")):
             raise StoreError(f"no store at {quote_arg(str(path))}")
         initial_size = max(map_size, _MIN_MAP_SIZE)
@@ -1740,6 +1746,7 @@ class LmdbStore(Store):
             # whose name is not UTF-8 -- "\udcff" in Python -- was a
             # UnicodeEncodeError; os.fsencode gives the name's own bytes.)
             os.fsencode(path),
+            mode=_DIR_MODE,  # (its files get it without the x bits: 0600)
             map_size=size,
             subdir=True,
             create=create,
@@ -3883,7 +3890,7 @@ class LmdbStore(Store):
         forgotten before being closed, lest a second close() close a number
         the process had reused: an interrupt in between kept the lock), and
         a second close() is a no-op."""
-        return open(path, "r+b", buffering=0, opener=lambda p, flags: os.open(p, os.O_RDWR | os.O_CREAT, 0o644))
+        return open(path, "r+b", buffering=0, opener=lambda p, flags: os.open(p, os.O_RDWR | os.O_CREAT, _FILE_MODE))
 
     @staticmethod
     def _take_broker_lock(path: str) -> Optional[io.FileIO]:

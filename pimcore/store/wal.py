@@ -142,7 +142,7 @@ def write_checkpoint(dirpath: str, ckpt: Checkpoint) -> None:
     body = _CKPT_HEAD.pack(_CKPT_MAGIC, ckpt.page_size, ckpt.next_lsn, ckpt.file, ckpt.offset) + ckpt.meta
     body += _U32.pack(zlib.crc32(body))
     tmp = os.path.join(dirpath, "checkpoint.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         _pwrite_all(fd, body, 0)
         os.fsync(fd)
@@ -213,14 +213,14 @@ class CommandLog:
     """
 
     def __init__(self, dirpath: str, *, switch_bytes: int = 8 << 20) -> None:
-        os.makedirs(dirpath, exist_ok=True)
+        os.makedirs(dirpath, mode=0o700, exist_ok=True)  # (private, as the store: lmdb._DIR_MODE)
         self.dir = dirpath
         self.switch_bytes = switch_bytes
         self._fds: list[int] = []
         for i in (0, 1):
             path = os.path.join(dirpath, f"log-{i}")
             existed = os.path.exists(path)
-            self._fds.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
+            self._fds.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
             if not existed:
                 _sync_dir(dirpath)
         self._sizes = [os.fstat(fd).st_size for fd in self._fds]
