@@ -65,7 +65,10 @@ async def test_history_flood_from_a_client_that_never_reads_holds_bounded_heap(t
     store = LmdbStore(str(tmp_path / "db"), durability="os")
     try:
         fill(store, AB, 2000, 8 * 1024)
-        cfg = server_config(limits=Limits(heartbeat_ms=15000))
+        # (This raw client sends nothing after its flood, not even a Ping,
+        # while it reads 300 pages of 800 KiB: on a loaded machine that took
+        # longer than the broker's 45 s idle timeout, which ended it, CI51.)
+        cfg = server_config(limits=Limits(heartbeat_ms=15000), idle_timeout=600)
         with trio.fail_after(120):
             async with serving(store, cfg) as srv:
                 port = srv.endpoints[0].port
