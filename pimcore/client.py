@@ -161,6 +161,18 @@ _IO_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, Hands
 _DISCONNECTS = _IO_ERRORS + (trio.TooSlowError,)
 
 
+def _check_u64(call: str, name: str, value: object) -> None:
+    """A seq argument: an int in 0..2**64-1, else ValueError naming the
+    call, the argument and the range (not the encoder's words)."""
+    if type(value) is not int or not 0 <= value < 1 << 64:
+        raise ValueError(f"{call}: {name} must be an int in 0..2**64-1, got {value!r:.40}")
+
+
+def _check_limit(call: str, limit: object) -> None:
+    """A page size: an int >= 1 (and one a frame can carry)."""
+    if type(limit) is not int or not 1 <= limit < 1 << 64:
+        raise ValueError(f"{call}: limit must be an int >= 1, got {limit!r:.40}")
+
 class _SessionEnded(Exception):
     """The session ended the connection itself (a Close from the broker,
     malformed bytes, a timeout): why, for the reconnect loop."""
@@ -788,7 +800,9 @@ class Client:
         the broker's refusal of a group (NOT_MEMBER, UNKNOWN_CONVERSATION)
         cannot be tied to this call: it comes as a :class:`BrokerRefused`
         event (and such a marker is sent again after each reconnect, and
-        refused again)."""
+        refused again).  ValueError (nothing sent) for a ``seq`` that is not
+        an int in 0..2**64-1."""
+        _check_u64("mark_read", "seq", seq)
         self._check_alive()
         self._session.mark_read(conv, seq, self._clock())
         self._pump()
@@ -804,15 +818,16 @@ class Client:
         before the end (cut to fit one frame): use :meth:`fetch_page` to
         know whether more follow.  Raises ValueError for a ``limit`` < 1,
         SendError with the broker's code, trio.TooSlowError after
-        ``send_timeout``, AuthFailed/ClientClosed (client stopped)."""
+        ``send_timeout``, AuthFailed/ClientClosed (client stopped); ValueError
+        for a ``from_seq`` outside 0..2**64-1."""
         return (await self.fetch_page(conv, from_seq, limit, backward=backward)).messages
 
     async def fetch_page(self, conv: str, from_seq: int = 0, limit: int = 100, *, backward: bool = False) -> HistoryPage:
         """As :meth:`fetch_history`, with whether more follow: page on from
         the last seq of the page while ``more`` (not while the page is full:
         a page of big messages is cut short to fit one frame)."""
-        if type(limit) is not int or limit < 1:  # (the broker took 0 as 1: the handle and HTTP refuse it)
-            raise ValueError(f"fetch_history: limit must be an int >= 1, got {limit!r:.40}")
+        _check_u64("fetch_history", "from_seq", from_seq)
+        _check_limit("fetch_history", limit)  # (the broker took 0 as 1: the handle and HTTP refuse it)
         self._check_alive()
         s = self._session
         req = s.request_history(conv, from_seq, limit, backward, self._clock(), timeout=int(self.config.send_timeout * 1e6))
@@ -842,7 +857,9 @@ class Client:
         come as :class:`ConversationUpdated` events (and new messages as
         MessageReceived); :attr:`conversation_entries` follows both.
         Raises SendError (BAD_CURSOR), trio.TooSlowError after
-        ``send_timeout``, AuthFailed/ClientClosed."""
+        ``send_timeout``, AuthFailed/ClientClosed; ValueError for a
+        ``limit`` < 1 (the broker caps it at 1000)."""
+        _check_limit("conversations", limit)
         self._check_alive()
         req = self._session.list_conversations(
             self._clock(), cursor=cursor, limit=limit, include_hidden=include_hidden,
