@@ -68,6 +68,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Sequence, Union
+from urllib.parse import urlsplit
 
 import trio
 from trio_websocket import ConnectionRejected, HandshakeError, wrap_client_stream
@@ -530,6 +531,13 @@ class Client:
         _check_arguments(url, token, device)
         self.endpoint: Endpoint = parse_url(url)
         self.url = url
+        # What a refusal names: the URL, and the host:port tried when the
+        # URL leaves the port to the default ("tcp://127.0.0.1" -> 7400).
+        self._where = url
+        if urlsplit(url).port is None:
+            ep = self.endpoint
+            host = f"[{ep.host}]" if ":" in ep.host else ep.host
+            self._where = f"{url} ({host}:{ep.port}, the default port of {ep.scheme}://)"
         self.device = device
         self.config = config
         self._token = token
@@ -1268,18 +1276,18 @@ class Client:
                     # reachable yet...) is retried until connect_timeout has
                     # passed since open_client began.
                     if isinstance(exc, _LoginTooLarge):
-                        raise ConnectFailed(f"cannot connect to {self.url}: {exc}") from None
+                        raise ConnectFailed(f"cannot connect to {self._where}: {exc}") from None
                     frame, token_bytes = self._login_sizes
                     if (isinstance(exc, _SessionEnded) and exc.code is CloseCode.PROTOCOL_ERROR
                             and exc.reason.startswith("FRAME_TOO_LARGE") and s.connections_established == established):
                         # The broker's max_frame is below the Login (below
                         # this client's max_frame): a retry sends the same.
-                        raise ConnectFailed(f"cannot connect to {self.url}: the broker refused the Login frame"
+                        raise ConnectFailed(f"cannot connect to {self._where}: the broker refused the Login frame"
                                             f" ({frame:,} bytes; the token is {token_bytes:,} bytes) as too large:"
                                             f" Close PROTOCOL_ERROR: {exc.reason}") from exc
                     unknown = _unknown_host(exc)
                     if unknown is not None:
-                        raise ConnectFailed(f"cannot connect to {self.url}: unknown host {self.endpoint.host!r}"
+                        raise ConnectFailed(f"cannot connect to {self._where}: unknown host {self.endpoint.host!r}"
                                             f" ({_words(unknown)})") from exc
                     # (HTTP 503 is a ws:// broker at max_connections, as
                     # Close OVERLOADED is a tcp:// one's: retried.)
@@ -1311,12 +1319,12 @@ class Client:
                                 else:
                                     scheme, path = ("ws", ep.path) if ep.websocket else ("tcp", "")
                                 hint = f" (the server may not use TLS: try {scheme}://{_host(ep)}:{ep.port}{path})"
-                        raise ConnectFailed(f"cannot connect to {self.url}:"
+                        raise ConnectFailed(f"cannot connect to {self._where}:"
                                             f" {_root_cause(exc, ep)}{hint}",
                                             wrong_port=bool(hint) or _wrong_kind(exc)) from exc
                     if isinstance(exc, _WrongPort):
                         # The wrong kind of port said so: that will not change.
-                        raise ConnectFailed(f"cannot connect to {self.url}: {exc.what} ({exc.hint})",
+                        raise ConnectFailed(f"cannot connect to {self._where}: {exc.what} ({exc.hint})",
                                             wrong_port=True) from exc
                     hint = ""
                     if self._tls_answer:
@@ -1328,10 +1336,10 @@ class Client:
                         ep = self.endpoint
                         scheme, path = ("wss", ep.path) if ep.websocket else ("tls", "")
                         hint = f" (the server may require TLS: try {scheme}://{_host(ep)}:{ep.port}{path})"
-                        raise ConnectFailed(f"cannot connect to {self.url}: the server answered with a TLS alert{hint}",
+                        raise ConnectFailed(f"cannot connect to {self._where}: the server answered with a TLS alert{hint}",
                                             wrong_port=True) from exc
                     if self._other_answer is not None:
-                        raise ConnectFailed(f"cannot connect to {self.url}: {_other_service(self._other_answer)}",
+                        raise ConnectFailed(f"cannot connect to {self._where}: {_other_service(self._other_answer)}",
                                             wrong_port=True) from exc
                     if self._login_broke and (frame > _LARGE_LOGIN or self.endpoint.secure):
                         # What is known: a broker closes a connection whose
@@ -1346,7 +1354,7 @@ class Client:
                                 f" {token_bytes:,} bytes) was being written, before any answer: it may be over the"
                                 f" broker's max_frame{default})")
                     if trio.current_time() >= first_deadline:
-                        raise ConnectFailed(f"cannot connect to {self.url} within {self.config.connect_timeout:g} s"
+                        raise ConnectFailed(f"cannot connect to {self._where} within {self.config.connect_timeout:g} s"
                                             f" (connect_timeout): {_root_cause(exc)}{hint}") from exc
                     if self._on_connect_retry is not None and not self._closed:
                         self._on_connect_retry(_attempt_failure(exc, self.endpoint))

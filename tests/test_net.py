@@ -346,6 +346,23 @@ async def test_a_refused_port_fails_fast_and_says_refused(scheme) -> None:
     assert str(err.value) == f"cannot connect to {url}: connection refused", str(err.value)
 
 
+async def test_a_refused_url_without_a_port_names_the_default_port_it_tried(monkeypatch) -> None:
+    """open_client("tcp://127.0.0.1") said "cannot connect to
+    tcp://127.0.0.1: connection refused" without the port it tried (new-user
+    pass): it now names host:port and that the port was the default."""
+    from pimcore.client import ConnectFailed
+    from pimcore.net import streams
+
+    held, port = _refused_port()
+    monkeypatch.setitem(streams._DEFAULT_PORTS, "tcp", port)  # (7400 itself may be in use here)
+    with held, trio.fail_after(20):
+        with pytest.raises(ConnectFailed) as err:
+            async with open_client("tcp://127.0.0.1", token("alice"), "phone"):
+                pass  # pragma: no cover
+    assert str(err.value) == (f"cannot connect to tcp://127.0.0.1 (127.0.0.1:{port}, the default port of tcp://):"
+                              " connection refused"), str(err.value)
+
+
 class _ScriptedResolver(trio.abc.HostnameResolver):
     """Answers names under the reserved ``.invalid`` TLD (RFC 6761) from a
     script, so no query leaves the machine: each lookup takes the next of
