@@ -3579,7 +3579,7 @@ class Broker:
         if convs:
             self._pres_direct_of[conn] = tuple(convs)
 
-    def _direct_news(self, ops: Sequence[Op], results: Sequence[Result]) -> None:
+    def _direct_news(self, ops: Sequence[object], results: Sequence[Result]) -> None:
         """A batch committed: a message stored in a direct conversation that
         a subscription waits on (_await_direct) re-checks that subscription
         -- its two users share a conversation now, and see each other's
