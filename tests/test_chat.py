@@ -974,3 +974,16 @@ def test_a_token_that_expires_mid_chat_exits_2_as_it_does_on_the_next_run(tmp_pa
         assert "reconnecting…" not in out and "token expired" in out, out  # (the same token is refused again)
         r = run_pimcore("chat", "--to", "bob", "--token", tok, "--url", url, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r
+
+
+def test_a_garbage_token_is_refused_as_not_a_pimcore_token(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """pimcore chat --token garbage said "token refused: token is invalid:
+    Not enough segments" (PyJWT's words)."""
+    from pimcore.cli import main
+
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=["tcp://127.0.0.1:0"]) as im:
+        rc = main(["chat", "--to", "bob", "--token", "garbage", "--url", f"tcp://127.0.0.1:{im.port()}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in err, (rc, out, err)
+    assert err.splitlines()[-1] == ("pimcore chat: token refused: token is not a pimcore token: a JWT has three parts"
+                                    " separated by dots, this has 1 (a JWT as pimcore token issues)"), err
