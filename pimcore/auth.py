@@ -110,6 +110,10 @@ class JwtAuthenticator:
             )
         except jwt.InvalidSignatureError:
             raise AuthError("token signature is invalid") from None
+        except jwt.DecodeError as exc:
+            if str(exc).startswith(_CLAIMS_UNREADABLE):  # (signed with our secret: its claims are bad)
+                raise AuthError(f"token is invalid: {exc}") from None
+            raise AuthError(_not_a_jwt(token, exc)) from None
         except jwt.InvalidTokenError as exc:
             raise AuthError(f"token is invalid: {exc}") from None
         exp = claims["exp"]
@@ -130,6 +134,30 @@ class JwtAuthenticator:
         # A token without iat counts as issued at 0: any revocation ends it.
         issued_at = _token_us(iat, "token issue time", rounded=True) if iat is not None else 0
         return Identity(user, device, expires=expires, issued_at=issued_at)
+
+
+
+#: The DecodeErrors PyJWT raises for the claims, after the signature
+#: verified (pimcore._jwt): the token is well-formed and signed with the
+#: broker's secret; any other DecodeError is about the token's shape.
+_CLAIMS_UNREADABLE = ("Invalid payload string", "its claim ")
+
+
+def _not_a_jwt(token: Union[bytes, str], exc: Exception) -> str:
+    """Why ``token`` is no JWT at all, in words (PyJWT says "Not enough
+    segments", "Invalid header string: 'utf-8' codec can't decode byte
+    0xb7..."), PyJWT's words at the end only when they say more."""
+    raw = token.encode("utf-8", "surrogateescape") if isinstance(token, str) else bytes(token)
+    what = "token is not a pimcore token: "
+    issued = " (a JWT as pimcore token issues)"
+    parts = raw.split(b".")
+    if len(parts) != 3:
+        return f"{what}a JWT has three parts separated by dots, this has {len(parts)}{issued}"
+    try:
+        jwt.get_unverified_header(raw)
+    except jwt.InvalidTokenError:
+        return f"{what}its three parts are not a JWT's (base64url JSON header, claims, signature){issued}"
+    return f"{what}its parts are not a JWT's{issued}: {exc}"
 
 
 def _token_us(seconds: Union[int, float], what: str, *, rounded: bool = False) -> int:

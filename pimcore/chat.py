@@ -118,6 +118,15 @@ DEFAULT_DEVICE = "terminal"
 #: offline then.
 PRESENCE_GRACE = 12.0
 
+#: Seconds at most a line's "✓ sent (#N)" waits for the entries before #N
+#: to be shown (the chat never shows a message above one before it).  A
+#: SendAck leaves the broker before the Push of the batch that stored it,
+#: and entries stored just before (another member's message, the JOINED
+#: entry that let this user in) may be pushed later still.  An entry this
+#: user never gets (before a join, without the group's history) would
+#: hold it: the wait is bounded.
+SEQ_GAP_WAIT = 1.0
+
 #: Closes after which the client does not reconnect (docs/CLIENT.md): the
 #: chat ends instead of saying "reconnecting…".
 #: An expired token too: the SDK reconnects after it (a host hands it a
@@ -315,6 +324,7 @@ async def chat(
             out(_line(m, client.user))
             shown.add(m.msg_id)
         last_shown = max((m.seq for m in client.view(conv)), default=0)
+        top = last_shown  # the highest seq of conv said so far (shown, or a line's "✓ sent")
         if last_shown:
             await client.mark_read(conv, last_shown)
         if peer is not None:
@@ -356,8 +366,20 @@ async def chat(
                 lines.append(f"✗ not confirmed in time (it may still arrive): {_shown(text)}")
             else:
                 lines.append(f"✓ sent (#{sent.seq}): {_shown(text)}")
+                if top < sent.seq - 1:
+                    # Entries before it not shown yet (SEQ_GAP_WAIT): they
+                    # come first.  (Cancelled: the finally says the line.)
+                    with trio.move_on_after(SEQ_GAP_WAIT):
+                        while top < sent.seq - 1:
+                            await trio.sleep(0.01)
+                seen(sent.seq)
             finally:
                 say_in_turn(turn, lines)  # (cancelled: nothing to say, but the later lines' turn comes)
+
+        def seen(seq: int) -> None:
+            nonlocal top
+            if seq > top:
+                top = seq
 
         async def amend(command: str, seq: int, text: str) -> None:
             try:
@@ -404,6 +426,7 @@ async def chat(
             async for ev in client.events():
                 if isinstance(ev, MessageReceived) and ev.message.conv == conv:
                     m = ev.message
+                    seen(m.seq)
                     if m.msg_id in shown:  # already printed from the history
                         continue
                     shown.add(m.msg_id)
@@ -418,6 +441,7 @@ async def chat(
                     out(f"[{_clock(m.server_time)}] {_who(m, client.user)}: {_text(m)}  (#{m.seq})")
                     await client.mark_read(conv, m.seq)
                 elif isinstance(ev, MessageAmended) and ev.entry.conv == conv:
+                    seen(ev.entry.seq)
                     out(_amended(ev, client.user))
                 elif isinstance(ev, TypingChanged) and ev.conv == conv:
                     if ev.active and ev.user not in typing_now:

@@ -68,6 +68,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Sequence, Union
+from urllib.parse import urlsplit
 
 import trio
 from trio_websocket import ConnectionRejected, HandshakeError, wrap_client_stream
@@ -160,6 +161,18 @@ _IO_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, Hands
 #: ... and what else can end an attempt before the session has the stream.
 _DISCONNECTS = _IO_ERRORS + (trio.TooSlowError,)
 
+
+def _check_u64(call: str, name: str, value: object) -> None:
+    """A seq argument: an int in 0..2**64-1, else ValueError naming the
+    call, the argument and the range (not the encoder's words)."""
+    if type(value) is not int or not 0 <= value < 1 << 64:
+        raise ValueError(f"{call}: {name} must be an int in 0..2**64-1, got {value!r:.40}")
+
+
+def _check_limit(call: str, limit: object) -> None:
+    """A page size: an int >= 1 (and one a frame can carry)."""
+    if type(limit) is not int or not 1 <= limit < 1 << 64:
+        raise ValueError(f"{call}: limit must be an int >= 1, got {limit!r:.40}")
 
 class _SessionEnded(Exception):
     """The session ended the connection itself (a Close from the broker,
@@ -518,6 +531,13 @@ class Client:
         _check_arguments(url, token, device)
         self.endpoint: Endpoint = parse_url(url)
         self.url = url
+        # What a refusal names: the URL, and the host:port tried when the
+        # URL leaves the port to the default ("tcp://127.0.0.1" -> 7400).
+        self._where = url
+        if urlsplit(url).port is None:
+            ep = self.endpoint
+            host = f"[{ep.host}]" if ":" in ep.host else ep.host
+            self._where = f"{url} ({host}:{ep.port}, the default port of {ep.scheme}://)"
         self.device = device
         self.config = config
         self._token = token
@@ -788,7 +808,9 @@ class Client:
         the broker's refusal of a group (NOT_MEMBER, UNKNOWN_CONVERSATION)
         cannot be tied to this call: it comes as a :class:`BrokerRefused`
         event (and such a marker is sent again after each reconnect, and
-        refused again)."""
+        refused again).  ValueError (nothing sent) for a ``seq`` that is not
+        an int in 0..2**64-1."""
+        _check_u64("mark_read", "seq", seq)
         self._check_alive()
         self._session.mark_read(conv, seq, self._clock())
         self._pump()
@@ -804,15 +826,16 @@ class Client:
         before the end (cut to fit one frame): use :meth:`fetch_page` to
         know whether more follow.  Raises ValueError for a ``limit`` < 1,
         SendError with the broker's code, trio.TooSlowError after
-        ``send_timeout``, AuthFailed/ClientClosed (client stopped)."""
+        ``send_timeout``, AuthFailed/ClientClosed (client stopped); ValueError
+        for a ``from_seq`` outside 0..2**64-1."""
         return (await self.fetch_page(conv, from_seq, limit, backward=backward)).messages
 
     async def fetch_page(self, conv: str, from_seq: int = 0, limit: int = 100, *, backward: bool = False) -> HistoryPage:
         """As :meth:`fetch_history`, with whether more follow: page on from
         the last seq of the page while ``more`` (not while the page is full:
         a page of big messages is cut short to fit one frame)."""
-        if type(limit) is not int or limit < 1:  # (the broker took 0 as 1: the handle and HTTP refuse it)
-            raise ValueError(f"fetch_history: limit must be an int >= 1, got {limit!r:.40}")
+        _check_u64("fetch_history", "from_seq", from_seq)
+        _check_limit("fetch_history", limit)  # (the broker took 0 as 1: the handle and HTTP refuse it)
         self._check_alive()
         s = self._session
         req = s.request_history(conv, from_seq, limit, backward, self._clock(), timeout=int(self.config.send_timeout * 1e6))
@@ -842,7 +865,9 @@ class Client:
         come as :class:`ConversationUpdated` events (and new messages as
         MessageReceived); :attr:`conversation_entries` follows both.
         Raises SendError (BAD_CURSOR), trio.TooSlowError after
-        ``send_timeout``, AuthFailed/ClientClosed."""
+        ``send_timeout``, AuthFailed/ClientClosed; ValueError for a
+        ``limit`` < 1 (the broker caps it at 1000)."""
+        _check_limit("conversations", limit)
         self._check_alive()
         req = self._session.list_conversations(
             self._clock(), cursor=cursor, limit=limit, include_hidden=include_hidden,
@@ -1251,18 +1276,18 @@ class Client:
                     # reachable yet...) is retried until connect_timeout has
                     # passed since open_client began.
                     if isinstance(exc, _LoginTooLarge):
-                        raise ConnectFailed(f"cannot connect to {self.url}: {exc}") from None
+                        raise ConnectFailed(f"cannot connect to {self._where}: {exc}") from None
                     frame, token_bytes = self._login_sizes
                     if (isinstance(exc, _SessionEnded) and exc.code is CloseCode.PROTOCOL_ERROR
                             and exc.reason.startswith("FRAME_TOO_LARGE") and s.connections_established == established):
                         # The broker's max_frame is below the Login (below
                         # this client's max_frame): a retry sends the same.
-                        raise ConnectFailed(f"cannot connect to {self.url}: the broker refused the Login frame"
+                        raise ConnectFailed(f"cannot connect to {self._where}: the broker refused the Login frame"
                                             f" ({frame:,} bytes; the token is {token_bytes:,} bytes) as too large:"
                                             f" Close PROTOCOL_ERROR: {exc.reason}") from exc
                     unknown = _unknown_host(exc)
                     if unknown is not None:
-                        raise ConnectFailed(f"cannot connect to {self.url}: unknown host {self.endpoint.host!r}"
+                        raise ConnectFailed(f"cannot connect to {self._where}: unknown host {self.endpoint.host!r}"
                                             f" ({_words(unknown)})") from exc
                     # (HTTP 503 is a ws:// broker at max_connections, as
                     # Close OVERLOADED is a tcp:// one's: retried.)
@@ -1294,12 +1319,12 @@ class Client:
                                 else:
                                     scheme, path = ("ws", ep.path) if ep.websocket else ("tcp", "")
                                 hint = f" (the server may not use TLS: try {scheme}://{_host(ep)}:{ep.port}{path})"
-                        raise ConnectFailed(f"cannot connect to {self.url}:"
+                        raise ConnectFailed(f"cannot connect to {self._where}:"
                                             f" {_root_cause(exc, ep)}{hint}",
                                             wrong_port=bool(hint) or _wrong_kind(exc)) from exc
                     if isinstance(exc, _WrongPort):
                         # The wrong kind of port said so: that will not change.
-                        raise ConnectFailed(f"cannot connect to {self.url}: {exc.what} ({exc.hint})",
+                        raise ConnectFailed(f"cannot connect to {self._where}: {exc.what} ({exc.hint})",
                                             wrong_port=True) from exc
                     hint = ""
                     if self._tls_answer:
@@ -1311,10 +1336,10 @@ class Client:
                         ep = self.endpoint
                         scheme, path = ("wss", ep.path) if ep.websocket else ("tls", "")
                         hint = f" (the server may require TLS: try {scheme}://{_host(ep)}:{ep.port}{path})"
-                        raise ConnectFailed(f"cannot connect to {self.url}: the server answered with a TLS alert{hint}",
+                        raise ConnectFailed(f"cannot connect to {self._where}: the server answered with a TLS alert{hint}",
                                             wrong_port=True) from exc
                     if self._other_answer is not None:
-                        raise ConnectFailed(f"cannot connect to {self.url}: {_other_service(self._other_answer)}",
+                        raise ConnectFailed(f"cannot connect to {self._where}: {_other_service(self._other_answer)}",
                                             wrong_port=True) from exc
                     if self._login_broke and (frame > _LARGE_LOGIN or self.endpoint.secure):
                         # What is known: a broker closes a connection whose
@@ -1329,7 +1354,7 @@ class Client:
                                 f" {token_bytes:,} bytes) was being written, before any answer: it may be over the"
                                 f" broker's max_frame{default})")
                     if trio.current_time() >= first_deadline:
-                        raise ConnectFailed(f"cannot connect to {self.url} within {self.config.connect_timeout:g} s"
+                        raise ConnectFailed(f"cannot connect to {self._where} within {self.config.connect_timeout:g} s"
                                             f" (connect_timeout): {_root_cause(exc)}{hint}") from exc
                     if self._on_connect_retry is not None and not self._closed:
                         self._on_connect_retry(_attempt_failure(exc, self.endpoint))

@@ -71,7 +71,7 @@ from ._backend import impl as _impl
 from ._pure.send import fan_out_stored
 from .clock import HybridClock
 from .errors import AuthError, CloseCode, ErrorCode, ProtocolError, StoreError
-from .ids import DIRECT_PREFIX, SYSTEM, _show, direct_members, id_problem, valid_conversation, valid_id
+from .ids import DIRECT_PREFIX, SYSTEM, _show, direct_conversation, direct_members, id_problem, valid_conversation, valid_id
 from .protocol import Compression, ServerSession, UnexpectedFrame
 from .store.base import (
     AckEvents,
@@ -1089,6 +1089,12 @@ class Broker:
         self._pres_told: dict[str, bool] = {}  # watched user -> online as last told to its watchers
         self._pres_dirty: set[str] = set()  # watched users whose online state may have changed
         self._pres_recheck: set[int] = set()  # conns whose subscription a membership change may have changed
+        # Direct conversation -> the conns subscribed to its other user while
+        # they shared nothing (UNKNOWN): the chat's first entry makes that
+        # user visible, so a message stored there re-checks these
+        # subscriptions (_direct_news).  Per conn, the ids it waits on.
+        self._pres_direct: dict[str, set[int]] = {}
+        self._pres_direct_of: dict[int, tuple[str, ...]] = {}
         # user -> µs the broker last heard from one of its devices when the
         # last one went offline (bounded; the store's device last_seen backs it).
         self._pres_seen: dict[str, int] = {}
@@ -1425,6 +1431,8 @@ class Broker:
         self._stats["batches"] += 1
         if self._inflight_groups:
             self._learn_sizes(batch.ops, results)
+        if self._pres_direct:
+            self._direct_news(batch.ops, results)
         out: list[Command] = []
         to_pump: set[str] = set()
         # The SendAcks of each connection, in order, go out as one SendData
@@ -3531,6 +3539,7 @@ class Broker:
         return F.PresenceEntry(user, F.PresenceState.OFFLINE, 0 if hide else self._pres_seen.get(user, 0))
 
     def _install_presence(self, conn: int, users: tuple[str, ...], visible: frozenset[str]) -> None:
+        self._await_direct(conn, users, visible)
         old = self._pres_sub.pop(conn, frozenset())
         for u in old - visible:
             self._unwatch(u, conn)
@@ -3545,6 +3554,42 @@ class Broker:
                 watchers = self._pres_watch[u] = set()
                 self._pres_told[u] = self._is_online(u)
             watchers.add(conn)
+
+    def _await_direct(self, conn: int, users: tuple[str, ...], visible: frozenset[str]) -> None:
+        """Remember the direct conversations whose first entry would make a
+        user of ``conn``'s subscription visible: those it asked for and was
+        answered UNKNOWN (two users who share nothing yet -- the usual start
+        of a 1:1 chat, subscribed before its first message).  A group join
+        is re-checked by _membership_changed; this is the 1:1 case."""
+        for conv in self._pres_direct_of.pop(conn, ()):
+            waiting = self._pres_direct.get(conv)
+            if waiting is not None:
+                waiting.discard(conn)
+                if not waiting:
+                    del self._pres_direct[conv]
+        c = self._conns.get(conn)
+        if c is None or not users:
+            return
+        convs = []
+        for u in users:
+            if u != c.user and u not in visible and valid_id(u) and valid_id(c.user):
+                conv = direct_conversation(c.user, u)
+                self._pres_direct.setdefault(conv, set()).add(conn)
+                convs.append(conv)
+        if convs:
+            self._pres_direct_of[conn] = tuple(convs)
+
+    def _direct_news(self, ops: Sequence[object], results: Sequence[Result]) -> None:
+        """A batch committed: a message stored in a direct conversation that
+        a subscription waits on (_await_direct) re-checks that subscription
+        -- its two users share a conversation now, and see each other's
+        presence from then on (asked in _flush_presence)."""
+        waiting = self._pres_direct
+        for op, res in zip(ops, results):
+            if type(op) is NewMessage and type(res) is Appended:
+                conns = waiting.get(op.conv)
+                if conns:
+                    self._pres_recheck.update(conns)
 
     def _unwatch(self, user: str, conn: int) -> None:
         watchers = self._pres_watch.get(user)
@@ -3596,6 +3641,7 @@ class Broker:
         self._pres_recheck.discard(conn)
         self._pres_latest.pop(conn, None)
         self._pres_req.pop(conn, None)
+        self._await_direct(conn, (), frozenset())
         for u in self._pres_sub.pop(conn, frozenset()):
             self._unwatch(u, conn)
         if c.state is _ConnState.ACTIVE:

@@ -485,6 +485,7 @@ async def test_chat_refuses_an_unknown_command_and_sends_a_slash_escaped(tmp_pat
         " type // (// sends /)",
     ], out
     helped = out[out.index("✓ sent (#1): /frobnicate is a command") + 1:]
+    helped = [line for line in helped if not line.startswith("— bob is ")]  # (the first message shows bob's presence)
     assert helped[0].startswith("commands: /help"), out
     assert any("//" in line for line in helped), out
 
@@ -973,3 +974,56 @@ def test_a_token_that_expires_mid_chat_exits_2_as_it_does_on_the_next_run(tmp_pa
         assert "reconnecting…" not in out and "token expired" in out, out  # (the same token is refused again)
         r = run_pimcore("chat", "--to", "bob", "--token", tok, "--url", url, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r
+
+
+def test_a_garbage_token_is_refused_as_not_a_pimcore_token(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """pimcore chat --token garbage said "token refused: token is invalid:
+    Not enough segments" (PyJWT's words)."""
+    from pimcore.cli import main
+
+    with open_pimcore_thread(data_dir=str(tmp_path / "d"), listen=["tcp://127.0.0.1:0"]) as im:
+        rc = main(["chat", "--to", "bob", "--token", "garbage", "--url", f"tcp://127.0.0.1:{im.port()}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in err, (rc, out, err)
+    assert err.splitlines()[-1] == ("pimcore chat: token refused: token is not a pimcore token: a JWT has three parts"
+                                    " separated by dots, this has 1 (a JWT as pimcore token issues)"), err
+
+
+async def test_a_sent_line_is_said_below_the_messages_before_it(tmp_path: Path) -> None:
+    """carol's chat said "✓ sent (#3): carol again" and then "— carol
+    joined  (#2)": her message above an entry before it.  A SendAck comes
+    before the Push of the batch it was stored in (and a Push may come
+    later still), so a line's "✓ sent (#N)" waits (briefly) until the
+    entries before #N are shown: none is said below it while the others
+    send at the same time."""
+    import re
+
+    import trio
+
+    from pimcore.chat import chat
+    from pimcore.embed import open_pimcore
+
+    with trio.fail_after(60):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["bob", "carol"])
+            out: list[str] = []
+            typed, lines = trio.open_memory_channel[str](100)
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: chat(im.urls[0], im.issue_token("carol"), group="team", lines=lines, out=out.append))
+                while not any(line.startswith("connected as carol") for line in out):
+                    await trio.sleep(0.01)
+                async with trio.open_nursery() as both:
+                    async def bob() -> None:
+                        for i in range(40):
+                            await im.post("team", f"bob {i}".encode(), sender="bob", device="phone")
+                    both.start_soon(bob)
+                    for i in range(40):
+                        await typed.send(f"carol {i}")
+                        await trio.sleep(0.001)
+                while sum(line.startswith("✓ sent") for line in out) < 40 or sum("bob: bob" in line for line in out) < 40:
+                    await trio.sleep(0.01)
+                await typed.send("/quit")
+    said = [(int(m.group(1)), line) for line in out if (m := re.search(r"\(#(\d+)\)", line))]
+    above = [(line, later) for k, (seq, line) in enumerate(said) if line.startswith("✓ sent")
+             for before, later in said[k + 1:] if before < seq]
+    assert above == [], above

@@ -343,3 +343,25 @@ def test_a_byte_that_was_not_utf8_is_shown_as_the_byte(value: str, shown: str) -
     assert id_problem("b\udcffob") == (r"user id 'b\xffob' has the non-ASCII character '\xff' (user ids are 1-64"
                                        " ASCII characters from A-Z a-z 0-9 _ . @ -)")
     assert _show("x" * 100 + "\udcff").endswith("...(101 chars)")
+
+
+@pytest.mark.parametrize("token, said", [
+    (b"abc.def.ghi", "token is not a pimcore token: its three parts are not a JWT's"),
+    (b"garbage", "token is not a pimcore token: a JWT has three parts separated by dots, this has 1"),
+    (b"a.b", "token is not a pimcore token: a JWT has three parts separated by dots, this has 2"),
+    (b"a.b.c.d", "token is not a pimcore token: a JWT has three parts separated by dots, this has 4"),
+    (b"\xff\xfe.x.y", "token is not a pimcore token: its three parts are not a JWT's"),
+], ids=["three-junk-parts", "one-part", "two-parts", "four-parts", "not-ascii"])
+def test_a_malformed_token_is_refused_as_not_a_pimcore_token_in_words(token: bytes, said: str) -> None:
+    """open_client(url, "abc.def.ghi") was refused as "token is invalid:
+    Invalid header string: 'utf-8' codec can't decode byte 0xb7 ..." and
+    --token garbage as "token is invalid: Not enough segments" (PyJWT's
+    words, new-user pass): now what it is not, and what pimcore takes."""
+    from pimcore.auth import JwtAuthenticator
+    from pimcore.errors import AuthError
+
+    with pytest.raises(AuthError) as err:
+        JwtAuthenticator(SPEC_SECRET)(token, 1_700_000_000 * 1_000_000)
+    assert str(err.value).startswith(said), str(err.value)
+    assert "(a JWT as pimcore token issues)" in str(err.value), str(err.value)
+    assert "codec" not in str(err.value) and "segments" not in str(err.value), str(err.value)

@@ -346,6 +346,23 @@ async def test_a_refused_port_fails_fast_and_says_refused(scheme) -> None:
     assert str(err.value) == f"cannot connect to {url}: connection refused", str(err.value)
 
 
+async def test_a_refused_url_without_a_port_names_the_default_port_it_tried(monkeypatch) -> None:
+    """open_client("tcp://127.0.0.1") said "cannot connect to
+    tcp://127.0.0.1: connection refused" without the port it tried (new-user
+    pass): it now names host:port and that the port was the default."""
+    from pimcore.client import ConnectFailed
+    from pimcore.net import streams
+
+    held, port = _refused_port()
+    monkeypatch.setitem(streams._DEFAULT_PORTS, "tcp", port)  # (7400 itself may be in use here)
+    with held, trio.fail_after(20):
+        with pytest.raises(ConnectFailed) as err:
+            async with open_client("tcp://127.0.0.1", token("alice"), "phone"):
+                pass  # pragma: no cover
+    assert str(err.value) == (f"cannot connect to tcp://127.0.0.1 (127.0.0.1:{port}, the default port of tcp://):"
+                              " connection refused"), str(err.value)
+
+
 class _ScriptedResolver(trio.abc.HostnameResolver):
     """Answers names under the reserved ``.invalid`` TLD (RFC 6761) from a
     script, so no query leaves the machine: each lookup takes the next of
@@ -1275,6 +1292,35 @@ async def test_refusals_of_conversation_and_membership_say_why_in_words(lmdb_sto
                 for limit in (0, -1):
                     with pytest.raises(ValueError, match="limit must be an int >= 1"):
                         await b.fetch_history("team", 0, limit)
+
+
+async def test_sdk_seq_and_limit_arguments_are_refused_at_the_call_naming_the_argument(lmdb_store):
+    """mark_read(conv, -1) and fetch_history(conv, -1, 5) raised the
+    encoder's "EncodeError field 'seq': -1 is negative (u is unsigned)",
+    and conversations(limit=0) returned a page (new-user pass): each is now
+    a ValueError naming the argument and its range, nothing sent."""
+    lmdb_store.create_group("team", ["alice", "bob"], 0)
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            async with client(srv.url(), "bob") as b:
+                for call, said in [
+                    (lambda: b.mark_read("team", -1), "mark_read: seq must be an int in 0..2**64-1, got -1"),
+                    (lambda: b.mark_read("team", 1 << 64), "mark_read: seq must be an int in 0..2**64-1, got 1844"),
+                    (lambda: b.mark_read("team", True), "mark_read: seq must be an int in 0..2**64-1, got True"),
+                    (lambda: b.fetch_history("team", -1, 5), "fetch_history: from_seq must be an int in 0..2**64-1, got -1"),
+                    (lambda: b.fetch_page("team", -1, 5), "fetch_history: from_seq must be an int in 0..2**64-1, got -1"),
+                    (lambda: b.fetch_history("team", 0, 1 << 64), "fetch_history: limit must be an int >= 1"),
+                    (lambda: b.conversations(limit=0), "conversations: limit must be an int >= 1, got 0"),
+                    (lambda: b.conversations(limit=-3), "conversations: limit must be an int >= 1, got -3"),
+                    (lambda: b.conversations(limit=1 << 64), "conversations: limit must be an int >= 1"),
+                ]:
+                    with pytest.raises(ValueError) as err:
+                        await call()
+                    assert str(err.value).startswith(said), (str(err.value), said)
+                    assert "EncodeError" not in repr(err.value) and "unsigned" not in str(err.value)
+                await b.mark_read("team", 0)  # the bounds themselves are fine
+                assert (await b.conversations(limit=1)).entries[0].conv == "team"
+                assert await b.fetch_history("team", 0, 1) == []
 
 
 async def test_mark_read_refused_raises_what_the_sdk_knows_and_reports_the_brokers_refusal(lmdb_store):

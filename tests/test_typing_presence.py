@@ -169,6 +169,30 @@ async def test_presence_subscribe_changes_and_hidden_last_seen(store):
                 assert err.value.code is ErrorCode.PRESENCE_LIMIT
 
 
+async def test_presence_subscribed_before_the_first_message_shows_once_the_chat_exists(store):
+    """The README's tour: two new users subscribe to each other before their
+    1:1 chat has a message (UNKNOWN); its first message makes each see the
+    other, then their changes -- without subscribing again.  A stranger
+    still sees nothing."""
+    with trio.fail_after(30):
+        async with serving(store) as srv:
+            url = srv.url()
+            async with client(url, "bob") as b, client(url, "eve") as e:
+                async with client(url, "alice") as a:
+                    await a.wait_connected()
+                    assert (await a.subscribe_presence(["bob"]))["bob"].state is UNKNOWN
+                    assert (await b.subscribe_presence(["alice"]))["alice"].state is UNKNOWN
+                    assert {x.state for x in (await e.subscribe_presence(["alice", "bob"])).values()} == {UNKNOWN}
+                    await a.send("d:alice:bob", b"hi")
+                    await next_event(a, presence_of("bob", ONLINE))
+                    await next_event(b, presence_of("alice", ONLINE))
+                ev = await next_event(b, presence_of("alice", OFFLINE))
+                assert ev.last_seen > 0
+                async with client(url, "alice") as a:
+                    await next_event(b, presence_of("alice", ONLINE))
+                assert {x.state for x in e.presence.values()} == {UNKNOWN}
+
+
 async def test_privacy_is_synced_to_the_users_other_devices(store):
     with trio.fail_after(30):
         async with serving(store) as srv:

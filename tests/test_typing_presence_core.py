@@ -11,6 +11,7 @@ import pytest
 from pimcore import frames as F
 from pimcore.core import SECOND, BrokerConfig
 from pimcore.errors import ErrorCode
+from pimcore.ids import direct_conversation
 from pimcore.store import LmdbStore, MemoryStore
 
 from _harness import Harness, store_driver  # noqa: F401
@@ -178,6 +179,44 @@ def test_presence_is_visible_only_to_users_sharing_a_conversation(store):
     assert h.take(eve, F.Presence) == []
 
 
+def test_presence_subscribed_before_the_first_direct_message_is_told_once_it_exists(store):
+    """Two new users subscribe to each other before their 1:1 chat has an
+    entry (UNKNOWN: they share nothing yet); the first message makes the
+    chat exist, and each is told the other's presence at once, then its
+    changes -- a stranger subscribed to them is still told nothing."""
+    h = harness(store)
+    alice, bob, eve = h.login("alice", "p"), h.login("bob", "p"), h.login("eve", "p")
+    assert states(sub(h, alice, 1, "bob")) == [("bob", UNKNOWN, 0)]
+    assert states(sub(h, bob, 1, "alice")) == [("alice", UNKNOWN, 0)]
+    assert states(sub(h, eve, 1, "alice", "bob")) == [("alice", UNKNOWN, 0), ("bob", UNKNOWN, 0)]
+    h.send(alice, direct_conversation("alice", "bob"), b"hi")
+    [ch] = h.take(alice, F.Presence)
+    assert states(ch) == [("bob", ONLINE, 0)]
+    [ch] = h.take(bob, F.Presence)
+    assert states(ch) == [("alice", ONLINE, 0)]
+    assert h.take(eve, F.Presence) == []
+    h.send(alice, direct_conversation("alice", "bob"), b"again")  # no news: told nothing more
+    assert h.take(alice, F.Presence) == [] and h.take(bob, F.Presence) == []
+    h.lose(bob)
+    [ch] = h.take(alice, F.Presence)
+    assert [(u, s) for u, s, _ in states(ch)] == [("bob", OFFLINE)]
+    bob = h.login("bob", "p")
+    [ch] = h.take(alice, F.Presence)
+    assert states(ch) == [("bob", ONLINE, 0)]
+    assert h.take(eve, F.Presence) == []  # the privacy rule holds for the stranger
+
+
+def test_a_direct_message_with_someone_else_tells_no_presence(store):
+    h = harness(store)
+    alice, bob, eve = h.login("alice", "p"), h.login("bob", "p"), h.login("eve", "p")
+    assert states(sub(h, eve, 1, "bob")) == [("bob", UNKNOWN, 0)]
+    h.send(alice, direct_conversation("alice", "bob"), b"hi")
+    h.send(alice, direct_conversation("alice", "eve"), b"hi eve")
+    assert h.take(eve, F.Presence) == []
+    h.lose(bob)
+    assert h.take(eve, F.Presence) == []
+
+
 def test_presence_subscription_is_bounded(store):
     h = harness(store, presence_max_users=3)
     h.create_group("g", ["alice", "bob"])
@@ -232,5 +271,5 @@ def test_ephemeral_state_goes_with_the_connections(store):
         h.lose(c)
     b = h.broker
     assert not (b._pres_watch or b._pres_hide or b._pres_sub or b._pres_req or b._pres_told or b._pres_latest
-                or b._pres_dirty or b._pres_recheck or b._typing_tokens or b._typing_reads)
+                or b._pres_dirty or b._pres_recheck or b._pres_direct or b._pres_direct_of or b._typing_tokens or b._typing_reads)
     assert set(b._pres_seen) == set(users)
