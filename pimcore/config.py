@@ -932,8 +932,10 @@ class ServeSettings:
         http.update({k: v for k, v in self.http_options.items() if k != "listen"})
         if self.http:
             http["listen"] = self.http
+        # (Paths absolute: a file's relative path is read relative to the
+        # file, so printed relative and saved elsewhere it named another.)
         out: dict[str, Any] = {
-            "data_dir": str(self.data_dir),
+            "data_dir": str(self.data_dir.absolute()),
             "durability": self.durability,
             "listen": list(self.listen),
             "log_level": self.log_level,
@@ -942,12 +944,14 @@ class ServeSettings:
         if self.secret is not None:
             out["secret"] = "<redacted>"
         if self.secret_file is not None:
-            out["secret_file"] = str(self.secret_file)
+            out["secret_file"] = str(self.secret_file.absolute())
         if self.content_filter is not None:
             out["content_filter"] = self.content_filter
-        out["api_keys"] = ["<redacted>"] * len(self.api_keys) if self.api_keys else []
-        tls = {k: v for k, v in (("cert", self.cert), ("key", self.key)) if v is not None}
-        out["tls"] = tls
+        if self.api_keys:  # (unset: left out; ``api_keys = []`` is refused)
+            out["api_keys"] = ["<redacted>"] * len(self.api_keys)
+        tls = {k: str(Path(v).absolute()) for k, v in (("cert", self.cert), ("key", self.key)) if v is not None}
+        if tls:  # (unset: left out, not an empty [tls])
+            out["tls"] = tls
         out["limits"] = {f.name: getattr(limits, f.name) for f in fields(limits)}
         out["server"] = {k: server[k] for k in sorted(server)}
         out["http"] = {k: http[k] for k in sorted(http)}
@@ -964,7 +968,9 @@ class ServeSettings:
                          if f.name not in ("url", "secret")}
             wh: dict[str, Any] = {**wdefaults, **self.webhooks}
             wh["events"] = list(wh["events"])
-            wh["secret"] = "<redacted>" if "secret" in self.webhooks else f"<{self.data_dir / 'webhook-secret'}>"
+            if not wh["events"]:  # (every type: left out, as ``events = []`` is refused)
+                del wh["events"]
+            wh["secret"] = "<redacted>" if "secret" in self.webhooks else f"<{self.data_dir.absolute() / 'webhook-secret'}>"
             out["webhooks"] = {k: wh[k] for k in sorted(wh)}
         out["messages"] = {
             k: self.messages.get(k, getattr(b, k) / SECOND) for k in ("delete_window", "edit_window", "recall_window")
@@ -986,12 +992,26 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v), ensure_ascii=False)  # a TOML basic string
 
 
+def _toml_line(section: Optional[str], key: str, value: Any) -> str:
+    """``key = value``; a secret's (:data:`_SECRET_KEYS`, printed redacted)
+    as a comment saying how to give it: read back, ``"<redacted>"`` was
+    taken as the secret itself (``api_keys`` refused as too short)."""
+    line = f"{key} = {_toml_value(value)}"
+    if (section, key) not in _SECRET_KEYS:
+        return line
+    if value == "<redacted>" or (isinstance(value, list) and value and set(value) == {"<redacted>"}):
+        return f"# {line}  (a secret, not printed: give it in the file or as ${env_name(section, key)})"
+    return f"# {key}: not set, so {str(value).strip('<>')} is used"  # (effective()'s "<the webhook secret>")
+
+
 def render_toml(doc: Mapping[str, Any]) -> str:
-    """A flat TOML document: top-level scalars, then one table per section."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items() if not isinstance(v, Mapping)]
+    """A flat TOML document: top-level scalars, then one table per section
+    (an empty one left out).  Secrets are comments (:func:`_toml_line`), so
+    ``serve --print-config``'s output reads back as the same settings."""
+    lines = [_toml_line(None, k, v) for k, v in doc.items() if not isinstance(v, Mapping)]
     for k, v in doc.items():
-        if isinstance(v, Mapping):
-            lines += ["", f"[{k}]", *(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())]
+        if isinstance(v, Mapping) and v:
+            lines += ["", f"[{k}]", *(_toml_line(k, kk, vv) for kk, vv in v.items())]
     return "\n".join(lines) + "\n"
 
 
