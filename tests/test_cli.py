@@ -415,6 +415,23 @@ def test_a_value_refused_after_its_type_check_says_where_it_came_from(tmp_path, 
     _print_config_refuses(tmp_path, monkeypatch, capsys, args, env, toml, said)
 
 
+@pytest.mark.parametrize("args, toml, said", [
+    (["--http", "127.0.0.1:17440"], "",
+     "--http: '127.0.0.1:17440': the scheme is missing: write tcp://127.0.0.1:17440 (or http://, https://, tls://)"),
+    (["--listen", "127.0.0.1:7400"], "",
+     "--listen: '127.0.0.1:7400': the scheme is missing: write tcp://127.0.0.1:7400 (or tls://, ws://, wss://)"),
+    (["--listen", "localhost:7400"], "",
+     "--listen: 'localhost:7400': the scheme is missing: write tcp://localhost:7400 (or tls://, ws://, wss://)"),
+    ([], 'listen = ["tcp://127.0.0.1:17410", "127.0.0.1:17411"]\n',
+     "{cfg}: listen: '127.0.0.1:17411': the scheme is missing: write tcp://127.0.0.1:17411 (or tls://, ws://, wss://)"),
+], ids=["http-flag", "listen-flag", "listen-name", "listen-file-item"])
+def test_a_listen_url_without_a_scheme_says_so(tmp_path, monkeypatch, capsys, args, toml, said):
+    """`serve --http 127.0.0.1:17440` said "an HTTP listen URL has no path",
+    `--listen 127.0.0.1:7400` listed the schemes: neither said what was
+    missing nor the URL to write."""
+    _print_config_refuses(tmp_path, monkeypatch, capsys, args, {}, toml, said)
+
+
 _SERVER_REFUSED = [
     (["--max-connections", "0"], {}, "", "--max-connections must be >= 1, got 0"),
     ([], {"PIMCORE_SERVER_MAX_CONNECTIONS": "0"}, "",
