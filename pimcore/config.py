@@ -1137,6 +1137,52 @@ def _fits(typ: str, value: Any) -> bool:
     return False
 
 
+#: ``pimcore serve`` flags that are no setting (no key, no variable): an
+#: unknown key or ``PIMCORE_*`` of their name is said to be one.
+_FLAG_ONLY = ("web", "demo", "print_config")
+
+
+def _close_match(name: str, choices: Any) -> Optional[str]:
+    """The one of ``choices`` ``name`` is most likely a typo of, compared
+    case- and ``_``-insensitively (``Data_Dir``, ``sendrate``, ``data_dri``);
+    None if none is close (difflib)."""
+    import difflib
+
+    def norm(text: str) -> str:
+        return text.lower().replace("_", "").replace("-", "")
+
+    by_norm = {norm(c): c for c in sorted(choices)}
+    if norm(name) in by_norm:
+        return by_norm[norm(name)]
+    close = difflib.get_close_matches(norm(name), list(by_norm), n=1)
+    return by_norm[close[0]] if close else None
+
+
+def _typo_hint(doc: Mapping[str, Any], keys: set[str], choices: Any, section: Optional[str], as_json: bool) -> str:
+    """The hint after "unknown keys" for those of ``keys`` that are none of
+    the settings' names but close to one of ``choices``: ``; did you mean
+    data_dir?``, ``[limits]`` for a table at the top; a serve flag's name
+    (``web``) said to be a flag only.  "" if none."""
+    table = doc if section is None else doc.get(section, {})
+    said = []
+    for key in sorted(keys):
+        if any((s, key) in SCHEMA for s in (None, *_SECTIONS)):
+            continue  # (said by _misplaced)
+        if section is None and key.lower().replace("-", "_") in _FLAG_ONLY:
+            said.append(f"{key} is a flag of pimcore serve only (--{key.lower().replace('_', '-')}), not a setting")
+            continue
+        match = _close_match(key, choices)
+        if match is None:
+            continue
+        if as_json:
+            said.append(f"did you mean {json.dumps(match)} for {json.dumps(key)}?")
+        elif section is None and match in _SECTIONS and isinstance(table.get(key), Mapping):
+            said.append(f"did you mean [{match}] for [{key}]?")
+        else:
+            said.append(f"did you mean {match} for {key}?")
+    return "".join(f"; {text}" for text in said)
+
+
 #: Sections a string stands for one key of: ``http = "URL"`` is short for
 #: ``[http] listen``, ``store = "URL"`` for ``[store] url``.  A refusal of
 #: the string names the section, as written (``http: cannot be empty``).
@@ -1150,7 +1196,8 @@ def _check_doc(doc: dict[str, Any], where: str, *, as_json: bool = False) -> dic
     of another section (or of the top) is said with where it belongs."""
     unknown = set(doc) - _TOP_KEYS
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}{_misplaced(doc, unknown, None, as_json)}")
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}{_misplaced(doc, unknown, None, as_json)}"
+                          f"{_typo_hint(doc, unknown, _TOP_KEYS, None, as_json)}")
     for section, allowed in _SECTIONS.items():
         value = doc.get(section, {})
         if isinstance(value, str) and section in _SHORT_FORMS:
@@ -1161,7 +1208,7 @@ def _check_doc(doc: dict[str, Any], where: str, *, as_json: bool = False) -> dic
         bad = set(value) - set(allowed)
         if bad:
             raise ConfigError(f"{where}: unknown keys in [{section}]: {sorted(bad)}"
-                              f"{_misplaced(doc, bad, section, as_json)}")
+                              f"{_misplaced(doc, bad, section, as_json)}{_typo_hint(doc, bad, allowed, section, as_json)}")
     return doc
 
 
@@ -1204,10 +1251,13 @@ def _check_env_names(env: Mapping[str, str]) -> None:
         if (not name.startswith("PIMCORE_") or name in known or name in OTHER_ENV
                 or name.startswith(OTHER_ENV_PREFIXES) or text == ""):
             continue
-        import difflib
-
-        close = difflib.get_close_matches(name, sorted(known), n=1)
-        hint = f" (did you mean ${close[0]}?)" if close else ""
+        flag = name[len("PIMCORE_"):].lower()
+        if flag in _FLAG_ONLY:  # ($PIMCORE_WEB suggested $PIMCORE_STORE)
+            raise ConfigError(f"unknown environment variable ${name}: --{flag.replace('_', '-')} is a flag of"
+                              f" pimcore serve only, with no variable or setting: give"
+                              f" pimcore serve --{flag.replace('_', '-')}")
+        close = _close_match(name, known)
+        hint = f" (did you mean ${close}?)" if close else ""
         raise ConfigError(f"unknown environment variable ${name}: not a setting{hint}; settings are "
                           "PIMCORE_<KEY> or PIMCORE_<SECTION>_<KEY> (pimcore serve --print-config lists them)")
 
@@ -1250,14 +1300,17 @@ def _layer_from_flags(flags: Mapping[str, Any], options: bool) -> dict[tuple[Opt
             # A whole section at once (open_pimcore(webhooks={"url": ...})).
             for key, v in value.items():
                 if (name, key) not in SCHEMA:
-                    raise ConfigError(f"unknown setting {name}.{key}")
+                    close = _close_match(str(key), _SECTIONS[name])
+                    raise ConfigError(f"unknown setting {name}.{key}"
+                                      + (f" (did you mean {name}.{close}?)" if close else ""))
                 if v is not None:
                     layer[(name, key)] = _check(f"{name}.{key}", SCHEMA[(name, key)], v)
             continue
         elif name in _TOP:
             where = (None, name)
         else:
-            raise ConfigError(f"unknown setting {quote_arg(name)}")
+            close = _close_match(name, _FLAG_NAMES)
+            raise ConfigError(f"unknown setting {quote_arg(name)}" + (f" (did you mean {close}?)" if close else ""))
         typ = SCHEMA[where]
         if typ == "bool" and not isinstance(value, bool):
             # A keyword argument (open_pimcore(events="true")): not TOML's words.
@@ -1268,6 +1321,11 @@ def _layer_from_flags(flags: Mapping[str, Any], options: bool) -> dict[tuple[Opt
         value = _check(f"--{name.replace('_', '-')}" if options else name, typ, value, empty_ok)
         layer[where] = Path(value) if typ == "path" else value
     return layer
+
+
+#: The keywords load_settings (open_pimcore) takes as flags.
+_FLAG_NAMES = frozenset(_LIMIT_KEYS | _SERVER_KEYS | set(_TOP) | {"cert", "key", "http", "store", "webhooks",
+                                                                     "moderation"})
 
 
 def load_settings(

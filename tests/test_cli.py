@@ -1379,3 +1379,47 @@ def test_an_empty_option_is_refused_naming_it(tmp_path, capsys, monkeypatch, cmd
     out, err = capsys.readouterr()
     assert out == "" and err == f"pimcore {cmd[0]}: {cmd[-2]}: cannot be empty\n", err
     assert list(tmp_path.iterdir()) == []
+
+
+from pimcore.config import ConfigError, load_settings  # noqa: E402
+
+
+@pytest.mark.parametrize("toml, said", [
+    ('data_dri = "x"\n', "unknown keys ['data_dri']; did you mean data_dir for data_dri?"),
+    ('Data_Dir = "x"\n', "unknown keys ['Data_Dir']; did you mean data_dir for Data_Dir?"),
+    ("[limit]\nwindow = 8\n", "unknown keys ['limit']; did you mean [limits] for [limit]?"),
+    ("[limits]\nsendrate = 5.0\n", "unknown keys in [limits]: ['sendrate']; did you mean send_rate for sendrate?"),
+    ("web = true\n", "unknown keys ['web']; web is a flag of pimcore serve only (--web), not a setting"),
+    ('nonsense = "x"\n', "unknown keys ['nonsense']"),
+], ids=["typo", "case", "section", "in-section", "flag-only", "no-match"])
+def test_an_unknown_file_key_suggests_the_close_setting(tmp_path, toml, said):
+    """`data_dri = "x"`, `Data_Dir`, `[limit]` said "unknown keys" and no
+    more, where an unknown environment variable is said with the close one."""
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg), env={})
+    assert str(err.value) == f"{cfg}: {said}"
+
+
+def test_an_unknown_embedding_keyword_suggests_the_close_one():
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={}, sendrate=5)
+    assert str(err.value) == "unknown setting 'sendrate' (did you mean send_rate?)"
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={}, webhooks={"URL": "http://x"})
+    assert str(err.value) == "unknown setting webhooks.URL (did you mean webhooks.url?)"
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={}, nonsense=5)
+    assert str(err.value) == "unknown setting 'nonsense'"
+
+
+def test_a_variable_of_a_flag_only_option_says_it_is_a_flag():
+    """PIMCORE_WEB=maybe suggested $PIMCORE_STORE."""
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"PIMCORE_WEB": "maybe"})
+    assert str(err.value) == ("unknown environment variable $PIMCORE_WEB: --web is a flag of pimcore serve only,"
+                              " with no variable or setting: give pimcore serve --web")
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"PIMCORE_DATA_DRI": "x"})
+    assert "(did you mean $PIMCORE_DATA_DIR?)" in str(err.value)
