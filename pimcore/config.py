@@ -425,6 +425,15 @@ def _check(name: str, typ: str, value: Any, empty_ok: bool = False) -> Any:
         return float(_finite(name, value))  # (checked first: an int past a float's range cannot be made one)
     if typ == "int":
         return _finite(name, value)
+    if typ == "list" and not isinstance(value, str):
+        empty = next((i for i, item in enumerate(value, 1) if not item.strip()), None)
+        if empty is not None:
+            # (``listen = ["URL", ""]`` said "'': scheme must be ...",
+            # ``api_keys = ["k", ""]`` no position.  By its position, never
+            # its neighbours: they may be keys; as the environment's.)
+            what = _EMPTY_LIST_SAID.get(bare, ("value", ""))[0]
+            raise ConfigError(f"{name}: item {empty} of the list is empty: give one {what} in each item,"
+                              " or remove it")
     if typ == "list":
         return [value] if isinstance(value, str) else list(value)
     return value

@@ -1423,3 +1423,25 @@ def test_a_variable_of_a_flag_only_option_says_it_is_a_flag():
     with pytest.raises(ConfigError) as err:
         load_settings(env={"PIMCORE_DATA_DRI": "x"})
     assert "(did you mean $PIMCORE_DATA_DIR?)" in str(err.value)
+
+
+@pytest.mark.parametrize("toml, kw, said", [
+    ('listen = ["tcp://127.0.0.1:17410", ""]\n', {"listen": ["tcp://127.0.0.1:17410", ""]},
+     "listen: item 2 of the list is empty: give one URL in each item, or remove it"),
+    ('api_keys = ["key-one-0123456789", " "]\n', {"api_keys": ["key-one-0123456789", ""]},
+     "api_keys: item 2 of the list is empty: give one key in each item, or remove it"),
+    ('[webhooks]\nurl = "http://127.0.0.1:1/h"\nevents = ["", "message"]\n', {},
+     "webhooks.events: item 1 of the list is empty: give one event type in each item, or remove it"),
+], ids=["listen", "api-keys", "webhook-events"])
+def test_an_empty_list_item_in_the_file_or_embedded_is_said_by_its_position(tmp_path, toml, kw, said):
+    """`listen = ["URL", ""]` said "listen: '': scheme must be one of ...",
+    `api_keys = ["k", ""]` "an API key cannot be empty", without the item."""
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg), env={})
+    assert str(err.value) == f"{cfg}: {said}"
+    if kw:
+        with pytest.raises(ConfigError) as err:
+            load_settings(env={}, **kw)
+        assert str(err.value) == said
