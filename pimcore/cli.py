@@ -56,6 +56,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .store import LmdbStore
     from .store.lmdb import SCHEMA_VERSION
 
+    from .ids import id_problem
+
+    for user in args.user:  # (as pimcore token: 'a b' printed a zero summary, exit 0)
+        problem = id_problem(user, "user")
+        if problem is not None:
+            print(f"pimcore inspect: invalid user id: {problem}", file=sys.stderr)
+            return EXIT_REFUSED
     root = Path(args.data_dir)
     path = None
     for candidate in (root / "store", root):
@@ -99,9 +106,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     for line in _inspect_lines(summary):
         print(line)
     for user, seen in users.items():
+        if not (seen["inbox_head"] or seen["devices"] or seen["conversations"]):
+            print(f"user {user}: no such user in this store (no inbox, no devices, no conversations)")
+            continue
         print(f"user {user}: inbox head {seen['inbox_head']}, floor {seen['inbox_floor']}")
         for dev in seen["devices"]:
-            print(f"  device {dev['device']}: position {dev['position']}, last seen {dev['last_seen']}")
+            print(f"  device {dev['device']}: position {dev['position']},"
+                  f" last seen {_utc(dev['last_seen']) or 'never'}")
         for conv in seen["conversations"]:
             print(f"  {conv['conversation']}: last seq {conv['last_seq']}, read {conv['read']},"
                   f" unread {conv['unread']}")
