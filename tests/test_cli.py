@@ -1445,3 +1445,18 @@ def test_an_empty_list_item_in_the_file_or_embedded_is_said_by_its_position(tmp_
         with pytest.raises(ConfigError) as err:
             load_settings(env={}, **kw)
         assert str(err.value) == said
+
+
+@pytest.mark.parametrize("argv", [["group", "show", "team"], ["purge", "user", "bob"], ["retention", "team"]])
+def test_a_command_in_a_folder_with_no_data_says_how_to_name_it(tmp_path, monkeypatch, capsys, argv):
+    """`pimcore group show team` in a folder with no data said "no store at
+    'pimcore-data/store'" and not how to point it at one."""
+    for name in [n for n in os.environ if n.startswith("PIMCORE_") and n != "PIMCORE_BACKEND"]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"pimcore {argv[0]}: no store at 'pimcore-data/store': give the data directory of"
+                                 " pimcore serve (--data-dir DIR or --config FILE), or --http URL for a running"
+                                 " broker\n"), err
+    assert list(tmp_path.iterdir()) == []
