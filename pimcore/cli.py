@@ -56,6 +56,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .store import LmdbStore
     from .store.lmdb import SCHEMA_VERSION
 
+    from .ids import id_problem
+
+    for user in args.user:  # (as pimcore token: 'a b' printed a zero summary, exit 0)
+        problem = id_problem(user, "user")
+        if problem is not None:
+            print(f"pimcore inspect: invalid user id: {problem}", file=sys.stderr)
+            return EXIT_REFUSED
     root = Path(args.data_dir)
     path = None
     for candidate in (root / "store", root):
@@ -99,9 +106,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     for line in _inspect_lines(summary):
         print(line)
     for user, seen in users.items():
+        if not (seen["inbox_head"] or seen["devices"] or seen["conversations"]):
+            print(f"user {user}: no such user in this store (no inbox, no devices, no conversations)")
+            continue
         print(f"user {user}: inbox head {seen['inbox_head']}, floor {seen['inbox_floor']}")
         for dev in seen["devices"]:
-            print(f"  device {dev['device']}: position {dev['position']}, last seen {dev['last_seen']}")
+            print(f"  device {dev['device']}: position {dev['position']},"
+                  f" last seen {_utc(dev['last_seen']) or 'never'}")
         for conv in seen["conversations"]:
             print(f"  {conv['conversation']}: last seq {conv['last_seq']}, read {conv['read']},"
                   f" unread {conv['unread']}")
@@ -631,6 +642,9 @@ def _refusal(command: str, exc: BaseException) -> str:
     # (Only the store's refusal, "(use its HTTP API...)": an --http call's
     # own failure may name the HTTP API too, and --http was given then.)
     hint = " -- give --http URL (its HTTP listener) to do this through it" if "use its HTTP API" in str(exc) else ""
+    if str(exc).startswith("no store at "):  # (LmdbStore(create=False): the data directory has none)
+        hint = ": give the data directory of pimcore serve (--data-dir DIR or --config FILE), or --http URL for a" \
+               " running broker"
     return f"pimcore {command}: {exc}{hint}"
 
 
@@ -704,7 +718,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
 
             raise store_refusal(settings, exc, settings.data_dir / "store") from None
     except (ConfigError, StoreError, ValueError, OSError) as exc:
-        print(f"pimcore group: {exc}", file=sys.stderr)
+        print(_refusal("group", exc), file=sys.stderr)
         return 2
     if new:
         # (Run in the wrong folder, the group would be in a store no broker uses.)
@@ -988,6 +1002,7 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
     from .config import API_KEY_FILE
 
     key = args.api_key or os.environ.get("PIMCORE_API_KEY")
+    source = "--api-key" if args.api_key else "$PIMCORE_API_KEY"
     bad = next((c for c in key or "" if not (" " <= c <= "~")), None)
     if bad is not None:
         # (An HTTP header cannot carry it: urllib's "'latin-1' codec can't
@@ -1001,6 +1016,7 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
         data_dir = Path(args.data_dir or "pimcore-data")
         try:
             key = read_kept_secret(data_dir, API_KEY_FILE).decode()
+            source = f"the file {data_dir / API_KEY_FILE}"
         except FileNotFoundError:
             raise ValueError(f"no API key: give --api-key or $PIMCORE_API_KEY (none in {data_dir / API_KEY_FILE})") from None
     base = _http_base(args.http)
@@ -1033,6 +1049,9 @@ def _http_call(args: argparse.Namespace, method: str, path: str, body: Optional[
             code, message = str(err["code"]), str(err["message"])
             # (An older broker's messages hold the code already.)
             why = message if code in message else f"{code}: {message}"
+            if exc.code == 401:  # (which key: it said only "the API key is not valid")
+                said = f" (the key from {source}; the broker's keys: its api_keys setting or <data_dir>/api-key)"
+                why, message = why + said, message + said
         except (ValueError, KeyError, TypeError):  # (not the API's JSON error: a proxy's page...)
             # A short plain-text answer says whose it is (the broker's
             # ws:// listener names itself): its first line.  Not HTML.

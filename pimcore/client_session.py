@@ -2341,6 +2341,15 @@ class ClientSession:
             if f.code != ErrorCode.OK:
                 code = _error_code(f.code)
                 err = self._request_error(code, "presence subscription", None)
+                if code is ErrorCode.PRESENCE_LIMIT:  # (it said no limit: the frame carries none, so the setting)
+                    from dataclasses import fields
+
+                    from .core import BrokerConfig
+
+                    default = next(f.default for f in fields(BrokerConfig) if f.name == "presence_max_users")
+                    reason = (f"{len(wanted[1]):,} users are more than the broker takes in one subscription (its"
+                              f" [server] presence_max_users, {default} by default): subscribe to fewer")
+                    err = SendError(code, 0, f"presence subscription: {code.name}: {reason}", reason=reason)
                 # The broker kept the previous subscription: so does the session
                 # (and sends that one again after a reconnect).
                 self._presence_wanted = (f.req_id, self._presence_users)

@@ -425,6 +425,15 @@ def _check(name: str, typ: str, value: Any, empty_ok: bool = False) -> Any:
         return float(_finite(name, value))  # (checked first: an int past a float's range cannot be made one)
     if typ == "int":
         return _finite(name, value)
+    if typ == "list" and not isinstance(value, str):
+        empty = next((i for i, item in enumerate(value, 1) if not item.strip()), None)
+        if empty is not None:
+            # (``listen = ["URL", ""]`` said "'': scheme must be ...",
+            # ``api_keys = ["k", ""]`` no position.  By its position, never
+            # its neighbours: they may be keys; as the environment's.)
+            what = _EMPTY_LIST_SAID.get(bare, ("value", ""))[0]
+            raise ConfigError(f"{name}: item {empty} of the list is empty: give one {what} in each item,"
+                              " or remove it")
     if typ == "list":
         return [value] if isinstance(value, str) else list(value)
     return value
@@ -932,8 +941,10 @@ class ServeSettings:
         http.update({k: v for k, v in self.http_options.items() if k != "listen"})
         if self.http:
             http["listen"] = self.http
+        # (Paths absolute: a file's relative path is read relative to the
+        # file, so printed relative and saved elsewhere it named another.)
         out: dict[str, Any] = {
-            "data_dir": str(self.data_dir),
+            "data_dir": str(self.data_dir.absolute()),
             "durability": self.durability,
             "listen": list(self.listen),
             "log_level": self.log_level,
@@ -942,12 +953,14 @@ class ServeSettings:
         if self.secret is not None:
             out["secret"] = "<redacted>"
         if self.secret_file is not None:
-            out["secret_file"] = str(self.secret_file)
+            out["secret_file"] = str(self.secret_file.absolute())
         if self.content_filter is not None:
             out["content_filter"] = self.content_filter
-        out["api_keys"] = ["<redacted>"] * len(self.api_keys) if self.api_keys else []
-        tls = {k: v for k, v in (("cert", self.cert), ("key", self.key)) if v is not None}
-        out["tls"] = tls
+        if self.api_keys:  # (unset: left out; ``api_keys = []`` is refused)
+            out["api_keys"] = ["<redacted>"] * len(self.api_keys)
+        tls = {k: str(Path(v).absolute()) for k, v in (("cert", self.cert), ("key", self.key)) if v is not None}
+        if tls:  # (unset: left out, not an empty [tls])
+            out["tls"] = tls
         out["limits"] = {f.name: getattr(limits, f.name) for f in fields(limits)}
         out["server"] = {k: server[k] for k in sorted(server)}
         out["http"] = {k: http[k] for k in sorted(http)}
@@ -964,7 +977,9 @@ class ServeSettings:
                          if f.name not in ("url", "secret")}
             wh: dict[str, Any] = {**wdefaults, **self.webhooks}
             wh["events"] = list(wh["events"])
-            wh["secret"] = "<redacted>" if "secret" in self.webhooks else f"<{self.data_dir / 'webhook-secret'}>"
+            if not wh["events"]:  # (every type: left out, as ``events = []`` is refused)
+                del wh["events"]
+            wh["secret"] = "<redacted>" if "secret" in self.webhooks else f"<{self.data_dir.absolute() / 'webhook-secret'}>"
             out["webhooks"] = {k: wh[k] for k in sorted(wh)}
         out["messages"] = {
             k: self.messages.get(k, getattr(b, k) / SECOND) for k in ("delete_window", "edit_window", "recall_window")
@@ -986,12 +1001,26 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v), ensure_ascii=False)  # a TOML basic string
 
 
+def _toml_line(section: Optional[str], key: str, value: Any) -> str:
+    """``key = value``; a secret's (:data:`_SECRET_KEYS`, printed redacted)
+    as a comment saying how to give it: read back, ``"<redacted>"`` was
+    taken as the secret itself (``api_keys`` refused as too short)."""
+    line = f"{key} = {_toml_value(value)}"
+    if (section, key) not in _SECRET_KEYS:
+        return line
+    if value == "<redacted>" or (isinstance(value, list) and value and set(value) == {"<redacted>"}):
+        return f"# {line}  (a secret, not printed: give it in the file or as ${env_name(section, key)})"
+    return f"# {key}: not set, so {str(value).strip('<>')} is used"  # (effective()'s "<the webhook secret>")
+
+
 def render_toml(doc: Mapping[str, Any]) -> str:
-    """A flat TOML document: top-level scalars, then one table per section."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items() if not isinstance(v, Mapping)]
+    """A flat TOML document: top-level scalars, then one table per section
+    (an empty one left out).  Secrets are comments (:func:`_toml_line`), so
+    ``serve --print-config``'s output reads back as the same settings."""
+    lines = [_toml_line(None, k, v) for k, v in doc.items() if not isinstance(v, Mapping)]
     for k, v in doc.items():
-        if isinstance(v, Mapping):
-            lines += ["", f"[{k}]", *(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())]
+        if isinstance(v, Mapping) and v:
+            lines += ["", f"[{k}]", *(_toml_line(k, kk, vv) for kk, vv in v.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -1117,6 +1146,52 @@ def _fits(typ: str, value: Any) -> bool:
     return False
 
 
+#: ``pimcore serve`` flags that are no setting (no key, no variable): an
+#: unknown key or ``PIMCORE_*`` of their name is said to be one.
+_FLAG_ONLY = ("web", "demo", "print_config")
+
+
+def _close_match(name: str, choices: Any) -> Optional[str]:
+    """The one of ``choices`` ``name`` is most likely a typo of, compared
+    case- and ``_``-insensitively (``Data_Dir``, ``sendrate``, ``data_dri``);
+    None if none is close (difflib)."""
+    import difflib
+
+    def norm(text: str) -> str:
+        return text.lower().replace("_", "").replace("-", "")
+
+    by_norm = {norm(c): c for c in sorted(choices)}
+    if norm(name) in by_norm:
+        return by_norm[norm(name)]
+    close = difflib.get_close_matches(norm(name), list(by_norm), n=1)
+    return by_norm[close[0]] if close else None
+
+
+def _typo_hint(doc: Mapping[str, Any], keys: set[str], choices: Any, section: Optional[str], as_json: bool) -> str:
+    """The hint after "unknown keys" for those of ``keys`` that are none of
+    the settings' names but close to one of ``choices``: ``; did you mean
+    data_dir?``, ``[limits]`` for a table at the top; a serve flag's name
+    (``web``) said to be a flag only.  "" if none."""
+    table = doc if section is None else doc.get(section, {})
+    said = []
+    for key in sorted(keys):
+        if any((s, key) in SCHEMA for s in (None, *_SECTIONS)):
+            continue  # (said by _misplaced)
+        if section is None and key.lower().replace("-", "_") in _FLAG_ONLY:
+            said.append(f"{key} is a flag of pimcore serve only (--{key.lower().replace('_', '-')}), not a setting")
+            continue
+        match = _close_match(key, choices)
+        if match is None:
+            continue
+        if as_json:
+            said.append(f"did you mean {json.dumps(match)} for {json.dumps(key)}?")
+        elif section is None and match in _SECTIONS and isinstance(table.get(key), Mapping):
+            said.append(f"did you mean [{match}] for [{key}]?")
+        else:
+            said.append(f"did you mean {match} for {key}?")
+    return "".join(f"; {text}" for text in said)
+
+
 #: Sections a string stands for one key of: ``http = "URL"`` is short for
 #: ``[http] listen``, ``store = "URL"`` for ``[store] url``.  A refusal of
 #: the string names the section, as written (``http: cannot be empty``).
@@ -1130,7 +1205,8 @@ def _check_doc(doc: dict[str, Any], where: str, *, as_json: bool = False) -> dic
     of another section (or of the top) is said with where it belongs."""
     unknown = set(doc) - _TOP_KEYS
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}{_misplaced(doc, unknown, None, as_json)}")
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}{_misplaced(doc, unknown, None, as_json)}"
+                          f"{_typo_hint(doc, unknown, _TOP_KEYS, None, as_json)}")
     for section, allowed in _SECTIONS.items():
         value = doc.get(section, {})
         if isinstance(value, str) and section in _SHORT_FORMS:
@@ -1141,7 +1217,7 @@ def _check_doc(doc: dict[str, Any], where: str, *, as_json: bool = False) -> dic
         bad = set(value) - set(allowed)
         if bad:
             raise ConfigError(f"{where}: unknown keys in [{section}]: {sorted(bad)}"
-                              f"{_misplaced(doc, bad, section, as_json)}")
+                              f"{_misplaced(doc, bad, section, as_json)}{_typo_hint(doc, bad, allowed, section, as_json)}")
     return doc
 
 
@@ -1184,10 +1260,13 @@ def _check_env_names(env: Mapping[str, str]) -> None:
         if (not name.startswith("PIMCORE_") or name in known or name in OTHER_ENV
                 or name.startswith(OTHER_ENV_PREFIXES) or text == ""):
             continue
-        import difflib
-
-        close = difflib.get_close_matches(name, sorted(known), n=1)
-        hint = f" (did you mean ${close[0]}?)" if close else ""
+        flag = name[len("PIMCORE_"):].lower()
+        if flag in _FLAG_ONLY:  # ($PIMCORE_WEB suggested $PIMCORE_STORE)
+            raise ConfigError(f"unknown environment variable ${name}: --{flag.replace('_', '-')} is a flag of"
+                              f" pimcore serve only, with no variable or setting: give"
+                              f" pimcore serve --{flag.replace('_', '-')}")
+        close = _close_match(name, known)
+        hint = f" (did you mean ${close}?)" if close else ""
         raise ConfigError(f"unknown environment variable ${name}: not a setting{hint}; settings are "
                           "PIMCORE_<KEY> or PIMCORE_<SECTION>_<KEY> (pimcore serve --print-config lists them)")
 
@@ -1230,14 +1309,17 @@ def _layer_from_flags(flags: Mapping[str, Any], options: bool) -> dict[tuple[Opt
             # A whole section at once (open_pimcore(webhooks={"url": ...})).
             for key, v in value.items():
                 if (name, key) not in SCHEMA:
-                    raise ConfigError(f"unknown setting {name}.{key}")
+                    close = _close_match(str(key), _SECTIONS[name])
+                    raise ConfigError(f"unknown setting {name}.{key}"
+                                      + (f" (did you mean {name}.{close}?)" if close else ""))
                 if v is not None:
                     layer[(name, key)] = _check(f"{name}.{key}", SCHEMA[(name, key)], v)
             continue
         elif name in _TOP:
             where = (None, name)
         else:
-            raise ConfigError(f"unknown setting {quote_arg(name)}")
+            close = _close_match(name, _FLAG_NAMES)
+            raise ConfigError(f"unknown setting {quote_arg(name)}" + (f" (did you mean {close}?)" if close else ""))
         typ = SCHEMA[where]
         if typ == "bool" and not isinstance(value, bool):
             # A keyword argument (open_pimcore(events="true")): not TOML's words.
@@ -1248,6 +1330,11 @@ def _layer_from_flags(flags: Mapping[str, Any], options: bool) -> dict[tuple[Opt
         value = _check(f"--{name.replace('_', '-')}" if options else name, typ, value, empty_ok)
         layer[where] = Path(value) if typ == "path" else value
     return layer
+
+
+#: The keywords load_settings (open_pimcore) takes as flags.
+_FLAG_NAMES = frozenset(_LIMIT_KEYS | _SERVER_KEYS | set(_TOP) | {"cert", "key", "http", "store", "webhooks",
+                                                                     "moderation"})
 
 
 def load_settings(

@@ -1325,6 +1325,8 @@ def _posted(conv: str, done: Any, sender: str = SYSTEM, device: str = SYSTEM,
         why = _post_problem(conv, sender, device, key) if done.code is ErrorCode.BAD_REQUEST else None
         if done.code is ErrorCode.PAYLOAD_TOO_LARGE and size:
             why = size
+        if done.code is ErrorCode.NOT_MEMBER and sender != SYSTEM:  # (who: the HTTP API's said no one)
+            why = f"{_show(sender)} is not a member of {_show(conv)}"
         return RequestRefused(done.code, f"{what} refused: {done.code.name}" + (f": {why}" if why else ""))
     return Posted(conv, done.msg_id, done.seq, done.server_time, done.duplicate)
 

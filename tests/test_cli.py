@@ -415,6 +415,23 @@ def test_a_value_refused_after_its_type_check_says_where_it_came_from(tmp_path, 
     _print_config_refuses(tmp_path, monkeypatch, capsys, args, env, toml, said)
 
 
+@pytest.mark.parametrize("args, toml, said", [
+    (["--http", "127.0.0.1:17440"], "",
+     "--http: '127.0.0.1:17440': the scheme is missing: write tcp://127.0.0.1:17440 (or http://, https://, tls://)"),
+    (["--listen", "127.0.0.1:7400"], "",
+     "--listen: '127.0.0.1:7400': the scheme is missing: write tcp://127.0.0.1:7400 (or tls://, ws://, wss://)"),
+    (["--listen", "localhost:7400"], "",
+     "--listen: 'localhost:7400': the scheme is missing: write tcp://localhost:7400 (or tls://, ws://, wss://)"),
+    ([], 'listen = ["tcp://127.0.0.1:17410", "127.0.0.1:17411"]\n',
+     "{cfg}: listen: '127.0.0.1:17411': the scheme is missing: write tcp://127.0.0.1:17411 (or tls://, ws://, wss://)"),
+], ids=["http-flag", "listen-flag", "listen-name", "listen-file-item"])
+def test_a_listen_url_without_a_scheme_says_so(tmp_path, monkeypatch, capsys, args, toml, said):
+    """`serve --http 127.0.0.1:17440` said "an HTTP listen URL has no path",
+    `--listen 127.0.0.1:7400` listed the schemes: neither said what was
+    missing nor the URL to write."""
+    _print_config_refuses(tmp_path, monkeypatch, capsys, args, {}, toml, said)
+
+
 _SERVER_REFUSED = [
     (["--max-connections", "0"], {}, "", "--max-connections must be >= 1, got 0"),
     ([], {"PIMCORE_SERVER_MAX_CONNECTIONS": "0"}, "",
@@ -1361,4 +1378,85 @@ def test_an_empty_option_is_refused_naming_it(tmp_path, capsys, monkeypatch, cmd
     assert main(cmd) == 2
     out, err = capsys.readouterr()
     assert out == "" and err == f"pimcore {cmd[0]}: {cmd[-2]}: cannot be empty\n", err
+    assert list(tmp_path.iterdir()) == []
+
+
+from pimcore.config import ConfigError, load_settings  # noqa: E402
+
+
+@pytest.mark.parametrize("toml, said", [
+    ('data_dri = "x"\n', "unknown keys ['data_dri']; did you mean data_dir for data_dri?"),
+    ('Data_Dir = "x"\n', "unknown keys ['Data_Dir']; did you mean data_dir for Data_Dir?"),
+    ("[limit]\nwindow = 8\n", "unknown keys ['limit']; did you mean [limits] for [limit]?"),
+    ("[limits]\nsendrate = 5.0\n", "unknown keys in [limits]: ['sendrate']; did you mean send_rate for sendrate?"),
+    ("web = true\n", "unknown keys ['web']; web is a flag of pimcore serve only (--web), not a setting"),
+    ('nonsense = "x"\n', "unknown keys ['nonsense']"),
+], ids=["typo", "case", "section", "in-section", "flag-only", "no-match"])
+def test_an_unknown_file_key_suggests_the_close_setting(tmp_path, toml, said):
+    """`data_dri = "x"`, `Data_Dir`, `[limit]` said "unknown keys" and no
+    more, where an unknown environment variable is said with the close one."""
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg), env={})
+    assert str(err.value) == f"{cfg}: {said}"
+
+
+def test_an_unknown_embedding_keyword_suggests_the_close_one():
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={}, sendrate=5)
+    assert str(err.value) == "unknown setting 'sendrate' (did you mean send_rate?)"
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={}, webhooks={"URL": "http://x"})
+    assert str(err.value) == "unknown setting webhooks.URL (did you mean webhooks.url?)"
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={}, nonsense=5)
+    assert str(err.value) == "unknown setting 'nonsense'"
+
+
+def test_a_variable_of_a_flag_only_option_says_it_is_a_flag():
+    """PIMCORE_WEB=maybe suggested $PIMCORE_STORE."""
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"PIMCORE_WEB": "maybe"})
+    assert str(err.value) == ("unknown environment variable $PIMCORE_WEB: --web is a flag of pimcore serve only,"
+                              " with no variable or setting: give pimcore serve --web")
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"PIMCORE_DATA_DRI": "x"})
+    assert "(did you mean $PIMCORE_DATA_DIR?)" in str(err.value)
+
+
+@pytest.mark.parametrize("toml, kw, said", [
+    ('listen = ["tcp://127.0.0.1:17410", ""]\n', {"listen": ["tcp://127.0.0.1:17410", ""]},
+     "listen: item 2 of the list is empty: give one URL in each item, or remove it"),
+    ('api_keys = ["key-one-0123456789", " "]\n', {"api_keys": ["key-one-0123456789", ""]},
+     "api_keys: item 2 of the list is empty: give one key in each item, or remove it"),
+    ('[webhooks]\nurl = "http://127.0.0.1:1/h"\nevents = ["", "message"]\n', {},
+     "webhooks.events: item 1 of the list is empty: give one event type in each item, or remove it"),
+], ids=["listen", "api-keys", "webhook-events"])
+def test_an_empty_list_item_in_the_file_or_embedded_is_said_by_its_position(tmp_path, toml, kw, said):
+    """`listen = ["URL", ""]` said "listen: '': scheme must be one of ...",
+    `api_keys = ["k", ""]` "an API key cannot be empty", without the item."""
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg), env={})
+    assert str(err.value) == f"{cfg}: {said}"
+    if kw:
+        with pytest.raises(ConfigError) as err:
+            load_settings(env={}, **kw)
+        assert str(err.value) == said
+
+
+@pytest.mark.parametrize("argv", [["group", "show", "team"], ["purge", "user", "bob"], ["retention", "team"]])
+def test_a_command_in_a_folder_with_no_data_says_how_to_name_it(tmp_path, monkeypatch, capsys, argv):
+    """`pimcore group show team` in a folder with no data said "no store at
+    'pimcore-data/store'" and not how to point it at one."""
+    for name in [n for n in os.environ if n.startswith("PIMCORE_") and n != "PIMCORE_BACKEND"]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"pimcore {argv[0]}: no store at 'pimcore-data/store': give the data directory of"
+                                 " pimcore serve (--data-dir DIR or --config FILE), or --http URL for a running"
+                                 " broker\n"), err
     assert list(tmp_path.iterdir()) == []

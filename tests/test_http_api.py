@@ -234,6 +234,9 @@ async def test_a_refusals_message_does_not_repeat_its_code(tmp_path: Path) -> No
                     400, "BAD_REQUEST", "group 'g' not changed: a group needs at least one member: removing all"),
                 ("GET", "/v1/conversations/g/history?user=mallory", None): (
                     403, "NOT_MEMBER", "history of 'g' for 'mallory': not a member of the conversation"),
+                # (said who: it was "post to 'g' refused: not a member of the conversation")
+                ("POST", "/v1/conversations/g/messages", (("sender", "zed"), ("payload", "x"))): (
+                    403, "NOT_MEMBER", "post to 'g' refused: 'zed' is not a member of 'g'"),
             }
             for (method, path, body), (status, code, said) in refusals.items():
                 got, doc = await call(c, method, path, None if body is None else
@@ -245,6 +248,7 @@ async def test_a_refusals_message_does_not_repeat_its_code(tmp_path: Path) -> No
                 {"conv": "g", "payload": "x", "sender": "mallory", "device": "web"}]})
             assert status == 200 and doc["results"][0]["code"] == "NOT_MEMBER", doc
             assert "NOT_MEMBER" not in doc["results"][0]["message"] and doc["results"][0]["message"], doc
+            assert "'mallory' is not a member of 'g'" in doc["results"][0]["message"], doc
 
 
 async def test_conversations_show_unread_after_a_client_sends(tmp_path: Path) -> None:

@@ -267,7 +267,33 @@ def test_inspect_refusals_exit_2_without_a_traceback(tmp_path, case):
                        timeout=60, env=_env())
     assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
     assert r.stderr.startswith("pimcore inspect: ") and said in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert sorted(str(p) for p in tmp_path.rglob("*") if p.name != "lock.mdb") == [b for b in before if not b.endswith("lock.mdb")]
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # (a lock.mdb was left behind)
+
+
+@pytest.mark.parametrize("user, said", [
+    ("a b", "pimcore inspect: invalid user id: "),
+    ("x" * 5000, "pimcore inspect: invalid user id: "),
+])
+def test_inspect_refuses_an_invalid_user_id(tmp_path, capsys, user, said):
+    """`inspect --user 'a b'` printed a zero summary, exit 0."""
+    data = tmp_path / "data"
+    _sent(data, 1)
+    assert main(["inspect", str(data), "--user", user]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(said) and err.count("\n") == 1 and len(err) < 400, err
+
+
+def test_inspect_says_a_user_it_has_never_seen(tmp_path, capsys):
+    data = tmp_path / "data"
+    _sent(data, 1)
+    assert main(["inspect", str(data), "--user", "nobody"]) == 0
+    out = capsys.readouterr().out
+    assert "user nobody: no such user in this store (no inbox, no devices, no conversations)" in out
+    assert main(["inspect", str(data), "--user", "bob"]) == 0
+    assert "no such user" not in capsys.readouterr().out
+    assert main(["inspect", str(data), "--user", "alice"]) == 0  # (last seen as UTC, as last server time: was µs)
+    assert re.search(r"device phone: position \d+, last seen (\d{4}-\d\d-\d\dT[\d:.]+Z|never)\n",
+                     capsys.readouterr().out)
 
 
 def test_an_unreadable_store_directory_is_said_in_words(tmp_path, capsys, monkeypatch):

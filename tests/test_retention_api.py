@@ -270,7 +270,13 @@ async def test_cli_manages_groups_through_the_http_api(tmp_path: Path, capsys: p
             assert await run(main, ["group", "add", "club", "finn", "--http", h.url, "--api-key", KEY]) == 0
             assert b"before" in [m.payload for m in await im.history("club", "finn")]
             assert await run(main, ["group", "show", "team", "--http", h.url, "--api-key", "wrong"]) == 2
-            assert "unauthorized" in capsys.readouterr().err
+            err = capsys.readouterr().err
+            assert "unauthorized" in err and "(the key from --api-key;" in err, err  # (it said not which key)
+            with pytest.MonkeyPatch.context() as m:
+                m.setenv("PIMCORE_API_KEY", "wrong-from-env")
+                assert await run(main, ["group", "show", "team", "--http", h.url]) == 2
+            err = capsys.readouterr().err
+            assert "(the key from $PIMCORE_API_KEY;" in err and "wrong-from-env" not in err, err
             # The data directory's store refuses to write next to this broker, and says to use --http.
             r = await run(lambda: run_pimcore("group", "add", "team", "erin", "--data-dir", tmp_path / "data"))
             assert r.returncode == 2 and "--http" in r.stderr and "Traceback" not in r.stderr, r.stderr

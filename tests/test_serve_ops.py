@@ -218,18 +218,60 @@ def test_print_config_shows_effective_settings_flags_over_env_over_file(tmp_path
     assert doc["http"] == {**doc["http"], "listen": "tcp://127.0.0.1:9", "request_timeout": 2.5}
     assert doc["listen"] == ["tcp://127.0.0.1:2"]
     assert doc["data_dir"] == str(tmp_path / "from-file")  # relative to the file
-    assert doc["secret"] == "<redacted>" and doc["api_keys"] == ["<redacted>"]
+    assert "secret" not in doc and "api_keys" not in doc  # (secrets: comments)
     r = run_pimcore("serve", "--print-config", env=env, cwd=tmp_path)
     assert "file-secret" not in r.stdout and "file-key" not in r.stdout
     assert not (tmp_path / "from-file").exists()  # printing creates nothing
 
     # The flag --listen beats PIMCORE_LISTEN; --data-dir beats the file.
     doc = print_config("--listen", "ws://127.0.0.1:3/im", "--data-dir", "flagged", env=env, cwd=tmp_path)
-    assert doc["listen"] == ["ws://127.0.0.1:3/im"] and doc["data_dir"] == "flagged"
+    assert doc["listen"] == ["ws://127.0.0.1:3/im"] and doc["data_dir"] == str(tmp_path / "flagged")
 
     defaults = print_config(env={}, cwd=tmp_path)
     assert defaults["listen"] == ["tcp://127.0.0.1:7400"] and defaults["log_level"] == "info"
-    assert "listen" not in defaults["http"] and defaults["api_keys"] == []
+    assert "listen" not in defaults["http"] and "api_keys" not in defaults and "tls" not in defaults
+
+
+def _round_trip(tmp_path: Path, *args: str, env: Optional[dict[str, str]] = None) -> str:
+    """``serve --print-config ARGS > rt.toml`` (in a folder of its own),
+    then ``serve --config rt.toml --print-config`` from elsewhere, with the
+    same environment: the second prints what the first did; the text."""
+    out = tmp_path / "elsewhere"
+    out.mkdir()
+    first = run_pimcore("serve", "--print-config", *args, env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    (out / "rt.toml").write_text(first.stdout)
+    second = run_pimcore("serve", "--config", out / "rt.toml", "--print-config", env=env, cwd=out)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    return first.stdout
+
+
+def test_print_config_of_the_defaults_reads_back_as_itself(tmp_path: Path) -> None:
+    """`serve --print-config > rt.toml; serve --config rt.toml` was refused:
+    the printed ``api_keys = []`` ("the list is empty") and an empty [tls]."""
+    text = _round_trip(tmp_path, env={})
+    assert "api_keys" not in text and "[tls]" not in text
+    assert tomllib.loads(text)["data_dir"] == str(tmp_path / "pimcore-data")  # (absolute: read from elsewhere)
+
+
+def test_print_config_with_settings_reads_back_as_itself(tmp_path: Path) -> None:
+    """Listen list, http, API keys, limits, a webhook: printed, read back,
+    printed the same; the keys as comments (given again by the environment)."""
+    cfg = tmp_path / "in.toml"
+    cfg.write_text('[webhooks]\nurl = "https://backend/hook"\n[moderation]\nurl = "https://backend/mod"\n'
+                   'policy = "open"\n')
+    env = {"PIMCORE_API_KEYS": "key-one-0123456789,key-two-0123456789"}
+    text = _round_trip(tmp_path, "--config", str(cfg), "--listen", "tcp://127.0.0.1:17410",
+                       "--listen", "ws://127.0.0.1:17411/im", "--http", "tcp://127.0.0.1:17412", "--window", "32",
+                       "--send-rate", "5", "--data-dir", "d", env=env)
+    doc = tomllib.loads(text)
+    assert doc["listen"] == ["tcp://127.0.0.1:17410", "ws://127.0.0.1:17411/im"]
+    assert doc["http"]["listen"] == "tcp://127.0.0.1:17412" and doc["limits"]["window"] == 32
+    assert "api_keys" not in doc and "key-one" not in text
+    assert '# api_keys = ["<redacted>", "<redacted>"]  (a secret, not printed: give it in the file or as' \
+           ' $PIMCORE_API_KEYS)' in text
+    assert "# secret: not set, so " in text and "secret" not in doc["webhooks"]
 
 
 @pytest.mark.parametrize(

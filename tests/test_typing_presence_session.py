@@ -83,6 +83,8 @@ def test_presence_subscription_answers_changes_and_is_renewed_after_a_reconnect(
     b.feed(T0, F.Presence(req2, ErrorCode.PRESENCE_LIMIT, ()))
     [done] = s.completions()
     assert isinstance(done.error, SendError) and done.error.code is ErrorCode.PRESENCE_LIMIT
+    assert str(done.error) == ("presence subscription: PRESENCE_LIMIT: 5 users are more than the broker takes in one"
+                               " subscription (its [server] presence_max_users, 256 by default): subscribe to fewer")
     s.connection_lost(T0 + S)
     b = connect(s, T0 + 2 * S)
     [sub] = [f for f in b.read() if isinstance(f, F.PresenceSub)]

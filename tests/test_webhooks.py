@@ -243,9 +243,9 @@ def test_print_config_shows_the_sections_with_secrets_redacted(tmp_path: Path, c
     out = capsys.readouterr().out
     assert "file-webhook-secret" not in out and "file-mod-secret" not in out
     doc = tomllib.loads(out)
-    assert doc["webhooks"] == {"url": "https://backend/hook", "secret": "<redacted>", "events": ["message"], "timeout": 10.0,
+    assert doc["webhooks"] == {"url": "https://backend/hook", "events": ["message"], "timeout": 10.0,
                                "retry_base": 1.0, "retry_cap": 60.0, "batch_size": 100, "max_batch_bytes": 1048576}
-    assert doc["moderation"] == {"url": "https://backend/mod", "policy": "closed", "timeout_ms": 2000, "secret": "<redacted>"}
+    assert doc["moderation"] == {"url": "https://backend/mod", "policy": "closed", "timeout_ms": 2000}
     assert doc["server"]["events"] is True
     assert not (tmp_path / "d").exists()
 

@@ -72,6 +72,11 @@ def url_extra_problem(url: str, *, listen: bool = False, http: bool = False) -> 
     (the SDK, ``pimcore chat --url``, ``pimcore bench --url``): no user name
     or password (the token is the credential), no query or fragment, and a
     path only on ws:// and wss:// (the upgrade request's path)."""
+    if listen and url.strip() and "://" not in url:
+        # ("127.0.0.1:17440" read as a path, "localhost:7400" as the scheme
+        # "localhost": said as "has no path" or the list of schemes.)
+        others = "http://, https://, tls://" if http else "tls://, ws://, wss://"
+        return f"{quote_arg(url)}: the scheme is missing: write tcp://{url.strip()} (or {others})"
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -1703,7 +1703,12 @@ class LmdbStore(Store):
         try:
             # map_size 0: the map size the store's writer set.
             # (As bytes: a path that is not UTF-8 opens too.)
-            env = lmdb.open(os.fsencode(path), map_size=0, subdir=True, create=False, readonly=True, lock=True,
+            # No lock.mdb: no broker has this store open (each makes it), so
+            # no lock is needed -- and taking LMDB's would make the file, in
+            # a directory that may not even be a store (inspect of a
+            # data.mdb of garbage left a new lock.mdb behind).
+            locked = os.path.exists(os.path.join(path, "lock.mdb"))
+            env = lmdb.open(os.fsencode(path), map_size=0, subdir=True, create=False, readonly=True, lock=locked,
                             max_dbs=len(_DB_NAMES), max_readers=max_readers)
         except (lmdb.Error, OSError) as exc:
             raise StoreError(f"cannot open LMDB store at {quote_arg(path)}: {exc}") from exc
