@@ -237,7 +237,6 @@ async def test_chat_says_a_reset_connection_in_words() -> None:
     import trio
 
     from _net import serving, token
-    from pimcore.chat import chat
     from pimcore.store import MemoryStore
     from pimcore.testing.chaos import open_chaos_proxy
 
@@ -248,9 +247,7 @@ async def test_chat_says_a_reset_connection_in_words() -> None:
                 into, lines = trio.open_memory_channel[str](10)
                 async with trio.open_nursery() as n:
                     url = f"tcp://127.0.0.1:{proxy.port}"
-                    n.start_soon(lambda: chat(url, token("alice"), "bob", lines=lines, out=out.append))
-                    while not any(line.startswith("connected as alice") for line in out):
-                        await trio.sleep(0.01)
+                    await _start_chat(n, "alice", out, url, token("alice"), "bob", lines=lines)
                     proxy.reset_all()
                     while not any(line.startswith("(reconnected") for line in out):
                         await trio.sleep(0.01)
@@ -275,7 +272,6 @@ async def test_refusals_before_the_first_login_are_not_said_as_lost_connections(
     import trio
 
     from _net import server_config, serving, token
-    from pimcore.chat import chat
     from pimcore.store import MemoryStore
 
     with trio.fail_after(30):
@@ -288,9 +284,7 @@ async def test_refusals_before_the_first_login_are_not_said_as_lost_connections(
             out: list[str] = []
             into, lines = trio.open_memory_channel[str](10)
             async with hog, trio.open_nursery() as n:
-                n.start_soon(lambda: chat(srv.url(), token("alice"), "bob", lines=lines, out=out.append))
-                while not any(line.startswith("connected as alice") for line in out):
-                    await trio.sleep(0.01)
+                await _start_chat(n, "alice", out, srv.url(), token("alice"), "bob", lines=lines)
                 await into.send("hello")
                 while not any("✓ sent" in line for line in out):
                     await trio.sleep(0.01)
@@ -325,7 +319,6 @@ async def test_chat_shows_system_posts_as_the_system(tmp_path: Path) -> None:
     """A post by the host or the HTTP API (empty sender) showed as "[12:00:01] : text"."""
     import trio
 
-    from pimcore.chat import chat
     from pimcore.embed import open_pimcore
 
     with trio.fail_after(30):
@@ -335,9 +328,7 @@ async def test_chat_shows_system_posts_as_the_system(tmp_path: Path) -> None:
             out: list[str] = []
             into, lines = trio.open_memory_channel[str](10)
             async with trio.open_nursery() as n:
-                n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), group="team", lines=lines, out=out.append))
-                while not any(line.startswith("connected as alice") for line in out):
-                    await trio.sleep(0.01)
+                await _start_chat(n, "alice", out, im.urls[0], im.issue_token("alice"), group="team", lines=lines)
                 await im.post("team", b"maintenance at five")  # shown as it comes
                 while not any("maintenance" in line for line in out):
                     await trio.sleep(0.01)
@@ -394,6 +385,18 @@ async def test_chat_replaced_by_the_same_device_elsewhere_says_so_and_ends() -> 
     assert "give each chat its own --device" in lost[-1] and "--device" in str(ended[0]), out
 
 
+async def _start_chat(nursery: Any, user: str, out: list[str], *args: Any, **kw: Any) -> None:
+    """Start ``chat(*args, out=out.append, **kw)`` in ``nursery`` and wait
+    until it says it is connected as ``user``."""
+    import trio
+
+    from pimcore.chat import chat
+
+    nursery.start_soon(lambda: chat(*args, out=out.append, **kw))
+    while not any(line.startswith(f"connected as {user}") for line in out):
+        await trio.sleep(0.01)
+
+
 @asynccontextmanager
 async def _alice_chats_with(tmp_path: Path, peer: str = "bob", **pimcore_kw: Any) -> AsyncIterator[tuple[Any, Any, list[str], Any]]:
     """An embedded broker (``pimcore_kw``: open_pimcore's) and alice's chat
@@ -401,16 +404,13 @@ async def _alice_chats_with(tmp_path: Path, peer: str = "bob", **pimcore_kw: Any
     output lines, the channel its input lines go into)."""
     import trio
 
-    from pimcore.chat import chat
     from pimcore.embed import open_pimcore
 
     async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"], **pimcore_kw) as im:
         out: list[str] = []
         into, lines = trio.open_memory_channel[str](10)
         async with trio.open_nursery() as n:
-            n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), peer, lines=lines, out=out.append))
-            while not any(line.startswith("connected as alice") for line in out):
-                await trio.sleep(0.01)
+            await _start_chat(n, "alice", out, im.urls[0], im.issue_token("alice"), peer, lines=lines)
             yield im, n, out, into
 
 
@@ -704,9 +704,7 @@ async def test_chat_in_a_group_of_which_one_is_not_a_member_says_so_before_anyth
             chatted: list[str] = []
             typed, lines = trio.open_memory_channel[str](1)
             async with trio.open_nursery() as n:
-                n.start_soon(lambda: chat(im.urls[0], im.issue_token("bob"), group="team", lines=lines, out=chatted.append))
-                while not any(line.startswith("connected as bob") for line in chatted):
-                    await trio.sleep(0.01)
+                await _start_chat(n, "bob", chatted, im.urls[0], im.issue_token("bob"), group="team", lines=lines)
                 await typed.send("/quit")
             assert not any("not a member" in line for line in chatted), chatted
 
@@ -1000,7 +998,6 @@ async def test_a_sent_line_is_said_below_the_messages_before_it(tmp_path: Path) 
 
     import trio
 
-    from pimcore.chat import chat
     from pimcore.embed import open_pimcore
 
     with trio.fail_after(60):
@@ -1009,9 +1006,7 @@ async def test_a_sent_line_is_said_below_the_messages_before_it(tmp_path: Path) 
             out: list[str] = []
             typed, lines = trio.open_memory_channel[str](100)
             async with trio.open_nursery() as n:
-                n.start_soon(lambda: chat(im.urls[0], im.issue_token("carol"), group="team", lines=lines, out=out.append))
-                while not any(line.startswith("connected as carol") for line in out):
-                    await trio.sleep(0.01)
+                await _start_chat(n, "carol", out, im.urls[0], im.issue_token("carol"), group="team", lines=lines)
                 async with trio.open_nursery() as both:
                     async def bob() -> None:
                         for i in range(40):
