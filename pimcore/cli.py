@@ -465,6 +465,10 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
     if settings.store is None:
         store_dir = settings.data_dir / "store"
         try:
+            # (Private, as the secret makes it: without one kept there --
+            # $PIMCORE_SECRET -- the store's makedirs made it as a parent,
+            # with the umask's mode.)
+            settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             store = LmdbStore(store_dir, durability=settings.durability)
         except StoreInUse as exc:
             # The library's hint (owner=False) is for Python embedders.

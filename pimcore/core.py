@@ -1095,6 +1095,13 @@ class Broker:
         # subscriptions (_direct_news).  Per conn, the ids it waits on.
         self._pres_direct: dict[str, set[int]] = {}
         self._pres_direct_of: dict[int, tuple[str, ...]] = {}
+        # conn -> its subscription reads (PresenceSub, re-check) in flight.
+        # A re-check asked meanwhile waits for them (_pres_recheck_after):
+        # an async store's read may hold a state from before the change, and
+        # a re-check of the installed users answered after a newer
+        # subscription's answer would put the replaced one back.
+        self._pres_reading: dict[int, int] = {}
+        self._pres_recheck_after: set[int] = set()
         # user -> µs the broker last heard from one of its devices when the
         # last one went offline (bounded; the store's device last_seen backs it).
         self._pres_seen: dict[str, int] = {}
@@ -3472,6 +3479,13 @@ class Broker:
         # A re-check (req_id 0) applies only while the subscription it
         # re-checks is still the newest.
         sub = rid if req_id > 0 else self._pres_latest.get(c.id, 0)
+        if req_id >= 0:
+            self._pres_reading[c.id] = self._pres_reading.get(c.id, 0) + 1
+        if req_id > 0:
+            # Its users' 1:1 chats are watched from now on (_await_direct),
+            # not only once answered: a first message committed while it is
+            # read re-checks it once answered (_flush_presence).
+            self._await_direct(c.id, users, frozenset())
         # Counted with the history reads: at their bound nothing more of the
         # connection is decoded until one is answered.
         c.history_reads += 1
@@ -3483,6 +3497,16 @@ class Broker:
         if c is None:
             return
         c.history_reads -= 1
+        if ctx.req_id >= 0:
+            left = self._pres_reading.pop(c.id, 1) - 1
+            if left > 0:
+                self._pres_reading[c.id] = left
+            elif c.id in self._pres_recheck_after:  # news while it was read: ask again now
+                self._pres_recheck_after.discard(c.id)
+                self._pres_recheck.add(c.id)
+        if ctx.req_id > 0 and not isinstance(res, PresencePage) and self._pres_latest.get(c.id, 0) == ctx.sub:
+            # The subscription kept is the installed one: watch its chats again.
+            self._await_direct(c.id, self._pres_req.get(c.id, ()), self._pres_sub.get(c.id, frozenset()))
         if ctx.req_id < 0:  # a PresencePrivacy query
             if isinstance(res, PresencePage):
                 self._send(c.id, F.PresencePrivacy(2 if res.hide_last_seen else 1), out)
@@ -3619,6 +3643,9 @@ class Broker:
             recheck, self._pres_recheck = self._pres_recheck, set()
             for conn in sorted(recheck):
                 c = self._conns.get(conn)
+                if c is not None and self._pres_reading.get(conn):
+                    self._pres_recheck_after.add(conn)  # asked once those reads are answered
+                    continue
                 users = self._pres_req.get(conn)
                 if c is not None and users:
                     self._ask_presence(c, 0, users, out)
@@ -3639,6 +3666,8 @@ class Broker:
         conn = c.id
         self._typing_tokens.pop(conn, None)
         self._pres_recheck.discard(conn)
+        self._pres_recheck_after.discard(conn)
+        self._pres_reading.pop(conn, None)
         self._pres_latest.pop(conn, None)
         self._pres_req.pop(conn, None)
         self._await_direct(conn, (), frozenset())

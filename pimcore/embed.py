@@ -1403,6 +1403,7 @@ async def open_pimcore(
     own_store = store is None
     if store is None:
         try:
+            Path(settings.data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)  # (private: pimcore serve's)
             store = LmdbStore(Path(settings.data_dir) / "store", durability=settings.durability)
         except OSError as exc:  # (as pimcore serve says it: what, and where data_dir came from)
             raise store_refusal(settings, exc, Path(settings.data_dir) / "store") from None

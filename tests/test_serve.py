@@ -73,6 +73,19 @@ def assert_clean_exit_2(r, *needles: str, command: str = "serve", code: int = 2)
 # ---------------------------------------------------------------- serve + token
 
 
+async def test_the_data_directory_is_private_when_the_secret_is_not_kept_there(tmp_path: Path, procs: ProcGroup) -> None:
+    """(Review.)  With $PIMCORE_SECRET nothing makes the data directory
+    before the store does: os.makedirs gave it the umask's mode (0755),
+    only store/ 0700."""
+    data = tmp_path / "new" / "data"
+    env = {"PIMCORE_SECRET": "s" * 40}
+    with trio.fail_after(60):
+        procs.serve("--listen", LOOPBACK, "--data-dir", data, env=env)
+        assert not (data / "secret").exists()
+        for path in (data, data / "store"):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o700, (path, oct(path.stat().st_mode))
+
+
 async def test_serve_creates_a_private_secret_and_accepts_its_tokens(tmp_path: Path, procs: ProcGroup) -> None:
     data = tmp_path / "data"
     with trio.fail_after(60):

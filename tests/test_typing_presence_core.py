@@ -271,5 +271,5 @@ def test_ephemeral_state_goes_with_the_connections(store):
         h.lose(c)
     b = h.broker
     assert not (b._pres_watch or b._pres_hide or b._pres_sub or b._pres_req or b._pres_told or b._pres_latest
-                or b._pres_dirty or b._pres_recheck or b._pres_direct or b._pres_direct_of or b._typing_tokens or b._typing_reads)
+                or b._pres_dirty or b._pres_recheck or b._pres_direct or b._pres_direct_of or b._pres_reading or b._pres_recheck_after or b._typing_tokens or b._typing_reads)
     assert set(b._pres_seen) == set(users)
