@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import ssl
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 import pytest
@@ -20,8 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pimcore.auth import issue_token
 from pimcore.client import AuthFailed, open_client
-from pimcore.http import BrokerHttp, HttpConfig, HttpError, Request, Router, open_http_server
-from pimcore.errors import StoreError
+import pimcore
+from pimcore.http import ERROR_CODES, BrokerHttp, HttpConfig, HttpError, Request, Router, open_http_server
+from pimcore.errors import ErrorCode, StoreError
 from pimcore.store import MemoryStore, direct_conversation
 
 from _net import (
@@ -168,6 +171,51 @@ async def test_routes_are_added_by_registering_handlers() -> None:
                 assert_error(*await c.json("DELETE", "/healthz"), 405, "method_not_allowed")
             finally:
                 c.close()
+
+
+_CODE = re.compile(r"[A-Z][A-Z0-9_]*")
+
+
+def test_every_code_of_the_listener_is_upper_case_and_the_brokers_name_for_the_same_thing() -> None:
+    """One spelling: the HTTP layer's own codes were lower case
+    (``bad_request``) where the broker's refusals are its ErrorCode names
+    (``BAD_REQUEST``), so a backend testing ``code == "BAD_REQUEST"`` missed
+    half of the 400s.  Every code is upper case now, and a concept the
+    protocol names has the protocol's name."""
+    assert ERROR_CODES and all(_CODE.fullmatch(code) for code in ERROR_CODES), ERROR_CODES
+    for code, same in (("BAD_REQUEST", ErrorCode.BAD_REQUEST), ("AUTH_FAILED", ErrorCode.AUTH_FAILED),
+                       ("PAYLOAD_TOO_LARGE", ErrorCode.PAYLOAD_TOO_LARGE), ("INTERNAL", ErrorCode.INTERNAL)):
+        assert code == same.name and code in ERROR_CODES, (code, ERROR_CODES)
+    assert (ERROR_CODES["BAD_REQUEST"], ERROR_CODES["AUTH_FAILED"], ERROR_CODES["PAYLOAD_TOO_LARGE"],
+            ERROR_CODES["INTERNAL"]) == (400, 401, 413, 500)
+
+
+def test_every_code_pimcore_answers_over_http_is_upper_case_and_in_the_one_table() -> None:
+    """Each ``HttpError(status, "CODE", ...)`` in pimcore's source (the
+    listener, the server API, the web demo) has an upper-case code, with the
+    status docs/HTTP.md's one error table gives it; and the table has no
+    other spelling."""
+    root = Path(pimcore.__file__).parent
+    raised: set[tuple[int, str]] = set()
+    for source in root.rglob("*.py"):
+        text = source.read_text(encoding="utf-8")
+        raised |= {(int(s) if s.isdigit() else 0, c) for s, c in re.findall(r'HttpError\(\s*(\w+),\s*"([^"]*)"', text)}
+        raised |= {(500, c) for c in re.findall(r'error_body\(\s*"([^"]*)"', text)}
+    assert (400, "BAD_REQUEST") in raised and len(raised) > 10, raised
+    assert not [c for _, c in raised if not _CODE.fullmatch(c)], sorted(raised)
+    # (A status in a variable, 0 here: the code must be in the table with some status.)
+    doc = (root.parent / "docs" / "HTTP.md").read_text(encoding="utf-8")
+    table = set()
+    for status, codes in re.findall(r"^\| (\d{3}) \| (`[^|]*`) \|", doc, re.M):
+        table |= {(int(status), c) for c in re.findall(r"`([^`]+)`", codes)}
+    assert not [c for _, c in table if not _CODE.fullmatch(c)], sorted(table)
+    assert {(s, c) for s, c in raised if s} <= table, sorted(raised - table)
+    assert {c for _, c in raised} <= {c for _, c in table}, sorted(raised - table)
+    assert {(s, c) for c, s in ERROR_CODES.items()} <= table, sorted(set(ERROR_CODES.items()))
+    from pimcore.http.api import REFUSED_STATUS
+
+    refusals = {(s, code.name) for code, s in REFUSED_STATUS.items()} | {(503, "STORE_UNAVAILABLE")}
+    assert refusals <= table, sorted(refusals - table)
 
 
 def test_router_patterns() -> None:

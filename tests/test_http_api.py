@@ -128,6 +128,27 @@ async def test_post_errors(tmp_path: Path) -> None:
             assert (m.sender, m.device, m.payload) == ("alice", "http", b"x")
 
 
+async def test_a_malformed_body_and_a_broker_refusal_have_one_code(tmp_path: Path) -> None:
+    """A body that is not JSON (refused by the HTTP layer) and an invalid
+    sender id (refused by the broker) are both 400 ``BAD_REQUEST``: the HTTP
+    layer's own codes were lower case (``bad_request``), so a backend testing
+    ``code == "BAD_REQUEST"`` missed half of the 400s.  The other codes of
+    the HTTP layer are upper case too."""
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            path = "/v1/conversations/team/messages"
+            malformed = await call(c, "POST", path, raw=b"{nope")
+            refused = await call(c, "POST", path, {"payload": "x", "sender": "bad id\n"})
+            assert_error(*malformed, 400, "BAD_REQUEST")
+            assert_error(*refused, 400, "BAD_REQUEST")
+            assert "not JSON" in malformed[1]["error"]["message"], malformed
+            assert_error(*await call(c, "POST", path, {"payload": 5}), 400, "BAD_REQUEST")
+            assert_error(*await call(c, "POST", path, {"payload": "x"}, key=None), 401, "AUTH_FAILED")
+            assert_error(*await call(c, "GET", "/v1/nope"), 404, "NOT_FOUND")
+            assert_error(*await call(c, "PUT", path, {"payload": "x"}), 405, "METHOD_NOT_ALLOWED")
+
+
 async def test_groups_and_members(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with api(tmp_path) as (im, h, c):
