@@ -117,7 +117,7 @@ async def test_keep_alive_serves_several_requests_on_one_connection() -> None:
                 assert info["uptime_seconds"] >= 0 and info["listeners"] == srv.urls
                 status, _, text = await c.request("GET", "/metrics")
                 assert status == 200 and b"pimcore_logins_total" in text
-                assert_error(*await c.json("GET", "/nope"), 404, "not_found")
+                assert_error(*await c.json("GET", "/nope"), 404, "NOT_FOUND")
                 assert c.local_port() == port  # the same connection throughout
                 assert h.requests == 5
             finally:
@@ -130,11 +130,11 @@ async def test_api_key_is_required_except_for_probes_and_metrics() -> None:
             c = Http(h.url)
             try:
                 status, headers, body = await c.request("GET", "/v1/info")
-                assert_error(status, json.loads(body), 401, "unauthorized")
+                assert_error(status, json.loads(body), 401, "AUTH_FAILED")
                 assert headers["www-authenticate"].startswith("Bearer")
-                assert_error(*await c.json("GET", "/v1/info", key="wrong"), 401, "unauthorized")
-                assert_error(*await c.json("GET", "/v1/info", key=KEY + "x"), 401, "unauthorized")
-                assert_error(*await c.json("GET", "/v1/info", headers={"Authorization": f"Basic {KEY}"}), 401, "unauthorized")
+                assert_error(*await c.json("GET", "/v1/info", key="wrong"), 401, "AUTH_FAILED")
+                assert_error(*await c.json("GET", "/v1/info", key=KEY + "x"), 401, "AUTH_FAILED")
+                assert_error(*await c.json("GET", "/v1/info", headers={"Authorization": f"Basic {KEY}"}), 401, "AUTH_FAILED")
                 # The connection survives a 401; every configured key works.
                 assert (await c.json("GET", "/v1/info", key=KEY))[0] == 200
                 assert (await c.json("GET", "/v1/info", key="old-key"))[0] == 200
@@ -148,7 +148,7 @@ async def test_routes_are_added_by_registering_handlers() -> None:
     async def echo(request: Request) -> tuple[int, Any]:
         body = request.json()
         if not isinstance(body, dict):
-            raise HttpError(400, "bad_request", "expected an object")
+            raise HttpError(400, "BAD_REQUEST", "expected an object")
         return 201, {"name": request.params["name"], "body": body, "q": request.query.get("q")}
 
     with trio.fail_after(20):
@@ -161,14 +161,14 @@ async def test_routes_are_added_by_registering_handlers() -> None:
                 status, doc = await c.json("POST", "/v1/echo/al%20ice?q=1", key=KEY, body=b'{"a": [1, 2]}',
                                            headers={"Content-Type": "application/json"})
                 assert (status, doc) == (201, {"name": "al ice", "body": {"a": [1, 2]}, "q": ["1"]})
-                assert_error(*await c.json("POST", "/v1/echo/x", key=KEY, body=b"{not json"), 400, "bad_request")
-                assert_error(*await c.json("POST", "/v1/echo/x", key=KEY, body=b"[1]"), 400, "bad_request")
+                assert_error(*await c.json("POST", "/v1/echo/x", key=KEY, body=b"{not json"), 400, "BAD_REQUEST")
+                assert_error(*await c.json("POST", "/v1/echo/x", key=KEY, body=b"[1]"), 400, "BAD_REQUEST")
                 # Authentication comes before the handler sees anything.
-                assert_error(*await c.json("POST", "/v1/echo/x", body=b"{}"), 401, "unauthorized")
+                assert_error(*await c.json("POST", "/v1/echo/x", body=b"{}"), 401, "AUTH_FAILED")
                 status, headers, body = await c.request("GET", "/v1/echo/x", key=KEY)
-                assert_error(status, json.loads(body), 405, "method_not_allowed")
+                assert_error(status, json.loads(body), 405, "METHOD_NOT_ALLOWED")
                 assert headers["allow"] == "POST"
-                assert_error(*await c.json("DELETE", "/healthz"), 405, "method_not_allowed")
+                assert_error(*await c.json("DELETE", "/healthz"), 405, "METHOD_NOT_ALLOWED")
             finally:
                 c.close()
 
@@ -245,7 +245,7 @@ async def test_a_handler_that_fails_is_a_500_and_the_server_goes_on() -> None:
             h.router.add("GET", "/v1/broken", broken)
             c = Http(h.url)
             try:
-                assert_error(*await c.json("GET", "/v1/broken", key=KEY), 500, "internal")
+                assert_error(*await c.json("GET", "/v1/broken", key=KEY), 500, "INTERNAL")
                 assert (await c.json("GET", "/healthz"))[0] == 200
             finally:
                 c.close()
@@ -259,7 +259,7 @@ async def test_a_body_over_the_limit_is_413_before_it_is_read() -> None:
         async with broker_http(max_body_bytes=1000) as (srv, h):
             c = Http(h.url)
             try:
-                assert_error(*await c.json("POST", "/v1/info", key=KEY, body=b"x" * 1001), 413, "payload_too_large")
+                assert_error(*await c.json("POST", "/v1/info", key=KEY, body=b"x" * 1001), 413, "PAYLOAD_TOO_LARGE")
             finally:
                 c.close()
             # Chunked (no Content-Length): refused once it grows past the limit.
@@ -270,7 +270,7 @@ async def test_a_body_over_the_limit_is_413_before_it_is_read() -> None:
                                   + b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2)
             reply = await read_until_eof(stream)
             assert reply.startswith(b"HTTP/1.1 413 "), reply
-            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "payload_too_large"
+            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "PAYLOAD_TOO_LARGE"
 
 
 async def test_a_chunk_declared_over_the_limit_is_413_before_its_data_comes() -> None:
@@ -289,7 +289,7 @@ async def test_a_chunk_declared_over_the_limit_is_413_before_its_data_comes() ->
                 await stream.send_all(head + body)
                 reply = await read_until_eof(stream)
                 assert reply.startswith(b"HTTP/1.1 413 "), (body[:20], reply)
-                assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "payload_too_large"
+                assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "PAYLOAD_TOO_LARGE"
             # Chunks within the limit are read whole (here to a 405: /v1/info is GET), sizes
             # that look like hex in the data included; the connection stays open.
             stream = await trio.open_tcp_stream(*host_port(h.url))
@@ -310,7 +310,7 @@ async def test_headers_over_the_limit_are_431() -> None:
             c = Http(h.url)
             try:
                 status, doc = await c.json("GET", "/healthz", headers={"X-Big": "y" * 4000})
-                assert_error(status, doc, 431, "headers_too_large")
+                assert_error(status, doc, 431, "HEADERS_TOO_LARGE")
             finally:
                 c.close()
 
@@ -339,7 +339,7 @@ async def test_a_slow_client_is_dropped_after_the_request_time_limit(autojump_cl
             reply = await read_until_eof(stream)
             took = trio.current_time() - t0
             assert reply.startswith(b"HTTP/1.1 408 "), reply
-            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "REQUEST_TIMEOUT"
             assert 5.0 <= took < 6.0, took
 
             # A body that stops half-way is dropped the same way.
@@ -363,7 +363,7 @@ async def test_garbage_is_a_400() -> None:
             await stream.send_all(b"NOT HTTP AT ALL\r\n\r\n")
             reply = await read_until_eof(stream)
             assert reply.startswith(b"HTTP/1.1 400 "), reply
-            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_request"
+            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "BAD_REQUEST"
 
 
 async def test_bytes_no_request_begins_with_are_a_400_at_once_naming_the_port() -> None:
@@ -380,7 +380,7 @@ async def test_bytes_no_request_begins_with_are_a_400_at_once_naming_the_port() 
                 await stream.send_all(first)
                 reply = await read_until_eof(stream)
                 assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n"), reply
-                assert json.loads(reply.split(b"\r\n\r\n", 1)[1]) == {"error": {"code": "bad_request",
+                assert json.loads(reply.split(b"\r\n\r\n", 1)[1]) == {"error": {"code": "BAD_REQUEST",
                                                                               "message": named}}
             stream = await trio.open_tcp_stream(*host_port(h.url))  # a request still is one
             await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
@@ -406,7 +406,7 @@ async def test_only_http_1_0_and_1_1_are_served_others_are_505() -> None:
                 reply = await read_until_eof(stream)
                 assert reply.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n"), reply
                 error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
-                assert error["code"] == "http_version_not_supported" and "HTTP/1.1" in error["message"], error
+                assert error["code"] == "HTTP_VERSION_NOT_SUPPORTED" and "HTTP/1.1" in error["message"], error
             for version in (b"1.0", b"1.1"):
                 stream = await trio.open_tcp_stream(*host_port(h.url))
                 await stream.send_all(b"GET /healthz HTTP/%s\r\nHost: t\r\nConnection: close\r\n\r\n" % version)
@@ -428,7 +428,7 @@ async def test_a_refused_request_is_not_echoed_back() -> None:
                 reply = await read_until_eof(stream)
                 assert reply.startswith(b"HTTP/1.1 400 "), reply
                 body = reply.split(b"\r\n\r\n", 1)[1]
-                assert json.loads(body) == {"error": {"code": "bad_request", "message": "malformed HTTP request"}}
+                assert json.loads(body) == {"error": {"code": "BAD_REQUEST", "message": "malformed HTTP request"}}
                 assert KEY.encode() not in reply and b"secret" not in reply and b"bytearray" not in reply, reply
 
 
@@ -444,7 +444,7 @@ async def test_readyz_is_503_with_a_reason_when_the_store_is_closed() -> None:
                 assert (await c.json("GET", "/readyz"))[0] == 200
                 store.close()
                 status, doc = await c.json("GET", "/readyz")
-                assert_error(status, doc, 503, "unavailable")
+                assert_error(status, doc, 503, "UNAVAILABLE")
                 assert "store" in doc["error"]["message"] and "closed" in doc["error"]["message"]
                 assert await c.json("GET", "/healthz") == (200, {"status": "ok"})  # alive all the same
             finally:
@@ -483,7 +483,7 @@ async def test_readyz_says_a_store_that_cannot_be_read_without_the_path_in_its_e
                     caplog.clear()
                     for _ in range(2):
                         status, doc = await c.json("GET", "/readyz")
-                        assert_error(status, doc, 503, "unavailable")
+                        assert_error(status, doc, 503, "UNAVAILABLE")
                         assert doc["error"]["message"] == said, doc
                     logged = [r.getMessage() for r in caplog.records if r.name == "pimcore.net"]
                     assert len(logged) == 1 and where in logged[0], logged  # once, whole
@@ -755,7 +755,7 @@ async def test_a_request_target_that_does_not_split_is_a_400_and_the_server_goes
                 await stream.send_all(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target)
                 reply = await read_until_eof(stream)
                 assert reply.startswith(b"HTTP/1.1 400 "), (target, reply)
-                assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_request"
+                assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "BAD_REQUEST"
             c = Http(h.url)
             try:
                 assert (await c.request("GET", "/healthz"))[0] == 200
@@ -805,7 +805,7 @@ async def test_a_transfer_coding_other_than_chunked_is_501_not_implemented() -> 
             reply = await read_until_eof(stream)
             assert reply.startswith(b"HTTP/1.1 501 Not Implemented\r\n"), reply
             error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
-            assert error["code"] == "not_implemented" and "chunked" in error["message"], error
+            assert error["code"] == "NOT_IMPLEMENTED" and "chunked" in error["message"], error
 
 
 async def test_content_length_with_transfer_encoding_is_a_400_and_the_connection_closes() -> None:
@@ -826,7 +826,7 @@ async def test_content_length_with_transfer_encoding_is_a_400_and_the_connection
                 assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n"), reply
                 response_head, body = reply.split(b"\r\n\r\n", 1)
                 assert b"\r\nconnection: close" in response_head.lower(), reply
-                assert json.loads(body) == {"error": {"code": "bad_request", "message":
+                assert json.loads(body) == {"error": {"code": "BAD_REQUEST", "message":
                     "the request has both Content-Length and Transfer-Encoding (RFC 9112 6.1: refused, a request "
                     "smuggling risk)"}}, reply
                 assert reply.count(b"HTTP/1.1 ") == 1, reply  # the pipelined request got no answer

@@ -63,11 +63,11 @@ def _static(parts: Sequence[str]) -> RawBody:
     node = STATIC
     for part in parts:
         if not _NAME.match(part) or ".." in part:
-            raise HttpError(404, "not_found", "no such file")
+            raise HttpError(404, "NOT_FOUND", "no such file")
         node = node / part
     suffix = "." + parts[-1].rsplit(".", 1)[-1] if "." in parts[-1] else ""
     if suffix not in _TYPES or not node.is_file():
-        raise HttpError(404, "not_found", "no such file")
+        raise HttpError(404, "NOT_FOUND", "no such file")
     return RawBody(_TYPES[suffix], node.read_bytes())
 
 
@@ -100,14 +100,14 @@ def _check_same_site(request: Request, http_url: str) -> None:
     ok = port_s.isdigit() and int(port_s) == (own.port or default) and bool(name) and (
         name == own_host or name in _LOOPBACK or (own_host in _ANY and _is_ip(name)))
     if not ok:
-        raise HttpError(403, "forbidden", f"the Host header {host!r} is not this listener's address"
+        raise HttpError(403, "FORBIDDEN", f"the Host header {host!r} is not this listener's address"
                                           f" ({own.netloc}, or localhost with its port)")
     origin = request.headers.get("origin")
     if origin is not None and origin.strip().lower() != f"{own.scheme}://{host}":
-        raise HttpError(403, "forbidden", f"the Origin {origin!r} is not this page's own ({own.scheme}://{host})")
+        raise HttpError(403, "FORBIDDEN", f"the Origin {origin!r} is not this page's own ({own.scheme}://{host})")
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype != "application/json":
-        raise HttpError(415, "unsupported_media_type", "send the body as Content-Type: application/json")
+        raise HttpError(415, "UNSUPPORTED_MEDIA_TYPE", "send the body as Content-Type: application/json")
 
 
 def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], demo: bool = False,
@@ -140,7 +140,7 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
 
     def _need_demo(request: Request) -> None:
         if not demo:
-            raise HttpError(403, "forbidden", "demo tokens are off: start the broker with `pimcore serve --web --demo`,"
+            raise HttpError(403, "FORBIDDEN", "demo tokens are off: start the broker with `pimcore serve --web --demo`,"
                                               " or paste a token from `pimcore token --user USER`")
         _check_same_site(request, (http_url() if http_url else None) or "http://localhost")
 
@@ -149,11 +149,11 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
         body = request.json()
         user = body.get("user") if isinstance(body, dict) else None
         if not isinstance(user, str):
-            raise HttpError(400, "bad_request", 'the body must be {"user": "<user id>"}')
+            raise HttpError(400, "BAD_REQUEST", 'the body must be {"user": "<user id>"}')
         try:
             return 200, {"token": handle.issue_token(user, ttl=3600), "user": user, "ttl": 3600}
         except ValueError as exc:
-            raise HttpError(400, "bad_request", f"invalid user id: {exc}") from None
+            raise HttpError(400, "BAD_REQUEST", f"invalid user id: {exc}") from None
 
     async def group(request: Request) -> tuple[int, Any]:
         _need_demo(request)
@@ -163,9 +163,9 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
         name = body.get("name") if isinstance(body, dict) else None
         members = body.get("members") if isinstance(body, dict) else None
         if not isinstance(name, str) or not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-            raise HttpError(400, "bad_request", 'the body must be {"name": "<group id>", "members": ["<user id>", ...]}')
+            raise HttpError(400, "BAD_REQUEST", 'the body must be {"name": "<group id>", "members": ["<user id>", ...]}')
         if not members:
-            raise HttpError(400, "bad_request", f"group {_show(name)}: {EMPTY_GROUP}")
+            raise HttpError(400, "BAD_REQUEST", f"group {_show(name)}: {EMPTY_GROUP}")
         try:
             try:
                 await handle.create_group(name, members)
@@ -176,7 +176,7 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
             now = list(await handle.members(name))
         except RequestRefused as exc:
             # The reason in words, as POST /v1/groups gives it.
-            raise HttpError(400, "bad_request", refusal_message(exc.code, str(exc))) from None
+            raise HttpError(400, "BAD_REQUEST", refusal_message(exc.code, str(exc))) from None
         return 200, {"name": name, "members": now}
 
     router.add("GET", "/web", index, auth=False)
