@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -15,7 +16,7 @@ import trio
 
 from pimcore.client import AuthFailed, ClientClosed, open_client
 from pimcore.embed import SYSTEM, Pimcore, open_pimcore
-from pimcore.http import BrokerHttp, HttpConfig, open_http_server
+from pimcore.http import ERROR_CODES, BrokerHttp, HttpConfig, open_http_server
 from pimcore.store import MemoryStore, direct_conversation
 
 from _net import FAST_CLIENT, SECRET, token
@@ -478,6 +479,13 @@ async def test_the_openapi_document_lists_exactly_the_routed_endpoints(tmp_path:
             assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
             post = doc["paths"]["/v1/conversations/{conv}/messages"]["post"]
             assert [p["name"] for p in post["parameters"]] == ["conv"] and "201" in post["responses"]
+            # An error's code is described as what it is: upper case, one spelling.
+            error = post["responses"]["default"]["content"]["application/json"]["schema"]["properties"]["error"]
+            pattern = re.compile(error["properties"]["code"]["pattern"])
+            assert all(pattern.search(code) for code in ERROR_CODES), ERROR_CODES
+            assert not pattern.search("bad_request")
+            refused = await call(c, "POST", "/v1/conversations/nope/messages", {"payload": 5})
+            assert pattern.search(refused[1]["error"]["code"]), refused
 
 
 async def test_revoke_refuses_a_before_in_the_future(tmp_path: Path) -> None:

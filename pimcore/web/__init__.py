@@ -12,15 +12,15 @@ are on).
 ``--demo`` adds ``POST /web/token`` (``{"user": U}`` -> ``{"token": T}``, a
 1-hour token for ANY user id, no password) and ``POST /web/group``
 (``{"name": G, "members": [...]}``: create the group, or add the members).
-Without ``--demo`` both answer 403 ``forbidden`` and the page asks for a
+Without ``--demo`` both answer 403 ``FORBIDDEN`` and the page asks for a
 token (``pimcore token --user U``).  With it they answer only the page's own
 requests: the ``Host`` header must name the HTTP listener's own address
 (or ``localhost`` / ``127.0.0.1`` / ``[::1]`` with its port; any IP literal
-with its port when it listens on 0.0.0.0 or ::), else 403 ``forbidden``
+with its port when it listens on 0.0.0.0 or ::), else 403 ``FORBIDDEN``
 (a DNS-rebinding name resolving to the broker is refused); an ``Origin``
-header, when sent, must be the page's own origin, else 403 ``forbidden``
+header, when sent, must be the page's own origin, else 403 ``FORBIDDEN``
 (another site's form or fetch); and the body must be sent as
-``Content-Type: application/json``, else 415 ``unsupported_media_type`` (a
+``Content-Type: application/json``, else 415 ``UNSUPPORTED_MEDIA_TYPE`` (a
 cross-site form post cannot set it without a CORS preflight, which is never
 answered).  The page says so visibly when tokens are
 minted for anyone; never run ``--demo`` where strangers can reach it.
