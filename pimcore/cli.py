@@ -859,8 +859,9 @@ def _exit_code(exc: BaseException) -> int:
 
 class _Refused(ValueError):
     """The HTTP API refused a call: ``code`` is its error code
-    (``UNKNOWN_CONVERSATION``, ``bad_request``...), the exception's text
-    what to print (the code and the message), ``message`` the API's message."""
+    (``UNKNOWN_CONVERSATION``, ``BAD_REQUEST``, ``AUTH_FAILED``...: upper
+    case, the broker's ErrorCode names), the exception's text what to print
+    (the code and the message), ``message`` the API's message."""
 
     def __init__(self, code: str, text: str, message: str = "") -> None:
         super().__init__(text)

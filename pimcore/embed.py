@@ -150,7 +150,7 @@ class EventsDisabled(PimError, ValueError):
 
 
 #: The message of :class:`EventsDisabled` (and of the HTTP API's 409
-#: ``events_disabled``).
+#: ``EVENTS_DISABLED``).
 EVENTS_DISABLED = ("the broker records no host events: start it with [server] events = true "
                    "(PIMCORE_SERVER_EVENTS=true, open_pimcore(events=True))")
 
@@ -1102,7 +1102,7 @@ class Pimcore:
             if after is None:
                 after = page.cursor
             elif after > page.last_id and not page.events:
-                # (The HTTP API's 409 past_last_event.)  An id no event has
+                # (The HTTP API's 409 PAST_LAST_EVENT.)  An id no event has
                 # is a confused caller's (another broker's, a store that was
                 # replaced): read from it, events recorded later would be
                 # skipped, silently, until their ids passed it.

@@ -360,7 +360,7 @@ async def test_http_api_recalls_edits_and_deletes(tmp_path):
                               headers={"Idempotency-Key": "e-1"}) == (201, edited)
             assert_error(*await call(c, "POST", base + "/edit", {"payload": "x", "sender": "bob"}), 403, "NOT_SENDER")
             assert_error(*await call(c, "POST", "/v1/conversations/team/messages/9/recall"), 404, "NO_SUCH_MESSAGE")
-            assert_error(*await call(c, "POST", "/v1/conversations/team/messages/x/recall"), 400, "bad_request")
+            assert_error(*await call(c, "POST", "/v1/conversations/team/messages/x/recall"), 400, "BAD_REQUEST")
             status, deleted = await call(c, "POST", base + "/delete", {"user": "bob"})
             assert status == 201 and deleted["seq"] == 0
             status, page = await call(c, "GET", "/v1/conversations/team/history?user=bob&backward=false")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import ssl
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 import pytest
@@ -20,8 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pimcore.auth import issue_token
 from pimcore.client import AuthFailed, open_client
-from pimcore.http import BrokerHttp, HttpConfig, HttpError, Request, Router, open_http_server
-from pimcore.errors import StoreError
+import pimcore
+from pimcore.http import ERROR_CODES, BrokerHttp, HttpConfig, HttpError, Request, Router, open_http_server
+from pimcore.errors import ErrorCode, StoreError
 from pimcore.store import MemoryStore, direct_conversation
 
 from _net import (
@@ -114,7 +117,7 @@ async def test_keep_alive_serves_several_requests_on_one_connection() -> None:
                 assert info["uptime_seconds"] >= 0 and info["listeners"] == srv.urls
                 status, _, text = await c.request("GET", "/metrics")
                 assert status == 200 and b"pimcore_logins_total" in text
-                assert_error(*await c.json("GET", "/nope"), 404, "not_found")
+                assert_error(*await c.json("GET", "/nope"), 404, "NOT_FOUND")
                 assert c.local_port() == port  # the same connection throughout
                 assert h.requests == 5
             finally:
@@ -127,11 +130,11 @@ async def test_api_key_is_required_except_for_probes_and_metrics() -> None:
             c = Http(h.url)
             try:
                 status, headers, body = await c.request("GET", "/v1/info")
-                assert_error(status, json.loads(body), 401, "unauthorized")
+                assert_error(status, json.loads(body), 401, "AUTH_FAILED")
                 assert headers["www-authenticate"].startswith("Bearer")
-                assert_error(*await c.json("GET", "/v1/info", key="wrong"), 401, "unauthorized")
-                assert_error(*await c.json("GET", "/v1/info", key=KEY + "x"), 401, "unauthorized")
-                assert_error(*await c.json("GET", "/v1/info", headers={"Authorization": f"Basic {KEY}"}), 401, "unauthorized")
+                assert_error(*await c.json("GET", "/v1/info", key="wrong"), 401, "AUTH_FAILED")
+                assert_error(*await c.json("GET", "/v1/info", key=KEY + "x"), 401, "AUTH_FAILED")
+                assert_error(*await c.json("GET", "/v1/info", headers={"Authorization": f"Basic {KEY}"}), 401, "AUTH_FAILED")
                 # The connection survives a 401; every configured key works.
                 assert (await c.json("GET", "/v1/info", key=KEY))[0] == 200
                 assert (await c.json("GET", "/v1/info", key="old-key"))[0] == 200
@@ -145,7 +148,7 @@ async def test_routes_are_added_by_registering_handlers() -> None:
     async def echo(request: Request) -> tuple[int, Any]:
         body = request.json()
         if not isinstance(body, dict):
-            raise HttpError(400, "bad_request", "expected an object")
+            raise HttpError(400, "BAD_REQUEST", "expected an object")
         return 201, {"name": request.params["name"], "body": body, "q": request.query.get("q")}
 
     with trio.fail_after(20):
@@ -158,16 +161,61 @@ async def test_routes_are_added_by_registering_handlers() -> None:
                 status, doc = await c.json("POST", "/v1/echo/al%20ice?q=1", key=KEY, body=b'{"a": [1, 2]}',
                                            headers={"Content-Type": "application/json"})
                 assert (status, doc) == (201, {"name": "al ice", "body": {"a": [1, 2]}, "q": ["1"]})
-                assert_error(*await c.json("POST", "/v1/echo/x", key=KEY, body=b"{not json"), 400, "bad_request")
-                assert_error(*await c.json("POST", "/v1/echo/x", key=KEY, body=b"[1]"), 400, "bad_request")
+                assert_error(*await c.json("POST", "/v1/echo/x", key=KEY, body=b"{not json"), 400, "BAD_REQUEST")
+                assert_error(*await c.json("POST", "/v1/echo/x", key=KEY, body=b"[1]"), 400, "BAD_REQUEST")
                 # Authentication comes before the handler sees anything.
-                assert_error(*await c.json("POST", "/v1/echo/x", body=b"{}"), 401, "unauthorized")
+                assert_error(*await c.json("POST", "/v1/echo/x", body=b"{}"), 401, "AUTH_FAILED")
                 status, headers, body = await c.request("GET", "/v1/echo/x", key=KEY)
-                assert_error(status, json.loads(body), 405, "method_not_allowed")
+                assert_error(status, json.loads(body), 405, "METHOD_NOT_ALLOWED")
                 assert headers["allow"] == "POST"
-                assert_error(*await c.json("DELETE", "/healthz"), 405, "method_not_allowed")
+                assert_error(*await c.json("DELETE", "/healthz"), 405, "METHOD_NOT_ALLOWED")
             finally:
                 c.close()
+
+
+_CODE = re.compile(r"[A-Z][A-Z0-9_]*")
+
+
+def test_every_code_of_the_listener_is_upper_case_and_the_brokers_name_for_the_same_thing() -> None:
+    """One spelling: the HTTP layer's own codes were lower case
+    (``bad_request``) where the broker's refusals are its ErrorCode names
+    (``BAD_REQUEST``), so a backend testing ``code == "BAD_REQUEST"`` missed
+    half of the 400s.  Every code is upper case now, and a concept the
+    protocol names has the protocol's name."""
+    assert ERROR_CODES and all(_CODE.fullmatch(code) for code in ERROR_CODES), ERROR_CODES
+    for code, same in (("BAD_REQUEST", ErrorCode.BAD_REQUEST), ("AUTH_FAILED", ErrorCode.AUTH_FAILED),
+                       ("PAYLOAD_TOO_LARGE", ErrorCode.PAYLOAD_TOO_LARGE), ("INTERNAL", ErrorCode.INTERNAL)):
+        assert code == same.name and code in ERROR_CODES, (code, ERROR_CODES)
+    assert (ERROR_CODES["BAD_REQUEST"], ERROR_CODES["AUTH_FAILED"], ERROR_CODES["PAYLOAD_TOO_LARGE"],
+            ERROR_CODES["INTERNAL"]) == (400, 401, 413, 500)
+
+
+def test_every_code_pimcore_answers_over_http_is_upper_case_and_in_the_one_table() -> None:
+    """Each ``HttpError(status, "CODE", ...)`` in pimcore's source (the
+    listener, the server API, the web demo) has an upper-case code, with the
+    status docs/HTTP.md's one error table gives it; and the table has no
+    other spelling."""
+    root = Path(pimcore.__file__).parent
+    raised: set[tuple[int, str]] = set()
+    for source in root.rglob("*.py"):
+        text = source.read_text(encoding="utf-8")
+        raised |= {(int(s) if s.isdigit() else 0, c) for s, c in re.findall(r'HttpError\(\s*(\w+),\s*"([^"]*)"', text)}
+        raised |= {(500, c) for c in re.findall(r'error_body\(\s*"([^"]*)"', text)}
+    assert (400, "BAD_REQUEST") in raised and len(raised) > 10, raised
+    assert not [c for _, c in raised if not _CODE.fullmatch(c)], sorted(raised)
+    # (A status in a variable, 0 here: the code must be in the table with some status.)
+    doc = (root.parent / "docs" / "HTTP.md").read_text(encoding="utf-8")
+    table = set()
+    for status, codes in re.findall(r"^\| (\d{3}) \| (`[^|]*`) \|", doc, re.M):
+        table |= {(int(status), c) for c in re.findall(r"`([^`]+)`", codes)}
+    assert not [c for _, c in table if not _CODE.fullmatch(c)], sorted(table)
+    assert {(s, c) for s, c in raised if s} <= table, sorted(raised - table)
+    assert {c for _, c in raised} <= {c for _, c in table}, sorted(raised - table)
+    assert {(s, c) for c, s in ERROR_CODES.items()} <= table, sorted(set(ERROR_CODES.items()))
+    from pimcore.http.api import REFUSED_STATUS
+
+    refusals = {(s, code.name) for code, s in REFUSED_STATUS.items()} | {(503, "STORE_UNAVAILABLE")}
+    assert refusals <= table, sorted(refusals - table)
 
 
 def test_router_patterns() -> None:
@@ -197,7 +245,7 @@ async def test_a_handler_that_fails_is_a_500_and_the_server_goes_on() -> None:
             h.router.add("GET", "/v1/broken", broken)
             c = Http(h.url)
             try:
-                assert_error(*await c.json("GET", "/v1/broken", key=KEY), 500, "internal")
+                assert_error(*await c.json("GET", "/v1/broken", key=KEY), 500, "INTERNAL")
                 assert (await c.json("GET", "/healthz"))[0] == 200
             finally:
                 c.close()
@@ -211,7 +259,7 @@ async def test_a_body_over_the_limit_is_413_before_it_is_read() -> None:
         async with broker_http(max_body_bytes=1000) as (srv, h):
             c = Http(h.url)
             try:
-                assert_error(*await c.json("POST", "/v1/info", key=KEY, body=b"x" * 1001), 413, "payload_too_large")
+                assert_error(*await c.json("POST", "/v1/info", key=KEY, body=b"x" * 1001), 413, "PAYLOAD_TOO_LARGE")
             finally:
                 c.close()
             # Chunked (no Content-Length): refused once it grows past the limit.
@@ -222,7 +270,7 @@ async def test_a_body_over_the_limit_is_413_before_it_is_read() -> None:
                                   + b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2)
             reply = await read_until_eof(stream)
             assert reply.startswith(b"HTTP/1.1 413 "), reply
-            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "payload_too_large"
+            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "PAYLOAD_TOO_LARGE"
 
 
 async def test_a_chunk_declared_over_the_limit_is_413_before_its_data_comes() -> None:
@@ -241,7 +289,7 @@ async def test_a_chunk_declared_over_the_limit_is_413_before_its_data_comes() ->
                 await stream.send_all(head + body)
                 reply = await read_until_eof(stream)
                 assert reply.startswith(b"HTTP/1.1 413 "), (body[:20], reply)
-                assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "payload_too_large"
+                assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "PAYLOAD_TOO_LARGE"
             # Chunks within the limit are read whole (here to a 405: /v1/info is GET), sizes
             # that look like hex in the data included; the connection stays open.
             stream = await trio.open_tcp_stream(*host_port(h.url))
@@ -262,7 +310,7 @@ async def test_headers_over_the_limit_are_431() -> None:
             c = Http(h.url)
             try:
                 status, doc = await c.json("GET", "/healthz", headers={"X-Big": "y" * 4000})
-                assert_error(status, doc, 431, "headers_too_large")
+                assert_error(status, doc, 431, "HEADERS_TOO_LARGE")
             finally:
                 c.close()
 
@@ -291,7 +339,7 @@ async def test_a_slow_client_is_dropped_after_the_request_time_limit(autojump_cl
             reply = await read_until_eof(stream)
             took = trio.current_time() - t0
             assert reply.startswith(b"HTTP/1.1 408 "), reply
-            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "REQUEST_TIMEOUT"
             assert 5.0 <= took < 6.0, took
 
             # A body that stops half-way is dropped the same way.
@@ -315,7 +363,7 @@ async def test_garbage_is_a_400() -> None:
             await stream.send_all(b"NOT HTTP AT ALL\r\n\r\n")
             reply = await read_until_eof(stream)
             assert reply.startswith(b"HTTP/1.1 400 "), reply
-            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_request"
+            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "BAD_REQUEST"
 
 
 async def test_bytes_no_request_begins_with_are_a_400_at_once_naming_the_port() -> None:
@@ -332,7 +380,7 @@ async def test_bytes_no_request_begins_with_are_a_400_at_once_naming_the_port() 
                 await stream.send_all(first)
                 reply = await read_until_eof(stream)
                 assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n"), reply
-                assert json.loads(reply.split(b"\r\n\r\n", 1)[1]) == {"error": {"code": "bad_request",
+                assert json.loads(reply.split(b"\r\n\r\n", 1)[1]) == {"error": {"code": "BAD_REQUEST",
                                                                               "message": named}}
             stream = await trio.open_tcp_stream(*host_port(h.url))  # a request still is one
             await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
@@ -358,7 +406,7 @@ async def test_only_http_1_0_and_1_1_are_served_others_are_505() -> None:
                 reply = await read_until_eof(stream)
                 assert reply.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n"), reply
                 error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
-                assert error["code"] == "http_version_not_supported" and "HTTP/1.1" in error["message"], error
+                assert error["code"] == "HTTP_VERSION_NOT_SUPPORTED" and "HTTP/1.1" in error["message"], error
             for version in (b"1.0", b"1.1"):
                 stream = await trio.open_tcp_stream(*host_port(h.url))
                 await stream.send_all(b"GET /healthz HTTP/%s\r\nHost: t\r\nConnection: close\r\n\r\n" % version)
@@ -380,7 +428,7 @@ async def test_a_refused_request_is_not_echoed_back() -> None:
                 reply = await read_until_eof(stream)
                 assert reply.startswith(b"HTTP/1.1 400 "), reply
                 body = reply.split(b"\r\n\r\n", 1)[1]
-                assert json.loads(body) == {"error": {"code": "bad_request", "message": "malformed HTTP request"}}
+                assert json.loads(body) == {"error": {"code": "BAD_REQUEST", "message": "malformed HTTP request"}}
                 assert KEY.encode() not in reply and b"secret" not in reply and b"bytearray" not in reply, reply
 
 
@@ -396,7 +444,7 @@ async def test_readyz_is_503_with_a_reason_when_the_store_is_closed() -> None:
                 assert (await c.json("GET", "/readyz"))[0] == 200
                 store.close()
                 status, doc = await c.json("GET", "/readyz")
-                assert_error(status, doc, 503, "unavailable")
+                assert_error(status, doc, 503, "UNAVAILABLE")
                 assert "store" in doc["error"]["message"] and "closed" in doc["error"]["message"]
                 assert await c.json("GET", "/healthz") == (200, {"status": "ok"})  # alive all the same
             finally:
@@ -435,7 +483,7 @@ async def test_readyz_says_a_store_that_cannot_be_read_without_the_path_in_its_e
                     caplog.clear()
                     for _ in range(2):
                         status, doc = await c.json("GET", "/readyz")
-                        assert_error(status, doc, 503, "unavailable")
+                        assert_error(status, doc, 503, "UNAVAILABLE")
                         assert doc["error"]["message"] == said, doc
                     logged = [r.getMessage() for r in caplog.records if r.name == "pimcore.net"]
                     assert len(logged) == 1 and where in logged[0], logged  # once, whole
@@ -707,7 +755,7 @@ async def test_a_request_target_that_does_not_split_is_a_400_and_the_server_goes
                 await stream.send_all(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target)
                 reply = await read_until_eof(stream)
                 assert reply.startswith(b"HTTP/1.1 400 "), (target, reply)
-                assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_request"
+                assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "BAD_REQUEST"
             c = Http(h.url)
             try:
                 assert (await c.request("GET", "/healthz"))[0] == 200
@@ -757,7 +805,7 @@ async def test_a_transfer_coding_other_than_chunked_is_501_not_implemented() -> 
             reply = await read_until_eof(stream)
             assert reply.startswith(b"HTTP/1.1 501 Not Implemented\r\n"), reply
             error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
-            assert error["code"] == "not_implemented" and "chunked" in error["message"], error
+            assert error["code"] == "NOT_IMPLEMENTED" and "chunked" in error["message"], error
 
 
 async def test_content_length_with_transfer_encoding_is_a_400_and_the_connection_closes() -> None:
@@ -778,7 +826,7 @@ async def test_content_length_with_transfer_encoding_is_a_400_and_the_connection
                 assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n"), reply
                 response_head, body = reply.split(b"\r\n\r\n", 1)
                 assert b"\r\nconnection: close" in response_head.lower(), reply
-                assert json.loads(body) == {"error": {"code": "bad_request", "message":
+                assert json.loads(body) == {"error": {"code": "BAD_REQUEST", "message":
                     "the request has both Content-Length and Transfer-Encoding (RFC 9112 6.1: refused, a request "
                     "smuggling risk)"}}, reply
                 assert reply.count(b"HTTP/1.1 ") == 1, reply  # the pipelined request got no answer

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -15,7 +16,7 @@ import trio
 
 from pimcore.client import AuthFailed, ClientClosed, open_client
 from pimcore.embed import SYSTEM, Pimcore, open_pimcore
-from pimcore.http import BrokerHttp, HttpConfig, open_http_server
+from pimcore.http import ERROR_CODES, BrokerHttp, HttpConfig, open_http_server
 from pimcore.store import MemoryStore, direct_conversation
 
 from _net import FAST_CLIENT, SECRET, token
@@ -110,17 +111,17 @@ async def test_post_errors(tmp_path: Path) -> None:
                                 ({"payload": "a", "device": "web"}, "device"), ([1], "object"),
                                 ({"payload": "a \ud800 lone surrogate"}, "payload")):
                 status, doc = await call(c, "POST", path, body)
-                assert_error(status, doc, 400, "bad_request")
+                assert_error(status, doc, 400, "BAD_REQUEST")
                 assert field in doc["error"]["message"], (body, doc)
-            assert_error(*await call(c, "POST", path, raw=b"{nope"), 400, "bad_request")
+            assert_error(*await call(c, "POST", path, raw=b"{nope"), 400, "BAD_REQUEST")
             # A number of more digits than Python reads: its message was
             # Python's advice to call sys.set_int_max_str_digits().
             for raw, said in ((b'{"payload": "x", "sender": ' + b"9" * 5001 + b"}", "5,001"), (b"[-" + b"1" * 4301 + b"]", "4,301")):
                 status, doc = await call(c, "POST", path, raw=raw)
-                assert_error(status, doc, 400, "bad_request")
+                assert_error(status, doc, 400, "BAD_REQUEST")
                 assert doc["error"]["message"] == (f"the body is not JSON that can be read: it holds a number of {said}"
                                                    " digits (at most 4,300 are read)"), doc
-            assert_error(*await call(c, "POST", path, {"payload": "x"}, key=None), 401, "unauthorized")
+            assert_error(*await call(c, "POST", path, {"payload": "x"}, key=None), 401, "AUTH_FAILED")
             assert await im.history("team", "alice") == []  # nothing refused was stored
             # A sender without a device posts from the device "http".
             assert (await call(c, "POST", path, {"payload": "x", "sender": "alice"}))[0] == 201
@@ -128,19 +129,40 @@ async def test_post_errors(tmp_path: Path) -> None:
             assert (m.sender, m.device, m.payload) == ("alice", "http", b"x")
 
 
+async def test_a_malformed_body_and_a_broker_refusal_have_one_code(tmp_path: Path) -> None:
+    """A body that is not JSON (refused by the HTTP layer) and an invalid
+    sender id (refused by the broker) are both 400 ``BAD_REQUEST``: the HTTP
+    layer's own codes were lower case (``bad_request``), so a backend testing
+    ``code == "BAD_REQUEST"`` missed half of the 400s.  The other codes of
+    the HTTP layer are upper case too."""
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            path = "/v1/conversations/team/messages"
+            malformed = await call(c, "POST", path, raw=b"{nope")
+            refused = await call(c, "POST", path, {"payload": "x", "sender": "bad id\n"})
+            assert_error(*malformed, 400, "BAD_REQUEST")
+            assert_error(*refused, 400, "BAD_REQUEST")
+            assert "not JSON" in malformed[1]["error"]["message"], malformed
+            assert_error(*await call(c, "POST", path, {"payload": 5}), 400, "BAD_REQUEST")
+            assert_error(*await call(c, "POST", path, {"payload": "x"}, key=None), 401, "AUTH_FAILED")
+            assert_error(*await call(c, "GET", "/v1/nope"), 404, "NOT_FOUND")
+            assert_error(*await call(c, "PUT", path, {"payload": "x"}), 405, "METHOD_NOT_ALLOWED")
+
+
 async def test_groups_and_members(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with api(tmp_path) as (im, h, c):
             assert (await call(c, "POST", "/v1/groups", {"conv": "g", "members": ["alice"]}))[0] == 201
             assert_error(*await call(c, "POST", "/v1/groups", {"conv": "g", "members": ["bob"]}), 409, "ALREADY_EXISTS")
-            assert_error(*await call(c, "POST", "/v1/groups", {"conv": "h", "members": "bob"}), 400, "bad_request")
-            assert_error(*await call(c, "POST", "/v1/groups", {"conv": "h", "members": [1]}), 400, "bad_request")
-            assert_error(*await call(c, "POST", "/v1/groups", {"members": []}), 400, "bad_request")
+            assert_error(*await call(c, "POST", "/v1/groups", {"conv": "h", "members": "bob"}), 400, "BAD_REQUEST")
+            assert_error(*await call(c, "POST", "/v1/groups", {"conv": "h", "members": [1]}), 400, "BAD_REQUEST")
+            assert_error(*await call(c, "POST", "/v1/groups", {"members": []}), 400, "BAD_REQUEST")
             assert_error(*await call(c, "POST", "/v1/groups", {"conv": "bad id\n", "members": ["a"]}), 400, "BAD_REQUEST")
             assert await call(c, "POST", "/v1/groups/g/members", {"users": ["bob", "carol"]}) == (
                 200, {"conv": "g", "members": ["alice", "bob", "carol"]})
             assert_error(*await call(c, "POST", "/v1/groups/nope/members", {"users": ["bob"]}), 404, "UNKNOWN_CONVERSATION")
-            assert_error(*await call(c, "POST", "/v1/groups/g/members", {"user": ["bob"]}), 400, "bad_request")
+            assert_error(*await call(c, "POST", "/v1/groups/g/members", {"user": ["bob"]}), 400, "BAD_REQUEST")
             assert await call(c, "DELETE", "/v1/groups/g/members/carol") == (200, {"conv": "g", "members": ["alice", "bob"]})
             assert_error(*await call(c, "DELETE", "/v1/groups/nope/members/carol"), 404, "UNKNOWN_CONVERSATION")
             status, convs = await call(c, "GET", "/v1/users/bob/conversations")
@@ -149,8 +171,8 @@ async def test_groups_and_members(tmp_path: Path) -> None:
             status, page = await call(c, "GET", "/v1/conversations/g/history?user=bob&backward=0")
             assert status == 200 and [(m["kind"], m["sender"]) for m in page["messages"]] == [(1, "bob"), (1, "carol"), (2, "carol")]
             assert_error(*await call(c, "GET", "/v1/conversations/g/history?user=mallory"), 403, "NOT_MEMBER")
-            assert_error(*await call(c, "GET", "/v1/conversations/g/history"), 400, "bad_request")
-            assert_error(*await call(c, "GET", "/v1/conversations/g/history?user=bob&limit=x"), 400, "bad_request")
+            assert_error(*await call(c, "GET", "/v1/conversations/g/history"), 400, "BAD_REQUEST")
+            assert_error(*await call(c, "GET", "/v1/conversations/g/history?user=bob&limit=x"), 400, "BAD_REQUEST")
             assert_error(*await call(c, "GET", "/v1/conversations/nope/history?user=bob"), 404, "UNKNOWN_CONVERSATION")
 
 
@@ -203,7 +225,7 @@ async def test_several_members_are_removed_in_one_call(tmp_path: Path, monkeypat
                          "UNKNOWN_CONVERSATION")
             for body in ({"users": []}, {"users": "alice"}, {"users": [1]}, {"user": ["alice"]}, ["alice"]):
                 status, doc = await call(c, "POST", path, body)
-                assert_error(status, doc, 400, "bad_request")
+                assert_error(status, doc, 400, "BAD_REQUEST")
                 assert await call(c, "POST", "/v1/groups/g/members", body) == (status, doc), body
             assert_error(*await call(c, "POST", path, {"users": ["alice", "b b"]}), 400, "BAD_REQUEST")
             # Removing everyone is refused as a whole (no one removed).
@@ -277,7 +299,7 @@ async def test_kick_ends_a_session_of_an_sdk_client(tmp_path: Path) -> None:
                 with pytest.raises(ClientClosed, match="account review"):
                     await alice.send("team", b"still here?")
                 assert (await web.send("team", b"web is fine")).seq == 1
-                assert_error(*await call(c, "POST", "/v1/users/alice/kick", {"reason": 5}), 400, "bad_request")
+                assert_error(*await call(c, "POST", "/v1/users/alice/kick", {"reason": 5}), 400, "BAD_REQUEST")
                 # No body: every device.
                 status, doc = await c.json("POST", "/v1/users/alice/kick", key=KEY)
                 assert (status, doc) == (200, {"user": "alice", "devices": ["web"]})
@@ -309,15 +331,15 @@ async def test_revoke_and_tokens(tmp_path: Path) -> None:
             assert status == 201
             async with open_client(im.server.url(), doc["token"], "tab", config=FAST_CLIENT) as fresh:
                 assert (await fresh.send("team", b"back")).seq == 2
-            assert_error(*await call(c, "POST", "/v1/tokens", {"ttl": 5}), 400, "bad_request")
-            assert_error(*await call(c, "POST", "/v1/tokens", {"user": "alice", "ttl": "5"}), 400, "bad_request")
+            assert_error(*await call(c, "POST", "/v1/tokens", {"ttl": 5}), 400, "BAD_REQUEST")
+            assert_error(*await call(c, "POST", "/v1/tokens", {"user": "alice", "ttl": "5"}), 400, "BAD_REQUEST")
             assert_error(*await call(c, "POST", "/v1/tokens", {"user": "bad id\n"}), 400, "BAD_REQUEST")
-            assert_error(*await call(c, "POST", "/v1/users/alice/revoke", {"before": "now"}), 400, "bad_request")
+            assert_error(*await call(c, "POST", "/v1/users/alice/revoke", {"before": "now"}), 400, "BAD_REQUEST")
             for bad in (-5, 2**70, True):
                 status, doc = await call(c, "POST", "/v1/users/alice/revoke", {"before": bad})
-                assert_error(status, doc, 400, "bad_request")
+                assert_error(status, doc, 400, "BAD_REQUEST")
                 assert "before" in doc["error"]["message"]
-            assert_error(*await call(c, "POST", "/v1/tokens", {"user": "alice", "ttl": 2**70}), 400, "bad_request")
+            assert_error(*await call(c, "POST", "/v1/tokens", {"user": "alice", "ttl": 2**70}), 400, "BAD_REQUEST")
             assert_error(*await call(c, "POST", "/v1/users/bad%0Aid/revoke"), 400, "BAD_REQUEST")
 
 
@@ -348,10 +370,10 @@ async def test_events_long_poll_and_ack(tmp_path: Path) -> None:
             assert (await call(c, "GET", "/v1/events?consumer=push&wait=0.1"))[1]["events"] == []
             # Another consumer has its own cursor.
             assert (await call(c, "GET", "/v1/events?consumer=audit"))[1]["events"] == doc["events"]
-            assert_error(*await call(c, "POST", "/v1/events/ack", {"consumer": "push"}), 400, "bad_request")
-            assert_error(*await call(c, "GET", "/v1/events?wait=1000"), 400, "bad_request")
+            assert_error(*await call(c, "POST", "/v1/events/ack", {"consumer": "push"}), 400, "BAD_REQUEST")
+            assert_error(*await call(c, "GET", "/v1/events?wait=1000"), 400, "BAD_REQUEST")
             for q in ("after=-1", "after=99999999999999999999999", "limit=0", "after=x"):
-                assert_error(*await call(c, "GET", f"/v1/events?{q}"), 400, "bad_request")
+                assert_error(*await call(c, "GET", f"/v1/events?{q}"), 400, "BAD_REQUEST")
             # After the last event, without wait: an empty page at once.
             assert (await call(c, "GET", f"/v1/events?consumer=push&after={doc['next']}"))[1]["events"] == []
             assert_error(*await call(c, "GET", "/v1/events?consumer=bad%0Aname"), 400, "BAD_REQUEST")
@@ -363,7 +385,7 @@ async def test_a_listener_without_a_handle_has_no_server_api(tmp_path: Path) -> 
             async with open_http_server(im.server, HttpConfig(api_keys=(KEY,))) as h:
                 c = Http(h.url)
                 try:
-                    assert_error(*await call(c, "POST", "/v1/groups", {"conv": "g", "members": ["a"]}), 404, "not_found")
+                    assert_error(*await call(c, "POST", "/v1/groups", {"conv": "g", "members": ["a"]}), 404, "NOT_FOUND")
                 finally:
                     c.close()
 
@@ -390,7 +412,7 @@ async def test_pimcore_serve_answers_the_server_api(tmp_path: Path, procs: Any) 
                     assert (m.sender, m.payload, m.seq) == (SYSTEM, b"from http", 1)
                     break
             assert_error(*await call(c, "POST", "/v1/conversations/team/messages", {"payload": "x"}, key="wrong"),
-                         401, "unauthorized")
+                         401, "AUTH_FAILED")
         finally:
             c.close()
 
@@ -457,6 +479,13 @@ async def test_the_openapi_document_lists_exactly_the_routed_endpoints(tmp_path:
             assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
             post = doc["paths"]["/v1/conversations/{conv}/messages"]["post"]
             assert [p["name"] for p in post["parameters"]] == ["conv"] and "201" in post["responses"]
+            # An error's code is described as what it is: upper case, one spelling.
+            error = post["responses"]["default"]["content"]["application/json"]["schema"]["properties"]["error"]
+            pattern = re.compile(error["properties"]["code"]["pattern"])
+            assert all(pattern.search(code) for code in ERROR_CODES), ERROR_CODES
+            assert not pattern.search("bad_request")
+            refused = await call(c, "POST", "/v1/conversations/nope/messages", {"payload": 5})
+            assert pattern.search(refused[1]["error"]["code"]), refused
 
 
 async def test_revoke_refuses_a_before_in_the_future(tmp_path: Path) -> None:
@@ -489,7 +518,7 @@ async def test_revoke_refuses_a_before_in_the_future(tmp_path: Path) -> None:
 async def test_events_endpoints_answer_409_when_the_broker_records_none(tmp_path: Path) -> None:
     """With events off (the serve default) the event endpoints used to
     answer 200 with nothing (an ack of 5 returned cursor 0): a newcomer
-    waited forever.  Now 409 events_disabled naming the setting, at once
+    waited forever.  Now 409 EVENTS_DISABLED naming the setting, at once
     (even with ?wait), and the handle raises EventsDisabled."""
     with trio.fail_after(10):
         async with api(tmp_path) as (im, h, c):
@@ -498,7 +527,7 @@ async def test_events_endpoints_answer_409_when_the_broker_records_none(tmp_path
             for method, path, body in (("GET", "/v1/events", None), ("GET", "/v1/events?wait=25", None),
                                        ("GET", "/v1/events/stream", None), ("POST", "/v1/events/ack", {"upto": 5})):
                 status, doc = await call(c, method, path, body)
-                assert_error(status, doc, 409, "events_disabled")
+                assert_error(status, doc, 409, "EVENTS_DISABLED")
                 assert "[server] events = true" in doc["error"]["message"] and "PIMCORE_SERVER_EVENTS" in doc["error"]["message"]
             from pimcore.embed import EventsDisabled
 
@@ -552,7 +581,7 @@ async def test_a_malformed_percent_escape_in_a_path_is_400(tmp_path: Path) -> No
             for path in ("/v1/conversations/%ZZ/messages", "/v1/conversations/a%2/messages",
                          "/v1/conversations/%FF/messages"):
                 status, doc = await call(c, "POST", path, {"payload": "x"})
-                assert_error(status, doc, 400, "bad_request")
+                assert_error(status, doc, 400, "BAD_REQUEST")
                 assert "path segment" in doc["error"]["message"], doc
             status, doc = await call(c, "POST", "/v1/conversations/a%2Bb/messages", {"payload": "x"})
             assert status == 201 and doc["conv"] == "a+b", doc
@@ -666,7 +695,7 @@ async def test_conversation_list_settings_and_mentions_over_http(tmp_path: Path)
             assert_error(*await call(c, "POST", "/v1/users/carol/conversations/team/settings", {"muted": True}),
                          403, "NOT_MEMBER")
             assert_error(*await call(c, "POST", "/v1/users/bob/conversations/team/settings", {"muted": 1}),
-                         400, "bad_request")
+                         400, "BAD_REQUEST")
 
 
 async def test_batch_post_items_take_mentions_and_mention_all_as_the_single_post_does(tmp_path: Path) -> None:
@@ -683,7 +712,7 @@ async def test_batch_post_items_take_mentions_and_mention_all_as_the_single_post
             res = doc["results"]
             assert status == 200 and [r["status"] for r in res] == ["stored", "stored", "error", "error", "error"], res
             assert [r["seq"] for r in res[:2]] == [1, 2]
-            assert res[2]["code"] == res[3]["code"] == "bad_request", res
+            assert res[2]["code"] == res[3]["code"] == "BAD_REQUEST", res
             assert "mentions" in res[2]["message"] and "mention_all" in res[3]["message"], res
             assert res[4]["code"] == "BAD_MENTION", res
             counts = {}
@@ -707,7 +736,7 @@ async def test_devices_and_unread_refuse_invalid_ids(tmp_path: Path) -> None:
                 assert_error(status, doc, 400, "BAD_REQUEST")
                 assert "user id" in doc["error"]["message"], doc
             # (A malformed escape is refused by the router, before any id check.)
-            assert_error(*await call(c, "GET", "/v1/users/%ZZ/devices"), 400, "bad_request")
+            assert_error(*await call(c, "GET", "/v1/users/%ZZ/devices"), 400, "BAD_REQUEST")
             status, doc = await call(c, "GET", "/v1/users/alice/unread?conv=bad%20conv")
             assert_error(status, doc, 400, "BAD_REQUEST")
             assert "'bad conv'" in doc["error"]["message"], doc
@@ -752,18 +781,18 @@ async def test_numbers_in_paths_and_queries_are_ascii_digits_only(tmp_path: Path
             await im.create_group("team", ["alice"])
             await im.post("team", b"x")
             status, doc = await call(c, "POST", "/v1/conversations/team/messages/%C2%B2/recall")
-            assert_error(status, doc, 400, "bad_request")
+            assert_error(status, doc, 400, "BAD_REQUEST")
             assert "seq" in doc["error"]["message"], doc
             for query, name in (("from_seq=1_0", "from_seq"), ("from_seq=%C2%B2", "from_seq"), ("limit=%C2%B2", "limit"),
                                 ("limit=%2B5", "limit"), ("from_seq=%201", "from_seq")):
                 status, doc = await call(c, "GET", f"/v1/conversations/team/history?user=alice&{query}")
-                assert_error(status, doc, 400, "bad_request")
+                assert_error(status, doc, 400, "BAD_REQUEST")
                 assert name in doc["error"]["message"], (query, doc)
             status, doc = await call(c, "GET", "/v1/conversations/team/history?user=alice&limit=-1")
-            assert_error(status, doc, 400, "bad_request")
+            assert_error(status, doc, 400, "BAD_REQUEST")
             assert "from 1 to 1000" in doc["error"]["message"], doc
             status, doc = await call(c, "GET", "/v1/users/alice/conversation-list?include_hidden=maybe")
-            assert_error(status, doc, 400, "bad_request")
+            assert_error(status, doc, 400, "BAD_REQUEST")
             assert "include_hidden" in doc["error"]["message"], doc
             assert (await call(c, "GET", "/v1/users/alice/conversation-list?include_hidden=true"))[0] == 200
             # Leading zeros are still numbers.
@@ -829,7 +858,7 @@ async def test_a_refusal_cuts_the_input_it_echoes(tmp_path: Path) -> None:
 
 async def test_a_key_or_query_parameter_given_twice_is_refused_naming_it(tmp_path: Path) -> None:
     """{"user": "a", "user": "b"} and ?limit=1&limit=2 were taken silently,
-    the last one winning: now 400 bad_request naming the key or parameter,
+    the last one winning: now 400 BAD_REQUEST naming the key or parameter,
     on every endpoint, nested objects included, and nothing is done."""
     with trio.fail_after(60):
         async with api(tmp_path, events=True) as (im, h, c):
@@ -845,7 +874,7 @@ async def test_a_key_or_query_parameter_given_twice_is_refused_naming_it(tmp_pat
                 ("PUT", "/v1/conversations/team/retention", b'{"max_count": 1, "max_count": 2}', "max_count"),
             ):
                 status, doc = await call(c, method, path, raw=raw)
-                assert_error(status, doc, 400, "bad_request")
+                assert_error(status, doc, 400, "BAD_REQUEST")
                 assert f"the key '{key}' twice" in doc["error"]["message"], (path, doc)
             for path, name in (
                 ("/v1/users/alice/conversation-list?limit=1&limit=2", "limit"),
@@ -858,7 +887,7 @@ async def test_a_key_or_query_parameter_given_twice_is_refused_naming_it(tmp_pat
                 c.close()  # (a refused request target ends its connection)
                 c = Http(h.url)
                 status, doc = await call(c, "GET", path)
-                assert_error(status, doc, 400, "bad_request")
+                assert_error(status, doc, 400, "BAD_REQUEST")
                 assert f"query parameter '{name}' is given 2 times" in doc["error"]["message"], (path, doc)
             assert await im.history("team", "alice") == []
             from pimcore.embed import RequestRefused
@@ -911,14 +940,14 @@ async def test_every_query_parameter_refusal_is_worded_the_same_way(tmp_path: Pa
 async def test_an_ack_past_the_last_event_is_409_and_a_bad_consumer_name_says_the_rule(tmp_path: Path) -> None:
     """POST /v1/events/ack {"upto": 10**9} was taken (clamped to the last
     id, 200): a client acking an id no event has is confused, now 409
-    past_last_event naming the last id, and the cursor does not move.  An
+    PAST_LAST_EVENT naming the last id, and the cursor does not move.  An
     invalid consumer name said only "a malformed request": now which
     character or length, and the rule, on every event endpoint."""
     rule = "consumer ids are 1-64 ASCII characters from A-Z a-z 0-9 _ . @ -"
     with trio.fail_after(60):
         async with api(tmp_path, events=True) as (im, h, c):
             status, doc = await call(c, "POST", "/v1/events/ack", {"consumer": "push", "upto": 1})
-            assert_error(status, doc, 409, "past_last_event")
+            assert_error(status, doc, 409, "PAST_LAST_EVENT")
             assert doc["error"]["message"] == "upto 1 is past the last event id, 0 (no event yet): nothing acked", doc
             await im.create_group("team", ["alice"])
             await im.post("team", b"x")
@@ -926,7 +955,7 @@ async def test_an_ack_past_the_last_event_is_409_and_a_bad_consumer_name_says_th
             assert last > 0
             for upto in (last + 1, 10**9):
                 status, doc = await call(c, "POST", "/v1/events/ack", {"consumer": "push", "upto": upto})
-                assert_error(status, doc, 409, "past_last_event")
+                assert_error(status, doc, 409, "PAST_LAST_EVENT")
                 assert doc["error"]["message"] == f"upto {upto} is past the last event id, {last}: nothing acked", doc
             assert await im.event_cursor("push") == (0, last)  # not moved
             assert await call(c, "POST", "/v1/events/ack", {"consumer": "push", "upto": last}) == (
@@ -947,7 +976,7 @@ async def test_an_unknown_field_in_a_body_is_refused_naming_it_and_the_fields_ta
     """{"payload": "x", "Sender": "alice"} was posted as the system, a batch
     item's "idempotencykey" stored without a key, {"history-visible": true}
     made a group whose history is not visible: unknown fields were ignored
-    silently, so a typo changed what was stored.  Now 400 bad_request naming
+    silently, so a typo changed what was stored.  Now 400 BAD_REQUEST naming
     the field and the fields the endpoint takes, on every endpoint that reads
     a body, and nothing is done."""
     with trio.fail_after(60):
@@ -976,7 +1005,7 @@ async def test_an_unknown_field_in_a_body_is_refused_naming_it_and_the_fields_ta
                 ("PUT", "/v1/conversations/team/retention", {"max_age_s": 5}, "max_age_s", "'max_age', 'max_count'"),
             ):
                 status, doc = await call(c, method, path, body)
-                assert_error(status, doc, 400, "bad_request")
+                assert_error(status, doc, 400, "BAD_REQUEST")
                 assert doc["error"]["message"] == f"unknown field {field!r}: this endpoint takes {takes}", (path, doc)
             # A batch item's unknown field is that item's error; the others are posted.
             status, doc = await call(c, "POST", "/v1/messages", {"messages": [
@@ -984,13 +1013,13 @@ async def test_an_unknown_field_in_a_body_is_refused_naming_it_and_the_fields_ta
                 {"conv": "team", "payload": "y", "idempotency_key": "k2"}]})
             assert status == 200, doc
             bad, good = doc["results"]
-            assert bad == {"status": "error", "code": "bad_request", "message":
+            assert bad == {"status": "error", "code": "BAD_REQUEST", "message":
                            "messages[0]: unknown field 'idempotencykey': each message takes 'conv', 'payload', "
                            "'payload_b64', 'sender', 'device', 'idempotency_key', 'mentions', 'mention_all'"}, bad
             assert good["status"] == "stored", good
             # A long unknown name is cut as other echoed input is.
             status, doc = await call(c, "POST", "/v1/tokens", {"user": "alice", "u" * 10_000: 1})
-            assert_error(status, doc, 400, "bad_request")
+            assert_error(status, doc, 400, "BAD_REQUEST")
             assert "'u" in doc["error"]["message"] and "(10000 chars)" in doc["error"]["message"], doc
             assert len(doc["error"]["message"]) < 300, doc
             # Nothing was done by the refused requests.
@@ -1006,7 +1035,7 @@ async def test_an_unknown_field_in_a_body_is_refused_naming_it_and_the_fields_ta
 
 async def test_a_single_valued_header_given_twice_is_refused_naming_it(tmp_path: Path) -> None:
     """Idempotency-Key: a and Idempotency-Key: b were joined, "a, b", and
-    taken as one key: now 400 bad_request naming the header, as a query
+    taken as one key: now 400 BAD_REQUEST naming the header, as a query
     parameter given twice is, for every header the API reads that has one
     value (Authorization, Idempotency-Key, Last-Event-ID); nothing is done
     and the connection ends."""
@@ -1030,7 +1059,7 @@ async def test_a_single_valued_header_given_twice_is_refused_naming_it(tmp_path:
                 await stream.aclose()
                 assert reply.startswith(b"HTTP/1.1 400 "), (name, reply)
                 doc = json.loads(reply.split(b"\r\n\r\n", 1)[1])
-                assert_error(400, doc, 400, "bad_request")
+                assert_error(400, doc, 400, "BAD_REQUEST")
                 assert doc["error"]["message"] == f"header '{name}' is given 2 times: give it once", doc
                 assert KEY.encode() not in reply
             assert await im.history("team", "alice") == []
@@ -1039,15 +1068,15 @@ async def test_a_single_valued_header_given_twice_is_refused_naming_it(tmp_path:
 
 async def test_reading_events_after_an_id_past_the_last_is_409_as_acking_it_is(tmp_path: Path) -> None:
     """GET /v1/events?after=999999 was 200 with "next": 999999, an id an
-    ack then refused (409 past_last_event), and events recorded later were
+    ack then refused (409 PAST_LAST_EVENT), and events recorded later were
     skipped until their ids passed it.  Now reading after an id past the
-    last event is the same 409 past_last_event, on /v1/events (after) and
+    last event is the same 409 PAST_LAST_EVENT, on /v1/events (after) and
     /v1/events/stream (after, Last-Event-ID); after the last id itself is
     a page of nothing, then what comes next."""
     with trio.fail_after(60):
         async with api(tmp_path, events=True) as (im, h, c):
             status, doc = await call(c, "GET", "/v1/events?after=1")
-            assert_error(status, doc, 409, "past_last_event")
+            assert_error(status, doc, 409, "PAST_LAST_EVENT")
             assert doc["error"]["message"] == "after 1 is past the last event id, 0 (no event yet): nothing read", doc
             await im.create_group("team", ["alice"])
             await im.post("team", b"first")
@@ -1060,7 +1089,7 @@ async def test_reading_events_after_an_id_past_the_last_is_409_as_acking_it_is(t
                 ("/v1/events/stream", {"Last-Event-ID": "999999"}, "Last-Event-ID 999999"),
             ):
                 status, doc = await call(c, "GET", path, headers=headers)
-                assert_error(status, doc, 409, "past_last_event")
+                assert_error(status, doc, 409, "PAST_LAST_EVENT")
                 assert doc["error"]["message"] == f"{what} is past the last event id, {last}: nothing read", (path, doc)
             status, doc = await call(c, "GET", f"/v1/events?after={last}")
             assert (status, doc["events"], doc["next"]) == (200, [], last), doc
@@ -1091,7 +1120,7 @@ async def test_every_body_refuses_the_fields_its_openapi_schema_does_not_list(tm
                 assert schema.get("additionalProperties") is False, (pattern, schema)
                 path = pattern.replace("{conv}", "team").replace("{seq}", "1").replace("{user}", "alice")
                 status, out = await call(c, method, path, {"zz_unknown": 1})
-                assert_error(status, out, 400, "bad_request")
+                assert_error(status, out, 400, "BAD_REQUEST")
                 message = out["error"]["message"]
                 assert message.startswith("unknown field 'zz_unknown': this endpoint takes "), (path, message)
                 assert set(re.findall(r"'([a-z_0-9]+)'", message.split("takes ", 1)[1])) == set(schema["properties"]), (

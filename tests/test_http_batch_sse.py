@@ -58,7 +58,7 @@ async def test_a_batch_posts_to_several_conversations_with_results_in_request_or
                     ("team", 1), ("ops", 1), ("team", 2), ("team", 3), ("team", 1)]
                 assert res[8]["msg_id"] == res[0]["msg_id"]
                 assert [(r["code"], "message" in r) for r in res if r["status"] == "error"] == [
-                    ("UNKNOWN_CONVERSATION", True), ("NOT_MEMBER", True), ("bad_request", True), ("bad_request", True)]
+                    ("UNKNOWN_CONVERSATION", True), ("NOT_MEMBER", True), ("BAD_REQUEST", True), ("BAD_REQUEST", True)]
                 assert "messages[5]" in res[5]["message"] and "payload" in res[5]["message"]
                 got = []
                 async for m in bob.messages():
@@ -86,7 +86,7 @@ async def test_batch_limits_and_malformed_batches(tmp_path: Path) -> None:
             for body in ({}, {"messages": []}, {"messages": {"conv": "team"}}, [1],
                          {"messages": [{"conv": "team", "payload": "x"}] * (MAX_BATCH + 1)}):
                 status, doc = await call(c, "POST", MESSAGES, body)
-                assert_error(status, doc, 400, "bad_request")
+                assert_error(status, doc, 400, "BAD_REQUEST")
                 assert "messages" in doc["error"]["message"] or "object" in doc["error"]["message"]
             # MAX_BATCH small messages fit the default body limit and are stored in order.
             status, doc = await call(c, "POST", MESSAGES, {"messages": [
@@ -103,10 +103,10 @@ async def test_batch_limits_and_malformed_batches(tmp_path: Path) -> None:
                                   % (MESSAGES.encode(), KEY.encode(), len(big)))
             reply = await read_until_eof(stream)
             assert reply.startswith(b"HTTP/1.1 413 "), reply
-            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "payload_too_large"
+            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "PAYLOAD_TOO_LARGE"
             assert (await im.history("team", "alice", limit=1))[0].seq == MAX_BATCH
             assert_error(*await call(c, "POST", MESSAGES, {"messages": [{"conv": "team", "payload": "x"}]}, key=None),
-                         401, "unauthorized")
+                         401, "AUTH_FAILED")
 
 
 # ---------------------------------------------------------------- unread and read positions
@@ -274,12 +274,12 @@ async def test_events_arrive_live_over_sse_and_resume_with_last_event_id(tmp_pat
             assert eid2 == eid + 6 and base64.b64decode(d["payload_b64"]) == b"after ack"
             await s.aclose()
             # Bad requests are JSON errors before any stream starts.
-            for path, headers, code in (("/v1/events/stream?keepalive=0", None, "bad_request"),
-                                        ("/v1/events/stream?limit=0", None, "bad_request"),
+            for path, headers, code in (("/v1/events/stream?keepalive=0", None, "BAD_REQUEST"),
+                                        ("/v1/events/stream?limit=0", None, "BAD_REQUEST"),
                                         ("/v1/events/stream?consumer=bad%0Aname", None, "BAD_REQUEST"),
-                                        ("/v1/events/stream", {"Last-Event-ID": "x"}, "bad_request"),
+                                        ("/v1/events/stream", {"Last-Event-ID": "x"}, "BAD_REQUEST"),
                                         # (a digit to str.isdigit, not to int(): it was a 500)
-                                        ("/v1/events/stream", {"Last-Event-ID": "\u00b2"}, "bad_request")):
+                                        ("/v1/events/stream", {"Last-Event-ID": "\u00b2"}, "BAD_REQUEST")):
                 assert_error(*await call(c, "GET", path, headers=headers), 400, code)
 
 
@@ -409,7 +409,7 @@ async def test_an_embedded_broker_serves_the_http_api_when_asked(tmp_path: Path,
                 assert (await call(c, "POST", MESSAGES, {"messages": [{"conv": "team", "payload": "x"}]}))[1][
                     "results"][0]["status"] == "stored"
                 assert [m.payload for m in await im.history("team", "alice")] == [b"x"]
-                assert_error(*await call(c, "GET", "/v1/info", key="wrong"), 401, "unauthorized")
+                assert_error(*await call(c, "GET", "/v1/info", key="wrong"), 401, "AUTH_FAILED")
                 assert await c.json("GET", "/readyz") == (200, {"status": "ready"})
             finally:
                 c.close()
@@ -528,7 +528,7 @@ async def test_deeply_nested_json_is_a_400_without_a_traceback(tmp_path: Path, c
             for raw in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
                         b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
                 for path in ("/v1/messages", "/v1/groups", "/v1/conversations/team/messages"):
-                    assert_error(*await call(c, "POST", path, raw=raw), 400, "bad_request")
+                    assert_error(*await call(c, "POST", path, raw=raw), 400, "BAD_REQUEST")
             assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
 
 

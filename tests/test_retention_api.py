@@ -174,7 +174,7 @@ async def test_retention_and_purge_over_http(tmp_path: Path) -> None:
                 200, {"conv": "team", "max_age": None, "max_count": None, "floor": 0})
             assert await call(c, "PUT", "/v1/conversations/team/retention", {"max_age": 86_400_000_000}) == (
                 200, {"conv": "team", "max_age": 86_400_000_000, "max_count": None, "floor": 0})
-            assert_error(*await call(c, "PUT", "/v1/conversations/team/retention", {"max_count": -1}), 400, "bad_request")
+            assert_error(*await call(c, "PUT", "/v1/conversations/team/retention", {"max_count": -1}), 400, "BAD_REQUEST")
             assert_error(*await call(c, "PUT", "/v1/conversations/nope/retention", {"max_count": 1}), 404,
                          "UNKNOWN_CONVERSATION")
             assert await call(c, "DELETE", "/v1/conversations/team") == (
@@ -186,7 +186,7 @@ async def test_retention_and_purge_over_http(tmp_path: Path) -> None:
             assert await call(c, "DELETE", "/v1/users/bob") == (
                 200, {"user": "bob", "messages": 1, "entries": 2, "devices": 0, "left": ["club"]})
             assert_error(*await call(c, "DELETE", "/v1/users/b%20b"), 400, "BAD_REQUEST")
-            assert_error(*await call(c, "DELETE", "/v1/users/bob", key=None), 401, "unauthorized")
+            assert_error(*await call(c, "DELETE", "/v1/users/bob", key=None), 401, "AUTH_FAILED")
 
 
 async def test_cli_purges_through_the_http_api(tmp_path: Path) -> None:
@@ -271,7 +271,7 @@ async def test_cli_manages_groups_through_the_http_api(tmp_path: Path, capsys: p
             assert b"before" in [m.payload for m in await im.history("club", "finn")]
             assert await run(main, ["group", "show", "team", "--http", h.url, "--api-key", "wrong"]) == 2
             err = capsys.readouterr().err
-            assert "unauthorized" in err and "(the key from --api-key;" in err, err  # (it said not which key)
+            assert "AUTH_FAILED" in err and "(the key from --api-key;" in err, err  # (it said not which key)
             with pytest.MonkeyPatch.context() as m:
                 m.setenv("PIMCORE_API_KEY", "wrong-from-env")
                 assert await run(main, ["group", "show", "team", "--http", h.url]) == 2
@@ -324,7 +324,7 @@ async def test_members_over_http_and_the_handle(tmp_path: Path) -> None:
             assert_error(*await call(c, "GET", "/v1/groups/nope/members"), 404, "UNKNOWN_CONVERSATION")
             assert_error(*await call(c, "GET", "/v1/groups/b%20b/members"), 400, "BAD_REQUEST")
             assert_error(*await call(c, "POST", "/v1/groups", {"conv": "g2", "members": [], "history_visible": 1}),
-                         400, "bad_request")
+                         400, "BAD_REQUEST")
             # A group of no one is refused (it was created), on every surface.
             status, body = await call(c, "POST", "/v1/groups", {"conv": "g2", "members": []})
             assert_error(status, body, 400, "BAD_REQUEST")
@@ -413,7 +413,7 @@ async def test_cli_shows_the_http_apis_refusal(tmp_path: Path, capsys: pytest.Ca
             err = capsys.readouterr().err
             assert "UNKNOWN_CONVERSATION" in err and "HTTP 404" not in err, err
             assert await run(main, ["purge", "user", "bob", "--http", h.url, "--api-key", "wrong"]) == 2
-            assert "unauthorized" in capsys.readouterr().err
+            assert "AUTH_FAILED" in capsys.readouterr().err
             # Not "UNKNOWN_CONVERSATION: ...: UNKNOWN_CONVERSATION", nor the code at
             # all: what a data directory's group says.
             assert await run(main, ["group", "show", "nope", "--http", h.url, "--api-key", KEY]) == 2
@@ -521,7 +521,7 @@ def test_adding_or_removing_no_one_is_refused_by_every_handle(tmp_path: Path) ->
                         with pytest.raises(ValueError, match="at least one user"):
                             await change("team", empty)
                 status, body = await call(c, "POST", "/v1/groups/team/members", {"users": []})
-                assert_error(status, body, 400, "bad_request")
+                assert_error(status, body, 400, "BAD_REQUEST")
                 assert "at least one user" in body["error"]["message"], body
                 assert await im.members("team") == ("alice",)
                 # (A LEFT or JOINED entry would have taken seq 1.)

@@ -91,7 +91,7 @@ async def test_serve_with_http_and_json_logs(tmp_path: Path, procs: ProcGroup) -
 
         assert await in_thread(http_get, http_url, "/healthz") == (200, {"status": "ok"})
         status, doc = await in_thread(http_get, http_url, "/v1/info")
-        assert status == 401 and doc["error"]["code"] == "unauthorized"
+        assert status == 401 and doc["error"]["code"] == "AUTH_FAILED"
         status, info = await in_thread(http_get, http_url, "/v1/info", key)
         assert status == 200 and len(info["epoch"]) == 32 and info["listeners"] == [server.url("tcp")]
 
@@ -533,6 +533,6 @@ async def test_sigterm_answers_an_in_flight_long_poll_and_ends_a_stream(tmp_path
             replies.append(out)
         poll, sse = replies
         assert poll.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), poll
-        assert json.loads(poll.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "unavailable"
+        assert json.loads(poll.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "UNAVAILABLE"
         assert sse.endswith(b"0\r\n\r\n"), sse[-40:]  # the chunked body's end
         assert await in_thread(server.wait) == 0, server.describe()

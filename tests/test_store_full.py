@@ -64,7 +64,7 @@ async def test_a_command_log_without_space_is_named_logged_once_and_not_ready(
             assert "no space left on the data directory's file system" in errors[0], errors
             assert str(tmp_path) in errors[0]
             status, doc = await c.json("GET", "/readyz")
-            assert_error(status, doc, 503, "unavailable")
+            assert_error(status, doc, 503, "UNAVAILABLE")
             assert "no space left" in doc["error"]["message"], doc
             assert str(tmp_path) not in doc["error"]["message"], doc  # (/readyz needs no API key)
 
@@ -86,7 +86,7 @@ async def test_a_store_that_writes_no_more_until_a_restart_fails_healthz(
             assert_error(*await _post(c, "no room"), 503, "STORE_UNAVAILABLE")
             monkeypatch.undo()  # (space again: the store still writes no more until a restart)
             status, doc = await c.json("GET", "/healthz")
-            assert_error(status, doc, 503, "unavailable")
+            assert_error(status, doc, 503, "UNAVAILABLE")
             assert doc["error"]["message"] == ("the store writes no more: no space left on the data directory's file"
                                                " system: free space there (or move the data directory to a larger"
                                                " disk), then restart the broker"), doc
@@ -141,7 +141,7 @@ async def test_a_full_disk_under_lmdb_is_named_not_ready_and_ready_again_once_a_
             assert len(errors) == 1, errors
             assert "no space left on the data directory's file system" in errors[0], errors
             status, doc = await c.json("GET", "/readyz")
-            assert_error(status, doc, 503, "unavailable")
+            assert_error(status, doc, 503, "UNAVAILABLE")
             assert "no space left" in doc["error"]["message"], doc
             # Not ready, but alive: it recovers by itself (no restart needed).
             assert await c.json("GET", "/healthz") == (200, {"status": "ok"})
@@ -170,10 +170,10 @@ async def test_a_store_failure_whose_text_holds_a_path_is_said_by_its_kind_on_th
             monkeypatch.setattr(wal, "_pwrite_all", broken)
             assert_error(*await _post(c, "lost"), 503, "STORE_UNAVAILABLE")
             status, doc = await c.json("GET", "/readyz")
-            assert_error(status, doc, 503, "unavailable")
+            assert_error(status, doc, 503, "UNAVAILABLE")
             assert doc["error"]["message"] == ("store failing writes: a write to the store failed (the broker's log"
                                                " says why)"), doc
             status, doc = await c.json("GET", "/healthz")
-            assert_error(status, doc, 503, "unavailable")
+            assert_error(status, doc, 503, "UNAVAILABLE")
             assert str(tmp_path) not in str(doc) and "the store writes no more" in doc["error"]["message"], doc
             assert any(where in e for e in _errors(caplog)), caplog.text  # (the operator's log has it whole)

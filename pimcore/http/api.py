@@ -3,13 +3,14 @@
 Each endpoint is one handle method (docs/HTTP.md, Server API).  Errors:
 
 * a malformed body or query (not JSON, a field missing or of the wrong
-  type) -> 400 ``bad_request`` with a message naming the field;
+  type) -> 400 ``BAD_REQUEST`` with a message naming the field (the same
+  code as the broker's own BAD_REQUEST: every code is upper case);
 * :class:`~pimcore.embed.RequestRefused` -> 4xx with the ErrorCode name as
   the code (:data:`REFUSED_STATUS`), e.g. 404 ``UNKNOWN_CONVERSATION``, and
   its message without the code (:func:`refusal_message`);
 * :class:`~pimcore.errors.StoreError` -> 503 ``STORE_UNAVAILABLE`` (retry;
   a post retried with the same Idempotency-Key is stored once);
-* :class:`~pimcore.errors.BrokerStopped` -> 503 ``unavailable`` (the
+* :class:`~pimcore.errors.BrokerStopped` -> 503 ``UNAVAILABLE`` (the
   broker is shutting down).
 """
 
@@ -112,7 +113,7 @@ _MAX_INT = (1 << 63) - 1
 
 
 def _bad(message: str) -> HttpError:
-    return HttpError(400, "bad_request", message)
+    return HttpError(400, "BAD_REQUEST", message)
 
 
 def _object(request: Request, takes: tuple[str, ...], *, optional: bool = False) -> dict[str, Any]:
@@ -309,7 +310,7 @@ def _guarded(handler: Callable[[Request], Awaitable[tuple[int, Any]]],
         except StoreError as exc:
             raise HttpError(503, "STORE_UNAVAILABLE", _store_failed(exc, store_cause())) from None
         except BrokerStopped as exc:
-            raise HttpError(503, "unavailable", str(exc)) from None
+            raise HttpError(503, "UNAVAILABLE", str(exc)) from None
 
     return run
 
@@ -496,7 +497,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         except ValueError as exc:
             raise HttpError(400, "BAD_REQUEST", str(exc)) from None
         except RuntimeError as exc:
-            raise HttpError(501, "not_implemented", str(exc)) from None
+            raise HttpError(501, "NOT_IMPLEMENTED", str(exc)) from None
         return 201, {"token": token}
 
     async def unread(request: Request) -> tuple[int, Any]:
@@ -558,15 +559,15 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         if not handle.events_enabled:
             from ..embed import EVENTS_DISABLED
 
-            raise HttpError(409, "events_disabled", EVENTS_DISABLED)
+            raise HttpError(409, "EVENTS_DISABLED", EVENTS_DISABLED)
 
     def past_last(what: str, last: int, nothing: str) -> HttpError:
-        """409 past_last_event: ``what`` ("upto 7", "after 7") names an id
+        """409 PAST_LAST_EVENT: ``what`` ("upto 7", "after 7") names an id
         no event has.  A client holding one is confused (another broker's
         id, a store that was replaced); read from it, events recorded later
         would be skipped until their ids passed it.  (Races are none: an id
         a client saw was the last one or below when read.)"""
-        return HttpError(409, "past_last_event", f"{what} is past the last event id, {last}"
+        return HttpError(409, "PAST_LAST_EVENT", f"{what} is past the last event id, {last}"
                                                  f"{' (no event yet)' if last == 0 else ''}: {nothing}")
 
     async def events(request: Request) -> tuple[int, Any]:

@@ -63,13 +63,13 @@ class BrokerHttp(HttpServer):
     async def _healthz(self, request: Request) -> tuple[int, Any]:
         reason = self.broker_server.liveness()
         if reason is not None:  # (only what a restart mends: a liveness probe restarts)
-            raise HttpError(503, "unavailable", reason)
+            raise HttpError(503, "UNAVAILABLE", reason)
         return 200, {"status": "ok"}
 
     async def _readyz(self, request: Request) -> tuple[int, Any]:
         reason = self.broker_server.readiness()
         if reason is not None:
-            raise HttpError(503, "unavailable", reason)
+            raise HttpError(503, "UNAVAILABLE", reason)
         return 200, {"status": "ready"}
 
     async def _metrics(self, request: Request) -> tuple[int, Any]:

@@ -17,6 +17,13 @@ _INT = {"type": "integer", "minimum": 0}
 _STRINGS = {"type": "array", "items": _STR}
 _BOOL = {"type": "boolean"}
 _SOME_USERS = {**_STRINGS, "minItems": 1}
+#: An error's code: upper case, the broker's ErrorCode name where the concept
+#: is the protocol's (BAD_REQUEST for a malformed body as for an id the broker
+#: refused), the HTTP layer's own otherwise (docs/HTTP.md, Errors).
+_CODE = {"type": "string", "pattern": "^[A-Z][A-Z0-9_]*$",
+         "description": "upper case: the broker's ErrorCode name (BAD_REQUEST, NOT_MEMBER, UNKNOWN_CONVERSATION, ...)"
+                        " or the HTTP layer's own (AUTH_FAILED, NOT_FOUND, UNAVAILABLE, ...); docs/HTTP.md, Errors",
+         "examples": ["BAD_REQUEST", "AUTH_FAILED", "UNKNOWN_CONVERSATION"]}
 
 
 def _obj(required: tuple[str, ...] = (), **props: Any) -> dict[str, Any]:
@@ -58,7 +65,7 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
          mentions=_STRINGS, mention_all=_BOOL)}), (),
      200, _obj(results={"type": "array", "items": _obj(
          ("status",), status={"enum": ["stored", "duplicate", "error"]}, conv=_STR, msg_id=_STR, seq=_INT,
-         server_time=_INT, code=_STR, message=_STR)})),
+         server_time=_INT, code=_CODE, message=_STR)})),
     ("POST", "/v1/conversations/{conv}/messages/{seq}/recall",
      "Recall a message for everyone: a RECALL entry, no payload left (as the system, or as 'sender': their own only)",
      _obj(sender=_STR, device=_STR), (), 201, _obj(conv=_STR, msg_id=_STR, seq=_INT, server_time=_INT)),
@@ -144,9 +151,9 @@ OPS_ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ..
     ("GET", "/v1/info", "The broker: version, backend, uptime, epoch, listeners", None, (), 200,
      _obj(version=_STR, backend=_STR, uptime_seconds={"type": "number"}, started={"type": "number"},
           epoch={"type": ["string", "null"]}, listeners=_STRINGS)),
-    ("GET", "/healthz", "Liveness: 200 while the process serves HTTP; 503 unavailable with the reason when the"
+    ("GET", "/healthz", "Liveness: 200 while the process serves HTTP; 503 UNAVAILABLE with the reason when the"
      " store writes no more until the broker is restarted", None, (), 200, _obj(status=_STR)),
-    ("GET", "/readyz", "Readiness: 200 when the store is open and the broker accepts; else 503 unavailable with the"
+    ("GET", "/readyz", "Readiness: 200 when the store is open and the broker accepts; else 503 UNAVAILABLE with the"
      " reason", None, (), 200, _obj(status=_STR)),
     ("GET", "/metrics", "Prometheus metrics (text exposition format)", None, (), 200,
      {"type": "string", "description": "Prometheus text format 0.0.4"}),
@@ -160,7 +167,7 @@ _PUBLIC = {"/healthz", "/readyz", "/metrics", "/v1/openapi.json"}
 _CONTENT_TYPE = {("GET", "/v1/events/stream"): "text/event-stream",
                  ("GET", "/metrics"): "text/plain"}
 
-_ERROR = _obj(("error",), error=_obj(("code", "message"), code=_STR, message=_STR))
+_ERROR = _obj(("error",), error=_obj(("code", "message"), code=_CODE, message=_STR))
 
 
 def _closed(schema: Any) -> Any:

@@ -60,18 +60,24 @@ __all__ = [
 log = logging.getLogger("pimcore.http")
 
 #: Every error code the listener itself produces, with its status.  Handlers
-#: added later use these or add their own (documented in docs/HTTP.md).
+#: added later use these or add their own (documented in docs/HTTP.md).  One
+#: spelling for every code of the HTTP API: upper case, the broker's
+#: ErrorCode name where the concept is the same (BAD_REQUEST, AUTH_FAILED,
+#: PAYLOAD_TOO_LARGE, INTERNAL), so the HTTP layer's 400 and the broker's are
+#: one code.  (Before, the listener's own codes were lower case: bad_request,
+#: unauthorized, not_found...)
 ERROR_CODES: dict[str, int] = {
-    "bad_request": 400,  # not HTTP/1.1 we can parse, bad JSON, bad parameters
-    "unauthorized": 401,  # no or wrong API key
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "request_timeout": 408,  # the request did not arrive within request_timeout
-    "payload_too_large": 413,
-    "headers_too_large": 431,
-    "internal": 500,
-    "unavailable": 503,  # not ready (readyz), or too many connections
-    "http_version_not_supported": 505,  # a request line with a version other than HTTP/1.0 or 1.1
+    "BAD_REQUEST": 400,  # not HTTP/1.1 we can parse, bad JSON, bad parameters (ErrorCode.BAD_REQUEST)
+    "AUTH_FAILED": 401,  # no or wrong API key (ErrorCode.AUTH_FAILED)
+    "NOT_FOUND": 404,
+    "METHOD_NOT_ALLOWED": 405,
+    "REQUEST_TIMEOUT": 408,  # the request did not arrive within request_timeout
+    "PAYLOAD_TOO_LARGE": 413,  # (ErrorCode.PAYLOAD_TOO_LARGE)
+    "HEADERS_TOO_LARGE": 431,
+    "INTERNAL": 500,  # a bug (ErrorCode.INTERNAL)
+    "NOT_IMPLEMENTED": 501,  # a Transfer-Encoding other than chunked
+    "UNAVAILABLE": 503,  # not ready (readyz), or too many connections
+    "HTTP_VERSION_NOT_SUPPORTED": 505,  # a request line with a version other than HTTP/1.0 or 1.1
 }
 
 #: The request versions served (h11 parses any HTTP/d.d and would answer it as 1.1).
@@ -128,20 +134,20 @@ class Request:
     params: dict[str, str] = field(default_factory=dict)
 
     def json(self) -> Any:
-        """The body as JSON; HttpError 400 ``bad_request`` if it is not (or
+        """The body as JSON; HttpError 400 ``BAD_REQUEST`` if it is not (or
         is nested deeper than the decoder goes, about 1000 levels, or holds
         a number of more digits than Python reads, 4,300, or an object that
         gives a key twice)."""
         try:
             return read_json(self.body or b"null")
         except DuplicateKey as exc:
-            raise HttpError(400, "bad_request", f"the body holds {exc}") from None
+            raise HttpError(400, "BAD_REQUEST", f"the body holds {exc}") from None
         except TooManyDigits as exc:  # (Python's own words were advice to raise the limit)
-            raise HttpError(400, "bad_request", f"the body is not JSON that can be read: it holds {exc}") from None
+            raise HttpError(400, "BAD_REQUEST", f"the body is not JSON that can be read: it holds {exc}") from None
         except (ValueError, UnicodeDecodeError) as exc:
-            raise HttpError(400, "bad_request", f"the body is not JSON: {exc}") from None
+            raise HttpError(400, "BAD_REQUEST", f"the body is not JSON: {exc}") from None
         except RecursionError:  # "[" * 100000: the decoder's nesting limit, not a bug
-            raise HttpError(400, "bad_request", "the body is JSON nested too deeply") from None
+            raise HttpError(400, "BAD_REQUEST", "the body is JSON nested too deeply") from None
 
 
 Handler = Callable[[Request], Awaitable[tuple[int, Any]]]
@@ -170,11 +176,11 @@ def _path_param(raw: str) -> str:
     are not UTF-8: taken literally they named some other id (``%ZZ``) and
     got a 404 for it (a new-user pass)."""
     if _BAD_ESCAPE.search(raw):
-        raise HttpError(400, "bad_request", f"path segment {_show(raw)}: '%' must be followed by two hex digits")
+        raise HttpError(400, "BAD_REQUEST", f"path segment {_show(raw)}: '%' must be followed by two hex digits")
     try:
         return unquote(raw, errors="strict")
     except UnicodeDecodeError:
-        raise HttpError(400, "bad_request", f"path segment {_show(raw)}: the percent-escapes are not UTF-8") from None
+        raise HttpError(400, "BAD_REQUEST", f"path segment {_show(raw)}: the percent-escapes are not UTF-8") from None
 
 
 #: The request headers read as one value (h11 gives header names as
@@ -191,7 +197,7 @@ def _parse_query(text: str) -> dict[str, list[str]]:
     counts = Counter(name for name, _ in parse_qsl(text, keep_blank_values=True))
     for name, n in counts.items():
         if n > 1:
-            raise HttpError(400, "bad_request", f"query parameter {_show(name)} is given {n} times: give it once")
+            raise HttpError(400, "BAD_REQUEST", f"query parameter {_show(name)} is given {n} times: give it once")
     return parse_qs(text)
 
 
@@ -227,9 +233,9 @@ class Router:
                 return r.handler, {k: _path_param(v) for k, v in m.groupdict().items()}, r.auth
             allowed.append(r.method)
         if allowed:
-            raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {_show(path)}",
+            raise HttpError(405, "METHOD_NOT_ALLOWED", f"{method} is not allowed on {_show(path)}",
                             [("allow", ", ".join(sorted(set(allowed))))])
-        raise HttpError(404, "not_found", f"no endpoint {_show(path)}")
+        raise HttpError(404, "NOT_FOUND", f"no endpoint {_show(path)}")
 
 
 def check_api_key(headers: dict[str, str], keys: tuple[bytes, ...]) -> None:
@@ -240,13 +246,13 @@ def check_api_key(headers: dict[str, str], keys: tuple[bytes, ...]) -> None:
     value = headers.get("authorization", "")
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise HttpError(401, "unauthorized", "an API key is required: Authorization: Bearer <key>", challenge)
+        raise HttpError(401, "AUTH_FAILED", "an API key is required: Authorization: Bearer <key>", challenge)
     given = token.strip().encode("utf-8", "surrogateescape")
     ok = False
     for key in keys:
         ok |= hmac.compare_digest(given, key)
     if not ok:
-        raise HttpError(401, "unauthorized", "the API key is not valid", challenge)
+        raise HttpError(401, "AUTH_FAILED", "the API key is not valid", challenge)
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +396,7 @@ class HttpServer:
         try:
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
             if self._conns > self.config.max_connections:
-                await self._send_error(stream, conn, HttpError(503, "unavailable", "too many connections"))
+                await self._send_error(stream, conn, HttpError(503, "UNAVAILABLE", "too many connections"))
                 return
             await self._serve_requests(stream, conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -441,13 +447,13 @@ class HttpServer:
                 # Bytes no request begins with (a pimcore tcp:// client's
                 # Login): h11 would wait for a line end until request_timeout.
                 # Answered at once, naming this port (the SDK says so).
-                await self._send_error(stream, conn, HttpError(400, "bad_request", self._not_a_broker))
+                await self._send_error(stream, conn, HttpError(400, "BAD_REQUEST", self._not_a_broker))
                 return
             try:
                 with trio.fail_after(cfg.request_timeout):
                     request = await self._read_request(stream, conn)
             except trio.TooSlowError:
-                await self._send_error(stream, conn, HttpError(408, "request_timeout",
+                await self._send_error(stream, conn, HttpError(408, "REQUEST_TIMEOUT",
                                                                f"the request did not arrive within {cfg.request_timeout:g} s"))
                 return
             except h11.RemoteProtocolError as exc:
@@ -456,11 +462,11 @@ class HttpServer:
                 status = exc.error_status_hint
                 log.debug("refused a malformed HTTP request: %d", status)
                 if status == 431:
-                    err = HttpError(431, "headers_too_large", f"the request head is over {cfg.max_header_bytes} bytes")
+                    err = HttpError(431, "HEADERS_TOO_LARGE", f"the request head is over {cfg.max_header_bytes} bytes")
                 elif status == 501:  # h11: a Transfer-Encoding other than chunked
-                    err = HttpError(501, "not_implemented", "only Transfer-Encoding: chunked is supported")
+                    err = HttpError(501, "NOT_IMPLEMENTED", "only Transfer-Encoding: chunked is supported")
                 else:
-                    err = HttpError(status, "bad_request", "malformed HTTP request")
+                    err = HttpError(status, "BAD_REQUEST", "malformed HTTP request")
                 await self._send_error(stream, conn, err)
                 return
             except HttpError as exc:  # 400, 413, 505: the body is not read; the connection ends
@@ -472,7 +478,7 @@ class HttpServer:
                 # A GET may be a long-poll or a stream: notice the client leaving.
                 answer = await self._while_connected(stream, conn, self._handle(request))
                 if answer is _SHUTTING_DOWN:
-                    await self._send_error(stream, conn, HttpError(503, "unavailable", "the server is shutting down"))
+                    await self._send_error(stream, conn, HttpError(503, "UNAVAILABLE", "the server is shutting down"))
                     return
                 if answer is None:
                     return
@@ -549,12 +555,12 @@ class HttpServer:
         assert isinstance(event, h11.Request), event
         if event.http_version not in _VERSIONS:
             # Refused before the body is read; the connection ends.
-            raise HttpError(505, "http_version_not_supported",
+            raise HttpError(505, "HTTP_VERSION_NOT_SUPPORTED",
                             f"HTTP/{event.http_version.decode('ascii')} is not supported: only HTTP/1.1 and HTTP/1.0")
         # h11 bounds only what it buffers while a head is incomplete; a head
         # that arrived in one read is measured here.
         if len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) > self.config.max_header_bytes:
-            raise HttpError(431, "headers_too_large", f"the request head is over {self.config.max_header_bytes} bytes")
+            raise HttpError(431, "HEADERS_TOO_LARGE", f"the request head is over {self.config.max_header_bytes} bytes")
         headers: dict[str, str] = {}
         for name, value in event.headers:
             key = name.decode("ascii").lower()
@@ -566,7 +572,7 @@ class HttpServer:
                 # Joined, "a, b" was taken as one Idempotency-Key: which one
                 # was meant is not ours to guess (as a query parameter given
                 # twice).  The values are not echoed (an API key).
-                raise HttpError(400, "bad_request", f"header {_SINGLE_HEADERS[key]!r} is given {n} times: give it once")
+                raise HttpError(400, "BAD_REQUEST", f"header {_SINGLE_HEADERS[key]!r} is given {n} times: give it once")
         if "content-length" in headers and "transfer-encoding" in headers:
             # RFC 9112 6.1: "ought to be handled as an error", and the
             # connection MUST close -- a proxy in front may have framed the
@@ -574,13 +580,13 @@ class HttpServer:
             # request.  h11 refuses a second Transfer-Encoding or one other
             # than chunked (501) and conflicting Content-Lengths (400), but
             # takes this pair (chunked wins) and keeps the connection.
-            raise HttpError(400, "bad_request", "the request has both Content-Length and Transfer-Encoding"
+            raise HttpError(400, "BAD_REQUEST", "the request has both Content-Length and Transfer-Encoding"
                                                 " (RFC 9112 6.1: refused, a request smuggling risk)")
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
-            raise HttpError(413, "payload_too_large", f"the body is over {self.config.max_body_bytes} bytes")
+            raise HttpError(413, "PAYLOAD_TOO_LARGE", f"the body is over {self.config.max_body_bytes} bytes")
         limit = self.config.max_body_bytes
-        too_large = HttpError(413, "payload_too_large", f"the body is over {limit} bytes")
+        too_large = HttpError(413, "PAYLOAD_TOO_LARGE", f"the body is over {limit} bytes")
         body = bytearray()
         # A chunked body: each chunk's size line is read here before h11
         # reads it (h11 does not say a chunk's size), so a chunk declared
@@ -616,7 +622,7 @@ class HttpServer:
         try:
             parts = urlsplit(target)
         except ValueError:  # "//[": an unclosed IPv6 bracket, ...
-            raise HttpError(400, "bad_request", "malformed request target") from None
+            raise HttpError(400, "BAD_REQUEST", "malformed request target") from None
         return Request(
             method=event.method.decode("ascii").upper(),
             path=parts.path,
@@ -686,7 +692,7 @@ class HttpServer:
             body = RawBody("application/json", error_body(exc.code, message))
         except Exception:
             log.exception("http handler failed: %s %s", request.method, request.path)
-            status, body = 500, RawBody("application/json", error_body("internal", "internal error"))
+            status, body = 500, RawBody("application/json", error_body("INTERNAL", "internal error"))
         if isinstance(body, StreamBody):
             self.requests += 1
             return status, [("content-type", body.content_type)], body  # type: ignore[return-value]

@@ -12,15 +12,15 @@ are on).
 ``--demo`` adds ``POST /web/token`` (``{"user": U}`` -> ``{"token": T}``, a
 1-hour token for ANY user id, no password) and ``POST /web/group``
 (``{"name": G, "members": [...]}``: create the group, or add the members).
-Without ``--demo`` both answer 403 ``forbidden`` and the page asks for a
+Without ``--demo`` both answer 403 ``FORBIDDEN`` and the page asks for a
 token (``pimcore token --user U``).  With it they answer only the page's own
 requests: the ``Host`` header must name the HTTP listener's own address
 (or ``localhost`` / ``127.0.0.1`` / ``[::1]`` with its port; any IP literal
-with its port when it listens on 0.0.0.0 or ::), else 403 ``forbidden``
+with its port when it listens on 0.0.0.0 or ::), else 403 ``FORBIDDEN``
 (a DNS-rebinding name resolving to the broker is refused); an ``Origin``
-header, when sent, must be the page's own origin, else 403 ``forbidden``
+header, when sent, must be the page's own origin, else 403 ``FORBIDDEN``
 (another site's form or fetch); and the body must be sent as
-``Content-Type: application/json``, else 415 ``unsupported_media_type`` (a
+``Content-Type: application/json``, else 415 ``UNSUPPORTED_MEDIA_TYPE`` (a
 cross-site form post cannot set it without a CORS preflight, which is never
 answered).  The page says so visibly when tokens are
 minted for anyone; never run ``--demo`` where strangers can reach it.
@@ -63,11 +63,11 @@ def _static(parts: Sequence[str]) -> RawBody:
     node = STATIC
     for part in parts:
         if not _NAME.match(part) or ".." in part:
-            raise HttpError(404, "not_found", "no such file")
+            raise HttpError(404, "NOT_FOUND", "no such file")
         node = node / part
     suffix = "." + parts[-1].rsplit(".", 1)[-1] if "." in parts[-1] else ""
     if suffix not in _TYPES or not node.is_file():
-        raise HttpError(404, "not_found", "no such file")
+        raise HttpError(404, "NOT_FOUND", "no such file")
     return RawBody(_TYPES[suffix], node.read_bytes())
 
 
@@ -100,14 +100,14 @@ def _check_same_site(request: Request, http_url: str) -> None:
     ok = port_s.isdigit() and int(port_s) == (own.port or default) and bool(name) and (
         name == own_host or name in _LOOPBACK or (own_host in _ANY and _is_ip(name)))
     if not ok:
-        raise HttpError(403, "forbidden", f"the Host header {host!r} is not this listener's address"
+        raise HttpError(403, "FORBIDDEN", f"the Host header {host!r} is not this listener's address"
                                           f" ({own.netloc}, or localhost with its port)")
     origin = request.headers.get("origin")
     if origin is not None and origin.strip().lower() != f"{own.scheme}://{host}":
-        raise HttpError(403, "forbidden", f"the Origin {origin!r} is not this page's own ({own.scheme}://{host})")
+        raise HttpError(403, "FORBIDDEN", f"the Origin {origin!r} is not this page's own ({own.scheme}://{host})")
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype != "application/json":
-        raise HttpError(415, "unsupported_media_type", "send the body as Content-Type: application/json")
+        raise HttpError(415, "UNSUPPORTED_MEDIA_TYPE", "send the body as Content-Type: application/json")
 
 
 def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], demo: bool = False,
@@ -140,7 +140,7 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
 
     def _need_demo(request: Request) -> None:
         if not demo:
-            raise HttpError(403, "forbidden", "demo tokens are off: start the broker with `pimcore serve --web --demo`,"
+            raise HttpError(403, "FORBIDDEN", "demo tokens are off: start the broker with `pimcore serve --web --demo`,"
                                               " or paste a token from `pimcore token --user USER`")
         _check_same_site(request, (http_url() if http_url else None) or "http://localhost")
 
@@ -149,11 +149,11 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
         body = request.json()
         user = body.get("user") if isinstance(body, dict) else None
         if not isinstance(user, str):
-            raise HttpError(400, "bad_request", 'the body must be {"user": "<user id>"}')
+            raise HttpError(400, "BAD_REQUEST", 'the body must be {"user": "<user id>"}')
         try:
             return 200, {"token": handle.issue_token(user, ttl=3600), "user": user, "ttl": 3600}
         except ValueError as exc:
-            raise HttpError(400, "bad_request", f"invalid user id: {exc}") from None
+            raise HttpError(400, "BAD_REQUEST", f"invalid user id: {exc}") from None
 
     async def group(request: Request) -> tuple[int, Any]:
         _need_demo(request)
@@ -163,9 +163,9 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
         name = body.get("name") if isinstance(body, dict) else None
         members = body.get("members") if isinstance(body, dict) else None
         if not isinstance(name, str) or not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-            raise HttpError(400, "bad_request", 'the body must be {"name": "<group id>", "members": ["<user id>", ...]}')
+            raise HttpError(400, "BAD_REQUEST", 'the body must be {"name": "<group id>", "members": ["<user id>", ...]}')
         if not members:
-            raise HttpError(400, "bad_request", f"group {_show(name)}: {EMPTY_GROUP}")
+            raise HttpError(400, "BAD_REQUEST", f"group {_show(name)}: {EMPTY_GROUP}")
         try:
             try:
                 await handle.create_group(name, members)
@@ -176,7 +176,7 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
             now = list(await handle.members(name))
         except RequestRefused as exc:
             # The reason in words, as POST /v1/groups gives it.
-            raise HttpError(400, "bad_request", refusal_message(exc.code, str(exc))) from None
+            raise HttpError(400, "BAD_REQUEST", refusal_message(exc.code, str(exc))) from None
         return 200, {"name": name, "members": now}
 
     router.add("GET", "/web", index, auth=False)
