@@ -1022,3 +1022,51 @@ async def test_a_sent_line_is_said_below_the_messages_before_it(tmp_path: Path) 
     above = [(line, later) for k, (seq, line) in enumerate(said) if line.startswith("✓ sent")
              for before, later in said[k + 1:] if before < seq]
     assert above == [], above
+
+
+async def test_a_later_message_is_never_said_above_a_sent_line(tmp_path: Path) -> None:
+    """A new-user pass: bob's later message (#N+1) was said above the
+    user's own "✓ sent (#N)".  alice's SendAck for #N and the Push of
+    bob's #N+1 arrive in one read, or the ack's line waited for an entry
+    before #N (SEQ_GAP_WAIT polled) while #N+1 was printed at once: the
+    transcript then disagreed with the display order the SDK computes
+    (and /history reprints).  Both type at the same time; the lines the
+    chat says for the conversation's entries (bob's, and alice's own once
+    the broker gave them their #) come in the SDK's display order."""
+    import re
+
+    import trio
+
+    from pimcore.client import open_client
+
+    n_each = 40
+    with trio.fail_after(60):
+        async with _alice_chats_with(tmp_path) as (im, n, out, into):
+            async with open_client(im.urls[0], im.issue_token("bob"), "phone") as bob:
+                async def bob_types() -> None:
+                    for i in range(n_each):
+                        await bob.send("d:alice:bob", f"bob {i}".encode())
+
+                async with trio.open_nursery() as both:
+                    both.start_soon(bob_types)
+                    for i in range(n_each):
+                        await into.send(f"alice {i}")
+                        await trio.sleep(0.001)
+                while (sum(line.startswith("✓ sent") for line in out) < n_each
+                       or sum("] bob: bob " in line for line in out) < n_each):
+                    await trio.sleep(0.01)
+            live = len(out)
+            await into.send("/history")
+            while len(out) < live + 2 * n_each:
+                await trio.sleep(0.01)
+            await into.send("/quit")
+
+    def seqs(lines: list[str]) -> list[int]:
+        return [int(m.group(1)) for line in lines if (m := re.search(r"\(#(\d+)\)", line))]
+
+    printed = seqs(out[:live])
+    display = seqs(out[live:live + 2 * n_each])  # /history: client.view, the SDK's display order
+    assert sorted(printed) == sorted(display) == list(range(1, 2 * n_each + 1)), (printed, display)
+    said = [line for line in out[:live] if "(#" in line]
+    first = next((k for k, (a, b) in enumerate(zip(printed, display)) if a != b), None)
+    assert first is None, (said[max(0, first - 3):first + 4], display[max(0, first - 3):first + 4])
