@@ -1070,3 +1070,37 @@ async def test_a_later_message_is_never_said_above_a_sent_line(tmp_path: Path) -
     said = [line for line in out[:live] if "(#" in line]
     first = next((k for k, (a, b) in enumerate(zip(printed, display)) if a != b), None)
     assert first is None, (said[max(0, first - 3):first + 4], display[max(0, first - 3):first + 4])
+
+
+async def test_a_user_added_to_a_group_is_not_held_waiting_for_what_came_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transcript is said in seq order, an entry held while one before
+    it is not known (SEQ_GAP_WAIT).  What the group said before the user
+    joined never comes: their own "joined" starts the transcript there, it
+    does not wait out the gap (set to a minute here: waited, the test times out)."""
+    import trio
+
+    from pimcore.chat import chat
+    from pimcore.embed import open_pimcore
+
+    monkeypatch.setattr("pimcore.chat.SEQ_GAP_WAIT", 60.0)
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["bob", "carol"])
+            out: list[str] = []
+            typed, lines = trio.open_memory_channel[str](1)
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), group="team", lines=lines, out=out.append))
+                while not any(line.startswith("⚠ you (alice) are not a member") for line in out):
+                    await trio.sleep(0.01)
+                for i in range(3):
+                    await im.post("team", f"before {i}".encode(), sender="bob", device="phone")
+                await im.add_members("team", ["alice"])
+                await im.post("team", b"welcome alice", sender="bob", device="phone")
+                await typed.send("thanks")
+                while not any(line.startswith("✓ sent") for line in out):
+                    await trio.sleep(0.01)
+                await typed.send("/quit")
+    said = [line for line in out if "(#" in line]
+    assert [line.split("] ", 1)[-1] for line in said] == [
+        "— alice joined  (#4)", "bob: welcome alice  (#5)", "✓ sent (#6): thanks"], out
