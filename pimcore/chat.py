@@ -13,9 +13,18 @@ their state as it advances:
   every device of the peer will get it, online now or later;
 * ``✓✓ read``     -- the peer's read receipt covers it.
 
-The outcome of each line (``✓ sent (#N)``, ``✗ not sent``...) is
-said in the order the lines were typed, which is their seq order: a line's
-waits for those typed before it.
+A line typed is echoed at once (``… sending``); its ``✓ sent (#N)`` is its
+place in the conversation.  The conversation (the peer's messages, notices,
+edits, your ``✓ sent (#N)``) is said in seq order, the broker's: a terminal
+cannot move a printed line, and entries arrive out of that order (an ack
+before the Push of the entry before it, a peer's later message before the
+ack), so one is held until those before it are said -- at most
+SEQ_GAP_WAIT (1 s), then a missing one is said where it arrives, if ever.
+Seq order never puts a reply above what it answers and is the same on every
+device; it is the display order (``/history``) unless a sender's devices'
+clocks disagree, which only ``/history`` can show, by reprinting.  The
+outcome of each line (``✓ sent (#N)``, ``✗ not sent``...) is said in the
+order the lines were typed, which is their seq order.
 
 While the first connection is retried (a broker at max_connections, a
 load balancer with no broker behind it yet), the chat says why an attempt
