@@ -1024,7 +1024,9 @@ async def test_a_sent_line_is_said_below_the_messages_before_it(tmp_path: Path) 
     assert above == [], above
 
 
-async def test_a_later_message_is_never_said_above_a_sent_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("skew", [0, -300_000_000, 300_000_000, "step"], ids=["same-clock", "bob-5min-behind",
+                                                                          "bob-5min-ahead", "bob-steps-back-2s"])
+async def test_a_later_message_is_never_said_above_a_sent_line(tmp_path: Path, skew: Any) -> None:
     """A new-user pass: bob's later message (#N+1) was said above the
     user's own "✓ sent (#N)".  alice's SendAck for #N and the Push of
     bob's #N+1 arrive in one read, or the ack's line waited for an entry
@@ -1032,19 +1034,29 @@ async def test_a_later_message_is_never_said_above_a_sent_line(tmp_path: Path) -
     transcript then disagreed with the display order the SDK computes
     (and /history reprints).  Both type at the same time; the lines the
     chat says for the conversation's entries (bob's, and alice's own once
-    the broker gave them their #) come in the SDK's display order."""
+    the broker gave them their #) come in the SDK's display order, bob's
+    device clock off or not (µs; "step": set back 2 s, after the login's
+    calibration, halfway through)."""
     import re
+    import time
 
     import trio
 
     from pimcore.client import open_client
 
     n_each = 40
+    stepped = [0]
+
+    def bob_clock() -> int:
+        return time.time_ns() // 1000 + (stepped[0] if skew == "step" else skew)
+
     with trio.fail_after(60):
         async with _alice_chats_with(tmp_path) as (im, n, out, into):
-            async with open_client(im.urls[0], im.issue_token("bob"), "phone") as bob:
+            async with open_client(im.urls[0], im.issue_token("bob"), "phone", clock=bob_clock) as bob:
                 async def bob_types() -> None:
                     for i in range(n_each):
+                        if i == n_each // 2:
+                            stepped[0] = -2_000_000
                         await bob.send("d:alice:bob", f"bob {i}".encode())
 
                 async with trio.open_nursery() as both:
