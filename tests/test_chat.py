@@ -1116,3 +1116,51 @@ async def test_a_user_added_to_a_group_is_not_held_waiting_for_what_came_before(
     said = [line for line in out if "(#" in line]
     assert [line.split("] ", 1)[-1] for line in said] == [
         "— alice joined  (#4)", "bob: welcome alice  (#5)", "✓ sent (#6): thanks"], out
+
+
+async def test_an_entry_that_never_comes_holds_the_transcript_at_most_seq_gap_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transcript is said in seq order, an entry held while one before
+    it is not known.  One that never comes holds it SEQ_GAP_WAIT, not for
+    ever: here alice's device took #1..#3 before the chat (no replay) and
+    the chat could not fetch the history, so bob's #4 waits for them, then
+    the gap is given up and the chat goes on, in order."""
+    import trio
+
+    from pimcore.chat import chat
+    from pimcore.client import Client, ClientError, open_client
+    from pimcore.embed import open_pimcore
+
+    async def no_history(self: Any, *args: Any, **kw: Any) -> Any:
+        raise ClientError("history unavailable (test)")
+
+    monkeypatch.setattr("pimcore.chat.SEQ_GAP_WAIT", 0.5)
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            async with open_client(im.urls[0], im.issue_token("bob"), "phone") as bob:
+                for i in range(3):
+                    await bob.send("d:alice:bob", f"before {i}".encode())
+                async with open_client(im.urls[0], im.issue_token("alice"), "terminal") as alice:
+                    async for ev in alice.events():  # (taken and acked: not pushed again)
+                        if getattr(ev, "message", None) is not None and ev.message.seq == 3:
+                            break
+                monkeypatch.setattr(Client, "fetch_history", no_history)
+                out: list[str] = []
+                into, lines = trio.open_memory_channel[str](10)
+                async with trio.open_nursery() as n:
+                    n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), "bob", lines=lines, out=out.append))
+                    while not any(line.startswith("connected as alice") for line in out):
+                        await trio.sleep(0.01)
+                    start = trio.current_time()
+                    await bob.send("d:alice:bob", b"after")
+                    await into.send("me too")
+                    while not any(line.startswith("✓ sent") for line in out):
+                        await trio.sleep(0.01)
+                    waited = trio.current_time() - start
+                    await bob.send("d:alice:bob", b"and on")  # no gap: said at once
+                    while not any("and on" in line for line in out):
+                        await trio.sleep(0.01)
+                    await into.send("/quit")
+    assert 0.5 <= waited < 5, waited
+    said = [line.split("] ", 1)[-1] for line in out if "(#" in line]
+    assert said == ["bob: after  (#4)", "✓ sent (#5): me too", "bob: and on  (#6)"], out
