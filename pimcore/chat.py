@@ -13,9 +13,18 @@ their state as it advances:
   every device of the peer will get it, online now or later;
 * ``✓✓ read``     -- the peer's read receipt covers it.
 
-The outcome of each line (``✓ sent (#N)``, ``✗ not sent``...) is
-said in the order the lines were typed, which is their seq order: a line's
-waits for those typed before it.
+A line typed is echoed at once (``… sending``); its ``✓ sent (#N)`` is its
+place in the conversation.  The conversation (the peer's messages, notices,
+edits, your ``✓ sent (#N)``) is said in seq order, the broker's: a terminal
+cannot move a printed line, and entries arrive out of that order (an ack
+before the Push of the entry before it, a peer's later message before the
+ack), so one is held until those before it are said -- at most
+SEQ_GAP_WAIT (1 s), then a missing one is said where it arrives, if ever.
+Seq order never puts a reply above what it answers and is the same on every
+device; it is the display order (``/history``) unless a sender's devices'
+clocks disagree, which only ``/history`` can show, by reprinting.  The
+outcome of each line (``✓ sent (#N)``, ``✗ not sent``...) is said in the
+order the lines were typed, which is their seq order.
 
 While the first connection is retried (a broker at max_connections, a
 load balancer with no broker behind it yet), the chat says why an attempt
@@ -118,13 +127,16 @@ DEFAULT_DEVICE = "terminal"
 #: offline then.
 PRESENCE_GRACE = 12.0
 
-#: Seconds at most a line's "✓ sent (#N)" waits for the entries before #N
-#: to be shown (the chat never shows a message above one before it).  A
-#: SendAck leaves the broker before the Push of the batch that stored it,
-#: and entries stored just before (another member's message, the JOINED
-#: entry that let this user in) may be pushed later still.  An entry this
-#: user never gets (before a join, without the group's history) would
-#: hold it: the wait is bounded.
+#: Seconds at most the chat holds an entry (a message, a notice, a line's
+#: "✓ sent (#N)") while an entry before it in seq order is not known yet:
+#: the transcript is said in seq order (see ``place`` in chat()).  The
+#: missing one is nearly always on its way: a SendAck leaves the broker
+#: before the Push of the batch that stored it (so #N-1 comes after our
+#: #N's ack), and our own #N's ack may come after, or in the same read as,
+#: the Push of another member's #N+1.  An entry this user never gets (a
+#: send that timed out unanswered, one stored before an unseen join) would
+#: hold the rest for ever: the wait is bounded, then the gap is skipped and
+#: the entry, if it comes after all, is said where it arrives.
 SEQ_GAP_WAIT = 1.0
 
 #: Closes after which the client does not reconnect (docs/CLIENT.md): the
@@ -324,7 +336,6 @@ async def chat(
             out(_line(m, client.user))
             shown.add(m.msg_id)
         last_shown = max((m.seq for m in client.view(conv)), default=0)
-        top = last_shown  # the highest seq of conv said so far (shown, or a line's "✓ sent")
         if last_shown:
             await client.mark_read(conv, last_shown)
         if peer is not None:
@@ -341,18 +352,78 @@ async def chat(
         # those of the lines typed before it.
         typed = 0  # lines sent so far: the next one's turn
         said = 0  # the turn whose outcome is said next
-        outcomes: dict[int, list[str]] = {}
+        outcomes: dict[int, tuple[int, list[str]]] = {}
 
-        def say_in_turn(turn: int, lines: list[str]) -> None:
+        def say_in_turn(turn: int, lines: list[str], seq: int = 0) -> None:
             nonlocal said
-            outcomes[turn] = lines
+            outcomes[turn] = (seq, lines)
             while said in outcomes:
-                for line in outcomes.pop(said):
-                    out(line)
+                seq, lines = outcomes.pop(said)
+                if seq:
+                    place(seq, lines)
+                else:
+                    for line in lines:  # (a line not stored has no place: said now)
+                        out(line)
                 said += 1
+
+        # The transcript.  A terminal cannot move a line once printed, and
+        # entries reach the chat out of seq order: our "✓ sent (#N)" comes
+        # with the SendAck, which may come before the Push of #N-1 (stored
+        # in the same batch) or after that of another member's #N+1 (both
+        # in one read; trio wakes the send and the event reader in either
+        # order).  So every entry of conv -- others' messages, notices,
+        # edits, our "✓ sent (#N)" -- is said in seq order: one whose
+        # predecessor is not said yet is held until it is, at most
+        # SEQ_GAP_WAIT.  Seq order never shows a reply above what it
+        # answers (after_seq < seq), is the same on every device, and is
+        # the SDK's display order whenever each sender's devices' clocks
+        # agree with the broker's order; where they do not, later entries
+        # could belong above printed lines: /history reprints the display
+        # order.  What is typed is echoed at once ("… sending"), so holding
+        # the "✓ sent" line costs the user nothing.
+        next_seq = last_shown + 1  # the seq the transcript says next
+        unsaid: dict[int, list[str]] = {}  # seq -> its lines, waiting for the ones before
+        gap_timer = False  # a give_up_gap task runs
+
+        def place(seq: int, lines: list[str]) -> None:
+            if seq < next_seq:  # its gap was given up: said where it arrives
+                for line in lines:
+                    out(line)
+                return
+            unsaid[seq] = lines
+            release()
+
+        def release() -> None:
+            nonlocal next_seq, gap_timer
+            while next_seq in unsaid:
+                for line in unsaid.pop(next_seq):
+                    out(line)
+                next_seq += 1
+            if unsaid and not gap_timer:
+                gap_timer = True
+                nursery.start_soon(give_up_gap, next_seq)
+
+        def skip_to(seq: int) -> None:
+            # Entries before seq are not coming: say those held below it.
+            nonlocal next_seq
+            for s in sorted(s for s in unsaid if s < seq):
+                for line in unsaid.pop(s):
+                    out(line)
+            next_seq = max(next_seq, seq)
+            release()
+
+        async def give_up_gap(gap: int) -> None:
+            nonlocal gap_timer
+            await trio.sleep(SEQ_GAP_WAIT)
+            gap_timer = False
+            if next_seq == gap and unsaid:
+                skip_to(min(unsaid))
+            else:
+                release()  # (filled meanwhile; a later gap gets its own wait)
 
         async def send(turn: int, text: str) -> None:
             lines: list[str] = []
+            seq = 0  # (the place of its line in the transcript, once stored)
             try:
                 sent = await client.send(conv, text.encode())
             except SendError as exc:
@@ -366,29 +437,20 @@ async def chat(
                 lines.append(f"✗ not confirmed in time (it may still arrive): {_shown(text)}")
             else:
                 lines.append(f"✓ sent (#{sent.seq}): {_shown(text)}")
-                if top < sent.seq - 1:
-                    # Entries before it not shown yet (SEQ_GAP_WAIT): they
-                    # come first.  (Cancelled: the finally says the line.)
-                    with trio.move_on_after(SEQ_GAP_WAIT):
-                        while top < sent.seq - 1:
-                            await trio.sleep(0.01)
-                seen(sent.seq)
+                seq = sent.seq
             finally:
-                say_in_turn(turn, lines)  # (cancelled: nothing to say, but the later lines' turn comes)
-
-        def seen(seq: int) -> None:
-            nonlocal top
-            if seq > top:
-                top = seq
+                say_in_turn(turn, lines, seq)  # (cancelled: nothing to say, but the later lines' turn comes)
 
         async def amend(command: str, seq: int, text: str) -> None:
             try:
+                # An edit's and a recall's entries have their seq: said in
+                # the transcript's order like the others' (a delete's is 0).
                 if command == "/edit":
-                    await client.edit(conv, seq, text.encode())
-                    out(f"✓ edited #{seq}: {_shown(text)}")
+                    done = await client.edit(conv, seq, text.encode())
+                    place(done.seq, [f"✓ edited #{seq}: {_shown(text)}"])
                 elif command == "/recall":
-                    await client.recall(conv, seq)
-                    out(f"✓ recalled #{seq}")
+                    done = await client.recall(conv, seq)
+                    place(done.seq, [f"✓ recalled #{seq}"])
                 else:
                     await client.delete_for_me(conv, seq)
                     out(f"✓ deleted #{seq} (for you)")
@@ -426,23 +488,23 @@ async def chat(
             async for ev in client.events():
                 if isinstance(ev, MessageReceived) and ev.message.conv == conv:
                     m = ev.message
-                    seen(m.seq)
                     if m.msg_id in shown:  # already printed from the history
                         continue
                     shown.add(m.msg_id)
                     notice = _notice(m)
                     if notice is not None:
-                        out(notice)
+                        if m.kind == F.MessageKind.JOINED and m.sender == client.user:
+                            skip_to(m.seq)  # (what the group said before we joined is not coming)
+                        place(m.seq, [notice])
                         continue
                     if m.sender == client.user:  # sent from another of my devices
-                        out(f"[{_clock(m.server_time)}] me ({m.device}): {_text(m)}  (#{m.seq})")
+                        place(m.seq, [f"[{_clock(m.server_time)}] me ({m.device}): {_text(m)}  (#{m.seq})"])
                         continue
                     typing_now.discard(m.sender)  # their message ends their typing
-                    out(f"[{_clock(m.server_time)}] {_who(m, client.user)}: {_text(m)}  (#{m.seq})")
+                    place(m.seq, [f"[{_clock(m.server_time)}] {_who(m, client.user)}: {_text(m)}  (#{m.seq})"])
                     await client.mark_read(conv, m.seq)
                 elif isinstance(ev, MessageAmended) and ev.entry.conv == conv:
-                    seen(ev.entry.seq)
-                    out(_amended(ev, client.user))
+                    place(ev.entry.seq, [_amended(ev, client.user)])
                 elif isinstance(ev, TypingChanged) and ev.conv == conv:
                     if ev.active and ev.user not in typing_now:
                         typing_now.add(ev.user)
@@ -489,71 +551,74 @@ async def chat(
                         renewed = True  # the next presence is the renewed subscription's answer
                     reconnects.append(ev)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(events)
-            if lines is None:
-                lines = _stdin_lines(nursery)
-            async for line in lines:
-                text = line.rstrip("\n")
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    # A byte stdin could not decode arrives as a lone
-                    # surrogate (surrogateescape): not text, and sent as "?"
-                    # it would reach the peer mangled.  Refused, showing
-                    # the bytes (the chat goes on).
-                    typed_bytes = text.encode("utf-8", "surrogateescape")
-                    out(f"✗ not sent: the line is not UTF-8 text ({_show(typed_bytes)}):"
-                        " is the terminal's encoding UTF-8?")
-                    continue
-                command, _, rest = text.partition(" ")
-                if command in _NO_ARGUMENTS:
-                    if rest.strip():
-                        # A known command, not a typo of one: say what is wrong with it.
-                        out(f"✗ {command} takes no arguments (not sent): type {command} alone, or // to send the"
-                            f" line (/{_shown(text)} sends {_shown(text)})")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(events)
+                if lines is None:
+                    lines = _stdin_lines(nursery)
+                async for line in lines:
+                    text = line.rstrip("\n")
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        # A byte stdin could not decode arrives as a lone
+                        # surrogate (surrogateescape): not text, and sent as "?"
+                        # it would reach the peer mangled.  Refused, showing
+                        # the bytes (the chat goes on).
+                        typed_bytes = text.encode("utf-8", "surrogateescape")
+                        out(f"✗ not sent: the line is not UTF-8 text ({_show(typed_bytes)}):"
+                            " is the terminal's encoding UTF-8?")
                         continue
-                    text = command  # (a trailing space is no argument)
-                if text in ("/quit", "/exit"):
-                    break
-                if text == "/help":
-                    for help_line in _HELP:
-                        out(help_line)
-                    continue
-                if text == "/typing":
-                    await client.typing(conv)
-                    continue
-                if text == "/history":
-                    for m in client.view(conv):
-                        out(_line(m, client.user))
-                    continue
-                if command in ("/edit", "/recall", "/delete"):
-                    number, _, new_text = rest.strip().partition(" ")
-                    # N is a seq: 1..2**64-1 (ASCII digits only: int() takes others too).
-                    if number.isascii() and number.isdigit() and 1 <= int(number) < 1 << 64 and (command != "/edit" or new_text):
-                        nursery.start_soon(amend, command, int(number), new_text)
-                    else:
-                        out("usage: /edit N text, /recall N, /delete N  (N: the #number of a message)")
-                    continue
-                if text.startswith("//"):
-                    text = text[1:]  # the escape of a line that starts with /: sent as "/..."
-                elif text.startswith("/"):
-                    # A typo of a command must not reach the peer as a message.
-                    out(f"✗ unknown command {_shown(command)} (not sent): the commands are {', '.join(COMMANDS)};"
-                        f" to send a line that starts with /, type // (/{_shown(text)} sends {_shown(text)})")
-                    continue
-                if text.strip():
-                    out(f"… sending: {_shown(text)}")
-                    nursery.start_soon(send, typed, text)
-                    typed += 1
-            # Let sends in flight finish (each has its own deadline: up to
-            # send_timeout when the broker cannot store them), saying so.
-            pending = client.statistics().pending_sends
-            if pending:
-                out(f"waiting for {pending} unconfirmed message{'s' if pending > 1 else ''} (Ctrl-C to leave now)…")
-            while client.statistics().pending_sends:
-                await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
+                    command, _, rest = text.partition(" ")
+                    if command in _NO_ARGUMENTS:
+                        if rest.strip():
+                            # A known command, not a typo of one: say what is wrong with it.
+                            out(f"✗ {command} takes no arguments (not sent): type {command} alone, or // to send the"
+                                f" line (/{_shown(text)} sends {_shown(text)})")
+                            continue
+                        text = command  # (a trailing space is no argument)
+                    if text in ("/quit", "/exit"):
+                        break
+                    if text == "/help":
+                        for help_line in _HELP:
+                            out(help_line)
+                        continue
+                    if text == "/typing":
+                        await client.typing(conv)
+                        continue
+                    if text == "/history":
+                        for m in client.view(conv):
+                            out(_line(m, client.user))
+                        continue
+                    if command in ("/edit", "/recall", "/delete"):
+                        number, _, new_text = rest.strip().partition(" ")
+                        # N is a seq: 1..2**64-1 (ASCII digits only: int() takes others too).
+                        if number.isascii() and number.isdigit() and 1 <= int(number) < 1 << 64 and (command != "/edit" or new_text):
+                            nursery.start_soon(amend, command, int(number), new_text)
+                        else:
+                            out("usage: /edit N text, /recall N, /delete N  (N: the #number of a message)")
+                        continue
+                    if text.startswith("//"):
+                        text = text[1:]  # the escape of a line that starts with /: sent as "/..."
+                    elif text.startswith("/"):
+                        # A typo of a command must not reach the peer as a message.
+                        out(f"✗ unknown command {_shown(command)} (not sent): the commands are {', '.join(COMMANDS)};"
+                            f" to send a line that starts with /, type // (/{_shown(text)} sends {_shown(text)})")
+                        continue
+                    if text.strip():
+                        out(f"… sending: {_shown(text)}")
+                        nursery.start_soon(send, typed, text)
+                        typed += 1
+                # Let sends in flight finish (each has its own deadline: up to
+                # send_timeout when the broker cannot store them), saying so.
+                pending = client.statistics().pending_sends
+                if pending:
+                    out(f"waiting for {pending} unconfirmed message{'s' if pending > 1 else ''} (Ctrl-C to leave now)…")
+                while client.statistics().pending_sends:
+                    await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+        finally:
+            skip_to(1 << 64)  # (leaving: what is still held is said, in seq order)
     out("bye")
     return 0
 

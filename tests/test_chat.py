@@ -1022,3 +1022,145 @@ async def test_a_sent_line_is_said_below_the_messages_before_it(tmp_path: Path) 
     above = [(line, later) for k, (seq, line) in enumerate(said) if line.startswith("✓ sent")
              for before, later in said[k + 1:] if before < seq]
     assert above == [], above
+
+
+@pytest.mark.parametrize("skew", [0, -300_000_000, 300_000_000, "step"], ids=["same-clock", "bob-5min-behind",
+                                                                          "bob-5min-ahead", "bob-steps-back-2s"])
+async def test_a_later_message_is_never_said_above_a_sent_line(tmp_path: Path, skew: Any) -> None:
+    """A new-user pass: bob's later message (#N+1) was said above the
+    user's own "✓ sent (#N)".  alice's SendAck for #N and the Push of
+    bob's #N+1 arrive in one read, or the ack's line waited for an entry
+    before #N (SEQ_GAP_WAIT polled) while #N+1 was printed at once: the
+    transcript then disagreed with the display order the SDK computes
+    (and /history reprints).  Both type at the same time; the lines the
+    chat says for the conversation's entries (bob's, and alice's own once
+    the broker gave them their #) come in the SDK's display order, bob's
+    device clock off or not (µs; "step": set back 2 s, after the login's
+    calibration, halfway through)."""
+    import re
+    import time
+
+    import trio
+
+    from pimcore.client import open_client
+
+    n_each = 40
+    stepped = [0]
+
+    def bob_clock() -> int:
+        return time.time_ns() // 1000 + (stepped[0] if skew == "step" else skew)
+
+    with trio.fail_after(60):
+        async with _alice_chats_with(tmp_path) as (im, n, out, into):
+            async with open_client(im.urls[0], im.issue_token("bob"), "phone", clock=bob_clock) as bob:
+                async def bob_types() -> None:
+                    for i in range(n_each):
+                        if i == n_each // 2:
+                            stepped[0] = -2_000_000
+                        await bob.send("d:alice:bob", f"bob {i}".encode())
+
+                async with trio.open_nursery() as both:
+                    both.start_soon(bob_types)
+                    for i in range(n_each):
+                        await into.send(f"alice {i}")
+                        await trio.sleep(0.001)
+                while (sum(line.startswith("✓ sent") for line in out) < n_each
+                       or sum("] bob: bob " in line for line in out) < n_each):
+                    await trio.sleep(0.01)
+            live = len(out)
+            await into.send("/history")
+            while len(out) < live + 2 * n_each:
+                await trio.sleep(0.01)
+            await into.send("/quit")
+
+    def seqs(lines: list[str]) -> list[int]:
+        return [int(m.group(1)) for line in lines if (m := re.search(r"\(#(\d+)\)", line))]
+
+    printed = seqs(out[:live])
+    display = seqs(out[live:live + 2 * n_each])  # /history: client.view, the SDK's display order
+    assert sorted(printed) == sorted(display) == list(range(1, 2 * n_each + 1)), (printed, display)
+    said = [line for line in out[:live] if "(#" in line]
+    first = next((k for k, (a, b) in enumerate(zip(printed, display)) if a != b), None)
+    assert first is None, (said[max(0, first - 3):first + 4], display[max(0, first - 3):first + 4])
+
+
+async def test_a_user_added_to_a_group_is_not_held_waiting_for_what_came_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transcript is said in seq order, an entry held while one before
+    it is not known (SEQ_GAP_WAIT).  What the group said before the user
+    joined never comes: their own "joined" starts the transcript there, it
+    does not wait out the gap (set to a minute here: waited, the test times out)."""
+    import trio
+
+    from pimcore.chat import chat
+    from pimcore.embed import open_pimcore
+
+    monkeypatch.setattr("pimcore.chat.SEQ_GAP_WAIT", 60.0)
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["bob", "carol"])
+            out: list[str] = []
+            typed, lines = trio.open_memory_channel[str](1)
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), group="team", lines=lines, out=out.append))
+                while not any(line.startswith("⚠ you (alice) are not a member") for line in out):
+                    await trio.sleep(0.01)
+                for i in range(3):
+                    await im.post("team", f"before {i}".encode(), sender="bob", device="phone")
+                await im.add_members("team", ["alice"])
+                await im.post("team", b"welcome alice", sender="bob", device="phone")
+                await typed.send("thanks")
+                while not any(line.startswith("✓ sent") for line in out):
+                    await trio.sleep(0.01)
+                await typed.send("/quit")
+    said = [line for line in out if "(#" in line]
+    assert [line.split("] ", 1)[-1] for line in said] == [
+        "— alice joined  (#4)", "bob: welcome alice  (#5)", "✓ sent (#6): thanks"], out
+
+
+async def test_an_entry_that_never_comes_holds_the_transcript_at_most_seq_gap_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transcript is said in seq order, an entry held while one before
+    it is not known.  One that never comes holds it SEQ_GAP_WAIT, not for
+    ever: here alice's device took #1..#3 before the chat (no replay) and
+    the chat could not fetch the history, so bob's #4 waits for them, then
+    the gap is given up and the chat goes on, in order."""
+    import trio
+
+    from pimcore.chat import chat
+    from pimcore.client import Client, ClientError, open_client
+    from pimcore.embed import open_pimcore
+
+    async def no_history(self: Any, *args: Any, **kw: Any) -> Any:
+        raise ClientError("history unavailable (test)")
+
+    monkeypatch.setattr("pimcore.chat.SEQ_GAP_WAIT", 0.5)
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            async with open_client(im.urls[0], im.issue_token("bob"), "phone") as bob:
+                for i in range(3):
+                    await bob.send("d:alice:bob", f"before {i}".encode())
+                async with open_client(im.urls[0], im.issue_token("alice"), "terminal") as alice:
+                    async for ev in alice.events():  # (taken and acked: not pushed again)
+                        if getattr(ev, "message", None) is not None and ev.message.seq == 3:
+                            break
+                monkeypatch.setattr(Client, "fetch_history", no_history)
+                out: list[str] = []
+                into, lines = trio.open_memory_channel[str](10)
+                async with trio.open_nursery() as n:
+                    n.start_soon(lambda: chat(im.urls[0], im.issue_token("alice"), "bob", lines=lines, out=out.append))
+                    while not any(line.startswith("connected as alice") for line in out):
+                        await trio.sleep(0.01)
+                    start = trio.current_time()
+                    await bob.send("d:alice:bob", b"after")
+                    await into.send("me too")
+                    while not any(line.startswith("✓ sent") for line in out):
+                        await trio.sleep(0.01)
+                    waited = trio.current_time() - start
+                    await bob.send("d:alice:bob", b"and on")  # no gap: said at once
+                    while not any("and on" in line for line in out):
+                        await trio.sleep(0.01)
+                    await into.send("/quit")
+    assert 0.5 <= waited < 5, waited
+    said = [line.split("] ", 1)[-1] for line in out if "(#" in line]
+    assert said == ["bob: after  (#4)", "✓ sent (#5): me too", "bob: and on  (#6)"], out
