@@ -1728,6 +1728,12 @@ class Broker:
         early (a timer that turns out to have moved), never late; ask again
         after every call into the core."""
         due = self._next_reclaim
+        if due is None and (self.config.history_max_age or self.config.history_max_count):
+            # A default retention is in use: the reclaim pass starts now
+            # (handle_timer arms it), not with the first connection or post
+            # -- a restarted broker left alone must still trim (see
+            # _arm_reclaim for why it otherwise waits).
+            due = 0
         if self._timers:
             t = self._timers[0][0]
             due = t if due is None or t < due else due
@@ -1920,7 +1926,8 @@ class Broker:
         # Reclamation (and history retention) starts with the first
         # connection -- or, when retention is in use, the first host post or
         # retention setting: a broker fed only through the embedding API
-        # must expire history too.  (Not at any host call: host events that
+        # must expire history too (with a default retention configured, at
+        # once: next_deadline).  (Not at any host call: host events that
         # one consumer acked would then be reclaimed before a consumer that
         # never acked yet reads them, which hosts without connections have
         # come to rely on.)

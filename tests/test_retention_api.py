@@ -100,6 +100,20 @@ async def test_the_broker_default_retention_by_age(tmp_path: Path) -> None:
             assert (await im.retention("team")).floor == 0
 
 
+async def test_a_restarted_broker_applies_the_default_retention_with_no_connection_or_post(tmp_path: Path) -> None:
+    # A new-user pass: history posted, the broker restarted with a
+    # history_max_count, then left alone (no connection, no post): the
+    # reclaim pass never ran -- it was armed only by a connection, a post or
+    # a retention setting -- so nothing was ever trimmed.
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path, listen=[]) as im:
+            for i in range(6):
+                await im.post(AB, b"m%d" % i, sender="alice", device="web")
+        async with open_pimcore(data_dir=tmp_path, listen=[], history_max_count=2, **FAST_RECLAIM) as im:
+            await wait_floor(im, AB, 4)
+            assert [m.payload for m in await im.history(AB, "bob")] == [b"m5", b"m4"]
+
+
 async def test_purged_conversation_is_gone_for_members_online_and_offline(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with open_pimcore(data_dir=tmp_path, listen=["tcp://127.0.0.1:0"]) as im:
