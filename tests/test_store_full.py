@@ -177,3 +177,29 @@ async def test_a_store_failure_whose_text_holds_a_path_is_said_by_its_kind_on_th
             assert_error(status, doc, 503, "UNAVAILABLE")
             assert str(tmp_path) not in str(doc) and "the store writes no more" in doc["error"]["message"], doc
             assert any(where in e for e in _errors(caplog)), caplog.text  # (the operator's log has it whole)
+
+
+async def test_a_full_map_is_said_in_words_on_the_api_and_readyz(tmp_path: Path) -> None:
+    """A new-user pass: an LMDB map at its ceiling (max_map_size) was logged
+    in words, but the HTTP API's 503 said only "the store failed" and
+    /readyz "a write to the store failed (the broker's log says why)": the
+    StoreError had no cause.  Both now say what and what to do."""
+    from pimcore.store import LmdbStore
+
+    store = LmdbStore(tmp_path / "store", durability="os", map_size=1 << 20, max_map_size=1 << 21)
+    with trio.fail_after(60):
+        async with api(tmp_path, store=store) as (im, h, c):
+            assert (await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["alice", "bob"]}))[0] == 201
+            big = "x" * 60_000
+            for _ in range(200):
+                status, doc = await _post(c, big)
+                if status != 201:
+                    break
+            assert_error(status, doc, 503, "STORE_UNAVAILABLE")
+            assert doc["error"]["message"].endswith(
+                ": the store failed: the store's map is full (its ceiling, max_map_size): open the store with a"
+                " larger max_map_size, or purge old messages (retention) to make room"), doc
+            status, doc = await c.json("GET", "/readyz")
+            assert_error(status, doc, 503, "UNAVAILABLE")
+            assert "the store's map is full" in doc["error"]["message"], doc
+    store.close()

@@ -680,6 +680,9 @@ def _no_space(path: str, exc: BaseException) -> Optional[str]:
 #: 503 says it; the path is in the message, which the operator's log has).
 _NO_SPACE = "no space left on the data directory's file system"
 _FREE_SPACE = "free space there (or move the data directory to a larger disk)"
+#: A map at its ceiling in words (StoreError.cause, as _NO_SPACE).
+_MAP_FULL = ("the store's map is full (its ceiling, max_map_size): open the store with a larger max_map_size,"
+             " or purge old messages (retention) to make room")
 
 #: The classes a command log record may hold (the write ops, base.Op), the
 #: getter of each one's fields in order, and a fingerprint of both: a record
@@ -2008,7 +2011,7 @@ class LmdbStore(Store):
         if new <= size:
             raise StoreError(f"the store's map is full (LMDB map full at {size} bytes, its ceiling max_map_size"
                              f" {self._max_map_size}): open the store with a larger max_map_size, or purge"
-                             " old messages (retention) to make room")
+                             " old messages (retention) to make room", cause=_MAP_FULL)
         self._resize(env, new)
 
     def _resize(self, env: lmdb.Environment, size: int) -> None:
