@@ -112,6 +112,15 @@ async def test_demo_mints_tokens_that_log_in_and_creates_groups(tmp_path: Path, 
         status, _, body = await trio.to_thread.run_sync(_request, base, "POST", "/web/group", grp)
         message = json.loads(body)["error"]["message"]
         assert status == 400 and needle in message and "BAD_REQUEST" not in message, (grp, message)
+    # As strict as the server API (a new-user pass: "ttl" was ignored, the
+    # token still 1 hour; an extra field went unsaid; GET said "no such file").
+    for path, body, needle in (("/web/token", {"user": "alice", "ttl": 99}, "unknown field 'ttl'"),
+                               ("/web/group", {"name": "g4", "members": ["alice"], "x": 1}, "unknown field 'x'")):
+        status, _, raw = await trio.to_thread.run_sync(_request, base, "POST", path, body)
+        assert status == 400 and needle in json.loads(raw)["error"]["message"], (path, raw)
+    for path in ("/web/token", "/web/group"):
+        status, headers, raw = await trio.to_thread.run_sync(_request, base, "GET", path)
+        assert status == 405 and json.loads(raw)["error"]["code"] == "METHOD_NOT_ALLOWED", (path, raw)
     with trio.fail_after(20):
         async with open_client(server.url("ws"), token, device="t") as c:
             sent = await c.send("team", b"hi")

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
 from ..ids import EMPTY_GROUP, _show
-from ..http.api import refusal_message
+from ..http.api import _only, refusal_message
 from ..http.server import HttpError, RawBody, Request, Router
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,6 +70,9 @@ def _static(parts: Sequence[str]) -> RawBody:
         raise HttpError(404, "NOT_FOUND", "no such file")
     return RawBody(_TYPES[suffix], node.read_bytes())
 
+
+#: The demo's endpoints (POST only), which GET /web/{file} would take for files.
+_POSTED = ("token", "group")
 
 _LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
 _ANY = ("0.0.0.0", "[::]")
@@ -127,7 +130,11 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
         return 200, _static(["index.html"])
 
     async def file(request: Request) -> tuple[int, Any]:
-        return 200, _static([request.params["file"]])
+        name = request.params["file"]
+        if name in _POSTED:  # (routed here by GET /web/{file}: say what it takes)
+            raise HttpError(405, "METHOD_NOT_ALLOWED", f"{request.method} is not allowed on /web/{name}: POST a JSON body",
+                            [("allow", "POST")])
+        return 200, _static([name])
 
     async def client_file(request: Request) -> tuple[int, Any]:
         return 200, _static(["client", request.params["file"]])
@@ -147,6 +154,8 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
     async def token(request: Request) -> tuple[int, Any]:
         _need_demo(request)
         body = request.json()
+        if isinstance(body, dict):
+            _only(body, ("user",), "this endpoint takes")  # (a "ttl" is not taken: demo tokens last 1 hour)
         user = body.get("user") if isinstance(body, dict) else None
         if not isinstance(user, str):
             raise HttpError(400, "BAD_REQUEST", 'the body must be {"user": "<user id>"}')
@@ -160,6 +169,8 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
         from ..embed import RequestRefused
 
         body = request.json()
+        if isinstance(body, dict):
+            _only(body, ("name", "members"), "this endpoint takes")
         name = body.get("name") if isinstance(body, dict) else None
         members = body.get("members") if isinstance(body, dict) else None
         if not isinstance(name, str) or not isinstance(members, list) or not all(isinstance(m, str) for m in members):
