@@ -101,6 +101,9 @@ export type Payload = Uint8Array | ArrayBuffer | ArrayBufferView | string;
 export interface Sent { local_id: Int; conv: string; msg_id: Uint8Array; seq: Int; server_time: Int; client_time: Int }
 export interface Connected { user: string; device: string; position: Int; gap: boolean; clockOffset: number; rtt: number; epoch: Uint8Array }
 
+/** A refusal no call waits for (the `brokerRefused` event). */
+export interface BrokerRefused { code: number; codeName: string; ref: Int; reason: string }
+
 export interface ClientEvents {
   connected: Connected;
   disconnected: { code: number | null; reason: string };
@@ -114,7 +117,10 @@ export interface ClientEvents {
   resynced: { oldEpoch: Uint8Array; epoch: Uint8Array; position: Int };
   sendsStalled: { code: number; pending: number; since: number };
   sendsResumed: { since: number; pending: number };
+  /** Every Error frame from the broker, as it came (including the one explaining a send's refusal, whose SendError carries its reason, and TYPING_NOT_RELAYED). Most apps want `brokerRefused`. */
   error: { code: number; ref: Int; reason: string };
+  /** The broker refused a request the client cannot tie to a call (its Error names no pending send; `ref` 0): a refused `markRead` of a group (NOT_MEMBER, UNKNOWN_CONVERSATION; `reason` names the conversation), a marker not saved (STORE_UNAVAILABLE), a refused `typing` (NOT_MEMBER). `codeName` is the ErrorCode's name ('NOT_MEMBER'), or the number as text for a code this client does not know. TYPING_NOT_RELAYED (expected in large groups) is not one. The Python SDK's BrokerRefused. */
+  brokerRefused: BrokerRefused;
   closed: Error;
   state: State;
   /** Another member started or stopped typing (an indicator also stops by itself at `expires`). */

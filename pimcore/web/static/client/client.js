@@ -173,7 +173,8 @@ const DEFAULTS = {
 /**
  * One device of one user.  Events (`on(name, fn)`): connected, disconnected,
  * message, readstate, receipt, resynced, sendsStalled, sendsResumed, error,
- * closed, state, typing, presence, privacy.  See index.d.ts for the shapes.
+ * brokerRefused, closed, state, typing, presence, privacy.  See index.d.ts
+ * for the shapes.
  */
 export class PimcoreClient {
   constructor(options) {
@@ -533,9 +534,23 @@ export class PimcoreClient {
       case FrameType.TYPING: this._onTyping(f, now); break;
       case FrameType.PRESENCE: this._onPresence(f); break;
       case FrameType.PRESENCE_PRIVACY: this._onPrivacy(f); break;
-      case FrameType.ERROR: this._emit('error', { code: f.code, ref: f.ref, reason: f.reason }); this._lastError = f; break;
+      case FrameType.ERROR: this._onError(f); break;
       default: break;
     }
+  }
+
+  // Every Error frame is an 'error' event, as it came.  One that explains a
+  // pending send's refusal (ref = its local id; its SendAck follows) gives
+  // that send's SendError its reason.  One nothing waits for (ref 0: a Read
+  // has no request id, nor does Typing or PresencePrivacy) is the only word
+  // the app gets of that refusal: a 'brokerRefused' event (the Python SDK's
+  // BrokerRefused).  TYPING_NOT_RELAYED is expected in large groups: not one.
+  _onError(f) {
+    this._emit('error', { code: f.code, ref: f.ref, reason: f.reason });
+    const e = f.ref ? this._pending.get(f.ref) : undefined;
+    if (e) { e.reason = f.reason; return; }
+    if (f.code === ErrorCode.TYPING_NOT_RELAYED) return;
+    this._emit('brokerRefused', { code: f.code, codeName: codeName(ErrorCode, f.code), ref: f.ref, reason: f.reason });
   }
 
   _onClose(f) {
@@ -799,7 +814,7 @@ export class PimcoreClient {
       this._emit('sent', sent);
     } else if (FINAL_CODES.has(f.code)) {
       this._pending.delete(f.local_id);
-      const reason = this._lastError && this._lastError.ref === f.local_id ? this._lastError.reason : '';
+      const reason = e.reason || '';
       if (e.tx > this._recover) this._cwnd = Math.min(this._window, this._cwnd + 1);
       e.reject(new SendError(f.code, reason));
     } else {
