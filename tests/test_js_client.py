@@ -6,7 +6,9 @@
   vectors, the display order against pimcore.order, the client against live
   ``pimcore serve`` processes (started by the Node tests with this
   interpreter, so under this backend), interop with the Python SDK, typing
-  and presence, recall/edit/delete, the conversation list and settings;
+  and presence, recall/edit/delete, the conversation list and settings,
+  refusals (the brokerRefused event; arguments and refusals judged at the
+  call);
 * ``test_web_demo_in_chromium``: ``pimcore serve --web --demo`` driven in
   Debian's Chromium by playwright-core (clients/js/test/browser.test.mjs);
   its screenshot lands in this test's tmp dir.
@@ -85,7 +87,7 @@ def _node_test(env: dict[str, str], *files: str) -> str:
 # Every clients/js/test/*.test.mjs but browser.test.mjs (test_web_demo_in_chromium).
 NODE_SUITE = ("test/codec.test.mjs", "test/order.test.mjs", "test/session.test.mjs", "test/client.test.mjs",
               "test/interop.test.mjs", "test/typing.test.mjs", "test/amend.test.mjs", "test/conversations.test.mjs",
-              "test/review.test.mjs", "test/newuser.test.mjs")
+              "test/review.test.mjs", "test/newuser.test.mjs", "test/refusals.test.mjs")
 
 
 def test_every_node_test_file_is_run() -> None:

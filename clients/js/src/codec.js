@@ -392,6 +392,38 @@ export function frame(name, fields) {
   return { type, name, ...fields };
 }
 
+// The id grammar (pimcore.ids, docs/PROTOCOL.md "Ids"): user ids are 1-64
+// characters of A-Z a-z 0-9 _ . @ -; a direct id is d:<a>:<b> with a < b; any
+// other id is a group's, 1-128 printable ASCII characters without spaces.
+const ID_RE = /^[A-Za-z0-9_.@-]{1,64}$/;
+const CONV_RE = /^[!-~]{1,131}$/;
+
+/** A value quoted for a message, cut short (a refusal never quotes 1 MiB of id). */
+export function showValue(v) {
+  const t = String(v);
+  return t.length > 70 ? `'${t.slice(0, 70)}'...(${t.length} chars)` : `'${t}'`;
+}
+
+/** The two users of a well-formed direct (1:1) conversation id, else null. */
+export function directMembers(conv) {
+  if (typeof conv !== 'string' || !conv.startsWith('d:')) return null;
+  const parts = conv.slice(2).split(':');
+  if (parts.length !== 2) return null;
+  const [a, b] = parts;
+  return ID_RE.test(a) && ID_RE.test(b) && a < b ? [a, b] : null;
+}
+
+/** Why `conv` is not a valid conversation id, in words (pimcore.ids.conversation_problem), or null. */
+export function conversationProblem(conv) {
+  if (typeof conv !== 'string') return `a conversation id must be text, not ${conv === null ? 'null' : typeof conv}`;
+  if (conv.startsWith('d:')) {
+    return CONV_RE.test(conv) && directMembers(conv) ? null
+      : `direct conversation id ${showValue(conv)} is not d:<a>:<b> with two valid user ids a < b (at most 131 characters)`;
+  }
+  return CONV_RE.test(conv) && conv.length <= 128 ? null
+    : `group id ${showValue(conv)} is not 1-128 printable ASCII characters without spaces`;
+}
+
 /** The direct (1:1) conversation id of two users (section 8). */
 export function directConv(a, b) {
   if (a === b) throw new Error('a direct conversation needs two different users');

@@ -52,6 +52,12 @@ export declare function frameBytes(type: number, body: Uint8Array, flags?: numbe
 export declare function decodeBody(type: number, body: Uint8Array): Frame;
 export declare function frame(name: string, fields: Record<string, unknown>): Frame;
 export declare function directConv(a: string, b: string): string;
+/** The two users of a well-formed direct (1:1) conversation id, else null. */
+export declare function directMembers(conv: string): [string, string] | null;
+/** Why `conv` is not a valid conversation id, in words (as pimcore.ids.conversation_problem), or null. */
+export declare function conversationProblem(conv: unknown): string | null;
+/** A value quoted for a message ('...'), cut short past 70 characters. */
+export declare function showValue(v: unknown): string;
 export declare class FrameDecoder {
   constructor(options?: { maxFrameSize?: number });
   maxFrameSize: number;
@@ -78,7 +84,7 @@ export interface Compression {
 
 export interface ClientOptions {
   url: string;
-  /** A JWT (PROTOCOL.md section 8), or a function returning a fresh one at every (re)connect. */
+  /** A JWT (PROTOCOL.md section 8), or a function returning a fresh one at every (re)connect. An empty token, or one of another type, is a TypeError naming `token` from the constructor; a token function that returns one (at that connect) rejects `connect()` with that TypeError before the first login (the client ends), and is retried with the reconnect backoff after it. */
   token: string | Uint8Array | (() => string | Uint8Array | Promise<string | Uint8Array>);
   device?: string;
   /** The resume cursor (taken position) and the epoch it came from, as saved from a previous run. */
@@ -101,6 +107,9 @@ export type Payload = Uint8Array | ArrayBuffer | ArrayBufferView | string;
 export interface Sent { local_id: Int; conv: string; msg_id: Uint8Array; seq: Int; server_time: Int; client_time: Int }
 export interface Connected { user: string; device: string; position: Int; gap: boolean; clockOffset: number; rtt: number; epoch: Uint8Array }
 
+/** A refusal no call waits for (the `brokerRefused` event). */
+export interface BrokerRefused { code: number; codeName: string; ref: Int; reason: string }
+
 export interface ClientEvents {
   connected: Connected;
   disconnected: { code: number | null; reason: string };
@@ -114,7 +123,10 @@ export interface ClientEvents {
   resynced: { oldEpoch: Uint8Array; epoch: Uint8Array; position: Int };
   sendsStalled: { code: number; pending: number; since: number };
   sendsResumed: { since: number; pending: number };
+  /** Every Error frame from the broker, as it came (including the one explaining a send's refusal, whose SendError carries its reason, and TYPING_NOT_RELAYED). Most apps want `brokerRefused`. */
   error: { code: number; ref: Int; reason: string };
+  /** The broker refused a request the client cannot tie to a call (its Error names no pending send; `ref` 0): a refused `markRead` of a group (NOT_MEMBER, UNKNOWN_CONVERSATION; `reason` names the conversation), a marker not saved (STORE_UNAVAILABLE), a refused `typing` (NOT_MEMBER). `codeName` is the ErrorCode's name ('NOT_MEMBER'), or the number as text for a code this client does not know. TYPING_NOT_RELAYED (expected in large groups) is not one. The Python SDK's BrokerRefused. */
+  brokerRefused: BrokerRefused;
   closed: Error;
   state: State;
   /** Another member started or stopped typing (an indicator also stops by itself at `expires`). */
@@ -148,17 +160,24 @@ export declare class PimcoreClient {
   dropConnection(reason?: string): void;
   reconnectNow(): void;
   send(conv: string, payload: Payload, options?: { localId?: number; timeout?: number; mentions?: string[]; mentionAll?: boolean }): Promise<Sent>;
-  amend(conv: string, target: number, action: number, payload?: Payload, options?: { localId?: number; timeout?: number }): Promise<Sent>;
-  recall(conv: string, seq: number, options?: { localId?: number; timeout?: number }): Promise<Sent>;
-  edit(conv: string, seq: number, payload: Payload, options?: { localId?: number; timeout?: number }): Promise<Sent>;
-  deleteForMe(conv: string, seq: number, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  /** Rejects at once (nothing sent) with RangeError for a `target` that is not an integer in 1..2**64-1 (TypeError if no number or bigint); so do recall, edit and deleteForMe for their `seq`. */
+  amend(conv: string, target: Int, action: number, payload?: Payload, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  recall(conv: string, seq: Int, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  edit(conv: string, seq: Int, payload: Payload, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  deleteForMe(conv: string, seq: Int, options?: { localId?: number; timeout?: number }): Promise<Sent>;
   pendingSends(): number[];
-  markRead(conv: string, seq: number): void;
+  /**
+   * Move the read marker (never back); re-sent until confirmed.  Throws, nothing sent: RangeError for a `seq` not an
+   * integer in 0..2**64-1 (TypeError if no number or bigint), SendError(BAD_REQUEST) for a malformed conversation id,
+   * SendError(NOT_MEMBER) for a 1:1 id without this user.  The broker's refusal of a group comes as `brokerRefused`.
+   */
+  markRead(conv: string, seq: Int): void;
   readState(conv: string): ReadState | undefined;
   unread(conv: string): number;
   conversations(): ReadState[];
   receipt(conv: string, reader: string): number;
-  history(conv: string, options?: { fromSeq?: number; limit?: number; backward?: boolean; timeout?: number }): Promise<{ messages: Message[]; more: boolean }>;
+  /** Rejects with RangeError for a `fromSeq` outside 0..2**64-1 or a `limit` < 1 (TypeError if no number or bigint); listConversations likewise for `limit`. */
+  history(conv: string, options?: { fromSeq?: Int; limit?: number; backward?: boolean; timeout?: number }): Promise<{ messages: Message[]; more: boolean }>;
   readers(conv: string, options?: { timeout?: number }): Promise<Reader[]>;
   listConversations(options?: { cursor?: Uint8Array; limit?: number; includeHidden?: boolean; timeout?: number }): Promise<{ entries: ConvEntry[]; cursor: Uint8Array; more: boolean }>;
   setConversation(conv: string, options?: { pinned?: boolean; muted?: boolean; hidden?: boolean; timeout?: number }): Promise<void>;

@@ -398,3 +398,26 @@ test('a dead way up is found though the broker keeps pushing: a Ping needs its P
   assert.match(disc[0].reason, /no answer to the heartbeat/);
   await c.close();
 });
+
+test("an Error no send waits for is a 'brokerRefused' event; a send's own goes to its SendError, TYPING_NOT_RELAYED nowhere", async () => {
+  const c = make();
+  const { ws } = await connected(c);
+  const refused = []; const raw = [];
+  c.on('brokerRefused', (e) => refused.push(e));
+  c.on('error', (e) => raw.push(e));
+  const p = c.send('d:u:v', 'spam');
+  await sleep(5);
+  const [req] = ws.of('SendReq');
+  ws.deliver(frame('Error', { code: ErrorCode.REJECTED, ref: req.local_id, reason: 'no links, please' }),
+    frame('SendAck', { local_id: req.local_id, code: ErrorCode.REJECTED, msg_id: new Uint8Array(0), seq: 0, server_time: 0 }));
+  await assert.rejects(p, (e) => e instanceof SendError && e.code === ErrorCode.REJECTED && e.reason === 'no links, please');
+  ws.deliver(frame('Error', { code: ErrorCode.TYPING_NOT_RELAYED, ref: 0, reason: 'big group' }),
+    frame('Error', { code: ErrorCode.BAD_REQUEST, ref: 0, reason: 'something else' }),
+    frame('Error', { code: 999, ref: 77, reason: 'a code this client does not know' }));
+  assert.deepEqual(refused, [
+    { code: ErrorCode.BAD_REQUEST, codeName: 'BAD_REQUEST', ref: 0, reason: 'something else' },
+    { code: 999, codeName: '999', ref: 77, reason: 'a code this client does not know' },
+  ]);
+  assert.equal(raw.length, 4, "'error' still has every Error frame, as it came");
+  await c.close();
+});

@@ -53,8 +53,10 @@ describe('live broker: typing and presence', () => {
     await a.send('crew', 'done');
     assert.equal(a.typing('crew', false), false, 'the send ended it: nothing to stop');
     assert.equal(a.typing('crew'), true, 'not throttled after a send');
+    const refused = [];
+    x.on('brokerRefused', (e) => refused.push(e));
     x.typing('crew'); // not a member: refused, never relayed
-    await until(() => x._lastError && x._lastError.code === ErrorCode.NOT_MEMBER, 5000, 'NOT_MEMBER');
+    await until(() => refused.some((e) => e.code === ErrorCode.NOT_MEMBER && e.reason.includes("'crew'")), 5000, 'NOT_MEMBER');
     assert.ok(!a.events.some(([n]) => n === 'typing'), 'not to the sender');
     await Promise.all([a.close(), b.close(), x.close()]);
   });

@@ -9,7 +9,7 @@
 // pass a WebSocket class such as the `ws` package's as `WebSocket`).
 import {
   CloseCode, EncodeError, ErrorCode, FrameDecoder, FrameType, MessageKind, PresenceState, ProtocolError, Setting, codeName,
-  encodeBody, frame, frameBytes,
+  conversationProblem, directMembers, encodeBody, frame, frameBytes, showValue,
 } from './codec.js';
 import { displayOrder } from './order.js';
 
@@ -110,6 +110,41 @@ async function probeUpgrade(url, ms) {
   });
 }
 
+// Argument checks at the call (the Python SDK's ValueError / TypeError): a
+// seq or a page size out of range is a RangeError naming the call and the
+// argument, one that is no integer at all a TypeError, before anything is
+// sent or remembered (it was the encoder's 'Read.seq out of range for u: -1',
+// or a limit of 0 the broker took as 1).
+const TWO_64 = 2 ** 64;
+function checkSeq(call, name, v, min = 0) {
+  if (typeof v === 'bigint') {
+    if (v < BigInt(min) || v >= 1n << 64n) throw new RangeError(`${call}: ${name} must be an integer in ${min}..2**64-1, got ${v}`);
+    return;
+  }
+  if (typeof v !== 'number') throw new TypeError(`${call}: ${name} must be an integer (a number or bigint), not ${v === null ? 'null' : typeof v}`);
+  if (!Number.isInteger(v) || v < min || v >= TWO_64) throw new RangeError(`${call}: ${name} must be an integer in ${min}..2**64-1, got ${v}`);
+}
+function checkLimit(call, v) {
+  if (typeof v !== 'number' && typeof v !== 'bigint') throw new TypeError(`${call}: limit must be an integer >= 1, not ${v === null ? 'null' : typeof v}`);
+  if (typeof v === 'bigint' ? v < 1n || v >= 1n << 64n : !Number.isInteger(v) || v < 1 || v >= TWO_64) {
+    throw new RangeError(`${call}: limit must be an integer >= 1, got ${v}`);
+  }
+}
+const TOKEN_FROM = 'a JWT from `pimcore token --user USER` or your token service';
+/** A token as given (or as a token function returned it: `fromFunction`): TypeError if it is no token at all, or empty. */
+function checkToken(token, fromFunction = false) {
+  const what = fromFunction ? 'the token function returned' : 'token';
+  if (typeof token !== 'string' && !(token instanceof Uint8Array)) {
+    const got = token === null ? 'null' : typeof token;
+    throw new TypeError(fromFunction ? `${what} ${got}: it must return a string or Uint8Array (${TOKEN_FROM})`
+      : `token must be a string, a Uint8Array or a function returning one (${TOKEN_FROM}), not ${got}`);
+  }
+  if (token.length === 0) {
+    throw new TypeError(fromFunction ? `${what} an empty token: it must return ${TOKEN_FROM}` : `token cannot be empty: give ${TOKEN_FROM}`);
+  }
+  return token;
+}
+
 export function toHex(b) { return Array.from(b, (x) => x.toString(16).padStart(2, '0')).join(''); }
 export function fromHex(s) {
   const out = new Uint8Array(s.length / 2);
@@ -173,7 +208,8 @@ const DEFAULTS = {
 /**
  * One device of one user.  Events (`on(name, fn)`): connected, disconnected,
  * message, readstate, receipt, resynced, sendsStalled, sendsResumed, error,
- * closed, state, typing, presence, privacy.  See index.d.ts for the shapes.
+ * brokerRefused, closed, state, typing, presence, privacy.  See index.d.ts
+ * for the shapes.
  */
 export class PimcoreClient {
   constructor(options) {
@@ -186,7 +222,8 @@ export class PimcoreClient {
     // Timers run on session time (_sessionNow): the device clock plus a skew, never backwards.
     this._t = -Infinity; this._skew = 0; this._rawNow = 0;
     if (!this.opts.url) throw new TypeError('url is required');
-    if (!this.opts.token) throw new TypeError('token is required (a string, or a function returning one)');
+    if (this.opts.token == null) throw new TypeError(`token is required (a string, or a function returning one: ${TOKEN_FROM})`);
+    if (typeof this.opts.token !== 'function') checkToken(this.opts.token);
     this.WebSocket = this.opts.WebSocket || globalThis.WebSocket;
     if (!this.WebSocket) throw new TypeError('no WebSocket: pass options.WebSocket (Node 20: run with --experimental-websocket)');
     this.device = this.opts.device;
@@ -329,7 +366,7 @@ export class PimcoreClient {
     if (this.state === State.CLOSED) return;
     let token = this.opts.token;
     if (typeof token === 'function') {
-      try { token = await token(); } catch (e) {
+      try { token = checkToken(await token(), true); } catch (e) {
         // Before the first login a failing token function is the app's
         // answer (e.g. its token endpoint refused the user id): connect()
         // rejects with it and the client ends.  After a login it is most
@@ -533,9 +570,23 @@ export class PimcoreClient {
       case FrameType.TYPING: this._onTyping(f, now); break;
       case FrameType.PRESENCE: this._onPresence(f); break;
       case FrameType.PRESENCE_PRIVACY: this._onPrivacy(f); break;
-      case FrameType.ERROR: this._emit('error', { code: f.code, ref: f.ref, reason: f.reason }); this._lastError = f; break;
+      case FrameType.ERROR: this._onError(f); break;
       default: break;
     }
+  }
+
+  // Every Error frame is an 'error' event, as it came.  One that explains a
+  // pending send's refusal (ref = its local id; its SendAck follows) gives
+  // that send's SendError its reason.  One nothing waits for (ref 0: a Read
+  // has no request id, nor does Typing or PresencePrivacy) is the only word
+  // the app gets of that refusal: a 'brokerRefused' event (the Python SDK's
+  // BrokerRefused).  TYPING_NOT_RELAYED is expected in large groups: not one.
+  _onError(f) {
+    this._emit('error', { code: f.code, ref: f.ref, reason: f.reason });
+    const e = f.ref ? this._pending.get(f.ref) : undefined;
+    if (e) { e.reason = f.reason; return; }
+    if (f.code === ErrorCode.TYPING_NOT_RELAYED) return;
+    this._emit('brokerRefused', { code: f.code, codeName: codeName(ErrorCode, f.code), ref: f.ref, reason: f.reason });
   }
 
   _onClose(f) {
@@ -687,10 +738,17 @@ export class PimcoreClient {
    * `conv`: an AmendReq, sent exactly like a send (same local ids, window,
    * retries).  Resolves like send() (`seq` is the entry's, 0 for DELETE)
    * once durable, and the local view shows the change; rejects with
-   * SendError (NOT_SENDER, TOO_LATE, RECALLED, NO_SUCH_MESSAGE, ...).
+   * SendError (NOT_SENDER, TOO_LATE, RECALLED, NO_SUCH_MESSAGE, ...); rejects at once, nothing sent, with
+   * RangeError for a `target` that is not an integer in 1..2**64-1 (TypeError if no number or bigint).
    */
   amend(conv, target, action, payload = new Uint8Array(0), options = {}) {
-    try { return this._amend(conv, target, action, payload, options); } catch (e) { return Promise.reject(e); }
+    return this._amendCall('amend', 'target', conv, target, action, payload, options);
+  }
+  _amendCall(call, name, conv, target, action, payload, options) {
+    try {
+      checkSeq(call, name, target, 1);
+      return this._amend(conv, target, action, payload, options);
+    } catch (e) { return Promise.reject(e); }
   }
   _amend(conv, target, action, payload, { localId = null, timeout = this.opts.sendTimeout } = {}) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
@@ -719,13 +777,13 @@ export class PimcoreClient {
   }
 
   /** Recall our message at `seq` of `conv` for everyone (see amend()). */
-  recall(conv, seq, opts = {}) { return this.amend(conv, seq, MessageKind.RECALL, new Uint8Array(0), opts); }
+  recall(conv, seq, opts = {}) { return this._amendCall('recall', 'seq', conv, seq, MessageKind.RECALL, new Uint8Array(0), opts); }
 
   /** Replace the payload of our message at `seq` of `conv` (see amend()). */
-  edit(conv, seq, payload, opts = {}) { return this.amend(conv, seq, MessageKind.EDIT, payload, opts); }
+  edit(conv, seq, payload, opts = {}) { return this._amendCall('edit', 'seq', conv, seq, MessageKind.EDIT, payload, opts); }
 
   /** Delete the message at `seq` of `conv` for this user only (see amend()). */
-  deleteForMe(conv, seq, opts = {}) { return this.amend(conv, seq, MessageKind.DELETE, new Uint8Array(0), opts); }
+  deleteForMe(conv, seq, opts = {}) { return this._amendCall('deleteForMe', 'seq', conv, seq, MessageKind.DELETE, new Uint8Array(0), opts); }
 
   /** Keep what a send that failed unanswered carried, for a retry with its local id (the newest 1000). */
   _rememberExpired(e) {
@@ -799,7 +857,7 @@ export class PimcoreClient {
       this._emit('sent', sent);
     } else if (FINAL_CODES.has(f.code)) {
       this._pending.delete(f.local_id);
-      const reason = this._lastError && this._lastError.ref === f.local_id ? this._lastError.reason : '';
+      const reason = e.reason || '';
       if (e.tx > this._recover) this._cwnd = Math.min(this._window, this._cwnd + 1);
       e.reject(new SendError(f.code, reason));
     } else {
@@ -886,12 +944,28 @@ export class PimcoreClient {
   // ------------------------------------------------------------ read state
   /**
    * Move the user's read marker of `conv` to `seq` (never back, and never past the last seq this client knows of,
-   * as the broker clamps it); sent again after reconnects until confirmed.  Throws EncodeError for values no Read carries.
+   * as the broker clamps it); sent again after reconnects until confirmed.  Throws, nothing sent or remembered:
+   * RangeError for a `seq` that is not an integer in 0..2**64-1 (TypeError if no number or bigint), TypeError
+   * for a `conv` that is no string, SendError for what the client can judge itself -- BAD_REQUEST for a malformed
+   * conversation id, NOT_MEMBER for a 1:1 id without this user (once the first login named the user).  A Read
+   * carries no request id, so the broker's refusal of a group (NOT_MEMBER, UNKNOWN_CONVERSATION) cannot be tied
+   * to this call: it comes as a 'brokerRefused' event.
    */
   markRead(conv, seq) {
+    checkSeq('markRead', 'seq', seq);
+    if (typeof conv !== 'string') throw new TypeError(`markRead: conv must be a string (a conversation id), not ${conv === null ? 'null' : typeof conv}`);
     if (this.state === State.CLOSED) throw this.error;
     const f = frame('Read', { conv, seq });
     f._body = encodeBody(f); // throws EncodeError before any state changes
+    const problem = conversationProblem(conv);
+    if (problem) throw new SendError(ErrorCode.BAD_REQUEST, `invalid conversation id: ${problem}`);
+    const pair = directMembers(conv);
+    if (pair && this.user && !pair.includes(this.user)) {
+      throw new SendError(ErrorCode.NOT_MEMBER, `${this.user} is not one of the two users of the 1:1 conversation ${showValue(conv)} (${pair[0]} and ${pair[1]})`);
+    }
+    // A bigint marker as a number (the read states hold numbers): past 2**53 it means "all of it", which the
+    // broker clamps to the last seq anyway (it threw "Cannot convert a BigInt value to a number").
+    if (typeof seq === 'bigint') seq = seq > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(seq);
     const rs = this._readStates.get(conv);
     // The broker clamps a marker to the last seq the user may see: so does
     // the client with what it knows, or the lower confirmation would look
@@ -933,9 +1007,12 @@ export class PimcoreClient {
   }
   /**
    * One page of history: {messages, more}; rejects with SendError(code) or RequestTimeout.  This and every
-   * request below reject (never throw) with EncodeError for arguments no frame can carry, and leave nothing behind.
+   * request below reject (never throw) with EncodeError for arguments no frame can carry, and leave nothing behind;
+   * a `fromSeq` outside 0..2**64-1 or a `limit` < 1 (here and in listConversations) with a RangeError naming it
+   * (TypeError if no number or bigint).
    */
   history(conv, { fromSeq = 0, limit = 50, backward = false, timeout = this.opts.sendTimeout } = {}) {
+    try { checkSeq('history', 'fromSeq', fromSeq); checkLimit('history', limit); } catch (e) { return Promise.reject(e); }
     return this._request('HistoryReq', { conv, from_seq: fromSeq, limit, backward }, timeout);
   }
   /** [{user, read_seq}] for every current member of `conv`. */
@@ -950,6 +1027,7 @@ export class PimcoreClient {
    * SendError(BAD_CURSOR) or RequestTimeout.
    */
   listConversations({ cursor = new Uint8Array(0), limit = 50, includeHidden = false, timeout = this.opts.sendTimeout } = {}) {
+    try { checkLimit('listConversations', limit); } catch (e) { return Promise.reject(e); }
     return this._request('ConvListReq', { cursor, limit, include_hidden: includeHidden }, timeout);
   }
   /**
