@@ -15,7 +15,8 @@ their state as it advances:
 
 A line typed is echoed at once (``… sending``); its ``✓ sent (#N)`` is its
 place in the conversation.  The conversation (the peer's messages, notices,
-edits, your ``✓ sent (#N)``) is said in seq order, the broker's: a terminal
+edits, your ``✓ sent (#N)``; a ``✓✓ read`` right after the #N it reaches) is
+said in seq order, the broker's: a terminal
 cannot move a printed line, and entries arrive out of that order (an ack
 before the Push of the entry before it, a peer's later message before the
 ack), so one is held until those before it are said -- at most
@@ -383,6 +384,10 @@ async def chat(
         # the "✓ sent" line costs the user nothing.
         next_seq = last_shown + 1  # the seq the transcript says next
         unsaid: dict[int, list[str]] = {}  # seq -> its lines, waiting for the ones before
+        # "✓✓ read by peer (up to #N)" lines, said once #N is: a receipt can
+        # come before the "✓ sent (#N)" it covers is said (the SendAck and
+        # the receipt woken by one read, in either order -- seen in CI).
+        receipts: list[tuple[int, str]] = []
         gap_timer = False  # a give_up_gap task runs
 
         def place(seq: int, lines: list[str]) -> None:
@@ -399,7 +404,11 @@ async def chat(
                 for line in unsaid.pop(next_seq):
                     out(line)
                 next_seq += 1
-            if unsaid and not gap_timer:
+            if receipts and receipts[0][0] < next_seq:
+                receipts.sort()
+                while receipts and receipts[0][0] < next_seq:
+                    out(receipts.pop(0)[1])
+            if (unsaid or receipts) and not gap_timer:
                 gap_timer = True
                 nursery.start_soon(give_up_gap, next_seq)
 
@@ -418,6 +427,8 @@ async def chat(
             gap_timer = False
             if next_seq == gap and unsaid:
                 skip_to(min(unsaid))
+            elif next_seq == gap and receipts:
+                skip_to(min(receipts)[0] + 1)  # (what it covers never came: said now)
             else:
                 release()  # (filled meanwhile; a later gap gets its own wait)
 
@@ -527,7 +538,8 @@ async def chat(
                         say_presence(ev)
                     renewed = False
                 elif isinstance(ev, ReceiptReceived) and ev.conv == conv and ev.reader == peer:
-                    out(f"✓✓ read by {peer} (up to #{ev.seq})")
+                    receipts.append((ev.seq, f"✓✓ read by {peer} (up to #{ev.seq})"))
+                    release()  # (said once the transcript has said #seq)
                 elif isinstance(ev, BrokerRefused):  # e.g. a read marker (it has no request id)
                     out(f"⚠ the broker refused a request ({ev.code.name}): {ev.reason}")
                 elif isinstance(ev, Disconnected):
