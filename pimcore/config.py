@@ -1230,7 +1230,7 @@ def _layer_from_doc(doc: dict[str, Any], here: Path, where: str) -> dict[tuple[O
     for (section, key), typ in SCHEMA.items():
         table = doc.get(section, {}) if section else doc
         name = f"{section}.{key}" if section else key
-        if isinstance(table, str):  # http = "URL": said as written, not as http.listen
+        if isinstance(table, str) and section is not None:  # http = "URL": said as written, not as http.listen
             table, name = {_SHORT_FORMS[section]: table}, section
         if key not in table or (section is None and key in _SECTIONS):
             continue

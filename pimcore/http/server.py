@@ -567,12 +567,12 @@ class HttpServer:
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         counts = Counter(name.lower() for name, _ in event.headers if name.lower() in _SINGLE_HEADERS)
-        for key, n in counts.items():
+        for single, n in counts.items():
             if n > 1:
                 # Joined, "a, b" was taken as one Idempotency-Key: which one
                 # was meant is not ours to guess (as a query parameter given
                 # twice).  The values are not echoed (an API key).
-                raise HttpError(400, "BAD_REQUEST", f"header {_SINGLE_HEADERS[key]!r} is given {n} times: give it once")
+                raise HttpError(400, "BAD_REQUEST", f"header {_SINGLE_HEADERS[single]!r} is given {n} times: give it once")
         if "content-length" in headers and "transfer-encoding" in headers:
             # RFC 9112 6.1: "ought to be handled as an error", and the
             # connection MUST close -- a proxy in front may have framed the
