@@ -2029,6 +2029,15 @@ class Broker:
         self._conv_update(user, conv, out)
         return out
 
+    def retention_in_use(self, now: int) -> list[Command]:
+        """The host says the store holds a retention of some conversation
+        (:meth:`pimcore.store.base.Store.has_retention`, read at start): the
+        reclaim pass starts now, not with the first connection or post --
+        a restarted broker left alone must still trim.  Returns [] (the pass
+        comes with :meth:`handle_timer` at :meth:`next_deadline`)."""
+        self._arm_reclaim(now)
+        return []
+
     def set_retention(self, conv: str, max_age: int, max_count: int, now: int, *, ref: int = 0) -> list[Command]:
         """Control plane: the history retention of ``conv`` (:class:`SetRetention`:
         ``max_age`` µs, ``max_count`` entries; per field -1 = the broker

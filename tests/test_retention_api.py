@@ -114,6 +114,19 @@ async def test_a_restarted_broker_applies_the_default_retention_with_no_connecti
             assert [m.payload for m in await im.history(AB, "bob")] == [b"m5", b"m4"]
 
 
+async def test_a_restarted_broker_applies_a_conversations_retention_with_no_connection_or_post(tmp_path: Path) -> None:
+    # The same with no default, a retention of one conversation set before
+    # the restart: the core cannot know of it, the store says so at start.
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path, listen=[]) as im:
+            await im.set_retention(AB, max_count=2)
+            for i in range(6):
+                await im.post(AB, b"m%d" % i, sender="alice", device="web")
+        async with open_pimcore(data_dir=tmp_path, listen=[], **FAST_RECLAIM) as im:
+            await wait_floor(im, AB, 4)
+            assert [m.payload for m in await im.history(AB, "bob")] == [b"m5", b"m4"]
+
+
 async def test_purged_conversation_is_gone_for_members_online_and_offline(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with open_pimcore(data_dir=tmp_path, listen=["tcp://127.0.0.1:0"]) as im:

@@ -1265,6 +1265,9 @@ class BrokerServer:
                     fn, args = self._later.popleft()
                     nursery.start_soon(fn, *args)
                 nursery.start_soon(self._committer)
+                if not self._async_store and self._has_retention():
+                    # Before the timer task asks for the first deadline.
+                    self._run(self._core(self.broker.retention_in_use))
                 nursery.start_soon(self._timer)
                 if self._ready_probe is not None:
                     nursery.start_soon(self._releaser)
@@ -2491,6 +2494,18 @@ class BrokerServer:
             peer.scope.deadline = min(peer.scope.deadline, trio.current_time() + self.config.close_timeout)
 
     # ------------------------------------------------------------ background tasks
+
+    def _has_retention(self) -> bool:
+        """Whether the store holds a conversation's own retention (read once
+        at start: see Broker.retention_in_use); a store that cannot say, or
+        fails to, is taken as not (the reclaim pass then starts with the
+        first connection or post, as before)."""
+        try:
+            return bool(getattr(self.store, "has_retention", lambda: None)())
+        except StoreError as exc:
+            log.warning("could not read the store's retention settings at start: %s", exc,
+                        extra={"event": "store_error"})
+            return False
 
     def _deferred_opened(self) -> None:
         # Called by the store, on this thread, when a batch opened a

@@ -1419,6 +1419,15 @@ class Store(ABC):
 
     # -- identity and clock ------------------------------------------------
 
+    def has_retention(self) -> Optional[bool]:
+        """Whether a conversation has a history retention of its own stored
+        (:class:`SetRetention`), read at start by the host: the core then
+        starts its reclaim pass at once, as it does with a default retention
+        (a restarted broker left alone must still trim).  None: this store
+        cannot say without a request (the pass then starts with the first
+        connection, host post or retention call)."""
+        return None
+
     def halted(self) -> Optional[str]:
         """Why this store writes no more until the process restarts (a
         failed flush of LMDB's command log, a commit cut short), in words

@@ -3712,6 +3712,12 @@ class LmdbStore(Store):
         else:
             txn.put(ck, _RETENTION.pack(age, count, floor), db=self._retention)
 
+    def has_retention(self) -> Optional[bool]:
+        """See :meth:`Store.has_retention`: any entry of the retention table
+        (a floor left by a trim counts: harmless, the pass only starts early)."""
+        with self._read() as txn:
+            return int(txn.stat(self._retention)["entries"]) > 0
+
     def _read_retention(self, op: ReadRetention) -> Result:
         with self._read() as txn:
             return self._read_retention_in(txn, op)

@@ -611,6 +611,11 @@ class MemoryStore(Store):
 
     # ----------------------------------------------------- retention, purge
 
+    def has_retention(self) -> Optional[bool]:
+        """See :meth:`Store.has_retention`."""
+        with self._lock:
+            return bool(self._retention)
+
     def _set_retention(self, op: SetRetention) -> Result:
         if self._group_members(op.conv) is None:
             return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
