@@ -211,7 +211,10 @@ class Router:
 
     def add(self, method: str, pattern: str, handler: Handler, *, auth: bool = True) -> None:
         """Route ``method`` requests whose path matches ``pattern``
-        (``/v1/users/{user}``: a ``{name}`` matches one non-empty segment)."""
+        (``/v1/users/{user}``: a ``{name}`` matches one non-empty segment).
+        ``method`` is registered upper-cased (``"get"`` routes GET); a
+        request's method is matched as sent, case-sensitively (RFC 9110
+        9.1: a request ``get`` is not GET)."""
         method = method.upper()
         if not pattern.startswith("/"):
             raise ValueError(f"path pattern {pattern!r} must start with /")
@@ -624,7 +627,7 @@ class HttpServer:
         except ValueError:  # "//[": an unclosed IPv6 bracket, ...
             raise HttpError(400, "BAD_REQUEST", "malformed request target") from None
         return Request(
-            method=event.method.decode("ascii").upper(),
+            method=event.method.decode("ascii"),  # case-sensitive (RFC 9110 9.1): "get" is not GET
             path=parts.path,
             query=_parse_query(parts.query),
             headers=headers,
