@@ -157,7 +157,7 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
         try:
             return 200, {"token": handle.issue_token(user, ttl=3600), "user": user, "ttl": 3600}
         except ValueError as exc:
-            raise HttpError(400, "BAD_REQUEST", f"invalid user id: {exc}") from None
+            raise HttpError(400, "BAD_REQUEST", str(exc)) from None  # names the id and what is wrong with it
 
     async def group(request: Request) -> tuple[int, Any]:
         _need_demo(request)
