@@ -173,6 +173,29 @@ async def test_routes_are_added_by_registering_handlers() -> None:
                 c.close()
 
 
+async def test_a_method_in_lower_case_is_an_unknown_method() -> None:
+    """RFC 9110 9.1: a method is case-sensitive.  ``curl -X get`` was
+    upper-cased and served as GET; now ``get`` is answered as any method no
+    route has (``FOO``): 405 naming the allowed ones, or 404."""
+    with trio.fail_after(20):
+        async with broker_http() as (srv, h):
+            c = Http(h.url)
+            try:
+                for path, key in (("/healthz", None), ("/v1/info", KEY), ("/v1/tokens", KEY), ("/nowhere", None)):
+                    unknown = await c.request("FOO", path, key=key)
+                    for method in ("get", "head", "post", "Get"):
+                        status, headers, body = await c.request(method, path, key=key)
+                        assert (status, headers.get("allow"), json.loads(body)["error"]["code"]) == (
+                            unknown[0], unknown[1].get("allow"), json.loads(unknown[2])["error"]["code"]), (method, path)
+                        assert status in (404, 405), (method, path, status)
+                # GET and HEAD in upper case are served as before, on the same connection
+                assert await c.json("GET", "/healthz") == (200, {"status": "ok"})
+                status, headers, body = await c.request("HEAD", "/healthz")
+                assert (status, body) == (200, b"") and int(headers["content-length"]) > 0
+            finally:
+                c.close()
+
+
 _CODE = re.compile(r"[A-Z][A-Z0-9_]*")
 
 

@@ -204,14 +204,23 @@ def _parse_query(text: str) -> dict[str, list[str]]:
 class Router:
     """``(method, path pattern) -> handler``.  Later routes never shadow
     earlier ones: registering the same method and pattern twice is a
-    ValueError."""
+    ValueError.  A path that a literal route (no ``{name}``) names is
+    routed by the literal routes of that path only: ``PUT /web/token``,
+    with ``POST /web/token`` and ``GET /web/{file}`` routed, is 405 with
+    ``Allow: POST``, and ``GET /web/token`` too."""
 
     def __init__(self) -> None:
         self._routes: list[_Route] = []
+        #: The routes with no ``{name}`` by their path, and the others, in order.
+        self._literal: dict[str, list[_Route]] = {}
+        self._patterns: list[_Route] = []
 
     def add(self, method: str, pattern: str, handler: Handler, *, auth: bool = True) -> None:
         """Route ``method`` requests whose path matches ``pattern``
-        (``/v1/users/{user}``: a ``{name}`` matches one non-empty segment)."""
+        (``/v1/users/{user}``: a ``{name}`` matches one non-empty segment).
+        ``method`` is registered upper-cased (``"get"`` routes GET); a
+        request's method is matched as sent, case-sensitively (RFC 9110
+        9.1: a request ``get`` is not GET)."""
         method = method.upper()
         if not pattern.startswith("/"):
             raise ValueError(f"path pattern {pattern!r} must start with /")
@@ -219,19 +228,35 @@ class Router:
             raise ValueError(f"{method} {pattern} is already routed")
         parts = re.split(r"(\{[A-Za-z_][A-Za-z0-9_]*\})", pattern)
         rx = "".join(f"(?P<{p[1:-1]}>[^/]+)" if p.startswith("{") else re.escape(p) for p in parts)
-        self._routes.append(_Route(method, pattern, re.compile(rx + r"\Z"), handler, auth))
+        route = _Route(method, pattern, re.compile(rx + r"\Z"), handler, auth)
+        self._routes.append(route)
+        if len(parts) == 1:  # no {name}: a literal path
+            self._literal.setdefault(pattern, []).append(route)
+        else:
+            self._patterns.append(route)
 
     def route(self, method: str, path: str) -> tuple[Handler, dict[str, str], bool]:
         """The handler, path params and whether it needs an API key; HttpError
-        404 (no pattern matches) or 405 (matches, not for this method)."""
+        404 (no pattern matches) or 405 (matches, not for this method; the
+        ``Allow`` header lists the methods that are).  When a literal route
+        matches ``path``, only the literal routes decide (a ``{name}``
+        pattern that matches too is not consulted); else the patterns, the
+        first registered first.  HEAD is served by a GET route."""
         allowed: list[str] = []
-        for r in self._routes:
-            m = r.regex.match(path)
-            if m is None:
-                continue
-            if r.method == method or (method == "HEAD" and r.method == "GET"):
-                return r.handler, {k: _path_param(v) for k, v in m.groupdict().items()}, r.auth
-            allowed.append(r.method)
+        literal = self._literal.get(path)
+        if literal is not None:
+            for r in literal:
+                if r.method == method or (method == "HEAD" and r.method == "GET"):
+                    return r.handler, {}, r.auth
+                allowed.append(r.method)
+        else:
+            for r in self._patterns:
+                m = r.regex.match(path)
+                if m is None:
+                    continue
+                if r.method == method or (method == "HEAD" and r.method == "GET"):
+                    return r.handler, {k: _path_param(v) for k, v in m.groupdict().items()}, r.auth
+                allowed.append(r.method)
         if allowed:
             raise HttpError(405, "METHOD_NOT_ALLOWED", f"{method} is not allowed on {_show(path)}",
                             [("allow", ", ".join(sorted(set(allowed))))])
@@ -624,7 +649,7 @@ class HttpServer:
         except ValueError:  # "//[": an unclosed IPv6 bracket, ...
             raise HttpError(400, "BAD_REQUEST", "malformed request target") from None
         return Request(
-            method=event.method.decode("ascii").upper(),
+            method=event.method.decode("ascii"),  # case-sensitive (RFC 9110 9.1): "get" is not GET
             path=parts.path,
             query=_parse_query(parts.query),
             headers=headers,

@@ -71,9 +71,6 @@ def _static(parts: Sequence[str]) -> RawBody:
     return RawBody(_TYPES[suffix], node.read_bytes())
 
 
-#: The demo's endpoints (POST only), which GET /web/{file} would take for files.
-_POSTED = ("token", "group")
-
 _LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
 _ANY = ("0.0.0.0", "[::]")
 
@@ -130,11 +127,9 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
         return 200, _static(["index.html"])
 
     async def file(request: Request) -> tuple[int, Any]:
-        name = request.params["file"]
-        if name in _POSTED:  # (routed here by GET /web/{file}: say what it takes)
-            raise HttpError(405, "METHOD_NOT_ALLOWED", f"{request.method} is not allowed on /web/{name}: POST a JSON body",
-                            [("allow", "POST")])
-        return 200, _static([name])
+        # (GET /web/token and /web/group do not come here: their literal
+        # POST routes decide, 405 with Allow: POST)
+        return 200, _static([request.params["file"]])
 
     async def client_file(request: Request) -> tuple[int, Any]:
         return 200, _static(["client", request.params["file"]])
@@ -162,7 +157,7 @@ def register_web(router: Router, handle: "Pimcore", *, ws_urls: Sequence[str], d
         try:
             return 200, {"token": handle.issue_token(user, ttl=3600), "user": user, "ttl": 3600}
         except ValueError as exc:
-            raise HttpError(400, "BAD_REQUEST", f"invalid user id: {exc}") from None
+            raise HttpError(400, "BAD_REQUEST", str(exc)) from None  # names the id and what is wrong with it
 
     async def group(request: Request) -> tuple[int, Any]:
         _need_demo(request)
