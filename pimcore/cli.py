@@ -61,7 +61,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     for user in args.user:  # (as pimcore token: 'a b' printed a zero summary, exit 0)
         problem = id_problem(user, "user")
         if problem is not None:
-            print(f"pimcore inspect: invalid user id: {problem}", file=sys.stderr)
+            print(f"pimcore inspect: {problem}", file=sys.stderr)  # (it names the id and what is wrong)
             return EXIT_REFUSED
     root = Path(args.data_dir)
     path = None

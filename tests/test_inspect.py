@@ -271,8 +271,8 @@ def test_inspect_refusals_exit_2_without_a_traceback(tmp_path, case):
 
 
 @pytest.mark.parametrize("user, said", [
-    ("a b", "pimcore inspect: invalid user id: "),
-    ("x" * 5000, "pimcore inspect: invalid user id: "),
+    ("a b", "pimcore inspect: user id 'a b' has the character ' '"),
+    ("x" * 5000, "pimcore inspect: user id 'xxxx"),
 ])
 def test_inspect_refuses_an_invalid_user_id(tmp_path, capsys, user, said):
     """`inspect --user 'a b'` printed a zero summary, exit 0."""
