@@ -258,6 +258,8 @@ class Router:
                     return r.handler, {k: _path_param(v) for k, v in m.groupdict().items()}, r.auth
                 allowed.append(r.method)
         if allowed:
+            if "GET" in allowed:
+                allowed.append("HEAD")  # (served by the GET route: RFC 9110 10.2.1 lists every method)
             raise HttpError(405, "METHOD_NOT_ALLOWED", f"{method} is not allowed on {_show(path)}",
                             [("allow", ", ".join(sorted(set(allowed))))])
         raise HttpError(404, "NOT_FOUND", f"no endpoint {_show(path)}")
