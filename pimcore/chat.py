@@ -33,7 +33,9 @@ failed, once per reason, and that it retries until the connect timeout
 (on stderr, under ``pimcore chat: connecting to ...``).
 
 Incoming messages are marked read as they are shown; posts by the host or
-the HTTP API (no sender) show as ``[system]``.  ``/history`` prints
+the HTTP API (no sender) show as ``[system]``; your own messages show as
+``me``, those sent from another of your devices as ``me (phone)`` (at
+start, as they come and by /history alike).  ``/history`` prints
 the conversation again in display order (with times), ``/quit`` (or end of input) leaves.
 ``/edit N text`` replaces your message #N, ``/recall N`` recalls it for
 everyone, ``/delete N`` deletes #N for you only; edits and recalls (yours
@@ -232,11 +234,13 @@ def _amended(ev: MessageAmended, me: str) -> str:
     return f"— you deleted #{e.target} (for you)"
 
 
-def _who(m: "F.Message", me: str) -> str:
-    """How a message's sender is shown: "me", "[system]" for a post by the
-    host or the HTTP API (the empty sender), else the user id."""
+def _who(m: "F.Message", me: str, device: str) -> str:
+    """How a message's sender is shown: "me" for this device's (``device``),
+    "me (phone)" for one sent from another of my devices (the same at start,
+    live and by /history), "[system]" for a post by the host or the HTTP API
+    (the empty sender), else the user id."""
     if m.sender == me:
-        return "me"
+        return "me" if m.device == device else f"me ({m.device})"
     if m.sender == "me":
         # Another user whose id is "me" must not look like you (ids cannot
         # hold ":", so "user:me" is no one else either).
@@ -248,10 +252,11 @@ def _clock(us: int) -> str:
     return datetime.fromtimestamp(us / 1e6).strftime("%H:%M:%S")
 
 
-def _line(m: "F.Message", me: str) -> str:
-    """How ``m`` shows in the conversation (at start and by /history):
-    its server time, sender, text and #seq, or its notice (JOINED...)."""
-    return _notice(m) or f"[{_clock(m.server_time)}] {_who(m, me)}: {_text(m)}  (#{m.seq})"
+def _line(m: "F.Message", me: str, device: str) -> str:
+    """How ``m`` shows in the conversation (at start, as it comes, by
+    /history): its server time, sender, text and #seq, or its notice
+    (JOINED...).  ``me`` and ``device``: who this chat is (see _who)."""
+    return _notice(m) or f"[{_clock(m.server_time)}] {_who(m, me, device)}: {_text(m)}  (#{m.seq})"
 
 
 async def chat(
@@ -334,7 +339,7 @@ async def chat(
                 f" or the operator adds you (pimcore group add {group} {client.user}); this chat then shows the group")
         shown: set[bytes] = set()
         for m in client.view(conv):
-            out(_line(m, client.user))
+            out(_line(m, client.user, device))
             shown.add(m.msg_id)
         last_shown = max((m.seq for m in client.view(conv)), default=0)
         if last_shown:
@@ -508,11 +513,11 @@ async def chat(
                             skip_to(m.seq)  # (what the group said before we joined is not coming)
                         place(m.seq, [notice])
                         continue
-                    if m.sender == client.user:  # sent from another of my devices
-                        place(m.seq, [f"[{_clock(m.server_time)}] me ({m.device}): {_text(m)}  (#{m.seq})"])
+                    if m.sender == client.user:  # sent from another of my devices ("me (phone)", as in history)
+                        place(m.seq, [_line(m, client.user, device)])
                         continue
                     typing_now.discard(m.sender)  # their message ends their typing
-                    place(m.seq, [f"[{_clock(m.server_time)}] {_who(m, client.user)}: {_text(m)}  (#{m.seq})"])
+                    place(m.seq, [_line(m, client.user, device)])
                     await client.mark_read(conv, m.seq)
                 elif isinstance(ev, MessageAmended) and ev.entry.conv == conv:
                     place(ev.entry.seq, [_amended(ev, client.user)])
@@ -600,7 +605,7 @@ async def chat(
                         continue
                     if text == "/history":
                         for m in client.view(conv):
-                            out(_line(m, client.user))
+                            out(_line(m, client.user, device))
                         continue
                     if command in ("/edit", "/recall", "/delete"):
                         number, _, new_text = rest.strip().partition(" ")

@@ -1164,3 +1164,43 @@ async def test_an_entry_that_never_comes_holds_the_transcript_at_most_seq_gap_wa
     assert 0.5 <= waited < 5, waited
     said = [line.split("] ", 1)[-1] for line in out if "(#" in line]
     assert said == ["bob: after  (#4)", "✓ sent (#5): me too", "bob: and on  (#6)"], out
+
+
+async def test_my_messages_from_another_device_show_the_same_in_the_backlog_live_and_history(tmp_path: Path) -> None:
+    """A message of mine sent from another device showed as "me (phone)"
+    when it came live but as plain "me" in the backlog shown at start (and
+    by /history), as if typed here.  Every view names the other device;
+    this device's own lines stay "me"."""
+    import trio
+
+    from pimcore.client import open_client
+    from pimcore.embed import open_pimcore
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            async with open_client(im.urls[0], im.issue_token("alice"), "phone") as phone:
+                await phone.send("d:alice:bob", b"from the phone before")
+            async with open_client(im.urls[0], im.issue_token("alice"), "terminal") as here:
+                await here.send("d:alice:bob", b"from here before")
+            out: list[str] = []
+            into, lines = trio.open_memory_channel[str](10)
+            async with trio.open_nursery() as n:
+                await _start_chat(n, "alice", out, im.urls[0], im.issue_token("alice"), "bob", device="terminal",
+                                  lines=lines)
+                async with open_client(im.urls[0], im.issue_token("alice"), "phone") as phone:
+                    await phone.send("d:alice:bob", b"from the phone live")
+                while not any("from the phone live" in line for line in out):
+                    await trio.sleep(0.01)
+                await into.send("/history")
+                while sum("from the phone live" in line for line in out) < 2:
+                    await trio.sleep(0.01)
+                await into.send("/quit")
+    said = [line.split("] ", 1)[1] for line in out if "from " in line]
+    assert said == [
+        "me (phone): from the phone before  (#1)",  # the backlog
+        "me: from here before  (#2)",
+        "me (phone): from the phone live  (#3)",  # live
+        "me (phone): from the phone before  (#1)",  # /history
+        "me: from here before  (#2)",
+        "me (phone): from the phone live  (#3)",
+    ], out
