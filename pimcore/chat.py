@@ -45,7 +45,11 @@ lists the commands.  Any other line that starts with ``/`` is refused as an
 unknown command (a typo must not reach the peer): to send a line that
 starts with ``/``, type ``//`` (``//shrug`` sends ``/shrug``).  A line that
 is not UTF-8 text (the terminal's encoding is another) is refused, not
-sent mangled; a very long line is shown cut, with its length.
+sent mangled; a very long line is shown cut, with its length.  A terminal
+keeps at most TTY_LINE_LIMIT (4,095) bytes of a typed line and drops the
+rest unseen: a line typed at a terminal that reaches the limit is refused
+as cut, not sent; longer text is piped in (``pimcore chat ... < FILE``,
+each line one message).
 
 Typing and presence: ``… bob is typing`` shows when another member starts
 typing (the indicator is ephemeral: it expires by itself).  A terminal
@@ -270,10 +274,15 @@ async def chat(
     lines: Optional[trio.abc.ReceiveChannel[str]] = None,
     out: Callable[[str], None] = print,
     progress: Optional[Callable[[str], None]] = None,
+    tty: Optional[bool] = None,
 ) -> int:
     """Run the chat with ``peer`` or in ``group``; ``lines`` are the user's
     input lines (stdin if None).  ``progress`` takes the lines said while
-    the first connection is retried (``out`` if None)."""
+    the first connection is retried (``out`` if None).  ``tty``: whether
+    the lines are typed at a terminal, which cuts a line at TTY_LINE_LIMIT
+    bytes (None: whether stdin is a terminal, when ``lines`` is None)."""
+    if tty is None:
+        tty = lines is None and sys.stdin.isatty()
     if (peer is None) == (group is None):
         raise ValueError("chat with a peer or in a group, not both")
     # Every line goes out through safe_text: message texts, edits, the
@@ -575,6 +584,16 @@ async def chat(
                     lines = _stdin_lines(nursery)
                 async for line in lines:
                     text = line.rstrip("\n")
+                    if tty and len(_typed_bytes(text)) >= TTY_LINE_LIMIT:
+                        # The terminal kept the first TTY_LINE_LIMIT bytes and
+                        # dropped the rest (the chat never sees them): sent, it
+                        # would be a cut message the sender believes whole.
+                        # (Checked first: a cut inside a character is no
+                        # encoding problem.)
+                        out(f"✗ not sent: the terminal cut this line at {TTY_LINE_LIMIT} bytes, its line limit (what"
+                            " was typed past it was dropped): to send longer text, pipe it in (pimcore chat ... < FILE:"
+                            " each line of it is one message)")
+                        continue
                     try:
                         text.encode("utf-8")
                     except UnicodeEncodeError:
@@ -582,7 +601,7 @@ async def chat(
                         # surrogate (surrogateescape): not text, and sent as "?"
                         # it would reach the peer mangled.  Refused, showing
                         # the bytes (the chat goes on).
-                        typed_bytes = text.encode("utf-8", "surrogateescape")
+                        typed_bytes = _typed_bytes(text)
                         out(f"✗ not sent: the line is not UTF-8 text ({_show(typed_bytes)}):"
                             " is the terminal's encoding UTF-8?")
                         continue
@@ -653,6 +672,22 @@ _HELP = (
     "  /quit (or /exit, or end of input: leave).  Any other line is sent; to send one that starts with /,",
     "  type // (//shrug sends /shrug).",
 )
+
+#: Bytes of a line a terminal keeps (Linux's N_TTY in canonical mode: a
+#: 4,096-byte buffer, one kept for the newline): what is typed past them is
+#: dropped before the chat can read it.  A line typed at a terminal that
+#: reaches it is refused, not sent cut (docs/CLIENT.md, pimcore chat).
+TTY_LINE_LIMIT = 4095
+
+
+def _typed_bytes(text: str) -> bytes:
+    """A line read from stdin as the bytes it was (undecodable bytes come
+    as lone surrogates, surrogateescape)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # (a surrogate no decoding made)
+        return text.encode("utf-8", "surrogatepass")
+
 
 #: Characters of a typed line shown as they are: a longer one is shown cut (ids._show).
 _SHOWN_CHARS = 200

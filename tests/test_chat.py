@@ -1204,3 +1204,55 @@ async def test_my_messages_from_another_device_show_the_same_in_the_backlog_live
         "me: from here before  (#2)",
         "me (phone): from the phone live  (#3)",
     ], out
+
+
+async def test_a_line_the_terminal_cut_at_its_limit_is_not_sent_and_says_how_to_send_long_text(tmp_path: Path) -> None:
+    """A terminal in canonical mode (Linux's N_TTY) keeps at most 4,095
+    bytes of a line and drops what is typed past it: the chat got the
+    first 4,095 and sent them as if that were the message, without a word.
+    A line from a terminal that reaches the limit is refused, saying the
+    terminal cut it and how to send long text (pipe it in); one byte
+    shorter is sent, and so is a long line piped in (no terminal)."""
+    import trio
+
+    cut_ascii = "a" * 4095
+    # Cut inside a character: its first byte arrives alone, not UTF-8 --
+    # said as cut, not as "is the terminal's encoding UTF-8?".
+    cut_utf8 = (("é" * 2047).encode() + b"\xc3").decode("utf-8", "surrogateescape")
+    fits = "b" * 4094
+    refused = ("✗ not sent: the terminal cut this line at 4095 bytes, its line limit (what was typed past it was"
+               " dropped): to send longer text, pipe it in (pimcore chat ... < FILE: each line of it is one message)")
+    with trio.fail_after(30):
+        async with open_pimcore_and_chat(tmp_path, tty=True) as (im, n, out, into):
+            await into.send(cut_ascii + "\n")
+            await into.send(cut_utf8 + "\n")
+            await into.send(fits + "\n")
+            while not any(line.startswith("✓ sent") for line in out):
+                await trio.sleep(0.01)
+            await into.send("/quit")
+            history = await im.history("d:alice:bob", "bob")
+    assert [m.payload for m in history] == [fits.encode()], out
+    assert [line for line in out if line.startswith("✗")] == [refused, refused], [line[:200] for line in out]
+    with trio.fail_after(30):
+        async with open_pimcore_and_chat(tmp_path / "piped", tty=False) as (im, n, out, into):
+            await into.send(cut_ascii + "\n")  # (piped in: nothing cut it)
+            while not any(line.startswith("✓ sent") for line in out):
+                await trio.sleep(0.01)
+            await into.send("/quit")
+            history = await im.history("d:alice:bob", "bob")
+    assert [m.payload for m in history] == [cut_ascii.encode()], [line[:200] for line in out]
+
+
+@asynccontextmanager
+async def open_pimcore_and_chat(tmp_path: Path, **chat_kw: Any) -> AsyncIterator[tuple[Any, Any, list[str], Any]]:
+    """_alice_chats_with bob, giving ``chat_kw`` to chat()."""
+    import trio
+
+    from pimcore.embed import open_pimcore
+
+    async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+        out: list[str] = []
+        into, lines = trio.open_memory_channel[str](10)
+        async with trio.open_nursery() as n:
+            await _start_chat(n, "alice", out, im.urls[0], im.issue_token("alice"), "bob", lines=lines, **chat_kw)
+            yield im, n, out, into
