@@ -33,7 +33,9 @@ failed, once per reason, and that it retries until the connect timeout
 (on stderr, under ``pimcore chat: connecting to ...``).
 
 Incoming messages are marked read as they are shown; posts by the host or
-the HTTP API (no sender) show as ``[system]``.  ``/history`` prints
+the HTTP API (no sender) show as ``[system]``; your own messages show as
+``me``, those sent from another of your devices as ``me (phone)`` (at
+start, as they come and by /history alike).  ``/history`` prints
 the conversation again in display order (with times), ``/quit`` (or end of input) leaves.
 ``/edit N text`` replaces your message #N, ``/recall N`` recalls it for
 everyone, ``/delete N`` deletes #N for you only; edits and recalls (yours
@@ -43,7 +45,11 @@ lists the commands.  Any other line that starts with ``/`` is refused as an
 unknown command (a typo must not reach the peer): to send a line that
 starts with ``/``, type ``//`` (``//shrug`` sends ``/shrug``).  A line that
 is not UTF-8 text (the terminal's encoding is another) is refused, not
-sent mangled; a very long line is shown cut, with its length.
+sent mangled; a very long line is shown cut, with its length.  A terminal
+keeps at most TTY_LINE_LIMIT (4,095) bytes of a typed line and drops the
+rest unseen: a line typed at a terminal that reaches the limit is refused
+as cut, not sent; longer text is piped in (``pimcore chat ... < FILE``,
+each line one message).
 
 Typing and presence: ``… bob is typing`` shows when another member starts
 typing (the indicator is ephemeral: it expires by itself).  A terminal
@@ -232,11 +238,13 @@ def _amended(ev: MessageAmended, me: str) -> str:
     return f"— you deleted #{e.target} (for you)"
 
 
-def _who(m: "F.Message", me: str) -> str:
-    """How a message's sender is shown: "me", "[system]" for a post by the
-    host or the HTTP API (the empty sender), else the user id."""
+def _who(m: "F.Message", me: str, device: str) -> str:
+    """How a message's sender is shown: "me" for this device's (``device``),
+    "me (phone)" for one sent from another of my devices (the same at start,
+    live and by /history), "[system]" for a post by the host or the HTTP API
+    (the empty sender), else the user id."""
     if m.sender == me:
-        return "me"
+        return "me" if m.device == device else f"me ({m.device})"
     if m.sender == "me":
         # Another user whose id is "me" must not look like you (ids cannot
         # hold ":", so "user:me" is no one else either).
@@ -248,10 +256,11 @@ def _clock(us: int) -> str:
     return datetime.fromtimestamp(us / 1e6).strftime("%H:%M:%S")
 
 
-def _line(m: "F.Message", me: str) -> str:
-    """How ``m`` shows in the conversation (at start and by /history):
-    its server time, sender, text and #seq, or its notice (JOINED...)."""
-    return _notice(m) or f"[{_clock(m.server_time)}] {_who(m, me)}: {_text(m)}  (#{m.seq})"
+def _line(m: "F.Message", me: str, device: str) -> str:
+    """How ``m`` shows in the conversation (at start, as it comes, by
+    /history): its server time, sender, text and #seq, or its notice
+    (JOINED...).  ``me`` and ``device``: who this chat is (see _who)."""
+    return _notice(m) or f"[{_clock(m.server_time)}] {_who(m, me, device)}: {_text(m)}  (#{m.seq})"
 
 
 async def chat(
@@ -265,10 +274,15 @@ async def chat(
     lines: Optional[trio.abc.ReceiveChannel[str]] = None,
     out: Callable[[str], None] = print,
     progress: Optional[Callable[[str], None]] = None,
+    tty: Optional[bool] = None,
 ) -> int:
     """Run the chat with ``peer`` or in ``group``; ``lines`` are the user's
     input lines (stdin if None).  ``progress`` takes the lines said while
-    the first connection is retried (``out`` if None)."""
+    the first connection is retried (``out`` if None).  ``tty``: whether
+    the lines are typed at a terminal, which cuts a line at TTY_LINE_LIMIT
+    bytes (None: whether stdin is a terminal, when ``lines`` is None)."""
+    if tty is None:
+        tty = lines is None and sys.stdin.isatty()
     if (peer is None) == (group is None):
         raise ValueError("chat with a peer or in a group, not both")
     # Every line goes out through safe_text: message texts, edits, the
@@ -334,7 +348,7 @@ async def chat(
                 f" or the operator adds you (pimcore group add {group} {client.user}); this chat then shows the group")
         shown: set[bytes] = set()
         for m in client.view(conv):
-            out(_line(m, client.user))
+            out(_line(m, client.user, device))
             shown.add(m.msg_id)
         last_shown = max((m.seq for m in client.view(conv)), default=0)
         if last_shown:
@@ -508,11 +522,11 @@ async def chat(
                             skip_to(m.seq)  # (what the group said before we joined is not coming)
                         place(m.seq, [notice])
                         continue
-                    if m.sender == client.user:  # sent from another of my devices
-                        place(m.seq, [f"[{_clock(m.server_time)}] me ({m.device}): {_text(m)}  (#{m.seq})"])
+                    if m.sender == client.user:  # sent from another of my devices ("me (phone)", as in history)
+                        place(m.seq, [_line(m, client.user, device)])
                         continue
                     typing_now.discard(m.sender)  # their message ends their typing
-                    place(m.seq, [f"[{_clock(m.server_time)}] {_who(m, client.user)}: {_text(m)}  (#{m.seq})"])
+                    place(m.seq, [_line(m, client.user, device)])
                     await client.mark_read(conv, m.seq)
                 elif isinstance(ev, MessageAmended) and ev.entry.conv == conv:
                     place(ev.entry.seq, [_amended(ev, client.user)])
@@ -570,6 +584,16 @@ async def chat(
                     lines = _stdin_lines(nursery)
                 async for line in lines:
                     text = line.rstrip("\n")
+                    if tty and len(_typed_bytes(text)) >= TTY_LINE_LIMIT:
+                        # The terminal kept the first TTY_LINE_LIMIT bytes and
+                        # dropped the rest (the chat never sees them): sent, it
+                        # would be a cut message the sender believes whole.
+                        # (Checked first: a cut inside a character is no
+                        # encoding problem.)
+                        out(f"✗ not sent: the terminal cut this line at {TTY_LINE_LIMIT} bytes, its line limit (what"
+                            " was typed past it was dropped): to send longer text, pipe it in (pimcore chat ... < FILE:"
+                            " each line of it is one message)")
+                        continue
                     try:
                         text.encode("utf-8")
                     except UnicodeEncodeError:
@@ -577,7 +601,7 @@ async def chat(
                         # surrogate (surrogateescape): not text, and sent as "?"
                         # it would reach the peer mangled.  Refused, showing
                         # the bytes (the chat goes on).
-                        typed_bytes = text.encode("utf-8", "surrogateescape")
+                        typed_bytes = _typed_bytes(text)
                         out(f"✗ not sent: the line is not UTF-8 text ({_show(typed_bytes)}):"
                             " is the terminal's encoding UTF-8?")
                         continue
@@ -600,7 +624,7 @@ async def chat(
                         continue
                     if text == "/history":
                         for m in client.view(conv):
-                            out(_line(m, client.user))
+                            out(_line(m, client.user, device))
                         continue
                     if command in ("/edit", "/recall", "/delete"):
                         number, _, new_text = rest.strip().partition(" ")
@@ -648,6 +672,22 @@ _HELP = (
     "  /quit (or /exit, or end of input: leave).  Any other line is sent; to send one that starts with /,",
     "  type // (//shrug sends /shrug).",
 )
+
+#: Bytes of a line a terminal keeps (Linux's N_TTY in canonical mode: a
+#: 4,096-byte buffer, one kept for the newline): what is typed past them is
+#: dropped before the chat can read it.  A line typed at a terminal that
+#: reaches it is refused, not sent cut (docs/CLIENT.md, pimcore chat).
+TTY_LINE_LIMIT = 4095
+
+
+def _typed_bytes(text: str) -> bytes:
+    """A line read from stdin as the bytes it was (undecodable bytes come
+    as lone surrogates, surrogateescape)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # (a surrogate no decoding made)
+        return text.encode("utf-8", "surrogatepass")
+
 
 #: Characters of a typed line shown as they are: a longer one is shown cut (ids._show).
 _SHOWN_CHARS = 200

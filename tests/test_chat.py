@@ -1164,3 +1164,95 @@ async def test_an_entry_that_never_comes_holds_the_transcript_at_most_seq_gap_wa
     assert 0.5 <= waited < 5, waited
     said = [line.split("] ", 1)[-1] for line in out if "(#" in line]
     assert said == ["bob: after  (#4)", "✓ sent (#5): me too", "bob: and on  (#6)"], out
+
+
+async def test_my_messages_from_another_device_show_the_same_in_the_backlog_live_and_history(tmp_path: Path) -> None:
+    """A message of mine sent from another device showed as "me (phone)"
+    when it came live but as plain "me" in the backlog shown at start (and
+    by /history), as if typed here.  Every view names the other device;
+    this device's own lines stay "me"."""
+    import trio
+
+    from pimcore.client import open_client
+    from pimcore.embed import open_pimcore
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            async with open_client(im.urls[0], im.issue_token("alice"), "phone") as phone:
+                await phone.send("d:alice:bob", b"from the phone before")
+            async with open_client(im.urls[0], im.issue_token("alice"), "terminal") as here:
+                await here.send("d:alice:bob", b"from here before")
+            out: list[str] = []
+            into, lines = trio.open_memory_channel[str](10)
+            async with trio.open_nursery() as n:
+                await _start_chat(n, "alice", out, im.urls[0], im.issue_token("alice"), "bob", device="terminal",
+                                  lines=lines)
+                async with open_client(im.urls[0], im.issue_token("alice"), "phone") as phone:
+                    await phone.send("d:alice:bob", b"from the phone live")
+                while not any("from the phone live" in line for line in out):
+                    await trio.sleep(0.01)
+                await into.send("/history")
+                while sum("from the phone live" in line for line in out) < 2:
+                    await trio.sleep(0.01)
+                await into.send("/quit")
+    said = [line.split("] ", 1)[1] for line in out if "from " in line]
+    assert said == [
+        "me (phone): from the phone before  (#1)",  # the backlog
+        "me: from here before  (#2)",
+        "me (phone): from the phone live  (#3)",  # live
+        "me (phone): from the phone before  (#1)",  # /history
+        "me: from here before  (#2)",
+        "me (phone): from the phone live  (#3)",
+    ], out
+
+
+async def test_a_line_the_terminal_cut_at_its_limit_is_not_sent_and_says_how_to_send_long_text(tmp_path: Path) -> None:
+    """A terminal in canonical mode (Linux's N_TTY) keeps at most 4,095
+    bytes of a line and drops what is typed past it: the chat got the
+    first 4,095 and sent them as if that were the message, without a word.
+    A line from a terminal that reaches the limit is refused, saying the
+    terminal cut it and how to send long text (pipe it in); one byte
+    shorter is sent, and so is a long line piped in (no terminal)."""
+    import trio
+
+    cut_ascii = "a" * 4095
+    # Cut inside a character: its first byte arrives alone, not UTF-8 --
+    # said as cut, not as "is the terminal's encoding UTF-8?".
+    cut_utf8 = (("é" * 2047).encode() + b"\xc3").decode("utf-8", "surrogateescape")
+    fits = "b" * 4094
+    refused = ("✗ not sent: the terminal cut this line at 4095 bytes, its line limit (what was typed past it was"
+               " dropped): to send longer text, pipe it in (pimcore chat ... < FILE: each line of it is one message)")
+    with trio.fail_after(30):
+        async with open_pimcore_and_chat(tmp_path, tty=True) as (im, n, out, into):
+            await into.send(cut_ascii + "\n")
+            await into.send(cut_utf8 + "\n")
+            await into.send(fits + "\n")
+            while not any(line.startswith("✓ sent") for line in out):
+                await trio.sleep(0.01)
+            await into.send("/quit")
+            history = await im.history("d:alice:bob", "bob")
+    assert [m.payload for m in history] == [fits.encode()], out
+    assert [line for line in out if line.startswith("✗")] == [refused, refused], [line[:200] for line in out]
+    with trio.fail_after(30):
+        async with open_pimcore_and_chat(tmp_path / "piped", tty=False) as (im, n, out, into):
+            await into.send(cut_ascii + "\n")  # (piped in: nothing cut it)
+            while not any(line.startswith("✓ sent") for line in out):
+                await trio.sleep(0.01)
+            await into.send("/quit")
+            history = await im.history("d:alice:bob", "bob")
+    assert [m.payload for m in history] == [cut_ascii.encode()], [line[:200] for line in out]
+
+
+@asynccontextmanager
+async def open_pimcore_and_chat(tmp_path: Path, **chat_kw: Any) -> AsyncIterator[tuple[Any, Any, list[str], Any]]:
+    """_alice_chats_with bob, giving ``chat_kw`` to chat()."""
+    import trio
+
+    from pimcore.embed import open_pimcore
+
+    async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+        out: list[str] = []
+        into, lines = trio.open_memory_channel[str](10)
+        async with trio.open_nursery() as n:
+            await _start_chat(n, "alice", out, im.urls[0], im.issue_token("alice"), "bob", lines=lines, **chat_kw)
+            yield im, n, out, into

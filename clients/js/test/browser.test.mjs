@@ -182,6 +182,23 @@ describe('web demo in Chromium', { skip }, () => {
     await context.close(); await v.context.close();
   });
 
+  test("a refusal the client cannot tie to a call ('brokerRefused') is shown on the page, as the chat prints it", async () => {
+    // A Read has no request id: the broker's refusal of it (here a group
+    // that does not exist) reached the client's 'brokerRefused' event, and
+    // the page said nothing.
+    const w = await signIn('wes');
+    const area = w.page.getByTestId('refusals');
+    assert.equal(await area.isVisible(), false, 'nothing refused yet: nothing shown');
+    await w.page.evaluate(() => window.pimcoreClient.markRead('nosuch', 1));
+    const shown = area.locator('li').filter({ hasText: 'UNKNOWN_CONVERSATION' });
+    await shown.waitFor({ timeout: 10000 });
+    assert.equal(await area.isVisible(), true);
+    const said = await shown.textContent();
+    assert.match(said, /^⚠ the broker refused a request \(UNKNOWN_CONVERSATION\): .*nosuch/, said);
+    assert.equal(await shown.getAttribute('data-code'), 'UNKNOWN_CONVERSATION');
+    await w.context.close();
+  });
+
   test('without --demo the page asks for a token and mints none', async () => {
     const plain = await new Broker({ http: true, extra: ['--web'] }).start();
     const context = await browser.newContext();

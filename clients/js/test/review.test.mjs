@@ -1,15 +1,22 @@
 // Review findings (clients/js): each test failed before its fix.  A live
 // `pimcore serve` (started here) unless the test needs no broker.
 import assert from 'node:assert/strict';
-import { after, before, describe, test } from 'node:test';
+import { after, afterEach, before, describe, test } from 'node:test';
 import { ClientClosed, EncodeError, PimcoreClient, directConv } from '../src/index.js';
 import { Broker, until } from './broker.mjs';
 
 const text = (m) => new TextDecoder().decode(m.payload);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+// Every client a test makes, closed after it whether it passed or not: a
+// failed assertion left its clients open (connected, or redialling), and
+// node never exited -- the run hung until pytest's timeout.
+const clients = new Set();
+
+function track(c) { clients.add(c); return c; }
+
 function client(broker, user, opts = {}) {
-  const c = new PimcoreClient({ url: broker.url, token: broker.token(user), device: opts.device || 'node', ackTimeout: 2000, ...opts });
+  const c = track(new PimcoreClient({ url: broker.url, token: broker.token(user), device: opts.device || 'node', ackTimeout: 2000, ...opts }));
   c.received = [];
   c.on('message', (m) => c.received.push(m));
   return c;
@@ -18,6 +25,12 @@ function client(broker, user, opts = {}) {
 describe('review findings', () => {
   let broker;
   before(async () => { broker = await new Broker({ heartbeatMs: 30000 }).start(); });
+  afterEach(async () => {
+    // (A test that failed with the broker stopped must not leave it stopped: closing would wait on it.)
+    try { process.kill(broker.proc.pid, 'SIGCONT'); } catch { /* gone */ }
+    await Promise.all([...clients].map((c) => c.close()));
+    clients.clear();
+  });
   after(async () => { try { process.kill(broker.proc.pid, 'SIGCONT'); } catch { /* gone */ } await broker.dispose(); });
 
   test('a retry after SendTimeout (same localId) shows the stored message in the sender view, as elsewhere', async () => {
@@ -109,7 +122,7 @@ describe('review findings', () => {
     const a = client(broker, 'cu-a');
     await a.connect();
     for (let i = 0; i < 5; i++) await a.send(conv, `m${i}`);
-    const b = new PimcoreClient({ url: broker.url, token: broker.token('cu-b'), device: 'phone' });
+    const b = track(new PimcoreClient({ url: broker.url, token: broker.token('cu-b'), device: 'phone' }));
     await b.connect();
     const got = [];
     b.on('message', (m) => got.push(m.seq));
@@ -170,7 +183,7 @@ describe('review findings', () => {
   });
 
   test('close() with a send pending rejects it with ClientClosed carrying its localId', async () => {
-    const c = new PimcoreClient({ url: 'ws://127.0.0.1:1/', token: 'x', reconnect: false });
+    const c = track(new PimcoreClient({ url: 'ws://127.0.0.1:1/', token: 'x', reconnect: false }));
     c.connect().catch(() => {});
     const p = c.send(directConv('cc-a', 'cc-b'), 'hello', { localId: 77 });
     await c.close();

@@ -204,12 +204,29 @@ async function signIn(user, pasted) {
       $('#closed-reason').hidden = false;
     }
   });
+  client.on('brokerRefused', showRefusal);
   await client.connect();
   me = client.user;
   $('#me').textContent = `${me} (${device})`;
   $('#login').hidden = true;
   $('#app').hidden = false;
   $('#new-group').hidden = !cfg.demo;
+}
+
+// A request the broker refused that no call waits for (a read mark of a
+// group one is not a member of, a typing signal...: no request id): the
+// client's 'brokerRefused' event is the only word of it.  Said on the page,
+// as pimcore chat prints it; the latest few are kept.
+const MAX_REFUSALS = 5;
+function showRefusal(e) {
+  const ul = $('#refusals');
+  const li = document.createElement('li');
+  li.dataset.code = e.codeName;
+  li.textContent = `⚠ the broker refused a request (${e.codeName}): ${e.reason}`;
+  ul.append(li);
+  while (ul.children.length > MAX_REFUSALS) ul.firstElementChild.remove();
+  ul.hidden = false;
+  console.warn('broker refused', e);
 }
 
 // The browser knows when the network goes: drop the socket at once (the
