@@ -3,7 +3,10 @@ proposes) had no time of their own -- they were drained against the same
 deadline as the batches before them.  A commit still running when that
 deadline passed (one in a worker thread, or an async store's write already
 sent, cannot be called back) held them up until the deadline, so they were
-never sent: after a restart the device's last seen was its login."""
+never sent: after a restart the device's last seen was its login.  And run()
+cancelled the committer as soon as the connections were gone (their Close
+flushed; at once for serve_stream's, not in the listeners' nursery), so a
+drain after that waited on nothing."""
 
 from __future__ import annotations
 
