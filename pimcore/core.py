@@ -3464,12 +3464,24 @@ class Broker:
         if res.conv in self._typing_members:
             self._typing_members[res.conv] = (self._typing_members[res.conv][0], self._bounded(frozenset(res.members)))
         moved = {m.sender for m in res.entries}
-        if not self._pres_req or not moved:
+        if not moved or not (self._pres_req or self._pres_reading):
             return
         for conn, users in self._pres_req.items():
             c = self._conns.get(conn)
             if c is not None and (c.user in moved or not moved.isdisjoint(users)):
                 self._pres_recheck.add(conn)  # asked in _flush_presence (it has the command list)
+        # A PresenceSub still read is not in _pres_req (installed once
+        # answered), and an async store's answer may be a snapshot from
+        # before this change (UNKNOWN for a user who shares the group now):
+        # its users are checked here too.  _flush_presence holds the
+        # re-check until the read is answered (_pres_recheck_after), then
+        # asks again for the subscription it installed.
+        for conn in self._pres_reading:
+            ctx = self._reads.get(self._pres_latest.get(conn, 0))
+            c = self._conns.get(conn)
+            if (c is not None and isinstance(ctx, _PresenceRead)
+                    and (c.user in moved or not moved.isdisjoint(ctx.users))):
+                self._pres_recheck.add(conn)
 
     def _on_presence_sub(self, c: _Conn, f: F.PresenceSub, now: int, out: list[Command]) -> None:
         """Replace ``c``'s presence subscription (store read: who of these

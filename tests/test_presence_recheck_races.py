@@ -96,3 +96,28 @@ def test_a_recheck_answered_after_a_newer_subscription_does_not_reinstall_the_ol
     h.lose(carol)
     assert [states(p) for p in h.take(alice, F.Presence)] == [[("carol", F.PresenceState.OFFLINE)]]
     assert h.broker._pres_req[alice] == ("carol",)
+
+
+@pytest.mark.parametrize("joiner", ["alice", "carol"])
+def test_a_group_join_committed_while_the_first_subscription_is_read_is_told(h, joiner):
+    """alice's first PresenceSub (carol; they share nothing) is in flight
+    when a group join makes them share one -- alice joins carol's group, or
+    carol joins alice's.  The answer (a snapshot from before) says UNKNOWN;
+    alice must still be told carol's presence.  _membership_changed looked
+    only at installed subscriptions (_pres_req), which a first one in
+    flight is not yet."""
+    h.create_group("g", ["carol"] if joiner == "alice" else ["alice"])
+    alice, carol = h.login("alice", "p"), h.login("carol", "p")
+    held = HeldReads(h)
+    h.feed(alice, F.PresenceSub(1, (F.PresenceUser("carol"),)))
+    assert len(held.held) == 1
+    h.add_members("g", [joiner])
+    held.holding = False
+    held.release()
+    answer, *changes = h.take(alice, F.Presence)
+    assert states(answer) == [("carol", UNKNOWN)]
+    got = [e for p in changes for e in p.entries]
+    assert [(e.user, e.state) for e in got] == [("carol", ONLINE)]
+    # and watched from then on
+    h.lose(carol)
+    assert [states(p) for p in h.take(alice, F.Presence)] == [[("carol", F.PresenceState.OFFLINE)]]

@@ -1137,6 +1137,7 @@ class BrokerServer:
         # from accept, as tcp:// and tls:// ones do (see _full).
         self._upgrading = 0
         self._stopping = False
+        self._drained: Optional[trio.Event] = None  # set by shutdown(): see run()
         self._stats = {
             "accepted": 0,
             "refused": 0,
@@ -1315,6 +1316,14 @@ class BrokerServer:
                         await trio.sleep_forever()
                     # Listeners stopped (shutdown): the peers nursery ends when
                     # every connection has been closed by shutdown().
+                if self._drained is not None:
+                    # shutdown() still drains the last-seen writes the closes
+                    # proposed (and any commit past its deadline): the
+                    # committer must outlive the connections (which end as
+                    # soon as their Close is flushed, or at once when none
+                    # came through a listener) -- cancelled here first, the
+                    # drain waited on a committer that was gone.
+                    await self._drained.wait()
                 nursery.cancel_scope.cancel()
         finally:
             if self._deferring:
@@ -1335,27 +1344,40 @@ class BrokerServer:
         if self._stopping:
             return
         self._stopping = True
-        self._listen_scope.cancel()
-        # Connections still in their handshakes are dropped (they would hold
-        # run() up to login_timeout): no Close can be sent before them anyway.
-        for scope in list(self._handshakes):
-            scope.cancel()
-        # The readers stop: each gives the core nothing more once it wakes
-        # (_reader checks _stopping); one waiting for bytes stays asleep.
-        deadline = trio.current_time() + timeout
-        # Whatever was received before the readers stopped is committed and
-        # acknowledged; nothing new arrives.
-        await self._drain_commits(deadline)
-        self._close_all_by_server(CloseCode.SHUTDOWN, reason)
-        # Closing recorded each device's last-seen time (TouchDevice, lazy
-        # like an ack): committed too, or a peer's "last seen" after the
-        # restart was its login, long before the broker went down.
-        await self._drain_commits(deadline)
-        # Give the writers time to flush the Close frames (each connection
-        # ends itself once flushed, or after close_timeout).
-        with trio.move_on_after(self.config.close_timeout + 0.5):
-            while self._peers:
-                await trio.sleep(0.01)
+        drained = self._drained = trio.Event()  # run() keeps the committer until set
+        try:
+            self._listen_scope.cancel()
+            # Connections still in their handshakes are dropped (they would hold
+            # run() up to login_timeout): no Close can be sent before them anyway.
+            for scope in list(self._handshakes):
+                scope.cancel()
+            # The readers stop: each gives the core nothing more once it wakes
+            # (_reader checks _stopping); one waiting for bytes stays asleep.
+            deadline = trio.current_time() + timeout
+            # Whatever was received before the readers stopped is committed and
+            # acknowledged; nothing new arrives.
+            await self._drain_commits(deadline)
+            self._close_all_by_server(CloseCode.SHUTDOWN, reason)
+            # Closing recorded each device's last-seen time (TouchDevice, lazy
+            # like an ack): committed too, or a peer's "last seen" after the
+            # restart was its login, long before the broker went down.  They get
+            # the Close frames' flush window as well as what is left of
+            # ``deadline``: a write still in flight at the deadline (a worker
+            # thread's, an async store's already sent) cannot be called back and
+            # commits after it, and only then can these go -- with the deadline
+            # alone they never did.  (A shutdown whose store never answers
+            # takes that window longer than before: at most close_timeout +
+            # 0.5 s past ``timeout``, as the Close frames could already.)
+            flushed_by = trio.current_time() + self.config.close_timeout + 0.5
+            await self._drain_commits(max(deadline, flushed_by))
+            drained.set()
+            # Give the writers time to flush the Close frames (each connection
+            # ends itself once flushed, or after close_timeout).
+            with trio.move_on_at(flushed_by):
+                while self._peers:
+                    await trio.sleep(0.01)
+        finally:
+            drained.set()  # (idempotent; an error must not hold run() up)
 
     async def _drain_commits(self, deadline: float) -> None:
         """Commit what the core holds (lazy ops too) until nothing is
