@@ -138,7 +138,7 @@ describe('web demo in Chromium', { skip }, () => {
     await page.goto(`${broker.httpUrl}/web/`);
     await page.getByTestId('user').fill('ali ce');
     await page.getByTestId('signin').click();
-    await page.getByTestId('login-error').filter({ hasText: 'invalid user id' }).waitFor({ timeout: 10000 });
+    await page.getByTestId('login-error').filter({ hasText: "user id 'ali ce' has the character ' '" }).waitFor({ timeout: 10000 });
     assert.equal(await page.getByTestId('signin').isEnabled(), true);
     await page.getByTestId('user').fill('uma');
     await page.getByTestId('signin').click();
