@@ -23,7 +23,7 @@ from pimcore.core import Broker
 from pimcore.errors import ErrorCode, StoreError
 from pimcore.store import LmdbStore, MemoryStore, NewMessage, direct_conversation
 
-from _net import RawConn, serving
+from _net import RawConn, server_config, serving
 
 AB = direct_conversation("alice", "bob")
 
@@ -218,6 +218,49 @@ async def test_a_paused_connection_with_bytes_waiting_does_not_keep_waking_the_p
                 assert srv.statistics().bytes_in == read  # paused: its bytes wait
                 assert len(looks) < 10, len(looks)  # (was one look per scheduler pass)
                 await greedy.aclose()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("how", ["kick", "replaced"])
+async def test_a_paused_connection_that_is_closed_does_not_keep_waking_the_poller(tmp_path, how):
+    """A paused connection (bytes waiting, see above) that is then closed --
+    kicked, or REPLACED by the same device logging in again -- waits up to
+    close_timeout for its Close to flush (this client reads nothing).  Its
+    socket stays out of the poller's epoll meanwhile: closing wakes its
+    reader, which put it back before seeing the connection closing (a busy
+    loop of the poller for the whole close_timeout)."""
+    from test_outbound import fill, settle
+
+    store = LmdbStore(str(tmp_path / "db"), durability="os")
+    try:
+        fill(store, AB, 200, 16 * 1024)
+        with trio.fail_after(30):
+            async with serving(store, server_config(close_timeout=5.0)) as srv:
+                looks = []
+                real = srv._read_polled
+                srv._read_polled = lambda events, **kw: (looks.append(len(events)), real(events, **kw))  # type: ignore[method-assign]
+                greedy = await RawConn.open(srv.endpoints[0].port, rcvbuf=4096)
+                await greedy.login("alice", "greedy")
+                await greedy.send_bytes(b"".join(encode_frame(F.HistoryReq(r, AB, 0, 100, False)) for r in range(40)))
+                await settle(srv)
+                await greedy.send_bytes(b"".join(encode_frame(F.SendReq(i, AB, 0, b"y" * 48_000)) for i in range(1, 8)))
+                await settle(srv)
+                if how == "kick":
+                    srv.kick("alice", "greedy", "test")
+                    again = None
+                else:
+                    again = await RawConn.open(srv.endpoints[0].port)
+                    await again.login("alice", "greedy")
+                await trio.sleep(0.05)
+                # (the paused one is closing, its Close stuck behind what it does not read)
+                assert [p.state.name for p in srv._peers.values() if p.state.name != "OPEN"] == ["CLOSING"]
+                looks.clear()
+                await trio.sleep(0.3)
+                assert len(looks) < 10, len(looks)  # (was one look per scheduler pass until close_timeout)
+                await greedy.aclose()
+                if again is not None:
+                    await again.aclose()
     finally:
         store.close()
 

@@ -1771,9 +1771,19 @@ class BrokerServer:
         # cancelled as a whole once its Close is flushed, and a reader that
         # wakes meanwhile, or during shutdown(), hands the core nothing more.
         fd = peer.fd
+        polled = fd >= 0 and self._ready_probe is not None
+        try:
+            await self._read_loop(peer, fd, polled, first, upgrade, read_size)
+        finally:
+            # Nobody reads this socket any more (the poller reads only for a
+            # parked reader): out of the probe, or bytes or an EOF left in it
+            # would wake the poller at every pass until _serve_peer ends.
+            if polled:
+                self._unprobe(fd)
+
+    async def _read_loop(self, peer: _Peer, fd: int, polled: bool, first: bool, upgrade: bool, read_size: int) -> None:
         wait_readable = trio.lowlevel.wait_readable
         data: Union[bytes, bytearray]
-        polled = fd >= 0 and self._ready_probe is not None
         while peer.state is _PeerState.OPEN and not self._stopping:
             if peer.resume is not None:
                 # The core waits for a request first.  Out of the probe
@@ -1782,7 +1792,11 @@ class BrokerServer:
                 if polled:
                     self._unprobe(fd)
                 await peer.resume.wait()
-                if polled:
+                # Back in only to be read: closing the connection also sets
+                # resume (to end this wait), and a closing one's bytes are
+                # never read -- back in, they would wake the poller at every
+                # pass until the Close is flushed (close_timeout).
+                if polled and peer.state is _PeerState.OPEN and not self._stopping:
                     self._reprobe(fd)
                 continue
             if polled and not first and not upgrade:
@@ -2644,7 +2658,7 @@ class BrokerServer:
     def _unprobe(self, fd: int) -> None:
         try:
             self._ready_probe.unregister(fd)
-        except OSError:  # (not registered: taken out already)
+        except (OSError, ValueError):  # (not registered: taken out already; the probe closed)
             pass
 
     def _reprobe(self, fd: int) -> None:
