@@ -190,28 +190,38 @@ async def test_a_connection_whose_reading_is_paused_does_not_hold_the_others_sen
         store.close()
 
 
+async def _paused_greedy(srv):
+    """A connection the core paused with bytes waiting (it asks for more
+    history than it reads, then sends), and the list of the poller's looks
+    from then on (the number of ready sockets in each)."""
+    from test_outbound import settle
+
+    looks: list[int] = []
+    real = srv._read_polled
+    srv._read_polled = lambda events, **kw: (looks.append(len(events)), real(events, **kw))
+    greedy = await RawConn.open(srv.endpoints[0].port, rcvbuf=4096)
+    await greedy.login("alice", "greedy")
+    await greedy.send_bytes(b"".join(encode_frame(F.HistoryReq(r, AB, 0, 100, False)) for r in range(40)))
+    await settle(srv)
+    await greedy.send_bytes(b"".join(encode_frame(F.SendReq(i, AB, 0, b"y" * 48_000)) for i in range(1, 8)))
+    await settle(srv)
+    return looks, greedy
+
+
 async def test_a_paused_connection_with_bytes_waiting_does_not_keep_waking_the_poller(tmp_path):
     """One task reads every plain-TCP connection (BrokerServer._poller),
     woken by a level-triggered epoll of their sockets.  A connection whose
     reading the core paused, with bytes waiting in its socket, leaves that
     epoll until it is resumed: else its readiness would wake the poller at
     every scheduler pass (a busy loop) for as long as the pause lasts."""
-    from test_outbound import fill, settle
+    from test_outbound import fill
 
     store = LmdbStore(str(tmp_path / "db"), durability="os")
     try:
         fill(store, AB, 200, 16 * 1024)
         with trio.fail_after(30):
             async with serving(store) as srv:
-                looks = []
-                real = srv._read_polled
-                srv._read_polled = lambda events, **kw: (looks.append(len(events)), real(events, **kw))  # type: ignore[method-assign]
-                greedy = await RawConn.open(srv.endpoints[0].port, rcvbuf=4096)
-                await greedy.login("alice", "greedy")
-                await greedy.send_bytes(b"".join(encode_frame(F.HistoryReq(r, AB, 0, 100, False)) for r in range(40)))
-                await settle(srv)
-                await greedy.send_bytes(b"".join(encode_frame(F.SendReq(i, AB, 0, b"y" * 48_000)) for i in range(1, 8)))
-                await settle(srv)
+                looks, greedy = await _paused_greedy(srv)
                 read = srv.statistics().bytes_in
                 looks.clear()
                 await trio.sleep(0.3)
@@ -230,22 +240,14 @@ async def test_a_paused_connection_that_is_closed_does_not_keep_waking_the_polle
     socket stays out of the poller's epoll meanwhile: closing wakes its
     reader, which put it back before seeing the connection closing (a busy
     loop of the poller for the whole close_timeout)."""
-    from test_outbound import fill, settle
+    from test_outbound import fill
 
     store = LmdbStore(str(tmp_path / "db"), durability="os")
     try:
         fill(store, AB, 200, 16 * 1024)
         with trio.fail_after(30):
             async with serving(store, server_config(close_timeout=5.0)) as srv:
-                looks = []
-                real = srv._read_polled
-                srv._read_polled = lambda events, **kw: (looks.append(len(events)), real(events, **kw))  # type: ignore[method-assign]
-                greedy = await RawConn.open(srv.endpoints[0].port, rcvbuf=4096)
-                await greedy.login("alice", "greedy")
-                await greedy.send_bytes(b"".join(encode_frame(F.HistoryReq(r, AB, 0, 100, False)) for r in range(40)))
-                await settle(srv)
-                await greedy.send_bytes(b"".join(encode_frame(F.SendReq(i, AB, 0, b"y" * 48_000)) for i in range(1, 8)))
-                await settle(srv)
+                looks, greedy = await _paused_greedy(srv)
                 if how == "kick":
                     srv.kick("alice", "greedy", "test")
                     again = None
