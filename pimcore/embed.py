@@ -971,8 +971,14 @@ class Pimcore:
         Returns the entry after the change
         (:class:`~pimcore.store.base.ConversationEntry`).  Raises
         RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION, NOT_MEMBER),
-        StoreError if the store failed."""
+        StoreError if the store failed; TypeError (nothing changed) for a
+        flag that is not True, False or None (``"false"`` is truthy, and
+        0/1 are refused as for ``history_visible``)."""
         from .store.base import ConversationSet
+
+        for name, flag in (("pinned", pinned), ("muted", muted), ("hidden", hidden)):
+            if flag is not None and type(flag) is not bool:
+                raise TypeError(f"{name} must be True, False or None (unchanged), not {type(flag).__name__} {flag!r:.60}")
 
         def v(x: Optional[bool]) -> int:
             return 0 if x is None else (1 if x else 2)

@@ -379,3 +379,20 @@ def test_history_visible_must_be_a_bool_on_the_threaded_and_asyncio_handles(tmp_
             assert await aim.history_visible("gt") is True
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("flag", ["pinned", "muted", "hidden"])
+@pytest.mark.parametrize("value", ["false", 0, 1, "yes"])
+async def test_set_conversation_flags_must_be_bools_and_nothing_changes_otherwise(tmp_path: Path, flag: str,
+                                                                                 value: object) -> None:
+    """``pinned="false"`` pinned the conversation (truthiness), 0 unpinned
+    it: a flag is True, False or None, else TypeError (as history_visible
+    and hide_last_seen), before anything is stored."""
+    async with open_pimcore(data_dir=tmp_path / "data") as im:
+        await im.create_group("team", ["alice"])
+        before = await im.set_conversation("alice", "team")
+        with pytest.raises(TypeError, match=f"{flag} must be True, False or None"):
+            await im.set_conversation("alice", "team", **{flag: value})
+        assert await im.set_conversation("alice", "team") == before
+        entry = await im.set_conversation("alice", "team", **{flag: True})
+        assert getattr(entry, flag) is True
