@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 __all__ = [
     "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ConversationListPage", "ReadPositions", "DevicePosition",
     "HostEvent", "EventStream", "SYSTEM", "EventsDisabled", "UserPresence", "Retention", "Purged", "BrokerStopped",
+    "MIN_RETENTION_AGE",
 ]
 
 _log = logging.getLogger("pimcore.net")
@@ -79,6 +80,12 @@ _log = logging.getLogger("pimcore.net")
 #: How far after now (µs) :meth:`Pimcore.revoke`'s ``before`` may be: a
 #: little clock skew between the host and the broker, no more.
 REVOKE_AHEAD = 60 * 1_000_000
+
+#: Shortest ``max_age`` (µs) :meth:`Pimcore.set_retention` takes, 0 (no
+#: limit) aside: one minute.  Shorter, the reclaim pass deletes messages
+#: faster than devices can read them -- and a host passing seconds for µs
+#: (``max_age=30``) would wipe the conversation's history.
+MIN_RETENTION_AGE = 60 * 1_000_000
 
 #: Longest token lifetime :meth:`Pimcore.issue_token` issues (s): 366 days.
 MAX_TOKEN_TTL = 366 * 24 * 3600
@@ -798,8 +805,24 @@ class Pimcore:
         reclaim (``BrokerConfig.reclaim_interval``, a minute by default):
         removed entries take their inbox entries and dedupe records with
         them.  Returns the setting now stored.  Raises RequestRefused
-        (BAD_REQUEST: a malformed id or a negative value;
-        UNKNOWN_CONVERSATION), StoreError."""
+        (BAD_REQUEST: a malformed id, a negative value, or a ``max_age`` of
+        1 µs up to :data:`MIN_RETENTION_AGE` (60 s) exclusive -- it would
+        delete messages faster than devices can read them, and is most
+        likely seconds passed for µs; nothing stored; UNKNOWN_CONVERSATION),
+        StoreError."""
+        if type(max_age) is int and 0 < max_age < MIN_RETENTION_AGE:
+            raise RequestRefused(
+                ErrorCode.BAD_REQUEST,
+                f"retention of {_show(conv)}: max_age is µs and must be 0 (no limit) or at least {MIN_RETENTION_AGE} µs"
+                f" (MIN_RETENTION_AGE, 60 s), got {max_age} µs ({max_age / 1_000_000:g} s): a shorter one deletes"
+                " messages before devices can read them",
+            )
+        return await self._set_retention(conv, max_age=max_age, max_count=max_count)
+
+    async def _set_retention(self, conv: str, *, max_age: Optional[int] = None,
+                             max_count: Optional[int] = None) -> Retention:
+        """:meth:`set_retention` without the MIN_RETENTION_AGE floor (the
+        HTTP API's PUT retention: an operator's call, docs/HTTP.md)."""
         problem = conversation_problem(conv)
         if problem is not None:
             raise RequestRefused(ErrorCode.BAD_REQUEST, f"retention: {problem}")
