@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 __all__ = [
     "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ConversationListPage", "ReadPositions", "DevicePosition",
     "HostEvent", "EventStream", "SYSTEM", "EventsDisabled", "UserPresence", "Retention", "Purged", "BrokerStopped",
-    "MIN_RETENTION_AGE",
+    "MIN_RETENTION_AGE", "MAX_EVENTS_PAGE",
 ]
 
 _log = logging.getLogger("pimcore.net")
@@ -86,6 +86,10 @@ REVOKE_AHEAD = 60 * 1_000_000
 #: faster than devices can read them -- and a host passing seconds for µs
 #: (``max_age=30``) would wipe the conversation's history.
 MIN_RETENTION_AGE = 60 * 1_000_000
+
+#: Most host events one :meth:`Pimcore.next_events` page holds (``limit``),
+#: as ``GET /v1/events``'s ``limit``.
+MAX_EVENTS_PAGE = 10_000
 
 #: Longest token lifetime :meth:`Pimcore.issue_token` issues (s): 366 days.
 MAX_TOKEN_TTL = 366 * 24 * 3600
@@ -1090,9 +1094,11 @@ class Pimcore:
         restart, a crash included (see docs/EMBEDDING.md, Events).  Needs
         ``events=True`` (``[server] events``): without it raises
         EventsDisabled.  Raises RequestRefused (BAD_REQUEST: an invalid
-        consumer name) when iterated."""
+        consumer name) when iterated; ``after`` and ``limit`` as for
+        :meth:`next_events` (checked here)."""
         self.server.check_running()
         self._need_events()
+        _check_page(after, limit)
         return EventStream(self, consumer, after, limit)
 
     @property
@@ -1114,17 +1120,22 @@ class Pimcore:
         except that reading from the durable cursor creates it (at 0) if
         the consumer has none: from then on the reclaim keeps every event
         it has not acknowledged.
+        ``after``: None or an event id, 0..2**64-1; ``limit``: 1 ..
+        :data:`MAX_EVENTS_PAGE` (10000) events.
         Raises EventsDisabled when the broker records none (it would wait
-        forever), RequestRefused (BAD_REQUEST) for an invalid consumer or
-        an ``after`` past the last event id (events recorded later would be
-        skipped until their ids passed it)."""
+        forever), RequestRefused (BAD_REQUEST) for an invalid consumer, an
+        ``after`` or ``limit`` out of its range, or an ``after`` past the
+        last event id (events recorded later would be skipped until their
+        ids passed it); TypeError for an ``after`` or ``limit`` that is no
+        int.  Nothing is read then."""
         self._need_events()
         _check_consumer(consumer, "events")
+        _check_page(after, limit)
         if after is None:
             await self._hold_events(consumer)
         while True:
             committed = self.server.committed  # before the read: no wake-up is missed
-            page = await self._read_one(ReadEvents(consumer, after, max(1, limit)))
+            page = await self._read_one(ReadEvents(consumer, after, limit))
             if isinstance(page, Rejected):
                 raise RequestRefused(page.code, f"events of {_show(consumer)}: {page.code.name}")
             assert isinstance(page, EventsPage)
@@ -1177,9 +1188,12 @@ class Pimcore:
         durable cursor moves there (never back; clamped to the last id),
         durable when this returns.  Returns the cursor in force.  Raises
         EventsDisabled when the broker records none, RequestRefused
-        (BAD_REQUEST), StoreError."""
+        (BAD_REQUEST: an invalid consumer name, an ``upto`` outside
+        0..2**64-1), StoreError; TypeError for an ``upto`` that is no int
+        (a bool, a str, a float).  Nothing is acked then."""
         self._need_events()
         _check_consumer(consumer, "ack_events")
+        _check_event_arg(upto, "upto", 0, (1 << 64) - 1, "ack_events")
         result = await self.server.host_call(self.server.broker.ack_events, consumer, upto)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
@@ -1331,6 +1345,24 @@ def _check_int(value: Any, name: str, low: int, high: int = (1 << 64) - 1) -> No
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be in {low}..{high}, not {value}")
+
+
+def _check_event_arg(value: Any, name: str, low: int, high: int, call: str) -> None:
+    """An event id or page size of ``call``: TypeError unless an int (no
+    bool), RequestRefused(BAD_REQUEST) unless in low..high (the events
+    API refuses with BAD_REQUEST, and the HTTP API answers it with 400)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{call}: {name} must be an int, not {type(value).__name__} {value!r:.60}")
+    if not low <= value <= high:
+        raise RequestRefused(ErrorCode.BAD_REQUEST, f"{call}: {name} must be in {low}..{high}, not {value}")
+
+
+def _check_page(after: Any, limit: Any, call: str = "events") -> None:
+    """``after`` (None, or an event id 0..2**64-1) and ``limit`` (1 ..
+    MAX_EVENTS_PAGE) of an events read (see _check_event_arg)."""
+    if after is not None:
+        _check_event_arg(after, "after", 0, (1 << 64) - 1, call)
+    _check_event_arg(limit, "limit", 1, MAX_EVENTS_PAGE, call)
 
 
 def _check_seq(seq: Any) -> None:

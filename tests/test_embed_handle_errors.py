@@ -396,3 +396,37 @@ async def test_set_conversation_flags_must_be_bools_and_nothing_changes_otherwis
         assert await im.set_conversation("alice", "team") == before
         entry = await im.set_conversation("alice", "team", **{flag: True})
         assert getattr(entry, flag) is True
+
+
+async def test_event_page_and_ack_arguments_get_clear_errors(tmp_path: Path) -> None:
+    """next_events(limit=-5) read one event (max(1, limit)), limit=10**9
+    was handed to the store as asked, limit="10" or after=1.5 came back as
+    a bare "events of 'default': BAD_REQUEST", and ack_events(-1) or
+    ack_events("3") went to the store.  Now: TypeError for a value that is
+    no int (a bool neither), RequestRefused(BAD_REQUEST) saying the range
+    for one out of it -- limit 1..MAX_EVENTS_PAGE (10000), after and upto
+    0..2**64-1 -- and nothing read or acked."""
+    from pimcore.embed import MAX_EVENTS_PAGE
+
+    assert MAX_EVENTS_PAGE == 10_000
+    async with open_pimcore(data_dir=tmp_path / "data", events=True) as im:
+        await im.create_group("team", ["alice"])
+        await im.post("team", b"x")
+        for kw in ({"limit": 0}, {"limit": -5}, {"limit": MAX_EVENTS_PAGE + 1}, {"after": -1}, {"after": 1 << 64}):
+            with pytest.raises(RequestRefused, match="must be in") as refused:
+                await im.next_events(**kw)
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+            with pytest.raises(RequestRefused, match="must be in"):
+                im.events(**kw)
+        for kw in ({"limit": "10"}, {"limit": 2.0}, {"limit": True}, {"after": 1.5}, {"after": "0"}):
+            with pytest.raises(TypeError, match="must be an int"):
+                await im.next_events(**kw)
+            with pytest.raises(TypeError, match="must be an int"):
+                im.events(**kw)
+        for bad, error in ((-1, RequestRefused), (1 << 64, RequestRefused), ("3", TypeError), (2.0, TypeError),
+                           (True, TypeError), (None, TypeError)):
+            with pytest.raises(error, match="upto"):
+                await im.ack_events(bad, "app")  # type: ignore[arg-type]
+        assert await im.event_cursor("app") == (0, 1)  # nothing acked (no cursor made either)
+        after, page = await im.next_events(after=0, limit=MAX_EVENTS_PAGE)
+        assert after == 0 and len(page) == 1

@@ -574,7 +574,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         need_events()
         consumer = _query(request, "consumer", str, "default")
         after: Optional[int] = _query(request, "after", int, None)
-        limit = _query(request, "limit", int, 256, 1, 10000)
+        limit = _query(request, "limit", int, 256, 1, 10000)  # (pimcore.embed.MAX_EVENTS_PAGE)
         wait = _query(request, "wait", float, 0.0, 0, MAX_EVENT_WAIT)
         cursor, last = await handle.event_cursor(consumer)
         if after is None:
