@@ -630,8 +630,15 @@ class Pimcore:
         """Delete the message at ``seq`` of ``conv`` for ``user`` only (as
         their DeleteReq would, from ``device``): their devices get a DELETE
         entry (``Posted.seq`` 0) and history returns the message to them with
-        ``deleted`` set and no payload.  Raises RequestRefused
-        (NO_SUCH_MESSAGE, NOT_MEMBER, ...), StoreError."""
+        ``deleted`` set and no payload.  Idempotent without a key too: a
+        repeat for the same user, device and message stores nothing more
+        and returns the first one's Posted (``duplicate`` set) -- the
+        default key is derived from ``conv`` and ``seq``.  Raises
+        RequestRefused (NO_SUCH_MESSAGE, NOT_MEMBER, ...), StoreError."""
+        if idempotency_key is None:
+            _check_seq(seq)
+            if conversation_problem(conv) is None:  # (a malformed id: the broker's BAD_REQUEST says why)
+                idempotency_key = f"pimcore-delete-for\x00{conv}\x00{seq}"
         return await self._amend(conv, seq, MessageKind.DELETE, b"", user, device, idempotency_key)
 
     async def _amend(
@@ -1440,8 +1447,16 @@ async def open_pimcore(
     Raises ConfigError for unusable settings (a value of the wrong type, a
     ``data_dir`` that is not a directory, a ``secret_file`` that cannot be
     read), StoreError if the store cannot be opened, OSError if a listener
-    cannot bind.
+    cannot bind; ValueError for a ``store`` that is no store object (a
+    name or URL string: the stores are LmdbStore, MemoryStore and the
+    Redis Cluster AsyncStore).
     """
+    if store is not None and not isinstance(store, (Store, AsyncStore)):
+        raise ValueError(
+            f"store must be None (LMDB in <data_dir>/store) or an opened store object: a pimcore.store.Store"
+            f" (LmdbStore, MemoryStore) or a pimcore.store.AsyncStore (the Redis Cluster store) -- not"
+            f" {type(store).__name__} {store!r:.60}"
+        )
     if settings is None:
         overrides.setdefault("listen", [])
         overrides.setdefault("http", "")  # like listen: only when asked for here

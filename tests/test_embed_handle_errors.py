@@ -430,3 +430,43 @@ async def test_event_page_and_ack_arguments_get_clear_errors(tmp_path: Path) -> 
         assert await im.event_cursor("app") == (0, 1)  # nothing acked (no cursor made either)
         after, page = await im.next_events(after=0, limit=MAX_EVENTS_PAGE)
         assert after == 0 and len(page) == 1
+
+
+@pytest.mark.parametrize("store", ["memory", "redis://127.0.0.1:7000", 0])
+async def test_a_store_that_is_no_store_object_is_a_value_error_naming_the_stores(tmp_path: Path, store: object) -> None:
+    """open_pimcore(store="memory") failed deep in the server with
+    AttributeError: 'str' object has no attribute 'node_id'."""
+    with pytest.raises(ValueError, match="LmdbStore, MemoryStore") as err:
+        async with open_pimcore(data_dir=tmp_path / "data", store=store):
+            pass  # pragma: no cover
+    assert "AsyncStore" in str(err.value) and repr(store)[:10] in str(err.value)
+
+
+@pytest.mark.parametrize("value", [0, 1e-9])
+async def test_a_reclaim_interval_of_zero_says_seconds(tmp_path: Path, value: float) -> None:
+    """reclaim_interval is seconds in the settings, but the refusal said
+    "BrokerConfig.reclaim_interval must be > 0 µs"."""
+    from pimcore.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"reclaim_interval: expected seconds > 0") as err:
+        async with open_pimcore(data_dir=tmp_path / "data", reclaim_interval=value):
+            pass  # pragma: no cover
+    assert "µs" not in str(err.value)
+
+
+async def test_delete_for_twice_stores_one_entry(tmp_path: Path) -> None:
+    """Each delete_for without a key got a random local id: a repeat (a
+    retry after a timeout) stored a second DELETE entry -- one more inbox
+    entry and host event for the same (user, message)."""
+    async with open_pimcore(data_dir=tmp_path / "data", events=True) as im:
+        await im.create_group("team", ["alice", "bob"])
+        posted = await im.post("team", b"x")
+        first = await im.delete_for("alice", "team", posted.seq)
+        again = await im.delete_for("alice", "team", posted.seq)
+        assert again == first and again.duplicate and not first.duplicate
+        positions = await im.read_positions("alice")
+        assert positions.head == 2  # the message and one DELETE entry
+        _, events = await im.next_events(after=0)
+        assert [e.kind for e in events if e.type == "message"] == [0, 5]
+        # Another user's delete of it is their own entry.
+        assert not (await im.delete_for("bob", "team", posted.seq)).duplicate
