@@ -59,6 +59,7 @@ def _pim_glue_main(ffi, lib):
     from pimcore.config import ConfigError
     from pimcore.errors import ErrorCode, PimError, StoreError
     from pimcore.embed import RequestRefused
+    from pimcore.ids import _show
     from pimcore.threaded import BrokerAlreadyRunning, BrokerStopped, WouldDeadlock, open_pimcore_thread
 
     OK, INVALID, CONFIG, INIT, VERSION, STOPPED, ALREADY_RUNNING, WOULD_DEADLOCK = range(8)
@@ -191,11 +192,23 @@ def _pim_glue_main(ffi, lib):
             raise ValueError("sender and device must be ids, not empty (both NULL: the system)")
         return {"sender": sender, "device": device}
 
+    def payload_of(im, conv, payload, n):
+        """The n bytes at ``payload``, copied -- only once n is known to be
+        within max_payload: a wrong length must not read past the caller's
+        buffer (or ask for terabytes).  RequestRefused(PAYLOAD_TOO_LARGE)
+        otherwise, as the broker's refusal says it."""
+        limit = im._alive().server.broker.config.limits.max_payload
+        if n > limit:
+            raise RequestRefused(ErrorCode.PAYLOAD_TOO_LARGE, "post to %s refused: PAYLOAD_TOO_LARGE: %d bytes, max_payload"
+                                 " is %d" % (_show(conv), n, limit))
+        return ffi.buffer(payload, n)[:] if n else b""
+
     @entry
     def _pim_py_post(bid, conv, sender, device, payload, n, key, out_msg_id, out_seq):
         im = broker(bid)
+        conv = text(conv, "conv")
         posted = im.post(
-            text(conv, "conv"), ffi.buffer(payload, n)[:] if n else b"",
+            conv, payload_of(im, conv, payload, n),
             idempotency_key=text(key, "idempotency_key"),
             **identity(text(sender, "sender"), text(device, "device")),
         )
@@ -216,13 +229,17 @@ def _pim_glue_main(ffi, lib):
             if it.status != -1:
                 continue
             try:
-                kw = {"conv": text(it.conv, "conv"), "payload": ffi.buffer(it.payload, it.len)[:] if it.len else b""}
+                conv = text(it.conv, "conv")
+                kw = {"conv": conv, "payload": payload_of(im, conv, it.payload, it.len)}
                 key = text(it.idempotency_key, "idempotency_key")
                 if key is not None:
                     kw["idempotency_key"] = key
                 kw.update(identity(text(it.sender, "sender"), text(it.device, "device")))
             except ValueError as exc:
                 failed.append((i, INVALID, exc))
+                continue
+            except RequestRefused as exc:  # (too large: not read)
+                failed.append((i, status_of(exc), exc))
                 continue
             posts.append(kw)
             where.append(i)

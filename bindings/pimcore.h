@@ -140,7 +140,8 @@ PIM_EXPORT int pim_broker_start_(const char *config_json, pim_broker **out, int 
  * does not rely on process exit).  The handle stays valid: later calls fail
  * with PIM_ERR_STOPPED; stopping again is PIM_OK.  Then pim_broker_free. */
 PIM_EXPORT int pim_broker_stop(pim_broker *b);
-/* Stop (if needed) and release the handle.  NULL is a no-op.  The handle
+/* Stop (if needed) and release the handle.  NULL is a no-op (PIM_OK; it
+ * clears pim_last_error as every call does).  The handle
  * is released whatever the error, except PIM_ERR_WOULD_DEADLOCK (called
  * from a callback: free it from another thread). */
 PIM_EXPORT int pim_broker_free(pim_broker *b);
@@ -158,8 +159,10 @@ PIM_EXPORT int pim_broker_port(pim_broker *b, int *out_port);
  * PIM_ERR_INVALID (conv NULL, payload NULL with a length, only one of
  * sender/device, an empty or invalid id, a string not UTF-8),
  * PIM_ERR_UNKNOWN_CONVERSATION, PIM_ERR_NOT_MEMBER,
- * PIM_ERR_DUPLICATE_CONFLICT, PIM_ERR_PAYLOAD_TOO_LARGE, PIM_ERR_REFUSED,
- * PIM_ERR_STORE, PIM_ERR_STOPPED. */
+ * PIM_ERR_DUPLICATE_CONFLICT, PIM_ERR_PAYLOAD_TOO_LARGE (len over
+ * limits.max_payload: checked before payload is read, so no byte past
+ * max_payload is ever touched), PIM_ERR_REFUSED, PIM_ERR_STORE,
+ * PIM_ERR_STOPPED. */
 PIM_EXPORT int pim_post(pim_broker *b, const char *conv, const char *sender, const char *device,
                         const void *payload, size_t len, const char *idempotency_key,
                         uint8_t out_msg_id[16], uint64_t *out_seq);
@@ -270,7 +273,8 @@ typedef struct pim_event {
     const char *reason;           /* offline, kicked */
     /* Since 0.2 (PIM_VERSION_NUMBER 200): */
     uint64_t target;              /* message, kinds RECALL, EDIT, DELETE: the seq of the message acted on */
-    uint64_t local_id;            /* message: the sending device's local id (0 for a host post) */
+    uint64_t local_id;            /* message: the sending device's local id; for a host post the hash of its
+                                   * idempotency key (BLAKE2b, 64 bits), or a random one without a key: never 0 */
     const char *const *muted_recipients;    /* message: recipients who muted conv (skip or silence their push);
                                              * conversation: {user} when muted */
     size_t n_muted_recipients;

@@ -366,6 +366,7 @@ PIM_EXPORT int pim_broker_stop(pim_broker *b)
 
 PIM_EXPORT int pim_broker_free(pim_broker *b)
 {
+    pim__err[0] = 0; /* NULL too: a call like any other replaces the last error */
     if (b == NULL)
         return PIM_OK;
     if (pim__forked()) { /* the broker runs on in the parent: release this copy of the handle */

@@ -18,6 +18,10 @@ coroutines here, its plain functions (``kick``, ``issue_token``,
 
     asyncio.run(main())
 
+Call the handle from the event loop that opened it (another thread:
+``asyncio.run_coroutine_threadsafe(im.post(...), loop)``); a coroutine
+method awaited in another loop raises RuntimeError before it does anything.
+
 How a call crosses over: the asyncio side asks trio (through the run's
 TrioToken, which may be used from outside the run) to start the handle's
 coroutine in a nursery of the guest run; its outcome comes back through the
@@ -35,7 +39,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, Generator, Optional, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Generator, Iterable, Optional, TypeVar
 
 import trio
 
@@ -93,9 +97,25 @@ class AsyncPimcore:
         exc.__cause__ = self._error
         return exc
 
+    def _check_loop(self) -> None:
+        """RuntimeError unless called from the broker's own event loop: the
+        answer of a call comes back through a future of that loop, which
+        another loop cannot await -- so refuse before anything is handed to
+        the broker (the call would take effect, and its caller see only an
+        error)."""
+        try:
+            running: Optional[asyncio.AbstractEventLoop] = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            raise RuntimeError("this pimcore.asyncio handle belongs to another event loop (the one that opened it):"
+                               " call it from that loop (asyncio.run_coroutine_threadsafe(..., loop) from another"
+                               " thread), or use pimcore.threaded from threads; nothing was done")
+
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         if self._closed:
             raise self._stopped()
+        self._check_loop()
         fut: asyncio.Future[T] = self._loop.create_future()
         loop = self._loop
         # Cancelled when the asyncio caller is: its trio task ends too.
@@ -233,6 +253,10 @@ class AsyncPimcore:
 
     async def remove_members(self, conv: str, users: list[str]) -> Any:
         return await self._call(self.handle.remove_members, conv, embed._some_users(users, "remove_members", conv))
+
+    async def online_anywhere(self, users: Iterable[str]) -> frozenset[str]:
+        """As :meth:`pimcore.embed.Pimcore.online_anywhere`."""
+        return await self._call(self.handle.online_anywhere, embed._user_ids(users, "users"))
 
     async def conversations(self, user: str) -> list[Conversation]:
         return await self._call(self.handle.conversations, user)

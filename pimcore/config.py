@@ -691,6 +691,9 @@ class ServeSettings:
                 seconds = float(srv.pop(key))
                 if seconds < 0:  # (BrokerConfig would say it in its own names, in µs)
                     raise self._refused(f"server.{key}: expected seconds >= 0, got {seconds:g}", ("server", key))
+                if key in ("login_timeout", "reclaim_interval") and int(seconds * SECOND) <= 0:  # (no "off" for these)
+                    raise self._refused(f"server.{key}: expected seconds > 0 (at least 0.000001), got {seconds:g}",
+                                        ("server", key))
                 timeouts: dict[str, Any] = {key: int(seconds * SECOND)}
                 try:
                     broker = replace(broker, **timeouts)

@@ -1924,15 +1924,24 @@ class Broker:
 
     def _arm_reclaim(self, now: int) -> None:
         # Reclamation (and history retention) starts with the first
-        # connection -- or, when retention is in use, the first host post or
-        # retention setting: a broker fed only through the embedding API
-        # must expire history too (with a default retention configured, at
-        # once: next_deadline).  (Not at any host call: host events that
-        # one consumer acked would then be reclaimed before a consumer that
-        # never acked yet reads them, which hosts without connections have
-        # come to rely on.)
+        # connection, or the first host write (:meth:`host_write`): a broker
+        # fed only through the embedding API must reclaim acked events and
+        # expire history too (with a default retention configured, at once:
+        # next_deadline).  A consumer's events are safe from it once the
+        # consumer has a cursor, which reading from its cursor creates
+        # (pimcore.embed.Pimcore._hold_events).
         if self._next_reclaim is None:
             self._next_reclaim = now + self.config.reclaim_interval
+
+    def host_write(self, now: int) -> list[Command]:
+        """The host is about to write (a post, a group change, an ack...,
+        through the embedding handle): the reclaim pass starts
+        ``reclaim_interval`` after the first one, as it does after the first
+        connection -- a broker used only by its host reclaims acked events,
+        inbox entries and expired history too.  Returns [] (the pass comes
+        with :meth:`handle_timer` at :meth:`next_deadline`)."""
+        self._arm_reclaim(now)
+        return []
 
     def _admin(self, op: Op, ref: int, now: int) -> list[Command]:
         out: list[Command] = []

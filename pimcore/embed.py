@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 __all__ = [
     "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ConversationListPage", "ReadPositions", "DevicePosition",
     "HostEvent", "EventStream", "SYSTEM", "EventsDisabled", "UserPresence", "Retention", "Purged", "BrokerStopped",
+    "MIN_RETENTION_AGE", "MAX_EVENTS_PAGE",
 ]
 
 _log = logging.getLogger("pimcore.net")
@@ -79,6 +80,16 @@ _log = logging.getLogger("pimcore.net")
 #: How far after now (µs) :meth:`Pimcore.revoke`'s ``before`` may be: a
 #: little clock skew between the host and the broker, no more.
 REVOKE_AHEAD = 60 * 1_000_000
+
+#: Shortest ``max_age`` (µs) :meth:`Pimcore.set_retention` takes, 0 (no
+#: limit) aside: one minute.  Shorter, the reclaim pass deletes messages
+#: faster than devices can read them -- and a host passing seconds for µs
+#: (``max_age=30``) would wipe the conversation's history.
+MIN_RETENTION_AGE = 60 * 1_000_000
+
+#: Most host events one :meth:`Pimcore.next_events` page holds (``limit``),
+#: as ``GET /v1/events``'s ``limit``.
+MAX_EVENTS_PAGE = 10_000
 
 #: Longest token lifetime :meth:`Pimcore.issue_token` issues (s): 366 days.
 MAX_TOKEN_TTL = 366 * 24 * 3600
@@ -619,8 +630,15 @@ class Pimcore:
         """Delete the message at ``seq`` of ``conv`` for ``user`` only (as
         their DeleteReq would, from ``device``): their devices get a DELETE
         entry (``Posted.seq`` 0) and history returns the message to them with
-        ``deleted`` set and no payload.  Raises RequestRefused
-        (NO_SUCH_MESSAGE, NOT_MEMBER, ...), StoreError."""
+        ``deleted`` set and no payload.  Idempotent without a key too: a
+        repeat for the same user, device and message stores nothing more
+        and returns the first one's Posted (``duplicate`` set) -- the
+        default key is derived from ``conv`` and ``seq``.  Raises
+        RequestRefused (NO_SUCH_MESSAGE, NOT_MEMBER, ...), StoreError."""
+        if idempotency_key is None:
+            _check_seq(seq)
+            if conversation_problem(conv) is None:  # (a malformed id: the broker's BAD_REQUEST says why)
+                idempotency_key = f"pimcore-delete-for\x00{conv}\x00{seq}"
         return await self._amend(conv, seq, MessageKind.DELETE, b"", user, device, idempotency_key)
 
     async def _amend(
@@ -798,8 +816,24 @@ class Pimcore:
         reclaim (``BrokerConfig.reclaim_interval``, a minute by default):
         removed entries take their inbox entries and dedupe records with
         them.  Returns the setting now stored.  Raises RequestRefused
-        (BAD_REQUEST: a malformed id or a negative value;
-        UNKNOWN_CONVERSATION), StoreError."""
+        (BAD_REQUEST: a malformed id, a negative value, or a ``max_age`` of
+        1 µs up to :data:`MIN_RETENTION_AGE` (60 s) exclusive -- it would
+        delete messages faster than devices can read them, and is most
+        likely seconds passed for µs; nothing stored; UNKNOWN_CONVERSATION),
+        StoreError."""
+        if type(max_age) is int and 0 < max_age < MIN_RETENTION_AGE:
+            raise RequestRefused(
+                ErrorCode.BAD_REQUEST,
+                f"retention of {_show(conv)}: max_age is µs and must be 0 (no limit) or at least {MIN_RETENTION_AGE} µs"
+                f" (MIN_RETENTION_AGE, 60 s), got {max_age} µs ({max_age / 1_000_000:g} s): a shorter one deletes"
+                " messages before devices can read them",
+            )
+        return await self._set_retention(conv, max_age=max_age, max_count=max_count)
+
+    async def _set_retention(self, conv: str, *, max_age: Optional[int] = None,
+                             max_count: Optional[int] = None) -> Retention:
+        """:meth:`set_retention` without the MIN_RETENTION_AGE floor (the
+        HTTP API's PUT retention: an operator's call, docs/HTTP.md)."""
         problem = conversation_problem(conv)
         if problem is not None:
             raise RequestRefused(ErrorCode.BAD_REQUEST, f"retention: {problem}")
@@ -971,8 +1005,14 @@ class Pimcore:
         Returns the entry after the change
         (:class:`~pimcore.store.base.ConversationEntry`).  Raises
         RequestRefused (BAD_REQUEST, UNKNOWN_CONVERSATION, NOT_MEMBER),
-        StoreError if the store failed."""
+        StoreError if the store failed; TypeError (nothing changed) for a
+        flag that is not True, False or None (``"false"`` is truthy, and
+        0/1 are refused as for ``history_visible``)."""
         from .store.base import ConversationSet
+
+        for name, flag in (("pinned", pinned), ("muted", muted), ("hidden", hidden)):
+            if flag is not None and type(flag) is not bool:
+                raise TypeError(f"{name} must be True, False or None (unchanged), not {type(flag).__name__} {flag!r:.60}")
 
         def v(x: Optional[bool]) -> int:
             return 0 if x is None else (1 if x else 2)
@@ -1061,9 +1101,11 @@ class Pimcore:
         restart, a crash included (see docs/EMBEDDING.md, Events).  Needs
         ``events=True`` (``[server] events``): without it raises
         EventsDisabled.  Raises RequestRefused (BAD_REQUEST: an invalid
-        consumer name) when iterated."""
+        consumer name) when iterated; ``after`` and ``limit`` as for
+        :meth:`next_events` (checked here)."""
         self.server.check_running()
         self._need_events()
+        _check_page(after, limit)
         return EventStream(self, consumer, after, limit)
 
     @property
@@ -1085,17 +1127,22 @@ class Pimcore:
         except that reading from the durable cursor creates it (at 0) if
         the consumer has none: from then on the reclaim keeps every event
         it has not acknowledged.
+        ``after``: None or an event id, 0..2**64-1; ``limit``: 1 ..
+        :data:`MAX_EVENTS_PAGE` (10000) events.
         Raises EventsDisabled when the broker records none (it would wait
-        forever), RequestRefused (BAD_REQUEST) for an invalid consumer or
-        an ``after`` past the last event id (events recorded later would be
-        skipped until their ids passed it)."""
+        forever), RequestRefused (BAD_REQUEST) for an invalid consumer, an
+        ``after`` or ``limit`` out of its range, or an ``after`` past the
+        last event id (events recorded later would be skipped until their
+        ids passed it); TypeError for an ``after`` or ``limit`` that is no
+        int.  Nothing is read then."""
         self._need_events()
         _check_consumer(consumer, "events")
+        _check_page(after, limit)
         if after is None:
             await self._hold_events(consumer)
         while True:
             committed = self.server.committed  # before the read: no wake-up is missed
-            page = await self._read_one(ReadEvents(consumer, after, max(1, limit)))
+            page = await self._read_one(ReadEvents(consumer, after, limit))
             if isinstance(page, Rejected):
                 raise RequestRefused(page.code, f"events of {_show(consumer)}: {page.code.name}")
             assert isinstance(page, EventsPage)
@@ -1148,9 +1195,12 @@ class Pimcore:
         durable cursor moves there (never back; clamped to the last id),
         durable when this returns.  Returns the cursor in force.  Raises
         EventsDisabled when the broker records none, RequestRefused
-        (BAD_REQUEST), StoreError."""
+        (BAD_REQUEST: an invalid consumer name, an ``upto`` outside
+        0..2**64-1), StoreError; TypeError for an ``upto`` that is no int
+        (a bool, a str, a float).  Nothing is acked then."""
         self._need_events()
         _check_consumer(consumer, "ack_events")
+        _check_event_arg(upto, "upto", 0, (1 << 64) - 1, "ack_events")
         result = await self.server.host_call(self.server.broker.ack_events, consumer, upto)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
@@ -1304,6 +1354,24 @@ def _check_int(value: Any, name: str, low: int, high: int = (1 << 64) - 1) -> No
         raise ValueError(f"{name} must be in {low}..{high}, not {value}")
 
 
+def _check_event_arg(value: Any, name: str, low: int, high: int, call: str) -> None:
+    """An event id or page size of ``call``: TypeError unless an int (no
+    bool), RequestRefused(BAD_REQUEST) unless in low..high (the events
+    API refuses with BAD_REQUEST, and the HTTP API answers it with 400)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{call}: {name} must be an int, not {type(value).__name__} {value!r:.60}")
+    if not low <= value <= high:
+        raise RequestRefused(ErrorCode.BAD_REQUEST, f"{call}: {name} must be in {low}..{high}, not {value}")
+
+
+def _check_page(after: Any, limit: Any, call: str = "events") -> None:
+    """``after`` (None, or an event id 0..2**64-1) and ``limit`` (1 ..
+    MAX_EVENTS_PAGE) of an events read (see _check_event_arg)."""
+    if after is not None:
+        _check_event_arg(after, "after", 0, (1 << 64) - 1, call)
+    _check_event_arg(limit, "limit", 1, MAX_EVENTS_PAGE, call)
+
+
 def _check_seq(seq: Any) -> None:
     """A message's seq: an int in 1..2**64-1 (TypeError / ValueError)."""
     if not isinstance(seq, int) or isinstance(seq, bool):
@@ -1379,8 +1447,16 @@ async def open_pimcore(
     Raises ConfigError for unusable settings (a value of the wrong type, a
     ``data_dir`` that is not a directory, a ``secret_file`` that cannot be
     read), StoreError if the store cannot be opened, OSError if a listener
-    cannot bind.
+    cannot bind; ValueError for a ``store`` that is no store object (a
+    name or URL string: the stores are LmdbStore, MemoryStore and the
+    Redis Cluster AsyncStore).
     """
+    if store is not None and not isinstance(store, (Store, AsyncStore)):
+        raise ValueError(
+            f"store must be None (LMDB in <data_dir>/store) or an opened store object: a pimcore.store.Store"
+            f" (LmdbStore, MemoryStore) or a pimcore.store.AsyncStore (the Redis Cluster store) -- not"
+            f" {type(store).__name__} {store!r:.60}"
+        )
     if settings is None:
         overrides.setdefault("listen", [])
         overrides.setdefault("http", "")  # like listen: only when asked for here

@@ -33,6 +33,7 @@ This is also the layer the C ABI (``bindings/``) stands on.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import threading
@@ -76,7 +77,27 @@ _running_lock = threading.Lock()
 #: ``dispatching``: the ThreadedPimcore whose event handler this thread runs.
 _tls = threading.local()
 
-EventHandler = Callable[[HostEvent], bool]
+EventHandler = Callable[[HostEvent], Optional[bool]]
+
+#: Seconds before an event whose handler raised (or returned something other
+#: than True, False or None) is handed to it again; doubled after each
+#: failure in a row, up to :data:`HANDLER_RETRY_MAX`.
+HANDLER_RETRY_DELAY = 1.0
+#: The longest wait between two tries of a failing event (s).
+HANDLER_RETRY_MAX = 60.0
+
+
+def _next_retry_delay(delay: float) -> float:
+    """The wait (s) after the next failure in a row, ``delay`` the last one:
+    doubled, at most HANDLER_RETRY_MAX."""
+    return min(delay * 2, HANDLER_RETRY_MAX)
+
+
+def _is_async(fn: object) -> bool:
+    """Is ``fn`` a coroutine function (plain, a partial of one, or an object
+    with an ``async def __call__``)?  Called from a thread it would return
+    a coroutine that never runs."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
 def _runs_trio() -> bool:
@@ -471,15 +492,23 @@ class ThreadedPimcore:
     # ------------------------------------------------------------ event handlers
 
     def set_event_handler(self, handler: Optional[EventHandler], consumer: str = "default", *, on_loop: bool = False) -> None:
-        """Hand ``consumer``'s host events to ``handler(event) -> bool``, one
-        at a time in id order, until replaced (``None`` removes it; a
-        replaced handler's running call finishes first).  A true return
+        """Hand ``consumer``'s host events to ``handler(event) -> bool | None``,
+        one at a time in id order, until replaced (``None`` removes it; a
+        replaced handler's running call finishes first).  ``True``
         acknowledges the event, and with it every earlier one (acks are
-        cumulative, done after each page); a false return leaves it to
-        :meth:`ack_events`.  A handler that raises is logged, its event is
-        not acknowledged, and delivery goes on.  Delivery starts after the
-        consumer's durable cursor: what was not acknowledged comes again
+        cumulative, done after each page); ``False`` or ``None`` leaves it
+        to :meth:`ack_events` and delivery goes on.  Delivery starts after
+        the consumer's durable cursor: what was not acknowledged comes again
         after a restart.
+
+        A handler that raises -- or returns anything but True, False or None
+        (a truthy 1 is no acknowledgement: that is a handler bug) -- fails
+        its event: it is logged (ERROR, with the traceback), the events
+        acknowledged before it are, and delivery stops there: the same event
+        is handed to the handler again after :data:`HANDLER_RETRY_DELAY`
+        (1 s), the wait doubling with each failure in a row up to
+        :data:`HANDLER_RETRY_MAX` (60 s), until it returns.  Nothing after a
+        failing event is delivered or acknowledged meanwhile.
 
         The handler runs in a worker thread (it may call this handle's
         methods, but not close() or set_event_handler(), which raise
@@ -491,7 +520,15 @@ class ThreadedPimcore:
         Raises EventsDisabled (a ValueError) when the broker records no
         events (``events`` off and no ``[webhooks] url``), RequestRefused
         (BAD_REQUEST) for an invalid consumer name (removing a handler
-        too, as ack_events)."""
+        too, as ack_events); TypeError for a handler that is not callable,
+        or is an ``async def`` function (it would never run: a trio host
+        iterates :meth:`pimcore.embed.Pimcore.events` instead)."""
+        if handler is not None:
+            if not callable(handler):
+                raise TypeError(f"the event handler must be callable (fn(event) -> bool), not {type(handler).__name__}")
+            if _is_async(handler):
+                raise TypeError("the event handler is an async def function, which a thread cannot run (its coroutine"
+                                " would never be awaited): pass a plain function, or iterate events() in async code")
         if getattr(_tls, "dispatching", None) is self:
             raise WouldDeadlock("set_event_handler() from an event handler would wait for itself")
         self._check()
@@ -525,15 +562,25 @@ class ThreadedPimcore:
             with trio.CancelScope() as scope:
                 task_status.started((scope, ended))
                 after: Optional[int] = None
+                delay = HANDLER_RETRY_DELAY
                 while True:
                     after, events = await handle.next_events(consumer, after=after)
                     if on_loop:
-                        upto = _deliver(handler, events)
+                        upto, failed = _deliver(handler, events)
                     else:
-                        upto = await trio.to_thread.run_sync(self._deliver_off_loop, handler, events)
-                    after = events[-1].id
+                        upto, failed = await trio.to_thread.run_sync(self._deliver_off_loop, handler, events)
                     if upto is not None:
                         await handle.ack_events(upto, consumer)
+                    if failed is None:
+                        after = events[-1].id
+                        delay = HANDLER_RETRY_DELAY
+                        continue
+                    # Stop at the failed event: read again from just before it.
+                    after = failed.id - 1
+                    _log.error("pimcore event handler of %r failed on event %d: %s; not acknowledged, retrying in %s",
+                               consumer, failed.id, failed.error, f"{delay:g} s", exc_info=failed.error)
+                    await trio.sleep(delay)
+                    delay = _next_retry_delay(delay)
         except Exception:  # noqa: BLE001 - a store failure ends this dispatcher, not the broker
             _log.exception("pimcore event dispatcher for %r ended", consumer)
         finally:
@@ -542,7 +589,7 @@ class ThreadedPimcore:
             if entry is not None and entry[1] is ended:
                 del self._handlers[consumer]
 
-    def _deliver_off_loop(self, handler: EventHandler, events: list[HostEvent]) -> Optional[int]:
+    def _deliver_off_loop(self, handler: EventHandler, events: list[HostEvent]) -> tuple[Optional[int], Optional["_Failed"]]:
         _tls.dispatching = self
         try:
             return _deliver(handler, events)
@@ -577,16 +624,32 @@ class ThreadedEventStream:
         return event
 
 
-def _deliver(handler: EventHandler, events: list[HostEvent]) -> Optional[int]:
-    """Call ``handler`` for each event; the last id it acknowledged, or None."""
+class _Failed:
+    """The event a handler failed on, and why (its exception)."""
+
+    __slots__ = ("id", "error")
+
+    def __init__(self, id: int, error: BaseException) -> None:
+        self.id = id
+        self.error = error
+
+
+def _deliver(handler: EventHandler, events: list[HostEvent]) -> tuple[Optional[int], Optional[_Failed]]:
+    """Call ``handler`` for each event until one fails (raises, or returns
+    anything but True, False or None): (the last id it acknowledged or
+    None, the failure or None)."""
     upto = None
     for ev in events:
         try:
-            if handler(ev):
-                upto = ev.id
-        except Exception:  # noqa: BLE001
-            _log.exception("pimcore event handler failed on event %d", ev.id)
-    return upto
+            answer = handler(ev)
+            if answer is not None and type(answer) is not bool:
+                raise TypeError(f"the event handler must return True, False or None, not {type(answer).__name__} "
+                                f"{answer!r:.60}: only True acknowledges an event")
+        except Exception as exc:  # noqa: BLE001 - logged by the dispatcher, the event tried again
+            return upto, _Failed(ev.id, exc)
+        if answer:
+            upto = ev.id
+    return upto, None
 
 
 def open_pimcore_thread(

@@ -373,3 +373,80 @@ def test_in_process_through_ctypes(libdir: Path, tmp_path: Path) -> None:
     assert lib.pim_post(b, b"team", None, None, b"late", 4, None, None, None) == 5  # PIM_ERR_STOPPED
     assert lib.pim_strerror(5) == b"the broker was stopped"
     assert lib.pim_broker_free(b) == 0
+
+
+class _Item(ctypes.Structure):
+    _fields_ = [
+        ("conv", ctypes.c_char_p), ("sender", ctypes.c_char_p), ("device", ctypes.c_char_p),
+        ("payload", ctypes.c_void_p), ("len", ctypes.c_size_t), ("idempotency_key", ctypes.c_char_p),
+        ("status", ctypes.c_int), ("seq", ctypes.c_uint64), ("msg_id", ctypes.c_uint8 * 16),
+    ]
+
+
+class _Event02(ctypes.Structure):
+    """pim_event up to local_id (header 0.2)."""
+
+    _fields_ = _Event._fields_ + [("target", ctypes.c_uint64), ("local_id", ctypes.c_uint64)]
+
+
+def test_in_process_a_payload_length_is_checked_before_it_is_read_and_free_null_clears_the_error(
+        libdir: Path, tmp_path: Path) -> None:
+    """pim_post / pim_post_batch copied ``len`` bytes before the limit was
+    looked at: a wrong length (a size_t underflow, say) read past the
+    caller's buffer or asked for terabytes (PIM_ERR_NOMEM), instead of
+    PIM_ERR_PAYLOAD_TOO_LARGE.  pim_broker_free(NULL) returned PIM_OK with
+    the previous call's error still in pim_last_error (every other call
+    replaces it).  And a host post's event carries a local id (the header
+    said 0)."""
+    lib = ctypes.CDLL(str(libdir / "libpimcore.so"))
+    lib.pim_last_error.restype = ctypes.c_char_p
+    vp = ctypes.c_void_p
+    lib.pim_post.argtypes = [vp, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,
+                             ctypes.c_char_p, vp, ctypes.POINTER(ctypes.c_uint64)]
+    lib.pim_post_batch.argtypes = [vp, ctypes.POINTER(_Item), ctypes.c_size_t]
+    lib.pim_broker_stop.argtypes = lib.pim_broker_free.argtypes = [vp]
+    lib.pim_group_create.argtypes = [vp, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t]
+    cb_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(_Event02), ctypes.c_void_p)
+    lib.pim_set_event_callback.argtypes = [vp, ctypes.c_char_p, cb_type, vp, ctypes.c_uint]
+
+    b = vp()
+    config = (b'{"data_dir": "%s", "durability": "os", "limits": {"max_payload": 1024}, "server": {"events": true}}'
+              % str(tmp_path / "d").encode())
+    assert lib.pim_broker_start_(config, ctypes.byref(b), 200) == 0, lib.pim_last_error()
+    try:
+        assert lib.pim_group_create(b, b"team", (ctypes.c_char_p * 1)(b"alice"), 1) == 0
+        small = ctypes.create_string_buffer(b"hi", 2)
+        huge = 1 << 62  # no such buffer: reading it would crash or fail to allocate
+        assert lib.pim_post(b, b"team", None, None, small, huge, None, None, None) == 12, lib.pim_last_error()
+        assert lib.pim_last_error() == b"post to 'team' refused: PAYLOAD_TOO_LARGE: %d bytes, max_payload is 1024" % huge
+        assert lib.pim_post(b, b"team", None, None, small, 1025, None, None, None) == 12
+        items = (_Item * 2)(_Item(b"team", None, None, ctypes.cast(small, vp), huge, None),
+                            _Item(b"team", None, None, ctypes.cast(small, vp), 2, None))
+        assert lib.pim_post_batch(b, items, 2) == 12
+        assert (items[0].status, items[0].seq, items[1].status, items[1].seq) == (12, 0, 0, 1)
+        assert lib.pim_last_error() == b"item 0: post to 'team' refused: PAYLOAD_TOO_LARGE: %d bytes, max_payload is 1024" % huge
+
+        assert lib.pim_broker_free(None) == 0
+        assert lib.pim_last_error() == b""  # as every call but pim_last_error/strerror/version/free
+
+        local_ids: list[int] = []
+        got = threading.Event()
+
+        @cb_type
+        def on_event(ev, userdata):
+            e = ev.contents
+            if e.type == b"message" and e.kind == 0:
+                local_ids.append(e.local_id)
+                if len(local_ids) == 3:
+                    got.set()
+            return 0
+
+        assert lib.pim_post(b, b"team", b"alice", b"web", small, 2, b"key", None, None) == 0
+        assert lib.pim_post(b, b"team", None, None, small, 2, None, None, None) == 0
+        assert lib.pim_set_event_callback(b, None, on_event, None, 1) == 0
+        assert got.wait(20)
+        assert lib.pim_set_event_callback(b, None, cb_type(), None, 0) == 0
+        assert len(local_ids) == 3 and all(local_ids), local_ids  # never 0 for a host post
+        assert lib.pim_broker_stop(b) == 0
+    finally:
+        assert lib.pim_broker_free(b) == 0

@@ -607,3 +607,49 @@ async def test_recall_edit_and_delete_for_check_the_seq(tmp_path: Path, seq, err
             with pytest.raises(error, match="seq"):
                 await im.delete_for("bob", "team", seq)
             assert (await im.recall("team", 1)).seq == 2  # a valid seq still works
+
+
+def test_an_asyncio_handle_called_from_another_event_loop_raises_before_posting(tmp_path: Path) -> None:
+    """A call from a loop other than the broker's ran in trio (the post was
+    stored) and only then failed on the future ("attached to a different
+    loop"): the caller saw an error for a post that was made.  It raises
+    RuntimeError before anything is handed over now."""
+    from pimcore.asyncio import open_pimcore as open_asyncio
+
+    box: dict[str, object] = {}
+    ready, stop_now = threading.Event(), threading.Event()
+
+    async def broker_loop() -> None:
+        async with open_asyncio(data_dir=tmp_path / "data") as im:
+            await im.create_group("team", ["alice"])
+            box["im"], box["loop"] = im, asyncio.get_running_loop()
+            ready.set()
+            while not stop_now.is_set():
+                await asyncio.sleep(0.005)
+            box["history"] = await im.history("team", "alice")
+
+    t = threading.Thread(target=asyncio.run, args=(broker_loop(),))
+    t.start()
+    try:
+        assert ready.wait(20)
+        im = box["im"]
+
+        async def from_another_loop() -> None:
+            with pytest.raises(RuntimeError, match="event loop"):
+                await im.post("team", b"must not be stored")  # type: ignore[attr-defined]
+
+        asyncio.run(from_another_loop())
+    finally:
+        stop_now.set()
+        t.join(30)
+    assert box["history"] == []
+
+
+def test_the_asyncio_handle_has_online_anywhere(tmp_path: Path) -> None:
+    from pimcore.asyncio import open_pimcore as open_asyncio
+
+    async def main() -> None:
+        async with open_asyncio(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            assert await im.online_anywhere(["alice", "bob"]) == frozenset()
+
+    asyncio.run(main())

@@ -379,3 +379,94 @@ def test_history_visible_must_be_a_bool_on_the_threaded_and_asyncio_handles(tmp_
             assert await aim.history_visible("gt") is True
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("flag", ["pinned", "muted", "hidden"])
+@pytest.mark.parametrize("value", ["false", 0, 1, "yes"])
+async def test_set_conversation_flags_must_be_bools_and_nothing_changes_otherwise(tmp_path: Path, flag: str,
+                                                                                 value: object) -> None:
+    """``pinned="false"`` pinned the conversation (truthiness), 0 unpinned
+    it: a flag is True, False or None, else TypeError (as history_visible
+    and hide_last_seen), before anything is stored."""
+    async with open_pimcore(data_dir=tmp_path / "data") as im:
+        await im.create_group("team", ["alice"])
+        before = await im.set_conversation("alice", "team")
+        with pytest.raises(TypeError, match=f"{flag} must be True, False or None"):
+            await im.set_conversation("alice", "team", **{flag: value})
+        assert await im.set_conversation("alice", "team") == before
+        entry = await im.set_conversation("alice", "team", **{flag: True})
+        assert getattr(entry, flag) is True
+
+
+async def test_event_page_and_ack_arguments_get_clear_errors(tmp_path: Path) -> None:
+    """next_events(limit=-5) read one event (max(1, limit)), limit=10**9
+    was handed to the store as asked, limit="10" or after=1.5 came back as
+    a bare "events of 'default': BAD_REQUEST", and ack_events(-1) or
+    ack_events("3") went to the store.  Now: TypeError for a value that is
+    no int (a bool neither), RequestRefused(BAD_REQUEST) saying the range
+    for one out of it -- limit 1..MAX_EVENTS_PAGE (10000), after and upto
+    0..2**64-1 -- and nothing read or acked."""
+    from pimcore.embed import MAX_EVENTS_PAGE
+
+    assert MAX_EVENTS_PAGE == 10_000
+    async with open_pimcore(data_dir=tmp_path / "data", events=True) as im:
+        await im.create_group("team", ["alice"])
+        await im.post("team", b"x")
+        for kw in ({"limit": 0}, {"limit": -5}, {"limit": MAX_EVENTS_PAGE + 1}, {"after": -1}, {"after": 1 << 64}):
+            with pytest.raises(RequestRefused, match="must be in") as refused:
+                await im.next_events(**kw)
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+            with pytest.raises(RequestRefused, match="must be in"):
+                im.events(**kw)
+        for kw in ({"limit": "10"}, {"limit": 2.0}, {"limit": True}, {"after": 1.5}, {"after": "0"}):
+            with pytest.raises(TypeError, match="must be an int"):
+                await im.next_events(**kw)
+            with pytest.raises(TypeError, match="must be an int"):
+                im.events(**kw)
+        for bad, error in ((-1, RequestRefused), (1 << 64, RequestRefused), ("3", TypeError), (2.0, TypeError),
+                           (True, TypeError), (None, TypeError)):
+            with pytest.raises(error, match="upto"):
+                await im.ack_events(bad, "app")  # type: ignore[arg-type]
+        assert await im.event_cursor("app") == (0, 1)  # nothing acked (no cursor made either)
+        after, page = await im.next_events(after=0, limit=MAX_EVENTS_PAGE)
+        assert after == 0 and len(page) == 1
+
+
+@pytest.mark.parametrize("store", ["memory", "redis://127.0.0.1:7000", 0])
+async def test_a_store_that_is_no_store_object_is_a_value_error_naming_the_stores(tmp_path: Path, store: object) -> None:
+    """open_pimcore(store="memory") failed deep in the server with
+    AttributeError: 'str' object has no attribute 'node_id'."""
+    with pytest.raises(ValueError, match="LmdbStore, MemoryStore") as err:
+        async with open_pimcore(data_dir=tmp_path / "data", store=store):
+            pass  # pragma: no cover
+    assert "AsyncStore" in str(err.value) and repr(store)[:10] in str(err.value)
+
+
+@pytest.mark.parametrize("value", [0, 1e-9])
+async def test_a_reclaim_interval_of_zero_says_seconds(tmp_path: Path, value: float) -> None:
+    """reclaim_interval is seconds in the settings, but the refusal said
+    "BrokerConfig.reclaim_interval must be > 0 µs"."""
+    from pimcore.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"reclaim_interval: expected seconds > 0") as err:
+        async with open_pimcore(data_dir=tmp_path / "data", reclaim_interval=value):
+            pass  # pragma: no cover
+    assert "µs" not in str(err.value)
+
+
+async def test_delete_for_twice_stores_one_entry(tmp_path: Path) -> None:
+    """Each delete_for without a key got a random local id: a repeat (a
+    retry after a timeout) stored a second DELETE entry -- one more inbox
+    entry and host event for the same (user, message)."""
+    async with open_pimcore(data_dir=tmp_path / "data", events=True) as im:
+        await im.create_group("team", ["alice", "bob"])
+        posted = await im.post("team", b"x")
+        first = await im.delete_for("alice", "team", posted.seq)
+        again = await im.delete_for("alice", "team", posted.seq)
+        assert again == first and again.duplicate and not first.duplicate
+        positions = await im.read_positions("alice")
+        assert positions.head == 2  # the message and one DELETE entry
+        _, events = await im.next_events(after=0)
+        assert [e.kind for e in events if e.type == "message"] == [0, 5]
+        # Another user's delete of it is their own entry.
+        assert not (await im.delete_for("bob", "team", posted.seq)).duplicate

@@ -75,7 +75,7 @@ async def test_an_offline_device_catches_up_after_its_conversation_was_trimmed(t
             # Back to the broker default (none here): nothing more goes.
             assert await im.set_retention(AB) == Retention(AB, None, None, 8)
             with pytest.raises(RequestRefused) as refused:
-                await im.set_retention("nope", max_age=5)
+                await im.set_retention("nope", max_age=60_000_000)
             assert refused.value.code is ErrorCode.UNKNOWN_CONVERSATION
             for bad in ({"max_age": -1}, {"max_count": 1.5}, {"max_count": True}):
                 with pytest.raises(RequestRefused) as refused:
@@ -521,8 +521,8 @@ def test_the_asyncio_and_threaded_handles_delegate(tmp_path: Path) -> None:
             with pytest.raises(RequestRefused) as refused:
                 await h.create_group("empty", ())
             assert refused.value.code is ErrorCode.BAD_REQUEST
-            assert (await h.set_retention("team", max_age=10)).max_age == 10
-            assert (await h.retention("team")).max_age == 10
+            assert (await h.set_retention("team", max_age=60_000_000)).max_age == 60_000_000
+            assert (await h.retention("team")).max_age == 60_000_000
             assert (await h.purge_conversation("team")).entries == 0
             assert (await h.purge_user("alice")).devices == 0
 
@@ -773,3 +773,45 @@ async def test_cli_says_to_use_http_for_an_api_that_does_not_speak_tls(tmp_path:
                 assert r.stderr == f"pimcore group: cannot use {tls}: the server does not speak TLS: try {plain}\n", r.stderr
     r = await trio.to_thread.run_sync(lambda: run_pimcore("group", "show", "team", "--http", "http://[::1", "--api-key", KEY))
     assert r.returncode == 2 and r.stderr.startswith("pimcore group: --http http://[::1: not a URL ("), r.stderr
+
+
+@pytest.mark.parametrize("age", [1, 500_000, 59_999_999])
+def test_an_embedding_handle_refuses_a_max_age_under_a_minute(tmp_path: Path, age: int) -> None:
+    """max_age is µs: a host passing seconds (``max_age=30`` for 30 s) set
+    30 µs and the next reclaim deleted the conversation's history, faster
+    than any device could read it.  1 µs .. MIN_RETENTION_AGE - 1 is
+    RequestRefused(BAD_REQUEST) on the trio, asyncio and threaded handles,
+    nothing stored; 0 (no limit) and a minute are taken."""
+    import asyncio
+
+    from pimcore.asyncio import open_pimcore as open_asyncio
+    from pimcore.embed import MIN_RETENTION_AGE
+    from pimcore.threaded import open_pimcore_thread
+
+    assert MIN_RETENTION_AGE == 60_000_000
+
+    async def trio_main() -> None:
+        async with open_pimcore(data_dir=tmp_path / "t") as im:
+            await im.create_group("team", ["alice"])
+            with pytest.raises(RequestRefused, match="at least 60000000 µs") as refused:
+                await im.set_retention("team", max_age=age, max_count=5)
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+            assert await im.retention("team") == Retention("team", None, None, 0)
+            assert (await im.set_retention("team", max_age=0)).max_age == 0
+            assert (await im.set_retention("team", max_age=MIN_RETENTION_AGE)).max_age == MIN_RETENTION_AGE
+
+    trio.run(trio_main)
+
+    async def asyncio_main() -> None:
+        async with open_asyncio(data_dir=tmp_path / "a") as h:
+            await h.create_group("team", ["alice"])
+            with pytest.raises(RequestRefused, match="µs"):
+                await h.set_retention("team", max_age=age)
+            assert (await h.retention("team")).max_age is None
+
+    asyncio.run(asyncio_main())
+    with open_pimcore_thread(data_dir=tmp_path / "th") as im:
+        im.create_group("team", ["alice"])
+        with pytest.raises(RequestRefused, match="µs"):
+            im.set_retention("team", max_age=age)
+        assert im.retention("team").max_age is None

@@ -481,3 +481,158 @@ def test_blocking_calls_work_from_an_asyncio_loop_that_hosts_a_pimcore_asyncio_b
 
         stats, seq = asyncio.run(main())
         assert stats is not None and seq == 1
+
+
+def _wait(predicate, what: str, limit: float = 20.0) -> None:
+    """Poll ``predicate`` (a generous limit: a slow machine is no failure)."""
+    import time
+
+    stop, give_up = threading.Event(), time.monotonic() + limit
+    while time.monotonic() < give_up:
+        if predicate():
+            return
+        stop.wait(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_handler_that_raises_gets_its_event_again_and_nothing_after_it_is_acked(tmp_path: Path, monkeypatch,
+                                                                                  caplog) -> None:
+    """A raising handler lost its event: delivery went on, and the next
+    true return acknowledged it cumulatively.  Now delivery stops at the
+    failed event and retries it (after HANDLER_RETRY_DELAY, doubling), and
+    nothing past it is acknowledged before it succeeds."""
+    import logging
+
+    import pimcore.threaded as threaded
+
+    monkeypatch.setattr(threaded, "HANDLER_RETRY_DELAY", 0.01)
+    caplog.set_level(logging.WARNING, logger="pimcore.net")
+    for on_loop in (False, True):
+        with _start(tmp_path / f"d{on_loop}", events=True) as im:
+            im.create_group("team", ["alice"])
+            for i in range(3):
+                im.post("team", b"%d" % i)
+            target = im.event_cursor()[1] - 1  # the event of b"1"
+            calls: list[int] = []
+            lock = threading.Lock()
+
+            def handler(ev) -> bool:
+                with lock:
+                    calls.append(ev.id)
+                    if ev.id == target and calls.count(target) <= 3:
+                        raise RuntimeError("the push service is down")
+                return True
+
+            im.set_event_handler(handler, on_loop=on_loop)
+            _wait(lambda: im.event_cursor()[0] == target + 1, "the last event acked")
+            im.set_event_handler(None)
+            with lock:
+                assert calls[calls.index(target):] == [target] * 4 + [target + 1]  # nothing after it before it went through
+            failures = [r for r in caplog.records if "failed on event %d" % target in r.getMessage()]
+            assert len(failures) == 3 and all(r.exc_info for r in failures)
+            assert ["retrying in 0.01 s", "retrying in 0.02 s", "retrying in 0.04 s"] == [
+                r.getMessage().rsplit(", ", 1)[1] for r in failures]
+            caplog.clear()
+
+
+def test_a_handler_that_keeps_failing_holds_the_cursor_before_its_event(tmp_path: Path, monkeypatch) -> None:
+    import pimcore.threaded as threaded
+
+    monkeypatch.setattr(threaded, "HANDLER_RETRY_DELAY", 0.001)
+    with _start(tmp_path / "d", events=True) as im:
+        im.create_group("team", ["alice"])
+        im.post("team", b"a")
+        target = im.event_cursor()[1]
+        im.post("team", b"b")
+        calls: list[int] = []
+
+        def handler(ev) -> bool:
+            calls.append(ev.id)
+            if ev.id == target:
+                raise RuntimeError("always")
+            return True
+
+        im.set_event_handler(handler)
+        _wait(lambda: calls.count(target) >= 4, "four tries")
+        im.set_event_handler(None)
+        assert im.event_cursor()[0] == target - 1
+        assert target + 1 not in calls
+
+
+def test_the_retry_delay_doubles_up_to_a_minute() -> None:
+    from pimcore.threaded import HANDLER_RETRY_DELAY, HANDLER_RETRY_MAX, _next_retry_delay
+
+    assert HANDLER_RETRY_DELAY == 1.0 and HANDLER_RETRY_MAX == 60.0
+    delays = [HANDLER_RETRY_DELAY]
+    for _ in range(8):
+        delays.append(_next_retry_delay(delays[-1]))
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+
+
+def test_an_async_function_is_no_threaded_event_handler(tmp_path: Path) -> None:
+    """A coroutine function "ran": it returned a coroutine (truthy, so the
+    event was acknowledged) that was never awaited."""
+    import functools
+
+    async def handler(ev) -> bool:  # pragma: no cover - never called
+        return True
+
+    class Callable_:
+        async def __call__(self, ev) -> bool:  # pragma: no cover - never called
+            return True
+
+    with _start(tmp_path / "d", events=True) as im:
+        for h in (handler, functools.partial(handler), Callable_()):
+            with pytest.raises(TypeError, match="async"):
+                im.set_event_handler(h)
+        with pytest.raises(TypeError, match="callable"):
+            im.set_event_handler("not a function")  # type: ignore[arg-type]
+        im.set_event_handler(lambda ev: True)  # a plain one is fine
+        im.set_event_handler(None)
+
+
+def test_a_handler_returning_no_bool_acknowledges_nothing(tmp_path: Path, monkeypatch, caplog) -> None:
+    """``fn(event) -> bool``: a truthy 1 or "yes" counted as an ack.  It is
+    a handler error now (logged, retried): only True acknowledges."""
+    import logging
+
+    import pimcore.threaded as threaded
+
+    monkeypatch.setattr(threaded, "HANDLER_RETRY_DELAY", 0.001)
+    caplog.set_level(logging.WARNING, logger="pimcore.net")
+    with _start(tmp_path / "d", events=True) as im:
+        im.create_group("team", ["alice"])
+        im.post("team", b"a")
+        im.post("team", b"b")
+        first, last = im.event_cursor()[1] - 1, im.event_cursor()[1]
+        calls: list[int] = []
+
+        def handler(ev):
+            calls.append(ev.id)
+            return None if ev.id < last else 1
+
+        im.set_event_handler(handler)
+        _wait(lambda: calls.count(last) >= 2, "a retry")
+        im.set_event_handler(None)
+        assert first >= 1 and im.event_cursor()[0] == 0  # None left them unacknowledged, 1 acknowledged nothing
+        assert any("must return True, False or None, not int" in r.getMessage() for r in caplog.records)
+
+
+def test_a_broker_used_only_by_its_host_reclaims_acked_events(tmp_path: Path) -> None:
+    """No connection ever: the reclaim pass was armed only by a connection,
+    a retention setting or (with a default retention) a post, so acked host
+    events piled up for ever in a broker its host alone writes to.  Any host
+    write arms it now."""
+    with _start(tmp_path / "d", events=True, reclaim_interval=0.02) as im:
+        im.create_group("team", ["alice"])
+        for i in range(5):
+            im.post("team", b"%d" % i)
+        last = im.event_cursor("app")[1]
+        assert im.ack_events(last, "app") == last
+
+        def first_left() -> int:
+            # "probe" reads from an id, so it gets no cursor holding events.
+            _, events = im.next_events("probe", after=0, limit=1, timeout=0.05)
+            return events[0].id if events else last + 1
+
+        _wait(lambda: first_left() == last + 1, "the acked events reclaimed")

@@ -574,7 +574,7 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         need_events()
         consumer = _query(request, "consumer", str, "default")
         after: Optional[int] = _query(request, "after", int, None)
-        limit = _query(request, "limit", int, 256, 1, 10000)
+        limit = _query(request, "limit", int, 256, 1, 10000)  # (pimcore.embed.MAX_EVENTS_PAGE)
         wait = _query(request, "wait", float, 0.0, 0, MAX_EVENT_WAIT)
         cursor, last = await handle.event_cursor(consumer)
         if after is None:
@@ -651,7 +651,8 @@ def register_api(router: Router, handle: "Pimcore") -> None:
 
     async def put_retention(request: Request) -> tuple[int, Any]:
         body = _object(request, ("max_age", "max_count"), optional=True)
-        ret = await handle.set_retention(request.params["conv"], max_age=_field(body, "max_age", int, None),
+        # (Not the handle's MIN_RETENTION_AGE floor: an operator's call; docs/HTTP.md warns.)
+        ret = await handle._set_retention(request.params["conv"], max_age=_field(body, "max_age", int, None),
                                          max_count=_field(body, "max_count", int, None))
         return 200, asdict(ret)
 

@@ -2317,7 +2317,9 @@ class BrokerServer:
         commands are made before the waiter is registered, so a call the
         core refuses by raising leaves no waiter behind."""
         ref = next(self._admin_refs)
-        cmds = method(*args, self.now(), ref=ref, **kw)
+        now = self.now()
+        self.broker.host_write(now)  # arms the reclaim pass: a host-only broker reclaims too
+        cmds = method(*args, now, ref=ref, **kw)
         waiter: list[Any] = [trio.Event(), None]
         self._admin_waiters[ref] = waiter
         self._run(cmds)
