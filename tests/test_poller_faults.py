@@ -112,5 +112,10 @@ async def test_a_connection_the_probe_cannot_take_does_not_end_the_broker():
             await ok.send(F.SendReq(1, AB, 0, b"still served?"))
             ack = await ok.until(F.SendAck)
             assert ack.local_id == 1
+            # ... and the late one too (its own task reads it: a first read, then more)
+            await late.login("alice", "late")
+            for i in (1, 2):
+                await late.send(F.SendReq(i, AB, 0, b"late"))
+                assert (await late.until(F.SendAck)).local_id == i
             await late.aclose()
             await ok.aclose()

@@ -1710,16 +1710,23 @@ class BrokerServer:
         probed: Optional[bool] = None  # True: in the ready probe; False: counted opaque
         try:
             if peer.fd >= 0 and self._ready_probe is not None:
-                self._ready_probe.register(peer.fd, select.EPOLLIN)
-                probed = True
-            else:
+                try:
+                    self._ready_probe.register(peer.fd, select.EPOLLIN)
+                    probed = True
+                except OSError as exc:
+                    # ENOSPC (the user's fs.epoll.max_user_watches taken),
+                    # ENOMEM: escaping, this ended the broker.  Its own task
+                    # reads it instead, as TLS (counted opaque below).
+                    log.warning("connection %d: not in the readiness probe (%s): read by its own task", peer.id, exc,
+                                extra={"event": "probe_full", "conn": peer.id})
+            if probed is None:
                 self._opaque_peers += 1
                 probed = False
             try:
                 async with trio.open_nursery() as nursery:
                     peer.nursery, peer.scope = nursery, nursery.cancel_scope
                     self._run(self.broker.connection_made(peer.id, self.now()))
-                    await self._reader(peer)
+                    await self._reader(peer, probed is True)
                     if peer.state is _PeerState.OPEN:
                         # EOF or a broken transport: the core forgets the
                         # device; its inbox keeps everything for next time.
@@ -1751,7 +1758,7 @@ class BrokerServer:
                     await trio.aclose_forcefully(stream)
             self._ended(peer.id, peer.close_code, peer.ended or "connection ended")
 
-    async def _reader(self, peer: _Peer) -> None:
+    async def _reader(self, peer: _Peer, probed: bool) -> None:
         read_size = self.config.read_size
         # A tcp:// (tls://) connection's first read only: an HTTP request
         # (curl, a browser) is answered in words (_http_at_stream), not
@@ -1771,7 +1778,7 @@ class BrokerServer:
         # cancelled as a whole once its Close is flushed, and a reader that
         # wakes meanwhile, or during shutdown(), hands the core nothing more.
         fd = peer.fd
-        polled = fd >= 0 and self._ready_probe is not None
+        polled = probed  # (in the probe: see _serve_peer)
         try:
             await self._read_loop(peer, fd, polled, first, upgrade, read_size)
         finally:
