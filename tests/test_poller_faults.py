@@ -91,11 +91,12 @@ async def test_a_resumed_connection_whose_socket_cannot_rejoin_the_probe_is_not_
 
 
 async def test_a_connection_the_probe_cannot_take_does_not_end_the_broker():
-    """FAILS (review of the poller): _serve_peer registers every plain-TCP
+    """(Failed before 4f8b785.) _serve_peer registered every plain-TCP
     socket with the probe unguarded; ENOSPC (the user's epoll watches all
-    taken: about 65,000 connections on a host whose max_user_watches is
-    130,000, a 512 MiB one) escapes the connection's task and ends the
-    whole broker -- every other connection dropped -- at one more accept.
+    taken: the default is 4 % of RAM at about 200 bytes a watch, some
+    100,000 on a 512 MiB host, so about 50,000 connections; anyone can open
+    those) escaped the connection's task and ended the whole broker -- every
+    other connection dropped -- at one more accept.
     (trio's own registration failing instead only ends that connection:
     _read_loop catches the OSError.)  Expected: that one connection is read
     by its own task (counted opaque, as TLS is) or refused; the others are
