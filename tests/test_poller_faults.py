@@ -48,10 +48,10 @@ class _FullProbe:
 
 
 async def test_a_resumed_connection_whose_socket_cannot_rejoin_the_probe_is_not_left_unread(tmp_path):
-    """FAILS (review of the poller): a paused connection leaves the probe
-    (_read_loop) and rejoins it when resumed (_reprobe), which swallows
-    every OSError ("registered already").  When the rejoin fails, the reader
-    parks anyway: nobody watches the socket, the rest of what the client
+    """(Failed before the fix: review of the poller.)  A paused connection
+    leaves the probe (_read_loop) and rejoins it when resumed (_reprobe),
+    which swallowed every OSError ("registered already").  When the rejoin
+    failed, the reader parked anyway: nobody watches the socket, the rest of what the client
     sent is never read, and nothing says so -- the connection just stops
     (here its 7th SendReq is never acked; the client waits until its
     send_timeout, the broker until idle_timeout).  Expected: the connection
@@ -85,7 +85,12 @@ async def test_a_resumed_connection_whose_socket_cannot_rejoin_the_probe_is_not_
                             acks.append(f.local_id)
                 closed = f is None or peer.state.name != "OPEN"
                 assert acks == list(range(1, 8)) or closed, (acks, peer.state.name, peer.parked is not None)
+                if not closed:  # read by its own task now: counted opaque while it lives
+                    assert srv._opaque_peers == 1
                 await greedy.aclose()
+                while srv._peers:
+                    await trio.sleep(0.01)
+                assert srv._opaque_peers == 0
     finally:
         store.close()
 
