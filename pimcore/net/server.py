@@ -944,7 +944,7 @@ class _Peer:
     """
 
     __slots__ = ("id", "stream", "endpoint", "buf", "queued", "state", "scope", "nursery", "writer", "resume", "fd",
-                 "sending", "tls_failed", "close_code", "ended", "parked", "gone")
+                 "sending", "tls_failed", "close_code", "ended", "parked", "gone", "opaque")
 
     def __init__(self, conn_id: int, stream: trio.abc.Stream, endpoint: Endpoint) -> None:
         self.id = conn_id
@@ -976,6 +976,10 @@ class _Peer:
         # (EOF, a broken socket) and handed it back.
         self.parked: Optional[trio.lowlevel.Task] = None
         self.gone = False
+        # Read by its own task, out of the readiness probe's sight (TLS,
+        # WebSocket, or a socket the probe refused): counted in
+        # BrokerServer._opaque_peers while it is served.
+        self.opaque = False
 
 
 #: Scheduler passes a held batch waits at most for readers with bytes
@@ -1710,16 +1714,24 @@ class BrokerServer:
         probed: Optional[bool] = None  # True: in the ready probe; False: counted opaque
         try:
             if peer.fd >= 0 and self._ready_probe is not None:
-                self._ready_probe.register(peer.fd, select.EPOLLIN)
-                probed = True
-            else:
+                try:
+                    self._ready_probe.register(peer.fd, select.EPOLLIN)
+                    probed = True
+                except OSError as exc:
+                    # ENOSPC (the user's fs.epoll.max_user_watches taken),
+                    # ENOMEM: escaping, this ended the broker.  Its own task
+                    # reads it instead, as TLS (counted opaque below).
+                    log.warning("connection %d: not in the readiness probe (%s): read by its own task", peer.id, exc,
+                                extra={"event": "probe_full", "conn": peer.id})
+            if probed is None:
                 self._opaque_peers += 1
+                peer.opaque = True
                 probed = False
             try:
                 async with trio.open_nursery() as nursery:
                     peer.nursery, peer.scope = nursery, nursery.cancel_scope
                     self._run(self.broker.connection_made(peer.id, self.now()))
-                    await self._reader(peer)
+                    await self._reader(peer, probed is True)
                     if peer.state is _PeerState.OPEN:
                         # EOF or a broken transport: the core forgets the
                         # device; its inbox keeps everything for next time.
@@ -1731,13 +1743,10 @@ class BrokerServer:
                 peer.nursery = None  # closed: no writer can start any more
         finally:
             del self._peers[peer.id]
-            if probed:
-                try:
-                    self._ready_probe.unregister(peer.fd)  # before the fd is closed
-                except (OSError, ValueError):  # pragma: no cover - closed already
-                    pass
-            elif probed is False:
+            if peer.opaque:  # (from the start, or since a failed _reprobe)
                 self._opaque_peers -= 1
+            elif probed:
+                self._unprobe(peer.fd)  # before the fd is closed
             if peer.state is _PeerState.OPEN:  # cancelled from outside
                 peer.state = _PeerState.DEAD
                 self._run(self.broker.connection_lost(peer.id, self.now()))
@@ -1751,7 +1760,7 @@ class BrokerServer:
                     await trio.aclose_forcefully(stream)
             self._ended(peer.id, peer.close_code, peer.ended or "connection ended")
 
-    async def _reader(self, peer: _Peer) -> None:
+    async def _reader(self, peer: _Peer, probed: bool) -> None:
         read_size = self.config.read_size
         # A tcp:// (tls://) connection's first read only: an HTTP request
         # (curl, a browser) is answered in words (_http_at_stream), not
@@ -1771,7 +1780,7 @@ class BrokerServer:
         # cancelled as a whole once its Close is flushed, and a reader that
         # wakes meanwhile, or during shutdown(), hands the core nothing more.
         fd = peer.fd
-        polled = fd >= 0 and self._ready_probe is not None
+        polled = probed  # (in the probe: see _serve_peer)
         try:
             await self._read_loop(peer, fd, polled, first, upgrade, read_size)
         finally:
@@ -1796,8 +1805,8 @@ class BrokerServer:
                 # resume (to end this wait), and a closing one's bytes are
                 # never read -- back in, they would wake the poller at every
                 # pass until the Close is flushed (close_timeout).
-                if polled and peer.state is _PeerState.OPEN and not self._stopping:
-                    self._reprobe(fd)
+                if polled and peer.state is _PeerState.OPEN and not self._stopping and not self._reprobe(peer):
+                    polled = False  # this task reads it from now on
                 continue
             if polled and not first and not upgrade:
                 # From its second read on, a plain-TCP connection is read by
@@ -2663,11 +2672,25 @@ class BrokerServer:
         except (OSError, ValueError):  # (not registered: taken out already; the probe closed)
             pass
 
-    def _reprobe(self, fd: int) -> None:
+    def _reprobe(self, peer: _Peer) -> bool:
+        """Put a resumed ``peer``'s socket back into the readiness probe:
+        True if it is there.  False if the probe refused it (ENOSPC once
+        fs.epoll.max_user_watches is used up, ENOMEM): ``peer`` is counted
+        opaque, and its reader task reads it from now on, as at an accept
+        the probe refused (_serve_peer) -- a socket nobody watches would
+        never be read again (its client waits for SendAcks until its
+        timeout, the broker until idle_timeout)."""
         try:
-            self._ready_probe.register(fd, select.EPOLLIN)
-        except OSError:  # (registered already)
-            pass
+            self._ready_probe.register(peer.fd, select.EPOLLIN)
+        except FileExistsError:  # (registered already)
+            return True
+        except OSError as exc:
+            log.warning("connection %d: back out of the readiness probe (%s): read by its own task", peer.id, exc,
+                        extra={"event": "probe_full", "conn": peer.id})
+            self._opaque_peers += 1
+            peer.opaque = True
+            return False
+        return True
 
     async def _park(self, peer: _Peer) -> None:
         """Wait (the connection's reader task) while the poller reads
