@@ -1,0 +1,119 @@
+"""A file's ``fdatasync`` in a worker thread: the pure-Python twin of
+``pimcore/_fastpath_sync.pxi``.
+
+``DataSyncer()`` starts its worker thread (RuntimeError if it cannot; the
+thread is ``.thread``, named ``pimcore-log-sync``, a daemon).  One flush at
+a time:
+
+* ``start(fd)`` hands ``fdatasync(fd)`` to the worker and returns at once.
+  TypeError unless ``fd`` is an int, ValueError outside 0..2**31-1,
+  RuntimeError while a flush is in flight (not waited for yet) or after
+  ``stop()``.
+* ``wait()`` blocks until the last started flush ended, then returns None
+  or raises the OSError it failed with (errno and strerror as
+  ``os.fdatasync`` gives them; EINTR is retried).  Called again, or with
+  none started, it returns (or raises) the same outcome at once: a wait an
+  interrupt cut short can be repeated and loses nothing.
+* ``busy`` is True while a started flush has not ended (``wait()`` would
+  block).
+* ``stop()`` ends the worker after the flush in flight and joins it;
+  harmless again.
+
+``gil_free`` says whether the worker runs without the GIL.  Here it is
+False: a Python thread needs the GIL to wake from its wait and to return
+from the flush, so a caller holding the GIL (an LMDB apply in Python)
+delays both, and overlapping a small flush with it gains nothing
+(BENCHMARKS.md, "What is left at 1 x 1").  The compiled twin waits, flushes
+and signals in C without the GIL (True).  Its ``wait()`` also releases the
+GIL and cannot be interrupted; this one's can (KeyboardInterrupt), and is
+repeated as above.
+
+Used by :mod:`pimcore.store.lmdb` to flush a batch's command log record
+while LMDB applies the batch.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import threading
+
+__all__ = ["DataSyncer"]
+
+
+def _check_fd(fd: object) -> int:
+    fd = operator.index(fd)  # type: ignore[arg-type]  # (TypeError for anything but an int)
+    if not 0 <= fd <= 0x7FFFFFFF:
+        raise ValueError(f"fd must be a file descriptor (0..2**31-1), not {fd}")
+    return fd
+
+
+class DataSyncer:
+    """See the module docstring."""
+
+    gil_free = False
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._fd = -1
+        self._err = 0
+        self._posted = 0
+        self._finished = 0
+        self._stopping = False
+        thread = threading.Thread(target=self._serve, name="pimcore-log-sync", daemon=True)
+        thread.start()  # (RuntimeError: "can't start new thread")
+        self.thread = thread
+
+    def _serve(self) -> None:
+        cond = self._cond
+        with cond:
+            while True:
+                while not self._stopping and self._posted == self._finished:
+                    cond.wait()
+                if self._posted == self._finished:
+                    return  # stopping, and nothing posted: end
+                fd = self._fd
+                cond.release()
+                err = 0
+                try:
+                    os.fdatasync(fd)  # (retries EINTR itself: PEP 475)
+                except OSError as exc:
+                    err = exc.errno or 0
+                finally:
+                    cond.acquire()
+                self._err = err
+                self._finished = self._posted
+                cond.notify_all()
+
+    def start(self, fd: int) -> None:
+        fd = _check_fd(fd)
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the data syncer is stopped")
+            if self._posted != self._finished:
+                raise RuntimeError("a flush is in flight: wait() for it first")
+            self._fd = fd
+            self._err = 0
+            self._posted += 1
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        with self._cond:
+            while self._finished != self._posted:
+                self._cond.wait()
+            err = self._err
+        if err:
+            raise OSError(err, os.strerror(err))
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return self._posted != self._finished
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        thread = self.thread
+        if thread is not threading.current_thread():
+            thread.join()

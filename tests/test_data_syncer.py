@@ -1,0 +1,180 @@
+"""DataSyncer (pimcore/_pure/sync.py, pimcore/_fastpath_sync.pxi): the
+command log's flush in a worker thread.  Each test runs on both backends;
+the differential test drives both with the same calls and compares what
+each returned or raised."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Any:
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def test_a_flush_is_waited_for_and_a_repeated_wait_returns_its_outcome(backend: ModuleType, data_file: int) -> None:
+    syncer = backend.DataSyncer()
+    try:
+        assert syncer.thread.name == "pimcore-log-sync" and syncer.thread.daemon and syncer.thread.is_alive()
+        assert syncer.wait() is None  # none started: at once
+        os.write(data_file, b"record")
+        syncer.start(data_file)
+        assert syncer.wait() is None
+        assert syncer.wait() is None  # (again: the same outcome)
+        syncer.start(data_file)  # the next one
+        syncer.wait()
+    finally:
+        syncer.stop()
+    assert not syncer.thread.is_alive()
+
+
+def test_a_failed_flush_raises_its_errno_at_every_wait_until_the_next_start(backend: ModuleType, tmp_path: Path,
+                                                                            data_file: int) -> None:
+    syncer = backend.DataSyncer()
+    try:
+        fd = os.open(tmp_path / "g", os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)  # (a number no file has now)
+        syncer.start(fd)
+        for _ in range(2):
+            with pytest.raises(OSError) as info:
+                syncer.wait()
+            assert info.value.errno == errno.EBADF and info.value.strerror == os.strerror(errno.EBADF)
+        syncer.start(data_file)
+        assert syncer.wait() is None
+    finally:
+        syncer.stop()
+
+
+def test_one_flush_at_a_time_and_none_after_stop(backend: ModuleType, data_file: int) -> None:
+    syncer = backend.DataSyncer()
+    syncer.start(data_file)
+    with pytest.raises(RuntimeError, match="in flight"):
+        syncer.start(data_file)
+    syncer.wait()
+    syncer.stop()
+    syncer.stop()  # (harmless again)
+    with pytest.raises(RuntimeError, match="stopped"):
+        syncer.start(data_file)
+    assert syncer.wait() is None
+
+
+def test_stop_waits_for_the_flush_in_flight(backend: ModuleType, data_file: int) -> None:
+    syncer = backend.DataSyncer()
+    syncer.start(data_file)
+    syncer.stop()
+    assert not syncer.thread.is_alive()
+    assert syncer.wait() is None  # it ran
+
+
+@pytest.mark.parametrize(("fd", "error"), [("3", TypeError), (3.0, TypeError), (None, TypeError), (-1, ValueError),
+                                           (1 << 31, ValueError), (1 << 70, ValueError)])
+def test_bad_file_descriptors(backend: ModuleType, fd: Any, error: type) -> None:
+    syncer = backend.DataSyncer()
+    try:
+        with pytest.raises(error):
+            syncer.start(fd)
+        assert syncer.wait() is None  # nothing was started
+    finally:
+        syncer.stop()
+
+
+def test_the_compiled_flush_ends_while_the_caller_holds_the_gil(both: tuple[ModuleType, ModuleType],
+                                                              data_file: int) -> None:
+    # What the store relies on (pimcore.store.lmdb._LogState.overlap_ops):
+    # the compiled worker flushes while this thread keeps the GIL and never
+    # lets go of it (no switch for 100 s; no call below releases it).  A
+    # Python worker needs the GIL to return from its flush: the pure twin
+    # says so (gil_free False), and its flush would end only at wait().
+    import sys
+    import time
+
+    cy, pure = both
+    assert cy.DataSyncer.gil_free and not pure.DataSyncer.gil_free
+    syncer = cy.DataSyncer()
+    old = sys.getswitchinterval()
+    try:
+        os.write(data_file, b"x" * 4096)
+        sys.setswitchinterval(100.0)
+        syncer.start(data_file)
+        give_up = time.monotonic() + 30
+        while syncer.busy and time.monotonic() < give_up:
+            pass
+        ended = not syncer.busy
+    finally:
+        sys.setswitchinterval(old)
+        syncer.wait()
+        syncer.stop()
+    assert ended
+
+
+def test_busy_is_true_from_start_until_the_flush_ended(backend: ModuleType, data_file: int) -> None:
+    syncer = backend.DataSyncer()
+    try:
+        assert not syncer.busy
+        syncer.start(data_file)
+        syncer.wait()
+        assert not syncer.busy
+    finally:
+        syncer.stop()
+
+
+_CALLS = st.lists(st.sampled_from(["start", "start_bad", "start_closed", "wait", "stop"]), max_size=12)
+
+
+def _drive(mod: ModuleType, calls: list[str], good: int, closed: int) -> list[Any]:
+    syncer = mod.DataSyncer()
+    out: list[Any] = []
+    try:
+        for call in calls:
+            try:
+                if call == "start":
+                    out.append(("ok", syncer.start(good)))
+                elif call == "start_bad":
+                    out.append(("ok", syncer.start(-5)))
+                elif call == "start_closed":
+                    out.append(("ok", syncer.start(closed)))
+                elif call == "wait":
+                    out.append(("ok", syncer.wait()))
+                else:
+                    out.append(("ok", syncer.stop()))
+            except Exception as exc:  # noqa: BLE001 - compared
+                out.append((type(exc).__name__, getattr(exc, "errno", None), str(exc)))
+    finally:
+        syncer.stop()
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(calls=_CALLS)
+def test_differential(calls: list[str], tmp_path_factory: pytest.TempPathFactory) -> None:
+    from pimcore import _backend
+
+    try:
+        cy = _backend.load("cython")
+    except ImportError:
+        if os.environ.get("PIMCORE_BACKEND") == "cython":
+            raise
+        pytest.skip("compiled backend not built")
+    pure = _backend.load("pure")
+    path = tmp_path_factory.mktemp("sync") / "f"
+    good = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    closed = os.open(path, os.O_RDONLY)
+    os.close(closed)
+    try:
+        assert _drive(cy, calls, good, closed) == _drive(pure, calls, good, closed)
+    finally:
+        os.close(good)
