@@ -57,6 +57,7 @@ cdef class DataSyncer:
     cdef unsigned long long _posted
     cdef unsigned long long _finished
     cdef bint _stopping
+    cdef bint _unwaited  # started, and wait() not called since
     cdef readonly object thread
 
     def __cinit__(self):
@@ -106,9 +107,10 @@ cdef class DataSyncer:
             pthread_mutex_lock(&self._mu)
             if self._stopping:
                 why = 1
-            elif self._posted != self._finished:
+            elif self._unwaited:
                 why = 2
             else:
+                self._unwaited = True
                 self._fd = cfd
                 self._err = 0
                 self._posted += 1
@@ -117,7 +119,7 @@ cdef class DataSyncer:
         if why == 1:
             raise RuntimeError("the data syncer is stopped")
         if why == 2:
-            raise RuntimeError("a flush is in flight: wait() for it first")
+            raise RuntimeError("a flush was started and not waited for: wait() for it first")
 
     def wait(self):
         cdef int err
@@ -126,6 +128,7 @@ cdef class DataSyncer:
             while self._finished != self._posted:
                 pthread_cond_wait(&self._done, &self._mu)
             err = self._err
+            self._unwaited = False
             pthread_mutex_unlock(&self._mu)
         if err:
             raise OSError(err, _ds_os.strerror(err))

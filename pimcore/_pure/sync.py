@@ -7,8 +7,8 @@ a time:
 
 * ``start(fd)`` hands ``fdatasync(fd)`` to the worker and returns at once.
   TypeError unless ``fd`` is an int, ValueError outside 0..2**31-1,
-  RuntimeError while a flush is in flight (not waited for yet) or after
-  ``stop()``.
+  RuntimeError if the last one was not waited for (one ``wait()`` per
+  ``start()``, however fast the flush) or after ``stop()``.
 * ``wait()`` blocks until the last started flush ended, then returns None
   or raises the OSError it failed with (errno and strerror as
   ``os.fdatasync`` gives them; EINTR is retried).  Called again, or with
@@ -60,6 +60,7 @@ class DataSyncer:
         self._posted = 0
         self._finished = 0
         self._stopping = False
+        self._unwaited = False  # started, and wait() not called since
         thread = threading.Thread(target=self._serve, name="pimcore-log-sync", daemon=True)
         thread.start()  # (RuntimeError: "can't start new thread")
         self.thread = thread
@@ -90,8 +91,9 @@ class DataSyncer:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the data syncer is stopped")
-            if self._posted != self._finished:
-                raise RuntimeError("a flush is in flight: wait() for it first")
+            if self._unwaited:
+                raise RuntimeError("a flush was started and not waited for: wait() for it first")
+            self._unwaited = True
             self._fd = fd
             self._err = 0
             self._posted += 1
@@ -102,6 +104,7 @@ class DataSyncer:
             while self._finished != self._posted:
                 self._cond.wait()
             err = self._err
+            self._unwaited = False
         if err:
             raise OSError(err, os.strerror(err))
 

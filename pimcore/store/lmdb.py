@@ -866,16 +866,22 @@ class _LogState:
     #: A batch of at least this many ops has its record flushed by a worker
     #: thread while LMDB applies the batch (:meth:`LmdbStore._write`): the
     #: flush's wait then overlaps the apply's CPU work, and LMDB still
-    #: commits only after the flush returned.  With the compiled fast path
-    #: the worker runs without the GIL (``DataSyncer.gil_free``): every
-    #: batch, down to one op (BENCHMARKS.md, "The log flush off the GIL").
+    #: commits only after the flush returned.
+    #:
+    #: With the compiled fast path the worker runs without the GIL
+    #: (``DataSyncer.gil_free``): every batch but a one-op one
+    #: (BENCHMARKS.md, "The log flush off the GIL": 1 x 64 +8 % acked
+    #: sends/s, 50 x 16 +3 % and -7 % CPU per send; at 1 x 1 the same p50
+    #: and 5 % more CPU -- the worker shares the broker's core, and its
+    #: fdatasync's own CPU does not overlap).
+    #:
     #: A Python worker needs the GIL to wake and to return, which the apply
     #: holds: smaller batches then flush inline, where the two hand-offs
     #: between threads (about 35 µs of CPU) would cost more than the overlap
     #: saves.  Measured on 2 vCPUs with the broker on one (BENCHMARKS.md,
     #: "Overlapping the log flush with the apply"): 400-op batches +8 %
     #: acked sends/s; 62-op batches no gain.
-    overlap_ops = 1 if _impl.DataSyncer.gil_free else 128
+    overlap_ops = 2 if _impl.DataSyncer.gil_free else 128
 
     def __init__(self, store: "LmdbStore", log: wal.CommandLog) -> None:
         self.store = store

@@ -13,9 +13,11 @@ recovery, applied to LMDB's copy-on-write pages):
 * Every :class:`~pimcore.store.base.WriteBatch` is appended here and
   ``fdatasync``'d *before* LMDB commits it, and LMDB commits without flushing
   (``MDB_NOSYNC``).  A batch is durable when its log record is; the caller acks
-  after :meth:`LmdbStore.commit` returns, as before.  A big batch's record
-  is written and flushed by a worker thread while LMDB applies the batch
-  (``_LogState.overlap_ops``); LMDB still commits only after the flush.  A
+  after :meth:`LmdbStore.commit` returns, as before.  A batch's record is
+  written (:meth:`CommandLog.write`) and then flushed by a worker thread
+  while LMDB applies the batch (``_LogState.overlap_ops``: every batch of two
+  ops or more with the compiled fast path, whose worker needs no GIL); LMDB
+  still commits only after the flush.  A
   record whose batch then does not commit (the apply or LMDB's commit failed)
   is taken back out (:meth:`CommandLog.rewind`) before the write lock is let
   go, so the log holds exactly LMDB's commits, in LMDB's order.
