@@ -899,14 +899,30 @@ def test_a_flush_thread_that_cannot_start_means_an_inline_flush(
     monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1)
     real = threading.Thread.start
 
+    refused: list[str] = []
+
     def start(self: threading.Thread) -> None:
-        if self.name.startswith("pimcore-log-flush"):
+        # (The DataSyncer's worker: pimcore/_pure/sync.py and its compiled
+        # twin both start a threading.Thread of this name.)
+        if self.name.startswith("pimcore-log-sync"):
+            refused.append(self.name)
             raise RuntimeError("can't start new thread")
         real(self)
 
     monkeypatch.setattr(threading.Thread, "start", start)
     batches = _fixed_batches(3, 12)
-    copy, want = _committed_then_crashed(tmp_path, batches)
+    store = _open_log(tmp_path / "a")
+    try:
+        _commit_all(store, batches)
+        st_ = store._log
+        assert st_ is not None
+        # The worker was asked for once, refused, and the store flushes
+        # inline from then on (no second attempt per batch).
+        assert refused == ["pimcore-log-sync"] and st_._flusher is None and st_.overlap_ops == 1 << 62
+        want = _dump(store)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
     assert _recovered(copy) == want == _reference(tmp_path / "ref", batches)
 
 
