@@ -841,20 +841,88 @@ def test_an_interrupt_while_waiting_for_the_flush_leaves_log_and_lmdb_alike(
     assert _recovered(copy) == want
 
 
+def test_a_second_interrupt_while_an_interrupted_batch_is_aborted_leaves_no_write_transaction_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two Ctrl-Cs in a row (found by a fuzzer sending real SIGINTs): the
+    # first cuts the batch's apply short, the second lands as the write
+    # transaction is being aborted (at _abort's first line).  The
+    # transaction stayed open, referenced by the interrupt's traceback:
+    # every later commit on this thread failed "Attempt to start a write
+    # transaction while another write transaction is active" -- a store
+    # neither writing nor stopped -- until the garbage collector freed it.
+    _no_auto_checkpoints(monkeypatch)
+    armed = [""]
+    real_run, real_abort = lmdb_module._store_plain_run, lmdb_module._abort
+
+    def run(*args: Any) -> Any:
+        if armed[0] == "apply":
+            armed[0] = "abort"
+            raise KeyboardInterrupt("the first")
+        return real_run(*args)
+
+    def abort(txn: Any) -> None:
+        if armed[0] == "abort":
+            armed[0] = ""
+            raise KeyboardInterrupt("the second")
+        real_abort(txn)
+
+    monkeypatch.setattr(lmdb_module, "_store_plain_run", run)
+    monkeypatch.setattr(lmdb_module, "_abort", abort)
+    batches = _fixed_batches(3, 12)
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        store.commit(WriteBatch(2, tuple(batches[0])))
+        armed[0] = "apply"
+        with pytest.raises(KeyboardInterrupt) as info:
+            store.commit(WriteBatch(3, tuple(batches[1])))
+        assert not armed[0]  # (both landed)
+        # The caller keeps the interrupt (and so its frames) alive.
+        try:
+            store.commit(WriteBatch(4, tuple(batches[2])))
+            want = _reference(tmp_path / "ref", [batches[0], batches[2]])
+        except StoreError as exc:
+            # Or the store stopped (a restart recovers): never a third state.
+            assert "restart" in str(exc), exc
+            want = _reference(tmp_path / "ref", [batches[0]])
+        del info
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    assert _recovered(copy) == want
+
+
 def test_a_flush_thread_that_cannot_start_means_an_inline_flush(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1)
     real = threading.Thread.start
 
+    refused: list[str] = []
+
     def start(self: threading.Thread) -> None:
-        if self.name.startswith("pimcore-log-flush"):
+        # (The DataSyncer's worker: pimcore/_pure/sync.py and its compiled
+        # twin both start a threading.Thread of this name.)
+        if self.name.startswith("pimcore-log-sync"):
+            refused.append(self.name)
             raise RuntimeError("can't start new thread")
         real(self)
 
     monkeypatch.setattr(threading.Thread, "start", start)
     batches = _fixed_batches(3, 12)
-    copy, want = _committed_then_crashed(tmp_path, batches)
+    store = _open_log(tmp_path / "a")
+    try:
+        _commit_all(store, batches)
+        st_ = store._log
+        assert st_ is not None
+        # The worker was asked for once, refused, and the store flushes
+        # inline from then on (no second attempt per batch).
+        assert refused == ["pimcore-log-sync"] and st_._flusher is None and st_.overlap_ops == 1 << 62
+        want = _dump(store)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
     assert _recovered(copy) == want == _reference(tmp_path / "ref", batches)
 
 

@@ -184,3 +184,70 @@ def test_differential(calls: list[str], tmp_path_factory: pytest.TempPathFactory
         assert _drive(cy, calls, good, closed) == _drive(pure, calls, good, closed)
     finally:
         os.close(good)
+
+
+def _interrupt_after_c_call(number: int, body: Any) -> bool:
+    """Run ``body()`` in this thread with a KeyboardInterrupt raised right
+    after its ``number``-th call of a C function (where CPython answers a
+    pending SIGINT: the C call has done its work, its result is dropped).
+    True if the interrupt was raised."""
+    import sys
+
+    count = [0]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_return":
+            count[0] += 1
+            if count[0] == number:
+                raise KeyboardInterrupt
+
+    sys.setprofile(profile)
+    try:
+        body()
+    except KeyboardInterrupt:
+        return True
+    finally:
+        sys.setprofile(None)
+    return False
+
+
+def _ends_soon(fn: Any) -> bool:
+    """Does ``fn()`` return (or raise) within 5 s?  (In another thread:
+    a lock the interrupted thread left held blocks any thread.)"""
+    thread = threading.Thread(target=lambda: fn(), daemon=True)
+    thread.start()
+    thread.join(5)
+    return not thread.is_alive()
+
+
+@pytest.mark.parametrize("where", ["start", "wait"])
+def test_an_interrupt_after_any_c_call_in_start_or_wait_leaves_the_syncer_usable(
+    backend: ModuleType, data_file: int, where: str
+) -> None:
+    # Ctrl-C lands right after any C call the caller's thread makes in
+    # start() or wait() (the store's writer repeats wait() after an
+    # interrupt: pimcore.store.lmdb._LogState.appended).  Found by a fuzzer
+    # sending real SIGINTs: the pure twin's ``with self._cond`` --
+    # threading.Condition.__enter__, Python code -- was interrupted right
+    # after it took the lock, which then stayed taken; the next wait() and
+    # stop() (the store's close) hung for ever.
+    for number in range(1, 80):
+        syncer = backend.DataSyncer()
+        try:
+            if where == "start":
+                hit = _interrupt_after_c_call(number, lambda: syncer.start(data_file))
+            else:
+                syncer.start(data_file)
+                hit = _interrupt_after_c_call(number, syncer.wait)
+            # Whatever the interrupt cut short, a wait() ends (the flush, if
+            # one was started, runs to its end), and so does stop().
+            assert _ends_soon(syncer.wait), (where, number)
+            assert _ends_soon(syncer.stop), (where, number)
+            assert not syncer.thread.is_alive()
+        finally:
+            if syncer.thread.is_alive():
+                _ends_soon(syncer.stop)  # (a failed case: do not leave it running)
+        if not hit:
+            break  # (past the last C call: every one was tried)
+    else:
+        pytest.fail("more C calls than tried")

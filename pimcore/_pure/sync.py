@@ -34,6 +34,7 @@ while LMDB applies the batch.
 
 from __future__ import annotations
 
+import _thread
 import operator
 import os
 import threading
@@ -49,12 +50,28 @@ def _check_fd(fd: object) -> int:
 
 
 class DataSyncer:
-    """See the module docstring."""
+    """See the module docstring.
+
+    Interrupts: the caller's thread only ever takes ``_lock`` with ``with``
+    on the C lock itself (taken and entered with no Python code between, so
+    a KeyboardInterrupt can't land after the acquire and before the block
+    that releases it -- as it can in ``threading.Condition.__enter__``,
+    which then left the lock taken for ever) and blocks on ``_done`` only
+    outside it.  ``_wake`` and ``_done`` are one-slot wake-ups (a released
+    ``_thread`` lock; released again, nothing changes): the state is in the
+    attributes, read under ``_lock`` after every wake-up, so a wake-up an
+    interrupt took and dropped loses nothing, and ``wait()`` wakes the
+    worker again before blocking (a ``start()`` cut short after it posted).
+    """
 
     gil_free = False
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = _thread.allocate_lock()
+        self._wake = _thread.allocate_lock()  # released: a flush posted, or stop
+        self._wake.acquire()
+        self._done = _thread.allocate_lock()  # released: a flush ended
+        self._done.acquire()
         self._fd = -1
         self._err = 0
         self._posted = 0
@@ -65,30 +82,37 @@ class DataSyncer:
         thread.start()  # (RuntimeError: "can't start new thread")
         self.thread = thread
 
+    @staticmethod
+    def _release(lock: "_thread.LockType") -> None:
+        try:
+            lock.release()
+        except RuntimeError:  # (released already: the wake-up is pending)
+            pass
+
     def _serve(self) -> None:
-        cond = self._cond
-        with cond:
-            while True:
-                while not self._stopping and self._posted == self._finished:
-                    cond.wait()
-                if self._posted == self._finished:
+        # (The worker's thread: no KeyboardInterrupt reaches it.)
+        while True:
+            with self._lock:
+                idle = self._posted == self._finished
+                if idle and self._stopping:
                     return  # stopping, and nothing posted: end
-                fd = self._fd
-                cond.release()
-                err = 0
-                try:
-                    os.fdatasync(fd)  # (retries EINTR itself: PEP 475)
-                except OSError as exc:
-                    err = exc.errno or 0
-                finally:
-                    cond.acquire()
+                fd, posted = self._fd, self._posted
+            if idle:
+                self._wake.acquire()  # (then look again)
+                continue
+            err = 0
+            try:
+                os.fdatasync(fd)  # (retries EINTR itself: PEP 475)
+            except OSError as exc:
+                err = exc.errno or 0
+            with self._lock:
                 self._err = err
-                self._finished = self._posted
-                cond.notify_all()
+                self._finished = posted
+            self._release(self._done)
 
     def start(self, fd: int) -> None:
         fd = _check_fd(fd)
-        with self._cond:
+        with self._lock:
             if self._stopping:
                 raise RuntimeError("the data syncer is stopped")
             if self._unwaited:
@@ -97,26 +121,29 @@ class DataSyncer:
             self._fd = fd
             self._err = 0
             self._posted += 1
-            self._cond.notify_all()
+        self._release(self._wake)
 
     def wait(self) -> None:
-        with self._cond:
-            while self._finished != self._posted:
-                self._cond.wait()
-            err = self._err
-            self._unwaited = False
+        while True:
+            with self._lock:
+                if self._finished == self._posted:
+                    err = self._err
+                    self._unwaited = False
+                    break
+            self._release(self._wake)  # (again: a start() cut short before it woke the worker)
+            self._done.acquire()
         if err:
             raise OSError(err, os.strerror(err))
 
     @property
     def busy(self) -> bool:
-        with self._cond:
+        with self._lock:
             return self._posted != self._finished
 
     def stop(self) -> None:
-        with self._cond:
+        with self._lock:
             self._stopping = True
-            self._cond.notify_all()
+        self._release(self._wake)
         thread = self.thread
         if thread is not threading.current_thread():
             thread.join()

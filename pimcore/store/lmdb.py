@@ -2140,6 +2140,7 @@ class LmdbStore(Store):
             guard = self._maintenance_write_lock() if not self._owner and st is None else None
             done = False
             tid = 0  # the write transaction's id (log durability): did LMDB commit it?
+            txn: Optional[_Txn] = None
             try:
                 while True:
                     try:
@@ -2191,6 +2192,13 @@ class LmdbStore(Store):
                         st.after_commit()
                     return result
             finally:
+                if not done and txn is not None:
+                    # (Again: a second interrupt may have cut the abort above
+                    # short -- at _abort's first line -- and the transaction,
+                    # kept alive by the interrupt's traceback, would hold
+                    # LMDB's write lock for this thread.  Aborting twice is
+                    # harmless.)
+                    _abort(txn)
                 if guard is not None:
                     guard.close()
                 if not done and logged is not None and logged.written and st is not None:
