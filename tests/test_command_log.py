@@ -20,6 +20,7 @@ What it must keep, tested here through ``LmdbStore.commit`` and reopening:
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import logging
@@ -281,19 +282,21 @@ def test_a_failed_log_flush_stops_writes_and_a_restart_recovers(
     try:
         store.commit(WriteBatch(1, GROUPS))
         store.commit(WriteBatch(2, tuple(batches[0])))
-        real = wal.CommandLog.append
+        real = wal.CommandLog.write
 
-        def full(self: wal.CommandLog, payload: bytes) -> int:
+        def full(self: wal.CommandLog, payload: bytes) -> Any:
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(wal.CommandLog, "append", full)
+        # (The record's write: inline, append() writes then flushes; overlapped,
+        # the writer writes and a worker flushes -- see the next test for that.)
+        monkeypatch.setattr(wal.CommandLog, "write", full)
         before = _dump(store)
         with pytest.raises(StoreError, match="command log could not be written"):
             store.commit(WriteBatch(3, tuple(batches[1])))
         # Nothing of the batch is readable: LMDB never holds what the log lacks
         # (a reader would otherwise see it vanish at the restart).
         assert _dump(store) == before
-        monkeypatch.setattr(wal.CommandLog, "append", real)
+        monkeypatch.setattr(wal.CommandLog, "write", real)
         # Even with the disk back, this handle writes no more.
         with pytest.raises(StoreError, match="restart"):
             store.commit(WriteBatch(4, tuple(batches[2])))
@@ -673,18 +676,63 @@ def test_a_batch_whose_record_is_too_big_for_the_log_is_refused_before_anything_
     assert _recovered(copy) == want
 
 
+def test_a_failed_flush_in_the_worker_stops_writes_and_a_restart_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The overlapped flush: the record is written, the worker's fdatasync
+    # fails (EIO).  As any failed flush: the store stops, the batch is not
+    # acked nor readable, and a restart recovers what was acked.
+    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1)
+    failing = [False]
+
+    class Syncer(lmdb_module._impl.DataSyncer):  # type: ignore[misc,name-defined]
+        def wait(self) -> None:
+            super().wait()
+            if failing[0]:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(lmdb_module._impl, "DataSyncer", Syncer)
+    batches = _fixed_batches(3, 12)
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        store.commit(WriteBatch(2, tuple(batches[0])))
+        before = _dump(store)
+        failing[0] = True
+        with pytest.raises(StoreError, match="command log could not be written"):
+            store.commit(WriteBatch(3, tuple(batches[1])))
+        assert _dump(store) == before
+        failing[0] = False
+        with pytest.raises(StoreError, match="restart"):
+            store.commit(WriteBatch(4, tuple(batches[2])))
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    assert before == _reference(tmp_path / "ref", [batches[0]])
+    # The record was written before its flush failed: the disk may hold it
+    # or not (after a failed fdatasync nobody knows).  The restart applies it
+    # whole if it is there (never acked: the client's retry is a Duplicate),
+    # else not at all -- never a part, never batch 4.
+    assert _recovered(copy) in (before, _reference(tmp_path / "ref2", batches[:2]))
+
+
 def test_a_batch_of_overlap_ops_or_more_is_flushed_while_lmdb_applies_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 8)
-    real = wal.CommandLog.append
+    real_append, real_submit = wal.CommandLog.append, lmdb_module._Flusher.submit
     flushed_by: list[str] = []
 
     def append(self: wal.CommandLog, payload: bytes) -> int:
-        flushed_by.append(threading.current_thread().name)
-        return real(self, payload)
+        flushed_by.append("inline")
+        return real_append(self, payload)
+
+    def submit(self: Any, record: Any) -> None:
+        flushed_by.append("worker")
+        real_submit(self, record)
 
     monkeypatch.setattr(wal.CommandLog, "append", append)
+    monkeypatch.setattr(lmdb_module._Flusher, "submit", submit)
     ops = [NewMessage(i.to_bytes(8, "big") + b"N" * 8, "g1", "al", "ph", i, 5, 1_000 + i, b"x", b"x" * 16, 0)
            for i in range(1, 16)]
     store = _open_log(tmp_path / "a")
@@ -696,8 +744,7 @@ def test_a_batch_of_overlap_ops_or_more_is_flushed_while_lmdb_applies_it(
         copy = _crash_copy(tmp_path / "a", tmp_path / "b")
     finally:
         store.close()
-    me = threading.current_thread().name
-    assert flushed_by[:3] == [me, me, flushed_by[2]] and flushed_by[2].startswith("pimcore-log-flush")
+    assert flushed_by[:3] == ["inline", "inline", "worker"]
     assert _recovered(copy) == _reference(tmp_path / "ref", [ops[:7], ops[7:]])
 
 
@@ -768,17 +815,17 @@ def test_an_interrupt_while_waiting_for_the_flush_leaves_log_and_lmdb_alike(
 
     _no_auto_checkpoints(monkeypatch)
     monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1)
-    real = wal.CommandLog.append
     calls = [0]
 
-    def append(self: wal.CommandLog, payload: bytes) -> int:
-        calls[0] += 1
-        if calls[0] == 2:
-            _thread.interrupt_main()
-            time.sleep(0.2)  # the writer is waiting by now
-        return real(self, payload)
+    class Syncer(lmdb_module._impl.DataSyncer):  # type: ignore[misc,name-defined]
+        def wait(self) -> None:
+            calls[0] += 1
+            if calls[0] == 2:  # (batch 2's flush: 1 was GROUPS')
+                _thread.interrupt_main()
+                time.sleep(0.2)  # (lands before the wait below, or in it)
+            super().wait()
 
-    monkeypatch.setattr(wal.CommandLog, "append", append)
+    monkeypatch.setattr(lmdb_module._impl, "DataSyncer", Syncer)
     batches = _fixed_batches(3, 12)
     store = _open_log(tmp_path / "a")
     try:
@@ -794,20 +841,88 @@ def test_an_interrupt_while_waiting_for_the_flush_leaves_log_and_lmdb_alike(
     assert _recovered(copy) == want
 
 
+def test_a_second_interrupt_while_an_interrupted_batch_is_aborted_leaves_no_write_transaction_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two Ctrl-Cs in a row (found by a fuzzer sending real SIGINTs): the
+    # first cuts the batch's apply short, the second lands as the write
+    # transaction is being aborted (at _abort's first line).  The
+    # transaction stayed open, referenced by the interrupt's traceback:
+    # every later commit on this thread failed "Attempt to start a write
+    # transaction while another write transaction is active" -- a store
+    # neither writing nor stopped -- until the garbage collector freed it.
+    _no_auto_checkpoints(monkeypatch)
+    armed = [""]
+    real_run, real_abort = lmdb_module._store_plain_run, lmdb_module._abort
+
+    def run(*args: Any) -> Any:
+        if armed[0] == "apply":
+            armed[0] = "abort"
+            raise KeyboardInterrupt("the first")
+        return real_run(*args)
+
+    def abort(txn: Any) -> None:
+        if armed[0] == "abort":
+            armed[0] = ""
+            raise KeyboardInterrupt("the second")
+        real_abort(txn)
+
+    monkeypatch.setattr(lmdb_module, "_store_plain_run", run)
+    monkeypatch.setattr(lmdb_module, "_abort", abort)
+    batches = _fixed_batches(3, 12)
+    store = _open_log(tmp_path / "a")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        store.commit(WriteBatch(2, tuple(batches[0])))
+        armed[0] = "apply"
+        with pytest.raises(KeyboardInterrupt) as info:
+            store.commit(WriteBatch(3, tuple(batches[1])))
+        assert not armed[0]  # (both landed)
+        # The caller keeps the interrupt (and so its frames) alive.
+        try:
+            store.commit(WriteBatch(4, tuple(batches[2])))
+            want = _reference(tmp_path / "ref", [batches[0], batches[2]])
+        except StoreError as exc:
+            # Or the store stopped (a restart recovers): never a third state.
+            assert "restart" in str(exc), exc
+            want = _reference(tmp_path / "ref", [batches[0]])
+        del info
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    assert _recovered(copy) == want
+
+
 def test_a_flush_thread_that_cannot_start_means_an_inline_flush(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1)
     real = threading.Thread.start
 
+    refused: list[str] = []
+
     def start(self: threading.Thread) -> None:
-        if self.name.startswith("pimcore-log-flush"):
+        # (The DataSyncer's worker: pimcore/_pure/sync.py and its compiled
+        # twin both start a threading.Thread of this name.)
+        if self.name.startswith("pimcore-log-sync"):
+            refused.append(self.name)
             raise RuntimeError("can't start new thread")
         real(self)
 
     monkeypatch.setattr(threading.Thread, "start", start)
     batches = _fixed_batches(3, 12)
-    copy, want = _committed_then_crashed(tmp_path, batches)
+    store = _open_log(tmp_path / "a")
+    try:
+        _commit_all(store, batches)
+        st_ = store._log
+        assert st_ is not None
+        # The worker was asked for once, refused, and the store flushes
+        # inline from then on (no second attempt per batch).
+        assert refused == ["pimcore-log-sync"] and st_._flusher is None and st_.overlap_ops == 1 << 62
+        want = _dump(store)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
     assert _recovered(copy) == want == _reference(tmp_path / "ref", batches)
 
 

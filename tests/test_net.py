@@ -1886,6 +1886,83 @@ async def test_an_http_request_at_a_tcp_listener_is_answered_400_in_words(lmdb_s
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+async def _split_exchange(port: int, parts: list[bytes]) -> bytes:
+    """Send ``parts`` to ``port`` one at a time, 50 ms apart (each its own
+    TCP segment, read by its own read), and read until the broker hangs
+    up: the whole answer."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for part in parts:
+            await stream.send_all(part)
+            await trio.sleep(0.05)
+        answer = b""
+        while data := await stream.receive_some(4096):
+            answer += data
+    return answer
+
+
+_CURL = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:7400\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n"
+
+
+@pytest.mark.parametrize("parts", [
+    [b"GE", _CURL[2:]],
+    [b"GET / HTTP/1.1\r\n", _CURL[16:]],
+    [b"GET", b" / HTTP/1.1\r\nHost: x\r\n", b"\r\n"],
+], ids=["method", "request-line", "three"])
+async def test_an_http_request_split_across_reads_is_answered_400_in_words_too(lmdb_store, caplog, parts):
+    """(Failed before: the review of the poller.)  Only the first read was
+    looked at: a request whose first segment ended inside the method ("GE")
+    was decoded as a frame (the binary Close, "UNSUPPORTED_VERSION")."""
+    caplog.set_level(logging.INFO, logger="pimcore")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
+            answer = await _split_exchange(srv.endpoints[0].port, parts)
+            assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+            await _until_closes(caplog, 1)
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert close.reason.startswith("an HTTP request (GET) at the tcp:// listener: answered HTTP 400"), close.reason
+            async with client(srv.url("tcp"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+async def test_a_websocket_upgrade_split_across_reads_is_still_answered_with_a_close(lmdb_store, caplog):
+    """(Failed before: the review of the poller.)  An upgrade request whose
+    first segment ended before its Upgrade header was answered as plain
+    HTTP (400 in words), not with the binary Close the SDKs read to suggest
+    the tcp:// URL."""
+    caplog.set_level(logging.INFO, logger="pimcore")
+    cut = WS_UPGRADE.index(b"\r\n") + 2  # (the request line alone first)
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
+            answer = await _split_exchange(srv.endpoints[0].port, [WS_UPGRADE[:cut], WS_UPGRADE[cut:]])
+            decoder = Decoder()
+            decoder.feed(answer)
+            close = decoder.next_frame()
+            assert isinstance(close, F.Close) and close.reason.startswith("UNSUPPORTED_VERSION: "), answer
+            await _until_closes(caplog, 1)
+            [line] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert line.code == "PROTOCOL_ERROR" and line.reason.startswith("a WebSocket upgrade request at the tcp://")
+
+
+async def test_a_binary_client_whose_first_read_is_one_byte_is_served(lmdb_store):
+    """The wait for more of what may be an HTTP request never holds up a
+    binary client: its first byte is no HTTP method's."""
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
+            login = encode_frame(F.Login(token("alice").encode(), "phone", int(time.time() * 1e6), 0, 0))
+            stream = await trio.open_tcp_stream("127.0.0.1", srv.endpoints[0].port)
+            async with stream:
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await stream.send_all(login[:1])
+                await trio.sleep(0.05)
+                await stream.send_all(login[1:])
+                decoder = Decoder()
+                while (frame := decoder.next_frame()) is None:
+                    decoder.feed(await stream.receive_some(4096))
+                assert isinstance(frame, F.LoginAck), frame
+
+
 @pytest.mark.parametrize("scheme", ["tcp", "tls"])
 async def test_a_websocket_upgrade_at_a_tcp_listener_is_logged_as_one_and_still_answered_with_a_close(
         lmdb_store, ca, caplog, scheme):

@@ -12,5 +12,7 @@ from .records import *  # noqa: F401,F403
 from .records import __all__ as _records_all
 from .send import *  # noqa: F401,F403
 from .send import __all__ as _send_all
+from .sync import *  # noqa: F401,F403
+from .sync import __all__ as _sync_all
 
-__all__ = [*_codec_all, *_order_all, *_fanout_all, *_records_all, *_send_all, *_log_all]
+__all__ = [*_codec_all, *_order_all, *_fanout_all, *_records_all, *_send_all, *_log_all, *_sync_all]

@@ -724,6 +724,31 @@ _HTTP_REQUEST_LINE = re.compile(rb"(GET|POST|HEAD|PUT|DELETE|OPTIONS|PATCH) ")
 #: broker's binary Close: the SDKs read it to suggest the tcp:// URL
 #: (pimcore.client, "answered the WebSocket upgrade in pimcore's binary protocol").
 _WS_UPGRADE_HEADER = re.compile(rb"(?im)^upgrade:[ \t]*websocket")
+#: Every start of an HTTP request line _HTTP_REQUEST_LINE knows, up to its
+#: space: a first read that is one of these ("GE") waits for more bytes.
+_HTTP_PREFIXES = frozenset(m[:i] for m in (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ")
+                           for i in range(1, len(m)))
+
+
+def _first_bytes_kind(head: bytes) -> Optional[str]:
+    """What a tcp:// (tls://) connection's first bytes ``head`` are: "http"
+    (an HTTP request that is no WebSocket upgrade), "upgrade", "binary"
+    (the broker's protocol: a Login), or None while that cannot be told yet
+    -- the start of a method, or a request line whose header block has not
+    ended (and had no Upgrade header so far).  The caller reads on, up to
+    _WS_MAX_HEAD bytes, then decides with :func:`_first_bytes_final`."""
+    if _HTTP_REQUEST_LINE.match(head) is not None:
+        if _WS_UPGRADE_HEADER.search(head):
+            return "upgrade"
+        return "http" if b"\r\n\r\n" in head or b"\n\n" in head else None
+    return None if head in _HTTP_PREFIXES else "binary"
+
+
+def _first_bytes_final(head: bytes) -> str:
+    """:func:`_first_bytes_kind` once no more bytes are awaited."""
+    if _HTTP_REQUEST_LINE.match(head) is None:
+        return "binary"
+    return "upgrade" if _WS_UPGRADE_HEADER.search(head) else "http"
 #: The close line's reason of bytes that are no HTTP request, answered 400.
 _NOT_HTTP_ENDED = "not a WebSocket upgrade request (binary: a tcp:// client?): answered HTTP 400"
 #: The close line's reason of an upgrade request's head over its limit, answered 431.
@@ -1793,6 +1818,7 @@ class BrokerServer:
     async def _read_loop(self, peer: _Peer, fd: int, polled: bool, first: bool, upgrade: bool, read_size: int) -> None:
         wait_readable = trio.lowlevel.wait_readable
         data: Union[bytes, bytearray]
+        early = b""  # a first read kept until more bytes say what it is (_first_bytes_kind)
         while peer.state is _PeerState.OPEN and not self._stopping:
             if peer.resume is not None:
                 # The core waits for a request first.  Out of the probe
@@ -1843,13 +1869,23 @@ class BrokerServer:
             if self._stopping:
                 break
             if first:
-                first = False
-                method = _HTTP_REQUEST_LINE.match(data)
-                if method is not None:
-                    if not _WS_UPGRADE_HEADER.search(data):
-                        await self._http_at_stream(peer, method.group(1).decode())
-                        return
-                    upgrade = True
+                # An HTTP request's start may come in more than one read
+                # (a method cut short, headers after the request line):
+                # bytes are kept until they say what they are.
+                head = bytes(data) if not early else early + data
+                kind = _first_bytes_kind(head)
+                if kind is None:
+                    if len(head) < _WS_MAX_HEAD:
+                        early = head
+                        continue
+                    kind = _first_bytes_final(head)
+                first, early, data = False, b"", head
+                if kind == "http":
+                    method = _HTTP_REQUEST_LINE.match(head)
+                    assert method is not None
+                    await self._http_at_stream(peer, method.group(1).decode())
+                    return
+                upgrade = kind == "upgrade"
             self._stats["bytes_in"] += len(data)
             if fd >= 0 and not self._holding and self._tasks is not None and not self.broker.batch_in_flight:
                 probe = self._ready_probe

@@ -772,46 +772,77 @@ def _decode_ops(payload: bytes) -> tuple[Op, ...]:
 
 
 class _Flusher:
-    """The thread that appends and flushes a big batch's command log record
-    while the writer applies the batch (:meth:`LmdbStore._write`).
+    """Flushes a batch's command log record while the writer applies the
+    batch (:meth:`LmdbStore._write`).
 
-    ``submit`` queues a :class:`_LogRecord`; the thread appends it, puts the
-    outcome on the record (None, or the exception the append raised) and
-    sets the record's own ``flushed`` event.  One event per record: a wait
-    that an interrupt cut short waits again and loses nothing, and no
-    outcome can be taken for another record's.  Raises RuntimeError if the
-    thread cannot be started.
+    ``submit`` writes the record into the log in the caller's thread
+    (:meth:`wal.CommandLog.write`: ``pwrite``, no flush) and hands its
+    ``fdatasync`` to a :class:`DataSyncer` worker
+    (``pimcore._fastpath``'s runs without the GIL, so the flush goes on
+    while the writer's apply holds it).  The record's ``flushed`` (a
+    :class:`_Flushing`, set by the caller before the hand-over) waits for
+    that flush and moves the log past the record
+    (:meth:`wal.CommandLog.flushed`), or puts the exception on the record
+    (``outcome``).  One flush at a time: the writer waits for it under the
+    write lock before anything else is appended.  Raises RuntimeError if
+    the worker thread cannot be started.
     """
 
     def __init__(self, log: wal.CommandLog) -> None:
         self._log = log
-        self._jobs: "queue.SimpleQueue[Optional[_LogRecord]]" = queue.SimpleQueue()
-        # A daemon: a process that exits without closing its store must not
-        # hang on it (it is idle whenever no commit is running).
-        self._thread = threading.Thread(target=self._run, name="pimcore-log-flush", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        jobs, log = self._jobs, self._log
-        while True:
-            record = jobs.get()
-            if record is None:
-                return
-            flushed = record.flushed
-            assert flushed is not None
-            try:
-                log.append(record.data)
-            except BaseException as exc:  # noqa: BLE001 - the writer raises it
-                record.outcome = exc
-            flushed.set()
+        self._syncer = _impl.DataSyncer()
+        # (A daemon: a process that exits without closing its store must not
+        # hang on it.  It is idle whenever no commit is running.)
+        self._thread = self._syncer.thread
 
     def submit(self, record: "_LogRecord") -> None:
-        self._jobs.put(record)
+        flushing = record.flushed
+        assert isinstance(flushing, _Flushing)
+        try:
+            written = self._log.write(record.data)
+        except (OSError, ValueError) as exc:  # (appended() raises it)
+            record.outcome = exc
+            flushing.done = True
+            return
+        flushing.written = written
+        self._syncer.start(written.fd)
+        flushing.syncer = self._syncer
 
     def stop(self) -> None:
-        """After the records already queued: end the thread."""
-        self._jobs.put(None)
-        self._thread.join()
+        """After the flush in flight: end the worker thread."""
+        self._syncer.stop()
+
+
+class _Flushing:
+    """A :class:`_LogRecord`'s ``flushed`` while :class:`_Flusher` has it:
+    ``is_set()`` once its flush ended; ``wait()`` waits for that (again after
+    an interrupt: nothing is lost), then records the outcome on the record
+    and, flushed, moves the log past it."""
+
+    __slots__ = ("record", "log", "written", "syncer", "done")
+
+    def __init__(self, record: "_LogRecord", log: wal.CommandLog) -> None:
+        self.record = record
+        self.log = log
+        self.written: Optional[wal.Written] = None
+        self.syncer: Any = None  # (set once the flush was started)
+        self.done = False
+
+    def is_set(self) -> bool:
+        return self.done
+
+    def wait(self) -> None:
+        if self.done:
+            return
+        if self.syncer is not None:
+            try:
+                self.syncer.wait()
+            except OSError as exc:
+                self.record.outcome = exc
+            else:
+                assert self.written is not None
+                self.log.flushed(self.written)
+        self.done = True
 
 
 class _LogState:
@@ -832,15 +863,25 @@ class _LogState:
     #: so the data file grows by every page written meanwhile (about 64 KiB
     #: per 1-message commit).
     checkpoint_seconds = 0.25
-    #: A batch of at least this many ops has its record written and flushed
-    #: by a worker thread while LMDB applies the batch (:meth:`LmdbStore._write`):
-    #: the flush's wait then overlaps the apply's CPU work, and LMDB still
-    #: commits only after the flush returned.  Smaller batches flush inline,
-    #: where the two hand-offs between threads (about 35 µs of CPU) would
-    #: cost more than the overlap saves.  Measured on 2 vCPUs with the
-    #: broker on one (BENCHMARKS.md, "Overlapping the log flush with the apply"):
-    #: 400-op batches +8 % acked sends/s; 62-op batches no gain.
-    overlap_ops = 128
+    #: A batch of at least this many ops has its record flushed by a worker
+    #: thread while LMDB applies the batch (:meth:`LmdbStore._write`): the
+    #: flush's wait then overlaps the apply's CPU work, and LMDB still
+    #: commits only after the flush returned.
+    #:
+    #: With the compiled fast path the worker runs without the GIL
+    #: (``DataSyncer.gil_free``): every batch but a one-op one
+    #: (BENCHMARKS.md, "The log flush off the GIL": 1 x 64 +8 % acked
+    #: sends/s, 50 x 16 +3 % and -7 % CPU per send; at 1 x 1 the same p50
+    #: and 5 % more CPU -- the worker shares the broker's core, and its
+    #: fdatasync's own CPU does not overlap).
+    #:
+    #: A Python worker needs the GIL to wake and to return, which the apply
+    #: holds: smaller batches then flush inline, where the two hand-offs
+    #: between threads (about 35 µs of CPU) would cost more than the overlap
+    #: saves.  Measured on 2 vCPUs with the broker on one (BENCHMARKS.md,
+    #: "Overlapping the log flush with the apply"): 400-op batches +8 %
+    #: acked sends/s; 62-op batches no gain.
+    overlap_ops = 2 if _impl.DataSyncer.gil_free else 128
 
     def __init__(self, store: "LmdbStore", log: wal.CommandLog) -> None:
         self.store = store
@@ -912,7 +953,7 @@ class _LogState:
         self._mark(record, deferred)
         # Set before the hand-over and cleared only by appended(): while it
         # is set, whether (and when) the record reaches the log is unknown.
-        record.flushed = threading.Event()
+        record.flushed = _Flushing(record, self.log)
         record.written = True
         flusher.submit(record)
         return True
@@ -1285,10 +1326,11 @@ class _LogRecord:
         self.written = False
         #: The log's position right before it (:meth:`wal.CommandLog.position`).
         self.at: Optional[tuple[int, int, int]] = None
-        #: Set by the flush thread when its append ended; None once the
-        #: writer collected ``outcome`` (or if it was never handed over).
-        self.flushed: Optional[threading.Event] = None
-        #: What the flush thread's append raised, if anything.
+        #: Its flush by the worker thread (:class:`_Flushing`), set before
+        #: the hand-over; None once the writer collected ``outcome`` (or if
+        #: it was never handed over).
+        self.flushed: Optional[_Flushing] = None
+        #: What its write or the worker's flush raised, if anything.
         self.outcome: Optional[BaseException] = None
 
 
@@ -2098,6 +2140,7 @@ class LmdbStore(Store):
             guard = self._maintenance_write_lock() if not self._owner and st is None else None
             done = False
             tid = 0  # the write transaction's id (log durability): did LMDB commit it?
+            txn: Optional[_Txn] = None
             try:
                 while True:
                     try:
@@ -2149,6 +2192,13 @@ class LmdbStore(Store):
                         st.after_commit()
                     return result
             finally:
+                if not done and txn is not None:
+                    # (Again: a second interrupt may have cut the abort above
+                    # short -- at _abort's first line -- and the transaction,
+                    # kept alive by the interrupt's traceback, would hold
+                    # LMDB's write lock for this thread.  Aborting twice is
+                    # harmless.)
+                    _abort(txn)
                 if guard is not None:
                     guard.close()
                 if not done and logged is not None and logged.written and st is not None:

@@ -13,9 +13,11 @@ recovery, applied to LMDB's copy-on-write pages):
 * Every :class:`~pimcore.store.base.WriteBatch` is appended here and
   ``fdatasync``'d *before* LMDB commits it, and LMDB commits without flushing
   (``MDB_NOSYNC``).  A batch is durable when its log record is; the caller acks
-  after :meth:`LmdbStore.commit` returns, as before.  A big batch's record
-  is written and flushed by a worker thread while LMDB applies the batch
-  (``_LogState.overlap_ops``); LMDB still commits only after the flush.  A
+  after :meth:`LmdbStore.commit` returns, as before.  A batch's record is
+  written (:meth:`CommandLog.write`) and then flushed by a worker thread
+  while LMDB applies the batch (``_LogState.overlap_ops``: every batch of two
+  ops or more with the compiled fast path, whose worker needs no GIL); LMDB
+  still commits only after the flush.  A
   record whose batch then does not commit (the apply or LMDB's commit failed)
   is taken back out (:meth:`CommandLog.rewind`) before the write lock is let
   go, so the log holds exactly LMDB's commits, in LMDB's order.
@@ -60,12 +62,12 @@ import struct
 import threading
 import zlib
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 from ..errors import StoreError
 
 __all__ = [
-    "CommandLog", "Checkpoint", "read_checkpoint", "write_checkpoint", "restore_meta", "meta_txnid", "LogFile",
+    "CommandLog", "Written", "Checkpoint", "read_checkpoint", "write_checkpoint", "restore_meta", "meta_txnid", "LogFile",
     "LogSummary", "summarize",
 ]
 
@@ -196,6 +198,18 @@ def restore_meta(data_path: str, ckpt: Checkpoint) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+class Written(NamedTuple):
+    """A record :meth:`CommandLog.write` wrote, not yet flushed."""
+
+    #: The file descriptor to ``fdatasync``.
+    fd: int
+    lsn: int
+    #: The offset right after the record, in its file.
+    end: int
+    #: Its bytes, header included.
+    size: int
 
 
 class CommandLog:
@@ -359,6 +373,17 @@ class CommandLog:
         writing anything, for a payload over MAX_RECORD bytes (recovery would
         read it as a torn tail and stop there, dropping it and every later
         record)."""
+        written = self.write(payload)
+        os.fdatasync(written.fd)
+        return self.flushed(written)
+
+    def write(self, payload: bytes) -> "Written":
+        """:meth:`append` without the flush, which the caller does next:
+        ``os.fdatasync(written.fd)`` (in another thread if it likes), then
+        :meth:`flushed` with what this returned -- nothing else may be
+        appended in between.  Until then the log's position is still before
+        the record (a failed flush leaves it there; the caller stops
+        writing, as after a failed append).  Raises as :meth:`append`."""
         self._last = None  # (first: rewind() must never zero an earlier record)
         if len(payload) > MAX_RECORD:
             raise ValueError(f"a command log record holds at most {MAX_RECORD} bytes, not {len(payload)}:"
@@ -382,11 +407,18 @@ class CommandLog:
         # rewind() knows where to zero.)
         self._last = (self.file, self.offset)
         _pwrite_all(fd, head + payload, self.offset)
-        os.fdatasync(fd)
-        self.appended += len(head) + len(payload)
-        self.offset = end
-        self.next_lsn = lsn + 1
-        return lsn
+        return Written(fd, lsn, end, len(head) + len(payload))
+
+    def flushed(self, written: "Written") -> int:
+        """The record :meth:`write` wrote is flushed: the log's position
+        moves past it (once: called again, nothing changes).  Returns its
+        LSN."""
+        if self.next_lsn != written.lsn:
+            return written.lsn  # (moved already)
+        self.appended += written.size
+        self.offset = written.end
+        self.next_lsn = written.lsn + 1
+        return written.lsn
 
     def rewind(self, position: tuple[int, int, int]) -> None:
         """Take back the last record, or what an append cut short wrote of
