@@ -1902,6 +1902,20 @@ async def _split_exchange(port: int, parts: list[bytes]) -> bytes:
     return answer
 
 
+async def _upgrade_closed(answer: bytes, caplog: pytest.LogCaptureFixture) -> logging.LogRecord:
+    """An upgrade request at a tcp:// (tls://) listener: ``answer`` is the
+    binary Close the SDKs read, and its close line's code PROTOCOL_ERROR.
+    Returns that close line."""
+    decoder = Decoder()
+    decoder.feed(answer)
+    close = decoder.next_frame()
+    assert isinstance(close, F.Close) and close.reason.startswith("UNSUPPORTED_VERSION: "), answer
+    await _until_closes(caplog, 1)
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+    assert line.code == "PROTOCOL_ERROR"  # type: ignore[attr-defined]
+    return line
+
+
 _CURL = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:7400\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n"
 
 
@@ -1936,13 +1950,8 @@ async def test_a_websocket_upgrade_split_across_reads_is_still_answered_with_a_c
     with trio.fail_after(10):
         async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
             answer = await _split_exchange(srv.endpoints[0].port, [WS_UPGRADE[:cut], WS_UPGRADE[cut:]])
-            decoder = Decoder()
-            decoder.feed(answer)
-            close = decoder.next_frame()
-            assert isinstance(close, F.Close) and close.reason.startswith("UNSUPPORTED_VERSION: "), answer
-            await _until_closes(caplog, 1)
-            [line] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
-            assert line.code == "PROTOCOL_ERROR" and line.reason.startswith("a WebSocket upgrade request at the tcp://")
+            line = await _upgrade_closed(answer, caplog)
+            assert line.reason.startswith("a WebSocket upgrade request at the tcp://"), line.reason
 
 
 async def test_a_binary_client_whose_first_read_is_one_byte_is_served(lmdb_store):
@@ -1978,13 +1987,7 @@ async def test_a_websocket_upgrade_at_a_tcp_listener_is_logged_as_one_and_still_
         ctx = {"ssl_context": _serving_tls(ca)} if scheme == "tls" else {}
         async with serving(lmdb_store, server_config(Endpoint(scheme), **ctx)) as srv:
             answer = await _upgrade_answer("wss" if scheme == "tls" else "ws", srv.endpoints[0].port, WS_UPGRADE, ca)
-            decoder = Decoder()
-            decoder.feed(answer)
-            close = decoder.next_frame()
-            assert isinstance(close, F.Close) and close.reason.startswith("UNSUPPORTED_VERSION: "), close
-            await _until_closes(caplog, 1)
-            [line] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
-            assert line.code == "PROTOCOL_ERROR"
+            line = await _upgrade_closed(answer, caplog)
             ws = "wss" if scheme == "tls" else "ws"
             assert line.reason == (f"a WebSocket upgrade request at the {scheme}:// listener (use the {ws}:// listener"
                                    " instead): answered with a binary Close, which the SDKs read"), line.reason

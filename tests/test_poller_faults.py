@@ -17,7 +17,6 @@ import os
 import trio
 
 from pimcore import frames as F
-from pimcore.codec import encode_frame
 from pimcore.store import LmdbStore, MemoryStore, direct_conversation
 
 from _net import RawConn, serving
@@ -56,7 +55,8 @@ async def test_a_resumed_connection_whose_socket_cannot_rejoin_the_probe_is_not_
     (here its 7th SendReq is never acked; the client waits until its
     send_timeout, the broker until idle_timeout).  Expected: the connection
     is read by its own task (as TLS is), or closed -- not left unread."""
-    from test_outbound import fill, settle
+    from test_inline_commit import _paused_greedy
+    from test_outbound import fill
 
     store = LmdbStore(str(tmp_path / "db"), durability="os")
     try:
@@ -64,14 +64,9 @@ async def test_a_resumed_connection_whose_socket_cannot_rejoin_the_probe_is_not_
         with trio.fail_after(30):
             async with serving(store) as srv:
                 probe = srv._ready_probe = _FullProbe(srv._ready_probe)
-                greedy = await RawConn.open(srv.endpoints[0].port, rcvbuf=4096)
-                await greedy.login("alice", "greedy")
                 # Paused as in test_inline_commit: its replies fill its outbound
                 # side, then 336 KB more of SendReqs (more than _PAUSE_BYTES).
-                await greedy.send_bytes(b"".join(encode_frame(F.HistoryReq(r, AB, 0, 100, False)) for r in range(40)))
-                await settle(srv)
-                await greedy.send_bytes(b"".join(encode_frame(F.SendReq(i, AB, 0, b"y" * 48_000)) for i in range(1, 8)))
-                await settle(srv)
+                _, greedy = await _paused_greedy(srv)
                 (peer,) = srv._peers.values()
                 assert peer.resume is not None  # paused: out of the probe
                 probe.full = True  # the watches ran out meanwhile
