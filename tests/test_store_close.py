@@ -279,3 +279,23 @@ def test_an_open_interrupted_while_it_leaves_log_durability_leaks_no_command_log
     finally:
         again.close()
     assert leaked == []
+
+
+def test_a_store_dropped_without_close_leaves_no_flush_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # (Its worker thread holds the DataSyncer, not the store: the store was
+    # collected and the thread lived on, idle, for the process's life.)
+    import gc
+    import weakref
+
+    monkeypatch.setattr(lmdb_module._LogState, "overlap_ops", 1)
+    store = _open_log(tmp_path / "a")
+    store.commit(WriteBatch(1, GROUPS))
+    store.commit(WriteBatch(2, _big_sends(3, 10)))  # (overlapped: starts the worker)
+    thread = store._log._flusher._thread
+    assert thread.is_alive()
+    gone = weakref.ref(store)
+    del store
+    gc.collect()
+    assert gone() is None
+    thread.join(5)
+    assert not thread.is_alive()

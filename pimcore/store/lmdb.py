@@ -210,6 +210,7 @@ import struct
 import threading
 import time
 import typing
+import weakref
 import zlib
 from contextlib import contextmanager
 from dataclasses import replace
@@ -794,6 +795,9 @@ class _Flusher:
         # (A daemon: a process that exits without closing its store must not
         # hang on it.  It is idle whenever no commit is running.)
         self._thread = self._syncer.thread
+        # A store dropped without close(): its worker ends with it (the
+        # worker holds the syncer, not this).
+        weakref.finalize(self, self._syncer.stop)
 
     def submit(self, record: "_LogRecord") -> None:
         flushing = record.flushed
