@@ -1940,6 +1940,19 @@ async def test_an_http_request_split_across_reads_is_answered_400_in_words_too(l
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+async def test_an_upgrade_line_in_a_post_body_is_no_upgrade(lmdb_store, caplog):
+    """(Failed before: a new user's trial.)  The Upgrade header was looked
+    for in everything read so far, the body included: a POST whose body has
+    a line "upgrade: websocket" got the binary Close, not the 400."""
+    caplog.set_level(logging.INFO, logger="pimcore")
+    request = b"POST /x HTTP/1.1\r\nContent-Length: 20\r\n\r\nupgrade: websocket\r\n"
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
+            for parts in ([request], [request[:20], request[20:]]):
+                answer = await _split_exchange(srv.endpoints[0].port, parts)
+                assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+
+
 async def test_a_websocket_upgrade_split_across_reads_is_still_answered_with_a_close(lmdb_store, caplog):
     """(Failed before: the review of the poller.)  An upgrade request whose
     first segment ended before its Upgrade header was answered as plain

@@ -738,9 +738,10 @@ def _first_bytes_kind(head: bytes) -> Optional[str]:
     ended (and had no Upgrade header so far).  The caller reads on, up to
     _WS_MAX_HEAD bytes, then decides with :func:`_first_bytes_final`."""
     if _HTTP_REQUEST_LINE.match(head) is not None:
-        if _WS_UPGRADE_HEADER.search(head):
+        fields, ended = _header_block(head)
+        if _WS_UPGRADE_HEADER.search(fields):
             return "upgrade"
-        return "http" if b"\r\n\r\n" in head or b"\n\n" in head else None
+        return "http" if ended else None
     return None if head in _HTTP_PREFIXES else "binary"
 
 
@@ -748,7 +749,15 @@ def _first_bytes_final(head: bytes) -> str:
     """:func:`_first_bytes_kind` once no more bytes are awaited."""
     if _HTTP_REQUEST_LINE.match(head) is None:
         return "binary"
-    return "upgrade" if _WS_UPGRADE_HEADER.search(head) else "http"
+    return "upgrade" if _WS_UPGRADE_HEADER.search(_header_block(head)[0]) else "http"
+
+
+def _header_block(head: bytes) -> tuple[bytes, bool]:
+    """(the request's head up to its blank line, whether that line came):
+    an Upgrade header is looked for there only -- a body's line
+    "upgrade: websocket" makes no upgrade."""
+    ends = [i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0]
+    return (head[: min(ends)], True) if ends else (head, False)
 #: The close line's reason of bytes that are no HTTP request, answered 400.
 _NOT_HTTP_ENDED = "not a WebSocket upgrade request (binary: a tcp:// client?): answered HTTP 400"
 #: The close line's reason of an upgrade request's head over its limit, answered 431.
