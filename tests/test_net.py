@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import logging
+import os
 import re
 import socket
 import ssl
 import struct
+import sys
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
@@ -3355,3 +3358,50 @@ async def test_a_tls_url_at_another_services_plain_port_says_so_not_try_plain(sc
     assert msg.startswith(f"cannot connect to {url}: TLS error: "), msg
     assert "try " not in msg and msg.endswith("not in pimcore's protocol: is it another service's port?)"), msg
     assert err.value.wrong_port, msg
+
+
+def _epoll_fds() -> set[int]:
+    """This process's open epoll fds (trio's own among them)."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventpoll]":
+                fds.add(int(name))
+        except OSError:  # (the listing's own fd, closed meanwhile)
+            pass
+    return fds
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd; the probe is an epoll (Linux)")
+@pytest.mark.parametrize("how", ["context", "cancelled"])
+async def test_a_stopped_server_holds_no_epoll_fd(store, how):
+    """(Failed before: review of the poller.)  The readiness probe (the
+    poller's epoll of the plain-TCP sockets) was closed only when the
+    BrokerServer was collected: a host that opens and closes servers
+    (open_broker_server, or run() cancelled) and keeps a reference -- or
+    whose collector has not run -- held one epoll fd per server.  Expected:
+    closed when run() ends, however it ends."""
+    enabled = gc.isenabled()
+    gc.disable()  # (the object is referenced anyway: no collection closes it)
+    try:
+        before = _epoll_fds()
+        servers = []
+        with trio.fail_after(10):
+            for _ in range(3):
+                if how == "context":
+                    async with serving(store) as srv:
+                        servers.append(srv)
+                        assert len(_epoll_fds() - before) == 1  # (its probe: else this test proves nothing)
+                        async with client(srv.url("tcp"), "alice") as a:
+                            assert (await a.send(AB, b"polled")).seq >= 1
+                else:
+                    srv = BrokerServer(store, JwtAuthenticator(SECRET), server_config())
+                    servers.append(srv)
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(srv.run)
+                        assert len(_epoll_fds() - before) == 1
+                        nursery.cancel_scope.cancel()  # no shutdown(): run() cancelled
+                assert _epoll_fds() == before, len(servers)
+    finally:
+        if enabled:
+            gc.enable()

@@ -1147,7 +1147,9 @@ class BrokerServer:
         # level-triggered epoll of every plain-TCP connection's socket
         # (trio's own is one-shot: polling it would steal its events); any
         # other stream (TLS, WebSocket, serve_stream of a non-socket) turns
-        # inline commit off while it is connected.
+        # inline commit off while it is connected.  Closed when run() ends
+        # (_close_probe), not left to the collector: a host that opens and
+        # closes servers held one epoll fd per server it still referenced.
         self._ready_probe: Any = None
         if not self._async_store and not config.commit_in_thread and hasattr(select, "epoll"):
             self._ready_probe = select.epoll()
@@ -1364,6 +1366,10 @@ class BrokerServer:
                     await self._drained.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            # First: nothing below may skip it.  Every task that polls the
+            # probe (the poller, the releaser, the connections' readers) ran
+            # in the nursery, which has ended.
+            self._close_probe()
             if self._deferring:
                 self._deferring = False
                 try:
@@ -2711,7 +2717,22 @@ class BrokerServer:
 
     # ------------------------------------------------------------ the poller
 
+    def _close_probe(self) -> None:
+        """run() ended (shut down, cancelled or failed): close the readiness
+        probe's epoll now, once.  None from here on: every use checks, so a
+        connection of serve_stream still ending in the host's own nursery
+        unregisters nothing, polls nothing -- and cannot meet a closed
+        epoll, or a new fd that took its number."""
+        probe, self._ready_probe = self._ready_probe, None
+        if probe is not None:
+            # (No task waits on its fd any more: trio's bookkeeping of it is
+            # dropped all the same, as trio asks before any close.)
+            trio.lowlevel.notify_closing(probe.fileno())
+            probe.close()
+
     def _unprobe(self, fd: int) -> None:
+        if self._ready_probe is None:  # (closed: run() ended)
+            return
         try:
             self._ready_probe.unregister(fd)
         except (OSError, ValueError):  # (not registered: taken out already; the probe closed)
@@ -2724,7 +2745,10 @@ class BrokerServer:
         opaque, and its reader task reads it from now on, as at an accept
         the probe refused (_serve_peer) -- a socket nobody watches would
         never be read again (its client waits for SendAcks until its
-        timeout, the broker until idle_timeout)."""
+        timeout, the broker until idle_timeout).  False, and nothing
+        counted, once the probe is closed (run() ended: nobody polls)."""
+        if self._ready_probe is None:
+            return False
         try:
             self._ready_probe.register(peer.fd, select.EPOLLIN)
         except FileExistsError:  # (registered already)
