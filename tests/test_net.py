@@ -1889,16 +1889,19 @@ async def test_an_http_request_at_a_tcp_listener_is_answered_400_in_words(lmdb_s
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
-async def _split_exchange(port: int, parts: list[bytes]) -> bytes:
+async def _split_exchange(port: int, parts: list[bytes], *, eof: bool = False) -> bytes:
     """Send ``parts`` to ``port`` one at a time, 50 ms apart (each its own
-    TCP segment, read by its own read), and read until the broker hangs
-    up: the whole answer."""
+    TCP segment, read by its own read), then (``eof``) end our side
+    (shutdown(SHUT_WR)), and read until the broker hangs up: the whole
+    answer."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for part in parts:
             await stream.send_all(part)
             await trio.sleep(0.05)
+        if eof:
+            await stream.send_eof()
         answer = b""
         while data := await stream.receive_some(4096):
             answer += data
@@ -1941,6 +1944,49 @@ async def test_an_http_request_split_across_reads_is_answered_400_in_words_too(l
             assert close.reason.startswith("an HTTP request (GET) at the tcp:// listener: answered HTTP 400"), close.reason
             async with client(srv.url("tcp"), "alice") as a:
                 assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+@pytest.mark.parametrize("parts", [
+    [b"GET / HTTP/1.1\r\nHost: x\r\n"],
+    [b"GET / HTTP/1.1\r\n"],
+    [b"GET", b" / HTTP/1.1\r\nHost: x\r\n"],
+], ids=["headers", "request-line", "two-reads"])
+async def test_an_http_head_cut_short_by_a_half_close_is_answered_400_in_words(lmdb_store, caplog, parts):
+    """(Failed before: review of the first bytes.)  A client that ends its
+    side (shutdown(SHUT_WR), ``nc -N``) after an HTTP request line but before
+    the head's blank line was hung up on without a word: the first bytes
+    were kept for the rest of the head, and the EOF dropped them.  It can
+    still read: it gets the 400 in words any other HTTP request at a
+    tcp:// listener gets, then the broker hangs up."""
+    caplog.set_level(logging.INFO, logger="pimcore")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
+            answer = await _split_exchange(srv.endpoints[0].port, parts, eof=True)
+            assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+            assert answer.endswith(b"not HTTP: the HTTP API is elsewhere (the [http] listen setting,"
+                                   b" pimcore serve --http)\n"), answer
+            await _until_closes(caplog, 1)
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert close.reason.startswith("an HTTP request (GET) at the tcp:// listener: answered HTTP 400"), close.reason
+            async with client(srv.url("tcp"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+async def test_a_half_close_after_part_of_a_frame_is_still_just_a_hang_up(lmdb_store, caplog):
+    """A binary client's half-close (a Login cut short, or a method's start
+    "GE", which is no request yet) keeps what it got before the fix above:
+    nothing to answer (a frame cut short says nothing; an HTTP method's
+    first letters are no request); the broker hangs up at once, its close
+    line says the client did."""
+    caplog.set_level(logging.INFO, logger="pimcore")
+    login = encode_frame(F.Login(token("alice").encode(), "phone", int(time.time() * 1e6), 0, 0))
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
+            for n, first in enumerate((login[:5], b"GE"), 1):
+                assert await _split_exchange(srv.endpoints[0].port, [first], eof=True) == b""
+                await _until_closes(caplog, n)
+            reasons = [r.reason for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert reasons == ["the client hung up"] * 2, reasons
 
 
 async def test_an_upgrade_line_in_a_post_body_is_no_upgrade(lmdb_store, caplog):

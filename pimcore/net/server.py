@@ -1876,6 +1876,17 @@ class BrokerServer:
                     log.debug("connection %d broken: %r", peer.id, exc)
                 return
             if not data:
+                if early and _first_bytes_final(early) == "http":
+                    # An EOF while the first bytes wait for the rest of an
+                    # HTTP head: a client that ended its side (a half-close:
+                    # ``nc -N``, shutdown(SHUT_WR)) before the blank line can
+                    # still read -- no more bytes will say more, so they are
+                    # answered now as the whole head would be.  (A method's
+                    # start alone, "GE", is no request yet: a hang-up, as
+                    # for a frame cut short -- whose bytes never wait here,
+                    # the core had them at once.)
+                    await self._http_at_stream(peer, early)
+                    return
                 if peer.ended is None:
                     peer.ended = "the client hung up"
                 return
@@ -1896,9 +1907,7 @@ class BrokerServer:
                     kind = _first_bytes_final(head)
                 first, early, data = False, b"", head
                 if kind == "http":
-                    method = _HTTP_REQUEST_LINE.match(head)
-                    assert method is not None
-                    await self._http_at_stream(peer, method.group(1).decode())
+                    await self._http_at_stream(peer, head)
                     return
                 upgrade = kind == "upgrade"
             self._stats["bytes_in"] += len(data)
@@ -1938,11 +1947,14 @@ class BrokerServer:
         if self._stopping and peer.state is _PeerState.OPEN:
             await trio.sleep_forever()
 
-    async def _http_at_stream(self, peer: _Peer, method: str) -> None:
-        """``peer``'s first bytes, at a tcp:// or tls:// listener, are an
-        HTTP request line: answer 400 in words (curl said "HTTP/0.9 when not
-        allowed" to the broker's Close, and the broker logged
-        UNSUPPORTED_VERSION), then hang up.  The core never saw a byte."""
+    async def _http_at_stream(self, peer: _Peer, head: bytes) -> None:
+        """``peer``'s first bytes ``head``, at a tcp:// or tls:// listener,
+        start with an HTTP request line: answer 400 in words (curl said
+        "HTTP/0.9 when not allowed" to the broker's Close, and the broker
+        logged UNSUPPORTED_VERSION), then hang up.  The core never saw a byte."""
+        line = _HTTP_REQUEST_LINE.match(head)
+        assert line is not None  # (_first_bytes_kind / _first_bytes_final said "http")
+        method = line.group(1).decode()
         scheme = peer.endpoint.scheme
         said = (f"this is the pimcore broker's {scheme}:// listener (its binary protocol), not HTTP:"
                 " the HTTP API is elsewhere (the [http] listen setting, pimcore serve --http)")
