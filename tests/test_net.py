@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import logging
+import os
 import re
 import socket
 import ssl
 import struct
+import sys
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
@@ -1886,16 +1889,19 @@ async def test_an_http_request_at_a_tcp_listener_is_answered_400_in_words(lmdb_s
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
-async def _split_exchange(port: int, parts: list[bytes]) -> bytes:
+async def _split_exchange(port: int, parts: list[bytes], *, eof: bool = False) -> bytes:
     """Send ``parts`` to ``port`` one at a time, 50 ms apart (each its own
-    TCP segment, read by its own read), and read until the broker hangs
-    up: the whole answer."""
+    TCP segment, read by its own read), then (``eof``) end our side
+    (shutdown(SHUT_WR)), and read until the broker hangs up: the whole
+    answer."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for part in parts:
             await stream.send_all(part)
             await trio.sleep(0.05)
+        if eof:
+            await stream.send_eof()
         answer = b""
         while data := await stream.receive_some(4096):
             answer += data
@@ -1938,6 +1944,49 @@ async def test_an_http_request_split_across_reads_is_answered_400_in_words_too(l
             assert close.reason.startswith("an HTTP request (GET) at the tcp:// listener: answered HTTP 400"), close.reason
             async with client(srv.url("tcp"), "alice") as a:
                 assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+@pytest.mark.parametrize("parts", [
+    [b"GET / HTTP/1.1\r\nHost: x\r\n"],
+    [b"GET / HTTP/1.1\r\n"],
+    [b"GET", b" / HTTP/1.1\r\nHost: x\r\n"],
+], ids=["headers", "request-line", "two-reads"])
+async def test_an_http_head_cut_short_by_a_half_close_is_answered_400_in_words(lmdb_store, caplog, parts):
+    """(Failed before: review of the first bytes.)  A client that ends its
+    side (shutdown(SHUT_WR), ``nc -N``) after an HTTP request line but before
+    the head's blank line was hung up on without a word: the first bytes
+    were kept for the rest of the head, and the EOF dropped them.  It can
+    still read: it gets the 400 in words any other HTTP request at a
+    tcp:// listener gets, then the broker hangs up."""
+    caplog.set_level(logging.INFO, logger="pimcore")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
+            answer = await _split_exchange(srv.endpoints[0].port, parts, eof=True)
+            assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+            assert answer.endswith(b"not HTTP: the HTTP API is elsewhere (the [http] listen setting,"
+                                   b" pimcore serve --http)\n"), answer
+            await _until_closes(caplog, 1)
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert close.reason.startswith("an HTTP request (GET) at the tcp:// listener: answered HTTP 400"), close.reason
+            async with client(srv.url("tcp"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+async def test_a_half_close_after_part_of_a_frame_is_still_just_a_hang_up(lmdb_store, caplog):
+    """A binary client's half-close (a Login cut short, or a method's start
+    "GE", which is no request yet) keeps what it got before the fix above:
+    nothing to answer (a frame cut short says nothing; an HTTP method's
+    first letters are no request); the broker hangs up at once, its close
+    line says the client did."""
+    caplog.set_level(logging.INFO, logger="pimcore")
+    login = encode_frame(F.Login(token("alice").encode(), "phone", int(time.time() * 1e6), 0, 0))
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
+            for n, first in enumerate((login[:5], b"GE"), 1):
+                assert await _split_exchange(srv.endpoints[0].port, [first], eof=True) == b""
+                await _until_closes(caplog, n)
+            reasons = [r.reason for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert reasons == ["the client hung up"] * 2, reasons
 
 
 async def test_an_upgrade_line_in_a_post_body_is_no_upgrade(lmdb_store, caplog):
@@ -3355,3 +3404,50 @@ async def test_a_tls_url_at_another_services_plain_port_says_so_not_try_plain(sc
     assert msg.startswith(f"cannot connect to {url}: TLS error: "), msg
     assert "try " not in msg and msg.endswith("not in pimcore's protocol: is it another service's port?)"), msg
     assert err.value.wrong_port, msg
+
+
+def _epoll_fds() -> set[int]:
+    """This process's open epoll fds (trio's own among them)."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventpoll]":
+                fds.add(int(name))
+        except OSError:  # (the listing's own fd, closed meanwhile)
+            pass
+    return fds
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd; the probe is an epoll (Linux)")
+@pytest.mark.parametrize("how", ["context", "cancelled"])
+async def test_a_stopped_server_holds_no_epoll_fd(store, how):
+    """(Failed before: review of the poller.)  The readiness probe (the
+    poller's epoll of the plain-TCP sockets) was closed only when the
+    BrokerServer was collected: a host that opens and closes servers
+    (open_broker_server, or run() cancelled) and keeps a reference -- or
+    whose collector has not run -- held one epoll fd per server.  Expected:
+    closed when run() ends, however it ends."""
+    enabled = gc.isenabled()
+    gc.disable()  # (the object is referenced anyway: no collection closes it)
+    try:
+        before = _epoll_fds()
+        servers = []
+        with trio.fail_after(10):
+            for _ in range(3):
+                if how == "context":
+                    async with serving(store) as srv:
+                        servers.append(srv)
+                        assert len(_epoll_fds() - before) == 1  # (its probe: else this test proves nothing)
+                        async with client(srv.url("tcp"), "alice") as a:
+                            assert (await a.send(AB, b"polled")).seq >= 1
+                else:
+                    srv = BrokerServer(store, JwtAuthenticator(SECRET), server_config())
+                    servers.append(srv)
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(srv.run)
+                        assert len(_epoll_fds() - before) == 1
+                        nursery.cancel_scope.cancel()  # no shutdown(): run() cancelled
+                assert _epoll_fds() == before, len(servers)
+    finally:
+        if enabled:
+            gc.enable()

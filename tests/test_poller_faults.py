@@ -40,6 +40,9 @@ class _FullProbe:
     def unregister(self, fd: int) -> None:
         self.real.unregister(fd)
 
+    def close(self) -> None:  # (run() closes the probe when it ends)
+        self.real.close()
+
     def register(self, fd: int, mask: int) -> None:
         if self.full:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

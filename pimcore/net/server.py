@@ -1147,7 +1147,9 @@ class BrokerServer:
         # level-triggered epoll of every plain-TCP connection's socket
         # (trio's own is one-shot: polling it would steal its events); any
         # other stream (TLS, WebSocket, serve_stream of a non-socket) turns
-        # inline commit off while it is connected.
+        # inline commit off while it is connected.  Closed when run() ends
+        # (_close_probe), not left to the collector: a host that opens and
+        # closes servers held one epoll fd per server it still referenced.
         self._ready_probe: Any = None
         if not self._async_store and not config.commit_in_thread and hasattr(select, "epoll"):
             self._ready_probe = select.epoll()
@@ -1364,6 +1366,10 @@ class BrokerServer:
                     await self._drained.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            # First: nothing below may skip it.  Every task that polls the
+            # probe (the poller, the releaser, the connections' readers) ran
+            # in the nursery, which has ended.
+            self._close_probe()
             if self._deferring:
                 self._deferring = False
                 try:
@@ -1870,6 +1876,17 @@ class BrokerServer:
                     log.debug("connection %d broken: %r", peer.id, exc)
                 return
             if not data:
+                if early and _first_bytes_final(early) == "http":
+                    # An EOF while the first bytes wait for the rest of an
+                    # HTTP head: a client that ended its side (a half-close:
+                    # ``nc -N``, shutdown(SHUT_WR)) before the blank line can
+                    # still read -- no more bytes will say more, so they are
+                    # answered now as the whole head would be.  (A method's
+                    # start alone, "GE", is no request yet: a hang-up, as
+                    # for a frame cut short -- whose bytes never wait here,
+                    # the core had them at once.)
+                    await self._http_at_stream(peer, early)
+                    return
                 if peer.ended is None:
                     peer.ended = "the client hung up"
                 return
@@ -1890,9 +1907,7 @@ class BrokerServer:
                     kind = _first_bytes_final(head)
                 first, early, data = False, b"", head
                 if kind == "http":
-                    method = _HTTP_REQUEST_LINE.match(head)
-                    assert method is not None
-                    await self._http_at_stream(peer, method.group(1).decode())
+                    await self._http_at_stream(peer, head)
                     return
                 upgrade = kind == "upgrade"
             self._stats["bytes_in"] += len(data)
@@ -1932,11 +1947,14 @@ class BrokerServer:
         if self._stopping and peer.state is _PeerState.OPEN:
             await trio.sleep_forever()
 
-    async def _http_at_stream(self, peer: _Peer, method: str) -> None:
-        """``peer``'s first bytes, at a tcp:// or tls:// listener, are an
-        HTTP request line: answer 400 in words (curl said "HTTP/0.9 when not
-        allowed" to the broker's Close, and the broker logged
-        UNSUPPORTED_VERSION), then hang up.  The core never saw a byte."""
+    async def _http_at_stream(self, peer: _Peer, head: bytes) -> None:
+        """``peer``'s first bytes ``head``, at a tcp:// or tls:// listener,
+        start with an HTTP request line: answer 400 in words (curl said
+        "HTTP/0.9 when not allowed" to the broker's Close, and the broker
+        logged UNSUPPORTED_VERSION), then hang up.  The core never saw a byte."""
+        line = _HTTP_REQUEST_LINE.match(head)
+        assert line is not None  # (_first_bytes_kind / _first_bytes_final said "http")
+        method = line.group(1).decode()
         scheme = peer.endpoint.scheme
         said = (f"this is the pimcore broker's {scheme}:// listener (its binary protocol), not HTTP:"
                 " the HTTP API is elsewhere (the [http] listen setting, pimcore serve --http)")
@@ -2711,7 +2729,22 @@ class BrokerServer:
 
     # ------------------------------------------------------------ the poller
 
+    def _close_probe(self) -> None:
+        """run() ended (shut down, cancelled or failed): close the readiness
+        probe's epoll now, once.  None from here on: every use checks, so a
+        connection of serve_stream still ending in the host's own nursery
+        unregisters nothing, polls nothing -- and cannot meet a closed
+        epoll, or a new fd that took its number."""
+        probe, self._ready_probe = self._ready_probe, None
+        if probe is not None:
+            # (No task waits on its fd any more: trio's bookkeeping of it is
+            # dropped all the same, as trio asks before any close.)
+            trio.lowlevel.notify_closing(probe.fileno())
+            probe.close()
+
     def _unprobe(self, fd: int) -> None:
+        if self._ready_probe is None:  # (closed: run() ended)
+            return
         try:
             self._ready_probe.unregister(fd)
         except (OSError, ValueError):  # (not registered: taken out already; the probe closed)
@@ -2724,7 +2757,10 @@ class BrokerServer:
         opaque, and its reader task reads it from now on, as at an accept
         the probe refused (_serve_peer) -- a socket nobody watches would
         never be read again (its client waits for SendAcks until its
-        timeout, the broker until idle_timeout)."""
+        timeout, the broker until idle_timeout).  False, and nothing
+        counted, once the probe is closed (run() ended: nobody polls)."""
+        if self._ready_probe is None:
+            return False
         try:
             self._ready_probe.register(peer.fd, select.EPOLLIN)
         except FileExistsError:  # (registered already)
