@@ -198,6 +198,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import io
 import itertools
 import logging
@@ -215,7 +216,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import lru_cache
-from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar, Union
 
 import lmdb
 
@@ -1283,8 +1284,9 @@ class _Hot:
 
 class _Open:
     """A deferred LMDB write transaction (:meth:`LmdbStore.defer_commits`)
-    and the acked batches in it: ``fns``, each batch's function, in order
-    (run again into a new transaction if this one has to be aborted);
+    and the acked batches in it: ``fns``, a function per batch, in order,
+    that runs it again into a new transaction if this one has to be
+    aborted (:meth:`LmdbStore._rerun`: from the batch's log record);
     ``at``, the log position of the first one's record (a checkpoint replays
     from there).  ``txn`` None: aborted, its batches to be run again.  The
     store swaps whole objects, so that each change of state is one
@@ -1316,7 +1318,7 @@ class _LogRecord:
     a batch run again (:class:`_RunAgain`, a full map) keeps its one
     record."""
 
-    __slots__ = ("data", "overlap", "ops", "written", "at", "flushed", "outcome")
+    __slots__ = ("data", "overlap", "ops", "written", "at", "flushed", "outcome", "rerun")
 
     def __init__(self, data: bytes, overlap: bool, ops: int = 1) -> None:
         self.data = data
@@ -1336,6 +1338,10 @@ class _LogRecord:
         self.flushed: Optional[_Flushing] = None
         #: What its write or the worker's flush raised, if anything.
         self.outcome: Optional[BaseException] = None
+        #: What a deferred transaction keeps to run the batch again
+        #: (:attr:`_Open.fns`) instead of the function that ran it: see
+        #: :meth:`LmdbStore._rerun`.  None: that function is kept.
+        self.rerun: Optional[Callable[[_Txn], Any]] = None
 
 
 class _RunAgain(Exception):
@@ -2328,6 +2334,7 @@ class LmdbStore(Store):
         it; whatever cannot be repaired stops the store, and a restart
         replays the log."""
         accepted = False
+        again = logged.rerun if logged.rerun is not None else fn
         try:
             while True:
                 op = self._open
@@ -2381,7 +2388,7 @@ class LmdbStore(Store):
                 # record is durable, and the batch is in the open
                 # transaction (or, if that is given up, run again from
                 # op.fns, or replayed by the next start).
-                op.fns.append(fn)
+                op.fns.append(again)
                 accepted = True  # (_commit_open below ends op)
                 op.ops += logged.ops
                 if committed is not None:
@@ -2398,7 +2405,7 @@ class LmdbStore(Store):
                 return result
         finally:
             op = self._open
-            if not (accepted or (op is not None and op.fns and op.fns[-1] is fn)):
+            if not (accepted or (op is not None and op.fns and op.fns[-1] is again)):
                 # Not accepted: its writes may be in the open transaction,
                 # mixed with the acked batches' (an exception, or an
                 # interrupt anywhere up to the append above): abort it, take
@@ -2470,6 +2477,11 @@ class LmdbStore(Store):
             except lmdb.MapFullError:
                 _abort(txn)
                 self._grow(env)  # (at the map's ceiling: raises)
+                continue
+            except _MsgIdTaken:
+                # (A batch whose first run met a reused msg_id ran unstaged:
+                # its rerun, staged, met it again and is now unstaged too.)
+                _abort(txn)
                 continue
             except BaseException:
                 _abort(txn)
@@ -2909,6 +2921,82 @@ class LmdbStore(Store):
         hot.trim()
         return hot
 
+    def _apply_batch(self, txn: _Txn, ops: Sequence[Op], staging: bool, kept: list[_Hot]) -> tuple[Result, ...]:
+        """Apply a batch's ``ops`` in ``txn``; their results.  A pure
+        function of the transaction: it is run again from scratch if the map
+        has to grow (see _write), or from the batch's log record
+        (:meth:`_rerun`).  (The cache it takes was let go of by the first
+        run: a run again starts from an empty one.)  ``staging``: the
+        records of the common-case messages are staged and put together
+        (:class:`_Batch`); raises :class:`_MsgIdTaken` then for a msg_id
+        stored already.  ``kept`` gets the cache to keep, if any."""
+        kept.clear()
+        w = _Batch(self, txn, self._take_hot(txn), staging)
+        stored = w.hwm = _U64.unpack(txn.get(b"hwm", db=self._meta))[0]
+        results: list[Result] = []
+        wrote = False
+        i, n = 0, len(ops)
+        while i < n:
+            op = ops[i]
+            if type(op) is NewMessage:
+                # The hot path: the run of common-case NewMessage ops
+                # from here in one fast-path call (pimcore._pure.fanout),
+                # which appends their Appended results and moves w.hwm;
+                # it stops at the first op it does not take, which then
+                # takes the general path (_apply) below.
+                j = _store_plain_run(ops, i, NewMessage, w, self._dedupe, _conv_info, _device_key,
+                                     _record_ids, _appended, results)
+                if j != i:
+                    wrote = True
+                    i = j
+                    continue
+            i += 1
+            result = self._apply(w, op)
+            kind = type(result)
+            if kind is Appended:
+                wrote = True
+                if result.server_time > w.hwm:  # type: ignore[union-attr]
+                    w.hwm = result.server_time  # type: ignore[union-attr]
+            elif kind is Acked or kind is Touched or (kind is ReadMarked and result.changed):  # type: ignore[union-attr]
+                wrote = True
+            elif kind is GroupChanged and result.entries:  # type: ignore[union-attr]
+                wrote = True  # (the entries moved the hwm themselves)
+            elif kind is EventAppended or kind is EventsAcked:
+                wrote = True
+            results.append(result)
+        w.flush()
+        if w.hwm != stored:
+            txn.put(b"hwm", _U64.pack(w.hwm), db=self._meta)
+        # Keep the cache only if this transaction certainly changes the
+        # store (an Appended stored a message, Acked/Touched always write
+        # the device, a changed ReadMarked the marker): only then does it
+        # commit as transaction txn.id(), which the next commit checks.
+        if wrote and _TXN_IDS:
+            w.hot.txnid = txn.id()
+            kept.append(w.hot)
+        return tuple(results)
+
+    def _rerun(self, data: bytes, staging: list[bool], txn: _Txn) -> None:
+        """Run a batch again into ``txn`` from its log record ``data`` (the
+        bytes a restart replays), staged if its accepted run was
+        (``staging``, shared with it: a reused msg_id turns both off).
+
+        Why not the function that ran it: that holds the batch's ops, so a
+        deferred transaction kept every op of up to ``defer_batches``
+        batches (``defer_ops`` ops) alive until LMDB's commit, as container
+        objects the collector promotes and traverses, all freed at once by
+        the commit (about 10 ms of the broker's time at 50 x 16).  The
+        record is one bytes object per batch, and a run again is rare (a
+        map that grows, a batch that fails).  Measured, 7 alternating rounds
+        of ``pimcore bench --shape 50x16 --durability log``: the broker's
+        heap at the end 52.9-58.1 MiB against 56.2-64.0; CPU per send the
+        same within the noise (BENCHMARKS.md)."""
+        try:
+            self._apply_batch(txn, _decode_ops(data), staging[0], [])
+        except _MsgIdTaken:
+            staging[0] = False
+            raise
+
     def commit(self, batch: WriteBatch) -> tuple[Result, ...]:
         ops = batch.ops
         kept: list[_Hot] = []
@@ -2916,54 +3004,7 @@ class LmdbStore(Store):
         staging = [True]
 
         def apply(txn: _Txn) -> tuple[Result, ...]:
-            # Pure function of the transaction: it is re-run from scratch if
-            # the map has to grow (see _write).  (The cache it takes was let
-            # go of by the first run: a re-run starts from an empty one.)
-            kept.clear()
-            w = _Batch(self, txn, self._take_hot(txn), staging[0])
-            stored = w.hwm = _U64.unpack(txn.get(b"hwm", db=self._meta))[0]
-            results: list[Result] = []
-            wrote = False
-            i, n = 0, len(ops)
-            while i < n:
-                op = ops[i]
-                if type(op) is NewMessage:
-                    # The hot path: the run of common-case NewMessage ops
-                    # from here in one fast-path call (pimcore._pure.fanout),
-                    # which appends their Appended results and moves w.hwm;
-                    # it stops at the first op it does not take, which then
-                    # takes the general path (_apply) below.
-                    j = _store_plain_run(ops, i, NewMessage, w, self._dedupe, _conv_info, _device_key,
-                                         _record_ids, _appended, results)
-                    if j != i:
-                        wrote = True
-                        i = j
-                        continue
-                i += 1
-                result = self._apply(w, op)
-                kind = type(result)
-                if kind is Appended:
-                    wrote = True
-                    if result.server_time > w.hwm:  # type: ignore[union-attr]
-                        w.hwm = result.server_time  # type: ignore[union-attr]
-                elif kind is Acked or kind is Touched or (kind is ReadMarked and result.changed):  # type: ignore[union-attr]
-                    wrote = True
-                elif kind is GroupChanged and result.entries:  # type: ignore[union-attr]
-                    wrote = True  # (the entries moved the hwm themselves)
-                elif kind is EventAppended or kind is EventsAcked:
-                    wrote = True
-                results.append(result)
-            w.flush()
-            if w.hwm != stored:
-                txn.put(b"hwm", _U64.pack(w.hwm), db=self._meta)
-            # Keep the cache only if this transaction certainly changes the
-            # store (an Appended stored a message, Acked/Touched always write
-            # the device, a changed ReadMarked the marker): only then does it
-            # commit as transaction txn.id(), which the next commit checks.
-            if wrote and _TXN_IDS:
-                w.hot.txnid = txn.id()
-                kept.append(w.hot)
-            return tuple(results)
+            return self._apply_batch(txn, ops, staging[0], kept)
 
         def run(txn: _Txn) -> tuple[Result, ...]:
             try:
@@ -2983,6 +3024,8 @@ class LmdbStore(Store):
         try:
             logged = (_LogRecord(_encode_ops(ops), len(ops) >= st.overlap_ops, len(ops))
                       if st is not None and not st.replaying else None)
+            if logged is not None:
+                logged.rerun = functools.partial(self._rerun, logged.data, staging)
         except StoreError as exc:
             raise StoreError(f"batch {batch.batch_id} not committed: {exc}") from None
         try:
