@@ -68,7 +68,20 @@ cdef class DataSyncer:
 
     def __init__(self):
         thread = _ds_threading.Thread(target=self._serve, name="pimcore-log-sync", daemon=True)
-        thread.start()  # (RuntimeError: "can't start new thread")
+        try:
+            thread.start()  # (RuntimeError: "can't start new thread")
+        except BaseException:
+            # A Ctrl-C in Thread.start (Python code: its wait for the thread
+            # to run) may come after the worker started: this object is
+            # then never returned, so nobody could stop() it, and the worker
+            # -- holding a reference to it -- waited for ever.  It is told
+            # to end instead.  (This handler is C: no interrupt lands in it.)
+            with nogil:
+                pthread_mutex_lock(&self._mu)
+                self._stopping = True
+                pthread_cond_broadcast(&self._wake)
+                pthread_mutex_unlock(&self._mu)
+            raise
         self.thread = thread
 
     def __dealloc__(self):

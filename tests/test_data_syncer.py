@@ -251,3 +251,32 @@ def test_an_interrupt_after_any_c_call_in_start_or_wait_leaves_the_syncer_usable
             break  # (past the last C call: every one was tried)
     else:
         pytest.fail("more C calls than tried")
+
+
+def test_an_interrupt_in_the_constructor_right_after_the_worker_started_leaves_no_worker(
+    backend: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C lands in DataSyncer() just after the worker thread started
+    # (in Thread.start's own wait for it, or right after it returned): the
+    # constructor raises, so nobody holds the object to stop() it -- its
+    # worker must not wait for ever (it held the object, and a thread).
+    real = threading.Thread.start
+    started: list[threading.Thread] = []
+
+    def start(self: threading.Thread) -> None:
+        real(self)
+        if self.name == "pimcore-log-sync":
+            started.append(self)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        backend.DataSyncer()
+    monkeypatch.undo()
+    assert len(started) == 1  # (the interrupt came after the worker started)
+    started[0].join(5)
+    assert not started[0].is_alive()
+    assert started[0] not in threading.enumerate()
+    syncer = backend.DataSyncer()  # (the next one works as ever)
+    syncer.stop()
+    assert not syncer.thread.is_alive()

@@ -79,8 +79,21 @@ class DataSyncer:
         self._stopping = False
         self._unwaited = False  # started, and wait() not called since
         thread = threading.Thread(target=self._serve, name="pimcore-log-sync", daemon=True)
-        thread.start()  # (RuntimeError: "can't start new thread")
         self.thread = thread
+        try:
+            thread.start()  # (RuntimeError: "can't start new thread")
+        except BaseException:
+            # A Ctrl-C in Thread.start (its wait for the thread to run) may
+            # come after the worker started: this object is then never
+            # returned, so nobody could stop() it, and the worker -- holding
+            # a reference to it -- waited for ever.  It is told to end
+            # instead, with no call before the flag is set (the interpreter
+            # answers a signal at calls and backward jumps, not at an
+            # attribute store) and a C call to wake it (``_wake`` is taken:
+            # nothing released it yet).
+            self._stopping = True
+            self._wake.release()
+            raise
 
     @staticmethod
     def _release(lock: "_thread.LockType") -> None:
