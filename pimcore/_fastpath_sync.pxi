@@ -12,7 +12,8 @@
 # condition variable, calls fdatasync(2) and signals, all in C; the writer
 # waits for it with the GIL released.
 
-from posix.unistd cimport fdatasync as _ds_fdatasync
+from posix.types cimport pid_t
+from posix.unistd cimport fdatasync as _ds_fdatasync, getpid as _ds_getpid
 from libc.errno cimport errno as _ds_errno, EINTR as _DS_EINTR
 
 import operator as _ds_operator
@@ -33,6 +34,10 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_destroy(pthread_cond_t*)
     int pthread_cond_wait(pthread_cond_t*, pthread_mutex_t*)
     int pthread_cond_broadcast(pthread_cond_t*)
+
+
+_DS_FORKED = ("the data syncer is used after fork(): its worker thread runs in the parent "
+              "process only (make a new one in the child)")
 
 
 def _ds_check_fd(fd):
@@ -58,6 +63,7 @@ cdef class DataSyncer:
     cdef unsigned long long _finished
     cdef bint _stopping
     cdef bint _unwaited  # started, and wait() not called since
+    cdef pid_t _pid  # the process that made it (its worker's)
     cdef readonly object thread
 
     def __cinit__(self):
@@ -65,10 +71,24 @@ cdef class DataSyncer:
         pthread_cond_init(&self._wake, NULL)
         pthread_cond_init(&self._done, NULL)
         self._ready = True
+        self._pid = _ds_getpid()
 
     def __init__(self):
         thread = _ds_threading.Thread(target=self._serve, name="pimcore-log-sync", daemon=True)
-        thread.start()  # (RuntimeError: "can't start new thread")
+        try:
+            thread.start()  # (RuntimeError: "can't start new thread")
+        except BaseException:
+            # A Ctrl-C in Thread.start (Python code: its wait for the thread
+            # to run) may come after the worker started: this object is
+            # then never returned, so nobody could stop() it, and the worker
+            # -- holding a reference to it -- waited for ever.  It is told
+            # to end instead.  (This handler is C: no interrupt lands in it.)
+            with nogil:
+                pthread_mutex_lock(&self._mu)
+                self._stopping = True
+                pthread_cond_broadcast(&self._wake)
+                pthread_mutex_unlock(&self._mu)
+            raise
         self.thread = thread
 
     def __dealloc__(self):
@@ -100,6 +120,8 @@ cdef class DataSyncer:
             pthread_mutex_unlock(&self._mu)
 
     def start(self, fd):
+        if _ds_getpid() != self._pid:
+            raise RuntimeError(_DS_FORKED)
         fd = _ds_check_fd(fd)
         cdef int cfd = fd
         cdef int why = 0
@@ -123,6 +145,8 @@ cdef class DataSyncer:
 
     def wait(self):
         cdef int err
+        if _ds_getpid() != self._pid:
+            raise RuntimeError(_DS_FORKED)
         with nogil:
             pthread_mutex_lock(&self._mu)
             while self._finished != self._posted:
@@ -138,12 +162,16 @@ cdef class DataSyncer:
         # (The GIL is kept: the worker holds the mutex only briefly, never
         # waiting for the GIL meanwhile.)
         cdef bint b
+        if _ds_getpid() != self._pid:
+            raise RuntimeError(_DS_FORKED)
         pthread_mutex_lock(&self._mu)
         b = self._posted != self._finished
         pthread_mutex_unlock(&self._mu)
         return b
 
     def stop(self):
+        if _ds_getpid() != self._pid:
+            return  # (forked: no worker here to stop, and the mutex may be held for ever)
         with nogil:
             pthread_mutex_lock(&self._mu)
             self._stopping = True

@@ -1763,6 +1763,110 @@ def test_a_ctrl_c_on_any_line_of_a_deferred_commit_loses_no_acked_batch(
     assert hits >= 5, hits  # (the test interrupted something)
 
 
+def _interrupt_in_the_first_call_at_line(code: Any, lineno: int) -> Any:
+    """As :func:`_interrupt_at_line`, in the first call of ``code`` only
+    (none if that call does not run line ``lineno``)."""
+    hit: list = []
+    called: list = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == lineno and not hit:
+            hit.append(lineno)
+            raise KeyboardInterrupt("the second")
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is code and not called:
+            called.append(True)
+            return local
+        return None
+
+    tracer.hit = hit  # type: ignore[attr-defined]
+    return tracer
+
+
+@pytest.mark.parametrize("open_before", ["acked batches open", "nothing open"])
+def test_a_second_interrupt_anywhere_in_dropping_the_deferred_transaction_leaves_none_open(
+    tmp_path: Path, _flush_mode: str, monkeypatch: pytest.MonkeyPatch, open_before: str
+) -> None:
+    # The deferred twin of test_a_second_interrupt_while_an_interrupted_
+    # batch_is_aborted_...: the first Ctrl-C cuts a batch's apply short in
+    # the open deferred transaction, the second lands while _drop_open gives
+    # that transaction up -- on any of its lines, or at _abort's first.  It
+    # replaced self._open before it aborted: landing in between, the
+    # transaction stayed open (the interrupt's traceback keeps it alive),
+    # the batch's finally found nothing left to abort, and the store
+    # stopped -- it could not begin the transaction to run the acked
+    # batches again.  Now the store writes on, and a restart holds exactly
+    # the acked batches.  (A second interrupt in the batch's finally, the
+    # re-abort itself, is a third state test_a_ctrl_c_on_any_line_of_a_
+    # deferred_commit_... covers for one interrupt.)
+    import inspect
+    import sys
+
+    if not _flush_mode.startswith("deferred"):
+        pytest.skip("deferred commits only")
+    _no_auto_checkpoints(monkeypatch)
+    armed = [""]
+    second = [""]  # where the second interrupt lands: "line" (a tracer's) or "abort"
+    real_run, real_abort = lmdb_module._store_plain_run, lmdb_module._abort
+
+    def run(*args: Any) -> Any:
+        if armed[0] == "apply":
+            armed[0] = second[0]
+            raise KeyboardInterrupt("the first")
+        return real_run(*args)
+
+    def abort(txn: Any) -> None:
+        if armed[0] == "abort":
+            armed[0] = ""
+            raise KeyboardInterrupt("the second")
+        real_abort(txn)
+
+    monkeypatch.setattr(lmdb_module, "_store_plain_run", run)
+    monkeypatch.setattr(lmdb_module, "_abort", abort)
+    batches = _fixed_batches(3, 12)
+    want = _reference(tmp_path / "ref", [batches[0], batches[2]])
+    code = LmdbStore._drop_open.__code__
+    lines, first = inspect.getsourcelines(LmdbStore._drop_open)
+    # (Not a comment, docstring or try: line -- see the test above.)
+    wheres: list = [("line", first + n) for n in range(1, len(lines))
+                    if lines[n].strip() and not lines[n].strip().startswith(("#", '"""', "try:", "with"))]
+    wheres.append(("abort", 0))
+    hits = 0
+    for kind, lineno in wheres:
+        path = tmp_path / f"{kind}{lineno}"
+        store = _open_log(path)
+        try:
+            store.commit(WriteBatch(1, GROUPS))
+            store.commit(WriteBatch(2, tuple(batches[0])))  # acked
+            if open_before == "nothing open":
+                store.commit_open()
+            second[0], armed[0] = kind, "apply"
+            tracer = _interrupt_in_the_first_call_at_line(code, lineno) if kind == "line" else None
+            sys.settrace(tracer)
+            try:
+                with pytest.raises(KeyboardInterrupt) as info:
+                    store.commit(WriteBatch(3, tuple(batches[1])))
+            finally:
+                sys.settrace(None)
+            hit = bool(tracer.hit) if tracer is not None else armed[0] == ""  # (did the second land?)
+            hits += hit
+            armed[0] = ""
+            # The caller keeps the interrupt (and so its frames) alive.
+            try:
+                store.commit(WriteBatch(4, tuple(batches[2])))
+            except StoreError as exc:
+                pytest.fail(f"{kind} {lineno} (second interrupt: {hit}): the store stopped: {exc}")
+            del info
+            assert _dump(store) == want, (kind, lineno)
+            copy = _crash_copy(path, tmp_path / f"{kind}{lineno}-copy")
+        finally:
+            store.close()
+        assert _recovered(copy) == want, (kind, lineno)
+    assert hits >= 4, hits  # (the second interrupt landed, on several lines)
+
+
 def test_a_start_after_a_crash_says_that_it_replayed_the_log(
     tmp_path: Path, _flush_mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -251,3 +251,92 @@ def test_an_interrupt_after_any_c_call_in_start_or_wait_leaves_the_syncer_usable
             break  # (past the last C call: every one was tried)
     else:
         pytest.fail("more C calls than tried")
+
+
+def test_an_interrupt_in_the_constructor_right_after_the_worker_started_leaves_no_worker(
+    backend: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C lands in DataSyncer() just after the worker thread started
+    # (in Thread.start's own wait for it, or right after it returned): the
+    # constructor raises, so nobody holds the object to stop() it -- its
+    # worker must not wait for ever (it held the object, and a thread).
+    real = threading.Thread.start
+    started: list[threading.Thread] = []
+
+    def start(self: threading.Thread) -> None:
+        real(self)
+        if self.name == "pimcore-log-sync":
+            started.append(self)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        backend.DataSyncer()
+    monkeypatch.undo()
+    assert len(started) == 1  # (the interrupt came after the worker started)
+    started[0].join(5)
+    assert not started[0].is_alive()
+    assert started[0] not in threading.enumerate()
+    syncer = backend.DataSyncer()  # (the next one works as ever)
+    syncer.stop()
+    assert not syncer.thread.is_alive()
+
+
+def _in_a_forked_child(check: Any) -> int:
+    """Run ``check()`` in a child forked from this process; its exit code
+    (0: it returned, 1: it raised; -1 for a child that had not ended after
+    10 s, then killed)."""
+    import time
+
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            check()
+            code = 0
+        except BaseException:  # noqa: BLE001 - reported by the exit code
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    give_up = time.monotonic() + 10
+    while time.monotonic() < give_up:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return -1
+
+
+@pytest.mark.parametrize("state", ["idle", "started"])
+def test_a_syncer_used_after_fork_raises_instead_of_hanging(backend: ModuleType, data_file: int, state: str) -> None:
+    # An embedding host may fork (multiprocessing) with a store open: in the
+    # child the worker thread does not exist (its mutex may even be held),
+    # so a flush started there never ended, and wait() blocked for ever.
+    syncer = backend.DataSyncer()
+    try:
+        syncer.start(data_file)
+        syncer.wait()  # (one flush in the parent: it works there)
+        if state == "started":
+            syncer.start(data_file)
+
+        def child() -> None:
+            said = []
+            for call in (lambda: syncer.start(data_file), syncer.wait, lambda: syncer.busy):
+                try:
+                    call()  # (a hang here fails the test: the parent kills the child)
+                except RuntimeError as exc:
+                    said.append(str(exc))
+            syncer.stop()  # (nothing to stop here: harmless, as at the child's exit)
+            assert len(said) == 3 and all("used after fork()" in s for s in said), said
+
+        assert _in_a_forked_child(child) == 0
+        if state == "started":
+            syncer.wait()
+        syncer.start(data_file)  # (the parent's syncer goes on)
+        syncer.wait()
+    finally:
+        syncer.stop()

@@ -19,6 +19,11 @@ a time:
 * ``stop()`` ends the worker after the flush in flight and joins it;
   harmless again.
 
+After ``os.fork()`` the child has no worker thread (and a lock the worker
+held at the fork stays held there): in the child ``start()``, ``wait()``
+and ``busy`` raise RuntimeError ("... used after fork() ...") rather than
+block for ever, and ``stop()`` does nothing (say, at the child's exit).
+
 ``gil_free`` says whether the worker runs without the GIL.  Here it is
 False: a Python thread needs the GIL to wake from its wait and to return
 from the flush, so a caller holding the GIL (an LMDB apply in Python)
@@ -40,6 +45,10 @@ import os
 import threading
 
 __all__ = ["DataSyncer"]
+
+
+_FORKED = ("the data syncer is used after fork(): its worker thread runs in the parent "
+           "process only (make a new one in the child)")
 
 
 def _check_fd(fd: object) -> int:
@@ -67,6 +76,7 @@ class DataSyncer:
     gil_free = False
 
     def __init__(self) -> None:
+        self._pid = os.getpid()  # the process that made it (its worker's)
         self._lock = _thread.allocate_lock()
         self._wake = _thread.allocate_lock()  # released: a flush posted, or stop
         self._wake.acquire()
@@ -79,8 +89,21 @@ class DataSyncer:
         self._stopping = False
         self._unwaited = False  # started, and wait() not called since
         thread = threading.Thread(target=self._serve, name="pimcore-log-sync", daemon=True)
-        thread.start()  # (RuntimeError: "can't start new thread")
         self.thread = thread
+        try:
+            thread.start()  # (RuntimeError: "can't start new thread")
+        except BaseException:
+            # A Ctrl-C in Thread.start (its wait for the thread to run) may
+            # come after the worker started: this object is then never
+            # returned, so nobody could stop() it, and the worker -- holding
+            # a reference to it -- waited for ever.  It is told to end
+            # instead, with no call before the flag is set (the interpreter
+            # answers a signal at calls and backward jumps, not at an
+            # attribute store) and a C call to wake it (``_wake`` is taken:
+            # nothing released it yet).
+            self._stopping = True
+            self._wake.release()
+            raise
 
     @staticmethod
     def _release(lock: "_thread.LockType") -> None:
@@ -111,6 +134,8 @@ class DataSyncer:
             self._release(self._done)
 
     def start(self, fd: int) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError(_FORKED)
         fd = _check_fd(fd)
         with self._lock:
             if self._stopping:
@@ -124,6 +149,8 @@ class DataSyncer:
         self._release(self._wake)
 
     def wait(self) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError(_FORKED)
         while True:
             with self._lock:
                 if self._finished == self._posted:
@@ -137,10 +164,14 @@ class DataSyncer:
 
     @property
     def busy(self) -> bool:
+        if os.getpid() != self._pid:
+            raise RuntimeError(_FORKED)
         with self._lock:
             return self._posted != self._finished
 
     def stop(self) -> None:
+        if os.getpid() != self._pid:
+            return  # (forked: no worker here to stop, and the lock may be held for ever)
         with self._lock:
             self._stopping = True
         self._release(self._wake)

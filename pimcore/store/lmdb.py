@@ -2433,13 +2433,22 @@ class LmdbStore(Store):
         if op is None or op.txn is None:
             return
         self._hot = None
+        # Aborted before self._open lets go of it: a second interrupt (the
+        # first is what a caller drops the transaction for) landing anywhere
+        # in here leaves the transaction either aborted or still in
+        # self._open, where the caller's finally drops it again (aborting
+        # twice is harmless).  Let go of first, the transaction stayed open
+        # when the interrupt landed before the abort -- kept alive by its
+        # traceback, holding LMDB's write lock for this thread, named by
+        # nothing -- and the acked batches could not be run again: the store
+        # stopped.
+        _abort(op.txn)
         # (Kept, too, while ``at`` names the record of the batch that
         # failed: it may be in the log, and a checkpoint meanwhile -- the
         # map grows -- must replay from it.)
         self._open = op.without_txn() if op.fns or op.at is not None else None
         if self._open is None:
             self._open_cond.notify_all()
-        _abort(op.txn)
 
     def _restore_open(self, env: lmdb.Environment, st: _LogState) -> None:
         """Under _wlock: acked deferred batches but no transaction (a
