@@ -3451,3 +3451,92 @@ async def test_a_stopped_server_holds_no_epoll_fd(store, how):
     finally:
         if enabled:
             gc.enable()
+
+
+async def test_an_eof_after_part_of_a_head_while_the_server_closes_the_connection(lmdb_store, caplog):
+    """(Failed before: review of the half-close answer.)  A tcp:// client
+    sent part of an HTTP head (kept, waiting for the rest) and ends its side
+    just as the server closes the connection (its login_timeout,
+    shutdown()...).  The server's writer sent the Close while the reader's
+    end-of-input branch sent the 400 on the same stream: trio's
+    BusyResourceError ("another task is currently sending data"), caught by
+    neither, ended the connection's nursery, the listener's and run(): the
+    broker was down."""
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
+            port = srv.endpoints[0].port
+            sock = socket.create_connection(("127.0.0.1", port))
+            try:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+                while not srv._peers:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.2)  # (the reader kept the first bytes, waits for more)
+                [peer] = srv._peers.values()
+                sock.shutdown(socket.SHUT_WR)  # the client's half-close (on loopback: there at once)
+                srv._close_by_server(peer, CloseCode.SHUTDOWN, "closing it now")  # what a timer would do
+                await trio.sleep(0.3)
+            finally:
+                sock.close()
+            async with client(srv.url("tcp"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+async def test_half_closes_around_login_timeout_do_not_crash_the_broker(lmdb_store):
+    """(Failed before.)  The same through public behaviour only: 80 clients
+    send part of an HTTP head and end their side around the moment the
+    broker's login_timeout closes them.  One whose end of input was read
+    while the timer's Close was being written crashed the broker."""
+    n = 80
+    with trio.fail_after(20):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"), login_timeout=0.5)) as srv:
+            port = srv.endpoints[0].port
+
+            async def one(i: int) -> None:
+                s = trio.socket.socket()
+                await s.connect(("127.0.0.1", port))
+                t0 = trio.current_time()
+                await s.send(b"GET / HTTP/1.1\r\nHost: x\r\n")
+                await trio.sleep_until(t0 + 0.5 + (i - n // 2) * 0.0002)
+                s.shutdown(socket.SHUT_WR)
+                with trio.move_on_after(2):
+                    while await s.recv(4096):
+                        pass
+                s.close()
+
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(one, i)
+            async with client(srv.url("tcp"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+async def test_whole_heads_around_login_timeout_do_not_crash_the_broker(lmdb_store):
+    """(Failed before: older than the half-close answer.)  Clients whose
+    whole HTTP head arrives around the moment login_timeout closes them: the
+    reader's 400 (while the connection was still the core's) and the
+    timer's Close (the writer) on one stream crashed the broker."""
+    n = 80
+    with trio.fail_after(20):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"), login_timeout=0.5)) as srv:
+            port = srv.endpoints[0].port
+
+            async def one(i: int) -> None:
+                s = trio.socket.socket()
+                await s.connect(("127.0.0.1", port))
+                t0 = trio.current_time()
+                await s.send(b"GET / HTTP/1.1\r\n")
+                await trio.sleep_until(t0 + 0.5 + (i - n // 2) * 0.0002)
+                await s.send(b"Host: x\r\n\r\n")
+                with trio.move_on_after(2):
+                    try:
+                        while await s.recv(4096):
+                            pass
+                    except OSError:
+                        pass
+                s.close()
+
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(one, i)
+            async with client(srv.url("tcp"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1

@@ -1670,6 +1670,11 @@ class BrokerServer:
                     await stream.send_eof()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return  # gone already (a reset, a failed TLS handshake)
+            except trio.BusyResourceError:
+                # (A writer on the same stream: the callers take the
+                # connection from the core first, so none should start; if
+                # one did, this connection is given up, not the broker.)
+                return
         if sending.cancelled_caught:
             return  # (a client that does not read: no more time for it)
         left = _LINGER_BYTES
@@ -1876,7 +1881,8 @@ class BrokerServer:
                     log.debug("connection %d broken: %r", peer.id, exc)
                 return
             if not data:
-                if early and _first_bytes_final(early) == "http":
+                if early and peer.state is _PeerState.OPEN and not self._stopping \
+                        and _first_bytes_final(early) == "http":
                     # An EOF while the first bytes wait for the rest of an
                     # HTTP head: a client that ended its side (a half-close:
                     # ``nc -N``, shutdown(SHUT_WR)) before the blank line can
@@ -1959,6 +1965,13 @@ class BrokerServer:
         said = (f"this is the pimcore broker's {scheme}:// listener (its binary protocol), not HTTP:"
                 " the HTTP API is elsewhere (the [http] listen setting, pimcore serve --http)")
         peer.ended = f"an HTTP request ({method}) at the {scheme}:// listener: answered HTTP 400 ({said})"
+        if peer.state is _PeerState.OPEN:
+            # Out of the core's hands before this task writes to the stream:
+            # else a Close of the core's (login_timeout, shutdown) started
+            # the writer on the same stream while the answer was being sent
+            # -- trio's BusyResourceError, which ended run().
+            peer.state = _PeerState.DEAD
+            self._run(self.broker.connection_lost(peer.id, self.now()))
         await self._answer_and_hang_up(peer.stream, _http_answer("400 Bad Request", said + "\n"))
 
     def _tls_handshake_failed(self, peer: _Peer, exc: BaseException) -> bool:
