@@ -3540,3 +3540,27 @@ async def test_whole_heads_around_login_timeout_do_not_crash_the_broker(lmdb_sto
                     nursery.start_soon(one, i)
             async with client(srv.url("tcp"), "alice") as a:
                 assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+async def test_a_bug_in_one_connections_handling_ends_that_connection_not_the_broker(lmdb_store, caplog, monkeypatch):
+    """(Failed before.)  An exception nobody expected out of a connection's
+    own tasks (its reader, its writer, the answer to an HTTP request at the
+    listener -- the BusyResourceError above was one) went up through the
+    listener's nursery and ended run(): one connection's bug took the broker
+    down.  Now it is logged, counted as an internal error, and only that
+    connection ends."""
+    caplog.set_level(logging.INFO, logger="pimcore")
+
+    async def buggy(self, peer, head):
+        raise RuntimeError("a bug in the answer")
+
+    monkeypatch.setattr(BrokerServer, "_http_at_stream", buggy)
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
+            assert await _split_exchange(srv.endpoints[0].port, [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"]) == b""
+            await _until_closes(caplog, 1)
+            async with client(srv.url("tcp"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+            assert srv.statistics().internal_errors == 1
+            [bug] = [r for r in caplog.records if r.levelno == logging.ERROR and "connection" in r.getMessage()]
+            assert "a bug in the answer" in (bug.exc_text or "") or bug.exc_info is not None

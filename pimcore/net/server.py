@@ -1784,6 +1784,19 @@ class BrokerServer:
                         self._run(self.broker.connection_lost(peer.id, self.now()))
                         nursery.cancel_scope.cancel()
                     # CLOSING: the writer flushes the Close, then cancels.
+            except Exception:
+                # A bug in this connection's own tasks (its reader, its
+                # writer, an answer at the listener): escaping, it went up
+                # through the listener's nursery and ended run() -- one
+                # connection took the broker down.  This connection ends
+                # (the core forgets it below); nothing acked is at risk:
+                # acks only follow commits.  (Cancellation is no Exception:
+                # it goes on up.)
+                log.exception("internal error serving connection %d", peer.id,
+                              extra={"event": "internal_error", "conn": peer.id})
+                self._stats["internal_errors"] += 1
+                if peer.ended is None:
+                    peer.ended = "internal error"
             finally:
                 peer.nursery = None  # closed: no writer can start any more
         finally:
