@@ -12,6 +12,7 @@
 # condition variable, calls fdatasync(2) and signals, all in C; the writer
 # waits for it with the GIL released.
 
+cimport cython
 from posix.types cimport pid_t
 from posix.unistd cimport fdatasync as _ds_fdatasync, getpid as _ds_getpid
 from libc.errno cimport errno as _ds_errno, EINTR as _DS_EINTR
@@ -47,77 +48,112 @@ def _ds_check_fd(fd):
     return fd
 
 
+
+cdef class _SyncState:
+    """What the worker needs, shared by the DataSyncer and its worker: the
+    worker runs ``_serve`` of this, never holding the DataSyncer, which so
+    can be dropped (its __dealloc__ then tells the worker to end)."""
+
+    cdef pthread_mutex_t mu
+    cdef pthread_cond_t wake  # a flush posted, or stop
+    cdef pthread_cond_t done  # the posted flush ended
+    cdef bint ready
+    cdef int fd
+    cdef int err
+    cdef unsigned long long posted
+    cdef unsigned long long finished
+    cdef bint stopping
+    cdef bint unwaited  # started, and wait() not called since
+    cdef pid_t pid  # the process that made it (its worker's)
+
+    def __cinit__(self):
+        pthread_mutex_init(&self.mu, NULL)
+        pthread_cond_init(&self.wake, NULL)
+        pthread_cond_init(&self.done, NULL)
+        self.ready = True
+        self.pid = _ds_getpid()
+
+    def __dealloc__(self):
+        # (The worker holds a reference to self while it runs: it has ended.
+        # In a forked child it never ran there, and the mutex or a condition
+        # may be left taken or waited on by the parent's worker: not
+        # destroyed then -- glibc's pthread_cond_destroy waits for waiters.)
+        if self.ready and _ds_getpid() == self.pid:
+            pthread_cond_destroy(&self.done)
+            pthread_cond_destroy(&self.wake)
+            pthread_mutex_destroy(&self.mu)
+
+    cdef void tell_stop(self) noexcept nogil:
+        pthread_mutex_lock(&self.mu)
+        self.stopping = True
+        pthread_cond_broadcast(&self.wake)
+        pthread_mutex_unlock(&self.mu)
+
+    def _serve(self):
+        cdef int fd, rc, err
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            while True:
+                while not self.stopping and self.posted == self.finished:
+                    pthread_cond_wait(&self.wake, &self.mu)
+                if self.posted == self.finished:
+                    break  # stopping, and nothing posted: end
+                fd = self.fd
+                pthread_mutex_unlock(&self.mu)
+                rc = _ds_fdatasync(fd)
+                while rc != 0 and _ds_errno == _DS_EINTR:
+                    rc = _ds_fdatasync(fd)
+                err = _ds_errno if rc != 0 else 0
+                pthread_mutex_lock(&self.mu)
+                self.err = err
+                self.finished = self.posted
+                pthread_cond_broadcast(&self.done)
+            pthread_mutex_unlock(&self.mu)
+
+
+# (Not cleared by the cycle collector: __dealloc__ needs ``_st`` to tell the
+# worker to end, and a syncer in a reference cycle -- a subclass's instance
+# holding itself -- would otherwise lose it before.)
+@cython.no_gc_clear
 cdef class DataSyncer:
     """See pimcore/_pure/sync.py."""
 
     #: The worker runs without the GIL: a flush overlaps the caller's Python.
     gil_free = True
 
-    cdef pthread_mutex_t _mu
-    cdef pthread_cond_t _wake  # a flush posted, or stop
-    cdef pthread_cond_t _done  # the posted flush ended
-    cdef bint _ready
-    cdef int _fd
-    cdef int _err
-    cdef unsigned long long _posted
-    cdef unsigned long long _finished
-    cdef bint _stopping
-    cdef bint _unwaited  # started, and wait() not called since
+    cdef _SyncState _st
     cdef pid_t _pid  # the process that made it (its worker's)
     cdef readonly object thread
 
     def __cinit__(self):
-        pthread_mutex_init(&self._mu, NULL)
-        pthread_cond_init(&self._wake, NULL)
-        pthread_cond_init(&self._done, NULL)
-        self._ready = True
+        self._st = _SyncState()
         self._pid = _ds_getpid()
 
     def __init__(self):
-        thread = _ds_threading.Thread(target=self._serve, name="pimcore-log-sync", daemon=True)
+        # (The worker runs the state's loop: it holds the state, not self.)
+        thread = _ds_threading.Thread(target=self._st._serve, name="pimcore-log-sync", daemon=True)
         try:
             thread.start()  # (RuntimeError: "can't start new thread")
         except BaseException:
             # A Ctrl-C in Thread.start (Python code: its wait for the thread
             # to run) may come after the worker started: this object is
-            # then never returned, so nobody could stop() it, and the worker
-            # -- holding a reference to it -- waited for ever.  It is told
-            # to end instead.  (This handler is C: no interrupt lands in it.)
+            # then never returned, so nobody could stop() it (and a
+            # traceback holding this frame may keep it alive a long time).
+            # It is told to end at once.  (This handler is C: no interrupt
+            # lands in it.)
             with nogil:
-                pthread_mutex_lock(&self._mu)
-                self._stopping = True
-                pthread_cond_broadcast(&self._wake)
-                pthread_mutex_unlock(&self._mu)
+                self._st.tell_stop()
             raise
         self.thread = thread
 
     def __dealloc__(self):
-        # (The worker holds a reference to self while it runs: it has ended.)
-        if self._ready:
-            pthread_cond_destroy(&self._done)
-            pthread_cond_destroy(&self._wake)
-            pthread_mutex_destroy(&self._mu)
-
-    def _serve(self):
-        cdef int fd, rc, err
-        with nogil:
-            pthread_mutex_lock(&self._mu)
-            while True:
-                while not self._stopping and self._posted == self._finished:
-                    pthread_cond_wait(&self._wake, &self._mu)
-                if self._posted == self._finished:
-                    break  # stopping, and nothing posted: end
-                fd = self._fd
-                pthread_mutex_unlock(&self._mu)
-                rc = _ds_fdatasync(fd)
-                while rc != 0 and _ds_errno == _DS_EINTR:
-                    rc = _ds_fdatasync(fd)
-                err = _ds_errno if rc != 0 else 0
-                pthread_mutex_lock(&self._mu)
-                self._err = err
-                self._finished = self._posted
-                pthread_cond_broadcast(&self._done)
-            pthread_mutex_unlock(&self._mu)
+        # Dropped without stop(): the worker ends after the flush in flight
+        # (no join: a finalizer must not block).  C, so no interrupt lands
+        # in it.  Not in a forked child: no worker there, and the mutex may
+        # be held for ever.
+        if self._st is not None and _ds_getpid() == self._pid:
+            with nogil:
+                self._st.tell_stop()
 
     def start(self, fd):
         if _ds_getpid() != self._pid:
@@ -125,19 +161,20 @@ cdef class DataSyncer:
         fd = _ds_check_fd(fd)
         cdef int cfd = fd
         cdef int why = 0
+        cdef _SyncState st = self._st
         with nogil:
-            pthread_mutex_lock(&self._mu)
-            if self._stopping:
+            pthread_mutex_lock(&st.mu)
+            if st.stopping:
                 why = 1
-            elif self._unwaited:
+            elif st.unwaited:
                 why = 2
             else:
-                self._unwaited = True
-                self._fd = cfd
-                self._err = 0
-                self._posted += 1
-                pthread_cond_broadcast(&self._wake)
-            pthread_mutex_unlock(&self._mu)
+                st.unwaited = True
+                st.fd = cfd
+                st.err = 0
+                st.posted += 1
+                pthread_cond_broadcast(&st.wake)
+            pthread_mutex_unlock(&st.mu)
         if why == 1:
             raise RuntimeError("the data syncer is stopped")
         if why == 2:
@@ -145,15 +182,16 @@ cdef class DataSyncer:
 
     def wait(self):
         cdef int err
+        cdef _SyncState st = self._st
         if _ds_getpid() != self._pid:
             raise RuntimeError(_DS_FORKED)
         with nogil:
-            pthread_mutex_lock(&self._mu)
-            while self._finished != self._posted:
-                pthread_cond_wait(&self._done, &self._mu)
-            err = self._err
-            self._unwaited = False
-            pthread_mutex_unlock(&self._mu)
+            pthread_mutex_lock(&st.mu)
+            while st.finished != st.posted:
+                pthread_cond_wait(&st.done, &st.mu)
+            err = st.err
+            st.unwaited = False
+            pthread_mutex_unlock(&st.mu)
         if err:
             raise OSError(err, _ds_os.strerror(err))
 
@@ -162,21 +200,19 @@ cdef class DataSyncer:
         # (The GIL is kept: the worker holds the mutex only briefly, never
         # waiting for the GIL meanwhile.)
         cdef bint b
+        cdef _SyncState st = self._st
         if _ds_getpid() != self._pid:
             raise RuntimeError(_DS_FORKED)
-        pthread_mutex_lock(&self._mu)
-        b = self._posted != self._finished
-        pthread_mutex_unlock(&self._mu)
+        pthread_mutex_lock(&st.mu)
+        b = st.posted != st.finished
+        pthread_mutex_unlock(&st.mu)
         return b
 
     def stop(self):
         if _ds_getpid() != self._pid:
             return  # (forked: no worker here to stop, and the mutex may be held for ever)
         with nogil:
-            pthread_mutex_lock(&self._mu)
-            self._stopping = True
-            pthread_cond_broadcast(&self._wake)
-            pthread_mutex_unlock(&self._mu)
+            self._st.tell_stop()
         thread = self.thread
         if thread is not None and thread is not _ds_threading.current_thread():
             thread.join()

@@ -340,3 +340,56 @@ def test_a_syncer_used_after_fork_raises_instead_of_hanging(backend: ModuleType,
         syncer.wait()
     finally:
         syncer.stop()
+
+
+def _drop_and_join(box: list[Any]) -> threading.Thread:
+    """Drop the last reference to ``box``'s syncer (and collect); its worker
+    thread, joined for up to 5 s."""
+    import gc
+
+    thread = box[0].thread
+    box.clear()
+    gc.collect()
+    thread.join(5)
+    return thread
+
+
+def test_a_syncer_dropped_without_stop_ends_its_worker(backend: ModuleType, data_file: int) -> None:
+    # Its worker ran a bound method of the syncer, so it kept the syncer
+    # alive and waited for ever: one idle thread leaked per dropped syncer.
+    box = [backend.DataSyncer()]
+    os.write(data_file, b"record")
+    box[0].start(data_file)
+    box[0].wait()
+    thread = _drop_and_join(box)
+    assert not thread.is_alive()
+
+
+def test_a_syncer_dropped_with_a_flush_in_flight_ends_its_worker_after_the_flush(backend: ModuleType,
+                                                                                  data_file: int) -> None:
+    box = [backend.DataSyncer()]
+    os.write(data_file, b"x" * 65536)
+    box[0].start(data_file)  # (no wait(): dropped while it may still run)
+    thread = _drop_and_join(box)
+    assert not thread.is_alive()
+
+
+def test_a_syncer_dropped_in_a_forked_child_does_not_hang_there(backend: ModuleType, data_file: int) -> None:
+    # In the child the worker does not exist and its mutex may be held: the
+    # syncer's finalization there must not take it (nor wait for anything).
+    box = [backend.DataSyncer()]
+    try:
+        box[0].start(data_file)
+        box[0].wait()
+
+        def child() -> None:
+            import gc
+
+            box.clear()
+            gc.collect()
+
+        assert _in_a_forked_child(child) == 0
+        box[0].start(data_file)  # (the parent's syncer goes on)
+        box[0].wait()
+    finally:
+        box[0].stop()

@@ -211,7 +211,6 @@ import struct
 import threading
 import time
 import typing
-import weakref
 import zlib
 from contextlib import contextmanager
 from dataclasses import replace
@@ -796,9 +795,12 @@ class _Flusher:
         # (A daemon: a process that exits without closing its store must not
         # hang on it.  It is idle whenever no commit is running.)
         self._thread = self._syncer.thread
-        # A store dropped without close(): its worker ends with it (the
-        # worker holds the syncer, not this).
-        weakref.finalize(self, self._syncer.stop)
+        # A store dropped without close() needs nothing here: the worker
+        # holds the syncer's state, not the syncer, and a syncer dropped
+        # (with this) tells its worker to end after the flush in flight
+        # (pimcore/_pure/sync.py).  Not a weakref.finalize calling stop():
+        # that joined the worker in a finalizer, and a Ctrl-C between the
+        # syncer's making and the finalizer's leaked the worker.
 
     def submit(self, record: "_LogRecord") -> None:
         flushing = record.flushed
