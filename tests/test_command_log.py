@@ -841,23 +841,18 @@ def test_an_interrupt_while_waiting_for_the_flush_leaves_log_and_lmdb_alike(
     assert _recovered(copy) == want
 
 
-def test_a_second_interrupt_while_an_interrupted_batch_is_aborted_leaves_no_write_transaction_open(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Two Ctrl-Cs in a row (found by a fuzzer sending real SIGINTs): the
-    # first cuts the batch's apply short, the second lands as the write
-    # transaction is being aborted (at _abort's first line).  The
-    # transaction stayed open, referenced by the interrupt's traceback:
-    # every later commit on this thread failed "Attempt to start a write
-    # transaction while another write transaction is active" -- a store
-    # neither writing nor stopped -- until the garbage collector freed it.
-    _no_auto_checkpoints(monkeypatch)
+
+def _two_interrupts(monkeypatch: pytest.MonkeyPatch, second: list) -> list:
+    """Arm two KeyboardInterrupts: set the returned ``armed[0] = "apply"``
+    and the next batch's apply (``_store_plain_run``) raises the first; it
+    then arms ``second[0]``: "abort" raises the second at ``_abort``'s first
+    line (another value: the caller's own tracer raises it)."""
     armed = [""]
     real_run, real_abort = lmdb_module._store_plain_run, lmdb_module._abort
 
     def run(*args: Any) -> Any:
         if armed[0] == "apply":
-            armed[0] = "abort"
+            armed[0] = second[0]
             raise KeyboardInterrupt("the first")
         return real_run(*args)
 
@@ -869,6 +864,20 @@ def test_a_second_interrupt_while_an_interrupted_batch_is_aborted_leaves_no_writ
 
     monkeypatch.setattr(lmdb_module, "_store_plain_run", run)
     monkeypatch.setattr(lmdb_module, "_abort", abort)
+    return armed
+
+def test_a_second_interrupt_while_an_interrupted_batch_is_aborted_leaves_no_write_transaction_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two Ctrl-Cs in a row (found by a fuzzer sending real SIGINTs): the
+    # first cuts the batch's apply short, the second lands as the write
+    # transaction is being aborted (at _abort's first line).  The
+    # transaction stayed open, referenced by the interrupt's traceback:
+    # every later commit on this thread failed "Attempt to start a write
+    # transaction while another write transaction is active" -- a store
+    # neither writing nor stopped -- until the garbage collector freed it.
+    _no_auto_checkpoints(monkeypatch)
+    armed = _two_interrupts(monkeypatch, ["abort"])
     batches = _fixed_batches(3, 12)
     store = _open_log(tmp_path / "a")
     try:
@@ -1807,24 +1816,8 @@ def test_a_second_interrupt_anywhere_in_dropping_the_deferred_transaction_leaves
     if not _flush_mode.startswith("deferred"):
         pytest.skip("deferred commits only")
     _no_auto_checkpoints(monkeypatch)
-    armed = [""]
     second = [""]  # where the second interrupt lands: "line" (a tracer's) or "abort"
-    real_run, real_abort = lmdb_module._store_plain_run, lmdb_module._abort
-
-    def run(*args: Any) -> Any:
-        if armed[0] == "apply":
-            armed[0] = second[0]
-            raise KeyboardInterrupt("the first")
-        return real_run(*args)
-
-    def abort(txn: Any) -> None:
-        if armed[0] == "abort":
-            armed[0] = ""
-            raise KeyboardInterrupt("the second")
-        real_abort(txn)
-
-    monkeypatch.setattr(lmdb_module, "_store_plain_run", run)
-    monkeypatch.setattr(lmdb_module, "_abort", abort)
+    armed = _two_interrupts(monkeypatch, second)
     batches = _fixed_batches(3, 12)
     want = _reference(tmp_path / "ref", [batches[0], batches[2]])
     code = LmdbStore._drop_open.__code__
