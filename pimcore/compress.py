@@ -348,6 +348,14 @@ def _check_window_bits(window_bits: object) -> int:
     return window_bits
 
 
+def _deflate_growth(size: int) -> int:
+    """Bytes a frame of ``size`` body bytes may grow by deflated: zlib's
+    own bound for any level and memory setting (``deflateBound``, zlib.h:
+    ``size + (size + 7 >> 3) + (size + 63 >> 6) + 5``), the sync flush's
+    stored block, and a longer length prefix."""
+    return ((size + 7) >> 3) + ((size + 63) >> 6) + 5 + 5 + 4
+
+
 class DeflateCompressor:
     """The sending half of one connection's deflate stream (PROTOCOL.md 7.2).
 
@@ -357,6 +365,9 @@ class DeflateCompressor:
     can inflate it on arrival), the 4 trailing bytes ``00 00 ff ff`` dropped,
     and re-framed with head flag bit 0.  Unlike zstd the result is sent even
     when it is not shorter: once a body is in the stream the peer must see it.
+    ``max_frame`` (bytes, the peer's limit on a frame on the wire, or None):
+    a frame that deflated could exceed it (zlib's bound, :func:`_deflate_growth`)
+    goes out unchanged instead, outside the stream; ValueError below 2.
 
     ``window_bits`` (9..15) bounds match distances; it must not exceed what the
     direction allows (:data:`DEFLATE_WINDOW_BITS_DOWN` / ``_UP``).  ``level``
@@ -367,7 +378,8 @@ class DeflateCompressor:
     :meth:`state_size`).  Not thread-safe; one per connection.
     """
 
-    __slots__ = ("_z", "_wbits", "_level", "_mem", "_threshold", "_frames", "_compressed", "_in", "_out", "_tail", "_keep")
+    __slots__ = ("_z", "_wbits", "_level", "_mem", "_threshold", "_frames", "_compressed", "_in", "_out", "_tail", "_keep",
+                 "_max")
 
     def __init__(
         self,
@@ -376,8 +388,14 @@ class DeflateCompressor:
         level: int = 6,
         mem_level: int = 1,
         threshold: int = DEFLATE_THRESHOLD,
+        max_frame: Optional[int] = None,
     ) -> None:
         self._wbits = _check_window_bits(window_bits)
+        if max_frame is not None and (type(max_frame) is not int or max_frame < 2):
+            raise ValueError(f"max_frame must be an int >= 2 or None, got {max_frame!r}")
+        #: The peer's limit on a frame's bytes on the wire (its max_frame):
+        #: a frame that deflated could exceed it goes out unchanged.
+        self._max = max_frame
         if type(level) is not int or not 1 <= level <= 9:
             raise ValueError(f"level must be an int in 1..9, got {level!r}")
         if type(mem_level) is not int or not 1 <= mem_level <= 9:
@@ -424,7 +442,14 @@ class DeflateCompressor:
             raise ValueError(f"compress() takes an uncompressed version-2 frame (head {raw[n]:#04x})")
         self._frames += 1
         self._in += len(raw)
-        if len(raw) - n - 2 < self._threshold:
+        size = len(raw) - n - 2
+        if size < self._threshold or (self._max is not None and len(raw) + _deflate_growth(size) > self._max):
+            # Small, or deflated it might not fit the peer's max_frame:
+            # deflate grows what does not compress (memLevel 1: 5 bytes of
+            # block header per 128 bytes, 4 %), and a frame over the limit
+            # is refused -- every reconnect then met the same frame and
+            # that device never received again.  Out unchanged, it is not
+            # part of the stream (PROTOCOL.md 7.2, "Which frames").
             self._out += len(raw)
             return raw
         z = self._z

@@ -182,6 +182,7 @@ _Login = F.Login
 _LoginAck = F.LoginAck
 _Ping = F.Ping
 _Close = F.Close
+_Push = F.Push
 _CAP_ZSTD = F.CAP_ZSTD
 _CAP_DEFLATE_DOWN = F.CAP_DEFLATE_DOWN
 _CAP_DEFLATE_UP = F.CAP_DEFLATE_UP
@@ -550,6 +551,8 @@ class ServerSession:
         if t is _Close:
             return self._send_close(frame)  # type: ignore[arg-type]
         data = self._encode(frame)
+        if len(data) > self._decoder.max_frame_size and t is _Push:
+            return self.send_many(self._pushes_within(frame))  # type: ignore[arg-type]
         compress = self._compress
         if compress is not None:
             out = compress(data)
@@ -578,11 +581,18 @@ class ServerSession:
         if _LoginAck in kinds or _Close in kinds:
             return self._send_many_slow(frames)
         compress = self._compress
+        limit = self._decoder.max_frame_size
         if compress is None:
             data = self._encode_many(frames)
+            if len(data) > limit and _Push in kinds:
+                frames = self._within(frames)
+                data = self._encode_many(frames)
         else:
             encode = self._encode
             parts = [encode(f) for f in frames]  # all encoded before anything is counted
+            if _Push in kinds and any(len(raw) > limit for raw in parts):
+                frames = self._within(frames)  # (rare: a Push over max_frame)
+                parts = [encode(f) for f in frames]
             n = 0
             for i, raw in enumerate(parts):
                 out = compress(raw)
@@ -600,6 +610,7 @@ class ServerSession:
         # first (so an EncodeError changes nothing), then apply each frame's
         # effect in order, exactly as send() would.
         encode = self._encode
+        frames = self._within(frames)
         raws = [encode(f) for f in frames]
         for i, f in enumerate(frames):
             if type(f) is _Close and i != len(frames) - 1:
@@ -626,12 +637,46 @@ class ServerSession:
         self._bytes_out += len(data)
         return data
 
+    def _within(self, frames: "list[F.Frame] | tuple[F.Frame, ...]") -> "list[F.Frame] | tuple[F.Frame, ...]":
+        """``frames`` with every Push whose encoding is over max_frame split
+        into Pushes within it (:meth:`_pushes_within`); the same sequence
+        when none is."""
+        limit = self._decoder.max_frame_size
+        encode = self._encode
+        if not any(type(f) is _Push and len(encode(f)) > limit for f in frames):
+            return frames
+        out: list[F.Frame] = []
+        for f in frames:
+            if type(f) is _Push and len(encode(f)) > limit:
+                out.extend(self._pushes_within(f))  # type: ignore[arg-type]
+            else:
+                out.append(f)
+        return out
+
+    def _pushes_within(self, push: F.Push) -> list[F.Push]:
+        """``push`` as consecutive Pushes each within max_frame (bytes on the
+        wire, before compression: see DeflateCompressor's ``max_frame`` for
+        after).  Why: the core sizes a Push by its payloads plus a fixed
+        estimate per message, and a peer refuses a frame over max_frame
+        (FRAME_TOO_LARGE) -- then every reconnect got the same Push and the
+        device never received again.  Split in halves: the first covers up
+        to its last message's position, the last up to ``push.position``,
+        so a cumulative PushAck of either is true.  A Push of one message
+        over the limit stays as it is (its payload is within max_payload,
+        which is within max_frame: only ids and mentions can push it over)."""
+        msgs = push.messages
+        if len(msgs) < 2 or len(self._encode(push)) <= self._decoder.max_frame_size:
+            return [push]
+        k = len(msgs) // 2
+        return (self._pushes_within(_Push(msgs[k - 1].position, msgs[:k]))
+                + self._pushes_within(_Push(push.position, msgs[k:])))
+
     def _compressor_for(self, caps: int) -> Compress:
         # CAP_DEFLATE_DOWN wins over CAP_ZSTD (section 7): a deflate stream is
         # this connection's own, the zstd compressor the thread's shared one.
         if caps & _CAP_DEFLATE_DOWN:
             mod = _compress_mod()
-            self._deflate = mod.DeflateCompressor(mod.DEFLATE_BROKER_WINDOW_BITS)
+            self._deflate = mod.DeflateCompressor(mod.DEFLATE_BROKER_WINDOW_BITS, max_frame=self.max_frame_size)
             return self._deflate.compress  # type: ignore[no-any-return]
         return self._compression.compressor()
 

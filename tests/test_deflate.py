@@ -357,3 +357,110 @@ async def test_the_broker_releases_idle_connections_compression_state(autojump_c
                     assert all(16_000 < n <= 32 * 1024 for n in sizes()), sizes()
                     await trio.sleep(70)  # idle but for heartbeats, which do not count
                     assert all(n <= 4096 for n in sizes()), sizes()
+
+
+# ------------------------------------------------------------ frames within max_frame
+
+
+async def test_incompressible_pushes_near_the_frame_limit_reach_a_deflate_client() -> None:
+    """(Failed before: a new user's trial.)  40 messages of 60,000 random
+    bytes to an offline user (end-to-end encrypted payloads, images): the
+    core fills a Push up to its 1 MiB window, deflate grows what does not
+    compress by 4 %, and the Push went out over max_frame.  The SDK refused
+    it (FRAME_TOO_LARGE), reconnected, got the same Push: 0 of 40, for
+    ever.  Now every one arrives."""
+    from dataclasses import replace
+
+    from _net import FAST_CLIENT, take_messages
+
+    import os
+
+    store = MemoryStore()
+    conv = direct_conversation("alice", "bob")
+    payloads = [os.urandom(60_000) for _ in range(40)]
+    cfg = replace(FAST_CLIENT, compression_caps=F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP)
+    with trio.fail_after(30):
+        async with serving(store) as srv:
+            url = srv.url()
+            async with client(url, "alice", config=cfg) as a:
+                for p in payloads:
+                    await a.send(conv, p)
+            async with client(url, "bob", config=cfg) as b:
+                got = await take_messages(b, len(payloads))
+            assert [m.payload for m in got] == payloads
+
+
+async def test_an_incompressible_send_near_the_frame_limit_is_acked() -> None:
+    """(Failed before: the same trial, upstream.)  A broker whose max_frame
+    is just above max_payload: the SDK's deflated SendReq of 65,536 random
+    bytes was over it, the broker closed the connection, and the SDK's
+    retries sent the same frame until the send timed out."""
+    import os
+
+    from dataclasses import replace
+
+    from _net import FAST_CLIENT, server_config
+
+    from pimcore.core import Limits
+
+    cfg = replace(FAST_CLIENT, compression_caps=F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP, send_timeout=8.0)
+    payload = os.urandom(65_536)
+    with trio.fail_after(20):
+        async with serving(MemoryStore(), server_config(limits=Limits(max_frame=66_500, max_payload=65_536))) as srv:
+            async with client(srv.url(), "alice", config=cfg) as a:
+                sent = await a.send(direct_conversation("alice", "bob"), payload)
+                assert sent.seq == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(16, 40_000), min_size=1, max_size=8), limit=st.integers(64, 50_000),
+       text=st.booleans())
+def test_the_compressor_never_sends_a_frame_over_max_frame(sizes: list, limit: int, text: bool) -> None:
+    """DeflateCompressor(max_frame=N): a frame whose raw encoding is within
+    N stays within N on the wire, compressed or (when deflated it might not
+    fit) sent as it is; the stream still inflates to the same frames."""
+    import os
+
+    c = DeflateCompressor(DEFLATE_WINDOW_BITS_DOWN, max_frame=limit)
+    frames = []
+    wire = b""
+    for i, n in enumerate(sizes):
+        body = (b"see you at the station " * (n // 23 + 1))[:n] if text else os.urandom(n)
+        f = F.SendReq(local_id=i + 1, conv="d:a:b", client_time=1, payload=body)
+        raw = pure.encode_frame(f)
+        out = c.compress(raw)
+        if len(raw) <= limit:
+            assert len(out) <= limit, (n, limit, len(raw), len(out))
+        frames.append(f)
+        wire += out
+    dec = pure.Decoder(1 << 20, decompress=DeflateDecompressor(DEFLATE_WINDOW_BITS_DOWN))
+    assert feed_split(dec, wire, [])[0] == frames
+    with pytest.raises(ValueError):
+        DeflateCompressor(max_frame=1)
+
+
+def test_a_push_over_max_frame_is_sent_as_several_within_it(backend: ModuleType) -> None:
+    """ServerSession splits a Push whose encoding is over max_frame into
+    consecutive Pushes within it: the same messages in order, the first
+    covering up to its last message's position, the last up to the Push's
+    own -- compressed or not, alone or among other frames."""
+    import os
+
+    msgs = tuple(F.Message(p, os.urandom(16), "d:a:b", p, "a", "ph", 1, 2, os.urandom(9_000)) for p in range(3, 40, 3))
+    push = F.Push(40, msgs)
+    for caps in (0, F.CAP_DEFLATE_DOWN, F.CAP_ZSTD):
+        s = ServerSession(50_000, backend=backend, compression=Compression())
+        _login(s, caps)
+        for wire in (s.send(push), s.send_many([F.Pong(1), push, F.Pong(2)])):
+            if caps & F.CAP_ZSTD:
+                from pimcore.compress import FrameDecompressor
+                dec = backend.Decoder(50_000, decompress=FrameDecompressor())
+            elif caps:
+                dec = backend.Decoder(50_000, decompress=DeflateDecompressor(DEFLATE_WINDOW_BITS_DOWN))
+            else:
+                dec = backend.Decoder(50_000)
+            decoded, end = feed_split(dec, wire, [])
+            assert end[0] == "need", end  # (every frame within the decoder's 50,000 bytes)
+            got = [f for f in decoded if type(f) is F.Push]
+            assert len(got) > 1 and [m for p in got for m in p.messages] == list(msgs)
+            assert [p.position for p in got] == [p.messages[-1].position for p in got[:-1]] + [40]
