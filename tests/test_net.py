@@ -2127,6 +2127,68 @@ async def test_an_upgrade_to_another_path_is_answered_404_not_found_in_words(lmd
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+async def _upgrade_then_half_close(port: int, request: bytes) -> bytes:
+    """Send ``request`` to ``port`` and end our side at once (shutdown(SHUT_WR),
+    as ``nc -N`` does: no pause between them), then read until the broker
+    hangs up: the whole answer."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    async with stream:
+        await stream.socket.connect(("127.0.0.1", port))
+        await stream.send_all(request)
+        await stream.send_eof()
+        answer = b""
+        while data := await stream.receive_some(4096):
+            answer += data
+    return answer
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["below-the-limit", "at-the-limit"])
+@pytest.mark.parametrize("path", ["/other", "/im"], ids=["wrong-path", "listeners-path"])
+async def test_an_upgrade_then_a_half_close_at_once_is_answered(lmdb_store, caplog, path, full):
+    """(Failed before: a new user's trial.)  An upgrade request to a wrong
+    path followed at once by the client's half-close (``nc -N``) got no byte
+    and a clean EOF, though the broker logged its 404: the client's EOF
+    cancelled the handshake, the 404 with it.  A half-close ends the
+    request, not the client's reading: it gets the 404 a client that
+    pauses first gets, and an upgrade to the listener's path its 101 (then
+    the broker hangs up: the client can send no frame).  At the limit the
+    404 and the 503 went out already (_refuse_ws reads only the head)."""
+    caplog.set_level(logging.INFO, logger="pimcore")
+    cfg = server_config(Endpoint("ws", path="/im"), max_connections=1, login_timeout=600)
+    with trio.fail_after(10):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            hog = None
+            if full:
+                hog = await _raw_ws_conn(port)  # holds the only slot
+                while srv.statistics().accepted < 1:
+                    await trio.sleep(0.01)
+            request = WS_UPGRADE.replace(b"GET /im ", f"GET {path} ".encode())
+            answer = await _upgrade_then_half_close(port, request)
+            if path != "/im":
+                assert answer.startswith(b"HTTP/1.1 404 Not Found\r\n"), answer
+                assert answer.endswith(b"at /im only, not /other"), answer
+            elif full:
+                assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+            else:
+                head, _, rest = answer.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 101 "), answer
+                assert b"sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=" in head.lower(), answer
+                assert rest == b"", answer  # (no Close frame: the client ended without one)
+            await _until_closes(caplog, 1)
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            if path != "/im":
+                assert close.reason == "WebSocket upgrade refused (HTTP 404): path /other is not /im", close.reason
+            elif not full:
+                assert close.reason == "the client hung up", close.reason  # (as after a pause)
+            if hog is not None:
+                await hog.aclose()
+            else:
+                async with client(srv.url("ws"), "alice") as a:
+                    assert (await a.send(AB, b"unaffected")).seq == 1
+
+
 @pytest.mark.parametrize("query", ["?x=1", "?next=/im&v=2"])
 async def test_an_upgrade_with_a_query_string_is_taken_at_the_listeners_path(lmdb_store, query):
     """A browser or an SDK may put a query string in the URL

@@ -1511,17 +1511,24 @@ class BrokerServer:
                     self._handshakes.add(handshakes)
                     if self._stopping:
                         handshakes.cancel()  # accepted as shutdown began
-                    # The client hanging up ends them at once (not at
-                    # login_timeout: see _Transport).
                     if ep.secure and self._ssl is not None:
                         stream = tls_server_stream(sock, self._ssl, peer=addr, https_compatible=True)
                     watch = _EndWatch(stream, _not_http_answer(ep))
-                    watch.on_end = handshakes.cancel
+                    # The client hanging up ends the wait for its request at
+                    # once (not at login_timeout: see _Transport) -- the wait
+                    # only.  A request whose end came with the client's
+                    # (shutdown(SHUT_WR) at once: nc -N) is still answered,
+                    # its 404 or 101 as after a pause: a half-close ends the
+                    # request, not the client's reading (it got no byte).
+                    waiting = trio.CancelScope()
+                    watch.on_end = waiting.cancel
                     try:
                         try:
-                            if isinstance(stream, trio.SSLStream):
-                                await stream.do_handshake()
-                            request = await wrap_server_stream(nursery, watch, max_message_size=max_msg)
+                            with waiting:
+                                if isinstance(stream, trio.SSLStream):
+                                    await stream.do_handshake()
+                                request = await wrap_server_stream(nursery, watch, max_message_size=max_msg)
+                            watch.on_end = None
                         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                             ended = _why_lost(stream, exc)
                             if tls_handshake_failed(stream, exc, conn=conn_id, transport=ep.scheme):
@@ -1557,7 +1564,7 @@ class BrokerServer:
                     else:
                         ended, answer = _TOO_LARGE_ENDED, _head_too_large_answer(ep)
                     await self._answer_and_hang_up(stream, answer)
-                if handshakes.cancelled_caught and ws is None and ended is None:
+                if (handshakes.cancelled_caught or waiting.cancelled_caught) and ws is None and ended is None:
                     ended = ("broker shutting down" if self._stopping
                              else "WebSocket upgrade refused (HTTP 400): a malformed upgrade request" if watch.closed
                              else "the client hung up before its WebSocket upgrade" if watch.ended
