@@ -1309,7 +1309,7 @@ class ClientSession:
             if granted & F.CAP_DEFLATE_UP:
                 # (The broker's max_frame: a frame deflated over it would be
                 # refused, and the SDK's retry would send it again.)
-                self._compress = DeflateCompressor(DEFLATE_WINDOW_BITS_UP, max_frame=ack.max_frame).compress
+                self._compress = DeflateCompressor(DEFLATE_WINDOW_BITS_UP, max_frame=ack.max_frame or None).compress
             elif granted & F.CAP_ZSTD:
                 self._compress = self._zstd[0].compress  # type: ignore[index]
             if granted & F.CAP_DEFLATE_DOWN:

@@ -867,6 +867,15 @@ _PAGE_SLACK = 4096
 _MESSAGE_OVERHEAD = 64
 
 
+def _mentions_bytes(mentions: "tuple[str, ...]") -> int:
+    """What a message's mentions add to its encoding, at most: each a
+    length-prefixed id (ids are ASCII, so characters are bytes; up to 64 of
+    them, 64 characters each: ~4 KiB a message, which a page must count --
+    uncounted, a page of such messages went over max_frame and the client
+    refused it)."""
+    return sum(len(u) + 2 for u in mentions)
+
+
 def message_digest(conv: str, payload: bytes) -> bytes:
     """What a retry must repeat exactly: the conversation and the payload."""
     # One call over the concatenation: the same digest as feeding the parts.
@@ -1650,7 +1659,8 @@ class Broker:
                 # one message, `more` set.
                 budget = self._page_bytes()
                 for i, m in enumerate(page):
-                    budget -= len(m.payload) + len(m.conv) + len(m.sender) + len(m.device) + _MESSAGE_OVERHEAD
+                    budget -= (len(m.payload) + len(m.conv) + len(m.sender) + len(m.device) + _MESSAGE_OVERHEAD
+                               + _mentions_bytes(m.mentions))
                     if budget < 0 and i > 0:
                         page, more = page[:i], True
                         break
@@ -3277,7 +3287,8 @@ class Broker:
             for i, e in enumerate(page):
                 m = e.last
                 budget -= len(e.conv) + _MESSAGE_OVERHEAD + (
-                    0 if m is None else len(m.payload) + len(m.sender) + len(m.device) + 24 * len(m.mentions) + _MESSAGE_OVERHEAD
+                    0 if m is None else len(m.payload) + len(m.sender) + len(m.device) + _mentions_bytes(m.mentions)
+                    + _MESSAGE_OVERHEAD
                 )
                 if budget < 0 and i > 0:
                     page, more = page[:i], True

@@ -585,8 +585,13 @@ class ServerSession:
         if compress is None:
             data = self._encode_many(frames)
             if len(data) > limit and _Push in kinds:
-                frames = self._within(frames)
-                data = self._encode_many(frames)
+                # (The batch is over max_frame: a Push in it may be.  Only
+                # then encoded again, and without the first encoding alive.)
+                within = self._within(frames)
+                if within is not frames:
+                    del data
+                    frames = within
+                    data = self._encode_many(frames)
         else:
             encode = self._encode
             parts = [encode(f) for f in frames]  # all encoded before anything is counted

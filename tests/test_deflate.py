@@ -464,3 +464,49 @@ def test_a_push_over_max_frame_is_sent_as_several_within_it(backend: ModuleType)
             got = [f for f in decoded if type(f) is F.Push]
             assert len(got) > 1 and [m for p in got for m in p.messages] == list(msgs)
             assert [p.position for p in got] == [p.messages[-1].position for p in got[:-1]] + [40]
+
+
+_LONG_MENTIONS = [("u%02d" % i) + "x" * 61 for i in range(64)]  # 64 valid ids of 64 characters
+
+
+async def test_a_history_page_of_messages_with_many_mentions_stays_within_max_frame() -> None:
+    """(Failed before: review of the frame limit.)  A history page was cut
+    by payload and ids, not mentions: 20 messages of 50,000 bytes, each
+    with 64 mentions of 64-character ids, made a page of ~1.08 MB, over the
+    1 MiB max_frame -- that page could never be fetched, by anyone."""
+    import os
+
+    from dataclasses import replace
+
+    from _net import FAST_CLIENT
+
+    cfg = replace(FAST_CLIENT, compression=False)
+    conv = direct_conversation("alice", "bob")
+    with trio.fail_after(30):
+        async with serving(MemoryStore()) as srv:
+            async with client(srv.url(), "alice", config=cfg) as a:
+                for _ in range(20):
+                    await a.send(conv, os.urandom(50_000), mentions=_LONG_MENTIONS)
+                got = await a.fetch_history(conv, 0, 200)
+            assert 1 <= len(got) < 20
+
+
+async def test_a_conversation_list_page_with_many_mentions_stays_within_max_frame() -> None:
+    """(Failed before: the same review.)  The conversation list counted 24
+    bytes per mention of each last message; an id is up to 64 characters:
+    100 conversations whose last message has 8,800 bytes and 64 such
+    mentions made a page of ~1.3 MB counted as ~1.04 MB."""
+    import os
+
+    from dataclasses import replace
+
+    from _net import FAST_CLIENT
+
+    cfg = replace(FAST_CLIENT, compression=False)
+    with trio.fail_after(60):
+        async with serving(MemoryStore()) as srv:
+            async with client(srv.url(), "alice", config=cfg) as a:
+                for i in range(100):
+                    await a.send(direct_conversation("alice", "peer%03d" % i), os.urandom(8_800), mentions=_LONG_MENTIONS)
+                page = await a.conversations(b"", 100)
+            assert page
