@@ -19,6 +19,13 @@ export const State = Object.freeze({
 });
 
 /** A send or request the broker refused for good (`code`: ErrorCode). */
+
+/** Bytes a body of `n` bytes may grow by deflated: zlib's deflateBound
+ * (any level and memory setting), the sync flush's stored block, slack. */
+function deflateGrowth(n) {
+  return Math.ceil((n + 7) / 8) + Math.ceil((n + 63) / 64) + 14;
+}
+
 export class SendError extends Error {
   constructor(code, reason = '') {
     super(`${codeName(ErrorCode, code)}${reason ? `: ${reason}` : ''}`);
@@ -495,8 +502,15 @@ export class PimcoreClient {
     if (!ws || ws.readyState !== 1) return false;
     const body = f._body || encodeBody(f);
     let bytes;
-    if (this._deflate && body.length >= (this.opts.compression.minBody || 16)) bytes = frameBytes(f.type, this._deflate(body), 1);
-    else bytes = frameBytes(f.type, body);
+    // Deflated, a body that does not compress grows (zlib's bound): one that
+    // might then be over the broker's max_frame goes out as it is (outside
+    // the stream, PROTOCOL.md 7.2), or the broker would close the connection
+    // and every retry send the same frame.
+    const maxFrame = this.loginAck ? this.loginAck.max_frame : 0;
+    if (this._deflate && body.length >= (this.opts.compression.minBody || 16)
+        && !(maxFrame > 0 && 2 + body.length + deflateGrowth(body.length) > maxFrame)) {
+      bytes = frameBytes(f.type, this._deflate(body), 1);
+    } else bytes = frameBytes(f.type, body);
     ws.send(bytes);
     this._lastSent = this._sessionNow();
     this.stats.framesOut++;
