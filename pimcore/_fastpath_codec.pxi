@@ -682,6 +682,13 @@ cdef class Decoder:
     def max_frame_size(self) -> int:
         return self._max
 
+    def raise_max_frame_size(self, max_frame_size) -> None:
+        """See pimcore._pure.codec.Decoder.raise_max_frame_size."""
+        m = _cd_check_max(max_frame_size)
+        if m > self._max:
+            self._max = m
+            self._limit = _cd_limit(m)
+
     @property
     def decompress(self):
         """The decompression callable, or None while compressed frames are refused."""

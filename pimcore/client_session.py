@@ -1328,6 +1328,12 @@ class ClientSession:
         if ack.max_frame > 0:
             self._max_frame = ack.max_frame
             self._max_frame_announced = True
+            if ack.max_frame >= 2 and self._decoder is not None:
+                # Frames as large as the broker's own limit may come (it sizes
+                # what it sends by that): accepted from here on, whatever
+                # ClientConfig.max_frame says (a lower config would refuse a
+                # Push at every reconnect).  Never lowered.
+                self._decoder.raise_max_frame_size(ack.max_frame)
         self._max_payload = ack.max_payload
         self._stats["connects"] += 1
         self._state = SessionState.CALIBRATING

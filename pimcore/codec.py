@@ -25,6 +25,9 @@ accept the same inputs and raise the same errors.
   flagged frame is MALFORMED_FRAME.  Compressing is
   :class:`pimcore.compress.FrameCompressor`'s job (it re-frames the output of
   ``encode_frame``).
+* ``Decoder.raise_max_frame_size(n)`` -- accept frames up to ``n`` bytes from
+  the next ``next_frame`` on, if ``n`` is above the limit (never lowered):
+  what a client does once LoginAck announced the broker's max_frame.
 * ``decode_frame(data, max_frame_size=DEFAULT_MAX_FRAME_SIZE, decompress=None)``
   -- exactly one complete frame; missing or extra bytes are MALFORMED_FRAME.
 

@@ -510,3 +510,53 @@ async def test_a_conversation_list_page_with_many_mentions_stays_within_max_fram
                     await a.send(direct_conversation("alice", "peer%03d" % i), os.urandom(8_800), mentions=_LONG_MENTIONS)
                 page = await a.conversations(b"", 100)
             assert page
+
+
+def test_a_decoders_limit_is_raised_never_lowered(backend: ModuleType) -> None:
+    """Decoder.raise_max_frame_size (both twins): a frame over the limit is
+    refused; after the limit is raised, the same bytes already fed are
+    taken; a lower value changes nothing; a bad one is a ValueError."""
+    big = pure.encode_frame(F.SendReq(1, "d:a:b", 0, b"x" * 3_000))
+    dec = backend.Decoder(2_000)
+    dec.raise_max_frame_size(1_000)  # (lower: no change)
+    assert dec.max_frame_size == 2_000
+    dec.feed(big)
+    dec.raise_max_frame_size(4_000)
+    assert dec.max_frame_size == 4_000
+    assert dec.next_frame() == F.SendReq(1, "d:a:b", 0, b"x" * 3_000)
+    for bad in (1, "4000", True, None):
+        with pytest.raises(ValueError):
+            dec.raise_max_frame_size(bad)
+    tight = backend.Decoder(2_000)
+    tight.feed(big)
+    with pytest.raises(FrameTooLarge):
+        tight.next_frame()
+
+
+async def test_a_broker_max_frame_above_the_sdks_default_still_reaches_the_sdk() -> None:
+    """(Failed before: review of the frame limit.)  A broker whose max_frame
+    is 2 MiB sizes its Pushes by that; the SDK read with its own
+    ClientConfig.max_frame (1 MiB) and refused them at every reconnect: 40
+    incompressible messages of 60,000 bytes never arrived.  The SDK now
+    accepts what LoginAck announced."""
+    import os
+
+    from dataclasses import replace
+
+    from _net import FAST_CLIENT, server_config, take_messages
+
+    from pimcore.core import Limits
+
+    payloads = [os.urandom(60_000) for _ in range(40)]
+    cfg = replace(FAST_CLIENT, compression_caps=F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP)
+    assert cfg.max_frame == 1 << 20
+    conv = direct_conversation("alice", "bob")
+    with trio.fail_after(30):
+        async with serving(MemoryStore(), server_config(limits=Limits(max_frame=2 << 20, push_window_bytes=2 << 20))) as srv:
+            url = srv.url()
+            async with client(url, "alice", config=cfg) as a:
+                for p in payloads:
+                    await a.send(conv, p)
+            async with client(url, "bob", config=cfg) as b:
+                got = await take_messages(b, len(payloads))
+            assert [m.payload for m in got] == payloads

@@ -541,6 +541,18 @@ class Decoder:
     def max_frame_size(self) -> int:
         return self._max
 
+    def raise_max_frame_size(self, max_frame_size: int) -> None:
+        """Accept frames up to ``max_frame_size`` bytes from the next
+        ``next_frame`` on, if that is more than today's limit (a lower one
+        changes nothing: bytes already fed must not become too large after
+        the fact).  ValueError as the constructor's.  Why: a client learns
+        the broker's max_frame only from LoginAck, and must then accept
+        frames that large -- else a broker configured above the client's
+        default sends a frame it refuses, at every reconnect."""
+        m = _check_max(max_frame_size)
+        if m > self._max:
+            self._max = m
+
     @property
     def decompress(self) -> Optional[Decompress]:
         """The decompression callable, or None while compressed frames are refused."""
