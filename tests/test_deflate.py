@@ -369,18 +369,23 @@ async def test_incompressible_pushes_near_the_frame_limit_reach_a_deflate_client
     compress by 4 %, and the Push went out over max_frame.  The SDK refused
     it (FRAME_TOO_LARGE), reconnected, got the same Push: 0 of 40, for
     ever.  Now every one arrives."""
-    from dataclasses import replace
+    await _forty_incompressible_messages_arrive()
 
-    from _net import FAST_CLIENT, take_messages
 
+async def _forty_incompressible_messages_arrive(limits: object = None) -> None:
+    """alice sends bob 40 messages of 60,000 random bytes (deflate both
+    ways, the SDK's default config), then bob connects: all arrive, in order."""
     import os
 
-    store = MemoryStore()
-    conv = direct_conversation("alice", "bob")
+    from dataclasses import replace
+
+    from _net import FAST_CLIENT, server_config, take_messages
+
     payloads = [os.urandom(60_000) for _ in range(40)]
     cfg = replace(FAST_CLIENT, compression_caps=F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP)
+    conv = direct_conversation("alice", "bob")
     with trio.fail_after(30):
-        async with serving(store) as srv:
+        async with serving(MemoryStore(), server_config(limits=limits)) as srv:  # type: ignore[arg-type]
             url = srv.url()
             async with client(url, "alice", config=cfg) as a:
                 for p in payloads:
@@ -539,24 +544,9 @@ async def test_a_broker_max_frame_above_the_sdks_default_still_reaches_the_sdk()
     ClientConfig.max_frame (1 MiB) and refused them at every reconnect: 40
     incompressible messages of 60,000 bytes never arrived.  The SDK now
     accepts what LoginAck announced."""
-    import os
-
-    from dataclasses import replace
-
-    from _net import FAST_CLIENT, server_config, take_messages
+    from _net import FAST_CLIENT
 
     from pimcore.core import Limits
 
-    payloads = [os.urandom(60_000) for _ in range(40)]
-    cfg = replace(FAST_CLIENT, compression_caps=F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP)
-    assert cfg.max_frame == 1 << 20
-    conv = direct_conversation("alice", "bob")
-    with trio.fail_after(30):
-        async with serving(MemoryStore(), server_config(limits=Limits(max_frame=2 << 20, push_window_bytes=2 << 20))) as srv:
-            url = srv.url()
-            async with client(url, "alice", config=cfg) as a:
-                for p in payloads:
-                    await a.send(conv, p)
-            async with client(url, "bob", config=cfg) as b:
-                got = await take_messages(b, len(payloads))
-            assert [m.payload for m in got] == payloads
+    assert FAST_CLIENT.max_frame == 1 << 20
+    await _forty_incompressible_messages_arrive(Limits(max_frame=2 << 20, push_window_bytes=2 << 20))
