@@ -646,17 +646,13 @@ class ServerSession:
         """``frames`` with every Push whose encoding is over max_frame split
         into Pushes within it (:meth:`_pushes_within`); the same sequence
         when none is."""
-        limit = self._decoder.max_frame_size
-        encode = self._encode
-        if not any(type(f) is _Push and len(encode(f)) > limit for f in frames):
-            return frames
         out: list[F.Frame] = []
         for f in frames:
-            if type(f) is _Push and len(encode(f)) > limit:
+            if type(f) is _Push:
                 out.extend(self._pushes_within(f))  # type: ignore[arg-type]
             else:
                 out.append(f)
-        return out
+        return frames if len(out) == len(frames) else out
 
     def _pushes_within(self, push: F.Push) -> list[F.Push]:
         """``push`` as consecutive Pushes each within max_frame (bytes on the
