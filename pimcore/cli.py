@@ -242,7 +242,7 @@ def _settings(args: argparse.Namespace):  # -> ServeSettings
         "data_dir": getattr(args, "data_dir", None),
         "secret_file": getattr(args, "secret_file", None),
     }
-    for name in ("durability", "cert", "key", "content_filter", "max_frame", "max_payload", "window", "send_rate", "heartbeat_ms",
+    for name in ("durability", "cert", "key", "content_filter", "max_frame", "max_payload", "max_mentions", "window", "send_rate", "heartbeat_ms",
                  "idle_timeout", "max_outbound_bytes", "max_connections", "http", "log_level", "log_format", "store"):
         if hasattr(args, name):
             flags[name] = getattr(args, name)
@@ -1491,6 +1491,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="content-security hook f(user, conv, payload) -> None, or a reason to reject")
     p.add_argument("--max-frame", type=int, help="largest frame in bytes (default 1 MiB): larger closes the connection")
     p.add_argument("--max-payload", type=int, help="largest message payload in bytes (default 64 KiB): larger is refused")
+    p.add_argument("--max-mentions", type=int,
+                   help="users one message may mention (default 64); --max-frame must leave 729 bytes plus 65 per"
+                        " mention above --max-payload (refused at start otherwise)")
     p.add_argument("--window", type=int, help="SendReqs in flight per connection")
     p.add_argument("--send-rate", type=float, help="sustained SendReqs/s per connection (0 = unlimited)")
     p.add_argument("--heartbeat-ms", type=int, help="announced to clients: they Ping when idle this long, ms (default 15000)")

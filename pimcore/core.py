@@ -163,6 +163,38 @@ SUPPORTED_CAPS = F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP
 _MAX_LIMIT = (1 << 32) - 1
 
 
+@lru_cache(maxsize=16)
+def message_overhead(max_mentions: int) -> int:
+    """Bytes: the most one message adds to a frame that carries it alone,
+    beyond its payload -- a Push, a HistoryResp or a ConvListResp (entry
+    and cursor) of that message, with every id at its longest
+    (:data:`pimcore.ids.MAX_ID_LEN`, :data:`~pimcore.ids.MAX_CONVERSATION_ID_LEN`),
+    every integer at its widest and ``max_mentions`` mentions, measured by
+    encoding those frames with an empty payload, plus the widest payload
+    length and frame length prefixes: 729 bytes, plus 65 per mention
+    (4,889 at the default 64).
+
+    Why: a message reaches a device only in such frames, and a peer
+    refuses a frame over max_frame (FRAME_TOO_LARGE).  :class:`Limits`
+    therefore refuses a max_frame below ``max_payload + message_overhead
+    (max_mentions)``: with less, a message could be acked and never
+    delivered (docs/PROTOCOL.md section 7.2)."""
+    from .ids import MAX_CONVERSATION_ID_LEN, MAX_ID_LEN
+
+    wide = (1 << 64) - 1
+    conv, user = "~" * MAX_CONVERSATION_ID_LEN, "~" * MAX_ID_LEN
+    m = F.Message(wide, b"\xff" * 16, conv, wide, user, user, -(1 << 63), wide, b"", kind=wide, local_id=wide,
+                  after_seq=wide, target=wide, edited=wide, recalled=True, deleted=True,
+                  mentions=(F.Mention(user),) * max_mentions, mention_all=True)
+    cursor = b"\xff" * 10 + conv.encode()
+    frames = (F.Push(wide, (m,)),
+              F.HistoryResp(wide, conv, wide, (m,), True),
+              F.ConvListResp(wide, wide, (F.ConvEntry(conv, (m,), wide, wide, wide, wide, True, True, True),), cursor, True))
+    # +4: the payload's length prefix, 1 byte empty, at most 5 (a payload
+    # under 2**32 bytes); +4: the frame's, the same.
+    return max(len(_impl.encode_frame(f)) for f in frames) + 4 + 4
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Per-connection and per-request limits, announced in LoginAck.
@@ -206,6 +238,16 @@ class Limits:
             raise ValueError("Limits.send_rate must be finite (0 = unlimited), got inf")
         if self.max_payload > self.max_frame:
             raise ValueError(f"Limits.max_payload ({self.max_payload}) cannot exceed Limits.max_frame ({self.max_frame})")
+        # A message is delivered in a frame of its own at worst: one the
+        # limits cannot hold would be acked and never delivered (and block
+        # its recipients' inboxes behind it).
+        overhead = message_overhead(self.max_mentions)
+        if self.max_frame < self.max_payload + overhead:
+            raise ValueError(
+                f"Limits.max_frame ({self.max_frame}) leaves too little room for a message of Limits.max_payload"
+                f" ({self.max_payload}) bytes: its Push adds up to {overhead} bytes of ids, times and"
+                f" Limits.max_mentions ({self.max_mentions}) mentions, so Limits.max_frame must be at least"
+                f" {self.max_payload + overhead}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,7 +71,7 @@ import trio
 from . import frames as F
 from ._util import BaseExceptionGroup, first_leaf
 from .codec import Decoder, encode_frame
-from .core import Limits
+from .core import Limits, message_overhead
 from .errors import CloseCode, ErrorCode
 
 __all__ = ["BenchConfig", "BenchResult", "run_bench", "format_result", "BrokerProcess", "BenchError", "SHAPES",
@@ -278,7 +278,7 @@ class BrokerProcess:
             # The payload size asked for, beyond the default limits (a frame
             # holds one such message and its header).
             "--max-payload", str(max(cfg.size, Limits().max_payload)),
-            "--max-frame", str(max(cfg.size + 4096, Limits().max_frame)),
+            "--max-frame", str(max(cfg.size + message_overhead(Limits().max_mentions), Limits().max_frame)),
             "--log-level", "warning",  # its stderr is read only until ready: a line per login would fill the pipe
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

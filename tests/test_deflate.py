@@ -411,7 +411,7 @@ async def test_an_incompressible_send_near_the_frame_limit_is_acked() -> None:
     cfg = replace(FAST_CLIENT, compression_caps=F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP, send_timeout=8.0)
     payload = os.urandom(65_536)
     with trio.fail_after(20):
-        async with serving(MemoryStore(), server_config(limits=Limits(max_frame=66_500, max_payload=65_536))) as srv:
+        async with serving(MemoryStore(), server_config(limits=Limits(max_frame=66_500, max_payload=65_536, max_mentions=0))) as srv:
             async with client(srv.url(), "alice", config=cfg) as a:
                 sent = await a.send(direct_conversation("alice", "bob"), payload)
                 assert sent.seq == 1

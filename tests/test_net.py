@@ -1354,7 +1354,7 @@ async def test_mark_read_refused_raises_what_the_sdk_knows_and_reports_the_broke
 
 
 async def test_oversized_and_malformed_frames_close_only_that_connection(lmdb_store):
-    cfg = server_config(limits=Limits(max_frame=4096, max_payload=1024, heartbeat_ms=15000))
+    cfg = server_config(limits=Limits(max_frame=4096, max_payload=1024, max_mentions=0, heartbeat_ms=15000))
     with trio.fail_after(10):
         async with serving(lmdb_store, cfg) as srv:
             port = srv.endpoints[0].port
@@ -2985,7 +2985,7 @@ async def test_the_login_ack_comes_in_a_small_first_websocket_message(lmdb_store
 
 
 async def test_websocket_with_a_small_frame_limit_still_carries_coalesced_writes(lmdb_store):
-    cfg = server_config(Endpoint("ws"), limits=Limits(max_frame=4096, max_payload=1024, heartbeat_ms=15000))
+    cfg = server_config(Endpoint("ws"), limits=Limits(max_frame=4096, max_payload=1024, max_mentions=0, heartbeat_ms=15000))
     with trio.fail_after(15):
         async with serving(lmdb_store, cfg) as srv:
             async with client(srv.url("ws"), "alice") as a:
@@ -3397,7 +3397,7 @@ async def test_a_login_the_broker_refuses_as_too_large_fails_at_once_saying_so()
     PROTOCOL_ERROR FRAME_TOO_LARGE to the Login will not change on a retry,
     so the first connection fails at once, saying it (not after
     connect_timeout of retries)."""
-    limits = Limits(max_frame=4096, max_payload=1024)
+    limits = Limits(max_frame=4096, max_payload=1024, max_mentions=0)
     with trio.fail_after(20):
         async with serving(MemoryStore(), server_config(limits=limits)) as srv:
             url = srv.urls[0]

@@ -211,7 +211,7 @@ describe('limits', () => {
 
 describe('a broker whose max_frame is just above max_payload', () => {
   let broker;
-  before(async () => { broker = await new Broker({ extra: ['--max-frame', '66500', '--max-payload', '65536'] }).start(); });
+  before(async () => { broker = await new Broker({ extra: ['--max-frame', '66500', '--max-payload', '65536', '--max-mentions', '0'] }).start(); });
   after(async () => { await broker.dispose(); });
 
   test('an incompressible send of max_payload bytes is acked (deflated it would be over max_frame)', async () => {
