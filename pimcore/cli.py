@@ -1492,7 +1492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frame", type=int, help="largest frame in bytes (default 1 MiB): larger closes the connection")
     p.add_argument("--max-payload", type=int, help="largest message payload in bytes (default 64 KiB): larger is refused")
     p.add_argument("--max-mentions", type=int,
-                   help="users one message may mention (default 64); --max-frame must leave 729 bytes plus 65 per"
+                   help="users one message may mention (default 64); --max-frame must leave 728 bytes plus 65 per"
                         " mention above --max-payload (refused at start otherwise)")
     p.add_argument("--window", type=int, help="SendReqs in flight per connection")
     p.add_argument("--send-rate", type=float, help="sustained SendReqs/s per connection (0 = unlimited)")

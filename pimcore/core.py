@@ -163,36 +163,65 @@ SUPPORTED_CAPS = F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP
 _MAX_LIMIT = (1 << 32) - 1
 
 
-@lru_cache(maxsize=16)
+#: Bytes one mention adds to a message's frame at most: a user id of
+#: :data:`pimcore.ids.MAX_ID_LEN` ASCII characters and its 1-byte length.
+_MENTION_BYTES = 65
+
+
 def message_overhead(max_mentions: int) -> int:
     """Bytes: the most one message adds to a frame that carries it alone,
     beyond its payload -- a Push, a HistoryResp or a ConvListResp (entry
     and cursor) of that message, with every id at its longest
     (:data:`pimcore.ids.MAX_ID_LEN`, :data:`~pimcore.ids.MAX_CONVERSATION_ID_LEN`),
-    every integer at its widest and ``max_mentions`` mentions, measured by
-    encoding those frames with an empty payload, plus the widest payload
-    length and frame length prefixes: 729 bytes, plus 65 per mention
-    (4,889 at the default 64).
+    every integer at its widest and ``max_mentions`` mentions, plus the
+    widest payload length and frame length prefixes: 728 bytes, plus 65
+    per mention (4,888 at the default 64) and the mention count's wider
+    length prefix above 127.  Computed, not built: a limit of 4 * 10**9
+    mentions is a number here, not 260 GB of frames.  ValueError for a
+    negative ``max_mentions``.
 
     Why: a message reaches a device only in such frames, and a peer
     refuses a frame over max_frame (FRAME_TOO_LARGE).  :class:`Limits`
     therefore refuses a max_frame below ``max_payload + message_overhead
     (max_mentions)``: with less, a message could be acked and never
     delivered (docs/PROTOCOL.md section 7.2)."""
+    if max_mentions < 0:
+        raise ValueError(f"max_mentions must be >= 0, got {max_mentions!r}")
+    return _bare_message_overhead() + _MENTION_BYTES * max_mentions + _uvarint_len(max_mentions) - 1
+
+
+def _uvarint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+@lru_cache(maxsize=1)
+def _bare_message_overhead() -> int:
+    """:func:`message_overhead` of no mention, by encoding the frames it
+    names with an empty payload (tests/test_limits.py checks the per-mention
+    part against encoded frames too)."""
     from .ids import MAX_CONVERSATION_ID_LEN, MAX_ID_LEN
 
     wide = (1 << 64) - 1
     conv, user = "~" * MAX_CONVERSATION_ID_LEN, "~" * MAX_ID_LEN
+    assert _MENTION_BYTES == 1 + MAX_ID_LEN
     m = F.Message(wide, b"\xff" * 16, conv, wide, user, user, -(1 << 63), wide, b"", kind=wide, local_id=wide,
-                  after_seq=wide, target=wide, edited=wide, recalled=True, deleted=True,
-                  mentions=(F.Mention(user),) * max_mentions, mention_all=True)
+                  after_seq=wide, target=wide, edited=wide, recalled=True, deleted=True, mentions=(), mention_all=True)
     cursor = b"\xff" * 10 + conv.encode()
     frames = (F.Push(wide, (m,)),
               F.HistoryResp(wide, conv, wide, (m,), True),
               F.ConvListResp(wide, wide, (F.ConvEntry(conv, (m,), wide, wide, wide, wide, True, True, True),), cursor, True))
-    # +4: the payload's length prefix, 1 byte empty, at most 5 (a payload
-    # under 2**32 bytes); +4: the frame's, the same.
-    return max(len(_impl.encode_frame(f)) for f in frames) + 4 + 4
+    # The frames' bodies (their length prefixes cut off), +4: the payload's
+    # length prefix, 1 byte empty, at most 5 (a payload under 2**32 bytes);
+    # +5: the frame's length prefix, at most 5 bytes.
+    return max(_body_len(_impl.encode_frame(f)) for f in frames) + 4 + 5
+
+
+def _body_len(frame: bytes) -> int:
+    """Bytes of an encoded frame after its length prefix (a varint)."""
+    n = 1
+    while frame[n - 1] & 0x80:
+        n += 1
+    return len(frame) - n
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +253,8 @@ class Limits:
         for name in ("max_frame", "max_payload", "window", "push_batch", "push_window", "push_window_bytes", "history_page", "read_state_batch", "send_burst", "conv_page"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Limits.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_mentions < 0:
+            raise ValueError(f"Limits.max_mentions must be >= 0, got {self.max_mentions!r}")
         for name in ("heartbeat_ms", "send_rate"):
             if not getattr(self, name) >= 0:  # (NaN too)
                 raise ValueError(f"Limits.{name} must be >= 0, got {getattr(self, name)!r}")

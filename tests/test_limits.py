@@ -48,11 +48,48 @@ def test_a_max_payload_that_leaves_no_room_for_the_push_is_refused() -> None:
     assert Limits().max_frame >= Limits().max_payload + message_overhead(Limits().max_mentions)
 
 
+@pytest.mark.parametrize("n", [0, 1, 64, 127, 128, 300])
+def test_message_overhead_is_the_widest_one_message_frame_exactly(n: int) -> None:
+    """message_overhead(n) is computed (728 + 65 n + the count's wider
+    prefix), not built: it equals the widest Push / HistoryResp /
+    ConvListResp of one message with n mentions of the longest id, encoded,
+    plus the payload's and frame's widest length prefixes."""
+    wide = (1 << 64) - 1
+    conv, user = "~" * MAX_CONVERSATION_ID_LEN, "~" * MAX_ID_LEN
+    m = F.Message(wide, b"\xff" * 16, conv, wide, user, user, -(1 << 63), wide, b"", kind=wide, local_id=wide,
+                  after_seq=wide, target=wide, edited=wide, recalled=True, deleted=True,
+                  mentions=(F.Mention(user),) * n, mention_all=True)
+    frames = (F.Push(wide, (m,)), F.HistoryResp(wide, conv, wide, (m,), True),
+              F.ConvListResp(wide, wide, (F.ConvEntry(conv, (m,), wide, wide, wide, wide, True, True, True),),
+                             b"\xff" * 10 + conv.encode(), True))
+    bodies = [encode_frame(f) for f in frames]
+    bodies = [b[2:] if b[1] < 0x80 else b[3:] for b in bodies]  # (the length prefix: 2 or 3 bytes here)
+    assert message_overhead(n) == max(len(b) for b in bodies) + 4 + 5
+
+
+def test_a_huge_or_negative_max_mentions_is_refused_in_words_at_once() -> None:
+    """(A new user's trial: HIGH.)  message_overhead built a frame of
+    max_mentions mentions: `serve --max-mentions 70000000 --print-config`
+    took 53 s and GBs, 4294967295 raised MemoryError (a traceback, exit 1);
+    and -1 was accepted, after which every host post was refused
+    TOO_MANY_MENTIONS."""
+    big = (1 << 32) - 1
+    with pytest.raises(ValueError) as err:
+        Limits(max_mentions=big, max_frame=big)
+    assert f"Limits.max_mentions ({big}) mentions, so Limits.max_frame must be at least" in str(err.value)
+    assert message_overhead(big) == 728 + 65 * big + 4
+    with pytest.raises(ValueError) as err:
+        Limits(max_mentions=-1)
+    assert str(err.value) == "Limits.max_mentions must be >= 0, got -1"
+    with pytest.raises(ValueError):
+        message_overhead(-1)
+
+
 def test_serve_refuses_such_limits_before_it_starts(tmp_path, monkeypatch, capsys) -> None:
     """`pimcore serve --max-payload 1048576` (the trial's command; the
     default max_frame) exits 2 saying the least max_frame that holds it and
     where each setting came from; `--max-mentions 0` (a new flag) makes
-    room for a payload 729 bytes below max_frame."""
+    room for a payload 728 bytes below max_frame."""
     from pimcore.cli import main
 
     for name in [n for n in os.environ if n.startswith("PIMCORE_") and n != "PIMCORE_BACKEND"]:
@@ -73,6 +110,8 @@ def test_serve_refuses_such_limits_before_it_starts(tmp_path, monkeypatch, capsy
     assert main(["serve", "--data-dir", str(tmp_path / "d"), "--print-config", "--max-payload", str(room + 1),
                  "--max-mentions", "0"]) == 2
     assert f"must be at least {(1 << 20) + 1}" in capsys.readouterr().err
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--print-config", "--max-mentions", "-1"]) == 2
+    assert capsys.readouterr().err == "pimcore serve: --max-mentions must be >= 0, got -1\n"
 
 
 _ID = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_.@-", min_size=1, max_size=MAX_ID_LEN)
