@@ -153,7 +153,9 @@ PIM_EXPORT int pim_broker_port(pim_broker *b, int *out_port);
  * once it is durable, with its id and seq (either out pointer may be NULL).
  * sender/device: a member and one of its device ids, or both NULL for the
  * system (allowed in every conversation); an empty string is no id
- * (PIM_ERR_INVALID), not the system.  idempotency_key (NULL: none, at
+ * (PIM_ERR_INVALID), not the system.  Give the host a device id of its
+ * own ("host"): a post as one of the user's client devices is that
+ * device's own send, never pushed to it.  idempotency_key (NULL: none, at
  * most 256 bytes): posts with the same sender, device and key are one
  * message, and a retry gets the original's id and seq.  Errors:
  * PIM_ERR_INVALID (conv NULL, payload NULL with a length, only one of
@@ -204,9 +206,10 @@ PIM_EXPORT int pim_group_remove_members(pim_broker *b, const char *conv, const c
 /* End user's sessions now (only device's if not NULL) with Close(KICKED);
  * reason may be NULL.  Not durable: see pim_revoke. */
 PIM_EXPORT int pim_kick(pim_broker *b, const char *user, const char *device, const char *reason);
-/* Refuse user's tokens (only device's if not NULL) issued before
- * before_us (µs since the Unix epoch; 0: now), durably, and end the live
- * sessions using one.  *out_before (may be NULL): the time in force. */
+/* Refuse user's tokens (only device's if not NULL; "" is PIM_ERR_INVALID)
+ * issued before before_us (µs since the Unix epoch; 0: now), durably, and
+ * end the live sessions using one.  *out_before (may be NULL): the time in
+ * force. */
 PIM_EXPORT int pim_revoke(pim_broker *b, const char *user, const char *device, int64_t before_us,
                           int64_t *out_before);
 /* A login token for user (bound to device if not NULL), valid ttl_seconds,

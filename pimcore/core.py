@@ -2187,7 +2187,12 @@ class Broker:
         (µs; all its devices, or only ``device``) from now on, durably
         (:class:`RevokeTokens`), and end the live sessions that used one
         (``Close(TOKEN_REVOKED)``) at once.  :class:`AdminDone` with ``ref``
-        carries the store's answer (Revoked, or Rejected)."""
+        carries the store's answer (Revoked, or Rejected).  Rejected
+        (BAD_REQUEST) at once, nothing revoked, for an invalid ``user`` or
+        ``device`` -- ``""`` among them: it is the store's key for "every
+        device", so it revoked them all."""
+        if not valid_id(user) or (device is not None and not valid_id(device)):
+            return [AdminDone(ref, Rejected(ErrorCode.BAD_REQUEST))]
         key = (user, device or "")
         # In force at once, before the write is durable: a login that
         # completes meanwhile must not slip through (and the session ends

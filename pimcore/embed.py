@@ -777,13 +777,20 @@ class Pimcore:
         ``before`` (µs since the epoch; default now), durably, and end the
         live sessions that used one (Close(TOKEN_REVOKED)).  Tokens issued
         afterwards work.  Returns the revocation time in force (µs).  Raises
-        RequestRefused (BAD_REQUEST: an invalid id, or ``before`` later than
-        now + :data:`REVOKE_AHEAD` -- a revocation cannot be lowered again,
-        so a time in the future, nanoseconds for µs say, would lock the user
-        out for good), StoreError; TypeError / ValueError unless ``before``
-        is None or an int >= 0 (µs, not a date or a float)."""
+        RequestRefused (BAD_REQUEST: an invalid id -- ``""`` too, omit
+        ``device`` for all devices --, ``before`` 0, which would revoke no
+        token (the C ABI's 0 means now: here omit it), or ``before`` later
+        than now + :data:`REVOKE_AHEAD` -- a revocation cannot be lowered
+        again, so a time in the future, nanoseconds for µs say, would lock
+        the user out for good), StoreError; TypeError / ValueError unless
+        ``before`` is None or an int >= 0 (µs, not a date or a float)."""
         if before is not None:
             _check_int(before, "before (µs since the epoch)", 0, (1 << 63) - 1)
+            if before == 0:
+                raise RequestRefused(
+                    ErrorCode.BAD_REQUEST,
+                    f"revoke {_show(user)}: before=0 would revoke no token (those issued before 1970); omit before"
+                    " to revoke every token issued until now")
         now = self.server.now()
         when = now if before is None else before
         if when > now + REVOKE_AHEAD:
@@ -792,8 +799,9 @@ class Pimcore:
                 f"revoke {_show(user)}: before={when} is more than {REVOKE_AHEAD // 1_000_000} s after now ({now}); "
                 "it is µs since the epoch (not ns), and a revocation cannot be undone",
             )
-        _log.info("revoke user=%s device=%s before=%d", user, device or "*", when,
-                  extra={"event": "revoke", "user": user, "device": device or "*", "before": when})
+        said = "*" if device is None else device
+        _log.info("revoke user=%s device=%s before=%d", user, said, when,
+                  extra={"event": "revoke", "user": user, "device": said, "before": when})
         result = await self.server.host_call(self.server.broker.revoke, user, device, when)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
@@ -801,7 +809,7 @@ class Pimcore:
             why = _why(result.code, users=(user,))
             if not why and result.code is ErrorCode.BAD_REQUEST and device is not None:
                 problem = id_problem(device, "device")
-                why = f": {problem}" if problem is not None else ""
+                why = f": {problem}; omit the device to revoke all of the user's devices" if problem is not None else ""
             raise RequestRefused(result.code, f"revoke {_show(user)}: {result.code.name}" + why)
         return int(result.before)
 

@@ -515,6 +515,35 @@ async def test_revoke_refuses_a_before_in_the_future(tmp_path: Path) -> None:
             assert status == 200 and doc["before"] == soon
 
 
+async def test_revoke_refuses_an_empty_device_and_a_before_of_zero(tmp_path: Path) -> None:
+    """(A new user's trial.)  `device: ""` revoked every token of the user
+    (the store's key for "all devices"), durably and with no undo, while
+    kick, tokens and posts refuse ""; and `before: 0` answered 200 and
+    revoked nothing (tokens issued before 1970), where the C ABI's 0 means
+    now.  Both are 400 BAD_REQUEST in words now, from the handle too, and
+    nothing is revoked: the user's tokens still work."""
+    from pimcore.embed import RequestRefused
+    from pimcore.errors import ErrorCode
+
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["carol"])
+            status, doc = await call(c, "POST", "/v1/users/carol/revoke", {"device": ""})
+            assert_error(status, doc, 400, "BAD_REQUEST")
+            assert "device" in doc["error"]["message"] and "omit" in doc["error"]["message"], doc
+            with pytest.raises(RequestRefused, match="device") as refused:
+                await im.revoke("carol", "")
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+            status, doc = await call(c, "POST", "/v1/users/carol/revoke", {"before": 0})
+            assert_error(status, doc, 400, "BAD_REQUEST")
+            assert "before=0" in doc["error"]["message"] and "omit" in doc["error"]["message"], doc
+            with pytest.raises(RequestRefused, match="before=0") as refused:
+                await im.revoke("carol", before=0)
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+            async with open_client(im.server.url(), im.issue_token("carol"), "phone", config=FAST_CLIENT) as carol:
+                assert (await carol.send("team", b"still in")).seq == 1
+
+
 async def test_events_endpoints_answer_409_when_the_broker_records_none(tmp_path: Path) -> None:
     """With events off (the serve default) the event endpoints used to
     answer 200 with nothing (an ack of 5 returned cursor 0): a newcomer
