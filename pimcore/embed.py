@@ -591,7 +591,8 @@ class Pimcore:
             self.server.broker.post, conv, payload, sender=sender, device=device, key=idempotency_key,
             mentions=ms, mention_all=mention_all,
         )
-        result = _posted(conv, done, sender, device, idempotency_key, size=self._size(payload))
+        result = _posted(conv, done, sender, device, idempotency_key, size=self._size(payload),
+                         mentions=self._mentions_said(ms))
         if isinstance(result, PimError):
             raise result
         return result
@@ -746,13 +747,18 @@ class Pimcore:
             elif isinstance(d, Exception):  # a fault in the core, logged by host_calls: this post alone
                 results[i] = RequestRefused(ErrorCode.INTERNAL, f"post to {_show(calls[i][1][0])} failed in the broker: {d}")
             else:
-                results[i] = _posted(calls[i][1][0], d, kw["sender"], kw["device"], kw["key"], size=self._size(calls[i][1][1]))
+                results[i] = _posted(calls[i][1][0], d, kw["sender"], kw["device"], kw["key"], size=self._size(calls[i][1][1]),
+                                     mentions=self._mentions_said(kw.get("mentions", ())))
         return results  # type: ignore[return-value]
 
     def _size(self, payload: Any) -> str:
         """A payload's size against ``Limits.max_payload``, in words."""
         n = len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else 0
         return f"{n} bytes, max_payload is {self.server.broker.config.limits.max_payload}" if n else ""
+
+    def _mentions_said(self, mentions: Sequence[str]) -> str:
+        """The mentions against ``Limits.max_mentions``, in words."""
+        return f"{len(mentions)} mentions, max_mentions is {self.server.broker.config.limits.max_mentions}"
 
     def kick(self, user: str, device: Optional[str] = None, reason: str = "") -> None:
         """End ``user``'s sessions now (only ``device``'s if given) with
@@ -1389,11 +1395,11 @@ def _check_seq(seq: Any) -> None:
 
 
 def _posted(conv: str, done: Any, sender: str = SYSTEM, device: str = SYSTEM,
-            key: Union[str, bytes, None] = None, what: str = "", size: str = "") -> Union[Posted, PimError]:
+            key: Union[str, bytes, None] = None, what: str = "", size: str = "", mentions: str = "") -> Union[Posted, PimError]:
     """A PostDone as the handle answers it; ``what`` names the call in
     errors (default ``post to 'conv'``; ``recall in 'conv'`` ...);
     ``size``: the payload's size against the limit, said for
-    PAYLOAD_TOO_LARGE."""
+    PAYLOAD_TOO_LARGE; ``mentions``: theirs, for TOO_MANY_MENTIONS."""
     what = what or f"post to {_show(conv)}"
     if done.code is ErrorCode.STORE_UNAVAILABLE:
         return StoreError(f"{what} not stored: the store failed")
@@ -1401,6 +1407,8 @@ def _posted(conv: str, done: Any, sender: str = SYSTEM, device: str = SYSTEM,
         why = _post_problem(conv, sender, device, key) if done.code is ErrorCode.BAD_REQUEST else None
         if done.code is ErrorCode.PAYLOAD_TOO_LARGE and size:
             why = size
+        if done.code is ErrorCode.TOO_MANY_MENTIONS and mentions:
+            why = mentions
         if done.code is ErrorCode.NOT_MEMBER and sender != SYSTEM:  # (who: the HTTP API's said no one)
             why = f"{_show(sender)} is not a member of {_show(conv)}"
         return RequestRefused(done.code, f"{what} refused: {done.code.name}" + (f": {why}" if why else ""))

@@ -267,6 +267,14 @@ async def test_the_host_lists_and_changes_settings_and_posts_with_mentions(tmp_p
             with pytest.raises(RequestRefused) as refused:
                 await im.post("team", b"x", mentions=["no way"])
             assert refused.value.code is ErrorCode.BAD_MENTION
+            # The refusal says the limit (a new user's trial: it said "too many mentions" only).
+            many = [f"u{i}" for i in range(65)]
+            with pytest.raises(RequestRefused) as refused:
+                await im.post("team", b"x", mentions=many)
+            assert refused.value.code is ErrorCode.TOO_MANY_MENTIONS
+            assert str(refused.value).endswith("TOO_MANY_MENTIONS: 65 mentions, max_mentions is 64"), refused.value
+            [result] = await im.post_many([{"conv": "team", "payload": b"x", "mentions": many}])
+            assert str(result).endswith("TOO_MANY_MENTIONS: 65 mentions, max_mentions is 64"), result
             from pimcore.client import open_client
 
             async with open_client(im.urls[0], im.issue_token("alice"), "phone") as phone:
