@@ -1435,13 +1435,16 @@ def _http_flags_problem(args: argparse.Namespace) -> Optional[str]:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's parser, whose refusals show a byte of an argument that is
-    not UTF-8 as ``\\xff`` (ids.quote_arg), not Python's ``'\\udcff'``."""
+    """argparse's parser, whose refusals are one line, ``pimcore COMMAND:
+    WHAT (pimcore COMMAND --help)``, exit 2 (docs/OPERATIONS.md, "Exit
+    codes": argparse printed its whole usage block first), and show a byte
+    of an argument that is not UTF-8 as ``\\xff`` (ids.quote_arg), not
+    Python's ``'\\udcff'``."""
 
     def error(self, message: str) -> NoReturn:
         from .ids import bytes_readable
 
-        super().error(bytes_readable(message))
+        self.exit(2, f"{self.prog}: {bytes_readable(message)} ({self.prog} --help)\n")
 
 
 class _SubcommandParser(_Parser):

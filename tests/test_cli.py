@@ -756,6 +756,26 @@ def test_an_argument_that_is_not_utf8_is_echoed_with_its_bytes_readable(tmp_path
 
 
 @pytest.mark.parametrize("argv, said", [
+    (["serve", "--max-frame", "1MiB"], "pimcore serve: argument --max-frame: invalid int value: '1MiB'"
+                                       " (pimcore serve --help)"),
+    (["group", "frob"], "pimcore group: argument ACTION: invalid choice: 'frob' (choose from 'create', 'add', 'remove',"
+                        " 'show') (pimcore group --help)"),
+    (["nosuch"], None),
+])
+def test_a_usage_error_is_one_line(capsys, argv, said):
+    """(A new user's trial, LOW.)  A usage error printed argparse's whole
+    usage block before its error, where OPERATIONS.md promises every
+    refusal in one line, `pimcore COMMAND: ...`, exit 2."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and out == "", (exc.value.code, out, err)
+    assert len(err.splitlines()) == 1 and err.startswith("pimcore") and "usage:" not in err, err
+    if said is not None:
+        assert err == said + "\n", err
+
+
+@pytest.mark.parametrize("argv, said", [
     ([b"chat", b"--to", b"bob", b"--token", b"{token}", b"--url", b"tcp://127.0.0.1:1", b"--cafile", b"/nonexistent/\xff"],
      "--cafile /nonexistent/\\xff: no such file"),
     ([b"inspect", b"/nonexistent/\xffno"], "no pimcore store in /nonexistent/\\xffno"),
