@@ -49,7 +49,6 @@ from .embed import (
     SYSTEM, Conversation, ConversationListPage, EventsDisabled, HostEvent, Pimcore, Posted, ReadPositions, RequestRefused,
 )
 from .errors import BrokerStopped, ErrorCode, PimError
-from .ids import _show, valid_id
 from .store.base import GroupChanged, StoredMessage
 
 __all__ = [
@@ -532,8 +531,9 @@ class ThreadedPimcore:
         if getattr(_tls, "dispatching", None) is self:
             raise WouldDeadlock("set_event_handler() from an event handler would wait for itself")
         self._check()
-        if not valid_id(consumer):
-            raise RequestRefused(ErrorCode.BAD_REQUEST, f"events of {_show(consumer)}: BAD_REQUEST")
+        # Why, in words, as ack_events says it ("events of '': BAD_REQUEST"
+        # left a caller to guess the rule: a new user's trial).
+        embed._check_consumer(consumer, "set_event_handler")
         handle = self.handle
         assert handle is not None
         if handler is not None and not handle.events_enabled:  # [server] events, or turned on by [webhooks] url

@@ -616,6 +616,29 @@ async def test_a_malformed_percent_escape_in_a_path_is_400(tmp_path: Path) -> No
             assert status == 201 and doc["conv"] == "a+b", doc
 
 
+async def test_percent_escapes_that_are_not_utf8_in_a_query_are_400_not_utf8_as_in_a_path(tmp_path: Path) -> None:
+    """?user=%ff was decoded to U+FFFD and refused as "the non-ASCII
+    character '\ufffd'", a character the client never sent, where the same
+    bytes in a path are "not UTF-8" (a new user's trial)."""
+    with trio.fail_after(30):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            for path, named in (("/v1/conversations/team/history?user=%ff", "'user'"),
+                                ("/v1/conversations/team/history?user=al%C3%28ice", "'user'"),
+                                ("/v1/users/alice/unread?conv=%80", "'conv'"),
+                                ("/v1/events?consumer=a%e9", "'consumer'"),
+                                ("/v1/conversations/team/history?user=alice&%ff=1", "'%ff'")):
+                status, doc = await call(c, "GET", path)
+                assert_error(status, doc, 400, "BAD_REQUEST")
+                message = doc["error"]["message"]
+                assert "not UTF-8" in message and named in message and "\ufffd" not in message, (path, message)
+            # UTF-8 escapes decode: the id is refused for what it holds.
+            status, doc = await call(c, "GET", "/v1/conversations/team/history?user=%C3%A9")
+            assert_error(status, doc, 400, "BAD_REQUEST")
+            assert "non-ASCII character 'é'" in doc["error"]["message"], doc
+            assert (await call(c, "GET", "/v1/conversations/team/history?user=%61lice"))[0] == 200
+
+
 async def test_kick_validates_like_revoke_and_caps_the_reason(tmp_path: Path) -> None:
     """An invalid user id is 400 BAD_REQUEST for kick as for revoke and
     unread (it was 200); a reason over 256 bytes is 400 (it was logged

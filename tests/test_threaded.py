@@ -14,6 +14,7 @@ from pimcore.client import open_client
 from pimcore.config import ConfigError
 from pimcore.embed import SYSTEM, EventsDisabled, RequestRefused
 from pimcore.errors import ErrorCode
+from pimcore.ids import id_problem
 from pimcore.threaded import BrokerAlreadyRunning, BrokerStopped, WouldDeadlock, open_pimcore_thread
 
 
@@ -218,13 +219,19 @@ def test_a_handler_needs_events_and_a_valid_consumer(tmp_path: Path) -> None:
     with _start(tmp_path / "e", events=True) as im:
         with pytest.raises(RequestRefused):
             im.set_event_handler(lambda ev: True, consumer="no spaces allowed")
-        # Removing a handler checks the name too, as ack_events does.
-        for name in ("", "no spaces allowed"):
+        # Removing a handler checks the name too, as ack_events does, and
+        # says why in words as ack_events does (it said only "events of '':
+        # BAD_REQUEST": a new user's trial).
+        for name, why in (("", "empty consumer id"), ("no spaces allowed", "has the character ' '")):
+            for handler in (None, lambda ev: True):
+                with pytest.raises(RequestRefused) as refused:
+                    im.set_event_handler(handler, consumer=name)
+                assert refused.value.code is ErrorCode.BAD_REQUEST
+                assert str(refused.value) == f"set_event_handler: {id_problem(name, 'consumer')}"
+                assert why in str(refused.value) and "1-64 ASCII characters" in str(refused.value)
             with pytest.raises(RequestRefused) as refused:
-                im.set_event_handler(None, consumer=name)
-            assert refused.value.code is ErrorCode.BAD_REQUEST
-            with pytest.raises(RequestRefused):
                 im.ack_events(1, consumer=name)
+            assert str(refused.value) == f"ack_events: {id_problem(name, 'consumer')}"
 
 
 def test_a_handler_works_when_webhooks_turned_events_on(tmp_path: Path) -> None:

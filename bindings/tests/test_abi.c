@@ -822,9 +822,15 @@ static int run_argument_checks(const char *dir)
           (unsigned long long)items[1].seq);
     /* An empty consumer name is refused by every function taking one. */
     CHECK_RC(pim_set_event_callback(b, "", NULL, NULL, 0), PIM_ERR_INVALID);
+    CHECK(strstr(pim_last_error(), "empty consumer id") != NULL, "the refusal says why: %s", pim_last_error());
     CHECK_RC(pim_set_event_callback(b, "", on_event, &main_log, 0), PIM_ERR_INVALID);
+    CHECK(strstr(pim_last_error(), "empty consumer id") != NULL, "the refusal says why: %s", pim_last_error());
     CHECK_RC(pim_ack_events(b, "", 1, NULL), PIM_ERR_INVALID);
+    CHECK(strstr(pim_last_error(), "empty consumer id") != NULL, "the refusal says why: %s", pim_last_error());
     CHECK_RC(pim_set_event_callback(b, "bad name", NULL, NULL, 0), PIM_ERR_INVALID);
+    CHECK(strstr(pim_last_error(), "has the character ' '") != NULL, "the refusal says why: %s", pim_last_error());
+    CHECK_RC(pim_set_event_callback(b, "bad name", on_event, &main_log, 0), PIM_ERR_INVALID);
+    CHECK(strstr(pim_last_error(), "has the character ' '") != NULL, "the refusal says why: %s", pim_last_error());
     /* pim_ack_events past the last event: the cursor stops at the last one. */
     uint64_t cursor = 0, again = 0;
     CHECK_RC(pim_ack_events(b, "late", UINT64_MAX, &cursor), PIM_OK);

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
@@ -27,12 +26,12 @@ import trio
 
 from ..errors import BrokerStopped, ErrorCode, StoreError
 from ..ids import _show
-from .server import HttpError, Request, Router, StreamBody
+from .server import HttpError, RawBody, Request, Router, StreamBody, _json_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..embed import HostEvent, Pimcore
 
-__all__ = ["register_api", "REFUSED_STATUS", "MAX_BATCH", "MAX_STREAM_PAGE"]
+__all__ = ["register_api", "REFUSED_STATUS", "MAX_BATCH", "MAX_STREAM_PAGE", "MAX_PAGE_BYTES"]
 
 #: HTTP status of each ErrorCode a handle refusal carries (others: 400).
 REFUSED_STATUS: dict[ErrorCode, int] = {
@@ -105,6 +104,23 @@ MAX_BATCH = 1000
 
 #: Most events per server-sent-events write (``limit`` of ``/v1/events/stream``).
 MAX_STREAM_PAGE = 500
+
+#: Most bytes of one page's JSON body: a history page, a conversation-list
+#: page, an event poll (and of one server-sent-events write).  A page stops
+#: before the item that would pass it, ``more`` set, and its continuation
+#: (``from_seq``, ``cursor``, ``next``) goes on from there; it always holds
+#: one item, however large.  Items are read from the store a few at a time
+#: (as many as could fit if each were as large as ``max_payload`` allows),
+#: so neither a read nor a body holds much more than this.  (The wire
+#: protocol's HistoryResp is bounded by max_frame the same way.)  Unbounded,
+#: ``history?limit=1000`` over 64 KiB messages was one 87 MB body, built in
+#: one go on the broker's event loop (stalling every client) and held for a
+#: slow reader: a new user's trial.
+MAX_PAGE_BYTES = 4 << 20
+
+#: What a page's body may add around its items (the object's other fields:
+#: a cursor, a consumer name, ids).
+_PAGE_ENVELOPE = 1024
 
 _MISSING = object()
 
@@ -294,6 +310,44 @@ def _event(ev: "HostEvent") -> dict[str, Any]:
     return d
 
 
+class _PageItems:
+    """A JSON array built item by item within ``room`` bytes: :meth:`add`
+    is False (nothing added) for an item that would pass it, unless the
+    array is still empty (a page holds at least one item)."""
+
+    __slots__ = ("parts", "left")
+
+    def __init__(self, room: int = MAX_PAGE_BYTES - _PAGE_ENVELOPE) -> None:
+        self.parts: list[bytes] = []
+        self.left = room
+
+    def add(self, item: Any) -> bool:
+        data = _json_bytes(item)
+        if self.parts and len(data) + 1 > self.left:
+            return False
+        self.parts.append(data)
+        self.left -= len(data) + 1
+        return True
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def array(self) -> bytes:
+        return b"[" + b",".join(self.parts) + b"]"
+
+    def count(self, largest: int, most: int) -> int:
+        """How many items to read next: as many as fit what is left if each
+        is ``largest`` bytes, at least one, at most ``most``."""
+        return max(1, min(most, self.left // largest + 1))
+
+
+def _page_body(head: dict[str, Any], name: str, items: _PageItems, tail: dict[str, Any]) -> RawBody:
+    """The JSON object ``head``'s fields, ``name``: the items, then ``tail``'s."""
+    out = _json_bytes(head)[:-1] + (b"," if head else b"") + _json_bytes(name) + b":" + items.array()
+    rest = _json_bytes(tail)
+    return RawBody("application/json", out + (b"," + rest[1:] if tail else b"}"))
+
+
 def _guarded(handler: Callable[[Request], Awaitable[tuple[int, Any]]],
              store_cause: Callable[[], Optional[str]] = lambda: None) -> Callable[[Request], Awaitable[tuple[int, Any]]]:
     """Map the handle's errors to HTTP errors (the module docstring).
@@ -330,10 +384,19 @@ def _store_failed(exc: StoreError, cause: Optional[str]) -> str:
 def register_api(router: Router, handle: "Pimcore") -> None:
     """Route the server API's endpoints (all behind the API key) to ``handle``."""
     from ..embed import fresh_page
+    from ..store.base import conversation_cursor
 
     def store_cause() -> Optional[str]:
         """Why the store refuses writes, if it said (for a 503's message)."""
         return handle.server.store_failure_cause()
+
+    def limits() -> Any:
+        return handle.server.broker.config.limits
+
+    def _largest_message() -> int:
+        """Bytes of a message's JSON at most, ids aside: its payload as
+        base64 at max_payload, and the fields (how many to read at a time)."""
+        return 4 * ((limits().max_payload + 2) // 3) + 1024
 
     async def post(request: Request) -> tuple[int, Any]:
         body = _object(request, _POST_FIELDS)
@@ -526,9 +589,25 @@ def register_api(router: Router, handle: "Pimcore") -> None:
             raise HttpError(400, "BAD_CURSOR", bad.message) from None
         limit = _query(request, "limit", int, 50, 1, 1000)
         include_hidden = _query(request, "include_hidden", bool, False)
-        page = await handle.conversation_list(request.params["user"], cursor=cursor, limit=limit,
-                                              include_hidden=include_hidden)
-        return 200, {"entries": [_conv_entry(e) for e in page.entries], "cursor": page.cursor.hex(), "more": page.more}
+        # Read a few entries at a time, within MAX_PAGE_BYTES: a page stops
+        # before the entry whose last message would pass it, `more` set.
+        items, more = _PageItems(), False
+        largest = _largest_message() + 70 * limits().max_mentions
+        while True:
+            page = await handle.conversation_list(request.params["user"], cursor=cursor,
+                                                  limit=items.count(largest, limit - len(items)),
+                                                  include_hidden=include_hidden)
+            for e in page.entries:
+                if not items.add(_conv_entry(e)):
+                    more = True
+                    break
+                cursor = conversation_cursor(e)
+            else:
+                if page.more and len(items) < limit:
+                    continue
+                more = page.more
+            break
+        return 200, _page_body({}, "entries", items, {"cursor": cursor.hex(), "more": more})
 
     async def conversation_settings(request: Request) -> tuple[int, Any]:
         body = _object(request, ("pinned", "muted", "hidden"))
@@ -542,9 +621,24 @@ def register_api(router: Router, handle: "Pimcore") -> None:
             raise _bad("query parameter 'user' is required")
         from_seq = _query(request, "from_seq", int, 0)
         limit = _query(request, "limit", int, 50, 1, 1000)
-        msgs = await handle.history(request.params["conv"], user, from_seq=from_seq, limit=limit,
-                                    backward=_query(request, "backward", bool, True))
-        return 200, {"messages": [_message(m) for m in msgs]}
+        backward = _query(request, "backward", bool, True)
+        # Read a few messages at a time (one more than the page: whether
+        # there is more is then known), within MAX_PAGE_BYTES: the page
+        # stops before the message that would pass it, `more` set.
+        items, more = _PageItems(), False
+        while True:
+            want = items.count(_largest_message(), limit + 1 - len(items))
+            msgs = await handle.history(request.params["conv"], user, from_seq=from_seq, limit=want, backward=backward)
+            for m in msgs:
+                if len(items) == limit or not items.add(_message(m)):
+                    more = True
+                    break
+                from_seq = m.seq
+            else:
+                if len(msgs) == want:
+                    continue
+            break
+        return 200, _page_body({}, "messages", items, {"more": more})
 
     async def presence(request: Request) -> tuple[int, Any]:
         p = await handle.presence(request.params["user"])
@@ -583,15 +677,35 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         elif after > last:
             raise past_last(f"after {after}", last, "nothing read")
         page: list[Any] = []
+        # Read a few events at a time, within MAX_PAGE_BYTES: the page stops
+        # before the event that would pass it, `more` set (`next` goes on).
+        items, more = _PageItems(), False
+        want = items.count(_largest_message(), limit)
         # next_events waits for at least one: it is called only when there
         # is one (wait=0) or for at most `wait` seconds.  A long-poll that
         # times out returns an empty page; nothing moved, nothing is lost.
         if last > after or wait > 0:
             with trio.move_on_after(wait):
-                after, page = await handle.next_events(consumer, after=after, limit=limit)
-        out = [_event(ev) for ev in await fresh_page(handle, page)]
-        return 200, {"consumer": consumer, "after": after, "events": out,
-                     "next": page[-1].id if page else after}
+                after, page = await handle.next_events(consumer, after=after, limit=want)
+        pos = after
+        while page:
+            for ev in await fresh_page(handle, page):
+                if not items.add(_event(ev)):
+                    more = True
+                    break
+                pos = ev.id
+            else:
+                if len(page) == want:  # maybe more: read on (without waiting) while there is
+                    _, last = await handle.event_cursor(consumer)
+                    if last > pos:
+                        if len(items) == limit:
+                            more = True
+                        else:
+                            want = items.count(_largest_message(), limit - len(items))
+                            _, page = await handle.next_events(consumer, after=pos, limit=want)
+                            continue
+            break
+        return 200, _page_body({"consumer": consumer, "after": after}, "events", items, {"next": pos, "more": more})
 
     async def event_stream(request: Request) -> tuple[int, Any]:
         need_events()
@@ -620,15 +734,22 @@ def register_api(router: Router, handle: "Pimcore") -> None:
             while True:
                 page: list[Any] = []
                 with trio.move_on_after(keepalive):
-                    _, page = await handle.next_events(consumer, after=pos, limit=limit)
+                    # (As many as could fit MAX_PAGE_BYTES at max_payload each.)
+                    _, page = await handle.next_events(consumer, after=pos,
+                                                       limit=max(1, min(limit, MAX_PAGE_BYTES // _largest_message())))
                 if not page:
                     await send(b": keep-alive\n\n")
                     continue
+                # One write within MAX_PAGE_BYTES (at least one event): the
+                # rest of the page is read again for the next.
                 out = bytearray()
                 for ev in await fresh_page(handle, page):
-                    data = json.dumps(_event(ev), separators=(",", ":"), ensure_ascii=False)
-                    out += b"id: %d\ndata: %s\n\n" % (ev.id, data.encode())
-                pos = page[-1].id
+                    data = _json_bytes(_event(ev))
+                    event = b"id: %d\ndata: %s\n\n" % (ev.id, data)
+                    if out and len(out) + len(event) > MAX_PAGE_BYTES:
+                        break
+                    out += event
+                    pos = ev.id
                 await send(bytes(out))
 
         return 200, StreamBody("text/event-stream; charset=utf-8", produce,

@@ -36,7 +36,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Optional
-from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, unquote_plus, urlsplit
 
 import h11
 import trio
@@ -189,11 +189,34 @@ _SINGLE_HEADERS = {b"authorization": "Authorization", b"idempotency-key": "Idemp
                    b"last-event-id": "Last-Event-ID"}
 
 
+def _check_query_utf8(text: str) -> None:
+    """HttpError 400 naming the parameter whose name or value has
+    percent-escapes that are not UTF-8, as a path segment's are refused
+    (:func:`_path_param`): parse_qs made each such byte U+FFFD, and an id
+    was then refused for "the non-ASCII character '\ufffd'", a character
+    the client never sent (a new user's trial)."""
+    if "%" not in text:
+        return
+    for pair in text.split("&"):  # (parse_qsl's separator)
+        name, _, value = pair.partition("=")
+        try:
+            shown = unquote_plus(name, errors="strict")
+        except UnicodeDecodeError:
+            raise HttpError(400, "BAD_REQUEST",
+                            f"query parameter {_show(name)}: the percent-escapes of its name are not UTF-8") from None
+        try:
+            unquote_plus(value, errors="strict")
+        except UnicodeDecodeError:
+            raise HttpError(400, "BAD_REQUEST", f"query parameter {_show(shown)}: the percent-escapes of its value"
+                                                f" {_show(value)} are not UTF-8") from None
+
+
 def _parse_query(text: str) -> dict[str, list[str]]:
     """A request's query string as ``parse_qs`` reads it (a blank value,
     ``?limit=``, is absent); HttpError 400 for a parameter given twice
     (``?limit=1&limit=2``, blank or not): which one was meant is not ours
     to guess (parse_qs keeps both and a reader took the last)."""
+    _check_query_utf8(text)
     counts = Counter(name for name, _ in parse_qsl(text, keep_blank_values=True))
     for name, n in counts.items():
         if n > 1:

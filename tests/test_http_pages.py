@@ -1,0 +1,152 @@
+"""Pages of the server API bounded in bytes (pimcore.http.api.MAX_PAGE_BYTES):
+history, the conversation list and the event poll stop early over large
+payloads, `more` set, and following the page's continuation returns every
+item exactly once.  (Before, `history?limit=1000` over 64 KiB messages was
+one 87 MB body, built in one go on the broker's event loop: a new user's
+trial.)"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from pimcore.http.api import MAX_PAGE_BYTES
+
+from test_http_api import api
+
+KEY_HEADERS = {"Content-Type": "application/json"}
+
+#: Large payloads: this many of them are over the budget (60 KiB each,
+#: 80 KiB as base64): several pages, whatever the limit.
+BIG = 60 * 1024
+COUNT = MAX_PAGE_BYTES // (BIG * 4 // 3) * 2 + 7
+
+
+async def get_raw(c: Any, path: str) -> tuple[int, bytes]:
+    from test_http import KEY
+
+    status, headers, body = await c.request("GET", path, key=KEY, headers=KEY_HEADERS)
+    assert headers["content-type"] == "application/json", headers
+    return status, body
+
+
+async def test_a_history_page_over_large_messages_stops_at_the_byte_budget_and_from_seq_goes_on(tmp_path: Path) -> None:
+    with trio.fail_after(120):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("big", ["alice", "bob"])
+            payloads = {}
+            for _ in range(COUNT):
+                data = os.urandom(BIG)
+                payloads[(await im.post("big", data)).seq] = data
+            for backward in (True, False):
+                seen: list[int] = []
+                from_seq, pages = 0, 0
+                while True:
+                    status, body = await get_raw(c, f"/v1/conversations/big/history?user=bob&limit=1000"
+                                                    f"&from_seq={from_seq}&backward={str(backward).lower()}")
+                    assert status == 200 and len(body) <= MAX_PAGE_BYTES
+                    page = json.loads(body)
+                    assert page["messages"], page  # at least one message a page
+                    for m in page["messages"]:
+                        seen.append(m["seq"])
+                        if m["seq"] in payloads:
+                            assert base64.b64decode(m["payload_b64"]) == payloads[m["seq"]]
+                    pages += 1
+                    if not page["more"]:
+                        break
+                    # The continuation as documented: the last seq of the page.
+                    from_seq = page["messages"][-1]["seq"]
+                assert pages >= 2
+                want = sorted(payloads) + [1]  # (seq 1: the group's JOINED entry)
+                assert sorted(seen) == sorted(set(want)) and len(seen) == len(set(seen))
+                assert seen == sorted(seen, reverse=backward)
+            # A page that the limit ends says whether there is more.
+            status, body = await get_raw(c, "/v1/conversations/big/history?user=bob&limit=2")
+            page = json.loads(body)
+            assert len(page["messages"]) == 2 and page["more"] is True
+            status, body = await get_raw(c, "/v1/conversations/big/history?user=bob&from_seq=3&limit=2")
+            page = json.loads(body)
+            assert [m["seq"] for m in page["messages"]] == [2, 1] and page["more"] is False
+
+
+async def test_a_conversation_list_page_over_large_last_messages_stops_at_the_byte_budget(tmp_path: Path) -> None:
+    with trio.fail_after(120):
+        async with api(tmp_path) as (im, h, c):
+            convs = [f"g{i}" for i in range(COUNT)]
+            for conv in convs:
+                await im.create_group(conv, ["alice", "bob"])
+                await im.post(conv, os.urandom(BIG))
+            seen: list[str] = []
+            cursor, pages = "", 0
+            while True:
+                status, body = await get_raw(c, f"/v1/users/bob/conversation-list?limit=1000&cursor={cursor}")
+                assert status == 200 and len(body) <= MAX_PAGE_BYTES
+                page = json.loads(body)
+                assert page["entries"], page
+                for e in page["entries"]:
+                    assert len(base64.b64decode(e["last"]["payload_b64"])) == BIG
+                    seen.append(e["conv"])
+                pages += 1
+                if not page["more"]:
+                    break
+                cursor = page["cursor"]
+            assert pages >= 2 and sorted(seen) == sorted(convs) and len(seen) == len(set(seen))
+
+
+async def test_an_event_poll_over_large_messages_stops_at_the_byte_budget_and_next_goes_on(tmp_path: Path) -> None:
+    with trio.fail_after(120):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("big", ["alice", "bob"])
+            for _ in range(COUNT):
+                await im.post("big", os.urandom(BIG), sender="alice", device="web")
+            _, last = await im.event_cursor("push")
+            seen: list[int] = []
+            after, pages = 0, 0
+            while True:
+                status, body = await get_raw(c, f"/v1/events?consumer=push&after={after}&limit=10000")
+                assert status == 200 and len(body) <= MAX_PAGE_BYTES
+                page = json.loads(body)
+                assert page["events"], page
+                seen += [ev["id"] for ev in page["events"]]
+                assert page["next"] == page["events"][-1]["id"]
+                pages += 1
+                if not page["more"]:
+                    break
+                after = page["next"]
+            assert pages >= 2 and seen == list(range(1, last + 1))
+            assert len(seen) == COUNT  # a message event each
+
+
+async def test_each_server_sent_events_write_stays_within_the_byte_budget(tmp_path: Path) -> None:
+    import h11
+
+    from test_http_batch_sse import Sse
+
+    with trio.fail_after(120):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("big", ["alice", "bob"])
+            for _ in range(COUNT):
+                await im.post("big", os.urandom(BIG), sender="alice", device="web")
+            _, last = await im.event_cursor("push")
+            s = await Sse.open(h.url, "/v1/events/stream?consumer=push&limit=500&keepalive=60")
+            # Each write is one HTTP chunk: h11 marks where each begins and ends.
+            chunks: list[bytes] = []
+            part = b""
+            ids: list[int] = []
+            while not ids or ids[-1] < last:
+                ev = await s._next()
+                assert isinstance(ev, h11.Data), ev
+                part += ev.data
+                if ev.chunk_end:
+                    chunks.append(part)
+                    ids += [int(line[4:]) for line in part.split(b"\n") if line.startswith(b"id: ")]
+                    part = b""
+            await s.aclose()
+            assert max(len(chunk) for chunk in chunks) <= MAX_PAGE_BYTES
+            assert len(chunks) >= 3  # the stream's opening comment, then at least two writes of events
+            assert ids == list(range(1, last + 1))
