@@ -2189,6 +2189,47 @@ async def test_an_upgrade_then_a_half_close_at_once_is_answered(lmdb_store, capl
                     assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["below-the-limit", "at-the-limit"])
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /x HTTP/1.1\r\nHost: a\r\n",
+    b"GET /im HTTP/1.1\r\n",
+    b"GET",
+], ids=["headers", "request-line", "method"])
+async def test_an_upgrade_head_cut_short_by_a_half_close_is_answered_400_in_words(lmdb_store, caplog, request_bytes,
+                                                                                 full):
+    """(Failed before: a new user's trial.)  At a ws:// listener, an HTTP
+    head the client ended its side in (``nc -N``: shutdown(SHUT_WR) before
+    the blank line) was hung up on without a byte, where a tcp:// listener
+    answers such a head 400 in words.  It is answered 400 too, naming the
+    listener and what was missing, below max_connections and at it (where
+    the 503 went out for it)."""
+    caplog.set_level(logging.INFO, logger="pimcore")
+    cfg = server_config(Endpoint("ws", path="/im"), max_connections=1, login_timeout=600)
+    with trio.fail_after(10):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            hog = None
+            if full:
+                hog = await _raw_ws_conn(port)  # holds the only slot
+                while srv.statistics().accepted < 1:
+                    await trio.sleep(0.01)
+            answer = await _upgrade_then_half_close(port, request_bytes)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+            assert b"content-type: text/plain" in head.lower(), head
+            assert body == (b"this is a pimcore ws:// listener (path /im): the request ended before its header did"
+                            b" (no blank line): it takes a WebSocket upgrade request to /im and nothing else"), answer
+            await _until_closes(caplog, 1)
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert close.reason == ("the client ended its side before its request's header ended (a half-close):"
+                                    " answered HTTP 400"), close.reason
+            if hog is not None:
+                await hog.aclose()
+            else:
+                async with client(srv.url("ws"), "alice") as a:
+                    assert (await a.send(AB, b"unaffected")).seq == 1
+
+
 @pytest.mark.parametrize("query", ["?x=1", "?next=/im&v=2"])
 async def test_an_upgrade_with_a_query_string_is_taken_at_the_listeners_path(lmdb_store, query):
     """A browser or an SDK may put a query string in the URL

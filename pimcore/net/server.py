@@ -554,6 +554,10 @@ class _EndWatch(StreamWrapper):
         self.not_http = False
         # The upgrade request's head is over _WS_MAX_HEAD bytes: _serve_ws answers 431.
         self.too_large = False
+        # The client ended its side (a half-close: ``nc -N``) inside an HTTP
+        # head, before its blank line: it can still read, and no more bytes
+        # will come; _serve_ws answers 400 (as a tcp:// listener does).
+        self.cut_short = False
         self._first = b""
         # Bytes the request's head may still take (None once its end was
         # seen: the WebSocket's frames then pass with one test), and the
@@ -594,6 +598,7 @@ class _EndWatch(StreamWrapper):
             self._end()
             raise
         if not data:
+            self.cut_short = self._head_left is not None and bool(self._first) and not self.not_http
             self._end()
         elif self._head_left is not None:
             if len(self._first) < 2:
@@ -687,6 +692,14 @@ def _wrong_path_answer(ep: Endpoint, path: str) -> bytes:
     return _listener_answer(ep, "404 Not Found", f"it takes WebSocket upgrades at {ep.path} only, not {_quoted_path(path)}")
 
 
+def _cut_short_answer(ep: Endpoint) -> bytes:
+    """A ws:// or wss:// listener's answer to an HTTP head the client ended
+    its side in (a half-close before the blank line: ``nc -N``): 400, as
+    a tcp:// listener answers one, saying what was missing."""
+    return _listener_answer(ep, "400 Bad Request", "the request ended before its header did (no blank line):"
+                            f" it takes a WebSocket upgrade request to {ep.path} and nothing else")
+
+
 def _head_too_large_answer(ep: Endpoint) -> bytes:
     """A ws:// or wss:// listener's answer to an upgrade request whose head
     is over _WS_MAX_HEAD bytes (a browser's many cookies): 431, with the
@@ -760,6 +773,8 @@ def _header_block(head: bytes) -> tuple[bytes, bool]:
     return (head[: min(ends)], True) if ends else (head, False)
 #: The close line's reason of bytes that are no HTTP request, answered 400.
 _NOT_HTTP_ENDED = "not a WebSocket upgrade request (binary: a tcp:// client?): answered HTTP 400"
+#: The close line's reason of an HTTP head cut short by a half-close, answered 400.
+_CUT_SHORT_ENDED = "the client ended its side before its request's header ended (a half-close): answered HTTP 400"
 #: The close line's reason of an upgrade request's head over its limit, answered 431.
 _TOO_LARGE_ENDED = f"WebSocket upgrade refused (HTTP 431): its header is over {_WS_MAX_HEAD} bytes"
 
@@ -770,10 +785,12 @@ class _Head:
     at max_connections (:func:`_read_head`): what it would be below the
     limit, so that each gets the answer it gets there, and only an upgrade
     the listener would take gets the 503.  All false and None: no verdict
-    (the client hung up, reset or stalled before its head's end)."""
+    (the client hung up before a byte, reset or stalled before its head's
+    end)."""
 
     not_http: bool = False  # bytes that are no HTTP request (a tcp:// Login): 400, as _EndWatch finds them
     too_large: bool = False  # a head over _WS_MAX_HEAD bytes: 431, as _EndWatch finds it
+    cut_short: bool = False  # an HTTP head the client ended its side in (a half-close): 400, as _EndWatch finds it
     #: wsproto's refusal (as trio-websocket sends it: see _said) of a head
     #: that is no WebSocket upgrade (a browser, curl; no Host; a POST...).
     rejected: Optional[bytes] = None
@@ -794,7 +811,8 @@ async def _read_head(stream: trio.abc.Stream) -> _Head:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return _Head()  # (a reset, a failed TLS handshake)
         if not data:
-            return _Head()
+            # (After bytes: they began an HTTP request, as checked below.)
+            return _Head(cut_short=bool(head))
         # (Each read is scanned once, with the 2 bytes before it: the blank
         # line may straddle two reads.)
         scanned = max(0, len(head) - 2)
@@ -1558,9 +1576,11 @@ class BrokerServer:
                     finally:
                         watch.on_end = None
                         self._handshakes.discard(handshakes)
-                if (watch.not_http or watch.too_large) and ended is None and not self._stopping:
+                if (watch.not_http or watch.too_large or watch.cut_short) and ended is None and not self._stopping:
                     if watch.not_http:
                         ended, answer = _NOT_HTTP_ENDED, _not_http_answer(ep)
+                    elif watch.cut_short:
+                        ended, answer = _CUT_SHORT_ENDED, _cut_short_answer(ep)
                     else:
                         ended, answer = _TOO_LARGE_ENDED, _head_too_large_answer(ep)
                     await self._answer_and_hang_up(stream, answer)
@@ -1646,6 +1666,8 @@ class BrokerServer:
             answer, why = _not_http_answer(ep), _NOT_HTTP_ENDED
         elif head.too_large:
             answer, why = _head_too_large_answer(ep), _TOO_LARGE_ENDED
+        elif head.cut_short:
+            answer, why = _cut_short_answer(ep), _CUT_SHORT_ENDED
         elif head.rejected is not None:
             answer = bytes(_said(head.rejected, _not_http_answer(ep)))
             why = f"WebSocket upgrade refused (HTTP {answer[9:12].decode()}): a malformed upgrade request"
