@@ -1950,14 +1950,19 @@ async def test_an_http_request_split_across_reads_is_answered_400_in_words_too(l
     [b"GET / HTTP/1.1\r\nHost: x\r\n"],
     [b"GET / HTTP/1.1\r\n"],
     [b"GET", b" / HTTP/1.1\r\nHost: x\r\n"],
-], ids=["headers", "request-line", "two-reads"])
+    [b"GET"],
+    [b"GE", b"T"],
+], ids=["headers", "request-line", "two-reads", "method", "method-in-two-reads"])
 async def test_an_http_head_cut_short_by_a_half_close_is_answered_400_in_words(lmdb_store, caplog, parts):
     """(Failed before: review of the first bytes.)  A client that ends its
     side (shutdown(SHUT_WR), ``nc -N``) after an HTTP request line but before
     the head's blank line was hung up on without a word: the first bytes
     were kept for the rest of the head, and the EOF dropped them.  It can
     still read: it gets the 400 in words any other HTTP request at a
-    tcp:// listener gets, then the broker hangs up."""
+    tcp:// listener gets, then the broker hangs up.  (Failed before too, a
+    new user's trial: a whole method and nothing after it, "GET" then the
+    half-close, was hung up on: two letters never begin a frame, and a
+    whole method is clearly an HTTP request's start.)"""
     caplog.set_level(logging.INFO, logger="pimcore")
     with trio.fail_after(10):
         async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:

@@ -737,10 +737,13 @@ _HTTP_REQUEST_LINE = re.compile(rb"(GET|POST|HEAD|PUT|DELETE|OPTIONS|PATCH) ")
 #: broker's binary Close: the SDKs read it to suggest the tcp:// URL
 #: (pimcore.client, "answered the WebSocket upgrade in pimcore's binary protocol").
 _WS_UPGRADE_HEADER = re.compile(rb"(?im)^upgrade:[ \t]*websocket")
+#: The method an HTTP request begins with (its close line names it).
+_HTTP_METHOD = re.compile(rb"[A-Za-z]+")
+#: The methods _HTTP_REQUEST_LINE knows.
+_HTTP_METHODS = frozenset((b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"))
 #: Every start of an HTTP request line _HTTP_REQUEST_LINE knows, up to its
 #: space: a first read that is one of these ("GE") waits for more bytes.
-_HTTP_PREFIXES = frozenset(m[:i] for m in (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ")
-                           for i in range(1, len(m)))
+_HTTP_PREFIXES = frozenset(m[:i] for m in _HTTP_METHODS for i in range(1, len(m) + 1))
 
 
 def _first_bytes_kind(head: bytes) -> Optional[str]:
@@ -759,9 +762,12 @@ def _first_bytes_kind(head: bytes) -> Optional[str]:
 
 
 def _first_bytes_final(head: bytes) -> str:
-    """:func:`_first_bytes_kind` once no more bytes are awaited."""
+    """:func:`_first_bytes_kind` once no more bytes are awaited (also at
+    the client's half-close: a whole method, "GET" and nothing after it,
+    is an HTTP request's start -- two letters never begin a frame, see
+    _http_start -- but a method's first letters, "GE", are no request yet)."""
     if _HTTP_REQUEST_LINE.match(head) is None:
-        return "binary"
+        return "http" if head in _HTTP_METHODS else "binary"
     return "upgrade" if _WS_UPGRADE_HEADER.search(_header_block(head)[0]) else "http"
 
 
@@ -1929,8 +1935,9 @@ class BrokerServer:
                     # HTTP head: a client that ended its side (a half-close:
                     # ``nc -N``, shutdown(SHUT_WR)) before the blank line can
                     # still read -- no more bytes will say more, so they are
-                    # answered now as the whole head would be.  (A method's
-                    # start alone, "GE", is no request yet: a hang-up, as
+                    # answered now as the whole head would be; so is a whole
+                    # method alone ("GET").  (A method's first letters, "GE",
+                    # are no request yet: a hang-up, as
                     # for a frame cut short -- whose bytes never wait here,
                     # the core had them at once.)
                     await self._http_at_stream(peer, early)
@@ -2000,9 +2007,9 @@ class BrokerServer:
         start with an HTTP request line: answer 400 in words (curl said
         "HTTP/0.9 when not allowed" to the broker's Close, and the broker
         logged UNSUPPORTED_VERSION), then hang up.  The core never saw a byte."""
-        line = _HTTP_REQUEST_LINE.match(head)
+        line = _HTTP_METHOD.match(head)
         assert line is not None  # (_first_bytes_kind / _first_bytes_final said "http")
-        method = line.group(1).decode()
+        method = line.group().decode()
         scheme = peer.endpoint.scheme
         said = (f"this is the pimcore broker's {scheme}:// listener (its binary protocol), not HTTP:"
                 " the HTTP API is elsewhere (the [http] listen setting, pimcore serve --http)")
