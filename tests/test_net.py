@@ -2064,6 +2064,70 @@ async def test_a_websocket_upgrade_at_a_tcp_listener_is_logged_as_one_and_still_
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+_SAID_AT_TCP = ("this is the pimcore broker's tcp:// listener (its binary protocol), not HTTP: the HTTP API is"
+                " elsewhere (the [http] listen setting, pimcore serve --http)")
+
+
+@pytest.mark.parametrize("request_bytes, seen", [
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "an HTTP/2 connection preface (PRI * HTTP/2.0)"),
+    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", "an HTTP request (CONNECT)"),
+    (b"get / HTTP/1.1\r\nHost: x\r\n\r\n", "an HTTP request (get)"),
+    (b"Post /v1/messages HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", "an HTTP request (Post)"),
+    (b"TRACE / HTTP/1.1\r\n\r\n", "an HTTP request (TRACE)"),
+], ids=["http2-preface", "connect", "lowercase-get", "mixed-case-post", "trace"])
+@pytest.mark.parametrize("split", [False, True], ids=["one-read", "two-reads"])
+async def test_other_http_starts_at_a_tcp_listener_are_answered_400_in_words(lmdb_store, caplog, request_bytes, seen,
+                                                                             split):
+    """(Failed before: a new user's trial.)  An HTTP/2 client with prior
+    knowledge (its preface, "PRI * HTTP/2.0"), a proxy's CONNECT, a method
+    in lowercase got the binary UNSUPPORTED_VERSION Close and no hint, its
+    close line saying only that.  They get the plain-text 400 an HTTP/1.1
+    GET gets, and a close line naming what arrived."""
+    caplog.set_level(logging.INFO, logger="pimcore")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
+            parts = [request_bytes[:2], request_bytes[2:]] if split else [request_bytes]
+            answer = await _split_exchange(srv.endpoints[0].port, parts)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+            assert body == _SAID_AT_TCP.encode() + b"\n", answer
+            await _until_closes(caplog, 1)
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert close.code is None, close.code
+            assert close.reason == f"{seen} at the tcp:// listener: answered HTTP 400 ({_SAID_AT_TCP})", close.reason
+            assert "UNSUPPORTED_VERSION" not in caplog.text, caplog.text
+            async with client(srv.url("tcp"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-read", "first-byte-alone"])
+async def test_a_tls_handshake_at_a_plain_tcp_listener_is_named_in_its_close_line(lmdb_store, caplog, split):
+    """(Failed before: a new user's trial.)  A TLS client (``openssl
+    s_client``, a tls:// URL) at a plain tcp:// listener: its close line
+    said "UNSUPPORTED_VERSION: protocol version 3 is not supported", the
+    core's view of the ClientHello.  It names the TLS handshake and what to
+    do; the answer stays the binary Close, which the SDKs read to suggest
+    the plain URL (test_a_tls_url_at_a_plain_listener_fails_at_once_suggesting_plain)."""
+    caplog.set_level(logging.INFO, logger="pimcore")
+    hello = client_hello()
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
+            parts = [hello[:1], hello[1:]] if split else [hello]
+            answer = await _split_exchange(srv.endpoints[0].port, parts)
+            decoder = Decoder()
+            decoder.feed(answer)
+            close = decoder.next_frame()
+            assert isinstance(close, F.Close) and close.reason.startswith("UNSUPPORTED_VERSION: "), answer
+            await _until_closes(caplog, 1)
+            [line] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert line.code == "PROTOCOL_ERROR"
+            assert line.reason == ("a TLS handshake (ClientHello) at the plain tcp:// listener (use the tls:// listener,"
+                                   " or connect without TLS): answered with a binary Close, which the SDKs read"), \
+                line.reason
+            async with client(srv.url("tcp"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
 #: Upgrade requests with a header wsproto (1.3) cannot decode: it raises
 #: UnicodeError, not the RemoteProtocolError it answers with a 400.
 _UNDECODABLE_UPGRADES = {

@@ -677,6 +677,19 @@ def _upgrade_at_stream(peer: "_Peer") -> None:
                       " answered with a binary Close, which the SDKs read")
 
 
+def _tls_at_stream(peer: "_Peer") -> None:
+    """``peer``'s first bytes, at a plain tcp:// listener, were a TLS
+    ClientHello (``openssl s_client``, a tls:// URL), which the core refused
+    with a binary Close (PROTOCOL_ERROR, "UNSUPPORTED_VERSION: protocol
+    version 3": the record's version byte): its close line says what
+    arrived instead, and what to do.  The Close stays: the SDKs read it to
+    suggest the plain URL."""
+    if peer.close_code is CloseCode.PROTOCOL_ERROR:
+        scheme = peer.endpoint.scheme
+        peer.ended = (f"a TLS handshake (ClientHello) at the plain {scheme}:// listener (use the tls:// listener,"
+                      " or connect without TLS): answered with a binary Close, which the SDKs read")
+
+
 def _not_http_answer(ep: Endpoint) -> bytes:
     """A ws:// or wss:// listener's answer to bytes that are no HTTP request
     (a tcp:// client's Login), or to an HTTP request that is no upgrade (a
@@ -737,19 +750,34 @@ _HTTP_REQUEST_LINE = re.compile(rb"(GET|POST|HEAD|PUT|DELETE|OPTIONS|PATCH) ")
 #: broker's binary Close: the SDKs read it to suggest the tcp:// URL
 #: (pimcore.client, "answered the WebSocket upgrade in pimcore's binary protocol").
 _WS_UPGRADE_HEADER = re.compile(rb"(?im)^upgrade:[ \t]*websocket")
+#: Other starts of an HTTP request, answered as HTTP at once (never taken
+#: for a WebSocket upgrade, which the SDKs send as "GET "): a proxy's
+#: CONNECT, TRACE, an HTTP/2 client's connection preface ("PRI * HTTP/2.0",
+#: curl --http2-prior-knowledge), and any method in lower or mixed case
+#: (methods are case-sensitive: a hand-typed "get / HTTP/1.1" in nc).
+_HTTP_OTHER_LINE = re.compile(rb"(?i:GET|POST|HEAD|PUT|DELETE|OPTIONS|PATCH|CONNECT|TRACE|PRI) ")
+#: An HTTP/2 connection preface's start (RFC 9113 section 3.4).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0"
 #: The method an HTTP request begins with (its close line names it).
 _HTTP_METHOD = re.compile(rb"[A-Za-z]+")
 #: The methods _HTTP_REQUEST_LINE knows.
 _HTTP_METHODS = frozenset((b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"))
-#: Every start of an HTTP request line _HTTP_REQUEST_LINE knows, up to its
-#: space: a first read that is one of these ("GE") waits for more bytes.
-_HTTP_PREFIXES = frozenset(m[:i] for m in _HTTP_METHODS for i in range(1, len(m) + 1))
+#: Every start of an HTTP request line either regular expression knows, up
+#: to its space, in upper case: a first read that is one of these in any
+#: case ("GE", "ge", "CONN") waits for more bytes.
+_HTTP_PREFIXES = frozenset(m[:i] for m in _HTTP_METHODS | {b"CONNECT", b"TRACE", b"PRI"}
+                           for i in range(1, len(m) + 1))
+#: A TLS record holding a handshake message, and its version's major byte
+#: (3: SSL 3.0 to TLS 1.3's record layer): a ClientHello, a TLS client at a
+#: plain tcp:// listener (_tls_at_stream).
+_TLS_HELLO_START = bytes((_TLS_HANDSHAKE_RECORD, 3))
 
 
 def _first_bytes_kind(head: bytes) -> Optional[str]:
     """What a tcp:// (tls://) connection's first bytes ``head`` are: "http"
-    (an HTTP request that is no WebSocket upgrade), "upgrade", "binary"
-    (the broker's protocol: a Login), or None while that cannot be told yet
+    (an HTTP request that is no WebSocket upgrade), "upgrade", "tls" (a
+    ClientHello), "binary" (the broker's protocol: a Login), or None while
+    that cannot be told yet
     -- the start of a method, or a request line whose header block has not
     ended (and had no Upgrade header so far).  The caller reads on, up to
     _WS_MAX_HEAD bytes, then decides with :func:`_first_bytes_final`."""
@@ -758,7 +786,11 @@ def _first_bytes_kind(head: bytes) -> Optional[str]:
         if _WS_UPGRADE_HEADER.search(fields):
             return "upgrade"
         return "http" if ended else None
-    return None if head in _HTTP_PREFIXES else "binary"
+    if _HTTP_OTHER_LINE.match(head) is not None:
+        return "http"
+    if head.startswith(_TLS_HELLO_START):
+        return "tls"  # (its bytes still go to the core, as a binary client's)
+    return None if head.upper() in _HTTP_PREFIXES or head == _TLS_HELLO_START[:1] else "binary"
 
 
 def _first_bytes_final(head: bytes) -> str:
@@ -767,7 +799,7 @@ def _first_bytes_final(head: bytes) -> str:
     is an HTTP request's start -- two letters never begin a frame, see
     _http_start -- but a method's first letters, "GE", are no request yet)."""
     if _HTTP_REQUEST_LINE.match(head) is None:
-        return "http" if head in _HTTP_METHODS else "binary"
+        return "http" if head in _HTTP_METHODS or _HTTP_OTHER_LINE.match(head) is not None else "binary"
     return "upgrade" if _WS_UPGRADE_HEADER.search(_header_block(head)[0]) else "http"
 
 
@@ -1887,6 +1919,7 @@ class BrokerServer:
         wait_readable = trio.lowlevel.wait_readable
         data: Union[bytes, bytearray]
         early = b""  # a first read kept until more bytes say what it is (_first_bytes_kind)
+        hello = False  # the first read was a TLS ClientHello: its close line says so (_tls_at_stream)
         while peer.state is _PeerState.OPEN and not self._stopping:
             if peer.resume is not None:
                 # The core waits for a request first.  Out of the probe
@@ -1965,6 +1998,7 @@ class BrokerServer:
                     await self._http_at_stream(peer, head)
                     return
                 upgrade = kind == "upgrade"
+                hello = kind == "tls" and not peer.endpoint.secure
             self._stats["bytes_in"] += len(data)
             if fd >= 0 and not self._holding and self._tasks is not None and not self.broker.batch_in_flight:
                 probe = self._ready_probe
@@ -1997,6 +2031,9 @@ class BrokerServer:
             if upgrade:
                 upgrade = False
                 _upgrade_at_stream(peer)
+            elif hello:
+                hello = False
+                _tls_at_stream(peer)
         # Reading stopped by shutdown(): the connection stays open until
         # shutdown closes it with a reason.
         if self._stopping and peer.state is _PeerState.OPEN:
@@ -2013,7 +2050,9 @@ class BrokerServer:
         scheme = peer.endpoint.scheme
         said = (f"this is the pimcore broker's {scheme}:// listener (its binary protocol), not HTTP:"
                 " the HTTP API is elsewhere (the [http] listen setting, pimcore serve --http)")
-        peer.ended = f"an HTTP request ({method}) at the {scheme}:// listener: answered HTTP 400 ({said})"
+        seen = (f"an HTTP/2 connection preface ({_HTTP2_PREFACE.decode()})" if head.startswith(_HTTP2_PREFACE)
+                else f"an HTTP request ({method})")
+        peer.ended = f"{seen} at the {scheme}:// listener: answered HTTP 400 ({said})"
         if peer.state is _PeerState.OPEN:
             # Out of the core's hands before this task writes to the stream:
             # else a Close of the core's (login_timeout, shutdown) started
