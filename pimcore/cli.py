@@ -243,7 +243,7 @@ def _settings(args: argparse.Namespace):  # -> ServeSettings
         "secret_file": getattr(args, "secret_file", None),
     }
     for name in ("durability", "cert", "key", "content_filter", "max_frame", "max_payload", "window", "send_rate", "heartbeat_ms",
-                 "idle_timeout", "max_outbound_bytes", "max_connections", "http", "log_level", "log_format", "store"):
+                 "idle_timeout", "login_timeout", "max_outbound_bytes", "max_connections", "http", "log_level", "log_format", "store"):
         if hasattr(args, name):
             flags[name] = getattr(args, name)
     if getattr(args, "verbose", False) and not flags.get("log_level"):
@@ -1495,6 +1495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--send-rate", type=float, help="sustained SendReqs/s per connection (0 = unlimited)")
     p.add_argument("--heartbeat-ms", type=int, help="announced to clients: they Ping when idle this long, ms (default 15000)")
     p.add_argument("--idle-timeout", type=float, help="seconds of silence before a connection is dropped")
+    p.add_argument("--login-timeout", type=float,
+                   help="seconds a new connection has to log in (and on ws://, wss:// to finish its handshakes)"
+                        " before it is closed (default 10)")
     p.add_argument("--max-outbound-bytes", type=int, help="queued bytes for a slow reader before it is dropped")
     p.add_argument("--max-connections", type=int, help="connections accepted at once (default 100000)")
     p.add_argument("--http", metavar="URL",
