@@ -733,7 +733,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
         try:
             if args.action == "create":
                 if store.conversation_exists(args.name):
-                    print(f"pimcore group: {_GROUP_REFUSED['ALREADY_EXISTS'].format(name=quote_arg(args.name))}", file=sys.stderr)
+                    print(f"pimcore group: {_group_refused('ALREADY_EXISTS', args.name)}", file=sys.stderr)
                     return 2
                 store.create_group(args.name, args.users, time.time_ns() // 1000, history_visible=args.history_visible)
             elif args.action == "add":
@@ -745,7 +745,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
             elif not store.conversation_exists(args.name):
                 raise KeyError(args.name)
         except KeyError:
-            print(f"pimcore group: {_GROUP_REFUSED['UNKNOWN_CONVERSATION'].format(name=quote_arg(args.name))}", file=sys.stderr)
+            print(f"pimcore group: {_group_refused('UNKNOWN_CONVERSATION', args.name)}", file=sys.stderr)
             return 2
         except (ValueError, StoreError) as exc:
             print(_refusal("group", exc), file=sys.stderr)
@@ -761,9 +761,17 @@ def _cmd_group(args: argparse.Namespace) -> int:
 #: What ``pimcore group`` says of a refusal, by the HTTP API's code: the
 #: same sentence on a data directory and over --http.
 _GROUP_REFUSED = {
-    "UNKNOWN_CONVERSATION": "no group {name}",
+    "UNKNOWN_CONVERSATION": "no group {name} (pimcore group create {arg} USER... makes one)",
     "ALREADY_EXISTS": "group {name} exists already",
 }
+
+
+def _group_refused(code: str, name: str) -> str:
+    """:data:`_GROUP_REFUSED`'s sentence for ``code`` of group ``name``
+    (quoted as given; as a command-line argument in the hint)."""
+    import shlex
+
+    return _GROUP_REFUSED[code].format(name=quote_arg(name), arg=shlex.quote(name))
 
 
 def _group_refusal(name: str, exc: BaseException) -> str:
@@ -773,7 +781,7 @@ def _group_refusal(name: str, exc: BaseException) -> str:
     words); anything else as the HTTP call says it."""
     if isinstance(exc, _Refused):
         if exc.code in _GROUP_REFUSED:
-            return _GROUP_REFUSED[exc.code].format(name=quote_arg(name))
+            return _group_refused(exc.code, name)
         if exc.code == "BAD_REQUEST":
             return exc.message
     return str(exc)
