@@ -847,23 +847,26 @@ async def test_a_binary_url_at_the_http_api_fails_at_once_saying_so(lmdb_store, 
                    f" (HTTP/1.1 400 Bad Request) " + _API_HINT.format(pair=pair)), msg
 
 
+@pytest.mark.parametrize("path", ["/im", "/", ""], ids=["path", "root", "no-path"])
 @pytest.mark.parametrize("sdk", ["ws", "wss"])
-async def test_a_websocket_url_at_the_http_api_says_it_is_the_http_api(lmdb_store, ca, sdk) -> None:
+async def test_a_websocket_url_at_the_http_api_says_it_is_the_http_api(lmdb_store, ca, sdk, path) -> None:
     """ws:// at the HTTP API port got "refused the WebSocket upgrade with
     HTTP 404 ... is the path /im right?", nothing saying which port it was.
-    The HTTP API's 404 to an upgrade request names it; the SDK says so."""
+    The HTTP API's 404 to an upgrade request names it; the SDK says so.
+    (Also at its root, which answers a plain GET with its endpoints: an
+    upgrade there is still the 404 that names the HTTP API.)"""
     from pimcore.client import ConnectFailed
 
     with trio.fail_after(20):
         async with _http_api(lmdb_store, ca, "tls" if sdk == "wss" else "tcp") as port:
             with pytest.raises(ConnectFailed) as err:
                 kw = {"ssl_context": _trusting(ca)} if sdk == "wss" else {}
-                async with client(f"{sdk}://127.0.0.1:{port}/im", "alice", config=ClientConfig(connect_timeout=600.0),
+                async with client(f"{sdk}://127.0.0.1:{port}{path}", "alice", config=ClientConfig(connect_timeout=600.0),
                                   **kw):
                     pass  # pragma: no cover
     pair = "tls:// or wss://" if sdk == "wss" else "tcp:// or ws://"
     msg = str(err.value)
-    assert msg == (f"cannot connect to {sdk}://127.0.0.1:{port}/im: the server refused the WebSocket upgrade"
+    assert msg == (f"cannot connect to {sdk}://127.0.0.1:{port}{path}: the server refused the WebSocket upgrade"
                    f" with HTTP 404 " + _API_HINT.format(pair=pair)), msg
 
 
