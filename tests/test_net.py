@@ -1955,7 +1955,9 @@ async def test_an_http_request_split_across_reads_is_answered_400_in_words_too(l
     [b"GET", b" / HTTP/1.1\r\nHost: x\r\n"],
     [b"GET"],
     [b"GE", b"T"],
-], ids=["headers", "request-line", "two-reads", "method", "method-in-two-reads"])
+    [b"get"],
+    [b"CONNECT"],
+], ids=["headers", "request-line", "two-reads", "method", "method-in-two-reads", "lowercase-method", "connect"])
 async def test_an_http_head_cut_short_by_a_half_close_is_answered_400_in_words(lmdb_store, caplog, parts):
     """(Failed before: review of the first bytes.)  A client that ends its
     side (shutdown(SHUT_WR), ``nc -N``) after an HTTP request line but before
@@ -1975,7 +1977,9 @@ async def test_an_http_head_cut_short_by_a_half_close_is_answered_400_in_words(l
                                    b" pimcore serve --http)\n"), answer
             await _until_closes(caplog, 1)
             [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
-            assert close.reason.startswith("an HTTP request (GET) at the tcp:// listener: answered HTTP 400"), close.reason
+            method = b"".join(parts).split(b" ")[0].decode()
+            assert close.reason.startswith(f"an HTTP request ({method}) at the tcp:// listener: answered HTTP 400"), \
+                close.reason
             async with client(srv.url("tcp"), "alice") as a:
                 assert (await a.send(AB, b"unaffected")).seq == 1
 

@@ -762,11 +762,12 @@ _HTTP2_PREFACE = b"PRI * HTTP/2.0"
 _HTTP_METHOD = re.compile(rb"[A-Za-z]+")
 #: The methods _HTTP_REQUEST_LINE knows.
 _HTTP_METHODS = frozenset((b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"))
+#: ... and those _HTTP_OTHER_LINE knows too.
+_HTTP_ALL_METHODS = _HTTP_METHODS | {b"CONNECT", b"TRACE", b"PRI"}
 #: Every start of an HTTP request line either regular expression knows, up
 #: to its space, in upper case: a first read that is one of these in any
 #: case ("GE", "ge", "CONN") waits for more bytes.
-_HTTP_PREFIXES = frozenset(m[:i] for m in _HTTP_METHODS | {b"CONNECT", b"TRACE", b"PRI"}
-                           for i in range(1, len(m) + 1))
+_HTTP_PREFIXES = frozenset(m[:i] for m in _HTTP_ALL_METHODS for i in range(1, len(m) + 1))
 #: A TLS record holding a handshake message, and its version's major byte
 #: (3: SSL 3.0 to TLS 1.3's record layer): a ClientHello, a TLS client at a
 #: plain tcp:// listener (_tls_at_stream).
@@ -795,11 +796,11 @@ def _first_bytes_kind(head: bytes) -> Optional[str]:
 
 def _first_bytes_final(head: bytes) -> str:
     """:func:`_first_bytes_kind` once no more bytes are awaited (also at
-    the client's half-close: a whole method, "GET" and nothing after it,
-    is an HTTP request's start -- two letters never begin a frame, see
+    the client's half-close: a whole method, "GET" (or "get", "CONNECT")
+    and nothing after it, is an HTTP request's start -- two letters never begin a frame, see
     _http_start -- but a method's first letters, "GE", are no request yet)."""
     if _HTTP_REQUEST_LINE.match(head) is None:
-        return "http" if head in _HTTP_METHODS or _HTTP_OTHER_LINE.match(head) is not None else "binary"
+        return "http" if head.upper() in _HTTP_ALL_METHODS or _HTTP_OTHER_LINE.match(head) is not None else "binary"
     return "upgrade" if _WS_UPGRADE_HEADER.search(_header_block(head)[0]) else "http"
 
 
