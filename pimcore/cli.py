@@ -242,8 +242,9 @@ def _settings(args: argparse.Namespace):  # -> ServeSettings
         "data_dir": getattr(args, "data_dir", None),
         "secret_file": getattr(args, "secret_file", None),
     }
-    for name in ("durability", "cert", "key", "content_filter", "max_frame", "max_payload", "max_mentions", "window", "send_rate", "heartbeat_ms",
-                 "idle_timeout", "max_outbound_bytes", "max_connections", "http", "log_level", "log_format", "store"):
+    for name in ("durability", "cert", "key", "content_filter", "max_frame", "max_payload", "max_mentions", "window", "send_rate",
+                 "heartbeat_ms", "idle_timeout", "login_timeout", "max_outbound_bytes", "max_connections", "http", "log_level",
+                 "log_format", "store"):
         if hasattr(args, name):
             flags[name] = getattr(args, name)
     if getattr(args, "verbose", False) and not flags.get("log_level"):
@@ -733,7 +734,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
         try:
             if args.action == "create":
                 if store.conversation_exists(args.name):
-                    print(f"pimcore group: {_GROUP_REFUSED['ALREADY_EXISTS'].format(name=quote_arg(args.name))}", file=sys.stderr)
+                    print(f"pimcore group: {_group_refused('ALREADY_EXISTS', args.name)}", file=sys.stderr)
                     return 2
                 store.create_group(args.name, args.users, time.time_ns() // 1000, history_visible=args.history_visible)
             elif args.action == "add":
@@ -745,7 +746,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
             elif not store.conversation_exists(args.name):
                 raise KeyError(args.name)
         except KeyError:
-            print(f"pimcore group: {_GROUP_REFUSED['UNKNOWN_CONVERSATION'].format(name=quote_arg(args.name))}", file=sys.stderr)
+            print(f"pimcore group: {_group_refused('UNKNOWN_CONVERSATION', args.name)}", file=sys.stderr)
             return 2
         except (ValueError, StoreError) as exc:
             print(_refusal("group", exc), file=sys.stderr)
@@ -761,9 +762,17 @@ def _cmd_group(args: argparse.Namespace) -> int:
 #: What ``pimcore group`` says of a refusal, by the HTTP API's code: the
 #: same sentence on a data directory and over --http.
 _GROUP_REFUSED = {
-    "UNKNOWN_CONVERSATION": "no group {name}",
+    "UNKNOWN_CONVERSATION": "no group {name} (pimcore group create {arg} USER... makes one)",
     "ALREADY_EXISTS": "group {name} exists already",
 }
+
+
+def _group_refused(code: str, name: str) -> str:
+    """:data:`_GROUP_REFUSED`'s sentence for ``code`` of group ``name``
+    (quoted as given; as a command-line argument in the hint)."""
+    import shlex
+
+    return _GROUP_REFUSED[code].format(name=quote_arg(name), arg=shlex.quote(name))
 
 
 def _group_refusal(name: str, exc: BaseException) -> str:
@@ -773,7 +782,7 @@ def _group_refusal(name: str, exc: BaseException) -> str:
     words); anything else as the HTTP call says it."""
     if isinstance(exc, _Refused):
         if exc.code in _GROUP_REFUSED:
-            return _GROUP_REFUSED[exc.code].format(name=quote_arg(name))
+            return _group_refused(exc.code, name)
         if exc.code == "BAD_REQUEST":
             return exc.message
     return str(exc)
@@ -1501,6 +1510,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--send-rate", type=float, help="sustained SendReqs/s per connection (0 = unlimited)")
     p.add_argument("--heartbeat-ms", type=int, help="announced to clients: they Ping when idle this long, ms (default 15000)")
     p.add_argument("--idle-timeout", type=float, help="seconds of silence before a connection is dropped")
+    p.add_argument("--login-timeout", type=float,
+                   help="seconds a new connection has to log in (and on ws://, wss:// to finish its handshakes)"
+                        " before it is closed (default 10)")
     p.add_argument("--max-outbound-bytes", type=int, help="queued bytes for a slow reader before it is dropped")
     p.add_argument("--max-connections", type=int, help="connections accepted at once (default 100000)")
     p.add_argument("--http", metavar="URL",

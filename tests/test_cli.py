@@ -631,6 +631,20 @@ def test_serve_on_redis_without_the_redis_extra_says_what_to_install(tmp_path, m
     assert f"needs {module}" in err and "pimcore[redis]" in err
 
 
+@pytest.mark.parametrize("argv", [["show", "nosuch"], ["add", "nosuch", "carol"], ["remove", "nosuch", "alice"]],
+                         ids=["show", "add", "remove"])
+def test_a_group_that_does_not_exist_is_said_with_the_command_that_creates_it(tmp_path, capsys, argv):
+    """(Failed before: a new user's trial.)  `pimcore group show nosuch`
+    said "no group 'nosuch'" and nothing of how to make one: it names the
+    command that creates it (over --http too: test_retention_api)."""
+    data = str(tmp_path / "data")
+    assert main(["group", "create", "team", "alice", "--data-dir", data]) == 0
+    capsys.readouterr()
+    assert main(["group", *argv, "--data-dir", data]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "pimcore group: no group 'nosuch' (pimcore group create nosuch USER... makes one)\n", err
+
+
 @pytest.mark.parametrize("argv", [["group", "create", "team", "alice", "bob"], ["group", "show", "team"],
                                   ["purge", "conversation", "team"], ["retention", "team", "--max-count", "5"]])
 def test_lmdb_commands_refuse_a_broker_on_redis_and_write_nothing(tmp_path, monkeypatch, capsys, argv):

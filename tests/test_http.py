@@ -102,6 +102,22 @@ def assert_error(status: int, doc: Any, want_status: int, code: str) -> None:
 # ---------------------------------------------------------------- keep-alive, auth, errors
 
 
+async def test_the_root_of_a_listener_without_the_server_api_lists_what_it_serves() -> None:
+    """(Failed before: 404 "no endpoint /".)  Without the server API (no
+    handle) `GET /` lists the operations endpoints and /v1/info, and names
+    no OpenAPI document (there is none)."""
+    with trio.fail_after(20):
+        async with broker_http() as (srv, h):
+            c = Http(h.url)
+            try:
+                status, doc = await c.json("GET", "/")
+                assert status == 200 and doc["openapi"] is None, doc
+                assert doc["endpoints"] == ["GET / (no key)", "GET /healthz (no key)", "GET /readyz (no key)",
+                                            "GET /metrics (no key)", "GET /v1/info"], doc
+            finally:
+                c.close()
+
+
 async def test_keep_alive_serves_several_requests_on_one_connection() -> None:
     with trio.fail_after(20):
         async with broker_http() as (srv, h):

@@ -456,6 +456,27 @@ async def test_the_server_api_over_https(tmp_path: Path) -> None:
                     c.close()
 
 
+async def test_the_root_names_the_endpoints_and_the_docs(tmp_path: Path) -> None:
+    """(Failed before: a new user's trial.)  `curl http://127.0.0.1:7481/`
+    was 404 "no endpoint /": nothing said where to go.  `GET /` (no key: it
+    holds no data) lists the endpoints this listener serves, marking those
+    that need none, and points to the docs and the OpenAPI document."""
+    with trio.fail_after(20):
+        async with api(tmp_path) as (_im, h, c):
+            status, doc = await call(c, "GET", "/", key=None)
+            assert status == 200, doc
+            assert doc["docs"] == "docs/HTTP.md" and doc["openapi"] == "/v1/openapi.json", doc
+            assert "Authorization: Bearer" in doc["auth"], doc
+            routed = {f"{r.method} {r.pattern}" + ("" if r.auth else " (no key)") for r in h.router._routes}
+            assert sorted(doc["endpoints"]) == sorted(routed), doc["endpoints"]
+            for line in ("GET / (no key)", "GET /healthz (no key)", "GET /v1/openapi.json (no key)", "GET /v1/info",
+                         "POST /v1/conversations/{conv}/messages"):
+                assert line in doc["endpoints"], (line, doc["endpoints"])
+            status, headers, body = await c.request("HEAD", "/")
+            assert (status, body) == (200, b""), (status, body)
+            assert (await call(c, "GET", "/nowhere", key=None))[0] == 404  # (only / itself)
+
+
 async def test_the_openapi_document_lists_exactly_the_routed_endpoints(tmp_path: Path) -> None:
     from pimcore.http.api import register_api
     from pimcore.http.openapi import ROUTES

@@ -847,23 +847,26 @@ async def test_a_binary_url_at_the_http_api_fails_at_once_saying_so(lmdb_store, 
                    f" (HTTP/1.1 400 Bad Request) " + _API_HINT.format(pair=pair)), msg
 
 
+@pytest.mark.parametrize("path", ["/im", "/", ""], ids=["path", "root", "no-path"])
 @pytest.mark.parametrize("sdk", ["ws", "wss"])
-async def test_a_websocket_url_at_the_http_api_says_it_is_the_http_api(lmdb_store, ca, sdk) -> None:
+async def test_a_websocket_url_at_the_http_api_says_it_is_the_http_api(lmdb_store, ca, sdk, path) -> None:
     """ws:// at the HTTP API port got "refused the WebSocket upgrade with
     HTTP 404 ... is the path /im right?", nothing saying which port it was.
-    The HTTP API's 404 to an upgrade request names it; the SDK says so."""
+    The HTTP API's 404 to an upgrade request names it; the SDK says so.
+    (Also at its root, which answers a plain GET with its endpoints: an
+    upgrade there is still the 404 that names the HTTP API.)"""
     from pimcore.client import ConnectFailed
 
     with trio.fail_after(20):
         async with _http_api(lmdb_store, ca, "tls" if sdk == "wss" else "tcp") as port:
             with pytest.raises(ConnectFailed) as err:
                 kw = {"ssl_context": _trusting(ca)} if sdk == "wss" else {}
-                async with client(f"{sdk}://127.0.0.1:{port}/im", "alice", config=ClientConfig(connect_timeout=600.0),
+                async with client(f"{sdk}://127.0.0.1:{port}{path}", "alice", config=ClientConfig(connect_timeout=600.0),
                                   **kw):
                     pass  # pragma: no cover
     pair = "tls:// or wss://" if sdk == "wss" else "tcp:// or ws://"
     msg = str(err.value)
-    assert msg == (f"cannot connect to {sdk}://127.0.0.1:{port}/im: the server refused the WebSocket upgrade"
+    assert msg == (f"cannot connect to {sdk}://127.0.0.1:{port}{path}: the server refused the WebSocket upgrade"
                    f" with HTTP 404 " + _API_HINT.format(pair=pair)), msg
 
 
@@ -1950,14 +1953,21 @@ async def test_an_http_request_split_across_reads_is_answered_400_in_words_too(l
     [b"GET / HTTP/1.1\r\nHost: x\r\n"],
     [b"GET / HTTP/1.1\r\n"],
     [b"GET", b" / HTTP/1.1\r\nHost: x\r\n"],
-], ids=["headers", "request-line", "two-reads"])
+    [b"GET"],
+    [b"GE", b"T"],
+    [b"get"],
+    [b"CONNECT"],
+], ids=["headers", "request-line", "two-reads", "method", "method-in-two-reads", "lowercase-method", "connect"])
 async def test_an_http_head_cut_short_by_a_half_close_is_answered_400_in_words(lmdb_store, caplog, parts):
     """(Failed before: review of the first bytes.)  A client that ends its
     side (shutdown(SHUT_WR), ``nc -N``) after an HTTP request line but before
     the head's blank line was hung up on without a word: the first bytes
     were kept for the rest of the head, and the EOF dropped them.  It can
     still read: it gets the 400 in words any other HTTP request at a
-    tcp:// listener gets, then the broker hangs up."""
+    tcp:// listener gets, then the broker hangs up.  (Failed before too, a
+    new user's trial: a whole method and nothing after it, "GET" then the
+    half-close, was hung up on: two letters never begin a frame, and a
+    whole method is clearly an HTTP request's start.)"""
     caplog.set_level(logging.INFO, logger="pimcore")
     with trio.fail_after(10):
         async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
@@ -1967,7 +1977,9 @@ async def test_an_http_head_cut_short_by_a_half_close_is_answered_400_in_words(l
                                    b" pimcore serve --http)\n"), answer
             await _until_closes(caplog, 1)
             [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
-            assert close.reason.startswith("an HTTP request (GET) at the tcp:// listener: answered HTTP 400"), close.reason
+            method = b"".join(parts).split(b" ")[0].decode()
+            assert close.reason.startswith(f"an HTTP request ({method}) at the tcp:// listener: answered HTTP 400"), \
+                close.reason
             async with client(srv.url("tcp"), "alice") as a:
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
@@ -2056,6 +2068,70 @@ async def test_a_websocket_upgrade_at_a_tcp_listener_is_logged_as_one_and_still_
             assert "UNSUPPORTED_VERSION" not in caplog.text, caplog.text
             kw = {"ssl_context": _trusting(ca)} if scheme == "tls" else {}
             async with client(srv.url(scheme), "alice", **kw) as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+_SAID_AT_TCP = ("this is the pimcore broker's tcp:// listener (its binary protocol), not HTTP: the HTTP API is"
+                " elsewhere (the [http] listen setting, pimcore serve --http)")
+
+
+@pytest.mark.parametrize("request_bytes, seen", [
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "an HTTP/2 connection preface (PRI * HTTP/2.0)"),
+    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", "an HTTP request (CONNECT)"),
+    (b"get / HTTP/1.1\r\nHost: x\r\n\r\n", "an HTTP request (get)"),
+    (b"Post /v1/messages HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", "an HTTP request (Post)"),
+    (b"TRACE / HTTP/1.1\r\n\r\n", "an HTTP request (TRACE)"),
+], ids=["http2-preface", "connect", "lowercase-get", "mixed-case-post", "trace"])
+@pytest.mark.parametrize("split", [False, True], ids=["one-read", "two-reads"])
+async def test_other_http_starts_at_a_tcp_listener_are_answered_400_in_words(lmdb_store, caplog, request_bytes, seen,
+                                                                             split):
+    """(Failed before: a new user's trial.)  An HTTP/2 client with prior
+    knowledge (its preface, "PRI * HTTP/2.0"), a proxy's CONNECT, a method
+    in lowercase got the binary UNSUPPORTED_VERSION Close and no hint, its
+    close line saying only that.  They get the plain-text 400 an HTTP/1.1
+    GET gets, and a close line naming what arrived."""
+    caplog.set_level(logging.INFO, logger="pimcore")
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
+            parts = [request_bytes[:2], request_bytes[2:]] if split else [request_bytes]
+            answer = await _split_exchange(srv.endpoints[0].port, parts)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+            assert body == _SAID_AT_TCP.encode() + b"\n", answer
+            await _until_closes(caplog, 1)
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert close.code is None, close.code
+            assert close.reason == f"{seen} at the tcp:// listener: answered HTTP 400 ({_SAID_AT_TCP})", close.reason
+            assert "UNSUPPORTED_VERSION" not in caplog.text, caplog.text
+            async with client(srv.url("tcp"), "alice") as a:
+                assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-read", "first-byte-alone"])
+async def test_a_tls_handshake_at_a_plain_tcp_listener_is_named_in_its_close_line(lmdb_store, caplog, split):
+    """(Failed before: a new user's trial.)  A TLS client (``openssl
+    s_client``, a tls:// URL) at a plain tcp:// listener: its close line
+    said "UNSUPPORTED_VERSION: protocol version 3 is not supported", the
+    core's view of the ClientHello.  It names the TLS handshake and what to
+    do; the answer stays the binary Close, which the SDKs read to suggest
+    the plain URL (test_a_tls_url_at_a_plain_listener_fails_at_once_suggesting_plain)."""
+    caplog.set_level(logging.INFO, logger="pimcore")
+    hello = client_hello()
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
+            parts = [hello[:1], hello[1:]] if split else [hello]
+            answer = await _split_exchange(srv.endpoints[0].port, parts)
+            decoder = Decoder()
+            decoder.feed(answer)
+            close = decoder.next_frame()
+            assert isinstance(close, F.Close) and close.reason.startswith("UNSUPPORTED_VERSION: "), answer
+            await _until_closes(caplog, 1)
+            [line] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert line.code == "PROTOCOL_ERROR"
+            assert line.reason == ("a TLS handshake (ClientHello) at the plain tcp:// listener (use the tls:// listener,"
+                                   " or connect without TLS): answered with a binary Close, which the SDKs read"), \
+                line.reason
+            async with client(srv.url("tcp"), "alice") as a:
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
@@ -2182,6 +2258,47 @@ async def test_an_upgrade_then_a_half_close_at_once_is_answered(lmdb_store, capl
                 assert close.reason == "WebSocket upgrade refused (HTTP 404): path /other is not /im", close.reason
             elif not full:
                 assert close.reason == "the client hung up", close.reason  # (as after a pause)
+            if hog is not None:
+                await hog.aclose()
+            else:
+                async with client(srv.url("ws"), "alice") as a:
+                    assert (await a.send(AB, b"unaffected")).seq == 1
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["below-the-limit", "at-the-limit"])
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /x HTTP/1.1\r\nHost: a\r\n",
+    b"GET /im HTTP/1.1\r\n",
+    b"GET",
+], ids=["headers", "request-line", "method"])
+async def test_an_upgrade_head_cut_short_by_a_half_close_is_answered_400_in_words(lmdb_store, caplog, request_bytes,
+                                                                                 full):
+    """(Failed before: a new user's trial.)  At a ws:// listener, an HTTP
+    head the client ended its side in (``nc -N``: shutdown(SHUT_WR) before
+    the blank line) was hung up on without a byte, where a tcp:// listener
+    answers such a head 400 in words.  It is answered 400 too, naming the
+    listener and what was missing, below max_connections and at it (where
+    the 503 went out for it)."""
+    caplog.set_level(logging.INFO, logger="pimcore")
+    cfg = server_config(Endpoint("ws", path="/im"), max_connections=1, login_timeout=600)
+    with trio.fail_after(10):
+        async with serving(lmdb_store, cfg) as srv:
+            port = srv.endpoints[0].port
+            hog = None
+            if full:
+                hog = await _raw_ws_conn(port)  # holds the only slot
+                while srv.statistics().accepted < 1:
+                    await trio.sleep(0.01)
+            answer = await _upgrade_then_half_close(port, request_bytes)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+            assert b"content-type: text/plain" in head.lower(), head
+            assert body == (b"this is a pimcore ws:// listener (path /im): the request ended before its header did"
+                            b" (no blank line): it takes a WebSocket upgrade request to /im and nothing else"), answer
+            await _until_closes(caplog, 1)
+            [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+            assert close.reason == ("the client ended its side before its request's header ended (a half-close):"
+                                    " answered HTTP 400"), close.reason
             if hog is not None:
                 await hog.aclose()
             else:

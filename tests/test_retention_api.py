@@ -256,9 +256,9 @@ GROUP_SCRIPT = [
     (["show", "club"], 0, "club: 1 member: erin\nhistory visible to later members: yes\n", ""),
     # A refusal is the same sentence either way (over --http it was "members
     # of 'nope': UNKNOWN_CONVERSATION", on the data directory "no group 'nope'").
-    (["add", "nope", "carol"], 2, "", "pimcore group: no group 'nope'\n"),
-    (["remove", "nope", "carol"], 2, "", "pimcore group: no group 'nope'\n"),
-    (["show", "nope"], 2, "", "pimcore group: no group 'nope'\n"),
+    (["add", "nope", "carol"], 2, "", "pimcore group: no group 'nope' (pimcore group create nope USER... makes one)\n"),
+    (["remove", "nope", "carol"], 2, "", "pimcore group: no group 'nope' (pimcore group create nope USER... makes one)\n"),
+    (["show", "nope"], 2, "", "pimcore group: no group 'nope' (pimcore group create nope USER... makes one)\n"),
     (["create", "team", "zed"], 2, "", "pimcore group: group 'team' exists already\n"),
     (["add", "team", "b b"], 2, "", "pimcore group: BAD_REQUEST: user id 'b b' has the character ' '"),
     # Removing everyone is refused as a whole (nothing removed): purge to delete a group.
@@ -270,7 +270,7 @@ GROUP_SCRIPT = [
     (["add", "team", "--history-visible", "erin"], 2, "", "--history-visible is for create"),
     (["create", "empty"], 2, "", "pimcore group: group 'empty' not changed: a group needs at least one member"
      " (its creator or an owner)\n"),
-    (["show", "empty"], 2, "", "pimcore group: no group 'empty'\n"),
+    (["show", "empty"], 2, "", "pimcore group: no group 'empty' (pimcore group create empty USER... makes one)\n"),
     (["create", "solo", "ann"], 0, "solo: 1 member: ann\n", ""),
     (["remove", "solo", "ann"], 2, "", "to delete the group, purge it (pimcore purge conversation CONV"),
     (["show", "solo"], 0, "solo: 1 member: ann\nhistory visible to later members: no\n", ""),
@@ -445,7 +445,7 @@ async def test_cli_shows_the_http_apis_refusal(tmp_path: Path, capsys: pytest.Ca
             # all: what a data directory's group says.
             assert await run(main, ["group", "show", "nope", "--http", h.url, "--api-key", KEY]) == 2
             err = capsys.readouterr().err
-            assert err == "pimcore group: no group 'nope'\n", err
+            assert err == "pimcore group: no group 'nope' (pimcore group create nope USER... makes one)\n", err
             # --http given the broker's binary listener (both are tcp:// URLs)
             # ended in an http.client traceback.
             # As tcp://, it is refused up front (the settings' spelling of the

@@ -282,6 +282,36 @@ def test_bad_config_file_exits_2_with_a_clear_message(tmp_path: Path, text: str,
     assert_clean_exit_2(r, *needles)
 
 
+async def test_serve_takes_login_timeout_as_a_flag(tmp_path: Path, procs: ProcGroup) -> None:
+    """(Failed before: a new user's trial: `pimcore serve --help` had no
+    --login-timeout, though the file and $PIMCORE_SERVER_LOGIN_TIMEOUT set
+    it.)  `--login-timeout 0.5` closes a connection that sends no Login
+    with LOGIN_TIMEOUT after half a second, not the default 10 s; a
+    value of 0 is refused naming the flag, as --idle-timeout's are."""
+    from pimcore import frames as F
+    from pimcore.codec import Decoder
+
+    r = run_pimcore("serve", "--help")
+    assert "--login-timeout" in r.stdout, r.stdout
+    r = run_pimcore("serve", "--data-dir", tmp_path / "refused", "--listen", LOOPBACK, "--login-timeout", "0")
+    assert_clean_exit_2(r, "--login-timeout: expected seconds > 0")
+    with trio.fail_after(30):
+        server = procs.serve("--listen", LOOPBACK, "--data-dir", tmp_path / "data", "--login-timeout", "0.5")
+        host, port = server.url("tcp")[len("tcp://"):].rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            start = time.monotonic()
+            decoder = Decoder()
+            with trio.fail_after(5):  # (the default, 10 s, would fail here)
+                while (frame := decoder.next_frame()) is None:
+                    data = await stream.receive_some(4096)
+                    assert data, "hung up without a Close"
+                    decoder.feed(data)
+            waited = time.monotonic() - start
+        assert isinstance(frame, F.Close) and frame.code == CloseCode.LOGIN_TIMEOUT, frame
+        assert 0.3 <= waited < 5, waited
+
+
 @pytest.mark.parametrize("args, said", [
     (["--heartbeat-ms", "10000", "--idle-timeout", "3"],
      "--idle-timeout (3 s) must be longer than --heartbeat-ms (10000 ms): clients Ping only after that long idle,"

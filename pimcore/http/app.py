@@ -1,7 +1,8 @@
 """The broker's HTTP listener: operations endpoints plus the server API's router.
 
 ``/healthz``, ``/readyz`` and ``/metrics`` need no API key (probes and
-scrapers); everything else does.  Server API endpoints are added by
+scrapers), nor do ``/`` (the list of endpoints) and ``/v1/openapi.json``;
+everything else does.  Server API endpoints are added by
 registering handlers on :attr:`BrokerHttp.router` before it runs::
 
     http = BrokerHttp(server, HttpConfig(api_keys=("k",)))
@@ -43,6 +44,7 @@ class BrokerHttp(HttpServer):
         self.collector = BrokerCollector(server, started=self.started, http=self)
         self.registry = broker_registry(server, started=self.started, collector=self.collector)
         r = self.router
+        r.add("GET", "/", self._index, auth=False)
         r.add("GET", "/healthz", self._healthz, auth=False)
         r.add("GET", "/readyz", self._readyz, auth=False)
         r.add("GET", "/metrics", self._metrics, auth=False)
@@ -53,6 +55,24 @@ class BrokerHttp(HttpServer):
 
             register_api(r, handle)
             r.add("GET", "/v1/openapi.json", self._openapi, auth=False)
+
+    async def _index(self, request: Request) -> tuple[int, Any]:
+        """What this listener serves, for whoever opens its root (``curl
+        http://127.0.0.1:7481/``): its endpoints as routed now (the web
+        demo's too, with --web), those that need no key marked, and where
+        they are described.  No data: no key needed.  A WebSocket upgrade
+        (an SDK given this port's URL without a path, ws://host:port) gets
+        the 404 any path gets, which says this is no broker listener."""
+        if "websocket" in request.headers.get("upgrade", "").lower():
+            raise HttpError(404, "NOT_FOUND", "no endpoint /")
+        return 200, {
+            "service": "pimcore broker: HTTP API",
+            "docs": "docs/HTTP.md",
+            "openapi": "/v1/openapi.json" if self.handle is not None else None,
+            "auth": "the endpoints not marked (no key) need the header 'Authorization: Bearer API_KEY'"
+                    " (a key of the api_keys setting, or <data_dir>/api-key)",
+            "endpoints": [f"{r.method} {r.pattern}" + ("" if r.auth else " (no key)") for r in self.router._routes],
+        }
 
     async def _openapi(self, request: Request) -> tuple[int, Any]:
         from .. import __version__

@@ -158,10 +158,13 @@ OPS_ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ..
     ("GET", "/metrics", "Prometheus metrics (text exposition format)", None, (), 200,
      {"type": "string", "description": "Prometheus text format 0.0.4"}),
     ("GET", "/v1/openapi.json", "This document", None, (), 200, {"type": "object"}),
+    ("GET", "/", "This listener's endpoints as \"METHOD /path\" lines (\" (no key)\" after those that need no"
+     " API key), for a human at its root: where the docs and this document are", None, (), 200,
+     _obj(service=_STR, docs=_STR, openapi={"type": ["string", "null"]}, auth=_STR, endpoints=_STRINGS)),
 )
 
 #: Endpoints served without an API key (no data in them).
-_PUBLIC = {"/healthz", "/readyz", "/metrics", "/v1/openapi.json"}
+_PUBLIC = {"/", "/healthz", "/readyz", "/metrics", "/v1/openapi.json"}
 
 #: Success bodies that are not JSON.
 _CONTENT_TYPE = {("GET", "/v1/events/stream"): "text/event-stream",

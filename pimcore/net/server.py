@@ -554,6 +554,10 @@ class _EndWatch(StreamWrapper):
         self.not_http = False
         # The upgrade request's head is over _WS_MAX_HEAD bytes: _serve_ws answers 431.
         self.too_large = False
+        # The client ended its side (a half-close: ``nc -N``) inside an HTTP
+        # head, before its blank line: it can still read, and no more bytes
+        # will come; _serve_ws answers 400 (as a tcp:// listener does).
+        self.cut_short = False
         self._first = b""
         # Bytes the request's head may still take (None once its end was
         # seen: the WebSocket's frames then pass with one test), and the
@@ -594,6 +598,7 @@ class _EndWatch(StreamWrapper):
             self._end()
             raise
         if not data:
+            self.cut_short = self._head_left is not None and bool(self._first) and not self.not_http
             self._end()
         elif self._head_left is not None:
             if len(self._first) < 2:
@@ -672,6 +677,19 @@ def _upgrade_at_stream(peer: "_Peer") -> None:
                       " answered with a binary Close, which the SDKs read")
 
 
+def _tls_at_stream(peer: "_Peer") -> None:
+    """``peer``'s first bytes, at a plain tcp:// listener, were a TLS
+    ClientHello (``openssl s_client``, a tls:// URL), which the core refused
+    with a binary Close (PROTOCOL_ERROR, "UNSUPPORTED_VERSION: protocol
+    version 3": the record's version byte): its close line says what
+    arrived instead, and what to do.  The Close stays: the SDKs read it to
+    suggest the plain URL."""
+    if peer.close_code is CloseCode.PROTOCOL_ERROR:
+        scheme = peer.endpoint.scheme
+        peer.ended = (f"a TLS handshake (ClientHello) at the plain {scheme}:// listener (use the tls:// listener,"
+                      " or connect without TLS): answered with a binary Close, which the SDKs read")
+
+
 def _not_http_answer(ep: Endpoint) -> bytes:
     """A ws:// or wss:// listener's answer to bytes that are no HTTP request
     (a tcp:// client's Login), or to an HTTP request that is no upgrade (a
@@ -685,6 +703,14 @@ def _wrong_path_answer(ep: Endpoint, path: str) -> bytes:
     not its own: 404, naming both (the SDK suggests its URL from it as from
     the 400: pimcore.client)."""
     return _listener_answer(ep, "404 Not Found", f"it takes WebSocket upgrades at {ep.path} only, not {_quoted_path(path)}")
+
+
+def _cut_short_answer(ep: Endpoint) -> bytes:
+    """A ws:// or wss:// listener's answer to an HTTP head the client ended
+    its side in (a half-close before the blank line: ``nc -N``): 400, as
+    a tcp:// listener answers one, saying what was missing."""
+    return _listener_answer(ep, "400 Bad Request", "the request ended before its header did (no blank line):"
+                            f" it takes a WebSocket upgrade request to {ep.path} and nothing else")
 
 
 def _head_too_large_answer(ep: Endpoint) -> bytes:
@@ -724,16 +750,35 @@ _HTTP_REQUEST_LINE = re.compile(rb"(GET|POST|HEAD|PUT|DELETE|OPTIONS|PATCH) ")
 #: broker's binary Close: the SDKs read it to suggest the tcp:// URL
 #: (pimcore.client, "answered the WebSocket upgrade in pimcore's binary protocol").
 _WS_UPGRADE_HEADER = re.compile(rb"(?im)^upgrade:[ \t]*websocket")
-#: Every start of an HTTP request line _HTTP_REQUEST_LINE knows, up to its
-#: space: a first read that is one of these ("GE") waits for more bytes.
-_HTTP_PREFIXES = frozenset(m[:i] for m in (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ")
-                           for i in range(1, len(m)))
+#: Other starts of an HTTP request, answered as HTTP at once (never taken
+#: for a WebSocket upgrade, which the SDKs send as "GET "): a proxy's
+#: CONNECT, TRACE, an HTTP/2 client's connection preface ("PRI * HTTP/2.0",
+#: curl --http2-prior-knowledge), and any method in lower or mixed case
+#: (methods are case-sensitive: a hand-typed "get / HTTP/1.1" in nc).
+_HTTP_OTHER_LINE = re.compile(rb"(?i:GET|POST|HEAD|PUT|DELETE|OPTIONS|PATCH|CONNECT|TRACE|PRI) ")
+#: An HTTP/2 connection preface's start (RFC 9113 section 3.4).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0"
+#: The method an HTTP request begins with (its close line names it).
+_HTTP_METHOD = re.compile(rb"[A-Za-z]+")
+#: The methods _HTTP_REQUEST_LINE knows.
+_HTTP_METHODS = frozenset((b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"))
+#: ... and those _HTTP_OTHER_LINE knows too.
+_HTTP_ALL_METHODS = _HTTP_METHODS | {b"CONNECT", b"TRACE", b"PRI"}
+#: Every start of an HTTP request line either regular expression knows, up
+#: to its space, in upper case: a first read that is one of these in any
+#: case ("GE", "ge", "CONN") waits for more bytes.
+_HTTP_PREFIXES = frozenset(m[:i] for m in _HTTP_ALL_METHODS for i in range(1, len(m) + 1))
+#: A TLS record holding a handshake message, and its version's major byte
+#: (3: SSL 3.0 to TLS 1.3's record layer): a ClientHello, a TLS client at a
+#: plain tcp:// listener (_tls_at_stream).
+_TLS_HELLO_START = bytes((_TLS_HANDSHAKE_RECORD, 3))
 
 
 def _first_bytes_kind(head: bytes) -> Optional[str]:
     """What a tcp:// (tls://) connection's first bytes ``head`` are: "http"
-    (an HTTP request that is no WebSocket upgrade), "upgrade", "binary"
-    (the broker's protocol: a Login), or None while that cannot be told yet
+    (an HTTP request that is no WebSocket upgrade), "upgrade", "tls" (a
+    ClientHello), "binary" (the broker's protocol: a Login), or None while
+    that cannot be told yet
     -- the start of a method, or a request line whose header block has not
     ended (and had no Upgrade header so far).  The caller reads on, up to
     _WS_MAX_HEAD bytes, then decides with :func:`_first_bytes_final`."""
@@ -742,13 +787,20 @@ def _first_bytes_kind(head: bytes) -> Optional[str]:
         if _WS_UPGRADE_HEADER.search(fields):
             return "upgrade"
         return "http" if ended else None
-    return None if head in _HTTP_PREFIXES else "binary"
+    if _HTTP_OTHER_LINE.match(head) is not None:
+        return "http"
+    if head.startswith(_TLS_HELLO_START):
+        return "tls"  # (its bytes still go to the core, as a binary client's)
+    return None if head.upper() in _HTTP_PREFIXES or head == _TLS_HELLO_START[:1] else "binary"
 
 
 def _first_bytes_final(head: bytes) -> str:
-    """:func:`_first_bytes_kind` once no more bytes are awaited."""
+    """:func:`_first_bytes_kind` once no more bytes are awaited (also at
+    the client's half-close: a whole method, "GET" (or "get", "CONNECT")
+    and nothing after it, is an HTTP request's start -- two letters never begin a frame, see
+    _http_start -- but a method's first letters, "GE", are no request yet)."""
     if _HTTP_REQUEST_LINE.match(head) is None:
-        return "binary"
+        return "http" if head.upper() in _HTTP_ALL_METHODS or _HTTP_OTHER_LINE.match(head) is not None else "binary"
     return "upgrade" if _WS_UPGRADE_HEADER.search(_header_block(head)[0]) else "http"
 
 
@@ -760,6 +812,8 @@ def _header_block(head: bytes) -> tuple[bytes, bool]:
     return (head[: min(ends)], True) if ends else (head, False)
 #: The close line's reason of bytes that are no HTTP request, answered 400.
 _NOT_HTTP_ENDED = "not a WebSocket upgrade request (binary: a tcp:// client?): answered HTTP 400"
+#: The close line's reason of an HTTP head cut short by a half-close, answered 400.
+_CUT_SHORT_ENDED = "the client ended its side before its request's header ended (a half-close): answered HTTP 400"
 #: The close line's reason of an upgrade request's head over its limit, answered 431.
 _TOO_LARGE_ENDED = f"WebSocket upgrade refused (HTTP 431): its header is over {_WS_MAX_HEAD} bytes"
 
@@ -770,10 +824,12 @@ class _Head:
     at max_connections (:func:`_read_head`): what it would be below the
     limit, so that each gets the answer it gets there, and only an upgrade
     the listener would take gets the 503.  All false and None: no verdict
-    (the client hung up, reset or stalled before its head's end)."""
+    (the client hung up before a byte, reset or stalled before its head's
+    end)."""
 
     not_http: bool = False  # bytes that are no HTTP request (a tcp:// Login): 400, as _EndWatch finds them
     too_large: bool = False  # a head over _WS_MAX_HEAD bytes: 431, as _EndWatch finds it
+    cut_short: bool = False  # an HTTP head the client ended its side in (a half-close): 400, as _EndWatch finds it
     #: wsproto's refusal (as trio-websocket sends it: see _said) of a head
     #: that is no WebSocket upgrade (a browser, curl; no Host; a POST...).
     rejected: Optional[bytes] = None
@@ -794,7 +850,8 @@ async def _read_head(stream: trio.abc.Stream) -> _Head:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return _Head()  # (a reset, a failed TLS handshake)
         if not data:
-            return _Head()
+            # (After bytes: they began an HTTP request, as checked below.)
+            return _Head(cut_short=bool(head))
         # (Each read is scanned once, with the 2 bytes before it: the blank
         # line may straddle two reads.)
         scanned = max(0, len(head) - 2)
@@ -1558,9 +1615,11 @@ class BrokerServer:
                     finally:
                         watch.on_end = None
                         self._handshakes.discard(handshakes)
-                if (watch.not_http or watch.too_large) and ended is None and not self._stopping:
+                if (watch.not_http or watch.too_large or watch.cut_short) and ended is None and not self._stopping:
                     if watch.not_http:
                         ended, answer = _NOT_HTTP_ENDED, _not_http_answer(ep)
+                    elif watch.cut_short:
+                        ended, answer = _CUT_SHORT_ENDED, _cut_short_answer(ep)
                     else:
                         ended, answer = _TOO_LARGE_ENDED, _head_too_large_answer(ep)
                     await self._answer_and_hang_up(stream, answer)
@@ -1646,6 +1705,8 @@ class BrokerServer:
             answer, why = _not_http_answer(ep), _NOT_HTTP_ENDED
         elif head.too_large:
             answer, why = _head_too_large_answer(ep), _TOO_LARGE_ENDED
+        elif head.cut_short:
+            answer, why = _cut_short_answer(ep), _CUT_SHORT_ENDED
         elif head.rejected is not None:
             answer = bytes(_said(head.rejected, _not_http_answer(ep)))
             why = f"WebSocket upgrade refused (HTTP {answer[9:12].decode()}): a malformed upgrade request"
@@ -1859,6 +1920,7 @@ class BrokerServer:
         wait_readable = trio.lowlevel.wait_readable
         data: Union[bytes, bytearray]
         early = b""  # a first read kept until more bytes say what it is (_first_bytes_kind)
+        hello = False  # the first read was a TLS ClientHello: its close line says so (_tls_at_stream)
         while peer.state is _PeerState.OPEN and not self._stopping:
             if peer.resume is not None:
                 # The core waits for a request first.  Out of the probe
@@ -1907,8 +1969,9 @@ class BrokerServer:
                     # HTTP head: a client that ended its side (a half-close:
                     # ``nc -N``, shutdown(SHUT_WR)) before the blank line can
                     # still read -- no more bytes will say more, so they are
-                    # answered now as the whole head would be.  (A method's
-                    # start alone, "GE", is no request yet: a hang-up, as
+                    # answered now as the whole head would be; so is a whole
+                    # method alone ("GET").  (A method's first letters, "GE",
+                    # are no request yet: a hang-up, as
                     # for a frame cut short -- whose bytes never wait here,
                     # the core had them at once.)
                     await self._http_at_stream(peer, early)
@@ -1936,6 +1999,7 @@ class BrokerServer:
                     await self._http_at_stream(peer, head)
                     return
                 upgrade = kind == "upgrade"
+                hello = kind == "tls" and not peer.endpoint.secure
             self._stats["bytes_in"] += len(data)
             if fd >= 0 and not self._holding and self._tasks is not None and not self.broker.batch_in_flight:
                 probe = self._ready_probe
@@ -1968,6 +2032,9 @@ class BrokerServer:
             if upgrade:
                 upgrade = False
                 _upgrade_at_stream(peer)
+            elif hello:
+                hello = False
+                _tls_at_stream(peer)
         # Reading stopped by shutdown(): the connection stays open until
         # shutdown closes it with a reason.
         if self._stopping and peer.state is _PeerState.OPEN:
@@ -1978,13 +2045,15 @@ class BrokerServer:
         start with an HTTP request line: answer 400 in words (curl said
         "HTTP/0.9 when not allowed" to the broker's Close, and the broker
         logged UNSUPPORTED_VERSION), then hang up.  The core never saw a byte."""
-        line = _HTTP_REQUEST_LINE.match(head)
+        line = _HTTP_METHOD.match(head)
         assert line is not None  # (_first_bytes_kind / _first_bytes_final said "http")
-        method = line.group(1).decode()
+        method = line.group().decode()
         scheme = peer.endpoint.scheme
         said = (f"this is the pimcore broker's {scheme}:// listener (its binary protocol), not HTTP:"
                 " the HTTP API is elsewhere (the [http] listen setting, pimcore serve --http)")
-        peer.ended = f"an HTTP request ({method}) at the {scheme}:// listener: answered HTTP 400 ({said})"
+        seen = (f"an HTTP/2 connection preface ({_HTTP2_PREFACE.decode()})" if head.startswith(_HTTP2_PREFACE)
+                else f"an HTTP request ({method})")
+        peer.ended = f"{seen} at the {scheme}:// listener: answered HTTP 400 ({said})"
         if peer.state is _PeerState.OPEN:
             # Out of the core's hands before this task writes to the stream:
             # else a Close of the core's (login_timeout, shutdown) started
