@@ -98,13 +98,18 @@ async def test_a_conversation_list_page_over_large_last_messages_stops_at_the_by
             assert pages >= 2 and sorted(seen) == sorted(convs) and len(seen) == len(set(seen))
 
 
+async def _post_big_messages(im) -> int:
+    """COUNT messages of BIG random bytes in a group "big"; the last event id of consumer "push"."""
+    await im.create_group("big", ["alice", "bob"])
+    for _ in range(COUNT):
+        await im.post("big", os.urandom(BIG), sender="alice", device="web")
+    return (await im.event_cursor("push"))[1]
+
+
 async def test_an_event_poll_over_large_messages_stops_at_the_byte_budget_and_next_goes_on(tmp_path: Path) -> None:
     with trio.fail_after(120):
         async with api(tmp_path, events=True) as (im, h, c):
-            await im.create_group("big", ["alice", "bob"])
-            for _ in range(COUNT):
-                await im.post("big", os.urandom(BIG), sender="alice", device="web")
-            _, last = await im.event_cursor("push")
+            last = await _post_big_messages(im)
             seen: list[int] = []
             after, pages = 0, 0
             while True:
@@ -129,10 +134,7 @@ async def test_each_server_sent_events_write_stays_within_the_byte_budget(tmp_pa
 
     with trio.fail_after(120):
         async with api(tmp_path, events=True) as (im, h, c):
-            await im.create_group("big", ["alice", "bob"])
-            for _ in range(COUNT):
-                await im.post("big", os.urandom(BIG), sender="alice", device="web")
-            _, last = await im.event_cursor("push")
+            last = await _post_big_messages(im)
             s = await Sse.open(h.url, "/v1/events/stream?consumer=push&limit=500&keepalive=60")
             # Each write is one HTTP chunk: h11 marks where each begins and ends.
             chunks: list[bytes] = []

@@ -1912,9 +1912,9 @@ async def _split_exchange(port: int, parts: list[bytes], *, eof: bool = False) -
 
 
 async def _upgrade_closed(answer: bytes, caplog: pytest.LogCaptureFixture) -> logging.LogRecord:
-    """An upgrade request at a tcp:// (tls://) listener: ``answer`` is the
-    binary Close the SDKs read, and its close line's code PROTOCOL_ERROR.
-    Returns that close line."""
+    """An upgrade request (or a TLS ClientHello) at a tcp:// (tls://)
+    listener: ``answer`` is the binary Close the SDKs read, and its close
+    line's code PROTOCOL_ERROR.  Returns that close line."""
     decoder = Decoder()
     decoder.feed(answer)
     close = decoder.next_frame()
@@ -2120,14 +2120,7 @@ async def test_a_tls_handshake_at_a_plain_tcp_listener_is_named_in_its_close_lin
     with trio.fail_after(10):
         async with serving(lmdb_store, server_config(Endpoint("tcp"))) as srv:
             parts = [hello[:1], hello[1:]] if split else [hello]
-            answer = await _split_exchange(srv.endpoints[0].port, parts)
-            decoder = Decoder()
-            decoder.feed(answer)
-            close = decoder.next_frame()
-            assert isinstance(close, F.Close) and close.reason.startswith("UNSUPPORTED_VERSION: "), answer
-            await _until_closes(caplog, 1)
-            [line] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
-            assert line.code == "PROTOCOL_ERROR"
+            line = await _upgrade_closed(await _split_exchange(srv.endpoints[0].port, parts), caplog)
             assert line.reason == ("a TLS handshake (ClientHello) at the plain tcp:// listener (use the tls:// listener,"
                                    " or connect without TLS): answered with a binary Close, which the SDKs read"), \
                 line.reason
@@ -2203,6 +2196,19 @@ async def test_an_upgrade_to_another_path_is_answered_404_not_found_in_words(lmd
                 assert (await a.send(AB, b"unaffected")).seq == 1
 
 
+async def _half_closed_request(srv, request: bytes, full: bool):
+    """(hog, answer): ``request`` sent to srv's ws:// listener then
+    half-closed, with the listener's only slot held by ``hog`` if ``full``
+    (None otherwise)."""
+    port = srv.endpoints[0].port
+    hog = None
+    if full:
+        hog = await _raw_ws_conn(port)  # holds the only slot
+        while srv.statistics().accepted < 1:
+            await trio.sleep(0.01)
+    return hog, await _upgrade_then_half_close(port, request)
+
+
 async def _upgrade_then_half_close(port: int, request: bytes) -> bytes:
     """Send ``request`` to ``port`` and end our side at once (shutdown(SHUT_WR),
     as ``nc -N`` does: no pause between them), then read until the broker
@@ -2234,14 +2240,8 @@ async def test_an_upgrade_then_a_half_close_at_once_is_answered(lmdb_store, capl
     cfg = server_config(Endpoint("ws", path="/im"), max_connections=1, login_timeout=600)
     with trio.fail_after(10):
         async with serving(lmdb_store, cfg) as srv:
-            port = srv.endpoints[0].port
-            hog = None
-            if full:
-                hog = await _raw_ws_conn(port)  # holds the only slot
-                while srv.statistics().accepted < 1:
-                    await trio.sleep(0.01)
             request = WS_UPGRADE.replace(b"GET /im ", f"GET {path} ".encode())
-            answer = await _upgrade_then_half_close(port, request)
+            hog, answer = await _half_closed_request(srv, request, full)
             if path != "/im":
                 assert answer.startswith(b"HTTP/1.1 404 Not Found\r\n"), answer
                 assert answer.endswith(b"at /im only, not /other"), answer
@@ -2283,13 +2283,7 @@ async def test_an_upgrade_head_cut_short_by_a_half_close_is_answered_400_in_word
     cfg = server_config(Endpoint("ws", path="/im"), max_connections=1, login_timeout=600)
     with trio.fail_after(10):
         async with serving(lmdb_store, cfg) as srv:
-            port = srv.endpoints[0].port
-            hog = None
-            if full:
-                hog = await _raw_ws_conn(port)  # holds the only slot
-                while srv.statistics().accepted < 1:
-                    await trio.sleep(0.01)
-            answer = await _upgrade_then_half_close(port, request_bytes)
+            hog, answer = await _half_closed_request(srv, request_bytes, full)
             head, _, body = answer.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
             assert b"content-type: text/plain" in head.lower(), head
