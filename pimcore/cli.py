@@ -486,13 +486,14 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
         where = f"data in {settings.data_dir.resolve()} (durability {settings.durability})"
     else:
         # A Redis Cluster store (an AsyncStore): opened inside trio below.
+        from .embed import mark_redis_data_dir
+
         try:
             # What `pimcore group/purge/retention --data-dir` here read: this
             # broker's data is in Redis, not in an LMDB store they would open.
-            settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            note.write_text(f"{settings.store} {settings.store_namespace}\n")
-        except OSError as exc:
-            print(f"pimcore serve: {store_refusal(settings, exc, note)}", file=sys.stderr)
+            mark_redis_data_dir(settings)
+        except ConfigError as exc:
+            print(f"pimcore serve: {exc}", file=sys.stderr)
             return 2
         for module in ("coredis", "hiredis"):
             try:
@@ -503,20 +504,14 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
                 return 2
         where = f"data in {settings.store} (namespace {settings.store_namespace})"
 
-    connected = False  # (a Redis store's connect failing is said as the setting's)
-
     async def run() -> None:
-        nonlocal store, connected
+        nonlocal store
         async with AsyncExitStack() as stack:
             if settings.store is not None:
-                from .store.redis import RedisStore
+                from .embed import open_redis_store
 
-                store = await stack.enter_async_context(
-                    RedisStore.connect(settings.store, namespace=settings.store_namespace,
-                                       address_map=settings.store_address_map,
-                                       **({} if settings.store_read_fanout_above is None else
-                                          {"read_fanout_above": settings.store_read_fanout_above})))
-            connected = True
+                # (One it cannot reach: a StoreError naming the URL and the setting.)
+                store = await stack.enter_async_context(open_redis_store(settings))
             await serve()
 
     async def serve() -> None:
@@ -579,17 +574,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
         # receiver closes -- after the graceful shutdown already finished.
         pass
     except (OSError, StoreError) as exc:
-        said = str(exc)
-        if settings.store is not None and not connected and isinstance(exc, StoreError):
-            # (It was "cannot reach Redis at [('127.0.0.1', 1)]: RedisClusterError('...')".)
-            prefix = "cannot reach Redis at "
-            if said.startswith(prefix):
-                said = said.split(": ", 1)[-1]
-                text = f"cannot reach the Redis store {settings.store} (store.url): {said}"
-            else:
-                text = f"the Redis store {settings.store} (store.url): {said}"
-            said = str(settings._refused(text, ("store", "url")))
-        print(f"pimcore serve: {said}", file=sys.stderr)
+        print(f"pimcore serve: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         if isinstance(store, LmdbStore):
@@ -653,7 +638,7 @@ def _refusal(command: str, exc: BaseException) -> str:
 
 
 #: Left in the data directory by `serve --store redis://...` (URL and
-#: namespace); removed by a serve on LMDB there.
+#: namespace); removed by a serve on LMDB there (pimcore.embed.REDIS_NOTE).
 _REDIS_NOTE = "redis-store"
 
 

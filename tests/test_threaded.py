@@ -3,6 +3,7 @@ driven by blocking calls from any thread, through its public API only."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 from pathlib import Path
@@ -636,3 +637,18 @@ def test_a_broker_used_only_by_its_host_reclaims_acked_events(tmp_path: Path) ->
             return events[0].id if events else last + 1
 
         _wait(lambda: first_left() == last + 1, "the acked events reclaimed")
+
+
+def test_a_redis_store_url_in_the_document_is_used_and_refused_when_unreachable(tmp_path: Path) -> None:
+    """{"store": {"url": ...}} (what the C ABI's config_json hands on) at a
+    port that refuses: StoreError naming the URL and store.url, not a broker
+    started on <data_dir>/store."""
+    pytest.importorskip("coredis")
+    from pimcore.errors import StoreError
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{held.getsockname()[1]}"
+        with pytest.raises(StoreError, match=re.escape(f"cannot reach the Redis store {url} (store.url): ")):
+            open_pimcore_thread(document={"data_dir": str(tmp_path / "d"), "store": {"url": url}})
+    assert not (tmp_path / "d" / "store").exists()
