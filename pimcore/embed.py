@@ -34,7 +34,8 @@ import trio
 from ._util import unwrap_single
 from .auth import JwtAuthenticator, issue_token
 from .core import Authenticator, ContentFilter, Identity
-from .config import ConfigError, ServeSettings, _check_data_dir, load_settings, store_refusal, token_secret
+from .config import (ConfigError, DataDirStart, ServeSettings, _check_data_dir, load_settings, store_refusal,
+                     token_secret)
 from .errors import BrokerStopped, ErrorCode, PimError, StoreError
 from .frames import MessageKind
 from . import ids
@@ -1451,7 +1452,8 @@ async def open_pimcore(
     ``data_dir`` that is not a directory, a ``secret_file`` that cannot be
     read), StoreError if the store cannot be opened (a Redis store it cannot
     reach: naming the URL, store.url and where it came from), OSError if a listener
-    cannot bind; ValueError for a ``store`` that is no store object (a
+    cannot bind (a failed start takes back what it made in the data
+    directory, as ``pimcore serve``'s: docs/OPERATIONS.md, data_dir); ValueError for a ``store`` that is no store object (a
     name or URL string: the stores are LmdbStore, MemoryStore and the
     Redis Cluster AsyncStore).
     """
@@ -1468,6 +1470,22 @@ async def open_pimcore(
     elif config_file is not None or overrides:
         raise TypeError("pass either settings or config_file/overrides, not both")
     _check_data_dir(settings)  # (as pimcore serve says it, naming where data_dir came from)
+    start = DataDirStart()
+    start.begin(Path(settings.data_dir))
+    try:
+        async with _started(settings, store, authenticate, content_filter, start) as handle:
+            start.ready = True  # serving: nothing is taken back from here on
+            yield handle
+    except BaseException:
+        start.undo()  # a failed start takes back what it made there, as pimcore serve's
+        raise
+
+
+@asynccontextmanager
+async def _started(settings: ServeSettings, store: Union[Store, AsyncStore, None], authenticate: Optional[Auth],
+                   content_filter: Any, start: DataDirStart) -> AsyncIterator[Pimcore]:
+    """:func:`open_pimcore` once its settings are checked: everything it
+    makes and opens (``start`` learns the server once it listens)."""
     config = settings.server_config()
     tls = settings.tls_context()
     if tls is not None:
@@ -1495,6 +1513,7 @@ async def open_pimcore(
                 if store is None:  # store.url: the Redis Cluster store, as pimcore serve connects it
                     store = await stack.enter_async_context(open_redis_store(settings))
                 server = await stack.enter_async_context(open_broker_server(store, authenticate, config))
+                start.server = server  # (a connection it accepted: serving, nothing taken back)
                 handle = Pimcore(server, store, settings, secret)
                 if http_config is not None:
                     from .http import open_http_server

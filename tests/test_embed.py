@@ -686,3 +686,35 @@ async def test_a_redis_store_it_cannot_reach_is_refused_naming_store_url_and_whe
                 said.endswith(" (from $PIMCORE_STORE)"), said
     assert "RedisClusterError(" not in said and "[('" not in said, said
     assert not (tmp_path / "a" / "store").exists() and not (tmp_path / "b" / "store").exists()
+
+
+async def test_a_failed_start_takes_back_what_it_made_in_the_data_directory(tmp_path: Path) -> None:
+    """A listen port in use: OSError, and, as pimcore serve does
+    (docs/OPERATIONS.md, data_dir), the start takes back what it made -- a
+    new data directory entirely; in one that existed, the secret, API key
+    and store it created -- never what was there before.  They were left."""
+    import socket
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    had_secret = tmp_path / "had-secret"
+    had_secret.mkdir()
+    (had_secret / "secret").write_text("s" * 40)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        listen = [f"tcp://127.0.0.1:{busy.getsockname()[1]}"]
+        with trio.fail_after(20):
+            for d in (tmp_path / "new" / "data", kept, had_secret):
+                with pytest.raises(OSError):
+                    async with open_pimcore(data_dir=d, listen=listen, http="tcp://127.0.0.1:0"):
+                        pass
+    assert not (tmp_path / "new").exists()
+    assert sorted(os.listdir(kept)) == ["notes.txt"]
+    assert sorted(os.listdir(had_secret)) == ["secret"] and (had_secret / "secret").read_text() == "s" * 40
+    # A start that served keeps everything.
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=kept, listen=["tcp://127.0.0.1:0"]):
+            pass
+    assert {"secret", "store", "notes.txt"} <= set(os.listdir(kept))

@@ -91,6 +91,7 @@ def test_start_up_errors_are_raised_in_the_caller_unwrapped(tmp_path: Path) -> N
             _start(tmp_path / "b", listen=[f"tcp://127.0.0.1:{busy.getsockname()[1]}"])
     finally:
         busy.close()
+    assert not (tmp_path / "b").exists()  # (a failed start takes back the data directory it made)
     with _start(tmp_path / "c"):
         with pytest.raises(BrokerAlreadyRunning):
             _start(tmp_path / "c")
