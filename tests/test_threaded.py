@@ -653,3 +653,22 @@ def test_a_redis_store_url_in_the_document_is_used_and_refused_when_unreachable(
         with pytest.raises(StoreError, match=re.escape(f"cannot reach the Redis store {url} (store.url): ")):
             open_pimcore_thread(document={"data_dir": str(tmp_path / "d"), "store": {"url": url}})
     assert not (tmp_path / "d" / "store").exists()
+
+
+def test_a_start_up_error_is_raised_once_not_also_logged(tmp_path: Path, caplog) -> None:
+    """A data_dir that is a file (ConfigError) and a port in use (OSError):
+    raised in the caller, and nothing logged at ERROR for it.  The thread
+    also logged "pimcore thread ended: ConfigError(...)" on stderr, so a
+    host that reports its exception said it twice."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="pimcore")
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ConfigError):
+        _start(tmp_path / "file")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(OSError):
+            _start(tmp_path / "d", listen=[f"tcp://127.0.0.1:{busy.getsockname()[1]}"])
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
