@@ -289,6 +289,7 @@ static int pim__ready(void)
 static int _pim_py_start(const char *config_json, int64_t *out_id);
 static int _pim_py_stop(int64_t id, int release);
 static int _pim_py_port(int64_t id, int *out_port);
+static int _pim_py_http_port(int64_t id, int *out_port);
 static int _pim_py_post(int64_t id, const char *conv, const char *sender, const char *device, const void *payload,
                         size_t len, const char *key, uint8_t *out_msg_id, uint64_t *out_seq);
 static int _pim_py_post_batch(int64_t id, pim_post_item *items, size_t n);
@@ -386,6 +387,13 @@ PIM_EXPORT int pim_broker_port(pim_broker *b, int *out_port)
     PIM__ENTER(b);
     PIM__CHECK(out_port != NULL, "out_port is NULL");
     return _pim_py_port(b->id, out_port);
+}
+
+PIM_EXPORT int pim_broker_http_port(pim_broker *b, int *out_port)
+{
+    PIM__ENTER(b);
+    PIM__CHECK(out_port != NULL, "out_port is NULL");
+    return _pim_py_http_port(b->id, out_port);
 }
 
 PIM_EXPORT int pim_post(pim_broker *b, const char *conv, const char *sender, const char *device,

@@ -378,6 +378,43 @@ def test_in_process_through_ctypes(libdir: Path, tmp_path: Path) -> None:
     assert lib.pim_broker_free(b) == 0
 
 
+def test_in_process_pim_broker_http_port_gives_the_http_listeners_port(libdir: Path, tmp_path: Path) -> None:
+    """The config takes an HTTP listener ({"http": {"listen": "tcp://127.0.0.1:0"}})
+    and pim_broker_http_port gives its bound port: /healthz answers there.
+    Without one, PIM_ERR_NOT_FOUND.  There was no way to learn the port
+    (pim_broker_port is the first tcp:// listener's)."""
+    import json
+    import urllib.request
+
+    lib = ctypes.CDLL(str(libdir / "libpimcore.so"))
+    lib.pim_last_error.restype = ctypes.c_char_p
+    vp = ctypes.c_void_p
+    lib.pim_broker_http_port.argtypes = lib.pim_broker_port.argtypes = [vp, ctypes.POINTER(ctypes.c_int)]
+    lib.pim_broker_free.argtypes = [vp]
+    b = vp()
+    config = {"data_dir": str(tmp_path / "d"), "durability": "os", "listen": ["tcp://127.0.0.1:0"],
+              "http": {"listen": "tcp://127.0.0.1:0"}}
+    assert lib.pim_broker_start_(json.dumps(config).encode(), ctypes.byref(b), 200) == 0, lib.pim_last_error()
+    try:
+        port, http_port = ctypes.c_int(), ctypes.c_int()
+        assert lib.pim_broker_port(b, ctypes.byref(port)) == 0
+        assert lib.pim_broker_http_port(b, ctypes.byref(http_port)) == 0, lib.pim_last_error()
+        assert 0 < http_port.value != port.value
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port.value}/healthz", timeout=10) as answer:
+            assert answer.status == 200
+        assert lib.pim_broker_http_port(b, None) == 1  # PIM_ERR_INVALID
+    finally:
+        assert lib.pim_broker_free(b) == 0
+    del config["http"]
+    config["data_dir"] = str(tmp_path / "e")
+    assert lib.pim_broker_start_(json.dumps(config).encode(), ctypes.byref(b), 200) == 0, lib.pim_last_error()
+    try:
+        assert lib.pim_broker_http_port(b, ctypes.byref(http_port)) == 16  # PIM_ERR_NOT_FOUND
+        assert b"HTTP listener" in lib.pim_last_error(), lib.pim_last_error()
+    finally:
+        assert lib.pim_broker_free(b) == 0
+
+
 class _Item(ctypes.Structure):
     _fields_ = [
         ("conv", ctypes.c_char_p), ("sender", ctypes.c_char_p), ("device", ctypes.c_char_p),
