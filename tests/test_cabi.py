@@ -237,6 +237,16 @@ def test_the_c_program_under_address_sanitizer(tmp_path: Path) -> None:
     assert done.returncode == 0 and " 0 failed" in done.stdout, report[-5000:]
 
 
+def test_the_readme_names_every_durability_mode_the_options_take() -> None:
+    """bindings/README.md, Options: durability is "sync" or "os" -- the
+    options also take "log" (pimcore.config.DURABILITY_MODES)."""
+    from pimcore.config import DURABILITY_MODES
+
+    text = (BINDINGS / "README.md").read_text(encoding="utf-8")
+    said = text[text.index("## Options"):].split("`durability` (", 1)[1].split(")", 1)[0]
+    assert set(re.findall(r'`"(\w+)"`', said)) == set(DURABILITY_MODES), said
+
+
 def test_the_header_compiles_as_cpp(libdir: Path, tmp_path: Path) -> None:
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed (apt-get install g++)")
