@@ -432,6 +432,29 @@ def test_in_process_pim_broker_http_port_gives_the_http_listeners_port(libdir: P
         assert lib.pim_broker_free(b) == 0
 
 
+def test_in_process_a_redis_store_it_cannot_reach_is_pim_err_store(libdir: Path, tmp_path: Path) -> None:
+    """{"store": {"url": ...}} at a port that refuses: PIM_ERR_STORE naming
+    the URL and store.url, no LMDB store made.  The broker started on
+    <data_dir>/store and ignored the setting."""
+    pytest.importorskip("coredis")
+    import json
+    import socket
+
+    lib = ctypes.CDLL(str(libdir / "libpimcore.so"))
+    lib.pim_last_error.restype = ctypes.c_char_p
+    b = ctypes.c_void_p()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{held.getsockname()[1]}"
+        config = {"data_dir": str(tmp_path / "d"), "store": {"url": url}}
+        rc = lib.pim_broker_start_(json.dumps(config).encode(), ctypes.byref(b), 200)
+        if rc == 0:
+            ctypes.CDLL(str(libdir / "libpimcore.so")).pim_broker_free(b)
+    said = lib.pim_last_error().decode()
+    assert rc == 14 and said.startswith(f"settings: cannot reach the Redis store {url} (store.url): "), (rc, said)
+    assert not b and not (tmp_path / "d" / "store").exists()
+
+
 class _Item(ctypes.Structure):
     _fields_ = [
         ("conv", ctypes.c_char_p), ("sender", ctypes.c_char_p), ("device", ctypes.c_char_p),
