@@ -1574,6 +1574,7 @@ async def open_redis_store(settings: ServeSettings) -> AsyncIterator[AsyncStore]
     what ``pimcore serve`` and :func:`open_pimcore` run on.  ConfigError if
     coredis/hiredis are missing, :func:`redis_refusal`'s StoreError if it
     cannot be reached."""
+    assert settings.store is not None  # (the caller's test: store.url is set)
     for module in ("coredis", "hiredis"):
         try:
             __import__(module)
