@@ -49,6 +49,7 @@ extern "Python" void _pim_py_hello(void);
 extern "Python" int _pim_py_start(const char *config_json, int64_t *out_id);
 extern "Python" int _pim_py_stop(int64_t id, int release);
 extern "Python" int _pim_py_port(int64_t id, int *out_port);
+extern "Python" int _pim_py_http_port(int64_t id, int *out_port);
 extern "Python" int _pim_py_post(int64_t id, const char *conv, const char *sender, const char *device,
                                  const void *payload, size_t len, const char *key, uint8_t *out_msg_id,
                                  uint64_t *out_seq);

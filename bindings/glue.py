@@ -183,6 +183,16 @@ def _pim_glue_main(ffi, lib):
         out_port[0] = broker(bid).port("tcp")
         return OK
 
+    @entry
+    def _pim_py_http_port(bid, out_port):
+        from urllib.parse import urlsplit
+
+        url = broker(bid).http_url
+        if url is None:
+            raise LookupError('no HTTP listener (give one in the config: {"http": {"listen": "tcp://HOST:PORT"}})')
+        out_port[0] = urlsplit(url).port
+        return OK
+
     def identity(sender, device):
         # The system is sender and device both NULL; "" is no id (embed's
         # SYSTEM is "", so it must not get through as a user's identity).

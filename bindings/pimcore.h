@@ -148,6 +148,10 @@ PIM_EXPORT int pim_broker_free(pim_broker *b);
 /* The bound TCP port of the first tcp:// listener (the one the OS chose
  * for port 0).  PIM_ERR_NOT_FOUND without one. */
 PIM_EXPORT int pim_broker_port(pim_broker *b, int *out_port);
+/* The bound TCP port of the HTTP listener ({"http": {"listen":
+ * "tcp://HOST:PORT"}}; the one the OS chose for port 0).  PIM_ERR_NOT_FOUND
+ * without one. */
+PIM_EXPORT int pim_broker_http_port(pim_broker *b, int *out_port);
 
 /* Store payload in conv and deliver it like a client's message; returns
  * once it is durable, with its id and seq (either out pointer may be NULL).

@@ -13,6 +13,7 @@
 #define PIM_BUILDING 1
 #include "pimcore.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -119,7 +120,7 @@ PIM_EXPORT void pim_free(void *p)
 
 static pthread_once_t pim__once = PTHREAD_ONCE_INIT;
 static char pim__init_msg[1024];           /* why start-up failed */
-static int pim__python_failed;             /* Py_InitializeFromConfig failed */
+static int pim__python_failed;             /* Python not started: no such program, or Py_InitializeFromConfig failed */
 static char pim__program[4096];            /* the python we started ("" if the host had one) */
 static int pim__glue_state;                /* 0 not yet, 1 up, -1 failed (atomic) */
 static pid_t pim__pid;                     /* the process that started Python here (0: none yet; atomic) */
@@ -151,10 +152,23 @@ static void pim__init_python(void)
     __atomic_store_n(&pim__pid, getpid(), __ATOMIC_RELEASE);
     if (Py_IsInitialized())
         return;
-    const char *prog = getenv("PIMCORE_PYTHON");
-    if (!prog || !*prog)
-        prog = PIM__BUILD_PYTHON;
+    const char *env = getenv("PIMCORE_PYTHON");
+    const char *prog = env && *env ? env : PIM__BUILD_PYTHON;
     snprintf(pim__program, sizeof pim__program, "%s", prog);
+    /* A path that is no program: say so.  Started with it anyway, CPython
+     * found some other environment, and the error said sys.prefix. (A bare
+     * name is looked up on PATH by CPython: left to it.) */
+    if (strchr(prog, '/') != NULL && access(prog, X_OK) != 0) {
+        int err = errno;
+        if (snprintf(pim__init_msg, sizeof pim__init_msg, "%s%s: %s; set %s to the python of the environment"
+                     " pimcore is installed in", prog == env ? "PIMCORE_PYTHON=" : "the python libpimcore was built"
+                     " with, ", prog, err == ENOENT ? "no such file" : strerror(err),
+                     prog == env ? "it" : "PIMCORE_PYTHON")
+            >= (int)sizeof pim__init_msg)
+            pim__utf8_trim(pim__init_msg);
+        pim__python_failed = 1;
+        return;
+    }
     PyConfig config;
     PyConfig_InitPythonConfig(&config);
     config.install_signal_handlers = 0;
@@ -289,6 +303,7 @@ static int pim__ready(void)
 static int _pim_py_start(const char *config_json, int64_t *out_id);
 static int _pim_py_stop(int64_t id, int release);
 static int _pim_py_port(int64_t id, int *out_port);
+static int _pim_py_http_port(int64_t id, int *out_port);
 static int _pim_py_post(int64_t id, const char *conv, const char *sender, const char *device, const void *payload,
                         size_t len, const char *key, uint8_t *out_msg_id, uint64_t *out_seq);
 static int _pim_py_post_batch(int64_t id, pim_post_item *items, size_t n);
@@ -386,6 +401,13 @@ PIM_EXPORT int pim_broker_port(pim_broker *b, int *out_port)
     PIM__ENTER(b);
     PIM__CHECK(out_port != NULL, "out_port is NULL");
     return _pim_py_port(b->id, out_port);
+}
+
+PIM_EXPORT int pim_broker_http_port(pim_broker *b, int *out_port)
+{
+    PIM__ENTER(b);
+    PIM__CHECK(out_port != NULL, "out_port is NULL");
+    return _pim_py_http_port(b->id, out_port);
 }
 
 PIM_EXPORT int pim_post(pim_broker *b, const char *conv, const char *sender, const char *device,

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -315,95 +314,17 @@ def _tune_collector() -> None:
     gc.set_threshold(GC_THRESHOLD0, g1, g2)
 
 
-class _Start:
-    """What one ``pimcore serve`` start found and made in its data directory,
-    so that a start that fails before serving takes back what it made: the
-    next start then behaves as if this one never ran (it creates -- and
-    logs -- its API key, a secret no broker used is not kept...).
-
-    Taken back: the directories it created (the data directory and missing
-    parents, each only if empty), and of the files it creates there only
-    those absent before the start.  Never anything that existed before, and
-    nothing while another broker holds the store's lock (two starts racing
-    on one new directory: the one that lost leaves the winner's files)."""
-
-    def __init__(self) -> None:
-        self.data_dir: Optional[Path] = None
-        self.missing: list[Path] = []  # directories that did not exist, innermost first
-        self.before: set[str] = set()
-        self.ready = False  # serving: from here on nothing is taken back
-        self.server: Any = None  # the BrokerServer once listening: a connection it accepted is serving too
-
-    def begin(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        p = data_dir.absolute()
-        while not p.exists() and p != p.parent:
-            self.missing.append(p)
-            p = p.parent
-        try:
-            self.before = set(os.listdir(data_dir))
-        except OSError:
-            self.before = set()
-
-    def undo(self) -> None:
-        from .auth import SECRET_FILE
-        from .config import API_KEY_FILE
-        from .webhooks import WEBHOOK_SECRET_FILE
-
-        d = self.data_dir
-        if d is None or self.ready or _broker_lock_held(d / "store"):
-            return
-        if self.server is not None and self.server.statistics().accepted:
-            return  # a client may have sent (and been acked) something
-        # What a start creates there (the Redis note is kept on purpose: it
-        # marks the directory for `pimcore group/purge/retention`).
-        for name in (SECRET_FILE, API_KEY_FILE, WEBHOOK_SECRET_FILE, "store"):
-            if name in self.before:
-                continue
-            path = d / name
-            try:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
-            except OSError:
-                pass
-        for path in self.missing:
-            try:
-                path.rmdir()  # only if empty: what others put there stays
-            except OSError:
-                return
-
-
-def _broker_lock_held(store_dir: Path) -> bool:
-    """Another broker holds ``store_dir``'s ``broker.lock`` (the flock the
-    LMDB store takes, one broker per store)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover  (no flock: assume the worst if a store is there)
-        return store_dir.exists()
-    try:
-        fd = os.open(store_dir / "broker.lock", os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # releases the probe's lock
-    return False
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
-    start = _Start()
+    from .config import DataDirStart
+
+    start = DataDirStart()
     code = _serve(args, start)
     if code != 0:
         start.undo()
     return code
 
 
-def _serve(args: argparse.Namespace, start: _Start) -> int:
+def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDirStart
     import signal
 
     import trio
@@ -487,13 +408,14 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
         where = f"data in {settings.data_dir.resolve()} (durability {settings.durability})"
     else:
         # A Redis Cluster store (an AsyncStore): opened inside trio below.
+        from .embed import mark_redis_data_dir
+
         try:
             # What `pimcore group/purge/retention --data-dir` here read: this
             # broker's data is in Redis, not in an LMDB store they would open.
-            settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            note.write_text(f"{settings.store} {settings.store_namespace}\n")
-        except OSError as exc:
-            print(f"pimcore serve: {store_refusal(settings, exc, note)}", file=sys.stderr)
+            mark_redis_data_dir(settings)
+        except ConfigError as exc:
+            print(f"pimcore serve: {exc}", file=sys.stderr)
             return 2
         for module in ("coredis", "hiredis"):
             try:
@@ -504,20 +426,14 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
                 return 2
         where = f"data in {settings.store} (namespace {settings.store_namespace})"
 
-    connected = False  # (a Redis store's connect failing is said as the setting's)
-
     async def run() -> None:
-        nonlocal store, connected
+        nonlocal store
         async with AsyncExitStack() as stack:
             if settings.store is not None:
-                from .store.redis import RedisStore
+                from .embed import open_redis_store
 
-                store = await stack.enter_async_context(
-                    RedisStore.connect(settings.store, namespace=settings.store_namespace,
-                                       address_map=settings.store_address_map,
-                                       **({} if settings.store_read_fanout_above is None else
-                                          {"read_fanout_above": settings.store_read_fanout_above})))
-            connected = True
+                # (One it cannot reach: a StoreError naming the URL and the setting.)
+                store = await stack.enter_async_context(open_redis_store(settings))
             await serve()
 
     async def serve() -> None:
@@ -580,17 +496,7 @@ def _serve(args: argparse.Namespace, start: _Start) -> int:
         # receiver closes -- after the graceful shutdown already finished.
         pass
     except (OSError, StoreError) as exc:
-        said = str(exc)
-        if settings.store is not None and not connected and isinstance(exc, StoreError):
-            # (It was "cannot reach Redis at [('127.0.0.1', 1)]: RedisClusterError('...')".)
-            prefix = "cannot reach Redis at "
-            if said.startswith(prefix):
-                said = said.split(": ", 1)[-1]
-                text = f"cannot reach the Redis store {settings.store} (store.url): {said}"
-            else:
-                text = f"the Redis store {settings.store} (store.url): {said}"
-            said = str(settings._refused(text, ("store", "url")))
-        print(f"pimcore serve: {said}", file=sys.stderr)
+        print(f"pimcore serve: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         if isinstance(store, LmdbStore):
@@ -654,7 +560,7 @@ def _refusal(command: str, exc: BaseException) -> str:
 
 
 #: Left in the data directory by `serve --store redis://...` (URL and
-#: namespace); removed by a serve on LMDB there.
+#: namespace); removed by a serve on LMDB there (pimcore.embed.REDIS_NOTE).
 _REDIS_NOTE = "redis-store"
 
 

@@ -102,6 +102,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -1586,3 +1587,83 @@ def token_secret(settings: ServeSettings, *, create: bool = True) -> Optional[by
     if not create:
         return None
     return _kept_secret(settings)
+
+
+class DataDirStart:
+    """What one start (``pimcore serve``, :func:`pimcore.embed.open_pimcore`)
+    found and made in its data directory, so that a start that fails before
+    serving takes back what it made: the next start then behaves as if this
+    one never ran (it creates -- and logs -- its API key, a secret no broker
+    used is not kept...).
+
+    Taken back: the directories it created (the data directory and missing
+    parents, each only if empty), and of the files it creates there only
+    those absent before the start.  Never anything that existed before, and
+    nothing while another broker holds the store's lock (two starts racing
+    on one new directory: the one that lost leaves the winner's files)."""
+
+    def __init__(self) -> None:
+        self.data_dir: Optional[Path] = None
+        self.missing: list[Path] = []  # directories that did not exist, innermost first
+        self.before: set[str] = set()
+        self.ready = False  # serving: from here on nothing is taken back
+        self.server: Any = None  # the BrokerServer once listening: a connection it accepted is serving too
+
+    def begin(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        p = data_dir.absolute()
+        while not p.exists() and p != p.parent:
+            self.missing.append(p)
+            p = p.parent
+        try:
+            self.before = set(os.listdir(data_dir))
+        except OSError:
+            self.before = set()
+
+    def undo(self) -> None:
+        from .auth import SECRET_FILE
+        from .webhooks import WEBHOOK_SECRET_FILE
+
+        d = self.data_dir
+        if d is None or self.ready or broker_lock_held(d / "store"):
+            return
+        if self.server is not None and self.server.statistics().accepted:
+            return  # a client may have sent (and been acked) something
+        # What a start creates there (the Redis note is kept on purpose: it
+        # marks the directory for `pimcore group/purge/retention`).
+        for name in (SECRET_FILE, API_KEY_FILE, WEBHOOK_SECRET_FILE, "store"):
+            if name in self.before:
+                continue
+            path = d / name
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError:
+                pass
+        for path in self.missing:
+            try:
+                path.rmdir()  # only if empty: what others put there stays
+            except OSError:
+                return
+
+
+def broker_lock_held(store_dir: Path) -> bool:
+    """Another broker holds ``store_dir``'s ``broker.lock`` (the flock the
+    LMDB store takes, one broker per store)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover  (no flock: assume the worst if a store is there)
+        return store_dir.exists()
+    try:
+        fd = os.open(store_dir / "broker.lock", os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock
+    return False

@@ -34,7 +34,8 @@ import trio
 from ._util import unwrap_single
 from .auth import JwtAuthenticator, issue_token
 from .core import Authenticator, ContentFilter, Identity
-from .config import ConfigError, ServeSettings, _check_data_dir, load_settings, store_refusal, token_secret
+from .config import (ConfigError, DataDirStart, ServeSettings, _check_data_dir, load_settings, store_refusal,
+                     token_secret)
 from .errors import BrokerStopped, ErrorCode, PimError, StoreError
 from .frames import MessageKind
 from . import ids
@@ -1444,8 +1445,11 @@ async def open_pimcore(
     (server API, /metrics, /healthz, /readyz; API keys from ``api_keys`` or
     ``<data_dir>/api-key``), its URL in :attr:`Pimcore.http_url`.
 
-    ``store`` defaults to LMDB in ``<data_dir>/store`` (opened here and
-    closed on exit; a store passed in stays open).  ``authenticate`` defaults
+    ``store`` defaults to the settings' Redis Cluster store when they set
+    ``store.url`` (``[store] url``, ``$PIMCORE_STORE``: connected as
+    ``pimcore serve`` connects it, :func:`open_redis_store`), else to LMDB
+    in ``<data_dir>/store``; either is opened here and closed on exit (a
+    store passed in stays open).  ``authenticate`` defaults
     to JWTs signed with the broker secret (``<data_dir>/secret``, created if
     missing, as ``pimcore serve`` does).  On exit the broker shuts down
     gracefully (committed acks flushed, Close(SHUTDOWN) to every client).
@@ -1462,8 +1466,10 @@ async def open_pimcore(
 
     Raises ConfigError for unusable settings (a value of the wrong type, a
     ``data_dir`` that is not a directory, a ``secret_file`` that cannot be
-    read), StoreError if the store cannot be opened, OSError if a listener
-    cannot bind; ValueError for a ``store`` that is no store object (a
+    read), StoreError if the store cannot be opened (a Redis store it cannot
+    reach: naming the URL, store.url and where it came from), OSError if a listener
+    cannot bind (a failed start takes back what it made in the data
+    directory, as ``pimcore serve``'s: docs/OPERATIONS.md, data_dir); ValueError for a ``store`` that is no store object (a
     name or URL string: the stores are LmdbStore, MemoryStore and the
     Redis Cluster AsyncStore).
     """
@@ -1480,6 +1486,22 @@ async def open_pimcore(
     elif config_file is not None or overrides:
         raise TypeError("pass either settings or config_file/overrides, not both")
     _check_data_dir(settings)  # (as pimcore serve says it, naming where data_dir came from)
+    start = DataDirStart()
+    start.begin(Path(settings.data_dir))
+    try:
+        async with _started(settings, store, authenticate, content_filter, start) as handle:
+            start.ready = True  # serving: nothing is taken back from here on
+            yield handle
+    except BaseException:
+        start.undo()  # a failed start takes back what it made there, as pimcore serve's
+        raise
+
+
+@asynccontextmanager
+async def _started(settings: ServeSettings, store: Union[Store, AsyncStore, None], authenticate: Optional[Auth],
+                   content_filter: Any, start: DataDirStart) -> AsyncIterator[Pimcore]:
+    """:func:`open_pimcore` once its settings are checked: everything it
+    makes and opens (``start`` learns the server once it listens)."""
     config = settings.server_config()
     tls = settings.tls_context()
     if tls is not None:
@@ -1493,7 +1515,9 @@ async def open_pimcore(
         authenticate = JwtAuthenticator(secret)  # (long enough: _secret_of says where a short one came from)
     http_config = _http_config(settings, tls)
     own_store = store is None
-    if store is None:
+    if store is None and settings.store is not None:
+        mark_redis_data_dir(settings)  # (the Redis store itself is connected below, in trio)
+    elif store is None:
         try:
             Path(settings.data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)  # (private: pimcore serve's)
             store = LmdbStore(Path(settings.data_dir) / "store", durability=settings.durability)
@@ -1501,27 +1525,90 @@ async def open_pimcore(
             raise store_refusal(settings, exc, Path(settings.data_dir) / "store") from None
     try:
         with unwrap_single():
-            async with open_broker_server(store, authenticate, config) as server:
+            async with AsyncExitStack() as stack:
+                if store is None:  # store.url: the Redis Cluster store, as pimcore serve connects it
+                    store = await stack.enter_async_context(open_redis_store(settings))
+                server = await stack.enter_async_context(open_broker_server(store, authenticate, config))
+                start.server = server  # (a connection it accepted: serving, nothing taken back)
                 handle = Pimcore(server, store, settings, secret)
-                async with AsyncExitStack() as stack:
-                    if http_config is not None:
-                        from .http import open_http_server
+                if http_config is not None:
+                    from .http import open_http_server
 
-                        handle.http = await stack.enter_async_context(
-                            open_http_server(server, http_config, handle=handle))
-                    if webhook is None:
+                    handle.http = await stack.enter_async_context(
+                        open_http_server(server, http_config, handle=handle))
+                if own_store and settings.store is None:
+                    (Path(settings.data_dir) / REDIS_NOTE).unlink(missing_ok=True)  # LMDB's again (as serve)
+                if webhook is None:
+                    yield handle
+                else:
+                    async with trio.open_nursery() as nursery:
+                        await start_webhooks(handle, webhook, nursery)
                         yield handle
-                    else:
-                        async with trio.open_nursery() as nursery:
-                            await start_webhooks(handle, webhook, nursery)
-                            yield handle
-                            nursery.cancel_scope.cancel()
+                        nursery.cancel_scope.cancel()
     finally:
-        if own_store:
-            if isinstance(store, AsyncStore):
-                await store.aclose()
-            else:
-                store.close()
+        if own_store and isinstance(store, Store):  # (a Redis store: closed by its context above)
+            store.close()
+
+
+#: Left in the data directory of a broker on a Redis store (its URL and
+#: namespace): ``pimcore group/purge/retention --data-dir`` read it and
+#: refuse to write an LMDB store there that no broker reads.  Removed by a
+#: broker started there on LMDB.
+REDIS_NOTE = "redis-store"
+
+
+def mark_redis_data_dir(settings: ServeSettings) -> None:
+    """Write :data:`REDIS_NOTE` for a broker on ``settings.store``
+    (making the data directory, private, if missing); ConfigError in words
+    if it cannot be written."""
+    note = Path(settings.data_dir) / REDIS_NOTE
+    try:
+        Path(settings.data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        note.write_text(f"{settings.store} {settings.store_namespace}\n")
+    except OSError as exc:
+        raise store_refusal(settings, exc, note) from None
+
+
+def redis_refusal(settings: ServeSettings, exc: StoreError) -> StoreError:
+    """The Redis store of ``settings.store`` failing to connect, in words
+    naming the URL, the setting and where it came from: "cannot reach the
+    Redis store redis://127.0.0.1:1 (store.url): ... (from $PIMCORE_STORE)".
+    (It was "cannot reach Redis at [('127.0.0.1', 1)]: RedisClusterError('...')".)"""
+    said = str(exc)
+    if said.startswith("cannot reach Redis at "):
+        text = f"cannot reach the Redis store {settings.store} (store.url): {said.split(': ', 1)[-1]}"
+    else:
+        text = f"the Redis store {settings.store} (store.url): {said}"
+    return StoreError(str(settings._refused(text, ("store", "url"))))
+
+
+@asynccontextmanager
+async def open_redis_store(settings: ServeSettings) -> AsyncIterator[AsyncStore]:
+    """The Redis Cluster store of ``settings.store`` (``[store] url``,
+    ``$PIMCORE_STORE``, ``--store``) with its ``namespace``,
+    ``address_map`` and ``read_fanout_above``, connected for the block:
+    what ``pimcore serve`` and :func:`open_pimcore` run on.  ConfigError if
+    coredis/hiredis are missing, :func:`redis_refusal`'s StoreError if it
+    cannot be reached."""
+    assert settings.store is not None  # (the caller's test: store.url is set)
+    for module in ("coredis", "hiredis"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise settings._refused(f"store.url {settings.store} needs {module}: pip install 'pimcore[redis]'",
+                                    ("store", "url")) from None
+    from .store.redis import RedisStore
+
+    extra = {} if settings.store_read_fanout_above is None else {"read_fanout_above": settings.store_read_fanout_above}
+    async with AsyncExitStack() as stack:
+        try:
+            with unwrap_single():
+                store = await stack.enter_async_context(RedisStore.connect(
+                    settings.store, namespace=settings.store_namespace, address_map=settings.store_address_map,
+                    **extra))
+        except StoreError as exc:
+            raise redis_refusal(settings, exc) from exc
+        yield store
 
 
 def _http_config(settings: ServeSettings, tls: Optional[ssl.SSLContext]) -> Any:

@@ -151,7 +151,10 @@ class ThreadedPimcore:
             trio.run(self._serve, settings, kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller / close()
             self._error = exc
-            _log.error("pimcore thread ended: %r", first_leaf(exc))
+            if self._ready.is_set():  # it was serving: said now, re-raised by close() later
+                _log.error("pimcore thread ended: %r", first_leaf(exc))
+            else:  # start-up: raised in the caller by open_pimcore_thread (said once, there)
+                _log.debug("pimcore thread: the start failed: %r (raised to the caller)", first_leaf(exc))
         finally:
             self._ready.set()
 

@@ -120,11 +120,14 @@ def test_the_c_program(abi_exe: Path, tmp_path: Path) -> None:
 
 
 def test_pim_debug_sends_the_library_log_to_stderr(abi_exe: Path, tmp_path: Path) -> None:
-    """PIM_DEBUG=warning: pimcore's log lines (the bind error) on stderr."""
+    """PIM_DEBUG=debug: pimcore's log lines (the bind error) on stderr.  A
+    start-up error is the caller's (PIM_ERR_IO and pim_last_error), so it is
+    logged at DEBUG only, not as an ERROR as well."""
     done = subprocess.run([str(abi_exe), "main", str(tmp_path / "data"), sys.executable, "10"],
-                          capture_output=True, text=True, env=_env(PIM_DEBUG="warning"), timeout=600, cwd=tmp_path)
+                          capture_output=True, text=True, env=_env(PIM_DEBUG="debug"), timeout=600, cwd=tmp_path)
     assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout[-3000:]
-    assert "libpimcore ERROR" in done.stderr and "address already in use" in done.stderr.lower(), done.stderr
+    bind = [line for line in done.stderr.splitlines() if "address already in use" in line.lower()]
+    assert bind and all(line.startswith("libpimcore DEBUG") for line in bind), done.stderr
 
 
 def test_threads_making_the_first_calls_at_once_all_get_their_answer(abi_exe: Path, tmp_path: Path) -> None:
@@ -190,11 +193,18 @@ def test_arguments_are_checked_as_documented(abi_exe: Path, tmp_path: Path) -> N
 @pytest.mark.parametrize("broken", [{"PIMCORE_PYTHON": "/nonexistent/bin/python"}, {"PYTHONHOME": "/nonexistent"}],
                          ids=["wrong-environment", "no-standard-library"])
 def test_python_failing_to_start_is_a_clear_init_code(abi_exe: Path, broken: dict[str, str]) -> None:
+    """A PIMCORE_PYTHON that does not exist says so, naming the variable
+    (it was reported as a sys.prefix mismatch: the embedded Python started
+    without it and found another environment)."""
     done = subprocess.run([str(abi_exe), "init-fails"], capture_output=True, text=True, env=_env(**broken), timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "the reason: " in done.stdout and ("sys.prefix" in done.stdout or "Python did not start" in done.stdout)
+    assert "the reason: " in done.stdout
     if "PIMCORE_PYTHON" in broken:  # (without a standard library CPython prints its path configuration itself)
+        assert "the reason: PIMCORE_PYTHON=/nonexistent/bin/python: no such file" in done.stdout, done.stdout
+        assert "sys.prefix" not in done.stdout, done.stdout
         assert done.stderr == "", done.stderr
+    else:
+        assert "Python did not start" in done.stdout, done.stdout
 
 
 def test_an_environment_without_cffi_is_a_clear_init_code_and_nothing_on_stderr(abi_exe: Path, tmp_path: Path) -> None:
@@ -232,6 +242,16 @@ def test_the_c_program_under_address_sanitizer(tmp_path: Path) -> None:
     report = done.stdout + done.stderr
     assert "AddressSanitizer" not in report, report[-5000:]
     assert done.returncode == 0 and " 0 failed" in done.stdout, report[-5000:]
+
+
+def test_the_readme_names_every_durability_mode_the_options_take() -> None:
+    """bindings/README.md, Options: durability is "sync" or "os" -- the
+    options also take "log" (pimcore.config.DURABILITY_MODES)."""
+    from pimcore.config import DURABILITY_MODES
+
+    text = (BINDINGS / "README.md").read_text(encoding="utf-8")
+    said = text[text.index("## Options"):].split("`durability` (", 1)[1].split(")", 1)[0]
+    assert set(re.findall(r'`"(\w+)"`', said)) == set(DURABILITY_MODES), said
 
 
 def test_the_header_compiles_as_cpp(libdir: Path, tmp_path: Path) -> None:
@@ -373,6 +393,66 @@ def test_in_process_through_ctypes(libdir: Path, tmp_path: Path) -> None:
     assert lib.pim_post(b, b"team", None, None, b"late", 4, None, None, None) == 5  # PIM_ERR_STOPPED
     assert lib.pim_strerror(5) == b"the broker was stopped"
     assert lib.pim_broker_free(b) == 0
+
+
+def test_in_process_pim_broker_http_port_gives_the_http_listeners_port(libdir: Path, tmp_path: Path) -> None:
+    """The config takes an HTTP listener ({"http": {"listen": "tcp://127.0.0.1:0"}})
+    and pim_broker_http_port gives its bound port: /healthz answers there.
+    Without one, PIM_ERR_NOT_FOUND.  There was no way to learn the port
+    (pim_broker_port is the first tcp:// listener's)."""
+    import json
+    import urllib.request
+
+    lib = ctypes.CDLL(str(libdir / "libpimcore.so"))
+    lib.pim_last_error.restype = ctypes.c_char_p
+    vp = ctypes.c_void_p
+    lib.pim_broker_http_port.argtypes = lib.pim_broker_port.argtypes = [vp, ctypes.POINTER(ctypes.c_int)]
+    lib.pim_broker_free.argtypes = [vp]
+    b = vp()
+    config = {"data_dir": str(tmp_path / "d"), "durability": "os", "listen": ["tcp://127.0.0.1:0"],
+              "http": {"listen": "tcp://127.0.0.1:0"}}
+    assert lib.pim_broker_start_(json.dumps(config).encode(), ctypes.byref(b), 200) == 0, lib.pim_last_error()
+    try:
+        port, http_port = ctypes.c_int(), ctypes.c_int()
+        assert lib.pim_broker_port(b, ctypes.byref(port)) == 0
+        assert lib.pim_broker_http_port(b, ctypes.byref(http_port)) == 0, lib.pim_last_error()
+        assert 0 < http_port.value != port.value
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port.value}/healthz", timeout=10) as answer:
+            assert answer.status == 200
+        assert lib.pim_broker_http_port(b, None) == 1  # PIM_ERR_INVALID
+    finally:
+        assert lib.pim_broker_free(b) == 0
+    del config["http"]
+    config["data_dir"] = str(tmp_path / "e")
+    assert lib.pim_broker_start_(json.dumps(config).encode(), ctypes.byref(b), 200) == 0, lib.pim_last_error()
+    try:
+        assert lib.pim_broker_http_port(b, ctypes.byref(http_port)) == 16  # PIM_ERR_NOT_FOUND
+        assert b"HTTP listener" in lib.pim_last_error(), lib.pim_last_error()
+    finally:
+        assert lib.pim_broker_free(b) == 0
+
+
+def test_in_process_a_redis_store_it_cannot_reach_is_pim_err_store(libdir: Path, tmp_path: Path) -> None:
+    """{"store": {"url": ...}} at a port that refuses: PIM_ERR_STORE naming
+    the URL and store.url, no LMDB store made.  The broker started on
+    <data_dir>/store and ignored the setting."""
+    pytest.importorskip("coredis")
+    import json
+    import socket
+
+    lib = ctypes.CDLL(str(libdir / "libpimcore.so"))
+    lib.pim_last_error.restype = ctypes.c_char_p
+    b = ctypes.c_void_p()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{held.getsockname()[1]}"
+        config = {"data_dir": str(tmp_path / "d"), "store": {"url": url}}
+        rc = lib.pim_broker_start_(json.dumps(config).encode(), ctypes.byref(b), 200)
+        if rc == 0:
+            ctypes.CDLL(str(libdir / "libpimcore.so")).pim_broker_free(b)
+    said = lib.pim_last_error().decode()
+    assert rc == 14 and said.startswith(f"settings: cannot reach the Redis store {url} (store.url): "), (rc, said)
+    assert not b and not (tmp_path / "d" / "store").exists()
 
 
 class _Item(ctypes.Structure):

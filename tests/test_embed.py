@@ -653,3 +653,68 @@ def test_the_asyncio_handle_has_online_anywhere(tmp_path: Path) -> None:
             assert await im.online_anywhere(["alice", "bob"]) == frozenset()
 
     asyncio.run(main())
+
+
+async def test_a_redis_store_it_cannot_reach_is_refused_naming_store_url_and_where_it_came_from(
+        tmp_path: Path, monkeypatch) -> None:
+    """store.url from a config file, or from $PIMCORE_STORE, at a port that
+    refuses: StoreError in pimcore serve's words (the URL, the setting, where
+    it came from), no LMDB store made instead.  open_pimcore ignored
+    store.url and started on <data_dir>/store."""
+    pytest.importorskip("coredis")
+    import socket
+
+    from pimcore.errors import StoreError
+
+    with socket.socket() as held:  # bound, not listening: a connection is refused at once
+        held.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{held.getsockname()[1]}"
+        conf = tmp_path / "pimcore.toml"
+        conf.write_text(f'[store]\nurl = "{url}"\n')
+        with trio.fail_after(30):
+            with pytest.raises(StoreError) as refused:
+                async with open_pimcore(config_file=str(conf), data_dir=tmp_path / "a"):
+                    pass
+            assert str(refused.value).startswith(f"{conf}: cannot reach the Redis store {url} (store.url): "), \
+                refused.value
+            monkeypatch.setenv("PIMCORE_STORE", url)
+            with pytest.raises(StoreError) as refused:
+                async with open_pimcore(data_dir=tmp_path / "b"):
+                    pass
+            said = str(refused.value)
+            assert said.startswith(f"cannot reach the Redis store {url} (store.url): ") and \
+                said.endswith(" (from $PIMCORE_STORE)"), said
+    assert "RedisClusterError(" not in said and "[('" not in said, said
+    assert not (tmp_path / "a" / "store").exists() and not (tmp_path / "b" / "store").exists()
+
+
+async def test_a_failed_start_takes_back_what_it_made_in_the_data_directory(tmp_path: Path) -> None:
+    """A listen port in use: OSError, and, as pimcore serve does
+    (docs/OPERATIONS.md, data_dir), the start takes back what it made -- a
+    new data directory entirely; in one that existed, the secret, API key
+    and store it created -- never what was there before.  They were left."""
+    import socket
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    had_secret = tmp_path / "had-secret"
+    had_secret.mkdir()
+    (had_secret / "secret").write_text("s" * 40)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        listen = [f"tcp://127.0.0.1:{busy.getsockname()[1]}"]
+        with trio.fail_after(20):
+            for d in (tmp_path / "new" / "data", kept, had_secret):
+                with pytest.raises(OSError):
+                    async with open_pimcore(data_dir=d, listen=listen, http="tcp://127.0.0.1:0"):
+                        pass
+    assert not (tmp_path / "new").exists()
+    assert sorted(os.listdir(kept)) == ["notes.txt"]
+    assert sorted(os.listdir(had_secret)) == ["secret"] and (had_secret / "secret").read_text() == "s" * 40
+    # A start that served keeps everything.
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=kept, listen=["tcp://127.0.0.1:0"]):
+            pass
+    assert {"secret", "store", "notes.txt"} <= set(os.listdir(kept))

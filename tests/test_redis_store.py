@@ -181,6 +181,45 @@ async def test_pimcore_serve_over_redis_survives_kill_9_of_the_broker(redis_clus
         procs.close()
 
 
+@pytest.mark.redis
+async def test_an_embedded_broker_with_a_store_url_keeps_its_data_in_redis(redis_cluster, tmp_path, monkeypatch) -> None:
+    """open_pimcore(config_file=...) with [store] url, then open_pimcore(data_dir=...)
+    with $PIMCORE_STORE, and the threaded host with {"store": {"url": ...}}
+    (the C ABI's document): all three store in the Redis Cluster -- each
+    posts to the group the first made, and a RedisStore on the namespace
+    reads every message back -- and none makes an LMDB store in its data
+    directory.  They ignored store.url and wrote <data_dir>/store/data.mdb."""
+    from pimcore.embed import open_pimcore
+    from pimcore.store.redis import RedisStore
+    from pimcore.threaded import open_pimcore_thread
+
+    ns = _ns()
+    conf = tmp_path / "pimcore.toml"
+    conf.write_text(f'[store]\nurl = "{redis_cluster.url}"\nnamespace = "{ns}"\n')
+    with trio.fail_after(60):
+        async with open_pimcore(config_file=str(conf), data_dir=tmp_path / "a") as im:
+            await im.create_group("team", ["alice", "bob"])
+            await im.post("team", b"from the file")
+        with monkeypatch.context() as env:
+            env.setenv("PIMCORE_STORE", redis_cluster.url)
+            env.setenv("PIMCORE_STORE_NAMESPACE", ns)
+            async with open_pimcore(data_dir=tmp_path / "b") as im:
+                await im.post("team", b"from the environment")
+
+        def threaded() -> None:
+            with open_pimcore_thread(document={"data_dir": str(tmp_path / "c"),
+                                               "store": {"url": redis_cluster.url, "namespace": ns}}) as im:
+                im.post("team", b"from the document")
+
+        await trio.to_thread.run_sync(threaded)
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as store:
+            history = await store.history("team", 0, 10)
+    assert [m.payload for m in history if m.kind == 0] == [b"from the file", b"from the environment",
+                                                            b"from the document"]
+    for d in "abc":
+        assert (tmp_path / d / "secret").exists() and not (tmp_path / d / "store").exists(), d
+
+
 def test_the_store_url_comes_from_flag_file_or_environment(tmp_path) -> None:
     """--store, [store] url (or ``store = "URL"``) and PIMCORE_STORE; the
     default stays LMDB; a URL that is not redis://HOST:PORT,... is refused

@@ -3,6 +3,7 @@ driven by blocking calls from any thread, through its public API only."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 from pathlib import Path
@@ -91,6 +92,7 @@ def test_start_up_errors_are_raised_in_the_caller_unwrapped(tmp_path: Path) -> N
             _start(tmp_path / "b", listen=[f"tcp://127.0.0.1:{busy.getsockname()[1]}"])
     finally:
         busy.close()
+    assert not (tmp_path / "b").exists()  # (a failed start takes back the data directory it made)
     with _start(tmp_path / "c"):
         with pytest.raises(BrokerAlreadyRunning):
             _start(tmp_path / "c")
@@ -643,3 +645,37 @@ def test_a_broker_used_only_by_its_host_reclaims_acked_events(tmp_path: Path) ->
             return events[0].id if events else last + 1
 
         _wait(lambda: first_left() == last + 1, "the acked events reclaimed")
+
+
+def test_a_redis_store_url_in_the_document_is_used_and_refused_when_unreachable(tmp_path: Path) -> None:
+    """{"store": {"url": ...}} (what the C ABI's config_json hands on) at a
+    port that refuses: StoreError naming the URL and store.url, not a broker
+    started on <data_dir>/store."""
+    pytest.importorskip("coredis")
+    from pimcore.errors import StoreError
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{held.getsockname()[1]}"
+        with pytest.raises(StoreError, match=re.escape(f"cannot reach the Redis store {url} (store.url): ")):
+            open_pimcore_thread(document={"data_dir": str(tmp_path / "d"), "store": {"url": url}})
+    assert not (tmp_path / "d" / "store").exists()
+
+
+def test_a_start_up_error_is_raised_once_not_also_logged(tmp_path: Path, caplog) -> None:
+    """A data_dir that is a file (ConfigError) and a port in use (OSError):
+    raised in the caller, and nothing logged at ERROR for it.  The thread
+    also logged "pimcore thread ended: ConfigError(...)" on stderr, so a
+    host that reports its exception said it twice."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="pimcore")
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ConfigError):
+        _start(tmp_path / "file")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(OSError):
+            _start(tmp_path / "d", listen=[f"tcp://127.0.0.1:{busy.getsockname()[1]}"])
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
