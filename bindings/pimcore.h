@@ -66,13 +66,14 @@
 #include <stdint.h>
 
 #define PIM_VERSION_MAJOR 0
-#define PIM_VERSION_MINOR 2
+#define PIM_VERSION_MINOR 3
 #define PIM_VERSION_PATCH 0
 /* The version this header describes; pim_broker_start passes it and the
  * library refuses (PIM_ERR_VERSION) a header newer than itself, of another
  * major version, or older than the first (0.1.0 = 100; a negative number
- * too).  0.2 appended fields to pim_event; a program built with the 0.1
- * header still runs against this library. */
+ * too).  0.2 appended fields to pim_event, 0.3 added
+ * pim_broker_http_port; a program built with an older header still runs
+ * against this library. */
 #define PIM_VERSION_NUMBER (PIM_VERSION_MAJOR * 10000 + PIM_VERSION_MINOR * 100 + PIM_VERSION_PATCH)
 
 #if defined(PIM_BUILDING)
@@ -150,7 +151,7 @@ PIM_EXPORT int pim_broker_free(pim_broker *b);
 PIM_EXPORT int pim_broker_port(pim_broker *b, int *out_port);
 /* The bound TCP port of the HTTP listener ({"http": {"listen":
  * "tcp://HOST:PORT"}}; the one the OS chose for port 0).  PIM_ERR_NOT_FOUND
- * without one. */
+ * without one.  Since 0.3. */
 PIM_EXPORT int pim_broker_http_port(pim_broker *b, int *out_port);
 
 /* Store payload in conv and deliver it like a client's message; returns

@@ -320,7 +320,7 @@ def test_in_process_through_ctypes(libdir: Path, tmp_path: Path) -> None:
     lib.pim_group_create.argtypes = [vp, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t]
     lib.pim_token_issue.argtypes = [vp, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(vp)]
     lib.pim_free.argtypes = [vp]
-    assert lib.pim_version(None, None, None) == b"0.2.0"
+    assert lib.pim_version(None, None, None) == b"0.3.0"
 
     b = vp()
     config = b'{"data_dir": "%s", "durability": "os", "server": {"events": true}}' % str(tmp_path / "d").encode()
