@@ -126,6 +126,7 @@ from .store.base import (
 
 __all__ = [
     "Limits",
+    "message_overhead",
     "BrokerConfig",
     "Identity",
     "Authenticator",
@@ -140,6 +141,7 @@ __all__ = [
     "DeviceOnline",
     "DeviceOffline",
     "TypingElsewhere",
+    "PushOverMaxFrame",
     "AdminDone",
     "PostDone",
     "Command",
@@ -594,9 +596,27 @@ class TypingElsewhere:
     at: int
 
 
+@dataclass(frozen=True, slots=True)
+class PushOverMaxFrame:
+    """A Push of one message to ``user``'s ``device`` on ``conn`` was over
+    ``max_frame`` (``size`` bytes): the device refuses it (FRAME_TOO_LARGE)
+    and receives nothing past it.  Only a message stored under larger
+    limits gets here (limits lowered since, or an older pimcore that took
+    max_payload up to max_frame): :class:`Limits` keeps every new one
+    within.  Informational (a warning to log: max_frame must be raised to
+    at least ``size`` for that device to receive again); one per
+    connection."""
+
+    conn: int
+    user: str
+    device: str
+    size: int
+    max_frame: int
+
+
 Command = Union[
     SendData, CloseConnection, PauseReading, ResumeReading, StoreRequest, Authenticate, CheckContent, AdminDone,
-    PostDone, DeviceOnline, DeviceOffline, TypingElsewhere,
+    PostDone, DeviceOnline, DeviceOffline, TypingElsewhere, PushOverMaxFrame,
 ]
 
 
@@ -624,6 +644,9 @@ class BrokerStatistics:
     reclaimed_entries: int
     reads: int  # read requests completed
     read_failures: int
+    #: Pushes of one message over max_frame (sent as they are, refused by
+    #: the device: :class:`PushOverMaxFrame`).
+    pushes_over_max_frame: int
     pending_ops: int  # ops waiting for the next batch
     batch_in_flight: bool  # a write request is with the store
     reads_in_flight: int
@@ -652,7 +675,7 @@ class _Conn:
         "id", "state", "opened", "last_seen", "session", "user", "device", "inflight", "tokens", "refill_at", "strikes",
         "expires", "waiting", "backlog", "history_reads", "login", "paused", "issued_at",
         "held", "chunks", "chunk_sent", "reserved", "ctl_tokens", "ctl_at",
-        "hibernate_mark", "wrote", "acks_held", "acks_out",
+        "hibernate_mark", "wrote", "acks_held", "acks_out", "over",
     )
 
     def __init__(self, conn_id: int, now: int, session: ServerSession) -> None:
@@ -676,6 +699,8 @@ class _Conn:
         # sent while there is one (their places: _HeldAck.ordinal).
         self.acks_held: Optional[deque[_HeldAck]] = None
         self.acks_out = 0
+        # The session's pushes_over_max_frame already said (PushOverMaxFrame).
+        self.over = 0
         # The request (hook or login read) this connection waits for, 0 if
         # none; _ACKS_HELD while it holds its window of answers (acks_held).
         # Meanwhile nothing more is decoded: new bytes wait in the
@@ -1202,7 +1227,7 @@ class Broker:
             (
                 "frames_in", "frames_out", "logins", "resyncs", "auth_failures", "kicks", "revoked_sessions", "posts", "protocol_errors", "messages_stored",
                 "duplicates", "rejected", "batches", "batch_failures", "pushes", "reclaimed_entries", "reads",
-                "read_failures",
+                "read_failures", "pushes_over_max_frame",
             ),
             0,
         )
@@ -3984,6 +4009,8 @@ class Broker:
             return  # over the hard limit: closed as a slow consumer (_maybe_commit)
         self._stats["frames_out"] += 1
         data = c.session.send(frame)
+        if c.session.pushes_over_max_frame != c.over:
+            self._over_max_frame(c, out)
         if c.chunks is None:
             c.chunks = deque()
         c.chunks.append(len(data))
@@ -4002,6 +4029,8 @@ class Broker:
             return  # over the hard limit: closed as a slow consumer (_maybe_commit)
         self._stats["frames_out"] += len(frames)
         data = c.session.send_many(frames)
+        if c.session.pushes_over_max_frame != c.over:
+            self._over_max_frame(c, out)
         if c.chunks is None:
             c.chunks = deque()
         c.chunks.append(len(data))
@@ -4010,6 +4039,18 @@ class Broker:
         if c.held > self.config.max_outbound:
             self._slow.append(c)
         out.append(_send_data(conn, data))
+
+    def _over_max_frame(self, c: _Conn, out: list[Command]) -> None:
+        """``c``'s session sent a Push of one message over max_frame (a
+        message stored under larger limits): counted, and said once per
+        connection (PushOverMaxFrame) -- the device refuses the frame,
+        reconnects and gets it again, and nothing else said why."""
+        first = c.over == 0
+        self._stats["pushes_over_max_frame"] += c.session.pushes_over_max_frame - c.over
+        c.over = c.session.pushes_over_max_frame
+        if first:
+            out.append(PushOverMaxFrame(c.id, c.user or "", c.device or "", c.session.last_over_max_frame,
+                                        self.config.limits.max_frame))
 
     def _error(self, conn: int, code: ErrorCode, ref: int, reason: str, out: list[Command]) -> None:
         if conn in self._conns:

@@ -246,6 +246,9 @@ class SessionStatistics:
     compressing: bool  #: outgoing frames may be compressed (a LoginAck with CAP_ZSTD was sent)
     decompressing: bool  #: incoming compressed frames are accepted (login_accepted with CAP_ZSTD)
     buffered: int  #: bytes received and not yet decoded
+    #: Pushes of one message over max_frame, sent as they are (the peer
+    #: refuses them: see ServerSession.pushes_over_max_frame).
+    pushes_over_max_frame: int
 
 
 class Compression:
@@ -329,6 +332,7 @@ class ServerSession:
     __slots__ = (
         "_state", "_decoder", "_feed", "_next", "_accepting", "_error", "_encode", "_encode_many", "_compression",
         "_compress", "_deflate", "_can_send", "_frames_in", "_frames_out", "_bytes_in", "_bytes_out", "_frames_compressed",
+        "pushes_over_max_frame", "last_over_max_frame",
     )
 
     def __init__(
@@ -354,6 +358,15 @@ class ServerSession:
         self._deflate: Optional[Any] = None  # this connection's DeflateCompressor (CAP_DEFLATE_DOWN)
         self._error: Optional[ProtocolError] = None  # ERRORED: raised again by next_frame(s)
         self._frames_in = self._frames_out = self._bytes_in = self._bytes_out = self._frames_compressed = 0
+        #: Pushes of one message whose encoding is over max_frame, sent as
+        #: they are (one message cannot be split): the peer refuses each
+        #: (FRAME_TOO_LARGE) and its inbox is stuck behind it.  Only a
+        #: message stored under larger limits gets here (Limits holds
+        #: max_payload plus message_overhead within max_frame): the owner
+        #: reads this to say so (Broker: PushOverMaxFrame).
+        self.pushes_over_max_frame = 0
+        #: Bytes of the last such Push, encoded (before compression).
+        self.last_over_max_frame = 0
 
     # ------------------------------------------------------------ introspection
 
@@ -395,6 +408,7 @@ class ServerSession:
             bytes_in=self._bytes_in,
             bytes_out=self._bytes_out,
             frames_compressed=self._frames_compressed,
+            pushes_over_max_frame=self.pushes_over_max_frame,
             compressing=self._compress is not None,
             decompressing=self._decoder.decompress is not None,
             buffered=self._decoder.buffered,
@@ -663,10 +677,16 @@ class ServerSession:
         device never received again.  Split in halves: the first covers up
         to its last message's position, the last up to ``push.position``,
         so a cumulative PushAck of either is true.  A Push of one message
-        over the limit stays as it is (its payload is within max_payload,
-        which is within max_frame: only ids and mentions can push it over)."""
+        over the limit stays as it is, counted in
+        :attr:`pushes_over_max_frame` (a message stored under larger
+        limits: Limits keeps a new one within max_frame)."""
         msgs = push.messages
-        if len(msgs) < 2 or len(self._encode(push)) <= self._decoder.max_frame_size:
+        size = len(self._encode(push))
+        if size <= self._decoder.max_frame_size:
+            return [push]
+        if len(msgs) < 2:
+            self.pushes_over_max_frame += 1
+            self.last_over_max_frame = size
             return [push]
         k = len(msgs) // 2
         return (self._pushes_within(_Push(msgs[k - 1].position, msgs[:k]))

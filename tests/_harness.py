@@ -52,6 +52,7 @@ from pimcore.core import (
     SendData,
     StoreRequest,
     TypingElsewhere,
+    PushOverMaxFrame,
 )
 from pimcore.errors import AuthError, StoreError
 from pimcore.store import GroupChanged, Store
@@ -139,6 +140,7 @@ class Harness:
         # them: one offline per online, for the same conn, user and device.
         self.presence: list = []
         self.online: dict[int, DeviceOnline] = {}
+        self.over_max_frame: list[PushOverMaxFrame] = []
         self.elsewhere: list[TypingElsewhere] = []  # Typing for the other nodes (Broker.relay_elsewhere)
         self._next_conn = 1
         self._next_ref = 1
@@ -195,6 +197,8 @@ class Harness:
                 self.presence.append(cmd)
             elif isinstance(cmd, TypingElsewhere):
                 self.elsewhere.append(cmd)
+            elif isinstance(cmd, PushOverMaxFrame):
+                self.over_max_frame.append(cmd)
             else:  # pragma: no cover
                 raise AssertionError(f"unknown command {cmd!r}")
         self._settle()

@@ -169,3 +169,44 @@ async def test_a_message_at_the_tightest_accepted_limits_is_delivered_fetched_an
                     assert entry.last[0].payload == payload
     finally:
         store.close()
+
+
+async def test_a_stored_message_over_a_lowered_max_frame_is_said_and_counted_and_not_lost(tmp_path, caplog) -> None:
+    """(A review: MEDIUM.)  Limits hold a new message within max_frame, but
+    one stored under larger limits (lowered since, or an older pimcore that
+    took max_payload up to max_frame) is pushed over it: the device refuses
+    the frame and reconnects for ever, and the broker said nothing but
+    NORMAL closes.  Now each connection that gets such a Push logs
+    ``push_over_max_frame`` (user, device, size, max_frame) once, and
+    ``pushes_over_max_frame`` counts them; with max_frame raised again
+    the device receives both messages: nothing was lost."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="pimcore")
+    conv = direct_conversation("alice", "bob")
+    big = Limits(max_frame=3 << 20, max_payload=2 << 20, heartbeat_ms=15000)
+    store = LmdbStore(tmp_path / "store")
+    try:
+        with trio.fail_after(60):
+            async with serving(store, server_config(limits=big)) as srv:
+                async with client(srv.url(), "alice") as a:
+                    await a.send(conv, os.urandom(2 << 20))
+                    await a.send(conv, b"small after")
+            async with serving(store, server_config(limits=Limits(heartbeat_ms=15000))) as srv:
+                async with client(srv.url(), "bob") as b:
+                    with trio.move_on_after(1.5):
+                        await take_messages(b, 1)
+                        raise AssertionError("a Push over max_frame was taken")
+                st = srv.statistics().broker
+                assert st.pushes_over_max_frame >= 1, st
+                said = [r for r in caplog.records if getattr(r, "event", None) == "push_over_max_frame"]
+                assert said and said[0].user == "bob" and said[0].device == "phone", said
+                assert said[0].size > 2 << 20 and said[0].max_frame == 1 << 20, said[0].__dict__
+                assert "max_frame is raised to at least its size" in said[0].getMessage()
+                assert len(said) <= srv.statistics().accepted  # once per connection
+            async with serving(store, server_config(limits=big)) as srv:
+                async with client(srv.url(), "bob") as b:
+                    got = await take_messages(b, 2)
+                    assert [len(m.payload) for m in got] == [2 << 20, len(b"small after")]
+    finally:
+        store.close()

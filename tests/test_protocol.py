@@ -683,7 +683,7 @@ def test_compression_defaults() -> None:
 def test_statistics_record(backend: ModuleType) -> None:
     s = ServerSession(backend=backend)
     rec = s.statistics()
-    assert rec == SessionStatistics(S.AWAITING_LOGIN, 0, 0, 0, 0, 0, False, False, 0)
+    assert rec == SessionStatistics(S.AWAITING_LOGIN, 0, 0, 0, 0, 0, False, False, 0, 0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         rec.frames_in = 5  # type: ignore[misc]
     assert not hasattr(rec, "__dict__")  # slotted

@@ -48,6 +48,8 @@ _CORE_COUNTERS = (
     ("frames_out", "Frames sent.", "frames_out"),
     ("store_reads", "Store read requests completed.", "reads"),
     ("store_read_failures", "Store read requests that failed.", "read_failures"),
+    ("pushes_over_max_frame", "Pushes of one message over max_frame (stored under larger limits): refused by the device.",
+     "pushes_over_max_frame"),
 )
 
 #: Known kinds of refused-login reasons (see pimcore.net.server).

@@ -95,6 +95,7 @@ from ..core import (
     DeviceOffline,
     TypingElsewhere,
     DeviceOnline,
+    PushOverMaxFrame,
     Identity,
     Limits,
     PauseReading,
@@ -2171,6 +2172,13 @@ class BrokerServer:
                         log.info("offline conn=%d user=%s device=%s code=%s reason=%r", cmd.conn, cmd.user, cmd.device,  # type: ignore[union-attr]
                                  code, cmd.reason, extra={"event": "offline", "conn": cmd.conn, "user": cmd.user,  # type: ignore[union-attr]
                                                           "device": cmd.device, "code": code, "reason": cmd.reason})  # type: ignore[union-attr]
+                elif kind is PushOverMaxFrame:
+                    log.warning(
+                        "push_over_max_frame conn=%d user=%s device=%s size=%d max_frame=%d: a message stored under"
+                        " larger limits is over max_frame; the device refuses it and receives nothing past it until"
+                        " max_frame is raised to at least its size", cmd.conn, cmd.user, cmd.device, cmd.size,  # type: ignore[union-attr]
+                        cmd.max_frame, extra={"event": "push_over_max_frame", "conn": cmd.conn, "user": cmd.user,  # type: ignore[union-attr]
+                                              "device": cmd.device, "size": cmd.size, "max_frame": cmd.max_frame})  # type: ignore[union-attr]
                 elif kind is TypingElsewhere:
                     if self._typing_out is not None:
                         try:
