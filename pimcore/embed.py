@@ -1531,6 +1531,14 @@ async def _started(settings: ServeSettings, store: Union[Store, AsyncStore, None
                 server = await stack.enter_async_context(open_broker_server(store, authenticate, config))
                 start.server = server  # (a connection it accepted: serving, nothing taken back)
                 handle = Pimcore(server, store, settings, secret)
+                nursery = None
+                if webhook is not None:
+                    # Before the HTTP listener, as pimcore serve starts them:
+                    # a webhook start that fails then fails the start before
+                    # any HTTP post could be acked (DataDirStart takes the
+                    # store back on a failed start).
+                    nursery = await stack.enter_async_context(trio.open_nursery())
+                    await start_webhooks(handle, webhook, nursery)
                 if http_config is not None:
                     from .http import open_http_server
 
@@ -1538,13 +1546,9 @@ async def _started(settings: ServeSettings, store: Union[Store, AsyncStore, None
                         open_http_server(server, http_config, handle=handle))
                 if own_store and settings.store is None:
                     (Path(settings.data_dir) / REDIS_NOTE).unlink(missing_ok=True)  # LMDB's again (as serve)
-                if webhook is None:
-                    yield handle
-                else:
-                    async with trio.open_nursery() as nursery:
-                        await start_webhooks(handle, webhook, nursery)
-                        yield handle
-                        nursery.cancel_scope.cancel()
+                yield handle
+                if nursery is not None:
+                    nursery.cancel_scope.cancel()  # the webhook sender stops, then the HTTP listener closes
     finally:
         if own_store and isinstance(store, Store):  # (a Redis store: closed by its context above)
             store.close()

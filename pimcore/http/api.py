@@ -589,24 +589,21 @@ def register_api(router: Router, handle: "Pimcore") -> None:
             raise HttpError(400, "BAD_CURSOR", bad.message) from None
         limit = _query(request, "limit", int, 50, 1, 1000)
         include_hidden = _query(request, "include_hidden", bool, False)
-        # Read a few entries at a time, within MAX_PAGE_BYTES: a page stops
-        # before the entry whose last message would pass it, `more` set.
-        items, more = _PageItems(), False
-        largest = _largest_message() + 70 * limits().max_mentions
-        while True:
-            page = await handle.conversation_list(request.params["user"], cursor=cursor,
-                                                  limit=items.count(largest, limit - len(items)),
-                                                  include_hidden=include_hidden)
-            for e in page.entries:
-                if not items.add(_conv_entry(e)):
-                    more = True
-                    break
-                cursor = conversation_cursor(e)
-            else:
-                if page.more and len(items) < limit:
-                    continue
-                more = page.more
-            break
+        # One read (the store builds the user's whole list to cut a page
+        # from it, so reading in pieces cost a whole list each: a review),
+        # then the page stops within MAX_PAGE_BYTES of JSON, before the entry
+        # whose last message would pass it, `more` set and the cursor at
+        # the last entry given.  (The entries' own bytes are the store's,
+        # read already; what the budget bounds is the body built from them.)
+        items = _PageItems()
+        page = await handle.conversation_list(request.params["user"], cursor=cursor, limit=limit,
+                                              include_hidden=include_hidden)
+        more = page.more
+        for e in page.entries:
+            if not items.add(_conv_entry(e)):
+                more = True
+                break
+            cursor = conversation_cursor(e)
         return 200, _page_body({}, "entries", items, {"cursor": cursor.hex(), "more": more})
 
     async def conversation_settings(request: Request) -> tuple[int, Any]:
@@ -702,7 +699,12 @@ def register_api(router: Router, handle: "Pimcore") -> None:
                             more = True
                         else:
                             want = items.count(_largest_message(), limit - len(items))
-                            _, page = await handle.next_events(consumer, after=pos, limit=want)
+                            page = []
+                            # (Bounded: the events after pos may have been
+                            # reclaimed meanwhile, and next_events would
+                            # wait for a new one -- a review.)
+                            with trio.move_on_after(max(wait, 1.0)):
+                                _, page = await handle.next_events(consumer, after=pos, limit=want)
                             continue
             break
         return 200, _page_body({"consumer": consumer, "after": after}, "events", items, {"next": pos, "more": more})
