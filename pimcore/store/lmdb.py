@@ -3957,7 +3957,9 @@ class LmdbStore(Store):
             return
         if key[: n - 8] != dkey[: n - 8]:
             return  # another device's run
-        first, (last,), local_id = _U64.unpack_from(key, n)[0], _U64.unpack_from(key, n - 8), _U64.unpack_from(dkey, n - 8)[0]
+        first = _U64.unpack_from(key, n)[0]
+        last = _U64.unpack_from(key, n - 8)[0]
+        local_id = _U64.unpack_from(dkey, n - 8)[0]
         if local_id < first:
             return
         value = cur.value()
@@ -3968,7 +3970,8 @@ class LmdbStore(Store):
             return
         cur.delete()
         dk = dkey[: n - 8]
-        rest = [(dk + _U64.pack(first + i), value[i * size : (i + 1) * size]) for i in range(count) if first + i != local_id]
+        rest = [(dk + _U64.pack(first + i), value[i * size : (i + 1) * size])
+                for i in range(count) if first + i != local_id]
         txn.cursor(db=self._dedupe).putmulti(_impl.dedupe_items(rest))
 
     @staticmethod
