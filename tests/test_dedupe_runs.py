@@ -39,6 +39,7 @@ from pimcore.store import (
     CreateGroup,
     Duplicate,
     Expire,
+    Expired,
     LmdbStore,
     MemoryStore,
     NewMessage,
@@ -327,6 +328,26 @@ def test_retention_of_part_of_a_run_keeps_the_others_entries(tmp_path: Path) -> 
         assert [r for r in dedupe_records(store) if r[0].startswith(dk())] == [(dk() + _U64.pack(5), e[4])]
 
 
+def test_retention_takes_every_other_entry_of_a_long_run(tmp_path: Path) -> None:
+    clock = Clock()
+    with LmdbStore(str(tmp_path)) as store:
+        store.commit(WriteBatch(1, (send(clock, 1000), send(clock, 2000, AC))))
+        sent = [send(clock, n, AB if n % 2 else AC) for n in range(1, 201)]
+        res = list(store.commit(WriteBatch(2, tuple(sent))))
+        assert dk() + _U64.pack(200) + _U64.pack(1) in dict(dedupe_records(store))
+        store.commit(WriteBatch(3, (SetRetention(AB, -1, 1), SetRetention(AC, -1, 50))))
+        store.commit(WriteBatch(4, (Expire(clock.tick()),)))  # AB keeps 199, AC the even 102..200
+        kept = [n for n in range(1, 201) if store.deduped("al", "ph", n)]
+        assert kept == [*range(102, 199, 2), 199, 200]
+        # Each run rewritten once per conversation trimmed; what is left of
+        # it is written as a batch's entries are: 198, 199, 200 one run.
+        mine = [k for k, _ in dedupe_records(store) if k.startswith(dk())]
+        assert mine == [dk() + _U64.pack(n) for n in range(102, 197, 2)] + [dk() + _U64.pack(200) + _U64.pack(198)]
+        for n in kept:
+            got = store.commit(WriteBatch(10 + n, (retry(clock, sent[n - 1]),)))[0]
+            assert got == Duplicate(res[n - 1].msg_id, res[n - 1].seq, res[n - 1].server_time)  # type: ignore[union-attr]
+
+
 def test_a_purged_user_leaves_no_run_and_every_message_a_tombstone(tmp_path: Path) -> None:
     clock = Clock()
     with LmdbStore(str(tmp_path)) as store:
@@ -341,6 +362,25 @@ def test_a_purged_user_leaves_no_run_and_every_message_a_tombstone(tmp_path: Pat
         assert [(m.sender, m.payload) for m in history] == [("al", b"")] * 5 + [("bo", b"m%d" % n) for n in (1, 2, 3)]
         assert not any(store.deduped("al", "ph", n) for n in range(1, 6))
         assert all(store.deduped("bo", "ph", n) for n in range(1, 4))
+
+
+def test_retention_of_a_message_whose_entry_is_gone_keeps_the_entry_of_its_successor(tmp_path: Path) -> None:
+    # PurgeUser deletes the user's entries and keeps the messages (as
+    # tombstones); the same local ids sent again are new messages with new
+    # entries -- in a run -- which the tombstones' retention must not take.
+    clock = Clock()
+    with LmdbStore(str(tmp_path)) as store:
+        store.commit(WriteBatch(1, tuple(send(clock, n) for n in range(1, 5))))
+        store.commit(WriteBatch(2, (PurgeUser("al", clock.tick()),)))
+        again = [send(clock, n) for n in range(1, 5)]
+        res = list(store.commit(WriteBatch(3, tuple(again))))
+        assert [type(r) for r in res] == [Appended] * 4
+        assert dk() + _U64.pack(4) + _U64.pack(1) in dict(dedupe_records(store))
+        store.commit(WriteBatch(4, (SetRetention(AB, -1, 4),)))
+        assert store.commit(WriteBatch(5, (Expire(clock.tick()),))) == (Expired(1, 4, 4),)  # the tombstones
+        assert all(store.deduped("al", "ph", n) for n in range(1, 5))
+        got = store.commit(WriteBatch(6, tuple(retry(clock, op) for op in again)))
+        assert list(got) == [Duplicate(r.msg_id, r.seq, r.server_time) for r in res]  # type: ignore[union-attr]
 
 
 def _as_schema_3(path: Path) -> None:

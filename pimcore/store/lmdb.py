@@ -161,9 +161,9 @@ stored local_id is still the U64 after the prefix of its last key.  With
 50 connections x 16 sends in flight a batch holds about 16 consecutive sends
 of each device: one dedupe record instead of 16 (``bench/bench_hotpath.py``,
 BENCHMARKS.md).  Retention and PurgeConversation remove the entries of the
-messages they remove and write the rest of the run back (cut in two where
-the entry was), never dropping another message's entry (its retry would
-be stored twice); PurgeUser deletes the user's records, runs whole.
+messages they remove and write the rest of each run back once (cut where
+entries went), never dropping another message's entry (its retry would be
+stored twice); PurgeUser deletes the user's records, runs whole.
 Schema 3 stores hold single records only and are read as they are; their
 next owner writes schema 4 (no data changes) so that an older pimcore,
 which would not look inside a run, refuses the store.
@@ -3911,6 +3911,7 @@ class LmdbStore(Store):
         if upto <= floor:
             return 0, 0
         gone: set[bytes] = set()
+        dedupes: dict[bytes, set[bytes]] = {}
         for seq in range(floor + 1, upto + 1):
             ik = ck + _U64.pack(seq)
             ref = txn.get(ik, db=self._convidx)
@@ -3924,10 +3925,11 @@ class LmdbStore(Store):
                 off = _RECORD.size + 1 + raw[_RECORD.size]
                 end = off + 1 + raw[off]
                 end += 1 + raw[end]
-                self._drop_dedupe(txn, raw[off:end] + raw[8:16], msg_id)  # with its message, never before
+                dedupes.setdefault(raw[off:end] + raw[8:16], set()).add(msg_id)
                 txn.delete(msg_id, db=self._msgs)
             txn.delete(ik, db=self._convidx)
             gone.add(msg_id)
+        self._drop_dedupes(txn, dedupes)  # with their messages, never before
         self._put_retention(txn, ck, age, count, upto)
         entries = 0
         for uk in self._recipients_in(txn, ck):
@@ -3939,40 +3941,52 @@ class LmdbStore(Store):
             entries += len(doomed)
         return upto - floor, entries
 
-    def _drop_dedupe(self, txn: _Txn, dkey: bytes, msg_id: bytes) -> None:
-        """Delete the ``dedupe`` entry of ``dkey`` (T(sender) T(device)
-        U64(local_id)) if it is ``msg_id``'s: a record of its own, or its
-        entry in a run, whose other entries stay -- written again as
-        :func:`_impl.dedupe_items` writes them (the run cut in two, each part
-        a run or a single record).  A retry of one of them must still be
-        answered with its identity, not stored twice."""
+    def _drop_dedupes(self, txn: _Txn, doomed: dict[bytes, set[bytes]]) -> None:
+        """Delete the ``dedupe`` entries of removed messages: ``doomed`` maps
+        T(sender) T(device) U64(local_id) to the msg ids removed with that
+        key, and an entry goes only if it is one of theirs.  A run loses just
+        those entries: the rest is written again as :func:`_impl.dedupe_items`
+        writes a batch's (the run cut where entries went, each part a run or
+        a single record), each record once however many of its entries go.
+        Every other entry stays: its retry must still be answered with its
+        identity, not stored twice."""
+        if not doomed:
+            return
         cur = txn.cursor(db=self._dedupe)
-        if not cur.set_range(dkey):
-            return
-        key = cur.key()
-        n = len(dkey)
-        if len(key) != n + 8:
-            if key == dkey and cur.value()[:16] == msg_id:
-                cur.delete()
-            return
-        if key[: n - 8] != dkey[: n - 8]:
-            return  # another device's run
-        first = _U64.unpack_from(key, n)[0]
-        last = _U64.unpack_from(key, n - 8)[0]
-        local_id = _U64.unpack_from(dkey, n - 8)[0]
-        if local_id < first:
-            return
-        value = cur.value()
-        count = last - first + 1
-        size = len(value) // count
-        at = (local_id - first) * size
-        if value[at : at + 16] != msg_id:
-            return
-        cur.delete()
-        dk = dkey[: n - 8]
-        rest = [(dk + _U64.pack(first + i), value[i * size : (i + 1) * size])
-                for i in range(count) if first + i != local_id]
-        txn.cursor(db=self._dedupe).putmulti(_impl.dedupe_items(rest))
+        found: dict[bytes, bytes] = {}  # the records holding doomed keys
+        for dkey in sorted(doomed):
+            if not cur.set_range(dkey):
+                continue
+            key = cur.key()
+            n = len(dkey)
+            if len(key) != n + 8:
+                if key == dkey:
+                    found[key] = cur.value()
+            elif key[: n - 8] == dkey[: n - 8] and _U64.unpack_from(key, n)[0] <= _U64.unpack_from(dkey, n - 8)[0]:
+                found[key] = cur.value()  # a run of the device holding it
+        deletes: list[bytes] = []
+        rest: list[tuple[bytes, bytes]] = []
+        for key, value in found.items():
+            end = 1 + key[0]
+            end += 1 + key[end]
+            if len(key) == end + 8:
+                if value[:16] in doomed.get(key, ()):
+                    deletes.append(key)
+                continue
+            last, first = _U64.unpack_from(key, end)[0], _U64.unpack_from(key, end + 8)[0]
+            size = len(value) // (last - first + 1)
+            kept = []
+            for i in range(last - first + 1):
+                ek, e = key[:end] + _U64.pack(first + i), value[i * size : (i + 1) * size]
+                if e[:16] not in doomed.get(ek, ()):
+                    kept.append((ek, e))
+            if len(kept) <= last - first:
+                deletes.append(key)
+                rest.extend(kept)
+        for key in deletes:
+            txn.delete(key, db=self._dedupe)
+        if rest:
+            txn.cursor(db=self._dedupe).putmulti(_impl.dedupe_items(sorted(rest)))
 
     @staticmethod
     def _forget_convs(w: _Batch) -> None:
