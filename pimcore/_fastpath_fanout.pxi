@@ -9,10 +9,10 @@
 
 from cpython.object cimport PyObject
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
-from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM, PyTuple_GET_ITEM
 from cpython.list cimport PyList_GET_SIZE, PyList_GET_ITEM
 from cpython.ref cimport Py_INCREF
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memcmp
 
 cdef extern from "Python.h":
     # Without Cython's automatic error checks: the sentinel is tested here.
@@ -423,7 +423,7 @@ def store_plain_message(op, w, dedupe_db, conv_info, device_key, record_ids, app
     p = _fo_put(<unsigned char *>PyBytes_AS_STRING(dkey), dk)
     _fo_put_u64(p, _fo_as_u64(local_id))
     s_dedupe = w.s_dedupe
-    if dkey in s_dedupe or w.txn.get(dkey, None, dedupe_db) is not None:
+    if dkey in s_dedupe or _fo_dedupe_get(w.txn, dedupe_db, dkey) is not None:
         return None  # a retry (or a conflict): the general path answers it
     info = conv_info(conv)
     if info is None:
@@ -469,7 +469,7 @@ def store_plain_run(ops, start, kind, w, dedupe_db, conv_info, device_key, recor
     cdef Py_ssize_t i, n
     cdef object op, sender, device, conv, local_id, after, msg_id, payload, digest, server_time
     cdef object dk, dkey, info, ck, c, last, seq, after_seq, entry, positions, ids
-    cdef object txn_get, s_dedupe, s_msgs, s_convidx, hot, dirty, pend, convs, seqs, heads, heads_gen, hwm
+    cdef object txn, s_dedupe, s_msgs, s_convidx, hot, dirty, pend, convs, seqs, heads, heads_gen, hwm
     cdef object dmax, dk_general, dedupe_last, bound
     cdef object last_sender = None, last_device = None, last_dk = None
     cdef object last_conv = None, last_ck = None, last_c = None, ids_ck = None, ids_dk = None, last_ids = None
@@ -486,7 +486,7 @@ def store_plain_run(ops, start, kind, w, dedupe_db, conv_info, device_key, recor
     i = start
     if i == n or w.staging is not True:
         return i
-    txn_get = w.txn.get
+    txn = w.txn
     s_dedupe = w.s_dedupe
     s_msgs = w.s_msgs
     s_convidx = w.s_convidx
@@ -542,7 +542,7 @@ def store_plain_run(ops, start, kind, w, dedupe_db, conv_info, device_key, recor
             if bound is None and dk not in dk_general:
                 bound = dedupe_last(dk)
                 dmax[dk] = bound
-            if (bound is None or local_id <= bound) and txn_get(dkey, None, dedupe_db) is not None:
+            if (bound is None or local_id <= bound) and _fo_dedupe_get(txn, dedupe_db, dkey) is not None:
                 break
             if last_ck is not None and conv == last_conv:
                 ck, c = last_ck, last_c
@@ -578,3 +578,109 @@ def store_plain_run(ops, start, kind, w, dedupe_db, conv_info, device_key, recor
     finally:
         w.hwm = hwm
     return i
+
+
+cdef inline unsigned long long _fo_get_u64(const unsigned char *p) noexcept:
+    # 8 bytes big-endian
+    cdef unsigned long long v = 0
+    cdef int k
+    for k in range(8):
+        v = (v << 8) | p[k]
+    return v
+
+
+cdef int _fo_flush_run(list out, list run, object key0, Py_ssize_t plen, unsigned long long first,
+                       unsigned long long last, Py_ssize_t size) except -1:
+    # one record for run (entries of key0's device, local_ids first..last)
+    cdef Py_ssize_t k, m = PyList_GET_SIZE(run)
+    cdef bytes key, value
+    cdef unsigned char *p
+    if m == 1:
+        out.append((key0, run[0]))
+        return 0
+    key = PyBytes_FromStringAndSize(NULL, plen + 16)
+    p = <unsigned char *>PyBytes_AS_STRING(key)
+    memcpy(p, PyBytes_AS_STRING(key0), <size_t>plen)
+    _fo_put_u64(p + plen, last)
+    _fo_put_u64(p + plen + 8, first)
+    value = PyBytes_FromStringAndSize(NULL, m * size)
+    p = <unsigned char *>PyBytes_AS_STRING(value)
+    for k in range(m):
+        memcpy(p + k * size, PyBytes_AS_STRING(<object>PyList_GET_ITEM(run, k)), <size_t>size)
+    out.append((key, value))
+    return 0
+
+
+def dedupe_items(items):
+    """The ``dedupe`` records of a batch's staged entries, a run of a
+    device's consecutive local_ids in one record (see pimcore._pure.fanout)."""
+    cdef list out = []
+    cdef list run = []
+    cdef object item, key, value, key0 = None
+    cdef Py_ssize_t j, n, plen = 0, size = 0
+    cdef unsigned long long local_id, first = 0, last = 0
+    if not _fo_is_list_exact(items):
+        raise TypeError("items must be a list")
+    for j in range(PyList_GET_SIZE(items)):
+        item = <object>PyList_GET_ITEM(items, j)
+        if not _fo_is_tuple_exact(item) or len(item) != 2:
+            raise TypeError("items must be (key, value) tuples")
+        key = <object>PyTuple_GET_ITEM(item, 0)
+        value = <object>PyTuple_GET_ITEM(item, 1)
+        if not _fo_is_bytes_exact(key) or not _fo_is_bytes_exact(value):
+            raise TypeError("dedupe key and value must be bytes")
+        n = PyBytes_GET_SIZE(key)
+        if n < 9:
+            raise ValueError("dedupe key too short")
+        local_id = _fo_get_u64(<unsigned char *>PyBytes_AS_STRING(key) + n - 8)
+        if (PyList_GET_SIZE(run) and local_id == last + 1 and last != _FO_U64_MAX
+                and PyBytes_GET_SIZE(value) == size and n - 8 == plen
+                and memcmp(PyBytes_AS_STRING(key), PyBytes_AS_STRING(key0), <size_t>plen) == 0):
+            run.append(value)
+            last = local_id
+            continue
+        if PyList_GET_SIZE(run):
+            _fo_flush_run(out, run, key0, plen, first, last, size)
+        key0, plen, first, last, size = key, n - 8, local_id, local_id, PyBytes_GET_SIZE(value)
+        run = [value]
+    if PyList_GET_SIZE(run):
+        _fo_flush_run(out, run, key0, plen, first, last, size)
+    return out
+
+
+def dedupe_get(txn, db, dkey):
+    """The ``dedupe`` entry of ``dkey`` in ``txn``'s sub-database ``db``, a
+    single record or within a run, or None (see pimcore._pure.fanout)."""
+    return _fo_dedupe_get(txn, db, dkey)
+
+
+cdef object _fo_dedupe_get(object txn, object db, object dkey):
+    cdef Py_ssize_t n, size
+    cdef object cur, key, value
+    cdef const unsigned char *k
+    cdef unsigned long long first, last, local_id
+    if not _fo_is_bytes_exact(dkey):
+        raise TypeError("dkey must be bytes")
+    n = PyBytes_GET_SIZE(dkey)
+    if n < 9:
+        raise ValueError("dedupe key too short")
+    cur = txn.cursor(db)
+    if not cur.set_range(dkey):
+        return None
+    key = cur.key()
+    if not _fo_is_bytes_exact(key):
+        key = bytes(key)
+    if PyBytes_GET_SIZE(key) != n + 8:
+        return cur.value() if key == dkey else None
+    k = <const unsigned char *>PyBytes_AS_STRING(key)
+    if memcmp(k, PyBytes_AS_STRING(dkey), <size_t>(n - 8)) != 0:
+        return None  # another device's run
+    # A run of this device whose last local_id is at or above dkey's.
+    first = _fo_get_u64(k + n)
+    last = _fo_get_u64(k + n - 8)
+    local_id = _fo_get_u64(<const unsigned char *>PyBytes_AS_STRING(dkey) + n - 8)
+    if local_id < first:
+        return None
+    value = cur.value()
+    size = len(value) // <Py_ssize_t>(last - first + 1)
+    return value[<Py_ssize_t>(local_id - first) * size : <Py_ssize_t>(local_id - first + 1) * size]

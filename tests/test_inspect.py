@@ -108,7 +108,7 @@ def test_inspect_counts_what_was_sent(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"store               {data / 'store'}" in out
     assert "broker              not running" in out
-    assert "format              schema 3" in out
+    assert "format              schema 4" in out
     for key, count in (("messages", 5), ("inbox_entries", 10), ("conversations", 1), ("devices", 1)):
         assert re.search(rf"^  {key} +{count}  ", out, re.M), out
     assert "UTC" not in out and "Z)" in out  # the server time as an ISO date-time
@@ -256,7 +256,7 @@ def test_inspect_refusals_exit_2_without_a_traceback(tmp_path, case):
         with env.begin(write=True) as txn:
             txn.put(b"schema", (99).to_bytes(8, "big"), db=meta)
         env.close()
-        said = "store schema version 99, this code reads 3 (a newer pimcore wrote it"
+        said = "store schema version 99, this code reads 4 (a newer pimcore wrote it"
     else:
         (data / "store").mkdir(parents=True)
         env = lmdb.open(str(data / "store"), max_dbs=32)
@@ -335,7 +335,7 @@ def test_broker_state_is_a_probe_not_a_lock(tmp_path):
     assert LmdbStore.broker_state(tmp_path / "nowhere") == ("not running", None)
 
 
-@pytest.mark.parametrize("older", ["missing tables", "schema 2"])
+@pytest.mark.parametrize("older", ["missing tables", "schema 2", "schema 3"])
 def test_a_store_of_an_older_version_is_summarised_as_is_and_not_upgraded(tmp_path, capsys, older):
     data = tmp_path / "data"
     _sent(data, 2)
@@ -345,7 +345,7 @@ def test_a_store_of_an_older_version_is_summarised_as_is_and_not_upgraded(tmp_pa
             for name in (b"retention", b"deleted"):
                 txn.drop(env.open_db(name, txn=txn), delete=True)
         else:
-            txn.put(b"schema", (2).to_bytes(8, "big"), db=env.open_db(b"meta", txn=txn))
+            txn.put(b"schema", int(older[-1]).to_bytes(8, "big"), db=env.open_db(b"meta", txn=txn))
     env.close()
     before = _files(data / "store")
     assert main(["inspect", str(data), "--json"]) == 0
@@ -356,9 +356,9 @@ def test_a_store_of_an_older_version_is_summarised_as_is_and_not_upgraded(tmp_pa
         assert main(["inspect", str(data)]) == 0
         assert re.search(r"^  retention +absent  ", capsys.readouterr().out, re.M)
     else:
-        assert out["schema"] == 2
+        assert out["schema"] == int(older[-1])
         assert main(["inspect", str(data)]) == 0
-        assert "schema 2 (older than this code's 3: upgraded when a broker next opens it)" in capsys.readouterr().out
+        assert f"{older} (older than this code's 4: upgraded when a broker next opens it)" in capsys.readouterr().out
     assert main(["inspect", str(data), "--user", "bob"]) == 2
     assert "pimcore inspect: --user needs a store in this version's format" in capsys.readouterr().err
     assert _files(data / "store") == before  # not upgraded

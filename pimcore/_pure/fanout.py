@@ -30,7 +30,8 @@ from __future__ import annotations
 import struct
 from typing import Any, Iterator, Sequence, Union
 
-__all__ = ["fanout", "inbox_items", "head_items", "stage_message", "store_plain_message", "store_plain_run"]
+__all__ = ["fanout", "inbox_items", "head_items", "stage_message", "store_plain_message", "store_plain_run",
+           "dedupe_items", "dedupe_get"]
 
 _U64 = struct.Struct(">Q")
 _HEAD_FLOOR = struct.Struct(">QQ")
@@ -262,7 +263,7 @@ def store_plain_message(
     path, which gives the answer.
 
     ``dedupe_db`` is the ``dedupe`` sub-database (read with
-    ``w.txn.get(key, None, dedupe_db)``); ``conv_info``, ``device_key``,
+    :func:`dedupe_get`, through ``w.txn.cursor(dedupe_db)``); ``conv_info``, ``device_key``,
     ``record_ids`` are the store's cached key helpers.  Raises only what
     those callables raise.
     """
@@ -286,7 +287,7 @@ def store_plain_message(
         return None
     dk = device_key(sender, device)  # type: ignore[operator]
     dkey = dk + _U64.pack(local_id)
-    if dkey in w.s_dedupe or w.txn.get(dkey, None, dedupe_db) is not None:  # type: ignore[attr-defined]
+    if dkey in w.s_dedupe or dedupe_get(w.txn, dedupe_db, dkey) is not None:  # type: ignore[attr-defined]
         return None  # a retry (or a conflict): the general path answers it
     info = conv_info(conv)  # type: ignore[operator]
     if info is None:
@@ -365,7 +366,7 @@ def store_plain_run(
     i = start
     if i == n or w.staging is not True:
         return i
-    txn_get, s_dedupe, s_msgs, s_convidx = w.txn.get, w.s_dedupe, w.s_msgs, w.s_convidx
+    txn, s_dedupe, s_msgs, s_convidx = w.txn, w.s_dedupe, w.s_msgs, w.s_convidx
     hot, dirty, pend = w.hot, w._dirty_seqs, w.pend
     convs, seqs, heads, heads_gen = hot.convs, hot.seqs, hot.heads, hot.heads_gen
     dmax, dk_general, dedupe_last = hot.dmax, w.dk_general, w.dedupe_last
@@ -393,7 +394,7 @@ def store_plain_run(
         bound = dmax.get(dk)
         if bound is None and dk not in dk_general:
             bound = dmax[dk] = dedupe_last(dk)
-        if (bound is None or local_id <= bound) and txn_get(dkey, None, dedupe_db) is not None:
+        if (bound is None or local_id <= bound) and dedupe_get(txn, dedupe_db, dkey) is not None:
             break
         if last_ck is not None and conv == last_conv:
             ck, c = last_ck, last_c
@@ -427,3 +428,83 @@ def store_plain_run(
             w.hwm = server_time
         i += 1
     return i
+
+
+def dedupe_items(items: Any) -> list[tuple[bytes, bytes]]:
+    """The ``dedupe`` records of a batch's staged entries: ``items`` is a list
+    of ``(T(sender) T(device) U64(local_id), entry)`` pairs (entry: msg_id +
+    U64 seq + I64 server_time + digest), sorted by key.  Each run of
+    consecutive local_ids of one device whose entries have one length
+    becomes ONE record ``(T(sender) T(device) U64(last) U64(first), the
+    entries concatenated)``; an entry alone stays ``(key, entry)`` as given
+    (the key layout of ``pimcore.store.lmdb``).  Returns the records in key
+    order.  TypeError if ``items`` is not a list, an item not a 2-tuple or
+    a key or entry not bytes; ValueError for a key shorter than 9 bytes."""
+    if type(items) is not list:
+        raise TypeError("items must be a list")
+    out: list[tuple[bytes, bytes]] = []
+    run: list[bytes] = []
+    prefix = b""
+    first = last = size = 0
+    for item in items:
+        if type(item) is not tuple or len(item) != 2:
+            raise TypeError("items must be (key, value) tuples")
+        key, value = item
+        if type(key) is not bytes or type(value) is not bytes:
+            raise TypeError("dedupe key and value must be bytes")
+        n = len(key)
+        if n < 9:
+            raise ValueError("dedupe key too short")
+        local_id = _U64.unpack_from(key, n - 8)[0]
+        if run and local_id == last + 1 and len(value) == size and key[: n - 8] == prefix:
+            run.append(value)
+            last = local_id
+            continue
+        if run:
+            _flush_run(out, prefix, first, last, run)
+        prefix, first, last, size = key[: n - 8], local_id, local_id, len(value)
+        run = [value]
+    if run:
+        _flush_run(out, prefix, first, last, run)
+    return out
+
+
+def _flush_run(out: list[tuple[bytes, bytes]], prefix: bytes, first: int, last: int, run: list[bytes]) -> None:
+    if len(run) == 1:
+        out.append((prefix + _U64.pack(first), run[0]))
+    else:
+        out.append((prefix + _U64.pack(last) + _U64.pack(first), b"".join(run)))
+
+
+def dedupe_get(txn: Any, db: object, dkey: Any) -> Any:
+    """The ``dedupe`` entry of ``dkey`` (``T(sender) T(device) U64(local_id)``)
+    in the LMDB transaction ``txn``'s sub-database ``db``: msg_id + U64 seq
+    + I64 server_time + digest, or None.  Either the record of that key (a
+    single entry), or the entry of that local_id in the run record of the
+    device that holds it (see :func:`dedupe_items`): one cursor
+    ``set_range(dkey)`` finds both, since a run's key ``T(sender) T(device)
+    U64(last) U64(first)`` sorts right after the keys of its local_ids.
+    TypeError if ``dkey`` is not bytes, ValueError if it is shorter than 9
+    bytes; otherwise raises what the cursor raises."""
+    if type(dkey) is not bytes:
+        raise TypeError("dkey must be bytes")
+    n = len(dkey)
+    if n < 9:
+        raise ValueError("dedupe key too short")
+    cur = txn.cursor(db)
+    if not cur.set_range(dkey):
+        return None
+    key = cur.key()
+    if len(key) != n + 8:
+        return cur.value() if key == dkey else None
+    if key[: n - 8] != dkey[: n - 8]:
+        return None  # another device's run
+    # A run of this device whose last local_id is at or above dkey's.
+    first = _U64.unpack_from(key, n)[0]
+    local_id = _U64.unpack_from(dkey, n - 8)[0]
+    if local_id < first:
+        return None
+    value = cur.value()
+    size = len(value) // (_U64.unpack_from(key, n - 8)[0] - first + 1)
+    at = (local_id - first) * size
+    return value[at : at + size]

@@ -50,6 +50,8 @@ written with one sorted ``Cursor.putmulti`` per sub-database (``msgs``
 appended with MDB_APPEND when every new msg id sorts after the stored ones,
 as the server-time-first ids do), so a message costs one LMDB call (its
 dedupe lookup, which first consults the staged records) instead of four.
+The staged dedupe entries are written as one record per run of a device's
+consecutive local_ids (``dedupe`` runs, below).
 Only NewMessage, AckPosition and TouchDevice run while records are staged;
 any other op writes them out first, so it reads what the earlier ops of
 its batch wrote.  A msg id that turns out to be stored already (a broken
@@ -124,6 +126,8 @@ inbox       T(user) U64(pos)                   msg_id + I64 server_time
 inboxmeta   T(user)                            U64 head + U64 floor
 devices     T(user) T(device)                  U64 position + I64 last_seen
 dedupe      T(sender) T(device) U64(local_id)  msg_id + U64 seq + I64 server_time + digest
+dedupe      T(sender) T(device) U64(last)      a run: the entries of local_ids first..last
+            U64(first)  (first < last)         (each as above, all of one length), in order
 reads       T(user) T(conv)                    U64 read seq
 revoked     T(user) T(device or "")            I64 tokens issued before are revoked
 meta        ``b"evlast"``                      U64 highest host event id ever appended
@@ -143,6 +147,26 @@ History retention (``retention``, also schema 3, no migration) removes a
 prefix of a conversation: the entries of seqs <= floor are gone from
 ``msgs``, ``convidx``, ``dedupe`` and ``inbox`` (an inbox may then have
 holes above its floor: reads skip them, :class:`Reclaim` walks over them).
+
+Dedupe runs (schema 4): a batch writes the dedupe entries it staged as one
+record per run of a device's consecutive local_ids whose entries have one
+length (digests are 16 bytes, so in practice every run), keyed by the run's
+last local_id and then its first; an entry alone keeps the single-entry
+record of schema 3.  A device's records cover disjoint ranges (a run holds
+only local_ids no record held), so the entry of local_id L is in the first
+record at or after ``T(sender) T(device) U64(L)``: that key itself, or a
+run of the device whose first is <= L (one cursor ``set_range``,
+``dedupe_get`` of :mod:`pimcore._pure.fanout`), and the device's highest
+stored local_id is still the U64 after the prefix of its last key.  With
+50 connections x 16 sends in flight a batch holds about 16 consecutive sends
+of each device: one dedupe record instead of 16 (``bench/bench_hotpath.py``,
+BENCHMARKS.md).  Retention and PurgeConversation remove the entries of the
+messages they remove and write the rest of each run back once (cut where
+entries went), never dropping another message's entry (its retry would be
+stored twice); PurgeUser deletes the user's records, runs whole.
+Schema 3 stores hold single records only and are read as they are; their
+next owner writes schema 4 (no data changes) so that an older pimcore,
+which would not look inside a run, refuses the store.
 
 Host events (see :mod:`pimcore.store.base`) are exactly ids
 floor+1..``evlast``: reclamation deletes a prefix, so the floor is the first
@@ -317,7 +341,7 @@ from .base import (
 
 __all__ = ["LmdbStore", "StoreSummary", "SCHEMA_VERSION", "DURABILITY_MODES", "MAX_KEY_LEN"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DURABILITY_MODES = ("sync", "os", "log")
 
 #: The sub-databases, in the order they are opened.
@@ -357,7 +381,7 @@ _DB_LABELS: dict[str, tuple[str, str]] = {
     "inbox": ("inbox_entries", "inbox entries (one per recipient of a message)"),
     "inboxmeta": ("inboxes", "inboxes (users with an inbox head)"),
     "devices": ("devices", "devices"),
-    "dedupe": ("dedupe", "retry (dedupe) records"),
+    "dedupe": ("dedupe", "retry (dedupe) records (a run of a device's sends in a batch is one)"),
     "reads": ("read_markers", "read markers"),
     "revoked": ("revocations", "token revocations"),
     "spans": ("membership_spans", "membership intervals"),
@@ -463,7 +487,7 @@ MAX_KEY_LEN = max(
     _T_CONV + 8,  # convidx
     _T_CONV + _T_USER,  # members, userconvs, reads, convset
     _T_USER + _T_CONV + 8,  # mentionidx
-    _T_USER + _T_USER + 8,  # dedupe
+    _T_USER + _T_USER + 16,  # dedupe (a run's key)
     _T_USER + _T_USER,  # devices
 )
 if MAX_KEY_LEN > 511 or MAX_CONVERSATION_ID_LEN > 255:  # pragma: no cover - a limit in pimcore.ids grew
@@ -518,6 +542,17 @@ def _record_ids(ck: bytes, dk: bytes) -> bytes:
     return ck + dk
 
 
+def _dedupe_msg_ids(key: bytes, value: bytes) -> list[bytes]:
+    """The msg ids of the entries of a ``dedupe`` record: one, or a run's
+    (key ``T(sender) T(device) U64(last) U64(first)``, see the key layout)."""
+    end = 1 + key[0]
+    end += 1 + key[end]
+    if len(key) == end + 8:
+        return [value[:16]]
+    size = len(value) // (_U64.unpack_from(key, end)[0] - _U64.unpack_from(key, end + 8)[0] + 1)
+    return [value[at : at + 16] for at in range(0, len(value), size)]
+
+
 def _take_t(buf: bytes, off: int) -> tuple[str, int]:
     """Decode the text part at ``off``; return it and the offset after it."""
     end = off + 1 + buf[off]
@@ -534,6 +569,9 @@ def _mention_block(mentions: tuple[str, ...], mention_all: bool) -> bytes:
 # The results built once per op of a batch (pimcore/_pure/records.py).
 _appended = _impl.record_maker(Appended)
 _store_plain_run = _impl.store_plain_run
+#: The ``dedupe`` entry of a key, a record of its own or in a run (see the
+#: key layout): ``_dedupe_get(txn, db, T(sender) T(device) U64(local_id))``.
+_dedupe_get = _impl.dedupe_get
 _acked = _impl.record_maker(Acked)
 
 
@@ -1481,14 +1519,15 @@ class _Batch:
         cur = self.txn.cursor(db=self._store._dedupe)
         end = dk + b"\xff" * 8
         if cur.set_range(end):
-            if cur.key() == end:
+            if cur.key()[: len(end)] == end:  # (a record or a run ending at 2^64-1)
                 return _U64_MAX
             if not cur.prev():
                 return -1
         elif not cur.last():
             return -1
         key = cur.key()
-        # (keys are T(sender) T(device) U64(local_id): no other shape has the prefix dk)
+        # (keys are T(sender) T(device) U64(last local_id), a run's + U64(first):
+        # no other shape has the prefix dk)
         return _U64.unpack_from(key, len(dk))[0] if key[: len(dk)] == dk else -1  # type: ignore[no-any-return]
 
     def dedupe_written(self, dk: bytes) -> None:
@@ -1501,7 +1540,7 @@ class _Batch:
         staged = self.s_dedupe.get(dkey)
         if staged is not None:
             return staged
-        return self.txn.get(dkey, db=self._store._dedupe)  # type: ignore[no-any-return]
+        return _dedupe_get(self.txn, self._store._dedupe, dkey)  # type: ignore[no-any-return]
 
     def put_staged(self) -> None:
         """Write the staged records: one ``putmulti`` per database, keys
@@ -1524,7 +1563,8 @@ class _Batch:
             txn.cursor(db=store._convidx).putmulti(self.s_convidx)
             self.s_convidx.clear()
         if self.s_dedupe:
-            txn.cursor(db=store._dedupe).putmulti(sorted(self.s_dedupe.items()))
+            # A run of a device's consecutive local_ids is one record.
+            txn.cursor(db=store._dedupe).putmulti(_impl.dedupe_items(sorted(self.s_dedupe.items())))
             self.s_dedupe.clear()
         if self.s_devices:
             txn.cursor(db=store._devices).putmulti(sorted(self.s_devices.items()))
@@ -1984,6 +2024,9 @@ class LmdbStore(Store):
                 version = 2
             if version == 2:
                 self._migrate_2_to_3(txn)
+                version = 3
+            if version == 3:
+                self._migrate_3_to_4(txn)
             elif version != SCHEMA_VERSION:
                 raise StoreError(f"store schema version {version}, this code reads {SCHEMA_VERSION}")
         raw = txn.get(b"epochs", db=self._meta) or b""
@@ -2037,7 +2080,15 @@ class LmdbStore(Store):
         members = [key for key, _ in txn.cursor(db=self._members)]
         for key in members:
             txn.put(key, open_span, db=self._spans)
-        txn.put(b"schema", _U64.pack(SCHEMA_VERSION), db=self._meta)
+        txn.put(b"schema", _U64.pack(3), db=self._meta)
+
+    def _migrate_3_to_4(self, txn: _Txn) -> None:
+        """Schema 3 -> 4: ``dedupe`` may hold run records (one per run of a
+        device's consecutive local_ids in a batch).  Schema 3's records are
+        the single-entry records of schema 4, so only the version changes:
+        it is there so that an older pimcore, which would not find a retry's
+        entry in a run and store the message twice, refuses the store."""
+        txn.put(b"schema", _U64.pack(4), db=self._meta)
 
     def _roomy(self) -> bool:
         """May a batch's log record be flushed while LMDB applies it?  Only
@@ -3071,7 +3122,7 @@ class LmdbStore(Store):
         dkey = dk + _U64.pack(op.local_id)
         prior = w.s_dedupe.get(dkey)
         if prior is None:
-            prior = txn.get(dkey, db=self._dedupe)
+            prior = _dedupe_get(txn, self._dedupe, dkey)
         if prior is not None:
             msg_id, seq, server_time = _DEDUPE.unpack_from(prior)
             if prior[_DEDUPE.size :] == op.digest:
@@ -3689,7 +3740,7 @@ class LmdbStore(Store):
     def _deduped_in(self, txn: _Txn, sender: str, device: str, local_id: int) -> bool:
         if not (0 <= local_id < 1 << 64 and valid_id(sender) and valid_id(device)):
             return False
-        return txn.get(_t(sender) + _t(device) + _U64.pack(local_id), db=self._dedupe) is not None
+        return _dedupe_get(txn, self._dedupe, _t(sender) + _t(device) + _U64.pack(local_id)) is not None
 
     def _read_history(self, op: ReadHistory) -> HistoryPage:
         with self._read() as txn:
@@ -3860,6 +3911,7 @@ class LmdbStore(Store):
         if upto <= floor:
             return 0, 0
         gone: set[bytes] = set()
+        dedupes: dict[bytes, set[bytes]] = {}
         for seq in range(floor + 1, upto + 1):
             ik = ck + _U64.pack(seq)
             ref = txn.get(ik, db=self._convidx)
@@ -3873,13 +3925,11 @@ class LmdbStore(Store):
                 off = _RECORD.size + 1 + raw[_RECORD.size]
                 end = off + 1 + raw[off]
                 end += 1 + raw[end]
-                dkey = raw[off:end] + raw[8:16]
-                prior = txn.get(dkey, db=self._dedupe)
-                if prior is not None and prior[:16] == msg_id:
-                    txn.delete(dkey, db=self._dedupe)  # with its message, never before
+                dedupes.setdefault(raw[off:end] + raw[8:16], set()).add(msg_id)
                 txn.delete(msg_id, db=self._msgs)
             txn.delete(ik, db=self._convidx)
             gone.add(msg_id)
+        self._drop_dedupes(txn, dedupes)  # with their messages, never before
         self._put_retention(txn, ck, age, count, upto)
         entries = 0
         for uk in self._recipients_in(txn, ck):
@@ -3890,6 +3940,53 @@ class LmdbStore(Store):
                 txn.delete(key, db=self._inbox)
             entries += len(doomed)
         return upto - floor, entries
+
+    def _drop_dedupes(self, txn: _Txn, doomed: dict[bytes, set[bytes]]) -> None:
+        """Delete the ``dedupe`` entries of removed messages: ``doomed`` maps
+        T(sender) T(device) U64(local_id) to the msg ids removed with that
+        key, and an entry goes only if it is one of theirs.  A run loses just
+        those entries: the rest is written again as :func:`_impl.dedupe_items`
+        writes a batch's (the run cut where entries went, each part a run or
+        a single record), each record once however many of its entries go.
+        Every other entry stays: its retry must still be answered with its
+        identity, not stored twice."""
+        if not doomed:
+            return
+        cur = txn.cursor(db=self._dedupe)
+        found: dict[bytes, bytes] = {}  # the records holding doomed keys
+        for dkey in sorted(doomed):
+            if not cur.set_range(dkey):
+                continue
+            key = cur.key()
+            n = len(dkey)
+            if len(key) != n + 8:
+                if key == dkey:
+                    found[key] = cur.value()
+            elif key[: n - 8] == dkey[: n - 8] and _U64.unpack_from(key, n)[0] <= _U64.unpack_from(dkey, n - 8)[0]:
+                found[key] = cur.value()  # a run of the device holding it
+        deletes: list[bytes] = []
+        rest: list[tuple[bytes, bytes]] = []
+        for key, value in found.items():
+            end = 1 + key[0]
+            end += 1 + key[end]
+            if len(key) == end + 8:
+                if value[:16] in doomed.get(key, ()):
+                    deletes.append(key)
+                continue
+            last, first = _U64.unpack_from(key, end)[0], _U64.unpack_from(key, end + 8)[0]
+            size = len(value) // (last - first + 1)
+            kept = []
+            for i in range(last - first + 1):
+                ek, e = key[:end] + _U64.pack(first + i), value[i * size : (i + 1) * size]
+                if e[:16] not in doomed.get(ek, ()):
+                    kept.append((ek, e))
+            if len(kept) <= last - first:
+                deletes.append(key)
+                rest.extend(kept)
+        for key in deletes:
+            txn.delete(key, db=self._dedupe)
+        if rest:
+            txn.cursor(db=self._dedupe).putmulti(_impl.dedupe_items(sorted(rest)))
 
     @staticmethod
     def _forget_convs(w: _Batch) -> None:
@@ -3962,18 +4059,18 @@ class LmdbStore(Store):
         w.sync()  # the LEFT entries' inbox writes, before the deletions below
         tombstones = 0
         for key, value in list(self._scan(txn, self._dedupe, uk)):
-            msg_id = value[:16]
-            raw = txn.get(msg_id, db=self._msgs)
-            if raw is not None:
-                m = _decode_record(msg_id, raw)
-                if m.seq:  # seq 0: a DELETE entry (no payload of its own)
-                    m = purged_tombstone(m)
-                    txn.put(msg_id, _encode_entry(m), db=self._msgs)
-                    if m.kind == MessageKind.MESSAGE:
-                        # As a recall: unread counts and mention counts skip it.
-                        txn.put(_t(m.conv) + _U64.pack(m.seq),
-                                msg_id + bytes((int(MessageKind.RECALL),)) + m.sender.encode("ascii"), db=self._convidx)
-                    tombstones += 1
+            for msg_id in _dedupe_msg_ids(key, value):
+                raw = txn.get(msg_id, db=self._msgs)
+                if raw is not None:
+                    m = _decode_record(msg_id, raw)
+                    if m.seq:  # seq 0: a DELETE entry (no payload of its own)
+                        m = purged_tombstone(m)
+                        txn.put(msg_id, _encode_entry(m), db=self._msgs)
+                        if m.kind == MessageKind.MESSAGE:
+                            # As a recall: unread counts and mention counts skip it.
+                            txn.put(_t(m.conv) + _U64.pack(m.seq),
+                                    msg_id + bytes((int(MessageKind.RECALL),)) + m.sender.encode("ascii"), db=self._convidx)
+                        tombstones += 1
             txn.delete(key, db=self._dedupe)
         doomed = [key for key, _ in self._scan(txn, self._inbox, uk)]
         for key in doomed:
