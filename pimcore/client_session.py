@@ -802,6 +802,7 @@ class ClientSession:
         self._rtt = -1
         self._last_stamp = 0
         self._last_local_id = 0
+        self._local_id_base = 0  # the clock at this run's first auto local id (_new_local_id)
 
         # -- the current connection (reset by connection_made)
         self._decoder: Optional[Decoder] = None
@@ -1024,9 +1025,18 @@ class ClientSession:
         return t
 
     def _new_local_id(self, now: int) -> int:
-        # Unique per device across restarts as long as the clock does not go
-        # back by more than the gap between two runs.
-        lid = max(self._last_local_id + 1, now)
+        # Consecutive within this run, from the clock at its first send: a
+        # burst's sends are then one dedupe record per batch in the store
+        # (pimcore/store/lmdb.py, "Dedupe runs"; from the clock each time they
+        # were increasing but never consecutive).  Unique per device across
+        # restarts as long as the clock does not go back by more than the
+        # time between the two runs' first sends less the earlier run's sends
+        # (one µs each): ids lag the clock, so that is more room than the gap
+        # between two runs the clock-each-time ids had.  An explicit local id
+        # below the first never pulls them down (max).
+        if not self._local_id_base:
+            self._local_id_base = now
+        lid = max(self._last_local_id + 1, self._local_id_base)
         self._last_local_id = lid
         return lid
 

@@ -711,6 +711,27 @@ def test_a_retry_after_send_timeout_carries_the_first_attempts_send_req():
     assert sent.result is not None and sent.result.client_time == first.client_time  # type: ignore[attr-defined]
 
 
+def test_local_ids_are_consecutive_within_a_run_from_the_clock_at_its_first_send():
+    """(A new user's trial of the store's dedupe runs: the SDK took each
+    local id from the µs clock, so a burst's ids were increasing but never
+    consecutive and the store wrote one dedupe record per send.)  The
+    first auto id of a run is the clock then; the next ones follow it by
+    one however the clock moves, so a burst is one record per batch.  An
+    explicit local id above them moves them on; one below the first does
+    not pull them down (they stay unique against earlier runs)."""
+    s = session()
+    connect(s, T0)
+    ids = [s.send(CONV, b"x", T0 + 50 * i) for i in range(5)]
+    assert ids == [T0 + i for i in range(5)]
+    assert s.send(CONV, b"x", T0 + 10 * S, local_id=T0 + 100) == T0 + 100
+    assert s.send(CONV, b"x", T0 + 11 * S) == T0 + 101
+    late = session()
+    connect(late, T0)
+    assert late.send(CONV, b"x", T0, local_id=7) == 7
+    assert late.send(CONV, b"x", T0 + 3) == T0 + 3  # the clock, not 8
+    assert late.send(CONV, b"x", T0 + 9) == T0 + 4
+
+
 def test_send_with_a_pending_local_id_does_not_queue_a_second_copy():
     s = session()
     b = connect(s, T0)

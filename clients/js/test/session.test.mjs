@@ -123,6 +123,20 @@ test('a backward step of the device clock does not stall the timers: a silent li
   await c.close();
 });
 
+test('local ids are consecutive within a run, from the clock at its first send (one dedupe record per burst)', async () => {
+  // (From the clock at each send they were increasing but never consecutive,
+  // so the broker's store wrote one dedupe record per send.)
+  const t = await handTicked();
+  const { c } = t;
+  const base = t.clock;
+  for (let i = 0; i < 4; i++) { c.send('d:u:v', 'x').catch(() => {}); t.clock += 50; c._tick(); }
+  assert.deepEqual(c.pendingSends(), [base, base + 1, base + 2, base + 3]);
+  c.send('d:u:v', 'y', { localId: base + 100 }).catch(() => {});
+  c.send('d:u:v', 'z').catch(() => {});
+  assert.deepEqual(c.pendingSends().slice(-2), [base + 100, base + 101]);
+  await c.close();
+});
+
 test('a history request is written once per connection and asked again after a reconnect', async () => {
   const c = make({ backoffInitial: 1 });
   const { ws } = await connected(c);

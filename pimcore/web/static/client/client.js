@@ -248,6 +248,7 @@ export class PimcoreClient {
     this._pending = new Map(); // local id -> send entry
     this._expired = new Map(); // local id -> {conv, client_time, after_seq} of a send that timed out (for its retry)
     this._lastLocalId = 0;
+    this._localIdBase = 0; // µs: the clock at this run's first local id of its own (_newLocalId)
     this._lastStamp = 0;
     this._cwnd = 65536;
     this._tx = 0; this._recover = 0; this._refusals = 0; this._holdUntil = 0;
@@ -288,6 +289,17 @@ export class PimcoreClient {
     this._listeners.get(name).add(fn);
     return () => this._listeners.get(name).delete(fn);
   }
+  // A local id of the client's own: consecutive within this run, from the
+  // clock at its first (a burst's sends are then one dedupe record per batch
+  // in the broker's store; from the clock each time they never were).
+  // Unique across restarts while the clock does not go back by more than the
+  // time between the two runs' first sends less the earlier run's sends.
+  // Only the send path assigns _lastLocalId (after the frame is built).
+  _newLocalId(raw) {
+    if (!this._localIdBase) this._localIdBase = raw;
+    return Math.max(this._lastLocalId + 1, this._localIdBase);
+  }
+
   _emit(name, ev) {
     const fns = this._listeners.get(name);
     if (!fns) return;
@@ -716,7 +728,7 @@ export class PimcoreClient {
       e.deadline = Math.max(e.deadline, now + timeout * 1000);
       return e.promise;
     }
-    const lid = localId != null ? localId : Math.max(this._lastLocalId + 1, raw);
+    const lid = localId != null ? localId : this._newLocalId(raw);
     // A retry of a send that timed out (same local id, same conv) carries the
     // first attempt's stamp and after_seq: the same local id carries the same
     // SendReq, so the broker's original ack matches what was stored.
@@ -774,7 +786,7 @@ export class PimcoreClient {
       e.deadline = Math.max(e.deadline, now + timeout * 1000);
       return e.promise;
     }
-    const lid = localId != null ? localId : Math.max(this._lastLocalId + 1, raw);
+    const lid = localId != null ? localId : this._newLocalId(raw);
     const stamp = Math.max(this._lastStamp + 1, raw + this.clockOffset);
     const f = frame('AmendReq', { local_id: lid, conv, target, action, client_time: stamp, payload: bytes });
     f._body = encodeBody(f); // throws EncodeError before any state changes
