@@ -381,7 +381,7 @@ _DB_LABELS: dict[str, tuple[str, str]] = {
     "inbox": ("inbox_entries", "inbox entries (one per recipient of a message)"),
     "inboxmeta": ("inboxes", "inboxes (users with an inbox head)"),
     "devices": ("devices", "devices"),
-    "dedupe": ("dedupe", "retry (dedupe) records (a run of a device's sends in a batch is one)"),
+    "dedupe": ("dedupe", "retry (dedupe) records (a run of a device's consecutive local ids in a batch is one)"),
     "reads": ("read_markers", "read markers"),
     "revoked": ("revocations", "token revocations"),
     "spans": ("membership_spans", "membership intervals"),
