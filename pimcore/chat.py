@@ -623,8 +623,11 @@ async def chat(
                         await client.typing(conv)
                         continue
                     if text == "/history":
-                        for m in client.view(conv):
+                        shown = client.view(conv)
+                        for m in shown:
                             out(_line(m, client.user, device))
+                        if not shown:
+                            out("(no messages yet)")
                         continue
                     if command in ("/edit", "/recall", "/delete"):
                         number, _, new_text = rest.strip().partition(" ")

@@ -342,6 +342,28 @@ async def test_chat_shows_system_posts_as_the_system(tmp_path: Path) -> None:
     assert said[2:] == said[:2], said
 
 
+async def test_history_of_an_empty_chat_says_so(tmp_path: Path) -> None:
+    """(A new user's trial, LOW.)  /history in a chat with no message yet
+    printed nothing at all: no sign the command was taken."""
+    import trio
+
+    from pimcore.embed import open_pimcore
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["alice", "bob"])
+            out: list[str] = []
+            into, lines = trio.open_memory_channel[str](10)
+            async with trio.open_nursery() as n:
+                await _start_chat(n, "alice", out, im.urls[0], im.issue_token("alice"), group="team", lines=lines)
+                before = len(out)
+                await into.send("/history")
+                while len(out) == before:
+                    await trio.sleep(0.01)
+                await into.send("/quit")
+    assert out[before] == "(no messages yet)", out
+
+
 async def test_chat_replaced_by_the_same_device_elsewhere_says_so_and_ends() -> None:
     """The same device logging in on another connection closes this one
     for good (REPLACED; KICKED and TOKEN_REVOKED alike): chat said
