@@ -623,10 +623,10 @@ async def chat(
                         await client.typing(conv)
                         continue
                     if text == "/history":
-                        shown = client.view(conv)
-                        for m in shown:
+                        in_view = client.view(conv)
+                        for m in in_view:
                             out(_line(m, client.user, device))
-                        if not shown:
+                        if not in_view:
                             out("(no messages yet)")
                         continue
                     if command in ("/edit", "/recall", "/delete"):
