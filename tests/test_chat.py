@@ -349,13 +349,12 @@ async def test_history_of_an_empty_chat_says_so(tmp_path: Path) -> None:
 
     from pimcore.embed import open_pimcore
 
+    out: list[str] = []
+    into, lines = trio.open_memory_channel[str](10)
     with trio.fail_after(30):
         async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"]) as im:
-            await im.create_group("team", ["alice", "bob"])
-            out: list[str] = []
-            into, lines = trio.open_memory_channel[str](10)
-            async with trio.open_nursery() as n:
-                await _start_chat(n, "alice", out, im.urls[0], im.issue_token("alice"), group="team", lines=lines)
+            async with trio.open_nursery() as n:  # (a 1:1 chat with bob, who never wrote)
+                await _start_chat(n, "alice", out, im.urls[0], im.issue_token("alice"), "bob", lines=lines)
                 before = len(out)
                 await into.send("/history")
                 while len(out) == before:
