@@ -2230,6 +2230,12 @@ class BrokerServer:
                     and req.entries < _OFF_LOOP_ENTRIES and not probe.poll(0, 1)):
                 # Inline commit (see __init__): its outcome joins the queue
                 # behind the commands already there, as the committer's would.
+                if self._dirty:
+                    # What is queued goes out first: this commit blocks the
+                    # loop for its flush, and the SendAcks of the batch that
+                    # just committed (answered with this one, e.g. delivery
+                    # acks that waited ack_delay) would wait a second flush.
+                    self._flush()
                 t0 = time.perf_counter()
                 try:
                     results = self.store.execute(req)  # type: ignore[union-attr]
