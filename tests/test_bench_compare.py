@@ -258,6 +258,16 @@ def test_diagnosis_names_the_limit() -> None:
     assert d(_result(broker_cpu_util=0.95)).startswith("broker CPU (95% of one core)")
     fsync = d(_result(broker_commit_seconds=4.0, broker_batches=100, broker_messages_stored=30_000))
     assert fsync.startswith("fsync wait") and "300 messages per commit" in fsync and "off CPU 70%" in fsync
+    # One message per commit, the broker on CPU for most of each round trip
+    # (1 x 1 with durability log): its CPU between the flushes is the limit,
+    # not the fsync -- 5 s over 10,000 commits is 500 µs a commit, 65 % of
+    # it on CPU.
+    serial = d(_result(config={"durability": "log", "warmup": 1.0}, broker_cpu_util=0.65, broker_commit_seconds=3.4,
+                       broker_batches=10_000, broker_messages_stored=10_000))
+    assert serial.startswith("broker CPU between flushes: commits (the log's fdatasync included) 68% of the time,"), serial
+    assert "per commit the broker ran 325 µs and was off CPU 175 µs" in serial, serial
+    assert "per commit the broker ran 150 µs and was off CPU 350 µs" in d(
+        _result(broker_commit_seconds=4.0, broker_batches=10_000, broker_messages_stored=10_000))
     idle = d(_result(broker_commit_seconds=0.5, broker_batches=100, broker_messages_stored=100))
     assert idle.startswith("round trips")
     os_commit = d(_result(config={"durability": "os", "warmup": 1.0}, broker_commit_seconds=3.0, broker_batches=10,
