@@ -152,3 +152,75 @@ async def test_each_server_sent_events_write_stays_within_the_byte_budget(tmp_pa
             assert max(len(chunk) for chunk in chunks) <= MAX_PAGE_BYTES
             assert len(chunks) >= 3  # the stream's opening comment, then at least two writes of events
             assert ids == list(range(1, last + 1))
+
+
+async def test_a_conversation_list_page_is_one_read_of_the_store_however_many_entries_it_holds(tmp_path: Path) -> None:
+    """The store builds the user's whole list for each read of it, so the
+    page is cut by bytes from one read (reading a few entries at a time,
+    as many as could fit at max_payload each, cost a whole list per piece:
+    a review).  Small entries: the page holds them all, from one read."""
+    from pimcore.store import MemoryStore
+    from pimcore.store.base import ReadConversations
+
+    class CountedReads(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.list_reads = 0
+
+        def read(self, ops: Any) -> Any:
+            ops = tuple(ops)
+            self.list_reads += sum(isinstance(op, ReadConversations) for op in ops)
+            return super().read(ops)
+
+    store = CountedReads()
+    # More than one read's worth when reading as many as could fit at
+    # max_payload (64 KiB: about 48 entries a read).
+    convs = [f"g{i}" for i in range(150)]
+    with trio.fail_after(60):
+        async with api(tmp_path, store=store) as (im, h, c):
+            for conv in convs:
+                await im.create_group(conv, ["alice", "bob"])
+                await im.post(conv, b"hi")
+            before = store.list_reads
+            status, body = await get_raw(c, "/v1/users/bob/conversation-list?limit=1000")
+            page = json.loads(body)
+            assert status == 200 and page["more"] is False
+            assert sorted(e["conv"] for e in page["entries"]) == sorted(convs)
+            assert store.list_reads - before == 1
+
+
+async def test_an_event_poll_whose_follow_up_read_finds_nothing_returns_what_it_has(tmp_path: Path, monkeypatch: Any,
+                                                                                   autojump_clock: Any) -> None:
+    """A poll reads a few events at a time (as many as fit the budget at
+    max_payload each) and reads on while the last event id is past what it
+    has.  The events past it may be gone by then (reclaimed: every consumer
+    with a cursor acked them), and the follow-up read would wait for a new
+    event: it is bounded (a second, or the poll's `wait`), and the poll
+    answers with the events it has.  Here the handle's event_cursor says
+    one event more than the store holds, as after such a reclaim.  (Virtual
+    time: a poll that waited for a new event would reach fail_after.)"""
+    from test_http_batch_sse import Sse
+
+    with trio.fail_after(600):
+        async with api(tmp_path, events=True) as (im, h, c):
+            # One read's worth of events (as many as could fit the budget at
+            # max_payload), so the poll reads on for more.
+            want = (MAX_PAGE_BYTES - 1024) // (4 * ((65536 + 2) // 3) + 1024) + 1
+            await im.create_group("g", ["alice", "bob"])
+            while (await im.event_cursor("push"))[1] < want:
+                await im.post("g", b"hi", sender="alice", device="web")
+            _, last = await im.event_cursor("push")
+            assert last == want
+            cursor = im.event_cursor
+
+            async def one_more_than_held(consumer: str = "default") -> tuple[int, int]:
+                at, last = await cursor(consumer)
+                return at, last + 1
+
+            monkeypatch.setattr(im, "event_cursor", one_more_than_held)
+            s = await Sse.open(h.url, "/v1/events?consumer=push&after=0&limit=10000")
+            assert s.status == 200
+            page = json.loads(await s.body())
+            await s.aclose()
+            assert [ev["id"] for ev in page["events"]] == list(range(1, last + 1))
+            assert page["next"] == last and page["more"] is False
