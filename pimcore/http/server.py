@@ -321,13 +321,17 @@ class HttpConfig:
     request_timeout: float = 10.0  # seconds: a whole request once it started, and a response
     keepalive_timeout: float = 30.0  # seconds of silence between requests
     max_connections: int = 1000
+    #: Most bytes of one page's JSON (history, conversation list, event
+    #: poll) and of one server-sent-events write; a page holds one item
+    #: however large (pimcore.http.api.MAX_PAGE_BYTES).
+    max_page_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         if self.scheme not in ("tcp", "tls"):
             raise ValueError(f"http listener scheme must be tcp or tls, not {self.scheme!r}")
         if self.scheme == "tls" and self.ssl_context is None:
             raise ValueError("a tls:// http listener needs a certificate (--cert/--key)")
-        for name in ("max_header_bytes", "max_body_bytes", "max_connections"):
+        for name in ("max_header_bytes", "max_body_bytes", "max_connections", "max_page_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("request_timeout", "keepalive_timeout"):
