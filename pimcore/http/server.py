@@ -339,6 +339,10 @@ class HttpConfig:
                 raise ValueError(f"{name} must be > 0 seconds")
 
 
+#: A response body up to this long is written with its head, in one write;
+#: a longer one is written on its own, without being copied (_send).
+_JOIN_BELOW = 64 * 1024
+
 #: _while_connected's answer when shutdown() ended the wait.
 _SHUTTING_DOWN = object()
 
@@ -763,9 +767,21 @@ class HttpServer:
         hdrs = [*headers, ("content-length", str(len(body)))]
         out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=_phrase(status))) or b""
         if body and not head:
-            out += conn.send(h11.Data(data=body)) or b""
+            # The body itself, not a copy (content-length framing adds
+            # nothing to it): joined with the head, a large body was held
+            # twice for as long as a slow client took to read it.  A small
+            # one still goes in the head's write.
+            data = conn.send_with_data_passthrough(h11.Data(data=body)) or []
+            if len(body) <= _JOIN_BELOW:
+                out += b"".join(data)
+            else:
+                await stream.send_all(out)
+                out = b""
+                for piece in data:
+                    await stream.send_all(piece)
         out += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(out)
+        if out:
+            await stream.send_all(out)
 
     async def _send_error(self, stream: trio.abc.Stream, conn: h11.Connection, err: HttpError) -> None:
         """An error response, then the connection ends (what was not read of
