@@ -193,38 +193,52 @@ async def test_an_event_poll_whose_follow_up_read_finds_nothing_returns_what_it_
                                                                                    autojump_clock: Any) -> None:
     """A poll reads a few events at a time (as many as fit the budget at
     max_payload each) and reads on while the last event id is past what it
-    has.  The events past it may be gone by then (reclaimed: every consumer
-    with a cursor acked them), and the follow-up read would wait for a new
-    event: it is bounded (a second, or the poll's `wait`), and the poll
-    answers with the events it has.  Here the handle's event_cursor says
-    one event more than the store holds, as after such a reclaim.  (Virtual
-    time: a poll that waited for a new event would reach fail_after.)"""
+    has.  The events past it may be gone by then: reclaimed, every consumer
+    with a cursor having acked them (here, between the poll's two reads,
+    another consumer acks them all and the reclaim runs).  The follow-up
+    read would wait for a new event: it is bounded (a second, or the poll's
+    `wait`), and the poll answers with the events it has.  (Virtual time:
+    a poll that waited for a new event would reach fail_after.)"""
+    from pimcore.core import BrokerConfig
+    from pimcore.store import LmdbStore
+    from pimcore.store.base import Reclaim, WriteBatch
+
     from test_http_batch_sse import Sse
 
-    with trio.fail_after(600):
-        async with api(tmp_path, events=True) as (im, h, c):
-            # One read's worth of events (as many as could fit the budget at
-            # max_payload), so the poll reads on for more.
-            want = (MAX_PAGE_BYTES - 1024) // (4 * ((65536 + 2) // 3) + 1024) + 1
-            await im.create_group("g", ["alice", "bob"])
-            while (await im.event_cursor("push"))[1] < want:
-                await im.post("g", b"hi", sender="alice", device="web")
-            _, last = await im.event_cursor("push")
-            assert last == want
-            cursor = im.event_cursor
+    store = LmdbStore(str(tmp_path / "db"), durability="os")
+    try:
+        with trio.fail_after(600):
+            async with api(tmp_path, store=store, events=True) as (im, h, c):
+                # One read's worth of events (as many as could fit the budget
+                # at max_payload) and two more: the poll reads on for them.
+                max_payload = im.server.broker.config.limits.max_payload
+                want = (MAX_PAGE_BYTES - 1024) // (4 * ((max_payload + 2) // 3) + 1024) + 1
+                await im.create_group("g", ["alice", "bob"])
+                while (await im.event_cursor("push"))[1] < want + 2:
+                    await im.post("g", b"hi", sender="alice", device="web")
+                _, last = await im.event_cursor("push")
+                cursor, reads = im.event_cursor, []
 
-            async def one_more_than_held(consumer: str = "default") -> tuple[int, int]:
-                at, last = await cursor(consumer)
-                return at, last + 1
+                async def reclaimed_before_the_follow_up(consumer: str = "default") -> tuple[int, int]:
+                    reads.append(consumer)
+                    if len(reads) == 2:  # the poll has its first read's events: the rest go
+                        assert await im.ack_events(last, "other") == last
+                        cfg = BrokerConfig()
+                        (done,) = store.commit(WriteBatch(10**9, (Reclaim(im.server.now(), cfg.device_retention,
+                                                                          cfg.inbox_max_age),)))
+                        assert done.events == last
+                    return await cursor(consumer)
 
-            monkeypatch.setattr(im, "event_cursor", one_more_than_held)
-            s = await Sse.open(h.url, "/v1/events?consumer=push&after=0&limit=10000")
-            assert s.status == 200
-            page = json.loads(await s.body())
-            await s.aclose()
-            assert [ev["id"] for ev in page["events"]] == list(range(1, last + 1))
-            assert page["next"] == last and page["more"] is False
-
+                monkeypatch.setattr(im, "event_cursor", reclaimed_before_the_follow_up)
+                s = await Sse.open(h.url, "/v1/events?consumer=push&after=0&limit=10000")
+                assert s.status == 200
+                page = json.loads(await s.body())
+                await s.aclose()
+                assert len(reads) == 2  # (the follow-up's check came)
+                assert [ev["id"] for ev in page["events"]] == list(range(1, want + 1))
+                assert page["next"] == want and page["more"] is False
+    finally:
+        store.close()
 
 #: A page budget ([http] max_page_bytes) just over one message's JSON at
 #: the default max_payload (64 KiB: 93,912 bytes with 64 mentions).
