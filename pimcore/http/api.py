@@ -110,9 +110,11 @@ MAX_STREAM_PAGE = 500
 #: conversation-list page, an event poll (and one server-sent-events write).  A page stops
 #: before the item that would pass it, ``more`` set, and its continuation
 #: (``from_seq``, ``cursor``, ``next``) goes on from there; it always holds
-#: one item, however large.  Items are read from the store a few at a time
-#: (as many as could fit if each were as large as ``max_payload`` allows),
-#: so neither a read nor a body holds much more than this.  (The wire
+#: one item, however large.  History and events are read from the store a
+#: few at a time (as many as could fit if each were as large as
+#: ``max_payload`` allows), the conversation list once per page (the store
+#: builds the whole list for any read), so no body holds much more than
+#: this.  (The wire
 #: protocol's HistoryResp is bounded by max_frame the same way.)  Unbounded,
 #: ``history?limit=1000`` over 64 KiB messages was one 87 MB body, built in
 #: one go on the broker's event loop (stalling every client) and held for a
@@ -131,6 +133,7 @@ def smallest_page_bytes(max_payload: int, max_mentions: int) -> int:
     other fields.  (A page holds one item whatever its size, so a smaller
     budget would be passed by every page of large messages.)"""
     return _PAGE_ENVELOPE + 4 * ((max_payload + 2) // 3) + 1024 + 70 * max_mentions
+
 
 _MISSING = object()
 
