@@ -56,6 +56,7 @@ Example (every key optional)::
     request_timeout = 10.0             # seconds to receive a whole request once it started
     keepalive_timeout = 30.0           # seconds a connection may stay silent between requests
     max_connections = 1000
+    max_page_bytes = 4194304           # JSON bytes of a history/conversation-list/event page, an event-stream write
 
     [webhooks]                         # host events POSTed to a URL (docs/EMBEDDING.md, Webhooks); turns events on
     url = "https://backend.example/pimcore-events"
@@ -170,7 +171,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
     },
     "http": {
         "listen": "str", "max_header_bytes": "int", "max_body_bytes": "int", "request_timeout": "float",
-        "keepalive_timeout": "float", "max_connections": "int",
+        "keepalive_timeout": "float", "max_connections": "int", "max_page_bytes": "int",
     },
     "webhooks": {
         "url": "str", "secret": "str", "timeout": "float", "retry_base": "float", "retry_cap": "float",
@@ -444,6 +445,7 @@ def _check(name: str, typ: str, value: Any, empty_ok: bool = False) -> Any:
 #: would): ``name -> (minimum, inclusive)``.  The HttpConfig checks, named.
 _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "http.max_header_bytes": (1, True), "http.max_body_bytes": (1, True), "http.max_connections": (1, True),
+    "http.max_page_bytes": (1, True),  # (and at least one message's JSON: ServeSettings._check_page_bytes)
     "http.request_timeout": (0, False), "http.keepalive_timeout": (0, False),
 }
 
@@ -667,6 +669,24 @@ class ServeSettings:
             f"server.idle_timeout ({idle / SECOND:g} s) needs heartbeats: with limits.heartbeat_ms 0 clients never"
             " Ping, so every idle session would be closed as idle; set server.idle_timeout to 0 too", *keys)
 
+    def _check_page_bytes(self, limits: Limits) -> None:
+        """ConfigError for an ``[http] max_page_bytes`` given below one
+        message's JSON at ``limits.max_payload`` (and max_mentions): every
+        page of large messages would pass it (a page holds one item however
+        large).  The default (4 MiB) is not refused: with a max_payload
+        that large each page is one message."""
+        given = self.http_options.get("max_page_bytes")
+        if given is None:
+            return
+        from .http.api import smallest_page_bytes
+
+        least = smallest_page_bytes(limits.max_payload, limits.max_mentions)
+        if given < least:
+            raise self._refused(
+                f"http.max_page_bytes: {given} is less than one message's JSON at limits.max_payload"
+                f" {limits.max_payload} (with limits.max_mentions {limits.max_mentions}): set at least {least}",
+                ("http", "max_page_bytes"), ("limits", "max_payload"), ("limits", "max_mentions"))
+
     def server_config(self, *, check_only: bool = False) -> ServerConfig:
         """The broker's ServerConfig.  Raises ConfigError naming the setting
         (and where its value came from) for a value it refuses.
@@ -685,6 +705,7 @@ class ServeSettings:
             hook = None
         else:
             hook = self.load_content_filter()
+        self._check_page_bytes(limits)
         broker = replace(base, limits=limits, content_filter=hook)
         srv = dict(self.server)
         for key in ("idle_timeout", "login_timeout", "ack_delay", "history_max_age", "reclaim_interval"):

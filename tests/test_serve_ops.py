@@ -329,6 +329,7 @@ def test_config_file_type_errors_name_the_key(tmp_path: Path, text: str, needle:
         ({}, "[http]\nkeepalive_timeout = -3\n", "http.keepalive_timeout: expected a number > 0, got -3.0"),
         ({}, "[http]\nrequest_timeout = 0\n", "http.request_timeout: expected a number > 0, got 0.0"),
         ({}, "[http]\nmax_header_bytes = -5\n", "http.max_header_bytes: expected an integer >= 1, got -5"),
+        ({"PIMCORE_HTTP_MAX_PAGE_BYTES": "0"}, "", "http.max_page_bytes: expected an integer >= 1, got 0 (from $PIMCORE_HTTP_MAX_PAGE_BYTES)"),
         ({}, "http = 5\n", 'http: expected a table [http] or a URL string (http = "tcp://HOST:PORT"), got 5'),
     ],
 )
@@ -341,6 +342,40 @@ def test_http_settings_serve_refuses_are_refused_by_print_config_too(tmp_path: P
                         *extra, env=env)
         assert r.returncode == 2, (extra, r.stdout, r.stderr)
         assert needle in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
+
+
+
+def test_a_page_budget_below_one_message_is_refused_at_start_in_one_line(tmp_path: Path) -> None:
+    """``[http] max_page_bytes`` must hold one message at max_payload (a
+    page holds one item however large: a smaller budget would be passed by
+    every page of large messages).  Refused by serve (and --print-config,
+    and open_pimcore) in one line saying the least it takes; accepted once
+    max_payload is small enough."""
+    from pimcore.config import ConfigError
+    from pimcore.embed import open_pimcore
+
+    env = {"PIMCORE_HTTP_MAX_PAGE_BYTES": "50000"}
+    for extra in (["--print-config"], []):
+        r = run_pimcore("serve", "--data-dir", tmp_path / "d", "--listen", LOOPBACK, "--http", LOOPBACK, *extra, env=env)
+        assert r.returncode == 2, (extra, r.stdout, r.stderr)
+        assert r.stderr == ("pimcore serve: http.max_page_bytes: 50000 is less than one message's JSON at"
+                            " limits.max_payload 65536 (with limits.max_mentions 64): set at least 93912"
+                            " (http.max_page_bytes from $PIMCORE_HTTP_MAX_PAGE_BYTES; limits.max_payload is the default;"
+                            " limits.max_mentions is the default)\n"), (extra, r.stderr)
+    r = run_pimcore("serve", "--data-dir", tmp_path / "d", "--listen", LOOPBACK, "--http", LOOPBACK, "--max-payload",
+                    "16384", "--print-config", env=env)
+    assert r.returncode == 0 and "max_page_bytes = 50000\n" in r.stdout, r.stderr
+    cfg = tmp_path / "pimcore.toml"
+    cfg.write_text("[http]\nmax_page_bytes = 50000\n")
+
+    async def embedded() -> None:
+        with pytest.raises(ConfigError, match=r"^http.max_page_bytes: 50000 is less than one message's JSON"
+                                              r" at limits.max_payload 65536 .*: set at least 93912 "
+                                              r"\(http.max_page_bytes from .*pimcore.toml;"):
+            async with open_pimcore(config_file=str(cfg), data_dir=tmp_path / "e", secret="s" * 32):
+                pass  # pragma: no cover - never opened
+
+    trio.run(embedded)
 
 
 # ---------------------------------------------------------------- address in use

@@ -837,6 +837,49 @@ async def test_an_event_log_that_fails_at_start_fails_open_pimcore_instead_of_ha
                 pass  # pragma: no cover - never opened
 
 
+
+async def test_open_pimcore_opens_its_http_port_only_once_the_webhook_sender_has_started(tmp_path: Path) -> None:
+    """The webhook sender starts (its event cursor made) before the HTTP
+    listener opens, as pimcore serve starts them: so a start the sender
+    fails (test above) fails before any HTTP request could be answered,
+    and no request meets a broker whose sender is not there yet.  Seen
+    from the store: when the sender's cursor is written, the HTTP port
+    does not take connections yet; once open_pimcore is in, it does."""
+    import socket
+
+    from pimcore.store import MemoryStore
+    from pimcore.store.base import AckEvents
+    from pimcore.webhooks import WEBHOOK_CONSUMER
+
+    from _proc import free_port
+
+    port = free_port()
+
+    def http_port_open() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        except ConnectionRefusedError:
+            return False
+        return True
+
+    class Watched(MemoryStore):
+        port_open_at_sender_start: Optional[bool] = None
+
+        def commit(self, batch: WriteBatch):
+            if self.port_open_at_sender_start is None and any(
+                    isinstance(op, AckEvents) and op.consumer == WEBHOOK_CONSUMER for op in batch.ops):
+                self.port_open_at_sender_start = http_port_open()
+            return super().commit(batch)
+
+    store = Watched()
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path, store=store, secret="s" * 32, http=f"tcp://127.0.0.1:{port}",
+                                webhooks={"url": "http://127.0.0.1:9/hook", "secret": SECRET, **QUICK}) as im:
+            assert im.webhooks is not None
+            assert store.port_open_at_sender_start is False
+            assert http_port_open()
+
+
 # ---------------------------------------------------------------- batches and retries
 
 

@@ -26,12 +26,12 @@ import trio
 
 from ..errors import BrokerStopped, ErrorCode, StoreError
 from ..ids import _show
-from .server import HttpError, RawBody, Request, Router, StreamBody, _json_bytes
+from .server import HttpConfig, HttpError, RawBody, Request, Router, StreamBody, _json_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..embed import HostEvent, Pimcore
 
-__all__ = ["register_api", "REFUSED_STATUS", "MAX_BATCH", "MAX_STREAM_PAGE", "MAX_PAGE_BYTES"]
+__all__ = ["register_api", "REFUSED_STATUS", "MAX_BATCH", "MAX_STREAM_PAGE", "MAX_PAGE_BYTES", "smallest_page_bytes"]
 
 #: HTTP status of each ErrorCode a handle refusal carries (others: 400).
 REFUSED_STATUS: dict[ErrorCode, int] = {
@@ -105,22 +105,35 @@ MAX_BATCH = 1000
 #: Most events per server-sent-events write (``limit`` of ``/v1/events/stream``).
 MAX_STREAM_PAGE = 500
 
-#: Most bytes of one page's JSON body: a history page, a conversation-list
-#: page, an event poll (and of one server-sent-events write).  A page stops
+#: Most bytes of one page's JSON body by default (``[http] max_page_bytes``,
+#: :attr:`~pimcore.http.HttpConfig.max_page_bytes`): a history page, a
+#: conversation-list page, an event poll (and one server-sent-events write).  A page stops
 #: before the item that would pass it, ``more`` set, and its continuation
 #: (``from_seq``, ``cursor``, ``next``) goes on from there; it always holds
-#: one item, however large.  Items are read from the store a few at a time
-#: (as many as could fit if each were as large as ``max_payload`` allows),
-#: so neither a read nor a body holds much more than this.  (The wire
+#: one item, however large.  History and events are read from the store a
+#: few at a time (as many as could fit if each were as large as
+#: ``max_payload`` allows), the conversation list once per page (the store
+#: builds the whole list for any read), so no body holds much more than
+#: this.  (The wire
 #: protocol's HistoryResp is bounded by max_frame the same way.)  Unbounded,
 #: ``history?limit=1000`` over 64 KiB messages was one 87 MB body, built in
 #: one go on the broker's event loop (stalling every client) and held for a
 #: slow reader: a new user's trial.
-MAX_PAGE_BYTES = 4 << 20
+MAX_PAGE_BYTES: int = HttpConfig().max_page_bytes  # 4 MiB
 
 #: What a page's body may add around its items (the object's other fields:
 #: a cursor, a consumer name, ids).
 _PAGE_ENVELOPE = 1024
+
+
+def smallest_page_bytes(max_payload: int, max_mentions: int) -> int:
+    """The smallest page budget (``[http] max_page_bytes``) that holds one
+    message of ``max_payload`` bytes with ``max_mentions`` mentions: its
+    JSON (the payload as base64, its fields, the mentions) and the page's
+    other fields.  (A page holds one item whatever its size, so a smaller
+    budget would be passed by every page of large messages.)"""
+    return _PAGE_ENVELOPE + 4 * ((max_payload + 2) // 3) + 1024 + 70 * max_mentions
+
 
 _MISSING = object()
 
@@ -311,15 +324,16 @@ def _event(ev: "HostEvent") -> dict[str, Any]:
 
 
 class _PageItems:
-    """A JSON array built item by item within ``room`` bytes: :meth:`add`
+    """A JSON array built item by item within a page of ``page_bytes``
+    (less the page's other fields, _PAGE_ENVELOPE): :meth:`add`
     is False (nothing added) for an item that would pass it, unless the
     array is still empty (a page holds at least one item)."""
 
     __slots__ = ("parts", "left")
 
-    def __init__(self, room: int = MAX_PAGE_BYTES - _PAGE_ENVELOPE) -> None:
+    def __init__(self, page_bytes: int = MAX_PAGE_BYTES) -> None:
         self.parts: list[bytes] = []
-        self.left = room
+        self.left = page_bytes - _PAGE_ENVELOPE
 
     def add(self, item: Any) -> bool:
         data = _json_bytes(item)
@@ -332,8 +346,15 @@ class _PageItems:
     def __len__(self) -> int:
         return len(self.parts)
 
-    def array(self) -> bytes:
-        return b"[" + b",".join(self.parts) + b"]"
+    def pieces(self) -> list[bytes]:
+        """The array's bytes in pieces, for one join with what is around it."""
+        out = [b"["]
+        for i, part in enumerate(self.parts):
+            if i:
+                out.append(b",")
+            out.append(part)
+        out.append(b"]")
+        return out
 
     def count(self, largest: int, most: int) -> int:
         """How many items to read next: as many as fit what is left if each
@@ -343,9 +364,10 @@ class _PageItems:
 
 def _page_body(head: dict[str, Any], name: str, items: _PageItems, tail: dict[str, Any]) -> RawBody:
     """The JSON object ``head``'s fields, ``name``: the items, then ``tail``'s."""
-    out = _json_bytes(head)[:-1] + (b"," if head else b"") + _json_bytes(name) + b":" + items.array()
     rest = _json_bytes(tail)
-    return RawBody("application/json", out + (b"," + rest[1:] if tail else b"}"))
+    # One join (the items are copied once, not into an array and again into the body).
+    return RawBody("application/json", b"".join([_json_bytes(head)[:-1], b"," if head else b"", _json_bytes(name), b":",
+                                                 *items.pieces(), b"," + rest[1:] if tail else b"}"]))
 
 
 def _guarded(handler: Callable[[Request], Awaitable[tuple[int, Any]]],
@@ -381,8 +403,9 @@ def _store_failed(exc: StoreError, cause: Optional[str]) -> str:
     return f"{text}: {cause}" if cause is not None and cause not in text else text
 
 
-def register_api(router: Router, handle: "Pimcore") -> None:
-    """Route the server API's endpoints (all behind the API key) to ``handle``."""
+def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_BYTES) -> None:
+    """Route the server API's endpoints (all behind the API key) to ``handle``;
+    ``page_bytes``: the most bytes of a page's JSON (:data:`MAX_PAGE_BYTES`)."""
     from ..embed import fresh_page
     from ..store.base import conversation_cursor
 
@@ -591,11 +614,11 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         include_hidden = _query(request, "include_hidden", bool, False)
         # One read (the store builds the user's whole list to cut a page
         # from it, so reading in pieces cost a whole list each: a review),
-        # then the page stops within MAX_PAGE_BYTES of JSON, before the entry
+        # then the page stops within page_bytes of JSON, before the entry
         # whose last message would pass it, `more` set and the cursor at
         # the last entry given.  (The entries' own bytes are the store's,
         # read already; what the budget bounds is the body built from them.)
-        items = _PageItems()
+        items = _PageItems(page_bytes)
         page = await handle.conversation_list(request.params["user"], cursor=cursor, limit=limit,
                                               include_hidden=include_hidden)
         more = page.more
@@ -620,9 +643,9 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         limit = _query(request, "limit", int, 50, 1, 1000)
         backward = _query(request, "backward", bool, True)
         # Read a few messages at a time (one more than the page: whether
-        # there is more is then known), within MAX_PAGE_BYTES: the page
+        # there is more is then known), within page_bytes: the page
         # stops before the message that would pass it, `more` set.
-        items, more = _PageItems(), False
+        items, more = _PageItems(page_bytes), False
         while True:
             want = items.count(_largest_message(), limit + 1 - len(items))
             msgs = await handle.history(request.params["conv"], user, from_seq=from_seq, limit=want, backward=backward)
@@ -674,9 +697,9 @@ def register_api(router: Router, handle: "Pimcore") -> None:
         elif after > last:
             raise past_last(f"after {after}", last, "nothing read")
         page: list[Any] = []
-        # Read a few events at a time, within MAX_PAGE_BYTES: the page stops
+        # Read a few events at a time, within page_bytes: the page stops
         # before the event that would pass it, `more` set (`next` goes on).
-        items, more = _PageItems(), False
+        items, more = _PageItems(page_bytes), False
         want = items.count(_largest_message(), limit)
         # next_events waits for at least one: it is called only when there
         # is one (wait=0) or for at most `wait` seconds.  A long-poll that
@@ -736,19 +759,19 @@ def register_api(router: Router, handle: "Pimcore") -> None:
             while True:
                 page: list[Any] = []
                 with trio.move_on_after(keepalive):
-                    # (As many as could fit MAX_PAGE_BYTES at max_payload each.)
+                    # (As many as could fit page_bytes at max_payload each.)
                     _, page = await handle.next_events(consumer, after=pos,
-                                                       limit=max(1, min(limit, MAX_PAGE_BYTES // _largest_message())))
+                                                       limit=max(1, min(limit, page_bytes // _largest_message())))
                 if not page:
                     await send(b": keep-alive\n\n")
                     continue
-                # One write within MAX_PAGE_BYTES (at least one event): the
+                # One write within page_bytes (at least one event): the
                 # rest of the page is read again for the next.
                 out = bytearray()
                 for ev in await fresh_page(handle, page):
                     data = _json_bytes(_event(ev))
                     event = b"id: %d\ndata: %s\n\n" % (ev.id, data)
-                    if out and len(out) + len(event) > MAX_PAGE_BYTES:
+                    if out and len(out) + len(event) > page_bytes:
                         break
                     out += event
                     pos = ev.id

@@ -53,7 +53,7 @@ class BrokerHttp(HttpServer):
         if handle is not None:
             from .api import register_api
 
-            register_api(r, handle)
+            register_api(r, handle, config.max_page_bytes)
             r.add("GET", "/v1/openapi.json", self._openapi, auth=False)
 
     async def _index(self, request: Request) -> tuple[int, Any]:

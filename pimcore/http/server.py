@@ -321,19 +321,27 @@ class HttpConfig:
     request_timeout: float = 10.0  # seconds: a whole request once it started, and a response
     keepalive_timeout: float = 30.0  # seconds of silence between requests
     max_connections: int = 1000
+    #: Most bytes of one page's JSON (history, conversation list, event
+    #: poll) and of one server-sent-events write; a page holds one item
+    #: however large (pimcore.http.api.MAX_PAGE_BYTES).
+    max_page_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         if self.scheme not in ("tcp", "tls"):
             raise ValueError(f"http listener scheme must be tcp or tls, not {self.scheme!r}")
         if self.scheme == "tls" and self.ssl_context is None:
             raise ValueError("a tls:// http listener needs a certificate (--cert/--key)")
-        for name in ("max_header_bytes", "max_body_bytes", "max_connections"):
+        for name in ("max_header_bytes", "max_body_bytes", "max_connections", "max_page_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("request_timeout", "keepalive_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds")
 
+
+#: A response body up to this long is written with its head, in one write;
+#: a longer one is written on its own, without being copied (_send).
+_JOIN_BELOW = 64 * 1024
 
 #: _while_connected's answer when shutdown() ended the wait.
 _SHUTTING_DOWN = object()
@@ -759,9 +767,21 @@ class HttpServer:
         hdrs = [*headers, ("content-length", str(len(body)))]
         out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=_phrase(status))) or b""
         if body and not head:
-            out += conn.send(h11.Data(data=body)) or b""
+            # The body itself, not a copy (content-length framing adds
+            # nothing to it): joined with the head, a large body was held
+            # twice for as long as a slow client took to read it.  A small
+            # one still goes in the head's write.
+            data = conn.send_with_data_passthrough(h11.Data(data=body)) or []
+            if len(body) <= _JOIN_BELOW:
+                out += b"".join(data)
+            else:
+                await stream.send_all(out)
+                out = b""
+                for piece in data:
+                    await stream.send_all(piece)
         out += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(out)
+        if out:
+            await stream.send_all(out)
 
     async def _send_error(self, stream: trio.abc.Stream, conn: h11.Connection, err: HttpError) -> None:
         """An error response, then the connection ends (what was not read of
