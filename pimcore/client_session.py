@@ -1831,13 +1831,20 @@ class ClientSession:
     def _check_same_message(p: _Pending, message: tuple, call: str) -> None:
         """Raise ValueError unless ``message`` -- (conv, target, action,
         payload, mentions, mention_all); target and action 0 for a send --
-        is what the pending ``p`` carries: a local id names one message."""
-        if (p.conv, p.target, p.action, p.payload, p.mentions, p.mention_all) != message:
-            what = "an amend" if p.action else "a send"
-            raise ValueError(
-                f"{call}: local id {p.local_id} is still pending with a different message ({what} of another"
-                f" conversation, payload, mentions or action): a local id names one message -- retry it with the"
-                f" same one, or give this message another local id")
+        is what the pending ``p`` carries: a local id names one message.
+        The error says what differs."""
+        mine = (p.conv, p.target, p.action, p.payload, p.mentions, p.mention_all)
+        if mine == message:
+            return
+        if bool(p.action) != bool(message[2]):
+            what = f"the pending one is {'an amend' if p.action else 'a send'}, this {'an amend' if message[2] else 'a send'}"
+        else:
+            names = ("conv", "target", "action", "payload", "mentions", "mention_all")
+            differ = [n for n, a, b in zip(names, mine, message) if a != b]
+            what = "not the same " + (f"{', '.join(differ[:-1])} and {differ[-1]}" if len(differ) > 1 else differ[0])
+        raise ValueError(
+            f"{call}: local id {p.local_id} is still pending with a different message ({what}): a local id names"
+            f" one message -- repeat that one to wait for its outcome, or give this message another local id")
 
     def _extend_deadline(self, p: _Pending, deadline: int) -> None:
         """A retry of the pending ``p``: the later of the two deadlines applies."""

@@ -759,7 +759,8 @@ def test_send_with_a_pending_local_id_and_a_different_message_is_refused(change:
     lid = s.send(**first, now=T0, timeout=1 * S)  # type: ignore[arg-type]
     b.read()
     deadline = s.next_deadline()
-    with pytest.raises(ValueError, match=f"local id {lid} is still pending with a different message"):
+    [name] = change
+    with pytest.raises(ValueError, match=f"^send: local id {lid} is still pending with a different message \\(not the same {name}\\)"):
         s.send(**{**first, **change}, now=T0 + 1, local_id=lid, timeout=5 * S)  # type: ignore[arg-type]
     assert b.read() == [] and s.statistics().pending_sends == 1 and s.next_deadline() == deadline
     again = {**first, "mentions": ("carol", "bob")}
@@ -779,10 +780,13 @@ def test_a_send_or_amend_reusing_a_pending_amends_local_id_is_refused():
     b = connect(s, T0)
     lid = s.amend(CONV, 3, F.MessageKind.EDIT, T0, payload=b"new")
     b.read()
-    with pytest.raises(ValueError, match=f"local id {lid} is still pending with a different message"):
+    with pytest.raises(ValueError, match=f"local id {lid} is still pending with a different message"
+                                         " \\(the pending one is an amend, this a send\\)"):
         s.send(CONV, b"new", T0, local_id=lid)
-    for target, action, payload in ((4, F.MessageKind.EDIT, b"new"), (3, F.MessageKind.RECALL, b""), (3, F.MessageKind.EDIT, b"other")):
-        with pytest.raises(ValueError, match=f"local id {lid} is still pending with a different message"):
+    for target, action, payload, differ in ((4, F.MessageKind.EDIT, b"new", "target"),
+                                            (3, F.MessageKind.RECALL, b"", "action and payload"),
+                                            (3, F.MessageKind.EDIT, b"other", "payload")):
+        with pytest.raises(ValueError, match=f"^amend: local id {lid} is still pending with a different message \\(not the same {differ}\\)"):
             s.amend(CONV, target, action, T0, payload=payload, local_id=lid)
     sid = s.send(CONV, b"new", T0)
     assert [type(f) for f in b.read()] == [F.SendReq]

@@ -24,11 +24,16 @@ function sameUsers(a, b) {
   const x = new Set(a), y = new Set(b);
   return x.size === y.size && [...x].every((u) => y.has(u));
 }
-/** A send or amend with the local id of a pending one that carries another message (a local id names one message). */
-function pendingWithAnother(call, localId, e) {
-  return new Error(`${call}: local id ${localId} is still pending with a different message (${e.frame.name === 'AmendReq' ? 'an amend' : 'a send'}`
-    + ' of another conversation, payload, mentions or action): a local id names one message -- retry it with the same one,'
-    + ' or give this message another localId');
+/**
+ * A send or amend with the local id of a pending one `e` that carries another message (a local id names one
+ * message): `differ`, the names of what differs, or null if one is a send and the other an amend.
+ */
+function pendingWithAnother(call, localId, e, differ) {
+  const kind = (name) => (name === 'AmendReq' ? 'an amend' : 'a send');
+  const what = !differ ? `the pending one is ${kind(e.frame.name)}, this ${call === 'amend' ? 'an amend' : 'a send'}`
+    : `not the same ${differ.length > 1 ? `${differ.slice(0, -1).join(', ')} and ${differ.at(-1)}` : differ[0]}`;
+  return new Error(`${call}: local id ${localId} is still pending with a different message (${what}): a local id names`
+    + ' one message -- repeat that one to wait for its outcome, or give this message another localId');
 }
 
 export const State = Object.freeze({
@@ -748,10 +753,12 @@ export class PimcoreClient {
     const bytes = payloadBytes(payload);
     if (localId != null && this._pending.has(localId)) {
       const e = this._pending.get(localId);
-      const m = e.frame.name === 'SendReq' ? e.frame : null;
-      const same = m && m.conv === conv && sameBytes(m.payload, bytes) && m.mention_all === !!mentionAll
-        && sameUsers(m.mentions.map((x) => x.user), mentions);
-      if (!same) return Promise.reject(pendingWithAnother('send', localId, e));
+      const m = e.frame;
+      const differ = m.name !== 'SendReq' ? null : [
+        ['conv', m.conv === conv], ['payload', sameBytes(m.payload, bytes)],
+        ['mentions', sameUsers(m.mentions.map((x) => x.user), mentions)], ['mentionAll', m.mention_all === !!mentionAll],
+      ].filter(([, same]) => !same).map(([name]) => name);
+      if (!differ || differ.length) return Promise.reject(pendingWithAnother('send', localId, e, differ));
       e.deadline = Math.max(e.deadline, now + timeout * 1000);
       return e.promise;
     }
@@ -811,9 +818,12 @@ export class PimcoreClient {
     const bytes = payloadBytes(payload);
     if (localId != null && this._pending.has(localId)) {
       const e = this._pending.get(localId);
-      const m = e.frame.name === 'AmendReq' ? e.frame : null;
-      const same = m && m.conv === conv && BigInt(m.target) === BigInt(target) && m.action === action && sameBytes(m.payload, bytes);
-      if (!same) return Promise.reject(pendingWithAnother('amend', localId, e));
+      const m = e.frame;
+      const differ = m.name !== 'AmendReq' ? null : [
+        ['conv', m.conv === conv], ['target', BigInt(m.target) === BigInt(target)], ['action', m.action === action],
+        ['payload', sameBytes(m.payload, bytes)],
+      ].filter(([, same]) => !same).map(([name]) => name);
+      if (!differ || differ.length) return Promise.reject(pendingWithAnother('amend', localId, e, differ));
       e.deadline = Math.max(e.deadline, now + timeout * 1000);
       return e.promise;
     }

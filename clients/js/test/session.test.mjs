@@ -444,13 +444,16 @@ test('a send or amend reusing a pending localId with another message rejects, no
   await sleep(5);
   assert.equal(ws.of('SendReq').length, 1);
   const different = [
-    ['d:u:w', 'x', { mentions: ['a', 'b'] }], ['d:u:v', 'y', { mentions: ['a', 'b'] }], ['d:u:v', 'x', { mentions: ['a'] }],
-    ['d:u:v', 'x', { mentions: ['a', 'b'], mentionAll: true }],
+    ['d:u:w', 'x', { mentions: ['a', 'b'] }, 'conv'], ['d:u:v', 'y', { mentions: ['a', 'b'] }, 'payload'],
+    ['d:u:v', 'x', { mentions: ['a'] }, 'mentions'], ['d:u:v', 'x', { mentions: ['a', 'b'], mentionAll: true }, 'mentionAll'],
+    ['d:u:v', 'y', {}, 'payload and mentions'],
   ];
-  for (const [conv, payload, opts] of different) {
-    await assert.rejects(c.send(conv, payload, { localId: 5, ...opts }), /local id 5 is still pending with a different message/);
+  for (const [conv, payload, opts, differ] of different) {
+    await assert.rejects(c.send(conv, payload, { localId: 5, ...opts }),
+      { message: new RegExp(`^send: local id 5 is still pending with a different message \\(not the same ${differ}\\)`) });
   }
-  await assert.rejects(c.edit('d:u:v', 3, 'x', { localId: 5 }), /local id 5 is still pending with a different message/);
+  await assert.rejects(c.edit('d:u:v', 3, 'x', { localId: 5 }), {
+    message: /^amend: local id 5 is still pending with a different message \(the pending one is a send, this an amend\)/ });
   assert.equal(c.send('d:u:v', new TextEncoder().encode('x'), { localId: 5, mentions: ['b', 'a'] }), first, 'a retry');
   const edit = c.edit('d:u:v', 3, 'new', { localId: 6 });
   for (const [target, action, payload] of [[4, 'edit', 'new'], [3, 'edit', 'other'], [3, 'recall', null]]) {
