@@ -704,7 +704,11 @@ class Client:
         SendTimeout (deadline: ``timeout`` s, default ``send_timeout``),
         AuthFailed/ClientClosed (client stopped).  ``mentions`` (user ids)
         and ``mention_all`` ("everyone"): see :meth:`ClientSession.send`
-        (SendError TOO_MANY_MENTIONS / BAD_MENTION)."""
+        (SendError TOO_MANY_MENTIONS / BAD_MENTION).  With the ``local_id``
+        of a send still pending (in another task) it waits for that send's
+        outcome if the message is the same (a retry); a different message
+        raises ValueError at once, nothing sent (a local id names one
+        message)."""
         self._check_alive()
         lid = self._session.send(conv, payload, self._clock(), local_id=local_id, timeout=None if timeout is None else int(timeout * 1e6),
                                  mentions=tuple(mentions), mention_all=mention_all)

@@ -699,12 +699,14 @@ class _Pending:
     very same bytes go out on every attempt (same local id, same stamp)."""
 
     __slots__ = ("local_id", "conv", "payload", "client_time", "after_seq", "raw", "deadline", "sent_at", "attempts", "tx",
-                 "reason", "target", "action")
+                 "reason", "target", "action", "mentions", "mention_all")
 
     def __init__(
         self, local_id: int, conv: str, payload: bytes, client_time: int, after_seq: int, raw: bytes, deadline: int,
-        target: int = 0, action: int = 0,
+        target: int = 0, action: int = 0, mentions: frozenset = frozenset(), mention_all: bool = False,
     ) -> None:
+        self.mentions = mentions  # a SendReq's mentioned user ids (in any order: the same message)
+        self.mention_all = mention_all
         self.target = target  # an AmendReq's: the seq it acts on (0: a SendReq)
         self.action = action  # an AmendReq's MessageKind (0: a SendReq)
         self.local_id = local_id
@@ -1713,12 +1715,18 @@ class ClientSession:
         of :meth:`completions` once the broker answered for good, or with
         SendTimeout after ``timeout`` µs (default ``send_timeout``).
 
-        With ``local_id`` of a send still pending, nothing new is queued (the
-        later of the two deadlines applies).  With the local id of an earlier,
-        finished send it is asked again: the broker answers with the original
-        ack if it stored it (after a SendTimeout, with the first attempt's
-        stamp and after_seq, so that the local view shows what was stored).  Raises EncodeError for a conv/payload/local id no
-        SendReq can carry, the terminal error if CLOSED.  A payload above the
+        With ``local_id`` of a send still pending with the same message
+        (conv, payload, mentions in any order, mention_all) it is a retry:
+        nothing new is queued (the later of the two deadlines applies).  With
+        the local id of a send or amend still pending with a different
+        message it raises ValueError ("local id N is still pending with a
+        different message"), nothing changed: a local id names one message.
+        With the local id of an earlier, finished send it is asked again: the
+        broker answers with the original ack if it stored it (after a
+        SendTimeout, with the first attempt's stamp and after_seq, so that the
+        local view shows what was stored).  Raises EncodeError for a
+        conv/payload/local id no SendReq can carry, the terminal error if
+        CLOSED.  A payload above the
         broker's LoginAck.max_payload (or a SendReq above its max_frame; the
         1 MiB default before the first login) is never sent: it completes at
         once with SendError(PAYLOAD_TOO_LARGE).
@@ -1734,12 +1742,13 @@ class ClientSession:
         self._check_open()
         t = self._tick(now)
         deadline = t + (self._send_timeout if timeout is None else max(0, timeout))
+        mentioned = tuple(mentions)
         if local_id is not None:
             p = self._pending.get(local_id)
             if p is not None:
-                if deadline > p.deadline:
-                    p.deadline = deadline
-                    heapq.heappush(self._timeouts, (deadline, local_id))
+                self._check_same_message(
+                    p, (conv, 0, 0, payload, frozenset(mentioned), bool(mention_all)), "send")
+                self._extend_deadline(p, deadline)
                 return local_id
         lid = self._new_local_id(now) if local_id is None else local_id
         stamp = max(self._last_stamp + 1, now + self._offset)
@@ -1751,14 +1760,14 @@ class ClientSession:
             # A retry after SendTimeout: the first attempt's stamp and place,
             # so the broker's original ack matches what it stored.
             stamp, after = first[1], first[2]
-        if mentions or mention_all:
-            ms = tuple(F.Mention(u) for u in mentions)
+        if mentioned or mention_all:
+            ms = tuple(F.Mention(u) for u in mentioned)
             raw = encode_frame(F.SendReq(lid, conv, stamp, payload, after, ms, mention_all))
         else:
             raw = encode_frame(F.SendReq(lid, conv, stamp, payload, after))  # raises EncodeError before any state changes
         self._last_stamp = max(self._last_stamp, stamp)
         self._last_local_id = max(self._last_local_id, lid)
-        p = _Pending(lid, conv, payload, stamp, after, raw, deadline)
+        p = _Pending(lid, conv, payload, stamp, after, raw, deadline, mentions=frozenset(mentioned), mention_all=bool(mention_all))
         if self._refuse_oversize(p):
             return lid
         if not self._pending:
@@ -1788,7 +1797,9 @@ class ClientSession:
         view shows the change.  Raises TypeError if ``target`` is not an int
         (a bool is not), ValueError if it is outside 1..2**64-1 (no seq is),
         EncodeError (a ValueError) for other values no AmendReq can carry,
-        the terminal error if CLOSED; nothing is queued then."""
+        ValueError for the ``local_id`` of a send or amend still pending with
+        a different message (the same amend again is a retry, as for
+        :meth:`send`), the terminal error if CLOSED; nothing is queued then."""
         _check_seq(target)
         payload = _payload_bytes(payload)
         self._check_open()
@@ -1797,9 +1808,8 @@ class ClientSession:
         if local_id is not None:
             p = self._pending.get(local_id)
             if p is not None:
-                if deadline > p.deadline:
-                    p.deadline = deadline
-                    heapq.heappush(self._timeouts, (deadline, local_id))
+                self._check_same_message(p, (conv, target, int(action), payload, frozenset(), False), "amend")
+                self._extend_deadline(p, deadline)
                 return local_id
         lid = self._new_local_id(now) if local_id is None else local_id
         stamp = max(self._last_stamp + 1, now + self._offset)
@@ -1816,6 +1826,31 @@ class ClientSession:
         self._requeue(p)
         self._fill_window()
         return lid
+
+    @staticmethod
+    def _check_same_message(p: _Pending, message: tuple, call: str) -> None:
+        """Raise ValueError unless ``message`` -- (conv, target, action,
+        payload, mentions, mention_all); target and action 0 for a send --
+        is what the pending ``p`` carries: a local id names one message.
+        The error says what differs."""
+        mine = (p.conv, p.target, p.action, p.payload, p.mentions, p.mention_all)
+        if mine == message:
+            return
+        if bool(p.action) != bool(message[2]):
+            what = f"the pending one is {'an amend' if p.action else 'a send'}, this {'an amend' if message[2] else 'a send'}"
+        else:
+            names = ("conv", "target", "action", "payload", "mentions", "mention_all")
+            differ = [n for n, a, b in zip(names, mine, message) if a != b]
+            what = "not the same " + (f"{', '.join(differ[:-1])} and {differ[-1]}" if len(differ) > 1 else differ[0])
+        raise ValueError(
+            f"{call}: local id {p.local_id} is still pending with a different message ({what}): a local id names"
+            f" one message -- repeat that one to wait for its outcome, or give this message another local id")
+
+    def _extend_deadline(self, p: _Pending, deadline: int) -> None:
+        """A retry of the pending ``p``: the later of the two deadlines applies."""
+        if deadline > p.deadline:
+            p.deadline = deadline
+            heapq.heappush(self._timeouts, (deadline, p.local_id))
 
     def _requeue(self, p: _Pending) -> None:
         """Put ``p`` back in the queue at its place (local ids are in send order)."""

@@ -229,7 +229,9 @@ def _body_len(frame: bytes) -> int:
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Per-connection and per-request limits, announced in LoginAck.
-    ValueError for a field out of range (integers 1 or 0 to 2**32 - 1)."""
+    ValueError for a field out of range (integers 1 or 0 to 2**32 - 1), or
+    a max_frame below max_payload + message_overhead(max_mentions) (the
+    message says that least max_frame)."""
 
     max_frame: int = 1 << 20  # bytes, one frame on the wire
     max_payload: int = 64 * 1024  # bytes, one message's payload
@@ -269,12 +271,15 @@ class Limits:
                 raise ValueError(f"Limits.{name} must be at most {_MAX_LIMIT}, got {getattr(self, name)!r}")
         if self.send_rate == float("inf"):
             raise ValueError("Limits.send_rate must be finite (0 = unlimited), got inf")
-        if self.max_payload > self.max_frame:
-            raise ValueError(f"Limits.max_payload ({self.max_payload}) cannot exceed Limits.max_frame ({self.max_frame})")
         # A message is delivered in a frame of its own at worst: one the
         # limits cannot hold would be acked and never delivered (and block
         # its recipients' inboxes behind it).
         overhead = message_overhead(self.max_mentions)
+        if self.max_payload > self.max_frame:
+            raise ValueError(
+                f"Limits.max_payload ({self.max_payload}) cannot exceed Limits.max_frame ({self.max_frame}): a"
+                f" message's Push adds up to {overhead} bytes of ids, times and Limits.max_mentions"
+                f" ({self.max_mentions}) mentions, so Limits.max_frame must be at least {self.max_payload + overhead}")
         if self.max_frame < self.max_payload + overhead:
             raise ValueError(
                 f"Limits.max_frame ({self.max_frame}) leaves too little room for a message of Limits.max_payload"

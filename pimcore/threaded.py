@@ -66,11 +66,12 @@ class WouldDeadlock(RuntimeError):
 
 
 class BrokerAlreadyRunning(RuntimeError):
-    """A broker of this process already runs on that data directory."""
+    """A broker of this process already runs on that data directory's LMDB
+    store."""
 
 
-#: Store directories of the brokers this process runs (realpath), so a second
-#: start on one is a clear error rather than LMDB's lock refusal.
+#: LMDB store directories of the brokers this process runs (realpath), so a
+#: second start on one is a clear error rather than LMDB's lock refusal.
 _running_dirs: set[str] = set()
 _running_lock = threading.Lock()
 #: ``dispatching``: the ThreadedPimcore whose event handler this thread runs.
@@ -676,7 +677,9 @@ def open_pimcore_thread(
     Raises, in the calling thread and unwrapped from trio's exception groups,
     what the broker's start-up raised: ConfigError, StoreError, OSError (a
     listener cannot bind); BrokerAlreadyRunning when a broker of this process
-    already uses the data directory's store."""
+    already uses the data directory's LMDB store (not for a broker on the
+    ``store.url`` Redis store, or on a ``store=`` passed in: those share a
+    data directory)."""
     passed: dict[str, Any] = {k: kwargs.pop(k) for k in ("store", "authenticate") if k in kwargs}
     hook = kwargs.get("content_filter")
     if hook is not None and not isinstance(hook, str):  # a str is the configuration's "module:function"
@@ -691,11 +694,16 @@ def open_pimcore_thread(
     elif config_file is not None or document is not None or kwargs:
         raise TypeError("pass either settings or config_file/document/overrides, not both")
     store_dir = None
-    if passed.get("store") is None:
+    if passed.get("store") is None and settings.store is None:
+        # LMDB in <data_dir>/store, one broker per store (a broker on the
+        # store.url Redis store opens none: brokers of one process share a
+        # data directory then, as pimcore serve's and open_pimcore's do).
         store_dir = os.path.realpath(Path(settings.data_dir) / "store")
         with _running_lock:
             if store_dir in _running_dirs:
-                raise BrokerAlreadyRunning(f"a broker of this process already runs on {str(settings.data_dir)!r}")
+                raise BrokerAlreadyRunning(
+                    f"a broker of this process already runs on {str(settings.data_dir)!r} (its LMDB store,"
+                    " <data_dir>/store, has one broker at a time): close it first, or give this one another data_dir")
             _running_dirs.add(store_dir)
     im = ThreadedPimcore()
     im._store_dir = store_dir

@@ -303,6 +303,16 @@ def test_a_limit_out_of_range_is_said_by_its_setting_and_value(flags, said):
     assert str(err.value) == f"{said.replace('--' + key.replace('_', '-'), f'{section}.{key}')} (from ${var})"
 
 
+def _least_frame(max_payload: int, max_mentions: int = 64) -> str:
+    """What a refusal of max_payload above max_frame says after "cannot
+    exceed limits.max_frame (N)": the least max_frame that holds it."""
+    from pimcore.core import message_overhead
+
+    over = message_overhead(max_mentions)
+    return (f": a message's Push adds up to {over} bytes of ids, times and limits.max_mentions ({max_mentions})"
+            f" mentions, so limits.max_frame must be at least {max_payload + over}")
+
+
 def test_a_refusal_of_two_settings_says_where_each_came_from(tmp_path):
     """"limits.max_payload (70000) cannot exceed limits.max_frame (1000)"
     named the source of the first given setting only (a LOW of the last
@@ -316,16 +326,19 @@ def test_a_refusal_of_two_settings_says_where_each_came_from(tmp_path):
     env = {"PIMCORE_LIMITS_MAX_FRAME": "1000"}
     with pytest.raises(ConfigError) as err:
         load_settings(str(cfg), env=env).server_config()
-    assert str(err.value) == (f"limits.max_payload (70000) cannot exceed limits.max_frame (1000)"
-                              f" (limits.max_payload from {cfg}; limits.max_frame from $PIMCORE_LIMITS_MAX_FRAME)")
+    assert str(err.value) == (f"limits.max_payload (70000) cannot exceed limits.max_frame (1000){_least_frame(70000)}"
+                              f" (limits.max_payload from {cfg}; limits.max_frame from $PIMCORE_LIMITS_MAX_FRAME;"
+                              f" limits.max_mentions is the default)")
     with pytest.raises(ConfigError) as err:
         load_settings(str(cfg), env={}, flags_are_options=True, max_frame=1000).server_config()
-    assert str(err.value) == f"limits.max_payload (70000) cannot exceed --max-frame (1000) (limits.max_payload from {cfg})"
-    # Both from one file: said once, as a single setting's refusal is.
-    cfg.write_text("[limits]\nmax_payload = 70000\nmax_frame = 1000\n")
+    assert str(err.value) == (f"limits.max_payload (70000) cannot exceed --max-frame (1000){_least_frame(70000)}"
+                              f" (limits.max_payload from {cfg}; limits.max_mentions is the default)")
+    # Both from one file: said once, as a single setting's refusal is (the
+    # least max_frame it says depends on limits.max_mentions, the default).
+    cfg.write_text("[limits]\nmax_payload = 70000\nmax_frame = 1000\nmax_mentions = 64\n")
     with pytest.raises(ConfigError) as err:
         load_settings(str(cfg), env={}).server_config()
-    assert str(err.value) == f"{cfg}: limits.max_payload (70000) cannot exceed limits.max_frame (1000)"
+    assert str(err.value) == f"{cfg}: limits.max_payload (70000) cannot exceed limits.max_frame (1000){_least_frame(70000)}"
 
 
 def test_a_refusal_of_two_settings_says_which_one_is_the_default(tmp_path, capsys, monkeypatch):
@@ -340,11 +353,17 @@ def test_a_refusal_of_two_settings_says_which_one_is_the_default(tmp_path, capsy
     cfg.write_text("[limits]\nmax_payload = 2000000\n")
     for argv, env, said in [
         (["--config", str(cfg)], {}, f"limits.max_payload (2000000) cannot exceed limits.max_frame (1048576)"
-                                     f" (limits.max_payload from {cfg}; limits.max_frame is the default)"),
-        (["--max-frame", "1000"], {}, "limits.max_payload (65536) cannot exceed --max-frame (1000)"
-                                      " (limits.max_payload is the default)"),
+                                     f"{_least_frame(2000000)} (limits.max_payload from {cfg};"
+                                     f" limits.max_frame is the default; limits.max_mentions is the default)"),
+        (["--max-frame", "1000"], {}, f"limits.max_payload (65536) cannot exceed --max-frame (1000){_least_frame(65536)}"
+                                      " (limits.max_payload is the default; limits.max_mentions is the default)"),
         ([], {"PIMCORE_LIMITS_MAX_FRAME": "1000"}, "limits.max_payload (65536) cannot exceed limits.max_frame (1000)"
-         " (limits.max_payload is the default; limits.max_frame from $PIMCORE_LIMITS_MAX_FRAME)"),
+         f"{_least_frame(65536)} (limits.max_payload is the default; limits.max_frame from $PIMCORE_LIMITS_MAX_FRAME;"
+         " limits.max_mentions is the default)"),
+        # (Was: "cannot exceed" alone; the least max_frame is said, as when
+        # max_frame leaves too little room for the Push.)
+        (["--max-payload", "2000000"], {}, "--max-payload (2000000) cannot exceed limits.max_frame (1048576)"
+         f"{_least_frame(2000000)} (limits.max_frame is the default; limits.max_mentions is the default)"),
     ]:
         with monkeypatch.context() as m:
             for name, value in env.items():
@@ -354,7 +373,8 @@ def test_a_refusal_of_two_settings_says_which_one_is_the_default(tmp_path, capsy
         assert out == "" and err == f"pimcore serve: {said}\n", err
     with pytest.raises(ConfigError) as err:  # an embedding host's keyword
         load_settings(env={}, max_frame=1000).server_config()
-    assert str(err.value) == "limits.max_payload (65536) cannot exceed max_frame (1000) (limits.max_payload is the default)"
+    assert str(err.value) == (f"limits.max_payload (65536) cannot exceed max_frame (1000){_least_frame(65536)}"
+                              " (limits.max_payload is the default; limits.max_mentions is the default)")
 
 
 _DURABILITY = 'durability: expected one of sync, log, os, got "bogus"'
@@ -396,8 +416,8 @@ def _print_config_refuses(tmp_path, monkeypatch, capsys, args, env, toml, said):
     (["--window", "0"], {}, "", "--window must be >= 1, got 0"),
     ([], {"PIMCORE_LIMITS_WINDOW": "0"}, "", "limits.window must be >= 1, got 0 (from $PIMCORE_LIMITS_WINDOW)"),
     ([], {}, "[limits]\nwindow = 0\n", "{cfg}: limits.window must be >= 1, got 0"),
-    (["--max-frame", "1"], {}, "", "limits.max_payload (65536) cannot exceed --max-frame (1)"
-                                   " (limits.max_payload is the default)"),
+    (["--max-frame", "1"], {}, "", f"limits.max_payload (65536) cannot exceed --max-frame (1){_least_frame(65536)}"
+                                   " (limits.max_payload is the default; limits.max_mentions is the default)"),
     (["--store", "redis://h"], {}, "", "--store: bad HOST:PORT in 'redis://h': 'h'"),
     ([], {}, "[messages]\nrecall_window = -1\n",
      "{cfg}: messages.recall_window: expected a number of seconds >= 0 (0 = no limit), got -1.0"),

@@ -744,6 +744,58 @@ def test_send_with_a_pending_local_id_does_not_queue_a_second_copy():
     assert [c.local_id for c in s.completions()] == [lid]
 
 
+@pytest.mark.parametrize("change", [
+    {"conv": "d:alice:carol"}, {"payload": b"y"}, {"mentions": ("bob",)}, {"mention_all": True},
+])
+def test_send_with_a_pending_local_id_and_a_different_message_is_refused(change: dict) -> None:
+    """(Was: the second message was dropped and its caller got the first
+    one's outcome.)  A local id still pending names one message: another
+    message with it raises ValueError naming the local id, before anything
+    changes (nothing queued or sent, no deadline moved); the same message
+    again is a retry (the mentions in any order)."""
+    s = session()
+    b = connect(s, T0)
+    first = {"conv": CONV, "payload": b"x", "mentions": ("bob", "carol"), "mention_all": False}
+    lid = s.send(**first, now=T0, timeout=1 * S)  # type: ignore[arg-type]
+    b.read()
+    deadline = s.next_deadline()
+    [name] = change
+    with pytest.raises(ValueError, match=f"^send: local id {lid} is still pending with a different message \\(not the same {name}\\)"):
+        s.send(**{**first, **change}, now=T0 + 1, local_id=lid, timeout=5 * S)  # type: ignore[arg-type]
+    assert b.read() == [] and s.statistics().pending_sends == 1 and s.next_deadline() == deadline
+    again = {**first, "mentions": ("carol", "bob")}
+    assert s.send(**again, now=T0 + 2, local_id=lid, timeout=5 * S) == lid  # type: ignore[arg-type]
+    assert b.read() == []
+    s.handle_timer(T0 + 2 * S)
+    assert s.completions() == []  # the retry's later deadline
+    b.feed(T0 + 2 * S, ok(lid, 1))
+    [done] = s.completions()
+    assert done.result is not None and done.result.conv == CONV
+
+
+def test_a_send_or_amend_reusing_a_pending_amends_local_id_is_refused():
+    """An amend pending under a local id is a different message from any
+    send, and from another amend (target, action or payload)."""
+    s = session()
+    b = connect(s, T0)
+    lid = s.amend(CONV, 3, F.MessageKind.EDIT, T0, payload=b"new")
+    b.read()
+    with pytest.raises(ValueError, match=f"local id {lid} is still pending with a different message"
+                                         " \\(the pending one is an amend, this a send\\)"):
+        s.send(CONV, b"new", T0, local_id=lid)
+    for target, action, payload, differ in ((4, F.MessageKind.EDIT, b"new", "target"),
+                                            (3, F.MessageKind.RECALL, b"", "action and payload"),
+                                            (3, F.MessageKind.EDIT, b"other", "payload")):
+        with pytest.raises(ValueError, match=f"^amend: local id {lid} is still pending with a different message \\(not the same {differ}\\)"):
+            s.amend(CONV, target, action, T0, payload=payload, local_id=lid)
+    sid = s.send(CONV, b"new", T0)
+    assert [type(f) for f in b.read()] == [F.SendReq]
+    with pytest.raises(ValueError, match=f"local id {sid} is still pending with a different message"):
+        s.amend(CONV, 3, F.MessageKind.EDIT, T0, payload=b"new", local_id=sid)
+    assert s.amend(CONV, 3, F.MessageKind.EDIT, T0, payload=b"new", local_id=lid) == lid
+    assert b.read() == [] and s.statistics().pending_sends == 2
+
+
 def test_arguments_no_frame_can_carry_raise_before_anything_changes():
     s = session()
     connect(s, T0)

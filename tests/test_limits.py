@@ -28,6 +28,25 @@ from pimcore.store import LmdbStore, direct_conversation
 from _net import client, serving, server_config, take_messages
 
 
+def test_a_max_payload_above_max_frame_is_refused_saying_the_least_max_frame() -> None:
+    """(Was: "cannot exceed" alone, the least max_frame left to find by
+    trial, where the check below it says it.)  The least max_frame said is
+    accepted, and one byte less is not."""
+    need = 2_000_000 + message_overhead(64)
+    with pytest.raises(ValueError) as err:
+        Limits(max_payload=2_000_000)
+    assert str(err.value) == (
+        f"Limits.max_payload (2000000) cannot exceed Limits.max_frame (1048576): a message's Push adds up to"
+        f" {message_overhead(64)} bytes of ids, times and Limits.max_mentions (64) mentions, so Limits.max_frame"
+        f" must be at least {need}")
+    Limits(max_payload=2_000_000, max_frame=need)
+    with pytest.raises(ValueError, match=f"Limits.max_frame must be at least {need}$"):
+        Limits(max_payload=2_000_000, max_frame=need - 1)
+    with pytest.raises(ValueError, match=f"Limits.max_mentions \\(0\\) mentions, so Limits.max_frame must be at least"
+                                         f" {2_000_000 + message_overhead(0)}$"):
+        Limits(max_payload=2_000_000, max_mentions=0)
+
+
 def test_a_max_payload_that_leaves_no_room_for_the_push_is_refused() -> None:
     """The trial's limits (max_payload = max_frame) were accepted; now they
     are refused in words that say the smallest max_frame that holds them."""

@@ -1084,6 +1084,33 @@ async def test_offline_recipient_gets_everything_once_in_order(store):
                 assert m.payload == b"later"
 
 
+async def test_a_send_reusing_a_pending_local_id_with_another_message_raises_and_a_retry_joins(lmdb_store):
+    """(Was: the second caller got the first send's Sent, its own message
+    never sent.)  A local id still pending in another task names one
+    message: a different one raises ValueError at once, nothing sent; the
+    same one again waits for the first send's outcome."""
+    with trio.fail_after(30):
+        async with serving(lmdb_store) as srv:
+            async with client(srv.url(), "alice") as a:
+                lid = 1 << 60
+                results: dict[str, object] = {}
+
+                async def send(name: str, payload: bytes) -> None:
+                    results[name] = await a.send(AB, payload, local_id=lid)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send, "first", b"one")
+                    while not a.statistics().pending_sends:  # (tasks start in any order)
+                        await trio.sleep(0)  # queued now, not answered yet (that takes a round trip)
+                    with pytest.raises(ValueError, match=f"local id {lid} is still pending with a different message"):
+                        await a.send(AB, b"two", local_id=lid)
+                    nursery.start_soon(send, "retry", b"one")
+                assert results["first"] == results["retry"]
+            async with client(srv.url(), "bob") as b:
+                [m] = await take_messages(b, 1)
+                assert (m.payload, m.local_id) == (b"one", lid)
+
+
 async def test_leaving_mid_catch_up_acks_what_was_taken_and_only_the_rest_comes_again(store):
     """Five messages while bob was offline arrive in one catch-up Push: the
     three he takes are acked when he leaves, the next session brings only

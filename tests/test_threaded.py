@@ -679,3 +679,26 @@ def test_a_start_up_error_is_raised_once_not_also_logged(tmp_path: Path, caplog)
         with pytest.raises(OSError):
             _start(tmp_path / "d", listen=[f"tcp://127.0.0.1:{busy.getsockname()[1]}"])
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.redis
+def test_two_brokers_on_one_data_dir_with_a_redis_store_both_start_and_on_lmdb_the_second_is_refused(
+        tmp_path: Path, redis_cluster) -> None:
+    """(Was: the second refused with BrokerAlreadyRunning: the threaded host
+    reserved <data_dir>/store, an LMDB store neither broker opens.)  Two
+    brokers of one process on one Redis store (two nodes) and one data
+    directory both start, and one sees what the other stored; on LMDB the
+    second start is still refused, in words."""
+    import os
+
+    data = tmp_path / "d"
+    doc = {"data_dir": str(data), "durability": "os",
+           "store": {"url": redis_cluster.url, "namespace": "t" + os.urandom(6).hex()}}
+    with open_pimcore_thread(document=doc) as a, open_pimcore_thread(document=doc) as b:
+        a.create_group("team", ["alice", "bob"])
+        posted = b.post("team", b"hello", sender="alice", device="web")
+        assert [m.payload for m in a.history("team", "bob") if m.seq == posted.seq] == [b"hello"]
+    assert not (data / "store").exists()
+    with _start(tmp_path / "l"):
+        with pytest.raises(BrokerAlreadyRunning, match=re.escape(f"already runs on {str(tmp_path / 'l')!r}")):
+            _start(tmp_path / "l")

@@ -13,6 +13,29 @@ import {
 } from './codec.js';
 import { displayOrder } from './order.js';
 
+/** Whether two byte arrays hold the same bytes. */
+function sameBytes(a, b) {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+/** Whether two lists of user ids name the same users (in any order). */
+function sameUsers(a, b) {
+  const x = new Set(a), y = new Set(b);
+  return x.size === y.size && [...x].every((u) => y.has(u));
+}
+/**
+ * A send or amend with the local id of a pending one `e` that carries another message (a local id names one
+ * message): `differ`, the names of what differs, or null if one is a send and the other an amend.
+ */
+function pendingWithAnother(call, localId, e, differ) {
+  const kind = (name) => (name === 'AmendReq' ? 'an amend' : 'a send');
+  const what = !differ ? `the pending one is ${kind(e.frame.name)}, this ${call === 'amend' ? 'an amend' : 'a send'}`
+    : `not the same ${differ.length > 1 ? `${differ.slice(0, -1).join(', ')} and ${differ.at(-1)}` : differ[0]}`;
+  return new Error(`${call}: local id ${localId} is still pending with a different message (${what}): a local id names`
+    + ' one message -- repeat that one to wait for its outcome, or give this message another localId');
+}
+
 export const State = Object.freeze({
   DISCONNECTED: 'DISCONNECTED', AWAITING_LOGIN_ACK: 'AWAITING_LOGIN_ACK', CALIBRATING: 'CALIBRATING',
   ACTIVE: 'ACTIVE', CLOSED: 'CLOSED',
@@ -712,7 +735,12 @@ export class PimcoreClient {
    * string sent as UTF-8) to `conv`.  Resolves with {local_id, conv, msg_id,
    * seq, server_time, client_time} once durable; rejects with SendError
    * (final code), SendTimeout, ClientClosed, or EncodeError (never thrown)
-   * for arguments no SendReq can carry.
+   * for arguments no SendReq can carry.  With the `localId` of a send still
+   * pending it returns that send's promise if the message is the same (conv,
+   * payload, mentions in any order, mentionAll: a retry, the later deadline
+   * applies); a different message, or the localId of a pending amend,
+   * rejects at once with an Error ("local id N is still pending with a
+   * different message"), nothing sent: a local id names one message.
    */
   send(conv, payload, options = {}) {
     // Bad arguments (EncodeError) reject the promise, never throw.
@@ -725,6 +753,12 @@ export class PimcoreClient {
     const bytes = payloadBytes(payload);
     if (localId != null && this._pending.has(localId)) {
       const e = this._pending.get(localId);
+      const m = e.frame;
+      const differ = m.name !== 'SendReq' ? null : [
+        ['conv', m.conv === conv], ['payload', sameBytes(m.payload, bytes)],
+        ['mentions', sameUsers(m.mentions.map((x) => x.user), mentions)], ['mentionAll', m.mention_all === !!mentionAll],
+      ].filter(([, same]) => !same).map(([name]) => name);
+      if (!differ || differ.length) return Promise.reject(pendingWithAnother('send', localId, e, differ));
       e.deadline = Math.max(e.deadline, now + timeout * 1000);
       return e.promise;
     }
@@ -765,7 +799,8 @@ export class PimcoreClient {
    * retries).  Resolves like send() (`seq` is the entry's, 0 for DELETE)
    * once durable, and the local view shows the change; rejects with
    * SendError (NOT_SENDER, TOO_LATE, RECALLED, NO_SUCH_MESSAGE, ...); rejects at once, nothing sent, with
-   * RangeError for a `target` that is not an integer in 1..2**64-1 (TypeError if no number or bigint).
+   * RangeError for a `target` that is not an integer in 1..2**64-1 (TypeError if no number or bigint), and
+   * with an Error for the `localId` of a send or amend still pending with a different message (as send()).
    */
   amend(conv, target, action, payload = new Uint8Array(0), options = {}) {
     return this._amendCall('amend', 'target', conv, target, action, payload, options);
@@ -783,6 +818,12 @@ export class PimcoreClient {
     const bytes = payloadBytes(payload);
     if (localId != null && this._pending.has(localId)) {
       const e = this._pending.get(localId);
+      const m = e.frame;
+      const differ = m.name !== 'AmendReq' ? null : [
+        ['conv', m.conv === conv], ['target', BigInt(m.target) === BigInt(target)], ['action', m.action === action],
+        ['payload', sameBytes(m.payload, bytes)],
+      ].filter(([, same]) => !same).map(([name]) => name);
+      if (!differ || differ.length) return Promise.reject(pendingWithAnother('amend', localId, e, differ));
       e.deadline = Math.max(e.deadline, now + timeout * 1000);
       return e.promise;
     }

@@ -159,6 +159,7 @@ export declare class PimcoreClient {
   close(): Promise<void>;
   dropConnection(reason?: string): void;
   reconnectNow(): void;
+  /** With the `localId` of a send still pending: the same message (conv, payload, mentions in any order, mentionAll) is a retry and gets that send's promise; a different one (or the localId of a pending amend) rejects at once, nothing sent, with an Error "local id N is still pending with a different message" (likewise for amend, recall, edit and deleteForMe). */
   send(conv: string, payload: Payload, options?: { localId?: number; timeout?: number; mentions?: string[]; mentionAll?: boolean }): Promise<Sent>;
   /** Rejects at once (nothing sent) with RangeError for a `target` that is not an integer in 1..2**64-1 (TypeError if no number or bigint); so do recall, edit and deleteForMe for their `seq`. */
   amend(conv: string, target: Int, action: number, payload?: Payload, options?: { localId?: number; timeout?: number }): Promise<Sent>;

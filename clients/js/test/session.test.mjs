@@ -435,3 +435,37 @@ test("an Error no send waits for is a 'brokerRefused' event; a send's own goes t
   assert.equal(raw.length, 4, "'error' still has every Error frame, as it came");
   await c.close();
 });
+
+test('a send or amend reusing a pending localId with another message rejects, nothing sent; the same message again is a retry', async () => {
+  // (Was: the second call got the first send's promise, its own message never sent.)
+  const c = make();
+  const { ws } = await connected(c);
+  const first = c.send('d:u:v', 'x', { localId: 5, mentions: ['a', 'b'] });
+  await sleep(5);
+  assert.equal(ws.of('SendReq').length, 1);
+  const different = [
+    ['d:u:w', 'x', { mentions: ['a', 'b'] }, 'conv'], ['d:u:v', 'y', { mentions: ['a', 'b'] }, 'payload'],
+    ['d:u:v', 'x', { mentions: ['a'] }, 'mentions'], ['d:u:v', 'x', { mentions: ['a', 'b'], mentionAll: true }, 'mentionAll'],
+    ['d:u:v', 'y', {}, 'payload and mentions'],
+  ];
+  for (const [conv, payload, opts, differ] of different) {
+    await assert.rejects(c.send(conv, payload, { localId: 5, ...opts }),
+      { message: new RegExp(`^send: local id 5 is still pending with a different message \\(not the same ${differ}\\)`) });
+  }
+  await assert.rejects(c.edit('d:u:v', 3, 'x', { localId: 5 }), {
+    message: /^amend: local id 5 is still pending with a different message \(the pending one is a send, this an amend\)/ });
+  assert.equal(c.send('d:u:v', new TextEncoder().encode('x'), { localId: 5, mentions: ['b', 'a'] }), first, 'a retry');
+  const edit = c.edit('d:u:v', 3, 'new', { localId: 6 });
+  for (const [target, action, payload] of [[4, 'edit', 'new'], [3, 'edit', 'other'], [3, 'recall', null]]) {
+    const p = action === 'edit' ? c.edit('d:u:v', target, payload, { localId: 6 }) : c.recall('d:u:v', target, { localId: 6 });
+    await assert.rejects(p, /local id 6 is still pending with a different message/);
+  }
+  await assert.rejects(c.send('d:u:v', 'new', { localId: 6 }), /local id 6 is still pending with a different message/);
+  assert.equal(c.edit('d:u:v', 3, 'new', { localId: 6 }), edit, 'a retry');
+  await sleep(5);
+  assert.deepEqual([ws.of('SendReq').length, ws.of('AmendReq').length], [1, 1], 'nothing else sent');
+  assert.deepEqual(c.pendingSends(), [5, 6]);
+  ws.deliver(frame('SendAck', { local_id: 5, code: 0, msg_id: new Uint8Array(16), seq: 1, server_time: 2 }));
+  assert.equal((await first).conv, 'd:u:v');
+  await c.close();
+});
