@@ -97,7 +97,7 @@ enum pim_status {
                                        * or this process is a fork() child of the one that started it */
     PIM_ERR_VERSION = 4,              /* pimcore.h is newer than the library, or of another major version */
     PIM_ERR_STOPPED = 5,              /* the broker was stopped */
-    PIM_ERR_ALREADY_RUNNING = 6,      /* a broker of this process already runs on that data directory */
+    PIM_ERR_ALREADY_RUNNING = 6,      /* a broker of this process already runs on that data directory's LMDB store */
     PIM_ERR_WOULD_DEADLOCK = 7,       /* called from a callback the call would have to wait for */
     PIM_ERR_UNKNOWN_CONVERSATION = 8, /* no such conversation */
     PIM_ERR_NOT_MEMBER = 9,           /* the sender is not a member of the conversation */

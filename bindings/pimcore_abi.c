@@ -84,7 +84,7 @@ PIM_EXPORT const char *pim_strerror(int rc)
     case PIM_ERR_INIT: return "the embedded Python or pimcore did not start";
     case PIM_ERR_VERSION: return "pimcore.h and libpimcore versions differ";
     case PIM_ERR_STOPPED: return "the broker was stopped";
-    case PIM_ERR_ALREADY_RUNNING: return "a broker already runs on that data directory";
+    case PIM_ERR_ALREADY_RUNNING: return "a broker already runs on that data directory's LMDB store";
     case PIM_ERR_WOULD_DEADLOCK: return "the call would deadlock (made from a library callback)";
     case PIM_ERR_UNKNOWN_CONVERSATION: return "unknown conversation";
     case PIM_ERR_NOT_MEMBER: return "not a member of the conversation";
