@@ -555,7 +555,10 @@ cdef object _cd_check_decompress(object decompress):
 cdef bytes _cd_decompressed(object decompress, const unsigned char* p, Py_ssize_t n, object max_size):
     """The decompressed body of a flagged frame (cold path; as the pure twin's
     _decompressed).  ``max_size`` is max_frame_size - 2: a compressed frame
-    never decodes to more than an uncompressed one could carry."""
+    never decodes to more than an uncompressed one could carry, nor than the
+    longest frame (2^35 - 1 bytes) whatever the limit."""
+    if max_size > _CD_MAX_LENGTH - 2:
+        max_size = _CD_MAX_LENGTH - 2
     out = decompress(PyBytes_FromStringAndSize(<const char*>p, n), max_size)
     if not _cd_is_bytes_exact(out):
         raise TypeError(f"decompress returned {type(out).__name__}, expected bytes")

@@ -14,6 +14,8 @@ from cpython.list cimport PyList_GET_SIZE, PyList_GET_ITEM
 from cpython.ref cimport Py_INCREF
 from libc.string cimport memcpy, memcmp
 
+from pimcore.errors import StoreError as _FoStoreError
+
 cdef extern from "Python.h":
     # Without Cython's automatic error checks: the sentinel is tested here.
     unsigned long long _fo_as_u64 "PyLong_AsUnsignedLongLong"(object)
@@ -650,12 +652,13 @@ def dedupe_items(items):
 
 def dedupe_get(txn, db, dkey):
     """The ``dedupe`` entry of ``dkey`` in ``txn``'s sub-database ``db``, a
-    single record or within a run, or None (see pimcore._pure.fanout)."""
+    single record or within a run, or None; StoreError (store corrupt) for a
+    run record dedupe_items cannot have written (see pimcore._pure.fanout)."""
     return _fo_dedupe_get(txn, db, dkey)
 
 
 cdef object _fo_dedupe_get(object txn, object db, object dkey):
-    cdef Py_ssize_t n, size
+    cdef Py_ssize_t n, size, vlen
     cdef object cur, key, value
     cdef const unsigned char *k
     cdef unsigned long long first, last, local_id
@@ -678,9 +681,16 @@ cdef object _fo_dedupe_get(object txn, object db, object dkey):
     # A run of this device whose last local_id is at or above dkey's.
     first = _fo_get_u64(k + n)
     last = _fo_get_u64(k + n - 8)
+    value = cur.value()
+    vlen = len(value)
+    # A run dedupe_items cannot have written (pimcore._pure.fanout.dedupe_run):
+    # refused before any arithmetic (last - first + 1 wraps to 0 for 0..2^64-1).
+    if (last <= first or last - first >= <unsigned long long>vlen
+            or vlen % <Py_ssize_t>(last - first + 1) != 0
+            or vlen // <Py_ssize_t>(last - first + 1) < 32):
+        raise _FoStoreError(f"dedupe run {key.hex()} holds {vlen} bytes for local ids {first}..{last} (store corrupt)")
+    size = vlen // <Py_ssize_t>(last - first + 1)
     local_id = _fo_get_u64(<const unsigned char *>PyBytes_AS_STRING(dkey) + n - 8)
     if local_id < first:
         return None
-    value = cur.value()
-    size = len(value) // <Py_ssize_t>(last - first + 1)
     return value[<Py_ssize_t>(local_id - first) * size : <Py_ssize_t>(local_id - first + 1) * size]

@@ -503,7 +503,13 @@ cdef int _sp_finish_one(op, ctx, res, appended, pending, heads, online, fresh, t
     device = _sp_get(op, lo, 3)
     conv = after_seq = client_time = payload = mention_all = None
     loaded = False
-    for user, pos in _sp_get(res, lr, 3):
+    for item in _sp_get(res, lr, 3):
+        # (checked by hand: Cython's unpacking words its errors otherwise than CPython's)
+        if not _sp_is_tuple_exact(item) and not _sp_is_list_exact(item):
+            raise TypeError(f"Appended.positions must be (user, position) pairs, not {type(item).__name__}")
+        if len(item) != 2:
+            raise ValueError(f"Appended.positions must be (user, position) pairs, got a {type(item).__name__} of {len(item)}")
+        user, pos = item
         k = -1
         if users is not None:
             if user is users.u0:
@@ -621,7 +627,13 @@ def push_slice(entries, budget, device, user, message):
     b = budget
     pushed = []
     upto = None
-    for pos, m in entries:
+    for item in entries:
+        # (checked by hand: Cython's unpacking words its errors otherwise than CPython's)
+        if not _sp_is_tuple_exact(item) and not _sp_is_list_exact(item):
+            raise TypeError(f"push entries must be (position, entry) pairs, not {type(item).__name__}")
+        if len(item) != 2:
+            raise ValueError(f"push entries must be (position, entry) pairs, got a {type(item).__name__} of {len(item)}")
+        pos, m = item
         lay = _sp_layout(m, 4 if type(m) is message else 5)
         payload = _sp_get(m, lay, 0)
         if not _sp_is_bytes_exact(payload):

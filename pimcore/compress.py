@@ -39,6 +39,7 @@ compression ~300 KiB per level, once per process.
 from __future__ import annotations
 
 import functools
+import sys
 import zlib
 from importlib import resources
 from typing import Any, Iterable, NamedTuple, Optional, Union
@@ -543,7 +544,8 @@ class DeflateDecompressor:
         if d is None:
             d = self._d = zlib.decompressobj(-self._wbits, zdict=self._tail) if self._tail else zlib.decompressobj(-self._wbits)
         try:
-            out = d.decompress(body + _SYNC_TAIL, max_size + 1)
+            # (zlib takes an ssize_t: no output is larger than that anyway)
+            out = d.decompress(body + _SYNC_TAIL, min(max_size, sys.maxsize - 1) + 1)
         except zlib.error as exc:
             raise self._lost(_malformed(f"compressed body does not inflate: {exc}")) from None
         if len(out) > max_size:

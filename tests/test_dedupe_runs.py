@@ -33,7 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pimcore.errors import ErrorCode
+from pimcore.errors import ErrorCode, StoreError
 from pimcore.store import (
     Appended,
     CreateGroup,
@@ -161,6 +161,55 @@ def test_dedupe_get_refuses_what_is_not_a_key(backend: ModuleType, tmp_path: Pat
     env.close()
 
 
+def _bad_run(key: bytes, value: bytes) -> str:
+    """The StoreError message of a run record that cannot be valid."""
+    n = len(key)
+    last, first = _U64.unpack_from(key, n - 16)[0], _U64.unpack_from(key, n - 8)[0]
+    return f"dedupe run {key.hex()} holds {len(value)} bytes for local ids {first}..{last} (store corrupt)"
+
+
+#: Run records (last, first, value) no dedupe_items writes: a span that
+#: wraps (2^64 entries), last below first, one entry only, a length that is
+#: not a whole number of entries, entries shorter than msg_id + seq + time
+#: (32 bytes), no bytes at all, more entries than bytes.
+HOSTILE_RUNS = [
+    (U64_MAX, 0, b"x" * 40),
+    (U64_MAX, 0, b""),
+    (3, 5, b"x" * 40),
+    (3, 3, b"x" * 40),
+    (3, 1, b"x" * 100),
+    (3, 1, b"x" * 48),
+    (2, 1, b""),
+    (1 << 63, 0, b"x" * 96),
+    (U64_MAX, 1, b"x" * 64),
+]
+
+
+@pytest.mark.parametrize("last, first, value", HOSTILE_RUNS)
+def test_dedupe_get_refuses_a_run_that_cannot_be_valid_on_both_backends(
+    both: tuple[ModuleType, ModuleType], tmp_path: Path, last: int, first: int, value: bytes
+) -> None:
+    # (Before: SIGFPE on the Cython backend for the wrapping span, wrong
+    # answers -- b'' or a slice of the wrong size -- on both for the others.)
+    key = dk() + _U64.pack(last) + _U64.pack(first)
+    env = lmdb.open(str(tmp_path), max_dbs=2)
+    db = env.open_db(b"dedupe")
+    try:
+        with env.begin(write=True, db=db) as txn:
+            txn.put(key, value, db=db)
+            for local_id in sorted({0, min(first, last), last}):
+                outcomes = []
+                for impl in both:
+                    with pytest.raises(StoreError) as info:
+                        impl.dedupe_get(txn, db, dk() + _U64.pack(local_id))
+                    outcomes.append((type(info.value), str(info.value)))
+                assert outcomes == [(StoreError, _bad_run(key, value))] * 2, local_id
+            # Another device's keys never reach the record.
+            assert [impl.dedupe_get(txn, db, dk("al", "tab") + _U64.pack(1)) for impl in both] == [None, None]
+    finally:
+        env.close()
+
+
 #: Devices whose prefixes are 8 bytes apart (a single key of one is as long
 #: as a run key of the other) and local ids at both ends of the range.
 _DEVICES = [dk("al", "p"), dk("al", "p" + "x" * 8), dk("al", "q"), dk("b", "p")]
@@ -183,18 +232,39 @@ def test_what_dedupe_items_writes_dedupe_get_finds_on_both_backends(
     assert records == py.dedupe_items(items)
     assert [k for k, _ in records] == sorted(k for k, _ in records)
     assert _dedupe_entries(records) == items  # every entry once, nothing else
+    # Now and then a run record no dedupe_items writes (a corrupt store):
+    # every lookup that reaches it is refused alike, the others answer.
+    hostile = data.draw(st.none() | st.tuples(st.sampled_from(_DEVICES), st.sampled_from(HOSTILE_RUNS)))
+    stored = dict(records)
+    if hostile is not None:
+        d, (last, first, value) = hostile
+        hk = d + _U64.pack(last) + _U64.pack(first)
+        stored[hk] = value
+    keys = sorted(stored)
     env = lmdb.open(tempfile.mkdtemp(dir=tmp_path), max_dbs=2)  # (one per example)
     db = env.open_db(b"dedupe")
     try:
         with env.begin(write=True, db=db) as txn:
-            txn.cursor(db).putmulti(records)
+            txn.cursor(db).putmulti(sorted(stored.items()))
             for d in _DEVICES:
                 for n in [*range(0, 14), *range(U64_MAX - 13, U64_MAX + 1)]:
-                    want = staged.get((d, n))
                     key = d + _U64.pack(n)
-                    assert cy.dedupe_get(txn, db, key) == py.dedupe_get(txn, db, key) == want, (d, n)
+                    got = [_outcome(impl.dedupe_get, txn, db, key) for impl in both]
+                    reached = next((k for k in keys if k >= key), None)
+                    if hostile is not None and reached == hk and len(hk) == len(key) + 8 and hk[:len(d)] == d:
+                        want: Any = ("StoreError", _bad_run(hk, stored[hk]))
+                    else:
+                        want = ("ok", staged.get((d, n)))
+                    assert got == [want, want], (d, n)
     finally:
         env.close()
+
+
+def _outcome(f: Any, *args: Any) -> tuple:
+    try:
+        return ("ok", f(*args))
+    except Exception as exc:
+        return (type(exc).__name__, str(exc))
 
 
 # ----------------------------------------------------------- the store
@@ -381,6 +451,61 @@ def test_retention_of_a_message_whose_entry_is_gone_keeps_the_entry_of_its_succe
         assert all(store.deduped("al", "ph", n) for n in range(1, 5))
         got = store.commit(WriteBatch(6, tuple(retry(clock, op) for op in again)))
         assert list(got) == [Duplicate(r.msg_id, r.seq, r.server_time) for r in res]  # type: ignore[union-attr]
+
+
+def _put_raw(path: Path, records: list, delete: tuple = ()) -> None:
+    """Hand-edit a closed store's ``dedupe`` sub-database."""
+    env = lmdb.open(str(path), max_dbs=32)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"dedupe", txn=txn)
+        for key in delete:
+            txn.delete(key, db=db)
+        for key, value in records:
+            txn.put(key, value, db=db)
+    env.close()
+
+
+def test_a_corrupt_run_record_is_a_store_error_and_the_store_goes_on(tmp_path: Path) -> None:
+    clock = Clock()
+    with LmdbStore(str(tmp_path)) as store:
+        store.commit(WriteBatch(1, (send(clock, 100), send(clock, 1, device="tab"))))
+    # Local ids 0..2^64-1 in 40 bytes: the span wraps (SIGFPE on the Cython
+    # backend before), and no value could hold that many entries anyway.
+    bad = dk() + _U64.pack(U64_MAX) + _U64.pack(0)
+    _put_raw(tmp_path, [(bad, b"x" * 40)], delete=(dk() + _U64.pack(100),))
+    want = _bad_run(bad, b"x" * 40)
+    with LmdbStore(str(tmp_path)) as store:
+        with pytest.raises(StoreError) as info:
+            store.deduped("al", "ph", 5)
+        assert str(info.value) == want
+        for n, op in enumerate([send(clock, 5), send(clock, 7, AC), PurgeUser("al", clock.tick())]):
+            with pytest.raises(StoreError) as info:
+                store.commit(WriteBatch(10 + n, (op,)))
+            assert want in str(info.value)
+        # The store is alive: other devices' sends and retries are answered.
+        ok = send(clock, 2, device="tab")
+        [res] = store.commit(WriteBatch(20, (ok,)))
+        assert type(res) is Appended
+        [again] = store.commit(WriteBatch(21, (retry(clock, ok),)))
+        assert again == Duplicate(res.msg_id, res.seq, res.server_time)  # type: ignore[union-attr]
+        assert store.deduped("al", "tab", 1) and not store.deduped("bo", "ph", 1)
+
+
+def test_retention_refuses_a_run_whose_length_is_not_its_entries(tmp_path: Path) -> None:
+    # A run of 3 local ids whose value is not 3 entries: retention used to cut
+    # it at the wrong places (and write the pieces back as entries).
+    clock = Clock()
+    with LmdbStore(str(tmp_path)) as store:
+        store.commit(WriteBatch(1, (send(clock, 100),)))
+        store.commit(WriteBatch(2, tuple(send(clock, n) for n in (1, 2, 3))))
+        [(key, value)] = [r for r in dedupe_records(store) if len(r[0]) == len(dk()) + 16]
+        store.commit(WriteBatch(3, (SetRetention(AB, -1, 1),)))
+    _put_raw(tmp_path, [(key, value[:-2])])
+    with LmdbStore(str(tmp_path)) as store:
+        with pytest.raises(StoreError) as info:
+            store.commit(WriteBatch(4, (Expire(clock.tick()),)))
+        assert _bad_run(key, value[:-2]) in str(info.value)
+        assert [m.local_id for m in store.history(AB, 0, 100)] == [100, 1, 2, 3]  # nothing half done
 
 
 def _as_schema_3(path: Path) -> None:

@@ -15,6 +15,7 @@ from types import ModuleType
 import pytest
 import trio
 import trio.testing
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -536,6 +537,54 @@ def test_a_decoders_limit_is_raised_never_lowered(backend: ModuleType) -> None:
     tight.feed(big)
     with pytest.raises(FrameTooLarge):
         tight.next_frame()
+
+
+@pytest.mark.parametrize("max_frame", [(1 << 35) - 1, 1 << 35, (1 << 63) - 1, 1 << 63, (1 << 64) - 1, 1 << 100])
+@pytest.mark.parametrize("how", ["raised", "constructed"])
+def test_a_huge_max_frame_decodes_compressed_frames_and_refuses_bombs(backend: ModuleType, max_frame: int,
+                                                                      how: str) -> None:
+    """(Failed before: adversarial review, finding 04.)  A LoginAck.max_frame
+    is a u64 the broker chooses, and the client raises its decoder's limit to
+    it: with 2^63 or more the next deflated frame raised OverflowError from
+    zlib (``decompress(..., max_size + 1)`` takes an ssize_t), breaking the
+    decoder's contract.  No frame can be longer than 2^35 - 1 bytes
+    (PROTOCOL.md section 3), decompressed ones included: a larger limit acts
+    as that one, on both twins, for deflate and zstd alike."""
+    from pimcore.compress import FrameCompressor, FrameDecompressor
+
+    if how == "raised":
+        dec = backend.Decoder()
+        dec.raise_max_frame_size(max_frame)
+    else:
+        dec = backend.Decoder(max_frame)
+    assert dec.max_frame_size == max_frame
+    dec.enable_decompression(DeflateDecompressor(DEFLATE_WINDOW_BITS_DOWN))
+    deflate = DeflateCompressor(DEFLATE_WINDOW_BITS_DOWN, threshold=0)
+    frames = [F.Ping(7), F.SendReq(1, "d:a:b", 0, b"x" * 3_000)]
+    dec.feed(b"".join(deflate.compress(backend.encode_frame(f)) for f in frames))
+    assert [dec.next_frame(), dec.next_frame()] == frames
+    z = backend.Decoder(max_frame, decompress=FrameDecompressor())
+    z.feed(FrameCompressor(threshold=0).compress(backend.encode_frame(frames[1])))
+    assert z.next_frame() == frames[1]
+    # A zstd body declaring more than any frame can hold is still refused
+    # before anything is allocated.
+    # (magic, single segment + 8-byte content size 2^35, an empty last raw block)
+    bomb = b"\x28\xb5\x2f\xfd\xe0" + (1 << 35).to_bytes(8, "little") + b"\x01\x00\x00"
+    assert zstandard.frame_content_size(bomb) == 1 << 35
+    raw = backend.encode_frame(F.Ping(7))
+    z.feed(bytes((2 + len(bomb), raw[1] | 1, raw[2])) + bomb)
+    with pytest.raises(FrameTooLarge):
+        z.next_frame()
+
+
+def test_the_deflate_decompressor_takes_any_max_size() -> None:
+    """The callable itself, given a limit above what zlib takes (an ssize_t):
+    the frame inflates, no OverflowError."""
+    raw = pure.encode_frame(F.Ping(7))
+    wire = DeflateCompressor(DEFLATE_WINDOW_BITS_DOWN, threshold=0).compress(raw)
+    n = 1 + (wire[0] >= 0x80)
+    out = DeflateDecompressor(DEFLATE_WINDOW_BITS_DOWN)(wire[n + 2 :], 1 << 64)
+    assert out == raw[3:]  # (the body: after length, head and type)
 
 
 async def test_a_broker_max_frame_above_the_sdks_default_still_reaches_the_sdk() -> None:

@@ -374,8 +374,7 @@ def test_finish_send_differential(both, res, waiters, op_mentions, mention_all, 
                 st_["conns"], st_["acks"], st_["stats"], core._send_ack, core._message, ErrorCode.OK,
             )
         except (TypeError, ValueError, AttributeError, KeyError) as exc:
-            # the type only: CPython and Cython word a failed unpacking differently
-            done = ("err", type(exc))
+            done = ("err", type(exc), str(exc))  # the same exception, word for word
         st_["pending"] = set(st_["pending"])
         st_["conns"] = st_["conns"][7].inflight
         outs.append((done, st_))
@@ -507,7 +506,7 @@ def test_push_slice_differential(both, entries, as_tuple, budget) -> None:
         try:
             res: Any = backend.push_slice(entries, budget, "ph", "al", F.Message)
         except (TypeError, ValueError, AttributeError) as exc:
-            res = ("err", type(exc))
+            res = ("err", type(exc), str(exc))  # the same exception, word for word
         outs.append(res)
     assert outs[0] == outs[1]
 
@@ -528,6 +527,45 @@ def test_push_slice_is_the_push_entries_loop(backend) -> None:
     assert backend.push_slice(entries, 1.0, "ph", "al", F.Message) is None
     with pytest.raises(TypeError):
         backend.push_slice([3], 100, "ph", "al", F.Message)
+
+
+@pytest.mark.parametrize("item, exc, message", [
+    (5, TypeError, "push entries must be (position, entry) pairs, not int"),
+    (None, TypeError, "push entries must be (position, entry) pairs, not NoneType"),
+    ("ab", TypeError, "push entries must be (position, entry) pairs, not str"),
+    ((1,), ValueError, "push entries must be (position, entry) pairs, got a tuple of 1"),
+    ([1, 2, 3], ValueError, "push entries must be (position, entry) pairs, got a list of 3"),
+])
+def test_push_slice_refuses_what_is_not_a_pair_alike(both, item: Any, exc: type, message: str) -> None:
+    # (Failed before: adversarial review, finding 02 -- Cython's unpacking
+    # said "'int' object is not iterable", CPython's "cannot unpack
+    # non-iterable int object".)
+    for backend in both:
+        for entries in ([item], [(3, _msg(3, "pc", "bo")), item]):
+            with pytest.raises(exc) as info:
+                backend.push_slice(entries, 1 << 20, "ph", "al", F.Message)
+            assert str(info.value) == message, backend
+
+
+@pytest.mark.parametrize("item, exc, message", [
+    (5, TypeError, "Appended.positions must be (user, position) pairs, not int"),
+    (None, TypeError, "Appended.positions must be (user, position) pairs, not NoneType"),
+    (("al",), ValueError, "Appended.positions must be (user, position) pairs, got a tuple of 1"),
+    (("al", 1, 2), ValueError, "Appended.positions must be (user, position) pairs, got a tuple of 3"),
+])
+def test_finish_send_refuses_positions_that_are_not_pairs_alike(both, item: Any, exc: type, message: str) -> None:
+    outs = []
+    for backend in both:
+        op = NewMessage(b"M" * 16, AB, "al", "ph", 3, -1, 1234, b"hi", b"d" * 16, 0, False, (), False)
+        ctx = SimpleNamespace(key=("al", "ph", 3), digest=b"d" * 16, waiters=[7])
+        heads = {"bo": 0}
+        with pytest.raises(exc) as info:
+            backend.finish_send(op, ctx, _appended((("bo", 4), item)), Appended, {("al", "ph", 3): ctx}, heads, {},
+                                {}, set(), {7: SimpleNamespace(inflight=1)}, {}, {"messages_stored": 0}, core._send_ack,
+                                core._message, ErrorCode.OK)
+        assert str(info.value) == message
+        outs.append(heads)
+    assert outs == [{"bo": 4}, {"bo": 4}]  # (what came before the bad one is done, alike)
 
 
 def test_finish_sends_same_for_equal_users_that_are_not_one_object(both) -> None:

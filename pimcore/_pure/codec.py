@@ -447,7 +447,12 @@ def _check_decompress(decompress: object) -> Optional[Decompress]:
 def _decompressed(decompress: Decompress, body: bytes, max_size: int) -> bytes:
     """The decompressed body of a flagged frame.  ``max_size`` is the largest
     body an uncompressed frame could carry (max_frame_size - 2), so a
-    compressed frame never decodes to more than an uncompressed one could."""
+    compressed frame never decodes to more than an uncompressed one could:
+    never more than the longest frame (2^35 - 1 bytes, PROTOCOL.md section
+    3) either, whatever the limit (a broker's LoginAck.max_frame is a u64:
+    2^64 - 1 would reach the callable, and zlib, as an OverflowError)."""
+    if max_size > _MAX_LENGTH - 2:
+        max_size = _MAX_LENGTH - 2
     out = decompress(body, max_size)
     if type(out) is not bytes:
         raise TypeError(f"decompress returned {type(out).__name__}, expected bytes")
@@ -548,7 +553,9 @@ class Decoder:
         the fact).  ValueError as the constructor's.  Why: a client learns
         the broker's max_frame only from LoginAck, and must then accept
         frames that large -- else a broker configured above the client's
-        default sends a frame it refuses, at every reconnect."""
+        default sends a frame it refuses, at every reconnect.  Any int >= 2
+        is taken (LoginAck.max_frame is a u64); one above the longest frame,
+        2^35 - 1 bytes, acts as that (decompressed bodies included)."""
         m = _check_max(max_frame_size)
         if m > self._max:
             self._max = m

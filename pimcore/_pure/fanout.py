@@ -30,6 +30,8 @@ from __future__ import annotations
 import struct
 from typing import Any, Iterator, Sequence, Union
 
+from ..errors import StoreError
+
 __all__ = ["fanout", "inbox_items", "head_items", "stage_message", "store_plain_message", "store_plain_run",
            "dedupe_items", "dedupe_get"]
 
@@ -485,7 +487,9 @@ def dedupe_get(txn: Any, db: object, dkey: Any) -> Any:
     ``set_range(dkey)`` finds both, since a run's key ``T(sender) T(device)
     U64(last) U64(first)`` sorts right after the keys of its local_ids.
     TypeError if ``dkey`` is not bytes, ValueError if it is shorter than 9
-    bytes; otherwise raises what the cursor raises."""
+    bytes; StoreError (store corrupt) if the lookup reaches a run record of
+    the device that :func:`dedupe_items` cannot have written (see
+    :func:`dedupe_run`); otherwise raises what the cursor raises."""
     if type(dkey) is not bytes:
         raise TypeError("dkey must be bytes")
     n = len(dkey)
@@ -500,11 +504,32 @@ def dedupe_get(txn: Any, db: object, dkey: Any) -> Any:
     if key[: n - 8] != dkey[: n - 8]:
         return None  # another device's run
     # A run of this device whose last local_id is at or above dkey's.
-    first = _U64.unpack_from(key, n)[0]
+    value = cur.value()
+    first, _, size = dedupe_run(key, n - 8, value)
     local_id = _U64.unpack_from(dkey, n - 8)[0]
     if local_id < first:
         return None
-    value = cur.value()
-    size = len(value) // (_U64.unpack_from(key, n - 8)[0] - first + 1)
     at = (local_id - first) * size
     return value[at : at + size]
+
+
+#: The fixed part of a dedupe entry: msg_id (16) + U64 seq + I64 server_time;
+#: the digest follows.
+DEDUPE_ENTRY_MIN = 32
+
+
+def dedupe_run(key: bytes, end: int, value: bytes) -> tuple[int, int, int]:
+    """``(first, last, entry length)`` of the ``dedupe`` run record ``key``
+    (``T(sender) T(device) U64(last) U64(first)``, the prefix ``end`` bytes
+    long) holding ``value``.  StoreError (store corrupt) for a record that
+    :func:`dedupe_items` cannot have written: last not above first (a run
+    holds two entries or more), or ``value`` not last - first + 1 entries of
+    one length of at least msg_id + seq + server_time (32 bytes).  Not a
+    twin: the store's Python readers of runs use it, the Cython
+    ``dedupe_get`` checks the same with the same message."""
+    last = _U64.unpack_from(key, end)[0]
+    first = _U64.unpack_from(key, end + 8)[0]
+    n = len(value)
+    if last <= first or last - first >= n or n % (last - first + 1) or n // (last - first + 1) < DEDUPE_ENTRY_MIN:
+        raise StoreError(f"dedupe run {key.hex()} holds {n} bytes for local ids {first}..{last} (store corrupt)")
+    return first, last, n // (last - first + 1)

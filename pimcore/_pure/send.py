@@ -193,10 +193,18 @@ def fan_out_stored(
     never pushed its own send, so no Message is built for nobody), else
     ``new_message(...)`` with every field of the Push entry in order and
     ``mentions`` (F.Mention tuple).  Shared by :func:`finish_send` and the
-    core's general path (``Broker._finish_send``, for sends with mentions)."""
+    core's general path (``Broker._finish_send``, for sends with mentions).
+    A position that is not a tuple or list raises TypeError, one of another
+    length than 2 ValueError ("Appended.positions must be (user, position)
+    pairs ..."), after the positions before it are done."""
     msg_id, seq, server_time = res.msg_id, res.seq, res.server_time
     sender, device = op.sender, op.device
-    for user, pos in res.positions:
+    for item in res.positions:
+        if type(item) is not tuple and type(item) is not list:
+            raise TypeError(f"Appended.positions must be (user, position) pairs, not {type(item).__name__}")
+        if len(item) != 2:
+            raise ValueError(f"Appended.positions must be (user, position) pairs, got a {type(item).__name__} of {len(item)}")
+        user, pos = item
         head = heads.get(user)
         if head is None:
             continue
@@ -376,8 +384,10 @@ def push_slice(entries: Any, budget: int, device: str, user: str, message: type)
     + 32`` each, at least one; ``upto`` is the position of the last one
     taken; entries of ``device`` of ``user`` (its own sends, which it has)
     are taken but not pushed; ``size`` is the bytes counted for those
-    pushed.  An entry that is not a pair, or lacks ``payload``/``device``/``sender``, raises as
-    unpacking / attribute access does.
+    pushed.  An entry taken that is not a tuple or list raises TypeError,
+    one of another length than 2 ValueError ("push entries must be
+    (position, entry) pairs ..."); one that lacks
+    ``payload``/``device``/``sender`` raises as attribute access does.
     """
     if type(entries) is not list and type(entries) is not tuple:
         return None
@@ -387,7 +397,12 @@ def push_slice(entries: Any, budget: int, device: str, user: str, message: type)
     size = 0
     upto = None
     i = 0
-    for pos, m in entries:
+    for item in entries:
+        if type(item) is not tuple and type(item) is not list:
+            raise TypeError(f"push entries must be (position, entry) pairs, not {type(item).__name__}")
+        if len(item) != 2:
+            raise ValueError(f"push entries must be (position, entry) pairs, got a {type(item).__name__} of {len(item)}")
+        pos, m = item
         payload = m.payload
         if type(payload) is not bytes:
             return None

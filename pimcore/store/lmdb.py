@@ -163,7 +163,11 @@ of each device: one dedupe record instead of 16 (``bench/bench_hotpath.py``,
 BENCHMARKS.md).  Retention and PurgeConversation remove the entries of the
 messages they remove and write the rest of each run back once (cut where
 entries went), never dropping another message's entry (its retry would be
-stored twice); PurgeUser deletes the user's records, runs whole.
+stored twice); PurgeUser deletes the user's records, runs whole.  A run
+record no batch can have written (last not above first, or a value that is
+not last - first + 1 entries of one length of at least 32 bytes: a corrupt
+or hand-edited store) is refused by every reader with StoreError
+("dedupe run ... (store corrupt)"), never read as something else.
 Schema 3 stores hold single records only and are read as they are; their
 next owner writes schema 4 (no data changes) so that an older pimcore,
 which would not look inside a run, refuses the store.
@@ -245,6 +249,7 @@ import lmdb
 
 from . import wal
 from .._backend import impl as _impl
+from .._pure.fanout import dedupe_run as _pure_dedupe_run
 from ..errors import ErrorCode, StoreError, StoreInUse
 from ..ids import MAX_CONVERSATION_ID_LEN, MAX_ID_LEN, quote_arg
 from .base import (
@@ -544,12 +549,13 @@ def _record_ids(ck: bytes, dk: bytes) -> bytes:
 
 def _dedupe_msg_ids(key: bytes, value: bytes) -> list[bytes]:
     """The msg ids of the entries of a ``dedupe`` record: one, or a run's
-    (key ``T(sender) T(device) U64(last) U64(first)``, see the key layout)."""
+    (key ``T(sender) T(device) U64(last) U64(first)``, see the key layout).
+    StoreError (store corrupt) for a run no batch can have written."""
     end = 1 + key[0]
     end += 1 + key[end]
     if len(key) == end + 8:
         return [value[:16]]
-    size = len(value) // (_U64.unpack_from(key, end)[0] - _U64.unpack_from(key, end + 8)[0] + 1)
+    size = _dedupe_run(key, end, value)[2]  # (StoreError for a run that cannot be valid)
     return [value[at : at + 16] for at in range(0, len(value), size)]
 
 
@@ -572,6 +578,10 @@ _store_plain_run = _impl.store_plain_run
 #: The ``dedupe`` entry of a key, a record of its own or in a run (see the
 #: key layout): ``_dedupe_get(txn, db, T(sender) T(device) U64(local_id))``.
 _dedupe_get = _impl.dedupe_get
+#: ``(first, last, entry length)`` of a ``dedupe`` run record, StoreError
+#: (store corrupt) for one no batch can have written -- what ``_dedupe_get``
+#: refuses, with the same message, for every reader of runs.
+_dedupe_run = _pure_dedupe_run
 _acked = _impl.record_maker(Acked)
 
 
@@ -3949,7 +3959,8 @@ class LmdbStore(Store):
         writes a batch's (the run cut where entries went, each part a run or
         a single record), each record once however many of its entries go.
         Every other entry stays: its retry must still be answered with its
-        identity, not stored twice."""
+        identity, not stored twice.  StoreError (store corrupt) for a run
+        record no batch can have written (nothing is deleted then)."""
         if not doomed:
             return
         cur = txn.cursor(db=self._dedupe)
@@ -3962,8 +3973,12 @@ class LmdbStore(Store):
             if len(key) != n + 8:
                 if key == dkey:
                     found[key] = cur.value()
-            elif key[: n - 8] == dkey[: n - 8] and _U64.unpack_from(key, n)[0] <= _U64.unpack_from(dkey, n - 8)[0]:
-                found[key] = cur.value()  # a run of the device holding it
+            elif key[: n - 8] == dkey[: n - 8]:
+                # A run of the device (refused as _dedupe_get refuses it if
+                # it cannot be valid), holding dkey's entry if first <= it.
+                value = cur.value()
+                if _dedupe_run(key, n - 8, value)[0] <= _U64.unpack_from(dkey, n - 8)[0]:
+                    found[key] = value
         deletes: list[bytes] = []
         rest: list[tuple[bytes, bytes]] = []
         for key, value in found.items():
@@ -3973,8 +3988,7 @@ class LmdbStore(Store):
                 if value[:16] in doomed.get(key, ()):
                     deletes.append(key)
                 continue
-            last, first = _U64.unpack_from(key, end)[0], _U64.unpack_from(key, end + 8)[0]
-            size = len(value) // (last - first + 1)
+            first, last, size = _dedupe_run(key, end, value)  # (StoreError if it cannot be valid)
             kept = []
             for i in range(last - first + 1):
                 ek, e = key[:end] + _U64.pack(first + i), value[i * size : (i + 1) * size]
