@@ -2783,6 +2783,11 @@ class LmdbStore(Store):
 
     def _count_unread(self, txn: _Txn, user: str, ck: bytes, marker: int) -> int:
         me = user.encode("ascii")
+        # Messages the user deleted for themselves (after the marker) are
+        # not unread: usually none, so one short scan of ``deleted`` first.
+        dk = _t(user) + ck
+        gone = {_U64.unpack_from(key, len(dk))[0]
+                for key, _ in self._scan(txn, self._deleted, dk, dk + _U64.pack(marker + 1))}
         n = 0
         for lo, hi in member_ranges(self._spans_in(txn, ck, user)):
             if hi <= marker:
@@ -2793,9 +2798,10 @@ class LmdbStore(Store):
             # a recalled message's is 3 (RECALL), never an id character; a
             # system post (ids.SYSTEM) has no sender bytes.
             for key, value in self._scan(txn, self._convidx, ck, start):
-                if hi != _U64_MAX and _U64.unpack_from(key, len(ck))[0] > hi:
+                seq = _U64.unpack_from(key, len(ck))[0]
+                if hi != _U64_MAX and seq > hi:
                     break
-                if len(value) == 16 or (value[16] > 5 and value[16:] != me):
+                if (len(value) == 16 or (value[16] > 5 and value[16:] != me)) and (not gone or seq not in gone):
                     n += 1
         return n
 
