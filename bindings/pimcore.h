@@ -222,7 +222,9 @@ PIM_EXPORT int pim_revoke(pim_broker *b, const char *user, const char *device, i
 PIM_EXPORT int pim_token_issue(pim_broker *b, const char *user, const char *device, int64_t ttl_seconds,
                                char **out_token);
 /* The exact number of messages from others in conv after user's read
- * marker (0 for a conversation the user is not in). */
+ * marker, leaving out those user deleted for themselves (0 for a
+ * conversation the user is not in; PIM_ERR_UNKNOWN_CONVERSATION for a group
+ * that does not exist). */
 PIM_EXPORT int pim_unread_count(pim_broker *b, const char *user, const char *conv, uint64_t *out_count);
 
 /* What a conversation entry is (pim_event.kind of a "message" event;

@@ -300,6 +300,32 @@ def _secret(settings, *, create: bool = True, announce: Optional[str] = None) ->
 GC_THRESHOLD0 = 50_000
 
 
+#: File descriptors a broker needs besides its connections: the store's files
+#: (data, lock, command log, checkpoint), listeners, the event loop's, logs,
+#: webhook and Redis connections -- a margin, not a count.
+FD_RESERVE = 64
+
+
+def nofile_shortfall(max_connections: int, http_max_connections: int = 0, limit: Optional[int] = -1) -> Optional[str]:
+    """The start-up warning when the connections the broker may accept, with
+    what it needs besides, exceed its open-files limit (RLIMIT_NOFILE, the
+    process's soft ``ulimit -n``; ``limit`` -1: read it), else None.  Past the
+    limit accept() fails (EMFILE) and new connections wait, unaccepted, until
+    some close."""
+    from .net.server import nofile_limit
+
+    if limit == -1:
+        limit = nofile_limit()
+    need = max_connections + http_max_connections + FD_RESERVE
+    if limit is None or need <= limit:
+        return None
+    http = f" + [http] max_connections {http_max_connections}" if http_max_connections else ""
+    return (f"max_connections {max_connections}{http} + about {FD_RESERVE} for the store and listeners needs up to"
+            f" {need} file descriptors, over this process's open-files limit {limit} (RLIMIT_NOFILE): past it new"
+            f" connections wait unaccepted; raise it (ulimit -n {need}, LimitNOFILE= under systemd) or lower"
+            " max_connections")
+
+
 def _tune_collector() -> None:
     """For the serving process only (an embedding host keeps its own
     settings): freeze what start-up made (modules, config, caches: never
@@ -473,6 +499,12 @@ def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDi
                     path = settings.data_dir / "api-key"
                     logging.getLogger("pimcore.serve").info("created an HTTP API key in %s", path,
                                                              extra={"event": "api_key_created", "path": str(path)})
+                short = nofile_shortfall(config.max_connections,
+                                         http_config.max_connections if http_config is not None else 0)
+                if short is not None:
+                    import logging
+
+                    logging.getLogger("pimcore.serve").warning(short, extra={"event": "nofile_low"})
                 print("ready; Ctrl-C to stop", flush=True)
                 _tune_collector()
                 async for sig in signals:

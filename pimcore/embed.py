@@ -1044,10 +1044,12 @@ class Pimcore:
 
     async def unread(self, user: str, conv: Optional[str] = None) -> int:
         """Exact number of messages from others in ``conv`` after ``user``'s
-        read marker (0 for a conversation the user is not in); without
-        ``conv``, the sum over all of the user's conversations (a badge).
-        Raises RequestRefused (BAD_REQUEST) for an invalid user or
-        conversation id."""
+        read marker, leaving out those the user deleted for themselves (0
+        for a conversation the user is not in); without ``conv``, the sum
+        over all of the user's conversations (a badge).  Raises
+        RequestRefused (BAD_REQUEST for an invalid user or conversation id,
+        UNKNOWN_CONVERSATION for a group that does not exist, as history
+        and settings)."""
         problem = None if conv is None else conversation_problem(conv)
         if problem is not None:
             raise RequestRefused(ErrorCode.BAD_REQUEST, f"unread: {problem}")
@@ -1057,6 +1059,11 @@ class Pimcore:
         for c in convs:
             if c.conv == conv:
                 return c.unread
+        store = self._store
+        exists = (await store.conversation_exists(conv) if isinstance(store, AsyncStore)
+                  else store.conversation_exists(conv))
+        if not exists:
+            raise RequestRefused(ErrorCode.UNKNOWN_CONVERSATION, f"unread in {_show(conv)}: UNKNOWN_CONVERSATION")
         return 0
 
     async def read_positions(self, user: str) -> "ReadPositions":

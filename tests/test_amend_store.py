@@ -227,3 +227,33 @@ def test_an_edit_whose_target_retention_removed_reads_with_no_payload(store: Sto
     assert {s: (m.kind, m.payload) for s, m in history(store, "bob").items()} == {2: (EDIT, b"")}
     (page,) = store.read([ReadInbox("bob", 0, 100)])
     assert [(m.seq, m.kind, m.payload) for _, m in page.entries] == [(2, EDIT, b"")]
+
+
+def test_a_message_deleted_for_oneself_is_not_unread(store: Store, mk: Maker) -> None:
+    # The trial: three posts from bob -> unread 3 for alice; alice deletes #1
+    # for herself -> still 3.  A message she deleted is no longer one she
+    # can read: every unread count leaves it out (unread, the session's
+    # conversation states, MarkRead's result), for her alone.
+    store.create_group(GROUP, ["alice", "bob", "carol"], now=1)
+    mk.commit(store, mk(GROUP, "bob", payload=b"1"), mk(GROUP, "bob", payload=b"2"), mk(GROUP, "bob", payload=b"3"))
+    assert store.unread("alice", GROUP) == 3
+    (res,) = mk.commit(store, amend(mk, GROUP, "alice", 1, DELETE))
+    assert isinstance(res, Appended)
+    assert store.unread("alice", GROUP) == 2
+    assert store.unread("carol", GROUP) == 3  # only for her
+    (session,) = store.read([LoadSession("alice", "phone")])
+    assert [s.unread for s in session.conversations if s.conv == GROUP] == [2]
+    # a deleted message already read, or one before the marker, changes nothing
+    (marked,) = mk.commit(store, MarkRead("alice", GROUP, 2))
+    assert marked.unread == 1
+    mk.commit(store, amend(mk, GROUP, "alice", 2, DELETE))
+    assert store.unread("alice", GROUP) == 1
+    mk.commit(store, amend(mk, GROUP, "alice", 3, DELETE))
+    assert store.unread("alice", GROUP) == 0
+    (marked,) = mk.commit(store, MarkRead("alice", GROUP, 0))
+    assert marked.unread == 0
+    assert store.unread("carol", GROUP) == 3
+    # the same in a direct conversation
+    mk.commit(store, mk(AB, "bob", payload=b"x"), mk(AB, "bob", payload=b"y"))
+    mk.commit(store, amend(mk, AB, "alice", 2, DELETE))
+    assert store.unread("alice", AB) == 1

@@ -632,11 +632,11 @@ def test_a_failed_background_checkpoint_is_logged_and_retried(
         real = wal.write_checkpoint
         fails = [1]
 
-        def once(dirpath: str, ckpt: wal.Checkpoint) -> None:
+        def once(dirpath: str, ckpt: wal.Checkpoint, **kw: Any) -> None:
             if fails:
                 fails.pop()
                 raise OSError(28, "No space left on device")
-            real(dirpath, ckpt)
+            real(dirpath, ckpt, **kw)
 
         monkeypatch.setattr(wal, "write_checkpoint", once)
         with caplog.at_level("WARNING", logger="pimcore.store"):
@@ -1886,3 +1886,97 @@ def test_a_start_after_a_crash_says_that_it_replayed_the_log(
     assert rec.levelno == logging.WARNING and rec.batches == 4
     assert "replayed 4 batches from the command log" in rec.getMessage()
     assert "the last stop was not clean" in rec.getMessage()
+
+
+def _active_readers(store: LmdbStore) -> int:
+    """Read transactions open on the store's environment (the pin among them)."""
+    assert store._env is not None
+    lines = store._env.readers().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[-1] != "-")
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_checkpoints_without_file_descriptors_fail_and_are_retried_while_commits_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The trial's broker exited when connections had used up its file
+    # descriptors: a checkpoint opened data.mdb (EMFILE, raised out of the
+    # commit that started it, with the new pin left open).  A checkpoint
+    # opens no data file now, and one that cannot open its own file fails
+    # alone: commits go on through the log, the pin stays the last good
+    # checkpoint's, and a later checkpoint succeeds.
+    fds_before = _open_fds()
+    store = _open_log(tmp_path / "a")
+    batches = _fixed_batches(12, 3)
+    try:
+        assert store._log is not None
+        store._log.checkpoint_bytes = 1  # a checkpoint after every commit
+        store.commit(WriteBatch(1, GROUPS))
+        store.commit_open()
+        store._log.join()
+        before = store._log.checkpoints
+        pin = store._log.pin
+        real_open = os.open
+        blocked = [True]
+
+        def no_fds(*args: Any, **kw: Any) -> int:
+            if blocked[0]:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real_open(*args, **kw)
+
+        monkeypatch.setattr(os, "open", no_fds)
+        with caplog.at_level("WARNING", logger="pimcore.store"):
+            for n, ops in enumerate(batches[:6]):
+                store.commit(WriteBatch(n + 2, tuple(ops)))  # (raised EMFILE before the fix)
+                store.commit_open()
+                store._log.join()
+                assert _active_readers(store) == 1  # the pin alone: no new one left open
+        assert store._log.checkpoints == before
+        assert store._log.pin is pin  # the last good checkpoint's pin stays
+        assert store._log.failed is None and store._log.unsettled is None
+        failures = [r for r in caplog.records if "checkpoint failed" in r.getMessage()]
+        assert failures and "Too many open files" in failures[0].getMessage()
+        assert len(failures) == 1  # once, not once per commit (rate-limited)
+        blocked[0] = False
+        caplog.clear()
+        with caplog.at_level("INFO", logger="pimcore.store"):
+            for n, ops in enumerate(batches[6:]):
+                store.commit(WriteBatch(n + 8, tuple(ops)))
+                store.commit_open()
+                store._log.join()
+        assert store._log.checkpoints > before  # retried, and it succeeded
+        assert store._log.pin is not pin
+        assert _active_readers(store) == 1
+        assert "checkpoint succeeded again" in caplog.text
+    finally:
+        monkeypatch.undo()
+        store.close()
+    assert _open_fds() == fds_before  # nothing leaked
+    assert _recovered(tmp_path / "a") == _reference(tmp_path / "ref", batches)
+
+
+def test_a_log_store_keeps_one_descriptor_of_its_data_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Opened with the store, closed with it: no checkpoint opens data.mdb.
+    store = _open_log(tmp_path / "a")
+    try:
+        assert store._log is not None
+        store._log.checkpoint_bytes = 1
+        opened: list = []
+        real_open = os.open
+
+        def spy(path: Any, *args: Any, **kw: Any) -> int:
+            opened.append(os.fsdecode(path))
+            return real_open(path, *args, **kw)
+
+        monkeypatch.setattr(os, "open", spy)
+        _commit_all(store, _fixed_batches(4, 2))
+        store.commit_open()
+        store._log.join()
+        assert store._log.checkpoints >= 2
+        assert not [p for p in opened if p.endswith("data.mdb")]
+    finally:
+        monkeypatch.undo()
+        store.close()

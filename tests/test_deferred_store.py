@@ -97,7 +97,7 @@ def test_a_waiting_reader_is_released_when_the_store_stops(tmp_path: Path, monke
             t.join(0.01)
         assert store._waiters  # the reader waits in _await_open
 
-        def full(*a: Any) -> None:
+        def full(*a: Any, **kw: Any) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(wal, "write_checkpoint", full)

@@ -814,7 +814,8 @@ async def test_devices_and_unread_refuse_invalid_ids(tmp_path: Path) -> None:
             assert_error(status, doc, 400, "BAD_REQUEST")
             assert "'bad conv'" in doc["error"]["message"], doc
             assert await call(c, "GET", "/v1/users/alice/devices") == (200, {"user": "alice", "devices": []})
-            assert await call(c, "GET", "/v1/users/alice/unread?conv=team") == (200, {"user": "alice", "conv": "team", "unread": 0})
+            # (No group "team" here: 404 as for history, it was 200 unread 0.)
+            assert_error(*await call(c, "GET", "/v1/users/alice/unread?conv=team"), 404, "UNKNOWN_CONVERSATION")
             with pytest.raises(RequestRefused) as refused:
                 im.online_devices("a b")
             assert refused.value.code is ErrorCode.BAD_REQUEST
@@ -1226,3 +1227,31 @@ async def test_a_polling_consumer_keeps_the_events_it_has_not_acked_from_reclaim
                 await trio.sleep(0.01)
             status, again = await call(c, "GET", "/v1/events?consumer=poller&limit=1")
             assert status == 200 and again["events"] == doc["events"]
+
+
+async def test_unread_leaves_out_a_message_deleted_for_oneself_and_an_unknown_conversation_is_404(tmp_path: Path) -> None:
+    """The trial: three posts from ub1, ua1 deletes #1 for herself: unread
+    stayed 3 (now 2).  And ?conv= of a conversation that does not exist was
+    200 unread 0 where history and settings answer 404 UNKNOWN_CONVERSATION
+    (now 404 too); a user not in an existing one still gets 0."""
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            assert (await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["ua1", "ub1"]}))[0] == 201
+            for n in range(3):
+                status, _ = await call(c, "POST", "/v1/conversations/team/messages",
+                                       {"payload": f"m{n}", "sender": "ub1"})
+                assert status == 201
+            assert await call(c, "GET", "/v1/users/ua1/unread?conv=team") == (
+                200, {"user": "ua1", "conv": "team", "unread": 3})
+            status, _ = await call(c, "POST", "/v1/conversations/team/messages/1/delete", {"user": "ua1"})
+            assert status in (200, 201)
+            assert await call(c, "GET", "/v1/users/ua1/unread?conv=team") == (
+                200, {"user": "ua1", "conv": "team", "unread": 2})
+            assert await call(c, "GET", "/v1/users/ua1/unread") == (200, {"user": "ua1", "conv": None, "unread": 2})
+            status, doc = await call(c, "GET", "/v1/users/ua1/unread?conv=nosuch")
+            assert_error(status, doc, 404, "UNKNOWN_CONVERSATION")
+            assert (await call(c, "GET", "/v1/conversations/nosuch/history?user=ua1"))[0] == 404
+            assert await call(c, "GET", "/v1/users/carol/unread?conv=team") == (
+                200, {"user": "carol", "conv": "team", "unread": 0})
+            assert await call(c, "GET", "/v1/users/carol/unread?conv=d:carol:ua1") == (
+                200, {"user": "carol", "conv": "d:carol:ua1", "unread": 0})

@@ -3741,3 +3741,68 @@ async def test_a_bug_in_one_connections_handling_ends_that_connection_not_the_br
             assert srv.statistics().internal_errors == 1
             [bug] = [r for r in caplog.records if r.levelno == logging.ERROR and "connection" in r.getMessage()]
             assert "a bug in the answer" in (bug.exc_text or "") or bug.exc_info is not None
+
+
+class _NoFdsSocket:
+    """A listening socket whose accept() fails with EMFILE ``fails`` times
+    (every descriptor in use), then returns one end of a socket pair."""
+
+    def __init__(self, fails: int) -> None:
+        self.fails = fails
+        self.pair = trio.socket.socketpair()
+
+    async def accept(self) -> tuple:
+        await trio.lowlevel.checkpoint()
+        if self.fails:
+            self.fails -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.pair[0], ("127.0.0.1", 5555)
+
+
+class _NoFdsListener(trio.abc.Listener[trio.abc.Stream]):
+    def __init__(self, fails: int) -> None:
+        self.socket = _NoFdsSocket(fails)
+
+    async def accept(self) -> trio.abc.Stream:
+        sock, _ = await self.socket.accept()
+        return trio.SocketStream(sock)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _accept_complaints(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "accept" in r.getMessage() and r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("kind", ["broker", "http"])
+async def test_running_out_of_file_descriptors_at_accept_is_a_rate_limited_warning_in_words(
+    autojump_clock, caplog, kind
+):
+    # The trial: under fd exhaustion trio's accept loop logged an ERROR with
+    # a traceback every 0.1 s ("accept returned EMFILE").  Now: one warning
+    # line per 30 s at most, with a count, naming `ulimit -n`; accepting
+    # resumes once a descriptor is free.
+    from pimcore.net import server as server_mod
+
+    if kind == "broker":
+        listener: trio.abc.Listener = server_mod._AddressedListener(_NoFdsListener(1000), "tcp://127.0.0.1:7400")
+    else:
+        listener = server_mod.PressureListener(_NoFdsListener(1000), "http://127.0.0.1:7400")
+    served = trio.Event()
+
+    async def handler(stream: object) -> None:
+        served.set()
+
+    with caplog.at_level(logging.INFO), trio.fail_after(1000):  # (virtual time: 1000 failures, 0.1 s apart)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(trio.serve_listeners, handler, [listener]))
+            await served.wait()
+            nursery.cancel_scope.cancel()
+    complaints = _accept_complaints(caplog)
+    assert not [r for r in complaints if r.levelno >= logging.ERROR or r.exc_info]
+    assert 2 <= len(complaints) <= 5, [r.getMessage() for r in complaints]  # 100 s of failures: ~4, not 1000
+    first, second = complaints[0].getMessage(), complaints[1].getMessage()
+    assert "cannot accept connections on " + ("tcp" if kind == "broker" else "http") + "://127.0.0.1:7400" in first
+    assert "EMFILE (Too many open files)" in first and "ulimit -n" in first and "max_connections" in first
+    assert re.search(r"\b(299|300|301) time\(s\) since the last warning", second), second

@@ -406,7 +406,7 @@ class HttpServer:
                              " not a broker listener"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from ..net.server import open_listeners
+        from ..net.server import PressureListener, open_listeners
         from ..net.streams import Endpoint
 
         cfg = self.config
@@ -421,7 +421,8 @@ class HttpServer:
                 if self._closing:
                     self._accepting.cancel()
                 task_status.started()
-                await trio.serve_listeners(self._serve_conn, listeners, handler_nursery=connections)
+                await trio.serve_listeners(self._serve_conn, [PressureListener(x, self.url) for x in listeners],
+                                           handler_nursery=connections)
             for listener in listeners:  # shutdown(): no new connections; these finish
                 await trio.aclose_forcefully(listener)
 

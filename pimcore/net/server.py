@@ -381,13 +381,90 @@ _IGNORED_ACCEPT_ERRNOS = frozenset(
 )
 
 
+#: accept() errors that mean the process (or the system) is out of file
+#: descriptors or memory -- trio.serve_listeners's ACCEPT_CAPACITY_ERRNOS:
+#: the connection waits in the backlog; accept is tried again 0.1 s later
+#: (:class:`AcceptPressure`).
+_CAPACITY_ACCEPT_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("EMFILE", "ENFILE", "ENOMEM", "ENOBUFS") if hasattr(errno, name)
+)
+
+
+def nofile_limit() -> Optional[int]:
+    """The process's soft RLIMIT_NOFILE (``ulimit -n``), None if unlimited
+    or unknown."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return None
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+class AcceptPressure:
+    """What a listener does when accept() fails for want of file descriptors
+    (or memory): pause ``pause`` seconds and try again, as trio's
+    serve_listeners does -- but say so in one warning line at most every
+    ``warn_every`` seconds, with how many accepts failed since the last,
+    instead of trio's ERROR with a traceback every 0.1 s."""
+
+    pause = 0.1
+    warn_every = 30.0
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        #: Accepts failed since the last warning.
+        self.failed = 0
+        self._warned_at: Optional[float] = None
+
+    async def wait(self, exc: OSError) -> None:
+        self.failed += 1
+        now = trio.current_time()
+        if self._warned_at is None or now - self._warned_at >= self.warn_every:
+            limit = nofile_limit()
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            log.warning(
+                "cannot accept connections on %s: %s (%s), %d time(s) since %s; retrying every %g s while"
+                " connections close -- raise the open-files limit (ulimit -n, now %s) or lower max_connections",
+                self.where, name, os.strerror(exc.errno or 0), self.failed,
+                "the last warning" if self._warned_at is not None else "it began", self.pause,
+                limit if limit is not None else "unlimited",
+                extra={"event": "accept_failed", "url": self.where, "errno": name, "failures": self.failed})
+            self._warned_at = now
+            self.failed = 0
+        await trio.sleep(self.pause)
+
+
+class PressureListener(trio.abc.Listener[trio.abc.Stream]):
+    """``inner``'s accept with :class:`AcceptPressure` (the HTTP API's
+    listeners, under trio.serve_listeners)."""
+
+    def __init__(self, inner: trio.abc.Listener[Any], where: str) -> None:
+        self.inner = inner
+        self.pressure = AcceptPressure(where)
+
+    async def accept(self) -> trio.abc.Stream:
+        while True:
+            try:
+                return await self.inner.accept()
+            except OSError as exc:
+                if exc.errno not in _CAPACITY_ACCEPT_ERRNOS:
+                    raise
+                await self.pressure.wait(exc)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 class _AddressedListener(trio.abc.Listener[_Accepted]):
     """trio.SocketListener's accept loop, keeping the address that accept()
-    returns (trio's drops it) -- for trio.serve_listeners, which also
-    handles running out of file descriptors."""
+    returns (trio's drops it) -- for trio.serve_listeners; running out of
+    file descriptors is :class:`AcceptPressure`'s."""
 
-    def __init__(self, inner: trio.SocketListener) -> None:
+    def __init__(self, inner: trio.SocketListener, where: str = "?") -> None:
         self.inner = inner
+        self.pressure = AcceptPressure(where)
 
     async def accept(self) -> _Accepted:
         while True:
@@ -396,6 +473,9 @@ class _AddressedListener(trio.abc.Listener[_Accepted]):
             except OSError as exc:
                 if exc.errno in (errno.EBADF, errno.ENOTSOCK):
                     raise trio.ClosedResourceError from None
+                if exc.errno in _CAPACITY_ACCEPT_ERRNOS:
+                    await self.pressure.wait(exc)
+                    continue
                 if exc.errno not in _IGNORED_ACCEPT_ERRNOS:
                     raise
             else:
@@ -1512,7 +1592,7 @@ class BrokerServer:
                 s = tls_server_stream(accepted.stream, ssl_ctx, peer=accepted.peer)
             await self._serve_peer(s, ep, conn_id, addr=accepted.peer)
 
-        await trio.serve_listeners(handler, [_AddressedListener(x) for x in listeners], handler_nursery=peers)
+        await trio.serve_listeners(handler, [_AddressedListener(x, url) for x in listeners], handler_nursery=peers)
 
     async def _listen_ws(self, ep: Endpoint, peers: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
         listeners = await open_listeners(ep)
@@ -1523,7 +1603,7 @@ class BrokerServer:
         task_status.started()
         # (Served with its real port, after port 0: the 503 names it.)
         await trio.serve_listeners(functools.partial(self._serve_ws, self._endpoints[-1]),
-                                   [_AddressedListener(x) for x in listeners],
+                                   [_AddressedListener(x, url) for x in listeners],
                                    handler_nursery=peers)
 
     async def _serve_ws(self, ep: Endpoint, accepted: _Accepted) -> None:

@@ -963,6 +963,35 @@ class _LogState:
         self._data = os.path.join(store._path, "data.mdb")
         #: Checkpoints written, for statistics and tests.
         self.checkpoints = 0
+        #: Checkpoints failed since the last that succeeded, and when the
+        #: last warning about them was logged (monotonic s; None: none yet).
+        self.checkpoint_failures = 0
+        self._warned_at: Optional[float] = None
+        #: The data file and the log directory, open for the store's
+        #: lifetime: a checkpoint needs no new descriptor for them, so one
+        #: taken while connections use up the process's descriptors
+        #: (EMFILE) fails only at its own file, and is retried.
+        self._data_fd = -1
+        self._dir_fd = -1
+        try:
+            self._data_fd = os.open(self._data, os.O_RDONLY)
+            self._dir_fd = os.open(log.dir, os.O_RDONLY)
+        except BaseException:
+            self.close_files()
+            raise
+
+    #: At most one warning about failing checkpoints per this many seconds
+    #: (each names how many failed since the last).
+    warn_seconds = 30.0
+
+    def close_files(self) -> None:
+        """Close the data file and directory descriptors (again: harmless).
+        Forgotten, then closed (as :meth:`wal.CommandLog.close`)."""
+        for name in ("_data_fd", "_dir_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)
 
     def _mark(self, record: "_LogRecord", deferred: Optional["_Open"]) -> None:
         # Until LMDB commits it, a checkpoint (the map may grow at the
@@ -1106,7 +1135,11 @@ class _LogState:
         assert env is not None
         psize = env.stat()["psize"]
         pin = env.begin()
-        meta = wal.read_meta_pages(self._data, psize)
+        try:
+            meta = wal.read_meta_pages_at(self._data_fd, psize)
+        except BaseException:
+            _abort(pin)  # (never left open: it would pin pages for as long as it lived)
+            raise
         op = self.store._open  # (acked batches LMDB lacks: replayed from the first)
         start = op.at if op is not None and op.at is not None else self.uncommitted
         ckpt = wal.Checkpoint(psize, *(start or self.log.position()), meta)
@@ -1129,7 +1162,7 @@ class _LogState:
                 # restart replays the log from the last good checkpoint.
                 self.failed = f"LMDB's data file could not be flushed ({exc}); restart the broker"
                 raise
-            wal.write_checkpoint(self.log.dir, ckpt)
+            wal.write_checkpoint(self.log.dir, ckpt, dir_fd=self._dir_fd)
         except BaseException:
             _abort(pin)  # the previous checkpoint and its pin stay in force
             raise
@@ -1143,10 +1176,32 @@ class _LogState:
         try:
             self._finish(pin, ckpt)
         except Exception as exc:  # noqa: BLE001 - retried at the next one; the log keeps everything
-            # (Until one succeeds the log and the data file keep growing.)
-            _log.warning("command log checkpoint failed: %s%s", exc,
-                         "; the store stops writing" if self.failed else "; retried after the next commits",
-                         extra={"event": "checkpoint_failed"})
+            self._checkpoint_failed(exc)
+            return
+        self._checkpoint_done()
+
+    def _checkpoint_failed(self, exc: BaseException) -> None:
+        """A checkpoint failed (its thread, or its start in after_commit):
+        the previous one and its pin stay in force, the log keeps every
+        batch since, and the next is tried ``checkpoint_seconds`` later.
+        (Until one succeeds the log and the data file keep growing.)
+        Warned at most once per ``warn_seconds``, unless the store stops."""
+        self.checkpoint_failures += 1
+        now = time.monotonic()
+        if self.failed is None and self._warned_at is not None and now - self._warned_at < self.warn_seconds:
+            return
+        self._warned_at = now
+        _log.warning("command log checkpoint failed: %s%s%s", exc,
+                     "; the store stops writing" if self.failed else "; retried after the next commits",
+                     f" ({self.checkpoint_failures} failed in a row)" if self.checkpoint_failures > 1 else "",
+                     extra={"event": "checkpoint_failed", "failures": self.checkpoint_failures})
+
+    def _checkpoint_done(self) -> None:
+        if self.checkpoint_failures:
+            _log.info("command log checkpoint succeeded again after %d failed", self.checkpoint_failures,
+                      extra={"event": "checkpoint_recovered", "failures": self.checkpoint_failures})
+            self.checkpoint_failures = 0
+            self._warned_at = None
 
     def after_commit(self) -> None:
         """Under the write lock, right after a commit: start a checkpoint if
@@ -1158,7 +1213,14 @@ class _LogState:
         done, at = self._last_at
         if self.log.appended - done < self.checkpoint_bytes and time.monotonic() - at < self.checkpoint_seconds:
             return
-        prepared = self._prepare()
+        try:
+            prepared = self._prepare()
+        except (OSError, lmdb.Error) as exc:
+            # (No pin left open.)  The batch committed: this is the
+            # checkpoint's failure, not the commit's -- tried again later.
+            self._last_at = (self.log.appended, time.monotonic())
+            self._checkpoint_failed(exc)
+            return
         if prepared is not None:
             self._thread = threading.Thread(target=self._run, args=prepared, name="pimcore-checkpoint", daemon=True)
             self._thread.start()
@@ -1989,6 +2051,7 @@ class LmdbStore(Store):
         self._env.sync(True)
         st.drop_pin()
         self._log = None
+        st.close_files()
         st.log.remove()
         old = self._env
         self._env = None
@@ -2730,6 +2793,11 @@ class LmdbStore(Store):
 
     def _count_unread(self, txn: _Txn, user: str, ck: bytes, marker: int) -> int:
         me = user.encode("ascii")
+        # Messages the user deleted for themselves (after the marker) are
+        # not unread: usually none, so one short scan of ``deleted`` first.
+        dk = _t(user) + ck
+        gone = {_U64.unpack_from(key, len(dk))[0]
+                for key, _ in self._scan(txn, self._deleted, dk, dk + _U64.pack(marker + 1))}
         n = 0
         for lo, hi in member_ranges(self._spans_in(txn, ck, user)):
             if hi <= marker:
@@ -2740,9 +2808,10 @@ class LmdbStore(Store):
             # a recalled message's is 3 (RECALL), never an id character; a
             # system post (ids.SYSTEM) has no sender bytes.
             for key, value in self._scan(txn, self._convidx, ck, start):
-                if hi != _U64_MAX and _U64.unpack_from(key, len(ck))[0] > hi:
+                seq = _U64.unpack_from(key, len(ck))[0]
+                if hi != _U64_MAX and seq > hi:
                     break
-                if len(value) == 16 or (value[16] > 5 and value[16:] != me):
+                if (len(value) == 16 or (value[16] > 5 and value[16:] != me)) and (not gone or seq not in gone):
                     n += 1
         return n
 
@@ -4271,6 +4340,7 @@ class LmdbStore(Store):
                     except (OSError, lmdb.Error, StoreError):
                         pass
                 st.drop_pin()
+                st.close_files()
                 st.log.close()
                 self._log = None
             # Exclusive: wait for in-flight reads; later ones see None.

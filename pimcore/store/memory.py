@@ -857,7 +857,8 @@ class MemoryStore(Store):
         for lo, hi in member_ranges(self._spans_of(conv, user)):
             for s in range(max(lo, marker + 1), min(hi, last) + 1):
                 m = self._msgs[self._conv_seq[(conv, s)]]
-                if m.kind == MessageKind.MESSAGE and m.sender != user and not m.recalled:
+                if (m.kind == MessageKind.MESSAGE and m.sender != user and not m.recalled
+                        and (user, conv, s) not in self._deleted):  # (deleted for themselves: not unread)
                     n += 1
         return n
 

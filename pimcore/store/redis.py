@@ -1707,11 +1707,13 @@ class RedisStore(AsyncStore):
         seqs: list[int] = []
         for lo, hi in member_ranges(await self._spans_of(tx, conv, user)):
             seqs.extend(range(max(lo, marker + 1), min(hi, last) + 1))
-        n = 0
-        for m in await self._msgs_at(tx, conv, seqs):
-            if m.kind == MessageKind.MESSAGE and m.sender != user and not m.recalled:
-                n += 1
-        return n
+        counted = [m.seq for m in await self._msgs_at(tx, conv, seqs)
+                   if m.kind == MessageKind.MESSAGE and m.sender != user and not m.recalled]
+        if not counted:
+            return 0
+        # Messages the user deleted for themselves are not unread.
+        gone = await tx.mget(self._k_user(user), [f"del:{conv}/{s}" for s in counted])
+        return sum(1 for g in gone if not g)
 
     # -- the conversation list ---------------------------------------------
 

@@ -138,9 +138,12 @@ def read_checkpoint(dirpath: str) -> Optional[Checkpoint]:
     return Checkpoint(psize, next_lsn, file, offset, meta)
 
 
-def write_checkpoint(dirpath: str, ckpt: Checkpoint) -> None:
+def write_checkpoint(dirpath: str, ckpt: Checkpoint, *, dir_fd: Optional[int] = None) -> None:
     """Write ``ckpt`` durably: a temporary file, flushed, renamed over the old
-    one, the directory flushed."""
+    one, the directory flushed (through ``dir_fd``, the caller's descriptor
+    of ``dirpath``, if given).  Raises OSError if any step failed (out of
+    file descriptors, the disk full): the old checkpoint is then still the
+    one recovery reads."""
     body = _CKPT_HEAD.pack(_CKPT_MAGIC, ckpt.page_size, ckpt.next_lsn, ckpt.file, ckpt.offset) + ckpt.meta
     body += _U32.pack(zlib.crc32(body))
     tmp = os.path.join(dirpath, "checkpoint.tmp")
@@ -151,7 +154,10 @@ def write_checkpoint(dirpath: str, ckpt: Checkpoint) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, os.path.join(dirpath, "checkpoint"))
-    _sync_dir(dirpath)
+    if dir_fd is None:
+        _sync_dir(dirpath)
+    else:
+        os.fsync(dir_fd)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -182,6 +188,16 @@ def read_meta_pages(data_path: str, page_size: int) -> bytes:
         return os.pread(fd, 2 * page_size, 0)
     finally:
         os.close(fd)
+
+
+def read_meta_pages_at(fd: int, page_size: int) -> bytes:
+    """Pages 0 and 1 of the data file open as ``fd`` (the log store keeps it
+    open: a checkpoint opens no file to read them).  Raises OSError if they
+    cannot be read whole."""
+    meta = os.pread(fd, 2 * page_size, 0)
+    if len(meta) != 2 * page_size:
+        raise OSError(errno.EIO, f"short read of LMDB's meta pages ({len(meta)} of {2 * page_size} bytes)")
+    return meta
 
 
 def restore_meta(data_path: str, ckpt: Checkpoint) -> bool:
