@@ -47,6 +47,7 @@ from pimcore.auth import JwtAuthenticator
 from pimcore.net import Endpoint
 from pimcore.net.streams import parse_url
 from pimcore.net.server import BrokerServer
+from pimcore.protocol import PRE_LOGIN_MAX_FRAME
 from pimcore.store import LmdbStore, MemoryStore, direct_conversation
 
 from _net import (
@@ -1381,6 +1382,58 @@ async def test_mark_read_refused_raises_what_the_sdk_knows_and_reports_the_broke
                     ev = await wait_for(b, lambda e: isinstance(e, BrokerRefused))
                     assert ev.code is code and ev.ref == 0 and repr(conv) in ev.reason, ev
                 await b.mark_read(AB, 1)  # still fine where bob belongs
+
+
+async def test_a_partial_frame_before_login_over_the_pre_login_limit_is_refused_at_once(lmdb_store):
+    """A connection that never logs in sent the length prefix of a 1 MiB
+    frame and most of it: the broker held it until login_timeout (~1.1 MiB
+    per connection, max_connections of them).  Before a Login is granted a
+    frame is held to PRE_LOGIN_MAX_FRAME (64 KiB): the broker closes at once
+    (long before login_timeout, 60 s here), saying that limit."""
+    cfg = server_config(login_timeout=60)
+    with trio.fail_after(10):
+        async with serving(lmdb_store, cfg) as srv:
+            raw = await RawConn.open(srv.endpoints[0].port)
+            length = (1 << 20) - 8  # within max_frame (1 MiB)
+            prefix = bytes([(length & 0x7F) | 0x80, ((length >> 7) & 0x7F) | 0x80, length >> 14])
+            await raw.send_bytes(prefix + b"\x30\x01" + b"\x01" * 100_000)
+            close = await raw.until(F.Close)
+            assert close.code == CloseCode.PROTOCOL_ERROR
+            assert close.reason == (f"FRAME_TOO_LARGE: frame length {length} exceeds the pre-login limit 65536 (a"
+                                    f" frame before the Login is granted; max_frame {1 << 20} applies after)")
+            assert await raw.next() is None  # then hung up
+
+
+async def test_a_login_with_an_8_kib_token_works(lmdb_store):
+    """The pre-login limit leaves room for large tokens: a JWT of ~8 KiB (a
+    custom authenticator's might be a few KiB) logs in, and frames up to
+    max_frame are taken after it."""
+    big = jwt.encode({"sub": "alice", "aud": "pimcore", "iat": int(time.time()), "exp": int(time.time()) + 600,
+                      "pad": "x" * 8000}, SECRET, algorithm="HS256")
+    assert 8192 <= len(big) < PRE_LOGIN_MAX_FRAME
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(limits=Limits(max_payload=200_000))) as srv:
+            async with open_client(srv.url(), big, "phone", config=FAST_CLIENT) as a, client(srv.url(), "bob") as b:
+                await a.send(AB, b"p" * 100_000)  # over the pre-login limit, within max_payload
+                (m,) = await take_messages(b, 1)
+                assert m.payload == b"p" * 100_000
+
+
+async def test_a_token_whose_login_is_over_the_pre_login_limit_fails_at_once_before_connecting():
+    """The SDK refuses a Login over the broker's pre-login limit (64 KiB)
+    locally, saying it, as one over max_frame: the broker would refuse it at
+    every attempt."""
+    with trio.fail_after(20):
+        async with serving(MemoryStore()) as srv:
+            url = srv.urls[0]
+            before = srv.statistics().accepted
+            with pytest.raises(ConnectFailed) as info:
+                async with open_client(url, "a" * 70_000, "d1", config=ClientConfig(connect_timeout=5)):
+                    pass
+            assert str(info.value) == (f"cannot connect to {url}: the token is 70,000 bytes: its Login frame"
+                                       " (70,019 bytes) is over the broker's pre-login limit (65,536 bytes: a frame"
+                                       " before the Login is granted)"), info.value
+            assert srv.statistics().accepted == before  # no connection was made
 
 
 async def test_oversized_and_malformed_frames_close_only_that_connection(lmdb_store):
@@ -3516,11 +3569,11 @@ async def test_a_token_whose_login_is_over_max_frame_fails_at_once_before_connec
             before = srv.statistics().accepted
             t0 = trio.current_time()
             with pytest.raises(ConnectFailed) as info:
-                async with open_client(url, "a" * 2_000_000, "d1", config=ClientConfig(connect_timeout=5)):
+                async with open_client(url, "a" * 40_000, "d1", config=ClientConfig(connect_timeout=5, max_frame=32768)):
                     pass
             assert trio.current_time() - t0 < 1.0
-            assert str(info.value) == (f"cannot connect to {url}: the token is 2,000,000 bytes: its Login frame"
-                                       " (2,000,019 bytes) is over max_frame (1,048,576 bytes; ClientConfig.max_frame,"
+            assert str(info.value) == (f"cannot connect to {url}: the token is 40,000 bytes: its Login frame"
+                                       " (40,019 bytes) is over max_frame (32,768 bytes; ClientConfig.max_frame,"
                                        " until a broker announces its own)"), info.value
             assert srv.statistics().accepted == before  # no connection was made
             # A token source (called at each connect) is checked the same way.
