@@ -2932,6 +2932,47 @@ async def test_a_websocket_protocol_error_gets_its_close_code_and_is_logged_as_s
     assert line.reason.startswith(f"connection lost: WebSocket protocol error ({code}: "), line.getMessage()
 
 
+def _ws_client_frame(payload: bytes, b0: int, mask: bool) -> bytes:
+    m = os.urandom(4) if mask else b""
+    body = bytes(c ^ m[i % 4] for i, c in enumerate(payload)) if mask else payload
+    return bytes([b0, (0x80 if mask else 0) | 126]) + struct.pack(">H", len(payload)) + m + body
+
+
+@pytest.mark.parametrize("frame", [
+    _ws_client_frame(b"x" * 190, 0x83, True),  # a reserved opcode (3), masked
+    _ws_client_frame(b"x" * 5000, 0x82, False),  # a binary frame, not masked, larger than one read
+], ids=["reserved-opcode-190", "unmasked-5000"])
+async def test_a_websocket_protocol_errors_close_is_never_lost(lmdb_store, frame):
+    """The Close for a WebSocket protocol error was sometimes lost: a bare
+    EOF (the connection ended, cancelling the task that was sending it), or
+    a reset (the socket closed with the client's bytes unread) that a client
+    reading later lost it to.  As tcp:// closes and HTTP refusals: the Close
+    goes out, the broker ends its side and drops what still comes (1 s, 1
+    MiB at most) -- every time, and then a clean end."""
+    with trio.fail_after(60):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            for i in range(20):
+                stream = await _raw_ws_conn(srv.endpoints[0].port, WS_UPGRADE)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive_some()
+                assert head.startswith(b"HTTP/1.1 101 "), head
+                rest = head.split(b"\r\n\r\n", 1)[1]
+                await stream.send_all(frame)
+                if i % 2:
+                    await trio.sleep(0.05)  # a client that reads a little later
+                try:
+                    while data := await stream.receive_some():
+                        rest += data
+                    end = "EOF"
+                except trio.BrokenResourceError as exc:
+                    end = f"reset ({exc.__cause__!r})"
+                await trio.aclose_forcefully(stream)
+                assert rest[:1] == b"\x88" and rest[1] == len(rest) - 2, (i, rest, end)
+                assert int.from_bytes(rest[2:4], "big") == 1002, (i, rest)
+                assert end == "EOF", (i, end)
+
+
 async def test_an_empty_websocket_message_is_no_end_of_stream(lmdb_store):
     # An empty binary message carries no bytes; it must not read as the
     # end of the stream (receive_some's b"") and end the session.

@@ -546,7 +546,7 @@ class _EndWatch(StreamWrapper):
         self.closed = False  # trio-websocket closed it (a malformed upgrade request, answered 400)
         self.keep_open = True  # its close leaves the stream open (before the upgrade)
         #: The WebSocket, once upgraded, and whether a Close frame went out
-        #: (see aclose: a protocol error's Close).
+        #: (see protocol_close: a protocol error's Close).
         self.ws: Optional[Any] = None
         self.close_sent = False
         # The client's first bytes are no HTTP request (pimcore's binary
@@ -573,24 +573,29 @@ class _EndWatch(StreamWrapper):
         if self.keep_open:
             await trio.lowlevel.checkpoint()
             return
-        ws = self.ws
-        if ws is not None and not self.close_sent and ws.closed is not None and ws.closed.code in _PROTOCOL_CLOSES:
-            # A frame that breaks RFC 6455 (unmasked, a reserved opcode, a
-            # text frame that is no UTF-8): wsproto names the close code,
-            # but trio-websocket sends a Close only in answer to the peer's
-            # own, and hangs up -- the client saw 1006 (abnormal), no
-            # reason.  RFC 6455 section 7.1.7 / 7.4.1: fail the connection
-            # with a Close of that code first.  (A server's frame is not
-            # masked; the reason cut to fit a control frame's 125 bytes.)
-            reason = (ws.closed.reason or "").encode("utf-8")[:_CLOSE_REASON_MAX].decode("utf-8", "ignore").encode()
-            frame = bytes((0x88, 2 + len(reason))) + ws.closed.code.to_bytes(2, "big") + reason
-            with trio.move_on_after(1):
-                try:
-                    await self.inner.send_all(frame)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
-            self.close_sent = True
+        if self.protocol_close():
+            # Its Close is _serve_ws's to send, then it lingers as after a
+            # refusal (_answer_and_hang_up): sent here, by trio-websocket's
+            # reader task, it was lost when the connection's end cancelled
+            # that task first (a bare EOF), and closing the socket at once
+            # with the client's bytes unread sent a reset that overtook it.
+            await trio.lowlevel.checkpoint()
+            return
         await super().aclose()
+
+    def protocol_close(self) -> bytes:
+        """The Close frame owed to a client whose frame broke RFC 6455
+        (unmasked, a reserved opcode, a text frame that is no UTF-8), or b"".
+        wsproto names the close code, but trio-websocket sends a Close only
+        in answer to the peer's own, and hangs up -- the client saw 1006
+        (abnormal), no reason.  RFC 6455 section 7.1.7 / 7.4.1: fail the
+        connection with a Close of that code first.  (A server's frame is
+        not masked; the reason cut to fit a control frame's 125 bytes.)"""
+        ws = self.ws
+        if self.keep_open or ws is None or self.close_sent or ws.closed is None or ws.closed.code not in _PROTOCOL_CLOSES:
+            return b""
+        reason = (ws.closed.reason or "").encode("utf-8")[:_CLOSE_REASON_MAX].decode("utf-8", "ignore").encode()
+        return bytes((0x88, 2 + len(reason))) + ws.closed.code.to_bytes(2, "big") + reason
 
     async def receive_some(self, max_bytes: Optional[int] = None) -> Union[bytes, bytearray]:
         try:
@@ -1640,6 +1645,19 @@ class BrokerServer:
             if linger and not self._stopping:
                 # (Out of the nursery: no reader left, the stream is ours to read.)
                 await self._answer_and_hang_up(stream, b"")
+            elif ws is not None and (close := watch.protocol_close()):
+                # A WebSocket protocol error's Close (_EndWatch.protocol_close),
+                # then the linger of a refusal, so that no reset overtakes it.
+                # (Shutting down: the Close only, within 1 s.)
+                watch.close_sent = True
+                if not self._stopping:
+                    await self._answer_and_hang_up(stream, close)
+                else:
+                    with trio.move_on_after(1):
+                        try:
+                            await stream.send_all(close)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                            pass
         except BaseExceptionGroup as group:
             # trio-websocket's reader task fails with the peer: answering a
             # malformed upgrade request with 400 to a client that reset
