@@ -2973,6 +2973,39 @@ async def test_a_websocket_protocol_errors_close_is_never_lost(lmdb_store, frame
                 assert end == "EOF", (i, end)
 
 
+async def test_a_websocket_message_before_login_is_held_to_the_pre_login_limit(lmdb_store):
+    """On ws:// the WebSocket layer gathers a message before the core sees a
+    byte of it, up to max_frame: a client that never logged in made the
+    broker hold ~1 MiB that way (a partial 1 MB message), as on tcp:// before
+    the pre-login limit.  Before the login a message is held to 64 KiB (and
+    16 bytes), refused over it (1009, message too big); from the login on,
+    messages of max_frame are taken."""
+    from trio_websocket import open_websocket_url
+
+    cfg = server_config(Endpoint("ws", path="/im"), limits=Limits(max_payload=200_000), login_timeout=60)
+    with trio.fail_after(20):
+        async with serving(lmdb_store, cfg) as srv:
+            stream = await _raw_ws_conn(srv.endpoints[0].port, WS_UPGRADE)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive_some()
+            rest = head.split(b"\r\n\r\n", 1)[1]
+            length = 1_000_000  # one masked binary frame (mask 0), a tenth of it sent
+            await stream.send_all(bytes([0x82, 0x80 | 127]) + struct.pack(">Q", length) + bytes(4) + b"\x01" * 100_000)
+            rest += await _read_to_the_end(stream)
+            assert rest[:1] == b"\x88" and int.from_bytes(rest[2:4], "big") == 1009, rest
+            async with open_websocket_url(srv.url("ws")) as ws:
+                await ws.send_message(encode_frame(F.Login(token("alice").encode(), "d", 0, 0, 0)))
+                decoder = Decoder()
+                decoder.feed(await ws.get_message())
+                assert isinstance(decoder.next_frame(), F.LoginAck)
+                await ws.send_message(encode_frame(F.SendReq(1, AB, 1, b"p" * 150_000)))  # one 150 KB message
+                while (f := decoder.next_frame()) is None or not isinstance(f, F.SendAck):
+                    if f is None:
+                        decoder.feed(await ws.get_message())
+                assert f.code == 0 and f.seq == 1, f
+
+
 async def test_an_empty_websocket_message_is_no_end_of_stream(lmdb_store):
     # An empty binary message carries no bytes; it must not read as the
     # end of the stream (receive_some's b"") and end the session.

@@ -105,7 +105,7 @@ from ..core import (
 )
 from ..errors import AuthError, BrokerStopped, CloseCode, ErrorCode, StoreError
 from ..store.base import AsyncStore, Deduped, GroupChanged, ReadDedupe, Rejected, Result, Store, StoreRequest as _StoreRequest
-from ..protocol import encode_close, refuse_connection
+from ..protocol import PRE_LOGIN_MAX_FRAME, encode_close, refuse_connection
 from .streams import _PROTOCOL_CLOSES, Endpoint, StreamWrapper, WebSocketStream
 
 __all__ = [
@@ -1561,6 +1561,12 @@ class BrokerServer:
         # Peers split writes into messages of up to MAX_PEER_MESSAGE whatever the
         # frame limit (frames span messages); the frame limit is the decoder's.
         max_msg = max(self.config.broker.limits.max_frame, WebSocketStream.MAX_PEER_MESSAGE) + 16
+        # ... but until the login, a message is held to the pre-login limit
+        # (the core's, PRE_LOGIN_MAX_FRAME; peers' messages are no larger):
+        # gathered up to max_frame before the core sees a byte, a client
+        # that never logs in made the broker hold ~1 MiB (raised at
+        # DeviceOnline: WebSocketStream.logged_in).
+        pre_login_msg = min(max_msg, max(PRE_LOGIN_MAX_FRAME, WebSocketStream.MAX_PEER_MESSAGE) + 16)
         stream: trio.abc.Stream = sock
         ws = None
         try:
@@ -1590,7 +1596,7 @@ class BrokerServer:
                             with waiting:
                                 if isinstance(stream, trio.SSLStream):
                                     await stream.do_handshake()
-                                request = await wrap_server_stream(nursery, watch, max_message_size=max_msg)
+                                request = await wrap_server_stream(nursery, watch, max_message_size=pre_login_msg)
                             watch.on_end = None
                         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                             ended = _why_lost(stream, exc)
@@ -1638,7 +1644,7 @@ class BrokerServer:
                 if ws is not None:
                     self._upgrading -= 1  # (no checkpoint before _serve_peer counts it in _peers)
                     upgrading = False
-                    await self._serve_peer(WebSocketStream(ws), ep, conn_id, addr=addr)
+                    await self._serve_peer(WebSocketStream(ws, max_msg), ep, conn_id, addr=addr)
                 elif watch.closed:
                     linger = True  # (its 400 sent: the reader ended itself)
                 nursery.cancel_scope.cancel()  # closed (or never opened): the reader ends
@@ -2175,6 +2181,9 @@ class BrokerServer:
                     if peer is not None:
                         self._close_peer(peer, cmd)  # type: ignore[arg-type]
                 elif kind is DeviceOnline:
+                    peer = self._peers.get(cmd.conn)  # type: ignore[union-attr]
+                    if peer is not None and isinstance(peer.stream, WebSocketStream):
+                        peer.stream.logged_in()  # messages up to max_frame from now on
                     if self._presence is not None:
                         # Stamped now, not when written: the write may wait
                         # (the cluster unreachable) behind a newer login elsewhere.
