@@ -51,6 +51,7 @@ from .errors import CloseCode, EncodeError, ErrorCode, PimError, ProtocolError
 from .heartbeat import HeartbeatTuner
 from .ids import _show, conversation_problem, direct_members
 from .order import display_order
+from .protocol import PRE_LOGIN_MAX_FRAME
 
 try:  # zstandard is a dependency; without it the session just does not ask for zstd
     from .compress import (
@@ -1064,14 +1065,20 @@ class ClientSession:
         ``token`` is over the frame limit, in words, or None if it is not.
         The limit: the broker's ``max_frame`` from the last LoginAck, else
         ``ClientConfig.max_frame`` (the protocol's 1 MiB default unless
-        raised for a broker that allows more).  Sent, such a Login makes
-        the broker close the connection (FRAME_TOO_LARGE), at every retry."""
+        raised for a broker that allows more) -- or, whichever is lower,
+        the broker's pre-login limit (:data:`pimcore.protocol.PRE_LOGIN_MAX_FRAME`,
+        64 KiB: a frame before the Login is granted).  Sent, such a Login
+        makes the broker close the connection (FRAME_TOO_LARGE), at every
+        retry."""
         frame = self.login_frame_length(now, token)
         if self._max_frame_announced:
             limit, whose = self._max_frame, f"the broker's max_frame ({self._max_frame:,} bytes)"
         else:
             limit = self.config.max_frame
             whose = f"max_frame ({limit:,} bytes; ClientConfig.max_frame, until a broker announces its own)"
+        if PRE_LOGIN_MAX_FRAME < limit:
+            limit = PRE_LOGIN_MAX_FRAME
+            whose = f"the broker's pre-login limit ({limit:,} bytes: a frame before the Login is granted)"
         if frame <= limit:
             return None
         return f"the token is {len(token):,} bytes: its Login frame ({frame:,} bytes) is over {whose}"

@@ -9,7 +9,10 @@ thread-safe (one thread drives a session, like the broker core).
 What it owns
 ------------
 * **Framing.**  A :class:`pimcore.codec.Decoder` limited to ``max_frame_size``
-  bytes per frame (docs/PROTOCOL.md sections 1 and 3), and the encoder.
+  bytes per frame (docs/PROTOCOL.md sections 1 and 3) -- before the Login is
+  granted to :data:`PRE_LOGIN_MAX_FRAME` (64 KiB) if that is lower, so a
+  connection that never logs in cannot make the broker hold a frame of
+  max_frame bytes -- and the encoder.
 * **Compression (PROTOCOL.md section 7)**, both directions, as an extension
   inside the session: the owner never sees a compressed byte.  Per
   direction, the connection's own deflate stream (CAP_DEFLATE_DOWN /
@@ -151,6 +154,7 @@ Errors
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from enum import Enum
@@ -159,7 +163,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 from . import codec as _active_codec
 from . import frames as F
-from .errors import CloseCode, ErrorCode, PimError, ProtocolError
+from .errors import CloseCode, ErrorCode, FrameTooLarge, PimError, ProtocolError
 
 __all__ = [
     "SessionState",
@@ -169,6 +173,7 @@ __all__ = [
     "UnexpectedFrame",
     "Compression",
     "ServerSession",
+    "PRE_LOGIN_MAX_FRAME",
     "encode_close",
     "refuse_connection",
 ]
@@ -177,6 +182,18 @@ __all__ = [
 Compress = Callable[[bytes], bytes]
 #: ``decompress(body, max_size) -> bytes``: a FrameDecompressor or alike.
 Decompress = Callable[[bytes, int], bytes]
+
+#: The largest frame a connection may send before its Login is granted
+#: (bytes after the length prefix, as max_frame counts them), when the
+#: session's ``max_frame_size`` is larger: the Login itself (a token, a
+#: device id, a few integers) and Pings.  Without it, a client that never
+#: logs in made the broker hold a partial frame of up to max_frame (1 MiB)
+#: until login_timeout -- max_connections of them.  64 KiB is 8 times an
+#: 8 KiB token (a JWT with many claims, a custom authenticator's signed
+#: blob), and a sixteenth of the default max_frame.  Over it, the frame is
+#: refused from its length prefix alone (FRAME_TOO_LARGE, naming this
+#: limit); from the Login's grant on, max_frame applies.
+PRE_LOGIN_MAX_FRAME = 64 * 1024
 
 _Login = F.Login
 _LoginAck = F.LoginAck
@@ -321,7 +338,10 @@ class ServerSession:
 
     ``max_frame_size`` (bytes, >= 2) bounds one incoming frame as it is on the
     wire, and the decompressed body of a compressed one (minus its 2-byte
-    head); the broker passes ``Limits.max_frame``.  ``compression`` supplies
+    head); the broker passes ``Limits.max_frame``.  Until the Login is
+    granted (:meth:`login_accepted`) an incoming frame is held to
+    ``min(max_frame_size, PRE_LOGIN_MAX_FRAME)`` instead, and one over it is
+    FRAME_TOO_LARGE naming the pre-login limit.  ``compression`` supplies
     the shared zstd contexts (default: :meth:`Compression.for_thread`).
     ``backend`` is the codec module (``Decoder``, ``encode_frame``,
     ``encode_frames``): the active :mod:`pimcore.codec` by default, a
@@ -332,7 +352,7 @@ class ServerSession:
     __slots__ = (
         "_state", "_decoder", "_feed", "_next", "_accepting", "_error", "_encode", "_encode_many", "_compression",
         "_compress", "_deflate", "_can_send", "_frames_in", "_frames_out", "_bytes_in", "_bytes_out", "_frames_compressed",
-        "pushes_over_max_frame", "last_over_max_frame",
+        "pushes_over_max_frame", "last_over_max_frame", "_max_frame",
     )
 
     def __init__(
@@ -343,7 +363,12 @@ class ServerSession:
         backend: Optional[ModuleType] = None,
     ) -> None:
         impl = backend or _active_codec
-        self._decoder = impl.Decoder(max_frame_size)
+        self._decoder = impl.Decoder(max_frame_size)  # (validates it)
+        self._max_frame: int = self._decoder.max_frame_size
+        if self._max_frame > PRE_LOGIN_MAX_FRAME:
+            # Until login_accepted: PRE_LOGIN_MAX_FRAME (the decoder's limit
+            # can only be raised, which login_accepted does).
+            self._decoder = impl.Decoder(PRE_LOGIN_MAX_FRAME)
         # Bound methods, looked up once: these run per chunk and per frame.
         self._feed = self._decoder.feed
         self._next = self._decoder.next_frame
@@ -398,7 +423,10 @@ class ServerSession:
 
     @property
     def max_frame_size(self) -> int:
-        return self._decoder.max_frame_size  # type: ignore[no-any-return]
+        """The limit of a frame each way once the Login is granted (before
+        that, incoming frames are held to ``min(max_frame_size,
+        PRE_LOGIN_MAX_FRAME)``)."""
+        return self._max_frame
 
     def statistics(self) -> SessionStatistics:
         return SessionStatistics(
@@ -513,6 +541,16 @@ class ServerSession:
         """The decoder's next frame; a ProtocolError poisons the session."""
         try:
             return self._next()  # type: ignore[no-any-return]
+        except FrameTooLarge as exc:
+            limit = self._decoder.max_frame_size
+            if limit < self._max_frame:
+                # The pre-login limit, not max_frame: say which.
+                m = re.match(r"frame length (\d+) exceeds", str(exc))
+                exc = FrameTooLarge(
+                    f"frame length {m[1] if m else 'over it'} exceeds the pre-login limit {limit} (a frame before"
+                    f" the Login is granted; max_frame {self._max_frame} applies after)")
+            self._fail(exc)
+            raise exc from None
         except ProtocolError as exc:
             self._fail(exc)
             raise
@@ -529,6 +567,7 @@ class ServerSession:
         raises :class:`SessionStateError` otherwise."""
         if self._state is not _S.LOGGING_IN and self._state is not _S.AWAITING_LOGIN:
             raise SessionStateError(f"login_accepted() in state {self._state.name}: no login is pending")
+        self._decoder.raise_max_frame_size(self._max_frame)  # (from PRE_LOGIN_MAX_FRAME)
         if caps & _CAP_DEFLATE_UP:
             # Per connection: the stream carries state from frame to frame.
             self._decoder.enable_decompression(_compress_mod().DeflateDecompressor(_compress_mod().DEFLATE_WINDOW_BITS_UP))
@@ -565,7 +604,7 @@ class ServerSession:
         if t is _Close:
             return self._send_close(frame)  # type: ignore[arg-type]
         data = self._encode(frame)
-        if len(data) > self._decoder.max_frame_size and t is _Push:
+        if len(data) > self._max_frame and t is _Push:
             return self.send_many(self._pushes_within(frame))  # type: ignore[arg-type]
         compress = self._compress
         if compress is not None:
@@ -595,7 +634,7 @@ class ServerSession:
         if _LoginAck in kinds or _Close in kinds:
             return self._send_many_slow(frames)
         compress = self._compress
-        limit = self._decoder.max_frame_size
+        limit = self._max_frame
         if compress is None:
             data = self._encode_many(frames)
             if len(data) > limit and _Push in kinds:
@@ -682,7 +721,7 @@ class ServerSession:
         limits: Limits keeps a new one within max_frame)."""
         msgs = push.messages
         size = len(self._encode(push))
-        if size <= self._decoder.max_frame_size:
+        if size <= self._max_frame:
             return [push]
         if len(msgs) < 2:
             self.pushes_over_max_frame += 1

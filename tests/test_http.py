@@ -467,8 +467,42 @@ async def test_a_refused_request_is_not_echoed_back() -> None:
                 reply = await read_until_eof(stream)
                 assert reply.startswith(b"HTTP/1.1 400 "), reply
                 body = reply.split(b"\r\n\r\n", 1)[1]
-                assert json.loads(body) == {"error": {"code": "BAD_REQUEST", "message": "malformed HTTP request"}}
+                error = json.loads(body)["error"]
+                assert error["code"] == "BAD_REQUEST" and error["message"].startswith("malformed HTTP request: "), error
                 assert KEY.encode() not in reply and b"secret" not in reply and b"bytearray" not in reply, reply
+
+
+async def test_a_malformed_request_is_told_what_is_wrong_in_words() -> None:
+    """Every request h11 refused got the same 400 "malformed HTTP request"
+    (docs/HTTP.md: the message says what is wrong in words).  The reason
+    h11 found is said, in the same JSON shape, without the request's bytes
+    and bounded in length."""
+    cases = [
+        (b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n", "malformed HTTP request: missing mandatory Host: header"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nHost: y\r\nConnection: close\r\n\r\n",
+         "malformed HTTP request: found multiple Host: headers"),
+        (b"POST /v1/groups HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\nConnection: close\r\n\r\n",
+         "malformed HTTP request: bad Content-Length"),
+        (b"POST /v1/groups HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+         "malformed HTTP request: conflicting Content-Length headers"),
+        (b"GET /v1/in fo-secret HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+         "malformed HTTP request: illegal request line (not 'METHOD target HTTP/version': a space or a control"
+         " character in the target?)"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX: a-secret\x00b\r\nConnection: close\r\n\r\n",
+         "malformed HTTP request: illegal header line (not 'name: value', or a control character such as NUL in it)"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-" + b"s" * 10000 + b" x: y\r\n\r\n",
+         "malformed HTTP request: illegal header line (not 'name: value', or a control character such as NUL in it)"),
+    ]
+    with trio.fail_after(20):
+        async with broker_http() as (srv, h):
+            for head, message in cases:
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(head)
+                reply = await read_until_eof(stream)
+                assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n"), reply
+                body = reply.split(b"\r\n\r\n", 1)[1]
+                assert json.loads(body) == {"error": {"code": "BAD_REQUEST", "message": message}}, (head[:80], body)
+                assert b"secret" not in reply and b"sss" not in reply, reply
 
 
 # ---------------------------------------------------------------- readiness, metrics

@@ -47,6 +47,7 @@ from pimcore.auth import JwtAuthenticator
 from pimcore.net import Endpoint
 from pimcore.net.streams import parse_url
 from pimcore.net.server import BrokerServer
+from pimcore.protocol import PRE_LOGIN_MAX_FRAME
 from pimcore.store import LmdbStore, MemoryStore, direct_conversation
 
 from _net import (
@@ -1381,6 +1382,58 @@ async def test_mark_read_refused_raises_what_the_sdk_knows_and_reports_the_broke
                     ev = await wait_for(b, lambda e: isinstance(e, BrokerRefused))
                     assert ev.code is code and ev.ref == 0 and repr(conv) in ev.reason, ev
                 await b.mark_read(AB, 1)  # still fine where bob belongs
+
+
+async def test_a_partial_frame_before_login_over_the_pre_login_limit_is_refused_at_once(lmdb_store):
+    """A connection that never logs in sent the length prefix of a 1 MiB
+    frame and most of it: the broker held it until login_timeout (~1.1 MiB
+    per connection, max_connections of them).  Before a Login is granted a
+    frame is held to PRE_LOGIN_MAX_FRAME (64 KiB): the broker closes at once
+    (long before login_timeout, 60 s here), saying that limit."""
+    cfg = server_config(login_timeout=60)
+    with trio.fail_after(10):
+        async with serving(lmdb_store, cfg) as srv:
+            raw = await RawConn.open(srv.endpoints[0].port)
+            length = (1 << 20) - 8  # within max_frame (1 MiB)
+            prefix = bytes([(length & 0x7F) | 0x80, ((length >> 7) & 0x7F) | 0x80, length >> 14])
+            await raw.send_bytes(prefix + b"\x30\x01" + b"\x01" * 100_000)
+            close = await raw.until(F.Close)
+            assert close.code == CloseCode.PROTOCOL_ERROR
+            assert close.reason == (f"FRAME_TOO_LARGE: frame length {length} exceeds the pre-login limit 65536 (a"
+                                    f" frame before the Login is granted; max_frame {1 << 20} applies after)")
+            assert await raw.next() is None  # then hung up
+
+
+async def test_a_login_with_an_8_kib_token_works(lmdb_store):
+    """The pre-login limit leaves room for large tokens: a JWT of ~8 KiB (a
+    custom authenticator's might be a few KiB) logs in, and frames up to
+    max_frame are taken after it."""
+    big = jwt.encode({"sub": "alice", "aud": "pimcore", "iat": int(time.time()), "exp": int(time.time()) + 600,
+                      "pad": "x" * 8000}, SECRET, algorithm="HS256")
+    assert 8192 <= len(big) < PRE_LOGIN_MAX_FRAME
+    with trio.fail_after(10):
+        async with serving(lmdb_store, server_config(limits=Limits(max_payload=200_000))) as srv:
+            async with open_client(srv.url(), big, "phone", config=FAST_CLIENT) as a, client(srv.url(), "bob") as b:
+                await a.send(AB, b"p" * 100_000)  # over the pre-login limit, within max_payload
+                (m,) = await take_messages(b, 1)
+                assert m.payload == b"p" * 100_000
+
+
+async def test_a_token_whose_login_is_over_the_pre_login_limit_fails_at_once_before_connecting():
+    """The SDK refuses a Login over the broker's pre-login limit (64 KiB)
+    locally, saying it, as one over max_frame: the broker would refuse it at
+    every attempt."""
+    with trio.fail_after(20):
+        async with serving(MemoryStore()) as srv:
+            url = srv.urls[0]
+            before = srv.statistics().accepted
+            with pytest.raises(ConnectFailed) as info:
+                async with open_client(url, "a" * 70_000, "d1", config=ClientConfig(connect_timeout=5)):
+                    pass
+            assert str(info.value) == (f"cannot connect to {url}: the token is 70,000 bytes: its Login frame"
+                                       " (70,019 bytes) is over the broker's pre-login limit (65,536 bytes: a frame"
+                                       " before the Login is granted)"), info.value
+            assert srv.statistics().accepted == before  # no connection was made
 
 
 async def test_oversized_and_malformed_frames_close_only_that_connection(lmdb_store):
@@ -2879,6 +2932,80 @@ async def test_a_websocket_protocol_error_gets_its_close_code_and_is_logged_as_s
     assert line.reason.startswith(f"connection lost: WebSocket protocol error ({code}: "), line.getMessage()
 
 
+def _ws_client_frame(payload: bytes, b0: int, mask: bool) -> bytes:
+    m = os.urandom(4) if mask else b""
+    body = bytes(c ^ m[i % 4] for i, c in enumerate(payload)) if mask else payload
+    return bytes([b0, (0x80 if mask else 0) | 126]) + struct.pack(">H", len(payload)) + m + body
+
+
+@pytest.mark.parametrize("frame", [
+    _ws_client_frame(b"x" * 190, 0x83, True),  # a reserved opcode (3), masked
+    _ws_client_frame(b"x" * 5000, 0x82, False),  # a binary frame, not masked, larger than one read
+], ids=["reserved-opcode-190", "unmasked-5000"])
+async def test_a_websocket_protocol_errors_close_is_never_lost(lmdb_store, frame):
+    """The Close for a WebSocket protocol error was sometimes lost: a bare
+    EOF (the connection ended, cancelling the task that was sending it), or
+    a reset (the socket closed with the client's bytes unread) that a client
+    reading later lost it to.  As tcp:// closes and HTTP refusals: the Close
+    goes out, the broker ends its side and drops what still comes (1 s, 1
+    MiB at most) -- every time, and then a clean end."""
+    with trio.fail_after(60):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            for i in range(20):
+                stream = await _raw_ws_conn(srv.endpoints[0].port, WS_UPGRADE)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive_some()
+                assert head.startswith(b"HTTP/1.1 101 "), head
+                rest = head.split(b"\r\n\r\n", 1)[1]
+                await stream.send_all(frame)
+                if i % 2:
+                    await trio.sleep(0.05)  # a client that reads a little later
+                try:
+                    while data := await stream.receive_some():
+                        rest += data
+                    end = "EOF"
+                except trio.BrokenResourceError as exc:
+                    end = f"reset ({exc.__cause__!r})"
+                await trio.aclose_forcefully(stream)
+                assert rest[:1] == b"\x88" and rest[1] == len(rest) - 2, (i, rest, end)
+                assert int.from_bytes(rest[2:4], "big") == 1002, (i, rest)
+                assert end == "EOF", (i, end)
+
+
+async def test_a_websocket_message_before_login_is_held_to_the_pre_login_limit(lmdb_store):
+    """On ws:// the WebSocket layer gathers a message before the core sees a
+    byte of it, up to max_frame: a client that never logged in made the
+    broker hold ~1 MiB that way (a partial 1 MB message), as on tcp:// before
+    the pre-login limit.  Before the login a message is held to 64 KiB (and
+    16 bytes), refused over it (1009, message too big); from the login on,
+    messages of max_frame are taken."""
+    from trio_websocket import open_websocket_url
+
+    cfg = server_config(Endpoint("ws", path="/im"), limits=Limits(max_payload=200_000), login_timeout=60)
+    with trio.fail_after(20):
+        async with serving(lmdb_store, cfg) as srv:
+            stream = await _raw_ws_conn(srv.endpoints[0].port, WS_UPGRADE)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive_some()
+            rest = head.split(b"\r\n\r\n", 1)[1]
+            length = 1_000_000  # one masked binary frame (mask 0), a tenth of it sent
+            await stream.send_all(bytes([0x82, 0x80 | 127]) + struct.pack(">Q", length) + bytes(4) + b"\x01" * 100_000)
+            rest += await _read_to_the_end(stream)
+            assert rest[:1] == b"\x88" and int.from_bytes(rest[2:4], "big") == 1009, rest
+            async with open_websocket_url(srv.url("ws")) as ws:
+                await ws.send_message(encode_frame(F.Login(token("alice").encode(), "d", 0, 0, 0)))
+                decoder = Decoder()
+                decoder.feed(await ws.get_message())
+                assert isinstance(decoder.next_frame(), F.LoginAck)
+                await ws.send_message(encode_frame(F.SendReq(1, AB, 1, b"p" * 150_000)))  # one 150 KB message
+                while (f := decoder.next_frame()) is None or not isinstance(f, F.SendAck):
+                    if f is None:
+                        decoder.feed(await ws.get_message())
+                assert f.code == 0 and f.seq == 1, f
+
+
 async def test_an_empty_websocket_message_is_no_end_of_stream(lmdb_store):
     # An empty binary message carries no bytes; it must not read as the
     # end of the stream (receive_some's b"") and end the session.
@@ -3516,11 +3643,11 @@ async def test_a_token_whose_login_is_over_max_frame_fails_at_once_before_connec
             before = srv.statistics().accepted
             t0 = trio.current_time()
             with pytest.raises(ConnectFailed) as info:
-                async with open_client(url, "a" * 2_000_000, "d1", config=ClientConfig(connect_timeout=5)):
+                async with open_client(url, "a" * 40_000, "d1", config=ClientConfig(connect_timeout=5, max_frame=32768)):
                     pass
             assert trio.current_time() - t0 < 1.0
-            assert str(info.value) == (f"cannot connect to {url}: the token is 2,000,000 bytes: its Login frame"
-                                       " (2,000,019 bytes) is over max_frame (1,048,576 bytes; ClientConfig.max_frame,"
+            assert str(info.value) == (f"cannot connect to {url}: the token is 40,000 bytes: its Login frame"
+                                       " (40,019 bytes) is over max_frame (32,768 bytes; ClientConfig.max_frame,"
                                        " until a broker announces its own)"), info.value
             assert srv.statistics().accepted == before  # no connection was made
             # A token source (called at each connect) is checked the same way.
@@ -3549,11 +3676,14 @@ async def test_a_login_the_broker_refuses_as_too_large_fails_at_once_saying_so()
                                        " frame length 10018 exceeds max_frame_size 4096"), info.value
 
 
-async def test_a_large_login_the_server_breaks_off_is_said_after_connect_timeout():
+async def test_a_large_login_the_server_breaks_off_is_said_after_connect_timeout(monkeypatch):
     """A server that hangs up on a large Login before answering (a broker
     whose Close was lost to the reset): retried like any hang-up, and what
     is known is said at the end -- the Login's size, and that it may be over
-    the broker's max_frame -- not only "Broken pipe"."""
+    the broker's max_frame -- not only "Broken pipe".  (A Login this large
+    is over the broker's pre-login limit and refused before connecting
+    since: that check is set aside here, for the message.)"""
+    monkeypatch.setattr("pimcore.client_session.PRE_LOGIN_MAX_FRAME", 1 << 30)
 
     async def rude(stream: trio.SocketStream) -> None:
         await stream.receive_some(1000)

@@ -23,6 +23,7 @@ from pimcore._pure.codec import SCHEMA
 from pimcore.compress import FrameCompressor, FrameDecompressor, load_dictionary
 from pimcore.errors import CloseCode, EncodeError, ErrorCode, FrameTooLarge, ProtocolError
 from pimcore.protocol import (
+    PRE_LOGIN_MAX_FRAME,
     Compression,
     ServerSession,
     SessionClosed,
@@ -441,6 +442,51 @@ def test_max_frame_size_is_the_sessions_limit(backend: ModuleType) -> None:
     assert s.next_frames() == [send_req()]  # exactly at the limit
     s.receive_data(backend.encode_frame(F.SendReq(1, "dm:alice:bob", send_req().client_time, PAYLOAD + b"!")))
     with pytest.raises(FrameTooLarge):
+        s.next_frames()
+
+
+def test_frames_before_login_are_capped_at_the_pre_login_limit(backend: ModuleType) -> None:
+    """A connection that has not logged in cannot make the broker hold a
+    partial frame of max_frame bytes (1 MiB) until login_timeout: before a
+    Login is granted, a frame is refused over PRE_LOGIN_MAX_FRAME (64 KiB)
+    from its length prefix alone, saying that limit."""
+    s = ServerSession(1 << 20, backend=backend)
+    assert s.max_frame_size == 1 << 20  # (the limit a logged-in client gets)
+    declared = PRE_LOGIN_MAX_FRAME + 1
+    prefix = backend.encode_frame(F.Login(b"t" * declared, "d", 0, 0, 0))[:3]  # a 3-byte length prefix
+    s.receive_data(prefix)
+    with pytest.raises(FrameTooLarge) as info:
+        s.next_frames()
+    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+    n = prefix[0] & 0x7F | (prefix[1] & 0x7F) << 7 | (prefix[2] & 0x7F) << 14
+    assert str(info.value) == (f"frame length {n} exceeds the pre-login limit {PRE_LOGIN_MAX_FRAME} (a frame before"
+                               f" the Login is granted; max_frame {1 << 20} applies after)")
+    assert s.state is S.ERRORED
+
+
+def test_a_large_login_within_the_pre_login_limit_then_max_frame_frames(backend: ModuleType) -> None:
+    """A Login with an 8 KiB token (a custom authenticator's) passes; once it
+    is granted, frames up to max_frame are taken -- bytes that came with the
+    Login included."""
+    s = ServerSession(1 << 20, backend=backend)
+    big_login = F.Login(b"t" * 8192, "phone", 0, 0, 0)
+    big = F.SendReq(1, "dm:alice:bob", 0, b"p" * (200 * 1024))
+    s.receive_data(backend.encode_frame(big_login) + backend.encode_frame(big))
+    assert s.next_frames() == [big_login]
+    s.login_accepted(0)
+    assert s.next_frames() == [big]
+    # At exactly the pre-login limit, a frame is taken (a small max_frame caps it lower).
+    exact = F.Login(b"", "d", 0, 0, 0)
+    pad = PRE_LOGIN_MAX_FRAME - (len(backend.encode_frame(exact)) - 1)
+    exact = F.Login(b"t" * (pad - 2), "d", 0, 0, 0)  # (the token's length prefix grows by 2 bytes)
+    raw = backend.encode_frame(exact)
+    assert len(raw) - 3 == PRE_LOGIN_MAX_FRAME
+    s = ServerSession(1 << 20, backend=backend)
+    s.receive_data(raw)
+    assert s.next_frames() == [exact]
+    s = ServerSession(4096, backend=backend)
+    s.receive_data(raw)
+    with pytest.raises(FrameTooLarge, match=r"^frame length 65536 exceeds max_frame_size 4096$"):
         s.next_frames()
 
 

@@ -84,6 +84,38 @@ ERROR_CODES: dict[str, int] = {
 _VERSIONS = (b"1.0", b"1.1")
 
 
+
+#: h11's reasons that quote the request's bytes (its repr, an API key in a
+#: header perhaps): said in words instead, without them.
+_H11_QUOTING = {
+    "illegal request line": "illegal request line (not 'METHOD target HTTP/version': a space or a control character"
+                            " in the target?)",
+    "illegal header line": "illegal header line (not 'name: value', or a control character such as NUL in it)",
+    "illegal chunk header": "illegal chunk header (a chunk size that is not hexadecimal)",
+}
+#: The most characters of h11's reason said (its own texts are short).
+_H11_REASON_MAX = 120
+
+
+def _h11_reason(exc: h11.RemoteProtocolError) -> str:
+    """What h11 found wrong with a request, in words, for a 400's message:
+    its reason ('Missing mandatory Host: header', 'bad Content-Length'),
+    first letter lowered, without any of the request's bytes it quotes (cut
+    at the quote: ``illegal header line: bytearray(b'X: ...')``), printable
+    ASCII only and at most _H11_REASON_MAX characters."""
+    text = str(exc)
+    for quote in (": bytearray(", ": b'", ': b"', " b'", ' b"'):
+        cut = text.find(quote)
+        if cut >= 0:
+            text = text[:cut]
+    text = "".join(ch for ch in text if " " <= ch <= "~").strip()
+    text = _H11_QUOTING.get(text, text)
+    if len(text) > _H11_REASON_MAX:
+        text = text[: _H11_REASON_MAX - 3] + "..."
+    if not text:
+        return "the request does not parse as HTTP/1.1"
+    return text[0].lower() + text[1:] if text[1:2].islower() or len(text) == 1 else text
+
 class HttpError(Exception):
     """Raised by a handler (or the server) for a JSON error response."""
 
@@ -516,8 +548,9 @@ class HttpServer:
                                                                f"the request did not arrive within {cfg.request_timeout:g} s"))
                 return
             except h11.RemoteProtocolError as exc:
-                # h11's message quotes the request (a header's value: an API
-                # key): neither the reply nor the log repeats it.
+                # h11's message may quote the request (a header's value: an
+                # API key): neither the reply nor the log repeats it
+                # (_h11_reason says what is wrong without it).
                 status = exc.error_status_hint
                 log.debug("refused a malformed HTTP request: %d", status)
                 if status == 431:
@@ -525,7 +558,7 @@ class HttpServer:
                 elif status == 501:  # h11: a Transfer-Encoding other than chunked
                     err = HttpError(501, "NOT_IMPLEMENTED", "only Transfer-Encoding: chunked is supported")
                 else:
-                    err = HttpError(status, "BAD_REQUEST", "malformed HTTP request")
+                    err = HttpError(status, "BAD_REQUEST", f"malformed HTTP request: {_h11_reason(exc)}")
                 await self._send_error(stream, conn, err)
                 return
             except HttpError as exc:  # 400, 413, 505: the body is not read; the connection ends

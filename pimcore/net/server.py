@@ -105,7 +105,7 @@ from ..core import (
 )
 from ..errors import AuthError, BrokerStopped, CloseCode, ErrorCode, StoreError
 from ..store.base import AsyncStore, Deduped, GroupChanged, ReadDedupe, Rejected, Result, Store, StoreRequest as _StoreRequest
-from ..protocol import encode_close, refuse_connection
+from ..protocol import PRE_LOGIN_MAX_FRAME, encode_close, refuse_connection
 from .streams import _PROTOCOL_CLOSES, Endpoint, StreamWrapper, WebSocketStream
 
 __all__ = [
@@ -626,7 +626,7 @@ class _EndWatch(StreamWrapper):
         self.closed = False  # trio-websocket closed it (a malformed upgrade request, answered 400)
         self.keep_open = True  # its close leaves the stream open (before the upgrade)
         #: The WebSocket, once upgraded, and whether a Close frame went out
-        #: (see aclose: a protocol error's Close).
+        #: (see protocol_close: a protocol error's Close).
         self.ws: Optional[Any] = None
         self.close_sent = False
         # The client's first bytes are no HTTP request (pimcore's binary
@@ -653,24 +653,29 @@ class _EndWatch(StreamWrapper):
         if self.keep_open:
             await trio.lowlevel.checkpoint()
             return
-        ws = self.ws
-        if ws is not None and not self.close_sent and ws.closed is not None and ws.closed.code in _PROTOCOL_CLOSES:
-            # A frame that breaks RFC 6455 (unmasked, a reserved opcode, a
-            # text frame that is no UTF-8): wsproto names the close code,
-            # but trio-websocket sends a Close only in answer to the peer's
-            # own, and hangs up -- the client saw 1006 (abnormal), no
-            # reason.  RFC 6455 section 7.1.7 / 7.4.1: fail the connection
-            # with a Close of that code first.  (A server's frame is not
-            # masked; the reason cut to fit a control frame's 125 bytes.)
-            reason = (ws.closed.reason or "").encode("utf-8")[:_CLOSE_REASON_MAX].decode("utf-8", "ignore").encode()
-            frame = bytes((0x88, 2 + len(reason))) + ws.closed.code.to_bytes(2, "big") + reason
-            with trio.move_on_after(1):
-                try:
-                    await self.inner.send_all(frame)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
-            self.close_sent = True
+        if self.protocol_close():
+            # Its Close is _serve_ws's to send, then it lingers as after a
+            # refusal (_answer_and_hang_up): sent here, by trio-websocket's
+            # reader task, it was lost when the connection's end cancelled
+            # that task first (a bare EOF), and closing the socket at once
+            # with the client's bytes unread sent a reset that overtook it.
+            await trio.lowlevel.checkpoint()
+            return
         await super().aclose()
+
+    def protocol_close(self) -> bytes:
+        """The Close frame owed to a client whose frame broke RFC 6455
+        (unmasked, a reserved opcode, a text frame that is no UTF-8), or b"".
+        wsproto names the close code, but trio-websocket sends a Close only
+        in answer to the peer's own, and hangs up -- the client saw 1006
+        (abnormal), no reason.  RFC 6455 section 7.1.7 / 7.4.1: fail the
+        connection with a Close of that code first.  (A server's frame is
+        not masked; the reason cut to fit a control frame's 125 bytes.)"""
+        ws = self.ws
+        if self.keep_open or ws is None or self.close_sent or ws.closed is None or ws.closed.code not in _PROTOCOL_CLOSES:
+            return b""
+        reason = (ws.closed.reason or "").encode("utf-8")[:_CLOSE_REASON_MAX].decode("utf-8", "ignore").encode()
+        return bytes((0x88, 2 + len(reason))) + ws.closed.code.to_bytes(2, "big") + reason
 
     async def receive_some(self, max_bytes: Optional[int] = None) -> Union[bytes, bytearray]:
         try:
@@ -1636,6 +1641,12 @@ class BrokerServer:
         # Peers split writes into messages of up to MAX_PEER_MESSAGE whatever the
         # frame limit (frames span messages); the frame limit is the decoder's.
         max_msg = max(self.config.broker.limits.max_frame, WebSocketStream.MAX_PEER_MESSAGE) + 16
+        # ... but until the login, a message is held to the pre-login limit
+        # (the core's, PRE_LOGIN_MAX_FRAME; peers' messages are no larger):
+        # gathered up to max_frame before the core sees a byte, a client
+        # that never logs in made the broker hold ~1 MiB (raised at
+        # DeviceOnline: WebSocketStream.logged_in).
+        pre_login_msg = min(max_msg, max(PRE_LOGIN_MAX_FRAME, WebSocketStream.MAX_PEER_MESSAGE) + 16)
         stream: trio.abc.Stream = sock
         ws = None
         try:
@@ -1665,7 +1676,7 @@ class BrokerServer:
                             with waiting:
                                 if isinstance(stream, trio.SSLStream):
                                     await stream.do_handshake()
-                                request = await wrap_server_stream(nursery, watch, max_message_size=max_msg)
+                                request = await wrap_server_stream(nursery, watch, max_message_size=pre_login_msg)
                             watch.on_end = None
                         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                             ended = _why_lost(stream, exc)
@@ -1713,13 +1724,26 @@ class BrokerServer:
                 if ws is not None:
                     self._upgrading -= 1  # (no checkpoint before _serve_peer counts it in _peers)
                     upgrading = False
-                    await self._serve_peer(WebSocketStream(ws), ep, conn_id, addr=addr)
+                    await self._serve_peer(WebSocketStream(ws, max_msg), ep, conn_id, addr=addr)
                 elif watch.closed:
                     linger = True  # (its 400 sent: the reader ended itself)
                 nursery.cancel_scope.cancel()  # closed (or never opened): the reader ends
             if linger and not self._stopping:
                 # (Out of the nursery: no reader left, the stream is ours to read.)
                 await self._answer_and_hang_up(stream, b"")
+            elif ws is not None and (close := watch.protocol_close()):
+                # A WebSocket protocol error's Close (_EndWatch.protocol_close),
+                # then the linger of a refusal, so that no reset overtakes it.
+                # (Shutting down: the Close only, within 1 s.)
+                watch.close_sent = True
+                if not self._stopping:
+                    await self._answer_and_hang_up(stream, close)
+                else:
+                    with trio.move_on_after(1):
+                        try:
+                            await stream.send_all(close)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                            pass
         except BaseExceptionGroup as group:
             # trio-websocket's reader task fails with the peer: answering a
             # malformed upgrade request with 400 to a client that reset
@@ -2237,6 +2261,9 @@ class BrokerServer:
                     if peer is not None:
                         self._close_peer(peer, cmd)  # type: ignore[arg-type]
                 elif kind is DeviceOnline:
+                    peer = self._peers.get(cmd.conn)  # type: ignore[union-attr]
+                    if peer is not None and isinstance(peer.stream, WebSocketStream):
+                        peer.stream.logged_in()  # messages up to max_frame from now on
                     if self._presence is not None:
                         # Stamped now, not when written: the write may wait
                         # (the cluster unreachable) behind a newer login elsewhere.

@@ -167,9 +167,20 @@ class WebSocketStream(trio.abc.Stream):
     #: Seconds a refused peer gets to answer the close handshake.
     CLOSE_WAIT = 2.0
 
-    def __init__(self, ws: WebSocketConnection) -> None:
+    def __init__(self, ws: WebSocketConnection, max_message_size: Optional[int] = None) -> None:
         self.ws = ws
         self._pending = b""
+        #: The peer's messages' limit once logged in (:meth:`logged_in`);
+        #: None: the WebSocket's own, unchanged.
+        self._max_message_size = max_message_size
+
+    def logged_in(self) -> None:
+        """The peer's login was granted: its messages may be as large as
+        given at construction (the broker's max_frame), no longer held to
+        the pre-login limit the WebSocket was opened with (BrokerServer._serve_ws)."""
+        if self._max_message_size is not None and hasattr(self.ws, "_max_message_size"):
+            # (trio-websocket 0.12 keeps the limit there and reads it per message.)
+            self.ws._max_message_size = max(self.ws._max_message_size, self._max_message_size)
 
     async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
         if self._pending:

@@ -90,6 +90,9 @@ const FINAL_CODES = new Set([ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_CONVERSATI
 const AMEND_KINDS = new Set([MessageKind.RECALL, MessageKind.EDIT, MessageKind.DELETE]);
 const QUICK_RECONNECT = new Set([CloseCode.SHUTDOWN, CloseCode.IDLE_TIMEOUT, CloseCode.TOKEN_EXPIRED, CloseCode.NORMAL]);
 const utf8 = new TextEncoder();
+/** The broker's limit on a frame before it grants the Login (bytes after the
+ * length prefix, as max_frame counts them): pimcore.protocol.PRE_LOGIN_MAX_FRAME. */
+export const PRE_LOGIN_MAX_FRAME = 64 * 1024;
 
 /** A ConnectFailed for a URL the client cannot dial (not ws:// or wss://, or no URL), else null. */
 function checkUrl(url) {
@@ -418,6 +421,14 @@ export class PimcoreClient {
       }
     }
     if (this.state === State.CLOSED || this._ws) return;
+    // A Login over the broker's pre-login limit is never sent on the first
+    // connection (the broker would close every attempt, FRAME_TOO_LARGE):
+    // connect() rejects at once, saying so.  (A later one goes, and the
+    // broker's Close says why.)
+    if (this.stats.connects === 0) {
+      const tooLarge = this._loginTooLarge(token);
+      if (tooLarge) { this._terminate(new ConnectFailed(`cannot connect to ${this.opts.url}: ${tooLarge}`)); return; }
+    }
     let ws;
     try { ws = new this.WebSocket(this.opts.url); } catch (e) {
       if (this.stats.connects === 0) { this._terminate(new ConnectFailed(`cannot connect to ${this.opts.url}: ${e.message}`)); return; }
@@ -511,6 +522,19 @@ export class PimcoreClient {
   }
 
   // ------------------------------------------------------------ wire
+  /** Why the Login for `token` is over the broker's pre-login limit, in words, or null. */
+  _loginTooLarge(token) {
+    const tok = typeof token === 'string' ? utf8.encode(token) : token;
+    const caps = this.opts.compression ? this.opts.compression.caps : 0;
+    this._sessionNow(); // (sets _rawNow: the Login's client_time, as _connectionMade sends it)
+    const body = encodeBody(frame('Login', { token: tok, device: this.device, client_time: this._rawNow, position: this.takenUpto, caps, epoch: this.epoch }));
+    const len = 2 + body.length; // head + type + body: what the limit counts
+    if (len <= PRE_LOGIN_MAX_FRAME) return null;
+    const n = (x) => x.toLocaleString('en-US');
+    return `the token is ${n(tok.length)} bytes: its Login frame (${n(len)} bytes) is over the broker's pre-login limit`
+      + ` (${n(PRE_LOGIN_MAX_FRAME)} bytes: a frame before the Login is granted)`;
+  }
+
   _connectionMade(token) {
     const now = this._sessionNow();
     const raw = this._rawNow; // Login and calibration carry the device clock

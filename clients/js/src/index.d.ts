@@ -206,5 +206,7 @@ export declare class ConnectFailed extends Error {}
 export declare class RequestTimeout extends Error {}
 /** The `disconnected` reason when frames kept coming but the heartbeat Ping got no Pong (the way up is dead). */
 export declare const NO_HEARTBEAT_ANSWER: string;
+/** The broker's limit on a frame before it grants the Login (64 KiB): connect() refuses a token whose Login is over it. */
+export declare const PRE_LOGIN_MAX_FRAME: number;
 export declare function toHex(b: Uint8Array): string;
 export declare function fromHex(s: string): Uint8Array;

@@ -87,6 +87,18 @@ describe('connect() failures', () => {
     assert.equal(c.state, State.CLOSED);
   });
 
+  test("a token whose Login is over the broker's pre-login limit (64 KiB): connect() rejects at once, before dialing, saying so", { timeout: 30000 }, async () => {
+    const port = await freePort();
+    const url = `ws://127.0.0.1:${port}/`;
+    const c = new PimcoreClient({ url, token: 'a'.repeat(70000), device: 'd1', connectTimeout: 60000 });
+    const err = await noUnhandled(() => c.connect().then(() => null, (e) => e));
+    assert.ok(err, 'connect() rejected');
+    assert.equal(err.name, 'ConnectFailed');
+    assert.equal(err.message, `cannot connect to ${url}: the token is 70,000 bytes: its Login frame (70,019 bytes) is over`
+      + " the broker's pre-login limit (65,536 bytes: a frame before the Login is granted)");
+    assert.equal(c.state, State.CLOSED);
+  });
+
   describe('a live broker', () => {
     let broker;
     before(async () => { broker = await new Broker({ heartbeatMs: 30000 }).start(); });
