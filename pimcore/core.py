@@ -336,6 +336,8 @@ class BrokerConfig:
     idle_timeout: int = 0
     # A connection refused this many SendReqs in a row for exceeding
     # Limits.send_rate is closed with RATE_LIMITED (it ignores the refusals).
+    # The later local ids refused behind one of them (_RefusalMark) are not
+    # counted, up to Limits.window of them: they were on the wire already.
     rate_limit_strikes: int = 1024
     # Delivery acks (AckPosition, TouchDevice) wait up to this long (µs)
     # before they are committed, coalesced per device: alone if nothing else
