@@ -336,6 +336,8 @@ class BrokerConfig:
     idle_timeout: int = 0
     # A connection refused this many SendReqs in a row for exceeding
     # Limits.send_rate is closed with RATE_LIMITED (it ignores the refusals).
+    # The later local ids refused behind one of them (_RefusalMark) are not
+    # counted, up to Limits.window of them: they were on the wire already.
     rate_limit_strikes: int = 1024
     # Delivery acks (AckPosition, TouchDevice) wait up to this long (µs)
     # before they are committed, coalesced per device: alone if nothing else
@@ -680,7 +682,7 @@ class _Conn:
         "id", "state", "opened", "last_seen", "session", "user", "device", "inflight", "tokens", "refill_at", "strikes",
         "expires", "waiting", "backlog", "history_reads", "login", "paused", "issued_at",
         "held", "chunks", "chunk_sent", "reserved", "ctl_tokens", "ctl_at",
-        "hibernate_mark", "wrote", "acks_held", "acks_out", "over",
+        "hibernate_mark", "wrote", "acks_held", "acks_out", "over", "mark",
     )
 
     def __init__(self, conn_id: int, now: int, session: ServerSession) -> None:
@@ -692,6 +694,8 @@ class _Conn:
         self.tokens = 0.0
         self.refill_at = now
         self.strikes = 0  # consecutive RATE_LIMITED refusals
+        # The refusal mark (Broker._held_back), None while there is none.
+        self.mark: Optional[_RefusalMark] = None
         self.expires: Optional[int] = None  # the token's expiry, if it has one
         self.issued_at = 0  # µs, the token's issue time (revocation)
         self.session = session  # bytes <-> frames, zstd, login gate, Close
@@ -958,6 +962,38 @@ _PAUSE_BYTES = 256 * 1024
 #: of the connection is decoded until one is answered (it is not refused:
 #: a client may pipeline as many HistoryReqs as it likes, they queue).
 _MAX_HISTORY_READS = 8
+
+# The refusals of a SendReq/AmendReq when it is read that ask the client to
+# resend it later (with the same local id): they set a refusal mark.
+_TRANSIENT_AT_READ = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.TOO_MANY_IN_FLIGHT})
+
+# How long a refusal mark (_RefusalMark) stands without the refused send's
+# retry.  Longer than any hold of the SDKs (they hold at most backoff_max,
+# 10 s by default, after a refusal, then resend in local-id order, the
+# refused one first): a client that is still retrying always clears the
+# mark itself, and one that gave the send up (its deadline passed) sends its
+# later ones after this at the latest.
+_REFUSAL_HOLD = 30 * SECOND
+
+
+class _RefusalMark:
+    """A connection's SendReq/AmendReq ``local_id`` was refused with the
+    transient ``code`` (RATE_LIMITED, TOO_MANY_IN_FLIGHT) when it was read.
+    A pipelining client has later local ids on the wire already; taking them
+    once the bucket or the window has room again -- before the refused
+    one's retry -- would store the device's messages out of send order.
+    Until ``until`` (µs) or a request with a local id <= ``local_id``, the
+    later ones are refused with ``code`` too (Broker._held_back): no token,
+    no strike -- up to a window's worth (``count``); past that, a client that
+    never resends the refused one is treated as one ignoring the refusals."""
+
+    __slots__ = ("local_id", "code", "until", "count")
+
+    def __init__(self, local_id: int, code: ErrorCode, until: int) -> None:
+        self.local_id = local_id
+        self.code = code
+        self.until = until
+        self.count = 0
 #: What one SendData holds beyond its wire bytes, for the outbound limits:
 #: the bytes object's header (33 bytes on CPython), the host's reference to
 #: it in a queue (8), the SendData command while it is queued (48), rounded
@@ -1325,7 +1361,10 @@ class Broker:
                     frames = session.next_frames()
                     if not frames:
                         break
-                    if type(frames[0]) is _SendReq and c.state is _ConnState.ACTIVE and self.config.content_filter is None:
+                    if (
+                        type(frames[0]) is _SendReq and c.state is _ConnState.ACTIVE and c.mark is None
+                        and self.config.content_filter is None
+                    ):
                         # The leading plain SendReqs in one fast-path call:
                         # what _dispatch -> _on_send -> _propose_send do for
                         # them (pimcore/_pure/send.py); the first frame that
@@ -1955,6 +1994,8 @@ class Broker:
             c.last_seen += step
             c.refill_at += step
             c.ctl_at += step
+            if c.mark is not None:
+                c.mark.until += step
         # A token's expiry is a wall-clock time: its timer stays.
         self._timers[:] = [(due if kind == _TOKEN_DUE else due + step, seq, kind, conn)
                            for due, seq, kind, conn in self._timers]
@@ -2560,9 +2601,13 @@ class Broker:
     def _on_send(self, c: _Conn, f: F.SendReq, now: int, out: list[Command]) -> None:
         def refuse(code: ErrorCode) -> None:
             self._stats["rejected"] += 1
+            if code in _TRANSIENT_AT_READ:
+                c.mark = _RefusalMark(f.local_id, code, now + _REFUSAL_HOLD)
             if code is ErrorCode.RATE_LIMITED or self._control(c, now, "refused SendReq", out):
                 self._refuse_send(c, f.local_id, code, out)
 
+        if c.mark is not None and self._held_back(c, f.local_id, now, out):
+            return None
         lim = self.config.limits
         if lim.send_rate:
             # Token bucket: refill at send_rate per second up to send_burst.
@@ -2805,6 +2850,31 @@ class Broker:
             if self._conns.get(c.id) is c:
                 self._pull(c, now, out)
 
+    def _held_back(self, c: _Conn, local_id: int, now: int, out: list[Command]) -> bool:
+        """``c`` has a refusal mark (_RefusalMark): refuse its SendReq/AmendReq
+        ``local_id`` with the mark's code if it is a later one (true), else
+        clear the mark -- the refused one's retry, or the mark expired -- and
+        let the request be handled as usual (false)."""
+        mark = c.mark
+        assert mark is not None
+        if local_id <= mark.local_id or now >= mark.until:
+            c.mark = None
+            return False
+        self._stats["rejected"] += 1
+        mark.count += 1
+        if mark.count > self.config.limits.window:
+            # More than a client can have had on the wire when the refused
+            # one was answered: it sends on without resending that one.
+            c.strikes += 1
+            if c.strikes >= self.config.rate_limit_strikes:
+                self._close(
+                    c, CloseCode.RATE_LIMITED,
+                    f"kept sending past local id {mark.local_id}, refused ({mark.code.name}), without resending it", out,
+                )
+                return True
+        self._refuse_send(c, local_id, mark.code, out)
+        return True
+
     def _refuse_send(self, c: _Conn, local_id: int, code: ErrorCode, out: list[Command], reason: Optional[str] = None) -> None:
         """Answer ``c``'s newest SendReq/AmendReq, ``local_id``, with a
         SendAck of ``code`` -- after an Error with ``reason``, if given, so
@@ -2863,9 +2933,13 @@ class Broker:
     def _on_amend(self, c: _Conn, f: F.AmendReq, now: int, out: list[Command]) -> None:
         def refuse(code: ErrorCode) -> None:
             self._stats["rejected"] += 1
+            if code in _TRANSIENT_AT_READ:
+                c.mark = _RefusalMark(f.local_id, code, now + _REFUSAL_HOLD)
             if code is ErrorCode.RATE_LIMITED or self._control(c, now, "refused AmendReq", out):
                 self._refuse_send(c, f.local_id, code, out)
 
+        if c.mark is not None and self._held_back(c, f.local_id, now, out):
+            return None
         lim = self.config.limits
         if lim.send_rate:
             # The send token bucket: an AmendReq costs what a SendReq does.

@@ -136,10 +136,14 @@ def test_send_rate_limit_refuses_with_a_clear_code_and_refills(store):
     codes = [ack.code for ack in h.acks(a)]
     assert codes == [ErrorCode.OK] * 3 + [ErrorCode.RATE_LIMITED] * 2
     h.advance(100_000)  # 0.1 s at 10/s: one token back
-    h.send(a, AB, b"later")
-    h.send(a, AB, b"too soon")
+    # A later local id waits for the refused one's retry (the refusal mark:
+    # stored before it, it would be out of send order).
+    h.send(a, AB, b"later", local_id=6)
+    assert [(ack.local_id, ack.code) for ack in h.acks(a)] == [(6, ErrorCode.RATE_LIMITED)]
+    h.send(a, AB, b"m3", local_id=4)  # the retry, with the same local id
+    h.send(a, AB, b"m4", local_id=5)  # too soon
     assert [ack.code for ack in h.acks(a)] == [ErrorCode.OK, ErrorCode.RATE_LIMITED]
-    assert [m.payload for m in h.store.history(AB, 0, 10)] == [b"m0", b"m1", b"m2", b"later"]
+    assert [m.payload for m in h.store.history(AB, 0, 10)] == [b"m0", b"m1", b"m2", b"m3"]
 
 
 def test_a_clock_step_that_is_not_whole_microseconds_is_refused_and_changes_nothing(h):
@@ -196,12 +200,25 @@ def test_a_clock_step_keeps_durations_at_their_real_length_and_token_expiry_at_i
 def test_a_client_ignoring_rate_limit_refusals_is_closed(store):
     h = Harness(store, BrokerConfig(limits=Limits(send_rate=1.0, send_burst=1), rate_limit_strikes=4))
     a = h.login("alice", "phone")
-    for k in range(10):
-        h.send(a, AB, b"spam")
+    h.send(a, AB, b"spam")
+    for k in range(10):  # the refused one resent at once, again and again
+        h.send(a, AB, b"spam", local_id=2)
         if a in h.closed:
             break
     assert h.closed[a].code is CloseCode.RATE_LIMITED
     assert len(h.store.history(AB, 0, 10)) == 1  # what was acked is intact
+    # Later local ids without the refused one's retry: refused, not strikes
+    # (a pipelining client had them on the wire) -- for a window's worth.
+    h = Harness(store, BrokerConfig(limits=Limits(send_rate=1.0, send_burst=1, window=8), rate_limit_strikes=4))
+    a = h.login("alice", "phone")
+    for k in range(1 + 1 + 8):
+        h.send(a, AB, b"spam")
+    assert a not in h.closed
+    for k in range(10):
+        h.send(a, AB, b"spam")
+        if a in h.closed:
+            break
+    assert h.closed[a].code is CloseCode.RATE_LIMITED and k == 2  # strikes 2, 3, 4 (the refusal was 1)
 
 
 # ---------------------------------------------------------------- upstream reliability
@@ -414,9 +431,12 @@ def test_in_flight_window(store):
     ok1, ok2, refused = h.acks(a)
     assert ok1.code == ok2.code == ErrorCode.OK
     assert refused.code == ErrorCode.TOO_MANY_IN_FLIGHT and refused.local_id == 3
-    h.send(a, AB, b"x")  # the window reopened with the acks
-    h.release()
-    assert h.acks(a)[0].code == ErrorCode.OK
+    h.hold_commits = False
+    h.send(a, AB, b"x")  # the window reopened, but 3 was not resent: refused too
+    assert [(ack.local_id, ack.code) for ack in h.acks(a)] == [(4, ErrorCode.TOO_MANY_IN_FLIGHT)]
+    h.send(a, AB, b"x", local_id=3)  # the retry
+    h.send(a, AB, b"x", local_id=4)
+    assert [(ack.local_id, ack.code) for ack in h.acks(a)] == [(3, ErrorCode.OK), (4, ErrorCode.OK)]
 
 
 def test_content_filter_rejects_before_storing(store):

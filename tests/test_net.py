@@ -1592,6 +1592,40 @@ async def test_send_rate_limit_slows_a_client_down_without_losing_anything(lmdb_
             assert Counter(m.payload for m in stored) == Counter(b"r%02d" % i for i in range(40))
 
 
+async def test_a_pipelined_burst_against_the_send_rate_is_stored_in_send_order(lmdb_store):
+    """A new user's trial (order_check.py): 1,500 sends from one device at
+    the default send_rate (2,000/s, a bucket of 512) gave 8 seq inversions.
+    The SDK pipelines a window of SendReqs; when local id L was refused
+    (RATE_LIMITED) the broker took L+1... still on the wire once its bucket
+    had a token again, before L's retry.  Now they wait for it (the refusal
+    mark), and seq order is local-id order, which is send order.  (The
+    broker here shares the client's thread, which keeps the client below
+    2,000/s: a slower bucket, with `pimcore serve`'s window, runs dry.)"""
+    n = 1500
+    cfg = server_config(limits=Limits(window=256, send_rate=500.0, send_burst=64, heartbeat_ms=15000))
+    with trio.fail_after(20):
+        async with serving(lmdb_store, cfg) as srv:
+            async with client(srv.url(), "alice") as a:
+                sent: dict[int, object] = {}
+
+                async def one(i):
+                    sent[i] = await a.send(AB, b"m%05d" % i)
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(n):
+                        nursery.start_soon(one, i)
+                        await trio.sleep(0)  # each send() starts (takes its local id) in turn
+                assert a.statistics().connects == 1
+            assert srv.statistics().broker.rejected > 0  # the bucket did run dry
+    acks = [sent[i] for i in range(n)]
+    assert [s.local_id for s in acks] == sorted(s.local_id for s in acks)
+    seqs = [s.seq for s in acks]
+    inversions = [(i, seqs[i], seqs[i + 1]) for i in range(n - 1) if seqs[i] > seqs[i + 1]]
+    assert not inversions, f"{len(inversions)} seq inversions, e.g. {inversions[:5]}"
+    assert seqs == list(range(1, n + 1))
+    assert [m.payload for m in lmdb_store.history(AB, 0, n + 1)] == [b"m%05d" % i for i in range(n)]
+
+
 async def test_send_times_out_with_an_explicit_error_when_the_broker_is_gone(lmdb_store):
     cfg = ClientConfig(ack_timeout=0.2, send_timeout=1.0, backoff_initial=0.05, backoff_max=0.1, connect_timeout=0.5)
     with trio.fail_after(20):

@@ -132,6 +132,10 @@ class Sim:
         self.run_until(lambda: all(lid in self.completions for lid in lids), limit)
         assert all(lid in self.completions for lid in lids), f"{sum(lid in self.completions for lid in lids)} of {n} answered in {limit / S} s"
         assert all(self.completions[lid].error is None for lid in lids)
+        # Stored in send order: seq increases with the local id (refused
+        # sends are retried before the later ones are taken).
+        seqs = [self.completions[lid].result.seq for lid in lids]
+        assert seqs == sorted(seqs), f"{sum(a > b for a, b in zip(seqs, seqs[1:]))} seq inversions"
         return (self.now - start) / S
 
 
