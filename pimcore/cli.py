@@ -306,6 +306,28 @@ GC_THRESHOLD0 = 50_000
 FD_RESERVE = 64
 
 
+def raise_nofile(need: int) -> Optional[tuple[int, int]]:
+    """Raise this process's soft open-files limit (RLIMIT_NOFILE) toward
+    ``need`` descriptors, as far as the hard limit allows -- never lower it
+    -- as Redis does for its maxclients: many hosts start processes at a soft
+    ``ulimit -n`` of 1,024 under a hard limit in the hundreds of thousands.
+    Returns ``(old, new)`` soft limits if it raised it, else None (already
+    enough, at the hard limit, unlimited, or not POSIX)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or soft >= need:
+            return None
+        new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        if new <= soft:
+            return None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX, or refused
+        return None
+    return int(soft), int(new)
+
+
 def nofile_shortfall(max_connections: int, http_max_connections: int = 0, limit: Optional[int] = -1) -> Optional[str]:
     """The start-up warning when the connections the broker may accept, with
     what it needs besides, exceed its open-files limit (RLIMIT_NOFILE, the
@@ -499,11 +521,16 @@ def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDi
                     path = settings.data_dir / "api-key"
                     logging.getLogger("pimcore.serve").info("created an HTTP API key in %s", path,
                                                              extra={"event": "api_key_created", "path": str(path)})
-                short = nofile_shortfall(config.max_connections,
-                                         http_config.max_connections if http_config is not None else 0)
-                if short is not None:
-                    import logging
+                http_conns = http_config.max_connections if http_config is not None else 0
+                raised = raise_nofile(config.max_connections + http_conns + FD_RESERVE)
+                import logging
 
+                if raised is not None:
+                    logging.getLogger("pimcore.serve").info(
+                        "raised the open-files limit (ulimit -n) from %d to %d for max_connections", *raised,
+                        extra={"event": "nofile_raised", "old": raised[0], "new": raised[1]})
+                short = nofile_shortfall(config.max_connections, http_conns)
+                if short is not None:
                     logging.getLogger("pimcore.serve").warning(short, extra={"event": "nofile_low"})
                 print("ready; Ctrl-C to stop", flush=True)
                 _tune_collector()

@@ -9,6 +9,7 @@ second of 400 idle TCP connections.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import socket
@@ -31,8 +32,8 @@ FAST = ClientConfig(connect_timeout=10.0, ack_timeout=5.0, send_timeout=20.0, ba
 LIMIT = 128
 
 
-def _limited() -> None:  # (in the child, before exec)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+def _limited() -> None:  # (in the child, before exec; the hard limit too: serve raises the soft one to it)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, LIMIT))
 
 
 class _Broker:
@@ -131,3 +132,15 @@ def test_the_start_up_warning_names_both_numbers_and_ulimit() -> None:
     assert "max_connections 100000 + [http] max_connections 1000" in said
     assert f"up to {101_000 + FD_RESERVE} file descriptors" in said and "open-files limit 1024" in said
     assert f"ulimit -n {101_000 + FD_RESERVE}" in said
+
+
+def test_serve_raises_its_open_files_limit_toward_what_max_connections_needs() -> None:
+    """As Redis does for maxclients: the soft limit rises as far as the hard
+    one allows (never lowered), so the start-up warning is left for a hard
+    limit too low -- not every start on a host whose default ulimit -n is
+    1,024."""
+    code = ("import json, resource; R = resource.RLIMIT_NOFILE; resource.setrlimit(R, (256, 4096));"
+            " from pimcore.cli import raise_nofile;"
+            " print(json.dumps([raise_nofile(1000), raise_nofile(9000), raise_nofile(100), resource.getrlimit(R)]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert json.loads(out) == [[256, 1000], [1000, 4096], None, [4096, 4096]]
