@@ -345,7 +345,7 @@ def nofile_shortfall(max_connections: int, http_max_connections: int = 0, limit:
     return (f"max_connections {max_connections}{http} + about {FD_RESERVE} for the store and listeners needs up to"
             f" {need} file descriptors, over this process's open-files limit {limit} (RLIMIT_NOFILE): past it new"
             f" connections wait unaccepted; raise it (ulimit -n {need}, LimitNOFILE= under systemd) or lower"
-            " max_connections")
+            " max_connections (--max-connections)")
 
 
 def _tune_collector() -> None:
