@@ -2949,12 +2949,7 @@ async def test_a_websocket_protocol_error_gets_its_close_code_and_is_logged_as_s
     caplog.set_level(logging.INFO, logger="pimcore.net")
     with trio.fail_after(15):
         async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
-            stream = await _raw_ws_conn(srv.endpoints[0].port, WS_UPGRADE)
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += await stream.receive_some()
-            assert head.startswith(b"HTTP/1.1 101 "), head
-            rest = head.split(b"\r\n\r\n", 1)[1]
+            stream, rest = await _upgraded_ws(srv.endpoints[0].port)
             await stream.send_all(frame)
             rest += await _read_to_the_end(stream)
             # One Close frame from the server (unmasked, FIN), then the end.
@@ -2964,6 +2959,16 @@ async def test_a_websocket_protocol_error_gets_its_close_code_and_is_logged_as_s
                 assert (await a.send(AB, b"still fine")).seq == 1
     [line] = [r for r in caplog.records if getattr(r, "event", None) == "close" and r.code is None]
     assert line.reason.startswith(f"connection lost: WebSocket protocol error ({code}: "), line.getMessage()
+
+
+async def _upgraded_ws(port: int) -> tuple[trio.SocketStream, bytes]:
+    """A raw ws:// connection past its 101 answer, and what came after the head."""
+    stream = await _raw_ws_conn(port, WS_UPGRADE)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await stream.receive_some()
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    return stream, head.split(b"\r\n\r\n", 1)[1]
 
 
 def _ws_client_frame(payload: bytes, b0: int, mask: bool) -> bytes:
@@ -2986,12 +2991,7 @@ async def test_a_websocket_protocol_errors_close_is_never_lost(lmdb_store, frame
     with trio.fail_after(60):
         async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
             for i in range(20):
-                stream = await _raw_ws_conn(srv.endpoints[0].port, WS_UPGRADE)
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    head += await stream.receive_some()
-                assert head.startswith(b"HTTP/1.1 101 "), head
-                rest = head.split(b"\r\n\r\n", 1)[1]
+                stream, rest = await _upgraded_ws(srv.endpoints[0].port)
                 await stream.send_all(frame)
                 if i % 2:
                     await trio.sleep(0.05)  # a client that reads a little later
