@@ -968,17 +968,21 @@ _MAX_HISTORY_READS = 8
 _TRANSIENT_AT_READ = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.TOO_MANY_IN_FLIGHT})
 
 # How long a refusal mark (_RefusalMark) stands without the refused send's
-# retry.  Longer than any hold of the SDKs (they hold at most backoff_max,
-# 10 s by default, after a refusal, then resend in local-id order, the
-# refused one first): a client that is still retrying always clears the
-# mark itself, and one that gave the send up (its deadline passed) sends its
-# later ones after this at the latest.
-_REFUSAL_HOLD = 30 * SECOND
+# retry: while the sends the client had on the wire when the refusal went
+# out can still arrive (a round trip, seconds on a bad network).  A
+# conforming client sends nothing more until it resends the refused one
+# first (the SDKs hold their whole queue after a transient refusal, then
+# resend in local-id order), so the order never rests on a longer mark;
+# one that gave the refused send up (its send timeout) is held back this
+# long at most (a review: with 30 s, a send given up after a refusal held
+# the device's next one back for 32 s).
+_REFUSAL_HOLD = 5 * SECOND
 
 
 class _RefusalMark:
     """A connection's SendReq/AmendReq ``local_id`` was refused with the
-    transient ``code`` (RATE_LIMITED, TOO_MANY_IN_FLIGHT) when it was read.
+    transient ``code`` (RATE_LIMITED, TOO_MANY_IN_FLIGHT; INTERNAL when the
+    host could not get the content filter's answer) when it was read.
     A pipelining client has later local ids on the wire already; taking them
     once the bucket or the window has room again -- before the refused
     one's retry -- would store the device's messages out of send order.
@@ -1863,6 +1867,10 @@ class Broker:
         if reason is not None:
             c.inflight -= 1
             self._stats["rejected"] += 1
+            if code is ErrorCode.INTERNAL:
+                # Refused when read, the client resending it (as RATE_LIMITED):
+                # the sends it has on the wire after it wait for that retry.
+                c.mark = _RefusalMark(f.local_id, code, now + _REFUSAL_HOLD)
             self._refuse_send(c, f.local_id, code, out, str(reason))
         elif type(f) is F.AmendReq:
             self._propose_amend(c, f, now, out)

@@ -137,20 +137,46 @@ def test_amends_share_the_mark_with_sends(store):
 
 
 def test_an_expired_mark_lets_later_local_ids_through(store):
-    """A client that gave up on the refused send (its deadline passed) is not
-    held back for ever: the mark lapses after a hold longer than any SDK's."""
+    """A client that gave up on the refused send (the SDK's send timeout:
+    it is never resent) is held back only while the sends already on the
+    wire can still arrive -- a few seconds -- not for the SDK's longest hold
+    (a review: a send given up after a refusal held the device's next send
+    back for 32 s).  A conforming client sends nothing during its hold and
+    then the refused one first, so the order does not rest on the mark
+    lasting longer."""
     h = Harness(store, BrokerConfig(limits=Limits(send_rate=10.0, send_burst=2)))
     a = h.login("alice", "phone")
     h.take(a)
     _pipeline(h, a, [1, 2, 3, 4])
     assert _codes(h, a) == {1: OK, 2: OK, 3: RL, 4: RL}
-    h.advance(10 * SECOND)  # the SDK's longest hold (backoff_max): still marked
+    h.advance(SECOND)  # still on the wire: still marked
     _pipeline(h, a, [5])
     assert _codes(h, a) == {5: RL}
-    h.advance(25 * SECOND)
+    h.advance(5 * SECOND)
     _pipeline(h, a, [5, 6])
     assert _codes(h, a) == {5: OK, 6: OK}
     assert _stored(h) == [b"m1", b"m2", b"m5", b"m6"]
+
+
+def test_a_send_refused_for_a_failed_content_check_holds_the_later_ones(store):
+    """The host could not get the content filter's answer (it failed or
+    timed out): the send is refused INTERNAL when read, and the client
+    resends it -- after the sends it had on the wire, which were stored first
+    (a review: [m2, m1]).  It sets the mark as the other refusals at read do."""
+    h = Harness(store, BrokerConfig(content_filter=lambda user, conv, payload: None))
+    a = h.login("alice", "phone")
+    h.take(a)
+    h.hold_hooks = True
+    _pipeline(h, a, [1, 2])
+    h.hold_hooks = False
+    first = h.held_hooks.pop(0)
+    h.run(h.broker.content_checked(first.request_id, "filter down", h.now, code=ErrorCode.INTERNAL))
+    h.answer_hooks()  # (2's check, if it was asked for: passes)
+    assert _codes(h, a) == {1: ErrorCode.INTERNAL, 2: ErrorCode.INTERNAL}
+    _pipeline(h, a, [1, 2])  # the client's retries, in order
+    h.answer_hooks()
+    assert _codes(h, a) == {1: OK, 2: OK}
+    assert _stored(h) == [b"m1", b"m2"]
 
 
 def test_other_connections_and_lower_local_ids_are_not_held(store):
