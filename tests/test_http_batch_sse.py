@@ -123,7 +123,8 @@ async def test_unread_and_read_positions(tmp_path: Path) -> None:
             assert await call(c, "GET", "/v1/users/bob/unread?conv=team") == (200, {"user": "bob", "conv": "team", "unread": 3})
             assert await call(c, "GET", "/v1/users/bob/unread") == (200, {"user": "bob", "conv": None, "unread": 4})
             assert await call(c, "GET", "/v1/users/alice/unread") == (200, {"user": "alice", "conv": None, "unread": 0})
-            assert await call(c, "GET", "/v1/users/bob/unread?conv=nope") == (200, {"user": "bob", "conv": "nope", "unread": 0})
+            # A group that does not exist: 404, as its history and settings (a new user's trial)
+            assert_error(*await call(c, "GET", "/v1/users/bob/unread?conv=nope"), 404, "UNKNOWN_CONVERSATION")
             async with open_client(im.server.url(), token("bob"), "tablet", config=FAST_CLIENT) as bob:
                 n = 0
                 async for _ in bob.messages():
