@@ -2169,24 +2169,38 @@ class ClientSession:
 
     def _apply_amend(self, e: F.Message) -> None:
         """A RECALL / EDIT / DELETE entry (pushed, fetched, or our own
-        acked): change the held target; a recall of an unread message from
-        someone else leaves the unread count (the broker's next ReadState
-        is exact).  Entries are not kept in the view themselves; applying
+        acked): change the held target; a recall, or a delete for this
+        user, of an unread message from someone else leaves the unread
+        count, as the broker counts it (the broker's next ReadState is
+        exact).  Entries are not kept in the view themselves; applying
         one twice, or an older one after a newer, changes nothing."""
         t = self._held_message(e.conv, e.target)
+        st = self.read_states.get(e.conv)
+        counted = (st is not None and st.unread > 0 and e.target > st.read_seq
+                   and (t is None or not (t.recalled or t.deleted)))
         if e.kind == F.MessageKind.RECALL:
-            st = self.read_states.get(e.conv)
-            if (t is None or not t.recalled) and st is not None and st.unread and e.target > st.read_seq and (
-                (t.sender if t is not None else e.sender) != self.user
-            ):
-                self.read_states[e.conv] = F.ReadState(e.conv, st.read_seq, st.last_seq, st.unread - 1)
+            # Only its sender (or the host, for them) recalls a message: the
+            # entry's sender is the target's when the target is not held.
+            if counted and (t.sender if t is not None else e.sender) != self.user:
+                self.read_states[e.conv] = F.ReadState(e.conv, st.read_seq, st.last_seq, st.unread - 1)  # type: ignore[union-attr]
             if t is not None and not t.recalled:
                 t = dataclasses.replace(t, payload=b"", recalled=True)
         elif e.kind == F.MessageKind.EDIT:
             if t is not None and not t.recalled and e.server_time >= t.edited:
                 t = dataclasses.replace(t, payload=e.payload, edited=e.server_time)
         elif t is not None:  # DELETE: for this user only
+            if counted and t.sender != self.user:
+                self.read_states[e.conv] = F.ReadState(e.conv, st.read_seq, st.last_seq, st.unread - 1)  # type: ignore[union-attr]
             t = dataclasses.replace(t, payload=b"", deleted=True)
+        # A DELETE of a message not in the local view (older than view_limit
+        # kept, or never fetched) leaves the count: the entry's sender is
+        # the deleting user, so whose the message was -- and whether it was
+        # recalled or deleted already -- is unknown here, and the protocol
+        # has no request for one conversation's ReadState.  Lowering it
+        # could count a message twice (shown below the broker's count, an
+        # unread message hidden); leaving it shows at most one too many
+        # until the broker's next ReadState (a mark_read on any of the
+        # user's devices, the next login).
         if t is not None:
             self._views[e.conv][t.msg_id] = t
 

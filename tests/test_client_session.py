@@ -8,6 +8,8 @@ emits to check they are the right frames.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import FrozenInstanceError
 from typing import Optional
 
@@ -1588,3 +1590,25 @@ def test_an_amend_of_a_seq_outside_1_to_2_64_minus_1_raises_before_anything_is_q
     assert b.read() == [] and s.completions() == [] and s.statistics().pending_sends == 0
     s.amend(CONV, (1 << 64) - 1, action, T0)  # the largest seq is fine
     assert s.statistics().pending_sends == 1
+
+
+def test_a_delete_for_me_of_a_held_unread_message_lowers_the_unread_count_once():
+    # Found by a reviewer: the broker stops counting a message the user
+    # deleted for themselves; the session's count stayed until the next read.
+    s = session()
+    b = connect(s, T0)
+    b.feed(T0, F.Push(3, (msg(1, 1), msg(2, 2), msg(3, 3, sender="alice"))))
+    assert s.unread(CONV) == 2  # (alice's own message is not unread)
+
+    def delete(position: int, target: int) -> F.Message:
+        return dataclasses.replace(msg(position, 0, sender="alice"), kind=F.MessageKind.DELETE, target=target, payload=b"")
+
+    b.feed(T0, F.Push(4, (delete(4, 1),)))
+    assert s.read_state(CONV) == F.ReadState(CONV, 0, 3, 1)
+    b.feed(T0, F.Push(5, (delete(5, 1),)))  # again: counted once
+    b.feed(T0, F.Push(6, (delete(6, 3),)))  # alice's own: never unread
+    assert s.unread(CONV) == 1
+    # Not in the local view: whose it was (and whether it still counts) is
+    # unknown, the count stays until the broker's next ReadState.
+    b.feed(T0, F.Push(7, (delete(7, 99),)))
+    assert s.unread(CONV) == 1
