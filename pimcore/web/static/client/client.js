@@ -1154,17 +1154,36 @@ export class PimcoreClient {
     if (v) for (const m of v.values()) if (m.seq === seq && m.kind === MessageKind.MESSAGE) return m;
     return null;
   }
-  /** Apply a RECALL / EDIT / DELETE entry to the held target (entries are not kept in the view). */
+  /**
+   * Apply a RECALL / EDIT / DELETE entry to the held target (entries are not
+   * kept in the view).  A recall, or a delete for this user, of an unread
+   * message from someone else leaves the unread count, as the broker counts
+   * it (its next ReadState is exact); applying one twice counts nothing twice.
+   */
   _applyAmend(e) {
     const t = this._heldMessage(e.conv, e.target);
+    const rs = this._readStates.get(e.conv);
+    const counted = rs && rs.unread > 0 && e.target > rs.read_seq && (!t || !(t.recalled || t.deleted));
     let n = null;
     if (e.kind === MessageKind.RECALL) {
-      const rs = this._readStates.get(e.conv);
-      if ((!t || !t.recalled) && rs && rs.unread > 0 && e.target > rs.read_seq && (t ? t.sender : e.sender) !== this.user) rs.unread--;
+      // Only its sender (or the host, for them) recalls a message: the
+      // entry's sender is the target's when the target is not held.
+      if (counted && (t ? t.sender : e.sender) !== this.user) rs.unread--;
       if (t && !t.recalled) n = { ...t, payload: new Uint8Array(0), recalled: true };
     } else if (e.kind === MessageKind.EDIT) {
       if (t && !t.recalled && e.server_time >= (t.edited || 0)) n = { ...t, payload: e.payload, edited: e.server_time };
-    } else if (t) n = { ...t, payload: new Uint8Array(0), deleted: true };
+    } else if (t) { // DELETE: for this user only
+      if (counted && t.sender !== this.user) rs.unread--;
+      n = { ...t, payload: new Uint8Array(0), deleted: true };
+    }
+    // A DELETE of a message not in the local view (older than viewLimit
+    // kept, or never fetched) leaves the count: the entry's sender is the
+    // deleting user, so whose the message was -- and whether it was recalled
+    // or deleted already -- is unknown here, and the protocol has no request
+    // for one conversation's ReadState.  Lowering it could count a message
+    // twice (an unread message hidden); leaving it shows at most one too
+    // many until the broker's next ReadState (a markRead on any of the
+    // user's devices, the next login).
     if (n) this._views.get(e.conv).set(toHex(n.msg_id), n);
   }
   _addToView(m) {
