@@ -375,9 +375,10 @@ _LARGE_LOGIN = 16 * 1024
 
 
 class _LoginTooLarge(Exception):
-    """The first connection's Login would be over the frame limit (the
-    token is too large): never sent, since the broker would close every
-    attempt (FRAME_TOO_LARGE).  ConnectFailed at once."""
+    """A Login for this token could be over the frame limit (the token is
+    too large): never sent, since the broker would close every attempt
+    (FRAME_TOO_LARGE).  ConnectFailed at once: raised on the first
+    connection, the client's terminal error on a later one."""
 
 
 class _NoAnswer(trio.TooSlowError):
@@ -1184,16 +1185,18 @@ class Client:
         self._login_broke = False  # ... and this
         self._other_answer = None
         self._upgrade_answer = None
-        # The token before the dial: a Login over the frame limit is
-        # refused here, without connecting (the first connection's; a later
-        # one goes, and the broker's Close says why in a Disconnected event).
+        # The token before every dial: a token whose Login could be over
+        # the frame limit (the largest this session will send for it, a
+        # reconnect's) is refused here, without connecting -- the broker
+        # would close every attempt.  The first connection fails with
+        # ConnectFailed; a later one (a token function's new token) stops
+        # the client with it (_connect_loop), not a reconnect loop.
         token = await self._resolve_token()
         now = self._clock()
         self._login_sizes = (self._session.login_frame_length(now, token), len(token))
-        if first is not None and not self._ever_connected:
-            too_large = self._session.login_too_large(now, token)
-            if too_large is not None:
-                return _LoginTooLarge(too_large)
+        too_large = self._session.login_too_large(now, token)
+        if too_large is not None:
+            return _LoginTooLarge(too_large)
         try:
             async with trio.open_nursery() as conn_nursery:
                 stream: Optional[trio.abc.Stream] = None
@@ -1271,6 +1274,12 @@ class Client:
                 return
             if self._ever_connected:
                 first = None
+            if isinstance(exc, _LoginTooLarge) and first is None:
+                # After a login: a token function's token too large for a
+                # Login.  Every waiter (events(), sends) gets the error.
+                s.give_up(self._clock(), ConnectFailed(f"cannot connect to {self._where}: {exc}"))
+                self._pump()
+                return
             if exc is not None:
                 if first is not None:
                     # The first connection: a refused port, a certificate

@@ -242,7 +242,9 @@ class AuthFailed(ClientError):
 
 
 class ConnectFailed(ClientError):
-    """The first connection could not be established.
+    """The first connection could not be established -- or a later one
+    cannot be: a token function's new token too large for any Login (the
+    client stops, as the broker would refuse every attempt).
 
     ``wrong_port`` is True when the answer says the URL is the wrong kind
     of port or path: another service's port, pimcore's HTTP API, a TLS port
@@ -288,6 +290,11 @@ class MessageReceived:
 
 
 #: The kinds of entries that change an earlier message (AmendReq).
+#: The widest epoch a Login carries: a pimcore broker's LoginAck.epoch is
+#: 16 bytes (pimcore.store.Store.epoch).
+EPOCH_BYTES = 16
+_U64_MAX = (1 << 64) - 1
+
 AMEND_KINDS = frozenset((F.MessageKind.RECALL, F.MessageKind.EDIT, F.MessageKind.DELETE))
 
 
@@ -1050,27 +1057,37 @@ class ClientSession:
 
     # ------------------------------------------------------------ connection lifecycle
 
-    def login_frame_length(self, now: int, token: bytes) -> int:
+    def login_frame_length(self, now: int, token: bytes, *, widest: bool = False) -> int:
         """The length of the Login :meth:`connection_made` would queue for
         ``token``, as the broker checks it against its max_frame (the bytes
-        after the length prefix)."""
-        raw = encode_frame(F.Login(bytes(token), self.device, now, self._taken_upto, self._caps, self._epoch))
+        after the length prefix).  With ``widest``, of the largest Login
+        this session will ever send for ``token``: after a login the Login
+        also carries the epoch and the inbox position, here at their widest
+        encodings (a 16-byte epoch, or this session's if longer; a position
+        of 2**64 - 1)."""
+        position, epoch = self._taken_upto, self._epoch
+        if widest:
+            position, epoch = _U64_MAX, bytes(max(len(epoch), EPOCH_BYTES))
+        raw = encode_frame(F.Login(bytes(token), self.device, now, position, self._caps, epoch))
         i = 0
         while raw[i] & 0x80:  # the length prefix is a LEB128 varint
             i += 1
         return len(raw) - i - 1
 
     def login_too_large(self, now: int, token: bytes) -> Optional[str]:
-        """Why the Login that :meth:`connection_made` would queue for
-        ``token`` is over the frame limit, in words, or None if it is not.
-        The limit: the broker's ``max_frame`` from the last LoginAck, else
-        ``ClientConfig.max_frame`` (the protocol's 1 MiB default unless
-        raised for a broker that allows more) -- or, whichever is lower,
-        the broker's pre-login limit (:data:`pimcore.protocol.PRE_LOGIN_MAX_FRAME`,
-        64 KiB: a frame before the Login is granted).  Sent, such a Login
-        makes the broker close the connection (FRAME_TOO_LARGE), at every
-        retry."""
-        frame = self.login_frame_length(now, token)
+        """Why a Login for ``token`` could be over the frame limit, in
+        words, or None if none can.  The largest Login this session will
+        ever send for it counts (:meth:`login_frame_length` ``widest``: a
+        reconnect's carries the epoch and the inbox position, a first one
+        neither), so a token that fits on the first connection cannot fail
+        on a later one.  The limit: the broker's ``max_frame`` from the last
+        LoginAck, else ``ClientConfig.max_frame`` (the protocol's 1 MiB
+        default unless raised for a broker that allows more) -- or,
+        whichever is lower, the broker's pre-login limit
+        (:data:`pimcore.protocol.PRE_LOGIN_MAX_FRAME`, 64 KiB: a frame before
+        the Login is granted).  Sent, such a Login makes the broker close
+        the connection (FRAME_TOO_LARGE), at every retry."""
+        frame = self.login_frame_length(now, token, widest=True)
         if self._max_frame_announced:
             limit, whose = self._max_frame, f"the broker's max_frame ({self._max_frame:,} bytes)"
         else:
@@ -1081,7 +1098,20 @@ class ClientSession:
             whose = f"the broker's pre-login limit ({limit:,} bytes: a frame before the Login is granted)"
         if frame <= limit:
             return None
-        return f"the token is {len(token):,} bytes: its Login frame ({frame:,} bytes) is over {whose}"
+        return (f"the token is {len(token):,} bytes: its Login frame ({frame:,} bytes at most: a reconnect's carries"
+                f" the epoch and the inbox position) is over {whose}")
+
+    def give_up(self, now: int, error: ClientError) -> None:
+        """The driver stops for good, with ``error`` (a token function's
+        token too large for any Login: the broker would close every
+        attempt): CLOSED, every waiter gets ``error``.  Only between
+        connections; a no-op if already CLOSED."""
+        self._tick(now)
+        if self._state is SessionState.CLOSED:
+            return
+        if self.connection_open:
+            raise RuntimeError("give_up while a connection is open (call connection_lost first)")
+        self._terminate(error)
 
     def connection_made(self, now: int, token: bytes) -> None:
         """A new byte stream to the broker is open: queue Login (token, this
@@ -2169,24 +2199,38 @@ class ClientSession:
 
     def _apply_amend(self, e: F.Message) -> None:
         """A RECALL / EDIT / DELETE entry (pushed, fetched, or our own
-        acked): change the held target; a recall of an unread message from
-        someone else leaves the unread count (the broker's next ReadState
-        is exact).  Entries are not kept in the view themselves; applying
+        acked): change the held target; a recall, or a delete for this
+        user, of an unread message from someone else leaves the unread
+        count, as the broker counts it (the broker's next ReadState is
+        exact).  Entries are not kept in the view themselves; applying
         one twice, or an older one after a newer, changes nothing."""
         t = self._held_message(e.conv, e.target)
+        st = self.read_states.get(e.conv)
+        counted = (st is not None and st.unread > 0 and e.target > st.read_seq
+                   and (t is None or not (t.recalled or t.deleted)))
         if e.kind == F.MessageKind.RECALL:
-            st = self.read_states.get(e.conv)
-            if (t is None or not t.recalled) and st is not None and st.unread and e.target > st.read_seq and (
-                (t.sender if t is not None else e.sender) != self.user
-            ):
-                self.read_states[e.conv] = F.ReadState(e.conv, st.read_seq, st.last_seq, st.unread - 1)
+            # Only its sender (or the host, for them) recalls a message: the
+            # entry's sender is the target's when the target is not held.
+            if counted and (t.sender if t is not None else e.sender) != self.user:
+                self.read_states[e.conv] = F.ReadState(e.conv, st.read_seq, st.last_seq, st.unread - 1)  # type: ignore[union-attr]
             if t is not None and not t.recalled:
                 t = dataclasses.replace(t, payload=b"", recalled=True)
         elif e.kind == F.MessageKind.EDIT:
             if t is not None and not t.recalled and e.server_time >= t.edited:
                 t = dataclasses.replace(t, payload=e.payload, edited=e.server_time)
         elif t is not None:  # DELETE: for this user only
+            if counted and t.sender != self.user:
+                self.read_states[e.conv] = F.ReadState(e.conv, st.read_seq, st.last_seq, st.unread - 1)  # type: ignore[union-attr]
             t = dataclasses.replace(t, payload=b"", deleted=True)
+        # A DELETE of a message not in the local view (older than view_limit
+        # kept, or never fetched) leaves the count: the entry's sender is
+        # the deleting user, so whose the message was -- and whether it was
+        # recalled or deleted already -- is unknown here, and the protocol
+        # has no request for one conversation's ReadState.  Lowering it
+        # could count a message twice (shown below the broker's count, an
+        # unread message hidden); leaving it shows at most one too many
+        # until the broker's next ReadState (a mark_read on any of the
+        # user's devices, the next login).
         if t is not None:
             self._views[e.conv][t.msg_id] = t
 

@@ -395,3 +395,37 @@ async def test_an_edit_after_delete_for_me_reveals_nothing_to_that_user(store):
                     assert [m.payload for m in dev.view(AB)] == [b""]
                 history = await laptop.fetch_history(AB)
                 assert all(b"secret" not in m.payload for m in history)
+
+
+async def test_delete_for_me_of_an_unread_message_lowers_the_unread_count_on_every_device(store):
+    # Found by a reviewer: bob deleted an unread message for himself; the
+    # store (and a fresh conversation list) said unread 2, bob's phone and
+    # tablet said 3 until the next read.  A deleted message is not unread
+    # (the store's count), as a recalled one is not.
+    with trio.fail_after(30):
+        async with serving(store) as srv:
+            url = srv.url()
+            async with client(url, "alice") as a, client(url, "bob") as phone, client(url, "bob", "tablet") as tablet:
+                sent = [await a.send(AB, b"m%d" % i) for i in range(3)]
+                for dev in (phone, tablet):
+                    for _ in range(3):
+                        await next_event(dev, MessageReceived)
+                    assert dev.unread(AB) == 3
+                await phone.delete_for_me(AB, sent[0].seq)
+                ev = await next_event(tablet, MessageAmended)
+                assert (ev.entry.kind, ev.entry.target) == (DELETE, sent[0].seq)
+                assert store.unread("bob", AB) == 2
+                for dev in (phone, tablet):
+                    assert dev.unread(AB) == 2 and dev.read_state(AB).unread == 2
+                # Deleting it again, or recalling it after, counts nothing twice.
+                await phone.delete_for_me(AB, sent[0].seq)
+                await a.recall(AB, sent[0].seq)
+                ev = await next_event(tablet, MessageAmended)
+                while ev.entry.kind != RECALL:
+                    ev = await next_event(tablet, MessageAmended)
+                assert store.unread("bob", AB) == 2
+                for dev in (phone, tablet):
+                    assert dev.unread(AB) == 2
+                # alice's own message deleted by her: never unread for her.
+                await a.delete_for_me(AB, sent[1].seq)
+                assert a.unread(AB) == 0

@@ -8,6 +8,8 @@ emits to check they are the right frames.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import FrozenInstanceError
 from typing import Optional
 
@@ -22,6 +24,7 @@ from pimcore.client_session import (
     ClientConfig,
     ClientSession,
     ClientStatistics,
+    ConnectFailed,
     Connected,
     Disconnected,
     Event,
@@ -43,6 +46,7 @@ from pimcore.client_session import (
 from pimcore.codec import Decoder, encode_frame
 from pimcore.compress import FrameCompressor, FrameDecompressor
 from pimcore.errors import CloseCode, EncodeError, ErrorCode
+from pimcore.protocol import PRE_LOGIN_MAX_FRAME
 
 MS = 1_000
 S = 1_000_000
@@ -1588,3 +1592,44 @@ def test_an_amend_of_a_seq_outside_1_to_2_64_minus_1_raises_before_anything_is_q
     assert b.read() == [] and s.completions() == [] and s.statistics().pending_sends == 0
     s.amend(CONV, (1 << 64) - 1, action, T0)  # the largest seq is fine
     assert s.statistics().pending_sends == 1
+
+
+def test_a_delete_for_me_of_a_held_unread_message_lowers_the_unread_count_once():
+    # Found by a reviewer: the broker stops counting a message the user
+    # deleted for themselves; the session's count stayed until the next read.
+    s = session()
+    b = connect(s, T0)
+    b.feed(T0, F.Push(3, (msg(1, 1), msg(2, 2), msg(3, 3, sender="alice"))))
+    assert s.unread(CONV) == 2  # (alice's own message is not unread)
+
+    def delete(position: int, target: int) -> F.Message:
+        return dataclasses.replace(msg(position, 0, sender="alice"), kind=F.MessageKind.DELETE, target=target, payload=b"")
+
+    b.feed(T0, F.Push(4, (delete(4, 1),)))
+    assert s.read_state(CONV) == F.ReadState(CONV, 0, 3, 1)
+    b.feed(T0, F.Push(5, (delete(5, 1),)))  # again: counted once
+    b.feed(T0, F.Push(6, (delete(6, 3),)))  # alice's own: never unread
+    assert s.unread(CONV) == 1
+    # Not in the local view: whose it was (and whether it still counts) is
+    # unknown, the count stays until the broker's next ReadState.
+    b.feed(T0, F.Push(7, (delete(7, 99),)))
+    assert s.unread(CONV) == 1
+
+
+def test_login_too_large_counts_the_widest_login_a_reconnect_sends():
+    # Found by a reviewer: a Login that just fit the pre-login limit on the
+    # first connection did not on a reconnect (it also carries the epoch and
+    # the inbox position): refused for good, looped for ever.
+    s = session()
+    fits_first = b"a" * 65_514  # device "phone": the first Login is 65,536 bytes
+    assert s.login_frame_length(T0, fits_first) == PRE_LOGIN_MAX_FRAME
+    assert s.login_frame_length(T0, fits_first, widest=True) == PRE_LOGIN_MAX_FRAME + 25
+    assert s.login_too_large(T0, fits_first) == (
+        "the token is 65,514 bytes: its Login frame (65,561 bytes at most: a reconnect's carries the epoch and the"
+        " inbox position) is over the broker's pre-login limit (65,536 bytes: a frame before the Login is granted)")
+    assert s.login_too_large(T0, b"a" * (65_514 - 25)) is None
+    connect(s, T0)
+    s.connection_lost(T0 + 1)
+    err = ConnectFailed("cannot connect: too large")
+    s.give_up(T0 + 2, err)
+    assert s.state is SessionState.CLOSED and s.error is err

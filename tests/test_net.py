@@ -1431,9 +1431,64 @@ async def test_a_token_whose_login_is_over_the_pre_login_limit_fails_at_once_bef
                 async with open_client(url, "a" * 70_000, "d1", config=ClientConfig(connect_timeout=5)):
                     pass
             assert str(info.value) == (f"cannot connect to {url}: the token is 70,000 bytes: its Login frame"
-                                       " (70,019 bytes) is over the broker's pre-login limit (65,536 bytes: a frame"
+                                       " (70,044 bytes at most: a reconnect's carries the epoch and the inbox position)"
+                                       " is over the broker's pre-login limit (65,536 bytes: a frame before the"
+                                       " Login is granted)"), info.value
+            assert srv.statistics().accepted == before  # no connection was made
+
+
+async def test_a_token_whose_reconnect_login_would_be_over_the_pre_login_limit_fails_at_once_before_connecting():
+    """Found by a reviewer: a token whose first Login just fit the pre-login
+    limit failed at every reconnect -- after the first login the Login also
+    carries the epoch and the inbox position -- and the client reconnected
+    for ever.  The check counts the largest Login the session will send
+    for the token (epoch and position at their widest): refused at once,
+    before the first dial."""
+    first = len(encode_frame(F.Login(b"a" * 65_517, "d1", int(time.time() * 1e6), 0, 0))) - 3
+    assert first == PRE_LOGIN_MAX_FRAME  # the first Login fits, just
+    with trio.fail_after(20):
+        async with serving(MemoryStore()) as srv:
+            url = srv.urls[0]
+            before = srv.statistics().accepted
+            with pytest.raises(ConnectFailed) as info:
+                async with open_client(url, "a" * 65_517, "d1", config=ClientConfig(connect_timeout=5)):
+                    pass
+            assert str(info.value) == (f"cannot connect to {url}: the token is 65,517 bytes: its Login frame"
+                                       " (65,561 bytes at most: a reconnect's carries the epoch and the inbox"
+                                       " position) is over the broker's pre-login limit (65,536 bytes: a frame"
                                        " before the Login is granted)"), info.value
             assert srv.statistics().accepted == before  # no connection was made
+
+
+async def test_a_token_function_returning_a_too_large_token_on_a_reconnect_ends_the_client_saying_so():
+    """The size check runs before every dial: a token function's later
+    token too large for a Login stops the client with the clear error (the
+    broker would close every attempt), not a reconnect loop."""
+    from pimcore.testing.chaos import open_chaos_proxy
+
+    calls = []
+
+    def tokens() -> str:
+        calls.append(1)
+        return token("alice") if len(calls) == 1 else "a" * 70_000
+
+    with trio.fail_after(20):
+        async with serving(MemoryStore()) as srv, open_chaos_proxy("127.0.0.1", srv.endpoints[0].port) as proxy:
+            url = f"tcp://127.0.0.1:{proxy.port}"
+            async with open_client(url, tokens, "phone", config=FAST_CLIENT) as a:
+                await a.send(AB, b"first")
+                proxy.reset_all()
+                with pytest.raises(ConnectFailed) as info:
+                    async for _ in a.events():
+                        pass
+                assert str(info.value) == (f"cannot connect to {url}: the token is 70,000 bytes: its Login frame"
+                                           " (70,047 bytes at most: a reconnect's carries the epoch and the inbox"
+                                           " position) is over the broker's pre-login limit (65,536 bytes: a frame"
+                                           " before the Login is granted)"), info.value
+                with pytest.raises(ConnectFailed):
+                    await a.send(AB, b"after")
+            assert len(calls) == 2  # asked once more, then no more dials
+            assert proxy.statistics().connections_total == 1
 
 
 async def test_oversized_and_malformed_frames_close_only_that_connection(lmdb_store):
@@ -3681,8 +3736,9 @@ async def test_a_token_whose_login_is_over_max_frame_fails_at_once_before_connec
                     pass
             assert trio.current_time() - t0 < 1.0
             assert str(info.value) == (f"cannot connect to {url}: the token is 40,000 bytes: its Login frame"
-                                       " (40,019 bytes) is over max_frame (32,768 bytes; ClientConfig.max_frame,"
-                                       " until a broker announces its own)"), info.value
+                                       " (40,044 bytes at most: a reconnect's carries the epoch and the inbox position)"
+                                       " is over max_frame (32,768 bytes; ClientConfig.max_frame, until a broker"
+                                       " announces its own)"), info.value
             assert srv.statistics().accepted == before  # no connection was made
             # A token source (called at each connect) is checked the same way.
             with pytest.raises(ConnectFailed, match=r"the token is 2,000,000 bytes"):

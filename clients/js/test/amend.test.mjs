@@ -99,4 +99,31 @@ describe('recall, edit, delete (live broker)', () => {
     assert.equal(d.unread(conv), 1);
     await a.close(); await d.close();
   });
+
+  // Found by a reviewer: ben deleted an unread message for himself; the
+  // broker said unread 2, his phone and tablet 3 until the next read.
+  test('a delete for me of an unread message lowers the unread count on every device, once', async () => {
+    const a = client(broker, 'amy');
+    const phone = client(broker, 'bo');
+    const tablet = client(broker, 'bo', { device: 'tablet' });
+    await a.connect(); await phone.connect(); await tablet.connect();
+    const conv = directConv('amy', 'bo');
+    const sent = [];
+    for (let i = 0; i < 3; i++) sent.push(await a.send(conv, `m${i}`));
+    await until(() => phone.received.length === 3 && tablet.received.length === 3, 5000, 'bo gets all three');
+    assert.equal(phone.unread(conv), 3); assert.equal(tablet.unread(conv), 3);
+    await phone.deleteForMe(conv, sent[0].seq);
+    await until(() => tablet.amended.length === 1, 5000, 'the tablet learns the deletion');
+    assert.equal(tablet.amended[0].entry.kind, MessageKind.DELETE);
+    assert.equal(phone.unread(conv), 2); assert.equal(tablet.unread(conv), 2);
+    assert.equal(tablet.readState(conv).unread, 2);
+    // again, then recalled by amy: counted once
+    await phone.deleteForMe(conv, sent[0].seq);
+    await a.recall(conv, sent[0].seq);
+    await until(() => tablet.amended.some((ev) => ev.entry.kind === MessageKind.RECALL), 5000, 'the recall arrives');
+    assert.equal(phone.unread(conv), 2); assert.equal(tablet.unread(conv), 2);
+    // amy's own message, deleted by her: never unread for her
+    await a.deleteForMe(conv, sent[1].seq);
+    assert.equal(a.unread(conv), 0);
+  });
 });

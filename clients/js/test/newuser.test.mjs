@@ -94,15 +94,51 @@ describe('connect() failures', () => {
     const err = await noUnhandled(() => c.connect().then(() => null, (e) => e));
     assert.ok(err, 'connect() rejected');
     assert.equal(err.name, 'ConnectFailed');
-    assert.equal(err.message, `cannot connect to ${url}: the token is 70,000 bytes: its Login frame (70,019 bytes) is over`
-      + " the broker's pre-login limit (65,536 bytes: a frame before the Login is granted)");
+    assert.equal(err.message, `cannot connect to ${url}: the token is 70,000 bytes: its Login frame (70,044 bytes at most:`
+      + " a reconnect's carries the epoch and the inbox position) is over the broker's pre-login limit (65,536 bytes: a"
+      + ' frame before the Login is granted)');
     assert.equal(c.state, State.CLOSED);
+  });
+
+  // Found by a reviewer: a token whose first Login just fit the pre-login
+  // limit failed at every reconnect (a reconnect's Login also carries the
+  // epoch and the inbox position), and the client reconnected for ever.
+  test("a token whose first Login fits but a reconnect's would not: connect() rejects at once, before dialing", { timeout: 30000 }, async () => {
+    const port = await freePort();
+    const url = `ws://127.0.0.1:${port}/`;
+    const c = new PimcoreClient({ url, token: 'a'.repeat(65517), device: 'd1', connectTimeout: 60000 }); // first Login: 65,536 bytes
+    const err = await noUnhandled(() => c.connect().then(() => null, (e) => e));
+    assert.ok(err, 'connect() rejected');
+    assert.equal(err.name, 'ConnectFailed');
+    assert.equal(err.message, `cannot connect to ${url}: the token is 65,517 bytes: its Login frame (65,561 bytes at most:`
+      + " a reconnect's carries the epoch and the inbox position) is over the broker's pre-login limit (65,536 bytes: a"
+      + ' frame before the Login is granted)');
+    assert.equal(c.state, State.CLOSED);
+    assert.equal(c.stats.connects, 0);
   });
 
   describe('a live broker', () => {
     let broker;
     before(async () => { broker = await new Broker({ heartbeatMs: 30000 }).start(); });
     after(async () => { await broker.dispose(); });
+
+    test('a token function returning a too-large token on a reconnect: the client ends with ConnectFailed, not a reconnect loop', { timeout: 30000 }, async () => {
+      let calls = 0;
+      const token = () => (++calls === 1 ? broker.token('np-big') : 'a'.repeat(70000));
+      const c = new PimcoreClient({ url: broker.url, token, device: 'd1', connectTimeout: 5000, backoffInitial: 50, backoffMax: 200 });
+      const closed = new Promise((resolve) => c.on('closed', resolve));
+      await c.connect();
+      await broker.restart(); // the broker's Close(SHUTDOWN): the client reconnects, asking for a token
+      const err = await closed;
+      assert.equal(err.name, 'ConnectFailed');
+      assert.equal(err.message, `cannot connect to ${broker.url}: the token is 70,000 bytes: its Login frame (70,044 bytes at most:`
+        + " a reconnect's carries the epoch and the inbox position) is over the broker's pre-login limit (65,536 bytes: a"
+        + ' frame before the Login is granted)');
+      assert.equal(c.state, State.CLOSED);
+      assert.equal(calls, 2);
+      assert.equal(c.stats.connects, 1);
+      await assert.rejects(c.send('d:np-big:np-other', 'after'), (e) => e.name === 'ConnectFailed');
+    });
 
     test('a wrong path: connect() rejects naming the HTTP status and the listener path', { timeout: 30000 }, async () => {
       const url = broker.url.replace(/\/$/, '') + '/wrong';

@@ -93,6 +93,9 @@ const utf8 = new TextEncoder();
 /** The broker's limit on a frame before it grants the Login (bytes after the
  * length prefix, as max_frame counts them): pimcore.protocol.PRE_LOGIN_MAX_FRAME. */
 export const PRE_LOGIN_MAX_FRAME = 64 * 1024;
+/** The widest epoch a Login carries: a pimcore broker's LoginAck.epoch is 16 bytes. */
+const EPOCH_BYTES = 16;
+const U64_MAX = (1n << 64n) - 1n;
 
 /** A ConnectFailed for a URL the client cannot dial (not ws:// or wss://, or no URL), else null. */
 function checkUrl(url) {
@@ -421,14 +424,14 @@ export class PimcoreClient {
       }
     }
     if (this.state === State.CLOSED || this._ws) return;
-    // A Login over the broker's pre-login limit is never sent on the first
-    // connection (the broker would close every attempt, FRAME_TOO_LARGE):
-    // connect() rejects at once, saying so.  (A later one goes, and the
-    // broker's Close says why.)
-    if (this.stats.connects === 0) {
-      const tooLarge = this._loginTooLarge(token);
-      if (tooLarge) { this._terminate(new ConnectFailed(`cannot connect to ${this.opts.url}: ${tooLarge}`)); return; }
-    }
+    // A token whose Login could be over the broker's pre-login limit (the
+    // largest this client will send for it, a reconnect's) is never sent --
+    // the broker would close every attempt, FRAME_TOO_LARGE -- checked
+    // before every dial (a token function may return another token each
+    // time): connect() rejects at once, saying so, or after a login the
+    // client ends with that error ('closed'), not a reconnect loop.
+    const tooLarge = this._loginTooLarge(token);
+    if (tooLarge) { this._terminate(new ConnectFailed(`cannot connect to ${this.opts.url}: ${tooLarge}`)); return; }
     let ws;
     try { ws = new this.WebSocket(this.opts.url); } catch (e) {
       if (this.stats.connects === 0) { this._terminate(new ConnectFailed(`cannot connect to ${this.opts.url}: ${e.message}`)); return; }
@@ -522,17 +525,26 @@ export class PimcoreClient {
   }
 
   // ------------------------------------------------------------ wire
-  /** Why the Login for `token` is over the broker's pre-login limit, in words, or null. */
+  /**
+   * Why a Login for `token` could be over the broker's pre-login limit, in
+   * words, or null.  The largest Login this client will ever send for it
+   * counts: after a login a reconnect's also carries the epoch and the inbox
+   * position, here at their widest encodings (a 16-byte epoch, or this
+   * session's if longer; a position of 2**64 - 1), so a token that fits the
+   * first connection cannot fail on a later one.
+   */
   _loginTooLarge(token) {
     const tok = typeof token === 'string' ? utf8.encode(token) : token;
     const caps = this.opts.compression ? this.opts.compression.caps : 0;
     this._sessionNow(); // (sets _rawNow: the Login's client_time, as _connectionMade sends it)
-    const body = encodeBody(frame('Login', { token: tok, device: this.device, client_time: this._rawNow, position: this.takenUpto, caps, epoch: this.epoch }));
+    const epoch = new Uint8Array(Math.max(this.epoch ? this.epoch.length : 0, EPOCH_BYTES));
+    const body = encodeBody(frame('Login', { token: tok, device: this.device, client_time: this._rawNow, position: U64_MAX, caps, epoch }));
     const len = 2 + body.length; // head + type + body: what the limit counts
     if (len <= PRE_LOGIN_MAX_FRAME) return null;
     const n = (x) => x.toLocaleString('en-US');
-    return `the token is ${n(tok.length)} bytes: its Login frame (${n(len)} bytes) is over the broker's pre-login limit`
-      + ` (${n(PRE_LOGIN_MAX_FRAME)} bytes: a frame before the Login is granted)`;
+    return `the token is ${n(tok.length)} bytes: its Login frame (${n(len)} bytes at most: a reconnect's carries the epoch`
+      + ` and the inbox position) is over the broker's pre-login limit (${n(PRE_LOGIN_MAX_FRAME)} bytes: a frame before the`
+      + ' Login is granted)';
   }
 
   _connectionMade(token) {
@@ -1154,17 +1166,36 @@ export class PimcoreClient {
     if (v) for (const m of v.values()) if (m.seq === seq && m.kind === MessageKind.MESSAGE) return m;
     return null;
   }
-  /** Apply a RECALL / EDIT / DELETE entry to the held target (entries are not kept in the view). */
+  /**
+   * Apply a RECALL / EDIT / DELETE entry to the held target (entries are not
+   * kept in the view).  A recall, or a delete for this user, of an unread
+   * message from someone else leaves the unread count, as the broker counts
+   * it (its next ReadState is exact); applying one twice counts nothing twice.
+   */
   _applyAmend(e) {
     const t = this._heldMessage(e.conv, e.target);
+    const rs = this._readStates.get(e.conv);
+    const counted = rs && rs.unread > 0 && e.target > rs.read_seq && (!t || !(t.recalled || t.deleted));
     let n = null;
     if (e.kind === MessageKind.RECALL) {
-      const rs = this._readStates.get(e.conv);
-      if ((!t || !t.recalled) && rs && rs.unread > 0 && e.target > rs.read_seq && (t ? t.sender : e.sender) !== this.user) rs.unread--;
+      // Only its sender (or the host, for them) recalls a message: the
+      // entry's sender is the target's when the target is not held.
+      if (counted && (t ? t.sender : e.sender) !== this.user) rs.unread--;
       if (t && !t.recalled) n = { ...t, payload: new Uint8Array(0), recalled: true };
     } else if (e.kind === MessageKind.EDIT) {
       if (t && !t.recalled && e.server_time >= (t.edited || 0)) n = { ...t, payload: e.payload, edited: e.server_time };
-    } else if (t) n = { ...t, payload: new Uint8Array(0), deleted: true };
+    } else if (t) { // DELETE: for this user only
+      if (counted && t.sender !== this.user) rs.unread--;
+      n = { ...t, payload: new Uint8Array(0), deleted: true };
+    }
+    // A DELETE of a message not in the local view (older than viewLimit
+    // kept, or never fetched) leaves the count: the entry's sender is the
+    // deleting user, so whose the message was -- and whether it was recalled
+    // or deleted already -- is unknown here, and the protocol has no request
+    // for one conversation's ReadState.  Lowering it could count a message
+    // twice (an unread message hidden); leaving it shows at most one too
+    // many until the broker's next ReadState (a markRead on any of the
+    // user's devices, the next login).
     if (n) this._views.get(e.conv).set(toHex(n.msg_id), n);
   }
   _addToView(m) {
