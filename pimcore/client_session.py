@@ -2201,26 +2201,30 @@ class ClientSession:
         """A RECALL / EDIT / DELETE entry (pushed, fetched, or our own
         acked): change the held target; a recall, or a delete for this
         user, of an unread message from someone else leaves the unread
-        count, as the broker counts it (the broker's next ReadState is
-        exact).  Entries are not kept in the view themselves; applying
-        one twice, or an older one after a newer, changes nothing."""
+        count -- of the read state and of the conversation list entry
+        alike (:meth:`_uncount`) -- as the broker counts it (the broker's
+        next ReadState is exact).  Entries are not kept in the view
+        themselves; applying one twice, or an older one after a newer,
+        changes nothing."""
         t = self._held_message(e.conv, e.target)
-        st = self.read_states.get(e.conv)
-        counted = (st is not None and st.unread > 0 and e.target > st.read_seq
-                   and (t is None or not (t.recalled or t.deleted)))
+        live = t is None or not (t.recalled or t.deleted)
         if e.kind == F.MessageKind.RECALL:
             # Only its sender (or the host, for them) recalls a message: the
             # entry's sender is the target's when the target is not held.
-            if counted and (t.sender if t is not None else e.sender) != self.user:
-                self.read_states[e.conv] = F.ReadState(e.conv, st.read_seq, st.last_seq, st.unread - 1)  # type: ignore[union-attr]
+            # A tombstone mentions nobody (the broker's mention count drops
+            # it); whether an unheld target mentioned the user is unknown.
+            if live and (t.sender if t is not None else e.sender) != self.user:
+                self._uncount(e.conv, e.target, t is not None and self._mentions_me(t))
             if t is not None and not t.recalled:
                 t = dataclasses.replace(t, payload=b"", recalled=True)
         elif e.kind == F.MessageKind.EDIT:
             if t is not None and not t.recalled and e.server_time >= t.edited:
                 t = dataclasses.replace(t, payload=e.payload, edited=e.server_time)
         elif t is not None:  # DELETE: for this user only
-            if counted and t.sender != self.user:
-                self.read_states[e.conv] = F.ReadState(e.conv, st.read_seq, st.last_seq, st.unread - 1)  # type: ignore[union-attr]
+            if live and t.sender != self.user:
+                # The broker's mention count keeps a message deleted for
+                # oneself (only a recall drops it): so does the entry's.
+                self._uncount(e.conv, e.target, False)
             t = dataclasses.replace(t, payload=b"", deleted=True)
         # A DELETE of a message not in the local view (older than view_limit
         # kept, or never fetched) leaves the count: the entry's sender is
@@ -2233,6 +2237,23 @@ class ClientSession:
         # user's devices, the next login).
         if t is not None:
             self._views[e.conv][t.msg_id] = t
+
+    def _mentions_me(self, m: F.Message) -> bool:
+        return m.mention_all or any(x.user == self.user for x in m.mentions)
+
+    def _uncount(self, conv: str, seq: int, mentioned: bool) -> None:
+        """The message at ``seq`` of ``conv`` (from someone else, counted
+        until now) stopped being unread: lower the read state's count and
+        the conversation list entry's by the same rule -- each only if it
+        counts that seq (past its read marker, up to its last seq), never
+        below 0 -- and the entry's mention count when ``mentioned``."""
+        st = self.read_states.get(conv)
+        if st is not None and st.unread > 0 and st.read_seq < seq <= st.last_seq:
+            self.read_states[conv] = F.ReadState(conv, st.read_seq, st.last_seq, st.unread - 1)
+        e = self.conversations.get(conv)
+        if e is not None and e.read_seq < seq <= e.last_seq:
+            self.conversations[conv] = dataclasses.replace(
+                e, unread=max(e.unread - 1, 0), mention_count=max(e.mention_count - mentioned, 0))
 
     def _remember(self, m: F.Message) -> None:
         if m.seq > self._seen_seq.get(m.conv, 0):
@@ -2597,7 +2618,7 @@ class ClientSession:
             return
         mine = m.sender == self.user
         counted = m.kind == F.MessageKind.MESSAGE and not mine and m.seq > e.read_seq
-        mentioned = counted and (m.mention_all or any(x.user == self.user for x in m.mentions))
+        mentioned = counted and self._mentions_me(m)
         self.conversations[m.conv] = dataclasses.replace(
             e, last=(m,), last_seq=m.seq, unread=e.unread + counted, mention_count=e.mention_count + mentioned,
             hidden=False,

@@ -429,3 +429,35 @@ async def test_delete_for_me_of_an_unread_message_lowers_the_unread_count_on_eve
                 # alice's own message deleted by her: never unread for her.
                 await a.delete_for_me(AB, sent[1].seq)
                 assert a.unread(AB) == 0
+
+
+async def test_delete_for_me_and_recall_lower_the_conversation_list_entry_on_every_device(store):
+    # The conversation list entry (conversation_entries) kept its own unread
+    # and mention counts: a delete for me or a recall lowered unread() but
+    # left the entry's badge stale until the next page.  It follows the same
+    # rule as unread(), and agrees with the broker's next page.
+    with trio.fail_after(30):
+        async with serving(store) as srv:
+            url = srv.url()
+            async with client(url, "alice") as a, client(url, "bob") as phone, client(url, "bob", "tablet") as tablet:
+                sent = [await a.send(AB, b"m%d" % i, mentions=["bob"]) for i in range(3)]
+                for dev in (phone, tablet):
+                    for _ in range(3):
+                        await next_event(dev, MessageReceived)
+                    page = await dev.conversations()
+                    assert [(e.conv, e.unread, e.mention_count) for e in page.entries] == [(AB, 3, 3)]
+                await phone.delete_for_me(AB, sent[0].seq)
+                await next_event(tablet, MessageAmended)
+                await a.recall(AB, sent[1].seq)
+                for dev in (phone, tablet):
+                    ev = await next_event(dev, MessageAmended)
+                    assert (ev.entry.kind, ev.entry.target) == (RECALL, sent[1].seq)
+                for dev in (phone, tablet):
+                    assert dev.unread(AB) == 1
+                    assert dev.conversation_entries[AB].unread == 1
+                # The broker's own page says the same (unread and mentions).
+                local = {dev: dev.conversation_entries[AB] for dev in (phone, tablet)}
+                for dev in (phone, tablet):
+                    (fresh,) = (await dev.conversations()).entries
+                    assert (local[dev].unread, local[dev].mention_count) == (fresh.unread, fresh.mention_count)
+                    assert local[dev].read_seq == fresh.read_seq

@@ -1633,3 +1633,32 @@ def test_login_too_large_counts_the_widest_login_a_reconnect_sends():
     err = ConnectFailed("cannot connect: too large")
     s.give_up(T0 + 2, err)
     assert s.state is SessionState.CLOSED and s.error is err
+
+
+def test_a_delete_for_me_or_a_recall_lowers_the_conversation_list_entry_as_unread():
+    # The list entry kept its own counts: a delete for me or a recall lowered
+    # unread() and left the entry's badge stale until the next page.  One rule
+    # for both; a recall also lowers the mentions (a tombstone mentions
+    # nobody, as the broker counts), a delete for me does not (the broker
+    # keeps counting it).
+    s = session()
+    b = connect(s, T0)
+    me = [F.Mention("alice")]
+    m1, m2, m3 = (dataclasses.replace(msg(i, i), mentions=tuple(me)) for i in (1, 2, 3))
+    rid = s.list_conversations(T0)
+    b.feed(T0, F.ConvListResp(rid, 0, (F.ConvEntry(CONV, (m3,), 0, 3, 3, 3, False, False, False),), b"", False))
+    b.feed(T0, F.Push(3, (m1, m2, m3)))
+    assert (s.unread(CONV), s.conversations[CONV].unread) == (3, 3)
+
+    def amend(position: int, target: int, kind: F.MessageKind, sender: str) -> F.Message:
+        return dataclasses.replace(msg(position, 0, sender=sender), kind=kind, target=target, payload=b"")
+
+    b.feed(T0, F.Push(4, (amend(4, 1, F.MessageKind.DELETE, "alice"),)))
+    b.feed(T0, F.Push(5, (amend(5, 2, F.MessageKind.RECALL, "bob"),)))
+    e = s.conversations[CONV]
+    assert (s.unread(CONV), e.unread, e.mention_count) == (1, 1, 2)
+    # Again, or both on one message: counted once.
+    b.feed(T0, F.Push(6, (amend(6, 1, F.MessageKind.DELETE, "alice"), amend(7, 2, F.MessageKind.RECALL, "bob"))))
+    b.feed(T0, F.Push(8, (amend(8, 1, F.MessageKind.RECALL, "bob"),)))
+    e = s.conversations[CONV]
+    assert (s.unread(CONV), e.unread, e.mention_count) == (1, 1, 2)

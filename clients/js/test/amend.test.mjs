@@ -126,4 +126,27 @@ describe('recall, edit, delete (live broker)', () => {
     await a.deleteForMe(conv, sent[1].seq);
     assert.equal(a.unread(conv), 0);
   });
+  // The Python SDK's conversation list entry kept its own unread count, which
+  // a delete for me or a recall left stale; here conversations() is built
+  // from the read states themselves: it must say what unread() says, and
+  // what the broker's next page says.
+  test('a delete for me and a recall lower the conversations() entry on every device, as the broker\'s page', async () => {
+    const a = client(broker, 'ava');
+    const phone = client(broker, 'bea');
+    const tablet = client(broker, 'bea', { device: 'tablet' });
+    await a.connect(); await phone.connect(); await tablet.connect();
+    const conv = directConv('ava', 'bea');
+    const sent = [];
+    for (let i = 0; i < 3; i++) sent.push(await a.send(conv, `m${i}`, { mentions: ['bea'] }));
+    await until(() => phone.received.length === 3 && tablet.received.length === 3, 5000, 'bea gets all three');
+    await phone.deleteForMe(conv, sent[0].seq);
+    await a.recall(conv, sent[1].seq);
+    await until(() => phone.amended.length === 1 && tablet.amended.length === 2, 5000, 'the deletion and the recall arrive');
+    for (const dev of [phone, tablet]) {
+      const entry = dev.conversations().find((e) => e.conv === conv);
+      assert.equal(entry.unread, 1); assert.equal(dev.unread(conv), 1);
+      const page = await dev.listConversations();
+      assert.deepEqual(page.entries.map((e) => [e.conv, e.unread, e.read_seq]), [[conv, entry.unread, entry.read_seq]]);
+    }
+  });
 });
