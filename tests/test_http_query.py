@@ -171,6 +171,8 @@ async def test_a_blank_query_parameter_is_refused_but_the_first_pages_cursor(tmp
                         assert doc["error"]["message"] == (
                             f"query parameter {name!r} is empty: give it a value or leave it out"), (path, doc)
             status, doc = await call(c, "GET", "/v1/users/alice/conversation-list?cursor=&limit=5")
+            assert status == 200 and [e["conv"] for e in doc["entries"]] == ["team"], doc
+            status, doc = await call(c, "GET", "/v1/users/nobody/conversation-list?cursor=&limit=5")
             assert status == 200 and doc["cursor"] == "" and doc["entries"] == [], doc
             # The cursor a page with no entries gives back is taken again.
             status, again = await call(c, "GET", f"/v1/users/nobody/conversation-list?cursor={doc['cursor']}")
