@@ -233,8 +233,10 @@ def _query(request: Request, name: str, kind: type, default: Any, lo: Any = 0, h
     """The value of query parameter ``name`` as ``kind`` (str, bool, int
     ``lo..hi``, default 0..2^63-1, or float seconds ``lo..hi``), ``default``
     if absent.  HttpError 400 (:func:`_refused`: the parameter, its rule and
-    the value given) for anything else.  (A parameter given twice never
-    gets here: the server refuses it.)"""
+    the value given) for anything else.  (A parameter given twice, one the
+    endpoint does not take or one given blank never gets here: the server
+    refuses it, :func:`~pimcore.http.server.check_query`, from the route's
+    parameters in :data:`~pimcore.http.openapi.ROUTES`.)"""
     values = request.query.get(name)
     if not values:
         return default
@@ -417,6 +419,11 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
     ``page_bytes``: the most bytes of a page's JSON (:data:`MAX_PAGE_BYTES`)."""
     from ..embed import fresh_page
     from ..store.base import conversation_cursor
+    from .openapi import ROUTES
+
+    #: The query parameters of each endpoint: the OpenAPI document's (one
+    #: table, so what is documented is what is taken); any other is refused.
+    takes = {(method, pattern): tuple(name for name, _ in query) for method, pattern, _s, _b, query, *_ in ROUTES}
 
     def store_cause() -> Optional[str]:
         """Why the store refuses writes, if it said (for a 503's message)."""
@@ -852,4 +859,6 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
         ("GET", "/v1/events/stream", event_stream),
         ("POST", "/v1/events/ack", ack),
     ):
-        router.add(method, pattern, _guarded(handler, store_cause))
+        # (cursor=: the first page's cursor, what a page with no entries gives back)
+        router.add(method, pattern, _guarded(handler, store_cause), query=takes[method, pattern],
+                   blank=("cursor",))

@@ -44,17 +44,18 @@ class BrokerHttp(HttpServer):
         self.collector = BrokerCollector(server, started=self.started, http=self)
         self.registry = broker_registry(server, started=self.started, collector=self.collector)
         r = self.router
-        r.add("GET", "/", self._index, auth=False)
-        r.add("GET", "/healthz", self._healthz, auth=False)
-        r.add("GET", "/readyz", self._readyz, auth=False)
-        r.add("GET", "/metrics", self._metrics, auth=False)
-        r.add("GET", "/v1/info", self._info)
+        # None of these takes a query parameter (openapi.OPS_ROUTES): one given is refused.
+        r.add("GET", "/", self._index, auth=False, query=())
+        r.add("GET", "/healthz", self._healthz, auth=False, query=())
+        r.add("GET", "/readyz", self._readyz, auth=False, query=())
+        r.add("GET", "/metrics", self._metrics, auth=False, query=())
+        r.add("GET", "/v1/info", self._info, query=())
         self.handle = handle
         if handle is not None:
             from .api import register_api
 
             register_api(r, handle, config.max_page_bytes)
-            r.add("GET", "/v1/openapi.json", self._openapi, auth=False)
+            r.add("GET", "/v1/openapi.json", self._openapi, auth=False, query=())
 
     async def _index(self, request: Request) -> tuple[int, Any]:
         """What this listener serves, for whoever opens its root (``curl
