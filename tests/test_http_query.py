@@ -219,3 +219,35 @@ async def test_seqs_and_event_ids_take_the_protocols_range_0_to_2_64_minus_1(tmp
             status, doc = await call(c, "POST", "/v1/events/ack", {"consumer": "push", "upto": U64 + 1})
             assert (status, doc["error"]["message"]) == (400, "field 'upto' must be 0..2^64-1")
             assert len(await im.history("team", "alice")) == 1 and not (await im.history("team", "alice"))[0].recalled
+
+
+async def test_an_embedders_route_is_checked_only_when_it_names_its_parameters() -> None:
+    """Router.add(query=None), the default: the handler reads what it likes
+    (routes added before this change keep working); query=(...): the
+    server refuses any other parameter, or a blank one but those in blank."""
+    from pimcore.http.server import HttpError, Request, Router
+
+    async def handler(request: Request) -> tuple[int, Any]:
+        return 200, dict(request.query)
+
+    r = Router()
+    r.add("GET", "/free", handler)
+    r.add("GET", "/strict", handler, query=("day", "page"), blank=("page",))
+
+    def req(path: str, query: dict[str, list[str]], names: tuple[str, ...]) -> Request:
+        return Request("GET", path, query, {}, b"", {}, names)
+
+    free = r.route("GET", "/free")[0]
+    assert await free(req("/free", {"x": ["1"]}, ("x", "y"))) == (200, {"x": ["1"]})
+    strict = r.route("GET", "/strict")[0]
+    assert await strict(req("/strict", {"day": ["1"]}, ("day", "page"))) == (200, {"day": ["1"]})
+    for query_, names, said in (
+        ({"x": ["1"]}, ("x",), "unknown query parameter 'x': this endpoint takes 'day', 'page'"),
+        ({}, ("day",), "query parameter 'day' is empty: give it a value or leave it out"),
+    ):
+        try:
+            await strict(req("/strict", query_, names))
+        except HttpError as exc:
+            assert (exc.status, exc.code, exc.message) == (400, "BAD_REQUEST", said)
+        else:
+            raise AssertionError(names)
