@@ -979,7 +979,7 @@ async def test_every_query_parameter_refusal_is_worded_the_same_way(tmp_path: Pa
     'after' >= 0" for any of three, "must be a number of seconds"...) and
     never said what was given.  Now one form: the parameter, its rule, and
     the value given (cut when long)."""
-    top = "2^63-1"
+    top = "2^64-1"  # (seqs and event ids: the wire protocol's u64; tests/test_http_query.py)
     with trio.fail_after(60):
         async with api(tmp_path, events=True) as (im, h, c):
             await im.create_group("team", ["alice"])

@@ -137,8 +137,12 @@ def smallest_page_bytes(max_payload: int, max_mentions: int) -> int:
 
 _MISSING = object()
 
-#: Integers in bodies and queries (seqs, µs, event ids, seconds) are 0..2^63-1.
+#: Integers in bodies and queries (µs, seconds, counts) are 0..2^63-1 ...
 _MAX_INT = (1 << 63) - 1
+#: ... but a seq (``from_seq``, the seq in a path) and an event id
+#: (``after``, ``Last-Event-ID``, ``upto``): 0..2^64-1, as the wire
+#: protocol's (a ``u`` field, frames.py) and the handle's.
+_U64 = (1 << 64) - 1
 
 
 def _bad(message: str) -> HttpError:
@@ -174,8 +178,9 @@ _ITEM_FIELDS = ("conv", "payload", "payload_b64", "sender", "device", "idempoten
 _EDIT_FIELDS = ("payload", "payload_b64", "sender", "device")
 
 
-def _field(body: dict[str, Any], name: str, kind: type, default: Any = _MISSING) -> Any:
-    """``body[name]`` checked to be a ``kind`` (bool is not an int here)."""
+def _field(body: dict[str, Any], name: str, kind: type, default: Any = _MISSING, hi: int = _MAX_INT) -> Any:
+    """``body[name]`` checked to be a ``kind`` (bool is not an int here; an
+    int 0..``hi``)."""
     value: Any = body.get(name, _MISSING)
     if value is _MISSING or (value is None and default is not _MISSING):
         if default is _MISSING:
@@ -184,8 +189,8 @@ def _field(body: dict[str, Any], name: str, kind: type, default: Any = _MISSING)
     if kind is int:
         if not isinstance(value, int) or isinstance(value, bool):
             raise _bad(f"field {name!r} must be an integer")
-        if not 0 <= value <= _MAX_INT:
-            raise _bad(f"field {name!r} must be 0..2^63-1")
+        if not 0 <= value <= hi:
+            raise _bad(f"field {name!r} must be 0..{_top(hi)}")
     elif not isinstance(value, kind):
         raise _bad(f"field {name!r} must be {_KIND_NAME.get(kind, kind.__name__)}")
     return value
@@ -208,8 +213,12 @@ def _refused(what: str, rule: str, given: str) -> HttpError:
     return _bad(f"{what} must be {rule}, not {_show(given)}")
 
 
+def _top(hi: int) -> str:
+    return {_MAX_INT: "2^63-1", _U64: "2^64-1"}.get(hi, str(hi))
+
+
 def _int_rule(lo: int, hi: int) -> str:
-    return f"an integer from {lo} to {'2^63-1' if hi == _MAX_INT else hi}"
+    return f"an integer from {lo} to {_top(hi)}"
 
 
 def _whole(what: str, text: str, lo: int = 0, hi: int = _MAX_INT) -> int:
@@ -224,8 +233,10 @@ def _query(request: Request, name: str, kind: type, default: Any, lo: Any = 0, h
     """The value of query parameter ``name`` as ``kind`` (str, bool, int
     ``lo..hi``, default 0..2^63-1, or float seconds ``lo..hi``), ``default``
     if absent.  HttpError 400 (:func:`_refused`: the parameter, its rule and
-    the value given) for anything else.  (A parameter given twice never
-    gets here: the server refuses it.)"""
+    the value given) for anything else.  (A parameter given twice, one the
+    endpoint does not take or one given blank never gets here: the server
+    refuses it, :func:`~pimcore.http.server.check_query`, from the route's
+    parameters in :data:`~pimcore.http.openapi.ROUTES`.)"""
     values = request.query.get(name)
     if not values:
         return default
@@ -408,6 +419,11 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
     ``page_bytes``: the most bytes of a page's JSON (:data:`MAX_PAGE_BYTES`)."""
     from ..embed import fresh_page
     from ..store.base import conversation_cursor
+    from .openapi import ROUTES
+
+    #: The query parameters of each endpoint: the OpenAPI document's (one
+    #: table, so what is documented is what is taken); any other is refused.
+    takes = {(method, pattern): tuple(name for name, _ in query) for method, pattern, _s, _b, query, *_ in ROUTES}
 
     def store_cause() -> Optional[str]:
         """Why the store refuses writes, if it said (for a 503's message)."""
@@ -435,7 +451,7 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
         return 201, _posted(posted)
 
     def _seq(request: Request) -> int:
-        return _whole("the seq in the path", request.params["seq"], 1)
+        return _whole("the seq in the path", request.params["seq"], 1, _U64)
 
     def _as(body: dict[str, Any]) -> dict[str, Any]:
         kw: dict[str, Any] = {}
@@ -639,7 +655,7 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
         user = _query(request, "user", str, None)
         if user is None:
             raise _bad("query parameter 'user' is required")
-        from_seq = _query(request, "from_seq", int, 0)
+        from_seq = _query(request, "from_seq", int, 0, 0, _U64)
         limit = _query(request, "limit", int, 50, 1, 1000)
         backward = _query(request, "backward", bool, True)
         # Read a few messages at a time (one more than the page: whether
@@ -687,7 +703,7 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
     async def events(request: Request) -> tuple[int, Any]:
         need_events()
         consumer = _query(request, "consumer", str, "default")
-        after: Optional[int] = _query(request, "after", int, None)
+        after: Optional[int] = _query(request, "after", int, None, 0, _U64)
         limit = _query(request, "limit", int, 256, 1, 10000)  # (pimcore.embed.MAX_EVENTS_PAGE)
         wait = _query(request, "wait", float, 0.0, 0, MAX_EVENT_WAIT)
         cursor, last = await handle.event_cursor(consumer)
@@ -735,13 +751,13 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
     async def event_stream(request: Request) -> tuple[int, Any]:
         need_events()
         consumer = _query(request, "consumer", str, "default")
-        after: Optional[int] = _query(request, "after", int, None)
+        after: Optional[int] = _query(request, "after", int, None, 0, _U64)
         limit = _query(request, "limit", int, 50, 1, MAX_STREAM_PAGE)
         keepalive = _query(request, "keepalive", float, 15.0, 0.05, 300)
         what = f"after {after}"
         last_id = request.headers.get("last-event-id")
         if last_id is not None:  # a reconnecting EventSource: resume after it
-            after = _whole("header 'Last-Event-ID'", last_id.strip())
+            after = _whole("header 'Last-Event-ID'", last_id.strip(), 0, _U64)
             what = f"Last-Event-ID {after}"
         cursor, last = await handle.event_cursor(consumer)  # refuses a bad consumer before the stream starts
         if after is not None and after > last:
@@ -784,7 +800,7 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
         need_events()
         body = _object(request, ("consumer", "upto"))
         consumer = _field(body, "consumer", str, "default")
-        upto = _field(body, "upto", int)
+        upto = _field(body, "upto", int, hi=_U64)
         # The handle clamps an ack past the last event to it: refused here
         # (past_last), nothing acked.
         _, last = await handle.event_cursor(consumer)
@@ -843,4 +859,6 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
         ("GET", "/v1/events/stream", event_stream),
         ("POST", "/v1/events/ack", ack),
     ):
-        router.add(method, pattern, _guarded(handler, store_cause))
+        # (cursor=: the first page's cursor, what a page with no entries gives back)
+        router.add(method, pattern, _guarded(handler, store_cause), query=takes[method, pattern],
+                   blank=("cursor",))

@@ -44,17 +44,22 @@ class BrokerHttp(HttpServer):
         self.collector = BrokerCollector(server, started=self.started, http=self)
         self.registry = broker_registry(server, started=self.started, collector=self.collector)
         r = self.router
+        # None of these takes a query parameter (openapi.OPS_ROUTES).  The
+        # probes and the scrape ignore one given: they act on nothing, and a
+        # load balancer's or scraper's configuration may add one (a cache
+        # buster, Prometheus's ``params``) where a 400 would mark a healthy
+        # broker down.  The API's own endpoints refuse it.
         r.add("GET", "/", self._index, auth=False)
         r.add("GET", "/healthz", self._healthz, auth=False)
         r.add("GET", "/readyz", self._readyz, auth=False)
         r.add("GET", "/metrics", self._metrics, auth=False)
-        r.add("GET", "/v1/info", self._info)
+        r.add("GET", "/v1/info", self._info, query=())
         self.handle = handle
         if handle is not None:
             from .api import register_api
 
             register_api(r, handle, config.max_page_bytes)
-            r.add("GET", "/v1/openapi.json", self._openapi, auth=False)
+            r.add("GET", "/v1/openapi.json", self._openapi, auth=False, query=())
 
     async def _index(self, request: Request) -> tuple[int, Any]:
         """What this listener serves, for whoever opens its root (``curl

@@ -14,6 +14,8 @@ __all__ = ["OPS_ROUTES", "ROUTES", "openapi_document"]
 
 _STR = {"type": "string"}
 _INT = {"type": "integer", "minimum": 0}
+#: A seq or an event id (from_seq, after, upto): 0..2^64-1, as the wire protocol's.
+_U64 = {"type": "integer", "minimum": 0, "maximum": (1 << 64) - 1}
 _STRINGS = {"type": "array", "items": _STR}
 _BOOL = {"type": "boolean"}
 _SOME_USERS = {**_STRINGS, "minItems": 1}
@@ -77,7 +79,7 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
      "Delete a message for one user only (a DELETE entry to their devices; seq 0)",
      _obj(("user",), user=_STR, device=_STR), (), 201, _obj(conv=_STR, msg_id=_STR, seq=_INT, server_time=_INT)),
     ("GET", "/v1/conversations/{conv}/history", "A page of history as a user may see it (at most 4 MiB of JSON: more says it stopped early)", None,
-     (("user", _STR), ("from_seq", _INT), ("limit", _INT), ("backward", {"type": "boolean"})),
+     (("user", _STR), ("from_seq", _U64), ("limit", _INT), ("backward", {"type": "boolean"})),
      200, _obj(messages={"type": "array", "items": _MESSAGE}, more=_BOOL)),
     ("POST", "/v1/groups", "Create a group",
      _obj(("conv", "members"), conv=_STR, members=_STRINGS, history_visible=_BOOL), (), 201, _MEMBERS),
@@ -135,13 +137,13 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
     ("POST", "/v1/tokens", "Issue a login token", _obj(("user",), user=_STR, device=_STR, ttl=_INT), (),
      201, _obj(token=_STR)),
     ("GET", "/v1/events", "Host events from a durable cursor (long-poll with wait, in seconds; at most 4 MiB of JSON a page)", None,
-     (("consumer", _STR), ("after", _INT), ("limit", _INT), ("wait", {"type": "number", "minimum": 0})),
+     (("consumer", _STR), ("after", _U64), ("limit", _INT), ("wait", {"type": "number", "minimum": 0})),
      200, _obj(consumer=_STR, after=_INT, events={"type": "array", "items": {"type": "object"}}, next=_INT, more=_BOOL)),
     ("GET", "/v1/events/stream",
      "Host events as server-sent events (text/event-stream) from the durable cursor or Last-Event-ID; ack with /v1/events/ack",
-     None, (("consumer", _STR), ("after", _INT), ("limit", _INT), ("keepalive", {"type": "number", "minimum": 0.05})),
+     None, (("consumer", _STR), ("after", _U64), ("limit", _INT), ("keepalive", {"type": "number", "minimum": 0.05})),
      200, {"type": "string", "description": "text/event-stream: `id: <event id>` and `data: <event JSON>` per event"}),
-    ("POST", "/v1/events/ack", "Move a consumer's durable cursor", _obj(("upto",), consumer=_STR, upto=_INT), (),
+    ("POST", "/v1/events/ack", "Move a consumer's durable cursor", _obj(("upto",), consumer=_STR, upto=_U64), (),
      200, _obj(consumer=_STR, cursor=_INT)),
 )
 

@@ -35,7 +35,7 @@ import ssl
 from collections import Counter
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Iterable, Optional
 from urllib.parse import parse_qs, parse_qsl, unquote, unquote_plus, urlsplit
 
 import h11
@@ -156,7 +156,10 @@ class Request:
     Last-Event-ID given twice are refused before a handler runs); ``params``: the path pattern's
     ``{name}`` segments, percent-decoded; ``query``: parsed query string
     (each name once: a parameter given twice is refused before a handler
-    runs; a blank one is absent)."""
+    runs; a blank one is absent from it); ``query_names``: the name of
+    every query parameter given, blank ones too, in request order (what a
+    route registered with ``query=`` is checked against:
+    :func:`check_query`)."""
 
     method: str
     path: str
@@ -164,6 +167,7 @@ class Request:
     headers: dict[str, str]
     body: bytes
     params: dict[str, str] = field(default_factory=dict)
+    query_names: tuple[str, ...] = ()
 
     def json(self) -> Any:
         """The body as JSON; HttpError 400 ``BAD_REQUEST`` if it is not (or
@@ -243,9 +247,10 @@ def _check_query_utf8(text: str) -> None:
                                                 f" {_show(value)} are not UTF-8") from None
 
 
-def _parse_query(text: str) -> dict[str, list[str]]:
+def _parse_query(text: str) -> tuple[dict[str, list[str]], tuple[str, ...]]:
     """A request's query string as ``parse_qs`` reads it (a blank value,
-    ``?limit=``, is absent); HttpError 400 for a parameter given twice
+    ``?limit=``, is absent), and the names of every parameter given (blank
+    ones too), in order; HttpError 400 for a parameter given twice
     (``?limit=1&limit=2``, blank or not): which one was meant is not ours
     to guess (parse_qs keeps both and a reader took the last)."""
     _check_query_utf8(text)
@@ -253,7 +258,34 @@ def _parse_query(text: str) -> dict[str, list[str]]:
     for name, n in counts.items():
         if n > 1:
             raise HttpError(400, "BAD_REQUEST", f"query parameter {_show(name)} is given {n} times: give it once")
-    return parse_qs(text)
+    return parse_qs(text), tuple(counts)
+
+
+def check_query(request: Request, takes: tuple[str, ...], blank: frozenset[str] = frozenset()) -> None:
+    """HttpError 400 ``BAD_REQUEST`` for a query parameter of ``request``
+    that is not among ``takes`` (naming the first such and the ones taken:
+    ignored, a typo such as ``Limit`` or ``consumr`` changed what was read,
+    as an unknown field of a body is refused), or that is given blank
+    (``?consumer=``, ``?limit``: a value was meant, and which is not ours
+    to guess; leave the parameter out for its default) unless its name is
+    in ``blank`` (a parameter whose empty value means something)."""
+    for name in request.query_names:
+        if name not in takes:
+            said = ("takes " + ", ".join(repr(t) for t in takes)) if takes else "takes no query parameters"
+            raise HttpError(400, "BAD_REQUEST", f"unknown query parameter {_show(name)}: this endpoint {said}")
+    for name in request.query_names:
+        if name not in request.query and name not in blank:
+            raise HttpError(400, "BAD_REQUEST", f"query parameter {_show(name)} is empty: give it a value or leave it out")
+
+
+def _query_checked(handler: Handler, takes: tuple[str, ...], blank: frozenset[str]) -> Handler:
+    """``handler`` after :func:`check_query` (so after the API key's check)."""
+
+    async def checked(request: Request) -> tuple[int, Any]:
+        check_query(request, takes, blank)
+        return await handler(request)
+
+    return checked
 
 
 class Router:
@@ -270,13 +302,20 @@ class Router:
         self._literal: dict[str, list[_Route]] = {}
         self._patterns: list[_Route] = []
 
-    def add(self, method: str, pattern: str, handler: Handler, *, auth: bool = True) -> None:
+    def add(self, method: str, pattern: str, handler: Handler, *, auth: bool = True,
+            query: Optional[Iterable[str]] = None, blank: Iterable[str] = ()) -> None:
         """Route ``method`` requests whose path matches ``pattern``
         (``/v1/users/{user}``: a ``{name}`` matches one non-empty segment).
         ``method`` is registered upper-cased (``"get"`` routes GET); a
         request's method is matched as sent, case-sensitively (RFC 9110
-        9.1: a request ``get`` is not GET)."""
+        9.1: a request ``get`` is not GET).  ``query``: the names of the
+        query parameters the endpoint takes (``()``: none); then any other,
+        or one given blank (unless named in ``blank``), is 400
+        ``BAD_REQUEST`` before the handler runs (:func:`check_query`).
+        ``None`` (the default): not checked, the handler reads what it likes."""
         method = method.upper()
+        if query is not None:
+            handler = _query_checked(handler, tuple(query), frozenset(blank))
         if not pattern.startswith("/"):
             raise ValueError(f"path pattern {pattern!r} must start with /")
         if any(r.method == method and r.pattern == pattern for r in self._routes):
@@ -715,12 +754,14 @@ class HttpServer:
             parts = urlsplit(target)
         except ValueError:  # "//[": an unclosed IPv6 bracket, ...
             raise HttpError(400, "BAD_REQUEST", "malformed request target") from None
+        query, query_names = _parse_query(parts.query)
         return Request(
             method=event.method.decode("ascii"),  # case-sensitive (RFC 9110 9.1): "get" is not GET
             path=parts.path,
-            query=_parse_query(parts.query),
+            query=query,
             headers=headers,
             body=bytes(body),
+            query_names=query_names,
         )
 
     async def _send_stream(self, stream: trio.abc.Stream, conn: h11.Connection, status: int,
@@ -774,7 +815,7 @@ class HttpServer:
             if auth:
                 check_api_key(request.headers, self._keys)
             status, body = await handler(Request(request.method, request.path, request.query, request.headers,
-                                                 request.body, params))
+                                                 request.body, params, request.query_names))
         except HttpError as exc:
             status, extra = exc.status, exc.headers
             message = exc.message
