@@ -1380,6 +1380,58 @@ def test_a_resize_whose_checkpoint_fails_stops_the_store_and_a_restart_recovers(
     assert [m.local_id for m in got[: len(sent)]] == sent
 
 
+def test_a_resize_whose_checkpoint_failed_writes_again_once_its_checkpoint_can_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The checkpoint after a map grew could not be written (EMFILE: the
+    # broker's connections had used up its file descriptors; ENOSPC).  The
+    # store stops writing -- nothing keeps LMDB from reusing the last
+    # checkpoint's pages -- but only until that checkpoint can be written:
+    # the next write tries it again (at most every resize_retry_seconds),
+    # instead of the broker refusing every send until an operator restarts it.
+    import errno
+
+    _no_auto_checkpoints(monkeypatch)
+    store = _open_log(tmp_path / "a", map_size=1 << 20)
+    acked: list = []
+    try:
+        assert store._log is not None
+        store._log.resize_retry_seconds = 0.0
+        store.commit(WriteBatch(1, GROUPS))
+        real = wal.write_checkpoint
+        monkeypatch.setattr(wal, "write_checkpoint", _raises(OSError(errno.EMFILE, "Too many open files")))
+        with pytest.raises(StoreError):
+            for n in range(2, 200):  # until the map grows
+                store.commit(WriteBatch(n, _big_sends(20, 3_000, first=1_000 * n)))
+                acked.append(n)
+        assert store.map_size > 1 << 20
+        failed = acked[-1] + 1
+        # Still failing: refused, in words, and tried again each time.
+        tries = store._log.checkpoint_failures
+        with pytest.raises(StoreError, match="checkpoint"):
+            store.commit(WriteBatch(998, _big_sends(1, 10, first=998_000)))
+        assert store._log.checkpoint_failures > tries
+        assert "each write tries it again" in (store.halted() or "")
+        # The descriptors are back: the next write goes through.
+        monkeypatch.setattr(wal, "write_checkpoint", real)
+        store.commit(WriteBatch(failed, _big_sends(20, 3_000, first=1_000 * failed)))
+        acked.append(failed)
+        store.commit(WriteBatch(999, _big_sends(1, 10, first=999_000)))
+        acked.append(999)
+        assert store.halted() is None
+        live = store.history("g1", 0, 100_000)
+        copy = _crash_copy(tmp_path / "a", tmp_path / "b")
+    finally:
+        store.close()
+    sent = [i for n in acked for i in range(1_000 * n, 1_000 * n + (1 if n == 999 else 20))]
+    assert [m.local_id for m in live] == sent
+    again = _open_log(copy, map_size=1 << 20)
+    try:
+        assert again.history("g1", 0, 100_000) == live  # and a crash after it loses nothing
+    finally:
+        again.close()
+
+
 def _raises(exc: BaseException) -> Any:
     def fail(*a: Any, **kw: Any) -> None:
         raise exc

@@ -949,6 +949,13 @@ class _LogState:
         #: Apart from ``failed``, which the checkpoint thread sets too: each
         #: is cleared only by who set it.
         self.unsettled: Optional[str] = None
+        #: ``unsettled`` is the map resize's: its checkpoint could not be
+        #: written (EMFILE, ENOSPC).  Unlike a commit cut short, nothing is
+        #: left half done -- no commit may run until a checkpoint of the
+        #: current state is written -- so the next write tries that again
+        #: (:meth:`settle_resize`), at most every ``resize_retry_seconds``.
+        self.resize_unsettled = False
+        self._resize_retry_at = 0.0
         #: The start's replay and first checkpoint completed (close() may
         #: checkpoint only then: see LmdbStore._start_log).
         self.started = False
@@ -983,6 +990,9 @@ class _LogState:
     #: At most one warning about failing checkpoints per this many seconds
     #: (each names how many failed since the last).
     warn_seconds = 30.0
+    #: How often a write retries the checkpoint a map resize could not write
+    #: (seconds; settle_resize).
+    resize_retry_seconds = 1.0
 
     def close_files(self) -> None:
         """Close the data file and directory descriptors (again: harmless).
@@ -1083,14 +1093,23 @@ class _LogState:
         rewind leave it stopped, and a restart recovers from what the log
         holds (the record applied, if it is there: the client's retry is
         then a Duplicate)."""
-        if self.failed is not None or self.unsettled is not None:
-            return  # stopped already (a failed flush, a resize cut short): the restart decides
+        resize = self.resize_unsettled
+        if self.failed is not None or (self.unsettled is not None and not resize):
+            return  # stopped already (a failed flush, a commit cut short): the restart decides
+        # A map resize whose checkpoint failed (the batch's own: its map
+        # was full) stops the store only until that checkpoint is written
+        # (settle_resize): the record is taken back out all the same, or
+        # the checkpoint would replay a batch the store refused and the
+        # live store never held.  Meanwhile no flag says "resize": an
+        # interrupt in here leaves the store stopped until a restart.
+        self.resize_unsettled = False
+        unsettled = self.unsettled
         self.unsettled = "a commit was cut short while the command log and LMDB disagreed; restart the broker to recover"
         if record.flushed is not None:
             return
         if committed():
             self.uncommitted = None
-            self.unsettled = None
+            self.unsettled, self.resize_unsettled = unsettled, resize
             return
         assert record.at is not None
         try:
@@ -1105,7 +1124,7 @@ class _LogState:
         if op is not None and op.at == record.at:
             op.at = None
         self.uncommitted = None
-        self.unsettled = None
+        self.unsettled, self.resize_unsettled = unsettled, resize
 
     def _append_failed(self, exc: OSError) -> StoreError:
         # After a failed flush the page cache's state is unknown (fsync
@@ -1256,6 +1275,37 @@ class _LogState:
         if prepared is None:
             raise StoreError("cannot checkpoint the command log after growing the map")
         self._finish(*prepared)
+
+    def settle_resize(self) -> None:
+        """Under the write lock, with no write transaction open: the
+        checkpoint a map resize could not write (``resize_unsettled``),
+        tried again if ``resize_retry_seconds`` have passed since the last
+        try.  Written, the store writes again; else the failure is counted
+        and warned (:meth:`_checkpoint_failed`) and the store stays stopped.
+        Why it is safe: no commit ran since the resize (``unsettled`` keeps
+        them out), so a checkpoint of the current state, pinned, is the one
+        the resize would have written; acked deferred batches LMDB lacks are
+        replayed from the open batches' first record (:meth:`_prepare`)."""
+        now = time.monotonic()
+        if not self.resize_unsettled or self.failed is not None or now < self._resize_retry_at:
+            return
+        self._resize_retry_at = now + self.resize_retry_seconds
+        # (set_mapsize aborted the pin, or -- a resize cut short before it
+        # -- not: aborting twice is harmless, leaving one open is not.)
+        self.drop_pin()
+        try:
+            prepared = self._prepare()
+            if prepared is None:
+                raise StoreError("cannot checkpoint the command log after growing the map")
+            self._finish(*prepared)
+        except (OSError, lmdb.Error) as exc:
+            self._checkpoint_failed(exc)
+            return
+        self._checkpoint_done()
+        self.resize_unsettled = False
+        self.unsettled = None
+        _log.info("the map resize's command log checkpoint is written: the store writes again",
+                  extra={"event": "resize_settled"})
 
     def drop_pin(self) -> None:
         pin, self.pin = self.pin, None
@@ -2205,15 +2255,21 @@ class LmdbStore(Store):
             # (and its checkpoint) nothing may commit -- LMDB would reuse the
             # last checkpoint's pages.  Cut short (a failed checkpoint, an
             # interrupt), the store stays stopped; a restart recovers.
+            # A failed checkpoint (no descriptor, no space) is retried by
+            # the next write (settle_resize): the store writes again once
+            # it can be written.
             unset = st.unsettled is None
             if unset:
-                st.unsettled = "the map grew and its checkpoint did not complete; restart the broker to recover"
+                st.unsettled = ("the map grew and its command log checkpoint could not be written; each write"
+                                " tries it again (or restart the broker)")
+                st.resize_unsettled = True
         with self._gate.exclusive():
             env.set_mapsize(size)
             self._mapped = int(env.info()["map_size"])  # (size 0: another process's, adopted)
         if st is not None:
             st.after_resize()
             if unset:
+                st.resize_unsettled = False
                 st.unsettled = None
 
     def _adopt_map_size(self, env: lmdb.Environment) -> None:
@@ -2254,6 +2310,8 @@ class LmdbStore(Store):
             if self._read_only is not None:
                 raise StoreError(self._read_only)
             st = self._log
+            if st is not None and st.resize_unsettled:
+                st.settle_resize()
             if st is not None and (st.failed is not None or st.unsettled is not None):
                 raise StoreError(st.failed or st.unsettled)
             if self._open is not None and st is not None:
@@ -2932,6 +2990,8 @@ class LmdbStore(Store):
             try:
                 if st.unsettled is None:
                     return None
+                if st.resize_unsettled:
+                    return f"the store writes no more for now: {st.unsettled}"
             finally:
                 self._wlock.release()
             return ("the store writes no more: a commit was cut short while the command log and LMDB disagreed;"
