@@ -2202,8 +2202,9 @@ class ClientSession:
         acked): change the held target; a recall, or a delete for this
         user, of an unread message from someone else leaves the unread
         count -- of the read state and of the conversation list entry
-        alike (:meth:`_uncount`) -- as the broker counts it (the broker's
-        next ReadState is exact).  Entries are not kept in the view
+        alike, and the entry's mention count when it mentions the user
+        (:meth:`_uncount`) -- as the broker counts it (the broker's next
+        ReadState or page is exact).  Entries are not kept in the view
         themselves; applying one twice, or an older one after a newer,
         changes nothing."""
         t = self._held_message(e.conv, e.target)
@@ -2211,10 +2212,8 @@ class ClientSession:
         if e.kind == F.MessageKind.RECALL:
             # Only its sender (or the host, for them) recalls a message: the
             # entry's sender is the target's when the target is not held.
-            # A tombstone mentions nobody (the broker's mention count drops
-            # it); whether an unheld target mentioned the user is unknown.
             if live and (t.sender if t is not None else e.sender) != self.user:
-                self._uncount(e.conv, e.target, t is not None and self._mentions_me(t))
+                self._uncount(e.conv, e.target, t)
             if t is not None and not t.recalled:
                 t = dataclasses.replace(t, payload=b"", recalled=True)
         elif e.kind == F.MessageKind.EDIT:
@@ -2222,9 +2221,7 @@ class ClientSession:
                 t = dataclasses.replace(t, payload=e.payload, edited=e.server_time)
         elif t is not None:  # DELETE: for this user only
             if live and t.sender != self.user:
-                # The broker's mention count keeps a message deleted for
-                # oneself (only a recall drops it): so does the entry's.
-                self._uncount(e.conv, e.target, False)
+                self._uncount(e.conv, e.target, t)
             t = dataclasses.replace(t, payload=b"", deleted=True)
         # A DELETE of a message not in the local view (older than view_limit
         # kept, or never fetched) leaves the count: the entry's sender is
@@ -2241,12 +2238,18 @@ class ClientSession:
     def _mentions_me(self, m: F.Message) -> bool:
         return m.mention_all or any(x.user == self.user for x in m.mentions)
 
-    def _uncount(self, conv: str, seq: int, mentioned: bool) -> None:
+    def _uncount(self, conv: str, seq: int, held: Optional[F.Message]) -> None:
         """The message at ``seq`` of ``conv`` (from someone else, counted
-        until now) stopped being unread: lower the read state's count and
-        the conversation list entry's by the same rule -- each only if it
-        counts that seq (past its read marker, up to its last seq), never
-        below 0 -- and the entry's mention count when ``mentioned``."""
+        until now) stopped being unread -- recalled, or deleted for this
+        user: lower the read state's count and the conversation list
+        entry's by the same rule -- each only if it counts that seq (past
+        its read marker, up to its last seq), never below 0 -- and the
+        entry's mention count when it mentioned the user: what is not
+        unread is no mention either, as the broker counts (a tombstone
+        mentions nobody; base.unread_for).  ``held``: the message as this
+        device holds it, None when not held (then whether it mentioned
+        the user is unknown: the mention count stays until the next page)."""
+        mentioned = held is not None and self._mentions_me(held)
         st = self.read_states.get(conv)
         if st is not None and st.unread > 0 and st.read_seq < seq <= st.last_seq:
             self.read_states[conv] = F.ReadState(conv, st.read_seq, st.last_seq, st.unread - 1)

@@ -1638,9 +1638,9 @@ def test_login_too_large_counts_the_widest_login_a_reconnect_sends():
 def test_a_delete_for_me_or_a_recall_lowers_the_conversation_list_entry_as_unread():
     # The list entry kept its own counts: a delete for me or a recall lowered
     # unread() and left the entry's badge stale until the next page.  One rule
-    # for both; a recall also lowers the mentions (a tombstone mentions
-    # nobody, as the broker counts), a delete for me does not (the broker
-    # keeps counting it).
+    # for both, for the mentions too: a recalled message (a tombstone
+    # mentions nobody) and one deleted for oneself are no mention, as the
+    # broker counts (the delete's kept its mention until the next page).
     s = session()
     b = connect(s, T0)
     me = [F.Mention("alice")]
@@ -1656,9 +1656,9 @@ def test_a_delete_for_me_or_a_recall_lowers_the_conversation_list_entry_as_unrea
     b.feed(T0, F.Push(4, (amend(4, 1, F.MessageKind.DELETE, "alice"),)))
     b.feed(T0, F.Push(5, (amend(5, 2, F.MessageKind.RECALL, "bob"),)))
     e = s.conversations[CONV]
-    assert (s.unread(CONV), e.unread, e.mention_count) == (1, 1, 2)
+    assert (s.unread(CONV), e.unread, e.mention_count) == (1, 1, 1)
     # Again, or both on one message: counted once.
     b.feed(T0, F.Push(6, (amend(6, 1, F.MessageKind.DELETE, "alice"), amend(7, 2, F.MessageKind.RECALL, "bob"))))
     b.feed(T0, F.Push(8, (amend(8, 1, F.MessageKind.RECALL, "bob"),)))
     e = s.conversations[CONV]
-    assert (s.unread(CONV), e.unread, e.mention_count) == (1, 1, 2)
+    assert (s.unread(CONV), e.unread, e.mention_count) == (1, 1, 1)

@@ -12,6 +12,7 @@ from pimcore.errors import ErrorCode
 from pimcore.store.base import (
     ConversationSet,
     ConversationsPage,
+    MarkRead,
     NewMessage,
     ReadConversations,
     ReadEvents,
@@ -206,6 +207,40 @@ def test_a_recalled_message_no_longer_counts_as_a_mention(store: Store, mk: Make
     assert entry(store, "carol", "g1").mention_count == 1
     mk.commit(store, amend(mk, "g1", "alice", 2, RECALL))
     assert (entry(store, "bob", "g1").mention_count, entry(store, "carol", "g1").mention_count) == (0, 0)
+
+
+def test_a_message_deleted_for_oneself_no_longer_counts_as_a_mention(store: Store, mk: Maker) -> None:
+    # Found after the unread fix: bob deletes for himself an unread message
+    # that mentions him; his unread count drops, his mention count stayed.
+    # A message deleted for oneself is neither unread nor a mention -- for
+    # that user alone, as a recall is for everyone.
+    from test_amend_store import DELETE, RECALL, amend
+
+    store.create_group("g1", ["alice", "bob", "carol"], now=1)
+    mk.commit(store, mention(mk("g1", "alice"), ("bob",)), mention(mk("g1", "alice"), (), everyone=True),
+              mention(mk("g1", "alice"), ("bob", "carol")))
+    assert (entry(store, "bob", "g1").mention_count, entry(store, "bob", "g1").unread) == (3, 3)
+    mk.commit(store, amend(mk, "g1", "bob", 1, DELETE))
+    bob = entry(store, "bob", "g1")
+    assert (bob.mention_count, bob.unread) == (2, 2)
+    assert (entry(store, "carol", "g1").mention_count, entry(store, "carol", "g1").unread) == (2, 3)  # only for him
+    mk.commit(store, amend(mk, "g1", "carol", 2, DELETE))
+    assert (entry(store, "carol", "g1").mention_count, entry(store, "carol", "g1").unread) == (1, 2)
+    assert entry(store, "bob", "g1").mention_count == 2
+    # deleted, then recalled: counted out once
+    mk.commit(store, amend(mk, "g1", "alice", 1, RECALL))
+    assert (entry(store, "bob", "g1").mention_count, entry(store, "bob", "g1").unread) == (2, 2)
+    # a delete below the read marker changes nothing; the rest goes
+    mk.commit(store, MarkRead("bob", "g1", 2))
+    assert (entry(store, "bob", "g1").mention_count, entry(store, "bob", "g1").unread) == (1, 1)
+    mk.commit(store, amend(mk, "g1", "bob", 2, DELETE))
+    assert entry(store, "bob", "g1").mention_count == 1
+    mk.commit(store, amend(mk, "g1", "bob", 3, DELETE))
+    assert (entry(store, "bob", "g1").mention_count, entry(store, "bob", "g1").unread) == (0, 0)
+    # the same in a direct conversation
+    mk.commit(store, mention(mk(AB, "alice"), ("bob",)), mention(mk(AB, "alice"), ("bob",)))
+    mk.commit(store, amend(mk, AB, "bob", 1, DELETE))
+    assert (entry(store, "bob", AB).mention_count, entry(store, "bob", AB).unread) == (1, 1)
 
 
 def test_amend_entries_are_not_the_last_message(store: Store, mk: Maker) -> None:

@@ -188,6 +188,39 @@ async def test_recall_and_edit_are_not_a_new_last_message(store):
                     assert e.hidden and e.last_seq == 2 and e.last[0].recalled and e.last[0].payload == b""
 
 
+async def test_delete_for_me_of_an_unread_mention_lowers_mention_count_on_every_device(store):
+    # After the unread fix: a message bob deleted for himself was no longer
+    # unread, but still counted as a mention -- at the broker (a fresh page)
+    # and on his devices' conversation list entries.  It is neither, as a
+    # recalled one; for bob alone (carol's count stays).
+    from pimcore.client import MessageAmended
+
+    store.create_group("team", ["alice", "bob", "carol"], 0)
+    with trio.fail_after(15):
+        async with serving(store) as srv:
+            url = srv.url()
+            async with client(url, "alice") as a, client(url, "bob") as phone, client(url, "bob", "tablet") as tablet:
+                sent = [await a.send("team", b"@bob", mentions=["bob"]), await a.send("team", b"@all", mention_all=True),
+                        await a.send("team", b"plain")]
+                for dev in (phone, tablet):
+                    for _ in range(3):
+                        await wait_for(dev, lambda ev: isinstance(ev, MessageReceived))
+                    (e,) = (await dev.conversations()).entries
+                    assert (e.unread, e.mention_count) == (3, 2)
+                await phone.delete_for_me("team", sent[0].seq)
+                await wait_for(tablet, lambda ev: isinstance(ev, MessageAmended))
+                await phone.delete_for_me("team", sent[1].seq)
+                await wait_for(tablet, lambda ev: isinstance(ev, MessageAmended))
+                for dev in (phone, tablet):
+                    local = dev.conversation_entries["team"]
+                    assert (local.unread, local.mention_count) == (1, 0)
+                    (fresh,) = (await dev.conversations()).entries  # the broker's count says the same
+                    assert (fresh.unread, fresh.mention_count) == (1, 0)
+            async with client(url, "carol") as carol:
+                (e,) = (await carol.conversations()).entries
+                assert (e.unread, e.mention_count) == (3, 1)
+
+
 async def test_the_message_event_says_who_muted_and_who_is_mentioned(store):
     store.create_group("team", ["alice", "bob", "carol"], 0)
     cfg = server_config()

@@ -1318,12 +1318,21 @@ def mentioned_recipients(m: StoredMessage, recipients: Iterable[str]) -> list[st
     return [u for u in m.mentions if u in rs and u != m.sender]
 
 
-def mentions_user(m: StoredMessage, user: str) -> bool:
+def unread_for(m: StoredMessage, user: str, deleted: bool = False) -> bool:
+    """Does ``m`` (an entry past ``user``'s read marker, at a seq the user
+    was a member at) count as unread for ``user``?  A message from someone
+    else, never once recalled (a tombstone) nor deleted by ``user`` for
+    themselves (``deleted``: the store's delete-for-self mark of ``user``
+    at ``m``'s seq).  The one rule of every unread and mention count."""
+    return m.kind == MessageKind.MESSAGE and not m.recalled and not deleted and m.sender != user
+
+
+def mentions_user(m: StoredMessage, user: str, deleted: bool = False) -> bool:
     """Does ``m`` (an entry the user was a member at) count as a mention of
-    ``user``?  Never once recalled: a tombstone mentions nobody."""
-    return (
-        m.kind == MessageKind.MESSAGE and not m.recalled and m.sender != user and (m.mention_all or user in m.mentions)
-    )
+    ``user``?  Only when it would count as unread (:func:`unread_for`):
+    never once recalled -- a tombstone mentions nobody -- nor once
+    ``user`` deleted it for themselves (``deleted``), as a recall."""
+    return unread_for(m, user, deleted) and (m.mention_all or user in m.mentions)
 
 
 # -- the conversation list: order and cursor (every backend shares these)

@@ -2849,13 +2849,21 @@ class LmdbStore(Store):
         else:
             txn.delete(key, db=self._userconvs)
 
-    def _count_unread(self, txn: _Txn, user: str, ck: bytes, marker: int) -> int:
-        me = user.encode("ascii")
-        # Messages the user deleted for themselves (after the marker) are
-        # not unread: usually none, so one short scan of ``deleted`` first.
+    def _deleted_after(self, txn: _Txn, user: str, ck: bytes, marker: int) -> set[int]:
+        """The seqs after ``marker`` of the conversation ``ck`` that ``user``
+        deleted for themselves: neither unread nor a mention (as recalled
+        ones; base.unread_for).  Usually none: one short scan of ``deleted``."""
         dk = _t(user) + ck
-        gone = {_U64.unpack_from(key, len(dk))[0]
+        return {_U64.unpack_from(key, len(dk))[0]
                 for key, _ in self._scan(txn, self._deleted, dk, dk + _U64.pack(marker + 1))}
+
+    def _count_unread(self, txn: _Txn, user: str, ck: bytes, marker: int, gone: Optional[set[int]] = None) -> int:
+        """``gone``: :meth:`_deleted_after` of the same marker, when the
+        caller has it already."""
+        me = user.encode("ascii")
+        # Messages the user deleted for themselves are not unread.
+        if gone is None:
+            gone = self._deleted_after(txn, user, ck, marker)
         n = 0
         for lo, hi in member_ranges(self._spans_in(txn, ck, user)):
             if hi <= marker:
@@ -3374,17 +3382,20 @@ class LmdbStore(Store):
             seq -= 1
         raw = txn.get(uk + ck, db=self._reads)
         marker = _U64.unpack(raw)[0] if raw is not None else 0
+        gone = self._deleted_after(txn, user, ck, marker)
         mentions = 0
         prefix = uk + ck
         for key, _ in self._scan(txn, self._mentionidx, prefix, prefix + _U64.pack(marker + 1)):
             seq = _U64.unpack_from(key, len(prefix))[0]
             if seq > last_seq:
                 break
+            if seq in gone:
+                continue  # deleted for themselves: no mention, as a recalled one
             # Not once recalled (the convidx value's kind byte says RECALL) or
             # removed by retention (no convidx entry).
             ref = txn.get(ck + _U64.pack(seq), db=self._convidx)
             mentions += ref is not None and not (len(ref) > 16 and ref[16] == MessageKind.RECALL)
-        unread = self._count_unread(txn, user, ck, marker)
+        unread = self._count_unread(txn, user, ck, marker, gone)
         return conversation_entry(conv, last, marker, unread, mentions, self._settings_in(txn, uk + ck))
 
     def _list_access_in(self, txn: _Txn, user: str, conv: str) -> ErrorCode:

@@ -37,6 +37,7 @@ from .base import (
     conversation_page,
     mentioned_recipients,
     mentions_user,
+    unread_for,
     purged_tombstone,
     new_settings,
     EventAppended,
@@ -856,10 +857,7 @@ class MemoryStore(Store):
         n = 0
         for lo, hi in member_ranges(self._spans_of(conv, user)):
             for s in range(max(lo, marker + 1), min(hi, last) + 1):
-                m = self._msgs[self._conv_seq[(conv, s)]]
-                if (m.kind == MessageKind.MESSAGE and m.sender != user and not m.recalled
-                        and (user, conv, s) not in self._deleted):  # (deleted for themselves: not unread)
-                    n += 1
+                n += unread_for(self._msgs[self._conv_seq[(conv, s)]], user, (user, conv, s) in self._deleted)
         return n
 
     def spans(self, conv: str, user: str) -> tuple[tuple[int, int], ...]:
@@ -922,7 +920,8 @@ class MemoryStore(Store):
         for lo, hi in member_ranges(spans):
             for s in range(max(lo, marker + 1), min(hi, last_seq) + 1):
                 msg_id = self._conv_seq.get((conv, s))  # None: removed by retention
-                mentions += msg_id is not None and mentions_user(self._msgs[msg_id], user)
+                # (deleted for themselves: no mention, as a recalled message)
+                mentions += msg_id is not None and mentions_user(self._msgs[msg_id], user, (user, conv, s) in self._deleted)
         settings = self._convset.get((user, conv), (False, False, 0))
         return conversation_entry(conv, last, marker, self._unread(user, conv), mentions, settings)
 

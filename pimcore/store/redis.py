@@ -117,6 +117,7 @@ from .base import (
     conversation_page,
     mentioned_recipients,
     mentions_user,
+    unread_for,
     purged_tombstone,
     new_settings,
     OPEN,
@@ -1707,13 +1708,18 @@ class RedisStore(AsyncStore):
         seqs: list[int] = []
         for lo, hi in member_ranges(await self._spans_of(tx, conv, user)):
             seqs.extend(range(max(lo, marker + 1), min(hi, last) + 1))
-        counted = [m.seq for m in await self._msgs_at(tx, conv, seqs)
-                   if m.kind == MessageKind.MESSAGE and m.sender != user and not m.recalled]
-        if not counted:
-            return 0
+        counted = [m for m in await self._msgs_at(tx, conv, seqs) if unread_for(m, user)]
         # Messages the user deleted for themselves are not unread.
-        gone = await tx.mget(self._k_user(user), [f"del:{conv}/{s}" for s in counted])
-        return sum(1 for g in gone if not g)
+        gone = await self._deleted_of(tx, user, conv, [m.seq for m in counted])
+        return sum(unread_for(m, user, m.seq in gone) for m in counted)
+
+    async def _deleted_of(self, tx: _Tx, user: str, conv: str, seqs: Sequence[int]) -> set[int]:
+        """The seqs among ``seqs`` of ``conv`` that ``user`` deleted for
+        themselves: one HMGET of their del: fields (none when no seqs)."""
+        if not seqs:
+            return set()
+        marks = await tx.mget(self._k_user(user), [f"del:{conv}/{s}" for s in seqs])
+        return {s for s, g in zip(seqs, marks) if g}
 
     # -- the conversation list ---------------------------------------------
 
@@ -1748,7 +1754,10 @@ class RedisStore(AsyncStore):
         seqs: list[int] = []
         for lo, hi in member_ranges(spans):
             seqs.extend(range(max(lo, marker + 1, hf + 1), min(hi, last_seq) + 1))
-        mentions = sum(mentions_user(m, user) for m in await self._msgs_at(tx, conv, seqs))
+        mentioning = [m for m in await self._msgs_at(tx, conv, seqs) if mentions_user(m, user)]
+        # Messages the user deleted for themselves are no mention (as unread).
+        gone = await self._deleted_of(tx, user, conv, [m.seq for m in mentioning])
+        mentions = sum(mentions_user(m, user, m.seq in gone) for m in mentioning)
         return conversation_entry(conv, last, marker, await self._unread(tx, user, conv), mentions,
                                   await self._settings(tx, user, conv))
 

@@ -149,4 +149,30 @@ describe('recall, edit, delete (live broker)', () => {
       assert.deepEqual(page.entries.map((e) => [e.conv, e.unread, e.read_seq]), [[conv, entry.unread, entry.read_seq]]);
     }
   });
+  // After the unread fix the broker still counted a message deleted for
+  // oneself as a mention: listConversations() said mention_count 2 after the
+  // delete.  The JS client keeps no mention count of its own (the page and
+  // 'conversation' updates are the broker's), so every device's page must
+  // drop it, and only for the one who deleted it.
+  test('a delete for me of an unread message mentioning me lowers mention_count on every device\'s page', async () => {
+    const a = client(broker, 'eve');
+    const phone = client(broker, 'fay');
+    const tablet = client(broker, 'fay', { device: 'tablet' });
+    await a.connect(); await phone.connect(); await tablet.connect();
+    const conv = directConv('eve', 'fay');
+    const sent = [];
+    for (let i = 0; i < 2; i++) sent.push(await a.send(conv, `@fay ${i}`, { mentions: ['fay'] }));
+    await until(() => phone.received.length === 2 && tablet.received.length === 2, 5000, 'fay gets both');
+    for (const dev of [phone, tablet]) {
+      assert.deepEqual((await dev.listConversations()).entries.map((e) => [e.conv, e.unread, e.mention_count]), [[conv, 2, 2]]);
+    }
+    await phone.deleteForMe(conv, sent[0].seq);
+    await until(() => tablet.amended.length === 1, 5000, 'the deletion reaches the tablet');
+    for (const dev of [phone, tablet]) {
+      assert.equal(dev.unread(conv), 1);
+      assert.deepEqual((await dev.listConversations()).entries.map((e) => [e.conv, e.unread, e.mention_count]), [[conv, 1, 1]]);
+    }
+    // eve's own page: her messages are no mention of her, nothing changes
+    assert.deepEqual((await a.listConversations()).entries.map((e) => [e.conv, e.unread, e.mention_count]), [[conv, 0, 0]]);
+  });
 });
