@@ -679,10 +679,6 @@ def _us(seconds: float) -> int:
     return int(round(seconds * 1_000_000))
 
 
-def _by_seq(m: F.Message) -> int:
-    return m.seq
-
-
 def _presence_state(state: int) -> F.PresenceState:
     """A decoded presence state (an int, 0-2 in PROTOCOL.md's PresenceEntry)
     as a member; a value this version does not know is UNKNOWN, as it was
@@ -913,6 +909,12 @@ class ClientSession:
         self.receipts: dict[tuple[str, str], int] = {}  # (conv, reader) -> seq
         self._read_wanted: dict[str, int] = {}  # markers sent but not yet confirmed
         self._views: dict[str, dict[bytes, F.Message]] = {}
+        # Per conversation, (seq, msg_id) of every message put in its view,
+        # a min-heap: dropping the lowest seq once the view is full is
+        # O(log n) (a scan of the view per message taken made a catch-up of
+        # 50,000 messages spend most of its CPU there).  Entries whose
+        # message left the view are skipped when they come up (_remember).
+        self._view_heaps: dict[str, list[tuple[int, bytes]]] = {}
         self._history: dict[int, _HistoryRequest] = {}
         self._next_req = 1
         #: conv -> the conversation-list entry as last known: from
@@ -1407,6 +1409,7 @@ class ClientSession:
         self.read_states.clear()
         self.receipts.clear()
         self._views.clear()
+        self._view_heaps.clear()
         self.conversations.clear()
         self._emit(Resynced(old, ack.epoch, ack.position))
 
@@ -2265,13 +2268,23 @@ class ClientSession:
             self._apply_amend(m)
             return
         view = self._views.setdefault(m.conv, {})
+        heap = self._view_heaps.setdefault(m.conv, [])
+        held = view.get(m.msg_id)
         view[m.msg_id] = m
-        if len(view) > self.config.view_limit:
-            # Bounded memory: forget the oldest (a history page brings them back).
-            excess = len(view) - self.config.view_limit
-            olds = [min(view.values(), key=_by_seq)] if excess == 1 else sorted(view.values(), key=_by_seq)[:excess]
-            for old in olds:
-                del view[old.msg_id]
+        if held is None or held.seq != m.seq:
+            heapq.heappush(heap, (m.seq, m.msg_id))
+        # Bounded memory: forget the lowest seqs (a history page brings them
+        # back).  A heap entry counts only while its message is in the view
+        # at that seq.
+        limit = self.config.view_limit
+        while len(view) > limit:
+            seq, msg_id = heapq.heappop(heap)
+            kept = view.get(msg_id)
+            if kept is not None and kept.seq == seq:
+                del view[msg_id]
+        if len(heap) > 2 * len(view) + 64:  # (stale entries: messages remembered again, at another seq)
+            heap[:] = [(x.seq, x.msg_id) for x in view.values()]
+            heapq.heapify(heap)
 
     def request_history(self, conv: str, from_seq: int, limit: int, backward: bool, now: int, *, timeout: Optional[int] = None) -> int:
         """Ask for a page of ``conv``'s history; returns the request id.  Its

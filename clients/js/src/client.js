@@ -45,6 +45,33 @@ export const State = Object.freeze({
 
 /** Bytes a body of `n` bytes may grow by deflated: zlib's deflateBound
  * (any level and memory setting), the sync flush's stored block, slack. */
+// A min-heap of [seq, key] pairs (seq, then key), for the lowest seq of a
+// conversation's view in O(log n) (Client._addToView).
+function heapLess(a, b) { return a[0] < b[0] || (a[0] === b[0] && a[1] < b[1]); }
+function heapPush(h, item) {
+  let i = h.push(item) - 1;
+  while (i > 0) {
+    const p = (i - 1) >> 1;
+    if (!heapLess(h[i], h[p])) break;
+    [h[i], h[p]] = [h[p], h[i]]; i = p;
+  }
+}
+function heapPop(h) {
+  const top = h[0], last = h.pop();
+  if (h.length) {
+    h[0] = last;
+    for (let i = 0; ;) {
+      const l = 2 * i + 1, r = l + 1;
+      let m = i;
+      if (l < h.length && heapLess(h[l], h[m])) m = l;
+      if (r < h.length && heapLess(h[r], h[m])) m = r;
+      if (m === i) break;
+      [h[i], h[m]] = [h[m], h[i]]; i = m;
+    }
+  }
+  return top;
+}
+
 function deflateGrowth(n) {
   return Math.ceil((n + 7) / 8) + Math.ceil((n + 63) / 64) + 14;
 }
@@ -287,6 +314,12 @@ export class PimcoreClient {
     this._wanted = new Map(); // conv -> read marker not yet confirmed
     this._receipts = new Map();
     this._views = new Map();
+    // Per conversation, [seq, key] of every message put in its view, a
+    // min-heap (heapPush): once the view is full each message taken drops
+    // the lowest seq in O(log n) -- sorting the whole view per message made
+    // a catch-up of thousands of messages crawl.  Entries whose message
+    // left the view are skipped when they come up.
+    this._viewHeaps = new Map();
     this._requests = new Map(); // req id -> history / readers request
     this._nextReqId = 1;
     // typing and presence (ephemeral; PROTOCOL.md "Typing and presence")
@@ -703,7 +736,7 @@ export class PimcoreClient {
       // and rebuild from this session; pending sends go again (same local ids).
       const old = this.epoch;
       this.takenUpto = f.position;
-      this._seen.clear(); this._wanted.clear(); this._readStates.clear(); this._receipts.clear(); this._views.clear();
+      this._seen.clear(); this._wanted.clear(); this._readStates.clear(); this._receipts.clear(); this._views.clear(); this._viewHeaps.clear();
       this._emit('resynced', { oldEpoch: old, epoch: f.epoch, position: f.position });
     }
     this.epoch = f.epoch;
@@ -1200,12 +1233,20 @@ export class PimcoreClient {
   }
   _addToView(m) {
     if (AMEND_KINDS.has(m.kind)) { this._applyAmend(m); return; }
-    let v = this._views.get(m.conv);
+    let v = this._views.get(m.conv), h = this._viewHeaps.get(m.conv);
     if (!v) { v = new Map(); this._views.set(m.conv, v); }
-    v.set(toHex(m.msg_id), m);
-    if (v.size > this.opts.viewLimit) {
-      const lowest = [...v.entries()].sort((a, b) => a[1].seq - b[1].seq).slice(0, v.size - this.opts.viewLimit);
-      for (const [k] of lowest) v.delete(k);
+    if (!h) { h = []; this._viewHeaps.set(m.conv, h); }
+    const key = toHex(m.msg_id), held = v.get(key);
+    v.set(key, m);
+    if (!held || held.seq !== m.seq) heapPush(h, [m.seq, key]);
+    // Bounded memory: forget the lowest seqs (a history page brings them back).
+    while (v.size > this.opts.viewLimit) {
+      const [seq, k] = heapPop(h), kept = v.get(k);
+      if (kept && kept.seq === seq) v.delete(k);
+    }
+    if (h.length > 2 * v.size + 64) {  // stale entries: messages remembered again at another seq
+      h.length = 0;
+      for (const [k, x] of v) heapPush(h, [x.seq, k]);
     }
   }
   /** The messages this client holds for `conv` (sent, received, fetched) in display order. */

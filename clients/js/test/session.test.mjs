@@ -469,3 +469,28 @@ test('a send or amend reusing a pending localId with another message rejects, no
   assert.equal((await first).conv, 'd:u:v');
   await c.close();
 });
+
+test('the view keeps the newest viewLimit messages by seq, whatever order they come in', async () => {
+  // Seqs in any order, the same message again, an older one once the view
+  // is full: view() is always the newest viewLimit distinct messages.  (The
+  // lowest seq is found through a heap, not a sort of the view per message:
+  // a catch-up of thousands of messages crawled.)
+  let seed = 7;
+  const rand = (n) => { seed = (seed * 1103515245 + 12345) % 2147483648; return seed % n; };
+  for (const limit of [1, 3, 8]) {
+    const c = make({ viewLimit: limit });
+    const { ws } = await connected(c);
+    const msg = (position, seq) => ({ position, msg_id: Uint8Array.of(seq), conv: 'd:u:v', seq, sender: 'v', device: 'x', client_time: 1, server_time: seq, payload: new Uint8Array(0), kind: 0, local_id: seq, after_seq: 0, target: 0, edited: 0, recalled: false, deleted: false });
+    const seen = new Set();
+    let position = 0;
+    for (let round = 0; round < 40; round++) {
+      const seqs = Array.from({ length: 1 + rand(5) }, () => 1 + rand(60));
+      const messages = seqs.map((q) => msg(++position, q));
+      ws.deliver(frame('Push', { position, messages }));
+      for (const q of seqs) seen.add(q);
+      const want = [...seen].sort((a, b) => a - b).slice(-limit);
+      assert.deepEqual(c.view('d:u:v').map((m) => m.seq).sort((a, b) => a - b), want, `limit ${limit}, round ${round}`);
+    }
+    await c.close();
+  }
+});
