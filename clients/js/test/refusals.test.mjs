@@ -2,6 +2,8 @@
 // (the Python SDK's BrokerRefused event and its checks at the call), against
 // a live `pimcore serve`.
 import assert from 'node:assert/strict';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { after, afterEach, before, describe, test } from 'node:test';
 import { PimcoreClient, SendError, directConv, ErrorCode } from '../src/index.js';
 import { Broker, pimcore, until } from './broker.mjs';
@@ -96,5 +98,49 @@ describe('live broker', () => {
       await assert.rejects(c.connect(), (e) => e instanceof TypeError && /token function returned/.test(e.message));
       assert.equal(c.state, 'CLOSED');
     }
+  });
+});
+
+describe('a broker with a small send bucket (limits.send_rate 500/s, send_burst 50, window 8)', () => {
+  let broker;
+  before(async () => {
+    broker = new Broker();
+    const cfg = join(broker.dataDir, 'limits.toml');
+    writeFileSync(cfg, '[limits]\nsend_rate = 500.0\nsend_burst = 50\nwindow = 8\n');
+    broker.extra = ['--config', cfg];
+    await broker.start();
+  });
+  afterEach(async () => { await Promise.all([...clients].map((c) => c.close())); clients.clear(); });
+  after(async () => { await broker.dispose(); });
+
+  test("a burst into the bucket: every RATE_LIMITED hold is the bucket's refill time for the next window, far under backoffInitial (the Python SDK's rule); one congestion event per window; every send stored once, in order", async () => {
+    // backoffInitial 100 ms (the default; at most the bucket's 50 / 500/s, or a hold would waste its refill).  A blind
+    // backoff holds 50-150 ms at a first refusal; the bucket refills a window of 4-8 in 8-16 ms.
+    const alice = client(broker, 'alice', { backoffInitial: 100, sendTimeout: 120000 });
+    await alice.connect();
+    // The hold the client chooses at each congestion event (µs), the window it sends next and the hold's exponent
+    // (events with no send answered since the one before: windows refused whole).
+    const holds = [];
+    const onSendAck = alice._onSendAck.bind(alice);
+    alice._onSendAck = (f, now) => {
+      const events = alice.stats.congestionEvents;
+      onSendAck(f, now);
+      if (alice.stats.congestionEvents > events) holds.push({ hold: alice._holdUntil - now, window: alice.sendWindow, k: alice._refusals });
+    };
+    const ab = directConv('alice', 'bob');
+    const N = 300;
+    const sends = Array.from({ length: N }, (_, i) => alice.send(ab, `m${i}`));
+    const sent = await Promise.all(sends);
+    // Nothing lost or reordered: stored once each, seq in send order.
+    assert.deepEqual(sent.map((m) => m.seq), Array.from({ length: N }, (_, i) => i + 1));
+    assert.ok(holds.length > 0, 'the bucket (50) refused part of the burst');
+    const shown = JSON.stringify(holds.map((h) => [h.hold / 1000, h.window, h.k])); // [ms, window, exponent]
+    // The rule: min(backoffInitial, window / measured rate), doubled per window refused whole (capped by backoffMax).
+    for (const { hold, k } of holds) assert.ok(hold <= 100_000 * 2 ** (k - 1), `a hold over backoffInitial x 2^${k - 1}: ${shown}`);
+    // ... and the bucket's rate is learned: most holds are a window's refill time, not backoffInitial (nor half of it).
+    const median = holds.map((h) => h.hold).sort((a, b) => a - b)[Math.floor(holds.length / 2)];
+    assert.ok(median <= 25_000, `the median hold is ${median / 1000} ms: ${shown}`);
+    // One congestion event per window of refusals, not one per refusal (as the Python SDK's end-to-end test).
+    assert.ok(alice.stats.congestionEvents * 3 < alice.stats.retransmits, JSON.stringify(alice.stats));
   });
 });

@@ -208,6 +208,66 @@ test('transient refusals are retried with the same local id after a hold; final 
   await c.close();
 });
 
+test("a RATE_LIMITED hold is the time the bucket needs to refill the next window (sendWindow / the measured rate), at most backoffInitial, doubled only per window refused whole (the Python SDK's rule)", async () => {
+  // The device clock moved by hand (µs); the ticker's work run by hand.
+  const MS = 1000;
+  let clock = 1_700_000_000_000_000;
+  const c = make({ now: () => clock, backoffInitial: 1000, backoffMax: 60000 }); // a blind backoff would hold 0.5-1.5 s
+  const p = c.connect();
+  await sleep(5);
+  const ws = FakeWS.all.at(-1);
+  const cal = ws.of('CalibrateReq')[0];
+  ws.deliver(loginAck({ window: 8 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await p;
+  await sleep(0);
+  try {
+  let seen = 0;
+  const fresh = () => { const all = ws.of('SendReq'); const out = all.slice(seen).map((f) => f.local_id); seen = all.length; return out; };
+  const answer = (lid, code, seq = 0) => ws.deliver(frame('SendAck', { local_id: lid, code, msg_id: new Uint8Array(code ? 0 : 16), seq, server_time: 0 }));
+  const t0 = clock;
+  const sends = Array.from({ length: 40 }, (_, i) => c.send('d:u:v', `m${i}`));
+  const lids = fresh();
+  assert.equal(lids.length, 8);
+  // The bucket takes 8 in 20 ms (400/s), then refuses the next window whole.
+  clock = t0 + 10 * MS;
+  lids.forEach((lid, i) => answer(lid, 0, i + 1));
+  const second = fresh();
+  assert.equal(second.length, 8);
+  clock = t0 + 20 * MS;
+  for (const lid of second) answer(lid, ErrorCode.RATE_LIMITED);
+  assert.equal(c.stats.congestionEvents, 1, 'one window, one event');
+  assert.equal(c.sendWindow, 4, 'halved once');
+  // Held until the bucket holds the next window: 4 / (400/s) = 10 ms, not backoffInitial (jittered).
+  const holdFor = (ms, n, what) => {
+    const at = clock;
+    clock = at + ms * MS - 1; c._tick();
+    assert.deepEqual(fresh(), [], `${what}: still held just before ${ms} ms`);
+    clock = at + ms * MS; c._tick();
+    const out = fresh();
+    assert.equal(out.length, n, `${what}: ${n} sent at ${ms} ms`);
+    return out;
+  };
+  let out = holdFor(10, 4, 'the first event');
+  assert.deepEqual(out, second.slice(0, 4), 'the refused ones first, in order');
+  // Windows refused whole: the rate was too high, the hold doubles -- while the window halves (same 10 ms here).
+  for (const lid of out) answer(lid, ErrorCode.RATE_LIMITED);
+  assert.equal(c.stats.congestionEvents, 2);
+  out = holdFor(10, 2, 'a window refused whole (2 / 400/s x 2)');
+  for (const lid of out) answer(lid, ErrorCode.RATE_LIMITED);
+  out = holdFor(10, 1, 'again (1 / 400/s x 4)');
+  assert.equal(c.sendWindow, 1);
+  // One answered: no more doubling; the rate is measured again since the last event (1 answer in 15 ms: 1/15 per ms).
+  clock += 5 * MS;
+  answer(out[0], 0, 9);
+  out = fresh();
+  assert.equal(out.length, 2, '+1 per answer');
+  for (const lid of out) answer(lid, ErrorCode.RATE_LIMITED);
+  assert.equal(c.stats.congestionEvents, 4);
+  holdFor(15, 1, 'after an answer: 1 / (1/15 ms), not doubled');
+  assert.equal(sends.length, 40);
+  } finally { await c.close(); }
+});
+
 test('send timeout', async () => {
   const c = make({ reconnect: false });
   await connected(c);

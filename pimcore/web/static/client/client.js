@@ -306,8 +306,22 @@ export class PimcoreClient {
     this._lastLocalId = 0;
     this._localIdBase = 0; // µs: the clock at this run's first local id of its own (_newLocalId)
     this._lastStamp = 0;
+    // Congestion control (the Python SDK's ClientSession; CLIENT.md "Back-pressure"):
+    // the window (_cwnd, <= LoginAck.window) is halved once per congestion
+    // event and grows by one per answered send (AIMD), kept across reconnects.
+    // A congestion event is the first refusal of a transmission made after
+    // the last one (_tx > _recover): a window's refusals answer one burst.
     this._cwnd = 65536;
-    this._tx = 0; this._recover = 0; this._refusals = 0; this._holdUntil = 0;
+    this._tx = 0; this._recover = 0; this._holdUntil = 0; this._holdTimer = null;
+    this._refusals = 0; // congestion events since the last answered send (the hold's exponent)
+    this._episodeAt = 0; this._episodeBackoff = 0; // session time of the current event; its jittered backoff (µs)
+    // The broker's acceptance rate, learned from its refusals (it does not
+    // announce its send_rate): sends answered between two congestion events
+    // / the time between them -- between two moments its bucket was empty,
+    // what it took is what it refilled.
+    this._answers = 0; // sends answered (OK or final)
+    this._rateMark = { at: 0, answers: 0 }; // where the current sample began
+    this._rate = 0; // answers per µs; 0 = no sample yet
     this._stall = null;
     this._seen = new Map(); // conv -> highest seq seen (after_seq of the next send)
     this._readStates = new Map();
@@ -430,6 +444,7 @@ export class PimcoreClient {
     clearInterval(this._ticker); this._ticker = null;
     clearTimeout(this._reconnectTimer); this._reconnectTimer = null;
     clearTimeout(this._ackTimer); this._ackTimer = null;
+    clearTimeout(this._holdTimer); this._holdTimer = null;
     for (const e of this._pending.values()) e.reject(err instanceof ClientClosed ? new ClientClosed(err.message, e.localId) : err);
     this._pending.clear();
     for (const r of this._requests.values()) r.reject(err);
@@ -788,6 +803,7 @@ export class PimcoreClient {
       for (const f of frames) { if (!this._ws || this._decoder !== dec) return; this._handle(f, this._sessionNow()); }
     }, 0);
     for (const e of this._pending.values()) e.inFlight = false;
+    this._rateMark = { at: now, answers: this._answers }; // a new connection, a full bucket: a new rate sample
     this._fill(now);
     for (const [conv, seq] of this._wanted) this._sendFrame(frame('Read', { conv, seq }));
     if (this.takenUpto > this.ackedUpto) this._armAck();
@@ -852,6 +868,7 @@ export class PimcoreClient {
     // close the connection on a frame above max_frame, and a resend after the
     // reconnect would do it again, holding up every send behind it).
     if (this.loginAck && this._refuseOversize(entry)) return entry.promise;
+    if (!this._pending.size) this._rateMark = { at: now, answers: this._answers }; // idle until now: a rate sample starts here
     this._pending.set(lid, entry);
     // The message ends this user's typing indicator at the other members
     // (PROTOCOL.md): the next keystroke sends a fresh Typing at once.
@@ -906,6 +923,7 @@ export class PimcoreClient {
     entry.promise = new Promise((resolve, reject) => { entry.resolve = resolve; entry.reject = reject; });
     entry.promise.catch(() => {});
     if (this.loginAck && this._refuseOversize(entry)) return entry.promise;
+    if (!this._pending.size) this._rateMark = { at: now, answers: this._answers }; // idle until now: a rate sample starts here
     this._pending.set(lid, entry);
     this._refTicker();
     this._fill(now);
@@ -977,8 +995,7 @@ export class PimcoreClient {
       this._pending.delete(f.local_id);
       this._expired.delete(f.local_id);
       if (this._stall) { this._emit('sendsResumed', { since: this._stall.since, pending: this._pending.size }); this._stall = null; }
-      this._refusals = 0;
-      if (e.tx > this._recover) this._cwnd = Math.min(this._window, this._cwnd + 1);
+      this._answered(e);
       this._seen.set(e.conv, Math.max(this._seen.get(e.conv) || 0, f.seq));
       const rs = this._readStates.get(e.conv);
       if (rs && f.seq > rs.last_seq) rs.last_seq = f.seq;
@@ -994,7 +1011,7 @@ export class PimcoreClient {
     } else if (FINAL_CODES.has(f.code)) {
       this._pending.delete(f.local_id);
       const reason = e.reason || '';
-      if (e.tx > this._recover) this._cwnd = Math.min(this._window, this._cwnd + 1);
+      this._answered(e);
       e.reject(new SendError(f.code, reason));
     } else {
       // Transient: back into the queue; one congestion event per window.
@@ -1003,16 +1020,62 @@ export class PimcoreClient {
         this._stall = { since: this._rawNow }; // device clock
         this._emit('sendsStalled', { code: f.code, pending: this._pending.size, since: this._stall.since });
       }
-      if (e.tx > this._recover) {
-        this._recover = this._tx;
-        this.stats.congestionEvents++;
-        this._refusals++;
-        this._cwnd = Math.max(1, Math.min(this._cwnd, this._window) / 2);
-        const delay = Math.min(this.opts.backoffMax, this.opts.backoffInitial * 2 ** Math.min(this._refusals - 1, 16)) * (0.5 + Math.random());
-        this._holdUntil = Math.max(this._holdUntil, now + delay * 1000);
-      }
+      this._onRefusal(e, f.code, now);
     }
     this._fill(now);
+  }
+
+  /** A send answered (OK or final): the broker took it. */
+  _answered(e) {
+    this._answers++;
+    this._refusals = 0;
+    // Additive increase -- for what was sent after the last event only:
+    // answers to the refused window do not undo its halving.
+    if (e.tx > this._recover) this._cwnd = Math.min(this._window, this._cwnd + 1);
+  }
+
+  /** Window and hold after a transient refusal of `e` (the Python SDK's ClientSession._on_refusal). */
+  _onRefusal(e, code, now) {
+    const backoffInitial = this.opts.backoffInitial * 1000; // µs
+    const backoffMax = this.opts.backoffMax * 1000;
+    if (e.tx > this._recover) {
+      // A new congestion event: the first refusal of a transmission made after the last event.
+      this._recover = this._tx;
+      this.stats.congestionEvents++;
+      // Consecutive events with no send answered between them: the windows
+      // were refused whole, so the holds were too short (or the store is
+      // down): only then does the hold grow.
+      this._refusals++;
+      const { at, answers } = this._rateMark;
+      if (this._answers > answers && now > at) this._rate = (this._answers - answers) / (now - at);
+      this._rateMark = { at: now, answers: this._answers };
+      // Multiplicative decrease of what is really in use.
+      this._cwnd = Math.max(1, Math.min(this._cwnd, this._window) / 2);
+      this._episodeAt = now;
+      const backoff = Math.min(backoffMax, backoffInitial * 2 ** Math.min(this._refusals - 1, 16));
+      this._episodeBackoff = Math.floor(backoff * (0.5 + Math.random())); // jitter: no thundering herd
+    }
+    let delay;
+    if (code === ErrorCode.RATE_LIMITED) {
+      // The broker's token bucket is empty; it refills at about _rate.
+      // Hold until it holds the window that goes out next (not a blind
+      // growing backoff), but never longer than backoffInitial: a hold
+      // longer than the bucket's size / its rate wastes its refill (and
+      // would make the next _rate sample too low).  Doubled per window
+      // refused whole: then _rate was too high.
+      const need = this._rate > 0 ? this.sendWindow / this._rate : backoffInitial;
+      delay = Math.min(backoffMax, Math.min(backoffInitial, need) * 2 ** Math.min(this._refusals - 1, 16));
+    } else {
+      delay = this._episodeBackoff;
+    }
+    const until = this._episodeAt + Math.floor(delay);
+    if (until > this._holdUntil) {
+      this._holdUntil = until;
+      // Sent again when the hold ends, not at the next 100 ms tick (a hold is often a few ms).
+      clearTimeout(this._holdTimer);
+      this._holdTimer = setTimeout(() => { this._holdTimer = null; if (this.state !== State.CLOSED) this._fill(this._sessionNow()); }, Math.max(0, (until - now) / 1000));
+      this._holdTimer.unref?.(); // the ticker keeps the process up while sends wait
+    }
   }
 
   // ------------------------------------------------------------ receiving
