@@ -344,6 +344,39 @@ async def test_a_client_that_stops_reading_is_closed_with_bounded_memory(tmp_pat
                 await s.aclose()
 
 
+async def test_a_stalled_event_stream_holds_its_page_once(tmp_path: Path) -> None:
+    # A client that stops reading holds one page of the stream until the
+    # write timeout -- once: the page was held as the producer's buffer, a
+    # bytes copy of it and h11's chunk joined with its framing (three
+    # copies), and the events it was made from besides.
+    import tracemalloc
+
+    from pimcore.embed import open_pimcore
+    from pimcore.http import HttpConfig, open_http_server
+
+    from _net import SECRET
+
+    events, size = 40, 60_000
+    with trio.fail_after(60):
+        async with open_pimcore(data_dir=tmp_path, secret=SECRET.decode(), events=True, max_payload=size) as im:
+            async with open_http_server(im.server, HttpConfig(api_keys=(KEY,), request_timeout=5.0), handle=im) as h:
+                await im.create_group("team", ["alice"])
+                for i in range(events):
+                    await im.post("team", bytes([i]) * size)
+                page = events * (size * 4 // 3)  # (each event's payload in base64, the rest of its JSON besides)
+                tracemalloc.start()
+                try:
+                    base = tracemalloc.get_traced_memory()[0]
+                    s = await Sse.open(h.url, f"/v1/events/stream?limit={events}", rcvbuf=4096)
+                    await trio.sleep(1.0)  # the page is made and its write blocks
+                    held = tracemalloc.get_traced_memory()[0] - base
+                finally:
+                    tracemalloc.stop()
+                assert h.streams == 1 and h.streams_dropped == 0
+                assert page < held < 1.5 * page, (held, page)
+                await s.aclose()
+
+
 # ---------------------------------------------------------------- metrics
 
 

@@ -20,7 +20,7 @@ import base64
 import binascii
 import re
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, Union
 
 import trio
 
@@ -766,7 +766,7 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
             await handle._hold_events(consumer)  # reading from its cursor: the reclaim keeps what it has not acked
         start = cursor if after is None else after
 
-        async def produce(send: Callable[[bytes], Awaitable[None]]) -> None:
+        async def produce(send: Callable[[Union[bytes, bytearray]], Awaitable[None]]) -> None:
             # One page at a time, written before the next is read: what a
             # client that stops reading holds is one page (and the socket
             # buffers), then the write timeout closes the stream.
@@ -782,7 +782,10 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
                     await send(b": keep-alive\n\n")
                     continue
                 # One write within page_bytes (at least one event): the
-                # rest of the page is read again for the next.
+                # rest of the page is read again for the next.  Written as
+                # it is -- no copy -- and the events it was made from are
+                # let go first: a client that stops reading holds the page
+                # once until the write timeout.
                 out = bytearray()
                 for ev in await fresh_page(handle, page):
                     data = _json_bytes(_event(ev))
@@ -791,7 +794,8 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
                         break
                     out += event
                     pos = ev.id
-                await send(bytes(out))
+                del page, ev, data, event
+                await send(out)
 
         return 200, StreamBody("text/event-stream; charset=utf-8", produce,
                                (("cache-control", "no-cache"), ("x-accel-buffering", "no")))

@@ -35,7 +35,7 @@ import ssl
 from collections import Counter
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Iterable, Optional
+from typing import Any, Awaitable, Callable, Iterable, Optional, Union
 from urllib.parse import parse_qs, parse_qsl, unquote, unquote_plus, urlsplit
 
 import h11
@@ -142,10 +142,12 @@ class StreamBody:
     the stream is over.  Sent chunked, then the connection closes.  Each
     ``send`` has ``request_timeout`` to go out: a client that stops reading
     holds at most one chunk plus the socket buffers, then is disconnected
-    (nothing is queued ahead of the socket)."""
+    (nothing is queued ahead of the socket).  A chunk (bytes or a
+    bytearray) is written as it is, not copied: the producer must not
+    change it until ``send`` returned."""
 
     content_type: str
-    produce: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+    produce: Callable[[Callable[[Union[bytes, bytearray]], Awaitable[None]]], Awaitable[None]]
     headers: tuple[tuple[str, str], ...] = ()
 
 
@@ -782,12 +784,19 @@ class HttpServer:
         if request.method == "HEAD":
             return
 
-        async def send(chunk: bytes) -> None:
+        async def send(chunk: Union[bytes, bytearray]) -> None:
             if not chunk:
                 return
             try:
                 with trio.fail_after(timeout):
-                    await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
+                    # The chunk itself, between its framing, not joined with
+                    # it (a copy held as long as a stalled client takes).
+                    pieces = conn.send_with_data_passthrough(h11.Data(data=chunk)) or []
+                    if len(chunk) <= _JOIN_BELOW:
+                        await stream.send_all(b"".join(pieces))
+                    else:
+                        for piece in pieces:
+                            await stream.send_all(piece)
             except trio.TooSlowError:
                 self.streams_dropped += 1
                 log.warning("http stream %s closed: the client took no data for %g s", request.path, timeout,
