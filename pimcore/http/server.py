@@ -791,7 +791,8 @@ class HttpServer:
                 with trio.fail_after(timeout):
                     # The chunk itself, between its framing, not joined with
                     # it (a copy held as long as a stalled client takes).
-                    pieces = conn.send_with_data_passthrough(h11.Data(data=chunk)) or []
+                    # (h11 takes any bytes-like object, its hints say bytes.)
+                    pieces = conn.send_with_data_passthrough(h11.Data(data=chunk)) or []  # type: ignore[arg-type]
                     if len(chunk) <= _JOIN_BELOW:
                         await stream.send_all(b"".join(pieces))
                     else:
