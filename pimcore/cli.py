@@ -532,6 +532,15 @@ def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDi
                 short = nofile_shortfall(config.max_connections, http_conns)
                 if short is not None:
                     logging.getLogger("pimcore.serve").warning(short, extra={"event": "nofile_low"})
+                cli_key = os.environ.get("PIMCORE_API_KEY", "").strip()
+                if http_config is not None and cli_key and cli_key not in api_keys:
+                    # (Allowed next to the settings, as the key pimcore's own
+                    # --http commands send; an operator who set it for the
+                    # broker got 401s and no word why: a trial.)
+                    logging.getLogger("pimcore.serve").warning(
+                        "$PIMCORE_API_KEY is set, but it is the key pimcore's --http commands send, not one this"
+                        " broker takes: they will get 401. Give it in api_keys or $PIMCORE_API_KEYS to accept it",
+                        extra={"event": "api_key_not_taken"})
                 print("ready; Ctrl-C to stop", flush=True)
                 _tune_collector()
                 async for sig in signals:

@@ -447,6 +447,9 @@ _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "http.max_header_bytes": (1, True), "http.max_body_bytes": (1, True), "http.max_connections": (1, True),
     "http.max_page_bytes": (1, True),  # (and at least one message's JSON: ServeSettings._check_page_bytes)
     "http.request_timeout": (0, False), "http.keepalive_timeout": (0, False),
+    # (Said by the setting's name here: the core's own refusal names its
+    # BrokerConfig field, in µs.)
+    "server.history_max_age": (0, True), "server.history_max_count": (0, True),
 }
 
 
@@ -476,7 +479,8 @@ def _in_range(name: str, value: Any) -> Any:
     """``value`` if within ``name``'s bound (:data:`_LOWER_BOUNDS`), else ConfigError naming ``name``."""
     bound = _LOWER_BOUNDS.get(name)
     if bound is not None and not (value >= bound[0] if bound[1] else value > bound[0]):
-        what = "an integer >= %d" % bound[0] if bound[1] else "a number > %g" % bound[0]
+        what = ("an integer >= %d" if isinstance(value, int) else "a number >= %g") % bound[0] if bound[1] \
+            else "a number > %g" % bound[0]
         raise ConfigError(f"{name}: expected {what}, got {_show(value)}")
     return value
 
@@ -1269,6 +1273,10 @@ def _layer_from_doc(doc: dict[str, Any], here: Path, where: str) -> dict[tuple[O
     return layer
 
 
+#: The token secret's two settings (load_settings: one layer gives one of them).
+_TOKEN_SECRET: tuple[_Key, _Key] = ((None, "secret"), (None, "secret_file"))
+
+
 #: ``PIMCORE_*`` variables that are not settings but are the project's own
 #: (read by the build, the test suite, the C ABI): allowed next to the
 #: settings' variables; any other ``PIMCORE_*`` is a ConfigError, like an
@@ -1277,6 +1285,11 @@ OTHER_ENV = frozenset({"PIMCORE_CONFIG", "PIMCORE_BACKEND", "PIMCORE_PYTHON", "P
                        "PIMCORE_API_KEY",  # the key of `pimcore group/purge/retention --http` (cli.py)
                        "PIMCORE_CHROMIUM", "PIMCORE_ARTIFACTS"})  # the browser tests' (tests/test_js_client.py)
 OTHER_ENV_PREFIXES = ("PIMCORE_REQUIRE_", "PIMCORE_CHAOS_", "PIMCORE_CRASH_")
+
+
+#: What PIMCORE_<SECTION>_<KEY> gives for the settings whose variable is
+#: shorter (env_name): the variable to use instead.
+_RULE_NAMES = {"PIMCORE_HTTP_LISTEN": "PIMCORE_HTTP", "PIMCORE_STORE_URL": "PIMCORE_STORE"}
 
 
 def _check_env_names(env: Mapping[str, str]) -> None:
@@ -1290,7 +1303,9 @@ def _check_env_names(env: Mapping[str, str]) -> None:
             raise ConfigError(f"unknown environment variable ${name}: --{flag.replace('_', '-')} is a flag of"
                               f" pimcore serve only, with no variable or setting: give"
                               f" pimcore serve --{flag.replace('_', '-')}")
-        close = _close_match(name, known)
+        # (The rule's name of a setting with a short variable: $PIMCORE_HTTP_LISTEN
+        # suggested the broker's $PIMCORE_LISTEN.)
+        close = _RULE_NAMES.get(name) or _close_match(name, known)
         hint = f" (did you mean ${close}?)" if close else ""
         raise ConfigError(f"unknown environment variable ${name}: not a setting{hint}; settings are "
                           "PIMCORE_<KEY> or PIMCORE_<SECTION>_<KEY> (pimcore serve --print-config lists them)")
@@ -1384,6 +1399,20 @@ def load_settings(
     origins: dict[_Key, _Origin] = {}
 
     def take(layer: dict[_Key, Any], origin: Callable[[_Key], Optional[_Origin]]) -> None:
+        # ``secret`` and ``secret_file`` are one setting, the token secret,
+        # given two ways: a layer that gives one replaces the other of the
+        # layers below it (an environment's $PIMCORE_SECRET_FILE beats the
+        # file's secret); one layer giving both is refused, which of them
+        # was meant is not ours to guess (the secret won, silently).
+        given = [k for k in _TOKEN_SECRET if k in layer]
+        if len(given) == 2:
+            said = [f"{k[1]} ({_said_source(origin(k), 'given')})" for k in given]
+            raise ConfigError(f"{said[0]} and {said[1]} are both given: give one of them (secret_file names a file"
+                              " that holds the secret)")
+        for k in given:
+            other = _TOKEN_SECRET[1 - _TOKEN_SECRET.index(k)]
+            merged.pop(other, None)
+            origins.pop(other, None)
         merged.update(layer)
         for key in layer:
             o = origin(key)
@@ -1407,8 +1436,6 @@ def load_settings(
              lambda key: ("file", "settings"))
     take(_layer_from_env(env), lambda key: ("env", "$" + env_name(*key)))
     flag_layer = _layer_from_flags(flags, flags_are_options)
-    if (None, "secret_file") in flag_layer and (None, "secret") not in flag_layer:
-        merged.pop((None, "secret"), None)  # a --secret-file flag beats a secret from the file or environment
     take(flag_layer, lambda key: _flag_origin(key, flags_are_options))
 
     top = {k: v for (s, k), v in merged.items() if s is None}
@@ -1586,7 +1613,7 @@ def token_secret(settings: ServeSettings, *, create: bool = True) -> Optional[by
         source = _said_source(settings.origins.get((None, "secret")), "the secret setting")
         return _long_enough(settings, settings.secret.encode(), source)
     env = os.environ.get("PIMCORE_SECRET")
-    if env:
+    if env and settings.secret_file is None:  # (a secret_file a layer above gave replaces it: load_settings)
         return _long_enough(settings, env.encode(), "$PIMCORE_SECRET")
     if settings.secret_file is not None:
         key: _Key = (None, "secret_file")

@@ -1479,6 +1479,54 @@ def test_a_variable_of_a_flag_only_option_says_it_is_a_flag():
     assert "(did you mean $PIMCORE_DATA_DIR?)" in str(err.value)
 
 
+def test_the_rules_variable_of_a_setting_with_a_short_one_names_the_short_one():
+    """$PIMCORE_HTTP_LISTEN (what PIMCORE_<SECTION>_<KEY> gives for [http]
+    listen) suggested the broker's $PIMCORE_LISTEN: following it moved the
+    broker's listener."""
+    for given, meant in (("PIMCORE_HTTP_LISTEN", "PIMCORE_HTTP"), ("PIMCORE_STORE_URL", "PIMCORE_STORE")):
+        with pytest.raises(ConfigError) as err:
+            load_settings(env={given: "tcp://127.0.0.1:7481"})
+        assert f"(did you mean ${meant}?)" in str(err.value), str(err.value)
+
+
+def test_secret_and_secret_file_are_one_setting(tmp_path):
+    """Given both in one place, the secret won and secret_file was ignored
+    silently: refused now.  From two layers, the upper one's wins, as for
+    every setting (a file's secret and $PIMCORE_SECRET_FILE: the file)."""
+    long = "s" * 40
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f'secret = "{long}"\nsecret_file = "/etc/pimcore/secret"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg), env={})
+    assert str(err.value) == (f"secret ({cfg}) and secret_file ({cfg}) are both given: give one of them"
+                              " (secret_file names a file that holds the secret)")
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"PIMCORE_SECRET": long, "PIMCORE_SECRET_FILE": "/x"})
+    assert "are both given" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={}, secret=long, secret_file="/x")
+    assert "are both given" in str(err.value)
+    cfg.write_text(f'secret = "{long}"\n')
+    s = load_settings(str(cfg), env={"PIMCORE_SECRET_FILE": str(tmp_path / "f")})
+    assert s.secret is None and s.secret_file == tmp_path / "f"
+    cfg.write_text('secret_file = "f"\n')
+    s = load_settings(str(cfg), env={"PIMCORE_SECRET": long})
+    assert s.secret == long and s.secret_file is None
+
+
+@pytest.mark.parametrize("toml, said", [
+    ("[server]\nhistory_max_count = -1\n", "server.history_max_count: expected an integer >= 0, got -1"),
+    ("[server]\nhistory_max_age = -0.5\n", "server.history_max_age: expected a number >= 0, got -0.5"),
+])
+def test_a_negative_retention_setting_is_said_by_its_name(tmp_path, toml, said):
+    """It named the core's BrokerConfig.history_max_age (µs) for either."""
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg), env={})
+    assert str(err.value) == f"{cfg}: {said}"
+
+
 @pytest.mark.parametrize("toml, kw, said", [
     ('listen = ["tcp://127.0.0.1:17410", ""]\n', {"listen": ["tcp://127.0.0.1:17410", ""]},
      "listen: item 2 of the list is empty: give one URL in each item, or remove it"),

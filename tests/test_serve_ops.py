@@ -175,9 +175,16 @@ async def test_settings_from_environment_variables(tmp_path: Path, procs: ProcGr
         "PIMCORE_LOG_LEVEL": "warning",
         "PIMCORE_LIMITS_MAX_PAYLOAD": "100",
         "PIMCORE_API_KEYS": "key-one-0123456789, key-two-0123456789",
+        # The key pimcore's --http commands send: not one serve takes, and
+        # it says so (an operator who set it for the broker got 401s, no word).
+        "PIMCORE_API_KEY": "key-three-0123456789",
     }
     with trio.fail_after(60):
         server = procs.serve(env=env, cwd=tmp_path)
+        while not [line for line in server.err if "$PIMCORE_API_KEY is set" in line]:
+            await trio.sleep(0.05)  # (stderr is read by a thread of its own)
+        [said] = [line for line in server.err if "$PIMCORE_API_KEY is set" in line]
+        assert " WARNING " in said and "$PIMCORE_API_KEYS to accept it" in said, said
         assert [u.split(":")[0] for u in server.urls] == ["tcp", "ws", "http"]
         assert (data / "secret").is_file() and not (data / "api-key").exists()
         assert (await in_thread(http_get, server.url("http"), "/v1/info", "key-two-0123456789"))[0] == 200
