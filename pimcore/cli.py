@@ -397,6 +397,11 @@ def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDi
             # but what serve would refuse is refused here too.
             settings.server_config(check_only=True)
             settings.http_endpoint()
+            settings.check_tls_used()
+            if settings.secret:  # (given as a value; a secret_file is read by serve only)
+                from .config import token_secret
+
+                token_secret(settings, create=False)  # too short: refused, as serve does
             print(render_toml(settings.effective()), end="")
             return 0
         start.begin(settings.data_dir)

@@ -338,6 +338,9 @@ def test_config_file_type_errors_name_the_key(tmp_path: Path, text: str, needle:
         ({}, "[http]\nmax_header_bytes = -5\n", "http.max_header_bytes: expected an integer >= 1, got -5"),
         ({"PIMCORE_HTTP_MAX_PAGE_BYTES": "0"}, "", "http.max_page_bytes: expected an integer >= 1, got 0 (from $PIMCORE_HTTP_MAX_PAGE_BYTES)"),
         ({}, "http = 5\n", 'http: expected a table [http] or a URL string (http = "tcp://HOST:PORT"), got 5'),
+        # (Not http settings, but refused by serve and passed by --print-config: a trial.)
+        ({}, 'secret = "short"\n', "the token secret from "),
+        ({"PIMCORE_TLS_CERT": "c.pem", "PIMCORE_TLS_KEY": "k.pem"}, "", "given but no listener uses TLS"),
     ],
 )
 def test_http_settings_serve_refuses_are_refused_by_print_config_too(tmp_path: Path, env: dict[str, str], text: str,
