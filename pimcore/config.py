@@ -1492,6 +1492,8 @@ def load_settings(
     elif s.store_read_fanout_above is not None:
         raise s._refused("store.read_fanout_above: only for a Redis store (set store.url)",
                          ("store", "read_fanout_above"))
+    elif ("store", "namespace") in merged:  # (it was taken and ignored: a trial)
+        raise s._refused("store.namespace: only for a Redis store (set store.url)", ("store", "namespace"))
     for key, value, allowed in (("durability", s.durability, DURABILITY_MODES), ("log_level", s.log_level, LOG_LEVELS),
                                 ("log_format", s.log_format, LOG_FORMATS)):
         if value not in allowed:

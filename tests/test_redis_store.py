@@ -364,6 +364,10 @@ def test_the_address_map_parses_and_comes_from_file_or_environment(tmp_path) -> 
         load_settings(env={**env, "PIMCORE_STORE_ADDRESS_MAP": "10.0.0.1:7000"})
     with pytest.raises(ConfigError, match="store.address_map: only for a Redis store"):
         load_settings(env={"PIMCORE_STORE_ADDRESS_MAP": "a:1=b:2"})
+    # A namespace without a Redis store was taken and ignored (a trial).
+    with pytest.raises(ConfigError, match="store.namespace: only for a Redis store"):
+        load_settings(env={"PIMCORE_STORE_NAMESPACE": "x"})
+    assert load_settings(env={"PIMCORE_STORE": url, "PIMCORE_STORE_NAMESPACE": "x"}).store_namespace == "x"
 
 
 def _connections_received(cluster, port: int) -> int:
