@@ -131,7 +131,7 @@ describe('web demo in Chromium', { skip }, () => {
     await a.context.close(); await b.context.close();
   });
 
-  test('bad user names, oversize and bidi text, an outage longer than the send timeout, a replaced tab', async () => {
+  test('bad user names, oversize and bidi text, an outage longer than the send timeout, a second tab, leaving with a message unsent', async () => {
     // an invalid user id: the token endpoint's 400 is shown, sign-in works again
     const context = await browser.newContext({ viewport: { width: 1000, height: 640 } });
     const page = await context.newPage();
@@ -171,14 +171,39 @@ describe('web demo in Chromium', { skip }, () => {
     await v.page.locator('#convs li[data-conv="d:uma:vic"]').click();
     await until(async () => (await texts(v.page)).filter((t) => t === 'typed while offline').length === 1, 'vic gets it once');
 
-    // the same device in another tab replaces this one: the page says so
+    // another tab of the same user is another device: both stay connected
+    // (one device id for both replaced the first tab for good: a trial), and
+    // what one sends shows in the other as the user's own
+    const device = () => window.pimcoreClient.device;
     const page2 = await context.newPage();
     await page2.goto(`${broker.httpUrl}/web/`);
     await page2.getByTestId('user').fill('uma');
     await page2.getByTestId('signin').click();
     await connected(page2);
-    await page.getByTestId('closed-reason').filter({ hasText: 'REPLACED' }).waitFor({ timeout: 10000 });
-    assert.equal(await page.getByTestId('closed-reason').isVisible(), true);
+    assert.notEqual(await page2.evaluate(device), await page.evaluate(device));
+    await page2.locator('#convs li[data-conv="d:uma:vic"]').click();
+    await say(page2, 'from the second tab');
+    await until(async () => (await texts(page)).includes('from the second tab'), 'the first tab shows it');
+    assert.equal(await page.locator('#status').getAttribute('data-state'), 'ACTIVE');
+    assert.equal(await page.getByTestId('closed-reason').isVisible(), false);
+    // a reload keeps the tab's device (its inbox position and local ids)
+    const before = await page2.evaluate(device);
+    await page2.reload();
+    await page2.getByTestId('user').fill('uma');
+    await page2.getByTestId('signin').click();
+    await connected(page2);
+    assert.equal(await page2.evaluate(device), before);
+
+    // a message not acked yet is lost with the page: leaving asks first
+    await context.setOffline(true);
+    await page2.locator('#status[data-state="DISCONNECTED"]').waitFor({ timeout: 10000 });
+    await page2.locator('#convs li[data-conv="d:uma:vic"]').click();
+    await say(page2, 'not sent yet');
+    await page2.locator('#messages [data-mark="sending"]').waitFor();
+    const asked = new Promise((resolve) => page2.once('dialog', (d) => { resolve(d.type()); d.accept(); }));
+    await page2.close({ runBeforeUnload: true });
+    assert.equal(await asked, 'beforeunload');
+    await context.setOffline(false);
     await context.close(); await v.context.close();
   });
 

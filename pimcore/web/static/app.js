@@ -1,4 +1,4 @@
-// The web demo: one page = one device of one user, over the broker's
+// The web demo: one page (tab) = one device of one user, over the broker's
 // WebSocket listener, with the JavaScript client (./client/, a copy of
 // clients/js/src).  Plain DOM, re-rendered on every client event.
 import { PimcoreClient, MessageKind, directConv } from '/web/client/index.js';
@@ -176,9 +176,51 @@ async function sendText(conv, body) {
   render();
 }
 
+// A device id for this tab.  Each open tab is a device of its own -- two
+// tabs sharing one device id replaced each other (the broker keeps one
+// session per device) -- and a reload keeps its tab's id, so its inbox
+// position and its unsent messages' local ids stay its own: the ids of a
+// user's tabs are kept in localStorage, and a tab takes the first one no
+// other open tab holds (a Web Lock held for the page's life; without Web
+// Locks, the first id, as before).
+async function claimDevice(user) {
+  const key = `pimcore-demo-devices:${user}`;
+  let ids = [];
+  try { ids = JSON.parse(localStorage.getItem(key) || '[]'); } catch { /* not ours: start over */ }
+  if (!Array.isArray(ids)) ids = [];
+  const fresh = () => `web-${Math.random().toString(36).slice(2, 8)}`;
+  const keep = () => localStorage.setItem(key, JSON.stringify(ids));
+  if (!navigator.locks) {
+    if (!ids.length) { ids.push(fresh()); keep(); }
+    return ids[0];
+  }
+  for (let i = 0; ; i++) {
+    if (i >= ids.length) {
+      ids = [...JSON.parse(localStorage.getItem(key) || '[]'), fresh()]; // (another tab may have added one)
+      keep();
+      i = ids.length - 1;
+    }
+    const held = await new Promise((resolve) => {
+      navigator.locks.request(`pimcore-demo:${user}:${ids[i]}`, { ifAvailable: true }, (lock) => {
+        resolve(lock !== null);
+        return lock === null ? undefined : new Promise(() => {}); // held until the page goes
+      });
+    });
+    if (held) return ids[i];
+  }
+}
+
+// Messages typed but not acked yet live only in this page: leaving it (a
+// reload, a closed tab) would lose them, so the browser asks first.
+window.addEventListener('beforeunload', (ev) => {
+  if ([...pending.values()].some((list) => list.some((p) => !p.failed))) {
+    ev.preventDefault();
+    ev.returnValue = '';
+  }
+});
+
 async function signIn(user, pasted) {
-  const device = localStorage.getItem(`pimcore-demo-device:${user}`) || `web-${Math.random().toString(36).slice(2, 8)}`;
-  localStorage.setItem(`pimcore-demo-device:${user}`, device);
+  const device = await claimDevice(user);
   const token = cfg.demo ? async () => (await post('/web/token', { user })).token : pasted;
   // deflate streams both ways with pako's browser build (a `pako` global); without it, none
   const compression = window.pako ? deflateCompressionWith(window.pako) : null;
@@ -196,7 +238,7 @@ async function signIn(user, pasted) {
   client.on('sent', () => render());
   client.on('resynced', () => { fetched.clear(); render(); });
   client.on('closed', (e) => {
-    // For good (replaced by another tab of this device, token expired or
+    // For good (replaced by another login of this device, token expired or
     // revoked): say why where it can be seen, not in the hidden sign-in form.
     $('#login-error').textContent = String(e.message || e);
     if (!$('#app').hidden) {
