@@ -144,3 +144,55 @@ def test_serve_raises_its_open_files_limit_toward_what_max_connections_needs() -
             " print(json.dumps([raise_nofile(1000), raise_nofile(9000), raise_nofile(100), resource.getrlimit(R)]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
     assert json.loads(out) == [[256, 1000], [1000, 4096], None, [4096, 4096]]
+
+
+async def test_a_broker_whose_map_grew_without_its_checkpoint_writes_again_once_it_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The map grows (it doubles when full) while the broker has no file
+    # descriptor left for the resize's command log checkpoint: posts are
+    # refused STORE_UNAVAILABLE meanwhile, and once a descriptor is free
+    # again the next post writes the checkpoint and goes through -- and the
+    # broker's deferred LMDB commits go on (its deferred task took the
+    # failed commit for a stopped store and ended: a restart was needed).
+    import errno
+
+    from pimcore.embed import open_pimcore
+    from pimcore.errors import StoreError
+    from pimcore.store import LmdbStore
+    from pimcore.store import wal
+
+    real = wal.write_checkpoint
+
+    def no_fd(*a: object, **kw: object) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    store = LmdbStore(tmp_path / "store", durability="log", map_size=1 << 20)
+    assert store._log is not None
+    store._log.resize_retry_seconds = 0.0
+    posted: list[int] = []
+    with trio.fail_after(60):
+        async with open_pimcore(data_dir=tmp_path / "data", store=store) as im:
+            await im.create_group("team", ["alice", "bob"])
+            monkeypatch.setattr(wal, "write_checkpoint", no_fd)
+            start = store.map_size
+            with pytest.raises(StoreError):
+                for i in range(400):  # until the map grows
+                    posted.append((await im.post("team", bytes([i % 251]) * 30_000, sender="alice", device="d")).seq)
+            assert store.map_size > start and store.halted() is not None
+            await trio.sleep(3 * LmdbStore.defer_seconds)  # (past the deferred commit's due time, still failing)
+            monkeypatch.setattr(wal, "write_checkpoint", real)
+            for i in range(5):
+                posted.append((await im.post("team", b"again %d" % i, sender="alice", device="d")).seq)
+            while store.commit_delay() is not None:  # the deferred task commits LMDB's transaction
+                await trio.sleep(0.05)
+            assert store.halted() is None
+            history = await im.history("team", "bob", limit=1000)
+    live = {m.seq: m.payload for m in history}
+    assert set(posted) <= set(live) and len(posted) > 5
+    store.close()
+    again = LmdbStore(tmp_path / "store", durability="log", map_size=1 << 20)
+    try:
+        assert {m.seq: m.payload for m in again.history("team", 0, 100_000)} == live
+    finally:
+        again.close()

@@ -2446,6 +2446,13 @@ class LmdbStore(Store):
         op = self._open
         if op is None:
             return None
+        st = self._log
+        if st is not None and st.resize_unsettled:
+            # Nothing the owner can commit until a write has written the
+            # resize's checkpoint (settle_resize; the batches are reopened
+            # then, and on_open says so): a commit now would only fail, and
+            # a broker's deferred task would take the store for stopped.
+            return None
         if self._waiters:
             return 0.0
         return max(0.0, op.since + self.defer_seconds - time.monotonic())
@@ -2682,6 +2689,8 @@ class LmdbStore(Store):
             finally:
                 self._hot = None  # (the batches' caches were for their first run)
             self._open = op.with_txn(txn, txn.id() if _TXN_IDS else tid)
+            if self._on_open is not None:
+                self._on_open()  # (a new deferred transaction: its commit is due in defer_seconds)
             return
 
     def _commit_open(self) -> None:
