@@ -3182,6 +3182,47 @@ async def test_frames_before_login_are_counted(lmdb_store, opcode):
             assert code == 1008 and b"over 128 WebSocket frames before the Login" in reason, rest[:200]
 
 
+async def test_the_websocket_reader_yields_between_many_small_frames():
+    """trio-websocket's reader handles every frame of a read (4 KiB) before
+    its next checkpoint: ~680 unasked Pongs (6 bytes each, allowed after
+    the login) kept every other task waiting.  BoundedWebSocketConnection
+    checkpoints every YIELD_EVERY frames: counted in the reader's task
+    steps, not timed."""
+    from trio.testing import memory_stream_pair
+    from pimcore.net.streams import BoundedWebSocketConnection, wrap_server_websocket
+
+    class Steps(trio.abc.Instrument):
+        def __init__(self) -> None:
+            self.reader = 0
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task.name.endswith("_reader_task"):
+                self.reader += 1
+
+    pongs = 2000
+    with trio.fail_after(10):
+        client_side, server_side = memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            await client_side.send_all(WS_UPGRADE)
+            request = await wrap_server_websocket(nursery, server_side, max_message_size=1 << 16)
+            ws = await request.accept()
+            ws.logged_in = True  # (no pre-login count: that would end it at 128)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await client_side.receive_some()
+            steps = Steps()
+            trio.lowlevel.add_instrument(steps)
+            try:
+                await client_side.send_all(_ws_frame(0xA, True, b"") * pongs + _ws_frame(0x2, True, b"end"))
+                assert await ws.get_message() == b"end"
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            # 12 KB came in 3 reads of 4 KiB (a step each): the rest are checkpoints.
+            assert BoundedWebSocketConnection.YIELD_EVERY == 64
+            assert steps.reader >= pongs // 64, steps.reader
+            nursery.cancel_scope.cancel()
+
+
 async def test_an_empty_websocket_message_is_no_end_of_stream(lmdb_store):
     # An empty binary message carries no bytes; it must not read as the
     # end of the stream (receive_some's b"") and end the session.
