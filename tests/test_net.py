@@ -18,7 +18,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
 import jwt
 import pytest
@@ -3002,9 +3002,12 @@ async def test_a_websocket_protocol_error_gets_its_close_code_and_is_logged_as_s
     assert line.reason.startswith(f"connection lost: WebSocket protocol error ({code}: "), line.getMessage()
 
 
-async def _upgraded_ws(port: int) -> tuple[trio.SocketStream, bytes]:
-    """A raw ws:// connection past its 101 answer, and what came after the head."""
-    stream = await _raw_ws_conn(port, WS_UPGRADE)
+async def _upgraded_ws(port: int, tls: Optional[ssl.SSLContext] = None) -> tuple[trio.abc.Stream, bytes]:
+    """A raw ws:// connection (wss:// with ``tls``) past its 101 answer, and what came after the head."""
+    stream: trio.abc.Stream = await _raw_ws_conn(port)
+    if tls is not None:
+        stream = trio.SSLStream(stream, tls, server_hostname="127.0.0.1")
+    await stream.send_all(WS_UPGRADE)
     head = b""
     while b"\r\n\r\n" not in head:
         head += await stream.receive_some()
@@ -3079,6 +3082,145 @@ async def test_a_websocket_message_before_login_is_held_to_the_pre_login_limit(l
                     if f is None:
                         decoder.feed(await ws.get_message())
                 assert f.code == 0 and f.seq == 1, f
+
+
+def _ws_frame(opcode: int, fin: bool, payload: bytes) -> bytes:
+    """A client's (masked) WebSocket frame, its length in the fewest bytes."""
+    m = os.urandom(4)
+    body = bytes(c ^ m[i % 4] for i, c in enumerate(payload))
+    n = len(payload)
+    size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n) if n < 65536 else bytes([0x80 | 127]) + struct.pack(">Q", n)
+    return bytes([(0x80 if fin else 0) | opcode]) + size + m + body
+
+
+def _tiny_fragments(n: int) -> bytes:
+    """A binary message's first frame and ``n`` continuations, one byte each, none final."""
+    return _ws_frame(0x2, False, b"\x00") + _ws_frame(0x0, False, b"\x00") * n
+
+
+def _close_of(rest: bytes) -> tuple[int, bytes]:
+    """The code and reason of the server's Close that ``rest`` starts with."""
+    assert rest[:1] == b"\x88" and rest[1] <= 125 and len(rest) >= 2 + rest[1], rest[:200]
+    return int.from_bytes(rest[2:4], "big"), rest[4 : 2 + rest[1]]
+
+
+@pytest.mark.parametrize("endpoint", ["ws", "wss"])
+async def test_a_websocket_message_in_tiny_fragments_is_refused_before_login(lmdb_store, caplog, endpoint, ca):
+    """A connection that upgraded and never logged in sent 65,000 one-byte
+    continuation frames: each cost the broker a frame's parse and handling,
+    hundreds of them between two checkpoints, and 16 such connections made
+    an honest client's send wait 0.3-0.5 s (trial-o).  A frame of a message
+    but its last carries MIN_FRAGMENT (1 KiB) at least: the first one under
+    it ends the connection with Close 1008 (policy violation) and a reason
+    (the same rule as a logged-in client's, below).  Counted, not timed: the
+    200 continuations after the first are never looked at."""
+    caplog.set_level(logging.INFO, logger="pimcore.net")
+    ep = Endpoint(endpoint, path="/im")
+    with trio.fail_after(20):
+        kw = {"ssl_context": _serving_tls(ca)} if endpoint == "wss" else {}
+        async with serving(lmdb_store, server_config(ep, **kw)) as srv:
+            stream, rest = await _upgraded_ws(srv.endpoints[0].port, _trusting(ca) if endpoint == "wss" else None)
+            await stream.send_all(_tiny_fragments(200) + _ws_frame(0x0, True, b"\x00"))
+            rest += await _read_to_the_end(stream)
+            code, reason = _close_of(rest)
+            assert code == 1008 and b"fragmented into frames under 1024 bytes" in reason, rest[:200]
+            async with client(srv.url(endpoint), "alice", ssl_context=_trusting(ca) if endpoint == "wss" else None) as a:
+                assert (await a.send(AB, b"still fine")).seq == 1
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "close" and r.code is None]
+    assert line.reason.startswith("connection lost: WebSocket protocol error (1008: "), line.getMessage()
+
+
+async def test_tiny_fragments_are_refused_after_login_and_fragments_of_1_kib_are_taken(lmdb_store):
+    """Logged in, a message's frames but its last carry 1 KiB at least, too
+    (the SDKs send each message as one frame: they never meet the rule); a
+    client that splits a message into 1 KiB frames (other WebSocket
+    libraries do) is served as before."""
+    from trio_websocket import open_websocket_url
+
+    with trio.fail_after(20):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            async with open_websocket_url(srv.url("ws")) as ws:
+                await ws.send_message(encode_frame(F.Login(token("alice").encode(), "d", 0, 0, 0)))
+                decoder = Decoder()
+                decoder.feed(await ws.get_message())
+                assert isinstance(decoder.next_frame(), F.LoginAck)
+                # A 5 KB SendReq in 1 KiB frames and a short last one, written
+                # past the client's WebSocket (it sends one frame a message).
+                data = encode_frame(F.SendReq(1, AB, 1, b"p" * 5000))
+                pieces = [data[i : i + 1024] for i in range(0, len(data), 1024)]
+                await ws._stream.send_all(b"".join(_ws_frame(0x2 if i == 0 else 0x0, i == len(pieces) - 1, p)
+                                                  for i, p in enumerate(pieces)))
+                while (f := decoder.next_frame()) is None or not isinstance(f, F.SendAck):
+                    if f is None:
+                        decoder.feed(await ws.get_message())
+                assert f.code == 0 and f.seq == 1, f
+                # Then one in 1-byte frames: refused at its first.
+                await ws._stream.send_all(_tiny_fragments(200))
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        await ws.get_message()
+                assert closed.value.reason.code == 1008, closed.value.reason
+                assert "fragmented into frames under 1024 bytes" in (closed.value.reason.reason or "")
+
+
+@pytest.mark.parametrize("opcode", [0xA, 0x9, 0x2], ids=["pongs", "pings", "empty-messages"])
+async def test_frames_before_login_are_counted(lmdb_store, opcode):
+    """Tiny frames that are no fragments cost a parse each too: unasked
+    Pongs, Pings, empty messages.  Before its Login is granted a connection
+    sends PRE_LOGIN_MAX_FRAMES (128) WebSocket frames at the most (a Login
+    is one; in 1 KiB fragments a 64 KiB token's is 64): the next ends it
+    with Close 1008.  Counted: the 1,000 frames sent are never all read."""
+    with trio.fail_after(20):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"), login_timeout=60)) as srv:
+            stream, rest = await _upgraded_ws(srv.endpoints[0].port)
+            await stream.send_all(_ws_frame(opcode, True, b"") * 1000)
+            rest += await _read_to_the_end(stream)
+            # (Pings are answered until the limit: Pongs, then the Close.)
+            while rest[:1] == b"\x8a":
+                rest = rest[2 + rest[1] :]
+            code, reason = _close_of(rest)
+            assert code == 1008 and b"over 128 WebSocket frames before the Login" in reason, rest[:200]
+
+
+async def test_the_websocket_reader_yields_between_many_small_frames():
+    """trio-websocket's reader handles every frame of a read (4 KiB) before
+    its next checkpoint: ~680 unasked Pongs (6 bytes each, allowed after
+    the login) kept every other task waiting.  BoundedWebSocketConnection
+    checkpoints every YIELD_EVERY frames: counted in the reader's task
+    steps, not timed."""
+    from trio.testing import memory_stream_pair
+    from pimcore.net.streams import BoundedWebSocketConnection, wrap_server_websocket
+
+    class Steps(trio.abc.Instrument):
+        def __init__(self) -> None:
+            self.reader = 0
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task.name.endswith("_reader_task"):
+                self.reader += 1
+
+    pongs = 2000
+    with trio.fail_after(10):
+        client_side, server_side = memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            await client_side.send_all(WS_UPGRADE)
+            request = await wrap_server_websocket(nursery, server_side, max_message_size=1 << 16)
+            ws = await request.accept()
+            ws.logged_in = True  # (no pre-login count: that would end it at 128)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await client_side.receive_some()
+            steps = Steps()
+            trio.lowlevel.add_instrument(steps)
+            try:
+                await client_side.send_all(_ws_frame(0xA, True, b"") * pongs + _ws_frame(0x2, True, b"end"))
+                assert await ws.get_message() == b"end"
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            # 12 KB came in 3 reads of 4 KiB (a step each): the rest are checkpoints.
+            assert BoundedWebSocketConnection.YIELD_EVERY == 64
+            assert steps.reader >= pongs // 64, steps.reader
+            nursery.cancel_scope.cancel()
 
 
 async def test_an_empty_websocket_message_is_no_end_of_stream(lmdb_store):

@@ -74,7 +74,7 @@ from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, Union
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
+from trio_websocket import ConnectionClosed, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import RejectConnection, Request
 from wsproto.utilities import RemoteProtocolError
@@ -106,7 +106,7 @@ from ..core import (
 from ..errors import AuthError, BrokerStopped, CloseCode, ErrorCode, StoreError
 from ..store.base import AsyncStore, Deduped, GroupChanged, ReadDedupe, Rejected, Result, Store, StoreRequest as _StoreRequest
 from ..protocol import PRE_LOGIN_MAX_FRAME, encode_close, refuse_connection
-from .streams import _PROTOCOL_CLOSES, Endpoint, StreamWrapper, WebSocketStream
+from .streams import _PROTOCOL_CLOSES, Endpoint, StreamWrapper, WebSocketStream, wrap_server_websocket
 
 __all__ = [
     "ServerConfig", "ServerStatistics", "HistogramSnapshot", "BrokerServer", "open_broker_server", "wall_clock_us",
@@ -1676,7 +1676,7 @@ class BrokerServer:
                             with waiting:
                                 if isinstance(stream, trio.SSLStream):
                                     await stream.do_handshake()
-                                request = await wrap_server_stream(nursery, watch, max_message_size=pre_login_msg)
+                                request = await wrap_server_websocket(nursery, watch, max_message_size=pre_login_msg)
                             watch.on_end = None
                         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                             ended = _why_lost(stream, exc)

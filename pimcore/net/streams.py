@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest
+from wsproto import ConnectionType, WSConnection
 
 from ..ids import quote_arg
 
-__all__ = ["Endpoint", "parse_url", "url_extra_problem", "WebSocketStream", "SCHEMES"]
+__all__ = ["Endpoint", "parse_url", "url_extra_problem", "WebSocketStream", "BoundedWebSocketConnection",
+           "wrap_server_websocket", "SCHEMES"]
 
 SCHEMES = ("tcp", "tls", "ws", "wss")
 _DEFAULT_PORTS = {"tcp": 7400, "tls": 7401, "ws": 7480, "wss": 7443}
@@ -145,8 +147,107 @@ class StreamWrapper(trio.abc.Stream):
 
 
 #: Close codes that end a WebSocket for a protocol error (RFC 6455 section
-#: 7.4.1: 1002 protocol error, 1007 data not of its type, 1009 too big).
-_PROTOCOL_CLOSES = frozenset((1002, 1007, 1009))
+#: 7.4.1: 1002 protocol error, 1007 data not of its type, 1008 policy
+#: violation -- BoundedWebSocketConnection's tiny frames --, 1009 too big).
+_PROTOCOL_CLOSES = frozenset((1002, 1007, 1008, 1009))
+
+
+class BoundedWebSocketConnection(WebSocketConnection):
+    """The broker's side of a WebSocket (trio-websocket), the CPU its peer
+    can make it spend per byte bounded.
+
+    Each WebSocket frame costs a parse (wsproto) and an event's handling
+    whatever its size, and trio-websocket's reader handles all the frames
+    of one read (4 KiB) without a checkpoint: a connection that upgraded
+    and never logged in sent 65,000 one-byte continuation frames (7 bytes
+    each on the wire), ~585 frames between two checkpoints, and 16 such
+    connections made an honest client's send wait 0.3-0.5 s (trial-o).
+    Neither trio-websocket (0.12: max_message_size, message_queue_size,
+    receive_buffer_size) nor wsproto (1.3) has a setting that bounds
+    frames, hence this subclass (of the same private hooks the rest of
+    this module reads: ``_max_message_size``; see wrap_server_websocket):
+
+    * A message's frames but its last carry MIN_FRAGMENT bytes at least,
+      before the login and after it (the SDKs send a message as one frame;
+      libraries that fragment do so at kilobytes).  The first under it ends
+      the connection with Close 1008 (policy violation) and a reason.
+    * Until its Login is granted (:attr:`logged_in`), a connection sends
+      PRE_LOGIN_MAX_FRAMES WebSocket frames at the most, of any kind (data,
+      Ping, Pong): a Login is one message; tiny whole messages, Pings or
+      unasked Pongs cost a parse each as fragments do.  The next: Close 1008.
+    * The reader checkpoints every YIELD_EVERY frames it handles (a logged-in
+      peer's many tiny Pongs or messages yield to the others regularly).
+
+    The Close is not sent here: the connection's end is a protocol error's
+    (WebSocketStream.receive_some), and BrokerServer._serve_ws sends its
+    Close, then drops what the peer still sends for a while, as for a frame
+    that broke RFC 6455 (_EndWatch.protocol_close), so that no reset
+    overtakes it.
+    """
+
+    #: Least bytes in a frame of a message that is not its last.
+    MIN_FRAGMENT = 1024
+    #: WebSocket frames a connection may send before its Login is granted.
+    PRE_LOGIN_MAX_FRAMES = 128
+    #: Frames the reader handles between two checkpoints at the most.
+    YIELD_EVERY = 64
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        #: The peer's Login was granted (WebSocketStream.logged_in).
+        self.logged_in = False
+        self._frames = 0  # frames handled (counted until the login)
+        self._frame_bytes = 0  # the current data frame's bytes so far
+        self._unyielded = 0  # frames handled since the reader's last checkpoint here
+
+    async def _frame_done(self) -> None:
+        if not self.logged_in:
+            self._frames += 1
+            if self._frames > self.PRE_LOGIN_MAX_FRAMES:
+                self._refuse(f"over {self.PRE_LOGIN_MAX_FRAMES} WebSocket frames before the Login")
+        self._unyielded += 1
+        if self._unyielded >= self.YIELD_EVERY:
+            self._unyielded = 0
+            await trio.lowlevel.checkpoint()
+
+    def _refuse(self, reason: str) -> None:
+        """End the connection with Close 1008 and ``reason`` (sent by
+        _serve_ws): its reader stops (no more frames of it are looked at),
+        and get_message raises ConnectionClosed with this reason."""
+        self._close_reason = CloseReason(1008, reason)
+        self._message_parts = []
+        self._message_size = 0
+        self._recv_channel.close()
+        raise ConnectionClosed(self._close_reason)  # (the reader task's loop stops on it)
+
+    async def _handle_message_event(self, event: Any) -> None:
+        # (wsproto gives a frame in as many events as reads it came in.)
+        self._frame_bytes += len(event.data)
+        if event.frame_finished:
+            size, self._frame_bytes = self._frame_bytes, 0
+            if not event.message_finished and size < self.MIN_FRAGMENT:
+                self._refuse(f"a message fragmented into frames under {self.MIN_FRAGMENT} bytes ({size}), not its last")
+            await self._frame_done()
+        await super()._handle_message_event(event)
+
+    async def _handle_ping_event(self, event: Any) -> None:
+        await self._frame_done()
+        await super()._handle_ping_event(event)
+
+    async def _handle_pong_event(self, event: Any) -> None:
+        await self._frame_done()
+        await super()._handle_pong_event(event)
+
+
+async def wrap_server_websocket(nursery: trio.Nursery, stream: trio.abc.Stream, *,
+                                max_message_size: int) -> WebSocketRequest:
+    """trio_websocket.wrap_server_stream, its connection a
+    BoundedWebSocketConnection (trio-websocket 0.11 and 0.12 build it the
+    same way: the connection, its reader task, then the upgrade request)."""
+    connection = BoundedWebSocketConnection(stream, WSConnection(ConnectionType.SERVER),
+                                            max_message_size=max_message_size)
+    nursery.start_soon(connection._reader_task)
+    return await connection._get_request()
 
 
 class WebSocketStream(trio.abc.Stream):
@@ -181,6 +282,8 @@ class WebSocketStream(trio.abc.Stream):
         if self._max_message_size is not None and hasattr(self.ws, "_max_message_size"):
             # (trio-websocket 0.12 keeps the limit there and reads it per message.)
             self.ws._max_message_size = max(self.ws._max_message_size, self._max_message_size)
+        if isinstance(self.ws, BoundedWebSocketConnection):
+            self.ws.logged_in = True  # no more frames counted (the small-fragment rule stays)
 
     async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
         if self._pending:
