@@ -416,12 +416,77 @@ class HttpConfig:
 #: a longer one is written on its own, without being copied (_send).
 _JOIN_BELOW = 64 * 1024
 
+#: Most bytes of a receive given to h11 at once (the rest waits in
+#: :class:`_Wire`): what h11 holds stays small, so peeking at it
+#: (``trailing_data`` copies it whole) at each chunk of a body costs little.
+_FEED_BYTES = 4096
+
+#: h11 events of one request handled between two checkpoints: a receive of
+#: 64 KiB of one-byte chunks is over 9,000 events (about 5 us each), and
+#: nothing else of the broker ran while they were read.
+_EVENTS_PER_CHECKPOINT = 64
+
+#: A chunked body may have this many chunks of any size; past them it must
+#: average at least MIN_CHUNK_BYTES a chunk, else 400.  h11 makes an event of
+#: every chunk (its cost is per chunk, not per byte): 170,000 one-byte chunks,
+#: under max_body_bytes, were about a second of the loop each.
+MAX_SMALL_CHUNKS = 1024
+MIN_CHUNK_BYTES = 256
+
 #: _while_connected's answer when shutdown() ended the wait.
 _SHUTTING_DOWN = object()
 
 
 class _StreamDropped(Exception):
     """A stream's client stopped reading (internal to _send_stream)."""
+
+
+class _Wire:
+    """A connection's bytes on their way into its h11 connection: what was
+    received and not yet given to h11 waits in ``pending`` and is fed
+    _FEED_BYTES at a time, when h11 needs data."""
+
+    __slots__ = ("stream", "conn", "pending", "eof")
+
+    def __init__(self, stream: trio.abc.Stream, conn: h11.Connection) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.pending = bytearray()
+        self.eof = False  # the client's EOF came (fed to h11 once pending is)
+
+    def buffered(self) -> int:
+        """Bytes received and not yet parsed (h11's and ours)."""
+        return len(self.pending) + len(self.conn.trailing_data[0])
+
+    def first_bytes(self) -> bytes:
+        """The first bytes not yet parsed (a request's start)."""
+        return self.conn.trailing_data[0] + bytes(self.pending[:8])
+
+    def add(self, data: bytes) -> None:
+        """Received ``data`` (b"": the client's EOF), for h11 later."""
+        if data:
+            self.pending += data
+        else:
+            self.eof = True
+
+    def feed(self) -> bool:
+        """Give h11 the next slice (or the EOF after the last); False if
+        there is nothing to give."""
+        if self.pending:
+            piece = bytes(self.pending[:_FEED_BYTES])
+            del self.pending[:_FEED_BYTES]
+            self.conn.receive_data(piece)
+            return True
+        if self.eof:
+            self.conn.receive_data(b"")
+            return True
+        return False
+
+    async def fill(self) -> None:
+        """h11 needs data: what is pending, else the next receive."""
+        if not self.feed():
+            self.add(bytes(await self.stream.receive_some(64 * 1024)))
+            self.feed()
 
 
 def _request_start(buffered: bytes | bytearray) -> bool:
@@ -530,7 +595,7 @@ class HttpServer:
             if self._conns > self.config.max_connections:
                 await self._send_error(stream, conn, HttpError(503, "UNAVAILABLE", "too many connections"))
                 return
-            await self._serve_requests(stream, conn)
+            await self._serve_requests(_Wire(stream, conn))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             from ..net.server import tls_handshake_failed
 
@@ -548,34 +613,35 @@ class HttpServer:
             if self._closing and self._conns == 0:
                 self._all_closed.set()
 
-    async def _receive(self, stream: trio.abc.Stream, conn: h11.Connection) -> Any:
+    async def _receive(self, wire: _Wire) -> Any:
         """The next h11 event, reading as needed (EOF is fed as b"")."""
         while True:
-            event = conn.next_event()
+            event = wire.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            conn.receive_data(bytes(await stream.receive_some(64 * 1024)))
+            await wire.fill()
 
-    async def _serve_requests(self, stream: trio.abc.Stream, conn: h11.Connection) -> None:
+    async def _serve_requests(self, wire: _Wire) -> None:
         cfg = self.config
+        stream, conn = wire.stream, wire.conn
         while True:
             # Between requests: wait keepalive_timeout for a first byte (or
             # what is already buffered), then request_timeout for the rest.
-            if self._closing and conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+            if self._closing and conn.their_state is h11.IDLE and not wire.buffered():
                 return  # shutting down: no next request
-            if not conn.trailing_data[0]:
+            if not wire.buffered():
                 with trio.move_on_after(cfg.keepalive_timeout) as idle:
                     self._waits.add(idle)
                     try:
                         data = bytes(await stream.receive_some(64 * 1024))
                     finally:
                         self._waits.discard(idle)
-                    conn.receive_data(data)
+                    wire.add(data)
                     if not data:
                         return
-                if not conn.trailing_data[0] and conn.their_state is h11.IDLE:
+                if not wire.buffered() and conn.their_state is h11.IDLE:
                     return  # silent for keepalive_timeout (or shutting down): hang up
-            if conn.their_state is h11.IDLE and not _request_start(conn.trailing_data[0]):
+            if conn.their_state is h11.IDLE and not _request_start(wire.first_bytes()):
                 # Bytes no request begins with (a pimcore tcp:// client's
                 # Login): h11 would wait for a line end until request_timeout.
                 # Answered at once, naming this port (the SDK says so).
@@ -583,7 +649,7 @@ class HttpServer:
                 return
             try:
                 with trio.fail_after(cfg.request_timeout):
-                    request = await self._read_request(stream, conn)
+                    request = await self._read_request(wire)
             except trio.TooSlowError:
                 await self._send_error(stream, conn, HttpError(408, "REQUEST_TIMEOUT",
                                                                f"the request did not arrive within {cfg.request_timeout:g} s"))
@@ -609,7 +675,7 @@ class HttpServer:
                 return  # the client closed between requests
             if request.method in ("GET", "HEAD"):
                 # A GET may be a long-poll or a stream: notice the client leaving.
-                answer = await self._while_connected(stream, conn, self._handle(request))
+                answer = await self._while_connected(wire, self._handle(request))
                 if answer is _SHUTTING_DOWN:
                     await self._send_error(stream, conn, HttpError(503, "UNAVAILABLE", "the server is shutting down"))
                     return
@@ -619,8 +685,8 @@ class HttpServer:
             else:
                 status, headers, body = await self._handle(request)
             if isinstance(body, StreamBody):
-                ended = await self._while_connected(stream, conn, self._send_stream(stream, conn, status, headers, body,
-                                                                                     request))
+                ended = await self._while_connected(wire, self._send_stream(stream, conn, status, headers, body,
+                                                                             request))
                 if ended is _SHUTTING_DOWN and conn.our_state is h11.SEND_BODY:
                     with trio.move_on_after(cfg.request_timeout):  # the chunked body's end
                         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
@@ -637,7 +703,7 @@ class HttpServer:
                 return
             conn.start_next_cycle()
 
-    async def _while_connected(self, stream: trio.abc.Stream, conn: h11.Connection, work: Awaitable[Any]) -> Any:
+    async def _while_connected(self, wire: _Wire, work: Awaitable[Any]) -> Any:
         """``await work`` (answering a GET: a long-poll, a stream) while
         reading the connection, so a client that hangs up (EOF or reset) is
         noticed now -- ``work`` is cancelled and None returned -- instead of
@@ -652,16 +718,16 @@ class HttpServer:
 
         async def watch(cancel: trio.CancelScope) -> None:
             nonlocal left
-            while len(conn.trailing_data[0]) < self.config.max_header_bytes:
+            while wire.buffered() < self.config.max_header_bytes:
                 try:
-                    data = await stream.receive_some(64 * 1024)
+                    data = await wire.stream.receive_some(64 * 1024)
                 except (trio.BrokenResourceError, OSError):
                     data = b""
                 if not data:
                     left = True
                     cancel.cancel()
                     return
-                conn.receive_data(bytes(data))
+                wire.add(bytes(data))
 
         if self._closing:
             work.close()  # type: ignore[attr-defined]  # a coroutine never started
@@ -681,8 +747,9 @@ class HttpServer:
             return None
         return result[0]
 
-    async def _read_request(self, stream: trio.abc.Stream, conn: h11.Connection) -> Optional[Request]:
-        event = await self._receive(stream, conn)
+    async def _read_request(self, wire: _Wire) -> Optional[Request]:
+        conn = wire.conn
+        event = await self._receive(wire)
         if isinstance(event, h11.ConnectionClosed):
             return None
         assert isinstance(event, h11.Request), event
@@ -727,7 +794,12 @@ class HttpServer:
         # request_timeout, 408).  at_size: the bytes h11 reads next are
         # (the CRLF that ends the last chunk, then) a chunk's size line.
         at_size = headers.get("transfer-encoding", "").strip().lower() == "chunked"
+        chunks = 0
+        events = 0
         while True:
+            events += 1
+            if events % _EVENTS_PER_CHECKPOINT == 0:
+                await trio.lowlevel.checkpoint()  # let the broker run: a body can be thousands of events
             size_line_whole = False
             if at_size:
                 buffered = conn.trailing_data[0]
@@ -741,11 +813,18 @@ class HttpServer:
             if ev is h11.NEED_DATA:
                 if size_line_whole:
                     at_size = False  # h11 took the size line; the chunk's data is next
-                conn.receive_data(bytes(await stream.receive_some(64 * 1024)))
+                await wire.fill()
             elif isinstance(ev, h11.Data):
                 body += ev.data
                 if len(body) > limit:
                     raise too_large
+                if ev.chunk_start:
+                    chunks += 1
+                    if chunks > MAX_SMALL_CHUNKS + len(body) // MIN_CHUNK_BYTES:
+                        raise HttpError(400, "BAD_REQUEST",
+                                        f"the chunked body is in too many small chunks: {chunks} for {len(body)} bytes"
+                                        f" (past {MAX_SMALL_CHUNKS} chunks they must average {MIN_CHUNK_BYTES} bytes"
+                                        " or more): send larger chunks, or the body with a Content-Length")
                 at_size = ev.chunk_end
             elif isinstance(ev, h11.EndOfMessage):
                 break

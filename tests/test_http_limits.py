@@ -1,0 +1,110 @@
+"""The HTTP listener against hostile or careless clients (a new operator's
+trial, trial-o): a chunked body in tiny chunks, bodies sent with a wrong
+key, idle connections up to max_connections, and what the listener tells
+monitoring about what it refused.  Raw sockets on loopback; no timed
+assertions (the clock-based ones run on trio's autojump clock)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import h11
+import pytest
+import trio
+
+from pimcore.http import HttpError, Request
+
+from test_http import KEY, broker_http, host_port, metrics, read_until_eof
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def _echo(request: Request) -> tuple[int, Any]:
+    return 200, {"bytes": len(request.body)}
+
+
+def _chunked(n: int, size: int = 1) -> bytes:
+    return b"%x\r\n%s\r\n" % (size, b"x" * size) * n + b"0\r\n\r\n"
+
+
+def _head(method: str, path: str, *, key: str | None = KEY, extra: str = "") -> bytes:
+    auth = f"Authorization: Bearer {key}\r\n" if key is not None else ""
+    return f"{method} {path} HTTP/1.1\r\nHost: t\r\n{auth}{extra}\r\n".encode()
+
+
+def _status_and_error(reply: bytes) -> tuple[int, str, dict[str, str]]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), json.loads(body)["error"]["code"] if body.startswith(b"{\"error\"") else "", headers
+
+
+# ---------------------------------------------------------------- H1: a body in many tiny chunks
+
+
+async def test_a_body_in_absurdly_many_small_chunks_is_refused() -> None:
+    """170,000 one-byte chunks (under max_body_bytes) took about a second of
+    the broker's loop each (h11 makes an event of every chunk): past 1,024
+    chunks a body must average at least 256 bytes a chunk, else 400
+    BAD_REQUEST saying so, and the connection ends."""
+    with trio.fail_after(30):
+        async with broker_http() as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(_head("POST", "/echo", extra="Transfer-Encoding: chunked\r\n") + _chunked(20_000))
+            status, code, _ = _status_and_error(await read_until_eof(stream))
+            assert (status, code) == (400, "BAD_REQUEST")
+            # Chunks a real client sends: 1,024 tiny ones, or many of 256 bytes and more, are read whole.
+            for n, size in ((1024, 1), (3000, 256)):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(_head("POST", "/echo", extra="Transfer-Encoding: chunked\r\n") + _chunked(n, size))
+                reply = b""
+                while not reply.endswith(b"}"):
+                    reply += await stream.receive_some(65536)
+                assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b'{"bytes":%d}' % (n * size)), reply
+                await stream.aclose()
+
+
+async def test_reading_a_chunked_body_lets_the_brokers_other_tasks_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request reader fed a whole receive (64 KiB: thousands of chunk
+    events) through h11 without a checkpoint, so nothing else of the broker
+    ran meanwhile.  Counted, not timed: h11 events handled while a
+    concurrent task never got to run."""
+    ticks = 0
+    longest = 0
+    since = [0, -1]  # h11 events since the ticker last ran, the tick they are counted from
+    real = h11.Connection.next_event
+
+    def counting(self: h11.Connection) -> Any:
+        nonlocal longest
+        if since[1] != ticks:
+            since[:] = [0, ticks]
+        since[0] += 1
+        longest = max(longest, since[0])
+        return real(self)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(30):
+        async with broker_http() as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ticker)
+                monkeypatch.setattr(h11.Connection, "next_event", counting)
+                await stream.send_all(_head("POST", "/echo", extra="Transfer-Encoding: chunked\r\n") + _chunked(1000))
+                reply = b""
+                while not reply.endswith(b"}"):
+                    reply += await stream.receive_some(65536)
+                monkeypatch.undo()
+                nursery.cancel_scope.cancel()
+            assert reply.endswith(b'{"bytes":1000}'), reply
+            assert longest <= 300, longest  # (before: every event of the body, over 1,000)
