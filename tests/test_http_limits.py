@@ -108,3 +108,39 @@ async def test_reading_a_chunked_body_lets_the_brokers_other_tasks_run(monkeypat
                 nursery.cancel_scope.cancel()
             assert reply.endswith(b'{"bytes":1000}'), reply
             assert longest <= 300, longest  # (before: every event of the body, over 1,000)
+
+
+# ---------------------------------------------------------------- M2: refused from the head, the body unread
+
+
+async def test_a_request_refused_from_its_head_is_answered_before_its_body_comes() -> None:
+    """A wrong or missing key, an unknown path or method: answered from the
+    head at once and the connection closed, the body never read (400
+    connections sending 1 MiB with a wrong key took the broker from 211 MB
+    to 680 MB).  request_timeout is 600 s: waiting for the body fails the test."""
+    ran = 0
+
+    async def handler(request: Request) -> tuple[int, Any]:
+        nonlocal ran
+        ran += 1
+        return 200, {}
+
+    chunked = "Transfer-Encoding: chunked\r\n"
+    cases = [
+        (_head("POST", "/echo", key="wrong-key", extra="Content-Length: 1000000\r\n"), 401, "AUTH_FAILED"),
+        (_head("POST", "/echo", key=None, extra="Content-Length: 1000000\r\n"), 401, "AUTH_FAILED"),
+        (_head("POST", "/echo", key="wrong-key", extra=chunked) + b"f4240\r\nxx", 401, "AUTH_FAILED"),
+        (_head("POST", "/nosuch", extra="Content-Length: 1000000\r\n"), 404, "NOT_FOUND"),
+        (_head("PUT", "/echo", extra="Content-Length: 1000000\r\n"), 405, "METHOD_NOT_ALLOWED"),
+        (_head("POST", "/healthz", key=None, extra=chunked) + b"1\r\n \r\n", 405, "METHOD_NOT_ALLOWED"),
+    ]
+    with trio.fail_after(20):
+        async with broker_http(request_timeout=600) as (srv, h):
+            h.router.add("POST", "/echo", handler)
+            for raw, want, code in cases:
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(raw)
+                status, got, headers = _status_and_error(await read_until_eof(stream))
+                assert (status, got) == (want, code), raw
+                assert headers["connection"] == "close", headers
+            assert ran == 0

@@ -433,6 +433,10 @@ _EVENTS_PER_CHECKPOINT = 64
 MAX_SMALL_CHUNKS = 1024
 MIN_CHUNK_BYTES = 256
 
+#: Seconds a connection refused before its body was read drains what the
+#: client still sends (dropped), so the close is no reset (_linger).
+_LINGER_SECONDS = 2.0
+
 #: _while_connected's answer when shutdown() ended the wait.
 _SHUTTING_DOWN = object()
 
@@ -668,8 +672,9 @@ class HttpServer:
                     err = HttpError(status, "BAD_REQUEST", f"malformed HTTP request: {_h11_reason(exc)}")
                 await self._send_error(stream, conn, err)
                 return
-            except HttpError as exc:  # 400, 413, 505: the body is not read; the connection ends
+            except HttpError as exc:  # 400, 401, 404, 405, 413, 505: the body is not read; the connection ends
                 await self._send_error(stream, conn, exc)
+                await self._linger(stream)
                 return
             if request is None:
                 return  # the client closed between requests
@@ -785,6 +790,21 @@ class HttpServer:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
             raise HttpError(413, "PAYLOAD_TOO_LARGE", f"the body is over {self.config.max_body_bytes} bytes")
+        target = event.target.decode("latin-1")
+        try:
+            parts = urlsplit(target)
+        except ValueError:  # "//[": an unclosed IPv6 bracket, ...
+            raise HttpError(400, "BAD_REQUEST", "malformed request target") from None
+        query, query_names = _parse_query(parts.query)
+        method = event.method.decode("ascii")  # case-sensitive (RFC 9110 9.1): "get" is not GET
+        chunked = headers.get("transfer-encoding", "").strip().lower() == "chunked"
+        if chunked or (length is not None and length.strip("0 \t") != ""):
+            # A body comes: its path, method and key are checked from the
+            # head, so a request refused for them is answered before the
+            # body is read (it is never held; the connection then ends).
+            _, _, auth = self.router.route(method, parts.path)
+            if auth:
+                check_api_key(headers, self._keys)
         limit = self.config.max_body_bytes
         too_large = HttpError(413, "PAYLOAD_TOO_LARGE", f"the body is over {limit} bytes")
         body = bytearray()
@@ -793,7 +813,7 @@ class HttpServer:
         # past the limit is refused at once, not read (or waited for until
         # request_timeout, 408).  at_size: the bytes h11 reads next are
         # (the CRLF that ends the last chunk, then) a chunk's size line.
-        at_size = headers.get("transfer-encoding", "").strip().lower() == "chunked"
+        at_size = chunked
         chunks = 0
         events = 0
         while True:
@@ -830,14 +850,8 @@ class HttpServer:
                 break
             else:  # ConnectionClosed mid-body
                 raise h11.RemoteProtocolError("connection closed before the body ended")
-        target = event.target.decode("latin-1")
-        try:
-            parts = urlsplit(target)
-        except ValueError:  # "//[": an unclosed IPv6 bracket, ...
-            raise HttpError(400, "BAD_REQUEST", "malformed request target") from None
-        query, query_names = _parse_query(parts.query)
         return Request(
-            method=event.method.decode("ascii"),  # case-sensitive (RFC 9110 9.1): "get" is not GET
+            method=method,
             path=parts.path,
             query=query,
             headers=headers,
@@ -946,6 +960,29 @@ class HttpServer:
         out += conn.send(h11.EndOfMessage()) or b""
         if out:
             await stream.send_all(out)
+
+    async def _linger(self, stream: trio.abc.Stream) -> None:
+        """After an answer that left the request unread (its body, refused
+        from the head): end our side (FIN), then read and drop what the
+        client still sends, for at most _LINGER_SECONDS and as many bytes
+        as a request may have -- closing a socket with unread bytes resets
+        the connection, and the client could lose the answer before reading
+        it.  Nothing read is kept."""
+        left = self.config.max_body_bytes + self.config.max_header_bytes
+        with trio.move_on_after(_LINGER_SECONDS) as scope:
+            self._waits.add(scope)  # shutdown() does not wait for it
+            try:
+                if isinstance(stream, trio.SocketStream):
+                    await stream.send_eof()
+                while left > 0:
+                    data = await stream.receive_some(64 * 1024)
+                    if not data:
+                        return
+                    left -= len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            finally:
+                self._waits.discard(scope)
 
     async def _send_error(self, stream: trio.abc.Stream, conn: h11.Connection, err: HttpError) -> None:
         """An error response, then the connection ends (what was not read of
