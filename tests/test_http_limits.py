@@ -144,3 +144,61 @@ async def test_a_request_refused_from_its_head_is_answered_before_its_body_comes
                 assert (status, got) == (want, code), raw
                 assert headers["connection"] == "close", headers
             assert ran == 0
+
+
+# ---------------------------------------------------------------- M3: probes at the connection limit
+
+
+async def test_probes_and_the_scrape_are_answered_at_the_connection_limit() -> None:
+    """max_connections idle connections made /healthz and /metrics 503 (a
+    liveness probe would restart the broker): at the limit a few more
+    connections are read, and /healthz, /readyz and /metrics served on them;
+    anything else is 503 UNAVAILABLE "too many connections"."""
+    import pimcore.http.server as server_mod
+
+    reserve = getattr(server_mod, "PROBE_RESERVE", 16)
+    with trio.fail_after(30):
+        async with broker_http(max_connections=2, request_timeout=600) as (srv, h):
+            idle = [await trio.open_tcp_stream(*host_port(h.url)) for _ in range(2)]
+            while h._conns < 2:
+                await trio.sleep(0.01)
+            for path in ("/healthz", "/readyz", "/metrics"):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(_head("GET", path, key=None))
+                reply = await read_until_eof(stream)  # served, then the connection ends
+                assert reply.startswith(b"HTTP/1.1 200 "), (path, reply[:300])
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(_head("GET", "/v1/info"))
+            status, code, _ = _status_and_error(await read_until_eof(stream))
+            assert (status, code) == (503, "UNAVAILABLE")
+            # The reserve is bounded: past it, 503 at once, nothing read.
+            idle += [await trio.open_tcp_stream(*host_port(h.url)) for _ in range(reserve)]
+            while h._conns < 2 + reserve:
+                await trio.sleep(0.01)
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(_head("GET", "/healthz", key=None))
+            status, code, _ = _status_and_error(await read_until_eof(stream))
+            assert (status, code) == (503, "UNAVAILABLE")
+            for s in idle:
+                await s.aclose()
+
+
+async def test_a_connection_that_never_sends_a_byte_is_closed_after_request_timeout(
+        autojump_clock: trio.abc.Clock) -> None:
+    """Silent from its accept: closed after request_timeout (5 s here), not
+    keepalive_timeout (60 s), which is for the silence between requests."""
+    with trio.fail_after(200):
+        async with broker_http(request_timeout=5.0, keepalive_timeout=60.0) as (srv, h):
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            t0 = trio.current_time()
+            assert await read_until_eof(stream) == b""
+            assert 5.0 <= trio.current_time() - t0 < 6.0
+            # After a request, keepalive_timeout.
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(_head("GET", "/healthz", key=None))
+            reply = b""
+            while not reply.endswith(b"}"):
+                reply += await stream.receive_some(65536)
+            t0 = trio.current_time()
+            assert await read_until_eof(stream) == b""
+            assert 60.0 <= trio.current_time() - t0 < 61.0

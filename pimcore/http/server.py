@@ -437,6 +437,9 @@ MIN_CHUNK_BYTES = 256
 #: client still sends (dropped), so the close is no reset (_linger).
 _LINGER_SECONDS = 2.0
 
+#: Connections past max_connections still read, for a probe (HttpServer.probe_paths).
+PROBE_RESERVE = 16
+
 #: _while_connected's answer when shutdown() ended the wait.
 _SHUTTING_DOWN = object()
 
@@ -523,6 +526,11 @@ class HttpServer:
     """Serves ``router`` on ``config``'s address.  Run with
     ``await nursery.start(server.run)``; :attr:`url` is then the real one."""
 
+    #: Paths (GET, HEAD) still served at max_connections, on up to
+    #: PROBE_RESERVE connections more, one request each: the probes and the
+    #: scrape (BrokerHttp's).  None here: past the limit, 503 at once.
+    probe_paths: frozenset[str] = frozenset()
+
     def __init__(self, router: Router, config: HttpConfig) -> None:
         self.router = router
         self.config = config
@@ -596,10 +604,13 @@ class HttpServer:
         self._conns += 1
         try:
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
-            if self._conns > self.config.max_connections:
+            probes_only = self._conns > self.config.max_connections
+            if probes_only and (not self.probe_paths or self._conns > self.config.max_connections + PROBE_RESERVE):
                 await self._send_error(stream, conn, HttpError(503, "UNAVAILABLE", "too many connections"))
                 return
-            await self._serve_requests(_Wire(stream, conn))
+            # At the limit, a connection of the reserve is read for one probe
+            # (a liveness probe answered 503 would restart a healthy broker).
+            await self._serve_requests(_Wire(stream, conn), probes_only=probes_only)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             from ..net.server import tls_handshake_failed
 
@@ -625,16 +636,20 @@ class HttpServer:
                 return event
             await wire.fill()
 
-    async def _serve_requests(self, wire: _Wire) -> None:
+    async def _serve_requests(self, wire: _Wire, *, probes_only: bool = False) -> None:
         cfg = self.config
         stream, conn = wire.stream, wire.conn
+        # A new connection's first byte has request_timeout to come (one that
+        # never sends a byte holds a max_connections slot no longer than a
+        # request may take); then keepalive_timeout between requests.
+        silence = min(cfg.request_timeout, cfg.keepalive_timeout)
         while True:
-            # Between requests: wait keepalive_timeout for a first byte (or
-            # what is already buffered), then request_timeout for the rest.
+            # Between requests: wait for a first byte (or what is already
+            # buffered), then request_timeout for the rest.
             if self._closing and conn.their_state is h11.IDLE and not wire.buffered():
                 return  # shutting down: no next request
             if not wire.buffered():
-                with trio.move_on_after(cfg.keepalive_timeout) as idle:
+                with trio.move_on_after(silence) as idle:
                     self._waits.add(idle)
                     try:
                         data = bytes(await stream.receive_some(64 * 1024))
@@ -644,7 +659,7 @@ class HttpServer:
                     if not data:
                         return
                 if not wire.buffered() and conn.their_state is h11.IDLE:
-                    return  # silent for keepalive_timeout (or shutting down): hang up
+                    return  # silent for too long (or shutting down): hang up
             if conn.their_state is h11.IDLE and not _request_start(wire.first_bytes()):
                 # Bytes no request begins with (a pimcore tcp:// client's
                 # Login): h11 would wait for a line end until request_timeout.
@@ -653,7 +668,7 @@ class HttpServer:
                 return
             try:
                 with trio.fail_after(cfg.request_timeout):
-                    request = await self._read_request(wire)
+                    request = await self._read_request(wire, probes_only)
             except trio.TooSlowError:
                 await self._send_error(stream, conn, HttpError(408, "REQUEST_TIMEOUT",
                                                                f"the request did not arrive within {cfg.request_timeout:g} s"))
@@ -689,6 +704,8 @@ class HttpServer:
                 status, headers, body = answer
             else:
                 status, headers, body = await self._handle(request)
+            if probes_only:
+                headers = [*headers, ("connection", "close")]  # one probe, then the reserve's slot is free
             if isinstance(body, StreamBody):
                 ended = await self._while_connected(wire, self._send_stream(stream, conn, status, headers, body,
                                                                              request))
@@ -707,6 +724,7 @@ class HttpServer:
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
+            silence = cfg.keepalive_timeout
 
     async def _while_connected(self, wire: _Wire, work: Awaitable[Any]) -> Any:
         """``await work`` (answering a GET: a long-poll, a stream) while
@@ -752,7 +770,7 @@ class HttpServer:
             return None
         return result[0]
 
-    async def _read_request(self, wire: _Wire) -> Optional[Request]:
+    async def _read_request(self, wire: _Wire, probes_only: bool = False) -> Optional[Request]:
         conn = wire.conn
         event = await self._receive(wire)
         if isinstance(event, h11.ConnectionClosed):
@@ -797,6 +815,8 @@ class HttpServer:
             raise HttpError(400, "BAD_REQUEST", "malformed request target") from None
         query, query_names = _parse_query(parts.query)
         method = event.method.decode("ascii")  # case-sensitive (RFC 9110 9.1): "get" is not GET
+        if probes_only and not (method in ("GET", "HEAD") and parts.path in self.probe_paths):
+            raise HttpError(503, "UNAVAILABLE", "too many connections")
         chunked = headers.get("transfer-encoding", "").strip().lower() == "chunked"
         if chunked or (length is not None and length.strip("0 \t") != ""):
             # A body comes: its path, method and key are checked from the
