@@ -202,3 +202,77 @@ async def test_a_connection_that_never_sends_a_byte_is_closed_after_request_time
             t0 = trio.current_time()
             assert await read_until_eof(stream) == b""
             assert 60.0 <= trio.current_time() - t0 < 61.0
+
+
+# ---------------------------------------------------------------- M10: refusals counted and logged
+
+
+async def test_refused_requests_are_counted_and_logged_at_most_once_per_30_s_per_reason(
+        autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pimcore.http")
+
+    def refused() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "event", None) == "http_refused"]
+
+    async def ask(raw: bytes) -> bytes:
+        stream = await trio.open_tcp_stream(*host_port(h.url))
+        await stream.send_all(raw)
+        reply = await read_until_eof(stream)
+        await stream.aclose()
+        return reply
+
+    with trio.fail_after(300):
+        async with broker_http(request_timeout=5.0, max_body_bytes=1000, max_connections=1) as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            for _ in range(3):
+                assert (await ask(_head("GET", "/v1/info", key="wrong-key-xyz", extra="Connection: close\r\n"))
+                        ).startswith(b"HTTP/1.1 401 ")
+            lines = refused()
+            assert len(lines) == 1 and lines[0].reason == "auth" and lines[0].count == 1, caplog.text
+            assert lines[0].levelno == logging.WARNING
+            await trio.sleep(31)
+            assert (await ask(_head("POST", "/echo", key=None, extra="Content-Length: 10\r\n"))).startswith(
+                b"HTTP/1.1 401 ")
+            lines = refused()
+            assert len(lines) == 2 and lines[1].count == 3, caplog.text  # two unsaid, and this one
+            assert (await ask(_head("POST", "/v1/info", extra="Content-Length: 5000\r\n"))).startswith(b"HTTP/1.1 413 ")
+            assert (await ask(_head("GET", "/v1/info")[:-2])).startswith(b"HTTP/1.1 408 ")  # the head never ends
+            while h._conns:  # (the connections above are gone)
+                await trio.sleep(0.01)
+            idle = await trio.open_tcp_stream(*host_port(h.url))
+            while h._conns < 1:
+                await trio.sleep(0.01)
+            assert (await ask(_head("GET", "/v1/info"))).startswith(b"HTTP/1.1 503 ")
+            await idle.aclose()
+            assert [r.reason for r in refused()] == ["auth", "auth", "too_large", "timeout", "too_many_connections"]
+            assert "wrong-key-xyz" not in caplog.text
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(_head("GET", "/metrics", key=None, extra="Connection: close\r\n"))
+            text = (await read_until_eof(stream)).partition(b"\r\n\r\n")[2].decode()
+            m = metrics(text)
+            assert m[("pimcore_http_responses_total", (("status", "401"),))] == 4
+            assert m[("pimcore_http_responses_total", (("status", "413"),))] == 1
+            assert m[("pimcore_http_responses_total", (("status", "408"),))] == 1
+            assert m[("pimcore_http_responses_total", (("status", "503"),))] == 1
+            assert m[("pimcore_http_refused_total", (("reason", "auth"),))] == 4
+            assert m[("pimcore_http_refused_total", (("reason", "too_many_connections"),))] == 1
+            assert m[("pimcore_http_refused_total", (("reason", "malformed"),))] == 0
+            assert m[("pimcore_http_connections", ())] >= 1
+
+
+def test_operations_md_lists_the_http_listeners_metrics_and_log_events() -> None:
+    """Every pimcore_http_* family the collector yields and every event the
+    HTTP listener logs is in docs/OPERATIONS.md's tables."""
+    import pimcore.http.metrics as metrics_mod
+    import pimcore.http.server as server_mod
+
+    ops = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    code = Path(metrics_mod.__file__).read_text()
+    families = set(re.findall(r'"(pimcore_http_[a-z_]+)"', code))
+    assert families >= {"pimcore_http_responses", "pimcore_http_refused", "pimcore_http_connections"}, families
+    for name in families:
+        assert f"`{name}" in ops, name
+    events = set(re.findall(r'"event": "(http_[a-z_]+)"', Path(server_mod.__file__).read_text()))
+    assert "http_refused" in events
+    for event in events - {"http_request", "http_client_left"}:  # (debug lines)
+        assert f"| `{event}` |" in ops, event

@@ -444,6 +444,62 @@ PROBE_RESERVE = 16
 _SHUTTING_DOWN = object()
 
 
+class _Refusal(HttpError):
+    """An HttpError that the listener counts and logs as a refusal of
+    ``reason`` (one its status does not say: REFUSAL_REASONS)."""
+
+    def __init__(self, status: int, code: str, message: str, reason: str) -> None:
+        super().__init__(status, code, message)
+        self.reason = reason
+
+
+def _too_many_connections() -> HttpError:
+    return _Refusal(503, "UNAVAILABLE", "too many connections", "too_many_connections")
+
+
+#: What the listener refuses, by reason (pimcore_http_refused_total{reason},
+#: the http_refused log line), and how its warning says it.
+REFUSAL_REASONS: dict[str, str] = {
+    "auth": "401 AUTH_FAILED: no API key or a wrong one",
+    "too_large": "413 PAYLOAD_TOO_LARGE: a body over max_body_bytes (or a payload over max_payload)",
+    "timeout": "408 REQUEST_TIMEOUT: a request not whole within request_timeout",
+    "headers_too_large": "431 HEADERS_TOO_LARGE: a request head over max_header_bytes",
+    "too_many_connections": "503 UNAVAILABLE: max_connections reached",
+    "malformed": "400, 501 or 505: not HTTP/1.1 the listener reads (or a body in too many small chunks)",
+}
+#: The reason of a refusal said by its status alone.
+_REFUSED_STATUS = {401: "auth", 408: "timeout", 413: "too_large", 431: "headers_too_large"}
+
+
+class _Refusals:
+    """Refusals counted by reason, and said in a warning (event
+    ``http_refused``) at most once per ``warn_every`` seconds per reason,
+    with how many there were since the last line (the first at once)."""
+
+    warn_every = 30.0
+
+    def __init__(self) -> None:
+        self.total: Counter[str] = Counter()
+        self._unsaid: Counter[str] = Counter()
+        self._said_at: dict[str, float] = {}
+
+    def note(self, reason: str, status: int, stream: trio.abc.Stream) -> None:
+        from ..net.server import _peer_address
+
+        self.total[reason] += 1
+        self._unsaid[reason] += 1
+        now = trio.current_time()
+        last = self._said_at.get(reason)
+        if last is not None and now - last < self.warn_every:
+            return
+        count = self._unsaid.pop(reason)
+        peer = _peer_address(stream)  # (never a header: an API key is not logged)
+        log.warning("http requests refused (%s): %d since %s, the latest from %s", REFUSAL_REASONS[reason], count,
+                    "the last warning" if last is not None else "the first", peer,
+                    extra={"event": "http_refused", "reason": reason, "status": status, "count": count, "peer": peer})
+        self._said_at[reason] = now
+
+
 class _StreamDropped(Exception):
     """A stream's client stopped reading (internal to _send_stream)."""
 
@@ -538,6 +594,9 @@ class HttpServer:
         self._conns = 0
         self.url: Optional[str] = None
         self.requests = 0  # requests answered (any status)
+        self.responses: Counter[int] = Counter()  # responses sent, by status (pimcore_http_responses_total)
+        #: Refusals by reason (pimcore_http_refused_total), and their warnings.
+        self.refusals = _Refusals()
         self.streams = 0  # streamed responses (server-sent events) being written now
         self.streams_dropped = 0  # streams closed because the client took no data for request_timeout
         self.connections = 0  # connections accepted (each one's number in logs)
@@ -554,6 +613,11 @@ class HttpServer:
         #: What a broker client (binary Login, WebSocket upgrade) is told here.
         self._not_a_broker = f"this is pimcore's HTTP API ({'https' if config.scheme == 'tls' else 'http'}://):" \
                              " not a broker listener"
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now (pimcore_http_connections)."""
+        return self._conns
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from ..net.server import PressureListener, open_listeners
@@ -606,7 +670,7 @@ class HttpServer:
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
             probes_only = self._conns > self.config.max_connections
             if probes_only and (not self.probe_paths or self._conns > self.config.max_connections + PROBE_RESERVE):
-                await self._send_error(stream, conn, HttpError(503, "UNAVAILABLE", "too many connections"))
+                await self._send_error(stream, conn, _too_many_connections())
                 return
             # At the limit, a connection of the reserve is read for one probe
             # (a liveness probe answered 503 would restart a healthy broker).
@@ -664,7 +728,7 @@ class HttpServer:
                 # Bytes no request begins with (a pimcore tcp:// client's
                 # Login): h11 would wait for a line end until request_timeout.
                 # Answered at once, naming this port (the SDK says so).
-                await self._send_error(stream, conn, HttpError(400, "BAD_REQUEST", self._not_a_broker))
+                await self._send_error(stream, conn, _Refusal(400, "BAD_REQUEST", self._not_a_broker, "malformed"))
                 return
             try:
                 with trio.fail_after(cfg.request_timeout):
@@ -682,9 +746,9 @@ class HttpServer:
                 if status == 431:
                     err = HttpError(431, "HEADERS_TOO_LARGE", f"the request head is over {cfg.max_header_bytes} bytes")
                 elif status == 501:  # h11: a Transfer-Encoding other than chunked
-                    err = HttpError(501, "NOT_IMPLEMENTED", "only Transfer-Encoding: chunked is supported")
+                    err = _Refusal(501, "NOT_IMPLEMENTED", "only Transfer-Encoding: chunked is supported", "malformed")
                 else:
-                    err = HttpError(status, "BAD_REQUEST", f"malformed HTTP request: {_h11_reason(exc)}")
+                    err = _Refusal(status, "BAD_REQUEST", f"malformed HTTP request: {_h11_reason(exc)}", "malformed")
                 await self._send_error(stream, conn, err)
                 return
             except HttpError as exc:  # 400, 401, 404, 405, 413, 505: the body is not read; the connection ends
@@ -695,7 +759,7 @@ class HttpServer:
                 return  # the client closed between requests
             if request.method in ("GET", "HEAD"):
                 # A GET may be a long-poll or a stream: notice the client leaving.
-                answer = await self._while_connected(wire, self._handle(request))
+                answer = await self._while_connected(wire, self._handle(request, stream))
                 if answer is _SHUTTING_DOWN:
                     await self._send_error(stream, conn, HttpError(503, "UNAVAILABLE", "the server is shutting down"))
                     return
@@ -703,7 +767,7 @@ class HttpServer:
                     return
                 status, headers, body = answer
             else:
-                status, headers, body = await self._handle(request)
+                status, headers, body = await self._handle(request, stream)
             if probes_only:
                 headers = [*headers, ("connection", "close")]  # one probe, then the reserve's slot is free
             if isinstance(body, StreamBody):
@@ -778,8 +842,9 @@ class HttpServer:
         assert isinstance(event, h11.Request), event
         if event.http_version not in _VERSIONS:
             # Refused before the body is read; the connection ends.
-            raise HttpError(505, "HTTP_VERSION_NOT_SUPPORTED",
-                            f"HTTP/{event.http_version.decode('ascii')} is not supported: only HTTP/1.1 and HTTP/1.0")
+            raise _Refusal(505, "HTTP_VERSION_NOT_SUPPORTED",
+                           f"HTTP/{event.http_version.decode('ascii')} is not supported: only HTTP/1.1 and HTTP/1.0",
+                           "malformed")
         # h11 bounds only what it buffers while a head is incomplete; a head
         # that arrived in one read is measured here.
         if len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) > self.config.max_header_bytes:
@@ -816,7 +881,7 @@ class HttpServer:
         query, query_names = _parse_query(parts.query)
         method = event.method.decode("ascii")  # case-sensitive (RFC 9110 9.1): "get" is not GET
         if probes_only and not (method in ("GET", "HEAD") and parts.path in self.probe_paths):
-            raise HttpError(503, "UNAVAILABLE", "too many connections")
+            raise _too_many_connections()
         chunked = headers.get("transfer-encoding", "").strip().lower() == "chunked"
         if chunked or (length is not None and length.strip("0 \t") != ""):
             # A body comes: its path, method and key are checked from the
@@ -861,10 +926,10 @@ class HttpServer:
                 if ev.chunk_start:
                     chunks += 1
                     if chunks > MAX_SMALL_CHUNKS + len(body) // MIN_CHUNK_BYTES:
-                        raise HttpError(400, "BAD_REQUEST",
-                                        f"the chunked body is in too many small chunks: {chunks} for {len(body)} bytes"
-                                        f" (past {MAX_SMALL_CHUNKS} chunks they must average {MIN_CHUNK_BYTES} bytes"
-                                        " or more): send larger chunks, or the body with a Content-Length")
+                        raise _Refusal(400, "BAD_REQUEST",
+                                       f"the chunked body is in too many small chunks: {chunks} for {len(body)} bytes"
+                                       f" (past {MAX_SMALL_CHUNKS} chunks they must average {MIN_CHUNK_BYTES} bytes"
+                                       " or more): send larger chunks, or the body with a Content-Length", "malformed")
                 at_size = ev.chunk_end
             elif isinstance(ev, h11.EndOfMessage):
                 break
@@ -931,7 +996,7 @@ class HttpServer:
         finally:
             self.streams -= 1
 
-    async def _handle(self, request: Request) -> tuple[int, list[tuple[str, str]], bytes]:
+    async def _handle(self, request: Request, stream: trio.abc.Stream) -> tuple[int, list[tuple[str, str]], bytes]:
         extra: list[tuple[str, str]] = []
         try:
             handler, params, auth = self.router.route(request.method, request.path)
@@ -942,6 +1007,7 @@ class HttpServer:
         except HttpError as exc:
             status, extra = exc.status, exc.headers
             message = exc.message
+            self._refused(exc, stream)
             if status == 404 and "websocket" in request.headers.get("upgrade", "").lower():
                 # A WebSocket client at this port: a broker's ws:// URL is meant.
                 message = f"{message} ({self._not_a_broker})"
@@ -951,10 +1017,12 @@ class HttpServer:
             status, body = 500, RawBody("application/json", error_body("INTERNAL", "internal error"))
         if isinstance(body, StreamBody):
             self.requests += 1
+            self.responses[status] += 1
             return status, [("content-type", body.content_type)], body  # type: ignore[return-value]
         if not isinstance(body, RawBody):
             body = RawBody("application/json", _json_bytes(body))
         self.requests += 1
+        self.responses[status] += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("http %s %s -> %d", request.method, request.path, status,
                       extra={"event": "http_request", "method": request.method, "path": request.path, "status": status})
@@ -1004,6 +1072,12 @@ class HttpServer:
             finally:
                 self._waits.discard(scope)
 
+    def _refused(self, err: HttpError, stream: trio.abc.Stream) -> None:
+        """Count (and maybe log) ``err`` if it is a refusal (REFUSAL_REASONS)."""
+        reason = err.reason if isinstance(err, _Refusal) else _REFUSED_STATUS.get(err.status)
+        if reason is not None:
+            self.refusals.note(reason, err.status, stream)
+
     async def _send_error(self, stream: trio.abc.Stream, conn: h11.Connection, err: HttpError) -> None:
         """An error response, then the connection ends (what was not read of
         the request is not read).  Written by hand: h11 lets a server
@@ -1015,6 +1089,8 @@ class HttpServer:
         head = [f"HTTP/1.1 {err.status} {_phrase(err.status)}", "content-type: application/json", f"content-length: {len(body)}",
                 "connection: close", *(f"{k}: {v}" for k, v in err.headers)]
         self.requests += 1
+        self.responses[err.status] += 1
+        self._refused(err, stream)
         with trio.move_on_after(self.config.request_timeout):
             await stream.send_all(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
 
