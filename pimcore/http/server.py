@@ -495,7 +495,7 @@ class _Refusals:
         count = self._unsaid.pop(reason)
         peer = _peer_address(stream)  # (never a header: an API key is not logged)
         log.warning("http requests refused (%s): %d since %s, the latest from %s", REFUSAL_REASONS[reason], count,
-                    "the last warning" if last is not None else "the first", peer,
+                    "the last warning" if last is not None else "the start", peer,
                     extra={"event": "http_refused", "reason": reason, "status": status, "count": count, "peer": peer})
         self._said_at[reason] = now
 
@@ -752,6 +752,7 @@ class HttpServer:
                 await self._send_error(stream, conn, err)
                 return
             except HttpError as exc:  # 400, 401, 404, 405, 413, 505: the body is not read; the connection ends
+                wire.pending.clear()  # (a refused body's first bytes, not kept while the client is drained)
                 await self._send_error(stream, conn, exc)
                 await self._linger(stream)
                 return
@@ -1063,7 +1064,7 @@ class HttpServer:
                 if isinstance(stream, trio.SocketStream):
                     await stream.send_eof()
                 while left > 0:
-                    data = await stream.receive_some(64 * 1024)
+                    data = await stream.receive_some(16 * 1024)
                     if not data:
                         return
                     left -= len(data)
