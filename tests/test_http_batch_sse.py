@@ -492,7 +492,7 @@ async def test_a_stream_or_long_poll_whose_client_left_frees_its_connection_slot
                         await trio.sleep(0.01)
                     poll = await _raw_request(h.url, _get("/v1/events?consumer=lp&wait=25"))
                     await trio.sleep(0.2)  # the long-poll is waiting
-                    full = await _raw_request(h.url, _get("/healthz"))
+                    full = await _raw_request(h.url, _get("/v1/info"))  # (a probe is served at the limit)
                     try:  # both slots taken: 503 (or its reset, the request being unread)
                         assert (await full.receive_some(65536)).startswith(b"HTTP/1.1 503")
                     except trio.BrokenResourceError:
@@ -507,7 +507,7 @@ async def test_a_stream_or_long_poll_whose_client_left_frees_its_connection_slot
                         while h.streams:
                             await trio.sleep(0.02)
                         while True:
-                            probe = await _raw_request(h.url, _get("/healthz"))
+                            probe = await _raw_request(h.url, _get("/v1/info"))
                             answer = await probe.receive_some(65536)
                             await probe.aclose()
                             if answer.startswith(b"HTTP/1.1 200"):

@@ -35,6 +35,9 @@ class BrokerHttp(HttpServer):
     :class:`~pimcore.embed.Pimcore` of the same broker) also the server API
     (:func:`pimcore.http.api.register_api`, docs/HTTP.md)."""
 
+    #: Served at max_connections too (HttpServer.probe_paths).
+    probe_paths = frozenset({"/healthz", "/readyz", "/metrics"})
+
     def __init__(self, server: "BrokerServer", config: HttpConfig, *, started: float | None = None,
                  handle: "Pimcore | None" = None) -> None:
         super().__init__(Router(), config)

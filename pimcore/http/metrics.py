@@ -148,6 +148,26 @@ class BrokerCollector(Collector):
         yield GaugeMetricFamily("pimcore_start_time_seconds", "When this broker started, seconds since the epoch.",
                                 value=self.started)
         yield from _webhook_metrics(self.server)
+        if self.http is not None:
+            yield from _http_metrics(self.http)
+
+
+def _http_metrics(http: "HttpServer") -> Iterator[Metric]:
+    """The HTTP listener's own: its connections, responses and refusals."""
+    from .server import REFUSAL_REASONS
+
+    yield GaugeMetricFamily("pimcore_http_connections", "Open connections to the HTTP listener.",
+                            value=http.open_connections)
+    responses = CounterMetricFamily("pimcore_http_responses", "Responses the HTTP listener sent, by status.",
+                                    labels=["status"])
+    for status in sorted(http.responses):
+        responses.add_metric([str(status)], http.responses[status])
+    yield responses
+    refused = CounterMetricFamily("pimcore_http_refused",
+                                  "Requests (and connections) the HTTP listener refused, by reason.", labels=["reason"])
+    for reason in REFUSAL_REASONS:
+        refused.add_metric([reason], http.refusals.total.get(reason, 0))
+    yield refused
 
 
 def _webhook_metrics(server: "BrokerServer") -> Iterator[Metric]:

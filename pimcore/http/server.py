@@ -416,12 +416,140 @@ class HttpConfig:
 #: a longer one is written on its own, without being copied (_send).
 _JOIN_BELOW = 64 * 1024
 
+#: Most bytes of a receive given to h11 at once (the rest waits in
+#: :class:`_Wire`): what h11 holds stays small, so peeking at it
+#: (``trailing_data`` copies it whole) at each chunk of a body costs little.
+_FEED_BYTES = 4096
+
+#: h11 events of one request handled between two checkpoints: a receive of
+#: 64 KiB of one-byte chunks is over 9,000 events (about 5 us each), and
+#: nothing else of the broker ran while they were read.
+_EVENTS_PER_CHECKPOINT = 64
+
+#: A chunked body may have this many chunks of any size; past them it must
+#: average at least MIN_CHUNK_BYTES a chunk, else 400.  h11 makes an event of
+#: every chunk (its cost is per chunk, not per byte): 170,000 one-byte chunks,
+#: under max_body_bytes, were about a second of the loop each.
+MAX_SMALL_CHUNKS = 1024
+MIN_CHUNK_BYTES = 256
+
+#: Seconds a connection refused before its body was read drains what the
+#: client still sends (dropped), so the close is no reset (_linger).
+_LINGER_SECONDS = 2.0
+
+#: Connections past max_connections still read, for a probe (HttpServer.probe_paths).
+PROBE_RESERVE = 16
+
 #: _while_connected's answer when shutdown() ended the wait.
 _SHUTTING_DOWN = object()
 
 
+class _Refusal(HttpError):
+    """An HttpError that the listener counts and logs as a refusal of
+    ``reason`` (one its status does not say: REFUSAL_REASONS)."""
+
+    def __init__(self, status: int, code: str, message: str, reason: str) -> None:
+        super().__init__(status, code, message)
+        self.reason = reason
+
+
+def _too_many_connections() -> HttpError:
+    return _Refusal(503, "UNAVAILABLE", "too many connections", "too_many_connections")
+
+
+#: What the listener refuses, by reason (pimcore_http_refused_total{reason},
+#: the http_refused log line), and how its warning says it.
+REFUSAL_REASONS: dict[str, str] = {
+    "auth": "401 AUTH_FAILED: no API key or a wrong one",
+    "too_large": "413 PAYLOAD_TOO_LARGE: a body over max_body_bytes (or a payload over max_payload)",
+    "timeout": "408 REQUEST_TIMEOUT: a request not whole within request_timeout",
+    "headers_too_large": "431 HEADERS_TOO_LARGE: a request head over max_header_bytes",
+    "too_many_connections": "503 UNAVAILABLE: max_connections reached",
+    "malformed": "400, 501 or 505: not HTTP/1.1 the listener reads (or a body in too many small chunks)",
+}
+#: The reason of a refusal said by its status alone.
+_REFUSED_STATUS = {401: "auth", 408: "timeout", 413: "too_large", 431: "headers_too_large"}
+
+
+class _Refusals:
+    """Refusals counted by reason, and said in a warning (event
+    ``http_refused``) at most once per ``warn_every`` seconds per reason,
+    with how many there were since the last line (the first at once)."""
+
+    warn_every = 30.0
+
+    def __init__(self) -> None:
+        self.total: Counter[str] = Counter()
+        self._unsaid: Counter[str] = Counter()
+        self._said_at: dict[str, float] = {}
+
+    def note(self, reason: str, status: int, stream: trio.abc.Stream) -> None:
+        from ..net.server import _peer_address
+
+        self.total[reason] += 1
+        self._unsaid[reason] += 1
+        now = trio.current_time()
+        last = self._said_at.get(reason)
+        if last is not None and now - last < self.warn_every:
+            return
+        count = self._unsaid.pop(reason)
+        peer = _peer_address(stream)  # (never a header: an API key is not logged)
+        log.warning("http requests refused (%s): %d since %s, the latest from %s", REFUSAL_REASONS[reason], count,
+                    "the last warning" if last is not None else "the start", peer,
+                    extra={"event": "http_refused", "reason": reason, "status": status, "count": count, "peer": peer})
+        self._said_at[reason] = now
+
+
 class _StreamDropped(Exception):
     """A stream's client stopped reading (internal to _send_stream)."""
+
+
+class _Wire:
+    """A connection's bytes on their way into its h11 connection: what was
+    received and not yet given to h11 waits in ``pending`` and is fed
+    _FEED_BYTES at a time, when h11 needs data."""
+
+    __slots__ = ("stream", "conn", "pending", "eof")
+
+    def __init__(self, stream: trio.abc.Stream, conn: h11.Connection) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.pending = bytearray()
+        self.eof = False  # the client's EOF came (fed to h11 once pending is)
+
+    def buffered(self) -> int:
+        """Bytes received and not yet parsed (h11's and ours)."""
+        return len(self.pending) + len(self.conn.trailing_data[0])
+
+    def first_bytes(self) -> bytes:
+        """The first bytes not yet parsed (a request's start)."""
+        return self.conn.trailing_data[0] + bytes(self.pending[:8])
+
+    def add(self, data: bytes) -> None:
+        """Received ``data`` (b"": the client's EOF), for h11 later."""
+        if data:
+            self.pending += data
+        else:
+            self.eof = True
+
+    def feed(self) -> bool:
+        """Give h11 the next slice (or the EOF after the last); False if
+        there is nothing to give."""
+        if self.pending:
+            piece = bytes(self.pending[:_FEED_BYTES])
+            del self.pending[:_FEED_BYTES]
+            self.conn.receive_data(piece)
+            return True
+        if self.eof:
+            self.conn.receive_data(b"")
+            return True
+        return False
+
+    async def fill(self) -> None:
+        """h11 needs data: what is pending, else the next receive."""
+        if not self.feed():
+            self.add(bytes(await self.stream.receive_some(64 * 1024)))
+            self.feed()
 
 
 def _request_start(buffered: bytes | bytearray) -> bool:
@@ -454,6 +582,11 @@ class HttpServer:
     """Serves ``router`` on ``config``'s address.  Run with
     ``await nursery.start(server.run)``; :attr:`url` is then the real one."""
 
+    #: Paths (GET, HEAD) still served at max_connections, on up to
+    #: PROBE_RESERVE connections more, one request each: the probes and the
+    #: scrape (BrokerHttp's).  None here: past the limit, 503 at once.
+    probe_paths: frozenset[str] = frozenset()
+
     def __init__(self, router: Router, config: HttpConfig) -> None:
         self.router = router
         self.config = config
@@ -461,6 +594,9 @@ class HttpServer:
         self._conns = 0
         self.url: Optional[str] = None
         self.requests = 0  # requests answered (any status)
+        self.responses: Counter[int] = Counter()  # responses sent, by status (pimcore_http_responses_total)
+        #: Refusals by reason (pimcore_http_refused_total), and their warnings.
+        self.refusals = _Refusals()
         self.streams = 0  # streamed responses (server-sent events) being written now
         self.streams_dropped = 0  # streams closed because the client took no data for request_timeout
         self.connections = 0  # connections accepted (each one's number in logs)
@@ -477,6 +613,11 @@ class HttpServer:
         #: What a broker client (binary Login, WebSocket upgrade) is told here.
         self._not_a_broker = f"this is pimcore's HTTP API ({'https' if config.scheme == 'tls' else 'http'}://):" \
                              " not a broker listener"
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now (pimcore_http_connections)."""
+        return self._conns
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from ..net.server import PressureListener, open_listeners
@@ -527,10 +668,13 @@ class HttpServer:
         self._conns += 1
         try:
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
-            if self._conns > self.config.max_connections:
-                await self._send_error(stream, conn, HttpError(503, "UNAVAILABLE", "too many connections"))
+            probes_only = self._conns > self.config.max_connections
+            if probes_only and (not self.probe_paths or self._conns > self.config.max_connections + PROBE_RESERVE):
+                await self._send_error(stream, conn, _too_many_connections())
                 return
-            await self._serve_requests(stream, conn)
+            # At the limit, a connection of the reserve is read for one probe
+            # (a liveness probe answered 503 would restart a healthy broker).
+            await self._serve_requests(_Wire(stream, conn), probes_only=probes_only)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             from ..net.server import tls_handshake_failed
 
@@ -548,42 +692,47 @@ class HttpServer:
             if self._closing and self._conns == 0:
                 self._all_closed.set()
 
-    async def _receive(self, stream: trio.abc.Stream, conn: h11.Connection) -> Any:
+    async def _receive(self, wire: _Wire) -> Any:
         """The next h11 event, reading as needed (EOF is fed as b"")."""
         while True:
-            event = conn.next_event()
+            event = wire.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            conn.receive_data(bytes(await stream.receive_some(64 * 1024)))
+            await wire.fill()
 
-    async def _serve_requests(self, stream: trio.abc.Stream, conn: h11.Connection) -> None:
+    async def _serve_requests(self, wire: _Wire, *, probes_only: bool = False) -> None:
         cfg = self.config
+        stream, conn = wire.stream, wire.conn
+        # A new connection's first byte has request_timeout to come (one that
+        # never sends a byte holds a max_connections slot no longer than a
+        # request may take); then keepalive_timeout between requests.
+        silence = min(cfg.request_timeout, cfg.keepalive_timeout)
         while True:
-            # Between requests: wait keepalive_timeout for a first byte (or
-            # what is already buffered), then request_timeout for the rest.
-            if self._closing and conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+            # Between requests: wait for a first byte (or what is already
+            # buffered), then request_timeout for the rest.
+            if self._closing and conn.their_state is h11.IDLE and not wire.buffered():
                 return  # shutting down: no next request
-            if not conn.trailing_data[0]:
-                with trio.move_on_after(cfg.keepalive_timeout) as idle:
+            if not wire.buffered():
+                with trio.move_on_after(silence) as idle:
                     self._waits.add(idle)
                     try:
                         data = bytes(await stream.receive_some(64 * 1024))
                     finally:
                         self._waits.discard(idle)
-                    conn.receive_data(data)
+                    wire.add(data)
                     if not data:
                         return
-                if not conn.trailing_data[0] and conn.their_state is h11.IDLE:
-                    return  # silent for keepalive_timeout (or shutting down): hang up
-            if conn.their_state is h11.IDLE and not _request_start(conn.trailing_data[0]):
+                if not wire.buffered() and conn.their_state is h11.IDLE:
+                    return  # silent for too long (or shutting down): hang up
+            if conn.their_state is h11.IDLE and not _request_start(wire.first_bytes()):
                 # Bytes no request begins with (a pimcore tcp:// client's
                 # Login): h11 would wait for a line end until request_timeout.
                 # Answered at once, naming this port (the SDK says so).
-                await self._send_error(stream, conn, HttpError(400, "BAD_REQUEST", self._not_a_broker))
+                await self._send_error(stream, conn, _Refusal(400, "BAD_REQUEST", self._not_a_broker, "malformed"))
                 return
             try:
                 with trio.fail_after(cfg.request_timeout):
-                    request = await self._read_request(stream, conn)
+                    request = await self._read_request(wire, probes_only)
             except trio.TooSlowError:
                 await self._send_error(stream, conn, HttpError(408, "REQUEST_TIMEOUT",
                                                                f"the request did not arrive within {cfg.request_timeout:g} s"))
@@ -597,19 +746,21 @@ class HttpServer:
                 if status == 431:
                     err = HttpError(431, "HEADERS_TOO_LARGE", f"the request head is over {cfg.max_header_bytes} bytes")
                 elif status == 501:  # h11: a Transfer-Encoding other than chunked
-                    err = HttpError(501, "NOT_IMPLEMENTED", "only Transfer-Encoding: chunked is supported")
+                    err = _Refusal(501, "NOT_IMPLEMENTED", "only Transfer-Encoding: chunked is supported", "malformed")
                 else:
-                    err = HttpError(status, "BAD_REQUEST", f"malformed HTTP request: {_h11_reason(exc)}")
+                    err = _Refusal(status, "BAD_REQUEST", f"malformed HTTP request: {_h11_reason(exc)}", "malformed")
                 await self._send_error(stream, conn, err)
                 return
-            except HttpError as exc:  # 400, 413, 505: the body is not read; the connection ends
+            except HttpError as exc:  # 400, 401, 404, 405, 413, 505: the body is not read; the connection ends
+                wire.pending.clear()  # (a refused body's first bytes, not kept while the client is drained)
                 await self._send_error(stream, conn, exc)
+                await self._linger(stream)
                 return
             if request is None:
                 return  # the client closed between requests
             if request.method in ("GET", "HEAD"):
                 # A GET may be a long-poll or a stream: notice the client leaving.
-                answer = await self._while_connected(stream, conn, self._handle(request))
+                answer = await self._while_connected(wire, self._handle(request, stream))
                 if answer is _SHUTTING_DOWN:
                     await self._send_error(stream, conn, HttpError(503, "UNAVAILABLE", "the server is shutting down"))
                     return
@@ -617,10 +768,12 @@ class HttpServer:
                     return
                 status, headers, body = answer
             else:
-                status, headers, body = await self._handle(request)
+                status, headers, body = await self._handle(request, stream)
+            if probes_only:
+                headers = [*headers, ("connection", "close")]  # one probe, then the reserve's slot is free
             if isinstance(body, StreamBody):
-                ended = await self._while_connected(stream, conn, self._send_stream(stream, conn, status, headers, body,
-                                                                                     request))
+                ended = await self._while_connected(wire, self._send_stream(stream, conn, status, headers, body,
+                                                                             request))
                 if ended is _SHUTTING_DOWN and conn.our_state is h11.SEND_BODY:
                     with trio.move_on_after(cfg.request_timeout):  # the chunked body's end
                         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
@@ -636,8 +789,9 @@ class HttpServer:
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
+            silence = cfg.keepalive_timeout
 
-    async def _while_connected(self, stream: trio.abc.Stream, conn: h11.Connection, work: Awaitable[Any]) -> Any:
+    async def _while_connected(self, wire: _Wire, work: Awaitable[Any]) -> Any:
         """``await work`` (answering a GET: a long-poll, a stream) while
         reading the connection, so a client that hangs up (EOF or reset) is
         noticed now -- ``work`` is cancelled and None returned -- instead of
@@ -652,16 +806,16 @@ class HttpServer:
 
         async def watch(cancel: trio.CancelScope) -> None:
             nonlocal left
-            while len(conn.trailing_data[0]) < self.config.max_header_bytes:
+            while wire.buffered() < self.config.max_header_bytes:
                 try:
-                    data = await stream.receive_some(64 * 1024)
+                    data = await wire.stream.receive_some(64 * 1024)
                 except (trio.BrokenResourceError, OSError):
                     data = b""
                 if not data:
                     left = True
                     cancel.cancel()
                     return
-                conn.receive_data(bytes(data))
+                wire.add(bytes(data))
 
         if self._closing:
             work.close()  # type: ignore[attr-defined]  # a coroutine never started
@@ -681,15 +835,17 @@ class HttpServer:
             return None
         return result[0]
 
-    async def _read_request(self, stream: trio.abc.Stream, conn: h11.Connection) -> Optional[Request]:
-        event = await self._receive(stream, conn)
+    async def _read_request(self, wire: _Wire, probes_only: bool = False) -> Optional[Request]:
+        conn = wire.conn
+        event = await self._receive(wire)
         if isinstance(event, h11.ConnectionClosed):
             return None
         assert isinstance(event, h11.Request), event
         if event.http_version not in _VERSIONS:
             # Refused before the body is read; the connection ends.
-            raise HttpError(505, "HTTP_VERSION_NOT_SUPPORTED",
-                            f"HTTP/{event.http_version.decode('ascii')} is not supported: only HTTP/1.1 and HTTP/1.0")
+            raise _Refusal(505, "HTTP_VERSION_NOT_SUPPORTED",
+                           f"HTTP/{event.http_version.decode('ascii')} is not supported: only HTTP/1.1 and HTTP/1.0",
+                           "malformed")
         # h11 bounds only what it buffers while a head is incomplete; a head
         # that arrived in one read is measured here.
         if len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) > self.config.max_header_bytes:
@@ -718,6 +874,23 @@ class HttpServer:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
             raise HttpError(413, "PAYLOAD_TOO_LARGE", f"the body is over {self.config.max_body_bytes} bytes")
+        target = event.target.decode("latin-1")
+        try:
+            parts = urlsplit(target)
+        except ValueError:  # "//[": an unclosed IPv6 bracket, ...
+            raise HttpError(400, "BAD_REQUEST", "malformed request target") from None
+        query, query_names = _parse_query(parts.query)
+        method = event.method.decode("ascii")  # case-sensitive (RFC 9110 9.1): "get" is not GET
+        if probes_only and not (method in ("GET", "HEAD") and parts.path in self.probe_paths):
+            raise _too_many_connections()
+        chunked = headers.get("transfer-encoding", "").strip().lower() == "chunked"
+        if chunked or (length is not None and length.strip("0 \t") != ""):
+            # A body comes: its path, method and key are checked from the
+            # head, so a request refused for them is answered before the
+            # body is read (it is never held; the connection then ends).
+            _, _, auth = self.router.route(method, parts.path)
+            if auth:
+                check_api_key(headers, self._keys)
         limit = self.config.max_body_bytes
         too_large = HttpError(413, "PAYLOAD_TOO_LARGE", f"the body is over {limit} bytes")
         body = bytearray()
@@ -726,8 +899,13 @@ class HttpServer:
         # past the limit is refused at once, not read (or waited for until
         # request_timeout, 408).  at_size: the bytes h11 reads next are
         # (the CRLF that ends the last chunk, then) a chunk's size line.
-        at_size = headers.get("transfer-encoding", "").strip().lower() == "chunked"
+        at_size = chunked
+        chunks = 0
+        events = 0
         while True:
+            events += 1
+            if events % _EVENTS_PER_CHECKPOINT == 0:
+                await trio.lowlevel.checkpoint()  # let the broker run: a body can be thousands of events
             size_line_whole = False
             if at_size:
                 buffered = conn.trailing_data[0]
@@ -741,24 +919,25 @@ class HttpServer:
             if ev is h11.NEED_DATA:
                 if size_line_whole:
                     at_size = False  # h11 took the size line; the chunk's data is next
-                conn.receive_data(bytes(await stream.receive_some(64 * 1024)))
+                await wire.fill()
             elif isinstance(ev, h11.Data):
                 body += ev.data
                 if len(body) > limit:
                     raise too_large
+                if ev.chunk_start:
+                    chunks += 1
+                    if chunks > MAX_SMALL_CHUNKS + len(body) // MIN_CHUNK_BYTES:
+                        raise _Refusal(400, "BAD_REQUEST",
+                                       f"the chunked body is in too many small chunks: {chunks} for {len(body)} bytes"
+                                       f" (past {MAX_SMALL_CHUNKS} chunks they must average {MIN_CHUNK_BYTES} bytes"
+                                       " or more): send larger chunks, or the body with a Content-Length", "malformed")
                 at_size = ev.chunk_end
             elif isinstance(ev, h11.EndOfMessage):
                 break
             else:  # ConnectionClosed mid-body
                 raise h11.RemoteProtocolError("connection closed before the body ended")
-        target = event.target.decode("latin-1")
-        try:
-            parts = urlsplit(target)
-        except ValueError:  # "//[": an unclosed IPv6 bracket, ...
-            raise HttpError(400, "BAD_REQUEST", "malformed request target") from None
-        query, query_names = _parse_query(parts.query)
         return Request(
-            method=event.method.decode("ascii"),  # case-sensitive (RFC 9110 9.1): "get" is not GET
+            method=method,
             path=parts.path,
             query=query,
             headers=headers,
@@ -818,7 +997,7 @@ class HttpServer:
         finally:
             self.streams -= 1
 
-    async def _handle(self, request: Request) -> tuple[int, list[tuple[str, str]], bytes]:
+    async def _handle(self, request: Request, stream: trio.abc.Stream) -> tuple[int, list[tuple[str, str]], bytes]:
         extra: list[tuple[str, str]] = []
         try:
             handler, params, auth = self.router.route(request.method, request.path)
@@ -829,6 +1008,7 @@ class HttpServer:
         except HttpError as exc:
             status, extra = exc.status, exc.headers
             message = exc.message
+            self._refused(exc, stream)
             if status == 404 and "websocket" in request.headers.get("upgrade", "").lower():
                 # A WebSocket client at this port: a broker's ws:// URL is meant.
                 message = f"{message} ({self._not_a_broker})"
@@ -838,10 +1018,12 @@ class HttpServer:
             status, body = 500, RawBody("application/json", error_body("INTERNAL", "internal error"))
         if isinstance(body, StreamBody):
             self.requests += 1
+            self.responses[status] += 1
             return status, [("content-type", body.content_type)], body  # type: ignore[return-value]
         if not isinstance(body, RawBody):
             body = RawBody("application/json", _json_bytes(body))
         self.requests += 1
+        self.responses[status] += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("http %s %s -> %d", request.method, request.path, status,
                       extra={"event": "http_request", "method": request.method, "path": request.path, "status": status})
@@ -868,6 +1050,35 @@ class HttpServer:
         if out:
             await stream.send_all(out)
 
+    async def _linger(self, stream: trio.abc.Stream) -> None:
+        """After an answer that left the request unread (its body, refused
+        from the head): end our side (FIN), then read and drop what the
+        client still sends, for at most _LINGER_SECONDS and as many bytes
+        as a request may have -- closing a socket with unread bytes resets
+        the connection, and the client could lose the answer before reading
+        it.  Nothing read is kept."""
+        left = self.config.max_body_bytes + self.config.max_header_bytes
+        with trio.move_on_after(_LINGER_SECONDS) as scope:
+            self._waits.add(scope)  # shutdown() does not wait for it
+            try:
+                if isinstance(stream, trio.SocketStream):
+                    await stream.send_eof()
+                while left > 0:
+                    data = await stream.receive_some(16 * 1024)
+                    if not data:
+                        return
+                    left -= len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            finally:
+                self._waits.discard(scope)
+
+    def _refused(self, err: HttpError, stream: trio.abc.Stream) -> None:
+        """Count (and maybe log) ``err`` if it is a refusal (REFUSAL_REASONS)."""
+        reason = err.reason if isinstance(err, _Refusal) else _REFUSED_STATUS.get(err.status)
+        if reason is not None:
+            self.refusals.note(reason, err.status, stream)
+
     async def _send_error(self, stream: trio.abc.Stream, conn: h11.Connection, err: HttpError) -> None:
         """An error response, then the connection ends (what was not read of
         the request is not read).  Written by hand: h11 lets a server
@@ -879,6 +1090,8 @@ class HttpServer:
         head = [f"HTTP/1.1 {err.status} {_phrase(err.status)}", "content-type: application/json", f"content-length: {len(body)}",
                 "connection: close", *(f"{k}: {v}" for k, v in err.headers)]
         self.requests += 1
+        self.responses[err.status] += 1
+        self._refused(err, stream)
         with trio.move_on_after(self.config.request_timeout):
             await stream.send_all(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
 

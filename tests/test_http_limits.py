@@ -1,0 +1,278 @@
+"""The HTTP listener against hostile or careless clients (a new operator's
+trial, trial-o): a chunked body in tiny chunks, bodies sent with a wrong
+key, idle connections up to max_connections, and what the listener tells
+monitoring about what it refused.  Raw sockets on loopback; no timed
+assertions (the clock-based ones run on trio's autojump clock)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import h11
+import pytest
+import trio
+
+from pimcore.http import HttpError, Request
+
+from test_http import KEY, broker_http, host_port, metrics, read_until_eof
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def _echo(request: Request) -> tuple[int, Any]:
+    return 200, {"bytes": len(request.body)}
+
+
+def _chunked(n: int, size: int = 1) -> bytes:
+    return b"%x\r\n%s\r\n" % (size, b"x" * size) * n + b"0\r\n\r\n"
+
+
+def _head(method: str, path: str, *, key: str | None = KEY, extra: str = "") -> bytes:
+    auth = f"Authorization: Bearer {key}\r\n" if key is not None else ""
+    return f"{method} {path} HTTP/1.1\r\nHost: t\r\n{auth}{extra}\r\n".encode()
+
+
+def _status_and_error(reply: bytes) -> tuple[int, str, dict[str, str]]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), json.loads(body)["error"]["code"] if body.startswith(b"{\"error\"") else "", headers
+
+
+# ---------------------------------------------------------------- H1: a body in many tiny chunks
+
+
+async def test_a_body_in_absurdly_many_small_chunks_is_refused() -> None:
+    """170,000 one-byte chunks (under max_body_bytes) took about a second of
+    the broker's loop each (h11 makes an event of every chunk): past 1,024
+    chunks a body must average at least 256 bytes a chunk, else 400
+    BAD_REQUEST saying so, and the connection ends."""
+    with trio.fail_after(30):
+        async with broker_http() as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(_head("POST", "/echo", extra="Transfer-Encoding: chunked\r\n") + _chunked(20_000))
+            status, code, _ = _status_and_error(await read_until_eof(stream))
+            assert (status, code) == (400, "BAD_REQUEST")
+            # Chunks a real client sends: 1,024 tiny ones, or many of 256 bytes and more, are read whole.
+            for n, size in ((1024, 1), (3000, 256)):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(_head("POST", "/echo", extra="Transfer-Encoding: chunked\r\n") + _chunked(n, size))
+                reply = b""
+                while not reply.endswith(b"}"):
+                    reply += await stream.receive_some(65536)
+                assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b'{"bytes":%d}' % (n * size)), reply
+                await stream.aclose()
+
+
+async def test_reading_a_chunked_body_lets_the_brokers_other_tasks_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request reader fed a whole receive (64 KiB: thousands of chunk
+    events) through h11 without a checkpoint, so nothing else of the broker
+    ran meanwhile.  Counted, not timed: h11 events handled while a
+    concurrent task never got to run."""
+    ticks = 0
+    longest = 0
+    since = [0, -1]  # h11 events since the ticker last ran, the tick they are counted from
+    real = h11.Connection.next_event
+
+    def counting(self: h11.Connection) -> Any:
+        nonlocal longest
+        if since[1] != ticks:
+            since[:] = [0, ticks]
+        since[0] += 1
+        longest = max(longest, since[0])
+        return real(self)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(30):
+        async with broker_http() as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ticker)
+                monkeypatch.setattr(h11.Connection, "next_event", counting)
+                await stream.send_all(_head("POST", "/echo", extra="Transfer-Encoding: chunked\r\n") + _chunked(1000))
+                reply = b""
+                while not reply.endswith(b"}"):
+                    reply += await stream.receive_some(65536)
+                monkeypatch.undo()
+                nursery.cancel_scope.cancel()
+            assert reply.endswith(b'{"bytes":1000}'), reply
+            assert longest <= 300, longest  # (before: every event of the body, over 1,000)
+
+
+# ---------------------------------------------------------------- M2: refused from the head, the body unread
+
+
+async def test_a_request_refused_from_its_head_is_answered_before_its_body_comes() -> None:
+    """A wrong or missing key, an unknown path or method: answered from the
+    head at once and the connection closed, the body never read (400
+    connections sending 1 MiB with a wrong key took the broker from 211 MB
+    to 680 MB).  request_timeout is 600 s: waiting for the body fails the test."""
+    ran = 0
+
+    async def handler(request: Request) -> tuple[int, Any]:
+        nonlocal ran
+        ran += 1
+        return 200, {}
+
+    chunked = "Transfer-Encoding: chunked\r\n"
+    cases = [
+        (_head("POST", "/echo", key="wrong-key", extra="Content-Length: 1000000\r\n"), 401, "AUTH_FAILED"),
+        (_head("POST", "/echo", key=None, extra="Content-Length: 1000000\r\n"), 401, "AUTH_FAILED"),
+        (_head("POST", "/echo", key="wrong-key", extra=chunked) + b"f4240\r\nxx", 401, "AUTH_FAILED"),
+        (_head("POST", "/nosuch", extra="Content-Length: 1000000\r\n"), 404, "NOT_FOUND"),
+        (_head("PUT", "/echo", extra="Content-Length: 1000000\r\n"), 405, "METHOD_NOT_ALLOWED"),
+        (_head("POST", "/healthz", key=None, extra=chunked) + b"1\r\n \r\n", 405, "METHOD_NOT_ALLOWED"),
+    ]
+    with trio.fail_after(20):
+        async with broker_http(request_timeout=600) as (srv, h):
+            h.router.add("POST", "/echo", handler)
+            for raw, want, code in cases:
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(raw)
+                status, got, headers = _status_and_error(await read_until_eof(stream))
+                assert (status, got) == (want, code), raw
+                assert headers["connection"] == "close", headers
+            assert ran == 0
+
+
+# ---------------------------------------------------------------- M3: probes at the connection limit
+
+
+async def test_probes_and_the_scrape_are_answered_at_the_connection_limit() -> None:
+    """max_connections idle connections made /healthz and /metrics 503 (a
+    liveness probe would restart the broker): at the limit a few more
+    connections are read, and /healthz, /readyz and /metrics served on them;
+    anything else is 503 UNAVAILABLE "too many connections"."""
+    import pimcore.http.server as server_mod
+
+    reserve = getattr(server_mod, "PROBE_RESERVE", 16)
+    with trio.fail_after(30):
+        async with broker_http(max_connections=2, request_timeout=600) as (srv, h):
+            idle = [await trio.open_tcp_stream(*host_port(h.url)) for _ in range(2)]
+            while h._conns < 2:
+                await trio.sleep(0.01)
+            for path in ("/healthz", "/readyz", "/metrics"):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(_head("GET", path, key=None))
+                reply = await read_until_eof(stream)  # served, then the connection ends
+                assert reply.startswith(b"HTTP/1.1 200 "), (path, reply[:300])
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(_head("GET", "/v1/info"))
+            status, code, _ = _status_and_error(await read_until_eof(stream))
+            assert (status, code) == (503, "UNAVAILABLE")
+            # The reserve is bounded: past it, 503 at once, nothing read.
+            idle += [await trio.open_tcp_stream(*host_port(h.url)) for _ in range(reserve)]
+            while h._conns < 2 + reserve:
+                await trio.sleep(0.01)
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(_head("GET", "/healthz", key=None))
+            status, code, _ = _status_and_error(await read_until_eof(stream))
+            assert (status, code) == (503, "UNAVAILABLE")
+            for s in idle:
+                await s.aclose()
+
+
+async def test_a_connection_that_never_sends_a_byte_is_closed_after_request_timeout(
+        autojump_clock: trio.abc.Clock) -> None:
+    """Silent from its accept: closed after request_timeout (5 s here), not
+    keepalive_timeout (60 s), which is for the silence between requests."""
+    with trio.fail_after(200):
+        async with broker_http(request_timeout=5.0, keepalive_timeout=60.0) as (srv, h):
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            t0 = trio.current_time()
+            assert await read_until_eof(stream) == b""
+            assert 5.0 <= trio.current_time() - t0 < 6.0
+            # After a request, keepalive_timeout.
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(_head("GET", "/healthz", key=None))
+            reply = b""
+            while not reply.endswith(b"}"):
+                reply += await stream.receive_some(65536)
+            t0 = trio.current_time()
+            assert await read_until_eof(stream) == b""
+            assert 60.0 <= trio.current_time() - t0 < 61.0
+
+
+# ---------------------------------------------------------------- M10: refusals counted and logged
+
+
+async def test_refused_requests_are_counted_and_logged_at_most_once_per_30_s_per_reason(
+        autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pimcore.http")
+
+    def refused() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "event", None) == "http_refused"]
+
+    async def ask(raw: bytes) -> bytes:
+        stream = await trio.open_tcp_stream(*host_port(h.url))
+        await stream.send_all(raw)
+        reply = await read_until_eof(stream)
+        await stream.aclose()
+        return reply
+
+    with trio.fail_after(300):
+        async with broker_http(request_timeout=5.0, max_body_bytes=1000, max_connections=1) as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            for _ in range(3):
+                assert (await ask(_head("GET", "/v1/info", key="wrong-key-xyz", extra="Connection: close\r\n"))
+                        ).startswith(b"HTTP/1.1 401 ")
+            lines = refused()
+            assert len(lines) == 1 and lines[0].reason == "auth" and lines[0].count == 1, caplog.text
+            assert lines[0].levelno == logging.WARNING
+            await trio.sleep(31)
+            assert (await ask(_head("POST", "/echo", key=None, extra="Content-Length: 10\r\n"))).startswith(
+                b"HTTP/1.1 401 ")
+            lines = refused()
+            assert len(lines) == 2 and lines[1].count == 3, caplog.text  # two unsaid, and this one
+            assert (await ask(_head("POST", "/v1/info", extra="Content-Length: 5000\r\n"))).startswith(b"HTTP/1.1 413 ")
+            assert (await ask(_head("GET", "/v1/info")[:-2])).startswith(b"HTTP/1.1 408 ")  # the head never ends
+            while h._conns:  # (the connections above are gone)
+                await trio.sleep(0.01)
+            idle = await trio.open_tcp_stream(*host_port(h.url))
+            while h._conns < 1:
+                await trio.sleep(0.01)
+            assert (await ask(_head("GET", "/v1/info"))).startswith(b"HTTP/1.1 503 ")
+            await idle.aclose()
+            assert [r.reason for r in refused()] == ["auth", "auth", "too_large", "timeout", "too_many_connections"]
+            assert "wrong-key-xyz" not in caplog.text
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(_head("GET", "/metrics", key=None, extra="Connection: close\r\n"))
+            text = (await read_until_eof(stream)).partition(b"\r\n\r\n")[2].decode()
+            m = metrics(text)
+            assert m[("pimcore_http_responses_total", (("status", "401"),))] == 4
+            assert m[("pimcore_http_responses_total", (("status", "413"),))] == 1
+            assert m[("pimcore_http_responses_total", (("status", "408"),))] == 1
+            assert m[("pimcore_http_responses_total", (("status", "503"),))] == 1
+            assert m[("pimcore_http_refused_total", (("reason", "auth"),))] == 4
+            assert m[("pimcore_http_refused_total", (("reason", "too_many_connections"),))] == 1
+            assert m[("pimcore_http_refused_total", (("reason", "malformed"),))] == 0
+            assert m[("pimcore_http_connections", ())] >= 1
+
+
+def test_operations_md_lists_the_http_listeners_metrics_and_log_events() -> None:
+    """Every pimcore_http_* family the collector yields and every event the
+    HTTP listener logs is in docs/OPERATIONS.md's tables."""
+    import pimcore.http.metrics as metrics_mod
+    import pimcore.http.server as server_mod
+
+    ops = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    code = Path(metrics_mod.__file__).read_text()
+    families = set(re.findall(r'"(pimcore_http_[a-z_]+)"', code))
+    assert families >= {"pimcore_http_responses", "pimcore_http_refused", "pimcore_http_connections"}, families
+    for name in families:
+        assert f"`{name}" in ops, name
+    events = set(re.findall(r'"event": "(http_[a-z_]+)"', Path(server_mod.__file__).read_text()))
+    assert "http_refused" in events
+    for event in events - {"http_request", "http_client_left"}:  # (debug lines)
+        assert f"| `{event}` |" in ops, event
