@@ -203,3 +203,77 @@ async def test_a_full_map_is_said_in_words_on_the_api_and_readyz(tmp_path: Path)
             assert_error(status, doc, 503, "UNAVAILABLE")
             assert "the store's map is full" in doc["error"]["message"], doc
     store.close()
+
+
+# -- Every write-failure path names a full disk (a new operator's trial,
+# -- durability log on an 8 MB tmpfs): LMDB reports a short pwrite as EIO.
+
+
+class _EioCommitEnv:
+    """An LMDB environment whose next write transaction's commit fails as
+    LMDB's does on a full disk: ``Error('mdb_txn_commit: Input/output error')``."""
+
+    def __init__(self, env: Any) -> None:
+        self._env = env
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._env, name)
+
+    def begin(self, *a: Any, **kw: Any) -> Any:
+        txn = self._env.begin(*a, **kw)
+        return _EioCommitTxn(txn) if kw.get("write") else txn
+
+
+class _EioCommitTxn:
+    def __init__(self, txn: Any) -> None:
+        self._txn = txn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._txn, name)
+
+    def commit(self) -> None:
+        import lmdb
+
+        self._txn.abort()
+        raise lmdb.Error("mdb_txn_commit: Input/output error")
+
+
+_FULL_CAUSE = ("no space left on the data directory's file system: free space there (or move the data directory"
+               " to a larger disk), then restart the broker")
+
+
+def test_a_deferred_commit_that_fails_on_a_full_disk_names_it_everywhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trial logged "deferred commit failed: a deferred commit failed
+    (Error('mdb_txn_commit: Input/output error')); restart the broker ..."
+    and /readyz "a write to the store failed (the broker's log says why)":
+    the deferred commit did not ask whether the disk was full."""
+    from pimcore.store import LmdbStore
+    from pimcore.store import lmdb as lmdb_module
+    from pimcore.errors import StoreError
+    from pimcore.store.base import WriteBatch
+    from test_command_log import GROUPS, _fixed_batches
+
+    monkeypatch.setattr(lmdb_module, "_free_bytes", lambda path: 4096, raising=False)  # (the disk: full)
+    batches = _fixed_batches(2, 12)
+    store = LmdbStore(str(tmp_path / "store"), durability="log")
+    try:
+        store.defer_commits(True)
+        store.commit(WriteBatch(1, GROUPS))
+        store.commit_open()
+        real, store._env = store._env, _EioCommitEnv(store._env)  # type: ignore[assignment]
+        store.commit(WriteBatch(2, tuple(batches[0])))  # acked: in the log
+        with pytest.raises(StoreError) as failed:
+            store.commit_open()
+        store._env = real
+        text = str(failed.value)
+        assert "deferred commit failed" in text and "no space left on the data directory's file system" in text, text
+        assert str(tmp_path) in text and "Input/output error" in text, text  # (the operator's log: whole)
+        assert failed.value.cause == _FULL_CAUSE, failed.value.cause
+        # Each later write is refused with the cause too (the HTTP API's 503 says it).
+        with pytest.raises(StoreError) as again:
+            store.commit(WriteBatch(3, tuple(batches[1])))
+        assert again.value.cause == _FULL_CAUSE, (str(again.value), again.value.cause)
+        assert store.halted() == f"the store writes no more: {_FULL_CAUSE}"
+    finally:
+        store.close()

@@ -696,6 +696,14 @@ _log = logging.getLogger("pimcore.store")
 _LOW_SPACE = 1 << 20
 
 
+def _free_bytes(path: str) -> int:
+    """The bytes this process may still write on ``path``'s file system
+    (root may write into the blocks reserved for it: f_bfree).  Raises
+    OSError.  (A module function: tests give the figure.)"""
+    st = os.statvfs(path)
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
 def _no_space(path: str, exc: BaseException) -> Optional[str]:
     """"no space left on the data directory's file system (``path``)" if
     ``exc`` (an OSError or lmdb.Error of a write under ``path``) comes from
@@ -713,11 +721,9 @@ def _no_space(path: str, exc: BaseException) -> Optional[str]:
         return None
     if code == errno.EIO:
         try:
-            st = os.statvfs(path)
+            free = _free_bytes(path)
         except OSError:
             return None
-        # (root may write into the blocks reserved for it: f_bfree.)
-        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
         if free >= _LOW_SPACE:
             return None
     elif code not in (errno.ENOSPC, errno.EDQUOT):
@@ -1125,6 +1131,18 @@ class _LogState:
             op.at = None
         self.uncommitted = None
         self.unsettled, self.resize_unsettled = unsettled, resize
+
+    def stopped(self) -> StoreError:
+        """The StoreError of a store stopped by ``failed`` or ``unsettled``,
+        with its cause in words when that is a full disk (the HTTP API's
+        503 says it)."""
+        why = self.failed or self.unsettled
+        assert why is not None
+        cause = None
+        if _NO_SPACE in why:
+            cause = f"{_NO_SPACE}: {_FREE_SPACE}" + ("" if self.failed is None and self.resize_unsettled
+                                                     else ", then restart the broker")
+        return StoreError(why, cause=cause)
 
     def _append_failed(self, exc: OSError) -> StoreError:
         # After a failed flush the page cache's state is unknown (fsync
@@ -2313,7 +2331,7 @@ class LmdbStore(Store):
             if st is not None and st.resize_unsettled:
                 st.settle_resize()
             if st is not None and (st.failed is not None or st.unsettled is not None):
-                raise StoreError(st.failed or st.unsettled)
+                raise st.stopped()
             if self._open is not None and st is not None:
                 self._restore_open(env, st)  # (if it has no transaction; raises if it cannot)
             if self._open is not None or self._defer_owner is not None:
@@ -2326,7 +2344,7 @@ class LmdbStore(Store):
                 else:
                     self._await_open(writing=True)
                 if st is not None and (st.failed is not None or st.unsettled is not None):
-                    raise StoreError(st.failed or st.unsettled)
+                    raise st.stopped()
             # A maintenance handle writes only while no log broker does (it
             # may have started since this handle opened): its commit would
             # be in LMDB but not in the log, and that broker's recovery puts
@@ -2648,7 +2666,7 @@ class LmdbStore(Store):
             self._reopen(env, st, op)
             st.unsettled = None
         else:
-            raise StoreError(st.unsettled)
+            raise st.stopped()
 
     def _reopen(self, env: lmdb.Environment, st: _LogState, op: "_Open") -> None:
         """Under _wlock, ``op`` without a transaction: a new one holding
@@ -2695,7 +2713,7 @@ class LmdbStore(Store):
         st = self._log
         assert env is not None and st is not None
         if st.failed is not None or st.unsettled is not None:
-            raise StoreError(st.failed or st.unsettled)
+            raise st.stopped()
         self._restore_open(env, st)
         interrupted: Optional[BaseException] = None
         while True:
@@ -2723,9 +2741,11 @@ class LmdbStore(Store):
                         done = False
                     if not done:
                         self._hot = None
-                        self._gave_up(st, f"a deferred commit failed ({exc!r})")
+                        full = _no_space(self._path, exc)
+                        self._gave_up(st, f"a deferred commit failed ({exc!r})" if full is None else
+                                      f"a deferred commit failed: {full} ({exc!r}): {_FREE_SPACE}")
                         if isinstance(exc, lmdb.Error):
-                            raise StoreError(st.unsettled) from exc
+                            raise st.stopped() from exc
                         raise
                     self._open = None
                 interrupted = exc  # (LMDB committed: raised below)
@@ -3000,8 +3020,11 @@ class LmdbStore(Store):
                     return None
                 if st.resize_unsettled:
                     return f"the store writes no more for now: {st.unsettled}"
+                full = _NO_SPACE in st.unsettled  # (a deferred commit on a full disk)
             finally:
                 self._wlock.release()
+            if full:
+                return f"the store writes no more: {_NO_SPACE}: {_FREE_SPACE}, then restart the broker"
             return ("the store writes no more: a commit was cut short while the command log and LMDB disagreed;"
                     " restart the broker to recover")
         if _NO_SPACE in failed:
