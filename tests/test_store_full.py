@@ -277,3 +277,41 @@ def test_a_deferred_commit_that_fails_on_a_full_disk_names_it_everywhere(
         assert store.halted() == f"the store writes no more: {_FULL_CAUSE}"
     finally:
         store.close()
+
+
+async def test_a_broker_whose_deferred_commit_fails_on_a_full_disk_says_so_in_its_log_readyz_and_503(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The trial's broker, in words: the log line, /readyz, /healthz and each
+    later 503 name the full disk (they said an I/O error, or "the broker's
+    log says why")."""
+    from pimcore.store import lmdb as lmdb_module
+
+    caplog.set_level(logging.INFO, logger="pimcore")
+    with trio.fail_after(30):
+        async with api(tmp_path, durability="log") as (im, h, c):
+            assert (await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["alice", "bob"]}))[0] == 201
+            store = im.server.store
+            while store.commit_delay() is not None:  # (the group's deferred commit: done first)
+                await trio.sleep(0.01)
+            monkeypatch.setattr(lmdb_module, "_free_bytes", lambda path: 0, raising=False)
+            monkeypatch.setattr(store, "_env", _EioCommitEnv(store._env))
+            assert im.server._deferring
+            status, doc = await _post(c, "acked, in the log")
+            assert status == 201, doc
+            for _ in range(200):  # (the deferred commit runs within 0.2 s)
+                if _errors(caplog):
+                    break
+                await trio.sleep(0.01)
+            errors = _errors(caplog)
+            assert errors and "no space left on the data directory's file system" in errors[0], errors
+            assert str(tmp_path) in errors[0], errors
+            status, doc = await _post(c, "refused")
+            assert_error(status, doc, 503, "STORE_UNAVAILABLE")
+            assert doc["error"]["message"].endswith(f": the store failed: {_FULL_CAUSE}"), doc
+            status, doc = await c.json("GET", "/readyz")
+            assert_error(status, doc, 503, "UNAVAILABLE")
+            assert doc["error"]["message"] == f"store failing writes: {_FULL_CAUSE}", doc
+            status, doc = await c.json("GET", "/healthz")
+            assert_error(status, doc, 503, "UNAVAILABLE")
+            assert doc["error"]["message"] == f"the store writes no more: {_FULL_CAUSE}", doc
+            monkeypatch.setattr(store, "_env", store._env._env)
