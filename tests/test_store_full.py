@@ -315,3 +315,48 @@ async def test_a_broker_whose_deferred_commit_fails_on_a_full_disk_says_so_in_it
             assert_error(status, doc, 503, "UNAVAILABLE")
             assert doc["error"]["message"] == f"the store writes no more: {_FULL_CAUSE}", doc
             monkeypatch.setattr(store, "_env", store._env._env)
+
+
+class _EioSyncEnv(_EioCommitEnv):
+    """An LMDB environment whose flush fails as on a full disk."""
+
+    def begin(self, *a: Any, **kw: Any) -> Any:
+        return self._env.begin(*a, **kw)
+
+    def sync(self, force: bool = False) -> None:
+        import lmdb
+
+        raise lmdb.Error("mdb_env_sync: Input/output error")
+
+
+def test_a_checkpoint_whose_data_file_flush_fails_on_a_full_disk_names_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint's flush of data.mdb cut short by a full disk stopped the
+    store as "LMDB's data file could not be flushed (...)" and /healthz said
+    "its command log or data file could not be flushed": no full disk."""
+    from pimcore.store import LmdbStore
+    from pimcore.store import lmdb as lmdb_module
+    from pimcore.errors import StoreError
+    from pimcore.store.base import WriteBatch
+    from test_command_log import GROUPS, _fixed_batches
+
+    caplog.set_level(logging.INFO, logger="pimcore")
+    monkeypatch.setattr(lmdb_module, "_free_bytes", lambda path: 0, raising=False)
+    store = LmdbStore(str(tmp_path / "store"), durability="log")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        st = store._log
+        real, store._env = store._env, _EioSyncEnv(store._env)  # type: ignore[assignment]
+        with pytest.raises(Exception):
+            st.checkpoint_now()
+        store._env = real
+        assert st.failed is not None and "no space left on the data directory's file system" in st.failed, st.failed
+        st._checkpoint_failed(OSError(errno.EIO, os.strerror(errno.EIO)))  # (a checkpoint's write: its warning)
+        warned = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "checkpoint_failed"]
+        assert warned and all("no space left on the data directory's file system" in w for w in warned), warned
+        with pytest.raises(StoreError) as refused:
+            store.commit(WriteBatch(2, tuple(_fixed_batches(1, 5)[0])))
+        assert refused.value.cause == _FULL_CAUSE, (str(refused.value), refused.value.cause)
+        assert store.halted() == f"the store writes no more: {_FULL_CAUSE}"
+    finally:
+        store.close()

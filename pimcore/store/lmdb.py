@@ -1197,7 +1197,10 @@ class _LogState:
                 # pages clean: a later flush would succeed without them and a
                 # checkpoint after it claim them durable.  Stop writing; a
                 # restart replays the log from the last good checkpoint.
-                self.failed = f"LMDB's data file could not be flushed ({exc}); restart the broker"
+                full = _no_space(self.store._path, exc)
+                self.failed = (f"LMDB's data file could not be flushed ({exc}); restart the broker" if full is None
+                               else f"LMDB's data file could not be flushed: {full} ({exc}): {_FREE_SPACE}, then"
+                                    " restart the broker")
                 raise
             wal.write_checkpoint(self.log.dir, ckpt, dir_fd=self._dir_fd)
         except BaseException:
@@ -1228,7 +1231,8 @@ class _LogState:
         if self.failed is None and self._warned_at is not None and now - self._warned_at < self.warn_seconds:
             return
         self._warned_at = now
-        _log.warning("command log checkpoint failed: %s%s%s", exc,
+        full = _no_space(self.store._path, exc)
+        _log.warning("command log checkpoint failed: %s%s%s", exc if full is None else f"{full} ({exc})",
                      "; the store stops writing" if self.failed else "; retried after the next commits",
                      f" ({self.checkpoint_failures} failed in a row)" if self.checkpoint_failures > 1 else "",
                      extra={"event": "checkpoint_failed", "failures": self.checkpoint_failures})
