@@ -360,3 +360,139 @@ def test_a_checkpoint_whose_data_file_flush_fails_on_a_full_disk_names_it(
         assert store.halted() == f"the store writes no more: {_FULL_CAUSE}"
     finally:
         store.close()
+
+
+# -- A full disk at start-up is transient (exit 1: a supervisor restarts the
+# -- broker once space is freed), not a configuration error (exit 2: "do not
+# -- restart", systemd RestartPreventExitStatus=2 kept it down).
+
+
+def _log_to_replay(where: Path) -> Path:
+    """A data directory whose log store holds batches a start must replay
+    (the store's files as a crash leaves them)."""
+    from pimcore.store import LmdbStore
+    from pimcore.store.base import WriteBatch
+    from test_command_log import GROUPS, _crash_copy, _fixed_batches
+
+    store = LmdbStore(str(where / "a"), durability="log")
+    try:
+        store.commit(WriteBatch(1, GROUPS))
+        for i, batch in enumerate(_fixed_batches(3, 8)):
+            store.commit(WriteBatch(2 + i, tuple(batch)))
+        (where / "d").mkdir()
+        _crash_copy(where / "a", where / "d" / "store")
+    finally:
+        store.close()
+    return where / "d"
+
+
+def _serve(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from pimcore.cli import main
+
+    capsys.readouterr()
+    code = main(["serve", "--data-dir", str(data_dir), "--durability", "log", "--listen", "tcp://127.0.0.1:0"])
+    return code, capsys.readouterr().err
+
+
+def test_a_replay_on_a_full_disk_exits_1_saying_what_to_do_at_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The trial: "replaying record 129 ... failed: ... no space left ...;
+    writes are retried by the clients", exit 2."""
+    import lmdb
+
+    from pimcore.store import LmdbStore
+    from pimcore.store import lmdb as lmdb_module
+
+    data_dir = _log_to_replay(tmp_path)
+    monkeypatch.setattr(lmdb_module, "_free_bytes", lambda path: 0, raising=False)
+    commit = LmdbStore.commit
+
+    def full(self: LmdbStore, batch: Any) -> Any:
+        if self._log is not None and self._log.replaying:  # (LMDB's short pwrite, as on the trial's tmpfs)
+            try:
+                raise lmdb.Error("mdb_txn_commit: Input/output error")
+            except lmdb.Error as exc:
+                raise self._lmdb_error(exc) from exc
+        return commit(self, batch)
+
+    monkeypatch.setattr(LmdbStore, "commit", full)
+    code, err = _serve(data_dir, capsys)
+    assert code == 1, err
+    assert err.startswith("pimcore serve: replaying record "), err
+    assert "no space left on the data directory's file system" in err and "writes are retried" not in err, err
+    assert "then start the broker again" in err, err
+    monkeypatch.setattr(LmdbStore, "commit", commit)
+    code, err = _serve_briefly(data_dir)  # space again: the same start works, nothing lost
+    assert code == 0, err
+
+
+def _serve_briefly(data_dir: Path) -> tuple[int, str]:
+    """``pimcore serve`` on ``data_dir`` until it says ready, then SIGTERM."""
+    import signal
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "pimcore", "serve", "--data-dir", str(data_dir), "--durability", "log",
+                          "--listen", "tcp://127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        deadline = time.monotonic() + 30
+        for line in p.stdout:
+            if line.startswith("ready") or time.monotonic() > deadline:
+                break
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return p.returncode, err
+
+
+@pytest.mark.parametrize("exc, code", [
+    (OSError(errno.EMFILE, os.strerror(errno.EMFILE)), 1),
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 1),
+    (OSError(errno.EIO, os.strerror(errno.EIO)), 1),
+    (OSError(errno.EROFS, os.strerror(errno.EROFS)), 2),
+    (OSError(errno.EACCES, os.strerror(errno.EACCES)), 2),
+    ("lmdb:mdb_env_open: Too many open files", 1),
+    ("lmdb:mdb_env_open: Input/output error", 1),
+    ("lmdb:mdb_env_open: Permission denied", 2),
+])
+def test_a_store_that_cannot_open_for_now_exits_1_and_for_good_exits_2(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], exc: Any,
+        code: int) -> None:
+    """Out of descriptors, out of space or an I/O error at the store's open
+    may pass (exit 1); a read-only file system or no permission does not
+    until someone changes it (exit 2)."""
+    import lmdb
+
+    from pimcore.store import LmdbStore
+    from pimcore.errors import StoreError
+
+    def refuse(self: LmdbStore, path: str, *a: Any, **kw: Any) -> None:
+        if isinstance(exc, str):
+            try:
+                raise lmdb.Error(exc[len("lmdb:"):])
+            except lmdb.Error as inner:
+                raise StoreError(f"cannot open LMDB store at {path!r}: {inner}") from inner
+        raise OSError(exc.errno, exc.strerror, path)
+
+    monkeypatch.setattr(LmdbStore, "__init__", refuse)
+    got, err = _serve(tmp_path / "d", capsys)
+    assert got == code, err
+    assert err.startswith("pimcore serve: ") and err.count("\n") == 1, err
+
+
+def test_a_secret_that_cannot_be_written_for_lack_of_space_exits_1(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    real = os.fsync
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    got, err = _serve(tmp_path / "d", capsys)
+    monkeypatch.setattr(os, "fsync", real)
+    assert got == 1, err
+    assert "No space left on device" in err, err

@@ -2094,6 +2094,16 @@ class LmdbStore(Store):
                         ops = _decode_ops(payload)
                         self.commit(WriteBatch(-lsn, ops))
                     except (StoreError, pickle.UnpicklingError, ValueError, TypeError, EOFError) as exc:
+                        full = isinstance(exc, StoreError) and (exc.cause or "").startswith(_NO_SPACE)
+                        if full:
+                            # (Said for a start: the running store's "writes
+                            # are retried by the clients" means nothing here.)
+                            inner = exc.__cause__ or exc
+                            raise StoreError(
+                                f"replaying record {lsn} of the command log in {log_dir!r} failed:"
+                                f" {_no_space(self._path, inner) or _NO_SPACE} ({inner}): {_FREE_SPACE}, then start"
+                                " the broker again (the log keeps every acknowledged batch)",
+                                cause=f"{_NO_SPACE}: {_FREE_SPACE}", transient=True) from exc
                         raise StoreError(
                             f"replaying record {lsn} of the command log in {log_dir!r} failed: {exc}"
                         ) from exc
@@ -2250,7 +2260,8 @@ class LmdbStore(Store):
         full = _no_space(self._path, exc)
         if full is not None:
             return StoreError(f"LMDB error: {full} ({exc}): free space there (or move the data directory to a"
-                              " larger disk); writes are retried by the clients", cause=f"{_NO_SPACE}: {_FREE_SPACE}")
+                              " larger disk); writes are retried by the clients", cause=f"{_NO_SPACE}: {_FREE_SPACE}",
+                              transient=True)
         return StoreError(f"LMDB error: {exc}")
 
     def _grow(self, env: lmdb.Environment) -> None:
