@@ -496,3 +496,35 @@ def test_a_secret_that_cannot_be_written_for_lack_of_space_exits_1(
     monkeypatch.setattr(os, "fsync", real)
     assert got == 1, err
     assert "No space left on device" in err, err
+
+
+# -- Readiness on a (nearly) full disk: not by the last write alone.
+
+
+@pytest.mark.parametrize("durability", ["sync", "os", "log"])
+async def test_readyz_is_503_while_the_data_directory_has_under_1_mib_free_whatever_the_last_write_did(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str) -> None:
+    """The trial (durability sync, the disk at 100 %): after failed large
+    writes one small write succeeded and /readyz said 200 -- readiness
+    flipped with each write.  The rule: 503 while the data directory's file
+    system has under 1 MiB free (when an I/O error is taken as a full disk
+    too), whatever the last write did; ready again once there is."""
+    from pimcore.store import lmdb as lmdb_module
+
+    free = [64 << 20]
+    monkeypatch.setattr(lmdb_module, "_free_bytes", lambda path: free[0], raising=False)
+    with trio.fail_after(30):
+        async with api(tmp_path, durability=durability) as (im, h, c):
+            assert (await call(c, "POST", "/v1/groups", {"conv": "team", "members": ["alice", "bob"]}))[0] == 201
+            assert await c.json("GET", "/readyz") == (200, {"status": "ready"})
+            free[0] = (1 << 20) - 1
+            assert (await _post(c, "small: fits"))[0] == 201  # (a small write may still succeed)
+            for _ in range(2):  # (each probe alike: no flip)
+                status, doc = await c.json("GET", "/readyz")
+                assert_error(status, doc, 503, "UNAVAILABLE")
+                assert doc["error"]["message"] == (
+                    "store short of space: no space left on the data directory's file system (under 1 MiB free):"
+                    " free space there (or move the data directory to a larger disk)"), doc
+            assert await c.json("GET", "/healthz") == (200, {"status": "ok"})  # (alive: it mends itself)
+            free[0] = 1 << 20
+            assert await c.json("GET", "/readyz") == (200, {"status": "ready"})

@@ -3019,6 +3019,21 @@ class LmdbStore(Store):
 
     # ------------------------------------------------- identity and clock
 
+    def short_of_space(self) -> Optional[str]:
+        """Why the store is not ready for writes by its disk, in words
+        without paths -- its file system has under ``_LOW_SPACE`` (1 MiB)
+        free, the figure under which an I/O error of a write is taken as a
+        full disk -- else None (also when free space cannot be read).  The
+        broker's ``/readyz`` answers 503 with it, whatever the last write
+        did: a small write may succeed on a full disk, the next large one
+        not (readiness flipped with each write)."""
+        try:
+            if _free_bytes(self._path) >= _LOW_SPACE:
+                return None
+        except OSError:
+            return None
+        return f"{_NO_SPACE} (under {_LOW_SPACE >> 20} MiB free): {_FREE_SPACE}"
+
     def halted(self) -> Optional[str]:
         st = self._log
         if st is None or self._env is None:
