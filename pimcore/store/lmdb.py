@@ -1231,7 +1231,8 @@ class _LogState:
         if self.failed is None and self._warned_at is not None and now - self._warned_at < self.warn_seconds:
             return
         self._warned_at = now
-        full = _no_space(self.store._path, exc)
+        # (An I/O error on a full disk named as such; ENOSPC says it already.)
+        full = None if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else _no_space(self.store._path, exc)
         _log.warning("command log checkpoint failed: %s%s%s", exc if full is None else f"{full} ({exc})",
                      "; the store stops writing" if self.failed else "; retried after the next commits",
                      f" ({self.checkpoint_failures} failed in a row)" if self.checkpoint_failures > 1 else "",
