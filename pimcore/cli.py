@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -372,6 +373,36 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return code
 
 
+#: OS errors at start that may pass by themselves (a full disk or quota once
+#: space is freed, descriptors or memory taken by others, an I/O error):
+#: ``serve`` exits 1 for them, which a supervisor restarts; not 2 ("refused
+#: as given": a read-only file system, no permission, a bad setting).
+_TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM,
+                               errno.EAGAIN})
+_TRANSIENT_TEXTS = tuple(os.strerror(code) for code in sorted(_TRANSIENT_ERRNOS))
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failed start's error (or one it was raised from or while
+    handling: a ValueError or ConfigError saying an OSError in words, a
+    StoreError from LMDB's) may pass without a change (exit 1, else 2)."""
+    seen: set[int] = set()
+    cur: Optional[BaseException] = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if getattr(cur, "transient", False):
+            return True
+        if isinstance(cur, OSError):
+            if cur.errno in _TRANSIENT_ERRNOS:
+                return True
+        elif type(cur).__module__ == "lmdb" or type(cur).__module__.startswith("lmdb."):
+            # (py-lmdb's errors carry no errno: their text ends with strerror.)
+            if any(str(cur).endswith(text) for text in _TRANSIENT_TEXTS):
+                return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDirStart
     import signal
 
@@ -434,7 +465,7 @@ def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDi
             made_key = not settings.api_keys and not had_key  # said once serving (a failed start takes it back)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"pimcore serve: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_FAILED if _transient(exc) else EXIT_REFUSED
     store: Any = None
     note = settings.data_dir / _REDIS_NOTE
     if settings.store is None:
@@ -453,11 +484,13 @@ def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDi
                   " is log)", file=sys.stderr)
             return EXIT_FAILED  # (held by another process, as a port in use: it may be free later)
         except StoreError as exc:
+            # (A full disk at replay, an I/O error: 1, restartable; a log of
+            # another version, a map at its ceiling: 2.)
             print(f"pimcore serve: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_FAILED if _transient(exc) else EXIT_REFUSED
         except OSError as exc:  # (a bare "[Errno 30] Read-only file system: 'd/store'")
             print(f"pimcore serve: {store_refusal(settings, exc, store_dir)}", file=sys.stderr)
-            return 2
+            return EXIT_FAILED if _transient(exc) else EXIT_REFUSED
         where = f"data in {settings.data_dir.resolve()} (durability {settings.durability})"
     else:
         # A Redis Cluster store (an AsyncStore): opened inside trio below.

@@ -123,11 +123,14 @@ class StoreError(PimError):
     ``cause``: why, in words without file system paths, when the store
     knows ("no space left on the data directory's file system: free space
     there ..."): what the HTTP API's 503 says, where the message (logged
-    for the operator) names the data directory."""
+    for the operator) names the data directory.  ``transient``: the same
+    operation may succeed later without a change of settings or files (a
+    full disk once space is freed): ``pimcore serve`` then exits 1, not 2."""
 
-    def __init__(self, *args: object, cause: Optional[str] = None) -> None:
+    def __init__(self, *args: object, cause: Optional[str] = None, transient: bool = False) -> None:
         super().__init__(*args)
         self.cause = cause
+        self.transient = transient
 
 
 class StoreInUse(StoreError):

@@ -1398,6 +1398,12 @@ class BrokerServer:
         self._probe_logged = None
         if self._store_failing is not None:
             return f"store failing writes: {self._store_cause or _WRITE_FAILED}"
+        if not self._async_store:
+            # (A disk (nearly) full: not ready, whatever the last write did.)
+            short = getattr(self.store, "short_of_space", None)
+            why = short() if short is not None else None
+            if why is not None:
+                return f"store short of space: {why}"
         return None
 
     def _log_probe_failure(self, exc: Exception) -> None:

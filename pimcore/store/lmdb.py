@@ -696,6 +696,14 @@ _log = logging.getLogger("pimcore.store")
 _LOW_SPACE = 1 << 20
 
 
+def _free_bytes(path: str) -> int:
+    """The bytes this process may still write on ``path``'s file system
+    (root may write into the blocks reserved for it: f_bfree).  Raises
+    OSError.  (A module function: tests give the figure.)"""
+    st = os.statvfs(path)
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
 def _no_space(path: str, exc: BaseException) -> Optional[str]:
     """"no space left on the data directory's file system (``path``)" if
     ``exc`` (an OSError or lmdb.Error of a write under ``path``) comes from
@@ -713,11 +721,9 @@ def _no_space(path: str, exc: BaseException) -> Optional[str]:
         return None
     if code == errno.EIO:
         try:
-            st = os.statvfs(path)
+            free = _free_bytes(path)
         except OSError:
             return None
-        # (root may write into the blocks reserved for it: f_bfree.)
-        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
         if free >= _LOW_SPACE:
             return None
     elif code not in (errno.ENOSPC, errno.EDQUOT):
@@ -1126,6 +1132,18 @@ class _LogState:
         self.uncommitted = None
         self.unsettled, self.resize_unsettled = unsettled, resize
 
+    def stopped(self) -> StoreError:
+        """The StoreError of a store stopped by ``failed`` or ``unsettled``,
+        with its cause in words when that is a full disk (the HTTP API's
+        503 says it)."""
+        why = self.failed or self.unsettled
+        assert why is not None
+        cause = None
+        if _NO_SPACE in why:
+            cause = f"{_NO_SPACE}: {_FREE_SPACE}" + ("" if self.failed is None and self.resize_unsettled
+                                                     else ", then restart the broker")
+        return StoreError(why, cause=cause)
+
     def _append_failed(self, exc: OSError) -> StoreError:
         # After a failed flush the page cache's state is unknown (fsync
         # can't be retried): stop.
@@ -1179,7 +1197,10 @@ class _LogState:
                 # pages clean: a later flush would succeed without them and a
                 # checkpoint after it claim them durable.  Stop writing; a
                 # restart replays the log from the last good checkpoint.
-                self.failed = f"LMDB's data file could not be flushed ({exc}); restart the broker"
+                full = _no_space(self.store._path, exc)
+                self.failed = (f"LMDB's data file could not be flushed ({exc}); restart the broker" if full is None
+                               else f"LMDB's data file could not be flushed: {full} ({exc}): {_FREE_SPACE}, then"
+                                    " restart the broker")
                 raise
             wal.write_checkpoint(self.log.dir, ckpt, dir_fd=self._dir_fd)
         except BaseException:
@@ -1210,7 +1231,9 @@ class _LogState:
         if self.failed is None and self._warned_at is not None and now - self._warned_at < self.warn_seconds:
             return
         self._warned_at = now
-        _log.warning("command log checkpoint failed: %s%s%s", exc,
+        # (An I/O error on a full disk named as such; ENOSPC says it already.)
+        full = None if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else _no_space(self.store._path, exc)
+        _log.warning("command log checkpoint failed: %s%s%s", exc if full is None else f"{full} ({exc})",
                      "; the store stops writing" if self.failed else "; retried after the next commits",
                      f" ({self.checkpoint_failures} failed in a row)" if self.checkpoint_failures > 1 else "",
                      extra={"event": "checkpoint_failed", "failures": self.checkpoint_failures})
@@ -2072,6 +2095,16 @@ class LmdbStore(Store):
                         ops = _decode_ops(payload)
                         self.commit(WriteBatch(-lsn, ops))
                     except (StoreError, pickle.UnpicklingError, ValueError, TypeError, EOFError) as exc:
+                        full = isinstance(exc, StoreError) and (exc.cause or "").startswith(_NO_SPACE)
+                        if full:
+                            # (Said for a start: the running store's "writes
+                            # are retried by the clients" means nothing here.)
+                            inner = exc.__cause__ or exc
+                            raise StoreError(
+                                f"replaying record {lsn} of the command log in {log_dir!r} failed:"
+                                f" {_no_space(self._path, inner) or _NO_SPACE} ({inner}): {_FREE_SPACE}, then start"
+                                " the broker again (the log keeps every acknowledged batch)",
+                                cause=f"{_NO_SPACE}: {_FREE_SPACE}", transient=True) from exc
                         raise StoreError(
                             f"replaying record {lsn} of the command log in {log_dir!r} failed: {exc}"
                         ) from exc
@@ -2228,7 +2261,8 @@ class LmdbStore(Store):
         full = _no_space(self._path, exc)
         if full is not None:
             return StoreError(f"LMDB error: {full} ({exc}): free space there (or move the data directory to a"
-                              " larger disk); writes are retried by the clients", cause=f"{_NO_SPACE}: {_FREE_SPACE}")
+                              " larger disk); writes are retried by the clients", cause=f"{_NO_SPACE}: {_FREE_SPACE}",
+                              transient=True)
         return StoreError(f"LMDB error: {exc}")
 
     def _grow(self, env: lmdb.Environment) -> None:
@@ -2313,7 +2347,7 @@ class LmdbStore(Store):
             if st is not None and st.resize_unsettled:
                 st.settle_resize()
             if st is not None and (st.failed is not None or st.unsettled is not None):
-                raise StoreError(st.failed or st.unsettled)
+                raise st.stopped()
             if self._open is not None and st is not None:
                 self._restore_open(env, st)  # (if it has no transaction; raises if it cannot)
             if self._open is not None or self._defer_owner is not None:
@@ -2326,7 +2360,7 @@ class LmdbStore(Store):
                 else:
                     self._await_open(writing=True)
                 if st is not None and (st.failed is not None or st.unsettled is not None):
-                    raise StoreError(st.failed or st.unsettled)
+                    raise st.stopped()
             # A maintenance handle writes only while no log broker does (it
             # may have started since this handle opened): its commit would
             # be in LMDB but not in the log, and that broker's recovery puts
@@ -2655,7 +2689,7 @@ class LmdbStore(Store):
             self._reopen(env, st, op)
             st.unsettled = None
         else:
-            raise StoreError(st.unsettled)
+            raise st.stopped()
 
     def _reopen(self, env: lmdb.Environment, st: _LogState, op: "_Open") -> None:
         """Under _wlock, ``op`` without a transaction: a new one holding
@@ -2704,7 +2738,7 @@ class LmdbStore(Store):
         st = self._log
         assert env is not None and st is not None
         if st.failed is not None or st.unsettled is not None:
-            raise StoreError(st.failed or st.unsettled)
+            raise st.stopped()
         self._restore_open(env, st)
         interrupted: Optional[BaseException] = None
         while True:
@@ -2732,9 +2766,11 @@ class LmdbStore(Store):
                         done = False
                     if not done:
                         self._hot = None
-                        self._gave_up(st, f"a deferred commit failed ({exc!r})")
+                        full = _no_space(self._path, exc)
+                        self._gave_up(st, f"a deferred commit failed ({exc!r})" if full is None else
+                                      f"a deferred commit failed: {full} ({exc!r}): {_FREE_SPACE}")
                         if isinstance(exc, lmdb.Error):
-                            raise StoreError(st.unsettled) from exc
+                            raise st.stopped() from exc
                         raise
                     self._open = None
                 interrupted = exc  # (LMDB committed: raised below)
@@ -2993,6 +3029,21 @@ class LmdbStore(Store):
 
     # ------------------------------------------------- identity and clock
 
+    def short_of_space(self) -> Optional[str]:
+        """Why the store is not ready for writes by its disk, in words
+        without paths -- its file system has under ``_LOW_SPACE`` (1 MiB)
+        free, the figure under which an I/O error of a write is taken as a
+        full disk -- else None (also when free space cannot be read).  The
+        broker's ``/readyz`` answers 503 with it, whatever the last write
+        did: a small write may succeed on a full disk, the next large one
+        not (readiness flipped with each write)."""
+        try:
+            if _free_bytes(self._path) >= _LOW_SPACE:
+                return None
+        except OSError:
+            return None
+        return f"{_NO_SPACE} (under {_LOW_SPACE >> 20} MiB free): {_FREE_SPACE}"
+
     def halted(self) -> Optional[str]:
         st = self._log
         if st is None or self._env is None:
@@ -3009,8 +3060,11 @@ class LmdbStore(Store):
                     return None
                 if st.resize_unsettled:
                     return f"the store writes no more for now: {st.unsettled}"
+                full = _NO_SPACE in st.unsettled  # (a deferred commit on a full disk)
             finally:
                 self._wlock.release()
+            if full:
+                return f"the store writes no more: {_NO_SPACE}: {_FREE_SPACE}, then restart the broker"
             return ("the store writes no more: a commit was cut short while the command log and LMDB disagreed;"
                     " restart the broker to recover")
         if _NO_SPACE in failed:
