@@ -530,3 +530,17 @@ def test_in_process_a_payload_length_is_checked_before_it_is_read_and_free_null_
         assert lib.pim_broker_stop(b) == 0
     finally:
         assert lib.pim_broker_free(b) == 0
+
+
+def test_two_threads_setting_one_consumers_callback_leave_one_and_a_removal_removes_it(abi_exe: Path,
+                                                                                       tmp_path: Path) -> None:
+    """A new user's trial: two threads each called pim_set_event_callback for
+    one consumer, then one removed it, and the callback was still called
+    (30 of 30 trials); under pressure 24 calls ran at once, ids went
+    backwards.  Settings of one consumer now replace one another whole."""
+    try:
+        done = subprocess.run([str(abi_exe), "callback-race", str(tmp_path / "data")], capture_output=True, text=True,
+                              env=_env(), timeout=120, cwd=tmp_path)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"callback-race hung: {exc.stdout!r}")
+    assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
