@@ -704,9 +704,8 @@ def open_pimcore_thread(
                               f"(plain or async def) or a 'module:function' string, not {hook!r:.80}")
         passed["content_filter"] = kwargs.pop("content_filter")
     if settings is None:
-        if not (document and "listen" in document):
-            kwargs.setdefault("listen", [])
-        settings = load_settings(config_file, document=document, **kwargs)
+        # Listeners only where the host says (load_settings' embedded rule).
+        settings = load_settings(config_file, document=document, embedded=True, **kwargs)
     elif config_file is not None or document is not None or kwargs:
         raise TypeError("pass either settings or config_file/document/overrides, not both")
     store_dir = None

@@ -765,3 +765,40 @@ def test_two_threads_setting_one_consumers_handler_leave_one_handler_and_a_remov
             assert late == [], f"trial {trial}: events {late} were handed to a removed handler"
         assert peak[0] == 1, f"{peak[0]} handler calls at once"
         assert out_of_order == [], f"a handler got ids out of order: {out_of_order[:5]}"
+
+
+def test_listeners_come_from_the_host_never_the_environment_and_other_variables_beat_the_options(
+        tmp_path: Path, monkeypatch) -> None:
+    """A new user's trial (the C ABI, whose JSON options are open_pimcore_thread's
+    ``document``): PIMCORE_LISTEN was ignored when the options had no
+    ``listen`` but replaced it when they had one -- one variable, two
+    behaviours, by an unrelated key; PIMCORE_HTTP opened an HTTP listener
+    here but not in open_pimcore.  One rule now: an embedded broker listens
+    where its host says (arguments, else its options), never where the
+    environment says; every other PIMCORE_* beats the options and arguments
+    beat the environment."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        env_url = f"tcp://127.0.0.1:{held.getsockname()[1]}"  # bound: a broker listening there would fail to start
+        monkeypatch.setenv("PIMCORE_LISTEN", env_url)
+        monkeypatch.setenv("PIMCORE_HTTP", env_url)
+        monkeypatch.setenv("PIMCORE_LIMITS_MAX_PAYLOAD", "4096")
+        doc = {"data_dir": str(tmp_path / "a"), "durability": "os", "limits": {"max_payload": 1000}}
+        with open_pimcore_thread(document=doc) as im:
+            assert im.urls == [] and im.http_url is None
+            assert im.settings.limits["max_payload"] == 4096  # the environment beats the options
+        doc["listen"] = ["tcp://127.0.0.1:0"]
+        with open_pimcore_thread(document=doc) as im:
+            assert len(im.urls) == 1 and im.urls[0] != env_url and im.port() != 0
+            assert im.http_url is None
+        with open_pimcore_thread(document=doc, max_payload=2000) as im:
+            assert im.settings.limits["max_payload"] == 2000  # arguments beat the environment
+        with _start(tmp_path / "b", listen=["tcp://127.0.0.1:0"]) as im:
+            assert len(im.urls) == 1 and im.urls[0] != env_url
+        conf = tmp_path / "pimcore.toml"
+        conf.write_text('listen = ["tcp://127.0.0.1:0"]\n')
+        with _start(tmp_path / "c", config_file=str(conf)) as im:  # the host's own file: its listen is used
+            assert len(im.urls) == 1 and im.urls[0] != env_url
+        monkeypatch.setenv("PIMCORE_CONFIG", str(conf))  # a file named by the environment: no listener from it
+        with _start(tmp_path / "d") as im:
+            assert im.urls == []
