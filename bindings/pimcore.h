@@ -116,7 +116,10 @@ enum pim_status {
 /* An embedded broker (opaque). */
 typedef struct pim_broker pim_broker;
 
-/* The library's version ("0.2.0"); each pointer may be NULL. */
+/* The library's version as text, "MAJOR.MINOR.PATCH": the PIM_VERSION_MAJOR,
+ * _MINOR and _PATCH of the pimcore.h it was built with (this header's, when
+ * they match; PIM_VERSION_NUMBER is what pim_broker_start checks).  Each
+ * pointer may be NULL. */
 PIM_EXPORT const char *pim_version(int *major, int *minor, int *patch);
 /* A static description of a status code (never NULL). */
 PIM_EXPORT const char *pim_strerror(int rc);

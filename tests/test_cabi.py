@@ -544,3 +544,15 @@ def test_two_threads_setting_one_consumers_callback_leave_one_and_a_removal_remo
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"callback-race hung: {exc.stdout!r}")
     assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
+
+
+def test_the_version_the_header_quotes_is_the_headers_version() -> None:
+    """pimcore.h said pim_version returns "0.2.0" while the header (and so
+    the library) was 0.3.0 (a new user's trial): a version written out in
+    the header's or the README's text is the one PIM_VERSION_* define."""
+    header = (BINDINGS / "pimcore.h").read_text()
+    parts = [re.search(rf"#define PIM_VERSION_{p} (\d+)", header).group(1) for p in ("MAJOR", "MINOR", "PATCH")]
+    version = ".".join(parts)
+    for name in ("pimcore.h", "README.md"):
+        quoted = re.findall(r'"(\d+\.\d+\.\d+)"', (BINDINGS / name).read_text())
+        assert all(q == version for q in quoted), f"bindings/{name} quotes {quoted}, the header is {version}"
