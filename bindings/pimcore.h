@@ -45,8 +45,11 @@
  *     file (docs/OPERATIONS.md), e.g.
  *       {"data_dir": "chat-data", "durability": "sync",
  *        "listen": ["tcp://127.0.0.1:7400"], "server": {"events": true}}
- *     An embedded broker listens nowhere unless "listen" says so.
- *     PIMCORE_* environment variables override it, as for the file.
+ *     An embedded broker listens where "listen" says and serves HTTP where
+ *     "http" says, nowhere else: PIMCORE_LISTEN and PIMCORE_HTTP never open,
+ *     add or move a listener.  Every other setting's PIMCORE_* environment
+ *     variable overrides the JSON, as it overrides the file (bindings/README.md,
+ *     Options).
  *   - The library writes nothing to stdout or stderr: errors come back as
  *     status codes and pim_last_error().  PIM_DEBUG=debug|info|warning|error
  *     (1: debug) in the environment prints pimcore's log lines on stderr.
@@ -116,7 +119,10 @@ enum pim_status {
 /* An embedded broker (opaque). */
 typedef struct pim_broker pim_broker;
 
-/* The library's version ("0.2.0"); each pointer may be NULL. */
+/* The library's version as text, "MAJOR.MINOR.PATCH": the PIM_VERSION_MAJOR,
+ * _MINOR and _PATCH of the pimcore.h it was built with (this header's, when
+ * they match; PIM_VERSION_NUMBER is what pim_broker_start checks).  Each
+ * pointer may be NULL. */
 PIM_EXPORT const char *pim_version(int *major, int *minor, int *patch);
 /* A static description of a status code (never NULL). */
 PIM_EXPORT const char *pim_strerror(int rc);

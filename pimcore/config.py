@@ -90,7 +90,8 @@ by its position).  ``PIMCORE_CONFIG`` names the file.  Any other
 ``PIMCORE_*`` variable is a :class:`ConfigError` naming it, like an unknown
 key in the file (except the project's own :data:`OTHER_ENV`, e.g.
 ``PIMCORE_BACKEND``; an empty one is unset).  Precedence: flags
-> environment > file > defaults.  A value of the wrong type is a
+> environment > file > defaults (an embedded broker's listeners excepted:
+its host's only, never the environment's -- load_settings' ``embedded``).  A value of the wrong type is a
 :class:`ConfigError` naming the key: ``limits.send_rate: expected a number, got "fast"``;
 so is any other unusable value, and each says where it came from:
 ``pimcore.toml: ...``, ``... (from $PIMCORE_LIMITS_SEND_RATE)``, or the flag (``--send-rate``).
@@ -1377,12 +1378,17 @@ _FLAG_NAMES = frozenset(_LIMIT_KEYS | _SERVER_KEYS | set(_TOP) | {"cert", "key",
                                                                      "moderation"})
 
 
+#: The listener settings (load_settings' ``embedded``: its host's only).
+_LISTENERS: frozenset[tuple[Optional[str], str]] = frozenset({(None, "listen"), ("http", "listen")})
+
+
 def load_settings(
     config_file: Optional[str] = None,
     *,
     env: Optional[Mapping[str, str]] = None,
     document: Optional[Mapping[str, Any]] = None,
     flags_are_options: bool = False,
+    embedded: bool = False,
     **flags: Any,
 ) -> ServeSettings:
     """Settings from the defaults, then ``config_file`` (or
@@ -1393,8 +1399,18 @@ def load_settings(
     for the names), then the flags that are not None.  ConfigError (naming
     the key, and where its value came from) for anything that cannot be
     used; a flag is named as the keyword given (``max_connections``), or as
-    the command-line option if ``flags_are_options`` (``--max-connections``)."""
+    the command-line option if ``flags_are_options`` (``--max-connections``).
+
+    ``embedded``: the settings of an embedded broker (open_pimcore,
+    open_pimcore_thread, the C ABI), whose listeners are its host's: ``listen``
+    and ``[http] listen`` come from the flags (its arguments), else from
+    ``document`` or the ``config_file`` passed, else there is none -- never
+    from the environment (``$PIMCORE_LISTEN``, ``$PIMCORE_HTTP``, a
+    ``$PIMCORE_CONFIG`` file), which are ``pimcore serve``'s.  Every other
+    setting as above."""
     env = os.environ if env is None else env
+    #: An embedded broker's listener settings, taken from its host only.
+    hosts_only = (_LISTENERS if embedded else ())
     merged: dict[_Key, Any] = {}
     origins: dict[_Key, _Origin] = {}
 
@@ -1423,18 +1439,23 @@ def load_settings(
 
     if config_file == "":  # (not $PIMCORE_CONFIG's file, silently: `pimcore serve --config ''` is refused before)
         raise ConfigError("config_file: cannot be empty")
+    hosts_file = bool(config_file)
     config_file = config_file or env.get("PIMCORE_CONFIG") or None
     config_dir = None
     if config_file:
         path = Path(config_file)
-        take(_layer_from_file(path), lambda key: ("file", str(path)))
+        file_layer = _layer_from_file(path)
+        if not hosts_file:
+            file_layer = {k: v for k, v in file_layer.items() if k not in hosts_only}
+        take(file_layer, lambda key: ("file", str(path)))
         config_dir = path.parent
     if document is not None:
         if not isinstance(document, Mapping):
             raise ConfigError(f"settings: expected an object, got {_show(document)}")
         take(_layer_from_doc(_check_doc(dict(document), "settings", as_json=True), Path("."), "settings"),
              lambda key: ("file", "settings"))
-    take(_layer_from_env(env), lambda key: ("env", "$" + env_name(*key)))
+    env_layer = {k: v for k, v in _layer_from_env(env).items() if k not in hosts_only}  # (still checked)
+    take(env_layer, lambda key: ("env", "$" + env_name(*key)))
     flag_layer = _layer_from_flags(flags, flags_are_options)
     take(flag_layer, lambda key: _flag_origin(key, flags_are_options))
 
@@ -1444,7 +1465,7 @@ def load_settings(
     s = ServeSettings(
         data_dir=top.get("data_dir", Path("pimcore-data")),
         durability=top.get("durability", "sync"),
-        listen=tuple(top.get("listen", (DEFAULT_LISTEN,))),
+        listen=tuple(top.get("listen", () if embedded else (DEFAULT_LISTEN,))),
         secret=top.get("secret"),
         secret_file=top.get("secret_file"),
         content_filter=top.get("content_filter"),

@@ -1447,7 +1447,9 @@ async def open_pimcore(
     ``durability``, ``listen``, ``secret``, ``secret_file``, ``http``,
     ``api_keys``, ``cert``/``key``, any ``[limits]``/``[server]`` key).
     Unlike ``pimcore serve`` an embedded broker listens nowhere unless
-    ``listen`` says so, and serves HTTP only with ``http="tcp://HOST:PORT"``
+    ``listen`` (or the ``config_file``'s) says so -- never because of
+    ``$PIMCORE_LISTEN``/``$PIMCORE_HTTP`` (docs/EMBEDDING.md, Settings and
+    the environment) -- and serves HTTP only with ``http="tcp://HOST:PORT"``
     (or ``tls://``): then the same listener as ``pimcore serve --http``
     (server API, /metrics, /healthz, /readyz; API keys from ``api_keys`` or
     ``<data_dir>/api-key``), its URL in :attr:`Pimcore.http_url`.
@@ -1487,9 +1489,8 @@ async def open_pimcore(
             f" {type(store).__name__} {store!r:.60}"
         )
     if settings is None:
-        overrides.setdefault("listen", [])
-        overrides.setdefault("http", "")  # like listen: only when asked for here
-        settings = load_settings(config_file, **overrides)
+        # Listeners only where the host says (load_settings' embedded rule).
+        settings = load_settings(config_file, embedded=True, **overrides)
     elif config_file is not None or overrides:
         raise TypeError("pass either settings or config_file/overrides, not both")
     _check_data_dir(settings)  # (as pimcore serve says it, naming where data_dir came from)

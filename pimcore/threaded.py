@@ -134,6 +134,9 @@ class ThreadedPimcore:
         self._store_dir: Optional[str] = None
         #: consumer -> (cancel scope, trio.Event set when the dispatcher ended)
         self._handlers: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+        #: consumer -> the lock its set_event_handler swaps take, whole, one
+        #: at a time (in the broker's thread; only while a swap is pending)
+        self._swap_locks: dict[str, trio.Lock] = {}
 
     # ------------------------------------------------------------ the thread
 
@@ -544,15 +547,28 @@ class ThreadedPimcore:
             raise EventsDisabled()
 
         async def swap() -> None:
-            old = self._handlers.pop(consumer, None)
-            if old is not None:
-                old[0].cancel()
-                await old[1].wait()
-            if handler is not None:
-                await handle.event_cursor(consumer)  # RequestRefused for a bad consumer name, here
-                await handle._hold_events(consumer)  # its cursor exists before this returns: nothing reclaimed under it
-                assert self._nursery is not None
-                self._handlers[consumer] = await self._nursery.start(self._dispatch, handler, consumer, on_loop)
+            # One swap of a consumer at a time, whole: two overlapping ones
+            # (two threads setting it at once) each started a dispatcher, the
+            # second overwrote the first here, and the first ran on, never
+            # cancelled -- two handlers at once, ids out of order, and a
+            # removal that left one running (a new user's trial).
+            lock = self._swap_locks.get(consumer)
+            if lock is None:
+                lock = self._swap_locks[consumer] = trio.Lock()
+            try:
+                async with lock:
+                    old = self._handlers.pop(consumer, None)
+                    if old is not None:
+                        old[0].cancel()
+                        await old[1].wait()
+                    if handler is not None:
+                        await handle.event_cursor(consumer)  # RequestRefused for a bad consumer name, here
+                        await handle._hold_events(consumer)  # its cursor exists before this returns: nothing reclaimed under it
+                        assert self._nursery is not None
+                        self._handlers[consumer] = await self._nursery.start(self._dispatch, handler, consumer, on_loop)
+            finally:
+                if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                    self._swap_locks.pop(consumer, None)  # no swap of it pending: not kept per consumer ever set
 
         self._call(swap)
 
@@ -688,9 +704,8 @@ def open_pimcore_thread(
                               f"(plain or async def) or a 'module:function' string, not {hook!r:.80}")
         passed["content_filter"] = kwargs.pop("content_filter")
     if settings is None:
-        if not (document and "listen" in document):
-            kwargs.setdefault("listen", [])
-        settings = load_settings(config_file, document=document, **kwargs)
+        # Listeners only where the host says (load_settings' embedded rule).
+        settings = load_settings(config_file, document=document, embedded=True, **kwargs)
     elif config_file is not None or document is not None or kwargs:
         raise TypeError("pass either settings or config_file/document/overrides, not both")
     store_dir = None

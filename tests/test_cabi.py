@@ -530,3 +530,29 @@ def test_in_process_a_payload_length_is_checked_before_it_is_read_and_free_null_
         assert lib.pim_broker_stop(b) == 0
     finally:
         assert lib.pim_broker_free(b) == 0
+
+
+def test_two_threads_setting_one_consumers_callback_leave_one_and_a_removal_removes_it(abi_exe: Path,
+                                                                                       tmp_path: Path) -> None:
+    """A new user's trial: two threads each called pim_set_event_callback for
+    one consumer, then one removed it, and the callback was still called
+    (30 of 30 trials); under pressure 24 calls ran at once, ids went
+    backwards.  Settings of one consumer now replace one another whole."""
+    try:
+        done = subprocess.run([str(abi_exe), "callback-race", str(tmp_path / "data")], capture_output=True, text=True,
+                              env=_env(), timeout=120, cwd=tmp_path)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"callback-race hung: {exc.stdout!r}")
+    assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
+
+
+def test_the_version_the_header_quotes_is_the_headers_version() -> None:
+    """pimcore.h said pim_version returns "0.2.0" while the header (and so
+    the library) was 0.3.0 (a new user's trial): a version written out in
+    the header's or the README's text is the one PIM_VERSION_* define."""
+    header = (BINDINGS / "pimcore.h").read_text()
+    parts = [re.search(rf"#define PIM_VERSION_{p} (\d+)", header).group(1) for p in ("MAJOR", "MINOR", "PATCH")]
+    version = ".".join(parts)
+    for name in ("pimcore.h", "README.md"):
+        quoted = re.findall(r'"(\d+\.\d+\.\d+)"', (BINDINGS / name).read_text())
+        assert all(q == version for q in quoted), f"bindings/{name} quotes {quoted}, the header is {version}"

@@ -718,3 +718,19 @@ async def test_a_failed_start_takes_back_what_it_made_in_the_data_directory(tmp_
         async with open_pimcore(data_dir=kept, listen=["tcp://127.0.0.1:0"]):
             pass
     assert {"secret", "store", "notes.txt"} <= set(os.listdir(kept))
+
+
+async def test_a_call_after_shutdown_says_stopped_in_words_every_host_shares(tmp_path: Path) -> None:
+    """The refusal of a call once shutdown has begun is the same text for
+    every host -- trio, asyncio, threaded and the C ABI's pim_last_error --
+    so it names no host's API: a C program (a new user's trial) got "its
+    open_pimcore block exited"."""
+    from pimcore.errors import BrokerStopped
+
+    async with open_pimcore(data_dir=tmp_path / "d", durability="os") as im:
+        await im.create_group("g", ["a"])
+    with pytest.raises(BrokerStopped) as stopped:
+        await im.post("g", b"late")
+    said = str(stopped.value)
+    assert said.startswith("the broker has stopped"), said
+    assert "open_pimcore" not in said and "close()" not in said, said

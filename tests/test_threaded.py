@@ -702,3 +702,103 @@ def test_two_brokers_on_one_data_dir_with_a_redis_store_both_start_and_on_lmdb_t
     with _start(tmp_path / "l"):
         with pytest.raises(BrokerAlreadyRunning, match=re.escape(f"already runs on {str(tmp_path / 'l')!r}")):
             _start(tmp_path / "l")
+
+
+def test_two_threads_setting_one_consumers_handler_leave_one_handler_and_a_removal_removes_it(tmp_path: Path) -> None:
+    """A new user's trial: two threads each set the handler of one consumer
+    at once, then one removes it -- and the handler was still called.  Both
+    swaps started a dispatcher; the second overwrote the first in the
+    registry, and the first one was never cancelled: two handlers ran at
+    once (ids out of order, events delivered again and again), and the
+    removal removed one of them.  Swaps of one consumer now run one after
+    the other: at most one handler exists per consumer, and it runs one call
+    at a time, in id order."""
+    with _start(tmp_path / "d", events=True) as im:
+        im.create_group("g", ["a"])
+        lock = threading.Lock()
+        active, peak, late = [0], [0], []
+        removed = threading.Event()
+        out_of_order: list[tuple[int, int]] = []
+
+        def make_handler():
+            last = [0]
+
+            def handler(ev) -> bool:
+                with lock:
+                    active[0] += 1
+                    peak[0] = max(peak[0], active[0])
+                    if removed.is_set():
+                        late.append(ev.id)
+                    if ev.id <= last[0]:
+                        out_of_order.append((last[0], ev.id))
+                    last[0] = ev.id
+                threading.Event().wait(0.001)  # long enough for a second dispatcher to overlap
+                with lock:
+                    active[0] -= 1
+                return True
+
+            return handler
+
+        for trial in range(8):
+            consumer = f"c{trial}"
+            im.post("g", b"x")
+            im.ack_events(10**9, consumer)  # the consumer starts at the end
+            barrier = threading.Barrier(2)
+
+            def setter() -> None:
+                barrier.wait()
+                for _ in range(5):
+                    im.set_event_handler(make_handler(), consumer)
+
+            threads = [threading.Thread(target=setter) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for i in range(20):
+                im.post("g", b"%d" % i)
+            for t in threads:
+                t.join()
+            im.set_event_handler(None, consumer)
+            removed.set()
+            im.post("g", b"after")
+            threading.Event().wait(0.2)
+            removed.clear()
+            assert late == [], f"trial {trial}: events {late} were handed to a removed handler"
+        assert peak[0] == 1, f"{peak[0]} handler calls at once"
+        assert out_of_order == [], f"a handler got ids out of order: {out_of_order[:5]}"
+
+
+def test_listeners_come_from_the_host_never_the_environment_and_other_variables_beat_the_options(
+        tmp_path: Path, monkeypatch) -> None:
+    """A new user's trial (the C ABI, whose JSON options are open_pimcore_thread's
+    ``document``): PIMCORE_LISTEN was ignored when the options had no
+    ``listen`` but replaced it when they had one -- one variable, two
+    behaviours, by an unrelated key; PIMCORE_HTTP opened an HTTP listener
+    here but not in open_pimcore.  One rule now: an embedded broker listens
+    where its host says (arguments, else its options), never where the
+    environment says; every other PIMCORE_* beats the options and arguments
+    beat the environment."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        env_url = f"tcp://127.0.0.1:{held.getsockname()[1]}"  # bound: a broker listening there would fail to start
+        monkeypatch.setenv("PIMCORE_LISTEN", env_url)
+        monkeypatch.setenv("PIMCORE_HTTP", env_url)
+        monkeypatch.setenv("PIMCORE_LIMITS_MAX_PAYLOAD", "4096")
+        doc = {"data_dir": str(tmp_path / "a"), "durability": "os", "limits": {"max_payload": 1000}}
+        with open_pimcore_thread(document=doc) as im:
+            assert im.urls == [] and im.http_url is None
+            assert im.settings.limits["max_payload"] == 4096  # the environment beats the options
+        doc["listen"] = ["tcp://127.0.0.1:0"]
+        with open_pimcore_thread(document=doc) as im:
+            assert len(im.urls) == 1 and im.urls[0] != env_url and im.port() != 0
+            assert im.http_url is None
+        with open_pimcore_thread(document=doc, max_payload=2000) as im:
+            assert im.settings.limits["max_payload"] == 2000  # arguments beat the environment
+        with _start(tmp_path / "b", listen=["tcp://127.0.0.1:0"]) as im:
+            assert len(im.urls) == 1 and im.urls[0] != env_url
+        conf = tmp_path / "pimcore.toml"
+        conf.write_text('listen = ["tcp://127.0.0.1:0"]\n')
+        with _start(tmp_path / "c", config_file=str(conf)) as im:  # the host's own file: its listen is used
+            assert len(im.urls) == 1 and im.urls[0] != env_url
+        monkeypatch.setenv("PIMCORE_CONFIG", str(conf))  # a file named by the environment: no listener from it
+        with _start(tmp_path / "d") as im:
+            assert im.urls == []

@@ -16,6 +16,10 @@
  *       an error text cut to fit is still valid UTF-8
  *   test_abi argument-checks DATA_DIR
  *       the header version, empty ids, strings not UTF-8, ... as documented
+ *   test_abi callback-race DATA_DIR
+ *       two threads set one consumer's event callback at once, then one
+ *       removes it: no call after the removal, never two calls at once,
+ *       ids in order
  *   test_abi init-fails
  *       Python cannot start (the caller sets PIMCORE_PYTHON or PYTHONHOME
  *       wrong): every call says PIM_ERR_INIT, never PIM_OK
@@ -844,6 +848,98 @@ static int run_argument_checks(const char *dir)
     return failures != 0;
 }
 
+/* ------------------------------------------------------------ two threads setting one callback */
+
+/* A new user's trial: two threads each set one consumer's callback, then one
+ * removes it -- and the callback was still called (30 of 30 trials): both
+ * settings started a dispatcher and the first was never stopped.  Then two
+ * calls ran at once, ids went backwards, and the removal removed one of them. */
+static pim_broker *cbr_broker;
+static char cbr_consumer[32];
+static pthread_barrier_t cbr_barrier;
+static pthread_mutex_t cbr_mu = PTHREAD_MUTEX_INITIALIZER;
+static int cbr_active, cbr_peak, cbr_removed, cbr_late, cbr_backwards;
+/* Each setting's userdata: the last id that callback got (a replacement
+ * starts again after the durable cursor: in order per setting). */
+static uint64_t cbr_last[2][5];
+
+static int cbr_cb(const pim_event *e, void *u)
+{
+    uint64_t *last = u;
+    pthread_mutex_lock(&cbr_mu);
+    if (++cbr_active > cbr_peak)
+        cbr_peak = cbr_active;
+    if (cbr_removed)
+        cbr_late++;
+    if (e->id <= *last)
+        cbr_backwards++;
+    *last = e->id;
+    pthread_mutex_unlock(&cbr_mu);
+    usleep(1000);
+    pthread_mutex_lock(&cbr_mu);
+    cbr_active--;
+    pthread_mutex_unlock(&cbr_mu);
+    return PIM_EVENT_ACK;
+}
+
+static void *cbr_setter(void *arg)
+{
+    int who = (int)(intptr_t)arg;
+    pthread_barrier_wait(&cbr_barrier);
+    for (int i = 0; i < 5; i++)
+        pim_set_event_callback(cbr_broker, cbr_consumer, cbr_cb, &cbr_last[who][i], 0);
+    return NULL;
+}
+
+static int run_callback_race(const char *dir)
+{
+    char json[512];
+    snprintf(json, sizeof json, "{\"data_dir\": \"%s\", \"durability\": \"os\", \"server\": {\"events\": true}}", dir);
+    CHECK_RC(pim_broker_start(json, &cbr_broker), PIM_OK);
+    if (!cbr_broker)
+        return 1;
+    const char *members[] = {"a"};
+    CHECK_RC(pim_group_create(cbr_broker, "g", members, 1), PIM_OK);
+    int late_trials = 0;
+    for (int trial = 0; trial < 8; trial++) {
+        uint64_t cursor;
+        snprintf(cbr_consumer, sizeof cbr_consumer, "c%d", trial);
+        pim_post(cbr_broker, "g", NULL, NULL, "x", 1, NULL, NULL, NULL);
+        pim_ack_events(cbr_broker, cbr_consumer, UINT64_MAX, &cursor); /* it starts at the end */
+        pthread_mutex_lock(&cbr_mu);
+        for (int i = 0; i < 10; i++)
+            cbr_last[i / 5][i % 5] = cursor; /* the acknowledged ones are not delivered: ids above it only */
+        pthread_mutex_unlock(&cbr_mu);
+        pthread_barrier_init(&cbr_barrier, NULL, 2);
+        pthread_t t[2];
+        for (int i = 0; i < 2; i++)
+            pthread_create(&t[i], NULL, cbr_setter, (void *)(intptr_t)i);
+        for (int i = 0; i < 20; i++)
+            pim_post(cbr_broker, "g", NULL, NULL, "y", 1, NULL, NULL, NULL);
+        for (int i = 0; i < 2; i++)
+            pthread_join(t[i], NULL);
+        pthread_barrier_destroy(&cbr_barrier);
+        pim_set_event_callback(cbr_broker, cbr_consumer, NULL, NULL, 0);
+        pthread_mutex_lock(&cbr_mu);
+        cbr_removed = 1;
+        cbr_late = 0;
+        pthread_mutex_unlock(&cbr_mu);
+        pim_post(cbr_broker, "g", NULL, NULL, "z", 1, NULL, NULL, NULL);
+        usleep(200000);
+        pthread_mutex_lock(&cbr_mu);
+        if (cbr_late)
+            late_trials++;
+        cbr_removed = 0;
+        pthread_mutex_unlock(&cbr_mu);
+    }
+    CHECK(late_trials == 0, "no callback after its removal (%d of 8 trials had some)", late_trials);
+    CHECK(cbr_peak == 1, "one callback call at a time (%d at once)", cbr_peak);
+    CHECK(cbr_backwards == 0, "ids in order per setting (%d went backwards or repeated)", cbr_backwards);
+    CHECK_RC(pim_broker_free(cbr_broker), PIM_OK);
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures != 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -870,8 +966,10 @@ int main(int argc, char **argv)
         return run_last_error_utf8(argv[2]);
     if (argc >= 3 && strcmp(argv[1], "fork") == 0)
         return run_fork(argv[2]);
+    if (argc >= 3 && strcmp(argv[1], "callback-race") == 0)
+        return run_callback_race(argv[2]);
     if (argc >= 4 && strcmp(argv[1], "event-kinds") == 0)
         return run_event_kinds(argv[2], argv[3], getenv("PIM_TEST_DIR") ? getenv("PIM_TEST_DIR") : ".");
-    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race | event-kinds DATA_DIR PYTHON | fork DATA_DIR | last-error-utf8 DATA_DIR | argument-checks DATA_DIR\n", argv[0]);
+    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race | event-kinds DATA_DIR PYTHON | fork DATA_DIR | last-error-utf8 DATA_DIR | argument-checks DATA_DIR | callback-race DATA_DIR\n", argv[0]);
     return 2;
 }

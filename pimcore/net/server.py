@@ -2611,7 +2611,7 @@ class BrokerServer:
         """Raise :class:`~pimcore.errors.BrokerStopped` once shutdown has
         begun: a host call then would wait for a broker that is going away."""
         if self._stopping:
-            raise BrokerStopped("the broker has stopped (its open_pimcore block exited)")
+            raise BrokerStopped("the broker has stopped (it is shutting down or shut down: it takes no more calls)")
 
     def _hand_over(self, method: Callable[..., list[Command]], args: tuple[Any, ...], kw: dict[str, Any]) -> tuple[int, list[Any]]:
         """Give one host call to the core; its (ref, waiter).  The call's
