@@ -238,7 +238,7 @@ def _inspect_lines(summary: Any) -> list[str]:
 def _settings(args: argparse.Namespace):  # -> ServeSettings
     from .config import load_settings
 
-    flags = {
+    flags: dict[str, Any] = {
         "data_dir": getattr(args, "data_dir", None),
         "secret_file": getattr(args, "secret_file", None),
     }
