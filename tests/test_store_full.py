@@ -16,6 +16,7 @@ import trio
 
 from pimcore.store import wal
 
+from test_command_log import _FailingCommitTxn
 from test_http import assert_error
 from test_http_api import api, call
 
@@ -221,21 +222,9 @@ class _EioCommitEnv:
 
     def begin(self, *a: Any, **kw: Any) -> Any:
         txn = self._env.begin(*a, **kw)
-        return _EioCommitTxn(txn) if kw.get("write") else txn
-
-
-class _EioCommitTxn:
-    def __init__(self, txn: Any) -> None:
-        self._txn = txn
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._txn, name)
-
-    def commit(self) -> None:
         import lmdb
 
-        self._txn.abort()
-        raise lmdb.Error("mdb_txn_commit: Input/output error")
+        return _FailingCommitTxn(txn, lmdb.Error("mdb_txn_commit: Input/output error")) if kw.get("write") else txn
 
 
 _FULL_CAUSE = ("no space left on the data directory's file system: free space there (or move the data directory"
