@@ -12,8 +12,7 @@ format writes one object per line::
 
 An embedding host keeps its own logging setup; this module is for the CLI.
 The HTTP client the webhooks and moderation use (httpx, httpcore) logs a
-line per request at INFO, the Redis store's (coredis) one per retried
-command: :func:`setup_logging` keeps those loggers at
+line per request at INFO: :func:`setup_logging` keeps those loggers at
 WARNING (:data:`QUIET_LOGGERS`), so info has no line per message; an
 embedding host may want the same (docs/EMBEDDING.md).
 """
@@ -29,9 +28,8 @@ from typing import IO, Any, Optional
 __all__ = ["JsonFormatter", "setup_logging", "QUIET_LOGGERS"]
 
 #: Libraries' loggers kept at WARNING: httpx logs "HTTP Request: POST ..."
-#: at INFO for every webhook batch and every moderation call; coredis (the
-#: Redis store's client) a line per retried command.
-QUIET_LOGGERS = ("httpx", "httpcore", "coredis")
+#: at INFO for every webhook batch and every moderation call.
+QUIET_LOGGERS = ("httpx", "httpcore")
 
 #: LogRecord attributes that are not structured fields.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
