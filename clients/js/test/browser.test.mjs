@@ -201,9 +201,10 @@ describe('web demo in Chromium', { skip }, () => {
     await say(page2, 'not sent yet');
     await page2.locator('#messages [data-mark="sending"]').waitFor();
     const asked = new Promise((resolve) => page2.once('dialog', (d) => { resolve(d.type()); d.accept(); }));
-    await page2.close({ runBeforeUnload: true });
+    const closed = page2.waitForEvent('close');
+    await page2.close({ runBeforeUnload: true }); // (returns before the page is gone: the dialog decides)
     assert.equal(await asked, 'beforeunload');
-    await context.setOffline(false);
+    await closed;
     await context.close(); await v.context.close();
   });
 
