@@ -146,6 +146,34 @@ async def test_a_request_refused_from_its_head_is_answered_before_its_body_comes
             assert ran == 0
 
 
+async def test_a_client_that_expects_100_continue_is_told_to_send_its_body() -> None:
+    """curl sends ``Expect: 100-continue`` with a body over 1 KiB and waits
+    (a second) for ``100 Continue`` before sending it: nothing answered it,
+    so every such post waited.  Now a head that passes (path, method, key,
+    size) is answered 100 at once; one refused from its head gets its
+    refusal instead, and the body is never asked for."""
+    expect = "Expect: 100-continue\r\nContent-Length: 5000\r\n"
+    with trio.fail_after(20):
+        async with broker_http(request_timeout=600) as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(_head("POST", "/echo", extra=expect))
+            got = b""
+            while b"\r\n\r\n" not in got:  # (request_timeout 600 s: no answer fails the test)
+                got += await stream.receive_some(4096)
+            assert got.startswith(b"HTTP/1.1 100 "), got
+            await stream.send_all(b"x" * 5000)
+            reply = got.partition(b"\r\n\r\n")[2]
+            while not reply.endswith(b"}"):
+                reply += await stream.receive_some(65536)
+            assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b'{"bytes":5000}'), reply
+            await stream.aclose()
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(_head("POST", "/echo", key="wrong-key", extra=expect))
+            status, code, _ = _status_and_error(await read_until_eof(stream))
+            assert (status, code) == (401, "AUTH_FAILED")
+
+
 # ---------------------------------------------------------------- M3: probes at the connection limit
 
 

@@ -891,6 +891,11 @@ class HttpServer:
             _, _, auth = self.router.route(method, parts.path)
             if auth:
                 check_api_key(headers, self._keys)
+            if conn.client_is_waiting_for_100_continue:
+                # (RFC 9110 10.1.1.) The head passed: ask for the body.  curl
+                # sends a body over 1 KiB only after this, or after waiting a
+                # second for it.
+                await wire.stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
         limit = self.config.max_body_bytes
         too_large = HttpError(413, "PAYLOAD_TOO_LARGE", f"the body is over {limit} bytes")
         body = bytearray()
