@@ -294,6 +294,7 @@ async def test_a_broker_whose_deferred_commit_fails_on_a_full_disk_says_so_in_it
             errors = _errors(caplog)
             assert errors and "no space left on the data directory's file system" in errors[0], errors
             assert str(tmp_path) in errors[0], errors
+            assert errors[0].startswith("the store stopped writing: a deferred commit failed: "), errors  # (not said twice)
             status, doc = await _post(c, "refused")
             assert_error(status, doc, 503, "STORE_UNAVAILABLE")
             assert doc["error"]["message"].endswith(f": the store failed: {_FULL_CAUSE}"), doc

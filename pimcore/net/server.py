@@ -2909,7 +2909,7 @@ class BrokerServer:
             except StoreError as exc:
                 # The store writes no more (its batches are in the command
                 # log); every later commit fails with STORE_UNAVAILABLE.
-                log.error("deferred commit failed: %s", exc, extra={"event": "store_error"})
+                log.error("the store stopped writing: %s", exc, extra={"event": "store_error"})
                 self._store_failing = self._store_logged = str(exc)
                 self._store_cause = exc.cause
                 return
