@@ -235,6 +235,31 @@ def _inspect_lines(summary: Any) -> list[str]:
     return lines
 
 
+def start_warnings(config: Any, http_config: Any) -> list[tuple[str, str]]:
+    """(event, words) for settings ``serve`` takes but that work against
+    each other, said once at start (a trial: they were taken silently):
+    ``http_body_small``, an HTTP body limit under one post of the largest
+    message (its JSON: the payload in base64), and ``outbound_small``, a
+    connection's outbound limit under 4 x max_frame (docs/OPERATIONS.md)."""
+    from .http.api import smallest_page_bytes
+
+    out: list[tuple[str, str]] = []
+    limits = config.broker.limits
+    if http_config is not None:
+        post = smallest_page_bytes(limits.max_payload, limits.max_mentions)
+        if http_config.max_body_bytes < post:
+            out.append(("http_body_small",
+                        f"[http] max_body_bytes {http_config.max_body_bytes} is under one post of a max_payload message"
+                        f" (about {post} bytes of JSON: its payload in base64): HTTP posts of the largest messages will"
+                        f" be refused 413 PAYLOAD_TOO_LARGE; raise it to {post} or more, or lower max_payload"))
+    if config.max_outbound_bytes < 4 * limits.max_frame:
+        out.append(("outbound_small",
+                    f"max_outbound_bytes {config.max_outbound_bytes} is under 4 x max_frame ({4 * limits.max_frame}):"
+                    " a connection pushed a few large messages at once may be closed SLOW_CONSUMER; raise it to"
+                    f" {4 * limits.max_frame} or more"))
+    return out
+
+
 def _settings(args: argparse.Namespace):  # -> ServeSettings
     from .config import load_settings
 
@@ -570,6 +595,8 @@ def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDi
                 short = nofile_shortfall(config.max_connections, http_conns)
                 if short is not None:
                     logging.getLogger("pimcore.serve").warning(short, extra={"event": "nofile_low"})
+                for event, said in start_warnings(config, http_config):
+                    logging.getLogger("pimcore.serve").warning(said, extra={"event": event})
                 cli_key = os.environ.get("PIMCORE_API_KEY", "").strip()
                 if http_config is not None and cli_key and cli_key not in api_keys:
                     # (Allowed next to the settings, as the key pimcore's own

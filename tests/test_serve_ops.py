@@ -581,3 +581,23 @@ async def test_sigterm_answers_an_in_flight_long_poll_and_ends_a_stream(tmp_path
         assert json.loads(poll.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "UNAVAILABLE"
         assert sse.endswith(b"0\r\n\r\n"), sse[-40:]  # the chunked body's end
         assert await in_thread(server.wait) == 0, server.describe()
+
+
+@pytest.mark.parametrize("given, events", [
+    ({}, []),
+    ({"PIMCORE_HTTP_MAX_BODY_BYTES": "50000"}, ["http_body_small"]),
+    ({"PIMCORE_SERVER_MAX_OUTBOUND_BYTES": "1048576"}, ["outbound_small"]),
+    ({"PIMCORE_LIMITS_MAX_PAYLOAD": "2000000", "PIMCORE_LIMITS_MAX_FRAME": "3000000"}, ["http_body_small", "outbound_small"]),
+], ids=["defaults", "body", "outbound", "both"])
+def test_settings_that_work_against_each_other_are_said_at_start(given: dict[str, str], events: list[str]) -> None:
+    """A max_payload whose posts the HTTP body limit cannot carry, a
+    connection's outbound limit under 4 x max_frame: taken silently before
+    (an operator's trial); serve now says each once at start."""
+    from pimcore.cli import start_warnings
+    from pimcore.config import load_settings
+
+    s = load_settings(env={"PIMCORE_HTTP": "tcp://127.0.0.1:0", **given})
+    said = start_warnings(s.server_config(), s.http_config(None, ("k" * 16,)))
+    assert [event for event, _ in said] == events, said
+    for event, words in said:
+        assert ("max_body_bytes" if event == "http_body_small" else "max_outbound_bytes") in words and "raise it" in words
