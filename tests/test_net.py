@@ -3199,7 +3199,7 @@ async def test_the_websocket_reader_yields_between_many_small_frames():
             if task.name.endswith("_reader_task"):
                 self.reader += 1
 
-    pongs = 2000
+    frames = 2000  # empty messages: Pongs after the login are capped (the test below)
     with trio.fail_after(10):
         client_side, server_side = memory_stream_pair()
         async with trio.open_nursery() as nursery:
@@ -3213,14 +3213,44 @@ async def test_the_websocket_reader_yields_between_many_small_frames():
             steps = Steps()
             trio.lowlevel.add_instrument(steps)
             try:
-                await client_side.send_all(_ws_frame(0xA, True, b"") * pongs + _ws_frame(0x2, True, b"end"))
-                assert await ws.get_message() == b"end"
+                await client_side.send_all(_ws_frame(0x2, True, b"") * frames + _ws_frame(0x2, True, b"end"))
+                while await ws.get_message() != b"end":
+                    pass
             finally:
                 trio.lowlevel.remove_instrument(steps)
             # 12 KB came in 3 reads of 4 KiB (a step each): the rest are checkpoints.
             assert BoundedWebSocketConnection.YIELD_EVERY == 64
-            assert steps.reader >= pongs // 64, steps.reader
+            assert steps.reader >= frames // 64, steps.reader
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("opcode", [0xA, 0x9], ids=["pongs", "pings"])
+async def test_a_logged_in_peers_pings_and_pongs_are_capped(lmdb_store, opcode):
+    """After the login Pings and Pongs were not counted: a flood of them
+    cost the broker a parse each (and a Pong written back per Ping) for as
+    long as it went on.  They draw on a bucket of 64, refilled at 16 a
+    second; past it, Close 1008.  A few (a library's keep-alive) are fine."""
+    from trio_websocket import open_websocket_url
+
+    with trio.fail_after(20):
+        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+            async with open_websocket_url(srv.url("ws")) as ws:
+                await ws.send_message(encode_frame(F.Login(token("alice").encode(), "d", 0, 0, 0)))
+                decoder = Decoder()
+                decoder.feed(await ws.get_message())
+                assert isinstance(decoder.next_frame(), F.LoginAck)
+                await ws._stream.send_all(_ws_frame(opcode, True, b"k") * 8)  # keep-alives: taken
+                await ws.send_message(encode_frame(F.SendReq(1, AB, 1, b"after a few")))
+                while (f := decoder.next_frame()) is None or not isinstance(f, F.SendAck):
+                    if f is None:
+                        decoder.feed(await ws.get_message())
+                assert f.code == 0, f
+                await ws._stream.send_all(_ws_frame(opcode, True, b"") * 1000)
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        await ws.get_message()
+                assert closed.value.reason.code == 1008, closed.value.reason
+                assert "Pings and Pongs over 16 a second" in (closed.value.reason.reason or "")
 
 
 async def test_an_empty_websocket_message_is_no_end_of_stream(lmdb_store):

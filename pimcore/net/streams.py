@@ -175,8 +175,10 @@ class BoundedWebSocketConnection(WebSocketConnection):
       PRE_LOGIN_MAX_FRAMES WebSocket frames at the most, of any kind (data,
       Ping, Pong): a Login is one message; tiny whole messages, Pings or
       unasked Pongs cost a parse each as fragments do.  The next: Close 1008.
+    * Logged in, a peer's Pings and Pongs draw on a token bucket
+      (CONTROL_BURST, refilled at CONTROL_RATE a second): past it, Close 1008.
     * The reader checkpoints every YIELD_EVERY frames it handles (a logged-in
-      peer's many tiny Pongs or messages yield to the others regularly).
+      peer's many tiny messages yield to the others regularly).
 
     The Close is not sent here: the connection's end is a protocol error's
     (WebSocketStream.receive_some), and BrokerServer._serve_ws sends its
@@ -191,6 +193,13 @@ class BoundedWebSocketConnection(WebSocketConnection):
     PRE_LOGIN_MAX_FRAMES = 128
     #: Frames the reader handles between two checkpoints at the most.
     YIELD_EVERY = 64
+    #: Pings and Pongs a logged-in peer may send: a token bucket of
+    #: CONTROL_BURST, refilled at CONTROL_RATE a second.  The broker never
+    #: pings a WebSocket (its heartbeat is the protocol's Ping frame), so a
+    #: client's are at most a library's keep-alive; each costs a parse, and a
+    #: Ping a Pong written back.  Past it: Close 1008.
+    CONTROL_RATE = 16.0
+    CONTROL_BURST = 64.0
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -199,6 +208,8 @@ class BoundedWebSocketConnection(WebSocketConnection):
         self._frames = 0  # frames handled (counted until the login)
         self._frame_bytes = 0  # the current data frame's bytes so far
         self._unyielded = 0  # frames handled since the reader's last checkpoint here
+        self._control_tokens = self.CONTROL_BURST  # (after the login: Pings and Pongs)
+        self._control_at = 0.0
 
     async def _frame_done(self) -> None:
         if not self.logged_in:
@@ -230,11 +241,27 @@ class BoundedWebSocketConnection(WebSocketConnection):
             await self._frame_done()
         await super()._handle_message_event(event)
 
+    def _control_frame(self) -> None:
+        """A Ping or Pong of a logged-in peer: one token of its bucket
+        (before the login every frame is counted instead)."""
+        if not self.logged_in:
+            return
+        now = trio.current_time()
+        if self._control_at:
+            self._control_tokens = min(self.CONTROL_BURST,
+                                       self._control_tokens + (now - self._control_at) * self.CONTROL_RATE)
+        self._control_at = now
+        if self._control_tokens < 1.0:
+            self._refuse(f"WebSocket Pings and Pongs over {self.CONTROL_RATE:g} a second")
+        self._control_tokens -= 1.0
+
     async def _handle_ping_event(self, event: Any) -> None:
+        self._control_frame()
         await self._frame_done()
         await super()._handle_ping_event(event)
 
     async def _handle_pong_event(self, event: Any) -> None:
+        self._control_frame()
         await self._frame_done()
         await super()._handle_pong_event(event)
 
