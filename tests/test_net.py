@@ -18,7 +18,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Awaitable, Callable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import jwt
 import pytest
@@ -3130,37 +3130,55 @@ async def test_a_websocket_message_in_tiny_fragments_is_refused_before_login(lmd
     assert line.reason.startswith("connection lost: WebSocket protocol error (1008: "), line.getMessage()
 
 
+@asynccontextmanager
+async def _logged_in_ws(lmdb_store) -> AsyncIterator[tuple[Any, Decoder]]:
+    """A raw WebSocket (trio-websocket's client) logged in as alice on a
+    ws:// broker, and the decoder of what it receives."""
+    from trio_websocket import open_websocket_url
+
+    async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
+        async with open_websocket_url(srv.url("ws")) as ws:
+            await ws.send_message(encode_frame(F.Login(token("alice").encode(), "d", 0, 0, 0)))
+            decoder = Decoder()
+            decoder.feed(await ws.get_message())
+            assert isinstance(decoder.next_frame(), F.LoginAck)
+            yield ws, decoder
+
+
+async def _ws_send_ack(ws: Any, decoder: Decoder) -> F.SendAck:
+    while (f := decoder.next_frame()) is None or not isinstance(f, F.SendAck):
+        if f is None:
+            decoder.feed(await ws.get_message())
+    return f
+
+
+async def _ws_closed_1008(ws: Any) -> str:
+    """The reason of the Close 1008 that ends ``ws`` (read until it comes)."""
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await ws.get_message()
+    assert closed.value.reason.code == 1008, closed.value.reason
+    return closed.value.reason.reason or ""
+
+
 async def test_tiny_fragments_are_refused_after_login_and_fragments_of_1_kib_are_taken(lmdb_store):
     """Logged in, a message's frames but its last carry 1 KiB at least, too
     (the SDKs send each message as one frame: they never meet the rule); a
     client that splits a message into 1 KiB frames (other WebSocket
     libraries do) is served as before."""
-    from trio_websocket import open_websocket_url
-
     with trio.fail_after(20):
-        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
-            async with open_websocket_url(srv.url("ws")) as ws:
-                await ws.send_message(encode_frame(F.Login(token("alice").encode(), "d", 0, 0, 0)))
-                decoder = Decoder()
-                decoder.feed(await ws.get_message())
-                assert isinstance(decoder.next_frame(), F.LoginAck)
-                # A 5 KB SendReq in 1 KiB frames and a short last one, written
-                # past the client's WebSocket (it sends one frame a message).
-                data = encode_frame(F.SendReq(1, AB, 1, b"p" * 5000))
-                pieces = [data[i : i + 1024] for i in range(0, len(data), 1024)]
-                await ws._stream.send_all(b"".join(_ws_frame(0x2 if i == 0 else 0x0, i == len(pieces) - 1, p)
-                                                  for i, p in enumerate(pieces)))
-                while (f := decoder.next_frame()) is None or not isinstance(f, F.SendAck):
-                    if f is None:
-                        decoder.feed(await ws.get_message())
-                assert f.code == 0 and f.seq == 1, f
-                # Then one in 1-byte frames: refused at its first.
-                await ws._stream.send_all(_tiny_fragments(200))
-                with pytest.raises(ConnectionClosed) as closed:
-                    while True:
-                        await ws.get_message()
-                assert closed.value.reason.code == 1008, closed.value.reason
-                assert "fragmented into frames under 1024 bytes" in (closed.value.reason.reason or "")
+        async with _logged_in_ws(lmdb_store) as (ws, decoder):
+            # A 5 KB SendReq in 1 KiB frames and a short last one, written
+            # past the client's WebSocket (it sends one frame a message).
+            data = encode_frame(F.SendReq(1, AB, 1, b"p" * 5000))
+            pieces = [data[i : i + 1024] for i in range(0, len(data), 1024)]
+            await ws._stream.send_all(b"".join(_ws_frame(0x2 if i == 0 else 0x0, i == len(pieces) - 1, p)
+                                              for i, p in enumerate(pieces)))
+            f = await _ws_send_ack(ws, decoder)
+            assert f.code == 0 and f.seq == 1, f
+            # Then one in 1-byte frames: refused at its first.
+            await ws._stream.send_all(_tiny_fragments(200))
+            assert "fragmented into frames under 1024 bytes" in await _ws_closed_1008(ws)
 
 
 @pytest.mark.parametrize("opcode", [0xA, 0x9, 0x2], ids=["pongs", "pings", "empty-messages"])
@@ -3230,27 +3248,13 @@ async def test_a_logged_in_peers_pings_and_pongs_are_capped(lmdb_store, opcode):
     cost the broker a parse each (and a Pong written back per Ping) for as
     long as it went on.  They draw on a bucket of 64, refilled at 16 a
     second; past it, Close 1008.  A few (a library's keep-alive) are fine."""
-    from trio_websocket import open_websocket_url
-
     with trio.fail_after(20):
-        async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
-            async with open_websocket_url(srv.url("ws")) as ws:
-                await ws.send_message(encode_frame(F.Login(token("alice").encode(), "d", 0, 0, 0)))
-                decoder = Decoder()
-                decoder.feed(await ws.get_message())
-                assert isinstance(decoder.next_frame(), F.LoginAck)
-                await ws._stream.send_all(_ws_frame(opcode, True, b"k") * 8)  # keep-alives: taken
-                await ws.send_message(encode_frame(F.SendReq(1, AB, 1, b"after a few")))
-                while (f := decoder.next_frame()) is None or not isinstance(f, F.SendAck):
-                    if f is None:
-                        decoder.feed(await ws.get_message())
-                assert f.code == 0, f
-                await ws._stream.send_all(_ws_frame(opcode, True, b"") * 1000)
-                with pytest.raises(ConnectionClosed) as closed:
-                    while True:
-                        await ws.get_message()
-                assert closed.value.reason.code == 1008, closed.value.reason
-                assert "Pings and Pongs over 16 a second" in (closed.value.reason.reason or "")
+        async with _logged_in_ws(lmdb_store) as (ws, decoder):
+            await ws._stream.send_all(_ws_frame(opcode, True, b"k") * 8)  # keep-alives: taken
+            await ws.send_message(encode_frame(F.SendReq(1, AB, 1, b"after a few")))
+            assert (await _ws_send_ack(ws, decoder)).code == 0
+            await ws._stream.send_all(_ws_frame(opcode, True, b"") * 1000)
+            assert "Pings and Pongs over 16 a second" in await _ws_closed_1008(ws)
 
 
 async def test_an_empty_websocket_message_is_no_end_of_stream(lmdb_store):
