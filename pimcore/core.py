@@ -682,7 +682,7 @@ class _Conn:
         "id", "state", "opened", "last_seen", "session", "user", "device", "inflight", "tokens", "refill_at", "strikes",
         "expires", "waiting", "backlog", "history_reads", "login", "paused", "issued_at",
         "held", "chunks", "chunk_sent", "reserved", "ctl_tokens", "ctl_at",
-        "hibernate_mark", "wrote", "acks_held", "acks_out", "over", "mark",
+        "hibernate_mark", "wrote", "acks_held", "acks_out", "over", "mark", "spent",
     )
 
     def __init__(self, conn_id: int, now: int, session: ServerSession) -> None:
@@ -696,6 +696,9 @@ class _Conn:
         self.strikes = 0  # consecutive RATE_LIMITED refusals
         # The refusal mark (Broker._held_back), None while there is none.
         self.mark: Optional[_RefusalMark] = None
+        # The last mark's (local id, count) once cleared: a mark set again
+        # for the same refused send starts from its count (_new_mark).
+        self.spent: Optional[tuple[int, int]] = None
         self.expires: Optional[int] = None  # the token's expiry, if it has one
         self.issued_at = 0  # µs, the token's issue time (revocation)
         self.session = session  # bytes <-> frames, zstd, login gate, Close
@@ -979,6 +982,19 @@ _TRANSIENT_AT_READ = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.TOO_MANY_IN_FL
 _REFUSAL_HOLD = 5 * SECOND
 
 
+def _new_mark(c: "_Conn", local_id: int, code: ErrorCode, now: int) -> "_RefusalMark":
+    """``c``'s refusal mark for its send ``local_id`` refused with ``code``.
+    The same send refused again (its retry met an empty bucket) keeps the
+    count of the sends held back behind it so far: re-arming the mark buys
+    no new free refusals (a client that resent L into an empty bucket got a
+    window of them per strike)."""
+    mark = _RefusalMark(local_id, code, now + _REFUSAL_HOLD)
+    spent = c.spent
+    if spent is not None and spent[0] == local_id:
+        mark.count = spent[1]
+    return mark
+
+
 class _RefusalMark:
     """A connection's SendReq/AmendReq ``local_id`` was refused with the
     transient ``code`` (RATE_LIMITED, TOO_MANY_IN_FLIGHT; INTERNAL when the
@@ -988,8 +1004,9 @@ class _RefusalMark:
     one's retry -- would store the device's messages out of send order.
     Until ``until`` (µs) or a request with a local id <= ``local_id``, the
     later ones are refused with ``code`` too (Broker._held_back): no token,
-    no strike -- up to a window's worth (``count``); past that, a client that
-    never resends the refused one is treated as one ignoring the refusals."""
+    no strike -- up to two windows' worth (``count``, kept when the same send
+    is refused again: _new_mark); past that, a client that never resends the
+    refused one is treated as one ignoring the refusals."""
 
     __slots__ = ("local_id", "code", "until", "count")
 
@@ -1870,7 +1887,7 @@ class Broker:
             if code is ErrorCode.INTERNAL:
                 # Refused when read, the client resending it (as RATE_LIMITED):
                 # the sends it has on the wire after it wait for that retry.
-                c.mark = _RefusalMark(f.local_id, code, now + _REFUSAL_HOLD)
+                c.mark = _new_mark(c, f.local_id, code, now)
             self._refuse_send(c, f.local_id, code, out, str(reason))
         elif type(f) is F.AmendReq:
             self._propose_amend(c, f, now, out)
@@ -2610,7 +2627,7 @@ class Broker:
         def refuse(code: ErrorCode) -> None:
             self._stats["rejected"] += 1
             if code in _TRANSIENT_AT_READ:
-                c.mark = _RefusalMark(f.local_id, code, now + _REFUSAL_HOLD)
+                c.mark = _new_mark(c, f.local_id, code, now)
             if code is ErrorCode.RATE_LIMITED or self._control(c, now, "refused SendReq", out):
                 self._refuse_send(c, f.local_id, code, out)
 
@@ -2867,12 +2884,15 @@ class Broker:
         assert mark is not None
         if local_id <= mark.local_id or now >= mark.until:
             c.mark = None
+            c.spent = (mark.local_id, mark.count)
             return False
         self._stats["rejected"] += 1
         mark.count += 1
-        if mark.count > self.config.limits.window:
+        if mark.count > 2 * self.config.limits.window:
             # More than a client can have had on the wire when the refused
-            # one was answered: it sends on without resending that one.
+            # one was answered, twice (a mark set again for the same send
+            # keeps its count, _new_mark; an SDK halves its window per
+            # refusal): it sends on without resending that one.
             c.strikes += 1
             if c.strikes >= self.config.rate_limit_strikes:
                 self._close(
@@ -2942,7 +2962,7 @@ class Broker:
         def refuse(code: ErrorCode) -> None:
             self._stats["rejected"] += 1
             if code in _TRANSIENT_AT_READ:
-                c.mark = _RefusalMark(f.local_id, code, now + _REFUSAL_HOLD)
+                c.mark = _new_mark(c, f.local_id, code, now)
             if code is ErrorCode.RATE_LIMITED or self._control(c, now, "refused AmendReq", out):
                 self._refuse_send(c, f.local_id, code, out)
 

@@ -85,7 +85,7 @@ def test_the_sends_held_back_by_a_mark_are_not_strikes(store):
     assert a not in h.closed
     assert _codes(h, a) == {**{k: OK for k in (1, 2, 3)}, **{k: RL for k in range(4, 40)}}
     # A client that resends nothing but later local ids is still closed in
-    # the end: past a window's worth of them, they count.
+    # the end: past two windows' worth of them, they count.
     h.advance(SECOND)
     for _ in range(3):
         _pipeline(h, a, range(1000, 1000 + Limits().window))
@@ -193,3 +193,27 @@ def test_other_connections_and_lower_local_ids_are_not_held(store):
     # refused one's retry does.
     _pipeline(h, a, [5, 12, 13])
     assert _codes(h, a) == {5: OK, 12: OK, 13: RL}
+
+
+def test_resending_the_refused_send_into_an_empty_bucket_buys_no_new_free_refusals(store):
+    # The sends held back by a mark were free up to a window's worth.  A
+    # client that resent L into an empty bucket (one strike: L is refused
+    # again) re-armed the mark with a fresh free window each time: about 64
+    # free refusals per strike, ~1,000 before the close at the default 16
+    # strikes.  The free refusals now belong to the refused send, whatever
+    # its re-arms: past two windows' worth (what an SDK that halves its
+    # window per refusal sends behind it, at most), each counts.
+    window = 16
+    h = Harness(store, BrokerConfig(limits=Limits(send_rate=10.0, send_burst=3, window=window), rate_limit_strikes=16))
+    a = h.login("alice", "phone")
+    h.take(a)
+    _pipeline(h, a, range(1, 4))  # the burst
+    refusals = 0
+    for _ in range(40):  # the clock stands: the bucket stays empty
+        _pipeline(h, a, range(4, 4 + window))  # L again, and a window behind it
+        refusals += sum(1 for c in _codes(h, a).values() if c is RL)
+        if a in h.closed:
+            break
+    assert a in h.closed
+    assert refusals <= 4 * window, refusals
+    assert _stored(h) == [b"m1", b"m2", b"m3"]
