@@ -493,6 +493,29 @@ async def test_a_redis_server_that_dies_is_logged_in_one_clear_line(standalone_r
     assert not [r for r in caplog.records if r.name == "coredis" and r.exc_info and r.exc_info[0] is None]
 
 
+def test_coredis_retry_lines_are_debug_not_info(caplog) -> None:
+    """coredis logs each retried command at INFO ("Retry attempt 2 due to
+    error: ..."), a line per retry in `serve`'s log while a node fails
+    over.  The Redis store's filter makes them DEBUG: shown only when
+    debugging, its other lines (the clear dead-server one) untouched."""
+    import logging
+
+    pytest.importorskip("coredis")
+    import pimcore.store.redis  # noqa: F401  (installs the filter)
+
+    lg = logging.getLogger("coredis")
+    caplog.set_level(logging.INFO)
+    lg.info("Retry attempt 2 due to error: Connection reset by peer")
+    lg.info("Unable to set client info as the CLIENT SETINFO command is not supported")
+    assert [r.getMessage() for r in caplog.records if r.name == "coredis"] == [
+        "Unable to set client info as the CLIENT SETINFO command is not supported"], caplog.text
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    lg.info("Retry attempt 3 due to error: Connection reset by peer")
+    (retry,) = [r for r in caplog.records if r.name == "coredis"]
+    assert retry.levelno == logging.DEBUG and retry.levelname == "DEBUG", caplog.text
+
+
 @pytest.mark.redis
 async def test_concurrent_removals_on_two_nodes_never_leave_a_group_of_no_one(redis_cluster) -> None:
     """The rule that a removal may not leave a group with no member is the

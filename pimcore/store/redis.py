@@ -223,9 +223,22 @@ class _NoBareTraceback(logging.Filter):
     for in a ``finally`` block after its handler took the exception: there
     is none, and the formatter printed a bare "NoneType: None" line.  Such
     a record is dropped and told as one pimcore line at its level (the
-    store's own retry says what becomes of the request)."""
+    store's own retry says what becomes of the request).
+
+    It also makes coredis's "Retry attempt N due to error: ..." lines DEBUG
+    (coredis logs one per retried command at INFO: a line per command in
+    ``serve``'s log while a node fails over, where the store's own lines
+    say what becomes of the requests).  Not the whole logger set to
+    WARNING: that also hid the dead server's line above."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and isinstance(record.msg, str) and record.msg.startswith("Retry attempt"):
+            # (A filter runs after the logger's level check, at INFO: the
+            # record goes on only where DEBUG is wanted, as DEBUG.)
+            if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+                return False
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return True
         info = record.exc_info
         if not (isinstance(info, tuple) and info[0] is None):
             return True
