@@ -199,14 +199,28 @@ async def test_probes_and_the_scrape_are_answered_at_the_connection_limit() -> N
             await stream.send_all(_head("GET", "/v1/info"))
             status, code, _ = _status_and_error(await read_until_eof(stream))
             assert (status, code) == (503, "UNAVAILABLE")
-            # The reserve is bounded: past it, 503 at once, nothing read.
-            idle += [await trio.open_tcp_stream(*host_port(h.url)) for _ in range(reserve)]
-            while h._conns < 2 + reserve:
+            # The reserve is bounded: with as many requests being answered in
+            # it (not evictable, a probe path held here), 503 at once.
+            release = trio.Event()
+
+            async def held(request: Request) -> tuple[int, Any]:
+                await release.wait()
+                return 200, {}
+
+            h.router.add("GET", "/held", held, auth=False)
+            h.probe_paths = h.probe_paths | {"/held"}
+            for _ in range(reserve):
+                idle.append(await trio.open_tcp_stream(*host_port(h.url)))
+                await idle[-1].send_all(_head("GET", "/held", key=None))
+            while len(h._reserve) < reserve or any(s.evictable for s in h._reserve.values()):
                 await trio.sleep(0.01)
             stream = await trio.open_tcp_stream(*host_port(h.url))
             await stream.send_all(_head("GET", "/healthz", key=None))
             status, code, _ = _status_and_error(await read_until_eof(stream))
             assert (status, code) == (503, "UNAVAILABLE")
+            release.set()
+            for s in idle[2:]:
+                assert (await read_until_eof(s)).startswith(b"HTTP/1.1 200 ")
             for s in idle:
                 await s.aclose()
 
@@ -304,3 +318,152 @@ def test_operations_md_lists_the_http_listeners_metrics_and_log_events() -> None
     assert "http_refused" in events
     for event in events - {"http_request", "http_client_left"}:  # (debug lines)
         assert f"| `{event}` |" in ops, event
+
+
+async def _open_idle(h: Any, n: int) -> list[trio.SocketStream]:
+    """``n`` connections open and counted by the listener, nothing sent."""
+    want = h._conns + n
+    streams = [await trio.open_tcp_stream(*host_port(h.url)) for _ in range(n)]
+    while h._conns < want:
+        await trio.sleep(0.01)
+    return streams
+
+
+async def _keep_alive(h: Any, n: int) -> list[trio.SocketStream]:
+    """``n`` keep-alive connections, each after one answered request (idle now)."""
+    streams = []
+    for _ in range(n):
+        stream = await trio.open_tcp_stream(*host_port(h.url))
+        await stream.send_all(_head("GET", "/healthz", key=None))
+        reply = b""
+        while not reply.endswith(b"}"):
+            reply += await stream.receive_some(65536)
+        assert reply.startswith(b"HTTP/1.1 200 "), reply
+        streams.append(stream)
+    return streams
+
+
+def _no_probe_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reserve's own deadline out of the way (its test is on the
+    autojump clock): on a loaded machine 2 s of real time could close a
+    silent connection before the probe comes, and the test would not test
+    the eviction."""
+    import pimcore.http.server as server_mod
+
+    monkeypatch.setattr(server_mod, "PROBE_REQUEST_TIMEOUT", 600.0, raising=False)
+
+
+async def _probe(h: Any, path: str = "/healthz") -> tuple[int, bytes]:
+    stream = await trio.open_tcp_stream(*host_port(h.url))
+    await stream.send_all(_head("GET", path, key=None))
+    reply = await read_until_eof(stream)
+    await stream.aclose()
+    return int(reply.split(b" ", 2)[1]) if reply else 0, reply
+
+
+async def test_silent_connections_in_the_probe_reserve_do_not_keep_a_probe_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 connections that connect and never send a byte filled the probe
+    reserve, and /healthz was 503 for request_timeout at a time (a liveness
+    probe failing restarts a healthy broker).  A reserve connection without
+    a whole request is evicted, the oldest first, by a newer one: the probe
+    is 200, and each eviction is counted (refused, reason "evicted")."""
+    import pimcore.http.server as server_mod
+    _no_probe_deadline(monkeypatch)
+
+    with trio.fail_after(30):
+        async with broker_http(max_connections=2, request_timeout=600) as (srv, h):
+            held = await _keep_alive(h, 2)
+            held += await _open_idle(h, server_mod.PROBE_RESERVE)
+            status, reply = await _probe(h)
+            assert status == 200, reply[:300]  # (before: 503 UNAVAILABLE "too many connections")
+            # The oldest silent one went, closed unanswered; the newer are still open.
+            assert await read_until_eof(held[2]) == b""
+            assert h._conns == 2 + server_mod.PROBE_RESERVE - 1
+            held += await _open_idle(h, 1)  # (the reserve full again)
+            status, reply = await _probe(h, "/metrics")
+            assert status == 200, reply[:300]
+            m = metrics(reply.partition(b"\r\n\r\n")[2].decode())
+            assert m[("pimcore_http_refused_total", (("reason", "evicted"),))] == 2
+            assert m[("pimcore_http_refused_total", (("reason", "too_many_connections"),))] == 0
+            assert await read_until_eof(held[3]) == b""
+            for s in held:
+                await s.aclose()
+
+
+async def test_slow_connections_in_the_probe_reserve_are_evicted_by_a_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow-loris in the reserve: connections that sent one byte, a head cut
+    short, or a probe's whole head with a body that never comes (not a
+    whole request: evictable) are evicted by a probe as silent ones are,
+    the oldest first."""
+    import pimcore.http.server as server_mod
+    _no_probe_deadline(monkeypatch)
+
+    starts = [b"G", _head("GET", "/healthz", key=None)[:-4],
+              _head("GET", "/healthz", key=None, extra="Content-Length: 10\r\n") + b"x"]
+    with trio.fail_after(30):
+        async with broker_http(max_connections=2, request_timeout=600) as (srv, h):
+            held = await _keep_alive(h, 2)
+            slow = await _open_idle(h, server_mod.PROBE_RESERVE)
+            for i, stream in enumerate(slow):
+                await stream.send_all(starts[i % len(starts)])
+            for i in range(len(starts)):
+                status, reply = await _probe(h)
+                assert status == 200, reply[:300]  # (before: 503)
+                assert await read_until_eof(slow[i]) == b""  # the oldest, closed unanswered
+                held += await _open_idle(h, 1)  # (the reserve full again: the probe's slot is free)
+            assert h.refusals.total["evicted"] == len(starts)
+            for s in held + slow:
+                await s.aclose()
+
+
+async def test_a_request_for_another_path_in_a_full_reserve_gets_its_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reserve full of silent connections: a newer connection asking
+    for anything but a probe still evicts one (its request is not read yet
+    when it is accepted), and is answered 503 "too many connections"."""
+    import pimcore.http.server as server_mod
+    _no_probe_deadline(monkeypatch)
+
+    with trio.fail_after(30):
+        async with broker_http(max_connections=2, request_timeout=600) as (srv, h):
+            held = await _keep_alive(h, 2)
+            held += await _open_idle(h, server_mod.PROBE_RESERVE)
+            for raw in (_head("GET", "/v1/info"), _head("POST", "/v1/info", extra="Content-Length: 5\r\n") + b"12345"):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(raw)
+                status, code, headers = _status_and_error(await read_until_eof(stream))
+                assert (status, code, headers["connection"]) == (503, "UNAVAILABLE", "close"), raw
+                await stream.aclose()
+            assert h.refusals.total["too_many_connections"] == 2
+            assert await read_until_eof(held[2]) == b""
+            # A probe after them is answered still.
+            status, reply = await _probe(h)
+            assert status == 200, reply[:300]
+            for s in held:
+                await s.aclose()
+
+
+async def test_a_reserve_connection_has_probe_request_timeout_for_its_request(autojump_clock: trio.abc.Clock) -> None:
+    """Unchallenged, a silent reserve connection is closed after
+    PROBE_REQUEST_TIMEOUT (2 s), not request_timeout (600 s here); one whose
+    head never ends gets 408 at the same deadline, counted as a timeout."""
+    import pimcore.http.server as server_mod
+
+    t = getattr(server_mod, "PROBE_REQUEST_TIMEOUT", 2.0)
+    with trio.fail_after(300):
+        async with broker_http(max_connections=1, request_timeout=600, keepalive_timeout=600) as (srv, h):
+            held = await _keep_alive(h, 1)
+            silent = (await _open_idle(h, 1))[0]
+            t0 = trio.current_time()
+            assert await read_until_eof(silent) == b""
+            assert t <= trio.current_time() - t0 < t + 1
+            slow = (await _open_idle(h, 1))[0]
+            t0 = trio.current_time()
+            await slow.send_all(b"GET /healthz HTTP/1.1\r\n")
+            status, code, _ = _status_and_error(await read_until_eof(slow))
+            assert (status, code) == (408, "REQUEST_TIMEOUT")
+            assert t <= trio.current_time() - t0 < t + 1
+            assert h.refusals.total["timeout"] == 1 and h.refusals.total["evicted"] == 0
+            # The connection below the limit keeps its own timeouts.
+            await held[0].send_all(_head("GET", "/healthz", key=None))
+            assert (await held[0].receive_some(65536)).startswith(b"HTTP/1.1 200 ")
+            await held[0].aclose()
