@@ -467,3 +467,29 @@ async def test_a_reserve_connection_has_probe_request_timeout_for_its_request(au
             await held[0].send_all(_head("GET", "/healthz", key=None))
             assert (await held[0].receive_some(65536)).startswith(b"HTTP/1.1 200 ")
             await held[0].aclose()
+
+
+async def test_a_request_abandoned_mid_way_is_not_counted_as_malformed() -> None:
+    """A client that closes its side before its request is whole (mid-head,
+    mid-body) sent nothing malformed: it is not counted a refusal (it was
+    counted "malformed", and said in a warning).  It is still answered 400
+    (a half-closed client can read it).  A malformed head still counts."""
+    with trio.fail_after(30):
+        async with broker_http(request_timeout=600) as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            for raw in (_head("GET", "/healthz", key=None)[:-2],
+                        _head("POST", "/echo", extra="Content-Length: 10\r\n") + b"123",
+                        _head("POST", "/echo", extra="Transfer-Encoding: chunked\r\n") + b"5\r\n12"):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(raw)
+                await stream.send_eof()
+                status, code, _ = _status_and_error(await read_until_eof(stream))
+                assert (status, code) == (400, "BAD_REQUEST"), raw
+                await stream.aclose()
+            assert h.refusals.total["malformed"] == 0  # (before: 3)
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n")
+            status, code, _ = _status_and_error(await read_until_eof(stream))
+            assert (status, code) == (400, "BAD_REQUEST")
+            assert h.refusals.total["malformed"] == 1
+            assert sum(h.refusals.total.values()) == 1

@@ -836,6 +836,19 @@ class HttpServer:
                 # API key): neither the reply nor the log repeats it
                 # (_h11_reason says what is wrong without it).
                 status = exc.error_status_hint
+                if conn.trailing_data[1]:
+                    # h11 had the client's EOF (fed only once all it sent was
+                    # parsed): the request stopped short, mid-head or
+                    # mid-body, because the client closed its side -- nothing
+                    # malformed was sent.  Answered (a half-closed client
+                    # reads it) but not counted a refusal: the listener
+                    # refused nothing, and a warning for what flaky networks
+                    # and clients giving up do every day would be a false
+                    # alarm; a silent stall is still the 408 ("timeout").
+                    log.debug("an HTTP request was abandoned: the client closed before it was whole")
+                    await self._send_error(stream, conn, HttpError(
+                        400, "BAD_REQUEST", "the request is not whole: the client closed its side of the connection"))
+                    return
                 log.debug("refused a malformed HTTP request: %d", status)
                 if status == 431:
                     err = HttpError(431, "HEADERS_TOO_LARGE", f"the request head is over {cfg.max_header_bytes} bytes")
