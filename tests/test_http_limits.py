@@ -277,7 +277,7 @@ async def test_refused_requests_are_counted_and_logged_at_most_once_per_30_s_per
                 b"HTTP/1.1 401 ")
             lines = refused()
             assert len(lines) == 2 and lines[1].count == 3, caplog.text  # two unsaid, and this one
-            assert (await ask(_head("POST", "/v1/info", extra="Content-Length: 5000\r\n"))).startswith(b"HTTP/1.1 413 ")
+            assert (await ask(_head("POST", "/echo", extra="Content-Length: 5000\r\n"))).startswith(b"HTTP/1.1 413 ")
             assert (await ask(_head("GET", "/v1/info")[:-2])).startswith(b"HTTP/1.1 408 ")  # the head never ends
             while h._conns:  # (the connections above are gone)
                 await trio.sleep(0.01)
@@ -493,3 +493,21 @@ async def test_a_request_abandoned_mid_way_is_not_counted_as_malformed() -> None
             assert (status, code) == (400, "BAD_REQUEST")
             assert h.refusals.total["malformed"] == 1
             assert sum(h.refusals.total.values()) == 1
+
+
+async def test_a_body_too_large_without_a_key_is_refused_for_the_key() -> None:
+    """No API key or a wrong one with a Content-Length over max_body_bytes:
+    401, not 413 -- a client without a key learnt max_body_bytes.  With the
+    key, 413.  Both from the head, the body unread (request_timeout is
+    600 s: waiting for the body fails the test)."""
+    big = "Content-Length: 5000\r\n"
+    with trio.fail_after(20):
+        async with broker_http(request_timeout=600, max_body_bytes=1000) as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            for key, want in ((None, (401, "AUTH_FAILED")), ("wrong-key", (401, "AUTH_FAILED")),
+                              (KEY, (413, "PAYLOAD_TOO_LARGE"))):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(_head("POST", "/echo", key=key, extra=big))
+                status, code, _ = _status_and_error(await read_until_eof(stream))
+                assert (status, code) == want, key  # (before: 413 without a key)
+                await stream.aclose()

@@ -985,8 +985,6 @@ class HttpServer:
             raise HttpError(400, "BAD_REQUEST", "the request has both Content-Length and Transfer-Encoding"
                                                 " (RFC 9112 6.1: refused, a request smuggling risk)")
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
-            raise HttpError(413, "PAYLOAD_TOO_LARGE", f"the body is over {self.config.max_body_bytes} bytes")
         target = event.target.decode("latin-1")
         try:
             parts = urlsplit(target)
@@ -1004,6 +1002,10 @@ class HttpServer:
             _, _, auth = self.router.route(method, parts.path)
             if auth:
                 check_api_key(headers, self._keys)
+            # The size after the key: a 413 before the 401 told a client
+            # without a key max_body_bytes.
+            if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
+                raise HttpError(413, "PAYLOAD_TOO_LARGE", f"the body is over {self.config.max_body_bytes} bytes")
             if conn.client_is_waiting_for_100_continue:
                 # (RFC 9110 10.1.1.) The head passed: ask for the body.  curl
                 # sends a body over 1 KiB only after this, or after waiting a
