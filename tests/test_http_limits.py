@@ -511,3 +511,49 @@ async def test_a_body_too_large_without_a_key_is_refused_for_the_key() -> None:
                 status, code, _ = _status_and_error(await read_until_eof(stream))
                 assert (status, code) == want, key  # (before: 413 without a key)
                 await stream.aclose()
+
+
+async def test_the_chunk_rules_message_counts_every_chunk_whatever_the_reads() -> None:
+    """2,000 one-byte chunks in one write: refused at the 1,029th chunk,
+    "1029 for 1029 bytes".  It said "1029 for 1030" when the parser was fed
+    a chunk's size line and its data in two pieces (h11 marks such a chunk
+    as no chunk's start: it was not counted, a byte too many for the count
+    said); the head's length is varied so that every alignment of the
+    pieces (4 KiB each) against the 6-byte chunks is met."""
+    with trio.fail_after(30):
+        async with broker_http(request_timeout=600) as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            for pad in range(6):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                extra = f"Transfer-Encoding: chunked\r\nX-Pad: {'a' * pad}\r\n"
+                await stream.send_all(_head("POST", "/echo", extra=extra) + _chunked(2000))
+                reply = await read_until_eof(stream)
+                message = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["message"]
+                assert message.startswith("the chunked body is in too many small chunks: 1029 for 1029 bytes "), \
+                    (pad, message)
+                await stream.aclose()
+
+
+async def test_chunks_whose_size_line_and_data_come_apart_are_held_to_the_chunk_rule() -> None:
+    """Each one-byte chunk's size line and data in two writes: the listener
+    read them apart and counted none of the chunks (h11's chunk_start), so
+    1,100 tiny chunks were taken whole.  Now the 1,029th is refused."""
+    with trio.fail_after(30):
+        async with broker_http(request_timeout=600) as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(_head("POST", "/echo", extra="Transfer-Encoding: chunked\r\n"))
+            try:
+                for _ in range(1100):
+                    await stream.send_all(b"1\r\n")
+                    await trio.sleep(0)  # (the listener reads the size line alone)
+                    await stream.send_all(b"x\r\n")
+                    await trio.sleep(0)
+                await stream.send_all(b"0\r\n\r\n")
+            except trio.BrokenResourceError:
+                pass  # (refused and closed before the last chunks)
+            reply = b""
+            while not reply.endswith(b"}"):  # (a 200 keeps the connection: not read to its end)
+                reply += await stream.receive_some(65536)
+            status, code, _ = _status_and_error(reply)
+            assert (status, code) == (400, "BAD_REQUEST"), reply  # (before: 200 {"bytes":1100})

@@ -1021,6 +1021,13 @@ class HttpServer:
         # (the CRLF that ends the last chunk, then) a chunk's size line.
         at_size = chunked
         chunks = 0
+        # The next Data begins a chunk (the body's first, or the one after a
+        # chunk's end).  Not h11's chunk_start: h11 sets it only when a
+        # chunk's size line and its first data are parsed in one go, so a
+        # chunk whose size line ended one feed (or one read) and its data
+        # began the next was not counted -- "1029 for 1030 bytes", and a
+        # client splitting every chunk so was never held to the rule.
+        chunk_next = True
         events = 0
         while True:
             events += 1
@@ -1044,14 +1051,14 @@ class HttpServer:
                 body += ev.data
                 if len(body) > limit:
                     raise too_large
-                if ev.chunk_start:
+                if chunked and chunk_next:
                     chunks += 1
                     if chunks > MAX_SMALL_CHUNKS + len(body) // MIN_CHUNK_BYTES:
                         raise _Refusal(400, "BAD_REQUEST",
                                        f"the chunked body is in too many small chunks: {chunks} for {len(body)} bytes"
                                        f" (past {MAX_SMALL_CHUNKS} chunks they must average {MIN_CHUNK_BYTES} bytes"
                                        " or more): send larger chunks, or the body with a Content-Length", "malformed")
-                at_size = ev.chunk_end
+                at_size = chunk_next = ev.chunk_end
             elif isinstance(ev, h11.EndOfMessage):
                 break
             else:  # ConnectionClosed mid-body
