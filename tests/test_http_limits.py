@@ -557,3 +557,24 @@ async def test_chunks_whose_size_line_and_data_come_apart_are_held_to_the_chunk_
                 reply += await stream.receive_some(65536)
             status, code, _ = _status_and_error(reply)
             assert (status, code) == (400, "BAD_REQUEST"), reply  # (before: 200 {"bytes":1100})
+
+
+async def test_a_zero_padded_chunk_size_is_read_or_refused_for_what_it_is() -> None:
+    """RFC 9112 7.1 allows leading zeros in a chunk size: "0010" is read (16
+    bytes).  The parser (h11) reads at most 20 hex digits, so 21 and more,
+    zeros too, are refused 400 -- saying so, not "a chunk size that is not
+    hexadecimal", which it is (a new user's trial)."""
+    chunked = "Transfer-Encoding: chunked\r\nConnection: close\r\n"
+    with trio.fail_after(30):
+        async with broker_http(request_timeout=600) as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            for size, want in ((b"0010", b'{"bytes":16}'), (b"0" * 18 + b"10", b'{"bytes":16}'),
+                               (b"0" * 19 + b"10", b"more than 20 hex digits"),
+                               (b"0" * 40 + b"10;ext=1", b"more than 20 hex digits"),
+                               (b"1g", b"not hexadecimal")):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(_head("POST", "/echo", extra=chunked) + size + b"\r\n" + b"x" * 16
+                                      + b"\r\n0\r\n\r\n")
+                reply = await read_until_eof(stream)
+                assert want in reply, (size, reply)
+                await stream.aclose()

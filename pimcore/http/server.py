@@ -97,6 +97,12 @@ _H11_QUOTING = {
 #: The most characters of h11's reason said (its own texts are short).
 _H11_REASON_MAX = 120
 
+#: h11's refusal of a chunk size line that starts with more hex digits than
+#: it reads (20): hexadecimal still, zero-padded perhaps (RFC 9112 7.1 sets no
+#: bound on leading zeros; h11 does, and a size past 20 significant digits
+#: is refused 413 from our own peek before h11 sees it).
+_LONG_CHUNK_SIZE = re.compile(r"illegal chunk header: bytearray\(b'[0-9A-Fa-f]{21}")
+
 
 def _h11_reason(exc: h11.RemoteProtocolError) -> str:
     """What h11 found wrong with a request, in words, for a 400's message:
@@ -105,6 +111,8 @@ def _h11_reason(exc: h11.RemoteProtocolError) -> str:
     at the quote: ``illegal header line: bytearray(b'X: ...')``), printable
     ASCII only and at most _H11_REASON_MAX characters."""
     text = str(exc)
+    if _LONG_CHUNK_SIZE.match(text):
+        return "illegal chunk header (a chunk size of more than 20 hex digits, leading zeros counted: at most 20 are read)"
     for quote in (": bytearray(", ": b'", ': b"', " b'", ' b"'):
         cut = text.find(quote)
         if cut >= 0:
