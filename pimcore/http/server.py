@@ -1018,7 +1018,10 @@ class HttpServer:
                 # (RFC 9110 10.1.1.) The head passed: ask for the body.  curl
                 # sends a body over 1 KiB only after this, or after waiting a
                 # second for it.
-                await wire.stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+                # With its reason phrase: h11 writes none unless given one
+                # ("HTTP/1.1 100 \r\n"), as for every response (_phrase).
+                await wire.stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[],
+                                                                                reason=_phrase(100))) or b"")
         limit = self.config.max_body_bytes
         too_large = HttpError(413, "PAYLOAD_TOO_LARGE", f"the body is over {limit} bytes")
         body = bytearray()
