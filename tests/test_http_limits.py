@@ -578,3 +578,32 @@ async def test_a_zero_padded_chunk_size_is_read_or_refused_for_what_it_is() -> N
                 reply = await read_until_eof(stream)
                 assert want in reply, (size, reply)
                 await stream.aclose()
+
+
+async def test_a_reserve_connection_evicted_while_it_lingers_is_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reserve connection refused 503 (another path) lingers, draining,
+    and is evictable then (else 16 such held the reserve for the linger):
+    evicted, it is not counted a second time -- its refusal was."""
+    import pimcore.http.server as server_mod
+
+    _no_probe_deadline(monkeypatch)
+    monkeypatch.setattr(server_mod, "_LINGER_SECONDS", 600.0)
+    reserve = server_mod.PROBE_RESERVE
+    with trio.fail_after(30):
+        async with broker_http(max_connections=2, request_timeout=600) as (srv, h):
+            held = await _keep_alive(h, 2)
+            held += await _open_idle(h, reserve)
+            refused = await trio.open_tcp_stream(*host_port(h.url))  # evicts the oldest silent one
+            await refused.send_all(_head("GET", "/v1/info"))
+            status, code, _ = _status_and_error(await read_until_eof(refused))  # (our EOF; it lingers)
+            assert (status, code) == (503, "UNAVAILABLE")
+            accepted = h.connections
+            # 15 evict the silent ones left, the 16th the lingering one.
+            held += [await trio.open_tcp_stream(*host_port(h.url)) for _ in range(reserve)]
+            while h.connections < accepted + reserve:
+                await trio.sleep(0.01)
+            assert sorted(h._reserve) == list(range(accepted + 1, accepted + reserve + 1))  # (the newest hold it)
+            assert h.refusals.total["too_many_connections"] == 1
+            assert h.refusals.total["evicted"] == reserve  # (not reserve + 1)
+            for s in [*held, refused]:
+                await s.aclose()

@@ -481,14 +481,16 @@ class _ReserveSlot:
     that connect and send nothing (or one byte) filled the reserve, and a
     liveness probe was 503 for request_timeout at a time -- a restart of a
     healthy broker.  From its whole request to its answer written it is not
-    evictable (the probe being answered)."""
+    evictable (the probe being answered).  ``answered``: its refusal was
+    written (and counted) before it lingered."""
 
-    __slots__ = ("stream", "scope", "evictable")
+    __slots__ = ("stream", "scope", "evictable", "answered")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.scope = trio.CancelScope()
         self.evictable = True
+        self.answered = False
 
 
 #: What the listener refuses, by reason (pimcore_http_refused_total{reason},
@@ -765,8 +767,10 @@ class HttpServer:
             evicted.scope.cancel()
             # Closed unanswered (it may be mid-TLS-handshake or mid-head; a
             # client that sent nothing for its slot needs no words), and
-            # counted now, when the slot changes hands.
-            self.refusals.note("evicted", None, evicted.stream)
+            # counted now, when the slot changes hands -- unless its refusal
+            # was answered and counted already (it lingered): once a connection.
+            if not evicted.answered:
+                self.refusals.note("evicted", None, evicted.stream)
         slot = _ReserveSlot(stream)
         self._reserve[conn_id] = slot
         self._reserve_open += 1
@@ -874,7 +878,7 @@ class HttpServer:
                     # evictable again, or 16 clients posting to another path
                     # held the reserve by lingering.  (The cost: a client
                     # still sending may see a reset, not its 503.)
-                    reserve.evictable = True
+                    reserve.evictable = reserve.answered = True
                 await self._linger(stream)
                 return
             if request is None:
