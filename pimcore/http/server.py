@@ -22,7 +22,10 @@ Shape:
   ``keepalive_timeout`` seconds of silence between requests (hang up), and
   ``request_timeout`` again to write a response (for a :class:`StreamBody`,
   server-sent events, to write each chunk).  ``max_connections``
-  beyond which new connections get 503 and are closed.
+  beyond which new connections get 503 and are closed -- but for the
+  probes' reserve (:attr:`HttpServer.probe_paths`): PROBE_RESERVE
+  connections more, each with PROBE_REQUEST_TIMEOUT for its one request,
+  and one without a whole request yet gives its slot to a newer one.
 """
 
 from __future__ import annotations
