@@ -161,7 +161,7 @@ async def test_a_client_that_expects_100_continue_is_told_to_send_its_body() -> 
             got = b""
             while b"\r\n\r\n" not in got:  # (request_timeout 600 s: no answer fails the test)
                 got += await stream.receive_some(4096)
-            assert got.startswith(b"HTTP/1.1 100 "), got
+            assert got.startswith(b"HTTP/1.1 100 Continue\r\n"), got  # (its reason phrase too: it had none)
             await stream.send_all(b"x" * 5000)
             reply = got.partition(b"\r\n\r\n")[2]
             while not reply.endswith(b"}"):
@@ -199,14 +199,28 @@ async def test_probes_and_the_scrape_are_answered_at_the_connection_limit() -> N
             await stream.send_all(_head("GET", "/v1/info"))
             status, code, _ = _status_and_error(await read_until_eof(stream))
             assert (status, code) == (503, "UNAVAILABLE")
-            # The reserve is bounded: past it, 503 at once, nothing read.
-            idle += [await trio.open_tcp_stream(*host_port(h.url)) for _ in range(reserve)]
-            while h._conns < 2 + reserve:
+            # The reserve is bounded: with as many requests being answered in
+            # it (not evictable, a probe path held here), 503 at once.
+            release = trio.Event()
+
+            async def held(request: Request) -> tuple[int, Any]:
+                await release.wait()
+                return 200, {}
+
+            h.router.add("GET", "/held", held, auth=False)
+            h.probe_paths = h.probe_paths | {"/held"}
+            for _ in range(reserve):
+                idle.append(await trio.open_tcp_stream(*host_port(h.url)))
+                await idle[-1].send_all(_head("GET", "/held", key=None))
+            while len(h._reserve) < reserve or any(s.evictable for s in h._reserve.values()):
                 await trio.sleep(0.01)
             stream = await trio.open_tcp_stream(*host_port(h.url))
             await stream.send_all(_head("GET", "/healthz", key=None))
             status, code, _ = _status_and_error(await read_until_eof(stream))
             assert (status, code) == (503, "UNAVAILABLE")
+            release.set()
+            for s in idle[2:]:
+                assert (await read_until_eof(s)).startswith(b"HTTP/1.1 200 ")
             for s in idle:
                 await s.aclose()
 
@@ -263,7 +277,7 @@ async def test_refused_requests_are_counted_and_logged_at_most_once_per_30_s_per
                 b"HTTP/1.1 401 ")
             lines = refused()
             assert len(lines) == 2 and lines[1].count == 3, caplog.text  # two unsaid, and this one
-            assert (await ask(_head("POST", "/v1/info", extra="Content-Length: 5000\r\n"))).startswith(b"HTTP/1.1 413 ")
+            assert (await ask(_head("POST", "/echo", extra="Content-Length: 5000\r\n"))).startswith(b"HTTP/1.1 413 ")
             assert (await ask(_head("GET", "/v1/info")[:-2])).startswith(b"HTTP/1.1 408 ")  # the head never ends
             while h._conns:  # (the connections above are gone)
                 await trio.sleep(0.01)
@@ -304,3 +318,292 @@ def test_operations_md_lists_the_http_listeners_metrics_and_log_events() -> None
     assert "http_refused" in events
     for event in events - {"http_request", "http_client_left"}:  # (debug lines)
         assert f"| `{event}` |" in ops, event
+
+
+async def _open_idle(h: Any, n: int) -> list[trio.SocketStream]:
+    """``n`` connections open and counted by the listener, nothing sent."""
+    want = h._conns + n
+    streams = [await trio.open_tcp_stream(*host_port(h.url)) for _ in range(n)]
+    while h._conns < want:
+        await trio.sleep(0.01)
+    return streams
+
+
+async def _keep_alive(h: Any, n: int) -> list[trio.SocketStream]:
+    """``n`` keep-alive connections, each after one answered request (idle now)."""
+    streams = []
+    for _ in range(n):
+        stream = await trio.open_tcp_stream(*host_port(h.url))
+        await stream.send_all(_head("GET", "/healthz", key=None))
+        reply = b""
+        while not reply.endswith(b"}"):
+            reply += await stream.receive_some(65536)
+        assert reply.startswith(b"HTTP/1.1 200 "), reply
+        streams.append(stream)
+    return streams
+
+
+def _no_probe_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reserve's own deadline out of the way (its test is on the
+    autojump clock): on a loaded machine 2 s of real time could close a
+    silent connection before the probe comes, and the test would not test
+    the eviction."""
+    import pimcore.http.server as server_mod
+
+    monkeypatch.setattr(server_mod, "PROBE_REQUEST_TIMEOUT", 600.0, raising=False)
+
+
+async def _probe(h: Any, path: str = "/healthz") -> tuple[int, bytes]:
+    stream = await trio.open_tcp_stream(*host_port(h.url))
+    await stream.send_all(_head("GET", path, key=None))
+    reply = await read_until_eof(stream)
+    await stream.aclose()
+    return int(reply.split(b" ", 2)[1]) if reply else 0, reply
+
+
+async def test_silent_connections_in_the_probe_reserve_do_not_keep_a_probe_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 connections that connect and never send a byte filled the probe
+    reserve, and /healthz was 503 for request_timeout at a time (a liveness
+    probe failing restarts a healthy broker).  A reserve connection without
+    a whole request is evicted, the oldest first, by a newer one: the probe
+    is 200, and each eviction is counted (refused, reason "evicted")."""
+    import pimcore.http.server as server_mod
+    _no_probe_deadline(monkeypatch)
+
+    with trio.fail_after(30):
+        async with broker_http(max_connections=2, request_timeout=600) as (srv, h):
+            held = await _keep_alive(h, 2)
+            held += await _open_idle(h, server_mod.PROBE_RESERVE)
+            status, reply = await _probe(h)
+            assert status == 200, reply[:300]  # (before: 503 UNAVAILABLE "too many connections")
+            # The oldest silent one went, closed unanswered; the newer are still open.
+            assert await read_until_eof(held[2]) == b""
+            assert h._conns == 2 + server_mod.PROBE_RESERVE - 1
+            held += await _open_idle(h, 1)  # (the reserve full again)
+            status, reply = await _probe(h, "/metrics")
+            assert status == 200, reply[:300]
+            m = metrics(reply.partition(b"\r\n\r\n")[2].decode())
+            assert m[("pimcore_http_refused_total", (("reason", "evicted"),))] == 2
+            assert m[("pimcore_http_refused_total", (("reason", "too_many_connections"),))] == 0
+            assert await read_until_eof(held[3]) == b""
+            for s in held:
+                await s.aclose()
+
+
+async def test_slow_connections_in_the_probe_reserve_are_evicted_by_a_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow-loris in the reserve: connections that sent one byte, a head cut
+    short, or a probe's whole head with a body that never comes (not a
+    whole request: evictable) are evicted by a probe as silent ones are,
+    the oldest first."""
+    import pimcore.http.server as server_mod
+    _no_probe_deadline(monkeypatch)
+
+    starts = [b"G", _head("GET", "/healthz", key=None)[:-4],
+              _head("GET", "/healthz", key=None, extra="Content-Length: 10\r\n") + b"x"]
+    with trio.fail_after(30):
+        async with broker_http(max_connections=2, request_timeout=600) as (srv, h):
+            held = await _keep_alive(h, 2)
+            slow = await _open_idle(h, server_mod.PROBE_RESERVE)
+            for i, stream in enumerate(slow):
+                await stream.send_all(starts[i % len(starts)])
+            for i in range(len(starts)):
+                status, reply = await _probe(h)
+                assert status == 200, reply[:300]  # (before: 503)
+                assert await read_until_eof(slow[i]) == b""  # the oldest, closed unanswered
+                held += await _open_idle(h, 1)  # (the reserve full again: the probe's slot is free)
+            assert h.refusals.total["evicted"] == len(starts)
+            for s in held + slow:
+                await s.aclose()
+
+
+async def test_a_request_for_another_path_in_a_full_reserve_gets_its_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reserve full of silent connections: a newer connection asking
+    for anything but a probe still evicts one (its request is not read yet
+    when it is accepted), and is answered 503 "too many connections"."""
+    import pimcore.http.server as server_mod
+    _no_probe_deadline(monkeypatch)
+
+    with trio.fail_after(30):
+        async with broker_http(max_connections=2, request_timeout=600) as (srv, h):
+            held = await _keep_alive(h, 2)
+            held += await _open_idle(h, server_mod.PROBE_RESERVE)
+            for raw in (_head("GET", "/v1/info"), _head("POST", "/v1/info", extra="Content-Length: 5\r\n") + b"12345"):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(raw)
+                status, code, headers = _status_and_error(await read_until_eof(stream))
+                assert (status, code, headers["connection"]) == (503, "UNAVAILABLE", "close"), raw
+                await stream.aclose()
+            assert h.refusals.total["too_many_connections"] == 2
+            assert await read_until_eof(held[2]) == b""
+            # A probe after them is answered still.
+            status, reply = await _probe(h)
+            assert status == 200, reply[:300]
+            for s in held:
+                await s.aclose()
+
+
+async def test_a_reserve_connection_has_probe_request_timeout_for_its_request(autojump_clock: trio.abc.Clock) -> None:
+    """Unchallenged, a silent reserve connection is closed after
+    PROBE_REQUEST_TIMEOUT (2 s), not request_timeout (600 s here); one whose
+    head never ends gets 408 at the same deadline, counted as a timeout."""
+    import pimcore.http.server as server_mod
+
+    t = getattr(server_mod, "PROBE_REQUEST_TIMEOUT", 2.0)
+    with trio.fail_after(300):
+        async with broker_http(max_connections=1, request_timeout=600, keepalive_timeout=600) as (srv, h):
+            held = await _keep_alive(h, 1)
+            silent = (await _open_idle(h, 1))[0]
+            t0 = trio.current_time()
+            assert await read_until_eof(silent) == b""
+            assert t <= trio.current_time() - t0 < t + 1
+            slow = (await _open_idle(h, 1))[0]
+            t0 = trio.current_time()
+            await slow.send_all(b"GET /healthz HTTP/1.1\r\n")
+            status, code, _ = _status_and_error(await read_until_eof(slow))
+            assert (status, code) == (408, "REQUEST_TIMEOUT")
+            assert t <= trio.current_time() - t0 < t + 1
+            assert h.refusals.total["timeout"] == 1 and h.refusals.total["evicted"] == 0
+            # The connection below the limit keeps its own timeouts.
+            await held[0].send_all(_head("GET", "/healthz", key=None))
+            assert (await held[0].receive_some(65536)).startswith(b"HTTP/1.1 200 ")
+            await held[0].aclose()
+
+
+async def test_a_request_abandoned_mid_way_is_not_counted_as_malformed() -> None:
+    """A client that closes its side before its request is whole (mid-head,
+    mid-body) sent nothing malformed: it is not counted a refusal (it was
+    counted "malformed", and said in a warning).  It is still answered 400
+    (a half-closed client can read it).  A malformed head still counts."""
+    with trio.fail_after(30):
+        async with broker_http(request_timeout=600) as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            for raw in (_head("GET", "/healthz", key=None)[:-2],
+                        _head("POST", "/echo", extra="Content-Length: 10\r\n") + b"123",
+                        _head("POST", "/echo", extra="Transfer-Encoding: chunked\r\n") + b"5\r\n12"):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(raw)
+                await stream.send_eof()
+                status, code, _ = _status_and_error(await read_until_eof(stream))
+                assert (status, code) == (400, "BAD_REQUEST"), raw
+                await stream.aclose()
+            assert h.refusals.total["malformed"] == 0  # (before: 3)
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n")
+            status, code, _ = _status_and_error(await read_until_eof(stream))
+            assert (status, code) == (400, "BAD_REQUEST")
+            assert h.refusals.total["malformed"] == 1
+            assert sum(h.refusals.total.values()) == 1
+
+
+async def test_a_body_too_large_without_a_key_is_refused_for_the_key() -> None:
+    """No API key or a wrong one with a Content-Length over max_body_bytes:
+    401, not 413 -- a client without a key learnt max_body_bytes.  With the
+    key, 413.  Both from the head, the body unread (request_timeout is
+    600 s: waiting for the body fails the test)."""
+    big = "Content-Length: 5000\r\n"
+    with trio.fail_after(20):
+        async with broker_http(request_timeout=600, max_body_bytes=1000) as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            for key, want in ((None, (401, "AUTH_FAILED")), ("wrong-key", (401, "AUTH_FAILED")),
+                              (KEY, (413, "PAYLOAD_TOO_LARGE"))):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(_head("POST", "/echo", key=key, extra=big))
+                status, code, _ = _status_and_error(await read_until_eof(stream))
+                assert (status, code) == want, key  # (before: 413 without a key)
+                await stream.aclose()
+
+
+async def test_the_chunk_rules_message_counts_every_chunk_whatever_the_reads() -> None:
+    """2,000 one-byte chunks in one write: refused at the 1,029th chunk,
+    "1029 for 1029 bytes".  It said "1029 for 1030" when the parser was fed
+    a chunk's size line and its data in two pieces (h11 marks such a chunk
+    as no chunk's start: it was not counted, a byte too many for the count
+    said); the head's length is varied so that every alignment of the
+    pieces (4 KiB each) against the 6-byte chunks is met."""
+    with trio.fail_after(30):
+        async with broker_http(request_timeout=600) as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            for pad in range(6):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                extra = f"Transfer-Encoding: chunked\r\nX-Pad: {'a' * pad}\r\n"
+                await stream.send_all(_head("POST", "/echo", extra=extra) + _chunked(2000))
+                reply = await read_until_eof(stream)
+                message = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["message"]
+                assert message.startswith("the chunked body is in too many small chunks: 1029 for 1029 bytes "), \
+                    (pad, message)
+                await stream.aclose()
+
+
+async def test_chunks_whose_size_line_and_data_come_apart_are_held_to_the_chunk_rule() -> None:
+    """Each one-byte chunk's size line and data in two writes: the listener
+    read them apart and counted none of the chunks (h11's chunk_start), so
+    1,100 tiny chunks were taken whole.  Now the 1,029th is refused."""
+    with trio.fail_after(30):
+        async with broker_http(request_timeout=600) as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            stream = await trio.open_tcp_stream(*host_port(h.url))
+            await stream.send_all(_head("POST", "/echo", extra="Transfer-Encoding: chunked\r\n"))
+            try:
+                for _ in range(1100):
+                    await stream.send_all(b"1\r\n")
+                    await trio.sleep(0)  # (the listener reads the size line alone)
+                    await stream.send_all(b"x\r\n")
+                    await trio.sleep(0)
+                await stream.send_all(b"0\r\n\r\n")
+            except trio.BrokenResourceError:
+                pass  # (refused and closed before the last chunks)
+            reply = b""
+            while not reply.endswith(b"}"):  # (a 200 keeps the connection: not read to its end)
+                reply += await stream.receive_some(65536)
+            status, code, _ = _status_and_error(reply)
+            assert (status, code) == (400, "BAD_REQUEST"), reply  # (before: 200 {"bytes":1100})
+
+
+async def test_a_zero_padded_chunk_size_is_read_or_refused_for_what_it_is() -> None:
+    """RFC 9112 7.1 allows leading zeros in a chunk size: "0010" is read (16
+    bytes).  The parser (h11) reads at most 20 hex digits, so 21 and more,
+    zeros too, are refused 400 -- saying so, not "a chunk size that is not
+    hexadecimal", which it is (a new user's trial)."""
+    chunked = "Transfer-Encoding: chunked\r\nConnection: close\r\n"
+    with trio.fail_after(30):
+        async with broker_http(request_timeout=600) as (srv, h):
+            h.router.add("POST", "/echo", _echo)
+            for size, want in ((b"0010", b'{"bytes":16}'), (b"0" * 18 + b"10", b'{"bytes":16}'),
+                               (b"0" * 19 + b"10", b"more than 20 hex digits"),
+                               (b"0" * 40 + b"10;ext=1", b"more than 20 hex digits"),
+                               (b"1g", b"not hexadecimal")):
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(_head("POST", "/echo", extra=chunked) + size + b"\r\n" + b"x" * 16
+                                      + b"\r\n0\r\n\r\n")
+                reply = await read_until_eof(stream)
+                assert want in reply, (size, reply)
+                await stream.aclose()
+
+
+async def test_a_reserve_connection_evicted_while_it_lingers_is_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reserve connection refused 503 (another path) lingers, draining,
+    and is evictable then (else 16 such held the reserve for the linger):
+    evicted, it is not counted a second time -- its refusal was."""
+    import pimcore.http.server as server_mod
+
+    _no_probe_deadline(monkeypatch)
+    monkeypatch.setattr(server_mod, "_LINGER_SECONDS", 600.0)
+    reserve = server_mod.PROBE_RESERVE
+    with trio.fail_after(30):
+        async with broker_http(max_connections=2, request_timeout=600) as (srv, h):
+            held = await _keep_alive(h, 2)
+            held += await _open_idle(h, reserve)
+            refused = await trio.open_tcp_stream(*host_port(h.url))  # evicts the oldest silent one
+            await refused.send_all(_head("GET", "/v1/info"))
+            status, code, _ = _status_and_error(await read_until_eof(refused))  # (our EOF; it lingers)
+            assert (status, code) == (503, "UNAVAILABLE")
+            accepted = h.connections
+            # 15 evict the silent ones left, the 16th the lingering one.
+            held += [await trio.open_tcp_stream(*host_port(h.url)) for _ in range(reserve)]
+            while h.connections < accepted + reserve:
+                await trio.sleep(0.01)
+            assert sorted(h._reserve) == list(range(accepted + 1, accepted + reserve + 1))  # (the newest hold it)
+            assert h.refusals.total["too_many_connections"] == 1
+            assert h.refusals.total["evicted"] == reserve  # (not reserve + 1)
+            for s in [*held, refused]:
+                await s.aclose()

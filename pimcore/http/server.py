@@ -22,7 +22,10 @@ Shape:
   ``keepalive_timeout`` seconds of silence between requests (hang up), and
   ``request_timeout`` again to write a response (for a :class:`StreamBody`,
   server-sent events, to write each chunk).  ``max_connections``
-  beyond which new connections get 503 and are closed.
+  beyond which new connections get 503 and are closed -- but for the
+  probes' reserve (:attr:`HttpServer.probe_paths`): PROBE_RESERVE
+  connections more, each with PROBE_REQUEST_TIMEOUT for its one request,
+  and one without a whole request yet gives its slot to a newer one.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import re
 import ssl
 from collections import Counter
@@ -96,6 +100,12 @@ _H11_QUOTING = {
 #: The most characters of h11's reason said (its own texts are short).
 _H11_REASON_MAX = 120
 
+#: h11's refusal of a chunk size line that starts with more hex digits than
+#: it reads (20): hexadecimal still, zero-padded perhaps (RFC 9112 7.1 sets no
+#: bound on leading zeros; h11 does, and a size past 20 significant digits
+#: is refused 413 from our own peek before h11 sees it).
+_LONG_CHUNK_SIZE = re.compile(r"illegal chunk header: bytearray\(b'[0-9A-Fa-f]{21}")
+
 
 def _h11_reason(exc: h11.RemoteProtocolError) -> str:
     """What h11 found wrong with a request, in words, for a 400's message:
@@ -104,6 +114,8 @@ def _h11_reason(exc: h11.RemoteProtocolError) -> str:
     at the quote: ``illegal header line: bytearray(b'X: ...')``), printable
     ASCII only and at most _H11_REASON_MAX characters."""
     text = str(exc)
+    if _LONG_CHUNK_SIZE.match(text):
+        return "illegal chunk header (a chunk size of more than 20 hex digits, leading zeros counted: at most 20 are read)"
     for quote in (": bytearray(", ": b'", ': b"', " b'", ' b"'):
         cut = text.find(quote)
         if cut >= 0:
@@ -440,6 +452,12 @@ _LINGER_SECONDS = 2.0
 #: Connections past max_connections still read, for a probe (HttpServer.probe_paths).
 PROBE_RESERVE = 16
 
+#: Seconds a connection of the probe reserve has for its whole request, from
+#: its accept (TLS handshake included; at most request_timeout).  An honest
+#: probe sends its head in one segment right after connecting; a silent or
+#: slow one holds a reserve slot this long at most, even unchallenged.
+PROBE_REQUEST_TIMEOUT = 2.0
+
 #: _while_connected's answer when shutdown() ended the wait.
 _SHUTTING_DOWN = object()
 
@@ -457,6 +475,27 @@ def _too_many_connections() -> HttpError:
     return _Refusal(503, "UNAVAILABLE", "too many connections", "too_many_connections")
 
 
+class _ReserveSlot:
+    """A connection of the probe reserve (accepted past max_connections).
+    ``evictable`` while it holds the slot without having sent a whole
+    request (waiting for it, reading it) or while it lingers after its
+    refusal: then a newer connection that finds the reserve full cancels
+    ``scope`` (HttpServer._admit) and takes the slot.  Why: 16 connections
+    that connect and send nothing (or one byte) filled the reserve, and a
+    liveness probe was 503 for request_timeout at a time -- a restart of a
+    healthy broker.  From its whole request to its answer written it is not
+    evictable (the probe being answered).  ``answered``: its refusal was
+    written (and counted) before it lingered."""
+
+    __slots__ = ("stream", "scope", "evictable", "answered")
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.scope = trio.CancelScope()
+        self.evictable = True
+        self.answered = False
+
+
 #: What the listener refuses, by reason (pimcore_http_refused_total{reason},
 #: the http_refused log line), and how its warning says it.
 REFUSAL_REASONS: dict[str, str] = {
@@ -466,6 +505,8 @@ REFUSAL_REASONS: dict[str, str] = {
     "headers_too_large": "431 HEADERS_TOO_LARGE: a request head over max_header_bytes",
     "too_many_connections": "503 UNAVAILABLE: max_connections reached",
     "malformed": "400, 501 or 505: not HTTP/1.1 the listener reads (or a body in too many small chunks)",
+    "evicted": "closed unanswered: a connection of the probe reserve (past max_connections) without a whole request,"
+               " its slot taken by a newer connection",
 }
 #: The reason of a refusal said by its status alone.
 _REFUSED_STATUS = {401: "auth", 408: "timeout", 413: "too_large", 431: "headers_too_large"}
@@ -483,7 +524,8 @@ class _Refusals:
         self._unsaid: Counter[str] = Counter()
         self._said_at: dict[str, float] = {}
 
-    def note(self, reason: str, status: int, stream: trio.abc.Stream) -> None:
+    def note(self, reason: str, status: Optional[int], stream: trio.abc.Stream) -> None:
+        """Count a refusal of ``reason``; ``status`` None: closed unanswered."""
         from ..net.server import _peer_address
 
         self.total[reason] += 1
@@ -583,8 +625,10 @@ class HttpServer:
     ``await nursery.start(server.run)``; :attr:`url` is then the real one."""
 
     #: Paths (GET, HEAD) still served at max_connections, on up to
-    #: PROBE_RESERVE connections more, one request each: the probes and the
-    #: scrape (BrokerHttp's).  None here: past the limit, 503 at once.
+    #: PROBE_RESERVE connections more, one request each, whole within
+    #: PROBE_REQUEST_TIMEOUT; a newer connection evicts the oldest of them
+    #: without a whole request yet (_admit): the probes and the scrape
+    #: (BrokerHttp's).  None here: past the limit, 503 at once.
     probe_paths: frozenset[str] = frozenset()
 
     def __init__(self, router: Router, config: HttpConfig) -> None:
@@ -597,6 +641,12 @@ class HttpServer:
         self.responses: Counter[int] = Counter()  # responses sent, by status (pimcore_http_responses_total)
         #: Refusals by reason (pimcore_http_refused_total), and their warnings.
         self.refusals = _Refusals()
+        #: The probe reserve's connections that hold a slot, oldest first
+        #: (by connection number), and how many reserve connections are
+        #: open (those evicted and not yet closed too: they do not count
+        #: against max_connections meanwhile).
+        self._reserve: dict[int, _ReserveSlot] = {}
+        self._reserve_open = 0
         self.streams = 0  # streamed responses (server-sent events) being written now
         self.streams_dropped = 0  # streams closed because the client took no data for request_timeout
         self.connections = 0  # connections accepted (each one's number in logs)
@@ -666,15 +716,20 @@ class HttpServer:
         self.connections += 1
         conn_id = self.connections
         self._conns += 1
+        slot: Optional[_ReserveSlot] = None
         try:
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
-            probes_only = self._conns > self.config.max_connections
-            if probes_only and (not self.probe_paths or self._conns > self.config.max_connections + PROBE_RESERVE):
-                await self._send_error(stream, conn, _too_many_connections())
+            if self._conns - self._reserve_open <= self.config.max_connections:
+                await self._serve_requests(_Wire(stream, conn))
                 return
             # At the limit, a connection of the reserve is read for one probe
             # (a liveness probe answered 503 would restart a healthy broker).
-            await self._serve_requests(_Wire(stream, conn), probes_only=probes_only)
+            slot = self._admit(conn_id, stream)
+            if slot is None:
+                await self._send_error(stream, conn, _too_many_connections())
+                return
+            with slot.scope:  # (cancelled: evicted, and closed unanswered)
+                await self._serve_requests(_Wire(stream, conn), reserve=slot)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             from ..net.server import tls_handshake_failed
 
@@ -687,10 +742,42 @@ class HttpServer:
             # never the listener (nor the broker it runs in).
             log.exception("http connection failed", extra={"event": "http_connection_failed"})
         finally:
+            if slot is not None:
+                self._reserve.pop(conn_id, None)
+                self._reserve_open -= 1
             self._conns -= 1
             await trio.aclose_forcefully(stream)
             if self._closing and self._conns == 0:
                 self._all_closed.set()
+
+    def _admit(self, conn_id: int, stream: trio.abc.Stream) -> Optional[_ReserveSlot]:
+        """A slot of the probe reserve for connection ``conn_id`` (accepted
+        past max_connections), or None: no probe paths, or PROBE_RESERVE
+        connections hold the reserve and none is evictable.  When the
+        reserve is full, the oldest evictable connection (no whole request
+        yet, _ReserveSlot) is cancelled and its slot taken: so silent or
+        slow connections cannot keep a probe out -- an honest probe, whose
+        head comes in the segment after its handshake, is evicted only if
+        PROBE_RESERVE newer connections arrive before its head is read.
+        Synchronous (no checkpoint between the choice and the taking)."""
+        if not self.probe_paths:
+            return None
+        if len(self._reserve) >= PROBE_RESERVE:
+            oldest = next((n for n, held in self._reserve.items() if held.evictable), None)
+            if oldest is None:
+                return None  # PROBE_RESERVE requests being answered: 503 at once
+            evicted = self._reserve.pop(oldest)
+            evicted.scope.cancel()
+            # Closed unanswered (it may be mid-TLS-handshake or mid-head; a
+            # client that sent nothing for its slot needs no words), and
+            # counted now, when the slot changes hands -- unless its refusal
+            # was answered and counted already (it lingered): once a connection.
+            if not evicted.answered:
+                self.refusals.note("evicted", None, evicted.stream)
+        slot = _ReserveSlot(stream)
+        self._reserve[conn_id] = slot
+        self._reserve_open += 1
+        return slot
 
     async def _receive(self, wire: _Wire) -> Any:
         """The next h11 event, reading as needed (EOF is fed as b"")."""
@@ -700,20 +787,32 @@ class HttpServer:
                 return event
             await wire.fill()
 
-    async def _serve_requests(self, wire: _Wire, *, probes_only: bool = False) -> None:
+    async def _serve_requests(self, wire: _Wire, *, reserve: Optional[_ReserveSlot] = None) -> None:
+        """Serve a connection's requests; ``reserve``: it is one of the probe
+        reserve (past max_connections): one probe is read, within
+        PROBE_REQUEST_TIMEOUT of the accept for the whole of it (the wait
+        for its first byte included), and answered, then it ends."""
         cfg = self.config
         stream, conn = wire.stream, wire.conn
+        probes_only = reserve is not None
         # A new connection's first byte has request_timeout to come (one that
         # never sends a byte holds a max_connections slot no longer than a
         # request may take); then keepalive_timeout between requests.
         silence = min(cfg.request_timeout, cfg.keepalive_timeout)
+        timeout = cfg.request_timeout
+        #: A reserve connection's deadline for its whole request (one, from
+        #: the accept): a slow one holds a reserve slot a short time even
+        #: when no newer connection evicts it.
+        until = trio.current_time() + min(PROBE_REQUEST_TIMEOUT, timeout) if reserve is not None else math.inf
+        if reserve is not None:
+            timeout = min(PROBE_REQUEST_TIMEOUT, timeout)
         while True:
             # Between requests: wait for a first byte (or what is already
             # buffered), then request_timeout for the rest.
             if self._closing and conn.their_state is h11.IDLE and not wire.buffered():
                 return  # shutting down: no next request
             if not wire.buffered():
-                with trio.move_on_after(silence) as idle:
+                with trio.move_on_at(min(trio.current_time() + silence, until)) as idle:
                     self._waits.add(idle)
                     try:
                         data = bytes(await stream.receive_some(64 * 1024))
@@ -728,20 +827,43 @@ class HttpServer:
                 # Bytes no request begins with (a pimcore tcp:// client's
                 # Login): h11 would wait for a line end until request_timeout.
                 # Answered at once, naming this port (the SDK says so).
+                if reserve is not None:
+                    reserve.evictable = False  # (its answer is written, not cut by an eviction)
                 await self._send_error(stream, conn, _Refusal(400, "BAD_REQUEST", self._not_a_broker, "malformed"))
                 return
             try:
-                with trio.fail_after(cfg.request_timeout):
-                    request = await self._read_request(wire, probes_only)
+                try:
+                    with trio.fail_at(min(trio.current_time() + timeout, until)):
+                        request = await self._read_request(wire, probes_only)
+                finally:
+                    if reserve is not None:
+                        # Read whole (or refused): from here to its answer
+                        # written a reserve connection is not evicted.  Not
+                        # from its head: a probe's head with a Content-Length
+                        # and a body trickled held a slot unevictable.
+                        reserve.evictable = False
             except trio.TooSlowError:
                 await self._send_error(stream, conn, HttpError(408, "REQUEST_TIMEOUT",
-                                                               f"the request did not arrive within {cfg.request_timeout:g} s"))
+                                                               f"the request did not arrive within {timeout:g} s"))
                 return
             except h11.RemoteProtocolError as exc:
                 # h11's message may quote the request (a header's value: an
                 # API key): neither the reply nor the log repeats it
                 # (_h11_reason says what is wrong without it).
                 status = exc.error_status_hint
+                if conn.trailing_data[1]:
+                    # h11 had the client's EOF (fed only once all it sent was
+                    # parsed): the request stopped short, mid-head or
+                    # mid-body, because the client closed its side -- nothing
+                    # malformed was sent.  Answered (a half-closed client
+                    # reads it) but not counted a refusal: the listener
+                    # refused nothing, and a warning for what flaky networks
+                    # and clients giving up do every day would be a false
+                    # alarm; a silent stall is still the 408 ("timeout").
+                    log.debug("an HTTP request was abandoned: the client closed before it was whole")
+                    await self._send_error(stream, conn, HttpError(
+                        400, "BAD_REQUEST", "the request is not whole: the client closed its side of the connection"))
+                    return
                 log.debug("refused a malformed HTTP request: %d", status)
                 if status == 431:
                     err = HttpError(431, "HEADERS_TOO_LARGE", f"the request head is over {cfg.max_header_bytes} bytes")
@@ -754,6 +876,12 @@ class HttpServer:
             except HttpError as exc:  # 400, 401, 404, 405, 413, 505: the body is not read; the connection ends
                 wire.pending.clear()  # (a refused body's first bytes, not kept while the client is drained)
                 await self._send_error(stream, conn, exc)
+                if reserve is not None:
+                    # Answered: a reserve connection lingering (2 s) is
+                    # evictable again, or 16 clients posting to another path
+                    # held the reserve by lingering.  (The cost: a client
+                    # still sending may see a reset, not its 503.)
+                    reserve.evictable = reserve.answered = True
                 await self._linger(stream)
                 return
             if request is None:
@@ -872,8 +1000,6 @@ class HttpServer:
             raise HttpError(400, "BAD_REQUEST", "the request has both Content-Length and Transfer-Encoding"
                                                 " (RFC 9112 6.1: refused, a request smuggling risk)")
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
-            raise HttpError(413, "PAYLOAD_TOO_LARGE", f"the body is over {self.config.max_body_bytes} bytes")
         target = event.target.decode("latin-1")
         try:
             parts = urlsplit(target)
@@ -891,11 +1017,18 @@ class HttpServer:
             _, _, auth = self.router.route(method, parts.path)
             if auth:
                 check_api_key(headers, self._keys)
+            # The size after the key: a 413 before the 401 told a client
+            # without a key max_body_bytes.
+            if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
+                raise HttpError(413, "PAYLOAD_TOO_LARGE", f"the body is over {self.config.max_body_bytes} bytes")
             if conn.client_is_waiting_for_100_continue:
                 # (RFC 9110 10.1.1.) The head passed: ask for the body.  curl
                 # sends a body over 1 KiB only after this, or after waiting a
                 # second for it.
-                await wire.stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+                # With its reason phrase: h11 writes none unless given one
+                # ("HTTP/1.1 100 \r\n"), as for every response (_phrase).
+                await wire.stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[],
+                                                                                reason=_phrase(100))) or b"")
         limit = self.config.max_body_bytes
         too_large = HttpError(413, "PAYLOAD_TOO_LARGE", f"the body is over {limit} bytes")
         body = bytearray()
@@ -906,6 +1039,13 @@ class HttpServer:
         # (the CRLF that ends the last chunk, then) a chunk's size line.
         at_size = chunked
         chunks = 0
+        # The next Data begins a chunk (the body's first, or the one after a
+        # chunk's end).  Not h11's chunk_start: h11 sets it only when a
+        # chunk's size line and its first data are parsed in one go, so a
+        # chunk whose size line ended one feed (or one read) and its data
+        # began the next was not counted -- "1029 for 1030 bytes", and a
+        # client splitting every chunk so was never held to the rule.
+        chunk_next = True
         events = 0
         while True:
             events += 1
@@ -929,14 +1069,14 @@ class HttpServer:
                 body += ev.data
                 if len(body) > limit:
                     raise too_large
-                if ev.chunk_start:
+                if chunked and chunk_next:
                     chunks += 1
                     if chunks > MAX_SMALL_CHUNKS + len(body) // MIN_CHUNK_BYTES:
                         raise _Refusal(400, "BAD_REQUEST",
                                        f"the chunked body is in too many small chunks: {chunks} for {len(body)} bytes"
                                        f" (past {MAX_SMALL_CHUNKS} chunks they must average {MIN_CHUNK_BYTES} bytes"
                                        " or more): send larger chunks, or the body with a Content-Length", "malformed")
-                at_size = ev.chunk_end
+                at_size = chunk_next = ev.chunk_end
             elif isinstance(ev, h11.EndOfMessage):
                 break
             else:  # ConnectionClosed mid-body
