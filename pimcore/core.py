@@ -2470,7 +2470,10 @@ class Broker:
         c.waiting = rid
         self._ref_head(user)
         self._reads[rid] = _LoginRead(c.id, user, f.device, ident)
-        out.append(StoreRequest(rid, (LoadSession(user, f.device),), False))
+        # A cursor from an earlier epoch is checked against where that epoch
+        # ended in the store's history (SessionLoaded.foreign).
+        claim = (f.position, bytes(f.epoch)) if f.epoch and f.epoch != self.epoch and f.position > 0 else (0, b"")
+        out.append(StoreRequest(rid, (LoadSession(user, f.device, True, *claim),), False))
 
     def _activate(self, c: _Conn, ctx: _LoginRead, loaded: SessionLoaded, now: int, out: list[Command]) -> None:
         f = c.login
@@ -2510,8 +2513,12 @@ class Broker:
         # delivered (they would show only in history and unread counts).
         # A client that presents an epoch holds state of that history (seqs,
         # views, receipts) even at position 0: it too must be told.
+        # An epoch the store still trusts, but whose end it knows to be before
+        # the entry at the cursor (``loaded.foreign``): a restored hot copy
+        # knows the running epoch, and a device that took more entries in it
+        # after the copy claims positions new messages refilled.
         if f.epoch:
-            resync = f.epoch not in self._trusted_epochs or f.position > head
+            resync = f.epoch not in self._trusted_epochs or f.position > head or loaded.foreign
         else:
             resync = f.position > 0
         if resync:

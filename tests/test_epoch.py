@@ -186,6 +186,55 @@ def test_a_restored_cold_copy_does_not_trust_cursors_handed_out_after_it(tmp_pat
     restored.close()
 
 
+def test_a_restored_hot_copy_does_not_trust_cursors_that_moved_past_it(tmp_path, store_driver):
+    """A copy taken while the broker runs (``mdb_copy``, or the files between
+    two commits) knows the running epoch: a device that took more entries
+    in that epoch after the copy holds a cursor the restored store would
+    trust once new messages refilled its positions -- they were skipped,
+    acked and never delivered (a new user's trial).  The restored store
+    knows where that epoch ended in its own history (the highest server
+    time stored when the next open began it), and an entry at the cursor's
+    position stored after that is from another history: resynchronized."""
+    live, backup = tmp_path / "live", tmp_path / "backup"
+    s = LmdbStore(str(live))
+    h = Harness(s, driver=store_driver)
+    alice = h.login("alice", "phone")
+    bob = h.login("bob", "phone")
+    for i in range(2):
+        h.send(alice, AB, b"old%d" % i)
+    run_epoch = _ack(h, bob).epoch
+    assert len(h.drain_device(bob)) == 2
+    _crash_copy(live, backup)  # a hot backup: the broker runs on in the same epoch
+    for i in range(3):
+        h.send(alice, AB, b"lost%d" % i)
+    assert len(h.drain_device(bob)) == 3  # bob's cursor: 5, still run_epoch
+    s.close()
+
+    restored = LmdbStore(str(backup))  # disaster: the live store is gone
+    assert run_epoch in restored.epochs()
+    h = Harness(restored, driver=store_driver)
+    alice = h.login("alice", "tablet")
+    for i in range(3):  # positions 3..5 are refilled before bob is back
+        h.send(alice, AB, b"new%d" % i)
+    bob = h.login("bob", "phone", position=5, epoch=run_epoch)
+    ack = _ack(h, bob)
+    assert ack.resync
+    assert [m.payload for m in h.pushed(bob)] == [b"old0", b"old1", b"new0", b"new1", b"new2"]
+    # A cursor from before the copy is still good there, and so is one at
+    # the restored store's own end of that epoch.
+    for device, position in (("tablet", 1), ("laptop", 2)):
+        other = h.login("bob", device, position=position, epoch=run_epoch)
+        assert not _ack(h, other).resync, (device, position)
+    restored.close()
+
+    # The next open keeps what it knows of run_epoch's end: still refused.
+    again = LmdbStore(str(backup))
+    h = Harness(again, driver=store_driver)
+    bob = h.login("bob", "phone", position=4, epoch=run_epoch)
+    assert _ack(h, bob).resync
+    again.close()
+
+
 def _crash_copy(src: Path, dst: Path) -> None:
     """The files of an open environment as a crash would leave them (LMDB
     never tears a transaction; a copy taken between commits is what a

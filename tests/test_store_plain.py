@@ -233,8 +233,9 @@ def _dump(store: LmdbStore) -> dict:
         db = env.open_db(name.encode("ascii"))
         with env.begin(db=db) as txn:
             out[name] = list(txn.cursor())
-    # Each store draws its own epoch and node id when created.
-    out["meta"] = [(k, v) for k, v in out["meta"] if k not in (b"epoch", b"epochs", b"node")]
+    # Each store draws its own epoch and node id when created (and records
+    # where the last run's epoch ended when opened).
+    out["meta"] = [(k, v) for k, v in out["meta"] if k not in (b"epoch", b"epochs", b"closed", b"node")]
     return out
 
 

@@ -108,6 +108,9 @@ meta        ``b"schema"``                      U64 schema version (:data:`SCHEMA
 meta        ``b"hwm"``                         U64 highest server time ever stored
 meta        ``b"epoch"``                       16 random bytes: the current epoch
 meta        ``b"epochs"``                      every trusted epoch, 16 bytes each
+meta        ``b"closed"``                      per trusted epoch whose end was
+                                               recorded: epoch + U64 highest
+                                               server time stored then (Epochs)
 meta        ``b"osrun"``                       boot id + epoch of a ``durability="os"``
                                                run not closed cleanly (else absent)
 msgs        msg_id (16 bytes)                  message record (below)
@@ -209,6 +212,13 @@ a copy of the data directory made while the broker was stopped and later
 restored knows only the epochs up to the copy: cursors handed out after it
 carry an epoch the restored store never had, and those clients
 resynchronize, even if new messages have since refilled the same positions.
+A copy taken while a broker runs (``mdb_copy``, the files between two
+commits) knows that run's epoch too, and a device may have taken entries in
+it after the copy: so each owner open records where the last run's epoch
+ended in this history, the highest server time stored then (meta
+``b"closed"``, epoch -> U64, for the trusted epochs), and a cursor of an
+earlier epoch whose position holds an entry stored after that end is from
+another history (``LoadSession.claim``, ``SessionLoaded.foreign``).
 
 An epoch whose run may have lost acknowledged commits is struck off the
 list.  A ``durability="os"`` run writes the machine's boot id and its epoch
@@ -669,6 +679,13 @@ def _decode_record(msg_id: bytes, buf: bytes) -> StoredMessage:
         kind=kind,
         after_seq=after_seq,
     )
+
+
+def _unpack_closed(raw: Optional[bytes]) -> dict[bytes, int]:
+    """meta ``b"closed"``: epoch (16 bytes) -> the highest server time stored
+    when the next open began (U64), per trusted epoch (module docstring)."""
+    raw = bytes(raw or b"")
+    return {raw[i : i + 16]: _U64.unpack_from(raw, i + 16)[0] for i in range(0, len(raw) - 23, 24)}
 
 
 def _boot_id() -> Optional[bytes]:
@@ -1844,6 +1861,9 @@ class LmdbStore(Store):
         #: Why this handle may not write (a maintenance open of a store a
         #: ``log`` broker is running), or None.
         self._read_only: Optional[str] = None
+        #: Trusted epochs whose end this store recorded: epoch -> the highest
+        #: server time stored when the next open began (meta ``b"closed"``).
+        self._closed: dict[bytes, int] = {}
         #: close() has begun: nothing more is written (see close).
         self._closing = False
         #: Deferred commits (``log`` durability, :meth:`defer_commits`): the
@@ -1979,6 +1999,7 @@ class LmdbStore(Store):
         self._schema = version
         raw = txn.get(b"epochs", db=self._meta) or b""
         trusted = tuple(bytes(raw[i : i + 16]) for i in range(0, len(raw), 16))
+        self._closed = _unpack_closed(txn.get(b"closed", db=self._meta))
         return bytes(node), bytes(txn.get(b"epoch", db=self._meta) or b""), trusted
 
     # ------------------------------------------------------------ plumbing
@@ -2188,6 +2209,7 @@ class LmdbStore(Store):
         raw = txn.get(b"epochs", db=self._meta) or b""
         trusted = [bytes(raw[i : i + 16]) for i in range(0, len(raw), 16)]
         current = txn.get(b"epoch", db=self._meta)
+        self._closed = _unpack_closed(txn.get(b"closed", db=self._meta))
         if not self._owner and current is not None:
             # A maintenance open: the running broker's history and its os
             # mark are its own business (deleting the mark would hide a
@@ -2202,6 +2224,13 @@ class LmdbStore(Store):
                 # acknowledged may be gone, so its cursors are not trusted.
                 trusted = [e for e in trusted if e != mark_epoch]
             txn.delete(b"osrun", db=self._meta)
+        if current is not None and bytes(current) in trusted:
+            # The last run's epoch ends here, in this store's history: at the
+            # highest server time stored (module docstring, Epochs).
+            hwm = txn.get(b"hwm", db=self._meta)
+            self._closed[bytes(current)] = _U64.unpack(hwm)[0] if hwm is not None else 0
+        self._closed = {e: t for e, t in self._closed.items() if e in trusted}
+        txn.put(b"closed", b"".join(e + _U64.pack(t) for e, t in self._closed.items()), db=self._meta)
         epoch = os.urandom(16)
         trusted.append(epoch)
         txn.put(b"epoch", epoch, db=self._meta)
@@ -4031,7 +4060,15 @@ class LmdbStore(Store):
             last = last_visible(self._spans_in(txn, ck, user), self._last_seq(txn, ck))
             states.append(ConversationState(conv, marker, last, self._count_unread(txn, user, ck, marker), peer, peer_marker))
         states.sort(key=lambda st: st.conv)
-        return SessionLoaded(user, op.device, head, floor, position, tuple(states), self._revoked_in(txn, user, op.device))
+        foreign = False
+        end = self._closed.get(op.claim_epoch) if op.claim > 0 else None
+        if end is not None:
+            # Stored after the claimed epoch ended here: the client took it in
+            # another history (a restored hot copy, refilled).
+            raw = txn.get(uk + _U64.pack(op.claim), db=self._inbox)
+            foreign = raw is not None and _INBOX.unpack(raw)[1] > end
+        return SessionLoaded(user, op.device, head, floor, position, tuple(states),
+                             self._revoked_in(txn, user, op.device), foreign)
 
     def _revoked_in(self, txn: _Txn, user: str, device: str) -> int:
         uk = _t(user)
