@@ -158,6 +158,21 @@ def test_purge_a_direct_conversation(store: Store, mk: Maker) -> None:
     assert store.conversations("alice") == [AB]
 
 
+def test_purging_a_direct_conversation_keeps_its_read_markers(store: Store, mk: Maker) -> None:
+    """A purged 1:1 chat lives on (its seqs continue), so its read markers
+    stay, as after retention: deleting them moved bob's marker and alice's
+    receipt of it back to 0 while bob's connected devices kept theirs (a
+    new user's trial) -- read markers never move back."""
+    send(store, mk, 3)
+    mk.commit(store, MarkRead("bob", AB, 2), MarkRead("alice", AB, 3))
+    mk.commit(store, PurgeConversation(AB))
+    assert store.read_marker("bob", AB) == 2 and store.read_marker("alice", AB) == 3
+    [res] = mk.commit(store, mk(AB, "alice"))
+    assert isinstance(res, Appended) and res.seq == 4
+    assert store.read_marker("bob", AB) == 2 and store.unread("bob", AB) == 1
+    assert store.unread("alice", AB) == 0  # (her own message)
+
+
 def test_purge_user_removes_their_data_and_is_idempotent(store: Store, mk: Maker) -> None:
     store.create_group("team", ["alice", "bob", "carol"], 1)
     sent = send(store, mk, 2, "team", "bob") + send(store, mk, 2, AB, "bob")

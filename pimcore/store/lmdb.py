@@ -4284,10 +4284,14 @@ class LmdbStore(Store):
         ck = _t(op.conv)
         users = self._recipients_in(txn, ck)
         msgs, entries = self._trim(txn, ck, self._last_seq(txn, ck))
+        # A 1:1 chat lives on (its seqs continue): its read markers stay, as
+        # after retention -- they never move back (PurgeConversation).
+        keep_reads = is_direct(op.conv)
         for uk in users:
             for key, db in ((uk + ck, self._reads), (uk + ck, self._userconvs), (ck + uk, self._spans),
                             (ck + uk, self._members)):
-                txn.delete(key, db=db)
+                if not (keep_reads and db is self._reads):
+                    txn.delete(key, db=db)
         txn.delete(ck, db=self._groups)
         # Keep only the floor (= the last seq): seqs continue after it.
         self._put_retention(txn, ck, -1, -1, self._retention_in(txn, ck)[2])

@@ -99,6 +99,7 @@ from .base import (
     after_floor,
     retention_limits,
     direct_members,
+    is_direct,
     malformed,
     valid_conversation,
     valid_id,
@@ -693,8 +694,9 @@ class MemoryStore(Store):
         conv = op.conv
         users = self._recipients(conv)
         msgs, entries = self._trim(conv, self._conv_last.get(conv, 0))
+        keep_reads = is_direct(conv)  # (a 1:1 chat's markers stay: PurgeConversation)
         for user in users:
-            if (user, conv) in self._reads:
+            if (user, conv) in self._reads and not keep_reads:
                 self._del(self._reads, (user, conv))
             convs = self._userconv.get(user, {})
             if conv in convs:

@@ -189,6 +189,7 @@ from .base import (
     after_floor,
     retention_limits,
     direct_members,
+    is_direct,
     last_visible,
     last_message_floor,
     AMENDING,
@@ -1548,9 +1549,11 @@ class RedisStore(AsyncStore):
         ck = self._k_conv(conv)
         users = await self._recipients(tx, conv)
         msgs, entries = await self._trim(tx, conv, _int(await tx.get(ck, "last")))
+        keep_reads = is_direct(conv)  # (a 1:1 chat's markers stay: PurgeConversation)
         for user in users:
             uk = self._k_user(user)
-            tx.delete(uk, "rd:" + conv)
+            if not keep_reads:
+                tx.delete(uk, "rd:" + conv)
             tx.delete(uk, "cv:" + conv)
             tx.delete(ck, "sp:" + user)
         for f in ("grp", "hv", "mem", "ret"):
