@@ -217,10 +217,12 @@ class BoundedWebSocketConnection(WebSocketConnection):
     #: writes into messages of up to 8 KiB, WebSocketStream.MAX_MESSAGE) --
     #: the spirit of the HTTP listener's chunk rule.  1 KiB, not 64 bytes:
     #: 16 peers sending 64-byte messages (free at 64) took 92% of the
-    #: broker's core as one-byte ones did; at 1 KiB, 38%.  The JS SDK sends
-    #: a message a protocol frame (SendReqs of a few dozen bytes): up to 512
-    #: a second it never waits; at the broker's send_rate (2,000 a second)
-    #: it is slowed to ~512 after ~0.7 s (the burst).  MESSAGE_WAKE: a wait
+    #: broker's core as one-byte ones did; at 1 KiB, 38%.  The JS SDK sent
+    #: a message a protocol frame (SendReqs of a few dozen bytes): 8,000
+    #: sends at once were held to ~530 a second after ~2 s (13 s in all);
+    #: it now sends the frames of one tick as one message (153 messages,
+    #: 4 s: the broker's send_rate).  A client sending small messages one
+    #: at a time never waits below 512 a second.  MESSAGE_WAKE: a wait
     #: per token (a timer and a task switch every 2 ms a peer) was as dear
     #: as the messages (16 waiting peers: 53% of a core, 32% waking for 32).
     MESSAGE_RATE = 512.0
