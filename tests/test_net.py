@@ -3131,9 +3131,9 @@ async def test_a_websocket_message_in_tiny_fragments_is_refused_before_login(lmd
 
 
 @asynccontextmanager
-async def _logged_in_ws(lmdb_store) -> AsyncIterator[tuple[Any, Decoder]]:
+async def _logged_in_ws(lmdb_store) -> AsyncIterator[tuple[Any, Decoder, BrokerServer]]:
     """A raw WebSocket (trio-websocket's client) logged in as alice on a
-    ws:// broker, and the decoder of what it receives."""
+    ws:// broker, the decoder of what it receives, and the broker."""
     from trio_websocket import open_websocket_url
 
     async with serving(lmdb_store, server_config(Endpoint("ws", path="/im"))) as srv:
@@ -3142,7 +3142,7 @@ async def _logged_in_ws(lmdb_store) -> AsyncIterator[tuple[Any, Decoder]]:
             decoder = Decoder()
             decoder.feed(await ws.get_message())
             assert isinstance(decoder.next_frame(), F.LoginAck)
-            yield ws, decoder
+            yield ws, decoder, srv
 
 
 async def _ws_send_ack(ws: Any, decoder: Decoder) -> F.SendAck:
@@ -3167,7 +3167,7 @@ async def test_tiny_fragments_are_refused_after_login_and_fragments_of_1_kib_are
     client that splits a message into 1 KiB frames (other WebSocket
     libraries do) is served as before."""
     with trio.fail_after(20):
-        async with _logged_in_ws(lmdb_store) as (ws, decoder):
+        async with _logged_in_ws(lmdb_store) as (ws, decoder, _):
             # A 5 KB SendReq in 1 KiB frames and a short last one, written
             # past the client's WebSocket (it sends one frame a message).
             data = encode_frame(F.SendReq(1, AB, 1, b"p" * 5000))
@@ -3225,6 +3225,8 @@ async def test_the_websocket_reader_yields_between_many_small_frames():
             request = await wrap_server_websocket(nursery, server_side, max_message_size=1 << 16)
             ws = await request.accept()
             ws.logged_in = True  # (no pre-login count: that would end it at 128)
+            # (nor a wait for message tokens: its sleeps would be steps too)
+            ws.MESSAGE_BURST = ws._message_tokens = float(frames + 1)
             head = b""
             while b"\r\n\r\n" not in head:
                 head += await client_side.receive_some()
@@ -3249,12 +3251,56 @@ async def test_a_logged_in_peers_pings_and_pongs_are_capped(lmdb_store, opcode):
     long as it went on.  They draw on a bucket of 64, refilled at 16 a
     second; past it, Close 1008.  A few (a library's keep-alive) are fine."""
     with trio.fail_after(20):
-        async with _logged_in_ws(lmdb_store) as (ws, decoder):
+        async with _logged_in_ws(lmdb_store) as (ws, decoder, _):
             await ws._stream.send_all(_ws_frame(opcode, True, b"k") * 8)  # keep-alives: taken
             await ws.send_message(encode_frame(F.SendReq(1, AB, 1, b"after a few")))
             assert (await _ws_send_ack(ws, decoder)).code == 0
             await ws._stream.send_all(_ws_frame(opcode, True, b"") * 1000)
             assert "Pings and Pongs over 16 a second" in await _ws_closed_1008(ws)
+
+
+async def test_a_logged_in_peers_tiny_websocket_messages_are_paid_for_the_reader_waits(lmdb_store):
+    """After the login a peer could send its bytes as unlimited one-byte
+    messages: each costs a parse, an event, a channel hop and a read of the
+    core's, and 16 such peers moved an honest WebSocket client's send p50
+    from ~2 ms to ~16 ms (a new user's trial).  Each data frame now draws a
+    token of a bucket (MESSAGE_BURST, refilled at MESSAGE_RATE a second and
+    by one per MESSAGE_BYTES of payload); empty, the reader waits for the
+    next token -- no Close: TCP pushes back on the peer.  Counted, in trio
+    time: the frames handled by any moment are at most the bucket's burst,
+    its refill since the flood began and the payload's credit; the
+    connection is still open after and its SendReq is answered."""
+    from pimcore.net.streams import BoundedWebSocketConnection as B
+
+    # A SendReq's 3,000 bytes, each its own whole binary message (7 bytes
+    # on the wire): protocol bytes, as a flooder's must be to stay on.
+    sent = encode_frame(F.SendReq(1, AB, 1, b"p" * 2980))
+    n = len(sent)
+    with trio.fail_after(60):
+        async with _logged_in_ws(lmdb_store) as (ws, decoder, srv):
+            [peer] = srv._peers.values()
+            conn = peer.stream.ws
+            assert isinstance(conn, B) and conn.data_frames == 0
+            start = trio.current_time()  # (its bucket is full: nothing drawn since the login)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ws._stream.send_all, b"".join(_ws_frame(0x2, True, sent[i : i + 1]) for i in range(n)))
+                samples = 0
+                while True:
+                    handled, elapsed = conn.data_frames, trio.current_time() - start
+                    # (the count read before the clock: the bound is looser, never wrong)
+                    bound = B.MESSAGE_BURST + B.MESSAGE_RATE * elapsed + handled / B.MESSAGE_BYTES + 2
+                    assert handled <= bound, (handled, round(elapsed, 3), round(bound))
+                    samples += 1
+                    if handled >= n:
+                        break
+                    await trio.sleep(0.05)
+            assert samples > 1 and conn.data_frames_waited > 0
+            f = await _ws_send_ack(ws, decoder)  # the one-byte messages' SendReq
+            assert f.code == 0 and f.seq == 1, f
+            await ws.send_message(encode_frame(F.SendReq(2, AB, 2, b"after the flood")))  # one message
+            f = await _ws_send_ack(ws, decoder)
+            assert f.code == 0 and f.seq == 2, f
+            assert ws.closed is None and conn.data_frames == n + 1
 
 
 async def test_an_empty_websocket_message_is_no_end_of_stream(lmdb_store):

@@ -177,6 +177,12 @@ class BoundedWebSocketConnection(WebSocketConnection):
       unasked Pongs cost a parse each as fragments do.  The next: Close 1008.
     * Logged in, a peer's Pings and Pongs draw on a token bucket
       (CONTROL_BURST, refilled at CONTROL_RATE a second): past it, Close 1008.
+    * Logged in, its data frames draw on another (MESSAGE_BURST, refilled at
+      MESSAGE_RATE a second and by one per MESSAGE_BYTES of payload): past
+      it the reader waits for tokens -- no Close, the peer is slowed (in a
+      new user's trial 16 peers sending their bytes as one-byte messages
+      moved an honest client's send p50 from ~2 ms to ~16 ms, then the
+      broker worked through their backlog for minutes).
     * The reader checkpoints every YIELD_EVERY frames it handles (a logged-in
       peer's many tiny messages yield to the others regularly).
 
@@ -200,6 +206,29 @@ class BoundedWebSocketConnection(WebSocketConnection):
     #: Ping a Pong written back.  Past it: Close 1008.
     CONTROL_RATE = 16.0
     CONTROL_BURST = 64.0
+    #: A logged-in peer's data frames (a message is usually one): each draws
+    #: a token of a bucket of MESSAGE_BURST, refilled at MESSAGE_RATE a
+    #: second and by one per MESSAGE_BYTES of payload received.  Empty, the
+    #: reader waits until MESSAGE_WAKE tokens are due (no Close: the peer is
+    #: slowed, TCP pushes back on it, and what is held is one read and a
+    #: message).  A frame costs a parse, an event, a channel hop and a read
+    #: of the core's whatever its size; a message of MESSAGE_BYTES pays for
+    #: itself, so bulk traffic is never held (the Python SDK coalesces its
+    #: writes into messages of up to 8 KiB, WebSocketStream.MAX_MESSAGE) --
+    #: the spirit of the HTTP listener's chunk rule.  1 KiB, not 64 bytes:
+    #: 16 peers sending 64-byte messages (free at 64) took 92% of the
+    #: broker's core as one-byte ones did; at 1 KiB, 38%.  The JS SDK sent
+    #: a message a protocol frame (SendReqs of a few dozen bytes): 8,000
+    #: sends at once were held to ~530 a second after ~2 s (13 s in all);
+    #: it now sends the frames of one tick as one message (153 messages,
+    #: 4 s: the broker's send_rate).  A client sending small messages one
+    #: at a time never waits below 512 a second.  MESSAGE_WAKE: a wait
+    #: per token (a timer and a task switch every 2 ms a peer) was as dear
+    #: as the messages (16 waiting peers: 53% of a core, 32% waking for 32).
+    MESSAGE_RATE = 512.0
+    MESSAGE_BURST = 1024.0
+    MESSAGE_BYTES = 1024
+    MESSAGE_WAKE = 32.0
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -210,6 +239,12 @@ class BoundedWebSocketConnection(WebSocketConnection):
         self._unyielded = 0  # frames handled since the reader's last checkpoint here
         self._control_tokens = self.CONTROL_BURST  # (after the login: Pings and Pongs)
         self._control_at = 0.0
+        #: Data frames handled since the login (a message is usually one),
+        #: and the times the reader waited for tokens (the bucket empty).
+        self.data_frames = 0
+        self.data_frames_waited = 0
+        self._message_tokens = self.MESSAGE_BURST  # (full at the login: nothing drawn before it)
+        self._message_at = 0.0  # (0: refilled to the burst at the first draw, whatever the clock)
 
     async def _frame_done(self) -> None:
         if not self.logged_in:
@@ -238,8 +273,33 @@ class BoundedWebSocketConnection(WebSocketConnection):
             size, self._frame_bytes = self._frame_bytes, 0
             if not event.message_finished and size < self.MIN_FRAGMENT:
                 self._refuse(f"a message fragmented into frames under {self.MIN_FRAGMENT} bytes ({size}), not its last")
+            if self.logged_in:
+                self.data_frames += 1
+                await self._pay_for_data_frame(size)
             await self._frame_done()
         await super()._handle_message_event(event)
+
+    async def _pay_for_data_frame(self, size: int) -> None:
+        """A logged-in peer's data frame of ``size`` payload bytes: one token
+        of its bucket, waited for when there is none.  Waiting here, in the
+        reader task, reads nothing more of the peer: what wsproto holds is
+        one read (4 KiB), the kernel's buffers fill, TCP pushes back on the
+        peer.  (The messages already queued for the core still flow: the
+        wait is the reader's alone.)"""
+        now = trio.current_time()
+        tokens = min(self.MESSAGE_BURST, self._message_tokens + (now - self._message_at) * self.MESSAGE_RATE
+                     + size / self.MESSAGE_BYTES)
+        if tokens < 1.0:
+            # Empty: wait until MESSAGE_WAKE tokens are due (62 ms at 512 a
+            # second), then take that many frames without a wait (the reader
+            # still yields every YIELD_EVERY frames).
+            self.data_frames_waited += 1
+            await trio.sleep((self.MESSAGE_WAKE - tokens) / self.MESSAGE_RATE)
+            later = trio.current_time()
+            tokens = min(self.MESSAGE_BURST, tokens + (later - now) * self.MESSAGE_RATE)
+            now = later
+        self._message_tokens = tokens - 1.0
+        self._message_at = now
 
     def _control_frame(self) -> None:
         """A Ping or Pong of a logged-in peer: one token of its bucket

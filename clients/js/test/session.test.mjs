@@ -111,6 +111,7 @@ test('a backward step of the device clock does not stall the timers: a silent li
   const t = await handTicked({ ackTimeout: 5000 });
   const { c, ws, disc } = t;
   t.clock += H; c._tick();
+  await null; // (the frames of one tick go out together, in a microtask: _queueOut)
   assert.equal(ws.of('Ping').length, 1, 'a Ping after one interval of silence');
   t.clock -= 3600_000_000; // NTP or the user steps the clock back an hour; the broker stays silent
   let session = 0; // session time since the step
@@ -222,50 +223,78 @@ test("a RATE_LIMITED hold is the time the bucket needs to refill the next window
   await sleep(0);
   try {
   let seen = 0;
-  const fresh = () => { const all = ws.of('SendReq'); const out = all.slice(seen).map((f) => f.local_id); seen = all.length; return out; };
+  // (async: the frames of one tick go out together, in a microtask: _queueOut)
+  const fresh = async () => { await null; const all = ws.of('SendReq'); const out = all.slice(seen).map((f) => f.local_id); seen = all.length; return out; };
   const answer = (lid, code, seq = 0) => ws.deliver(frame('SendAck', { local_id: lid, code, msg_id: new Uint8Array(code ? 0 : 16), seq, server_time: 0 }));
   const t0 = clock;
   const sends = Array.from({ length: 40 }, (_, i) => c.send('d:u:v', `m${i}`));
-  const lids = fresh();
+  const lids = await fresh();
   assert.equal(lids.length, 8);
   // The bucket takes 8 in 20 ms (400/s), then refuses the next window whole.
   clock = t0 + 10 * MS;
   lids.forEach((lid, i) => answer(lid, 0, i + 1));
-  const second = fresh();
+  const second = await fresh();
   assert.equal(second.length, 8);
   clock = t0 + 20 * MS;
   for (const lid of second) answer(lid, ErrorCode.RATE_LIMITED);
   assert.equal(c.stats.congestionEvents, 1, 'one window, one event');
   assert.equal(c.sendWindow, 4, 'halved once');
   // Held until the bucket holds the next window: 4 / (400/s) = 10 ms, not backoffInitial (jittered).
-  const holdFor = (ms, n, what) => {
+  const holdFor = async (ms, n, what) => {
     const at = clock;
     clock = at + ms * MS - 1; c._tick();
-    assert.deepEqual(fresh(), [], `${what}: still held just before ${ms} ms`);
+    assert.deepEqual(await fresh(), [], `${what}: still held just before ${ms} ms`);
     clock = at + ms * MS; c._tick();
-    const out = fresh();
+    const out = await fresh();
     assert.equal(out.length, n, `${what}: ${n} sent at ${ms} ms`);
     return out;
   };
-  let out = holdFor(10, 4, 'the first event');
+  let out = await holdFor(10, 4, 'the first event');
   assert.deepEqual(out, second.slice(0, 4), 'the refused ones first, in order');
   // Windows refused whole: the rate was too high, the hold doubles -- while the window halves (same 10 ms here).
   for (const lid of out) answer(lid, ErrorCode.RATE_LIMITED);
   assert.equal(c.stats.congestionEvents, 2);
-  out = holdFor(10, 2, 'a window refused whole (2 / 400/s x 2)');
+  out = await holdFor(10, 2, 'a window refused whole (2 / 400/s x 2)');
   for (const lid of out) answer(lid, ErrorCode.RATE_LIMITED);
-  out = holdFor(10, 1, 'again (1 / 400/s x 4)');
+  out = await holdFor(10, 1, 'again (1 / 400/s x 4)');
   assert.equal(c.sendWindow, 1);
   // One answered: no more doubling; the rate is measured again since the last event (1 answer in 15 ms: 1/15 per ms).
   clock += 5 * MS;
   answer(out[0], 0, 9);
-  out = fresh();
+  out = await fresh();
   assert.equal(out.length, 2, '+1 per answer');
   for (const lid of out) answer(lid, ErrorCode.RATE_LIMITED);
   assert.equal(c.stats.congestionEvents, 4);
-  holdFor(15, 1, 'after an answer: 1 / (1/15 ms), not doubled');
+  await holdFor(15, 1, 'after an answer: 1 / (1/15 ms), not doubled');
   assert.equal(sends.length, 40);
   } finally { await c.close(); }
+});
+
+test('the frames of one tick go out as one WebSocket message of up to 8 KiB, a larger frame alone', async () => {
+  // The broker pays for a logged-in peer's WebSocket messages from a bucket
+  // (512 a second past a burst of 1,024; a KiB of payload pays for one, as
+  // each costs it a parse and a hop whatever its size): 8,000 sends at once,
+  // a message each, were held to ~530 a second; the frames of a tick
+  // together, 153 messages in 4 s (the broker's send_rate).
+  const c = make();
+  const p = c.connect();
+  await sleep(5);
+  const ws = FakeWS.all.at(-1);
+  assert.equal(ws.sent.length, 1, 'the Login and the CalibrateReq in one message');
+  assert.deepEqual(ws.frames.map((f) => f.name), ['Login', 'CalibrateReq']);
+  const cal = ws.of('CalibrateReq')[0];
+  ws.deliver(loginAck({ window: 16 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await p;
+  await sleep(5);
+  const sent = ws.sent.length;
+  for (let i = 0; i < 3; i++) c.send('d:u:v', `m${i}`).catch(() => {});
+  c.send('d:u:v', new Uint8Array(9000)).catch(() => {}); // a frame over 8 KiB: a message of its own
+  c.send('d:u:v', 'after').catch(() => {});
+  await sleep(0);
+  assert.equal(ws.of('SendReq').length, 5);
+  assert.deepEqual(ws.sent.slice(sent).map((m) => m.length > 8192), [false, true, false], 'three small, one big, the next');
+  await c.close();
+  assert.equal(ws.of('Close').length, 1, 'the Close of close() goes out before the socket is closed');
 });
 
 test('send timeout', async () => {
@@ -404,6 +433,7 @@ test('a push frame longer than an interval on the wire keeps the link', async ()
   const { c, ws, disc } = t;
   const got = []; c.on('message', (m) => got.push(m.seq));
   t.clock += H; c._tick();
+  await null; // (the frames of one tick go out together, in a microtask: _queueOut)
   const [ping] = ws.of('Ping');
   assert.ok(ping, 'a Ping after an interval');
   const big = encodeFrame(frame('Push', { position: 1, messages: [{ position: 1, msg_id: Uint8Array.of(1), conv: 'd:u:v', seq: 1, sender: 'v', device: 'x', client_time: 1, server_time: t.clock - 60_000_000, payload: new Uint8Array(50_000), kind: 0, local_id: 1, after_seq: 0, target: 0, edited: 0, recalled: false, deleted: false }] }));

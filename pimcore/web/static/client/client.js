@@ -122,6 +122,10 @@ const utf8 = new TextEncoder();
 export const PRE_LOGIN_MAX_FRAME = 64 * 1024;
 /** The widest epoch a Login carries: a pimcore broker's LoginAck.epoch is 16 bytes. */
 const EPOCH_BYTES = 16;
+// Bytes of frames one WebSocket message carries at most when frames of one
+// tick are sent together (_queueOut): the broker's WebSocketStream.MAX_MESSAGE,
+// well under its limit on a message before the login (64 KiB).
+const OUT_MESSAGE = 8 * 1024;
 const U64_MAX = (1n << 64n) - 1n;
 
 /** A ConnectFailed for a URL the client cannot dial (not ws:// or wss://, or no URL), else null. */
@@ -346,6 +350,7 @@ export class PimcoreClient {
     this.presence = new Map(); // user -> {user, state, last_seen} (UNKNOWN while disconnected)
     this.hideLastSeen = null; // this user's setting, once the broker told it
     this._ws = null;
+    this._out = null; // {ws, parts, size}: frames of this tick not yet sent (_queueOut)
     this._attempt = 0;
     this._quick = false; // the last dial was an immediate redial after a clean close
     this._reconnectTimer = null;
@@ -527,6 +532,7 @@ export class PimcoreClient {
     const ws = this._ws;
     this._ws = null;
     if (ws) {
+      this._flushOut(); // (a Close or PushAck queued in this tick goes out before the socket's close)
       ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
       if (this.state !== State.CLOSED) { try { ws.close(); } catch { /* already closing */ } }
     }
@@ -630,10 +636,42 @@ export class PimcoreClient {
         && !(maxFrame > 0 && 2 + body.length + deflateGrowth(body.length) > maxFrame)) {
       bytes = frameBytes(f.type, this._deflate(body), 1);
     } else bytes = frameBytes(f.type, body);
-    ws.send(bytes);
+    this._queueOut(ws, bytes);
     this._lastSent = this._sessionNow();
     this.stats.framesOut++;
     return true;
+  }
+
+  // The frames of one tick go out as one WebSocket message (up to OUT_MESSAGE
+  // bytes; a larger frame alone): the broker pays for a logged-in peer's
+  // messages from a bucket (512 a second past a burst of 1,024, PROTOCOL.md),
+  // as each costs it a parse and a hop whatever its size, and a window of
+  // SendReqs refilled by one message of SendAcks is one message, not dozens.
+  // A frame alone in its tick is a message of its own, as before.
+  _queueOut(ws, bytes) {
+    const out = this._out;
+    if (out && out.ws === ws && out.size + bytes.length <= OUT_MESSAGE) {
+      out.parts.push(bytes);
+      out.size += bytes.length;
+      return;
+    }
+    this._flushOut(); // (another socket's, or full: what came before goes first)
+    this._out = { ws, parts: [bytes], size: bytes.length };
+    queueMicrotask(() => this._flushOut());
+  }
+
+  _flushOut() {
+    const out = this._out;
+    if (!out) return;
+    this._out = null;
+    if (out.ws.readyState !== 1) return; // (closed since: lost with it, as a frame sent just before would be)
+    let data = out.parts[0];
+    if (out.parts.length > 1) {
+      data = new Uint8Array(out.size);
+      let at = 0;
+      for (const p of out.parts) { data.set(p, at); at += p.length; }
+    }
+    out.ws.send(data);
   }
 
   _receive(data) {
