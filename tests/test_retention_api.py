@@ -143,7 +143,7 @@ async def test_purged_conversation_is_gone_for_members_online_and_offline(tmp_pa
                     await alice.send("team", b"anyone?")
                 await alice.send(AB, b"after")
             # Idempotent.
-            assert await im.purge_conversation("team") == Purged(0, 0)
+            assert await im.purge_conversation("team") == Purged(0, 0, last_seq=3)
             with pytest.raises(RequestRefused) as refused:
                 await im.purge_conversation("a b")
             assert refused.value.code is ErrorCode.BAD_REQUEST
