@@ -323,3 +323,29 @@ def test_a_conversation_whose_every_message_expired(store: Store, mk: Maker) -> 
     [page] = store.read([ReadConversations("bob", conv=AB)])
     assert page.entries[0].last is not None and page.entries[0].last.seq == 4
     assert page.entries[0].unread == 1
+
+
+def test_online_devices_get_their_read_state_after_a_trim_and_a_purge_over_every_store(store: Store) -> None:
+    # The core's refresh (tests/test_core.py) over each store: what Expired
+    # names and Purged.last_seq say, and the reads after them, agree with
+    # what the store counts.
+    from _harness import Harness
+    from pimcore import frames as F
+    from pimcore.core import BrokerConfig
+
+    h = Harness(store, driver="inline")
+    a, b = h.login("alice", "phone"), h.login("bob", "phone")
+    for i in range(30):
+        h.send(a, AB, b"m%d" % i)
+    h.drain_device(b)
+    h.feed(b, F.Read(AB, 5))
+    h.take(b)
+    h.host_call(h.broker.set_retention, AB, -1, 10)
+    for _ in range(2):
+        h.advance(BrokerConfig().reclaim_interval + 1)
+    assert store.unread("bob", AB) == 10
+    assert [s.entries for s in h.take(b, F.ReadStates)] == [(F.ReadState(AB, 5, 30, 10),)]
+    h.host_call(h.broker.purge_conversation, AB)
+    assert [s.entries for s in h.take(b, F.ReadStates)] == [(F.ReadState(AB, 5, 30, 0),)]
+    h.send(a, AB, b"after")
+    assert [m.seq for m in h.drain_device(b)] == [31] and store.unread("bob", AB) == 1
