@@ -3400,7 +3400,8 @@ class Broker:
         state, unbounded for a large group; its devices keep their count
         until their next ReadState (PROTOCOL.md, "Retention and purge").
         Bounded per commit: an Expire names at most EXPIRED_IDS
-        conversations (store/base.py), so at most two reads each."""
+        conversations (store/base.py), so at most two _FloorReads each
+        (one per user online here), each of at most _FLOOR_TRIES reads."""
         pair = direct_members(conv)
         if pair is None:
             return
