@@ -118,6 +118,7 @@ from .store.base import (
     SetPresencePrivacy,
     PresencePrivacySet,
     Expire,
+    Expired,
     PurgeConversation,
     PurgeUser,
     Purged,
@@ -876,6 +877,34 @@ class _ConvUpdateRead:
         self.conv = conv
 
 
+class _FloorRead:
+    """The read state of (user, conv) after a commit moved the history floor
+    of ``conv`` (retention or a purge), for the user's devices online here
+    (Broker._refresh_floor; no connection waits for it).  ``purged``: the
+    conversation's last seq after a PurgeConversation (nothing stored is
+    unread; the read is the user's marker, ReadReaders), -1 after an
+    Expire (the list entry, ReadConversations).  ``gen``: the conversation's
+    count in Broker._floor_watch when asked; ``tries``: reads asked so far."""
+
+    __slots__ = ("conn", "user", "conv", "purged", "listed", "gen", "tries")
+
+    def __init__(self, user: str, conv: str, purged: int) -> None:
+        self.conn = -1
+        self.user = user
+        self.conv = conv
+        self.purged = purged
+        self.listed = purged < 0  # read the list entry (else the marker alone)
+        self.gen = 0
+        self.tries = 0
+
+
+#: Reads one _FloorRead asks at most: it reads again while commits touching
+#: its conversation land meanwhile (its answer could be older than what the
+#: devices were pushed since); past this the devices keep what they count
+#: until their next ReadState (a Read of theirs, a login).
+_FLOOR_TRIES = 4
+
+
 class _ConvSetCtx:
     __slots__ = ("conn", "req_id", "conv")
 
@@ -923,6 +952,7 @@ class _PresenceRead:
 #: Every kind of read a core request waits for (Broker._reads).
 _AnyRead = Union[
     "_LoginRead", "_InboxRead", "_HistoryRead", "_ReadersRead", _ConvListRead, _ConvUpdateRead, _TypingRead, _PresenceRead,
+    _FloorRead,
 ]
 
 
@@ -1220,6 +1250,10 @@ class Broker:
         # hint from another node at or below it is stale and ignored
         # (markers never move back).
         self._marks: dict[str, dict[str, int]] = {}
+        # conv -> [commits that touched it, _FloorReads in flight] while any
+        # is (Broker._refresh_floor): an answer read before such a commit
+        # is read again.
+        self._floor_watch: dict[str, list[int]] = {}
         # Positions acked by devices whose AckPosition is not durable yet: a
         # quick re-login must resume from here, not from the older stored one.
         self._acks_unsaved: dict[tuple[str, str], int] = {}
@@ -1620,6 +1654,16 @@ class Broker:
         # NewMessage, and before the pushes.
         acks: dict[int, list[F.SendAck]] = {}
         ops, n, i = batch.ops, len(batch.ops), 0
+        watch = self._floor_watch
+        if watch:
+            # Only while a _FloorRead is out (after retention or a purge):
+            # what this batch changed in its conversation makes an answer
+            # read before it stale (before the loop: reads this batch sets
+            # off are asked after it).
+            for op in ops:
+                entry = watch.get(getattr(op, "conv", ""))
+                if entry is not None:
+                    entry[0] += 1
         finish_sends = _impl.finish_sends
         while i < n:
             op = ops[i]
@@ -1677,12 +1721,16 @@ class Broker:
                 elif isinstance(res, Purged):
                     if isinstance(op, PurgeConversation):
                         self._sizes.pop(op.conv, None)
+                        self._refresh_floor(op.conv, res.last_seq, out)
                     for change in res.changes:  # a purged user's LEFT entries
                         self._note_size(change.conv, len(change.members))
                         self._finish_admin(change, to_pump)
                 out.append(AdminDone(ctx.ref, res))
             elif kind is Reclaim and isinstance(res, Reclaimed):
                 self._stats["reclaimed_entries"] += res.entries
+            elif kind is Expire and isinstance(res, Expired):
+                for conv in res.convs:
+                    self._refresh_floor(conv, -1, out)
             # Acked / Touched need no reaction: the in-memory session already
             # moved; the store only makes it survive a restart.
         if acks:
@@ -1787,6 +1835,8 @@ class Broker:
             self._resume(c, now, out)  # frames pipelined after the Login
         elif type(ctx) is _ConvListRead or type(ctx) is _ConvUpdateRead:
             self._conv_read_done(ctx, res, now, out)  # type: ignore[arg-type]
+        elif type(ctx) is _FloorRead:
+            self._floor_read_done(ctx, res, out)
         elif type(ctx) is _ReadersRead:
             c = self._conns.get(ctx.conn)
             if c is None:
@@ -2236,10 +2286,12 @@ class Broker:
 
     def purge_conversation(self, conv: str, now: int, *, ref: int = 0) -> list[Command]:
         """Control plane: delete every stored entry of ``conv`` and, for a
-        group, the group (:class:`PurgeConversation`; idempotent).  Connected
-        members are not told (their next history read starts after the
-        purged seqs; a group answers UNKNOWN_CONVERSATION).  :class:`AdminDone`
-        with ``ref`` carries Purged or Rejected."""
+        group, the group (:class:`PurgeConversation`; idempotent).  The
+        devices of a 1:1 chat's users online here are sent their read state
+        (unread 0: _refresh_floor); a group's members are not told (their
+        next history read starts after the purged seqs; a group answers
+        UNKNOWN_CONVERSATION).  :class:`AdminDone` with ``ref`` carries
+        Purged or Rejected."""
         return self._admin(PurgeConversation(conv), ref, now)
 
     def purge_user(self, user: str, now: int, *, ref: int = 0) -> list[Command]:
@@ -3334,6 +3386,83 @@ class Broker:
         if pair is not None:
             peer = pair[1] if pair[0] == res.user else pair[0]
             self._send_receipt(peer, res.conv, res.user, res.read_seq, False, out)
+
+    def _refresh_floor(self, conv: str, purged: int, out: list[Command]) -> None:
+        """A commit moved the history floor of ``conv`` (retention; a purge:
+        ``purged`` its last seq, else -1): the unread count each device of
+        its users holds may count messages that are gone, and no frame
+        says so (a Push only adds).  Each user online here gets the store's
+        read state (ReadStates, read after the commit) on every device;
+        users offline get the exact one at login.
+
+        1:1 chats only: their two users are known from the id.  A group's
+        members are not known to the core without a read of every member's
+        state, unbounded for a large group; its devices keep their count
+        until their next ReadState (PROTOCOL.md, "Retention and purge").
+        Bounded per commit: an Expire names at most EXPIRED_IDS
+        conversations (store/base.py), so at most two _FloorReads each
+        (one per user online here), each of at most _FLOOR_TRIES reads."""
+        pair = direct_members(conv)
+        if pair is None:
+            return
+        for user in dict.fromkeys(pair):
+            if user in self._online:
+                ctx = _FloorRead(user, conv, purged)
+                entry = self._floor_watch.setdefault(conv, [0, 0])
+                entry[1] += 1
+                self._floor_request(ctx, entry, out)
+
+    def _floor_request(self, ctx: _FloorRead, entry: list[int], out: list[Command]) -> None:
+        ctx.gen = entry[0]
+        ctx.tries += 1
+        rid = self._request_id()
+        self._reads[rid] = ctx
+        # After a purge the user's list entry is gone until a new message
+        # (ReadConversations answers NOT_MEMBER): the marker is read alone
+        # (ReadReaders of a 1:1 chat: both users' markers).
+        op = ReadConversations(ctx.user, conv=ctx.conv) if ctx.listed else ReadReaders(ctx.conv, ctx.user)
+        out.append(StoreRequest(rid, (op,), False))
+
+    def _floor_read_done(self, ctx: _FloorRead, res: Optional[Result], out: list[Command]) -> None:
+        entry = self._floor_watch[ctx.conv]
+        stale = entry[0] != ctx.gen
+        if res is not None and ctx.tries < _FLOOR_TRIES:
+            if stale:
+                # A commit touched the conversation while this read was out
+                # (its pushes may be on the devices already): read again,
+                # the list entry (after a purge a message may have brought
+                # it back; if not, it is NOT_MEMBER, below).
+                ctx.listed = True
+                self._floor_request(ctx, entry, out)
+                return
+            if ctx.listed and ctx.purged >= 0 and isinstance(res, ConversationsPage) and res.code is ErrorCode.NOT_MEMBER:
+                ctx.listed = False  # still purged, nothing since: the marker alone
+                self._floor_request(ctx, entry, out)
+                return
+        entry[1] -= 1
+        if not entry[1]:
+            del self._floor_watch[ctx.conv]
+        if stale:
+            return  # still stale after _FLOOR_TRIES reads: better nothing than an older count
+        conv_entry: Optional[ConversationEntry] = None
+        if isinstance(res, ConversationsPage) and res.code is ErrorCode.OK and res.entries:
+            conv_entry = res.entries[0]
+            read_seq, last_seq, unread = conv_entry.read_seq, conv_entry.last_seq, conv_entry.unread
+        elif isinstance(res, ReadersPage) and res.code is ErrorCode.OK:
+            read_seq = next((seq for user, seq in res.readers if user == ctx.user), 0)
+            last_seq, unread = ctx.purged, 0  # nothing stored is unread
+        else:
+            return  # failed or refused: the next ReadState (a Read, a login) is exact
+        if self._marks.get(ctx.user, {}).get(ctx.conv, -1) > read_seq:
+            return  # a newer marker went out since, with its own exact count: never move back
+        if not self._mark_seen(ctx.user, ctx.conv, read_seq, False):
+            return  # no device of the user online here any more
+        state = F.ReadStates((F.ReadState(ctx.conv, read_seq, last_seq, unread),))
+        update = F.ConvUpdate((_to_conv_entry(conv_entry),)) if conv_entry is not None else None
+        for dev in self._online.get(ctx.user, {}).values():
+            self._send(dev.conn, state, out)
+            if update is not None:  # the conversation list's entry agrees
+                self._send(dev.conn, update, out)
 
     def _mark_seen(self, user: str, key: str, seq: int, hint: bool) -> bool:
         """Record that ``user``'s devices here are sent ``seq`` for ``key``

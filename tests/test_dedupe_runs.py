@@ -447,7 +447,7 @@ def test_retention_of_a_message_whose_entry_is_gone_keeps_the_entry_of_its_succe
         assert [type(r) for r in res] == [Appended] * 4
         assert dk() + _U64.pack(4) + _U64.pack(1) in dict(dedupe_records(store))
         store.commit(WriteBatch(4, (SetRetention(AB, -1, 4),)))
-        assert store.commit(WriteBatch(5, (Expire(clock.tick()),))) == (Expired(1, 4, 4),)  # the tombstones
+        assert store.commit(WriteBatch(5, (Expire(clock.tick()),))) == (Expired(1, 4, 4, (AB,)),)  # the tombstones
         assert all(store.deduped("al", "ph", n) for n in range(1, 5))
         got = store.commit(WriteBatch(6, tuple(retry(clock, op) for op in again)))
         assert list(got) == [Duplicate(r.msg_id, r.seq, r.server_time) for r in res]  # type: ignore[union-attr]

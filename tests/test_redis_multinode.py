@@ -870,12 +870,12 @@ async def test_expire_on_one_node_never_removes_a_message_another_node_is_still_
 
     with trio.fail_after(60):
         async with _admin_during_a_fan_out(redis_cluster, Expire(10_000_000, max_age=1)) as (s2, res, sent):
-            assert res == Expired(1, 1, 2), res  # seq 1 only: seq 2 was still being fanned out
+            assert res == Expired(1, 1, 2, (direct_conversation("alice", "bob"),)), res  # seq 1 only: seq 2 was still being fanned out
             assert isinstance(sent, Appended) and sent.seq == 2
             for user in ("alice", "bob"):
                 assert [m.seq for _, m in await s2.inbox_range(user, 0, 10)] == [2], user
             (res,) = await s2.execute(StoreRequest(4, (Expire(10_000_000, max_age=1),), True))
-            assert res == Expired(1, 1, 2), res
+            assert res == Expired(1, 1, 2, (direct_conversation("alice", "bob"),)), res
             for user in ("alice", "bob"):
                 assert await s2.inbox_range(user, 0, 10) == [], user
 

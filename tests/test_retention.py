@@ -49,7 +49,7 @@ def test_count_retention_removes_a_prefix_with_its_inbox_entries_and_dedupe(stor
     assert mk.commit(store, SetRetention(AB, -1, 3)) == (RetentionSet(AB, -1, 3),)
     assert store.retention(AB).floor == 0  # applied by the next Expire only
     [res] = mk.commit(store, Expire(mk.time))
-    assert res == Expired(1, 7, 14)  # 7 messages, in alice's and bob's inbox
+    assert res == Expired(1, 7, 14, (AB,))  # 7 messages, in alice's and bob's inbox
     assert seqs(store.history(AB, 0, 100)) == [8, 9, 10]
     assert seqs(store.history(AB, 0, 100, backward=True)) == [10, 9, 8]
     assert seqs(store.history(AB, 2, 2)) == [8, 9]
@@ -68,7 +68,7 @@ def test_count_retention_removes_a_prefix_with_its_inbox_entries_and_dedupe(stor
     assert isinstance(fresh, Appended) and fresh.seq == 11  # its original is gone: a new message
     assert store.unread("bob", AB) == 4
     # Idempotent: nothing more to remove.
-    assert mk.commit(store, Expire(mk.time)) == (Expired(1, 1, 2),)  # 11 messages -> keep 3
+    assert mk.commit(store, Expire(mk.time)) == (Expired(1, 1, 2, (AB,)),)  # 11 messages -> keep 3
     assert mk.commit(store, Expire(mk.time)) == (Expired(0, 0, 0),)
 
 
@@ -80,14 +80,14 @@ def test_age_retention_from_the_broker_default_and_per_conversation_overrides(st
     send(store, mk, 2, "team")
     assert mk.commit(store, SetRetention("team", 0, -1)) == (RetentionSet("team", 0, -1),)  # kept for ever
     [res] = mk.commit(store, Expire(mk.time, DAY // 2, 0))
-    assert res == Expired(1, 3, 6)
+    assert res == Expired(1, 3, 6, (AB,))
     assert seqs(store.history(AB, 0, 100)) == [4, 5]
     assert seqs(store.history("team", 0, 100)) == [1, 2, 3, 4, 5]
     assert not store.deduped("alice", "phone", old[0].local_id)
     # Back to the default: the group's old messages go too.
     mk.commit(store, SetRetention("team", -1, -1))
     assert store.retention("team") == RetentionState("team", -1, -1, 0)
-    assert mk.commit(store, Expire(mk.time, DAY // 2, 0)) == (Expired(1, 3, 6),)
+    assert mk.commit(store, Expire(mk.time, DAY // 2, 0)) == (Expired(1, 3, 6, ("team",)),)
     assert seqs(store.history("team", 0, 100)) == [4, 5]
     # The history a member reads (ReadHistory) starts after the floor too.
     [page] = store.read([ReadHistory("team", "bob", 0, 10, True)])
@@ -130,7 +130,7 @@ def test_purge_conversation_deletes_a_group_and_is_idempotent(store: Store, mk: 
     send(store, mk, 1)
     mk.commit(store, MarkRead("bob", "team", 2), SetRetention("team", 0, 50))
     [res] = mk.commit(store, PurgeConversation("team"))
-    assert res == Purged(3, 6)
+    assert res == Purged(3, 6, last_seq=3)
     assert not store.conversation_exists("team")
     assert store.members("team") == ()
     assert store.conversations("bob") == [AB]
@@ -139,7 +139,7 @@ def test_purge_conversation_deletes_a_group_and_is_idempotent(store: Store, mk: 
     assert not store.deduped("alice", "phone", ops[0].local_id)
     assert store.retention("team") == RetentionState("team", -1, -1, 3)
     assert store.history("team", 0, 10) == []
-    assert mk.commit(store, PurgeConversation("team")) == (Purged(0, 0),)
+    assert mk.commit(store, PurgeConversation("team")) == (Purged(0, 0, last_seq=3),)
     assert mk.commit(store, PurgeConversation("never")) == (Purged(0, 0),)
     # Created again, its seqs continue after the purged ones.
     store.create_group("team", ["carol", "bob"], mk.time)
@@ -150,7 +150,7 @@ def test_purge_conversation_deletes_a_group_and_is_idempotent(store: Store, mk: 
 
 def test_purge_a_direct_conversation(store: Store, mk: Maker) -> None:
     send(store, mk, 3)
-    assert mk.commit(store, PurgeConversation(AB)) == (Purged(3, 6),)
+    assert mk.commit(store, PurgeConversation(AB)) == (Purged(3, 6, last_seq=3),)
     assert store.conversation_exists(AB)  # a direct id always exists
     assert store.conversations("alice") == [] and store.history(AB, 0, 10) == []
     [res] = mk.commit(store, mk(AB, "bob"))
@@ -212,8 +212,34 @@ def test_expire_still_visits_a_conversation_whose_users_were_all_purged(store: S
     send(store, mk, 4)
     mk.commit(store, PurgeUser("alice", mk.time), PurgeUser("bob", mk.time))
     assert store.conversations("alice") == store.conversations("bob") == []
-    assert mk.commit(store, Expire(mk.time, 0, 1)) == (Expired(1, 3, 0),)
+    assert mk.commit(store, Expire(mk.time, 0, 1)) == (Expired(1, 3, 0, (AB,)),)
     assert seqs(store.history(AB, 0, 10)) == [4]
+
+
+def test_expired_names_the_conversations_whose_floor_moved_up_to_a_bound(
+    store: Store, mk: Maker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The core sends the online devices of these conversations' users their
+    # exact read state (core.py): a commit hands back a bounded list, and
+    # the count says how many more there were.
+    import pimcore.store.lmdb
+    import pimcore.store.memory
+    import pimcore.store.redis
+
+    for module in (pimcore.store.memory, pimcore.store.lmdb, pimcore.store.redis):
+        monkeypatch.setattr(module, "EXPIRED_IDS", 2)
+    for conv in ("g3", "g1", "g2"):
+        store.create_group(conv, ["alice", "bob"], 1)
+        send(store, mk, 2, conv)
+    send(store, mk, 1)  # one message: nothing to trim
+    [res] = mk.commit(store, Expire(mk.time, 0, 1))
+    assert (res.conversations, res.messages, res.entries) == (3, 3, 6)
+    assert len(res.convs) == 2 and set(res.convs) < {"g1", "g2", "g3"} and list(res.convs) == sorted(res.convs)
+    for module in (pimcore.store.memory, pimcore.store.lmdb, pimcore.store.redis):
+        monkeypatch.setattr(module, "EXPIRED_IDS", 256)
+    send(store, mk, 2, "g2")
+    send(store, mk, 2)
+    assert mk.commit(store, Expire(mk.time, 0, 1)) == (Expired(2, 4, 8, (AB, "g2")),)
 
 
 def test_reclaim_walks_over_holes_whatever_max_age(store: Store, mk: Maker) -> None:
@@ -297,3 +323,29 @@ def test_a_conversation_whose_every_message_expired(store: Store, mk: Maker) -> 
     [page] = store.read([ReadConversations("bob", conv=AB)])
     assert page.entries[0].last is not None and page.entries[0].last.seq == 4
     assert page.entries[0].unread == 1
+
+
+def test_online_devices_get_their_read_state_after_a_trim_and_a_purge_over_every_store(store: Store) -> None:
+    # The core's refresh (tests/test_core.py) over each store: what Expired
+    # names and Purged.last_seq say, and the reads after them, agree with
+    # what the store counts.
+    from _harness import Harness
+    from pimcore import frames as F
+    from pimcore.core import BrokerConfig
+
+    h = Harness(store, driver="inline")
+    a, b = h.login("alice", "phone"), h.login("bob", "phone")
+    for i in range(30):
+        h.send(a, AB, b"m%d" % i)
+    h.drain_device(b)
+    h.feed(b, F.Read(AB, 5))
+    h.take(b)
+    h.host_call(h.broker.set_retention, AB, -1, 10)
+    for _ in range(2):
+        h.advance(BrokerConfig().reclaim_interval + 1)
+    assert store.unread("bob", AB) == 10
+    assert [s.entries for s in h.take(b, F.ReadStates)] == [(F.ReadState(AB, 5, 30, 10),)]
+    h.host_call(h.broker.purge_conversation, AB)
+    assert [s.entries for s in h.take(b, F.ReadStates)] == [(F.ReadState(AB, 5, 30, 0),)]
+    h.send(a, AB, b"after")
+    assert [m.seq for m in h.drain_device(b)] == [31] and store.unread("bob", AB) == 1

@@ -143,7 +143,7 @@ async def test_purged_conversation_is_gone_for_members_online_and_offline(tmp_pa
                     await alice.send("team", b"anyone?")
                 await alice.send(AB, b"after")
             # Idempotent.
-            assert await im.purge_conversation("team") == Purged(0, 0)
+            assert await im.purge_conversation("team") == Purged(0, 0, last_seq=3)
             with pytest.raises(RequestRefused) as refused:
                 await im.purge_conversation("a b")
             assert refused.value.code is ErrorCode.BAD_REQUEST
@@ -155,6 +155,48 @@ async def test_purged_conversation_is_gone_for_members_online_and_offline(tmp_pa
             # The id can be created again; seqs continue after the purged ones.
             await im.create_group("team", ["bob"])
             assert (await im.post("team", b"fresh")).seq == 4
+
+
+async def until_unread(client: Any, conv: str, unread: int) -> None:
+    """Until the SDK's read state of ``conv`` counts ``unread`` (5 s at most,
+    then the assertion shows what it counts)."""
+    with trio.move_on_after(5):
+        while client.read_state(conv).unread != unread:
+            await trio.sleep(0.01)
+    assert client.read_state(conv).unread == unread
+
+
+async def test_a_connected_device_gets_the_brokers_unread_count_after_retention_and_a_purge(tmp_path: Path) -> None:
+    # A new user's trial: bob's connected SDK kept read_state().unread at 30
+    # after retention kept 10, and at 31 after a purge and one more message,
+    # while the broker (HTTP unread, conversation list, a fresh login) said
+    # 10 and 1, until his next confirmed mark-as-read or reconnect.
+    async def http_unread(c: Any) -> int:
+        status, body = await call(c, "GET", f"/v1/users/bob/unread?conv={AB}")
+        assert status == 200
+        return body["unread"]
+
+    with trio.fail_after(30):
+        async with api(tmp_path, **FAST_RECLAIM) as (im, h, c):
+            async with open_client(im.urls[0], token("bob"), "phone", config=FAST_CLIENT) as bob:
+                for i in range(30):
+                    await im.post(AB, b"m%d" % i, sender="alice", device="web")
+                await take(bob, 30)
+                await until_unread(bob, AB, 30)
+                assert await call(c, "PUT", f"/v1/conversations/{AB}/retention", {"max_count": 10}) == (
+                    200, {"conv": AB, "max_age": None, "max_count": 10, "floor": 0})
+                await wait_floor(im, AB, 20)
+                assert await http_unread(c) == 10
+                await until_unread(bob, AB, 10)  # it stayed at 30
+                assert bob.read_state(AB) == F.ReadState(AB, 0, 30, 10)
+                assert await call(c, "DELETE", f"/v1/conversations/{AB}") == (
+                    200, {"conv": AB, "messages": 10, "entries": 20})
+                assert await http_unread(c) == 0
+                await until_unread(bob, AB, 0)
+                await im.post(AB, b"after", sender="alice", device="web")
+                [m] = await take(bob, 1)
+                assert m.seq == 31 and await http_unread(c) == 1
+                assert bob.read_state(AB) == F.ReadState(AB, 0, 31, 1)  # it was 31
 
 
 async def test_purge_user_closes_sessions_leaves_groups_and_deletes_their_data(tmp_path: Path) -> None:

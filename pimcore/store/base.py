@@ -170,6 +170,7 @@ __all__ = [
     "PurgeUser",
     "ReadRetention",
     "RetentionSet",
+    "EXPIRED_IDS",
     "Expired",
     "Purged",
     "RetentionState",
@@ -1256,11 +1257,23 @@ class RetentionState:
     floor: int
 
 
+#: The most conversation ids one :class:`Expired` names.  An Expire may
+#: trim every conversation of the store; the ids are for the core to refresh
+#: the read states of online devices (core.py, _refresh_floors), so they are
+#: bounded like everything a commit hands back.  Past it, ``conversations``
+#: says how many more moved (their devices heal at their next ReadState).
+EXPIRED_IDS = 256
+
+
 @dataclass(frozen=True, slots=True)
 class Expired:
     conversations: int  # whose floor moved
     messages: int  # entries removed from conversations
     entries: int  # inbox entries removed with them
+    #: The ids of the conversations whose floor moved, sorted: all of them
+    #: up to EXPIRED_IDS (past it, which EXPIRED_IDS is the store's choice:
+    #: the first it walked); len(convs) < conversations says there were more.
+    convs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -1270,6 +1283,10 @@ class Purged:
     devices: int = 0  # devices forgotten (PurgeUser)
     #: PurgeUser: the user's removal from each group (LEFT entries to push).
     changes: tuple["GroupChanged", ...] = ()
+    #: PurgeConversation: the conversation's last seq, now its history
+    #: floor (0 if it never had an entry).  The read state its online
+    #: members' devices are sent: nothing stored is unread (core.py).
+    last_seq: int = 0
 
 
 Result = Union[

@@ -337,6 +337,7 @@ from .base import (
     Touched,
     WriteBatch,
     Expire,
+    EXPIRED_IDS,
     Expired,
     PurgeConversation,
     PurgeUser,
@@ -4256,6 +4257,7 @@ class LmdbStore(Store):
         else:  # only conversations with a setting of their own
             cks = [ck for ck, v in txn.cursor(self._retention) if _RETENTION.unpack(v)[:2] != (-1, -1)]
         convs = msgs = entries = 0
+        ids: list[str] = []
         for ck in cks:
             own_age, own_count, floor = self._retention_in(txn, ck)
             age, count = retention_limits((own_age, own_count), op.max_age, op.max_count)
@@ -4276,14 +4278,17 @@ class LmdbStore(Store):
             if upto > floor:
                 n, e = self._trim(txn, ck, upto)
                 convs, msgs, entries = convs + 1, msgs + n, entries + e
-        return Expired(convs, msgs, entries)
+                if len(ids) < EXPIRED_IDS:
+                    ids.append(ck[1:].decode("ascii"))  # (a length-prefixed id: _t)
+        return Expired(convs, msgs, entries, tuple(sorted(ids)))
 
     def _purge_conversation(self, w: _Batch, op: PurgeConversation) -> Result:
         w.sync()
         txn = w.txn
         ck = _t(op.conv)
         users = self._recipients_in(txn, ck)
-        msgs, entries = self._trim(txn, ck, self._last_seq(txn, ck))
+        last = self._last_seq(txn, ck)
+        msgs, entries = self._trim(txn, ck, last)
         # A 1:1 chat lives on (its seqs continue): its read markers stay, as
         # after retention -- they never move back (PurgeConversation).
         keep_reads = is_direct(op.conv)
@@ -4296,7 +4301,7 @@ class LmdbStore(Store):
         # Keep only the floor (= the last seq): seqs continue after it.
         self._put_retention(txn, ck, -1, -1, self._retention_in(txn, ck)[2])
         self._forget_convs(w)
-        return Purged(msgs, entries)
+        return Purged(msgs, entries, last_seq=last)
 
     def _purge_user(self, w: _Batch, op: PurgeUser) -> Result:
         w.sync()

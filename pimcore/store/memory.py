@@ -88,6 +88,7 @@ from .base import (
     Touched,
     WriteBatch,
     Expire,
+    EXPIRED_IDS,
     Expired,
     PurgeConversation,
     PurgeUser,
@@ -674,6 +675,7 @@ class MemoryStore(Store):
         if not self._retention and not (op.max_age or op.max_count):
             return Expired(0, 0, 0)
         convs = msgs = entries = 0
+        ids: list[str] = []
         for conv, last in list(self._conv_last.items()):
             age, count = retention_limits(self._retention.get(conv, (-1, -1)), op.max_age, op.max_count)
             if not (age or count):
@@ -688,12 +690,15 @@ class MemoryStore(Store):
             if upto > floor:
                 n, e = self._trim(conv, upto)
                 convs, msgs, entries = convs + 1, msgs + n, entries + e
-        return Expired(convs, msgs, entries)
+                if len(ids) < EXPIRED_IDS:
+                    ids.append(conv)
+        return Expired(convs, msgs, entries, tuple(sorted(ids)))
 
     def _purge_conversation(self, op: PurgeConversation) -> Result:
         conv = op.conv
         users = self._recipients(conv)
-        msgs, entries = self._trim(conv, self._conv_last.get(conv, 0))
+        last = self._conv_last.get(conv, 0)
+        msgs, entries = self._trim(conv, last)
         keep_reads = is_direct(conv)  # (a 1:1 chat's markers stay: PurgeConversation)
         for user in users:
             if (user, conv) in self._reads and not keep_reads:
@@ -706,7 +711,7 @@ class MemoryStore(Store):
         for table in (self._groups, self._visible, self._members, self._retention):
             if conv in table:
                 self._del(table, conv)
-        return Purged(msgs, entries)
+        return Purged(msgs, entries, last_seq=last)
 
     def _purge_user(self, op: PurgeUser) -> Result:
         user = op.user

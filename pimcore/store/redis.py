@@ -178,6 +178,7 @@ from .base import (
     TouchDevice,
     Touched,
     Expire,
+    EXPIRED_IDS,
     Expired,
     PurgeConversation,
     PurgeUser,
@@ -1516,6 +1517,7 @@ class RedisStore(AsyncStore):
         if op.max_age or op.max_count:
             convs.update(await tx.getall(self._convs))
         n_convs = msgs = entries = 0
+        ids: list[str] = []
         for conv in sorted(convs):
             ck = self._k_conv(conv)
             ret, hf, last_b = await tx.mget(ck, ["ret", "hf", "last"])
@@ -1542,13 +1544,16 @@ class RedisStore(AsyncStore):
             if upto > floor:
                 n, e = await self._trim(tx, conv, upto)
                 n_convs, msgs, entries = n_convs + 1, msgs + n, entries + e
-        return Expired(n_convs, msgs, entries)
+                if len(ids) < EXPIRED_IDS:
+                    ids.append(conv)
+        return Expired(n_convs, msgs, entries, tuple(sorted(ids)))
 
     async def _purge_conversation(self, tx: _Tx, op: PurgeConversation) -> Result:
         conv = op.conv
         ck = self._k_conv(conv)
         users = await self._recipients(tx, conv)
-        msgs, entries = await self._trim(tx, conv, _int(await tx.get(ck, "last")))
+        last = _int(await tx.get(ck, "last"))
+        msgs, entries = await self._trim(tx, conv, last)
         keep_reads = is_direct(conv)  # (a 1:1 chat's markers stay: PurgeConversation)
         for user in users:
             uk = self._k_user(user)
@@ -1559,7 +1564,7 @@ class RedisStore(AsyncStore):
         for f in ("grp", "hv", "mem", "ret"):
             tx.delete(ck, f)
         tx.delete(self._rets, conv)
-        return Purged(msgs, entries)
+        return Purged(msgs, entries, last_seq=last)
 
     async def _purge_user(self, tx: _Tx, op: PurgeUser) -> Result:
         user = op.user
