@@ -87,7 +87,7 @@ def _node_test(env: dict[str, str], *files: str) -> str:
 # Every clients/js/test/*.test.mjs but browser.test.mjs (test_web_demo_in_chromium).
 NODE_SUITE = ("test/codec.test.mjs", "test/order.test.mjs", "test/session.test.mjs", "test/client.test.mjs",
               "test/interop.test.mjs", "test/typing.test.mjs", "test/amend.test.mjs", "test/conversations.test.mjs",
-              "test/review.test.mjs", "test/newuser.test.mjs", "test/refusals.test.mjs")
+              "test/review.test.mjs", "test/newuser.test.mjs", "test/refusals.test.mjs", "test/retention.test.mjs")
 
 
 def test_every_node_test_file_is_run() -> None:
