@@ -89,6 +89,13 @@ CALIBRATION_RTT_FACTOR = 4
 CALIBRATION_RTT_FLOOR = 100_000
 
 #: Disconnected.reason when frames kept coming but the heartbeat Ping got no Pong.
+#: SendReqs on the wire at once right after a reconnect that followed a
+#: link lost with sends unanswered (see ClientSession._end_connection): TCP's
+#: window after a retransmission timeout (RFC 5681 section 3.1: the loss
+#: window, then slow start), here the size of TCP's initial window (RFC 5681
+#: section 3.1 allows up to 4 segments) -- one window of 1 would take a
+#: round trip per send for the first few round trips of every reconnect.
+LOSS_WINDOW = 4
 NO_HEARTBEAT_ANSWER = "no answer to the heartbeat Ping, though the broker kept sending: it does not hear us (dead link)"
 
 __all__ = [
@@ -869,7 +876,13 @@ class ClientSession:
         # Congestion window: sends on the wire at once, <= LoginAck.window.
         # Halved once per congestion event, +1 per answered send (AIMD), and
         # kept across reconnects so a rate-limited client does not burst again.
+        # A link lost with sends on it restarts it at LOSS_WINDOW (TCP's
+        # retransmission timeout, RFC 5681 section 3.1) with _ssthresh at
+        # half the sends that were on the wire: +1 per answer below _ssthresh
+        # (slow start: doubled per round trip), +1/_cwnd at or above it
+        # (congestion avoidance: +1 per window of answers, RFC 5681 eq. 3).
         self._cwnd = float(1 << 16)
+        self._ssthresh = float("inf")  # no loss yet: slow start up to LoginAck.window
         # Congestion events, TCP's way: a window's refusals all answer the
         # same burst, so they are ONE event (one halving, one hold), as TCP
         # reduces its window once per round trip however many segments of it
@@ -1181,6 +1194,19 @@ class ClientSession:
         self._decoder = None
         self._compress = None
         self._held = []
+        if self._inflight and code is None:
+            # Lost (EOF, reset, dead link: not the broker's Close) with sends
+            # unanswered on it: TCP's retransmission timeout (RFC 5681
+            # section 3.1) -- ssthresh = max(FlightSize / 2, 2), the window
+            # back to the loss window, then slow start.  Without it every
+            # reconnect wrote the whole window again (256 SendReqs), to be
+            # cut again on a link that drops every few KiB (35x the sends in
+            # a trial).  Unanswered sends go again oldest first (the broker
+            # wants a device's sends in local-id order, PROTOCOL.md section 6).
+            # Nothing in flight (idle, or held offline): no sign of loss, the
+            # window stays.
+            self._ssthresh = max(len(self._inflight) / 2, 2.0)
+            self._cwnd = min(self._cwnd, float(self._window), float(LOSS_WINDOW))
         self._inflight.clear()
         for p in self._pending.values():
             p.sent_at = None
@@ -2006,7 +2032,10 @@ class ClientSession:
         if p.tx > self._recover:
             # Additive increase -- for what was sent after the last event
             # only: answers to the refused window do not undo its halving.
-            self._cwnd = min(float(self._window), self._cwnd + 1.0)
+            # Past a link loss's threshold, +1 per window (RFC 5681 section
+            # 3.1, congestion avoidance) rather than per answer.
+            cwnd = min(self._cwnd, float(self._window))
+            self._cwnd = min(float(self._window), cwnd + (1.0 if cwnd < self._ssthresh else 1.0 / cwnd))
         self._fill_window()
 
     def _on_refusal(self, p: _Pending, code: ErrorCode) -> None:

@@ -677,6 +677,65 @@ def test_aimd_grows_the_window_by_one_per_answer_up_to_the_login_window():
     assert s.send_window == 8  # never above LoginAck.window
 
 
+def test_a_link_lost_with_sends_in_flight_restarts_the_window_small_like_tcp_after_a_timeout():
+    # A trial on a link reset every few KiB: each reconnect wrote the whole
+    # window (256) again, 35x the sends.  The loss is TCP's retransmission
+    # timeout (RFC 5681 section 3.1): ssthresh = max(flight / 2, 2), the
+    # window restarts small (LOSS_WINDOW), slow start (+1 per answer) up to
+    # ssthresh, then +1 per window of answers.
+    s = session()
+    b = connect(s, T0, ack_frame(window=256))
+    lids = [s.send(CONV, b"%d" % i, T0) for i in range(800)]
+    assert len(b.read()) == 256 and s.send_window == 256
+    s.connection_lost(T0 + S)
+    b = connect(s, T0 + 2 * S, ack_frame(window=256))
+    first = [f.local_id for f in b.read()]  # type: ignore[attr-defined]
+    assert first == lids[:4]  # the loss window, oldest first (PROTOCOL.md section 6)
+    assert s.send_window == 4 and s.statistics().in_flight == 4
+    seq, t, out = 0, T0 + 3 * S, first
+    for expect in (8, 16, 32, 64, 128):  # slow start: doubled per round trip
+        for lid in out:
+            b.feed(t, ok(lid, seq := seq + 1))
+        out = [f.local_id for f in b.read()]  # type: ignore[attr-defined]
+        assert s.send_window == expect and len(out) == expect
+        assert out == lids[seq:seq + expect]  # in local-id order
+    for lid in out:  # at ssthresh (256 / 2): +1/cwnd per answer, about one per window
+        b.feed(t, ok(lid, seq := seq + 1))
+    out = [f.local_id for f in b.read()]  # type: ignore[attr-defined]
+    assert len(out) == 128 and s.send_window == 128  # 128 + 1/128 + 1/128.008 + ... just under 129
+    for lid in out:
+        b.feed(t, ok(lid, seq := seq + 1))
+    assert s.send_window == 129
+
+
+def test_a_link_lost_with_nothing_in_flight_keeps_the_window():
+    # Nothing unanswered: nothing says the path lost anything, the window
+    # stays (so does a session whose sends wait offline, not on the wire).
+    s = session()
+    b = connect(s, T0, ack_frame(window=64))
+    lids = [s.send(CONV, b"%d" % i, T0) for i in range(64)]
+    assert len(b.read()) == 64
+    for i, lid in enumerate(lids):
+        b.feed(T0 + 1, ok(lid, i + 1))
+    s.connection_lost(T0 + S)
+    more = [s.send(CONV, b"x%d" % i, T0 + 2 * S) for i in range(100)]
+    b = connect(s, T0 + 3 * S, ack_frame(window=64))
+    assert [f.local_id for f in b.read()] == more[:64]  # type: ignore[attr-defined]
+    assert s.send_window == 64
+
+
+def test_a_broker_close_with_sends_in_flight_keeps_the_window():
+    # The broker's Close (a restart, a drain) is its decision, not a loss on
+    # the path: the sends go again at the window in use.
+    s = session()
+    b = connect(s, T0, ack_frame(window=32))
+    lids = [s.send(CONV, b"%d" % i, T0) for i in range(32)]
+    assert len(b.read()) == 32
+    b.feed(T0 + 1, F.Close(CloseCode.SHUTDOWN, "restarting"))
+    b = connect(s, T0 + S, ack_frame(window=32))
+    assert [f.local_id for f in b.read()] == lids  # type: ignore[attr-defined]
+
+
 def test_a_send_times_out_even_while_disconnected():
     s = session()
     lid = s.send(CONV, b"void", T0, timeout=3 * S)

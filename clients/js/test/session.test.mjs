@@ -270,6 +270,63 @@ test("a RATE_LIMITED hold is the time the bucket needs to refill the next window
   } finally { await c.close(); }
 });
 
+test("a link lost with sends in flight restarts the window small (TCP after a timeout, RFC 5681 3.1), then slow start; a clean cut keeps it (the Python SDK's rule)", async () => {
+  // A trial on a link reset every few KiB: each reconnect wrote the whole
+  // window (256) again and the sender barely progressed.
+  const c = make({ backoffInitial: 1 });
+  const ack = loginAck({ window: 256 });
+  const p = c.connect();
+  await sleep(5);
+  let ws = FakeWS.all.at(-1);
+  let cal = ws.of('CalibrateReq')[0];
+  ws.deliver(ack, frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await p;
+  await sleep(0);
+  const sends = Array.from({ length: 600 }, (_, i) => c.send('d:u:v', `m${i}`));
+  sends.forEach((s) => s.catch(() => {}));
+  await sleep(0);
+  const lids = ws.of('SendReq').map((f) => f.local_id);
+  assert.equal(lids.length, 256);
+  assert.equal(c.sendWindow, 256);
+  ws.drop();
+  await sleep(30);
+  ws = FakeWS.all.at(-1);
+  cal = ws.of('CalibrateReq')[0];
+  ws.deliver(ack, frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await sleep(5);
+  let seen = 0;
+  const fresh = async () => { await null; const all = ws.of('SendReq'); const out = all.slice(seen).map((f) => f.local_id); seen = all.length; return out; };
+  let out = await fresh();
+  assert.deepEqual(out, lids.slice(0, 4), 'the loss window, oldest first (PROTOCOL.md section 6)');
+  assert.equal(c.sendWindow, 4);
+  let seq = 0;
+  const answer = (lid) => ws.deliver(frame('SendAck', { local_id: lid, code: 0, msg_id: new Uint8Array(16), seq: ++seq, server_time: 9 }));
+  for (const expect of [8, 16, 32, 64, 128]) { // slow start: doubled per round trip, up to ssthresh = 256 / 2
+    out.forEach(answer);
+    out = await fresh();
+    assert.equal(c.sendWindow, expect);
+    assert.equal(out.length, expect);
+    assert.ok(out.every((lid, i) => i === 0 || lid > out[i - 1]), 'in local-id order');
+  }
+  out.forEach(answer); // at ssthresh: +1/cwnd per answer, about one per window
+  out = await fresh();
+  assert.equal(c.sendWindow, 128);
+  out.forEach(answer);
+  assert.equal(c.sendWindow, 129);
+  // Everything answered, then a cut: nothing was lost on the wire, the window stays.
+  while ((out = await fresh()).length) out.forEach(answer);
+  assert.equal(c.pendingSends().length, 0);
+  const w = c.sendWindow;
+  ws.drop();
+  await sleep(30);
+  ws = FakeWS.all.at(-1);
+  cal = ws.of('CalibrateReq')[0];
+  ws.deliver(ack, frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await sleep(5);
+  assert.equal(c.sendWindow, w, 'a clean cut keeps the window');
+  await c.close();
+});
+
 test('the frames of one tick go out as one WebSocket message of up to 8 KiB, a larger frame alone', async () => {
   // The broker pays for a logged-in peer's WebSocket messages from a bucket
   // (512 a second past a burst of 1,024; a KiB of payload pays for one, as
