@@ -88,7 +88,6 @@ _ANSWERS = frozenset({F.LoginAck, F.CalibrateResp, F.Pong, F.SendAck, F.HistoryR
 CALIBRATION_RTT_FACTOR = 4
 CALIBRATION_RTT_FLOOR = 100_000
 
-#: Disconnected.reason when frames kept coming but the heartbeat Ping got no Pong.
 #: SendReqs on the wire at once right after a reconnect that followed a
 #: link lost with sends unanswered (see ClientSession._end_connection): TCP's
 #: window after a retransmission timeout (RFC 5681 section 3.1: the loss
@@ -96,6 +95,7 @@ CALIBRATION_RTT_FLOOR = 100_000
 #: section 3.1 allows up to 4 segments) -- one window of 1 would take a
 #: round trip per send for the first few round trips of every reconnect.
 LOSS_WINDOW = 4
+#: Disconnected.reason when frames kept coming but the heartbeat Ping got no Pong.
 NO_HEARTBEAT_ANSWER = "no answer to the heartbeat Ping, though the broker kept sending: it does not hear us (dead link)"
 
 __all__ = [
