@@ -147,16 +147,23 @@ def test_every_open_takes_a_new_epoch_and_trusts_the_earlier_ones(tmp_path):
     assert len(set(seen)) == 3
 
 
-def test_a_restored_cold_copy_does_not_trust_cursors_handed_out_after_it(tmp_path, store_driver):
-    live, backup = tmp_path / "live", tmp_path / "backup"
-    s = LmdbStore(str(live))
-    h = Harness(s, driver=store_driver)
+def _bob_took_two(path: Path, driver: str) -> tuple[LmdbStore, Harness, int, int, bytes]:
+    """A store at ``path`` where alice sent bob two messages his phone took:
+    (store, harness, alice's conn, bob's conn, the epoch of bob's cursor)."""
+    s = LmdbStore(str(path))
+    h = Harness(s, driver=driver)
     alice = h.login("alice", "phone")
     bob = h.login("bob", "phone")
     for i in range(2):
         h.send(alice, AB, b"old%d" % i)
-    old_epoch = _ack(h, bob).epoch
+    epoch = _ack(h, bob).epoch
     assert len(h.drain_device(bob)) == 2
+    return s, h, alice, bob, epoch
+
+
+def test_a_restored_cold_copy_does_not_trust_cursors_handed_out_after_it(tmp_path, store_driver):
+    live, backup = tmp_path / "live", tmp_path / "backup"
+    s, h, alice, bob, old_epoch = _bob_took_two(live, store_driver)
     s.close()
     shutil.copytree(live, backup)  # a cold backup: the broker is stopped
 
@@ -196,14 +203,7 @@ def test_a_restored_hot_copy_does_not_trust_cursors_that_moved_past_it(tmp_path,
     time stored when the next open began it), and an entry at the cursor's
     position stored after that is from another history: resynchronized."""
     live, backup = tmp_path / "live", tmp_path / "backup"
-    s = LmdbStore(str(live))
-    h = Harness(s, driver=store_driver)
-    alice = h.login("alice", "phone")
-    bob = h.login("bob", "phone")
-    for i in range(2):
-        h.send(alice, AB, b"old%d" % i)
-    run_epoch = _ack(h, bob).epoch
-    assert len(h.drain_device(bob)) == 2
+    s, h, alice, bob, run_epoch = _bob_took_two(live, store_driver)
     _crash_copy(live, backup)  # a hot backup: the broker runs on in the same epoch
     for i in range(3):
         h.send(alice, AB, b"lost%d" % i)

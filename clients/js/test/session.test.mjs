@@ -275,11 +275,16 @@ test("a link lost with sends in flight restarts the window small (TCP after a ti
   // window (256) again and the sender barely progressed.
   const c = make({ backoffInitial: 1 });
   const ack = loginAck({ window: 256 });
+  let ws;
+  // The socket of the newest dial gets its LoginAck and calibration.
+  const login = async () => {
+    await sleep(5);
+    ws = FakeWS.all.at(-1);
+    const cal = ws.of('CalibrateReq')[0];
+    ws.deliver(ack, frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  };
   const p = c.connect();
-  await sleep(5);
-  let ws = FakeWS.all.at(-1);
-  let cal = ws.of('CalibrateReq')[0];
-  ws.deliver(ack, frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await login();
   await p;
   await sleep(0);
   const sends = Array.from({ length: 600 }, (_, i) => c.send('d:u:v', `m${i}`));
@@ -289,10 +294,8 @@ test("a link lost with sends in flight restarts the window small (TCP after a ti
   assert.equal(lids.length, 256);
   assert.equal(c.sendWindow, 256);
   ws.drop();
-  await sleep(30);
-  ws = FakeWS.all.at(-1);
-  cal = ws.of('CalibrateReq')[0];
-  ws.deliver(ack, frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await sleep(25);
+  await login();
   await sleep(5);
   let seen = 0;
   const fresh = async () => { await null; const all = ws.of('SendReq'); const out = all.slice(seen).map((f) => f.local_id); seen = all.length; return out; };
@@ -318,10 +321,8 @@ test("a link lost with sends in flight restarts the window small (TCP after a ti
   assert.equal(c.pendingSends().length, 0);
   const w = c.sendWindow;
   ws.drop();
-  await sleep(30);
-  ws = FakeWS.all.at(-1);
-  cal = ws.of('CalibrateReq')[0];
-  ws.deliver(ack, frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await sleep(25);
+  await login();
   await sleep(5);
   assert.equal(c.sendWindow, w, 'a clean cut keeps the window');
   await c.close();
