@@ -3522,12 +3522,13 @@ async def test_the_login_ack_comes_in_a_small_first_websocket_message(lmdb_store
     before all of it came, so with a LoginAck at the head of a 64 KiB
     message (a catch-up coalesced behind it) a 4 KB/s link showed no
     LoginAck within connect_timeout, and a link that cut before 64 KB never
-    logged in at all."""
+    logged in at all.  And a connection's first messages are smaller still
+    (256 bytes, then growing: WebSocketStream.RAMP_FIRST)."""
     from trio_websocket import open_websocket_url
 
     from pimcore.net.streams import WebSocketStream
 
-    assert WebSocketStream.MAX_MESSAGE <= 8 * 1024
+    assert WebSocketStream.MAX_MESSAGE <= 8 * 1024 and WebSocketStream.RAMP_FIRST == 256
     with trio.fail_after(20):
         async with serving(lmdb_store, server_config(Endpoint("ws"))) as srv:
             async with client(srv.url("ws"), "alice") as a:
@@ -3536,7 +3537,7 @@ async def test_the_login_ack_comes_in_a_small_first_websocket_message(lmdb_store
             async with open_websocket_url(srv.url("ws")) as ws:
                 await ws.send_message(encode_frame(F.Login(token("bob").encode(), "d", 0, 0, 0)))
                 first = await ws.get_message()
-                assert len(first) <= 8 * 1024
+                assert len(first) <= 256
                 decoder = Decoder()
                 decoder.feed(first)
                 assert isinstance(decoder.next_frame(), F.LoginAck)
@@ -3545,6 +3546,92 @@ async def test_the_login_ack_comes_in_a_small_first_websocket_message(lmdb_store
                     sizes.append(len(await ws.get_message()))
                 assert max(sizes) <= 8 * 1024
 
+
+async def test_a_websocket_connections_first_messages_are_small_and_grow_to_max_message():
+    """A WebSocket peer sees nothing of a message before all of it came, and a
+    link that cuts loses the message it cut.  The first messages of a
+    connection carry the LoginAck (at the head of a coalesced catch-up), so
+    they are small and grow: each at most what the connection sent before
+    it (at least 256 bytes, at most MAX_MESSAGE): 256, 256, 512 ... 8 KiB.
+    The ramp is the connection's, not a write's: a small write counts, a
+    later write goes on from there."""
+    import trio.testing
+    from trio_websocket import wrap_client_stream, wrap_server_stream
+
+    from pimcore.net.streams import WebSocketStream
+
+    assert WebSocketStream.MAX_MESSAGE == 8 * 1024
+    data = bytes(range(256)) * 400  # 100 KiB in one write
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server_end, client_end = trio.testing.memory_stream_pair()
+
+            async def accept() -> Any:
+                request = await wrap_server_stream(nursery, server_end)
+                return await request.accept()
+
+            accepted: list = []
+
+            async def run_accept() -> None:
+                accepted.append(await accept())
+
+            nursery.start_soon(run_accept)
+            peer = await wrap_client_stream(nursery, client_end, "localhost", "/", max_message_size=1 << 20)
+            while not accepted:
+                await trio.sleep(0.001)
+            stream = WebSocketStream(accepted[0])
+
+            async def receive_sizes(total: int) -> list[int]:
+                sizes: list[int] = []
+                got = b""
+                while len(got) < total:
+                    message = await peer.get_message()
+                    sizes.append(len(message))
+                    got += message
+                assert len(got) == total
+                return sizes
+
+            await stream.send_all(b"x" * 40)  # a LoginAck written alone
+            assert await receive_sizes(40) == [40]
+            nursery.start_soon(stream.send_all, data)
+            sizes = await receive_sizes(len(data))
+            assert sizes[:8] == [256, 296, 592, 1184, 2368, 4736, 8192, 8192]
+            assert set(sizes[6:-1]) == {8192} and sizes[-1] <= 8192
+            # A fresh connection (a fresh stream) starts at 256 again; one
+            # write from the start: 256, 256, 512 ... 8 KiB.
+            fresh = WebSocketStream(accepted[0])
+            nursery.start_soon(fresh.send_all, data)
+            sizes = await receive_sizes(len(data))
+            assert sizes[:7] == [256, 256, 512, 1024, 2048, 4096, 8192]
+            assert set(sizes[6:-1]) == {8192}
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_ws_client_with_a_backlog_logs_in_through_a_link_that_cuts_every_connection_early(lmdb_store):
+    """bob has 200 messages of 500 bytes waiting; every connection through the
+    link is reset after its first 6 KiB (both directions: the upgrade and the
+    Login take ~0.6 KiB of it).  The broker's first write is the LoginAck,
+    the read states, a clock sample and the catch-up's first push frames
+    (~7 KB, zstd); sent as messages of 8 KiB, the first message never came
+    whole, and the client never logged in (a JS client on a lossy link:
+    113 reconnects, 0 messages in 41 s).  With the ramp the LoginAck comes
+    in the first message of 256 bytes and the first push frame (~2.2 KB)
+    in the messages up to 4 KiB: bob logs in, acks, and each connection
+    takes him further through his backlog."""
+    from pimcore.testing.chaos import ChaosConfig, open_chaos_proxy
+
+    payloads = [b"%03d" % i + bytes([65 + i % 26]) * 497 for i in range(200)]
+    with trio.fail_after(30):
+        async with serving(lmdb_store, server_config(Endpoint("ws"))) as srv:
+            async with client(srv.url("ws"), "alice") as a:
+                for p in payloads:
+                    await a.send(AB, p)
+            cut = ChaosConfig(seed=1, reset_after_bytes=6 * 1024)
+            async with open_chaos_proxy("127.0.0.1", srv.endpoints[0].port, cut) as proxy:
+                async with client(f"ws://127.0.0.1:{proxy.port}/", "bob") as b:
+                    got = await take_messages(b, 200)
+                    assert [m.payload for m in got] == payloads
+                assert proxy.statistics().resets >= 1  # (the link did cut)
 
 async def test_websocket_with_a_small_frame_limit_still_carries_coalesced_writes(lmdb_store):
     cfg = server_config(Endpoint("ws"), limits=Limits(max_frame=4096, max_payload=1024, max_mentions=0, heartbeat_ms=15000))

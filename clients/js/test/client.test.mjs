@@ -46,6 +46,35 @@ describe('live broker', () => {
     await a.close(); await b.close();
   });
 
+  test('a catch-up whose frames the broker splits across small WebSocket messages arrives whole', async () => {
+    // The broker's first messages of a connection are small and grow (256
+    // bytes, then each at most what it sent before: WebSocketStream.RAMP_FIRST)
+    // so that a link that cuts still brings the LoginAck whole.  The client
+    // reads the messages as one byte stream: a push frame of 700-byte
+    // messages comes in pieces of several messages and must decode.
+    const conv = directConv('rampa', 'rampb');
+    const e = client(broker, 'rampa');
+    await e.connect();
+    const body = (i) => `${String(i).padStart(3, '0')}:` + Array.from({ length: 696 }, (_, k) => String.fromCharCode(33 + ((i * 7 + k * 13) % 90))).join('');
+    await Promise.all(Array.from({ length: 40 }, (_, i) => e.send(conv, body(i))));
+    const sizes = [];
+    class SizedWS extends globalThis.WebSocket {
+      set onmessage(f) { super.onmessage = f && ((ev) => { sizes.push(ev.data.byteLength); f(ev); }); }
+      get onmessage() { return super.onmessage; }
+    }
+    const f = client(broker, 'rampb', { WebSocket: SizedWS });
+    await f.connect();
+    await until(() => f.received.length === 40, 5000, 'catch-up');
+    assert.deepEqual(f.received.map(text), Array.from({ length: 40 }, (_, i) => body(i)));
+    // The rule, whatever the broker's writes: each message at most what came
+    // before it (at least 256 bytes, at most 8 KiB); the first (the LoginAck
+    // at its head) so small that the 700-byte pushes were split.
+    assert.ok(sizes[0] <= 256, `first message ${sizes[0]} bytes`);
+    let before = 0;
+    for (const n of sizes) { assert.ok(n <= Math.min(8192, Math.max(256, before)), `messages ${sizes.slice(0, 10)}`); before += n; }
+    await e.close(); await f.close();
+  });
+
   test('offline catch-up: messages sent while the peer is away arrive at login, once', async () => {
     const conv = directConv('carol', 'dave');
     const c = client(broker, 'carol');
