@@ -365,11 +365,13 @@ class WebSocketStream(trio.abc.Stream):
     #: that of MAX_MESSAGE (6 messages more a connection).  Never restarted
     #: after an idle time: the loss that matters is at the start (a cut
     #: makes a new connection, which ramps again), and what follows an idle
-    #: time is a push or two, below MAX_MESSAGE anyway.  What it cannot do:
-    #: a Push frame (up to push_batch = 64 messages, KBs) is decoded only
-    #: once all of it came, so on that 2% link a JS client now logs in
-    #: (171 times in 41 s, was 1) but still gets ~10 messages; with Push
-    #: frames of 4 messages (an experiment, not built) it got 193 of 300.
+    #: time is a push or two, below MAX_MESSAGE anyway.  What it cannot do
+    #: alone: a Push frame is decoded only once all of it came, so on that
+    #: 2% link a JS client then logged in (171 times in 41 s, was 1) but
+    #: still got ~10 messages while Push frames held up to push_batch (64)
+    #: messages; the core's pushes now start at about 1 KiB a connection
+    #: and grow (core.PUSH_RAMP_START: with Push frames of 4 messages, an
+    #: experiment, it got 193 of 300).
     RAMP_FIRST = 256
     #: What a peer's messages may be (above max_frame): what peers split
     #: their writes into, 64 KiB before MAX_MESSAGE was made small.
