@@ -1392,11 +1392,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     secret = args.secret or os.environ.get("PIMCORE_SECRET") or None
     if secret is not None:
         from .auth import MIN_SECRET_BYTES
+        from .config import n_bytes
 
         size = len(secret.encode())
         if size < MIN_SECRET_BYTES:  # (said as serve says it: where it came from)
             where = "--secret" if args.secret else "$PIMCORE_SECRET"
-            print(f"pimcore bench: the token secret from {where} is {size} bytes; it must be at least"
+            print(f"pimcore bench: the token secret from {where} is {n_bytes(size)}; it must be at least"
                   f" {MIN_SECRET_BYTES}", file=sys.stderr)
             return EXIT_REFUSED
     try:

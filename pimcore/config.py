@@ -208,6 +208,11 @@ def env_name(section: Optional[str], key: str) -> str:
     return "PIMCORE_" + (f"{section}_{key}" if section else key).upper()
 
 
+def n_bytes(n: int) -> str:
+    """``n`` as a size in words: "1 byte", "5 bytes"."""
+    return f"{n} byte" if n == 1 else f"{n} bytes"
+
+
 def _ip_literal(name: str) -> Optional[Any]:
     """``name`` as the IP address binding it takes, if it is an IP literal
     (an ipaddress.IPv4Address/IPv6Address), else None.  Beyond what
@@ -848,7 +853,7 @@ class ServeSettings:
         except ValueError as exc:  # (said with where the data directory came from)
             raise self._refused(str(exc), (None, "data_dir"), named=False) from None
         if len(key) < MIN_API_KEY_BYTES:  # (as the token secret's file: said with its source)
-            raise self._refused(f"the HTTP API key from the file {path} is {len(key)} bytes; it must be at least"
+            raise self._refused(f"the HTTP API key from the file {path} is {n_bytes(len(key))}; it must be at least"
                                 f" {MIN_API_KEY_BYTES}", (None, "data_dir"), named=False)
         return (key.decode(),)
 
@@ -860,7 +865,7 @@ class ServeSettings:
             if not size:
                 raise self._refused("api_keys: an API key cannot be empty", (None, "api_keys"))
             if size < MIN_API_KEY_BYTES:
-                raise self._refused(f"api_keys: HTTP API key {i} is {size} bytes; it must be at least"
+                raise self._refused(f"api_keys: HTTP API key {i} is {n_bytes(size)}; it must be at least"
                                     f" {MIN_API_KEY_BYTES}", (None, "api_keys"))
 
     def webhook_secret(self) -> bytes:
@@ -1590,7 +1595,7 @@ def _long_enough(settings: ServeSettings, secret: bytes, source: str,
 
     if len(secret) >= MIN_SECRET_BYTES:
         return secret
-    text = f"the token secret from {source} is {len(secret)} bytes; it must be at least {MIN_SECRET_BYTES}"
+    text = f"the token secret from {source} is {n_bytes(len(secret))}; it must be at least {MIN_SECRET_BYTES}"
     if path_key is None:
         raise ConfigError(text)
     raise settings._refused(text, path_key, named=False)

@@ -1307,6 +1307,10 @@ def test_a_short_api_key_is_refused_saying_where_it_came_from(tmp_path, how, cap
     with pytest.raises(ConfigError) as err:
         load_settings(str(cfg) if how == "file" else None, env=env, data_dir=str(data), **kw).load_api_keys()
     assert str(err.value) == said, str(err.value)
+    if how == "keyword":  # (one byte is "1 byte", a new user's trial: "is 1 bytes")
+        with pytest.raises(ConfigError) as err:
+            load_settings(None, env={}, data_dir=str(data), api_keys=["k"]).load_api_keys()
+        assert "HTTP API key 1 is 1 byte;" in str(err.value), str(err.value)
     # serve (and --print-config, for those in the settings) refuses it, exit 2.
     argv = ["serve", "--data-dir", str(data), "--listen", "tcp://127.0.0.1:0", "--http", "tcp://127.0.0.1:0"]
     if how == "file":
