@@ -769,8 +769,9 @@ class PurgeConversation:
     retention setting and, for a group, the group itself (members,
     membership intervals, read markers: the id answers UNKNOWN_CONVERSATION
     until created again).  A 1:1 chat's read markers stay: it lives on, and
-    a marker never moves back (the peer's receipt included).  The history floor becomes the last seq, which is
-    kept: seqs continue after it if the id is used again, so no client
+    a marker never moves back (the peer's receipt included).  The history
+    floor becomes the last seq, which is kept: seqs continue after it if the
+    id is used again, so no client
     cursor ever names two entries.  Idempotent (an unknown or already
     purged conversation: nothing to do).  A malformed id ->
     Rejected(BAD_REQUEST).  Result: Purged."""
@@ -1259,7 +1260,7 @@ class RetentionState:
 
 #: The most conversation ids one :class:`Expired` names.  An Expire may
 #: trim every conversation of the store; the ids are for the core to refresh
-#: the read states of online devices (core.py, _refresh_floors), so they are
+#: the read states of online devices (core.py, _refresh_floor), so they are
 #: bounded like everything a commit hands back.  Past it, ``conversations``
 #: says how many more moved (their devices heal at their next ReadState).
 EXPIRED_IDS = 256
