@@ -771,10 +771,9 @@ class PurgeConversation:
     until created again).  A 1:1 chat's read markers stay: it lives on, and
     a marker never moves back (the peer's receipt included).  The history
     floor becomes the last seq, which is kept: seqs continue after it if the
-    id is used again, so no client
-    cursor ever names two entries.  Idempotent (an unknown or already
-    purged conversation: nothing to do).  A malformed id ->
-    Rejected(BAD_REQUEST).  Result: Purged."""
+    id is used again, so no client cursor ever names two entries.
+    Idempotent (an unknown or already purged conversation: nothing to do).
+    A malformed id -> Rejected(BAD_REQUEST).  Result: Purged."""
 
     conv: str
 
