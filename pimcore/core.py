@@ -3331,10 +3331,22 @@ class Broker:
             if not msgs and dev.acked == dev.sent_upto:
                 # Nothing but this device's own sends, and nothing of
                 # ours outstanding: it has them all (their SendAcks), so
-                # its position moves as if it had acked -- no empty Push
-                # and PushAck round trip per batch for every sender.
+                # its position moves as if it had acked (no PushAck is
+                # awaited, none holds the window).  The device is still
+                # told the position, in a Push without messages after the
+                # SendAcks: a client's cursor must cover its own sends.  A
+                # store restored from a hot copy lost the sends acked after
+                # the copy; a device that only sent since would otherwise
+                # come back with a cursor of the copy, be trusted, and keep
+                # showing sends whose seqs new messages take (a new user's
+                # trial).  With its own positions in its cursor, the
+                # restored store finds them refilled after the epoch's end
+                # and resynchronizes it (SessionLoaded.foreign).  Telegram
+                # does the same: a sent message's answer carries the pts.
                 dev.sent_upto = dev.acked = upto
                 self._record_ack(dev, upto, now)
+                self._stats["pushes"] += 1
+                self._send(dev.conn, _push(upto, ()), out)
                 if dev.typing is not None and upto >= self._heads.get(dev.user, 0):
                     self._release_typing(dev, out, now)
                 return

@@ -235,6 +235,40 @@ def test_a_restored_hot_copy_does_not_trust_cursors_that_moved_past_it(tmp_path,
     again.close()
 
 
+def test_a_restored_hot_copy_resynchronizes_a_device_that_only_sent_after_it(tmp_path, store_driver):
+    """A device that took nothing after a hot copy but *sent* there (a new
+    user's trial): its sends were acked and are gone from the restored
+    store, its app shows them, and new messages take their seqs.  Its
+    cursor must therefore cover its own sends -- each committed batch
+    tells the sending device the inbox position of its own entries (a
+    Push without messages; Telegram's ``pts`` in a sent message's answer
+    is the same idea) -- so that the restored store finds the entry at
+    that position stored after the epoch's end and resynchronizes it."""
+    live, backup = tmp_path / "live", tmp_path / "backup"
+    s, h, alice, bob, run_epoch = _bob_took_two(live, store_driver)
+    assert h.last_upto(alice) == 2  # alice's own two messages
+    h.take(alice)
+    _crash_copy(live, backup)  # a hot backup: the broker runs on in the same epoch
+    for i in range(3):
+        h.send(alice, AB, b"lost%d" % i)
+    acks = h.acks(alice)
+    assert [a.seq for a in acks] == [3, 4, 5]
+    cursor = h.last_upto(alice)
+    assert cursor == 5  # her app took every Push: its own sends are covered
+    s.close()
+
+    restored = LmdbStore(str(backup))  # disaster: the live store is gone
+    h = Harness(restored, driver=store_driver)
+    bob = h.login("bob", "tablet")
+    for i in range(3):  # alice's positions 3..5 (and seqs 3..5) are refilled
+        h.send(bob, AB, b"new%d" % i)
+    alice = h.login("alice", "phone", position=cursor, epoch=run_epoch)
+    ack = _ack(h, alice)
+    assert ack.resync
+    assert [m.payload for m in h.pushed(alice)] == [b"new0", b"new1", b"new2"]
+    restored.close()
+
+
 def _crash_copy(src: Path, dst: Path) -> None:
     """The files of an open environment as a crash would leave them (LMDB
     never tears a transaction; a copy taken between commits is what a
@@ -504,3 +538,60 @@ async def test_the_issue_input_through_the_sdk_and_pimcore_serve(tmp_path: Path,
             assert isinstance(evs[0], Resynced) and evs[0].position == 0
             # ...and it takes the whole new history again.
             assert again.taken_upto == 0
+
+
+async def test_a_device_that_only_sent_after_a_hot_copy_is_resynchronized_through_pimcore_serve(
+    tmp_path: Path, procs: ProcGroup
+) -> None:
+    """The new user's trial, end to end: a hot copy of the data directory,
+    alice's phone then only *sends* (3 acked), the broker's disk is lost and
+    the copy restored, bob's new messages refill alice's inbox positions.
+    Her phone reconnects by itself: it must be told ``Resynced`` (before:
+    trusted, its three sends gone while its app showed them) and get bob's
+    new messages."""
+    data = tmp_path / "data"
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+
+    def start():
+        return procs.serve("--listen", url, "--data-dir", data)
+
+    server = await trio.to_thread.run_sync(start)
+    secret = (data / "secret").read_text().strip()
+    events: list = []
+    got = trio.Event()
+    with trio.fail_after(60):
+        async with open_client(url, issue_token(secret, "alice", ttl=600), "phone", config=CONFIG) as alice, open_client(
+            url, issue_token(secret, "bob", ttl=600), "tablet", config=CONFIG
+        ) as bob:
+
+            async def watch() -> None:
+                async for ev in alice.events():
+                    events.append(ev)
+                    if sum(isinstance(e, MessageReceived) for e in events) == 3:
+                        got.set()
+
+            async with trio.open_nursery() as n:
+                n.start_soon(watch)
+                for i in range(2):
+                    await alice.send(AB, b"old%d" % i)
+                while alice.taken_upto < 2:  # her own two, told by the broker
+                    await trio.sleep(0.01)
+                run_epoch = alice.epoch
+                await trio.to_thread.run_sync(shutil.copytree, data / "store", tmp_path / "hot-copy")
+                for i in range(3):
+                    await alice.send(AB, b"lost%d" % i)
+                while alice.taken_upto < 5:
+                    await trio.sleep(0.01)
+                server.send_signal(signal.SIGKILL)
+                await trio.to_thread.run_sync(server.wait)
+                shutil.rmtree(data / "store")
+                shutil.copytree(tmp_path / "hot-copy", data / "store")  # the disk is lost: restored
+                server = await trio.to_thread.run_sync(start)
+                for i in range(3):
+                    await bob.send(AB, b"new%d" % i)
+                await got.wait()
+                n.cancel_scope.cancel()
+    resynced = [e for e in events if isinstance(e, Resynced)]
+    assert len(resynced) == 1 and resynced[0].old_epoch == run_epoch != resynced[0].epoch
+    assert [e.message.payload for e in events if isinstance(e, MessageReceived)] == [b"new0", b"new1", b"new2"]
