@@ -758,7 +758,7 @@ class _Device:
     """
 
     __slots__ = ("conn", "user", "device", "acked", "sent_upto", "unacked", "unacked_bytes", "reading", "typing",
-                 "acked_look", "ramp")
+                 "acked_look", "ramp", "states")
 
     def __init__(self, conn: int, user: str, device: str, position: int) -> None:
         self.conn = conn
@@ -781,6 +781,10 @@ class _Device:
         # Typing from another node held until the entries before it are
         # pushed ((conv, user) -> (frame, expires µs)): see typing_elsewhere.
         self.typing: Optional[dict[tuple[str, str], tuple[F.Typing, int]]] = None
+        # The login's read states not sent yet (Broker._flush_states): they
+        # wait for the answers to the frames pipelined after the Login and
+        # for the first Push of a catch-up.
+        self.states: Optional[SessionLoaded] = None
 
 
 #: Bytes (payloads + 32 each, as the push window counts them) the first Push
@@ -1830,15 +1834,17 @@ class Broker:
                     # Past the bound since the read went out: the page is
                     # read again when held bytes are written (_unstarve).
                     self._wait(dev)
-                    return
-                self._push_entries(dev, res.entries, out, now)
-                self._pump(dev, out, now)
+                else:
+                    self._push_entries(dev, res.entries, out, now)
+                    self._pump(dev, out, now)
             elif res is None:
                 # The store failed: the device stays where it is and is
                 # pumped again by its next PushAck, message or login.
                 pass
             else:
                 self._pump(dev, out, now)  # moved meanwhile: ask again from where it is
+            if dev.states is not None and not dev.reading:
+                self._flush_states(dev, out)  # no Push came of it: the login's read states now
         elif type(ctx) is _LoginRead:
             self._unref_head(ctx.user)
             c = self._conns.get(ctx.conn)
@@ -1849,8 +1855,14 @@ class Broker:
                 # logs in again (after its backoff) and nothing is lost.
                 self._close(c, CloseCode.INTERNAL, "the store could not load the session; log in again", out)
                 return
-            self._activate(c, ctx, res, now, out)
-            self._resume(c, now, out)  # frames pipelined after the Login
+            active = self._activate(c, ctx, res, now, out)
+            self._resume(c, now, out)  # frames pipelined after the Login: answered first
+            if active is not None and self._online.get(active.user, {}).get(active.device) is active:
+                self._pump(active, out, now)
+                if active.states is not None and not active.reading:
+                    # No inbox read out (nothing to catch up, or the pump
+                    # waits): the read states now.
+                    self._flush_states(active, out)
         elif type(ctx) is _ConvListRead or type(ctx) is _ConvUpdateRead:
             self._conv_read_done(ctx, res, now, out)  # type: ignore[arg-type]
         elif type(ctx) is _FloorRead:
@@ -2545,7 +2557,9 @@ class Broker:
         claim = (f.position, bytes(f.epoch)) if f.epoch and f.epoch != self.epoch and f.position > 0 else (0, b"")
         out.append(StoreRequest(rid, (LoadSession(user, f.device, True, *claim),), False))
 
-    def _activate(self, c: _Conn, ctx: _LoginRead, loaded: SessionLoaded, now: int, out: list[Command]) -> None:
+    def _activate(
+        self, c: _Conn, ctx: _LoginRead, loaded: SessionLoaded, now: int, out: list[Command]
+    ) -> Optional[_Device]:
         f = c.login
         assert f is not None
         user, device, ident = ctx.user, ctx.device, ctx.identity
@@ -2560,7 +2574,7 @@ class Broker:
         if (ident.issued_at or 0) < revoked:
             self._stats["auth_failures"] += 1
             self._close(c, CloseCode.TOKEN_REVOKED, "this token was revoked; get a new one", out)
-            return
+            return None
 
         # One connection per device: the newest wins (the old one is likely a
         # half-dead socket the device has already given up on).
@@ -2651,8 +2665,26 @@ class Broker:
             ),
             out,
         )
-        self._send_read_states(c.id, loaded, out)
-        self._pump(dev, out, now)
+        # The read states wait (_flush_states): a login's first bytes are
+        # its LoginAck, the answers to what was pipelined after the Login
+        # (the SDK's CalibrateReq: it takes nothing before that answer) and
+        # the first Push of a catch-up.  Sent first, one read state per
+        # conversation kept a link cut every few KB from ever delivering a
+        # message: 300 conversations are 9 KB, and every login sent them
+        # all again (a new user's trial: no progress in 30 s; 20,000
+        # conversations at 30 KB alike).  That Push holds only entries the
+        # read states count (at most ``loaded.head``): the client's counts,
+        # set from the read states after it, stay exact.  (The caller
+        # answers the pipelined frames, then starts the pump.)
+        dev.states = loaded
+        return dev
+
+    def _flush_states(self, dev: _Device, out: list[Command]) -> None:
+        """Send ``dev`` its login's read states (if not yet sent)."""
+        loaded = dev.states
+        if loaded is not None:
+            dev.states = None
+            self._send_read_states(dev.conn, loaded, out)
 
     def _send_read_states(self, conn: int, loaded: SessionLoaded, out: list[Command]) -> None:
         """At login: every conversation's marker and unread count (what the
@@ -3346,6 +3378,8 @@ class Broker:
                 dev.sent_upto = dev.acked = upto
                 self._record_ack(dev, upto, now)
                 self._stats["pushes"] += 1
+                if dev.states is not None:
+                    self._flush_states(dev, out)  # (the login's: before any Push that is not a catch-up's)
                 self._send(dev.conn, _push(upto, ()), out)
                 if dev.typing is not None and upto >= self._heads.get(dev.user, 0):
                     self._release_typing(dev, out, now)
@@ -3358,7 +3392,14 @@ class Broker:
         dev.unacked.append((upto, size))
         dev.unacked_bytes += size
         self._stats["pushes"] += 1
+        states = dev.states
+        if states is not None and upto > states.head:
+            # Entries the login's read states do not count: those go first
+            # (a client adds what a Push brings to the counts it holds).
+            self._flush_states(dev, out)
         self._send(dev.conn, _push(upto, msgs), out)
+        if dev.states is not None:
+            self._flush_states(dev, out)  # after the first Push of a catch-up (_activate)
         if dev.typing is not None and upto >= self._heads.get(dev.user, 0):
             self._release_typing(dev, out, now)
 
@@ -3495,6 +3536,8 @@ class Broker:
         state = F.ReadStates((F.ReadState(ctx.conv, read_seq, last_seq, unread),))
         update = F.ConvUpdate((_to_conv_entry(conv_entry),)) if conv_entry is not None else None
         for dev in self._online.get(ctx.user, {}).values():
+            if dev.states is not None:
+                self._flush_states(dev, out)  # the login's, older: first
             self._send(dev.conn, state, out)
             if update is not None:  # the conversation list's entry agrees
                 self._send(dev.conn, update, out)
@@ -3526,6 +3569,8 @@ class Broker:
             return
         state = F.ReadStates((F.ReadState(conv, read_seq, last_seq, unread),))
         for dev in self._online.get(user, {}).values():
+            if dev.states is not None:
+                self._flush_states(dev, out)  # the login's, older: first
             self._send(dev.conn, state, out)
         self._conv_update(user, conv, out)
 
@@ -3536,6 +3581,8 @@ class Broker:
             return
         receipt = F.ReadReceipt(conv, reader, read_seq)
         for dev in self._online.get(peer, {}).values():
+            if dev.states is not None:
+                self._flush_states(dev, out)  # the login's, older: first
             self._send(dev.conn, receipt, out)
 
     # ------------------------------------------------------------ history & misc

@@ -1344,6 +1344,46 @@ def test_without_ack_delay_acks_are_committed_at_once(h):
 # so that a client can be written from the spec alone.
 
 
+def test_a_login_answers_its_pipelined_frames_and_sends_a_catch_up_push_before_its_read_states(h):
+    """The login's read states -- one per conversation -- come after the
+    answers to frames pipelined after the Login (the SDK's CalibrateReq,
+    which it waits for) and after the first Push of a catch-up: a link cut
+    every few KB once delivered no message at all to a user of 300
+    conversations (a new user's trial; tests/test_weak_network.py).  That
+    Push holds only entries the read states count."""
+    from pimcore.codec import encode_frame
+
+    AC = direct_conversation("alice", "carol")
+    alice = h.login("alice", "phone")
+    for k in range(3):
+        h.send(alice, AB, b"dm%d" % k)
+    h.send(alice, AC, b"to carol")
+    h.feed(alice, F.Read(AB, 1))
+    bob_laptop = h.login("bob", "laptop")
+    h.feed(bob_laptop, F.Read(AB, 1))  # (alice gets a receipt at her login)
+
+    def login(user: str, device: str) -> list:
+        conn = h.open()
+        h.feed_bytes(conn, encode_frame(F.Login(user.encode(), device, h.now, 0, 0, h.broker.epoch))
+                     + encode_frame(F.CalibrateReq(12345)) + encode_frame(F.Ping(7)))
+        return h.take(conn)
+
+    frames = login("bob", "phone")  # 3 entries to catch up
+    kinds = [type(f).__name__ for f in frames]
+    assert kinds == ["LoginAck", "CalibrateResp", "Pong", "Push", "ReadStates", "ReadReceipt"], kinds
+    push, states = frames[3], frames[4]
+    assert [m.payload for m in push.messages] == [b"dm0", b"dm1", b"dm2"]
+    assert states.entries == (F.ReadState(AB, 1, 3, 2),)  # it counts what the Push brought
+    assert frames[5] == F.ReadReceipt(AB, "alice", 1)
+
+    frames = login("alice", "tablet")  # nothing to catch up but her own sends
+    kinds = [type(f).__name__ for f in frames]
+    assert kinds[:3] == ["LoginAck", "CalibrateResp", "Pong"], kinds
+    assert {type(f).__name__ for f in frames[3:]} <= {"Push", "ReadStates", "ReadReceipt"}, kinds
+    assert F.ReadReceipt(AB, "bob", 1) in frames
+    assert {e.conv for f in frames if isinstance(f, F.ReadStates) for e in f.entries} == {AB, AC}
+
+
 def test_a_user_with_no_conversations_gets_no_read_states_at_login(h):
     lonely = h.login("carol", "phone")
     [ack] = h.take(lonely, F.LoginAck)

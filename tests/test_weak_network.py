@@ -216,6 +216,36 @@ async def test_a_link_cut_right_after_each_login_reconnects_at_the_initial_backo
     assert max(gaps) < 2 * cfg.backoff_initial, gaps  # backoff_initial x [0.5, 1.5), plus a login
 
 
+async def test_a_backlog_catches_up_through_cut_connections_when_the_read_states_alone_are_past_the_cut(store):
+    """A user of 300 conversations on a link cut every 6 KB (a new user's
+    trial): a login's LoginAck and its read states -- one per conversation,
+    about 9 KB here -- came before its first Push, so no connection ever
+    delivered a message (no progress in 30 s).  The first Push of a
+    catch-up now goes before the read states (entries the read states
+    already count: the SDK's unread counts stay exact)."""
+    n = 300
+    groups = [f"g-{os.urandom(12).hex()}" for _ in range(n)]  # (incompressible ids)
+    for g in groups:
+        store.create_group(g, ["alice", "bob"], 0)
+    client_cfg = ClientConfig(ack_timeout=1.0, send_timeout=60.0, connect_timeout=2.0, backoff_initial=0.01,
+                              backoff_max=0.05, compression=False)
+    with trio.fail_after(60):
+        async with serving(store) as srv:
+            async with open_client(srv.url(), token("alice"), "phone", config=client_cfg) as a:
+                for i, g in enumerate(groups):
+                    await a.send(g, b"%05d" % i)
+            chaos = ChaosConfig(latency=0.002, reset_after_bytes=6_000)
+            async with open_chaos_proxy("127.0.0.1", srv.endpoints[0].port, chaos) as proxy:
+                async with open_client(f"tcp://127.0.0.1:{proxy.port}", token("bob"), "phone", config=client_cfg) as b:
+                    got = []
+                    async for m in b.messages():
+                        got.append(int(m.payload[:5]))
+                        if len(got) == n:
+                            break
+                    assert got == list(range(n))
+                    assert b.statistics().connects > 1, (b.statistics(), proxy.statistics())  # (the cuts did happen)
+
+
 @pytest.mark.parametrize("size, cut", [(2_000, 40_000), (100, 6_000)])
 async def test_a_backlog_catches_up_through_connections_cut_after_a_few_kilobytes(store, size, cut):
     """A phone on a link that drops every few seconds: each connection dies
