@@ -920,6 +920,17 @@ class _FloorRead:
         self.tries = 0
 
 
+class _MembersRead:
+    """The members of a group whose history floor a retention pass moved
+    (Broker._refresh_floor): those online here then get a _FloorRead each."""
+
+    __slots__ = ("conn", "conv")
+
+    def __init__(self, conv: str) -> None:
+        self.conn = -1
+        self.conv = conv
+
+
 #: Reads one _FloorRead asks at most: it reads again while commits touching
 #: its conversation land meanwhile (its answer could be older than what the
 #: devices were pushed since); past this the devices keep what they count
@@ -974,7 +985,7 @@ class _PresenceRead:
 #: Every kind of read a core request waits for (Broker._reads).
 _AnyRead = Union[
     "_LoginRead", "_InboxRead", "_HistoryRead", "_ReadersRead", _ConvListRead, _ConvUpdateRead, _TypingRead, _PresenceRead,
-    _FloorRead,
+    _FloorRead, _MembersRead,
 ]
 
 
@@ -1867,6 +1878,8 @@ class Broker:
             self._conv_read_done(ctx, res, now, out)  # type: ignore[arg-type]
         elif type(ctx) is _FloorRead:
             self._floor_read_done(ctx, res, out)
+        elif type(ctx) is _MembersRead:
+            self._members_read_done(ctx, res, out)
         elif type(ctx) is _ReadersRead:
             c = self._conns.get(ctx.conn)
             if c is None:
@@ -3471,22 +3484,35 @@ class Broker:
         read state (ReadStates, read after the commit) on every device;
         users offline get the exact one at login.
 
-        1:1 chats only: their two users are known from the id.  A group's
-        members are not known to the core without a read of every member's
-        state, unbounded for a large group; its devices keep their count
-        until their next ReadState (PROTOCOL.md, "Retention and purge").
+        A 1:1 chat's two users are known from the id; a group's members
+        are read first (ReadReaders asked by nobody: _members_read_done).
+        A purged group is gone with its markers: nothing to refresh.
         Bounded per commit: an Expire names at most EXPIRED_IDS
-        conversations (store/base.py), so at most two _FloorReads each
-        (one per user online here), each of at most _FLOOR_TRIES reads."""
+        conversations (store/base.py), so at most one members read each and
+        a _FloorRead per member online here, each of at most _FLOOR_TRIES
+        reads."""
         pair = direct_members(conv)
         if pair is None:
+            if purged < 0:
+                rid = self._request_id()
+                self._reads[rid] = _MembersRead(conv)
+                out.append(StoreRequest(rid, (ReadReaders(conv, ""),), False))
             return
-        for user in dict.fromkeys(pair):
+        self._refresh_members(conv, dict.fromkeys(pair), purged, out)
+
+    def _refresh_members(self, conv: str, users: Iterable[str], purged: int, out: list[Command]) -> None:
+        for user in users:
             if user in self._online:
                 ctx = _FloorRead(user, conv, purged)
                 entry = self._floor_watch.setdefault(conv, [0, 0])
                 entry[1] += 1
                 self._floor_request(ctx, entry, out)
+
+    def _members_read_done(self, ctx: _MembersRead, res: Optional[Result], out: list[Command]) -> None:
+        if isinstance(res, ReadersPage) and res.code is ErrorCode.OK:
+            self._refresh_members(ctx.conv, [user for user, _ in res.readers], -1, out)
+        # Failed, or the group is gone: its devices' counts are exact again
+        # at their next ReadState (a Read of theirs, a login).
 
     def _floor_request(self, ctx: _FloorRead, entry: list[int], out: list[Command]) -> None:
         ctx.gen = entry[0]

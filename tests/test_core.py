@@ -1434,6 +1434,37 @@ def test_online_devices_get_exact_read_states_after_retention_and_a_purge(h):
     assert h.store.unread("bob", AB) == 1
 
 
+def test_online_members_of_a_group_get_exact_read_states_after_retention(h):
+    # As for a 1:1 chat (above): the group's members online here -- read
+    # from the store, the core does not know them -- get the store's exact
+    # ReadState; a user online here who is not a member gets nothing.
+    h.create_group("team", ["alice", "bob", "carol"])
+    a = h.login("alice", "phone")
+    b, b2 = h.login("bob", "phone"), h.login("bob", "laptop")
+    d = h.login("dave", "phone")
+    for i in range(30):
+        h.send(a, "team", b"m%d" % i)
+    h.drain_device(b), h.drain_device(b2)
+    h.feed(b, F.Read("team", 5))
+    for conn in (a, b, b2, d):
+        h.take(conn)
+    assert h.host_call(h.broker.set_retention, "team", -1, 10) is not None
+    for _ in range(2):  # the first pass arms the reclaim timer, the next one runs it
+        h.advance(BrokerConfig().reclaim_interval + 1)
+    unread = h.store.unread("bob", "team")
+    assert unread == 10
+    for conn in (b, b2):
+        [states] = h.take(conn, F.ReadStates)
+        [st] = states.entries
+        assert (st.conv, st.read_seq, st.unread) == ("team", 5, 10), st
+    [states] = h.take(a, F.ReadStates)
+    assert [(e.conv, e.unread) for e in states.entries] == [("team", 0)]
+    assert h.take(d, F.ReadStates) == []
+    # Nothing moved again: no second ReadState.
+    h.advance(BrokerConfig().reclaim_interval + 1)
+    assert h.take(b, F.ReadStates) == []
+
+
 @pytest.mark.parametrize("floor", ["retention", "purge"])
 def test_a_read_state_read_before_a_later_message_is_read_again(store, store_driver, floor):
     # The read after a retention pass or a purge may answer from before a

@@ -1485,6 +1485,13 @@ def test_membership_intervals_unread_history_and_readers(store: Store, mk: Maker
     )
     assert readers == ReadersPage(ErrorCode.OK, (("alice", 0), ("dave", 9)))
     assert former == stranger == ReadersPage(ErrorCode.NOT_MEMBER, ())
+    # Asked by nobody: the broker's own read (which members to refresh).
+    (own, unknown, malformed) = store.read(
+        [ReadReaders(GROUP, ""), ReadReaders("no-such-group", ""), ReadReaders("", "")]
+    )
+    assert own == readers
+    assert unknown == ReadersPage(ErrorCode.UNKNOWN_CONVERSATION, ())
+    assert malformed == ReadersPage(ErrorCode.BAD_REQUEST, ())
     (session,) = store.read([LoadSession("bob", "phone")])
     [state] = [s for s in session.conversations if s.conv == GROUP]
     assert (state.read_seq, state.last_seq, state.unread) == (10, 10, 0)

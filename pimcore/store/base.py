@@ -866,7 +866,9 @@ class ReadReaders:
     """How far each current member of ``conv`` has read, asked by ``user``
     (the ReadersReq of a client).  Access: a malformed id -> BAD_REQUEST;
     an unknown group -> UNKNOWN_CONVERSATION; ``user`` not a member now ->
-    NOT_MEMBER (a former member included).  Result: ReadersPage."""
+    NOT_MEMBER (a former member included).  ``user`` empty: the broker's
+    own read (who of a group to refresh after retention), not checked.
+    Result: ReadersPage."""
 
     conv: str
     user: str

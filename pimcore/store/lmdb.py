@@ -4014,15 +4014,19 @@ class LmdbStore(Store):
         return HistoryPage(ErrorCode.OK, tuple(page))
 
     def _read_readers_in(self, txn: _Txn, op: ReadReaders) -> ReadersPage:
-        code = self._access_in(txn, op.conv, op.user)
-        if code is not ErrorCode.OK:
-            return ReadersPage(code, ())
+        if op.user or not valid_conversation(op.conv):
+            code = self._access_in(txn, op.conv, op.user)
+            if code is not ErrorCode.OK:
+                return ReadersPage(code, ())
         info = _conv_info(op.conv)
         assert info is not None
         ck = info[0]
+        members = self._members_in(txn, info)
+        if members is None:
+            return ReadersPage(ErrorCode.UNKNOWN_CONVERSATION, ())  # (the broker's own read: ``user`` empty)
         last = self._last_seq(txn, ck)
         out = []
-        for user in self._members_in(txn, info) or ():
+        for user in members:
             raw = txn.get(_t(user) + ck, db=self._reads)
             out.append((user, min(_U64.unpack(raw)[0] if raw is not None else 0, last)))
         return ReadersPage(ErrorCode.OK, tuple(out))

@@ -896,12 +896,12 @@ class MemoryStore(Store):
     def _read_readers(self, op: ReadReaders) -> ReadersPage:
         with self._lock:
             self._check_open()
-            if not (valid_conversation(op.conv) and valid_id(op.user)):
+            if not (valid_conversation(op.conv) and (valid_id(op.user) or op.user == "")):
                 return ReadersPage(ErrorCode.BAD_REQUEST, ())
             members = self._group_members(op.conv)
             if members is None:
                 return ReadersPage(ErrorCode.UNKNOWN_CONVERSATION, ())
-            if op.user not in members:
+            if op.user and op.user not in members:  # (empty: the broker's own read)
                 return ReadersPage(ErrorCode.NOT_MEMBER, ())
             last = self._conv_last.get(op.conv, 0)
             return ReadersPage(

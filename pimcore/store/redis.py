@@ -1869,12 +1869,12 @@ class RedisStore(AsyncStore):
         return HistoryPage(ErrorCode.OK, tuple(await self._current(tx, await self._msgs_at(tx, op.conv, seqs), op.user)))
 
     async def _read_readers(self, tx: _Tx, op: ReadReaders) -> ReadersPage:
-        if not (valid_conversation(op.conv) and valid_id(op.user)):
+        if not (valid_conversation(op.conv) and (valid_id(op.user) or op.user == "")):
             return ReadersPage(ErrorCode.BAD_REQUEST, ())
         members = await self._group_members(tx, op.conv)
         if members is None:
             return ReadersPage(ErrorCode.UNKNOWN_CONVERSATION, ())
-        if op.user not in members:
+        if op.user and op.user not in members:  # (empty: the broker's own read)
             return ReadersPage(ErrorCode.NOT_MEMBER, ())
         last = _int(await tx.get(self._k_conv(op.conv), "last"))
         out = []
