@@ -30,6 +30,7 @@ from pimcore.auth import issue_token
 from pimcore.client import ClientConfig, Connected, Disconnected, MessageReceived, Resynced, open_client
 from pimcore.client_session import ClientSession
 from pimcore.codec import Decoder, encode_frame
+from pimcore.core import BrokerConfig
 from pimcore.errors import CloseCode, StoreInUse
 from pimcore.store import LmdbStore, MemoryStore, direct_conversation
 from pimcore.store import lmdb as lmdb_store
@@ -266,6 +267,48 @@ def test_a_restored_hot_copy_resynchronizes_a_device_that_only_sent_after_it(tmp
     ack = _ack(h, alice)
     assert ack.resync
     assert [m.payload for m in h.pushed(alice)] == [b"new0", b"new1", b"new2"]
+    restored.close()
+
+
+@pytest.mark.parametrize("removal", ["purge", "retention"])
+def test_a_refilled_cursor_is_found_out_even_when_its_own_entry_was_removed_since(tmp_path, store_driver, removal):
+    """The check reads the entry at the cursor's position; a purge or
+    retention may have removed it since the restore.  The entries below it
+    tell as well (positions and server times grow together): the highest
+    one still there decides.  A new user's trial: alice's cursor was her
+    own send after a hot copy; after the restore carol's messages took her
+    positions 3-4 and bob's one 5, then the chat with bob was purged (or
+    kept to 1 message): trusted, carol's messages were never delivered."""
+    live, backup = tmp_path / "live", tmp_path / "backup"
+    s, h, alice, bob, run_epoch = _bob_took_two(live, store_driver)
+    _crash_copy(live, backup)
+    for i in range(3):
+        h.send(alice, AB, b"lost%d" % i)
+    cursor = h.last_upto(alice)
+    assert cursor == 5
+    s.close()
+
+    restored = LmdbStore(str(backup))
+    h = Harness(restored, driver=store_driver)
+    carol = h.login("carol", "phone")
+    AC = direct_conversation("alice", "carol")
+    h.send(carol, AC, b"carol0")  # alice's position 3
+    h.send(carol, AC, b"carol1")  # 4
+    bob = h.login("bob", "tablet")
+    h.send(bob, AB, b"bob0")  # 5: the cursor's position
+    h.send(bob, AB, b"bob1")  # 6
+    if removal == "purge":
+        assert h.host_call(h.broker.purge_conversation, AB) is not None
+    else:
+        assert h.host_call(h.broker.set_retention, AB, -1, 1) is not None
+        for _ in range(2):  # the first pass arms the reclaim timer, the next one runs it
+            h.advance(BrokerConfig().reclaim_interval + 1)
+    # (The entry at the cursor is gone; carol's below it are there.)
+    assert [pos for pos, _ in restored.inbox_range("alice", 2, 10)] == [3, 4] + ([] if removal == "purge" else [6])
+    alice = h.login("alice", "phone", position=cursor, epoch=run_epoch)
+    assert _ack(h, alice).resync
+    pushed = [m.payload for m in h.pushed(alice)]
+    assert pushed[:2] == [b"carol0", b"carol1"], pushed
     restored.close()
 
 

@@ -4069,8 +4069,18 @@ class LmdbStore(Store):
         end = self._closed.get(op.claim_epoch) if op.claim > 0 else None
         if end is not None:
             # Stored after the claimed epoch ended here: the client took it in
-            # another history (a restored hot copy, refilled).
+            # another history (a restored hot copy, refilled).  The entry at
+            # the claim, or the highest one below it when a purge or
+            # retention removed that one since: positions and server times
+            # grow together, so it is stored after the end if any entry up
+            # to the claim is (a new user's trial: the claim's entry purged,
+            # refilled ones below it were skipped for good).
             raw = txn.get(uk + _U64.pack(op.claim), db=self._inbox)
+            if raw is None:
+                cur = txn.cursor(db=self._inbox)
+                below = cur.prev() if cur.set_range(uk + _U64.pack(op.claim)) else cur.last()
+                if below and cur.key()[: len(uk)] == uk and len(cur.key()) == len(uk) + 8:
+                    raw = cur.value()
             foreign = raw is not None and _INBOX.unpack(raw)[1] > end
         return SessionLoaded(user, op.device, head, floor, position, tuple(states),
                              self._revoked_in(txn, user, op.device), foreign)
