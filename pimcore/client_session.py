@@ -1080,7 +1080,7 @@ class ClientSession:
         also carries the epoch and the inbox position, here at their widest
         encodings (a 16-byte epoch, or this session's if longer; a position
         of 2**64 - 1)."""
-        position, epoch = self._taken_upto, self._epoch
+        position, epoch = self._enqueued_upto, self._epoch
         if widest:
             position, epoch = _U64_MAX, bytes(max(len(epoch), EPOCH_BYTES))
         raw = encode_frame(F.Login(bytes(token), self.device, now, position, self._caps, epoch))
@@ -1155,7 +1155,14 @@ class ClientSession:
         for h in self._history.values():
             h.sent_at = None
         self._state = SessionState.AWAITING_LOGIN_ACK
-        self._send(encode_frame(F.Login(bytes(token), self.device, now, self._taken_upto, self._caps, self._epoch)))
+        # The position this session holds (what the app has taken or has
+        # queued to take), not only what it took: delivery resumes after it,
+        # and the broker's check of a cursor against its store's history
+        # (a store restored from a hot copy) is about everything held -- a
+        # claim of what the app took alone was trusted, and the positions
+        # held past it were then dropped as duplicates when new messages
+        # had refilled them (a new user's trial).
+        self._send(encode_frame(F.Login(bytes(token), self.device, now, self._enqueued_upto, self._caps, self._epoch)))
         # The first calibration sample rides behind the Login (the broker
         # answers pipelined frames once the login is decided): its answer
         # arrives right behind the LoginAck, so the connection is ACTIVE --
@@ -1396,10 +1403,12 @@ class ClientSession:
         if ack.resync:
             self._resync(ack)
         self._epoch = ack.epoch
-        # Resume: never re-queue what the app already has.
+        # Resume: never re-queue what the app already has.  Past what it
+        # holds (entries the broker counts as delivered: its own sends), the
+        # position is taken in turn, after what is queued.
         if ack.position > self._enqueued_upto:
             self._enqueued_upto = ack.position
-        self._taken_upto = max(self._taken_upto, ack.position)
+            self._take_in_turn(ack.position)
         self._acked_upto = ack.position
         self._login_ack = ack
         if ack.max_frame > 0:
@@ -2155,7 +2164,20 @@ class ClientSession:
             ev: Event = MessageAmended(m, self._held_message(m.conv, m.target)) if m.kind in AMEND_KINDS else MessageReceived(m)
             self._emit(ev, f.position if i == len(fresh) - 1 else m.position)
         if not fresh:
-            self._emit(None, f.position)  # nothing to show (own messages): ack in turn
+            self._take_in_turn(f.position)  # nothing to show (own messages)
+
+    def _take_in_turn(self, position: int) -> None:
+        """Positions with nothing for the app (its own sends): taken at once
+        when nothing is queued before them -- a cursor saved right after a
+        send's SendAck then covers the send (OPERATIONS.md, "When the store
+        goes back in time") -- else in turn, when the app has taken what
+        comes before."""
+        if self._events:
+            self._emit(None, position)
+        elif position > self._taken_upto:
+            self._taken_upto = position
+            if self._ack_at is None:
+                self._ack_at = self._t + self._ack_delay  # gather more takes into one ack
 
     # ------------------------------------------------------------ read state
 

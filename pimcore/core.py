@@ -758,7 +758,7 @@ class _Device:
     """
 
     __slots__ = ("conn", "user", "device", "acked", "sent_upto", "unacked", "unacked_bytes", "reading", "typing",
-                 "acked_look", "ramp", "states")
+                 "acked_look", "ramp", "states", "full_upto")
 
     def __init__(self, conn: int, user: str, device: str, position: int) -> None:
         self.conn = conn
@@ -785,6 +785,9 @@ class _Device:
         # wait for the answers to the frames pipelined after the Login and
         # for the first Push of a catch-up.
         self.states: Optional[SessionLoaded] = None
+        # Positions up to this are pushed whole, the device's own sends
+        # included: it was resynchronized and dropped what it held (0: none).
+        self.full_upto = 0
 
 
 #: Bytes (payloads + 32 each, as the push window counts them) the first Push
@@ -2636,6 +2639,8 @@ class Broker:
         c.tokens = float(self.config.limits.send_burst)
         c.refill_at = now
         dev = _Device(c.id, user, device, position)
+        if resync:
+            dev.full_upto = head  # (its own sends come again too)
         self._online.setdefault(user, {})[device] = dev
         self._heads[user] = head
         if user in self._pres_watch:
@@ -3355,7 +3360,8 @@ class Broker:
             device, user = dev.device, dev.user
             # The loop below in one fast-path call when no entry needs
             # converting (pimcore/_pure/send.py: push_slice).
-            got = _impl.push_slice(entries, budget, device, user, F.Message)
+            full = dev.full_upto
+            got = _impl.push_slice(entries, budget, device, user, F.Message) if full < entries[0][0] else None
             if got is not None:
                 msgs, upto, size = got
             else:
@@ -3368,7 +3374,7 @@ class Broker:
                         break
                     i += 1
                     upto = pos
-                    if m.device == device and m.sender == user:
+                    if m.device == device and m.sender == user and pos > full:
                         continue
                     pushed.append(m if isinstance(m, F.Message) else _to_frame_message(pos, m))  # type: ignore[arg-type]
                     size += n

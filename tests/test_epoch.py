@@ -83,6 +83,27 @@ def test_a_cursor_from_another_epoch_is_resynchronized_and_never_stored(store, s
     assert h.broker.statistics().resyncs == 1
 
 
+def test_a_resynchronized_device_gets_its_own_sends_back(store, store_driver):
+    """A resynchronized client drops everything it held, its own sent
+    messages included, and is promised every message the store still has
+    (a new user's trial: its own sends never came back -- a device is
+    never pushed what it sent itself, it has them from their SendAcks).
+    Up to the head at that login, its own sends are pushed too."""
+    h = Harness(store, driver=store_driver)
+    phone = h.login("alice", "phone")
+    for i in range(2):
+        h.send(phone, AB, b"mine%d" % i)
+    bob = h.login("bob", "phone")
+    h.send(bob, AB, b"his")
+    h.lose(phone)
+    again = h.login("alice", "phone", position=3, epoch=OTHER_EPOCH)
+    assert _ack(h, again).resync
+    assert [m.payload for m in h.drain_device(again)] == [b"mine0", b"mine1", b"his"]
+    # After it, its own sends are its SendAcks' again.
+    h.send(again, AB, b"later")
+    assert h.pushed(again) == []
+
+
 def test_a_client_at_position_0_from_another_epoch_is_resynchronized_too(store, store_driver):
     # A device that has only sent holds position 0, yet seqs, views and
     # receipts of the old history: it must be told too (found by a new user:
@@ -266,7 +287,8 @@ def test_a_restored_hot_copy_resynchronizes_a_device_that_only_sent_after_it(tmp
     alice = h.login("alice", "phone", position=cursor, epoch=run_epoch)
     ack = _ack(h, alice)
     assert ack.resync
-    assert [m.payload for m in h.pushed(alice)] == [b"new0", b"new1", b"new2"]
+    # Everything the restored store has, her own sends (of the copy) too.
+    assert [m.payload for m in h.pushed(alice)] == [b"old0", b"old1", b"new0", b"new1", b"new2"]
     restored.close()
 
 
@@ -506,6 +528,66 @@ def test_the_sdk_resets_its_cursors_on_resync_and_acks_only_what_it_was_pushed()
     assert acks and acks[-1].position == 3
 
 
+def test_a_reconnecting_sdk_claims_what_it_holds_not_only_what_the_app_took():
+    """A new user's trial: the app took 5 of 34 pushed messages, then the
+    broker was restored from a hot copy and the same SDK object logged in
+    again.  Its Login claimed 5 (taken_upto), a position of the copy, so
+    it was trusted -- and the SDK then dropped the refilled positions 6-34
+    as duplicates of what it held: new messages lost, gone ones shown.  It
+    now claims everything it holds (34), which the restored store finds
+    refilled; and the positions it holds but the app has not taken stay
+    untaken until the app takes them."""
+    s = ClientSession("phone", ClientConfig(time_samples=1, ack_delay=0))
+    s.connection_made(T0, b"tok")
+    first = _frames(s.data_to_send())
+    e1 = b"\x0a" * 16
+    s.receive_data(_login_ack(e1, 0, 34, False), T0)
+    _calibrate(s, T0, first)
+    msgs = tuple(F.Message(i, bytes([i]) * 16, AB, i, "alice", "p", T0, T0 + i, b"x", 0, i, i - 1) for i in range(1, 35))
+    s.receive_data(encode_frame(F.Push(34, msgs)), T0)
+    taken = 0
+    while taken < 5:
+        ev = s.next_event(T0)
+        taken += isinstance(ev, MessageReceived)
+    assert s.taken_upto == 5
+    s.connection_lost(T0)
+
+    s.connection_made(T0 + 1, b"tok")
+    first = _frames(s.data_to_send())
+    login = next(f for f in first if isinstance(f, F.Login))
+    assert (login.position, login.epoch) == (34, e1)
+    # Trusted: delivery resumes after 34; the app still takes 6..34 in turn.
+    s.receive_data(_login_ack(e1, 34, 34, False), T0 + 2)
+    _calibrate(s, T0 + 2, first)
+    assert s.taken_upto == 5
+    got = []
+    while (ev := s.next_event(T0 + 3)) is not None:
+        if isinstance(ev, MessageReceived):
+            got.append(ev.message.position)
+    assert got == list(range(6, 35)) and s.taken_upto == 34
+
+
+def test_an_sdk_takes_a_push_of_only_its_own_sends_at_once_when_nothing_is_queued():
+    """A new user's trial: right after ``send()`` returned, ``taken_upto``
+    did not cover the send (the Push telling its position waited in the
+    event queue for the app to take it), so a cursor saved then was one a
+    restored hot copy trusted.  With nothing queued before it, it is taken
+    at once."""
+    s = ClientSession("phone", ClientConfig(time_samples=1, ack_delay=0))
+    s.connection_made(T0, b"tok")
+    first = _frames(s.data_to_send())
+    s.receive_data(_login_ack(b"\x0a" * 16, 0, 0, False), T0)
+    _calibrate(s, T0, first)
+    while s.next_event(T0) is not None:
+        pass
+    s.send(AB, b"hi", T0)
+    [req] = [f for f in _frames(s.data_to_send()) if isinstance(f, F.SendReq)]
+    s.receive_data(encode_frame(F.SendAck(req.local_id, 0, bytes(16), 1, T0)) + encode_frame(F.Push(1, ())), T0)
+    assert s.taken_upto == 1
+    s.handle_timer(T0 + 1)
+    assert [f.position for f in _frames(s.data_to_send()) if isinstance(f, F.PushAck)] == [1]
+
+
 def test_an_sdk_restarted_with_a_saved_cursor_resumes_in_the_same_epoch():
     e1 = b"\x0c" * 16
     s = ClientSession("phone", ClientConfig(time_samples=0), position=7, epoch=e1)
@@ -611,7 +693,7 @@ async def test_a_device_that_only_sent_after_a_hot_copy_is_resynchronized_throug
             async def watch() -> None:
                 async for ev in alice.events():
                     events.append(ev)
-                    if sum(isinstance(e, MessageReceived) for e in events) == 3:
+                    if sum(isinstance(e, MessageReceived) for e in events) == 5:
                         got.set()
 
             async with trio.open_nursery() as n:
@@ -637,4 +719,7 @@ async def test_a_device_that_only_sent_after_a_hot_copy_is_resynchronized_throug
                 n.cancel_scope.cancel()
     resynced = [e for e in events if isinstance(e, Resynced)]
     assert len(resynced) == 1 and resynced[0].old_epoch == run_epoch != resynced[0].epoch
-    assert [e.message.payload for e in events if isinstance(e, MessageReceived)] == [b"new0", b"new1", b"new2"]
+    # Every message the restored store has, her own sends of the copy too.
+    assert [e.message.payload for e in events if isinstance(e, MessageReceived)] == [
+        b"old0", b"old1", b"new0", b"new1", b"new2"
+    ]
