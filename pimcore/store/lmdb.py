@@ -2137,7 +2137,8 @@ class LmdbStore(Store):
                 # (A clean stop checkpoints everything: a replay means the
                 # last stop was a crash, a kill or a power cut.)
                 _log.warning("replayed %d batches from the command log (records %d-%d) in %.2f s: the last stop"
-                             " was not clean; every acked batch is back", self.replayed, first,
+                             " was not clean; every batch this log acknowledged is back (a copy of the data directory"
+                             " holds only what was acknowledged before the copy was taken)", self.replayed, first,
                              first + self.replayed - 1, time.monotonic() - began,
                              extra={"event": "log_replayed", "batches": self.replayed, "path": log_dir})
         st.log.start()
