@@ -907,6 +907,9 @@ class ClientSession:
 
         # -- downstream: (event, inbox position the app has processed once it took it)
         self._events: deque[tuple[Optional[Event], int]] = deque()
+        # The highest inbox position queued with an event (0: none since the
+        # last resync): what the app has yet to take, when above taken_upto.
+        self._queued_ack = 0
         self._taken_upto = position  # highest position the app has taken (what we ack)
         self._enqueued_upto = position
         # The history our positions and seqs belong to (LoginAck.epoch).
@@ -1437,6 +1440,7 @@ class ClientSession:
         # acking an old-history position here would be acking something this
         # broker never pushed.
         self._events = deque((ev, 0) for ev, _ in self._events if ev is not None)
+        self._queued_ack = 0
         self._enqueued_upto = self._taken_upto = self._acked_upto = ack.position
         self._ack_at = None
         self._seen_seq.clear()
@@ -2112,6 +2116,8 @@ class ClientSession:
 
     def _emit(self, ev: Optional[Event], ack: int = 0) -> None:
         self._events.append((ev, ack))
+        if ack > self._queued_ack:
+            self._queued_ack = ack
         if len(self._events) > self.config.event_limit and not isinstance(ev, MessageReceived):
             self._shed_notifications()
 
@@ -2168,11 +2174,12 @@ class ClientSession:
 
     def _take_in_turn(self, position: int) -> None:
         """Positions with nothing for the app (its own sends): taken at once
-        when nothing is queued before them -- a cursor saved right after a
-        send's SendAck then covers the send (OPERATIONS.md, "When the store
-        goes back in time") -- else in turn, when the app has taken what
-        comes before."""
-        if self._events:
+        when no message is queued before them (events without a position,
+        such as Connected, do not hold them: a send-only app need not read
+        its events) -- a cursor saved right after a send's SendAck then
+        covers the send (OPERATIONS.md, "When the store goes back in
+        time") -- else in turn, when the app has taken what comes before."""
+        if self._queued_ack > self._taken_upto:
             self._emit(None, position)
         elif position > self._taken_upto:
             self._taken_upto = position
