@@ -646,16 +646,21 @@ def test_an_sdk_restarted_with_a_saved_cursor_resumes_in_the_same_epoch():
 CONFIG = ClientConfig(ack_timeout=1.0, send_timeout=30.0, connect_timeout=5.0, backoff_initial=0.05, backoff_max=0.3)
 
 
-async def test_the_issue_input_through_the_sdk_and_pimcore_serve(tmp_path: Path, procs: ProcGroup) -> None:
+async def _serve(tmp_path: Path, procs: ProcGroup) -> tuple:
+    """``pimcore serve`` on a data directory under ``tmp_path``: (data dir,
+    url, a function starting it again, the process, the token secret)."""
     data = tmp_path / "data"
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
+    url = f"tcp://127.0.0.1:{free_port()}"
 
     def start():
         return procs.serve("--listen", url, "--data-dir", data)
 
     server = await trio.to_thread.run_sync(start)
-    secret = (data / "secret").read_text().strip()
+    return data, url, start, server, (data / "secret").read_text().strip()
+
+
+async def test_the_issue_input_through_the_sdk_and_pimcore_serve(tmp_path: Path, procs: ProcGroup) -> None:
+    data, url, start, server, secret = await _serve(tmp_path, procs)
     events: list = []
     got = trio.Event()
     with trio.fail_after(60):
@@ -716,15 +721,7 @@ async def test_a_device_that_only_sent_after_a_hot_copy_is_resynchronized_throug
     Her phone reconnects by itself: it must be told ``Resynced`` (before:
     trusted, its three sends gone while its app showed them) and get bob's
     new messages."""
-    data = tmp_path / "data"
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-
-    def start():
-        return procs.serve("--listen", url, "--data-dir", data)
-
-    server = await trio.to_thread.run_sync(start)
-    secret = (data / "secret").read_text().strip()
+    data, url, start, server, secret = await _serve(tmp_path, procs)
     events: list = []
     got = trio.Event()
     with trio.fail_after(60):

@@ -216,6 +216,20 @@ async def test_a_link_cut_right_after_each_login_reconnects_at_the_initial_backo
     assert max(gaps) < 2 * cfg.backoff_initial, gaps  # backoff_initial x [0.5, 1.5), plus a login
 
 
+async def _bob_takes_all_through(srv, chaos: ChaosConfig, client_cfg: ClientConfig, n: int) -> None:
+    """bob's phone, through a chaos proxy, takes the ``n`` messages
+    numbered 0..n-1 (their first 5 bytes) in order; the cuts did happen."""
+    async with open_chaos_proxy("127.0.0.1", srv.endpoints[0].port, chaos) as proxy:
+        async with open_client(f"tcp://127.0.0.1:{proxy.port}", token("bob"), "phone", config=client_cfg) as b:
+            got = []
+            async for m in b.messages():
+                got.append(int(m.payload[:5]))
+                if len(got) == n:
+                    break
+            assert got == list(range(n))
+            assert b.statistics().connects > 1, (b.statistics(), proxy.statistics())
+
+
 async def test_a_backlog_catches_up_through_cut_connections_when_the_read_states_alone_are_past_the_cut(store):
     """A user of 300 conversations on a link cut every 6 KB (a new user's
     trial): a login's LoginAck and its read states -- one per conversation,
@@ -235,15 +249,7 @@ async def test_a_backlog_catches_up_through_cut_connections_when_the_read_states
                 for i, g in enumerate(groups):
                     await a.send(g, b"%05d" % i)
             chaos = ChaosConfig(latency=0.002, reset_after_bytes=6_000)
-            async with open_chaos_proxy("127.0.0.1", srv.endpoints[0].port, chaos) as proxy:
-                async with open_client(f"tcp://127.0.0.1:{proxy.port}", token("bob"), "phone", config=client_cfg) as b:
-                    got = []
-                    async for m in b.messages():
-                        got.append(int(m.payload[:5]))
-                        if len(got) == n:
-                            break
-                    assert got == list(range(n))
-                    assert b.statistics().connects > 1, (b.statistics(), proxy.statistics())  # (the cuts did happen)
+            await _bob_takes_all_through(srv, chaos, client_cfg, n)
 
 
 @pytest.mark.parametrize("size, cut", [(2_000, 40_000), (100, 6_000)])
@@ -265,12 +271,4 @@ async def test_a_backlog_catches_up_through_connections_cut_after_a_few_kilobyte
                 for i in range(n):
                     await a.send(conv, b"%05d" % i + os.urandom(size - 5))  # (incompressible)
             chaos = ChaosConfig(latency=0.002, reset_after_bytes=cut)
-            async with open_chaos_proxy("127.0.0.1", srv.endpoints[0].port, chaos) as proxy:
-                async with open_client(f"tcp://127.0.0.1:{proxy.port}", token("bob"), "phone", config=client_cfg) as b:
-                    got = []
-                    async for m in b.messages():
-                        got.append(int(m.payload[:5]))
-                        if len(got) == n:
-                            break
-                    assert got == list(range(n))
-                    assert b.statistics().connects > 1, (b.statistics(), proxy.statistics())  # (the cuts did happen)
+            await _bob_takes_all_through(srv, chaos, client_cfg, n)
