@@ -826,9 +826,10 @@ class LoadSession:
     #: The client's cursor, when it comes from an epoch other than the
     #: current one: its inbox position and that epoch (b"": none given).  A
     #: store that knows where that epoch ended in its own history answers
-    #: SessionLoaded.foreign when the entry at ``claim`` was stored after
-    #: that end (a restored hot copy refilled the positions: OPERATIONS.md,
-    #: "When the store goes back in time").
+    #: SessionLoaded.foreign when the entry at ``claim`` (or the highest one
+    #: below it still stored) was stored after that end, or when it has no
+    #: record of the device (a restored hot copy refilled the positions:
+    #: OPERATIONS.md, "When the store goes back in time").
     claim: int = 0
     claim_epoch: bytes = b""
 
@@ -1125,11 +1126,13 @@ class SessionLoaded:
     #: µs: tokens of this user and device issued earlier are revoked (the
     #: later of the user-wide and the device's RevokeTokens; 0 = none).
     revoked_before: int = 0
-    #: The entry at LoadSession.claim was stored after LoadSession.claim_epoch
-    #: ended in this store's history: the cursor is from another history
-    #: (the core resynchronizes the client).  False when the store cannot
-    #: tell (no claim, an epoch whose end it never recorded, the entry
-    #: reclaimed, or a store that keeps no such record: memory, Redis).
+    #: The entry at LoadSession.claim (or the highest one below it still
+    #: stored) was stored after LoadSession.claim_epoch ended in this store's
+    #: history, or the store has no record of the device: the cursor is from
+    #: another history (the core resynchronizes the client).  False when the
+    #: store cannot tell (no claim, an epoch whose end it never recorded,
+    #: every entry up to the claim gone, or a store that keeps no such
+    #: record: memory, Redis).
     foreign: bool = False
 
 
