@@ -827,8 +827,9 @@ class LoadSession:
     #: current one: its inbox position and that epoch (b"": none given).  A
     #: store that knows where that epoch ended in its own history answers
     #: SessionLoaded.foreign when the entry at ``claim`` (or the highest one
-    #: below it still stored) was stored after that end, or when it has no
-    #: record of the device (a restored hot copy refilled the positions:
+    #: below it still stored) was stored after that end, or, with no such
+    #: entry left, when it has no record of the device (a restored hot copy
+    #: refilled the positions:
     #: OPERATIONS.md, "When the store goes back in time").
     claim: int = 0
     claim_epoch: bytes = b""
@@ -1128,11 +1129,11 @@ class SessionLoaded:
     revoked_before: int = 0
     #: The entry at LoadSession.claim (or the highest one below it still
     #: stored) was stored after LoadSession.claim_epoch ended in this store's
-    #: history, or the store has no record of the device: the cursor is from
-    #: another history (the core resynchronizes the client).  False when the
-    #: store cannot tell (no claim, an epoch whose end it never recorded,
-    #: every entry up to the claim gone, or a store that keeps no such
-    #: record: memory, Redis).
+    #: history, or (no such entry left) the store has no record of the
+    #: device: the cursor is from another history (the core resynchronizes
+    #: the client).  False when the store cannot tell (no claim, an epoch
+    #: whose end it never recorded, every entry up to the claim gone from a
+    #: device it knows, or a store that keeps no such record: memory, Redis).
     foreign: bool = False
 
 

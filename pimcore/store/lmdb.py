@@ -4078,18 +4078,18 @@ class LmdbStore(Store):
             # refilled ones below it were skipped for good).  And a device
             # this store has no record of logged in only in that other
             # history (its refilled entries may all be reclaimed: nothing
-            # below the claim would tell); at worst its first login had not
-            # been committed, and it is sent everything again.
-            if position < 0:
-                foreign = True
-            else:
-                raw = txn.get(uk + _U64.pack(op.claim), db=self._inbox)
-                if raw is None:
-                    cur = txn.cursor(db=self._inbox)
-                    below = cur.prev() if cur.set_range(uk + _U64.pack(op.claim)) else cur.last()
-                    if below and cur.key()[: len(uk)] == uk and len(cur.key()) == len(uk) + 8:
-                        raw = cur.value()
-                foreign = raw is not None and _INBOX.unpack(raw)[1] > end
+            # below the claim would tell).
+            raw = txn.get(uk + _U64.pack(op.claim), db=self._inbox)
+            if raw is None:
+                cur = txn.cursor(db=self._inbox)
+                below = cur.prev() if cur.set_range(uk + _U64.pack(op.claim)) else cur.last()
+                if below and cur.key()[: len(uk)] == uk and len(cur.key()) == len(uk) + 8:
+                    raw = cur.value()
+            # (No entry up to the claim left: a device unknown here decides.
+            # Not before: a device's record is written lazily, and one killed
+            # right after its first sends must not be resynchronized when
+            # its entries say it is of this history -- a third trial.)
+            foreign = _INBOX.unpack(raw)[1] > end if raw is not None else position < 0
         return SessionLoaded(user, op.device, head, floor, position, tuple(states),
                              self._revoked_in(txn, user, op.device), foreign)
 
