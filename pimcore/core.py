@@ -1767,6 +1767,11 @@ class Broker:
             elif kind is Expire and isinstance(res, Expired):
                 for conv in res.convs:
                     self._refresh_floor(conv, -1, out)
+                if res.resume:
+                    # The walk stopped at EXPIRED_IDS trimmed conversations
+                    # (each named above, so each one's online devices are
+                    # told): the same pass goes on after the last one.
+                    self._propose(Expire(op.now, op.max_age, op.max_count, res.resume), None)  # type: ignore[union-attr]
             # Acked / Touched need no reaction: the in-memory session already
             # moved; the store only makes it survive a restart.
         if acks:
@@ -3493,8 +3498,9 @@ class Broker:
         A 1:1 chat's two users are known from the id; a group's members
         are read first (ReadReaders asked by nobody: _members_read_done).
         A purged group is gone with its markers: nothing to refresh.
-        Bounded per commit: an Expire names at most EXPIRED_IDS
-        conversations (store/base.py), so at most one members read each and
+        Bounded per commit: an Expire trims and names at most EXPIRED_IDS
+        conversations (store/base.py; the pass goes on in the next one),
+        so at most one members read each and
         a _FloorRead per member online here, each of at most _FLOOR_TRIES
         reads."""
         pair = direct_members(conv)

@@ -28,6 +28,7 @@ from pimcore.store import (
     SetRetention,
     Store,
     TouchDevice,
+    direct_conversation,
 )
 
 from test_store import AB, DAY, Maker, inbox_ids, mk, store  # noqa: F401  (fixtures)
@@ -216,30 +217,72 @@ def test_expire_still_visits_a_conversation_whose_users_were_all_purged(store: S
     assert seqs(store.history(AB, 0, 10)) == [4]
 
 
-def test_expired_names_the_conversations_whose_floor_moved_up_to_a_bound(
-    store: Store, mk: Maker, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The core sends the online devices of these conversations' users their
-    # exact read state (core.py): a commit hands back a bounded list, and
-    # the count says how many more there were.
+def bound_expired_ids(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """EXPIRED_IDS as every store module reads it."""
     import pimcore.store.lmdb
     import pimcore.store.memory
     import pimcore.store.redis
 
     for module in (pimcore.store.memory, pimcore.store.lmdb, pimcore.store.redis):
-        monkeypatch.setattr(module, "EXPIRED_IDS", 2)
-    for conv in ("g3", "g1", "g2"):
+        monkeypatch.setattr(module, "EXPIRED_IDS", n)
+
+
+def test_expire_trims_at_most_expired_ids_conversations_a_commit_and_says_where_to_resume(
+    store: Store, mk: Maker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The core sends the online devices of these conversations' users their
+    # exact read state (core.py): a commit names every conversation it
+    # trimmed, so it trims a bounded number of them, and ``resume`` says
+    # where the next Expire goes on.  (A single Expire trimmed them all and
+    # named the first 256: the devices of the rest kept counting messages
+    # that were gone until their next ReadState.)
+    bound_expired_ids(monkeypatch, 2)
+    for conv in ("g3", "g1", "g5", "g2", "g4"):
         store.create_group(conv, ["alice", "bob"], 1)
         send(store, mk, 2, conv)
     send(store, mk, 1)  # one message: nothing to trim
     [res] = mk.commit(store, Expire(mk.time, 0, 1))
-    assert (res.conversations, res.messages, res.entries) == (3, 3, 6)
-    assert len(res.convs) == 2 and set(res.convs) < {"g1", "g2", "g3"} and list(res.convs) == sorted(res.convs)
-    for module in (pimcore.store.memory, pimcore.store.lmdb, pimcore.store.redis):
-        monkeypatch.setattr(module, "EXPIRED_IDS", 256)
-    send(store, mk, 2, "g2")
+    assert (res.conversations, res.messages, res.entries) == (2, 2, 4)
+    assert len(res.convs) == 2 and list(res.convs) == sorted(res.convs) and res.resume in res.convs
+    trimmed = list(res.convs)
+    # A conversation gone since (the one to resume after, purged) changes nothing.
+    gone = res.resume
+    mk.commit(store, PurgeConversation(gone))
+    while res.resume:
+        [res] = mk.commit(store, Expire(mk.time, 0, 1, res.resume))
+        assert res.conversations == len(res.convs) <= 2 and res.messages == len(res.convs)
+        trimmed += res.convs
+    assert sorted(trimmed) == ["g1", "g2", "g3", "g4", "g5"]  # each once
+    assert all(store.retention(g).floor == 1 for g in trimmed if g != gone)
+    assert mk.commit(store, Expire(mk.time, 0, 1)) == (Expired(0, 0, 0),)
+    bound_expired_ids(monkeypatch, 256)
+    kept = "g2" if gone != "g2" else "g3"
+    send(store, mk, 2, kept)
     send(store, mk, 2)
-    assert mk.commit(store, Expire(mk.time, 0, 1)) == (Expired(2, 4, 8, (AB, "g2")),)
+    assert mk.commit(store, Expire(mk.time, 0, 1)) == (Expired(2, 4, 8, tuple(sorted((AB, kept)))),)
+
+
+def test_expire_resumes_over_conversations_with_a_retention_of_their_own(
+    store: Store, mk: Maker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No broker default: the walk is over the conversations that set one.
+    bound_expired_ids(monkeypatch, 1)
+    for conv in ("g2", "g1", "g3"):
+        store.create_group(conv, ["alice", "bob"], 1)
+        send(store, mk, 3, conv)
+        mk.commit(store, SetRetention(conv, -1, 1))
+    send(store, mk, 3)  # no setting: kept
+    trimmed: list[str] = []
+    after = ""
+    while True:
+        [res] = mk.commit(store, Expire(mk.time, 0, 0, after))
+        trimmed += res.convs
+        if not res.resume:
+            break
+        assert res.convs == (res.resume,)
+        after = res.resume
+    assert sorted(trimmed) == ["g1", "g2", "g3"]
+    assert [len(store.history(c, 0, 10)) for c in ("g1", "g2", "g3", AB)] == [1, 1, 1, 3]
 
 
 def test_reclaim_walks_over_holes_whatever_max_age(store: Store, mk: Maker) -> None:
@@ -349,3 +392,34 @@ def test_online_devices_get_their_read_state_after_a_trim_and_a_purge_over_every
     assert [s.entries for s in h.take(b, F.ReadStates)] == [(F.ReadState(AB, 5, 30, 0),)]
     h.send(a, AB, b"after")
     assert [m.seq for m in h.drain_device(b)] == [31] and store.unread("bob", AB) == 1
+
+
+def test_online_devices_get_their_read_state_after_a_trim_of_more_conversations_than_a_commit_names(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The core goes on with the next Expire at once (Expired.resume): every
+    # trimmed conversation's online devices are told, not the first
+    # EXPIRED_IDS of them.
+    from _harness import Harness
+    from pimcore import frames as F
+    from pimcore.core import BrokerConfig
+
+    bound_expired_ids(monkeypatch, 2)
+    h = Harness(store, driver="inline")
+    b = h.login("bob", "phone")
+    peers = ["carol", "dave", "erin", "fred", "gina"]
+    convs = []
+    for peer in peers:
+        conv = direct_conversation(peer, "bob")
+        convs.append(conv)
+        a = h.login(peer, "phone")
+        for i in range(4):
+            h.send(a, conv, b"m%d" % i)
+        h.host_call(h.broker.set_retention, conv, -1, 1)
+    h.drain_device(b)
+    h.take(b)
+    for _ in range(2):
+        h.advance(BrokerConfig().reclaim_interval + 1)
+    got = {e.conv: e for s in h.take(b, F.ReadStates) for e in s.entries}
+    assert got == {conv: F.ReadState(conv, 0, 4, 1) for conv in convs}
+    assert all(store.unread("bob", conv) == 1 for conv in convs)

@@ -755,11 +755,22 @@ class Expire:
     Push skips positions a device does not need) and its dedupe record --
     with the message, never before, so a retry of a message still in the log
     is still a Duplicate.  Seqs are never reused; the floor only grows.
-    Read markers and membership are kept.  Result: Expired."""
+    Read markers and membership are kept.
+
+    One Expire trims at most EXPIRED_IDS conversations, walked in an order
+    of the store's choice from the one after ``after`` (a conversation id;
+    "" from the first): when it stops at that bound, ``Expired.resume``
+    names where the next Expire goes on (``after=resume``, the same
+    ``now``).  Why bounded: the core tells the online devices of every
+    trimmed conversation their exact unread count (core.py,
+    _refresh_floor), so a commit names each one, and a retention pass over
+    a large store is many small commits rather than one that holds every
+    trim.  ``after`` need not still exist (purged since).  Result: Expired."""
 
     now: int
     max_age: int = 0
     max_count: int = 0
+    after: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1263,23 +1274,24 @@ class RetentionState:
     floor: int
 
 
-#: The most conversation ids one :class:`Expired` names.  An Expire may
-#: trim every conversation of the store; the ids are for the core to refresh
-#: the read states of online devices (core.py, _refresh_floor), so they are
-#: bounded like everything a commit hands back.  Past it, ``conversations``
-#: says how many more moved (their devices heal at their next ReadState).
+#: The most conversations one :class:`Expire` trims (and its Expired
+#: names).  The ids are for the core to refresh the read states of online
+#: devices (core.py, _refresh_floor), so they are bounded like everything a
+#: commit hands back; the walk goes on in the next Expire (Expired.resume).
 EXPIRED_IDS = 256
 
 
 @dataclass(frozen=True, slots=True)
 class Expired:
-    conversations: int  # whose floor moved
+    conversations: int  # whose floor moved (== len(convs))
     messages: int  # entries removed from conversations
     entries: int  # inbox entries removed with them
-    #: The ids of the conversations whose floor moved, sorted: all of them
-    #: up to EXPIRED_IDS (past it, which EXPIRED_IDS is the store's choice:
-    #: the first it walked); len(convs) < conversations says there were more.
+    #: The ids of the conversations whose floor moved, sorted.
     convs: tuple[str, ...] = ()
+    #: "" when the walk is done; else the walk stopped at EXPIRED_IDS
+    #: trimmed conversations, and the next Expire goes on after this id
+    #: (Expire.after).
+    resume: str = ""
 
 
 @dataclass(frozen=True, slots=True)

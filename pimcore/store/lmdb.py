@@ -4274,14 +4274,19 @@ class LmdbStore(Store):
     def _expire(self, w: _Batch, op: Expire) -> Result:
         w.sync()  # inbox entries queued by earlier ops must be in the db
         txn = w.txn
-        if op.max_age or op.max_count:
-            cks = [ck for ck, _ in txn.cursor(self._convs)]
-        else:  # only conversations with a setting of their own
-            cks = [ck for ck, v in txn.cursor(self._retention) if _RETENTION.unpack(v)[:2] != (-1, -1)]
+        # The walk: conversation keys in key order, after ``op.after``; only
+        # those with a setting of their own when the broker sets no default.
+        own = not (op.max_age or op.max_count)
         convs = msgs = entries = 0
         ids: list[str] = []
-        for ck in cks:
+        resume = ""
+        for ck in self._keys_after(txn, self._retention if own else self._convs, _t(op.after) if op.after else b""):
+            if len(ids) >= EXPIRED_IDS:
+                resume = ids[-1]  # (more to look at: the next Expire goes on after it)
+                break
             own_age, own_count, floor = self._retention_in(txn, ck)
+            if own and (own_age, own_count) == (-1, -1):
+                continue
             age, count = retention_limits((own_age, own_count), op.max_age, op.max_count)
             if not (age or count):
                 continue
@@ -4300,9 +4305,29 @@ class LmdbStore(Store):
             if upto > floor:
                 n, e = self._trim(txn, ck, upto)
                 convs, msgs, entries = convs + 1, msgs + n, entries + e
-                if len(ids) < EXPIRED_IDS:
-                    ids.append(ck[1:].decode("ascii"))  # (a length-prefixed id: _t)
-        return Expired(convs, msgs, entries, tuple(sorted(ids)))
+                ids.append(ck[1:].decode("ascii"))  # (a length-prefixed id: _t)
+        return Expired(convs, msgs, entries, tuple(sorted(ids)), resume)
+
+    @staticmethod
+    def _keys_after(txn: _Txn, db: Any, start: bytes, chunk: int = 1024) -> Iterator[bytes]:
+        """The keys of ``db`` above ``start``, ascending, read ``chunk`` at a
+        time with a fresh cursor each: the caller writes between them (a
+        trim rewrites the retention table's floors), and a cursor is never
+        kept across its writes."""
+        while True:
+            cur = txn.cursor(db=db)
+            if not (cur.set_range(start) if start else cur.first()):
+                return
+            keys: list[bytes] = []
+            for key in cur.iternext(keys=True, values=False):
+                if key != start:
+                    keys.append(key)
+                    if len(keys) == chunk:
+                        break
+            if not keys:
+                return
+            yield from keys
+            start = keys[-1]
 
     def _purge_conversation(self, w: _Batch, op: PurgeConversation) -> Result:
         w.sync()

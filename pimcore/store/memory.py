@@ -15,6 +15,7 @@ so it favours being obviously right over being clever:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import os
 import threading
@@ -676,7 +677,14 @@ class MemoryStore(Store):
             return Expired(0, 0, 0)
         convs = msgs = entries = 0
         ids: list[str] = []
-        for conv, last in list(self._conv_last.items()):
+        resume = ""
+        # The walk: conversation ids in sorted order, after ``op.after``.
+        order = sorted(self._conv_last)
+        for conv in order[bisect.bisect_right(order, op.after) if op.after else 0 :]:
+            if len(ids) >= EXPIRED_IDS:
+                resume = ids[-1]  # (more to look at: the next Expire goes on after it)
+                break
+            last = self._conv_last[conv]
             age, count = retention_limits(self._retention.get(conv, (-1, -1)), op.max_age, op.max_count)
             if not (age or count):
                 continue
@@ -690,9 +698,8 @@ class MemoryStore(Store):
             if upto > floor:
                 n, e = self._trim(conv, upto)
                 convs, msgs, entries = convs + 1, msgs + n, entries + e
-                if len(ids) < EXPIRED_IDS:
-                    ids.append(conv)
-        return Expired(convs, msgs, entries, tuple(sorted(ids)))
+                ids.append(conv)
+        return Expired(convs, msgs, entries, tuple(ids), resume)
 
     def _purge_conversation(self, op: PurgeConversation) -> Result:
         conv = op.conv

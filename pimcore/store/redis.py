@@ -95,6 +95,7 @@ entries, never an entry before its message).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import os
@@ -1518,7 +1519,13 @@ class RedisStore(AsyncStore):
             convs.update(await tx.getall(self._convs))
         n_convs = msgs = entries = 0
         ids: list[str] = []
-        for conv in sorted(convs):
+        resume = ""
+        # The walk: conversation ids in sorted order, after ``op.after``.
+        order = sorted(convs)
+        for conv in order[bisect.bisect_right(order, op.after) if op.after else 0 :]:
+            if len(ids) >= EXPIRED_IDS:
+                resume = ids[-1]  # (more to look at: the next Expire goes on after it)
+                break
             ck = self._k_conv(conv)
             ret, hf, last_b = await tx.mget(ck, ["ret", "hf", "last"])
             own = tuple(int(x) for x in ret.split(b":")) if ret else (-1, -1)
@@ -1544,9 +1551,8 @@ class RedisStore(AsyncStore):
             if upto > floor:
                 n, e = await self._trim(tx, conv, upto)
                 n_convs, msgs, entries = n_convs + 1, msgs + n, entries + e
-                if len(ids) < EXPIRED_IDS:
-                    ids.append(conv)
-        return Expired(n_convs, msgs, entries, tuple(sorted(ids)))
+                ids.append(conv)
+        return Expired(n_convs, msgs, entries, tuple(ids), resume)
 
     async def _purge_conversation(self, tx: _Tx, op: PurgeConversation) -> Result:
         conv = op.conv
