@@ -2004,19 +2004,17 @@ class ClientSession:
             if p.action:
                 # Our own AmendReq: apply it to the local view now (the
                 # broker does not push a device its own entries).
-                self._remember(
-                    F.Message(
-                        0, f.msg_id, p.conv, f.seq, self.user, self.device, p.client_time, f.server_time, p.payload,
-                        p.action, p.local_id, max(0, f.seq - 1), p.target,
-                    )
+                own = F.Message(
+                    0, f.msg_id, p.conv, f.seq, self.user, self.device, p.client_time, f.server_time, p.payload,
+                    p.action, p.local_id, max(0, f.seq - 1), p.target,
                 )
             else:
-                self._remember(
-                    F.Message(
-                        0, f.msg_id, p.conv, f.seq, self.user, self.device, p.client_time, f.server_time, p.payload,
-                        F.MessageKind.MESSAGE, p.local_id, min(p.after_seq, max(0, f.seq - 1)),
-                    )
+                own = F.Message(
+                    0, f.msg_id, p.conv, f.seq, self.user, self.device, p.client_time, f.server_time, p.payload,
+                    F.MessageKind.MESSAGE, p.local_id, min(p.after_seq, max(0, f.seq - 1)),
                 )
+            self._remember(own)
+            self._own_entry(own)
             self._completions.append(SendCompleted(p.local_id, Sent(p.local_id, p.conv, f.msg_id, f.seq, f.server_time, p.client_time), None))
         elif code in FINAL_CODES:
             self._forget(p)
@@ -2670,6 +2668,22 @@ class ClientSession:
         self.conversations[e.conv] = e
         for m in e.last:
             self._remember(m)
+
+    def _own_entry(self, m: F.Message) -> None:
+        """This device's own message or amend, durable (its SendAck): the
+        conversation's read state and list entry take it as the broker's
+        do, as a pushed message of the user's would (never unread; the
+        sender's marker does not move).  The broker pushes a device none of
+        its own entries, and sends it no ReadStates or ConvUpdate for them:
+        without this, ``read_state(conv).last_seq`` and the list entry left
+        the device's own messages out until the next ones came (a new
+        user's trial)."""
+        st = self.read_states.get(m.conv)
+        if st is None:
+            st = F.ReadState(m.conv, 0, 0, 0)
+        if m.seq > st.last_seq:
+            self.read_states[m.conv] = F.ReadState(m.conv, st.read_seq, m.seq, st.unread)
+        self._entry_pushed(m)
 
     def _entry_pushed(self, m: F.Message) -> None:
         e = self.conversations.get(m.conv)

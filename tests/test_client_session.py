@@ -1743,3 +1743,35 @@ def test_a_delete_for_me_or_a_recall_lowers_the_conversation_list_entry_as_unrea
     b.feed(T0, F.Push(8, (amend(8, 1, F.MessageKind.RECALL, "bob"),)))
     e = s.conversations[CONV]
     assert (s.unread(CONV), e.unread, e.mention_count) == (1, 1, 1)
+
+
+def test_a_send_moves_the_conversations_last_seq_and_list_entry_as_the_brokers_do():
+    # A new user's trial: after a send, read_state(conv).last_seq and the
+    # conversation list entry left the device's own message out until the
+    # next ReadStates or page, while the broker counts it (its last seq, the
+    # entry's last message, un-hidden) -- never as unread, and the sender's
+    # marker does not move.
+    s = session()
+    b = connect(s, T0)
+    rid = s.list_conversations(T0)
+    assert [type(f) for f in b.read()] == [F.ConvListReq]
+    b.feed(T0, F.ConvListResp(rid, 0, (F.ConvEntry(CONV, (msg(0, 2),), 0, 2, 2, 0, False, False, True),), b"", False))
+    b.feed(T0, F.ReadStates((F.ReadState(CONV, 0, 2, 2),)))
+    lid = s.send(CONV, b"mine", T0)
+    req = b.read_one(F.SendReq)
+    b.feed(T0, F.SendAck(lid, ErrorCode.OK, b"id%014d" % 3, 3, T0 + 3))
+    assert s.read_state(CONV) == F.ReadState(CONV, 0, 3, 2)
+    e = s.conversations[CONV]
+    assert (e.last_seq, e.unread, e.hidden, e.read_seq) == (3, 2, False, 0)
+    assert [(m.seq, m.sender, m.payload) for m in e.last] == [(3, "alice", b"mine")]
+    assert req.payload == b"mine"  # type: ignore[attr-defined]
+    # A conversation the device held no state of: its first message.
+    lid = s.send("team", b"first", T0)
+    b.read_one(F.SendReq)
+    b.feed(T0, F.SendAck(lid, ErrorCode.OK, b"id%014d" % 1, 1, T0 + 4))
+    assert s.read_state("team") == F.ReadState("team", 0, 1, 0)
+    # A refusal moves nothing.
+    lid = s.send(CONV, b"no", T0)
+    b.read_one(F.SendReq)
+    b.feed(T0, F.SendAck(lid, ErrorCode.NOT_MEMBER, b"", 0, 0))
+    assert s.read_state(CONV) == F.ReadState(CONV, 0, 3, 2)

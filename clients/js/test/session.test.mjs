@@ -189,6 +189,23 @@ test('right after markRead the unread count is at most what lies past the new ma
   await c.close();
 });
 
+test("a send moves its conversation's last_seq as the broker counts it, a first one included (never unread, the marker stays)", async () => {
+  const c = make();
+  const { ws } = await connected(c);
+  ws.deliver(frame('ReadStates', { entries: [{ conv: 'g', read_seq: 0, last_seq: 2, unread: 2 }] }));
+  await sleep(5);
+  const p = c.send('g', 'mine');
+  const q = c.send('h', 'first');
+  await sleep(5);
+  const [a, b] = ws.of('SendReq');
+  ws.deliver(frame('SendAck', { local_id: a.local_id, code: 0, msg_id: new Uint8Array(16), seq: 3, server_time: 9 }),
+    frame('SendAck', { local_id: b.local_id, code: 0, msg_id: new Uint8Array(16).fill(1), seq: 1, server_time: 10 }));
+  await p; await q;
+  assert.deepEqual(c.readState('g'), { conv: 'g', read_seq: 0, last_seq: 3, unread: 2 });
+  assert.deepEqual(c.readState('h'), { conv: 'h', read_seq: 0, last_seq: 1, unread: 0 }, 'a conversation it held no state of');
+  await c.close();
+});
+
 test('transient refusals are retried with the same local id after a hold; final ones reject', async () => {
   const c = make();
   const { ws } = await connected(c);

@@ -1060,8 +1060,12 @@ export class PimcoreClient {
       if (this._stall) { this._emit('sendsResumed', { since: this._stall.since, pending: this._pending.size }); this._stall = null; }
       this._answered(e);
       this._seen.set(e.conv, Math.max(this._seen.get(e.conv) || 0, f.seq));
-      const rs = this._readStates.get(e.conv);
-      if (rs && f.seq > rs.last_seq) rs.last_seq = f.seq;
+      // Its conversation counts it as the broker does (its last seq; never
+      // unread, the marker stays), a first message of a conversation too:
+      // the broker sends the sender no ReadStates for its own messages.
+      let rs = this._readStates.get(e.conv);
+      if (!rs) { rs = { conv: e.conv, read_seq: 0, last_seq: 0, unread: 0 }; this._readStates.set(e.conv, rs); }
+      if (f.seq > rs.last_seq) rs.last_seq = f.seq;
       const sent = { local_id: f.local_id, conv: e.conv, msg_id: f.msg_id, seq: f.seq, server_time: f.server_time, client_time: e.frame.client_time };
       this._addToView({ position: 0, msg_id: f.msg_id, conv: e.conv, seq: f.seq, sender: this.user, device: this.device,
         client_time: e.frame.client_time, server_time: f.server_time, payload: e.frame.payload, kind: e.action || MessageKind.MESSAGE,
