@@ -6,7 +6,7 @@
  *
  *   loadgen PROTO HOST PORT PLAN WINDOW SIZE WARMUP_S DURATION_S DRAIN_S DEL_PER_ACK ACK_OUT DEL_OUT
  *
- * PROTO  "pim" (docs/PROTOCOL.md, version 3, no compression), "resp"
+ * PROTO  "pim" (docs/PROTOCOL.md, version 4, no compression), "resp"
  *        (Redis: XADD KEY MAXLEN ~ 100000 * d PAYLOAD, one reply per command)
  *        or "mqtt" (MQTT 3.1.1, e.g. Mosquitto: see "MQTT" below).
  * PLAN   one connection per line: "SENDS RECEIVES QUOTA TARGET TOKEN"
@@ -120,7 +120,7 @@ static int varint_len(uint64_t v) {
     return n;
 }
 
-/* A frame: length, head (version 3, no flags), type, then the body that
+/* A frame: length, head (version 4, no flags), type, then the body that
  * fill() appends; the length is patched in afterwards (5-byte slot would not
  * be minimal, so the body is built first in a scratch buffer). */
 static buf_t scratch;
@@ -131,7 +131,7 @@ static void frame_end(buf_t *out, unsigned type) {
     uint64_t n = scratch.len + 2;
     buf_reserve(out, varint_len(n) + n);
     put_u(out, n);
-    out->p[out->len++] = 0x30;
+    out->p[out->len++] = 0x40;
     out->p[out->len++] = (unsigned char)type;
     put_raw(out, scratch.p, scratch.len);
 }
@@ -422,7 +422,7 @@ static void parse_pim(conn_t *c) {
             buf_reserve(b, n - (end - q));
             return;
         }
-        if (n < 2 || q[0] != 0x30) die("%s", "unexpected frame head from the broker (compression is not offered)");
+        if (n < 2 || q[0] != 0x40) die("%s", "unexpected frame head from the broker (compression is not offered)");
         if (!on_frame(c, q[1], q + 2, q + n)) die("%s", "malformed frame from the broker");
         b->off = (q + n) - b->p;
     }
@@ -723,10 +723,11 @@ int main(int argc, char **argv) {
             mqtt_connect(c, i);
             flush_out(c);
         } else {
-            /* Login: token b, device t, client_time s, position u, caps u, epoch b */
+            /* Login: token b, device t, client_time s, position u, caps u, epoch b, sent u */
             frame_begin();
             put_bytes(&scratch, c->token, strlen(c->token));
             put_bytes(&scratch, "bench", 5);
+            put_u(&scratch, 0);
             put_u(&scratch, 0);
             put_u(&scratch, 0);
             put_u(&scratch, 0);

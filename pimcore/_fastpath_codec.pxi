@@ -101,7 +101,7 @@ FLAG_ZSTD = 0x01
 # Same table as pimcore/_pure/codec.py SCHEMA, kept separately on purpose (see
 # there).  Kinds are spelled as in the frames.py comments.
 _CODEC_SCHEMA = {
-    _cd_F.Login: (("token", "b"), ("device", "t"), ("client_time", "s"), ("position", "u"), ("caps", "u"), ("epoch", "b")),
+    _cd_F.Login: (("token", "b"), ("device", "t"), ("client_time", "s"), ("position", "u"), ("caps", "u"), ("epoch", "b"), ("sent", "u")),
     _cd_F.LoginAck: (
         ("user", "t"), ("device", "t"), ("server_time", "u"), ("position", "u"), ("head", "u"),
         ("gap", "?"), ("max_frame", "u"), ("max_payload", "u"), ("window", "u"),

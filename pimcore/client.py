@@ -528,6 +528,7 @@ class Client:
         position: int = 0,
         epoch: bytes = b"",
         on_connect_retry: Optional[Callable[[str], None]] = None,
+        sent: int = 0,
     ) -> None:
         _check_arguments(url, token, device)
         self.endpoint: Endpoint = parse_url(url)
@@ -547,7 +548,7 @@ class Client:
         #: The device clock (µs): ``clock`` if given, else an AnchoredClock.
         self._clock: Callable[[], int] = AnchoredClock() if clock is None else clock
         self._rng = random.Random(seed)
-        self._session = ClientSession(device, config, seed=seed, position=position, epoch=epoch)
+        self._session = ClientSession(device, config, seed=seed, position=position, epoch=epoch, sent=sent)
 
         self._conn: Optional[_Conn] = None
         self._closed = False
@@ -595,6 +596,12 @@ class Client:
     def taken_upto(self) -> int:
         """The highest inbox position the app has taken from :meth:`events`."""
         return self._session.taken_upto
+
+    @property
+    def sent_upto(self) -> int:
+        """The highest inbox position of this device's own sends (save it
+        with ``taken_upto`` and ``epoch``: :attr:`ClientSession.sent_upto`)."""
+        return self._session.sent_upto
 
     @property
     def read_states(self) -> dict[str, F.ReadState]:
@@ -1666,13 +1673,16 @@ async def open_client(
     position: int = 0,
     epoch: bytes = b"",
     on_connect_retry: Optional[Callable[[str], None]] = None,
+    sent: int = 0,
 ) -> AsyncIterator[Client]:
     """Connect (URL schemes tcp, tls, ws, wss), log in, calibrate the clock;
     keep the connection alive and reconnect while the block runs.
 
-    ``position`` and ``epoch`` resume where an earlier run of this device
-    stopped (its ``taken_upto`` and ``epoch``); from another epoch the broker
-    resynchronizes the client (a :class:`Resynced` event).
+    ``position``, ``epoch`` and ``sent`` resume where an earlier run of this
+    device stopped (its ``taken_upto``, ``epoch`` and ``sent_upto``); from
+    another epoch the broker resynchronizes the client (a :class:`Resynced`
+    event), and from a store that went back in time (a restored hot copy)
+    too, when the positions it took or its own sends were refilled.
 
     ``clock``: the device clock, a callable returning µs (default: an
     :class:`AnchoredClock` made for this client: the wall clock at the start
@@ -1690,7 +1700,7 @@ async def open_client(
     later connection is a :class:`Disconnected` event instead."""
     client = Client(
         url, token, device, config=config, ssl_context=ssl_context, clock=clock, seed=seed, position=position,
-        epoch=epoch, on_connect_retry=on_connect_retry,
+        epoch=epoch, on_connect_retry=on_connect_retry, sent=sent,
     )
     with unwrap_single():
         async with trio.open_nursery() as nursery:

@@ -786,13 +786,16 @@ class ClientSession:
         seed: Optional[int] = None,
         position: int = 0,
         epoch: bytes = b"",
+        sent: int = 0,
     ) -> None:
-        """``position`` and ``epoch``: where an earlier run of this device
-        stopped (``taken_upto`` and ``epoch`` saved by the app), so a restarted
-        app resumes instead of taking its whole inbox again.  Raises
-        ValueError for a negative position or a non-bytes epoch."""
-        if type(position) is not int or position < 0 or not isinstance(epoch, bytes):
-            raise ValueError("position must be an int >= 0 and epoch bytes")
+        """``position``, ``epoch`` and ``sent``: where an earlier run of this
+        device stopped (``taken_upto``, ``epoch`` and ``sent_upto`` saved by
+        the app), so a restarted app resumes instead of taking its whole
+        inbox again.  Raises ValueError for a negative position or sent, or
+        a non-bytes epoch."""
+        if (type(position) is not int or position < 0 or type(sent) is not int or sent < 0
+                or not isinstance(epoch, bytes)):
+            raise ValueError("position and sent must be ints >= 0 and epoch bytes")
         self.device = device
         self.config = config
         self._rng = random.Random(seed)
@@ -914,6 +917,12 @@ class ClientSession:
         self._enqueued_upto = position
         # The history our positions and seqs belong to (LoginAck.epoch).
         self._epoch = bytes(epoch)
+        # The highest inbox position of this device's own sends the broker
+        # told (the positions a Push covers without carrying them): Login.sent.
+        # Why: what the app took (taken_upto) stops below them while messages
+        # wait in the event queue, and a store restored from a hot copy must
+        # still see that they are gone (PROTOCOL.md, "Epochs").
+        self._sent_upto = sent
         # conv -> highest seq this device has seen (pushed, fetched, or acked
         # for its own sends): SendReq.after_seq, the causal floor of display.
         self._seen_seq: dict[str, int] = {}
@@ -1080,13 +1089,13 @@ class ClientSession:
         ``token``, as the broker checks it against its max_frame (the bytes
         after the length prefix).  With ``widest``, of the largest Login
         this session will ever send for ``token``: after a login the Login
-        also carries the epoch and the inbox position, here at their widest
-        encodings (a 16-byte epoch, or this session's if longer; a position
-        of 2**64 - 1)."""
-        position, epoch = self._enqueued_upto, self._epoch
+        also carries the epoch, the inbox position and the position of its
+        own sends, here at their widest encodings (a 16-byte epoch, or this
+        session's if longer; positions of 2**64 - 1)."""
+        position, epoch, sent = self._enqueued_upto, self._epoch, self._login_sent()
         if widest:
-            position, epoch = _U64_MAX, bytes(max(len(epoch), EPOCH_BYTES))
-        raw = encode_frame(F.Login(bytes(token), self.device, now, position, self._caps, epoch))
+            position, epoch, sent = _U64_MAX, bytes(max(len(epoch), EPOCH_BYTES)), _U64_MAX
+        raw = encode_frame(F.Login(bytes(token), self.device, now, position, self._caps, epoch, sent))
         i = 0
         while raw[i] & 0x80:  # the length prefix is a LEB128 varint
             i += 1
@@ -1165,7 +1174,8 @@ class ClientSession:
         # claim of what the app took alone was trusted, and the positions
         # held past it were then dropped as duplicates when new messages
         # had refilled them (a new user's trial).
-        self._send(encode_frame(F.Login(bytes(token), self.device, now, self._enqueued_upto, self._caps, self._epoch)))
+        self._send(encode_frame(F.Login(bytes(token), self.device, now, self._enqueued_upto, self._caps, self._epoch,
+                                        self._login_sent())))
         # The first calibration sample rides behind the Login (the broker
         # answers pipelined frames once the login is decided): its answer
         # arrives right behind the LoginAck, so the connection is ACTIVE --
@@ -1411,6 +1421,9 @@ class ClientSession:
         # position is taken in turn, after what is queued.
         if ack.position > self._enqueued_upto:
             self._enqueued_upto = ack.position
+            # (Its own sends, or what it acked before the app saved its
+            # cursor: positions it was told, checked as its sends are.)
+            self._sent_upto = max(self._sent_upto, ack.position)
             self._take_in_turn(ack.position)
         self._acked_upto = ack.position
         self._login_ack = ack
@@ -1431,6 +1444,11 @@ class ClientSession:
         # The sample sent with the Login is on its way (see connection_made).
         self._cal_deadline = self._t + self._ack_timeout
 
+    def _login_sent(self) -> int:
+        """Login.sent: the positions of our own sends past what the Login's
+        position covers, else 0 (nothing more to check)."""
+        return self._sent_upto if self._sent_upto > self._enqueued_upto else 0
+
     def _resync(self, ack: F.LoginAck) -> None:
         """The broker's history is not the one our cursors came from (see
         Resynced): forget every cursor, keep every pending send (they go
@@ -1442,6 +1460,7 @@ class ClientSession:
         self._events = deque((ev, 0) for ev, _ in self._events if ev is not None)
         self._queued_ack = 0
         self._enqueued_upto = self._taken_upto = self._acked_upto = ack.position
+        self._sent_upto = 0
         self._ack_at = None
         self._seen_seq.clear()
         self._read_wanted.clear()
@@ -1462,6 +1481,16 @@ class ClientSession:
     def taken_upto(self) -> int:
         """The highest inbox position the app has taken (see epoch)."""
         return self._taken_upto
+
+    @property
+    def sent_upto(self) -> int:
+        """The highest inbox position of this device's own sends the broker
+        told it (in ``epoch``; 0 before any).  Save it with ``taken_upto``
+        and ``epoch``: while messages wait in the event queue, what the app
+        took stops below its sends, and the broker checks this position too
+        when its store went back in time (a restored hot copy that lost
+        them: the device is then resynchronized)."""
+        return self._sent_upto
 
     def _ping_due(self) -> Optional[int]:
         """When the heartbeat Ping is due (session µs; None while one waits
@@ -2142,6 +2171,17 @@ class ClientSession:
             return  # all of it is already queued or taken (re-push after reconnect)
         fresh = [m for m in f.messages if m.position > self._enqueued_upto]
         self._stats["duplicates_dropped"] += len(f.messages) - len(fresh)
+        # The positions the Push covers without carrying them are this
+        # device's own sends (a Push skips only those: PROTOCOL.md), or
+        # entries removed since (retention, a purge): the highest is
+        # Login.sent's candidate -- a removed one is checked as soundly.
+        below = self._enqueued_upto
+        for m in fresh:
+            if m.position > below + 1 and m.position - 1 > self._sent_upto:
+                self._sent_upto = m.position - 1
+            below = m.position
+        if f.position > below and f.position > self._sent_upto:
+            self._sent_upto = f.position
         self._enqueued_upto = f.position
         for i, m in enumerate(fresh):
             self._remember(m)

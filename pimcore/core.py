@@ -2574,8 +2574,13 @@ class Broker:
         self._ref_head(user)
         self._reads[rid] = _LoginRead(c.id, user, f.device, ident)
         # A cursor from an earlier epoch is checked against where that epoch
-        # ended in the store's history (SessionLoaded.foreign).
-        claim = (f.position, bytes(f.epoch)) if f.epoch and f.epoch != self.epoch and f.position > 0 else (0, b"")
+        # ended in the store's history (SessionLoaded.foreign): at the higher
+        # of what the client took and its own sends it was told (Login.sent:
+        # what it took stops below them while its app has messages queued,
+        # and a store restored from a hot copy that lost them must still
+        # see it; an entry refilled below the claim is refilled below both).
+        told = max(f.position, f.sent)
+        claim = (told, bytes(f.epoch)) if f.epoch and f.epoch != self.epoch and told > 0 else (0, b"")
         out.append(StoreRequest(rid, (LoadSession(user, f.device, True, *claim),), False))
 
     def _activate(
@@ -2623,9 +2628,9 @@ class Broker:
         # knows the running epoch, and a device that took more entries in it
         # after the copy claims positions new messages refilled.
         if f.epoch:
-            resync = f.epoch not in self._trusted_epochs or f.position > head or loaded.foreign
+            resync = f.epoch not in self._trusted_epochs or max(f.position, f.sent) > head or loaded.foreign
         else:
-            resync = f.position > 0
+            resync = f.position > 0 or f.sent > 0
         if resync:
             self._stats["resyncs"] += 1
         # A resynchronized client starts over: it dropped everything it held,

@@ -80,8 +80,9 @@ __all__ = [
 #: (Login/LoginAck), causality (SendReq/Message.after_seq, Message.local_id),
 #: membership entries (Message.kind) and ReadersReq/ReadersResp.  3 added the
 #: IM features of issue 14 (recall, edit, delete; conversation list; typing
-#: and presence; mentions).
-PROTOCOL_VERSION = 3
+#: and presence; mentions).  4 added Login.sent (the positions of a device's
+#: own sends, checked after the store went back in time).
+PROTOCOL_VERSION = 4
 
 #: Capability bits exchanged in Login.caps / LoginAck.caps.
 CAP_ZSTD = 1 << 0
@@ -162,6 +163,14 @@ class Login:
     fresh install).  When the epoch is the broker's, delivery resumes after
     max(position, the device's stored acked position); otherwise the position
     means nothing here and the broker answers with ``resync`` (LoginAck).
+
+    ``sent`` is the highest inbox position of this device's own sends it
+    was told in ``epoch`` (a Push that skips them: PROTOCOL.md), 0 when it
+    knows none above ``position``.  It moves nothing: delivery still resumes
+    after ``position`` (what the app took).  It is checked with
+    ``position`` when the store may have gone back in time: a device whose
+    app took less than it sent (messages still queued) is resynchronized,
+    like one whose cursor names refilled positions, when its sends are gone.
     """
 
     TYPE: ClassVar[FrameType] = FrameType.LOGIN
@@ -171,6 +180,7 @@ class Login:
     position: int  # u
     caps: int  # u
     epoch: bytes = b""  # b
+    sent: int = 0  # u
 
 
 @dataclass(frozen=True, slots=True)

@@ -371,13 +371,15 @@ class Harness:
         self.run(self.broker.receive_data(conn, data, self.now))
 
     def login(
-        self, user: str, device: str, position: int = 0, token: Optional[bytes] = None, epoch: Optional[bytes] = None
+        self, user: str, device: str, position: int = 0, token: Optional[bytes] = None, epoch: Optional[bytes] = None,
+        sent: int = 0,
     ) -> int:
         """Log ``device`` in with resume cursor ``position`` from ``epoch``
-        (default: the broker's, as a client that was here before)."""
+        (default: the broker's, as a client that was here before) and the
+        position of its own sends ``sent`` (Login.sent)."""
         conn = self.open()
         epoch = self.broker.epoch if epoch is None else epoch
-        self.feed(conn, F.Login(token if token is not None else user.encode(), device, self.now, position, 0, epoch))
+        self.feed(conn, F.Login(token if token is not None else user.encode(), device, self.now, position, 0, epoch, sent))
         return conn
 
     def lose(self, conn: int) -> None:

@@ -66,7 +66,7 @@ def msg(position: int, seq: int, *, sender: str = "bob", conv: str = CONV, paylo
 
 
 def head_flags(data: bytes) -> list[int]:
-    """The head byte of every frame in ``data`` (0x30 plain, 0x31 zstd)."""
+    """The head byte of every frame in ``data`` (0x40 plain, 0x41 zstd)."""
     heads, i = [], 0
     while i < len(data):
         length = shift = 0
@@ -392,7 +392,7 @@ def test_zstd_is_negotiated_and_used_in_both_directions():
     login, req = b.read()
     # Asks for everything; a broker that knows only CAP_ZSTD grants that.
     assert login.caps == F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP  # type: ignore[attr-defined]
-    assert head_flags(b.raw) == [0x30, 0x30]  # Login (and the sample behind it) are never compressed
+    assert head_flags(b.raw) == [0x40, 0x40]  # Login (and the sample behind it) are never compressed
     b.feed(T0, ack_frame(caps=F.CAP_ZSTD))
     b.grant_zstd()
     b.feed(T0, F.CalibrateResp(req.client_time, T0))  # type: ignore[attr-defined]
@@ -403,10 +403,10 @@ def test_zstd_is_negotiated_and_used_in_both_directions():
     before = len(b.raw)
     [req] = b.read()
     assert (req.local_id, req.conv, req.payload) == (lid, CONV, text)  # type: ignore[attr-defined]
-    assert head_flags(b.raw[before:]) == [0x31]
+    assert head_flags(b.raw[before:]) == [0x41]
     # Downstream: a compressed Push is decoded.
     wire = b.encode(F.Push(1, (msg(1, 1, payload=text),)))
-    assert head_flags(wire) == [0x31]
+    assert head_flags(wire) == [0x41]
     s.receive_data(wire, T0)
     [ev] = [e for e in events(s, T0) if isinstance(e, MessageReceived)]
     assert ev.message.payload == text
@@ -417,7 +417,7 @@ def test_a_compressed_frame_without_a_grant_is_malformed():
     b = connect(s, T0, ack_frame(caps=0))  # the broker did not grant zstd
     events(s, T0)
     wire = FrameCompressor().compress(encode_frame(F.Push(1, (msg(1, 1, payload=b"x" * 200),))))
-    assert head_flags(wire) == [0x31]
+    assert head_flags(wire) == [0x41]
     s.receive_data(wire, T0)
     assert s.state is SessionState.DISCONNECTED
     [close] = b.read()
@@ -1337,7 +1337,7 @@ def test_the_event_queue_sheds_old_notifications_but_never_messages_or_acks():
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"\xff\xff\xff\xff\xff\x01", b"\x03\x1f\x0e\x00", b"\x03\x30\x7f\x00", b"\x04\x30\x07\x01\x05"],
+    [b"\xff\xff\xff\xff\xff\x01", b"\x03\x1f\x0e\x00", b"\x03\x40\x7f\x00", b"\x04\x40\x07\x01\x05"],
     ids=["length-prefix", "reserved-flags", "unknown-type", "bad-body"],
 )
 def test_malformed_bytes_close_the_connection_not_the_session(garbage):
@@ -1700,15 +1700,15 @@ def test_a_delete_for_me_of_a_held_unread_message_lowers_the_unread_count_once()
 def test_login_too_large_counts_the_widest_login_a_reconnect_sends():
     # Found by a reviewer: a Login that just fit the pre-login limit on the
     # first connection did not on a reconnect (it also carries the epoch and
-    # the inbox position): refused for good, looped for ever.
+    # the inbox position, and Login.sent): refused for good, looped for ever.
     s = session()
-    fits_first = b"a" * 65_514  # device "phone": the first Login is 65,536 bytes
+    fits_first = b"a" * 65_513  # device "phone": the first Login is 65,536 bytes
     assert s.login_frame_length(T0, fits_first) == PRE_LOGIN_MAX_FRAME
-    assert s.login_frame_length(T0, fits_first, widest=True) == PRE_LOGIN_MAX_FRAME + 25
+    assert s.login_frame_length(T0, fits_first, widest=True) == PRE_LOGIN_MAX_FRAME + 34
     assert s.login_too_large(T0, fits_first) == (
-        "the token is 65,514 bytes: its Login frame (65,561 bytes at most: a reconnect's carries the epoch and the"
+        "the token is 65,513 bytes: its Login frame (65,570 bytes at most: a reconnect's carries the epoch and the"
         " inbox position) is over the broker's pre-login limit (65,536 bytes: a frame before the Login is granted)")
-    assert s.login_too_large(T0, b"a" * (65_514 - 25)) is None
+    assert s.login_too_large(T0, b"a" * (65_513 - 34)) is None
     connect(s, T0)
     s.connection_lost(T0 + 1)
     err = ConnectFailed("cannot connect: too large")
@@ -1775,3 +1775,42 @@ def test_a_send_moves_the_conversations_last_seq_and_list_entry_as_the_brokers_d
     b.read_one(F.SendReq)
     b.feed(T0, F.SendAck(lid, ErrorCode.NOT_MEMBER, b"", 0, 0))
     assert s.read_state(CONV) == F.ReadState(CONV, 0, 3, 2)
+
+
+def test_sent_upto_covers_own_sends_past_messages_the_app_has_not_taken():
+    # A new user's third trial: a send-only app whose event queue held a
+    # message it had not taken saved a cursor below its own sends, and a
+    # store restored from a hot copy that lost them trusted it.  The session
+    # keeps the highest position of its own sends it was told (the
+    # positions a Push covers without carrying them) and logs in with it
+    # (Login.sent) next to what the app took.
+    epoch = b"E" * 16
+    s = session()
+    b = connect(s, T0, dataclasses.replace(ack_frame(), epoch=epoch))
+    b.feed(T0, F.Push(1, (msg(1, 1),)))  # queued: the app takes nothing
+    lid = s.send(CONV, b"mine", T0)
+    b.read_one(F.SendReq)
+    b.feed(T0, F.SendAck(lid, ErrorCode.OK, b"id%014d" % 2, 2, T0 + 2), F.Push(2, ()))
+    assert (s.taken_upto, s.sent_upto) == (0, 2)
+    # A Push whose messages skip positions (its own sends, or entries
+    # removed since): the highest it covers without carrying counts.
+    b.feed(T0, F.Push(5, (msg(4, 3),)))
+    assert s.sent_upto == 5
+    b.feed(T0, F.Push(7, (msg(6, 4), msg(7, 5))))
+    assert s.sent_upto == 5
+    # A live reconnect claims everything it holds: nothing more to say.
+    s.connection_lost(T0 + 1)
+    s.connection_made(T0 + 2, b"tok")
+    b = Broker(s)
+    login, _ = b.read()
+    assert (login.position, login.epoch, login.sent) == (7, epoch, 0)  # type: ignore[attr-defined]
+    # The app restarts from what it saved: the Login says both.
+    again = ClientSession("phone", CFG, seed=2, position=s.taken_upto, epoch=s.epoch, sent=s.sent_upto)
+    again.connection_made(T0 + 3, b"tok")
+    login, _ = Broker(again).read()
+    assert (login.position, login.epoch, login.sent) == (0, epoch, 5)  # type: ignore[attr-defined]
+    # A resync forgets it with every other position.
+    again.receive_data(encode_frame(dataclasses.replace(ack_frame(), epoch=b"N" * 16, resync=True)), T0 + 4)
+    assert again.sent_upto == 0
+    with pytest.raises(ValueError):
+        ClientSession("phone", CFG, sent=-1)

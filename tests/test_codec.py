@@ -169,20 +169,20 @@ def test_round_trip_extremes(backend: ModuleType, cls: type, high: bool) -> None
 
 GOLDEN = [
     # 300 = 0xAC 0x02; "c1"; zigzag(-3) = 5; b"hi"; 7; no mentions, not everyone; length 14
-    (F.SendReq(local_id=300, conv="c1", client_time=-3, payload=b"hi", after_seq=7), "0e 30 05 ac 02 02 63 31 05 02 68 69 07 00 00"),
+    (F.SendReq(local_id=300, conv="c1", client_time=-3, payload=b"hi", after_seq=7), "0e 40 05 ac 02 02 63 31 05 02 68 69 07 00 00"),
     # 2**64-1 takes the full 10 varint bytes, the last one holding only bit 63
-    (F.PushAck(position=U64), "0c 30 08 ff ff ff ff ff ff ff ff ff 01"),
+    (F.PushAck(position=U64), "0c 40 08 ff ff ff ff ff ff ff ff ff 01"),
     # nested record, no header: count 1, conv "g", 5, 7, 2
-    (F.ReadStates(entries=(F.ReadState(conv="g", read_seq=5, last_seq=7, unread=2),)), "08 30 0a 01 01 67 05 07 02"),
+    (F.ReadStates(entries=(F.ReadState(conv="g", read_seq=5, last_seq=7, unread=2),)), "08 40 0a 01 01 67 05 07 02"),
     # an IntEnum code and a 2-byte UTF-8 character
-    (F.Close(code=CloseCode.PROTOCOL_ERROR, reason="\u00e9"), "06 30 11 01 02 c3 a9"),
-    (F.Ping(nonce=0), "03 30 0e 00"),
+    (F.Close(code=CloseCode.PROTOCOL_ERROR, reason="\u00e9"), "06 40 11 01 02 c3 a9"),
+    (F.Ping(nonce=0), "03 40 0e 00"),
     # a 200-byte frame needs a 2-byte length prefix: 200 = 0xC8 0x01
     # (192 = 0xC0 0x01; 5 + 192 + 2 + 1 (after_seq) + 2 (mentions, mention_all) = 202)
-    (F.SendReq(local_id=0, conv="", client_time=0, payload=b"\x00" * 192), "ca 01 30 05 00 00 00 c0 01" + " 00" * 192 + " 00 00 00"),
+    (F.SendReq(local_id=0, conv="", client_time=0, payload=b"\x00" * 192), "ca 01 40 05 00 00 00 c0 01" + " 00" * 192 + " 00 00 00"),
     # mentions: count 1, Mention("al"); everyone: 1
     (F.SendReq(local_id=1, conv="g", client_time=0, payload=b"", after_seq=0, mentions=(F.Mention("al"),), mention_all=True),
-     "0d 30 05 01 01 67 00 00 00 01 02 61 6c 01"),
+     "0d 40 05 01 01 67 00 00 00 01 02 61 6c 01"),
 ]
 
 
@@ -274,7 +274,7 @@ def test_buffered_and_iteration(backend: ModuleType) -> None:
 
 def test_feed_accepts_bytes_like_and_copies(backend: ModuleType) -> None:
     wire = backend.encode_frame(F.Ping(nonce=0x0102))  # 04 10 0e 82 02
-    assert wire == bytes.fromhex("04 30 0e 82 02")
+    assert wire == bytes.fromhex("04 40 0e 82 02")
     buf = bytearray(wire)
     dec = backend.Decoder()
     dec.feed(buf[:2])
@@ -333,9 +333,9 @@ def test_max_frame_size_is_inclusive(backend: ModuleType) -> None:
     assert backend.decode_frame(wire, length) is not None
     with pytest.raises(FrameTooLarge):
         backend.decode_frame(wire, length - 1)
-    assert backend.decode_frame(b"\x03\x30\x0e\x00", 3) == F.Ping(nonce=0)
+    assert backend.decode_frame(b"\x03\x40\x0e\x00", 3) == F.Ping(nonce=0)
     with pytest.raises(FrameTooLarge):
-        backend.decode_frame(b"\x03\x30\x0e\x00", 2)
+        backend.decode_frame(b"\x03\x40\x0e\x00", 2)
 
 
 @pytest.mark.parametrize("bad", [1, 0, -5, True, 2.0, "10", None])
@@ -343,7 +343,7 @@ def test_max_frame_size_validation(backend: ModuleType, bad: Any) -> None:
     with pytest.raises(ValueError):
         backend.Decoder(bad)
     with pytest.raises(ValueError):
-        backend.decode_frame(b"\x03\x30\x0e\x00", bad)
+        backend.decode_frame(b"\x03\x40\x0e\x00", bad)
     assert backend.Decoder(2).max_frame_size == 2
     assert backend.Decoder(1 << 80).max_frame_size == 1 << 80
 
@@ -353,42 +353,43 @@ def test_max_frame_size_validation(backend: ModuleType, bad: Any) -> None:
 MALFORMATIONS = [
     ("version 1", "03 10 0e 00", ErrorCode.UNSUPPORTED_VERSION),
     ("version 2", "03 20 0e 00", ErrorCode.UNSUPPORTED_VERSION),
+    ("version 3", "03 30 0e 00", ErrorCode.UNSUPPORTED_VERSION),
     ("version 0", "03 00 0e 00", ErrorCode.UNSUPPORTED_VERSION),
     ("version 15 with flags", "03 ff 0e 00", ErrorCode.UNSUPPORTED_VERSION),
-    ("type 0", "03 30 00 00", ErrorCode.UNKNOWN_FRAME_TYPE),
-    ("type 0x7f", "03 30 7f 00", ErrorCode.UNKNOWN_FRAME_TYPE),
-    ("type 0xff", "03 30 ff 00", ErrorCode.UNKNOWN_FRAME_TYPE),
-    ("compressed flag before negotiation", "03 31 0e 00", MALFORMED),
-    ("reserved flag 0x8", "03 38 0e 00", MALFORMED),
-    ("reserved flag 0x2", "03 32 0e 00", MALFORMED),
+    ("type 0", "03 40 00 00", ErrorCode.UNKNOWN_FRAME_TYPE),
+    ("type 0x7f", "03 40 7f 00", ErrorCode.UNKNOWN_FRAME_TYPE),
+    ("type 0xff", "03 40 ff 00", ErrorCode.UNKNOWN_FRAME_TYPE),
+    ("compressed flag before negotiation", "03 41 0e 00", MALFORMED),
+    ("reserved flag 0x8", "03 48 0e 00", MALFORMED),
+    ("reserved flag 0x2", "03 42 0e 00", MALFORMED),
     ("length 0", "00", MALFORMED),
     ("length 1", "01 30", MALFORMED),
     ("non-minimal length prefix", "83 00 30 0e 00", MALFORMED),
     ("length prefix over 5 bytes", "80 80 80 80 80 00", MALFORMED),
-    ("empty body where a field is due", "02 30 0e", MALFORMED),
-    ("truncated varint in body", "03 30 0e 80", MALFORMED),
-    ("bytes field longer than the body", "07 30 05 00 00 00 05 61", MALFORMED),
-    ("text field longer than the body", "05 30 11 00 09 61", MALFORMED),
-    ("trailing bytes", "04 30 0e 00 00", MALFORMED),
-    ("missing last field", "03 30 11 00", MALFORMED),
-    ("bad bool 2", "07 30 0c 00 00 00 00 02", MALFORMED),
-    ("bad bool 0xff", "07 30 0c 00 00 00 00 ff", MALFORMED),
-    ("missing bool", "06 30 0c 00 00 00 00", MALFORMED),
-    ("invalid utf-8", "05 30 11 00 01 ff", MALFORMED),
-    ("truncated utf-8 sequence", "05 30 11 00 01 c3", MALFORMED),
-    ("utf-8 encoded surrogate", "07 30 11 00 03 ed a0 80", MALFORMED),
-    ("overlong utf-8", "06 30 11 00 02 c0 80", MALFORMED),
-    ("non-minimal varint 80 00", "04 30 0e 80 00", MALFORMED),
-    ("non-minimal varint ff 80 00", "05 30 0e ff 80 00", MALFORMED),
-    ("varint 10th byte 2 overflows", "0c 30 0e ff ff ff ff ff ff ff ff ff 02", MALFORMED),
-    ("varint 10th byte 0x81 overflows", "0d 30 0e ff ff ff ff ff ff ff ff ff 81 01", MALFORMED),
-    ("varint of 11 bytes", "0d 30 0e 80 80 80 80 80 80 80 80 80 80 01", MALFORMED),
-    ("signed varint overflow", "0c 30 03 ff ff ff ff ff ff ff ff ff 03", MALFORMED),
-    ("huge list count", "0b 30 07 00 ff ff ff ff ff ff ff 7f", MALFORMED),
-    ("list count 2**64-1", "0d 30 07 00 ff ff ff ff ff ff ff ff ff 01", MALFORMED),
+    ("empty body where a field is due", "02 40 0e", MALFORMED),
+    ("truncated varint in body", "03 40 0e 80", MALFORMED),
+    ("bytes field longer than the body", "07 40 05 00 00 00 05 61", MALFORMED),
+    ("text field longer than the body", "05 40 11 00 09 61", MALFORMED),
+    ("trailing bytes", "04 40 0e 00 00", MALFORMED),
+    ("missing last field", "03 40 11 00", MALFORMED),
+    ("bad bool 2", "07 40 0c 00 00 00 00 02", MALFORMED),
+    ("bad bool 0xff", "07 40 0c 00 00 00 00 ff", MALFORMED),
+    ("missing bool", "06 40 0c 00 00 00 00", MALFORMED),
+    ("invalid utf-8", "05 40 11 00 01 ff", MALFORMED),
+    ("truncated utf-8 sequence", "05 40 11 00 01 c3", MALFORMED),
+    ("utf-8 encoded surrogate", "07 40 11 00 03 ed a0 80", MALFORMED),
+    ("overlong utf-8", "06 40 11 00 02 c0 80", MALFORMED),
+    ("non-minimal varint 80 00", "04 40 0e 80 00", MALFORMED),
+    ("non-minimal varint ff 80 00", "05 40 0e ff 80 00", MALFORMED),
+    ("varint 10th byte 2 overflows", "0c 40 0e ff ff ff ff ff ff ff ff ff 02", MALFORMED),
+    ("varint 10th byte 0x81 overflows", "0d 40 0e ff ff ff ff ff ff ff ff ff 81 01", MALFORMED),
+    ("varint of 11 bytes", "0d 40 0e 80 80 80 80 80 80 80 80 80 80 01", MALFORMED),
+    ("signed varint overflow", "0c 40 03 ff ff ff ff ff ff ff ff ff 03", MALFORMED),
+    ("huge list count", "0b 40 07 00 ff ff ff ff ff ff ff 7f", MALFORMED),
+    ("list count 2**64-1", "0d 40 07 00 ff ff ff ff ff ff ff ff ff 01", MALFORMED),
     # 9 bytes left after the count; a ReadState needs at least 4
-    ("list count that cannot fit", "0c 30 0a 03 01 67 05 07 02 01 67 05 07", MALFORMED),
-    ("list item cut short", "0c 30 0a 02 01 67 05 07 02 01 67 05 07", MALFORMED),
+    ("list count that cannot fit", "0c 40 0a 03 01 67 05 07 02 01 67 05 07", MALFORMED),
+    ("list item cut short", "0c 40 0a 02 01 67 05 07 02 01 67 05 07", MALFORMED),
 ]
 
 
@@ -400,16 +401,16 @@ def test_malformations(backend: ModuleType, hexbytes: str, code: ErrorCode) -> N
 def test_malformed_examples_are_otherwise_valid(backend: ModuleType) -> None:
     # Guard the table above: each fixed version of a malformed example decodes,
     # so the error really comes from the one defect under test.
-    assert backend.decode_frame(bytes.fromhex("03 30 0e 00")) == F.Ping(nonce=0)
-    assert backend.decode_frame(bytes.fromhex("07 30 0c 00 00 00 00 01")) == F.HistoryReq(0, "", 0, 0, True)
-    assert backend.decode_frame(bytes.fromhex("05 30 11 00 01 61")) == F.Close(0, "a")
-    assert backend.decode_frame(bytes.fromhex("0c 30 03 ff ff ff ff ff ff ff ff ff 01")) == F.CalibrateReq(S64_MIN)
-    assert backend.decode_frame(bytes.fromhex("08 30 0a 01 01 67 05 07 02")).entries[0].unread == 2
-    assert backend.decode_frame(bytes.fromhex("04 30 0e ff 7f")) == F.Ping(nonce=16383)
+    assert backend.decode_frame(bytes.fromhex("03 40 0e 00")) == F.Ping(nonce=0)
+    assert backend.decode_frame(bytes.fromhex("07 40 0c 00 00 00 00 01")) == F.HistoryReq(0, "", 0, 0, True)
+    assert backend.decode_frame(bytes.fromhex("05 40 11 00 01 61")) == F.Close(0, "a")
+    assert backend.decode_frame(bytes.fromhex("0c 40 03 ff ff ff ff ff ff ff ff ff 01")) == F.CalibrateReq(S64_MIN)
+    assert backend.decode_frame(bytes.fromhex("08 40 0a 01 01 67 05 07 02")).entries[0].unread == 2
+    assert backend.decode_frame(bytes.fromhex("04 40 0e ff 7f")) == F.Ping(nonce=16383)
 
 
 def test_header_errors_do_not_wait_for_the_body(backend: ModuleType) -> None:
-    for prefix, code in [("7f 10", ErrorCode.UNSUPPORTED_VERSION), ("7f 31", MALFORMED), ("7f 30 99", ErrorCode.UNKNOWN_FRAME_TYPE)]:
+    for prefix, code in [("7f 10", ErrorCode.UNSUPPORTED_VERSION), ("7f 41", MALFORMED), ("7f 40 99", ErrorCode.UNKNOWN_FRAME_TYPE)]:
         dec = backend.Decoder()
         dec.feed(bytes.fromhex(prefix))
         with pytest.raises(ProtocolError) as info:
@@ -418,7 +419,7 @@ def test_header_errors_do_not_wait_for_the_body(backend: ModuleType) -> None:
 
 
 def test_errors_after_good_frames(backend: ModuleType) -> None:
-    wire = backend.encode_frame(F.Ping(nonce=1)) + bytes.fromhex("03 30 99 00")
+    wire = backend.encode_frame(F.Ping(nonce=1)) + bytes.fromhex("03 40 99 00")
     frames_, end = run(backend, wire, [])
     assert frames_ == [F.Ping(nonce=1)] and end[2] == ErrorCode.UNKNOWN_FRAME_TYPE
 
@@ -444,7 +445,7 @@ def test_poisoned_decoder(backend: ModuleType) -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\x03\x30\x0e", b"\x83", bytes.fromhex("03 30 0e 00 00"), bytes.fromhex("03 30 0e 00") * 2],
+    [b"", b"\x03\x40\x0e", b"\x83", bytes.fromhex("03 40 0e 00 00"), bytes.fromhex("03 40 0e 00") * 2],
     ids=["empty", "truncated", "partial-prefix", "one-trailing-byte", "two-frames"],
 )
 def test_decode_frame_needs_exactly_one_frame(backend: ModuleType, data: bytes) -> None:
@@ -501,7 +502,7 @@ ENCODE_ERRORS = {
     "not a frame": NotAFrame(1),
     "frame subclass": PingSub(nonce=1),
     "None": None,
-    "bytes": b"\x03\x30\x0e\x00",
+    "bytes": b"\x03\x40\x0e\x00",
     "frame class itself": F.Ping,
     "unset field": _unset(F.Ping),
     "partly set": _unset(F.Read, conv="c"),

@@ -66,7 +66,7 @@ def uvarint(v: int) -> bytes:
     return bytes(out)
 
 
-def reframe(ftype: int, zbody: bytes, head: int = 0x31) -> bytes:
+def reframe(ftype: int, zbody: bytes, head: int = 0x41) -> bytes:
     """A frame with the given (compressed) body, bypassing every compressor rule."""
     return uvarint(2 + len(zbody)) + bytes((head, ftype)) + zbody
 
@@ -190,11 +190,11 @@ def test_every_frame_type_round_trips_compressed(backend: ModuleType, cls: type)
     frame = _big(cls)
     raw = backend.encode_frame(frame)
     z = forced(raw)  # whatever the gain: the decoder must take any valid compressed frame
-    assert z[split(z)[0]] == 0x31 and z != raw
+    assert z[split(z)[0]] == 0x41 and z != raw
     assert backend.decode_frame(z, decompress=DECOMP) == frame
     out = COMP.compress(raw)
     if any(kind in ("b", "t") or kind.startswith("[") for _, kind in SCHEMA[cls]):
-        assert len(out) < len(raw) and out[split(out)[0]] == 0x31  # text/bytes/lists of them shrink
+        assert len(out) < len(raw) and out[split(out)[0]] == 0x41  # text/bytes/lists of them shrink
     assert backend.decode_frame(out, decompress=DECOMP) == frame
 
 
@@ -228,7 +228,7 @@ def test_frames_compressed_without_a_dictionary_are_accepted(backend: ModuleType
     frame = _big(F.SendReq)
     plain = FrameCompressor(dictionary=None)
     z = plain.compress(backend.encode_frame(frame))
-    assert z[1] == 0x31 and plain.statistics().compressed == 1
+    assert z[1] == 0x41 and plain.statistics().compressed == 1
     assert backend.decode_frame(z, decompress=DECOMP) == frame  # receiver with the dictionary
     assert backend.decode_frame(z, decompress=FrameDecompressor(dictionary=None)) == frame
 
@@ -249,7 +249,7 @@ def test_small_frames_are_untouched() -> None:
     at = pure.encode_frame(F.SendReq(0, "", 0, b"a" * (DEFAULT_THRESHOLD - fixed)))
     assert len(split(at)[3]) == DEFAULT_THRESHOLD
     out = comp.compress(at)
-    assert len(out) < len(at) and out[1] == 0x31
+    assert len(out) < len(at) and out[1] == 0x41
     s = comp.statistics()
     assert (s.frames, s.compressed) == (5, 1)
     assert s.bytes_in - s.bytes_out == len(at) - len(out) > 0 and s.ratio > 1
@@ -261,7 +261,7 @@ def test_threshold_zero_still_never_grows_a_frame() -> None:
         raw = pure.encode_frame(frame)
         out = comp.compress(raw)
         assert out is raw or len(out) < len(raw)
-    assert comp.compress(pure.encode_frame(F.Ping(nonce=0))) == bytes.fromhex("03 30 0e 00")
+    assert comp.compress(pure.encode_frame(F.Ping(nonce=0))) == bytes.fromhex("03 40 0e 00")
 
 
 def test_incompressible_payloads_stay_uncompressed() -> None:
@@ -278,7 +278,7 @@ def test_compressed_length_counts_wire_bytes() -> None:
     raw = pure.encode_frame(F.SendReq(1, "c", 0, b"x" * 5000))  # 2-byte prefix before, 1 after
     out = COMP.compress(raw)
     n, head, ftype, zbody = split(out)
-    assert n == 1 and out[0] == len(out) - 1 and head == 0x31 and ftype == F.SendReq.TYPE
+    assert n == 1 and out[0] == len(out) - 1 and head == 0x41 and ftype == F.SendReq.TYPE
     assert zstandard.frame_content_size(zbody) == len(split(raw)[3])
     params = zstandard.get_frame_parameters(zbody)
     assert params.dict_id == compress.DICTIONARY_ID and not params.has_checksum
@@ -288,14 +288,14 @@ def test_compressed_length_counts_wire_bytes() -> None:
     "bad,exc",
     [
         (b"", ValueError),
-        (b"\x03\x30\x0e", ValueError),  # truncated
-        (b"\x03\x30\x0e\x00\x00", ValueError),  # two frames' worth
-        (b"\x01\x30", ValueError),  # length 1
+        (b"\x03\x40\x0e", ValueError),  # truncated
+        (b"\x03\x40\x0e\x00\x00", ValueError),  # two frames' worth
+        (b"\x01\x40", ValueError),  # length 1
         (b"\x80\x80\x80\x80\x80\x01", ValueError),  # prefix too long
-        (bytes.fromhex("03 31 0e 00"), ValueError),  # already flagged
+        (bytes.fromhex("03 41 0e 00"), ValueError),  # already flagged
         (bytes.fromhex("03 10 0e 00"), ValueError),  # not this version (1)
-        (bytearray(b"\x03\x30\x0e\x00"), TypeError),
-        ("\x03\x30\x0e\x00", TypeError),
+        (bytearray(b"\x03\x40\x0e\x00"), TypeError),
+        ("\x03\x40\x0e\x00", TypeError),
     ],
 )
 def test_compress_takes_one_encoded_frame(bad: Any, exc: type) -> None:
@@ -357,7 +357,7 @@ def test_decompress_argument_checks(backend: ModuleType) -> None:
     with pytest.raises(TypeError):
         backend.Decoder(1 << 20, 5)
     with pytest.raises(TypeError):
-        backend.decode_frame(b"\x03\x30\x0e\x00", 1 << 20, b"not callable")
+        backend.decode_frame(b"\x03\x40\x0e\x00", 1 << 20, b"not callable")
     dec = backend.Decoder()
     with pytest.raises(TypeError):
         dec.enable_decompression(None)
@@ -365,10 +365,10 @@ def test_decompress_argument_checks(backend: ModuleType) -> None:
         dec.enable_decompression("zstd")
     assert dec.decompress is None
     assert backend.Decoder(decompress=DECOMP).decompress is DECOMP
-    assert backend.decode_frame(b"\x03\x30\x0e\x00", decompress=DECOMP) == F.Ping(nonce=0)
+    assert backend.decode_frame(b"\x03\x40\x0e\x00", decompress=DECOMP) == F.Ping(nonce=0)
 
 
-@pytest.mark.parametrize("head", [0x33, 0x35, 0x39, 0x32, 0x34, 0x38, 0x3F])
+@pytest.mark.parametrize("head", [0x43, 0x45, 0x49, 0x42, 0x44, 0x48, 0x4F])
 def test_reserved_flags_stay_malformed_with_decompression(backend: ModuleType, head: int) -> None:
     z = COMP.compress(pure.encode_frame(_big(F.SendReq)))
     bad = z[:1] + bytes((head,)) + z[2:]
@@ -428,7 +428,7 @@ def test_decompress_cannot_reenter_the_decoder(backend: ModuleType) -> None:
     dec = backend.Decoder()
 
     def sneaky(body: bytes, max_size: int) -> bytes:
-        dec.feed(b"\x03\x30\x0e\x00")
+        dec.feed(b"\x03\x40\x0e\x00")
         return b"\x05"
 
     dec.enable_decompression(sneaky)

@@ -693,9 +693,9 @@ def test_a_connection_waiting_for_a_hook_is_paused_not_buffered_without_bound(st
     "garbage",
     [
         b"\x05\x30\x05\x00\x00\x00",  # wrong version nibble
-        b"\x03\x30\x7f\x00",  # unknown frame type
+        b"\x03\x40\x7f\x00",  # unknown frame type
         b"\xff\xff\xff\xff\x0f",  # 4 GiB frame announced
-        b"\x04\x30\x08\x80\x80",  # truncated varint inside a complete frame
+        b"\x04\x40\x08\x80\x80",  # truncated varint inside a complete frame
     ],
 )
 def test_malformed_bytes_close_only_that_connection(h, garbage):
@@ -733,7 +733,7 @@ def test_every_close_for_a_protocol_error_is_counted_once(h):
         lambda: h.feed(h.login("alice", "phone"), F.PushAck(5)),  # beyond what was pushed
         lambda: h.feed(h.login("alice", "tablet"), F.Login(b"bob", "phone", 0, 0, 0)),  # a second Login
         lambda: h.feed(h.login("bob", "laptop"), F.SendAck(1, 0, b"", 0, 0)),  # a broker's frame
-        lambda: h.feed_bytes(h.login("bob", "phone"), b"\x03\x30\x7f\x00"),  # an unknown frame type
+        lambda: h.feed_bytes(h.login("bob", "phone"), b"\x03\x40\x7f\x00"),  # an unknown frame type
     ]
     for n, violation in enumerate(violations, 1):
         violation()

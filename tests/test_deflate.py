@@ -75,7 +75,7 @@ def test_small_bodies_stay_out_of_the_stream() -> None:
     assert c.state_size() == 0  # nothing compressed: no zlib state at all
     raw = pure.encode_frame(F.SendReq(1, "g", 0, b"x" * 40))
     out = c.compress(raw)
-    assert out[1] == 0x31 and out[2] == 0x05 and c.state_size() > 0
+    assert out[1] == 0x41 and out[2] == 0x05 and c.state_size() > 0
     assert c.statistics().compressed == 1 and c.statistics().frames == 4
 
 
@@ -106,7 +106,7 @@ def _flagged(zbody: bytes, type_: int = 0x05) -> bytes:
     while n >= 0x80:
         prefix.append(n & 0x7F | 0x80)
         n >>= 7
-    return bytes(prefix) + bytes((n, 0x31, type_)) + zbody
+    return bytes(prefix) + bytes((n, 0x41, type_)) + zbody
 
 
 def _raw_deflate(data: bytes, mode: int = zlib.Z_SYNC_FLUSH, wbits: int = 11) -> bytes:

@@ -294,6 +294,52 @@ def test_a_restored_hot_copy_resynchronizes_a_device_that_only_sent_after_it(tmp
     restored.close()
 
 
+def test_a_restored_hot_copy_resynchronizes_a_device_whose_app_took_less_than_it_sent(tmp_path, store_driver):
+    """A send-only app with a message still queued when it saved its cursor
+    (a new user's third trial): what it took stops below its own sends, so
+    the cursor names an entry of the copy and was trusted -- the app kept
+    showing sends the restored store lost, at seqs new messages took.  The
+    Login also says the highest position of its own sends it was told
+    (Login.sent), and the check reads the entry there too."""
+    live, backup = tmp_path / "live", tmp_path / "backup"
+    s, h, alice, bob, run_epoch = _bob_took_two(live, store_driver)
+    h.take(alice)
+    _crash_copy(live, backup)
+    h.send(bob, AB, b"unread")  # position 3 of alice's inbox: her app has not taken it
+    for i in range(3):
+        h.send(alice, AB, b"lost%d" % i)  # positions 4..6
+    assert [a.seq for a in h.acks(alice)] == [4, 5, 6]
+    taken, sent = 2, h.last_upto(alice)
+    assert sent == 6
+    s.close()
+
+    # Nothing went back in time: the same claim after a plain restart is trusted.
+    plain = LmdbStore(str(live))
+    h = Harness(plain, driver=store_driver)
+    phone = h.login("alice", "phone", position=taken, epoch=run_epoch, sent=sent)
+    ack = _ack(h, phone)
+    assert not ack.resync and ack.position == 2  # (Login.sent moves nothing: "unread" comes again)
+    assert [m.payload for m in h.pushed(phone)] == [b"unread"]
+    plain.close()
+
+    restored = LmdbStore(str(backup))
+    h = Harness(restored, driver=store_driver)
+    carol = h.login("bob", "tablet")
+    for i in range(4):  # alice's positions 3..6 (and seqs 3..6) are refilled
+        h.send(carol, AB, b"new%d" % i)
+    # Without Login.sent (a client of the documented hole): trusted.
+    ack = _ack(h, h.login("alice", "laptop", position=taken, epoch=run_epoch))
+    assert not ack.resync
+    alice = h.login("alice", "phone", position=taken, epoch=run_epoch, sent=sent)
+    ack = _ack(h, alice)
+    assert ack.resync
+    assert [m.payload for m in h.pushed(alice)] == [b"old0", b"old1", b"new0", b"new1", b"new2", b"new3"]
+    # Not yet refilled: a position of its sends beyond the head is as telling.
+    alice2 = h.login("alice", "watch", position=taken, epoch=run_epoch, sent=40)
+    assert _ack(h, alice2).resync
+    restored.close()
+
+
 @pytest.mark.parametrize("removal", ["purge", "retention"])
 def test_a_refilled_cursor_is_found_out_even_when_its_own_entry_was_removed_since(tmp_path, store_driver, removal):
     """The check reads the entry at the cursor's position; a purge or
@@ -791,3 +837,44 @@ async def test_a_device_that_only_sent_after_a_hot_copy_is_resynchronized_throug
     assert [e.message.payload for e in events if isinstance(e, MessageReceived)] == [
         b"old0", b"old1", b"new0", b"new1", b"new2"
     ]
+
+
+async def test_an_app_that_saved_its_cursor_with_a_message_queued_is_resynchronized_after_a_hot_copy(
+    tmp_path: Path, procs: ProcGroup
+) -> None:
+    """A new user's third trial, end to end: alice's app does not read its
+    events while it sends (bob's message waits in its queue), saves its
+    cursor and exits; the broker's disk is lost and a hot copy taken before
+    all that restored; bob's new messages refill her positions.  Her app
+    comes back from what it saved -- ``taken_upto`` (0: it took nothing),
+    ``epoch`` and ``sent_upto`` -- and must be told ``Resynced`` (before:
+    trusted, its three sends gone while it showed them, at seqs bob's new
+    messages took)."""
+    data, url, start, server, secret = await _serve(tmp_path, procs)
+    with trio.fail_after(60):
+        async with open_client(url, issue_token(secret, "bob", ttl=600), "tablet", config=CONFIG) as bob:
+            async with open_client(url, issue_token(secret, "alice", ttl=600), "phone", config=CONFIG) as alice:
+                await trio.to_thread.run_sync(shutil.copytree, data / "store", tmp_path / "hot-copy")
+                await bob.send(AB, b"unread")
+                for i in range(3):
+                    await alice.send(AB, b"lost%d" % i)
+                while alice.sent_upto < 4:  # bob's message at 1, her sends at 2..4
+                    await trio.sleep(0.01)
+                saved = (alice.taken_upto, alice.epoch, alice.sent_upto)
+            assert saved[0] == 0 and saved[2] == 4
+            server.send_signal(signal.SIGKILL)
+            await trio.to_thread.run_sync(server.wait)
+            shutil.rmtree(data / "store")
+            shutil.copytree(tmp_path / "hot-copy", data / "store")  # the disk is lost: restored
+            server = await trio.to_thread.run_sync(start)
+            for i in range(4):
+                await bob.send(AB, b"new%d" % i)
+        events: list = []
+        async with open_client(url, issue_token(secret, "alice", ttl=600), "phone", config=CONFIG,
+                               position=saved[0], epoch=saved[1], sent=saved[2]) as alice:
+            async for ev in alice.events():
+                events.append(ev)
+                if sum(isinstance(e, MessageReceived) for e in events) == 4:
+                    break
+    assert isinstance(events[0], Resynced) and events[0].old_epoch == saved[1]
+    assert [e.message.payload for e in events if isinstance(e, MessageReceived)] == [b"new0", b"new1", b"new2", b"new3"]

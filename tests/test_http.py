@@ -426,7 +426,7 @@ async def test_bytes_no_request_begins_with_are_a_400_at_once_naming_the_port() 
     named = "this is pimcore's HTTP API (http://): not a broker listener"
     with trio.fail_after(20):
         async with broker_http(request_timeout=600) as (srv, h):
-            for first in (b"\x07\x30\x01login", b"\x16\x03\x01\x02\x00"):  # a Login-like frame, a ClientHello
+            for first in (b"\x07\x40\x01login", b"\x16\x03\x01\x02\x00"):  # a Login-like frame, a ClientHello
                 stream = await trio.open_tcp_stream(*host_port(h.url))
                 await stream.send_all(first)
                 reply = await read_until_eof(stream)

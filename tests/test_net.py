@@ -1396,7 +1396,7 @@ async def test_a_partial_frame_before_login_over_the_pre_login_limit_is_refused_
             raw = await RawConn.open(srv.endpoints[0].port)
             length = (1 << 20) - 8  # within max_frame (1 MiB)
             prefix = bytes([(length & 0x7F) | 0x80, ((length >> 7) & 0x7F) | 0x80, length >> 14])
-            await raw.send_bytes(prefix + b"\x30\x01" + b"\x01" * 100_000)
+            await raw.send_bytes(prefix + b"\x40\x01" + b"\x01" * 100_000)
             close = await raw.until(F.Close)
             assert close.code == CloseCode.PROTOCOL_ERROR
             assert close.reason == (f"FRAME_TOO_LARGE: frame length {length} exceeds the pre-login limit 65536 (a"
@@ -1419,17 +1419,17 @@ async def test_a_login_with_an_8_kib_token_works(lmdb_store):
                 assert m.payload == b"p" * 100_000
 
 
-@pytest.mark.parametrize("size", [70_000, 65_517], ids=["over", "reconnect-over"])
+@pytest.mark.parametrize("size", [70_000, 65_516], ids=["over", "reconnect-over"])
 async def test_a_token_whose_login_is_over_the_pre_login_limit_fails_at_once_before_connecting(size):
     """The SDK refuses a Login over the broker's pre-login limit (64 KiB)
     locally, saying it, as one over max_frame: the broker would refuse it at
-    every attempt.  65,517 bytes: found by a reviewer, a token whose first
+    every attempt.  65,516 bytes: found by a reviewer, a token whose first
     Login just fits the limit failed at every reconnect -- after the first
     login the Login also carries the epoch and the inbox position -- and
     the client reconnected for ever.  The check counts the largest Login
     the session will send for the token (epoch and position at their
     widest): refused at once, before the first dial."""
-    if size == 65_517:
+    if size == 65_516:
         first = len(encode_frame(F.Login(b"a" * size, "d1", int(time.time() * 1e6), 0, 0))) - 3
         assert first == PRE_LOGIN_MAX_FRAME  # the first Login fits, just
     with trio.fail_after(20):
@@ -1440,7 +1440,7 @@ async def test_a_token_whose_login_is_over_the_pre_login_limit_fails_at_once_bef
                 async with open_client(url, "a" * size, "d1", config=ClientConfig(connect_timeout=5)):
                     pass
             assert str(info.value) == (f"cannot connect to {url}: the token is {size:,} bytes: its Login frame"
-                                       f" ({size + 44:,} bytes at most: a reconnect's carries the epoch and the inbox"
+                                       f" ({size + 54:,} bytes at most: a reconnect's carries the epoch and the inbox"
                                        " position) is over the broker's pre-login limit (65,536 bytes: a frame before"
                                        " the Login is granted)"), info.value
             assert srv.statistics().accepted == before  # no connection was made
@@ -1468,7 +1468,7 @@ async def test_a_token_function_returning_a_too_large_token_on_a_reconnect_ends_
                     async for _ in a.events():
                         pass
                 assert str(info.value) == (f"cannot connect to {url}: the token is 70,000 bytes: its Login frame"
-                                           " (70,047 bytes at most: a reconnect's carries the epoch and the inbox"
+                                           " (70,057 bytes at most: a reconnect's carries the epoch and the inbox"
                                            " position) is over the broker's pre-login limit (65,536 bytes: a frame"
                                            " before the Login is granted)"), info.value
                 with pytest.raises(ConnectFailed):
@@ -1491,7 +1491,7 @@ async def test_oversized_and_malformed_frames_close_only_that_connection(lmdb_st
                 assert close.code == CloseCode.PROTOCOL_ERROR and "FRAME_TOO_LARGE" in close.reason
                 raw = await RawConn.open(port)
                 await raw.login("mallory")
-                await raw.send_bytes(b"\x03\x3f\x01\x00")  # version 3 with reserved flag bits
+                await raw.send_bytes(b"\x03\x4f\x01\x00")  # version 4 with reserved flag bits
                 close = await raw.until(F.Close)
                 assert close.code == CloseCode.PROTOCOL_ERROR and "MALFORMED" in close.reason
                 assert (await a.send(AB, b"after")).seq == 2
@@ -2069,11 +2069,14 @@ async def _split_exchange(port: int, parts: list[bytes], *, eof: bool = False) -
 async def _upgrade_closed(answer: bytes, caplog: pytest.LogCaptureFixture) -> logging.LogRecord:
     """An upgrade request (or a TLS ClientHello) at a tcp:// (tls://)
     listener: ``answer`` is the binary Close the SDKs read, and its close
-    line's code PROTOCOL_ERROR.  Returns that close line."""
+    line's code PROTOCOL_ERROR.  Returns that close line.  (The Close says
+    what the decoder made of the first bytes: "GE" is a frame of length 71
+    with head 0x45, version 4 with reserved flags, MALFORMED_FRAME; a
+    ClientHello's 0x16 0x03 is version 0, UNSUPPORTED_VERSION.)"""
     decoder = Decoder()
     decoder.feed(answer)
     close = decoder.next_frame()
-    assert isinstance(close, F.Close) and close.reason.startswith("UNSUPPORTED_VERSION: "), answer
+    assert isinstance(close, F.Close) and close.reason.startswith(("MALFORMED_FRAME: ", "UNSUPPORTED_VERSION: ")), answer
     await _until_closes(caplog, 1)
     [line] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
     assert line.code == "PROTOCOL_ERROR"  # type: ignore[attr-defined]
@@ -4031,7 +4034,7 @@ async def test_a_token_whose_login_is_over_max_frame_fails_at_once_before_connec
                     pass
             assert trio.current_time() - t0 < 1.0
             assert str(info.value) == (f"cannot connect to {url}: the token is 40,000 bytes: its Login frame"
-                                       " (40,044 bytes at most: a reconnect's carries the epoch and the inbox position)"
+                                       " (40,054 bytes at most: a reconnect's carries the epoch and the inbox position)"
                                        " is over max_frame (32,768 bytes; ClientConfig.max_frame, until a broker"
                                        " announces its own)"), info.value
             assert srv.statistics().accepted == before  # no connection was made
@@ -4056,9 +4059,9 @@ async def test_a_login_the_broker_refuses_as_too_large_fails_at_once_saying_so()
                 async with open_client(url, "a" * 10_000, "d1", config=ClientConfig(connect_timeout=5)):
                     pass
             assert trio.current_time() - t0 < 2.0, info.value
-            assert str(info.value) == (f"cannot connect to {url}: the broker refused the Login frame (10,018 bytes;"
+            assert str(info.value) == (f"cannot connect to {url}: the broker refused the Login frame (10,019 bytes;"
                                        " the token is 10,000 bytes) as too large: Close PROTOCOL_ERROR: FRAME_TOO_LARGE:"
-                                       " frame length 10018 exceeds max_frame_size 4096"), info.value
+                                       " frame length 10019 exceeds max_frame_size 4096"), info.value
 
 
 async def test_a_large_login_the_server_breaks_off_is_said_after_connect_timeout(monkeypatch):
@@ -4086,7 +4089,7 @@ async def test_a_large_login_the_server_breaks_off_is_said_after_connect_timeout
             nursery.cancel_scope.cancel()
     message = str(info.value)
     assert message.startswith(f"cannot connect to {url} within 1 s (connect_timeout): "), message
-    assert message.endswith(" (the connection broke while the Login frame (2,000,019 bytes; the token is 2,000,000"
+    assert message.endswith(" (the connection broke while the Login frame (2,000,020 bytes; the token is 2,000,000"
                             " bytes) was being written, before any answer: it may be over the broker's max_frame,"
                             " the protocol's default 1,048,576 bytes unless the broker raised it)"), message
 

@@ -571,7 +571,7 @@ def test_garbage_never_crashes_and_both_backends_agree(both: tuple[ModuleType, M
 
 def test_frames_before_garbage_come_first(backend: ModuleType) -> None:
     s = logged_in(backend)
-    s.receive_data(backend.encode_frames([F.Ping(1), F.PushAck(2)]) + b"\x02\x41\x00")  # version 4
+    s.receive_data(backend.encode_frames([F.Ping(1), F.PushAck(2)]) + b"\x02\x51\x00")  # version 5
     assert s.next_frames() == [F.Ping(1), F.PushAck(2)]
     with pytest.raises(ProtocolError) as info:
         s.next_frames()

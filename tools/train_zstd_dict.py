@@ -392,10 +392,23 @@ def body_of(raw: bytes) -> bytes:
     return raw[n + 3 :]
 
 
+def sample_of(frame: Any) -> bytes:
+    """The training sample of one frame: its body as the dictionary was
+    trained on it.  A Login is version 3's, without ``sent`` (its last
+    field, 0 here: one byte): zstd-chat-v3 was trained on version 3 traffic,
+    and version 4 keeps it (PROTOCOL.md, section 7.1) -- a Login is never
+    compressed, its samples only shaped the dictionary."""
+    body = body_of(encode_frame(frame))
+    if type(frame) is F.Login:
+        assert frame.sent == 0 and body[-1:] == b"\x00"
+        body = body[:-1]
+    return body
+
+
 def training_samples(seed: int = TRAIN_SEED, count: int = TRAIN_SAMPLES, split: str = "train") -> list[bytes]:
     """Bodies of ``count`` frames of traffic, keeping those the compressor
     would compress (at least DEFAULT_THRESHOLD bytes)."""
-    bodies = (body_of(encode_frame(f)) for f in Traffic(seed, split).frames(count))
+    bodies = (sample_of(f) for f in Traffic(seed, split).frames(count))
     return [b for b in bodies if len(b) >= DEFAULT_THRESHOLD]
 
 

@@ -119,7 +119,7 @@ _MESSAGE = (
 _READ_STATE = (("conv", "t"), ("read_seq", "u"), ("last_seq", "u"), ("unread", "u"))
 
 SCHEMA: dict[type, tuple[tuple[str, str], ...]] = {
-    Login: (("token", "b"), ("device", "t"), ("client_time", "s"), ("position", "u"), ("caps", "u"), ("epoch", "b")),
+    Login: (("token", "b"), ("device", "t"), ("client_time", "s"), ("position", "u"), ("caps", "u"), ("epoch", "b"), ("sent", "u")),
     LoginAck: (
         ("user", "t"),
         ("device", "t"),

@@ -746,16 +746,18 @@ def _said(data: Union[bytes, bytearray, memoryview], refusal: bytes) -> Union[by
 
 def _http_start(first: bytes) -> bool:
     """``first`` (a client's first 1 or 2 bytes) may begin an HTTP request:
-    a method is letters.  A pimcore frame never begins so: its length (a
-    varint) is followed by its head, 0x30-0x3f, or its first byte is >= 0x80."""
+    a method is letters.  A client's first frame never begins so: it is a
+    Login, never compressed, so its length (a varint) is followed by its
+    head 0x40 ("@", no letter), or its first byte is >= 0x80."""
     return all(65 <= b <= 90 or 97 <= b <= 122 for b in first)
 
 
 def _upgrade_at_stream(peer: "_Peer") -> None:
     """``peer``'s first bytes, at a tcp:// or tls:// listener, were a
     WebSocket upgrade request, which the core refused with a binary Close
-    (PROTOCOL_ERROR, "UNSUPPORTED_VERSION: protocol version 4": the "G" of
-    GET): its close line says what arrived instead, and where to send it."""
+    (PROTOCOL_ERROR: "GE" read as a frame's length, 71, and head, 0x45 --
+    reserved flag bits set, MALFORMED_FRAME): its close line says what
+    arrived instead, and where to send it."""
     if peer.close_code is CloseCode.PROTOCOL_ERROR:
         scheme = peer.endpoint.scheme
         ws = "wss" if scheme == "tls" else "ws"
@@ -883,7 +885,7 @@ def _first_bytes_kind(head: bytes) -> Optional[str]:
 def _first_bytes_final(head: bytes) -> str:
     """:func:`_first_bytes_kind` once no more bytes are awaited (also at
     the client's half-close: a whole method, "GET" (or "get", "CONNECT")
-    and nothing after it, is an HTTP request's start -- two letters never begin a frame, see
+    and nothing after it, is an HTTP request's start -- two letters never begin a Login, see
     _http_start -- but a method's first letters, "GE", are no request yet)."""
     if _HTTP_REQUEST_LINE.match(head) is None:
         return "http" if head.upper() in _HTTP_ALL_METHODS or _HTTP_OTHER_LINE.match(head) is not None else "binary"

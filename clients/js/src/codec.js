@@ -1,11 +1,11 @@
-// PIM wire protocol v3 codec (docs/PROTOCOL.md): frames <-> bytes.
+// PIM wire protocol v4 codec (docs/PROTOCOL.md): frames <-> bytes.
 //
 // Integers: `u` and `s` fields decode to a JS number when they fit in
 // Number.MAX_SAFE_INTEGER (times in µs, positions, seqs, local ids all do in
 // practice) and to a BigInt otherwise; encoders take either.  `b` fields are
 // Uint8Array, `t` fields strings (strict UTF-8), `?` booleans, lists arrays.
 
-export const PROTOCOL_VERSION = 3;
+export const PROTOCOL_VERSION = 4;
 export const CAP_ZSTD = 1;
 export const CAP_DEFLATE_DOWN = 2;
 export const CAP_DEFLATE_UP = 4;
@@ -68,7 +68,7 @@ export const Records = {
 
 // Frames by type: [name, fields].
 export const Frames = {
-  [FrameType.LOGIN]: ['Login', [['token', 'b'], ['device', 't'], ['client_time', 's'], ['position', 'u'], ['caps', 'u'], ['epoch', 'b']]],
+  [FrameType.LOGIN]: ['Login', [['token', 'b'], ['device', 't'], ['client_time', 's'], ['position', 'u'], ['caps', 'u'], ['epoch', 'b'], ['sent', 'u']]],
   [FrameType.LOGIN_ACK]: ['LoginAck', [['user', 't'], ['device', 't'], ['server_time', 'u'], ['position', 'u'], ['head', 'u'],
     ['gap', '?'], ['max_frame', 'u'], ['max_payload', 'u'], ['window', 'u'], ['heartbeat_ms', 'u'], ['caps', 'u'], ['epoch', 'b'], ['resync', '?']]],
   [FrameType.CALIBRATE_REQ]: ['CalibrateReq', [['client_time', 's']]],
@@ -209,7 +209,7 @@ function lengthPrefix(n) {
   const w = new Writer(); w.uvar(n, 'length'); return w.out();
 }
 
-/** Frame the body: length, head (version 3, flags), type, body. */
+/** Frame the body: length, head (version 4, flags), type, body. */
 export function frameBytes(type, body, flags = 0) {
   const pre = lengthPrefix(body.length + 2);
   const out = new Uint8Array(pre.length + 2 + body.length);

@@ -25,7 +25,7 @@ function client(broker, user, opts = {}) {
 test('AmendReq round-trips through the codec; Message carries target, edited, recalled, deleted', () => {
   const f = frame('AmendReq', { local_id: 7, conv: 'c', target: 3, action: MessageKind.EDIT, client_time: -1, payload: new Uint8Array([104, 105]) });
   const wire = encodeFrame(f);
-  assert.equal(Buffer.from(wire).toString('hex'), '0b3014070163030401026869');
+  assert.equal(Buffer.from(wire).toString('hex'), '0b4014070163030401026869');
   const [back] = new FrameDecoder().feed(wire);
   assert.equal(back.name, 'AmendReq'); assert.equal(back.target, 3); assert.equal(back.action, 4); assert.equal(back.client_time, -1);
 });

@@ -100,7 +100,7 @@ describe('connect() failures', () => {
       assert.ok(err, 'connect() rejected');
       assert.equal(err.name, 'ConnectFailed');
       assert.equal(err.message, `cannot connect to ${url}: the token is ${size.toLocaleString('en-US')} bytes: its Login frame`
-        + ` (${(size + 44).toLocaleString('en-US')} bytes at most: a reconnect's carries the epoch and the inbox position) is`
+        + ` (${(size + 45).toLocaleString('en-US')} bytes at most: a reconnect's carries the epoch and the inbox position) is`
         + " over the broker's pre-login limit (65,536 bytes: a frame before the Login is granted)");
       assert.equal(c.state, State.CLOSED);
       assert.equal(c.stats.connects, 0);
@@ -121,7 +121,7 @@ describe('connect() failures', () => {
       await broker.restart(); // the broker's Close(SHUTDOWN): the client reconnects, asking for a token
       const err = await closed;
       assert.equal(err.name, 'ConnectFailed');
-      assert.equal(err.message, `cannot connect to ${broker.url}: the token is 70,000 bytes: its Login frame (70,044 bytes at most:`
+      assert.equal(err.message, `cannot connect to ${broker.url}: the token is 70,000 bytes: its Login frame (70,045 bytes at most:`
         + " a reconnect's carries the epoch and the inbox position) is over the broker's pre-login limit (65,536 bytes: a"
         + ' frame before the Login is granted)');
       assert.equal(c.state, State.CLOSED);

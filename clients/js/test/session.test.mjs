@@ -401,7 +401,7 @@ test('malformed bytes: Close(PROTOCOL_ERROR), the connection is dropped, frames 
   const { ws } = await connected(c);
   const disc = []; c.on('disconnected', (d) => disc.push(d));
   const good = encodeFrame(frame('ReadReceipt', { conv: 'd:u:v', reader: 'v', seq: 2 }));
-  const bad = Uint8Array.of(0x03, 0x40, 0x0e, 0x00); // version 4
+  const bad = Uint8Array.of(0x03, 0x50, 0x0e, 0x00); // version 5
   const both = new Uint8Array(good.length + bad.length); both.set(good); both.set(bad, good.length);
   ws.onmessage({ data: both.buffer });
   assert.equal(c.receipt('d:u:v', 'v'), 2);

@@ -617,7 +617,7 @@ export class PimcoreClient {
     const caps = this.opts.compression ? this.opts.compression.caps : 0;
     this._sessionNow(); // (sets _rawNow: the Login's client_time, as _connectionMade sends it)
     const epoch = new Uint8Array(Math.max(this.epoch ? this.epoch.length : 0, EPOCH_BYTES));
-    const body = encodeBody(frame('Login', { token: tok, device: this.device, client_time: this._rawNow, position: U64_MAX, caps, epoch }));
+    const body = encodeBody(frame('Login', { token: tok, device: this.device, client_time: this._rawNow, position: U64_MAX, caps, epoch, sent: 0 }));
     const len = 2 + body.length; // head + type + body: what the limit counts
     if (len <= PRE_LOGIN_MAX_FRAME) return null;
     const n = (x) => x.toLocaleString('en-US');
@@ -643,7 +643,10 @@ export class PimcoreClient {
     this._setState(State.AWAITING_LOGIN_ACK);
     const tok = typeof token === 'string' ? utf8.encode(token) : token;
     const caps = this.opts.compression ? this.opts.compression.caps : 0;
-    this._sendFrame(frame('Login', { token: tok, device: this.device, client_time: raw, position: this.takenUpto, caps, epoch: this.epoch }));
+    this._sendFrame(frame('Login', { token: tok, device: this.device, client_time: raw, position: this.takenUpto, caps, epoch: this.epoch,
+      // Login.sent: 0, as this client takes what a Push brings on receipt
+      // (its listeners run then), so its position covers its own sends.
+      sent: 0 }));
     this._sendFrame(frame('CalibrateReq', { client_time: raw }));
   }
 
