@@ -349,6 +349,9 @@ export class PimcoreClient {
     // a catch-up of thousands of messages crawl.  Entries whose message
     // left the view are skipped when they come up.
     this._viewHeaps = new Map();
+    // Per conversation, seq -> msg_id key of each message (kind MESSAGE) in its
+    // view: a recall, edit or delete finds its target by seq, not by a scan.
+    this._viewSeqs = new Map();
     this._requests = new Map(); // req id -> history / readers request
     this._nextReqId = 1;
     // typing and presence (ephemeral; PROTOCOL.md "Typing and presence")
@@ -817,7 +820,7 @@ export class PimcoreClient {
       // and rebuild from this session; pending sends go again (same local ids).
       const old = this.epoch;
       this.takenUpto = f.position;
-      this._seen.clear(); this._wanted.clear(); this._readStates.clear(); this._receipts.clear(); this._views.clear(); this._viewHeaps.clear();
+      this._seen.clear(); this._wanted.clear(); this._readStates.clear(); this._receipts.clear(); this._views.clear(); this._viewHeaps.clear(); this._viewSeqs.clear();
       this._emit('resynced', { oldEpoch: old, epoch: f.epoch, position: f.position });
     }
     this.epoch = f.epoch;
@@ -1333,9 +1336,10 @@ export class PimcoreClient {
     } else r.resolve(f.readers);
   }
   _heldMessage(conv, seq) {
-    const v = this._views.get(conv);
-    if (v) for (const m of v.values()) if (m.seq === seq && m.kind === MessageKind.MESSAGE) return m;
-    return null;
+    const seqs = this._viewSeqs.get(conv), key = seqs && seqs.get(seq);
+    if (key === undefined) return null;
+    const m = this._views.get(conv).get(key);
+    return m && m.seq === seq && m.kind === MessageKind.MESSAGE ? m : null;
   }
   /**
    * Apply a RECALL / EDIT / DELETE entry to the held target (entries are not
@@ -1371,16 +1375,19 @@ export class PimcoreClient {
   }
   _addToView(m) {
     if (AMEND_KINDS.has(m.kind)) { this._applyAmend(m); return; }
-    let v = this._views.get(m.conv), h = this._viewHeaps.get(m.conv);
+    let v = this._views.get(m.conv), h = this._viewHeaps.get(m.conv), seqs = this._viewSeqs.get(m.conv);
     if (!v) { v = new Map(); this._views.set(m.conv, v); }
     if (!h) { h = []; this._viewHeaps.set(m.conv, h); }
+    if (!seqs) { seqs = new Map(); this._viewSeqs.set(m.conv, seqs); }
     const key = toHex(m.msg_id), held = v.get(key);
     v.set(key, m);
+    if (held && held.seq !== m.seq && seqs.get(held.seq) === key) seqs.delete(held.seq);
+    if (m.kind === MessageKind.MESSAGE) seqs.set(m.seq, key);
     if (!held || held.seq !== m.seq) heapPush(h, [m.seq, key]);
     // Bounded memory: forget the lowest seqs (a history page brings them back).
     while (v.size > this.opts.viewLimit) {
       const [seq, k] = heapPop(h), kept = v.get(k);
-      if (kept && kept.seq === seq) v.delete(k);
+      if (kept && kept.seq === seq) { v.delete(k); if (seqs.get(seq) === k) seqs.delete(seq); }
     }
     if (h.length > 2 * v.size + 64) {  // stale entries: messages remembered again at another seq
       h.length = 0;
