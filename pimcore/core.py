@@ -2286,6 +2286,15 @@ class Broker:
         self._send_marker(user, conv, read_seq, last_seq, unread, True, out)
         return out
 
+    def floor_moved_elsewhere(self, user: str, conv: str, purged: int, now: int) -> list[Command]:
+        """Cluster hint: retention (``purged`` -1) or a purge of ``conv``
+        (``purged`` its last seq) on another node moved its history floor.
+        ``user``'s devices online here get the store's read state of it, as
+        those on that node did (:meth:`_refresh_floor`)."""
+        out: list[Command] = []
+        self._refresh_members(conv, (user,), purged, out)
+        return out
+
     def receipt_elsewhere(self, user: str, conv: str, reader: str, read_seq: int, now: int) -> list[Command]:
         """Cluster hint: ``reader``, ``user``'s peer in the 1:1 chat
         ``conv``, read up to ``read_seq`` on another node.  ``user``'s

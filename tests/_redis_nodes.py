@@ -18,9 +18,11 @@ CFG = ClientConfig(ack_timeout=2.0, send_timeout=30.0, connect_timeout=10.0, bac
 
 
 @asynccontextmanager
-async def two_nodes(cluster: Any, tmp_path: Any, *, events: bool = False, **store: Any) -> AsyncIterator[list[Any]]:
+async def two_nodes(cluster: Any, tmp_path: Any, *, events: bool = False, per_node: Any = ({}, {}),
+                    **store: Any) -> AsyncIterator[list[Any]]:
     """Two brokers sharing one fresh namespace; ``store``: RedisStore
-    arguments (``read_fanout_above``...); ``events``: host events on."""
+    arguments (``read_fanout_above``...); ``events``: host events on;
+    ``per_node``: each node's own open_pimcore arguments."""
     from pimcore.store.redis import RedisStore
 
     ns = "t" + os.urandom(6).hex()
@@ -30,7 +32,7 @@ async def two_nodes(cluster: Any, tmp_path: Any, *, events: bool = False, **stor
             s = await stack.enter_async_context(RedisStore.connect(cluster.url, namespace=ns, **store))
             nodes.append(await stack.enter_async_context(open_pimcore(
                 data_dir=tmp_path / f"node{i}", listen=["tcp://127.0.0.1:0"], store=s,
-                secret=SECRET.decode(), events=events)))
+                secret=SECRET.decode(), events=events, **per_node[i])))
         yield nodes
 
 

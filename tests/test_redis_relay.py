@@ -294,3 +294,35 @@ async def test_a_change_between_a_logins_read_and_its_record_is_caught_up(redis_
             with trio.fail_after(10):
                 ev = await first(bob, lambda ev: isinstance(ev, ConversationUpdated) and ev.entry.conv == AB)
             assert ev.entry.pinned
+
+
+async def test_retention_applied_on_one_node_corrects_unread_counts_on_the_other(redis_cluster, tmp_path) -> None:
+    """Only the node whose reclaim pass trimmed a conversation refreshed the
+    unread counts of its online devices (the other node's pass then finds
+    nothing to trim): bob's phone on the other node kept counting messages
+    that were gone, for a 1:1 chat and for a group, until his next read or
+    login.  The trimming node tells the nodes where a member has a device
+    online, and each refreshes it as its own pass would."""
+    fast, never = {"reclaim_interval": 0.02}, {"reclaim_interval": 3600.0}
+    with trio.fail_after(60):
+        async with two_nodes(redis_cluster, tmp_path, per_node=[fast, never]) as nodes, AsyncExitStack() as stack:
+            bob = await login(stack, nodes[1], "bob", "phone")
+            await online_everywhere(nodes, {"bob": [1]})
+            await nodes[0].create_group("team", ["alice", "bob"])
+            for i in range(30):
+                await nodes[0].post(AB, b"m%d" % i, sender="alice", device="web")
+                await nodes[0].post("team", b"g%d" % i, sender="alice", device="web")
+            assert len([m async for m in _take(bob, 60)]) == 60
+            assert (bob.read_state(AB).unread, bob.read_state("team").unread) == (30, 30)
+            await nodes[0].set_retention(AB, max_count=10)
+            await nodes[0].set_retention("team", max_count=5)
+            with trio.move_on_after(10):
+                while (bob.read_state(AB).unread, bob.read_state("team").unread) != (10, 5):
+                    await trio.sleep(0.02)
+            assert (bob.read_state(AB).unread, bob.read_state("team").unread) == (10, 5)
+            # A purge of the 1:1 chat on node 0: nothing of it is unread.
+            await nodes[0].purge_conversation(AB)
+            with trio.move_on_after(10):
+                while bob.read_state(AB).unread:
+                    await trio.sleep(0.02)
+            assert bob.read_state(AB).unread == 0

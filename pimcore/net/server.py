@@ -3188,7 +3188,8 @@ class BrokerServer:
         ``V`` tokens revoked; ``K`` the host kicked; ``U`` conversation
         settings changed; ``T`` a member is typing; ``P`` a node got a
         user's first device online or lost their last; ``H`` the user's
-        last-seen privacy setting changed."""
+        last-seen privacy setting changed; ``F`` retention or a purge moved
+        a conversation's history floor."""
         b = self.broker
         if kind == "I":
             self._run(self._core(b.inbox_advanced, user, value))
@@ -3211,6 +3212,8 @@ class BrokerServer:
             self._run(self._core(b.presence_elsewhere, user, *value))
         elif kind == "H":
             self._run(self._core(b.privacy_elsewhere, user, value))
+        elif kind == "F":
+            self._run(self._core(b.floor_moved_elsewhere, user, *value))
 
     async def _presence_writer(self, cluster: Any, presence: Any) -> None:
         """Record this node's logins and logouts in the store, in order (a

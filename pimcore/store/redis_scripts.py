@@ -730,6 +730,9 @@ def _parse_hint(raw: bytes) -> tuple[str, str, Any]:
     ``P user node 0|1 at``                 -> (node, online, at µs): ``node`` got its
                                               first device of ``user`` / lost its last one
     ``H user 0|1``                         -> hide_last_seen: the user's privacy setting
+    ``F user conv purged``                 -> (conv, purged): retention (purged -1) or a
+                                              purge (its last seq) moved the conversation's
+                                              history floor: the user's unread count
 
     ValueError for anything else."""
     kind, user, rest = raw.decode().split(" ", 2)
@@ -765,6 +768,9 @@ def _parse_hint(raw: bytes) -> tuple[str, str, Any]:
         if online not in ("0", "1"):
             raise ValueError(rest)
         return kind, user, (node, online == "1", int(at))
+    if kind == "F":
+        conv, purged = rest.split(" ")
+        return kind, user, (conv, int(purged))
     raise ValueError(kind)
 
 
@@ -1595,7 +1601,8 @@ class ClusterOps:
         entry (read markers, receipts, revocations, purges, conversation
         settings; formats in :func:`_parse_hint`).  Nothing to tell (sends,
         acks...): no round trip."""
-        from .base import ConversationSet, Purged, PurgeUser
+        from .base import ConversationSet, Expired, PurgeConversation, Purged, PurgeUser
+        from .redis import _Tx
 
         hints: list[tuple[str, str]] = []
         for op, res in zip(ops, results):
@@ -1614,6 +1621,21 @@ class ClusterOps:
                 # token issued before the purge is refused.
                 hints.append((op.user, f"K {op.user} * this user's data was deleted"))
                 hints.append((op.user, f"V {op.user} * {op.now}"))
+            elif isinstance(res, Expired) or (isinstance(res, Purged) and isinstance(op, PurgeConversation)
+                                              and direct_members(op.conv) is not None):
+                # The history floor moved: the unread counts the devices of
+                # the members hold may count messages that are gone, and
+                # only this node's core refreshed its own (another node's
+                # pass finds nothing left to trim).  The members' nodes
+                # refresh theirs as this node's core does (_refresh_floor;
+                # a purged group is gone with its markers: nothing to say).
+                floors = [(c, -1) for c in res.convs] if isinstance(res, Expired) else [(op.conv, res.last_seq)]
+                try:
+                    for conv, purged in floors:
+                        for user in sorted(await self.s._group_members(_Tx(self.s), conv) or ()):
+                            hints.append((user, f"F {user} {conv} {purged}"))
+                except StoreError:
+                    pass  # (best effort, as every hint: their next read or login is exact)
         await self.tell(hints)
         from .base import PresencePrivacySet
 
