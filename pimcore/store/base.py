@@ -835,7 +835,9 @@ class LoadSession:
     device: str
     login: bool = True
     #: The client's cursor, when it comes from an epoch other than the
-    #: current one: its inbox position and that epoch (b"": none given).  A
+    #: current one: the higher of its inbox position and the position of
+    #: its own sends it was told (Login.sent), and that epoch (b"": none
+    #: given).  A
     #: store that knows where that epoch ended in its own history answers
     #: SessionLoaded.foreign when the entry at ``claim`` (or the highest one
     #: below it still stored) was stored after that end, or, with no such
