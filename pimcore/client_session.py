@@ -933,6 +933,16 @@ class ClientSession:
         self.read_states: dict[str, F.ReadState] = {}
         self.receipts: dict[tuple[str, str], int] = {}  # (conv, reader) -> seq
         self._read_wanted: dict[str, int] = {}  # markers sent but not yet confirmed
+        # conv -> the highest seq read_states[conv].unread accounts for (the
+        # broker's last ReadState of it, and the messages pushed since), and
+        # the same for the conversation list entry's unread and mention
+        # counts (its last page or ConvUpdate, the pushes since).  Kept apart
+        # from the last seq shown: an own send raises that (its SendAck),
+        # and the Push of others' messages stored just before it, with lower
+        # seqs, may come after -- counted only past the shown last seq, they
+        # were never counted (a new user's trial).
+        self._rs_counted: dict[str, int] = {}
+        self._entry_counted: dict[str, int] = {}
         self._views: dict[str, dict[bytes, F.Message]] = {}
         # Per conversation, (seq, msg_id) of every message put in its view,
         # a min-heap: dropping the lowest seq once the view is full is
@@ -1470,6 +1480,8 @@ class ClientSession:
         self._seen_seq.clear()
         self._read_wanted.clear()
         self.read_states.clear()
+        self._rs_counted.clear()
+        self._entry_counted.clear()
         self.receipts.clear()
         self._views.clear()
         self._view_heaps.clear()
@@ -2194,13 +2206,14 @@ class ClientSession:
             st = self.read_states.get(m.conv)
             if st is None:
                 st = F.ReadState(m.conv, 0, 0, 0)
-            if m.seq > st.last_seq:
+            if m.seq > self._rs_counted.get(m.conv, 0):
                 # A message the last ReadState did not count yet (membership
                 # entries, kind JOINED/LEFT, are never unread).
+                self._rs_counted[m.conv] = m.seq
                 fresh_unread = st.unread + int(
                     m.kind == F.MessageKind.MESSAGE and m.sender != self.user and m.seq > st.read_seq
                 )
-                self.read_states[m.conv] = F.ReadState(m.conv, st.read_seq, m.seq, fresh_unread)
+                self.read_states[m.conv] = F.ReadState(m.conv, st.read_seq, max(st.last_seq, m.seq), fresh_unread)
             self._entry_pushed(m)
             if m.kind == F.MessageKind.MESSAGE and self._typing_seen and self._typing_seen.pop((m.conv, m.sender), None) is not None:
                 # PROTOCOL.md: an indicator ends at a newer Typing or a message
@@ -2261,8 +2274,9 @@ class ClientSession:
         if st is not None and seq > st.read_seq:
             # Optimistic: the confirmation brings the exact unread count (own
             # and recalled messages do not count); until then at most what
-            # lies past the new marker.
-            unread = 0 if seq >= st.last_seq else min(st.unread, st.last_seq - seq)
+            # lies past the new marker (among the seqs the count accounts for).
+            counted = self._rs_counted.get(conv, 0)
+            unread = 0 if seq >= counted else min(st.unread, counted - seq)
             self.read_states[conv] = F.ReadState(conv, seq, st.last_seq, unread)
         if seq > self._read_wanted.get(conv, 0):
             self._read_wanted[conv] = seq
@@ -2278,13 +2292,19 @@ class ClientSession:
             old = self.read_states.get(st.conv)
             if old is not None and min(old.read_seq, st.last_seq) > st.read_seq:
                 continue  # markers never move back
-            self.read_states[st.conv] = st
+            # (The count is the broker's, up to its last_seq; the last seq
+            # shown never moves back -- an own send acked before a Read of
+            # the same batch may be past it.)
+            self.read_states[st.conv] = st if old is None or old.last_seq <= st.last_seq else dataclasses.replace(
+                st, last_seq=old.last_seq)
+            self._rs_counted[st.conv] = st.last_seq
             e = self.conversations.get(st.conv)
             if e is not None and st.read_seq >= e.read_seq:
                 self.conversations[st.conv] = dataclasses.replace(
                     e, read_seq=st.read_seq, unread=st.unread, last_seq=max(e.last_seq, st.last_seq),
                     mention_count=0 if st.read_seq >= e.last_seq else e.mention_count,
                 )
+                self._entry_counted[st.conv] = max(self._entry_counted.get(st.conv, 0), st.last_seq)
             self._emit(ReadStateChanged(st))
 
     def _on_receipt(self, f: F.ReadReceipt) -> None:
@@ -2357,10 +2377,10 @@ class ClientSession:
         the user is unknown: the mention count stays until the next page)."""
         mentioned = held is not None and self._mentions_me(held)
         st = self.read_states.get(conv)
-        if st is not None and st.unread > 0 and st.read_seq < seq <= st.last_seq:
+        if st is not None and st.unread > 0 and st.read_seq < seq <= self._rs_counted.get(conv, 0):
             self.read_states[conv] = F.ReadState(conv, st.read_seq, st.last_seq, st.unread - 1)
         e = self.conversations.get(conv)
-        if e is not None and e.read_seq < seq <= e.last_seq:
+        if e is not None and e.read_seq < seq <= self._entry_counted.get(conv, 0):
             self.conversations[conv] = dataclasses.replace(
                 e, unread=max(e.unread - 1, 0), mention_count=max(e.mention_count - mentioned, 0))
 
@@ -2720,6 +2740,7 @@ class ClientSession:
             # A push already brought a newer message than this (older) answer.
             e = dataclasses.replace(e, last=old.last, last_seq=old.last_seq, hidden=False)
         self.conversations[e.conv] = e
+        self._entry_counted[e.conv] = e.last_seq
         for m in e.last:
             self._remember(m)
 
@@ -2737,9 +2758,14 @@ class ClientSession:
             st = F.ReadState(m.conv, 0, 0, 0)
         if m.seq > st.last_seq:
             self.read_states[m.conv] = F.ReadState(m.conv, st.read_seq, m.seq, st.unread)
-        self._entry_pushed(m)
+        self._entry_pushed(m, pushed=False)
 
-    def _entry_pushed(self, m: F.Message) -> None:
+    def _entry_pushed(self, m: F.Message, pushed: bool = True) -> None:
+        """The list entry of ``m.conv`` (if held) takes ``m``, pushed or
+        (``pushed`` False) this device's own, as the broker's list does: a
+        new last message (un-hidden); a pushed one counts (unread, mention)
+        if past what the entry accounts for; an amend changes how the last
+        one shows."""
         e = self.conversations.get(m.conv)
         if e is None:
             return
@@ -2756,15 +2782,17 @@ class ClientSession:
                 last = dataclasses.replace(last, payload=m.payload, edited=m.server_time)
             self.conversations[m.conv] = dataclasses.replace(e, last=(last,))
             return
-        if m.seq <= e.last_seq:
+        counted = mentioned = False
+        if pushed and m.seq > self._entry_counted.get(m.conv, 0):
+            self._entry_counted[m.conv] = m.seq
+            counted = m.kind == F.MessageKind.MESSAGE and m.sender != self.user and m.seq > e.read_seq
+            mentioned = counted and self._mentions_me(m)
+        if m.seq > e.last_seq:
+            e = dataclasses.replace(e, last=(m,), last_seq=m.seq, hidden=False)
+        elif not counted:
             return
-        mine = m.sender == self.user
-        counted = m.kind == F.MessageKind.MESSAGE and not mine and m.seq > e.read_seq
-        mentioned = counted and self._mentions_me(m)
         self.conversations[m.conv] = dataclasses.replace(
-            e, last=(m,), last_seq=m.seq, unread=e.unread + counted, mention_count=e.mention_count + mentioned,
-            hidden=False,
-        )
+            e, unread=e.unread + counted, mention_count=e.mention_count + mentioned)
 
     # ------------------------------------------------------------ completions
 

@@ -1814,3 +1814,33 @@ def test_sent_upto_covers_own_sends_past_messages_the_app_has_not_taken():
     assert again.sent_upto == 0
     with pytest.raises(ValueError):
         ClientSession("phone", CFG, sent=-1)
+
+
+def test_messages_pushed_after_an_own_send_with_lower_seqs_still_count_as_unread():
+    # A new user's trial (a regression of the fix above): a SendAck can come
+    # before the Push of others' messages stored just before it (lower
+    # seqs).  Counted only past last_seq, which the send had raised, they
+    # were never counted: 4 of 8 rounds of a live chat lost a whole burst
+    # from unread(), and the list entry's mention count stayed 0.  What a
+    # count accounts for (the broker's last ReadState or page, and the
+    # pushes since) is kept apart from the last seq shown.
+    s = session()
+    b = connect(s, T0)
+    rid = s.list_conversations(T0)
+    assert [type(f) for f in b.read()] == [F.ConvListReq]
+    b.feed(T0, F.ConvListResp(rid, 0, (F.ConvEntry(CONV, (msg(2, 2),), 0, 2, 2, 0, False, False, False),), b"", False))
+    b.feed(T0, F.ReadStates((F.ReadState(CONV, 0, 2, 2),)))
+    b.feed(T0, F.Push(2, (msg(1, 1), msg(2, 2))))
+    lid = s.send(CONV, b"mine", T0)
+    b.read_one(F.SendReq)
+    b.feed(T0, F.SendAck(lid, ErrorCode.OK, b"id%014d" % 5, 5, T0 + 5))
+    mention = dataclasses.replace(msg(4, 4), mentions=(F.Mention("alice"),))
+    b.feed(T0, F.Push(5, (msg(3, 3), mention)))
+    assert s.read_state(CONV) == F.ReadState(CONV, 0, 5, 4)
+    e = s.conversations[CONV]
+    assert (e.last_seq, e.unread, e.mention_count) == (5, 4, 1)
+    assert [m.payload for m in e.last] == [b"mine"]  # the highest seq stays last
+    # A recall of one of them uncounts it.
+    recall = dataclasses.replace(msg(6, 6), kind=F.MessageKind.RECALL, target=3, payload=b"")
+    b.feed(T0, F.Push(6, (recall,)))
+    assert s.read_state(CONV).unread == 3 and s.conversations[CONV].unread == 3

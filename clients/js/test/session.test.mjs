@@ -206,6 +206,27 @@ test("a send moves its conversation's last_seq as the broker counts it, a first 
   await c.close();
 });
 
+test("others' messages pushed after an own send, with lower seqs, still count as unread (the count is kept apart from the last seq shown)", async () => {
+  const c = make();
+  const { ws } = await connected(c);
+  ws.deliver(frame('ReadStates', { entries: [{ conv: 'd:u:v', read_seq: 0, last_seq: 2, unread: 2 }] }));
+  await sleep(5);
+  const p = c.send('d:u:v', 'mine');
+  await sleep(5);
+  const [a] = ws.of('SendReq');
+  ws.deliver(frame('SendAck', { local_id: a.local_id, code: 0, msg_id: new Uint8Array(16), seq: 5, server_time: 9 }));
+  await p;
+  const m = (pos, seq) => ({ position: pos, msg_id: Uint8Array.of(seq), conv: 'd:u:v', seq, sender: 'v', device: 'x', client_time: 1,
+    server_time: 1, payload: new Uint8Array(0), kind: 0, local_id: seq, after_seq: 0, target: 0, edited: 0, recalled: false, deleted: false,
+    mentions: [], mention_all: false });
+  ws.deliver(frame('Push', { position: 4, messages: [m(3, 3), m(4, 4)] }));
+  await sleep(5);
+  assert.deepEqual(c.readState('d:u:v'), { conv: 'd:u:v', read_seq: 0, last_seq: 5, unread: 4 });
+  c.markRead('d:u:v', 4);
+  assert.equal(c.unread('d:u:v'), 0, 'nothing of theirs past the marker (its own send is never unread)');
+  await c.close();
+});
+
 test('transient refusals are retried with the same local id after a hold; final ones reject', async () => {
   const c = make();
   const { ws } = await connected(c);

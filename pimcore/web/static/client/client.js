@@ -340,6 +340,11 @@ export class PimcoreClient {
     this._stall = null;
     this._seen = new Map(); // conv -> highest seq seen (after_seq of the next send)
     this._readStates = new Map();
+    // conv -> the highest seq a read state's unread count accounts for (the
+    // broker's last ReadState, the messages pushed since), kept apart from
+    // the last seq shown: an own send raises that, and others' messages
+    // stored just before it (lower seqs) may be pushed after its SendAck.
+    this._counted = new Map();
     this._wanted = new Map(); // conv -> read marker not yet confirmed
     this._receipts = new Map();
     this._views = new Map();
@@ -820,7 +825,7 @@ export class PimcoreClient {
       // and rebuild from this session; pending sends go again (same local ids).
       const old = this.epoch;
       this.takenUpto = f.position;
-      this._seen.clear(); this._wanted.clear(); this._readStates.clear(); this._receipts.clear(); this._views.clear(); this._viewHeaps.clear(); this._viewSeqs.clear();
+      this._seen.clear(); this._wanted.clear(); this._readStates.clear(); this._counted.clear(); this._receipts.clear(); this._views.clear(); this._viewHeaps.clear(); this._viewSeqs.clear();
       this._emit('resynced', { oldEpoch: old, epoch: f.epoch, position: f.position });
     }
     this.epoch = f.epoch;
@@ -1166,8 +1171,9 @@ export class PimcoreClient {
       this._seen.set(m.conv, Math.max(this._seen.get(m.conv) || 0, m.seq));
       let rs = this._readStates.get(m.conv);
       if (!rs) { rs = { conv: m.conv, read_seq: 0, last_seq: 0, unread: 0 }; this._readStates.set(m.conv, rs); }
-      if (m.seq > rs.last_seq) {
-        rs.last_seq = m.seq;
+      if (m.seq > (this._counted.get(m.conv) || 0)) {
+        this._counted.set(m.conv, m.seq);
+        if (m.seq > rs.last_seq) rs.last_seq = m.seq;
         if (m.kind === MessageKind.MESSAGE && m.sender !== this.user && m.seq > rs.read_seq) rs.unread++;
       }
     }
@@ -1205,8 +1211,11 @@ export class PimcoreClient {
       if (w !== undefined && entry.read_seq >= w) this._wanted.delete(entry.conv);
       const known = this._readStates.get(entry.conv);
       if (known && entry.read_seq < known.read_seq) continue; // markers never move back
-      const rs = { conv: entry.conv, read_seq: entry.read_seq, last_seq: entry.last_seq, unread: entry.unread };
+      // The count is the broker's, up to its last_seq; the last seq shown never moves back.
+      const rs = { conv: entry.conv, read_seq: entry.read_seq, last_seq: known && known.last_seq > entry.last_seq ? known.last_seq : entry.last_seq,
+        unread: entry.unread };
       this._readStates.set(entry.conv, rs);
+      this._counted.set(entry.conv, entry.last_seq);
       this._emit('readstate', { ...rs });
     }
   }
@@ -1251,8 +1260,10 @@ export class PimcoreClient {
     if (known) seq = Math.min(seq, known);
     if (rs && seq > rs.read_seq) {
       rs.read_seq = seq;
-      // Until the broker confirms (with the exact count): at most what lies past the marker.
-      rs.unread = seq >= rs.last_seq ? 0 : Math.min(rs.unread, rs.last_seq - seq);
+      // Until the broker confirms (with the exact count): at most what lies past the marker
+      // (among the seqs the count accounts for).
+      const counted = this._counted.get(conv) || 0;
+      rs.unread = seq >= counted ? 0 : Math.min(rs.unread, counted - seq);
     }
     this._wanted.set(conv, Math.max(this._wanted.get(conv) || 0, seq));
     if (this.state === State.ACTIVE) this._sendFrame(frame('Read', { conv, seq }));
@@ -1350,7 +1361,8 @@ export class PimcoreClient {
   _applyAmend(e) {
     const t = this._heldMessage(e.conv, e.target);
     const rs = this._readStates.get(e.conv);
-    const counted = rs && rs.unread > 0 && e.target > rs.read_seq && (!t || !(t.recalled || t.deleted));
+    const counted = rs && rs.unread > 0 && e.target > rs.read_seq && e.target <= (this._counted.get(e.conv) || 0)
+      && (!t || !(t.recalled || t.deleted));
     let n = null;
     if (e.kind === MessageKind.RECALL) {
       // Only its sender (or the host, for them) recalls a message: the
