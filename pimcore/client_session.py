@@ -791,11 +791,12 @@ class ClientSession:
         """``position``, ``epoch`` and ``sent``: where an earlier run of this
         device stopped (``taken_upto``, ``epoch`` and ``sent_upto`` saved by
         the app), so a restarted app resumes instead of taking its whole
-        inbox again.  Raises ValueError for a negative position or sent, or
-        a non-bytes epoch."""
-        if (type(position) is not int or position < 0 or type(sent) is not int or sent < 0
-                or not isinstance(epoch, bytes)):
-            raise ValueError("position and sent must be ints >= 0 and epoch bytes")
+        inbox again.  Raises ValueError for a position or sent outside
+        0..2**64-1 (inbox positions, PROTOCOL.md's ``u``), or a non-bytes
+        epoch."""
+        if (type(position) is not int or not 0 <= position <= _U64_MAX or type(sent) is not int
+                or not 0 <= sent <= _U64_MAX or not isinstance(epoch, bytes)):
+            raise ValueError("position and sent must be ints in 0..2**64-1 and epoch bytes")
         self.device = device
         self.config = config
         self._rng = random.Random(seed)

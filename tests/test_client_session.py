@@ -1812,8 +1812,11 @@ def test_sent_upto_covers_own_sends_past_messages_the_app_has_not_taken():
     # A resync forgets it with every other position.
     again.receive_data(encode_frame(dataclasses.replace(ack_frame(), epoch=b"N" * 16, resync=True)), T0 + 4)
     assert again.sent_upto == 0
-    with pytest.raises(ValueError):
-        ClientSession("phone", CFG, sent=-1)
+    for bad in (-1, 1 << 64):
+        with pytest.raises(ValueError, match="0..2"):
+            ClientSession("phone", CFG, sent=bad)
+        with pytest.raises(ValueError, match="0..2"):
+            ClientSession("phone", CFG, position=bad)
 
 
 def test_messages_pushed_after_an_own_send_with_lower_seqs_still_count_as_unread():

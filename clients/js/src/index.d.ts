@@ -1,4 +1,4 @@
-// Type declarations for @pimcore/client (PIM wire protocol v3; docs/PROTOCOL.md).
+// Type declarations for @pimcore/client (PIM wire protocol v4; docs/PROTOCOL.md).
 
 /** `u`/`s` fields: a number when it fits in Number.MAX_SAFE_INTEGER, else a bigint. */
 export type Int = number | bigint;
