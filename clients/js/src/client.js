@@ -151,6 +151,21 @@ function checkUrl(url) {
  * Why a WebSocket upgrade failed, asked again with a plain HTTP upgrade request (Node only: the
  * WebSocket API says nothing): {reason, final} (final: an HTTP refusal a retry will not change), or null.
  */
+/**
+ * `b` begins a pimcore frame the way a broker answers a stranger: a Close
+ * (its length, a varint of 1-5 bytes, >= 2; its head, a protocol version in
+ * the high nibble; the type CLOSE) -- the Python SDK's _pimcore_frame_start.
+ */
+function pimcoreCloseStart(b) {
+  let length = 0, i = 0;
+  for (; i < 5 && i < b.length; i++) {
+    length += (b[i] & 0x7f) * 2 ** (7 * i);
+    if (!(b[i] & 0x80)) break;
+  }
+  if (i >= 5 || i >= b.length) return false;
+  return length >= 2 && b.length >= i + 3 && (b[i + 1] >> 4) !== 0 && b[i + 2] === FrameType.CLOSE;
+}
+
 async function probeUpgrade(url, ms) {
   if (!globalThis.process?.versions?.node) return null;
   const u = new URL(url);
@@ -176,6 +191,17 @@ async function probeUpgrade(url, ms) {
     });
     req.on('error', (e) => {
       clearTimeout(timer);
+      if (typeof e.code === 'string' && e.code.startsWith('HPE_')) {
+        // No HTTP came back (Node's parser, with the bytes): a pimcore tcp://
+        // or tls:// listener answers an upgrade with its binary Close, which
+        // will not change on a retry -- say it at once, as the Python SDK does
+        // (a new user's trial: it waited out connectTimeout, then "no answer").
+        const scheme = u.protocol === 'wss:' ? 'tls' : 'tcp';
+        const how = pimcoreCloseStart(e.rawPacket ? new Uint8Array(e.rawPacket) : new Uint8Array(0))
+          ? "in pimcore's binary protocol" : 'with bytes that are no HTTP';
+        resolve({ reason: `the server answered the WebSocket upgrade ${how} (it is not a WebSocket endpoint: try ${scheme}://${u.host})`, final: true });
+        return;
+      }
       const words = { ECONNREFUSED: 'connection refused', ECONNRESET: 'connection reset by peer', ENOTFOUND: `unknown host '${u.hostname}'`, ETIMEDOUT: 'connection timed out' };
       resolve({ reason: words[e.code] || e.message, final: false });
     });

@@ -87,11 +87,11 @@ describe('connect() failures', () => {
     assert.equal(c.state, State.CLOSED);
   });
 
-  // 65,517: found by a reviewer, a token whose first Login just fit the
+  // 65,516: found by a reviewer, a token whose first Login just fit the
   // pre-login limit failed at every reconnect (a reconnect's Login also
   // carries the epoch and the inbox position), and the client reconnected
   // for ever.  The check counts the widest Login.
-  for (const [size, what] of [[70000, 'is over'], [65517, "fits at first but a reconnect's would not"]]) {
+  for (const [size, what] of [[70000, 'is over'], [65516, "fits at first but a reconnect's would not"]]) {
     test(`a token whose Login ${what} the broker's pre-login limit (64 KiB): connect() rejects at once, before dialing, saying so`, { timeout: 30000 }, async () => {
       const port = await freePort();
       const url = `ws://127.0.0.1:${port}/`;
@@ -106,6 +106,26 @@ describe('connect() failures', () => {
       assert.equal(c.stats.connects, 0);
     });
   }
+
+  test('a ws:// URL at a pimcore tcp:// listener: connect() rejects at once, naming the URL to try', { timeout: 30000 }, async () => {
+    // (A new user's trial: it waited out connectTimeout, then said "no answer to the WebSocket upgrade".)
+    const port = await freePort();
+    const broker = await new Broker({ heartbeatMs: 30000, extra: ['--listen', `tcp://127.0.0.1:${port}`] }).start();
+    try {
+      const url = `ws://127.0.0.1:${port}/`;
+      const c = new PimcoreClient({ url, token: broker.token('np-a'), connectTimeout: 20000 });
+      const t0 = Date.now();
+      const err = await noUnhandled(() => c.connect().then(() => null, (e) => e));
+      assert.ok(err, 'connect() rejected');
+      assert.equal(err.name, 'ConnectFailed');
+      assert.equal(err.message, `cannot connect to ${url}: the server answered the WebSocket upgrade in pimcore's binary protocol`
+        + ` (it is not a WebSocket endpoint: try tcp://127.0.0.1:${port})`);
+      assert.ok(Date.now() - t0 < 10000, `${Date.now() - t0} ms`);
+      assert.equal(c.state, State.CLOSED);
+    } finally {
+      await broker.dispose();
+    }
+  });
 
   describe('a live broker', () => {
     let broker;
