@@ -1745,18 +1745,25 @@ def test_a_delete_for_me_or_a_recall_lowers_the_conversation_list_entry_as_unrea
     assert (s.unread(CONV), e.unread, e.mention_count) == (1, 1, 1)
 
 
+def listed(*, hidden: bool = False) -> tuple[ClientSession, Broker]:
+    """A connected session holding CONV's list entry and read state: bob's
+    two messages, both unread (``hidden``: the entry is hidden)."""
+    s = session()
+    b = connect(s, T0)
+    rid = s.list_conversations(T0)
+    assert [type(f) for f in b.read()] == [F.ConvListReq]
+    b.feed(T0, F.ConvListResp(rid, 0, (F.ConvEntry(CONV, (msg(2, 2),), 0, 2, 2, 0, False, False, hidden),), b"", False))
+    b.feed(T0, F.ReadStates((F.ReadState(CONV, 0, 2, 2),)))
+    return s, b
+
+
 def test_a_send_moves_the_conversations_last_seq_and_list_entry_as_the_brokers_do():
     # A new user's trial: after a send, read_state(conv).last_seq and the
     # conversation list entry left the device's own message out until the
     # next ReadStates or page, while the broker counts it (its last seq, the
     # entry's last message, un-hidden) -- never as unread, and the sender's
     # marker does not move.
-    s = session()
-    b = connect(s, T0)
-    rid = s.list_conversations(T0)
-    assert [type(f) for f in b.read()] == [F.ConvListReq]
-    b.feed(T0, F.ConvListResp(rid, 0, (F.ConvEntry(CONV, (msg(0, 2),), 0, 2, 2, 0, False, False, True),), b"", False))
-    b.feed(T0, F.ReadStates((F.ReadState(CONV, 0, 2, 2),)))
+    s, b = listed(hidden=True)
     lid = s.send(CONV, b"mine", T0)
     req = b.read_one(F.SendReq)
     b.feed(T0, F.SendAck(lid, ErrorCode.OK, b"id%014d" % 3, 3, T0 + 3))
@@ -1827,12 +1834,7 @@ def test_messages_pushed_after_an_own_send_with_lower_seqs_still_count_as_unread
     # from unread(), and the list entry's mention count stayed 0.  What a
     # count accounts for (the broker's last ReadState or page, and the
     # pushes since) is kept apart from the last seq shown.
-    s = session()
-    b = connect(s, T0)
-    rid = s.list_conversations(T0)
-    assert [type(f) for f in b.read()] == [F.ConvListReq]
-    b.feed(T0, F.ConvListResp(rid, 0, (F.ConvEntry(CONV, (msg(2, 2),), 0, 2, 2, 0, False, False, False),), b"", False))
-    b.feed(T0, F.ReadStates((F.ReadState(CONV, 0, 2, 2),)))
+    s, b = listed()
     b.feed(T0, F.Push(2, (msg(1, 1), msg(2, 2))))
     lid = s.send(CONV, b"mine", T0)
     b.read_one(F.SendReq)

@@ -721,6 +721,16 @@ def test_an_sdk_restarted_with_a_saved_cursor_resumes_in_the_same_epoch():
 CONFIG = ClientConfig(ack_timeout=1.0, send_timeout=30.0, connect_timeout=5.0, backoff_initial=0.05, backoff_max=0.3)
 
 
+async def _restore_hot_copy(server, start, data: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The broker's disk is lost: kill -9, the hot copy (``tmp_path /
+    "hot-copy"``) restored as its store, started again; -> the new process."""
+    server.send_signal(signal.SIGKILL)
+    await trio.to_thread.run_sync(server.wait)
+    shutil.rmtree(data / "store")
+    shutil.copytree(tmp_path / "hot-copy", data / "store")
+    return await trio.to_thread.run_sync(start)
+
+
 async def _serve(tmp_path: Path, procs: ProcGroup) -> tuple:
     """``pimcore serve`` on a data directory under ``tmp_path``: (data dir,
     url, a function starting it again, the process, the token secret)."""
@@ -822,11 +832,7 @@ async def test_a_device_that_only_sent_after_a_hot_copy_is_resynchronized_throug
                     await alice.send(AB, b"lost%d" % i)
                 while alice.taken_upto < 5:
                     await trio.sleep(0.01)
-                server.send_signal(signal.SIGKILL)
-                await trio.to_thread.run_sync(server.wait)
-                shutil.rmtree(data / "store")
-                shutil.copytree(tmp_path / "hot-copy", data / "store")  # the disk is lost: restored
-                server = await trio.to_thread.run_sync(start)
+                server = await _restore_hot_copy(server, start, data, tmp_path)
                 for i in range(3):
                     await bob.send(AB, b"new%d" % i)
                 await got.wait()
@@ -862,11 +868,7 @@ async def test_an_app_that_saved_its_cursor_with_a_message_queued_is_resynchroni
                     await trio.sleep(0.01)
                 saved = (alice.taken_upto, alice.epoch, alice.sent_upto)
             assert saved[0] == 0 and saved[2] == 4
-            server.send_signal(signal.SIGKILL)
-            await trio.to_thread.run_sync(server.wait)
-            shutil.rmtree(data / "store")
-            shutil.copytree(tmp_path / "hot-copy", data / "store")  # the disk is lost: restored
-            server = await trio.to_thread.run_sync(start)
+            server = await _restore_hot_copy(server, start, data, tmp_path)
             for i in range(4):
                 await bob.send(AB, b"new%d" % i)
         events: list = []
