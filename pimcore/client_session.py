@@ -794,9 +794,11 @@ class ClientSession:
         inbox again.  Raises ValueError for a position or sent outside
         0..2**64-1 (inbox positions, PROTOCOL.md's ``u``), or a non-bytes
         epoch."""
-        if (type(position) is not int or not 0 <= position <= _U64_MAX or type(sent) is not int
-                or not 0 <= sent <= _U64_MAX or not isinstance(epoch, bytes)):
-            raise ValueError("position and sent must be ints in 0..2**64-1 and epoch bytes")
+        for name, value in (("position", position), ("sent", sent)):
+            if type(value) is not int or not 0 <= value <= _U64_MAX:
+                raise ValueError(f"{name} must be an int in 0..2**64-1 (an inbox position), not {value!r}")
+        if not isinstance(epoch, bytes):
+            raise ValueError(f"epoch must be bytes (LoginAck.epoch, as saved from client.epoch), not {type(epoch).__name__}")
         self.device = device
         self.config = config
         self._rng = random.Random(seed)
@@ -1869,6 +1871,10 @@ class ClientSession:
         self._check_open()
         t = self._tick(now)
         deadline = t + (self._send_timeout if timeout is None else max(0, timeout))
+        if isinstance(mentions, (str, bytes)):
+            # (A str is iterable: "carol" would mention c, a, r, o and l.)
+            raise TypeError(f"mentions must be an iterable of user ids, not one {type(mentions).__name__}: "
+                            f"mentions=[{mentions!r}]")
         mentioned = tuple(mentions)
         if local_id is not None:
             p = self._pending.get(local_id)
@@ -2060,6 +2066,10 @@ class ClientSession:
                 own = F.Message(
                     0, f.msg_id, p.conv, f.seq, self.user, self.device, p.client_time, f.server_time, p.payload,
                     F.MessageKind.MESSAGE, p.local_id, min(p.after_seq, max(0, f.seq - 1)),
+                    # Its mentions as the broker stores them (sorted, unique,
+                    # never the sender): as every other device shows it.
+                    mentions=tuple(F.Mention(u) for u in sorted(p.mentions - {self.user})),
+                    mention_all=p.mention_all,
                 )
             self._remember(own)
             self._own_entry(own)
@@ -2303,7 +2313,9 @@ class ClientSession:
             if e is not None and st.read_seq >= e.read_seq:
                 self.conversations[st.conv] = dataclasses.replace(
                     e, read_seq=st.read_seq, unread=st.unread, last_seq=max(e.last_seq, st.last_seq),
-                    mention_count=0 if st.read_seq >= e.last_seq else e.mention_count,
+                    # (A mention is an unread message that mentions the user:
+                    # never more of them than unread ones.)
+                    mention_count=0 if st.read_seq >= e.last_seq else min(e.mention_count, st.unread),
                 )
                 self._entry_counted[st.conv] = max(self._entry_counted.get(st.conv, 0), st.last_seq)
             self._emit(ReadStateChanged(st))

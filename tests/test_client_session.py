@@ -1820,10 +1820,12 @@ def test_sent_upto_covers_own_sends_past_messages_the_app_has_not_taken():
     again.receive_data(encode_frame(dataclasses.replace(ack_frame(), epoch=b"N" * 16, resync=True)), T0 + 4)
     assert again.sent_upto == 0
     for bad in (-1, 1 << 64):
-        with pytest.raises(ValueError, match="0..2"):
+        with pytest.raises(ValueError, match=r"^sent must be an int in 0\.\.2\*\*64-1"):
             ClientSession("phone", CFG, sent=bad)
-        with pytest.raises(ValueError, match="0..2"):
+        with pytest.raises(ValueError, match=r"^position must be an int in 0\.\.2\*\*64-1"):
             ClientSession("phone", CFG, position=bad)
+    with pytest.raises(ValueError, match="^epoch must be bytes"):
+        ClientSession("phone", CFG, epoch="ab" * 16)  # type: ignore[arg-type]
 
 
 def test_messages_pushed_after_an_own_send_with_lower_seqs_still_count_as_unread():
@@ -1849,3 +1851,41 @@ def test_messages_pushed_after_an_own_send_with_lower_seqs_still_count_as_unread
     recall = dataclasses.replace(msg(6, 6), kind=F.MessageKind.RECALL, target=3, payload=b"")
     b.feed(T0, F.Push(6, (recall,)))
     assert s.read_state(CONV).unread == 3 and s.conversations[CONV].unread == 3
+
+
+def test_the_sending_device_holds_its_message_with_its_mentions():
+    # A new user's trial: the sender's own view showed its message without
+    # the mentions every other device (and history) shows -- as the broker
+    # stores them: sorted, unique, never the sender.
+    s = session()
+    b = connect(s, T0)
+    lid = s.send("team", b"hi", T0, mentions=["carol", "bob", "carol", "alice"], mention_all=True)
+    b.read_one(F.SendReq)
+    b.feed(T0, F.SendAck(lid, ErrorCode.OK, b"id%014d" % 1, 1, T0 + 1))
+    [m] = s.view("team")
+    assert (m.mentions, m.mention_all) == ((F.Mention("bob"), F.Mention("carol")), True)
+
+
+def test_mentions_given_as_one_string_are_refused():
+    # A new user's trial: mentions="carol" was taken as five users, c, a, r,
+    # o and l, each of whom got a mention counted.
+    s = session()
+    connect(s, T0)
+    with pytest.raises(TypeError, match="mentions"):
+        s.send("team", b"hi", T0, mentions="carol")  # type: ignore[arg-type]
+    assert not s.data_to_send()
+
+
+def test_a_list_entry_never_shows_more_mentions_than_unread_messages_after_a_read_elsewhere():
+    # A new user's trial: while the phone was offline its laptop read most of
+    # a group; the login's ReadStates set the entry's unread to 1 and left
+    # its mention count at 6, which no state of the broker's can be (a
+    # mention is an unread message that mentions the user).
+    s, b = listed()
+    mentions = tuple(dataclasses.replace(msg(i, i), mentions=(F.Mention("alice"),)) for i in (3, 4, 5, 6, 7, 8))
+    b.feed(T0, F.Push(8, mentions))
+    e = s.conversations[CONV]
+    assert (e.unread, e.mention_count) == (8, 6)
+    b.feed(T0, F.ReadStates((F.ReadState(CONV, 7, 8, 1),)))
+    e = s.conversations[CONV]
+    assert (e.read_seq, e.unread, e.mention_count) == (7, 1, 1)

@@ -933,6 +933,10 @@ export class PimcoreClient {
   }
   _send(conv, payload, { localId = null, timeout = this.opts.sendTimeout, mentions = [], mentionAll = false } = {}) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
+    if (!Array.isArray(mentions) || !mentions.every((u) => typeof u === 'string')) {
+      // (A string is no list: 'carol' would be c, a, r, o and l.)
+      throw new TypeError(`send: mentions must be an array of user ids (strings), not ${JSON.stringify(mentions)}`);
+    }
     const now = this._sessionNow(); // deadlines
     const raw = this._rawNow; // local ids and stamps
     const bytes = payloadBytes(payload);
@@ -1109,7 +1113,10 @@ export class PimcoreClient {
         // A message is never shown above what its sender could see, nor does it claim to follow a seq above its own
         // (an answer to a retry whose frame saw more than the stored first attempt): as the broker stores it.
         local_id: f.local_id, after_seq: e.action ? Math.max(0, f.seq - 1) : Math.min(e.frame.after_seq, Math.max(0, f.seq - 1)), target: e.target || 0,
-        edited: 0, recalled: false, deleted: false });
+        edited: 0, recalled: false, deleted: false,
+        // Its mentions as the broker stores them (sorted, unique, never the sender): as every other device shows it.
+        mentions: e.action ? [] : [...new Set(e.frame.mentions.map((m) => m.user))].filter((u) => u !== this.user).sort().map((user) => ({ user })),
+        mention_all: e.action ? false : e.frame.mention_all });
       e.resolve(sent);
       this._emit('sent', sent);
     } else if (FINAL_CODES.has(f.code)) {

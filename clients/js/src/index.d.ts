@@ -3,7 +3,7 @@
 /** `u`/`s` fields: a number when it fits in Number.MAX_SAFE_INTEGER, else a bigint. */
 export type Int = number | bigint;
 
-export declare const PROTOCOL_VERSION: 3;
+export declare const PROTOCOL_VERSION: 4;
 export declare const CAP_ZSTD: 1;
 export declare const CAP_DEFLATE_DOWN: 2;
 export declare const CAP_DEFLATE_UP: 4;

@@ -227,6 +227,21 @@ test("others' messages pushed after an own send, with lower seqs, still count as
   await c.close();
 });
 
+test("the sending client holds its message with its mentions (as the broker stores them); mentions that are no array reject", async () => {
+  const c = make();
+  const { ws } = await connected(c);
+  const p = c.send('g', 'hi', { mentions: ['w', 'v', 'w', 'u'], mentionAll: true });
+  await assert.rejects(c.send('g', 'hi', { mentions: 'carol' }), (e) => e instanceof TypeError && /mentions/.test(e.message));
+  await sleep(5);
+  const [a] = ws.of('SendReq');
+  assert.equal(ws.of('SendReq').length, 1);
+  ws.deliver(frame('SendAck', { local_id: a.local_id, code: 0, msg_id: new Uint8Array(16), seq: 1, server_time: 9 }));
+  await p;
+  const [m] = c.view('g');
+  assert.deepEqual([m.mentions, m.mention_all], [[{ user: 'v' }, { user: 'w' }], true]);
+  await c.close();
+});
+
 test('transient refusals are retried with the same local id after a hold; final ones reject', async () => {
   const c = make();
   const { ws } = await connected(c);
