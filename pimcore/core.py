@@ -1758,6 +1758,8 @@ class Broker:
                     if isinstance(op, PurgeConversation):
                         self._sizes.pop(op.conv, None)
                         self._refresh_floor(op.conv, res.last_seq, out)
+                        for user in res.users:  # (a group's: it is gone with its markers)
+                            self._purged_group(user, op.conv, res.last_seq, out)
                     for change in res.changes:  # a purged user's LEFT entries
                         self._note_size(change.conv, len(change.members))
                         self._finish_admin(change, to_pump)
@@ -2290,9 +2292,12 @@ class Broker:
         """Cluster hint: retention (``purged`` -1) or a purge of ``conv``
         (``purged`` its last seq) on another node moved its history floor.
         ``user``'s devices online here get the store's read state of it, as
-        those on that node did (:meth:`_refresh_floor`)."""
+        those on that node did (:meth:`_refresh_floor`, :meth:`_purged_group`)."""
         out: list[Command] = []
-        self._refresh_members(conv, (user,), purged, out)
+        if direct_members(conv) is None and purged >= 0:
+            self._purged_group(user, conv, purged, out)
+        else:
+            self._refresh_members(conv, (user,), purged, out)
         return out
 
     def receipt_elsewhere(self, user: str, conv: str, reader: str, read_seq: int, now: int) -> list[Command]:
@@ -3525,6 +3530,19 @@ class Broker:
                 out.append(StoreRequest(rid, (ReadReaders(conv, ""),), False))
             return
         self._refresh_members(conv, dict.fromkeys(pair), purged, out)
+
+    def _purged_group(self, user: str, conv: str, last_seq: int, out: list[Command]) -> None:
+        """The group ``conv`` was purged (its last seq ``last_seq``): each of
+        ``user``'s devices online here is told nothing of it is unread -- a
+        ReadState read up to that last seq, so no marker it holds moves
+        back.  No ConvUpdate: the group left the user's list, and the
+        answer to a request about it is UNKNOWN_CONVERSATION.  (Its count
+        stayed in the client before: a new user's trial.)"""
+        state = F.ReadStates((F.ReadState(conv, last_seq, last_seq, 0),))
+        for dev in self._online.get(user, {}).values():
+            if dev.states is not None:
+                self._flush_states(dev, out)  # the login's, older: first
+            self._send(dev.conn, state, out)
 
     def _refresh_members(self, conv: str, users: Iterable[str], purged: int, out: list[Command]) -> None:
         for user in users:

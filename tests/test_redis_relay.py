@@ -326,3 +326,9 @@ async def test_retention_applied_on_one_node_corrects_unread_counts_on_the_other
                 while bob.read_state(AB).unread:
                     await trio.sleep(0.02)
             assert bob.read_state(AB).unread == 0
+            # And of the group: it is gone with its markers, nothing of it unread.
+            await nodes[0].purge_conversation("team")
+            with trio.move_on_after(10):
+                while bob.read_state("team").unread:
+                    await trio.sleep(0.02)
+            assert bob.read_state("team").unread == 0

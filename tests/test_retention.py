@@ -131,7 +131,7 @@ def test_purge_conversation_deletes_a_group_and_is_idempotent(store: Store, mk: 
     send(store, mk, 1)
     mk.commit(store, MarkRead("bob", "team", 2), SetRetention("team", 0, 50))
     [res] = mk.commit(store, PurgeConversation("team"))
-    assert res == Purged(3, 6, last_seq=3)
+    assert res == Purged(3, 6, last_seq=3, users=("alice", "bob"))  # (told: nothing of it is unread)
     assert not store.conversation_exists("team")
     assert store.members("team") == ()
     assert store.conversations("bob") == [AB]
@@ -423,3 +423,25 @@ def test_online_devices_get_their_read_state_after_a_trim_of_more_conversations_
     got = {e.conv: e for s in h.take(b, F.ReadStates) for e in s.entries}
     assert got == {conv: F.ReadState(conv, 0, 4, 1) for conv in convs}
     assert all(store.unread("bob", conv) == 1 for conv in convs)
+
+
+def test_online_members_of_a_purged_group_are_told_nothing_of_it_is_unread_over_every_store(store: Store) -> None:
+    # A new user's trial: a group the host purged stayed in the client with
+    # its unread count (the SDK's total unread 15 against the broker's 11),
+    # as nothing told the online members.  Each gets the group's read state
+    # as the purge leaves it: read up to its last seq, nothing unread (the
+    # marker is the last seq: a client ignores a marker that moves back).
+    from _harness import Harness
+    from pimcore import frames as F
+
+    h = Harness(store, driver="inline")
+    a, b = h.login("alice", "phone"), h.login("bob", "phone")
+    h.host_call(h.broker.create_group, "team", ["alice", "bob"])
+    for i in range(5):
+        h.send(a, "team", b"m%d" % i)
+    h.drain_device(b)
+    h.take(b)
+    h.take(a)
+    h.host_call(h.broker.purge_conversation, "team")
+    assert [s.entries for s in h.take(b, F.ReadStates)] == [(F.ReadState("team", 5, 5, 0),)]
+    assert [s.entries for s in h.take(a, F.ReadStates)] == [(F.ReadState("team", 5, 5, 0),)]

@@ -1307,6 +1307,10 @@ class Purged:
     #: floor (0 if it never had an entry).  The read state its online
     #: members' devices are sent: nothing stored is unread (core.py).
     last_seq: int = 0
+    #: PurgeConversation of a group: the users who may have held its read
+    #: state (its members and former members, sorted), whom the core tells
+    #: that nothing of it is unread -- the group and its markers are gone.
+    users: tuple[str, ...] = ()
 
 
 Result = Union[

@@ -4348,7 +4348,8 @@ class LmdbStore(Store):
         # Keep only the floor (= the last seq): seqs continue after it.
         self._put_retention(txn, ck, -1, -1, self._retention_in(txn, ck)[2])
         self._forget_convs(w)
-        return Purged(msgs, entries, last_seq=last)
+        group = () if keep_reads else tuple(sorted(uk[1:].decode("ascii") for uk in users))  # (T(user): _t)
+        return Purged(msgs, entries, last_seq=last, users=group)
 
     def _purge_user(self, w: _Batch, op: PurgeUser) -> Result:
         w.sync()

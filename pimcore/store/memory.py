@@ -718,7 +718,7 @@ class MemoryStore(Store):
         for table in (self._groups, self._visible, self._members, self._retention):
             if conv in table:
                 self._del(table, conv)
-        return Purged(msgs, entries, last_seq=last)
+        return Purged(msgs, entries, last_seq=last, users=() if keep_reads else tuple(users))
 
     def _purge_user(self, op: PurgeUser) -> Result:
         user = op.user

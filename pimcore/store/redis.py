@@ -1570,7 +1570,7 @@ class RedisStore(AsyncStore):
         for f in ("grp", "hv", "mem", "ret"):
             tx.delete(ck, f)
         tx.delete(self._rets, conv)
-        return Purged(msgs, entries, last_seq=last)
+        return Purged(msgs, entries, last_seq=last, users=() if keep_reads else tuple(sorted(users)))
 
     async def _purge_user(self, tx: _Tx, op: PurgeUser) -> Result:
         user = op.user

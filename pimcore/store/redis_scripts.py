@@ -1621,6 +1621,11 @@ class ClusterOps:
                 # token issued before the purge is refused.
                 hints.append((op.user, f"K {op.user} * this user's data was deleted"))
                 hints.append((op.user, f"V {op.user} * {op.now}"))
+            elif isinstance(res, Purged) and isinstance(op, PurgeConversation) and res.users:
+                # A purged group: its users' nodes tell their devices nothing
+                # of it is unread (the members are gone from the store: the
+                # result names them).
+                hints.extend((user, f"F {user} {op.conv} {res.last_seq}") for user in res.users)
             elif isinstance(res, Expired) or (isinstance(res, Purged) and isinstance(op, PurgeConversation)
                                               and direct_members(op.conv) is not None):
                 # The history floor moved: the unread counts the devices of
