@@ -719,7 +719,7 @@ class Client:
         message)."""
         self._check_alive()
         lid = self._session.send(conv, payload, self._clock(), local_id=local_id, timeout=None if timeout is None else int(timeout * 1e6),
-                                 mentions=tuple(mentions), mention_all=mention_all)
+                                 mentions=mentions, mention_all=mention_all)
         w = self._send_waiters.get(lid)
         if w is None:
             w = self._send_waiters[lid] = _Waiter()

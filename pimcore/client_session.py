@@ -1876,6 +1876,8 @@ class ClientSession:
             raise TypeError(f"mentions must be an iterable of user ids, not one {type(mentions).__name__}: "
                             f"mentions=[{mentions!r}]")
         mentioned = tuple(mentions)
+        if not all(type(u) is str for u in mentioned):
+            raise TypeError(f"mentions must be user ids (str), got {mentioned!r:.80}")
         if local_id is not None:
             p = self._pending.get(local_id)
             if p is not None:

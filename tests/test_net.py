@@ -4324,3 +4324,15 @@ async def test_running_out_of_file_descriptors_at_accept_is_a_rate_limited_warni
     assert "cannot accept connections on " + ("tcp" if kind == "broker" else "http") + "://127.0.0.1:7400" in first
     assert "EMFILE (Too many open files)" in first and "ulimit -n" in first and "max_connections" in first
     assert re.search(r"\b(299|300|301) time\(s\) since the last warning", second), second
+
+
+async def test_mentions_given_to_the_client_as_one_string_are_refused_at_the_call(lmdb_store) -> None:
+    """A new user's trial: ``Client.send(conv, p, mentions="carol")`` made a
+    tuple of it before the session's check, so c, a, r, o and l were
+    mentioned (and got a mention counted)."""
+    with trio.fail_after(10):
+        async with serving(lmdb_store) as srv, client(srv.url(), "alice") as a:
+            for bad in ("carol", b"carol", [b"carol"], [5]):
+                with pytest.raises(TypeError, match="mentions"):
+                    await a.send("team", b"hi", mentions=bad)  # type: ignore[arg-type]
+            assert (await a.send(AB, b"fine", mentions={"bob"})).seq == 1
