@@ -242,6 +242,17 @@ test("the sending client holds its message with its mentions (as the broker stor
   await c.close();
 });
 
+test('a bad saved cursor (position, epoch) is refused by the constructor, naming it', () => {
+  for (const position of [-1, '5', 1.5, 1e30, 2n ** 64n]) {
+    assert.throws(() => make({ position }), (e) => e instanceof RangeError && /^position must be an integer/.test(e.message), String(position));
+  }
+  for (const epoch of [5, 'xyz', [1, 2]]) {
+    assert.throws(() => make({ epoch }), (e) => e instanceof TypeError && /^epoch must be/.test(e.message), String(epoch));
+  }
+  make({ position: 5, epoch: 'ab'.repeat(16) });
+  assert.equal(make({ position: 5n, epoch: new Uint8Array(16) }).takenUpto, 5);
+});
+
 test('transient refusals are retried with the same local id after a hold; final ones reject', async () => {
   const c = make();
   const { ws } = await connected(c);

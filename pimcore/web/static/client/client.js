@@ -329,10 +329,20 @@ export class PimcoreClient {
     this.user = null;
     this.state = State.DISCONNECTED;
     this.error = null;
+    // The saved cursor, checked here (a bad one was an EncodeError thrown from
+    // the socket's open handler, which no caller could catch: a new user's trial).
     const ep = this.opts.epoch;
+    if (ep != null && !(ep instanceof Uint8Array) && !(typeof ep === 'string' && /^([0-9a-fA-F]{2})*$/.test(ep))) {
+      throw new TypeError(`epoch must be a Uint8Array or a hex string (as saved from client.epoch), not ${JSON.stringify(ep)}`);
+    }
     this.epoch = ep == null ? new Uint8Array(0) : typeof ep === 'string' ? fromHex(ep) : ep;
+    let pos = this.opts.position;
+    if (typeof pos === 'bigint' && pos >= 0n && pos <= BigInt(Number.MAX_SAFE_INTEGER)) pos = Number(pos);
+    if (!(Number.isSafeInteger(pos) && pos >= 0)) {
+      throw new RangeError(`position must be an integer in 0..2**53-1 (an inbox position, as saved from client.takenUpto), not ${typeof pos === 'bigint' ? pos : JSON.stringify(pos)}`);
+    }
     // Positions (docs/CLIENT.md "Receiving"): taken = handed to the app = what Login.position carries.
-    this.takenUpto = this.opts.position;
+    this.takenUpto = pos;
     this.ackedUpto = 0;
     this.clockOffset = 0; // µs: server clock - device clock
     this.rtt = -1;
