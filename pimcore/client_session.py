@@ -1878,6 +1878,8 @@ class ClientSession:
         mentioned = tuple(mentions)
         if not all(type(u) is str for u in mentioned):
             raise TypeError(f"mentions must be user ids (str), got {mentioned!r:.80}")
+        if type(mention_all) is not bool:
+            raise TypeError(f"mention_all must be True or False, not {mention_all!r:.40}")
         if local_id is not None:
             p = self._pending.get(local_id)
             if p is not None:
@@ -2701,6 +2703,10 @@ class ClientSession:
         :meth:`completions` once durable.  Sent again on every new
         connection until answered (setting a value twice is harmless)."""
         self._check_open()
+        for name, x in (("pinned", pinned), ("muted", muted), ("hidden", hidden)):
+            if x is not None and type(x) is not bool:
+                # ("no" and "false" are truthy: they would set it.)
+                raise TypeError(f"set_conversation: {name} must be True, False or None, not {x!r:.40}")
 
         def v(x: Optional[bool]) -> int:
             return F.SETTING_KEEP if x is None else (F.SETTING_ON if x else F.SETTING_OFF)

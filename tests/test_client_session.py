@@ -1889,3 +1889,16 @@ def test_a_list_entry_never_shows_more_mentions_than_unread_messages_after_a_rea
     b.feed(T0, F.ReadStates((F.ReadState(CONV, 7, 8, 1),)))
     e = s.conversations[CONV]
     assert (e.read_seq, e.unread, e.mention_count) == (7, 1, 1)
+
+
+def test_flags_that_are_not_bools_are_refused_at_the_call():
+    # A new user's trial: set_conversation(pinned="no") pinned it ("no" is
+    # truthy), as mention_all="false" would have mentioned everyone.
+    s = session()
+    connect(s, T0)
+    for bad in ("no", "false", 1, 0):
+        with pytest.raises(TypeError, match="pinned must be True, False or None"):
+            s.set_conversation(CONV, T0, pinned=bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="mention_all must be True or False"):
+            s.send(CONV, b"x", T0, mention_all=bad)  # type: ignore[arg-type]
+    assert not s.data_to_send()

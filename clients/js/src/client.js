@@ -223,6 +223,9 @@ function checkSeq(call, name, v, min = 0) {
   if (typeof v !== 'number') throw new TypeError(`${call}: ${name} must be an integer (a number or bigint), not ${v === null ? 'null' : typeof v}`);
   if (!Number.isInteger(v) || v < min || v >= TWO_64) throw new RangeError(`${call}: ${name} must be an integer in ${min}..2**64-1, got ${v}`);
 }
+function checkTimeout(call, v) {
+  if (typeof v !== 'number' || !(v >= 0)) throw new TypeError(`${call}: timeout must be a number of ms >= 0, not ${JSON.stringify(v)}`);
+}
 function checkLimit(call, v) {
   if (typeof v !== 'number' && typeof v !== 'bigint') throw new TypeError(`${call}: limit must be an integer >= 1, not ${v === null ? 'null' : typeof v}`);
   if (typeof v === 'bigint' ? v < 1n || v >= 1n << 64n : !Number.isInteger(v) || v < 1 || v >= TWO_64) {
@@ -943,6 +946,8 @@ export class PimcoreClient {
   }
   _send(conv, payload, { localId = null, timeout = this.opts.sendTimeout, mentions = [], mentionAll = false } = {}) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
+    if (typeof mentionAll !== 'boolean') throw new TypeError(`send: mentionAll must be true or false, not ${JSON.stringify(mentionAll)}`);
+    checkTimeout('send', timeout);
     if (!Array.isArray(mentions) || !mentions.every((u) => typeof u === 'string')) {
       // (A string is no list: 'carol' would be c, a, r, o and l.)
       throw new TypeError(`send: mentions must be an array of user ids (strings), not ${JSON.stringify(mentions)}`);
@@ -1366,6 +1371,12 @@ export class PimcoreClient {
    * once durable.  Every device of the user gets a 'conversation' event.
    */
   setConversation(conv, { pinned, muted, hidden, timeout = this.opts.sendTimeout } = {}) {
+    for (const [name, x] of [['pinned', pinned], ['muted', muted], ['hidden', hidden]]) {
+      // ('no' and 'false' are truthy: they would set it.)
+      if (x !== undefined && x !== null && typeof x !== 'boolean') {
+        return Promise.reject(new TypeError(`setConversation: ${name} must be true, false or undefined, not ${JSON.stringify(x)}`));
+      }
+    }
     const v = (x) => (x === undefined || x === null ? Setting.KEEP : x ? Setting.ON : Setting.OFF);
     return this._request('ConvSetReq', { conv, pinned: v(pinned), muted: v(muted), hidden: v(hidden) }, timeout);
   }

@@ -253,6 +253,17 @@ test('a bad saved cursor (position, epoch) is refused by the constructor, naming
   assert.equal(make({ position: 5n, epoch: new Uint8Array(16) }).takenUpto, 5);
 });
 
+test("flags that are not booleans, and a timeout that is no number, are refused at the call ('no' is truthy)", async () => {
+  const c = make();
+  const { ws } = await connected(c);
+  await assert.rejects(c.setConversation('g', { pinned: 'no' }), (e) => e instanceof TypeError && /pinned must be true, false or undefined/.test(e.message));
+  await assert.rejects(c.send('g', 'x', { mentionAll: 'false' }), (e) => e instanceof TypeError && /mentionAll must be true or false/.test(e.message));
+  await assert.rejects(c.send('g', 'x', { timeout: 'soon' }), (e) => e instanceof TypeError && /timeout must be a number/.test(e.message));
+  await sleep(5);
+  assert.equal(ws.of('SendReq').length + ws.of('ConvSetReq').length, 0);
+  await c.close();
+});
+
 test('transient refusals are retried with the same local id after a hold; final ones reject', async () => {
   const c = make();
   const { ws } = await connected(c);
