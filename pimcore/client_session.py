@@ -2315,11 +2315,18 @@ class ClientSession:
             self._rs_counted[st.conv] = st.last_seq
             e = self.conversations.get(st.conv)
             if e is not None and st.read_seq >= e.read_seq:
+                if st.read_seq >= e.last_seq:
+                    mentions = 0
+                else:
+                    # The mentions it counted that the new marker passed and
+                    # this device holds stop counting (a read on another
+                    # device); and a mention is an unread message that
+                    # mentions the user: never more of them than unread ones.
+                    passed = self._held_mentions(st.conv, e.read_seq, min(st.read_seq, self._entry_counted.get(st.conv, 0)))
+                    mentions = max(0, min(e.mention_count - passed, st.unread))
                 self.conversations[st.conv] = dataclasses.replace(
                     e, read_seq=st.read_seq, unread=st.unread, last_seq=max(e.last_seq, st.last_seq),
-                    # (A mention is an unread message that mentions the user:
-                    # never more of them than unread ones.)
-                    mention_count=0 if st.read_seq >= e.last_seq else min(e.mention_count, st.unread),
+                    mention_count=mentions,
                 )
                 self._entry_counted[st.conv] = max(self._entry_counted.get(st.conv, 0), st.last_seq)
             self._emit(ReadStateChanged(st))
@@ -2377,6 +2384,18 @@ class ClientSession:
         # user's devices, the next login).
         if t is not None:
             self._views[e.conv][t.msg_id] = t
+
+    def _held_mentions(self, conv: str, above: int, upto: int) -> int:
+        """How many messages of ``conv`` with seq in (``above``, ``upto``]
+        this device holds that count as a mention of the user: from
+        someone else, not recalled or deleted, mentioning the user."""
+        if upto <= above:
+            return 0
+        return sum(
+            1 for m in self._views.get(conv, {}).values()
+            if above < m.seq <= upto and m.kind == F.MessageKind.MESSAGE and m.sender != self.user
+            and not (m.recalled or m.deleted) and self._mentions_me(m)
+        )
 
     def _mentions_me(self, m: F.Message) -> bool:
         return m.mention_all or any(x.user == self.user for x in m.mentions)

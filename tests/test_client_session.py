@@ -1902,3 +1902,18 @@ def test_flags_that_are_not_bools_are_refused_at_the_call():
         with pytest.raises(TypeError, match="mention_all must be True or False"):
             s.send(CONV, b"x", T0, mention_all=bad)  # type: ignore[arg-type]
     assert not s.data_to_send()
+
+
+def test_a_read_elsewhere_drops_the_mentions_the_device_holds_below_the_new_marker():
+    # A new user's trial: the laptop read past the two messages that
+    # mentioned the user while the phone was offline; the phone held both,
+    # yet its list entry kept mention_count 2 (CLIENT.md: the count drops
+    # when the device holds the message).
+    s, b = listed()
+    me = (F.Mention("alice"),)
+    b.feed(T0, F.Push(8, tuple(dataclasses.replace(msg(i, i), mentions=me if i in (3, 4) else ()) for i in range(3, 9))))
+    e = s.conversations[CONV]
+    assert (e.unread, e.mention_count) == (8, 2)
+    b.feed(T0, F.ReadStates((F.ReadState(CONV, 4, 8, 4),)))
+    e = s.conversations[CONV]
+    assert (e.read_seq, e.unread, e.mention_count) == (4, 4, 0)
