@@ -105,7 +105,7 @@ _CODEC_SCHEMA = {
     _cd_F.LoginAck: (
         ("user", "t"), ("device", "t"), ("server_time", "u"), ("position", "u"), ("head", "u"),
         ("gap", "?"), ("max_frame", "u"), ("max_payload", "u"), ("window", "u"),
-        ("heartbeat_ms", "u"), ("caps", "u"), ("epoch", "b"), ("resync", "?"),
+        ("heartbeat_ms", "u"), ("caps", "u"), ("epoch", "b"), ("resync", "?"), ("states", "u"),
     ),
     _cd_F.CalibrateReq: (("client_time", "s"),),
     _cd_F.CalibrateResp: (("client_time", "s"), ("server_time", "u")),

@@ -946,6 +946,11 @@ class ClientSession:
         # were never counted (a new user's trial).
         self._rs_counted: dict[str, int] = {}
         self._entry_counted: dict[str, int] = {}
+        # The login's read states still to come (LoginAck.states), the
+        # conversations held before it, and those its read states named.
+        self._login_states = 0
+        self._login_prior: set[str] = set()
+        self._login_seen: set[str] = set()
         self._views: dict[str, dict[bytes, F.Message]] = {}
         # Per conversation, (seq, msg_id) of every message put in its view,
         # a min-heap: dropping the lowest seq once the view is full is
@@ -1434,6 +1439,16 @@ class ClientSession:
         if ack.resync:
             self._resync(ack)
         self._epoch = ack.epoch
+        # The login's read states (LoginAck.states entries, the first ones
+        # from here on) cover every conversation of the user's list: once
+        # they came, what this session held before of any other is dropped
+        # (a group purged while the device was away: its unread count and
+        # list entry stayed for good -- a new user's trial).
+        self._login_states = ack.states
+        self._login_prior = set(self.read_states) | set(self.conversations)
+        self._login_seen = set()
+        if not ack.states:
+            self._drop_unlisted()  # (an empty list: none of them is left)
         # Resume: never re-queue what the app already has.  Past what it
         # holds (entries the broker counts as delivered: its own sends), the
         # position is taken in turn, after what is queued.
@@ -2298,8 +2313,24 @@ class ClientSession:
         if self._state is SessionState.ACTIVE:
             self._send(raw)
 
+    def _drop_unlisted(self) -> None:
+        """The login's read states are all in: forget the conversations held
+        before it that they left out (no longer in the user's list)."""
+        for conv in self._login_prior - self._login_seen:
+            self.read_states.pop(conv, None)
+            self._rs_counted.pop(conv, None)
+            self.conversations.pop(conv, None)
+            self._entry_counted.pop(conv, None)
+        self._login_prior = set()
+        self._login_seen = set()
+
     def _on_read_states(self, f: F.ReadStates) -> None:
         for st in f.entries:
+            if self._login_states:
+                self._login_states -= 1
+                self._login_seen.add(st.conv)
+                if not self._login_states:
+                    self._drop_unlisted()
             # Confirmed durable: as far as wanted, or as far as the broker
             # allows (it clamps to the last seq the user may see).
             if st.read_seq >= min(self._read_wanted.get(st.conv, 1 << 64), st.last_seq):

@@ -2704,6 +2704,7 @@ class Broker:
                 caps=caps,
                 epoch=self.epoch,
                 resync=resync,
+                states=len(loaded.conversations),
             ),
             out,
         )

@@ -81,7 +81,7 @@ __all__ = [
 #: membership entries (Message.kind) and ReadersReq/ReadersResp.  3 added the
 #: IM features of issue 14 (recall, edit, delete; conversation list; typing
 #: and presence; mentions).  4 added Login.sent (the positions of a device's
-#: own sends, checked after the store went back in time).
+#: own sends, checked after the store went back in time) and LoginAck.states.
 PROTOCOL_VERSION = 4
 
 #: Capability bits exchanged in Login.caps / LoginAck.caps.
@@ -200,6 +200,12 @@ class LoginAck:
     confirmed) and rebuild them from this session; delivery starts over
     from the user's inbox floor (``position``; ``gap`` if entries were
     already reclaimed), so the client gets every entry this store holds.
+
+    ``states`` is how many ReadState entries this login sends (the first
+    ones after it, in one or more ReadStates): one for every conversation
+    of the user's list.  A conversation the client held state of that is
+    not among them left the list while it was away (purged): it drops that
+    state (its unread count, its list entry).
     """
 
     TYPE: ClassVar[FrameType] = FrameType.LOGIN_ACK
@@ -216,6 +222,7 @@ class LoginAck:
     caps: int  # u
     epoch: bytes = b""  # b   16 bytes
     resync: bool = False  # ?
+    states: int = 0  # u   ReadState entries of this login that follow
 
 
 @dataclass(frozen=True, slots=True)

@@ -1917,3 +1917,32 @@ def test_a_read_elsewhere_drops_the_mentions_the_device_holds_below_the_new_mark
     b.feed(T0, F.ReadStates((F.ReadState(CONV, 4, 8, 4),)))
     e = s.conversations[CONV]
     assert (e.read_seq, e.unread, e.mention_count) == (4, 4, 0)
+
+
+def test_a_conversation_left_out_of_a_logins_read_states_is_dropped():
+    # A new user's trial: a device offline while its group was purged kept
+    # the group's unread count (and list entry) for good: nothing said it
+    # was gone.  LoginAck.states says how many ReadState entries the login
+    # sends; once they came, what the device held of any other conversation
+    # is dropped.  State made since the LoginAck stays (an own send's).
+    s = session()
+    b = connect(s, T0)
+    rid = s.list_conversations(T0)
+    b.read()
+    entries = tuple(F.ConvEntry(c, (msg(0, 3, conv=c),), 0, 3, 3, 0, False, False, False) for c in ("club", "team"))
+    b.feed(T0, F.ConvListResp(rid, 0, entries, b"", False))
+    b.feed(T0, F.ReadStates((F.ReadState("club", 0, 3, 3), F.ReadState("team", 0, 3, 3))))
+    assert s.unread("team") == 3
+    s.connection_lost(T0 + 1)
+    s.connection_made(T0 + 2, b"tok")
+    b = Broker(s)
+    b.read()
+    b.feed(T0 + 3, dataclasses.replace(ack_frame(), states=2), F.CalibrateResp(T0 + 2, T0 + 2))
+    lid = s.send("new", b"first", T0 + 3)
+    b.read_one(F.SendReq)
+    b.feed(T0 + 3, F.SendAck(lid, ErrorCode.OK, b"id%014d" % 1, 1, T0 + 4))
+    b.feed(T0 + 3, F.ReadStates((F.ReadState("club", 3, 3, 0),)))
+    assert s.unread("team") == 3  # (one of two so far)
+    b.feed(T0 + 3, F.ReadStates((F.ReadState(CONV, 0, 1, 1),)))
+    assert "team" not in s.read_states and s.unread("team") == 0 and "team" not in s.conversations
+    assert set(s.read_states) == {"club", CONV, "new"} and set(s.conversations) == {"club"}

@@ -445,3 +445,25 @@ def test_online_members_of_a_purged_group_are_told_nothing_of_it_is_unread_over_
     h.host_call(h.broker.purge_conversation, "team")
     assert [s.entries for s in h.take(b, F.ReadStates)] == [(F.ReadState("team", 5, 5, 0),)]
     assert [s.entries for s in h.take(a, F.ReadStates)] == [(F.ReadState("team", 5, 5, 0),)]
+
+
+def test_a_login_says_how_many_read_states_it_sends_so_a_device_away_during_a_purge_drops_it(store: Store) -> None:
+    # A new user's trial: a device offline while its group was purged kept
+    # the group's unread count for good -- its login's read states simply
+    # left the group out.  LoginAck.states says how many ReadState entries
+    # the login sends (every conversation of the user's list): a client
+    # drops what it held of the others.
+    from _harness import Harness
+    from pimcore import frames as F
+
+    h = Harness(store, driver="inline")
+    a = h.login("alice", "phone")
+    h.host_call(h.broker.create_group, "team", ["alice", "bob"])
+    h.host_call(h.broker.create_group, "club", ["alice", "bob"])
+    for conv in ("team", "club", AB):
+        h.send(a, conv, b"hi")
+    h.host_call(h.broker.purge_conversation, "team")
+    b = h.login("bob", "phone")
+    [ack] = h.take(b, F.LoginAck)
+    entries = [e for s in h.take(b, F.ReadStates) for e in s.entries]
+    assert ack.states == len(entries) == 2 and {e.conv for e in entries} == {"club", AB}

@@ -134,6 +134,7 @@ SCHEMA: dict[type, tuple[tuple[str, str], ...]] = {
         ("caps", "u"),
         ("epoch", "b"),
         ("resync", "?"),
+        ("states", "u"),
     ),
     CalibrateReq: (("client_time", "s"),),
     CalibrateResp: (("client_time", "s"), ("server_time", "u")),

@@ -384,6 +384,9 @@ export class PimcoreClient {
     // the last seq shown: an own send raises that, and others' messages
     // stored just before it (lower seqs) may be pushed after its SendAck.
     this._counted = new Map();
+    this._loginStates = 0; // the login's read state entries still to come (LoginAck.states)
+    this._loginPrior = new Set(); // conversations held before that login
+    this._loginSeen = new Set(); // those its read states named
     this._wanted = new Map(); // conv -> read marker not yet confirmed
     this._receipts = new Map();
     this._views = new Map();
@@ -868,6 +871,14 @@ export class PimcoreClient {
       this._emit('resynced', { oldEpoch: old, epoch: f.epoch, position: f.position });
     }
     this.epoch = f.epoch;
+    // The login's read states (LoginAck.states entries, the first from here
+    // on) cover every conversation of the user's list: once they came, the
+    // state held before of any other is dropped (a group purged while this
+    // device was away kept its unread count for good: a new user's trial).
+    this._loginStates = f.states || 0;
+    this._loginPrior = new Set(this._readStates.keys());
+    this._loginSeen = new Set();
+    if (!this._loginStates) this._dropUnlisted();
     this.takenUpto = Math.max(this.takenUpto, f.position);
     this.ackedUpto = f.position;
     this.head = f.head;
@@ -1253,8 +1264,20 @@ export class PimcoreClient {
     }, this.opts.ackDelay);
   }
 
+  _dropUnlisted() {
+    for (const conv of this._loginPrior) {
+      if (!this._loginSeen.has(conv)) { this._readStates.delete(conv); this._counted.delete(conv); }
+    }
+    this._loginPrior = new Set(); this._loginSeen = new Set();
+  }
+
   _onReadStates(f) {
     for (const entry of f.entries) {
+      if (this._loginStates > 0) {
+        this._loginStates--;
+        this._loginSeen.add(entry.conv);
+        if (!this._loginStates) this._dropUnlisted();
+      }
       const w = this._wanted.get(entry.conv);
       if (w !== undefined && entry.read_seq >= w) this._wanted.delete(entry.conv);
       const known = this._readStates.get(entry.conv);

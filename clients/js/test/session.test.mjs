@@ -20,7 +20,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const EPOCH = new Uint8Array(16).fill(7);
 function loginAck(extra = {}) {
   return frame('LoginAck', { user: 'u', device: 'd', server_time: 1, position: 0, head: 0, gap: false, max_frame: 1 << 20,
-    max_payload: 65536, window: 4, heartbeat_ms: 0, caps: 0, epoch: EPOCH, resync: false, ...extra });
+    max_payload: 65536, window: 4, heartbeat_ms: 0, caps: 0, epoch: EPOCH, resync: false, states: 0, ...extra });
 }
 async function connected(c) {
   const p = c.connect();
@@ -261,6 +261,29 @@ test("flags that are not booleans, and a timeout that is no number, are refused 
   await assert.rejects(c.send('g', 'x', { timeout: 'soon' }), (e) => e instanceof TypeError && /timeout must be a number/.test(e.message));
   await sleep(5);
   assert.equal(ws.of('SendReq').length + ws.of('ConvSetReq').length, 0);
+  await c.close();
+});
+
+test("a conversation left out of a login's read states (LoginAck.states) is dropped: purged while this device was away", async () => {
+  const c = make({ backoffInitial: 1 });
+  const { ws } = await connected(c);
+  ws.deliver(frame('ReadStates', { entries: [{ conv: 'club', read_seq: 0, last_seq: 3, unread: 3 }, { conv: 'team', read_seq: 0, last_seq: 3, unread: 3 }] }));
+  await sleep(5);
+  assert.equal(c.unread('team'), 3);
+  ws.drop();
+  await sleep(100);
+  const ws2 = FakeWS.all.at(-1);
+  assert.notEqual(ws2, ws);
+  const cal = ws2.of('CalibrateReq')[0];
+  ws2.deliver(loginAck({ states: 2 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  ws2.deliver(frame('ReadStates', { entries: [{ conv: 'club', read_seq: 3, last_seq: 3, unread: 0 }] }));
+  await sleep(5);
+  assert.equal(c.unread('team'), 3, 'one of two so far');
+  ws2.deliver(frame('ReadStates', { entries: [{ conv: 'd:u:v', read_seq: 0, last_seq: 1, unread: 1 }] }));
+  await sleep(5);
+  assert.equal(c.readState('team'), undefined);
+  assert.equal(c.unread('team'), 0);
+  assert.deepEqual(c.conversations().map((r) => r.conv).sort(), ['club', 'd:u:v']);
   await c.close();
 });
 

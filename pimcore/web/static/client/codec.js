@@ -70,7 +70,7 @@ export const Records = {
 export const Frames = {
   [FrameType.LOGIN]: ['Login', [['token', 'b'], ['device', 't'], ['client_time', 's'], ['position', 'u'], ['caps', 'u'], ['epoch', 'b'], ['sent', 'u']]],
   [FrameType.LOGIN_ACK]: ['LoginAck', [['user', 't'], ['device', 't'], ['server_time', 'u'], ['position', 'u'], ['head', 'u'],
-    ['gap', '?'], ['max_frame', 'u'], ['max_payload', 'u'], ['window', 'u'], ['heartbeat_ms', 'u'], ['caps', 'u'], ['epoch', 'b'], ['resync', '?']]],
+    ['gap', '?'], ['max_frame', 'u'], ['max_payload', 'u'], ['window', 'u'], ['heartbeat_ms', 'u'], ['caps', 'u'], ['epoch', 'b'], ['resync', '?'], ['states', 'u']]],
   [FrameType.CALIBRATE_REQ]: ['CalibrateReq', [['client_time', 's']]],
   [FrameType.CALIBRATE_RESP]: ['CalibrateResp', [['client_time', 's'], ['server_time', 'u']]],
   [FrameType.SEND_REQ]: ['SendReq', [['local_id', 'u'], ['conv', 't'], ['client_time', 's'], ['payload', 'b'], ['after_seq', 'u'],
