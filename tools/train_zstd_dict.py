@@ -394,13 +394,14 @@ def body_of(raw: bytes) -> bytes:
 
 def sample_of(frame: Any) -> bytes:
     """The training sample of one frame: its body as the dictionary was
-    trained on it.  A Login is version 3's, without ``sent`` (its last
-    field, 0 here: one byte): zstd-chat-v3 was trained on version 3 traffic,
-    and version 4 keeps it (PROTOCOL.md, section 7.1) -- a Login is never
-    compressed, its samples only shaped the dictionary."""
+    trained on it.  A Login or LoginAck is version 3's, without ``sent`` or
+    ``states`` (the last field, 0 here: one byte): zstd-chat-v3 was trained
+    on version 3 traffic, and version 4 keeps it (PROTOCOL.md, section 7.1)
+    -- neither is ever compressed, their samples only shaped the
+    dictionary."""
     body = body_of(encode_frame(frame))
-    if type(frame) is F.Login:
-        assert frame.sent == 0 and body[-1:] == b"\x00"
+    if type(frame) is F.Login or type(frame) is F.LoginAck:
+        assert (frame.sent if type(frame) is F.Login else frame.states) == 0 and body[-1:] == b"\x00"
         body = body[:-1]
     return body
 
