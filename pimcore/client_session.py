@@ -2315,12 +2315,18 @@ class ClientSession:
 
     def _drop_unlisted(self) -> None:
         """The login's read states are all in: forget the conversations held
-        before it that they left out (no longer in the user's list)."""
+        before it that they left out (no longer in the user's list: purged
+        while the device was away) -- read state, list entry and view."""
         for conv in self._login_prior - self._login_seen:
             self.read_states.pop(conv, None)
             self._rs_counted.pop(conv, None)
             self.conversations.pop(conv, None)
             self._entry_counted.pop(conv, None)
+            # Its messages too: a purge deleted them (a group re-created
+            # with the same id showed them beside its new ones).
+            self._views.pop(conv, None)
+            self._view_heaps.pop(conv, None)
+            self._view_seqs.pop(conv, None)
         self._login_prior = set()
         self._login_seen = set()
 

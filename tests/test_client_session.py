@@ -1927,6 +1927,7 @@ def test_a_conversation_left_out_of_a_logins_read_states_is_dropped():
     # is dropped.  State made since the LoginAck stays (an own send's).
     s = session()
     b = connect(s, T0)
+    b.feed(T0, F.Push(2, (msg(1, 1, conv="team"), msg(2, 2, conv="team"))))
     rid = s.list_conversations(T0)
     b.read()
     entries = tuple(F.ConvEntry(c, (msg(0, 3, conv=c),), 0, 3, 3, 0, False, False, False) for c in ("club", "team"))
@@ -1945,4 +1946,5 @@ def test_a_conversation_left_out_of_a_logins_read_states_is_dropped():
     assert s.unread("team") == 3  # (one of two so far)
     b.feed(T0 + 3, F.ReadStates((F.ReadState(CONV, 0, 1, 1),)))
     assert "team" not in s.read_states and s.unread("team") == 0 and "team" not in s.conversations
+    assert s.view("team") == []  # (its messages were purged with it: a re-created group showed them)
     assert set(s.read_states) == {"club", CONV, "new"} and set(s.conversations) == {"club"}

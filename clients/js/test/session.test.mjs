@@ -268,8 +268,12 @@ test("a conversation left out of a login's read states (LoginAck.states) is drop
   const c = make({ backoffInitial: 1 });
   const { ws } = await connected(c);
   ws.deliver(frame('ReadStates', { entries: [{ conv: 'club', read_seq: 0, last_seq: 3, unread: 3 }, { conv: 'team', read_seq: 0, last_seq: 3, unread: 3 }] }));
+  ws.deliver(frame('Push', { position: 1, messages: [{ position: 1, msg_id: Uint8Array.of(1), conv: 'team', seq: 3, sender: 'v', device: 'x',
+    client_time: 1, server_time: 1, payload: new Uint8Array(0), kind: 0, local_id: 1, after_seq: 0, target: 0, edited: 0, recalled: false,
+    deleted: false, mentions: [], mention_all: false }] }));
   await sleep(5);
   assert.equal(c.unread('team'), 3);
+  assert.equal(c.view('team').length, 1);
   ws.drop();
   await sleep(100);
   const ws2 = FakeWS.all.at(-1);
@@ -283,6 +287,7 @@ test("a conversation left out of a login's read states (LoginAck.states) is drop
   await sleep(5);
   assert.equal(c.readState('team'), undefined);
   assert.equal(c.unread('team'), 0);
+  assert.deepEqual(c.view('team'), [], 'its messages were purged with it');
   assert.deepEqual(c.conversations().map((r) => r.conv).sort(), ['club', 'd:u:v']);
   await c.close();
 });

@@ -1266,7 +1266,11 @@ export class PimcoreClient {
 
   _dropUnlisted() {
     for (const conv of this._loginPrior) {
-      if (!this._loginSeen.has(conv)) { this._readStates.delete(conv); this._counted.delete(conv); }
+      if (!this._loginSeen.has(conv)) {
+        // Its read state and its messages: a purge deleted them (a group re-created with the same id showed them).
+        this._readStates.delete(conv); this._counted.delete(conv);
+        this._views.delete(conv); this._viewHeaps.delete(conv); this._viewSeqs.delete(conv);
+      }
     }
     this._loginPrior = new Set(); this._loginSeen = new Set();
   }
