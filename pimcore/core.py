@@ -3539,11 +3539,16 @@ class Broker:
         back.  No ConvUpdate: the group left the user's list, and the
         answer to a request about it is UNKNOWN_CONVERSATION.  (Its count
         stayed in the client before: a new user's trial.)"""
-        state = F.ReadStates((F.ReadState(conv, last_seq, last_seq, 0),))
+        self._to_devices(user, (F.ReadStates((F.ReadState(conv, last_seq, last_seq, 0),)),), out)
+
+    def _to_devices(self, user: str, frames: tuple[Any, ...], out: list[Command]) -> None:
+        """``frames`` to each device of ``user`` online here, after the
+        read states of its login if they are still to go (older: first)."""
         for dev in self._online.get(user, {}).values():
             if dev.states is not None:
-                self._flush_states(dev, out)  # the login's, older: first
-            self._send(dev.conn, state, out)
+                self._flush_states(dev, out)
+            for f in frames:
+                self._send(dev.conn, f, out)
 
     def _refresh_members(self, conv: str, users: Iterable[str], purged: int, out: list[Command]) -> None:
         for user in users:
@@ -3605,13 +3610,9 @@ class Broker:
         if not self._mark_seen(ctx.user, ctx.conv, read_seq, False):
             return  # no device of the user online here any more
         state = F.ReadStates((F.ReadState(ctx.conv, read_seq, last_seq, unread),))
-        update = F.ConvUpdate((_to_conv_entry(conv_entry),)) if conv_entry is not None else None
-        for dev in self._online.get(ctx.user, {}).values():
-            if dev.states is not None:
-                self._flush_states(dev, out)  # the login's, older: first
-            self._send(dev.conn, state, out)
-            if update is not None:  # the conversation list's entry agrees
-                self._send(dev.conn, update, out)
+        # (Then the conversation list's entry, which agrees.)
+        update = (F.ConvUpdate((_to_conv_entry(conv_entry),)),) if conv_entry is not None else ()
+        self._to_devices(ctx.user, (state, *update), out)
 
     def _mark_seen(self, user: str, key: str, seq: int, hint: bool) -> bool:
         """Record that ``user``'s devices here are sent ``seq`` for ``key``
@@ -3638,11 +3639,7 @@ class Broker:
         never downloaded), then the ConvUpdate (read from the store)."""
         if not self._mark_seen(user, conv, read_seq, hint):
             return
-        state = F.ReadStates((F.ReadState(conv, read_seq, last_seq, unread),))
-        for dev in self._online.get(user, {}).values():
-            if dev.states is not None:
-                self._flush_states(dev, out)  # the login's, older: first
-            self._send(dev.conn, state, out)
+        self._to_devices(user, (F.ReadStates((F.ReadState(conv, read_seq, last_seq, unread),)),), out)
         self._conv_update(user, conv, out)
 
     def _send_receipt(self, peer: str, conv: str, reader: str, read_seq: int, hint: bool, out: list[Command]) -> None:
@@ -3650,11 +3647,7 @@ class Broker:
         device of ``peer`` online here."""
         if not self._mark_seen(peer, "r:" + conv, read_seq, hint):
             return
-        receipt = F.ReadReceipt(conv, reader, read_seq)
-        for dev in self._online.get(peer, {}).values():
-            if dev.states is not None:
-                self._flush_states(dev, out)  # the login's, older: first
-            self._send(dev.conn, receipt, out)
+        self._to_devices(peer, (F.ReadReceipt(conv, reader, read_seq),), out)
 
     # ------------------------------------------------------------ history & misc
 
