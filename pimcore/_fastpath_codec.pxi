@@ -129,6 +129,7 @@ _CODEC_SCHEMA = {
     _cd_F.ConvSetReq: (("req_id", "u"), ("conv", "t"), ("pinned", "u"), ("muted", "u"), ("hidden", "u")),
     _cd_F.ConvSetResp: (("req_id", "u"), ("conv", "t"), ("code", "u")),
     _cd_F.ConvUpdate: (("entries", "[ConvEntry]"),),
+    _cd_F.ConvPurged: (("conv", "t"), ("last_seq", "u"), ("gone", "?")),
     _cd_F.Typing: (("conv", "t"), ("active", "?"), ("user", "t"), ("ttl_ms", "u")),
     _cd_F.PresenceSub: (("req_id", "u"), ("users", "[PresenceUser]")),
     _cd_F.Presence: (("req_id", "u"), ("code", "u"), ("entries", "[PresenceEntry]")),

@@ -67,6 +67,8 @@ except ImportError:  # pragma: no cover
 
 #: Every compression cap this SDK can use (ClientConfig.compression_caps is masked with it).
 _COMPRESSION_CAPS = F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP
+#: Caps every Login asks for, whatever the compression: ConvPurged frames.
+_ALWAYS_CAPS = F.CAP_CONV_PURGED
 
 #: Frames the broker sends only in answer to something the client sent: their
 #: arrival proves the client -> broker direction works (_last_heard).  Pushes,
@@ -125,6 +127,7 @@ __all__ = [
     "ConversationsCompleted",
     "ConversationSetCompleted",
     "ConversationUpdated",
+    "ConversationPurged",
     "Completion",
     "ClientError",
     "SendError",
@@ -393,6 +396,22 @@ class SendsResumed:
 
 
 @dataclass(frozen=True, slots=True)
+class ConversationPurged:
+    """The host purged ``conv`` while this device was online: its messages
+    up to ``last_seq`` are deleted (the session dropped them from
+    :meth:`ClientSession.view`, and its list entry: the conversation is
+    back in the list at its next message); an app that stores messages
+    deletes its copies.  ``gone``: the conversation no longer exists (a
+    group: its read state is dropped too; requests about it get
+    UNKNOWN_CONVERSATION; if the host creates it again, its seqs continue
+    after ``last_seq``).  A 1:1 chat stays (``gone`` false)."""
+
+    conv: str
+    last_seq: int
+    gone: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ConversationUpdated:
     """An entry of the user's conversation list changed on the broker: a
     device of the user changed its settings (pinned, muted, hidden), or the
@@ -461,7 +480,7 @@ class BrokerRefused:
 Event = Union[
     MessageReceived, MessageAmended, ReadStateChanged, ReceiptReceived, Connected, Disconnected, SendsStalled, SendsResumed, Resynced,
     TypingChanged, PresenceChanged, PrivacyChanged,
-    ConversationUpdated, BrokerRefused,
+    ConversationUpdated, ConversationPurged, BrokerRefused,
 ]
 
 
@@ -802,7 +821,7 @@ class ClientSession:
         self.device = device
         self.config = config
         self._rng = random.Random(seed)
-        self._caps = config.compression_caps & _COMPRESSION_CAPS if config.compression and zstd_available() else 0
+        self._caps = (config.compression_caps & _COMPRESSION_CAPS if config.compression and zstd_available() else 0) | _ALWAYS_CAPS
         self._ack_timeout = _us(config.ack_timeout)
         self._send_timeout = _us(config.send_timeout)
         self._connect_timeout = _us(config.connect_timeout)
@@ -1685,6 +1704,8 @@ class ClientSession:
             for e in f.entries:  # type: ignore[attr-defined]
                 self._adopt_entry(e)
                 self._emit(ConversationUpdated(e))
+        elif t is F.ConvPurged:
+            self._on_conv_purged(f)  # type: ignore[arg-type]
         elif t is F.Ping:
             self._send(encode_frame(F.Pong(f.nonce)))  # type: ignore[attr-defined]
         elif t is F.Pong:
@@ -2329,6 +2350,35 @@ class ClientSession:
             self._view_seqs.pop(conv, None)
         self._login_prior = set()
         self._login_seen = set()
+
+    def _on_conv_purged(self, f: F.ConvPurged) -> None:
+        """The host purged ``f.conv`` while this device was online
+        (PROTOCOL.md, Retention and purge): its messages up to
+        ``f.last_seq`` leave the view -- they are deleted, and a group
+        created again with the same id would show them beside its new ones
+        (a new user's trial) -- and so does the list entry (the broker's
+        list leaves the conversation out until its next message).  A group
+        is gone (``f.gone``): its read state too, as at a login that leaves
+        it out.  A 1:1 chat keeps its read state (the broker sends the
+        exact one)."""
+        conv = f.conv
+        self.conversations.pop(conv, None)
+        self._entry_counted.pop(conv, None)
+        if f.gone:
+            self.read_states.pop(conv, None)
+            self._rs_counted.pop(conv, None)
+        view = self._views.get(conv)
+        if view is not None:
+            for msg_id in [i for i, m in view.items() if m.seq <= f.last_seq]:
+                del view[msg_id]
+            seqs = self._view_seqs.get(conv, {})
+            for seq in [q for q in seqs if q <= f.last_seq]:
+                del seqs[seq]
+            heap = self._view_heaps.get(conv)
+            if heap is not None:
+                heap[:] = [(m.seq, m.msg_id) for m in view.values()]
+                heapq.heapify(heap)
+        self._emit(ConversationPurged(conv, f.last_seq, f.gone))
 
     def _on_read_states(self, f: F.ReadStates) -> None:
         for st in f.entries:

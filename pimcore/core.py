@@ -155,8 +155,9 @@ SECOND = 1_000_000  # µs
 DAY = 86_400 * SECOND
 
 #: The capabilities this core can grant: zstd frame compression and the
-#: per-connection deflate streams, each direction on its own (PROTOCOL.md §7).
-SUPPORTED_CAPS = F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP
+#: per-connection deflate streams, each direction on its own (PROTOCOL.md §7),
+#: and ConvPurged frames (section 6, Retention and purge).
+SUPPORTED_CAPS = F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP | F.CAP_CONV_PURGED
 
 
 # ---------------------------------------------------------------- configuration
@@ -758,12 +759,13 @@ class _Device:
     """
 
     __slots__ = ("conn", "user", "device", "acked", "sent_upto", "unacked", "unacked_bytes", "reading", "typing",
-                 "acked_look", "ramp", "states", "full_upto")
+                 "acked_look", "ramp", "states", "full_upto", "caps")
 
     def __init__(self, conn: int, user: str, device: str, position: int) -> None:
         self.conn = conn
         self.user = user
         self.device = device
+        self.caps = 0  # granted at login (LoginAck.caps)
         self.acked = position
         self.sent_upto = position
         # (upto, bytes) of each Push not yet covered by a PushAck, oldest
@@ -2353,10 +2355,10 @@ class Broker:
         """Control plane: delete every stored entry of ``conv`` and, for a
         group, the group (:class:`PurgeConversation`; idempotent).  The
         devices of a 1:1 chat's users online here are sent their read state
-        (unread 0: _refresh_floor); a group's members are not told (their
-        next history read starts after the purged seqs; a group answers
-        UNKNOWN_CONVERSATION).  :class:`AdminDone` with ``ref`` carries
-        Purged or Rejected."""
+        (unread 0: _refresh_floor), a group's members ReadState(conv, F, F,
+        0) (_purged_group; a group then answers UNKNOWN_CONVERSATION), and
+        the devices that asked for CAP_CONV_PURGED a ConvPurged too.
+        :class:`AdminDone` with ``ref`` carries Purged or Rejected."""
         return self._admin(PurgeConversation(conv), ref, now)
 
     def purge_user(self, user: str, now: int, *, ref: int = 0) -> list[Command]:
@@ -2685,6 +2687,7 @@ class Broker:
 
         lim = self.config.limits
         caps = f.caps & SUPPORTED_CAPS
+        dev.caps = caps
         # From the frame after the Login on, the client may compress (when
         # granted); the session switches its own sending after the LoginAck.
         c.session.login_accepted(caps)
@@ -3538,13 +3541,20 @@ class Broker:
         ReadState read up to that last seq, so no marker it holds moves
         back.  No ConvUpdate: the group left the user's list, and the
         answer to a request about it is UNKNOWN_CONVERSATION.  (Its count
-        stayed in the client before: a new user's trial.)"""
+        stayed in the client before: a new user's trial.)  Then the
+        devices that asked (CAP_CONV_PURGED) get ConvPurged(gone): the
+        ReadState cannot say "purged", and a device kept the purged
+        messages in its view until its next login (another trial)."""
         self._to_devices(user, (F.ReadStates((F.ReadState(conv, last_seq, last_seq, 0),)),), out)
+        self._to_devices(user, (F.ConvPurged(conv, last_seq, True),), out, F.CAP_CONV_PURGED)
 
-    def _to_devices(self, user: str, frames: tuple[Any, ...], out: list[Command]) -> None:
-        """``frames`` to each device of ``user`` online here, after the
-        read states of its login if they are still to go (older: first)."""
+    def _to_devices(self, user: str, frames: tuple[Any, ...], out: list[Command], cap: int = 0) -> None:
+        """``frames`` to each device of ``user`` online here (only those
+        granted ``cap``, if given), after the read states of its login if
+        they are still to go (older: first)."""
         for dev in self._online.get(user, {}).values():
+            if cap and not dev.caps & cap:
+                continue
             if dev.states is not None:
                 self._flush_states(dev, out)
             for f in frames:
@@ -3553,6 +3563,11 @@ class Broker:
     def _refresh_members(self, conv: str, users: Iterable[str], purged: int, out: list[Command]) -> None:
         for user in users:
             if user in self._online:
+                if purged >= 0:
+                    # (A 1:1 chat: it stays, its entries up to ``purged`` are
+                    # gone.  Told at once: the read state below comes after
+                    # a read.)
+                    self._to_devices(user, (F.ConvPurged(conv, purged, False),), out, F.CAP_CONV_PURGED)
                 ctx = _FloorRead(user, conv, purged)
                 entry = self._floor_watch.setdefault(conv, [0, 0])
                 entry[1] += 1

@@ -31,6 +31,7 @@ __all__ = [
     "CAP_ZSTD",
     "CAP_DEFLATE_DOWN",
     "CAP_DEFLATE_UP",
+    "CAP_CONV_PURGED",
     "Login",
     "LoginAck",
     "CalibrateReq",
@@ -57,6 +58,7 @@ __all__ = [
     "ConvSetReq",
     "ConvSetResp",
     "ConvUpdate",
+    "ConvPurged",
     "SETTING_KEEP",
     "SETTING_ON",
     "SETTING_OFF",
@@ -92,6 +94,9 @@ CAP_DEFLATE_DOWN = 1 << 1
 #: Client -> broker frames may be compressed in one deflate stream per
 #: connection; takes precedence over CAP_ZSTD in that direction.
 CAP_DEFLATE_UP = 1 << 2
+#: The client takes ConvPurged frames (a device online during a purge is
+#: told what it removed); a broker sends none to a client without it.
+CAP_CONV_PURGED = 1 << 3
 
 
 class FrameType(IntEnum):
@@ -115,6 +120,7 @@ class FrameType(IntEnum):
     READERS_REQ = 0x12
     READERS_RESP = 0x13
     AMEND_REQ = 0x14
+    CONV_PURGED = 0x15  # only to a client that asked for CAP_CONV_PURGED
     # conversation list and per-user settings (issue 14 part 2)
     CONV_LIST_REQ = 0x16
     CONV_LIST_RESP = 0x17
@@ -553,6 +559,23 @@ class ConvUpdate:
     entries: tuple[ConvEntry, ...]  # [ConvEntry]
 
 
+@dataclass(frozen=True, slots=True)
+class ConvPurged:
+    """Broker -> every device of a member online when the host purged
+    ``conv`` (PROTOCOL.md, Retention and purge), if its Login asked for
+    CAP_CONV_PURGED: the entries up to ``last_seq`` are gone (a client drops
+    what it holds of them); ``gone``: the conversation too (a group: its
+    read state and list entry with it; if the host creates it again, its
+    seqs continue after ``last_seq``).  A 1:1 chat stays (``gone`` false).
+    Retention is not told this way (a client may keep what retention
+    removed)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.CONV_PURGED
+    conv: str  # t
+    last_seq: int  # u
+    gone: bool  # ?
+
+
 # --------------------------------------------------------------- typing and presence
 # Ephemeral signals: nothing here is stored (but the PresencePrivacy setting).
 
@@ -685,6 +708,7 @@ Frame = Union[
     ConvSetReq,
     ConvSetResp,
     ConvUpdate,
+    ConvPurged,
     Typing,
     PresenceSub,
     Presence,
@@ -720,6 +744,7 @@ FRAME_CLASSES: dict[int, type] = {
         ConvSetReq,
         ConvSetResp,
         ConvUpdate,
+        ConvPurged,
         Typing,
         PresenceSub,
         Presence,

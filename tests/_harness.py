@@ -372,14 +372,14 @@ class Harness:
 
     def login(
         self, user: str, device: str, position: int = 0, token: Optional[bytes] = None, epoch: Optional[bytes] = None,
-        sent: int = 0,
+        sent: int = 0, caps: int = 0,
     ) -> int:
         """Log ``device`` in with resume cursor ``position`` from ``epoch``
-        (default: the broker's, as a client that was here before) and the
-        position of its own sends ``sent`` (Login.sent)."""
+        (default: the broker's, as a client that was here before), the
+        position of its own sends ``sent`` (Login.sent) and ``caps``."""
         conn = self.open()
         epoch = self.broker.epoch if epoch is None else epoch
-        self.feed(conn, F.Login(token if token is not None else user.encode(), device, self.now, position, 0, epoch, sent))
+        self.feed(conn, F.Login(token if token is not None else user.encode(), device, self.now, position, caps, epoch, sent))
         return conn
 
     def lose(self, conn: int) -> None:

@@ -26,6 +26,7 @@ from pimcore.client_session import (
     ClientStatistics,
     ConnectFailed,
     Connected,
+    ConversationPurged,
     Disconnected,
     Event,
     HistoryCompleted,
@@ -162,7 +163,7 @@ def test_login_then_calibration_then_active():
     b = Broker(s)
     # The first calibration sample is pipelined behind the Login: its answer
     # comes right behind the LoginAck, one round trip after the stream is up.
-    assert b.read() == [F.Login(b"secret", "phone", T0, 0, 0), F.CalibrateReq(T0)]
+    assert b.read() == [F.Login(b"secret", "phone", T0, 0, F.CAP_CONV_PURGED), F.CalibrateReq(T0)]
     assert s.state is SessionState.AWAITING_LOGIN_ACK
     assert s.next_deadline() == T0 + 2 * S  # connect_timeout
     b.feed(T0 + 1 * MS, F.Ping(7))  # answered even before LoginAck
@@ -391,7 +392,7 @@ def test_zstd_is_negotiated_and_used_in_both_directions():
     b = Broker(s)
     login, req = b.read()
     # Asks for everything; a broker that knows only CAP_ZSTD grants that.
-    assert login.caps == F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP  # type: ignore[attr-defined]
+    assert login.caps == F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP | F.CAP_CONV_PURGED  # type: ignore[attr-defined]
     assert head_flags(b.raw) == [0x40, 0x40]  # Login (and the sample behind it) are never compressed
     b.feed(T0, ack_frame(caps=F.CAP_ZSTD))
     b.grant_zstd()
@@ -1948,3 +1949,36 @@ def test_a_conversation_left_out_of_a_logins_read_states_is_dropped():
     assert "team" not in s.read_states and s.unread("team") == 0 and "team" not in s.conversations
     assert s.view("team") == []  # (its messages were purged with it: a re-created group showed them)
     assert set(s.read_states) == {"club", CONV, "new"} and set(s.conversations) == {"club"}
+
+
+def test_a_purge_told_while_online_drops_what_the_device_holds_of_it():
+    # A new user's trial: a device online while its group was purged kept
+    # the purged messages in its view until its next login (a group
+    # re-created with the same id showed them beside its new ones).  The
+    # session asks for CAP_CONV_PURGED at every login; a ConvPurged drops
+    # the view up to its last seq and, for a conversation gone (a group),
+    # its read state and list entry too, and is emitted.
+    s, b = listed()
+    b.feed(T0, F.Push(4, (msg(3, 1, conv="team"), msg(4, 2, conv="team"))))
+    b.feed(T0, F.Push(6, (msg(5, 3), msg(6, 4))))
+    events(s, T0)
+    assert [m.seq for m in s.view("team")] == [1, 2] and s.unread("team") == 2
+    b.feed(T0, F.ReadStates((F.ReadState("team", 2, 2, 0),)), F.ConvPurged("team", 2, True))
+    assert s.view("team") == [] and "team" not in s.read_states and s.unread("team") == 0
+    assert events(s, T0)[-1] == ConversationPurged("team", 2, True)
+    # A 1:1 chat stays: only what the purge removed leaves the view (and
+    # the list entry, as the broker's list until its next message).
+    assert [m.seq for m in s.view(CONV)] == [2, 3, 4]  # (2: the list entry's last)
+    b.feed(T0, F.ConvPurged(CONV, 3, False))
+    assert [m.seq for m in s.view(CONV)] == [4] and CONV not in s.conversations and CONV in s.read_states
+    assert events(s, T0) == [ConversationPurged(CONV, 3, False)]
+    # The group created again: its seqs continue after the purged ones.
+    b.feed(T0, F.Push(7, (msg(7, 3, conv="team"),)))
+    assert [m.seq for m in s.view("team")] == [3] and s.unread("team") == 1
+    # Every Login asks for it (with or without compression).
+    for cfg in ({}, {"compression": False}):
+        s = session(**cfg)
+        s.connection_made(T0, b"tok")
+        login = Broker(s).read()[0]
+        assert isinstance(login, F.Login) and login.caps & F.CAP_CONV_PURGED
+

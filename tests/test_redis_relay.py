@@ -323,12 +323,15 @@ async def test_retention_applied_on_one_node_corrects_unread_counts_on_the_other
             # A purge of the 1:1 chat on node 0: nothing of it is unread.
             await nodes[0].purge_conversation(AB)
             with trio.move_on_after(10):
-                while bob.read_state(AB).unread:
+                while bob.read_state(AB).unread or bob.view(AB):
                     await trio.sleep(0.02)
             assert bob.read_state(AB).unread == 0
+            assert bob.view(AB) == []  # (told: ConvPurged, as on the purging node)
             # And of the group: it is gone with its markers, nothing of it unread.
+            assert bob.view("team")
             await nodes[0].purge_conversation("team")
             with trio.move_on_after(10):
-                while bob.read_state("team").unread:
+                while bob.read_state("team").unread or bob.view("team"):
                     await trio.sleep(0.02)
             assert bob.read_state("team").unread == 0
+            assert bob.view("team") == []

@@ -467,3 +467,52 @@ def test_a_login_says_how_many_read_states_it_sends_so_a_device_away_during_a_pu
     [ack] = h.take(b, F.LoginAck)
     entries = [e for s in h.take(b, F.ReadStates) for e in s.entries]
     assert ack.states == len(entries) == 2 and {e.conv for e in entries} == {"club", AB}
+
+
+def test_devices_that_ask_are_told_what_a_purge_removed_over_every_store(store: Store) -> None:
+    # A new user's trial: a device online while its group was purged kept
+    # the purged messages in its view until its next login (a group
+    # re-created with the same id showed them beside its new ones), as a
+    # ReadState cannot say "purged".  A device whose Login asked for
+    # CAP_CONV_PURGED gets ConvPurged(conv, last_seq, gone): entries up to
+    # last_seq are gone, and with gone the conversation itself (a group).
+    # A device that did not ask gets nothing new: its decoder would refuse
+    # an unknown frame type.
+    from _harness import Harness
+    from pimcore import frames as F
+
+    h = Harness(store, driver="inline")
+    a = h.login("alice", "phone", caps=F.CAP_CONV_PURGED)
+    [ack] = h.take(a, F.LoginAck)
+    assert ack.caps & F.CAP_CONV_PURGED
+    b = h.login("bob", "phone")
+    [ack] = h.take(b, F.LoginAck)
+    assert not ack.caps & F.CAP_CONV_PURGED
+    b2 = h.login("bob", "laptop", caps=F.CAP_CONV_PURGED)
+    h.host_call(h.broker.create_group, "team", ["alice", "bob"])
+    for i in range(5):
+        h.send(a, "team", b"t%d" % i)
+    for i in range(3):
+        h.send(a, AB, b"d%d" % i)
+    for conn in (a, b, b2):
+        h.drain_device(conn)
+        h.take(conn)
+    h.host_call(h.broker.purge_conversation, "team")
+    assert h.take(a, F.ConvPurged) == h.take(b2, F.ConvPurged) == [F.ConvPurged("team", 5, True)]
+    assert not h.take(b, F.ConvPurged) and not [f for f in h.frames[b] if type(f).__name__ == "ConvPurged"]
+    # (The read states still come to every device, as before.)
+    assert [s.entries for s in h.take(b, F.ReadStates)] == [(F.ReadState("team", 5, 5, 0),)]
+    assert [s.entries for s in h.take(b2, F.ReadStates)] == [(F.ReadState("team", 5, 5, 0),)]
+    # A 1:1 chat stays: what is gone is its history up to its last seq.
+    h.host_call(h.broker.purge_conversation, AB)
+    assert h.take(a, F.ConvPurged) == h.take(b2, F.ConvPurged) == [F.ConvPurged(AB, 3, False)]
+    assert not h.take(b, F.ConvPurged)
+    # Retention is no purge: nothing is said beyond the read state.
+    for i in range(4):
+        h.send(a, AB, b"e%d" % i)
+    h.host_call(h.broker.set_retention, AB, -1, 1)
+    from pimcore.core import BrokerConfig
+    for _ in range(2):
+        h.advance(BrokerConfig().reclaim_interval + 1)
+    assert store.retention(AB).floor == 6
+    assert not h.take(a, F.ConvPurged) and not h.take(b2, F.ConvPurged)

@@ -157,6 +157,37 @@ async def test_purged_conversation_is_gone_for_members_online_and_offline(tmp_pa
             assert (await im.post("team", b"fresh")).seq == 4
 
 
+async def test_a_device_online_during_a_purge_drops_the_purged_messages(tmp_path: Path) -> None:
+    # A new user's trial: bob's phone, online while the host purged a group
+    # and created it again, showed the purged messages beside the new ones
+    # until its next login.  The SDK asks for CAP_CONV_PURGED and drops
+    # what the purge removed when told (ConversationPurged).
+    from pimcore.client import ConversationPurged
+
+    from _net import wait_for
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path, listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("team", ["alice", "bob"])
+            async with open_client(im.urls[0], im.issue_token("bob"), "phone", config=FAST_CLIENT) as bob:
+                for i in range(3):
+                    await im.post("team", b"old%d" % i, sender="alice", device="web")
+                    await im.post(AB, b"d%d" % i, sender="alice", device="web")
+                assert len(await take(bob, 6)) == 6
+                await im.purge_conversation("team")
+                assert await wait_for(bob, lambda ev: isinstance(ev, ConversationPurged)) == ConversationPurged("team", 3, True)
+                assert bob.view("team") == [] and bob.read_state("team").unread == 0
+                await im.create_group("team", ["alice", "bob"])
+                await im.post("team", b"new", sender="alice", device="web")
+                await im.purge_conversation(AB)
+                assert await wait_for(bob, lambda ev: isinstance(ev, ConversationPurged)) == ConversationPurged(AB, 3, False)
+                with trio.move_on_after(5):
+                    while not bob.view("team"):
+                        await trio.sleep(0.01)
+                assert [(m.seq, m.payload) for m in bob.view("team") if m.kind == F.MessageKind.MESSAGE] == [(4, b"new")]
+                assert bob.view(AB) == []
+
+
 async def until_unread(client: Any, conv: str, unread: int) -> None:
     """Until the SDK's read state of ``conv`` counts ``unread`` (5 s at most,
     then the assertion shows what it counts)."""

@@ -9,13 +9,15 @@ export const PROTOCOL_VERSION = 4;
 export const CAP_ZSTD = 1;
 export const CAP_DEFLATE_DOWN = 2;
 export const CAP_DEFLATE_UP = 4;
+// The client takes ConvPurged frames (a purge told to a device online during it): every Login asks for it.
+export const CAP_CONV_PURGED = 8;
 
 export const FrameType = Object.freeze({
   LOGIN: 0x01, LOGIN_ACK: 0x02, CALIBRATE_REQ: 0x03, CALIBRATE_RESP: 0x04,
   SEND_REQ: 0x05, SEND_ACK: 0x06, PUSH: 0x07, PUSH_ACK: 0x08, READ: 0x09,
   READ_STATES: 0x0a, READ_RECEIPT: 0x0b, HISTORY_REQ: 0x0c, HISTORY_RESP: 0x0d,
   PING: 0x0e, PONG: 0x0f, ERROR: 0x10, CLOSE: 0x11, READERS_REQ: 0x12, READERS_RESP: 0x13,
-  AMEND_REQ: 0x14,
+  AMEND_REQ: 0x14, CONV_PURGED: 0x15,
   CONV_LIST_REQ: 0x16, CONV_LIST_RESP: 0x17, CONV_SET_REQ: 0x18, CONV_SET_RESP: 0x19, CONV_UPDATE: 0x1a,
   // typing and presence
   TYPING: 0x1c, PRESENCE_SUB: 0x1d, PRESENCE: 0x1e, PRESENCE_PRIVACY: 0x1f,
@@ -91,6 +93,7 @@ export const Frames = {
   [FrameType.CONV_SET_REQ]: ['ConvSetReq', [['req_id', 'u'], ['conv', 't'], ['pinned', 'u'], ['muted', 'u'], ['hidden', 'u']]],
   [FrameType.CONV_SET_RESP]: ['ConvSetResp', [['req_id', 'u'], ['conv', 't'], ['code', 'u']]],
   [FrameType.CONV_UPDATE]: ['ConvUpdate', [['entries', ['ConvEntry']]]],
+  [FrameType.CONV_PURGED]: ['ConvPurged', [['conv', 't'], ['last_seq', 'u'], ['gone', '?']]],
   [FrameType.TYPING]: ['Typing', [['conv', 't'], ['active', '?'], ['user', 't'], ['ttl_ms', 'u']]],
   [FrameType.PRESENCE_SUB]: ['PresenceSub', [['req_id', 'u'], ['users', ['PresenceUser']]]],
   [FrameType.PRESENCE]: ['Presence', [['req_id', 'u'], ['code', 'u'], ['entries', ['PresenceEntry']]]],

@@ -7,6 +7,8 @@ export declare const PROTOCOL_VERSION: 4;
 export declare const CAP_ZSTD: 1;
 export declare const CAP_DEFLATE_DOWN: 2;
 export declare const CAP_DEFLATE_UP: 4;
+/** Asked for by every Login: the broker then sends ConvPurged (the `purged` event). */
+export declare const CAP_CONV_PURGED: 8;
 export declare const FrameType: Readonly<Record<string, number>>;
 export declare const ErrorCode: Readonly<Record<string, number>>;
 export declare const CloseCode: Readonly<Record<string, number>>;
@@ -120,6 +122,8 @@ export interface ClientEvents {
   readstate: ReadState;
   receipt: { conv: string; reader: string; seq: Int };
   conversation: ConvEntry;
+  /** The host purged `conv` while this client was online: its messages up to `last_seq` left `view(conv)` (an app that stores messages deletes its copies); `gone`: the conversation no longer exists (a group; its read state was dropped; if created again, its seqs continue after `last_seq`). A 1:1 chat stays. */
+  purged: { conv: string; last_seq: Int; gone: boolean };
   resynced: { oldEpoch: Uint8Array; epoch: Uint8Array; position: Int };
   sendsStalled: { code: number; pending: number; since: number };
   sendsResumed: { since: number; pending: number };

@@ -42,13 +42,20 @@ describe('retention and purge, connected', () => {
       await until(async () => (await unread()) === 10, 5000, 'the broker trims to 10');
       await until(() => b.unread(conv) === 10, 5000, 'bob counts 10 (he counted 30)');
       assert.deepEqual(b.readState(conv), { conv, read_seq: 0, last_seq: 30, unread: 10 });
+      const purged = [];
+      b.on('purged', (p) => purged.push(p));
       await api('DELETE', `/v1/conversations/${encodeURIComponent(conv)}`);
       await until(() => b.unread(conv) === 0, 5000, 'bob counts 0 after the purge');
+      // Told (ConvPurged): the purged messages left his view (retention's did not: a client may keep those).
+      await until(() => purged.length === 1, 5000, 'the purged event');
+      assert.deepEqual(purged, [{ conv, last_seq: 30, gone: false }]);
+      assert.deepEqual(b.view(conv), []);
       assert.equal(await unread(), 0);
       await a.send(conv, 'after');
       await until(() => b.unread(conv) === 1, 5000, 'one new message');
       assert.equal(await unread(), 1);
       assert.deepEqual(b.readState(conv), { conv, read_seq: 0, last_seq: 31, unread: 1 });
+      assert.deepEqual(b.view(conv).map((m) => m.seq), [31]);
     } finally {
       a.close(); b.close();
     }

@@ -292,6 +292,43 @@ test("a conversation left out of a login's read states (LoginAck.states) is drop
   await c.close();
 });
 
+test('a purge told while online (ConvPurged) drops what the client holds of it; every Login asks for it', async () => {
+  // A new user's trial: a device online while its group was purged kept the purged messages in its view
+  // until its next login (a group re-created with the same id showed them beside its new ones).
+  const c = make({ backoffInitial: 1 });
+  const { ws, login } = await connected(c);
+  assert.ok(login.caps & 8, 'Login.caps asks for CAP_CONV_PURGED');
+  const purged = [];
+  c.on('purged', (p) => purged.push(p));
+  const m = (pos, conv, seq) => ({ position: pos, msg_id: Uint8Array.of(pos), conv, seq, sender: 'v', device: 'x', client_time: 1,
+    server_time: pos, payload: new Uint8Array(0), kind: 0, local_id: pos, after_seq: 0, target: 0, edited: 0, recalled: false,
+    deleted: false, mentions: [], mention_all: false });
+  ws.deliver(frame('Push', { position: 4, messages: [m(1, 'team', 1), m(2, 'team', 2), m(3, 'd:u:v', 1), m(4, 'd:u:v', 2)] }));
+  await sleep(5);
+  assert.equal(c.unread('team'), 2);
+  ws.deliver(frame('ReadStates', { entries: [{ conv: 'team', read_seq: 2, last_seq: 2, unread: 0 }] }),
+    frame('ConvPurged', { conv: 'team', last_seq: 2, gone: true }));
+  await sleep(5);
+  assert.deepEqual(c.view('team'), []);
+  assert.equal(c.readState('team'), undefined);
+  assert.deepEqual(purged, [{ conv: 'team', last_seq: 2, gone: true }]);
+  // A 1:1 chat stays: only what the purge removed leaves the view.
+  ws.deliver(frame('ConvPurged', { conv: 'd:u:v', last_seq: 1, gone: false }));
+  await sleep(5);
+  assert.deepEqual(c.view('d:u:v').map((x) => x.seq), [2]);
+  assert.ok(c.readState('d:u:v'));
+  // The group created again: its seqs continue after the purged ones.
+  ws.deliver(frame('Push', { position: 5, messages: [m(5, 'team', 3)] }));
+  await sleep(5);
+  assert.deepEqual(c.view('team').map((x) => x.seq), [3]);
+  assert.equal(c.unread('team'), 1);
+  await c.close();
+  const d = make({ compression: null });
+  const { login: plain } = await connected(d);
+  assert.equal(plain.caps, 8, 'without compression too');
+  await d.close();
+});
+
 test('transient refusals are retried with the same local id after a hold; final ones reject', async () => {
   const c = make();
   const { ws } = await connected(c);

@@ -237,6 +237,8 @@ async function signIn(user, pasted) {
   client.on('receipt', () => render());
   client.on('sent', () => render());
   client.on('resynced', () => { fetched.clear(); render(); });
+  // The host purged a conversation: the client dropped its messages; a group (gone) leaves the list.
+  client.on('purged', (p) => { if (p.gone) { known.delete(p.conv); fetched.delete(p.conv); } render(); });
   client.on('closed', (e) => {
     // For good (replaced by another login of this device, token expired or
     // revoked): say why where it can be seen, not in the hidden sign-in form.

@@ -8,7 +8,7 @@
 // Runs in browsers and in Node >= 20 (`node --experimental-websocket`, or
 // pass a WebSocket class such as the `ws` package's as `WebSocket`).
 import {
-  CloseCode, EncodeError, ErrorCode, FrameDecoder, FrameType, MessageKind, PresenceState, ProtocolError, Setting, codeName,
+  CAP_CONV_PURGED, CloseCode, EncodeError, ErrorCode, FrameDecoder, FrameType, MessageKind, PresenceState, ProtocolError, Setting, codeName,
   conversationProblem, directMembers, encodeBody, frame, frameBytes, showValue,
 } from './codec.js';
 import { displayOrder } from './order.js';
@@ -309,9 +309,9 @@ const DEFAULTS = {
 
 /**
  * One device of one user.  Events (`on(name, fn)`): connected, disconnected,
- * message, readstate, receipt, resynced, sendsStalled, sendsResumed, error,
- * brokerRefused, closed, state, typing, presence, privacy.  See index.d.ts
- * for the shapes.
+ * message, amended, sent, readstate, receipt, conversation, purged, resynced,
+ * sendsStalled, sendsResumed, error, brokerRefused, closed, state, typing,
+ * presence, privacy.  See index.d.ts for the shapes.
  */
 export class PimcoreClient {
   constructor(options) {
@@ -664,7 +664,7 @@ export class PimcoreClient {
    */
   _loginTooLarge(token) {
     const tok = typeof token === 'string' ? utf8.encode(token) : token;
-    const caps = this.opts.compression ? this.opts.compression.caps : 0;
+    const caps = (this.opts.compression ? this.opts.compression.caps : 0) | CAP_CONV_PURGED;
     this._sessionNow(); // (sets _rawNow: the Login's client_time, as _connectionMade sends it)
     const epoch = new Uint8Array(Math.max(this.epoch ? this.epoch.length : 0, EPOCH_BYTES));
     const body = encodeBody(frame('Login', { token: tok, device: this.device, client_time: this._rawNow, position: U64_MAX, caps, epoch, sent: 0 }));
@@ -692,7 +692,7 @@ export class PimcoreClient {
     this._loginDeadline = now + this.opts.connectTimeout * 1000;
     this._setState(State.AWAITING_LOGIN_ACK);
     const tok = typeof token === 'string' ? utf8.encode(token) : token;
-    const caps = this.opts.compression ? this.opts.compression.caps : 0;
+    const caps = (this.opts.compression ? this.opts.compression.caps : 0) | CAP_CONV_PURGED;
     this._sendFrame(frame('Login', { token: tok, device: this.device, client_time: raw, position: this.takenUpto, caps, epoch: this.epoch,
       // Login.sent: 0, as this client takes what a Push brings on receipt
       // (its listeners run then), so its position covers its own sends.
@@ -815,6 +815,7 @@ export class PimcoreClient {
       case FrameType.HISTORY_RESP: case FrameType.READERS_RESP: this._onResponse(f); break;
       case FrameType.CONV_LIST_RESP: case FrameType.CONV_SET_RESP: this._onResponse(f); break;
       case FrameType.CONV_UPDATE: for (const e of f.entries) this._emit('conversation', e); break;
+      case FrameType.CONV_PURGED: this._onConvPurged(f); break;
       case FrameType.PONG: if (this._ping && f.nonce === this._ping.nonce) this._ping = null; break;
       case FrameType.TYPING: this._onTyping(f, now); break;
       case FrameType.PRESENCE: this._onPresence(f); break;
@@ -1273,6 +1274,23 @@ export class PimcoreClient {
       }
     }
     this._loginPrior = new Set(); this._loginSeen = new Set();
+  }
+
+  // The host purged f.conv while this client was online (PROTOCOL.md, Retention and purge): its messages up to
+  // f.last_seq leave the view (a group created again with the same id showed them beside its new ones: a new
+  // user's trial); a group is gone (f.gone), its read state with it.  A 1:1 chat keeps its read state.
+  _onConvPurged(f) {
+    const conv = f.conv, upto = f.last_seq; // (a number, or a bigint past 2**53: compared as either)
+    if (f.gone) { this._readStates.delete(conv); this._counted.delete(conv); }
+    const v = this._views.get(conv);
+    if (v) {
+      for (const [k, x] of [...v]) if (x.seq <= upto) v.delete(k);
+      const seqs = this._viewSeqs.get(conv);
+      if (seqs) for (const q of [...seqs.keys()]) if (q <= upto) seqs.delete(q);
+      const h = this._viewHeaps.get(conv);
+      if (h) { h.length = 0; for (const [k, x] of v) heapPush(h, [x.seq, k]); }
+    }
+    this._emit('purged', { conv, last_seq: upto, gone: f.gone });
   }
 
   _onReadStates(f) {
