@@ -708,7 +708,7 @@ class Client:
 
     async def send(
         self, conv: str, payload: bytes, *, local_id: Optional[int] = None, timeout: Optional[float] = None,
-        mentions: Sequence[str] = (), mention_all: bool = False,
+        mentions: Optional[Sequence[str]] = (), mention_all: bool = False,
     ) -> Sent:
         """Send and wait for the durable SendAck.  Raises SendError (refused),
         SendTimeout (deadline: ``timeout`` s, default ``send_timeout``),

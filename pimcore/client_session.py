@@ -65,6 +65,11 @@ try:  # zstandard is a dependency; without it the session just does not ask for 
 except ImportError:  # pragma: no cover
     FrameCompressor = FrameDecompressor = None  # type: ignore[assignment,misc]
 
+def _check_conv_type(conv: object) -> None:
+    if type(conv) is not str:
+        raise TypeError(f"conv must be a conversation id (str), not {type(conv).__name__}: {conv!r:.40}")
+
+
 #: Every compression cap this SDK can use (ClientConfig.compression_caps is masked with it).
 _COMPRESSION_CAPS = F.CAP_ZSTD | F.CAP_DEFLATE_DOWN | F.CAP_DEFLATE_UP
 #: Caps every Login asks for, whatever the compression: ConvPurged frames.
@@ -818,6 +823,11 @@ class ClientSession:
                 raise ValueError(f"{name} must be an int in 0..2**64-1 (an inbox position), not {value!r}")
         if not isinstance(epoch, bytes):
             raise ValueError(f"epoch must be bytes (LoginAck.epoch, as saved from client.epoch), not {type(epoch).__name__}")
+        if epoch and len(epoch) != EPOCH_BYTES:
+            # (The broker knows no such epoch: the login would resync the
+            # device, every message of its inbox again.)
+            raise ValueError(f"epoch must be {EPOCH_BYTES} bytes (LoginAck.epoch, as saved from client.epoch) "
+                             f"or empty (a fresh install), not {len(epoch)} bytes")
         self.device = device
         self.config = config
         self._rng = random.Random(seed)
@@ -1046,7 +1056,14 @@ class ClientSession:
         return now + self._offset
 
     def read_state(self, conv: str) -> F.ReadState:
-        return self.read_states.get(conv, F.ReadState(conv, 0, 0, 0))
+        """The user's read state of ``conv`` as this device knows it (all 0
+        when it knows none).  Raises TypeError for a ``conv`` that is no
+        str."""
+        st = self.read_states.get(conv) if type(conv) is str else None
+        if st is None:
+            _check_conv_type(conv)
+            st = F.ReadState(conv, 0, 0, 0)
+        return st
 
     def unread(self, conv: str) -> int:
         return self.read_state(conv).unread
@@ -1059,7 +1076,9 @@ class ClientSession:
         """The messages of ``conv`` this device has (sent, received, fetched),
         in display order: one sender's by their local time, senders
         interleaved by server time -- the same on every device.  At most
-        ``view_limit``, the newest by seq."""
+        ``view_limit``, the newest by seq.  Raises TypeError for a ``conv``
+        that is no str."""
+        _check_conv_type(conv)
         return display_order(list(self._views.get(conv, {}).values()))
 
     def statistics(self) -> ClientStatistics:
@@ -1874,7 +1893,7 @@ class ClientSession:
 
     def send(
         self, conv: str, payload: bytes, now: int, *, local_id: Optional[int] = None, timeout: Optional[int] = None,
-        mentions: Iterable[str] = (), mention_all: bool = False,
+        mentions: Optional[Iterable[str]] = (), mention_all: bool = False,
     ) -> int:
         """Queue a message; returns its local id.  Its SendCompleted comes out
         of :meth:`completions` once the broker answered for good, or with
@@ -1907,7 +1926,9 @@ class ClientSession:
         self._check_open()
         t = self._tick(now)
         deadline = t + (self._send_timeout if timeout is None else max(0, timeout))
-        if isinstance(mentions, (str, bytes)):
+        if mentions is None:
+            mentions = ()
+        elif isinstance(mentions, (str, bytes)):
             # (A str is iterable: "carol" would mention c, a, r, o and l.)
             raise TypeError(f"mentions must be an iterable of user ids, not one {type(mentions).__name__}: "
                             f"mentions=[{mentions!r}]")

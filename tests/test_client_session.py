@@ -1982,3 +1982,23 @@ def test_a_purge_told_while_online_drops_what_the_device_holds_of_it():
         login = Broker(s).read()[0]
         assert isinstance(login, F.Login) and login.caps & F.CAP_CONV_PURGED
 
+
+def test_argument_checks_of_read_state_epoch_and_mentions():
+    # A new user's trial (LOW): read_state(5) answered a ReadState of conv 5,
+    # a 17-byte saved epoch was taken (and the next login resynced the
+    # device: every message again), and mentions=None said "'NoneType'
+    # object is not iterable".  Now: TypeError naming conv, ValueError at
+    # the constructor, and None means no mentions.
+    s = session()
+    for call in (s.read_state, s.unread, s.view):
+        with pytest.raises(TypeError, match="conv must be a conversation id"):
+            call(5)  # type: ignore[arg-type]
+    for bad in (b"x" * 17, b"x" * 15):
+        with pytest.raises(ValueError, match="epoch must be 16 bytes"):
+            ClientSession("phone", CFG, epoch=bad)
+    ClientSession("phone", CFG, epoch=b"")  # (a fresh install)
+    b = connect(s, T0)
+    b.read()
+    s.send(CONV, b"x", T0, mentions=None)
+    [req] = b.read()
+    assert isinstance(req, F.SendReq) and req.mentions == ()

@@ -307,14 +307,23 @@ const DEFAULTS = {
   now: null, // µs (an integer; a fraction is floored), the device clock messages are stamped with; null = anchoredClock()
 };
 
+// The options without a default (DEFAULTS has the others).
+const OPTIONS = new Set(['url', 'token', 'WebSocket']);
+
 /**
  * One device of one user.  Events (`on(name, fn)`): connected, disconnected,
  * message, amended, sent, readstate, receipt, conversation, purged, resynced,
  * sendsStalled, sendsResumed, error, brokerRefused, closed, state, typing,
- * presence, privacy.  See index.d.ts for the shapes.
+ * presence, privacy.  See index.d.ts for the shapes.  An unknown option is a
+ * TypeError.
  */
 export class PimcoreClient {
   constructor(options) {
+    // A misspelt option would be ignored, its default used (a new user's trial: connectTimout).
+    const unknown = Object.keys(options || {}).filter((k) => !(k in DEFAULTS) && !OPTIONS.has(k));
+    if (unknown.length) {
+      throw new TypeError(`unknown option${unknown.length > 1 ? 's' : ''} ${unknown.join(', ')} (the options: ${[...OPTIONS, ...Object.keys(DEFAULTS)].join(', ')})`);
+    }
     this.opts = { ...DEFAULTS, ...options };
     // now() is µs; wire times are integers, so a fractional clock (e.g.
     // (performance.timeOrigin + performance.now()) * 1000) is floored here.
@@ -339,6 +348,10 @@ export class PimcoreClient {
       throw new TypeError(`epoch must be a Uint8Array or a hex string (as saved from client.epoch), not ${JSON.stringify(ep)}`);
     }
     this.epoch = ep == null ? new Uint8Array(0) : typeof ep === 'string' ? fromHex(ep) : ep;
+    if (this.epoch.length && this.epoch.length !== EPOCH_BYTES) {
+      // (The broker knows no such epoch: the login would resync the device, every message of its inbox again.)
+      throw new RangeError(`epoch must be ${EPOCH_BYTES} bytes (LoginAck.epoch, as saved from client.epoch) or empty (a fresh install), not ${this.epoch.length} bytes`);
+    }
     let pos = this.opts.position;
     if (typeof pos === 'bigint' && pos >= 0n && pos <= BigInt(Number.MAX_SAFE_INTEGER)) pos = Number(pos);
     if (!(Number.isSafeInteger(pos) && pos >= 0)) {

@@ -249,6 +249,11 @@ test('a bad saved cursor (position, epoch) is refused by the constructor, naming
   for (const epoch of [5, 'xyz', [1, 2]]) {
     assert.throws(() => make({ epoch }), (e) => e instanceof TypeError && /^epoch must be/.test(e.message), String(epoch));
   }
+  // 16 bytes or none: the broker knows no other (the login would resync the device, every message again).
+  for (const epoch of ['ab'.repeat(17), new Uint8Array(15)]) {
+    assert.throws(() => make({ epoch }), (e) => e instanceof RangeError && /^epoch must be 16 bytes/.test(e.message), String(epoch));
+  }
+  make({ epoch: '' }); make({ epoch: new Uint8Array(0) });
   make({ position: 5, epoch: 'ab'.repeat(16) });
   assert.equal(make({ position: 5n, epoch: new Uint8Array(16) }).takenUpto, 5);
 });
@@ -327,6 +332,13 @@ test('a purge told while online (ConvPurged) drops what the client holds of it; 
   const { login: plain } = await connected(d);
   assert.equal(plain.caps, 8, 'without compression too');
   await d.close();
+});
+
+test('an unknown option is refused by the constructor, naming it (a typo was ignored)', () => {
+  // A new user's trial: { connectTimout: 500 } was taken silently, and connect() waited the default 10 s.
+  assert.throws(() => make({ connectTimout: 500 }), (e) => e instanceof TypeError && /unknown option connectTimout/.test(e.message) && /connectTimeout/.test(e.message));
+  assert.throws(() => make({ ackdelay: 5, foo: 1 }), (e) => e instanceof TypeError && /unknown options ackdelay, foo/.test(e.message));
+  make({ connectTimeout: 500, viewLimit: 10, reconnect: false, compression: null }).close();
 });
 
 test('transient refusals are retried with the same local id after a hold; final ones reject', async () => {
