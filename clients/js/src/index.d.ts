@@ -205,7 +205,7 @@ export declare class SendTimeout extends Error { localId: number }
 /** For a send pending at close, `localId` is its local id (the message may have been stored: send again with it); null otherwise. */
 export declare class ClientClosed extends Error { localId: number | null }
 export declare class AuthFailed extends Error {}
-/** The first connection failed: a URL not ws:// or wss://, a refused WebSocket upgrade (HTTP 404: the wrong path), or no login within connectTimeout (the last attempt's reason). The client ends. */
+/** The first connection failed: a URL not ws:// or wss://, a refused WebSocket upgrade (HTTP 404: the wrong path), in Node a refused port or an unknown host, or no login within connectTimeout (the last attempt's reason). The client ends. */
 export declare class ConnectFailed extends Error {}
 export declare class RequestTimeout extends Error {}
 /** The `disconnected` reason when frames kept coming but the heartbeat Ping got no Pong (the way up is dead). */

@@ -100,7 +100,8 @@ export class AuthFailed extends Error {
 }
 /**
  * The first connection failed: a URL that is not ws:// or wss://, a server that refused the WebSocket
- * upgrade, or no login within `connectTimeout` (with the last attempt's reason).  The client ends.
+ * upgrade, (in Node) a refused port or an unknown host, or no login within `connectTimeout` (with the
+ * last attempt's reason).  The client ends.
  */
 export class ConnectFailed extends Error {
   constructor(reason) { super(reason); this.name = 'ConnectFailed'; }
@@ -203,7 +204,9 @@ async function probeUpgrade(url, ms) {
         return;
       }
       const words = { ECONNREFUSED: 'connection refused', ECONNRESET: 'connection reset by peer', ENOTFOUND: `unknown host '${u.hostname}'`, ETIMEDOUT: 'connection timed out' };
-      resolve({ reason: words[e.code] || e.message, final: false });
+      // A refused port or an unknown host fails the first connect() at once, as the Python SDK's does (a new
+      // user's trial: it retried for connectTimeout, then said so); a reset or a timeout may pass.
+      resolve({ reason: words[e.code] || e.message, final: e.code === 'ECONNREFUSED' || e.code === 'ENOTFOUND' });
     });
     req.end();
   });
