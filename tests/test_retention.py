@@ -174,6 +174,24 @@ def test_purging_a_direct_conversation_keeps_its_read_markers(store: Store, mk: 
     assert store.unread("alice", AB) == 0  # (her own message)
 
 
+def test_purging_a_direct_conversation_keeps_its_retention_setting(store: Store, mk: Maker) -> None:
+    """A purged 1:1 chat lives on, and so does its own retention setting: a
+    purge dropped it, and the chat's new history was kept for good (a new
+    user's trial: a "1:1 chats expire" deployment outlived by its history).
+    A purged group is gone with its setting (created again, it follows the
+    broker default)."""
+    store.create_group("team", ["alice", "bob"], 1)
+    mk.commit(store, SetRetention(AB, -1, 2), SetRetention("team", 3600 * 10**6, -1))
+    send(store, mk, 3)
+    send(store, mk, 2, "team")
+    mk.commit(store, PurgeConversation(AB), PurgeConversation("team"))
+    assert store.retention(AB) == RetentionState(AB, -1, 2, 3)
+    assert store.retention("team") == RetentionState("team", -1, -1, 2)
+    send(store, mk, 5)
+    [res] = mk.commit(store, Expire(mk.time))
+    assert isinstance(res, Expired) and seqs(store.history(AB, 0, 100)) == [7, 8]
+
+
 def test_purge_user_removes_their_data_and_is_idempotent(store: Store, mk: Maker) -> None:
     store.create_group("team", ["alice", "bob", "carol"], 1)
     sent = send(store, mk, 2, "team", "bob") + send(store, mk, 2, AB, "bob")
@@ -516,3 +534,4 @@ def test_devices_that_ask_are_told_what_a_purge_removed_over_every_store(store: 
         h.advance(BrokerConfig().reclaim_interval + 1)
     assert store.retention(AB).floor == 6
     assert not h.take(a, F.ConvPurged) and not h.take(b2, F.ConvPurged)
+

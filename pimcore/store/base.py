@@ -776,11 +776,12 @@ class Expire:
 @dataclass(frozen=True, slots=True)
 class PurgeConversation:
     """Delete every stored entry of ``conv`` (messages, their inbox entries
-    and dedupe records), every user's conversation-list entry of it, its
-    retention setting and, for a group, the group itself (members,
-    membership intervals, read markers: the id answers UNKNOWN_CONVERSATION
-    until created again).  A 1:1 chat's read markers stay: it lives on, and
-    a marker never moves back (the peer's receipt included).  The history
+    and dedupe records), every user's conversation-list entry of it and,
+    for a group, the group itself (members, membership intervals, read
+    markers, its retention setting: the id answers UNKNOWN_CONVERSATION
+    until created again).  A 1:1 chat's read markers and retention setting
+    stay: it lives on, a marker never moves back (the peer's receipt
+    included), and its new history expires as before.  The history
     floor becomes the last seq, which is kept: seqs continue after it if the
     id is used again, so no client cursor ever names two entries.
     Idempotent (an unknown or already purged conversation: nothing to do).

@@ -4345,8 +4345,10 @@ class LmdbStore(Store):
                 if not (keep_reads and db is self._reads):
                     txn.delete(key, db=db)
         txn.delete(ck, db=self._groups)
-        # Keep only the floor (= the last seq): seqs continue after it.
-        self._put_retention(txn, ck, -1, -1, self._retention_in(txn, ck)[2])
+        # Keep the floor (= the last seq): seqs continue after it; and a 1:1
+        # chat's own retention setting (it lives on; a group is gone with its).
+        age, count, floor = self._retention_in(txn, ck)
+        self._put_retention(txn, ck, *((age, count) if keep_reads else (-1, -1)), floor)
         self._forget_convs(w)
         group = () if keep_reads else tuple(sorted(uk[1:].decode("ascii") for uk in users))  # (T(user): _t)
         return Purged(msgs, entries, last_seq=last, users=group)

@@ -715,7 +715,9 @@ class MemoryStore(Store):
                 self._del(convs, conv)
             if (conv, user) in self._spans:
                 self._del(self._spans, (conv, user))
-        for table in (self._groups, self._visible, self._members, self._retention):
+        # (A 1:1 chat lives on with its own retention setting; a group is
+        # gone with its setting: PurgeConversation.)
+        for table in (self._groups, self._visible, self._members) + (() if keep_reads else (self._retention,)):
             if conv in table:
                 self._del(table, conv)
         return Purged(msgs, entries, last_seq=last, users=() if keep_reads else tuple(users))

@@ -1567,9 +1567,11 @@ class RedisStore(AsyncStore):
                 tx.delete(uk, "rd:" + conv)
             tx.delete(uk, "cv:" + conv)
             tx.delete(ck, "sp:" + user)
-        for f in ("grp", "hv", "mem", "ret"):
+        for f in ("grp", "hv", "mem"):
             tx.delete(ck, f)
-        tx.delete(self._rets, conv)
+        if not keep_reads:  # (a 1:1 chat lives on with its own retention setting: PurgeConversation)
+            tx.delete(ck, "ret")
+            tx.delete(self._rets, conv)
         return Purged(msgs, entries, last_seq=last, users=() if keep_reads else tuple(sorted(users)))
 
     async def _purge_user(self, tx: _Tx, op: PurgeUser) -> Result:
