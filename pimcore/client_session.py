@@ -402,14 +402,17 @@ class SendsResumed:
 
 @dataclass(frozen=True, slots=True)
 class ConversationPurged:
-    """The host purged ``conv`` while this device was online: its messages
-    up to ``last_seq`` are deleted (the session dropped them from
-    :meth:`ClientSession.view`, and its list entry: the conversation is
-    back in the list at its next message); an app that stores messages
-    deletes its copies.  ``gone``: the conversation no longer exists (a
-    group: its read state is dropped too; requests about it get
-    UNKNOWN_CONVERSATION; if the host creates it again, its seqs continue
-    after ``last_seq``).  A 1:1 chat stays (``gone`` false)."""
+    """The host purged ``conv``: its messages up to ``last_seq`` are
+    deleted (the session dropped them from :meth:`ClientSession.view`); an
+    app that stores messages deletes its copies.  ``gone``: the
+    conversation no longer exists (a group: its read state and list entry
+    are dropped too; requests about it get UNKNOWN_CONVERSATION; if the
+    host creates it again, its seqs continue after ``last_seq``).  A 1:1
+    chat stays (``gone`` false; its list entry stays, without the purged
+    message).  Told while online (ConvPurged), or at the login after it
+    when the purge took the conversation out of the user's list
+    (``last_seq`` is then the last seq the device knew); a conversation
+    used again before that login is not told (docs/CLIENT.md)."""
 
     conv: str
     last_seq: int
@@ -2358,9 +2361,18 @@ class ClientSession:
     def _drop_unlisted(self) -> None:
         """The login's read states are all in: forget the conversations held
         before it that they left out (no longer in the user's list: purged
-        while the device was away) -- read state, list entry and view."""
-        for conv in self._login_prior - self._login_seen:
-            self.read_states.pop(conv, None)
+        while the device was away) -- read state, list entry, view and
+        unconfirmed marker -- each with a ConversationPurged."""
+        for conv in sorted(self._login_prior - self._login_seen):
+            st = self.read_states.pop(conv, None)
+            # Said (an app that stores messages deletes them; it had no
+            # word of it: a new user's trial), with the seqs the device
+            # knows of: the purge's own last seq is not on the wire here.
+            last = max(st.last_seq if st is not None else 0, self._seen_seq.get(conv, 0))
+            self._emit(ConversationPurged(conv, last, direct_members(conv) is None))
+            # Its unconfirmed marker too: re-sent at every reconnect, it was
+            # refused, then stored in a group created again with the id.
+            self._read_wanted.pop(conv, None)
             self._rs_counted.pop(conv, None)
             self.conversations.pop(conv, None)
             self._entry_counted.pop(conv, None)
@@ -2377,17 +2389,27 @@ class ClientSession:
         (PROTOCOL.md, Retention and purge): its messages up to
         ``f.last_seq`` leave the view -- they are deleted, and a group
         created again with the same id would show them beside its new ones
-        (a new user's trial) -- and so does the list entry (the broker's
-        list leaves the conversation out until its next message).  A group
-        is gone (``f.gone``): its read state too, as at a login that leaves
-        it out.  A 1:1 chat keeps its read state (the broker sends the
-        exact one)."""
+        (a new user's trial).  A group's read state goes too (its markers
+        went with it); a group that is gone (``f.gone``) its list entry
+        too, as at a login that leaves it out.  A 1:1 chat keeps its read
+        state (the broker sends the exact one); a 1:1 chat, or a group
+        created again (told at login, before the login's ReadStates),
+        keeps its list entry, emptied: its next message shows in it."""
         conv = f.conv
-        self.conversations.pop(conv, None)
-        self._entry_counted.pop(conv, None)
-        if f.gone:
+        if direct_members(conv) is None:
+            # A group's markers went with it (created again, it starts from
+            # the broker's: the login's ReadStates come after this).
             self.read_states.pop(conv, None)
             self._rs_counted.pop(conv, None)
+        if f.gone:
+            self.conversations.pop(conv, None)
+            self._entry_counted.pop(conv, None)
+        elif conv in self.conversations:
+            # (A 1:1 chat: its entry stays, without the purged message, so
+            # that the next message shows in it -- the SDK makes no entry
+            # from a Push.  Nothing of it is unread; the broker's ReadState
+            # follows.)
+            self.conversations[conv] = dataclasses.replace(self.conversations[conv], last=(), unread=0, mention_count=0)
         view = self._views.get(conv)
         if view is not None:
             for msg_id in [i for i, m in view.items() if m.seq <= f.last_seq]:
@@ -2566,10 +2588,13 @@ class ClientSession:
         to :meth:`view`.  Written once per connection (the broker answers each
         request it reads) and asked again on every new connection, until ``timeout`` µs (default
         ``send_timeout``) end it with HistoryTimeout.  Raises EncodeError for
-        values no HistoryReq can carry, the terminal error if CLOSED."""
+        values no HistoryReq can carry, SendError (nothing sent) for a
+        malformed ``conv`` (BAD_REQUEST) or a frame above max_frame
+        (PAYLOAD_TOO_LARGE), the terminal error if CLOSED."""
         self._check_open()
+        self._check_request_conv(conv, "history")
         req_id = self._next_req
-        raw = encode_frame(F.HistoryReq(req_id, conv, from_seq, limit, backward))
+        raw = self._request_frame(F.HistoryReq(req_id, conv, from_seq, limit, backward), f"history of {_show(conv)}", conv)
         self._next_req += 1
         t = self._tick(now)
         h = _HistoryRequest(req_id, conv, raw, t + (self._send_timeout if timeout is None else max(0, timeout)))
@@ -2591,11 +2616,12 @@ class ClientSession:
         request id.  Its ReadersCompleted comes out of :meth:`completions`.
         Asked again like a history request (:meth:`request_history`), until
         ``timeout`` µs (default ``send_timeout``) end it with HistoryTimeout.
-        Raises EncodeError for values no ReadersReq can carry, the terminal
-        error if CLOSED."""
+        Raises EncodeError for values no ReadersReq can carry, SendError as
+        :meth:`request_history` does, the terminal error if CLOSED."""
         self._check_open()
+        self._check_request_conv(conv, "readers")
         req_id = self._next_req
-        raw = encode_frame(F.ReadersReq(req_id, conv))
+        raw = self._request_frame(F.ReadersReq(req_id, conv), f"readers of {_show(conv)}", conv)
         self._next_req += 1
         t = self._tick(now)
         h = _HistoryRequest(req_id, conv, raw, t + (self._send_timeout if timeout is None else max(0, timeout)), True)
@@ -2603,6 +2629,26 @@ class ClientSession:
         if self._state is SessionState.ACTIVE:
             self._ask_history(h)
         return req_id
+
+    def _check_request_conv(self, conv: str, what: str) -> None:
+        """SendError(BAD_REQUEST) at the call for a malformed conversation id:
+        the broker refuses it, or (over its max_frame) closes the connection
+        -- and a request is asked again on every new connection until its
+        timeout (a new user's trial: a 2 MB id stalled the client 60 s)."""
+        if conversation_problem(conv) is not None:
+            raise self._request_error(ErrorCode.BAD_REQUEST, f"{what} {'in' if what == 'typing' else 'of'} {_show(conv)}", conv)
+
+    def _request_frame(self, frame: F.Frame, what: str, conv: Optional[str]) -> bytes:
+        """``frame`` encoded; SendError(PAYLOAD_TOO_LARGE) if it is above the
+        broker's max_frame (its LoginAck's, else ClientConfig.max_frame),
+        which would close the connection, as for a send (:meth:`_too_large`).
+        Raises EncodeError as encode_frame does."""
+        raw = encode_frame(frame)
+        limit = self._max_frame if self._max_frame_announced else self.config.max_frame
+        if len(raw) > limit:
+            reason = f"its frame of {len(raw):,} bytes is above the broker's max_frame ({limit:,} bytes)"
+            raise SendError(ErrorCode.PAYLOAD_TOO_LARGE, 0, f"{what}: PAYLOAD_TOO_LARGE: {reason}", reason=reason)
+        return raw
 
     def _request_error(self, code: ErrorCode, what: str, conv: Optional[str]) -> SendError:
         """The SendError of a refused request (``what``: "history of 'team'"),
@@ -2644,9 +2690,11 @@ class ClientSession:
         ``typing_interval`` per conversation; a stop goes out only after an
         active one.  Ephemeral: dropped while not connected (nothing to
         catch up).  Returns whether a frame was sent.  Raises EncodeError
-        for a conv no frame can carry, the terminal error if CLOSED."""
+        for a conv no frame can carry, SendError(BAD_REQUEST) for a
+        malformed one (nothing sent), the terminal error if CLOSED."""
         self._check_open()
         raw = encode_frame(F.Typing(conv, active))
+        self._check_request_conv(conv, "typing")
         t = self._tick(now)
         last = self._typing_sent.get(conv)
         if active:
@@ -2810,11 +2858,17 @@ class ClientSession:
         left out unless ``include_hidden``.  The entries go into
         :attr:`conversations`.  Asked again like a history request until
         answered or ``timeout`` µs (default ``send_timeout``).  Raises
-        EncodeError for values no ConvListReq can carry, the terminal error
-        if CLOSED."""
+        TypeError for a ``cursor`` that is no bytes or an ``include_hidden``
+        that is no bool, EncodeError for values no ConvListReq can carry,
+        SendError(PAYLOAD_TOO_LARGE) for a frame above max_frame (nothing
+        sent), the terminal error if CLOSED."""
         self._check_open()
+        if not isinstance(cursor, bytes):
+            raise TypeError(f"list_conversations: cursor must be bytes (a page's cursor), not {type(cursor).__name__}")
+        if type(include_hidden) is not bool:
+            raise TypeError(f"list_conversations: include_hidden must be True or False, not {include_hidden!r:.40}")
         req_id = self._next_req
-        raw = encode_frame(F.ConvListReq(req_id, cursor, limit, include_hidden))
+        raw = self._request_frame(F.ConvListReq(req_id, cursor, limit, include_hidden), "list_conversations", None)
         return self._ask_new(req_id, "", raw, now, timeout, "convlist")
 
     def set_conversation(
@@ -2828,7 +2882,8 @@ class ClientSession:
         device of the user gets a :class:`ConversationUpdated`.  Returns
         the request id; its :class:`ConversationSetCompleted` comes out of
         :meth:`completions` once durable.  Sent again on every new
-        connection until answered (setting a value twice is harmless)."""
+        connection until answered (setting a value twice is harmless).
+        Raises SendError as :meth:`request_history` does."""
         self._check_open()
         for name, x in (("pinned", pinned), ("muted", muted), ("hidden", hidden)):
             if x is not None and type(x) is not bool:
@@ -2838,8 +2893,9 @@ class ClientSession:
         def v(x: Optional[bool]) -> int:
             return F.SETTING_KEEP if x is None else (F.SETTING_ON if x else F.SETTING_OFF)
 
+        self._check_request_conv(conv, "set_conversation")
         req_id = self._next_req
-        raw = encode_frame(F.ConvSetReq(req_id, conv, v(pinned), v(muted), v(hidden)))
+        raw = self._request_frame(F.ConvSetReq(req_id, conv, v(pinned), v(muted), v(hidden)), f"set_conversation of {_show(conv)}", conv)
         return self._ask_new(req_id, conv, raw, now, timeout, "convset")
 
     def _ask_new(self, req_id: int, conv: str, raw: bytes, now: int, timeout: Optional[int], kind: str) -> int:

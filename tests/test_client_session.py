@@ -1210,22 +1210,26 @@ def test_the_reconnect_backoff_resets_at_each_completed_login_and_honours_closes
 
 
 def test_mark_read_is_sent_again_on_every_connection_until_read_states_confirms_it():
+    # (Each login's states name CONV: a conversation a login leaves out is
+    # gone, its unconfirmed marker with it.)
+    listed = dataclasses.replace(ack_frame(), states=1)
     s = session()
     s.mark_read(CONV, 5, T0)  # offline: remembered
-    b = connect(s, T0)
+    b = connect(s, T0, listed)
     assert b.read() == [F.Read(CONV, 5)]
     s.mark_read(CONV, 7, T0)
     assert b.read() == [F.Read(CONV, 7)]
+    b.feed(T0 + 1, F.ReadStates((F.ReadState(CONV, 0, 9, 9),)))  # (the login's: before the Reads)
     s.connection_lost(T0 + 1)
-    b = connect(s, T0 + 2)
+    b = connect(s, T0 + 2, listed)
     assert b.read() == [F.Read(CONV, 7)]  # not confirmed yet: again
     b.feed(T0 + 3, F.ReadStates((F.ReadState(CONV, 6, 9, 3),)))  # not far enough
     s.connection_lost(T0 + 4)
-    b = connect(s, T0 + 5)
+    b = connect(s, T0 + 5, listed)
     assert b.read() == [F.Read(CONV, 7)]
     b.feed(T0 + 6, F.ReadStates((F.ReadState(CONV, 7, 9, 2),)))  # confirmed
     s.connection_lost(T0 + 7)
-    b = connect(s, T0 + 8)
+    b = connect(s, T0 + 8, listed)
     assert b.read() == []
 
 
@@ -1358,7 +1362,7 @@ def test_malformed_bytes_close_the_connection_not_the_session(garbage):
     [ev] = [e for e in evs if isinstance(e, Disconnected)]
     assert ev.code is None and "malformed" in ev.reason
     s.receive_data(b"\x00\x00 more garbage", T0 + 2)  # a dead connection's bytes: ignored
-    b = connect(s, T0 + 3)
+    b = connect(s, T0 + 3, dataclasses.replace(ack_frame(), states=1))  # (its states will name CONV)
     assert b.read() == [F.SendReq(lid, CONV, T0, b"survives"), F.Read(CONV, 1)]  # all again
 
 
@@ -1966,14 +1970,20 @@ def test_a_purge_told_while_online_drops_what_the_device_holds_of_it():
     b.feed(T0, F.ReadStates((F.ReadState("team", 2, 2, 0),)), F.ConvPurged("team", 2, True))
     assert s.view("team") == [] and "team" not in s.read_states and s.unread("team") == 0
     assert events(s, T0)[-1] == ConversationPurged("team", 2, True)
-    # A 1:1 chat stays: only what the purge removed leaves the view (and
-    # the list entry, as the broker's list until its next message).
+    # A 1:1 chat stays: only what the purge removed leaves the view, and its
+    # list entry keeps no purged message (a trial found it dropped, and
+    # the next message did not bring it back until a page).
     assert [m.seq for m in s.view(CONV)] == [2, 3, 4]  # (2: the list entry's last)
     b.feed(T0, F.ConvPurged(CONV, 3, False))
-    assert [m.seq for m in s.view(CONV)] == [4] and CONV not in s.conversations and CONV in s.read_states
+    assert [m.seq for m in s.view(CONV)] == [4] and CONV in s.read_states
+    e = s.conversations[CONV]
+    assert (e.last, e.unread, e.mention_count) == ((), 0, 0)
     assert events(s, T0) == [ConversationPurged(CONV, 3, False)]
+    b.feed(T0, F.Push(8, (msg(8, 5),)))
+    e = s.conversations[CONV]
+    assert [m.seq for m in e.last] == [5] and e.unread == 1
     # The group created again: its seqs continue after the purged ones.
-    b.feed(T0, F.Push(7, (msg(7, 3, conv="team"),)))
+    b.feed(T0, F.Push(9, (msg(9, 3, conv="team"),)))
     assert [m.seq for m in s.view("team")] == [3] and s.unread("team") == 1
     # Every Login asks for it (with or without compression).
     for cfg in ({}, {"compression": False}):
@@ -2002,3 +2012,98 @@ def test_argument_checks_of_read_state_epoch_and_mentions():
     s.send(CONV, b"x", T0, mentions=None)
     [req] = b.read()
     assert isinstance(req, F.SendReq) and req.mentions == ()
+
+
+def test_a_request_the_broker_would_close_the_connection_for_is_refused_at_the_call():
+    # A new user's trial (HIGH): fetch_page("g" * 2_000_000) was sent, the
+    # broker closed the connection (FRAME_TOO_LARGE), the session asked
+    # again on every new connection until its timeout (60 s), and a send
+    # meanwhile got no SendAck.  Now a malformed conversation id is
+    # SendError(BAD_REQUEST) at the call, as for mark_read, and a request
+    # whose frame is above max_frame SendError(PAYLOAD_TOO_LARGE), as for
+    # a send: nothing sent, nothing remembered.
+    s = session()
+    b = connect(s, T0)
+    b.read()
+    huge = "g" * 2_000_000
+    for call in (lambda: s.request_history(huge, 0, 10, True, T0), lambda: s.request_readers(huge, T0),
+                 lambda: s.set_conversation(huge, T0, pinned=True), lambda: s.request_history(5, 0, 10, True, T0)):  # type: ignore[arg-type]
+        with pytest.raises(SendError) as refused:
+            call()
+        assert refused.value.code is ErrorCode.BAD_REQUEST
+    with pytest.raises(SendError) as refused:
+        s.list_conversations(T0, cursor=b"x" * 2_000_000)
+    assert refused.value.code is ErrorCode.PAYLOAD_TOO_LARGE and "max_frame" in str(refused.value)
+    for bad in ({"cursor": "abc"}, {"include_hidden": "yes"}):
+        with pytest.raises(TypeError):
+            s.list_conversations(T0, **bad)  # type: ignore[arg-type]
+    assert not b.read() and not s._history
+    # The next good one goes out.
+    s.request_history(CONV, 0, 10, True, T0)
+    assert [type(f) for f in b.read()] == [F.HistoryReq]
+
+
+def test_typing_in_a_malformed_conversation_id_is_refused_at_the_call():
+    # From a new user's trial (LOW): typing sent any id, and a malformed one
+    # came back only as a BrokerRefused; mark_read refuses such an id at the
+    # call, with the reason.  ("zzz:::" is a well-formed group id: an unknown
+    # group is still the broker's to say.)
+    s = session()
+    b = connect(s, T0)
+    b.read()
+    with pytest.raises(SendError) as refused:
+        s.typing("a b", T0)
+    assert refused.value.code is ErrorCode.BAD_REQUEST and "invalid conversation id" in str(refused.value)
+    assert not b.read()
+    assert s.typing(CONV, T0) is True
+
+
+def test_a_conversation_dropped_at_login_is_emitted_and_its_pending_marker_forgotten():
+    # A new user's trial (MEDIUM): a device offline while its group was
+    # purged dropped it at login without a word (an app that stores
+    # messages kept them for good), and re-sent its unconfirmed marker of
+    # the group at every reconnect (refused UNKNOWN_CONVERSATION; once the
+    # group was created again, stored in the new group).
+    s = session()
+    b = connect(s, T0)
+    b.feed(T0, F.Push(2, (msg(1, 1, conv="team"), msg(2, 2, conv="team"))))
+    b.feed(T0, F.ReadStates((F.ReadState("team", 0, 2, 2),)))
+    s.connection_lost(T0 + 1)
+    s.mark_read("team", 2, T0 + 1)
+    events(s, T0 + 1)
+    s.connection_made(T0 + 2, b"tok")
+    b = Broker(s)
+    b.read()
+    b.feed(T0 + 3, dataclasses.replace(ack_frame(), states=1), F.CalibrateResp(T0 + 2, T0 + 2))
+    assert [f.conv for f in b.read() if isinstance(f, F.Read)] == ["team"]  # (sent before the states came)
+    b.feed(T0 + 3, F.ReadStates((F.ReadState(CONV, 0, 0, 0),)))
+    assert ConversationPurged("team", 2, True) in events(s, T0 + 3)
+    s.connection_lost(T0 + 4)
+    s.connection_made(T0 + 5, b"tok")
+    b = Broker(s)
+    assert not [f for f in b.read() if isinstance(f, F.Read)]
+
+
+def test_a_purge_told_at_login_drops_the_purged_messages_and_a_groups_old_marker():
+    # A new user's trial (HIGH): offline while a group was purged and created
+    # again with a message, the phone kept the purged messages beside the
+    # new one, and its old marker (3) over the new group's (0): unread 3
+    # where the broker counted 1.  The login's ConvPurged (before its
+    # ReadStates) drops them; a group's markers went with it, so the read
+    # state the login sends is taken as it is.
+    s = session()
+    b = connect(s, T0)
+    b.feed(T0, F.Push(5, tuple(msg(i, i, conv="team") for i in range(1, 6))))
+    s.mark_read("team", 3, T0)
+    b.feed(T0, F.ReadStates((F.ReadState("team", 3, 5, 2),)))
+    events(s, T0)
+    s.connection_lost(T0 + 1)
+    s.connection_made(T0 + 2, b"tok")
+    b = Broker(s)
+    b.read()
+    b.feed(T0 + 3, dataclasses.replace(ack_frame(), states=1), F.CalibrateResp(T0 + 2, T0 + 2))
+    b.feed(T0 + 3, F.ConvPurged("team", 5, False), F.ReadStates((F.ReadState("team", 0, 6, 1),)))
+    assert s.view("team") == [] and s.read_state("team") == F.ReadState("team", 0, 6, 1) and s.unread("team") == 1
+    assert ConversationPurged("team", 5, False) in events(s, T0 + 3)
+    b.feed(T0 + 3, F.Push(6, (msg(6, 6, conv="team"),)))
+    assert [m.seq for m in s.view("team")] == [6] and s.unread("team") == 1

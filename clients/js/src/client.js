@@ -167,6 +167,10 @@ function pimcoreCloseStart(b) {
   return length >= 2 && b.length >= i + 3 && (b[i + 1] >> 4) !== 0 && b[i + 2] === FrameType.CLOSE;
 }
 
+// Node's (OpenSSL's) codes for a server certificate it does not trust.
+const TLS_CERT_ERRORS = new Set(['DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'UNABLE_TO_VERIFY_LEAF_SIGNATURE',
+  'UNABLE_TO_GET_ISSUER_CERT_LOCALLY', 'UNABLE_TO_GET_ISSUER_CERT', 'CERT_HAS_EXPIRED', 'CERT_NOT_YET_VALID', 'CERT_UNTRUSTED']);
+
 async function probeUpgrade(url, ms) {
   if (!globalThis.process?.versions?.node) return null;
   const u = new URL(url);
@@ -194,13 +198,24 @@ async function probeUpgrade(url, ms) {
       clearTimeout(timer);
       if (typeof e.code === 'string' && e.code.startsWith('HPE_')) {
         // No HTTP came back (Node's parser, with the bytes): a pimcore tcp://
-        // or tls:// listener answers an upgrade with its binary Close, which
-        // will not change on a retry -- say it at once, as the Python SDK does
-        // (a new user's trial: it waited out connectTimeout, then "no answer").
-        const scheme = u.protocol === 'wss:' ? 'tls' : 'tcp';
-        const how = pimcoreCloseStart(e.rawPacket ? new Uint8Array(e.rawPacket) : new Uint8Array(0))
-          ? "in pimcore's binary protocol" : 'with bytes that are no HTTP';
-        resolve({ reason: `the server answered the WebSocket upgrade ${how} (it is not a WebSocket endpoint: try ${scheme}://${u.host})`, final: true });
+        // or tls:// listener answers an upgrade with its binary Close, a TLS
+        // server with a TLS record; neither will change on a retry -- say it
+        // at once, as the Python SDK does (new users' trials: it waited out
+        // connectTimeout, then "no answer"; it said "try tcp://", which this
+        // client cannot use).
+        const raw = e.rawPacket ? new Uint8Array(e.rawPacket) : new Uint8Array(0);
+        let reason;
+        if (raw.length >= 2 && (raw[0] === 0x15 || raw[0] === 0x16) && raw[1] === 0x03) {
+          reason = `the server answered with TLS (it requires TLS: try wss://${u.host}${u.pathname}${u.search})`;
+        } else if (pimcoreCloseStart(raw)) {
+          reason = "the server answered the WebSocket upgrade in pimcore's binary protocol (a tcp:// or tls:// listener, for the Python SDK: this client needs the broker's ws:// or wss:// listener)";
+        } else reason = 'the server answered the WebSocket upgrade with bytes that are no HTTP (it is not a WebSocket endpoint)';
+        resolve({ reason, final: true });
+        return;
+      }
+      if (typeof e.code === 'string' && (TLS_CERT_ERRORS.has(e.code) || e.code.startsWith('ERR_TLS_'))) {
+        // A certificate Node does not trust will not change on a retry either (the Python SDK says it at once).
+        resolve({ reason: `TLS error: ${e.message} (${e.code}) (NODE_EXTRA_CA_CERTS=ca.pem trusts a private CA)`, final: true });
         return;
       }
       const words = { ECONNREFUSED: 'connection refused', ECONNRESET: 'connection reset by peer', ENOTFOUND: `unknown host '${u.hostname}'`, ETIMEDOUT: 'connection timed out' };
@@ -218,6 +233,22 @@ async function probeUpgrade(url, ms) {
 // sent or remembered (it was the encoder's 'Read.seq out of range for u: -1',
 // or a limit of 0 the broker took as 1).
 const TWO_64 = 2 ** 64;
+// Why the broker refused a request about `conv` by `user` with `code`, in words, when it gave no reason of its own
+// (the Python SDK's _refusal_reason): the codes of the conversation and its membership, '' for the others.
+function refusalReason(code, conv, user) {
+  if (code === ErrorCode.BAD_REQUEST) {
+    const problem = conv == null ? null : conversationProblem(conv);
+    return problem ? `invalid conversation id: ${problem}` : '';
+  }
+  if (typeof conv !== 'string' || (code !== ErrorCode.NOT_MEMBER && code !== ErrorCode.UNKNOWN_CONVERSATION)) return '';
+  const pair = directMembers(conv);
+  if (code === ErrorCode.UNKNOWN_CONVERSATION) return `${pair ? 'conversation' : 'group'} ${showValue(conv)} does not exist`;
+  if (pair) return `${user} is not one of the two users of the 1:1 conversation ${showValue(conv)} (${pair[0]} and ${pair[1]})`;
+  return `${user} is not a member of group ${showValue(conv)}`;
+}
+function checkConvType(conv) {
+  if (typeof conv !== 'string') throw new TypeError(`conv must be a string (a conversation id), not ${conv === null ? 'null' : typeof conv}`);
+}
 function checkSeq(call, name, v, min = 0) {
   if (typeof v === 'bigint') {
     if (v < BigInt(min) || v >= 1n << 64n) throw new RangeError(`${call}: ${name} must be an integer in ${min}..2**64-1, got ${v}`);
@@ -312,6 +343,31 @@ const DEFAULTS = {
 
 // The options without a default (DEFAULTS has the others).
 const OPTIONS = new Set(['url', 'token', 'WebSocket']);
+// Every event on() takes (index.d.ts ClientEvents).
+const EVENTS = new Set(['connected', 'disconnected', 'message', 'amended', 'sent', 'readstate', 'receipt', 'conversation',
+  'purged', 'resynced', 'sendsStalled', 'sendsResumed', 'error', 'brokerRefused', 'closed', 'state', 'typing', 'presence', 'privacy']);
+
+// Option values, checked by the constructor (a new user's trial: viewLimit -1 made every push throw, device 5
+// crashed Node at connect(), connectTimeout '100' and reconnect 'no' were taken as they were).
+function checkOptions(o) {
+  for (const name of ['ackTimeout', 'sendTimeout', 'connectTimeout', 'ackDelay', 'backoffInitial', 'backoffMax', 'typingInterval']) {
+    const v = o[name];
+    if (typeof v !== 'number' || Number.isNaN(v)) throw new TypeError(`${name} must be a number of ms, not ${JSON.stringify(v)}`);
+    if (!(v >= 0)) throw new RangeError(`${name} must be a number of ms >= 0, not ${v}`);
+  }
+  if (typeof o.deadAfter !== 'number' || !(o.deadAfter > 0)) {
+    throw new RangeError(`deadAfter must be a number > 0 (heartbeat intervals), not ${JSON.stringify(o.deadAfter)}`);
+  }
+  for (const name of ['viewLimit', 'timeSamples']) {
+    if (!Number.isSafeInteger(o[name]) || o[name] < 0) throw new RangeError(`${name} must be an integer >= 0, not ${JSON.stringify(o[name])}`);
+  }
+  if (typeof o.reconnect !== 'boolean') throw new TypeError(`reconnect must be true or false, not ${JSON.stringify(o.reconnect)}`);
+  if (typeof o.device !== 'string' || !o.device) throw new TypeError(`device must be a string (this installation's id), not ${JSON.stringify(o.device)}`);
+  const z = o.compression;
+  if (z != null && !(typeof z === 'object' && Number.isInteger(z.caps) && typeof z.createInflater === 'function' && typeof z.createDeflater === 'function')) {
+    throw new TypeError('compression must be null or a compression from ./deflate.js (deflateCompression, deflateCompressionWith(pako))');
+  }
+}
 
 /**
  * One device of one user.  Events (`on(name, fn)`): connected, disconnected,
@@ -328,6 +384,7 @@ export class PimcoreClient {
       throw new TypeError(`unknown option${unknown.length > 1 ? 's' : ''} ${unknown.join(', ')} (the options: ${[...OPTIONS, ...Object.keys(DEFAULTS)].join(', ')})`);
     }
     this.opts = { ...DEFAULTS, ...options };
+    checkOptions(this.opts);
     // now() is µs; wire times are integers, so a fractional clock (e.g.
     // (performance.timeOrigin + performance.now()) * 1000) is floored here.
     const clock = this.opts.now ?? anchoredClock();
@@ -443,6 +500,9 @@ export class PimcoreClient {
 
   // ------------------------------------------------------------ events
   on(name, fn) {
+    // (A misspelt event would never fire; a listener that is no function threw later, from a timer: Node exits.)
+    if (!EVENTS.has(name)) throw new TypeError(`unknown event ${showValue(name)} (the events: ${[...EVENTS].join(', ')})`);
+    if (typeof fn !== 'function') throw new TypeError(`on(${showValue(name)}): the listener must be a function, not ${fn === null ? 'null' : typeof fn}`);
     if (!this._listeners.has(name)) this._listeners.set(name, new Set());
     this._listeners.get(name).add(fn);
     return () => this._listeners.get(name).delete(fn);
@@ -477,6 +537,8 @@ export class PimcoreClient {
    */
   connect() {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
+    // Connected already: this login's 'connected' event again (a second call waited for the next login).
+    if (this.state === State.ACTIVE && this._connected) return Promise.resolve(this._connected);
     const bad = checkUrl(this.opts.url);
     if (bad) { this._terminate(bad); return Promise.reject(bad); }
     // The first connection gives up at connectTimeout (as the Python SDK's):
@@ -929,6 +991,7 @@ export class PimcoreClient {
     this._conn.active = true; // a completed login: see _scheduleReconnect
     const ack = this.loginAck;
     const ev = { user: this.user, device: this.device, position: ack.position, gap: ack.gap, clockOffset: this.clockOffset, rtt: this.rtt, epoch: this.epoch };
+    this._connected = ev;
     this._emit('connected', ev);
     for (const w of this._connectWaiters.splice(0)) w.resolve(ev);
     // What came during calibration (the catch-up) and whatever comes before
@@ -1164,7 +1227,7 @@ export class PimcoreClient {
       this._emit('sent', sent);
     } else if (FINAL_CODES.has(f.code)) {
       this._pending.delete(f.local_id);
-      const reason = e.reason || '';
+      const reason = e.reason || refusalReason(f.code, e.frame.conv, this.user);
       this._answered(e);
       e.reject(new SendError(f.code, reason));
     } else {
@@ -1282,22 +1345,29 @@ export class PimcoreClient {
   }
 
   _dropUnlisted() {
-    for (const conv of this._loginPrior) {
+    for (const conv of [...this._loginPrior].sort()) {
       if (!this._loginSeen.has(conv)) {
         // Its read state and its messages: a purge deleted them (a group re-created with the same id showed them).
+        const rs = this._readStates.get(conv);
+        const last = Math.max(rs ? rs.last_seq : 0, this._seen.get(conv) || 0);
         this._readStates.delete(conv); this._counted.delete(conv);
         this._views.delete(conv); this._viewHeaps.delete(conv); this._viewSeqs.delete(conv);
+        // Its unconfirmed marker too (sent again at every reconnect, it landed in a group created again with the id);
+        // and it is said, with the last seq this client knew (a trial: an app that stores messages had no word of it).
+        this._wanted.delete(conv);
+        this._emit('purged', { conv, last_seq: last, gone: !directMembers(conv) });
       }
     }
     this._loginPrior = new Set(); this._loginSeen = new Set();
   }
 
-  // The host purged f.conv while this client was online (PROTOCOL.md, Retention and purge): its messages up to
-  // f.last_seq leave the view (a group created again with the same id showed them beside its new ones: a new
-  // user's trial); a group is gone (f.gone), its read state with it.  A 1:1 chat keeps its read state.
+  // The host purged f.conv (PROTOCOL.md, Retention and purge; told while online, or at a login before its
+  // ReadStates): its messages up to f.last_seq leave the view (a group created again with the same id showed them
+  // beside its new ones: new users' trials); a group's read state goes too (its markers went with it: created
+  // again, the login's ReadStates bring its new one).  A 1:1 chat keeps its read state.
   _onConvPurged(f) {
     const conv = f.conv, upto = f.last_seq; // (a number, or a bigint past 2**53: compared as either)
-    if (f.gone) { this._readStates.delete(conv); this._counted.delete(conv); }
+    if (!directMembers(conv)) { this._readStates.delete(conv); this._counted.delete(conv); }
     const v = this._views.get(conv);
     if (v) {
       for (const [k, x] of [...v]) if (x.seq <= upto) v.delete(k);
@@ -1378,24 +1448,34 @@ export class PimcoreClient {
     if (this.state === State.ACTIVE) this._sendFrame(frame('Read', { conv, seq }));
   }
   /** {conv, read_seq, last_seq, unread} or undefined. */
-  readState(conv) { const rs = this._readStates.get(conv); return rs && { ...rs }; }
-  unread(conv) { const rs = this._readStates.get(conv); return rs ? rs.unread : 0; }
+  readState(conv) { checkConvType(conv); const rs = this._readStates.get(conv); return rs && { ...rs }; }
+  unread(conv) { checkConvType(conv); const rs = this._readStates.get(conv); return rs ? rs.unread : 0; }
   /** Every conversation this client knows a read state of (from login's ReadStates and pushes). */
   conversations() { return [...this._readStates.values()].map((rs) => ({ ...rs })); }
   /** How far `reader` (the 1:1 peer) has read `conv`: a seq, 0 if unknown. */
   receipt(conv, reader) { return this._receipts.get(`${conv}\n${reader}`) || 0; }
 
   // ------------------------------------------------------------ history, readers, view
-  _request(name, fields, timeout) {
+  _request(name, fields, timeout, what) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
+    // A malformed conversation id (BAD_REQUEST) or a frame above max_frame (PAYLOAD_TOO_LARGE) is refused here:
+    // the broker would refuse it or close the connection, and a request is asked again on every new connection
+    // (a new user's trial: a 2 MB id, 130 reconnects in 20 s).
+    const problem = 'conv' in fields ? conversationProblem(fields.conv) : null;
+    if (problem) return Promise.reject(new SendError(ErrorCode.BAD_REQUEST, `${what}: invalid conversation id: ${problem}`));
     const now = this._sessionNow();
     const reqId = this._nextReqId;
     const f = frame(name, { req_id: reqId, ...fields });
     // Encoded before anything is registered: arguments no frame can carry
     // reject the promise (EncodeError) and leave nothing to re-send.
     try { f._body = encodeBody(f); } catch (e) { return Promise.reject(e); }
+    const frameLen = 2 + f._body.length; // (head + type + body: what max_frame bounds)
+    const limit = this.loginAck && this.loginAck.max_frame > 0 ? this.loginAck.max_frame : 1 << 20;
+    if (frameLen > limit) {
+      return Promise.reject(new SendError(ErrorCode.PAYLOAD_TOO_LARGE, `${what}: its frame of ${frameLen} bytes is above the broker's max_frame (${limit} bytes)`));
+    }
     this._nextReqId++;
-    const r = { reqId, frame: f, deadline: now + timeout * 1000 };
+    const r = { reqId, frame: f, deadline: now + timeout * 1000, what };
     const p = new Promise((resolve, reject) => { r.resolve = resolve; r.reject = reject; });
     this._requests.set(reqId, r);
     this._refTicker();
@@ -1410,11 +1490,11 @@ export class PimcoreClient {
    */
   history(conv, { fromSeq = 0, limit = 50, backward = false, timeout = this.opts.sendTimeout } = {}) {
     try { checkSeq('history', 'fromSeq', fromSeq); checkLimit('history', limit); } catch (e) { return Promise.reject(e); }
-    return this._request('HistoryReq', { conv, from_seq: fromSeq, limit, backward }, timeout);
+    return this._request('HistoryReq', { conv, from_seq: fromSeq, limit, backward }, timeout, `history of ${showValue(conv)}`);
   }
   /** [{user, read_seq}] for every current member of `conv`. */
   readers(conv, { timeout = this.opts.sendTimeout } = {}) {
-    return this._request('ReadersReq', { conv }, timeout);
+    return this._request('ReadersReq', { conv }, timeout, `readers of ${showValue(conv)}`);
   }
   /**
    * A page of this user's conversation list (pinned first, then newest
@@ -1425,7 +1505,7 @@ export class PimcoreClient {
    */
   listConversations({ cursor = new Uint8Array(0), limit = 50, includeHidden = false, timeout = this.opts.sendTimeout } = {}) {
     try { checkLimit('listConversations', limit); } catch (e) { return Promise.reject(e); }
-    return this._request('ConvListReq', { cursor, limit, include_hidden: includeHidden }, timeout);
+    return this._request('ConvListReq', { cursor, limit, include_hidden: includeHidden }, timeout, 'listConversations');
   }
   /**
    * Change this user's settings of `conv` (undefined = unchanged); resolves
@@ -1439,14 +1519,18 @@ export class PimcoreClient {
       }
     }
     const v = (x) => (x === undefined || x === null ? Setting.KEEP : x ? Setting.ON : Setting.OFF);
-    return this._request('ConvSetReq', { conv, pinned: v(pinned), muted: v(muted), hidden: v(hidden) }, timeout);
+    return this._request('ConvSetReq', { conv, pinned: v(pinned), muted: v(muted), hidden: v(hidden) }, timeout, `setConversation of ${showValue(conv)}`);
   }
   _onResponse(f) {
     const r = this._requests.get(f.req_id);
     if (!r || (f.type === FrameType.CONV_LIST_RESP) !== (r.frame.name === 'ConvListReq')
       || (f.type === FrameType.CONV_SET_RESP) !== (r.frame.name === 'ConvSetReq')) return;
     this._requests.delete(f.req_id);
-    if (f.code !== ErrorCode.OK) { r.reject(new SendError(f.code)); return; }
+    if (f.code !== ErrorCode.OK) {
+      const why = refusalReason(f.code, r.frame.conv, this.user);
+      r.reject(new SendError(f.code, why ? `${r.what}: ${why}` : r.what));
+      return;
+    }
     if (f.type === FrameType.CONV_LIST_RESP) {
       for (const e of f.entries) for (const m of e.last) this._addToView(m);
       r.resolve({ entries: f.entries, cursor: f.cursor, more: f.more });
@@ -1522,7 +1606,7 @@ export class PimcoreClient {
     }
   }
   /** The messages this client holds for `conv` (sent, received, fetched) in display order. */
-  view(conv) { const v = this._views.get(conv); return v ? displayOrder([...v.values()]) : []; }
+  view(conv) { checkConvType(conv); const v = this._views.get(conv); return v ? displayOrder([...v.values()]) : []; }
 
   /** The broker's clock estimate, µs. */
   serverNow() { return this.opts.now() + this.clockOffset; }
@@ -1537,6 +1621,8 @@ export class PimcoreClient {
   typing(conv, active = true) {
     if (this.state === State.CLOSED) throw this.error;
     const f = frame('Typing', { conv, active, user: '', ttl_ms: 0 });
+    const problem = conversationProblem(conv);
+    if (problem) throw new SendError(ErrorCode.BAD_REQUEST, `typing in ${showValue(conv)}: invalid conversation id: ${problem}`);
     const now = this._sessionNow();
     const last = this._typingSent.get(conv);
     if (active) { if (last !== undefined && now - last < this.opts.typingInterval * 1000) return false; }

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 import { PimcoreClient, State } from '../src/index.js';
-import { Broker } from './broker.mjs';
+import { Broker, PYTHON } from './broker.mjs';
 
 const JS = fileURLToPath(new URL('..', import.meta.url));
 
@@ -123,11 +123,41 @@ describe('connect() failures', () => {
       assert.ok(err, 'connect() rejected');
       assert.equal(err.name, 'ConnectFailed');
       assert.equal(err.message, `cannot connect to ${url}: the server answered the WebSocket upgrade in pimcore's binary protocol`
-        + ` (it is not a WebSocket endpoint: try tcp://127.0.0.1:${port})`);
+        + ' (a tcp:// or tls:// listener, for the Python SDK: this client needs the broker\'s ws:// or wss:// listener)');
       assert.ok(Date.now() - t0 < 10000, `${Date.now() - t0} ms`);
       assert.equal(c.state, State.CLOSED);
     } finally {
       await broker.dispose();
+    }
+  });
+
+  // A new user's trial (MEDIUM): a wss:// URL whose certificate Node does not trust waited out connectTimeout and
+  // said "no answer to the WebSocket upgrade"; a ws:// URL at a TLS port said "try tcp://...", which this client
+  // cannot use; so did a ws:// URL at a tcp:// listener.  A TLS server made with trustme (the Python tests' CA).
+  const certs = (() => {
+    const dir = mkdtempSync(join(tmpdir(), 'pimcore-js-tls-'));
+    const r = spawnSync(PYTHON, ['-c', `import trustme, sys; ca = trustme.CA(); c = ca.issue_cert('127.0.0.1')
+c.private_key_pem.write_to_path(sys.argv[1] + '/key.pem'); c.cert_chain_pems[0].write_to_path(sys.argv[1] + '/cert.pem')`, dir]);
+    return r.status === 0 ? dir : null;
+  })();
+  test('a wss:// URL Node does not trust, or a ws:// URL at a TLS port: connect() rejects at once, saying which', { timeout: 30000, skip: certs ? false : 'trustme is not installed (pip install trustme)' }, async () => {
+    const port = await freePort();
+    const broker = await new Broker({ extra: ['--listen', `wss://127.0.0.1:${port}/im`, '--cert', join(certs, 'cert.pem'), '--key', join(certs, 'key.pem')] }).start();
+    try {
+      for (const [url, said] of [
+        [`wss://127.0.0.1:${port}/im`, /^cannot connect to wss:\/\/127\.0\.0\.1:\d+\/im: TLS error: .*certificate.*\(NODE_EXTRA_CA_CERTS=ca\.pem trusts a private CA\)$/],
+        [`ws://127.0.0.1:${port}/im`, /^cannot connect to ws:\/\/127\.0\.0\.1:\d+\/im: the server answered with TLS \(it requires TLS: try wss:\/\/127\.0\.0\.1:\d+\/im\)$/],
+      ]) {
+        const c = new PimcoreClient({ url, token: 'x', connectTimeout: 20000 });
+        const t0 = Date.now();
+        const err = await noUnhandled(() => c.connect().then(() => null, (e) => e));
+        assert.ok(err, `connect() rejected for ${url}`);
+        assert.match(err.message, said);
+        assert.ok(Date.now() - t0 < 10000, `${Date.now() - t0} ms`);
+      }
+    } finally {
+      await broker.dispose();
+      rmSync(certs, { recursive: true, force: true });
     }
   });
 

@@ -2,7 +2,7 @@
 // `pimcore serve` (started here) unless the test needs no broker.
 import assert from 'node:assert/strict';
 import { after, afterEach, before, describe, test } from 'node:test';
-import { ClientClosed, EncodeError, PimcoreClient, directConv } from '../src/index.js';
+import { ClientClosed, EncodeError, PimcoreClient, SendError, directConv } from '../src/index.js';
 import { Broker, until } from './broker.mjs';
 
 const text = (m) => new TextDecoder().decode(m.payload);
@@ -72,12 +72,14 @@ describe('review findings', () => {
     const onErr = (e) => uncaught.push(e);
     process.on('uncaughtException', onErr);
     try {
-      // (a seq or limit out of range is refused by name, a RangeError, before any frame is made)
+      // (a seq or limit out of range is refused by name, a RangeError, before any frame is made; a conversation
+      // id that is no valid id, SendError(BAD_REQUEST), as markRead does; a cursor no frame can carry, EncodeError)
       const calls = [
         [() => c.history(conv, { fromSeq: -1 }), RangeError],
-        [() => c.readers(42), EncodeError],
+        [() => c.readers(42), SendError],
         [() => c.listConversations({ limit: -1 }), RangeError],
-        [() => c.setConversation('g:\uD800lone', { pinned: true }), EncodeError],
+        [() => c.setConversation('g:\uD800lone', { pinned: true }), SendError],
+        [() => c.listConversations({ cursor: 'abc' }), EncodeError],
       ];
       for (const [call, kind] of calls) {
         let p;

@@ -279,7 +279,10 @@ test("a conversation left out of a login's read states (LoginAck.states) is drop
   await sleep(5);
   assert.equal(c.unread('team'), 3);
   assert.equal(c.view('team').length, 1);
+  const purged = [];
+  c.on('purged', (p) => purged.push(p));
   ws.drop();
+  c.markRead('team', 3); // (offline: sent at the next login, unconfirmed)
   await sleep(100);
   const ws2 = FakeWS.all.at(-1);
   assert.notEqual(ws2, ws);
@@ -287,17 +290,28 @@ test("a conversation left out of a login's read states (LoginAck.states) is drop
   ws2.deliver(loginAck({ states: 2 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
   ws2.deliver(frame('ReadStates', { entries: [{ conv: 'club', read_seq: 3, last_seq: 3, unread: 0 }] }));
   await sleep(5);
-  assert.equal(c.unread('team'), 3, 'one of two so far');
+  assert.ok(c.readState('team'), 'one of two so far');
   ws2.deliver(frame('ReadStates', { entries: [{ conv: 'd:u:v', read_seq: 0, last_seq: 1, unread: 1 }] }));
   await sleep(5);
   assert.equal(c.readState('team'), undefined);
   assert.equal(c.unread('team'), 0);
   assert.deepEqual(c.view('team'), [], 'its messages were purged with it');
   assert.deepEqual(c.conversations().map((r) => r.conv).sort(), ['club', 'd:u:v']);
+  // Said (a trial: an app that stores messages had no word of it), and its unconfirmed marker is forgotten (it
+  // was sent again at every reconnect, and landed in a group created again with the id).
+  assert.deepEqual(purged, [{ conv: 'team', last_seq: 3, gone: true }]);
+  ws2.drop();
+  await sleep(100);
+  const ws3 = FakeWS.all.at(-1);
+  assert.notEqual(ws3, ws2);
+  const cal3 = ws3.of('CalibrateReq')[0];
+  ws3.deliver(loginAck({ states: 0 }), frame('CalibrateResp', { client_time: cal3.client_time, server_time: cal3.client_time }));
+  await sleep(5);
+  assert.deepEqual(ws3.of('Read').map((r) => r.conv), []);
   await c.close();
 });
 
-test('a purge told while online (ConvPurged) drops what the client holds of it; every Login asks for it', async () => {
+test('a purge told (ConvPurged, online or at a login) drops what the client holds of it; every Login asks for it', async () => {
   // A new user's trial: a device online while its group was purged kept the purged messages in its view
   // until its next login (a group re-created with the same id showed them beside its new ones).
   const c = make({ backoffInitial: 1 });
@@ -327,6 +341,15 @@ test('a purge told while online (ConvPurged) drops what the client holds of it; 
   await sleep(5);
   assert.deepEqual(c.view('team').map((x) => x.seq), [3]);
   assert.equal(c.unread('team'), 1);
+  // Told at a login (a trial: offline while the group was purged and created again, the client kept the purged
+  // messages and its old marker, unread 3 where the broker counted 1): before the login's ReadStates.
+  c.markRead('team', 3);
+  ws.deliver(frame('ReadStates', { entries: [{ conv: 'team', read_seq: 3, last_seq: 3, unread: 0 }] }));
+  await sleep(5);
+  ws.deliver(frame('ConvPurged', { conv: 'team', last_seq: 3, gone: false }), frame('ReadStates', { entries: [{ conv: 'team', read_seq: 0, last_seq: 4, unread: 1 }] }));
+  await sleep(5);
+  assert.deepEqual(c.view('team'), []);
+  assert.deepEqual(c.readState('team'), { conv: 'team', read_seq: 0, last_seq: 4, unread: 1 });
   await c.close();
   const d = make({ compression: null });
   const { login: plain } = await connected(d);
@@ -339,6 +362,69 @@ test('an unknown option is refused by the constructor, naming it (a typo was ign
   assert.throws(() => make({ connectTimout: 500 }), (e) => e instanceof TypeError && /unknown option connectTimout/.test(e.message) && /connectTimeout/.test(e.message));
   assert.throws(() => make({ ackdelay: 5, foo: 1 }), (e) => e instanceof TypeError && /unknown options ackdelay, foo/.test(e.message));
   make({ connectTimeout: 500, viewLimit: 10, reconnect: false, compression: null }).close();
+});
+
+test('a request the broker would close the connection for is refused at the call, nothing sent', async () => {
+  // A new user's trial (HIGH): history('g'.repeat(2e6)) was sent, the broker closed the connection
+  // (FRAME_TOO_LARGE), and the client asked again on every new connection: 130 reconnects in 20 s.
+  const c = make();
+  const { ws } = await connected(c);
+  const huge = 'g'.repeat(2_000_000);
+  for (const p of [c.history(huge), c.readers(huge), c.setConversation(huge, { pinned: true }), c.history(5)]) {
+    await assert.rejects(p, (e) => e instanceof SendError && e.code === ErrorCode.BAD_REQUEST && /invalid conversation id/.test(e.message));
+  }
+  await assert.rejects(c.listConversations({ cursor: new Uint8Array(2_000_000) }),
+    (e) => e instanceof SendError && e.code === ErrorCode.PAYLOAD_TOO_LARGE && /max_frame/.test(e.message));
+  await sleep(5);
+  assert.equal(ws.of('HistoryReq').length + ws.of('ReadersReq').length + ws.of('ConvSetReq').length + ws.of('ConvListReq').length, 0);
+  // A refusal by the broker names the request.
+  const p = c.history('team');
+  await sleep(5);
+  const [req] = ws.of('HistoryReq');
+  ws.deliver(frame('HistoryResp', { req_id: req.req_id, conv: 'team', code: ErrorCode.UNKNOWN_CONVERSATION, messages: [], more: false }));
+  await assert.rejects(p, (e) => e instanceof SendError && e.message === "UNKNOWN_CONVERSATION: history of 'team': group 'team' does not exist");
+  // So does a send's (it said only BAD_REQUEST), and typing in a malformed id is refused at the call.
+  const sp = c.send('d:alice', 'x');
+  await sleep(5);
+  const [req2] = ws.of('SendReq');
+  ws.deliver(frame('SendAck', { local_id: req2.local_id, code: ErrorCode.BAD_REQUEST, msg_id: new Uint8Array(0), seq: 0, server_time: 0 }));
+  await assert.rejects(sp, (e) => e instanceof SendError && /^BAD_REQUEST: invalid conversation id: direct conversation id 'd:alice' is not/.test(e.message));
+  assert.throws(() => c.typing('a b'), (e) => e instanceof SendError && e.code === ErrorCode.BAD_REQUEST && /invalid conversation id/.test(e.message));
+  assert.equal(ws.of('Typing').length, 0);
+  await c.close();
+});
+
+test('option values are checked by the constructor, naming the option', () => {
+  // A new user's trial: viewLimit: -1 made every push throw (uncaught) and sends hang; device: 5 crashed Node
+  // at connect(); connectTimeout: '100', reconnect: 'no' and compression: true were taken as they were.
+  const bad = [
+    [{ viewLimit: -1 }, RangeError, /viewLimit must be an integer >= 0/], [{ viewLimit: 1.5 }, RangeError, /viewLimit/],
+    [{ device: 5 }, TypeError, /device must be a string/], [{ device: '' }, TypeError, /device must be a string/],
+    [{ connectTimeout: '100' }, TypeError, /connectTimeout must be a number of ms/], [{ connectTimeout: -5 }, RangeError, /connectTimeout must be a number of ms >= 0/],
+    [{ sendTimeout: -1 }, RangeError, /sendTimeout/], [{ ackTimeout: 'abc' }, TypeError, /ackTimeout/], [{ backoffMax: 'x' }, TypeError, /backoffMax/],
+    [{ deadAfter: 0 }, RangeError, /deadAfter must be a number > 0/], [{ timeSamples: -1 }, RangeError, /timeSamples/],
+    [{ reconnect: 'no' }, TypeError, /reconnect must be true or false/], [{ compression: true }, TypeError, /compression must be null or/],
+  ];
+  for (const [opts, kind, re] of bad) {
+    assert.throws(() => make(opts), (e) => e instanceof kind && re.test(e.message), JSON.stringify(opts));
+  }
+  make({ viewLimit: 0, timeSamples: 0, connectTimeout: 0, reconnect: false, device: 'phone', compression: null }).close();
+});
+
+test('on() takes a known event and a function; connect() on a connected client resolves at once', async () => {
+  // A new user's trial: on('purge', fn) (misspelt) never fired; a listener that is no function threw later from a
+  // timer, which exits Node; a second connect() on a connected client never settled.
+  const c = make();
+  assert.throws(() => c.on('purge', () => {}), (e) => e instanceof TypeError && /unknown event 'purge'/.test(e.message) && /purged/.test(e.message));
+  assert.throws(() => c.on('connected', { handleEvent() {} }), (e) => e instanceof TypeError && /listener must be a function/.test(e.message));
+  for (const call of [() => c.view(123), () => c.unread({}), () => c.readState(undefined)]) {
+    assert.throws(call, (e) => e instanceof TypeError && /conv must be a string/.test(e.message));
+  }
+  await connected(c);
+  const again = await Promise.race([c.connect(), sleep(500).then(() => 'pending')]);
+  assert.notEqual(again, 'pending');
+  assert.equal(again.user, 'u');
+  await c.close();
 });
 
 test('transient refusals are retried with the same local id after a hold; final ones reject', async () => {
