@@ -409,10 +409,13 @@ class ConversationPurged:
     are dropped too; requests about it get UNKNOWN_CONVERSATION; if the
     host creates it again, its seqs continue after ``last_seq``).  A 1:1
     chat stays (``gone`` false; its list entry stays, without the purged
-    message).  Told while online (ConvPurged), or at the login after it
-    when the purge took the conversation out of the user's list
-    (``last_seq`` is then the last seq the device knew); a conversation
-    used again before that login is not told (docs/CLIENT.md)."""
+    message), and so does a group created again (``gone`` false, told at a
+    login).  Told while online (ConvPurged); at every login for each
+    conversation of the user's list ever purged (ConvPurged with its purge
+    point: it repeats, and deleting up to ``last_seq`` again changes
+    nothing); and at the login after a purge that took the conversation
+    out of the user's list (``last_seq`` is then the last seq the device
+    knew)."""
 
     conv: str
     last_seq: int
@@ -2405,11 +2408,16 @@ class ClientSession:
             self.conversations.pop(conv, None)
             self._entry_counted.pop(conv, None)
         elif conv in self.conversations:
-            # (A 1:1 chat: its entry stays, without the purged message, so
-            # that the next message shows in it -- the SDK makes no entry
-            # from a Push.  Nothing of it is unread; the broker's ReadState
-            # follows.)
-            self.conversations[conv] = dataclasses.replace(self.conversations[conv], last=(), unread=0, mention_count=0)
+            # (A 1:1 chat, or a group created again: its entry stays, without
+            # a purged last message, so that the next message shows in it --
+            # the SDK makes no entry from a Push; a group's marker goes, as
+            # its read state.  Its counts are the ReadState's that follows:
+            # at a login a catch-up Push may have come first, with messages
+            # after the purge.)
+            e = self.conversations[conv]
+            self.conversations[conv] = dataclasses.replace(
+                e, last=() if e.last and e.last[0].seq <= f.last_seq else e.last,
+                read_seq=e.read_seq if direct_members(conv) is not None else 0)
         view = self._views.get(conv)
         if view is not None:
             for msg_id in [i for i, m in view.items() if m.seq <= f.last_seq]:

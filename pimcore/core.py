@@ -2730,11 +2730,23 @@ class Broker:
         loaded = dev.states
         if loaded is not None:
             dev.states = None
-            self._send_read_states(dev.conn, loaded, out)
+            self._send_read_states(dev, loaded, out)
 
-    def _send_read_states(self, conn: int, loaded: SessionLoaded, out: list[Command]) -> None:
-        """At login: every conversation's marker and unread count (what the
-        device missed while offline), then the peers' markers of 1:1 chats."""
+    def _send_read_states(self, dev: _Device, loaded: SessionLoaded, out: list[Command]) -> None:
+        """At login: to a device that asked (CAP_CONV_PURGED), the purge
+        point of every conversation of the list ever purged (ConvPurged,
+        not gone); then every conversation's marker and unread count (what
+        the device missed while offline), then the peers' markers of 1:1
+        chats.  Why the purge points, at every login: a device away while a
+        conversation was purged and used again (a group created again with
+        a message) is told nothing else, and kept the purged messages (a
+        new user's trial).  First, so that the exact states land after what
+        a client drops for it (a group's markers went with it)."""
+        conn = dev.conn
+        if dev.caps & F.CAP_CONV_PURGED:
+            for s in loaded.conversations:
+                if s.purged:
+                    self._send(conn, F.ConvPurged(s.conv, s.purged, False), out)
         entries = [F.ReadState(s.conv, s.read_seq, s.last_seq, s.unread) for s in loaded.conversations]
         step = self.config.limits.read_state_batch
         for i in range(0, len(entries), step):

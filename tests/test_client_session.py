@@ -1976,9 +1976,11 @@ def test_a_purge_told_while_online_drops_what_the_device_holds_of_it():
     assert [m.seq for m in s.view(CONV)] == [2, 3, 4]  # (2: the list entry's last)
     b.feed(T0, F.ConvPurged(CONV, 3, False))
     assert [m.seq for m in s.view(CONV)] == [4] and CONV in s.read_states
-    e = s.conversations[CONV]
-    assert (e.last, e.unread, e.mention_count) == ((), 0, 0)
-    assert events(s, T0) == [ConversationPurged(CONV, 3, False)]
+    assert [m.seq for m in s.conversations[CONV].last] == [4]  # (after the purge: kept)
+    b.feed(T0, F.ConvPurged(CONV, 4, False))  # (purged again, the last one with it)
+    assert s.conversations[CONV].last == () and s.view(CONV) == []
+    assert events(s, T0) == [ConversationPurged(CONV, 3, False), ConversationPurged(CONV, 4, False)]
+    b.feed(T0, F.ReadStates((F.ReadState(CONV, 0, 4, 0),)))  # (the broker's, after the purge)
     b.feed(T0, F.Push(8, (msg(8, 5),)))
     e = s.conversations[CONV]
     assert [m.seq for m in e.last] == [5] and e.unread == 1

@@ -15,6 +15,7 @@ from pimcore.store import (
     Duplicate,
     Expire,
     Expired,
+    LoadSession,
     MarkRead,
     PurgeConversation,
     PurgeUser,
@@ -190,6 +191,36 @@ def test_purging_a_direct_conversation_keeps_its_retention_setting(store: Store,
     send(store, mk, 5)
     [res] = mk.commit(store, Expire(mk.time))
     assert isinstance(res, Expired) and seqs(store.history(AB, 0, 100)) == [7, 8]
+
+
+def test_a_login_reads_each_conversations_purge_point(store: Store, mk: Maker) -> None:
+    """A device offline while a conversation was purged *and used again* (a
+    group created again with a message, a 1:1 chat with a new one) kept
+    the purged messages for good: its login named the conversation like
+    any other (a new user's trial, HIGH).  A login now reads each
+    conversation's purge point, the last seq of its latest purge (0:
+    never purged); retention does not move it."""
+    store.create_group("team", ["alice", "bob"], 1)
+    store.create_group("club", ["alice", "bob"], 1)
+    send(store, mk, 3)
+    send(store, mk, 2, "team")
+    send(store, mk, 1, "club")
+    mk.commit(store, PurgeConversation(AB), PurgeConversation("team"))
+    store.create_group("team", ["alice", "bob"], mk.time)
+    send(store, mk, 4)
+    send(store, mk, 1, "team")
+    mk.commit(store, SetRetention(AB, -1, 1))
+    [res] = mk.commit(store, Expire(mk.time))
+    assert isinstance(res, Expired) and store.retention(AB).floor == 6
+    (loaded,) = store.read([LoadSession("bob", "phone")])
+    assert {c.conv: (c.last_seq, c.purged) for c in loaded.conversations} == {AB: (7, 3), "team": (3, 2), "club": (1, 0)}
+    # A later purge moves it; purging again changes nothing.
+    mk.commit(store, PurgeConversation(AB), PurgeConversation(AB))
+    (loaded,) = store.read([LoadSession("bob", "phone")])
+    assert {c.conv: c.purged for c in loaded.conversations} == {"team": 2, "club": 0}  # (AB left the list)
+    send(store, mk, 1)
+    (loaded,) = store.read([LoadSession("bob", "phone")])
+    assert {c.conv: c.purged for c in loaded.conversations} == {AB: 7, "team": 2, "club": 0}
 
 
 def test_purge_user_removes_their_data_and_is_idempotent(store: Store, mk: Maker) -> None:
@@ -535,3 +566,37 @@ def test_devices_that_ask_are_told_what_a_purge_removed_over_every_store(store: 
     assert store.retention(AB).floor == 6
     assert not h.take(a, F.ConvPurged) and not h.take(b2, F.ConvPurged)
 
+
+def test_a_login_tells_a_device_that_asks_each_conversations_purge_point_over_every_store(store: Store) -> None:
+    # A new user's trial (HIGH): bob's phone, offline while a group was
+    # purged and created again with a message (and a 1:1 chat purged and
+    # written to again), kept the purged messages in its view: its login
+    # named both conversations like any other.  A device that asked for
+    # CAP_CONV_PURGED gets, at every login, ConvPurged(conv, purge point,
+    # False) for each conversation of its list ever purged -- before the
+    # login's ReadStates, so their exact state lands after it.
+    from _harness import Harness
+    from pimcore import frames as F
+
+    h = Harness(store, driver="inline")
+    a = h.login("alice", "phone")
+    h.host_call(h.broker.create_group, "team", ["alice", "bob"])
+    h.host_call(h.broker.create_group, "club", ["alice", "bob"])
+    for conv, n in (("team", 4), (AB, 3), ("club", 1)):
+        for i in range(n):
+            h.send(a, conv, b"%s%d" % (conv.encode(), i))
+    h.host_call(h.broker.purge_conversation, "team")
+    h.host_call(h.broker.purge_conversation, AB)
+    h.host_call(h.broker.create_group, "team", ["alice", "bob"])
+    h.send(a, "team", b"new")
+    h.send(a, AB, b"new")
+    b = h.login("bob", "phone", caps=F.CAP_CONV_PURGED)
+    got = [f for f in h.take(b) if isinstance(f, (F.ConvPurged, F.ReadStates))]
+    told = [f for f in got if isinstance(f, F.ConvPurged)]
+    assert sorted(told, key=lambda f: f.conv) == [F.ConvPurged(AB, 3, False), F.ConvPurged("team", 4, False)]
+    assert isinstance(got[-1], F.ReadStates) and all(isinstance(f, F.ConvPurged) for f in got[:2])
+    states = {e.conv: e for s in got if isinstance(s, F.ReadStates) for e in s.entries}
+    assert set(states) == {AB, "team", "club"} and states["team"].last_seq == 5 and states[AB].last_seq == 4
+    # A device that did not ask gets none.
+    b2 = h.login("bob", "laptop")
+    assert not [f for f in h.take(b2) if isinstance(f, F.ConvPurged)]

@@ -188,6 +188,58 @@ async def test_a_device_online_during_a_purge_drops_the_purged_messages(tmp_path
                 assert bob.view(AB) == []
 
 
+async def test_a_device_away_while_a_conversation_was_purged_and_used_again_drops_the_purged_messages(tmp_path: Path) -> None:
+    # A new user's trial (HIGH): bob's phone, its link down while the host
+    # purged a group, created it again and posted, and purged a 1:1 chat
+    # that then got a new message, showed the purged messages beside the
+    # new ones after it reconnected, and counted the group's unread from
+    # its old marker (3 where the broker said 1).  Its login now carries
+    # each conversation's purge point (ConvPurged, before the ReadStates).
+    from pimcore.client import ConversationPurged, MessageReceived
+    from pimcore.testing.chaos import ChaosConfig, open_chaos_proxy
+
+    from _proc import free_port
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path, listen=["tcp://127.0.0.1:0"]) as im:
+            port = int(im.urls[0].rsplit(":", 1)[1])
+            await im.create_group("team", ["alice", "bob"])
+            async with open_chaos_proxy("127.0.0.1", port, ChaosConfig()) as proxy, open_client(
+                f"tcp://127.0.0.1:{proxy.port}", im.issue_token("bob"), "phone", config=FAST_CLIENT
+            ) as bob:
+                for i in range(5):
+                    await im.post("team", b"old%d" % i, sender="alice", device="web")
+                for i in range(3):
+                    await im.post(AB, b"d%d" % i, sender="alice", device="web")
+                assert len(await take(bob, 8)) == 8
+                await bob.mark_read("team", 3)
+                with trio.move_on_after(5):
+                    while bob.read_state("team").read_seq != 3 or bob.read_state("team").unread != 2:
+                        await trio.sleep(0.01)
+                # The link goes down (the proxy cannot reach the broker).
+                proxy.target_port = free_port()
+                proxy.reset_all()
+                await im.purge_conversation("team")
+                await im.purge_conversation(AB)
+                await im.create_group("team", ["alice", "bob"])
+                await im.post("team", b"new-g", sender="alice", device="web")
+                await im.post(AB, b"new-d", sender="alice", device="web")
+                proxy.target_port = port
+                told, got = [], []
+                async for ev in bob.events():
+                    if isinstance(ev, ConversationPurged):
+                        told.append(ev)
+                    elif isinstance(ev, MessageReceived):
+                        got.append(ev.message.payload)
+                    if len(got) == 2 and len(told) == 2:
+                        break
+                assert sorted(told, key=lambda e: e.conv) == [ConversationPurged(AB, 3, False), ConversationPurged("team", 5, False)]
+                assert sorted(got) == [b"new-d", b"new-g"]
+                assert [m.payload for m in bob.view("team") if m.kind == F.MessageKind.MESSAGE] == [b"new-g"]
+                assert [m.payload for m in bob.view(AB)] == [b"new-d"]
+                assert bob.read_state("team").unread == 1 and bob.read_state(AB).unread == 1
+
+
 async def until_unread(client: Any, conv: str, unread: int) -> None:
     """Until the SDK's read state of ``conv`` counts ``unread`` (5 s at most,
     then the assertion shows what it counts)."""

@@ -783,7 +783,8 @@ class PurgeConversation:
     stay: it lives on, a marker never moves back (the peer's receipt
     included), and its new history expires as before.  The history
     floor becomes the last seq, which is kept: seqs continue after it if the
-    id is used again, so no client cursor ever names two entries.
+    id is used again, so no client cursor ever names two entries; so does
+    the purge point (:class:`ConversationState`), which a login reads.
     Idempotent (an unknown or already purged conversation: nothing to do).
     A malformed id -> Rejected(BAD_REQUEST).  Result: Purged."""
 
@@ -1120,7 +1121,11 @@ class Revoked:
 @dataclass(frozen=True, slots=True)
 class ConversationState:
     """One conversation of a user at login: the user's marker, the last seq,
-    the unread count, and for a 1:1 chat the peer's marker (0 otherwise)."""
+    the unread count, for a 1:1 chat the peer's marker (0 otherwise), and
+    its purge point: the last seq of its latest :class:`PurgeConversation`
+    (0: never purged; retention does not move it).  A device away while
+    the conversation was purged and used again learns from it what is gone
+    (PROTOCOL.md, ConvPurged at login)."""
 
     conv: str
     read_seq: int
@@ -1128,6 +1133,7 @@ class ConversationState:
     unread: int
     peer: str  # the other user of a 1:1 chat, "" for a group
     peer_read_seq: int
+    purged: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1671,6 +1677,7 @@ class Store(ABC):
                     self.unread(user, conv),
                     peer,
                     self.read_marker(peer, conv) if peer else 0,
+                    self._purge_point(conv),
                 )
             )
         return SessionLoaded(
@@ -1682,6 +1689,12 @@ class Store(ABC):
             tuple(convs),
             self.revoked_before(user, op.device),
         )
+
+    def _purge_point(self, conv: str) -> int:
+        """The last seq of ``conv``'s latest purge, 0 if never purged
+        (:class:`ConversationState`), for :meth:`_load_session`; a store that
+        answers LoadSession itself need not have it."""
+        raise NotImplementedError
 
     # -- group admin: ops of a batch; these run one op in a batch of its own
 

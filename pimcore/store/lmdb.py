@@ -492,6 +492,10 @@ _RECORD_V1 = struct.Struct(">QQqq")
 _GROUP = struct.Struct(">qB")
 _SPAN = struct.Struct(">QQ")
 _RETENTION = struct.Struct(">qqQ")
+#: The same with the conversation's purge point after it (the last seq of
+#: its latest purge: ConversationState.purged); a record without one is
+#: written as before, so a store never purged keeps its bytes.
+_RETENTION_PURGED = struct.Struct(">qqQQ")
 _HISTORY_VISIBLE = 1
 
 #: The longest key of the layout above with the longest ids (T(x) is
@@ -4064,7 +4068,8 @@ class LmdbStore(Store):
                 raw = txn.get(_t(peer) + ck, db=self._reads)
                 peer_marker = _U64.unpack(raw)[0] if raw is not None else 0
             last = last_visible(self._spans_in(txn, ck, user), self._last_seq(txn, ck))
-            states.append(ConversationState(conv, marker, last, self._count_unread(txn, user, ck, marker), peer, peer_marker))
+            states.append(ConversationState(conv, marker, last, self._count_unread(txn, user, ck, marker), peer, peer_marker,
+                                            self._purge_point_in(txn, ck)))
         states.sort(key=lambda st: st.conv)
         foreign = False
         end = self._closed.get(op.claim_epoch) if op.claim > 0 else None
@@ -4136,11 +4141,22 @@ class LmdbStore(Store):
     def _retention_in(self, txn: _Txn, ck: bytes) -> tuple[int, int, int]:
         """(max_age, max_count, history floor) of T(conv) ``ck``."""
         raw = txn.get(ck, db=self._retention)
-        return _RETENTION.unpack(raw) if raw is not None else (-1, -1, 0)
+        return _RETENTION.unpack_from(raw) if raw is not None else (-1, -1, 0)
 
-    def _put_retention(self, txn: _Txn, ck: bytes, age: int, count: int, floor: int) -> None:
-        if (age, count, floor) == (-1, -1, 0):
+    def _purge_point_in(self, txn: _Txn, ck: bytes) -> int:
+        """The last seq of T(conv) ``ck``'s latest purge, 0 if never purged."""
+        raw = txn.get(ck, db=self._retention)
+        return _U64.unpack_from(raw, _RETENTION.size)[0] if raw is not None and len(raw) == _RETENTION_PURGED.size else 0
+
+    def _put_retention(self, txn: _Txn, ck: bytes, age: int, count: int, floor: int, purged: int = -1) -> None:
+        """Write T(conv) ``ck``'s retention record; ``purged`` -1: its purge
+        point as it is."""
+        if purged < 0:
+            purged = self._purge_point_in(txn, ck)
+        if (age, count, floor, purged) == (-1, -1, 0, 0):
             txn.delete(ck, db=self._retention)
+        elif purged:
+            txn.put(ck, _RETENTION_PURGED.pack(age, count, floor, purged), db=self._retention)
         else:
             txn.put(ck, _RETENTION.pack(age, count, floor), db=self._retention)
 
@@ -4348,7 +4364,8 @@ class LmdbStore(Store):
         # Keep the floor (= the last seq): seqs continue after it; and a 1:1
         # chat's own retention setting (it lives on; a group is gone with its).
         age, count, floor = self._retention_in(txn, ck)
-        self._put_retention(txn, ck, *((age, count) if keep_reads else (-1, -1)), floor)
+        purged = max(last, self._purge_point_in(txn, ck))  # (the purge point a login reads)
+        self._put_retention(txn, ck, *((age, count) if keep_reads else (-1, -1)), floor, purged)
         self._forget_convs(w)
         group = () if keep_reads else tuple(sorted(uk[1:].decode("ascii") for uk in users))  # (T(user): _t)
         return Purged(msgs, entries, last_seq=last, users=group)

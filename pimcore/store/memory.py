@@ -167,6 +167,8 @@ class MemoryStore(Store):
         #: were removed; entries are exactly floor+1..last).
         self._retention: dict[str, tuple[int, int]] = {}
         self._hfloor: dict[str, int] = {}
+        #: conv -> the last seq of its latest purge (ConversationState.purged).
+        self._purged: dict[str, int] = {}
 
     # ------------------------------------------------------------ plumbing
 
@@ -706,6 +708,8 @@ class MemoryStore(Store):
         users = self._recipients(conv)
         last = self._conv_last.get(conv, 0)
         msgs, entries = self._trim(conv, last)
+        if last > self._purged.get(conv, 0):
+            self._set(self._purged, conv, last)
         keep_reads = is_direct(conv)  # (a 1:1 chat's markers stay: PurgeConversation)
         for user in users:
             if (user, conv) in self._reads and not keep_reads:
@@ -785,6 +789,9 @@ class MemoryStore(Store):
             if not valid_conversation(conv):
                 return False
             return user in (self._group_members(conv) or ())
+
+    def _purge_point(self, conv: str) -> int:
+        return self._purged.get(conv, 0)
 
     def last_seq(self, conv: str) -> int:
         with self._lock:

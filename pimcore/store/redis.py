@@ -1560,6 +1560,8 @@ class RedisStore(AsyncStore):
         users = await self._recipients(tx, conv)
         last = _int(await tx.get(ck, "last"))
         msgs, entries = await self._trim(tx, conv, last)
+        if last > _int(await tx.get(ck, "pp")):
+            tx.put(ck, "pp", last)  # the purge point a login reads (ConversationState.purged)
         keep_reads = is_direct(conv)  # (a 1:1 chat's markers stay: PurgeConversation)
         for user in users:
             uk = self._k_user(user)
@@ -1848,7 +1850,7 @@ class RedisStore(AsyncStore):
         for conv in listed:
             pair = direct_members(conv)
             peer = "" if pair is None else (pair[1] if pair[0] == user else pair[0])
-            last = _int(await tx.get(self._k_conv(conv), "last"))
+            last, purged = (_int(v) for v in await tx.mget(self._k_conv(conv), ["last", "pp"]))
             convs.append(ConversationState(
                 conv,
                 _int(await tx.get(uk, "rd:" + conv)),
@@ -1856,6 +1858,7 @@ class RedisStore(AsyncStore):
                 await self._unread(tx, user, conv),
                 peer,
                 _int(await tx.get(self._k_user(peer), "rd:" + conv)) if peer else 0,
+                purged,
             ))
         head, floor, rv_all, rv_dev = await tx.mget(uk, ["head", "floor", "rv:", "rv:" + op.device])
         return SessionLoaded(user, op.device, _int(head), _int(floor),
