@@ -74,6 +74,7 @@ import trio
 from trio_websocket import ConnectionRejected, HandshakeError, wrap_client_stream
 
 from . import frames as F
+from .client_session import _check_timeout  # (argument checks shared with the session)
 from .client_session import (
     AuthFailed,
     ClientClosed,
@@ -514,6 +515,12 @@ def _check_arguments(url: Any, token: Any, device: Any) -> None:
         raise TypeError(f"open_client: device must be a str (a device id, e.g. \"phone\"), not {type(device).__name__}")
 
 
+def _check_seconds(call: str, timeout: object) -> None:
+    """A ``timeout`` of None or s >= 0, checked before it is made µs
+    (TypeError, ValueError: client_session._check_timeout)."""
+    _check_timeout(call, timeout, "s")
+
+
 class Client:
     """A connected client.  Create with :func:`open_client`."""
 
@@ -533,6 +540,11 @@ class Client:
         sent: int = 0,
     ) -> None:
         _check_arguments(url, token, device)
+        if not isinstance(config, ClientConfig):
+            raise TypeError(f"open_client: config must be a ClientConfig, not {type(config).__name__}")
+        if on_connect_retry is not None and not callable(on_connect_retry):
+            raise TypeError(f"open_client: on_connect_retry must be a callable taking the reason (a str) or None, "
+                            f"not {type(on_connect_retry).__name__}")
         self.endpoint: Endpoint = parse_url(url)
         self.url = url
         # What a refusal names: the URL, and the host:port tried when the
@@ -720,6 +732,7 @@ class Client:
         raises ValueError at once, nothing sent (a local id names one
         message)."""
         self._check_alive()
+        _check_seconds("send", timeout)
         lid = self._session.send(conv, payload, self._clock(), local_id=local_id, timeout=None if timeout is None else int(timeout * 1e6),
                                  mentions=mentions, mention_all=mention_all)
         w = self._send_waiters.get(lid)
@@ -736,6 +749,7 @@ class Client:
 
     async def _amend(self, conv: str, target: int, action: int, payload: bytes, local_id: Optional[int], timeout: Optional[float]) -> Sent:
         self._check_alive()
+        _check_seconds("amend", timeout)
         lid = self._session.amend(
             conv, target, action, self._clock(), payload=payload, local_id=local_id,
             timeout=None if timeout is None else int(timeout * 1e6),

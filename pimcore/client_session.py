@@ -65,6 +65,19 @@ try:  # zstandard is a dependency; without it the session just does not ask for 
 except ImportError:  # pragma: no cover
     FrameCompressor = FrameDecompressor = None  # type: ignore[assignment,misc]
 
+def _check_timeout(call: str, timeout: object, unit: str = "µs") -> None:
+    """A ``timeout`` that is None or a number >= 0 (``unit``); TypeError
+    for no number (a str: "5" * 1e6 said "can't multiply sequence"),
+    ValueError for a negative, NaN or infinite one (a new user's trial:
+    -1 raised SendTimeout at once, the message stored anyway)."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{call}: timeout must be a number of {unit} >= 0 or None, not {timeout!r:.40}")
+    if not (0 <= timeout < float("inf")):
+        raise ValueError(f"{call}: timeout must be a number of {unit} >= 0 or None, not {timeout!r}")
+
+
 def _check_conv_type(conv: object) -> None:
     if type(conv) is not str:
         raise TypeError(f"conv must be a conversation id (str), not {type(conv).__name__}: {conv!r:.40}")
@@ -1930,6 +1943,7 @@ class ClientSession:
         same SendReq)."""
         payload = _payload_bytes(payload)
         self._check_open()
+        _check_timeout("send", timeout)
         t = self._tick(now)
         deadline = t + (self._send_timeout if timeout is None else max(0, timeout))
         if mentions is None:
@@ -2003,6 +2017,7 @@ class ClientSession:
         _check_seq(target)
         payload = _payload_bytes(payload)
         self._check_open()
+        _check_timeout("amend", timeout)
         t = self._tick(now)
         deadline = t + (self._send_timeout if timeout is None else max(0, timeout))
         if local_id is not None:
@@ -2368,6 +2383,11 @@ class ClientSession:
         unconfirmed marker -- each with a ConversationPurged."""
         for conv in sorted(self._login_prior - self._login_seen):
             st = self.read_states.pop(conv, None)
+            if st is not None and direct_members(conv) is not None:
+                # (A 1:1 chat keeps its markers through a purge: its next
+                # message is counted after this one, as the broker does --
+                # a trial's phone showed read_seq 0 where the broker kept 1.)
+                self.read_states[conv] = F.ReadState(conv, st.read_seq, st.last_seq, 0)
             # Said (an app that stores messages deletes them; it had no
             # word of it: a new user's trial), with the seqs the device
             # knows of: the purge's own last seq is not on the wire here.
@@ -2376,7 +2396,10 @@ class ClientSession:
             # Its unconfirmed marker too: re-sent at every reconnect, it was
             # refused, then stored in a group created again with the id.
             self._read_wanted.pop(conv, None)
-            self._rs_counted.pop(conv, None)
+            if conv in self.read_states:
+                self._rs_counted[conv] = self.read_states[conv].last_seq  # (the kept 1:1 state counts nothing up to it)
+            else:
+                self._rs_counted.pop(conv, None)
             self.conversations.pop(conv, None)
             self._entry_counted.pop(conv, None)
             # Its messages too: a purge deleted them (a group re-created
@@ -2415,9 +2438,13 @@ class ClientSession:
             # at a login a catch-up Push may have come first, with messages
             # after the purge.)
             e = self.conversations[conv]
+            read_seq = e.read_seq if direct_members(conv) is not None else 0
+            # Its mentions went with the purged messages (a ReadState carries
+            # no mention count: a trial's phone showed 1 where the broker
+            # said 0); what it holds after them counts, as a page would.
             self.conversations[conv] = dataclasses.replace(
-                e, last=() if e.last and e.last[0].seq <= f.last_seq else e.last,
-                read_seq=e.read_seq if direct_members(conv) is not None else 0)
+                e, last=() if e.last and e.last[0].seq <= f.last_seq else e.last, read_seq=read_seq,
+                mention_count=self._held_mentions(conv, max(read_seq, f.last_seq), self._entry_counted.get(conv, 0)))
         view = self._views.get(conv)
         if view is not None:
             for msg_id in [i for i, m in view.items() if m.seq <= f.last_seq]:
@@ -2748,6 +2775,10 @@ class ClientSession:
         Raises EncodeError for ids no frame can carry, the terminal error if
         CLOSED."""
         self._check_open()
+        if isinstance(users, (str, bytes)):
+            # (A str is iterable: "bob" would subscribe "b" and "o".)
+            raise TypeError(f"subscribe_presence: users must be an iterable of user ids, not one {type(users).__name__}: "
+                            f"[{users!r:.40}]")
         wanted = tuple(dict.fromkeys(users))
         req_id = self._next_req
         raw = encode_frame(F.PresenceSub(req_id, tuple(F.PresenceUser(u) for u in wanted)))

@@ -2109,3 +2109,71 @@ def test_a_purge_told_at_login_drops_the_purged_messages_and_a_groups_old_marker
     assert ConversationPurged("team", 5, False) in events(s, T0 + 3)
     b.feed(T0 + 3, F.Push(6, (msg(6, 6, conv="team"),)))
     assert [m.seq for m in s.view("team")] == [6] and s.unread("team") == 1
+
+
+def test_a_purge_resets_a_held_entrys_mention_count_to_what_is_left():
+    # A new user's trial (HIGH): away while its group was purged and created
+    # again with one message (no mention), the phone showed mention_count 1
+    # (the purged messages' 3, clamped to unread) where the broker said 0: a
+    # ReadState carries no mention count.  The purge takes its mentions.
+    s, b = listed()
+    me = (F.Mention("alice"),)
+    b.feed(T0, F.Push(5, tuple(dataclasses.replace(msg(i, i), mentions=me) for i in (3, 4, 5))))
+    assert s.conversations[CONV].mention_count == 3
+    b.feed(T0, F.ConvPurged(CONV, 5, False), F.ReadStates((F.ReadState(CONV, 0, 6, 1),)))
+    b.feed(T0, F.Push(6, (msg(6, 6),)))
+    e = s.conversations[CONV]
+    assert (e.unread, e.mention_count) == (1, 0)
+    b.feed(T0, F.Push(7, (dataclasses.replace(msg(7, 7), mentions=me),)))
+    assert s.conversations[CONV].mention_count == 1
+
+
+def test_a_one_to_one_chat_dropped_at_login_keeps_its_read_marker():
+    # A new user's trial (MEDIUM): a 1:1 chat purged while the phone was
+    # away left the login's list (no message since); the phone dropped its
+    # read state, and the next message showed read_seq 0 where the broker
+    # kept 1 (a 1:1 chat's markers stay after a purge).
+    s = session()
+    b = connect(s, T0)
+    b.feed(T0, F.Push(2, (msg(1, 1), msg(2, 2))))
+    b.feed(T0, F.ReadStates((F.ReadState(CONV, 1, 2, 1),)))
+    s.connection_lost(T0 + 1)
+    s.connection_made(T0 + 2, b"tok")
+    b = Broker(s)
+    b.read()
+    b.feed(T0 + 3, dataclasses.replace(ack_frame(), states=0), F.CalibrateResp(T0 + 2, T0 + 2))
+    assert s.view(CONV) == [] and s.read_state(CONV) == F.ReadState(CONV, 1, 2, 0)
+    b.feed(T0 + 3, F.Push(3, (msg(3, 3),)))
+    assert s.read_state(CONV) == F.ReadState(CONV, 1, 3, 1)
+
+
+def test_presence_of_one_user_id_given_as_a_str_and_bad_send_timeouts_are_refused_at_the_call():
+    # A new user's trial (MEDIUM): subscribe_presence("bob") subscribed "b"
+    # and "o"; send(timeout=-1) raised SendTimeout at once with the message
+    # stored anyway, timeout="5" said "can't multiply sequence".
+    s = session()
+    b = connect(s, T0)
+    b.read()
+    with pytest.raises(TypeError, match="users must be an iterable of user ids"):
+        s.subscribe_presence("bob", T0)
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match="timeout must be"):
+            s.send(CONV, b"x", T0, timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="timeout must be"):
+        s.send(CONV, b"x", T0, timeout="5")  # type: ignore[arg-type]
+    assert not b.read()
+
+
+def test_open_client_refuses_a_config_that_is_no_client_config_and_a_retry_callback_that_is_not_callable():
+    # A new user's trial (LOW): config="fast" said "'str' object has no
+    # attribute 'compression'"; on_connect_retry=5 failed only at the first
+    # retry ("'int' object is not callable").
+    from pimcore.client import Client
+
+    with pytest.raises(TypeError, match="config must be a ClientConfig"):
+        Client("tcp://127.0.0.1:7400", b"t", "phone", config="fast")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="on_connect_retry must be a callable"):
+        Client("tcp://127.0.0.1:7400", b"t", "phone", on_connect_retry=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="timeout must be a number of s"):
+        from pimcore.client import _check_seconds
+        _check_seconds("send", "5")

@@ -257,6 +257,14 @@ function checkSeq(call, name, v, min = 0) {
   if (typeof v !== 'number') throw new TypeError(`${call}: ${name} must be an integer (a number or bigint), not ${v === null ? 'null' : typeof v}`);
   if (!Number.isInteger(v) || v < min || v >= TWO_64) throw new RangeError(`${call}: ${name} must be an integer in ${min}..2**64-1, got ${v}`);
 }
+// A call's options object: nothing but the names it takes (a typo was taken silently: { mention: [...] } stored
+// no mention, { limt: 5 } gave 50 -- a new user's trial, as the constructor's options).
+function checkCallOptions(call, opts, names) {
+  if (opts == null) return;
+  if (typeof opts !== 'object' || Array.isArray(opts)) throw new TypeError(`${call}: options must be an object, not ${JSON.stringify(opts)}`);
+  const unknown = Object.keys(opts).filter((k) => !names.includes(k));
+  if (unknown.length) throw new TypeError(`${call}: unknown option${unknown.length > 1 ? 's' : ''} ${unknown.join(', ')} (the options: ${names.join(', ')})`);
+}
 function checkTimeout(call, v) {
   if (typeof v !== 'number' || !(v >= 0)) throw new TypeError(`${call}: timeout must be a number of ms >= 0, not ${JSON.stringify(v)}`);
 }
@@ -389,7 +397,12 @@ export class PimcoreClient {
     // (performance.timeOrigin + performance.now()) * 1000) is floored here.
     const clock = this.opts.now ?? anchoredClock();
     if (typeof clock !== 'function') throw new TypeError('now must be a function returning µs');
-    this.opts.now = () => Math.floor(clock());
+    this.opts.now = () => {
+      const v = clock();
+      // (NaN reached the Login's encoder, which threw outside connect()'s promise: Node exited -- a trial.)
+      if (typeof v !== 'number' || !Number.isFinite(v)) throw new TypeError(`now() must return µs (a finite number), not ${v}`);
+      return Math.floor(v);
+    };
     // Timers run on session time (_sessionNow): the device clock plus a skew, never backwards.
     this._t = -Infinity; this._skew = 0; this._rawNow = 0;
     if (!this.opts.url) throw new TypeError('url is required');
@@ -536,6 +549,9 @@ export class PimcoreClient {
    * attached right there gets every message (none is taken, and acked, before).
    */
   connect() {
+    try { return this._connect(); } catch (e) { this._terminate(e); return Promise.reject(e); } // (a bad clock: see the constructor)
+  }
+  _connect() {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
     // Connected already: this login's 'connected' event again (a second call waited for the next login).
     if (this.state === State.ACTIVE && this._connected) return Promise.resolve(this._connected);
@@ -603,6 +619,11 @@ export class PimcoreClient {
   }
 
   async _dial() {
+    // (A local error here -- a clock gone bad -- ends the client, rejecting connect(): an async function's throw was
+    // an unhandled rejection, which exits Node.)
+    try { await this._dialOnce(); } catch (e) { if (this.state !== State.CLOSED) this._terminate(e); }
+  }
+  async _dialOnce() {
     if (this.state === State.CLOSED) return;
     let token = this.opts.token;
     if (typeof token === 'function') {
@@ -1033,7 +1054,10 @@ export class PimcoreClient {
    */
   send(conv, payload, options = {}) {
     // Bad arguments (EncodeError) reject the promise, never throw.
-    try { return this._send(conv, payload, options); } catch (e) { return Promise.reject(e); }
+    try {
+      checkCallOptions('send', options, ['localId', 'timeout', 'mentions', 'mentionAll']);
+      return this._send(conv, payload, options ?? {});
+    } catch (e) { return Promise.reject(e); }
   }
   _send(conv, payload, { localId = null, timeout = this.opts.sendTimeout, mentions = [], mentionAll = false } = {}) {
     if (this.state === State.CLOSED) return Promise.reject(this.error);
@@ -1103,6 +1127,7 @@ export class PimcoreClient {
   }
   _amendCall(call, name, conv, target, action, payload, options) {
     try {
+      checkCallOptions(call, options, ['localId', 'timeout']);
       checkSeq(call, name, target, 1);
       return this._amend(conv, target, action, payload, options);
     } catch (e) { return Promise.reject(e); }
@@ -1351,6 +1376,12 @@ export class PimcoreClient {
         const rs = this._readStates.get(conv);
         const last = Math.max(rs ? rs.last_seq : 0, this._seen.get(conv) || 0);
         this._readStates.delete(conv); this._counted.delete(conv);
+        if (rs && directMembers(conv)) {
+          // A 1:1 chat keeps its markers through a purge: its next message counts after this one, as the broker
+          // counts it (a trial's client showed read_seq 0 where the broker kept 1).
+          this._readStates.set(conv, { conv, read_seq: rs.read_seq, last_seq: rs.last_seq, unread: 0 });
+          this._counted.set(conv, rs.last_seq);
+        }
         this._views.delete(conv); this._viewHeaps.delete(conv); this._viewSeqs.delete(conv);
         // Its unconfirmed marker too (sent again at every reconnect, it landed in a group created again with the id);
         // and it is said, with the last seq this client knew (a trial: an app that stores messages had no word of it).
@@ -1488,12 +1519,17 @@ export class PimcoreClient {
    * a `fromSeq` outside 0..2**64-1 or a `limit` < 1 (here and in listConversations) with a RangeError naming it
    * (TypeError if no number or bigint).
    */
-  history(conv, { fromSeq = 0, limit = 50, backward = false, timeout = this.opts.sendTimeout } = {}) {
-    try { checkSeq('history', 'fromSeq', fromSeq); checkLimit('history', limit); } catch (e) { return Promise.reject(e); }
+  history(conv, opts = {}) {
+    try { checkCallOptions('history', opts, ['fromSeq', 'limit', 'backward', 'timeout']); } catch (e) { return Promise.reject(e); }
+    const { fromSeq = 0, limit = 50, backward = false, timeout = this.opts.sendTimeout } = opts ?? {};
+    try { checkSeq('history', 'fromSeq', fromSeq); checkLimit('history', limit); checkTimeout('history', timeout); } catch (e) { return Promise.reject(e); }
     return this._request('HistoryReq', { conv, from_seq: fromSeq, limit, backward }, timeout, `history of ${showValue(conv)}`);
   }
   /** [{user, read_seq}] for every current member of `conv`. */
-  readers(conv, { timeout = this.opts.sendTimeout } = {}) {
+  readers(conv, opts = {}) {
+    try { checkCallOptions('readers', opts, ['timeout']); } catch (e) { return Promise.reject(e); }
+    const { timeout = this.opts.sendTimeout } = opts ?? {};
+    try { checkTimeout('readers', timeout); } catch (e) { return Promise.reject(e); }
     return this._request('ReadersReq', { conv }, timeout, `readers of ${showValue(conv)}`);
   }
   /**
@@ -1503,15 +1539,20 @@ export class PimcoreClient {
    * marker) and 'message' events (new messages).  Rejects with
    * SendError(BAD_CURSOR) or RequestTimeout.
    */
-  listConversations({ cursor = new Uint8Array(0), limit = 50, includeHidden = false, timeout = this.opts.sendTimeout } = {}) {
-    try { checkLimit('listConversations', limit); } catch (e) { return Promise.reject(e); }
+  listConversations(opts = {}) {
+    try { checkCallOptions('listConversations', opts, ['cursor', 'limit', 'includeHidden', 'timeout']); } catch (e) { return Promise.reject(e); }
+    const { cursor = new Uint8Array(0), limit = 50, includeHidden = false, timeout = this.opts.sendTimeout } = opts ?? {};
+    try { checkLimit('listConversations', limit); checkTimeout('listConversations', timeout); } catch (e) { return Promise.reject(e); }
     return this._request('ConvListReq', { cursor, limit, include_hidden: includeHidden }, timeout, 'listConversations');
   }
   /**
    * Change this user's settings of `conv` (undefined = unchanged); resolves
    * once durable.  Every device of the user gets a 'conversation' event.
    */
-  setConversation(conv, { pinned, muted, hidden, timeout = this.opts.sendTimeout } = {}) {
+  setConversation(conv, opts = {}) {
+    try { checkCallOptions('setConversation', opts, ['pinned', 'muted', 'hidden', 'timeout']); } catch (e) { return Promise.reject(e); }
+    const { pinned, muted, hidden, timeout = this.opts.sendTimeout } = opts ?? {};
+    try { checkTimeout('setConversation', timeout); } catch (e) { return Promise.reject(e); }
     for (const [name, x] of [['pinned', pinned], ['muted', muted], ['hidden', hidden]]) {
       // ('no' and 'false' are truthy: they would set it.)
       if (x !== undefined && x !== null && typeof x !== 'boolean') {
@@ -1658,7 +1699,13 @@ export class PimcoreClient {
    * again after every reconnect, whose answer brings the current states.  Rejects with SendError(PRESENCE_LIMIT),
    * RequestTimeout.
    */
-  subscribePresence(users, { timeout = this.opts.sendTimeout } = {}) {
+  subscribePresence(users, opts = {}) {
+    try {
+      checkCallOptions('subscribePresence', opts, ['timeout']);
+      // (A string is iterable: 'bob' subscribed 'b' and 'o' -- a trial.)
+      if (!Array.isArray(users)) throw new TypeError(`subscribePresence: users must be an array of user ids, not ${JSON.stringify(users)}`);
+    } catch (e) { return Promise.reject(e); }
+    const { timeout = this.opts.sendTimeout } = opts ?? {};
     if (this.state === State.CLOSED) return Promise.reject(this.error);
     let wanted, f;
     const reqId = this._nextReqId;

@@ -427,6 +427,49 @@ test('on() takes a known event and a function; connect() on a connected client r
   await c.close();
 });
 
+test('a clock that returns no number fails connect() (never Node), and per-call options are checked like the constructor\'s', async () => {
+  // A new user's trial (HIGH): now: () => NaN threw an EncodeError outside connect()'s promise and Node exited;
+  // subscribePresence('bob') subscribed 'b' and 'o'; send(conv, p, { mention: ['bob'] }) (a typo) was stored
+  // without the mention, history(conv, { limt: 5 }) gave 50.
+  for (const bad of [NaN, Infinity, undefined]) {
+    const c = make({ now: () => bad });
+    await assert.rejects(c.connect(), (e) => e instanceof TypeError && /now\(\) must return µs/.test(e.message), String(bad));
+    assert.equal(c.state, 'CLOSED');
+  }
+  const c = make();
+  const { ws } = await connected(c);
+  await assert.rejects(c.subscribePresence('bob'), (e) => e instanceof TypeError && /users must be an array of user ids/.test(e.message));
+  await assert.rejects(c.send('d:u:v', 'x', { mention: ['bob'] }), (e) => e instanceof TypeError && /send: unknown option mention/.test(e.message));
+  await assert.rejects(c.send('d:u:v', 'x', 'opts'), (e) => e instanceof TypeError && /send: options must be an object/.test(e.message));
+  await assert.rejects(c.history('d:u:v', { limt: 5 }), (e) => e instanceof TypeError && /history: unknown option limt/.test(e.message));
+  await assert.rejects(c.setConversation('d:u:v', { pined: true }), (e) => e instanceof TypeError && /setConversation: unknown option pined/.test(e.message));
+  await assert.rejects(c.recall('d:u:v', 1, { localid: 5 }), (e) => e instanceof TypeError && /recall: unknown option localid/.test(e.message));
+  await assert.rejects(c.history('d:u:v', { timeout: -5 }), (e) => e instanceof TypeError && /timeout must be a number of ms >= 0/.test(e.message));
+  await sleep(5);
+  assert.equal(ws.of('SendReq').length + ws.of('HistoryReq').length + ws.of('ConvSetReq').length + ws.of('PresenceSub').length + ws.of('AmendReq').length, 0);
+  await c.close();
+});
+
+test('a 1:1 chat dropped at login (purged while away) keeps its read marker: its next message counts after it', async () => {
+  // A new user's trial (MEDIUM): the next message showed read_seq 0 where the broker kept 1.
+  const c = make({ backoffInitial: 1 });
+  const { ws } = await connected(c);
+  ws.deliver(pushOf(1, 1), pushOf(2, 2), frame('ReadStates', { entries: [{ conv: 'd:u:v', read_seq: 1, last_seq: 2, unread: 1 }] }));
+  await sleep(5);
+  ws.drop();
+  await sleep(100);
+  const ws2 = FakeWS.all.at(-1);
+  const cal = ws2.of('CalibrateReq')[0];
+  ws2.deliver(loginAck({ states: 0 }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
+  await sleep(5);
+  assert.deepEqual(c.view('d:u:v'), []);
+  assert.deepEqual(c.readState('d:u:v'), { conv: 'd:u:v', read_seq: 1, last_seq: 2, unread: 0 });
+  ws2.deliver(pushOf(3, 3));
+  await sleep(5);
+  assert.deepEqual(c.readState('d:u:v'), { conv: 'd:u:v', read_seq: 1, last_seq: 3, unread: 1 });
+  await c.close();
+});
+
 test('transient refusals are retried with the same local id after a hold; final ones reject', async () => {
   const c = make();
   const { ws } = await connected(c);
