@@ -423,12 +423,13 @@ class ConversationPurged:
     host creates it again, its seqs continue after ``last_seq``).  A 1:1
     chat stays (``gone`` false; its list entry stays, without the purged
     message), and so does a group created again (``gone`` false, told at a
-    login).  Told while online (ConvPurged); at every login for each
-    conversation of the user's list ever purged (ConvPurged with its purge
-    point: it repeats, and deleting up to ``last_seq`` again changes
-    nothing); and at the login after a purge that took the conversation
-    out of the user's list (``last_seq`` is then the last seq the device
-    knew)."""
+    login).  Told while online (ConvPurged); at a login for each
+    conversation of the user's list purged since this session last heard
+    of it (the broker repeats every purge point at every login; the
+    session emits each once, and again after an app restart: deleting up
+    to ``last_seq`` again changes nothing); and at the login after a purge
+    that took the conversation out of the user's list (``last_seq`` is
+    then the last seq the device knew)."""
 
     conv: str
     last_seq: int
@@ -999,6 +1000,8 @@ class ClientSession:
         self._login_states = 0
         self._login_prior: set[str] = set()
         self._login_seen: set[str] = set()
+        #: conv -> the purge point last emitted (ConversationPurged once each).
+        self._purge_told: dict[str, int] = {}
         self._views: dict[str, dict[bytes, F.Message]] = {}
         # Per conversation, (seq, msg_id) of every message put in its view,
         # a min-heap: dropping the lowest seq once the view is full is
@@ -2392,6 +2395,7 @@ class ClientSession:
             # word of it: a new user's trial), with the seqs the device
             # knows of: the purge's own last seq is not on the wire here.
             last = max(st.last_seq if st is not None else 0, self._seen_seq.get(conv, 0))
+            self._purge_told[conv] = max(self._purge_told.get(conv, 0), last)
             self._emit(ConversationPurged(conv, last, direct_members(conv) is None))
             # Its unconfirmed marker too: re-sent at every reconnect, it was
             # refused, then stored in a group created again with the id.
@@ -2456,7 +2460,11 @@ class ClientSession:
             if heap is not None:
                 heap[:] = [(m.seq, m.msg_id) for m in view.values()]
                 heapq.heapify(heap)
-        self._emit(ConversationPurged(conv, f.last_seq, f.gone))
+        # Once per purge point in a running session: a login repeats every
+        # conversation's (the broker cannot know what the device holds).
+        if f.gone or self._purge_told.get(conv, 0) < f.last_seq:
+            self._purge_told[conv] = f.last_seq
+            self._emit(ConversationPurged(conv, f.last_seq, f.gone))
 
     def _on_read_states(self, f: F.ReadStates) -> None:
         for st in f.entries:

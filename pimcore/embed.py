@@ -835,12 +835,16 @@ class Pimcore:
         1 µs up to :data:`MIN_RETENTION_AGE` (60 s) exclusive -- it would
         delete messages faster than devices can read them, and is most
         likely seconds passed for µs; nothing stored; UNKNOWN_CONVERSATION),
-        StoreError."""
+        StoreError; TypeError for a value that is no int (or None)."""
+        for value, what in ((max_age, "max_age"), (max_count, "max_count")):
+            if value is not None and type(value) is not int:
+                raise TypeError(f"set_retention: {what} must be None or an int, not {value!r:.40}")
         if type(max_age) is int and 0 < max_age < MIN_RETENTION_AGE:
             raise RequestRefused(
                 ErrorCode.BAD_REQUEST,
                 f"retention of {_show(conv)}: max_age is µs and must be 0 (no limit) or at least {MIN_RETENTION_AGE} µs"
-                f" (MIN_RETENTION_AGE, 60 s), got {max_age} µs ({max_age / 1_000_000:g} s): a shorter one deletes"
+                f" (MIN_RETENTION_AGE, 60 s), got {max_age} µs ({f'{max_age / 1_000_000:.6f}'.rstrip('0').rstrip('.')} s):"
+                " a shorter one deletes"
                 " messages before devices can read them",
             )
         return await self._set_retention(conv, max_age=max_age, max_count=max_count)

@@ -2177,3 +2177,18 @@ def test_open_client_refuses_a_config_that_is_no_client_config_and_a_retry_callb
     with pytest.raises(TypeError, match="timeout must be a number of s"):
         from pimcore.client import _check_seconds
         _check_seconds("send", "5")
+
+
+def test_the_purge_point_a_login_repeats_is_emitted_once_per_running_session():
+    # The broker sends each conversation's purge point at every login (it
+    # cannot know what a device holds); the session emits it once (a third
+    # trial: an event per purged conversation at every reconnect).
+    s = session()
+    b = connect(s, T0)
+    b.feed(T0, F.Push(2, (msg(1, 1, conv="team"), msg(2, 2, conv="team"))))
+    events(s, T0)
+    b.feed(T0, F.ConvPurged("team", 2, False))
+    b.feed(T0, F.ConvPurged("team", 2, False))
+    assert [e for e in events(s, T0) if isinstance(e, ConversationPurged)] == [ConversationPurged("team", 2, False)]
+    b.feed(T0, F.ConvPurged("team", 4, False))  # (purged again)
+    assert [e for e in events(s, T0) if isinstance(e, ConversationPurged)] == [ConversationPurged("team", 4, False)]

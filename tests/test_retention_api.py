@@ -77,10 +77,12 @@ async def test_an_offline_device_catches_up_after_its_conversation_was_trimmed(t
             with pytest.raises(RequestRefused) as refused:
                 await im.set_retention("nope", max_age=60_000_000)
             assert refused.value.code is ErrorCode.UNKNOWN_CONVERSATION
-            for bad in ({"max_age": -1}, {"max_count": 1.5}, {"max_count": True}):
-                with pytest.raises(RequestRefused) as refused:
+            with pytest.raises(RequestRefused) as refused:
+                await im.set_retention(AB, max_age=-1)
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+            for bad in ({"max_count": 1.5}, {"max_count": True}):  # (not an int: TypeError, as EMBEDDING.md says)
+                with pytest.raises(TypeError):
                     await im.set_retention(AB, **bad)
-                assert refused.value.code is ErrorCode.BAD_REQUEST
 
 
 async def test_the_broker_default_retention_by_age(tmp_path: Path) -> None:
@@ -944,3 +946,17 @@ def test_an_embedding_handle_refuses_a_max_age_under_a_minute(tmp_path: Path, ag
         with pytest.raises(RequestRefused, match="µs"):
             im.set_retention("team", max_age=age)
         assert im.retention("team").max_age is None
+
+
+async def test_set_retention_arguments_of_the_wrong_type_are_type_errors_and_its_message_does_not_round(tmp_path: Path) -> None:
+    # A new user's trial (LOW): max_count="3" was a RequestRefused
+    # (EMBEDDING.md: other arguments of the wrong type are TypeErrors), and
+    # max_age=59999999 was refused as "got 59999999 µs (60 s)".
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path, listen=[]) as im:
+            for bad in ({"max_count": "3"}, {"max_count": True}, {"max_age": 1.5e9}):
+                with pytest.raises(TypeError, match="must be None or an int"):
+                    await im.set_retention(AB, **bad)  # type: ignore[arg-type]
+            with pytest.raises(RequestRefused) as refused:
+                await im.set_retention(AB, max_age=59_999_999)
+            assert "(59.999999 s)" in str(refused.value)

@@ -141,7 +141,10 @@ function checkUrl(url) {
   try { u = new URL(url); } catch {
     return new ConnectFailed(`cannot connect to ${url}: not a valid URL (the client takes ws:// or wss:// URLs, e.g. ws://127.0.0.1:7480/)`);
   }
-  if (u.protocol === 'ws:' || u.protocol === 'wss:') return null;
+  if (u.protocol === 'ws:' || u.protocol === 'wss:') {
+    // (As the Python SDK: a query or a fragment was sent as it was, or dropped, where a listener serves a path.)
+    return u.search || u.hash || /[?#]/.test(url) ? new ConnectFailed(`cannot connect to ${url}: a URL to connect to has no query or fragment`) : null;
+  }
   const hint = u.protocol === 'tcp:' || u.protocol === 'tls:'
     ? ` (${u.protocol}// listeners speak the raw protocol, for the Python SDK: give the broker a ws:// listener, \`pimcore serve --listen ws://127.0.0.1:7480/\`, and use that URL)`
     : '';
@@ -476,6 +479,7 @@ export class PimcoreClient {
     this._wanted = new Map(); // conv -> read marker not yet confirmed
     this._receipts = new Map();
     this._views = new Map();
+    this._purgeTold = new Map(); // conv -> the purge point last emitted ('purged' once each)
     // Per conversation, [seq, key] of every message put in its view, a
     // min-heap (heapPush): once the view is full each message taken drops
     // the lowest seq in O(log n) -- sorting the whole view per message made
@@ -1386,6 +1390,7 @@ export class PimcoreClient {
         // Its unconfirmed marker too (sent again at every reconnect, it landed in a group created again with the id);
         // and it is said, with the last seq this client knew (a trial: an app that stores messages had no word of it).
         this._wanted.delete(conv);
+        this._purgeTold.set(conv, Math.max(this._purgeTold.get(conv) || 0, last));
         this._emit('purged', { conv, last_seq: last, gone: !directMembers(conv) });
       }
     }
@@ -1407,7 +1412,12 @@ export class PimcoreClient {
       const h = this._viewHeaps.get(conv);
       if (h) { h.length = 0; for (const [k, x] of v) heapPush(h, [x.seq, k]); }
     }
-    this._emit('purged', { conv, last_seq: upto, gone: f.gone });
+    // Once per purge point in a running client: a login repeats every conversation's (the broker cannot know what
+    // this client holds).
+    if (f.gone || !((this._purgeTold.get(conv) ?? -1) >= upto)) {
+      this._purgeTold.set(conv, upto);
+      this._emit('purged', { conv, last_seq: upto, gone: f.gone });
+    }
   }
 
   _onReadStates(f) {

@@ -122,7 +122,7 @@ export interface ClientEvents {
   readstate: ReadState;
   receipt: { conv: string; reader: string; seq: Int };
   conversation: ConvEntry;
-  /** The host purged `conv`: its messages up to `last_seq` left `view(conv)` (an app that stores messages deletes its copies); `gone`: the conversation no longer exists (a group; its read state was dropped; if created again, its seqs continue after `last_seq`). A 1:1 chat stays. Told while online (ConvPurged); at every login for each conversation of the user's list ever purged (`gone` false: it repeats, deleting up to `last_seq` again changes nothing); and at the login after a purge that took the conversation out of the user's list (`last_seq`: the last seq this client knew). */
+  /** The host purged `conv`: its messages up to `last_seq` left `view(conv)` (an app that stores messages deletes its copies); `gone`: the conversation no longer exists (a group; its read state was dropped; if created again, its seqs continue after `last_seq`). A 1:1 chat stays. Told while online (ConvPurged); at a login for each conversation of the user's list purged since this client last heard of it (`gone` false; once per purge point in a running client, again after an app restart: deleting up to `last_seq` again changes nothing); and at the login after a purge that took the conversation out of the user's list (`last_seq`: the last seq this client knew). */
   purged: { conv: string; last_seq: Int; gone: boolean };
   resynced: { oldEpoch: Uint8Array; epoch: Uint8Array; position: Int };
   sendsStalled: { code: number; pending: number; since: number };

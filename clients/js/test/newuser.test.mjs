@@ -73,6 +73,11 @@ describe('connect() failures', () => {
       assert.match(err.message, /ws:\/\/ or wss:\/\//, url);
       assert.ok(err.message.includes(url), url);
     }
+    // A query or a fragment: refused as the Python SDK refuses it (a new user's trial: taken as it was).
+    for (const url of ['ws://127.0.0.1:7480/im?x=1', 'ws://127.0.0.1:7480/im#top']) {
+      const c = new PimcoreClient({ url, token: 'x' });
+      await assert.rejects(c.connect(), (e) => e.name === 'ConnectFailed' && e.message === `cannot connect to ${url}: a URL to connect to has no query or fragment`);
+    }
   });
 
   // A refused port or an unknown host: the first connect() rejects at once, saying so, as the Python

@@ -350,6 +350,11 @@ test('a purge told (ConvPurged, online or at a login) drops what the client hold
   await sleep(5);
   assert.deepEqual(c.view('team'), []);
   assert.deepEqual(c.readState('team'), { conv: 'team', read_seq: 0, last_seq: 4, unread: 1 });
+  // The next login repeats the purge point: emitted once per running client.
+  const before = purged.length;
+  ws.deliver(frame('ConvPurged', { conv: 'team', last_seq: 3, gone: false }));
+  await sleep(5);
+  assert.equal(purged.length, before);
   await c.close();
   const d = make({ compression: null });
   const { login: plain } = await connected(d);
