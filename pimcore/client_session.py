@@ -2415,8 +2415,9 @@ class ClientSession:
         self._login_seen = set()
 
     def _on_conv_purged(self, f: F.ConvPurged) -> None:
-        """The host purged ``f.conv`` while this device was online
-        (PROTOCOL.md, Retention and purge): its messages up to
+        """The host purged ``f.conv`` (PROTOCOL.md, Retention and purge;
+        told when the purge committed, or at a login before its
+        ReadStates): its messages up to
         ``f.last_seq`` leave the view -- they are deleted, and a group
         created again with the same id would show them beside its new ones
         (a new user's trial).  A group's read state goes too (its markers
@@ -2635,9 +2636,10 @@ class ClientSession:
         malformed ``conv`` (BAD_REQUEST) or a frame above max_frame
         (PAYLOAD_TOO_LARGE), the terminal error if CLOSED."""
         self._check_open()
-        self._check_request_conv(conv, "history")
+        what = f"history of {_show(conv)}"
+        self._check_request_conv(conv, what)
         req_id = self._next_req
-        raw = self._request_frame(F.HistoryReq(req_id, conv, from_seq, limit, backward), f"history of {_show(conv)}", conv)
+        raw = self._request_frame(F.HistoryReq(req_id, conv, from_seq, limit, backward), what, conv)
         self._next_req += 1
         t = self._tick(now)
         h = _HistoryRequest(req_id, conv, raw, t + (self._send_timeout if timeout is None else max(0, timeout)))
@@ -2662,9 +2664,10 @@ class ClientSession:
         Raises EncodeError for values no ReadersReq can carry, SendError as
         :meth:`request_history` does, the terminal error if CLOSED."""
         self._check_open()
-        self._check_request_conv(conv, "readers")
+        what = f"readers of {_show(conv)}"
+        self._check_request_conv(conv, what)
         req_id = self._next_req
-        raw = self._request_frame(F.ReadersReq(req_id, conv), f"readers of {_show(conv)}", conv)
+        raw = self._request_frame(F.ReadersReq(req_id, conv), what, conv)
         self._next_req += 1
         t = self._tick(now)
         h = _HistoryRequest(req_id, conv, raw, t + (self._send_timeout if timeout is None else max(0, timeout)), True)
@@ -2674,12 +2677,13 @@ class ClientSession:
         return req_id
 
     def _check_request_conv(self, conv: str, what: str) -> None:
-        """SendError(BAD_REQUEST) at the call for a malformed conversation id:
+        """SendError(BAD_REQUEST), naming ``what`` ("history of 'team'"), at
+        the call for a malformed conversation id:
         the broker refuses it, or (over its max_frame) closes the connection
         -- and a request is asked again on every new connection until its
         timeout (a new user's trial: a 2 MB id stalled the client 60 s)."""
         if conversation_problem(conv) is not None:
-            raise self._request_error(ErrorCode.BAD_REQUEST, f"{what} {'in' if what == 'typing' else 'of'} {_show(conv)}", conv)
+            raise self._request_error(ErrorCode.BAD_REQUEST, what, conv)
 
     def _request_frame(self, frame: F.Frame, what: str, conv: Optional[str]) -> bytes:
         """``frame`` encoded; SendError(PAYLOAD_TOO_LARGE) if it is above the
@@ -2737,7 +2741,7 @@ class ClientSession:
         malformed one (nothing sent), the terminal error if CLOSED."""
         self._check_open()
         raw = encode_frame(F.Typing(conv, active))
-        self._check_request_conv(conv, "typing")
+        self._check_request_conv(conv, f"typing in {_show(conv)}")
         t = self._tick(now)
         last = self._typing_sent.get(conv)
         if active:
@@ -2940,9 +2944,10 @@ class ClientSession:
         def v(x: Optional[bool]) -> int:
             return F.SETTING_KEEP if x is None else (F.SETTING_ON if x else F.SETTING_OFF)
 
-        self._check_request_conv(conv, "set_conversation")
+        what = f"set_conversation of {_show(conv)}"
+        self._check_request_conv(conv, what)
         req_id = self._next_req
-        raw = self._request_frame(F.ConvSetReq(req_id, conv, v(pinned), v(muted), v(hidden)), f"set_conversation of {_show(conv)}", conv)
+        raw = self._request_frame(F.ConvSetReq(req_id, conv, v(pinned), v(muted), v(hidden)), what, conv)
         return self._ask_new(req_id, conv, raw, now, timeout, "convset")
 
     def _ask_new(self, req_id: int, conv: str, raw: bytes, now: int, timeout: Optional[int], kind: str) -> int:
